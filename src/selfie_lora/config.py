@@ -1,0 +1,96 @@
+"""Typed settings (environment variables with the ``SELFIE_LORA_`` prefix).
+
+Nothing here is built at import time: entry points call ``get_settings()`` (cached) or build a
+``Settings`` themselves, which is what the tests do.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from selfie_lora.domain.recipes import (
+    DEFAULT_REPLICATE_RECIPE,
+    DEFAULT_REPLICATE_TRAINER_VERSION,
+    default_local_trainer_version,
+)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SELFIE_LORA_", extra="ignore")
+
+    home: Path = Path("./.selfie-lora")
+    database_url: str | None = None
+    queue_url: str | None = None
+    trainer: Literal["local", "replicate"] = "local"
+    trainer_version: str | None = Field(
+        default=None,
+        description="The ONE place the trainer version is configured (default per backend).",
+    )
+    base_model: str = "tiny"
+
+    replicate_api_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REPLICATE_API_TOKEN", "SELFIE_LORA_REPLICATE_API_TOKEN"),
+    )
+    replicate_owner: str | None = None
+    replicate_base_url: str = "https://api.replicate.com"
+    replicate_recipe: str = DEFAULT_REPLICATE_RECIPE
+    replicate_poll_interval: float = Field(default=5.0, gt=0)
+    replicate_max_retries: int = Field(default=5, ge=0)
+    replicate_hardware: str = "cpu"
+    public_url: str | None = None
+    webhook_secret: SecretStr | None = None
+
+    # How the local trainer runs: "process" isolates it in a child process (crash isolation, GPU
+    # memory freed on exit); "inline" runs it in the worker thread (tests, to load torch once).
+    local_isolation: Literal["process", "inline"] = "process"
+    device: str = "auto"
+
+    worker_threads: int = Field(default=2, ge=1)
+    max_upload_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    min_photos: int = Field(default=1, ge=1)
+    max_photos: int = Field(default=50, ge=1)
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.home / 'selfie-lora.db').resolve()}"
+
+    @property
+    def effective_queue_url(self) -> str:
+        return self.queue_url or f"sqlite:///{(self.home / 'queue.db').resolve()}"
+
+    @property
+    def effective_trainer_version(self) -> str:
+        if self.trainer_version:
+            return self.trainer_version
+        if self.trainer == "replicate":
+            return DEFAULT_REPLICATE_TRAINER_VERSION
+        return default_local_trainer_version(self.base_model)
+
+    @property
+    def destination_owner(self) -> str:
+        if self.trainer == "replicate":
+            return self.replicate_owner or "selfie-lora"
+        return "local"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.home / "blobs"
+
+    @property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

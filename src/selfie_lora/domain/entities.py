@@ -1,0 +1,198 @@
+"""Entities of selfie-lora, as immutable values. Persistence maps them to rows."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class TrainingStatus(enum.StrEnum):
+    QUEUED = "queued"
+    STARTING = "starting"
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+    @property
+    def is_active(self) -> bool:
+        """Queued or running: occupies the model's one training slot."""
+        return not self.is_terminal
+
+
+TERMINAL_STATUSES = frozenset(
+    {TrainingStatus.SUCCEEDED, TrainingStatus.FAILED, TrainingStatus.CANCELED}
+)
+ACTIVE_STATUSES = frozenset(set(TrainingStatus) - TERMINAL_STATUSES)
+
+
+@dataclass(frozen=True)
+class User:
+    id: str
+    name: str
+    api_key_hash: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of training hyper-parameters, stored with every training."""
+
+    name: str
+    steps: int
+    lora_rank: int
+    learning_rate: float
+    resolution: int
+    batch_size: int = 1
+    seed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "steps": self.steps,
+            "lora_rank": self.lora_rank,
+            "learning_rate": self.learning_rate,
+            "resolution": self.resolution,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        return cls(
+            name=str(data["name"]),
+            steps=int(data["steps"]),
+            lora_rank=int(data["lora_rank"]),
+            learning_rate=float(data["learning_rate"]),
+            resolution=int(data["resolution"]),
+            batch_size=int(data.get("batch_size", 1)),
+            seed=int(data.get("seed", 0)),
+        )
+
+
+@dataclass(frozen=True)
+class Model:
+    """One training model per user: everything that must survive retraining lives here."""
+
+    id: str
+    user_id: str
+    backend: str
+    trigger_word: str
+    destination: str
+    trainer_version: str
+    lora_scale: float
+    lora_scale_is_custom: bool
+    active_version_id: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Something wrong or weak about a photo (``photo`` set) or the whole set (``photo`` None)."""
+
+    severity: str  # "reject" | "warn" | "info"
+    code: str
+    message: str
+    advice: str
+    photo: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "severity": self.severity,
+            "code": self.code,
+            "message": self.message,
+            "advice": self.advice,
+            "photo": self.photo,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Finding:
+        return cls(
+            severity=str(data["severity"]),
+            code=str(data["code"]),
+            message=str(data["message"]),
+            advice=str(data.get("advice", "")),
+            photo=data.get("photo"),
+        )
+
+
+@dataclass(frozen=True)
+class Dataset:
+    id: str
+    user_id: str
+    images_total: int
+    images_accepted: int
+    photo_hashes: tuple[str, ...]
+    findings: tuple[Finding, ...]
+    accepted: bool
+    sha256: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Training:
+    id: str
+    model_id: str
+    dataset_id: str
+    backend: str
+    status: TrainingStatus
+    is_retraining: bool
+    trigger_word: str
+    destination: str
+    trainer_version: str
+    recipe: Recipe
+    preserved: dict[str, Any]
+    created_at: datetime
+    step: int = 0
+    total_steps: int = 0
+    remote_id: str | None = None
+    version_id: str | None = None
+    error: str | None = None
+    loss: float | None = None
+    weights_method: str | None = None
+    cancel_requested: bool = False
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    history: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+
+    @property
+    def progress(self) -> float:
+        if self.status is TrainingStatus.SUCCEEDED:
+            return 1.0
+        if self.total_steps <= 0:
+            return 0.0
+        return max(0.0, min(1.0, self.step / self.total_steps))
+
+
+@dataclass(frozen=True)
+class Version:
+    id: str
+    model_id: str
+    number: int
+    training_id: str
+    trainer_version: str
+    weights_key: str
+    weights_sha256: str
+    weights_method: str
+    remote_version: str | None
+    version_mismatch: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Generation:
+    id: str
+    user_id: str
+    model_id: str
+    version_id: str
+    prompt: str
+    lora_scale: float
+    seed: int | None
+    image_keys: tuple[str, ...]
+    created_at: datetime

@@ -1,0 +1,175 @@
+"""The retraining plan: the one function that decides what a (re)training uses.
+
+Every entry point that can start a training (HTTP upload-zip, HTTP start, CLI, web UI) reaches this
+function through ``services.training.TrainingService.start``; nothing else creates a model or picks a
+trigger word, destination, trainer version or LoRA scale. That is how the five retraining bugs are
+made impossible rather than merely avoided.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import string
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from selfie_lora.domain.entities import Model, Recipe
+from selfie_lora.errors import InvalidInputError
+
+DEFAULT_LORA_SCALE = 1.0
+LORA_SCALE_MIN = -1.0
+LORA_SCALE_MAX = 3.0
+
+# Consonants only: with digits mixed in, a trigger word can never be an English word or a name
+# the base model already knows, which is what makes it a "rare token".
+_CONSONANTS = "bcdfghjklmnpqrstvwxz"
+
+
+def new_trigger_word(rng: random.Random) -> str:
+    """A rare token of lowercase letters and digits, such as ``zkr47v``."""
+    letters = [rng.choice(_CONSONANTS) for _ in range(4)]
+    digits = [rng.choice(string.digits) for _ in range(2)]
+    return f"{letters[0]}{letters[1]}{letters[2]}{digits[0]}{digits[1]}{letters[3]}"
+
+
+def is_valid_trigger_word(word: str) -> bool:
+    return (
+        4 <= len(word) <= 16
+        and all(c in string.ascii_lowercase + string.digits for c in word)
+        and any(c.isdigit() for c in word)
+        and any(c.isalpha() for c in word)
+    )
+
+
+def destination_for(*, owner: str, model_id: str) -> str:
+    """The destination name: derived from the model id once, never from a clock."""
+    return f"{owner}/selfie-lora-{model_id.replace('-', '')[:16].lower()}"
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """What the configuration says now. Only a first training takes anything from here
+    except the recipe."""
+
+    backend: str
+    trainer_version: str
+    owner: str
+    recipe: Recipe
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    model: Model
+    is_new_model: bool
+    is_retraining: bool
+    recipe: Recipe
+    preserved: dict[str, Any]
+
+    @property
+    def trigger_word(self) -> str:
+        return self.model.trigger_word
+
+    @property
+    def destination(self) -> str:
+        return self.model.destination
+
+    @property
+    def trainer_version(self) -> str:
+        return self.model.trainer_version
+
+    @property
+    def backend(self) -> str:
+        return self.model.backend
+
+
+def plan_training(
+    model: Model | None,
+    *,
+    user_id: str,
+    new_model_id: str,
+    defaults: TrainingDefaults,
+    rng: random.Random,
+    now: datetime,
+) -> TrainingPlan:
+    """Decide everything a training needs.
+
+    With no model: a new one with a fresh trigger word, a destination derived from its id, the
+    configured trainer version and backend pinned, and the default scale (not custom).
+    With a model: all of that is taken from the model, whatever the configuration says now.
+    """
+    if model is None:
+        created = Model(
+            id=new_model_id,
+            user_id=user_id,
+            backend=defaults.backend,
+            trigger_word=new_trigger_word(rng),
+            destination=destination_for(owner=defaults.owner, model_id=new_model_id),
+            trainer_version=defaults.trainer_version,
+            lora_scale=DEFAULT_LORA_SCALE,
+            lora_scale_is_custom=False,
+            active_version_id=None,
+            created_at=now,
+        )
+        return TrainingPlan(
+            model=created, is_new_model=True, is_retraining=False, recipe=defaults.recipe,
+            preserved={},
+        )
+    if model.user_id != user_id:
+        raise InvalidInputError("model belongs to another user")
+    preserved: dict[str, Any] = {
+        "trigger_word": model.trigger_word,
+        "destination": model.destination,
+        "trainer_version": model.trainer_version,
+        "backend": model.backend,
+        "lora_scale": model.lora_scale,
+        "lora_scale_is_custom": model.lora_scale_is_custom,
+    }
+    if defaults.trainer_version != model.trainer_version or defaults.backend != model.backend:
+        # Not an error: the pin wins. Recorded so the log shows the configuration moved on.
+        preserved["configured_default_ignored"] = {
+            "backend": defaults.backend,
+            "trainer_version": defaults.trainer_version,
+        }
+    return TrainingPlan(
+        model=model, is_new_model=False, is_retraining=True, recipe=defaults.recipe,
+        preserved=preserved,
+    )
+
+
+def validate_lora_scale(scale: float) -> float:
+    if not isinstance(scale, int | float) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise InvalidInputError("lora_scale must be a finite number", code="invalid_lora_scale")
+    if not LORA_SCALE_MIN <= float(scale) <= LORA_SCALE_MAX:
+        raise InvalidInputError(
+            f"lora_scale must be between {LORA_SCALE_MIN} and {LORA_SCALE_MAX}",
+            code="invalid_lora_scale",
+        )
+    return float(scale)
+
+
+def with_lora_scale(model: Model, scale: float) -> Model:
+    """The user set a scale: it is custom from now on and survives every retraining."""
+    return dataclasses.replace(model, lora_scale=validate_lora_scale(scale), lora_scale_is_custom=True)
+
+
+def with_trainer_version(model: Model, trainer_version: str) -> Model:
+    """The one explicit way to move a model to another trainer version."""
+    if not trainer_version.strip():
+        raise InvalidInputError("trainer_version must not be empty", code="invalid_trainer_version")
+    return dataclasses.replace(model, trainer_version=trainer_version.strip())
+
+
+def with_active_version(model: Model, version_id: str | None) -> Model:
+    return dataclasses.replace(model, active_version_id=version_id)
+
+
+def ensure_trigger_word(prompt: str, trigger_word: str) -> str:
+    """Add the trigger word to a prompt that lacks it (as a whole word, case-insensitively)."""
+    words = {w.strip(string.punctuation).lower() for w in prompt.split()}
+    if trigger_word.lower() in words:
+        return prompt
+    prompt = prompt.strip()
+    return f"a photo of {trigger_word}, {prompt}" if prompt else f"a photo of {trigger_word}"

@@ -1,0 +1,49 @@
+"""Named training recipes. A training stores the recipe it used, so a rerun is reproducible.
+
+For the local backend the recipe name *is* the trainer version (pinned on the model like a
+Replicate trainer version); for Replicate the recipe supplies steps, rank and learning rate.
+"""
+
+from __future__ import annotations
+
+from selfie_lora.domain.entities import Recipe
+from selfie_lora.errors import ConfigError
+
+RECIPES: dict[str, Recipe] = {
+    # ostris/flux-dev-lora-trainer's own defaults for a person LoRA.
+    "replicate-person-v1": Recipe(
+        name="replicate-person-v1", steps=1000, lora_rank=16, learning_rate=4e-4, resolution=1024
+    ),
+    # A real FLUX.1 from a folder on a GPU: ai-toolkit-like settings.
+    "local-flux-v1": Recipe(
+        name="local-flux-v1", steps=1500, lora_rank=16, learning_rate=1e-4, resolution=512
+    ),
+    # The offline tiny model on a CPU: few steps, a high learning rate so training visibly moves it.
+    "local-tiny-v1": Recipe(
+        name="local-tiny-v1", steps=40, lora_rank=4, learning_rate=1e-2, resolution=64
+    ),
+}
+
+DEFAULT_REPLICATE_TRAINER_VERSION = (
+    "ostris/flux-dev-lora-trainer:f463fbfc97389e10a2f443a8a84b6953b1058eafbf0c9af4d84457ff07cb04db"
+)
+DEFAULT_REPLICATE_RECIPE = "replicate-person-v1"
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        known = ", ".join(sorted(RECIPES))
+        raise ConfigError(f"unknown recipe {name!r}; known recipes: {known}") from None
+
+
+def default_local_trainer_version(base_model: str) -> str:
+    return "local-tiny-v1" if base_model == "tiny" else "local-flux-v1"
+
+
+def recipe_for(*, backend: str, trainer_version: str, replicate_recipe: str) -> Recipe:
+    """The recipe a training of a model pinned to ``trainer_version`` uses."""
+    if backend == "local":
+        return get_recipe(trainer_version)
+    return get_recipe(replicate_recipe)

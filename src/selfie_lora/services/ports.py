@@ -1,0 +1,187 @@
+"""Ports: the small interfaces the services need, implemented by ``adapters``.
+
+Every port has an in-memory or loopback fake used by the tests, and every adapter of a port runs
+the same contract tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from selfie_lora.domain.entities import (
+    Dataset,
+    Generation,
+    Model,
+    Recipe,
+    Training,
+    TrainingStatus,
+    User,
+    Version,
+)
+
+# --------------------------------------------------------------------------- trainer
+
+
+@dataclass(frozen=True)
+class TrainingPhoto:
+    """One prepared photo (JPEG bytes, no metadata) and its caption, which holds the trigger word."""
+
+    name: str
+    data: bytes
+    caption: str
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    training_id: str
+    trigger_word: str
+    destination: str
+    trainer_version: str
+    recipe: Recipe
+    photos: tuple[TrainingPhoto, ...]
+    work_dir: Path
+    # Set when a worker resumes a training that was already created on the backend.
+    remote_id: str | None = None
+    webhook_url: str | None = None
+
+
+class ProgressSink(Protocol):
+    """What a trainer reports to while it runs. Implemented by the training service."""
+
+    def started(self, *, remote_id: str | None) -> None: ...
+
+    def progress(
+        self, *, status: TrainingStatus, step: int, total: int, loss: float | None = None
+    ) -> None: ...
+
+    def cancel_requested(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    weights_path: Path  # a .safetensors file inside job.work_dir
+    weights_method: str  # how the weights were found in the trainer's output
+    remote_version: str | None = None  # Replicate "owner/name:<hash>" to generate with
+    version_mismatch: bool = False  # output.version does not belong to the destination
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer(Protocol):
+    """A training backend. ``train`` blocks until the training ends.
+
+    Raises ``TrainingFailedError``, ``TrainingCanceledError``, ``TrainerUnavailableError`` or
+    ``WeightsNotFoundError`` (all ``TrainerError``, each with a ``user_message``).
+    """
+
+    backend: str
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult: ...
+
+
+# --------------------------------------------------------------------------- generator
+
+
+@dataclass(frozen=True)
+class GenerationJob:
+    prompt: str  # already holds the trigger word
+    num_outputs: int
+    seed: int | None
+    lora_scale: float
+    trainer_version: str
+    weights_path: Path | None = None  # the local backend loads this LoRA
+    remote_version: str | None = None  # the Replicate backend runs a prediction on this
+    width: int | None = None
+    height: int | None = None
+
+
+class Generator(Protocol):
+    backend: str
+
+    def generate(self, job: GenerationJob) -> list[bytes]:
+        """PNG bytes, one per output."""
+        ...
+
+
+# --------------------------------------------------------------------------- storage
+
+
+class BlobStore(Protocol):
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def put_file(self, key: str, path: Path) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def local_path(self, key: str) -> Path:
+        """A path on this machine holding the blob (a cached copy for remote stores)."""
+        ...
+
+
+# --------------------------------------------------------------------------- repository
+
+
+class Repository(Protocol):
+    """Rows of the service. Each call is its own transaction unless made inside ``atomic()``."""
+
+    def atomic(self) -> AbstractContextManager[Repository]: ...
+
+    # users
+    def add_user(self, user: User) -> None: ...
+    def get_user(self, user_id: str) -> User | None: ...
+    def get_user_by_name(self, name: str) -> User | None: ...
+    def get_user_by_key_hash(self, key_hash: str) -> User | None: ...
+
+    # models
+    def add_model(self, model: Model) -> None: ...
+    def save_model(self, model: Model) -> None: ...
+    def get_model(self, model_id: str) -> Model | None: ...
+    def get_model_for_user(self, user_id: str) -> Model | None: ...
+
+    # datasets
+    def add_dataset(self, dataset: Dataset) -> None: ...
+    def get_dataset(self, dataset_id: str) -> Dataset | None: ...
+    def latest_accepted_dataset(self, user_id: str) -> Dataset | None: ...
+
+    # trainings
+    def add_training(self, training: Training) -> None:
+        """Raises ``ConflictError`` when the model already has a queued or running training."""
+        ...
+
+    def save_training(self, training: Training) -> None: ...
+    def get_training(self, training_id: str) -> Training | None: ...
+    def list_trainings(self, model_id: str) -> Sequence[Training]: ...
+    def active_trainings(self) -> Sequence[Training]: ...
+
+    # versions
+    def add_version(self, version: Version) -> None: ...
+    def get_version(self, version_id: str) -> Version | None: ...
+    def list_versions(self, model_id: str) -> Sequence[Version]:
+        """Newest first."""
+        ...
+
+    # generations
+    def add_generation(self, generation: Generation) -> None: ...
+    def get_generation(self, generation_id: str) -> Generation | None: ...
+
+    # the retraining log and other audit events
+    def add_event(self, *, model_id: str, kind: str, data: dict[str, Any]) -> None: ...
+    def list_events(self, model_id: str) -> Sequence[dict[str, Any]]: ...
+
+
+# --------------------------------------------------------------------------- queue
+
+
+class JobQueue(Protocol):
+    """Durable background work. A message carries ids only; the rows hold the state."""
+
+    def enqueue_training(self, training_id: str) -> None: ...
+
+
