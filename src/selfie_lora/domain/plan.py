@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from selfie_lora.domain.entities import Model, Recipe
+from selfie_lora.domain.recipes import recipe_for
 from selfie_lora.errors import InvalidInputError
 
 DEFAULT_LORA_SCALE = 1.0
@@ -51,13 +52,13 @@ def destination_for(*, owner: str, model_id: str) -> str:
 
 @dataclass(frozen=True)
 class TrainingDefaults:
-    """What the configuration says now. Only a first training takes anything from here
-    except the recipe."""
+    """What the configuration says now. Only a first training takes the backend, trainer
+    version and owner from here; the Replicate recipe applies to every Replicate training."""
 
     backend: str
     trainer_version: str
     owner: str
-    recipe: Recipe
+    replicate_recipe: str
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,8 @@ def plan_training(
             created_at=now,
         )
         return TrainingPlan(
-            model=created, is_new_model=True, is_retraining=False, recipe=defaults.recipe,
-            preserved={},
+            model=created, is_new_model=True, is_retraining=False,
+            recipe=_recipe(created, defaults), preserved={},
         )
     if model.user_id != user_id:
         raise InvalidInputError("model belongs to another user")
@@ -134,8 +135,16 @@ def plan_training(
             "trainer_version": defaults.trainer_version,
         }
     return TrainingPlan(
-        model=model, is_new_model=False, is_retraining=True, recipe=defaults.recipe,
+        model=model, is_new_model=False, is_retraining=True, recipe=_recipe(model, defaults),
         preserved=preserved,
+    )
+
+
+def _recipe(model: Model, defaults: TrainingDefaults) -> Recipe:
+    # For the local backend the pinned trainer version names the recipe, so it is pinned too.
+    return recipe_for(
+        backend=model.backend, trainer_version=model.trainer_version,
+        replicate_recipe=defaults.replicate_recipe,
     )
 
 

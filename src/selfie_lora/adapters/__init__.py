@@ -1,0 +1,1 @@
+"""Adapters: implementations of the ports in ``selfie_lora.services.ports``."""

@@ -1,0 +1,1 @@
+"""SQLAlchemy repository (SQLite by default, PostgreSQL by URL) and its Alembic migrations."""

@@ -1,0 +1,375 @@
+"""SQLAlchemy implementation of the ``Repository`` port (SQLite or PostgreSQL)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from selfie_lora.adapters.db.tables import (
+    DatasetRow,
+    EventRow,
+    GenerationRow,
+    ModelRow,
+    TrainingRow,
+    UserRow,
+    VersionRow,
+)
+from selfie_lora.domain.entities import (
+    ACTIVE_STATUSES,
+    Dataset,
+    Finding,
+    Generation,
+    Model,
+    Recipe,
+    Training,
+    TrainingStatus,
+    User,
+    Version,
+)
+from selfie_lora.errors import ConflictError, StorageError
+
+logger = logging.getLogger(__name__)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``. SQLite gets WAL and a busy timeout so the API, the in-process worker
+    and a CLI can share one file."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; every datetime we write is UTC.
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _req_utc(value: datetime) -> datetime:
+    out = _utc(value)
+    assert out is not None
+    return out
+
+
+def _user(row: UserRow) -> User:
+    return User(id=row.id, name=row.name, api_key_hash=row.api_key_hash,
+                created_at=_req_utc(row.created_at))
+
+
+def _model(row: ModelRow) -> Model:
+    return Model(
+        id=row.id, user_id=row.user_id, backend=row.backend, trigger_word=row.trigger_word,
+        destination=row.destination, trainer_version=row.trainer_version,
+        lora_scale=row.lora_scale, lora_scale_is_custom=row.lora_scale_is_custom,
+        active_version_id=row.active_version_id, created_at=_req_utc(row.created_at),
+    )
+
+
+def _dataset(row: DatasetRow) -> Dataset:
+    return Dataset(
+        id=row.id, user_id=row.user_id, images_total=row.images_total,
+        images_accepted=row.images_accepted, photo_hashes=tuple(row.photo_hashes),
+        findings=tuple(Finding.from_dict(f) for f in row.findings), accepted=row.accepted,
+        sha256=row.sha256, created_at=_req_utc(row.created_at),
+    )
+
+
+def _training(row: TrainingRow) -> Training:
+    return Training(
+        id=row.id, model_id=row.model_id, dataset_id=row.dataset_id, backend=row.backend,
+        status=TrainingStatus(row.status), is_retraining=row.is_retraining,
+        trigger_word=row.trigger_word, destination=row.destination,
+        trainer_version=row.trainer_version, recipe=Recipe.from_dict(row.recipe),
+        preserved=dict(row.preserved), created_at=_req_utc(row.created_at), step=row.step,
+        total_steps=row.total_steps, remote_id=row.remote_id, version_id=row.version_id,
+        error=row.error, loss=row.loss, weights_method=row.weights_method,
+        cancel_requested=row.cancel_requested, started_at=_utc(row.started_at),
+        completed_at=_utc(row.completed_at), history=tuple(row.history),
+    )
+
+
+def _training_values(t: Training) -> dict[str, Any]:
+    return {
+        "id": t.id, "model_id": t.model_id, "dataset_id": t.dataset_id, "backend": t.backend,
+        "status": str(t.status), "is_retraining": t.is_retraining,
+        "trigger_word": t.trigger_word, "destination": t.destination,
+        "trainer_version": t.trainer_version, "recipe": t.recipe.as_dict(),
+        "preserved": t.preserved, "step": t.step, "total_steps": t.total_steps,
+        "remote_id": t.remote_id, "version_id": t.version_id, "error": t.error, "loss": t.loss,
+        "weights_method": t.weights_method, "cancel_requested": t.cancel_requested,
+        "history": list(t.history), "created_at": t.created_at, "started_at": t.started_at,
+        "completed_at": t.completed_at,
+    }
+
+
+def _version(row: VersionRow) -> Version:
+    return Version(
+        id=row.id, model_id=row.model_id, number=row.number, training_id=row.training_id,
+        trainer_version=row.trainer_version, weights_key=row.weights_key,
+        weights_sha256=row.weights_sha256, weights_method=row.weights_method,
+        remote_version=row.remote_version, version_mismatch=row.version_mismatch,
+        created_at=_req_utc(row.created_at),
+    )
+
+
+def _generation(row: GenerationRow) -> Generation:
+    return Generation(
+        id=row.id, user_id=row.user_id, model_id=row.model_id, version_id=row.version_id,
+        prompt=row.prompt, lora_scale=row.lora_scale, seed=row.seed,
+        image_keys=tuple(row.image_keys), created_at=_req_utc(row.created_at),
+    )
+
+
+class SqlRepository:
+    """Each public call runs in its own transaction, unless the repository came from
+    ``atomic()``, in which case all calls share one transaction committed at the end."""
+
+    def __init__(self, engine: Engine, *, _session: Session | None = None) -> None:
+        self._engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._session = _session
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @contextmanager
+    def atomic(self) -> Iterator[SqlRepository]:
+        if self._session is not None:
+            yield self
+            return
+        with self._translate(), self._sessions.begin() as session:
+            yield SqlRepository(self._engine, _session=session)
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        if self._session is not None:
+            with self._translate():
+                yield self._session
+                self._session.flush()
+            return
+        with self._translate(), self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except IntegrityError as exc:
+            msg = str(exc.orig).lower()
+            if "one_active" in msg or "trainings.model_id" in msg or "models.user_id" in msg or (
+                "user_id" in msg and "models" in msg
+            ):
+                raise ConflictError(
+                    "a training of this model is already queued or running",
+                ) from exc
+            raise ConflictError(f"conflicting write: {exc.orig}") from exc
+        except OperationalError as exc:
+            raise StorageError(f"database error: {exc.orig}") from exc
+
+    # users ------------------------------------------------------------------------------
+    def add_user(self, user: User) -> None:
+        with self._tx() as s:
+            s.add(UserRow(id=user.id, name=user.name, api_key_hash=user.api_key_hash,
+                          created_at=user.created_at))
+
+    def get_user(self, user_id: str) -> User | None:
+        with self._tx() as s:
+            row = s.get(UserRow, user_id)
+            return _user(row) if row else None
+
+    def get_user_by_name(self, name: str) -> User | None:
+        with self._tx() as s:
+            row = s.scalars(select(UserRow).where(UserRow.name == name)).first()
+            return _user(row) if row else None
+
+    def get_user_by_key_hash(self, key_hash: str) -> User | None:
+        with self._tx() as s:
+            row = s.scalars(select(UserRow).where(UserRow.api_key_hash == key_hash)).first()
+            return _user(row) if row else None
+
+    # models -----------------------------------------------------------------------------
+    def add_model(self, model: Model) -> None:
+        with self._tx() as s:
+            s.add(ModelRow(**_model_values(model)))
+
+    def _update_model(self, model_id: str, values: dict[str, Any]) -> None:
+        with self._tx() as s:
+            result = s.execute(update(ModelRow).where(ModelRow.id == model_id).values(**values))
+            if getattr(result, "rowcount", 1) == 0:
+                raise StorageError(f"model {model_id} does not exist")
+
+    def set_model_active_version(self, model_id: str, version_id: str | None) -> None:
+        self._update_model(model_id, {"active_version_id": version_id})
+
+    def set_model_lora_scale(self, model_id: str, scale: float, *, is_custom: bool) -> None:
+        self._update_model(model_id, {"lora_scale": scale, "lora_scale_is_custom": is_custom})
+
+    def set_model_trainer_version(self, model_id: str, trainer_version: str) -> None:
+        self._update_model(model_id, {"trainer_version": trainer_version})
+
+    def get_model(self, model_id: str) -> Model | None:
+        with self._tx() as s:
+            row = s.get(ModelRow, model_id)
+            return _model(row) if row else None
+
+    def get_model_for_user(self, user_id: str) -> Model | None:
+        with self._tx() as s:
+            row = s.scalars(select(ModelRow).where(ModelRow.user_id == user_id)).first()
+            return _model(row) if row else None
+
+    # datasets ---------------------------------------------------------------------------
+    def add_dataset(self, dataset: Dataset) -> None:
+        with self._tx() as s:
+            s.add(DatasetRow(
+                id=dataset.id, user_id=dataset.user_id, images_total=dataset.images_total,
+                images_accepted=dataset.images_accepted, photo_hashes=list(dataset.photo_hashes),
+                findings=[f.as_dict() for f in dataset.findings], accepted=dataset.accepted,
+                sha256=dataset.sha256, created_at=dataset.created_at,
+            ))
+
+    def get_dataset(self, dataset_id: str) -> Dataset | None:
+        with self._tx() as s:
+            row = s.get(DatasetRow, dataset_id)
+            return _dataset(row) if row else None
+
+    def latest_accepted_dataset(self, user_id: str) -> Dataset | None:
+        with self._tx() as s:
+            row = s.scalars(
+                select(DatasetRow)
+                .where(DatasetRow.user_id == user_id, DatasetRow.accepted.is_(True))
+                .order_by(DatasetRow.created_at.desc())
+            ).first()
+            return _dataset(row) if row else None
+
+    # trainings --------------------------------------------------------------------------
+    def add_training(self, training: Training) -> None:
+        with self._tx() as s:
+            s.add(TrainingRow(**_training_values(training)))
+
+    def save_training(self, training: Training) -> None:
+        values = _training_values(training)
+        values.pop("cancel_requested")
+        with self._tx() as s:
+            result = s.execute(
+                update(TrainingRow).where(TrainingRow.id == training.id).values(**values)
+            )
+            if getattr(result, "rowcount", 1) == 0:
+                raise StorageError(f"training {training.id} does not exist")
+
+    def request_cancel(self, training_id: str) -> None:
+        with self._tx() as s:
+            s.execute(
+                update(TrainingRow).where(TrainingRow.id == training_id)
+                .values(cancel_requested=True)
+            )
+
+    def get_training(self, training_id: str, *, for_update: bool = False) -> Training | None:
+        with self._tx() as s:
+            stmt = select(TrainingRow).where(TrainingRow.id == training_id)
+            if for_update:
+                stmt = stmt.with_for_update()
+            row = s.scalars(stmt).first()
+            return _training(row) if row else None
+
+    def get_training_by_remote_id(self, remote_id: str) -> Training | None:
+        with self._tx() as s:
+            row = s.scalars(select(TrainingRow).where(TrainingRow.remote_id == remote_id)).first()
+            return _training(row) if row else None
+
+    def list_trainings(self, model_id: str) -> Sequence[Training]:
+        with self._tx() as s:
+            rows = s.scalars(
+                select(TrainingRow).where(TrainingRow.model_id == model_id)
+                .order_by(TrainingRow.created_at.desc())
+            ).all()
+            return [_training(r) for r in rows]
+
+    def active_trainings(self) -> Sequence[Training]:
+        with self._tx() as s:
+            rows = s.scalars(
+                select(TrainingRow).where(TrainingRow.status.in_([str(x) for x in ACTIVE_STATUSES]))
+                .order_by(TrainingRow.created_at)
+            ).all()
+            return [_training(r) for r in rows]
+
+    # versions ---------------------------------------------------------------------------
+    def add_version(self, version: Version) -> None:
+        with self._tx() as s:
+            s.add(VersionRow(
+                id=version.id, model_id=version.model_id, number=version.number,
+                training_id=version.training_id, trainer_version=version.trainer_version,
+                weights_key=version.weights_key, weights_sha256=version.weights_sha256,
+                weights_method=version.weights_method, remote_version=version.remote_version,
+                version_mismatch=version.version_mismatch, created_at=version.created_at,
+            ))
+
+    def get_version(self, version_id: str) -> Version | None:
+        with self._tx() as s:
+            row = s.get(VersionRow, version_id)
+            return _version(row) if row else None
+
+    def list_versions(self, model_id: str) -> Sequence[Version]:
+        with self._tx() as s:
+            rows = s.scalars(
+                select(VersionRow).where(VersionRow.model_id == model_id)
+                .order_by(VersionRow.number.desc())
+            ).all()
+            return [_version(r) for r in rows]
+
+    # generations ------------------------------------------------------------------------
+    def add_generation(self, generation: Generation) -> None:
+        with self._tx() as s:
+            s.add(GenerationRow(
+                id=generation.id, user_id=generation.user_id, model_id=generation.model_id,
+                version_id=generation.version_id, prompt=generation.prompt,
+                lora_scale=generation.lora_scale, seed=generation.seed,
+                image_keys=list(generation.image_keys), created_at=generation.created_at,
+            ))
+
+    def get_generation(self, generation_id: str) -> Generation | None:
+        with self._tx() as s:
+            row = s.get(GenerationRow, generation_id)
+            return _generation(row) if row else None
+
+    # events -----------------------------------------------------------------------------
+    def add_event(self, *, model_id: str, kind: str, data: dict[str, Any]) -> None:
+        with self._tx() as s:
+            s.add(EventRow(model_id=model_id, kind=kind, data=data, created_at=datetime.now(UTC)))
+
+    def list_events(self, model_id: str) -> Sequence[dict[str, Any]]:
+        with self._tx() as s:
+            rows = s.scalars(
+                select(EventRow).where(EventRow.model_id == model_id).order_by(EventRow.id)
+            ).all()
+            return [
+                {"kind": r.kind, "data": r.data, "created_at": _req_utc(r.created_at).isoformat()}
+                for r in rows
+            ]
+
+
+def _model_values(m: Model) -> dict[str, Any]:
+    return {
+        "id": m.id, "user_id": m.user_id, "backend": m.backend, "trigger_word": m.trigger_word,
+        "destination": m.destination, "trainer_version": m.trainer_version,
+        "lora_scale": m.lora_scale, "lora_scale_is_custom": m.lora_scale_is_custom,
+        "active_version_id": m.active_version_id, "created_at": m.created_at,
+    }

@@ -1,0 +1,139 @@
+"""Table definitions. Alembic migrations under ``selfie_lora/migrations`` create the same schema."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# The one-active-training rule lives in the database, not only in the service, so two processes
+# that both pass the service's check still cannot both insert.
+ACTIVE_STATUS_SQL = "status IN ('queued', 'starting', 'processing')"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class UserRow(Base):
+    __tablename__ = "users"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ModelRow(Base):
+    __tablename__ = "models"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    # One model per user for now: unique, so two concurrent first trainings create one model.
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), unique=True)
+    backend: Mapped[str] = mapped_column(String(20))
+    trigger_word: Mapped[str] = mapped_column(String(32))
+    destination: Mapped[str] = mapped_column(String(200), unique=True)
+    trainer_version: Mapped[str] = mapped_column(String(300))
+    lora_scale: Mapped[float] = mapped_column(Float)
+    lora_scale_is_custom: Mapped[bool] = mapped_column(Boolean)
+    active_version_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    images_total: Mapped[int] = mapped_column(Integer)
+    images_accepted: Mapped[int] = mapped_column(Integer)
+    photo_hashes: Mapped[list[str]] = mapped_column(JSON)
+    findings: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    accepted: Mapped[bool] = mapped_column(Boolean)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class TrainingRow(Base):
+    __tablename__ = "trainings"
+    __table_args__ = (
+        Index(
+            "uq_trainings_one_active_per_model",
+            "model_id",
+            unique=True,
+            sqlite_where=text(ACTIVE_STATUS_SQL),
+            postgresql_where=text(ACTIVE_STATUS_SQL),
+        ),
+    )
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    backend: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(20))
+    is_retraining: Mapped[bool] = mapped_column(Boolean)
+    trigger_word: Mapped[str] = mapped_column(String(32))
+    destination: Mapped[str] = mapped_column(String(200))
+    trainer_version: Mapped[str] = mapped_column(String(300))
+    recipe: Mapped[dict[str, Any]] = mapped_column(JSON)
+    preserved: Mapped[dict[str, Any]] = mapped_column(JSON)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, default=0)
+    remote_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    version_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    weights_method: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class VersionRow(Base):
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("model_id", "number", name="uq_versions_model_number"),)
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    training_id: Mapped[str] = mapped_column(ForeignKey("trainings.id"), unique=True)
+    trainer_version: Mapped[str] = mapped_column(String(300))
+    weights_key: Mapped[str] = mapped_column(String(300))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    weights_method: Mapped[str] = mapped_column(String(200))
+    remote_version: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    version_mismatch: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class GenerationRow(Base):
+    __tablename__ = "generations"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"))
+    version_id: Mapped[str] = mapped_column(ForeignKey("versions.id"))
+    prompt: Mapped[str] = mapped_column(Text)
+    lora_scale: Mapped[float] = mapped_column(Float)
+    seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    image_keys: Mapped[list[str]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class EventRow(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(String(36), index=True)
+    kind: Mapped[str] = mapped_column(String(50))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

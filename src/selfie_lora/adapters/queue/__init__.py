@@ -1,0 +1,1 @@
+"""Durable background queues (huey on SQLite or Redis)."""

@@ -1,0 +1,1 @@
+"""Blob stores: content lives here, the database holds keys and hashes."""

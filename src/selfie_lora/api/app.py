@@ -1,0 +1,274 @@
+"""The FastAPI application. Routes are thin: they authenticate, parse, call a service, serialize."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from selfie_lora.adapters.queue.huey_queue import BackgroundWorker
+from selfie_lora.api.serializers import (
+    dataset_json,
+    generation_json,
+    model_json,
+    training_json,
+    version_json,
+)
+from selfie_lora.config import Settings
+from selfie_lora.domain.entities import User
+from selfie_lora.errors import AuthError, ConflictError, InvalidInputError, SelfieLoraError
+from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.wiring import Services, build_services
+
+logger = logging.getLogger(__name__)
+
+
+class StartBody(BaseModel):
+    dataset_id: str | None = None
+
+
+class CancelBody(BaseModel):
+    training_id: str
+
+
+class ModelPatch(BaseModel):
+    lora_scale: float | None = None
+    trainer_version: str | None = Field(
+        default=None, description="Re-pin the trainer version (explicit and logged)."
+    )
+    reason: str | None = None
+
+
+class GenerateBody(BaseModel):
+    prompt: str
+    num_outputs: int = 1
+    seed: int | None = None
+    lora_scale: float | None = None
+    version_id: str | None = None
+
+
+def current_user(request: Request) -> User:
+    """The user whose API key the request carries (401 otherwise)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthError("an API key is required: send 'Authorization: Bearer <key>'")
+    services: Services = request.app.state.services
+    return services.users.authenticate(api_key=key.strip())
+
+
+UserDep = Annotated[User, Depends(current_user)]
+
+
+def _error(status: int, code: str, message: str, details: list[Any] | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"code": code, "message": message, "details": details or []}},
+    )
+
+
+def create_app(
+    settings: Settings, *, services: Services | None = None, run_worker: bool = False
+) -> FastAPI:
+    """The app for ``settings``. ``run_worker`` starts an in-process queue consumer with the app
+    (``selfie-lora serve``); the services are built here unless given (tests)."""
+    svc = services or build_services(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        worker = None
+        if run_worker:
+            recovered = svc.training.recover()
+            if recovered:
+                logger.info("re-queued %d unfinished training(s)", recovered)
+            worker = BackgroundWorker(svc.queue, workers=svc.settings.worker_threads)
+            worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.stop()
+
+    app = FastAPI(title="selfie-lora", version="0.1.0", lifespan=lifespan)
+    app.state.services = svc
+
+    @app.exception_handler(SelfieLoraError)
+    async def _domain_error(_request: Request, exc: SelfieLoraError) -> JSONResponse:
+        if exc.http_status >= 500:
+            logger.error("%s: %s", exc.code, exc.message)
+        return _error(exc.http_status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
+        ]
+        return _error(422, "invalid_request", "the request is not valid", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error", exc_info=exc)
+        return _error(500, "internal_error", "something went wrong on our side; please retry")
+
+    def model_body(user: User) -> dict[str, Any]:
+        model = svc.models.get(user=user)
+        return model_json(model, svc.models.active_version(model=model))
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/api/training/upload-zip", status_code=202)
+    async def upload_zip(
+        user: UserDep,
+        file: Annotated[UploadFile, File()],
+        start: Annotated[bool, Form()] = True,
+    ) -> dict[str, Any]:
+        data = await _read_capped(file, limit=svc.settings.max_upload_bytes)
+        if start:
+            # Refuse before storing anything: a 409 must not leave a dataset behind.
+            model = svc.models.find(user=user)
+            if model is not None and any(
+                t.status.is_active for t in svc.repo.list_trainings(model.id)
+            ):
+                raise ConflictError("a training of this model is already queued or running")
+        dataset = await _in_thread(lambda: svc.intake.ingest_zip(user=user, data=data))
+        training = None
+        if start:
+            result = svc.training.start(user=user, dataset_id=dataset.id)
+            training = training_json(result.training)
+        model = svc.models.find(user=user)
+        return {
+            "dataset": dataset_json(dataset),
+            "training": training,
+            "model": model_json(model, svc.models.active_version(model=model)) if model else None,
+        }
+
+    @app.post("/api/training/start", status_code=202)
+    def start_training(user: UserDep, body: StartBody | None = None) -> dict[str, Any]:
+        result = svc.training.start(user=user, dataset_id=body.dataset_id if body else None)
+        return {"training": training_json(result.training), "model": model_body(user)}
+
+    @app.get("/api/training/progress")
+    def progress(user: UserDep, training_id: str | None = None) -> dict[str, Any]:
+        training, _model = svc.training.get(user=user, training_id=training_id)
+        return {"training": training_json(training), "model": model_body(user)}
+
+    @app.post("/api/training/cancel")
+    def cancel(user: UserDep, body: CancelBody) -> dict[str, Any]:
+        training = svc.training.cancel(user=user, training_id=body.training_id)
+        return {"training": training_json(training), "model": model_body(user)}
+
+    @app.get("/api/model")
+    def get_model(user: UserDep) -> dict[str, Any]:
+        return model_body(user)
+
+    @app.patch("/api/model")
+    def patch_model(user: UserDep, body: ModelPatch) -> dict[str, Any]:
+        if body.lora_scale is None and body.trainer_version is None:
+            raise InvalidInputError("nothing to change: send lora_scale or trainer_version",
+                                    code="empty_patch")
+        if body.trainer_version is not None:
+            svc.models.change_trainer_version(
+                user=user, trainer_version=body.trainer_version,
+                reason=body.reason or "changed through the API",
+            )
+        if body.lora_scale is not None:
+            svc.models.set_lora_scale(user=user, lora_scale=body.lora_scale)
+        return model_body(user)
+
+    @app.get("/api/model/versions")
+    def versions(user: UserDep) -> dict[str, Any]:
+        return {"versions": [version_json(v) for v in svc.models.versions(user=user)]}
+
+    @app.post("/api/model/versions/{version_id}/activate")
+    def activate(user: UserDep, version_id: str) -> dict[str, Any]:
+        svc.models.activate(user=user, version_id=version_id)
+        return model_body(user)
+
+    @app.get("/api/model/versions/{version_id}/weights")
+    def weights(user: UserDep, version_id: str) -> Response:
+        version = svc.models.version(user=user, version_id=version_id)
+        data = svc.models.weights(user=user, version_id=version_id)
+        return Response(
+            content=data, media_type="application/octet-stream",
+            headers={
+                "content-disposition": f'attachment; filename="lora-v{version.number}.safetensors"',
+                "x-weights-sha256": version.weights_sha256,
+            },
+        )
+
+    @app.get("/api/model/log")
+    def model_log(user: UserDep) -> dict[str, Any]:
+        return {"events": list(svc.models.log(user=user))}
+
+    @app.post("/api/generate")
+    def generate(user: UserDep, body: GenerateBody) -> dict[str, Any]:
+        generation = svc.generation.generate(user=user, request=GenerationRequest(
+            prompt=body.prompt, num_outputs=body.num_outputs, seed=body.seed,
+            lora_scale=body.lora_scale, version_id=body.version_id,
+        ))
+        return {"generation": generation_json(generation)}
+
+    @app.get("/api/generations/{generation_id}/images/{index}")
+    def generation_image(
+        user: UserDep, generation_id: str, index: int
+    ) -> Response:
+        data = svc.generation.image(user=user, generation_id=generation_id, index=index)
+        return Response(content=data, media_type="image/png")
+
+    @app.post("/api/webhooks/replicate")
+    async def replicate_webhook(request: Request) -> dict[str, Any]:
+        from selfie_lora.adapters.trainers.replicate_webhooks import (
+            parse_training_webhook,
+            verify_webhook,
+        )
+
+        body = await request.body()
+        secret = svc.settings.webhook_secret
+        if secret is None:
+            raise AuthError("webhooks are not configured on this server")
+        verify_webhook(secret=secret.get_secret_value(), headers=dict(request.headers),
+                       body=body)
+        try:
+            event = parse_training_webhook(body)
+        except Exception as exc:
+            raise InvalidInputError("the webhook body is not a Replicate training") from exc
+        training = svc.training.apply_remote_update(
+            remote_id=str(event["id"]), status=str(event["status"]),
+            step=event.get("step"), total=event.get("total"),
+        )
+        return {"ok": True, "training_id": training.id if training else None}
+
+    return app
+
+
+async def _read_capped(file: UploadFile, *, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await file.read(1024 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise InvalidInputError(
+                f"the upload is larger than {limit // (1024 * 1024)} MB", code="upload_too_large"
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _in_thread(fn: Any) -> Any:
+    from starlette.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(fn)

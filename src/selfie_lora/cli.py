@@ -1,0 +1,239 @@
+"""The ``selfie-lora`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from selfie_lora.config import Settings, get_settings
+from selfie_lora.domain.entities import Finding, Training
+from selfie_lora.errors import SelfieLoraError
+
+app = typer.Typer(help="Personal FLUX LoRAs from selfies, retrained without losing anything.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+users_app = typer.Typer(help="Manage users and API keys.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # huey logs every poll at INFO; keep the console readable.
+    logging.getLogger("huey").setLevel(logging.WARNING)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    _setup_logging(verbose)
+
+
+def _settings() -> Settings:
+    return get_settings()
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    worker: Annotated[bool, typer.Option("--worker/--no-worker",
+                                         help="Run a background worker in this process.")] = True,
+) -> None:
+    """HTTP API + web UI + a background worker in one process."""
+    import uvicorn
+
+    from selfie_lora.api.app import create_app
+
+    application = create_app(_settings(), run_worker=worker)
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+@app.command("worker")
+def worker_cmd(
+    threads: Annotated[int | None, typer.Option(help="Worker threads.")] = None,
+) -> None:
+    """A queue worker only (the scale path)."""
+    from selfie_lora.worker import run_worker
+
+    run_worker(_settings(), threads=threads)
+
+
+@users_app.command("create")
+def users_create(
+    name: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Create a user and print its API key (shown once)."""
+    from selfie_lora.wiring import build_services
+
+    services = build_services(_settings(), trainers={}, generators={})
+    try:
+        user, key = services.users.create(name=name)
+    finally:
+        services.close()
+    if as_json:
+        sys.stdout.write(json.dumps({"user": user.name, "api_key": key}) + "\n")
+    else:
+        console.print(f"created user [bold]{user.name}[/bold]")
+        console.print(f"API key (shown once, keep it safe): [bold]{key}[/bold]")
+
+
+def findings_table(findings: tuple[Finding, ...] | list[Finding], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("severity", "photo", "code", "message", "advice"):
+        table.add_column(column)
+    for f in findings:
+        colour = {"reject": "red", "warn": "yellow"}.get(f.severity, "cyan")
+        table.add_row(f"[{colour}]{f.severity}[/{colour}]", f.photo or "(set)", f.code,
+                      f.message, f.advice)
+    return table
+
+
+@app.command()
+def check(path: Path) -> None:
+    """Report on a folder or zip of photos; exit 0 when trainable, 1 when not."""
+    from selfie_lora.dataset.intake import read_path
+    from selfie_lora.wiring import build_services
+
+    services = build_services(_settings(), trainers={}, generators={})
+    try:
+        files, findings = read_path(path, limits=services.intake.limits)
+        report = services.intake.check_files(files=files, findings=findings)
+    except SelfieLoraError as exc:
+        err_console.print(f"[red]not trainable:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+    finally:
+        services.close()
+    if report.findings:
+        console.print(findings_table(report.findings, f"Findings for {path}"))
+    verdict = "[green]trainable[/green]" if report.trainable else "[red]not trainable[/red]"
+    console.print(f"{len(report.accepted)} of {report.images_total} photos usable: {verdict}")
+    raise typer.Exit(0 if report.trainable else 1)
+
+
+def wait_for_training(services: object, training_id: str, *, quiet: bool = False) -> Training:
+    """Run an embedded worker until ``training_id`` ends, with a progress bar."""
+    from selfie_lora.adapters.queue.huey_queue import BackgroundWorker
+    from selfie_lora.wiring import Services
+
+    assert isinstance(services, Services)
+    worker = BackgroundWorker(services.queue, workers=1)
+    worker.start()
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                      console=console, disable=quiet) as bar:
+            task = bar.add_task("training", total=1.0, status="queued")
+            while True:
+                training = services.repo.get_training(training_id)
+                assert training is not None
+                bar.update(task, completed=training.progress,
+                           status=f"{training.status} {training.step}/{training.total_steps}")
+                if training.status.is_terminal:
+                    return training
+                time.sleep(0.2)
+    finally:
+        worker.stop()
+
+
+@app.command()
+def train(
+    path: Path,
+    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the end.")] = True,
+) -> None:
+    """Upload a folder or zip of photos and (re)train the user's model."""
+    from selfie_lora.dataset.intake import read_path
+    from selfie_lora.wiring import build_services
+
+    services = build_services(_settings())
+    try:
+        owner = services.users.get_by_name(name=user)
+        files, findings = read_path(path, limits=services.intake.limits)
+        dataset = services.intake.ingest_files(user=owner, files=files, findings=findings)
+        started = services.training.start(user=owner, dataset_id=dataset.id)
+        t = started.training
+        kind = "retraining" if t.is_retraining else "first training"
+        console.print(f"{kind} {t.id}: trigger word [bold]{t.trigger_word}[/bold], destination "
+                      f"{t.destination}, trainer {t.trainer_version}")
+        if not wait:
+            return
+        final = wait_for_training(services, t.id)
+        if final.status != "succeeded":
+            err_console.print(f"[red]training {final.status}:[/red] {final.error}")
+            raise typer.Exit(1)
+        model = services.models.get(user=owner)
+        version = services.models.active_version(model=model)
+        console.print(f"[green]succeeded[/green]: version {version.number if version else '?'} "
+                      f"is active (LoRA scale {model.lora_scale})")
+    except SelfieLoraError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        for d in exc.details:
+            err_console.print(f"  - {d}")
+        raise typer.Exit(1) from None
+    finally:
+        services.close()
+
+
+@app.command()
+def generate(
+    prompt: str,
+    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the images.")] = Path("."),
+    num_outputs: Annotated[int, typer.Option("--num-outputs", "-n")] = 1,
+    seed: Annotated[int | None, typer.Option()] = None,
+    lora_scale: Annotated[float | None, typer.Option("--lora-scale")] = None,
+) -> None:
+    """Generate with the user's active LoRA version."""
+    from selfie_lora.services.generation import GenerationRequest
+    from selfie_lora.wiring import build_services
+
+    services = build_services(_settings())
+    try:
+        owner = services.users.get_by_name(name=user)
+        generation = services.generation.generate(user=owner, request=GenerationRequest(
+            prompt=prompt, num_outputs=num_outputs, seed=seed, lora_scale=lora_scale))
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(len(generation.image_keys)):
+            target = out / f"{generation.id}-{i}.png"
+            target.write_bytes(services.generation.image(
+                user=owner, generation_id=generation.id, index=i))
+            console.print(f"wrote {target}")
+    except SelfieLoraError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+    finally:
+        services.close()
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the demo writes everything.")] = Path(
+        "demo-output"),
+) -> None:
+    """The whole cycle on the embedded defaults, offline: check, first training, retraining,
+    comparison, generation."""
+    from selfie_lora.demo import run_demo
+
+    try:
+        run_demo(out=out, console=console)
+    except SelfieLoraError as exc:
+        err_console.print(f"[red]demo failed:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+
+
+def main() -> None:
+    app()

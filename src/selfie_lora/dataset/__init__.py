@@ -1,0 +1,1 @@
+"""Photo intake: reading uploads safely, preparing photos, and the checks seam."""

@@ -1,0 +1,151 @@
+"""``selfie-lora demo``: the whole cycle, offline, on the embedded defaults (local backend, tiny
+FLUX on the CPU). Every output lands under one folder, which the demo names at the end."""
+
+from __future__ import annotations
+
+import importlib.resources
+import io
+import shutil
+import time
+from pathlib import Path
+
+from PIL import Image, ImageOps
+from rich.console import Console
+from rich.table import Table
+
+from selfie_lora.config import Settings
+from selfie_lora.dataset.intake import read_path
+from selfie_lora.domain.entities import Model, TrainingStatus
+from selfie_lora.errors import SelfieLoraError
+from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.wiring import Services, build_services
+
+DEMO_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg")
+
+
+def build_demo_photos(target: Path) -> list[Path]:
+    """Six photos of one person: three public-domain photos shipped with the package (see
+    ``demo_photos/SOURCE.md``) and their mirror images."""
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    source = importlib.resources.files("selfie_lora") / "demo_photos"
+    for name in DEMO_PHOTOS:
+        data = (source / name).read_bytes()
+        with Image.open(io.BytesIO(data)) as img:
+            rgb = img.convert("RGB")
+            for suffix, picture in (("", rgb), ("-mirrored", ImageOps.mirror(rgb))):
+                path = target / f"{Path(name).stem}{suffix}.jpg"
+                picture.save(path, quality=92)
+                written.append(path)
+    return written
+
+
+def _snapshot(services: Services, model: Model) -> dict[str, str]:
+    version = services.models.active_version(model=model)
+    return {
+        "trigger word": model.trigger_word,
+        "destination": model.destination,
+        "trainer version": model.trainer_version,
+        "LoRA scale": f"{model.lora_scale:g}" + (" (custom)" if model.lora_scale_is_custom else ""),
+        "active version": f"v{version.number}" if version else "-",
+        "versions": ", ".join(f"v{v.number}" for v in reversed(services.models.versions(
+            user=services.users.get_by_name(name="demo")))),
+    }
+
+
+def run_demo(*, out: Path, console: Console) -> None:
+    from selfie_lora.cli import findings_table, wait_for_training
+
+    started = time.monotonic()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    photos_dir = out / "photos"
+    build_demo_photos(photos_dir)
+    settings = Settings(
+        home=out / "home", trainer="local", base_model="tiny", local_isolation="inline",
+        trainer_version=None, database_url=None, queue_url=None,
+    )
+    services = build_services(settings)
+    try:
+        console.rule("1. photo check")
+        files, findings = read_path(photos_dir, limits=services.intake.limits)
+        report = services.intake.check_files(files=files, findings=findings)
+        if report.findings:
+            console.print(findings_table(report.findings, "findings"))
+        console.print(f"{len(report.accepted)} of {report.images_total} photos usable; "
+                      f"{'trainable' if report.trainable else 'NOT trainable'}")
+        if not report.trainable:
+            raise SelfieLoraError("the demo photos are not trainable")
+
+        user, _key = services.users.create(name="demo")
+        console.rule("2. first training")
+        dataset = services.intake.ingest_files(user=user, files=files, findings=findings)
+        first = services.training.start(user=user, dataset_id=dataset.id).training
+        done = wait_for_training(services, first.id)
+        if done.status is not TrainingStatus.SUCCEEDED:
+            raise SelfieLoraError(f"the first training {done.status}: {done.error}")
+        before = _snapshot(services, services.models.get(user=user))
+
+        console.rule("3. the user sets a LoRA scale; the configured trainer default changes")
+        services.models.set_lora_scale(user=user, lora_scale=0.8)
+        settings.trainer_version = "local-flux-v1"
+        console.print("LoRA scale set to 0.8; SELFIE_LORA_TRAINER_VERSION now says "
+                      "'local-flux-v1' (the model stays pinned)")
+
+        console.rule("4. retraining on the same photos")
+        dataset2 = services.intake.ingest_files(user=user, files=files, findings=findings)
+        second = services.training.start(user=user, dataset_id=dataset2.id).training
+        done2 = wait_for_training(services, second.id)
+        if done2.status is not TrainingStatus.SUCCEEDED:
+            raise SelfieLoraError(f"the retraining {done2.status}: {done2.error}")
+        after = _snapshot(services, services.models.get(user=user))
+
+        table = Table(title="before / after retraining")
+        table.add_column("field")
+        table.add_column("after first training")
+        table.add_column("after retraining")
+        table.add_column("kept")
+        for field in before:
+            same = before[field] == after[field]
+            mark = "[green]yes[/green]" if same else "[yellow]changed[/yellow]"
+            table.add_row(field, before[field], after[field], mark)
+        console.print(table)
+        console.print("LoRA scale changed only because the user set it between trainings; "
+                      "versions grow by one per training.")
+
+        console.rule("5. comparison and generation")
+        gen_dir = out / "generated"
+        gen_dir.mkdir()
+        versions = services.models.versions(user=user)
+        tiles = []
+        for version in reversed(versions):
+            g = services.generation.generate(user=user, request=GenerationRequest(
+                prompt="portrait photo, studio light", seed=7, version_id=version.id))
+            png = services.generation.image(user=user, generation_id=g.id, index=0)
+            path = gen_dir / f"v{version.number}-seed7.png"
+            path.write_bytes(png)
+            tiles.append(Image.open(io.BytesIO(png)).convert("RGB"))
+            console.print(f"v{version.number}: {path} (prompt: {g.prompt!r}, "
+                          f"scale {g.lora_scale:g})")
+        compare = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)))
+        x = 0
+        for tile in tiles:
+            compare.paste(tile, (x, 0))
+            x += tile.width
+        compare_path = gen_dir / "compare-v1-v2.png"
+        compare.save(compare_path)
+
+        console.rule("where everything is")
+        rows = [
+            ("photos used", photos_dir),
+            ("database", Path(settings.effective_database_url.removeprefix("sqlite:///"))),
+            ("stored photos, weights, images", settings.blob_dir),
+            ("LoRA weights", settings.blob_dir / "weights"),
+            ("generated images", gen_dir),
+            ("side-by-side v1 | v2", compare_path),
+        ]
+        for label, path in rows:
+            console.print(f"{label:32} {path}")
+        console.print(f"demo finished in {time.monotonic() - started:.1f} s")
+    finally:
+        services.close()

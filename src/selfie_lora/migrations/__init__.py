@@ -1,0 +1,1 @@
+"""Alembic migrations, run by ``selfie_lora.adapters.db.migrate.upgrade``."""

@@ -1,0 +1,96 @@
+"""Generating pictures with a user's LoRA version at the model's (or the request's) scale."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from selfie_lora.domain.entities import Generation, User
+from selfie_lora.domain.plan import ensure_trigger_word, validate_lora_scale
+from selfie_lora.errors import ConfigError, InvalidInputError, NotFoundError
+from selfie_lora.services.common import new_id, utcnow
+from selfie_lora.services.ports import BlobStore, GenerationJob, Generator, Repository
+
+logger = logging.getLogger(__name__)
+
+MAX_OUTPUTS = 4
+
+
+def image_key(generation_id: str, index: int) -> str:
+    return f"generations/{generation_id}/{index}.png"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    num_outputs: int = 1
+    seed: int | None = None
+    lora_scale: float | None = None
+    version_id: str | None = None
+
+
+class GenerationService:
+    def __init__(
+        self, *, repo: Repository, blobs: BlobStore, generators: Mapping[str, Generator]
+    ) -> None:
+        self._repo = repo
+        self._blobs = blobs
+        self._generators = dict(generators)
+
+    def generate(self, *, user: User, request: GenerationRequest) -> Generation:
+        if not request.prompt.strip():
+            raise InvalidInputError("the prompt is empty", code="empty_prompt")
+        if len(request.prompt) > 2000:
+            raise InvalidInputError("the prompt is longer than 2000 characters",
+                                    code="prompt_too_long")
+        if not 1 <= request.num_outputs <= MAX_OUTPUTS:
+            raise InvalidInputError(f"num_outputs must be 1 to {MAX_OUTPUTS}",
+                                    code="invalid_num_outputs")
+        model = self._repo.get_model_for_user(user.id)
+        if model is None:
+            raise NotFoundError("you have no model yet: upload photos to start one")
+        version_id = request.version_id or model.active_version_id
+        if version_id is None:
+            raise InvalidInputError("your model has no trained version yet; wait for the "
+                                    "training to finish", code="no_version")
+        version = self._repo.get_version(version_id)
+        if version is None or version.model_id != model.id:
+            raise NotFoundError("no such version")
+        scale = (validate_lora_scale(request.lora_scale) if request.lora_scale is not None
+                 else model.lora_scale)
+        generator = self._generators.get(model.backend)
+        if generator is None:
+            raise ConfigError(f"no '{model.backend}' generator is configured on this server")
+        prompt = ensure_trigger_word(request.prompt, model.trigger_word)
+        job = GenerationJob(
+            prompt=prompt, num_outputs=request.num_outputs, seed=request.seed, lora_scale=scale,
+            trainer_version=version.trainer_version,
+            weights_path=(self._blobs.local_path(version.weights_key)
+                          if model.backend == "local" else None),
+            remote_version=version.remote_version,
+        )
+        images = generator.generate(job)
+        generation_id = new_id()
+        keys = []
+        for i, png in enumerate(images):
+            key = image_key(generation_id, i)
+            self._blobs.put(key, png)
+            keys.append(key)
+        generation = Generation(
+            id=generation_id, user_id=user.id, model_id=model.id, version_id=version.id,
+            prompt=prompt, lora_scale=scale, seed=request.seed, image_keys=tuple(keys),
+            created_at=utcnow(),
+        )
+        self._repo.add_generation(generation)
+        logger.info("generation %s: %d image(s) with version %d at scale %.2f", generation_id,
+                    len(keys), version.number, scale)
+        return generation
+
+    def image(self, *, user: User, generation_id: str, index: int) -> bytes:
+        generation = self._repo.get_generation(generation_id)
+        if generation is None or generation.user_id != user.id:
+            raise NotFoundError("no such image")
+        if not 0 <= index < len(generation.image_keys):
+            raise NotFoundError("no such image")
+        return self._blobs.get(generation.image_keys[index])

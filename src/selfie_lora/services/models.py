@@ -1,0 +1,83 @@
+"""The user's model: reading it, its LoRA scale, its versions, rollback and explicit re-pinning."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from selfie_lora.domain.entities import Model, User, Version
+from selfie_lora.domain.plan import validate_lora_scale, with_trainer_version
+from selfie_lora.errors import ConflictError, NotFoundError
+from selfie_lora.services.ports import BlobStore, Repository
+
+logger = logging.getLogger(__name__)
+
+
+class ModelService:
+    def __init__(self, *, repo: Repository, blobs: BlobStore) -> None:
+        self._repo = repo
+        self._blobs = blobs
+
+    def get(self, *, user: User) -> Model:
+        model = self._repo.get_model_for_user(user.id)
+        if model is None:
+            raise NotFoundError("you have no model yet: upload photos to start one")
+        return model
+
+    def find(self, *, user: User) -> Model | None:
+        return self._repo.get_model_for_user(user.id)
+
+    def set_lora_scale(self, *, user: User, lora_scale: float) -> Model:
+        model = self.get(user=user)
+        scale = validate_lora_scale(lora_scale)
+        self._repo.set_model_lora_scale(model.id, scale, is_custom=True)
+        self._repo.add_event(model_id=model.id, kind="lora_scale_set",
+                             data={"from": model.lora_scale, "to": scale})
+        return self.get(user=user)
+
+    def change_trainer_version(self, *, user: User, trainer_version: str, reason: str) -> Model:
+        """The one explicit, logged way to move a model to another trainer version."""
+        model = self.get(user=user)
+        if any(t.status.is_active for t in self._repo.list_trainings(model.id)):
+            raise ConflictError("wait for the running training to end before re-pinning")
+        changed = with_trainer_version(model, trainer_version)
+        self._repo.set_model_trainer_version(model.id, changed.trainer_version)
+        self._repo.add_event(model_id=model.id, kind="trainer_version_changed", data={
+            "from": model.trainer_version, "to": changed.trainer_version, "reason": reason,
+        })
+        logger.warning("model %s re-pinned from %s to %s (%s)", model.id, model.trainer_version,
+                       changed.trainer_version, reason)
+        return self.get(user=user)
+
+    def versions(self, *, user: User) -> Sequence[Version]:
+        model = self._repo.get_model_for_user(user.id)
+        return [] if model is None else self._repo.list_versions(model.id)
+
+    def version(self, *, user: User, version_id: str) -> Version:
+        model = self.get(user=user)
+        version = self._repo.get_version(version_id)
+        if version is None or version.model_id != model.id:
+            raise NotFoundError("no such version")
+        return version
+
+    def active_version(self, *, model: Model) -> Version | None:
+        if model.active_version_id is None:
+            return None
+        return self._repo.get_version(model.active_version_id)
+
+    def activate(self, *, user: User, version_id: str) -> Model:
+        model = self.get(user=user)
+        version = self.version(user=user, version_id=version_id)
+        self._repo.set_model_active_version(model.id, version.id)
+        self._repo.add_event(model_id=model.id, kind="version_activated", data={
+            "from": model.active_version_id, "to": version.id, "number": version.number,
+        })
+        return self.get(user=user)
+
+    def weights(self, *, user: User, version_id: str) -> bytes:
+        return self._blobs.get(self.version(user=user, version_id=version_id).weights_key)
+
+    def log(self, *, user: User) -> Sequence[dict[str, Any]]:
+        model = self.get(user=user)
+        return self._repo.list_events(model.id)

@@ -1,0 +1,102 @@
+"""Built-in fakes of the trainer and generator ports, for tests and for trying the API without
+torch or a Replicate account. They behave like the real adapters at the port: they report
+progress, honour cancellation, fail on request and write a real file."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from selfie_lora.domain.entities import TrainingStatus
+from selfie_lora.errors import TrainingCanceledError, TrainingFailedError
+from selfie_lora.services.ports import (
+    GenerationJob,
+    ProgressSink,
+    TrainingJob,
+    TrainingResult,
+)
+
+
+def fake_safetensors(payload: dict[str, str]) -> bytes:
+    """A valid, empty-tensor safetensors file whose metadata holds ``payload``."""
+    header = json.dumps({"__metadata__": payload}).encode()
+    return struct.pack("<Q", len(header)) + header
+
+
+@dataclass
+class FakeTrainer:
+    """Records every job. ``outcomes`` is consumed one per training ("succeeded", "failed",
+    "canceled"); when empty, trainings succeed. ``gate`` (if set) is waited on before the
+    training ends, so tests can hold a training in ``processing``."""
+
+    backend: str = "local"
+    outcomes: list[str] = field(default_factory=list)
+    steps: int = 4
+    gate: threading.Event | None = None
+    jobs: list[TrainingJob] = field(default_factory=list)
+    on_train: Callable[[TrainingJob], None] | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        with self._lock:
+            self.jobs.append(job)
+            outcome = self.outcomes.pop(0) if self.outcomes else "succeeded"
+        if self.on_train is not None:
+            self.on_train(job)
+        sink.started(remote_id=f"fake-{job.training_id}" if self.backend != "local" else None)
+        for step in range(1, self.steps + 1):
+            if sink.cancel_requested():
+                raise TrainingCanceledError("canceled by the user")
+            sink.progress(status=TrainingStatus.PROCESSING, step=step, total=self.steps,
+                          loss=1.0 / step)
+        if self.gate is not None:
+            while not self.gate.wait(0.02):
+                if sink.cancel_requested():
+                    raise TrainingCanceledError("canceled by the user")
+        if outcome == "failed":
+            raise TrainingFailedError(
+                "fake training failed",
+                user_message="The training failed: the trainer ran out of memory. Try again "
+                             "with fewer photos.",
+            )
+        if outcome == "canceled":
+            raise TrainingCanceledError("canceled on the backend")
+        path = job.work_dir / "lora.safetensors"
+        path.write_bytes(fake_safetensors({
+            "training_id": job.training_id, "trigger_word": job.trigger_word,
+            "trainer_version": job.trainer_version,
+        }))
+        return TrainingResult(weights_path=path, weights_method="fake:file",
+                              metrics={"final_loss": 0.25, "steps": self.steps})
+
+
+@dataclass
+class FakeGenerator:
+    """PNGs whose colour depends on the prompt, seed, scale and LoRA, so tests can tell
+    versions and scales apart."""
+
+    backend: str = "local"
+    size: int = 32
+    jobs: list[GenerationJob] = field(default_factory=list)
+
+    def generate(self, job: GenerationJob) -> list[bytes]:
+        self.jobs.append(job)
+        weights = job.weights_path.read_bytes() if job.weights_path else b""
+        out = []
+        for i in range(job.num_outputs):
+            digest = hashlib.sha256(
+                f"{job.prompt}|{job.seed}|{job.lora_scale}|{i}|{job.remote_version}".encode()
+                + weights
+            ).digest()
+            img = Image.new("RGB", (self.size, self.size), tuple(digest[:3]))
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return out

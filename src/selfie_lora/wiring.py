@@ -1,0 +1,140 @@
+"""Building the services from settings: the only place adapters are chosen.
+
+Entry points (``api.app.create_app``, ``cli``, ``worker``) call ``build_services``; tests call it
+with their own adapters (a stand-in Replicate URL, an inline local trainer, a fake generator).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+
+from selfie_lora.adapters.db.migrate import upgrade
+from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+from selfie_lora.config import Settings
+from selfie_lora.dataset.intake import UploadLimits
+from selfie_lora.domain.plan import TrainingDefaults
+from selfie_lora.services.generation import GenerationService
+from selfie_lora.services.intake import IntakeService
+from selfie_lora.services.models import ModelService
+from selfie_lora.services.ports import Generator, Trainer
+from selfie_lora.services.training import TrainingService
+from selfie_lora.services.users import UserService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Services:
+    settings: Settings
+    engine: Engine
+    repo: SqlRepository
+    blobs: FileSystemBlobStore
+    queue: HueyJobQueue
+    users: UserService
+    intake: IntakeService
+    training: TrainingService
+    models: ModelService
+    generation: GenerationService
+    trainers: dict[str, Trainer] = field(default_factory=dict)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def training_defaults(settings: Settings) -> TrainingDefaults:
+    return TrainingDefaults(
+        backend=settings.trainer,
+        trainer_version=settings.effective_trainer_version,
+        owner=settings.destination_owner,
+        replicate_recipe=settings.replicate_recipe,
+    )
+
+
+def default_trainers(settings: Settings) -> dict[str, Trainer]:
+    from selfie_lora.adapters.trainers.local import LocalTrainer
+
+    trainers: dict[str, Trainer] = {
+        "local": LocalTrainer(
+            base_model=settings.base_model, cache_dir=settings.cache_dir,
+            isolation=settings.local_isolation, device=settings.device,
+        )
+    }
+    if settings.replicate_api_token is not None:
+        from selfie_lora.adapters.trainers.replicate import ReplicateTrainer
+
+        trainers["replicate"] = ReplicateTrainer(
+            api_token=settings.replicate_api_token.get_secret_value(),
+            base_url=settings.replicate_base_url,
+            owner=settings.replicate_owner or settings.destination_owner,
+            hardware=settings.replicate_hardware,
+            poll_interval=settings.replicate_poll_interval,
+            max_retries=settings.replicate_max_retries,
+        )
+    return trainers
+
+
+def default_generators(settings: Settings) -> dict[str, Generator]:
+    from selfie_lora.adapters.generators.local import LocalGenerator
+
+    generators: dict[str, Generator] = {
+        "local": LocalGenerator(base_model=settings.base_model, cache_dir=settings.cache_dir,
+                                device=settings.device),
+    }
+    if settings.replicate_api_token is not None:
+        from selfie_lora.adapters.generators.replicate import ReplicateGenerator
+
+        generators["replicate"] = ReplicateGenerator(
+            api_token=settings.replicate_api_token.get_secret_value(),
+            base_url=settings.replicate_base_url,
+            poll_interval=min(settings.replicate_poll_interval, 2.0),
+            max_retries=settings.replicate_max_retries,
+        )
+    return generators
+
+
+def build_services(
+    settings: Settings,
+    *,
+    trainers: Mapping[str, Trainer] | None = None,
+    generators: Mapping[str, Generator] | None = None,
+    rng: random.Random | None = None,
+    migrate: bool = True,
+) -> Services:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.effective_database_url)
+    if migrate:
+        upgrade(engine)
+    repo = SqlRepository(engine)
+    blobs = FileSystemBlobStore(settings.blob_dir)
+    queue = HueyJobQueue.from_url(settings.effective_queue_url)
+    chosen_trainers = dict(trainers) if trainers is not None else default_trainers(settings)
+    chosen_generators = (dict(generators) if generators is not None
+                         else default_generators(settings))
+    webhook_url = (f"{settings.public_url.rstrip('/')}/api/webhooks/replicate"
+                   if settings.public_url else None)
+    training = TrainingService(
+        repo=repo, blobs=blobs, queue=queue, trainers=chosen_trainers,
+        defaults=lambda: training_defaults(settings), work_dir=settings.work_dir,
+        webhook_url=webhook_url, rng=rng,
+    )
+    queue.set_training_handler(training.run)
+    return Services(
+        settings=settings, engine=engine, repo=repo, blobs=blobs, queue=queue,
+        users=UserService(repo=repo),
+        intake=IntakeService(
+            repo=repo, blobs=blobs,
+            limits=UploadLimits(max_upload_bytes=settings.max_upload_bytes),
+            min_photos=settings.min_photos, max_photos=settings.max_photos,
+        ),
+        training=training,
+        models=ModelService(repo=repo, blobs=blobs),
+        generation=GenerationService(repo=repo, blobs=blobs, generators=chosen_generators),
+        trainers=chosen_trainers,
+    )

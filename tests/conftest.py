@@ -1,0 +1,84 @@
+"""Shared fixtures. Every test gets its own SELFIE_LORA_HOME under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from selfie_lora.api.app import create_app
+from selfie_lora.config import Settings
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services, build_services
+
+_plugins = Path(__file__).with_name("conftest_replicate.py")
+pytest_plugins = ["tests.conftest_replicate"] if _plugins.exists() else []
+
+# Torch on 2 cores under load is 60-100x slower with 2 threads (facts.md): one thread in tests.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "home": tmp_path / "home", "local_isolation": "inline", "worker_threads": 2,
+        "database_url": None, "queue_url": None, "trainer": "local", "trainer_version": None,
+        "base_model": "tiny", "replicate_poll_interval": 0.01,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def fake_trainer() -> FakeTrainer:
+    return FakeTrainer()
+
+
+@pytest.fixture
+def fake_generator() -> FakeGenerator:
+    return FakeGenerator()
+
+
+@pytest.fixture
+def services(settings: Settings, fake_trainer: FakeTrainer,
+             fake_generator: FakeGenerator) -> Iterator[Services]:
+    svc = build_services(settings, trainers={"local": fake_trainer},
+                         generators={"local": fake_generator})
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def client(settings: Settings, services: Services) -> Iterator[TestClient]:
+    app = create_app(settings, services=services, run_worker=True)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+def auth(services: Services, name: str) -> dict[str, str]:
+    _user, key = services.users.create(name=name)
+    return {"Authorization": f"Bearer {key}"}
+
+
+def wait_terminal(client: TestClient, headers: dict[str, str], training_id: str,
+                  *, timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        r = client.get("/api/training/progress", params={"training_id": training_id},
+                       headers=headers)
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        if body["training"]["status"] in ("succeeded", "failed", "canceled"):
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"training {training_id} did not end: {body['training']}")
+        time.sleep(0.05)

@@ -1,0 +1,213 @@
+"""The HTTP API with fake backends: auth, ownership, the whole cycle, errors."""
+
+from __future__ import annotations
+
+import io
+import threading
+import zipfile
+
+from fastapi.testclient import TestClient
+
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services
+from tests.conftest import auth, wait_terminal
+from tests.support.photos import photo_zip
+
+
+def upload(client: TestClient, headers: dict[str, str], data: bytes | None = None,
+           *, start: bool = True) -> dict:
+    r = client.post("/api/training/upload-zip", headers=headers,
+                    files={"file": ("photos.zip", data or photo_zip(4), "application/zip")},
+                    data={"start": "true" if start else "false"})
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def test_healthz(client: TestClient) -> None:
+    assert client.get("/healthz").status_code == 200
+
+
+def test_no_key_or_wrong_key_is_401_with_error_shape(client: TestClient) -> None:
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic x"}):
+        r = client.get("/api/model", headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "unauthorized"
+        assert set(r.json()["error"]) == {"code", "message", "details"}
+
+
+def test_model_is_404_before_first_upload(client: TestClient, services: Services) -> None:
+    r = client.get("/api/model", headers=auth(services, "ann"))
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "not_found"
+
+
+def test_whole_cycle(client: TestClient, services: Services, fake_generator: FakeGenerator) -> None:
+    h = auth(services, "ann")
+    body = upload(client, h)
+    assert body["dataset"]["images_total"] == 4
+    assert body["dataset"]["images_accepted"] == 4
+    training = body["training"]
+    assert training["status"] == "queued"
+    assert training["is_retraining"] is False
+    assert body["model"]["lora_scale"] == 1.0
+    assert body["model"]["lora_scale_is_custom"] is False
+    done = wait_terminal(client, h, training["id"])
+    assert done["training"]["status"] == "succeeded"
+    assert done["training"]["progress"] == 1.0
+    assert done["model"]["active_version"]["number"] == 1
+    version = done["model"]["active_version"]
+    weights = client.get(version["weights_url"], headers=h)
+    assert weights.status_code == 200
+    import hashlib
+
+    assert hashlib.sha256(weights.content).hexdigest() == version["weights_sha256"]
+
+    r = client.post("/api/generate", headers=h, json={"prompt": "on a beach", "seed": 3})
+    assert r.status_code == 200, r.text
+    gen = r.json()["generation"]
+    assert done["model"]["trigger_word"] in gen["prompt"]
+    assert gen["lora_scale"] == 1.0
+    assert gen["version_id"] == version["id"]
+    image = client.get(gen["images"][0], headers=h)
+    assert image.status_code == 200
+    assert image.content.startswith(b"\x89PNG")
+    assert fake_generator.jobs[-1].weights_path is not None
+
+
+def test_other_users_objects_are_404(client: TestClient, services: Services) -> None:
+    ann, bob = auth(services, "ann"), auth(services, "bob")
+    body = upload(client, ann)
+    done = wait_terminal(client, ann, body["training"]["id"])
+    version = done["model"]["active_version"]
+    gen = client.post("/api/generate", headers=ann, json={"prompt": "x"}).json()["generation"]
+    upload(client, bob, start=False)
+    for method, url, kwargs in [
+        ("get", "/api/training/progress", {"params": {"training_id": body["training"]["id"]}}),
+        ("get", version["weights_url"], {}),
+        ("post", f"/api/model/versions/{version['id']}/activate", {}),
+        ("get", gen["images"][0], {}),
+        ("post", "/api/training/start", {"json": {"dataset_id": body["dataset"]["id"]}}),
+    ]:
+        r = getattr(client, method)(url, headers=bob, **kwargs)
+        assert r.status_code == 404, (url, r.status_code, r.text)
+        assert ann["Authorization"] not in r.text
+        assert body["model"]["trigger_word"] not in r.text
+
+
+def test_bad_zip_is_422_and_stores_nothing(client: TestClient, services: Services) -> None:
+    h = auth(services, "ann")
+    r = client.post("/api/training/upload-zip", headers=h,
+                    files={"file": ("x.zip", b"not a zip", "application/zip")})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "bad_archive"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a.jpg", b"\xff\xd8 not really a jpeg")
+    r = client.post("/api/training/upload-zip", headers=h,
+                    files={"file": ("x.zip", buf.getvalue(), "application/zip")})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "dataset_rejected"
+    assert any(d["code"] == "unreadable_image" for d in r.json()["error"]["details"])
+    assert client.get("/api/model", headers=h).status_code == 404
+    assert not (services.settings.blob_dir / "photos").exists()
+
+
+def test_start_without_dataset_is_422(client: TestClient, services: Services) -> None:
+    r = client.post("/api/training/start", headers=auth(services, "ann"), json={})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "no_dataset"
+
+
+def test_start_uses_latest_dataset_and_second_start_is_409(
+    client: TestClient, services: Services, fake_trainer: FakeTrainer
+) -> None:
+    fake_trainer.gate = threading.Event()
+    h = auth(services, "ann")
+    upload(client, h, start=False)
+    first = client.post("/api/training/start", headers=h, json={"dataset_id": None})
+    assert first.status_code == 202
+    second = client.post("/api/training/start", headers=h, json={})
+    assert second.status_code == 409
+    assert second.json()["error"]["code"] == "training_in_progress"
+    third = client.post("/api/training/upload-zip", headers=h,
+                        files={"file": ("p.zip", photo_zip(3, offset=10), "application/zip")})
+    assert third.status_code == 409
+    fake_trainer.gate.set()
+    done = wait_terminal(client, h, first.json()["training"]["id"])
+    assert done["training"]["status"] == "succeeded"
+
+
+def test_failed_training_keeps_active_version_and_says_why(
+    client: TestClient, services: Services, fake_trainer: FakeTrainer
+) -> None:
+    h = auth(services, "ann")
+    v1 = wait_terminal(client, h, upload(client, h)["training"]["id"])["model"]["active_version"]
+    fake_trainer.outcomes.append("failed")
+    body = client.post("/api/training/start", headers=h, json={}).json()
+    done = wait_terminal(client, h, body["training"]["id"])
+    assert done["training"]["status"] == "failed"
+    assert "Try again" in done["training"]["error"]
+    assert done["model"]["active_version"]["id"] == v1["id"]
+    fake_trainer.outcomes.append("canceled")
+    body = client.post("/api/training/start", headers=h, json={}).json()
+    done = wait_terminal(client, h, body["training"]["id"])
+    assert done["training"]["status"] == "canceled"
+    assert done["training"]["error"]
+    assert done["model"]["active_version"]["id"] == v1["id"]
+
+
+def test_cancel_a_running_training(
+    client: TestClient, services: Services, fake_trainer: FakeTrainer
+) -> None:
+    fake_trainer.gate = threading.Event()
+    h = auth(services, "ann")
+    tid = upload(client, h)["training"]["id"]
+    r = client.post("/api/training/cancel", headers=h, json={"training_id": tid})
+    assert r.status_code == 200
+    done = wait_terminal(client, h, tid)
+    assert done["training"]["status"] == "canceled"
+    assert done["model"]["active_version"] is None
+
+
+def test_patch_scale_validation_and_rollback(client: TestClient, services: Services) -> None:
+    h = auth(services, "ann")
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    v2 = wait_terminal(client, h, client.post("/api/training/start", headers=h,
+                                              json={}).json()["training"]["id"])
+    assert v2["model"]["active_version"]["number"] == 2
+    for bad in ({"lora_scale": "x"}, {"lora_scale": 99}, {}):
+        r = client.patch("/api/model", headers=h, json=bad)
+        assert r.status_code == 422, bad
+    r = client.patch("/api/model", headers=h, json={"lora_scale": 0.7})
+    assert r.json()["lora_scale"] == 0.7
+    assert r.json()["lora_scale_is_custom"] is True
+    versions = client.get("/api/model/versions", headers=h).json()["versions"]
+    assert [v["number"] for v in versions] == [2, 1]
+    r = client.post(f"/api/model/versions/{versions[1]['id']}/activate", headers=h)
+    assert r.status_code == 200
+    assert r.json()["active_version"]["number"] == 1
+    assert r.json()["lora_scale"] == 0.7
+    gen = client.post("/api/generate", headers=h, json={"prompt": "x"}).json()["generation"]
+    assert gen["version_id"] == versions[1]["id"]
+    assert gen["lora_scale"] == 0.7
+
+
+def test_generate_before_a_version_is_422(client: TestClient, services: Services,
+                                          fake_trainer: FakeTrainer) -> None:
+    fake_trainer.gate = threading.Event()
+    h = auth(services, "ann")
+    upload(client, h)
+    r = client.post("/api/generate", headers=h, json={"prompt": "x"})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "no_version"
+    fake_trainer.gate.set()
+
+
+def test_unknown_route_and_bad_json_use_error_shape(client: TestClient, services: Services) -> None:
+    h = auth(services, "ann")
+    r = client.get("/api/nope", headers=h)
+    assert r.status_code == 404
+    assert "error" in r.json()
+    r = client.post("/api/generate", headers=h, content=b"{", )
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "invalid_request"
