@@ -13,6 +13,7 @@ entry points never see them.
     │   └── DatasetRejectedError    the photos cannot be trained on; carries the findings
     ├── InvalidTransitionError      a training state change that would go backwards (a bug: HTTP 500)
     ├── StorageError                a blob is missing or cannot be written
+    ├── GenerationError             the image generator failed
     └── TrainerError                the training backend failed; ``user_message`` says what to do
         ├── TrainerUnavailableError the backend cannot be reached or keeps answering 429/5xx
         ├── TrainingFailedError     the remote or local training ended in ``failed``
@@ -82,6 +83,11 @@ class InvalidTransitionError(SelfieLoraError):
 class StorageError(SelfieLoraError):
     code = "storage_error"
     http_status = 500
+
+
+class GenerationError(SelfieLoraError):
+    code = "generation_failed"
+    http_status = 502
 
 
 class TrainerError(SelfieLoraError):

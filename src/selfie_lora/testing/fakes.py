@@ -100,3 +100,20 @@ class FakeGenerator:
             img.save(buf, format="PNG")
             out.append(buf.getvalue())
         return out
+
+
+@dataclass
+class InMemoryQueue:
+    """A ``JobQueue`` that only records; tests run the jobs when they choose (``drain``)."""
+
+    pending: list[str] = field(default_factory=list)
+
+    def enqueue_training(self, training_id: str) -> None:
+        self.pending.append(training_id)
+
+    def drain(self, handler: Callable[[str], None]) -> int:
+        count = 0
+        while self.pending:
+            handler(self.pending.pop(0))
+            count += 1
+        return count

@@ -1,0 +1,186 @@
+"""The local generator: FLUX.1 (or the offline ``tiny`` model) with a LoRA, on this machine.
+
+The base pipeline is loaded once per (source, device) and shared by every ``LocalGenerator`` in the
+process. A generation loads its LoRA into that shared pipeline, runs, and unloads it again, all
+under the pipeline's lock, so concurrent requests never see each other's LoRA.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from selfie_lora.adapters.trainers.tiny_flux import (
+    TINY,
+    default_dtype,
+    default_resolution,
+    load_pipeline,
+    resolve_device,
+    text_max_length,
+    torch_threads,
+)
+from selfie_lora.errors import GenerationError, InvalidInputError, SelfieLoraError, StorageError
+from selfie_lora.services.ports import GenerationJob
+
+logger = logging.getLogger(__name__)
+
+MAX_OUTPUTS = 16
+
+
+@dataclass
+class _SharedPipeline:
+    pipe: Any
+    lock: threading.Lock
+
+
+class _TransformerOnlyLoraFilter(logging.Filter):
+    """Drop diffusers' per-load notice that a LoRA has no text-encoder keys: ours never do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No LoRA keys associated to CLIPTextModel")
+
+
+_quiet_filter = _TransformerOnlyLoraFilter()
+_pipelines: dict[tuple[str, str, str], _SharedPipeline] = {}
+_pipelines_lock = threading.Lock()
+
+
+def _shared_pipeline(*, source: str, cache_dir: Path, device: str) -> _SharedPipeline:
+    key = (source, str(cache_dir.resolve()) if source == TINY else "", device)
+    with _pipelines_lock:
+        shared = _pipelines.get(key)
+        if shared is None:
+            logger.info("loading base pipeline %s on %s", source, device)
+            lora_logger = logging.getLogger("diffusers.loaders.lora_base")
+            if _quiet_filter not in lora_logger.filters:
+                lora_logger.addFilter(_quiet_filter)
+            pipe = load_pipeline(source, cache_dir=cache_dir, device=device, dtype=default_dtype(device))
+            shared = _SharedPipeline(pipe=pipe, lock=threading.Lock())
+            _pipelines[key] = shared
+        return shared
+
+
+def clear_pipeline_cache() -> None:
+    """Forget the shared pipelines (frees their memory once no generation holds them)."""
+    with _pipelines_lock:
+        _pipelines.clear()
+
+
+class LocalGenerator:
+    """Generates PNGs with a base FLUX pipeline plus the job's LoRA at ``job.lora_scale``.
+
+    ``num_inference_steps`` defaults to 4 for ``tiny`` and for FLUX.1-schnell-like models (no
+    guidance embedding), 28 for FLUX.1-dev-like ones; ``default_size`` (used when the job has no
+    width/height) to 64 for ``tiny``, else 1024.
+    """
+
+    backend = "local"
+
+    def __init__(
+        self,
+        *,
+        base_model: str,
+        cache_dir: Path,
+        device: str = "auto",
+        num_threads: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float = 3.5,
+        default_size: int | None = None,
+    ) -> None:
+        self.base_model = base_model
+        self.cache_dir = cache_dir
+        self.device = device
+        self.num_threads = num_threads
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.default_size = default_size or default_resolution(base_model)
+
+    def generate(self, job: GenerationJob) -> list[bytes]:
+        if not 1 <= job.num_outputs <= MAX_OUTPUTS:
+            raise InvalidInputError(
+                f"num_outputs must be between 1 and {MAX_OUTPUTS}, not {job.num_outputs}"
+            )
+        if job.weights_path is not None and not job.weights_path.is_file():
+            raise StorageError(f"LoRA weights not found at {job.weights_path}")
+        device = resolve_device(self.device)
+        seed = job.seed if job.seed is not None else secrets.randbelow(2**32)
+        with torch_threads(self.num_threads if device == "cpu" else None):
+            shared = _shared_pipeline(source=self.base_model, cache_dir=self.cache_dir, device=device)
+            with shared.lock:
+                return self._generate_locked(shared.pipe, job, seed=seed)
+
+    def _size(self, pipe: Any, value: int | None) -> int:
+        # FLUX packs 2x2 latent patches, so sides must be multiples of 2x the VAE factor; round
+        # here rather than let the pipeline resize (the caller gets the size it can predict).
+        multiple = int(pipe.vae_scale_factor) * 2
+        size = value or self.default_size
+        return max(multiple, size // multiple * multiple)
+
+    def _steps(self, pipe: Any) -> int:
+        if self.num_inference_steps is not None:
+            return self.num_inference_steps
+        if self.base_model == TINY or not pipe.transformer.config.guidance_embeds:
+            return 4
+        return 28
+
+    def _generate_locked(self, pipe: Any, job: GenerationJob, *, seed: int) -> list[bytes]:
+        import torch
+
+        adapter = f"gen_{uuid.uuid4().hex[:12]}"
+        loaded = False
+        try:
+            if job.weights_path is not None:
+                try:
+                    pipe.load_lora_weights(str(job.weights_path), adapter_name=adapter)
+                except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                    raise StorageError(
+                        f"cannot load LoRA weights {job.weights_path}: {exc}"
+                    ) from exc
+                loaded = True
+                pipe.set_adapters([adapter], adapter_weights=[float(job.lora_scale)])
+            width = self._size(pipe, job.width)
+            height = self._size(pipe, job.height)
+            images: list[bytes] = []
+            for index in range(job.num_outputs):
+                # One seed per image (seed, seed + 1, ...): image i of a batch can be reproduced on
+                # its own, and memory stays that of one image on a real FLUX.1.
+                image_seed = (seed + index) % 2**63
+                generator = torch.Generator(device="cpu").manual_seed(image_seed)
+                with torch.inference_mode():
+                    result = pipe(
+                        prompt=job.prompt,
+                        height=height,
+                        width=width,
+                        num_inference_steps=self._steps(pipe),
+                        guidance_scale=self.guidance_scale,
+                        generator=generator,
+                        max_sequence_length=text_max_length(pipe),
+                        output_type="pil",
+                    )
+                images.append(_png(result.images[0], seed=image_seed, lora_scale=job.lora_scale))
+            return images
+        except SelfieLoraError:
+            raise
+        except (RuntimeError, ValueError) as exc:
+            raise GenerationError(f"local generation failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if loaded:
+                # Leave the shared pipeline as it was: no LoRA layers, no adapter names.
+                pipe.unload_lora_weights()
+
+
+def _png(image: Any, *, seed: int, lora_scale: float) -> bytes:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("seed", str(seed))
+    info.add_text("lora_scale", f"{lora_scale:g}")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

@@ -1,0 +1,1 @@
+"""Training backends: implementations of the ``Trainer`` port."""

@@ -1,0 +1,518 @@
+"""Train a FLUX.1 LoRA on a handful of captioned photos: a self-contained training loop.
+
+The recipe follows what FLUX LoRA trainers do (diffusers' DreamBooth FLUX example, ai-toolkit):
+
+* each photo is center-cropped and resized to the recipe's resolution, encoded once by the VAE
+  (FLUX's ``shift_factor``/``scaling_factor`` applied) and packed into 2x2 patches;
+* each caption is encoded once by CLIP (pooled) and T5 (sequence), without gradients;
+* rectified flow matching: ``t ~ sigmoid(N(0, 1))`` (logit-normal), ``x_t = (1 - t) x0 + t noise``,
+  the transformer predicts the velocity ``noise - x0`` under an MSE loss;
+* a LoRA (rank = alpha = ``recipe.lora_rank``) on the attention projections of every transformer
+  block is the only thing trained (AdamW, fp32 LoRA parameters even when the base runs in bf16).
+
+Everything random draws from generators seeded by ``recipe.seed``, so the same photos, captions,
+base model and recipe give the same LoRA on the same device. The result is saved with
+``FluxPipeline.save_lora_weights`` including the adapter metadata (without it, an alpha that differs
+from the rank is lost on reload) and loads back with ``load_lora_weights``.
+
+Torch is imported inside the functions so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from selfie_lora.adapters.trainers.tiny_flux import (
+    TINY,
+    default_dtype,
+    load_pipeline,
+    resolve_device,
+    text_max_length,
+    torch_threads,
+)
+from selfie_lora.domain.entities import Recipe
+from selfie_lora.errors import TrainingCanceledError, TrainingFailedError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# The attention projections of FLUX's double- and single-stream blocks (``to_out.0`` exists only in
+# the double-stream ones). The usual person-LoRA target set: enough to learn a face, small to store.
+LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+# FLUX.1-dev was guidance-distilled; LoRA trainers (ai-toolkit, Replicate's) train at guidance 1.
+TRAIN_GUIDANCE = 1.0
+METADATA_PREFIX = "selfie_lora."
+
+# (step, total, loss) -> True to cancel. Step 0 (loss NaN) is reported once the model is loaded.
+StepCallback = Callable[[int, int, float], bool]
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """One photo, ready for the transformer: packed clean latents and its caption's embeddings."""
+
+    latents: torch.Tensor  # (1, image_tokens, 4 * latent_channels)
+    image_ids: torch.Tensor  # (image_tokens, 3)
+    prompt_embeds: torch.Tensor  # (1, text_tokens, joint_attention_dim)
+    pooled_embeds: torch.Tensor  # (1, pooled_projection_dim)
+    text_ids: torch.Tensor  # (text_tokens, 3)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_photo(data: bytes, *, resolution: int, name: str = "photo") -> Any:
+    """Decode a photo, center-crop it to a square and resize it to ``resolution`` (RGB PIL image)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=["JPEG", "PNG", "WEBP"])
+            image.load()
+    except Exception as exc:
+        raise TrainingFailedError(
+            f"cannot decode training photo {name}: {exc}",
+            user_message=f"The photo {name} could not be read; upload it again as a JPEG or PNG.",
+        ) from exc
+    rgb = ImageOps.exif_transpose(image).convert("RGB")
+    return ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS)
+
+
+def _image_tensor(image: Any) -> torch.Tensor:
+    """PIL RGB -> float tensor (1, 3, H, W) in [-1, 1], the range the VAE expects."""
+    import numpy as np
+    import torch
+
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def effective_resolution(pipe: Any, resolution: int) -> int:
+    """Round down to what FLUX can pack: a multiple of the VAE factor times the 2x2 patch."""
+    multiple = int(pipe.vae_scale_factor) * 2
+    rounded = max(multiple, resolution // multiple * multiple)
+    if rounded != resolution:
+        logger.info("resolution %d rounded down to %d (a multiple of %d)", resolution, rounded, multiple)
+    return rounded
+
+
+def prepare_examples(
+    pipe: Any,
+    photos: Sequence[tuple[bytes, str]],
+    *,
+    resolution: int,
+    names: Sequence[str] | None = None,
+) -> list[TrainingExample]:
+    """Encode every photo (VAE) and caption (CLIP + T5) once, without gradients.
+
+    Uses the VAE's mean (not a sample), so the cached latents are deterministic.
+    """
+    import torch
+    from diffusers import FluxPipeline
+
+    device = pipe.transformer.device
+    dtype = pipe.transformer.dtype
+    resolution = effective_resolution(pipe, resolution)
+    vae = pipe.vae
+    shift = float(vae.config.shift_factor or 0.0)
+    scale = float(vae.config.scaling_factor)
+    max_len = text_max_length(pipe)
+    prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    examples: list[TrainingExample] = []
+    with torch.no_grad():
+        for index, (data, caption) in enumerate(photos):
+            name = names[index] if names is not None else f"#{index + 1}"
+            pixels = _image_tensor(load_photo(data, resolution=resolution, name=name))
+            pixels = pixels.to(device=device, dtype=vae.dtype)
+            latents = vae.encode(pixels).latent_dist.mode()
+            latents = ((latents - shift) * scale).to(dtype)
+            batch, channels, height, width = latents.shape
+            packed = FluxPipeline._pack_latents(latents, batch, channels, height, width)
+            image_ids = FluxPipeline._prepare_latent_image_ids(
+                batch, height // 2, width // 2, device, dtype
+            )
+            if caption not in prompt_cache:
+                prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+                    prompt=caption, prompt_2=None, device=device, max_sequence_length=max_len
+                )
+                prompt_cache[caption] = (prompt_embeds.to(dtype), pooled.to(dtype), text_ids.to(dtype))
+            prompt_embeds, pooled, text_ids = prompt_cache[caption]
+            examples.append(
+                TrainingExample(
+                    latents=packed,
+                    image_ids=image_ids,
+                    prompt_embeds=prompt_embeds,
+                    pooled_embeds=pooled,
+                    text_ids=text_ids,
+                )
+            )
+    return examples
+
+
+# --------------------------------------------------------------------------- objective
+
+
+def _batch(examples: Sequence[TrainingExample]) -> TrainingExample:
+    import torch
+
+    first = examples[0]
+    if len(examples) == 1:
+        return first
+    return TrainingExample(
+        latents=torch.cat([e.latents for e in examples]),
+        image_ids=first.image_ids,  # same resolution, so the same positions
+        prompt_embeds=torch.cat([e.prompt_embeds for e in examples]),
+        pooled_embeds=torch.cat([e.pooled_embeds for e in examples]),
+        text_ids=first.text_ids,  # T5 is padded to a fixed length; FLUX's text ids are zeros
+    )
+
+
+def flow_matching_loss(
+    transformer: Any, batch: TrainingExample, *, sigmas: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """Mean squared error between the predicted and the true velocity ``noise - x0`` at ``sigmas``."""
+    import torch
+
+    x0 = batch.latents
+    size = x0.shape[0]
+    t = sigmas.to(device=x0.device, dtype=x0.dtype).view(size, 1, 1)
+    noise = noise.to(device=x0.device, dtype=x0.dtype)
+    noisy = (1.0 - t) * x0 + t * noise
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full((size,), TRAIN_GUIDANCE, device=x0.device, dtype=x0.dtype)
+    prediction = transformer(
+        hidden_states=noisy,
+        encoder_hidden_states=batch.prompt_embeds,
+        pooled_projections=batch.pooled_embeds,
+        # The transformer scales by 1000 itself; the pipeline passes sigmas in [0, 1] too.
+        timestep=t.view(size),
+        img_ids=batch.image_ids,
+        txt_ids=batch.text_ids,
+        guidance=guidance,
+        return_dict=False,
+    )[0]
+    target = noise - x0
+    return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+def sample_sigmas(size: int, *, generator: torch.Generator) -> torch.Tensor:
+    """Logit-normal timesteps (SD3/FLUX trainers): most weight on the middle of the path."""
+    import torch
+
+    return torch.sigmoid(torch.randn(size, generator=generator))
+
+
+def evaluate_loss(
+    transformer: Any,
+    examples: Sequence[TrainingExample],
+    *,
+    seed: int = 1234,
+    samples_per_example: int = 4,
+) -> float:
+    """The mean flow-matching loss over fixed timesteps and noise (drawn from ``seed``).
+
+    Unlike the per-step training losses, two calls with the same seed see the same ``t`` and noise,
+    so comparing before and after training measures what training changed.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    # Evenly spread timesteps (midpoints), the same for every example, then per-sample noise.
+    sigmas = (torch.arange(samples_per_example, dtype=torch.float32) + 0.5) / samples_per_example
+    total = 0.0
+    count = 0
+    with torch.no_grad():
+        for example in examples:
+            for sigma in sigmas:
+                noise = torch.randn(example.latents.shape, generator=generator)
+                loss = flow_matching_loss(
+                    transformer, example, sigmas=sigma.view(1), noise=noise
+                )
+                total += float(loss)
+                count += 1
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def lora_config(rank: int) -> Any:
+    from peft import LoraConfig
+
+    # alpha = rank: a scale of 1 at generation time means "the LoRA as trained".
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=list(LORA_TARGET_MODULES),
+        init_lora_weights="gaussian",
+    )
+
+
+def add_lora(transformer: Any, *, rank: int, seed: int) -> Any:
+    """Freeze the transformer and add a trainable LoRA (seeded init, fp32 parameters)."""
+    import torch
+
+    transformer.requires_grad_(False)
+    config = lora_config(rank)
+    device = transformer.device
+    # On a GPU the LoRA matrices are initialised with the CUDA generator: fork and seed it too.
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config)
+    for parameter in transformer.parameters():
+        if parameter.requires_grad:
+            # AdamW on bf16 parameters loses small updates; keep the trained ones in fp32.
+            parameter.data = parameter.data.float()
+    return config
+
+
+def save_lora(
+    transformer: Any, *, config: Any, out_path: Path, extra_metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write the LoRA as diffusers writes it (with adapter metadata), plus our own metadata keys.
+
+    The file appears atomically: it is written next to ``out_path`` and renamed into place.
+    """
+    from diffusers import FluxPipeline
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    state_dict = get_peft_model_state_dict(transformer)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".lora-") as tmp:
+        FluxPipeline.save_lora_weights(
+            tmp,
+            transformer_lora_layers=state_dict,
+            weight_name="lora.safetensors",
+            transformer_lora_adapter_metadata=config.to_dict(),
+        )
+        written = Path(tmp) / "lora.safetensors"
+        # Re-write with our keys added to diffusers' own metadata (format, lora_adapter_metadata).
+        with safe_open(str(written), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        for key, value in (extra_metadata or {}).items():
+            metadata[METADATA_PREFIX + key] = str(value)
+        staged = Path(tmp) / "final.safetensors"
+        save_file(tensors, str(staged), metadata=metadata)
+        os.replace(staged, out_path)
+
+
+def read_lora_metadata(path: Path) -> dict[str, str]:
+    """Our metadata keys of a saved LoRA (without the prefix)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return {
+        key.removeprefix(METADATA_PREFIX): value
+        for key, value in metadata.items()
+        if key.startswith(METADATA_PREFIX)
+    }
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _map_runtime_error(exc: BaseException) -> TrainingFailedError:
+    text = str(exc)
+    if "out of memory" in text.lower():
+        return TrainingFailedError(
+            f"local training ran out of memory: {text}",
+            user_message="Training ran out of memory on this machine; "
+            "lower the resolution or use the Replicate backend.",
+        )
+    return TrainingFailedError(
+        f"local training failed: {type(exc).__name__}: {text}",
+        user_message="Training failed on this server; try again, and if it fails again, "
+        "contact the operator.",
+    )
+
+
+def _canceled(step: int, total: int) -> TrainingCanceledError:
+    return TrainingCanceledError(
+        f"training canceled at step {step}/{total}", user_message="The training was canceled."
+    )
+
+
+def fit_lora(
+    transformer: Any,
+    examples: Sequence[TrainingExample],
+    *,
+    recipe: Recipe,
+    seed: int,
+    on_step: StepCallback | None = None,
+    gradient_checkpointing: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """Add a LoRA to ``transformer`` and train it in place on ``examples`` for ``recipe.steps``.
+
+    Returns the LoRA config (for :func:`save_lora`) and the training metrics. The trained adapter
+    stays active on ``transformer`` (adapter name "default"), so it can be used right away.
+    """
+    import torch
+
+    config = add_lora(transformer, rank=recipe.lora_rank, seed=seed)
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=recipe.learning_rate, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8
+    )
+    total = recipe.steps
+    if on_step is not None and on_step(0, total, math.nan):
+        raise _canceled(0, total)
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    first_loss = math.nan
+    last_loss = math.nan
+    started = time.perf_counter()
+    for step in range(1, total + 1):
+        indices: list[int] = []
+        while len(indices) < recipe.batch_size:
+            if not order:
+                # Every photo once per epoch, in a seeded order.
+                order = torch.randperm(len(examples), generator=generator).tolist()
+            indices.append(order.pop())
+        batch = _batch([examples[i] for i in indices])
+        sigmas = sample_sigmas(len(indices), generator=generator)
+        noise = torch.randn(batch.latents.shape, generator=generator)
+        loss = flow_matching_loss(transformer, batch, sigmas=sigmas, noise=noise)
+        if not torch.isfinite(loss):
+            raise TrainingFailedError(
+                f"loss became {float(loss)} at step {step}",
+                user_message="Training diverged; retry with a lower learning rate.",
+            )
+        optimizer.zero_grad(set_to_none=True)
+        torch.autograd.backward(loss)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        last_loss = float(loss.detach())
+        if step == 1:
+            first_loss = last_loss
+        if on_step is not None and on_step(step, total, last_loss):
+            raise _canceled(step, total)
+    seconds = time.perf_counter() - started
+    transformer.requires_grad_(False)
+    metrics = {
+        "first_loss": first_loss,
+        "final_loss": last_loss,
+        "steps": total,
+        "step_seconds": seconds / total,
+    }
+    return config, metrics
+
+
+def train_flux_lora(
+    *,
+    pipeline_source: str,
+    cache_dir: Path,
+    photos: Sequence[tuple[bytes, str]],
+    recipe: Recipe,
+    out_path: Path,
+    on_step: StepCallback | None = None,
+    device: str = "auto",
+    num_threads: int | None = None,
+    seed: int | None = None,
+    extra_metadata: Mapping[str, str] | None = None,
+    evaluate: bool = True,
+    gradient_checkpointing: bool | None = None,
+    photo_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Train a LoRA on ``photos`` ((image bytes, caption) pairs) and save it to ``out_path``.
+
+    ``seed`` defaults to ``recipe.seed``. ``on_step`` is called with step 0 once the model is
+    loaded and after every optimizer step; returning True stops training with
+    ``TrainingCanceledError`` (nothing is written then). ``gradient_checkpointing`` defaults to on
+    for a real model on a GPU. ``photo_names`` only name photos in error messages.
+
+    Returns metrics: first/final training loss, steps, seconds (whole run), step_seconds (mean
+    optimizer step), device, resolution, seed and, with ``evaluate``, eval_loss_before and
+    eval_loss_after (:func:`evaluate_loss` on the training photos with fixed noise).
+    """
+    if not photos:
+        raise TrainingFailedError(
+            "no photos to train on", user_message="There are no photos to train on; upload some."
+        )
+    if recipe.steps < 1 or recipe.lora_rank < 1 or recipe.batch_size < 1:
+        raise TrainingFailedError(
+            f"invalid recipe {recipe.name}: {recipe.as_dict()}",
+            user_message="The training settings are invalid; contact the operator.",
+        )
+    started = time.perf_counter()
+    import torch
+
+    run_seed = recipe.seed if seed is None else seed
+    resolved = resolve_device(device)
+    dtype = default_dtype(resolved)
+    if gradient_checkpointing is None:
+        gradient_checkpointing = resolved.startswith("cuda") and pipeline_source != TINY
+    with torch_threads(num_threads if resolved == "cpu" else None):
+        try:
+            pipe = load_pipeline(pipeline_source, cache_dir=cache_dir, device=resolved, dtype=dtype)
+            resolution = effective_resolution(pipe, recipe.resolution)
+            examples = prepare_examples(pipe, photos, resolution=resolution, names=photo_names)
+            transformer = pipe.transformer
+            # Only the transformer is needed from here on: drop the encoders and the VAE (on a
+            # real FLUX.1, T5-XXL alone takes ~9 GB of GPU memory).
+            del pipe
+            gc.collect()
+            if resolved.startswith("cuda"):
+                torch.cuda.empty_cache()
+            eval_before = evaluate_loss(transformer, examples, seed=run_seed) if evaluate else None
+            config, fit_metrics = fit_lora(
+                transformer,
+                examples,
+                recipe=recipe,
+                seed=run_seed,
+                on_step=on_step,
+                gradient_checkpointing=gradient_checkpointing,
+            )
+            eval_after = evaluate_loss(transformer, examples, seed=run_seed) if evaluate else None
+            metadata = {
+                "base_model": pipeline_source if pipeline_source == TINY else Path(pipeline_source).name,
+                "recipe": recipe.name,
+                "steps": str(recipe.steps),
+                "seed": str(run_seed),
+                "resolution": str(resolution),
+                **(extra_metadata or {}),
+            }
+            save_lora(transformer, config=config, out_path=out_path, extra_metadata=metadata)
+        except (TrainingCanceledError, TrainingFailedError):
+            raise
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise _map_runtime_error(exc) from exc
+        except OSError as exc:
+            raise TrainingFailedError(
+                f"cannot write the LoRA to {out_path}: {exc}",
+                user_message="The trained model could not be saved on this server; "
+                "contact the operator.",
+            ) from exc
+    metrics: dict[str, Any] = {
+        **fit_metrics,
+        "seconds": round(time.perf_counter() - started, 3),
+        "device": resolved,
+        "resolution": resolution,
+        "seed": run_seed,
+    }
+    if eval_before is not None and eval_after is not None:
+        metrics["eval_loss_before"] = eval_before
+        metrics["eval_loss_after"] = eval_after
+    logger.info("trained a LoRA on %d photos: %s", len(photos), metrics)
+    return metrics

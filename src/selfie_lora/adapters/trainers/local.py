@@ -1,0 +1,331 @@
+"""The local training backend: diffusers + peft on this machine (see ``flux_lora_train``).
+
+With ``isolation="process"`` the training loop runs in a spawned child process: a crash (or the
+kernel's OOM killer) takes down only the child, GPU memory is returned when it exits, and a cancel
+simply terminates it. The parent never imports torch. ``isolation="inline"`` runs the same loop in
+the calling thread (tests, and a worker that wants torch loaded once).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import pickle
+import queue
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from selfie_lora.domain.entities import Recipe, TrainingStatus
+from selfie_lora.errors import (
+    ConfigError,
+    TrainerError,
+    TrainerUnavailableError,
+    TrainingCanceledError,
+    TrainingFailedError,
+)
+from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "lora.safetensors"
+WEIGHTS_METHOD = "local:file"
+
+_CANCELED_MESSAGE = "The training was canceled."
+# What reading a message half-written by a child that was killed can raise.
+_BROKEN_PIPE_ERRORS = (EOFError, OSError, pickle.UnpicklingError)
+
+
+@dataclass(frozen=True)
+class _TrainRequest:
+    """Everything the training loop needs; picklable, so it can cross into a spawned child."""
+
+    pipeline_source: str
+    cache_dir: Path
+    photos: tuple[tuple[bytes, str], ...]
+    photo_names: tuple[str, ...]
+    recipe: Recipe
+    out_path: Path
+    device: str
+    num_threads: int | None
+    seed: int
+    extra_metadata: dict[str, str]
+
+
+def _run(request: _TrainRequest, on_step: Callable[[int, int, float], bool]) -> dict[str, Any]:
+    from selfie_lora.adapters.trainers.flux_lora_train import train_flux_lora
+
+    return train_flux_lora(
+        pipeline_source=request.pipeline_source,
+        cache_dir=request.cache_dir,
+        photos=request.photos,
+        photo_names=request.photo_names,
+        recipe=request.recipe,
+        out_path=request.out_path,
+        on_step=on_step,
+        device=request.device,
+        num_threads=request.num_threads,
+        seed=request.seed,
+        extra_metadata=request.extra_metadata,
+    )
+
+
+def _child_main(request: _TrainRequest, events: Any) -> None:
+    """Entry point of the spawned child: stream steps, then one "done" or "error" message."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    def on_step(step: int, total: int, loss: float) -> bool:
+        events.put(("step", step, total, loss))
+        return False  # the parent cancels by terminating this process
+
+    try:
+        metrics = _run(request, on_step)
+    except BaseException as exc:
+        user_message = exc.user_message if isinstance(exc, TrainerError) else None
+        events.put(("error", type(exc).__name__, str(exc), user_message, traceback.format_exc()))
+        raise SystemExit(1) from None
+    events.put(("done", metrics))
+
+
+_ERRORS: dict[str, type[TrainerError]] = {
+    "TrainingFailedError": TrainingFailedError,
+    "TrainingCanceledError": TrainingCanceledError,
+    "TrainerUnavailableError": TrainerUnavailableError,
+    "WeightsNotFoundError": TrainingFailedError,
+}
+
+
+def _config_error(exc: ConfigError) -> TrainerUnavailableError:
+    return TrainerUnavailableError(
+        f"local trainer misconfigured: {exc.message}",
+        user_message="The local trainer is not set up correctly on this server; "
+        "contact the operator.",
+    )
+
+
+class _Reporter:
+    """Forwards steps to the sink, at most every ``interval`` seconds (plus the first and last),
+    and asks the sink about cancellation at the same pace (each may cost a database round trip)."""
+
+    def __init__(self, sink: ProgressSink, *, interval: float) -> None:
+        self._sink = sink
+        self._interval = interval
+        self._last_report = -math.inf
+        self._last_step = -1
+        self._last_cancel_check = -math.inf
+
+    def step(self, step: int, total: int, loss: float) -> None:
+        now = time.monotonic()
+        if step <= self._last_step:
+            return  # never report backwards
+        due = now - self._last_report >= self._interval
+        if due or step in (0, total):
+            self._sink.progress(
+                status=TrainingStatus.PROCESSING,
+                step=step,
+                total=total,
+                loss=None if math.isnan(loss) else loss,
+            )
+            self._last_report = now
+            self._last_step = step
+
+    def cancel_requested(self, *, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now - self._last_cancel_check < self._interval:
+            return False
+        self._last_cancel_check = now
+        return self._sink.cancel_requested()
+
+
+class LocalTrainer:
+    """Trains a FLUX LoRA with diffusers + peft on this machine (``backend = "local"``).
+
+    ``base_model`` is ``"tiny"`` or a FLUX.1 diffusers folder; the tiny model is built under
+    ``cache_dir``. ``device`` "auto" picks CUDA when present. ``num_threads`` caps torch's CPU
+    threads. Progress and cancel checks go to the sink at most every ``progress_interval_s``.
+    """
+
+    backend = "local"
+
+    def __init__(
+        self,
+        *,
+        base_model: str,
+        cache_dir: Path,
+        isolation: Literal["process", "inline"] = "process",
+        device: str = "auto",
+        num_threads: int | None = None,
+        progress_interval_s: float = 0.5,
+        poll_interval_s: float = 0.1,
+    ) -> None:
+        if isolation not in ("process", "inline"):
+            raise ConfigError(f"isolation must be 'process' or 'inline', not {isolation!r}")
+        self.base_model = base_model
+        self.cache_dir = cache_dir
+        self.isolation = isolation
+        self.device = device
+        self.num_threads = num_threads
+        self.progress_interval_s = progress_interval_s
+        self.poll_interval_s = poll_interval_s
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        job.work_dir.mkdir(parents=True, exist_ok=True)
+        out_path = job.work_dir / WEIGHTS_FILE
+        request = _TrainRequest(
+            pipeline_source=self.base_model,
+            cache_dir=self.cache_dir,
+            photos=tuple((photo.data, photo.caption) for photo in job.photos),
+            photo_names=tuple(photo.name for photo in job.photos),
+            recipe=job.recipe,
+            out_path=out_path,
+            device=self.device,
+            num_threads=self.num_threads,
+            seed=job.recipe.seed,
+            extra_metadata={
+                "trainer_version": job.trainer_version,
+                "trigger_word": job.trigger_word,
+                "training_id": job.training_id,
+            },
+        )
+        sink.started(remote_id=None)
+        reporter = _Reporter(sink, interval=self.progress_interval_s)
+        logger.info(
+            "local training %s: %d photos, recipe %s, %s isolation",
+            job.training_id,
+            len(job.photos),
+            job.recipe.name,
+            self.isolation,
+        )
+        if self.isolation == "inline":
+            metrics = self._train_inline(request, reporter)
+        else:
+            metrics = self._train_in_child(request, reporter, job_id=job.training_id)
+        if not out_path.is_file():
+            raise TrainingFailedError(
+                f"training {job.training_id} ended without writing {out_path}",
+                user_message="Training finished but produced no model; try again.",
+            )
+        return TrainingResult(
+            weights_path=out_path,
+            weights_method=WEIGHTS_METHOD,
+            metrics={
+                key: metrics[key]
+                for key in (
+                    "first_loss",
+                    "final_loss",
+                    "steps",
+                    "seconds",
+                    "device",
+                    "step_seconds",
+                    "eval_loss_before",
+                    "eval_loss_after",
+                    "resolution",
+                )
+                if key in metrics
+            },
+        )
+
+    # ------------------------------------------------------------------ inline
+
+    def _train_inline(self, request: _TrainRequest, reporter: _Reporter) -> dict[str, Any]:
+        def on_step(step: int, total: int, loss: float) -> bool:
+            reporter.step(step, total, loss)
+            return reporter.cancel_requested(force=step == 0)
+
+        try:
+            return _run(request, on_step)
+        except ConfigError as exc:
+            raise _config_error(exc) from exc
+
+    # ------------------------------------------------------------------ child process
+
+    def _train_in_child(
+        self, request: _TrainRequest, reporter: _Reporter, *, job_id: str
+    ) -> dict[str, Any]:
+        # spawn, not fork: forking a process that may hold threads (and, in a worker, a loaded
+        # torch or CUDA context) is unsafe; the child starts clean and imports torch itself.
+        context = multiprocessing.get_context("spawn")
+        events: Any = context.Queue()
+        process = context.Process(
+            target=_child_main,
+            args=(request, events),
+            name=f"selfie-lora-train-{job_id}",
+            # Never outlive the worker; but a daemonic worker process may not have daemonic
+            # children, and there the finally clause below is what stops the child.
+            daemon=not multiprocessing.current_process().daemon,
+        )
+        process.start()
+        logger.info("training %s runs in child process %s", job_id, process.pid)
+        try:
+            while True:
+                message = self._next_message(events, process)
+                if message is not None:
+                    kind = message[0]
+                    if kind == "step":
+                        _, step, total, loss = message
+                        reporter.step(step, total, loss)
+                    elif kind == "done":
+                        done: dict[str, Any] = message[1]
+                        return done
+                    elif kind == "error":
+                        raise self._child_error(message)
+                elif not process.is_alive():
+                    process.join()
+                    raise TrainingFailedError(
+                        f"training process for {job_id} exited with code {process.exitcode} "
+                        "without a result",
+                        user_message="Training stopped unexpectedly on this server (it may have "
+                        "run out of memory); try again.",
+                    )
+                if reporter.cancel_requested():
+                    logger.info("training %s canceled: terminating child %s", job_id, process.pid)
+                    raise TrainingCanceledError(
+                        f"training {job_id} canceled", user_message=_CANCELED_MESSAGE
+                    )
+        finally:
+            self._stop(process)
+            events.close()
+
+    def _next_message(self, events: Any, process: Any) -> tuple[Any, ...] | None:
+        try:
+            message: tuple[Any, ...] = events.get(timeout=self.poll_interval_s)
+        except queue.Empty:
+            if process.is_alive():
+                return None
+            # The child is gone: whatever it sent is already in the pipe, give it a moment.
+            try:
+                message = events.get(timeout=1.0)
+            except queue.Empty:
+                return None
+            except _BROKEN_PIPE_ERRORS:
+                return None  # killed mid-message: reported as a crash by the caller
+        except _BROKEN_PIPE_ERRORS:
+            return None
+        return message
+
+    @staticmethod
+    def _child_error(message: tuple[Any, ...]) -> TrainerError:
+        _, name, text, user_message, child_traceback = message
+        logger.warning("training child failed: %s: %s\n%s", name, text, child_traceback)
+        if name == "ConfigError":
+            return _config_error(ConfigError(text))
+        error_class = _ERRORS.get(name, TrainingFailedError)
+        if user_message is None:
+            user_message = (
+                "Training failed on this server; try again, and if it fails again, "
+                "contact the operator."
+            )
+        return error_class(f"{name}: {text}", user_message=user_message)
+
+    @staticmethod
+    def _stop(process: Any) -> None:
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+        process.join(timeout=10)

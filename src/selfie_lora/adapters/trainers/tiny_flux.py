@@ -1,0 +1,346 @@
+"""The offline ``tiny`` FLUX pipeline, and loading a base pipeline for the local backend.
+
+``tiny`` is a FluxPipeline with FLUX.1-dev's architecture (double + single stream blocks, guidance
+embedding, 16-channel VAE latents packed 2x2, CLIP pooled + T5 sequence text conditioning) at a toy
+size and with random, seeded weights. It needs no hub access, runs on a CPU in milliseconds and is
+what the tests and the demo train on. It is built once from configs and saved under
+``cache_dir / "tiny-flux-v1"`` so later loads (also in other processes) are fast and identical.
+
+Torch and diffusers are imported inside the functions: importing them costs seconds, and the API
+and CLI import this package without needing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import threading
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from selfie_lora.errors import ConfigError, TrainerUnavailableError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+TINY = "tiny"
+# Bump the suffix whenever anything below changes the built weights, so stale caches are ignored.
+TINY_CACHE_NAME = "tiny-flux-v1"
+TINY_SEED = 20240801
+# The sequence lengths the tiny text encoders are built for. Keeping T5's short is what keeps a
+# tiny training step in the milliseconds (text tokens join the image tokens in every attention).
+TINY_CLIP_MAX_LENGTH = 77
+TINY_T5_MAX_LENGTH = 32
+TINY_RESOLUTION = 64
+
+_build_lock = threading.Lock()
+
+
+def _require_torch() -> None:
+    try:
+        import diffusers
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise TrainerUnavailableError(
+            f"the local backend needs torch, diffusers, peft and transformers: {exc}",
+            user_message="Local training is not installed on this server "
+            "(install selfie-lora[local]) or use the Replicate backend.",
+        ) from exc
+    # Their tqdm bars ("Loading pipeline components", "Writing model shards") would fill the
+    # worker's stderr on every load; progress is reported through the training row instead.
+    libraries: tuple[Any, ...] = (diffusers, transformers)
+    for library in libraries:
+        library.utils.logging.disable_progress_bar()
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def _byte_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2's table)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table: dict[int, str] = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def build_tiny_clip_tokenizer() -> Any:
+    """A byte-level BPE CLIPTokenizer with a generated vocabulary: every byte, alone and word-final.
+
+    A handful of merges for lowercase letter pairs are included so the BPE model is a real one (the
+    tokenizers library insists every merge part is in the vocabulary, which holds by construction).
+    """
+    import transformers
+
+    # The vendor classes are used as Any: their stubs (where present) are partial or untyped.
+    lib: Any = transformers
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _byte_alphabet():
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for pair in ("th", "er", "in", "an", "on", "or", "en", "at"):
+        left, right = pair[0], pair[1]
+        merges.append((left, right))
+        vocab.setdefault(left + right, len(vocab))
+        merges.append((left, right + "</w>"))
+        vocab.setdefault(left + right + "</w>", len(vocab))
+    return lib.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TINY_CLIP_MAX_LENGTH)
+
+
+def build_tiny_t5_tokenizer() -> Any:
+    """A Unigram T5 tokenizer over single characters (with and without the word-start marker)."""
+    import transformers
+
+    lib: Any = transformers
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    # Scores only rank the segmentations; word-initial pieces first keeps "▁x" as one token.
+    pieces.extend(("▁" + ch, -3.0) for ch in chars)
+    pieces.extend((ch, -4.0) for ch in chars)
+    return lib.T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=TINY_T5_MAX_LENGTH)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_tiny_pipeline(*, seed: int = TINY_SEED) -> Any:
+    """Build the tiny FluxPipeline in memory (float32, CPU), every component seeded.
+
+    The global torch RNG is forked, so building does not disturb the caller's random state.
+    """
+    _require_torch()
+    import diffusers
+    import torch
+    import transformers
+
+    # Vendor classes as Any: their stubs (where present) are partial or untyped.
+    dif: Any = diffusers
+    tra: Any = transformers
+
+    clip_tokenizer = build_tiny_clip_tokenizer()
+    t5_tokenizer = build_tiny_t5_tokenizer()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = dif.FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,  # 16 latent channels packed 2x2
+            num_layers=2,
+            num_single_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            guidance_embeds=True,  # like FLUX.1-dev, so the guidance path is exercised
+            axes_dims_rope=(4, 6, 6),  # must sum to attention_head_dim
+        )
+
+        torch.manual_seed(seed + 1)
+        # 4 blocks give FLUX's 8x downscale; FLUX's VAE has no quant convs and shifts its latents.
+        vae = dif.AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=4,
+            sample_size=TINY_RESOLUTION,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+
+        torch.manual_seed(seed + 2)
+        text_encoder = tra.CLIPTextModel(
+            tra.CLIPTextConfig(
+                vocab_size=len(clip_tokenizer),
+                hidden_size=32,  # = pooled_projection_dim
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=TINY_CLIP_MAX_LENGTH,
+                projection_dim=32,
+                bos_token_id=clip_tokenizer.bos_token_id,
+                eos_token_id=clip_tokenizer.eos_token_id,
+                pad_token_id=clip_tokenizer.pad_token_id,
+            )
+        )
+
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = tra.T5EncoderModel(
+            tra.T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=32,  # = joint_attention_dim
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+                relative_attention_max_distance=16,
+                feed_forward_proj="gated-gelu",
+                pad_token_id=t5_tokenizer.pad_token_id,
+                eos_token_id=t5_tokenizer.eos_token_id,
+                decoder_start_token_id=t5_tokenizer.pad_token_id,
+                is_encoder_decoder=False,
+            )
+        )
+
+    # FLUX.1-dev's scheduler settings (resolution-dependent shift).
+    scheduler = dif.FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    modules: tuple[Any, ...] = (transformer, vae, text_encoder, text_encoder_2)
+    for module in modules:
+        module.eval()
+    return dif.FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
+def tiny_pipeline_dir(cache_dir: Path) -> Path:
+    """Where the tiny pipeline lives, building and saving it first if it is not there yet.
+
+    Safe against concurrent builders (threads here, other worker processes): each builds into its
+    own temporary folder and renames it into place; the loser of the race drops its copy.
+    """
+    target = cache_dir / TINY_CACHE_NAME
+    if (target / "model_index.json").is_file():
+        return target
+    with _build_lock:
+        if (target / "model_index.json").is_file():
+            return target
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = cache_dir / f".{TINY_CACHE_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        logger.info("building the tiny FLUX pipeline into %s", target)
+        try:
+            pipe = build_tiny_pipeline()
+            pipe.save_pretrained(str(tmp))
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                # Another process finished first; its copy is identical (same seed, same configs).
+                if not (target / "model_index.json").is_file():
+                    raise
+        except OSError as exc:
+            raise ConfigError(f"cannot write the tiny pipeline cache under {cache_dir}: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` means CUDA when there is one, else the CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on GPUs (how FLUX is trained and run), fp32 on the CPU (bf16 matmuls are slow there)."""
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_pipeline(
+    source: str, *, cache_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None
+) -> Any:
+    """Load a FluxPipeline: ``"tiny"`` (built and cached on first use) or a FLUX.1 diffusers folder.
+
+    Only local files are read, never the hub. ``device`` must already be resolved (not ``auto``).
+    """
+    _require_torch()
+    import diffusers
+
+    pipeline_class: Any = diffusers.FluxPipeline
+    if source == TINY:
+        path = tiny_pipeline_dir(cache_dir)
+    else:
+        path = Path(source).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise ConfigError(
+                f"base model {source!r} is neither 'tiny' nor a diffusers FLUX.1 folder "
+                "(no model_index.json there)"
+            )
+    torch_dtype = dtype if dtype is not None else default_dtype(device)
+    try:
+        with warnings.catch_warnings():
+            # Loading a saved pipeline warns about things irrelevant here (e.g. the absent optional
+            # image encoder); real problems raise.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            pipe = pipeline_class.from_pretrained(
+                str(path), local_files_only=True, torch_dtype=torch_dtype
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"cannot load the FLUX pipeline from {path}: {exc}") from exc
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Use ``num_threads`` CPU threads inside the block (None: leave torch's setting alone).
+
+    With 2 cores and any other load, torch's default thread count made tiny steps 60-100x slower.
+    """
+    import torch
+
+    if num_threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def text_max_length(pipe: Any) -> int:
+    """The T5 sequence length to encode prompts with: the tokenizer's own limit, at most 512.
+
+    Training and generation must agree on it, so both ask here.
+    """
+    limit = getattr(pipe.tokenizer_2, "model_max_length", 512)
+    return int(min(512, limit))
+
+
+def default_resolution(source: str) -> int:
+    return TINY_RESOLUTION if source == TINY else 1024

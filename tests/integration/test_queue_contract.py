@@ -1,0 +1,76 @@
+"""The job queue on every broker it supports: huey on SQLite (default) and on Redis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from selfie_lora.adapters.queue.huey_queue import BackgroundWorker, HueyJobQueue
+from tests.support.backends import queue_url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HueyJobQueue]:
+    q = HueyJobQueue.from_url(queue_url(request.param, tmp_path))
+    q.huey.flush()
+    yield q
+    q.huey.flush()
+
+
+def wait_until(predicate: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+def test_messages_survive_until_a_worker_runs_them(queue: HueyJobQueue) -> None:
+    seen: list[str] = []
+    queue.set_training_handler(seen.append)
+    queue.enqueue_training("t1")
+    queue.enqueue_training("t2")
+    assert queue.pending() == 2  # durable: stored, nothing ran yet
+    worker = BackgroundWorker(queue, workers=1)
+    worker.start()
+    try:
+        wait_until(lambda: len(seen) == 2)
+    finally:
+        worker.stop()
+    assert sorted(seen) == ["t1", "t2"]
+    assert queue.pending() == 0
+
+
+def test_two_workers_never_run_one_training_at_once(queue: HueyJobQueue) -> None:
+    running = 0
+    peak = 0
+    runs: list[str] = []
+    lock = threading.Lock()
+
+    def handler(training_id: str) -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.3)
+        with lock:
+            running -= 1
+            runs.append(training_id)
+
+    queue.set_training_handler(handler)
+    queue.enqueue_training("same")
+    queue.enqueue_training("same")
+    worker = BackgroundWorker(queue, workers=2)
+    worker.start()
+    try:
+        wait_until(lambda: queue.pending() == 0)
+        time.sleep(0.5)
+    finally:
+        worker.stop()
+    assert peak == 1  # a duplicate that arrives while the first runs finds the lock taken
+    assert runs
+    assert set(runs) == {"same"}

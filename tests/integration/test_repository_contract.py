@@ -1,0 +1,205 @@
+"""One contract suite, run against every database the repository supports."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from selfie_lora.adapters.db.migrate import upgrade
+from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.domain.entities import (
+    Dataset,
+    Finding,
+    Model,
+    Recipe,
+    Training,
+    TrainingStatus,
+    User,
+    Version,
+)
+from selfie_lora.errors import ConflictError
+from tests.support.backends import database_url, fresh_engine
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+RECIPE = Recipe(name="local-tiny-v1", steps=10, lora_rank=4, learning_rate=1e-2, resolution=64)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRepository]:
+    engine = fresh_engine(database_url(request.param, tmp_path))
+    upgrade(engine)
+    yield SqlRepository(engine)
+    engine.dispose()
+
+
+def seed(repo: SqlRepository, name: str = "ann") -> tuple[User, Model, Dataset]:
+    user = User(id=f"u-{name}", name=name, api_key_hash=f"h-{name}", created_at=NOW)
+    repo.add_user(user)
+    model = Model(id=f"m-{name}", user_id=user.id, backend="local", trigger_word="zkr47v",
+                  destination=f"local/selfie-lora-{name}", trainer_version="local-tiny-v1",
+                  lora_scale=1.0, lora_scale_is_custom=False, active_version_id=None,
+                  created_at=NOW)
+    repo.add_model(model)
+    dataset = Dataset(id=f"d-{name}", user_id=user.id, images_total=2, images_accepted=2,
+                      photo_hashes=("a" * 64, "b" * 64),
+                      findings=(Finding("warn", "blur", "m", "a", photo="x.jpg"),),
+                      accepted=True, sha256="c" * 64, created_at=NOW)
+    repo.add_dataset(dataset)
+    return user, model, dataset
+
+
+def training(model: Model, dataset: Dataset, tid: str, *,
+             status: TrainingStatus = TrainingStatus.QUEUED, offset: int = 0) -> Training:
+    return Training(id=tid, model_id=model.id, dataset_id=dataset.id, backend="local",
+                    status=status, is_retraining=False, trigger_word=model.trigger_word,
+                    destination=model.destination, trainer_version=model.trainer_version,
+                    recipe=RECIPE, preserved={"k": "v"}, created_at=NOW + timedelta(seconds=offset))
+
+
+def test_migrations_create_every_table(repo: SqlRepository) -> None:
+    tables = set(inspect(repo.engine).get_table_names())
+    assert {"users", "models", "datasets", "trainings", "versions", "generations",
+            "events", "alembic_version"} <= tables
+    upgrade(repo.engine)  # running again is a no-op
+
+
+def test_round_trips(repo: SqlRepository) -> None:
+    user, model, dataset = seed(repo)
+    assert repo.get_user_by_name("ann") == user
+    assert repo.get_user_by_key_hash("h-ann") == user
+    assert repo.get_model_for_user(user.id) == model
+    assert repo.get_dataset(dataset.id) == dataset
+    assert repo.latest_accepted_dataset(user.id) == dataset
+    t = training(model, dataset, "t1")
+    repo.add_training(t)
+    assert repo.get_training("t1") == t
+    assert repo.get_user_by_name("nobody") is None
+
+
+def test_at_most_one_active_training_per_model_in_the_database(repo: SqlRepository) -> None:
+    _user, model, dataset = seed(repo)
+    repo.add_training(training(model, dataset, "t1"))
+    with pytest.raises(ConflictError):
+        repo.add_training(training(model, dataset, "t2", status=TrainingStatus.PROCESSING))
+    done = dataclasses.replace(repo.get_training("t1"), status=TrainingStatus.FAILED)  # type: ignore[arg-type]
+    repo.save_training(done)
+    repo.add_training(training(model, dataset, "t3", offset=1))  # slot free again
+    # Terminal trainings do not count, however many.
+    repo.save_training(dataclasses.replace(repo.get_training("t3"),  # type: ignore[arg-type]
+                                           status=TrainingStatus.SUCCEEDED))
+    repo.add_training(training(model, dataset, "t4", offset=2))
+    assert [t.id for t in repo.list_trainings(model.id)] == ["t4", "t3", "t1"]
+    assert [t.id for t in repo.active_trainings()] == ["t4"]
+
+
+def test_concurrent_inserts_leave_one_active_training(repo: SqlRepository) -> None:
+    _user, model, dataset = seed(repo)
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def insert(i: int) -> None:
+        barrier.wait()
+        try:
+            repo.add_training(training(model, dataset, f"c{i}"))
+            outcomes.append("ok")
+        except ConflictError:
+            outcomes.append("conflict")
+
+    threads = [threading.Thread(target=insert, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["conflict", "conflict", "conflict", "ok"]
+    assert len(repo.active_trainings()) == 1
+
+
+def test_one_model_per_user(repo: SqlRepository) -> None:
+    _user, model, _dataset = seed(repo)
+    with pytest.raises(ConflictError):
+        repo.add_model(dataclasses.replace(model, id="m-other", destination="local/other"))
+
+
+def test_atomic_rolls_back_everything(repo: SqlRepository) -> None:
+    _user, model, dataset = seed(repo)
+    repo.add_training(training(model, dataset, "t1"))
+    def both() -> None:
+        with repo.atomic() as tx:
+            tx.add_event(model_id=model.id, kind="x", data={})
+            tx.add_training(training(model, dataset, "t2"))
+
+    with pytest.raises(ConflictError):
+        both()
+    assert repo.list_events(model.id) == []
+    assert repo.get_training("t2") is None
+
+
+def test_targeted_model_updates_do_not_clobber_each_other(repo: SqlRepository) -> None:
+    _user, model, dataset = seed(repo)
+    stale = repo.get_model(model.id)
+    repo.set_model_lora_scale(model.id, 0.6, is_custom=True)
+    repo.add_training(training(model, dataset, "t1"))
+    repo.add_version(Version(id="v1", model_id=model.id, number=1, training_id="t1",
+                             trainer_version="local-tiny-v1", weights_key="weights/x",
+                             weights_sha256="d" * 64, weights_method="local:file",
+                             remote_version=None, version_mismatch=False, created_at=NOW))
+    assert stale is not None
+    repo.set_model_active_version(stale.id, "v1")
+    now = repo.get_model(model.id)
+    assert now is not None
+    assert (now.lora_scale, now.lora_scale_is_custom, now.active_version_id) == (0.6, True, "v1")
+    repo.set_model_trainer_version(model.id, "local-flux-v1")
+    now = repo.get_model(model.id)
+    assert now is not None
+    assert now.trainer_version == "local-flux-v1"
+    assert now.lora_scale == 0.6
+
+
+def test_save_training_never_clears_a_cancel_request(repo: SqlRepository) -> None:
+    _user, model, dataset = seed(repo)
+    repo.add_training(training(model, dataset, "t1"))
+    stale = repo.get_training("t1")
+    repo.request_cancel("t1")
+    assert stale is not None
+    repo.save_training(dataclasses.replace(stale, step=3))
+    now = repo.get_training("t1")
+    assert now is not None
+    assert now.cancel_requested is True
+    assert now.step == 3
+
+
+def test_versions_newest_first_and_numbers_unique(repo: SqlRepository) -> None:
+    _user, model, dataset = seed(repo)
+    for i in (1, 2):
+        repo.add_training(training(model, dataset, f"t{i}", status=TrainingStatus.SUCCEEDED,
+                                   offset=i))
+        repo.add_version(Version(id=f"v{i}", model_id=model.id, number=i, training_id=f"t{i}",
+                                 trainer_version="x", weights_key=f"weights/{i}",
+                                 weights_sha256="d" * 64, weights_method="m",
+                                 remote_version=None, version_mismatch=False, created_at=NOW))
+    assert [v.number for v in repo.list_versions(model.id)] == [2, 1]
+    repo.add_training(training(model, dataset, "t3", status=TrainingStatus.SUCCEEDED))
+    with pytest.raises(ConflictError):
+        repo.add_version(Version(id="v3", model_id=model.id, number=2, training_id="t3",
+                                 trainer_version="x", weights_key="weights/3",
+                                 weights_sha256="d" * 64, weights_method="m",
+                                 remote_version=None, version_mismatch=False, created_at=NOW))
+
+
+def test_remote_id_lookup_and_events(repo: SqlRepository) -> None:
+    _user, model, dataset = seed(repo)
+    t = dataclasses.replace(training(model, dataset, "t1"), remote_id="r-123")
+    repo.add_training(t)
+    found = repo.get_training_by_remote_id("r-123")
+    assert found is not None
+    assert found.id == "t1"
+    repo.add_event(model_id=model.id, kind="training_queued", data={"a": 1})
+    repo.add_event(model_id=model.id, kind="training_succeeded", data={"b": [1, 2]})
+    assert [e["kind"] for e in repo.list_events(model.id)] == ["training_queued",
+                                                               "training_succeeded"]
