@@ -1,0 +1,173 @@
+"""Replicate webhooks: Standard Webhooks signature checks and reading a training webhook body.
+
+Also home of the log parser shared by the poller and the webhook route (ai-toolkit's tqdm lines
+carry ``step/total``). This module needs only ``standardwebhooks``, not the ``replicate`` client,
+so the API process can verify webhooks without the optional dependency.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from standardwebhooks.webhooks import Webhook
+
+from selfie_lora.errors import AuthError, InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "TOLERANCE_SECONDS",
+    "LogProgress",
+    "parse_log_progress",
+    "parse_training_webhook",
+    "verify_webhook",
+]
+
+TOLERANCE_SECONDS = 5 * 60
+
+# A tqdm bar: "label:  40%|████      | 400/1000 [00:10<00:15, 39.5it/s, lr: 4e-04 loss: 0.32]".
+_BAR = re.compile(r"^(?P<label>[^|\r\n]*?)\s*\d{1,3}%\|[^|\r\n]*\|\s*(?P<step>\d+)/(?P<total>\d+)")
+# The same numbers without the bar, as some ai-toolkit versions print them.
+_BARE = re.compile(r"(?:^|\s)(?P<step>\d+)/(?P<total>\d+)\s*\[")
+_LOSS = re.compile(r"loss[:=]\s*(?P<loss>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
+
+
+# --------------------------------------------------------------------------- signatures
+
+
+def verify_webhook(*, secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None) -> None:
+    """Check a Standard Webhooks signature; raise :class:`AuthError` on any problem.
+
+    The timestamp is checked here against ``now`` (default: the wall clock) because
+    ``Webhook.verify`` reads the clock itself; the signature is computed with the package's
+    ``Webhook.sign`` and compared in constant time against every ``v1`` entry (key rotation sends
+    several). Every exception, including the ``ValueError``/``UnicodeDecodeError`` the package
+    raises on garbage, becomes a 401.
+    """
+    try:
+        lowered = {str(k).lower(): str(v) for k, v in headers.items()}
+        msg_id = lowered.get("webhook-id", "")
+        stamp = lowered.get("webhook-timestamp", "")
+        signatures = lowered.get("webhook-signature", "")
+        if not (msg_id and stamp and signatures):
+            raise AuthError("webhook signature headers are missing")
+        if not stamp.isdigit():
+            raise AuthError("webhook timestamp is not a number")
+        sent_at = int(stamp)
+        clock = time.time() if now is None else now
+        if abs(clock - sent_at) > TOLERANCE_SECONDS:
+            raise AuthError("webhook timestamp is more than 5 minutes off")
+        expected = Webhook(secret).sign(
+            msg_id=msg_id,
+            timestamp=datetime.fromtimestamp(sent_at, tz=UTC),
+            data=body.decode("utf-8"),
+        )
+        expected_sig = base64.b64decode(expected.split(",", 1)[1])
+        for entry in signatures.split():
+            version, _, sig = entry.partition(",")
+            if version != "v1":
+                continue
+            try:
+                given = base64.b64decode(sig, validate=True)
+            except ValueError:
+                continue  # one garbled entry must not hide a good one after it
+            if hmac.compare_digest(given, expected_sig):
+                return
+        raise AuthError("no webhook signature matches")
+    except AuthError:
+        raise
+    except Exception as exc:  # the package raises several types on malformed input
+        raise AuthError(f"webhook verification failed: {type(exc).__name__}") from exc
+
+
+# --------------------------------------------------------------------------- logs
+
+
+@dataclass(frozen=True)
+class LogProgress:
+    step: int
+    total: int
+    loss: float | None = None
+
+
+def parse_log_progress(
+    logs: str | None, *, expected_total: int | None = None, label: str | None = None
+) -> LogProgress | None:
+    """The last ``step/total`` of the training bar in ``logs``, with the last loss seen.
+
+    Logs also hold other bars (``Caching latents: 12/12``). With ``expected_total`` (the recipe's
+    steps) only bars over that total count; with ``label`` only bars whose label contains it;
+    otherwise bars whose label mentions ``train`` win over others.
+    """
+    if not logs:
+        return None
+    matches: list[tuple[bool, int, int]] = []
+    for line in re.split(r"[\r\n]+", logs):
+        m = _BAR.search(line)
+        if m is not None:
+            found_label = m.group("label")
+        else:
+            m = _BARE.search(line)
+            if m is None:
+                continue
+            found_label = line[: m.start()]
+        step, total = int(m.group("step")), int(m.group("total"))
+        if total <= 0 or step > total:
+            continue
+        if expected_total is not None and total != expected_total:
+            continue
+        if label is not None and label.lower() not in found_label.lower():
+            continue
+        matches.append(("train" in found_label.lower(), step, total))
+    if not matches:
+        return None
+    preferred = [m for m in matches if m[0]] or matches
+    _, step, total = preferred[-1]
+    losses = _LOSS.findall(logs)
+    loss = float(losses[-1]) if losses else None
+    return LogProgress(step=step, total=total, loss=loss)
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def parse_training_webhook(body: bytes) -> dict[str, Any]:
+    """Read a Replicate training webhook body (the training object).
+
+    Returns ``{"id", "status", "step", "total", "loss", "output", "error", "logs"}``; ``step``,
+    ``total`` and ``loss`` come from the logs and are None when they carry no progress bar.
+    Raises :class:`InvalidInputError` when the body is not a training object.
+    """
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInputError("webhook body is not JSON", code="bad_webhook") from exc
+    if not isinstance(data, dict):
+        raise InvalidInputError("webhook body is not a JSON object", code="bad_webhook")
+    remote_id, status = data.get("id"), data.get("status")
+    if not isinstance(remote_id, str) or not remote_id or not isinstance(status, str):
+        raise InvalidInputError("webhook body lacks id or status", code="bad_webhook")
+    if status not in {"starting", "processing", "succeeded", "failed", "canceled"}:
+        raise InvalidInputError(f"unknown training status {status!r}", code="bad_webhook")
+    logs = data.get("logs") if isinstance(data.get("logs"), str) else None
+    progress = parse_log_progress(logs)
+    error = data.get("error")
+    return {
+        "id": remote_id,
+        "status": status,
+        "step": progress.step if progress else None,
+        "total": progress.total if progress else None,
+        "loss": progress.loss if progress else None,
+        "output": data.get("output"),
+        "error": str(error) if error else None,
+        "logs": logs,
+    }

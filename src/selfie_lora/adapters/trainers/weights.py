@@ -1,0 +1,348 @@
+"""Finding a LoRA's weights in a trainer's output, whatever its shape.
+
+Replicate's trainers have answered with a dict (``{"version", "weights"}``), a bare URL, a list of
+URLs, URLs to a ``.tar``, a ``.zip`` or a direct ``.safetensors``, and the client wraps URLs in
+``FileOutput`` objects. :func:`find_weights_url` accepts all of these and reports *how* it found the
+weights (the contract asks for that method to be logged), and :func:`extract_safetensors` turns the
+downloaded bytes into one validated ``.safetensors`` file without ever writing archive members to
+disk under their own names.
+"""
+
+from __future__ import annotations
+
+import bz2
+import io
+import json
+import logging
+import lzma
+import posixpath
+import re
+import struct
+import tarfile
+import zipfile
+import zlib
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import IO
+from urllib.parse import urlsplit
+
+from selfie_lora.errors import WeightsNotFoundError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MAX_WEIGHTS_BYTES",
+    "extract_safetensors",
+    "find_weights_url",
+    "is_safetensors",
+]
+
+# A rank-128 FLUX LoRA is about 1.2 GB; anything far above is not a LoRA (or is a bomb).
+DEFAULT_MAX_WEIGHTS_BYTES = 2 * 1024**3
+# Walking limits: the output is JSON from a remote service, so bound the work it can cause.
+_MAX_DEPTH = 32
+_MAX_NODES = 10_000
+# A safetensors header is a JSON table of tensors; 100 MB would be millions of tensors.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
+_WEIGHT_KEY_HINTS = ("weights", "lora", "safetensors", "trained_model", "model")
+
+_USER_MESSAGE = (
+    "The training finished, but no LoRA file was found in its output. "
+    "Start the training again; if it keeps happening, contact support."
+)
+
+
+# --------------------------------------------------------------------------- finding the URL
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    url: str
+    path: str  # where in the output it was found, e.g. "output.weights[0]"
+    key: str  # the nearest dict key above it ("" at the root or in a top-level list)
+    order: int  # walk order, to break ties deterministically
+
+
+def _url_of(value: object) -> str | None:
+    """The URL a value stands for: a string, or a ``FileOutput``-like object with ``.url``."""
+    if isinstance(value, str):
+        text = value.strip()
+    else:
+        url = getattr(value, "url", None)
+        if not isinstance(url, str):
+            return None
+        text = url.strip()
+    if text.startswith(("https://", "http://", "data:")):
+        return text
+    return None
+
+
+def _kind(url: str) -> str | None:
+    """``"safetensors"``, ``"tar"``, ``"zip"`` or None, from the URL's path (query ignored)."""
+    if url.startswith("data:"):
+        media = url[5:].split(",", 1)[0].lower()
+        if "zip" in media:
+            return "zip"
+        if "tar" in media:
+            return "tar"
+        if "safetensors" in media:
+            return "safetensors"
+        return None
+    path = urlsplit(url).path.lower()
+    if path.endswith(".safetensors"):
+        return "safetensors"
+    if path.endswith(_TAR_SUFFIXES):
+        return "tar"
+    if path.endswith(".zip"):
+        return "zip"
+    return None
+
+
+_KIND_RANK = {"safetensors": 0, "tar": 1, "zip": 2}
+
+
+def _walk(output: object) -> list[_Candidate]:
+    """Every URL in ``output``, breadth first, with the path that leads to it."""
+    found: list[_Candidate] = []
+    queue: deque[tuple[object, str, str, int]] = deque([(output, "output", "", 0)])
+    seen = 0
+    while queue:
+        value, path, key, depth = queue.popleft()
+        seen += 1
+        if seen > _MAX_NODES:
+            logger.warning("trainer output too large to search fully; stopped after %d nodes", seen)
+            break
+        url = _url_of(value)
+        if url is not None:
+            found.append(_Candidate(url=url, path=path, key=key, order=len(found)))
+            continue
+        if depth >= _MAX_DEPTH:
+            continue
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                queue.append((v, f"{path}.{k}", str(k).lower(), depth + 1))
+        elif isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
+            for i, v in enumerate(value):
+                queue.append((v, f"{path}[{i}]", key, depth + 1))
+    return found
+
+
+def _is_weights_key(key: str) -> bool:
+    return any(hint in key for hint in _WEIGHT_KEY_HINTS)
+
+
+def find_weights_url(output: object) -> tuple[str, str]:
+    """Return ``(url, method)`` for the LoRA weights in a trainer's ``output``.
+
+    ``method`` names where the URL was found (``"output.weights"``, ``"output[1]"``, ...) and what
+    it points at, so the log says how the weights were found. Preference: a URL under a
+    ``weights``-like key; else a ``.safetensors``, then a tar, then a zip anywhere in the output
+    (ties go to a weights-like key, then to the first found); else, when the output is a lone URL,
+    that URL. Raises :class:`WeightsNotFoundError` when nothing fits.
+    """
+    candidates = _walk(output)
+    if not candidates:
+        raise WeightsNotFoundError(
+            f"no URL in the trainer output (type {type(output).__name__})",
+            user_message=_USER_MESSAGE,
+        )
+
+    typed = [(c, _kind(c.url)) for c in candidates]
+    known = [(c, k) for c, k in typed if k is not None]
+    if known:
+        best, kind = min(
+            known, key=lambda ck: (_KIND_RANK[ck[1]], not _is_weights_key(ck[0].key), ck[0].order)
+        )
+        return best.url, f"{best.path} ({kind})"
+
+    # No recognisable extension: trust an explicit "weights" key, or a lone URL (some trainers
+    # answer with a signed URL whose path ends in an opaque id).
+    keyed = [c for c in candidates if c.key == "weights"]
+    if keyed:
+        return keyed[0].url, f"{keyed[0].path} (unrecognised extension)"
+    if len(candidates) == 1 and candidates[0].key == "":
+        return candidates[0].url, f"{candidates[0].path} (unrecognised extension)"
+    raise WeightsNotFoundError(
+        f"none of the {len(candidates)} URLs in the trainer output looks like LoRA weights: "
+        + ", ".join(c.path for c in candidates[:10]),
+        user_message=_USER_MESSAGE,
+    )
+
+
+# --------------------------------------------------------------------------- extracting
+
+
+def is_safetensors(data: bytes) -> bool:
+    """True when ``data`` is a well-formed safetensors file (header and offsets checked)."""
+    try:
+        _check_safetensors(data)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_safetensors(data: bytes) -> int:
+    """Validate the header and return the number of tensors; ValueError when malformed."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len < 2 or header_len > _MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise ValueError("header length out of range")
+    raw = data[8 : 8 + header_len]
+    if not raw.lstrip().startswith(b"{"):
+        raise ValueError("header is not a JSON object")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    payload = len(data) - 8 - header_len
+    tensors = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise ValueError(f"tensor {name!r} lacks dtype, shape or data_offsets")
+        offsets = info["data_offsets"]
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= payload
+        ):
+            raise ValueError(f"tensor {name!r} has offsets outside the file")
+        tensors += 1
+    if tensors == 0:
+        raise ValueError("no tensors")
+    return tensors
+
+
+def _read_capped(stream: IO[bytes], *, limit: int, what: str) -> bytes:
+    """Read a member, counting decompressed bytes ourselves (headers can lie: CVE-2024-0450)."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        chunk = stream.read(1024 * 1024)
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limit:
+            raise WeightsNotFoundError(
+                f"{what} is larger than the {limit} byte cap", user_message=_USER_MESSAGE
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _suspicious(name: str) -> bool:
+    # Nothing is written under these names, but a traversal name in an output archive means the
+    # archive is not what the trainer writes; skipping it keeps the choice honest.
+    parts = name.replace("\\", "/").split("/")
+    return name.startswith(("/", "\\")) or ".." in parts or bool(re.match(r"^[A-Za-z]:", name))
+
+
+def _choose(names: Iterable[str]) -> tuple[str, str]:
+    """Pick one ``.safetensors`` member: ``lora.safetensors`` first, then one without a step
+    number (ai-toolkit's intermediate checkpoints are ``lora_000000500.safetensors``), else the
+    last in name order (the highest step)."""
+    pool = sorted(n for n in names if n.lower().endswith(".safetensors") and not _suspicious(n))
+    if not pool:
+        raise WeightsNotFoundError("no .safetensors member in the archive", user_message=_USER_MESSAGE)
+    exact = [n for n in pool if posixpath.basename(n).lower() == "lora.safetensors"]
+    if exact:
+        # the shallowest one: the trainer's final file rather than a copy in a sub-folder
+        return min(exact, key=lambda n: (n.count("/"), n)), "named lora.safetensors"
+    if len(pool) == 1:
+        return pool[0], "only .safetensors member"
+    plain = [n for n in pool if not re.search(r"\d", posixpath.basename(n))]
+    if len(plain) == 1:
+        return plain[0], "only .safetensors member without a step number"
+    return pool[-1], f"last of {len(pool)} .safetensors members"
+
+
+def _from_tar(data: bytes, *, limit: int) -> tuple[bytes, str]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+        # Regular files only: symlinks, hard links and devices are never followed.
+        members = {m.name: m for m in archive.getmembers() if m.isreg()}
+        name, why = _choose(members)
+        stream = archive.extractfile(members[name])
+        if stream is None:  # pragma: no cover - isreg() members always have a stream
+            raise WeightsNotFoundError(f"cannot read {name}", user_message=_USER_MESSAGE)
+        with stream:
+            return _read_capped(stream, limit=limit, what=name), f"tar member {name} ({why})"
+
+
+def _from_zip(data: bytes, *, limit: int) -> tuple[bytes, str]:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos = {i.filename: i for i in archive.infolist() if not i.is_dir()}
+        name, why = _choose(infos)
+        info = infos[name]
+        if info.flag_bits & 0x1:
+            raise WeightsNotFoundError(f"{name} is encrypted", user_message=_USER_MESSAGE)
+        with archive.open(info) as stream:
+            return _read_capped(stream, limit=limit, what=name), f"zip member {name} ({why})"
+
+
+def _decompress(data: bytes, *, limit: int) -> tuple[bytes, str] | None:
+    """Undo a single-file gzip/bz2/xz wrapper (e.g. ``lora.safetensors.gz``), capped: the
+    decompressors stop at ``limit + 1`` bytes, so a bomb costs no more than the cap."""
+    decompressor: zlib._Decompress | bz2.BZ2Decompressor | lzma.LZMADecompressor
+    if data.startswith(b"\x1f\x8b"):
+        decompressor, wrapper = zlib.decompressobj(wbits=31), "gzip"
+    elif data.startswith(b"BZh"):
+        decompressor, wrapper = bz2.BZ2Decompressor(), "bz2"
+    elif data.startswith(b"\xfd7zXZ\x00"):
+        decompressor, wrapper = lzma.LZMADecompressor(), "xz"
+    else:
+        return None
+    try:
+        out = decompressor.decompress(data, limit + 1)
+    except (zlib.error, OSError, lzma.LZMAError) as exc:
+        raise WeightsNotFoundError(f"bad {wrapper} data: {exc}", user_message=_USER_MESSAGE) from exc
+    if len(out) > limit:
+        raise WeightsNotFoundError(
+            f"{wrapper} content is larger than the {limit} byte cap", user_message=_USER_MESSAGE
+        )
+    return out, wrapper
+
+
+def extract_safetensors(
+    data: bytes, *, source_name: str, max_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES
+) -> tuple[bytes, str]:
+    """Return ``(safetensors_bytes, detail)`` from a tar (any compression), a zip, a compressed
+    single file or a direct ``.safetensors``. The format is read from the bytes, not from
+    ``source_name`` (which only appears in messages). The result is always validated.
+    """
+    try:
+        if is_safetensors(data):
+            return data, "direct safetensors"
+        if zipfile.is_zipfile(io.BytesIO(data)):
+            weights, detail = _from_zip(data, limit=max_bytes)
+        else:
+            try:
+                weights, detail = _from_tar(data, limit=max_bytes)
+            except tarfile.TarError:
+                unwrapped = _decompress(data, limit=max_bytes)
+                if unwrapped is None:
+                    raise WeightsNotFoundError(
+                        f"{source_name} is neither a safetensors file nor an archive",
+                        user_message=_USER_MESSAGE,
+                    ) from None
+                weights, wrapper = unwrapped
+                detail = f"{wrapper}-compressed safetensors"
+    except WeightsNotFoundError:
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile, lzma.LZMAError, ValueError) as exc:
+        raise WeightsNotFoundError(f"cannot read {source_name}: {exc}", user_message=_USER_MESSAGE) from exc
+    try:
+        _check_safetensors(weights)
+    except ValueError as exc:
+        raise WeightsNotFoundError(
+            f"{detail} in {source_name} is not a valid safetensors file: {exc}",
+            user_message=_USER_MESSAGE,
+        ) from exc
+    return weights, detail

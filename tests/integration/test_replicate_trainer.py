@@ -1,0 +1,532 @@
+"""ReplicateTrainer and ReplicateGenerator against the stand-in, over real HTTP."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from PIL import Image
+from replicate.client import Client
+
+from selfie_lora.adapters.generators.replicate import ReplicateGenerator
+from selfie_lora.adapters.trainers.replicate import (
+    MARKER_METADATA_KEY,
+    ReplicateTrainer,
+    build_training_zip,
+)
+from selfie_lora.adapters.trainers.weights import is_safetensors
+from selfie_lora.domain.entities import TrainingStatus
+from selfie_lora.errors import (
+    InvalidInputError,
+    TrainerError,
+    TrainerUnavailableError,
+    TrainingCanceledError,
+    TrainingFailedError,
+    WeightsNotFoundError,
+)
+from selfie_lora.services.ports import GenerationJob, TrainingJob
+from selfie_lora.testing.replicate_standin import OUTPUT_SHAPES, ReplicateStandIn
+from tests.conftest_replicate import REPLICATE_TRIGGER, RecordingSink
+
+TRAININGS_POST = "/v1/models/*/trainings"
+JobFactory = Callable[..., TrainingJob]
+TrainerFactory = Callable[..., ReplicateTrainer]
+
+
+def _only_training(standin: ReplicateStandIn) -> str:
+    assert len(standin.trainings) == 1, list(standin.trainings)
+    return next(iter(standin.trainings))
+
+
+# --------------------------------------------------------------------------- the happy path
+
+
+def test_first_training_creates_the_model_once_and_the_training(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    job = replicate_job_factory()
+    result = replicate_trainer.train(job, sink=replicate_sink)
+
+    assert [c["name"] for c in replicate_standin.model_creations] == ["lora-u1"]
+    creation = replicate_standin.model_creations[0]
+    assert creation["owner"] == "selfie-lora"
+    assert creation["visibility"] == "private"
+    remote_id = _only_training(replicate_standin)
+    record = replicate_standin.trainings[remote_id]
+    assert record.destination == job.destination
+    assert record.trainer_model == "ostris/flux-dev-lora-trainer"
+    assert record.trainer_version == job.trainer_version.split(":")[1]
+    assert record.input["trigger_word"] == REPLICATE_TRIGGER
+    assert record.input["autocaption"] is False
+    assert record.input["steps"] == job.recipe.steps
+    assert record.input["lora_rank"] == job.recipe.lora_rank
+    assert record.input["learning_rate"] == job.recipe.learning_rate
+    assert record.input["resolution"] == str(job.recipe.resolution)
+    assert replicate_sink.started_ids == [remote_id]
+
+    assert result.weights_path == job.work_dir / "lora.safetensors"
+    assert result.weights_path.read_bytes() == replicate_standin.weights_for(remote_id)
+    assert result.remote_version == record.result_version
+    assert result.remote_version is not None
+    assert result.remote_version.startswith(f"{job.destination}:")
+    assert result.version_mismatch is False
+    assert result.metrics["remote_id"] == remote_id
+    assert result.metrics["predict_time"] == pytest.approx(500.0)
+
+
+def test_three_trainings_share_one_model_destination_version_and_trigger_word(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_trainer_factory: TrainerFactory,
+    replicate_job_factory: JobFactory,
+) -> None:
+    results = [replicate_trainer.train(replicate_job_factory(), sink=RecordingSink()) for _ in range(2)]
+    # a fresh trainer (another worker process) must find the model, not create it again
+    results.append(replicate_trainer_factory().train(replicate_job_factory(), sink=RecordingSink()))
+
+    assert len(replicate_standin.model_creations) == 1
+    records = list(replicate_standin.trainings.values())
+    assert len(records) == 3
+    assert {r.destination for r in records} == {"selfie-lora/lora-u1"}
+    assert len({r.trainer_version for r in records}) == 1
+    assert {r.input["trigger_word"] for r in records} == {REPLICATE_TRIGGER}
+    for record in records:
+        assert record.captions
+        assert all(REPLICATE_TRIGGER in text for text in record.captions.values())
+    # every training added a version to the one destination
+    assert len(replicate_standin.versions["selfie-lora/lora-u1"]) == 3
+    assert len({r.remote_version for r in results}) == 3
+
+
+def test_input_zip_has_one_caption_per_photo_with_the_trigger_word(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    job = replicate_job_factory(photos=4)
+    replicate_trainer.train(job, sink=replicate_sink)
+
+    record = replicate_standin.trainings[_only_training(replicate_standin)]
+    assert record.input_files == [
+        "000.jpg",
+        "000.txt",
+        "001.jpg",
+        "001.txt",
+        "002.jpg",
+        "002.txt",
+        "003.jpg",
+        "003.txt",
+    ]
+    assert record.captions == {f"{i:03d}.txt": job.photos[i].caption for i in range(4)}
+    assert all(REPLICATE_TRIGGER in caption for caption in record.captions.values())
+
+
+def test_build_training_zip_stores_photos_under_generated_names(
+    replicate_job_factory: JobFactory,
+) -> None:
+    job = replicate_job_factory(photos=2)
+    with zipfile.ZipFile(io.BytesIO(build_training_zip(job.photos))) as archive:
+        assert archive.namelist() == ["000.jpg", "000.txt", "001.jpg", "001.txt"]
+        assert archive.read("001.jpg") == job.photos[1].data
+    with pytest.raises(TrainingFailedError):
+        build_training_zip(())
+
+
+@pytest.mark.parametrize("shape", [s for s in OUTPUT_SHAPES if s != "wrong_version"])
+def test_every_output_shape_yields_the_same_weights(
+    shape: str,
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    replicate_standin.output_shape = shape  # type: ignore[assignment]
+    caplog.set_level("INFO", logger="selfie_lora.adapters.trainers.replicate")
+
+    result = replicate_trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    remote_id = _only_training(replicate_standin)
+    weights = result.weights_path.read_bytes()
+    assert weights == replicate_standin.weights_for(remote_id)
+    assert is_safetensors(weights)
+    assert result.weights_method.startswith("replicate output")
+    assert result.weights_method in caplog.text
+    # shapes without a version fall back to the destination's newest version
+    assert result.remote_version == replicate_standin.trainings[remote_id].result_version
+    assert result.version_mismatch is False
+
+
+def test_output_methods_name_where_the_weights_were(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+) -> None:
+    methods = {}
+    for shape in ("dict", "safetensors", "tar_in_list", "list"):
+        replicate_standin.output_shape = shape
+        methods[shape] = replicate_trainer.train(replicate_job_factory(), sink=RecordingSink()).weights_method
+    assert "output.weights (tar)" in methods["dict"]
+    assert "lora.safetensors" in methods["dict"]
+    assert "direct safetensors" in methods["safetensors"]
+    assert "output.weights[0] (tar)" in methods["tar_in_list"]
+    assert "output[1] (tar)" in methods["list"]
+
+
+def test_a_version_of_another_model_is_flagged(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    replicate_standin.output_shape = "wrong_version"
+
+    result = replicate_trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    assert result.version_mismatch is True
+    assert result.remote_version is not None
+    assert result.remote_version.startswith("someone-else/other-model:")
+    assert any(
+        r.levelname == "WARNING" and "does not belong to destination" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_progress_rises_to_the_total(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+    replicate_sleeps: list[float],
+) -> None:
+    replicate_standin.processing_polls = 4
+    job = replicate_job_factory()
+
+    replicate_trainer.train(job, sink=replicate_sink)
+
+    steps = [step for _, step, _, _ in replicate_sink.updates]
+    totals = {total for _, _, total, _ in replicate_sink.updates}
+    statuses = [status for status, _, _, _ in replicate_sink.updates]
+    assert totals == {job.recipe.steps}
+    assert steps == sorted(steps)
+    assert len(set(steps)) >= 4
+    assert steps[-1] == job.recipe.steps
+    assert statuses[0] is TrainingStatus.STARTING
+    assert TrainingStatus.PROCESSING in statuses
+    assert TrainingStatus.SUCCEEDED not in statuses  # the caller decides success
+    assert any(loss is not None for _, _, _, loss in replicate_sink.updates)
+    assert replicate_sleeps
+    assert set(replicate_sleeps) == {2.0}  # the poll interval
+
+
+def test_webhook_carries_the_training_id(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    job = replicate_job_factory(webhook_url="https://app.example/api/webhooks/replicate?x=1")
+    replicate_trainer.train(job, sink=replicate_sink)
+
+    record = replicate_standin.trainings[_only_training(replicate_standin)]
+    assert record.webhook is not None
+    query = parse_qs(urlsplit(record.webhook).query)
+    assert query == {"x": ["1"], "training_id": [job.training_id]}
+    assert record.webhook_events_filter == ["start", "completed"]
+
+
+# --------------------------------------------------------------------------- retries
+
+
+def test_429_then_success_honours_retry_after(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+    replicate_sleeps: list[float],
+) -> None:
+    replicate_standin.fail_next("POST", TRAININGS_POST, status=429, retry_after=7)
+    replicate_standin.fail_next("GET", "/v1/trainings/", status=429, retry_after=3)
+
+    result = replicate_trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    assert result.weights_path.exists()
+    assert len(replicate_standin.trainings) == 1
+    assert replicate_standin.count("POST", TRAININGS_POST) == 2
+    assert 7.0 in replicate_sleeps
+    assert 3.0 in replicate_sleeps
+
+
+def test_500_on_create_is_retried_into_exactly_one_training(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+    replicate_sleeps: list[float],
+) -> None:
+    replicate_standin.fail_next("POST", TRAININGS_POST, status=500, times=2)
+
+    replicate_trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    assert len(replicate_standin.trainings) == 1
+    assert replicate_standin.count("POST", TRAININGS_POST) == 3
+    # exponential backoff: 1 s, then 2 s (before the polls' 2 s interval)
+    assert replicate_sleeps[:2] == [1.0, 2.0]
+    assert len(replicate_sink.started_ids) == 1
+
+
+def test_a_create_whose_answer_was_lost_is_adopted_not_repeated(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer_factory: TrainerFactory,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    # The server creates the training, then answers after the client gave up.
+    replicate_standin.slow_next("POST", TRAININGS_POST, delay=1.5)
+    trainer = replicate_trainer_factory(timeout=0.4)
+
+    result = trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    remote_id = _only_training(replicate_standin)
+    assert replicate_standin.count("POST", TRAININGS_POST) == 1
+    assert replicate_sink.started_ids == [remote_id]
+    assert result.weights_path.read_bytes() == replicate_standin.weights_for(remote_id)
+
+
+def test_a_training_created_by_a_crashed_worker_is_adopted(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    job = replicate_job_factory()
+    replicate_standin.add_model(job.destination)
+    # What a worker did before dying without recording the remote id:
+    client = Client(api_token=replicate_standin.token, base_url=replicate_standin.base_url)
+    uploaded = client.files.create(
+        io.BytesIO(build_training_zip(job.photos)),
+        filename="photos.zip",
+        metadata={MARKER_METADATA_KEY: job.training_id},
+    )
+    other = client.files.create(io.BytesIO(build_training_zip(job.photos)), filename="other.zip")
+    for url in (other.urls["get"], uploaded.urls["get"]):
+        client.trainings.create(
+            version=job.trainer_version,
+            input={"input_images": url, "trigger_word": job.trigger_word},
+            destination=job.destination,
+        )
+    client._client.close()  # the client keeps a pool; close it to free its sockets
+    ours = [
+        t.id for t in replicate_standin.trainings.values() if t.input["input_images"] == uploaded.urls["get"]
+    ]
+
+    replicate_trainer.train(job, sink=replicate_sink)
+
+    assert len(replicate_standin.trainings) == 2
+    assert replicate_sink.started_ids == ours
+
+
+def test_resuming_by_remote_id_creates_nothing(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+) -> None:
+    first = replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
+    remote_id = _only_training(replicate_standin)
+
+    sink = RecordingSink()
+    again = replicate_trainer.train(replicate_job_factory(remote_id=remote_id), sink=sink)
+
+    assert len(replicate_standin.trainings) == 1
+    assert sink.started_ids == []
+    assert again.weights_path.read_bytes() == first.weights_path.read_bytes()
+
+
+def test_exhausted_retries_raise_unavailable_without_a_training(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer_factory: TrainerFactory,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+    replicate_sleeps: list[float],
+) -> None:
+    replicate_standin.fail_next("POST", TRAININGS_POST, status=503, times=10)
+    trainer = replicate_trainer_factory(max_retries=2)
+
+    with pytest.raises(TrainerUnavailableError) as caught:
+        trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    assert "try again in a few minutes" in caught.value.user_message
+    assert replicate_standin.trainings == {}
+    assert replicate_standin.count("POST", TRAININGS_POST) == 3
+    assert replicate_sink.started_ids == []
+
+
+def test_an_unreachable_server_raises_unavailable(
+    replicate_trainer_factory: TrainerFactory,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    trainer = replicate_trainer_factory(base_url="http://127.0.0.1:9", max_retries=1)
+    with pytest.raises(TrainerUnavailableError):
+        trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+
+def test_a_rejected_token_says_what_to_fix(
+    replicate_trainer_factory: TrainerFactory,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    trainer = replicate_trainer_factory(api_token="r8_wrong")
+    with pytest.raises(TrainerUnavailableError) as caught:
+        trainer.train(replicate_job_factory(), sink=replicate_sink)
+    assert "REPLICATE_API_TOKEN" in caught.value.user_message
+
+
+def test_a_malformed_trainer_version_fails_before_any_call(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    with pytest.raises(TrainingFailedError) as caught:
+        replicate_trainer.train(
+            replicate_job_factory(trainer_version="ostris/flux-dev-lora-trainer"), sink=replicate_sink
+        )
+    assert "SELFIE_LORA_TRAINER_VERSION" in caught.value.user_message
+    assert replicate_standin.requests == []
+
+
+# --------------------------------------------------------------------------- endings
+
+
+def test_a_failed_training_raises_with_an_actionable_message(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    replicate_standin.training_outcome = "failed"
+
+    with pytest.raises(TrainingFailedError) as caught:
+        replicate_trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    message = caught.value.user_message
+    assert message.startswith("The training failed on Replicate: ")
+    assert "CUDA out of memory" in message
+    assert "Traceback" not in message
+    assert message.endswith("Check your photos and try again.")
+
+
+def test_a_training_canceled_on_replicate_raises_canceled(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    replicate_standin.training_outcome = "canceled"
+
+    with pytest.raises(TrainingCanceledError) as caught:
+        replicate_trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    assert "canceled on Replicate" in caught.value.user_message
+
+
+def test_a_cancel_requested_through_the_sink_cancels_remotely(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+) -> None:
+    sink = RecordingSink(cancel_after=2)
+
+    with pytest.raises(TrainingCanceledError) as caught:
+        replicate_trainer.train(replicate_job_factory(), sink=sink)
+
+    record = replicate_standin.trainings[_only_training(replicate_standin)]
+    assert record.cancel_requests == 1
+    assert record.status == "canceled"
+    assert caught.value.user_message == "The training was canceled."
+    assert record.weights is None
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def test_generator_returns_pngs_and_sends_the_lora_scale(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_generator: ReplicateGenerator,
+    replicate_job_factory: JobFactory,
+) -> None:
+    trained = replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
+    job = GenerationJob(
+        prompt=f"a portrait of {REPLICATE_TRIGGER} on a beach",
+        num_outputs=2,
+        seed=42,
+        lora_scale=0.7,
+        trainer_version="ostris/flux-dev-lora-trainer:x",
+        remote_version=trained.remote_version,
+    )
+
+    images = replicate_generator.generate(job)
+
+    assert len(images) == 2
+    for data in images:
+        with Image.open(io.BytesIO(data)) as image:
+            assert image.format == "PNG"
+            image.load()
+    assert images[0] != images[1]
+    (prediction,) = replicate_standin.predictions.values()
+    assert prediction.input["lora_scale"] == 0.7
+    assert prediction.input["seed"] == 42
+    assert prediction.input["num_outputs"] == 2
+    assert prediction.input["output_format"] == "png"
+    assert prediction.input["prompt"] == job.prompt
+    assert trained.remote_version == f"{prediction.model}:{prediction.version_id}"
+
+
+def test_generator_retries_and_maps_a_failed_prediction(
+    replicate_standin: ReplicateStandIn,
+    replicate_generator: ReplicateGenerator,
+    replicate_sleeps: list[float],
+) -> None:
+    version = replicate_standin.create_model_version("selfie-lora/lora-g")
+    job = GenerationJob(
+        prompt="x", num_outputs=1, seed=None, lora_scale=1.0, trainer_version="t", remote_version=version
+    )
+    replicate_standin.fail_next("POST", "/v1/predictions", status=503, retry_after=4)
+    assert len(replicate_generator.generate(job)) == 1
+    assert 4.0 in replicate_sleeps
+    assert "seed" not in next(iter(replicate_standin.predictions.values())).input
+
+    replicate_standin.prediction_outcome = "failed"
+    with pytest.raises(TrainerError) as caught:
+        replicate_generator.generate(job)
+    assert "NSFW" in caught.value.user_message
+
+
+def test_generator_needs_a_remote_version(replicate_generator: ReplicateGenerator) -> None:
+    job = GenerationJob(prompt="x", num_outputs=1, seed=None, lora_scale=1.0, trainer_version="t")
+    with pytest.raises(InvalidInputError):
+        replicate_generator.generate(job)
+
+
+def test_weights_downloads_are_retried_and_an_expired_output_is_reported(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+) -> None:
+    replicate_standin.fail_next("GET", "/files/trainings/", status=503)
+    assert replicate_trainer.train(replicate_job_factory(), sink=RecordingSink()).weights_path.exists()
+
+    replicate_standin.fail_next("GET", "/files/trainings/", status=404)
+    with pytest.raises(WeightsNotFoundError) as caught:
+        replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
+    assert "could no longer be downloaded" in caught.value.user_message

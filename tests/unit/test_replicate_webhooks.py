@@ -1,0 +1,125 @@
+"""Standard Webhooks verification and reading Replicate training webhooks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+
+from selfie_lora.adapters.trainers.replicate_webhooks import (
+    parse_log_progress,
+    parse_training_webhook,
+    verify_webhook,
+)
+from selfie_lora.errors import AuthError, InvalidInputError
+from selfie_lora.testing.replicate_standin import sign_webhook
+
+SECRET = "whsec_" + base64.b64encode(b"a-secret-of-32-bytes-for-tests!!").decode()
+OTHER = "whsec_" + base64.b64encode(b"another-secret-of-32-bytes-here!").decode()
+BODY = json.dumps({"id": "abc", "status": "succeeded"}).encode()
+
+
+def test_a_good_signature_passes() -> None:
+    verify_webhook(secret=SECRET, headers=sign_webhook(secret=SECRET, body=BODY), body=BODY)
+
+
+def test_header_names_are_case_insensitive() -> None:
+    headers = {k.upper(): v for k, v in sign_webhook(secret=SECRET, body=BODY).items()}
+    verify_webhook(secret=SECRET, headers=headers, body=BODY)
+
+
+def test_a_rotated_key_header_with_two_v1_entries_passes() -> None:
+    old = sign_webhook(secret=OTHER, body=BODY, msg_id="msg_1", timestamp=int(time.time()))
+    new = sign_webhook(secret=SECRET, body=BODY, msg_id="msg_1", timestamp=int(old["webhook-timestamp"]))
+    headers = {**new, "webhook-signature": f"{old['webhook-signature']} {new['webhook-signature']}"}
+    verify_webhook(secret=SECRET, headers=headers, body=BODY)
+    verify_webhook(secret=OTHER, headers=headers, body=BODY)
+
+
+def test_now_is_honoured() -> None:
+    stamp = 1_700_000_000
+    headers = sign_webhook(secret=SECRET, body=BODY, timestamp=stamp)
+    verify_webhook(secret=SECRET, headers=headers, body=BODY, now=stamp + 299)
+    with pytest.raises(AuthError):
+        verify_webhook(secret=SECRET, headers=headers, body=BODY, now=stamp + 301)
+
+
+def _bad_cases() -> dict[str, tuple[str, dict[str, str], bytes]]:
+    good = sign_webhook(secret=SECRET, body=BODY)
+    old = sign_webhook(secret=SECRET, body=BODY, timestamp=int(time.time()) - 600)
+    future = sign_webhook(secret=SECRET, body=BODY, timestamp=int(time.time()) + 600)
+    return {
+        "wrong secret": (OTHER, good, BODY),
+        "tampered body": (SECRET, good, BODY.replace(b"succeeded", b"failed")),
+        "old timestamp": (SECRET, old, BODY),
+        "future timestamp": (SECRET, future, BODY),
+        "no headers": (SECRET, {}, BODY),
+        "missing signature": (SECRET, {k: v for k, v in good.items() if k != "webhook-signature"}, BODY),
+        "garbage signature": (SECRET, {**good, "webhook-signature": "v1,!!!not base64"}, BODY),
+        "no comma": (SECRET, {**good, "webhook-signature": "garbage"}, BODY),
+        "other version": (
+            SECRET,
+            {**good, "webhook-signature": good["webhook-signature"].replace("v1,", "v2,")},
+            BODY,
+        ),
+        "garbage timestamp": (SECRET, {**good, "webhook-timestamp": "yesterday"}, BODY),
+        "changed id": (SECRET, {**good, "webhook-id": "msg_other"}, BODY),
+        "binary body": (SECRET, good, b"\xff\xfe\x00"),
+        "garbage secret": ("whsec_%%%", good, BODY),
+        "empty secret": ("", good, BODY),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_cases()))
+def test_bad_webhooks_raise_auth_error(case: str) -> None:
+    secret, headers, body = _bad_cases()[case]
+    with pytest.raises(AuthError):
+        verify_webhook(secret=secret, headers=headers, body=body)
+
+
+LOGS = (
+    "Extracting 12 images\n"
+    "Caching latents to disk: 100%|██████████| 12/12 [00:01<00:00,  9.50it/s]\n"
+    "flux_train_replicate:   0%|          | 0/1000 [00:00<?, ?it/s]\r"
+    "flux_train_replicate:  40%|████      | 400/1000 [02:10<03:15,  3.1it/s, lr: 4.0e-04 loss: 3.2e-01]\n"
+)
+
+
+def test_progress_comes_from_the_training_bar() -> None:
+    progress = parse_log_progress(LOGS)
+    assert progress is not None
+    assert (progress.step, progress.total) == (400, 1000)
+    assert progress.loss == pytest.approx(0.32)
+    assert parse_log_progress(LOGS, expected_total=1000) == progress
+    assert parse_log_progress(LOGS, expected_total=500) is None
+    assert parse_log_progress("Caching latents: 100%|██| 12/12 [00:01<00:00]", label="train") is None
+    assert parse_log_progress("") is None
+    assert parse_log_progress(None) is None
+    assert parse_log_progress("copied 3/4 files") is None
+
+
+def test_parse_training_webhook() -> None:
+    body = json.dumps(
+        {"id": "r8id", "status": "processing", "logs": LOGS, "output": None, "error": None}
+    ).encode()
+    parsed = parse_training_webhook(body)
+    assert parsed["id"] == "r8id"
+    assert parsed["status"] == "processing"
+    assert (parsed["step"], parsed["total"]) == (400, 1000)
+    assert parsed["output"] is None
+    done = parse_training_webhook(
+        json.dumps({"id": "r8id", "status": "succeeded", "output": {"weights": "u"}}).encode()
+    )
+    assert done["output"] == {"weights": "u"}
+    assert done["step"] is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"[]", b"{}", b'{"id": "x"}', b'{"id": "x", "status": "exploded"}', b"\xff"],
+)
+def test_bad_webhook_bodies_are_invalid_input(body: bytes) -> None:
+    with pytest.raises(InvalidInputError):
+        parse_training_webhook(body)

@@ -1,0 +1,247 @@
+"""Finding and extracting LoRA weights from every output shape a trainer may use."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+import lzma
+import struct
+import tarfile
+import zipfile
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import save
+
+from selfie_lora.adapters.trainers.weights import (
+    extract_safetensors,
+    find_weights_url,
+    is_safetensors,
+)
+from selfie_lora.errors import WeightsNotFoundError
+
+TAR = "https://replicate.delivery/xezq/abc/trained_model.tar"
+ST = "https://replicate.delivery/xezq/abc/lora.safetensors?sig=1"
+PNG = "https://replicate.delivery/xezq/abc/sample.png"
+LOG = "https://replicate.delivery/xezq/abc/log.txt"
+LORA = save(
+    {"transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((2, 4), np.float32)},
+    metadata={"format": "pt"},
+)
+
+
+class FileOutputLike:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+# --------------------------------------------------------------------------- find_weights_url
+
+
+@pytest.mark.parametrize(
+    ("output", "url", "method"),
+    [
+        ({"version": "o/n:" + "a" * 64, "weights": TAR}, TAR, "output.weights (tar)"),
+        (TAR, TAR, "output (tar)"),
+        ([LOG, TAR, PNG], TAR, "output[1] (tar)"),
+        ([TAR, ST], ST, "output[1] (safetensors)"),
+        ({"weights": [TAR]}, TAR, "output.weights[0] (tar)"),
+        ({"weights": ST}, ST, "output.weights (safetensors)"),
+        (
+            {"files": {"lora": "https://x.test/lora.zip"}},
+            "https://x.test/lora.zip",
+            "output.files.lora (zip)",
+        ),
+        (
+            {"weights": "https://x.test/opaque-id"},
+            "https://x.test/opaque-id",
+            "output.weights (unrecognised extension)",
+        ),
+        ("https://x.test/opaque-id", "https://x.test/opaque-id", "output (unrecognised extension)"),
+        (FileOutputLike(TAR), TAR, "output (tar)"),
+        ({"weights": FileOutputLike(ST)}, ST, "output.weights (safetensors)"),
+        ({"weights": "https://x.test/t.tar.gz"}, "https://x.test/t.tar.gz", "output.weights (tar)"),
+    ],
+)
+def test_finds_weights_in_known_shapes(output: object, url: str, method: str) -> None:
+    assert find_weights_url(output) == (url, method)
+
+
+def test_a_weights_key_wins_a_tie() -> None:
+    output = {"backup": "https://x.test/a.tar", "weights": "https://x.test/b.tar"}
+    assert find_weights_url(output)[0] == "https://x.test/b.tar"
+
+
+@pytest.mark.parametrize(
+    "output",
+    [None, {}, [], "not a url", {"version": "o/n:abc"}, [PNG, LOG], {"images": [PNG]}, 42],
+)
+def test_no_weights_raises(output: object) -> None:
+    with pytest.raises(WeightsNotFoundError) as caught:
+        find_weights_url(output)
+    assert "no LoRA file" in caught.value.user_message
+
+
+_NOISE_URLS = st.sampled_from([PNG, LOG, "https://x.test/config.yaml", "https://x.test/a.json"])
+_SCALARS = st.one_of(st.none(), st.integers(), st.text(max_size=8), st.booleans(), _NOISE_URLS)
+_KEYS = st.text(alphabet="abcdefgh_", min_size=1, max_size=6)
+
+
+def _nest(weights: object) -> st.SearchStrategy[object]:
+    """A random tree of dicts and lists with ``weights`` at one random leaf."""
+
+    def wrap(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
+        as_dict = st.tuples(inner, _KEYS, st.dictionaries(_KEYS, _SCALARS, max_size=3)).map(
+            lambda t: {**t[2], t[1]: t[0]}
+        )
+        as_list = st.tuples(inner, st.lists(_SCALARS, max_size=3), st.integers(0, 3)).map(
+            lambda t: [*t[1][: t[2]], t[0], *t[1][t[2] :]]
+        )
+        return st.one_of(as_dict, as_list)
+
+    return st.recursive(st.just(weights), wrap, max_leaves=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    url=st.sampled_from([TAR, ST, "https://x.test/w.tar.xz", "https://x.test/w.zip"]),
+    wrapped=st.booleans(),
+)
+def test_weights_nested_anywhere_are_found(data: st.DataObject, url: str, wrapped: bool) -> None:
+    leaf: object = FileOutputLike(url) if wrapped else url
+    output = data.draw(_nest(leaf))
+    found, method = find_weights_url(output)
+    assert found == url
+    assert method.startswith("output")
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_safetensors_beats_a_tar_wherever_they_are(data: st.DataObject) -> None:
+    output = [data.draw(_nest(TAR)), data.draw(_nest(ST))]
+    if data.draw(st.booleans()):
+        output.reverse()
+    assert find_weights_url(output)[0] == ST
+
+
+# --------------------------------------------------------------------------- extract
+
+
+def _tar(members: dict[str, bytes], mode: str = "w") -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=mode) as archive:  # type: ignore[call-overload]
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+REPLICATE_TAR = {
+    "output/flux_train_replicate/config.yaml": b"job: extension\n",
+    "output/flux_train_replicate/captions/000.txt": b"a photo of TOK",
+    "output/flux_train_replicate/lora.safetensors": LORA,
+}
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz", "w:bz2", "w:xz"])
+def test_extracts_from_a_tar_with_any_compression(mode: str) -> None:
+    weights, detail = extract_safetensors(_tar(REPLICATE_TAR, mode), source_name="trained_model.tar")
+    assert weights == LORA
+    assert detail == "tar member output/flux_train_replicate/lora.safetensors (named lora.safetensors)"
+
+
+def test_extracts_from_a_zip_and_a_direct_file() -> None:
+    assert extract_safetensors(_zip(REPLICATE_TAR), source_name="x.zip")[0] == LORA
+    assert extract_safetensors(LORA, source_name="lora.safetensors") == (LORA, "direct safetensors")
+
+
+@pytest.mark.parametrize(
+    ("compress", "name"),
+    [(gzip.compress, "gzip"), (bz2.compress, "bz2"), (lzma.compress, "xz")],
+)
+def test_extracts_a_compressed_single_file(compress: Any, name: str) -> None:
+    assert extract_safetensors(compress(LORA), source_name="lora.safetensors.gz") == (
+        LORA,
+        f"{name}-compressed safetensors",
+    )
+
+
+def test_prefers_the_final_file_over_checkpoints() -> None:
+    other = save({"x": np.zeros((1,), np.float32)})
+    members = {
+        "output/lora_000000500.safetensors": other,
+        "output/lora_000001000.safetensors": other,
+        "output/my_person.safetensors": LORA,
+    }
+    assert extract_safetensors(_tar(members), source_name="t.tar")[0] == LORA
+    only_checkpoints = {k: v for k, v in members.items() if "0" in k}
+    only_checkpoints["output/lora_000001000.safetensors"] = LORA
+    weights, detail = extract_safetensors(_tar(only_checkpoints), source_name="t.tar")
+    assert weights == LORA
+    assert "last of 2" in detail
+
+
+def test_traversal_names_and_links_are_skipped() -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        link = tarfile.TarInfo("output/lora.safetensors")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        archive.addfile(link)
+        evil = tarfile.TarInfo("../../lora.safetensors")
+        evil.size = len(LORA)
+        archive.addfile(evil, io.BytesIO(LORA))
+    with pytest.raises(WeightsNotFoundError):
+        extract_safetensors(buffer.getvalue(), source_name="evil.tar")
+
+
+def test_the_size_cap_counts_real_bytes() -> None:
+    with pytest.raises(WeightsNotFoundError, match="cap"):
+        extract_safetensors(_tar(REPLICATE_TAR), source_name="t.tar", max_bytes=len(LORA) - 1)
+    with pytest.raises(WeightsNotFoundError, match="cap"):
+        extract_safetensors(gzip.compress(LORA), source_name="t.gz", max_bytes=10)
+
+
+def _header(obj: object, payload: bytes = b"") -> bytes:
+    raw = json.dumps(obj).encode()
+    return struct.pack("<Q", len(raw)) + raw + payload
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"short",
+        struct.pack("<Q", 10**12) + b"{}",
+        _header([1, 2]),
+        _header({}),
+        _header({"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"1234"),
+        _header({"t": {"dtype": "F32"}}),
+        struct.pack("<Q", 4) + b"\xff\xfe{}",
+    ],
+)
+def test_malformed_safetensors_are_rejected(data: bytes) -> None:
+    assert not is_safetensors(data)
+    with pytest.raises(WeightsNotFoundError):
+        extract_safetensors(data, source_name="bad")
+
+
+def test_an_archive_without_weights_or_with_bad_weights_raises() -> None:
+    with pytest.raises(WeightsNotFoundError, match=r"no \.safetensors"):
+        extract_safetensors(_tar({"config.yaml": b"x"}), source_name="t.tar")
+    with pytest.raises(WeightsNotFoundError, match="not a valid safetensors"):
+        extract_safetensors(_zip({"lora.safetensors": b"garbage"}), source_name="t.zip")
