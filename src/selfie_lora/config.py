@@ -32,6 +32,9 @@ class Settings(BaseSettings):
         description="The ONE place the trainer version is configured (default per backend).",
     )
     base_model: str = "tiny"
+    cache_dir: Path | None = Field(
+        default=None, description="Built or downloaded base models (default: HOME/cache)."
+    )
 
     replicate_api_token: SecretStr | None = Field(
         default=None,
@@ -87,8 +90,8 @@ class Settings(BaseSettings):
         return self.home / "work"
 
     @property
-    def cache_dir(self) -> Path:
-        return self.home / "cache"
+    def model_cache_dir(self) -> Path:
+        return self.cache_dir or self.home / "cache"
 
 
 @lru_cache(maxsize=1)

@@ -62,7 +62,7 @@ def default_trainers(settings: Settings) -> dict[str, Trainer]:
 
     trainers: dict[str, Trainer] = {
         "local": LocalTrainer(
-            base_model=settings.base_model, cache_dir=settings.cache_dir,
+            base_model=settings.base_model, cache_dir=settings.model_cache_dir,
             isolation=settings.local_isolation, device=settings.device,
         )
     }
@@ -84,7 +84,7 @@ def default_generators(settings: Settings) -> dict[str, Generator]:
     from selfie_lora.adapters.generators.local import LocalGenerator
 
     generators: dict[str, Generator] = {
-        "local": LocalGenerator(base_model=settings.base_model, cache_dir=settings.cache_dir,
+        "local": LocalGenerator(base_model=settings.base_model, cache_dir=settings.model_cache_dir,
                                 device=settings.device),
     }
     if settings.replicate_api_token is not None:

@@ -211,3 +211,39 @@ def test_unknown_route_and_bad_json_use_error_shape(client: TestClient, services
     r = client.post("/api/generate", headers=h, content=b"{", )
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "invalid_request"
+
+
+def _race_starts(client: TestClient, h: dict[str, str], n: int = 2) -> list[int]:
+    barrier = threading.Barrier(n)
+    codes: list[int] = []
+
+    def go() -> None:
+        barrier.wait()
+        codes.append(client.post("/api/training/start", headers=h, json={}).status_code)
+
+    threads = [threading.Thread(target=go) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(codes)
+
+
+def test_concurrent_starts_give_one_training_and_one_409(
+    client: TestClient, services: Services, fake_trainer: FakeTrainer
+) -> None:
+    fake_trainer.gate = threading.Event()
+    h = auth(services, "ann")
+    upload(client, h, start=False)
+    # First training: no model yet, so both requests race to create it.
+    assert _race_starts(client, h) == [202, 409]
+    model = services.repo.get_model_for_user(services.users.get_by_name(name="ann").id)
+    assert model is not None
+    assert len(services.repo.list_trainings(model.id)) == 1
+    fake_trainer.gate.set()
+    wait_terminal(client, h, services.repo.list_trainings(model.id)[0].id)
+    # Retraining: the model exists; the database slot decides.
+    fake_trainer.gate = threading.Event()
+    assert _race_starts(client, h, n=3) == [202, 409, 409]
+    assert len(services.repo.list_trainings(model.id)) == 2
+    fake_trainer.gate.set()

@@ -1,0 +1,190 @@
+"""Helpers for end-to-end tests: the real ``selfie-lora`` executable in subprocesses (the CLI and
+``selfie-lora serve``), with a clean ``SELFIE_LORA_*`` environment and its own HOME."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+
+HEALTH_DEADLINE_S = 60.0
+STOP_DEADLINE_S = 30.0
+CLI_TIMEOUT_S = 120.0
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+
+
+def selfie_lora_exe() -> str:
+    """The ``selfie-lora`` console script of this interpreter's environment."""
+    beside = Path(sys.executable).parent / "selfie-lora"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("selfie-lora")
+    if found is None:
+        pytest.fail("the selfie-lora executable is not installed (pip install -e .)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without any selfie-lora or Replicate setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SELFIE_LORA_") and k != "REPLICATE_API_TOKEN"}
+    env.update({
+        "SELFIE_LORA_HOME": str(home),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "COLUMNS": "200",  # rich wraps tables at 80 columns without a terminal
+    })
+    env.update(extra)
+    return env
+
+
+def run_cli(args: list[str], env: dict[str, str], *,
+            timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([selfie_lora_exe(), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def create_user(env: dict[str, str], name: str) -> dict[str, str]:
+    """``selfie-lora users create NAME --json`` -> the auth headers of the new user."""
+    done = run_cli(["users", "create", name, "--json"], env)
+    assert done.returncode == 0, f"users create {name} failed:\n{done.stdout}\n{done.stderr}"
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, f"--json must print one JSON line on stdout, got {done.stdout!r}"
+    created = json.loads(lines[0])
+    assert created["user"] == name
+    assert isinstance(created["api_key"], str)
+    assert len(created["api_key"]) >= 16
+    return {"Authorization": f"Bearer {created['api_key']}"}
+
+
+@dataclass
+class ServeProcess:
+    """A running ``selfie-lora serve``, its output in ``log_path``."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    env: dict[str, str]
+    log_file: IO[bytes]
+    exit_codes: list[int] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def tail(self, chars: int = 6000) -> str:
+        self.log_file.flush()
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as exc:
+            return f"(no server output: {exc})"
+        return text[-chars:]
+
+    def why(self, message: str) -> str:
+        """``message`` with the server's recent output, for assertion messages."""
+        state = "running" if self.proc.poll() is None else f"exited with {self.proc.returncode}"
+        return f"{message}\n--- selfie-lora serve ({state}), last output ---\n{self.tail()}"
+
+    def wait_healthy(self, deadline_s: float = HEALTH_DEADLINE_S) -> None:
+        deadline = time.monotonic() + deadline_s
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(self.why("the server exited before it was healthy"))
+            try:
+                r = httpx.get(f"{self.base_url}/healthz", timeout=2.0)
+                if r.status_code == 200:
+                    return
+                last = f"{r.status_code} {r.text[:200]}"
+            except httpx.TransportError as exc:
+                last = repr(exc)
+            time.sleep(0.1)
+        raise AssertionError(self.why(f"/healthz not 200 within {deadline_s:.0f}s ({last})"))
+
+    def stop(self, deadline_s: float = STOP_DEADLINE_S) -> int | None:
+        """SIGINT, then SIGTERM, then SIGKILL, each after ``deadline_s``. Returns the exit code
+        after SIGINT, or None when SIGINT did not stop it."""
+        graceful: int | None = None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                graceful = self.proc.wait(timeout=deadline_s)
+            except subprocess.TimeoutExpired:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(timeout=deadline_s)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=deadline_s)
+        else:
+            graceful = self.proc.returncode
+        self.log_file.close()
+        return graceful
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """``start(env, name="serve") -> ServeProcess``: a healthy server on a free port. Whatever a
+    test leaves running is stopped at teardown."""
+    started: list[ServeProcess] = []
+
+    def start(env: dict[str, str], *, name: str = "serve", port: int | None = None) -> ServeProcess:
+        port = port or free_port()
+        log_path = tmp_path / f"{name}.log"
+        log_file = log_path.open("wb")
+        proc = subprocess.Popen(
+            [selfie_lora_exe(), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        server = ServeProcess(proc=proc, port=port, log_path=log_path, env=env, log_file=log_file)
+        started.append(server)
+        server.wait_healthy()
+        return server
+
+    yield start
+    for server in started:
+        with contextlib.suppress(Exception):
+            server.stop(deadline_s=10.0)
+
+
+def wait_training(client: httpx.Client, headers: dict[str, str], training_id: str,
+                  server: ServeProcess, *, deadline_s: float) -> tuple[dict[str, Any],
+                                                                       list[dict[str, Any]]]:
+    """Poll ``/api/training/progress`` until the training ends. Returns the last body and every
+    training snapshot seen (in order)."""
+    deadline = time.monotonic() + deadline_s
+    seen: list[dict[str, Any]] = []
+    while True:
+        r = client.get("/api/training/progress", params={"training_id": training_id},
+                       headers=headers)
+        assert r.status_code == 200, server.why(f"progress: {r.status_code} {r.text}")
+        body: dict[str, Any] = r.json()
+        seen.append(body["training"])
+        if body["training"]["status"] in TERMINAL:
+            return body, seen
+        if server.proc.poll() is not None:
+            raise AssertionError(server.why("the server died during the training"))
+        if time.monotonic() > deadline:
+            raise AssertionError(server.why(
+                f"training {training_id} did not end within {deadline_s:.0f}s: {body['training']}"))
+        time.sleep(0.2)
