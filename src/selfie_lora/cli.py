@@ -32,8 +32,9 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # huey logs every poll at INFO; keep the console readable.
-    logging.getLogger("huey").setLevel(logging.WARNING)
+    # huey logs every poll and alembic every migration step at INFO; keep the console readable.
+    for name in ("huey", "alembic", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @app.callback()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.resources
 import io
+import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -53,10 +55,31 @@ def _snapshot(services: Services, model: Model) -> dict[str, str]:
     }
 
 
+def _print_training(console: Console, services: Services, training_id: str) -> None:
+    training = services.repo.get_training(training_id)
+    assert training is not None
+    events = [e for e in services.repo.list_events(training.model_id)
+              if e["kind"] == "training_succeeded" and e["data"]["training_id"] == training_id]
+    metrics = events[0]["data"]["metrics"] if events else {}
+    kind = "retraining" if training.is_retraining else "first training"
+    console.print(
+        f"{kind} {training.status}: {training.total_steps} steps, flow-matching loss on the "
+        f"training photos {float(metrics.get('eval_loss_before', 'nan')):.3f} -> "
+        f"{float(metrics.get('eval_loss_after', 'nan')):.3f}, weights found by "
+        f"{training.weights_method}"
+    )
+
+
 def run_demo(*, out: Path, console: Console) -> None:
     from selfie_lora.cli import findings_table, wait_for_training
 
     started = time.monotonic()
+    # The demo tells its own story; the tiny model's 32-token text encoders also make diffusers
+    # and transformers warn about every prompt they truncate, which here is noise, not news.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name in ("transformers", "diffusers", "selfie_lora"):
+        logging.getLogger(name).setLevel(logging.WARNING if name == "selfie_lora" else logging.ERROR)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     photos_dir = out / "photos"
@@ -84,6 +107,7 @@ def run_demo(*, out: Path, console: Console) -> None:
         done = wait_for_training(services, first.id)
         if done.status is not TrainingStatus.SUCCEEDED:
             raise SelfieLoraError(f"the first training {done.status}: {done.error}")
+        _print_training(console, services, done.id)
         before = _snapshot(services, services.models.get(user=user))
 
         console.rule("3. the user sets a LoRA scale; the configured trainer default changes")
@@ -98,6 +122,7 @@ def run_demo(*, out: Path, console: Console) -> None:
         done2 = wait_for_training(services, second.id)
         if done2.status is not TrainingStatus.SUCCEEDED:
             raise SelfieLoraError(f"the retraining {done2.status}: {done2.error}")
+        _print_training(console, services, done2.id)
         after = _snapshot(services, services.models.get(user=user))
 
         table = Table(title="before / after retraining")

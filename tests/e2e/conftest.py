@@ -93,7 +93,8 @@ class ServeProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def tail(self, chars: int = 6000) -> str:
-        self.log_file.flush()
+        if not self.log_file.closed:
+            self.log_file.flush()
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError as exc:

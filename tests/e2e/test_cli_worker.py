@@ -1,0 +1,114 @@
+"""The command line and the standalone worker, as separate processes on one SELFIE_LORA_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from selfie_lora.domain.entities import TrainingStatus
+from selfie_lora.wiring import build_services
+from tests.conftest import make_settings
+from tests.support.photos import synthetic_photo
+
+pytestmark = pytest.mark.slow
+CLI = str(Path(sys.executable).parent / "selfie-lora")
+
+
+def env_for(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")}
+    env.update({"SELFIE_LORA_HOME": str(home), "SELFIE_LORA_LOCAL_ISOLATION": "inline",
+                "OMP_NUM_THREADS": "1"})
+    return env
+
+
+def photo_folder(path: Path, count: int = 3) -> Path:
+    path.mkdir(parents=True)
+    for i in range(count):
+        (path / f"p{i}.jpg").write_bytes(synthetic_photo(i))
+    return path
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def test_train_then_retrain_then_generate_from_the_command_line(tmp_path: Path) -> None:
+    env = env_for(tmp_path / "home")
+    created = run(["users", "create", "ann", "--json"], env)
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["user"] == "ann"
+    photos = photo_folder(tmp_path / "photos")
+    first = run(["train", str(photos), "--user", "ann"], env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "first training" in first.stdout
+    assert "version 1 is active" in first.stdout
+    second = run(["train", str(photos), "--user", "ann"], env)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "retraining" in second.stdout
+    assert "version 2 is active" in second.stdout
+    out = tmp_path / "out"
+    gen = run(["generate", "a portrait", "--user", "ann", "--out", str(out), "-n", "2",
+               "--seed", "3"], env)
+    assert gen.returncode == 0, gen.stdout + gen.stderr
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 2
+    for png in pngs:
+        with Image.open(png) as img:
+            assert img.format == "PNG"
+            assert img.size[0] > 0
+    unknown = run(["train", str(photos), "--user", "nobody"], env)
+    assert unknown.returncode == 1
+    assert "no user named 'nobody'" in unknown.stderr
+
+
+def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    settings = make_settings(tmp_path)
+    assert settings.home == home
+    services = build_services(settings, trainers={}, generators={})
+    try:
+        user, _ = services.users.create(name="ann")
+        from selfie_lora.dataset.intake import UploadedFile
+
+        dataset = services.intake.ingest_files(user=user, files=[
+            UploadedFile(name=f"p{i}.jpg", data=synthetic_photo(i)) for i in range(3)])
+        training = services.training.start(user=user, dataset_id=dataset.id).training
+        assert services.queue.pending() == 1
+        log = (tmp_path / "worker.log").open("w")
+        worker = subprocess.Popen([CLI, "worker"], env=env_for(home), stdout=log,
+                                  stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                current = services.repo.get_training(training.id)
+                assert current is not None
+                if current.status.is_terminal:
+                    break
+                assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+                time.sleep(0.2)
+            assert current.status is TrainingStatus.SUCCEEDED, current.error
+            assert current.version_id is not None
+        finally:
+            worker.send_signal(signal.SIGINT)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+            log.close()
+        assert worker.returncode is not None
+        model = services.repo.get_model_for_user(user.id)
+        assert model is not None
+        assert model.active_version_id == current.version_id
+    finally:
+        services.close()
