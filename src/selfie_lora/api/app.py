@@ -242,13 +242,11 @@ def create_app(
             raise AuthError("webhooks are not configured on this server")
         verify_webhook(secret=secret.get_secret_value(), headers=dict(request.headers),
                        body=body)
-        try:
-            event = parse_training_webhook(body)
-        except Exception as exc:
-            raise InvalidInputError("the webhook body is not a Replicate training") from exc
+        event = parse_training_webhook(body)
         training = svc.training.apply_remote_update(
             remote_id=str(event["id"]), status=str(event["status"]),
             step=event.get("step"), total=event.get("total"),
+            training_id=request.query_params.get("training_id"),
         )
         return {"ok": True, "training_id": training.id if training else None}
 

@@ -235,11 +235,17 @@ class TrainingService:
         return len(active)
 
     def apply_remote_update(
-        self, *, remote_id: str, status: str, step: int | None, total: int | None
+        self, *, remote_id: str, status: str, step: int | None, total: int | None,
+        training_id: str | None = None,
     ) -> Training | None:
         """A webhook's news about a remote training: progress only. The worker that polls the
         training finishes it (it fetches and stores the weights)."""
         training = self._repo.get_training_by_remote_id(remote_id)
+        if training is None and training_id:
+            # The webhook can arrive before the worker recorded the remote id.
+            candidate = self._repo.get_training(training_id)
+            if candidate is not None and candidate.remote_id in (None, remote_id):
+                training = candidate
         if training is None:
             return None
         try:
@@ -253,6 +259,8 @@ class TrainingService:
             if not can_transition(t.status, new_status):
                 return t
             t = transition(t, new_status, at=utcnow(), reason="webhook")
+            if t.remote_id is None:
+                t = dataclasses.replace(t, remote_id=remote_id)
             if step is not None and total:
                 t = dataclasses.replace(t, step=max(t.step, step), total_steps=total)
             return t
@@ -269,12 +277,12 @@ class TrainingService:
             TrainingPhoto(name=f"{i:03d}.jpg", data=self._blobs.get(photo_key(sha)), caption=caption)
             for i, sha in enumerate(dataset.photo_hashes)
         )
-        webhook = f"{self._webhook_url}?training_id={training.id}" if self._webhook_url else None
         return TrainingJob(
             training_id=training.id, trigger_word=training.trigger_word,
             destination=training.destination, trainer_version=training.trainer_version,
             recipe=training.recipe, photos=photos, work_dir=work_dir,
-            remote_id=training.remote_id, webhook_url=webhook,
+            # The trainer adds ?training_id= so a webhook that beats ``started`` finds its row.
+            remote_id=training.remote_id, webhook_url=self._webhook_url,
         )
 
     def _update(self, training_id: str, fn: Callable[[Training], Training]) -> Training:
