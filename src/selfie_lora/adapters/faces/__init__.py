@@ -1,0 +1,1 @@
+"""Face analysis adapters (the ``FaceAnalyzer`` port)."""

