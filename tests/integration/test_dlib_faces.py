@@ -30,7 +30,9 @@ def test_same_person_is_near_and_another_is_far(analyzer: DlibFaceAnalyzer) -> N
         assert len(found[0].embedding) == 128
         assert len(found[0].landmarks) == 68
     a, b, c = (faces[n][0].embedding for n in ("obama.jpg", "obama3.jpg", "biden.jpg"))
-    assert a is not None and b is not None and c is not None
+    assert a is not None
+    assert b is not None
+    assert c is not None
     assert face_distance(a, b) < 0.6 < face_distance(a, c)
     assert analyzer.model_name == EMBEDDING_MODEL
 
