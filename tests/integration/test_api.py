@@ -247,3 +247,20 @@ def test_concurrent_starts_give_one_training_and_one_409(
     assert _race_starts(client, h, n=3) == [202, 409, 409]
     assert len(services.repo.list_trainings(model.id)) == 2
     fake_trainer.gate.set()
+
+
+def test_multi_file_upload_trains_like_a_zip(client: TestClient, services: Services) -> None:
+    from tests.support.photos import synthetic_photo
+
+    h = auth(services, "ann")
+    files = [("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg")) for i in range(3)]
+    r = client.post("/api/training/upload", headers=h, files=files)
+    assert r.status_code == 202, r.text
+    assert r.json()["dataset"]["images_accepted"] == 3
+    done = wait_terminal(client, h, r.json()["training"]["id"])
+    assert done["training"]["status"] == "succeeded"
+    same_name = [("files", ("a.jpg", synthetic_photo(1), "image/jpeg")),
+                 ("files", ("A.JPG", synthetic_photo(2), "image/jpeg"))]
+    r = client.post("/api/training/upload", headers=h, files=same_name, data={"start": "false"})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "duplicate_member"

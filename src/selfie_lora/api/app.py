@@ -137,6 +137,30 @@ def create_app(
         start: Annotated[bool, Form()] = True,
     ) -> dict[str, Any]:
         data = await _read_capped(file, limit=svc.settings.max_upload_bytes)
+        return await _ingest_and_start(
+            user, lambda: svc.intake.ingest_zip(user=user, data=data), start=start)
+
+    @app.post("/api/training/upload", status_code=202)
+    async def upload_files(
+        user: UserDep,
+        files: Annotated[list[UploadFile], File()],
+        start: Annotated[bool, Form()] = True,
+    ) -> dict[str, Any]:
+        """The same as upload-zip, for photos sent as several multipart ``files``."""
+        from selfie_lora.dataset.intake import read_uploaded_files
+
+        limit = svc.settings.max_upload_bytes
+        named: list[tuple[str, bytes]] = []
+        total = 0
+        for upload in files:
+            data = await _read_capped(upload, limit=limit - total)
+            total += len(data)
+            named.append((upload.filename or f"photo{len(named)}", data))
+        uploaded, notes = read_uploaded_files(named, limits=svc.intake.limits)
+        return await _ingest_and_start(user, lambda: svc.intake.ingest_files(
+            user=user, files=uploaded, findings=notes), start=start)
+
+    async def _ingest_and_start(user: User, ingest: Any, *, start: bool) -> dict[str, Any]:
         if start:
             # Refuse before storing anything: a 409 must not leave a dataset behind.
             model = svc.models.find(user=user)
@@ -144,7 +168,7 @@ def create_app(
                 t.status.is_active for t in svc.repo.list_trainings(model.id)
             ):
                 raise ConflictError("a training of this model is already queued or running")
-        dataset = await _in_thread(lambda: svc.intake.ingest_zip(user=user, data=data))
+        dataset = await _in_thread(ingest)
         training = None
         if start:
             result = svc.training.start(user=user, dataset_id=dataset.id)
@@ -258,7 +282,7 @@ async def _read_capped(file: UploadFile, *, limit: int) -> bytes:
     size = 0
     while chunk := await file.read(1024 * 1024):
         size += len(chunk)
-        if size > limit:
+        if size > limit or limit <= 0:
             raise InvalidInputError(
                 f"the upload is larger than {limit // (1024 * 1024)} MB", code="upload_too_large"
             )

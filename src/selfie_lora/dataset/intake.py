@@ -180,6 +180,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def read_uploaded_files(
+    files: list[tuple[str, bytes]], *, limits: UploadLimits
+) -> tuple[list[UploadedFile], list[Finding]]:
+    """Photos sent one by one (multipart ``files``). Zips inside are refused: send them to
+    upload-zip."""
+    if len(files) > limits.max_members:
+        raise InvalidInputError(f"{len(files)} files sent; at most {limits.max_members} are "
+                                "accepted", code="too_many_members")
+    out: list[UploadedFile] = []
+    seen: set[str] = set()
+    for name, data in files:
+        base = posixpath.basename(name.replace("\\", "/")) or "photo"
+        if base.casefold() in seen:
+            raise InvalidInputError(f"two files are named {base!r}", code="duplicate_member")
+        seen.add(base.casefold())
+        out.append(UploadedFile(name=base, data=data))
+    return out, []
+
+
 def read_folder(path: Path, *, limits: UploadLimits) -> list[UploadedFile]:
     """The regular files directly in ``path`` (hidden and system files skipped), size-capped."""
     files: list[UploadedFile] = []
