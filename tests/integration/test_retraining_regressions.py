@@ -16,6 +16,7 @@ import io
 import json
 import struct
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,29 +70,41 @@ def shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("model-cache")
 
 
-@pytest.fixture(params=["local", "replicate"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path,
-            shared_model_cache: Path) -> Iterator[Backend]:
-    standin: ReplicateStandIn | None = None
-    if request.param == "replicate":
-        standin = ReplicateStandIn()
-        standin.start()
+@contextmanager
+def replicate_backend(tmp_path: Path, cache: Path, **standin_knobs: Any) -> Iterator[Backend]:
+    """The app on the Replicate backend, talking HTTP to a fresh stand-in."""
+    with ReplicateStandIn() as standin:
+        for knob, value in standin_knobs.items():
+            setattr(standin, knob, value)
         settings = make_settings(
             tmp_path, trainer="replicate", replicate_api_token=standin.token,
             replicate_base_url=standin.base_url, replicate_owner=OWNER,
-            replicate_poll_interval=0.01, cache_dir=shared_model_cache,
+            replicate_poll_interval=0.01, cache_dir=cache,
         )
-    else:
-        settings = make_settings(tmp_path, cache_dir=shared_model_cache)
+        services = build_services(settings)
+        try:
+            app = create_app(settings, services=services, run_worker=True)
+            with TestClient(app, raise_server_exceptions=False) as client:
+                yield Backend("replicate", client, services, settings, standin)
+        finally:
+            services.close()
+
+
+@pytest.fixture(params=["local", "replicate"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path,
+            shared_model_cache: Path) -> Iterator[Backend]:
+    if request.param == "replicate":
+        with replicate_backend(tmp_path, shared_model_cache) as b:
+            yield b
+        return
+    settings = make_settings(tmp_path, cache_dir=shared_model_cache)
     services = build_services(settings)
-    app = create_app(settings, services=services, run_worker=True)
     try:
+        app = create_app(settings, services=services, run_worker=True)
         with TestClient(app, raise_server_exceptions=False) as client:
-            yield Backend(request.param, client, services, settings, standin)
+            yield Backend("local", client, services, settings, None)
     finally:
         services.close()
-        if standin is not None:
-            standin.stop()
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -224,32 +237,21 @@ def test_bug4_custom_lora_scale_survives_retraining_and_completion(backend: Back
 def test_bug5_weights_found_in_every_output_shape_and_method_logged(
     tmp_path: Path, shared_model_cache: Path, shape: str
 ) -> None:
-    with ReplicateStandIn() as standin:
-        standin.output_shape = shape
-        settings = make_settings(
-            tmp_path, trainer="replicate", replicate_api_token=standin.token,
-            replicate_base_url=standin.base_url, replicate_owner=OWNER,
-            replicate_poll_interval=0.01, cache_dir=shared_model_cache,
-        )
-        services = build_services(settings)
-        try:
-            with TestClient(create_app(settings, services=services, run_worker=True)) as client:
-                b = Backend("replicate", client, services, settings, standin)
-                h = auth(services, "ann")
-                done = b.finish(h, b.upload(h))
-                training = done["training"]
-                version = done["model"]["active_version"]
-                remote = standin.trainings[training["remote_id"]]
-                served = client.get(version["weights_url"], headers=h).content
-                assert served == remote.weights  # our copy, byte for byte
-                assert hashlib.sha256(served).hexdigest() == version["weights_sha256"]
-                assert training["weights_method"]
-                assert version["weights_method"] == training["weights_method"]
-                log = client.get("/api/model/log", headers=h).json()["events"]
-                succeeded = [e for e in log if e["kind"] == "training_succeeded"]
-                assert succeeded[0]["data"]["weights_method"] == training["weights_method"]
-        finally:
-            services.close()
+    with replicate_backend(tmp_path, shared_model_cache, output_shape=shape) as b:
+        h = auth(b.services, "ann")
+        done = b.finish(h, b.upload(h))
+        training = done["training"]
+        version = done["model"]["active_version"]
+        assert b.standin is not None
+        remote = b.standin.trainings[training["remote_id"]]
+        served = b.client.get(version["weights_url"], headers=h).content
+        assert served == remote.weights  # our copy, byte for byte
+        assert hashlib.sha256(served).hexdigest() == version["weights_sha256"]
+        assert training["weights_method"]
+        assert version["weights_method"] == training["weights_method"]
+        log = b.client.get("/api/model/log", headers=h).json()["events"]
+        succeeded = [e for e in log if e["kind"] == "training_succeeded"]
+        assert succeeded[0]["data"]["weights_method"] == training["weights_method"]
 
 
 def test_bug5_local_weights_are_stored_hashed_and_reload(backend: Backend) -> None:
@@ -269,77 +271,44 @@ def test_bug5_local_weights_are_stored_hashed_and_reload(backend: Backend) -> No
 def test_replicate_version_of_another_model_is_flagged(
     tmp_path: Path, shared_model_cache: Path
 ) -> None:
-    with ReplicateStandIn() as standin:
-        standin.output_shape = "wrong_version"
-        settings = make_settings(
-            tmp_path, trainer="replicate", replicate_api_token=standin.token,
-            replicate_base_url=standin.base_url, replicate_owner=OWNER,
-            replicate_poll_interval=0.01, cache_dir=shared_model_cache,
-        )
-        services = build_services(settings)
-        try:
-            with TestClient(create_app(settings, services=services, run_worker=True)) as client:
-                b = Backend("replicate", client, services, settings, standin)
-                h = auth(services, "ann")
-                done = b.finish(h, b.upload(h))
-                assert done["model"]["active_version"]["version_mismatch"] is True
-                log = client.get("/api/model/log", headers=h).json()["events"]
-                assert [e["data"]["version_mismatch"] for e in log
-                        if e["kind"] == "training_succeeded"] == [True]
-        finally:
-            services.close()
+    with replicate_backend(tmp_path, shared_model_cache, output_shape="wrong_version") as b:
+        h = auth(b.services, "ann")
+        done = b.finish(h, b.upload(h))
+        assert done["model"]["active_version"]["version_mismatch"] is True
+        log = b.client.get("/api/model/log", headers=h).json()["events"]
+        assert [e["data"]["version_mismatch"] for e in log
+                if e["kind"] == "training_succeeded"] == [True]
 
 
 def test_replicate_failure_keeps_active_version_with_actionable_error(
     tmp_path: Path, shared_model_cache: Path
 ) -> None:
-    with ReplicateStandIn() as standin:
-        settings = make_settings(
-            tmp_path, trainer="replicate", replicate_api_token=standin.token,
-            replicate_base_url=standin.base_url, replicate_owner=OWNER,
-            replicate_poll_interval=0.01, cache_dir=shared_model_cache,
-        )
-        services = build_services(settings)
-        try:
-            with TestClient(create_app(settings, services=services, run_worker=True)) as client:
-                b = Backend("replicate", client, services, settings, standin)
-                h = auth(services, "ann")
-                v1 = b.finish(h, b.upload(h))["model"]["active_version"]
-                for outcome in ("failed", "canceled"):
-                    standin.training_outcome = outcome
-                    body = b.start(h)
-                    done = wait_terminal(client, h, body["training"]["id"])
-                    assert done["training"]["status"] == outcome
-                    assert done["training"]["error"]
-                    assert done["model"]["active_version"]["id"] == v1["id"]
-        finally:
-            services.close()
+    with replicate_backend(tmp_path, shared_model_cache) as b:
+        assert b.standin is not None
+        h = auth(b.services, "ann")
+        v1 = b.finish(h, b.upload(h))["model"]["active_version"]
+        for outcome in ("failed", "canceled"):
+            b.standin.training_outcome = outcome
+            body = b.start(h)
+            done = wait_terminal(b.client, h, body["training"]["id"])
+            assert done["training"]["status"] == outcome
+            assert done["training"]["error"]
+            assert done["model"]["active_version"]["id"] == v1["id"]
 
 
 def test_input_zip_has_one_caption_per_photo(tmp_path: Path, shared_model_cache: Path) -> None:
-    with ReplicateStandIn() as standin:
-        settings = make_settings(
-            tmp_path, trainer="replicate", replicate_api_token=standin.token,
-            replicate_base_url=standin.base_url, replicate_owner=OWNER,
-            replicate_poll_interval=0.01, cache_dir=shared_model_cache,
-        )
-        services = build_services(settings)
-        try:
-            with TestClient(create_app(settings, services=services, run_worker=True)) as client:
-                b = Backend("replicate", client, services, settings, standin)
-                h = auth(services, "ann")
-                done = b.finish(h, b.upload(h))
-                remote = standin.trainings[done["training"]["remote_id"]]
-                assert remote.input_files is not None
-                images = sorted(n for n in remote.input_files if n.endswith(".jpg"))
-                texts = sorted(n for n in remote.input_files if n.endswith(".txt"))
-                assert len(images) == 3
-                assert [n.removesuffix(".jpg") for n in images] == [
-                    n.removesuffix(".txt") for n in texts]
-                assert remote.input.get("autocaption") in (False, "false", None)
-                assert remote.input["trigger_word"] == done["model"]["trigger_word"]
-                assert int(remote.input["steps"]) == done["training"]["recipe"]["steps"]
-                assert int(remote.input["lora_rank"]) == done["training"]["recipe"]["lora_rank"]
-        finally:
-            services.close()
-
+    with replicate_backend(tmp_path, shared_model_cache) as b:
+        assert b.standin is not None
+        h = auth(b.services, "ann")
+        done = b.finish(h, b.upload(h))
+        remote = b.standin.trainings[done["training"]["remote_id"]]
+        assert remote.input_files is not None
+        images = sorted(n for n in remote.input_files if n.endswith(".jpg"))
+        texts = sorted(n for n in remote.input_files if n.endswith(".txt"))
+        assert len(images) == 3
+        assert [n.removesuffix(".jpg") for n in images] == [
+            n.removesuffix(".txt") for n in texts]
+        assert remote.input.get("autocaption") in (False, "false", None)
+        assert remote.input["trigger_word"] == done["model"]["trigger_word"]
+        assert int(remote.input["steps"]) == done["training"]["recipe"]["steps"]
+        assert int(remote.input["lora_rank"]) == done["training"]["recipe"]["lora_rank"]
