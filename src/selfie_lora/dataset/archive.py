@@ -1,0 +1,683 @@
+"""Reading an upload (a zip, several files, or a folder) into files, refusing hostile ones.
+
+The zip reader is our own, not :mod:`zipfile`: this Python (3.11.7) lacks the CVE-2024-0450 fix,
+and a check made on one parser's view of an archive while another parser reads it is how
+"quoted overlap" bombs get through. So one parse of the bytes decides everything:
+
+1. the end record, then the entry count, before any entry is parsed (10,000 empty members are
+   refused after reading 22 bytes; a lying count stops the walk at the limit);
+2. every central directory entry and its local header, which must agree, with member data that
+   never overlaps another member's (overlap = a bomb that reuses bytes);
+3. names, links, duplicates, encryption, compression methods;
+4. the declared sizes and compression ratios, against the limits;
+5. then members are decompressed, each capped at its declared size (a member producing more
+   than it declared is refused the moment it does), with the CRC checked;
+6. nested archives are refused by content (magic bytes, or a zip appended to another file).
+
+Whole-upload problems raise :class:`InvalidInputError` (HTTP 422, nothing stored). System files
+(``__MACOSX/``, ``._*``, ``.DS_Store``...) and folder entries are skipped with an ``info`` finding.
+Archive names are only ever shown to the user (sanitized); nothing is written under them.
+"""
+
+from __future__ import annotations
+
+import bz2
+import itertools
+import logging
+import os
+import re
+import stat
+import struct
+import unicodedata
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from selfie_lora.dataset.limits import UploadedFile, UploadLimits
+from selfie_lora.domain.entities import Finding
+from selfie_lora.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "UploadLimits",
+    "UploadedFile",
+    "archive_kind",
+    "display_name",
+    "read_path",
+    "read_uploaded_files",
+    "read_zip",
+]
+
+_IGNORED_DIRS = frozenset({"__macosx"})
+_IGNORED_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
+
+_EOCD = struct.Struct("<4s4H2IH")  # end of central directory record (22 bytes)
+_Z64_LOCATOR = struct.Struct("<4sIQI")  # zip64 end of central directory locator (20 bytes)
+_Z64_EOCD = struct.Struct("<4sQ2H2I4Q")  # zip64 end of central directory record (56 bytes)
+_CENTRAL = struct.Struct("<4s6H3I5H2I")  # central directory file header (46 bytes)
+_LOCAL = struct.Struct("<4s5H3I2H")  # local file header (30 bytes)
+_SIG_EOCD = b"PK\x05\x06"
+_SIG_Z64_LOCATOR = b"PK\x06\x07"
+_SIG_Z64_EOCD = b"PK\x06\x06"
+_SIG_CENTRAL = b"PK\x01\x02"
+_SIG_LOCAL = b"PK\x03\x04"
+_MAX_COMMENT = 0xFFFF
+
+_FLAG_ENCRYPTED = 0x0001
+_FLAG_STRONG_ENCRYPTION = 0x0040
+_FLAG_UTF8 = 0x0800
+_METHOD_STORED = 0
+_METHOD_DEFLATED = 8
+_METHOD_BZIP2 = 12
+_METHOD_AES = 99  # WinZip AES: an encrypted member, whatever the flags say
+_METHOD_NAMES = {_METHOD_STORED: "stored", _METHOD_DEFLATED: "deflate", _METHOD_BZIP2: "bzip2"}
+_FILE_ATTRIBUTE_REPARSE_POINT = 0x400  # a Windows symlink or junction
+
+_CHUNK = 64 * 1024
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    raw_name: bytes
+    name: str  # decoded, as the archive states it
+    alt_name: str | None  # the Info-ZIP Unicode Path (0x7075), which some extractors prefer
+    flags: int
+    method: int
+    crc: int
+    compressed_size: int
+    size: int
+    header_offset: int
+    external_attr: int
+
+    @property
+    def is_dir(self) -> bool:
+        return self.name.endswith("/")
+
+
+@dataclass(frozen=True)
+class _Span:
+    entry: _Entry
+    data_start: int
+    data_end: int
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile], list[Finding]]:
+    """The files of a zip upload and ``info`` findings about skipped entries.
+
+    Raises :class:`InvalidInputError` (a specific ``code``) when the archive as a whole is
+    refused; nothing else escapes, whatever the bytes.
+    """
+    if len(data) > limits.max_upload_bytes:
+        raise _refuse("upload_too_large",
+                      f"the upload is larger than {limits.mib(limits.max_upload_bytes)}")
+    try:
+        return _read_zip(data, limits=limits)
+    except InvalidInputError:
+        raise
+    except Exception as exc:  # a parser bug must still be a 422 about this archive, not a 500
+        logger.warning("unexpected failure reading a zip upload: %r", exc)
+        raise _refuse("bad_archive", "the upload is not a readable zip archive",
+                      details=[type(exc).__name__]) from None
+
+
+def read_uploaded_files(
+    files: list[tuple[str, bytes]], *, limits: UploadLimits
+) -> tuple[list[UploadedFile], list[Finding]]:
+    """Photos sent one by one (multipart ``files``): the same refusals as a zip's members.
+    Archives among them are refused: a zip goes to upload-zip."""
+    if len(files) > limits.max_members:
+        raise _refuse("too_many_members",
+                      f"{len(files)} files sent; at most {limits.max_members} are accepted")
+    total = sum(len(blob) for _name, blob in files)
+    if total > limits.max_upload_bytes:
+        raise _refuse("upload_too_large",
+                      f"the upload is larger than {limits.mib(limits.max_upload_bytes)}")
+    out: list[UploadedFile] = []
+    findings: list[Finding] = []
+    seen: dict[str, str] = {}
+    for index, (raw_name, blob) in enumerate(files):
+        # Browsers send a basename, scripts may send anything: it is only ever displayed.
+        name = display_name(raw_name) or f"photo{index + 1}"
+        if _is_ignored(name):
+            findings.append(_ignored(name, "a system file"))
+            continue
+        key = _fold(name)
+        if key in seen:
+            raise _refuse("duplicate_member", f"two files are named {name!r}",
+                          details=[seen[key], name])
+        seen[key] = name
+        if len(blob) > limits.max_member_bytes:
+            raise _refuse("member_too_large",
+                          f"{name} is larger than {limits.mib(limits.max_member_bytes)}")
+        _refuse_nested(name, blob)
+        out.append(UploadedFile(name=name, data=blob))
+    return out, findings
+
+
+def read_path(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile], list[Finding]]:
+    """A folder of photos (its regular files, not its subfolders) or a zip of them."""
+    if path.is_dir():
+        return _read_folder(path, limits=limits)
+    if path.is_file():
+        if path.stat().st_size > limits.max_upload_bytes:
+            raise _refuse("upload_too_large",
+                          f"{path.name} is larger than {limits.mib(limits.max_upload_bytes)}")
+        return read_zip(path.read_bytes(), limits=limits)
+    raise _refuse("no_such_path", f"{path} is neither a folder nor a zip file")
+
+
+def display_name(raw: str) -> str:
+    """A name safe to show: the last path component, no control or bidi-override characters,
+    NFC-normalized, at most 100 characters."""
+    base = raw.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return _clean(base)
+
+
+def archive_kind(data: bytes) -> str | None:
+    """What archive ``data`` is (by content), or None. Also finds a zip appended to another file
+    (a JPEG+zip polyglot), which zip tools open as a zip."""
+    head = data[:16]
+    for prefix, kind in _ARCHIVE_MAGIC:
+        if head.startswith(prefix):
+            return kind
+    if _BZIP2.match(head):
+        return "bzip2 archive"
+    if len(data) >= 262 and data[257:262] == b"ustar":
+        return "tar archive"
+    if _appended_zip(data):
+        return "zip archive (appended)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Zip
+
+
+def _read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile], list[Finding]]:
+    cd_offset, cd_size, count = _find_central_directory(data)
+    if count > limits.max_entries:
+        raise _too_many(count, limits)
+    entries = _parse_central_directory(data, cd_offset, cd_size, count, limits=limits)
+    spans = _locate_members(data, entries, cd_offset=cd_offset)
+
+    findings: list[Finding] = []
+    wanted: list[_Span] = []
+    seen: dict[str, str] = {}
+    for span in spans:
+        entry = span.entry
+        _check_path(entry.name)
+        if entry.alt_name is not None:
+            _check_path(entry.alt_name)
+        _check_file_type(entry)
+        key = _fold(entry.name)
+        if key in seen:
+            raise _refuse("duplicate_member",
+                          f"the archive holds {_clean(entry.name)!r} more than once",
+                          details=[_clean(seen[key]), _clean(entry.name)])
+        seen[key] = entry.name
+        if entry.is_dir:
+            findings.append(_ignored(_clean(entry.name), "a folder entry"))
+        elif _is_ignored(entry.name):
+            findings.append(_ignored(_clean(entry.name), "a system file"))
+        else:
+            wanted.append(span)
+    if len(wanted) > limits.max_members:
+        raise _refuse("too_many_members",
+                      f"the archive holds {len(wanted)} files; at most {limits.max_members} "
+                      "are accepted")
+    for span in wanted:
+        _check_readable(span.entry)
+    _check_declared_sizes([s.entry for s in wanted], archive_bytes=len(data), limits=limits)
+
+    names = _display_names([s.entry.name for s in wanted])
+    files: list[UploadedFile] = []
+    for span, name in zip(wanted, names, strict=True):
+        blob = _inflate(data, span, name=name)
+        _refuse_nested(name, blob)
+        files.append(UploadedFile(name=name, data=blob))
+    return files, findings
+
+
+def _find_central_directory(data: bytes) -> tuple[int, int, int]:
+    """(offset, size, entry count) of the central directory, from the end record."""
+    size = len(data)
+    eocd_pos = -1
+    # The end record is the last 22 bytes unless a comment follows it; search the window a
+    # comment can occupy, nearest the end first, and take the record whose comment ends the file.
+    low = max(0, size - _EOCD.size - _MAX_COMMENT)
+    pos = data.rfind(_SIG_EOCD, low)
+    while pos >= 0:
+        if pos + _EOCD.size <= size:
+            comment_len = _EOCD.unpack_from(data, pos)[7]
+            if pos + _EOCD.size + comment_len == size:
+                eocd_pos = pos
+                break
+        pos = data.rfind(_SIG_EOCD, low, pos)
+    if eocd_pos < 0:
+        raise _refuse("bad_archive", "the upload is not a zip archive")
+    _sig, disk, cd_disk, disk_entries, entries, cd_size, cd_offset, _c = _EOCD.unpack_from(
+        data, eocd_pos)
+    directory_end = eocd_pos
+    locator = eocd_pos - _Z64_LOCATOR.size
+    if locator >= 0 and data[locator:locator + 4] == _SIG_Z64_LOCATOR:
+        _s, z64_disk, z64_offset, disks = _Z64_LOCATOR.unpack_from(data, locator)
+        if z64_disk != 0 or disks > 1:
+            raise _refuse("bad_archive", "multi-part (spanned) zip archives are not supported")
+        if z64_offset + _Z64_EOCD.size > locator or data[z64_offset:z64_offset + 4] != _SIG_Z64_EOCD:
+            raise _refuse("bad_archive", "the zip64 end record is damaged")
+        (_s2, record_size, _made, _need, disk, cd_disk, disk_entries, entries, cd_size,
+         cd_offset) = _Z64_EOCD.unpack_from(data, z64_offset)
+        if z64_offset + 12 + record_size != locator:
+            raise _refuse("bad_archive", "the zip64 end record is damaged")
+        directory_end = z64_offset
+    if disk != 0 or cd_disk != 0 or disk_entries != entries:
+        raise _refuse("bad_archive", "multi-part (spanned) zip archives are not supported")
+    # The directory must end exactly where the end record starts: this refuses data prepended
+    # to the archive (self-extractors, polyglots) and directories that point elsewhere.
+    if cd_offset + cd_size != directory_end:
+        raise _refuse("bad_archive", "the zip archive's directory is damaged or misplaced")
+    return cd_offset, cd_size, entries
+
+
+def _parse_central_directory(
+    data: bytes, cd_offset: int, cd_size: int, count: int, *, limits: UploadLimits
+) -> list[_Entry]:
+    end = cd_offset + cd_size
+    pos = cd_offset
+    entries: list[_Entry] = []
+    while pos < end:
+        if len(entries) >= limits.max_entries:  # the end record's count may lie
+            raise _too_many(len(entries) + 1, limits, at_least=True)
+        if pos + _CENTRAL.size > end:
+            raise _refuse("bad_archive", "the zip archive's directory is truncated")
+        (sig, _made_by, _needed, flags, method, _time, _date, crc, csize, usize, name_len,
+         extra_len, comment_len, _disk, _internal, external, offset) = _CENTRAL.unpack_from(data, pos)
+        if sig != _SIG_CENTRAL:
+            raise _refuse("bad_archive", "the zip archive's directory is damaged")
+        name_start = pos + _CENTRAL.size
+        extra_start = name_start + name_len
+        next_pos = extra_start + extra_len + comment_len
+        if next_pos > end:
+            raise _refuse("bad_archive", "the zip archive's directory is truncated")
+        raw_name = data[name_start:extra_start]
+        extra = data[extra_start:extra_start + extra_len]
+        usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
+        entries.append(_Entry(
+            raw_name=raw_name, name=_decode_name(raw_name, flags),
+            alt_name=_unicode_path(extra, raw_name), flags=flags, method=method, crc=crc,
+            compressed_size=csize, size=usize, header_offset=offset, external_attr=external,
+        ))
+        pos = next_pos
+    if len(entries) != count:
+        raise _refuse("bad_archive", "the zip archive's directory disagrees with its end record")
+    return entries
+
+
+def _extra_fields(extra: bytes) -> Iterable[tuple[int, bytes]]:
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if pos + 4 + length > len(extra):
+            raise _refuse("bad_archive", "a zip entry's extra field is damaged")
+        yield tag, extra[pos + 4:pos + 4 + length]
+        pos += 4 + length
+
+
+def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int, int, int]:
+    if 0xFFFFFFFF not in (usize, csize, offset):
+        return usize, csize, offset
+    for tag, body in _extra_fields(extra):
+        if tag != 0x0001:
+            continue
+        # The zip64 field holds, in this order, only the values whose 32-bit field is saturated.
+        values = [usize, csize, offset]
+        pos = 0
+        for index in range(3):
+            if values[index] == 0xFFFFFFFF:
+                if pos + 8 > len(body):
+                    raise _refuse("bad_archive", "a zip entry's zip64 field is damaged")
+                values[index] = struct.unpack_from("<Q", body, pos)[0]
+                pos += 8
+        return values[0], values[1], values[2]
+    raise _refuse("bad_archive", "a zip entry's zip64 field is missing")
+
+
+def _decode_name(raw: bytes, flags: int) -> str:
+    return raw.decode("utf-8", "replace") if flags & _FLAG_UTF8 else raw.decode("cp437")
+
+
+def _unicode_path(extra: bytes, raw_name: bytes) -> str | None:
+    for tag, body in _extra_fields(extra):
+        # Info-ZIP Unicode Path: version 1, CRC-32 of the plain name, then the UTF-8 name.
+        if (tag == 0x7075 and len(body) >= 5 and body[0] == 1
+                and struct.unpack_from("<I", body, 1)[0] == zlib.crc32(raw_name)):
+            return body[5:].decode("utf-8", "replace")
+    return None
+
+
+def _locate_members(data: bytes, entries: list[_Entry], *, cd_offset: int) -> list[_Span]:
+    """Each member's data range, from its local header, checked to overlap no other member and
+    to agree with the directory."""
+    spans: list[_Span] = []
+    disagreeing: list[str] = []
+    for entry in entries:
+        pos = entry.header_offset
+        if pos + _LOCAL.size > cd_offset:
+            raise _refuse("bad_archive", f"{_clean(entry.name)!r}: its data is outside the archive")
+        (sig, _needed, flags, method, _time, _date, _crc, _csize, _usize, name_len,
+         extra_len) = _LOCAL.unpack_from(data, pos)
+        if sig != _SIG_LOCAL:
+            raise _refuse("bad_archive", f"{_clean(entry.name)!r}: its local header is damaged")
+        data_start = pos + _LOCAL.size + name_len + extra_len
+        data_end = data_start + entry.compressed_size
+        if data_end > cd_offset:
+            raise _refuse("bad_archive", f"{_clean(entry.name)!r}: its data is outside the archive")
+        # Tools that pick the local header over the directory must see the same member: a
+        # disagreement is how an archive shows different files to different readers.
+        local_name = data[pos + _LOCAL.size:pos + _LOCAL.size + name_len]
+        if (local_name != entry.raw_name or method != entry.method
+                or (flags & _FLAG_ENCRYPTED) != (entry.flags & _FLAG_ENCRYPTED)):
+            disagreeing.append(entry.name)
+        spans.append(_Span(entry=entry, data_start=data_start, data_end=data_end))
+    # Overlap first: entries sharing one local header also disagree with it by name, and the
+    # overlap is the more telling reason.
+    ordered = sorted(spans, key=lambda s: s.entry.header_offset)
+    for before, after in itertools.pairwise(ordered):
+        if after.entry.header_offset < before.data_end:
+            raise _refuse(
+                "overlapping_entries",
+                f"the archive entries {_clean(before.entry.name)!r} and "
+                f"{_clean(after.entry.name)!r} share bytes (a zip bomb technique)")
+    if disagreeing:
+        raise _refuse("bad_archive",
+                      f"{_clean(disagreeing[0])!r}: its local header disagrees with the directory")
+    return spans
+
+
+def _check_path(name: str) -> None:
+    shown = _clean(name)
+    parts = name.split("/")
+    unsafe = (
+        name == "" or name.startswith("/") or "\\" in name or "\x00" in name
+        or _DRIVE.match(name) is not None or any(part == ".." for part in parts)
+    )
+    if unsafe:
+        raise _refuse("unsafe_path",
+                      f"the archive entry {shown!r} has an unsafe path (absolute, '..', a drive "
+                      "letter or a backslash)")
+
+
+def _check_file_type(entry: _Entry) -> None:
+    mode = entry.external_attr >> 16
+    kind = stat.S_IFMT(mode)
+    if stat.S_ISLNK(mode) or entry.external_attr & _FILE_ATTRIBUTE_REPARSE_POINT:
+        raise _refuse("symlink_in_archive",
+                      f"the archive entry {_clean(entry.name)!r} is a symbolic link")
+    if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+        raise _refuse("special_file",
+                      f"the archive entry {_clean(entry.name)!r} is not a regular file")
+
+
+def _check_readable(entry: _Entry) -> None:
+    shown = _clean(entry.name)
+    if entry.flags & (_FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION) or entry.method == _METHOD_AES:
+        raise _refuse("encrypted_member",
+                      f"{shown} is password-protected; upload a zip without a password")
+    if entry.method not in _METHOD_NAMES:
+        raise _refuse("unsupported_compression",
+                      f"{shown} is compressed with method {entry.method}, which is not "
+                      "supported; make the zip with your system's \"Compress\" command")
+
+
+def _check_declared_sizes(entries: list[_Entry], *, archive_bytes: int,
+                          limits: UploadLimits) -> None:
+    # Declared sizes are checked first so honest big archives are refused before any work; the
+    # reading then holds every member to its declared size, so these limits bound memory too.
+    for entry in entries:
+        if entry.size > limits.max_member_bytes:
+            raise _refuse("member_too_large",
+                          f"{_clean(entry.name)} decompresses to more than "
+                          f"{limits.mib(limits.max_member_bytes)}")
+    total = sum(e.size for e in entries)
+    if total > limits.max_total_bytes:
+        raise _refuse("archive_too_large",
+                      f"the archive decompresses to more than {limits.mib(limits.max_total_bytes)}")
+    for entry in entries:
+        if entry.size > max(limits.ratio_min_bytes, limits.max_ratio * entry.compressed_size):
+            raise _refuse("compression_ratio",
+                          f"{_clean(entry.name)} is compressed more than {limits.max_ratio}:1 "
+                          "(photos barely compress; this is a zip bomb pattern)")
+    if total > max(limits.ratio_min_bytes, limits.max_ratio * archive_bytes):
+        raise _refuse("compression_ratio",
+                      f"the archive is compressed more than {limits.max_ratio}:1 "
+                      "(photos barely compress; this is a zip bomb pattern)")
+
+
+def _inflate(data: bytes, span: _Span, *, name: str) -> bytes:
+    """The member's bytes, never more than its declared size (CVE-2024-0450: the size a zip
+    declares is a claim, so the output is counted as it is produced)."""
+    entry = span.entry
+    compressed = memoryview(data)[span.data_start:span.data_end]
+    if entry.method == _METHOD_STORED:
+        if len(compressed) != entry.size:
+            raise _size_mismatch(name)
+        out = bytes(compressed)
+    else:
+        try:
+            out = _stream(compressed, entry, name=name)
+        except (zlib.error, OSError, ValueError, EOFError) as exc:  # a corrupt compressed stream
+            logger.debug("cannot decompress %s: %r", name, exc)
+            raise _refuse("bad_archive", f"{name} is damaged in the archive") from None
+    if zlib.crc32(out) != entry.crc:
+        raise _refuse("bad_archive", f"{name} is damaged in the archive (checksum mismatch)")
+    return out
+
+
+def _stream(compressed: memoryview, entry: _Entry, *, name: str) -> bytes:
+    out = _deflate(compressed, entry.size, name=name) if entry.method == _METHOD_DEFLATED \
+        else _bunzip(compressed, entry.size, name=name)
+    if len(out) != entry.size:
+        raise _size_mismatch(name)
+    return out
+
+
+def _deflate(compressed: memoryview, limit: int, *, name: str) -> bytes:
+    engine = zlib.decompressobj(-15)
+    out = bytearray()
+    fed = 0
+    while not engine.eof:
+        # Ask for at most one byte more than declared: that byte proves the declaration false.
+        # (max_length is never 0, which zlib would read as "unlimited".)
+        room = min(limit - len(out) + 1, _CHUNK)
+        if engine.unconsumed_tail:
+            piece = engine.decompress(engine.unconsumed_tail, room)
+        elif fed < len(compressed):
+            piece = engine.decompress(compressed[fed:fed + _CHUNK], room)
+            fed += _CHUNK
+        else:
+            piece = engine.decompress(b"", room)  # output still held inside zlib, if any
+            if not piece:
+                raise _refuse("bad_archive", f"{name} is cut off inside the archive")
+        out += piece
+        if len(out) > limit:
+            raise _size_mismatch(name)
+    return bytes(out)
+
+
+def _bunzip(compressed: memoryview, limit: int, *, name: str) -> bytes:
+    engine = bz2.BZ2Decompressor()
+    out = bytearray()
+    fed = 0
+    while not engine.eof:
+        room = min(limit - len(out) + 1, _CHUNK)
+        if engine.needs_input:
+            if fed >= len(compressed):
+                raise _refuse("bad_archive", f"{name} is cut off inside the archive")
+            chunk = bytes(compressed[fed:fed + _CHUNK])
+            fed += _CHUNK
+        else:
+            chunk = b""
+        out += engine.decompress(chunk, room)
+        if len(out) > limit:
+            raise _size_mismatch(name)
+    return bytes(out)
+
+
+def _size_mismatch(name: str) -> InvalidInputError:
+    return _refuse("size_mismatch",
+                   f"{name} does not have the size the archive declares (a zip bomb pattern or a "
+                   "damaged archive)")
+
+
+# --------------------------------------------------------------------------------------------
+# Folders
+
+
+def _read_folder(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile], list[Finding]]:
+    findings: list[Finding] = []
+    chosen: list[os.DirEntry[str]] = []
+    scanned = 0
+    with os.scandir(path) as listing:
+        for entry in listing:
+            scanned += 1
+            if scanned > limits.max_entries:
+                raise _too_many(scanned, limits, at_least=True)
+            if entry.is_symlink():
+                # Never followed: a link can point anywhere on this machine.
+                findings.append(_ignored(_clean(entry.name), "a symbolic link"))
+            elif entry.is_dir():
+                findings.append(_ignored(_clean(entry.name), "a folder (only the top level is read)"))
+            elif not entry.is_file():
+                findings.append(_ignored(_clean(entry.name), "not a regular file"))
+            elif _is_ignored(entry.name) or entry.name.startswith("."):
+                findings.append(_ignored(_clean(entry.name), "a system or hidden file"))
+            else:
+                chosen.append(entry)
+    if len(chosen) > limits.max_members:
+        raise _too_many(len(chosen), limits)
+    chosen.sort(key=lambda e: e.name)
+    files: list[UploadedFile] = []
+    total = 0
+    for entry, name in zip(chosen, _display_names([e.name for e in chosen]), strict=True):
+        with open(entry.path, "rb") as fh:
+            # Read one byte past the limit rather than trust stat(): the file may grow meanwhile.
+            blob = fh.read(limits.max_member_bytes + 1)
+        if len(blob) > limits.max_member_bytes:
+            raise _refuse("member_too_large",
+                          f"{name} is larger than {limits.mib(limits.max_member_bytes)}")
+        total += len(blob)
+        if total > limits.max_total_bytes:
+            raise _refuse("archive_too_large",
+                          f"the photos add up to more than {limits.mib(limits.max_total_bytes)}")
+        _refuse_nested(name, blob)
+        files.append(UploadedFile(name=name, data=blob))
+    return files, findings
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+_ARCHIVE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"PK\x03\x04", "zip archive"),
+    (b"PK\x05\x06", "zip archive"),
+    (b"PK\x07\x08", "zip archive"),
+    (b"\x1f\x8b\x08", "gzip archive"),
+    (b"7z\xbc\xaf\x27\x1c", "7-Zip archive"),
+    (b"Rar!\x1a\x07", "RAR archive"),
+    (b"\xfd7zXZ\x00", "xz archive"),
+    (b"\x28\xb5\x2f\xfd", "zstd archive"),
+    (b"MSCF\x00\x00\x00\x00", "cabinet archive"),
+)
+# Three-letter "BZh" alone would catch text files; the level digit and block magic make it sure.
+_BZIP2 = re.compile(rb"BZh[1-9]1AY&SY")
+
+
+def _appended_zip(data: bytes) -> bool:
+    # A zip reader starts from the end: an end record whose comment ends the file, preceded by
+    # a central directory, makes any file a zip, whatever comes first.
+    size = len(data)
+    low = max(0, size - _EOCD.size - _MAX_COMMENT)
+    pos = data.rfind(_SIG_EOCD, low)
+    while pos >= 0:
+        if pos + _EOCD.size <= size:
+            fields = _EOCD.unpack_from(data, pos)
+            entries, cd_size, comment_len = fields[4], fields[5], fields[7]
+            start = pos - cd_size
+            if (pos + _EOCD.size + comment_len == size and entries > 0 and start >= 0
+                    and data[start:start + 4] == _SIG_CENTRAL):
+                return True
+        pos = data.rfind(_SIG_EOCD, low, pos)
+    return False
+
+
+def _refuse_nested(name: str, blob: bytes) -> None:
+    kind = archive_kind(blob)
+    if kind is not None:
+        raise _refuse("nested_archive",
+                      f"{name} is a {kind}; archives inside the upload are not accepted",
+                      details=[name])
+
+
+def _is_ignored(name: str) -> bool:
+    parts = [p for p in name.replace("\\", "/").split("/") if p]
+    if not parts:
+        return False
+    base = parts[-1]
+    return (any(p.casefold() in _IGNORED_DIRS for p in parts[:-1]) or base.startswith("._")
+            or base.casefold() in _IGNORED_NAMES)
+
+
+def _fold(name: str) -> str:
+    # macOS writes decomposed (NFD) names, others composed: "é" twice is one name.
+    return unicodedata.normalize("NFC", name).casefold()
+
+
+def _clean(text: str) -> str:
+    # Control and format characters (bidi overrides can make "gpj.exe" read "exe.jpg") go.
+    kept = "".join(ch for ch in unicodedata.normalize("NFC", text)
+                   if unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
+    return kept if len(kept) <= 100 else kept[:60] + "..." + kept[-37:]
+
+
+def _display_names(raw_names: list[str]) -> list[str]:
+    """Basenames for display; where two collide, the cleaned path tells them apart (findings
+    are matched to photos by name, so names must be unique)."""
+    bases = [display_name(n) or "photo" for n in raw_names]
+    counts: dict[str, int] = {}
+    for base in bases:
+        counts[_fold(base)] = counts.get(_fold(base), 0) + 1
+    names: list[str] = []
+    used: set[str] = set()
+    for raw, base in zip(raw_names, bases, strict=True):
+        name = base if counts[_fold(base)] == 1 else _clean(raw.strip("/")) or base
+        candidate, n = name, 2
+        while _fold(candidate) in used:  # only reachable through cleaning collapsing names
+            candidate = f"{name} ({n})"
+            n += 1
+        used.add(_fold(candidate))
+        names.append(candidate)
+    return names
+
+
+def _ignored(name: str, what: str) -> Finding:
+    return Finding("info", "ignored_file", f"{name} was skipped: {what}",
+                   "nothing to do: only photos are read", photo=name)
+
+
+def _too_many(count: int, limits: UploadLimits, *, at_least: bool = False) -> InvalidInputError:
+    shown = f"more than {count - 1}" if at_least else str(count)
+    return _refuse("too_many_members",
+                   f"the upload holds {shown} entries; at most {limits.max_members} photos "
+                   f"({limits.max_entries} entries in all) are accepted")
+
+
+def _refuse(code: str, message: str, *, details: list[str] | None = None) -> InvalidInputError:
+    return InvalidInputError(message, code=code, details=details or [])

@@ -1,0 +1,450 @@
+"""Decoding one uploaded photo, safely, into a plain RGB image.
+
+Everything about a photo's bytes is hostile until decoded: the format is recognized from the
+content (never the name), the declared size is checked before a single pixel is decoded, and
+every decoder failure becomes a ``reject`` :class:`Finding` about that photo, never an exception.
+
+Decisions worth knowing:
+
+* Accepted: JPEG (MPO too: its first picture), PNG, WebP, HEIC/HEIF (``pillow-heif``) and AVIF
+  (Pillow's own plugin). GIF, BMP, TIFF, SVG... are refused as ``unsupported_format``.
+* Animated images (APNG, animated WebP, AVIF sequences) are refused as ``animated_image``: a
+  selfie is one still picture and we cannot know which frame the user meant. A HEIF holding
+  several pictures is not an animation; its primary picture (the one phones show) is used.
+* Truncated files are refused (``LOAD_TRUNCATED_IMAGES`` stays off): a half-grey photo would
+  train into the LoRA.
+* The returned image carries no metadata (``info`` is emptied): what the service needs from EXIF
+  is in :class:`DecodedPhoto` fields, and nothing else (GPS above all) can leak into storage.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError, features
+
+from selfie_lora.dataset.limits import UploadedFile, UploadLimits
+from selfie_lora.domain.entities import Finding
+
+logger = logging.getLogger(__name__)
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF")
+_ACCEPTED_TEXT = "JPEG, PNG, WebP, HEIC or AVIF"
+
+# EXIF tags read here (IFD0), by number so no dictionary lookup can fail.
+_TAG_ORIENTATION = 0x0112
+_TAG_SOFTWARE = 0x0131
+_TAG_PROCESSING_SOFTWARE = 0x000B
+_TAG_GPS_IFD = 0x8825
+
+# EXIF orientation -> the transpose that shows the picture upright (what exif_transpose does,
+# applied from the tag we already parsed instead of re-reading and rewriting the EXIF block).
+_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+# A file declaring more pixels than the limit while holding less than one byte per this many
+# pixels is a decompression bomb, not a big photo (real encoders need far more bytes).
+_BOMB_PIXELS_PER_BYTE = 1000
+
+
+@dataclass(frozen=True)
+class DecodedPhoto:
+    name: str  # the user's name for it (for findings only)
+    image: Image.Image  # mode "RGB", EXIF orientation applied, ICC profile converted to sRGB
+    format: str  # "JPEG" | "PNG" | "WEBP" | "HEIF" | "AVIF"
+    original_size: tuple[int, int]  # (w, h) after orientation, before any reduction
+    exif_software: str | None  # EXIF Software / ProcessingSoftware tag text, if any
+    had_exif: bool
+    had_gps: bool
+    source_sha256: str  # of the uploaded bytes (dedup of byte-identical uploads)
+
+
+class Sniffed(NamedTuple):
+    """What the first bytes of a file say it is."""
+
+    format: str | None  # one of ACCEPTED_FORMATS, or None when it is not one we decode
+    label: str  # for messages: "a GIF image", "a PDF document", ...
+    is_image: bool  # an image format we do not accept (-> unsupported_format, not not_an_image)
+
+
+class _RejectedError(Exception):
+    def __init__(self, finding: Finding) -> None:
+        super().__init__(finding.message)
+        self.finding = finding
+
+
+# --------------------------------------------------------------------------------------------
+# Format recognition
+
+
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs",
+                          b"mif1", b"msf1", b"mif2", b"MiHE"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+
+# (prefix, label, is an image format) for files we recognize but do not decode. Order matters
+# only where prefixes nest.
+_OTHER_SIGNATURES: tuple[tuple[bytes, str, bool], ...] = (
+    (b"GIF87a", "a GIF image", True),
+    (b"GIF89a", "a GIF image", True),
+    (b"II*\x00", "a TIFF (or camera raw) image", True),
+    (b"MM\x00*", "a TIFF (or camera raw) image", True),
+    (b"II+\x00", "a BigTIFF image", True),
+    (b"MM\x00+", "a BigTIFF image", True),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "a JPEG 2000 image", True),
+    (b"\xff\x4f\xff\x51", "a JPEG 2000 image", True),
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "a JPEG XL image", True),
+    (b"\xff\x0a", "a JPEG XL image", True),
+    (b"8BPS", "a Photoshop document", True),
+    (b"qoif", "a QOI image", True),
+    (b"\x76\x2f\x31\x01", "an OpenEXR image", True),
+    (b"#?RADIANCE", "a Radiance HDR image", True),
+    (b"%PDF", "a PDF document", False),
+    (b"PK\x03\x04", "a zip archive", False),
+    (b"PK\x05\x06", "a zip archive", False),
+    (b"\x1f\x8b", "a gzip archive", False),
+    (b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive", False),
+    (b"Rar!\x1a\x07", "a RAR archive", False),
+    (b"\x7fELF", "a program", False),
+    (b"MZ", "a Windows program", False),
+)
+
+
+def sniff_image(data: bytes) -> Sniffed:
+    """Recognize a file by its first bytes (the name and extension are never consulted)."""
+    head = data[:64]
+    if head.startswith(b"\xff\xd8\xff"):
+        return Sniffed("JPEG", "a JPEG image", True)
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return Sniffed("PNG", "a PNG image", True)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return Sniffed("WEBP", "a WebP image", True)
+    if head[4:8] == b"ftyp":
+        return _sniff_isobmff(data)
+    # BMP's "BM" alone is too weak a signature; its 4 reserved header bytes are zero.
+    if head[:2] == b"BM" and len(head) >= 14 and head[6:10] == b"\x00\x00\x00\x00":
+        return Sniffed(None, "a BMP image", True)
+    if head[:4] in (b"\x00\x00\x01\x00", b"\x00\x00\x02\x00") and len(head) >= 6 and head[4:6] != b"\0\0":
+        return Sniffed(None, "an icon file", True)
+    for prefix, label, is_image in _OTHER_SIGNATURES:
+        if head.startswith(prefix):
+            return Sniffed(None, label, is_image)
+    if len(data) >= 262 and data[257:262] == b"ustar":
+        return Sniffed(None, "a tar archive", False)
+    text = data[:4096].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<svg", b"<?xml")) and b"<svg" in text:
+        return Sniffed(None, "an SVG drawing", True)
+    if text.startswith((b"<!doctype html", b"<html")):
+        return Sniffed(None, "a web page", False)
+    return Sniffed(None, "not an image", False)
+
+
+def _sniff_isobmff(data: bytes) -> Sniffed:
+    # The ftyp box: size, "ftyp", major brand, minor version, compatible brands. HEIF and AVIF
+    # share the container (and the "mif1" brand); the AV1 brands decide.
+    box_size = int.from_bytes(data[0:4], "big")
+    end = min(max(box_size, 16), len(data), 4096)
+    major = data[8:12]
+    compatible = {data[i:i + 4] for i in range(16, end - 3, 4)}
+    brands = {major} | compatible
+    if major in _AVIF_BRANDS or (major not in _HEIF_BRANDS - {b"mif1", b"msf1"}
+                                 and brands & _AVIF_BRANDS):
+        return Sniffed("AVIF", "an AVIF image", True)
+    if brands & _HEIF_BRANDS:
+        return Sniffed("HEIF", "a HEIC image", True)
+    if brands & {b"crx "}:
+        return Sniffed(None, "a camera raw image", True)
+    return Sniffed(None, "a video", False)
+
+
+_heif_lock = threading.Lock()
+_heif_state: list[bool] = []  # [] before the first try, then [registered?]
+
+
+def _heif_available() -> bool:
+    # Registered lazily and once: importing pillow-heif costs ~50 ms and it is an optional extra.
+    with _heif_lock:
+        if not _heif_state:
+            try:
+                import pillow_heif
+
+                pillow_heif.register_heif_opener()
+                _heif_state.append(True)
+            except Exception as exc:
+                logger.warning("HEIC photos cannot be read: pillow-heif is unavailable (%r)", exc)
+                _heif_state.append(False)
+        return _heif_state[0]
+
+
+@functools.cache
+def _avif_available() -> bool:
+    return bool(features.check("avif"))
+
+
+def _format_available(fmt: str) -> bool:
+    if fmt == "HEIF":
+        return _heif_available()
+    if fmt == "AVIF":
+        return _avif_available()
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+# ``warnings.catch_warnings`` swaps process-wide state; this lock keeps two decodes in different
+# threads from restoring each other's filters. Only ``Image.open`` (header parsing) runs under it.
+_open_lock = threading.Lock()
+
+
+def decode_photo(
+    upload: UploadedFile, *, limits: UploadLimits, min_side: int | None = None
+) -> DecodedPhoto | Finding:
+    """Decode ``upload`` into an upright sRGB image, or say (as a ``reject`` finding) why not.
+
+    ``min_side``: the caller needs no more than this many pixels on the short side, so the
+    decode may be reduced (JPEG: DCT scaling while decoding; others: ``reduce()`` afterwards)
+    as long as the short side stays >= ``min_side``.
+    """
+    name = upload.name
+    data = upload.data
+    min_side = min_side if min_side is not None and min_side > 0 else None
+    if not data:
+        return _finding(name, "empty_file", f"{name} is empty (0 bytes)",
+                        "the file did not copy completely; export the photo again")
+    if len(data) > limits.max_member_bytes:
+        return _finding(name, "file_too_large",
+                        f"{name} is larger than {limits.mib(limits.max_member_bytes)}",
+                        "export the photo as a JPEG at normal quality")
+    sniffed = sniff_image(data)
+    if sniffed.format is None:
+        if sniffed.is_image:
+            return _finding(name, "unsupported_format",
+                            f"{name} is {sniffed.label}; only {_ACCEPTED_TEXT} photos are accepted",
+                            "export or convert it to JPEG")
+        return _finding(name, "not_an_image",
+                        f"{name} is not a photo ({sniffed.label})" if sniffed.label != "not an image"
+                        else f"{name} is not a photo",
+                        f"upload {_ACCEPTED_TEXT} photos straight from your camera or phone")
+    if not _format_available(sniffed.format):
+        return _finding(name, "unsupported_format",
+                        f"{name} is {sniffed.label}, which this server cannot read",
+                        "convert it to JPEG (on an iPhone: Settings > Camera > Formats > Most "
+                        "Compatible)")
+    try:
+        return _decode(upload, fmt=sniffed.format, limits=limits, min_side=min_side)
+    except _RejectedError as rejected:
+        return rejected.finding
+    except Exception as exc:  # any decoder failure is a finding about this photo, never a 500
+        return _classify_failure(name, sniffed.label, exc)
+
+
+def _decode(
+    upload: UploadedFile, *, fmt: str, limits: UploadLimits, min_side: int | None
+) -> DecodedPhoto:
+    name = upload.name
+    with _open_lock, warnings.catch_warnings(record=True) as caught:
+        # Record every warning instead of letting a filter (pytest's "error", or none at all in
+        # production) decide: the outcome must not depend on the process's warning settings.
+        warnings.simplefilter("always")
+        img = Image.open(io.BytesIO(upload.data), formats=[fmt])
+    with img:
+        for warning in caught:
+            if issubclass(warning.category, Image.DecompressionBombWarning):
+                raise _RejectedError(_bomb(name))
+            logger.debug("decoding %s: %s", name, warning.message)
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise _RejectedError(_finding(name, "corrupt_image", f"{name} declares no pixels",
+                                     "export the photo again"))
+        _check_dimensions(name, width, height, len(upload.data), limits=limits)
+        frames = int(getattr(img, "n_frames", 1) or 1)
+        # MPO (several pictures in one JPEG: a preview, a stereo pair) and multi-picture HEIF
+        # open on their primary picture, which is the photo; elsewhere frames are an animation.
+        if frames > 1 and img.format not in ("MPO", "HEIF"):
+            raise _RejectedError(_finding(
+                name, "animated_image", f"{name} is an animation ({frames} frames), not a photo",
+                "upload a still photo (for a Live Photo, export it as a still JPEG)"))
+        orientation, software, had_exif, had_gps = _read_exif(img)
+        original_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        if fmt == "JPEG" and min_side:
+            # DCT scaling (1/2, 1/4, 1/8) while decoding; Pillow picks the largest factor that
+            # keeps both sides >= min_side, i.e. the short side >= min_side.
+            img.draft("RGB", (min_side, min_side))
+        img.load()
+        icc = img.info.get("icc_profile")
+        out = _flatten(img)
+        if min_side and fmt != "JPEG":
+            out = _reduce(out, min_side=min_side)
+        out = _to_srgb(out, icc if isinstance(icc, bytes) else None, name=name)
+        transpose = _TRANSPOSE.get(orientation)
+        if transpose is not None:
+            out = out.transpose(transpose)
+        if isinstance(out, ImageFile.ImageFile):
+            out = out.copy()  # detached from the decoder (its file object, its frames)
+    out.info = {}  # no metadata travels with the pixels (see module docstring)
+    return DecodedPhoto(
+        name=name, image=out, format=fmt, original_size=original_size, exif_software=software,
+        had_exif=had_exif, had_gps=had_gps,
+        source_sha256=hashlib.sha256(upload.data).hexdigest(),
+    )
+
+
+def _check_dimensions(name: str, width: int, height: int, size: int, *,
+                      limits: UploadLimits) -> None:
+    pixels = width * height
+    if pixels <= limits.max_pixels and max(width, height) <= limits.max_side:
+        return
+    if pixels > limits.max_pixels and size * _BOMB_PIXELS_PER_BYTE < pixels:
+        raise _RejectedError(_bomb(name, f" (it declares {width}x{height} pixels in {size} bytes)"))
+    raise _RejectedError(_finding(
+        name, "image_too_large",
+        f"{name} is {width}x{height} pixels; at most {limits.max_pixels // 1_000_000} megapixels "
+        f"and {limits.max_side} pixels a side are accepted",
+        "resize it (a 2000-4000 pixel photo is plenty) and upload it again"))
+
+
+def _read_exif(img: Image.Image) -> tuple[int, str | None, bool, bool]:
+    """(orientation 1-8, software text, had EXIF, had GPS). Broken EXIF is no EXIF: it must not
+    cost the user a good photo."""
+    try:
+        exif = img.getexif()
+    except Exception as exc:
+        logger.debug("unreadable EXIF: %r", exc)
+        return 1, None, bool(img.info.get("exif")), False
+    had_exif = len(exif) > 0 or bool(img.info.get("exif"))
+    raw_orientation = exif.get(_TAG_ORIENTATION, 1)
+    orientation = raw_orientation if isinstance(raw_orientation, int) and 1 <= raw_orientation <= 8 else 1
+    software = _text(exif.get(_TAG_SOFTWARE)) or _text(exif.get(_TAG_PROCESSING_SOFTWARE))
+    had_gps = False
+    if _TAG_GPS_IFD in exif:
+        try:
+            had_gps = len(exif.get_ifd(_TAG_GPS_IFD)) > 0
+        except Exception:
+            had_gps = True  # a GPS block we cannot parse is still location data
+    return orientation, software, had_exif, had_gps
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return None
+    cleaned = "".join(ch for ch in value if ch.isprintable()).strip()
+    return cleaned[:200] or None
+
+
+def _flatten(img: Image.Image) -> Image.Image:
+    """To "RGB", "L" or "CMYK" (left for the ICC step), alpha composited on white."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        img = _scale_to_l(img, 65535.0 if mode.startswith("I;16") else None)
+    elif mode == "F":
+        img = _scale_to_l(img, None)
+    elif mode == "1":
+        img = img.convert("L")
+    elif mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    elif mode in ("RGBa", "La"):
+        img = img.convert("RGBA" if mode == "RGBa" else "LA")
+    if img.mode in ("RGBA", "LA"):
+        base_mode = "RGB" if img.mode == "RGBA" else "L"
+        white = (255, 255, 255) if base_mode == "RGB" else 255
+        base = Image.new(base_mode, img.size, white)
+        base.paste(img.convert(base_mode), mask=img.getchannel("A"))
+        return base
+    if img.mode in ("RGB", "L", "CMYK"):
+        return img
+    return img.convert("RGB")
+
+
+def _scale_to_l(img: Image.Image, full_scale: float | None) -> Image.Image:
+    # 16-bit and float greys: Pillow's convert("L") clips instead of scaling, which turns a
+    # 16-bit photo white. Scale to the format's full range (or the data's, when it has none).
+    values = np.asarray(img, dtype=np.float64)
+    if full_scale is None:
+        top = float(np.nanmax(values)) if values.size else 0.0
+        full_scale = 1.0 if top <= 1.0 else (255.0 if top <= 255.0 else 65535.0)
+    scaled = np.nan_to_num(values / full_scale * 255.0, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
+def _reduce(img: Image.Image, *, min_side: int) -> Image.Image:
+    factor = min(img.size) // min_side
+    if factor < 2:
+        return img
+    return img.reduce(factor)  # box average: good quality, ceil(side / factor) >= min_side
+
+
+@functools.cache
+def _srgb_profile() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def _to_srgb(img: Image.Image, icc: bytes | None, *, name: str) -> Image.Image:
+    if icc:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            description = ImageCms.getProfileDescription(source) or ""
+            if "srgb" in description.lower() and img.mode == "RGB":
+                return img  # already sRGB: the transform would cost time and change nothing
+            converted = ImageCms.profileToProfile(img, source, _srgb_profile(), outputMode="RGB")
+            if converted is not None:
+                return converted
+        except Exception as exc:
+            # A broken or mismatched profile is common (editing apps) and not the user's problem:
+            # the pixels are used as they are.
+            logger.debug("ICC conversion of %s failed, using the pixels as they are: %r",
+                         name, exc)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------
+# Findings
+
+
+def _finding(name: str, code: str, message: str, advice: str) -> Finding:
+    return Finding("reject", code, message, advice, photo=name)
+
+
+def _bomb(name: str, detail: str = "") -> Finding:
+    return _finding(name, "decompression_bomb",
+                    f"{name} claims a far larger picture than its bytes can hold{detail}",
+                    "upload the original photo from your camera or phone")
+
+
+def _classify_failure(name: str, label: str, exc: Exception) -> Finding:
+    logger.debug("cannot decode %s: %r", name, exc)
+    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return _bomb(name)
+    if isinstance(exc, MemoryError):
+        return _finding(name, "image_too_large", f"{name} is too large to decode",
+                        "resize it (a 2000-4000 pixel photo is plenty) and upload it again")
+    text = str(exc).lower()
+    if isinstance(exc, EOFError) or "truncated" in text or "broken data stream" in text:
+        return _finding(name, "truncated_image",
+                        f"{name} is cut off: the file ends before the picture does",
+                        "the upload or copy was incomplete; export the photo again")
+    if isinstance(exc, UnidentifiedImageError):
+        return _finding(name, "corrupt_image",
+                        f"{name} starts like {label} but is not a valid one",
+                        "export the photo again from your camera or phone")
+    return _finding(name, "corrupt_image", f"{name} is damaged and cannot be decoded",
+                    "export the photo again from your camera or phone")

@@ -1,0 +1,268 @@
+"""The archive and multi-file readers: every hostile archive of the corpus refused with its own
+code, ordinary archives (Mac, Windows, streamed, zip64) read."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+import tracemalloc
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from selfie_lora.dataset.archive import (
+    archive_kind,
+    display_name,
+    read_path,
+    read_uploaded_files,
+    read_zip,
+)
+from selfie_lora.dataset.limits import UploadLimits
+from selfie_lora.errors import InvalidInputError
+from tests.support.hostile import (
+    ARCHIVE_BYTES,
+    jpeg,
+    many_empty_members,
+    polyglot_jpeg_zip,
+    quoted_overlap_zip,
+    raw_zip,
+    stored,
+    zip_of,
+)
+
+LIMITS = UploadLimits()
+
+
+def _refused(call: Callable[[], object]) -> str:
+    with pytest.raises(InvalidInputError) as caught:
+        call()
+    assert caught.value.message
+    return caught.value.code
+
+
+@pytest.mark.parametrize(("key", "code"), [(k, c) for k, (_b, c) in ARCHIVE_BYTES.items()],
+                         ids=list(ARCHIVE_BYTES))
+def test_corpus_archives_are_refused_with_their_code(key: str, code: str) -> None:
+    data = ARCHIVE_BYTES[key][0]()
+    tracemalloc.start()
+    try:
+        got = _refused(lambda: read_zip(data, limits=LIMITS))
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == code
+    assert peak < 20 * 1024 * 1024  # refused before any bomb expands
+
+
+def test_the_quoted_overlap_zip_is_a_real_bomb_for_zipfile() -> None:
+    # The stdlib reader of this Python extracts it (overlapping members); ours refuses it.
+    small = quoted_overlap_zip(files=3, kernel_bytes=1000)
+    with zipfile.ZipFile(io.BytesIO(small)) as zf:
+        sizes = [len(zf.read(name)) for name in zf.namelist()]
+    assert sizes[0] > sizes[1] > sizes[2] == 1000
+    assert sum(sizes) > len(small) * 2
+    assert _refused(lambda: read_zip(small, limits=LIMITS)) == "overlapping_entries"
+
+
+def test_ten_thousand_members_are_refused_fast_and_small() -> None:
+    data = many_empty_members(10_000)
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        assert _refused(lambda: read_zip(data, limits=LIMITS)) == "too_many_members"
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 0.5
+    assert peak < 1024 * 1024
+
+
+def test_the_upload_size_is_checked_first() -> None:
+    data = zip_of({"a.jpg": jpeg()})
+    assert _refused(lambda: read_zip(data, limits=UploadLimits(max_upload_bytes=100))) == \
+        "upload_too_large"
+
+
+def test_data_before_the_archive_is_refused() -> None:
+    assert _refused(lambda: read_zip(b"MZ" + bytes(100) + zip_of({"a.jpg": jpeg()}),
+                                     limits=LIMITS)) == "bad_archive"
+
+
+def test_too_many_photos_counted_before_reading() -> None:
+    data = zip_of({f"{i}.jpg": b"x" for i in range(201)})
+    assert _refused(lambda: read_zip(data, limits=LIMITS)) == "too_many_members"
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED,
+                                         zipfile.ZIP_BZIP2])
+def test_ordinary_zips_are_read(compression: int) -> None:
+    photos = {f"holiday/{i}.jpg": jpeg(seed=i) for i in range(3)}
+    files, findings = read_zip(zip_of(photos, compression=compression), limits=LIMITS)
+    assert [(f.name, f.data) for f in files] == [(n.split("/")[1], b) for n, b in photos.items()]
+    assert findings == []
+
+
+def test_a_mac_zip_skips_system_files_with_info_findings() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("selfies/", b"")
+        zf.writestr("selfies/a.jpg", jpeg(seed=1))
+        zf.writestr("__MACOSX/", b"")
+        zf.writestr("__MACOSX/selfies/._a.jpg", b"\x00\x05\x16\x07 AppleDouble")
+        zf.writestr("selfies/.DS_Store", b"Bud1")
+        zf.writestr("selfies/Thumbs.db", b"\xd0\xcf")
+        zf.writestr("selfies/desktop.ini", b"[.ShellClassInfo]")
+    files, findings = read_zip(buf.getvalue(), limits=LIMITS)
+    assert [f.name for f in files] == ["a.jpg"]
+    assert len(findings) == 6
+    assert {f.severity for f in findings} == {"info"}
+    assert {f.code for f in findings} == {"ignored_file"}
+
+
+def test_streamed_and_zip64_members_are_read() -> None:
+    class Unseekable(io.RawIOBase):
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: object) -> int:
+            chunk = bytes(b)  # type: ignore[call-overload]
+            self.data += chunk
+            return len(chunk)
+
+    sink = Unseekable()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED) as zf:  # sizes in data descriptors
+        with zf.open("streamed.jpg", "w") as fh:
+            fh.write(jpeg(seed=1))
+        with zf.open("zip64.jpg", "w", force_zip64=True) as fh:
+            fh.write(jpeg(seed=2))
+    files, _ = read_zip(bytes(sink.data), limits=LIMITS)
+    assert [(f.name, f.data) for f in files] == [("streamed.jpg", jpeg(seed=1)),
+                                                 ("zip64.jpg", jpeg(seed=2))]
+
+
+def test_an_archive_comment_is_fine_and_an_empty_zip_holds_nothing() -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.comment = b"made by a phone"
+        zf.writestr("a.jpg", jpeg())
+    assert len(read_zip(buf.getvalue(), limits=LIMITS)[0]) == 1
+    assert read_zip(zip_of({}), limits=LIMITS) == ([], [])
+
+
+def test_small_compressible_members_pass_the_ratio_check() -> None:
+    # 512 KiB of zeros compress ~1000:1 but are under the ratio floor: read (decode refuses it).
+    files, _ = read_zip(zip_of({"a.jpg": bytes(512 * 1024)}), limits=LIMITS)
+    assert len(files[0].data) == 512 * 1024
+
+
+def test_display_names_are_basenames_and_unique() -> None:
+    data = zip_of({"a/x.jpg": jpeg(seed=1), "b/X.jpg": jpeg(seed=2), "c/\u202egpj.exe": jpeg()})
+    files, _ = read_zip(data, limits=LIMITS)
+    assert [f.name for f in files] == ["a/x.jpg", "b/X.jpg", "gpj.exe"]
+    assert display_name("C:\\Users\\me\\..\\selfie.jpg") == "selfie.jpg"
+    assert display_name("bad\x00\x1bname.jpg") == "badname.jpg"
+    assert len(display_name("x" * 500 + ".jpg")) <= 100
+
+
+def test_archive_kind_finds_appended_zips_without_false_alarms() -> None:
+    assert archive_kind(polyglot_jpeg_zip()) == "zip archive (appended)"
+    assert archive_kind(zip_of({"a": b"b"})) == "zip archive"
+    assert archive_kind(jpeg()) is None
+    # The end-record signature inside a photo's bytes is not enough.
+    assert archive_kind(jpeg() + b"PK\x05\x06" + bytes(18)) is None
+    assert archive_kind(os.urandom(4096)) is None
+
+
+def test_local_header_must_agree_with_the_directory() -> None:
+    data = bytearray(raw_zip([stored("good.jpg", jpeg())]))
+    data[30:34] = b"evil"  # the local header's copy of the name
+    assert _refused(lambda: read_zip(bytes(data), limits=LIMITS)) == "bad_archive"
+
+
+# --------------------------------------------------------------------------------------------
+# Several files
+
+
+def test_uploaded_files_are_named_safely_and_system_files_skipped() -> None:
+    files, findings = read_uploaded_files(
+        [("../../etc/me.jpg", jpeg(seed=1)), ("C:\\x\\you.jpg", jpeg(seed=2)),
+         (".DS_Store", b"Bud1"), ("", jpeg(seed=3))], limits=LIMITS)
+    assert [f.name for f in files] == ["me.jpg", "you.jpg", "photo4"]
+    assert [f.code for f in findings] == ["ignored_file"]
+
+
+@pytest.mark.parametrize(("files", "limits", "code"), [
+    ([("a.jpg", b"1"), ("A.JPG", b"2")], LIMITS, "duplicate_member"),
+    ([("a.jpg", zip_of({"b.jpg": jpeg()}))], LIMITS, "nested_archive"),
+    ([("a.jpg", polyglot_jpeg_zip())], LIMITS, "nested_archive"),
+    ([(f"{i}.jpg", b"x") for i in range(201)], LIMITS, "too_many_members"),
+    ([("a.jpg", bytes(200))], UploadLimits(max_upload_bytes=100), "upload_too_large"),
+    ([("a.jpg", bytes(200))], UploadLimits(max_member_bytes=100), "member_too_large"),
+])
+def test_uploaded_files_refusals(files: list[tuple[str, bytes]], limits: UploadLimits,
+                                 code: str) -> None:
+    assert _refused(lambda: read_uploaded_files(files, limits=limits)) == code
+
+
+# --------------------------------------------------------------------------------------------
+# Folders and paths
+
+
+def test_a_folder_is_read_without_following_links(tmp_path: Path) -> None:
+    (tmp_path / "b.jpg").write_bytes(jpeg(seed=2))
+    (tmp_path / "a.jpg").write_bytes(jpeg(seed=1))
+    (tmp_path / ".hidden.jpg").write_bytes(jpeg(seed=3))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.jpg").write_bytes(jpeg(seed=4))
+    (tmp_path / "link.jpg").symlink_to(tmp_path / "a.jpg")
+    files, findings = read_path(tmp_path, limits=LIMITS)
+    assert [f.name for f in files] == ["a.jpg", "b.jpg"]
+    assert sorted(f.photo or "" for f in findings) == [".hidden.jpg", "link.jpg", "sub"]
+
+
+def test_a_zip_path_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "p.zip"
+    path.write_bytes(zip_of({"a.jpg": jpeg()}))
+    files, _ = read_path(path, limits=LIMITS)
+    assert [f.name for f in files] == ["a.jpg"]
+    assert _refused(lambda: read_path(path, limits=UploadLimits(max_upload_bytes=10))) == \
+        "upload_too_large"
+
+
+def test_folder_refusals(tmp_path: Path) -> None:
+    assert _refused(lambda: read_path(tmp_path / "missing", limits=LIMITS)) == "no_such_path"
+    (tmp_path / "a.jpg").write_bytes(bytes(200))
+    assert _refused(lambda: read_path(tmp_path, limits=UploadLimits(max_member_bytes=100))) == \
+        "member_too_large"
+    (tmp_path / "b.jpg").write_bytes(bytes(200))
+    assert _refused(lambda: read_path(tmp_path, limits=UploadLimits(max_total_bytes=300))) == \
+        "archive_too_large"
+    assert _refused(lambda: read_path(tmp_path, limits=UploadLimits(max_members=1))) == \
+        "too_many_members"
+    (tmp_path / "c.jpg").write_bytes(zip_of({"d.jpg": jpeg()}))
+    assert _refused(lambda: read_path(tmp_path, limits=LIMITS)) == "nested_archive"
+
+
+def test_harmless_odd_names_are_read() -> None:
+    # Colons (a macOS "/" in a Finder name) and "./" prefixes are not paths out of anywhere.
+    files, _ = read_zip(zip_of({"12:30 selfie.jpg": jpeg(seed=1), "./b.jpg": jpeg(seed=2)}),
+                        limits=LIMITS)
+    assert [f.name for f in files] == ["12:30 selfie.jpg", "b.jpg"]
+
+
+def test_compressed_streams_inside_are_nested_archives() -> None:
+    import bz2
+    import lzma
+
+    for blob in (bz2.compress(jpeg()), lzma.compress(jpeg())):
+        data = zip_of({"a.jpg": blob})
+        with pytest.raises(InvalidInputError) as caught:
+            read_zip(data, limits=LIMITS)
+        assert caught.value.code == "nested_archive"
+    assert archive_kind(b"BZh is how this note starts") is None

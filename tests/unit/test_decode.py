@@ -1,0 +1,287 @@
+"""decode_photo: every accepted format upright and RGB; every broken or hostile photo a finding."""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Callable
+
+import pillow_heif
+import pytest
+from PIL import Image, ImageCms
+
+from selfie_lora.dataset import decode
+from selfie_lora.dataset.decode import DecodedPhoto, decode_photo, sniff_image
+from selfie_lora.dataset.limits import UploadedFile, UploadLimits
+from selfie_lora.domain.entities import Finding
+from tests.support.hostile import PHOTO_BYTES, encode, jpeg, photo
+
+LIMITS = UploadLimits()
+
+# The transpose that turns the upright picture into what a camera stores for each orientation
+# (the inverse of what the decoder must apply).
+_STORED_AS = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def _decoded(data: bytes, name: str = "p.jpg", *, limits: UploadLimits = LIMITS,
+             min_side: int | None = None) -> DecodedPhoto:
+    result = decode_photo(UploadedFile(name, data), limits=limits, min_side=min_side)
+    assert isinstance(result, DecodedPhoto), result
+    return result
+
+
+def _rejected(data: bytes, name: str = "p.jpg", *, limits: UploadLimits = LIMITS) -> Finding:
+    result = decode_photo(UploadedFile(name, data), limits=limits)
+    assert isinstance(result, Finding), result
+    assert result.severity == "reject"
+    assert result.photo == name
+    return result
+
+
+def _heic(img: Image.Image, *, exif: bytes | None = None) -> bytes:
+    buf = io.BytesIO()
+    params: dict[str, object] = {"quality": 95}
+    if exif is not None:
+        params["exif"] = exif
+    img.save(buf, format="HEIF", **params)
+    return buf.getvalue()
+
+
+def _with_orientation(fmt: str, orientation: int) -> bytes:
+    stored = photo((96, 64))
+    transpose = _STORED_AS[orientation]
+    if transpose is not None:
+        stored = stored.transpose(transpose)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x0131] = "Camera 1.0"  # so the EXIF block survives encoders that move the orientation
+    if fmt == "HEIF":
+        pillow_heif.register_heif_opener()
+        return _heic(stored, exif=exif.tobytes())
+    params: dict[str, object] = {"exif": exif.tobytes()}
+    if fmt in ("JPEG", "WEBP", "AVIF"):
+        params["quality"] = 95
+    return encode(stored, fmt, **params)
+
+
+def _quadrant_colors(img: Image.Image) -> list[tuple[int, int, int]]:
+    w, h = img.size
+    points = [(w // 8, h // 8), (w - 1 - w // 8, h // 8), (w // 8, h - 1 - h // 8),
+              (w - 1 - w // 8, h - 1 - h // 8)]
+    colors = []
+    for p in points:
+        px = img.getpixel(p)
+        assert isinstance(px, tuple)
+        colors.append((int(px[0]), int(px[1]), int(px[2])))
+    return colors
+
+
+def _close(a: tuple[int, ...], b: tuple[int, ...], tolerance: int = 40) -> bool:
+    return all(abs(x - y) <= tolerance for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "HEIF", "AVIF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_format_decodes_upright_for_every_orientation(fmt: str, orientation: int) -> None:
+    decoded = _decoded(_with_orientation(fmt, orientation))
+    assert decoded.format == fmt
+    assert decoded.image.mode == "RGB"
+    assert decoded.image.size == (96, 64)
+    assert decoded.original_size == (96, 64)
+    assert decoded.had_exif
+    expected = _quadrant_colors(photo((96, 64)))
+    got = _quadrant_colors(decoded.image)
+    assert all(_close(g, e) for g, e in zip(got, expected, strict=True)), (got, expected)
+
+
+@pytest.mark.parametrize(("key", "code"), [(k, c) for k, (_b, c) in PHOTO_BYTES.items()],
+                         ids=list(PHOTO_BYTES))
+def test_corpus_photos_are_refused_with_their_code(key: str, code: str) -> None:
+    build: Callable[[], bytes] = PHOTO_BYTES[key][0]
+    finding = _rejected(build(), name="selfie.jpg")
+    assert finding.code == code
+    assert finding.message
+    assert finding.advice
+
+
+def test_a_name_never_decides_the_format() -> None:
+    assert _decoded(encode(photo(), "PNG"), name="photo.jpg").format == "PNG"
+    assert _rejected(encode(photo(), "GIF"), name="photo.png").code == "unsupported_format"
+
+
+def test_adobe_cmyk_jpeg_becomes_correct_rgb() -> None:
+    # Pillow writes CMYK JPEGs with an Adobe marker and inverted values, as Photoshop does.
+    cmyk = Image.new("CMYK", (40, 30), (0, 255, 255, 0))  # pure red in CMYK
+    data = encode(cmyk, "JPEG", quality=95)
+    assert b"Adobe" in data
+    decoded = _decoded(data)
+    assert decoded.image.mode == "RGB"
+    px = decoded.image.getpixel((20, 15))
+    assert isinstance(px, tuple)
+    assert _close(px, (255, 0, 0))
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped() -> None:
+    decoded = _decoded(encode(Image.new("I;16", (20, 20), 32768), "PNG"))
+    assert decoded.image.mode == "RGB"
+    assert _close(decoded.image.getpixel((5, 5)), (128, 128, 128), 2)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_alpha_is_composited_on_white(mode: str) -> None:
+    img = Image.new(mode, (20, 20), (0, 0) if mode == "LA" else (0, 0, 0, 0))
+    img.paste((0, 255) if mode == "LA" else (0, 0, 0, 255), (0, 0, 10, 20))
+    decoded = _decoded(encode(img, "PNG"))
+    assert decoded.image.mode == "RGB"
+    assert decoded.image.getpixel((15, 5)) == (255, 255, 255)
+    assert decoded.image.getpixel((5, 5)) == (0, 0, 0)
+
+
+def test_palette_with_transparency_is_composited_on_white() -> None:
+    img = Image.new("P", (20, 20), 0)
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    img.paste(1, (0, 0, 10, 20))
+    decoded = _decoded(encode(img, "PNG", transparency=0))
+    assert decoded.image.getpixel((15, 5)) == (255, 255, 255)
+    assert decoded.image.getpixel((5, 5)) == (0, 0, 255)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P"])
+def test_other_modes_become_rgb(mode: str) -> None:
+    img = photo().convert(mode)
+    assert _decoded(encode(img, "PNG")).image.mode == "RGB"
+
+
+def test_transparent_webp_and_grey_jpeg_become_rgb() -> None:
+    rgba = photo().convert("RGBA")
+    rgba.putalpha(0)
+    decoded = _decoded(encode(rgba, "WEBP", lossless=True))
+    assert decoded.image.getpixel((1, 1)) == (255, 255, 255)
+    assert _decoded(encode(photo().convert("L"), "JPEG")).image.mode == "RGB"
+
+
+def test_jpeg_is_decoded_reduced_keeping_the_short_side() -> None:
+    data = jpeg((800, 600))
+    decoded = _decoded(data, min_side=100)
+    assert decoded.original_size == (800, 600)
+    assert decoded.image.size == (200, 150)  # DCT scaling by 4: the largest keeping >= 100
+    assert _decoded(data, min_side=600).image.size == (800, 600)
+    assert _decoded(data, min_side=2000).image.size == (800, 600)
+
+
+def test_reduced_jpeg_with_orientation_reports_the_upright_size() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = encode(photo((800, 600)), "JPEG", exif=exif.tobytes())
+    decoded = _decoded(data, min_side=100)
+    assert decoded.original_size == (600, 800)
+    assert decoded.image.size == (150, 200)
+
+
+def test_other_formats_are_reduced_after_decoding() -> None:
+    decoded = _decoded(encode(photo((800, 600)), "PNG"), min_side=100)
+    assert decoded.original_size == (800, 600)
+    assert min(decoded.image.size) >= 100
+    assert decoded.image.size == (134, 100)
+
+
+def test_exif_facts_are_reported_and_no_metadata_travels() -> None:
+    exif = Image.Exif()
+    exif[0x0131] = "Adobe Photoshop 25.0"
+    gps = exif.get_ifd(0x8825)
+    gps[1] = "N"
+    gps[2] = (48.0, 51.0, 24.0)
+    data = encode(photo(), "JPEG", exif=exif.tobytes(), comment=b"secret")
+    decoded = _decoded(data)
+    assert decoded.exif_software == "Adobe Photoshop 25.0"
+    assert decoded.had_exif
+    assert decoded.had_gps
+    assert decoded.image.info == {}
+    import hashlib
+
+    assert decoded.source_sha256 == hashlib.sha256(data).hexdigest()
+    plain = _decoded(jpeg())
+    assert (plain.had_exif, plain.had_gps, plain.exif_software) == (False, False, None)
+
+
+def test_processing_software_is_used_when_software_is_absent() -> None:
+    exif = Image.Exif()
+    exif[0x000B] = "Lightroom"
+    assert _decoded(encode(photo(), "JPEG", exif=exif.tobytes())).exif_software == "Lightroom"
+
+
+def test_icc_profiles_convert_or_fall_back_silently() -> None:
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    for profile in (srgb, lab, b"not an ICC profile at all" * 4):
+        decoded = _decoded(encode(photo(), "PNG", icc_profile=profile))
+        assert decoded.image.mode == "RGB"
+        assert _close(decoded.image.getpixel((2, 2)), (220, 30, 30), 12)  # type: ignore[arg-type]
+
+
+def test_mpo_opens_on_its_first_picture() -> None:
+    buf = io.BytesIO()
+    photo(seed=1).save(buf, format="MPO", save_all=True, append_images=[Image.new("RGB", (96, 80))])
+    decoded = _decoded(buf.getvalue())
+    assert decoded.format == "JPEG"
+    assert _close(decoded.image.getpixel((2, 2)), (220, 30, 30))  # type: ignore[arg-type]
+
+
+def test_limits_are_the_callers() -> None:
+    data = jpeg((96, 80))
+    assert _rejected(data, limits=UploadLimits(max_pixels=1000)).code == "image_too_large"
+    assert _rejected(data, limits=UploadLimits(max_side=90)).code == "image_too_large"
+    assert _rejected(data, limits=UploadLimits(max_member_bytes=100)).code == "file_too_large"
+
+
+def test_pillow_bomb_warning_is_a_refusal_whatever_the_warning_filters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # 96 x 80 = 7,680 pixels: over 5,000 (a warning) and under 10,000 (Pillow's error).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    assert _rejected(jpeg((96, 80))).code == "decompression_bomb"
+
+
+def test_heic_without_pillow_heif_is_unsupported(monkeypatch: pytest.MonkeyPatch) -> None:
+    pillow_heif.register_heif_opener()
+    data = _heic(photo())
+    monkeypatch.setattr(decode, "_heif_available", lambda: False)
+    assert _rejected(data, name="p.heic").code == "unsupported_format"
+
+
+@pytest.mark.parametrize(("head", "fmt"), [
+    (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic", "HEIF"),
+    (b"\x00\x00\x00\x18ftypmif1\x00\x00\x00\x00mif1heic", "HEIF"),
+    (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf", "AVIF"),
+    (b"\x00\x00\x00\x18ftypmif1\x00\x00\x00\x00mif1avif", "AVIF"),
+    (b"\x00\x00\x00\x18ftypisom\x00\x00\x00\x00isommp41", None),
+])
+def test_heif_and_avif_are_told_apart_by_brand(head: bytes, fmt: str | None) -> None:
+    assert sniff_image(head + b"\x00" * 32).format == fmt
+
+
+def test_decoding_from_many_threads_at_once() -> None:
+    blobs = [jpeg((200, 150), seed=i) for i in range(4)] + [encode(photo(), "PNG")]
+    errors: list[object] = []
+
+    def work() -> None:
+        for _ in range(10):
+            for blob in blobs:
+                result = decode_photo(UploadedFile("p", blob), limits=LIMITS, min_side=50)
+                if not isinstance(result, DecodedPhoto):
+                    errors.append(result)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
