@@ -1,0 +1,320 @@
+"""The photo checks on real photos (tests/fixtures/photos) with the dlib analyzer.
+
+obama*.jpg are one person, biden.jpg another; obama_partial_face*.jpg are crops of obama.jpg,
+32bit.png a PNG copy of obama2.jpg; all carry EXIF with Software "Adobe Photoshop".
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms, ImageDraw, ImageEnhance, ImageFilter
+
+from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer, face_distance
+from selfie_lora.adapters.faces.dlib_regions import DlibRegionFaceAnalyzer
+from selfie_lora.dataset.checks import CheckPolicy, PhotoAnalysis, analyze_photo, check_set
+from selfie_lora.dataset.decode import DecodedPhoto, decode_photo
+from selfie_lora.dataset.limits import UploadedFile, UploadLimits
+from selfie_lora.dataset.pipeline import run_intake, shutdown_pools
+from selfie_lora.dataset.prepare import prepare_photo
+from tests.support.photos import FIXTURES
+
+pytest.importorskip("dlib", reason="the photo checks need the 'faces' extra")
+pytest.importorskip("imagehash", reason="the photo checks need the 'faces' extra")
+
+POLICY = CheckPolicy(resolution=512, min_photos=3)
+LIMITS = UploadLimits()
+QUALITY_CODES = {"blurry", "underexposed", "overexposed", "oversaturated", "smooth_skin"}
+ALL = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "obama_partial_face.jpg",
+       "obama_partial_face2.jpg", "32bit.png")
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> DlibRegionFaceAnalyzer:
+    return DlibRegionFaceAnalyzer()
+
+
+class Photos:
+    """Decodes and analyses each photo once for the whole module."""
+
+    def __init__(self, analyzer: DlibRegionFaceAnalyzer) -> None:
+        self.analyzer = analyzer
+        self._decoded: dict[str, DecodedPhoto] = {}
+        self._analyses: dict[str, PhotoAnalysis] = {}
+        self.order = 0
+
+    def upload(self, name: str, data: bytes | None = None) -> UploadedFile:
+        return UploadedFile(name=name, data=data if data is not None
+                            else (FIXTURES / name).read_bytes())
+
+    def decoded(self, name: str, data: bytes | None = None) -> DecodedPhoto:
+        if name not in self._decoded:
+            result = decode_photo(self.upload(name, data), limits=LIMITS, min_side=1024)
+            assert isinstance(result, DecodedPhoto), result
+            self._decoded[name] = result
+        return self._decoded[name]
+
+    def analysis(self, name: str, data: bytes | None = None) -> PhotoAnalysis:
+        if name not in self._analyses:
+            self.order += 1
+            self._analyses[name] = analyze_photo(self.decoded(name, data), analyzer=self.analyzer,
+                                                 policy=POLICY, order=self.order)
+        return self._analyses[name]
+
+
+@pytest.fixture(scope="module")
+def photos(analyzer: DlibRegionFaceAnalyzer) -> Photos:
+    return Photos(analyzer)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_worker_processes() -> Iterator[None]:
+    yield
+    shutdown_pools()
+
+
+def jpeg(img: Image.Image, **save: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95, **save)
+    return buf.getvalue()
+
+
+def fixture_image(name: str) -> Image.Image:
+    with Image.open(FIXTURES / name) as img:
+        return img.convert("RGB")
+
+
+def codes(analysis: PhotoAnalysis) -> dict[str, str]:
+    return {f.code: f.severity for f in analysis.findings}
+
+
+# --------------------------------------------------------------------------- one person
+
+
+def test_three_photos_of_one_person_pass(photos: Photos) -> None:
+    analyses = [photos.analysis(n) for n in ("obama.jpg", "obama2.jpg", "obama3.jpg")]
+    for a in analyses:
+        assert not a.rejected, a.findings
+        # Press photos went through Photoshop: a warning, not a rejection.
+        assert codes(a) == {"edited_software": "warn"}, a.findings
+        assert a.main_face is not None
+        assert len(a.main_face.landmarks) == 68
+    report = check_set(analyses, policy=POLICY)
+    assert report.trainable
+    assert report.accepted == ("obama.jpg", "obama2.jpg", "obama3.jpg")
+    set_codes = {f.code: f.severity for f in report.findings if f.photo is None}
+    assert set_codes == {"few_photos": "warn"}
+    assert report.quality in ("fair", "poor")
+    assert report.score < 70
+    assert any("15-25" in reason for reason in report.reasons)
+    # The same three photos with a hard minimum of 5 cannot train.
+    strict = check_set(analyses, policy=replace(POLICY, min_photos=5))
+    assert not strict.trainable
+    assert strict.quality == "poor"
+    assert "too_few_photos" in {f.code for f in strict.findings if f.severity == "reject"}
+
+
+def test_another_person_is_flagged(photos: Photos) -> None:
+    names = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")
+    report = check_set([photos.analysis(n) for n in names], policy=POLICY)
+    flagged = {f.photo: f.severity for f in report.findings if f.code == "different_person"}
+    assert flagged == {"biden.jpg": "reject"}
+    assert report.accepted == ("obama.jpg", "obama2.jpg", "obama3.jpg")
+
+
+def test_crops_and_a_png_copy_are_near_duplicates(photos: Photos) -> None:
+    report = check_set([photos.analysis(n) for n in ALL], policy=POLICY)
+    dups = {f.photo: f.message for f in report.findings if f.code == "near_duplicate"}
+    assert set(dups) == {"obama_partial_face.jpg", "obama_partial_face2.jpg", "32bit.png"}
+    assert "obama.jpg" in dups["obama_partial_face.jpg"]
+    assert "obama.jpg" in dups["obama_partial_face2.jpg"]
+    # The copy without EXIF goes, the camera original stays.
+    assert "obama2.jpg" in dups["32bit.png"]
+    assert {f.photo for f in report.findings if f.code == "different_person"} == {"biden.jpg"}
+    assert report.accepted == ("obama.jpg", "obama2.jpg", "obama3.jpg")
+    # The crops are also cut off by their frame.
+    assert codes(photos.analysis("obama_partial_face.jpg"))["face_cut_off"] == "reject"
+
+
+def test_a_second_person_in_the_photo(photos: Photos) -> None:
+    base = fixture_image("obama3.jpg")
+    biden = photos.analysis("biden.jpg")
+    main = photos.analysis("obama3.jpg").main_face
+    assert biden.main_face is not None
+    assert main is not None
+    left, top, right, bottom = biden.main_face.box
+    pad = (right - left) // 3
+    face = fixture_image("biden.jpg").crop((left - pad, top - pad, right + pad, bottom + pad))
+    # Pasted at ~80% of the main face's size, beside him at the same height.
+    scale = 0.8 * main.width / (right - left)
+    face = face.resize((round(face.width * scale), round(face.height * scale)))
+    base.paste(face, (main.box[0] - face.width - 60, main.box[1] - pad))
+    analysis = photos.analysis("two_people.jpg", jpeg(base))
+    found = [f for f in analysis.findings if f.code == "multiple_faces"]
+    assert len(found) == 1
+    assert found[0].severity == "reject"
+    assert "%" in found[0].message
+    # The main face is still the subject's.
+    assert analysis.embedding is not None
+    original = photos.analysis("obama3.jpg").embedding
+    assert original is not None
+    assert face_distance(analysis.embedding, original) < 0.3
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    ("blur", "blurry"), ("dark", "underexposed"), ("saturate", "oversaturated"),
+])
+def test_edited_copies_are_flagged_for_the_right_reason(photos: Photos, edit: str,
+                                                        expected: str) -> None:
+    img = fixture_image("obama.jpg")
+    if edit == "blur":
+        img = img.filter(ImageFilter.GaussianBlur(3))
+    elif edit == "dark":
+        img = ImageEnhance.Brightness(img).enhance(0.3)
+    else:
+        img = ImageEnhance.Color(img).enhance(2.5)
+    analysis = photos.analysis(f"{edit}.jpg", jpeg(img))
+    found = codes(analysis)
+    assert found.get(expected) == "reject", analysis.findings
+    assert QUALITY_CODES & set(found) == {expected}, analysis.findings
+    finding = next(f for f in analysis.findings if f.code == expected)
+    assert finding.advice
+    assert finding.photo == f"{edit}.jpg"
+
+
+def test_airbrushed_skin_is_noticed(photos: Photos) -> None:
+    img = fixture_image("obama.jpg")
+    face = photos.analysis("obama.jpg").main_face
+    assert face is not None
+    pts = face.landmarks
+    # A beauty filter's look: the skin blurred, eyes, brows, nose and mouth left sharp.
+    mask = Image.new("L", img.size, 0)
+    draw = ImageDraw.Draw(mask)
+    draw.polygon([pts[i] for i in [*range(17), 26, 25, 24, 23, 22, 21, 20, 19, 18, 17]], fill=255)
+    for group in (range(17, 22), range(22, 27), range(36, 42), range(42, 48), range(48, 60),
+                  range(27, 36)):
+        xs = [pts[i][0] for i in group]
+        ys = [pts[i][1] for i in group]
+        draw.rectangle((min(xs) - 6, min(ys) - 6, max(xs) + 6, max(ys) + 6), fill=0)
+    mask = mask.filter(ImageFilter.GaussianBlur(4))
+    smooth = Image.composite(img.filter(ImageFilter.GaussianBlur(4)), img, mask)
+    analysis = photos.analysis("airbrushed.jpg", jpeg(smooth))
+    found = codes(analysis)
+    assert found.get("smooth_skin") == "warn", analysis.findings
+    assert "blurry" not in found
+    assert photos.analysis("obama.jpg").metrics is not None
+
+
+def test_beauty_app_photo_is_rejected(photos: Photos) -> None:
+    exif = Image.Exif()
+    exif[0x0131] = "Facetune2"
+    analysis = photos.analysis("facetune.jpg", jpeg(fixture_image("obama2.jpg"), exif=exif))
+    assert codes(analysis)["edited_software"] == "reject"
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def test_photo_with_gps_is_prepared_without_any_metadata(photos: Photos) -> None:
+    exif = Image.Exif()
+    exif[0x010F] = "PhoneMaker"  # Make
+    exif[0x0131] = "Camera 1.0"
+    gps = exif.get_ifd(0x8825)
+    gps[1] = "N"
+    gps[2] = (48.0, 51.0, 29.0)
+    gps[3] = "E"
+    gps[4] = (2.0, 17.0, 40.0)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    data = jpeg(fixture_image("obama.jpg"), exif=exif, icc_profile=icc,
+                comment=b"taken at home, 12 Main Street")
+    with Image.open(io.BytesIO(data)) as source:  # the input really carries all of it
+        assert source.getexif().get_ifd(0x8825)
+        assert source.info.get("comment")
+        assert source.info.get("icc_profile")
+    decoded = photos.decoded("gps.jpg", data)
+    assert decoded.had_gps
+    analysis = photos.analysis("gps.jpg", data)
+    prepared = prepare_photo(decoded, analysis, resolution=512)
+    with Image.open(io.BytesIO(prepared.data)) as out:
+        assert out.format == "JPEG"
+        assert out.size == (512, 512)
+        assert out.mode == "RGB"
+        assert len(out.getexif()) == 0
+        assert not out.getexif().get_ifd(0x8825)
+        for key in ("exif", "comment", "icc_profile", "xmp", "photoshop"):
+            assert key not in out.info, key
+    for marker in (b"Exif", b"12 Main Street", b"PhoneMaker", b"ICC_PROFILE", b"GPS"):
+        assert marker not in prepared.data
+
+
+@pytest.mark.parametrize(("name", "resolution"), [("obama3.jpg", 512), ("obama.jpg", 256)])
+def test_face_aware_crop_holds_the_face(photos: Photos, analyzer: DlibRegionFaceAnalyzer,
+                                        name: str, resolution: int) -> None:
+    prepared = prepare_photo(photos.decoded(name), photos.analysis(name), resolution=resolution)
+    assert (prepared.width, prepared.height) == (resolution, resolution)
+    with Image.open(io.BytesIO(prepared.data)) as img:
+        assert img.size == (resolution, resolution)
+        faces = analyzer.detect(np.asarray(img.convert("RGB")), landmarks=False, embed=False)
+    assert len(faces) == 1
+    left, top, right, bottom = faces[0].box
+    assert left >= 0
+    assert top >= 0
+    assert right <= resolution
+    assert bottom <= resolution
+    # Centred, filling ~42% of the square (the detector's box varies by ~10%).
+    assert abs((left + right) / 2 - resolution / 2) < resolution * 0.08
+    assert 0.3 < faces[0].height / resolution < 0.55
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _uploads(names: tuple[str, ...]) -> list[UploadedFile]:
+    return [UploadedFile(name=n, data=(FIXTURES / n).read_bytes()) for n in names]
+
+
+def test_run_intake_end_to_end(analyzer: DlibRegionFaceAnalyzer) -> None:
+    files = _uploads(("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "32bit.png"))
+    files.append(UploadedFile(name="notes.txt", data=b"hello"))
+    result = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=analyzer, workers=1)
+    assert result.images_total == 6
+    assert [p.name for p in result.prepared] == ["obama.jpg", "obama2.jpg", "obama3.jpg"]
+    assert all((p.width, p.height) == (512, 512) for p in result.prepared)
+    found = {(f.photo, f.code) for f in result.findings}
+    assert {("notes.txt", "not_an_image"), ("biden.jpg", "different_person"),
+            ("32bit.png", "near_duplicate"), (None, "few_photos")} <= found
+    assert result.report.trainable
+
+
+def test_worker_processes_give_the_same_result(analyzer: DlibRegionFaceAnalyzer) -> None:
+    files = _uploads(("obama.jpg", "obama3.jpg", "biden.jpg", "32bit.png"))
+    inline = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=analyzer, workers=1)
+    # A plain DlibFaceAnalyzer goes to worker processes (dlib holds the GIL).
+    pooled = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=DlibFaceAnalyzer(),
+                        workers=2)
+    assert pooled.report.accepted == inline.report.accepted
+    assert [p.sha256 for p in pooled.prepared] == [p.sha256 for p in inline.prepared]
+    assert sorted((f.photo or "", f.code) for f in pooled.findings) == sorted(
+        (f.photo or "", f.code) for f in inline.findings)
+
+
+def test_a_dead_worker_process_is_replaced(caplog: pytest.LogCaptureFixture) -> None:
+    import os
+    import signal
+
+    from selfie_lora.dataset import pipeline
+
+    analyzer = DlibFaceAnalyzer()
+    pipeline.warm_up(analyzer, workers=2)
+    (pool,) = pipeline._pools.values()
+    victim = next(iter(pool._processes))  # killed between two intakes (OOM killer, say)
+    os.kill(victim, signal.SIGKILL)
+    files = _uploads(("obama.jpg", "obama2.jpg", "obama3.jpg"))
+    result = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=analyzer, workers=2)
+    assert [p.name for p in result.prepared] == ["obama.jpg", "obama2.jpg", "obama3.jpg"]
+    assert "analysis_failed" not in {f.code for f in result.findings}
+    assert "face-analysis worker died" in caplog.text
