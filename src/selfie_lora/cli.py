@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from selfie_lora.config import Settings, get_settings
-from selfie_lora.domain.entities import Finding, Training
+from selfie_lora.domain.entities import Finding, GateStatus, Training
 from selfie_lora.errors import SelfieLoraError
 
 app = typer.Typer(help="Personal FLUX LoRAs from selfies, retrained without losing anything.",
@@ -83,6 +83,9 @@ def users_create(
     services = build_services(_settings(), trainers={}, generators={})
     try:
         user, key = services.users.create(name=name)
+    except SelfieLoraError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from None
     finally:
         services.close()
     if as_json:
@@ -141,8 +144,10 @@ def wait_for_training(services: object, training_id: str, *, quiet: bool = False
             while True:
                 training = services.repo.get_training(training_id)
                 assert training is not None
+                phase = " (scoring likeness)" if training.is_scoring else ""
                 bar.update(task, completed=training.progress,
-                           status=f"{training.status} {training.step}/{training.total_steps}")
+                           status=f"{training.status} {training.step}/{training.total_steps}"
+                                  f"{phase}")
                 if training.status.is_terminal:
                     return training
                 time.sleep(0.2)
@@ -177,9 +182,18 @@ def train(
             err_console.print(f"[red]training {final.status}:[/red] {final.error}")
             raise typer.Exit(1)
         model = services.models.get(user=owner)
-        version = services.models.active_version(model=model)
-        console.print(f"[green]succeeded[/green]: version {version.number if version else '?'} "
-                      f"is active (LoRA scale {model.lora_scale})")
+        active = services.models.active_version(model=model)
+        new = services.repo.get_version(final.version_id) if final.version_id else None
+        if new is not None and new.gate_status is GateStatus.HELD:
+            # The training worked; the likeness gate kept the previous version active.
+            console.print(f"[yellow]succeeded, but version {new.number} is held back[/yellow]: "
+                          f"{new.gate_reason}")
+            console.print(f"version {active.number if active else '?'} stays active; compare "
+                          f"them with 'selfie-lora compare --user {user}', or activate version "
+                          f"{new.number} yourself (POST /api/model/versions/{new.id}/activate)")
+        else:
+            console.print(f"[green]succeeded[/green]: version {active.number if active else '?'} "
+                          f"is active (LoRA scale {model.lora_scale})")
     except SelfieLoraError as exc:
         err_console.print(f"[red]error:[/red] {exc.message}")
         for d in exc.details:
@@ -218,6 +232,86 @@ def generate(
         raise typer.Exit(1) from None
     finally:
         services.close()
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+@app.command()
+def compare(
+    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the grid and the chart.")] = Path(
+        "."),
+    a: Annotated[str | None, typer.Option(
+        "--a", help="Version A: an id or a number (default: what the gate compared B with).")
+    ] = None,
+    b: Annotated[str | None, typer.Option(
+        "--b", help="Version B: an id or a number (default: the newest version).")] = None,
+) -> None:
+    """Compare two versions of the user's model probe by probe: writes a side-by-side grid and
+    the chart of likeness scores across all versions, and prints the scores."""
+    from selfie_lora.domain.quality import QualityStatus
+    from selfie_lora.wiring import build_services
+
+    services = build_services(_settings(), trainers={})
+    try:
+        owner = services.users.get_by_name(name=user)
+        comparison = services.quality.compare(user=owner, a=a, b=b)
+        for version in (comparison.a, comparison.b):
+            record = services.repo.get_quality(version.id)
+            if record is None or record.status is not QualityStatus.SCORED:
+                # Versions from before likeness tracking (or whose scoring failed): score now.
+                console.print(f"scoring version {version.number} ...")
+                services.quality.score(version.id, force=record is not None)
+        comparison = services.quality.compare(user=owner, a=comparison.a.id, b=comparison.b.id)
+        out.mkdir(parents=True, exist_ok=True)
+        grid_path = out / f"compare-v{comparison.a.number}-v{comparison.b.number}.png"
+        grid_path.write_bytes(services.quality.grid_png(comparison))
+        chart_path = out / "likeness-chart.png"
+        chart_path.write_bytes(services.quality.chart_png(user=owner))
+    except SelfieLoraError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(1) from None
+    finally:
+        services.close()
+    va, vb = comparison.a, comparison.b
+    table = Table(title=f"version {va.number} (A) against version {vb.number} (B), "
+                        "identity against B's training photos")
+    for column in ("probe", "seed", "prompt", "A", "B", "B - A"):
+        table.add_column(column)
+    for row in comparison.probes:
+        cells = []
+        for result, score in ((row.a, row.a_score), (row.b, row.b_score)):
+            if result is None:
+                cells.append("not scored")
+            elif not result.face_found:
+                cells.append("no face")
+            else:
+                cells.append(_fmt(score.get("similarity") if score else None))
+        sa = row.a_score.get("similarity") if row.a_score else None
+        sb = row.b_score.get("similarity") if row.b_score else None
+        delta = _fmt(sb - sa) if sa is not None and sb is not None else "-"
+        table.add_row(str(row.probe.index + 1), str(row.probe.seed), row.probe.prompt, *cells,
+                      delta)
+    console.print(table)
+    scores = Table(title="scores")
+    for column in ("score", f"A: v{va.number} ({va.gate_status})",
+                   f"B: v{vb.number} ({vb.gate_status})"):
+        scores.add_column(column)
+    ha = comparison.scores_a.headline() if comparison.scores_a else {}
+    hb = comparison.scores_b.headline() if comparison.scores_b else {}
+    for key in ("identity", "identity_nearest", "face_share", "sane_share", "sharpness"):
+        scores.add_row(key, _fmt(ha.get(key)), _fmt(hb.get(key)))
+    console.print(scores)
+    if vb.gate_reason:
+        console.print(f"gate on version {vb.number}: {vb.gate_status}: {vb.gate_reason}")
+    console.print(f"wrote {grid_path}")
+    console.print(f"wrote {chart_path}")
 
 
 @app.command()

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from selfie_lora.domain.quality import DEFAULT_GATE_TOLERANCE, DEFAULT_PROBE_COUNT, MAX_PROBES
 from selfie_lora.domain.recipes import (
     DEFAULT_REPLICATE_RECIPE,
     DEFAULT_REPLICATE_TRAINER_VERSION,
@@ -53,6 +54,19 @@ class Settings(BaseSettings):
     # memory freed on exit); "inline" runs it in the worker thread (tests, to load torch once).
     local_isolation: Literal["process", "inline"] = "process"
     device: str = "auto"
+
+    # Likeness tracking (see services/quality.py). The gate holds back a new version whose
+    # identity score is lower than the active version's by more than the tolerance (a difference
+    # of similarities, 0..1); off, every new version is activated at once (and still scored).
+    quality_gate: bool = True
+    gate_tolerance: float = Field(default=DEFAULT_GATE_TOLERANCE, ge=0.0, le=1.0)
+    # Probes per model (fixed at its first training) and their image side (default: the
+    # generator's own, 64 px for tiny and 1024 for FLUX.1; 512 is faster and enough for faces).
+    probe_count: int = Field(default=DEFAULT_PROBE_COUNT, ge=1, le=MAX_PROBES)
+    probe_size: int | None = Field(default=None, ge=64, le=2048)
+    # Where a held-back version is reported (POST, JSON); unset, it is recorded and logged only.
+    alert_url: str | None = None
+    alert_timeout: float = Field(default=5.0, gt=0)
 
     worker_threads: int = Field(default=2, ge=1)
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, gt=0)

@@ -68,6 +68,10 @@ def _print_training(console: Console, services: Services, training_id: str) -> N
         f"{float(metrics.get('eval_loss_after', 'nan')):.3f}, weights found by "
         f"{training.weights_method}"
     )
+    version = services.repo.get_version(training.version_id) if training.version_id else None
+    if version is not None:
+        console.print(f"likeness gate on v{version.number}: {version.gate_status} "
+                      f"({version.gate_reason})")
 
 
 def run_demo(*, out: Path, console: Console) -> None:
@@ -159,6 +163,13 @@ def run_demo(*, out: Path, console: Console) -> None:
             x += tile.width
         compare_path = gen_dir / "compare-v1-v2.png"
         compare.save(compare_path)
+        # The likeness tracker's own comparison: the fixed probes of both versions, side by side,
+        # and every version's scores (the tiny model draws no faces: its scores say so).
+        comparison = services.quality.compare(user=user)
+        grid_path = gen_dir / "likeness-v1-v2.png"
+        grid_path.write_bytes(services.quality.grid_png(comparison))
+        chart_path = gen_dir / "likeness-chart.png"
+        chart_path.write_bytes(services.quality.chart_png(user=user))
 
         console.rule("where everything is")
         rows = [
@@ -168,6 +179,8 @@ def run_demo(*, out: Path, console: Console) -> None:
             ("LoRA weights", settings.blob_dir / "weights"),
             ("generated images", gen_dir),
             ("side-by-side v1 | v2", compare_path),
+            ("likeness probes v1 | v2", grid_path),
+            ("likeness scores chart", chart_path),
         ]
         for label, path in rows:
             console.print(f"{label:32} {path}")

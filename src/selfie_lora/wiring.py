@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -23,7 +24,8 @@ from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import IntakeService
 from selfie_lora.services.models import ModelService
-from selfie_lora.services.ports import Generator, Trainer
+from selfie_lora.services.ports import Alerter, FaceAnalyzer, Generator, Trainer
+from selfie_lora.services.quality import QualityService
 from selfie_lora.services.training import TrainingService
 from selfie_lora.services.users import UserService
 
@@ -42,6 +44,7 @@ class Services:
     training: TrainingService
     models: ModelService
     generation: GenerationService
+    quality: QualityService
     trainers: dict[str, Trainer] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -54,7 +57,32 @@ def training_defaults(settings: Settings) -> TrainingDefaults:
         trainer_version=settings.effective_trainer_version,
         owner=settings.destination_owner,
         replicate_recipe=settings.replicate_recipe,
+        probe_count=settings.probe_count,
     )
+
+
+_face_analyzer: FaceAnalyzer | None = None
+_face_analyzer_lock = threading.Lock()
+
+
+def default_face_analyzer() -> FaceAnalyzer:
+    """dlib's analyzer, one per process: it loads ~100 MB of models on first use and is
+    thread-safe."""
+    global _face_analyzer
+    with _face_analyzer_lock:
+        if _face_analyzer is None:
+            from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer
+
+            _face_analyzer = DlibFaceAnalyzer()
+        return _face_analyzer
+
+
+def default_alerter(settings: Settings) -> Alerter | None:
+    if not settings.alert_url:
+        return None
+    from selfie_lora.adapters.alerts.http import HttpAlerter
+
+    return HttpAlerter(settings.alert_url, timeout=settings.alert_timeout)
 
 
 def default_trainers(settings: Settings) -> dict[str, Trainer]:
@@ -106,6 +134,8 @@ def build_services(
     generators: Mapping[str, Generator] | None = None,
     rng: random.Random | None = None,
     migrate: bool = True,
+    face_analyzer: FaceAnalyzer | None = None,
+    alerter: Alerter | None = None,
 ) -> Services:
     settings.home.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url)
@@ -122,9 +152,18 @@ def build_services(
     training = TrainingService(
         repo=repo, blobs=blobs, queue=queue, trainers=chosen_trainers,
         defaults=lambda: training_defaults(settings), work_dir=settings.work_dir,
-        webhook_url=webhook_url, rng=rng,
+        webhook_url=webhook_url, rng=rng, gate_enabled=settings.quality_gate,
+    )
+    generation = GenerationService(repo=repo, blobs=blobs, generators=chosen_generators)
+    quality = QualityService(
+        repo=repo, blobs=blobs, generation=generation,
+        faces=face_analyzer or default_face_analyzer(),
+        alerter=alerter if alerter is not None else default_alerter(settings),
+        tolerance=settings.gate_tolerance, probe_count=settings.probe_count,
+        probe_size=settings.probe_size,
     )
     queue.set_training_handler(training.run)
+    queue.set_quality_handler(quality.run)
     return Services(
         settings=settings, engine=engine, repo=repo, blobs=blobs, queue=queue,
         users=UserService(repo=repo),
@@ -135,6 +174,7 @@ def build_services(
         ),
         training=training,
         models=ModelService(repo=repo, blobs=blobs),
-        generation=GenerationService(repo=repo, blobs=blobs, generators=chosen_generators),
+        generation=generation,
+        quality=quality,
         trainers=chosen_trainers,
     )

@@ -99,7 +99,10 @@ class ServeProcess:
             text = self.log_path.read_text(errors="replace")
         except OSError as exc:
             return f"(no server output: {exc})"
-        return text[-chars:]
+        # the polling of progress and health drowns everything else in the access log
+        lines = [line for line in text.splitlines()
+                 if "GET /api/training/progress" not in line and "GET /healthz" not in line]
+        return "\n".join(lines)[-chars:]
 
     def why(self, message: str) -> str:
         """``message`` with the server's recent output, for assertion messages."""

@@ -56,8 +56,7 @@ def check_progress_sequence(first: dict[str, Any], seen: list[dict[str, Any]],
         assert 0.0 <= t["progress"] <= 1.0, t
         assert t["progress"] >= last_progress, server.why(f"progress went back: {seen}")
         assert t["step"] >= last_step, server.why(f"step went back: {seen}")
-        assert t["total_steps"] >= 0
-        assert 0 <= t["step"] <= max(t["total_steps"], 0) or t["total_steps"] == 0, t
+        assert 0 <= t["step"] <= t["total_steps"], t
         last_progress, last_step = t["progress"], t["step"]
     final = seen[-1]
     assert final["status"] == "succeeded", server.why(f"training did not succeed: {final}")
@@ -331,14 +330,17 @@ def test_serve_replicate_backend_with_webhooks(
                            params={"training_id": first["id"]})
             assert r.json()["training"]["status"] == "succeeded", r.json()["training"]
 
-            # ---- generation on the active version with the user's scale
+            # ---- generation on the active version with the user's scale (other predictions,
+            # e.g. likeness scoring of new versions, may have run before: look at the new one)
+            with standin.lock:
+                before = set(standin.predictions)
             r = client.post("/api/generate", headers=ann, json={"prompt": "at the beach", "seed": 1})
             assert r.status_code == 200, server.why(f"generate: {r.status_code} {r.text}")
             generation = r.json()["generation"]
             assert generation["lora_scale"] == 0.7
             with standin.lock:
-                predictions = list(standin.predictions.values())
-            assert len(predictions) == 1, predictions
+                predictions = [p for k, p in standin.predictions.items() if k not in before]
+            assert len(predictions) == 1, [p.input for p in predictions]
             assert predictions[0].input["lora_scale"] == model["lora_scale"]
             assert model["trigger_word"] in predictions[0].input["prompt"]
             assert predictions[0].model == model["destination"]

@@ -74,3 +74,37 @@ def test_two_workers_never_run_one_training_at_once(queue: HueyJobQueue) -> None
     assert peak == 1  # a duplicate that arrives while the first runs finds the lock taken
     assert runs
     assert set(runs) == {"same"}
+
+
+def test_likeness_jobs_run_beside_trainings_one_worker_per_version(queue: HueyJobQueue) -> None:
+    trainings: list[str] = []
+    scored: list[str] = []
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def score(version_id: str) -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.3)
+        with lock:
+            running -= 1
+            scored.append(version_id)
+
+    queue.set_training_handler(trainings.append)
+    queue.set_quality_handler(score)
+    queue.enqueue_training("t1")
+    queue.enqueue_quality("v1")
+    queue.enqueue_quality("v1")  # a duplicate finds the version's lock taken
+    assert queue.pending() == 3
+    worker = BackgroundWorker(queue, workers=2)
+    worker.start()
+    try:
+        wait_until(lambda: queue.pending() == 0 and trainings == ["t1"] and bool(scored))
+        time.sleep(0.5)
+    finally:
+        worker.stop()
+    assert peak == 1
+    assert set(scored) == {"v1"}

@@ -15,14 +15,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfie_lora.adapters.queue.huey_queue import BackgroundWorker
 from selfie_lora.api.serializers import (
+    comparison_json,
     dataset_json,
     generation_json,
     model_json,
+    quality_json,
     training_json,
     version_json,
 )
 from selfie_lora.config import Settings
-from selfie_lora.domain.entities import User
+from selfie_lora.domain.entities import Model, Training, User
 from selfie_lora.errors import AuthError, ConflictError, InvalidInputError, SelfieLoraError
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.wiring import Services, build_services
@@ -122,9 +124,17 @@ def create_app(
         logger.exception("unexpected error", exc_info=exc)
         return _error(500, "internal_error", "something went wrong on our side; please retry")
 
+    def model_doc(model: Model) -> dict[str, Any]:
+        active = svc.models.active_version(model=model)
+        return model_json(model, active, svc.repo.get_quality(active.id) if active else None)
+
     def model_body(user: User) -> dict[str, Any]:
-        model = svc.models.get(user=user)
-        return model_json(model, svc.models.active_version(model=model))
+        return model_doc(svc.models.get(user=user))
+
+    def training_body(training: Training) -> dict[str, Any]:
+        # With its version once stored: the answer carries the likeness gate's state and reason.
+        version = svc.repo.get_version(training.version_id) if training.version_id else None
+        return training_json(training, version)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -172,28 +182,28 @@ def create_app(
         training = None
         if start:
             result = svc.training.start(user=user, dataset_id=dataset.id)
-            training = training_json(result.training)
+            training = training_body(result.training)
         model = svc.models.find(user=user)
         return {
             "dataset": dataset_json(dataset),
             "training": training,
-            "model": model_json(model, svc.models.active_version(model=model)) if model else None,
+            "model": model_doc(model) if model else None,
         }
 
     @app.post("/api/training/start", status_code=202)
     def start_training(user: UserDep, body: StartBody | None = None) -> dict[str, Any]:
         result = svc.training.start(user=user, dataset_id=body.dataset_id if body else None)
-        return {"training": training_json(result.training), "model": model_body(user)}
+        return {"training": training_body(result.training), "model": model_body(user)}
 
     @app.get("/api/training/progress")
     def progress(user: UserDep, training_id: str | None = None) -> dict[str, Any]:
         training, _model = svc.training.get(user=user, training_id=training_id)
-        return {"training": training_json(training), "model": model_body(user)}
+        return {"training": training_body(training), "model": model_body(user)}
 
     @app.post("/api/training/cancel")
     def cancel(user: UserDep, body: CancelBody) -> dict[str, Any]:
         training = svc.training.cancel(user=user, training_id=body.training_id)
-        return {"training": training_json(training), "model": model_body(user)}
+        return {"training": training_body(training), "model": model_body(user)}
 
     @app.get("/api/model")
     def get_model(user: UserDep) -> dict[str, Any]:
@@ -215,7 +225,37 @@ def create_app(
 
     @app.get("/api/model/versions")
     def versions(user: UserDep) -> dict[str, Any]:
-        return {"versions": [version_json(v) for v in svc.models.versions(user=user)]}
+        model = svc.models.find(user=user)
+        records = svc.quality.summaries(model) if model else {}
+        return {"versions": [version_json(v, records.get(v.id))
+                             for v in svc.models.versions(user=user)]}
+
+    @app.get("/api/model/versions/{version_id}/quality")
+    def version_quality(user: UserDep, version_id: str) -> dict[str, Any]:
+        report = svc.quality.report(user=user, version_id=version_id)
+        return quality_json(report.version, report.quality, report.baseline)
+
+    @app.get("/api/model/versions/{version_id}/quality/probes/{index}")
+    def probe_image(user: UserDep, version_id: str, index: int) -> Response:
+        data = svc.quality.probe_image(user=user, version_id=version_id, index=index)
+        return Response(content=data, media_type="image/png")
+
+    @app.get("/api/model/compare")
+    def compare(user: UserDep, a: str | None = None, b: str | None = None) -> dict[str, Any]:
+        """Version ``a`` against ``b`` probe by probe (defaults: the newest version against
+        the one the gate compared it with)."""
+        return comparison_json(svc.quality.compare(user=user, a=a, b=b))
+
+    @app.get("/api/model/compare/grid.png")
+    async def compare_grid(user: UserDep, a: str | None = None, b: str | None = None) -> Response:
+        comparison = svc.quality.compare(user=user, a=a, b=b)
+        png = await _in_thread(lambda: svc.quality.grid_png(comparison))
+        return Response(content=png, media_type="image/png")
+
+    @app.get("/api/model/quality/chart.png")
+    async def quality_chart(user: UserDep) -> Response:
+        png = await _in_thread(lambda: svc.quality.chart_png(user=user))
+        return Response(content=png, media_type="image/png")
 
     @app.post("/api/model/versions/{version_id}/activate")
     def activate(user: UserDep, version_id: str) -> dict[str, Any]:
@@ -236,7 +276,10 @@ def create_app(
 
     @app.get("/api/model/log")
     def model_log(user: UserDep) -> dict[str, Any]:
-        return {"events": list(svc.models.log(user=user))}
+        """The audit events, and the retraining log: one entry per training with what it kept,
+        the gate's decision and the likeness scores before and after."""
+        return {"events": list(svc.models.log(user=user)),
+                "trainings": svc.quality.training_log(user=user)}
 
     @app.post("/api/generate")
     def generate(user: UserDep, body: GenerateBody) -> dict[str, Any]:

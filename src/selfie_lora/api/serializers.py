@@ -3,11 +3,51 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from selfie_lora.domain.entities import Dataset, Generation, Model, Training, Version
+from selfie_lora.domain.quality import ProbeResult, VersionQuality
+from selfie_lora.services.quality import Comparison
+
+CHART_URL = "/api/model/quality/chart.png"
 
 
-def version_json(v: Version) -> dict[str, Any]:
+def gate_json(v: Version) -> dict[str, Any]:
+    """The likeness gate's decision on a version."""
+    details = v.gate_details
+    override = details.get("override")
+    return {
+        "status": str(v.gate_status),
+        "reason": v.gate_reason,
+        "baseline_version_id": details.get("baseline_version_id"),
+        "tolerance": details.get("tolerance"),
+        "before": details.get("before"),
+        "after": details.get("after"),
+        "decided_at": details.get("decided_at"),
+        "overridden": override is not None,
+        "override": override,
+    }
+
+
+def quality_summary_json(q: VersionQuality | None) -> dict[str, Any] | None:
+    """A version's headline likeness scores (against its own training photos)."""
+    if q is None:
+        return None
+    headline = q.scores.headline() if q.scores else {}
+    return {
+        "status": str(q.status),
+        "embedding_model": q.embedding_model,
+        "identity": headline.get("identity"),
+        "identity_nearest": headline.get("identity_nearest"),
+        "face_share": headline.get("face_share"),
+        "sane_share": headline.get("sane_share"),
+        "sharpness": headline.get("sharpness"),
+        "error": q.error,
+        "scored_at": q.scored_at.isoformat() if q.scored_at else None,
+    }
+
+
+def version_json(v: Version, quality: VersionQuality | None = None) -> dict[str, Any]:
     return {
         "id": v.id,
         "number": v.number,
@@ -19,10 +59,56 @@ def version_json(v: Version) -> dict[str, Any]:
         "remote_version": v.remote_version,
         "version_mismatch": v.version_mismatch,
         "created_at": v.created_at.isoformat(),
+        "gate": gate_json(v),
+        "quality": quality_summary_json(quality),
+        "quality_url": f"/api/model/versions/{v.id}/quality",
+        "alert": v.alert,
     }
 
 
-def model_json(m: Model, active: Version | None) -> dict[str, Any]:
+def compare_urls(a_id: str, b_id: str) -> dict[str, str]:
+    query = urlencode({"a": a_id, "b": b_id})
+    return {"compare_url": f"/api/model/compare?{query}",
+            "grid_url": f"/api/model/compare/grid.png?{query}", "chart_url": CHART_URL}
+
+
+def quality_json(
+    v: Version, q: VersionQuality | None, baseline: Version | None
+) -> dict[str, Any]:
+    """``GET /api/model/versions/{id}/quality``: every score, every probe, and where the images are."""
+    per_probe = {p.index: p for p in (q.scores.per_probe if q and q.scores else ())}
+    probes = []
+    for r in q.probes if q else ():
+        score = per_probe.get(r.index)
+        probes.append({
+            "index": r.index, "prompt": r.prompt, "seed": r.seed,
+            "image_url": f"/api/model/versions/{v.id}/quality/probes/{r.index}",
+            "faces": r.faces, "face_found": r.face_found, "face_box": r.face_box,
+            "similarity": score.similarity if score else None,
+            "similarity_nearest": score.similarity_nearest if score else None,
+            "sanity": r.sanity.as_dict() if r.sanity else None, "error": r.error,
+        })
+    body: dict[str, Any] = {
+        "version": version_json(v, q),
+        "gate": gate_json(v),
+        "alert": v.alert,
+        "quality": quality_summary_json(q),
+        "scores": q.scores.headline() if q and q.scores else None,
+        "reference_dataset_id": q.reference_dataset_id if q else None,
+        "training": q.training if q else None,
+        "probes": probes,
+        "compared_with": baseline.id if baseline else None,
+        "chart_url": CHART_URL,
+        "grid_url": None,
+        "compare_url": None,
+    }
+    if baseline is not None:
+        body.update(compare_urls(baseline.id, v.id))
+    return body
+
+
+def model_json(m: Model, active: Version | None,
+               active_quality: VersionQuality | None = None) -> dict[str, Any]:
     return {
         "id": m.id,
         "backend": m.backend,
@@ -31,12 +117,26 @@ def model_json(m: Model, active: Version | None) -> dict[str, Any]:
         "trainer_version": m.trainer_version,
         "lora_scale": m.lora_scale,
         "lora_scale_is_custom": m.lora_scale_is_custom,
-        "active_version": version_json(active) if active else None,
+        "active_version": version_json(active, active_quality) if active else None,
         "created_at": m.created_at.isoformat(),
+        "probes": [p.as_dict() for p in m.probes],
     }
 
 
-def training_json(t: Training) -> dict[str, Any]:
+def training_phase(t: Training) -> str:
+    """Where a training is: queued, training, scoring (its version awaits the likeness gate) or
+    done."""
+    if t.status.is_terminal:
+        return "done"
+    if t.is_scoring:
+        return "scoring"
+    return "queued" if str(t.status) == "queued" else "training"
+
+
+def training_json(t: Training, version: Version | None = None) -> dict[str, Any]:
+    """A training; with its version (once stored), the gate's state and reason: ``pending``
+    while it is scored, then ``passed`` (the version is active) or ``held`` (it is not, and
+    ``gate.reason`` says why)."""
     return {
         "id": t.id,
         "status": str(t.status),
@@ -59,6 +159,8 @@ def training_json(t: Training) -> dict[str, Any]:
         "created_at": t.created_at.isoformat(),
         "started_at": t.started_at.isoformat() if t.started_at else None,
         "completed_at": t.completed_at.isoformat() if t.completed_at else None,
+        "phase": training_phase(t),
+        "gate": gate_json(version) if version is not None else None,
     }
 
 
@@ -83,4 +185,44 @@ def generation_json(g: Generation) -> dict[str, Any]:
         "seed": g.seed,
         "images": [f"/api/generations/{g.id}/images/{i}" for i in range(len(g.image_keys))],
         "created_at": g.created_at.isoformat(),
+    }
+
+
+def comparison_json(c: Comparison) -> dict[str, Any]:
+    """``GET /api/model/compare``: both versions' scores against the same training photos (the
+    newer version's), probe by probe, and the grid and chart URLs."""
+
+    def side(version: Version, result: ProbeResult | None,
+             score: dict[str, Any] | None) -> dict[str, Any] | None:
+        if result is None:
+            return None
+        return {
+            "image_url": f"/api/model/versions/{version.id}/quality/probes/{result.index}",
+            "face_found": result.face_found,
+            "similarity": score.get("similarity") if score else None,
+            "similarity_nearest": score.get("similarity_nearest") if score else None,
+            "sane": result.sanity.ok if result.sanity else False,
+        }
+
+    probes = []
+    for row in c.probes:
+        a = side(c.a, row.a, row.a_score)
+        b = side(c.b, row.b, row.b_score)
+        delta = None
+        if a and b and a["similarity"] is not None and b["similarity"] is not None:
+            delta = round(b["similarity"] - a["similarity"], 4)
+        probes.append({"index": row.probe.index, "prompt": row.probe.prompt,
+                       "seed": row.probe.seed, "a": a, "b": b, "delta": delta})
+    sa = c.scores_a.headline() if c.scores_a else None
+    sb = c.scores_b.headline() if c.scores_b else None
+    delta_identity = None
+    if sa and sb and sa["identity"] is not None and sb["identity"] is not None:
+        delta_identity = round(sb["identity"] - sa["identity"], 4)
+    return {
+        "a": version_json(c.a, c.quality_a),
+        "b": version_json(c.b, c.quality_b),
+        "reference_dataset_id": c.reference_dataset_id,
+        "scores": {"a": sa, "b": sb, "delta_identity": delta_identity},
+        "probes": probes,
+        **compare_urls(c.a.id, c.b.id),
     }

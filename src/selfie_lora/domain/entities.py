@@ -32,6 +32,34 @@ TERMINAL_STATUSES = frozenset(
 ACTIVE_STATUSES = frozenset(set(TrainingStatus) - TERMINAL_STATUSES)
 
 
+class GateStatus(enum.StrEnum):
+    """Whether a new version may replace the active one (the likeness gate).
+
+    ``pending``: stored, being scored; ``passed``: activated (or the first version); ``held``:
+    kept but not activated because its likeness dropped or it could not be scored."""
+
+    PENDING = "pending"
+    PASSED = "passed"
+    HELD = "held"
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One fixed test prompt (it holds the trigger word) and seed. A model's probes are chosen
+    at its first training and every version of it is judged on exactly these."""
+
+    index: int
+    prompt: str
+    seed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "prompt": self.prompt, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Probe:
+        return cls(index=int(data["index"]), prompt=str(data["prompt"]), seed=int(data["seed"]))
+
+
 @dataclass(frozen=True)
 class User:
     id: str
@@ -90,6 +118,8 @@ class Model:
     lora_scale_is_custom: bool
     active_version_id: str | None
     created_at: datetime
+    # Empty only for models created before likeness tracking; filled at their next scoring.
+    probes: tuple[Probe, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +192,12 @@ class Training:
     history: tuple[dict[str, Any], ...] = field(default_factory=tuple)
 
     @property
+    def is_scoring(self) -> bool:
+        """The trainer is done and its version stored; the likeness gate has not decided yet.
+        The training keeps its slot (and stays ``processing``) until it has."""
+        return not self.status.is_terminal and self.version_id is not None
+
+    @property
     def progress(self) -> float:
         if self.status is TrainingStatus.SUCCEEDED:
             return 1.0
@@ -183,6 +219,12 @@ class Version:
     remote_version: str | None
     version_mismatch: bool
     created_at: datetime
+    gate_status: GateStatus = GateStatus.PASSED
+    gate_reason: str | None = None
+    # The decision's figures (baseline version, both scores, tolerance) and, when the user
+    # activated the version against or ahead of the gate, ``override``.
+    gate_details: dict[str, Any] = field(default_factory=dict)
+    alert: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 from selfie_lora.domain.entities import Model, Recipe
+from selfie_lora.domain.quality import DEFAULT_PROBE_COUNT, choose_probes
 from selfie_lora.domain.recipes import recipe_for
 from selfie_lora.errors import InvalidInputError
 
@@ -59,6 +60,8 @@ class TrainingDefaults:
     trainer_version: str
     owner: str
     replicate_recipe: str
+    # Only a first training uses it: the probe set is chosen once and stored with the model.
+    probe_count: int = DEFAULT_PROBE_COUNT
 
 
 @dataclass(frozen=True)
@@ -98,21 +101,24 @@ def plan_training(
     """Decide everything a training needs.
 
     With no model: a new one with a fresh trigger word, a destination derived from its id, the
-    configured trainer version and backend pinned, and the default scale (not custom).
+    configured trainer version and backend pinned, the default scale (not custom) and its fixed
+    probe set for likeness tracking.
     With a model: all of that is taken from the model, whatever the configuration says now.
     """
     if model is None:
+        trigger_word = new_trigger_word(rng)
         created = Model(
             id=new_model_id,
             user_id=user_id,
             backend=defaults.backend,
-            trigger_word=new_trigger_word(rng),
+            trigger_word=trigger_word,
             destination=destination_for(owner=defaults.owner, model_id=new_model_id),
             trainer_version=defaults.trainer_version,
             lora_scale=DEFAULT_LORA_SCALE,
             lora_scale_is_custom=False,
             active_version_id=None,
             created_at=now,
+            probes=choose_probes(trigger_word=trigger_word, rng=rng, count=defaults.probe_count),
         )
         return TrainingPlan(
             model=created, is_new_model=True, is_retraining=False,

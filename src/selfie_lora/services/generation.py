@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from selfie_lora.domain.entities import Generation, User
+from selfie_lora.domain.entities import Generation, Model, User, Version
 from selfie_lora.domain.plan import ensure_trigger_word, validate_lora_scale
 from selfie_lora.errors import ConfigError, InvalidInputError, NotFoundError
 from selfie_lora.services.common import new_id, utcnow
@@ -30,6 +30,13 @@ class GenerationRequest:
     version_id: str | None = None
 
 
+@dataclass(frozen=True)
+class Rendered:
+    prompt: str  # as sent to the generator: it holds the trigger word
+    lora_scale: float
+    images: list[bytes]  # PNG bytes, one per output
+
+
 class GenerationService:
     def __init__(
         self, *, repo: Repository, blobs: BlobStore, generators: Mapping[str, Generator]
@@ -37,6 +44,33 @@ class GenerationService:
         self._repo = repo
         self._blobs = blobs
         self._generators = dict(generators)
+
+    def render(
+        self,
+        *,
+        model: Model,
+        version: Version,
+        prompt: str,
+        seed: int | None,
+        num_outputs: int = 1,
+        lora_scale: float | None = None,
+        size: int | None = None,
+    ) -> Rendered:
+        """Images of ``version`` through the model's generator, at the model's LoRA scale unless
+        one is given. The one code path of user generations and likeness probes."""
+        scale = validate_lora_scale(lora_scale) if lora_scale is not None else model.lora_scale
+        generator = self._generators.get(model.backend)
+        if generator is None:
+            raise ConfigError(f"no '{model.backend}' generator is configured on this server")
+        final_prompt = ensure_trigger_word(prompt, model.trigger_word)
+        job = GenerationJob(
+            prompt=final_prompt, num_outputs=num_outputs, seed=seed, lora_scale=scale,
+            trainer_version=version.trainer_version,
+            weights_path=(self._blobs.local_path(version.weights_key)
+                          if model.backend == "local" else None),
+            remote_version=version.remote_version, width=size, height=size,
+        )
+        return Rendered(prompt=final_prompt, lora_scale=scale, images=generator.generate(job))
 
     def generate(self, *, user: User, request: GenerationRequest) -> Generation:
         if not request.prompt.strip():
@@ -57,34 +91,23 @@ class GenerationService:
         version = self._repo.get_version(version_id)
         if version is None or version.model_id != model.id:
             raise NotFoundError("no such version")
-        scale = (validate_lora_scale(request.lora_scale) if request.lora_scale is not None
-                 else model.lora_scale)
-        generator = self._generators.get(model.backend)
-        if generator is None:
-            raise ConfigError(f"no '{model.backend}' generator is configured on this server")
-        prompt = ensure_trigger_word(request.prompt, model.trigger_word)
-        job = GenerationJob(
-            prompt=prompt, num_outputs=request.num_outputs, seed=request.seed, lora_scale=scale,
-            trainer_version=version.trainer_version,
-            weights_path=(self._blobs.local_path(version.weights_key)
-                          if model.backend == "local" else None),
-            remote_version=version.remote_version,
-        )
-        images = generator.generate(job)
+        rendered = self.render(model=model, version=version, prompt=request.prompt,
+                               seed=request.seed, num_outputs=request.num_outputs,
+                               lora_scale=request.lora_scale)
         generation_id = new_id()
         keys = []
-        for i, png in enumerate(images):
+        for i, png in enumerate(rendered.images):
             key = image_key(generation_id, i)
             self._blobs.put(key, png)
             keys.append(key)
         generation = Generation(
             id=generation_id, user_id=user.id, model_id=model.id, version_id=version.id,
-            prompt=prompt, lora_scale=scale, seed=request.seed, image_keys=tuple(keys),
-            created_at=utcnow(),
+            prompt=rendered.prompt, lora_scale=rendered.lora_scale, seed=request.seed,
+            image_keys=tuple(keys), created_at=utcnow(),
         )
         self._repo.add_generation(generation)
         logger.info("generation %s: %d image(s) with version %d at scale %.2f", generation_id,
-                    len(keys), version.number, scale)
+                    len(keys), version.number, rendered.lora_scale)
         return generation
 
     def image(self, *, user: User, generation_id: str, index: int) -> bytes:

@@ -6,9 +6,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from selfie_lora.domain.entities import Model, User, Version
+from selfie_lora.domain.entities import GateStatus, Model, User, Version
 from selfie_lora.domain.plan import validate_lora_scale, with_trainer_version
 from selfie_lora.errors import ConflictError, NotFoundError
+from selfie_lora.services.common import utcnow
 from selfie_lora.services.ports import BlobStore, Repository
 
 logger = logging.getLogger(__name__)
@@ -67,12 +68,29 @@ class ModelService:
         return self._repo.get_version(model.active_version_id)
 
     def activate(self, *, user: User, version_id: str) -> Model:
+        """Rollback or roll forward, the gate notwithstanding: a version the likeness gate held
+        back (or has not judged yet) can be activated; the override is recorded on the version
+        and in the log."""
         model = self.get(user=user)
         version = self.version(user=user, version_id=version_id)
-        self._repo.set_model_active_version(model.id, version.id)
-        self._repo.add_event(model_id=model.id, kind="version_activated", data={
-            "from": model.active_version_id, "to": version.id, "number": version.number,
-        })
+        overrides = version.gate_status is not GateStatus.PASSED
+        with self._repo.atomic() as tx:
+            tx.set_model_active_version(model.id, version.id)
+            if overrides and version.id != model.active_version_id:
+                override = {"at": utcnow().isoformat(), "by": "user",
+                            "gate_status": str(version.gate_status),
+                            "replaced_version_id": model.active_version_id}
+                tx.set_version_gate(version.id, status=version.gate_status,
+                                    reason=version.gate_reason,
+                                    details={**version.gate_details, "override": override})
+            tx.add_event(model_id=model.id, kind="version_activated", data={
+                "from": model.active_version_id, "to": version.id, "number": version.number,
+                "gate": str(version.gate_status), "gate_reason": version.gate_reason,
+                "overrides_gate": overrides,
+            })
+        if overrides:
+            logger.info("model %s: version %d activated by its user against the gate (%s)",
+                        model.id, version.number, version.gate_status)
         return self.get(user=user)
 
     def weights(self, *, user: User, version_id: str) -> bytes:

@@ -14,14 +14,17 @@ from typing import Any, Protocol
 
 from selfie_lora.domain.entities import (
     Dataset,
+    GateStatus,
     Generation,
     Model,
+    Probe,
     Recipe,
     Training,
     TrainingStatus,
     User,
     Version,
 )
+from selfie_lora.domain.quality import VersionQuality
 
 # --------------------------------------------------------------------------- trainer
 
@@ -179,6 +182,9 @@ class Repository(Protocol):
     def set_model_active_version(self, model_id: str, version_id: str | None) -> None: ...
     def set_model_lora_scale(self, model_id: str, scale: float, *, is_custom: bool) -> None: ...
     def set_model_trainer_version(self, model_id: str, trainer_version: str) -> None: ...
+    def set_model_probes(self, model_id: str, probes: Sequence[Probe]) -> None:
+        """Stores the probe set only when the model has none: it is fixed once."""
+        ...
     def get_model(self, model_id: str) -> Model | None: ...
     def get_model_for_user(self, user_id: str) -> Model | None: ...
 
@@ -209,6 +215,16 @@ class Repository(Protocol):
         """Newest first."""
         ...
 
+    def set_version_gate(self, version_id: str, *, status: GateStatus, reason: str | None,
+                         details: dict[str, Any]) -> None: ...
+    def set_version_alert(self, version_id: str, alert: dict[str, Any] | None) -> None: ...
+
+    # likeness records, one per version
+    def add_quality(self, quality: VersionQuality) -> None: ...
+    def save_quality(self, quality: VersionQuality) -> None: ...
+    def get_quality(self, version_id: str) -> VersionQuality | None: ...
+    def list_quality(self, model_id: str) -> Sequence[VersionQuality]: ...
+
     # generations
     def add_generation(self, generation: Generation) -> None: ...
     def get_generation(self, generation_id: str) -> Generation | None: ...
@@ -225,5 +241,21 @@ class JobQueue(Protocol):
     """Durable background work. A message carries ids only; the rows hold the state."""
 
     def enqueue_training(self, training_id: str) -> None: ...
+
+    def enqueue_quality(self, version_id: str) -> None:
+        """Score a version's likeness and, while its gate is pending, let the gate decide."""
+        ...
+
+
+# --------------------------------------------------------------------------- alerts
+
+
+class Alerter(Protocol):
+    """Tells an operator about a version the likeness gate held back. Delivery is best effort:
+    the caller logs a failure and carries on."""
+
+    def send(self, alert: dict[str, Any]) -> None:
+        """Raises on a failed delivery (any exception)."""
+        ...
 
 

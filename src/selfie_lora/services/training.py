@@ -1,5 +1,18 @@
 """Starting, running and finishing trainings. The only place a model is created or a training
 planned: every entry point (HTTP upload-zip, HTTP start, CLI, web UI) calls ``TrainingService.start``.
+
+When the trainer is done its weights are stored as a new version and the likeness job is queued
+(``JobQueue.enqueue_quality``). The training stays ``processing`` (its ``version_id`` set, its
+phase "scoring", holding the model's one training slot) until that job has scored the version:
+
+- a first version (the model has no active version) has nothing to beat: it is activated at once,
+  when it is stored, and its scores become the baseline of the next version;
+- any later version is stored with its gate ``pending``; the job (``services.quality``) lets the
+  gate decide, then activates the version or holds it back.
+
+Only then is the training marked ``succeeded``, so "succeeded" always comes with a final answer on
+which version is active, and why; and a training never runs beside the scoring of its model's
+previous version (an inline trainer and an in-process generator do not share a process well).
 """
 
 from __future__ import annotations
@@ -11,11 +24,26 @@ import random
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from selfie_lora.domain.entities import Model, Training, TrainingStatus, User, Version
+from selfie_lora.domain.entities import (
+    GateStatus,
+    Model,
+    Training,
+    TrainingStatus,
+    User,
+    Version,
+)
 from selfie_lora.domain.plan import TrainingDefaults, plan_training
+from selfie_lora.domain.quality import (
+    FIRST_VERSION_REASON,
+    GATE_OFF_REASON,
+    QualityStatus,
+    VersionQuality,
+    training_figures,
+)
 from selfie_lora.domain.states import can_transition, transition
 from selfie_lora.errors import (
     ConflictError,
@@ -68,6 +96,7 @@ class TrainingService:
         webhook_url: str | None = None,
         rng: random.Random | None = None,
         on_version: Callable[[Version], None] | None = None,
+        gate_enabled: bool = True,
     ) -> None:
         self._repo = repo
         self._blobs = blobs
@@ -80,6 +109,8 @@ class TrainingService:
         self._webhook_url = webhook_url
         self._rng = rng or random.SystemRandom()
         self._on_version = on_version
+        # Off: every new version is activated at once (it is still scored).
+        self._gate_enabled = gate_enabled
 
     # ------------------------------------------------------------------ start (every entry point)
     def start(self, *, user: User, dataset_id: str | None) -> StartResult:
@@ -156,6 +187,10 @@ class TrainingService:
         training, _ = self.get(user=user, training_id=training_id)
         if training.status.is_terminal:
             return training
+        if training.is_scoring:
+            # The trainer is done and its weights are stored: the likeness gate finishes it.
+            logger.info("training %s is being scored; too late to cancel", training.id)
+            return training
         self._repo.request_cancel(training.id)
         if training.status is TrainingStatus.QUEUED:
             # Nobody runs it yet: cancel it here (the worker will find it terminal and skip it).
@@ -182,6 +217,11 @@ class TrainingService:
             return
         if training.status.is_terminal:
             logger.info("training %s is already %s; nothing to do", training_id, training.status)
+            return
+        if training.version_id is not None:
+            # The trainer finished before a restart; only the likeness job is left to run.
+            logger.info("training %s awaits its likeness gate; queueing the scoring", training_id)
+            self._queue.enqueue_quality(training.version_id)
             return
         if training.cancel_requested:
             self._finish_canceled(training_id, reason="canceled before it started")
@@ -256,8 +296,8 @@ class TrainingService:
             new_status = TrainingStatus.PROCESSING
 
         def apply(t: Training) -> Training:
-            if not can_transition(t.status, new_status):
-                return t
+            if not can_transition(t.status, new_status) or t.is_scoring:
+                return t  # a scoring training's trainer is done: remote news changes nothing
             t = transition(t, new_status, at=utcnow(), reason="webhook")
             if t.remote_id is None:
                 t = dataclasses.replace(t, remote_id=remote_id)
@@ -301,51 +341,71 @@ class TrainingService:
         key = weights_key(sha)
         if not self._blobs.exists(key):
             self._blobs.put_file(key, result.weights_path)
+        metrics = _jsonable(dict(result.metrics))
         with self._repo.atomic() as tx:
             training = tx.get_training(training_id, for_update=True)
             assert training is not None
-            if training.status.is_terminal:
+            if training.status.is_terminal or training.version_id is not None:
                 logger.warning("training %s finished twice; keeping %s", training_id,
                                training.status)
                 return
+            model = tx.get_model(training.model_id)
+            assert model is not None
             versions = tx.list_versions(training.model_id)
+            now = utcnow()
+            # A first version has nothing to beat; with the gate off nothing is compared.
+            decided = model.active_version_id is None or not self._gate_enabled
+            reason = None
+            if decided:
+                reason = FIRST_VERSION_REASON if model.active_version_id is None else GATE_OFF_REASON
             version = Version(
                 id=new_id(), model_id=training.model_id,
                 number=(versions[0].number + 1) if versions else 1,
                 training_id=training.id, trainer_version=training.trainer_version,
                 weights_key=key, weights_sha256=sha, weights_method=result.weights_method,
                 remote_version=result.remote_version, version_mismatch=result.version_mismatch,
-                created_at=utcnow(),
+                created_at=now,
+                gate_status=GateStatus.PASSED if decided else GateStatus.PENDING,
+                gate_reason=reason,
+                # Pending: what was active when it was stored. A pass activates it only while
+                # that is still so; a version the user activated meanwhile stays active.
+                gate_details=({"decided_at": now.isoformat()} if decided
+                              else {"active_when_stored": model.active_version_id}),
             )
             tx.add_version(version)
-            metrics = dict(result.metrics)
-            finished = dataclasses.replace(
-                transition(training, TrainingStatus.SUCCEEDED, at=utcnow(),
-                           reason="trainer succeeded"),
-                version_id=version.id, weights_method=result.weights_method,
-                step=max(training.step, training.total_steps), error=None,
-                loss=_float_or(metrics.get("final_loss"), training.loss),
+            loss = _float_or(metrics.get("final_loss"), training.loss)
+            started = training.started_at or training.created_at
+            tx.add_quality(VersionQuality(
+                version_id=version.id, model_id=version.model_id, status=QualityStatus.PENDING,
+                created_at=now, training=training_figures(
+                    metrics, loss=loss, steps=max(training.step, training.total_steps),
+                    seconds=round((now - started).total_seconds(), 3)),
+            ))
+            stored = dataclasses.replace(
+                training, version_id=version.id, weights_method=result.weights_method,
+                step=max(training.step, training.total_steps), error=None, loss=loss,
             )
-            tx.save_training(finished)
-            # Only the active version pointer changes: the LoRA scale, trigger word,
-            # destination and trainer version on the model are never written here.
-            tx.set_model_active_version(training.model_id, version.id)
-            tx.add_event(model_id=training.model_id, kind="training_succeeded", data={
-                "training_id": training.id,
-                "kind": "retraining" if training.is_retraining else "first_training",
-                "version_id": version.id, "version_number": version.number,
-                "weights_sha256": sha, "weights_method": result.weights_method,
-                "remote_version": result.remote_version,
-                "version_mismatch": result.version_mismatch,
-                "preserved": training.preserved, "metrics": _jsonable(metrics),
+            if decided:
+                # Only the active version pointer changes: the LoRA scale, trigger word,
+                # destination and trainer version on the model are never written here.
+                tx.set_model_active_version(training.model_id, version.id)
+            # Still processing: the likeness job scores the version and then ends the training
+            # (and, for a pending gate, decides first).
+            tx.save_training(stored)
+            tx.add_event(model_id=training.model_id, kind="version_stored", data={
+                "training_id": training.id, "version_id": version.id,
+                "version_number": version.number, "gate": str(version.gate_status),
+                "activated": decided,
             })
         if result.version_mismatch:
             logger.warning(
                 "training %s: the trainer's output version %s does not belong to %s",
                 training_id, result.remote_version, training.destination,
             )
-        logger.info("training %s succeeded: version %d (%s, weights found by %s)", training_id,
-                    version.number, sha[:12], result.weights_method)
+        logger.info("training %s: version %d stored (%s, weights found by %s); gate %s",
+                    training_id, version.number, sha[:12], result.weights_method,
+                    version.gate_status)
+        self._queue.enqueue_quality(version.id)
         if self._on_version is not None:
             self._on_version(version)
 
@@ -409,6 +469,31 @@ class _Sink:
     def cancel_requested(self) -> bool:
         current = self._service._repo.get_training(self._id)
         return current is None or current.cancel_requested or current.status.is_terminal
+
+
+def succeed(training: Training, *, at: datetime) -> Training:
+    """``training`` (its version stored) moved to ``succeeded``."""
+    return transition(training, TrainingStatus.SUCCEEDED, at=at,
+                      reason="trainer succeeded; version stored and scored")
+
+
+def succeeded_event(
+    training: Training, version: Version, *, metrics: dict[str, Any],
+    scores: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The retraining log's entry for a succeeded training: first training or retraining, what was
+    preserved, the version, the gate's decision and, once scored, the before/after scores."""
+    return {
+        "training_id": training.id,
+        "kind": "retraining" if training.is_retraining else "first_training",
+        "version_id": version.id, "version_number": version.number,
+        "weights_sha256": version.weights_sha256, "weights_method": version.weights_method,
+        "remote_version": version.remote_version,
+        "version_mismatch": version.version_mismatch,
+        "preserved": training.preserved, "metrics": metrics,
+        "gate": {"status": str(version.gate_status), "reason": version.gate_reason},
+        "scores": scores or {"before": None, "after": None},
+    }
 
 
 def _float_or(value: Any, default: float | None) -> float | None:

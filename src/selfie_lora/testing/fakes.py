@@ -9,14 +9,16 @@ import io
 import json
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from PIL import Image
 
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.errors import TrainingCanceledError, TrainingFailedError
 from selfie_lora.services.ports import (
+    Face,
     GenerationJob,
     ProgressSink,
     TrainingJob,
@@ -103,17 +105,86 @@ class FakeGenerator:
 
 
 @dataclass
+class PhotoGenerator:
+    """A generator stand-in that answers with real photos instead of generating: call ``n``
+    returns ``photos[n % len(photos)]`` (as PNG), whatever the prompt. With photos of the user the
+    "model" has a perfect likeness, with another person's none, with a flat image no face."""
+
+    photos: Sequence[bytes]
+    backend: str = "local"
+    jobs: list[GenerationJob] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def generate(self, job: GenerationJob) -> list[bytes]:
+        out = []
+        with self._lock:
+            for _ in range(job.num_outputs):
+                photo = self.photos[len(self.jobs) % len(self.photos)]
+                self.jobs.append(job)
+                with Image.open(io.BytesIO(photo)) as img:
+                    buf = io.BytesIO()
+                    img.convert("RGB").save(buf, format="PNG")
+                out.append(buf.getvalue())
+        return out
+
+
+@dataclass
+class FakeFaceAnalyzer:
+    """A ``FaceAnalyzer`` whose answer a test decides: ``embed(image)`` returns the embedding of
+    the one face in ``image`` (an RGB array), or None for no face."""
+
+    embed: Callable[[Any], tuple[float, ...] | None]
+    model_name: str = "fake-embedding-v1"
+    calls: int = 0
+
+    def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
+        del landmarks  # a fake face has none
+        self.calls += 1
+        embedding = self.embed(image)
+        if embedding is None:
+            return []
+        height, width = int(image.shape[0]), int(image.shape[1])
+        return [Face(box=(0, 0, width, height), score=1.0,
+                     embedding=embedding if embed else None)]
+
+
+@dataclass
+class RecordingAlerter:
+    """An ``Alerter`` that keeps what it was sent; ``fail`` makes every delivery raise."""
+
+    sent: list[dict[str, Any]] = field(default_factory=list)
+    fail: bool = False
+
+    def send(self, alert: dict[str, Any]) -> None:
+        if self.fail:
+            raise ConnectionError("the operator's endpoint is down")
+        self.sent.append(alert)
+
+
+@dataclass
 class InMemoryQueue:
-    """A ``JobQueue`` that only records; tests run the jobs when they choose (``drain``)."""
+    """A ``JobQueue`` that only records; tests run the jobs when they choose (``drain``,
+    ``drain_quality``)."""
 
     pending: list[str] = field(default_factory=list)
+    quality: list[str] = field(default_factory=list)
 
     def enqueue_training(self, training_id: str) -> None:
         self.pending.append(training_id)
+
+    def enqueue_quality(self, version_id: str) -> None:
+        self.quality.append(version_id)
 
     def drain(self, handler: Callable[[str], None]) -> int:
         count = 0
         while self.pending:
             handler(self.pending.pop(0))
+            count += 1
+        return count
+
+    def drain_quality(self, handler: Callable[[str], None]) -> int:
+        count = 0
+        while self.quality:
+            handler(self.quality.pop(0))
             count += 1
         return count

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -19,19 +20,28 @@ from selfie_lora.adapters.db.tables import (
     ModelRow,
     TrainingRow,
     UserRow,
+    VersionQualityRow,
     VersionRow,
 )
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
     Dataset,
     Finding,
+    GateStatus,
     Generation,
     Model,
+    Probe,
     Recipe,
     Training,
     TrainingStatus,
     User,
     Version,
+)
+from selfie_lora.domain.quality import (
+    IdentityScores,
+    ProbeResult,
+    QualityStatus,
+    VersionQuality,
 )
 from selfie_lora.errors import ConflictError, StorageError
 
@@ -40,17 +50,29 @@ logger = logging.getLogger(__name__)
 
 def make_engine(url: str) -> Engine:
     """An engine for ``url``. SQLite gets WAL and a busy timeout so the API, the in-process worker
-    and a CLI can share one file."""
+    and a CLI can share one file, and transactions that take the write lock when they begin.
+
+    Why the last: Python's sqlite3 starts a transaction only at the first write, so the read of a
+    read-modify-write (``SELECT ... FOR UPDATE`` is a no-op on SQLite) ran outside it and a writer
+    could save a stale row over a newer one (a webhook's progress over the worker's finished
+    training). ``BEGIN IMMEDIATE`` makes every transaction see the latest rows and keep them until
+    it commits, as the row locks do on PostgreSQL."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # The driver must not begin transactions itself: SQLAlchemy's begin does (below).
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)
@@ -80,6 +102,7 @@ def _model(row: ModelRow) -> Model:
         destination=row.destination, trainer_version=row.trainer_version,
         lora_scale=row.lora_scale, lora_scale_is_custom=row.lora_scale_is_custom,
         active_version_id=row.active_version_id, created_at=_req_utc(row.created_at),
+        probes=tuple(Probe.from_dict(p) for p in row.probes or ()),
     )
 
 
@@ -126,8 +149,37 @@ def _version(row: VersionRow) -> Version:
         trainer_version=row.trainer_version, weights_key=row.weights_key,
         weights_sha256=row.weights_sha256, weights_method=row.weights_method,
         remote_version=row.remote_version, version_mismatch=row.version_mismatch,
-        created_at=_req_utc(row.created_at),
+        created_at=_req_utc(row.created_at), gate_status=GateStatus(row.gate_status),
+        gate_reason=row.gate_reason, gate_details=dict(row.gate_details or {}),
+        alert=dict(row.alert) if row.alert else None,
     )
+
+
+def _quality(row: VersionQualityRow) -> VersionQuality:
+    return VersionQuality(
+        version_id=row.version_id, model_id=row.model_id, status=QualityStatus(row.status),
+        created_at=_req_utc(row.created_at), embedding_model=row.embedding_model,
+        reference_dataset_id=row.reference_dataset_id,
+        scores=IdentityScores.from_dict(row.scores) if row.scores else None,
+        probes=tuple(ProbeResult.from_dict(p) for p in row.probes),
+        training=dict(row.training), error=row.error, scored_at=_utc(row.scored_at),
+    )
+
+
+def _quality_values(q: VersionQuality) -> dict[str, Any]:
+    scores = q.scores
+    return {
+        "version_id": q.version_id, "model_id": q.model_id, "status": str(q.status),
+        "embedding_model": q.embedding_model, "reference_dataset_id": q.reference_dataset_id,
+        "identity": scores.identity if scores else None,
+        "identity_nearest": scores.identity_nearest if scores else None,
+        "face_share": scores.face_share if scores else None,
+        "sane_share": scores.sane_share if scores else None,
+        "sharpness": scores.sharpness if scores else None,
+        "scores": scores.as_dict() if scores else None,
+        "probes": [p.as_dict() for p in q.probes], "training": q.training, "error": q.error,
+        "created_at": q.created_at, "scored_at": q.scored_at,
+    }
 
 
 def _generation(row: GenerationRow) -> Generation:
@@ -138,9 +190,25 @@ def _generation(row: GenerationRow) -> Generation:
     )
 
 
+# The engines on which this thread holds an ``atomic()`` transaction (by id).
+_held = threading.local()
+
+
+def _held_engines() -> set[int]:
+    engines: set[int] | None = getattr(_held, "engines", None)
+    if engines is None:
+        engines = set()
+        _held.engines = engines
+    return engines
+
+
 class SqlRepository:
     """Each public call runs in its own transaction, unless the repository came from
-    ``atomic()``, in which case all calls share one transaction committed at the end."""
+    ``atomic()``, in which case all calls share one transaction committed at the end.
+
+    Inside ``atomic()`` use the repository it gives, never the outer one: a second transaction
+    from the same thread would wait for the first (on SQLite for the whole busy timeout), so such
+    a call raises at once instead."""
 
     def __init__(self, engine: Engine, *, _session: Session | None = None) -> None:
         self._engine = engine
@@ -156,8 +224,16 @@ class SqlRepository:
         if self._session is not None:
             yield self
             return
-        with self._translate(), self._sessions.begin() as session:
-            yield SqlRepository(self._engine, _session=session)
+        held = _held_engines()
+        key = id(self._engine)
+        if key in held:
+            raise RuntimeError("atomic() inside atomic(): use the repository the first one gave")
+        held.add(key)
+        try:
+            with self._translate(), self._sessions.begin() as session:
+                yield SqlRepository(self._engine, _session=session)
+        finally:
+            held.discard(key)
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
@@ -166,6 +242,9 @@ class SqlRepository:
                 yield self._session
                 self._session.flush()
             return
+        if id(self._engine) in _held_engines():
+            raise RuntimeError("a repository call outside the atomic() transaction this thread "
+                               "holds: use the repository atomic() gave")
         with self._translate(), self._sessions.begin() as session:
             yield session
 
@@ -225,6 +304,14 @@ class SqlRepository:
 
     def set_model_trainer_version(self, model_id: str, trainer_version: str) -> None:
         self._update_model(model_id, {"trainer_version": trainer_version})
+
+    def set_model_probes(self, model_id: str, probes: Sequence[Probe]) -> None:
+        with self._tx() as s:
+            row = s.scalars(select(ModelRow).where(ModelRow.id == model_id).with_for_update()).first()
+            if row is None:
+                raise StorageError(f"model {model_id} does not exist")
+            if not row.probes:  # fixed once: a model's probe set never changes
+                row.probes = [p.as_dict() for p in probes]
 
     def get_model(self, model_id: str) -> Model | None:
         with self._tx() as s:
@@ -320,7 +407,23 @@ class SqlRepository:
                 weights_key=version.weights_key, weights_sha256=version.weights_sha256,
                 weights_method=version.weights_method, remote_version=version.remote_version,
                 version_mismatch=version.version_mismatch, created_at=version.created_at,
+                gate_status=str(version.gate_status), gate_reason=version.gate_reason,
+                gate_details=version.gate_details, alert=version.alert,
             ))
+
+    def set_version_gate(self, version_id: str, *, status: GateStatus, reason: str | None,
+                         details: dict[str, Any]) -> None:
+        self._update_version(version_id, {"gate_status": str(status), "gate_reason": reason,
+                                          "gate_details": details})
+
+    def set_version_alert(self, version_id: str, alert: dict[str, Any] | None) -> None:
+        self._update_version(version_id, {"alert": alert})
+
+    def _update_version(self, version_id: str, values: dict[str, Any]) -> None:
+        with self._tx() as s:
+            result = s.execute(update(VersionRow).where(VersionRow.id == version_id).values(**values))
+            if getattr(result, "rowcount", 1) == 0:
+                raise StorageError(f"version {version_id} does not exist")
 
     def get_version(self, version_id: str) -> Version | None:
         with self._tx() as s:
@@ -334,6 +437,32 @@ class SqlRepository:
                 .order_by(VersionRow.number.desc())
             ).all()
             return [_version(r) for r in rows]
+
+    # quality ----------------------------------------------------------------------------
+    def add_quality(self, quality: VersionQuality) -> None:
+        with self._tx() as s:
+            s.add(VersionQualityRow(**_quality_values(quality)))
+
+    def save_quality(self, quality: VersionQuality) -> None:
+        values = _quality_values(quality)
+        with self._tx() as s:
+            result = s.execute(update(VersionQualityRow)
+                               .where(VersionQualityRow.version_id == quality.version_id)
+                               .values(**values))
+            if getattr(result, "rowcount", 1) == 0:
+                s.add(VersionQualityRow(**values))
+
+    def get_quality(self, version_id: str) -> VersionQuality | None:
+        with self._tx() as s:
+            row = s.get(VersionQualityRow, version_id)
+            return _quality(row) if row else None
+
+    def list_quality(self, model_id: str) -> Sequence[VersionQuality]:
+        with self._tx() as s:
+            rows = s.scalars(
+                select(VersionQualityRow).where(VersionQualityRow.model_id == model_id)
+            ).all()
+            return [_quality(r) for r in rows]
 
     # generations ------------------------------------------------------------------------
     def add_generation(self, generation: Generation) -> None:
@@ -372,4 +501,5 @@ def _model_values(m: Model) -> dict[str, Any]:
         "destination": m.destination, "trainer_version": m.trainer_version,
         "lora_scale": m.lora_scale, "lora_scale_is_custom": m.lora_scale_is_custom,
         "active_version_id": m.active_version_id, "created_at": m.created_at,
+        "probes": [p.as_dict() for p in m.probes] if m.probes else None,
     }

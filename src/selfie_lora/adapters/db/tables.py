@@ -50,6 +50,9 @@ class ModelRow(Base):
     lora_scale_is_custom: Mapped[bool] = mapped_column(Boolean)
     active_version_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The likeness probe set (prompt + seed each), fixed at the first training. Null for models
+    # made before 0002, filled in at their next scoring.
+    probes: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
 
 
 class DatasetRow(Base):
@@ -115,6 +118,35 @@ class VersionRow(Base):
     remote_version: Mapped[str | None] = mapped_column(String(300), nullable=True)
     version_mismatch: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The likeness gate: pending | passed | held. Versions from before 0002 were activated on
+    # success, hence the server default.
+    gate_status: Mapped[str] = mapped_column(String(10), server_default="passed")
+    gate_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    gate_details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    alert: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class VersionQualityRow(Base):
+    """One version's likeness record (see ``domain.quality.VersionQuality``)."""
+
+    __tablename__ = "version_quality"
+    version_id: Mapped[str] = mapped_column(ForeignKey("versions.id"), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    status: Mapped[str] = mapped_column(String(10))
+    embedding_model: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    reference_dataset_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # The headline scores as columns (queries, charts); every figure is in ``scores`` too.
+    identity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    identity_nearest: Mapped[float | None] = mapped_column(Float, nullable=True)
+    face_share: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sane_share: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sharpness: Mapped[float | None] = mapped_column(Float, nullable=True)
+    scores: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    probes: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    training: Mapped[dict[str, Any]] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    scored_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class GenerationRow(Base):

@@ -1,8 +1,9 @@
 """The ``JobQueue`` port on huey: SQLite by default, Redis for workers on several machines.
 
-A message carries only a training id; the database row holds the state, so a lost or repeated
-message can never corrupt a training (the handler re-reads the row and does nothing when the
-training is already terminal). A per-training lock keeps two workers off one training.
+A message carries only a training id (or, for a likeness job, a version id); the database row
+holds the state, so a lost or repeated message can never corrupt a training (the handler re-reads
+the row and does nothing when the training is already terminal). A per-training lock keeps two
+workers off one training, and a per-version lock two workers off one version's scoring.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from selfie_lora.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 TrainingHandler = Callable[[str], None]
+QualityHandler = Callable[[str], None]
 
 
 def make_huey(url: str, *, immediate: bool = False) -> Huey:
@@ -48,7 +50,10 @@ class HueyJobQueue:
     def __init__(self, huey: Huey) -> None:
         self.huey = huey
         self._handler: TrainingHandler | None = None
+        self._quality_handler: QualityHandler | None = None
         self._task = huey.task(name="selfie_lora.run_training", retries=0)(self._run_training)
+        self._quality_task = huey.task(name="selfie_lora.run_quality", retries=0)(
+            self._run_quality)
 
     @classmethod
     def from_url(cls, url: str) -> HueyJobQueue:
@@ -57,8 +62,14 @@ class HueyJobQueue:
     def set_training_handler(self, handler: TrainingHandler) -> None:
         self._handler = handler
 
+    def set_quality_handler(self, handler: QualityHandler) -> None:
+        self._quality_handler = handler
+
     def enqueue_training(self, training_id: str) -> None:
         self._task(training_id)
+
+    def enqueue_quality(self, version_id: str) -> None:
+        self._quality_task(version_id)
 
     def _run_training(self, training_id: str) -> None:
         if self._handler is None:
@@ -68,6 +79,16 @@ class HueyJobQueue:
                 self._handler(training_id)
         except TaskLockedException:
             logger.info("training %s is already being run by another worker", training_id)
+
+    def _run_quality(self, version_id: str) -> None:
+        if self._quality_handler is None:
+            raise ConfigError("this process has no likeness handler; start a worker")
+        try:
+            with self.huey.lock_task(f"quality-{version_id}"):
+                self._quality_handler(version_id)
+        except TaskLockedException:
+            # The worker holding the lock scores it and lets the gate decide; nothing is lost.
+            logger.info("version %s is already being scored by another worker", version_id)
 
     def pending(self) -> int:
         return int(self.huey.pending_count())

@@ -1,0 +1,1 @@
+"""Operator alerts (the likeness gate's held versions)."""

@@ -1,0 +1,417 @@
+"""Likeness tracking, the pure part: probe sets, identity scores and the gate.
+
+Every version of a model is judged on the same probes (prompt + seed, chosen at the model's first
+training), and every comparison scores both sides against the same reference photos, so two
+numbers are only ever compared when they measure the same thing.
+
+Identity similarity. dlib's 128-d face embeddings put two photos of one person about 0.2-0.5
+apart and two people more than 0.6 apart (its documented threshold). A distance ``d`` becomes a
+similarity in 0..1 with ``max(0, 1 - d / 1.2)``: identical faces score 1, dlib's threshold 0.6
+scores 0.5, and anything 1.2 or more apart scores 0.
+
+A version's scores (``score_probes``):
+
+- ``identity``: the mean, over its probes, of the similarity of the probe image's face to the
+  *mean* embedding of the training photos' faces. A probe in which no face was found counts 0:
+  a portrait prompt that yields no face has no likeness at all.
+- ``identity_nearest``: the same with the *nearest* training photo instead of the mean.
+- ``face_share``: the share of probes in which a face was found.
+- ``sane_share``: the share of probe images that are neither blank, saturated nor broken (NaN);
+  ``sharpness``: the median Laplacian variance of the probe images (see ``quality.images``).
+
+``identity`` is None when the reference photos have no face at all (nothing to measure against);
+the gate then falls back to ``face_share``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from selfie_lora.domain.entities import GateStatus, Probe
+from selfie_lora.errors import InvalidInputError
+
+Embedding = tuple[float, ...]
+
+# The distance at which similarity reaches 0 (see the module docstring).
+SIMILARITY_SCALE = 1.2
+DEFAULT_PROBE_COUNT = 4
+DEFAULT_GATE_TOLERANCE = 0.02
+
+# Portrait prompts: the face must be visible for an identity score to mean anything.
+PROBE_PROMPTS: tuple[str, ...] = (
+    "a close-up portrait photo of {trigger}, looking at the camera, soft daylight",
+    "a photo of {trigger} smiling, head and shoulders, plain background",
+    "a portrait photo of {trigger} outdoors in a park, natural light",
+    "a studio portrait of {trigger}, neutral expression, even lighting",
+    "a photo of {trigger} wearing a dark jacket, face in focus",
+    "a candid photo of {trigger} at a cafe table, looking at the camera",
+    "a passport-style photo of {trigger}, facing forward",
+    "a photo of {trigger} in warm evening light, head and shoulders",
+)
+MAX_PROBES = len(PROBE_PROMPTS)
+_SEED_RANGE = 2**31
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def choose_probes(*, trigger_word: str, rng: random.Random, count: int) -> tuple[Probe, ...]:
+    """``count`` probes: distinct prompts from ``PROBE_PROMPTS`` with the trigger word, each with
+    its own seed. Called once per model, at its first training; the result is stored."""
+    if not 1 <= count <= MAX_PROBES:
+        raise InvalidInputError(f"the probe count must be 1 to {MAX_PROBES}, not {count}",
+                                code="invalid_probe_count")
+    templates = rng.sample(PROBE_PROMPTS, count)
+    return tuple(
+        Probe(index=i, prompt=t.format(trigger=trigger_word), seed=rng.randrange(_SEED_RANGE))
+        for i, t in enumerate(templates)
+    )
+
+
+def probes_for_existing_model(*, model_id: str, trigger_word: str, count: int) -> tuple[Probe, ...]:
+    """The probe set of a model created before likeness tracking. Derived from the model id, so
+    two workers that both fill it in choose the same set."""
+    return choose_probes(trigger_word=trigger_word, rng=random.Random(f"probes:{model_id}"),
+                         count=count)
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+@dataclass(frozen=True)
+class ImageSanity:
+    """Plain image statistics of one probe image (computed by ``quality.images``)."""
+
+    mean: float  # mean luminance, 0..255
+    std: float  # luminance standard deviation
+    saturated_share: float  # share of channel values at 0 or 255
+    sharpness: float  # variance of the Laplacian of the luminance, at a fixed size
+    blank: bool  # (nearly) one flat colour
+    saturated: bool  # mostly clipped to black or white
+    nan: bool  # the generator produced non-finite values, or the image cannot be decoded
+
+    @property
+    def ok(self) -> bool:
+        return not (self.blank or self.saturated or self.nan)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mean": self.mean, "std": self.std, "saturated_share": self.saturated_share,
+            "sharpness": self.sharpness, "blank": self.blank, "saturated": self.saturated,
+            "nan": self.nan,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageSanity:
+        return cls(
+            mean=float(data["mean"]), std=float(data["std"]),
+            saturated_share=float(data["saturated_share"]), sharpness=float(data["sharpness"]),
+            blank=bool(data["blank"]), saturated=bool(data["saturated"]), nan=bool(data["nan"]),
+        )
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What was measured on one probe image of one version. The face embedding is kept, so the
+    version can be scored against any reference photos later without looking at it again."""
+
+    index: int
+    prompt: str
+    seed: int
+    image_key: str | None
+    faces: int = 0
+    face_box: tuple[int, int, int, int] | None = None
+    embedding: Embedding | None = None  # the largest face's
+    sanity: ImageSanity | None = None
+    error: str | None = None
+
+    @property
+    def face_found(self) -> bool:
+        return self.embedding is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "prompt": self.prompt, "seed": self.seed,
+            "image_key": self.image_key, "faces": self.faces,
+            "face_box": list(self.face_box) if self.face_box else None,
+            "embedding": list(self.embedding) if self.embedding is not None else None,
+            "sanity": self.sanity.as_dict() if self.sanity else None, "error": self.error,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
+        box = data.get("face_box")
+        emb = data.get("embedding")
+        sanity = data.get("sanity")
+        return cls(
+            index=int(data["index"]), prompt=str(data["prompt"]), seed=int(data["seed"]),
+            image_key=data.get("image_key"), faces=int(data.get("faces", 0)),
+            face_box=(int(box[0]), int(box[1]), int(box[2]), int(box[3])) if box else None,
+            embedding=tuple(float(v) for v in emb) if emb is not None else None,
+            sanity=ImageSanity.from_dict(sanity) if sanity else None, error=data.get("error"),
+        )
+
+
+# --------------------------------------------------------------------------- scores
+
+
+def embedding_distance(a: Embedding, b: Embedding) -> float:
+    """Euclidean distance, as dlib's own ``face_distance``."""
+    return math.dist(a, b)
+
+
+def similarity(distance: float) -> float:
+    """0..1 from an embedding distance (see the module docstring)."""
+    if not math.isfinite(distance):
+        return 0.0
+    return max(0.0, min(1.0, 1.0 - distance / SIMILARITY_SCALE))
+
+
+def centroid(embeddings: Sequence[Embedding]) -> Embedding:
+    if not embeddings:
+        raise ValueError("the centroid of no embeddings")
+    size = len(embeddings[0])
+    return tuple(sum(e[i] for e in embeddings) / len(embeddings) for i in range(size))
+
+
+@dataclass(frozen=True)
+class ProbeScore:
+    index: int
+    face_found: bool
+    similarity: float | None  # to the reference's mean face; None without a face or reference
+    similarity_nearest: float | None  # to the nearest reference face
+    sane: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "face_found": self.face_found, "similarity": self.similarity,
+                "similarity_nearest": self.similarity_nearest, "sane": self.sane}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeScore:
+        return cls(
+            index=int(data["index"]), face_found=bool(data["face_found"]),
+            similarity=_opt_float(data.get("similarity")),
+            similarity_nearest=_opt_float(data.get("similarity_nearest")),
+            sane=bool(data.get("sane", True)),
+        )
+
+
+@dataclass(frozen=True)
+class IdentityScores:
+    """A version's headline scores against one set of reference photos."""
+
+    identity: float | None
+    identity_nearest: float | None
+    face_share: float
+    sane_share: float
+    sharpness: float | None
+    probes: int
+    faces: int
+    reference_faces: int
+    per_probe: tuple[ProbeScore, ...] = ()
+
+    def headline(self) -> dict[str, Any]:
+        return {
+            "identity": _round(self.identity), "identity_nearest": _round(self.identity_nearest),
+            "face_share": _round(self.face_share), "sane_share": _round(self.sane_share),
+            "sharpness": _round(self.sharpness), "probes": self.probes, "faces": self.faces,
+            "reference_faces": self.reference_faces,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.headline(), "per_probe": [p.as_dict() for p in self.per_probe]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> IdentityScores:
+        return cls(
+            identity=_opt_float(data.get("identity")),
+            identity_nearest=_opt_float(data.get("identity_nearest")),
+            face_share=float(data.get("face_share", 0.0)),
+            sane_share=float(data.get("sane_share", 0.0)),
+            sharpness=_opt_float(data.get("sharpness")),
+            probes=int(data.get("probes", 0)), faces=int(data.get("faces", 0)),
+            reference_faces=int(data.get("reference_faces", 0)),
+            per_probe=tuple(ProbeScore.from_dict(p) for p in data.get("per_probe", [])),
+        )
+
+
+def score_probes(results: Sequence[ProbeResult], reference: Sequence[Embedding]) -> IdentityScores:
+    """Score one version's probe results against the reference photos' face embeddings."""
+    if not results:
+        raise ValueError("a version is scored on at least one probe")
+    mean_face = centroid(reference) if reference else None
+    per_probe: list[ProbeScore] = []
+    for r in sorted(results, key=lambda r: r.index):
+        sim: float | None = None
+        nearest: float | None = None
+        if r.embedding is not None and mean_face is not None:
+            sim = similarity(embedding_distance(r.embedding, mean_face))
+            nearest = max(similarity(embedding_distance(r.embedding, e)) for e in reference)
+        per_probe.append(ProbeScore(index=r.index, face_found=r.face_found, similarity=sim,
+                                    similarity_nearest=nearest,
+                                    sane=r.sanity.ok if r.sanity else False))
+    n = len(per_probe)
+    faces = sum(p.face_found for p in per_probe)
+    identity = identity_nearest = None
+    if mean_face is not None:
+        # A probe without a face counts 0: see the module docstring.
+        identity = sum(p.similarity or 0.0 for p in per_probe) / n
+        identity_nearest = sum(p.similarity_nearest or 0.0 for p in per_probe) / n
+    sharp = [r.sanity.sharpness for r in results if r.sanity is not None and not r.sanity.nan]
+    return IdentityScores(
+        identity=identity, identity_nearest=identity_nearest, face_share=faces / n,
+        sane_share=sum(p.sane for p in per_probe) / n,
+        sharpness=statistics.median(sharp) if sharp else None, probes=n, faces=faces,
+        reference_faces=len(reference), per_probe=tuple(per_probe),
+    )
+
+
+# --------------------------------------------------------------------------- the gate
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    status: GateStatus
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+FIRST_VERSION_REASON = "the first version has nothing to beat: it is active"
+GATE_OFF_REASON = "the likeness gate is off (SELFIE_LORA_QUALITY_GATE=false): it is active"
+
+
+def decide_gate(
+    *,
+    candidate: IdentityScores | None,
+    baseline: IdentityScores | None,
+    tolerance: float,
+    candidate_number: int,
+    baseline_number: int | None,
+    candidate_error: str | None = None,
+) -> GateDecision:
+    """Whether a new version replaces the active one. Both scores must have been computed against
+    the same reference photos (the service sees to it).
+
+    Held when the candidate could not be scored, or when its identity is lower than the
+    baseline's by more than ``tolerance``. When the reference has no face (``identity`` None on
+    either side) the face share is compared instead, with the same tolerance; when neither
+    version shows any face (the offline tiny model) there is nothing to lose and it passes.
+    """
+    if not 0.0 <= tolerance <= 1.0:
+        raise ValueError("the gate tolerance is a similarity difference, 0..1")
+    details: dict[str, Any] = {
+        "tolerance": tolerance,
+        "after": candidate.headline() if candidate else None,
+        "before": baseline.headline() if baseline else None,
+    }
+    v = f"version {candidate_number}"
+    if candidate is None:
+        why = candidate_error or "no score"
+        return GateDecision(GateStatus.HELD, f"{v} could not be scored ({why}), so it is kept but "
+                            "not activated; activate it yourself if you want it", details)
+    if baseline is None or baseline_number is None:
+        return GateDecision(GateStatus.PASSED, f"{v} has no scored active version to beat: it is "
+                            "active", details)
+    active = f"the active version {baseline_number}"
+    if candidate.identity is not None and baseline.identity is not None:
+        drop = baseline.identity - candidate.identity
+        details["drop"] = round(drop, 4)
+        if drop > tolerance:
+            if candidate.faces == 0 and baseline.faces > 0:
+                return GateDecision(GateStatus.HELD, (
+                    f"likeness dropped: no face was found in any of {v}'s {candidate.probes} "
+                    f"probe images ({active} had faces in {baseline.faces} of {baseline.probes}); "
+                    "it is kept but not activated"), details)
+            return GateDecision(GateStatus.HELD, (
+                f"likeness dropped: identity {candidate.identity:.3f} against {baseline.identity:.3f}"
+                f" for {active}, more than the tolerance {tolerance:g}; it is kept but not "
+                "activated"), details)
+        if candidate.faces == 0 and baseline.faces == 0:
+            return GateDecision(GateStatus.PASSED, (
+                f"no face in the probe images of {v} or {active} (expected with an untrained or "
+                "tiny model): nothing to lose, it is active"), details)
+        return GateDecision(GateStatus.PASSED, (
+            f"identity {candidate.identity:.3f} against {baseline.identity:.3f} for {active}, "
+            f"within the tolerance {tolerance:g}: it is active"), details)
+    # No reference face to measure identity against: fall back to whether faces appear at all.
+    drop = baseline.face_share - candidate.face_share
+    details["drop"] = round(drop, 4)
+    if drop > tolerance:
+        return GateDecision(GateStatus.HELD, (
+            f"faces appear in {candidate.face_share:.0%} of {v}'s probe images against "
+            f"{baseline.face_share:.0%} for {active} (the training photos have no face to measure "
+            "identity against); it is kept but not activated"), details)
+    return GateDecision(GateStatus.PASSED, (
+        f"the training photos have no face to measure identity against; faces appear in "
+        f"{candidate.face_share:.0%} of {v}'s probe images against {baseline.face_share:.0%} for "
+        f"{active}: it is active"), details)
+
+
+# --------------------------------------------------------------------------- the record
+
+
+class QualityStatus(enum.StrEnum):
+    PENDING = "pending"
+    SCORED = "scored"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class VersionQuality:
+    """A version's likeness record: what its probes showed, its scores against its own training
+    photos, the training's own figures, and the embedding model that made the scores."""
+
+    version_id: str
+    model_id: str
+    status: QualityStatus
+    created_at: datetime
+    embedding_model: str | None = None
+    reference_dataset_id: str | None = None
+    scores: IdentityScores | None = None
+    probes: tuple[ProbeResult, ...] = ()
+    # final_loss, steps, seconds, cost (where the backend reports it), and the trainer's metrics.
+    training: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    scored_at: datetime | None = None
+
+
+def training_figures(
+    metrics: dict[str, Any], *, loss: float | None, steps: int, seconds: float | None
+) -> dict[str, Any]:
+    """The training's own figures from its trainer's metrics (whatever the backend reports)."""
+    final_loss = _opt_float(metrics.get("final_loss"))
+    if final_loss is None:
+        final_loss = loss
+    reported_seconds = _opt_float(metrics.get("seconds"))
+    if reported_seconds is None:
+        reported_seconds = _opt_float(metrics.get("predict_time"))
+    reported_steps = metrics.get("steps")
+    return {
+        "final_loss": final_loss,
+        "steps": int(reported_steps) if isinstance(reported_steps, int | float) else steps,
+        "seconds": reported_seconds if reported_seconds is not None else seconds,
+        "cost": _opt_float(metrics.get("cost")),
+        "metrics": {k: v if isinstance(v, str | int | float | bool | type(None)) else str(v)
+                    for k, v in metrics.items()},
+    }
+
+
+def _opt_float(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)

@@ -1,0 +1,79 @@
+"""The chart of likeness scores across a model's versions (matplotlib, drawn off-screen).
+
+Fixed size: ``CHART_SIZE`` pixels (``FIGSIZE`` inches at ``DPI``), never trimmed, so a caller can
+predict it. matplotlib is the ``quality`` extra; it is imported only here, when a chart is drawn.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from selfie_lora.errors import ConfigError
+
+FIGSIZE = (8.0, 4.5)
+DPI = 100
+CHART_SIZE = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+
+
+@dataclass(frozen=True)
+class ChartPoint:
+    number: int  # the version number (x axis)
+    identity: float | None
+    identity_nearest: float | None
+    face_share: float | None
+    sane_share: float | None
+    gate_status: str  # pending | passed | held
+    active: bool
+
+
+def render_chart(points: Sequence[ChartPoint], *, title: str, tolerance: float) -> bytes:
+    """The chart as PNG bytes. Versions without scores show as gaps."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - the quality extra is part of every install
+        raise ConfigError("charts need matplotlib: pip install 'selfie-lora[quality]'") from exc
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [p.number for p in points]
+    series = (
+        ("identity (mean of the photos)", [p.identity for p in points], "tab:blue", "o"),
+        ("identity (nearest photo)", [p.identity_nearest for p in points], "tab:cyan", "s"),
+        ("share of probes with a face", [p.face_share for p in points], "tab:green", "^"),
+        ("share of sane images", [p.sane_share for p in points], "tab:gray", "v"),
+    )
+    for label, values, colour, marker in series:
+        ax.plot(xs, [_nan(v) for v in values], label=label, color=colour, marker=marker,
+                linewidth=1.5, markersize=5)
+    held = [p for p in points if p.gate_status == "held"]
+    if held:
+        ax.scatter([p.number for p in held], [_nan(p.identity) if p.identity is not None else 0.0
+                                              for p in held],
+                   s=140, facecolors="none", edgecolors="tab:red", linewidths=2,
+                   label=f"held by the gate (tolerance {tolerance:g})", zorder=3)
+    active = [p for p in points if p.active]
+    for p in active:
+        ax.axvline(p.number, color="tab:orange", linestyle="--", linewidth=1,
+                   label="active version")
+    ax.set_xlabel("version")
+    ax.set_ylabel("score (0..1)")
+    ax.set_ylim(-0.02, 1.05)
+    if xs:
+        ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
+        ax.set_xticks(xs)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    out = io.BytesIO()
+    # No bbox_inches="tight": it would change the size from CHART_SIZE.
+    fig.savefig(out, format="png", dpi=DPI)
+    return out.getvalue()
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value

@@ -1,0 +1,628 @@
+"""Likeness tracking: score every version on its model's fixed probes, let the gate decide whether
+a new version replaces the active one, alert on a drop, and compare versions.
+
+The likeness job (``run``, queued by ``TrainingService`` when a version is stored; the training
+stays ``processing`` until the job ends it) does:
+
+1. **score** the version: generate each probe (same prompt, same seed, the version's weights at
+   the model's LoRA scale, through ``GenerationService.render``: the user's own code path), store
+   the images (``quality/versions/<version>/probe-<n>.png``), measure each image (blank,
+   saturated, broken, sharpness) and find its face (``FaceAnalyzer``), then score the faces
+   against the training photos' faces (``domain.quality.score_probes``). Training photos are
+   analysed once per dataset (``quality/datasets/<dataset>/<embedding model>.json``).
+2. **gate** (only while the version's gate is ``pending``): score the active version against the
+   *same* training photos (its probe faces are stored, so this is arithmetic), decide
+   (``domain.quality.decide_gate``), then in one transaction record the decision, activate the
+   version when it passed, record an alert when it was held, and mark the training succeeded with
+   its before/after scores in the retraining log. A held version is also logged and, when
+   ``SELFIE_LORA_ALERT_URL`` is set, POSTed there (best effort, never fatal).
+
+Comparisons score both versions against the training photos of the newer one, probe by probe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from selfie_lora.domain.entities import GateStatus, Model, Probe, Training, User, Version
+from selfie_lora.domain.quality import (
+    DEFAULT_GATE_TOLERANCE,
+    DEFAULT_PROBE_COUNT,
+    Embedding,
+    GateDecision,
+    IdentityScores,
+    ProbeResult,
+    QualityStatus,
+    VersionQuality,
+    decide_gate,
+    probes_for_existing_model,
+    score_probes,
+    training_figures,
+)
+from selfie_lora.errors import InvalidInputError, NotFoundError, SelfieLoraError
+from selfie_lora.quality.chart import ChartPoint, render_chart
+from selfie_lora.quality.grid import GridRow, render_grid
+from selfie_lora.quality.images import analysis_array, image_sanity
+from selfie_lora.services.common import utcnow
+from selfie_lora.services.generation import GenerationService
+from selfie_lora.services.intake import photo_key
+from selfie_lora.services.ports import Alerter, BlobStore, FaceAnalyzer, Repository
+from selfie_lora.services.training import succeed, succeeded_event
+
+logger = logging.getLogger(__name__)
+
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def probe_image_key(version_id: str, index: int) -> str:
+    return f"quality/versions/{version_id}/probe-{index}.png"
+
+
+def reference_key(dataset_id: str, embedding_model: str) -> str:
+    return f"quality/datasets/{dataset_id}/{_SAFE.sub('_', embedding_model)}.json"
+
+
+def grid_key(a_id: str, b_id: str) -> str:
+    return f"quality/compare/{a_id}-{b_id}/grid.png"
+
+
+def chart_key(model_id: str) -> str:
+    return f"quality/models/{model_id}/chart.png"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The face embeddings of one dataset's training photos (photos without a face left out)."""
+
+    dataset_id: str
+    embedding_model: str
+    photos: int
+    embeddings: tuple[Embedding, ...]
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    model: Model
+    version: Version
+    quality: VersionQuality | None
+    baseline: Version | None  # what it was (or would be) compared with
+
+
+@dataclass(frozen=True)
+class ProbeComparison:
+    probe: Probe
+    a: ProbeResult | None
+    b: ProbeResult | None
+    a_score: dict[str, Any] | None  # ProbeScore.as_dict() against the common reference
+    b_score: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    model: Model
+    a: Version
+    b: Version
+    quality_a: VersionQuality | None
+    quality_b: VersionQuality | None
+    scores_a: IdentityScores | None  # against ``reference``
+    scores_b: IdentityScores | None
+    reference_dataset_id: str | None
+    probes: tuple[ProbeComparison, ...]
+
+
+class QualityService:
+    def __init__(
+        self,
+        *,
+        repo: Repository,
+        blobs: BlobStore,
+        generation: GenerationService,
+        faces: FaceAnalyzer,
+        alerter: Alerter | None = None,
+        tolerance: float = DEFAULT_GATE_TOLERANCE,
+        probe_count: int = DEFAULT_PROBE_COUNT,
+        probe_size: int | None = None,
+    ) -> None:
+        if not 0.0 <= tolerance <= 1.0:
+            raise ValueError("the gate tolerance is a similarity difference, 0..1")
+        self._repo = repo
+        self._blobs = blobs
+        self._generation = generation
+        self._faces = faces
+        self._alerter = alerter
+        self.tolerance = tolerance
+        self._probe_count = probe_count
+        self._probe_size = probe_size
+
+    # ------------------------------------------------------------------ worker side
+    def run(self, version_id: str) -> None:
+        """The likeness job: score the version; while its gate is pending, let the gate decide.
+        Safe to run twice: a scored version is not scored again, a decided gate not decided
+        again."""
+        version = self._repo.get_version(version_id)
+        if version is None:
+            logger.warning("version %s vanished before it was scored", version_id)
+            return
+        quality = self.score(version_id)
+        version = self._repo.get_version(version_id)
+        if version is None:
+            return
+        if version.gate_status is GateStatus.PENDING:
+            self._decide(version)
+        else:
+            self._finish(version, quality)  # a first version, or the gate is off
+
+    def score(self, version_id: str, *, force: bool = False) -> VersionQuality:
+        """The version's likeness record, scored now unless it already is (with the current
+        embedding model). Expected failures (no generator, a generator error, face tools missing)
+        are recorded on the record as ``failed``, never raised."""
+        version, model, training = self._load(version_id)
+        existing = self._repo.get_quality(version.id)
+        if (existing is not None and existing.status is QualityStatus.SCORED and not force
+                and existing.embedding_model == self._faces.model_name):
+            return existing
+        base = existing or self._new_record(version, training)
+        try:
+            probes = self._probes(model)
+            reference = self.reference(training.dataset_id)
+            results = tuple(self._probe(model, version, probe) for probe in probes)
+            scores = score_probes(results, reference.embeddings)
+            quality = dataclasses.replace(
+                base, status=QualityStatus.SCORED, embedding_model=self._faces.model_name,
+                reference_dataset_id=reference.dataset_id, scores=scores, probes=results,
+                error=None, scored_at=utcnow(),
+            )
+        except SelfieLoraError as exc:
+            logger.warning("version %s could not be scored: %s", version.id, exc.message)
+            quality = dataclasses.replace(base, status=QualityStatus.FAILED, error=exc.message,
+                                          scored_at=utcnow())
+        except Exception as exc:
+            logger.exception("scoring version %s crashed", version.id)
+            quality = dataclasses.replace(
+                base, status=QualityStatus.FAILED, scored_at=utcnow(),
+                error=f"internal error while scoring ({type(exc).__name__})")
+        self._repo.save_quality(quality)
+        self._repo.add_event(model_id=model.id, kind=f"quality_{quality.status}", data={
+            "version_id": version.id, "version_number": version.number,
+            "training_id": version.training_id, "embedding_model": quality.embedding_model,
+            "reference_dataset_id": quality.reference_dataset_id,
+            "scores": quality.scores.headline() if quality.scores else None,
+            "error": quality.error,
+        })
+        if quality.scores is not None:
+            logger.info("version %d of model %s scored: %s", version.number, model.id,
+                        quality.scores.headline())
+        return quality
+
+    def reference(self, dataset_id: str) -> Reference:
+        """The training photos' faces, analysed once per dataset and embedding model."""
+        key = reference_key(dataset_id, self._faces.model_name)
+        if self._blobs.exists(key):
+            stored = json.loads(self._blobs.get(key))
+        else:
+            dataset = self._repo.get_dataset(dataset_id)
+            if dataset is None:
+                raise NotFoundError("the training's photos are gone")
+            photos = []
+            for sha in dataset.photo_hashes:
+                faces = self._faces.detect(analysis_array(self._blobs.get(photo_key(sha))))
+                first = faces[0] if faces else None
+                photos.append({
+                    "sha256": sha, "faces": len(faces),
+                    "embedding": list(first.embedding) if first and first.embedding else None,
+                })
+            stored = {"dataset_id": dataset_id, "embedding_model": self._faces.model_name,
+                      "photos": photos}
+            self._blobs.put(key, json.dumps(stored).encode())
+        embeddings = tuple(tuple(float(v) for v in p["embedding"]) for p in stored["photos"]
+                           if p.get("embedding"))
+        return Reference(dataset_id=dataset_id, embedding_model=str(stored["embedding_model"]),
+                         photos=len(stored["photos"]), embeddings=embeddings)
+
+    # ------------------------------------------------------------------ read side
+    def report(self, *, user: User, version_id: str) -> QualityReport:
+        model, version = self._owned(user, version_id)
+        return QualityReport(model=model, version=version,
+                             quality=self._repo.get_quality(version.id),
+                             baseline=self._baseline_of(model, version))
+
+    def summaries(self, model: Model) -> dict[str, VersionQuality]:
+        """Every version's likeness record, by version id."""
+        return {q.version_id: q for q in self._repo.list_quality(model.id)}
+
+    def probe_image(self, *, user: User, version_id: str, index: int) -> bytes:
+        _model, version = self._owned(user, version_id)
+        quality = self._repo.get_quality(version.id)
+        for probe in quality.probes if quality else ():
+            if probe.index == index and probe.image_key and self._blobs.exists(probe.image_key):
+                return self._blobs.get(probe.image_key)
+        raise NotFoundError("no such probe image")
+
+    def compare(self, *, user: User, a: str | None = None, b: str | None = None) -> Comparison:
+        """Version ``a`` against version ``b``, probe by probe. ``b`` defaults to the newest
+        version, ``a`` to the version ``b`` was (or would be) compared with by the gate."""
+        model = self._model(user)
+        versions = self._repo.list_versions(model.id)
+        if not versions:
+            raise NotFoundError("your model has no version yet")
+        vb = self._resolve(versions, b) if b else versions[0]
+        va = self._resolve(versions, a) if a else self._baseline_of(model, vb)
+        if va is None:
+            raise InvalidInputError("there is no other version to compare with yet",
+                                    code="nothing_to_compare")
+        if va.id == vb.id:
+            raise InvalidInputError("compare two different versions", code="same_version")
+        qa, qb = self._repo.get_quality(va.id), self._repo.get_quality(vb.id)
+        newer = vb if vb.number > va.number else va
+        reference = self._reference_for(newer)
+        scores = {v.id: self._scores_against(q, reference) for v, q in ((va, qa), (vb, qb))}
+        by_index = {v.id: {p.index: p for p in (q.probes if q else ())} for v, q in
+                    ((va, qa), (vb, qb))}
+        rows = []
+        for probe in model.probes:
+            sa, sb = scores[va.id], scores[vb.id]
+            rows.append(ProbeComparison(
+                probe=probe, a=by_index[va.id].get(probe.index), b=by_index[vb.id].get(probe.index),
+                a_score=_probe_score(sa, probe.index), b_score=_probe_score(sb, probe.index),
+            ))
+        return Comparison(model=model, a=va, b=vb, quality_a=qa, quality_b=qb,
+                          scores_a=scores[va.id], scores_b=scores[vb.id],
+                          reference_dataset_id=reference.dataset_id if reference else None,
+                          probes=tuple(rows))
+
+    def grid_png(self, comparison: Comparison) -> bytes:
+        """The side-by-side grid of a comparison (stored under ``quality/compare/``)."""
+        rows = []
+        for row in comparison.probes:
+            rows.append(GridRow(
+                label=[f"probe {row.probe.index + 1}, seed {row.probe.seed}", row.probe.prompt,
+                       f"A: {_probe_label(row.a, row.a_score)}",
+                       f"B: {_probe_label(row.b, row.b_score)}"],
+                left=self._image_or_none(row.a), right=self._image_or_none(row.b),
+            ))
+        if not rows:
+            raise InvalidInputError("the model has no probes yet: wait for its first scoring",
+                                    code="not_scored")
+        png = render_grid(
+            left_title=_column_title("A", comparison.a, comparison.scores_a),
+            right_title=_column_title("B", comparison.b, comparison.scores_b), rows=rows)
+        self._blobs.put(grid_key(comparison.a.id, comparison.b.id), png)
+        return png
+
+    def chart_points(self, model: Model) -> list[ChartPoint]:
+        """Every version's scores against one yardstick: the training photos of the newest
+        scored version."""
+        versions = sorted(self._repo.list_versions(model.id), key=lambda v: v.number)
+        records = self.summaries(model)
+        newest = next((v for v in reversed(versions) if _scored(records.get(v.id))), None)
+        reference = self._reference_for(newest) if newest else None
+        points = []
+        for v in versions:
+            s = self._scores_against(records.get(v.id), reference)
+            points.append(ChartPoint(
+                number=v.number, identity=s.identity if s else None,
+                identity_nearest=s.identity_nearest if s else None,
+                face_share=s.face_share if s else None, sane_share=s.sane_share if s else None,
+                gate_status=str(v.gate_status), active=v.id == model.active_version_id,
+            ))
+        return points
+
+    def chart_png(self, *, user: User) -> bytes:
+        """The chart of scores across all versions (stored under ``quality/models/``)."""
+        model = self._model(user)
+        points = self.chart_points(model)
+        if not points:
+            raise NotFoundError("your model has no version yet")
+        png = render_chart(points, title=f"likeness of {model.trigger_word} across versions",
+                           tolerance=self.tolerance)
+        self._blobs.put(chart_key(model.id), png)
+        return png
+
+    def training_log(self, *, user: User) -> list[dict[str, Any]]:
+        """One entry per training, newest first: first training or retraining, what it kept, the
+        version it made, the gate's decision and the scores before and after."""
+        model = self._model(user)
+        versions = {v.id: v for v in self._repo.list_versions(model.id)}
+        records = self.summaries(model)
+        entries = []
+        for t in self._repo.list_trainings(model.id):
+            version = versions.get(t.version_id) if t.version_id else None
+            quality = records.get(version.id) if version else None
+            details = version.gate_details if version else {}
+            after = details.get("after")
+            if after is None and quality is not None and quality.scores is not None:
+                after = quality.scores.headline()
+            entries.append({
+                "training_id": t.id, "status": str(t.status),
+                "kind": "retraining" if t.is_retraining else "first_training",
+                "preserved": t.preserved, "trigger_word": t.trigger_word,
+                "destination": t.destination, "trainer_version": t.trainer_version,
+                "lora_scale": t.preserved.get("lora_scale"),
+                "version_id": version.id if version else None,
+                "version_number": version.number if version else None,
+                "gate": ({"status": str(version.gate_status), "reason": version.gate_reason,
+                          "baseline_version_id": details.get("baseline_version_id"),
+                          "overridden": "override" in details} if version else None),
+                "scores": {"before": details.get("before"), "after": after},
+                "training": quality.training if quality else None,
+                "error": t.error, "created_at": t.created_at.isoformat(),
+                "completed_at": t.completed_at.isoformat() if t.completed_at else None,
+            })
+        return entries
+
+    # ------------------------------------------------------------------ the gate
+    def _decide(self, version: Version) -> None:
+        model, training = self._require_model(version), self._repo.get_training(version.training_id)
+        candidate = self._repo.get_quality(version.id)
+        override = version.gate_details.get("override")
+        baseline_id = (override.get("replaced_version_id") if isinstance(override, dict)
+                       else model.active_version_id)
+        baseline = (self._repo.get_version(baseline_id)
+                    if baseline_id and baseline_id != version.id else None)
+        after = before = None
+        reference_id = None
+        if candidate is not None and candidate.status is QualityStatus.SCORED:
+            reference = self._reference_for(version)
+            reference_id = reference.dataset_id if reference else None
+            after = self._scores_against(candidate, reference)
+            if baseline is not None:
+                before = self._scores_against(self.score(baseline.id), reference)
+        decision = decide_gate(
+            candidate=after, baseline=before, tolerance=self.tolerance,
+            candidate_number=version.number,
+            baseline_number=baseline.number if baseline is not None and before else None,
+            candidate_error=candidate.error if candidate else "no likeness record",
+        )
+        alert = self._record_decision(version, training, decision, baseline=baseline,
+                                      reference_id=reference_id, candidate=candidate)
+        if alert is not None:
+            self._deliver(version, alert)
+
+    def _finish(self, version: Version, quality: VersionQuality) -> None:
+        """End the training of a version that needed no decision, with its scores in the log."""
+        with self._repo.atomic() as tx:
+            training = tx.get_training(version.training_id, for_update=True)
+            if training is None or training.status.is_terminal:
+                return
+            tx.save_training(succeed(training, at=utcnow()))
+            tx.add_event(model_id=version.model_id, kind="training_succeeded",
+                         data=succeeded_event(training, version,
+                                              metrics=quality.training.get("metrics", {}),
+                                              scores={"before": None, "after": (
+                                                  quality.scores.headline() if quality.scores
+                                                  else None)}))
+
+    def _record_decision(
+        self, version: Version, training: Training | None, decision: GateDecision, *,
+        baseline: Version | None, reference_id: str | None, candidate: VersionQuality | None,
+    ) -> dict[str, Any] | None:
+        now = utcnow()
+        alert: dict[str, Any] | None = None
+        with self._repo.atomic() as tx:
+            # The training row first, locked: the one writer that finishes it.
+            current_training = (tx.get_training(training.id, for_update=True)
+                                if training is not None else None)
+            current = tx.get_version(version.id)
+            if current is None or current.gate_status is not GateStatus.PENDING:
+                return None  # another worker decided
+            details = {
+                **current.gate_details, **decision.details, "decided_at": now.isoformat(),
+                "baseline_version_id": baseline.id if baseline else None,
+                "baseline_version_number": baseline.number if baseline else None,
+                "reference_dataset_id": reference_id,
+            }
+            reason = decision.reason
+            if decision.status is GateStatus.PASSED:
+                model = tx.get_model(version.model_id)
+                active_now = model.active_version_id if model else None
+                if active_now in (current.gate_details.get("active_when_stored"), version.id):
+                    tx.set_model_active_version(version.model_id, version.id)
+                else:
+                    # The user activated another version by hand while this one was scored.
+                    reason = (reason.removesuffix(": it is active").removesuffix(", it is active")
+                              + "; it passed, but the version you activated meanwhile stays "
+                              "active")
+                    details["kept_user_choice"] = active_now
+            tx.set_version_gate(version.id, status=decision.status, reason=reason,
+                                details=details)
+            if decision.status is GateStatus.HELD:
+                owner = tx.get_model(version.model_id)
+                assert owner is not None
+                alert = self._alert(owner, version, decision, baseline=baseline, at=now)
+                tx.set_version_alert(version.id, alert)
+            decided = dataclasses.replace(current, gate_status=decision.status,
+                                          gate_reason=reason, gate_details=details)
+            if current_training is not None and not current_training.status.is_terminal:
+                tx.save_training(succeed(current_training, at=now))
+                metrics = candidate.training.get("metrics", {}) if candidate else {}
+                tx.add_event(model_id=version.model_id, kind="training_succeeded",
+                             data=succeeded_event(current_training, decided, metrics=metrics,
+                                                  scores={"before": decision.details.get("before"),
+                                                          "after": decision.details.get("after")}))
+            tx.add_event(model_id=version.model_id, kind=f"gate_{decision.status}", data={
+                "version_id": version.id, "version_number": version.number,
+                "baseline_version_id": baseline.id if baseline else None,
+                "reason": reason, "before": decision.details.get("before"),
+                "after": decision.details.get("after"), "tolerance": self.tolerance,
+            })
+        if decision.status is GateStatus.PASSED:
+            logger.info("version %d of model %s passed the likeness gate: %s", version.number,
+                        version.model_id, decision.reason)
+        else:
+            logger.warning("likeness alert: version %d of model %s held back: %s",
+                           version.number, version.model_id, decision.reason)
+        return alert
+
+    def _alert(self, model: Model, version: Version, decision: GateDecision, *,
+               baseline: Version | None, at: datetime) -> dict[str, Any]:
+        return {
+            "kind": "likeness_drop" if decision.details.get("after") else "not_scored",
+            "message": decision.reason, "at": at.isoformat(), "user_id": model.user_id,
+            "model_id": model.id, "destination": model.destination,
+            "version_id": version.id, "version_number": version.number,
+            "baseline_version_id": baseline.id if baseline else None,
+            "baseline_version_number": baseline.number if baseline else None,
+            "before": decision.details.get("before"), "after": decision.details.get("after"),
+            "tolerance": self.tolerance, "delivery": None,
+        }
+
+    def _deliver(self, version: Version, alert: dict[str, Any]) -> None:
+        if self._alerter is None:
+            return
+        try:
+            self._alerter.send(alert)
+            delivery: dict[str, Any] = {"delivered": True, "at": utcnow().isoformat()}
+        except Exception as exc:  # best effort: the alert is recorded and logged either way
+            logger.warning("the likeness alert for version %s could not be delivered: %r",
+                           version.id, exc)
+            delivery = {"delivered": False, "at": utcnow().isoformat(), "error": repr(exc)[:300]}
+        self._repo.set_version_alert(version.id, {**alert, "delivery": delivery})
+
+    # ------------------------------------------------------------------ internals
+    def _probe(self, model: Model, version: Version, probe: Probe) -> ProbeResult:
+        key = probe_image_key(version.id, probe.index)
+        if self._blobs.exists(key):
+            png = self._blobs.get(key)  # same weights, prompt and seed: the same image
+        else:
+            png = self._generation.render(model=model, version=version, prompt=probe.prompt,
+                                          seed=probe.seed, size=self._probe_size).images[0]
+            self._blobs.put(key, png)
+        sanity = image_sanity(png)
+        faces = [] if sanity.nan else self._faces.detect(analysis_array(png))
+        face = faces[0] if faces else None
+        return ProbeResult(
+            index=probe.index, prompt=probe.prompt, seed=probe.seed, image_key=key,
+            faces=len(faces), face_box=face.box if face else None,
+            embedding=face.embedding if face else None, sanity=sanity,
+        )
+
+    def _probes(self, model: Model) -> tuple[Probe, ...]:
+        if model.probes:
+            return model.probes
+        # A model from before likeness tracking: its probe set is fixed now, once.
+        self._repo.set_model_probes(model.id, probes_for_existing_model(
+            model_id=model.id, trigger_word=model.trigger_word, count=self._probe_count))
+        refreshed = self._repo.get_model(model.id)
+        assert refreshed is not None
+        assert refreshed.probes
+        return refreshed.probes
+
+    def _reference_for(self, version: Version) -> Reference | None:
+        training = self._repo.get_training(version.training_id)
+        if training is None:
+            return None
+        try:
+            return self.reference(training.dataset_id)
+        except SelfieLoraError as exc:
+            logger.warning("no reference photos for version %s: %s", version.id, exc.message)
+            return None
+
+    def _scores_against(self, quality: VersionQuality | None,
+                        reference: Reference | None) -> IdentityScores | None:
+        if not _scored(quality) or reference is None:
+            return None
+        assert quality is not None
+        if quality.reference_dataset_id == reference.dataset_id and quality.scores is not None:
+            return quality.scores
+        return score_probes(quality.probes, reference.embeddings)
+
+    def _baseline_of(self, model: Model, version: Version) -> Version | None:
+        """What ``version`` was compared with by the gate; for a version not judged yet, the
+        active version; for a first version, none. Else the previous version by number."""
+        baseline_id = version.gate_details.get("baseline_version_id")
+        if baseline_id:
+            return self._repo.get_version(str(baseline_id))
+        if version.gate_status is GateStatus.PENDING and model.active_version_id not in (
+                None, version.id):
+            return self._repo.get_version(str(model.active_version_id))
+        older = [v for v in self._repo.list_versions(model.id) if v.number < version.number]
+        return older[0] if older else None
+
+    def _new_record(self, version: Version, training: Training) -> VersionQuality:
+        # A version stored before likeness tracking: its figures come from its training row.
+        seconds = None
+        if training.completed_at and training.started_at:
+            seconds = round((training.completed_at - training.started_at).total_seconds(), 3)
+        return VersionQuality(
+            version_id=version.id, model_id=version.model_id, status=QualityStatus.PENDING,
+            created_at=utcnow(), training=training_figures(
+                {}, loss=training.loss, steps=training.total_steps, seconds=seconds),
+        )
+
+    def _load(self, version_id: str) -> tuple[Version, Model, Training]:
+        version = self._repo.get_version(version_id)
+        if version is None:
+            raise NotFoundError(f"version {version_id} does not exist")
+        training = self._repo.get_training(version.training_id)
+        if training is None:
+            raise NotFoundError(f"the training of version {version_id} does not exist")
+        return version, self._require_model(version), training
+
+    def _require_model(self, version: Version) -> Model:
+        model = self._repo.get_model(version.model_id)
+        if model is None:
+            raise NotFoundError(f"the model of version {version.id} does not exist")
+        return model
+
+    def _model(self, user: User) -> Model:
+        model = self._repo.get_model_for_user(user.id)
+        if model is None:
+            raise NotFoundError("you have no model yet: upload photos to start one")
+        return model
+
+    def _owned(self, user: User, version_id: str) -> tuple[Model, Version]:
+        model = self._model(user)
+        version = self._repo.get_version(version_id)
+        if version is None or version.model_id != model.id:
+            raise NotFoundError("no such version")
+        return model, version
+
+    @staticmethod
+    def _resolve(versions: Sequence[Version], ref: str) -> Version:
+        """A version by id, or by number ("2" or "v2")."""
+        text = ref.strip().lower().removeprefix("v")
+        for v in versions:
+            if v.id == ref.strip() or (text.isdigit() and v.number == int(text)):
+                return v
+        raise NotFoundError(f"no such version: {ref}")
+
+    def _image_or_none(self, probe: ProbeResult | None) -> bytes | None:
+        if probe is None or probe.image_key is None or not self._blobs.exists(probe.image_key):
+            return None
+        return self._blobs.get(probe.image_key)
+
+
+def _scored(quality: VersionQuality | None) -> bool:
+    return quality is not None and quality.status is QualityStatus.SCORED and bool(quality.probes)
+
+
+def _probe_score(scores: IdentityScores | None, index: int) -> dict[str, Any] | None:
+    if scores is None:
+        return None
+    for p in scores.per_probe:
+        if p.index == index:
+            return p.as_dict()
+    return None
+
+
+def _probe_label(result: ProbeResult | None, score: dict[str, Any] | None) -> str:
+    if result is None:
+        return "not scored"
+    if not result.face_found:
+        return "no face" + ("" if result.sanity is None or result.sanity.ok else ", bad image")
+    sim = score.get("similarity") if score else None
+    return "face" if sim is None else f"identity {sim:.3f}"
+
+
+def _column_title(side: str, version: Version, scores: IdentityScores | None) -> str:
+    title = f"{side}: version {version.number} ({version.gate_status})"
+    if scores is not None and scores.identity is not None:
+        title += f" identity {scores.identity:.3f}"
+    return title

@@ -1,0 +1,83 @@
+"""Migration 0002 (likeness tracking) on a database that already holds a model and a version,
+on SQLite (batch mode) and PostgreSQL: up, down and up again."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from alembic import command
+from sqlalchemy import Engine, inspect, text
+
+from selfie_lora.adapters.db.migrate import alembic_config
+from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.domain.entities import GateStatus
+from tests.support.backends import database_url, fresh_engine
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    e = fresh_engine(database_url(request.param, tmp_path))
+    yield e
+    e.dispose()
+
+
+def migrate(engine: Engine, target: str, *, down: bool = False) -> None:
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as connection:
+        cfg.attributes["connection"] = connection
+        (command.downgrade if down else command.upgrade)(cfg, target)
+
+
+def test_0002_keeps_old_versions_active_and_adds_the_likeness_tables(engine: Engine) -> None:
+    migrate(engine, "0001")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, name, api_key_hash, created_at) "
+                          "VALUES ('u', 'ann', 'h', :t)"), {"t": NOW})
+        conn.execute(text(
+            "INSERT INTO models (id, user_id, backend, trigger_word, destination, trainer_version,"
+            " lora_scale, lora_scale_is_custom, active_version_id, created_at) VALUES ('m', 'u',"
+            " 'local', 'zkr47v', 'local/x', 'local-tiny-v1', 0.8, true, 'v', :t)"), {"t": NOW})
+        conn.execute(text(
+            "INSERT INTO datasets (id, user_id, images_total, images_accepted, photo_hashes,"
+            " findings, accepted, sha256, created_at) VALUES ('d', 'u', 1, 1, '[]', '[]', true,"
+            " 's', :t)"), {"t": NOW})
+        conn.execute(text(
+            "INSERT INTO trainings (id, model_id, dataset_id, backend, status, is_retraining,"
+            " trigger_word, destination, trainer_version, recipe, preserved, step, total_steps,"
+            " cancel_requested, history, created_at) VALUES ('t', 'm', 'd', 'local', 'succeeded',"
+            " false, 'zkr47v', 'local/x', 'local-tiny-v1', :recipe, '{}', 1, 1, false, '[]', :t)"),
+            {"t": NOW, "recipe": '{"name": "local-tiny-v1", "steps": 1, "lora_rank": 4, '
+                                 '"learning_rate": 0.01, "resolution": 64}'})
+        conn.execute(text(
+            "INSERT INTO versions (id, model_id, number, training_id, trainer_version,"
+            " weights_key, weights_sha256, weights_method, version_mismatch, created_at)"
+            " VALUES ('v', 'm', 1, 't', 'local-tiny-v1', 'k', 'sha', 'file', false, :t)"),
+            {"t": NOW})
+    migrate(engine, "head")
+    tables = set(inspect(engine).get_table_names())
+    assert "version_quality" in tables
+    repo = SqlRepository(engine)
+    version = repo.get_version("v")
+    assert version is not None
+    assert version.gate_status is GateStatus.PASSED  # activated under the old rule
+    assert version.gate_reason is None
+    assert version.alert is None
+    model = repo.get_model("m")
+    assert model is not None
+    assert model.probes == ()  # filled in at its next scoring
+    assert (model.lora_scale, model.active_version_id) == (0.8, "v")
+    assert repo.list_quality("m") == []
+
+    migrate(engine, "0001", down=True)
+    assert "version_quality" not in set(inspect(engine).get_table_names())
+    columns = {c["name"] for c in inspect(engine).get_columns("versions")}
+    assert "gate_status" not in columns
+    migrate(engine, "head")
+    again = SqlRepository(engine).get_version("v")
+    assert again is not None
+    assert again.gate_status is GateStatus.PASSED

@@ -1,0 +1,412 @@
+"""Likeness tracking with a generator stand-in that answers with real photos and dlib's real face
+analyzer: the same person scores high and passes the gate, another person scores low, is held
+back and raises an alert, no face is scored as such, and the probe set never changes."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from selfie_lora.adapters.alerts.http import HttpAlerter
+from selfie_lora.domain.entities import GateStatus, TrainingStatus
+from selfie_lora.domain.quality import QualityStatus
+from selfie_lora.quality.chart import CHART_SIZE
+from selfie_lora.quality.grid import grid_size
+from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter
+from tests.support.quality import (
+    OBAMA,
+    Rig,
+    fixture_photo,
+    no_face,
+    other_person,
+    photo_generator,
+    png_size,
+    same_person,
+    store_dataset,
+)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(root=tmp_path, generator=photo_generator(same_person()))
+    yield r
+    r.close()
+
+
+def generator_of(rig: Rig) -> PhotoGenerator:
+    assert isinstance(rig.generator, PhotoGenerator)
+    return rig.generator
+
+
+def alerts_of(rig: Rig) -> list[dict[str, Any]]:
+    assert isinstance(rig.alerter, RecordingAlerter)
+    return rig.alerter.sent
+
+
+def test_same_person_scores_high_and_passes_the_gate(rig: Rig) -> None:
+    ann = rig.user()
+    v1 = rig.train(ann)
+    assert v1.gate_status is GateStatus.PASSED  # a first version has nothing to beat
+    q1 = rig.repo.get_quality(v1.id)
+    assert q1 is not None
+    assert q1.status is QualityStatus.SCORED
+    assert q1.embedding_model == "dlib_face_recognition_resnet_model_v1"
+    assert q1.scores is not None
+    assert q1.scores.face_share == 1.0
+    assert q1.scores.identity is not None
+    assert q1.scores.identity > 0.6  # same person: ~0.2-0.4 apart, similarity ~0.7-0.8
+    assert q1.scores.identity_nearest is not None
+    assert q1.scores.identity_nearest >= q1.scores.identity - 0.1
+    assert q1.scores.sane_share == 1.0
+    assert q1.training["final_loss"] == 0.25
+    assert q1.training["steps"] == 2
+
+    v2 = rig.train(ann)
+    assert v2.gate_status is GateStatus.PASSED, v2.gate_reason
+    assert "within the tolerance" in (v2.gate_reason or "")
+    assert rig.model(ann).active_version_id == v2.id
+    assert v2.alert is None
+    assert alerts_of(rig) == []
+    training = rig.repo.get_training(v2.training_id)
+    assert training is not None
+    assert training.status is TrainingStatus.SUCCEEDED
+
+
+def test_another_person_scores_low_is_held_back_and_raises_an_alert(rig: Rig,
+                                                                    caplog: Any) -> None:
+    ann = rig.user()
+    v1 = rig.train(ann)
+    generator_of(rig).photos = other_person()
+    with caplog.at_level("WARNING", logger="selfie_lora.services.quality"):
+        v2 = rig.train(ann)
+    q2 = rig.repo.get_quality(v2.id)
+    assert q2 is not None
+    assert q2.scores is not None
+    assert q2.scores.face_share == 1.0  # a face, but not the user's
+    assert q2.scores.identity is not None
+    assert q2.scores.identity < 0.45
+    # Kept, not activated; the training still succeeded and says why.
+    assert v2.gate_status is GateStatus.HELD
+    assert "likeness dropped" in (v2.gate_reason or "")
+    assert rig.model(ann).active_version_id == v1.id
+    training = rig.repo.get_training(v2.training_id)
+    assert training is not None
+    assert training.status is TrainingStatus.SUCCEEDED
+    assert training.error is None
+    # The alert: recorded on the version, logged, and sent to the operator.
+    assert v2.alert is not None
+    assert v2.alert["kind"] == "likeness_drop"
+    assert v2.alert["version_id"] == v2.id
+    assert v2.alert["baseline_version_id"] == v1.id
+    assert v2.alert["delivery"]["delivered"] is True
+    assert v2.alert["after"]["identity"] < v2.alert["before"]["identity"]
+    sent = alerts_of(rig)
+    assert len(sent) == 1
+    assert sent[0]["version_number"] == 2
+    assert any("likeness alert" in r.getMessage() for r in caplog.records)
+    # The retraining log answers "did retraining make it worse?".
+    log = rig.quality.training_log(user=ann)
+    assert [e["kind"] for e in log] == ["retraining", "first_training"]
+    assert log[0]["gate"]["status"] == "held"
+    assert log[0]["scores"]["before"]["identity"] > log[0]["scores"]["after"]["identity"]
+    assert log[0]["preserved"]["trigger_word"] == rig.model(ann).trigger_word
+    assert log[1]["scores"]["before"] is None
+    assert log[1]["scores"]["after"]["identity"] > 0.6
+    events = [e for e in rig.repo.list_events(v1.model_id) if e["kind"] == "training_succeeded"]
+    assert events[-1]["data"]["gate"]["status"] == "held"
+    assert events[-1]["data"]["scores"]["after"]["identity"] < 0.45
+
+
+def test_probes_without_a_face_score_as_such_not_as_an_error(rig: Rig) -> None:
+    ann = rig.user()
+    rig.train(ann)
+    generator_of(rig).photos = no_face()
+    v2 = rig.train(ann)
+    q2 = rig.repo.get_quality(v2.id)
+    assert q2 is not None
+    assert q2.status is QualityStatus.SCORED
+    assert q2.error is None
+    assert q2.scores is not None
+    assert q2.scores.face_share == 0.0
+    assert q2.scores.identity == 0.0
+    assert all(not p.face_found for p in q2.probes)
+    assert all(p.sanity is not None and p.sanity.blank for p in q2.probes)
+    assert q2.scores.sane_share == 0.0
+    assert v2.gate_status is GateStatus.HELD
+    assert "no face was found in any" in (v2.gate_reason or "")
+
+
+def test_a_first_version_without_faces_is_active_and_two_faceless_versions_pass(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(root=tmp_path, generator=photo_generator(no_face()))
+    try:
+        ann = rig.user()
+        v1 = rig.train(ann)
+        v2 = rig.train(ann)
+        assert v1.gate_status is GateStatus.PASSED
+        assert v2.gate_status is GateStatus.PASSED
+        assert "nothing to lose" in (v2.gate_reason or "")
+        assert rig.model(ann).active_version_id == v2.id
+    finally:
+        rig.close()
+
+
+def test_the_probe_set_is_fixed_per_model_and_each_model_has_its_own(rig: Rig) -> None:
+    ann, bob = rig.user("ann"), rig.user("bob")
+    generator = generator_of(rig)
+    rig.train(ann)
+    first = [(j.prompt, j.seed) for j in generator.jobs]
+    generator.jobs.clear()
+    generator.photos = other_person()
+    rig.train(ann)
+    # The gate needed nothing regenerated for version 1: its probe images are stored.
+    second = [(j.prompt, j.seed) for j in generator.jobs]
+    assert len(first) == 4
+    assert second == first
+    model = rig.model(ann)
+    assert [(p.prompt, p.seed) for p in model.probes] == first
+    assert all(model.trigger_word in prompt for prompt, _seed in first)
+    for version in rig.repo.list_versions(model.id):
+        q = rig.repo.get_quality(version.id)
+        assert q is not None
+        assert [(p.prompt, p.seed) for p in q.probes] == first
+    generator.jobs.clear()
+    generator.photos = same_person()
+    rig.train(bob)
+    theirs = [(j.prompt, j.seed) for j in generator.jobs]
+    assert len(theirs) == 4
+    assert {s for _p, s in theirs}.isdisjoint({s for _p, s in first})
+    assert all(rig.model(bob).trigger_word in p for p, _s in theirs)
+
+
+def test_explicit_activation_of_a_held_version_works_and_is_recorded(rig: Rig) -> None:
+    ann = rig.user()
+    v1 = rig.train(ann)
+    generator_of(rig).photos = other_person()
+    v2 = rig.train(ann)
+    assert v2.gate_status is GateStatus.HELD
+    model = rig.models.activate(user=ann, version_id=v2.id)
+    assert model.active_version_id == v2.id
+    after = rig.repo.get_version(v2.id)
+    assert after is not None
+    assert after.gate_status is GateStatus.HELD  # the gate's verdict stays on record
+    override = after.gate_details["override"]
+    assert override["replaced_version_id"] == v1.id
+    assert override["gate_status"] == "held"
+    event = [e for e in rig.repo.list_events(model.id) if e["kind"] == "version_activated"][-1]
+    assert event["data"]["overrides_gate"] is True
+    assert event["data"]["to"] == v2.id
+    assert event["data"]["gate"] == "held"
+    assert rig.quality.training_log(user=ann)[0]["gate"]["overridden"] is True
+    # And back: a rollback to a passed version is no override.
+    rig.models.activate(user=ann, version_id=v1.id)
+    event = [e for e in rig.repo.list_events(model.id) if e["kind"] == "version_activated"][-1]
+    assert event["data"]["overrides_gate"] is False
+
+
+def test_a_version_activated_while_pending_stays_active_whatever_the_gate_says(rig: Rig) -> None:
+    ann = rig.user()
+    v1 = rig.train(ann)
+    generator_of(rig).photos = other_person()
+    dataset = store_dataset(rig.repo, rig.blobs, ann, [fixture_photo(n) for n in OBAMA])
+    started = rig.training.start(user=ann, dataset_id=dataset.id)
+    rig.queue.drain(rig.training.run)
+    pending = rig.repo.get_training(started.training.id)
+    assert pending is not None
+    assert pending.status is TrainingStatus.PROCESSING
+    assert pending.is_scoring
+    assert pending.version_id is not None
+    v2 = rig.repo.get_version(pending.version_id)
+    assert v2 is not None
+    assert v2.gate_status is GateStatus.PENDING
+    assert rig.model(ann).active_version_id == v1.id
+    assert rig.training.cancel(user=ann, training_id=pending.id).status is TrainingStatus.PROCESSING
+    rig.models.activate(user=ann, version_id=v2.id)
+    rig.queue.drain_quality(rig.quality.run)
+    decided = rig.repo.get_version(v2.id)
+    assert decided is not None
+    assert decided.gate_status is GateStatus.HELD
+    assert decided.gate_details["baseline_version_id"] == v1.id  # judged against what it replaced
+    assert rig.model(ann).active_version_id == v2.id  # the user's choice stands
+    done = rig.repo.get_training(pending.id)
+    assert done is not None
+    assert done.status is TrainingStatus.SUCCEEDED
+
+
+def test_a_failed_alert_delivery_is_recorded_and_never_fatal(tmp_path: Path) -> None:
+    rig = Rig(root=tmp_path, generator=photo_generator(same_person()),
+              alerter=RecordingAlerter(fail=True))
+    try:
+        ann = rig.user()
+        v1 = rig.train(ann)
+        generator_of(rig).photos = other_person()
+        v2 = rig.train(ann)
+        assert v2.gate_status is GateStatus.HELD
+        assert v2.alert is not None
+        assert v2.alert["delivery"]["delivered"] is False
+        assert "down" in v2.alert["delivery"]["error"]
+        assert rig.model(ann).active_version_id == v1.id
+    finally:
+        rig.close()
+
+
+def test_a_version_that_cannot_be_scored_is_held_with_the_reason(tmp_path: Path) -> None:
+    class Broken(PhotoGenerator):
+        def generate(self, job: Any) -> list[bytes]:
+            from selfie_lora.errors import GenerationError
+
+            if self.jobs:
+                raise GenerationError("the generator is out of memory")
+            return super().generate(job)
+
+    rig = Rig(root=tmp_path, generator=Broken(photos=same_person()), probe_count=1)
+    try:
+        ann = rig.user()
+        v1 = rig.train(ann)
+        v2 = rig.train(ann)
+        q2 = rig.repo.get_quality(v2.id)
+        assert q2 is not None
+        assert q2.status is QualityStatus.FAILED
+        assert "out of memory" in (q2.error or "")
+        assert v2.gate_status is GateStatus.HELD
+        assert "could not be scored" in (v2.gate_reason or "")
+        assert rig.model(ann).active_version_id == v1.id
+        assert v2.alert is not None
+        assert v2.alert["kind"] == "not_scored"
+    finally:
+        rig.close()
+
+
+def test_comparison_grid_and_chart(rig: Rig) -> None:
+    ann = rig.user()
+    v1 = rig.train(ann)
+    generator_of(rig).photos = other_person()
+    v2 = rig.train(ann)
+    comparison = rig.quality.compare(user=ann)
+    assert (comparison.a.id, comparison.b.id) == (v1.id, v2.id)
+    assert len(comparison.probes) == 4
+    for row in comparison.probes:
+        assert row.a is not None
+        assert row.b is not None
+        assert (row.a.prompt, row.a.seed) == (row.b.prompt, row.b.seed)
+        assert row.a_score is not None
+        assert row.b_score is not None
+        assert row.a_score["similarity"] > row.b_score["similarity"]
+    assert png_size(rig.quality.grid_png(comparison)) == grid_size(4)
+    assert png_size(rig.quality.chart_png(user=ann)) == CHART_SIZE
+    points = rig.quality.chart_points(rig.model(ann))
+    assert [(p.number, p.gate_status, p.active) for p in points] == [
+        (1, "passed", True), (2, "held", False)]
+    by_number = rig.quality.compare(user=ann, a="2", b="v1")
+    assert (by_number.a.id, by_number.b.id) == (v2.id, v1.id)
+
+
+def test_a_model_from_before_likeness_tracking_gets_a_fixed_probe_set(rig: Rig) -> None:
+    ann = rig.user()
+    v1 = rig.train(ann)
+    model = rig.model(ann)
+    # As migration 0002 leaves an older model: no probes, no likeness record.
+    with rig.engine.begin() as conn:
+        from sqlalchemy import text
+
+        conn.execute(text("UPDATE models SET probes = NULL"))
+        conn.execute(text("DELETE FROM version_quality"))
+    rig.blobs.delete(f"quality/versions/{v1.id}/probe-0.png")
+    assert rig.model(ann).probes == ()
+    q = rig.quality.score(v1.id)
+    assert q.status is QualityStatus.SCORED
+    probes = rig.model(ann).probes
+    assert len(probes) == 4
+    assert probes != model.probes  # derived from the model id, not the first training's draw
+    rig.repo.set_model_probes(model.id, model.probes)  # fixed once: a second set is ignored
+    assert rig.model(ann).probes == probes
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers["content-length"])
+        type(self).received.append(json.loads(self.rfile.read(length)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def test_http_alerter_posts_json_and_raises_on_failure() -> None:
+    server = HTTPServer(("127.0.0.1", 0), _Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/alerts"
+        HttpAlerter(url, timeout=2.0).send({"kind": "likeness_drop", "version_id": "v"})
+        assert _Receiver.received[-1] == {"kind": "likeness_drop", "version_id": "v"}
+    finally:
+        server.shutdown()
+        server.server_close()
+    import httpx
+
+    with pytest.raises(httpx.HTTPError):
+        HttpAlerter(url, timeout=0.5).send({"kind": "x"})
+
+
+def _stored_not_scored(rig: Rig) -> str:
+    """A retraining whose trainer finished and whose version awaits the likeness job."""
+    ann = rig.user()
+    dataset = store_dataset(rig.repo, rig.blobs, ann, [fixture_photo(n) for n in OBAMA])
+    started = rig.training.start(user=ann, dataset_id=dataset.id)
+    rig.queue.drain(rig.training.run)
+    return started.training.id
+
+
+def test_a_restart_while_scoring_resumes_the_scoring_not_the_training(rig: Rig) -> None:
+    ann = rig.user()
+    rig.train(ann)
+    tid = _stored_not_scored(rig)
+    rig.queue.quality.clear()  # the likeness message was lost with the worker
+    jobs = len(rig.trainer.jobs)
+    assert rig.training.recover() == 1
+    rig.queue.drain(rig.training.run)
+    assert len(rig.trainer.jobs) == jobs  # not trained again
+    training = rig.repo.get_training(tid)
+    assert training is not None
+    assert rig.queue.quality == [training.version_id]
+    # A late webhook about the finished remote training changes nothing while it is scored.
+    assert rig.training.apply_remote_update(remote_id="r", status="succeeded", step=1, total=9,
+                                            training_id=tid) == training
+    rig.queue.drain_quality(rig.quality.run)
+    done = rig.repo.get_training(tid)
+    assert done is not None
+    assert done.status is TrainingStatus.SUCCEEDED
+    assert rig.model(ann).active_version_id == done.version_id
+
+
+def test_with_the_gate_off_a_new_version_is_active_at_once_and_still_scored(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(root=tmp_path, generator=photo_generator(same_person()), gate_enabled=False)
+    try:
+        ann = rig.user()
+        rig.train(ann)
+        generator_of(rig).photos = other_person()
+        v2 = rig.train(ann)
+        assert v2.gate_status is GateStatus.PASSED
+        assert "gate is off" in (v2.gate_reason or "")
+        assert rig.model(ann).active_version_id == v2.id
+        q2 = rig.repo.get_quality(v2.id)
+        assert q2 is not None
+        assert q2.scores is not None
+        assert q2.scores.identity is not None
+        assert q2.scores.identity < 0.45
+        assert alerts_of(rig) == []
+    finally:
+        rig.close()

@@ -1,0 +1,111 @@
+"""The repository's likeness parts on every database: probe sets, gates, alerts and records."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from selfie_lora.adapters.db.migrate import upgrade
+from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.domain.entities import GateStatus, Probe, TrainingStatus, Version
+from selfie_lora.domain.quality import (
+    ImageSanity,
+    ProbeResult,
+    QualityStatus,
+    VersionQuality,
+    score_probes,
+)
+from selfie_lora.errors import StorageError
+from tests.integration.test_repository_contract import NOW, seed, training
+from tests.support.backends import database_url, fresh_engine
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRepository]:
+    engine = fresh_engine(database_url(request.param, tmp_path))
+    upgrade(engine)
+    yield SqlRepository(engine)
+    engine.dispose()
+
+
+def version_of(repo: SqlRepository) -> Version:
+    _user, model, dataset = seed(repo)
+    repo.add_training(training(model, dataset, "t1", status=TrainingStatus.SUCCEEDED))
+    version = Version(id="v1", model_id=model.id, number=1, training_id="t1",
+                      trainer_version="local-tiny-v1", weights_key="k", weights_sha256="s",
+                      weights_method="m", remote_version=None, version_mismatch=False,
+                      created_at=NOW, gate_status=GateStatus.PENDING,
+                      gate_details={"active_when_stored": None})
+    repo.add_version(version)
+    return version
+
+
+def test_probe_sets_are_fixed_once(repo: SqlRepository) -> None:
+    _user, model, _dataset = seed(repo)
+    assert model.probes == ()
+    first = (Probe(0, "a photo of zkr47v", 11), Probe(1, "a portrait of zkr47v", 12))
+    repo.set_model_probes(model.id, first)
+    repo.set_model_probes(model.id, (Probe(0, "other", 1),))
+    stored = repo.get_model(model.id)
+    assert stored is not None
+    assert stored.probes == first
+    with pytest.raises(StorageError):
+        repo.set_model_probes("nope", first)
+
+
+def test_gate_and_alert_round_trip(repo: SqlRepository) -> None:
+    version = version_of(repo)
+    assert repo.get_version(version.id) == version
+    repo.set_version_gate(version.id, status=GateStatus.HELD, reason="likeness dropped",
+                          details={"before": {"identity": 0.8}, "after": {"identity": 0.3}})
+    repo.set_version_alert(version.id, {"kind": "likeness_drop", "delivery": None})
+    held = repo.get_version(version.id)
+    assert held is not None
+    assert held.gate_status is GateStatus.HELD
+    assert held.gate_reason == "likeness dropped"
+    assert held.gate_details["after"] == {"identity": 0.3}
+    assert held.alert == {"kind": "likeness_drop", "delivery": None}
+    with pytest.raises(StorageError):
+        repo.set_version_alert("nope", None)
+
+
+def test_quality_records_round_trip_and_update(repo: SqlRepository) -> None:
+    version = version_of(repo)
+    pending = VersionQuality(version_id=version.id, model_id=version.model_id,
+                             status=QualityStatus.PENDING, created_at=NOW,
+                             training={"final_loss": 0.2, "steps": 10, "seconds": 1.5,
+                                       "cost": None, "metrics": {"device": "cpu"}})
+    repo.add_quality(pending)
+    assert repo.get_quality(version.id) == pending
+    sanity = ImageSanity(mean=100.0, std=30.0, saturated_share=0.0, sharpness=250.0,
+                         blank=False, saturated=False, nan=False)
+    probes = (ProbeResult(index=0, prompt="p", seed=1, image_key="quality/x.png", faces=1,
+                          face_box=(1, 2, 3, 4), embedding=(0.25, -0.5), sanity=sanity),
+              ProbeResult(index=1, prompt="q", seed=2, image_key=None, sanity=sanity))
+    scored = VersionQuality(
+        version_id=version.id, model_id=version.model_id, status=QualityStatus.SCORED,
+        created_at=NOW, embedding_model="dlib_face_recognition_resnet_model_v1",
+        reference_dataset_id="d-ann", scores=score_probes(probes, [(0.25, -0.5)]),
+        probes=probes, training=pending.training, scored_at=NOW,
+    )
+    repo.save_quality(scored)
+    assert repo.get_quality(version.id) == scored
+    assert repo.list_quality(version.model_id) == [scored]
+    assert repo.list_quality("other") == []
+    assert repo.get_quality("nope") is None
+
+
+def test_a_call_beside_the_open_transaction_fails_fast_instead_of_waiting(
+    repo: SqlRepository,
+) -> None:
+    # On SQLite a second transaction from the thread holding one waits the whole busy timeout.
+    _user, model, _dataset = seed(repo)
+    with repo.atomic() as tx:
+        assert tx.get_model(model.id) == model
+        with pytest.raises(RuntimeError, match="atomic"):
+            repo.get_model(model.id)
+        with pytest.raises(RuntimeError, match="atomic"), repo.atomic():
+            pass
+    assert repo.get_model(model.id) == model  # released with the transaction

@@ -1,0 +1,170 @@
+"""Likeness-tracking test rig: the training and likeness services on SQLite, the file blob store
+and an in-memory queue (jobs run when the test says), with a generator stand-in that answers with
+real photos (tests/fixtures/photos) and dlib's real face analyzer."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from selfie_lora.adapters.db.migrate import upgrade
+from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+from selfie_lora.domain.entities import Dataset, Model, User, Version
+from selfie_lora.domain.plan import TrainingDefaults
+from selfie_lora.services.common import new_id, utcnow
+from selfie_lora.services.generation import GenerationService
+from selfie_lora.services.intake import photo_key
+from selfie_lora.services.models import ModelService
+from selfie_lora.services.ports import Alerter, FaceAnalyzer, Generator
+from selfie_lora.services.quality import QualityService
+from selfie_lora.services.training import TrainingService
+from selfie_lora.services.users import UserService
+from selfie_lora.testing.fakes import FakeTrainer, InMemoryQueue, PhotoGenerator, RecordingAlerter
+from tests.support.photos import FIXTURES
+
+# Big enough for dlib's HOG detector to find the faces in these portraits (80 px and up).
+SIDE = 512
+OBAMA = ("obama.jpg", "obama2.jpg", "obama3.jpg")
+
+
+@cache
+def fixture_photo(name: str, *, mirrored: bool = False) -> bytes:
+    """A fixture photo, scaled to ``SIDE``, as JPEG (mirrored: the same person, other pixels)."""
+    with Image.open(FIXTURES / name) as img:
+        rgb = img.convert("RGB")
+    rgb.thumbnail((SIDE, SIDE))
+    if mirrored:
+        rgb = ImageOps.mirror(rgb)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def flat_image(side: int = 256) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (120, 130, 140)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def same_person() -> list[bytes]:
+    """Photos of the user, not the training photos themselves."""
+    return [fixture_photo(n, mirrored=True) for n in OBAMA]
+
+
+def other_person() -> list[bytes]:
+    return [fixture_photo("biden.jpg")]
+
+
+def no_face() -> list[bytes]:
+    return [flat_image()]
+
+
+@cache
+def shared_analyzer() -> DlibFaceAnalyzer:
+    # dlib's models load once per test session (about a second).
+    return DlibFaceAnalyzer()
+
+
+def store_dataset(repo: SqlRepository, blobs: FileSystemBlobStore, user: User,
+                  photos: list[bytes]) -> Dataset:
+    """An accepted dataset of ``photos``, stored as the intake stores prepared photos."""
+    hashes = []
+    for data in photos:
+        sha = hashlib.sha256(data).hexdigest()
+        blobs.put(photo_key(sha), data)
+        hashes.append(sha)
+    dataset = Dataset(id=new_id(), user_id=user.id, images_total=len(photos),
+                      images_accepted=len(photos), photo_hashes=tuple(hashes), findings=(),
+                      accepted=True, sha256=hashlib.sha256("".join(hashes).encode()).hexdigest(),
+                      created_at=utcnow())
+    repo.add_dataset(dataset)
+    return dataset
+
+
+@dataclass
+class Rig:
+    root: Path
+    generator: Generator
+    faces: FaceAnalyzer = field(default_factory=shared_analyzer)
+    alerter: Alerter | None = field(default_factory=RecordingAlerter)
+    tolerance: float = 0.02
+    probe_count: int = 4
+    seed: int = 0
+    gate_enabled: bool = True
+
+    def __post_init__(self) -> None:
+        self.engine = make_engine(f"sqlite:///{self.root / 'db.sqlite'}")
+        upgrade(self.engine)
+        self.repo = SqlRepository(self.engine)
+        self.blobs = FileSystemBlobStore(self.root / "blobs")
+        self.queue = InMemoryQueue()
+        self.trainer = FakeTrainer(steps=2)
+        self.training = TrainingService(
+            repo=self.repo, blobs=self.blobs, queue=self.queue, trainers={"local": self.trainer},
+            defaults=lambda: TrainingDefaults(backend="local", trainer_version="local-tiny-v1",
+                                              owner="local", replicate_recipe="replicate-person-v1",
+                                              probe_count=self.probe_count),
+            work_dir=self.root / "work", rng=random.Random(self.seed),
+            gate_enabled=self.gate_enabled,
+        )
+        self.generation = GenerationService(repo=self.repo, blobs=self.blobs,
+                                            generators={"local": self.generator})
+        self.quality = QualityService(
+            repo=self.repo, blobs=self.blobs, generation=self.generation, faces=self.faces,
+            alerter=self.alerter, tolerance=self.tolerance, probe_count=self.probe_count,
+        )
+        self.models = ModelService(repo=self.repo, blobs=self.blobs)
+        self.users = UserService(repo=self.repo)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def user(self, name: str = "ann") -> User:
+        existing = self.repo.get_user_by_name(name)
+        return existing or self.users.create(name=name)[0]
+
+    def train(self, user: User, photos: list[bytes] | None = None) -> Version:
+        """Upload ``photos`` (default: the user's three portraits), train, run the likeness
+        job. Returns the new version as the gate left it."""
+        dataset = store_dataset(self.repo, self.blobs, user,
+                                photos or [fixture_photo(n) for n in OBAMA])
+        started = self.training.start(user=user, dataset_id=dataset.id)
+        self.queue.drain(self.training.run)
+        self.queue.drain_quality(self.quality.run)
+        training = self.repo.get_training(started.training.id)
+        assert training is not None
+        assert training.version_id is not None, training
+        version = self.repo.get_version(training.version_id)
+        assert version is not None
+        return version
+
+    def model(self, user: User) -> Model:
+        model = self.repo.get_model_for_user(user.id)
+        assert model is not None
+        return model
+
+
+def photo_generator(photos: list[bytes]) -> PhotoGenerator:
+    return PhotoGenerator(photos=list(photos))
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        assert img.format == "PNG"
+        return img.size
+
+
+def rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB"))

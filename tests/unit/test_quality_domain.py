@@ -1,0 +1,179 @@
+"""The pure part of likeness tracking: probe sets, similarity, scores and the gate."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from selfie_lora.domain.entities import GateStatus
+from selfie_lora.domain.plan import TrainingDefaults, plan_training
+from selfie_lora.domain.quality import (
+    MAX_PROBES,
+    IdentityScores,
+    ImageSanity,
+    ProbeResult,
+    choose_probes,
+    decide_gate,
+    probes_for_existing_model,
+    score_probes,
+    similarity,
+    training_figures,
+)
+from selfie_lora.errors import InvalidInputError
+
+SANE = ImageSanity(mean=120, std=40, saturated_share=0.01, sharpness=300, blank=False,
+                   saturated=False, nan=False)
+BLANK = ImageSanity(mean=120, std=0, saturated_share=0, sharpness=0, blank=True,
+                    saturated=False, nan=False)
+E0 = (0.0, 0.0, 0.0)
+
+
+def result(index: int, embedding: tuple[float, ...] | None, sanity: ImageSanity = SANE
+           ) -> ProbeResult:
+    return ProbeResult(index=index, prompt=f"p{index}", seed=index, image_key=None,
+                       faces=int(embedding is not None), embedding=embedding, sanity=sanity)
+
+
+@given(seed=st.integers(0, 2**32), count=st.integers(1, MAX_PROBES),
+       word=st.from_regex(r"[a-z]{3}[0-9]{2}[a-z]", fullmatch=True))
+def test_probe_sets_hold_the_trigger_word_and_are_reproducible(seed: int, count: int,
+                                                               word: str) -> None:
+    probes = choose_probes(trigger_word=word, rng=random.Random(seed), count=count)
+    assert [p.index for p in probes] == list(range(count))
+    assert len({p.prompt for p in probes}) == count
+    assert all(word in p.prompt for p in probes)
+    assert all(0 <= p.seed < 2**31 for p in probes)
+    assert probes == choose_probes(trigger_word=word, rng=random.Random(seed), count=count)
+
+
+def test_probe_count_is_bounded_and_older_models_get_a_stable_set() -> None:
+    for bad in (0, MAX_PROBES + 1):
+        with pytest.raises(InvalidInputError):
+            choose_probes(trigger_word="abc12d", rng=random.Random(0), count=bad)
+    a = probes_for_existing_model(model_id="m1", trigger_word="abc12d", count=4)
+    assert a == probes_for_existing_model(model_id="m1", trigger_word="abc12d", count=4)
+    assert a != probes_for_existing_model(model_id="m2", trigger_word="abc12d", count=4)
+
+
+def test_the_first_training_fixes_the_probe_set_and_retraining_keeps_it() -> None:
+    from datetime import UTC, datetime
+
+    defaults = TrainingDefaults(backend="local", trainer_version="local-tiny-v1", owner="local",
+                                replicate_recipe="replicate-person-v1", probe_count=3)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    first = plan_training(None, user_id="u", new_model_id="m", defaults=defaults,
+                          rng=random.Random(1), now=now)
+    assert len(first.model.probes) == 3
+    assert all(first.model.trigger_word in p.prompt for p in first.model.probes)
+    again = plan_training(first.model, user_id="u", new_model_id="x",
+                          defaults=TrainingDefaults(**{**defaults.__dict__, "probe_count": 5}),
+                          rng=random.Random(2), now=now)
+    assert again.model.probes == first.model.probes
+
+
+@given(st.floats(min_value=0, max_value=10, allow_nan=False))
+def test_similarity_is_bounded_and_falls_with_distance(d: float) -> None:
+    s = similarity(d)
+    assert 0.0 <= s <= 1.0
+    assert similarity(d + 0.1) <= s
+    assert similarity(0.0) == 1.0
+    assert similarity(0.6) == pytest.approx(0.5)  # dlib's threshold
+    assert similarity(float("nan")) == 0.0
+
+
+def test_a_probe_without_a_face_counts_zero_and_scores_are_means() -> None:
+    scores = score_probes([result(0, E0), result(1, None, BLANK), result(2, (0.6, 0.0, 0.0))],
+                          [E0])
+    assert scores.face_share == pytest.approx(2 / 3)
+    assert scores.identity == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+    assert scores.sane_share == pytest.approx(2 / 3)
+    assert [p.face_found for p in scores.per_probe] == [True, False, True]
+    assert scores.per_probe[1].similarity is None
+    assert scores.reference_faces == 1
+    none = score_probes([result(0, E0)], [])  # no face in the training photos
+    assert none.identity is None
+    assert none.face_share == 1.0
+
+
+def test_nearest_is_at_least_the_mean() -> None:
+    reference = [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0)]
+    scores = score_probes([result(0, (0.95, 0.0, 0.0))], reference)
+    assert scores.identity_nearest is not None
+    assert scores.identity is not None
+    assert scores.identity_nearest > scores.identity
+
+
+def scores_of(identity: float | None, face_share: float = 1.0, faces: int = 4) -> IdentityScores:
+    return IdentityScores(identity=identity, identity_nearest=identity, face_share=face_share,
+                          sane_share=1.0, sharpness=100.0, probes=4, faces=faces,
+                          reference_faces=3)
+
+
+unit = st.floats(min_value=0, max_value=1, allow_nan=False)
+
+
+@given(before=unit, after=unit, tolerance=st.floats(min_value=0, max_value=0.5))
+def test_the_gate_holds_exactly_the_drops_beyond_the_tolerance(before: float, after: float,
+                                                               tolerance: float) -> None:
+    decision = decide_gate(candidate=scores_of(after), baseline=scores_of(before),
+                           tolerance=tolerance, candidate_number=2, baseline_number=1)
+    held = before - after > tolerance
+    assert decision.status is (GateStatus.HELD if held else GateStatus.PASSED)
+    assert decision.details["before"]["identity"] == round(before, 4)
+    assert decision.details["after"]["identity"] == round(after, 4)
+    assert decision.reason
+
+
+def test_the_gate_without_a_baseline_or_a_score() -> None:
+    nothing = decide_gate(candidate=scores_of(0.1), baseline=None, tolerance=0.02,
+                          candidate_number=1, baseline_number=None)
+    assert nothing.status is GateStatus.PASSED
+    unscored = decide_gate(candidate=None, baseline=scores_of(0.9), tolerance=0.02,
+                           candidate_number=2, baseline_number=1, candidate_error="boom")
+    assert unscored.status is GateStatus.HELD
+    assert "boom" in unscored.reason
+    with pytest.raises(ValueError, match="tolerance"):
+        decide_gate(candidate=None, baseline=None, tolerance=2, candidate_number=1,
+                    baseline_number=None)
+
+
+def test_the_gate_on_faceless_versions() -> None:
+    # Faces before, none now: a drop, said plainly.
+    lost = decide_gate(candidate=scores_of(0.0, 0.0, 0), baseline=scores_of(0.8),
+                       tolerance=0.02, candidate_number=2, baseline_number=1)
+    assert lost.status is GateStatus.HELD
+    assert "no face was found" in lost.reason
+    # No face on either side (the tiny model): nothing to lose.
+    neither = decide_gate(candidate=scores_of(0.0, 0.0, 0), baseline=scores_of(0.0, 0.0, 0),
+                          tolerance=0.02, candidate_number=2, baseline_number=1)
+    assert neither.status is GateStatus.PASSED
+    assert "nothing to lose" in neither.reason
+    # No face in the training photos: the face share decides.
+    fewer = decide_gate(candidate=scores_of(None, 0.25, 1), baseline=scores_of(None, 1.0),
+                        tolerance=0.02, candidate_number=2, baseline_number=1)
+    assert fewer.status is GateStatus.HELD
+    same = decide_gate(candidate=scores_of(None, 1.0), baseline=scores_of(None, 1.0),
+                       tolerance=0.02, candidate_number=2, baseline_number=1)
+    assert same.status is GateStatus.PASSED
+
+
+def test_training_figures_take_what_the_backend_reports() -> None:
+    local = training_figures({"final_loss": 0.3, "steps": 40, "seconds": 2.5, "device": "cpu"},
+                             loss=0.9, steps=1, seconds=99.0)
+    assert (local["final_loss"], local["steps"], local["seconds"], local["cost"]) == (
+        0.3, 40, 2.5, None)
+    remote = training_figures({"predict_time": 500.0, "cost": "1.25"}, loss=None, steps=1000,
+                              seconds=620.0)
+    assert (remote["final_loss"], remote["steps"], remote["seconds"], remote["cost"]) == (
+        None, 1000, 500.0, 1.25)
+
+
+def test_records_round_trip_through_dicts() -> None:
+    r = ProbeResult(index=1, prompt="p", seed=7, image_key="k", faces=2, face_box=(1, 2, 3, 4),
+                    embedding=(0.1, 0.2), sanity=SANE, error=None)
+    assert ProbeResult.from_dict(r.as_dict()) == r
+    s = score_probes([result(0, E0), result(1, None)], [E0])
+    assert IdentityScores.from_dict(s.as_dict()).per_probe == s.per_probe
