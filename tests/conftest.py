@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
-from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 
 _plugins = Path(__file__).with_name("conftest_replicate.py")
@@ -23,11 +23,17 @@ pytest_plugins = ["tests.conftest_replicate"] if _plugins.exists() else []
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def one_person_analyzer() -> FakeFaceAnalyzer:
+    """Every picture holds one face, centred, of the same person: for tests whose photos are
+    drawings (the real dlib checks are tested on real photos)."""
+    return FakeFaceAnalyzer(embed=lambda _image: (0.1,) * 128, box_fraction=0.5)
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "home": tmp_path / "home", "local_isolation": "inline", "worker_threads": 2,
         "database_url": None, "queue_url": None, "trainer": "local", "trainer_version": None,
-        "base_model": "tiny", "replicate_poll_interval": 0.01,
+        "base_model": "tiny", "replicate_poll_interval": 0.01, "min_photos": 1,
     }
     values.update(overrides)
     return Settings(**values)
@@ -52,6 +58,7 @@ def fake_generator() -> FakeGenerator:
 def services(settings: Settings, fake_trainer: FakeTrainer,
              fake_generator: FakeGenerator) -> Iterator[Services]:
     svc = build_services(settings, trainers={"local": fake_trainer},
+                         face_analyzer=one_person_analyzer(),
                          generators={"local": fake_generator})
     yield svc
     svc.close()

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.table import Table
 from selfie_lora.config import Settings, get_settings
 from selfie_lora.domain.entities import Finding, GateStatus, Training
 from selfie_lora.errors import SelfieLoraError
+
+if TYPE_CHECKING:
+    from selfie_lora.services.intake import IntakeReport
 
 app = typer.Typer(help="Personal FLUX LoRAs from selfies, retrained without losing anything.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -109,7 +112,7 @@ def findings_table(findings: tuple[Finding, ...] | list[Finding], title: str) ->
 @app.command()
 def check(path: Path) -> None:
     """Report on a folder or zip of photos; exit 0 when trainable, 1 when not."""
-    from selfie_lora.dataset.intake import read_path
+    from selfie_lora.dataset.archive import read_path
     from selfie_lora.wiring import build_services
 
     services = build_services(_settings(), trainers={}, generators={})
@@ -121,11 +124,27 @@ def check(path: Path) -> None:
         raise typer.Exit(1) from None
     finally:
         services.close()
-    if report.findings:
-        console.print(findings_table(report.findings, f"Findings for {path}"))
-    verdict = "[green]trainable[/green]" if report.trainable else "[red]not trainable[/red]"
-    console.print(f"{len(report.accepted)} of {report.images_total} photos usable: {verdict}")
+    print_report(report, title=f"Findings for {path}")
     raise typer.Exit(0 if report.trainable else 1)
+
+
+_SEVERITY_ORDER = {"reject": 0, "warn": 1, "info": 2}
+
+
+def print_report(report: IntakeReport, *, title: str) -> None:
+    """The findings (rejects first) and the verdict, as a person reads them."""
+    if report.findings:
+        ordered = sorted(report.findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 3))
+        console.print(findings_table(ordered, title))
+    verdict = report.verdict
+    label = "[green]trainable[/green]" if report.trainable else "[red]not trainable[/red]"
+    console.print(
+        f"{len(report.accepted)} of {report.images_total} photos usable: {label} - quality "
+        f"[bold]{verdict.get('quality', '?')}[/bold] ({verdict.get('score', '?')}/100, judged "
+        f"for {report.resolution} px training)"
+    )
+    for reason in verdict.get("reasons", []):
+        console.print(f"  - {reason}")
 
 
 def wait_for_training(services: object, training_id: str, *, quiet: bool = False) -> Training:
@@ -162,7 +181,7 @@ def train(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the end.")] = True,
 ) -> None:
     """Upload a folder or zip of photos and (re)train the user's model."""
-    from selfie_lora.dataset.intake import read_path
+    from selfie_lora.dataset.archive import read_path
     from selfie_lora.wiring import build_services
 
     services = build_services(_settings())

@@ -70,8 +70,13 @@ class Settings(BaseSettings):
 
     worker_threads: int = Field(default=2, ge=1)
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
-    min_photos: int = Field(default=1, ge=1)
+    # Hard limits on usable photos (15-25 is best; fewer or more only warn within these).
+    min_photos: int = Field(default=5, ge=1)
     max_photos: int = Field(default=50, ge=1)
+    # Uploads are judged on two processes (dlib holds the GIL); 1 runs inline.
+    intake_workers: int = Field(default=2, ge=1, le=16)
+    # Originals (with their metadata) are kept only when the operator asks for it.
+    keep_originals: bool = False
 
     @property
     def effective_database_url(self) -> str:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from selfie_lora.config import Settings
-from selfie_lora.dataset.intake import read_path
+from selfie_lora.dataset.archive import read_path
 from selfie_lora.domain.entities import Model, TrainingStatus
 from selfie_lora.errors import SelfieLoraError
 from selfie_lora.services.generation import GenerationRequest
@@ -75,7 +75,7 @@ def _print_training(console: Console, services: Services, training_id: str) -> N
 
 
 def run_demo(*, out: Path, console: Console) -> None:
-    from selfie_lora.cli import findings_table, wait_for_training
+    from selfie_lora.cli import print_report, wait_for_training
 
     started = time.monotonic()
     # The demo tells its own story; the tiny model's 32-token text encoders also make diffusers
@@ -97,10 +97,7 @@ def run_demo(*, out: Path, console: Console) -> None:
         console.rule("1. photo check")
         files, findings = read_path(photos_dir, limits=services.intake.limits)
         report = services.intake.check_files(files=files, findings=findings)
-        if report.findings:
-            console.print(findings_table(report.findings, "findings"))
-        console.print(f"{len(report.accepted)} of {report.images_total} photos usable; "
-                      f"{'trainable' if report.trainable else 'NOT trainable'}")
+        print_report(report, title="photo check")
         if not report.trainable:
             raise SelfieLoraError("the demo photos are not trainable")
 

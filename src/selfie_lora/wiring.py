@@ -19,7 +19,8 @@ from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
-from selfie_lora.dataset.intake import UploadLimits
+from selfie_lora.dataset.checks import CheckPolicy
+from selfie_lora.dataset.limits import UploadLimits
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import IntakeService
@@ -71,9 +72,11 @@ def default_face_analyzer() -> FaceAnalyzer:
     global _face_analyzer
     with _face_analyzer_lock:
         if _face_analyzer is None:
-            from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer
+            # The region analyzer also describes a face found at low resolution without a
+            # second detection; the intake pipeline's worker processes use the same one.
+            from selfie_lora.adapters.faces.dlib_regions import DlibRegionFaceAnalyzer
 
-            _face_analyzer = DlibFaceAnalyzer()
+            _face_analyzer = DlibRegionFaceAnalyzer()
         return _face_analyzer
 
 
@@ -154,10 +157,11 @@ def build_services(
         defaults=lambda: training_defaults(settings), work_dir=settings.work_dir,
         webhook_url=webhook_url, rng=rng, gate_enabled=settings.quality_gate,
     )
+    faces = face_analyzer or default_face_analyzer()
     generation = GenerationService(repo=repo, blobs=blobs, generators=chosen_generators)
     quality = QualityService(
         repo=repo, blobs=blobs, generation=generation,
-        faces=face_analyzer or default_face_analyzer(),
+        faces=faces,
         alerter=alerter if alerter is not None else default_alerter(settings),
         tolerance=settings.gate_tolerance, probe_count=settings.probe_count,
         probe_size=settings.probe_size,
@@ -170,7 +174,9 @@ def build_services(
         intake=IntakeService(
             repo=repo, blobs=blobs,
             limits=UploadLimits(max_upload_bytes=settings.max_upload_bytes),
-            min_photos=settings.min_photos, max_photos=settings.max_photos,
+            policy=CheckPolicy(min_photos=settings.min_photos, max_photos=settings.max_photos),
+            analyzer=faces, defaults=lambda: training_defaults(settings),
+            workers=settings.intake_workers, keep_originals=settings.keep_originals,
         ),
         training=training,
         models=ModelService(repo=repo, blobs=blobs),

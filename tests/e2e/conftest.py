@@ -53,6 +53,8 @@ def clean_env(home: Path, **extra: str) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         "COLUMNS": "200",  # rich wraps tables at 80 columns without a terminal
+        # The fixtures hold three photos of one person (tests/support/photos.py).
+        "SELFIE_LORA_MIN_PHOTOS": "3",
     })
     env.update(extra)
     return env

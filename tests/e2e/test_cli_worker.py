@@ -15,8 +15,8 @@ from PIL import Image
 
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.wiring import build_services
-from tests.conftest import make_settings
-from tests.support.photos import synthetic_photo
+from tests.conftest import make_settings, one_person_analyzer
+from tests.support.photos import copy_person_photos, synthetic_photo
 
 pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "selfie-lora")
@@ -25,15 +25,8 @@ CLI = str(Path(sys.executable).parent / "selfie-lora")
 def env_for(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")}
     env.update({"SELFIE_LORA_HOME": str(home), "SELFIE_LORA_LOCAL_ISOLATION": "inline",
-                "OMP_NUM_THREADS": "1"})
+                "OMP_NUM_THREADS": "1", "SELFIE_LORA_MIN_PHOTOS": "3"})
     return env
-
-
-def photo_folder(path: Path, count: int = 3) -> Path:
-    path.mkdir(parents=True)
-    for i in range(count):
-        (path / f"p{i}.jpg").write_bytes(synthetic_photo(i))
-    return path
 
 
 def run(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -46,7 +39,7 @@ def test_train_then_retrain_then_generate_from_the_command_line(tmp_path: Path) 
     created = run(["users", "create", "ann", "--json"], env)
     assert created.returncode == 0, created.stderr
     assert json.loads(created.stdout)["user"] == "ann"
-    photos = photo_folder(tmp_path / "photos")
+    photos = copy_person_photos(tmp_path / "photos")
     first = run(["train", str(photos), "--user", "ann"], env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "first training" in first.stdout
@@ -74,10 +67,11 @@ def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
     home = tmp_path / "home"
     settings = make_settings(tmp_path)
     assert settings.home == home
-    services = build_services(settings, trainers={}, generators={})
+    services = build_services(settings, trainers={}, generators={},
+                              face_analyzer=one_person_analyzer())
     try:
         user, _ = services.users.create(name="ann")
-        from selfie_lora.dataset.intake import UploadedFile
+        from selfie_lora.dataset.limits import UploadedFile
 
         dataset = services.intake.ingest_files(user=user, files=[
             UploadedFile(name=f"p{i}.jpg", data=synthetic_photo(i)) for i in range(3)])

@@ -30,7 +30,7 @@ from tests.e2e.conftest import (
     run_cli,
     wait_training,
 )
-from tests.support.photos import photo_zip, synthetic_photo
+from tests.support.photos import copy_person_photos, real_photo_zip, synthetic_photo
 
 TRIGGER = re.compile(r"^[a-z0-9]+$")
 LOCAL_TRAINING_DEADLINE_S = 240.0
@@ -111,9 +111,9 @@ def test_serve_local_backend_whole_cycle(
         assert r.status_code == 404, server.why(f"no model before the first upload: {r.text}")
 
         # ---- first training
-        body = upload(client, ann, photo_zip(4), server)
-        assert body["dataset"]["images_total"] == 4
-        assert body["dataset"]["images_accepted"] == 4
+        body = upload(client, ann, real_photo_zip(), server)
+        assert body["dataset"]["images_total"] == 3
+        assert body["dataset"]["images_accepted"] == 3
         first = body["training"]
         assert first["is_retraining"] is False
         assert first["status"] in ("queued", "starting", "processing"), first
@@ -245,7 +245,7 @@ def test_serve_replicate_backend_with_webhooks(
 
         with httpx.Client(base_url=server.base_url, timeout=60.0) as client:
             # ---- first training, then the user's scale, then a retraining
-            body = upload(client, ann, photo_zip(4), server)
+            body = upload(client, ann, real_photo_zip(), server)
             first = body["training"]
             assert first["is_retraining"] is False
             done, seen = wait_training(client, ann, first["id"], server,
@@ -294,8 +294,8 @@ def test_serve_replicate_backend_with_webhooks(
                 assert t.trigger_word == model["trigger_word"]
                 assert t.input_error is None, t.input_error
                 images = [n for n in t.input_files or [] if not n.lower().endswith(".txt")]
-                assert len(images) == 4, t.input_files
-                assert len(t.captions) == 4, t.captions
+                assert len(images) == 3, t.input_files
+                assert len(t.captions) == 3, t.captions
                 for name, text in t.captions.items():
                     assert model["trigger_word"] in text, (name, text)
 
@@ -368,14 +368,20 @@ def test_users_create_twice_fails_with_a_clear_message(tmp_path: Path) -> None:
 
 def test_check_exits_0_on_usable_photos_and_1_on_an_empty_folder(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home")
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        (photos / f"selfie{i}.jpg").write_bytes(synthetic_photo(i))
+    photos = copy_person_photos(tmp_path / "photos", extra=("biden.jpg",))
     ok = run_cli(["check", str(photos)], env)
     assert ok.returncode == 0, f"{ok.stdout}\n{ok.stderr}"
-    assert "3 of 3" in ok.stdout, ok.stdout
+    assert "3 of 4" in ok.stdout, ok.stdout
+    assert "different_person" in ok.stdout, ok.stdout
     assert "trainable" in ok.stdout
+
+    drawings = tmp_path / "drawings"
+    drawings.mkdir()
+    for i in range(3):
+        (drawings / f"selfie{i}.jpg").write_bytes(synthetic_photo(i, size=256))
+    faceless = run_cli(["check", str(drawings)], env)
+    assert faceless.returncode == 1, f"{faceless.stdout}\n{faceless.stderr}"
+    assert "no_face" in faceless.stdout, faceless.stdout
 
     empty = tmp_path / "empty"
     empty.mkdir()

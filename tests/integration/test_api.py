@@ -107,7 +107,7 @@ def test_bad_zip_is_422_and_stores_nothing(client: TestClient, services: Service
                     files={"file": ("x.zip", buf.getvalue(), "application/zip")})
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "dataset_rejected"
-    assert any(d["code"] == "unreadable_image" for d in r.json()["error"]["details"])
+    assert any(d["code"] == "not_an_image" for d in r.json()["error"]["details"])
     assert client.get("/api/model", headers=h).status_code == 404
     assert not (services.settings.blob_dir / "photos").exists()
 

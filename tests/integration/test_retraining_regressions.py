@@ -30,7 +30,7 @@ from selfie_lora.config import Settings
 from selfie_lora.domain.recipes import DEFAULT_REPLICATE_TRAINER_VERSION
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
 from selfie_lora.wiring import Services, build_services
-from tests.conftest import auth, make_settings, wait_terminal
+from tests.conftest import auth, make_settings, one_person_analyzer, wait_terminal
 from tests.support.photos import photo_zip
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,10 @@ class Backend:
     def upload(self, headers: dict[str, str], *, offset: int = 0) -> dict[str, Any]:
         r = self.client.post(
             "/api/training/upload-zip", headers=headers,
-            files={"file": ("p.zip", photo_zip(3, offset=offset), "application/zip")},
+            # Replicate trains at 1024 px: the photos must hold a face big enough for that.
+            files={"file": ("p.zip", photo_zip(3, offset=offset,
+                                              size=1100 if self.name == "replicate" else 128),
+                            "application/zip")},
         )
         assert r.status_code == 202, r.text
         return r.json()  # type: ignore[no-any-return]
@@ -81,7 +84,7 @@ def replicate_backend(tmp_path: Path, cache: Path, **standin_knobs: Any) -> Iter
             replicate_base_url=standin.base_url, replicate_owner=OWNER,
             replicate_poll_interval=0.01, cache_dir=cache,
         )
-        services = build_services(settings)
+        services = build_services(settings, face_analyzer=one_person_analyzer())
         try:
             app = create_app(settings, services=services, run_worker=True)
             with TestClient(app, raise_server_exceptions=False) as client:
@@ -98,7 +101,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path,
             yield b
         return
     settings = make_settings(tmp_path, cache_dir=shared_model_cache)
-    services = build_services(settings)
+    services = build_services(settings, face_analyzer=one_person_analyzer())
     try:
         app = create_app(settings, services=services, run_worker=True)
         with TestClient(app, raise_server_exceptions=False) as client:

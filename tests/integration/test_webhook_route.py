@@ -12,11 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.api.app import create_app
-from selfie_lora.dataset.intake import UploadedFile
+from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.testing.replicate_standin import sign_webhook
 from selfie_lora.wiring import Services, build_services
-from tests.conftest import make_settings
+from tests.conftest import make_settings, one_person_analyzer
 from tests.support.photos import synthetic_photo
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
@@ -26,6 +26,7 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode
 def svc(tmp_path: Path) -> Iterator[Services]:
     settings = make_settings(tmp_path, webhook_secret=SECRET)
     services = build_services(settings, trainers={"local": FakeTrainer()},
+                              face_analyzer=one_person_analyzer(),
                               generators={"local": FakeGenerator()})
     yield services
     services.close()

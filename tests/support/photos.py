@@ -6,32 +6,47 @@ import io
 import zipfile
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "photos"
 
 
-def synthetic_photo(seed: int, *, size: int = 96) -> bytes:
-    """A face-like drawing that differs by seed (distinct bytes, distinct content)."""
-    img = Image.new("RGB", (size, size), (40 + seed * 13 % 200, 90, 140 - seed * 7 % 100))
+def synthetic_photo(seed: int, *, size: int = 128) -> bytes:
+    """A drawing that differs by seed in its low frequencies (so near-duplicate checks tell
+    them apart), with mid-tone, textured "skin" at the centre, where the fake face analyzer of
+    ``tests.conftest.one_person_analyzer`` puts the face."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(40, 200, size=(6, 6, 3)).astype(np.uint8)
+    img = Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC)
     draw = ImageDraw.Draw(img)
-    r = size // 3 + seed % 5
-    c = size // 2
-    draw.ellipse((c - r, c - r, c + r, c + r), fill=(230, 190, 160))
-    draw.ellipse((c - r // 2 - 3, c - 6, c - r // 2 + 3, c), fill=(20, 20, 20))
-    draw.ellipse((c + r // 2 - 3, c - 6, c + r // 2 + 3, c), fill=(20, 20, 20))
-    draw.arc((c - r // 2, c, c + r // 2, c + r // 2 + seed % 4), 0, 180, fill=(120, 30, 30))
+    c, r = size // 2, size // 4
+    draw.ellipse((c - r, c - r, c + r, c + r), fill=(150, 110, 90))
+    blobs = rng.integers(c - r + 4, c + r - 4, size=(6, 2))
+    for x, y in blobs:
+        tone = int(rng.integers(60, 140))
+        draw.ellipse((x - 5, y - 4, x + 5, y + 4), fill=(tone, tone // 2, tone // 3))
+    noise = rng.normal(0, 6, size=(size, size, 3))
+    arr = np.clip(np.asarray(img).astype(float) + noise, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
+    Image.fromarray(arr).save(buf, format="JPEG", quality=92)
     return buf.getvalue()
 
 
-def photo_zip(count: int = 4, *, offset: int = 0) -> bytes:
+def photo_zip(count: int = 4, *, offset: int = 0, size: int = 128) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         for i in range(count):
-            zf.writestr(f"photo{i + offset}.jpg", synthetic_photo(i + offset))
+            zf.writestr(f"photo{i + offset}.jpg", synthetic_photo(i + offset, size=size))
     return buf.getvalue()
+
+
+def copy_person_photos(target: Path, *, extra: tuple[str, ...] = ()) -> Path:
+    """A folder with the three real photos of one person (and ``extra`` fixtures)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("obama.jpg", "obama2.jpg", "obama3.jpg", *extra):
+        (target / name).write_bytes((FIXTURES / name).read_bytes())
+    return target
 
 
 def real_photo_zip(names: tuple[str, ...] = ("obama.jpg", "obama2.jpg", "obama3.jpg")) -> bytes:

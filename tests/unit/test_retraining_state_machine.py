@@ -28,7 +28,8 @@ from hypothesis.stateful import (
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
-from selfie_lora.dataset.intake import UploadedFile, UploadLimits
+from selfie_lora.dataset.checks import CheckPolicy
+from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.domain.entities import GateStatus, TrainingStatus
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.errors import ConflictError, InvalidInputError
@@ -61,18 +62,18 @@ class Retraining(RuleBasedStateMachine):
         self.queue = InMemoryQueue()
         self.trainer = FakeTrainer(steps=2)
         self.likeness = "same"
-        self.faces = FakeFaceAnalyzer(embed=self._face)
+        self.faces = FakeFaceAnalyzer(embed=self._face, box_fraction=0.5)
         self.default_version = "local-tiny-v1"
         self.training = TrainingService(
             repo=self.repo, blobs=self.blobs, queue=self.queue, trainers={"local": self.trainer},
-            defaults=lambda: TrainingDefaults(backend="local",
-                                              trainer_version=self.default_version,
-                                              owner="local", replicate_recipe="replicate-person-v1",
-                                              probe_count=2),
+            defaults=self.defaults,
             work_dir=self.dir / "work", rng=random.Random(0),
         )
-        self.intake = IntakeService(repo=self.repo, blobs=self.blobs, limits=UploadLimits(),
-                                    min_photos=1, max_photos=50)
+        self.intake = IntakeService(
+            repo=self.repo, blobs=self.blobs, limits=UploadLimits(),
+            policy=CheckPolicy(min_photos=1, max_photos=50), analyzer=self.faces,
+            defaults=self.defaults, workers=1,
+        )
         self.models = ModelService(repo=self.repo, blobs=self.blobs)
         self.quality = QualityService(
             repo=self.repo, blobs=self.blobs,
@@ -100,6 +101,11 @@ class Retraining(RuleBasedStateMachine):
         if int(shape[0]) > PROBE_SIDE:  # a training photo
             return E0
         return {"same": E0, "other": OTHER, "none": None}[self.likeness]
+
+    def defaults(self) -> TrainingDefaults:
+        return TrainingDefaults(backend="local", trainer_version=self.default_version,
+                                owner="local", replicate_recipe="replicate-person-v1",
+                                probe_count=2)
 
     def teardown(self) -> None:
         self.engine.dispose()

@@ -157,7 +157,7 @@ def create_app(
         start: Annotated[bool, Form()] = True,
     ) -> dict[str, Any]:
         """The same as upload-zip, for photos sent as several multipart ``files``."""
-        from selfie_lora.dataset.intake import read_uploaded_files
+        from selfie_lora.dataset.archive import read_uploaded_files
 
         limit = svc.settings.max_upload_bytes
         named: list[tuple[str, bytes]] = []

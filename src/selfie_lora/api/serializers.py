@@ -172,6 +172,7 @@ def dataset_json(d: Dataset) -> dict[str, Any]:
         "accepted": d.accepted,
         "sha256": d.sha256,
         "findings": [f.as_dict() for f in d.findings],
+        "verdict": d.verdict,
         "created_at": d.created_at.isoformat(),
     }
 

@@ -163,6 +163,8 @@ class Dataset:
     accepted: bool
     sha256: str
     created_at: datetime
+    # The set's verdict: trainable, quality ("excellent".."poor"), score 0-100, reasons.
+    verdict: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,68 +1,89 @@
-"""Turning an upload into a stored dataset, or a 422 that stores nothing."""
+"""Turning an upload into a stored dataset, or a 422 that stores nothing.
+
+Reading (``dataset.archive``) and judging (``dataset.pipeline``: decoding, face checks, set checks,
+preparation) happen before anything is written; only a trainable set is stored, as prepared,
+metadata-free photos (content-addressed, so the same photo is stored once) and a manifest.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
-from selfie_lora.dataset.intake import (
-    PreparedPhoto,
-    UploadedFile,
-    UploadLimits,
-    prepare_photo,
-    read_zip,
-)
+from selfie_lora.dataset.archive import read_zip
+from selfie_lora.dataset.checks import CheckPolicy
+from selfie_lora.dataset.limits import UploadedFile, UploadLimits
+from selfie_lora.dataset.pipeline import IntakeResult, run_intake
+from selfie_lora.dataset.prepare import PreparedPhoto, dataset_sha256
 from selfie_lora.domain.entities import Dataset, Finding, User
+from selfie_lora.domain.plan import TrainingDefaults
+from selfie_lora.domain.recipes import recipe_for
 from selfie_lora.errors import DatasetRejectedError, NotFoundError
 from selfie_lora.services.common import new_id, utcnow
-from selfie_lora.services.ports import BlobStore, Repository
+from selfie_lora.services.ports import BlobStore, FaceAnalyzer, Repository
 
 logger = logging.getLogger(__name__)
-
-
-class PhotoChecker(Protocol):
-    """Judges prepared photos (faces, blur, duplicates...). Returns findings; a ``reject``
-    finding about a photo leaves that photo out."""
-
-    def check(self, photos: Sequence[PreparedPhoto]) -> list[Finding]: ...
-
-
-class DuplicateChecker:
-    """The always-on check: the same photo twice (byte-identical after preparation)."""
-
-    def check(self, photos: Sequence[PreparedPhoto]) -> list[Finding]:
-        seen: dict[str, str] = {}
-        findings: list[Finding] = []
-        for photo in photos:
-            if photo.sha256 in seen:
-                findings.append(Finding(
-                    "reject", "duplicate_photo",
-                    f"{photo.name} is the same photo as {seen[photo.sha256]}",
-                    "leave one copy in and add a different photo instead", photo=photo.name,
-                ))
-            else:
-                seen[photo.sha256] = photo.name
-        return findings
-
-
-@dataclass(frozen=True)
-class IntakeReport:
-    images_total: int
-    accepted: tuple[PreparedPhoto, ...]
-    findings: tuple[Finding, ...]
-    trainable: bool
 
 
 def photo_key(sha256: str) -> str:
     return f"photos/{sha256}.jpg"
 
 
+def original_key(sha256: str) -> str:
+    return f"originals/{sha256}"
+
+
 def manifest_key(dataset_id: str) -> str:
     return f"datasets/{dataset_id}/manifest.json"
+
+
+def reference_key(dataset_id: str, embedding_model: str) -> str:
+    """The training photos' face embeddings (likeness scoring compares probes with them)."""
+    return f"quality/datasets/{dataset_id}/{re.sub(r'[^A-Za-z0-9_.-]', '_', embedding_model)}.json"
+
+
+@dataclass(frozen=True)
+class IntakeReport:
+    """What ``selfie-lora check`` and every upload see: findings, the photos that would train,
+    and one verdict."""
+
+    images_total: int
+    accepted: tuple[PreparedPhoto, ...]
+    findings: tuple[Finding, ...]
+    trainable: bool
+    verdict: dict[str, Any]
+    resolution: int
+    # The accepted photos' faces as found on the decoded upload (full detail, unlike the
+    # training crops, which can be as small as 64 px): name -> (faces found, embedding).
+    faces: dict[str, tuple[int, tuple[float, ...] | None]] = dataclasses.field(
+        default_factory=dict)
+
+    @classmethod
+    def from_result(cls, result: IntakeResult, *, notes: Sequence[Finding],
+                    resolution: int) -> IntakeReport:
+        report = result.report
+        return cls(
+            images_total=result.images_total, accepted=result.prepared,
+            findings=(*notes, *result.findings), trainable=report.trainable,
+            verdict={
+                "trainable": report.trainable, "quality": report.quality,
+                "score": report.score, "reasons": list(report.reasons),
+                "accepted": len(result.prepared), "rejected": len(report.rejected),
+                "seconds": round(result.seconds, 3),
+            },
+            resolution=resolution,
+            faces={a.name: (len(a.faces), a.embedding) for a in result.analyses},
+        )
+
+
+def _as_list(embedding: tuple[float, ...] | None) -> list[float] | None:
+    return list(embedding) if embedding is not None else None
 
 
 class IntakeService:
@@ -72,88 +93,98 @@ class IntakeService:
         repo: Repository,
         blobs: BlobStore,
         limits: UploadLimits,
-        min_photos: int,
-        max_photos: int,
-        checkers: Sequence[PhotoChecker] = (DuplicateChecker(),),
+        policy: CheckPolicy,
+        analyzer: FaceAnalyzer,
+        defaults: Callable[[], TrainingDefaults],
+        workers: int = 2,
+        keep_originals: bool = False,
     ) -> None:
         self._repo = repo
         self._blobs = blobs
-        self._limits = limits
-        self._min = min_photos
-        self._max = max_photos
-        self._checkers = list(checkers)
         self.limits = limits
+        self._policy = policy
+        self._analyzer = analyzer
+        self._defaults = defaults
+        self._workers = workers
+        self._keep_originals = keep_originals
 
-    def ingest_zip(self, *, user: User, data: bytes) -> Dataset:
-        files, findings = read_zip(data, limits=self._limits)
-        return self.ingest_files(user=user, files=files, findings=findings)
+    def resolution_for(self, user: User | None) -> int:
+        """The trainer's resolution: the user's pinned recipe's, else the configured default's.
+        Photos are cropped to it, and judged against it (is the face sharp enough for it?)."""
+        defaults = self._defaults()
+        model = self._repo.get_model_for_user(user.id) if user is not None else None
+        backend = model.backend if model else defaults.backend
+        version = model.trainer_version if model else defaults.trainer_version
+        return recipe_for(backend=backend, trainer_version=version,
+                          replicate_recipe=defaults.replicate_recipe).resolution
 
     def check_files(
-        self, *, files: Sequence[UploadedFile], findings: Sequence[Finding] = ()
+        self, *, files: Sequence[UploadedFile], findings: Sequence[Finding] = (),
+        user: User | None = None,
     ) -> IntakeReport:
-        """Judge a set of photos without storing anything (``selfie-lora check``)."""
-        all_findings = list(findings)
-        prepared: list[PreparedPhoto] = []
-        for upload in files:
-            result = prepare_photo(upload, limits=self._limits)
-            if isinstance(result, Finding):
-                all_findings.append(result)
-            else:
-                prepared.append(result)
-        for checker in self._checkers:
-            all_findings.extend(checker.check(prepared))
-        rejected = {f.photo for f in all_findings if f.severity == "reject" and f.photo}
-        accepted = [p for p in prepared if p.name not in rejected]
-        if len(accepted) < self._min:
-            all_findings.append(Finding(
-                "reject", "too_few_photos",
-                f"{len(accepted)} usable photo(s); at least {self._min} are needed",
-                "add more clear photos of your face (15-25 works best)",
-            ))
-        if len(accepted) > self._max:
-            all_findings.append(Finding(
-                "reject", "too_many_photos",
-                f"{len(accepted)} usable photos; at most {self._max} are accepted",
-                f"keep your best {self._max} photos",
-            ))
-        return IntakeReport(
-            images_total=len(files), accepted=tuple(accepted), findings=tuple(all_findings),
-            trainable=self._min <= len(accepted) <= self._max,
-        )
+        """Judge a set of photos without storing anything."""
+        resolution = self.resolution_for(user)
+        policy = dataclasses.replace(self._policy, resolution=resolution)
+        result = run_intake(files, limits=self.limits, policy=policy, analyzer=self._analyzer,
+                            workers=self._workers)
+        return IntakeReport.from_result(result, notes=findings, resolution=resolution)
+
+    def ingest_zip(self, *, user: User, data: bytes) -> Dataset:
+        files, notes = read_zip(data, limits=self.limits)
+        return self.ingest_files(user=user, files=files, findings=notes)
 
     def ingest_files(
         self, *, user: User, files: Sequence[UploadedFile], findings: Sequence[Finding] = ()
     ) -> Dataset:
-        report = self.check_files(files=files, findings=findings)
-        accepted = list(report.accepted)
-        all_findings = list(report.findings)
+        report = self.check_files(files=files, findings=findings, user=user)
         if not report.trainable:
             # Nothing is stored for a set that cannot train: the user fixes it and uploads again.
+            must_change = [f.message for f in report.findings if f.severity == "reject"]
             raise DatasetRejectedError(
-                "these photos cannot be trained on: "
-                + "; ".join(f.message for f in all_findings if f.severity == "reject"),
-                details=[f.as_dict() for f in all_findings],
+                "these photos cannot be trained on: " + "; ".join(must_change),
+                details=[f.as_dict() for f in report.findings],
             )
-        hashes = tuple(p.sha256 for p in accepted)
-        set_hash = hashlib.sha256("\n".join(sorted(hashes)).encode()).hexdigest()
+        accepted = report.accepted
         dataset = Dataset(
-            id=new_id(), user_id=user.id, images_total=len(files), images_accepted=len(accepted),
-            photo_hashes=hashes, findings=tuple(all_findings), accepted=True, sha256=set_hash,
-            created_at=utcnow(),
+            id=new_id(), user_id=user.id, images_total=report.images_total,
+            images_accepted=len(accepted), photo_hashes=tuple(p.sha256 for p in accepted),
+            findings=report.findings, accepted=True, sha256=dataset_sha256(accepted),
+            created_at=utcnow(), verdict=report.verdict,
         )
         for photo in accepted:
             key = photo_key(photo.sha256)
             if not self._blobs.exists(key):  # content-addressed: the same photo is stored once
                 self._blobs.put(key, photo.data)
+        originals: dict[str, str] = {}
+        if self._keep_originals:
+            by_name = {f.name: f for f in files}
+            for photo in accepted:
+                source = by_name.get(photo.name)
+                if source is not None:
+                    # Kept as uploaded (metadata included) only because the operator asked to.
+                    sha = hashlib.sha256(source.data).hexdigest()
+                    self._blobs.put(original_key(sha), source.data)
+                    originals[photo.sha256] = original_key(sha)
         manifest = {
             "dataset_id": dataset.id,
-            "photos": [{"sha256": p.sha256, "key": photo_key(p.sha256)} for p in accepted],
-            "findings": [f.as_dict() for f in all_findings],
-            "sha256": set_hash,
+            "resolution": report.resolution,
+            "photos": [{"sha256": p.sha256, "key": photo_key(p.sha256),
+                        "original": originals.get(p.sha256)} for p in accepted],
+            "findings": [f.as_dict() for f in report.findings],
+            "verdict": report.verdict,
+            "sha256": dataset.sha256,
         }
         self._blobs.put(manifest_key(dataset.id), json.dumps(manifest, indent=2).encode())
+        self._blobs.put(reference_key(dataset.id, self._analyzer.model_name), json.dumps({
+            "dataset_id": dataset.id, "embedding_model": self._analyzer.model_name,
+            "photos": [{"sha256": p.sha256, "faces": report.faces.get(p.name, (0, None))[0],
+                        "embedding": _as_list(report.faces.get(p.name, (0, None))[1])}
+                       for p in accepted],
+        }).encode())
         self._repo.add_dataset(dataset)
-        logger.info("dataset %s: %d of %d photos accepted", dataset.id, len(accepted), len(files))
+        logger.info("dataset %s: %d of %d photos accepted (%s, score %s)", dataset.id,
+                    len(accepted), report.images_total, report.verdict["quality"],
+                    report.verdict["score"])
         return dataset
 
     def get(self, *, user: User, dataset_id: str) -> Dataset:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -52,21 +51,16 @@ from selfie_lora.quality.grid import GridRow, render_grid
 from selfie_lora.quality.images import analysis_array, image_sanity
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.generation import GenerationService
-from selfie_lora.services.intake import photo_key
+from selfie_lora.services.intake import photo_key, reference_key
 from selfie_lora.services.ports import Alerter, BlobStore, FaceAnalyzer, Repository
 from selfie_lora.services.training import succeed, succeeded_event
 
 logger = logging.getLogger(__name__)
 
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
 def probe_image_key(version_id: str, index: int) -> str:
     return f"quality/versions/{version_id}/probe-{index}.png"
-
-
-def reference_key(dataset_id: str, embedding_model: str) -> str:
-    return f"quality/datasets/{dataset_id}/{_SAFE.sub('_', embedding_model)}.json"
 
 
 def grid_key(a_id: str, b_id: str) -> str:

@@ -136,6 +136,8 @@ class FakeFaceAnalyzer:
     embed: Callable[[Any], tuple[float, ...] | None]
     model_name: str = "fake-embedding-v1"
     calls: int = 0
+    # The face's share of the image's width and height, centred; 1.0 is the whole image.
+    box_fraction: float = 1.0
 
     def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
         del landmarks  # a fake face has none
@@ -144,7 +146,10 @@ class FakeFaceAnalyzer:
         if embedding is None:
             return []
         height, width = int(image.shape[0]), int(image.shape[1])
-        return [Face(box=(0, 0, width, height), score=1.0,
+        margin_x = int(width * (1 - self.box_fraction) / 2)
+        margin_y = int(height * (1 - self.box_fraction) / 2)
+        box = (margin_x, margin_y, width - margin_x, height - margin_y)
+        return [Face(box=box, score=1.0,
                      embedding=embedding if embed else None)]
 
 

@@ -111,7 +111,7 @@ def _dataset(row: DatasetRow) -> Dataset:
         id=row.id, user_id=row.user_id, images_total=row.images_total,
         images_accepted=row.images_accepted, photo_hashes=tuple(row.photo_hashes),
         findings=tuple(Finding.from_dict(f) for f in row.findings), accepted=row.accepted,
-        sha256=row.sha256, created_at=_req_utc(row.created_at),
+        sha256=row.sha256, created_at=_req_utc(row.created_at), verdict=dict(row.verdict or {}),
     )
 
 
@@ -330,7 +330,7 @@ class SqlRepository:
                 id=dataset.id, user_id=dataset.user_id, images_total=dataset.images_total,
                 images_accepted=dataset.images_accepted, photo_hashes=list(dataset.photo_hashes),
                 findings=[f.as_dict() for f in dataset.findings], accepted=dataset.accepted,
-                sha256=dataset.sha256, created_at=dataset.created_at,
+                sha256=dataset.sha256, created_at=dataset.created_at, verdict=dataset.verdict,
             ))
 
     def get_dataset(self, dataset_id: str) -> Dataset | None:

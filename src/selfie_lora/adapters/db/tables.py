@@ -65,6 +65,7 @@ class DatasetRow(Base):
     findings: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     accepted: Mapped[bool] = mapped_column(Boolean)
     sha256: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 

@@ -1,0 +1,166 @@
+"""The hostile-upload corpus (``tests/support/hostile.py``), end to end through the HTTP API.
+
+Each case must be answered 422 with its specific code (the whole upload refused), or
+``dataset_rejected`` carrying a finding with the specific code (one photo refused), with nothing
+stored and memory bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import resource
+import tracemalloc
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from selfie_lora.api.app import create_app
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import auth, make_settings, one_person_analyzer
+from tests.support.hostile import CASES, MB, Case, encode, jpeg, zip_of
+from tests.support.photos import synthetic_photo
+
+
+def test_the_corpus_is_big_enough() -> None:
+    assert len(CASES) >= 30
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+# --------------------------------------------------------------------------------------------
+# Running it through the API
+
+
+def _post(client: TestClient, headers: dict[str, str], case: Case,
+          payload: bytes | list[tuple[str, bytes]]) -> tuple[int, dict[str, object]]:
+    if case.route == "zip":
+        assert isinstance(payload, bytes)
+        r = client.post("/api/training/upload-zip", headers=headers,
+                        files={"file": ("photos.zip", payload, "application/zip")},
+                        data={"start": "false"})
+    else:
+        assert isinstance(payload, list)
+        r = client.post("/api/training/upload", headers=headers, data={"start": "false"},
+                        files=[("files", (n, b, "image/jpeg")) for n, b in payload])
+    return r.status_code, r.json()
+
+
+def _proc_status(field: str) -> int | None:
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def _start_rss_window() -> int:
+    """The RSS now; resets the kernel's high-water mark where Linux allows it, so the peak read
+    afterwards belongs to this request and not to whatever ran before in this process."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+    now = _proc_status("VmRSS")
+    return now if now is not None else _peak_rss()
+
+
+def _peak_rss() -> int:
+    peak = _proc_status("VmHWM")
+    if peak is not None:
+        return peak
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def assert_nothing_stored(client: TestClient, headers: dict[str, str], services: Services) -> None:
+    blob_dir = services.settings.blob_dir
+    assert not (blob_dir / "photos").exists() or not any((blob_dir / "photos").iterdir())
+    assert not (blob_dir / "datasets").exists() or not any((blob_dir / "datasets").iterdir())
+    assert client.get("/api/model", headers=headers).status_code == 404
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_hostile_upload_is_refused(case: Case, client: TestClient, services: Services) -> None:
+    headers = auth(services, "mallory")
+    payload = case.payload()
+    rss_before = _start_rss_window()
+    if case.bomb:
+        tracemalloc.start()
+    try:
+        status, body = _post(client, headers, case, payload)
+    finally:
+        if case.bomb:
+            _current, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+    assert status == 422, body
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert error["message"]
+    assert "Traceback" not in str(body)
+    if case.per_photo:
+        assert error["code"] == "dataset_rejected", error
+        assert case.code in {d["code"] for d in error["details"]}, error["details"]
+    else:
+        assert error["code"] == case.code, error
+    assert_nothing_stored(client, headers, services)
+    if case.bomb:
+        growth = _peak_rss() - rss_before
+        print(f"\n{case.id}: traced peak {peak / MB:.1f} MB, peak RSS growth {growth / MB:.1f} MB")
+        assert peak < 200 * MB
+        assert growth < 200 * MB
+
+
+def test_every_accepted_format_is_read(client: TestClient, services: Services) -> None:
+    """JPEG, PNG, WebP, HEIC and AVIF photos all make it into the dataset."""
+    import pillow_heif
+
+    headers = auth(services, "ann")
+
+    def drawing(seed: int) -> Image.Image:
+        # Five different pictures: one picture in five formats would be five near-duplicates.
+        return Image.open(io.BytesIO(synthetic_photo(seed, size=160))).convert("RGB")
+
+    heic = pillow_heif.from_pillow(drawing(4))
+    heic_buf = io.BytesIO()
+    heic.save(heic_buf, format="HEIF", quality=90)
+    members = {
+        "a.jpg": encode(drawing(1), "JPEG", quality=92),
+        "b.png": encode(drawing(2), "PNG"),
+        "c.webp": encode(drawing(3), "WEBP", quality=90),
+        "d.heic": heic_buf.getvalue(),
+        "e.avif": encode(drawing(5), "AVIF", quality=90),
+    }
+    r = client.post("/api/training/upload-zip", headers=headers, data={"start": "false"},
+                    files={"file": ("p.zip", zip_of(members), "application/zip")})
+    assert r.status_code == 202, r.text
+    assert r.json()["dataset"]["images_accepted"] == 5
+
+
+@pytest.fixture
+def small_upload_client(tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:
+    settings = make_settings(tmp_path, max_upload_bytes=64 * 1024)
+    services = build_services(settings, trainers={"local": FakeTrainer()},
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer())
+    app = create_app(settings, services=services, run_worker=False)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client, services
+    services.close()
+
+
+def test_an_upload_over_the_limit_is_refused(
+        small_upload_client: tuple[TestClient, Services]) -> None:
+    client, services = small_upload_client
+    headers = auth(services, "mallory")
+    big = zip_of({f"{i}.jpg": jpeg((400, 300), seed=i) for i in range(10)},
+                 compression=zipfile.ZIP_STORED)
+    assert len(big) > 64 * 1024
+    r = client.post("/api/training/upload-zip", headers=headers, data={"start": "false"},
+                    files={"file": ("p.zip", big, "application/zip")})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "upload_too_large"
+    assert_nothing_stored(client, headers, services)

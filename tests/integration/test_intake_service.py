@@ -1,0 +1,111 @@
+"""The intake through the HTTP API with the real dlib checks, on real photos."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from selfie_lora.api.app import create_app
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import auth, make_settings
+from tests.support.photos import FIXTURES, synthetic_photo
+
+
+@pytest.fixture
+def real(tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:
+    settings = make_settings(tmp_path, min_photos=3, keep_originals=True)
+    services = build_services(settings, trainers={"local": FakeTrainer()},
+                              generators={"local": FakeGenerator()})
+    with TestClient(create_app(settings, services=services),
+                    raise_server_exceptions=False) as client:
+        yield client, services
+    services.close()
+
+
+def with_gps(name: str) -> bytes:
+    """The fixture photo with GPS coordinates and a comment added to its metadata."""
+    with Image.open(FIXTURES / name) as img:
+        exif = img.getexif()
+        gps = exif.get_ifd(0x8825)
+        gps.update({1: "N", 2: (48.0, 51.0, 29.0), 3: "E", 4: (2.0, 17.0, 40.0)})
+        exif[0x8825] = gps
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", exif=exif, comment=b"taken at home", quality=92)
+    data = buf.getvalue()
+    assert Image.open(io.BytesIO(data)).getexif().get_ifd(0x8825), "the GPS did not stick"
+    return data
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_real_photos_are_checked_and_stored_without_metadata(
+    real: tuple[TestClient, Services],
+) -> None:
+    client, services = real
+    h = auth(services, "ann")
+    members = {n: with_gps(n) for n in ("obama.jpg", "obama2.jpg", "obama3.jpg")}
+    members["biden.jpg"] = (FIXTURES / "biden.jpg").read_bytes()
+    r = client.post("/api/training/upload-zip", headers=h, data={"start": "false"},
+                    files={"file": ("me.zip", zip_of(members), "application/zip")})
+    assert r.status_code == 202, r.text
+    dataset = r.json()["dataset"]
+    assert (dataset["images_total"], dataset["images_accepted"]) == (4, 3)
+    codes = {(f["photo"], f["code"]) for f in dataset["findings"]}
+    assert ("biden.jpg", "different_person") in codes
+    assert all(f["advice"] for f in dataset["findings"])
+    assert dataset["verdict"]["trainable"] is True
+    assert dataset["verdict"]["quality"] in ("excellent", "good", "fair", "poor")
+    # Stored photos: prepared crops with no metadata at all.
+    stored = sorted((services.settings.blob_dir / "photos").glob("*.jpg"))
+    assert len(stored) == 3
+    for path in stored:
+        raw = path.read_bytes()
+        assert b"Exif" not in raw[:4096]
+        assert b"taken at home" not in raw
+        with Image.open(path) as img:
+            assert not img.getexif()
+            assert "icc_profile" not in img.info
+            assert "comment" not in img.info
+            assert img.size[0] == img.size[1]  # the face-aware square crop
+    # Originals are kept only because this server was told to.
+    originals = list((services.settings.blob_dir / "originals").iterdir())
+    assert len(originals) == 3
+    # The likeness reference was taken from the full photos at intake.
+    refs = list((services.settings.blob_dir / "quality" / "datasets").rglob("*.json"))
+    assert len(refs) == 1
+    embeddings = [p["embedding"] for p in json.loads(refs[0].read_text())["photos"]]
+    assert len(embeddings) == 3
+    assert all(e is not None and len(e) == 128 for e in embeddings)
+
+
+def test_a_set_without_faces_is_refused_with_everything_to_change(
+    real: tuple[TestClient, Services],
+) -> None:
+    client, services = real
+    h = auth(services, "ann")
+    members = {f"d{i}.jpg": synthetic_photo(i, size=256) for i in range(3)}
+    r = client.post("/api/training/upload-zip", headers=h,
+                    files={"file": ("me.zip", zip_of(members), "application/zip")})
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["code"] == "dataset_rejected"
+    codes = [d["code"] for d in error["details"]]
+    assert codes.count("no_face") == 3
+    assert "too_few_photos" in codes
+    assert client.get("/api/model", headers=h).status_code == 404
+    assert not (services.settings.blob_dir / "photos").exists()
+    assert not (services.settings.blob_dir / "datasets").exists()
