@@ -61,7 +61,7 @@ def serve(
 
     from selfie_lora.api.app import create_app
 
-    application = create_app(_settings(), run_worker=worker)
+    application = create_app(_settings(), run_worker=worker, warm_up=True)
     uvicorn.run(application, host=host, port=port, log_level="info")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -77,7 +78,8 @@ def _error(status: int, code: str, message: str, details: list[Any] | None = Non
 
 
 def create_app(
-    settings: Settings, *, services: Services | None = None, run_worker: bool = False
+    settings: Settings, *, services: Services | None = None, run_worker: bool = False,
+    warm_up: bool = False,
 ) -> FastAPI:
     """The app for ``settings``. ``run_worker`` starts an in-process queue consumer with the app
     (``selfie-lora serve``); the services are built here unless given (tests)."""
@@ -86,6 +88,10 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         worker = None
+        if warm_up:
+            # Start the photo-analysis processes now, off the event loop, so the first upload
+            # does not wait ~1.5 s for them.
+            threading.Thread(target=svc.intake.warm_up, name="intake-warm-up", daemon=True).start()
         if run_worker:
             recovered = svc.training.recover()
             if recovered:
