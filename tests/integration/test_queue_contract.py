@@ -45,22 +45,28 @@ def test_messages_survive_until_a_worker_runs_them(queue: HueyJobQueue) -> None:
     assert queue.pending() == 0
 
 
+class Overlap:
+    """A handler that takes a while and records how many of its calls ever ran at once."""
+
+    def __init__(self, seconds: float = 0.3) -> None:
+        self.seconds = seconds
+        self.running = 0
+        self.peak = 0
+        self.done: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, job_id: str) -> None:
+        with self._lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(self.seconds)
+        with self._lock:
+            self.running -= 1
+            self.done.append(job_id)
+
+
 def test_two_workers_never_run_one_training_at_once(queue: HueyJobQueue) -> None:
-    running = 0
-    peak = 0
-    runs: list[str] = []
-    lock = threading.Lock()
-
-    def handler(training_id: str) -> None:
-        nonlocal running, peak
-        with lock:
-            running += 1
-            peak = max(peak, running)
-        time.sleep(0.3)
-        with lock:
-            running -= 1
-            runs.append(training_id)
-
+    handler = Overlap()
     queue.set_training_handler(handler)
     queue.enqueue_training("same")
     queue.enqueue_training("same")
@@ -71,28 +77,14 @@ def test_two_workers_never_run_one_training_at_once(queue: HueyJobQueue) -> None
         time.sleep(0.5)
     finally:
         worker.stop()
-    assert peak == 1  # a duplicate that arrives while the first runs finds the lock taken
-    assert runs
-    assert set(runs) == {"same"}
+    assert handler.peak == 1  # a duplicate that arrives while the first runs finds the lock taken
+    assert handler.done
+    assert set(handler.done) == {"same"}
 
 
 def test_likeness_jobs_run_beside_trainings_one_worker_per_version(queue: HueyJobQueue) -> None:
     trainings: list[str] = []
-    scored: list[str] = []
-    running = 0
-    peak = 0
-    lock = threading.Lock()
-
-    def score(version_id: str) -> None:
-        nonlocal running, peak
-        with lock:
-            running += 1
-            peak = max(peak, running)
-        time.sleep(0.3)
-        with lock:
-            running -= 1
-            scored.append(version_id)
-
+    score = Overlap()
     queue.set_training_handler(trainings.append)
     queue.set_quality_handler(score)
     queue.enqueue_training("t1")
@@ -102,9 +94,9 @@ def test_likeness_jobs_run_beside_trainings_one_worker_per_version(queue: HueyJo
     worker = BackgroundWorker(queue, workers=2)
     worker.start()
     try:
-        wait_until(lambda: queue.pending() == 0 and trainings == ["t1"] and bool(scored))
+        wait_until(lambda: queue.pending() == 0 and trainings == ["t1"] and bool(score.done))
         time.sleep(0.5)
     finally:
         worker.stop()
-    assert peak == 1
-    assert set(scored) == {"v1"}
+    assert score.peak == 1
+    assert set(score.done) == {"v1"}
