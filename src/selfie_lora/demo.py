@@ -17,7 +17,8 @@ from rich.table import Table
 
 from selfie_lora.config import Settings
 from selfie_lora.dataset.archive import read_path
-from selfie_lora.domain.entities import Model, TrainingStatus
+from selfie_lora.dataset.limits import UploadedFile
+from selfie_lora.domain.entities import Finding, Model, TrainingStatus, User
 from selfie_lora.errors import SelfieLoraError
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.wiring import Services, build_services
@@ -74,8 +75,21 @@ def _print_training(console: Console, services: Services, training_id: str) -> N
                       f"({version.gate_reason})")
 
 
+def _upload_and_train(console: Console, services: Services, user: User,
+                      files: list[UploadedFile], findings: list[Finding], *, kind: str) -> None:
+    """What a user does each time: upload the photos, (re)train, wait for the end."""
+    from selfie_lora.cli import wait_for_training
+
+    dataset = services.intake.ingest_files(user=user, files=files, findings=findings)
+    started = services.training.start(user=user, dataset_id=dataset.id).training
+    done = wait_for_training(services, started.id)
+    if done.status is not TrainingStatus.SUCCEEDED:
+        raise SelfieLoraError(f"the {kind} {done.status}: {done.error}")
+    _print_training(console, services, done.id)
+
+
 def run_demo(*, out: Path, console: Console) -> None:
-    from selfie_lora.cli import print_report, wait_for_training
+    from selfie_lora.cli import print_report
 
     started = time.monotonic()
     # The demo tells its own story; the tiny model's 32-token text encoders also make diffusers
@@ -103,12 +117,7 @@ def run_demo(*, out: Path, console: Console) -> None:
 
         user, _key = services.users.create(name="demo")
         console.rule("2. first training")
-        dataset = services.intake.ingest_files(user=user, files=files, findings=findings)
-        first = services.training.start(user=user, dataset_id=dataset.id).training
-        done = wait_for_training(services, first.id)
-        if done.status is not TrainingStatus.SUCCEEDED:
-            raise SelfieLoraError(f"the first training {done.status}: {done.error}")
-        _print_training(console, services, done.id)
+        _upload_and_train(console, services, user, files, findings, kind="first training")
         before = _snapshot(services, services.models.get(user=user))
 
         console.rule("3. the user sets a LoRA scale; the configured trainer default changes")
@@ -118,12 +127,7 @@ def run_demo(*, out: Path, console: Console) -> None:
                       "'local-flux-v1' (the model stays pinned)")
 
         console.rule("4. retraining on the same photos")
-        dataset2 = services.intake.ingest_files(user=user, files=files, findings=findings)
-        second = services.training.start(user=user, dataset_id=dataset2.id).training
-        done2 = wait_for_training(services, second.id)
-        if done2.status is not TrainingStatus.SUCCEEDED:
-            raise SelfieLoraError(f"the retraining {done2.status}: {done2.error}")
-        _print_training(console, services, done2.id)
+        _upload_and_train(console, services, user, files, findings, kind="retraining")
         after = _snapshot(services, services.models.get(user=user))
 
         table = Table(title="before / after retraining")
