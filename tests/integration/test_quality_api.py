@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
 from selfie_lora.quality.chart import CHART_SIZE
 from selfie_lora.quality.grid import grid_size
@@ -58,11 +57,7 @@ def services(settings: Settings, generator: HeldGenerator,
     svc.close()
 
 
-@pytest.fixture
-def client(settings: Settings, services: Services) -> Iterator[TestClient]:
-    app = create_app(settings, services=services, run_worker=True)
-    with TestClient(app, raise_server_exceptions=False) as c:
-        yield c
+# ``client`` comes from tests/conftest.py and runs on this module's ``services``.
 
 
 def wait_scored(client: TestClient, h: dict[str, str], version_id: str) -> dict[str, Any]:
