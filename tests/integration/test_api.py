@@ -264,3 +264,25 @@ def test_multi_file_upload_trains_like_a_zip(client: TestClient, services: Servi
     r = client.post("/api/training/upload", headers=h, files=same_name, data={"start": "false"})
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "duplicate_member"
+
+
+def test_canceling_a_queued_training_ends_it_at_once_and_logs_it(services: Services) -> None:
+    from selfie_lora.dataset.limits import UploadedFile
+    from tests.support.photos import synthetic_photo
+
+    user, _ = services.users.create(name="ann")
+    dataset = services.intake.ingest_files(
+        user=user, files=[UploadedFile(name="a.jpg", data=synthetic_photo(1))])
+    queued = services.training.start(user=user, dataset_id=dataset.id).training
+    done = services.training.cancel(user=user, training_id=queued.id)  # no worker runs here
+    assert str(done.status) == "canceled"
+    assert done.error
+    assert "active version is unchanged" in done.error
+    kinds = [e["kind"] for e in services.repo.list_events(done.model_id)]
+    assert kinds.count("training_canceled") == 1
+    services.training.run(queued.id)  # a late worker finds it ended and adds nothing
+    again = services.repo.get_training(queued.id)
+    assert again is not None
+    assert str(again.status) == "canceled"
+    assert [e["kind"] for e in services.repo.list_events(done.model_id)].count(
+        "training_canceled") == 1

@@ -26,7 +26,7 @@ from selfie_lora.api.serializers import (
 )
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Model, Training, User
-from selfie_lora.errors import AuthError, ConflictError, InvalidInputError, SelfieLoraError
+from selfie_lora.errors import AuthError, InvalidInputError, SelfieLoraError
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.wiring import Services, build_services
 
@@ -179,11 +179,7 @@ def create_app(
     async def _ingest_and_start(user: User, ingest: Any, *, start: bool) -> dict[str, Any]:
         if start:
             # Refuse before storing anything: a 409 must not leave a dataset behind.
-            model = svc.models.find(user=user)
-            if model is not None and any(
-                t.status.is_active for t in svc.repo.list_trainings(model.id)
-            ):
-                raise ConflictError("a training of this model is already queued or running")
+            svc.training.refuse_if_busy(user=user)
         dataset = await _in_thread(ingest)
         training = None
         if start:

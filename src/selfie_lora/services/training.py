@@ -135,8 +135,7 @@ class TrainingService:
             if not dataset.accepted:
                 raise InvalidInputError("that dataset was not accepted", code="dataset_rejected")
             model = tx.get_model_for_user(user.id)
-            if model is not None and any(t.status.is_active for t in tx.list_trainings(model.id)):
-                raise ConflictError("a training of this model is already queued or running")
+            _refuse_if_busy(tx, model)
             plan = plan_training(
                 model, user_id=user.id, new_model_id=new_id(), defaults=defaults, rng=self._rng,
                 now=utcnow(),
@@ -168,6 +167,11 @@ class TrainingService:
         self._queue.enqueue_training(training.id)
         return StartResult(training=training, model=plan.model)
 
+    def refuse_if_busy(self, *, user: User) -> None:
+        """``ConflictError`` when the user's model has a queued or running training: lets an
+        upload be refused before anything is stored (``start`` checks again, atomically)."""
+        _refuse_if_busy(self._repo, self._repo.get_model_for_user(user.id))
+
     # ------------------------------------------------------------------ queries
     def get(self, *, user: User, training_id: str | None) -> tuple[Training, Model]:
         model = self._repo.get_model_for_user(user.id)
@@ -194,19 +198,12 @@ class TrainingService:
         self._repo.request_cancel(training.id)
         if training.status is TrainingStatus.QUEUED:
             # Nobody runs it yet: cancel it here (the worker will find it terminal and skip it).
-            self._update(training.id, lambda t: transition(
-                t, TrainingStatus.CANCELED, at=utcnow(), reason="canceled before it started"
-            ) if t.status is TrainingStatus.QUEUED else t)
-            self._set_error_if_canceled(training.id)
+            # A worker that picked it up meanwhile sees the request and cancels it itself.
+            self._finish_canceled(training.id, reason="canceled before it started",
+                                  only_from=TrainingStatus.QUEUED)
         current = self._repo.get_training(training.id)
         assert current is not None
         return current
-
-    def _set_error_if_canceled(self, training_id: str) -> None:
-        self._update(training_id, lambda t: dataclasses.replace(
-            t, error="The training was canceled. Your active version is unchanged; start a new "
-                     "training when you are ready."
-        ) if t.status is TrainingStatus.CANCELED and t.error is None else t)
 
     # ------------------------------------------------------------------ worker side
     def run(self, training_id: str) -> None:
@@ -422,10 +419,16 @@ class TrainingService:
         self._repo.add_event(model_id=t.model_id, kind="training_failed",
                              data={"training_id": training_id, "error": user_message})
 
-    def _finish_canceled(self, training_id: str, *, reason: str) -> None:
+    def _finish_canceled(
+        self, training_id: str, *, reason: str, only_from: TrainingStatus | None = None
+    ) -> None:
+        changed = False
+
         def cancel(t: Training) -> Training:
-            if t.status.is_terminal:
+            nonlocal changed
+            if t.status.is_terminal or (only_from is not None and t.status is not only_from):
                 return t
+            changed = True
             return dataclasses.replace(
                 transition(t, TrainingStatus.CANCELED, at=utcnow(), reason=reason),
                 error="The training was canceled. Your active version is unchanged; start a new "
@@ -433,8 +436,14 @@ class TrainingService:
             )
 
         t = self._update(training_id, cancel)
-        self._repo.add_event(model_id=t.model_id, kind="training_canceled",
-                             data={"training_id": training_id})
+        if changed:
+            self._repo.add_event(model_id=t.model_id, kind="training_canceled",
+                                 data={"training_id": training_id})
+
+
+def _refuse_if_busy(repo: Repository, model: Model | None) -> None:
+    if model is not None and any(t.status.is_active for t in repo.list_trainings(model.id)):
+        raise ConflictError("a training of this model is already queued or running")
 
 
 class _Sink:
