@@ -30,9 +30,11 @@ REPLICATE_TRIGGER = "zqx_person"
 @dataclass
 class RecordingSink:
     """A ``ProgressSink`` that records every call; asks for a cancel after ``cancel_after``
-    checks when set."""
+    checks when set, and says the worker stops after ``interrupt_after`` checks when set."""
 
     cancel_after: int | None = None
+    interrupt_after: int | None = None
+    interrupt_checks: int = 0
     started_ids: list[str | None] = field(default_factory=list)
     updates: list[tuple[TrainingStatus, int, int, float | None]] = field(default_factory=list)
     cancel_checks: int = 0
@@ -46,6 +48,10 @@ class RecordingSink:
     def cancel_requested(self) -> bool:
         self.cancel_checks += 1
         return self.cancel_after is not None and self.cancel_checks >= self.cancel_after
+
+    def interrupted(self) -> bool:
+        self.interrupt_checks += 1
+        return self.interrupt_after is not None and self.interrupt_checks >= self.interrupt_after
 
 
 def _jpeg(seed: int) -> bytes:

@@ -57,12 +57,12 @@ def serve(
                                          help="Run a background worker in this process.")] = True,
 ) -> None:
     """HTTP API + web UI + a background worker in one process."""
-    import uvicorn
-
     from selfie_lora.api.app import create_app
+    from selfie_lora.api.server import run_server
 
-    application = create_app(_settings(), run_worker=worker, warm_up=True)
-    uvicorn.run(application, host=host, port=port, log_level="info")
+    settings = _settings()
+    application = create_app(settings, run_worker=worker, warm_up=True)
+    run_server(application, settings, host=host, port=port)
 
 
 @app.command("worker")
@@ -72,7 +72,7 @@ def worker_cmd(
     """A queue worker only (the scale path)."""
     from selfie_lora.worker import run_worker
 
-    run_worker(_settings(), threads=threads)
+    run_worker(threads=threads)
 
 
 @users_app.command("create")
@@ -149,11 +149,14 @@ def print_report(report: IntakeReport, *, title: str) -> None:
 
 def wait_for_training(services: object, training_id: str, *, quiet: bool = False) -> Training:
     """Run an embedded worker until ``training_id`` ends, with a progress bar."""
-    from selfie_lora.adapters.queue.huey_queue import BackgroundWorker
     from selfie_lora.wiring import Services
+    from selfie_lora.worker import Worker, claim_identity
 
     assert isinstance(services, Services)
-    worker = BackgroundWorker(services.queue, workers=1)
+    identity = claim_identity(services.settings.home)
+    services.training.owner = identity.name
+    worker = Worker(training=services.training, queue=services.queue, identity=identity,
+                    threads=1, reconcile_seconds=services.settings.reconcile_seconds)
     worker.start()
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
@@ -187,10 +190,11 @@ def train(
     services = build_services(_settings())
     try:
         owner = services.users.get_by_name(name=user)
-        files, findings = read_path(path, limits=services.intake.limits)
-        dataset = services.intake.ingest_files(user=owner, files=files, findings=findings)
-        started = services.training.start(user=owner, dataset_id=dataset.id)
-        t = started.training
+        limits = services.intake.limits
+        uploaded = services.training.upload(user=owner,
+                                            read=lambda: read_path(path, limits=limits))
+        t = uploaded.training
+        assert t is not None
         kind = "retraining" if t.is_retraining else "first training"
         console.print(f"{kind} {t.id}: trigger word [bold]{t.trigger_word}[/bold], destination "
                       f"{t.destination}, trainer {t.trainer_version}")

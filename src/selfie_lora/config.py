@@ -6,13 +6,21 @@ Nothing here is built at import time: entry points call ``get_settings()`` (cach
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from selfie_lora.domain.lease import (
+    DEFAULT_HEARTBEAT_SECONDS,
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RECONCILE_SECONDS,
+    LeasePolicy,
+)
 from selfie_lora.domain.quality import DEFAULT_GATE_TOLERANCE, DEFAULT_PROBE_COUNT, MAX_PROBES
 from selfie_lora.domain.recipes import (
     DEFAULT_REPLICATE_RECIPE,
@@ -69,6 +77,22 @@ class Settings(BaseSettings):
     alert_timeout: float = Field(default=5.0, gt=0)
 
     worker_threads: int = Field(default=2, ge=1)
+    # Leases (domain/lease.py): a running training's worker renews its lease every
+    # HEARTBEAT_SECONDS; another worker may take the training over once LEASE_SECONDS pass
+    # without one. Shorter means faster recovery from a dead worker, at one database write per
+    # running training per heartbeat. Workers look for orphans every RECONCILE_SECONDS, and a
+    # training whose workers died MAX_ATTEMPTS times is failed.
+    heartbeat_seconds: float = Field(default=DEFAULT_HEARTBEAT_SECONDS, gt=0, le=300)
+    lease_seconds: float = Field(default=DEFAULT_LEASE_SECONDS, gt=0, le=3600)
+    reconcile_seconds: float = Field(default=DEFAULT_RECONCILE_SECONDS, gt=0, le=3600)
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
+    # HTTP clients: the request headers must arrive within HEADER_TIMEOUT seconds, and a body
+    # must not stall for BODY_TIMEOUT seconds nor average less than MIN_BODY_RATE bytes/s (after
+    # its first BODY_TIMEOUT seconds). JSON bodies are at most MAX_JSON_BYTES.
+    header_timeout: float = Field(default=10.0, gt=0, le=600)
+    body_timeout: float = Field(default=30.0, gt=0, le=3600)
+    min_body_rate: int = Field(default=1024, ge=0)
+    max_json_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
     # Hard limits on usable photos (15-25 is best; fewer or more only warn within these).
     min_photos: int = Field(default=5, ge=1)
@@ -77,6 +101,17 @@ class Settings(BaseSettings):
     intake_workers: int = Field(default=2, ge=1, le=16)
     # Originals (with their metadata) are kept only when the operator asks for it.
     keep_originals: bool = False
+
+    @model_validator(mode="after")
+    def _lease_fits_heartbeats(self) -> Settings:
+        self.lease_policy  # noqa: B018 - raises ValueError when the lease is shorter than 2 beats
+        return self
+
+    @property
+    def lease_policy(self) -> LeasePolicy:
+        return LeasePolicy(ttl=timedelta(seconds=self.lease_seconds),
+                           heartbeat=timedelta(seconds=self.heartbeat_seconds),
+                           max_attempts=self.max_attempts)
 
     @property
     def effective_database_url(self) -> str:

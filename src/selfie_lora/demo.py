@@ -75,14 +75,51 @@ def _print_training(console: Console, services: Services, training_id: str) -> N
                       f"({version.gate_reason})")
 
 
+def _changes_table(services: Services, user: User) -> Table:
+    """What the retraining changed: the photos, the weights, the losses, the likeness."""
+    v1, v2 = sorted(services.models.versions(user=user), key=lambda v: v.number)[-2:]
+    columns = []
+    for version in (v1, v2):
+        training = services.repo.get_training(version.training_id)
+        assert training is not None
+        dataset = services.repo.get_dataset(training.dataset_id)
+        assert dataset is not None
+        record = services.repo.get_quality(version.id)
+        scores = record.scores.headline() if record and record.scores else {}
+        metrics = training.metrics
+        columns.append({
+            "photos": str(dataset.images_accepted),
+            "photo set sha256": dataset.sha256[:12],
+            "weights sha256": version.weights_sha256[:12],
+            "final training loss": _num(metrics.get("final_loss")),
+            "loss on the photos, before -> after": (
+                f"{_num(metrics.get('eval_loss_before'))} -> "
+                f"{_num(metrics.get('eval_loss_after'))}"),
+            "probes with a face": _num(scores.get("face_share")),
+            "probe sharpness": _num(scores.get("sharpness")),
+            "gate": f"{version.gate_status}",
+        })
+    table = Table(title=f"what the retraining changed (v{v1.number} -> v{v2.number})")
+    table.add_column("")
+    table.add_column(f"v{v1.number}")
+    table.add_column(f"v{v2.number}")
+    for key in columns[0]:
+        table.add_row(key, columns[0][key], columns[1][key])
+    return table
+
+
+def _num(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, int | float) else "-"
+
+
 def _upload_and_train(console: Console, services: Services, user: User,
                       files: list[UploadedFile], findings: list[Finding], *, kind: str) -> None:
     """What a user does each time: upload the photos, (re)train, wait for the end."""
     from selfie_lora.cli import wait_for_training
 
-    dataset = services.intake.ingest_files(user=user, files=files, findings=findings)
-    started = services.training.start(user=user, dataset_id=dataset.id).training
-    done = wait_for_training(services, started.id)
+    uploaded = services.training.upload(user=user, read=lambda: (files, findings))
+    assert uploaded.training is not None
+    done = wait_for_training(services, uploaded.training.id)
     if done.status is not TrainingStatus.SUCCEEDED:
         raise SelfieLoraError(f"the {kind} {done.status}: {done.error}")
     _print_training(console, services, done.id)
@@ -116,8 +153,11 @@ def run_demo(*, out: Path, console: Console) -> None:
             raise SelfieLoraError("the demo photos are not trainable")
 
         user, _key = services.users.create(name="demo")
-        console.rule("2. first training")
-        _upload_and_train(console, services, user, files, findings, kind="first training")
+        # The first training uses all but the last photo; the retraining adds it, as a user
+        # who found one more good photo would: a real retraining, on other data.
+        first_files = [f for f in files if f.name != files[-1].name]
+        console.rule(f"2. first training on {len(first_files)} photos")
+        _upload_and_train(console, services, user, first_files, findings, kind="first training")
         before = _snapshot(services, services.models.get(user=user))
 
         console.rule("3. the user sets a LoRA scale; the configured trainer default changes")
@@ -126,7 +166,7 @@ def run_demo(*, out: Path, console: Console) -> None:
         console.print("LoRA scale set to 0.8; SELFIE_LORA_TRAINER_VERSION now says "
                       "'local-flux-v1' (the model stays pinned)")
 
-        console.rule("4. retraining on the same photos")
+        console.rule(f"4. retraining with one more photo ({files[-1].name}): {len(files)} photos")
         _upload_and_train(console, services, user, files, findings, kind="retraining")
         after = _snapshot(services, services.models.get(user=user))
 
@@ -142,6 +182,7 @@ def run_demo(*, out: Path, console: Console) -> None:
         console.print(table)
         console.print("LoRA scale changed only because the user set it between trainings; "
                       "versions grow by one per training.")
+        console.print(_changes_table(services, user))
 
         console.rule("5. comparison and generation")
         gen_dir = out / "generated"

@@ -11,9 +11,13 @@ entry points never see them.
     ├── ConflictError               a training of this model is already queued or running (HTTP 409)
     ├── InvalidInputError           bad request data (HTTP 422)
     │   └── DatasetRejectedError    the photos cannot be trained on; carries the findings
+    ├── PayloadTooLargeError        an upload over the configured limit (HTTP 413)
     ├── InvalidTransitionError      a training state change that would go backwards (a bug: HTTP 500)
     ├── StorageError                a blob is missing or cannot be written
     ├── GenerationError             the image generator failed
+    ├── TrainingInterruptedError    a worker stops running a training it holds (shutting down:
+    │   │                           it hands the training back to the queue)
+    │   └── LeaseLostError          another worker took the training over: stop, write nothing
     └── TrainerError                the training backend failed; ``user_message`` says what to do
         ├── TrainerUnavailableError the backend cannot be reached or keeps answering 429/5xx
         ├── TrainingFailedError     the remote or local training ended in ``failed``
@@ -33,10 +37,14 @@ class SelfieLoraError(Exception):
     code: str = "error"
     http_status: int = 500
 
-    def __init__(self, message: str, *, details: Sequence[Any] = ()) -> None:
+    def __init__(
+        self, message: str, *, details: Sequence[Any] = (), code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.details = list(details)
+        if code is not None:  # a more precise code than the class's, for the same status
+            self.code = code
 
 
 class ConfigError(SelfieLoraError):
@@ -63,16 +71,14 @@ class InvalidInputError(SelfieLoraError):
     code = "invalid_input"
     http_status = 422
 
-    def __init__(
-        self, message: str, *, details: Sequence[Any] = (), code: str | None = None
-    ) -> None:
-        super().__init__(message, details=details)
-        if code is not None:
-            self.code = code
-
 
 class DatasetRejectedError(InvalidInputError):
     code = "dataset_rejected"
+
+
+class PayloadTooLargeError(SelfieLoraError):
+    code = "upload_too_large"
+    http_status = 413
 
 
 class InvalidTransitionError(SelfieLoraError):
@@ -88,6 +94,18 @@ class StorageError(SelfieLoraError):
 class GenerationError(SelfieLoraError):
     code = "generation_failed"
     http_status = 502
+
+
+class TrainingInterruptedError(SelfieLoraError):
+    """Raised inside a worker to stop work on a training without ending it: the training is
+    handed back (or was already taken over) and another attempt resumes it."""
+
+    code = "training_interrupted"
+    http_status = 503
+
+
+class LeaseLostError(TrainingInterruptedError):
+    code = "lease_lost"
 
 
 class TrainerError(SelfieLoraError):

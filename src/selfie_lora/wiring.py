@@ -152,11 +152,6 @@ def build_services(
                          else default_generators(settings))
     webhook_url = (f"{settings.public_url.rstrip('/')}/api/webhooks/replicate"
                    if settings.public_url else None)
-    training = TrainingService(
-        repo=repo, blobs=blobs, queue=queue, trainers=chosen_trainers,
-        defaults=lambda: training_defaults(settings), work_dir=settings.work_dir,
-        webhook_url=webhook_url, rng=rng, gate_enabled=settings.quality_gate,
-    )
     faces = face_analyzer or default_face_analyzer()
     generation = GenerationService(repo=repo, blobs=blobs, generators=chosen_generators)
     quality = QualityService(
@@ -164,20 +159,25 @@ def build_services(
         faces=faces,
         alerter=alerter if alerter is not None else default_alerter(settings),
         tolerance=settings.gate_tolerance, probe_count=settings.probe_count,
-        probe_size=settings.probe_size,
+        probe_size=settings.probe_size, gate_enabled=settings.quality_gate,
     )
-    queue.set_training_handler(training.run)
-    queue.set_quality_handler(quality.run)
+    intake = IntakeService(
+        repo=repo, blobs=blobs,
+        limits=UploadLimits(max_upload_bytes=settings.max_upload_bytes),
+        policy=CheckPolicy(min_photos=settings.min_photos, max_photos=settings.max_photos),
+        analyzer=faces, defaults=lambda: training_defaults(settings),
+        workers=settings.intake_workers, keep_originals=settings.keep_originals,
+    )
+    training = TrainingService(
+        repo=repo, blobs=blobs, queue=queue, trainers=chosen_trainers,
+        defaults=lambda: training_defaults(settings), work_dir=settings.work_dir,
+        likeness=quality, intake=intake, webhook_url=webhook_url, rng=rng,
+        lease=settings.lease_policy,
+    )
     return Services(
         settings=settings, engine=engine, repo=repo, blobs=blobs, queue=queue,
         users=UserService(repo=repo),
-        intake=IntakeService(
-            repo=repo, blobs=blobs,
-            limits=UploadLimits(max_upload_bytes=settings.max_upload_bytes),
-            policy=CheckPolicy(min_photos=settings.min_photos, max_photos=settings.max_photos),
-            analyzer=faces, defaults=lambda: training_defaults(settings),
-            workers=settings.intake_workers, keep_originals=settings.keep_originals,
-        ),
+        intake=intake,
         training=training,
         models=ModelService(repo=repo, blobs=blobs),
         generation=generation,

@@ -1,26 +1,209 @@
-"""``selfie-lora worker``: a queue consumer only (the scale path: many of these, on GPU machines)."""
+"""Workers: ``selfie-lora worker`` (the scale path: many of these, on GPU machines), and the worker
+that ``selfie-lora serve`` and ``selfie-lora train`` run inside themselves.
+
+A worker takes training ids from the queue on a few threads and hands each to
+``TrainingService.run``, which claims the training's lease before doing anything. A reconciler
+thread calls ``TrainingService.reconcile`` at start-up and every ``reconcile_seconds``, so a
+training whose worker died, or whose message was lost, is picked up again.
+
+Every worker has a stable name, its **identity**, held with an exclusive file lock under
+``SELFIE_LORA_HOME/workers`` while it runs: ``<host>/<home>/w<slot>``. A worker that restarts
+gets the lowest free slot, usually its old one; leases still held in that name can only be left
+over from a process that died (the kernel drops the file lock with it), so the new worker takes
+them over at once instead of waiting for them to expire.
+
+Stopping (SIGTERM or SIGINT for ``selfie-lora worker``; the server's shutdown for ``serve``):
+no new message is taken, every running training is handed back at its next safe point (lease
+released, message queued again: another worker, or this one restarted, resumes it) and the
+threads are joined.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO, Protocol
 
-from selfie_lora.config import Settings
-from selfie_lora.wiring import build_services
+from selfie_lora.services.training import TrainingService
 
 logger = logging.getLogger(__name__)
 
+MAX_SLOTS = 256
+STOP_GRACE_S = 30.0
+_IDLE_MIN_S = 0.05
+_IDLE_MAX_S = 1.0
 
-def run_worker(settings: Settings, *, threads: int | None = None, recover: bool = True) -> None:
-    """Consume the queue until interrupted (SIGINT/SIGTERM stop it gracefully)."""
+
+class MessageSource(Protocol):
+    def next_training(self) -> str | None: ...
+
+
+@dataclass
+class Identity:
+    """A worker's stable name, and the lock that makes it this process's alone."""
+
+    name: str
+    _lock: IO[bytes] | None = None
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # the kernel drops the lock with the file
+            self._lock = None
+
+
+def claim_identity(home: Path) -> Identity:
+    """The lowest free worker slot of this host and ``home``, locked until ``close`` (or the
+    process's death)."""
+    folder = home / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = hashlib.sha256(str(home.resolve()).encode()).hexdigest()[:8]
+    host = socket.gethostname()
+    for slot in range(MAX_SLOTS):
+        handle = (folder / f"slot-{slot}.lock").open("ab")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        return Identity(name=f"{host}/{tag}/w{slot}", _lock=handle)
+    raise RuntimeError(f"more than {MAX_SLOTS} workers on {home}")
+
+
+class Worker:
+    """Queue consumer threads and a reconciler thread around one ``TrainingService``."""
+
+    def __init__(
+        self, *, training: TrainingService, queue: MessageSource, identity: Identity,
+        threads: int = 2, reconcile_seconds: float = 10.0,
+    ) -> None:
+        self._training = training
+        self._queue = queue
+        self.identity = identity
+        self._threads_wanted = max(1, threads)
+        self._reconcile_seconds = reconcile_seconds
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+
+    def start(self) -> None:
+        self._stop.clear()
+        # Anything still held under this worker's name belongs to a dead predecessor.
+        self._reconcile(dead_owners=(self.identity.name,))
+        self._threads = [threading.Thread(target=self._consume, name=f"worker-{i}", daemon=True)
+                         for i in range(self._threads_wanted)]
+        self._threads.append(threading.Thread(target=self._reconcile_loop, name="reconciler",
+                                              daemon=True))
+        for thread in self._threads:
+            thread.start()
+        logger.info("worker %s (pid %d) started: %d thread(s)", self.identity.name, os.getpid(),
+                    self._threads_wanted)
+
+    def stop(self, *, grace: float = STOP_GRACE_S) -> bool:
+        """Stop taking work, hand running trainings back, join. True when every thread ended
+        within ``grace`` seconds."""
+        if self._stop.is_set() and not self._threads:
+            return True
+        logger.info("worker %s stopping (%d training(s) running)", self.identity.name,
+                    self._busy)
+        self._stop.set()  # running trainings see it at their next safe point
+        ended = True
+        for thread in self._threads:
+            thread.join(timeout=grace)
+            ended = ended and not thread.is_alive()
+        self._threads = []
+        self.identity.close()
+        logger.info("worker %s stopped%s", self.identity.name,
+                    "" if ended else " (some work did not end in time)")
+        return ended
+
+    def run_until_signal(self) -> None:
+        """``start``, then block until SIGTERM or SIGINT, then ``stop``."""
+        stop = threading.Event()
+
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            logger.info("received %s", signal.Signals(signum).name)
+            stop.set()
+
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    # ------------------------------------------------------------------ threads
+    def _consume(self) -> None:
+        idle = _IDLE_MIN_S
+        while not self._stop.is_set():
+            try:
+                training_id = self._queue.next_training()
+            except Exception:
+                logger.exception("could not read the queue; retrying")
+                self._stop.wait(_IDLE_MAX_S)
+                continue
+            if training_id is None:
+                self._stop.wait(idle)
+                idle = min(idle * 1.5, _IDLE_MAX_S)
+                continue
+            idle = _IDLE_MIN_S
+            if self._stop.is_set():
+                # Taken just as the worker stops: ring again for whoever runs next.
+                self._training.reconcile()
+                return
+            with self._busy_lock:
+                self._busy += 1
+            try:
+                self._training.run(training_id, owner=self.identity.name, stopping=self._stop)
+            except Exception:
+                # ``run`` ends trainings itself; this is a bug or the database going away. The
+                # lease expires and the reconciler retries.
+                logger.exception("training %s: the worker failed to run it", training_id)
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+
+    def _reconcile_loop(self) -> None:
+        while not self._stop.wait(self._reconcile_seconds):
+            self._reconcile()
+
+    def _reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> None:
+        try:
+            report = self._training.reconcile(dead_owners=dead_owners)
+        except Exception:
+            logger.exception("reconciling trainings failed; retrying later")
+            return
+        if report.enqueued or report.canceled:
+            logger.info("reconciled: %d training(s) queued again, %d canceled",
+                        len(report.enqueued), len(report.canceled))
+
+
+def run_worker(threads: int | None = None) -> None:
+    """``selfie-lora worker``: consume the queue until SIGTERM or SIGINT."""
+    from selfie_lora.config import get_settings
+    from selfie_lora.wiring import build_services
+
+    settings = get_settings()
     services = build_services(settings)
-    if recover:
-        count = services.training.recover()
-        if count:
-            logger.info("re-queued %d unfinished training(s)", count)
-    consumer = services.queue.consumer(
-        workers=threads or settings.worker_threads, embedded=False
-    )
+    identity = claim_identity(settings.home)
+    services.training.owner = identity.name
+    worker = Worker(training=services.training, queue=services.queue, identity=identity,
+                    threads=threads or settings.worker_threads,
+                    reconcile_seconds=settings.reconcile_seconds)
     try:
-        consumer.run()
+        worker.run_until_signal()
     finally:
-        services.close()
+        with contextlib.suppress(Exception):
+            services.close()

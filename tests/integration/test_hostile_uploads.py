@@ -161,6 +161,6 @@ def test_an_upload_over_the_limit_is_refused(
     assert len(big) > 64 * 1024
     r = client.post("/api/training/upload-zip", headers=headers, data={"start": "false"},
                     files={"file": ("p.zip", big, "application/zip")})
-    assert r.status_code == 422
+    assert r.status_code == 413
     assert r.json()["error"]["code"] == "upload_too_large"
     assert_nothing_stored(client, headers, services)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,12 @@ from PIL import Image, ImageDraw
 
 from selfie_lora.domain.entities import Recipe, TrainingStatus
 from selfie_lora.domain.recipes import get_recipe
-from selfie_lora.errors import InvalidInputError, TrainingCanceledError, TrainingFailedError
+from selfie_lora.errors import (
+    InvalidInputError,
+    TrainingCanceledError,
+    TrainingFailedError,
+    TrainingInterruptedError,
+)
 from selfie_lora.services.ports import GenerationJob, TrainingJob, TrainingPhoto
 
 torch = pytest.importorskip("torch")
@@ -274,8 +280,10 @@ def test_generator_outputs_pngs_and_is_seeded(cache_dir: Path, trained: dict[str
 
 
 class FakeSink:
-    def __init__(self, *, cancel_after: int | None = None) -> None:
+    def __init__(self, *, cancel_after: int | None = None,
+                 interrupt_after: int | None = None) -> None:
         self.cancel_after = cancel_after
+        self.interrupt_after = interrupt_after
         self.started_with: list[str | None] = []
         self.steps: list[tuple[TrainingStatus, int, int, float | None]] = []
 
@@ -291,6 +299,10 @@ class FakeSink:
     def cancel_requested(self) -> bool:
         last = self.steps[-1][1] if self.steps else 0
         return self.cancel_after is not None and last >= self.cancel_after
+
+    def interrupted(self) -> bool:
+        last = self.steps[-1][1] if self.steps else 0
+        return self.interrupt_after is not None and last >= self.interrupt_after
 
 
 def _job(tmp_path: Path, recipe: Recipe = RECIPE) -> TrainingJob:
@@ -352,6 +364,15 @@ def test_local_trainer_inline_cancel(cache_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "work" / "lora.safetensors").exists()
 
 
+def test_local_trainer_inline_hands_back_when_the_worker_stops(cache_dir: Path,
+                                                              tmp_path: Path) -> None:
+    sink = FakeSink(interrupt_after=3)
+    with pytest.raises(TrainingInterruptedError):
+        _inline(cache_dir).train(_job(tmp_path), sink=sink)
+    assert max(step for _, step, _, _ in sink.steps) == 3
+    assert not (tmp_path / "work" / "lora.safetensors").exists()
+
+
 def test_local_trainer_child_process(cache_dir: Path, tmp_path: Path) -> None:
     """One real run in a spawned child (it imports torch itself: ~10 s)."""
     recipe = replace(RECIPE, steps=10)
@@ -376,6 +397,16 @@ def test_local_trainer_child_process(cache_dir: Path, tmp_path: Path) -> None:
     a, b = load_file(str(result.weights_path)), load_file(str(inline.weights_path))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stopping_worker_ends_its_training_child(cache_dir: Path, tmp_path: Path) -> None:
+    trainer = LocalTrainer(base_model="tiny", cache_dir=cache_dir, isolation="process",
+                           device="cpu", num_threads=1, progress_interval_s=0.0)
+    children_before = set(multiprocessing.active_children())
+    with pytest.raises(TrainingInterruptedError):
+        trainer.train(_job(tmp_path, replace(RECIPE, steps=400)),
+                      sink=FakeSink(interrupt_after=1))
+    assert set(multiprocessing.active_children()) <= children_before  # the child is gone
 
 
 def test_local_trainer_child_error_becomes_training_failed(cache_dir: Path, tmp_path: Path) -> None:

@@ -211,9 +211,8 @@ def test_settings_reach_the_likeness_services(tmp_path: Path) -> None:
                          face_analyzer=shared_analyzer())
     try:
         assert svc.quality.tolerance == 0.1
-        assert svc.training._gate_enabled is False
+        assert svc.quality.gate_enabled is False
         assert svc.quality._probe_size == 128
         assert svc.quality._alerter is not None
-        assert svc.queue._quality_handler is not None
     finally:
         svc.close()

@@ -4,6 +4,7 @@ back and raises an alert, no face is scored as such, and the probe set never cha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
@@ -15,20 +16,18 @@ import pytest
 
 from selfie_lora.adapters.alerts.http import HttpAlerter
 from selfie_lora.domain.entities import GateStatus, TrainingStatus
-from selfie_lora.domain.quality import QualityStatus
+from selfie_lora.domain.quality import PROBE_LORA_SCALE, QualityStatus
 from selfie_lora.quality.chart import CHART_SIZE
 from selfie_lora.quality.grid import grid_size
+from selfie_lora.services.quality import probe_image_key
 from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter
 from tests.support.quality import (
-    OBAMA,
     Rig,
-    fixture_photo,
     no_face,
     other_person,
     photo_generator,
     png_size,
     same_person,
-    store_dataset,
 )
 
 
@@ -215,21 +214,15 @@ def test_a_version_activated_while_pending_stays_active_whatever_the_gate_says(r
     ann = rig.user()
     v1 = rig.train(ann)
     generator_of(rig).photos = other_person()
-    dataset = store_dataset(rig.repo, rig.blobs, ann, [fixture_photo(n) for n in OBAMA])
-    started = rig.training.start(user=ann, dataset_id=dataset.id)
-    rig.queue.drain(rig.training.run)
-    pending = rig.repo.get_training(started.training.id)
-    assert pending is not None
+    pending = rig.train_until_scoring(ann)
     assert pending.status is TrainingStatus.PROCESSING
-    assert pending.is_scoring
     assert pending.version_id is not None
     v2 = rig.repo.get_version(pending.version_id)
     assert v2 is not None
     assert v2.gate_status is GateStatus.PENDING
     assert rig.model(ann).active_version_id == v1.id
-    assert rig.training.cancel(user=ann, training_id=pending.id).status is TrainingStatus.PROCESSING
     rig.models.activate(user=ann, version_id=v2.id)
-    rig.queue.drain_quality(rig.quality.run)
+    rig.restart()
     decided = rig.repo.get_version(v2.id)
     assert decided is not None
     assert decided.gate_status is GateStatus.HELD
@@ -318,7 +311,7 @@ def test_a_model_from_before_likeness_tracking_gets_a_fixed_probe_set(rig: Rig) 
 
         conn.execute(text("UPDATE models SET probes = NULL"))
         conn.execute(text("DELETE FROM version_quality"))
-    rig.blobs.delete(f"quality/versions/{v1.id}/probe-0.png")
+    rig.blobs.delete(probe_image_key(v1.id, 0, PROBE_LORA_SCALE))
     assert rig.model(ann).probes == ()
     q = rig.quality.score(v1.id)
     assert q.status is QualityStatus.SCORED
@@ -359,35 +352,42 @@ def test_http_alerter_posts_json_and_raises_on_failure() -> None:
         HttpAlerter(url, timeout=0.5).send({"kind": "x"})
 
 
-def _stored_not_scored(rig: Rig) -> str:
-    """A retraining whose trainer finished and whose version awaits the likeness job."""
-    ann = rig.user()
-    dataset = store_dataset(rig.repo, rig.blobs, ann, [fixture_photo(n) for n in OBAMA])
-    started = rig.training.start(user=ann, dataset_id=dataset.id)
-    rig.queue.drain(rig.training.run)
-    return started.training.id
-
-
 def test_a_restart_while_scoring_resumes_the_scoring_not_the_training(rig: Rig) -> None:
     ann = rig.user()
     rig.train(ann)
-    tid = _stored_not_scored(rig)
-    rig.queue.quality.clear()  # the likeness message was lost with the worker
+    training = rig.train_until_scoring(ann)
     jobs = len(rig.trainer.jobs)
-    assert rig.training.recover() == 1
-    rig.queue.drain(rig.training.run)
-    assert len(rig.trainer.jobs) == jobs  # not trained again
-    training = rig.repo.get_training(tid)
-    assert training is not None
-    assert rig.queue.quality == [training.version_id]
     # A late webhook about the finished remote training changes nothing while it is scored.
-    assert rig.training.apply_remote_update(remote_id="r", status="succeeded", step=1, total=9,
-                                            training_id=tid) == training
-    rig.queue.drain_quality(rig.quality.run)
-    done = rig.repo.get_training(tid)
+    rig.repo.save_training(dataclasses.replace(training, remote_id="r"))
+    assert rig.training.apply_webhook(webhook_id="w1", remote_id="r", status="succeeded",
+                                      step=1, total=9) == rig.repo.get_training(training.id)
+    rig.restart()
+    assert len(rig.trainer.jobs) == jobs  # not trained again
+    done = rig.repo.get_training(training.id)
     assert done is not None
     assert done.status is TrainingStatus.SUCCEEDED
+    assert (done.attempt, done.recoveries) == (2, 1)
     assert rig.model(ann).active_version_id == done.version_id
+    assert len(rig.repo.list_versions(rig.model(ann).id)) == 2  # published once
+
+
+def test_a_training_canceled_while_its_version_is_scored_never_activates_it(rig: Rig) -> None:
+    ann = rig.user()
+    v1 = rig.train(ann)
+    training = rig.train_until_scoring(ann)
+    # Its worker is gone, but its lease has not run out yet: the cancel is recorded, and the
+    # restarted worker, taking over what the dead one held, ends it as canceled.
+    assert rig.training.cancel(user=ann, training_id=training.id).cancel_requested
+    rig.restart()
+    done = rig.repo.get_training(training.id)
+    assert done is not None
+    assert done.status is TrainingStatus.CANCELED
+    assert done.version_id is not None
+    v2 = rig.repo.get_version(done.version_id)
+    assert v2 is not None
+    assert v2.gate_status is GateStatus.HELD
+    assert "canceled" in (v2.gate_reason or "")
+    assert rig.model(ann).active_version_id == v1.id
 
 
 def test_with_the_gate_off_a_new_version_is_active_at_once_and_still_scored(

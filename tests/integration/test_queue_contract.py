@@ -1,4 +1,7 @@
-"""The job queue on every broker it supports: huey on SQLite (default) and on Redis."""
+"""The job queue on every broker it supports (huey's SQLite and Redis storages) and its in-memory
+fake: one contract. The queue is a doorbell: it keeps messages until a worker takes one, keeps
+duplicates (the training's lease, not the queue, keeps two workers off one training) and says
+which ids wait."""
 
 from __future__ import annotations
 
@@ -6,19 +9,88 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
-from selfie_lora.adapters.queue.huey_queue import BackgroundWorker, HueyJobQueue
+from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
+from selfie_lora.services.training import ReconcileReport
+from selfie_lora.testing.fakes import InMemoryQueue
+from selfie_lora.worker import Identity, Worker, claim_identity
 from tests.support.backends import queue_url
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[HueyJobQueue]:
+class Queue(Protocol):
+    def enqueue_training(self, training_id: str) -> None: ...
+    def next_training(self) -> str | None: ...
+    def queued_training_ids(self) -> set[str]: ...
+
+
+@pytest.fixture(params=["sqlite", "redis", "memory"])
+def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Queue]:
+    if request.param == "memory":
+        yield InMemoryQueue()
+        return
     q = HueyJobQueue.from_url(queue_url(request.param, tmp_path))
-    q.huey.flush()
+    q.flush()
     yield q
-    q.huey.flush()
+    q.flush()
+
+
+def test_messages_wait_in_order_until_a_worker_takes_them(queue: Queue) -> None:
+    queue.enqueue_training("t1")
+    queue.enqueue_training("t2")
+    assert queue.queued_training_ids() == {"t1", "t2"}  # durable: stored, nothing taken yet
+    assert queue.next_training() == "t1"
+    assert queue.queued_training_ids() == {"t2"}
+    assert queue.next_training() == "t2"
+    assert queue.next_training() is None
+    assert queue.queued_training_ids() == set()
+
+
+def test_duplicates_are_kept_for_the_lease_to_sort_out(queue: Queue) -> None:
+    queue.enqueue_training("same")
+    queue.enqueue_training("same")
+    assert [queue.next_training(), queue.next_training(), queue.next_training()] == [
+        "same", "same", None]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_message_of_unknown_shape_is_dropped(kind: str, tmp_path: Path) -> None:
+    q = HueyJobQueue.from_url(queue_url(kind, tmp_path))
+    q.flush()
+    q.huey.storage.enqueue(b"\x80\x04pickled-task-of-an-older-version")
+    q.enqueue_training("t1")
+    assert q.queued_training_ids() == {"t1"}
+    assert q.next_training() == "t1"
+    assert q.next_training() is None
+    q.flush()
+
+
+class StubTraining:
+    """Stands for ``TrainingService`` at the worker's boundary: records what the worker asks."""
+
+    def __init__(self, *, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+        self.ran: list[tuple[str, str | None]] = []
+        self.reconciled: list[tuple[str, ...]] = []
+        self.shutdown = threading.Event()
+        self._lock = threading.Lock()
+
+    def run(self, training_id: str, *, owner: str | None = None,
+            stopping: threading.Event | None = None) -> None:
+        with self._lock:
+            self.ran.append((training_id, owner))
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            if stopping is not None and stopping.is_set():
+                self.shutdown.set()
+                return
+            time.sleep(0.01)
+
+    def reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> ReconcileReport:
+        self.reconciled.append(tuple(dead_owners))
+        return ReconcileReport()
 
 
 def wait_until(predicate: object, timeout: float = 10.0) -> None:
@@ -29,74 +101,45 @@ def wait_until(predicate: object, timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def test_messages_survive_until_a_worker_runs_them(queue: HueyJobQueue) -> None:
-    seen: list[str] = []
-    queue.set_training_handler(seen.append)
+def test_a_worker_runs_every_message_under_its_identity_and_reconciles_its_own_name_first(
+        queue: Queue) -> None:
+    training = StubTraining()
+    worker = Worker(training=training, queue=queue, identity=Identity(name="host/abc/w0"),  # type: ignore[arg-type]
+                    threads=2, reconcile_seconds=0.1)
     queue.enqueue_training("t1")
     queue.enqueue_training("t2")
-    assert queue.pending() == 2  # durable: stored, nothing ran yet
-    worker = BackgroundWorker(queue, workers=1)
     worker.start()
     try:
-        wait_until(lambda: len(seen) == 2)
+        wait_until(lambda: len(training.ran) == 2 and len(training.reconciled) >= 2)
     finally:
-        worker.stop()
-    assert sorted(seen) == ["t1", "t2"]
-    assert queue.pending() == 0
+        assert worker.stop()
+    assert sorted(training.ran) == [("t1", "host/abc/w0"), ("t2", "host/abc/w0")]
+    # At start-up, leases in its own name can only be a dead predecessor's; later rounds not.
+    assert training.reconciled[0] == ("host/abc/w0",)
+    assert training.reconciled[1] == ()
 
 
-class Overlap:
-    """A handler that takes a while and records how many of its calls ever ran at once."""
-
-    def __init__(self, seconds: float = 0.3) -> None:
-        self.seconds = seconds
-        self.running = 0
-        self.peak = 0
-        self.done: list[str] = []
-        self._lock = threading.Lock()
-
-    def __call__(self, job_id: str) -> None:
-        with self._lock:
-            self.running += 1
-            self.peak = max(self.peak, self.running)
-        time.sleep(self.seconds)
-        with self._lock:
-            self.running -= 1
-            self.done.append(job_id)
-
-
-def test_two_workers_never_run_one_training_at_once(queue: HueyJobQueue) -> None:
-    handler = Overlap()
-    queue.set_training_handler(handler)
-    queue.enqueue_training("same")
-    queue.enqueue_training("same")
-    worker = BackgroundWorker(queue, workers=2)
+def test_stopping_a_worker_asks_running_trainings_to_hand_back_and_joins(queue: Queue) -> None:
+    training = StubTraining(seconds=30.0)
+    worker = Worker(training=training, queue=queue, identity=Identity(name="w"),  # type: ignore[arg-type]
+                    threads=1, reconcile_seconds=60)
+    queue.enqueue_training("long")
     worker.start()
-    try:
-        wait_until(lambda: queue.pending() == 0)
-        time.sleep(0.5)
-    finally:
-        worker.stop()
-    assert handler.peak == 1  # a duplicate that arrives while the first runs finds the lock taken
-    assert handler.done
-    assert set(handler.done) == {"same"}
+    wait_until(lambda: training.ran)
+    started = time.monotonic()
+    assert worker.stop(grace=10)
+    assert training.shutdown.is_set()
+    assert time.monotonic() - started < 5  # it did not wait for the 30 s "training"
 
 
-def test_likeness_jobs_run_beside_trainings_one_worker_per_version(queue: HueyJobQueue) -> None:
-    trainings: list[str] = []
-    score = Overlap()
-    queue.set_training_handler(trainings.append)
-    queue.set_quality_handler(score)
-    queue.enqueue_training("t1")
-    queue.enqueue_quality("v1")
-    queue.enqueue_quality("v1")  # a duplicate finds the version's lock taken
-    assert queue.pending() == 3
-    worker = BackgroundWorker(queue, workers=2)
-    worker.start()
-    try:
-        wait_until(lambda: queue.pending() == 0 and trainings == ["t1"] and bool(score.done))
-        time.sleep(0.5)
-    finally:
-        worker.stop()
-    assert score.peak == 1
-    assert set(score.done) == {"v1"}
+def test_worker_identities_are_exclusive_and_reused_after_their_holder_is_gone(
+        tmp_path: Path) -> None:
+    a = claim_identity(tmp_path)
+    b = claim_identity(tmp_path)
+    assert a.name.endswith("/w0")
+    assert b.name.endswith("/w1")
+    a.close()  # as the kernel does when a process dies
+    c = claim_identity(tmp_path)
+    assert c.name == a.name  # a restarted worker gets its old name back
+    b.close()
+    c.close()

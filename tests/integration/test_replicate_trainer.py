@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import zipfile
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from selfie_lora.errors import (
     TrainerUnavailableError,
     TrainingCanceledError,
     TrainingFailedError,
+    TrainingInterruptedError,
     WeightsNotFoundError,
 )
 from selfie_lora.services.ports import GenerationJob, TrainingJob
@@ -227,19 +229,21 @@ def test_progress_rises_to_the_total(
     assert set(replicate_sleeps) == {2.0}  # the poll interval
 
 
-def test_webhook_carries_the_training_id(
+def test_the_webhook_url_is_sent_as_configured_and_names_no_training(
     replicate_standin: ReplicateStandIn,
     replicate_trainer: ReplicateTrainer,
     replicate_job_factory: JobFactory,
     replicate_sink: RecordingSink,
 ) -> None:
+    # The webhook finds its training by the remote id in its signed body; nothing in the URL
+    # (which nobody signs) may say which training it is about.
     job = replicate_job_factory(webhook_url="https://app.example/api/webhooks/replicate?x=1")
     replicate_trainer.train(job, sink=replicate_sink)
 
     record = replicate_standin.trainings[_only_training(replicate_standin)]
     assert record.webhook is not None
     query = parse_qs(urlsplit(record.webhook).query)
-    assert query == {"x": ["1"], "training_id": [job.training_id]}
+    assert query == {"x": ["1"]}
     assert record.webhook_events_filter == ["start", "completed"]
 
 
@@ -454,6 +458,39 @@ def test_a_cancel_requested_through_the_sink_cancels_remotely(
     assert record.status == "canceled"
     assert caught.value.user_message == "The training was canceled."
     assert record.weights is None
+
+
+def test_a_worker_that_stops_leaves_the_remote_training_running_for_the_next_attempt(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+) -> None:
+    sink = RecordingSink(interrupt_after=2)
+    job = replicate_job_factory()
+    with pytest.raises(TrainingInterruptedError):
+        replicate_trainer.train(job, sink=sink)
+    remote_id = _only_training(replicate_standin)
+    record = replicate_standin.trainings[remote_id]
+    assert record.cancel_requests == 0  # handed back, not canceled
+    assert sink.started_ids == [remote_id]
+
+    # The next attempt adopts it by its id and finishes it; nothing new is created.
+    resumed = replicate_trainer.train(dataclasses.replace(job, remote_id=remote_id),
+                                      sink=RecordingSink())
+    assert resumed.weights_path.is_file()
+    assert list(replicate_standin.trainings) == [remote_id]
+
+
+def test_cancel_remote_cancels_a_training_nobody_polls(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+) -> None:
+    with pytest.raises(TrainingInterruptedError):
+        replicate_trainer.train(replicate_job_factory(), sink=RecordingSink(interrupt_after=1))
+    remote_id = _only_training(replicate_standin)
+    replicate_trainer.cancel_remote(remote_id)
+    assert replicate_standin.trainings[remote_id].cancel_requests == 1
 
 
 # --------------------------------------------------------------------------- generator

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -39,30 +40,48 @@ def webhook_client(svc: Services) -> Iterator[TestClient]:
         yield c
 
 
-def queued_training_id(svc: Services) -> str:
-    user, _ = svc.users.create(name="ann")
+def queued_training_id(svc: Services, name: str = "ann") -> str:
+    user, _ = svc.users.create(name=name)
     dataset = svc.intake.ingest_files(user=user, files=[
         UploadedFile(name="a.jpg", data=synthetic_photo(1))])
     return svc.training.start(user=user, dataset_id=dataset.id).training.id
 
 
+def running_remotely(svc: Services, remote_id: str, name: str = "ann") -> str:
+    """A training a worker has created on Replicate as ``remote_id`` (the row as its worker
+    leaves it once the remote training exists)."""
+    tid = queued_training_id(svc, name)
+    t = svc.repo.get_training(tid)
+    assert t is not None
+    svc.repo.save_training(dataclasses.replace(t, remote_id=remote_id))
+    return tid
+
+
+def signed(payload: dict[str, object], *, secret: str = SECRET, timestamp: int | None = None,
+           msg_id: str | None = None) -> tuple[bytes, dict[str, str]]:
+    body = json.dumps(payload).encode()
+    headers = sign_webhook(secret=secret, body=body, timestamp=timestamp, msg_id=msg_id)
+    headers["content-type"] = "application/json"
+    return body, headers
+
+
 def post(client: TestClient, payload: dict[str, object], *, training_id: str | None = None,
          secret: str = SECRET, timestamp: int | None = None) -> int:
-    body = json.dumps(payload).encode()
-    headers = sign_webhook(secret=secret, body=body, timestamp=timestamp)
-    headers["content-type"] = "application/json"
+    body, headers = signed(payload, secret=secret, timestamp=timestamp)
     params = {"training_id": training_id} if training_id else None
     return client.post("/api/webhooks/replicate", content=body, headers=headers,
                        params=params).status_code
 
 
-def test_signed_webhook_moves_progress_and_records_remote_id(
+def test_signed_webhook_moves_progress_of_the_training_with_that_remote_id(
     svc: Services, webhook_client: TestClient
 ) -> None:
-    tid = queued_training_id(svc)
+    tid = running_remotely(svc, "r-1")
     logs = "flux_train_replicate:  50%|#####     | 500/1000 [01:00<01:00]\n"
-    assert post(webhook_client, {"id": "r-1", "status": "processing", "logs": logs},
-                training_id=tid) == 200
+    body, headers = signed({"id": "r-1", "status": "processing", "logs": logs})
+    r = webhook_client.post("/api/webhooks/replicate", content=body, headers=headers)
+    assert r.status_code == 200
+    assert r.json()["training_id"] == tid
     t = svc.repo.get_training(tid)
     assert t is not None
     assert (str(t.status), t.remote_id, t.step, t.total_steps) == ("processing", "r-1", 500, 1000)
@@ -77,12 +96,11 @@ def test_signed_webhook_moves_progress_and_records_remote_id(
 def test_bad_signatures_are_401_and_change_nothing(
     svc: Services, webhook_client: TestClient
 ) -> None:
-    tid = queued_training_id(svc)
+    tid = running_remotely(svc, "r-1")
     other = "whsec_" + base64.b64encode(b"another-secret-another-secret!!!").decode()
     payload = {"id": "r-1", "status": "processing", "logs": "5/10"}
-    assert post(webhook_client, payload, training_id=tid, secret=other) == 401
-    assert post(webhook_client, payload, training_id=tid,
-                timestamp=int(time.time()) - 3600) == 401
+    assert post(webhook_client, payload, secret=other) == 401
+    assert post(webhook_client, payload, timestamp=int(time.time()) - 3600) == 401
     r = webhook_client.post("/api/webhooks/replicate", content=b"{}",
                             headers={"webhook-id": "x", "webhook-timestamp": "nope",
                                      "webhook-signature": "v1,garbage"})
@@ -90,19 +108,42 @@ def test_bad_signatures_are_401_and_change_nothing(
     assert r.json()["error"]["code"] == "unauthorized"
     t = svc.repo.get_training(tid)
     assert t is not None
-    assert (str(t.status), t.remote_id) == ("queued", None)
+    assert (str(t.status), t.step) == ("queued", 0)
 
 
-def test_training_id_in_query_cannot_hijack_another_remote_training(
+def test_a_training_id_in_the_query_is_ignored(svc: Services, webhook_client: TestClient) -> None:
+    # A validly signed body (about some remote training, r-9) sent with the id of another
+    # user's queued training in the unsigned query: that training must not move.
+    victim = queued_training_id(svc, "victim")
+    body, headers = signed({"id": "r-9", "status": "processing", "logs": "9/10 ["})
+    r = webhook_client.post("/api/webhooks/replicate", content=body, headers=headers,
+                            params={"training_id": victim})
+    assert r.status_code == 200
+    assert r.json()["training_id"] is None
+    t = svc.repo.get_training(victim)
+    assert t is not None
+    assert (str(t.status), t.remote_id, t.step) == ("queued", None, 0)
+
+
+def test_a_replayed_webhook_id_is_refused_and_changes_nothing(
     svc: Services, webhook_client: TestClient
 ) -> None:
-    tid = queued_training_id(svc)
-    assert post(webhook_client, {"id": "r-1", "status": "processing"}, training_id=tid) == 200
-    assert post(webhook_client, {"id": "r-2", "status": "processing", "logs": "9/10"},
-                training_id=tid) == 200
+    tid = running_remotely(svc, "r-1")
+    body, headers = signed({"id": "r-1", "status": "processing", "logs": "3/10 ["},
+                           msg_id="msg_once")
+    assert webhook_client.post("/api/webhooks/replicate", content=body,
+                               headers=headers).status_code == 200
+    replay = webhook_client.post("/api/webhooks/replicate", content=body, headers=headers)
+    assert replay.status_code == 409
+    assert replay.json()["error"]["code"] == "webhook_replayed"
+    # The same id with another (validly signed) body is the same delivery: refused too.
+    body2, headers2 = signed({"id": "r-1", "status": "processing", "logs": "8/10 ["},
+                             msg_id="msg_once")
+    assert webhook_client.post("/api/webhooks/replicate", content=body2,
+                               headers=headers2).status_code == 409
     t = svc.repo.get_training(tid)
     assert t is not None
-    assert (t.remote_id, t.step) == ("r-1", 0)
+    assert t.step == 3
 
 
 def test_malformed_but_signed_body_is_422(svc: Services, webhook_client: TestClient) -> None:

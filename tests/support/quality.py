@@ -12,23 +12,30 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image, ImageOps
 
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
-from selfie_lora.domain.entities import Dataset, Model, User, Version
+from selfie_lora.domain.entities import Dataset, Model, Training, User, Version
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import photo_key
 from selfie_lora.services.models import ModelService
-from selfie_lora.services.ports import Alerter, FaceAnalyzer, Generator
+from selfie_lora.services.ports import Alerter, FaceAnalyzer, GenerationJob, Generator
 from selfie_lora.services.quality import QualityService
 from selfie_lora.services.training import TrainingService
 from selfie_lora.services.users import UserService
-from selfie_lora.testing.fakes import FakeTrainer, InMemoryQueue, PhotoGenerator, RecordingAlerter
+from selfie_lora.testing.fakes import (
+    FakeTrainer,
+    InMemoryQueue,
+    PhotoGenerator,
+    RecordingAlerter,
+    SimulatedCrash,
+)
 from tests.support.photos import FIXTURES
 
 # Big enough for dlib's HOG detector to find the faces in these portraits (80 px and up).
@@ -108,19 +115,20 @@ class Rig:
         self.blobs = FileSystemBlobStore(self.root / "blobs")
         self.queue = InMemoryQueue()
         self.trainer = FakeTrainer(steps=2)
+        self.dying = Dying(self.generator)
+        self.generation = GenerationService(repo=self.repo, blobs=self.blobs,
+                                            generators={"local": self.dying})
+        self.quality = QualityService(
+            repo=self.repo, blobs=self.blobs, generation=self.generation, faces=self.faces,
+            alerter=self.alerter, tolerance=self.tolerance, probe_count=self.probe_count,
+            gate_enabled=self.gate_enabled,
+        )
         self.training = TrainingService(
             repo=self.repo, blobs=self.blobs, queue=self.queue, trainers={"local": self.trainer},
             defaults=lambda: TrainingDefaults(backend="local", trainer_version="local-tiny-v1",
                                               owner="local", replicate_recipe="replicate-person-v1",
                                               probe_count=self.probe_count),
-            work_dir=self.root / "work", rng=random.Random(self.seed),
-            gate_enabled=self.gate_enabled,
-        )
-        self.generation = GenerationService(repo=self.repo, blobs=self.blobs,
-                                            generators={"local": self.generator})
-        self.quality = QualityService(
-            repo=self.repo, blobs=self.blobs, generation=self.generation, faces=self.faces,
-            alerter=self.alerter, tolerance=self.tolerance, probe_count=self.probe_count,
+            work_dir=self.root / "work", rng=random.Random(self.seed), likeness=self.quality,
         )
         self.models = ModelService(repo=self.repo, blobs=self.blobs)
         self.users = UserService(repo=self.repo)
@@ -133,13 +141,12 @@ class Rig:
         return existing or self.users.create(name=name)[0]
 
     def train(self, user: User, photos: list[bytes] | None = None) -> Version:
-        """Upload ``photos`` (default: the user's three portraits), train, run the likeness
-        job. Returns the new version as the gate left it."""
+        """Upload ``photos`` (default: the user's three portraits), train: the training ends once
+        its version is scored and judged. Returns the new version as the gate left it."""
         dataset = store_dataset(self.repo, self.blobs, user,
                                 photos or [fixture_photo(n) for n in OBAMA])
         started = self.training.start(user=user, dataset_id=dataset.id)
         self.queue.drain(self.training.run)
-        self.queue.drain_quality(self.quality.run)
         training = self.repo.get_training(started.training.id)
         assert training is not None
         assert training.version_id is not None, training
@@ -147,10 +154,44 @@ class Rig:
         assert version is not None
         return version
 
+    def train_until_scoring(self, user: User, photos: list[bytes] | None = None) -> Training:
+        """Start a training and let its worker die as it begins to score the stored version:
+        the training is left ``processing``, its version pending, its lease held."""
+        dataset = store_dataset(self.repo, self.blobs, user,
+                                photos or [fixture_photo(n) for n in OBAMA])
+        started = self.training.start(user=user, dataset_id=dataset.id)
+        self.dying.armed = True
+        with pytest.raises(SimulatedCrash):
+            self.queue.drain(self.training.run)
+        training = self.repo.get_training(started.training.id)
+        assert training is not None
+        assert training.is_scoring, training
+        return training
+
+    def restart(self) -> None:
+        """A worker starts again under the dead one's name: it takes over what it held."""
+        self.training.reconcile(dead_owners=(self.training.owner,))
+        self.queue.drain(self.training.run)
+
     def model(self, user: User) -> Model:
         model = self.repo.get_model_for_user(user.id)
         assert model is not None
         return model
+
+
+@dataclass
+class Dying:
+    """A generator that, when ``armed``, dies on its next call as the worker's process would."""
+
+    inner: Generator
+    armed: bool = False
+    backend: str = "local"
+
+    def generate(self, job: GenerationJob) -> list[bytes]:
+        if self.armed:
+            self.armed = False
+            raise SimulatedCrash("the worker died while it scored a version")
+        return self.inner.generate(job)
 
 
 def photo_generator(photos: list[bytes]) -> PhotoGenerator:

@@ -1,6 +1,7 @@
 """Random sequences of uploads, starts, scale changes, changes of the configured default trainer
-version, failures, cancellations, likeness scorings and explicit activations: the contract's
-retraining invariants and the likeness gate's hold after every step.
+version, failures, cancellations, likeness scorings, explicit activations and workers dying at
+any point (while training, while scoring): the contract's retraining invariants, the likeness
+gate's hold and "every training ends exactly once" after every step.
 
 The face analyzer is a stand-in: the training photos' face is ``E0``; a probe image's face is
 ``E0`` ("same": identity 1), another person's ("other": identity 0) or none ("none": identity 0),
@@ -13,6 +14,7 @@ import random
 import re
 import shutil
 import tempfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from hypothesis import HealthCheck, settings
@@ -31,6 +33,7 @@ from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.domain.entities import GateStatus, TrainingStatus
+from selfie_lora.domain.lease import INTERRUPTED_MESSAGE, LeasePolicy
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.errors import ConflictError, InvalidInputError
 from selfie_lora.services.generation import GenerationService
@@ -39,7 +42,13 @@ from selfie_lora.services.models import ModelService
 from selfie_lora.services.quality import QualityService
 from selfie_lora.services.training import TrainingService
 from selfie_lora.services.users import UserService
-from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer, InMemoryQueue
+from selfie_lora.testing.fakes import (
+    FakeFaceAnalyzer,
+    FakeGenerator,
+    FakeTrainer,
+    InMemoryQueue,
+    SimulatedCrash,
+)
 from tests.support.photos import synthetic_photo
 
 TRIGGER = re.compile(r"^[a-z0-9]+$")
@@ -49,6 +58,7 @@ E0 = (0.0,) * 8
 OTHER = (0.5,) * 8  # ~1.41 from E0: similarity 0
 IDENTITY = {"same": 1.0, "other": 0.0, "none": 0.0}
 TOLERANCE = 0.02
+POLICY = LeasePolicy(ttl=timedelta(seconds=30), heartbeat=timedelta(seconds=5), max_attempts=3)
 
 
 class Retraining(RuleBasedStateMachine):
@@ -61,39 +71,45 @@ class Retraining(RuleBasedStateMachine):
         self.blobs = FileSystemBlobStore(self.dir / "blobs")
         self.queue = InMemoryQueue()
         self.trainer = FakeTrainer(steps=2)
+        self.generator = FakeGenerator(size=PROBE_SIDE)
         self.likeness = "same"
         self.faces = FakeFaceAnalyzer(embed=self._face, box_fraction=0.5)
         self.default_version = "local-tiny-v1"
-        self.training = TrainingService(
-            repo=self.repo, blobs=self.blobs, queue=self.queue, trainers={"local": self.trainer},
-            defaults=self.defaults,
-            work_dir=self.dir / "work", rng=random.Random(0),
+        # The lease clock: a worker's death is noticed once the clock passes its lease.
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+        self.quality = QualityService(
+            repo=self.repo, blobs=self.blobs,
+            generation=GenerationService(repo=self.repo, blobs=self.blobs,
+                                         generators={"local": self.generator}),
+            faces=self.faces, tolerance=TOLERANCE, probe_count=2,
         )
         self.intake = IntakeService(
             repo=self.repo, blobs=self.blobs, limits=UploadLimits(),
             policy=CheckPolicy(min_photos=1, max_photos=50), analyzer=self.faces,
             defaults=self.defaults, workers=1,
         )
-        self.models = ModelService(repo=self.repo, blobs=self.blobs)
-        self.quality = QualityService(
-            repo=self.repo, blobs=self.blobs,
-            generation=GenerationService(repo=self.repo, blobs=self.blobs,
-                                         generators={"local": FakeGenerator(size=PROBE_SIDE)}),
-            faces=self.faces, tolerance=TOLERANCE, probe_count=2,
+        self.training = TrainingService(
+            repo=self.repo, blobs=self.blobs, queue=self.queue, trainers={"local": self.trainer},
+            defaults=self.defaults, work_dir=self.dir / "work", rng=random.Random(0),
+            likeness=self.quality, intake=self.intake, lease=POLICY, clock=lambda: self.now,
+            owner="worker-a",
         )
+        self.models = ModelService(repo=self.repo, blobs=self.blobs)
         self.user, _ = UserService(repo=self.repo).create(name="ann")
         self.uploads = 0
         # What the invariants are checked against.
         self.first: dict[str, str] | None = None
         self.scale_set: float | None = None
         self.expected_active: str | None = None
-        self.succeeded = 0
+        self.published: set[str] = set()  # trainings that stored a version
+        self.ended: dict[str, str] = {}  # training id -> how it ended, recorded once
         # The likeness model: each version's identity when it was scored, what was active when a
         # pending version was stored, and what a user's early activation replaced.
         self.identity: dict[str, float] = {}
         self.active_when_stored: dict[str, str | None] = {}
         self.replaced: dict[str, str | None] = {}
-        self.scoring: set[str] = set()  # trainings whose version awaits the gate
+        self.orphans: set[str] = set()  # trainings whose worker died holding them
+        self.takeovers: dict[str, int] = {}  # training id -> times a worker took it over
         self.first_probes: tuple[object, ...] = ()
 
     def _face(self, image: object) -> tuple[float, ...] | None:
@@ -111,6 +127,13 @@ class Retraining(RuleBasedStateMachine):
         self.engine.dispose()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def _active_training(self) -> str | None:
+        model = self.repo.get_model_for_user(self.user.id)
+        if model is None:
+            return None
+        active = [t.id for t in self.repo.list_trainings(model.id) if t.status.is_active]
+        return active[0] if active else None
+
     @initialize()
     def first_upload(self) -> None:
         self.upload()
@@ -124,7 +147,7 @@ class Retraining(RuleBasedStateMachine):
 
     @rule()
     def start(self) -> None:
-        had_active = bool(self.queue.pending) or bool(self.scoring)
+        had_active = self._active_training() is not None
         try:
             result = self.training.start(user=self.user, dataset_id=None)
         except ConflictError:
@@ -140,108 +163,165 @@ class Retraining(RuleBasedStateMachine):
         else:
             assert result.training.is_retraining is True
 
-    @rule(outcome=st.sampled_from(["succeeded", "failed", "canceled"]))
-    def start_and_run(self, outcome: str) -> None:
+    @rule(outcome=st.sampled_from(["succeeded", "failed", "canceled", "crash"]),
+          likeness=st.sampled_from(["same", "other", "none"]))
+    def start_and_run(self, outcome: str, likeness: str) -> None:
         # The common path in one step, so short sequences already reach retraining.
         self.start()
-        self.run_queued(outcome)
-
-    @rule(likeness=st.sampled_from(["same", "other", "none"]))
-    def retrain_and_judge(self, likeness: str) -> None:
-        # A whole successful (re)training with its likeness job, so sequences reach the gate.
-        self.start()
-        self.run_queued("succeeded")
-        if self.queue.quality:
-            self.run_likeness_jobs(likeness)
+        self.run_queued(outcome, likeness)
 
     @precondition(lambda self: bool(self.queue.pending))
-    @rule(outcome=st.sampled_from(["succeeded", "failed", "canceled"]))
-    def run_queued(self, outcome: str) -> None:
-        if not self.queue.pending:
+    @rule(outcome=st.sampled_from(["succeeded", "failed", "canceled", "crash"]),
+          likeness=st.sampled_from(["same", "other", "none"]))
+    def run_queued(self, outcome: str, likeness: str) -> None:
+        """A worker takes the queued training; it succeeds (and is scored and judged), fails,
+        is canceled on the backend, or the worker dies in the middle of the training."""
+        tid = self._active_training()
+        if not self.queue.pending or tid is None or tid in self.orphans:
             return
-        tid = self.queue.pending[0]
         self.trainer.outcomes.append(outcome)
-        before = self.repo.get_model_for_user(self.user.id)
-        self.queue.drain(self.training.run)
-        after = self.repo.get_model_for_user(self.user.id)
-        assert after is not None
-        training = self.repo.get_training(tid)
-        assert training is not None
-        if outcome == "succeeded":
-            self.succeeded += 1
-            assert training.version_id is not None
-            version = self.repo.get_version(training.version_id)
-            assert version is not None
-            # The training keeps its slot until its version is scored (and judged).
-            assert training.status is TrainingStatus.PROCESSING
-            assert training.is_scoring
-            self.scoring.add(tid)
-            if before is None or before.active_version_id is None:
-                # A first version has nothing to beat: active at once.
-                assert version.gate_status is GateStatus.PASSED
-                assert after.active_version_id == version.id
-                self.expected_active = version.id
-            else:
-                # Stored, not active, until the gate decides.
-                assert version.gate_status is GateStatus.PENDING
-                assert after.active_version_id == before.active_version_id
-                self.active_when_stored[version.id] = before.active_version_id
-            assert version.id in self.queue.quality
-        else:
-            assert before is not None
-            assert after.active_version_id == before.active_version_id
+        self._run(tid, likeness)
 
-    @precondition(lambda self: bool(self.queue.quality))
+    @precondition(lambda self: bool(self.queue.pending))
     @rule(likeness=st.sampled_from(["same", "other", "none"]))
-    def run_likeness_jobs(self, likeness: str) -> None:
+    def worker_dies_while_scoring(self, likeness: str) -> None:
+        """The trainer succeeds, the version is stored, and the worker dies at the first probe."""
+        tid = self._active_training()
+        if not self.queue.pending or tid is None or tid in self.orphans:
+            return
+        self.trainer.outcomes.append("succeeded")
+        self.generator.crash_after = 1
+        self._run(tid, likeness)
+
+    @precondition(lambda self: bool(self.orphans))
+    @rule(likeness=st.sampled_from(["same", "other", "none"]), same_name=st.booleans(),
+          outcome=st.sampled_from(["succeeded", "crash"]))
+    def restart_worker(self, likeness: str, same_name: bool, outcome: str) -> None:
+        """A worker starts: under the dead one's name it takes its trainings over at once;
+        another worker does once their leases have run out. It may die again."""
+        tid = next(iter(self.orphans))
+        before = self.repo.get_training(tid)
+        assert before is not None
+        if same_name:
+            report = self.training.reconcile(dead_owners=("worker-a",))
+        else:
+            self.now += POLICY.ttl + timedelta(seconds=1)
+            report = self.training.reconcile()
+        assert tid in report.enqueued or tid in report.canceled
+        self.orphans.discard(tid)
+        if tid in report.canceled:
+            self._check_end(tid, active_at_judge=None)
+            return
+        self.takeovers[tid] = self.takeovers.get(tid, 0) + 1
+        if before.version_id is None:
+            self.trainer.outcomes.append(outcome)
+        elif outcome == "crash":
+            self.generator.crash_after = 1
+        self._run(tid, likeness)
+        self.trainer.outcomes.clear()  # an exhausted training never reached the trainer
+
+    def _run(self, tid: str, likeness: str) -> None:
         self.likeness = likeness
-        while self.queue.quality:
-            vid = self.queue.quality[0]
-            version = self.repo.get_version(vid)
-            assert version is not None
-            model = self.repo.get_model_for_user(self.user.id)
-            assert model is not None
-            if vid not in self.identity:
-                self.identity[vid] = IDENTITY[likeness]
-            pending = version.gate_status is GateStatus.PENDING
-            if pending:
-                baseline = self.replaced.get(vid, model.active_version_id)
-                if baseline == vid:
-                    baseline = None
-                for other in (baseline,) if baseline and baseline not in self.identity else ():
-                    self.identity[other] = IDENTITY[likeness]  # scored on demand, now
-                base = self.identity.get(baseline) if baseline else None
-                passes = base is None or self.identity[vid] >= base - TOLERANCE
-            self.quality.run(self.queue.quality.pop(0))
-            decided = self.repo.get_version(vid)
-            assert decided is not None
-            training = self.repo.get_training(version.training_id)
-            assert training is not None
-            assert training.status is TrainingStatus.SUCCEEDED  # scored: the training ends
-            self.scoring.discard(training.id)
-            if not pending:
-                assert decided.gate_status is version.gate_status  # decided once only
-                continue
-            expected = GateStatus.PASSED if passes else GateStatus.HELD
-            assert decided.gate_status is expected, decided.gate_reason
-            assert (decided.alert is not None) == (expected is GateStatus.HELD)
-            if passes and model.active_version_id in (self.active_when_stored[vid], vid):
-                self.expected_active = vid
+        before_model = self.repo.get_model_for_user(self.user.id)
+        assert before_model is not None
+        before = self.repo.get_training(tid)
+        assert before is not None
+        jobs = len(self.trainer.jobs)
+        try:
+            self.queue.drain(self.training.run)
+        except SimulatedCrash:
+            self.orphans.add(tid)
+            self.queue.pending.clear()  # the message was taken by the worker that died
+        after = self.repo.get_training(tid)
+        assert after is not None
+        if before.version_id is not None:
+            assert len(self.trainer.jobs) == jobs, "a stored version was trained again"
+        if after.version_id is not None and tid not in self.published:
+            self.published.add(tid)
+            self.active_when_stored[after.version_id] = before_model.active_version_id
+        if tid in self.orphans:
+            assert not after.status.is_terminal
+            assert after.lease_owner == "worker-a"  # held by the dead worker
+            assert self.repo.get_model_for_user(self.user.id) == before_model  # nothing moved
+            return
+        # Nothing but the user moves the active version, and not during a run.
+        self._check_end(tid, active_at_judge=before_model.active_version_id)
+
+    def _check_end(self, tid: str, *, active_at_judge: str | None) -> None:
+        """``tid`` ended: record how, once, and check the gate's decision on its version."""
+        t = self.repo.get_training(tid)
+        assert t is not None
+        assert t.status.is_terminal, t
+        assert t.lease_owner is None  # an ended training holds nothing
+        assert tid not in self.ended, "a training ended twice"
+        self.ended[tid] = str(t.status)
+        # Every take-over from a dead worker is counted; the last one allowed fails it.
+        assert t.recoveries == self.takeovers.get(tid, 0)
+        if t.recoveries >= POLICY.max_attempts:
+            assert t.status is TrainingStatus.FAILED
+            assert t.error == INTERRUPTED_MESSAGE.format(count=t.recoveries)
+        if t.status is TrainingStatus.FAILED:
+            assert t.error
+        if t.version_id is None:
+            return
+        version = self.repo.get_version(t.version_id)
+        assert version is not None
+        model = self.repo.get_model_for_user(self.user.id)
+        assert model is not None
+        if t.status is TrainingStatus.CANCELED:
+            assert version.gate_status is GateStatus.HELD or "override" in version.gate_details
+            return
+        assert t.status is TrainingStatus.SUCCEEDED
+        vid = version.id
+        self.identity.setdefault(vid, IDENTITY[self.likeness])
+        # Judged against what was active then, or, when the user activated it while it was
+        # scored, against what that activation replaced.
+        baseline = self.replaced.get(vid, active_at_judge)
+        if baseline == vid:
+            baseline = None
+        if baseline is not None and baseline not in self.identity:
+            self.identity[baseline] = IDENTITY[self.likeness]  # scored on demand, now
+        base = self.identity.get(baseline) if baseline else None
+        passes = base is None or self.identity[vid] >= base - TOLERANCE
+        expected = GateStatus.PASSED if passes else GateStatus.HELD
+        assert version.gate_status is expected, version.gate_reason
+        assert (version.alert is not None) == (expected is GateStatus.HELD)
+        if passes and active_at_judge in (self.active_when_stored[vid], vid):
+            self.expected_active = vid
 
     @precondition(lambda self: bool(self.queue.pending))
     @rule()
     def cancel_queued(self) -> None:
-        if not self.queue.pending:
+        tid = self._active_training()
+        if not self.queue.pending or tid is None or tid in self.orphans:
             return
-        tid = self.queue.pending[0]
         self.training.cancel(user=self.user, training_id=tid)
         t = self.repo.get_training(tid)
         assert t is not None
         assert str(t.status) == "canceled"
+        self._check_end(tid, active_at_judge=None)
         self.queue.drain(self.training.run)  # the worker finds it terminal and does nothing
         t = self.repo.get_training(tid)
         assert t is not None
         assert str(t.status) == "canceled"
+
+    @precondition(lambda self: bool(self.orphans))
+    @rule()
+    def cancel_orphan(self) -> None:
+        """Its user cancels a training whose worker died: it ends canceled by the next
+        reconciliation once the lease is out, and never activates anything."""
+        tid = next(iter(self.orphans))
+        before = self.repo.get_training(tid)
+        assert before is not None
+        self.training.cancel(user=self.user, training_id=tid)
+        t = self.repo.get_training(tid)
+        assert t is not None
+        if not t.status.is_terminal:
+            assert t.cancel_requested
+            self.now += POLICY.ttl + timedelta(seconds=1)
+            assert tid in self.training.reconcile().canceled
+        self.orphans.discard(tid)
+        self._check_end(tid, active_at_judge=None)
 
     @precondition(lambda self: self.first is not None)
     @rule(scale=st.floats(min_value=-1, max_value=3, allow_nan=False))
@@ -267,7 +347,7 @@ class Retraining(RuleBasedStateMachine):
     def change_configured_default(self, version: str) -> None:
         self.default_version = version
 
-    @precondition(lambda self: self.succeeded > 0)
+    @precondition(lambda self: bool(self.published))
     @rule(data=st.data())
     def activate_some_version(self, data: st.DataObject) -> None:
         versions = self.models.versions(user=self.user)
@@ -282,7 +362,6 @@ class Retraining(RuleBasedStateMachine):
         self.expected_active = chosen.id
         activated = [e for e in self.repo.list_events(model.id) if e["kind"] == "version_activated"]
         assert activated[-1]["data"]["overrides_gate"] is (chosen.gate_status is not GateStatus.PASSED)
-
     # ------------------------------------------------------------------------ invariants
     @invariant()
     def invariants_hold(self) -> None:
@@ -312,9 +391,26 @@ class Retraining(RuleBasedStateMachine):
             assert (model.lora_scale, model.lora_scale_is_custom) == (self.scale_set, True)
         # one queued, running or scoring training at most
         assert sum(t.status.is_active for t in trainings) <= 1
-        assert {t.id for t in trainings if t.is_scoring} == self.scoring
-        # 5: every success left one numbered version whose weights are stored and hashed.
+        # Every training ends exactly once (``_check_end`` refuses a second end); what has not
+        # ended is queued, running, or held by a worker that died.
+        for t in trainings:
+            if t.status.is_terminal:
+                assert self.ended.get(t.id) == str(t.status), t
+                assert t.lease_owner is None
+            else:
+                assert t.id not in self.ended
+            # An orphan's lease is the dead worker's until it is taken over.
+            assert (t.id in self.orphans) == (t.lease_owner is not None), t
+        # 5: every training that stored a version stored exactly one, numbered in order, whose
+        # weights are stored and hashed; a failed training never stores one.
         versions = self.repo.list_versions(model.id)
+        assert sorted(v.training_id for v in versions) == sorted(self.published)
+        for t in trainings:
+            assert (t.version_id is not None) == (t.id in self.published)
+            if t.status is TrainingStatus.FAILED:
+                assert t.version_id is None
+            if t.status is TrainingStatus.SUCCEEDED:
+                assert t.version_id is not None
         # The gate: a version is active only when it is the first, it passed, or its user chose
         # it; a held or pending version never became active on its own.
         for v in versions:
@@ -325,14 +421,14 @@ class Retraining(RuleBasedStateMachine):
         assert model.probes == self.first_probes
         for v in versions:
             record = self.repo.get_quality(v.id)
-            assert record is not None
-            if record.probes:
+            if record is not None and record.probes:
                 assert [(p.prompt, p.seed) for p in record.probes] == [
                     (p.prompt, p.seed) for p in model.probes]
-        assert len(versions) == self.succeeded
-        assert sorted(v.number for v in versions) == list(range(1, self.succeeded + 1))
+        assert sorted(v.number for v in versions) == list(range(1, len(self.published) + 1))
         for v in versions:
             assert hashlib.sha256(self.blobs.get(v.weights_key)).hexdigest() == v.weights_sha256
+        # The active version moves only by the gate's pass or the user's choice; never by a
+        # failed or canceled training, nor by a worker's death.
         assert model.active_version_id == self.expected_active
         # 6: every training is logged as first training or retraining, with what was kept.
         queued = [e for e in self.repo.list_events(model.id) if e["kind"] == "training_queued"]

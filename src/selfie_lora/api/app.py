@@ -11,10 +11,10 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from selfie_lora.adapters.queue.huey_queue import BackgroundWorker
+from selfie_lora.api.guard import Guard, Limits, user_of
 from selfie_lora.api.serializers import (
     comparison_json,
     dataset_json,
@@ -25,46 +25,63 @@ from selfie_lora.api.serializers import (
     version_json,
 )
 from selfie_lora.config import Settings
+from selfie_lora.dataset.archive import read_uploaded_files, read_zip
 from selfie_lora.domain.entities import Model, Training, User
-from selfie_lora.errors import AuthError, InvalidInputError, SelfieLoraError
-from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
+from selfie_lora.errors import AuthError, InvalidInputError, PayloadTooLargeError, SelfieLoraError
+from selfie_lora.services.generation import MAX_OUTPUTS, MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest
 from selfie_lora.wiring import Services, build_services
 
 logger = logging.getLogger(__name__)
 
-
-class StartBody(BaseModel):
-    dataset_id: str | None = None
-
-
-class CancelBody(BaseModel):
-    training_id: str
+# Ids are uuids; anything longer is not one of ours.
+Id = Annotated[str, Field(min_length=1, max_length=64)]
 
 
-class ModelPatch(BaseModel):
-    lora_scale: float | None = None
+class _Body(BaseModel):
+    # An unknown field is a mistake worth a 422, not something to ignore silently.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StartBody(_Body):
+    dataset_id: Id | None = None
+
+
+class CancelBody(_Body):
+    training_id: Id
+
+
+class ModelPatch(_Body):
+    lora_scale: float | None = Field(default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX,
+                                     allow_inf_nan=False)
     trainer_version: str | None = Field(
-        default=None, description="Re-pin the trainer version (explicit and logged)."
+        default=None, min_length=1, max_length=300,
+        description="Re-pin the trainer version (explicit and logged; needs a reason).",
     )
-    reason: str | None = None
+    reason: str | None = Field(default=None, min_length=1, max_length=500)
+
+    @model_validator(mode="after")
+    def _reason_for_repin(self) -> ModelPatch:
+        if self.trainer_version is not None and not (self.reason or "").strip():
+            raise ValueError("re-pinning the trainer version needs a reason")
+        return self
 
 
-class GenerateBody(BaseModel):
-    prompt: str
-    num_outputs: int = 1
-    seed: int | None = None
-    lora_scale: float | None = None
-    version_id: str | None = None
+class GenerateBody(_Body):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    num_outputs: int = Field(default=1, ge=1, le=MAX_OUTPUTS)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    lora_scale: float | None = Field(default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX,
+                                     allow_inf_nan=False)
+    version_id: Id | None = None
 
 
 def current_user(request: Request) -> User:
-    """The user whose API key the request carries (401 otherwise)."""
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    """The user the guard authenticated before the body was read (401 otherwise)."""
+    user = user_of(request.scope.get("state", {}))
+    if user is None:
         raise AuthError("an API key is required: send 'Authorization: Bearer <key>'")
-    services: Services = request.app.state.services
-    return services.users.authenticate(api_key=key.strip())
+    return user
 
 
 UserDep = Annotated[User, Depends(current_user)]
@@ -93,19 +110,32 @@ def create_app(
             # does not wait ~1.5 s for them.
             threading.Thread(target=svc.intake.warm_up, name="intake-warm-up", daemon=True).start()
         if run_worker:
-            recovered = svc.training.recover()
-            if recovered:
-                logger.info("re-queued %d unfinished training(s)", recovered)
-            worker = BackgroundWorker(svc.queue, workers=svc.settings.worker_threads)
+            # The embedded worker: serve's own queue consumer and reconciler.
+            from selfie_lora.worker import Worker, claim_identity
+
+            identity = claim_identity(svc.settings.home)
+            svc.training.owner = identity.name
+            worker = Worker(training=svc.training, queue=svc.queue, identity=identity,
+                            threads=svc.settings.worker_threads,
+                            reconcile_seconds=svc.settings.reconcile_seconds)
             worker.start()
         try:
             yield
         finally:
             if worker is not None:
-                worker.stop()
+                # Hands running trainings back (in a thread: it joins the worker's threads).
+                await _in_thread(worker.stop)
 
     app = FastAPI(title="selfie-lora", version="0.1.0", lifespan=lifespan)
     app.state.services = svc
+    app.add_middleware(
+        Guard,
+        limits=Limits(max_upload_bytes=svc.settings.max_upload_bytes,
+                      max_json_bytes=svc.settings.max_json_bytes,
+                      body_timeout=svc.settings.body_timeout,
+                      min_body_rate=svc.settings.min_body_rate),
+        authenticate=lambda key: svc.users.authenticate(api_key=key),
+    )
 
     @app.exception_handler(SelfieLoraError)
     async def _domain_error(_request: Request, exc: SelfieLoraError) -> JSONResponse:
@@ -152,9 +182,11 @@ def create_app(
         file: Annotated[UploadFile, File()],
         start: Annotated[bool, Form()] = True,
     ) -> dict[str, Any]:
+        limits = svc.intake.limits
         data = await _read_capped(file, limit=svc.settings.max_upload_bytes)
-        return await _ingest_and_start(
-            user, lambda: svc.intake.ingest_zip(user=user, data=data), start=start)
+        result = await _in_thread(lambda: svc.training.upload(
+            user=user, read=lambda: read_zip(data, limits=limits), start=start))
+        return upload_body(result)
 
     @app.post("/api/training/upload", status_code=202)
     async def upload_files(
@@ -163,8 +195,6 @@ def create_app(
         start: Annotated[bool, Form()] = True,
     ) -> dict[str, Any]:
         """The same as upload-zip, for photos sent as several multipart ``files``."""
-        from selfie_lora.dataset.archive import read_uploaded_files
-
         limit = svc.settings.max_upload_bytes
         named: list[tuple[str, bytes]] = []
         total = 0
@@ -172,24 +202,16 @@ def create_app(
             data = await _read_capped(upload, limit=limit - total)
             total += len(data)
             named.append((upload.filename or f"photo{len(named)}", data))
-        uploaded, notes = read_uploaded_files(named, limits=svc.intake.limits)
-        return await _ingest_and_start(user, lambda: svc.intake.ingest_files(
-            user=user, files=uploaded, findings=notes), start=start)
+        limits = svc.intake.limits
+        result = await _in_thread(lambda: svc.training.upload(
+            user=user, read=lambda: read_uploaded_files(named, limits=limits), start=start))
+        return upload_body(result)
 
-    async def _ingest_and_start(user: User, ingest: Any, *, start: bool) -> dict[str, Any]:
-        if start:
-            # Refuse before storing anything: a 409 must not leave a dataset behind.
-            svc.training.refuse_if_busy(user=user)
-        dataset = await _in_thread(ingest)
-        training = None
-        if start:
-            result = svc.training.start(user=user, dataset_id=dataset.id)
-            training = training_body(result.training)
-        model = svc.models.find(user=user)
+    def upload_body(result: Any) -> dict[str, Any]:
         return {
-            "dataset": dataset_json(dataset),
-            "training": training,
-            "model": model_doc(model) if model else None,
+            "dataset": dataset_json(result.dataset),
+            "training": training_body(result.training) if result.training else None,
+            "model": model_doc(result.model) if result.model else None,
         }
 
     @app.post("/api/training/start", status_code=202)
@@ -218,8 +240,7 @@ def create_app(
                                     code="empty_patch")
         if body.trainer_version is not None:
             svc.models.change_trainer_version(
-                user=user, trainer_version=body.trainer_version,
-                reason=body.reason or "changed through the API",
+                user=user, trainer_version=body.trainer_version, reason=body.reason or "",
             )
         if body.lora_scale is not None:
             svc.models.set_lora_scale(user=user, lora_scale=body.lora_scale)
@@ -305,18 +326,17 @@ def create_app(
             verify_webhook,
         )
 
-        body = await request.body()
         secret = svc.settings.webhook_secret
         if secret is None:
             raise AuthError("webhooks are not configured on this server")
+        body = await request.body()  # capped by the guard before it is read
         verify_webhook(secret=secret.get_secret_value(), headers=dict(request.headers),
                        body=body)
         event = parse_training_webhook(body)
-        training = svc.training.apply_remote_update(
-            remote_id=str(event["id"]), status=str(event["status"]),
-            step=event.get("step"), total=event.get("total"),
-            training_id=request.query_params.get("training_id"),
-        )
+        # Only the signed body says which training this is about; the URL is not signed.
+        training = await _in_thread(lambda: svc.training.apply_webhook(
+            webhook_id=request.headers["webhook-id"], remote_id=str(event["id"]),
+            status=str(event["status"]), step=event.get("step"), total=event.get("total")))
         return {"ok": True, "training_id": training.id if training else None}
 
     return app
@@ -328,9 +348,8 @@ async def _read_capped(file: UploadFile, *, limit: int) -> bytes:
     while chunk := await file.read(1024 * 1024):
         size += len(chunk)
         if size > limit or limit <= 0:
-            raise InvalidInputError(
-                f"the upload is larger than {limit // (1024 * 1024)} MB", code="upload_too_large"
-            )
+            raise PayloadTooLargeError(
+                f"the upload is larger than {max(limit, 0) // (1024 * 1024)} MB")
         chunks.append(chunk)
     return b"".join(chunks)
 

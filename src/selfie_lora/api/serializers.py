@@ -161,6 +161,14 @@ def training_json(t: Training, version: Version | None = None) -> dict[str, Any]
         "completed_at": t.completed_at.isoformat() if t.completed_at else None,
         "phase": training_phase(t),
         "gate": gate_json(version) if version is not None else None,
+        # Who runs it: the attempt (1 for the first worker to take it), the worker holding it
+        # (null while queued or ended), its last heartbeat and when its lease runs out.
+        "attempt": t.attempt,
+        "recoveries": t.recoveries,
+        "lease_owner": t.lease_owner,
+        "heartbeat_at": t.heartbeat_at.isoformat() if t.heartbeat_at else None,
+        "lease_expires_at": t.lease_expires_at.isoformat() if t.lease_expires_at else None,
+        "cancel_requested": t.cancel_requested,
     }
 
 

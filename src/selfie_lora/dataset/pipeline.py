@@ -40,6 +40,7 @@ from selfie_lora.dataset.decode import DecodedPhoto, decode_photo
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.dataset.prepare import PreparedPhoto, prepare_photo, source_min_side
 from selfie_lora.domain.entities import Finding
+from selfie_lora.lifeline import exit_with_parent
 from selfie_lora.services.ports import FaceAnalyzer
 
 logger = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ _worker_analyzer: FaceAnalyzer | None = None
 
 
 def _init_worker(spec: _DlibSpec) -> None:
+    # Forked by the forkserver, which exits with the service: end with it, even after kill -9.
+    exit_with_parent()
     import imagehash
     import numpy as np
     from PIL import Image

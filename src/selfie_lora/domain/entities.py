@@ -192,6 +192,15 @@ class Training:
     started_at: datetime | None = None
     completed_at: datetime | None = None
     history: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    # The trainer's own figures (losses, time, device, cost), kept for the likeness record.
+    metrics: dict[str, Any] = field(default_factory=dict)
+    # Who runs it (see ``domain.lease``): ``attempt`` counts the times a worker took it,
+    # ``recoveries`` the times a worker took it over from one that had died holding it.
+    attempt: int = 0
+    recoveries: int = 0
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    heartbeat_at: datetime | None = None
 
     @property
     def is_scoring(self) -> bool:

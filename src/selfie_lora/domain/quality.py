@@ -131,6 +131,8 @@ class ProbeResult:
     embedding: Embedding | None = None  # the largest face's
     sanity: ImageSanity | None = None
     error: str | None = None
+    # The LoRA scale the image was rendered at (None: before the scale was fixed, the model's).
+    lora_scale: float | None = None
 
     @property
     def face_found(self) -> bool:
@@ -143,6 +145,7 @@ class ProbeResult:
             "face_box": list(self.face_box) if self.face_box else None,
             "embedding": list(self.embedding) if self.embedding is not None else None,
             "sanity": self.sanity.as_dict() if self.sanity else None, "error": self.error,
+            "lora_scale": self.lora_scale,
         }
 
     @classmethod
@@ -156,6 +159,8 @@ class ProbeResult:
             face_box=(int(box[0]), int(box[1]), int(box[2]), int(box[3])) if box else None,
             embedding=tuple(float(v) for v in emb) if emb is not None else None,
             sanity=ImageSanity.from_dict(sanity) if sanity else None, error=data.get("error"),
+            lora_scale=(float(data["lora_scale"]) if data.get("lora_scale") is not None
+                        else None),
         )
 
 
@@ -284,6 +289,9 @@ class GateDecision:
 
 
 FIRST_VERSION_REASON = "the first version has nothing to beat: it is active"
+# Every probe of every version is rendered at this LoRA scale, whatever scale the user chose for
+# their own pictures: the gate compares versions, so it must compare like with like.
+PROBE_LORA_SCALE = 1.0
 GATE_OFF_REASON = "the likeness gate is off (SELFIE_LORA_QUALITY_GATE=false): it is active"
 
 

@@ -6,8 +6,13 @@ Replicate trainer version); for Replicate the recipe supplies steps, rank and le
 
 from __future__ import annotations
 
+import re
+
 from selfie_lora.domain.entities import Recipe
-from selfie_lora.errors import ConfigError
+from selfie_lora.errors import ConfigError, InvalidInputError
+
+# owner/name:<64 hex>, as Replicate names a model version.
+_REPLICATE_VERSION = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}/[a-z0-9][a-z0-9_.-]{0,99}:[0-9a-f]{64}")
 
 RECIPES: dict[str, Recipe] = {
     # ostris/flux-dev-lora-trainer's own defaults for a person LoRA.
@@ -47,3 +52,22 @@ def recipe_for(*, backend: str, trainer_version: str, replicate_recipe: str) -> 
     if backend == "local":
         return get_recipe(trainer_version)
     return get_recipe(replicate_recipe)
+
+
+def validate_trainer_version(*, backend: str, trainer_version: str) -> str:
+    """``trainer_version`` when a model of ``backend`` can train with it (422 otherwise): a
+    known local recipe, or a Replicate version reference ``owner/name:<64 hex>``. Checked before
+    a model is re-pinned, so a pin can never make every later training fail."""
+    version = trainer_version.strip()
+    if backend == "local":
+        known = sorted(name for name in RECIPES if name.startswith("local-"))
+        if version not in known:
+            raise InvalidInputError(
+                f"{trainer_version[:100]!r} is not a local trainer version; known: "
+                f"{', '.join(known)}", code="invalid_trainer_version")
+        return version
+    if not _REPLICATE_VERSION.fullmatch(version):
+        raise InvalidInputError(
+            f"{trainer_version[:100]!r} is not a Replicate trainer version: expected "
+            "owner/name:<64 hex digits>", code="invalid_trainer_version")
+    return version

@@ -42,4 +42,7 @@ def transition(
         changes["started_at"] = at
     if new.is_terminal:
         changes["completed_at"] = at
+        # An ended training holds nothing: whoever ran it is done with it.
+        changes["lease_owner"] = None
+        changes["lease_expires_at"] = None
     return dataclasses.replace(training, **changes)  # type: ignore[arg-type]

@@ -15,6 +15,9 @@ from selfie_lora.services.ports import BlobStore, GenerationJob, Generator, Repo
 logger = logging.getLogger(__name__)
 
 MAX_OUTPUTS = 4
+MAX_PROMPT_CHARS = 2000
+# Seeds are unsigned 32-bit, as FLUX pipelines and Replicate take them.
+MAX_SEED = 2**32 - 1
 
 
 def image_key(generation_id: str, index: int) -> str:
@@ -75,9 +78,11 @@ class GenerationService:
     def generate(self, *, user: User, request: GenerationRequest) -> Generation:
         if not request.prompt.strip():
             raise InvalidInputError("the prompt is empty", code="empty_prompt")
-        if len(request.prompt) > 2000:
-            raise InvalidInputError("the prompt is longer than 2000 characters",
+        if len(request.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidInputError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters",
                                     code="prompt_too_long")
+        if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+            raise InvalidInputError(f"the seed must be 0 to {MAX_SEED}", code="invalid_seed")
         if not 1 <= request.num_outputs <= MAX_OUTPUTS:
             raise InvalidInputError(f"num_outputs must be 1 to {MAX_OUTPUTS}",
                                     code="invalid_num_outputs")

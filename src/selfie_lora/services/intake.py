@@ -143,6 +143,16 @@ class IntakeService:
     def ingest_files(
         self, *, user: User, files: Sequence[UploadedFile], findings: Sequence[Finding] = ()
     ) -> Dataset:
+        """Check the photos and store them as a dataset (``DatasetRejectedError`` otherwise)."""
+        dataset = self.prepare_files(user=user, files=files, findings=findings)
+        self._repo.add_dataset(dataset)
+        return dataset
+
+    def prepare_files(
+        self, *, user: User, files: Sequence[UploadedFile], findings: Sequence[Finding] = ()
+    ) -> Dataset:
+        """Check the photos and store their prepared files; the dataset's row is the caller's to
+        add (``ingest_files``, or the transaction that starts a training on them)."""
         report = self.check_files(files=files, findings=findings, user=user)
         if not report.trainable:
             # Nothing is stored for a set that cannot train: the user fixes it and uploads again.
@@ -188,7 +198,6 @@ class IntakeService:
                         "embedding": _as_list(report.faces.get(p.name, (0, None))[1])}
                        for p in accepted],
         }).encode())
-        self._repo.add_dataset(dataset)
         logger.info("dataset %s: %d of %d photos accepted (%s, score %s)", dataset.id,
                     len(accepted), report.images_total, report.verdict["quality"],
                     report.verdict["score"])

@@ -8,7 +8,8 @@ from typing import Any
 
 from selfie_lora.domain.entities import GateStatus, Model, User, Version
 from selfie_lora.domain.plan import validate_lora_scale, with_trainer_version
-from selfie_lora.errors import ConflictError, NotFoundError
+from selfie_lora.domain.recipes import validate_trainer_version
+from selfie_lora.errors import ConflictError, InvalidInputError, NotFoundError
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.ports import BlobStore, Repository
 
@@ -40,9 +41,13 @@ class ModelService:
     def change_trainer_version(self, *, user: User, trainer_version: str, reason: str) -> Model:
         """The one explicit, logged way to move a model to another trainer version."""
         model = self.get(user=user)
+        if not reason.strip():
+            raise InvalidInputError("say why the trainer version changes (reason)",
+                                    code="reason_required")
+        version = validate_trainer_version(backend=model.backend, trainer_version=trainer_version)
         if any(t.status.is_active for t in self._repo.list_trainings(model.id)):
             raise ConflictError("wait for the running training to end before re-pinning")
-        changed = with_trainer_version(model, trainer_version)
+        changed = with_trainer_version(model, version)
         self._repo.set_model_trainer_version(model.id, changed.trainer_version)
         self._repo.add_event(model_id=model.id, kind="trainer_version_changed", data={
             "from": model.trainer_version, "to": changed.trainer_version, "reason": reason,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,7 +62,16 @@ class ProgressSink(Protocol):
         self, *, status: TrainingStatus, step: int, total: int, loss: float | None = None
     ) -> None: ...
 
-    def cancel_requested(self) -> bool: ...
+    def cancel_requested(self) -> bool:
+        """The user asked to cancel: stop, cancel any remote work, raise
+        ``TrainingCanceledError``."""
+        ...
+
+    def interrupted(self) -> bool:
+        """This worker must stop running the training without ending it (it is shutting down,
+        or another worker took the training over): stop, leave any remote work running, raise
+        ``TrainingInterruptedError``. Another attempt resumes it."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,11 @@ class Trainer(Protocol):
     backend: str
 
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult: ...
+
+    def cancel_remote(self, remote_id: str) -> None:
+        """Cancel a training this backend runs elsewhere (best effort; a no-op for a backend that
+        runs nothing remotely). Used when a training whose worker died is canceled or failed."""
+        ...
 
 
 # --------------------------------------------------------------------------- generator
@@ -203,10 +218,27 @@ class Repository(Protocol):
         ...
 
     def request_cancel(self, training_id: str) -> None: ...
+    def renew_lease(self, training_id: str, *, owner: str, attempt: int, now: datetime,
+                    expires_at: datetime) -> bool:
+        """The heartbeat: pushes the lease's expiry while (``owner``, ``attempt``) holds it."""
+        ...
     def get_training(self, training_id: str, *, for_update: bool = False) -> Training | None: ...
     def get_training_by_remote_id(self, remote_id: str) -> Training | None: ...
     def list_trainings(self, model_id: str) -> Sequence[Training]: ...
     def active_trainings(self) -> Sequence[Training]: ...
+
+    # upload claims: one upload that starts a training per user at a time
+    def claim_upload(self, user_id: str, *, token: str, now: datetime,
+                     expires_at: datetime) -> None:
+        """Raises ``ConflictError`` while another live claim of the user exists."""
+        ...
+    def upload_claimed(self, user_id: str, *, now: datetime, except_token: str | None) -> bool: ...
+    def release_upload(self, user_id: str, *, token: str) -> None: ...
+
+    # webhooks
+    def record_webhook(self, webhook_id: str, *, now: datetime) -> bool:
+        """False when the id was received before."""
+        ...
 
     # versions
     def add_version(self, version: Version) -> None: ...
@@ -238,12 +270,14 @@ class Repository(Protocol):
 
 
 class JobQueue(Protocol):
-    """Durable background work. A message carries ids only; the rows hold the state."""
+    """A doorbell for workers. A message carries a training id only; the row holds the state
+    (and the lease on it decides who runs it), so a lost or repeated message is harmless."""
 
     def enqueue_training(self, training_id: str) -> None: ...
 
-    def enqueue_quality(self, version_id: str) -> None:
-        """Score a version's likeness and, while its gate is pending, let the gate decide."""
+    def queued_training_ids(self) -> set[str]:
+        """The ids of the messages waiting for a worker (the reconciler rings again for a
+        training that has none and nobody running it)."""
         ...
 
 

@@ -1,20 +1,21 @@
 """Likeness tracking: score every version on its model's fixed probes, let the gate decide whether
 a new version replaces the active one, alert on a drop, and compare versions.
 
-The likeness job (``run``, queued by ``TrainingService`` when a version is stored; the training
-stays ``processing`` until the job ends it) does:
+The training service calls ``judge`` once a training's version is stored (the training stays
+``processing``, phase "scoring", until then), and records the verdict with ``apply_verdict`` in
+the same transaction that ends the training: this service owns the likeness records and the
+versions' gates, the training service owns the training's status.
 
 1. **score** the version: generate each probe (same prompt, same seed, the version's weights at
-   the model's LoRA scale, through ``GenerationService.render``: the user's own code path), store
-   the images (``quality/versions/<version>/probe-<n>.png``), measure each image (blank,
+   the fixed ``PROBE_LORA_SCALE`` whatever scale the user chose, through
+   ``GenerationService.render``: the user's own code path), store the images
+   (``quality/versions/<version>/probe-<n>-scale-<s>.png``), measure each image (blank,
    saturated, broken, sharpness) and find its face (``FaceAnalyzer``), then score the faces
    against the training photos' faces (``domain.quality.score_probes``). Training photos are
    analysed once per dataset (``quality/datasets/<dataset>/<embedding model>.json``).
 2. **gate** (only while the version's gate is ``pending``): score the active version against the
    *same* training photos (its probe faces are stored, so this is arithmetic), decide
-   (``domain.quality.decide_gate``), then in one transaction record the decision, activate the
-   version when it passed, record an alert when it was held, and mark the training succeeded with
-   its before/after scores in the retraining log. A held version is also logged and, when
+   (``domain.quality.decide_gate``). A held version gets an alert, logged and, when
    ``SELFIE_LORA_ALERT_URL`` is set, POSTed there (best effort, never fatal).
 
 Comparisons score both versions against the training photos of the newer one, probe by probe.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -34,8 +35,10 @@ from selfie_lora.domain.entities import GateStatus, Model, Probe, Training, User
 from selfie_lora.domain.quality import (
     DEFAULT_GATE_TOLERANCE,
     DEFAULT_PROBE_COUNT,
+    FIRST_VERSION_REASON,
+    GATE_OFF_REASON,
+    PROBE_LORA_SCALE,
     Embedding,
-    GateDecision,
     IdentityScores,
     ProbeResult,
     QualityStatus,
@@ -45,7 +48,12 @@ from selfie_lora.domain.quality import (
     score_probes,
     training_figures,
 )
-from selfie_lora.errors import InvalidInputError, NotFoundError, SelfieLoraError
+from selfie_lora.errors import (
+    InvalidInputError,
+    NotFoundError,
+    SelfieLoraError,
+    TrainingInterruptedError,
+)
 from selfie_lora.quality.chart import ChartPoint, render_chart
 from selfie_lora.quality.grid import GridRow, render_grid
 from selfie_lora.quality.images import analysis_array, image_sanity
@@ -53,14 +61,13 @@ from selfie_lora.services.common import utcnow
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import photo_key, reference_key
 from selfie_lora.services.ports import Alerter, BlobStore, FaceAnalyzer, Repository
-from selfie_lora.services.training import succeed, succeeded_event
 
 logger = logging.getLogger(__name__)
 
 
 
-def probe_image_key(version_id: str, index: int) -> str:
-    return f"quality/versions/{version_id}/probe-{index}.png"
+def probe_image_key(version_id: str, index: int, lora_scale: float) -> str:
+    return f"quality/versions/{version_id}/probe-{index}-scale-{lora_scale:g}.png"
 
 
 def grid_key(a_id: str, b_id: str) -> str:
@@ -69,6 +76,23 @@ def grid_key(a_id: str, b_id: str) -> str:
 
 def chart_key(model_id: str) -> str:
     return f"quality/models/{model_id}/chart.png"
+
+
+CANCELED_REASON = ("version {number}'s training was canceled before the likeness gate decided, "
+                   "so it is kept but not activated; activate it yourself if you want it")
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """What the gate decided about a version, before it is recorded."""
+
+    version_id: str
+    status: GateStatus
+    reason: str
+    details: dict[str, Any]
+    baseline: Version | None  # what it was compared with (None: nothing to beat)
+    reference_id: str | None  # the training photos both were scored against
+    quality: VersionQuality  # the version's likeness record
 
 
 @dataclass(frozen=True)
@@ -123,6 +147,7 @@ class QualityService:
         tolerance: float = DEFAULT_GATE_TOLERANCE,
         probe_count: int = DEFAULT_PROBE_COUNT,
         probe_size: int | None = None,
+        gate_enabled: bool = True,
     ) -> None:
         if not 0.0 <= tolerance <= 1.0:
             raise ValueError("the gate tolerance is a similarity difference, 0..1")
@@ -134,45 +159,155 @@ class QualityService:
         self.tolerance = tolerance
         self._probe_count = probe_count
         self._probe_size = probe_size
+        # Off: every new version passes at once (it is still scored).
+        self.gate_enabled = gate_enabled
 
     # ------------------------------------------------------------------ worker side
-    def run(self, version_id: str) -> None:
-        """The likeness job: score the version; while its gate is pending, let the gate decide.
-        Safe to run twice: a scored version is not scored again, a decided gate not decided
-        again."""
-        version = self._repo.get_version(version_id)
-        if version is None:
-            logger.warning("version %s vanished before it was scored", version_id)
-            return
-        quality = self.score(version_id)
-        version = self._repo.get_version(version_id)
-        if version is None:
-            return
-        if version.gate_status is GateStatus.PENDING:
-            self._decide(version)
-        else:
-            self._finish(version, quality)  # a first version, or the gate is off
+    def judge(self, version_id: str, *,
+              checkpoint: Callable[[], None] | None = None) -> GateVerdict:
+        """Score the version and decide whether it replaces the active one. Writes only
+        likeness records (the version's, and the baseline's when it had none); the caller
+        records the verdict (``apply_verdict``) in the transaction that ends the training.
+        ``checkpoint`` is called between probes and may raise to stop (a worker shutting down);
+        the probe images already made are kept, so the next attempt goes on from there."""
+        version, model, _training = self._load(version_id)
+        quality = self.score(version.id, checkpoint=checkpoint)
+        if version.gate_status is not GateStatus.PENDING:
+            # Decided already (a version stored before leases): keep that decision.
+            return GateVerdict(
+                version_id=version.id, status=version.gate_status,
+                reason=version.gate_reason or "", details=dict(version.gate_details),
+                baseline=None, reference_id=None, quality=quality)
+        override = version.gate_details.get("override")
+        baseline_id = (override.get("replaced_version_id") if isinstance(override, dict)
+                       else model.active_version_id)
+        baseline = (self._repo.get_version(baseline_id)
+                    if baseline_id and baseline_id != version.id else None)
+        reference = self._reference_for(version) if _scored(quality) else None
+        after = self._scores_against(quality, reference)
+        if baseline is None or not self.gate_enabled:
+            # Nothing to beat (a first version), or no gate: it passes, scored or not.
+            details: dict[str, Any] = {"after": after.headline() if after else None,
+                                       "before": None, "tolerance": self.tolerance}
+            return GateVerdict(
+                version_id=version.id, status=GateStatus.PASSED,
+                reason=FIRST_VERSION_REASON if baseline is None else GATE_OFF_REASON,
+                details=details, baseline=baseline,
+                reference_id=reference.dataset_id if reference else None, quality=quality)
+        before = None
+        if after is not None:
+            before = self._scores_against(self.score(baseline.id, checkpoint=checkpoint),
+                                          reference)
+        decision = decide_gate(
+            candidate=after, baseline=before, tolerance=self.tolerance,
+            candidate_number=version.number,
+            baseline_number=baseline.number if before is not None else None,
+            candidate_error=quality.error or "no likeness record",
+        )
+        return GateVerdict(
+            version_id=version.id, status=decision.status, reason=decision.reason,
+            details=decision.details, baseline=baseline,
+            reference_id=reference.dataset_id if reference else None, quality=quality)
 
-    def score(self, version_id: str, *, force: bool = False) -> VersionQuality:
+    def apply_verdict(self, tx: Repository, verdict: GateVerdict) -> dict[str, Any] | None:
+        """Record ``verdict`` inside the caller's transaction ``tx``: the version's gate, its
+        activation when it passed (unless its user activated another version meanwhile) and,
+        when it was held, an alert (returned, to deliver once the transaction committed)."""
+        current = tx.get_version(verdict.version_id)
+        if current is None or current.gate_status is not GateStatus.PENDING:
+            return None  # decided before
+        now = utcnow()
+        baseline = verdict.baseline
+        details = {
+            **current.gate_details, **verdict.details, "decided_at": now.isoformat(),
+            "baseline_version_id": baseline.id if baseline else None,
+            "baseline_version_number": baseline.number if baseline else None,
+            "reference_dataset_id": verdict.reference_id,
+        }
+        reason = verdict.reason
+        model = tx.get_model(current.model_id)
+        assert model is not None
+        if verdict.status is GateStatus.PASSED:
+            active_now = model.active_version_id
+            if active_now in (current.gate_details.get("active_when_stored"), current.id):
+                tx.set_model_active_version(current.model_id, current.id)
+            else:
+                # The user activated another version by hand while this one was scored.
+                reason = (reason.removesuffix(": it is active").removesuffix(", it is active")
+                          + "; it passed, but the version you activated meanwhile stays active")
+                details["kept_user_choice"] = active_now
+        tx.set_version_gate(current.id, status=verdict.status, reason=reason, details=details)
+        alert = None
+        if verdict.status is GateStatus.HELD:
+            alert = self._alert(model, current, verdict, at=now)
+            tx.set_version_alert(current.id, alert)
+        tx.add_event(model_id=current.model_id, kind=f"gate_{verdict.status}", data={
+            "version_id": current.id, "version_number": current.number,
+            "baseline_version_id": baseline.id if baseline else None,
+            "reason": reason, "before": verdict.details.get("before"),
+            "after": verdict.details.get("after"), "tolerance": self.tolerance,
+        })
+        if verdict.status is GateStatus.PASSED:
+            logger.info("version %d of model %s passed the likeness gate: %s", current.number,
+                        current.model_id, reason)
+        else:
+            logger.warning("likeness alert: version %d of model %s held back: %s",
+                           current.number, current.model_id, reason)
+        return alert
+
+    def hold_canceled(self, tx: Repository, version_id: str) -> None:
+        """Inside the caller's transaction: the version of a training its user canceled before
+        the gate decided is kept, never activated."""
+        current = tx.get_version(version_id)
+        if current is None or current.gate_status is not GateStatus.PENDING:
+            return
+        tx.set_version_gate(current.id, status=GateStatus.HELD, reason=CANCELED_REASON.format(
+            number=current.number), details={**current.gate_details,
+                                             "decided_at": utcnow().isoformat(),
+                                             "canceled": True})
+
+    def deliver_alert(self, version_id: str, alert: dict[str, Any]) -> None:
+        """Send a held version's alert to the operator (best effort) and record how it went."""
+        if self._alerter is None:
+            return
+        try:
+            self._alerter.send(alert)
+            delivery: dict[str, Any] = {"delivered": True, "at": utcnow().isoformat()}
+        except Exception as exc:  # best effort: the alert is recorded and logged either way
+            logger.warning("the likeness alert for version %s could not be delivered: %r",
+                           version_id, exc)
+            delivery = {"delivered": False, "at": utcnow().isoformat(), "error": repr(exc)[:300]}
+        self._repo.set_version_alert(version_id, {**alert, "delivery": delivery})
+
+    def score(self, version_id: str, *, force: bool = False,
+              checkpoint: Callable[[], None] | None = None) -> VersionQuality:
         """The version's likeness record, scored now unless it already is (with the current
-        embedding model). Expected failures (no generator, a generator error, face tools missing)
-        are recorded on the record as ``failed``, never raised."""
+        embedding model and the fixed probe scale). Expected failures (no generator, a generator
+        error, face tools missing) are recorded on the record as ``failed``, never raised; a
+        ``checkpoint`` that raises stops the scoring (and is raised)."""
         version, model, training = self._load(version_id)
         existing = self._repo.get_quality(version.id)
         if (existing is not None and existing.status is QualityStatus.SCORED and not force
-                and existing.embedding_model == self._faces.model_name):
+                and existing.embedding_model == self._faces.model_name
+                and all(p.lora_scale == PROBE_LORA_SCALE for p in existing.probes)):
             return existing
         base = existing or self._new_record(version, training)
         try:
             probes = self._probes(model)
             reference = self.reference(training.dataset_id)
-            results = tuple(self._probe(model, version, probe) for probe in probes)
-            scores = score_probes(results, reference.embeddings)
+            results = []
+            for probe in probes:
+                if checkpoint is not None:
+                    checkpoint()
+                results.append(self._probe(model, version, probe))
+            scores = score_probes(tuple(results), reference.embeddings)
             quality = dataclasses.replace(
                 base, status=QualityStatus.SCORED, embedding_model=self._faces.model_name,
-                reference_dataset_id=reference.dataset_id, scores=scores, probes=results,
+                reference_dataset_id=reference.dataset_id, scores=scores, probes=tuple(results),
                 error=None, scored_at=utcnow(),
             )
+        except TrainingInterruptedError:
+            raise
         except SelfieLoraError as exc:
             logger.warning("version %s could not be scored: %s", version.id, exc.message)
             quality = dataclasses.replace(base, status=QualityStatus.FAILED, error=exc.message,
@@ -352,141 +487,29 @@ class QualityService:
         return entries
 
     # ------------------------------------------------------------------ the gate
-    def _decide(self, version: Version) -> None:
-        model, training = self._require_model(version), self._repo.get_training(version.training_id)
-        candidate = self._repo.get_quality(version.id)
-        override = version.gate_details.get("override")
-        baseline_id = (override.get("replaced_version_id") if isinstance(override, dict)
-                       else model.active_version_id)
-        baseline = (self._repo.get_version(baseline_id)
-                    if baseline_id and baseline_id != version.id else None)
-        after = before = None
-        reference_id = None
-        if candidate is not None and candidate.status is QualityStatus.SCORED:
-            reference = self._reference_for(version)
-            reference_id = reference.dataset_id if reference else None
-            after = self._scores_against(candidate, reference)
-            if baseline is not None:
-                before = self._scores_against(self.score(baseline.id), reference)
-        decision = decide_gate(
-            candidate=after, baseline=before, tolerance=self.tolerance,
-            candidate_number=version.number,
-            baseline_number=baseline.number if baseline is not None and before else None,
-            candidate_error=candidate.error if candidate else "no likeness record",
-        )
-        alert = self._record_decision(version, training, decision, baseline=baseline,
-                                      reference_id=reference_id, candidate=candidate)
-        if alert is not None:
-            self._deliver(version, alert)
-
-    def _finish(self, version: Version, quality: VersionQuality) -> None:
-        """End the training of a version that needed no decision, with its scores in the log."""
-        with self._repo.atomic() as tx:
-            training = tx.get_training(version.training_id, for_update=True)
-            if training is None or training.status.is_terminal:
-                return
-            tx.save_training(succeed(training, at=utcnow()))
-            tx.add_event(model_id=version.model_id, kind="training_succeeded",
-                         data=succeeded_event(training, version,
-                                              metrics=quality.training.get("metrics", {}),
-                                              scores={"before": None, "after": (
-                                                  quality.scores.headline() if quality.scores
-                                                  else None)}))
-
-    def _record_decision(
-        self, version: Version, training: Training | None, decision: GateDecision, *,
-        baseline: Version | None, reference_id: str | None, candidate: VersionQuality | None,
-    ) -> dict[str, Any] | None:
-        now = utcnow()
-        alert: dict[str, Any] | None = None
-        with self._repo.atomic() as tx:
-            # The training row first, locked: the one writer that finishes it.
-            current_training = (tx.get_training(training.id, for_update=True)
-                                if training is not None else None)
-            current = tx.get_version(version.id)
-            if current is None or current.gate_status is not GateStatus.PENDING:
-                return None  # another worker decided
-            details = {
-                **current.gate_details, **decision.details, "decided_at": now.isoformat(),
-                "baseline_version_id": baseline.id if baseline else None,
-                "baseline_version_number": baseline.number if baseline else None,
-                "reference_dataset_id": reference_id,
-            }
-            reason = decision.reason
-            if decision.status is GateStatus.PASSED:
-                model = tx.get_model(version.model_id)
-                active_now = model.active_version_id if model else None
-                if active_now in (current.gate_details.get("active_when_stored"), version.id):
-                    tx.set_model_active_version(version.model_id, version.id)
-                else:
-                    # The user activated another version by hand while this one was scored.
-                    reason = (reason.removesuffix(": it is active").removesuffix(", it is active")
-                              + "; it passed, but the version you activated meanwhile stays "
-                              "active")
-                    details["kept_user_choice"] = active_now
-            tx.set_version_gate(version.id, status=decision.status, reason=reason,
-                                details=details)
-            if decision.status is GateStatus.HELD:
-                owner = tx.get_model(version.model_id)
-                assert owner is not None
-                alert = self._alert(owner, version, decision, baseline=baseline, at=now)
-                tx.set_version_alert(version.id, alert)
-            decided = dataclasses.replace(current, gate_status=decision.status,
-                                          gate_reason=reason, gate_details=details)
-            if current_training is not None and not current_training.status.is_terminal:
-                tx.save_training(succeed(current_training, at=now))
-                metrics = candidate.training.get("metrics", {}) if candidate else {}
-                tx.add_event(model_id=version.model_id, kind="training_succeeded",
-                             data=succeeded_event(current_training, decided, metrics=metrics,
-                                                  scores={"before": decision.details.get("before"),
-                                                          "after": decision.details.get("after")}))
-            tx.add_event(model_id=version.model_id, kind=f"gate_{decision.status}", data={
-                "version_id": version.id, "version_number": version.number,
-                "baseline_version_id": baseline.id if baseline else None,
-                "reason": reason, "before": decision.details.get("before"),
-                "after": decision.details.get("after"), "tolerance": self.tolerance,
-            })
-        if decision.status is GateStatus.PASSED:
-            logger.info("version %d of model %s passed the likeness gate: %s", version.number,
-                        version.model_id, decision.reason)
-        else:
-            logger.warning("likeness alert: version %d of model %s held back: %s",
-                           version.number, version.model_id, decision.reason)
-        return alert
-
-    def _alert(self, model: Model, version: Version, decision: GateDecision, *,
-               baseline: Version | None, at: datetime) -> dict[str, Any]:
+    def _alert(self, model: Model, version: Version, verdict: GateVerdict, *,
+               at: datetime) -> dict[str, Any]:
+        baseline = verdict.baseline
         return {
-            "kind": "likeness_drop" if decision.details.get("after") else "not_scored",
-            "message": decision.reason, "at": at.isoformat(), "user_id": model.user_id,
+            "kind": "likeness_drop" if verdict.details.get("after") else "not_scored",
+            "message": verdict.reason, "at": at.isoformat(), "user_id": model.user_id,
             "model_id": model.id, "destination": model.destination,
             "version_id": version.id, "version_number": version.number,
             "baseline_version_id": baseline.id if baseline else None,
             "baseline_version_number": baseline.number if baseline else None,
-            "before": decision.details.get("before"), "after": decision.details.get("after"),
+            "before": verdict.details.get("before"), "after": verdict.details.get("after"),
             "tolerance": self.tolerance, "delivery": None,
         }
 
-    def _deliver(self, version: Version, alert: dict[str, Any]) -> None:
-        if self._alerter is None:
-            return
-        try:
-            self._alerter.send(alert)
-            delivery: dict[str, Any] = {"delivered": True, "at": utcnow().isoformat()}
-        except Exception as exc:  # best effort: the alert is recorded and logged either way
-            logger.warning("the likeness alert for version %s could not be delivered: %r",
-                           version.id, exc)
-            delivery = {"delivered": False, "at": utcnow().isoformat(), "error": repr(exc)[:300]}
-        self._repo.set_version_alert(version.id, {**alert, "delivery": delivery})
-
     # ------------------------------------------------------------------ internals
     def _probe(self, model: Model, version: Version, probe: Probe) -> ProbeResult:
-        key = probe_image_key(version.id, probe.index)
+        key = probe_image_key(version.id, probe.index, PROBE_LORA_SCALE)
         if self._blobs.exists(key):
-            png = self._blobs.get(key)  # same weights, prompt and seed: the same image
+            png = self._blobs.get(key)  # same weights, prompt, seed and scale: the same image
         else:
             png = self._generation.render(model=model, version=version, prompt=probe.prompt,
-                                          seed=probe.seed, size=self._probe_size).images[0]
+                                          seed=probe.seed, size=self._probe_size,
+                                          lora_scale=PROBE_LORA_SCALE).images[0]
             self._blobs.put(key, png)
         sanity = image_sanity(png)
         faces = [] if sanity.nan else self._faces.detect(analysis_array(png))
@@ -495,6 +518,7 @@ class QualityService:
             index=probe.index, prompt=probe.prompt, seed=probe.seed, image_key=key,
             faces=len(faces), face_box=face.box if face else None,
             embedding=face.embedding if face else None, sanity=sanity,
+            lora_scale=PROBE_LORA_SCALE,
         )
 
     def _probes(self, model: Model) -> tuple[Probe, ...]:
@@ -540,14 +564,16 @@ class QualityService:
         return older[0] if older else None
 
     def _new_record(self, version: Version, training: Training) -> VersionQuality:
-        # A version stored before likeness tracking: its figures come from its training row.
+        # The training's figures come from its row: the trainer's metrics, and the time from
+        # its start to its version.
         seconds = None
-        if training.completed_at and training.started_at:
-            seconds = round((training.completed_at - training.started_at).total_seconds(), 3)
+        if training.started_at:
+            seconds = round((version.created_at - training.started_at).total_seconds(), 3)
         return VersionQuality(
             version_id=version.id, model_id=version.model_id, status=QualityStatus.PENDING,
             created_at=utcnow(), training=training_figures(
-                {}, loss=training.loss, steps=training.total_steps, seconds=seconds),
+                dict(training.metrics), loss=training.loss,
+                steps=max(training.step, training.total_steps), seconds=seconds),
         )
 
     def _load(self, version_id: str) -> tuple[Version, Model, Training]:

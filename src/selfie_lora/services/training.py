@@ -1,18 +1,30 @@
-"""Starting, running and finishing trainings. The only place a model is created or a training
-planned: every entry point (HTTP upload-zip, HTTP start, CLI, web UI) calls ``TrainingService.start``.
+"""Starting, running and ending trainings: the one owner of a training's status.
 
-When the trainer is done its weights are stored as a new version and the likeness job is queued
-(``JobQueue.enqueue_quality``). The training stays ``processing`` (its ``version_id`` set, its
-phase "scoring", holding the model's one training slot) until that job has scored the version:
+Every entry point that can start a training (HTTP upload-zip, upload, start, CLI, web UI) calls
+``start`` or ``upload``; nothing else creates a model or plans a training.
 
-- a first version (the model has no active version) has nothing to beat: it is activated at once,
-  when it is stored, and its scores become the baseline of the next version;
-- any later version is stored with its gate ``pending``; the job (``services.quality``) lets the
-  gate decide, then activates the version or holds it back.
+A training's life (``domain.states``, ``domain.lease``)::
 
-Only then is the training marked ``succeeded``, so "succeeded" always comes with a final answer on
-which version is active, and why; and a training never runs beside the scoring of its model's
-previous version (an inline trainer and an in-process generator do not share a process well).
+    queued -> starting -> processing [-> version stored, phase "scoring"] -> succeeded
+                                                                     \\-> failed / canceled
+
+The queue is only a doorbell: a worker that gets a training's id **claims its lease** in the
+database (owner, attempt, expiry), keeps it alive with a heartbeat, and writes only while it
+still holds it (``_update_held``: a worker whose lease was taken over writes nothing). ``run``
+picks up from wherever the row says the training is, so any attempt can resume any earlier one:
+
+- no version yet: the trainer runs (Replicate adopts its remote training by the stored remote id;
+  the local trainer starts over), then the weights are stored, hashed and published as a version
+  in one transaction, at most once per training;
+- a version stored: the likeness service scores it and the gate decides; the decision, the
+  version's activation and the training's end are one transaction, so "succeeded" always comes
+  with the final answer on which version is active.
+
+``reconcile`` (every worker, at start-up and periodically) rings the doorbell again for any
+unfinished training that nobody holds and no message will reach, and cancels the ones whose user
+asked for it while nobody held them. A training whose workers died ``max_attempts`` times is
+failed with a sentence the user can act on. A worker that shuts down hands its trainings back
+(lease released, message re-queued) instead of ending them.
 """
 
 from __future__ import annotations
@@ -20,15 +32,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import random
 import shutil
-from collections.abc import Callable, Mapping
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.domain.entities import (
+    Dataset,
+    Finding,
     GateStatus,
     Model,
     Training,
@@ -36,25 +56,32 @@ from selfie_lora.domain.entities import (
     User,
     Version,
 )
-from selfie_lora.domain.plan import TrainingDefaults, plan_training
-from selfie_lora.domain.quality import (
-    FIRST_VERSION_REASON,
-    GATE_OFF_REASON,
-    QualityStatus,
-    VersionQuality,
-    training_figures,
+from selfie_lora.domain.lease import (
+    INTERRUPTED_MESSAGE,
+    ClaimOutcome,
+    LeasePolicy,
+    Recovery,
+    claim,
+    expire_lease,
+    holder_is_silent,
+    holds,
+    recovery_action,
+    release,
 )
+from selfie_lora.domain.plan import TrainingDefaults, plan_training
 from selfie_lora.domain.states import can_transition, transition
 from selfie_lora.errors import (
     ConflictError,
     InvalidInputError,
+    LeaseLostError,
     NotFoundError,
     SelfieLoraError,
     TrainerError,
     TrainingCanceledError,
+    TrainingInterruptedError,
 )
 from selfie_lora.services.common import new_id, utcnow
-from selfie_lora.services.intake import photo_key
+from selfie_lora.services.intake import IntakeService, photo_key
 from selfie_lora.services.ports import (
     BlobStore,
     JobQueue,
@@ -64,8 +91,18 @@ from selfie_lora.services.ports import (
     TrainingPhoto,
     TrainingResult,
 )
+from selfie_lora.services.quality import GateVerdict, QualityService
 
 logger = logging.getLogger(__name__)
+
+CANCELED_MESSAGE = ("The training was canceled. Your active version is unchanged; start a new "
+                    "training when you are ready.")
+INTERNAL_ERROR_MESSAGE = ("The training stopped because of an internal error. Your active "
+                          "version is unchanged; please try again, and contact support if it "
+                          "happens again.")
+# An upload that starts a training holds the user's slot this long at most while its photos
+# are checked (a process that dies holding it blocks its user no longer than this).
+UPLOAD_CLAIM_TTL = timedelta(minutes=10)
 
 
 def caption_for(trigger_word: str) -> str:
@@ -77,10 +114,28 @@ def weights_key(sha256: str) -> str:
     return f"weights/{sha256}.safetensors"
 
 
+def default_owner() -> str:
+    """A lease owner name unique to this process (workers pass a stable one of their own)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 @dataclass(frozen=True)
 class StartResult:
     training: Training
     model: Model
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    dataset: Dataset
+    training: Training | None
+    model: Model | None
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    enqueued: tuple[str, ...] = ()
+    canceled: tuple[str, ...] = ()
 
 
 class TrainingService:
@@ -93,10 +148,13 @@ class TrainingService:
         trainers: Mapping[str, Trainer],
         defaults: Callable[[], TrainingDefaults],
         work_dir: Path,
+        likeness: QualityService,
+        intake: IntakeService | None = None,
         webhook_url: str | None = None,
         rng: random.Random | None = None,
-        on_version: Callable[[Version], None] | None = None,
-        gate_enabled: bool = True,
+        lease: LeasePolicy | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        owner: str | None = None,
     ) -> None:
         self._repo = repo
         self._blobs = blobs
@@ -106,25 +164,37 @@ class TrainingService:
         # and the tests change it to prove that a pinned model ignores it.
         self._defaults = defaults
         self._work_dir = work_dir
+        self._likeness = likeness
+        self._intake = intake
         self._webhook_url = webhook_url
         self._rng = rng or random.SystemRandom()
-        self._on_version = on_version
-        # Off: every new version is activated at once (it is still scored).
-        self._gate_enabled = gate_enabled
+        self.lease = lease or LeasePolicy()
+        self._clock = clock
+        self.owner = owner or default_owner()
 
     # ------------------------------------------------------------------ start (every entry point)
-    def start(self, *, user: User, dataset_id: str | None) -> StartResult:
-        """Get or create the user's model, plan a (re)training and queue it.
+    def start(self, *, user: User, dataset_id: str | None = None,
+              new_dataset: Dataset | None = None, _upload_token: str | None = None) -> StartResult:
+        """Get or create the user's model, plan a (re)training and queue it: on ``dataset_id``,
+        the latest accepted dataset, or ``new_dataset`` (checked photos, stored in the same
+        transaction as the training, so a refused start stores nothing).
 
         Raises ``ConflictError`` when the model already has a queued or running training (the
-        database enforces it too), ``InvalidInputError`` when there is no usable dataset.
+        database enforces it too) or an upload of the user is about to start one,
+        ``InvalidInputError`` when there is no usable dataset.
         """
         defaults = self._defaults()
         with self._repo.atomic() as tx:
-            dataset = (
-                tx.latest_accepted_dataset(user.id) if dataset_id is None
-                else tx.get_dataset(dataset_id)
-            )
+            if tx.upload_claimed(user.id, now=self._clock(), except_token=_upload_token):
+                raise ConflictError("photos of yours are being uploaded to start a training; "
+                                    "wait for that upload to finish")
+            if new_dataset is not None:
+                tx.add_dataset(new_dataset)
+                dataset: Dataset | None = new_dataset
+            elif dataset_id is None:
+                dataset = tx.latest_accepted_dataset(user.id)
+            else:
+                dataset = tx.get_dataset(dataset_id)
             if dataset is None or dataset.user_id != user.id:
                 if dataset_id is None:
                     raise InvalidInputError(
@@ -138,7 +208,7 @@ class TrainingService:
             _refuse_if_busy(tx, model)
             plan = plan_training(
                 model, user_id=user.id, new_model_id=new_id(), defaults=defaults, rng=self._rng,
-                now=utcnow(),
+                now=self._clock(),
             )
             if plan.is_new_model:
                 tx.add_model(plan.model)
@@ -147,7 +217,7 @@ class TrainingService:
                 backend=plan.backend, status=TrainingStatus.QUEUED,
                 is_retraining=plan.is_retraining, trigger_word=plan.trigger_word,
                 destination=plan.destination, trainer_version=plan.trainer_version,
-                recipe=plan.recipe, preserved=plan.preserved, created_at=utcnow(),
+                recipe=plan.recipe, preserved=plan.preserved, created_at=self._clock(),
                 total_steps=plan.recipe.steps,
             )
             tx.add_training(training)
@@ -164,12 +234,46 @@ class TrainingService:
             "retraining" if plan.is_retraining else "first training", training.id, plan.model.id,
             plan.trigger_word, plan.destination, plan.trainer_version, sorted(plan.preserved),
         )
+        # After the commit: a crash before this line leaves a queued training without a
+        # message, which the reconciler finds and queues.
         self._queue.enqueue_training(training.id)
         return StartResult(training=training, model=plan.model)
 
+    def upload(
+        self, *, user: User, read: Callable[[], tuple[Sequence[UploadedFile], Sequence[Finding]]],
+        start: bool = True,
+    ) -> UploadResult:
+        """Check uploaded photos (``read`` gives the files, and notes from reading them) and
+        store them as a dataset; with ``start``, also start a training on them.
+
+        A start claims the user's training slot before the photos are even read, so a second
+        upload or start meanwhile gets 409 at once, and a refused upload stores nothing."""
+        intake = self._require_intake()
+        if not start:
+            files, notes = read()
+            dataset = intake.ingest_files(user=user, files=files, findings=notes)
+            return UploadResult(dataset=dataset, training=None,
+                                model=self._repo.get_model_for_user(user.id))
+        token = new_id()
+        now = self._clock()
+        with self._repo.atomic() as tx:
+            _refuse_if_busy(tx, tx.get_model_for_user(user.id))
+            try:
+                tx.claim_upload(user.id, token=token, now=now, expires_at=now + UPLOAD_CLAIM_TTL)
+            except ConflictError as exc:
+                # Two first uploads raced for the claim's row: the loser is just as busy.
+                raise ConflictError("photos of yours are being uploaded to start a training; "
+                                    "wait for that upload to finish") from exc
+        try:
+            files, notes = read()
+            dataset = intake.prepare_files(user=user, files=files, findings=notes)
+            started = self.start(user=user, new_dataset=dataset, _upload_token=token)
+        finally:
+            self._repo.release_upload(user.id, token=token)
+        return UploadResult(dataset=dataset, training=started.training, model=started.model)
+
     def refuse_if_busy(self, *, user: User) -> None:
-        """``ConflictError`` when the user's model has a queued or running training: lets an
-        upload be refused before anything is stored (``start`` checks again, atomically)."""
+        """``ConflictError`` when the user's model has a queued or running training."""
         _refuse_if_busy(self._repo, self._repo.get_model_for_user(user.id))
 
     # ------------------------------------------------------------------ queries
@@ -187,102 +291,97 @@ class TrainingService:
             raise NotFoundError("no such training")
         return training, model
 
+    # ------------------------------------------------------------------ cancel
     def cancel(self, *, user: User, training_id: str) -> Training:
+        """End a training as ``canceled``, whatever its state. A worker holding it (alive: its
+        heartbeat is recent) is asked to, and does so within a second or two; a training nobody
+        runs (queued, or its worker is gone) is canceled here and now."""
         training, _ = self.get(user=user, training_id=training_id)
         if training.status.is_terminal:
             return training
-        if training.is_scoring:
-            # The trainer is done and its weights are stored: the likeness gate finishes it.
-            logger.info("training %s is being scored; too late to cancel", training.id)
-            return training
-        self._repo.request_cancel(training.id)
-        if training.status is TrainingStatus.QUEUED:
-            # Nobody runs it yet: cancel it here (the worker will find it terminal and skip it).
-            # A worker that picked it up meanwhile sees the request and cancels it itself.
-            self._finish_canceled(training.id, reason="canceled before it started",
-                                  only_from=TrainingStatus.QUEUED)
-        current = self._repo.get_training(training.id)
-        assert current is not None
-        return current
+        canceled: Training | None = None
+        with self._repo.atomic() as tx:
+            current = tx.get_training(training.id, for_update=True)
+            assert current is not None
+            if not current.status.is_terminal:
+                tx.request_cancel(current.id)
+                if holder_is_silent(current, self._clock(), self.lease):
+                    canceled = self._cancel_in(tx, current, reason="canceled by its user")
+        if canceled is not None:
+            self._cancel_remote(canceled)
+        else:
+            logger.info("training %s: cancel requested of its worker", training.id)
+        final = self._repo.get_training(training.id)
+        assert final is not None
+        return final
 
     # ------------------------------------------------------------------ worker side
-    def run(self, training_id: str) -> None:
-        """Run one training to its end. Called by the queue worker; safe to call twice."""
-        training = self._repo.get_training(training_id)
-        if training is None:
-            logger.warning("training %s vanished before it ran", training_id)
+    def run(self, training_id: str, *, owner: str | None = None,
+            stopping: threading.Event | None = None) -> None:
+        """Run one training from wherever it is to its end, or until ``stopping`` is set (the
+        worker shuts down: the training is handed back at its next safe point). Called for
+        every queue message; a duplicate message, or one for a training another worker holds,
+        does nothing."""
+        stop = stopping or threading.Event()
+        if stop.is_set():
             return
-        if training.status.is_terminal:
-            logger.info("training %s is already %s; nothing to do", training_id, training.status)
+        held = self._claim(training_id, owner=owner or self.owner, stopping=stop)
+        if held is None:
             return
-        if training.version_id is not None:
-            # The trainer finished before a restart; only the likeness job is left to run.
-            logger.info("training %s awaits its likeness gate; queueing the scoring", training_id)
-            self._queue.enqueue_quality(training.version_id)
-            return
-        if training.cancel_requested:
-            self._finish_canceled(training_id, reason="canceled before it started")
-            return
-        trainer = self._trainers.get(training.backend)
-        if trainer is None:
-            self._finish_failed(
-                training_id,
-                user_message=f"This server has no '{training.backend}' trainer configured; "
-                             "ask the operator to enable it.",
-                reason="no trainer for backend",
-            )
-            return
-        self._update(training_id, lambda t: transition(
-            t, TrainingStatus.STARTING, at=utcnow(), reason="picked up by a worker"))
-        work_dir = self._work_dir / training_id
-        work_dir.mkdir(parents=True, exist_ok=True)
         try:
-            job = self._job(training, work_dir=work_dir)
-            result = trainer.train(job, sink=_Sink(self, training_id))
-            self._finish_succeeded(training_id, result)
-        except TrainingCanceledError as exc:
-            self._finish_canceled(training_id, reason=exc.message)
-        except TrainerError as exc:
-            logger.warning("training %s failed: %s", training_id, exc.message)
-            self._finish_failed(training_id, user_message=exc.user_message, reason=exc.message)
-        except SelfieLoraError as exc:
-            logger.warning("training %s failed: %s", training_id, exc.message)
-            self._finish_failed(
-                training_id, user_message=f"The training could not run: {exc.message}",
-                reason=exc.message,
-            )
-        except Exception:
-            logger.exception("training %s crashed", training_id)
-            self._finish_failed(
-                training_id,
-                user_message="The training stopped because of an internal error. Your active "
-                             "version is unchanged; please try again, and contact support if "
-                             "it happens again.",
-                reason="internal error",
-            )
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            with held.heartbeat():
+                self._advance(held)
+        except LeaseLostError:
+            logger.warning("training %s: another worker took it over; this one stops",
+                           training_id)
+        except TrainingInterruptedError:
+            self._hand_back(held)
 
-    def recover(self) -> int:
-        """Queue again every training left queued or running (after a restart). The per-training
-        lock and the terminal check in ``run`` make a duplicate message harmless."""
-        active = self._repo.active_trainings()
-        for training in active:
-            self._queue.enqueue_training(training.id)
-        return len(active)
+    def reconcile(self, *, dead_owners: Sequence[str] = ()) -> ReconcileReport:
+        """Queue again every unfinished training that nobody holds and no queued message will
+        reach, and cancel those whose user asked for it while nobody held them. ``dead_owners``:
+        lease owners known to be gone (a worker restarting under its old name)."""
+        now = self._clock()
+        active = list(self._repo.active_trainings())
+        for i, t in enumerate(active):
+            if t.lease_owner is not None and t.lease_owner in dead_owners:
+                # Its holder is gone: end the lease now, so the claim of the next attempt
+                # counts a recovery like any other take-over.
+                active[i] = self._update(t.id, lambda c: expire_lease(c, now, dead_owners))
+        queued = self._queue.queued_training_ids()
+        enqueued, canceled = [], []
+        for t in active:
+            action = recovery_action(t, now=now, queued_ids=queued)
+            if action is Recovery.ENQUEUE:
+                logger.info("training %s (%s, attempt %d) has nobody running it: queued again",
+                            t.id, t.status, t.attempt)
+                self._queue.enqueue_training(t.id)
+                enqueued.append(t.id)
+            elif action is Recovery.CANCEL:
+                with self._repo.atomic() as tx:
+                    current = tx.get_training(t.id, for_update=True)
+                    done = (self._cancel_in(tx, current, reason="canceled by its user; its "
+                                            "worker was gone") if current is not None and
+                            recovery_action(current, now=self._clock(),
+                                            queued_ids=()) is Recovery.CANCEL
+                            else None)
+                if done is not None:
+                    self._cancel_remote(done)
+                    canceled.append(t.id)
+        return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled))
 
-    def apply_remote_update(
-        self, *, remote_id: str, status: str, step: int | None, total: int | None,
-        training_id: str | None = None,
-    ) -> Training | None:
-        """A webhook's news about a remote training: progress only. The worker that polls the
-        training finishes it (it fetches and stores the weights)."""
+    def apply_webhook(self, *, webhook_id: str, remote_id: str, status: str,
+                      step: int | None, total: int | None) -> Training | None:
+        """A verified webhook about a remote training: progress only (the worker that holds the
+        training finishes it). The training is found by the remote id in the signed body; a
+        webhook id seen before is refused (``ConflictError``)."""
+        try:
+            fresh = self._repo.record_webhook(webhook_id, now=self._clock())
+        except ConflictError:
+            fresh = False  # the same delivery, twice at once
+        if not fresh:
+            raise ConflictError("this webhook was received before", code="webhook_replayed")
         training = self._repo.get_training_by_remote_id(remote_id)
-        if training is None and training_id:
-            # The webhook can arrive before the worker recorded the remote id.
-            candidate = self._repo.get_training(training_id)
-            if candidate is not None and candidate.remote_id in (None, remote_id):
-                training = candidate
         if training is None:
             return None
         try:
@@ -295,14 +394,255 @@ class TrainingService:
         def apply(t: Training) -> Training:
             if not can_transition(t.status, new_status) or t.is_scoring:
                 return t  # a scoring training's trainer is done: remote news changes nothing
-            t = transition(t, new_status, at=utcnow(), reason="webhook")
-            if t.remote_id is None:
-                t = dataclasses.replace(t, remote_id=remote_id)
+            t = transition(t, new_status, at=self._clock(), reason="webhook")
             if step is not None and total:
                 t = dataclasses.replace(t, step=max(t.step, step), total_steps=total)
             return t
 
         return self._update(training.id, apply)
+
+    # ------------------------------------------------------------------ claiming and holding
+    def _claim(self, training_id: str, *, owner: str,
+               stopping: threading.Event) -> _Held | None:
+        with self._repo.atomic() as tx:
+            current = tx.get_training(training_id, for_update=True)
+            if current is None:
+                logger.warning("training %s vanished before it ran", training_id)
+                return None
+            outcome, updated = claim(current, owner=owner, now=self._clock(), policy=self.lease)
+            if outcome is ClaimOutcome.ENDED:
+                logger.debug("training %s is already %s", training_id, current.status)
+                return None
+            if outcome is ClaimOutcome.BUSY:
+                logger.debug("training %s is held by %s", training_id, current.lease_owner)
+                return None
+            if outcome is ClaimOutcome.EXHAUSTED:
+                failed = dataclasses.replace(
+                    transition(updated, TrainingStatus.FAILED, at=self._clock(),
+                               reason=f"its worker died {updated.recoveries} times"),
+                    error=INTERRUPTED_MESSAGE.format(count=updated.recoveries))
+                tx.save_training(failed)
+                tx.add_event(model_id=failed.model_id, kind="training_failed", data={
+                    "training_id": failed.id, "error": failed.error,
+                    "recoveries": failed.recoveries})
+            else:
+                tx.save_training(updated)
+                tx.add_event(model_id=updated.model_id, kind="training_attempt", data={
+                    "training_id": updated.id, "attempt": updated.attempt, "owner": owner,
+                    "status": str(updated.status), "taken_over_from": current.lease_owner,
+                    "phase": "scoring" if updated.is_scoring else "training"})
+        if outcome is ClaimOutcome.EXHAUSTED:
+            logger.warning("training %s failed: its worker died %d times", training_id,
+                           updated.recoveries)
+            self._cancel_remote(updated)
+            return None
+        if current.lease_owner is not None:
+            logger.warning("training %s: %s takes it over from %s, which stopped holding it "
+                           "(attempt %d, %s)", training_id, owner, current.lease_owner,
+                           updated.attempt, updated.status)
+        else:
+            logger.info("training %s: %s runs attempt %d (%s)", training_id, owner,
+                        updated.attempt, updated.status)
+        return _Held(self, updated, owner=owner, stopping=stopping)
+
+    @contextmanager
+    def _holding(self, held: _Held) -> Iterator[tuple[Repository, Training]]:
+        """A transaction with the training's row locked, while ``held`` still holds it: the
+        fence of every write a worker makes. ``LeaseLostError`` (nothing written) otherwise."""
+        with self._repo.atomic() as tx:
+            current = tx.get_training(held.training_id, for_update=True)
+            if current is None or not holds(current, owner=held.owner, attempt=held.attempt):
+                held.lost.set()
+                raise LeaseLostError(f"training {held.training_id} is no longer held by "
+                                     f"{held.owner} (attempt {held.attempt})")
+            yield tx, current
+
+    def _update_held(self, held: _Held, fn: Callable[[Training], Training]) -> Training:
+        """``fn`` applied to the training while ``held`` still holds it."""
+        with self._holding(held) as (tx, current):
+            updated = fn(current)
+            if updated is not current:
+                tx.save_training(updated)
+            return updated
+
+    def _hand_back(self, held: _Held) -> None:
+        def give_back(t: Training) -> Training:
+            return release(t)
+
+        try:
+            self._update_held(held, give_back)
+        except LeaseLostError:
+            return
+        # Ring again at once: a worker that is still up (or this one, restarted) resumes it.
+        self._queue.enqueue_training(held.training_id)
+        logger.info("training %s handed back (attempt %d): this worker is stopping",
+                    held.training_id, held.attempt)
+
+    # ------------------------------------------------------------------ the work
+    def _advance(self, held: _Held) -> None:
+        training = held.training
+        if training.cancel_requested:
+            self._finish_canceled(held, reason="canceled before it ran")
+            return
+        if training.version_id is None and not self._train(held):
+            return
+        self._judge(held)
+
+    def _train(self, held: _Held) -> bool:
+        """Run the trainer and publish its version. False when the training ended without one."""
+        training = held.training
+        trainer = self._trainers.get(training.backend)
+        if trainer is None:
+            self._finish_failed(
+                held, user_message=f"This server has no '{training.backend}' trainer configured; "
+                                   "ask the operator to enable it.",
+                reason="no trainer for backend")
+            return False
+        if training.status is TrainingStatus.QUEUED:
+            self._update_held(held, lambda t: transition(
+                t, TrainingStatus.STARTING, at=self._clock(), reason="picked up by a worker"))
+        root = self._work_dir / training.id
+        # Whatever an earlier attempt left is of no use to this one (local trainings start
+        # over; Replicate's state lives on Replicate).
+        shutil.rmtree(root, ignore_errors=True)
+        work_dir = root / f"attempt-{held.attempt}"
+        work_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            job = self._job(training, work_dir=work_dir)
+            result = trainer.train(job, sink=_Sink(self, held))
+            self._store_version(held, result)
+            return True
+        except TrainingInterruptedError:
+            raise
+        except TrainingCanceledError as exc:
+            self._finish_canceled(held, reason=exc.message)
+        except TrainerError as exc:
+            logger.warning("training %s failed: %s", training.id, exc.message)
+            self._finish_failed(held, user_message=exc.user_message, reason=exc.message)
+        except SelfieLoraError as exc:
+            logger.warning("training %s failed: %s", training.id, exc.message)
+            self._finish_failed(held, user_message=f"The training could not run: {exc.message}",
+                                reason=exc.message)
+        except Exception:
+            logger.exception("training %s crashed", training.id)
+            self._finish_failed(held, user_message=INTERNAL_ERROR_MESSAGE,
+                                reason="internal error")
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return False
+
+    def _store_version(self, held: _Held, result: TrainingResult) -> None:
+        """Publish the trainer's weights as the model's next version: once per training (the
+        fence, and the unique training id on versions). The version is pending until the
+        likeness gate decides; nothing on the model changes here."""
+        data = result.weights_path.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        key = weights_key(sha)
+        if not self._blobs.exists(key):  # content-addressed: a retried store writes nothing new
+            self._blobs.put_file(key, result.weights_path)
+        metrics = _jsonable(dict(result.metrics))
+        now = self._clock()
+        with self._holding(held) as (tx, training):
+            if training.version_id is not None:
+                return  # published by an earlier attempt
+            model = tx.get_model(training.model_id)
+            assert model is not None
+            versions = tx.list_versions(training.model_id)
+            version = Version(
+                id=new_id(), model_id=training.model_id,
+                number=(versions[0].number + 1) if versions else 1,
+                training_id=training.id, trainer_version=training.trainer_version,
+                weights_key=key, weights_sha256=sha, weights_method=result.weights_method,
+                remote_version=result.remote_version, version_mismatch=result.version_mismatch,
+                created_at=now, gate_status=GateStatus.PENDING,
+                # What was active when it was stored: a pass activates it only while that is
+                # still so; a version the user activated meanwhile stays active.
+                gate_details={"active_when_stored": model.active_version_id},
+            )
+            tx.add_version(version)
+            loss = _float_or(metrics.get("final_loss"), training.loss)
+            tx.save_training(dataclasses.replace(
+                training, version_id=version.id, weights_method=result.weights_method,
+                step=max(training.step, training.total_steps), error=None, loss=loss,
+                metrics=metrics,
+            ))
+            tx.add_event(model_id=training.model_id, kind="version_stored", data={
+                "training_id": training.id, "version_id": version.id,
+                "version_number": version.number, "gate": str(version.gate_status),
+                "weights_sha256": sha, "weights_method": result.weights_method,
+            })
+        if result.version_mismatch:
+            logger.warning("training %s: the trainer's output version %s does not belong to %s",
+                           held.training_id, result.remote_version, held.training.destination)
+        logger.info("training %s: version %d stored (%s, weights found by %s); scoring it",
+                    held.training_id, version.number, sha[:12], result.weights_method)
+
+    def _judge(self, held: _Held) -> None:
+        """Score the stored version, then in one transaction: the gate's decision, the
+        version's activation when it passed, and the training's end."""
+        training = self._repo.get_training(held.training_id)
+        assert training is not None
+        assert training.version_id is not None
+        verdict = self._likeness.judge(training.version_id, checkpoint=held.checkpoint)
+        alert = None
+        with self._holding(held) as (tx, current):
+            if current.cancel_requested:
+                self._cancel_in(tx, current, reason="canceled while its version was scored")
+                return
+            alert = self._likeness.apply_verdict(tx, verdict)
+            version = tx.get_version(verdict.version_id)
+            assert version is not None
+            done = transition(current, TrainingStatus.SUCCEEDED, at=self._clock(),
+                              reason="trainer succeeded; version stored and scored")
+            tx.save_training(done)
+            tx.add_event(model_id=current.model_id, kind="training_succeeded",
+                         data=succeeded_event(done, version, verdict))
+        logger.info("training %s succeeded: version %d %s (%s)", held.training_id,
+                    version.number, version.gate_status, version.gate_reason)
+        if alert is not None:
+            self._likeness.deliver_alert(verdict.version_id, alert)
+
+    # ------------------------------------------------------------------ endings
+    def _finish_failed(self, held: _Held, *, user_message: str, reason: str) -> None:
+        def fail(t: Training) -> Training:
+            return dataclasses.replace(
+                transition(t, TrainingStatus.FAILED, at=self._clock(), reason=reason),
+                error=user_message)
+
+        t = self._update_held(held, fail)
+        self._repo.add_event(model_id=t.model_id, kind="training_failed",
+                             data={"training_id": t.id, "error": user_message})
+        logger.info("training %s failed: %s", t.id, reason)
+
+    def _finish_canceled(self, held: _Held, *, reason: str) -> None:
+        with self._holding(held) as (tx, current):
+            self._cancel_in(tx, current, reason=reason)
+
+    def _cancel_in(self, tx: Repository, t: Training, *, reason: str) -> Training | None:
+        """End ``t`` as canceled inside ``tx`` (its version, if it has one, is held back)."""
+        if t.status.is_terminal:
+            return None
+        canceled = dataclasses.replace(
+            transition(t, TrainingStatus.CANCELED, at=self._clock(), reason=reason),
+            error=CANCELED_MESSAGE)
+        tx.save_training(canceled)
+        if t.version_id is not None:
+            self._likeness.hold_canceled(tx, t.version_id)
+        tx.add_event(model_id=t.model_id, kind="training_canceled",
+                     data={"training_id": t.id, "reason": reason})
+        logger.info("training %s canceled (%s)", t.id, reason)
+        return canceled
+
+    def _cancel_remote(self, t: Training) -> None:
+        """A training ended while nobody ran it: its remote twin, if any, is canceled too."""
+        trainer = self._trainers.get(t.backend)
+        if t.remote_id is None or t.version_id is not None or trainer is None:
+            return
+        try:
+            trainer.cancel_remote(t.remote_id)
+        except Exception:  # best effort: the training is ended here either way
+            logger.warning("could not cancel remote training %s of %s", t.remote_id, t.id,
+                           exc_info=True)
 
     # ------------------------------------------------------------------ internals
     def _job(self, training: Training, *, work_dir: Path) -> TrainingJob:
@@ -318,7 +658,6 @@ class TrainingService:
             training_id=training.id, trigger_word=training.trigger_word,
             destination=training.destination, trainer_version=training.trainer_version,
             recipe=training.recipe, photos=photos, work_dir=work_dir,
-            # The trainer adds ?training_id= so a webhook that beats ``started`` finds its row.
             remote_id=training.remote_id, webhook_url=self._webhook_url,
         )
 
@@ -332,113 +671,66 @@ class TrainingService:
                 tx.save_training(updated)
             return updated
 
-    def _finish_succeeded(self, training_id: str, result: TrainingResult) -> None:
-        data = result.weights_path.read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
-        key = weights_key(sha)
-        if not self._blobs.exists(key):
-            self._blobs.put_file(key, result.weights_path)
-        metrics = _jsonable(dict(result.metrics))
-        with self._repo.atomic() as tx:
-            training = tx.get_training(training_id, for_update=True)
-            assert training is not None
-            if training.status.is_terminal or training.version_id is not None:
-                logger.warning("training %s finished twice; keeping %s", training_id,
-                               training.status)
+    def _require_intake(self) -> IntakeService:
+        if self._intake is None:
+            raise RuntimeError("this training service was built without an intake service")
+        return self._intake
+
+
+class _Held:
+    """A training this worker holds: its lease (owner, attempt) and the heartbeat that keeps it.
+    ``lost`` is set when the lease turns out to be someone else's."""
+
+    def __init__(self, service: TrainingService, training: Training, *, owner: str,
+                 stopping: threading.Event) -> None:
+        self._service = service
+        self._stopping = stopping
+        self.training = training
+        self.training_id = training.id
+        self.owner = owner
+        self.attempt = training.attempt
+        self.lost = threading.Event()
+        self._done = threading.Event()
+
+    @contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        thread = threading.Thread(target=self._beat, name=f"heartbeat-{self.training_id[:8]}",
+                                  daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._done.set()
+            thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        policy = self._service.lease
+        while not self._done.wait(policy.heartbeat.total_seconds()):
+            now = self._service._clock()
+            try:
+                kept = self._service._repo.renew_lease(
+                    self.training_id, owner=self.owner, attempt=self.attempt, now=now,
+                    expires_at=now + policy.ttl)
+            except SelfieLoraError as exc:
+                # The database is unreachable: try again at the next beat. If it stays away the
+                # lease expires, another worker takes over and this one's writes are refused.
+                logger.warning("training %s: heartbeat failed: %s", self.training_id, exc.message)
+                continue
+            if not kept:
+                logger.warning("training %s: lease lost (attempt %d)", self.training_id,
+                               self.attempt)
+                self.lost.set()
                 return
-            model = tx.get_model(training.model_id)
-            assert model is not None
-            versions = tx.list_versions(training.model_id)
-            now = utcnow()
-            # A first version has nothing to beat; with the gate off nothing is compared.
-            decided = model.active_version_id is None or not self._gate_enabled
-            reason = None
-            if decided:
-                reason = FIRST_VERSION_REASON if model.active_version_id is None else GATE_OFF_REASON
-            version = Version(
-                id=new_id(), model_id=training.model_id,
-                number=(versions[0].number + 1) if versions else 1,
-                training_id=training.id, trainer_version=training.trainer_version,
-                weights_key=key, weights_sha256=sha, weights_method=result.weights_method,
-                remote_version=result.remote_version, version_mismatch=result.version_mismatch,
-                created_at=now,
-                gate_status=GateStatus.PASSED if decided else GateStatus.PENDING,
-                gate_reason=reason,
-                # Pending: what was active when it was stored. A pass activates it only while
-                # that is still so; a version the user activated meanwhile stays active.
-                gate_details=({"decided_at": now.isoformat()} if decided
-                              else {"active_when_stored": model.active_version_id}),
-            )
-            tx.add_version(version)
-            loss = _float_or(metrics.get("final_loss"), training.loss)
-            started = training.started_at or training.created_at
-            tx.add_quality(VersionQuality(
-                version_id=version.id, model_id=version.model_id, status=QualityStatus.PENDING,
-                created_at=now, training=training_figures(
-                    metrics, loss=loss, steps=max(training.step, training.total_steps),
-                    seconds=round((now - started).total_seconds(), 3)),
-            ))
-            stored = dataclasses.replace(
-                training, version_id=version.id, weights_method=result.weights_method,
-                step=max(training.step, training.total_steps), error=None, loss=loss,
-            )
-            if decided:
-                # Only the active version pointer changes: the LoRA scale, trigger word,
-                # destination and trainer version on the model are never written here.
-                tx.set_model_active_version(training.model_id, version.id)
-            # Still processing: the likeness job scores the version and then ends the training
-            # (and, for a pending gate, decides first).
-            tx.save_training(stored)
-            tx.add_event(model_id=training.model_id, kind="version_stored", data={
-                "training_id": training.id, "version_id": version.id,
-                "version_number": version.number, "gate": str(version.gate_status),
-                "activated": decided,
-            })
-        if result.version_mismatch:
-            logger.warning(
-                "training %s: the trainer's output version %s does not belong to %s",
-                training_id, result.remote_version, training.destination,
-            )
-        logger.info("training %s: version %d stored (%s, weights found by %s); gate %s",
-                    training_id, version.number, sha[:12], result.weights_method,
-                    version.gate_status)
-        self._queue.enqueue_quality(version.id)
-        if self._on_version is not None:
-            self._on_version(version)
 
-    def _finish_failed(self, training_id: str, *, user_message: str, reason: str) -> None:
-        def fail(t: Training) -> Training:
-            if t.status.is_terminal:
-                return t
-            return dataclasses.replace(
-                transition(t, TrainingStatus.FAILED, at=utcnow(), reason=reason),
-                error=user_message,
-            )
+    def interrupted(self) -> bool:
+        return self.lost.is_set() or self._stopping.is_set()
 
-        t = self._update(training_id, fail)
-        self._repo.add_event(model_id=t.model_id, kind="training_failed",
-                             data={"training_id": training_id, "error": user_message})
-
-    def _finish_canceled(
-        self, training_id: str, *, reason: str, only_from: TrainingStatus | None = None
-    ) -> None:
-        changed = False
-
-        def cancel(t: Training) -> Training:
-            nonlocal changed
-            if t.status.is_terminal or (only_from is not None and t.status is not only_from):
-                return t
-            changed = True
-            return dataclasses.replace(
-                transition(t, TrainingStatus.CANCELED, at=utcnow(), reason=reason),
-                error="The training was canceled. Your active version is unchanged; start a new "
-                      "training when you are ready.",
-            )
-
-        t = self._update(training_id, cancel)
-        if changed:
-            self._repo.add_event(model_id=t.model_id, kind="training_canceled",
-                                 data={"training_id": training_id})
+    def checkpoint(self) -> None:
+        """Raise if this worker must stop working on the training."""
+        if self.lost.is_set():
+            raise LeaseLostError(f"training {self.training_id} was taken over")
+        if self._stopping.is_set():
+            raise TrainingInterruptedError(f"training {self.training_id}: this worker stops")
 
 
 def _refuse_if_busy(repo: Repository, model: Model | None) -> None:
@@ -447,19 +739,17 @@ def _refuse_if_busy(repo: Repository, model: Model | None) -> None:
 
 
 class _Sink:
-    """What a trainer reports progress to: writes it to the training's row."""
+    """What a trainer reports progress to: the training's row, while this worker holds it."""
 
-    def __init__(self, service: TrainingService, training_id: str) -> None:
+    def __init__(self, service: TrainingService, held: _Held) -> None:
         self._service = service
-        self._id = training_id
+        self._held = held
 
     def started(self, *, remote_id: str | None) -> None:
         def apply(t: Training) -> Training:
-            if t.status.is_terminal:
-                return t
             return dataclasses.replace(t, remote_id=remote_id or t.remote_id)
 
-        self._service._update(self._id, apply)
+        self._service._update_held(self._held, apply)
 
     def progress(
         self, *, status: TrainingStatus, step: int, total: int, loss: float | None = None
@@ -467,31 +757,25 @@ class _Sink:
         def apply(t: Training) -> Training:
             if not can_transition(t.status, status) or status.is_terminal:
                 return t
-            t = transition(t, status, at=utcnow(), reason="trainer progress")
+            t = transition(t, status, at=self._service._clock(), reason="trainer progress")
             return dataclasses.replace(
                 t, step=max(0, step), total_steps=total if total > 0 else t.total_steps,
                 loss=loss if loss is not None else t.loss,
             )
 
-        self._service._update(self._id, apply)
+        self._service._update_held(self._held, apply)
 
     def cancel_requested(self) -> bool:
-        current = self._service._repo.get_training(self._id)
+        current = self._service._repo.get_training(self._held.training_id)
         return current is None or current.cancel_requested or current.status.is_terminal
 
-
-def succeed(training: Training, *, at: datetime) -> Training:
-    """``training`` (its version stored) moved to ``succeeded``."""
-    return transition(training, TrainingStatus.SUCCEEDED, at=at,
-                      reason="trainer succeeded; version stored and scored")
+    def interrupted(self) -> bool:
+        return self._held.interrupted()
 
 
-def succeeded_event(
-    training: Training, version: Version, *, metrics: dict[str, Any],
-    scores: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def succeeded_event(training: Training, version: Version, verdict: GateVerdict) -> dict[str, Any]:
     """The retraining log's entry for a succeeded training: first training or retraining, what was
-    preserved, the version, the gate's decision and, once scored, the before/after scores."""
+    preserved, the version, the gate's decision and the before/after scores."""
     return {
         "training_id": training.id,
         "kind": "retraining" if training.is_retraining else "first_training",
@@ -499,9 +783,11 @@ def succeeded_event(
         "weights_sha256": version.weights_sha256, "weights_method": version.weights_method,
         "remote_version": version.remote_version,
         "version_mismatch": version.version_mismatch,
-        "preserved": training.preserved, "metrics": metrics,
+        "preserved": training.preserved, "metrics": training.metrics,
+        "attempts": training.attempt,
         "gate": {"status": str(version.gate_status), "reason": version.gate_reason},
-        "scores": scores or {"before": None, "after": None},
+        "scores": {"before": verdict.details.get("before"),
+                   "after": verdict.details.get("after")},
     }
 
 

@@ -16,7 +16,11 @@ from typing import Any
 from PIL import Image
 
 from selfie_lora.domain.entities import TrainingStatus
-from selfie_lora.errors import TrainingCanceledError, TrainingFailedError
+from selfie_lora.errors import (
+    TrainingCanceledError,
+    TrainingFailedError,
+    TrainingInterruptedError,
+)
 from selfie_lora.services.ports import (
     Face,
     GenerationJob,
@@ -32,11 +36,17 @@ def fake_safetensors(payload: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(header)) + header
 
 
+class SimulatedCrash(BaseException):
+    """Raised by a fake to stand for the process dying right there: nothing after it runs, no
+    ``except Exception`` catches it, and whatever the process held (its lease) stays held."""
+
+
 @dataclass
 class FakeTrainer:
     """Records every job. ``outcomes`` is consumed one per training ("succeeded", "failed",
-    "canceled"); when empty, trainings succeed. ``gate`` (if set) is waited on before the
-    training ends, so tests can hold a training in ``processing``."""
+    "canceled", or "crash": the worker dies mid-training); when empty, trainings succeed.
+    ``gate`` (if set) is waited on before the training ends, so tests can hold a training in
+    ``processing``. ``remote_canceled`` lists what ``cancel_remote`` was asked to cancel."""
 
     backend: str = "local"
     outcomes: list[str] = field(default_factory=list)
@@ -44,7 +54,17 @@ class FakeTrainer:
     gate: threading.Event | None = None
     jobs: list[TrainingJob] = field(default_factory=list)
     on_train: Callable[[TrainingJob], None] | None = None
+    remote_canceled: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cancel_remote(self, remote_id: str) -> None:
+        self.remote_canceled.append(remote_id)
+
+    def _check(self, sink: ProgressSink) -> None:
+        if sink.interrupted():
+            raise TrainingInterruptedError("the worker stops; the training is handed back")
+        if sink.cancel_requested():
+            raise TrainingCanceledError("canceled by the user")
 
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
         with self._lock:
@@ -52,16 +72,17 @@ class FakeTrainer:
             outcome = self.outcomes.pop(0) if self.outcomes else "succeeded"
         if self.on_train is not None:
             self.on_train(job)
-        sink.started(remote_id=f"fake-{job.training_id}" if self.backend != "local" else None)
+        if job.remote_id is None:
+            sink.started(remote_id=f"fake-{job.training_id}" if self.backend != "local" else None)
         for step in range(1, self.steps + 1):
-            if sink.cancel_requested():
-                raise TrainingCanceledError("canceled by the user")
+            self._check(sink)
             sink.progress(status=TrainingStatus.PROCESSING, step=step, total=self.steps,
                           loss=1.0 / step)
+            if outcome == "crash" and step == max(1, self.steps // 2):
+                raise SimulatedCrash(f"the worker died during training {job.training_id}")
         if self.gate is not None:
             while not self.gate.wait(0.02):
-                if sink.cancel_requested():
-                    raise TrainingCanceledError("canceled by the user")
+                self._check(sink)
         if outcome == "failed":
             raise TrainingFailedError(
                 "fake training failed",
@@ -82,13 +103,20 @@ class FakeTrainer:
 @dataclass
 class FakeGenerator:
     """PNGs whose colour depends on the prompt, seed, scale and LoRA, so tests can tell
-    versions and scales apart."""
+    versions and scales apart. ``crash_after`` (if set) counts calls down and dies
+    (``SimulatedCrash``) when it reaches zero: the worker dying while it scores a version."""
 
     backend: str = "local"
     size: int = 32
     jobs: list[GenerationJob] = field(default_factory=list)
+    crash_after: int | None = None
 
     def generate(self, job: GenerationJob) -> list[bytes]:
+        if self.crash_after is not None:
+            self.crash_after -= 1
+            if self.crash_after <= 0:
+                self.crash_after = None
+                raise SimulatedCrash("the worker died while scoring a version")
         self.jobs.append(job)
         weights = job.weights_path.read_bytes() if job.weights_path else b""
         out = []
@@ -168,28 +196,26 @@ class RecordingAlerter:
 
 @dataclass
 class InMemoryQueue:
-    """A ``JobQueue`` that only records; tests run the jobs when they choose (``drain``,
-    ``drain_quality``)."""
+    """A ``JobQueue`` that only records; tests run the jobs when they choose (``drain``)."""
 
     pending: list[str] = field(default_factory=list)
-    quality: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def enqueue_training(self, training_id: str) -> None:
-        self.pending.append(training_id)
+        with self._lock:
+            self.pending.append(training_id)
 
-    def enqueue_quality(self, version_id: str) -> None:
-        self.quality.append(version_id)
+    def queued_training_ids(self) -> set[str]:
+        with self._lock:
+            return set(self.pending)
+
+    def next_training(self) -> str | None:
+        with self._lock:
+            return self.pending.pop(0) if self.pending else None
 
     def drain(self, handler: Callable[[str], None]) -> int:
         count = 0
-        while self.pending:
-            handler(self.pending.pop(0))
-            count += 1
-        return count
-
-    def drain_quality(self, handler: Callable[[str], None]) -> int:
-        count = 0
-        while self.quality:
-            handler(self.quality.pop(0))
+        while (training_id := self.next_training()) is not None:
+            handler(training_id)
             count += 1
         return count

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy import Engine, create_engine, delete, event, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -19,9 +19,11 @@ from selfie_lora.adapters.db.tables import (
     GenerationRow,
     ModelRow,
     TrainingRow,
+    UploadClaimRow,
     UserRow,
     VersionQualityRow,
     VersionRow,
+    WebhookDeliveryRow,
 )
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
@@ -126,6 +128,9 @@ def _training(row: TrainingRow) -> Training:
         error=row.error, loss=row.loss, weights_method=row.weights_method,
         cancel_requested=row.cancel_requested, started_at=_utc(row.started_at),
         completed_at=_utc(row.completed_at), history=tuple(row.history),
+        metrics=dict(row.metrics or {}), attempt=row.attempt, recoveries=row.recoveries,
+        lease_owner=row.lease_owner, lease_expires_at=_utc(row.lease_expires_at),
+        heartbeat_at=_utc(row.heartbeat_at),
     )
 
 
@@ -139,7 +144,9 @@ def _training_values(t: Training) -> dict[str, Any]:
         "remote_id": t.remote_id, "version_id": t.version_id, "error": t.error, "loss": t.loss,
         "weights_method": t.weights_method, "cancel_requested": t.cancel_requested,
         "history": list(t.history), "created_at": t.created_at, "started_at": t.started_at,
-        "completed_at": t.completed_at,
+        "completed_at": t.completed_at, "metrics": t.metrics or None, "attempt": t.attempt,
+        "recoveries": t.recoveries, "lease_owner": t.lease_owner,
+        "lease_expires_at": t.lease_expires_at, "heartbeat_at": t.heartbeat_at,
     }
 
 
@@ -377,6 +384,20 @@ class SqlRepository:
             row = s.scalars(stmt).first()
             return _training(row) if row else None
 
+    def renew_lease(self, training_id: str, *, owner: str, attempt: int, now: datetime,
+                    expires_at: datetime) -> bool:
+        # One targeted UPDATE, no read: a heartbeat every few seconds from every running
+        # training must stay cheap. False when the lease is no longer this holder's.
+        with self._tx() as s:
+            result = s.execute(
+                update(TrainingRow)
+                .where(TrainingRow.id == training_id, TrainingRow.lease_owner == owner,
+                       TrainingRow.attempt == attempt,
+                       TrainingRow.status.in_([str(x) for x in ACTIVE_STATUSES]))
+                .values(lease_expires_at=expires_at, heartbeat_at=now)
+            )
+            return bool(getattr(result, "rowcount", 0))
+
     def get_training_by_remote_id(self, remote_id: str) -> Training | None:
         with self._tx() as s:
             row = s.scalars(select(TrainingRow).where(TrainingRow.remote_id == remote_id)).first()
@@ -397,6 +418,40 @@ class SqlRepository:
                 .order_by(TrainingRow.created_at)
             ).all()
             return [_training(r) for r in rows]
+
+    # upload claims ----------------------------------------------------------------------
+    def claim_upload(self, user_id: str, *, token: str, now: datetime,
+                     expires_at: datetime) -> None:
+        with self._tx() as s:
+            row = s.scalars(select(UploadClaimRow).where(UploadClaimRow.user_id == user_id)
+                            .with_for_update()).first()
+            if row is not None and row.token != token and _req_utc(row.expires_at) > now:
+                raise ConflictError("photos of yours are being uploaded to start a training; "
+                                    "wait for that upload to finish")
+            if row is None:
+                s.add(UploadClaimRow(user_id=user_id, token=token, expires_at=expires_at))
+            else:
+                row.token, row.expires_at = token, expires_at
+
+    def upload_claimed(self, user_id: str, *, now: datetime, except_token: str | None) -> bool:
+        with self._tx() as s:
+            row = s.get(UploadClaimRow, user_id)
+            return (row is not None and row.token != except_token
+                    and _req_utc(row.expires_at) > now)
+
+    def release_upload(self, user_id: str, *, token: str) -> None:
+        with self._tx() as s:
+            s.execute(delete(UploadClaimRow).where(UploadClaimRow.user_id == user_id,
+                                                   UploadClaimRow.token == token))
+
+    # webhooks ---------------------------------------------------------------------------
+    def record_webhook(self, webhook_id: str, *, now: datetime) -> bool:
+        """False when ``webhook_id`` was received before (a replay)."""
+        with self._tx() as s:
+            if s.get(WebhookDeliveryRow, webhook_id) is not None:
+                return False
+            s.add(WebhookDeliveryRow(id=webhook_id, received_at=now))
+            return True
 
     # versions ---------------------------------------------------------------------------
     def add_version(self, version: Version) -> None:

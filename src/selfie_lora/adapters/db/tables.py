@@ -103,6 +103,33 @@ class TrainingRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The lease (domain.lease): who runs it, which attempt, until when, last heartbeat.
+    attempt: Mapped[int] = mapped_column(Integer, server_default="0")
+    recoveries: Mapped[int] = mapped_column(Integer, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                              nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class UploadClaimRow(Base):
+    """A user's upload that will start a training, while its photos are checked: a second
+    upload or start of that user gets 409 before anything of it is stored. It expires on its
+    own, so a process that died holding it blocks nobody for long."""
+
+    __tablename__ = "upload_claims"
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    token: Mapped[str] = mapped_column(String(36))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookDeliveryRow(Base):
+    """Every webhook id received, so a replayed delivery is refused."""
+
+    __tablename__ = "webhook_deliveries"
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class VersionRow(Base):

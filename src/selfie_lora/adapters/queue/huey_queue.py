@@ -1,120 +1,84 @@
-"""The ``JobQueue`` port on huey: SQLite by default, Redis for workers on several machines.
+"""The ``JobQueue`` port on huey's storages: SQLite by default, Redis for workers on several
+machines.
 
-A message carries only a training id (or, for a likeness job, a version id); the database row
-holds the state, so a lost or repeated message can never corrupt a training (the handler re-reads
-the row and does nothing when the training is already terminal). A per-training lock keeps two
-workers off one training, and a per-version lock two workers off one version's scoring.
+Only huey's storage is used: a message is the bytes ``training:<id>``, nothing else, and workers
+(``selfie_lora.worker``) take them with ``next_training``. The queue is a doorbell, not a record
+of work: huey does not acknowledge messages, so one taken by a worker that then dies is gone. That
+is fine, because the training's row holds its state and its lease; the reconciler rings again for
+any unfinished training that nobody holds and no message will reach (``queued_training_ids``).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlparse
 
 from huey import Huey, RedisHuey, SqliteHuey
-from huey.consumer import Consumer
-from huey.exceptions import TaskLockedException
 
 from selfie_lora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-TrainingHandler = Callable[[str], None]
-QualityHandler = Callable[[str], None]
+_PREFIX = b"training:"
+# How long a Redis worker waits on an empty queue per call (it returns sooner with a message).
+REDIS_READ_TIMEOUT_S = 1
 
 
-def make_huey(url: str, *, immediate: bool = False) -> Huey:
+def make_huey(url: str) -> Huey:
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         # sqlite:////abs/path or sqlite:///rel/path, as SQLAlchemy spells it.
         path = url.removeprefix("sqlite:///")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return SqliteHuey(name="selfie-lora", filename=path, immediate=immediate, results=False)
+        return SqliteHuey(name="selfie-lora", filename=path, results=False)
     if parsed.scheme in ("redis", "rediss"):
-        return RedisHuey(name="selfie-lora", url=url, immediate=immediate, results=False)
+        # Blocking reads: an idle worker waits on Redis instead of polling it.
+        return RedisHuey(name="selfie-lora", url=url, results=False, blocking=True,
+                         read_timeout=REDIS_READ_TIMEOUT_S)
     raise ConfigError(f"unsupported SELFIE_LORA_QUEUE_URL scheme {parsed.scheme!r}")
 
 
-class _EmbeddedConsumer(Consumer):  # type: ignore[misc]
-    # Signal handlers belong to the process's owner (uvicorn, or the CLI); a consumer started
-    # inside ``serve`` must not take them over.
-    def _set_signal_handlers(self) -> None:
-        pass
+def _decode(message: bytes | str) -> str | None:
+    data = message.encode() if isinstance(message, str) else message
+    if not data.startswith(_PREFIX):
+        return None
+    return data[len(_PREFIX):].decode("utf-8", errors="replace") or None
 
 
 class HueyJobQueue:
     def __init__(self, huey: Huey) -> None:
         self.huey = huey
-        self._handler: TrainingHandler | None = None
-        self._quality_handler: QualityHandler | None = None
-        self._task = huey.task(name="selfie_lora.run_training", retries=0)(self._run_training)
-        self._quality_task = huey.task(name="selfie_lora.run_quality", retries=0)(
-            self._run_quality)
 
     @classmethod
     def from_url(cls, url: str) -> HueyJobQueue:
         return cls(make_huey(url))
 
-    def set_training_handler(self, handler: TrainingHandler) -> None:
-        self._handler = handler
-
-    def set_quality_handler(self, handler: QualityHandler) -> None:
-        self._quality_handler = handler
-
     def enqueue_training(self, training_id: str) -> None:
-        self._task(training_id)
+        self.huey.storage.enqueue(_PREFIX + training_id.encode())
 
-    def enqueue_quality(self, version_id: str) -> None:
-        self._quality_task(version_id)
+    def next_training(self) -> str | None:
+        """The next training id, or None when the queue is empty (Redis waits up to a second
+        for one). Messages this version does not know (e.g. left by an older one) are dropped:
+        the reconciler queues their trainings again."""
+        while True:
+            message = self.huey.storage.dequeue()
+            if message is None:
+                return None
+            training_id = _decode(message)
+            if training_id is not None:
+                return training_id
+            logger.warning("dropped a queue message of unknown shape (%d bytes)", len(message))
 
-    def _run_training(self, training_id: str) -> None:
-        if self._handler is None:
-            raise ConfigError("this process has no training handler; start a worker")
-        try:
-            with self.huey.lock_task(f"training-{training_id}"):
-                self._handler(training_id)
-        except TaskLockedException:
-            logger.info("training %s is already being run by another worker", training_id)
-
-    def _run_quality(self, version_id: str) -> None:
-        if self._quality_handler is None:
-            raise ConfigError("this process has no likeness handler; start a worker")
-        try:
-            with self.huey.lock_task(f"quality-{version_id}"):
-                self._quality_handler(version_id)
-        except TaskLockedException:
-            # The worker holding the lock scores it and lets the gate decide; nothing is lost.
-            logger.info("version %s is already being scored by another worker", version_id)
+    def queued_training_ids(self) -> set[str]:
+        return {tid for m in self.huey.storage.enqueued_items() if (tid := _decode(m))}
 
     def pending(self) -> int:
-        return int(self.huey.pending_count())
+        return int(self.huey.storage.queue_size())
 
-    def consumer(self, *, workers: int, embedded: bool) -> Consumer:
-        cls: Any = _EmbeddedConsumer if embedded else Consumer
-        return cls(self.huey, workers=workers, worker_type="thread", periodic=False,
-                   initial_delay=0.05, backoff=1.5, max_delay=1.0, check_worker_health=True)
+    def ping(self) -> None:
+        """Raises when the queue's storage cannot be reached."""
+        self.huey.storage.queue_size()
 
-
-class BackgroundWorker:
-    """A huey consumer running on threads inside this process (``serve``'s embedded worker)."""
-
-    def __init__(self, queue: HueyJobQueue, *, workers: int) -> None:
-        self._consumer = queue.consumer(workers=workers, embedded=True)
-        self._started = False
-        self._lock = threading.Lock()
-
-    def start(self) -> None:
-        with self._lock:
-            if not self._started:
-                self._consumer.start()
-                self._started = True
-
-    def stop(self) -> None:
-        with self._lock:
-            if self._started:
-                self._consumer.stop(graceful=True)
-                self._started = False
+    def flush(self) -> None:
+        self.huey.storage.flush_queue()

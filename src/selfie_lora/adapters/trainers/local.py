@@ -27,7 +27,9 @@ from selfie_lora.errors import (
     TrainerUnavailableError,
     TrainingCanceledError,
     TrainingFailedError,
+    TrainingInterruptedError,
 )
+from selfie_lora.lifeline import exit_with_parent
 from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ def _run(request: _TrainRequest, on_step: Callable[[int, int, float], bool]) -> 
 
 def _child_main(request: _TrainRequest, events: Any) -> None:
     """Entry point of the spawned child: stream steps, then one "done" or "error" message."""
+    # A worker killed with -9 cannot stop its child: the child stops itself.
+    exit_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     def on_step(step: int, total: int, loss: float) -> bool:
@@ -133,6 +137,9 @@ class _Reporter:
             self._last_report = now
             self._last_step = step
 
+    def interrupted(self) -> bool:
+        return self._sink.interrupted()  # a flag in memory: cheap, asked every poll
+
     def cancel_requested(self, *, force: bool = False) -> bool:
         now = time.monotonic()
         if not force and now - self._last_cancel_check < self._interval:
@@ -171,6 +178,10 @@ class LocalTrainer:
         self.num_threads = num_threads
         self.progress_interval_s = progress_interval_s
         self.poll_interval_s = poll_interval_s
+
+    def cancel_remote(self, remote_id: str) -> None:
+        """Nothing runs remotely: a training's child process ends with its worker."""
+        del remote_id
 
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
         job.work_dir.mkdir(parents=True, exist_ok=True)
@@ -234,12 +245,16 @@ class LocalTrainer:
     def _train_inline(self, request: _TrainRequest, reporter: _Reporter) -> dict[str, Any]:
         def on_step(step: int, total: int, loss: float) -> bool:
             reporter.step(step, total, loss)
-            return reporter.cancel_requested(force=step == 0)
+            return reporter.interrupted() or reporter.cancel_requested(force=step == 0)
 
         try:
             return _run(request, on_step)
         except ConfigError as exc:
             raise _config_error(exc) from exc
+        except TrainingCanceledError:
+            if reporter.interrupted():  # stopped for the worker's sake, not the user's
+                raise TrainingInterruptedError("the worker stops; training handed back") from None
+            raise
 
     # ------------------------------------------------------------------ child process
 
@@ -281,6 +296,10 @@ class LocalTrainer:
                         user_message="Training stopped unexpectedly on this server (it may have "
                         "run out of memory); try again.",
                     )
+                if reporter.interrupted():
+                    logger.info("training %s handed back: terminating child %s", job_id,
+                                process.pid)
+                    raise TrainingInterruptedError(f"training {job_id}: the worker stops")
                 if reporter.cancel_requested():
                     logger.info("training %s canceled: terminating child %s", job_id, process.pid)
                     raise TrainingCanceledError(

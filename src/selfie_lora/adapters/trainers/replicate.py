@@ -36,7 +36,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import httpx
 from replicate.client import Client
@@ -57,6 +57,7 @@ from selfie_lora.errors import (
     TrainerUnavailableError,
     TrainingCanceledError,
     TrainingFailedError,
+    TrainingInterruptedError,
     WeightsNotFoundError,
 )
 from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingPhoto, TrainingResult
@@ -461,6 +462,10 @@ class ReplicateTrainer:
             refused=TrainingFailedError,
         )
 
+    def cancel_remote(self, remote_id: str) -> None:
+        with self.session() as session:
+            self._cancel(session, remote_id)
+
     # ----------------------------------------------------------------- train
 
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
@@ -583,7 +588,9 @@ class ReplicateTrainer:
             "resolution": str(recipe.resolution),
             "batch_size": recipe.batch_size,
         }
-        webhook = _with_training_id(job.webhook_url, job.training_id) if job.webhook_url else None
+        # The webhook finds its training by the remote id in its signed body, never by anything
+        # in the URL (which nobody signs).
+        webhook = job.webhook_url
         client = session.client
 
         def create() -> Training:
@@ -724,6 +731,11 @@ class ReplicateTrainer:
             else:
                 logger.warning("training %s: unknown Replicate status %r", job.training_id, status)
 
+            if sink.interrupted():
+                # This worker stops; the remote training goes on and the next attempt adopts it.
+                raise TrainingInterruptedError(
+                    f"training {job.training_id}: the worker stops; Replicate training "
+                    f"{remote_id} keeps running")
             if sink.cancel_requested():
                 self._cancel(session, remote_id)
                 raise TrainingCanceledError(
@@ -842,12 +854,3 @@ def _write_atomically(path: Path, data: bytes) -> None:
     partial = path.with_name(path.name + ".part")
     partial.write_bytes(data)
     partial.replace(path)
-
-
-def _with_training_id(url: str, training_id: str) -> str:
-    """The webhook URL with ``training_id`` in its query, so the webhook finds its training
-    without a lookup by remote id."""
-    parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "training_id"]
-    query.append(("training_id", training_id))
-    return urlunsplit(parts._replace(query=urlencode(query)))

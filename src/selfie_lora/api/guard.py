@@ -1,0 +1,196 @@
+"""The door of the HTTP API: who may send a body, how big, and how slowly.
+
+A pure ASGI middleware in front of the FastAPI app, because FastAPI reads (and a multipart body
+spools to disk) before any dependency runs:
+
+- ``/api/*`` (but the webhook, which is signed) is **authenticated before a byte of the body is
+  read**: a request without a valid API key gets 401 at once. The user found is handed to the
+  routes in ``scope["state"]["user"]``.
+- Every body is **capped while it streams** (``Content-Length`` is checked first, then the bytes
+  actually received): uploads at the upload limit, the webhook at ``WEBHOOK_MAX_BYTES``,
+  everything else at ``max_json_bytes``. Over the cap: 413, whatever the route would do.
+- A body that stalls for ``body_timeout`` seconds, or averages less than ``min_body_rate``
+  bytes/s after its first ``body_timeout`` seconds, gets 408.
+
+Slow request *headers* never reach an ASGI app; ``api.server`` times those out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from selfie_lora.domain.entities import User
+from selfie_lora.errors import AuthError
+
+logger = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/api/webhooks/"
+UPLOAD_PATHS = frozenset({"/api/training/upload-zip", "/api/training/upload"})
+# Replicate's training webhooks carry the training's logs.
+WEBHOOK_MAX_BYTES = 2 * 1024 * 1024
+# Room for multipart boundaries and part headers around the photos themselves.
+MULTIPART_OVERHEAD = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int
+    max_json_bytes: int
+    body_timeout: float
+    min_body_rate: int
+
+
+class _Stop(Exception):  # noqa: N818 - a control-flow signal inside one request, never surfaced
+    """The guard already answered this request; the app must stop reading its body."""
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, *, limits: Limits,
+                 authenticate: Callable[[str | None], User]) -> None:
+        self._app = app
+        self._limits = limits
+        # Blocking (a database lookup): run off the event loop.
+        self._authenticate = authenticate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path.startswith("/api/") and not path.startswith(WEBHOOK_PATH):
+            try:
+                user = await run_in_threadpool(self._authenticate, _bearer(scope))
+            except AuthError as exc:
+                await _answer(send, 401, exc.code, exc.message)
+                return
+            scope.setdefault("state", {})["user"] = user
+        limit = self._limit_for(path)
+        too_large = "upload_too_large" if path in UPLOAD_PATHS else "body_too_large"
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _answer(send, 413, too_large, _too_large(limit))
+            return
+        answered = False
+
+        async def guarded_send(message: Message) -> None:
+            if not answered:  # once the guard has answered, the app's own answer is dropped
+                await send(message)
+
+        async def answer(status: int, code: str, message: str) -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                await _answer(send, status, code, message)
+            raise _Stop
+
+        guarded = _BodyMeter(receive, limit=limit, limits=self._limits, answer=answer,
+                             too_large=too_large)
+        try:
+            await self._app(scope, guarded.receive, guarded_send)
+        except _Stop:
+            return
+        except Exception:
+            if answered:  # the app failed because its body was cut off: already answered
+                return
+            raise
+
+    def _limit_for(self, path: str) -> int:
+        if path in UPLOAD_PATHS:
+            return self._limits.max_upload_bytes + MULTIPART_OVERHEAD
+        if path.startswith(WEBHOOK_PATH):
+            return WEBHOOK_MAX_BYTES
+        return self._limits.max_json_bytes
+
+
+class _BodyMeter:
+    """``receive`` with the body counted and timed."""
+
+    def __init__(self, receive: Receive, *, limit: int, limits: Limits,
+                 answer: Callable[[int, str, str], Awaitable[None]], too_large: str) -> None:
+        self._receive = receive
+        self._too_large = too_large
+        self._limit = limit
+        self._limits = limits
+        self._answer = answer
+        self._started = time.monotonic()
+        self._received = 0
+        self._done = False
+
+    async def receive(self) -> Message:
+        if self._done:
+            return await self._receive()  # after the body: only a disconnect can come
+        try:
+            message = await asyncio.wait_for(self._receive(), timeout=self._limits.body_timeout)
+        except TimeoutError:
+            await self._answer(408, "request_timeout",
+                               f"the request body stalled for {self._limits.body_timeout:g} s")
+            raise AssertionError("unreachable") from None  # ``answer`` raises
+        if message["type"] != "http.request":
+            return message
+        self._received += len(message.get("body", b""))
+        if self._received > self._limit:
+            await self._answer(413, self._too_large, _too_large(self._limit))
+        elapsed = time.monotonic() - self._started
+        rate = self._limits.min_body_rate
+        if (rate and elapsed > self._limits.body_timeout
+                and self._received < rate * elapsed and message.get("more_body", False)):
+            await self._answer(408, "request_timeout",
+                               f"the request body arrives slower than {rate} bytes/s")
+        if not message.get("more_body", False):
+            self._done = True
+        return message
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            text: str = value.decode("latin-1")
+            scheme, _, key = text.partition(" ")
+            if scheme.lower() == "bearer" and key.strip():
+                return key.strip()
+            return None
+    return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(limit: int) -> str:
+    if limit >= 1024 * 1024:
+        return f"the request body is larger than {limit / (1024 * 1024):.0f} MB"
+    return f"the request body is larger than {limit // 1024} KB"
+
+
+async def _answer(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": {"code": code, "message": message, "details": []}}).encode()
+    headers: list[tuple[bytes, bytes]] = [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        # The rest of the body will not be read: the connection cannot serve another request.
+        (b"connection", b"close"),
+    ]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def user_of(scope_state: dict[str, Any]) -> User | None:
+    """The user the guard authenticated for this request (None outside ``/api/*``)."""
+    user = scope_state.get("user")
+    return user if isinstance(user, User) else None

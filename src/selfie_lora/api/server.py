@@ -1,0 +1,79 @@
+"""Serving the app with uvicorn, with the timeouts uvicorn lacks.
+
+uvicorn closes a connection that sits idle between requests (``timeout_keep_alive``) but waits
+forever for the headers of a request that trickle in a byte at a time (slowloris): every byte
+resets its keep-alive timer. ``GuardedH11Protocol`` gives every request ``header_timeout`` seconds
+from the end of the previous response (or the connection's start) to deliver its headers, and
+closes the connection otherwise. Bodies are timed by ``api.guard``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import h11
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from selfie_lora.config import Settings
+
+logger = logging.getLogger(__name__)
+
+# How long a stopping server waits for open requests before it closes them.
+GRACEFUL_SHUTDOWN_S = 10
+
+
+class GuardedH11Protocol(H11Protocol):
+    header_timeout: float = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.conn.their_state is not h11.IDLE:
+            self._cancel_header_timer()  # the request line and headers are in
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_header_timer()  # the next request on this connection gets its own
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            logger.info("closed a connection from %s: no complete request headers in %g s",
+                        self.client, self.header_timeout)
+            self.transport.close()
+
+
+def guarded_protocol(header_timeout: float) -> type[GuardedH11Protocol]:
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"header_timeout": header_timeout})
+
+
+def run_server(app: Any, settings: Settings, *, host: str, port: int) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM (both stop it gracefully: the app's shutdown hands
+    running trainings back)."""
+    uvicorn.run(app, host=host, port=port, log_level="info",
+                http=guarded_protocol(settings.header_timeout),
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

@@ -1,0 +1,135 @@
+"""Leases: who is running a training, and what to do when that process is gone.
+
+The queue is only a doorbell (a message can be lost with the worker that took it); the training's
+row is the truth. A worker that runs a training holds a **lease** on its row: its identity
+(``lease_owner``), the attempt number (``attempt``, which also fences out a previous holder's late
+writes) and an expiry that the worker's heartbeat keeps pushing forward. A lease that expired (or
+that ``expire_lease`` ended because its owner is known to be dead) is free to take:
+the new holder resumes the training from wherever its row says it is. After ``max_attempts``
+take-overs from dead holders the training is failed instead, with a sentence a user can act on.
+
+Pure functions only: the service calls them inside its transactions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Collection
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from selfie_lora.domain.entities import Training
+
+DEFAULT_HEARTBEAT_SECONDS = 5.0
+DEFAULT_LEASE_SECONDS = 30.0
+DEFAULT_RECONCILE_SECONDS = 10.0
+DEFAULT_MAX_ATTEMPTS = 3
+
+INTERRUPTED_MESSAGE = (
+    "The training was interrupted {count} times because the worker running it stopped "
+    "unexpectedly. Your active version is unchanged; start the training again, and contact "
+    "support if it happens again."
+)
+
+
+@dataclass(frozen=True)
+class LeasePolicy:
+    """``ttl``: how long a lease lives without a heartbeat; ``heartbeat``: how often the holder
+    renews it; ``max_attempts``: take-overs from dead holders before the training fails."""
+
+    ttl: timedelta = timedelta(seconds=DEFAULT_LEASE_SECONDS)
+    heartbeat: timedelta = timedelta(seconds=DEFAULT_HEARTBEAT_SECONDS)
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+
+    def __post_init__(self) -> None:
+        if self.heartbeat <= timedelta(0):
+            raise ValueError("the heartbeat interval must be positive")
+        if self.ttl < 2 * self.heartbeat:
+            # One late heartbeat must not hand a live training to another worker.
+            raise ValueError("a lease must last at least two heartbeats")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+    @property
+    def stale_after(self) -> timedelta:
+        """A holder silent for this long is presumed dead when a user cancels (the lease itself
+        lasts longer, so that a slow but live worker keeps its training)."""
+        return min(self.ttl, 3 * self.heartbeat)
+
+
+class ClaimOutcome(enum.Enum):
+    CLAIMED = "claimed"  # the caller holds it now and runs it
+    BUSY = "busy"  # a live worker holds it: leave it alone
+    ENDED = "ended"  # terminal: nothing to do
+    EXHAUSTED = "exhausted"  # too many holders died: the caller fails it
+
+
+def lease_is_live(t: Training, now: datetime) -> bool:
+    return (t.lease_owner is not None and t.lease_expires_at is not None
+            and t.lease_expires_at > now)
+
+
+def holder_is_silent(t: Training, now: datetime, policy: LeasePolicy) -> bool:
+    """No live lease, or a holder whose last heartbeat is older than ``stale_after``."""
+    if not lease_is_live(t, now):
+        return True
+    beat = t.heartbeat_at
+    return beat is None or now - beat > policy.stale_after
+
+
+def claim(
+    t: Training, *, owner: str, now: datetime, policy: LeasePolicy,
+) -> tuple[ClaimOutcome, Training]:
+    """Take ``t`` for ``owner``. A lease left behind (an owner set, no release) means its holder
+    died: the take-over counts as a recovery."""
+    if t.status.is_terminal:
+        return ClaimOutcome.ENDED, t
+    if lease_is_live(t, now):
+        return ClaimOutcome.BUSY, t
+    recoveries = t.recoveries + (1 if t.lease_owner is not None else 0)
+    if recoveries >= policy.max_attempts:
+        return ClaimOutcome.EXHAUSTED, dataclasses.replace(
+            t, recoveries=recoveries, lease_owner=None, lease_expires_at=None)
+    return ClaimOutcome.CLAIMED, dataclasses.replace(
+        t, attempt=t.attempt + 1, recoveries=recoveries, lease_owner=owner,
+        lease_expires_at=now + policy.ttl, heartbeat_at=now,
+    )
+
+
+def holds(t: Training, *, owner: str, attempt: int) -> bool:
+    """Whether the holder of (``owner``, ``attempt``) still holds ``t``: the fence every write of
+    a running worker passes. A worker whose lease was taken over finds a higher attempt."""
+    return not t.status.is_terminal and t.lease_owner == owner and t.attempt == attempt
+
+
+def expire_lease(t: Training, now: datetime, dead_owners: Collection[str]) -> Training:
+    """``t`` with its lease expired when its owner is one of ``dead_owners`` (a worker that
+    restarted under its old name knows its old leases are dead). The owner stays, so the next
+    claim counts the take-over as a recovery."""
+    if t.lease_owner is None or t.lease_owner not in dead_owners or not lease_is_live(t, now):
+        return t
+    return dataclasses.replace(t, lease_expires_at=now)
+
+
+def release(t: Training) -> Training:
+    """``t`` handed back cleanly (a graceful shutdown): the next worker takes it over without
+    counting a recovery."""
+    return dataclasses.replace(t, lease_owner=None, lease_expires_at=None)
+
+
+class Recovery(enum.Enum):
+    NONE = "none"  # running, ended, or its message waits in the queue
+    ENQUEUE = "enqueue"  # nobody runs it and no message will reach a worker: ring again
+    CANCEL = "cancel"  # its user asked to cancel and nobody is there to do it
+
+
+def recovery_action(t: Training, *, now: datetime, queued_ids: Collection[str]) -> Recovery:
+    """What the reconciler does about ``t``."""
+    if t.status.is_terminal or lease_is_live(t, now):
+        return Recovery.NONE
+    if t.cancel_requested:
+        return Recovery.CANCEL
+    if t.id in queued_ids:
+        return Recovery.NONE
+    return Recovery.ENQUEUE

@@ -1,0 +1,31 @@
+"""``selfie-lora demo``: the whole cycle on the embedded defaults, with a real retraining."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import clean_env, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_demo_trains_then_really_retrains_and_says_what_changed(tmp_path: Path) -> None:
+    out = tmp_path / "demo-output"
+    done = run_cli(["demo", "--out", str(out)], clean_env(tmp_path / "unused-home"),
+                   timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = done.stdout
+    assert "first training on 5 photos" in text
+    assert "retraining with one more photo" in text
+    assert "what the retraining changed (v1 -> v2)" in text
+    # Two versions from two different photo sets: different weights, not a copy of v1.
+    weights = sorted((out / "home" / "blobs" / "weights").glob("*.safetensors"))
+    assert len(weights) == 2
+    digests = {hashlib.sha256(w.read_bytes()).hexdigest() for w in weights}
+    assert len(digests) == 2
+    for name in ("v1-seed7.png", "v2-seed7.png", "compare-v1-v2.png", "likeness-v1-v2.png",
+                 "likeness-chart.png"):
+        assert (out / "generated" / name).stat().st_size > 0, name

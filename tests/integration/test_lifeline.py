@@ -1,0 +1,65 @@
+"""Child processes never outlive their parent, even one killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PARENT = r"""
+import multiprocessing, sys, time
+
+def child(path):
+    from selfie_lora.lifeline import exit_with_parent
+    import os
+    exit_with_parent(interval=0.1)
+    open(path, "w").write(str(os.getpid()))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    p = multiprocessing.Process(target=child, args=(sys.argv[1],))
+    p.start()
+    time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too; only its parent (init, here) has yet to reap it.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_a_child_exits_soon_after_its_parent_is_killed(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    pid_file = tmp_path / "child.pid"
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline, "the child never started"
+            assert parent.poll() is None, "the parent died on its own"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        assert alive(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while alive(child):
+            assert time.monotonic() < deadline, f"child {child} outlived its killed parent"
+            time.sleep(0.05)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
