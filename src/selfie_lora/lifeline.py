@@ -1,36 +1,54 @@
-"""Child processes that never outlive their parent.
+"""Child processes that never outlive the process they work for.
 
 The training child and the photo-analysis processes are started by a worker or ``serve``. When
-that process is stopped cleanly it stops them itself; this module covers the rest (``kill -9``,
-the OOM killer, a crash): a child calls ``exit_with_parent()`` first thing, and a watcher thread
-ends it within a second of its parent's death. The parent's death is seen as the child being
-re-parented (``os.getppid()`` changes), which happens the moment the parent exits, zombie or not,
-so a recycled pid can never keep an orphan alive.
+that process stops cleanly it stops them itself; this module covers the rest (``kill -9``, the
+OOM killer, a crash): a child calls ``exit_with(pid)`` first thing, and a watcher thread ends it
+as soon as that process is gone.
+
+Why a pid and not "the parent": the photo-analysis processes are forked by multiprocessing's
+fork server, so their parent is the fork server, which itself only exits once they have (each
+of them holds its "alive" pipe). They watch the service's pid instead. On Linux the watch is a
+pidfd, opened while the process is certainly alive, so neither a recycled pid nor a zombie that
+nobody reaped can keep an orphan alive; elsewhere the child polls ``os.getppid()``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 
 logger = logging.getLogger(__name__)
 
-CHECK_INTERVAL_S = 0.5
+POLL_INTERVAL_S = 0.5
 
 
-def exit_with_parent(*, interval: float = CHECK_INTERVAL_S) -> None:
-    """In a child process: exit (status 1, no cleanup) as soon as the parent is gone."""
-    parent = os.getppid()
-    if parent <= 1:  # already orphaned
-        os._exit(1)
+def exit_with(pid: int | None = None) -> None:
+    """In a child process: exit (status 1, no cleanup) as soon as process ``pid`` (default: the
+    parent) is gone. Call it while ``pid`` is known to be alive."""
+    watched = os.getppid() if pid is None else pid
+    try:
+        fd: int | None = os.pidfd_open(watched)
+    except ProcessLookupError:
+        os._exit(1)  # gone already
+    except (AttributeError, OSError):  # not Linux >= 5.3
+        fd = None
+
+    def alive() -> bool:
+        try:
+            os.kill(watched, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
     def watch() -> None:
-        while True:
-            stop.wait(interval)
-            if os.getppid() != parent:
-                logger.warning("parent process %d is gone; exiting", parent)
-                os._exit(1)
+        if fd is not None:
+            select.select([fd], [], [])  # readable once the process has exited
+        else:
+            while alive():
+                threading.Event().wait(POLL_INTERVAL_S)
+        logger.warning("process %d is gone; exiting", watched)
+        os._exit(1)
 
-    stop = threading.Event()  # never set: the thread lives as long as the process
     threading.Thread(target=watch, name="lifeline", daemon=True).start()

@@ -9,19 +9,24 @@ import sys
 import time
 from pathlib import Path
 
-PARENT = r"""
-import multiprocessing, sys, time
+import pytest
 
-def child(path):
-    from selfie_lora.lifeline import exit_with_parent
-    import os
-    exit_with_parent(interval=0.1)
+# The service process: starts a child the way the trainer does (spawn, watching its parent) or
+# the way the photo analysis does (forked by a fork server, watching the service's pid).
+PARENT = r"""
+import multiprocessing, os, sys, time
+
+def child(path, watched):
+    from selfie_lora.lifeline import exit_with
+    exit_with(watched)
     open(path, "w").write(str(os.getpid()))
     time.sleep(600)
 
 if __name__ == "__main__":
-    multiprocessing.set_start_method("spawn")
-    p = multiprocessing.Process(target=child, args=(sys.argv[1],))
+    method = sys.argv[2]
+    context = multiprocessing.get_context(method)
+    watched = os.getpid() if method == "forkserver" else None
+    p = context.Process(target=child, args=(sys.argv[1], watched))
     p.start()
     time.sleep(600)
 """
@@ -40,11 +45,12 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_child_exits_soon_after_its_parent_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_child_exits_soon_after_its_service_is_killed(tmp_path: Path, method: str) -> None:
     script = tmp_path / "parent.py"
     script.write_text(PARENT)
     pid_file = tmp_path / "child.pid"
-    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file), method])
     try:
         deadline = time.monotonic() + 60
         while not (pid_file.exists() and pid_file.read_text()):

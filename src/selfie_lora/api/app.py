@@ -125,6 +125,8 @@ def create_app(
             if worker is not None:
                 # Hands running trainings back (in a thread: it joins the worker's threads).
                 await _in_thread(worker.stop)
+            if warm_up:
+                await _in_thread(svc.intake.shut_down)
 
     app = FastAPI(title="selfie-lora", version="0.1.0", lifespan=lifespan)
     app.state.services = svc

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +41,7 @@ from selfie_lora.dataset.decode import DecodedPhoto, decode_photo
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.dataset.prepare import PreparedPhoto, prepare_photo, source_min_side
 from selfie_lora.domain.entities import Finding
-from selfie_lora.lifeline import exit_with_parent
+from selfie_lora.lifeline import exit_with
 from selfie_lora.services.ports import FaceAnalyzer
 
 logger = logging.getLogger(__name__)
@@ -123,9 +124,10 @@ class _DlibSpec:
 _worker_analyzer: FaceAnalyzer | None = None
 
 
-def _init_worker(spec: _DlibSpec) -> None:
-    # Forked by the forkserver, which exits with the service: end with it, even after kill -9.
-    exit_with_parent()
+def _init_worker(spec: _DlibSpec, service_pid: int) -> None:
+    # Forked by the fork server, which lives as long as its children do: watch the service
+    # itself, and end with it, even after kill -9.
+    exit_with(service_pid)
     import imagehash
     import numpy as np
     from PIL import Image
@@ -182,7 +184,7 @@ def _process_pool(workers: int, spec: _DlibSpec) -> ProcessPoolExecutor:
                 # less per worker start). No effect if the server already runs.
                 context.set_forkserver_preload([__name__, "imagehash", "dlib"])
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                       initializer=_init_worker, initargs=(spec,))
+                                       initializer=_init_worker, initargs=(spec, os.getpid()))
             _pools[key] = pool
             logger.info("started %d face-analysis worker process(es) (%s)", workers, method)
         return pool

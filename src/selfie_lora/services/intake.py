@@ -19,7 +19,7 @@ from typing import Any
 from selfie_lora.dataset.archive import read_zip
 from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
-from selfie_lora.dataset.pipeline import IntakeResult, run_intake, warm_up
+from selfie_lora.dataset.pipeline import IntakeResult, run_intake, shutdown_pools, warm_up
 from selfie_lora.dataset.prepare import PreparedPhoto, dataset_sha256
 from selfie_lora.domain.entities import Dataset, Finding, User
 from selfie_lora.domain.plan import TrainingDefaults
@@ -114,6 +114,10 @@ class IntakeService:
             warm_up(self._analyzer, workers=self._workers)
         except Exception:  # only a head start: the first upload starts them otherwise
             logger.warning("could not start the photo-analysis processes early", exc_info=True)
+
+    def shut_down(self) -> None:
+        """Stop the photo-analysis processes (a service's shutdown calls this)."""
+        shutdown_pools()
 
     def resolution_for(self, user: User | None) -> int:
         """The trainer's resolution: the user's pinned recipe's, else the configured default's.

@@ -29,7 +29,7 @@ from selfie_lora.errors import (
     TrainingFailedError,
     TrainingInterruptedError,
 )
-from selfie_lora.lifeline import exit_with_parent
+from selfie_lora.lifeline import exit_with
 from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def _run(request: _TrainRequest, on_step: Callable[[int, int, float], bool]) -> 
 def _child_main(request: _TrainRequest, events: Any) -> None:
     """Entry point of the spawned child: stream steps, then one "done" or "error" message."""
     # A worker killed with -9 cannot stop its child: the child stops itself.
-    exit_with_parent()
+    exit_with()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     def on_step(step: int, total: int, loss: float) -> bool:

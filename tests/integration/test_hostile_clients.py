@@ -1,0 +1,177 @@
+"""Clients that try to wedge or exhaust the service, through HTTP: oversized bodies, numbers and
+strings out of range, re-pins that would break every later training, racing uploads. (Slow
+clients and a body never sent need a real server: tests/e2e/test_hostile_clients.py.)"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from selfie_lora.api.app import create_app
+from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import auth, make_settings, wait_terminal
+from tests.support.photos import photo_zip
+
+
+def upload(client: TestClient, headers: dict[str, str], *, start: bool = True) -> Any:
+    return client.post("/api/training/upload-zip", headers=headers,
+                       files={"file": ("photos.zip", photo_zip(4), "application/zip")},
+                       data={"start": "true" if start else "false"})
+
+
+def trained(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
+    r = upload(client, headers)
+    assert r.status_code == 202, r.text
+    return wait_terminal(client, headers, r.json()["training"]["id"])
+
+
+def test_a_json_body_over_the_cap_is_413_before_it_is_parsed(
+        client: TestClient, services: Services) -> None:
+    h = auth(services, "ann")
+    trained(client, h)
+    padding = "x" * (services.settings.max_json_bytes + 1)
+    r = client.patch("/api/model", headers=h, json={"lora_scale": 0.5, "reason": padding})
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "body_too_large"
+    assert client.get("/api/model", headers=h).json()["lora_scale"] == 1.0  # not applied
+
+
+def test_a_chunked_body_is_counted_as_it_streams(client: TestClient, services: Services) -> None:
+    h = auth(services, "ann")
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: only counting the bytes can stop it
+        yield b'{"prompt": "'
+        for _ in range(64):
+            yield b"y" * 1024
+        yield b'"}'
+
+    r = client.post("/api/generate", headers={**h, "content-type": "application/json"},
+                    content=chunks())
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "body_too_large"
+
+
+def test_no_key_is_401_whatever_the_body(client: TestClient, services: Services) -> None:
+    # Answered before the body is read: a 10 MB upload without a key costs nothing.
+    r = client.post("/api/training/upload-zip",
+                    files={"file": ("big.zip", b"\0" * (10 * 1024 * 1024), "application/zip")})
+    assert r.status_code == 401
+    assert r.json()["error"]["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "x", "seed": 9223372036854775808},
+    {"prompt": "x", "seed": 2**32},
+    {"prompt": "x", "seed": -1},
+    {"prompt": "x", "num_outputs": 10**9},
+    {"prompt": "x" * 2001},
+    {"prompt": ""},
+    {"prompt": "x", "lora_scale": 1e308},
+    {"prompt": "x", "version_id": "v" * 65},
+    {"prompt": "x", "unknown_field": 1},
+])
+def test_out_of_range_fields_are_422_never_500(client: TestClient, services: Services,
+                                               body: dict[str, Any]) -> None:
+    h = auth(services, "ann")
+    r = client.post("/api/generate", headers=h, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+
+
+def test_the_largest_seed_is_accepted(client: TestClient, services: Services) -> None:
+    h = auth(services, "ann")
+    trained(client, h)
+    r = client.post("/api/generate", headers=h, json={"prompt": "x", "seed": 2**32 - 1})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("patch", [
+    {"trainer_version": "evil/../../x", "reason": "r"},
+    {"trainer_version": "local-nonexistent-v9", "reason": "r"},
+    {"trainer_version": "ostris/flux-dev-lora-trainer:" + "f" * 64, "reason": "r"},  # not local
+    {"trainer_version": "local-flux-v1"},  # no reason
+    {"trainer_version": "local-flux-v1", "reason": ""},
+])
+def test_a_repin_that_could_not_train_is_refused_and_training_goes_on(
+        client: TestClient, services: Services, patch: dict[str, Any]) -> None:
+    h = auth(services, "ann")
+    first = trained(client, h)
+    r = client.patch("/api/model", headers=h, json=patch)
+    assert r.status_code == 422, r.text
+    assert client.get("/api/model", headers=h).json()["trainer_version"] == (
+        first["model"]["trainer_version"])
+    # Every later start still works.
+    again = client.post("/api/training/start", headers=h, json={})
+    assert again.status_code == 202, again.text
+    assert wait_terminal(client, h, again.json()["training"]["id"])["training"][
+        "status"] == "succeeded"
+
+
+def test_a_valid_repin_with_a_reason_is_applied_and_logged(
+        client: TestClient, services: Services) -> None:
+    h = auth(services, "ann")
+    trained(client, h)
+    r = client.patch("/api/model", headers=h,
+                     json={"trainer_version": "local-flux-v1", "reason": "moving to FLUX.1"})
+    assert r.status_code == 200, r.text
+    assert r.json()["trainer_version"] == "local-flux-v1"
+    events = client.get("/api/model/log", headers=h).json()["events"]
+    changed = [e for e in events if e["kind"] == "trainer_version_changed"]
+    assert changed[-1]["data"]["reason"] == "moving to FLUX.1"
+
+
+class SlowAnalyzer(FakeFaceAnalyzer):
+    """Every photo takes a while to analyse, so concurrent uploads overlap for real."""
+
+    def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Any]:
+        time.sleep(0.15)
+        return super().detect(image, landmarks=landmarks, embed=embed)
+
+
+@pytest.fixture
+def slow_intake(tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:
+    settings = make_settings(tmp_path, intake_workers=1)
+    services = build_services(
+        settings, trainers={"local": FakeTrainer()}, generators={"local": FakeGenerator()},
+        face_analyzer=SlowAnalyzer(embed=lambda _image: (0.1,) * 128, box_fraction=0.5))
+    with TestClient(create_app(settings, services=services, run_worker=True),
+                    raise_server_exceptions=False) as client:
+        yield client, services
+    services.close()
+
+
+def test_concurrent_uploads_give_one_training_and_409s_that_store_nothing(
+        slow_intake: tuple[TestClient, Services]) -> None:
+    client, services = slow_intake
+    h = auth(services, "ann")
+    statuses: list[int] = []
+    barrier = threading.Barrier(5)
+
+    def send() -> None:
+        barrier.wait()
+        statuses.append(upload(client, h).status_code)
+
+    threads = [threading.Thread(target=send) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(statuses) == [202, 409, 409, 409, 409]
+    user = services.users.get_by_name(name="ann")
+    with services.engine.connect() as conn:
+        from sqlalchemy import text
+
+        datasets = conn.execute(text("SELECT count(*) FROM datasets WHERE user_id = :u"),
+                                {"u": user.id}).scalar_one()
+    assert datasets == 1
+    # The slot is free again once the winner's training ends: the next upload is accepted.
+    training = client.get("/api/training/progress", headers=h).json()["training"]
+    wait_terminal(client, h, training["id"])
+    assert upload(client, h).status_code == 202
