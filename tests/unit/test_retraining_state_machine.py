@@ -17,7 +17,7 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -218,7 +218,28 @@ class Retraining(RuleBasedStateMachine):
         elif outcome == "crash":
             self.generator.crash_after = 1
         self._run(tid, likeness)
-        self.trainer.outcomes.clear()  # an exhausted training never reached the trainer
+        # What was set up for the run but not used (an exhausted training reaches neither).
+        self.trainer.outcomes.clear()
+        self.generator.crash_after = None
+
+    @rule(while_scoring=st.booleans(), likeness=st.sampled_from(["same", "other", "none"]),
+          same_name=st.booleans())
+    def crash_loop(self, while_scoring: bool, likeness: str, same_name: bool) -> None:
+        """A training whose worker dies every time, as a poison job would: after the allowed
+        take-overs it fails (or, with its version stored, is judged without scores)."""
+        self.start()
+        tid = self._active_training()
+        if tid is None or tid in self.orphans or not self.queue.pending:
+            return
+        if while_scoring:
+            self.worker_dies_while_scoring(likeness)
+        else:
+            self.run_queued("crash", likeness)
+        for _ in range(POLICY.max_attempts):
+            if tid not in self.orphans:
+                break
+            self.restart_worker(likeness, same_name, "crash")
+        assert tid not in self.orphans, "a worker that keeps dying is retried for ever"
 
     def _run(self, tid: str, likeness: str) -> None:
         self.likeness = likeness
@@ -255,9 +276,14 @@ class Retraining(RuleBasedStateMachine):
         assert t.lease_owner is None  # an ended training holds nothing
         assert tid not in self.ended, "a training ended twice"
         self.ended[tid] = str(t.status)
-        # Every take-over from a dead worker is counted; the last one allowed fails it.
+        # Every take-over from a dead worker is counted; the last one allowed fails a training
+        # that has no version yet, and has a stored version judged without scores.
         assert t.recoveries == self.takeovers.get(tid, 0)
-        if t.recoveries >= POLICY.max_attempts:
+        exhausted = t.recoveries >= POLICY.max_attempts
+        if exhausted:
+            event("a training ended after its workers died too often"
+                  + (" while scoring" if t.version_id else " while training"))
+        if exhausted and t.version_id is None:
             assert t.status is TrainingStatus.FAILED
             assert t.error == INTERRUPTED_MESSAGE.format(count=t.recoveries)
         if t.status is TrainingStatus.FAILED:
@@ -273,16 +299,24 @@ class Retraining(RuleBasedStateMachine):
             return
         assert t.status is TrainingStatus.SUCCEEDED
         vid = version.id
-        self.identity.setdefault(vid, IDENTITY[self.likeness])
         # Judged against what was active then, or, when the user activated it while it was
         # scored, against what that activation replaced.
         baseline = self.replaced.get(vid, active_at_judge)
         if baseline == vid:
             baseline = None
-        if baseline is not None and baseline not in self.identity:
-            self.identity[baseline] = IDENTITY[self.likeness]  # scored on demand, now
-        base = self.identity.get(baseline) if baseline else None
-        passes = base is None or self.identity[vid] >= base - TOLERANCE
+        if exhausted:
+            # Never scored: it passes only with nothing to beat.
+            passes = baseline is None
+            record = self.repo.get_quality(vid)
+            assert record is not None
+            assert record.error is not None
+            assert "stopped" in record.error
+        else:
+            self.identity.setdefault(vid, IDENTITY[self.likeness])
+            if baseline is not None and baseline not in self.identity:
+                self.identity[baseline] = IDENTITY[self.likeness]  # scored on demand, now
+            base = self.identity.get(baseline) if baseline else None
+            passes = base is None or self.identity[vid] >= base - TOLERANCE
         expected = GateStatus.PASSED if passes else GateStatus.HELD
         assert version.gate_status is expected, version.gate_reason
         assert (version.alert is not None) == (expected is GateStatus.HELD)

@@ -88,13 +88,21 @@ def claim(
     if lease_is_live(t, now):
         return ClaimOutcome.BUSY, t
     recoveries = t.recoveries + (1 if t.lease_owner is not None else 0)
-    if recoveries >= policy.max_attempts:
+    # A training whose version is stored is never failed: its version is judged without
+    # another scoring attempt instead (``scoring_exhausted``).
+    if recoveries >= policy.max_attempts and t.version_id is None:
         return ClaimOutcome.EXHAUSTED, dataclasses.replace(
             t, recoveries=recoveries, lease_owner=None, lease_expires_at=None)
     return ClaimOutcome.CLAIMED, dataclasses.replace(
         t, attempt=t.attempt + 1, recoveries=recoveries, lease_owner=owner,
         lease_expires_at=now + policy.ttl, heartbeat_at=now,
     )
+
+
+def scoring_exhausted(t: Training, policy: LeasePolicy) -> bool:
+    """The workers scoring ``t``'s version died ``max_attempts`` times: the gate decides without
+    scores (held, unless there is nothing to beat), so the training can end."""
+    return t.version_id is not None and t.recoveries >= policy.max_attempts
 
 
 def holds(t: Training, *, owner: str, attempt: int) -> bool:

@@ -163,15 +163,19 @@ class QualityService:
         self.gate_enabled = gate_enabled
 
     # ------------------------------------------------------------------ worker side
-    def judge(self, version_id: str, *,
-              checkpoint: Callable[[], None] | None = None) -> GateVerdict:
+    def judge(self, version_id: str, *, checkpoint: Callable[[], None] | None = None,
+              unscorable: str | None = None) -> GateVerdict:
         """Score the version and decide whether it replaces the active one. Writes only
         likeness records (the version's, and the baseline's when it had none); the caller
         records the verdict (``apply_verdict``) in the transaction that ends the training.
         ``checkpoint`` is called between probes and may raise to stop (a worker shutting down);
-        the probe images already made are kept, so the next attempt goes on from there."""
-        version, model, _training = self._load(version_id)
-        quality = self.score(version.id, checkpoint=checkpoint)
+        the probe images already made are kept, so the next attempt goes on from there.
+        ``unscorable`` (why) judges the version as it stands, without trying to score it."""
+        version, model, training = self._load(version_id)
+        if unscorable is None:
+            quality = self.score(version.id, checkpoint=checkpoint)
+        else:
+            quality = self._unscored(version, training, why=unscorable)
         if version.gate_status is not GateStatus.PENDING:
             # Decided already (a version stored before leases): keep that decision.
             return GateVerdict(
@@ -328,6 +332,16 @@ class QualityService:
         if quality.scores is not None:
             logger.info("version %d of model %s scored: %s", version.number, model.id,
                         quality.scores.headline())
+        return quality
+
+    def _unscored(self, version: Version, training: Training, *, why: str) -> VersionQuality:
+        existing = self._repo.get_quality(version.id)
+        if existing is not None and existing.status is QualityStatus.SCORED:
+            return existing
+        quality = dataclasses.replace(existing or self._new_record(version, training),
+                                      status=QualityStatus.FAILED, error=why,
+                                      scored_at=utcnow())
+        self._repo.save_quality(quality)
         return quality
 
     def reference(self, dataset_id: str) -> Reference:

@@ -67,6 +67,7 @@ from selfie_lora.domain.lease import (
     holds,
     recovery_action,
     release,
+    scoring_exhausted,
 )
 from selfie_lora.domain.plan import TrainingDefaults, plan_training
 from selfie_lora.domain.states import can_transition, transition
@@ -583,7 +584,12 @@ class TrainingService:
         training = self._repo.get_training(held.training_id)
         assert training is not None
         assert training.version_id is not None
-        verdict = self._likeness.judge(training.version_id, checkpoint=held.checkpoint)
+        unscorable = None
+        if scoring_exhausted(training, self.lease):
+            unscorable = (f"the worker scoring it stopped {training.recoveries} times; "
+                          "compare it yourself with 'selfie-lora compare'")
+        verdict = self._likeness.judge(training.version_id, checkpoint=held.checkpoint,
+                                       unscorable=unscorable)
         alert = None
         with self._holding(held) as (tx, current):
             if current.cancel_requested:
