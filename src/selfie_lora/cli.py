@@ -61,7 +61,7 @@ def serve(
     from selfie_lora.api.server import run_server
 
     settings = _settings()
-    application = create_app(settings, run_worker=worker, warm_up=True)
+    application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True)
     run_server(application, settings, host=host, port=port)
 
 

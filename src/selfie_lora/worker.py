@@ -88,7 +88,9 @@ class Worker:
         self._training = training
         self._queue = queue
         self.identity = identity
-        self._threads_wanted = max(1, threads)
+        # 0: no consumer, only the reconciler (``serve --no-worker``: cancels of trainings whose
+        # worker died end even while no worker runs).
+        self._threads_wanted = max(0, threads)
         self._reconcile_seconds = reconcile_seconds
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -97,16 +99,18 @@ class Worker:
 
     def start(self) -> None:
         self._stop.clear()
-        # Anything still held under this worker's name belongs to a dead predecessor.
-        self._reconcile(dead_owners=(self.identity.name,))
+        # Anything still held under this worker's name belongs to a dead predecessor (a process
+        # that only reconciles holds nothing, and has no name to take over).
+        self._reconcile(dead_owners=(self.identity.name,) if self._threads_wanted else ())
         self._threads = [threading.Thread(target=self._consume, name=f"worker-{i}", daemon=True)
                          for i in range(self._threads_wanted)]
         self._threads.append(threading.Thread(target=self._reconcile_loop, name="reconciler",
                                               daemon=True))
         for thread in self._threads:
             thread.start()
-        logger.info("worker %s (pid %d) started: %d thread(s)", self.identity.name, os.getpid(),
-                    self._threads_wanted)
+        if self._threads_wanted:
+            logger.info("worker %s (pid %d) started: %d thread(s)", self.identity.name,
+                        os.getpid(), self._threads_wanted)
 
     def stop(self, *, grace: float = STOP_GRACE_S) -> bool:
         """Stop taking work, hand running trainings back, join. True when every thread ended

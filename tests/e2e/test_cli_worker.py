@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,7 +101,15 @@ def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
                 worker.kill()
                 worker.wait()
             log.close()
-        assert worker.returncode is not None
+        assert worker.returncode == 0  # SIGINT stops it cleanly
+        # One INFO line per change of the training's state, no DEBUG noise (huey's polling).
+        text = (tmp_path / "worker.log").read_text()
+        about = [line for line in text.splitlines() if training.id in line]
+        for expected in ("runs attempt 1", "version 1 stored", "succeeded"):
+            assert sum(expected in line for line in about) == 1, (expected, about)
+        assert len(about) <= 6, about
+        assert " DEBUG " not in text
+        assert re.search(r"worker \S+ stopped\n", text), text[-2000:]
         model = services.repo.get_model_for_user(user.id)
         assert model is not None
         assert model.active_version_id == current.version_id

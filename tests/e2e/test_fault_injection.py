@@ -400,6 +400,64 @@ def test_scale_path_survives_kills_in_every_phase(
             no_process_left(cluster, helpers)
 
 
+def test_a_training_whose_worker_died_is_canceled_even_with_no_worker_left(
+        tmp_path: Path) -> None:
+    """Cancel with its worker killed and none started again: the API server's reconciler ends it
+    once the dead worker has missed a few heartbeats, and cancels it on Replicate too."""
+    owner = "fault-owner"
+    with ReplicateStandIn(account=owner) as standin:
+        standin.processing_polls = 100_000  # it would run for hours
+        env = clean_env(
+            tmp_path / "home", SELFIE_LORA_TRAINER="replicate",
+            REPLICATE_API_TOKEN=standin.token, SELFIE_LORA_REPLICATE_BASE_URL=standin.base_url,
+            SELFIE_LORA_REPLICATE_OWNER=owner, SELFIE_LORA_REPLICATE_POLL_INTERVAL="0.2",
+        )
+        ann = create_user(env, "ann")
+        port = free_port()
+        api = Proc("serve", ["serve", "--no-worker", "--port", str(port)], env, tmp_path)
+        worker = Proc("worker", ["worker"], env, tmp_path)
+        cluster = Cluster(base_url=f"http://127.0.0.1:{port}", workers=[worker], others=[api])
+        try:
+            api.start()
+            worker.start()
+            wait_healthy(cluster.base_url, cluster.all())
+            worker.wait_worker_started()
+            with httpx.Client(base_url=cluster.base_url, timeout=60) as client:
+                r = client.post("/api/training/upload-zip", headers=ann,
+                                files={"file": ("me.zip", real_photo_zip(), "application/zip")})
+                assert r.status_code == 202, r.text
+                tid = r.json()["training"]["id"]
+                deadline = time.monotonic() + 60
+                while (t := client.get("/api/training/progress", headers=ann).json()[
+                        "training"])["status"] != "processing" or not t["remote_id"]:
+                    assert time.monotonic() < deadline, t
+                    time.sleep(0.1)
+                worker.stop(signal.SIGKILL)
+                r = client.post("/api/training/cancel", headers=ann, json={"training_id": tid})
+                assert r.status_code == 200, r.text
+                asked = time.monotonic()
+                while (t := r.json()["training"])["status"] != "canceled":
+                    # default settings: silent for 3 heartbeats (15 s), then a reconciler round
+                    assert time.monotonic() - asked < 45, t
+                    time.sleep(0.5)
+                    r = client.get("/api/training/progress", headers=ann)
+                assert t["error"]
+                assert t["version_id"] is None
+                assert client.get("/api/model", headers=ann).json()["active_version"] is None
+            # Canceled on Replicate right after the cancel is committed here.
+            deadline = time.monotonic() + 10
+            while standin.trainings[t["remote_id"]].cancel_requests == 0:
+                assert time.monotonic() < deadline, "the Replicate training was not canceled"
+                time.sleep(0.1)
+            assert standin.trainings[t["remote_id"]].cancel_requests == 1
+        except BaseException:
+            for proc in cluster.all():
+                print(f"--- {proc.name} ---\n{proc.log_text()[-4000:]}")
+            raise
+        finally:
+            no_process_left(cluster, set())
+
+
 # --------------------------------------------------------------------------- the embedded default
 
 

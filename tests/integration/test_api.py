@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 import zipfile
 
 from fastapi.testclient import TestClient
@@ -162,9 +163,22 @@ def test_cancel_a_running_training(
     fake_trainer.gate = threading.Event()
     h = auth(services, "ann")
     tid = upload(client, h)["training"]["id"]
+    # Who runs it shows in its progress: the worker, its attempt, its heartbeat.
+    deadline = time.monotonic() + 30
+    while (t := client.get("/api/training/progress", headers=h).json()["training"])[
+            "lease_owner"] is None:
+        assert time.monotonic() < deadline, t
+        time.sleep(0.02)
+    assert t["attempt"] == 1
+    assert t["recoveries"] == 0
+    assert t["lease_owner"].endswith("/w0")
+    assert t["heartbeat_at"] is not None
+    assert t["lease_expires_at"] > t["heartbeat_at"]
     r = client.post("/api/training/cancel", headers=h, json={"training_id": tid})
     assert r.status_code == 200
+    assert r.json()["training"]["cancel_requested"] is True
     done = wait_terminal(client, h, tid)
+    assert done["training"]["lease_owner"] is None  # an ended training is held by nobody
     assert done["training"]["status"] == "canceled"
     assert done["model"]["active_version"] is None
 

@@ -19,6 +19,7 @@ from selfie_lora.domain.entities import GateStatus, TrainingStatus
 from selfie_lora.domain.quality import PROBE_LORA_SCALE, QualityStatus
 from selfie_lora.quality.chart import CHART_SIZE
 from selfie_lora.quality.grid import grid_size
+from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.services.quality import probe_image_key
 from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter
 from tests.support.quality import (
@@ -350,6 +351,23 @@ def test_http_alerter_posts_json_and_raises_on_failure() -> None:
 
     with pytest.raises(httpx.HTTPError):
         HttpAlerter(url, timeout=0.5).send({"kind": "x"})
+
+
+def test_every_probe_is_rendered_at_the_fixed_scale_whatever_the_user_chose(rig: Rig) -> None:
+    ann = rig.user()
+    v1 = rig.train(ann)
+    rig.models.set_lora_scale(user=ann, lora_scale=0.8)
+    v2 = rig.train(ann)
+    jobs = generator_of(rig).jobs
+    assert len(jobs) == 2 * 4  # four probes per version
+    assert {job.lora_scale for job in jobs} == {PROBE_LORA_SCALE}
+    for version in (v1, v2):
+        record = rig.repo.get_quality(version.id)
+        assert record is not None
+        assert {p.lora_scale for p in record.probes} == {PROBE_LORA_SCALE}
+    # The user's own pictures use the user's scale.
+    rig.generation.generate(user=ann, request=GenerationRequest(prompt="a portrait"))
+    assert generator_of(rig).jobs[-1].lora_scale == 0.8
 
 
 def test_a_restart_while_scoring_resumes_the_scoring_not_the_training(rig: Rig) -> None:

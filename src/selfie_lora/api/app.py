@@ -96,10 +96,11 @@ def _error(status: int, code: str, message: str, details: list[Any] | None = Non
 
 def create_app(
     settings: Settings, *, services: Services | None = None, run_worker: bool = False,
-    warm_up: bool = False,
+    warm_up: bool = False, reconcile: bool = False,
 ) -> FastAPI:
     """The app for ``settings``. ``run_worker`` starts an in-process queue consumer with the app
-    (``selfie-lora serve``); the services are built here unless given (tests)."""
+    (``selfie-lora serve``); ``reconcile`` without it runs only the reconciler (``serve
+    --no-worker``); the services are built here unless given (tests)."""
     svc = services or build_services(settings)
 
     @asynccontextmanager
@@ -109,14 +110,16 @@ def create_app(
             # Start the photo-analysis processes now, off the event loop, so the first upload
             # does not wait ~1.5 s for them.
             threading.Thread(target=svc.intake.warm_up, name="intake-warm-up", daemon=True).start()
-        if run_worker:
-            # The embedded worker: serve's own queue consumer and reconciler.
-            from selfie_lora.worker import Worker, claim_identity
+        if run_worker or reconcile:
+            # The embedded worker: serve's own queue consumer and reconciler (or the reconciler
+            # alone).
+            from selfie_lora.worker import Identity, Worker, claim_identity
 
-            identity = claim_identity(svc.settings.home)
-            svc.training.owner = identity.name
+            identity = claim_identity(svc.settings.home) if run_worker else Identity(name="api")
+            if run_worker:
+                svc.training.owner = identity.name
             worker = Worker(training=svc.training, queue=svc.queue, identity=identity,
-                            threads=svc.settings.worker_threads,
+                            threads=svc.settings.worker_threads if run_worker else 0,
                             reconcile_seconds=svc.settings.reconcile_seconds)
             worker.start()
         try:

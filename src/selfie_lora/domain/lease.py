@@ -132,12 +132,14 @@ class Recovery(enum.Enum):
     CANCEL = "cancel"  # its user asked to cancel and nobody is there to do it
 
 
-def recovery_action(t: Training, *, now: datetime, queued_ids: Collection[str]) -> Recovery:
-    """What the reconciler does about ``t``."""
-    if t.status.is_terminal or lease_is_live(t, now):
+def recovery_action(t: Training, *, now: datetime, queued_ids: Collection[str],
+                    policy: LeasePolicy) -> Recovery:
+    """What the reconciler does about ``t``. A cancel does not wait for the lease to run out:
+    a holder silent for a few heartbeats is taken for dead."""
+    if t.status.is_terminal:
         return Recovery.NONE
-    if t.cancel_requested:
+    if t.cancel_requested and holder_is_silent(t, now, policy):
         return Recovery.CANCEL
-    if t.id in queued_ids:
+    if lease_is_live(t, now) or t.id in queued_ids:
         return Recovery.NONE
     return Recovery.ENQUEUE

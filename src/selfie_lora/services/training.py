@@ -352,7 +352,7 @@ class TrainingService:
         queued = self._queue.queued_training_ids()
         enqueued, canceled = [], []
         for t in active:
-            action = recovery_action(t, now=now, queued_ids=queued)
+            action = recovery_action(t, now=now, queued_ids=queued, policy=self.lease)
             if action is Recovery.ENQUEUE:
                 logger.info("training %s (%s, attempt %d) has nobody running it: queued again",
                             t.id, t.status, t.attempt)
@@ -363,8 +363,8 @@ class TrainingService:
                     current = tx.get_training(t.id, for_update=True)
                     done = (self._cancel_in(tx, current, reason="canceled by its user; its "
                                             "worker was gone") if current is not None and
-                            recovery_action(current, now=self._clock(),
-                                            queued_ids=()) is Recovery.CANCEL
+                            recovery_action(current, now=self._clock(), queued_ids=(),
+                                            policy=self.lease) is Recovery.CANCEL
                             else None)
                 if done is not None:
                     self._cancel_remote(done)
