@@ -105,7 +105,7 @@ def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
         # One INFO line per change of the training's state, no DEBUG noise (huey's polling).
         text = (tmp_path / "worker.log").read_text()
         about = [line for line in text.splitlines() if training.id in line]
-        for expected in ("runs attempt 1", "version 1 stored", "succeeded"):
+        for expected in ("runs attempt 1", "is processing", "version 1 stored", "succeeded"):
             assert sum(expected in line for line in about) == 1, (expected, about)
         assert len(about) <= 6, about
         assert " DEBUG " not in text

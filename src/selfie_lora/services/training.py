@@ -760,9 +760,13 @@ class _Sink:
     def progress(
         self, *, status: TrainingStatus, step: int, total: int, loss: float | None = None
     ) -> None:
+        moved: list[TrainingStatus] = []
+
         def apply(t: Training) -> Training:
             if not can_transition(t.status, status) or status.is_terminal:
                 return t
+            if status is not t.status:
+                moved.append(status)
             t = transition(t, status, at=self._service._clock(), reason="trainer progress")
             return dataclasses.replace(
                 t, step=max(0, step), total_steps=total if total > 0 else t.total_steps,
@@ -770,6 +774,9 @@ class _Sink:
             )
 
         self._service._update_held(self._held, apply)
+        if moved:  # one line per change of state, not per step
+            logger.info("training %s is %s (step %d/%d)", self._held.training_id, moved[0],
+                        step, total)
 
     def cancel_requested(self) -> bool:
         current = self._service._repo.get_training(self._held.training_id)
