@@ -273,10 +273,6 @@ class TrainingService:
             self._repo.release_upload(user.id, token=token)
         return UploadResult(dataset=dataset, training=started.training, model=started.model)
 
-    def refuse_if_busy(self, *, user: User) -> None:
-        """``ConflictError`` when the user's model has a queued or running training."""
-        _refuse_if_busy(self._repo, self._repo.get_model_for_user(user.id))
-
     # ------------------------------------------------------------------ queries
     def get(self, *, user: User, training_id: str | None) -> tuple[Training, Model]:
         model = self._repo.get_model_for_user(user.id)
