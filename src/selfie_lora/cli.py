@@ -278,25 +278,25 @@ def compare(
 ) -> None:
     """Compare two versions of the user's model probe by probe: writes a side-by-side grid and
     the chart of likeness scores across all versions, and prints the scores."""
-    from selfie_lora.domain.quality import QualityStatus
+    from selfie_lora.domain.likeness import LikenessStatus
     from selfie_lora.wiring import build_services
 
     services = build_services(_settings(), trainers={})
     try:
         owner = services.users.get_by_name(name=user)
-        comparison = services.quality.compare(user=owner, a=a, b=b)
+        comparison = services.likeness.compare(user=owner, a=a, b=b)
         for version in (comparison.a, comparison.b):
-            record = services.repo.get_quality(version.id)
-            if record is None or record.status is not QualityStatus.SCORED:
+            record = services.repo.get_likeness(version.id)
+            if record is None or record.status is not LikenessStatus.SCORED:
                 # Versions from before likeness tracking (or whose scoring failed): score now.
                 console.print(f"scoring version {version.number} ...")
-                services.quality.score(version.id, force=record is not None)
-        comparison = services.quality.compare(user=owner, a=comparison.a.id, b=comparison.b.id)
+                services.likeness.score(version.id, force=record is not None)
+        comparison = services.likeness.compare(user=owner, a=comparison.a.id, b=comparison.b.id)
         out.mkdir(parents=True, exist_ok=True)
         grid_path = out / f"compare-v{comparison.a.number}-v{comparison.b.number}.png"
-        grid_path.write_bytes(services.quality.grid_png(comparison))
+        grid_path.write_bytes(services.likeness.grid_png(comparison))
         chart_path = out / "likeness-chart.png"
-        chart_path.write_bytes(services.quality.chart_png(user=owner))
+        chart_path.write_bytes(services.likeness.chart_png(user=owner))
     except SelfieLoraError as exc:
         err_console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(1) from None

@@ -21,7 +21,7 @@ from selfie_lora.domain.lease import (
     DEFAULT_RECONCILE_SECONDS,
     LeasePolicy,
 )
-from selfie_lora.domain.quality import DEFAULT_GATE_TOLERANCE, DEFAULT_PROBE_COUNT, MAX_PROBES
+from selfie_lora.domain.likeness import DEFAULT_GATE_TOLERANCE, DEFAULT_PROBE_COUNT, MAX_PROBES
 from selfie_lora.domain.recipes import (
     DEFAULT_REPLICATE_RECIPE,
     DEFAULT_REPLICATE_TRAINER_VERSION,

@@ -84,7 +84,7 @@ def _changes_table(services: Services, user: User) -> Table:
         assert training is not None
         dataset = services.repo.get_dataset(training.dataset_id)
         assert dataset is not None
-        record = services.repo.get_quality(version.id)
+        record = services.repo.get_likeness(version.id)
         scores = record.scores.headline() if record and record.scores else {}
         metrics = training.metrics
         columns.append({
@@ -207,11 +207,11 @@ def run_demo(*, out: Path, console: Console) -> None:
         compare.save(compare_path)
         # The likeness tracker's own comparison: the fixed probes of both versions, side by side,
         # and every version's scores (the tiny model draws no faces: its scores say so).
-        comparison = services.quality.compare(user=user)
+        comparison = services.likeness.compare(user=user)
         grid_path = gen_dir / "likeness-v1-v2.png"
-        grid_path.write_bytes(services.quality.grid_png(comparison))
+        grid_path.write_bytes(services.likeness.grid_png(comparison))
         chart_path = gen_dir / "likeness-chart.png"
-        chart_path.write_bytes(services.quality.chart_png(user=user))
+        chart_path.write_bytes(services.likeness.chart_png(user=user))
 
         console.rule("where everything is")
         rows = [

@@ -8,7 +8,9 @@ entry points never see them.
     ├── ConfigError                 settings that cannot work (missing token, bad URL)
     ├── NotFoundError               no such object for this user (HTTP 404)
     ├── AuthError                   no key or a wrong key (HTTP 401)
-    ├── ConflictError               a training of this model is already queued or running (HTTP 409)
+    ├── ConflictError               the request clashes with the state (HTTP 409): a training is
+    │                               queued or running, an upload is starting one, the user exists,
+    │                               a webhook was received before, a concurrent write won
     ├── InvalidInputError           bad request data (HTTP 422)
     │   └── DatasetRejectedError    the photos cannot be trained on; carries the findings
     ├── PayloadTooLargeError        an upload over the configured limit (HTTP 413)
@@ -27,18 +29,91 @@ entry points never see them.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from typing import Any
+
+
+class ErrorCode(enum.StrEnum):
+    """Every code an error answer (``{"error": {"code", ...}}``) can carry, in one place. The
+    classes below carry the general one; a raise names a more precise one of the same status."""
+
+    ERROR = "error"
+    INTERNAL_ERROR = "internal_error"
+    CONFIG_ERROR = "config_error"
+    HTTP_ERROR = "http_error"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    # 401, 404
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    # 409: each conflict its own
+    TRAINING_IN_PROGRESS = "training_in_progress"
+    UPLOAD_IN_PROGRESS = "upload_in_progress"
+    USER_EXISTS = "user_exists"
+    WEBHOOK_REPLAYED = "webhook_replayed"
+    WRITE_CONFLICT = "write_conflict"
+    # 408, 413
+    REQUEST_TIMEOUT = "request_timeout"
+    BODY_TOO_LARGE = "body_too_large"
+    UPLOAD_TOO_LARGE = "upload_too_large"
+    # 422
+    INVALID_INPUT = "invalid_input"
+    INVALID_REQUEST = "invalid_request"
+    DATASET_REJECTED = "dataset_rejected"
+    NO_DATASET = "no_dataset"
+    EMPTY_PATCH = "empty_patch"
+    INVALID_NAME = "invalid_name"
+    INVALID_LORA_SCALE = "invalid_lora_scale"
+    INVALID_TRAINER_VERSION = "invalid_trainer_version"
+    REASON_REQUIRED = "reason_required"
+    INVALID_PROBE_COUNT = "invalid_probe_count"
+    EMPTY_PROMPT = "empty_prompt"
+    PROMPT_TOO_LONG = "prompt_too_long"
+    INVALID_SEED = "invalid_seed"
+    INVALID_NUM_OUTPUTS = "invalid_num_outputs"
+    NO_VERSION = "no_version"
+    NO_REMOTE_VERSION = "no_remote_version"
+    NOTHING_TO_COMPARE = "nothing_to_compare"
+    SAME_VERSION = "same_version"
+    NOT_SCORED = "not_scored"
+    BAD_WEBHOOK = "bad_webhook"
+    # 422: an upload refused as a whole before any photo is read (dataset.archive)
+    ARCHIVE_TOO_LARGE = "archive_too_large"
+    BAD_ARCHIVE = "bad_archive"
+    COMPRESSION_RATIO = "compression_ratio"
+    DUPLICATE_MEMBER = "duplicate_member"
+    ENCRYPTED_MEMBER = "encrypted_member"
+    MEMBER_TOO_LARGE = "member_too_large"
+    NESTED_ARCHIVE = "nested_archive"
+    OVERLAPPING_ENTRIES = "overlapping_entries"
+    NO_SUCH_PATH = "no_such_path"
+    SIZE_MISMATCH = "size_mismatch"
+    SPECIAL_FILE = "special_file"
+    SYMLINK_IN_ARCHIVE = "symlink_in_archive"
+    TOO_MANY_MEMBERS = "too_many_members"
+    UNSAFE_PATH = "unsafe_path"
+    UNSUPPORTED_COMPRESSION = "unsupported_compression"
+    # 500, 502, 503
+    INVALID_TRANSITION = "invalid_transition"
+    STORAGE_ERROR = "storage_error"
+    GENERATION_FAILED = "generation_failed"
+    TRAINING_INTERRUPTED = "training_interrupted"
+    LEASE_LOST = "lease_lost"
+    TRAINER_ERROR = "trainer_error"
+    TRAINER_UNAVAILABLE = "trainer_unavailable"
+    TRAINING_FAILED = "training_failed"
+    TRAINING_CANCELED = "training_canceled"
+    WEIGHTS_NOT_FOUND = "weights_not_found"
 
 
 class SelfieLoraError(Exception):
     """Root of every error selfie-lora raises on purpose."""
 
-    code: str = "error"
+    code: ErrorCode = ErrorCode.ERROR
     http_status: int = 500
 
     def __init__(
-        self, message: str, *, details: Sequence[Any] = (), code: str | None = None
+        self, message: str, *, details: Sequence[Any] = (), code: ErrorCode | None = None
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -48,51 +123,51 @@ class SelfieLoraError(Exception):
 
 
 class ConfigError(SelfieLoraError):
-    code = "config_error"
+    code = ErrorCode.CONFIG_ERROR
     http_status = 500
 
 
 class NotFoundError(SelfieLoraError):
-    code = "not_found"
+    code = ErrorCode.NOT_FOUND
     http_status = 404
 
 
 class AuthError(SelfieLoraError):
-    code = "unauthorized"
+    code = ErrorCode.UNAUTHORIZED
     http_status = 401
 
 
 class ConflictError(SelfieLoraError):
-    code = "training_in_progress"
+    code = ErrorCode.TRAINING_IN_PROGRESS
     http_status = 409
 
 
 class InvalidInputError(SelfieLoraError):
-    code = "invalid_input"
+    code = ErrorCode.INVALID_INPUT
     http_status = 422
 
 
 class DatasetRejectedError(InvalidInputError):
-    code = "dataset_rejected"
+    code = ErrorCode.DATASET_REJECTED
 
 
 class PayloadTooLargeError(SelfieLoraError):
-    code = "upload_too_large"
+    code = ErrorCode.UPLOAD_TOO_LARGE
     http_status = 413
 
 
 class InvalidTransitionError(SelfieLoraError):
-    code = "invalid_transition"
+    code = ErrorCode.INVALID_TRANSITION
     http_status = 500
 
 
 class StorageError(SelfieLoraError):
-    code = "storage_error"
+    code = ErrorCode.STORAGE_ERROR
     http_status = 500
 
 
 class GenerationError(SelfieLoraError):
-    code = "generation_failed"
+    code = ErrorCode.GENERATION_FAILED
     http_status = 502
 
 
@@ -100,18 +175,18 @@ class TrainingInterruptedError(SelfieLoraError):
     """Raised inside a worker to stop work on a training without ending it: the training is
     handed back (or was already taken over) and another attempt resumes it."""
 
-    code = "training_interrupted"
+    code = ErrorCode.TRAINING_INTERRUPTED
     http_status = 503
 
 
 class LeaseLostError(TrainingInterruptedError):
-    code = "lease_lost"
+    code = ErrorCode.LEASE_LOST
 
 
 class TrainerError(SelfieLoraError):
     """A training backend failed. ``user_message`` is a sentence a user can act on."""
 
-    code = "trainer_error"
+    code = ErrorCode.TRAINER_ERROR
     http_status = 502
 
     def __init__(
@@ -122,17 +197,17 @@ class TrainerError(SelfieLoraError):
 
 
 class TrainerUnavailableError(TrainerError):
-    code = "trainer_unavailable"
+    code = ErrorCode.TRAINER_UNAVAILABLE
     http_status = 503
 
 
 class TrainingFailedError(TrainerError):
-    code = "training_failed"
+    code = ErrorCode.TRAINING_FAILED
 
 
 class TrainingCanceledError(TrainerError):
-    code = "training_canceled"
+    code = ErrorCode.TRAINING_CANCELED
 
 
 class WeightsNotFoundError(TrainerError):
-    code = "weights_not_found"
+    code = ErrorCode.WEIGHTS_NOT_FOUND

@@ -24,9 +24,9 @@ from selfie_lora.dataset.limits import UploadLimits
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import IntakeService
+from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.models import ModelService
 from selfie_lora.services.ports import Alerter, FaceAnalyzer, Generator, Trainer
-from selfie_lora.services.quality import QualityService
 from selfie_lora.services.training import TrainingService
 from selfie_lora.services.users import UserService
 
@@ -45,7 +45,7 @@ class Services:
     training: TrainingService
     models: ModelService
     generation: GenerationService
-    quality: QualityService
+    likeness: LikenessService
     trainers: dict[str, Trainer] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -154,7 +154,7 @@ def build_services(
                    if settings.public_url else None)
     faces = face_analyzer or default_face_analyzer()
     generation = GenerationService(repo=repo, blobs=blobs, generators=chosen_generators)
-    quality = QualityService(
+    likeness = LikenessService(
         repo=repo, blobs=blobs, generation=generation,
         faces=faces,
         alerter=alerter if alerter is not None else default_alerter(settings),
@@ -171,7 +171,7 @@ def build_services(
     training = TrainingService(
         repo=repo, blobs=blobs, queue=queue, trainers=chosen_trainers,
         defaults=lambda: training_defaults(settings), work_dir=settings.work_dir,
-        likeness=quality, intake=intake, webhook_url=webhook_url, rng=rng,
+        likeness=likeness, intake=intake, webhook_url=webhook_url, rng=rng,
         lease=settings.lease_policy,
     )
     return Services(
@@ -181,6 +181,6 @@ def build_services(
         training=training,
         models=ModelService(repo=repo, blobs=blobs),
         generation=generation,
-        quality=quality,
+        likeness=likeness,
         trainers=chosen_trainers,
     )

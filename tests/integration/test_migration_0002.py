@@ -71,7 +71,7 @@ def test_0002_keeps_old_versions_active_and_adds_the_likeness_tables(engine: Eng
     assert model is not None
     assert model.probes == ()  # filled in at its next scoring
     assert (model.lora_scale, model.active_version_id) == (0.8, "v")
-    assert repo.list_quality("m") == []
+    assert repo.list_likeness("m") == []
 
     migrate(engine, "0001", down=True)
     assert "version_quality" not in set(inspect(engine).get_table_names())

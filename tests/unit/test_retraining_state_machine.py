@@ -38,8 +38,8 @@ from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.errors import ConflictError, InvalidInputError
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import IntakeService
+from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.models import ModelService
-from selfie_lora.services.quality import QualityService
 from selfie_lora.services.training import TrainingService
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import (
@@ -77,7 +77,7 @@ class Retraining(RuleBasedStateMachine):
         self.default_version = "local-tiny-v1"
         # The lease clock: a worker's death is noticed once the clock passes its lease.
         self.now = datetime(2026, 1, 1, tzinfo=UTC)
-        self.quality = QualityService(
+        self.likeness = LikenessService(
             repo=self.repo, blobs=self.blobs,
             generation=GenerationService(repo=self.repo, blobs=self.blobs,
                                          generators={"local": self.generator}),
@@ -91,7 +91,7 @@ class Retraining(RuleBasedStateMachine):
         self.training = TrainingService(
             repo=self.repo, blobs=self.blobs, queue=self.queue, trainers={"local": self.trainer},
             defaults=self.defaults, work_dir=self.dir / "work", rng=random.Random(0),
-            likeness=self.quality, intake=self.intake, lease=POLICY, clock=lambda: self.now,
+            likeness=self.likeness, intake=self.intake, lease=POLICY, clock=lambda: self.now,
             owner="worker-a",
         )
         self.models = ModelService(repo=self.repo, blobs=self.blobs)
@@ -307,7 +307,7 @@ class Retraining(RuleBasedStateMachine):
         if exhausted:
             # Never scored: it passes only with nothing to beat.
             passes = baseline is None
-            record = self.repo.get_quality(vid)
+            record = self.repo.get_likeness(vid)
             assert record is not None
             assert record.error is not None
             assert "stopped" in record.error
@@ -454,7 +454,7 @@ class Retraining(RuleBasedStateMachine):
         assert len(model.probes) == 2
         assert model.probes == self.first_probes
         for v in versions:
-            record = self.repo.get_quality(v.id)
+            record = self.repo.get_likeness(v.id)
             if record is not None and record.probes:
                 assert [(p.prompt, p.seed) for p in record.probes] == [
                     (p.prompt, p.seed) for p in model.probes]

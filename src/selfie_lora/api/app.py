@@ -28,7 +28,7 @@ from selfie_lora.config import Settings
 from selfie_lora.dataset.archive import read_uploaded_files, read_zip
 from selfie_lora.domain.entities import Model, Training, User
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
-from selfie_lora.errors import AuthError, InvalidInputError, PayloadTooLargeError, SelfieLoraError
+from selfie_lora.errors import AuthError, ErrorCode, InvalidInputError, PayloadTooLargeError, SelfieLoraError
 from selfie_lora.services.generation import MAX_OUTPUTS, MAX_PROMPT_CHARS, MAX_SEED, GenerationRequest
 from selfie_lora.wiring import Services, build_services
 
@@ -153,21 +153,23 @@ def create_app(
         details = [
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
         ]
-        return _error(422, "invalid_request", "the request is not valid", details)
+        return _error(422, ErrorCode.INVALID_REQUEST, "the request is not valid", details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
+            exc.status_code, ErrorCode.HTTP_ERROR)
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error", exc_info=exc)
-        return _error(500, "internal_error", "something went wrong on our side; please retry")
+        return _error(500, ErrorCode.INTERNAL_ERROR,
+                      "something went wrong on our side; please retry")
 
     def model_doc(model: Model) -> dict[str, Any]:
         active = svc.models.active_version(model=model)
-        return model_json(model, active, svc.repo.get_quality(active.id) if active else None)
+        return model_json(model, active, svc.repo.get_likeness(active.id) if active else None)
 
     def model_body(user: User) -> dict[str, Any]:
         return model_doc(svc.models.get(user=user))
@@ -242,7 +244,7 @@ def create_app(
     def patch_model(user: UserDep, body: ModelPatch) -> dict[str, Any]:
         if body.lora_scale is None and body.trainer_version is None:
             raise InvalidInputError("nothing to change: send lora_scale or trainer_version",
-                                    code="empty_patch")
+                                    code=ErrorCode.EMPTY_PATCH)
         if body.trainer_version is not None:
             svc.models.change_trainer_version(
                 user=user, trainer_version=body.trainer_version, reason=body.reason or "",
@@ -254,35 +256,35 @@ def create_app(
     @app.get("/api/model/versions")
     def versions(user: UserDep) -> dict[str, Any]:
         model = svc.models.find(user=user)
-        records = svc.quality.summaries(model) if model else {}
+        records = svc.likeness.summaries(model) if model else {}
         return {"versions": [version_json(v, records.get(v.id))
                              for v in svc.models.versions(user=user)]}
 
     @app.get("/api/model/versions/{version_id}/quality")
     def version_quality(user: UserDep, version_id: str) -> dict[str, Any]:
-        report = svc.quality.report(user=user, version_id=version_id)
-        return quality_json(report.version, report.quality, report.baseline)
+        report = svc.likeness.report(user=user, version_id=version_id)
+        return quality_json(report.version, report.record, report.baseline)
 
     @app.get("/api/model/versions/{version_id}/quality/probes/{index}")
     def probe_image(user: UserDep, version_id: str, index: int) -> Response:
-        data = svc.quality.probe_image(user=user, version_id=version_id, index=index)
+        data = svc.likeness.probe_image(user=user, version_id=version_id, index=index)
         return Response(content=data, media_type="image/png")
 
     @app.get("/api/model/compare")
     def compare(user: UserDep, a: str | None = None, b: str | None = None) -> dict[str, Any]:
         """Version ``a`` against ``b`` probe by probe (defaults: the newest version against
         the one the gate compared it with)."""
-        return comparison_json(svc.quality.compare(user=user, a=a, b=b))
+        return comparison_json(svc.likeness.compare(user=user, a=a, b=b))
 
     @app.get("/api/model/compare/grid.png")
     async def compare_grid(user: UserDep, a: str | None = None, b: str | None = None) -> Response:
-        comparison = svc.quality.compare(user=user, a=a, b=b)
-        png = await _in_thread(lambda: svc.quality.grid_png(comparison))
+        comparison = svc.likeness.compare(user=user, a=a, b=b)
+        png = await _in_thread(lambda: svc.likeness.grid_png(comparison))
         return Response(content=png, media_type="image/png")
 
     @app.get("/api/model/quality/chart.png")
     async def quality_chart(user: UserDep) -> Response:
-        png = await _in_thread(lambda: svc.quality.chart_png(user=user))
+        png = await _in_thread(lambda: svc.likeness.chart_png(user=user))
         return Response(content=png, media_type="image/png")
 
     @app.post("/api/model/versions/{version_id}/activate")
@@ -307,7 +309,7 @@ def create_app(
         """The audit events, and the retraining log: one entry per training with what it kept,
         the gate's decision and the likeness scores before and after."""
         return {"events": list(svc.models.log(user=user)),
-                "trainings": svc.quality.training_log(user=user)}
+                "trainings": svc.likeness.training_log(user=user)}
 
     @app.post("/api/generate")
     def generate(user: UserDep, body: GenerateBody) -> dict[str, Any]:

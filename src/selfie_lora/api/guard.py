@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.domain.entities import User
-from selfie_lora.errors import AuthError
+from selfie_lora.errors import AuthError, ErrorCode
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ class Guard:
                 return
             scope.setdefault("state", {})["user"] = user
         limit = self._limit_for(path)
-        too_large = "upload_too_large" if path in UPLOAD_PATHS else "body_too_large"
+        too_large = (ErrorCode.UPLOAD_TOO_LARGE if path in UPLOAD_PATHS
+                     else ErrorCode.BODY_TOO_LARGE)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _answer(send, 413, too_large, _too_large(limit))
@@ -85,7 +86,7 @@ class Guard:
             if not answered:  # once the guard has answered, the app's own answer is dropped
                 await send(message)
 
-        async def answer(status: int, code: str, message: str) -> None:
+        async def answer(status: int, code: ErrorCode, message: str) -> None:
             nonlocal answered
             if not answered:
                 answered = True
@@ -115,7 +116,7 @@ class _BodyMeter:
     """``receive`` with the body counted and timed."""
 
     def __init__(self, receive: Receive, *, limit: int, limits: Limits,
-                 answer: Callable[[int, str, str], Awaitable[None]], too_large: str) -> None:
+                 answer: Callable[[int, ErrorCode, str], Awaitable[None]], too_large: ErrorCode) -> None:
         self._receive = receive
         self._too_large = too_large
         self._limit = limit
@@ -131,7 +132,7 @@ class _BodyMeter:
         try:
             message = await asyncio.wait_for(self._receive(), timeout=self._limits.body_timeout)
         except TimeoutError:
-            await self._answer(408, "request_timeout",
+            await self._answer(408, ErrorCode.REQUEST_TIMEOUT,
                                f"the request body stalled for {self._limits.body_timeout:g} s")
             raise AssertionError("unreachable") from None  # ``answer`` raises
         if message["type"] != "http.request":
@@ -143,7 +144,7 @@ class _BodyMeter:
         rate = self._limits.min_body_rate
         if (rate and elapsed > self._limits.body_timeout
                 and self._received < rate * elapsed and message.get("more_body", False)):
-            await self._answer(408, "request_timeout",
+            await self._answer(408, ErrorCode.REQUEST_TIMEOUT,
                                f"the request body arrives slower than {rate} bytes/s")
         if not message.get("more_body", False):
             self._done = True
@@ -177,7 +178,7 @@ def _too_large(limit: int) -> str:
     return f"the request body is larger than {limit // 1024} KB"
 
 
-async def _answer(send: Send, status: int, code: str, message: str) -> None:
+async def _answer(send: Send, status: int, code: ErrorCode, message: str) -> None:
     body = json.dumps({"error": {"code": code, "message": message, "details": []}}).encode()
     headers: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

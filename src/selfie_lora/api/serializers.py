@@ -6,8 +6,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 from selfie_lora.domain.entities import Dataset, Generation, Model, Training, Version
-from selfie_lora.domain.quality import ProbeResult, VersionQuality
-from selfie_lora.services.quality import Comparison
+from selfie_lora.domain.likeness import ProbeResult, VersionLikeness
+from selfie_lora.services.likeness import Comparison
 
 CHART_URL = "/api/model/quality/chart.png"
 
@@ -29,7 +29,7 @@ def gate_json(v: Version) -> dict[str, Any]:
     }
 
 
-def quality_summary_json(q: VersionQuality | None) -> dict[str, Any] | None:
+def quality_summary_json(q: VersionLikeness | None) -> dict[str, Any] | None:
     """A version's headline likeness scores (against its own training photos)."""
     if q is None:
         return None
@@ -47,7 +47,7 @@ def quality_summary_json(q: VersionQuality | None) -> dict[str, Any] | None:
     }
 
 
-def version_json(v: Version, quality: VersionQuality | None = None) -> dict[str, Any]:
+def version_json(v: Version, quality: VersionLikeness | None = None) -> dict[str, Any]:
     return {
         "id": v.id,
         "number": v.number,
@@ -73,7 +73,7 @@ def compare_urls(a_id: str, b_id: str) -> dict[str, str]:
 
 
 def quality_json(
-    v: Version, q: VersionQuality | None, baseline: Version | None
+    v: Version, q: VersionLikeness | None, baseline: Version | None
 ) -> dict[str, Any]:
     """``GET /api/model/versions/{id}/quality``: every score, every probe, and where the images are."""
     per_probe = {p.index: p for p in (q.scores.per_probe if q and q.scores else ())}
@@ -108,7 +108,7 @@ def quality_json(
 
 
 def model_json(m: Model, active: Version | None,
-               active_quality: VersionQuality | None = None) -> dict[str, Any]:
+               active_quality: VersionLikeness | None = None) -> dict[str, Any]:
     return {
         "id": m.id,
         "backend": m.backend,
@@ -228,8 +228,8 @@ def comparison_json(c: Comparison) -> dict[str, Any]:
     if sa and sb and sa["identity"] is not None and sb["identity"] is not None:
         delta_identity = round(sb["identity"] - sa["identity"], 4)
     return {
-        "a": version_json(c.a, c.quality_a),
-        "b": version_json(c.b, c.quality_b),
+        "a": version_json(c.a, c.record_a),
+        "b": version_json(c.b, c.record_b),
         "reference_dataset_id": c.reference_dataset_id,
         "scores": {"a": sa, "b": sb, "delta_identity": delta_identity},
         "probes": probes,

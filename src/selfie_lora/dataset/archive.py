@@ -36,7 +36,7 @@ from pathlib import Path
 
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.domain.entities import Finding
-from selfie_lora.errors import InvalidInputError
+from selfie_lora.errors import ErrorCode, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
     refused; nothing else escapes, whatever the bytes.
     """
     if len(data) > limits.max_upload_bytes:
-        raise _refuse("upload_too_large",
+        raise _refuse(ErrorCode.UPLOAD_TOO_LARGE,
                       f"the upload is larger than {limits.mib(limits.max_upload_bytes)}")
     try:
         return _read_zip(data, limits=limits)
@@ -123,7 +123,7 @@ def read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
         raise
     except Exception as exc:  # a parser bug must still be a 422 about this archive, not a 500
         logger.warning("unexpected failure reading a zip upload: %r", exc)
-        raise _refuse("bad_archive", "the upload is not a readable zip archive",
+        raise _refuse(ErrorCode.BAD_ARCHIVE, "the upload is not a readable zip archive",
                       details=[type(exc).__name__]) from None
 
 
@@ -133,11 +133,11 @@ def read_uploaded_files(
     """Photos sent one by one (multipart ``files``): the same refusals as a zip's members.
     Archives among them are refused: a zip goes to upload-zip."""
     if len(files) > limits.max_members:
-        raise _refuse("too_many_members",
+        raise _refuse(ErrorCode.TOO_MANY_MEMBERS,
                       f"{len(files)} files sent; at most {limits.max_members} are accepted")
     total = sum(len(blob) for _name, blob in files)
     if total > limits.max_upload_bytes:
-        raise _refuse("upload_too_large",
+        raise _refuse(ErrorCode.UPLOAD_TOO_LARGE,
                       f"the upload is larger than {limits.mib(limits.max_upload_bytes)}")
     out: list[UploadedFile] = []
     findings: list[Finding] = []
@@ -150,11 +150,11 @@ def read_uploaded_files(
             continue
         key = _fold(name)
         if key in seen:
-            raise _refuse("duplicate_member", f"two files are named {name!r}",
+            raise _refuse(ErrorCode.DUPLICATE_MEMBER, f"two files are named {name!r}",
                           details=[seen[key], name])
         seen[key] = name
         if len(blob) > limits.max_member_bytes:
-            raise _refuse("member_too_large",
+            raise _refuse(ErrorCode.MEMBER_TOO_LARGE,
                           f"{name} is larger than {limits.mib(limits.max_member_bytes)}")
         _refuse_nested(name, blob)
         out.append(UploadedFile(name=name, data=blob))
@@ -167,10 +167,10 @@ def read_path(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
         return _read_folder(path, limits=limits)
     if path.is_file():
         if path.stat().st_size > limits.max_upload_bytes:
-            raise _refuse("upload_too_large",
+            raise _refuse(ErrorCode.UPLOAD_TOO_LARGE,
                           f"{path.name} is larger than {limits.mib(limits.max_upload_bytes)}")
         return read_zip(path.read_bytes(), limits=limits)
-    raise _refuse("no_such_path", f"{path} is neither a folder nor a zip file")
+    raise _refuse(ErrorCode.NO_SUCH_PATH, f"{path} is neither a folder nor a zip file")
 
 
 def display_name(raw: str) -> str:
@@ -218,7 +218,7 @@ def _read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile],
         _check_file_type(entry)
         key = _fold(entry.name)
         if key in seen:
-            raise _refuse("duplicate_member",
+            raise _refuse(ErrorCode.DUPLICATE_MEMBER,
                           f"the archive holds {_clean(entry.name)!r} more than once",
                           details=[_clean(seen[key]), _clean(entry.name)])
         seen[key] = entry.name
@@ -229,7 +229,7 @@ def _read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile],
         else:
             wanted.append(span)
     if len(wanted) > limits.max_members:
-        raise _refuse("too_many_members",
+        raise _refuse(ErrorCode.TOO_MANY_MEMBERS,
                       f"the archive holds {len(wanted)} files; at most {limits.max_members} "
                       "are accepted")
     for span in wanted:
@@ -261,7 +261,7 @@ def _find_central_directory(data: bytes) -> tuple[int, int, int]:
                 break
         pos = data.rfind(_SIG_EOCD, low, pos)
     if eocd_pos < 0:
-        raise _refuse("bad_archive", "the upload is not a zip archive")
+        raise _refuse(ErrorCode.BAD_ARCHIVE, "the upload is not a zip archive")
     _sig, disk, cd_disk, disk_entries, entries, cd_size, cd_offset, _c = _EOCD.unpack_from(
         data, eocd_pos)
     directory_end = eocd_pos
@@ -269,20 +269,20 @@ def _find_central_directory(data: bytes) -> tuple[int, int, int]:
     if locator >= 0 and data[locator:locator + 4] == _SIG_Z64_LOCATOR:
         _s, z64_disk, z64_offset, disks = _Z64_LOCATOR.unpack_from(data, locator)
         if z64_disk != 0 or disks > 1:
-            raise _refuse("bad_archive", "multi-part (spanned) zip archives are not supported")
+            raise _refuse(ErrorCode.BAD_ARCHIVE, "multi-part (spanned) zip archives are not supported")
         if z64_offset + _Z64_EOCD.size > locator or data[z64_offset:z64_offset + 4] != _SIG_Z64_EOCD:
-            raise _refuse("bad_archive", "the zip64 end record is damaged")
+            raise _refuse(ErrorCode.BAD_ARCHIVE, "the zip64 end record is damaged")
         (_s2, record_size, _made, _need, disk, cd_disk, disk_entries, entries, cd_size,
          cd_offset) = _Z64_EOCD.unpack_from(data, z64_offset)
         if z64_offset + 12 + record_size != locator:
-            raise _refuse("bad_archive", "the zip64 end record is damaged")
+            raise _refuse(ErrorCode.BAD_ARCHIVE, "the zip64 end record is damaged")
         directory_end = z64_offset
     if disk != 0 or cd_disk != 0 or disk_entries != entries:
-        raise _refuse("bad_archive", "multi-part (spanned) zip archives are not supported")
+        raise _refuse(ErrorCode.BAD_ARCHIVE, "multi-part (spanned) zip archives are not supported")
     # The directory must end exactly where the end record starts: this refuses data prepended
     # to the archive (self-extractors, polyglots) and directories that point elsewhere.
     if cd_offset + cd_size != directory_end:
-        raise _refuse("bad_archive", "the zip archive's directory is damaged or misplaced")
+        raise _refuse(ErrorCode.BAD_ARCHIVE, "the zip archive's directory is damaged or misplaced")
     return cd_offset, cd_size, entries
 
 
@@ -296,16 +296,16 @@ def _parse_central_directory(
         if len(entries) >= limits.max_entries:  # the end record's count may lie
             raise _too_many(len(entries) + 1, limits, at_least=True)
         if pos + _CENTRAL.size > end:
-            raise _refuse("bad_archive", "the zip archive's directory is truncated")
+            raise _refuse(ErrorCode.BAD_ARCHIVE, "the zip archive's directory is truncated")
         (sig, _made_by, _needed, flags, method, _time, _date, crc, csize, usize, name_len,
          extra_len, comment_len, _disk, _internal, external, offset) = _CENTRAL.unpack_from(data, pos)
         if sig != _SIG_CENTRAL:
-            raise _refuse("bad_archive", "the zip archive's directory is damaged")
+            raise _refuse(ErrorCode.BAD_ARCHIVE, "the zip archive's directory is damaged")
         name_start = pos + _CENTRAL.size
         extra_start = name_start + name_len
         next_pos = extra_start + extra_len + comment_len
         if next_pos > end:
-            raise _refuse("bad_archive", "the zip archive's directory is truncated")
+            raise _refuse(ErrorCode.BAD_ARCHIVE, "the zip archive's directory is truncated")
         raw_name = data[name_start:extra_start]
         extra = data[extra_start:extra_start + extra_len]
         usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
@@ -316,7 +316,7 @@ def _parse_central_directory(
         ))
         pos = next_pos
     if len(entries) != count:
-        raise _refuse("bad_archive", "the zip archive's directory disagrees with its end record")
+        raise _refuse(ErrorCode.BAD_ARCHIVE, "the zip archive's directory disagrees with its end record")
     return entries
 
 
@@ -325,7 +325,7 @@ def _extra_fields(extra: bytes) -> Iterable[tuple[int, bytes]]:
     while pos + 4 <= len(extra):
         tag, length = struct.unpack_from("<HH", extra, pos)
         if pos + 4 + length > len(extra):
-            raise _refuse("bad_archive", "a zip entry's extra field is damaged")
+            raise _refuse(ErrorCode.BAD_ARCHIVE, "a zip entry's extra field is damaged")
         yield tag, extra[pos + 4:pos + 4 + length]
         pos += 4 + length
 
@@ -342,11 +342,11 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
         for index in range(3):
             if values[index] == 0xFFFFFFFF:
                 if pos + 8 > len(body):
-                    raise _refuse("bad_archive", "a zip entry's zip64 field is damaged")
+                    raise _refuse(ErrorCode.BAD_ARCHIVE, "a zip entry's zip64 field is damaged")
                 values[index] = struct.unpack_from("<Q", body, pos)[0]
                 pos += 8
         return values[0], values[1], values[2]
-    raise _refuse("bad_archive", "a zip entry's zip64 field is missing")
+    raise _refuse(ErrorCode.BAD_ARCHIVE, "a zip entry's zip64 field is missing")
 
 
 def _decode_name(raw: bytes, flags: int) -> str:
@@ -370,15 +370,15 @@ def _locate_members(data: bytes, entries: list[_Entry], *, cd_offset: int) -> li
     for entry in entries:
         pos = entry.header_offset
         if pos + _LOCAL.size > cd_offset:
-            raise _refuse("bad_archive", f"{_clean(entry.name)!r}: its data is outside the archive")
+            raise _refuse(ErrorCode.BAD_ARCHIVE, f"{_clean(entry.name)!r}: its data is outside the archive")
         (sig, _needed, flags, method, _time, _date, _crc, _csize, _usize, name_len,
          extra_len) = _LOCAL.unpack_from(data, pos)
         if sig != _SIG_LOCAL:
-            raise _refuse("bad_archive", f"{_clean(entry.name)!r}: its local header is damaged")
+            raise _refuse(ErrorCode.BAD_ARCHIVE, f"{_clean(entry.name)!r}: its local header is damaged")
         data_start = pos + _LOCAL.size + name_len + extra_len
         data_end = data_start + entry.compressed_size
         if data_end > cd_offset:
-            raise _refuse("bad_archive", f"{_clean(entry.name)!r}: its data is outside the archive")
+            raise _refuse(ErrorCode.BAD_ARCHIVE, f"{_clean(entry.name)!r}: its data is outside the archive")
         # Tools that pick the local header over the directory must see the same member: a
         # disagreement is how an archive shows different files to different readers.
         local_name = data[pos + _LOCAL.size:pos + _LOCAL.size + name_len]
@@ -392,11 +392,11 @@ def _locate_members(data: bytes, entries: list[_Entry], *, cd_offset: int) -> li
     for before, after in itertools.pairwise(ordered):
         if after.entry.header_offset < before.data_end:
             raise _refuse(
-                "overlapping_entries",
+                ErrorCode.OVERLAPPING_ENTRIES,
                 f"the archive entries {_clean(before.entry.name)!r} and "
                 f"{_clean(after.entry.name)!r} share bytes (a zip bomb technique)")
     if disagreeing:
-        raise _refuse("bad_archive",
+        raise _refuse(ErrorCode.BAD_ARCHIVE,
                       f"{_clean(disagreeing[0])!r}: its local header disagrees with the directory")
     return spans
 
@@ -409,7 +409,7 @@ def _check_path(name: str) -> None:
         or _DRIVE.match(name) is not None or any(part == ".." for part in parts)
     )
     if unsafe:
-        raise _refuse("unsafe_path",
+        raise _refuse(ErrorCode.UNSAFE_PATH,
                       f"the archive entry {shown!r} has an unsafe path (absolute, '..', a drive "
                       "letter or a backslash)")
 
@@ -418,20 +418,20 @@ def _check_file_type(entry: _Entry) -> None:
     mode = entry.external_attr >> 16
     kind = stat.S_IFMT(mode)
     if stat.S_ISLNK(mode) or entry.external_attr & _FILE_ATTRIBUTE_REPARSE_POINT:
-        raise _refuse("symlink_in_archive",
+        raise _refuse(ErrorCode.SYMLINK_IN_ARCHIVE,
                       f"the archive entry {_clean(entry.name)!r} is a symbolic link")
     if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-        raise _refuse("special_file",
+        raise _refuse(ErrorCode.SPECIAL_FILE,
                       f"the archive entry {_clean(entry.name)!r} is not a regular file")
 
 
 def _check_readable(entry: _Entry) -> None:
     shown = _clean(entry.name)
     if entry.flags & (_FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION) or entry.method == _METHOD_AES:
-        raise _refuse("encrypted_member",
+        raise _refuse(ErrorCode.ENCRYPTED_MEMBER,
                       f"{shown} is password-protected; upload a zip without a password")
     if entry.method not in _METHOD_NAMES:
-        raise _refuse("unsupported_compression",
+        raise _refuse(ErrorCode.UNSUPPORTED_COMPRESSION,
                       f"{shown} is compressed with method {entry.method}, which is not "
                       "supported; make the zip with your system's \"Compress\" command")
 
@@ -442,20 +442,20 @@ def _check_declared_sizes(entries: list[_Entry], *, archive_bytes: int,
     # reading then holds every member to its declared size, so these limits bound memory too.
     for entry in entries:
         if entry.size > limits.max_member_bytes:
-            raise _refuse("member_too_large",
+            raise _refuse(ErrorCode.MEMBER_TOO_LARGE,
                           f"{_clean(entry.name)} decompresses to more than "
                           f"{limits.mib(limits.max_member_bytes)}")
     total = sum(e.size for e in entries)
     if total > limits.max_total_bytes:
-        raise _refuse("archive_too_large",
+        raise _refuse(ErrorCode.ARCHIVE_TOO_LARGE,
                       f"the archive decompresses to more than {limits.mib(limits.max_total_bytes)}")
     for entry in entries:
         if entry.size > max(limits.ratio_min_bytes, limits.max_ratio * entry.compressed_size):
-            raise _refuse("compression_ratio",
+            raise _refuse(ErrorCode.COMPRESSION_RATIO,
                           f"{_clean(entry.name)} is compressed more than {limits.max_ratio}:1 "
                           "(photos barely compress; this is a zip bomb pattern)")
     if total > max(limits.ratio_min_bytes, limits.max_ratio * archive_bytes):
-        raise _refuse("compression_ratio",
+        raise _refuse(ErrorCode.COMPRESSION_RATIO,
                       f"the archive is compressed more than {limits.max_ratio}:1 "
                       "(photos barely compress; this is a zip bomb pattern)")
 
@@ -474,9 +474,9 @@ def _inflate(data: bytes, span: _Span, *, name: str) -> bytes:
             out = _stream(compressed, entry, name=name)
         except (zlib.error, OSError, ValueError, EOFError) as exc:  # a corrupt compressed stream
             logger.debug("cannot decompress %s: %r", name, exc)
-            raise _refuse("bad_archive", f"{name} is damaged in the archive") from None
+            raise _refuse(ErrorCode.BAD_ARCHIVE, f"{name} is damaged in the archive") from None
     if zlib.crc32(out) != entry.crc:
-        raise _refuse("bad_archive", f"{name} is damaged in the archive (checksum mismatch)")
+        raise _refuse(ErrorCode.BAD_ARCHIVE, f"{name} is damaged in the archive (checksum mismatch)")
     return out
 
 
@@ -504,7 +504,7 @@ def _deflate(compressed: memoryview, limit: int, *, name: str) -> bytes:
         else:
             piece = engine.decompress(b"", room)  # output still held inside zlib, if any
             if not piece:
-                raise _refuse("bad_archive", f"{name} is cut off inside the archive")
+                raise _refuse(ErrorCode.BAD_ARCHIVE, f"{name} is cut off inside the archive")
         out += piece
         if len(out) > limit:
             raise _size_mismatch(name)
@@ -519,7 +519,7 @@ def _bunzip(compressed: memoryview, limit: int, *, name: str) -> bytes:
         room = min(limit - len(out) + 1, _CHUNK)
         if engine.needs_input:
             if fed >= len(compressed):
-                raise _refuse("bad_archive", f"{name} is cut off inside the archive")
+                raise _refuse(ErrorCode.BAD_ARCHIVE, f"{name} is cut off inside the archive")
             chunk = bytes(compressed[fed:fed + _CHUNK])
             fed += _CHUNK
         else:
@@ -531,7 +531,7 @@ def _bunzip(compressed: memoryview, limit: int, *, name: str) -> bytes:
 
 
 def _size_mismatch(name: str) -> InvalidInputError:
-    return _refuse("size_mismatch",
+    return _refuse(ErrorCode.SIZE_MISMATCH,
                    f"{name} does not have the size the archive declares (a zip bomb pattern or a "
                    "damaged archive)")
 
@@ -570,11 +570,11 @@ def _read_folder(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile
             # Read one byte past the limit rather than trust stat(): the file may grow meanwhile.
             blob = fh.read(limits.max_member_bytes + 1)
         if len(blob) > limits.max_member_bytes:
-            raise _refuse("member_too_large",
+            raise _refuse(ErrorCode.MEMBER_TOO_LARGE,
                           f"{name} is larger than {limits.mib(limits.max_member_bytes)}")
         total += len(blob)
         if total > limits.max_total_bytes:
-            raise _refuse("archive_too_large",
+            raise _refuse(ErrorCode.ARCHIVE_TOO_LARGE,
                           f"the photos add up to more than {limits.mib(limits.max_total_bytes)}")
         _refuse_nested(name, blob)
         files.append(UploadedFile(name=name, data=blob))
@@ -621,7 +621,7 @@ def _appended_zip(data: bytes) -> bool:
 def _refuse_nested(name: str, blob: bytes) -> None:
     kind = archive_kind(blob)
     if kind is not None:
-        raise _refuse("nested_archive",
+        raise _refuse(ErrorCode.NESTED_ARCHIVE,
                       f"{name} is a {kind}; archives inside the upload are not accepted",
                       details=[name])
 
@@ -674,10 +674,10 @@ def _ignored(name: str, what: str) -> Finding:
 
 def _too_many(count: int, limits: UploadLimits, *, at_least: bool = False) -> InvalidInputError:
     shown = f"more than {count - 1}" if at_least else str(count)
-    return _refuse("too_many_members",
+    return _refuse(ErrorCode.TOO_MANY_MEMBERS,
                    f"the upload holds {shown} entries; at most {limits.max_members} photos "
                    f"({limits.max_entries} entries in all) are accepted")
 
 
-def _refuse(code: str, message: str, *, details: list[str] | None = None) -> InvalidInputError:
+def _refuse(code: ErrorCode, message: str, *, details: list[str] | None = None) -> InvalidInputError:
     return InvalidInputError(message, code=code, details=details or [])

@@ -17,9 +17,9 @@ from datetime import datetime
 from typing import Any
 
 from selfie_lora.domain.entities import Model, Recipe
-from selfie_lora.domain.quality import DEFAULT_PROBE_COUNT, choose_probes
+from selfie_lora.domain.likeness import DEFAULT_PROBE_COUNT, choose_probes
 from selfie_lora.domain.recipes import recipe_for
-from selfie_lora.errors import InvalidInputError
+from selfie_lora.errors import ErrorCode, InvalidInputError
 
 DEFAULT_LORA_SCALE = 1.0
 LORA_SCALE_MIN = -1.0
@@ -156,11 +156,11 @@ def _recipe(model: Model, defaults: TrainingDefaults) -> Recipe:
 
 def validate_lora_scale(scale: float) -> float:
     if not isinstance(scale, int | float) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise InvalidInputError("lora_scale must be a finite number", code="invalid_lora_scale")
+        raise InvalidInputError("lora_scale must be a finite number", code=ErrorCode.INVALID_LORA_SCALE)
     if not LORA_SCALE_MIN <= float(scale) <= LORA_SCALE_MAX:
         raise InvalidInputError(
             f"lora_scale must be between {LORA_SCALE_MIN} and {LORA_SCALE_MAX}",
-            code="invalid_lora_scale",
+            code=ErrorCode.INVALID_LORA_SCALE,
         )
     return float(scale)
 
@@ -173,7 +173,7 @@ def with_lora_scale(model: Model, scale: float) -> Model:
 def with_trainer_version(model: Model, trainer_version: str) -> Model:
     """The one explicit way to move a model to another trainer version."""
     if not trainer_version.strip():
-        raise InvalidInputError("trainer_version must not be empty", code="invalid_trainer_version")
+        raise InvalidInputError("trainer_version must not be empty", code=ErrorCode.INVALID_TRAINER_VERSION)
     return dataclasses.replace(model, trainer_version=trainer_version.strip())
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from selfie_lora.domain.entities import Recipe
-from selfie_lora.errors import ConfigError, InvalidInputError
+from selfie_lora.errors import ConfigError, ErrorCode, InvalidInputError
 
 # owner/name:<64 hex>, as Replicate names a model version.
 _REPLICATE_VERSION = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}/[a-z0-9][a-z0-9_.-]{0,99}:[0-9a-f]{64}")
@@ -64,10 +64,10 @@ def validate_trainer_version(*, backend: str, trainer_version: str) -> str:
         if version not in known:
             raise InvalidInputError(
                 f"{trainer_version[:100]!r} is not a local trainer version; known: "
-                f"{', '.join(known)}", code="invalid_trainer_version")
+                f"{', '.join(known)}", code=ErrorCode.INVALID_TRAINER_VERSION)
         return version
     if not _REPLICATE_VERSION.fullmatch(version):
         raise InvalidInputError(
             f"{trainer_version[:100]!r} is not a Replicate trainer version: expected "
-            "owner/name:<64 hex digits>", code="invalid_trainer_version")
+            "owner/name:<64 hex digits>", code=ErrorCode.INVALID_TRAINER_VERSION)
     return version

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from selfie_lora.domain.entities import Generation, Model, User, Version
 from selfie_lora.domain.plan import ensure_trigger_word, validate_lora_scale
-from selfie_lora.errors import ConfigError, InvalidInputError, NotFoundError
+from selfie_lora.errors import ConfigError, ErrorCode, InvalidInputError, NotFoundError
 from selfie_lora.services.common import new_id, utcnow
+from selfie_lora.services.layout import generation_image_key
 from selfie_lora.services.ports import BlobStore, GenerationJob, Generator, Repository
 
 logger = logging.getLogger(__name__)
@@ -19,9 +20,6 @@ MAX_PROMPT_CHARS = 2000
 # Seeds are unsigned 32-bit, as FLUX pipelines and Replicate take them.
 MAX_SEED = 2**32 - 1
 
-
-def image_key(generation_id: str, index: int) -> str:
-    return f"generations/{generation_id}/{index}.png"
 
 
 @dataclass(frozen=True)
@@ -77,22 +75,22 @@ class GenerationService:
 
     def generate(self, *, user: User, request: GenerationRequest) -> Generation:
         if not request.prompt.strip():
-            raise InvalidInputError("the prompt is empty", code="empty_prompt")
+            raise InvalidInputError("the prompt is empty", code=ErrorCode.EMPTY_PROMPT)
         if len(request.prompt) > MAX_PROMPT_CHARS:
             raise InvalidInputError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters",
-                                    code="prompt_too_long")
+                                    code=ErrorCode.PROMPT_TOO_LONG)
         if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
-            raise InvalidInputError(f"the seed must be 0 to {MAX_SEED}", code="invalid_seed")
+            raise InvalidInputError(f"the seed must be 0 to {MAX_SEED}", code=ErrorCode.INVALID_SEED)
         if not 1 <= request.num_outputs <= MAX_OUTPUTS:
             raise InvalidInputError(f"num_outputs must be 1 to {MAX_OUTPUTS}",
-                                    code="invalid_num_outputs")
+                                    code=ErrorCode.INVALID_NUM_OUTPUTS)
         model = self._repo.get_model_for_user(user.id)
         if model is None:
             raise NotFoundError("you have no model yet: upload photos to start one")
         version_id = request.version_id or model.active_version_id
         if version_id is None:
             raise InvalidInputError("your model has no trained version yet; wait for the "
-                                    "training to finish", code="no_version")
+                                    "training to finish", code=ErrorCode.NO_VERSION)
         version = self._repo.get_version(version_id)
         if version is None or version.model_id != model.id:
             raise NotFoundError("no such version")
@@ -102,7 +100,7 @@ class GenerationService:
         generation_id = new_id()
         keys = []
         for i, png in enumerate(rendered.images):
-            key = image_key(generation_id, i)
+            key = generation_image_key(generation_id, i)
             self._blobs.put(key, png)
             keys.append(key)
         generation = Generation(

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,26 +25,14 @@ from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.domain.recipes import recipe_for
 from selfie_lora.errors import DatasetRejectedError, NotFoundError
 from selfie_lora.services.common import new_id, utcnow
+from selfie_lora.services.layout import manifest_key, original_key, photo_key, reference_key
 from selfie_lora.services.ports import BlobStore, FaceAnalyzer, Repository
 
 logger = logging.getLogger(__name__)
 
 
-def photo_key(sha256: str) -> str:
-    return f"photos/{sha256}.jpg"
 
 
-def original_key(sha256: str) -> str:
-    return f"originals/{sha256}"
-
-
-def manifest_key(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}/manifest.json"
-
-
-def reference_key(dataset_id: str, embedding_model: str) -> str:
-    """The training photos' face embeddings (likeness scoring compares probes with them)."""
-    return f"quality/datasets/{dataset_id}/{re.sub(r'[^A-Za-z0-9_.-]', '_', embedding_model)}.json"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 from selfie_lora.domain.entities import GateStatus, Model, User, Version
 from selfie_lora.domain.plan import validate_lora_scale, with_trainer_version
 from selfie_lora.domain.recipes import validate_trainer_version
-from selfie_lora.errors import ConflictError, InvalidInputError, NotFoundError
+from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, NotFoundError
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.ports import BlobStore, Repository
 
@@ -43,7 +43,7 @@ class ModelService:
         model = self.get(user=user)
         if not reason.strip():
             raise InvalidInputError("say why the trainer version changes (reason)",
-                                    code="reason_required")
+                                    code=ErrorCode.REASON_REQUIRED)
         version = validate_trainer_version(backend=model.backend, trainer_version=trainer_version)
         if any(t.status.is_active for t in self._repo.list_trainings(model.id)):
             raise ConflictError("wait for the running training to end before re-pinning")

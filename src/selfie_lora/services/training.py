@@ -73,6 +73,7 @@ from selfie_lora.domain.plan import TrainingDefaults, plan_training
 from selfie_lora.domain.states import can_transition, transition
 from selfie_lora.errors import (
     ConflictError,
+    ErrorCode,
     InvalidInputError,
     LeaseLostError,
     NotFoundError,
@@ -82,7 +83,9 @@ from selfie_lora.errors import (
     TrainingInterruptedError,
 )
 from selfie_lora.services.common import new_id, utcnow
-from selfie_lora.services.intake import IntakeService, photo_key
+from selfie_lora.services.intake import IntakeService
+from selfie_lora.services.layout import photo_key, weights_key
+from selfie_lora.services.likeness import GateVerdict, LikenessService
 from selfie_lora.services.ports import (
     BlobStore,
     JobQueue,
@@ -92,7 +95,6 @@ from selfie_lora.services.ports import (
     TrainingPhoto,
     TrainingResult,
 )
-from selfie_lora.services.quality import GateVerdict, QualityService
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +112,6 @@ def caption_for(trigger_word: str) -> str:
     # Written by us for every photo: the trainer's autocaption prefix is often missing.
     return f"a photo of {trigger_word}"
 
-
-def weights_key(sha256: str) -> str:
-    return f"weights/{sha256}.safetensors"
 
 
 def default_owner() -> str:
@@ -149,7 +148,7 @@ class TrainingService:
         trainers: Mapping[str, Trainer],
         defaults: Callable[[], TrainingDefaults],
         work_dir: Path,
-        likeness: QualityService,
+        likeness: LikenessService,
         intake: IntakeService | None = None,
         webhook_url: str | None = None,
         rng: random.Random | None = None,
@@ -188,7 +187,8 @@ class TrainingService:
         with self._repo.atomic() as tx:
             if tx.upload_claimed(user.id, now=self._clock(), except_token=_upload_token):
                 raise ConflictError("photos of yours are being uploaded to start a training; "
-                                    "wait for that upload to finish")
+                                    "wait for that upload to finish",
+                                    code=ErrorCode.UPLOAD_IN_PROGRESS)
             if new_dataset is not None:
                 tx.add_dataset(new_dataset)
                 dataset: Dataset | None = new_dataset
@@ -200,11 +200,11 @@ class TrainingService:
                 if dataset_id is None:
                     raise InvalidInputError(
                         "there are no photos to train on yet: upload a zip of photos first",
-                        code="no_dataset",
+                        code=ErrorCode.NO_DATASET,
                     )
                 raise NotFoundError("no such dataset")
             if not dataset.accepted:
-                raise InvalidInputError("that dataset was not accepted", code="dataset_rejected")
+                raise InvalidInputError("that dataset was not accepted", code=ErrorCode.DATASET_REJECTED)
             model = tx.get_model_for_user(user.id)
             _refuse_if_busy(tx, model)
             plan = plan_training(
@@ -264,7 +264,8 @@ class TrainingService:
             except ConflictError as exc:
                 # Two first uploads raced for the claim's row: the loser is just as busy.
                 raise ConflictError("photos of yours are being uploaded to start a training; "
-                                    "wait for that upload to finish") from exc
+                                    "wait for that upload to finish",
+                                    code=ErrorCode.UPLOAD_IN_PROGRESS) from exc
         try:
             files, notes = read()
             dataset = intake.prepare_files(user=user, files=files, findings=notes)
@@ -377,7 +378,7 @@ class TrainingService:
         except ConflictError:
             fresh = False  # the same delivery, twice at once
         if not fresh:
-            raise ConflictError("this webhook was received before", code="webhook_replayed")
+            raise ConflictError("this webhook was received before", code=ErrorCode.WEBHOOK_REPLAYED)
         training = self._repo.get_training_by_remote_id(remote_id)
         if training is None:
             return None

@@ -7,7 +7,7 @@ import re
 import secrets
 
 from selfie_lora.domain.entities import User
-from selfie_lora.errors import AuthError, ConflictError, InvalidInputError, NotFoundError
+from selfie_lora.errors import AuthError, ConflictError, ErrorCode, InvalidInputError, NotFoundError
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.ports import Repository
 
@@ -28,10 +28,10 @@ class UserService:
         """A new user and its API key, which is not stored and cannot be shown again."""
         if not _NAME.match(name):
             raise InvalidInputError(
-                "a user name is 1-100 letters, digits, '_', '.', '@' or '-'", code="invalid_name"
+                "a user name is 1-100 letters, digits, '_', '.', '@' or '-'", code=ErrorCode.INVALID_NAME
             )
         if self._repo.get_user_by_name(name) is not None:
-            raise ConflictError(f"the user {name!r} already exists")
+            raise ConflictError(f"the user {name!r} already exists", code=ErrorCode.USER_EXISTS)
         key = "sl_" + secrets.token_urlsafe(32)
         user = User(id=new_id(), name=name, api_key_hash=hash_api_key(key), created_at=utcnow())
         self._repo.add_user(user)

@@ -21,7 +21,7 @@ from selfie_lora.adapters.db.tables import (
     TrainingRow,
     UploadClaimRow,
     UserRow,
-    VersionQualityRow,
+    VersionLikenessRow,
     VersionRow,
     WebhookDeliveryRow,
 )
@@ -39,13 +39,13 @@ from selfie_lora.domain.entities import (
     User,
     Version,
 )
-from selfie_lora.domain.quality import (
+from selfie_lora.domain.likeness import (
     IdentityScores,
+    LikenessStatus,
     ProbeResult,
-    QualityStatus,
-    VersionQuality,
+    VersionLikeness,
 )
-from selfie_lora.errors import ConflictError, StorageError
+from selfie_lora.errors import ConflictError, ErrorCode, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -162,9 +162,9 @@ def _version(row: VersionRow) -> Version:
     )
 
 
-def _quality(row: VersionQualityRow) -> VersionQuality:
-    return VersionQuality(
-        version_id=row.version_id, model_id=row.model_id, status=QualityStatus(row.status),
+def _likeness(row: VersionLikenessRow) -> VersionLikeness:
+    return VersionLikeness(
+        version_id=row.version_id, model_id=row.model_id, status=LikenessStatus(row.status),
         created_at=_req_utc(row.created_at), embedding_model=row.embedding_model,
         reference_dataset_id=row.reference_dataset_id,
         scores=IdentityScores.from_dict(row.scores) if row.scores else None,
@@ -173,7 +173,7 @@ def _quality(row: VersionQualityRow) -> VersionQuality:
     )
 
 
-def _quality_values(q: VersionQuality) -> dict[str, Any]:
+def _likeness_values(q: VersionLikeness) -> dict[str, Any]:
     scores = q.scores
     return {
         "version_id": q.version_id, "model_id": q.model_id, "status": str(q.status),
@@ -267,7 +267,8 @@ class SqlRepository:
                 raise ConflictError(
                     "a training of this model is already queued or running",
                 ) from exc
-            raise ConflictError(f"conflicting write: {exc.orig}") from exc
+            raise ConflictError(f"conflicting write: {exc.orig}",
+                                code=ErrorCode.WRITE_CONFLICT) from exc
         except OperationalError as exc:
             raise StorageError(f"database error: {exc.orig}") from exc
 
@@ -427,7 +428,8 @@ class SqlRepository:
                             .with_for_update()).first()
             if row is not None and row.token != token and _req_utc(row.expires_at) > now:
                 raise ConflictError("photos of yours are being uploaded to start a training; "
-                                    "wait for that upload to finish")
+                                    "wait for that upload to finish",
+                                    code=ErrorCode.UPLOAD_IN_PROGRESS)
             if row is None:
                 s.add(UploadClaimRow(user_id=user_id, token=token, expires_at=expires_at))
             else:
@@ -494,30 +496,30 @@ class SqlRepository:
             return [_version(r) for r in rows]
 
     # quality ----------------------------------------------------------------------------
-    def add_quality(self, quality: VersionQuality) -> None:
+    def add_likeness(self, quality: VersionLikeness) -> None:
         with self._tx() as s:
-            s.add(VersionQualityRow(**_quality_values(quality)))
+            s.add(VersionLikenessRow(**_likeness_values(quality)))
 
-    def save_quality(self, quality: VersionQuality) -> None:
-        values = _quality_values(quality)
+    def save_likeness(self, quality: VersionLikeness) -> None:
+        values = _likeness_values(quality)
         with self._tx() as s:
-            result = s.execute(update(VersionQualityRow)
-                               .where(VersionQualityRow.version_id == quality.version_id)
+            result = s.execute(update(VersionLikenessRow)
+                               .where(VersionLikenessRow.version_id == quality.version_id)
                                .values(**values))
             if getattr(result, "rowcount", 1) == 0:
-                s.add(VersionQualityRow(**values))
+                s.add(VersionLikenessRow(**values))
 
-    def get_quality(self, version_id: str) -> VersionQuality | None:
+    def get_likeness(self, version_id: str) -> VersionLikeness | None:
         with self._tx() as s:
-            row = s.get(VersionQualityRow, version_id)
-            return _quality(row) if row else None
+            row = s.get(VersionLikenessRow, version_id)
+            return _likeness(row) if row else None
 
-    def list_quality(self, model_id: str) -> Sequence[VersionQuality]:
+    def list_likeness(self, model_id: str) -> Sequence[VersionLikeness]:
         with self._tx() as s:
             rows = s.scalars(
-                select(VersionQualityRow).where(VersionQualityRow.model_id == model_id)
+                select(VersionLikenessRow).where(VersionLikenessRow.model_id == model_id)
             ).all()
-            return [_quality(r) for r in rows]
+            return [_likeness(r) for r in rows]
 
     # generations ------------------------------------------------------------------------
     def add_generation(self, generation: Generation) -> None:

@@ -154,8 +154,8 @@ class VersionRow(Base):
     alert: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
-class VersionQualityRow(Base):
-    """One version's likeness record (see ``domain.quality.VersionQuality``)."""
+class VersionLikenessRow(Base):
+    """One version's likeness record (see ``domain.quality.VersionLikeness``)."""
 
     __tablename__ = "version_quality"
     version_id: Mapped[str] = mapped_column(ForeignKey("versions.id"), primary_key=True)

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from replicate.prediction import Prediction
 
 from selfie_lora.adapters.trainers.replicate import ReplicateSession, parse_version_ref
-from selfie_lora.errors import ConfigError, InvalidInputError, TrainerError
+from selfie_lora.errors import ConfigError, ErrorCode, InvalidInputError, TrainerError
 from selfie_lora.services.ports import GenerationJob
 
 logger = logging.getLogger(__name__)
@@ -69,12 +69,12 @@ class ReplicateGenerator:
         if not job.remote_version:
             raise InvalidInputError(
                 "this version has no Replicate model version to generate with",
-                code="no_remote_version",
+                code=ErrorCode.NO_REMOTE_VERSION,
             )
         try:
             _, version_id = parse_version_ref(job.remote_version)
         except ValueError as exc:
-            raise InvalidInputError(str(exc), code="no_remote_version") from exc
+            raise InvalidInputError(str(exc), code=ErrorCode.NO_REMOTE_VERSION) from exc
         inputs: dict[str, Any] = {
             "prompt": job.prompt,
             "lora_scale": job.lora_scale,

@@ -20,7 +20,7 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook
 
-from selfie_lora.errors import AuthError, InvalidInputError
+from selfie_lora.errors import AuthError, ErrorCode, InvalidInputError
 
 logger = logging.getLogger(__name__)
 
@@ -150,14 +150,14 @@ def parse_training_webhook(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInputError("webhook body is not JSON", code="bad_webhook") from exc
+        raise InvalidInputError("webhook body is not JSON", code=ErrorCode.BAD_WEBHOOK) from exc
     if not isinstance(data, dict):
-        raise InvalidInputError("webhook body is not a JSON object", code="bad_webhook")
+        raise InvalidInputError("webhook body is not a JSON object", code=ErrorCode.BAD_WEBHOOK)
     remote_id, status = data.get("id"), data.get("status")
     if not isinstance(remote_id, str) or not remote_id or not isinstance(status, str):
-        raise InvalidInputError("webhook body lacks id or status", code="bad_webhook")
+        raise InvalidInputError("webhook body lacks id or status", code=ErrorCode.BAD_WEBHOOK)
     if status not in {"starting", "processing", "succeeded", "failed", "canceled"}:
-        raise InvalidInputError(f"unknown training status {status!r}", code="bad_webhook")
+        raise InvalidInputError(f"unknown training status {status!r}", code=ErrorCode.BAD_WEBHOOK)
     logs = data.get("logs") if isinstance(data.get("logs"), str) else None
     progress = parse_log_progress(logs)
     error = data.get("error")

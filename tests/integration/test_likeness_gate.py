@@ -16,13 +16,13 @@ import pytest
 
 from selfie_lora.adapters.alerts.http import HttpAlerter
 from selfie_lora.domain.entities import GateStatus, TrainingStatus
-from selfie_lora.domain.quality import PROBE_LORA_SCALE, QualityStatus
-from selfie_lora.quality.chart import CHART_SIZE
-from selfie_lora.quality.grid import grid_size
+from selfie_lora.domain.likeness import PROBE_LORA_SCALE, LikenessStatus
+from selfie_lora.likeness.chart import CHART_SIZE
+from selfie_lora.likeness.grid import grid_size
 from selfie_lora.services.generation import GenerationRequest
-from selfie_lora.services.quality import probe_image_key
+from selfie_lora.services.layout import probe_image_key
 from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter
-from tests.support.quality import (
+from tests.support.likeness import (
     Rig,
     no_face,
     other_person,
@@ -53,9 +53,9 @@ def test_same_person_scores_high_and_passes_the_gate(rig: Rig) -> None:
     ann = rig.user()
     v1 = rig.train(ann)
     assert v1.gate_status is GateStatus.PASSED  # a first version has nothing to beat
-    q1 = rig.repo.get_quality(v1.id)
+    q1 = rig.repo.get_likeness(v1.id)
     assert q1 is not None
-    assert q1.status is QualityStatus.SCORED
+    assert q1.status is LikenessStatus.SCORED
     assert q1.embedding_model == "dlib_face_recognition_resnet_model_v1"
     assert q1.scores is not None
     assert q1.scores.face_share == 1.0
@@ -83,9 +83,9 @@ def test_another_person_scores_low_is_held_back_and_raises_an_alert(rig: Rig,
     ann = rig.user()
     v1 = rig.train(ann)
     generator_of(rig).photos = other_person()
-    with caplog.at_level("WARNING", logger="selfie_lora.services.quality"):
+    with caplog.at_level("WARNING", logger="selfie_lora.services.likeness"):
         v2 = rig.train(ann)
-    q2 = rig.repo.get_quality(v2.id)
+    q2 = rig.repo.get_likeness(v2.id)
     assert q2 is not None
     assert q2.scores is not None
     assert q2.scores.face_share == 1.0  # a face, but not the user's
@@ -111,7 +111,7 @@ def test_another_person_scores_low_is_held_back_and_raises_an_alert(rig: Rig,
     assert sent[0]["version_number"] == 2
     assert any("likeness alert" in r.getMessage() for r in caplog.records)
     # The retraining log answers "did retraining make it worse?".
-    log = rig.quality.training_log(user=ann)
+    log = rig.likeness.training_log(user=ann)
     assert [e["kind"] for e in log] == ["retraining", "first_training"]
     assert log[0]["gate"]["status"] == "held"
     assert log[0]["scores"]["before"]["identity"] > log[0]["scores"]["after"]["identity"]
@@ -128,9 +128,9 @@ def test_probes_without_a_face_score_as_such_not_as_an_error(rig: Rig) -> None:
     rig.train(ann)
     generator_of(rig).photos = no_face()
     v2 = rig.train(ann)
-    q2 = rig.repo.get_quality(v2.id)
+    q2 = rig.repo.get_likeness(v2.id)
     assert q2 is not None
-    assert q2.status is QualityStatus.SCORED
+    assert q2.status is LikenessStatus.SCORED
     assert q2.error is None
     assert q2.scores is not None
     assert q2.scores.face_share == 0.0
@@ -174,7 +174,7 @@ def test_the_probe_set_is_fixed_per_model_and_each_model_has_its_own(rig: Rig) -
     assert [(p.prompt, p.seed) for p in model.probes] == first
     assert all(model.trigger_word in prompt for prompt, _seed in first)
     for version in rig.repo.list_versions(model.id):
-        q = rig.repo.get_quality(version.id)
+        q = rig.repo.get_likeness(version.id)
         assert q is not None
         assert [(p.prompt, p.seed) for p in q.probes] == first
     generator.jobs.clear()
@@ -204,7 +204,7 @@ def test_explicit_activation_of_a_held_version_works_and_is_recorded(rig: Rig) -
     assert event["data"]["overrides_gate"] is True
     assert event["data"]["to"] == v2.id
     assert event["data"]["gate"] == "held"
-    assert rig.quality.training_log(user=ann)[0]["gate"]["overridden"] is True
+    assert rig.likeness.training_log(user=ann)[0]["gate"]["overridden"] is True
     # And back: a rollback to a passed version is no override.
     rig.models.activate(user=ann, version_id=v1.id)
     event = [e for e in rig.repo.list_events(model.id) if e["kind"] == "version_activated"][-1]
@@ -265,9 +265,9 @@ def test_a_version_that_cannot_be_scored_is_held_with_the_reason(tmp_path: Path)
         ann = rig.user()
         v1 = rig.train(ann)
         v2 = rig.train(ann)
-        q2 = rig.repo.get_quality(v2.id)
+        q2 = rig.repo.get_likeness(v2.id)
         assert q2 is not None
-        assert q2.status is QualityStatus.FAILED
+        assert q2.status is LikenessStatus.FAILED
         assert "out of memory" in (q2.error or "")
         assert v2.gate_status is GateStatus.HELD
         assert "could not be scored" in (v2.gate_reason or "")
@@ -283,7 +283,7 @@ def test_comparison_grid_and_chart(rig: Rig) -> None:
     v1 = rig.train(ann)
     generator_of(rig).photos = other_person()
     v2 = rig.train(ann)
-    comparison = rig.quality.compare(user=ann)
+    comparison = rig.likeness.compare(user=ann)
     assert (comparison.a.id, comparison.b.id) == (v1.id, v2.id)
     assert len(comparison.probes) == 4
     for row in comparison.probes:
@@ -293,12 +293,12 @@ def test_comparison_grid_and_chart(rig: Rig) -> None:
         assert row.a_score is not None
         assert row.b_score is not None
         assert row.a_score["similarity"] > row.b_score["similarity"]
-    assert png_size(rig.quality.grid_png(comparison)) == grid_size(4)
-    assert png_size(rig.quality.chart_png(user=ann)) == CHART_SIZE
-    points = rig.quality.chart_points(rig.model(ann))
+    assert png_size(rig.likeness.grid_png(comparison)) == grid_size(4)
+    assert png_size(rig.likeness.chart_png(user=ann)) == CHART_SIZE
+    points = rig.likeness.chart_points(rig.model(ann))
     assert [(p.number, p.gate_status, p.active) for p in points] == [
         (1, "passed", True), (2, "held", False)]
-    by_number = rig.quality.compare(user=ann, a="2", b="v1")
+    by_number = rig.likeness.compare(user=ann, a="2", b="v1")
     assert (by_number.a.id, by_number.b.id) == (v2.id, v1.id)
 
 
@@ -314,8 +314,8 @@ def test_a_model_from_before_likeness_tracking_gets_a_fixed_probe_set(rig: Rig) 
         conn.execute(text("DELETE FROM version_quality"))
     rig.blobs.delete(probe_image_key(v1.id, 0, PROBE_LORA_SCALE))
     assert rig.model(ann).probes == ()
-    q = rig.quality.score(v1.id)
-    assert q.status is QualityStatus.SCORED
+    q = rig.likeness.score(v1.id)
+    assert q.status is LikenessStatus.SCORED
     probes = rig.model(ann).probes
     assert len(probes) == 4
     assert probes != model.probes  # derived from the model id, not the first training's draw
@@ -362,7 +362,7 @@ def test_every_probe_is_rendered_at_the_fixed_scale_whatever_the_user_chose(rig:
     assert len(jobs) == 2 * 4  # four probes per version
     assert {job.lora_scale for job in jobs} == {PROBE_LORA_SCALE}
     for version in (v1, v2):
-        record = rig.repo.get_quality(version.id)
+        record = rig.repo.get_likeness(version.id)
         assert record is not None
         assert {p.lora_scale for p in record.probes} == {PROBE_LORA_SCALE}
     # The user's own pictures use the user's scale.
@@ -420,7 +420,7 @@ def test_with_the_gate_off_a_new_version_is_active_at_once_and_still_scored(
         assert v2.gate_status is GateStatus.PASSED
         assert "gate is off" in (v2.gate_reason or "")
         assert rig.model(ann).active_version_id == v2.id
-        q2 = rig.repo.get_quality(v2.id)
+        q2 = rig.repo.get_likeness(v2.id)
         assert q2 is not None
         assert q2.scores is not None
         assert q2.scores.identity is not None

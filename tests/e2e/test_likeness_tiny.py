@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from selfie_lora.api.app import create_app
-from selfie_lora.quality.chart import CHART_SIZE
-from selfie_lora.quality.grid import grid_size
+from selfie_lora.likeness.chart import CHART_SIZE
+from selfie_lora.likeness.grid import grid_size
 from selfie_lora.wiring import build_services
 from tests.conftest import auth, make_settings, wait_terminal
 from tests.support.photos import real_photo_zip

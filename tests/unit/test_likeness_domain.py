@@ -9,8 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from selfie_lora.domain.entities import GateStatus
-from selfie_lora.domain.plan import TrainingDefaults, plan_training
-from selfie_lora.domain.quality import (
+from selfie_lora.domain.likeness import (
     MAX_PROBES,
     IdentityScores,
     ImageSanity,
@@ -22,6 +21,7 @@ from selfie_lora.domain.quality import (
     similarity,
     training_figures,
 )
+from selfie_lora.domain.plan import TrainingDefaults, plan_training
 from selfie_lora.errors import InvalidInputError
 
 SANE = ImageSanity(mean=120, std=40, saturated_share=0.01, sharpness=300, blank=False,

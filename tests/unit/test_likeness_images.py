@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from selfie_lora.quality.chart import CHART_SIZE, ChartPoint, render_chart
-from selfie_lora.quality.grid import CELL, HEADER_H, LABEL_W, PAD, GridRow, grid_size, render_grid
-from selfie_lora.quality.images import analysis_array, image_sanity
+from selfie_lora.likeness.chart import CHART_SIZE, ChartPoint, render_chart
+from selfie_lora.likeness.grid import CELL, HEADER_H, LABEL_W, PAD, GridRow, grid_size, render_grid
+from selfie_lora.likeness.images import analysis_array, image_sanity
+from tests.support.likeness import png_size, rgb
 from tests.support.photos import FIXTURES
-from tests.support.quality import png_size, rgb
 
 
 def png(img: Image.Image) -> bytes:

@@ -23,10 +23,10 @@ from selfie_lora.domain.entities import Dataset, Model, Training, User, Version
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.generation import GenerationService
-from selfie_lora.services.intake import photo_key
+from selfie_lora.services.layout import photo_key
+from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.models import ModelService
 from selfie_lora.services.ports import Alerter, FaceAnalyzer, GenerationJob, Generator
-from selfie_lora.services.quality import QualityService
 from selfie_lora.services.training import TrainingService
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import (
@@ -118,7 +118,7 @@ class Rig:
         self.dying = Dying(self.generator)
         self.generation = GenerationService(repo=self.repo, blobs=self.blobs,
                                             generators={"local": self.dying})
-        self.quality = QualityService(
+        self.likeness = LikenessService(
             repo=self.repo, blobs=self.blobs, generation=self.generation, faces=self.faces,
             alerter=self.alerter, tolerance=self.tolerance, probe_count=self.probe_count,
             gate_enabled=self.gate_enabled,
@@ -128,7 +128,7 @@ class Rig:
             defaults=lambda: TrainingDefaults(backend="local", trainer_version="local-tiny-v1",
                                               owner="local", replicate_recipe="replicate-person-v1",
                                               probe_count=self.probe_count),
-            work_dir=self.root / "work", rng=random.Random(self.seed), likeness=self.quality,
+            work_dir=self.root / "work", rng=random.Random(self.seed), likeness=self.likeness,
         )
         self.models = ModelService(repo=self.repo, blobs=self.blobs)
         self.users = UserService(repo=self.repo)

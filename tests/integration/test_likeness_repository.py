@@ -10,11 +10,11 @@ import pytest
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.domain.entities import GateStatus, Probe, TrainingStatus, Version
-from selfie_lora.domain.quality import (
+from selfie_lora.domain.likeness import (
     ImageSanity,
+    LikenessStatus,
     ProbeResult,
-    QualityStatus,
-    VersionQuality,
+    VersionLikeness,
     score_probes,
 )
 from selfie_lora.errors import StorageError
@@ -73,28 +73,28 @@ def test_gate_and_alert_round_trip(repo: SqlRepository) -> None:
 
 def test_quality_records_round_trip_and_update(repo: SqlRepository) -> None:
     version = version_of(repo)
-    pending = VersionQuality(version_id=version.id, model_id=version.model_id,
-                             status=QualityStatus.PENDING, created_at=NOW,
+    pending = VersionLikeness(version_id=version.id, model_id=version.model_id,
+                             status=LikenessStatus.PENDING, created_at=NOW,
                              training={"final_loss": 0.2, "steps": 10, "seconds": 1.5,
                                        "cost": None, "metrics": {"device": "cpu"}})
-    repo.add_quality(pending)
-    assert repo.get_quality(version.id) == pending
+    repo.add_likeness(pending)
+    assert repo.get_likeness(version.id) == pending
     sanity = ImageSanity(mean=100.0, std=30.0, saturated_share=0.0, sharpness=250.0,
                          blank=False, saturated=False, nan=False)
     probes = (ProbeResult(index=0, prompt="p", seed=1, image_key="quality/x.png", faces=1,
                           face_box=(1, 2, 3, 4), embedding=(0.25, -0.5), sanity=sanity),
               ProbeResult(index=1, prompt="q", seed=2, image_key=None, sanity=sanity))
-    scored = VersionQuality(
-        version_id=version.id, model_id=version.model_id, status=QualityStatus.SCORED,
+    scored = VersionLikeness(
+        version_id=version.id, model_id=version.model_id, status=LikenessStatus.SCORED,
         created_at=NOW, embedding_model="dlib_face_recognition_resnet_model_v1",
         reference_dataset_id="d-ann", scores=score_probes(probes, [(0.25, -0.5)]),
         probes=probes, training=pending.training, scored_at=NOW,
     )
-    repo.save_quality(scored)
-    assert repo.get_quality(version.id) == scored
-    assert repo.list_quality(version.model_id) == [scored]
-    assert repo.list_quality("other") == []
-    assert repo.get_quality("nope") is None
+    repo.save_likeness(scored)
+    assert repo.get_likeness(version.id) == scored
+    assert repo.list_likeness(version.model_id) == [scored]
+    assert repo.list_likeness("other") == []
+    assert repo.get_likeness("nope") is None
 
 
 def test_a_call_beside_the_open_transaction_fails_fast_instead_of_waiting(

@@ -14,14 +14,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.config import Settings
-from selfie_lora.quality.chart import CHART_SIZE
-from selfie_lora.quality.grid import grid_size
+from selfie_lora.likeness.chart import CHART_SIZE
+from selfie_lora.likeness.grid import grid_size
 from selfie_lora.services.ports import GenerationJob
 from selfie_lora.testing.fakes import FakeTrainer, PhotoGenerator, RecordingAlerter
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, wait_terminal
+from tests.support.likeness import other_person, png_size, same_person, shared_analyzer
 from tests.support.photos import real_photo_zip
-from tests.support.quality import other_person, png_size, same_person, shared_analyzer
 
 
 class HeldGenerator(PhotoGenerator):
@@ -210,9 +210,9 @@ def test_settings_reach_the_likeness_services(tmp_path: Path) -> None:
                          generators={"local": PhotoGenerator(photos=same_person())},
                          face_analyzer=shared_analyzer())
     try:
-        assert svc.quality.tolerance == 0.1
-        assert svc.quality.gate_enabled is False
-        assert svc.quality._probe_size == 128
-        assert svc.quality._alerter is not None
+        assert svc.likeness.tolerance == 0.1
+        assert svc.likeness.gate_enabled is False
+        assert svc.likeness._probe_size == 128
+        assert svc.likeness._alerter is not None
     finally:
         svc.close()

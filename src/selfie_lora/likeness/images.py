@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from selfie_lora.domain.quality import ImageSanity
+from selfie_lora.domain.likeness import ImageSanity
 
 logger = logging.getLogger(__name__)
 

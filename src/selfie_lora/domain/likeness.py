@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import Any
 
 from selfie_lora.domain.entities import GateStatus, Probe
-from selfie_lora.errors import InvalidInputError
+from selfie_lora.errors import ErrorCode, InvalidInputError
 
 Embedding = tuple[float, ...]
 
@@ -67,7 +67,7 @@ def choose_probes(*, trigger_word: str, rng: random.Random, count: int) -> tuple
     its own seed. Called once per model, at its first training; the result is stored."""
     if not 1 <= count <= MAX_PROBES:
         raise InvalidInputError(f"the probe count must be 1 to {MAX_PROBES}, not {count}",
-                                code="invalid_probe_count")
+                                code=ErrorCode.INVALID_PROBE_COUNT)
     templates = rng.sample(PROBE_PROMPTS, count)
     return tuple(
         Probe(index=i, prompt=t.format(trigger=trigger_word), seed=rng.randrange(_SEED_RANGE))
@@ -365,20 +365,20 @@ def decide_gate(
 # --------------------------------------------------------------------------- the record
 
 
-class QualityStatus(enum.StrEnum):
+class LikenessStatus(enum.StrEnum):
     PENDING = "pending"
     SCORED = "scored"
     FAILED = "failed"
 
 
 @dataclass(frozen=True)
-class VersionQuality:
+class VersionLikeness:
     """A version's likeness record: what its probes showed, its scores against its own training
     photos, the training's own figures, and the embedding model that made the scores."""
 
     version_id: str
     model_id: str
-    status: QualityStatus
+    status: LikenessStatus
     created_at: datetime
     embedding_model: str | None = None
     reference_dataset_id: str | None = None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from selfie_lora.quality.images import decode_rgb
+from selfie_lora.likeness.images import decode_rgb
 
 CELL = 256
 PAD = 8

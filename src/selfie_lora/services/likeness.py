@@ -11,11 +11,11 @@ versions' gates, the training service owns the training's status.
    ``GenerationService.render``: the user's own code path), store the images
    (``quality/versions/<version>/probe-<n>-scale-<s>.png``), measure each image (blank,
    saturated, broken, sharpness) and find its face (``FaceAnalyzer``), then score the faces
-   against the training photos' faces (``domain.quality.score_probes``). Training photos are
+   against the training photos' faces (``domain.likeness.score_probes``). Training photos are
    analysed once per dataset (``quality/datasets/<dataset>/<embedding model>.json``).
 2. **gate** (only while the version's gate is ``pending``): score the active version against the
    *same* training photos (its probe faces are stored, so this is arithmetic), decide
-   (``domain.quality.decide_gate``). A held version gets an alert, logged and, when
+   (``domain.likeness.decide_gate``). A held version gets an alert, logged and, when
    ``SELFIE_LORA_ALERT_URL`` is set, POSTed there (best effort, never fatal).
 
 Comparisons score both versions against the training photos of the newer one, probe by probe.
@@ -32,7 +32,7 @@ from datetime import datetime
 from typing import Any
 
 from selfie_lora.domain.entities import GateStatus, Model, Probe, Training, User, Version
-from selfie_lora.domain.quality import (
+from selfie_lora.domain.likeness import (
     DEFAULT_GATE_TOLERANCE,
     DEFAULT_PROBE_COUNT,
     FIRST_VERSION_REASON,
@@ -40,42 +40,34 @@ from selfie_lora.domain.quality import (
     PROBE_LORA_SCALE,
     Embedding,
     IdentityScores,
+    LikenessStatus,
     ProbeResult,
-    QualityStatus,
-    VersionQuality,
+    VersionLikeness,
     decide_gate,
     probes_for_existing_model,
     score_probes,
     training_figures,
 )
 from selfie_lora.errors import (
+    ErrorCode,
     InvalidInputError,
     NotFoundError,
     SelfieLoraError,
     TrainingInterruptedError,
 )
-from selfie_lora.quality.chart import ChartPoint, render_chart
-from selfie_lora.quality.grid import GridRow, render_grid
-from selfie_lora.quality.images import analysis_array, image_sanity
+from selfie_lora.likeness.chart import ChartPoint, render_chart
+from selfie_lora.likeness.grid import GridRow, render_grid
+from selfie_lora.likeness.images import analysis_array, image_sanity
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.generation import GenerationService
-from selfie_lora.services.intake import photo_key, reference_key
+from selfie_lora.services.layout import chart_key, grid_key, photo_key, probe_image_key, reference_key
 from selfie_lora.services.ports import Alerter, BlobStore, FaceAnalyzer, Repository
 
 logger = logging.getLogger(__name__)
 
 
 
-def probe_image_key(version_id: str, index: int, lora_scale: float) -> str:
-    return f"quality/versions/{version_id}/probe-{index}-scale-{lora_scale:g}.png"
 
-
-def grid_key(a_id: str, b_id: str) -> str:
-    return f"quality/compare/{a_id}-{b_id}/grid.png"
-
-
-def chart_key(model_id: str) -> str:
-    return f"quality/models/{model_id}/chart.png"
 
 
 CANCELED_REASON = ("version {number}'s training was canceled before the likeness gate decided, "
@@ -92,7 +84,7 @@ class GateVerdict:
     details: dict[str, Any]
     baseline: Version | None  # what it was compared with (None: nothing to beat)
     reference_id: str | None  # the training photos both were scored against
-    quality: VersionQuality  # the version's likeness record
+    record: VersionLikeness  # the version's likeness record
 
 
 @dataclass(frozen=True)
@@ -106,10 +98,10 @@ class Reference:
 
 
 @dataclass(frozen=True)
-class QualityReport:
+class LikenessReport:
     model: Model
     version: Version
-    quality: VersionQuality | None
+    record: VersionLikeness | None
     baseline: Version | None  # what it was (or would be) compared with
 
 
@@ -127,15 +119,15 @@ class Comparison:
     model: Model
     a: Version
     b: Version
-    quality_a: VersionQuality | None
-    quality_b: VersionQuality | None
+    record_a: VersionLikeness | None
+    record_b: VersionLikeness | None
     scores_a: IdentityScores | None  # against ``reference``
     scores_b: IdentityScores | None
     reference_dataset_id: str | None
     probes: tuple[ProbeComparison, ...]
 
 
-class QualityService:
+class LikenessService:
     def __init__(
         self,
         *,
@@ -173,22 +165,22 @@ class QualityService:
         ``unscorable`` (why) judges the version as it stands, without trying to score it."""
         version, model, training = self._load(version_id)
         if unscorable is None:
-            quality = self.score(version.id, checkpoint=checkpoint)
+            record = self.score(version.id, checkpoint=checkpoint)
         else:
-            quality = self._unscored(version, training, why=unscorable)
+            record = self._unscored(version, training, why=unscorable)
         if version.gate_status is not GateStatus.PENDING:
             # Decided already (a version stored before leases): keep that decision.
             return GateVerdict(
                 version_id=version.id, status=version.gate_status,
                 reason=version.gate_reason or "", details=dict(version.gate_details),
-                baseline=None, reference_id=None, quality=quality)
+                baseline=None, reference_id=None, record=record)
         override = version.gate_details.get("override")
         baseline_id = (override.get("replaced_version_id") if isinstance(override, dict)
                        else model.active_version_id)
         baseline = (self._repo.get_version(baseline_id)
                     if baseline_id and baseline_id != version.id else None)
-        reference = self._reference_for(version) if _scored(quality) else None
-        after = self._scores_against(quality, reference)
+        reference = self._reference_for(version) if _scored(record) else None
+        after = self._scores_against(record, reference)
         if baseline is None or not self.gate_enabled:
             # Nothing to beat (a first version), or no gate: it passes, scored or not.
             details: dict[str, Any] = {"after": after.headline() if after else None,
@@ -197,7 +189,7 @@ class QualityService:
                 version_id=version.id, status=GateStatus.PASSED,
                 reason=FIRST_VERSION_REASON if baseline is None else GATE_OFF_REASON,
                 details=details, baseline=baseline,
-                reference_id=reference.dataset_id if reference else None, quality=quality)
+                reference_id=reference.dataset_id if reference else None, record=record)
         before = None
         if after is not None:
             before = self._scores_against(self.score(baseline.id, checkpoint=checkpoint),
@@ -206,12 +198,12 @@ class QualityService:
             candidate=after, baseline=before, tolerance=self.tolerance,
             candidate_number=version.number,
             baseline_number=baseline.number if before is not None else None,
-            candidate_error=quality.error or "no likeness record",
+            candidate_error=record.error or "no likeness record",
         )
         return GateVerdict(
             version_id=version.id, status=decision.status, reason=decision.reason,
             details=decision.details, baseline=baseline,
-            reference_id=reference.dataset_id if reference else None, quality=quality)
+            reference_id=reference.dataset_id if reference else None, record=record)
 
     def apply_verdict(self, tx: Repository, verdict: GateVerdict) -> dict[str, Any] | None:
         """Record ``verdict`` inside the caller's transaction ``tx``: the version's gate, its
@@ -284,14 +276,14 @@ class QualityService:
         self._repo.set_version_alert(version_id, {**alert, "delivery": delivery})
 
     def score(self, version_id: str, *, force: bool = False,
-              checkpoint: Callable[[], None] | None = None) -> VersionQuality:
+              checkpoint: Callable[[], None] | None = None) -> VersionLikeness:
         """The version's likeness record, scored now unless it already is (with the current
         embedding model and the fixed probe scale). Expected failures (no generator, a generator
         error, face tools missing) are recorded on the record as ``failed``, never raised; a
         ``checkpoint`` that raises stops the scoring (and is raised)."""
         version, model, training = self._load(version_id)
-        existing = self._repo.get_quality(version.id)
-        if (existing is not None and existing.status is QualityStatus.SCORED and not force
+        existing = self._repo.get_likeness(version.id)
+        if (existing is not None and existing.status is LikenessStatus.SCORED and not force
                 and existing.embedding_model == self._faces.model_name
                 and all(p.lora_scale == PROBE_LORA_SCALE for p in existing.probes)):
             return existing
@@ -305,8 +297,8 @@ class QualityService:
                     checkpoint()
                 results.append(self._probe(model, version, probe))
             scores = score_probes(tuple(results), reference.embeddings)
-            quality = dataclasses.replace(
-                base, status=QualityStatus.SCORED, embedding_model=self._faces.model_name,
+            record = dataclasses.replace(
+                base, status=LikenessStatus.SCORED, embedding_model=self._faces.model_name,
                 reference_dataset_id=reference.dataset_id, scores=scores, probes=tuple(results),
                 error=None, scored_at=utcnow(),
             )
@@ -314,35 +306,35 @@ class QualityService:
             raise
         except SelfieLoraError as exc:
             logger.warning("version %s could not be scored: %s", version.id, exc.message)
-            quality = dataclasses.replace(base, status=QualityStatus.FAILED, error=exc.message,
+            record = dataclasses.replace(base, status=LikenessStatus.FAILED, error=exc.message,
                                           scored_at=utcnow())
         except Exception as exc:
             logger.exception("scoring version %s crashed", version.id)
-            quality = dataclasses.replace(
-                base, status=QualityStatus.FAILED, scored_at=utcnow(),
+            record = dataclasses.replace(
+                base, status=LikenessStatus.FAILED, scored_at=utcnow(),
                 error=f"internal error while scoring ({type(exc).__name__})")
-        self._repo.save_quality(quality)
-        self._repo.add_event(model_id=model.id, kind=f"quality_{quality.status}", data={
+        self._repo.save_likeness(record)
+        self._repo.add_event(model_id=model.id, kind=f"quality_{record.status}", data={
             "version_id": version.id, "version_number": version.number,
-            "training_id": version.training_id, "embedding_model": quality.embedding_model,
-            "reference_dataset_id": quality.reference_dataset_id,
-            "scores": quality.scores.headline() if quality.scores else None,
-            "error": quality.error,
+            "training_id": version.training_id, "embedding_model": record.embedding_model,
+            "reference_dataset_id": record.reference_dataset_id,
+            "scores": record.scores.headline() if record.scores else None,
+            "error": record.error,
         })
-        if quality.scores is not None:
+        if record.scores is not None:
             logger.info("version %d of model %s scored: %s", version.number, model.id,
-                        quality.scores.headline())
-        return quality
+                        record.scores.headline())
+        return record
 
-    def _unscored(self, version: Version, training: Training, *, why: str) -> VersionQuality:
-        existing = self._repo.get_quality(version.id)
-        if existing is not None and existing.status is QualityStatus.SCORED:
+    def _unscored(self, version: Version, training: Training, *, why: str) -> VersionLikeness:
+        existing = self._repo.get_likeness(version.id)
+        if existing is not None and existing.status is LikenessStatus.SCORED:
             return existing
-        quality = dataclasses.replace(existing or self._new_record(version, training),
-                                      status=QualityStatus.FAILED, error=why,
+        record = dataclasses.replace(existing or self._new_record(version, training),
+                                      status=LikenessStatus.FAILED, error=why,
                                       scored_at=utcnow())
-        self._repo.save_quality(quality)
-        return quality
+        self._repo.save_likeness(record)
+        return record
 
     def reference(self, dataset_id: str) -> Reference:
         """The training photos' faces, analysed once per dataset and embedding model."""
@@ -370,20 +362,20 @@ class QualityService:
                          photos=len(stored["photos"]), embeddings=embeddings)
 
     # ------------------------------------------------------------------ read side
-    def report(self, *, user: User, version_id: str) -> QualityReport:
+    def report(self, *, user: User, version_id: str) -> LikenessReport:
         model, version = self._owned(user, version_id)
-        return QualityReport(model=model, version=version,
-                             quality=self._repo.get_quality(version.id),
+        return LikenessReport(model=model, version=version,
+                             record=self._repo.get_likeness(version.id),
                              baseline=self._baseline_of(model, version))
 
-    def summaries(self, model: Model) -> dict[str, VersionQuality]:
+    def summaries(self, model: Model) -> dict[str, VersionLikeness]:
         """Every version's likeness record, by version id."""
-        return {q.version_id: q for q in self._repo.list_quality(model.id)}
+        return {q.version_id: q for q in self._repo.list_likeness(model.id)}
 
     def probe_image(self, *, user: User, version_id: str, index: int) -> bytes:
         _model, version = self._owned(user, version_id)
-        quality = self._repo.get_quality(version.id)
-        for probe in quality.probes if quality else ():
+        record = self._repo.get_likeness(version.id)
+        for probe in record.probes if record else ():
             if probe.index == index and probe.image_key and self._blobs.exists(probe.image_key):
                 return self._blobs.get(probe.image_key)
         raise NotFoundError("no such probe image")
@@ -399,10 +391,10 @@ class QualityService:
         va = self._resolve(versions, a) if a else self._baseline_of(model, vb)
         if va is None:
             raise InvalidInputError("there is no other version to compare with yet",
-                                    code="nothing_to_compare")
+                                    code=ErrorCode.NOTHING_TO_COMPARE)
         if va.id == vb.id:
-            raise InvalidInputError("compare two different versions", code="same_version")
-        qa, qb = self._repo.get_quality(va.id), self._repo.get_quality(vb.id)
+            raise InvalidInputError("compare two different versions", code=ErrorCode.SAME_VERSION)
+        qa, qb = self._repo.get_likeness(va.id), self._repo.get_likeness(vb.id)
         newer = vb if vb.number > va.number else va
         reference = self._reference_for(newer)
         scores = {v.id: self._scores_against(q, reference) for v, q in ((va, qa), (vb, qb))}
@@ -415,7 +407,7 @@ class QualityService:
                 probe=probe, a=by_index[va.id].get(probe.index), b=by_index[vb.id].get(probe.index),
                 a_score=_probe_score(sa, probe.index), b_score=_probe_score(sb, probe.index),
             ))
-        return Comparison(model=model, a=va, b=vb, quality_a=qa, quality_b=qb,
+        return Comparison(model=model, a=va, b=vb, record_a=qa, record_b=qb,
                           scores_a=scores[va.id], scores_b=scores[vb.id],
                           reference_dataset_id=reference.dataset_id if reference else None,
                           probes=tuple(rows))
@@ -432,7 +424,7 @@ class QualityService:
             ))
         if not rows:
             raise InvalidInputError("the model has no probes yet: wait for its first scoring",
-                                    code="not_scored")
+                                    code=ErrorCode.NOT_SCORED)
         png = render_grid(
             left_title=_column_title("A", comparison.a, comparison.scores_a),
             right_title=_column_title("B", comparison.b, comparison.scores_b), rows=rows)
@@ -477,11 +469,11 @@ class QualityService:
         entries = []
         for t in self._repo.list_trainings(model.id):
             version = versions.get(t.version_id) if t.version_id else None
-            quality = records.get(version.id) if version else None
+            record = records.get(version.id) if version else None
             details = version.gate_details if version else {}
             after = details.get("after")
-            if after is None and quality is not None and quality.scores is not None:
-                after = quality.scores.headline()
+            if after is None and record is not None and record.scores is not None:
+                after = record.scores.headline()
             entries.append({
                 "training_id": t.id, "status": str(t.status),
                 "kind": "retraining" if t.is_retraining else "first_training",
@@ -494,7 +486,7 @@ class QualityService:
                           "baseline_version_id": details.get("baseline_version_id"),
                           "overridden": "override" in details} if version else None),
                 "scores": {"before": details.get("before"), "after": after},
-                "training": quality.training if quality else None,
+                "training": record.training if record else None,
                 "error": t.error, "created_at": t.created_at.isoformat(),
                 "completed_at": t.completed_at.isoformat() if t.completed_at else None,
             })
@@ -556,14 +548,14 @@ class QualityService:
             logger.warning("no reference photos for version %s: %s", version.id, exc.message)
             return None
 
-    def _scores_against(self, quality: VersionQuality | None,
+    def _scores_against(self, record: VersionLikeness | None,
                         reference: Reference | None) -> IdentityScores | None:
-        if not _scored(quality) or reference is None:
+        if not _scored(record) or reference is None:
             return None
-        assert quality is not None
-        if quality.reference_dataset_id == reference.dataset_id and quality.scores is not None:
-            return quality.scores
-        return score_probes(quality.probes, reference.embeddings)
+        assert record is not None
+        if record.reference_dataset_id == reference.dataset_id and record.scores is not None:
+            return record.scores
+        return score_probes(record.probes, reference.embeddings)
 
     def _baseline_of(self, model: Model, version: Version) -> Version | None:
         """What ``version`` was compared with by the gate; for a version not judged yet, the
@@ -577,14 +569,14 @@ class QualityService:
         older = [v for v in self._repo.list_versions(model.id) if v.number < version.number]
         return older[0] if older else None
 
-    def _new_record(self, version: Version, training: Training) -> VersionQuality:
+    def _new_record(self, version: Version, training: Training) -> VersionLikeness:
         # The training's figures come from its row: the trainer's metrics, and the time from
         # its start to its version.
         seconds = None
         if training.started_at:
             seconds = round((version.created_at - training.started_at).total_seconds(), 3)
-        return VersionQuality(
-            version_id=version.id, model_id=version.model_id, status=QualityStatus.PENDING,
+        return VersionLikeness(
+            version_id=version.id, model_id=version.model_id, status=LikenessStatus.PENDING,
             created_at=utcnow(), training=training_figures(
                 dict(training.metrics), loss=training.loss,
                 steps=max(training.step, training.total_steps), seconds=seconds),
@@ -633,8 +625,8 @@ class QualityService:
         return self._blobs.get(probe.image_key)
 
 
-def _scored(quality: VersionQuality | None) -> bool:
-    return quality is not None and quality.status is QualityStatus.SCORED and bool(quality.probes)
+def _scored(record: VersionLikeness | None) -> bool:
+    return record is not None and record.status is LikenessStatus.SCORED and bool(record.probes)
 
 
 def _probe_score(scores: IdentityScores | None, index: int) -> dict[str, Any] | None:
