@@ -5,15 +5,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from selfie_lora.adapters.db.repository import make_engine
-from selfie_lora.adapters.db.tables import Base
 
 POSTGRES_ENV = "SELFIE_LORA_TEST_POSTGRES_URL"
 REDIS_ENV = "SELFIE_LORA_TEST_REDIS_URL"
+
+# The kinds a contract test runs on; the server-backed ones carry their marker, so
+# ``pytest -m "not postgres and not redis"`` leaves them out.
+DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+QUEUES = ["sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+def _xdist_worker() -> int | None:
+    """The number of this pytest-xdist worker (``make test-fast`` runs two), None when serial."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(name.removeprefix("gw")) if name.startswith("gw") else None
 
 
 def database_url(kind: str, tmp_path: Path) -> str:
@@ -23,7 +34,21 @@ def database_url(kind: str, tmp_path: Path) -> str:
     if not url:
         pytest.skip(f"PostgreSQL tests need {POSTGRES_ENV} (e.g. postgresql+psycopg://postgres@"
                     "127.0.0.1:5432/test); .ci/run sets it")
-    return url
+    worker = _xdist_worker()
+    if worker is None:
+        return url
+    # Parallel workers wipe the schema between tests: each gets a database of its own.
+    parts = urlsplit(url)
+    name = f"{parts.path.lstrip('/') or 'test'}_xdist_{worker}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            if conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                            {"n": name}).first() is None:
+                conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    return urlunsplit(parts._replace(path=f"/{name}"))
 
 
 def queue_url(kind: str, tmp_path: Path) -> str:
@@ -32,14 +57,23 @@ def queue_url(kind: str, tmp_path: Path) -> str:
     url = os.environ.get(REDIS_ENV)
     if not url:
         pytest.skip(f"Redis tests need {REDIS_ENV} (e.g. redis://127.0.0.1:6379/0); .ci/run sets it")
-    return url
+    worker = _xdist_worker()
+    if worker is None:
+        return url
+    # Parallel workers flush their queue between tests: each gets a database number of its own
+    # (2, 3, ...; the fault-injection test uses 13).
+    return urlunsplit(urlsplit(url)._replace(path=f"/{2 + worker}"))
 
 
 def fresh_engine(url: str) -> Engine:
-    """An engine on an empty schema (PostgreSQL is shared between tests: wipe it first)."""
+    """An engine on an empty schema.
+
+    PostgreSQL is shared between tests, and between checkouts of different ages on one machine:
+    drop the whole schema rather than the tables this checkout knows, so a table that a newer
+    migration left behind (and its foreign keys) cannot break an older run."""
     engine = make_engine(url)
     if engine.dialect.name == "postgresql":
         with engine.begin() as conn:
-            Base.metadata.drop_all(conn)
-            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+            conn.execute(text("DROP SCHEMA IF EXISTS public CASCADE"))
+            conn.execute(text("CREATE SCHEMA public"))
     return engine
