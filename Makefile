@@ -24,13 +24,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q
 
+# The edit-test loop: no torch or server tests, fewer Hypothesis examples, both cores.
 test-fast: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not slow"
+	HYPOTHESIS_PROFILE=fast OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "not slow" -n 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

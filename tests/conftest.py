@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 from fastapi.testclient import TestClient
 
@@ -19,8 +20,39 @@ from selfie_lora.wiring import Services, build_services
 _plugins = Path(__file__).with_name("conftest_replicate.py")
 pytest_plugins = ["tests.conftest_replicate"] if _plugins.exists() else []
 
+# Hypothesis: ``make test`` runs the default profile; ``make test-fast`` sets
+# HYPOTHESIS_PROFILE=fast, fewer examples for the edit-test loop.
+hypothesis.settings.register_profile("fast", max_examples=20)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 # Torch on 2 cores under load is 60-100x slower with 2 threads (facts.md): one thread in tests.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With the slow tests deselected (``-m "not slow"``), do not even import a module whose
+    every test is slow: importing torch and diffusers alone costs seconds per process."""
+    if config.option.markexpr != "not slow" or collection_path.suffix != ".py":
+        return None
+    if not collection_path.name.startswith("test_"):
+        return None
+    text = collection_path.read_text(encoding="utf-8")
+    return True if "\npytestmark = pytest.mark.slow\n" in text else None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One folder of built base models for the whole run, in this process and in the servers and
+    workers that tests start (they inherit the environment): the tiny FLUX is built once, not
+    once per test home. Building it is tested on its own in ``test_local_backend``."""
+    folder = tmp_path_factory.mktemp("model-cache")
+    before = os.environ.get("SELFIE_LORA_CACHE_DIR")
+    os.environ["SELFIE_LORA_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("SELFIE_LORA_CACHE_DIR", None)
+    else:
+        os.environ["SELFIE_LORA_CACHE_DIR"] = before
 
 
 def one_person_analyzer() -> FakeFaceAnalyzer:

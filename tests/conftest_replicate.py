@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from selfie_lora.adapters.generators.replicate import ReplicateGenerator
-from selfie_lora.adapters.trainers.replicate import ReplicateTrainer
+from selfie_lora.adapters.replicate.generator import ReplicateGenerator
+from selfie_lora.adapters.replicate.session import ReplicateConnection
+from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.domain.recipes import DEFAULT_REPLICATE_TRAINER_VERSION, get_recipe
 from selfie_lora.services.ports import TrainingJob, TrainingPhoto
@@ -80,17 +81,17 @@ def replicate_trainer_factory(
     """``make(**overrides) -> ReplicateTrainer`` pointed at the stand-in."""
 
     def make(**overrides: Any) -> ReplicateTrainer:
-        kwargs: dict[str, Any] = {
+        connection: dict[str, Any] = {
             "api_token": replicate_standin.token,
             "base_url": replicate_standin.base_url,
-            "owner": REPLICATE_OWNER,
-            "poll_interval": 2.0,
             "max_retries": 3,
             "sleep": replicate_sleeps.append,
             "timeout": 10.0,
         }
-        kwargs.update(overrides)
-        return ReplicateTrainer(**kwargs)
+        kwargs: dict[str, Any] = {"owner": REPLICATE_OWNER, "poll_interval": 2.0}
+        for key, value in overrides.items():
+            (connection if key in connection else kwargs)[key] = value
+        return ReplicateTrainer(connection=ReplicateConnection(**connection), **kwargs)
 
     return make
 
@@ -105,12 +106,10 @@ def replicate_generator(
     replicate_standin: ReplicateStandIn, replicate_sleeps: list[float]
 ) -> ReplicateGenerator:
     return ReplicateGenerator(
-        api_token=replicate_standin.token,
-        base_url=replicate_standin.base_url,
+        connection=ReplicateConnection(api_token=replicate_standin.token,
+                                       base_url=replicate_standin.base_url, max_retries=3,
+                                       sleep=replicate_sleeps.append, timeout=10.0),
         poll_interval=1.0,
-        max_retries=3,
-        sleep=replicate_sleeps.append,
-        timeout=10.0,
     )
 
 

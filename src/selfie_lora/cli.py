@@ -5,29 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from selfie_lora.config import Settings, get_settings
-from selfie_lora.domain.entities import Finding, GateStatus, Training
+from selfie_lora.console import console, err_console, follow_training, print_report
+from selfie_lora.domain.entities import GateStatus
 from selfie_lora.errors import SelfieLoraError
 
 if TYPE_CHECKING:
-    from selfie_lora.services.intake import IntakeReport
+    from selfie_lora.wiring import Services
 
 app = typer.Typer(help="Personal FLUX LoRAs from selfies, retrained without losing anything.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
 users_app = typer.Typer(help="Manage users and API keys.", no_args_is_help=True)
+keys_app = typer.Typer(help="A user's API keys: list, create, revoke, rotate.",
+                       no_args_is_help=True)
 app.add_typer(users_app, name="users")
-
-console = Console()
-err_console = Console(stderr=True)
+users_app.add_typer(keys_app, name="keys")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -49,6 +49,24 @@ def _settings() -> Settings:
     return get_settings()
 
 
+@contextmanager
+def opened(*, label: str = "error", **build: Any) -> Iterator[Services]:
+    """The services for one command, closed after it; an error of ours becomes its message on
+    stderr (with its details) and exit status 1."""
+    from selfie_lora.wiring import build_services
+
+    services = build_services(_settings(), **build)
+    try:
+        yield services
+    except SelfieLoraError as exc:
+        err_console.print(f"[red]{label}:[/red] {exc.message}")
+        for detail in exc.details:
+            err_console.print(f"  - {detail}")
+        raise typer.Exit(1) from None
+    finally:
+        services.close()
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -56,7 +74,7 @@ def serve(
     worker: Annotated[bool, typer.Option("--worker/--no-worker",
                                          help="Run a background worker in this process.")] = True,
 ) -> None:
-    """HTTP API + web UI + a background worker in one process."""
+    """HTTP API + a background worker in one process."""
     from selfie_lora.api.app import create_app
     from selfie_lora.api.server import run_server
 
@@ -81,16 +99,8 @@ def users_create(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Create a user and print its API key (shown once)."""
-    from selfie_lora.wiring import build_services
-
-    services = build_services(_settings(), trainers={}, generators={})
-    try:
+    with opened(trainers={}, generators={}) as services:
         user, key = services.users.create(name=name)
-    except SelfieLoraError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(1) from None
-    finally:
-        services.close()
     if as_json:
         sys.stdout.write(json.dumps({"user": user.name, "api_key": key}) + "\n")
     else:
@@ -98,83 +108,72 @@ def users_create(
         console.print(f"API key (shown once, keep it safe): [bold]{key}[/bold]")
 
 
-def findings_table(findings: tuple[Finding, ...] | list[Finding], title: str) -> Table:
-    table = Table(title=title)
-    for column in ("severity", "photo", "code", "message", "advice"):
+@keys_app.command("list")
+def keys_list(user: str) -> None:
+    """The user's API keys (their prefixes; secrets are never shown again)."""
+    with opened(trainers={}, generators={}) as services:
+        keys = services.users.keys(user=services.users.get_by_name(name=user))
+    table = Table(title=f"API keys of {user}")
+    for column in ("id", "name", "prefix", "created", "revoked"):
         table.add_column(column)
-    for f in findings:
-        colour = {"reject": "red", "warn": "yellow"}.get(f.severity, "cyan")
-        table.add_row(f"[{colour}]{f.severity}[/{colour}]", f.photo or "(set)", f.code,
-                      f.message, f.advice)
-    return table
+    for key in keys:
+        table.add_row(key.id, key.name, key.prefix + "...", key.created_at.isoformat(),
+                      key.revoked_at.isoformat() if key.revoked_at else "-")
+    console.print(table)
+
+
+def _print_key(key: object, secret: str, *, as_json: bool) -> None:
+    from selfie_lora.domain.entities import ApiKey
+
+    assert isinstance(key, ApiKey)
+    if as_json:
+        sys.stdout.write(json.dumps({"id": key.id, "name": key.name, "api_key": secret}) + "\n")
+    else:
+        console.print(f"API key {key.id} ({key.name}); shown once, keep it safe: "
+                      f"[bold]{secret}[/bold]")
+
+
+@keys_app.command("create")
+def keys_create(
+    user: str,
+    name: Annotated[str, typer.Option("--name", help="What the key is for.")] = "api",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """A new API key for the user (shown once)."""
+    with opened(trainers={}, generators={}) as services:
+        key, secret = services.users.create_key(user=services.users.get_by_name(name=user),
+                                                name=name)
+    _print_key(key, secret, as_json=as_json)
+
+
+@keys_app.command("revoke")
+def keys_revoke(user: str, key_id: str) -> None:
+    """Revoke one of the user's API keys: it stops working at once."""
+    with opened(trainers={}, generators={}) as services:
+        key = services.users.revoke_key(user=services.users.get_by_name(name=user),
+                                        key_id=key_id)
+    console.print(f"API key {key.id} ({key.prefix}...) is revoked")
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    user: str, key_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Replace one of the user's API keys: a new one with its name, the old one revoked."""
+    with opened(trainers={}, generators={}) as services:
+        key, secret = services.users.rotate_key(user=services.users.get_by_name(name=user),
+                                                key_id=key_id)
+    _print_key(key, secret, as_json=as_json)
 
 
 @app.command()
 def check(path: Path) -> None:
     """Report on a folder or zip of photos; exit 0 when trainable, 1 when not."""
-    from selfie_lora.dataset.archive import read_path
-    from selfie_lora.wiring import build_services
-
-    services = build_services(_settings(), trainers={}, generators={})
-    try:
-        files, findings = read_path(path, limits=services.intake.limits)
-        report = services.intake.check_files(files=files, findings=findings)
-    except SelfieLoraError as exc:
-        err_console.print(f"[red]not trainable:[/red] {exc.message}")
-        raise typer.Exit(1) from None
-    finally:
-        services.close()
+    with opened(label="not trainable", trainers={}, generators={}) as services:
+        report = services.intake.check_path(path)
     print_report(report, title=f"Findings for {path}")
     raise typer.Exit(0 if report.trainable else 1)
-
-
-_SEVERITY_ORDER = {"reject": 0, "warn": 1, "info": 2}
-
-
-def print_report(report: IntakeReport, *, title: str) -> None:
-    """The findings (rejects first) and the verdict, as a person reads them."""
-    if report.findings:
-        ordered = sorted(report.findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 3))
-        console.print(findings_table(ordered, title))
-    verdict = report.verdict
-    label = "[green]trainable[/green]" if report.trainable else "[red]not trainable[/red]"
-    console.print(
-        f"{len(report.accepted)} of {report.images_total} photos usable: {label} - quality "
-        f"[bold]{verdict.get('quality', '?')}[/bold] ({verdict.get('score', '?')}/100, judged "
-        f"for {report.resolution} px training)"
-    )
-    for reason in verdict.get("reasons", []):
-        console.print(f"  - {reason}")
-
-
-def wait_for_training(services: object, training_id: str, *, quiet: bool = False) -> Training:
-    """Run an embedded worker until ``training_id`` ends, with a progress bar."""
-    from selfie_lora.wiring import Services
-    from selfie_lora.worker import Worker, claim_identity
-
-    assert isinstance(services, Services)
-    identity = claim_identity(services.settings.home)
-    services.training.owner = identity.name
-    worker = Worker(training=services.training, queue=services.queue, identity=identity,
-                    threads=1, reconcile_seconds=services.settings.reconcile_seconds)
-    worker.start()
-    try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-                      console=console, disable=quiet) as bar:
-            task = bar.add_task("training", total=1.0, status="queued")
-            while True:
-                training = services.repo.get_training(training_id)
-                assert training is not None
-                phase = " (scoring likeness)" if training.is_scoring else ""
-                bar.update(task, completed=training.progress,
-                           status=f"{training.status} {training.step}/{training.total_steps}"
-                                  f"{phase}")
-                if training.status.is_terminal:
-                    return training
-                time.sleep(0.2)
-    finally:
-        worker.stop()
 
 
 @app.command()
@@ -184,46 +183,36 @@ def train(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the end.")] = True,
 ) -> None:
     """Upload a folder or zip of photos and (re)train the user's model."""
-    from selfie_lora.dataset.archive import read_path
-    from selfie_lora.wiring import build_services
-
-    services = build_services(_settings())
-    try:
+    with opened() as services:
         owner = services.users.get_by_name(name=user)
-        limits = services.intake.limits
-        uploaded = services.training.upload(user=owner,
-                                            read=lambda: read_path(path, limits=limits))
-        t = uploaded.training
+        t = services.training.upload_path(user=owner, path=path).training
         assert t is not None
         kind = "retraining" if t.is_retraining else "first training"
         console.print(f"{kind} {t.id}: trigger word [bold]{t.trigger_word}[/bold], destination "
                       f"{t.destination}, trainer {t.trainer_version}")
         if not wait:
             return
-        final = wait_for_training(services, t.id)
+        from selfie_lora.worker import embedded_worker
+
+        with embedded_worker(services):
+            final = follow_training(
+                lambda: services.training.progress(user=owner, training_id=t.id).training)
         if final.status != "succeeded":
             err_console.print(f"[red]training {final.status}:[/red] {final.error}")
             raise typer.Exit(1)
-        model = services.models.get(user=owner)
-        active = services.models.active_version(model=model)
-        new = services.repo.get_version(final.version_id) if final.version_id else None
+        overview = services.models.overview(user=owner)
+        active, model = overview.active, overview.model
+        new = services.training.view(final).version
         if new is not None and new.gate_status is GateStatus.HELD:
             # The training worked; the likeness gate kept the previous version active.
             console.print(f"[yellow]succeeded, but version {new.number} is held back[/yellow]: "
                           f"{new.gate_reason}")
             console.print(f"version {active.number if active else '?'} stays active; compare "
                           f"them with 'selfie-lora compare --user {user}', or activate version "
-                          f"{new.number} yourself (POST /api/model/versions/{new.id}/activate)")
+                          f"{new.number} yourself (POST /api/model/versions/{new.number}/activate)")
         else:
             console.print(f"[green]succeeded[/green]: version {active.number if active else '?'} "
                           f"is active (LoRA scale {model.lora_scale})")
-    except SelfieLoraError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
-        for d in exc.details:
-            err_console.print(f"  - {d}")
-        raise typer.Exit(1) from None
-    finally:
-        services.close()
 
 
 @app.command()
@@ -237,10 +226,8 @@ def generate(
 ) -> None:
     """Generate with the user's active LoRA version."""
     from selfie_lora.services.generation import GenerationRequest
-    from selfie_lora.wiring import build_services
 
-    services = build_services(_settings())
-    try:
+    with opened() as services:
         owner = services.users.get_by_name(name=user)
         generation = services.generation.generate(user=owner, request=GenerationRequest(
             prompt=prompt, num_outputs=num_outputs, seed=seed, lora_scale=lora_scale))
@@ -250,11 +237,6 @@ def generate(
             target.write_bytes(services.generation.image(
                 user=owner, generation_id=generation.id, index=i))
             console.print(f"wrote {target}")
-    except SelfieLoraError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(1) from None
-    finally:
-        services.close()
 
 
 def _fmt(value: object) -> str:
@@ -278,30 +260,17 @@ def compare(
 ) -> None:
     """Compare two versions of the user's model probe by probe: writes a side-by-side grid and
     the chart of likeness scores across all versions, and prints the scores."""
-    from selfie_lora.domain.likeness import LikenessStatus
-    from selfie_lora.wiring import build_services
-
-    services = build_services(_settings(), trainers={})
-    try:
+    with opened(trainers={}) as services:
         owner = services.users.get_by_name(name=user)
-        comparison = services.likeness.compare(user=owner, a=a, b=b)
-        for version in (comparison.a, comparison.b):
-            record = services.repo.get_likeness(version.id)
-            if record is None or record.status is not LikenessStatus.SCORED:
-                # Versions from before likeness tracking (or whose scoring failed): score now.
-                console.print(f"scoring version {version.number} ...")
-                services.likeness.score(version.id, force=record is not None)
-        comparison = services.likeness.compare(user=owner, a=comparison.a.id, b=comparison.b.id)
+        comparison = services.likeness.compare_scored(
+            user=owner, a=a, b=b,
+            # Versions from before likeness tracking (or whose scoring failed) are scored now.
+            on_scoring=lambda v: console.print(f"scoring version {v.number} ..."))
         out.mkdir(parents=True, exist_ok=True)
         grid_path = out / f"compare-v{comparison.a.number}-v{comparison.b.number}.png"
         grid_path.write_bytes(services.likeness.grid_png(comparison))
         chart_path = out / "likeness-chart.png"
         chart_path.write_bytes(services.likeness.chart_png(user=owner))
-    except SelfieLoraError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
-        raise typer.Exit(1) from None
-    finally:
-        services.close()
     va, vb = comparison.a, comparison.b
     table = Table(title=f"version {va.number} (A) against version {vb.number} (B), "
                         "identity against B's training photos")
@@ -347,7 +316,7 @@ def demo(
     from selfie_lora.demo import run_demo
 
     try:
-        run_demo(out=out, console=console)
+        run_demo(out=out)
     except SelfieLoraError as exc:
         err_console.print(f"[red]demo failed:[/red] {exc.message}")
         raise typer.Exit(1) from None

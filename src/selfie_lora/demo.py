@@ -16,12 +16,14 @@ from rich.console import Console
 from rich.table import Table
 
 from selfie_lora.config import Settings
-from selfie_lora.dataset.archive import read_path
+from selfie_lora.console import console as default_console
+from selfie_lora.console import follow_training, print_report
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.domain.entities import Finding, Model, TrainingStatus, User
 from selfie_lora.errors import SelfieLoraError
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.wiring import Services, build_services
+from selfie_lora.worker import embedded_worker
 
 DEMO_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg")
 
@@ -56,12 +58,10 @@ def _snapshot(services: Services, model: Model) -> dict[str, str]:
     }
 
 
-def _print_training(console: Console, services: Services, training_id: str) -> None:
-    training = services.repo.get_training(training_id)
-    assert training is not None
-    events = [e for e in services.repo.list_events(training.model_id)
-              if e["kind"] == "training_succeeded" and e["data"]["training_id"] == training_id]
-    metrics = events[0]["data"]["metrics"] if events else {}
+def _print_training(console: Console, services: Services, user: User, training_id: str) -> None:
+    view = services.training.progress(user=user, training_id=training_id)
+    training, version = view.training, view.version
+    metrics = training.metrics
     kind = "retraining" if training.is_retraining else "first training"
     console.print(
         f"{kind} {training.status}: {training.total_steps} steps, flow-matching loss on the "
@@ -69,7 +69,6 @@ def _print_training(console: Console, services: Services, training_id: str) -> N
         f"{float(metrics.get('eval_loss_after', 'nan')):.3f}, weights found by "
         f"{training.weights_method}"
     )
-    version = services.repo.get_version(training.version_id) if training.version_id else None
     if version is not None:
         console.print(f"likeness gate on v{version.number}: {version.gate_status} "
                       f"({version.gate_reason})")
@@ -80,11 +79,9 @@ def _changes_table(services: Services, user: User) -> Table:
     v1, v2 = sorted(services.models.versions(user=user), key=lambda v: v.number)[-2:]
     columns = []
     for version in (v1, v2):
-        training = services.repo.get_training(version.training_id)
-        assert training is not None
-        dataset = services.repo.get_dataset(training.dataset_id)
-        assert dataset is not None
-        record = services.repo.get_likeness(version.id)
+        training = services.training.progress(user=user, training_id=version.training_id).training
+        dataset = services.intake.get(user=user, dataset_id=training.dataset_id)
+        record = services.likeness.report(user=user, version_id=version.id).record
         scores = record.scores.headline() if record and record.scores else {}
         metrics = training.metrics
         columns.append({
@@ -115,19 +112,19 @@ def _num(value: object) -> str:
 def _upload_and_train(console: Console, services: Services, user: User,
                       files: list[UploadedFile], findings: list[Finding], *, kind: str) -> None:
     """What a user does each time: upload the photos, (re)train, wait for the end."""
-    from selfie_lora.cli import wait_for_training
-
     uploaded = services.training.upload(user=user, read=lambda: (files, findings))
-    assert uploaded.training is not None
-    done = wait_for_training(services, uploaded.training.id)
+    training = uploaded.training
+    assert training is not None
+    with embedded_worker(services):
+        done = follow_training(
+            lambda: services.training.progress(user=user, training_id=training.id).training,
+            out=console)
     if done.status is not TrainingStatus.SUCCEEDED:
         raise SelfieLoraError(f"the {kind} {done.status}: {done.error}")
-    _print_training(console, services, done.id)
+    _print_training(console, services, user, done.id)
 
 
-def run_demo(*, out: Path, console: Console) -> None:
-    from selfie_lora.cli import print_report
-
+def run_demo(*, out: Path, console: Console = default_console) -> None:
     started = time.monotonic()
     # The demo tells its own story; the tiny model's 32-token text encoders also make diffusers
     # and transformers warn about every prompt they truncate, which here is noise, not news.
@@ -146,9 +143,9 @@ def run_demo(*, out: Path, console: Console) -> None:
     services = build_services(settings)
     try:
         console.rule("1. photo check")
-        files, findings = read_path(photos_dir, limits=services.intake.limits)
+        files, findings = services.intake.read_path(photos_dir)
         report = services.intake.check_files(files=files, findings=findings)
-        print_report(report, title="photo check")
+        print_report(report, title="photo check", out=console)
         if not report.trainable:
             raise SelfieLoraError("the demo photos are not trainable")
 

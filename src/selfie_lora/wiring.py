@@ -11,8 +11,12 @@ import random
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
+
+if TYPE_CHECKING:
+    from selfie_lora.adapters.replicate.session import ReplicateConnection
 
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
@@ -26,7 +30,17 @@ from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import IntakeService
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.models import ModelService
-from selfie_lora.services.ports import Alerter, FaceAnalyzer, Generator, Trainer
+from selfie_lora.services.ports import (
+    Alerter,
+    AnalyzerFactory,
+    BlobStore,
+    FaceAnalyzer,
+    Generator,
+    Repository,
+    Trainer,
+    WebhookVerifier,
+    WorkQueue,
+)
 from selfie_lora.services.training import TrainingService
 from selfie_lora.services.users import UserService
 
@@ -35,11 +49,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Services:
+    """The services of one process, and the ports they run on. Entry points (``api``, ``cli``,
+    ``worker``, ``demo``) call the services only; ``repo`` is here for tests and
+    operators' scripts, never for an entry point."""
+
     settings: Settings
     engine: Engine
-    repo: SqlRepository
-    blobs: FileSystemBlobStore
-    queue: HueyJobQueue
+    repo: Repository
+    blobs: BlobStore
+    queue: WorkQueue
     users: UserService
     intake: IntakeService
     training: TrainingService
@@ -66,6 +84,13 @@ _face_analyzer: FaceAnalyzer | None = None
 _face_analyzer_lock = threading.Lock()
 
 
+def default_analyzer_factory() -> AnalyzerFactory:
+    """dlib's analyzer, as the photo-analysis processes build it."""
+    from selfie_lora.adapters.faces.dlib_regions import DlibAnalyzerFactory
+
+    return DlibAnalyzerFactory()
+
+
 def default_face_analyzer() -> FaceAnalyzer:
     """dlib's analyzer, one per process: it loads ~100 MB of models on first use and is
     thread-safe."""
@@ -73,11 +98,18 @@ def default_face_analyzer() -> FaceAnalyzer:
     with _face_analyzer_lock:
         if _face_analyzer is None:
             # The region analyzer also describes a face found at low resolution without a
-            # second detection; the intake pipeline's worker processes use the same one.
-            from selfie_lora.adapters.faces.dlib_regions import DlibRegionFaceAnalyzer
-
-            _face_analyzer = DlibRegionFaceAnalyzer()
+            # second detection; the intake's worker processes build the same one.
+            _face_analyzer = default_analyzer_factory()()
         return _face_analyzer
+
+
+def default_webhooks(settings: Settings) -> WebhookVerifier | None:
+    """Replicate's webhooks, when a secret is set to verify them with."""
+    if settings.webhook_secret is None:
+        return None
+    from selfie_lora.adapters.replicate.webhooks import ReplicateWebhooks
+
+    return ReplicateWebhooks(secret=settings.webhook_secret.get_secret_value())
 
 
 def default_alerter(settings: Settings) -> Alerter | None:
@@ -88,8 +120,18 @@ def default_alerter(settings: Settings) -> Alerter | None:
     return HttpAlerter(settings.alert_url, timeout=settings.alert_timeout)
 
 
+def replicate_connection(settings: Settings) -> ReplicateConnection:
+    """How this process reaches Replicate: one object for the trainer and the generator."""
+    from selfie_lora.adapters.replicate.session import ReplicateConnection
+
+    assert settings.replicate_api_token is not None
+    return ReplicateConnection(api_token=settings.replicate_api_token.get_secret_value(),
+                               base_url=settings.replicate_base_url,
+                               max_retries=settings.replicate_max_retries)
+
+
 def default_trainers(settings: Settings) -> dict[str, Trainer]:
-    from selfie_lora.adapters.trainers.local import LocalTrainer
+    from selfie_lora.adapters.flux.trainer import LocalTrainer
 
     trainers: dict[str, Trainer] = {
         "local": LocalTrainer(
@@ -98,34 +140,30 @@ def default_trainers(settings: Settings) -> dict[str, Trainer]:
         )
     }
     if settings.replicate_api_token is not None:
-        from selfie_lora.adapters.trainers.replicate import ReplicateTrainer
+        from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
 
         trainers["replicate"] = ReplicateTrainer(
-            api_token=settings.replicate_api_token.get_secret_value(),
-            base_url=settings.replicate_base_url,
+            connection=replicate_connection(settings),
             owner=settings.replicate_owner or settings.destination_owner,
             hardware=settings.replicate_hardware,
             poll_interval=settings.replicate_poll_interval,
-            max_retries=settings.replicate_max_retries,
         )
     return trainers
 
 
 def default_generators(settings: Settings) -> dict[str, Generator]:
-    from selfie_lora.adapters.generators.local import LocalGenerator
+    from selfie_lora.adapters.flux.generator import LocalGenerator
 
     generators: dict[str, Generator] = {
         "local": LocalGenerator(base_model=settings.base_model, cache_dir=settings.model_cache_dir,
                                 device=settings.device),
     }
     if settings.replicate_api_token is not None:
-        from selfie_lora.adapters.generators.replicate import ReplicateGenerator
+        from selfie_lora.adapters.replicate.generator import ReplicateGenerator
 
         generators["replicate"] = ReplicateGenerator(
-            api_token=settings.replicate_api_token.get_secret_value(),
-            base_url=settings.replicate_base_url,
+            connection=replicate_connection(settings),
             poll_interval=min(settings.replicate_poll_interval, 2.0),
-            max_retries=settings.replicate_max_retries,
         )
     return generators
 
@@ -166,13 +204,15 @@ def build_services(
         limits=UploadLimits(max_upload_bytes=settings.max_upload_bytes),
         policy=CheckPolicy(min_photos=settings.min_photos, max_photos=settings.max_photos),
         analyzer=faces, defaults=lambda: training_defaults(settings),
+        # Worker processes build dlib's analyzer themselves; a given one (tests) runs in threads.
+        analyzer_factory=default_analyzer_factory() if face_analyzer is None else None,
         workers=settings.intake_workers, keep_originals=settings.keep_originals,
     )
     training = TrainingService(
         repo=repo, blobs=blobs, queue=queue, trainers=chosen_trainers,
         defaults=lambda: training_defaults(settings), work_dir=settings.work_dir,
-        likeness=likeness, intake=intake, webhook_url=webhook_url, rng=rng,
-        lease=settings.lease_policy,
+        likeness=likeness, intake=intake, webhook_url=webhook_url,
+        webhooks=default_webhooks(settings), rng=rng, lease=settings.lease_policy,
     )
     return Services(
         settings=settings, engine=engine, repo=repo, blobs=blobs, queue=queue,

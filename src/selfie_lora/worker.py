@@ -28,12 +28,14 @@ import os
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import IO, Protocol
 
 from selfie_lora.services.training import TrainingService
+from selfie_lora.wiring import Services
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +194,31 @@ class Worker:
         if report.enqueued or report.canceled:
             logger.info("reconciled: %d training(s) queued again, %d canceled",
                         len(report.enqueued), len(report.canceled))
+
+
+def start_embedded(services: Services, *, consume: bool = True, threads: int | None = None
+                   ) -> Worker:
+    """A worker inside another process (``serve``, ``train``): its consumer threads and
+    reconciler, started. ``consume=False``: the reconciler only (``serve --no-worker``)."""
+    identity = claim_identity(services.settings.home) if consume else Identity(name="api")
+    if consume:
+        services.training.owner = identity.name
+    worker = Worker(training=services.training, queue=services.queue, identity=identity,
+                    threads=(threads or services.settings.worker_threads) if consume else 0,
+                    reconcile_seconds=services.settings.reconcile_seconds)
+    worker.start()
+    return worker
+
+
+@contextlib.contextmanager
+def embedded_worker(services: Services, *, threads: int = 1) -> Iterator[Worker]:
+    """A worker in this process for the length of the block (``selfie-lora train``, the
+    demo): what they queue is run while they watch it."""
+    worker = start_embedded(services, threads=threads)
+    try:
+        yield worker
+    finally:
+        worker.stop()
 
 
 def run_worker(threads: int | None = None) -> None:

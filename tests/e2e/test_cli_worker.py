@@ -115,3 +115,36 @@ def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
         assert model.active_version_id == current.version_id
     finally:
         services.close()
+
+
+def test_users_keys_from_the_command_line(tmp_path: Path) -> None:
+    env = env_for(tmp_path / "home")
+    assert run(["users", "create", "ann", "--json"], env).returncode == 0
+    created = run(["users", "keys", "create", "ann", "--name", "laptop", "--json"], env)
+    assert created.returncode == 0, created.stderr
+    laptop = json.loads(created.stdout)
+    assert laptop["name"] == "laptop"
+    assert laptop["api_key"].startswith("sl_")
+    listed = run(["users", "keys", "list", "ann"], env)
+    assert listed.returncode == 0, listed.stderr
+    assert "default" in listed.stdout
+    assert "laptop" in listed.stdout
+    rotated = run(["users", "keys", "rotate", "ann", laptop["id"], "--json"], env)
+    assert rotated.returncode == 0, rotated.stderr
+    new = json.loads(rotated.stdout)
+    assert new["api_key"] != laptop["api_key"]
+    revoked = run(["users", "keys", "revoke", "ann", new["id"]], env)
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked" in revoked.stdout
+    unknown = run(["users", "keys", "revoke", "ann", "no-such-key"], env)
+    assert unknown.returncode == 1
+    assert "no such API key" in unknown.stderr
+    settings = make_settings(tmp_path)
+    services = build_services(settings, trainers={}, generators={},
+                              face_analyzer=one_person_analyzer())
+    try:
+        ann = services.users.get_by_name(name="ann")
+        assert [(k.name, k.active) for k in services.users.keys(user=ann)] == [
+            ("default", True), ("laptop", False), ("laptop", False)]
+    finally:
+        services.close()

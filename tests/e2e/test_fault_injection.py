@@ -343,6 +343,8 @@ def redis_queue() -> Iterator[str]:
     client.close()
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
 def test_scale_path_survives_kills_in_every_phase(
         tmp_path: Path, postgres_database: str, redis_queue: str) -> None:
     rng = random.Random(SEED)

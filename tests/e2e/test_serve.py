@@ -355,6 +355,7 @@ def test_serve_replicate_backend_with_webhooks(
 # --------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow  # a process of its own
 def test_users_create_twice_fails_with_a_clear_message(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home")
     create_user(env, "ann")
@@ -366,6 +367,7 @@ def test_users_create_twice_fails_with_a_clear_message(tmp_path: Path) -> None:
         f"a duplicate user must be a one-line error, not a stack trace:\n{again.stderr[-1500:]}")
 
 
+@pytest.mark.slow  # a process of its own, with dlib and the analysis pool
 def test_check_exits_0_on_usable_photos_and_1_on_an_empty_folder(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home")
     photos = copy_person_photos(tmp_path / "photos", extra=("biden.jpg",))

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
 from selfie_lora.likeness.chart import CHART_SIZE
 from selfie_lora.likeness.grid import grid_size
@@ -20,6 +21,7 @@ from selfie_lora.services.ports import GenerationJob
 from selfie_lora.testing.fakes import FakeTrainer, PhotoGenerator, RecordingAlerter
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, wait_terminal
+from tests.support.alerts import alert_inbox
 from tests.support.likeness import other_person, png_size, same_person, shared_analyzer
 from tests.support.photos import real_photo_zip
 
@@ -201,18 +203,52 @@ def test_compare_needs_two_versions(client: TestClient, services: Services) -> N
     assert r.json()["error"]["code"] == "nothing_to_compare"
 
 
-def test_settings_reach_the_likeness_services(tmp_path: Path) -> None:
-    from tests.conftest import make_settings
-
-    settings = make_settings(tmp_path, quality_gate=False, gate_tolerance=0.1, probe_count=2,
-                             probe_size=128, alert_url="http://127.0.0.1:9/alerts")
+def train_twice(settings: Settings, generator: PhotoGenerator
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A first training on photos of one person, then a retraining whose probes show another
+    person: the answers at their ends."""
     svc = build_services(settings, trainers={"local": FakeTrainer()},
-                         generators={"local": PhotoGenerator(photos=same_person())},
-                         face_analyzer=shared_analyzer())
+                         generators={"local": generator}, face_analyzer=shared_analyzer())
     try:
-        assert svc.likeness.tolerance == 0.1
-        assert svc.likeness.gate_enabled is False
-        assert svc.likeness._probe_size == 128
-        assert svc.likeness._alerter is not None
+        with TestClient(create_app(settings, services=svc, run_worker=True),
+                        raise_server_exceptions=False) as client:
+            h = auth(svc, "ann")
+            r = client.post("/api/training/upload-zip", headers=h,
+                            files={"file": ("me.zip", real_photo_zip(), "application/zip")})
+            assert r.status_code == 202, r.text
+            first = wait_terminal(client, h, r.json()["training"]["id"])
+            wait_scored(client, h, first["model"]["active_version"]["id"])
+            generator.photos = other_person()
+            r = client.post("/api/training/start", headers=h, json={})
+            assert r.status_code == 202, r.text
+            return first, wait_terminal(client, h, r.json()["training"]["id"])
     finally:
         svc.close()
+
+
+def test_the_likeness_settings_change_what_the_service_does(tmp_path: Path) -> None:
+    """Probe count and size, tolerance and the alert address, as a deployment sets them: the
+    probes are rendered as asked, a drop beyond the tolerance is held and POSTed to the address."""
+    from tests.conftest import make_settings
+
+    generator = PhotoGenerator(photos=same_person())
+    with alert_inbox() as inbox:
+        settings = make_settings(tmp_path, gate_tolerance=0.1, probe_count=2, probe_size=128,
+                                 alert_url=inbox.url)
+        first, second = train_twice(settings, generator)
+        assert len(first["model"]["probes"]) == 2
+        assert {(job.width, job.height) for job in generator.jobs} == {(128, 128)}
+        assert len(generator.jobs) == 4  # two probes for each version
+        assert second["training"]["gate"]["status"] == "held"
+        assert second["training"]["gate"]["tolerance"] == 0.1
+        assert [a["version_id"] for a in inbox.received] == [second["training"]["version_id"]]
+
+
+def test_with_the_gate_off_in_the_settings_a_drop_is_active_at_once(tmp_path: Path) -> None:
+    from tests.conftest import make_settings
+
+    _first, second = train_twice(make_settings(tmp_path, quality_gate=False),
+                                 PhotoGenerator(photos=same_person()))
+    assert second["training"]["gate"]["status"] == "passed"
+    assert "gate is off" in second["training"]["gate"]["reason"]
+    assert second["model"]["active_version"]["id"] == second["training"]["version_id"]

@@ -5,12 +5,9 @@ back and raises an alert, no face is scored as such, and the probe set never cha
 from __future__ import annotations
 
 import dataclasses
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -22,6 +19,7 @@ from selfie_lora.likeness.grid import grid_size
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.services.layout import probe_image_key
 from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter
+from tests.support.alerts import alert_inbox
 from tests.support.likeness import (
     Rig,
     no_face,
@@ -323,30 +321,11 @@ def test_a_model_from_before_likeness_tracking_gets_a_fixed_probe_set(rig: Rig) 
     assert rig.model(ann).probes == probes
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    received: ClassVar[list[dict[str, Any]]] = []
-
-    def do_POST(self) -> None:
-        length = int(self.headers["content-length"])
-        type(self).received.append(json.loads(self.rfile.read(length)))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 def test_http_alerter_posts_json_and_raises_on_failure() -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Receiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/alerts"
+    with alert_inbox() as inbox:
+        url = inbox.url
         HttpAlerter(url, timeout=2.0).send({"kind": "likeness_drop", "version_id": "v"})
-        assert _Receiver.received[-1] == {"kind": "likeness_drop", "version_id": "v"}
-    finally:
-        server.shutdown()
-        server.server_close()
+        assert inbox.received == [{"kind": "likeness_drop", "version_id": "v"}]
     import httpx
 
     with pytest.raises(httpx.HTTPError):

@@ -19,10 +19,10 @@ from selfie_lora.domain.likeness import (
 )
 from selfie_lora.errors import StorageError
 from tests.integration.test_repository_contract import NOW, seed, training
-from tests.support.backends import database_url, fresh_engine
+from tests.support.backends import DATABASES, database_url, fresh_engine
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=DATABASES)
 def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRepository]:
     engine = fresh_engine(database_url(request.param, tmp_path))
     upgrade(engine)
@@ -77,7 +77,7 @@ def test_quality_records_round_trip_and_update(repo: SqlRepository) -> None:
                              status=LikenessStatus.PENDING, created_at=NOW,
                              training={"final_loss": 0.2, "steps": 10, "seconds": 1.5,
                                        "cost": None, "metrics": {"device": "cpu"}})
-    repo.add_likeness(pending)
+    repo.save_likeness(pending)  # an upsert: the first save inserts
     assert repo.get_likeness(version.id) == pending
     sanity = ImageSanity(mean=100.0, std=30.0, saturated_share=0.0, sharpness=250.0,
                          blank=False, saturated=False, nan=False)

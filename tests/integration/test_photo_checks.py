@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageCms, ImageDraw, ImageEnhance, ImageFilter
 
 from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer, face_distance
-from selfie_lora.adapters.faces.dlib_regions import DlibRegionFaceAnalyzer
+from selfie_lora.adapters.faces.dlib_regions import DlibAnalyzerFactory, DlibRegionFaceAnalyzer
 from selfie_lora.dataset.checks import CheckPolicy, PhotoAnalysis, analyze_photo, check_set
 from selfie_lora.dataset.decode import DecodedPhoto, decode_photo
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
@@ -293,9 +293,9 @@ def test_run_intake_end_to_end(analyzer: DlibRegionFaceAnalyzer) -> None:
 def test_worker_processes_give_the_same_result(analyzer: DlibRegionFaceAnalyzer) -> None:
     files = _uploads(("obama.jpg", "obama3.jpg", "biden.jpg", "32bit.png"))
     inline = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=analyzer, workers=1)
-    # A plain DlibFaceAnalyzer goes to worker processes (dlib holds the GIL).
-    pooled = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=DlibFaceAnalyzer(),
-                        workers=2)
+    # With a factory the photos go to worker processes (dlib holds the GIL).
+    pooled = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=analyzer,
+                        factory=DlibAnalyzerFactory(), workers=2)
     assert pooled.report.accepted == inline.report.accepted
     assert [p.sha256 for p in pooled.prepared] == [p.sha256 for p in inline.prepared]
     assert sorted((f.photo or "", f.code) for f in pooled.findings) == sorted(
@@ -309,12 +309,14 @@ def test_a_dead_worker_process_is_replaced(caplog: pytest.LogCaptureFixture) -> 
     from selfie_lora.dataset import pipeline
 
     analyzer = DlibFaceAnalyzer()
-    pipeline.warm_up(analyzer, workers=2)
+    factory = DlibAnalyzerFactory()
+    pipeline.warm_up(factory, workers=2)
     (pool,) = pipeline._pools.values()
     victim = next(iter(pool._processes))  # killed between two intakes (OOM killer, say)
     os.kill(victim, signal.SIGKILL)
     files = _uploads(("obama.jpg", "obama2.jpg", "obama3.jpg"))
-    result = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=analyzer, workers=2)
+    result = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=analyzer,
+                        factory=factory, workers=2)
     assert [p.name for p in result.prepared] == ["obama.jpg", "obama2.jpg", "obama3.jpg"]
     assert "analysis_failed" not in {f.code for f in result.findings}
     assert "face-analysis worker died" in caplog.text

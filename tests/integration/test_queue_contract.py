@@ -17,7 +17,7 @@ from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 from selfie_lora.services.training import ReconcileReport
 from selfie_lora.testing.fakes import InMemoryQueue
 from selfie_lora.worker import Identity, Worker, claim_identity
-from tests.support.backends import queue_url
+from tests.support.backends import QUEUES, queue_url
 
 
 class Queue(Protocol):
@@ -26,7 +26,7 @@ class Queue(Protocol):
     def queued_training_ids(self) -> set[str]: ...
 
 
-@pytest.fixture(params=["sqlite", "redis", "memory"])
+@pytest.fixture(params=[*QUEUES, "memory"])
 def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Queue]:
     if request.param == "memory":
         yield InMemoryQueue()
@@ -55,7 +55,7 @@ def test_duplicates_are_kept_for_the_lease_to_sort_out(queue: Queue) -> None:
         "same", "same", None]
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", QUEUES)
 def test_a_message_of_unknown_shape_is_dropped(kind: str, tmp_path: Path) -> None:
     q = HueyJobQueue.from_url(queue_url(kind, tmp_path))
     q.flush()

@@ -12,17 +12,18 @@ import pytest
 from PIL import Image
 from replicate.client import Client
 
-from selfie_lora.adapters.generators.replicate import ReplicateGenerator
-from selfie_lora.adapters.trainers.replicate import (
+from selfie_lora.adapters.replicate.generator import ReplicateGenerator
+from selfie_lora.adapters.replicate.outputs import is_safetensors
+from selfie_lora.adapters.replicate.session import ReplicateConnection
+from selfie_lora.adapters.replicate.trainer import (
     MARKER_METADATA_KEY,
     ReplicateTrainer,
     build_training_zip,
 )
-from selfie_lora.adapters.trainers.weights import is_safetensors
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.errors import (
+    GenerationError,
     InvalidInputError,
-    TrainerError,
     TrainerUnavailableError,
     TrainingCanceledError,
     TrainingFailedError,
@@ -151,7 +152,7 @@ def test_every_output_shape_yields_the_same_weights(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     replicate_standin.output_shape = shape  # type: ignore[assignment]
-    caplog.set_level("INFO", logger="selfie_lora.adapters.trainers.replicate")
+    caplog.set_level("INFO", logger="selfie_lora.adapters.replicate.trainer")
 
     result = replicate_trainer.train(replicate_job_factory(), sink=replicate_sink)
 
@@ -544,9 +545,22 @@ def test_generator_retries_and_maps_a_failed_prediction(
     assert "seed" not in next(iter(replicate_standin.predictions.values())).input
 
     replicate_standin.prediction_outcome = "failed"
-    with pytest.raises(TrainerError) as caught:
+    with pytest.raises(GenerationError) as caught:  # a generation's error, not a trainer's
         replicate_generator.generate(job)
-    assert "NSFW" in caught.value.user_message
+    assert "NSFW" in caught.value.message
+    assert ".." not in caught.value.message
+
+
+def test_generator_maps_an_unreachable_replicate_to_a_generation_error(
+    replicate_standin: ReplicateStandIn, replicate_sleeps: list[float]) -> None:
+    generator = ReplicateGenerator(connection=ReplicateConnection(
+        api_token=replicate_standin.token, base_url="http://127.0.0.1:9", max_retries=1,
+        sleep=replicate_sleeps.append, timeout=2.0))
+    job = GenerationJob(prompt="x", num_outputs=1, seed=None, lora_scale=1.0, trainer_version="t",
+                        remote_version="o/m:" + "a" * 64)
+    with pytest.raises(GenerationError) as caught:
+        generator.generate(job)
+    assert "cannot be reached" in caught.value.message
 
 
 def test_generator_needs_a_remote_version(replicate_generator: ReplicateGenerator) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy import inspect
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.domain.entities import (
+    ApiKey,
     Dataset,
     Finding,
     Model,
@@ -24,13 +25,13 @@ from selfie_lora.domain.entities import (
     Version,
 )
 from selfie_lora.errors import ConflictError
-from tests.support.backends import database_url, fresh_engine
+from tests.support.backends import DATABASES, database_url, fresh_engine
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 RECIPE = Recipe(name="local-tiny-v1", steps=10, lora_rank=4, learning_rate=1e-2, resolution=64)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=DATABASES)
 def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRepository]:
     engine = fresh_engine(database_url(request.param, tmp_path))
     upgrade(engine)
@@ -39,8 +40,10 @@ def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlReposito
 
 
 def seed(repo: SqlRepository, name: str = "ann") -> tuple[User, Model, Dataset]:
-    user = User(id=f"u-{name}", name=name, api_key_hash=f"h-{name}", created_at=NOW)
+    user = User(id=f"u-{name}", name=name, created_at=NOW)
     repo.add_user(user)
+    repo.add_api_key(ApiKey(id=f"k-{name}", user_id=user.id, name="default",
+                            key_hash=f"h-{name}", prefix="sl_x", created_at=NOW))
     model = Model(id=f"m-{name}", user_id=user.id, backend="local", trigger_word="zkr47v",
                   destination=f"local/selfie-lora-{name}", trainer_version="local-tiny-v1",
                   lora_scale=1.0, lora_scale_is_custom=False, active_version_id=None,
@@ -203,3 +206,21 @@ def test_remote_id_lookup_and_events(repo: SqlRepository) -> None:
     repo.add_event(model_id=model.id, kind="training_succeeded", data={"b": [1, 2]})
     assert [e["kind"] for e in repo.list_events(model.id)] == ["training_queued",
                                                                "training_succeeded"]
+
+
+def test_api_keys_authenticate_until_revoked(repo: SqlRepository) -> None:
+    ann, _model, _dataset = seed(repo)
+    assert repo.get_user_by_key_hash("h-ann") == ann
+    second = ApiKey(id="k2", user_id=ann.id, name="ci", key_hash="h-2", prefix="sl_y",
+                    created_at=NOW + timedelta(seconds=1))
+    repo.add_api_key(second)
+    assert [k.id for k in repo.list_api_keys(ann.id)] == ["k-ann", "k2"]
+    repo.revoke_api_key("k-ann", at=NOW + timedelta(seconds=2))
+    assert repo.get_user_by_key_hash("h-ann") is None
+    assert repo.get_user_by_key_hash("h-2") == ann
+    revoked = repo.list_api_keys(ann.id)[0]
+    assert revoked.revoked_at == NOW + timedelta(seconds=2)
+    repo.revoke_api_key("k-ann", at=NOW + timedelta(days=1))  # a second revoke changes nothing
+    assert repo.list_api_keys(ann.id)[0].revoked_at == NOW + timedelta(seconds=2)
+    with pytest.raises(ConflictError):  # a key hash is unique
+        repo.add_api_key(dataclasses.replace(second, id="k3"))

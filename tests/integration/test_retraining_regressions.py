@@ -67,12 +67,6 @@ class Backend:
         return done
 
 
-@pytest.fixture(scope="session")
-def shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # The tiny FLUX is built once per session, not once per test.
-    return tmp_path_factory.mktemp("model-cache")
-
-
 @contextmanager
 def replicate_backend(tmp_path: Path, cache: Path, **standin_knobs: Any) -> Iterator[Backend]:
     """The app on the Replicate backend, talking HTTP to a fresh stand-in."""

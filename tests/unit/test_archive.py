@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 import tracemalloc
 import zipfile
 from collections.abc import Callable
@@ -67,16 +66,16 @@ def test_the_quoted_overlap_zip_is_a_real_bomb_for_zipfile() -> None:
     assert _refused(lambda: read_zip(small, limits=LIMITS)) == "overlapping_entries"
 
 
-def test_ten_thousand_members_are_refused_fast_and_small() -> None:
+def test_ten_thousand_members_are_refused_in_little_memory() -> None:
+    # Refused from the central directory's count, before any member is read: no list of 10,000
+    # entries is ever built. (How fast is a benchmark's business, not a unit test's.)
     data = many_empty_members(10_000)
     tracemalloc.start()
-    started = time.perf_counter()
     try:
         assert _refused(lambda: read_zip(data, limits=LIMITS)) == "too_many_members"
         _current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - started < 0.5
     assert peak < 1024 * 1024
 
 

@@ -39,7 +39,8 @@ from selfie_lora.dataset.prepare import (
     prepare_photo,
     source_min_side,
 )
-from selfie_lora.services.ports import Face
+from selfie_lora.domain.faces import Face
+from selfie_lora.errors import ConfigError
 
 pytest.importorskip("imagehash", reason="the photo checks need the 'faces' extra")
 
@@ -69,6 +70,9 @@ class FakeAnalyzer:
 
     def __init__(self) -> None:
         self.calls = 0
+
+    def ready(self) -> None:
+        """Nothing to install."""
 
     def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
         from scipy import ndimage
@@ -547,6 +551,31 @@ def test_run_intake_with_a_fake_analyzer(workers: int) -> None:
 class BrokenAnalyzer(FakeAnalyzer):
     def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
         raise RuntimeError("a native failure")
+
+
+class NotInstalledAnalyzer(FakeAnalyzer):
+    def ready(self) -> None:
+        raise ConfigError("face checks need dlib: pip install 'selfie-lora[faces]'")
+
+    def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
+        raise ConfigError("face checks need dlib: pip install 'selfie-lora[faces]'")
+
+
+class LosesItsModels(FakeAnalyzer):
+    """Ready, then its model files go missing under it: still the set-up, not the photos."""
+
+    def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
+        raise ConfigError("the face model shape_predictor_68_face_landmarks.dat is missing")
+
+
+@pytest.mark.parametrize("analyzer", [NotInstalledAnalyzer(), LosesItsModels()])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_setup_error_stops_the_intake_with_one_clear_error(workers: int,
+                                                             analyzer: FakeAnalyzer) -> None:
+    files = [UploadedFile(f"p{i}.jpg", _jpeg(portrait(seed=i))) for i in range(3)]
+    with pytest.raises(ConfigError):
+        run_intake(files, limits=UploadLimits(), policy=POLICY, analyzer=analyzer,
+                   workers=workers)
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from selfie_lora.adapters.trainers.replicate_webhooks import (
+from selfie_lora.adapters.replicate.webhooks import (
     parse_log_progress,
     parse_training_webhook,
     verify_webhook,

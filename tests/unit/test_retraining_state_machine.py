@@ -9,6 +9,8 @@ as the rule that runs the likeness jobs decides."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import hashlib
 import random
 import re
@@ -61,12 +63,26 @@ TOLERANCE = 0.02
 POLICY = LeasePolicy(ttl=timedelta(seconds=30), heartbeat=timedelta(seconds=5), max_attempts=3)
 
 
+@functools.cache
+def _migrated_template() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="sl-sm-template-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    engine = make_engine(f"sqlite:///{folder / 'db.sqlite'}")
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+    return folder / "db.sqlite"
+
+
 class Retraining(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="sl-sm-"))
+        # A copy of one migrated database: running the migrations per example would cost more
+        # than the example itself.
+        shutil.copyfile(_migrated_template(), self.dir / "db.sqlite")
         self.engine = make_engine(f"sqlite:///{self.dir / 'db.sqlite'}")
-        upgrade(self.engine)
         self.repo = SqlRepository(self.engine)
         self.blobs = FileSystemBlobStore(self.dir / "blobs")
         self.queue = InMemoryQueue()
@@ -77,7 +93,7 @@ class Retraining(RuleBasedStateMachine):
         self.default_version = "local-tiny-v1"
         # The lease clock: a worker's death is noticed once the clock passes its lease.
         self.now = datetime(2026, 1, 1, tzinfo=UTC)
-        self.likeness = LikenessService(
+        self.scorer = LikenessService(
             repo=self.repo, blobs=self.blobs,
             generation=GenerationService(repo=self.repo, blobs=self.blobs,
                                          generators={"local": self.generator}),
@@ -91,7 +107,7 @@ class Retraining(RuleBasedStateMachine):
         self.training = TrainingService(
             repo=self.repo, blobs=self.blobs, queue=self.queue, trainers={"local": self.trainer},
             defaults=self.defaults, work_dir=self.dir / "work", rng=random.Random(0),
-            likeness=self.likeness, intake=self.intake, lease=POLICY, clock=lambda: self.now,
+            likeness=self.scorer, intake=self.intake, lease=POLICY, clock=lambda: self.now,
             owner="worker-a",
         )
         self.models = ModelService(repo=self.repo, blobs=self.blobs)
@@ -474,8 +490,9 @@ class Retraining(RuleBasedStateMachine):
             assert e["data"]["preserved"]["trigger_word"] == model.trigger_word
 
 
+# 60 sequences in ``make test``; the "fast" profile (``make test-fast``) asks for fewer.
 Retraining.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=20, deadline=None,
+    max_examples=min(60, settings.default.max_examples), stateful_step_count=20, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestRetraining = Retraining.TestCase

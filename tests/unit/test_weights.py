@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save
 
-from selfie_lora.adapters.trainers.weights import (
+from selfie_lora.adapters.replicate.outputs import (
     extract_safetensors,
     find_weights_url,
     is_safetensors,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlencode
 
-from selfie_lora.domain.entities import Dataset, Generation, Model, Training, Version
+from selfie_lora.domain.entities import ApiKey, Dataset, Generation, Model, Training, Version
 from selfie_lora.domain.likeness import ProbeResult, VersionLikeness
 from selfie_lora.services.likeness import Comparison
 
@@ -29,7 +29,7 @@ def gate_json(v: Version) -> dict[str, Any]:
     }
 
 
-def quality_summary_json(q: VersionLikeness | None) -> dict[str, Any] | None:
+def likeness_summary_json(q: VersionLikeness | None) -> dict[str, Any] | None:
     """A version's headline likeness scores (against its own training photos)."""
     if q is None:
         return None
@@ -60,7 +60,7 @@ def version_json(v: Version, quality: VersionLikeness | None = None) -> dict[str
         "version_mismatch": v.version_mismatch,
         "created_at": v.created_at.isoformat(),
         "gate": gate_json(v),
-        "quality": quality_summary_json(quality),
+        "quality": likeness_summary_json(quality),
         "quality_url": f"/api/model/versions/{v.id}/quality",
         "alert": v.alert,
     }
@@ -72,7 +72,7 @@ def compare_urls(a_id: str, b_id: str) -> dict[str, str]:
             "grid_url": f"/api/model/compare/grid.png?{query}", "chart_url": CHART_URL}
 
 
-def quality_json(
+def likeness_json(
     v: Version, q: VersionLikeness | None, baseline: Version | None
 ) -> dict[str, Any]:
     """``GET /api/model/versions/{id}/quality``: every score, every probe, and where the images are."""
@@ -92,7 +92,7 @@ def quality_json(
         "version": version_json(v, q),
         "gate": gate_json(v),
         "alert": v.alert,
-        "quality": quality_summary_json(q),
+        "quality": likeness_summary_json(q),
         "scores": q.scores.headline() if q and q.scores else None,
         "reference_dataset_id": q.reference_dataset_id if q else None,
         "training": q.training if q else None,
@@ -234,4 +234,16 @@ def comparison_json(c: Comparison) -> dict[str, Any]:
         "scores": {"a": sa, "b": sb, "delta_identity": delta_identity},
         "probes": probes,
         **compare_urls(c.a.id, c.b.id),
+    }
+
+
+def api_key_json(k: ApiKey) -> dict[str, Any]:
+    """An API key as its owner sees it: never its secret nor its hash."""
+    return {
+        "id": k.id,
+        "name": k.name,
+        "prefix": k.prefix,
+        "created_at": k.created_at.isoformat(),
+        "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+        "active": k.active,
     }

@@ -6,12 +6,11 @@ draft mode ~40 ms (a full decode ~62 ms), face detection at 640 px ~30 ms, the d
 JPEG ~5): ~210 ms a photo. dlib holds the GIL (measured: two threads with two detectors take as
 long as one thread doing both, 0.46 s vs 0.47 s; the same for embeddings, 1.33 s vs 1.33 s), and
 ``DlibFaceAnalyzer`` serialises its calls with a lock anyway, so threads cannot use a second core
-for the face work. Pillow does release it (two threads decode 2x faster, resize 1.75x). A dlib
-analyzer therefore runs in a pool of worker processes (forkserver), each loading the models
-once in its initializer and kept for the life of the service: the first intake pays ~1.6 s to
-start them (``warm_up`` moves that to service start). The workers use
-``DlibRegionFaceAnalyzer``: landmarks and the embedding straight from the box found at low
-resolution. Other analyzers (fakes) run in threads of this process.
+for the face work. Pillow does release it (two threads decode 2x faster, resize 1.75x). Given an
+analyzer factory (the wiring passes dlib's), the photos are therefore analysed in a pool of
+worker processes (forkserver), each building its analyzer and loading the models once in its
+initializer, kept for the life of the service: the first intake pays ~1.6 s to start them
+(``warm_up`` moves that to service start). Without a factory (fakes) they run in threads.
 
 Each photo's decode, analysis and training crop happen in one task: the decoded pixels never
 cross a process boundary, only the analysis and the finished JPEG come back.
@@ -41,8 +40,9 @@ from selfie_lora.dataset.decode import DecodedPhoto, decode_photo
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.dataset.prepare import PreparedPhoto, prepare_photo, source_min_side
 from selfie_lora.domain.entities import Finding
+from selfie_lora.domain.faces import AnalyzerFactory, FaceAnalyzer
+from selfie_lora.errors import ConfigError
 from selfie_lora.lifeline import exit_with
-from selfie_lora.services.ports import FaceAnalyzer
 
 logger = logging.getLogger(__name__)
 
@@ -112,19 +112,10 @@ def _failed(order: int, name: str) -> PhotoOutcome:
 # --------------------------------------------------------------------------- worker processes
 
 
-@dataclass(frozen=True)
-class _DlibSpec:
-    """How a worker process builds its own ``DlibFaceAnalyzer`` (the analyzer holds a lock and
-    dlib objects, so it is rebuilt rather than pickled)."""
-
-    upsample: int
-    num_jitters: int
-
-
 _worker_analyzer: FaceAnalyzer | None = None
 
 
-def _init_worker(spec: _DlibSpec, service_pid: int) -> None:
+def _init_worker(factory: AnalyzerFactory, service_pid: int) -> None:
     # Forked by the fork server, which lives as long as its children do: watch the service
     # itself, and end with it, even after kill -9.
     exit_with(service_pid)
@@ -132,12 +123,8 @@ def _init_worker(spec: _DlibSpec, service_pid: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from selfie_lora.adapters.faces.dlib_regions import DlibRegionFaceAnalyzer
-
     global _worker_analyzer
-    # The region analyzer: landmarks and embedding straight from the box found at low
-    # resolution, no second detection.
-    analyzer = DlibRegionFaceAnalyzer(upsample=spec.upsample, num_jitters=spec.num_jitters)
+    analyzer = factory()
     # Load the models (~0.8 s) and imagehash's SciPy (~0.3 s) now, not in the first task.
     analyzer.detect(np.zeros((32, 32, 3), dtype=np.uint8), landmarks=False, embed=False)
     imagehash.phash(Image.new("L", (32, 32)))
@@ -152,25 +139,12 @@ def _work_in_worker(upload: UploadedFile, order: int, limits: UploadLimits,
                          analyzer=_worker_analyzer)
 
 
-_pools: dict[tuple[int, _DlibSpec], ProcessPoolExecutor] = {}
+_pools: dict[tuple[int, AnalyzerFactory], ProcessPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
-def _dlib_spec(analyzer: FaceAnalyzer) -> _DlibSpec | None:
-    try:
-        from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer
-    except ImportError:  # pragma: no cover - the module imports nothing optional
-        return None
-    if not isinstance(analyzer, DlibFaceAnalyzer):
-        return None
-    # The analyzer's settings are private; read them with defaults so a change there degrades
-    # to the defaults rather than failing.
-    return _DlibSpec(upsample=int(getattr(analyzer, "_upsample", 0)),
-                     num_jitters=int(getattr(analyzer, "_jitters", 1)))
-
-
-def _process_pool(workers: int, spec: _DlibSpec) -> ProcessPoolExecutor:
-    key = (workers, spec)
+def _process_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
+    key = (workers, factory)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:
@@ -182,18 +156,19 @@ def _process_pool(workers: int, spec: _DlibSpec) -> ProcessPoolExecutor:
             if method == "forkserver":
                 # The server imports these once; each worker forks with them loaded (~0.5 s
                 # less per worker start). No effect if the server already runs.
-                context.set_forkserver_preload([__name__, "imagehash", "dlib"])
+                preload = list(getattr(factory, "preload", ()))
+                context.set_forkserver_preload([__name__, "imagehash", *preload])
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                       initializer=_init_worker, initargs=(spec, os.getpid()))
+                                       initializer=_init_worker, initargs=(factory, os.getpid()))
             _pools[key] = pool
             logger.info("started %d face-analysis worker process(es) (%s)", workers, method)
         return pool
 
 
-def _drop_pool(workers: int, spec: _DlibSpec, pool: ProcessPoolExecutor) -> None:
+def _drop_pool(workers: int, factory: AnalyzerFactory, pool: ProcessPoolExecutor) -> None:
     with _pools_lock:
-        if _pools.get((workers, spec)) is pool:
-            del _pools[(workers, spec)]
+        if _pools.get((workers, factory)) is pool:
+            del _pools[(workers, factory)]
     pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -209,13 +184,12 @@ def shutdown_pools() -> None:
 atexit.register(shutdown_pools)
 
 
-def warm_up(analyzer: FaceAnalyzer, *, workers: int = 2) -> None:
+def warm_up(factory: AnalyzerFactory | None, *, workers: int = 2) -> None:
     """Start the worker processes now (service start) so the first upload does not wait for
-    them. A no-op for analyzers that run in threads."""
-    spec = _dlib_spec(analyzer)
-    if spec is None or workers <= 1:
+    them. A no-op without a factory (analyzers that run in threads)."""
+    if factory is None or workers <= 1:
         return
-    pool = _process_pool(workers, spec)
+    pool = _process_pool(workers, factory)
     # One trivial task per worker makes each run its initializer.
     futures = [pool.submit(time.sleep, 0) for _ in range(workers)]
     for future in futures:
@@ -244,6 +218,8 @@ def _run_tasks(executor: Executor, jobs: Sequence[tuple[int, UploadedFile]],
             done[order] = future.result()
         except BrokenProcessPool:
             lost.append((order, uploads[order]))
+        except ConfigError:
+            raise  # the set-up, not the photo: one clear error for the whole intake
         except Exception:
             # A bug or a native failure on one photo must not fail the whole upload.
             logger.exception("analysing %s failed", uploads[order].name)
@@ -256,6 +232,8 @@ def _process_inline(upload: UploadedFile, *, order: int, limits: UploadLimits,
     try:
         return process_photo(upload, order=order, limits=limits, policy=policy,
                              analyzer=analyzer)
+    except ConfigError:
+        raise  # the set-up, not the photo: one clear error for the whole intake
     except Exception:
         # The same rule as in the pools: one photo's failure is a finding about it.
         logger.exception("analysing %s failed", upload.name)
@@ -267,14 +245,14 @@ def _inline(workers: int, files: Sequence[UploadedFile]) -> bool:
 
 
 def _analyse_all(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: CheckPolicy,
-                 analyzer: FaceAnalyzer, workers: int) -> list[PhotoOutcome]:
+                 analyzer: FaceAnalyzer, factory: AnalyzerFactory | None,
+                 workers: int) -> list[PhotoOutcome]:
     # Largest files first: the long tasks start early and the workers finish together.
     jobs = sorted(enumerate(files), key=lambda job: -len(job[1].data))
-    spec = _dlib_spec(analyzer)
     if _inline(workers, files):
         return [_process_inline(upload, order=order, limits=limits, policy=policy,
                                 analyzer=analyzer) for order, upload in jobs]
-    if spec is None:
+    if factory is None:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="intake") as threads:
             outcomes, _ = _run_tasks(threads, jobs, lambda ex, order, upload: ex.submit(
                 process_photo, upload, order=order, limits=limits, policy=policy,
@@ -287,7 +265,7 @@ def _analyse_all(files: Sequence[UploadedFile], *, limits: UploadLimits, policy:
     outcomes = {}
     pending = list(jobs)
     for attempt in range(2):
-        pool = _process_pool(workers, spec)
+        pool = _process_pool(workers, factory)
         done, pending = _run_tasks(pool, pending, submit)
         outcomes.update(done)
         if not pending:
@@ -296,20 +274,24 @@ def _analyse_all(files: Sequence[UploadedFile], *, limits: UploadLimits, policy:
         # the unfinished photos once more; what fails twice is reported, not retried forever.
         logger.warning("face-analysis worker died (attempt %d); %d photo(s) unfinished",
                        attempt + 1, len(pending))
-        _drop_pool(workers, spec, pool)
+        _drop_pool(workers, factory, pool)
     for order, upload in pending:
         outcomes[order] = _failed(order, upload.name)
     return list(outcomes.values())
 
 
 def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: CheckPolicy,
-               analyzer: FaceAnalyzer, workers: int = 2) -> IntakeResult:
+               analyzer: FaceAnalyzer, factory: AnalyzerFactory | None = None,
+               workers: int = 2) -> IntakeResult:
     """Judge and prepare a set of uploaded photos. Nothing is stored: the caller stores
-    ``prepared`` when ``report.trainable``."""
+    ``prepared`` when ``report.trainable``. With a ``factory`` the photos are analysed in
+    worker processes, each with the analyzer it builds; else in threads with ``analyzer``.
+    ``ConfigError`` (the face tools are not installed, say) stops the whole intake."""
+    analyzer.ready()
     started = time.perf_counter()
     cpu_start = time.thread_time()
     outcomes = sorted(_analyse_all(files, limits=limits, policy=policy, analyzer=analyzer,
-                                   workers=workers), key=lambda o: o.order)
+                                   factory=factory, workers=workers), key=lambda o: o.order)
     failed = [o.finding for o in outcomes if o.finding is not None]
     analyses = [o.analysis for o in outcomes if o.analysis is not None]
     report = check_set(analyses, policy=policy, unreadable=len(failed))

@@ -64,8 +64,25 @@ class Probe:
 class User:
     id: str
     name: str
-    api_key_hash: str
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One of a user's API keys. Only its SHA-256 is stored; ``prefix`` (the first characters)
+    tells a user's keys apart in a list."""
+
+    id: str
+    user_id: str
+    name: str
+    key_hash: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
 
 
 @dataclass(frozen=True)

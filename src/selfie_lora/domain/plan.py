@@ -1,6 +1,6 @@
 """The retraining plan: the one function that decides what a (re)training uses.
 
-Every entry point that can start a training (HTTP upload-zip, HTTP start, CLI, web UI) reaches this
+Every entry point that can start a training (HTTP upload-zip, HTTP start, CLI, demo) reaches this
 function through ``services.training.TrainingService.start``; nothing else creates a model or picks a
 trigger word, destination, trainer version or LoRA scale. That is how the five retraining bugs are
 made impossible rather than merely avoided.

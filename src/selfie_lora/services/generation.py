@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from selfie_lora.domain.entities import Generation, Model, User, Version
 from selfie_lora.domain.plan import ensure_trigger_word, validate_lora_scale
+from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import ConfigError, ErrorCode, InvalidInputError, NotFoundError
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.layout import generation_image_key
@@ -87,13 +88,13 @@ class GenerationService:
         model = self._repo.get_model_for_user(user.id)
         if model is None:
             raise NotFoundError("you have no model yet: upload photos to start one")
-        version_id = request.version_id or model.active_version_id
-        if version_id is None:
+        ref = request.version_id or model.active_version_id
+        if ref is None:
             raise InvalidInputError("your model has no trained version yet; wait for the "
                                     "training to finish", code=ErrorCode.NO_VERSION)
-        version = self._repo.get_version(version_id)
-        if version is None or version.model_id != model.id:
-            raise NotFoundError("no such version")
+        version = find_version(self._repo.list_versions(model.id), ref)
+        if version is None:
+            raise NotFoundError(f"no such version: {ref[:64]}")
         rendered = self.render(model=model, version=version, prompt=request.prompt,
                                seed=request.seed, num_outputs=request.num_outputs,
                                lora_scale=request.lora_scale)

@@ -13,9 +13,10 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from selfie_lora.dataset.archive import read_zip
+from selfie_lora.dataset.archive import read_path, read_uploaded_files, read_zip
 from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.dataset.pipeline import IntakeResult, run_intake, shutdown_pools, warm_up
@@ -26,7 +27,7 @@ from selfie_lora.domain.recipes import recipe_for
 from selfie_lora.errors import DatasetRejectedError, NotFoundError
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.layout import manifest_key, original_key, photo_key, reference_key
-from selfie_lora.services.ports import BlobStore, FaceAnalyzer, Repository
+from selfie_lora.services.ports import AnalyzerFactory, BlobStore, FaceAnalyzer, Repository
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class IntakeService:
         policy: CheckPolicy,
         analyzer: FaceAnalyzer,
         defaults: Callable[[], TrainingDefaults],
+        analyzer_factory: AnalyzerFactory | None = None,
         workers: int = 2,
         keep_originals: bool = False,
     ) -> None:
@@ -91,6 +93,8 @@ class IntakeService:
         self.limits = limits
         self._policy = policy
         self._analyzer = analyzer
+        # Builds the analyzer of each photo-analysis process (None: analyse in threads).
+        self._analyzer_factory = analyzer_factory
         self._defaults = defaults
         self._workers = workers
         self._keep_originals = keep_originals
@@ -98,7 +102,7 @@ class IntakeService:
     def warm_up(self) -> None:
         """Start the photo-analysis worker processes (a service start calls this)."""
         try:
-            warm_up(self._analyzer, workers=self._workers)
+            warm_up(self._analyzer_factory, workers=self._workers)
         except Exception:  # only a head start: the first upload starts them otherwise
             logger.warning("could not start the photo-analysis processes early", exc_info=True)
 
@@ -124,11 +128,29 @@ class IntakeService:
         resolution = self.resolution_for(user)
         policy = dataclasses.replace(self._policy, resolution=resolution)
         result = run_intake(files, limits=self.limits, policy=policy, analyzer=self._analyzer,
-                            workers=self._workers)
+                            factory=self._analyzer_factory, workers=self._workers)
         return IntakeReport.from_result(result, notes=findings, resolution=resolution)
 
+    # Reading an upload: every file checked for what it is before a photo is decoded (see
+    # ``dataset.archive``); the notes are findings about skipped entries.
+    def read_zip(self, data: bytes) -> tuple[list[UploadedFile], list[Finding]]:
+        return read_zip(data, limits=self.limits)
+
+    def read_files(self, named: Sequence[tuple[str, bytes]]
+                   ) -> tuple[list[UploadedFile], list[Finding]]:
+        return read_uploaded_files(list(named), limits=self.limits)
+
+    def read_path(self, path: Path) -> tuple[list[UploadedFile], list[Finding]]:
+        """A folder of photos or a zip on this machine (the command line)."""
+        return read_path(path, limits=self.limits)
+
+    def check_path(self, path: Path) -> IntakeReport:
+        """``selfie-lora check``: the report for a folder or zip, nothing stored."""
+        files, notes = self.read_path(path)
+        return self.check_files(files=files, findings=notes)
+
     def ingest_zip(self, *, user: User, data: bytes) -> Dataset:
-        files, notes = read_zip(data, limits=self.limits)
+        files, notes = self.read_zip(data)
         return self.ingest_files(user=user, files=files, findings=notes)
 
     def ingest_files(

@@ -48,6 +48,7 @@ from selfie_lora.domain.likeness import (
     score_probes,
     training_figures,
 )
+from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import (
     ErrorCode,
     InvalidInputError,
@@ -388,7 +389,9 @@ class LikenessService:
         if not versions:
             raise NotFoundError("your model has no version yet")
         vb = self._resolve(versions, b) if b else versions[0]
-        va = self._resolve(versions, a) if a else self._baseline_of(model, vb)
+        # A: what the gate compared B with; for a first version, the newest other one.
+        va = (self._resolve(versions, a) if a else self._baseline_of(model, vb)
+              or next((v for v in versions if v.id != vb.id), None))
         if va is None:
             raise InvalidInputError("there is no other version to compare with yet",
                                     code=ErrorCode.NOTHING_TO_COMPARE)
@@ -411,6 +414,19 @@ class LikenessService:
                           scores_a=scores[va.id], scores_b=scores[vb.id],
                           reference_dataset_id=reference.dataset_id if reference else None,
                           probes=tuple(rows))
+
+    def compare_scored(self, *, user: User, a: str | None = None, b: str | None = None,
+                       on_scoring: Callable[[Version], None] | None = None) -> Comparison:
+        """``compare``, after scoring whichever of the two versions has no scores (a version
+        from before likeness tracking, or one whose scoring failed)."""
+        comparison = self.compare(user=user, a=a, b=b)
+        for version, record in ((comparison.a, comparison.record_a),
+                                (comparison.b, comparison.record_b)):
+            if record is None or record.status is not LikenessStatus.SCORED:
+                if on_scoring is not None:
+                    on_scoring(version)
+                self.score(version.id, force=record is not None)
+        return self.compare(user=user, a=comparison.a.id, b=comparison.b.id)
 
     def grid_png(self, comparison: Comparison) -> bytes:
         """The side-by-side grid of a comparison (stored under ``quality/compare/``)."""
@@ -605,19 +621,14 @@ class LikenessService:
 
     def _owned(self, user: User, version_id: str) -> tuple[Model, Version]:
         model = self._model(user)
-        version = self._repo.get_version(version_id)
-        if version is None or version.model_id != model.id:
-            raise NotFoundError("no such version")
-        return model, version
+        return model, self._resolve(self._repo.list_versions(model.id), version_id)
 
     @staticmethod
     def _resolve(versions: Sequence[Version], ref: str) -> Version:
-        """A version by id, or by number ("2" or "v2")."""
-        text = ref.strip().lower().removeprefix("v")
-        for v in versions:
-            if v.id == ref.strip() or (text.isdigit() and v.number == int(text)):
-                return v
-        raise NotFoundError(f"no such version: {ref}")
+        version = find_version(versions, ref)
+        if version is None:
+            raise NotFoundError(f"no such version: {ref[:64]}")
+        return version
 
     def _image_or_none(self, probe: ProbeResult | None) -> bytes | None:
         if probe is None or probe.image_key is None or not self._blobs.exists(probe.image_key):

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from selfie_lora.domain.entities import GateStatus, Model, User, Version
+from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.domain.plan import validate_lora_scale, with_trainer_version
 from selfie_lora.domain.recipes import validate_trainer_version
+from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, NotFoundError
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.ports import BlobStore, Repository
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelOverview:
+    """The model with its active version and that version's likeness record."""
+
+    model: Model
+    active: Version | None
+    active_record: VersionLikeness | None
 
 
 class ModelService:
@@ -29,6 +41,24 @@ class ModelService:
 
     def find(self, *, user: User) -> Model | None:
         return self._repo.get_model_for_user(user.id)
+
+    def overview(self, *, user: User) -> ModelOverview:
+        """``GET /api/model``: 404 before the first upload."""
+        return self.overview_of(self.get(user=user))
+
+    def overview_of(self, model: Model) -> ModelOverview:
+        active = self.active_version(model=model)
+        record = self._repo.get_likeness(active.id) if active else None
+        return ModelOverview(model=model, active=active, active_record=record)
+
+    def versions_with_likeness(self, *, user: User
+                               ) -> list[tuple[Version, VersionLikeness | None]]:
+        """Every version, newest first, each with its likeness record."""
+        model = self._repo.get_model_for_user(user.id)
+        if model is None:
+            return []
+        records = {r.version_id: r for r in self._repo.list_likeness(model.id)}
+        return [(v, records.get(v.id)) for v in self._repo.list_versions(model.id)]
 
     def set_lora_scale(self, *, user: User, lora_scale: float) -> Model:
         model = self.get(user=user)
@@ -61,10 +91,11 @@ class ModelService:
         return [] if model is None else self._repo.list_versions(model.id)
 
     def version(self, *, user: User, version_id: str) -> Version:
+        """The user's version ``version_id``: its id, or its number (``2`` or ``v2``)."""
         model = self.get(user=user)
-        version = self._repo.get_version(version_id)
-        if version is None or version.model_id != model.id:
-            raise NotFoundError("no such version")
+        version = find_version(self._repo.list_versions(model.id), version_id)
+        if version is None:
+            raise NotFoundError(f"no such version: {version_id[:64]}")
         return version
 
     def active_version(self, *, model: Model) -> Version | None:

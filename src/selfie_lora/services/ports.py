@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from selfie_lora.domain.entities import (
+    ApiKey,
     Dataset,
     GateStatus,
     Generation,
@@ -25,7 +26,10 @@ from selfie_lora.domain.entities import (
     User,
     Version,
 )
+from selfie_lora.domain.faces import AnalyzerFactory, Face, FaceAnalyzer
 from selfie_lora.domain.likeness import VersionLikeness
+
+__all__ = ["AnalyzerFactory", "Face", "FaceAnalyzer"]  # re-exported: adapters implement them here
 
 # --------------------------------------------------------------------------- trainer
 
@@ -127,34 +131,8 @@ class Generator(Protocol):
 # --------------------------------------------------------------------------- faces
 
 
-@dataclass(frozen=True)
-class Face:
-    """One face found in an image, in that image's pixel coordinates."""
-
-    box: tuple[int, int, int, int]  # left, top, right, bottom (may reach past the edges)
-    score: float  # detector confidence; higher is surer
-    landmarks: tuple[tuple[int, int], ...] = ()  # 68 points (dlib's layout) when computed
-    embedding: tuple[float, ...] | None = None  # 128-d identity vector when computed
-
-    @property
-    def width(self) -> int:
-        return self.box[2] - self.box[0]
-
-    @property
-    def height(self) -> int:
-        return self.box[3] - self.box[1]
-
-
-class FaceAnalyzer(Protocol):
-    """Face detection, landmarks and identity embeddings. ``model_name`` names the embedding
-    model so scores computed with different models are never compared."""
-
-    model_name: str
-
-    def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
-        """Faces in ``image`` (an RGB ``numpy.ndarray`` of uint8, height x width x 3), largest
-        first."""
-        ...
+# Face (a face found) and FaceAnalyzer (the port) live in the domain, where the photo checks,
+# which must not depend on services, can use them too.
 
 
 # --------------------------------------------------------------------------- storage
@@ -188,7 +166,14 @@ class Repository(Protocol):
     def add_user(self, user: User) -> None: ...
     def get_user(self, user_id: str) -> User | None: ...
     def get_user_by_name(self, name: str) -> User | None: ...
-    def get_user_by_key_hash(self, key_hash: str) -> User | None: ...
+    def get_user_by_key_hash(self, key_hash: str) -> User | None:
+        """The owner of the API key with this hash, unless the key is revoked."""
+        ...
+    def add_api_key(self, key: ApiKey) -> None: ...
+    def list_api_keys(self, user_id: str) -> Sequence[ApiKey]:
+        """Oldest first, revoked ones included."""
+        ...
+    def revoke_api_key(self, key_id: str, *, at: datetime) -> None: ...
 
     # models
     def add_model(self, model: Model) -> None: ...
@@ -252,7 +237,6 @@ class Repository(Protocol):
     def set_version_alert(self, version_id: str, alert: dict[str, Any] | None) -> None: ...
 
     # likeness records, one per version
-    def add_likeness(self, quality: VersionLikeness) -> None: ...
     def save_likeness(self, quality: VersionLikeness) -> None: ...
     def get_likeness(self, version_id: str) -> VersionLikeness | None: ...
     def list_likeness(self, model_id: str) -> Sequence[VersionLikeness]: ...
@@ -269,6 +253,26 @@ class Repository(Protocol):
 # --------------------------------------------------------------------------- queue
 
 
+@dataclass(frozen=True)
+class RemoteTrainingEvent:
+    """A verified webhook about a remote training: which delivery, which training, its news."""
+
+    webhook_id: str
+    remote_id: str
+    status: str
+    step: int | None = None
+    total: int | None = None
+
+
+class WebhookVerifier(Protocol):
+    """Checks a training backend's webhook (its signature, its freshness) and reads it."""
+
+    def verify(self, *, headers: dict[str, str], body: bytes) -> RemoteTrainingEvent:
+        """Raises ``AuthError`` when it is not authentic, ``InvalidInputError`` when it is not
+        a training event."""
+        ...
+
+
 class JobQueue(Protocol):
     """A doorbell for workers. A message carries a training id only; the row holds the state
     (and the lease on it decides who runs it), so a lost or repeated message is harmless."""
@@ -278,6 +282,20 @@ class JobQueue(Protocol):
     def queued_training_ids(self) -> set[str]:
         """The ids of the messages waiting for a worker (the reconciler rings again for a
         training that has none and nobody running it)."""
+        ...
+
+
+class WorkQueue(JobQueue, Protocol):
+    """The queue as workers and operators see it: the other end of the doorbell."""
+
+    def next_training(self) -> str | None:
+        """The next training id, or None when none waits."""
+        ...
+
+    def pending(self) -> int: ...
+
+    def ping(self) -> None:
+        """Raises when the queue cannot be reached."""
         ...
 
 

@@ -1,6 +1,6 @@
 """Starting, running and ending trainings: the one owner of a training's status.
 
-Every entry point that can start a training (HTTP upload-zip, upload, start, CLI, web UI) calls
+Every entry point that can start a training (HTTP upload-zip, upload, start, CLI, demo) calls
 ``start`` or ``upload``; nothing else creates a model or plans a training.
 
 A training's life (``domain.states``, ``domain.lease``)::
@@ -72,6 +72,7 @@ from selfie_lora.domain.lease import (
 from selfie_lora.domain.plan import TrainingDefaults, plan_training
 from selfie_lora.domain.states import can_transition, transition
 from selfie_lora.errors import (
+    AuthError,
     ConflictError,
     ErrorCode,
     InvalidInputError,
@@ -94,6 +95,7 @@ from selfie_lora.services.ports import (
     TrainingJob,
     TrainingPhoto,
     TrainingResult,
+    WebhookVerifier,
 )
 
 logger = logging.getLogger(__name__)
@@ -126,6 +128,14 @@ class StartResult:
 
 
 @dataclass(frozen=True)
+class TrainingView:
+    """A training and, once stored, its version (with the likeness gate's state and reason)."""
+
+    training: Training
+    version: Version | None
+
+
+@dataclass(frozen=True)
 class UploadResult:
     dataset: Dataset
     training: Training | None
@@ -151,6 +161,7 @@ class TrainingService:
         likeness: LikenessService,
         intake: IntakeService | None = None,
         webhook_url: str | None = None,
+        webhooks: WebhookVerifier | None = None,
         rng: random.Random | None = None,
         lease: LeasePolicy | None = None,
         clock: Callable[[], datetime] = utcnow,
@@ -167,6 +178,7 @@ class TrainingService:
         self._likeness = likeness
         self._intake = intake
         self._webhook_url = webhook_url
+        self._webhooks = webhooks
         self._rng = rng or random.SystemRandom()
         self.lease = lease or LeasePolicy()
         self._clock = clock
@@ -274,7 +286,32 @@ class TrainingService:
             self._repo.release_upload(user.id, token=token)
         return UploadResult(dataset=dataset, training=started.training, model=started.model)
 
+    def upload_zip(self, *, user: User, data: bytes, start: bool = True) -> UploadResult:
+        """``POST /api/training/upload-zip``: a zip of photos."""
+        intake = self._require_intake()
+        return self.upload(user=user, read=lambda: intake.read_zip(data), start=start)
+
+    def upload_files(self, *, user: User, files: Sequence[tuple[str, bytes]],
+                     start: bool = True) -> UploadResult:
+        """``POST /api/training/upload``: photos sent one by one (name, bytes)."""
+        intake = self._require_intake()
+        return self.upload(user=user, read=lambda: intake.read_files(files), start=start)
+
+    def upload_path(self, *, user: User, path: Path, start: bool = True) -> UploadResult:
+        """``selfie-lora train PATH``: a folder or zip of photos on this machine."""
+        intake = self._require_intake()
+        return self.upload(user=user, read=lambda: intake.read_path(path), start=start)
+
     # ------------------------------------------------------------------ queries
+    def progress(self, *, user: User, training_id: str | None = None) -> TrainingView:
+        """The user's training (default: the latest) with its version once stored."""
+        training, _model = self.get(user=user, training_id=training_id)
+        return self.view(training)
+
+    def view(self, training: Training) -> TrainingView:
+        version = self._repo.get_version(training.version_id) if training.version_id else None
+        return TrainingView(training=training, version=version)
+
     def get(self, *, user: User, training_id: str | None) -> tuple[Training, Model]:
         model = self._repo.get_model_for_user(user.id)
         if model is None:
@@ -367,6 +404,14 @@ class TrainingService:
                     self._cancel_remote(done)
                     canceled.append(t.id)
         return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled))
+
+    def receive_webhook(self, *, headers: dict[str, str], body: bytes) -> Training | None:
+        """``POST /api/webhooks/<backend>``: verify it, then apply it (``apply_webhook``)."""
+        if self._webhooks is None:
+            raise AuthError("webhooks are not configured on this server")
+        event = self._webhooks.verify(headers=headers, body=body)
+        return self.apply_webhook(webhook_id=event.webhook_id, remote_id=event.remote_id,
+                                  status=event.status, step=event.step, total=event.total)
 
     def apply_webhook(self, *, webhook_id: str, remote_id: str, status: str,
                       step: int | None, total: int | None) -> Training | None:

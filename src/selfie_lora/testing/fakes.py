@@ -16,13 +16,13 @@ from typing import Any
 from PIL import Image
 
 from selfie_lora.domain.entities import TrainingStatus
+from selfie_lora.domain.faces import Face
 from selfie_lora.errors import (
     TrainingCanceledError,
     TrainingFailedError,
     TrainingInterruptedError,
 )
 from selfie_lora.services.ports import (
-    Face,
     GenerationJob,
     ProgressSink,
     TrainingJob,
@@ -166,6 +166,9 @@ class FakeFaceAnalyzer:
     calls: int = 0
     # The face's share of the image's width and height, centred; 1.0 is the whole image.
     box_fraction: float = 1.0
+
+    def ready(self) -> None:
+        """Always ready: nothing to install."""
 
     def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
         del landmarks  # a fake face has none

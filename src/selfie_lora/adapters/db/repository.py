@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from selfie_lora.adapters.db.tables import (
+    ApiKeyRow,
     DatasetRow,
     EventRow,
     GenerationRow,
@@ -27,6 +28,7 @@ from selfie_lora.adapters.db.tables import (
 )
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
+    ApiKey,
     Dataset,
     Finding,
     GateStatus,
@@ -94,8 +96,13 @@ def _req_utc(value: datetime) -> datetime:
 
 
 def _user(row: UserRow) -> User:
-    return User(id=row.id, name=row.name, api_key_hash=row.api_key_hash,
-                created_at=_req_utc(row.created_at))
+    return User(id=row.id, name=row.name, created_at=_req_utc(row.created_at))
+
+
+def _api_key(row: ApiKeyRow) -> ApiKey:
+    return ApiKey(id=row.id, user_id=row.user_id, name=row.name, key_hash=row.key_hash,
+                  prefix=row.prefix, created_at=_req_utc(row.created_at),
+                  revoked_at=_utc(row.revoked_at))
 
 
 def _model(row: ModelRow) -> Model:
@@ -275,7 +282,8 @@ class SqlRepository:
     # users ------------------------------------------------------------------------------
     def add_user(self, user: User) -> None:
         with self._tx() as s:
-            s.add(UserRow(id=user.id, name=user.name, api_key_hash=user.api_key_hash,
+            # The legacy column must be unique and non-null (see UserRow).
+            s.add(UserRow(id=user.id, name=user.name, api_key_hash=f"unused:{user.id}",
                           created_at=user.created_at))
 
     def get_user(self, user_id: str) -> User | None:
@@ -290,8 +298,30 @@ class SqlRepository:
 
     def get_user_by_key_hash(self, key_hash: str) -> User | None:
         with self._tx() as s:
-            row = s.scalars(select(UserRow).where(UserRow.api_key_hash == key_hash)).first()
+            row = s.scalars(
+                select(UserRow).join(ApiKeyRow, ApiKeyRow.user_id == UserRow.id)
+                .where(ApiKeyRow.key_hash == key_hash, ApiKeyRow.revoked_at.is_(None))
+            ).first()
             return _user(row) if row else None
+
+    # api keys ---------------------------------------------------------------------------
+    def add_api_key(self, key: ApiKey) -> None:
+        with self._tx() as s:
+            s.add(ApiKeyRow(id=key.id, user_id=key.user_id, name=key.name,
+                            key_hash=key.key_hash, prefix=key.prefix,
+                            created_at=key.created_at, revoked_at=key.revoked_at))
+
+    def list_api_keys(self, user_id: str) -> Sequence[ApiKey]:
+        with self._tx() as s:
+            rows = s.scalars(select(ApiKeyRow).where(ApiKeyRow.user_id == user_id)
+                             .order_by(ApiKeyRow.created_at)).all()
+            return [_api_key(r) for r in rows]
+
+    def revoke_api_key(self, key_id: str, *, at: datetime) -> None:
+        with self._tx() as s:
+            s.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id,
+                                              ApiKeyRow.revoked_at.is_(None))
+                      .values(revoked_at=at))
 
     # models -----------------------------------------------------------------------------
     def add_model(self, model: Model) -> None:
@@ -496,10 +526,6 @@ class SqlRepository:
             return [_version(r) for r in rows]
 
     # quality ----------------------------------------------------------------------------
-    def add_likeness(self, quality: VersionLikeness) -> None:
-        with self._tx() as s:
-            s.add(VersionLikenessRow(**_likeness_values(quality)))
-
     def save_likeness(self, quality: VersionLikeness) -> None:
         values = _likeness_values(quality)
         with self._tx() as s:

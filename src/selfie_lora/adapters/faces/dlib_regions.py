@@ -11,10 +11,11 @@ boxes, whatever the resolution they were found at) and the embedding.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer
-from selfie_lora.services.ports import Face
+from selfie_lora.domain.faces import Face
 
 logger = logging.getLogger(__name__)
 
@@ -45,3 +46,17 @@ class DlibRegionFaceAnalyzer(DlibFaceAnalyzer):
                 embedding = tuple(float(v) for v in vector)
         return Face(box=(left, top, right, bottom), score=0.0, landmarks=points,
                     embedding=embedding)
+
+
+@dataclass(frozen=True)
+class DlibAnalyzerFactory:
+    """Builds a ``DlibRegionFaceAnalyzer`` in the process that calls it: the wiring hands one to
+    the photo intake, which pickles it into its worker processes (an analyzer holds dlib's
+    models and a lock, and cannot cross). ``preload``: modules the fork server imports once."""
+
+    upsample: int = 0
+    num_jitters: int = 1
+    preload: tuple[str, ...] = ("dlib",)
+
+    def __call__(self) -> DlibRegionFaceAnalyzer:
+        return DlibRegionFaceAnalyzer(upsample=self.upsample, num_jitters=self.num_jitters)

@@ -59,7 +59,7 @@ class _TrainRequest:
 
 
 def _run(request: _TrainRequest, on_step: Callable[[int, int, float], bool]) -> dict[str, Any]:
-    from selfie_lora.adapters.trainers.flux_lora_train import train_flux_lora
+    from selfie_lora.adapters.flux.train_loop import train_flux_lora
 
     return train_flux_lora(
         pipeline_source=request.pipeline_source,

@@ -21,12 +21,14 @@ from typing import Any
 from standardwebhooks.webhooks import Webhook
 
 from selfie_lora.errors import AuthError, ErrorCode, InvalidInputError
+from selfie_lora.services.ports import RemoteTrainingEvent
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TOLERANCE_SECONDS",
     "LogProgress",
+    "ReplicateWebhooks",
     "parse_log_progress",
     "parse_training_webhook",
     "verify_webhook",
@@ -171,3 +173,19 @@ def parse_training_webhook(body: bytes) -> dict[str, Any]:
         "error": str(error) if error else None,
         "logs": logs,
     }
+
+
+class ReplicateWebhooks:
+    """The ``WebhookVerifier`` port for Replicate: Standard Webhooks signatures with ``secret``,
+    then the training object in the body (the signed body alone says which training it is)."""
+
+    def __init__(self, *, secret: str) -> None:
+        self._secret = secret
+
+    def verify(self, *, headers: dict[str, str], body: bytes) -> RemoteTrainingEvent:
+        verify_webhook(secret=self._secret, headers=headers, body=body)
+        event = parse_training_webhook(body)
+        webhook_id = {k.lower(): v for k, v in headers.items()}["webhook-id"]
+        return RemoteTrainingEvent(webhook_id=webhook_id, remote_id=str(event["id"]),
+                                   status=str(event["status"]), step=event.get("step"),
+                                   total=event.get("total"))

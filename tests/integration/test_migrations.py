@@ -1,5 +1,5 @@
-"""Migration 0002 (likeness tracking) on a database that already holds a model and a version,
-on SQLite (batch mode) and PostgreSQL: up, down and up again."""
+"""Migrations on databases that already hold data, on SQLite and PostgreSQL: up, down and up
+again; and the schema they make is the one the tables declare."""
 
 from __future__ import annotations
 
@@ -9,17 +9,21 @@ from pathlib import Path
 
 import pytest
 from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
 from selfie_lora.adapters.db.migrate import alembic_config
 from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.adapters.db.tables import Base
 from selfie_lora.domain.entities import GateStatus
-from tests.support.backends import database_url, fresh_engine
+from selfie_lora.services.users import UserService, hash_api_key
+from tests.support.backends import DATABASES, database_url, fresh_engine
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=DATABASES)
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     e = fresh_engine(database_url(request.param, tmp_path))
     yield e
@@ -81,3 +85,32 @@ def test_0002_keeps_old_versions_active_and_adds_the_likeness_tables(engine: Eng
     again = SqlRepository(engine).get_version("v")
     assert again is not None
     assert again.gate_status is GateStatus.PASSED
+
+
+def test_0005_moves_each_users_key_to_api_keys_and_it_keeps_working(engine: Engine) -> None:
+    migrate(engine, "0004")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, name, api_key_hash, created_at) "
+                          "VALUES ('u', 'ann', :h, :t)"), {"t": NOW, "h": hash_api_key("sl_old")})
+    migrate(engine, "head")
+    users = UserService(repo=SqlRepository(engine))
+    ann = users.authenticate(api_key="sl_old")
+    assert ann.name == "ann"
+    (key,) = users.keys(user=ann)
+    assert (key.name, key.active) == ("default", True)
+    _new, secret = users.rotate_key(user=ann, key_id=key.id)
+    assert users.authenticate(api_key=secret) == ann
+    migrate(engine, "0004", down=True)  # the newest key that works goes back to the user row
+    with engine.begin() as conn:
+        stored = conn.execute(text("SELECT api_key_hash FROM users WHERE id = 'u'")).scalar_one()
+    assert stored == hash_api_key(secret)
+    migrate(engine, "head")
+    assert UserService(repo=SqlRepository(engine)).authenticate(api_key=secret).name == "ann"
+
+
+def test_the_migrations_make_the_schema_the_tables_declare(engine: Engine) -> None:
+    migrate(engine, "head")
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        differences = compare_metadata(context, Base.metadata)
+    assert differences == []

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfie_lora.adapters.trainers.tiny_flux import (
-    TINY,
+from selfie_lora.adapters.flux.loader import (
     default_dtype,
     default_resolution,
     load_pipeline,
@@ -25,6 +24,7 @@ from selfie_lora.adapters.trainers.tiny_flux import (
     text_max_length,
     torch_threads,
 )
+from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.errors import GenerationError, InvalidInputError, SelfieLoraError, StorageError
 from selfie_lora.services.ports import GenerationJob
 

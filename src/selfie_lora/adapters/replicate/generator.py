@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from replicate.prediction import Prediction
 
-from selfie_lora.adapters.trainers.replicate import ReplicateSession, parse_version_ref
-from selfie_lora.errors import ConfigError, ErrorCode, InvalidInputError, TrainerError
+from selfie_lora.adapters.replicate.session import (
+    GENERATOR_FAILURES,
+    ReplicateConnection,
+    ReplicateSession,
+    parse_version_ref,
+)
+from selfie_lora.errors import ErrorCode, GenerationError, InvalidInputError
 from selfie_lora.services.ports import GenerationJob
 
 logger = logging.getLogger(__name__)
@@ -35,35 +38,15 @@ class ReplicateGenerator:
     backend = "replicate"
 
     def __init__(
-        self,
-        *,
-        api_token: str,
-        base_url: str = "https://api.replicate.com",
-        poll_interval: float = 1.0,
-        max_retries: int = 5,
-        sleep: Callable[[float], None] = time.sleep,
-        timeout: float = 30.0,
-        max_polls: int = 600,
+        self, *, connection: ReplicateConnection, poll_interval: float = 1.0, max_polls: int = 600,
     ) -> None:
-        if not api_token:
-            raise ConfigError("the Replicate backend needs REPLICATE_API_TOKEN")
-        self._api_token = api_token
-        self._base_url = base_url
+        self._connection = connection
         self._poll_interval = poll_interval
-        self._max_retries = max_retries
-        self._sleep = sleep
-        self._timeout = timeout
+        self._sleep = connection.sleep
         self._max_polls = max_polls
 
     def _session(self) -> ReplicateSession:
-        return ReplicateSession(
-            api_token=self._api_token,
-            base_url=self._base_url,
-            timeout=self._timeout,
-            max_retries=self._max_retries,
-            sleep=self._sleep,
-            refused=TrainerError,
-        )
+        return self._connection.session(GENERATOR_FAILURES)
 
     def generate(self, job: GenerationJob) -> list[bytes]:
         if not job.remote_version:
@@ -98,20 +81,19 @@ class ReplicateGenerator:
             while prediction.status not in {"succeeded", "failed", "canceled"}:
                 polls += 1
                 if polls > self._max_polls:
-                    raise TrainerError(
-                        f"prediction {prediction_id} still {prediction.status} after {polls} polls",
-                        user_message="Generating took too long on Replicate. Try again.",
-                    )
+                    raise GenerationError(
+                        "Generating took too long on Replicate. Try again.",
+                        details=[f"prediction {prediction_id} still {prediction.status} after "
+                                 f"{polls} polls"])
                 self._sleep(self._poll_interval)
                 prediction = session.call(
                     "check on the generation", lambda: client.predictions.get(prediction_id)
                 )
             if prediction.status != "succeeded":
                 error = str(prediction.error or prediction.status)
-                raise TrainerError(
-                    f"prediction {prediction_id} {prediction.status}: {error}",
-                    user_message=_FAILED.format(error=error.strip().splitlines()[-1][:200]),
-                )
+                raise GenerationError(
+                    _FAILED.format(error=error.strip().splitlines()[-1][:200].rstrip(".")),
+                    details=[f"prediction {prediction_id} {prediction.status}: {error}"])
             urls = _output_urls(prediction)
             logger.info("prediction %s on %s: %d image(s)", prediction_id, job.remote_version, len(urls))
             return [
@@ -128,10 +110,8 @@ def _output_urls(prediction: Prediction) -> list[str]:
     items = output if isinstance(output, list) else [output]
     urls = [str(getattr(item, "url", item)) for item in items if item]
     if not urls:
-        raise TrainerError(
-            f"prediction {prediction.id} succeeded without images",
-            user_message="Replicate returned no images. Try again.",
-        )
+        raise GenerationError("Replicate returned no images. Try again.",
+                              details=[f"prediction {prediction.id} succeeded without images"])
     return urls
 
 
@@ -154,7 +134,5 @@ def _as_png(data: bytes, source: str) -> bytes:
         Image.DecompressionBombError,
         ValueError,
     ) as exc:
-        raise TrainerError(
-            f"{source} is not an image: {exc}",
-            user_message="Replicate returned something that is not an image. Try again.",
-        ) from exc
+        raise GenerationError("Replicate returned something that is not an image. Try again.",
+                              details=[f"{source} is not an image: {exc}"]) from exc

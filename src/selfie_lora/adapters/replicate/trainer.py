@@ -17,44 +17,46 @@ Replicate deletes it (outputs live about an hour). What it guarantees:
   ``sleep``).
 * Vendor errors become :mod:`selfie_lora.errors` with a sentence a user can act on.
 
-``ReplicateSession`` (one client, one retry policy, capped downloads) is shared with
-:mod:`selfie_lora.adapters.generators.replicate`.
+Retries and error mapping are :mod:`selfie_lora.adapters.replicate.session`'s, shared with the
+generator.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import re
 import threading
-import time
 import zipfile
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from pathlib import Path
-from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 from replicate.client import Client
-from replicate.exceptions import ReplicateError, ReplicateException
+from replicate.exceptions import ReplicateError
 from replicate.pagination import Page
 from replicate.training import Training
 
-from selfie_lora.adapters.trainers.replicate_webhooks import parse_log_progress
-from selfie_lora.adapters.trainers.weights import (
+from selfie_lora.adapters.replicate.outputs import (
     DEFAULT_MAX_WEIGHTS_BYTES,
     extract_safetensors,
     find_weights_url,
 )
+from selfie_lora.adapters.replicate.session import (
+    TRAINER_FAILURES,
+    ReplicateConnection,
+    ReplicateSession,
+    parse_version_ref,
+    same_origin,
+    shorten,
+)
+from selfie_lora.adapters.replicate.webhooks import parse_log_progress
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
     TrainerError,
-    TrainerUnavailableError,
     TrainingCanceledError,
     TrainingFailedError,
     TrainingInterruptedError,
@@ -66,39 +68,15 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MARKER_METADATA_KEY",
-    "ReplicateSession",
     "ReplicateTrainer",
     "build_training_zip",
-    "parse_version_ref",
 ]
 
-T = TypeVar("T")
-
 MARKER_METADATA_KEY = "selfie_lora_training_id"
-_VERSION_REF = re.compile(r"^(?P<model>[^/\s:]+/[^/\s:]+):(?P<id>[0-9A-Za-z]+)$")
-_THROTTLE_HINT = re.compile(r"available in (\d+(?:\.\d+)?) second", re.IGNORECASE)
 # A metadata lookup per candidate costs a request; a crashed worker's training is recent.
 _MAX_FILE_LOOKUPS = 10
 _LOOKUP_WINDOW = timedelta(hours=6)
 _MAX_LIST_PAGES = 3
-
-_UNAVAILABLE = (
-    "Replicate cannot be reached right now (or keeps answering that it is busy). "
-    "Nothing was lost: try again in a few minutes."
-)
-_BAD_TOKEN = (
-    "The training service is not allowed to use Replicate (the API token was rejected). "
-    "Ask the operator to check REPLICATE_API_TOKEN."
-)
-
-
-def parse_version_ref(ref: str) -> tuple[str, str]:
-    """Split ``owner/name:version`` into ``("owner/name", "version")``; ValueError otherwise."""
-    match = _VERSION_REF.match(ref.strip())
-    if match is None:
-        raise ValueError(f"{ref!r} is not a Replicate version reference (owner/name:version)")
-    return match.group("model"), match.group("id")
-
 
 def build_training_zip(photos: Iterable[TrainingPhoto]) -> bytes:
     """The ``input_images`` zip: ``NNN.jpg`` plus ``NNN.txt`` holding the caption.
@@ -127,282 +105,6 @@ def build_training_zip(photos: Iterable[TrainingPhoto]) -> bytes:
     return buffer.getvalue()
 
 
-# --------------------------------------------------------------------------- session
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
-def _same_origin(a: str, b: str) -> bool:
-    x, y = urlsplit(a), urlsplit(b)
-    return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
-
-
-class ReplicateSession:
-    """One ``replicate.Client`` and one retry policy, for one unit of work; close it after.
-
-    The session owns the HTTP transports (mounted over the client's own retrying transport), so
-    closing it closes every socket it opened.
-    """
-
-    def __init__(
-        self,
-        *,
-        api_token: str,
-        base_url: str,
-        timeout: float,
-        max_retries: int,
-        sleep: Callable[[float], None],
-        refused: type[TrainerError] = TrainerError,
-        backoff_base: float = 1.0,
-        backoff_max: float = 60.0,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.max_retries = max_retries
-        self._api_token = api_token
-        self._sleep = sleep
-        self._refused = refused
-        self._backoff_base = backoff_base
-        self._backoff_max = backoff_max
-        self._retry_after: float | None = None
-        self._timeout = httpx.Timeout(timeout)
-        self._api_transport = httpx.HTTPTransport()
-        self._download_transport = httpx.HTTPTransport()
-        hooks: dict[str, list[Callable[[httpx.Response], None]]] = {"response": [self._remember_retry_after]}
-        self.client = Client(
-            api_token=api_token,
-            base_url=self.base_url,
-            timeout=self._timeout,
-            # Our transport for every URL: the client's own retry layer would sleep on the real
-            # clock and skip POSTs; one policy (ours) is easier to reason about and to test.
-            mounts={"all://": self._api_transport},
-            event_hooks=hooks,
-        )
-        self._http = httpx.Client(
-            timeout=self._timeout,
-            follow_redirects=True,
-            transport=self._download_transport,
-            event_hooks=hooks,
-        )
-
-    def close(self) -> None:
-        self._http.close()
-        self._api_transport.close()
-        self._download_transport.close()
-
-    def __enter__(self) -> ReplicateSession:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _remember_retry_after(self, response: httpx.Response) -> None:
-        if response.status_code == 429 or response.status_code >= 500:
-            self._retry_after = _parse_retry_after(response.headers.get("Retry-After"))
-
-    # ----------------------------------------------------------------- retries
-
-    def call(
-        self,
-        what: str,
-        fn: Callable[[], T],
-        *,
-        reconcile: Callable[[], T | None] | None = None,
-    ) -> T:
-        """Run ``fn`` with retries. ``what`` completes "could not ..." in messages.
-
-        ``reconcile`` runs before every *re*-try and may return a result to use instead of
-        calling ``fn`` again (a create that did happen although its answer was lost).
-        """
-        attempt = 0
-        while True:
-            if attempt > 0 and reconcile is not None:
-                adopted = reconcile()
-                if adopted is not None:
-                    return adopted
-            self._retry_after = None
-            try:
-                return fn()
-            except (ReplicateException, httpx.HTTPError, ValueError) as exc:
-                delay = self._retry_delay(exc, attempt)
-                if delay is None:
-                    raise self._map(exc, what) from exc
-                if attempt >= self.max_retries:
-                    raise TrainerUnavailableError(
-                        f"could not {what} after {attempt + 1} attempts: {_describe(exc)}",
-                        user_message=_UNAVAILABLE,
-                    ) from exc
-                attempt += 1
-                logger.warning(
-                    "could not %s (%s); retry %d of %d in %.1f s",
-                    what,
-                    _describe(exc),
-                    attempt,
-                    self.max_retries,
-                    delay,
-                )
-                self._sleep(delay)
-
-    def _retry_delay(self, exc: Exception, attempt: int) -> float | None:
-        """Seconds to wait before retrying ``exc``, or None when it must not be retried."""
-        status: int | None = None
-        hint: float | None = None
-        if isinstance(exc, ReplicateError):
-            status = exc.status
-            if status == 429 and exc.detail:
-                found = _THROTTLE_HINT.search(exc.detail)
-                hint = float(found.group(1)) if found else None
-        elif isinstance(exc, httpx.HTTPStatusError):
-            status = exc.response.status_code
-        elif isinstance(exc, httpx.TransportError):
-            status = None  # timeouts, refused or reset connections: always worth a retry
-        else:
-            return None
-        if status is not None and status != 429 and status < 500:
-            return None
-        backoff = min(self._backoff_max, self._backoff_base * 2.0**attempt)
-        server_hint = self._retry_after if self._retry_after is not None else hint
-        return max(backoff, server_hint) if server_hint is not None else backoff
-
-    def _map(self, exc: Exception, what: str) -> TrainerError:
-        if isinstance(exc, ReplicateError):
-            detail = exc.detail or exc.title or "no detail"
-            if exc.status in {401, 403}:
-                return TrainerUnavailableError(
-                    f"Replicate refused our credentials when trying to {what}: {detail}",
-                    user_message=_BAD_TOKEN,
-                )
-            return self._refused(
-                f"Replicate answered {exc.status} when trying to {what}: {detail}",
-                user_message=f"Replicate refused to {what}: {_shorten(detail)}.",
-            )
-        if isinstance(exc, httpx.HTTPStatusError):
-            code = exc.response.status_code
-            return self._refused(
-                f"HTTP {code} when trying to {what}",
-                user_message=f"Could not {what} (HTTP {code}).",
-            )
-        return TrainerUnavailableError(
-            f"unexpected answer from Replicate when trying to {what}: {_describe(exc)}",
-            user_message=_UNAVAILABLE,
-        )
-
-    # ----------------------------------------------------------------- raw requests
-
-    def _auth_for(self, url: str) -> dict[str, str]:
-        # The token goes to the API only, never to the hosts that serve outputs.
-        if _same_origin(url, self.base_url):
-            return {"Authorization": f"Bearer {self._api_token}"}
-        return {}
-
-    def upload(
-        self, data: bytes, *, filename: str, content_type: str, metadata: dict[str, Any]
-    ) -> dict[str, Any]:
-        """``POST /v1/files`` as the official client does it, but with a timeout (the client
-        uploads with none, which can hang a worker for ever). Returns the file object."""
-        url = f"{self.base_url}/v1/files"
-
-        def send() -> dict[str, Any]:
-            response = self._http.post(
-                url,
-                headers=self._auth_for(url),
-                files={"content": (filename, data, content_type)},
-                data={"metadata": json.dumps(metadata)},
-            )
-            if response.status_code >= 400:
-                raise ReplicateError.from_response(response)
-            body = response.json()
-            if not isinstance(body, dict) or not isinstance(body.get("urls"), dict):
-                raise ValueError("file upload answer has no urls")
-            return body
-
-        return self.call("upload the photos", send)
-
-    def get_json(self, path: str, *, what: str) -> Any:
-        """``GET`` an API path and return its JSON as is (the client's models drop fields it
-        does not declare, such as a training's ``metrics``)."""
-        url = f"{self.base_url}{path}"
-
-        def fetch() -> Any:
-            response = self._http.get(url, headers=self._auth_for(url))
-            if response.status_code >= 400:
-                raise ReplicateError.from_response(response)
-            return response.json()
-
-        return self.call(what, fetch)
-
-    def download(self, url: str, *, max_bytes: int, what: str) -> bytes:
-        """GET ``url`` (retrying), refusing more than ``max_bytes``."""
-        if url.startswith("data:"):
-            import base64
-
-            return base64.b64decode(url.split(",", 1)[1])
-
-        def fetch() -> bytes:
-            with self._http.stream("GET", url, headers=self._auth_for(url)) as response:
-                response.raise_for_status()
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit() and int(declared) > max_bytes:
-                    raise _TooLargeError(url, max_bytes)
-                chunks: list[bytes] = []
-                total = 0
-                for chunk in response.iter_bytes():
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise _TooLargeError(url, max_bytes)
-                    chunks.append(chunk)
-                return b"".join(chunks)
-
-        try:
-            return self.call(what, fetch)
-        except _TooLargeError as exc:
-            raise WeightsNotFoundError(
-                str(exc),
-                user_message="The trainer's output is larger than this service accepts.",
-            ) from exc
-
-
-class _TooLargeError(Exception):
-    def __init__(self, url: str, limit: int) -> None:
-        super().__init__(f"{url} is larger than the {limit} byte cap")
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ReplicateError):
-        return f"HTTP {exc.status}: {exc.detail or exc.title}"
-    if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def _shorten(text: str, limit: int = 240) -> str:
-    """First meaningful line of a remote error, bounded (tracebacks are not for users)."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    meaningful = [line for line in lines if not line.startswith(("Traceback", "File "))]
-    line = (meaningful or lines or ["unknown error"])[-1 if meaningful else 0]
-    line = line.rstrip(".")
-    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
-
-
 def _parse_time(value: str | None) -> datetime | None:
     if not value:
         return None
@@ -424,43 +126,27 @@ class ReplicateTrainer:
     def __init__(
         self,
         *,
-        api_token: str,
-        base_url: str = "https://api.replicate.com",
+        connection: ReplicateConnection,
         owner: str,
         hardware: str = "cpu",
         poll_interval: float = 5.0,
-        max_retries: int = 5,
-        sleep: Callable[[float], None] = time.sleep,
-        timeout: float = 30.0,
         max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
         webhook_events: tuple[str, ...] = ("start", "completed"),
     ) -> None:
-        if not api_token:
-            raise ConfigError("the Replicate backend needs REPLICATE_API_TOKEN")
         if not owner:
             raise ConfigError("the Replicate backend needs SELFIE_LORA_REPLICATE_OWNER")
-        self._api_token = api_token
-        self._base_url = base_url
+        self._connection = connection
         self._owner = owner
         self._hardware = hardware
         self._poll_interval = poll_interval
-        self._max_retries = max_retries
-        self._sleep = sleep
-        self._timeout = timeout
+        self._sleep = connection.sleep
         self._max_weights_bytes = max_weights_bytes
         self._webhook_events = list(webhook_events)
         self._ensured: set[str] = set()
         self._ensured_lock = threading.Lock()
 
     def session(self) -> ReplicateSession:
-        return ReplicateSession(
-            api_token=self._api_token,
-            base_url=self._base_url,
-            timeout=self._timeout,
-            max_retries=self._max_retries,
-            sleep=self._sleep,
-            refused=TrainingFailedError,
-        )
+        return self._connection.session(TRAINER_FAILURES)
 
     def cancel_remote(self, remote_id: str) -> None:
         with self.session() as session:
@@ -651,7 +337,7 @@ class ReplicateTrainer:
 
     @staticmethod
     def _own_file_id(session: ReplicateSession, url: str) -> str | None:
-        if not _same_origin(url, session.base_url):
+        if not same_origin(url, session.base_url):
             return None
         match = re.fullmatch(r"/v1/files/([^/]+)", urlsplit(url).path)
         return match.group(1) if match else None
@@ -715,7 +401,7 @@ class ReplicateTrainer:
                 raise TrainingFailedError(
                     f"Replicate training {remote_id} failed: {error}",
                     user_message=(
-                        f"The training failed on Replicate: {_shorten(str(error))}. "
+                        f"The training failed on Replicate: {shorten(str(error))}. "
                         "Check your photos and try again."
                     ),
                     details=[{"remote_id": remote_id, "logs_tail": (training.logs or "")[-2000:]}],

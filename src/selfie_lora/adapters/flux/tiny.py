@@ -1,4 +1,4 @@
-"""The offline ``tiny`` FLUX pipeline, and loading a base pipeline for the local backend.
+"""The offline ``tiny`` FLUX pipeline (``flux.loader`` loads it, or a real FLUX.1 folder).
 
 ``tiny`` is a FluxPipeline with FLUX.1-dev's architecture (double + single stream blocks, guidance
 embedding, 16-channel VAE latents packed 2x2, CLIP pooled + T5 sequence text conditioning) at a toy
@@ -12,21 +12,19 @@ and CLI import this package without needing them.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 import threading
 import uuid
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selfie_lora.errors import ConfigError, TrainerUnavailableError
+from selfie_lora.adapters.flux.runtime import require_torch
+from selfie_lora.errors import ConfigError
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -41,25 +39,6 @@ TINY_T5_MAX_LENGTH = 32
 TINY_RESOLUTION = 64
 
 _build_lock = threading.Lock()
-
-
-def _require_torch() -> None:
-    try:
-        import diffusers
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-        import transformers
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise TrainerUnavailableError(
-            f"the local backend needs torch, diffusers, peft and transformers: {exc}",
-            user_message="Local training is not installed on this server "
-            "(install selfie-lora[local]) or use the Replicate backend.",
-        ) from exc
-    # Their tqdm bars ("Loading pipeline components", "Writing model shards") would fill the
-    # worker's stderr on every load; progress is reported through the training row instead.
-    libraries: tuple[Any, ...] = (diffusers, transformers)
-    for library in libraries:
-        library.utils.logging.disable_progress_bar()
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -126,7 +105,7 @@ def build_tiny_pipeline(*, seed: int = TINY_SEED) -> Any:
 
     The global torch RNG is forked, so building does not disturb the caller's random state.
     """
-    _require_torch()
+    require_torch()
     import diffusers
     import torch
     import transformers
@@ -259,88 +238,3 @@ def tiny_pipeline_dir(cache_dir: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` means CUDA when there is one, else the CPU."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str) -> torch.dtype:
-    """bf16 on GPUs (how FLUX is trained and run), fp32 on the CPU (bf16 matmuls are slow there)."""
-    import torch
-
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
-
-
-def load_pipeline(
-    source: str, *, cache_dir: Path, device: str = "cpu", dtype: torch.dtype | None = None
-) -> Any:
-    """Load a FluxPipeline: ``"tiny"`` (built and cached on first use) or a FLUX.1 diffusers folder.
-
-    Only local files are read, never the hub. ``device`` must already be resolved (not ``auto``).
-    """
-    _require_torch()
-    import diffusers
-
-    pipeline_class: Any = diffusers.FluxPipeline
-    if source == TINY:
-        path = tiny_pipeline_dir(cache_dir)
-    else:
-        path = Path(source).expanduser()
-        if not (path / "model_index.json").is_file():
-            raise ConfigError(
-                f"base model {source!r} is neither 'tiny' nor a diffusers FLUX.1 folder "
-                "(no model_index.json there)"
-            )
-    torch_dtype = dtype if dtype is not None else default_dtype(device)
-    try:
-        with warnings.catch_warnings():
-            # Loading a saved pipeline warns about things irrelevant here (e.g. the absent optional
-            # image encoder); real problems raise.
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", UserWarning)
-            pipe = pipeline_class.from_pretrained(
-                str(path), local_files_only=True, torch_dtype=torch_dtype
-            )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"cannot load the FLUX pipeline from {path}: {exc}") from exc
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@contextlib.contextmanager
-def torch_threads(num_threads: int | None) -> Iterator[None]:
-    """Use ``num_threads`` CPU threads inside the block (None: leave torch's setting alone).
-
-    With 2 cores and any other load, torch's default thread count made tiny steps 60-100x slower.
-    """
-    import torch
-
-    if num_threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def text_max_length(pipe: Any) -> int:
-    """The T5 sequence length to encode prompts with: the tokenizer's own limit, at most 512.
-
-    Training and generation must agree on it, so both ask here.
-    """
-    limit = getattr(pipe.tokenizer_2, "model_max_length", 512)
-    return int(min(512, limit))
-
-
-def default_resolution(source: str) -> int:
-    return TINY_RESOLUTION if source == TINY else 1024

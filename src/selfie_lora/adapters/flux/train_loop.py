@@ -33,14 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selfie_lora.adapters.trainers.tiny_flux import (
-    TINY,
+from selfie_lora.adapters.flux.loader import (
     default_dtype,
     load_pipeline,
     resolve_device,
     text_max_length,
     torch_threads,
 )
+from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.domain.entities import Recipe
 from selfie_lora.errors import TrainingCanceledError, TrainingFailedError
 

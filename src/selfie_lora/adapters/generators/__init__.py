@@ -1,1 +1,0 @@
-"""Image generation backends: implementations of the ``Generator`` port."""

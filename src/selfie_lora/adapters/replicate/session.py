@@ -1,0 +1,394 @@
+"""One Replicate client session and one retry policy, shared by the trainer and the generator.
+
+``ReplicateConnection`` holds how to reach Replicate (token, base URL, timeout, retries, and for
+tests an ``httpx`` transport such as ``httpx.MockTransport``); the wiring builds one from the
+settings and hands it to both. ``ReplicateSession`` is one ``replicate.Client`` for one unit of
+work: 429, 5xx, timeouts and connection errors are retried with exponential backoff that honours
+``Retry-After``, POSTs included (the official client retries only idempotent methods, and sleeps
+on its own clock; its retry layer is bypassed so there is one policy, with an injected
+``sleep``); vendor errors become this package's errors with a sentence a user can act on, the
+trainer's or the generator's (``Failures``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+from replicate.client import Client
+from replicate.exceptions import ReplicateError, ReplicateException
+
+from selfie_lora.errors import (
+    ConfigError,
+    GenerationError,
+    SelfieLoraError,
+    TrainerUnavailableError,
+    TrainingFailedError,
+    WeightsNotFoundError,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "GENERATOR_FAILURES",
+    "TRAINER_FAILURES",
+    "Failures",
+    "ReplicateConnection",
+    "ReplicateSession",
+    "parse_version_ref",
+]
+
+T = TypeVar("T")
+
+_VERSION_REF = re.compile(r"^(?P<model>[^/\s:]+/[^/\s:]+):(?P<id>[0-9A-Za-z]+)$")
+_THROTTLE_HINT = re.compile(r"available in (\d+(?:\.\d+)?) second", re.IGNORECASE)
+
+_UNAVAILABLE = (
+    "Replicate cannot be reached right now (or keeps answering that it is busy). "
+    "Nothing was lost: try again in a few minutes."
+)
+_BAD_TOKEN = (
+    "The training service is not allowed to use Replicate (the API token was rejected). "
+    "Ask the operator to check REPLICATE_API_TOKEN."
+)
+
+
+# An error of ours from (what happened, for the log; what to tell the user).
+ErrorFactory = Callable[[str, str], SelfieLoraError]
+
+
+@dataclass(frozen=True)
+class Failures:
+    """Which of our errors a session raises: Replicate refused (a 4xx), cannot be reached (or
+    keeps answering 429/5xx), or sent a file over the cap."""
+
+    refused: ErrorFactory
+    unavailable: ErrorFactory
+    too_large: ErrorFactory
+
+
+TRAINER_FAILURES = Failures(
+    refused=lambda what, user: TrainingFailedError(what, user_message=user),
+    unavailable=lambda what, user: TrainerUnavailableError(what, user_message=user),
+    too_large=lambda what, user: WeightsNotFoundError(what, user_message=user),
+)
+GENERATOR_FAILURES = Failures(
+    refused=lambda what, user: GenerationError(user, details=[what]),
+    unavailable=lambda what, user: GenerationError(user, details=[what]),
+    too_large=lambda what, user: GenerationError(user, details=[what]),
+)
+
+
+@dataclass(frozen=True)
+class ReplicateConnection:
+    """How to reach Replicate; one for the whole process (the trainer and the generator)."""
+
+    api_token: str
+    base_url: str = "https://api.replicate.com"
+    timeout: float = 30.0
+    max_retries: int = 5
+    sleep: Callable[[float], None] = time.sleep
+    # Every request goes through it when set (tests: ``httpx.MockTransport``).
+    transport: httpx.BaseTransport | None = None
+
+    def __post_init__(self) -> None:
+        if not self.api_token:
+            raise ConfigError("the Replicate backend needs REPLICATE_API_TOKEN")
+
+    def session(self, failures: Failures) -> ReplicateSession:
+        return ReplicateSession(
+            api_token=self.api_token, base_url=self.base_url, timeout=self.timeout,
+            max_retries=self.max_retries, sleep=self.sleep, failures=failures,
+            transport=self.transport,
+        )
+
+
+def parse_version_ref(ref: str) -> tuple[str, str]:
+    """Split ``owner/name:version`` into ``("owner/name", "version")``; ValueError otherwise."""
+    match = _VERSION_REF.match(ref.strip())
+    if match is None:
+        raise ValueError(f"{ref!r} is not a Replicate version reference (owner/name:version)")
+    return match.group("model"), match.group("id")
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def same_origin(a: str, b: str) -> bool:
+    x, y = urlsplit(a), urlsplit(b)
+    return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
+
+
+class ReplicateSession:
+    """One ``replicate.Client`` and one retry policy, for one unit of work; close it after.
+
+    The session owns the HTTP transports (mounted over the client's own retrying transport), so
+    closing it closes every socket it opened.
+    """
+
+    def __init__(
+        self,
+        *,
+        api_token: str,
+        base_url: str,
+        timeout: float,
+        max_retries: int,
+        sleep: Callable[[float], None],
+        failures: Failures = TRAINER_FAILURES,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self._api_token = api_token
+        self._sleep = sleep
+        self._failures = failures
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._retry_after: float | None = None
+        self._timeout = httpx.Timeout(timeout)
+        # Ours, closed with the session; or the caller's (tests), which it does not close.
+        self._owned = transport is None
+        self._api_transport = transport or httpx.HTTPTransport()
+        self._download_transport = transport or httpx.HTTPTransport()
+        hooks: dict[str, list[Callable[[httpx.Response], None]]] = {"response": [self._remember_retry_after]}
+        self.client = Client(
+            api_token=api_token,
+            base_url=self.base_url,
+            timeout=self._timeout,
+            # Our transport for every URL: the client's own retry layer would sleep on the real
+            # clock and skip POSTs; one policy (ours) is easier to reason about and to test.
+            mounts={"all://": self._api_transport},
+            event_hooks=hooks,
+        )
+        self._http = httpx.Client(
+            timeout=self._timeout,
+            follow_redirects=True,
+            transport=self._download_transport,
+            event_hooks=hooks,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+        if self._owned:
+            self._api_transport.close()
+            self._download_transport.close()
+
+    def __enter__(self) -> ReplicateSession:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _remember_retry_after(self, response: httpx.Response) -> None:
+        if response.status_code == 429 or response.status_code >= 500:
+            self._retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+
+    # ----------------------------------------------------------------- retries
+
+    def call(
+        self,
+        what: str,
+        fn: Callable[[], T],
+        *,
+        reconcile: Callable[[], T | None] | None = None,
+    ) -> T:
+        """Run ``fn`` with retries. ``what`` completes "could not ..." in messages.
+
+        ``reconcile`` runs before every *re*-try and may return a result to use instead of
+        calling ``fn`` again (a create that did happen although its answer was lost).
+        """
+        attempt = 0
+        while True:
+            if attempt > 0 and reconcile is not None:
+                adopted = reconcile()
+                if adopted is not None:
+                    return adopted
+            self._retry_after = None
+            try:
+                return fn()
+            except (ReplicateException, httpx.HTTPError, ValueError) as exc:
+                delay = self._retry_delay(exc, attempt)
+                if delay is None:
+                    raise self._map(exc, what) from exc
+                if attempt >= self.max_retries:
+                    raise self._failures.unavailable(
+                        f"could not {what} after {attempt + 1} attempts: {_describe(exc)}",
+                        _UNAVAILABLE,
+                    ) from exc
+                attempt += 1
+                logger.warning(
+                    "could not %s (%s); retry %d of %d in %.1f s",
+                    what,
+                    _describe(exc),
+                    attempt,
+                    self.max_retries,
+                    delay,
+                )
+                self._sleep(delay)
+
+    def _retry_delay(self, exc: Exception, attempt: int) -> float | None:
+        """Seconds to wait before retrying ``exc``, or None when it must not be retried."""
+        status: int | None = None
+        hint: float | None = None
+        if isinstance(exc, ReplicateError):
+            status = exc.status
+            if status == 429 and exc.detail:
+                found = _THROTTLE_HINT.search(exc.detail)
+                hint = float(found.group(1)) if found else None
+        elif isinstance(exc, httpx.HTTPStatusError):
+            status = exc.response.status_code
+        elif isinstance(exc, httpx.TransportError):
+            status = None  # timeouts, refused or reset connections: always worth a retry
+        else:
+            return None
+        if status is not None and status != 429 and status < 500:
+            return None
+        backoff = min(self._backoff_max, self._backoff_base * 2.0**attempt)
+        server_hint = self._retry_after if self._retry_after is not None else hint
+        return max(backoff, server_hint) if server_hint is not None else backoff
+
+    def _map(self, exc: Exception, what: str) -> SelfieLoraError:
+        if isinstance(exc, ReplicateError):
+            detail = exc.detail or exc.title or "no detail"
+            if exc.status in {401, 403}:
+                return self._failures.unavailable(
+                    f"Replicate refused our credentials when trying to {what}: {detail}",
+                    _BAD_TOKEN,
+                )
+            return self._failures.refused(
+                f"Replicate answered {exc.status} when trying to {what}: {detail}",
+                f"Replicate refused to {what}: {shorten(detail)}.",
+            )
+        if isinstance(exc, httpx.HTTPStatusError):
+            code = exc.response.status_code
+            return self._failures.refused(
+                f"HTTP {code} when trying to {what}", f"Could not {what} (HTTP {code}).")
+        return self._failures.unavailable(
+            f"unexpected answer from Replicate when trying to {what}: {_describe(exc)}",
+            _UNAVAILABLE,
+        )
+
+    # ----------------------------------------------------------------- raw requests
+
+    def _auth_for(self, url: str) -> dict[str, str]:
+        # The token goes to the API only, never to the hosts that serve outputs.
+        if same_origin(url, self.base_url):
+            return {"Authorization": f"Bearer {self._api_token}"}
+        return {}
+
+    def upload(
+        self, data: bytes, *, filename: str, content_type: str, metadata: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``POST /v1/files`` as the official client does it, but with a timeout (the client
+        uploads with none, which can hang a worker for ever). Returns the file object."""
+        url = f"{self.base_url}/v1/files"
+
+        def send() -> dict[str, Any]:
+            response = self._http.post(
+                url,
+                headers=self._auth_for(url),
+                files={"content": (filename, data, content_type)},
+                data={"metadata": json.dumps(metadata)},
+            )
+            if response.status_code >= 400:
+                raise ReplicateError.from_response(response)
+            body = response.json()
+            if not isinstance(body, dict) or not isinstance(body.get("urls"), dict):
+                raise ValueError("file upload answer has no urls")
+            return body
+
+        return self.call("upload the photos", send)
+
+    def get_json(self, path: str, *, what: str) -> Any:
+        """``GET`` an API path and return its JSON as is (the client's models drop fields it
+        does not declare, such as a training's ``metrics``)."""
+        url = f"{self.base_url}{path}"
+
+        def fetch() -> Any:
+            response = self._http.get(url, headers=self._auth_for(url))
+            if response.status_code >= 400:
+                raise ReplicateError.from_response(response)
+            return response.json()
+
+        return self.call(what, fetch)
+
+    def download(self, url: str, *, max_bytes: int, what: str) -> bytes:
+        """GET ``url`` (retrying), refusing more than ``max_bytes``."""
+        if url.startswith("data:"):
+            import base64
+
+            return base64.b64decode(url.split(",", 1)[1])
+
+        def fetch() -> bytes:
+            with self._http.stream("GET", url, headers=self._auth_for(url)) as response:
+                response.raise_for_status()
+                declared = response.headers.get("Content-Length")
+                if declared and declared.isdigit() and int(declared) > max_bytes:
+                    raise _TooLargeError(url, max_bytes)
+                chunks: list[bytes] = []
+                total = 0
+                for chunk in response.iter_bytes():
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise _TooLargeError(url, max_bytes)
+                    chunks.append(chunk)
+                return b"".join(chunks)
+
+        try:
+            return self.call(what, fetch)
+        except _TooLargeError as exc:
+            raise self._failures.too_large(
+                str(exc), "Replicate's output is larger than this service accepts.") from exc
+
+
+class _TooLargeError(Exception):
+    def __init__(self, url: str, limit: int) -> None:
+        super().__init__(f"{url} is larger than the {limit} byte cap")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ReplicateError):
+        return f"HTTP {exc.status}: {exc.detail or exc.title}"
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"HTTP {exc.response.status_code}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def shorten(text: str, limit: int = 240) -> str:
+    """First meaningful line of a remote error, bounded (tracebacks are not for users)."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    meaningful = [line for line in lines if not line.startswith(("Traceback", "File "))]
+    line = (meaningful or lines or ["unknown error"])[-1 if meaningful else 0]
+    line = line.rstrip(".")
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"

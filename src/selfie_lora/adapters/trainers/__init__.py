@@ -1,1 +1,0 @@
-"""Training backends: implementations of the ``Trainer`` port."""

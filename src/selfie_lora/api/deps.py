@@ -1,0 +1,35 @@
+"""What every route gets: the services, and the user the guard authenticated."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from selfie_lora.api.guard import user_of
+from selfie_lora.domain.entities import User
+from selfie_lora.errors import AuthError
+from selfie_lora.wiring import Services
+
+
+def current_user(request: Request) -> User:
+    """The user the guard authenticated before the body was read (401 otherwise)."""
+    user = user_of(request.scope.get("state", {}))
+    if user is None:
+        raise AuthError("an API key is required: send 'Authorization: Bearer <key>'")
+    return user
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+UserDep = Annotated[User, Depends(current_user)]
+ServicesDep = Annotated[Services, Depends(services)]
+
+
+async def in_thread(fn: Any) -> Any:
+    """Run blocking service work (photos, images, torch) off the event loop."""
+    return await run_in_threadpool(fn)

@@ -1,0 +1,30 @@
+"""Routes of generation: pictures with a version of the user's LoRA."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
+from selfie_lora.api.schemas import GenerateBody, errors
+from selfie_lora.api.serializers import generation_json
+from selfie_lora.services.generation import GenerationRequest
+
+router = APIRouter(prefix="/api", tags=["generation"])
+
+
+@router.post("/generate", responses=errors(404, 413, 422))
+async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody) -> dict[str, Any]:
+    request = GenerationRequest(prompt=body.prompt, num_outputs=body.num_outputs, seed=body.seed,
+                                lora_scale=body.lora_scale, version_id=body.version_id)
+    generation = await in_thread(lambda: svc.generation.generate(user=user, request=request))
+    return {"generation": generation_json(generation)}
+
+
+@router.get("/generations/{generation_id}/images/{index}", responses=errors(404),
+            response_class=Response)
+def generation_image(user: UserDep, svc: ServicesDep, generation_id: str, index: int) -> Response:
+    data = svc.generation.image(user=user, generation_id=generation_id, index=index)
+    return Response(content=data, media_type="image/png")

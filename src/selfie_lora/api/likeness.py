@@ -1,0 +1,49 @@
+"""Routes of likeness tracking (their paths say "quality": they are the contract)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
+from selfie_lora.api.schemas import errors
+from selfie_lora.api.serializers import comparison_json, likeness_json
+
+router = APIRouter(prefix="/api/model", tags=["likeness"])
+
+
+@router.get("/versions/{version_id}/quality", responses=errors(404))
+def version_likeness(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]:
+    report = svc.likeness.report(user=user, version_id=version_id)
+    return likeness_json(report.version, report.record, report.baseline)
+
+
+@router.get("/versions/{version_id}/quality/probes/{index}", responses=errors(404),
+            response_class=Response)
+def probe_image(user: UserDep, svc: ServicesDep, version_id: str, index: int) -> Response:
+    data = svc.likeness.probe_image(user=user, version_id=version_id, index=index)
+    return Response(content=data, media_type="image/png")
+
+
+@router.get("/compare", responses=errors(404, 422))
+def compare(user: UserDep, svc: ServicesDep, a: str | None = None,
+            b: str | None = None) -> dict[str, Any]:
+    """Version ``a`` against ``b`` probe by probe (ids or numbers; defaults: the newest version
+    against the one the gate compared it with)."""
+    return comparison_json(svc.likeness.compare(user=user, a=a, b=b))
+
+
+@router.get("/compare/grid.png", responses=errors(404, 422), response_class=Response)
+async def compare_grid(user: UserDep, svc: ServicesDep, a: str | None = None,
+                       b: str | None = None) -> Response:
+    comparison = svc.likeness.compare(user=user, a=a, b=b)
+    png = await in_thread(lambda: svc.likeness.grid_png(comparison))
+    return Response(content=png, media_type="image/png")
+
+
+@router.get("/quality/chart.png", responses=errors(404), response_class=Response)
+async def likeness_chart(user: UserDep, svc: ServicesDep) -> Response:
+    png = await in_thread(lambda: svc.likeness.chart_png(user=user))
+    return Response(content=png, media_type="image/png")

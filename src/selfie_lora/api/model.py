@@ -1,0 +1,75 @@
+"""Routes of the user's model: the model, its LoRA scale and trainer version, its versions
+(named by id or number), rollback, weights, and the audit log."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from selfie_lora.api.deps import ServicesDep, UserDep
+from selfie_lora.api.schemas import ModelPatch, errors
+from selfie_lora.api.serializers import model_json, version_json
+from selfie_lora.errors import ErrorCode, InvalidInputError
+from selfie_lora.wiring import Services
+
+router = APIRouter(prefix="/api/model", tags=["model"])
+
+
+def model_of(svc: Services, user: Any) -> dict[str, Any]:
+    overview = svc.models.overview(user=user)
+    return model_json(overview.model, overview.active, overview.active_record)
+
+
+@router.get("", responses=errors(404))
+def get_model(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
+    return model_of(svc, user)
+
+
+@router.patch("", responses=errors(404, 409, 413, 422))
+def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, Any]:
+    if body.lora_scale is None and body.trainer_version is None:
+        raise InvalidInputError("nothing to change: send lora_scale or trainer_version",
+                                code=ErrorCode.EMPTY_PATCH)
+    if body.trainer_version is not None:
+        svc.models.change_trainer_version(
+            user=user, trainer_version=body.trainer_version, reason=body.reason or "")
+    if body.lora_scale is not None:
+        svc.models.set_lora_scale(user=user, lora_scale=body.lora_scale)
+    return model_of(svc, user)
+
+
+@router.get("/versions", responses=errors())
+def versions(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
+    return {"versions": [version_json(v, record)
+                         for v, record in svc.models.versions_with_likeness(user=user)]}
+
+
+@router.post("/versions/{version_id}/activate", responses=errors(404))
+def activate(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]:
+    """Rollback or roll forward; ``version_id`` is an id or a number (``2``, ``v2``)."""
+    svc.models.activate(user=user, version_id=version_id)
+    return model_of(svc, user)
+
+
+@router.get("/versions/{version_id}/weights", responses=errors(404),
+            response_class=Response)
+def weights(user: UserDep, svc: ServicesDep, version_id: str) -> Response:
+    version = svc.models.version(user=user, version_id=version_id)
+    data = svc.models.weights(user=user, version_id=version.id)
+    return Response(
+        content=data, media_type="application/octet-stream",
+        headers={
+            "content-disposition": f'attachment; filename="lora-v{version.number}.safetensors"',
+            "x-weights-sha256": version.weights_sha256,
+        },
+    )
+
+
+@router.get("/log", responses=errors(404))
+def model_log(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
+    """The audit events, and the retraining log: one entry per training with what it kept,
+    the gate's decision and the likeness scores before and after."""
+    return {"events": list(svc.models.log(user=user)),
+            "trainings": svc.likeness.training_log(user=user)}

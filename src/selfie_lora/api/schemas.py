@@ -1,0 +1,88 @@
+"""Request bodies, and the error answer as the OpenAPI document declares it.
+
+Every field is bounded: a value out of range is a 422, never a 500 deeper down.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
+from selfie_lora.services.generation import MAX_OUTPUTS, MAX_PROMPT_CHARS, MAX_SEED
+
+# Ids are uuids (a version may also be named by its number); anything longer is not ours.
+Id = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class _Body(BaseModel):
+    # An unknown field is a mistake worth a 422, not something to ignore silently.
+    model_config = ConfigDict(extra="forbid")
+
+
+class StartBody(_Body):
+    dataset_id: Id | None = None
+
+
+class CancelBody(_Body):
+    training_id: Id
+
+
+class ModelPatch(_Body):
+    lora_scale: float | None = Field(default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX,
+                                     allow_inf_nan=False)
+    trainer_version: str | None = Field(
+        default=None, min_length=1, max_length=300,
+        description="Re-pin the trainer version (explicit and logged; needs a reason).",
+    )
+    reason: str | None = Field(default=None, min_length=1, max_length=500)
+
+    @model_validator(mode="after")
+    def _reason_for_repin(self) -> ModelPatch:
+        if self.trainer_version is not None and not (self.reason or "").strip():
+            raise ValueError("re-pinning the trainer version needs a reason")
+        return self
+
+
+class GenerateBody(_Body):
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    num_outputs: int = Field(default=1, ge=1, le=MAX_OUTPUTS)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    lora_scale: float | None = Field(default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX,
+                                     allow_inf_nan=False)
+    version_id: Id | None = Field(default=None, description="An id, or a number: 2 or v2.")
+
+
+class KeyBody(_Body):
+    name: str = Field(default="api", min_length=1, max_length=100)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="A stable code (see selfie_lora.errors.ErrorCode).")
+    message: str = Field(description="A sentence a user can act on.")
+    details: list[Any] = Field(default_factory=list)
+
+
+class ErrorAnswer(BaseModel):
+    """Every error answer of the API."""
+
+    error: ErrorDetail
+
+
+_WHY = {
+    401: "no API key, or not a valid one (the answer carries WWW-Authenticate: Bearer)",
+    404: "no such object for this user (another user's objects are never shown)",
+    408: "the request body came too slowly",
+    409: "a conflict: a training is queued or running, an upload is starting one, the user "
+         "exists, a webhook was received before",
+    413: "the request body is larger than allowed",
+    422: "the request or its photos are not valid",
+}
+
+
+def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of a route that can answer ``statuses`` besides 401 (every ``/api``
+    route but the webhook)."""
+    return {status: {"model": ErrorAnswer, "description": _WHY[status]}
+            for status in sorted({401, *statuses})}

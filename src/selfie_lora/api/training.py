@@ -1,0 +1,98 @@
+"""Routes of trainings: upload photos (and start), start, progress, cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
+from selfie_lora.api.schemas import CancelBody, StartBody, errors
+from selfie_lora.api.serializers import dataset_json, model_json, training_json
+from selfie_lora.errors import PayloadTooLargeError
+from selfie_lora.services.training import TrainingView, UploadResult
+from selfie_lora.wiring import Services
+
+router = APIRouter(prefix="/api/training", tags=["training"])
+
+
+def view_json(view: TrainingView) -> dict[str, Any]:
+    # With its version once stored: the answer carries the likeness gate's state and reason.
+    return training_json(view.training, view.version)
+
+
+def model_of(svc: Services, user: Any) -> dict[str, Any]:
+    overview = svc.models.overview(user=user)
+    return model_json(overview.model, overview.active, overview.active_record)
+
+
+def upload_json(svc: Services, result: UploadResult) -> dict[str, Any]:
+    overview = svc.models.overview_of(result.model) if result.model else None
+    return {
+        "dataset": dataset_json(result.dataset),
+        "training": view_json(svc.training.view(result.training)) if result.training else None,
+        "model": (model_json(overview.model, overview.active, overview.active_record)
+                  if overview else None),
+    }
+
+
+async def read_capped(file: UploadFile, *, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await file.read(1024 * 1024):
+        size += len(chunk)
+        if size > limit or limit <= 0:
+            raise PayloadTooLargeError(
+                f"the upload is larger than {max(limit, 0) // (1024 * 1024)} MB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post("/upload-zip", status_code=202, responses=errors(409, 413, 422))
+async def upload_zip(
+    user: UserDep, svc: ServicesDep,
+    file: Annotated[UploadFile, File(description="A zip of photos.")],
+    start: Annotated[bool, Form(description="Also start a training on them.")] = True,
+) -> dict[str, Any]:
+    data = await read_capped(file, limit=svc.settings.max_upload_bytes)
+    result = await in_thread(lambda: svc.training.upload_zip(user=user, data=data, start=start))
+    return upload_json(svc, result)
+
+
+@router.post("/upload", status_code=202, responses=errors(409, 413, 422))
+async def upload_files(
+    user: UserDep, svc: ServicesDep,
+    files: Annotated[list[UploadFile], File(description="Photos, one part each.")],
+    start: Annotated[bool, Form(description="Also start a training on them.")] = True,
+) -> dict[str, Any]:
+    """The same as upload-zip, for photos sent as several multipart ``files``."""
+    limit = svc.settings.max_upload_bytes
+    named: list[tuple[str, bytes]] = []
+    total = 0
+    for upload in files:
+        data = await read_capped(upload, limit=limit - total)
+        total += len(data)
+        named.append((upload.filename or f"photo{len(named)}", data))
+    result = await in_thread(lambda: svc.training.upload_files(user=user, files=named,
+                                                               start=start))
+    return upload_json(svc, result)
+
+
+@router.post("/start", status_code=202, responses=errors(404, 409, 422))
+def start_training(user: UserDep, svc: ServicesDep,
+                   body: StartBody | None = None) -> dict[str, Any]:
+    result = svc.training.start(user=user, dataset_id=body.dataset_id if body else None)
+    return {"training": view_json(svc.training.view(result.training)),
+            "model": model_of(svc, user)}
+
+
+@router.get("/progress", responses=errors(404))
+def progress(user: UserDep, svc: ServicesDep, training_id: str | None = None) -> dict[str, Any]:
+    return {"training": view_json(svc.training.progress(user=user, training_id=training_id)),
+            "model": model_of(svc, user)}
+
+
+@router.post("/cancel", responses=errors(404, 422))
+def cancel(user: UserDep, svc: ServicesDep, body: CancelBody) -> dict[str, Any]:
+    training = svc.training.cancel(user=user, training_id=body.training_id)
+    return {"training": view_json(svc.training.view(training)), "model": model_of(svc, user)}

@@ -1,0 +1,68 @@
+"""What the command line and the demo print: findings, reports, a training's progress bar.
+
+Printing only: the callers fetch what they show through the services.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from selfie_lora.domain.entities import Finding, Training
+
+if TYPE_CHECKING:
+    from selfie_lora.services.intake import IntakeReport
+
+console = Console()
+err_console = Console(stderr=True)
+
+_SEVERITY_ORDER = {"reject": 0, "warn": 1, "info": 2}
+
+
+def findings_table(findings: Sequence[Finding], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("severity", "photo", "code", "message", "advice"):
+        table.add_column(column)
+    for f in findings:
+        colour = {"reject": "red", "warn": "yellow"}.get(f.severity, "cyan")
+        table.add_row(f"[{colour}]{f.severity}[/{colour}]", f.photo or "(set)", f.code,
+                      f.message, f.advice)
+    return table
+
+
+def print_report(report: IntakeReport, *, title: str, out: Console = console) -> None:
+    """The findings (rejects first) and the verdict, as a person reads them."""
+    if report.findings:
+        ordered = sorted(report.findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 3))
+        out.print(findings_table(ordered, title))
+    verdict = report.verdict
+    label = "[green]trainable[/green]" if report.trainable else "[red]not trainable[/red]"
+    out.print(
+        f"{len(report.accepted)} of {report.images_total} photos usable: {label} - quality "
+        f"[bold]{verdict.get('quality', '?')}[/bold] ({verdict.get('score', '?')}/100, judged "
+        f"for {report.resolution} px training)"
+    )
+    for reason in verdict.get("reasons", []):
+        out.print(f"  - {reason}")
+
+
+def follow_training(current: Callable[[], Training], *, quiet: bool = False,
+                    out: Console = console, interval: float = 0.2) -> Training:
+    """Show a training's progress bar until it ends; ``current`` reads it anew."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                  TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+                  console=out, disable=quiet) as bar:
+        task = bar.add_task("training", total=1.0, status="queued")
+        while True:
+            training = current()
+            phase = " (scoring likeness)" if training.is_scoring else ""
+            bar.update(task, completed=training.progress,
+                       status=f"{training.status} {training.step}/{training.total_steps}{phase}")
+            if training.status.is_terminal:
+                return training
+            time.sleep(interval)

@@ -1,0 +1,227 @@
+"""Pixel measurements of one photo: the face's sharpness, exposure, colour, skin texture and
+pose, how far it is cut off, and the background's colour, gathered by :func:`measure` into
+:class:`PhotoMetrics`. Plain numpy: no OpenCV or SciPy needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from selfie_lora.dataset.checks.analysis import FloatArray, PhotoMetrics
+from selfie_lora.dataset.checks.policy import CheckPolicy
+from selfie_lora.domain.faces import Face
+
+
+def _luma(rgb: NDArray[np.uint8]) -> FloatArray:
+    pixels = rgb.astype(np.float64)
+    result: FloatArray = pixels[..., 0] * 0.299 + pixels[..., 1] * 0.587 + pixels[..., 2] * 0.114
+    return result
+
+
+def _saturation(rgb: NDArray[np.uint8]) -> tuple[FloatArray, FloatArray]:
+    """HSV saturation and value (0-1)."""
+    high = rgb.max(axis=-1).astype(np.float64)
+    low = rgb.min(axis=-1).astype(np.float64)
+    sat: FloatArray = np.where(high > 0, (high - low) / np.maximum(high, 1.0), 0.0)
+    value: FloatArray = high / 255.0
+    return sat, value
+
+
+def _clip_box(box: tuple[float, float, float, float], width: int,
+              height: int) -> tuple[int, int, int, int]:
+    left = int(max(0, min(width - 1, math.floor(box[0]))))
+    top = int(max(0, min(height - 1, math.floor(box[1]))))
+    right = int(max(left + 1, min(width, math.ceil(box[2]))))
+    bottom = int(max(top + 1, min(height, math.ceil(box[3]))))
+    return left, top, right, bottom
+
+
+def _cut_off(face: Face, width: int, height: int) -> float:
+    """How far the face reaches past the frame, as a fraction of its size (0: fully inside)."""
+    size = max(face.width, face.height, 1)
+    left, top, right, bottom = face.box
+    over = max(0 - left, 0 - top, right - width, bottom - height, 0)
+    if face.landmarks:
+        # The jaw line and the brows outline the face: any of them outside is a cut-off face.
+        outline = [face.landmarks[i] for i in range(27)]
+        xs = [p[0] for p in outline]
+        ys = [p[1] for p in outline]
+        over = max(over, 0 - min(xs), 0 - min(ys), max(xs) - width, max(ys) - height)
+    return over / size
+
+
+def laplacian_variance(gray: FloatArray) -> float:
+    """Variance of the 4-neighbour Laplacian (what OpenCV's ``Laplacian`` + ``var`` measure)."""
+    p = np.pad(gray, 1, mode="edge")
+    lap = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4.0 * gray
+    return float(lap.var())
+
+
+def gaussian_blur(gray: FloatArray, *, sigma: float) -> FloatArray:
+    """A separable Gaussian blur (edges repeated), in numpy: no OpenCV or SciPy needed."""
+    radius = max(1, round(3 * sigma))
+    taps = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-(taps**2) / (2 * sigma * sigma))
+    kernel /= kernel.sum()
+    p = np.pad(gray, radius, mode="edge")
+    height, width = gray.shape
+    # Sums of shifted copies rather than a matrix product: no BLAS threads in worker processes.
+    rows = sum(w * p[:, i:i + width] for i, w in enumerate(kernel))
+    result: FloatArray = sum(w * rows[i:i + height, :] for i, w in enumerate(kernel))
+    return result
+
+
+def normalized_sharpness(gray: FloatArray) -> float:
+    """Laplacian variance after scaling the grey levels to a standard deviation of 50: a dark or
+    flat-lit face has less contrast, which the Laplacian alone would read as blur."""
+    spread = float(gray.std())
+    if spread < 1.0:
+        return 0.0
+    return laplacian_variance((gray - gray.mean()) * (50.0 / spread))
+
+
+def _face_crop(image: Image.Image, face: Face, side: int) -> tuple[NDArray[np.uint8], float, float,
+                                                                   float, float]:
+    """The face box (clipped to the frame) resized to side x side, and the map from image
+    coordinates to the crop's: x' = (x - x0) * kx, y' = (y - y0) * ky."""
+    left, top, right, bottom = _clip_box(face.box, image.width, image.height)
+    crop = image.resize((side, side), Image.Resampling.BILINEAR, box=(left, top, right, bottom),
+                        reducing_gap=2.0)
+    return (np.asarray(crop), float(left), float(top), side / (right - left),
+            side / (bottom - top))
+
+
+def _skin_texture(gray: FloatArray, points: FloatArray) -> float | None:
+    """High-frequency energy on both cheeks divided by that of the whole face (``gray`` is the
+    normalised face crop, ``points`` the 68 landmarks in its coordinates): beauty filters smooth
+    the skin and keep eyes, brows and outlines sharp, so the ratio drops."""
+    detail = gray - gaussian_blur(gray, sigma=1.5)
+    face_energy = float(np.abs(detail).mean())
+    if face_energy <= 1e-6:
+        return None
+    width = float(np.linalg.norm(points[16] - points[0]))
+    radius = max(2, round(width * 0.08))
+    energies: list[float] = []
+    # Cheek centres: between the lower eyelid's outer end, the jaw at nose height and the nose
+    # wing; away from the eyes, nostrils, mouth and the face's outline.
+    for idx in ((1, 2, 31, 41), (15, 14, 35, 46)):
+        cx, cy = points[list(idx)].mean(axis=0)
+        x0, x1 = round(cx) - radius, round(cx) + radius
+        y0, y1 = round(cy) - radius, round(cy) + radius
+        if x0 < 0 or y0 < 0 or x1 > detail.shape[1] or y1 > detail.shape[0]:
+            continue
+        energies.append(float(np.abs(detail[y0:y1, x0:x1]).mean()))
+    if not energies:
+        return None
+    # The better-textured cheek: one cheek in shadow or turned away should not decide.
+    return max(energies) / face_energy
+
+
+def _pose(face: Face) -> tuple[float | None, float | None, float | None]:
+    """Yaw, pitch and roll in degrees, estimated from 2D landmarks (good to ~10 degrees: enough to
+    tell straight-on from three-quarter views)."""
+    if len(face.landmarks) != 68:
+        return None, None, None
+    pts = np.asarray(face.landmarks, dtype=np.float64)
+    left_eye = pts[36:42].mean(axis=0)
+    right_eye = pts[42:48].mean(axis=0)
+    dx, dy = right_eye - left_eye
+    roll = math.degrees(math.atan2(dy, dx))
+    # Undo the roll so the remaining ratios are about turning and nodding only.
+    cos, sin = math.cos(-math.radians(roll)), math.sin(-math.radians(roll))
+    rot = pts @ np.array([[cos, sin], [-sin, cos]])
+    jaw_left, jaw_right, nose = rot[0], rot[16], rot[30]
+    span = jaw_right[0] - jaw_left[0]
+    if span <= 1:
+        return None, None, roll
+    # The nose tip moves towards the jaw's edge as the head turns: 0.5 is straight on.
+    turn = (nose[0] - jaw_left[0]) / span
+    yaw = math.degrees(math.asin(max(-1.0, min(1.0, 2.0 * turn - 1.0))))
+    eyes_y = (rot[36:48, 1]).mean()
+    chin_y = rot[8, 1]
+    height = chin_y - eyes_y
+    if height <= 1:
+        return yaw, None, roll
+    # The nose tip sits ~27% of the way from the eye line to the chin when looking straight
+    # (fixture portraits); nodding moves it (a rough linear map: 0.1 of the ratio ~ 15 degrees).
+    nod = (nose[1] - eyes_y) / height
+    pitch = (0.27 - nod) * 150.0
+    return yaw, pitch, roll
+
+
+def _background(frame: NDArray[np.uint8], box: tuple[float, float, float, float]
+                ) -> tuple[float, float, float]:
+    """Mean Y, Cb, Cr of the frame outside the person (the face box, in ``frame``'s pixels,
+    widened and extended down to the bottom stands for head and body)."""
+    height, width = frame.shape[:2]
+    face_w, face_h = box[2] - box[0], box[3] - box[1]
+    cx = (box[0] + box[2]) / 2
+    half = face_w * 1.6
+    top = box[1] - face_h * 0.6
+    mask = np.ones((height, width), dtype=bool)
+    x0, y0, x1, _ = _clip_box((cx - half, top, cx + half, height), width, height)
+    mask[y0:, x0:x1] = False
+    if mask.mean() < 0.1:
+        # A close-up: only the frame's border strips are left as background.
+        strip = max(1, min(width, height) // 10)
+        mask[:] = False
+        mask[:strip, :] = mask[:, :strip] = mask[:, -strip:] = True
+    r, g, b = (float(c) for c in frame[mask].astype(np.float64).mean(axis=0))
+    # YCbCr is linear in RGB: the mean colour converted is the mean of the converted pixels.
+    return (0.299 * r + 0.587 * g + 0.114 * b,
+            128 - 0.168736 * r - 0.331264 * g + 0.5 * b,
+            128 + 0.5 * r - 0.418688 * g - 0.081312 * b)
+
+
+def measure(image: Image.Image, small: Image.Image, k_small: float, face: Face, *,
+            scale: float, policy: CheckPolicy) -> PhotoMetrics:
+    width, height = image.size
+    # The face is measured on its box resized to a fixed size (blur, light, colour, skin: the
+    # same numbers whatever the photo's resolution), the frame on the small detection copy
+    # (statistics, not detail): a few milliseconds instead of ~80 on the decoded photo.
+    side = policy.blur_face_side
+    face_rgb, x0, y0, kx, ky = _face_crop(image, face, side)
+    face_gray = _luma(face_rgb)
+    # Every third pixel of the small copy: ~40k pixels are plenty for shares and means.
+    frame = np.asarray(small)[::3, ::3]
+    frame_luma = _luma(frame)
+    sat, value = _saturation(face_rgb)
+    frame_sat, frame_value = _saturation(frame)
+    visible = value > 0.15
+    skin_saturation = float(sat[visible].mean()) if visible.any() else 0.0
+    mean_luma = float(face_gray.mean())
+    half = side // 2
+    asymmetry = (float(face_gray[:, :half].mean()) - float(face_gray[:, half:].mean())) / max(
+        mean_luma, 1.0)
+    area = max(face.width, 1) * max(face.height, 1)
+    face_px = face.height * scale
+    needed = policy.resolution * policy.crop_face_fraction
+    texture = None
+    if (len(face.landmarks) == 68 and face_px >= policy.smooth_skin_min_face_px
+            and face.height >= policy.smooth_skin_min_face_px):
+        points = (np.asarray(face.landmarks, dtype=np.float64) - (x0, y0)) * (kx, ky)
+        texture = _skin_texture(face_gray, points)
+    yaw, pitch, roll = _pose(face)
+    small_box = tuple(v / (k_small * 3) for v in face.box)
+    return PhotoMetrics(
+        face_fraction=math.sqrt(area / (width * height)),
+        face_px=face_px,
+        upscale=max(1.0, needed / max(face_px, 1.0)),
+        cut_off=_cut_off(face, width, height),
+        sharpness=normalized_sharpness(face_gray),
+        face_luma=mean_luma,
+        face_luma_low=float(np.percentile(face_gray, 10)),
+        face_luma_high=float(np.percentile(face_gray, 90)),
+        face_clipped=float(((face_gray <= 8) | (face_gray >= 247)).mean()),
+        frame_clipped=float(((frame_luma <= 8) | (frame_luma >= 247)).mean()),
+        skin_saturation=skin_saturation,
+        garish_fraction=float(((frame_sat >= 0.9) & (frame_value >= 0.25)).mean()),
+        skin_texture=texture,
+        yaw=yaw, pitch=pitch, roll=roll,
+        light_asymmetry=asymmetry,
+        background=_background(frame, (small_box[0], small_box[1], small_box[2], small_box[3])),
+    )

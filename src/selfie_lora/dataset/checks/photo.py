@@ -1,0 +1,317 @@
+"""The check of one photo: :func:`analyze_photo` finds its faces, measures it and judges what the
+photo alone can tell; :func:`classify_software` names the editing app of its EXIF tag.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from selfie_lora.dataset.checks.analysis import BoxDescriber, DecodedInput, PhotoAnalysis, PhotoMetrics
+from selfie_lora.dataset.checks.duplicates import face_patch, whole_hashes
+from selfie_lora.dataset.checks.measures import measure
+from selfie_lora.dataset.checks.policy import CheckPolicy
+from selfie_lora.domain.entities import Finding
+from selfie_lora.domain.faces import Face, FaceAnalyzer
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- editing apps
+
+# Apps whose purpose is changing faces (skin smoothing, reshaping, "AI enhance"), including selfie
+# cameras whose beauty mode is on by default. The LoRA would learn the altered face, so such a
+# photo is rejected: the software tag is only written when the app exported the picture.
+_BEAUTY_APPS = (
+    "facetune", "faceapp", "meitu", "beautyplus", "beautycam", "youcam", "airbrush",
+    "perfect365", "remini", "snow", "b612", "soda", "ulike", "faceu", "wink", "retouchme",
+    "fotorus", "bestie", "lensa", "beauty", "美图", "美颜",
+)
+# General editors and filter apps: usually colour and tone only (press photos pass through
+# Photoshop), but they can carry heavy filters or retouching: a warning, not a rejection.
+_EDITOR_APPS = (
+    "photoshop", "lightroom", "snapseed", "vsco", "picsart", "afterlight", "instagram",
+    "gimp", "affinity", "pixelmator", "darkroom", "prisma", "polarr", "canva",
+    "photoroom", "picmonkey", "fotor", "photodirector", "lightleap", "photolab",
+)
+
+
+def _app_pattern(names: Sequence[str]) -> re.Pattern[str]:
+    # Whole words for Latin names, a version number may follow ("snow" must not match
+    # "Snowboard", "facetune" must match "Facetune2"); plain text for the rest.
+    parts = [rf"\b{re.escape(n)}(?![a-z])" if n.isascii() else re.escape(n) for n in names]
+    return re.compile("|".join(parts), re.IGNORECASE)
+
+
+_BEAUTY_RE = _app_pattern(_BEAUTY_APPS)
+_EDITOR_RE = _app_pattern(_EDITOR_APPS)
+
+
+def classify_software(software: str | None) -> Literal["beauty", "editor"] | None:
+    """Whether the EXIF Software tag names a face-retouching app, a general editor, or neither."""
+    if not software:
+        return None
+    if _BEAUTY_RE.search(software):
+        return "beauty"
+    if _EDITOR_RE.search(software):
+        return "editor"
+    return None
+
+
+# --------------------------------------------------------------------------- per photo
+
+
+def analyze_photo(
+    decoded: DecodedInput, *, analyzer: FaceAnalyzer, policy: CheckPolicy, order: int = 0
+) -> PhotoAnalysis:
+    """Find the faces of one photo, measure it and judge what the photo alone can tell."""
+    image = decoded.image if decoded.image.mode == "RGB" else decoded.image.convert("RGB")
+    width, height = image.size
+    scale = max(decoded.original_size) / max(width, height)
+    findings: list[Finding] = []
+    name = decoded.name
+    software = _software_finding(decoded, name)
+    if software is not None:
+        findings.append(software)
+
+    # One small copy serves detection, the frame's statistics and the whole-image hashes.
+    small, k_small = _resized(image, min(policy.detect_side, max(image.size)))
+    faces = _detect(image, small, k_small, analyzer=analyzer, policy=policy)
+    whole_phash, whole_dhash = whole_hashes(small)
+    if not faces:
+        findings.append(Finding(
+            "reject", "no_face", f"no face was found in {name}",
+            "use a photo where your face is clearly visible, facing the camera or turned a little",
+            photo=name,
+        ))
+        return PhotoAnalysis(name=name, image_size=(width, height), scale=scale, faces=(),
+                             main_face=None, findings=tuple(findings), whole_phash=whole_phash,
+                             whole_dhash=whole_dhash, had_exif=decoded.had_exif, order=order)
+
+    main = _refine(image, faces[0], analyzer=analyzer, policy=policy)
+    findings.extend(_other_faces(name, main, faces[1:], policy=policy))
+    metrics = measure(image, small, k_small, main, scale=scale, policy=policy)
+    findings.extend(_judge(name, metrics, policy=policy))
+    patch = face_patch(image, main, policy=policy)
+    return PhotoAnalysis(
+        name=name, image_size=(width, height), scale=scale, faces=(main, *faces[1:]),
+        main_face=main, findings=tuple(findings), metrics=metrics, whole_phash=whole_phash,
+        whole_dhash=whole_dhash, face_patch=patch, had_exif=decoded.had_exif, order=order,
+    )
+
+
+def _software_finding(decoded: DecodedInput, name: str) -> Finding | None:
+    kind = classify_software(decoded.exif_software)
+    if kind == "beauty":
+        return Finding(
+            "reject", "edited_software",
+            f"{name} was saved by {decoded.exif_software!r}, an app that retouches faces",
+            "this photo has a beauty filter: use the unedited original from your camera",
+            photo=name,
+        )
+    if kind == "editor":
+        return Finding(
+            "warn", "edited_software",
+            f"{name} was edited with {decoded.exif_software!r}",
+            "if you changed your face or added a filter, use the unedited original instead",
+            photo=name,
+        )
+    return None
+
+
+def _resized(image: Image.Image, long_side: int) -> tuple[Image.Image, float]:
+    """A copy whose long side is about ``long_side`` (never upscaled unless asked) and the factor
+    from its pixels back to ``image``'s."""
+    current = max(image.size)
+    if current == long_side:
+        return image, 1.0
+    if current > long_side:
+        # Integer box reduction first: much faster than one large resampling step.
+        factor = current // long_side
+        small = image.reduce(factor) if factor >= 2 else image
+        if max(small.size) > long_side * 1.25:
+            ratio = long_side / max(small.size)
+            small = small.resize((max(1, round(small.width * ratio)),
+                                  max(1, round(small.height * ratio))),
+                                 Image.Resampling.BILINEAR)
+        return small, image.width / small.width
+    ratio = long_side / current
+    big = image.resize((round(image.width * ratio), round(image.height * ratio)),
+                       Image.Resampling.BILINEAR)
+    return big, image.width / big.width
+
+
+def _scale_face(face: Face, k: float, dx: float = 0.0, dy: float = 0.0) -> Face:
+    def tx(x: float) -> int:
+        return round(x * k + dx)
+
+    def ty(y: float) -> int:
+        return round(y * k + dy)
+
+    left, top, right, bottom = face.box
+    return Face(
+        box=(tx(left), ty(top), tx(right), ty(bottom)), score=face.score,
+        landmarks=tuple((tx(x), ty(y)) for x, y in face.landmarks), embedding=face.embedding,
+    )
+
+
+def _detect(image: Image.Image, small: Image.Image, k: float, *, analyzer: FaceAnalyzer,
+            policy: CheckPolicy) -> list[Face]:
+    """Faces in ``image``'s coordinates (found on ``small``, ``k`` of image pixels per small
+    pixel), boxes only, largest first."""
+    faces = analyzer.detect(np.asarray(small), landmarks=False, embed=False)
+    if not faces and policy.detect_retry_side > max(small.size):
+        # Small faces (full-body shots) are below the detector's ~80 px minimum at low
+        # resolution: one more try with more pixels before saying there is no face.
+        retry, k = _resized(image, policy.detect_retry_side)
+        faces = analyzer.detect(np.asarray(retry), landmarks=False, embed=False)
+    scaled = [_scale_face(f, k) for f in faces]
+    scaled.sort(key=lambda f: f.width * f.height, reverse=True)
+    return scaled
+
+
+def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _refine(image: Image.Image, face: Face, *, analyzer: FaceAnalyzer,
+            policy: CheckPolicy) -> Face:
+    """Landmarks and the embedding of ``face``, from a crop around it where the face is about
+    ``refine_face_side`` pixels: detection at low resolution stays cheap, while landmarks and the
+    identity come from a sharper face."""
+    size = max(face.width, face.height, 1)
+    # The embedding's chip takes 25% padding around the landmarks, and the detector needs some
+    # context around the face to find it again.
+    margin = size * 0.45
+    left = max(0, math.floor(face.box[0] - margin))
+    top = max(0, math.floor(face.box[1] - margin))
+    right = min(image.width, math.ceil(face.box[2] + margin))
+    bottom = min(image.height, math.ceil(face.box[3] + margin))
+    if right - left < 8 or bottom - top < 8:
+        return face
+    region = (left, top, right, bottom)
+    ratio = policy.refine_face_side / size
+    if abs(ratio - 1.0) > 0.15:
+        size_out = (max(1, round((right - left) * ratio)), max(1, round((bottom - top) * ratio)))
+        # Straight from the region, integer-reduced first: no full-size copy of the crop.
+        crop = image.resize(size_out, Image.Resampling.BILINEAR, box=region, reducing_gap=2.0)
+    else:
+        crop = image.crop(region)
+    k = (right - left) / crop.width
+    if isinstance(analyzer, BoxDescriber):
+        inner = (round((face.box[0] - left) / k), round((face.box[1] - top) / k),
+                 round((face.box[2] - left) / k), round((face.box[3] - top) / k))
+        described = _scale_face(analyzer.describe(np.asarray(crop), inner), k, left, top)
+        # Keep the detector's box and score: only landmarks and the embedding are new.
+        return Face(box=face.box, score=face.score, landmarks=described.landmarks,
+                    embedding=described.embedding)
+    found = [_scale_face(f, k, left, top)
+             for f in analyzer.detect(np.asarray(crop), landmarks=True, embed=True)]
+    best = max(found, key=lambda f: _iou(f.box, face.box), default=None)
+    if best is not None and _iou(best.box, face.box) >= 0.3:
+        return best
+    logger.debug("face not found again in its crop; landmarks from the whole image")
+    small, k = _resized(image, min(policy.detect_retry_side, max(image.size)))
+    found = [_scale_face(f, k) for f in analyzer.detect(np.asarray(small))]
+    best = max(found, key=lambda f: _iou(f.box, face.box), default=None)
+    if best is not None and _iou(best.box, face.box) >= 0.3:
+        return best
+    return face
+
+
+def _other_faces(name: str, main: Face, others: Sequence[Face], *,
+                 policy: CheckPolicy) -> list[Finding]:
+    if not others:
+        return []
+    ratios = [other.height / max(main.height, 1) for other in others]
+    big = [r for r in ratios if r >= policy.background_face_ratio]
+    small = [r for r in ratios if r < policy.background_face_ratio]
+    findings: list[Finding] = []
+    if big:
+        sizes = ", ".join(f"{r:.0%}" for r in big)
+        competing = max(big) >= policy.competing_face_ratio
+        findings.append(Finding(
+            "reject" if competing else "warn", "multiple_faces",
+            f"{name} shows {len(big) + 1} faces: the others are {sizes} of the main face's size",
+            "use photos where you are alone, or crop the others out before uploading",
+            photo=name,
+        ))
+    if small:
+        findings.append(Finding(
+            "info", "background_faces",
+            f"{name} has {len(small)} small face(s) in the background "
+            f"({', '.join(f'{r:.0%}' for r in small)} of the main face's size)",
+            "nothing to do: faces this small do not disturb training", photo=name,
+        ))
+    return findings
+
+
+def _judge(name: str, m: PhotoMetrics, *, policy: CheckPolicy) -> list[Finding]:
+    out: list[Finding] = []
+    resolution = policy.resolution
+
+    def add(severity: str, code: str, message: str, advice: str) -> None:
+        out.append(Finding(severity, code, message, advice, photo=name))
+
+    if m.face_fraction < policy.min_face_fraction:
+        add("reject" if m.face_fraction < policy.reject_face_fraction else "warn",
+            "face_too_small",
+            f"the face fills only {m.face_fraction:.0%} of {name}'s frame",
+            "use a photo taken closer: your face should fill at least a tenth of the picture")
+    if m.cut_off >= policy.cut_off_warn:
+        add("reject" if m.cut_off >= policy.cut_off_reject else "warn", "face_cut_off",
+            f"the face in {name} is cut off by the edge of the photo",
+            "use a photo where your whole face, chin and forehead included, is in the frame")
+    if m.upscale >= policy.upscale_warn:
+        add("reject" if m.upscale >= policy.upscale_reject else "warn", "face_resolution_low",
+            f"the face in {name} is {m.face_px:.0f} px tall; training at {resolution} px needs "
+            f"about {resolution * policy.crop_face_fraction:.0f} px",
+            "use the original photo from your camera, not a screenshot, a download or a crop "
+            "of a group photo")
+    if m.sharpness < policy.blur_warn:
+        add("reject" if m.sharpness < policy.blur_reject else "warn", "blurry",
+            f"the face in {name} is blurry (sharpness {m.sharpness:.0f})",
+            "use a sharp photo: hold the phone still, in good light, and tap your face to focus")
+    # Clipped pixels are blown highlights on a bright face, crushed shadows on a dark one.
+    clipped = m.face_clipped >= policy.clipped_face_warn
+    badly_clipped = m.face_clipped >= policy.clipped_face_reject
+    dark = m.face_luma_high < policy.dark_highlights_warn or (clipped and m.face_luma < 128)
+    bright = m.face_luma_low > policy.bright_shadows_warn or (clipped and m.face_luma >= 128)
+    if dark:
+        severe = m.face_luma_high < policy.dark_highlights_reject or badly_clipped
+        add("reject" if severe else "warn", "underexposed",
+            f"the face in {name} is too dark (its brightest parts reach {m.face_luma_high:.0f} "
+            f"of 255, {m.face_clipped:.0%} is pure black)",
+            "use a photo taken in more light, facing a window or outdoors in the shade")
+    elif bright:
+        severe = m.face_luma_low > policy.bright_shadows_reject or badly_clipped
+        add("reject" if severe else "warn", "overexposed",
+            f"the face in {name} is washed out (even its shadows are at {m.face_luma_low:.0f} "
+            f"of 255, {m.face_clipped:.0%} is pure white)",
+            "use a photo without harsh sun or flash on your face")
+    garish = m.garish_fraction >= policy.garish_fraction_warn
+    if m.skin_saturation >= policy.skin_saturation_warn or garish:
+        severe = (m.skin_saturation >= policy.skin_saturation_reject
+                  and m.garish_fraction >= policy.garish_fraction_reject)
+        add("reject" if severe else "warn", "oversaturated",
+            f"the colours of {name} are unnaturally strong (face saturation "
+            f"{m.skin_saturation:.2f}, {m.garish_fraction:.0%} of the photo at extreme colours)",
+            "use the photo without a colour filter or saturation boost")
+    # Blur and bad exposure flatten the skin too: the texture only says something about a
+    # sharp, well exposed face.
+    judged = m.sharpness >= policy.blur_warn and not (dark or bright)
+    if judged and m.skin_texture is not None and m.skin_texture < policy.smooth_skin_ratio:
+        add("warn", "smooth_skin",
+            f"the skin in {name} looks unnaturally smooth (texture {m.skin_texture:.2f})",
+            "this photo may have a beauty filter or retouching: use an unedited one")
+    return out

@@ -1,0 +1,246 @@
+"""The checks of the set as a whole: near-duplicates and a different person leave it, then its
+count and variety are judged and :func:`check_set` gives the verdict; :func:`describe` puts
+it in a few lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from selfie_lora.dataset.checks.analysis import FloatArray, PhotoAnalysis, Quality, SetReport, SetStats
+from selfie_lora.dataset.checks.duplicates import near_duplicates
+from selfie_lora.dataset.checks.policy import CheckPolicy
+from selfie_lora.domain.entities import Finding
+
+logger = logging.getLogger(__name__)
+
+
+def _distances(vectors: FloatArray) -> FloatArray:
+    diff = vectors[:, None, :] - vectors[None, :, :]
+    result: FloatArray = np.sqrt((diff**2).sum(axis=-1))
+    return result
+
+
+def _identity(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[Finding]:
+    with_id = [p for p in photos if p.embedding is not None]
+    n = len(with_id)
+    if n < 2:
+        return []
+    vectors = np.asarray([p.embedding for p in with_id], dtype=np.float64)
+    pair = _distances(vectors)
+    findings: list[Finding] = []
+    advice = "use only photos of the one person the model is for"
+    if n >= policy.centre_min_photos:
+        for i, photo in enumerate(with_id):
+            # The centre of the OTHER photos: the photo judged does not pull it towards itself.
+            others = np.delete(vectors, i, axis=0)
+            centre = np.median(others, axis=0)
+            distance = float(np.linalg.norm(vectors[i] - centre))
+            if distance > policy.identity_centre_distance:
+                findings.append(Finding(
+                    "reject", "different_person",
+                    f"{photo.name} seems to show someone else than the other photos "
+                    f"(distance {distance:.2f})", advice, photo=photo.name,
+                ))
+            elif distance > policy.identity_centre_warn:
+                findings.append(Finding(
+                    "warn", "different_person",
+                    f"the face in {photo.name} looks less like the other photos "
+                    f"(distance {distance:.2f})",
+                    "check that this is the same person; if it is, keep it", photo=photo.name,
+                ))
+        return findings
+    if n == 2:
+        if pair[0, 1] > policy.identity_pair_distance:
+            # Two photos, two faces: there is no telling which one is the user.
+            findings.extend(Finding(
+                "warn", "different_person",
+                f"{with_id[0].name} and {with_id[1].name} seem to show different people "
+                f"(distance {pair[0, 1]:.2f})", advice, photo=p.name,
+            ) for p in with_id)
+        return findings
+    for i, photo in enumerate(with_id):
+        far = [j for j in range(n) if j != i and pair[i, j] > policy.identity_pair_distance]
+        # Far from most others, while those others agree among themselves.
+        rest = [j for j in range(n) if j != i]
+        rest_agree = all(pair[a, b] <= policy.identity_pair_distance
+                         for a in rest for b in rest if a < b)
+        if len(far) * 2 > n - 1 and rest_agree:
+            findings.append(Finding(
+                "reject", "different_person",
+                f"{photo.name} seems to show someone else than the other photos "
+                f"(distance {min(pair[i, j] for j in far):.2f} or more)", advice, photo=photo.name,
+            ))
+    return findings
+
+
+def _spread(values: Sequence[float]) -> float:
+    return float(np.std(np.asarray(values, dtype=np.float64)))
+
+
+def _variety(kept: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> tuple[list[Finding],
+                                                                               SetStats]:
+    metrics = [p.metrics for p in kept if p.metrics is not None]
+    stats = SetStats(photos=len(kept))
+    if len(metrics) < policy.variety_min_photos:
+        return [], stats
+    yaws = [m.yaw for m in metrics if m.yaw is not None]
+    pitches = [m.pitch for m in metrics if m.pitch is not None]
+    stats = SetStats(
+        photos=len(kept),
+        yaw_spread=_spread(yaws) if len(yaws) >= 2 else None,
+        pitch_spread=_spread(pitches) if len(pitches) >= 2 else None,
+        framing_spread=_spread([math.log(max(m.face_fraction, 1e-3)) for m in metrics]),
+        lighting_spread=_spread([m.face_luma for m in metrics]),
+        side_light_spread=_spread([m.light_asymmetry for m in metrics]),
+        background_spread=float(np.median(
+            [d for i, row in enumerate(_distances(np.asarray([m.background for m in metrics])))
+             for d in row[i + 1:]])),
+    )
+    out: list[Finding] = []
+    if stats.yaw_spread is not None and stats.yaw_spread < policy.min_yaw_spread_deg:
+        out.append(Finding(
+            "warn", "little_pose_variety",
+            f"your face is turned the same way in every photo (spread {stats.yaw_spread:.0f} deg)",
+            "add photos with your head turned a little left and right, and a few in profile"))
+    if stats.pitch_spread is not None and stats.pitch_spread < policy.min_pitch_spread_deg:
+        out.append(Finding(
+            "info", "little_pitch_variety",
+            "you look at the camera from the same height in every photo",
+            "add a few photos looking slightly up or down"))
+    if stats.framing_spread is not None and stats.framing_spread < policy.min_framing_spread:
+        close = float(np.median([m.face_fraction for m in metrics])) >= 0.25
+        out.append(Finding(
+            "warn", "little_framing_variety",
+            f"all photos are {'close-ups' if close else 'framed alike'}",
+            "mix close-ups with some head-and-shoulders and half-body photos" if close else
+            "mix half-body photos with some close-ups of your face"))
+    if (stats.lighting_spread is not None and stats.lighting_spread < policy.min_lighting_spread
+            and stats.side_light_spread is not None
+            and stats.side_light_spread < policy.min_side_light_spread):
+        out.append(Finding(
+            "info", "little_lighting_variety",
+            "the light on your face is alike in every photo",
+            "add photos in other light: daylight outdoors, indoors, evening"))
+    if (stats.background_spread is not None
+            and stats.background_spread < policy.min_background_spread):
+        out.append(Finding(
+            "warn", "little_background_variety",
+            "the background looks the same in every photo",
+            "take photos in different places: the model would otherwise learn the background "
+            "as part of you"))
+    return out, stats
+
+
+_COUNT_CODES = frozenset({"too_few_photos", "few_photos", "many_photos", "too_many_photos"})
+
+
+def _verdict(*, kept: int, total: int, photo_warned: int, set_findings: Sequence[Finding],
+             trainable: bool, policy: CheckPolicy) -> tuple[Quality, int, tuple[str, ...]]:
+    """A 0-100 score from the deductions below, its quality word and the main reasons."""
+    deductions: list[tuple[float, str]] = []
+    if kept < policy.recommended_min:
+        deductions.append((45.0 * (policy.recommended_min - kept) / policy.recommended_min,
+                           f"{kept} usable photo(s): {policy.recommended_min}-"
+                           f"{policy.recommended_max} work best"))
+    elif kept > policy.recommended_max:
+        deductions.append((min(10.0, float(kept - policy.recommended_max)),
+                           f"{kept} photos: more than {policy.recommended_max} adds little"))
+    left_out = total - kept
+    if left_out:
+        deductions.append((min(15.0, 3.0 * left_out), f"{left_out} photo(s) left out"))
+    if kept and photo_warned:
+        deductions.append((25.0 * photo_warned / kept,
+                           f"{photo_warned} of {kept} kept photo(s) have warnings"))
+    for finding in set_findings:
+        # The count has its own deduction above; the variety findings weigh here.
+        if finding.code in _COUNT_CODES:
+            continue
+        if finding.photo is None and finding.severity in ("warn", "info"):
+            weight = 8.0 if finding.severity == "warn" else 2.0
+            deductions.append((weight, finding.message))
+    score = max(0.0, 100.0 - sum(d for d, _ in deductions))
+    if not trainable:
+        score = min(score, 25.0)
+    deductions.sort(key=lambda d: -d[0])
+    reasons = tuple(text for _, text in deductions[:4])
+    if not trainable:
+        reasons = ("the set cannot be trained on as it is", *reasons)
+    quality: Quality
+    if not trainable or score < 50:
+        quality = "poor"
+    elif score >= 85 and kept >= policy.recommended_min:
+        quality = "excellent"  # never with fewer photos than recommended, however clean
+    elif score >= 70:
+        quality = "good"
+    else:
+        quality = "fair"
+    return quality, round(score), reasons
+
+
+def check_set(analyses: Sequence[PhotoAnalysis], *, policy: CheckPolicy,
+              unreadable: int = 0) -> SetReport:
+    """Judge the set: near-duplicates and strangers first (they leave the set), then count,
+    variety and the verdict on what is left. ``unreadable``: photos of the upload that could not
+    be decoded (they count as left out in the score)."""
+    photos = sorted(analyses, key=lambda a: a.order)
+    findings: list[Finding] = [f for a in photos for f in a.findings]
+    cross = near_duplicates(photos, policy=policy)
+    copies = {f.photo for f in cross}
+    cross += _identity([p for p in photos if p.name not in copies], policy=policy)
+    findings.extend(cross)
+    rejected_names = {f.photo for f in findings if f.severity == "reject" and f.photo}
+    kept = [p for p in photos if p.name not in rejected_names]
+    set_findings: list[Finding] = []
+    count = len(kept)
+    if count < policy.min_photos:
+        set_findings.append(Finding(
+            "reject", "too_few_photos",
+            f"{count} usable photo(s); at least {policy.min_photos} are needed",
+            f"add more clear photos of your face ({policy.recommended_min}-"
+            f"{policy.recommended_max} work best)"))
+    elif count < policy.recommended_min:
+        set_findings.append(Finding(
+            "warn", "few_photos",
+            f"{count} usable photo(s); {policy.recommended_min}-{policy.recommended_max} work best",
+            f"add {policy.recommended_min - count} or more photos in different places, "
+            "light and poses"))
+    if count > policy.max_photos:
+        set_findings.append(Finding(
+            "reject", "too_many_photos",
+            f"{count} usable photos; at most {policy.max_photos} are accepted",
+            f"keep your best {policy.recommended_max}"))
+    elif count > policy.recommended_max:
+        set_findings.append(Finding(
+            "info", "many_photos",
+            f"{count} usable photos; more than {policy.recommended_max} rarely helps",
+            f"keep your {policy.recommended_max} best and most varied photos"))
+    variety, stats = _variety(kept, policy=policy)
+    set_findings.extend(variety)
+    findings.extend(set_findings)
+    trainable = not any(f.severity == "reject" for f in set_findings)
+    warned = sum(1 for p in kept if any(f.severity == "warn" and f.photo == p.name
+                                        for f in findings))
+    quality, score, reasons = _verdict(kept=count, total=len(photos) + unreadable,
+                                       photo_warned=warned,
+                                       set_findings=set_findings, trainable=trainable,
+                                       policy=policy)
+    logger.info("set of %d photo(s): %d kept, %s (%d)", len(photos), count, quality, score)
+    return SetReport(
+        trainable=trainable, quality=quality, score=score, reasons=reasons,
+        findings=tuple(findings), accepted=tuple(p.name for p in kept),
+        rejected=tuple(p.name for p in photos if p.name in rejected_names), stats=stats,
+    )
+
+
+def describe(report: SetReport) -> str:
+    """A few lines for logs and the command line."""
+    lines = [f"{report.quality} ({report.score}/100), "
+             f"{'trainable' if report.trainable else 'not trainable'}: "
+             f"{len(report.accepted)} kept, {len(report.rejected)} left out"]
+    lines.extend(f"  - {reason}" for reason in report.reasons)
+    return "\n".join(lines)

@@ -1,0 +1,18 @@
+"""Naming a version: one rule for every route and command that takes one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from selfie_lora.domain.entities import Version
+
+
+def find_version(versions: Sequence[Version], ref: str) -> Version | None:
+    """The version ``ref`` names among ``versions`` (one model's): its id, or its number as
+    ``2`` or ``v2``."""
+    wanted = ref.strip()
+    number = wanted.lower().removeprefix("v")
+    for version in versions:
+        if version.id == wanted or (number.isdigit() and version.number == int(number)):
+            return version
+    return None

@@ -1,0 +1,156 @@
+"""The API as its users' tools see it: API keys (list, create, revoke, rotate), the OpenAPI
+document (the bearer scheme, the error answers), docs that work offline, one rule for naming
+versions, WWW-Authenticate on 401, and a set-up error that is not blamed on the photos."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from selfie_lora.api.app import create_app
+from selfie_lora.errors import ConfigError
+from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import auth, make_settings, wait_terminal
+from tests.support.photos import photo_zip
+
+
+def trained(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
+    r = client.post("/api/training/upload-zip", headers=headers,
+                    files={"file": ("p.zip", photo_zip(4), "application/zip")})
+    assert r.status_code == 202, r.text
+    return wait_terminal(client, headers, r.json()["training"]["id"])
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def test_api_keys_are_listed_created_revoked_and_rotated(client: TestClient,
+                                                         services: Services) -> None:
+    first = auth(services, "ann")
+    listed = client.get("/api/keys", headers=first).json()["keys"]
+    assert [(k["name"], k["active"]) for k in listed] == [("default", True)]
+    assert set(listed[0]) == {"id", "name", "prefix", "created_at", "revoked_at", "active"}
+
+    r = client.post("/api/keys", headers=first, json={"name": "ci"})
+    assert r.status_code == 201, r.text
+    ci, ci_secret = r.json()["key"], r.json()["secret"]
+    assert ci_secret.startswith(ci["prefix"])
+    assert client.get("/api/model", headers=bearer(ci_secret)).status_code == 404  # it works
+
+    r = client.post(f"/api/keys/{ci['id']}/rotate", headers=first)
+    assert r.status_code == 201, r.text
+    rotated_secret = r.json()["secret"]
+    assert r.json()["key"]["name"] == "ci"
+    assert client.get("/api/model", headers=bearer(ci_secret)).status_code == 401  # old: gone
+    assert client.get("/api/model", headers=bearer(rotated_secret)).status_code == 404
+
+    default_id = listed[0]["id"]
+    r = client.delete(f"/api/keys/{default_id}", headers=bearer(rotated_secret))
+    assert r.status_code == 200
+    assert r.json()["key"]["active"] is False
+    denied = client.get("/api/keys", headers=first)
+    assert denied.status_code == 401
+    assert denied.headers["www-authenticate"] == "Bearer"
+    keys = client.get("/api/keys", headers=bearer(rotated_secret)).json()["keys"]
+    assert [k["active"] for k in keys] == [False, False, True]
+
+
+def test_another_users_key_is_404_and_unknown_fields_422(client: TestClient,
+                                                        services: Services) -> None:
+    ann, bob = auth(services, "ann"), auth(services, "bob")
+    bobs = client.get("/api/keys", headers=bob).json()["keys"][0]["id"]
+    assert client.delete(f"/api/keys/{bobs}", headers=ann).status_code == 404
+    assert client.post(f"/api/keys/{bobs}/rotate", headers=ann).status_code == 404
+    assert client.post("/api/keys", headers=ann, json={"name": "x", "admin": True}
+                       ).status_code == 422
+
+
+def test_the_openapi_document_declares_the_bearer_scheme_and_the_error_answers(
+        client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    assert doc["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer",
+        "description": "an API key from `selfie-lora users create`"}
+    upload = doc["paths"]["/api/training/upload-zip"]["post"]
+    assert upload["security"] == [{"apiKey": []}]
+    assert {"401", "409", "413", "422"} <= set(upload["responses"])
+    error = upload["responses"]["409"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/ErrorAnswer"}
+    assert set(doc["components"]["schemas"]["ErrorDetail"]["properties"]) == {
+        "code", "message", "details"}
+    for path, operations in doc["paths"].items():
+        for operation in operations.values():
+            if path.startswith("/api/") and not path.startswith("/api/webhooks/"):
+                assert operation.get("security") == [{"apiKey": []}], path
+                assert "401" in operation["responses"], path
+    assert "security" not in doc["paths"]["/api/webhooks/replicate"]["post"]
+
+
+def test_the_docs_pages_load_their_assets_from_this_server(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "cdn" not in page.text.lower()
+    import re
+
+    assets = re.findall(r'(?:src|href)="(/[^"]+\.(?:js|css))"', page.text)
+    assert assets, page.text[:500]
+    for asset in assets:
+        r = client.get(asset)
+        assert r.status_code == 200, asset
+        assert len(r.content) > 10_000
+
+
+def test_versions_are_named_by_id_or_number_everywhere(client: TestClient,
+                                                       services: Services) -> None:
+    h = auth(services, "ann")
+    v1 = trained(client, h)["model"]["active_version"]
+    trained(client, h)
+    for ref in ("1", "v1", v1["id"]):
+        r = client.post(f"/api/model/versions/{ref}/activate", headers=h)
+        assert r.status_code == 200, r.text
+        assert r.json()["active_version"]["number"] == 1
+        assert client.get(f"/api/model/versions/{ref}/quality", headers=h).status_code == 200
+        assert client.get(f"/api/model/versions/{ref}/weights", headers=h).status_code == 200
+        gen = client.post("/api/generate", headers=h, json={"prompt": "x", "version_id": ref})
+        assert gen.json()["generation"]["version_id"] == v1["id"]
+    # b is the first version: a is the newest other one, not "no other version".
+    r = client.get("/api/model/compare", params={"b": "1"}, headers=h)
+    assert r.status_code == 200, r.text
+    assert (r.json()["a"]["number"], r.json()["b"]["number"]) == (2, 1)
+    assert client.post("/api/model/versions/v9/activate", headers=h).status_code == 404
+
+
+class NotInstalled(FakeFaceAnalyzer):
+    def ready(self) -> None:
+        raise ConfigError("face checks need dlib: pip install 'selfie-lora[faces]'")
+
+
+@pytest.fixture
+def no_face_tools(tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:
+    settings = make_settings(tmp_path)
+    services = build_services(settings, trainers={"local": FakeTrainer()},
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=NotInstalled(embed=lambda _image: None))
+    with TestClient(create_app(settings, services=services),
+                    raise_server_exceptions=False) as client:
+        yield client, services
+    services.close()
+
+
+def test_missing_face_tools_are_one_setup_error_not_a_finding_per_photo(
+        no_face_tools: tuple[TestClient, Services]) -> None:
+    client, services = no_face_tools
+    h = auth(services, "ann")
+    r = client.post("/api/training/upload-zip", headers=h,
+                    files={"file": ("p.zip", photo_zip(4), "application/zip")})
+    assert r.status_code == 500
+    error = r.json()["error"]
+    assert error["code"] == "config_error"
+    assert "pip install" in error["message"]
+    assert error["details"] == []  # no per-photo findings

@@ -1,0 +1,43 @@
+"""An alert receiver on loopback: what the service POSTs to ``SELFIE_LORA_ALERT_URL``."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+
+@dataclass
+class AlertInbox:
+    url: str
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+
+@contextmanager
+def alert_inbox() -> Iterator[AlertInbox]:
+    inbox = AlertInbox(url="")
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers["content-length"])
+            inbox.received.append(json.loads(self.rfile.read(length)))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Receiver)
+    inbox.url = f"http://127.0.0.1:{server.server_address[1]}/alerts"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield inbox
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -1,0 +1,91 @@
+"""The Replicate session over ``httpx.MockTransport``: retries, Retry-After, error mapping for the
+trainer and the generator, and the token kept to the API's origin."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from selfie_lora.adapters.replicate.session import (
+    GENERATOR_FAILURES,
+    TRAINER_FAILURES,
+    ReplicateConnection,
+)
+from selfie_lora.errors import (
+    ConfigError,
+    GenerationError,
+    TrainerUnavailableError,
+    TrainingFailedError,
+)
+
+API = "https://api.test"
+TRAINING = {"id": "t1", "status": "processing", "model": "o/m", "version": "v", "input": {},
+            "logs": "", "urls": {"get": f"{API}/v1/trainings/t1",
+                                 "cancel": f"{API}/v1/trainings/t1/cancel"}}
+
+
+def connection(handler: object, sleeps: list[float], **extra: object) -> ReplicateConnection:
+    return ReplicateConnection(api_token="r8_test", base_url=API, max_retries=2,
+                               sleep=sleeps.append,
+                               transport=httpx.MockTransport(handler),  # type: ignore[arg-type]
+                               **extra)  # type: ignore[arg-type]
+
+
+def test_a_429_is_retried_after_the_delay_the_server_asks_for() -> None:
+    answers = [httpx.Response(429, headers={"Retry-After": "7"}, json={"detail": "slow down"}),
+               httpx.Response(200, json=TRAINING)]
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers.pop(0)
+
+    sleeps: list[float] = []
+    with connection(handler, sleeps).session(TRAINER_FAILURES) as session:
+        training = session.call("read the training",
+                                lambda: session.client.trainings.get("t1"))
+    assert training.id == "t1"
+    assert sleeps == [7.0]
+    assert [r.url.path for r in seen] == ["/v1/trainings/t1"] * 2
+    assert all(r.headers["authorization"] == "Bearer r8_test" for r in seen)
+
+
+def test_errors_are_the_trainers_or_the_generators() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(422, json={"detail": "input_images is required"})
+
+    def down(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"detail": "busy"})
+
+    sleeps: list[float] = []
+    for failures, refused, unavailable in ((TRAINER_FAILURES, TrainingFailedError,
+                                            TrainerUnavailableError),
+                                           (GENERATOR_FAILURES, GenerationError,
+                                            GenerationError)):
+        with connection(refuse, sleeps).session(failures) as session, \
+                pytest.raises(refused) as caught:
+            session.call("start", lambda s=session: s.client.trainings.get("t1"))
+        assert "input_images is required" in caught.value.message
+        with connection(down, sleeps).session(failures) as session, \
+                pytest.raises(unavailable) as gone:
+            session.call("start", lambda s=session: s.client.trainings.get("t1"))
+        assert "cannot be reached" in getattr(gone.value, "user_message", gone.value.message)
+
+
+def test_downloads_from_other_hosts_never_carry_the_token() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b"lora bytes")
+
+    with connection(handler, []).session(TRAINER_FAILURES) as session:
+        data = session.download("https://delivery.test/out/lora.safetensors", max_bytes=100,
+                                what="download the weights")
+    assert data == b"lora bytes"
+    assert "authorization" not in seen[0].headers
+
+
+def test_a_connection_needs_a_token() -> None:
+    with pytest.raises(ConfigError):
+        ReplicateConnection(api_token="")
