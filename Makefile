@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # installs nothing more. On a GPU machine install the CUDA build of torch first.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint typecheck fmt clean
+.PHONY: install demo test test-fast lint typecheck fmt clean screenshots vendor-web
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,16 @@ fmt: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .selfie-lora demo-output .pytest_cache .mypy_cache .ruff_cache
+
+# The README's screenshots, taken by the browser test (needs Chromium: apt-get install chromium).
+screenshots: $(STAMP)
+	SELFIE_LORA_SCREENSHOTS=docs/screenshots OMP_NUM_THREADS=1 $(BIN)/pytest -q tests/browser -k whole
+
+# The front-end files the web app serves, from the npm registry (pinned; licence beside them).
+HTMX_VERSION := 2.0.11
+vendor-web:
+	rm -rf .vendor-web && mkdir -p .vendor-web
+	cd .vendor-web && npm pack --silent htmx.org@$(HTMX_VERSION) && tar xzf htmx.org-$(HTMX_VERSION).tgz
+	mkdir -p src/selfie_lora/web/static/vendor/htmx-$(HTMX_VERSION)
+	cp .vendor-web/package/dist/htmx.min.js .vendor-web/package/LICENSE src/selfie_lora/web/static/vendor/htmx-$(HTMX_VERSION)/
+	rm -rf .vendor-web

@@ -74,12 +74,15 @@ def serve(
     worker: Annotated[bool, typer.Option("--worker/--no-worker",
                                          help="Run a background worker in this process.")] = True,
 ) -> None:
-    """HTTP API + a background worker in one process."""
+    """The web app and the HTTP API, with a background worker, in one process."""
     from selfie_lora.api.app import create_app
     from selfie_lora.api.server import run_server
 
     settings = _settings()
     application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True)
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"selfie-lora: open [bold]http://{shown}:{port}/[/bold] in a browser "
+                  f"(API docs at /docs); data in {settings.home}")
     run_server(application, settings, host=host, port=port)
 
 
@@ -96,16 +99,50 @@ def worker_cmd(
 @users_app.command("create")
 def users_create(
     name: str,
+    password: Annotated[bool, typer.Option(
+        "--password", help="Also set a password for the web app: asked twice, or read as two "
+                           "lines from standard input when it is not a terminal.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Create a user and print its API key (shown once)."""
+    secret = _read_new_password() if password else None
     with opened(trainers={}, generators={}) as services:
-        user, key = services.users.create(name=name)
+        user, key = services.users.create(name=name, password=secret)
     if as_json:
-        sys.stdout.write(json.dumps({"user": user.name, "api_key": key}) + "\n")
+        sys.stdout.write(json.dumps({"user": user.name, "api_key": key,
+                                     "password_set": secret is not None}) + "\n")
     else:
         console.print(f"created user [bold]{user.name}[/bold]")
         console.print(f"API key (shown once, keep it safe): [bold]{key}[/bold]")
+        if secret is not None:
+            console.print("password set: sign in at the address `selfie-lora serve` prints")
+
+
+@users_app.command("password")
+def users_password(name: str) -> None:
+    """Set or change a user's password for the web app (their browser sessions end)."""
+    secret = _read_new_password()
+    with opened(trainers={}, generators={}) as services:
+        services.users.set_password(user=services.users.get_by_name(name=name), password=secret)
+    console.print(f"password of [bold]{name}[/bold] set; their browser sessions have ended")
+
+
+def _read_new_password() -> str:
+    """A new password, typed twice (hidden) at a terminal, or two lines of standard input."""
+    if sys.stdin.isatty():
+        first = typer.prompt("password", hide_input=True)
+        second = typer.prompt("the same password again", hide_input=True)
+    else:
+        lines = sys.stdin.read().splitlines()
+        if len(lines) < 2:
+            err_console.print("error: --password reads the password twice: two lines on "
+                              "standard input")
+            raise typer.Exit(1)
+        first, second = lines[0], lines[1]
+    if first != second:
+        err_console.print("error: the two passwords differ; nothing was changed")
+        raise typer.Exit(1)
+    return str(first)
 
 
 @keys_app.command("list")

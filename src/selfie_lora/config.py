@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from selfie_lora.domain.accounts import SignInPolicy
 from selfie_lora.domain.lease import (
     DEFAULT_HEARTBEAT_SECONDS,
     DEFAULT_LEASE_SECONDS,
@@ -102,6 +103,16 @@ class Settings(BaseSettings):
     # Originals (with their metadata) are kept only when the operator asks for it.
     keep_originals: bool = False
 
+    # The web app. SECRET_KEY signs the session cookies: every API server of one service needs the
+    # same one (unset: a random key kept in HOME/secret_key). SIGNUP lets anyone create an
+    # account from the sign-in page. Sign-in allows SIGN_IN_MAX_FAILURES failures per name (and
+    # 4x that per client address) per SIGN_IN_WINDOW_MINUTES; a session lasts SESSION_DAYS.
+    secret_key: SecretStr | None = None
+    signup: bool = False
+    session_days: float = Field(default=14.0, gt=0, le=366)
+    sign_in_max_failures: int = Field(default=5, ge=1, le=1000)
+    sign_in_window_minutes: float = Field(default=15.0, gt=0, le=24 * 60)
+
     @model_validator(mode="after")
     def _lease_fits_heartbeats(self) -> Settings:
         self.lease_policy  # noqa: B018 - raises ValueError when the lease is shorter than 2 beats
@@ -112,6 +123,13 @@ class Settings(BaseSettings):
         return LeasePolicy(ttl=timedelta(seconds=self.lease_seconds),
                            heartbeat=timedelta(seconds=self.heartbeat_seconds),
                            max_attempts=self.max_attempts)
+
+    @property
+    def sign_in_policy(self) -> SignInPolicy:
+        return SignInPolicy(max_failures=self.sign_in_max_failures,
+                            max_failures_per_client=4 * self.sign_in_max_failures,
+                            window=timedelta(minutes=self.sign_in_window_minutes),
+                            session_lifetime=timedelta(days=self.session_days))
 
     @property
     def effective_database_url(self) -> str:

@@ -7,6 +7,7 @@ import importlib.resources
 import io
 import logging
 import os
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -149,7 +150,9 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
         if not report.trainable:
             raise SelfieLoraError("the demo photos are not trainable")
 
-        user, _key = services.users.create(name="demo")
+        # A password, so that the person running the demo can sign in to the web app on it.
+        password = secrets.token_urlsafe(12)
+        user, _key = services.users.create(name="demo", password=password)
         # The first training uses all but the last photo; the retraining adds it, as a user
         # who found one more good photo would: a real retraining, on other data.
         first_files = [f for f in files if f.name != files[-1].name]
@@ -224,5 +227,9 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
         for label, path in rows:
             console.print(f"{label:32} {path}")
         console.print(f"demo finished in {time.monotonic() - started:.1f} s")
+        console.rule("see it in your browser")
+        console.print(f"SELFIE_LORA_HOME={settings.home} .venv/bin/selfie-lora serve")
+        console.print("then open http://127.0.0.1:8000 and sign in as [bold]demo[/bold] with "
+                      f"the password [bold]{password}[/bold]")
     finally:
         services.close()

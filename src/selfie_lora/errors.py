@@ -7,7 +7,10 @@ entry points never see them.
     SelfieLoraError
     ├── ConfigError                 settings that cannot work (missing token, bad URL)
     ├── NotFoundError               no such object for this user (HTTP 404)
-    ├── AuthError                   no key or a wrong key (HTTP 401)
+    ├── AuthError                   no key or a wrong key, a wrong password, no session (HTTP 401)
+    ├── ForbiddenError              signed in, but not allowed: sign-up closed, a form without
+    │                               its CSRF token (HTTP 403)
+    ├── RateLimitedError            too many failed sign-ins; ``retry_after`` seconds (HTTP 429)
     ├── ConflictError               the request clashes with the state (HTTP 409): a training is
     │                               queued or running, an upload is starting one, the user exists,
     │                               a webhook was received before, a concurrent write won
@@ -45,7 +48,14 @@ class ErrorCode(enum.StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     # 401, 404
     UNAUTHORIZED = "unauthorized"
+    WRONG_CREDENTIALS = "wrong_credentials"
+    SESSION_EXPIRED = "session_expired"
     NOT_FOUND = "not_found"
+    # 403, 429
+    FORBIDDEN = "forbidden"
+    SIGNUP_CLOSED = "signup_closed"
+    CSRF_REJECTED = "csrf_rejected"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
     # 409: each conflict its own
     TRAINING_IN_PROGRESS = "training_in_progress"
     UPLOAD_IN_PROGRESS = "upload_in_progress"
@@ -63,6 +73,7 @@ class ErrorCode(enum.StrEnum):
     NO_DATASET = "no_dataset"
     EMPTY_PATCH = "empty_patch"
     INVALID_NAME = "invalid_name"
+    INVALID_PASSWORD = "invalid_password"
     INVALID_LORA_SCALE = "invalid_lora_scale"
     INVALID_TRAINER_VERSION = "invalid_trainer_version"
     REASON_REQUIRED = "reason_required"
@@ -137,6 +148,20 @@ class AuthError(SelfieLoraError):
     http_status = 401
 
 
+class ForbiddenError(SelfieLoraError):
+    code = ErrorCode.FORBIDDEN
+    http_status = 403
+
+
+class RateLimitedError(SelfieLoraError):
+    code = ErrorCode.TOO_MANY_ATTEMPTS
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, details=[{"retry_after": retry_after}])
+        self.retry_after = retry_after
+
+
 class ConflictError(SelfieLoraError):
     code = ErrorCode.TRAINING_IN_PROGRESS
     http_status = 409
@@ -148,7 +173,15 @@ class InvalidInputError(SelfieLoraError):
 
 
 class DatasetRejectedError(InvalidInputError):
+    """``details`` are the findings; ``boxes`` the face found in each analysed photo (name ->
+    left, top, right, bottom as fractions of the photo), for pages that draw them."""
+
     code = ErrorCode.DATASET_REJECTED
+
+    def __init__(self, message: str, *, details: Sequence[Any] = (),
+                 boxes: dict[str, list[float]] | None = None) -> None:
+        super().__init__(message, details=details)
+        self.boxes = boxes or {}
 
 
 class PayloadTooLargeError(SelfieLoraError):

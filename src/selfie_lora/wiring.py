@@ -7,7 +7,9 @@ with their own adapters (a stand-in Replicate URL, an inline local trainer, a fa
 from __future__ import annotations
 
 import logging
+import os
 import random
+import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from selfie_lora.config import Settings
 from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadLimits
 from selfie_lora.domain.plan import TrainingDefaults
+from selfie_lora.errors import ConfigError
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import IntakeService
 from selfie_lora.services.likeness import LikenessService
@@ -36,6 +39,7 @@ from selfie_lora.services.ports import (
     BlobStore,
     FaceAnalyzer,
     Generator,
+    PasswordHasher,
     Repository,
     Trainer,
     WebhookVerifier,
@@ -120,6 +124,45 @@ def default_alerter(settings: Settings) -> Alerter | None:
     return HttpAlerter(settings.alert_url, timeout=settings.alert_timeout)
 
 
+def default_password_hasher() -> PasswordHasher | None:
+    """Argon2id, when argon2-cffi is installed (without it, signing in with a password is a
+    setup error that says what to install; API keys still work)."""
+    try:
+        from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
+    except ImportError:
+        return None
+    return Argon2Hasher()
+
+
+def session_secret(settings: Settings) -> str:
+    """The key that signs session cookies: the setting, or a random one kept (mode 0600) in
+    HOME/secret_key, made on first use. Several API servers must share one: set it."""
+    if settings.secret_key is not None:
+        value = settings.secret_key.get_secret_value()
+        if len(value) < 32:
+            raise ConfigError("SELFIE_LORA_SECRET_KEY must be at least 32 characters")
+        return value
+    path = settings.home / "secret_key"
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    settings.home.mkdir(parents=True, exist_ok=True)
+    candidate = secrets.token_urlsafe(48)
+    tmp = path.with_name(f".secret_key.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(candidate)
+    try:
+        # Two processes starting at once: the first link wins, both read the same key.
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_text(encoding="ascii").strip()
+
+
 def replicate_connection(settings: Settings) -> ReplicateConnection:
     """How this process reaches Replicate: one object for the trainer and the generator."""
     from selfie_lora.adapters.replicate.session import ReplicateConnection
@@ -177,6 +220,7 @@ def build_services(
     migrate: bool = True,
     face_analyzer: FaceAnalyzer | None = None,
     alerter: Alerter | None = None,
+    password_hasher: PasswordHasher | None = None,
 ) -> Services:
     settings.home.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url)
@@ -216,7 +260,8 @@ def build_services(
     )
     return Services(
         settings=settings, engine=engine, repo=repo, blobs=blobs, queue=queue,
-        users=UserService(repo=repo),
+        users=UserService(repo=repo, hasher=password_hasher or default_password_hasher(),
+                          policy=settings.sign_in_policy, signup_enabled=settings.signup),
         intake=intake,
         training=training,
         models=ModelService(repo=repo, blobs=blobs),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
 
+from selfie_lora.config import Settings
+from selfie_lora.wiring import build_services
 from tests.e2e.conftest import clean_env, run_cli
 
 pytestmark = pytest.mark.slow
@@ -29,3 +32,13 @@ def test_the_demo_trains_then_really_retrains_and_says_what_changed(tmp_path: Pa
     for name in ("v1-seed7.png", "v2-seed7.png", "compare-v1-v2.png", "likeness-v1-v2.png",
                  "likeness-chart.png"):
         assert (out / "generated" / name).stat().st_size > 0, name
+    # It ends by saying how to see it in a browser, and the account it prints signs in there.
+    found = re.search(r"sign in as demo with\s+the password (\S+)", text)
+    assert found, text[-1500:]
+    assert f"SELFIE_LORA_HOME={out / 'home'}" in " ".join(text.split())
+    services = build_services(Settings(home=out / "home"), trainers={}, generators={})
+    try:
+        signed = services.users.sign_in(name="demo", password=found.group(1), client="test")
+        assert signed.user.name == "demo"
+    finally:
+        services.close()

@@ -23,8 +23,9 @@ from selfie_lora.domain.entities import (
     TrainingStatus,
     User,
     Version,
+    WebSession,
 )
-from selfie_lora.errors import ConflictError
+from selfie_lora.errors import ConflictError, StorageError
 from tests.support.backends import DATABASES, database_url, fresh_engine
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -224,3 +225,42 @@ def test_api_keys_authenticate_until_revoked(repo: SqlRepository) -> None:
     assert repo.list_api_keys(ann.id)[0].revoked_at == NOW + timedelta(seconds=2)
     with pytest.raises(ConflictError):  # a key hash is unique
         repo.add_api_key(dataclasses.replace(second, id="k3"))
+
+
+def test_passwords_sessions_and_sign_in_failures(repo: SqlRepository) -> None:
+    ann, _model, _dataset = seed(repo)
+    bob, _m, _d = seed(repo, "bob")
+    assert repo.get_password_hash(ann.id) is None
+    repo.set_user_password(ann.id, "$argon2id$x")
+    assert repo.get_password_hash(ann.id) == "$argon2id$x"
+    assert repo.get_password_hash(bob.id) is None
+    with pytest.raises(StorageError):
+        repo.set_user_password("nobody", "h")
+
+    def session(sid: str, user: User, *, days: int) -> WebSession:
+        return WebSession(id=sid, user_id=user.id, csrf_token=f"csrf-{sid}", created_at=NOW,
+                          expires_at=NOW + timedelta(days=days))
+
+    for s in (session("s1", ann, days=1), session("s2", ann, days=10),
+              session("s3", bob, days=1)):
+        repo.add_session(s)
+    assert repo.get_session("s1") == session("s1", ann, days=1)
+    assert repo.get_session("nope") is None
+    repo.delete_session("s1")
+    assert repo.get_session("s1") is None
+    assert repo.delete_sessions(expired_before=NOW + timedelta(days=2)) == 1  # bob's s3
+    assert repo.get_session("s2") is not None
+    assert repo.delete_sessions(user_id=ann.id) == 1
+    assert repo.get_session("s2") is None
+    with pytest.raises(ValueError, match="never every session"):
+        repo.delete_sessions()
+
+    repo.add_sign_in_failure(["name:ann", "client:1.2.3.4"], at=NOW)
+    repo.add_sign_in_failure(["name:ann"], at=NOW + timedelta(minutes=5))
+    assert sorted(repo.sign_in_failures("name:ann", since=NOW - timedelta(seconds=1))) == [
+        NOW, NOW + timedelta(minutes=5)]
+    assert repo.sign_in_failures("name:ann", since=NOW) == [NOW + timedelta(minutes=5)]
+    assert repo.sign_in_failures("client:1.2.3.4", since=NOW - timedelta(seconds=1)) == [NOW]
+    assert repo.prune_sign_in_failures(before=NOW + timedelta(minutes=1)) == 2
+    assert repo.sign_in_failures("name:ann", since=NOW - timedelta(days=1)) == [
+        NOW + timedelta(minutes=5)]

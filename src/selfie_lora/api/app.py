@@ -2,7 +2,8 @@
 
 Routes live by resource in ``api/{training,model,likeness,generation,webhooks,keys}.py``; each
 authenticates (the guard did, before the body), parses, calls one service method and serializes.
-No route touches the database, the queue or an adapter.
+No route touches the database, the queue or an adapter. The web app's pages (``web/``) are
+mounted on the same app and the same services; errors on a page path answer an HTML page.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -24,7 +25,8 @@ from selfie_lora.api import generation, keys, likeness, model, training, webhook
 from selfie_lora.api.deps import in_thread
 from selfie_lora.api.guard import Guard, Limits
 from selfie_lora.config import Settings
-from selfie_lora.errors import ErrorCode, SelfieLoraError
+from selfie_lora.errors import ErrorCode, RateLimitedError, SelfieLoraError
+from selfie_lora.web.app import SignInRequired, is_page, mount_web, page_error_response
 from selfie_lora.wiring import Services, build_services
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ def create_app(
     app = FastAPIOffline(title="selfie-lora", version="0.1.0", description=DESCRIPTION,
                          lifespan=lifespan)
     app.state.services = svc
+    # The pages (web/): the same services, signed in with a session cookie.
+    web = mount_web(app, svc)
     app.add_middleware(
         Guard,
         limits=Limits(max_upload_bytes=svc.settings.max_upload_bytes,
@@ -84,30 +88,51 @@ def create_app(
                       body_timeout=svc.settings.body_timeout,
                       min_body_rate=svc.settings.min_body_rate),
         authenticate=lambda key: svc.users.authenticate(api_key=key),
+        authenticate_cookie=web.cookie_user,
     )
 
+    @app.exception_handler(SignInRequired)
+    async def _sign_in(request: Request, exc: SignInRequired) -> Response:
+        return page_error_response(web, request, exc)
+
     @app.exception_handler(SelfieLoraError)
-    async def _domain_error(_request: Request, exc: SelfieLoraError) -> JSONResponse:
+    async def _domain_error(request: Request, exc: SelfieLoraError) -> Response:
+        if is_page(request.url.path):
+            return await in_thread(lambda: page_error_response(web, request, exc))
         if exc.http_status >= 500:
             logger.error("%s: %s", exc.code, exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
+        if isinstance(exc, RateLimitedError):
+            headers = {"Retry-After": str(exc.retry_after)}
         return _error(exc.http_status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
         details = [
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
         ]
+        if is_page(request.url.path):
+            message = "the form is not complete: " + "; ".join(
+                f"{'.'.join(str(p) for p in d['loc'][1:]) or 'form'}: {d['msg']}"
+                for d in details)
+            return await in_thread(lambda: web.error_page(request, 422, message,
+                                                          ErrorCode.INVALID_REQUEST))
         return _error(422, ErrorCode.INVALID_REQUEST, "the request is not valid", details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
             exc.status_code, ErrorCode.HTTP_ERROR)
+        if is_page(request.url.path) and not request.url.path.startswith("/static/"):
+            message = ("there is no such page" if exc.status_code == 404 else str(exc.detail))
+            return await in_thread(lambda: web.error_page(request, exc.status_code, message,
+                                                          code))
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        if is_page(request.url.path):
+            return await in_thread(lambda: page_error_response(web, request, exc))
         logger.exception("unexpected error", exc_info=exc)
         return _error(500, ErrorCode.INTERNAL_ERROR,
                       "something went wrong on our side; please retry")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
@@ -28,8 +29,9 @@ def services(request: Request) -> Services:
 
 UserDep = Annotated[User, Depends(current_user)]
 ServicesDep = Annotated[Services, Depends(services)]
+T = TypeVar("T")
 
 
-async def in_thread(fn: Any) -> Any:
+async def in_thread(fn: Callable[[], T]) -> T:
     """Run blocking service work (photos, images, torch) off the event loop."""
     return await run_in_threadpool(fn)

@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 WEBHOOK_PATH = "/api/webhooks/"
 UPLOAD_PATHS = frozenset({"/api/training/upload-zip", "/api/training/upload"})
+# The web app's upload: the same limit, authenticated by the session cookie before the body.
+WEB_UPLOAD_PATHS = frozenset({"/photos/upload"})
 # Replicate's training webhooks carry the training's logs.
 WEBHOOK_MAX_BYTES = 2 * 1024 * 1024
 # Room for multipart boundaries and part headers around the photos themselves.
@@ -55,11 +57,14 @@ class _Stop(Exception):  # noqa: N818 - a control-flow signal inside one request
 
 class Guard:
     def __init__(self, app: ASGIApp, *, limits: Limits,
-                 authenticate: Callable[[str | None], User]) -> None:
+                 authenticate: Callable[[str | None], User],
+                 authenticate_cookie: Callable[[str | None], User] | None = None) -> None:
         self._app = app
         self._limits = limits
         # Blocking (a database lookup): run off the event loop.
         self._authenticate = authenticate
+        # The web app's session cookie (the Cookie header's value) for its upload path.
+        self._authenticate_cookie = authenticate_cookie
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -73,8 +78,14 @@ class Guard:
                 await _answer(send, 401, exc.code, exc.message)
                 return
             scope.setdefault("state", {})["user"] = user
+        elif path in WEB_UPLOAD_PATHS and self._authenticate_cookie is not None:
+            try:
+                await run_in_threadpool(self._authenticate_cookie, _header(scope, b"cookie"))
+            except AuthError as exc:
+                await _answer(send, 401, exc.code, exc.message, bearer=False)
+                return
         limit = self._limit_for(path)
-        too_large = (ErrorCode.UPLOAD_TOO_LARGE if path in UPLOAD_PATHS
+        too_large = (ErrorCode.UPLOAD_TOO_LARGE if path in UPLOAD_PATHS | WEB_UPLOAD_PATHS
                      else ErrorCode.BODY_TOO_LARGE)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
@@ -105,7 +116,7 @@ class Guard:
             raise
 
     def _limit_for(self, path: str) -> int:
-        if path in UPLOAD_PATHS:
+        if path in UPLOAD_PATHS or path in WEB_UPLOAD_PATHS:
             return self._limits.max_upload_bytes + MULTIPART_OVERHEAD
         if path.startswith(WEBHOOK_PATH):
             return WEBHOOK_MAX_BYTES
@@ -162,6 +173,14 @@ def _bearer(scope: Scope) -> str | None:
     return None
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
@@ -178,14 +197,15 @@ def _too_large(limit: int) -> str:
     return f"the request body is larger than {limit // 1024} KB"
 
 
-async def _answer(send: Send, status: int, code: ErrorCode, message: str) -> None:
+async def _answer(send: Send, status: int, code: ErrorCode, message: str, *,
+                  bearer: bool = True) -> None:
     body = json.dumps({"error": {"code": code, "message": message, "details": []}}).encode()
     headers: list[tuple[bytes, bytes]] = [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
         # The rest of the body will not be read: the connection cannot serve another request.
         (b"connection", b"close"),
     ]
-    if status == 401:
+    if status == 401 and bearer:
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

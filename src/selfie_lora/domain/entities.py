@@ -86,6 +86,18 @@ class ApiKey:
 
 
 @dataclass(frozen=True)
+class WebSession:
+    """A signed-in browser. The cookie carries a random token; only its SHA-256 (``id``) is
+    stored. ``csrf_token`` is what every form of this session must send back."""
+
+    id: str
+    user_id: str
+    csrf_token: str
+    created_at: datetime
+    expires_at: datetime
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A named set of training hyper-parameters, stored with every training."""
 
@@ -211,6 +223,8 @@ class Training:
     history: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     # The trainer's own figures (losses, time, device, cost), kept for the likeness record.
     metrics: dict[str, Any] = field(default_factory=dict)
+    # (step, loss) as the trainer reported them, bounded (``domain.progress``): the page's chart.
+    loss_curve: tuple[tuple[int, float], ...] = ()
     # Who runs it (see ``domain.lease``): ``attempt`` counts the times a worker took it,
     # ``recoveries`` the times a worker took it over from one that had died holding it.
     attempt: int = 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from selfie_lora.domain.entities import Generation, Model, User, Version
@@ -121,3 +121,7 @@ class GenerationService:
         if not 0 <= index < len(generation.image_keys):
             raise NotFoundError("no such image")
         return self._blobs.get(generation.image_keys[index])
+
+    def history(self, *, user: User, limit: int = 50) -> Sequence[Generation]:
+        """The user's generations, newest first (the gallery)."""
+        return self._repo.list_generations(user.id, limit=max(1, min(limit, 200)))

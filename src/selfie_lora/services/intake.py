@@ -51,6 +51,9 @@ class IntakeReport:
     # training crops, which can be as small as 64 px): name -> (faces found, embedding).
     faces: dict[str, tuple[int, tuple[float, ...] | None]] = dataclasses.field(
         default_factory=dict)
+    # Each analysed photo's main face as fractions of the photo (left, top, right, bottom), for
+    # drawing the box on a thumbnail.
+    boxes: dict[str, tuple[float, float, float, float]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_result(cls, result: IntakeResult, *, notes: Sequence[Finding],
@@ -67,7 +70,29 @@ class IntakeReport:
             },
             resolution=resolution,
             faces={a.name: (len(a.faces), a.embedding) for a in result.analyses},
+            boxes={a.name: _fractions(a.main_face.box, a.image_size)
+                   for a in result.analyses if a.main_face is not None},
         )
+
+
+def _fractions(box: tuple[int, int, int, int], size: tuple[int, int]
+               ) -> tuple[float, float, float, float]:
+    width, height = max(1, size[0]), max(1, size[1])
+
+    def clamp(v: float) -> float:
+        return round(min(1.0, max(0.0, v)), 4)
+
+    return (clamp(box[0] / width), clamp(box[1] / height), clamp(box[2] / width),
+            clamp(box[3] / height))
+
+
+@dataclass(frozen=True)
+class DatasetPhoto:
+    index: int
+    name: str
+    sha256: str
+    # Fractions of the photo as uploaded (not of the square crop stored for training).
+    face_box: tuple[float, float, float, float] | None
 
 
 def _as_list(embedding: tuple[float, ...] | None) -> list[float] | None:
@@ -173,6 +198,7 @@ class IntakeService:
             raise DatasetRejectedError(
                 "these photos cannot be trained on: " + "; ".join(must_change),
                 details=[f.as_dict() for f in report.findings],
+                boxes={name: list(box) for name, box in report.boxes.items()},
             )
         accepted = report.accepted
         dataset = Dataset(
@@ -198,7 +224,9 @@ class IntakeService:
         manifest = {
             "dataset_id": dataset.id,
             "resolution": report.resolution,
-            "photos": [{"sha256": p.sha256, "key": photo_key(p.sha256),
+            "photos": [{"sha256": p.sha256, "key": photo_key(p.sha256), "name": p.name,
+                        "face_box": list(report.boxes[p.name]) if p.name in report.boxes
+                        else None,
                         "original": originals.get(p.sha256)} for p in accepted],
             "findings": [f.as_dict() for f in report.findings],
             "verdict": report.verdict,
@@ -215,6 +243,31 @@ class IntakeService:
                     len(accepted), report.images_total, report.verdict["quality"],
                     report.verdict["score"])
         return dataset
+
+    def latest(self, *, user: User) -> Dataset | None:
+        """The user's newest accepted photo set (what a training without a dataset uses)."""
+        return self._repo.latest_accepted_dataset(user.id)
+
+    def photos(self, *, user: User, dataset_id: str) -> list[DatasetPhoto]:
+        """The kept photos of one of the user's datasets, in upload order (from its manifest)."""
+        dataset = self.get(user=user, dataset_id=dataset_id)
+        manifest = json.loads(self._blobs.get(manifest_key(dataset.id)))
+        out = []
+        for index, photo in enumerate(manifest.get("photos", [])):
+            box = photo.get("face_box")
+            out.append(DatasetPhoto(
+                index=index, name=str(photo.get("name") or f"photo {index + 1}"),
+                sha256=str(photo["sha256"]),
+                face_box=(float(box[0]), float(box[1]), float(box[2]), float(box[3]))
+                if box else None))
+        return out
+
+    def photo(self, *, user: User, dataset_id: str, index: int) -> bytes:
+        """One kept photo of one of the user's datasets (JPEG, as prepared for training)."""
+        for photo in self.photos(user=user, dataset_id=dataset_id):
+            if photo.index == index:
+                return self._blobs.get(photo_key(photo.sha256))
+        raise NotFoundError("no such photo")
 
     def get(self, *, user: User, dataset_id: str) -> Dataset:
         dataset = self._repo.get_dataset(dataset_id)

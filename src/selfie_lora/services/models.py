@@ -60,6 +60,24 @@ class ModelService:
         records = {r.version_id: r for r in self._repo.list_likeness(model.id)}
         return [(v, records.get(v.id)) for v in self._repo.list_versions(model.id)]
 
+    def photos_used(self, *, user: User) -> dict[str, int]:
+        """How many photos each version was trained on (version id -> count)."""
+        model = self._repo.get_model_for_user(user.id)
+        if model is None:
+            return {}
+        by_training = {t.id: t.dataset_id for t in self._repo.list_trainings(model.id)}
+        counts: dict[str, int] = {}
+        sizes: dict[str, int] = {}
+        for version in self._repo.list_versions(model.id):
+            dataset_id = by_training.get(version.training_id)
+            if dataset_id is None:
+                continue
+            if dataset_id not in sizes:
+                dataset = self._repo.get_dataset(dataset_id)
+                sizes[dataset_id] = dataset.images_accepted if dataset else 0
+            counts[version.id] = sizes[dataset_id]
+        return counts
+
     def set_lora_scale(self, *, user: User, lora_scale: float) -> Model:
         model = self.get(user=user)
         scale = validate_lora_scale(lora_scale)

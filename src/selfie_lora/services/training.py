@@ -70,6 +70,7 @@ from selfie_lora.domain.lease import (
     scoring_exhausted,
 )
 from selfie_lora.domain.plan import TrainingDefaults, plan_training
+from selfie_lora.domain.progress import add_loss_point
 from selfie_lora.domain.states import can_transition, transition
 from selfie_lora.errors import (
     AuthError,
@@ -810,9 +811,11 @@ class _Sink:
             if status is not t.status:
                 moved.append(status)
             t = transition(t, status, at=self._service._clock(), reason="trainer progress")
+            curve = (add_loss_point(t.loss_curve, step=step, loss=loss) if loss is not None
+                     else t.loss_curve)
             return dataclasses.replace(
                 t, step=max(0, step), total_steps=total if total > 0 else t.total_steps,
-                loss=loss if loss is not None else t.loss,
+                loss=loss if loss is not None else t.loss, loss_curve=curve,
             )
 
         self._service._update_held(self._held, apply)

@@ -1,5 +1,10 @@
-"""Users and their API keys: several per user, stored hashed, shown once, listed, revoked and
-rotated."""
+"""Users and their credentials: API keys (several per user, stored hashed, shown once, listed,
+revoked and rotated), a password for the browser, and the browser's sessions.
+
+Signing in answers the same for an unknown name and a wrong password (and spends the same
+time: an unknown name is checked against a dummy hash). Failed attempts are stored, per name and
+per client address, so every API server counts the same ones; too many in the window make the
+next attempt wait (``domain.accounts``)."""
 
 from __future__ import annotations
 
@@ -7,12 +12,30 @@ import hashlib
 import logging
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
-from selfie_lora.domain.entities import ApiKey, User
-from selfie_lora.errors import AuthError, ConflictError, ErrorCode, InvalidInputError, NotFoundError
+from selfie_lora.domain.accounts import (
+    WRONG_CREDENTIALS,
+    SignInPolicy,
+    password_problem,
+    session_expired,
+    wait_before_next_attempt,
+)
+from selfie_lora.domain.entities import ApiKey, User, WebSession
+from selfie_lora.errors import (
+    AuthError,
+    ConfigError,
+    ConflictError,
+    ErrorCode,
+    ForbiddenError,
+    InvalidInputError,
+    NotFoundError,
+    RateLimitedError,
+)
 from selfie_lora.services.common import new_id, utcnow
-from selfie_lora.services.ports import Repository
+from selfie_lora.services.ports import PasswordHasher, Repository
 
 logger = logging.getLogger(__name__)
 
@@ -27,24 +50,168 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class UserService:
-    def __init__(self, *, repo: Repository) -> None:
-        self._repo = repo
+def hash_session_token(token: str) -> str:
+    # Like API keys: a 256-bit random token needs no slow hash.
+    return hashlib.sha256(token.encode()).hexdigest()
 
-    def create(self, *, name: str) -> tuple[User, str]:
-        """A new user and its first API key, which is not stored and cannot be shown again."""
+
+@dataclass(frozen=True)
+class SignedIn:
+    """A new browser session: ``token`` goes into the cookie (and is not stored)."""
+
+    user: User
+    session: WebSession
+    token: str
+
+
+class UserService:
+    def __init__(
+        self, *, repo: Repository, hasher: PasswordHasher | None = None,
+        policy: SignInPolicy | None = None, signup_enabled: bool = False,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._repo = repo
+        self._hasher = hasher
+        self._policy = policy or SignInPolicy()
+        self.signup_enabled = signup_enabled
+        self._clock = clock
+        self._dummy_hash: str | None = None
+
+    def create(self, *, name: str, password: str | None = None) -> tuple[User, str]:
+        """A new user and its first API key, which is not stored and cannot be shown again;
+        with ``password``, the user can also sign in from a browser."""
         if not _NAME.match(name):
             raise InvalidInputError(
                 "a user name is 1-100 letters, digits, '_', '.', '@' or '-'",
                 code=ErrorCode.INVALID_NAME)
+        password_hash = self._password_hash(password, name=name) if password is not None else None
         if self._repo.get_user_by_name(name) is not None:
             raise ConflictError(f"the user {name!r} already exists", code=ErrorCode.USER_EXISTS)
-        user = User(id=new_id(), name=name, created_at=utcnow())
+        user = User(id=new_id(), name=name, created_at=self._clock())
         key, secret = self._new_key(user, "default")
         with self._repo.atomic() as tx:
             tx.add_user(user)
             tx.add_api_key(key)
+            if password_hash is not None:
+                tx.set_user_password(user.id, password_hash)
         return user, secret
+
+    # ------------------------------------------------------------------ passwords, sessions
+    def set_password(self, *, user: User, password: str) -> None:
+        """Set or change the user's password; every browser session of the user ends."""
+        password_hash = self._password_hash(password, name=user.name)
+        with self._repo.atomic() as tx:
+            tx.set_user_password(user.id, password_hash)
+            tx.delete_sessions(user_id=user.id)
+        logger.info("user %s: password set; sessions ended", user.name)
+
+    def sign_up(self, *, name: str, password: str, client: str) -> SignedIn:
+        """A new account from the sign-up page (when the setting allows it), signed in."""
+        if not self.signup_enabled:
+            raise ForbiddenError("sign-up is closed on this service: ask its operator for an "
+                                 "account", code=ErrorCode.SIGNUP_CLOSED)
+        self._throttle(name=name, client=client)
+        user, _key = self.create(name=name, password=password)
+        return self._open_session(user)
+
+    def sign_in(self, *, name: str, password: str, client: str) -> SignedIn:
+        """A session for ``name`` if ``password`` is its password. ``client`` is the address
+        the attempt came from (counted for the rate limit, never stored with a success)."""
+        self._throttle(name=name, client=client)
+        hasher = self._require_hasher()
+        user = self._repo.get_user_by_name(name) if len(name) <= 100 else None
+        stored = self._repo.get_password_hash(user.id) if user is not None else None
+        if stored is None or len(password) > 1024:
+            # The same work as a real check, so the answer's timing tells nothing either.
+            hasher.verify(self._dummy(), password[:1024])
+            ok = False
+        else:
+            ok = hasher.verify(stored, password)
+        if not ok or user is None:
+            self._repo.add_sign_in_failure(self._throttle_keys(name, client), at=self._clock())
+            raise AuthError(WRONG_CREDENTIALS, code=ErrorCode.WRONG_CREDENTIALS)
+        if stored is not None and hasher.needs_rehash(stored):
+            self._repo.set_user_password(user.id, hasher.hash(password))
+        logger.info("user %s signed in", user.name)
+        return self._open_session(user)
+
+    def session(self, *, token: str | None) -> tuple[User, WebSession]:
+        """The user and session of a browser's token; ``AuthError`` when there is none or it
+        has expired (an expired one is deleted)."""
+        if not token:
+            raise AuthError("sign in first")
+        found = self._repo.get_session(hash_session_token(token))
+        if found is None:
+            raise AuthError("sign in first")
+        if session_expired(found.expires_at, now=self._clock()):
+            self._repo.delete_session(found.id)
+            raise AuthError("your session has expired: sign in again",
+                            code=ErrorCode.SESSION_EXPIRED)
+        user = self._repo.get_user(found.user_id)
+        if user is None:  # pragma: no cover - users are never deleted
+            raise AuthError("sign in first")
+        return user, found
+
+    def sign_out(self, *, token: str | None) -> None:
+        """End the browser's session (nothing happens for an unknown token)."""
+        if token:
+            self._repo.delete_session(hash_session_token(token))
+
+    def forget_expired(self) -> int:
+        """Delete expired sessions and failures older than the rate limit's window."""
+        now = self._clock()
+        removed = self._repo.delete_sessions(expired_before=now)
+        return removed + self._repo.prune_sign_in_failures(before=now - self._policy.window)
+
+    def _open_session(self, user: User) -> SignedIn:
+        token = secrets.token_urlsafe(32)
+        now = self._clock()
+        session = WebSession(id=hash_session_token(token), user_id=user.id,
+                             csrf_token=secrets.token_urlsafe(32), created_at=now,
+                             expires_at=now + self._policy.session_lifetime)
+        self._repo.add_session(session)
+        return SignedIn(user=user, session=session, token=token)
+
+    def _throttle(self, *, name: str, client: str) -> None:
+        now = self._clock()
+        since = now - self._policy.window
+        name_key, client_key = self._throttle_keys(name, client)
+        waits = [
+            wait_before_next_attempt(self._repo.sign_in_failures(name_key, since=since),
+                                     limit=self._policy.max_failures,
+                                     window=self._policy.window, now=now),
+            wait_before_next_attempt(self._repo.sign_in_failures(client_key, since=since),
+                                     limit=self._policy.max_failures_per_client,
+                                     window=self._policy.window, now=now),
+        ]
+        longest = max((w for w in waits if w is not None), default=None)
+        if longest is not None:
+            seconds = int(longest.total_seconds() + 0.999)
+            minutes = max(1, (seconds + 59) // 60)
+            raise RateLimitedError(
+                f"too many failed sign-ins: try again in {minutes} minute"
+                f"{'s' if minutes > 1 else ''}", retry_after=seconds)
+
+    @staticmethod
+    def _throttle_keys(name: str, client: str) -> tuple[str, str]:
+        return f"name:{name.casefold()[:150]}", f"client:{client[:150]}"
+
+    def _password_hash(self, password: str, *, name: str) -> str:
+        problem = password_problem(password, name=name)
+        if problem is not None:
+            raise InvalidInputError(problem, code=ErrorCode.INVALID_PASSWORD)
+        return self._require_hasher().hash(password)
+
+    def _require_hasher(self) -> PasswordHasher:
+        if self._hasher is None:
+            raise ConfigError("passwords are not set up: install argon2-cffi "
+                              "(pip install 'selfie-lora[all]')")
+        return self._hasher
+
+    def _dummy(self) -> str:
+        if self._dummy_hash is None:
+            self._dummy_hash = self._require_hasher().hash(secrets.token_urlsafe(16))
+        return self._dummy_hash
 
     def authenticate(self, *, api_key: str | None) -> User:
         if not api_key:

@@ -19,12 +19,14 @@ from selfie_lora.adapters.db.tables import (
     EventRow,
     GenerationRow,
     ModelRow,
+    SignInFailureRow,
     TrainingRow,
     UploadClaimRow,
     UserRow,
     VersionLikenessRow,
     VersionRow,
     WebhookDeliveryRow,
+    WebSessionRow,
 )
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
@@ -40,6 +42,7 @@ from selfie_lora.domain.entities import (
     TrainingStatus,
     User,
     Version,
+    WebSession,
 )
 from selfie_lora.domain.likeness import (
     IdentityScores,
@@ -138,6 +141,7 @@ def _training(row: TrainingRow) -> Training:
         metrics=dict(row.metrics or {}), attempt=row.attempt, recoveries=row.recoveries,
         lease_owner=row.lease_owner, lease_expires_at=_utc(row.lease_expires_at),
         heartbeat_at=_utc(row.heartbeat_at),
+        loss_curve=tuple((int(s), float(v)) for s, v in (row.loss_curve or ())),
     )
 
 
@@ -154,6 +158,7 @@ def _training_values(t: Training) -> dict[str, Any]:
         "completed_at": t.completed_at, "metrics": t.metrics or None, "attempt": t.attempt,
         "recoveries": t.recoveries, "lease_owner": t.lease_owner,
         "lease_expires_at": t.lease_expires_at, "heartbeat_at": t.heartbeat_at,
+        "loss_curve": [[s, v] for s, v in t.loss_curve] or None,
     }
 
 
@@ -322,6 +327,64 @@ class SqlRepository:
             s.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id,
                                               ApiKeyRow.revoked_at.is_(None))
                       .values(revoked_at=at))
+
+    # passwords, sessions, sign-in failures ------------------------------------------------
+    def set_user_password(self, user_id: str, password_hash: str | None) -> None:
+        with self._tx() as s:
+            result = s.execute(update(UserRow).where(UserRow.id == user_id)
+                               .values(password_hash=password_hash))
+            if getattr(result, "rowcount", 1) == 0:
+                raise StorageError(f"no user {user_id}")
+
+    def get_password_hash(self, user_id: str) -> str | None:
+        with self._tx() as s:
+            return s.scalars(select(UserRow.password_hash).where(UserRow.id == user_id)).first()
+
+    def add_session(self, session: WebSession) -> None:
+        with self._tx() as s:
+            s.add(WebSessionRow(id=session.id, user_id=session.user_id,
+                                csrf_token=session.csrf_token, created_at=session.created_at,
+                                expires_at=session.expires_at))
+
+    def get_session(self, session_id: str) -> WebSession | None:
+        with self._tx() as s:
+            row = s.get(WebSessionRow, session_id)
+            if row is None:
+                return None
+            return WebSession(id=row.id, user_id=row.user_id, csrf_token=row.csrf_token,
+                              created_at=_req_utc(row.created_at),
+                              expires_at=_req_utc(row.expires_at))
+
+    def delete_session(self, session_id: str) -> None:
+        with self._tx() as s:
+            s.execute(delete(WebSessionRow).where(WebSessionRow.id == session_id))
+
+    def delete_sessions(self, *, user_id: str | None = None,
+                        expired_before: datetime | None = None) -> int:
+        if user_id is None and expired_before is None:
+            raise ValueError("name the user or the expiry: never every session at once")
+        query = delete(WebSessionRow)
+        if user_id is not None:
+            query = query.where(WebSessionRow.user_id == user_id)
+        if expired_before is not None:
+            query = query.where(WebSessionRow.expires_at <= expired_before)
+        with self._tx() as s:
+            return int(getattr(s.execute(query), "rowcount", 0) or 0)
+
+    def add_sign_in_failure(self, keys: Sequence[str], *, at: datetime) -> None:
+        with self._tx() as s:
+            s.add_all([SignInFailureRow(key=key[:200], at=at) for key in keys])
+
+    def sign_in_failures(self, key: str, *, since: datetime) -> Sequence[datetime]:
+        with self._tx() as s:
+            rows = s.scalars(select(SignInFailureRow.at).where(
+                SignInFailureRow.key == key[:200], SignInFailureRow.at > since)).all()
+            return [_req_utc(t) for t in rows]
+
+    def prune_sign_in_failures(self, *, before: datetime) -> int:
+        with self._tx() as s:
+            result = s.execute(delete(SignInFailureRow).where(SignInFailureRow.at <= before))
+            return int(getattr(result, "rowcount", 0) or 0)
 
     # models -----------------------------------------------------------------------------
     def add_model(self, model: Model) -> None:
@@ -561,6 +624,12 @@ class SqlRepository:
         with self._tx() as s:
             row = s.get(GenerationRow, generation_id)
             return _generation(row) if row else None
+
+    def list_generations(self, user_id: str, *, limit: int = 50) -> Sequence[Generation]:
+        with self._tx() as s:
+            rows = s.scalars(select(GenerationRow).where(GenerationRow.user_id == user_id)
+                             .order_by(GenerationRow.created_at.desc()).limit(limit)).all()
+            return [_generation(r) for r in rows]
 
     # events -----------------------------------------------------------------------------
     def add_event(self, *, model_id: str, kind: str, data: dict[str, Any]) -> None:

@@ -37,6 +37,28 @@ class UserRow(Base):
     # cannot drop a UNIQUE column without copying the table that everything refers to.
     api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # An argon2 hash (it names its own parameters); None: this user signs in with API keys only.
+    password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True, default=None)
+
+
+class WebSessionRow(Base):
+    __tablename__ = "web_sessions"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256 of the cookie's token
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class SignInFailureRow(Base):
+    """One failed sign-in, under the name tried and under the client's address (two rows), so
+    that every API server counts the same attempts."""
+
+    __tablename__ = "sign_in_failures"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(200))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (Index("ix_sign_in_failures_key_at", "key", "at"),)
 
 
 class ApiKeyRow(Base):
@@ -113,6 +135,7 @@ class TrainingRow(Base):
     weights_method: Mapped[str | None] = mapped_column(String(200), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    loss_curve: Mapped[list[list[float]] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

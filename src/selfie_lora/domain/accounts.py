@@ -1,0 +1,64 @@
+"""Rules for signing in with a password: what a password must be, how long a session lasts,
+and when too many failed attempts make the next one wait. Pure: the service brings the clock,
+the stored attempts and the hashing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+MIN_PASSWORD_LENGTH = 10
+# Argon2 hashes whatever it is given, but a megabyte "password" is a way to make the server
+# spend memory and time: refuse it before hashing.
+MAX_PASSWORD_LENGTH = 256
+
+# One answer for every failed sign-in, so that it never tells whether the name exists.
+WRONG_CREDENTIALS = "wrong name or password"
+
+
+@dataclass(frozen=True)
+class SignInPolicy:
+    """``max_failures`` failed attempts per ``window`` for one name, and ``max_failures_per_client``
+    from one client address, after which sign-in waits until the oldest failure leaves the window.
+    A session lasts ``session_lifetime`` from sign-in."""
+
+    max_failures: int = 5
+    max_failures_per_client: int = 20
+    window: timedelta = timedelta(minutes=15)
+    session_lifetime: timedelta = timedelta(days=14)
+
+    def __post_init__(self) -> None:
+        if self.max_failures < 1 or self.max_failures_per_client < 1:
+            raise ValueError("at least one attempt must be allowed")
+        if self.window <= timedelta(0) or self.session_lifetime <= timedelta(0):
+            raise ValueError("the window and the session lifetime must be positive")
+
+
+def password_problem(password: str, *, name: str) -> str | None:
+    """Why ``password`` cannot be used by user ``name``, or None when it can."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"a password needs at least {MIN_PASSWORD_LENGTH} characters"
+    if len(password) > MAX_PASSWORD_LENGTH:
+        return f"a password has at most {MAX_PASSWORD_LENGTH} characters"
+    if password.strip() == "":
+        return "a password cannot be only spaces"
+    if password.casefold() == name.casefold():
+        return "a password cannot be the user name"
+    return None
+
+
+def wait_before_next_attempt(failures: Sequence[datetime], *, limit: int, window: timedelta,
+                             now: datetime) -> timedelta | None:
+    """How long the next attempt must wait, given the times of earlier failures (any order), or
+    None when it may go ahead: with ``limit`` failures inside the window it waits until the
+    oldest of the newest ``limit`` leaves the window."""
+    recent = sorted(t for t in failures if now - t < window)
+    if len(recent) < limit:
+        return None
+    oldest_counted = recent[-limit]
+    return max(oldest_counted + window - now, timedelta(seconds=1))
+
+
+def session_expired(expires_at: datetime, *, now: datetime) -> bool:
+    return now >= expires_at

@@ -1,0 +1,183 @@
+"""Wiring the web app into the FastAPI application: templates, static files, the session cookie,
+CSRF, security headers and HTML error pages. The pages themselves are in ``web/pages.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from selfie_lora.domain.entities import User, WebSession
+from selfie_lora.errors import AuthError, ErrorCode, ForbiddenError, SelfieLoraError
+from selfie_lora.web.cookies import FORM_COOKIE, SESSION_COOKIE, CookieSigner
+from selfie_lora.wiring import Services, session_secret
+
+logger = logging.getLogger(__name__)
+
+WEB_ROOT = Path(str(files("selfie_lora.web")))
+# No inline script or style anywhere: every script and stylesheet is a file of ours.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
+       "object-src 'none'")
+# Paths the web app answers (everything else is the API, the docs or health).
+API_PREFIXES = ("/api/", "/docs", "/redoc", "/openapi.json", "/healthz", "/static-offline-docs")
+
+
+def is_page(path: str) -> bool:
+    return not path.startswith(API_PREFIXES)
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """The signed-in user of a page request, and their session (for its CSRF token)."""
+
+    user: User
+    session: WebSession
+
+
+class SignInRequired(Exception):  # noqa: N818 - a redirect, not an error a user sees
+    def __init__(self, next_path: str) -> None:
+        super().__init__(next_path)
+        self.next_path = next_path
+
+
+class Web:
+    """What page routes need: the services, templates, the cookie signer."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        settings = services.settings
+        self.signer = CookieSigner(session_secret(settings),
+                                   max_age_seconds=int(settings.session_days * 86400))
+        self.env = Environment(
+            loader=FileSystemLoader(str(WEB_ROOT / "templates")),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+        )
+
+    # ------------------------------------------------------------------ sessions
+    def viewer(self, request: Request) -> Viewer:
+        """The page's user, or ``SignInRequired`` (a redirect to the sign-in page)."""
+        token = self.signer.session_token(request.cookies.get(SESSION_COOKIE))
+        try:
+            user, session = self.services.users.session(token=token)
+        except AuthError:
+            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+            raise SignInRequired(target) from None
+        return Viewer(user=user, session=session)
+
+    def cookie_user(self, cookie_header: str | None) -> User:
+        """For the guard: the user of a raw ``Cookie`` header (``AuthError`` if none)."""
+        jar: SimpleCookie = SimpleCookie()
+        try:
+            jar.load(cookie_header or "")
+        except Exception:
+            raise AuthError("sign in first") from None
+        morsel = jar.get(SESSION_COOKIE)
+        token = self.signer.session_token(morsel.value if morsel else None)
+        return self.services.users.session(token=token)[0]
+
+    def check_csrf(self, request: Request, viewer: Viewer, form_token: str | None) -> None:
+        """Every state-changing request of a page sends its session's CSRF token, in the form
+        (``csrf_token``) or, from scripts, in the ``X-CSRF-Token`` header."""
+        sent = form_token or request.headers.get("x-csrf-token") or ""
+        if not hmac.compare_digest(sent.encode(), viewer.session.csrf_token.encode()):
+            raise ForbiddenError("this form has expired or did not come from this site: reload "
+                                 "the page and try again", code=ErrorCode.CSRF_REJECTED)
+
+    def check_form_cookie(self, request: Request, form_token: str | None) -> None:
+        """The sign-in and sign-up forms (no session yet): double submit of a signed cookie."""
+        expected = self.signer.form_token(request.cookies.get(FORM_COOKIE))
+        if not expected or not form_token or not hmac.compare_digest(
+                form_token.encode(), expected.encode()):
+            raise ForbiddenError("this form has expired: reload the page and try again",
+                                 code=ErrorCode.CSRF_REJECTED)
+
+    def set_session_cookie(self, response: Response, request: Request, token: str) -> None:
+        response.set_cookie(SESSION_COOKIE, self.signer.session_value(token),
+                            max_age=self.signer.max_age_seconds, httponly=True, samesite="lax",
+                            secure=request.url.scheme == "https", path="/")
+
+    def clear_session_cookie(self, response: Response, request: Request) -> None:
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax",
+                               secure=request.url.scheme == "https")
+
+    # ------------------------------------------------------------------ rendering
+    def render(self, request: Request, template: str, *, viewer: Viewer | None = None,
+               status_code: int = 200, **context: Any) -> HTMLResponse:
+        html = self.env.get_template(template).render(
+            request=request, viewer=viewer, path=request.url.path,
+            csrf_token=viewer.session.csrf_token if viewer else None,
+            signup=self.services.users.signup_enabled, **context)
+        return HTMLResponse(html, status_code=status_code)
+
+    def error_page(self, request: Request, status: int, message: str,
+                   code: str = "error") -> HTMLResponse:
+        viewer = None
+        with contextlib.suppress(SignInRequired):
+            viewer = self.viewer(request)
+        return self.render(request, "error.html", viewer=viewer, status_code=status,
+                           status=status, message=message, code=code)
+
+
+class SecurityHeaders:
+    """The Content-Security-Policy and friends on every page (not on the API's JSON)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self._app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not is_page(scope["path"]):
+            await self._app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers += [
+                    (b"content-security-policy", CSP.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"same-origin"),
+                    (b"x-frame-options", b"DENY"),
+                ]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self._app(scope, receive, send_with_headers)
+
+
+def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
+    """What a page shows for an error: the sign-in page for no session, else an error page."""
+    if isinstance(exc, SignInRequired):
+        return RedirectResponse(f"/signin?next={quote(exc.next_path, safe='/?=&')}",
+                                status_code=303)
+    if isinstance(exc, SelfieLoraError):
+        if exc.http_status >= 500:
+            logger.error("%s: %s", exc.code, exc.message)
+        return web.error_page(request, exc.http_status, exc.message, str(exc.code))
+    logger.exception("unexpected error on a page", exc_info=exc)
+    return web.error_page(request, 500, "something went wrong on our side; please retry",
+                          "internal_error")
+
+
+def mount_web(app: FastAPI, services: Services) -> Web:
+    """Add the pages, their static files and security headers to ``app``."""
+    from selfie_lora.web import pages
+
+    web = Web(services)
+    app.state.web = web
+    app.mount("/static", StaticFiles(directory=str(WEB_ROOT / "static")), name="static")
+    app.include_router(pages.router)
+    app.add_middleware(SecurityHeaders)
+    return web

@@ -1,0 +1,491 @@
+"""The pages. Each one finds the signed-in user (or sends them to sign in), checks the CSRF token
+of a form, calls one service method and renders a template; the templates only lay out what
+they are given."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from selfie_lora.api.deps import in_thread
+from selfie_lora.domain.entities import GateStatus, TrainingStatus
+from selfie_lora.errors import (
+    AuthError,
+    ConflictError,
+    DatasetRejectedError,
+    InvalidInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitedError,
+)
+from selfie_lora.services.common import utcnow
+from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.web.app import Viewer, Web
+from selfie_lora.web.cookies import FORM_COOKIE, SESSION_COOKIE
+
+router = APIRouter(include_in_schema=False)
+
+# Portrait styles for the generate page: the trigger word is added by the service.
+PRESETS = (
+    ("Studio portrait", "a studio portrait photo, soft light, neutral background"),
+    ("Outdoors", "a candid photo outdoors in golden hour light"),
+    ("Business headshot", "a professional headshot in a suit, office background"),
+    ("Film still", "a cinematic film still, 35mm, dramatic lighting"),
+    ("Oil painting", "an oil painting portrait in the style of the old masters"),
+)
+FormStr = Annotated[str, Form()]
+OptionalFormStr = Annotated[str | None, Form()]
+
+
+def _web(request: Request) -> Web:
+    web: Web = request.app.state.web
+    return web
+
+
+def _page_viewer(request: Request) -> Viewer:
+    """The signed-in user (signed out: a redirect to the sign-in page, and back after)."""
+    return _web(request).viewer(request)
+
+
+def _form_viewer(request: Request, csrf_token: OptionalFormStr = None) -> Viewer:
+    """The signed-in user of a form, which must carry its session's CSRF token (403)."""
+    web = _web(request)
+    viewer = web.viewer(request)
+    web.check_csrf(request, viewer, csrf_token)
+    return viewer
+
+
+PageViewer = Annotated[Viewer, Depends(_page_viewer)]
+FormViewer = Annotated[Viewer, Depends(_form_viewer)]
+
+
+def _local_target(next_path: str | None) -> str:
+    """Where to go after signing in: a path on this site only (never another host)."""
+    if not next_path:
+        return "/photos"
+    parts = urlsplit(next_path)
+    if parts.scheme or parts.netloc or not next_path.startswith("/") or next_path.startswith("//"):
+        return "/photos"
+    return next_path
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def _see(path: str) -> RedirectResponse:
+    return RedirectResponse(path, status_code=303)
+
+
+# ---------------------------------------------------------------------------- signing in
+
+
+@router.get("/")
+def home(request: Request) -> Response:
+    web = _web(request)
+    web.viewer(request)  # signed out: the sign-in page
+    return _see("/photos")
+
+
+def _signin_form(request: Request, template: str, *, status_code: int = 200,
+                 **context: Any) -> HTMLResponse:
+    web = _web(request)
+    token, cookie = web.signer.new_form_token()
+    response = web.render(request, template, form_token=token, status_code=status_code,
+                          **context)
+    response.set_cookie(FORM_COOKIE, cookie, max_age=3600, httponly=True, samesite="lax",
+                        secure=request.url.scheme == "https", path="/")
+    return response
+
+
+@router.get("/signin")
+def signin_page(request: Request, next: str | None = None) -> HTMLResponse:
+    return _signin_form(request, "signin.html", next=_local_target(next))
+
+
+@router.post("/signin")
+async def signin(request: Request, name: FormStr, password: FormStr, form_token: FormStr,
+                 next: OptionalFormStr = None) -> Response:
+    web = _web(request)
+    web.check_form_cookie(request, form_token)
+    target = _local_target(next)
+    try:
+        signed = await in_thread(lambda: web.services.users.sign_in(
+            name=name, password=password, client=_client(request)))
+    except (AuthError, RateLimitedError) as exc:
+        status = 429 if isinstance(exc, RateLimitedError) else 401
+        failed = _signin_form(request, "signin.html", status_code=status, next=target,
+                                name=name, message=exc.message)
+        if isinstance(exc, RateLimitedError):
+            failed.headers["Retry-After"] = str(exc.retry_after)
+        return failed
+    response = _see(target)
+    web.set_session_cookie(response, request, signed.token)
+    return response
+
+
+@router.get("/signup")
+def signup_page(request: Request) -> HTMLResponse:
+    return _signin_form(request, "signup.html")
+
+
+@router.post("/signup")
+async def signup(request: Request, name: FormStr, password: FormStr, password_again: FormStr,
+                 form_token: FormStr) -> Response:
+    web = _web(request)
+    web.check_form_cookie(request, form_token)
+    if password != password_again:
+        return _signin_form(request, "signup.html", status_code=422, name=name,
+                            message="the two passwords differ")
+    try:
+        signed = await in_thread(lambda: web.services.users.sign_up(
+            name=name, password=password, client=_client(request)))
+    except (InvalidInputError, ConflictError, RateLimitedError) as exc:
+        return _signin_form(request, "signup.html", status_code=exc.http_status, name=name,
+                            message=exc.message)
+    response = _see("/photos")
+    web.set_session_cookie(response, request, signed.token)
+    return response
+
+
+@router.post("/signout")
+def signout(request: Request, _viewer: FormViewer) -> Response:
+    web = _web(request)
+    web.services.users.sign_out(
+        token=web.signer.session_token(request.cookies.get(SESSION_COOKIE)))
+    response = _see("/signin")
+    web.clear_session_cookie(response, request)
+    return response
+
+
+# ---------------------------------------------------------------------------- photos
+
+
+@router.get("/photos")
+def photos_page(request: Request, viewer: PageViewer) -> HTMLResponse:
+    web = _web(request)
+    svc = web.services
+    dataset = svc.intake.latest(user=viewer.user)
+    photos = svc.intake.photos(user=viewer.user, dataset_id=dataset.id) if dataset else []
+    training = _latest_training(web, viewer)
+    return web.render(request, "photos.html", viewer=viewer, dataset=dataset, photos=photos,
+                      busy=training is not None and not training.training.status.is_terminal)
+
+
+@router.post("/photos/upload")
+async def photos_upload(request: Request, viewer: PageViewer,
+                        files: Annotated[list[UploadFile], File()]) -> HTMLResponse:
+    """The upload form's photos (several files, or one zip), sent by the page's script with
+    the CSRF token in a header; answers the report as an HTML fragment for the page."""
+    web = _web(request)
+    web.check_csrf(request, viewer, None)
+    named = [(f.filename or f"photo-{i + 1}", await f.read()) for i, f in enumerate(files)]
+    svc = web.services
+    try:
+        if len(named) == 1 and named[0][0].lower().endswith(".zip"):
+            result = await in_thread(lambda: svc.training.upload_zip(
+                user=viewer.user, data=named[0][1], start=False))
+        else:
+            result = await in_thread(lambda: svc.training.upload_files(
+                user=viewer.user, files=named, start=False))
+    except DatasetRejectedError as exc:
+        return web.render(request, "_report.html", viewer=viewer, status_code=422,
+                          trainable=False, message=exc.message,
+                          report=_report_rows([n for n, _ in named], exc.details, exc.boxes,
+                                              kept=set()),
+                          set_findings=[d for d in exc.details if not d.get("photo")])
+    except (InvalidInputError, ConflictError, PayloadTooLargeError) as exc:
+        return web.render(request, "_report.html", viewer=viewer, status_code=exc.http_status,
+                          trainable=False, message=exc.message, report=[], set_findings=[])
+    dataset = result.dataset
+    photos = svc.intake.photos(user=viewer.user, dataset_id=dataset.id)
+    findings = [f.as_dict() for f in dataset.findings]
+    boxes = {p.name: list(p.face_box) for p in photos if p.face_box}
+    return web.render(request, "_report.html", viewer=viewer, trainable=True, dataset=dataset,
+                      report=_report_rows([n for n, _ in named], findings, boxes,
+                                          kept={p.name for p in photos}),
+                      set_findings=[d for d in findings if not d.get("photo")])
+
+
+def _report_rows(names: list[str], findings: list[dict[str, Any]],
+                 boxes: dict[str, list[float]], *, kept: set[str]) -> list[dict[str, Any]]:
+    """One row per photo named in the upload or in a finding: kept or left out, its findings
+    and its face box (fractions of the photo as sent)."""
+    order: list[str] = []
+    for name in [*names, *(str(f["photo"]) for f in findings if f.get("photo"))]:
+        if name not in order:
+            order.append(name)
+    rows = []
+    for name in order:
+        mine = [f for f in findings if f.get("photo") == name]
+        rejected = any(f.get("severity") == "reject" for f in mine)
+        box = boxes.get(name)
+        rows.append({
+            "name": name, "kept": name in kept and not rejected, "findings": mine,
+            "box": [round(v * 100, 2) for v in box] if box else None,
+        })
+    return rows
+
+
+@router.get("/photos/{dataset_id}/{index}.jpg")
+def photo_file(request: Request, viewer: PageViewer, dataset_id: str, index: int) -> Response:
+    web = _web(request)
+    data = web.services.intake.photo(user=viewer.user, dataset_id=dataset_id, index=index)
+    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private"})
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _latest_training(web: Web, viewer: Viewer) -> Any:
+    try:
+        return web.services.training.progress(user=viewer.user)
+    except NotFoundError:
+        return None
+
+
+def _status_context(web: Web, viewer: Viewer, view: Any) -> dict[str, Any]:
+    """The figures the training status shows: progress, elapsed time, time left, how it
+    ended and what is active now."""
+    if view is None:
+        return {"view": None}
+    training = view.training
+    overview = web.services.models.overview(user=viewer.user)
+    end = training.completed_at or utcnow()
+    elapsed = (end - training.started_at).total_seconds() if training.started_at else None
+    left = None
+    if (elapsed is not None and not training.status.is_terminal and training.step > 0
+            and training.total_steps > training.step):
+        left = elapsed / training.step * (training.total_steps - training.step)
+    return {
+        "view": view, "training": training, "version": view.version, "overview": overview,
+        "active": not training.status.is_terminal, "percent": round(training.progress * 100),
+        "elapsed": _duration(elapsed), "left": _duration(left),
+        "ended": {TrainingStatus.SUCCEEDED: "succeeded", TrainingStatus.FAILED: "failed",
+                  TrainingStatus.CANCELED: "was canceled"}.get(training.status),
+        "held": view.version is not None and view.version.gate_status is GateStatus.HELD,
+        "loss_points": _polyline(training.loss_curve, total=training.total_steps),
+    }
+
+
+LOSS_CHART = (300, 60)  # the SVG's view box: the page scales it
+
+
+def _polyline(curve: tuple[tuple[int, float], ...], *, total: int) -> str | None:
+    """The loss curve as SVG polyline points, steps across, loss up (None: nothing to draw)."""
+    if len(curve) < 2:
+        return None
+    width, height = LOSS_CHART
+    last = max(total, curve[-1][0], 1)
+    low = min(v for _, v in curve)
+    high = max(v for _, v in curve)
+    span = (high - low) or 1.0
+    return " ".join(f"{width * s / last:.1f},{height - 4 - (height - 8) * (v - low) / span:.1f}"
+                    for s, v in curve)
+
+
+def _duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, rest = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {rest:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+@router.get("/train")
+def train_page(request: Request, viewer: PageViewer) -> HTMLResponse:
+    web = _web(request)
+    svc = web.services
+    model = svc.models.find(user=viewer.user)
+    dataset = svc.intake.latest(user=viewer.user)
+    view = _latest_training(web, viewer)
+    return web.render(request, "train.html", viewer=viewer, model=model, dataset=dataset,
+                      **_status_context(web, viewer, view))
+
+
+@router.get("/train/status")
+def train_status(request: Request, viewer: PageViewer) -> HTMLResponse:
+    """The live part of the training page (htmx polls it while a training runs)."""
+    web = _web(request)
+    view = _latest_training(web, viewer)
+    return web.render(request, "_status.html", viewer=viewer,
+                      **_status_context(web, viewer, view))
+
+
+@router.post("/train/start")
+async def train_start(request: Request, viewer: FormViewer) -> Response:
+    web = _web(request)
+    await in_thread(lambda: web.services.training.start(user=viewer.user))
+    return _see("/train")
+
+
+@router.post("/train/cancel")
+def train_cancel(request: Request, viewer: FormViewer, training_id: FormStr) -> Response:
+    web = _web(request)
+    web.services.training.cancel(user=viewer.user, training_id=training_id)
+    return _see("/train")
+
+
+# ---------------------------------------------------------------------------- versions
+
+
+@router.get("/versions")
+def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
+                  b: str | None = None) -> HTMLResponse:
+    web = _web(request)
+    svc = web.services
+    model = svc.models.find(user=viewer.user)
+    versions = svc.models.versions_with_likeness(user=viewer.user)
+    photos = svc.models.photos_used(user=viewer.user)
+    rows = []
+    for i, (version, record) in enumerate(versions):
+        identity = (record.scores.headline().get("identity")
+                    if record is not None and record.scores is not None else None)
+        older = versions[i + 1][1] if i + 1 < len(versions) else None
+        before = (older.scores.headline().get("identity")
+                  if older is not None and older.scores is not None else None)
+        rows.append({"version": version, "record": record, "identity": identity,
+                     "delta": identity - before if identity is not None and before is not None
+                     else None,
+                     "active": model is not None and model.active_version_id == version.id,
+                     "photos": photos.get(version.id)})
+    comparison = None
+    compare_error = None
+    if len(versions) >= 2:
+        try:
+            comparison = svc.likeness.compare(user=viewer.user, a=a, b=b)
+        except (InvalidInputError, NotFoundError) as exc:
+            compare_error = exc.message
+    log = svc.likeness.training_log(user=viewer.user) if model is not None else []
+    return web.render(request, "versions.html", viewer=viewer, model=model, rows=rows,
+                      comparison=comparison, compare_error=compare_error, log=log)
+
+
+@router.post("/versions/{version_id}/activate")
+def version_activate(request: Request, version_id: str, viewer: FormViewer) -> Response:
+    web = _web(request)
+    web.services.models.activate(user=viewer.user, version_id=version_id)
+    return _see("/versions")
+
+
+@router.get("/versions/{version_id}/weights")
+def version_weights(request: Request, viewer: PageViewer, version_id: str) -> Response:
+    web = _web(request)
+    version = web.services.models.version(user=viewer.user, version_id=version_id)
+    data = web.services.models.weights(user=viewer.user, version_id=version.id)
+    return Response(data, media_type="application/octet-stream", headers={
+        "Content-Disposition": f'attachment; filename="lora-v{version.number}.safetensors"'})
+
+
+@router.get("/versions/compare/grid.png")
+async def versions_grid(request: Request, viewer: PageViewer, a: str | None = None,
+                        b: str | None = None) -> Response:
+    web = _web(request)
+    comparison = web.services.likeness.compare(user=viewer.user, a=a, b=b)
+    png = await in_thread(lambda: web.services.likeness.grid_png(comparison))
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private"})
+
+
+@router.get("/versions/chart.png")
+async def versions_chart(request: Request, viewer: PageViewer) -> Response:
+    web = _web(request)
+    png = await in_thread(lambda: web.services.likeness.chart_png(user=viewer.user))
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private"})
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+@router.get("/generate")
+def generate_page(request: Request, viewer: PageViewer) -> HTMLResponse:
+    web = _web(request)
+    svc = web.services
+    model = svc.models.find(user=viewer.user)
+    history = svc.generation.history(user=viewer.user)
+    numbers = {v.id: v.number for v, _ in svc.models.versions_with_likeness(user=viewer.user)}
+    return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
+                      numbers=numbers, presets=PRESETS)
+
+
+@router.post("/generate")
+async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
+                   num_outputs: Annotated[int, Form()] = 1,
+                   seed: OptionalFormStr = None) -> Response:
+    web = _web(request)
+    try:
+        seed_value = int(seed) if seed not in (None, "") else None
+    except ValueError:
+        raise InvalidInputError("the seed is a whole number") from None
+    await in_thread(lambda: web.services.generation.generate(
+        user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=num_outputs,
+                                                    seed=seed_value)))
+    return _see("/generate")
+
+
+@router.get("/generations/{generation_id}/{index}.png")
+def generation_image(request: Request, viewer: PageViewer, generation_id: str, index: int) -> Response:
+    web = _web(request)
+    data = web.services.generation.image(user=viewer.user, generation_id=generation_id,
+                                         index=index)
+    return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
+
+
+@router.post("/model/scale")
+def model_scale(request: Request, viewer: FormViewer,
+                lora_scale: Annotated[float, Form()]) -> Response:
+    web = _web(request)
+    web.services.models.set_lora_scale(user=viewer.user, lora_scale=lora_scale)
+    return _see("/generate")
+
+
+# ---------------------------------------------------------------------------- model, settings
+
+
+@router.get("/model")
+def model_page(request: Request, viewer: PageViewer) -> HTMLResponse:
+    web = _web(request)
+    model = web.services.models.find(user=viewer.user)
+    overview = web.services.models.overview_of(model) if model is not None else None
+    return web.render(request, "model.html", viewer=viewer, overview=overview,
+                      backend=web.services.settings.trainer)
+
+
+@router.post("/model/trainer-version")
+def model_trainer_version(request: Request, viewer: FormViewer, trainer_version: FormStr,
+                          reason: FormStr) -> Response:
+    web = _web(request)
+    web.services.models.change_trainer_version(user=viewer.user,
+                                               trainer_version=trainer_version, reason=reason)
+    return _see("/model")
+
+
+@router.get("/settings")
+def settings_page(request: Request, viewer: PageViewer) -> HTMLResponse:
+    web = _web(request)
+    return web.render(request, "settings.html", viewer=viewer,
+                      keys=web.services.users.keys(user=viewer.user), new_secret=None)
+
+
+@router.post("/settings/keys")
+def settings_create_key(request: Request, viewer: FormViewer, name: FormStr) -> HTMLResponse:
+    web = _web(request)
+    key, secret = web.services.users.create_key(user=viewer.user, name=name)
+    # Shown on this answer only (not a redirect: the secret is never stored).
+    return web.render(request, "settings.html", viewer=viewer,
+                      keys=web.services.users.keys(user=viewer.user), new_secret=secret,
+                      new_key=key)
+
+
+@router.post("/settings/keys/{key_id}/revoke")
+def settings_revoke_key(request: Request, key_id: str, viewer: FormViewer) -> Response:
+    web = _web(request)
+    web.services.users.revoke_key(user=viewer.user, key_id=key_id)
+    return _see("/settings")

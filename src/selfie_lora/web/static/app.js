@@ -1,0 +1,137 @@
+// selfie-lora's pages: the upload (drag and drop, thumbnails, progress, the per-photo report),
+// confirmations, copy buttons, prompt presets and the scale slider. No inline scripts (CSP).
+"use strict";
+
+(function () {
+  const csrf = () => {
+    const meta = document.querySelector('meta[name="csrf-token"]');
+    return meta ? meta.getAttribute("content") : "";
+  };
+
+  // ---------------------------------------------------------------- upload
+  const form = document.getElementById("upload");
+  if (form) {
+    const input = document.getElementById("files");
+    const drop = document.getElementById("drop");
+    const previews = document.getElementById("previews");
+    const progress = document.getElementById("progress");
+    const status = document.getElementById("upload-status");
+    const report = document.getElementById("report");
+    let chosen = [];
+    const urls = new Map();
+
+    const urlFor = (file) => {
+      if (!urls.has(file.name)) urls.set(file.name, URL.createObjectURL(file));
+      return urls.get(file.name);
+    };
+    const isImage = (file) => /^image\//.test(file.type) && !/hei[cf]$/i.test(file.name);
+
+    const show = () => {
+      previews.replaceChildren();
+      for (const file of chosen) {
+        const li = document.createElement("li");
+        const figure = document.createElement("figure");
+        if (isImage(file)) {
+          const img = document.createElement("img");
+          img.src = urlFor(file);
+          img.alt = file.name;
+          img.width = 96;
+          img.height = 96;
+          figure.appendChild(img);
+        }
+        const caption = document.createElement("figcaption");
+        caption.textContent = file.name;
+        figure.appendChild(caption);
+        li.appendChild(figure);
+        previews.appendChild(li);
+      }
+      status.textContent = chosen.length ? `${chosen.length} file(s) chosen` : "";
+    };
+
+    input.addEventListener("change", () => { chosen = Array.from(input.files); show(); });
+    for (const name of ["dragenter", "dragover"]) {
+      drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.add("over"); });
+    }
+    for (const name of ["dragleave", "drop"]) {
+      drop.addEventListener(name, () => drop.classList.remove("over"));
+    }
+    drop.addEventListener("drop", (e) => {
+      e.preventDefault();
+      chosen = chosen.concat(Array.from(e.dataTransfer.files));
+      show();
+    });
+
+    const fillReport = () => {
+      // Thumbnails from the files on this device, and the face box the checks found.
+      for (const row of report.querySelectorAll("[data-photo-name]")) {
+        const file = chosen.find((f) => f.name === row.dataset.photoName);
+        const img = row.querySelector("img");
+        if (file && isImage(file)) img.src = urlFor(file);
+        else img.remove();
+        const holder = row.querySelector("[data-box]");
+        if (holder && file && isImage(file)) {
+          const [l, t, r, b] = holder.dataset.box.split(",").map(Number);
+          const box = document.createElement("span");
+          box.className = "face-box";
+          box.style.left = `${l}%`;
+          box.style.top = `${t}%`;
+          box.style.width = `${r - l}%`;
+          box.style.height = `${b - t}%`;
+          holder.appendChild(box);
+        }
+      }
+    };
+
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      if (!chosen.length) { status.textContent = "Choose some photos first."; return; }
+      const data = new FormData();
+      for (const file of chosen) data.append("files", file, file.name);
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", form.action);
+      xhr.setRequestHeader("X-CSRF-Token", csrf());
+      progress.hidden = false;
+      progress.value = 0;
+      status.textContent = "Sending…";
+      xhr.upload.addEventListener("progress", (ev) => {
+        if (ev.lengthComputable) progress.value = Math.round((100 * ev.loaded) / ev.total);
+      });
+      xhr.upload.addEventListener("load", () => { status.textContent = "Checking your photos…"; });
+      xhr.addEventListener("load", () => {
+        progress.value = 100;
+        if (xhr.getResponseHeader("content-type")?.startsWith("text/html")) {
+          report.innerHTML = xhr.responseText;  // our own escaped template
+          fillReport();
+          status.textContent = xhr.status === 200 ? "Done." : "Some photos need changes.";
+        } else {
+          let message = `The upload failed (${xhr.status}).`;
+          try { message = JSON.parse(xhr.responseText).error.message; } catch (_) { /* keep */ }
+          status.textContent = message;
+        }
+      });
+      xhr.addEventListener("error", () => { status.textContent = "The upload failed: check your connection and try again."; });
+      xhr.send(data);
+    });
+  }
+
+  // ---------------------------------------------------------------- small helpers
+  document.addEventListener("submit", (e) => {
+    const target = e.target;
+    if (target instanceof HTMLFormElement && target.classList.contains("confirm")) {
+      if (!window.confirm(target.dataset.confirm)) e.preventDefault();
+    }
+  });
+  document.addEventListener("click", (e) => {
+    const button = e.target instanceof Element ? e.target.closest("button") : null;
+    if (!button) return;
+    if (button.classList.contains("copy")) {
+      navigator.clipboard?.writeText(button.dataset.copy).then(() => { button.textContent = "Copied"; });
+    } else if (button.classList.contains("preset")) {
+      const prompt = document.getElementById("prompt");
+      if (prompt) { prompt.value = button.dataset.prompt; prompt.focus(); }
+    }
+  });
+  const scale = document.getElementById("lora_scale");
+  const scaleValue = document.getElementById("scale-value");
+  if (scale && scaleValue) scale.addEventListener("input", () => { scaleValue.textContent = scale.value; });
+})();

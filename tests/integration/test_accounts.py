@@ -1,0 +1,191 @@
+"""Passwords and browser sessions in the user service, on SQLite with real argon2 hashes (at a
+test cost): one answer for an unknown name and a wrong password, the rate limit per name and per
+client, session expiry, sign-out, a password change ending sessions, sign-up only when open."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from selfie_lora.adapters.db.migrate import upgrade
+from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
+from selfie_lora.domain.accounts import WRONG_CREDENTIALS, SignInPolicy
+from selfie_lora.errors import (
+    AuthError,
+    ConfigError,
+    ErrorCode,
+    ForbiddenError,
+    InvalidInputError,
+    RateLimitedError,
+)
+from selfie_lora.services.users import UserService
+
+PASSWORD = "correct horse battery"
+POLICY = SignInPolicy(max_failures=3, max_failures_per_client=5, window=timedelta(minutes=15),
+                      session_lifetime=timedelta(days=1))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[SqlRepository]:
+    engine = make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade(engine)
+    yield SqlRepository(engine)
+    engine.dispose()
+
+
+def users(repo: SqlRepository, clock: Clock, *, signup: bool = False) -> UserService:
+    return UserService(repo=repo, hasher=Argon2Hasher(time_cost=1, memory_cost_kib=1024),
+                       policy=POLICY, signup_enabled=signup, clock=clock)
+
+
+def test_sign_in_opens_a_session_that_finds_its_user(repo: SqlRepository, clock: Clock) -> None:
+    svc = users(repo, clock)
+    ann, _key = svc.create(name="ann", password=PASSWORD)
+    signed = svc.sign_in(name="ann", password=PASSWORD, client="10.0.0.1")
+    assert signed.user == ann
+    user, session = svc.session(token=signed.token)
+    assert user == ann
+    assert session.csrf_token == signed.session.csrf_token
+    assert session.expires_at == clock.now + POLICY.session_lifetime
+    # Only the token's hash is stored.
+    assert repo.get_session(signed.token) is None
+    stored = repo.get_password_hash(ann.id)
+    assert stored is not None
+    assert stored.startswith("$argon2id$")
+    assert PASSWORD not in stored
+
+
+def test_unknown_name_and_wrong_password_get_the_same_answer(
+        repo: SqlRepository, clock: Clock) -> None:
+    svc = users(repo, clock)
+    svc.create(name="ann", password=PASSWORD)
+    svc.create(name="keyonly")  # no password: API keys only
+    answers = []
+    for name, password in (("ann", "wrong password!"), ("nobody", PASSWORD),
+                           ("keyonly", PASSWORD)):
+        with pytest.raises(AuthError) as caught:
+            svc.sign_in(name=name, password=password, client=f"c-{name}")
+        answers.append((caught.value.code, caught.value.message, caught.value.details))
+    assert answers == [(ErrorCode.WRONG_CREDENTIALS, WRONG_CREDENTIALS, [])] * 3
+
+
+def test_too_many_failures_for_a_name_make_it_wait_even_with_the_right_password(
+        repo: SqlRepository, clock: Clock) -> None:
+    svc = users(repo, clock)
+    svc.create(name="ann", password=PASSWORD)
+    for i in range(POLICY.max_failures):
+        clock.now += timedelta(minutes=1)
+        with pytest.raises(AuthError):
+            svc.sign_in(name="ann", password=f"guess number {i}", client=f"10.0.0.{i}")
+    with pytest.raises(RateLimitedError) as caught:
+        svc.sign_in(name="ANN", password=PASSWORD, client="10.9.9.9")  # names fold case
+    # The first failure (2 minutes ago) leaves the 15-minute window in 13 minutes.
+    assert caught.value.retry_after == 13 * 60
+    assert "13 minutes" in caught.value.message
+    clock.now += timedelta(minutes=13) - timedelta(seconds=1)
+    with pytest.raises(RateLimitedError):
+        svc.sign_in(name="ann", password=PASSWORD, client="10.9.9.9")
+    clock.now += timedelta(seconds=1)
+    assert svc.sign_in(name="ann", password=PASSWORD, client="10.9.9.9").user.name == "ann"
+
+
+def test_one_client_trying_many_names_is_limited_too(repo: SqlRepository, clock: Clock) -> None:
+    svc = users(repo, clock)
+    svc.create(name="ann", password=PASSWORD)
+    for i in range(POLICY.max_failures_per_client):
+        with pytest.raises(AuthError):
+            svc.sign_in(name=f"user{i}", password=PASSWORD, client="10.6.6.6")
+    with pytest.raises(RateLimitedError):
+        svc.sign_in(name="ann", password=PASSWORD, client="10.6.6.6")
+    # Another client is not held back by it.
+    assert svc.sign_in(name="ann", password=PASSWORD, client="10.0.0.1").user.name == "ann"
+
+
+def test_a_session_expires_and_is_forgotten(repo: SqlRepository, clock: Clock) -> None:
+    svc = users(repo, clock)
+    svc.create(name="ann", password=PASSWORD)
+    signed = svc.sign_in(name="ann", password=PASSWORD, client="c")
+    clock.now += POLICY.session_lifetime - timedelta(seconds=1)
+    svc.session(token=signed.token)
+    clock.now += timedelta(seconds=1)
+    with pytest.raises(AuthError) as caught:
+        svc.session(token=signed.token)
+    assert caught.value.code is ErrorCode.SESSION_EXPIRED
+    assert repo.get_session(signed.session.id) is None
+    with pytest.raises(AuthError) as again:
+        svc.session(token=signed.token)
+    assert again.value.code is ErrorCode.UNAUTHORIZED
+
+
+def test_sign_out_and_a_password_change_end_sessions(repo: SqlRepository, clock: Clock) -> None:
+    svc = users(repo, clock)
+    ann, _key = svc.create(name="ann", password=PASSWORD)
+    first = svc.sign_in(name="ann", password=PASSWORD, client="c")
+    second = svc.sign_in(name="ann", password=PASSWORD, client="c")
+    svc.sign_out(token=first.token)
+    with pytest.raises(AuthError):
+        svc.session(token=first.token)
+    svc.session(token=second.token)
+    svc.set_password(user=ann, password="another good password")
+    with pytest.raises(AuthError):
+        svc.session(token=second.token)
+    with pytest.raises(AuthError):
+        svc.sign_in(name="ann", password=PASSWORD, client="c")
+    assert svc.sign_in(name="ann", password="another good password", client="c")
+
+
+@pytest.mark.parametrize(("password", "why"), [
+    ("short", "at least 10"), ("x" * 257, "at most 256"), (" " * 12, "only spaces"),
+    ("AnnAnnAnnAnn", "user name"),
+])
+def test_weak_passwords_are_refused_and_nothing_is_stored(
+        repo: SqlRepository, clock: Clock, password: str, why: str) -> None:
+    svc = users(repo, clock)
+    with pytest.raises(InvalidInputError, match=why):
+        svc.create(name="annannannann", password=password)
+    assert repo.get_user_by_name("annannannann") is None
+
+
+def test_sign_up_only_when_the_setting_opens_it(repo: SqlRepository, clock: Clock) -> None:
+    with pytest.raises(ForbiddenError) as caught:
+        users(repo, clock).sign_up(name="ann", password=PASSWORD, client="c")
+    assert caught.value.code is ErrorCode.SIGNUP_CLOSED
+    assert repo.get_user_by_name("ann") is None
+    signed = users(repo, clock, signup=True).sign_up(name="ann", password=PASSWORD, client="c")
+    assert users(repo, clock).session(token=signed.token)[0].name == "ann"
+
+
+def test_without_a_hasher_passwords_are_a_setup_error(repo: SqlRepository, clock: Clock) -> None:
+    svc = UserService(repo=repo, clock=clock)
+    svc.create(name="ann")  # API keys still work
+    with pytest.raises(ConfigError, match="argon2"):
+        svc.create(name="bob", password=PASSWORD)
+
+
+def test_expired_sessions_and_old_failures_are_forgotten(repo: SqlRepository,
+                                                         clock: Clock) -> None:
+    svc = users(repo, clock)
+    svc.create(name="ann", password=PASSWORD)
+    svc.sign_in(name="ann", password=PASSWORD, client="c")
+    with pytest.raises(AuthError):
+        svc.sign_in(name="ann", password="not the password", client="c")
+    assert svc.forget_expired() == 0
+    clock.now += POLICY.session_lifetime
+    assert svc.forget_expired() == 3  # the session, the failure under the name and the client

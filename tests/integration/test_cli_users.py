@@ -1,0 +1,71 @@
+"""``selfie-lora users create NAME --password`` and ``users password NAME``: the password is
+read twice (two lines of standard input when it is not a terminal), and a mismatch or a weak
+password changes nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from selfie_lora.cli import app
+from selfie_lora.config import Settings, get_settings
+from selfie_lora.wiring import build_services
+
+PASSWORD = "a long password"
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("SELFIE_LORA_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    yield tmp_path / "home"
+    get_settings.cache_clear()
+
+
+def sign_in(home: Path, name: str, password: str) -> str:
+    services = build_services(Settings(home=home), trainers={}, generators={})
+    try:
+        return services.users.sign_in(name=name, password=password, client="test").user.name
+    finally:
+        services.close()
+
+
+def test_create_with_a_password_read_from_standard_input(home: Path) -> None:
+    result = CliRunner().invoke(app, ["users", "create", "ann", "--password", "--json"],
+                                input=f"{PASSWORD}\n{PASSWORD}\n")
+    assert result.exit_code == 0, result.output
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["user"] == "ann"
+    assert answer["password_set"] is True
+    assert answer["api_key"].startswith("sl_")
+    assert sign_in(home, "ann", PASSWORD) == "ann"
+
+
+@pytest.mark.parametrize(("lines", "why"), [
+    (f"{PASSWORD}\nanother password\n", "differ"),
+    (f"{PASSWORD}\n", "two lines"),
+    ("short\nshort\n", "at least 10"),
+])
+def test_a_bad_password_creates_nobody(home: Path, lines: str, why: str) -> None:
+    result = CliRunner().invoke(app, ["users", "create", "ann", "--password"], input=lines)
+    assert result.exit_code == 1
+    assert why in result.output
+    services = build_services(Settings(home=home), trainers={}, generators={})
+    try:
+        assert services.repo.get_user_by_name("ann") is None
+    finally:
+        services.close()
+
+
+def test_users_password_sets_and_changes_it(home: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["users", "create", "bob"]).exit_code == 0
+    result = runner.invoke(app, ["users", "password", "bob"], input=f"{PASSWORD}\n{PASSWORD}\n")
+    assert result.exit_code == 0, result.output
+    assert sign_in(home, "bob", PASSWORD) == "bob"
+    assert runner.invoke(app, ["users", "password", "nobody"],
+                         input=f"{PASSWORD}\n{PASSWORD}\n").exit_code == 1

@@ -1,0 +1,406 @@
+"""The web app through HTTP (the browser tests drive the same pages in Chromium): signing in and
+out, CSRF on every form, the rate limit, session expiry, the upload's per-photo report, training,
+versions, generation, API keys, the security headers, and another user's objects (404)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
+from selfie_lora.api.app import create_app
+from selfie_lora.config import Settings
+from selfie_lora.services.users import UserService
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import make_settings, one_person_analyzer
+from tests.support.photos import synthetic_photo
+
+PASSWORD = "a long password"
+FAST_HASHER = Argon2Hasher(time_cost=1, memory_cost_kib=1024)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture
+def web_settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path, sign_in_max_failures=3)
+
+
+@pytest.fixture
+def svc(web_settings: Settings) -> Iterator[Services]:
+    services = build_services(web_settings, trainers={"local": FakeTrainer()},
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+    services.users.create(name="ann", password=PASSWORD)
+    services.users.create(name="bob", password=PASSWORD)
+    yield services
+    services.close()
+
+
+def browser(settings: Settings, services: Services) -> TestClient:
+    return TestClient(create_app(settings, services=services, run_worker=True),
+                      raise_server_exceptions=False)
+
+
+@pytest.fixture
+def ann(web_settings: Settings, svc: Services) -> Iterator[TestClient]:
+    with browser(web_settings, svc) as client:
+        sign_in(client, "ann")
+        yield client
+
+
+def form_token(client: TestClient) -> str:
+    page = client.get("/signin")
+    found = re.search(r'name="form_token" value="([^"]+)"', page.text)
+    assert found, page.text
+    return found.group(1)
+
+
+def sign_in(client: TestClient, name: str, password: str = PASSWORD) -> None:
+    r = client.post("/signin", data={"name": name, "password": password,
+                                     "form_token": form_token(client), "next": "/photos"},
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text
+    assert r.headers["location"] == "/photos"
+
+
+def csrf(client: TestClient, page: str = "/photos") -> str:
+    found = re.search(r'name="csrf-token" content="([^"]+)"', client.get(page).text)
+    assert found
+    return found.group(1)
+
+
+def upload(client: TestClient, count: int = 4, *, extra: list[tuple[str, bytes]] = ()
+           ) -> tuple[int, str]:
+    files = [("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg")) for i in range(count)]
+    files += [("files", (name, data, "image/jpeg")) for name, data in extra]
+    r = client.post("/photos/upload", files=files, headers={"X-CSRF-Token": csrf(client)})
+    return r.status_code, r.text
+
+
+def train(client: TestClient) -> str:
+    r = client.post("/train/start", data={"csrf_token": csrf(client)}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    deadline = time.monotonic() + 60
+    while True:
+        status = client.get("/train/status").text
+        if 'id="ended"' in status:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------- signing in
+
+
+def test_pages_send_a_signed_out_browser_to_sign_in_and_back(web_settings: Settings,
+                                                              svc: Services) -> None:
+    with browser(web_settings, svc) as client:
+        r = client.get("/versions?a=1", follow_redirects=False)
+        assert r.status_code == 303
+        assert r.headers["location"] == "/signin?next=/versions?a=1"
+        r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                         "form_token": form_token(client),
+                                         "next": "/versions?a=1"}, follow_redirects=False)
+        assert r.headers["location"] == "/versions?a=1"
+        cookie = r.headers["set-cookie"]
+        assert "sl_session=" in cookie
+        assert "HttpOnly" in cookie
+        assert "SameSite=lax" in cookie
+        assert client.get("/versions").status_code == 200
+        # After signing in, "next" never leads to another site.
+        for target in ("https://evil.example/", "//evil.example/", "javascript:alert(1)"):
+            r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                             "form_token": form_token(client), "next": target},
+                            follow_redirects=False)
+            assert r.headers["location"] == "/photos", target
+
+
+def test_a_wrong_password_and_an_unknown_name_look_the_same(web_settings: Settings,
+                                                            svc: Services) -> None:
+    with browser(web_settings, svc) as client:
+        answers = []
+        for name, password in (("ann", "not the password"), ("nobody", PASSWORD)):
+            r = client.post("/signin", data={"name": name, "password": password,
+                                             "form_token": form_token(client)})
+            answers.append((r.status_code, re.search(r'role="alert">([^<]*)<', r.text)))
+        assert [(s, m.group(1) if m else None) for s, m in answers] == [
+            (401, "wrong name or password")] * 2
+        assert "sl_session" not in client.cookies
+
+
+def test_sign_in_is_rate_limited(web_settings: Settings, svc: Services) -> None:
+    with browser(web_settings, svc) as client:
+        for _ in range(3):
+            r = client.post("/signin", data={"name": "ann", "password": "guess guess guess",
+                                             "form_token": form_token(client)})
+            assert r.status_code == 401
+        r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                         "form_token": form_token(client)})
+        assert r.status_code == 429
+        assert int(r.headers["retry-after"]) > 0
+        assert "too many failed sign-ins" in r.text
+        assert "sl_session" not in client.cookies
+
+
+def test_forms_without_their_csrf_token_are_refused(ann: TestClient, svc: Services) -> None:
+    token = csrf(ann)
+    attempts = [
+        ("/train/start", {}), ("/train/start", {"csrf_token": "forged"}),
+        ("/settings/keys", {"name": "x"}), ("/signout", {"csrf_token": token[:-1] + "x"}),
+        ("/model/scale", {"lora_scale": "0.5"}), ("/generate", {"prompt": "p"}),
+    ]
+    for path, data in attempts:
+        r = ann.post(path, data=data, follow_redirects=False)
+        assert r.status_code in (403, 422), (path, r.status_code)
+        if r.status_code == 403:
+            assert 'data-code="csrf_rejected"' in r.text
+    # The upload (sent by the page's script) needs the header.
+    r = ann.post("/photos/upload", files=[("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))])
+    assert r.status_code == 403
+    # Nothing happened: no training, no key, still signed in.
+    assert svc.models.find(user=svc.users.get_by_name(name="ann")) is None
+    assert len(svc.users.keys(user=svc.users.get_by_name(name="ann"))) == 1
+    assert ann.get("/photos", follow_redirects=False).status_code == 200
+    # The sign-in form has its own token (there is no session yet).
+    r = ann.post("/signin", data={"name": "ann", "password": PASSWORD, "form_token": "x"})
+    assert r.status_code == 403
+
+
+def test_sign_out_ends_the_session(ann: TestClient) -> None:
+    cookie = ann.cookies.get("sl_session")
+    r = ann.post("/signout", data={"csrf_token": csrf(ann)}, follow_redirects=False)
+    assert r.headers["location"] == "/signin"
+    assert ann.get("/photos", follow_redirects=False).status_code == 303
+    # The old cookie, replayed, is no session either.
+    ann.cookies.set("sl_session", cookie or "")
+    assert ann.get("/photos", follow_redirects=False).status_code == 303
+
+
+def test_an_expired_session_sends_the_browser_to_sign_in(web_settings: Settings,
+                                                         svc: Services) -> None:
+    clock = Clock()
+    svc.users = UserService(repo=svc.repo, hasher=FAST_HASHER, clock=clock,
+                            policy=web_settings.sign_in_policy)
+    with browser(web_settings, svc) as client:
+        sign_in(client, "ann")
+        assert client.get("/photos", follow_redirects=False).status_code == 200
+        clock.now += timedelta(days=web_settings.session_days, seconds=1)
+        r = client.get("/photos", follow_redirects=False)
+        assert r.status_code == 303
+        assert r.headers["location"].startswith("/signin")
+
+
+def test_a_forged_session_cookie_is_no_session(web_settings: Settings, svc: Services) -> None:
+    with browser(web_settings, svc) as client:
+        client.cookies.set("sl_session", "eyJ0b2tlbiI6ImZvcmdlZCJ9.abc.def")
+        assert client.get("/photos", follow_redirects=False).status_code == 303
+
+
+def test_sign_up_is_closed_unless_the_setting_opens_it(tmp_path: Path) -> None:
+    for open_ in (False, True):
+        settings = make_settings(tmp_path / str(open_), signup=open_)
+        services = build_services(settings, trainers={"local": FakeTrainer()},
+                                  generators={"local": FakeGenerator()},
+                                  face_analyzer=one_person_analyzer(),
+                                  password_hasher=FAST_HASHER)
+        try:
+            with browser(settings, services) as client:
+                token = re.search(r'name="form_token" value="([^"]+)"',
+                                  client.get("/signup").text)
+                data = {"name": "cat", "password": PASSWORD, "password_again": PASSWORD,
+                        "form_token": token.group(1) if token else form_token(client)}
+                r = client.post("/signup", data=data, follow_redirects=False)
+                if open_:
+                    assert r.status_code == 303
+                    assert client.get("/photos").status_code == 200
+                else:
+                    assert r.status_code == 403
+                    assert services.repo.get_user_by_name("cat") is None
+        finally:
+            services.close()
+
+
+# ---------------------------------------------------------------------------- the journey
+
+
+def test_every_page_is_served_with_a_policy_that_forbids_inline_scripts(ann: TestClient) -> None:
+    for path in ("/photos", "/train", "/versions", "/generate", "/model", "/settings",
+                 "/signin", "/no-such-page"):
+        r = ann.get(path)
+        assert r.status_code == (404 if path == "/no-such-page" else 200), path
+        policy = r.headers["content-security-policy"]
+        assert "script-src 'self'" in policy
+        assert "unsafe-inline" not in policy
+        assert r.headers["x-frame-options"] == "DENY"
+        assert not re.search(r"<script(?![^>]*\bsrc=)", r.text), path  # no inline script
+        assert " style=" not in r.text, path  # no inline style either
+        assert 'href="https://' not in r.text  # no CDN
+        assert 'src="https://' not in r.text
+    assert ann.get("/static/vendor/htmx-2.0.11/htmx.min.js").status_code == 200
+    # The API keeps answering JSON.
+    assert ann.get("/api/model").json()["error"]["code"] == "unauthorized"
+
+
+def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
+                                                                svc: Services) -> None:
+    tiny = synthetic_photo(99, size=24)
+    status, html = upload(ann, 0, extra=[("tiny.jpg", tiny)])
+    assert status == 422
+    assert "Nothing was stored" in html
+    assert 'data-photo-name="tiny.jpg"' in html
+    assert svc.intake.latest(user=svc.users.get_by_name(name="ann")) is None
+
+    status, html = upload(ann, 4, extra=[("tiny.jpg", tiny)])
+    assert status == 200, html
+    assert 'data-trainable="true"' in html
+    found = {name: state for state, name in re.findall(
+        r'class="photo (kept|left-out)" data-photo-name="([^"]+)"', html)}
+    assert found == {"p0.jpg": "kept", "p1.jpg": "kept", "p2.jpg": "kept", "p3.jpg": "kept",
+                     "tiny.jpg": "left-out"}
+    tiny_row = next(chunk for chunk in html.split('<li class="photo ')
+                    if 'data-photo-name="tiny.jpg"' in chunk)
+    assert 'class="reject"' in tiny_row
+    assert 'class="advice"' in tiny_row
+    # The face box of a kept photo, as percentages of the photo.
+    assert re.search(r'data-photo-name="p0.jpg">\s*<div class="thumb" data-box="[\d.]+,'
+                     r'[\d.]+,[\d.]+,[\d.]+"', html)
+    # The kept photos are on the page, to their owner only.
+    page = ann.get("/photos").text
+    thumbs = re.findall(r'src="(/photos/[^"]+\.jpg)"', page)
+    assert len(thumbs) == 4
+    assert ann.get(thumbs[0]).headers["content-type"] == "image/jpeg"
+
+
+def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Services) -> None:
+    assert upload(ann)[0] == 200
+    train_page = ann.get("/train").text
+    assert "Your first training creates your model" in train_page
+    status = train(ann)
+    assert 'data-status="succeeded"' in status
+    assert "Version 1 is active" in status
+    assert "hx-trigger" not in status  # polling stops once it has ended
+    assert re.search(r'<polyline points="[\d., ]+"', status)  # the loss, step by step
+
+    # A retraining says what it keeps.
+    model = svc.models.get(user=svc.users.get_by_name(name="ann"))
+    page = ann.get("/train").text
+    assert "A retraining keeps" in page
+    assert model.trigger_word in page
+    assert model.destination in page
+    r = ann.post("/model/scale", data={"csrf_token": csrf(ann), "lora_scale": "0.8"},
+                 follow_redirects=False)
+    assert r.status_code == 303
+    assert "0.8 (yours)" in ann.get("/train").text
+    assert 'data-status="succeeded"' in train(ann)
+
+    versions = ann.get("/versions").text
+    assert re.findall(r'<tr id="(v\d)"', versions) == ["v2", "v1"]
+    assert re.search(r'<tr id="v1"[^>]*>\s*<th scope="row">v1[^<]*(<span[^>]*>active</span>)?'
+                     r'</th>\s*<td>[^<]+</td>\s*<td>4</td>', versions)  # photos used
+    assert 'id="grid"' in versions
+    grid = re.search(r'id="grid" src="([^"]+)"', versions)
+    assert grid
+    assert ann.get(grid.group(1).replace("&amp;", "&")).headers["content-type"] == "image/png"
+    assert ann.get("/versions/chart.png").headers["content-type"] == "image/png"
+
+    # Roll back to v1, and download its LoRA: the API's hash.
+    v1 = svc.models.version(user=svc.users.get_by_name(name="ann"), version_id="1")
+    r = ann.post(f"/versions/{v1.id}/activate", data={"csrf_token": csrf(ann)},
+                 follow_redirects=False)
+    assert r.status_code == 303
+    assert svc.models.get(user=svc.users.get_by_name(name="ann")).active_version_id == v1.id
+    weights = ann.get(f"/versions/{v1.id}/weights")
+    assert hashlib.sha256(weights.content).hexdigest() == v1.weights_sha256
+    assert "lora-v1.safetensors" in weights.headers["content-disposition"]
+
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "on a beach",
+                                    "num_outputs": "2", "seed": "7"}, follow_redirects=False)
+    assert r.status_code == 303
+    gallery = ann.get("/generate").text
+    images = re.findall(r'<img src="(/generations/[^"]+\.png)"', gallery)
+    assert len(images) == 2
+    for shown in ("seed 7", "v1", "scale 0.8"):
+        assert shown in gallery
+    assert ann.get(images[0]).headers["content-type"] == "image/png"
+
+
+def test_another_user_sees_none_of_it(ann: TestClient, web_settings: Settings,
+                                      svc: Services) -> None:
+    assert upload(ann)[0] == 200
+    train(ann)
+    ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1"})
+    user = svc.users.get_by_name(name="ann")
+    version = svc.models.versions(user=user)[0]
+    dataset = svc.intake.latest(user=user)
+    assert dataset is not None
+    generation = svc.generation.history(user=user)[0]
+    owned = [f"/versions/{version.id}/weights", f"/photos/{dataset.id}/0.jpg",
+             f"/generations/{generation.id}/0.png",
+             f"/versions/compare/grid.png?a={version.id}&b={version.id}"]
+    for path in owned:
+        assert ann.get(path).status_code in (200, 422), path
+    with browser(web_settings, svc) as bob:
+        sign_in(bob, "bob")
+        for path in owned:
+            r = bob.get(path)
+            assert r.status_code == 404, (path, r.status_code)
+            assert version.weights_sha256 not in r.text
+        r = bob.post(f"/versions/{version.id}/activate", data={"csrf_token": csrf(bob)})
+        assert r.status_code == 404
+        for page in ("/versions", "/generate", "/model", "/photos"):
+            text = bob.get(page).text
+            assert version.id not in text, page
+            assert dataset.id not in text, page
+
+
+def test_api_keys_from_the_settings_page_work_and_can_be_revoked(ann: TestClient) -> None:
+    r = ann.post("/settings/keys", data={"csrf_token": csrf(ann), "name": "laptop"})
+    assert r.status_code == 200
+    secret = re.search(r'id="new-key">([^<]+)<', r.text)
+    assert secret
+    key = secret.group(1)
+    assert ann.get("/settings").text.count(key) == 0  # shown once
+    headers = {"Authorization": f"Bearer {key}"}
+    assert ann.get("/api/keys", headers=headers).status_code == 200
+    key_id = re.findall(r'action="/settings/keys/([^"/]+)/revoke"', r.text)[-1]
+    r = ann.post(f"/settings/keys/{key_id}/revoke", data={"csrf_token": csrf(ann)},
+                 follow_redirects=False)
+    assert r.status_code == 303
+    assert ann.get("/api/keys", headers=headers).status_code == 401
+
+
+def test_the_page_upload_is_guarded_like_the_api_upload(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, max_upload_bytes=64 * 1024)
+    services = build_services(settings, trainers={"local": FakeTrainer()},
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+    services.users.create(name="ann", password=PASSWORD)
+    try:
+        with browser(settings, services) as client:
+            photo = [("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))]
+            r = client.post("/photos/upload", files=photo)
+            assert r.status_code == 401  # no session: refused before the body is read
+            assert "www-authenticate" not in r.headers
+            sign_in(client, "ann")
+            # Over the limit (and the room left for multipart headers): 413, as on the API.
+            big = [("files", ("big.jpg", b"\xff" * (1_200_000 + 64 * 1024), "image/jpeg"))]
+            r = client.post("/photos/upload", files=big, headers={"X-CSRF-Token": csrf(client)})
+            assert r.status_code == 413
+            assert r.json()["error"]["code"] == "upload_too_large"
+    finally:
+        services.close()
