@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import ServeProcess, clean_env, run_cli
-from tests.support.photos import FIXTURES
+from tests.support.photos import FIXTURES, real_photo_zip
 
 pytestmark = pytest.mark.slow
 
@@ -206,9 +206,18 @@ def test_the_upload_page_at_phone_width(chromium: Any, tmp_path: Path,
     page = context.new_page()
     sign_in(page, server.base_url, "ann")
     page.goto(f"{server.base_url}/photos")
-    page.set_input_files("#files", [str(FIXTURES / name) for name in PHOTOS])
+    # A zip this time (as a phone's share sheet sends): the kept photos are shown from the
+    # server, since the page cannot see inside the zip.
+    archive = tmp_path / "selfies.zip"
+    archive.write_bytes(real_photo_zip(PHOTOS))
+    page.set_input_files("#files", str(archive))
     page.get_by_role("button", name="Check and upload").click()
     page.locator("#report .report").wait_for(timeout=60_000)
+    kept = page.locator('.photo.kept[data-photo-name="obama.jpg"] img')
+    assert (kept.get_attribute("src") or "").startswith("/photos/")
+    assert page.evaluate("""() => document.querySelector(
+        '.photo.kept[data-photo-name="obama.jpg"] img').naturalWidth""") > 0
+    assert page.locator('.photo.left-out[data-photo-name="biden.jpg"] .advice').count() >= 1
     for path in ("/photos", "/train", "/versions", "/generate", "/model", "/settings"):
         if path != "/photos":
             page.goto(server.base_url + path)

@@ -279,6 +279,9 @@ def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
     # The face box of a kept photo, as percentages of the photo.
     assert re.search(r'data-photo-name="p0.jpg">\s*<div class="thumb" data-box="[\d.]+,'
                      r'[\d.]+,[\d.]+,[\d.]+"', html)
+    # Each kept photo's stored picture is named in the report (a zip's photos have no other).
+    assert re.search(r'data-stored="/photos/[^"]+/0\.jpg"', html)
+    assert 'data-stored' not in tiny_row
     # The kept photos are on the page, to their owner only.
     page = ann.get("/photos").text
     thumbs = re.findall(r'src="(/photos/[^"]+\.jpg)"', page)

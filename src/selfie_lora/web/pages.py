@@ -204,10 +204,14 @@ async def photos_upload(request: Request, viewer: PageViewer,
     photos = svc.intake.photos(user=viewer.user, dataset_id=dataset.id)
     findings = [f.as_dict() for f in dataset.findings]
     boxes = {p.name: list(p.face_box) for p in photos if p.face_box}
+    rows = _report_rows([n for n, _ in named], findings, boxes, kept={p.name for p in photos})
+    # The stored photo (the training crop) for each kept one: the only picture of a photo that
+    # came inside a zip (the page shows the file from the device when it has it).
+    stored = {p.name: f"/photos/{dataset.id}/{p.index}.jpg" for p in photos}
+    for row in rows:
+        row["stored"] = stored.get(row["name"])
     return web.render(request, "_report.html", viewer=viewer, trainable=True, dataset=dataset,
-                      report=_report_rows([n for n, _ in named], findings, boxes,
-                                          kept={p.name for p in photos}),
-                      set_findings=[d for d in findings if not d.get("photo")])
+                      report=rows, set_findings=[d for d in findings if not d.get("photo")])
 
 
 def _report_rows(names: list[str], findings: list[dict[str, Any]],

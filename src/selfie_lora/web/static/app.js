@@ -67,6 +67,7 @@
         const file = chosen.find((f) => f.name === row.dataset.photoName);
         const img = row.querySelector("img");
         if (file && isImage(file)) img.src = urlFor(file);
+        else if (img.dataset.stored) img.src = img.dataset.stored;  // from a zip: the stored crop
         else img.remove();
         const holder = row.querySelector("[data-box]");
         if (holder && file && isImage(file)) {
