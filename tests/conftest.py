@@ -16,6 +16,7 @@ from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
+from tests.support.backends import copy_migrated_sqlite
 
 _plugins = Path(__file__).with_name("conftest_replicate.py")
 pytest_plugins = ["tests.conftest_replicate"] if _plugins.exists() else []
@@ -68,7 +69,11 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "base_model": "tiny", "replicate_poll_interval": 0.01, "min_photos": 1,
     }
     values.update(overrides)
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.database_url is None:
+        # A copy of a migrated database: the migrations are tested in test_migrations.
+        copy_migrated_sqlite(settings.home / "selfie-lora.db")
+    return settings
 
 
 @pytest.fixture

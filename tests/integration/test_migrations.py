@@ -13,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
-from selfie_lora.adapters.db.migrate import alembic_config
+from selfie_lora.adapters.db.migrate import alembic_config, at_head, upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.db.tables import Base
 from selfie_lora.domain.entities import GateStatus
@@ -114,3 +114,14 @@ def test_the_migrations_make_the_schema_the_tables_declare(engine: Engine) -> No
         context = MigrationContext.configure(conn, opts={"compare_type": True})
         differences = compare_metadata(context, Base.metadata)
     assert differences == []
+
+
+def test_upgrade_runs_what_is_pending_and_knows_when_nothing_is(engine: Engine) -> None:
+    assert not at_head(engine)
+    migrate(engine, "0005")
+    assert not at_head(engine)  # an older schema is not mistaken for the newest
+    upgrade(engine)
+    assert at_head(engine)
+    assert "password_hash" in {c["name"] for c in inspect(engine).get_columns("users")}
+    upgrade(engine)  # again: nothing pending, nothing changes
+    assert at_head(engine)

@@ -7,19 +7,21 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import threading
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import Dataset, Model, Training, User, Version
+from selfie_lora.domain.faces import Face
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.generation import GenerationService
@@ -36,6 +38,7 @@ from selfie_lora.testing.fakes import (
     RecordingAlerter,
     SimulatedCrash,
 )
+from tests.support.backends import copy_migrated_sqlite
 from tests.support.photos import FIXTURES
 
 # Big enough for dlib's HOG detector to find the faces in these portraits (80 px and up).
@@ -75,10 +78,34 @@ def no_face() -> list[bytes]:
     return [flat_image()]
 
 
+class RememberingAnalyzer:
+    """dlib's analyzer, remembering its answer per image: the same fixture photos are analysed
+    in test after test, and what dlib finds in them is tested on its own (test_dlib_faces)."""
+
+    def __init__(self, inner: DlibFaceAnalyzer) -> None:
+        self._inner = inner
+        self.model_name = inner.model_name
+        self._answers: dict[tuple[bytes, tuple[int, ...], bool, bool], list[Face]] = {}
+        self._lock = threading.Lock()
+
+    def ready(self) -> None:
+        self._inner.ready()
+
+    def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
+        key = (hashlib.sha256(image.tobytes()).digest(), tuple(image.shape), landmarks, embed)
+        with self._lock:
+            known = self._answers.get(key)
+        if known is None:
+            known = self._inner.detect(image, landmarks=landmarks, embed=embed)
+            with self._lock:
+                self._answers[key] = known
+        return list(known)  # faces are frozen: sharing them is safe
+
+
 @cache
-def shared_analyzer() -> DlibFaceAnalyzer:
+def shared_analyzer() -> RememberingAnalyzer:
     # dlib's models load once per test session (about a second).
-    return DlibFaceAnalyzer()
+    return RememberingAnalyzer(DlibFaceAnalyzer())
 
 
 def store_dataset(repo: SqlRepository, blobs: FileSystemBlobStore, user: User,
@@ -109,8 +136,8 @@ class Rig:
     gate_enabled: bool = True
 
     def __post_init__(self) -> None:
+        copy_migrated_sqlite(self.root / "db.sqlite")
         self.engine = make_engine(f"sqlite:///{self.root / 'db.sqlite'}")
-        upgrade(self.engine)
         self.repo = SqlRepository(self.engine)
         self.blobs = FileSystemBlobStore(self.root / "blobs")
         self.queue = InMemoryQueue()

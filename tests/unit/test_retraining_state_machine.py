@@ -9,8 +9,6 @@ as the rule that runs the likeness jobs decides."""
 
 from __future__ import annotations
 
-import atexit
-import functools
 import hashlib
 import random
 import re
@@ -29,7 +27,6 @@ from hypothesis.stateful import (
     rule,
 )
 
-from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.dataset.checks import CheckPolicy
@@ -51,6 +48,7 @@ from selfie_lora.testing.fakes import (
     InMemoryQueue,
     SimulatedCrash,
 )
+from tests.support.backends import copy_migrated_sqlite
 from tests.support.photos import synthetic_photo
 
 TRIGGER = re.compile(r"^[a-z0-9]+$")
@@ -63,25 +61,13 @@ TOLERANCE = 0.02
 POLICY = LeasePolicy(ttl=timedelta(seconds=30), heartbeat=timedelta(seconds=5), max_attempts=3)
 
 
-@functools.cache
-def _migrated_template() -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="sl-sm-template-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    engine = make_engine(f"sqlite:///{folder / 'db.sqlite'}")
-    try:
-        upgrade(engine)
-    finally:
-        engine.dispose()
-    return folder / "db.sqlite"
-
-
 class Retraining(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="sl-sm-"))
         # A copy of one migrated database: running the migrations per example would cost more
         # than the example itself.
-        shutil.copyfile(_migrated_template(), self.dir / "db.sqlite")
+        copy_migrated_sqlite(self.dir / "db.sqlite")
         self.engine = make_engine(f"sqlite:///{self.dir / 'db.sqlite'}")
         self.repo = SqlRepository(self.engine)
         self.blobs = FileSystemBlobStore(self.dir / "blobs")

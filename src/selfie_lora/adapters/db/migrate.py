@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, inspect, text
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +23,26 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+@functools.cache
+def head_revision() -> str | None:
+    """The newest migration's revision (read from the scripts once per process)."""
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def at_head(engine: Engine) -> bool:
+    """Whether the database is already at the newest schema (one query, no Alembic run)."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return False
+        rows = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+    return [r[0] for r in rows] == [head_revision()]
+
+
 def upgrade(engine: Engine) -> None:
-    """Run every pending migration on ``engine``'s database."""
+    """Run every pending migration on ``engine``'s database. Every command and process calls
+    this at start-up; a database already at head costs one query, not an Alembic run."""
+    if at_head(engine):
+        return
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
         cfg.attributes["connection"] = connection
