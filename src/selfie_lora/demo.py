@@ -229,7 +229,7 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
         console.print(f"demo finished in {time.monotonic() - started:.1f} s")
         console.rule("see it in your browser")
         console.print(f"SELFIE_LORA_HOME={settings.home} .venv/bin/selfie-lora serve")
-        console.print("then open http://127.0.0.1:8000 and sign in as [bold]demo[/bold] with "
-                      f"the password [bold]{password}[/bold]")
+        console.print("then open http://127.0.0.1:8000 and sign in as [bold]demo[/bold]")
+        console.print(f"password: [bold]{password}[/bold]")
     finally:
         services.close()

@@ -33,7 +33,7 @@ def test_the_demo_trains_then_really_retrains_and_says_what_changed(tmp_path: Pa
                  "likeness-chart.png"):
         assert (out / "generated" / name).stat().st_size > 0, name
     # It ends by saying how to see it in a browser, and the account it prints signs in there.
-    found = re.search(r"sign in as demo with\s+the password (\S+)", text)
+    found = re.search(r"sign in as demo\s+password: (\S+)", text)
     assert found, text[-1500:]
     assert f"SELFIE_LORA_HOME={out / 'home'}" in " ".join(text.split())
     services = build_services(Settings(home=out / "home"), trainers={}, generators={})
