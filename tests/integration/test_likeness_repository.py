@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.domain.entities import GateStatus, Probe, TrainingStatus, Version
 from selfie_lora.domain.likeness import (
@@ -19,15 +15,6 @@ from selfie_lora.domain.likeness import (
 )
 from selfie_lora.errors import StorageError
 from tests.integration.test_repository_contract import NOW, seed, training
-from tests.support.backends import DATABASES, database_url, fresh_engine
-
-
-@pytest.fixture(params=DATABASES)
-def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRepository]:
-    engine = fresh_engine(database_url(request.param, tmp_path))
-    upgrade(engine)
-    yield SqlRepository(engine)
-    engine.dispose()
 
 
 def version_of(repo: SqlRepository) -> Version:

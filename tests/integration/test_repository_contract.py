@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect
@@ -26,18 +24,12 @@ from selfie_lora.domain.entities import (
     WebSession,
 )
 from selfie_lora.errors import ConflictError, StorageError
-from tests.support.backends import DATABASES, database_url, fresh_engine
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 RECIPE = Recipe(name="local-tiny-v1", steps=10, lora_rank=4, learning_rate=1e-2, resolution=64)
 
 
-@pytest.fixture(params=DATABASES)
-def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRepository]:
-    engine = fresh_engine(database_url(request.param, tmp_path))
-    upgrade(engine)
-    yield SqlRepository(engine)
-    engine.dispose()
+# ``repo`` (tests/integration/conftest.py): a repository on every database it supports.
 
 
 def seed(repo: SqlRepository, name: str = "ann") -> tuple[User, Model, Dataset]:

@@ -162,18 +162,8 @@ class _BodyMeter:
         return message
 
 
-def _bearer(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            text: str = value.decode("latin-1")
-            scheme, _, key = text.partition(" ")
-            if scheme.lower() == "bearer" and key.strip():
-                return key.strip()
-            return None
-    return None
-
-
 def _header(scope: Scope, name: bytes) -> str | None:
+    """The first header ``name`` (lower case) of the request, or None."""
     for key, value in scope.get("headers", ()):
         if key == name:
             text: str = value.decode("latin-1")
@@ -181,14 +171,18 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+def _bearer(scope: Scope) -> str | None:
+    scheme, _, key = (_header(scope, b"authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and key.strip():
+        return key.strip()
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    try:
+        return int(_header(scope, b"content-length") or "")
+    except ValueError:
+        return None
 
 
 def _too_large(limit: int) -> str:
