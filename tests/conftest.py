@@ -17,6 +17,7 @@ from selfie_lora.config import Settings
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.support.backends import copy_migrated_sqlite
+from tests.support.s3 import S3Server, running_s3_server
 
 _plugins = Path(__file__).with_name("conftest_replicate.py")
 pytest_plugins = ["tests.conftest_replicate"] if _plugins.exists() else []
@@ -54,6 +55,13 @@ def shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         os.environ.pop("SELFIE_LORA_CACHE_DIR", None)
     else:
         os.environ["SELFIE_LORA_CACHE_DIR"] = before
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """An S3 server on loopback (moto), shared by the run; each test takes its own prefix."""
+    with running_s3_server() as server:
+        yield server
 
 
 def one_person_analyzer() -> FakeFaceAnalyzer:

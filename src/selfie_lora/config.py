@@ -31,7 +31,10 @@ from selfie_lora.domain.recipes import (
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SELFIE_LORA_", extra="ignore")
+    # populate_by_name: code (and tests) pass fields by name even where the environment uses
+    # an alias (the AWS variables).
+    model_config = SettingsConfigDict(env_prefix="SELFIE_LORA_", extra="ignore",
+                                      populate_by_name=True)
 
     home: Path = Path("./.selfie-lora")
     database_url: str | None = None
@@ -45,6 +48,32 @@ class Settings(BaseSettings):
     cache_dir: Path | None = Field(
         default=None, description="Built or downloaded base models (default: HOME/cache)."
     )
+
+    # Blobs (photos, weights, images): unset, files under HOME/blobs; "s3://bucket/prefix",
+    # S3-compatible object storage, which every API server and worker of one service shares (each
+    # keeps only caches in its own HOME). Endpoint, region and keys come from the usual AWS
+    # variables or these settings; a plain-http endpoint (a local server) is allowed by default.
+    storage_url: str | None = None
+    storage_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SELFIE_LORA_STORAGE_ENDPOINT", "AWS_ENDPOINT_URL_S3",
+                                      "AWS_ENDPOINT_URL"))
+    storage_region: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SELFIE_LORA_STORAGE_REGION", "AWS_REGION",
+                                      "AWS_DEFAULT_REGION"))
+    storage_access_key_id: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SELFIE_LORA_STORAGE_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"))
+    storage_secret_access_key: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SELFIE_LORA_STORAGE_SECRET_ACCESS_KEY",
+                                      "AWS_SECRET_ACCESS_KEY"))
+    storage_allow_http: bool | None = None
+    # Weights downloads answer 307 to a presigned URL valid DOWNLOAD_URL_SECONDS (object storage
+    # only), so gigabytes do not pass through the API servers.
+    download_urls: bool = False
+    download_url_seconds: int = Field(default=300, ge=10, le=7 * 24 * 3600)
 
     replicate_api_token: SecretStr | None = Field(
         default=None,
@@ -114,6 +143,13 @@ class Settings(BaseSettings):
     sign_in_window_minutes: float = Field(default=15.0, gt=0, le=24 * 60)
 
     @model_validator(mode="after")
+    def _storage_url_is_s3(self) -> Settings:
+        if self.storage_url is not None and not self.storage_url.startswith("s3://"):
+            raise ValueError("SELFIE_LORA_STORAGE_URL must be unset (files under HOME) or "
+                             "s3://bucket/prefix")
+        return self
+
+    @model_validator(mode="after")
     def _lease_fits_heartbeats(self) -> Settings:
         self.lease_policy  # noqa: B018 - raises ValueError when the lease is shorter than 2 beats
         return self
@@ -156,6 +192,11 @@ class Settings(BaseSettings):
     @property
     def blob_dir(self) -> Path:
         return self.home / "blobs"
+
+    @property
+    def blob_cache_dir(self) -> Path:
+        """Copies of remote blobs this process needs as files (weights for the generator)."""
+        return self.home / "blob-cache"
 
     @property
     def work_dir(self) -> Path:

@@ -13,6 +13,7 @@ import secrets
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
@@ -163,6 +164,22 @@ def session_secret(settings: Settings) -> str:
     return path.read_text(encoding="ascii").strip()
 
 
+def default_blob_store(settings: Settings) -> BlobStore:
+    """Files under HOME, or the object storage that SELFIE_LORA_STORAGE_URL names."""
+    if settings.storage_url is None:
+        return FileSystemBlobStore(settings.blob_dir)
+    from selfie_lora.adapters.storage.s3 import S3BlobStore
+
+    secret = settings.storage_secret_access_key
+    return S3BlobStore(
+        url=settings.storage_url, cache_dir=settings.blob_cache_dir,
+        endpoint=settings.storage_endpoint, region=settings.storage_region,
+        access_key_id=settings.storage_access_key_id,
+        secret_access_key=secret.get_secret_value() if secret is not None else None,
+        allow_http=settings.storage_allow_http,
+    )
+
+
 def replicate_connection(settings: Settings) -> ReplicateConnection:
     """How this process reaches Replicate: one object for the trainer and the generator."""
     from selfie_lora.adapters.replicate.session import ReplicateConnection
@@ -221,13 +238,14 @@ def build_services(
     face_analyzer: FaceAnalyzer | None = None,
     alerter: Alerter | None = None,
     password_hasher: PasswordHasher | None = None,
+    blobs: BlobStore | None = None,
 ) -> Services:
     settings.home.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url)
     if migrate:
         upgrade(engine)
     repo = SqlRepository(engine)
-    blobs = FileSystemBlobStore(settings.blob_dir)
+    blobs = blobs if blobs is not None else default_blob_store(settings)
     queue = HueyJobQueue.from_url(settings.effective_queue_url)
     chosen_trainers = dict(trainers) if trainers is not None else default_trainers(settings)
     chosen_generators = (dict(generators) if generators is not None
@@ -264,7 +282,10 @@ def build_services(
                           policy=settings.sign_in_policy, signup_enabled=settings.signup),
         intake=intake,
         training=training,
-        models=ModelService(repo=repo, blobs=blobs),
+        models=ModelService(
+            repo=repo, blobs=blobs,
+            download_url_expiry=(timedelta(seconds=settings.download_url_seconds)
+                                 if settings.download_urls else None)),
         generation=generation,
         likeness=likeness,
         trainers=chosen_trainers,

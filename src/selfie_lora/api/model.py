@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep
+from selfie_lora.api.downloads import weights_response
 from selfie_lora.api.schemas import ModelPatch, errors
 from selfie_lora.api.serializers import model_json, version_json
 from selfie_lora.errors import ErrorCode, InvalidInputError
@@ -56,15 +57,9 @@ def activate(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]
 @router.get("/versions/{version_id}/weights", responses=errors(404),
             response_class=Response)
 def weights(user: UserDep, svc: ServicesDep, version_id: str) -> Response:
-    version = svc.models.version(user=user, version_id=version_id)
-    data = svc.models.weights(user=user, version_id=version.id)
-    return Response(
-        content=data, media_type="application/octet-stream",
-        headers={
-            "content-disposition": f'attachment; filename="lora-v{version.number}.safetensors"',
-            "x-weights-sha256": version.weights_sha256,
-        },
-    )
+    """The LoRA file, streamed; or a 307 to a short-lived presigned URL of the object storage
+    when the server is set up for it (``SELFIE_LORA_DOWNLOAD_URLS``)."""
+    return weights_response(svc.models.download_weights(user=user, version_id=version_id))
 
 
 @router.get("/log", responses=errors(404))

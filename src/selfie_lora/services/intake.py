@@ -27,7 +27,13 @@ from selfie_lora.domain.recipes import recipe_for
 from selfie_lora.errors import DatasetRejectedError, NotFoundError
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.layout import manifest_key, original_key, photo_key, reference_key
-from selfie_lora.services.ports import AnalyzerFactory, BlobStore, FaceAnalyzer, Repository
+from selfie_lora.services.ports import (
+    AnalyzerFactory,
+    BlobStore,
+    BlobStream,
+    FaceAnalyzer,
+    Repository,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -208,9 +214,8 @@ class IntakeService:
             created_at=utcnow(), verdict=report.verdict,
         )
         for photo in accepted:
-            key = photo_key(photo.sha256)
-            if not self._blobs.exists(key):  # content-addressed: the same photo is stored once
-                self._blobs.put(key, photo.data)
+            # Content-addressed: the same photo is stored once, and never rewritten.
+            self._blobs.put(photo_key(photo.sha256), photo.data, if_absent=True)
         originals: dict[str, str] = {}
         if self._keep_originals:
             by_name = {f.name: f for f in files}
@@ -219,7 +224,7 @@ class IntakeService:
                 if source is not None:
                     # Kept as uploaded (metadata included) only because the operator asked to.
                     sha = hashlib.sha256(source.data).hexdigest()
-                    self._blobs.put(original_key(sha), source.data)
+                    self._blobs.put(original_key(sha), source.data, if_absent=True)
                     originals[photo.sha256] = original_key(sha)
         manifest = {
             "dataset_id": dataset.id,
@@ -262,11 +267,12 @@ class IntakeService:
                 if box else None))
         return out
 
-    def photo(self, *, user: User, dataset_id: str, index: int) -> bytes:
-        """One kept photo of one of the user's datasets (JPEG, as prepared for training)."""
+    def photo(self, *, user: User, dataset_id: str, index: int) -> BlobStream:
+        """One kept photo of one of the user's datasets (JPEG, as prepared for training), to
+        stream to the client."""
         for photo in self.photos(user=user, dataset_id=dataset_id):
             if photo.index == index:
-                return self._blobs.get(photo_key(photo.sha256))
+                return self._blobs.open(photo_key(photo.sha256))
         raise NotFoundError("no such photo")
 
     def get(self, *, user: User, dataset_id: str) -> Dataset:

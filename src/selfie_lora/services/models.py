@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from selfie_lora.domain.entities import GateStatus, Model, User, Version
@@ -14,7 +15,7 @@ from selfie_lora.domain.recipes import validate_trainer_version
 from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, NotFoundError
 from selfie_lora.services.common import utcnow
-from selfie_lora.services.ports import BlobStore, Repository
+from selfie_lora.services.ports import BlobStore, BlobStream, Repository
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,26 @@ class ModelOverview:
     active_record: VersionLikeness | None
 
 
+@dataclass(frozen=True)
+class WeightsDownload:
+    """A version's LoRA file: a presigned URL to send the client to, or its bytes to stream."""
+
+    version: Version
+    url: str | None
+    stream: BlobStream | None
+
+    @property
+    def filename(self) -> str:
+        return f"lora-v{self.version.number}.safetensors"
+
+
 class ModelService:
-    def __init__(self, *, repo: Repository, blobs: BlobStore) -> None:
+    def __init__(self, *, repo: Repository, blobs: BlobStore,
+                 download_url_expiry: timedelta | None = None) -> None:
         self._repo = repo
         self._blobs = blobs
+        # Set: downloads are presigned URLs of the object storage (where it has them).
+        self._download_url_expiry = download_url_expiry
 
     def get(self, *, user: User) -> Model:
         model = self._repo.get_model_for_user(user.id)
@@ -149,6 +166,17 @@ class ModelService:
 
     def weights(self, *, user: User, version_id: str) -> bytes:
         return self._blobs.get(self.version(user=user, version_id=version_id).weights_key)
+
+    def download_weights(self, *, user: User, version_id: str) -> WeightsDownload:
+        """The version's LoRA file for a download: never read whole into memory."""
+        version = self.version(user=user, version_id=version_id)
+        if self._download_url_expiry is not None:
+            url = self._blobs.download_url(version.weights_key,
+                                           expires=self._download_url_expiry)
+            if url is not None:
+                return WeightsDownload(version=version, url=url, stream=None)
+        return WeightsDownload(version=version, url=None,
+                               stream=self._blobs.open(version.weights_key))
 
     def log(self, *, user: User) -> Sequence[dict[str, Any]]:
         model = self.get(user=user)

@@ -6,10 +6,10 @@ the same contract tests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -139,20 +139,65 @@ class Generator(Protocol):
 # --------------------------------------------------------------------------- storage
 
 
-class BlobStore(Protocol):
-    def put(self, key: str, data: bytes) -> None: ...
+@dataclass(frozen=True)
+class BlobInfo:
+    key: str
+    size: int
+    modified: datetime
 
-    def put_file(self, key: str, path: Path) -> None: ...
+
+class BlobStore(Protocol):
+    """Named bytes: the local file system (the embedded default) or S3-compatible object storage.
+
+    Keys are made by ``services.layout`` only. Every write is atomic (a reader sees the old
+    blob, none, or the whole new one). ``if_absent`` writes only when no blob has the key and
+    says whether it wrote: content-addressed keys use it, so a retried job never rewrites a
+    published blob. Missing blobs raise ``StorageError``.
+    """
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool: ...
+
+    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> bool:
+        """Streams a file in (multipart on object storage: never whole in memory)."""
+        ...
 
     def get(self, key: str) -> bytes: ...
 
+    def open(self, key: str) -> BlobStream:
+        """The blob in chunks, for answers that stream it; raises at once when it is missing."""
+        ...
+
     def exists(self, key: str) -> bool: ...
 
-    def delete(self, key: str) -> None: ...
+    def delete(self, key: str) -> None:
+        """Deleting a missing blob is not an error."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[BlobInfo]:
+        """Every blob whose key starts with ``prefix/`` (any order)."""
+        ...
 
     def local_path(self, key: str) -> Path:
-        """A path on this machine holding the blob (a cached copy for remote stores)."""
+        """A path on this machine holding the blob (a cached copy for remote stores: only for
+        blobs that never change, such as content-addressed weights)."""
         ...
+
+    def download_url(self, key: str, *, expires: timedelta) -> str | None:
+        """A short-lived URL that serves the blob without this service (presigned), or None
+        where the store has none (the local file system)."""
+        ...
+
+    def check(self) -> None:
+        """Raises ``StorageError`` unless the store answers (readiness)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BlobStream:
+    """An open blob: its size and its bytes in chunks (read once)."""
+
+    size: int
+    chunks: Iterator[bytes]
 
 
 # --------------------------------------------------------------------------- repository

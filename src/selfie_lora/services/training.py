@@ -579,11 +579,12 @@ class TrainingService:
         """Publish the trainer's weights as the model's next version: once per training (the
         fence, and the unique training id on versions). The version is pending until the
         likeness gate decides; nothing on the model changes here."""
-        data = result.weights_path.read_bytes()
-        sha = hashlib.sha256(data).hexdigest()
+        with result.weights_path.open("rb") as fh:
+            sha = hashlib.file_digest(fh, "sha256").hexdigest()  # streamed: weights can be GBs
         key = weights_key(sha)
-        if not self._blobs.exists(key):  # content-addressed: a retried store writes nothing new
-            self._blobs.put_file(key, result.weights_path)
+        # Content-addressed and put only if absent: a retried store never rewrites a published
+        # version's file.
+        self._blobs.put_file(key, result.weights_path, if_absent=True)
         metrics = _jsonable(dict(result.metrics))
         now = self._clock()
         with self._holding(held) as (tx, training):

@@ -8,9 +8,10 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from selfie_lora.api.deps import in_thread
+from selfie_lora.api.downloads import weights_response
 from selfie_lora.domain.entities import GateStatus, TrainingStatus
 from selfie_lora.errors import (
     AuthError,
@@ -237,8 +238,9 @@ def _report_rows(names: list[str], findings: list[dict[str, Any]],
 @router.get("/photos/{dataset_id}/{index}.jpg")
 def photo_file(request: Request, viewer: PageViewer, dataset_id: str, index: int) -> Response:
     web = _web(request)
-    data = web.services.intake.photo(user=viewer.user, dataset_id=dataset_id, index=index)
-    return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private"})
+    photo = web.services.intake.photo(user=viewer.user, dataset_id=dataset_id, index=index)
+    return StreamingResponse(photo.chunks, media_type="image/jpeg", headers={
+        "Cache-Control": "private", "Content-Length": str(photo.size)})
 
 
 # ---------------------------------------------------------------------------- training
@@ -383,10 +385,8 @@ def version_activate(request: Request, version_id: str, viewer: FormViewer) -> R
 @router.get("/versions/{version_id}/weights")
 def version_weights(request: Request, viewer: PageViewer, version_id: str) -> Response:
     web = _web(request)
-    version = web.services.models.version(user=viewer.user, version_id=version_id)
-    data = web.services.models.weights(user=viewer.user, version_id=version.id)
-    return Response(data, media_type="application/octet-stream", headers={
-        "Content-Disposition": f'attachment; filename="lora-v{version.number}.safetensors"'})
+    return weights_response(web.services.models.download_weights(user=viewer.user,
+                                                                  version_id=version_id))
 
 
 @router.get("/versions/compare/grid.png")

@@ -6,13 +6,31 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 from selfie_lora.errors import StorageError
+from selfie_lora.services.ports import BlobInfo, BlobStream
 
 # Keys are made by the services ("photos/<sha>.jpg"), never from user input; this pattern is the
 # second line of defence against a key that would escape the root.
-_KEY = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+CHUNK = 1024 * 1024
+FillFn = Callable[[BinaryIO], object]
+
+
+def check_key(key: str) -> str:
+    if not KEY_PATTERN.match(key) or ".." in key.split("/"):
+        raise StorageError(f"invalid blob key {key!r}")
+    return key
+
+
+def _chunks(fh: BinaryIO) -> Iterator[bytes]:
+    with fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
 
 
 class FileSystemBlobStore:
@@ -21,34 +39,42 @@ class FileSystemBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, key: str) -> Path:
-        if not _KEY.match(key) or ".." in key.split("/"):
-            raise StorageError(f"invalid blob key {key!r}")
-        return self.root / key
+        return self.root / check_key(key)
 
-    def put(self, key: str, data: bytes) -> None:
+    def _write(self, key: str, fill: FillFn, *, if_absent: bool) -> bool:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: a reader never sees half a file, a crash never leaves one.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        if if_absent and path.is_file():
+            return False
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename (or link): a reader never sees half a file, a crash never
+            # leaves one.
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        except OSError as exc:
+            raise StorageError(f"blob {key!r} cannot be written: {exc.strerror}") from exc
         try:
             with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, path)
-        except BaseException:
+                fill(fh)
+            if not if_absent:
+                os.replace(tmp, path)
+                return True
+            try:
+                os.link(tmp, path)  # atomic create-if-absent: the first writer wins
+            except FileExistsError:
+                return False
+            return True
+        finally:
             Path(tmp).unlink(missing_ok=True)
-            raise
 
-    def put_file(self, key: str, path: Path) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        os.close(fd)
-        try:
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        return self._write(key, lambda fh: fh.write(data), if_absent=if_absent)
+
+    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> bool:
+        def copy(fh: BinaryIO) -> None:
+            with path.open("rb") as src:
+                shutil.copyfileobj(src, fh, CHUNK)
+
+        return self._write(key, copy, if_absent=if_absent)
 
     def get(self, key: str) -> bytes:
         try:
@@ -56,14 +82,55 @@ class FileSystemBlobStore:
         except FileNotFoundError:
             raise StorageError(f"blob {key!r} is missing") from None
 
+    def open(self, key: str) -> BlobStream:
+        try:
+            fh = self._path(key).open("rb")
+        except FileNotFoundError:
+            raise StorageError(f"blob {key!r} is missing") from None
+        return BlobStream(size=os.fstat(fh.fileno()).st_size, chunks=_chunks(fh))
+
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # Empty folders left behind (a generation's, a dataset's) go too, up to the root.
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def list(self, prefix: str) -> Iterator[BlobInfo]:
+        top = self._path(prefix)
+        if not top.is_dir():
+            return
+        for folder, _dirs, files in os.walk(top):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    continue  # a write in progress (or one a crash left: not a blob)
+                path = Path(folder) / name
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue  # deleted while listing
+                yield BlobInfo(key=path.relative_to(self.root).as_posix(), size=stat.st_size,
+                               modified=datetime.fromtimestamp(stat.st_mtime, UTC))
 
     def local_path(self, key: str) -> Path:
         path = self._path(key)
         if not path.is_file():
             raise StorageError(f"blob {key!r} is missing")
         return path
+
+    def download_url(self, key: str, *, expires: timedelta) -> str | None:  # noqa: ARG002
+        # Files on this machine have no URL of their own: the service streams them.
+        return None
+
+    def check(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"the blob folder {self.root} is not writable")
+

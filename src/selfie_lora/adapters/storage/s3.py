@@ -1,0 +1,232 @@
+"""A ``BlobStore`` on S3-compatible object storage (AWS S3, Cloudflare R2, Backblaze B2, Ceph,
+Garage, MinIO...), through obstore.
+
+Why obstore rather than boto3: it streams a file or an iterator into a multipart upload itself
+(concurrent parts, aborted on failure), offers conditional puts (``mode="create"``, HTTP
+``If-None-Match: *``) and presigned URLs, and is one small wheel (Rust's ``object_store``) that is
+thread-safe with no session juggling; boto3 needs botocore's ~100 MB and hand-written multipart
+code for the same.
+
+Writes are atomic on S3 (an object appears whole or not at all). ``if_absent`` puts of small
+blobs are conditional requests, so two writers cannot both win. A large blob is streamed in
+multipart after a HEAD: S3's multipart upload has no "create only" mode everywhere, and the
+large blobs we write (weights, zips) are content-addressed, so a racing second writer can only
+write the same bytes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from selfie_lora.adapters.storage.fs import check_key
+from selfie_lora.errors import ConfigError, StorageError
+from selfie_lora.services.ports import BlobInfo, BlobStream
+
+if TYPE_CHECKING:
+    from obstore.store import S3Config, S3Store
+
+logger = logging.getLogger(__name__)
+
+# Blobs up to this size are sent in one (conditional) PUT; larger ones stream in parts of
+# PART_SIZE, a few at a time, so a 5 GB file needs MAX_PARTS_IN_FLIGHT x PART_SIZE of memory.
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+PART_SIZE = 8 * 1024 * 1024
+MAX_PARTS_IN_FLIGHT = 4
+READ_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc:
+            raise ConfigError(f"SELFIE_LORA_STORAGE_URL must look like s3://bucket/prefix, "
+                              f"not {url!r}")
+        return cls(bucket=parts.netloc, prefix=parts.path.strip("/"))
+
+
+def _error(action: str, key: str, exc: Exception) -> StorageError:
+    # Vendor errors stop here: the services see StorageError only.
+    return StorageError(f"object storage could not {action} {key!r}: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+class S3BlobStore:
+    def __init__(
+        self, *, url: str, cache_dir: Path, endpoint: str | None = None,
+        region: str | None = None, access_key_id: str | None = None,
+        secret_access_key: str | None = None, allow_http: bool | None = None,
+    ) -> None:
+        try:
+            from obstore.store import S3Store
+        except ImportError:  # pragma: no cover - depends on the install
+            raise ConfigError("S3 storage needs obstore: pip install 'selfie-lora[s3]'") from None
+        self.location = S3Location.parse(url)
+        config: S3Config = {}
+        if endpoint:
+            config["endpoint"] = endpoint
+        if region:
+            config["region"] = region
+        if access_key_id:
+            config["access_key_id"] = access_key_id
+        if secret_access_key:
+            config["secret_access_key"] = secret_access_key
+        if allow_http is None:
+            allow_http = bool(endpoint and endpoint.startswith("http://"))
+        self._store: S3Store = S3Store(
+            self.location.bucket, prefix=self.location.prefix or None, config=config,
+            client_options={"allow_http": allow_http},
+        )
+        self.cache_dir = cache_dir
+        self.description = f"s3://{self.location.bucket}/{self.location.prefix}"
+
+    # -- writes
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        import obstore
+        from obstore.exceptions import AlreadyExistsError
+
+        check_key(key)
+        try:
+            obstore.put(self._store, key, data, mode="create" if if_absent else "overwrite",
+                        use_multipart=False)
+        except AlreadyExistsError:
+            return False
+        except Exception as exc:
+            raise _error("write", key, exc) from exc
+        return True
+
+    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> bool:
+        import obstore
+
+        check_key(key)
+        size = path.stat().st_size
+        if size <= MULTIPART_THRESHOLD:
+            return self.put(key, path.read_bytes(), if_absent=if_absent)
+        if if_absent and self.exists(key):
+            return False
+        try:
+            # obstore reads the file part by part: never the whole file in memory.
+            obstore.put(self._store, key, path, use_multipart=True, chunk_size=PART_SIZE,
+                        max_concurrency=MAX_PARTS_IN_FLIGHT)
+        except Exception as exc:
+            raise _error("write", key, exc) from exc
+        return True
+
+    def delete(self, key: str) -> None:
+        import obstore
+
+        check_key(key)
+        try:
+            obstore.delete(self._store, key)
+        except FileNotFoundError:
+            pass
+        except Exception as exc:
+            raise _error("delete", key, exc) from exc
+
+    # -- reads
+
+    def get(self, key: str) -> bytes:
+        import obstore
+
+        check_key(key)
+        try:
+            return obstore.get(self._store, key).bytes().to_bytes()
+        except FileNotFoundError:
+            raise StorageError(f"blob {key!r} is missing") from None
+        except Exception as exc:
+            raise _error("read", key, exc) from exc
+
+    def open(self, key: str) -> BlobStream:
+        import obstore
+
+        check_key(key)
+        try:
+            result = obstore.get(self._store, key)
+        except FileNotFoundError:
+            raise StorageError(f"blob {key!r} is missing") from None
+        except Exception as exc:
+            raise _error("read", key, exc) from exc
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                for chunk in result.stream(min_chunk_size=READ_CHUNK):
+                    yield bytes(chunk)
+            except Exception as exc:
+                raise _error("read", key, exc) from exc
+
+        return BlobStream(size=int(result.meta["size"]), chunks=chunks())
+
+    def exists(self, key: str) -> bool:
+        import obstore
+
+        check_key(key)
+        try:
+            obstore.head(self._store, key)
+        except FileNotFoundError:
+            return False
+        except Exception as exc:
+            raise _error("look up", key, exc) from exc
+        return True
+
+    def list(self, prefix: str) -> Iterator[BlobInfo]:
+        import obstore
+
+        check_key(prefix)
+        try:
+            for batch in obstore.list(self._store, prefix=f"{prefix}/"):
+                for meta in batch:
+                    modified = meta["last_modified"]
+                    yield BlobInfo(key=meta["path"], size=int(meta["size"]),
+                                   modified=modified.astimezone(UTC)
+                                   if isinstance(modified, datetime) else datetime.now(UTC))
+        except Exception as exc:
+            raise _error("list", prefix, exc) from exc
+
+    def local_path(self, key: str) -> Path:
+        """A copy in the cache folder, fetched once (the blobs asked for never change)."""
+        target = self.cache_dir / check_key(key)
+        if target.is_file():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stream = self.open(key)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in stream.chunks:
+                    fh.write(chunk)
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return target
+
+    def download_url(self, key: str, *, expires: timedelta) -> str | None:
+        import obstore
+
+        check_key(key)
+        try:
+            return obstore.sign(self._store, "GET", key, expires)
+        except Exception as exc:
+            raise _error("sign a URL for", key, exc) from exc
+
+    def check(self) -> None:
+        import obstore
+
+        try:
+            # One page of one key: answers only when the endpoint, the credentials and the
+            # bucket are all right.
+            next(iter(obstore.list(self._store, chunk_size=1)), None)
+        except Exception as exc:
+            raise _error("list", self.description, exc) from exc

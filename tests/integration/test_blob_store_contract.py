@@ -1,0 +1,214 @@
+"""The blob store on every adapter: the local file system and S3-compatible object storage (an
+S3 server on loopback). One contract: atomic writes, put-if-absent for content-addressed keys,
+streamed reads, listings for the garbage collector, cached local copies, presigned URLs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from selfie_lora.adapters.storage import s3 as s3_module
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+from selfie_lora.errors import StorageError
+from tests.support.s3 import S3Server
+
+KINDS = ["fs", "s3"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    if kind == "fs":
+        return FileSystemBlobStore(tmp_path / "blobs")
+    server: S3Server = request.getfixturevalue("s3_server")
+    return server.store(server.new_location(), tmp_path / "cache")
+
+
+def test_a_blob_reads_back_as_written(store: Any) -> None:
+    assert store.put("photos/a.jpg", b"hello") is True
+    assert store.exists("photos/a.jpg")
+    assert store.get("photos/a.jpg") == b"hello"
+    assert store.put("photos/a.jpg", b"again") is True  # a plain put replaces
+    assert store.get("photos/a.jpg") == b"again"
+
+
+def test_a_missing_blob_is_a_storage_error(store: Any) -> None:
+    assert not store.exists("photos/none.jpg")
+    with pytest.raises(StorageError, match="missing"):
+        store.get("photos/none.jpg")
+    with pytest.raises(StorageError, match="missing"):
+        store.open("photos/none.jpg")  # at once, not when the answer is half sent
+    with pytest.raises(StorageError, match="missing"):
+        store.local_path("weights/none.safetensors")
+
+
+@pytest.mark.parametrize("key", ["../escape", "a/../../b", "/abs", "a//b", "", "a b", "a/./b/.."])
+def test_keys_that_could_escape_are_refused(store: Any, key: str) -> None:
+    with pytest.raises(StorageError, match="invalid blob key"):
+        store.put(key, b"x")
+
+
+def test_put_if_absent_never_rewrites(store: Any) -> None:
+    assert store.put("weights/w.safetensors", b"first", if_absent=True) is True
+    assert store.put("weights/w.safetensors", b"second", if_absent=True) is False
+    assert store.get("weights/w.safetensors") == b"first"
+
+
+def test_of_racing_put_if_absent_writers_exactly_one_wins(store: Any) -> None:
+    results: dict[int, bool] = {}
+    start = threading.Barrier(8)
+
+    def write(i: int) -> None:
+        start.wait()
+        results[i] = store.put("photos/race.jpg", f"writer {i}".encode(), if_absent=True)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, wrote in results.items() if wrote]
+    assert len(winners) == 1
+    assert store.get("photos/race.jpg") == f"writer {winners[0]}".encode()
+
+
+def test_a_large_file_streams_in_and_out(store: Any, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small parts, so a few MB take the multipart path on object storage.
+    monkeypatch.setattr(s3_module, "MULTIPART_THRESHOLD", 1024 * 1024)
+    monkeypatch.setattr(s3_module, "PART_SIZE", 5 * 1024 * 1024)  # S3's smallest part
+    data = os.urandom(11 * 1024 * 1024 + 17)
+    source = tmp_path / "big.safetensors"
+    source.write_bytes(data)
+    assert store.put_file("weights/big.safetensors", source, if_absent=True) is True
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"y" * (2 * 1024 * 1024))
+    assert store.put_file("weights/big.safetensors", other, if_absent=True) is False
+    stream = store.open("weights/big.safetensors")
+    assert stream.size == len(data)
+    chunks = list(stream.chunks)
+    assert len(chunks) > 1  # streamed, not one buffer
+    assert b"".join(chunks) == data
+
+
+def test_listing_finds_every_blob_under_a_prefix_and_nothing_else(store: Any) -> None:
+    store.put("generations/g1/0.png", b"0")
+    store.put("generations/g1/1.png", b"11")
+    store.put("generations/g2/0.png", b"222")
+    store.put("generationsx/0.png", b"not under generations/")
+    store.put("photos/p.jpg", b"p")
+    found = {b.key: b.size for b in store.list("generations")}
+    assert found == {"generations/g1/0.png": 1, "generations/g1/1.png": 2,
+                     "generations/g2/0.png": 3}
+    assert {b.key for b in store.list("generations/g1")} == {"generations/g1/0.png",
+                                                             "generations/g1/1.png"}
+    assert list(store.list("nothing")) == []
+    assert all(b.modified.tzinfo is not None for b in store.list("generations"))
+
+
+def test_delete_removes_and_tolerates_a_missing_blob(store: Any) -> None:
+    store.put("generations/g/0.png", b"x")
+    store.delete("generations/g/0.png")
+    assert not store.exists("generations/g/0.png")
+    assert list(store.list("generations")) == []
+    store.delete("generations/g/0.png")  # again: nothing to do, no error
+
+
+def test_a_local_copy_holds_the_bytes(store: Any) -> None:
+    store.put("weights/w.safetensors", b"weights")
+    path = store.local_path("weights/w.safetensors")
+    assert path.read_bytes() == b"weights"
+    assert store.local_path("weights/w.safetensors") == path  # fetched once
+
+
+def test_download_urls_serve_the_blob_where_the_store_has_them(store: Any, kind: str) -> None:
+    from datetime import timedelta
+
+    store.put("weights/w.safetensors", b"signed bytes")
+    url = store.download_url("weights/w.safetensors", expires=timedelta(minutes=5))
+    if kind == "fs":
+        assert url is None  # the service streams files itself
+        return
+    assert url is not None
+    assert "X-Amz-Signature=" in url
+    answer = httpx.get(url, timeout=10)
+    assert answer.status_code == 200
+    assert answer.content == b"signed bytes"
+
+
+def test_a_store_that_answers_passes_its_check(store: Any) -> None:
+    store.check()
+
+
+def test_object_storage_without_its_bucket_fails_its_check(s3_server: S3Server,
+                                                           tmp_path: Path) -> None:
+    missing = s3_server.store("s3://no-such-bucket-here/x", tmp_path)
+    with pytest.raises(StorageError, match="object storage could not list"):
+        missing.check()
+    with pytest.raises(StorageError, match="object storage could not write"):
+        missing.put("photos/a.jpg", b"a")
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=4096),
+       key=st.from_regex(r"[a-z0-9_.-]{1,12}(/[a-z0-9_-]{1,8}){0,3}", fullmatch=True)
+       .filter(lambda k: all(part not in {".", ".."} for part in k.split("/"))))
+def test_any_bytes_under_any_valid_key_read_back(store: Any, data: bytes, key: str) -> None:
+    # A prefix per example: on a file system "a/b" and "a/b/c" cannot both be blobs (the layout
+    # never makes such pairs), so the examples must not meet.
+    full = f"h/{uuid.uuid4().hex}/{key}"
+    store.put(full, data)
+    assert store.get(full) == data
+    assert b"".join(store.open(full).chunks) == data
+
+
+UPLOADER = """
+import re, sys
+from pathlib import Path
+from selfie_lora.adapters.storage.s3 import S3BlobStore
+
+def kib(field):
+    # /proc, not getrusage: ru_maxrss survives exec, so a child would report pytest's own peak.
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(field + r":\\s+(\\d+) kB", status).group(1))
+
+store = S3BlobStore(url=sys.argv[1], cache_dir=Path(sys.argv[2]), endpoint=sys.argv[3],
+                    region="us-east-1", access_key_id="testing", secret_access_key="testing-secret")
+store.put("photos/warm-up.jpg", b"x")  # the client's own memory, before the measure
+before = kib("VmRSS")
+store.put_file("weights/huge.safetensors", Path(sys.argv[4]))
+print((kib("VmHWM") - before) // 1024)
+"""
+
+
+def test_a_large_upload_to_object_storage_is_never_whole_in_memory(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    size_mb = 128
+    source = tmp_path / "huge.safetensors"
+    with source.open("wb") as fh:
+        for _ in range(size_mb):
+            fh.write(os.urandom(1024 * 1024))
+    location = s3_server.new_location()
+    run = subprocess.run(
+        [sys.executable, "-c", UPLOADER, location, str(tmp_path / "c"), s3_server.endpoint,
+         str(source)], capture_output=True, text=True, timeout=300, check=True)
+    grew_mb = int(run.stdout.strip().splitlines()[-1])
+    # Parts in flight (4 x 8 MB) and buffers, far below the file's size.
+    assert grew_mb < size_mb / 2, f"the upload process grew by {grew_mb} MB"
+    stored = s3_server.store(location, tmp_path / "c2").open("weights/huge.safetensors")
+    assert stored.size == size_mb * 1024 * 1024

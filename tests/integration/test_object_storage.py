@@ -1,0 +1,110 @@
+"""The service on S3-compatible object storage (an S3 server on loopback): every blob goes there,
+the process's HOME keeps only caches, and downloads are streamed or presigned."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from selfie_lora.api.app import create_app
+from selfie_lora.config import Settings
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import auth, make_settings, one_person_analyzer, wait_terminal
+from tests.integration.test_api import upload
+from tests.support.s3 import S3Server
+
+
+def _client(settings: Settings) -> Iterator[tuple[TestClient, Services]]:
+    svc = build_services(settings, trainers={"local": FakeTrainer()},
+                         face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()})
+    with TestClient(create_app(settings, services=svc, run_worker=True),
+                    raise_server_exceptions=False) as client:
+        yield client, svc
+    svc.close()
+
+
+@pytest.fixture(params=[False, True], ids=["streamed", "presigned"])
+def on_s3(request: pytest.FixtureRequest, s3_server: S3Server,
+          tmp_path: Path) -> Iterator[tuple[TestClient, Services, S3Server, str]]:
+    location = s3_server.new_location()
+    settings = make_settings(tmp_path, **s3_server.settings(location),
+                             download_urls=request.param)
+    for client, svc in _client(settings):
+        yield client, svc, s3_server, location
+
+
+def test_the_whole_cycle_keeps_every_blob_in_object_storage(
+        on_s3: tuple[TestClient, Services, S3Server, str], tmp_path: Path) -> None:
+    client, svc, server, location = on_s3
+    h = auth(svc, "ann")
+    body = upload(client, h)
+    done = wait_terminal(client, h, body["training"]["id"])
+    assert done["training"]["status"] == "succeeded"
+    version = done["model"]["active_version"]
+
+    answer = client.get(version["weights_url"], headers=h, follow_redirects=False)
+    if svc.settings.download_urls:
+        assert answer.status_code == 307
+        url = answer.headers["location"]
+        assert "X-Amz-Signature=" in url
+        data = httpx.get(url, timeout=10).content  # the storage serves it, without a key
+    else:
+        assert answer.status_code == 200
+        assert int(answer.headers["content-length"]) == len(answer.content)
+        data = answer.content
+    assert answer.headers["x-weights-sha256"] == version["weights_sha256"]
+    assert hashlib.sha256(data).hexdigest() == version["weights_sha256"]
+
+    generated = client.post("/api/generate", headers=h, json={"prompt": "a portrait",
+                                                              "seed": 1})
+    assert generated.status_code == 200, generated.text
+    assert client.get(generated.json()["generation"]["images"][0],
+                      headers=h).content.startswith(b"\x89PNG")
+
+    # Everything is in the bucket; HOME has no blob folder, only the generator's cached copy.
+    store = server.store(location, tmp_path / "reader")
+    prefixes = {info.key.split("/")[0] for top in ("photos", "datasets", "weights",
+                                                   "generations") for info in store.list(top)}
+    assert prefixes == {"photos", "datasets", "weights", "generations"}
+    assert not (svc.settings.home / "blobs").exists()
+    cached = list((svc.settings.home / "blob-cache").rglob("*.safetensors"))
+    assert [p.name for p in cached] == [f"{version['weights_sha256']}.safetensors"]
+
+
+def test_a_retried_store_of_a_published_version_writes_nothing(
+        on_s3: tuple[TestClient, Services, S3Server, str], tmp_path: Path) -> None:
+    client, svc, _server, _location = on_s3
+    h = auth(svc, "bob")
+    done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+    key = f"weights/{done['model']['active_version']['weights_sha256']}.safetensors"
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"not the published bytes")
+    assert svc.blobs.put_file(key, other, if_absent=True) is False
+    assert hashlib.sha256(svc.blobs.get(key)).hexdigest() == \
+        done["model"]["active_version"]["weights_sha256"]
+
+
+def test_a_storage_url_that_is_not_s3_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="s3://bucket/prefix"):
+        Settings(home=tmp_path, storage_url="gs://bucket/x")
+
+
+def test_the_usual_aws_variables_configure_the_storage(
+        s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfie_lora.wiring import default_blob_store
+
+    location = s3_server.new_location()
+    for name, value in s3_server.env(location).items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(home=tmp_path)
+    assert settings.storage_endpoint == s3_server.endpoint
+    store = default_blob_store(settings)
+    store.put("photos/p.jpg", b"p")
+    assert s3_server.store(location, tmp_path / "other").get("photos/p.jpg") == b"p"

@@ -1,0 +1,66 @@
+"""An S3 server on loopback for the object-storage tests: moto's server mode, in this process
+(MinIO is not installable here). Servers and workers that tests start reach it over HTTP like
+any S3 endpoint."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BUCKET = "selfie-test"
+# moto accepts any keys; real ones are never needed.
+ACCESS_KEY_ID = "testing"
+SECRET_ACCESS_KEY = "testing-secret"
+REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+
+    def new_location(self) -> str:
+        """A fresh ``s3://`` URL (its own prefix in the test bucket)."""
+        return f"s3://{BUCKET}/t-{uuid.uuid4().hex[:12]}"
+
+    def env(self, url: str) -> dict[str, str]:
+        """The environment a process needs to use ``url`` (the usual AWS variables)."""
+        return {"SELFIE_LORA_STORAGE_URL": url, "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_REGION": REGION, "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+                "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY}
+
+    def settings(self, url: str) -> dict[str, Any]:
+        """The same as ``Settings`` keyword arguments."""
+        return {"storage_url": url, "storage_endpoint": self.endpoint, "storage_region": REGION,
+                "storage_access_key_id": ACCESS_KEY_ID,
+                "storage_secret_access_key": SECRET_ACCESS_KEY}
+
+    def store(self, url: str, cache_dir: Path) -> Any:
+        from selfie_lora.adapters.storage.s3 import S3BlobStore
+
+        return S3BlobStore(url=url, cache_dir=cache_dir, endpoint=self.endpoint, region=REGION,
+                           access_key_id=ACCESS_KEY_ID, secret_access_key=SECRET_ACCESS_KEY)
+
+
+@contextmanager
+def running_s3_server() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    # One line per request otherwise: the test output would drown in them.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        import httpx
+
+        # moto answers any signature: creating the bucket needs no SigV4 of our own.
+        httpx.put(f"{endpoint}/{BUCKET}", timeout=10).raise_for_status()
+        yield S3Server(endpoint=endpoint)
+    finally:
+        server.stop()
