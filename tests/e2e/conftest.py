@@ -12,13 +12,18 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
+
+from tests.support.backends import POSTGRES_ENV, REDIS_ENV
 
 HEALTH_DEADLINE_S = 60.0
 STOP_DEADLINE_S = 30.0
@@ -194,3 +199,41 @@ def wait_training(client: httpx.Client, headers: dict[str, str], training_id: st
             raise AssertionError(server.why(
                 f"training {training_id} did not end within {deadline_s:.0f}s: {body['training']}"))
         time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- the scale path
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """A database of its own on the test server (the other tests share ``test``)."""
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        pytest.skip(f"the scale path's end-to-end tests need {POSTGRES_ENV}; .ci/run sets it")
+    name = f"selfie_e2e_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    parts = urlsplit(url)
+    try:
+        yield urlunsplit(parts._replace(path=f"/{name}"))
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def redis_queue() -> Iterator[str]:
+    url = os.environ.get(REDIS_ENV)
+    if not url:
+        pytest.skip(f"the scale path's end-to-end tests need {REDIS_ENV}; .ci/run sets it")
+    # A database number of its own, emptied before and after.
+    queue = urlunsplit(urlsplit(url)._replace(path="/13"))
+    import redis
+
+    client = redis.Redis.from_url(queue)
+    client.flushdb()
+    yield queue
+    client.flushdb()
+    client.close()

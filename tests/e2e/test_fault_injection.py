@@ -27,21 +27,16 @@ import re
 import signal
 import subprocess
 import time
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
 
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
 from tests.e2e.conftest import clean_env, create_user, free_port, selfie_lora_exe
 from tests.e2e.test_hostile_clients import descendants, running
-from tests.support.backends import POSTGRES_ENV, REDIS_ENV
 from tests.support.photos import real_photo_zip
 
 pytestmark = pytest.mark.slow
@@ -306,41 +301,6 @@ def collect_helpers(cluster: Cluster, into: set[int]) -> None:
 
 
 # --------------------------------------------------------------------------- the scale path
-
-
-@pytest.fixture
-def postgres_database() -> Iterator[str]:
-    """A database of its own on the test server (the other tests share ``test``)."""
-    url = os.environ.get(POSTGRES_ENV)
-    if not url:
-        pytest.skip(f"the scale path's fault injection needs {POSTGRES_ENV}; .ci/run sets it")
-    name = f"selfie_fault_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    parts = urlsplit(url)
-    try:
-        yield urlunsplit(parts._replace(path=f"/{name}"))
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture
-def redis_queue() -> Iterator[str]:
-    url = os.environ.get(REDIS_ENV)
-    if not url:
-        pytest.skip(f"the scale path's fault injection needs {REDIS_ENV}; .ci/run sets it")
-    # A database number of its own, emptied before and after.
-    queue = urlunsplit(urlsplit(url)._replace(path="/13"))
-    import redis
-
-    client = redis.Redis.from_url(queue)
-    client.flushdb()
-    yield queue
-    client.flushdb()
-    client.close()
 
 
 @pytest.mark.postgres

@@ -1,0 +1,170 @@
+"""The scale path with no shared disk: PostgreSQL, Redis, an S3 server on loopback, one
+``selfie-lora serve --no-worker`` and two ``selfie-lora worker`` processes, each with its own
+``SELFIE_LORA_HOME`` in a different temporary folder, as if each ran on a machine of its own.
+
+Several users go through the whole cycle on each backend (the Replicate stand-in, and the local
+tiny FLUX trained by the workers): upload, train, score, retrain, rollback, generate, download
+weights. Every blob lives in the bucket; each HOME holds only that process's caches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from selfie_lora.testing.replicate_standin import ReplicateStandIn
+from tests.e2e.conftest import clean_env, create_user, free_port
+from tests.e2e.test_fault_injection import Proc, wait_healthy
+from tests.support.photos import real_photo_zip
+from tests.support.s3 import S3Server
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
+
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+SECRET = "scale-out-test-secret-" + "x" * 24  # API servers of one service share it
+OWNER = "scale-owner"
+
+
+def wait_all(client: httpx.Client, pending: dict[str, tuple[dict[str, str], str]],
+             procs: list[Proc], deadline_s: float) -> dict[str, dict[str, Any]]:
+    """Polls every training until it ends; the last answer of each."""
+    deadline = time.monotonic() + deadline_s
+    ended: dict[str, dict[str, Any]] = {}
+    while len(ended) < len(pending):
+        for user, (headers, training_id) in pending.items():
+            if user in ended:
+                continue
+            r = client.get("/api/training/progress", params={"training_id": training_id},
+                           headers=headers)
+            assert r.status_code == 200, r.text
+            if r.json()["training"]["status"] in TERMINAL:
+                ended[user] = r.json()
+        for p in procs:
+            assert p.popen is not None
+            assert p.popen.poll() is None, f"{p.name} exited:\n{p.log_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"trainings did not end: {set(pending) - set(ended)}"
+        time.sleep(0.2)
+    return ended
+
+
+@pytest.mark.parametrize("backend", ["replicate", "local"])
+def test_processes_that_share_no_disk_run_the_whole_cycle(
+        backend: str, tmp_path: Path, postgres_database: str, redis_queue: str,
+        s3_server: S3Server) -> None:
+    location = s3_server.new_location()
+    names = ("ann", "bob", "cat") if backend == "replicate" else ("ann", "bob")
+    with contextlib.ExitStack() as stack:
+        common = {
+            "SELFIE_LORA_DATABASE_URL": postgres_database,
+            "SELFIE_LORA_QUEUE_URL": redis_queue,
+            "SELFIE_LORA_TRAINER": backend,
+            "SELFIE_LORA_SECRET_KEY": SECRET,
+            "SELFIE_LORA_PROBE_COUNT": "2",
+            **s3_server.env(location),
+        }
+        if backend == "replicate":
+            standin = stack.enter_context(ReplicateStandIn(account=OWNER))
+            standin.starting_polls = 2
+            standin.processing_polls = 4
+            common |= {"REPLICATE_API_TOKEN": standin.token,
+                       "SELFIE_LORA_REPLICATE_BASE_URL": standin.base_url,
+                       "SELFIE_LORA_REPLICATE_OWNER": OWNER,
+                       "SELFIE_LORA_REPLICATE_POLL_INTERVAL": "0.2"}
+        homes = {name: tmp_path / name / "home" for name in ("cli", "api", "worker0", "worker1")}
+
+        def env(name: str) -> dict[str, str]:
+            return clean_env(homes[name], **common)
+
+        users = {name: create_user(env("cli"), name) for name in names}
+        shutil.rmtree(homes["cli"])  # what the CLI wrote is in the database, not on its disk
+        port = free_port()
+        api = Proc("serve", ["serve", "--no-worker", "--port", str(port)], env("api"), tmp_path)
+        workers = [Proc(f"worker{i}", ["worker"], env(f"worker{i}"), tmp_path) for i in range(2)]
+        procs = [api, *workers]
+        try:
+            for p in procs:
+                p.start()
+            base_url = f"http://127.0.0.1:{port}"
+            wait_healthy(base_url, procs)
+            for w in workers:
+                w.wait_worker_started()
+            with httpx.Client(base_url=base_url, timeout=120) as client:
+                run_the_cycle(client, users, procs)
+        except BaseException:
+            for p in procs:
+                print(f"--- {p.name} ---\n{p.log_text()[-4000:]}")
+            raise
+        finally:
+            for p in procs:
+                if p.popen is not None and p.popen.poll() is None:
+                    p.stop(signal.SIGTERM)
+
+    # Every blob is in the bucket; no HOME holds one, nor a training's work folder.
+    for name, home in homes.items():
+        assert not (home / "blobs").exists(), f"{name} wrote blobs to its own disk"
+        work = home / "work"
+        assert not work.exists() or not any(work.iterdir()), f"{name} left {list(work.iterdir())}"
+    if backend == "local":
+        # The API server generated from its own cached copy of the weights, fetched from the
+        # bucket; each worker built its own base model.
+        assert list((homes["api"] / "blob-cache" / "weights").glob("*.safetensors"))
+        for name in ("worker0", "worker1"):
+            assert (homes[name] / "cache").is_dir()
+    bucket = s3_server.store(location, tmp_path / "reader")
+    weights = {info.key for info in bucket.list("weights")}
+    assert len(weights) >= len(names)  # retrainings may reproduce a LoRA byte for byte (replicate)
+    assert {info.key.split("/")[0] for info in bucket.list("photos")} == {"photos"}
+
+
+def run_the_cycle(client: httpx.Client, users: dict[str, dict[str, str]],
+                  procs: list[Proc]) -> None:
+    # Upload and train, every user at once.
+    pending = {}
+    for name, headers in users.items():
+        r = client.post("/api/training/upload-zip", headers=headers,
+                        files={"file": ("me.zip", real_photo_zip(), "application/zip")},
+                        data={"start": "true"})
+        assert r.status_code == 202, r.text
+        pending[name] = (headers, r.json()["training"]["id"])
+    first = wait_all(client, pending, procs, deadline_s=300)
+    assert {b["training"]["status"] for b in first.values()} == {"succeeded"}, first
+
+    # Retrain: the same model gets its second version.
+    pending = {}
+    for name, headers in users.items():
+        r = client.post("/api/training/start", headers=headers, json={})
+        assert r.status_code == 202, r.text
+        pending[name] = (headers, r.json()["training"]["id"])
+    second = wait_all(client, pending, procs, deadline_s=300)
+    assert {b["training"]["status"] for b in second.values()} == {"succeeded"}, second
+
+    for name, headers in users.items():
+        versions = client.get("/api/model/versions", headers=headers).json()["versions"]
+        assert sorted(v["number"] for v in versions) == [1, 2], (name, versions)
+        for v in versions:
+            assert v["quality"] is not None, f"{name} v{v['number']} was not scored"
+            # The API server streams the file from the bucket; the bytes are the version's.
+            answer = client.get(v["weights_url"], headers=headers)
+            assert answer.status_code == 200, answer.text
+            assert hashlib.sha256(answer.content).hexdigest() == v["weights_sha256"]
+        # Rollback to the first version, then generate with it.
+        r = client.post("/api/model/versions/1/activate", headers=headers)
+        assert r.status_code == 200, r.text
+        assert r.json()["active_version"]["number"] == 1
+        r = client.post("/api/generate", headers=headers, json={"prompt": "a portrait",
+                                                                "seed": 7})
+        assert r.status_code == 200, r.text
+        generation = r.json()["generation"]
+        assert generation["version_id"] == next(v["id"] for v in versions if v["number"] == 1)
+        image = client.get(generation["images"][0], headers=headers)
+        assert image.status_code == 200
+        assert image.content[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xe1",
+                                     b"RIFF"), image.content[:8]
