@@ -17,9 +17,12 @@ from selfie_lora.config import Settings, get_settings
 from selfie_lora.console import console, err_console, follow_training, print_report
 from selfie_lora.domain.entities import GateStatus
 from selfie_lora.errors import SelfieLoraError
+from selfie_lora.logs import setup_logging
 
 if TYPE_CHECKING:
     from selfie_lora.wiring import Services
+
+logger = logging.getLogger(__name__)
 
 app = typer.Typer(help="Personal FLUX LoRAs from selfies, retrained without losing anything.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -30,19 +33,13 @@ app.add_typer(users_app, name="users")
 users_app.add_typer(keys_app, name="keys")
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # huey logs every poll and alembic every migration step at INFO; keep the console readable.
-    for name in ("huey", "alembic", "httpx"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    _setup_logging(verbose)
+    try:
+        log_format = get_settings().log_format
+    except ValueError:
+        log_format = "text"  # the settings' own error is reported by the command that reads them
+    setup_logging(log_format=log_format, verbose=verbose)
 
 
 def _settings() -> Settings:
@@ -81,8 +78,12 @@ def serve(
     settings = _settings()
     application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True)
     shown = f"[{host}]" if ":" in host else host
-    console.print(f"selfie-lora: open [bold]http://{shown}:{port}/[/bold] in a browser "
-                  f"(API docs at /docs); data in {settings.home}")
+    if settings.log_format == "json":  # a log collector reads this output: lines of JSON only
+        logger.info("serving on http://%s:%d/ (API docs at /docs); data in %s", shown, port,
+                    settings.home)
+    else:
+        console.print(f"selfie-lora: open [bold]http://{shown}:{port}/[/bold] in a browser "
+                      f"(API docs at /docs); data in {settings.home}")
     run_server(application, settings, host=host, port=port)
 
 

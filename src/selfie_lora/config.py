@@ -106,6 +106,17 @@ class Settings(BaseSettings):
     alert_url: str | None = None
     alert_timeout: float = Field(default=5.0, gt=0)
 
+    # Logs: plain text, or JSON lines (one object a line, with the training id on every line
+    # about a training) for a log collector.
+    log_format: Literal["text", "json"] = "text"
+    # `selfie-lora worker` answers GET /metrics (Prometheus) and /healthz on this port, on
+    # METRICS_HOST; unset, it serves none (an API server always has /metrics).
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # Set: GET /metrics needs "Authorization: Bearer <token>" (otherwise keep it off the public
+    # side of the proxy).
+    metrics_token: SecretStr | None = None
+
     worker_threads: int = Field(default=2, ge=1)
     # Leases (domain/lease.py): a running training's worker renews its lease every
     # HEARTBEAT_SECONDS; another worker may take the training over once LEASE_SECONDS pass

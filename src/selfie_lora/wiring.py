@@ -34,6 +34,7 @@ from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import IntakeService
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.models import ModelService
+from selfie_lora.services.operations import OperationsService
 from selfie_lora.services.ports import (
     Alerter,
     AnalyzerFactory,
@@ -42,6 +43,7 @@ from selfie_lora.services.ports import (
     Generator,
     PasswordHasher,
     Repository,
+    Telemetry,
     Trainer,
     WebhookVerifier,
     WorkQueue,
@@ -69,6 +71,8 @@ class Services:
     models: ModelService
     generation: GenerationService
     likeness: LikenessService
+    operations: OperationsService
+    telemetry: Telemetry
     trainers: dict[str, Trainer] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -197,6 +201,7 @@ def default_trainers(settings: Settings) -> dict[str, Trainer]:
         "local": LocalTrainer(
             base_model=settings.base_model, cache_dir=settings.model_cache_dir,
             isolation=settings.local_isolation, device=settings.device,
+            log_format=settings.log_format,
         )
     }
     if settings.replicate_api_token is not None:
@@ -239,6 +244,7 @@ def build_services(
     alerter: Alerter | None = None,
     password_hasher: PasswordHasher | None = None,
     blobs: BlobStore | None = None,
+    telemetry: Telemetry | None = None,
 ) -> Services:
     settings.home.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.effective_database_url)
@@ -253,6 +259,10 @@ def build_services(
     webhook_url = (f"{settings.public_url.rstrip('/')}/api/webhooks/replicate"
                    if settings.public_url else None)
     faces = face_analyzer or default_face_analyzer()
+    if telemetry is None:
+        from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
+
+        telemetry = PrometheusTelemetry()
     generation = GenerationService(repo=repo, blobs=blobs, generators=chosen_generators)
     likeness = LikenessService(
         repo=repo, blobs=blobs, generation=generation,
@@ -260,6 +270,7 @@ def build_services(
         alerter=alerter if alerter is not None else default_alerter(settings),
         tolerance=settings.gate_tolerance, probe_count=settings.probe_count,
         probe_size=settings.probe_size, gate_enabled=settings.quality_gate,
+        telemetry=telemetry,
     )
     intake = IntakeService(
         repo=repo, blobs=blobs,
@@ -269,12 +280,14 @@ def build_services(
         # Worker processes build dlib's analyzer themselves; a given one (tests) runs in threads.
         analyzer_factory=default_analyzer_factory() if face_analyzer is None else None,
         workers=settings.intake_workers, keep_originals=settings.keep_originals,
+        telemetry=telemetry,
     )
     training = TrainingService(
         repo=repo, blobs=blobs, queue=queue, trainers=chosen_trainers,
         defaults=lambda: training_defaults(settings), work_dir=settings.work_dir,
         likeness=likeness, intake=intake, webhook_url=webhook_url,
         webhooks=default_webhooks(settings), rng=rng, lease=settings.lease_policy,
+        telemetry=telemetry,
     )
     return Services(
         settings=settings, engine=engine, repo=repo, blobs=blobs, queue=queue,
@@ -288,5 +301,7 @@ def build_services(
                                  if settings.download_urls else None)),
         generation=generation,
         likeness=likeness,
+        operations=OperationsService(repo=repo, queue=queue, blobs=blobs, telemetry=telemetry),
+        telemetry=telemetry,
         trainers=chosen_trainers,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -30,10 +31,12 @@ import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
 from typing import IO, Protocol
 
+from selfie_lora.services.operations import OperationsService
 from selfie_lora.services.training import TrainingService
 from selfie_lora.wiring import Services
 
@@ -221,6 +224,48 @@ def embedded_worker(services: Services, *, threads: int = 1) -> Iterator[Worker]
         worker.stop()
 
 
+class _OperatorHandler(BaseHTTPRequestHandler):
+    """``GET /metrics``, ``/healthz`` and ``/readyz`` of a worker, which has no web app."""
+
+    operations: OperationsService  # set on the subclass made for one server
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            body, content_type = self.operations.metrics()
+            self._answer(200, body, content_type)
+        elif path == "/healthz":
+            self._answer(200, b'{"status": "ok"}', "application/json")
+        elif path == "/readyz":
+            readiness = self.operations.readiness()
+            self._answer(200 if readiness.ready else 503, json.dumps({
+                "status": "ready" if readiness.ready else "not ready",
+                "checks": readiness.checks}).encode(), "application/json")
+        else:
+            self._answer(404, b'{"error": "not found"}', "application/json")
+
+    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        logger.debug("metrics: " + format, *args)
+
+
+def serve_operator_endpoints(operations: OperationsService, *, host: str,
+                             port: int) -> ThreadingHTTPServer:
+    """Starts the worker's /metrics, /healthz and /readyz on a daemon thread."""
+    handler = type("Handler", (_OperatorHandler,), {"operations": operations})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    logger.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
+    return server
+
+
 def run_worker(threads: int | None = None) -> None:
     """``selfie-lora worker``: consume the queue until SIGTERM or SIGINT."""
     from selfie_lora.config import get_settings
@@ -233,8 +278,14 @@ def run_worker(threads: int | None = None) -> None:
     worker = Worker(training=services.training, queue=services.queue, identity=identity,
                     threads=threads or settings.worker_threads,
                     reconcile_seconds=settings.reconcile_seconds)
+    metrics = (serve_operator_endpoints(services.operations, host=settings.metrics_host,
+                                        port=settings.metrics_port)
+               if settings.metrics_port is not None else None)
     try:
         worker.run_until_signal()
     finally:
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
         with contextlib.suppress(Exception):
             services.close()

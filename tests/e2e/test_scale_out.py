@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import re
 import shutil
 import signal
 import time
@@ -23,6 +25,7 @@ import pytest
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
 from tests.e2e.conftest import clean_env, create_user, free_port
 from tests.e2e.test_fault_injection import Proc, wait_healthy
+from tests.integration.test_operations import samples
 from tests.support.photos import real_photo_zip
 from tests.support.s3 import S3Server
 
@@ -31,6 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 SECRET = "scale-out-test-secret-" + "x" * 24  # API servers of one service share it
 OWNER = "scale-owner"
+TRAINING_IN_MESSAGE = re.compile(r"^training ([0-9a-f-]{36})\b")
 
 
 def wait_all(client: httpx.Client, pending: dict[str, tuple[dict[str, str], str]],
@@ -68,6 +72,7 @@ def test_processes_that_share_no_disk_run_the_whole_cycle(
             "SELFIE_LORA_TRAINER": backend,
             "SELFIE_LORA_SECRET_KEY": SECRET,
             "SELFIE_LORA_PROBE_COUNT": "2",
+            "SELFIE_LORA_LOG_FORMAT": "json",
             **s3_server.env(location),
         }
         if backend == "replicate":
@@ -80,8 +85,12 @@ def test_processes_that_share_no_disk_run_the_whole_cycle(
                        "SELFIE_LORA_REPLICATE_POLL_INTERVAL": "0.2"}
         homes = {name: tmp_path / name / "home" for name in ("cli", "api", "worker0", "worker1")}
 
+        metrics_ports = {"worker0": free_port(), "worker1": free_port()}
+
         def env(name: str) -> dict[str, str]:
-            return clean_env(homes[name], **common)
+            port = metrics_ports.get(name)
+            return clean_env(homes[name], **common,
+                             **({"SELFIE_LORA_METRICS_PORT": str(port)} if port else {}))
 
         users = {name: create_user(env("cli"), name) for name in names}
         shutil.rmtree(homes["cli"])  # what the CLI wrote is in the database, not on its disk
@@ -98,6 +107,7 @@ def test_processes_that_share_no_disk_run_the_whole_cycle(
                 w.wait_worker_started()
             with httpx.Client(base_url=base_url, timeout=120) as client:
                 run_the_cycle(client, users, procs)
+                check_the_operator_view(client, metrics_ports, trainings=2 * len(users))
         except BaseException:
             for p in procs:
                 print(f"--- {p.name} ---\n{p.log_text()[-4000:]}")
@@ -107,6 +117,8 @@ def test_processes_that_share_no_disk_run_the_whole_cycle(
                 if p.popen is not None and p.popen.poll() is None:
                     p.stop(signal.SIGTERM)
 
+    for p in procs:
+        check_json_logs(p)
     # Every blob is in the bucket; no HOME holds one, nor a training's work folder.
     for name, home in homes.items():
         assert not (home / "blobs").exists(), f"{name} wrote blobs to its own disk"
@@ -114,10 +126,9 @@ def test_processes_that_share_no_disk_run_the_whole_cycle(
         assert not work.exists() or not any(work.iterdir()), f"{name} left {list(work.iterdir())}"
     if backend == "local":
         # The API server generated from its own cached copy of the weights, fetched from the
-        # bucket; each worker built its own base model.
+        # bucket; a worker that trained built its own base model, in its own HOME.
         assert list((homes["api"] / "blob-cache" / "weights").glob("*.safetensors"))
-        for name in ("worker0", "worker1"):
-            assert (homes[name] / "cache").is_dir()
+        assert any((homes[name] / "cache").is_dir() for name in ("worker0", "worker1"))
     bucket = s3_server.store(location, tmp_path / "reader")
     weights = {info.key for info in bucket.list("weights")}
     assert len(weights) >= len(names)  # retrainings may reproduce a LoRA byte for byte (replicate)
@@ -168,3 +179,38 @@ def run_the_cycle(client: httpx.Client, users: dict[str, dict[str, str]],
         assert image.status_code == 200
         assert image.content[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xe1",
                                      b"RIFF"), image.content[:8]
+
+
+def check_the_operator_view(client: httpx.Client, metrics_ports: dict[str, int], *,
+                            trainings: int) -> None:
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["checks"] == {"database": "ok", "queue": "ok", "storage": "ok"}
+    api = samples(client.get("/metrics").text)
+    assert api[("selfie_lora_trainings", (("status", "succeeded"),))] == trainings
+    # Each worker counts the trainings it ran; together, every training once.
+    ran = 0.0
+    for port in metrics_ports.values():
+        found = samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+        ran += sum(v for (name, _labels), v in found.items()
+                   if name == "selfie_lora_training_duration_seconds_count")
+    assert ran == trainings
+
+
+def check_json_logs(proc: Proc) -> None:
+    """Every line is a JSON object; every line that names a training in its message carries
+    that training's id."""
+    about = 0
+    for line in proc.log_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise AssertionError(f"{proc.name} wrote a line that is not JSON: {line!r}") from None
+        named = TRAINING_IN_MESSAGE.search(str(record.get("message", "")))
+        if named and proc.name != "serve":
+            about += 1
+            assert record.get("training_id") == named.group(1), (proc.name, record)
+    if proc.name != "serve":
+        assert about > 0 or "runs attempt" not in proc.log_text()

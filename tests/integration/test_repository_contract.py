@@ -92,6 +92,7 @@ def test_at_most_one_active_training_per_model_in_the_database(repo: SqlReposito
     repo.add_training(training(model, dataset, "t4", offset=2))
     assert [t.id for t in repo.list_trainings(model.id)] == ["t4", "t3", "t1"]
     assert [t.id for t in repo.active_trainings()] == ["t4"]
+    assert repo.count_trainings_by_status() == {"queued": 1, "succeeded": 1, "failed": 1}
 
 
 def test_concurrent_inserts_leave_one_active_training(repo: SqlRepository) -> None:

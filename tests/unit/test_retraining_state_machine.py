@@ -46,6 +46,7 @@ from selfie_lora.testing.fakes import (
     FakeGenerator,
     FakeTrainer,
     InMemoryQueue,
+    RecordingTelemetry,
     SimulatedCrash,
 )
 from tests.support.backends import copy_migrated_sqlite
@@ -79,6 +80,7 @@ class Retraining(RuleBasedStateMachine):
         self.default_version = "local-tiny-v1"
         # The lease clock: a worker's death is noticed once the clock passes its lease.
         self.now = datetime(2026, 1, 1, tzinfo=UTC)
+        self.telemetry = RecordingTelemetry()
         self.scorer = LikenessService(
             repo=self.repo, blobs=self.blobs,
             generation=GenerationService(repo=self.repo, blobs=self.blobs,
@@ -94,7 +96,7 @@ class Retraining(RuleBasedStateMachine):
             repo=self.repo, blobs=self.blobs, queue=self.queue, trainers={"local": self.trainer},
             defaults=self.defaults, work_dir=self.dir / "work", rng=random.Random(0),
             likeness=self.scorer, intake=self.intake, lease=POLICY, clock=lambda: self.now,
-            owner="worker-a",
+            owner="worker-a", telemetry=self.telemetry,
         )
         self.models = ModelService(repo=self.repo, blobs=self.blobs)
         self.user, _ = UserService(repo=self.repo).create(name="ann")
@@ -278,6 +280,10 @@ class Retraining(RuleBasedStateMachine):
         assert t.lease_owner is None  # an ended training holds nothing
         assert tid not in self.ended, "a training ended twice"
         self.ended[tid] = str(t.status)
+        # The operator's figures count every end once, with its outcome, and every take-over.
+        assert sorted(status for _b, status, _s, _c in self.telemetry.ended) == \
+            sorted(self.ended.values())
+        assert len(self.telemetry.recoveries) == sum(self.takeovers.values())
         # Every take-over from a dead worker is counted; the last one allowed fails a training
         # that has no version yet, and has a stored version judged without scores.
         assert t.recoveries == self.takeovers.get(tid, 0)

@@ -8,6 +8,7 @@ mounted on the same app and the same services; errors on a page path answer an H
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from selfie_lora.api import generation, keys, likeness, model, training, webhooks
 from selfie_lora.api.deps import in_thread
 from selfie_lora.api.guard import Guard, Limits
+from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.config import Settings
 from selfie_lora.errors import ErrorCode, RateLimitedError, SelfieLoraError
 from selfie_lora.web.app import SignInRequired, is_page, mount_web, page_error_response
@@ -90,6 +92,8 @@ def create_app(
         authenticate=lambda key: svc.users.authenticate(api_key=key),
         authenticate_cookie=web.cookie_user,
     )
+    # Outermost: the time of every answer, the guard's refusals included.
+    app.add_middleware(HttpMetrics, operations=svc.operations)
 
     @app.exception_handler(SignInRequired)
     async def _sign_in(request: Request, exc: SignInRequired) -> Response:
@@ -99,6 +103,7 @@ def create_app(
     async def _domain_error(request: Request, exc: SelfieLoraError) -> Response:
         if is_page(request.url.path):
             return await in_thread(lambda: page_error_response(web, request, exc))
+        svc.operations.record_error(code=exc.code)
         if exc.http_status >= 500:
             logger.error("%s: %s", exc.code, exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
@@ -117,6 +122,7 @@ def create_app(
                 for d in details)
             return await in_thread(lambda: web.error_page(request, 422, message,
                                                           ErrorCode.INVALID_REQUEST))
+        svc.operations.record_error(code=ErrorCode.INVALID_REQUEST)
         return _error(422, ErrorCode.INVALID_REQUEST, "the request is not valid", details)
 
     @app.exception_handler(StarletteHTTPException)
@@ -127,6 +133,7 @@ def create_app(
             message = ("there is no such page" if exc.status_code == 404 else str(exc.detail))
             return await in_thread(lambda: web.error_page(request, exc.status_code, message,
                                                           code))
+        svc.operations.record_error(code=code)
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
@@ -134,13 +141,36 @@ def create_app(
         if is_page(request.url.path):
             return await in_thread(lambda: page_error_response(web, request, exc))
         logger.exception("unexpected error", exc_info=exc)
+        svc.operations.record_error(code=ErrorCode.INTERNAL_ERROR)
         return _error(500, ErrorCode.INTERNAL_ERROR,
                       "something went wrong on our side; please retry")
 
     @app.get("/healthz", tags=["service"])
     def healthz() -> dict[str, str]:
-        """Liveness: the process answers."""
+        """Liveness: the process answers (it checks nothing else, so a broken database does not
+        get the process restarted; see /readyz)."""
         return {"status": "ok"}
+
+    @app.get("/readyz", tags=["service"], responses={503: {"description": "not ready"}})
+    def readyz() -> JSONResponse:
+        """Readiness: 200 when the database, the queue and the storage answer, 503 otherwise
+        (each check's answer in ``checks``)."""
+        readiness = svc.operations.readiness()
+        return JSONResponse(status_code=200 if readiness.ready else 503, content={
+            "status": "ready" if readiness.ready else "not ready", "checks": readiness.checks})
+
+    @app.get("/metrics", tags=["service"], response_class=Response,
+             responses={401: {"description": "SELFIE_LORA_METRICS_TOKEN is set and not sent"}})
+    def metrics(request: Request) -> Response:
+        """The operator's figures in the Prometheus text format."""
+        token = svc.settings.metrics_token
+        if token is not None and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(),
+                f"Bearer {token.get_secret_value()}".encode()):
+            return _error(401, ErrorCode.UNAUTHORIZED, "send the metrics token as a bearer token",
+                          headers={"WWW-Authenticate": "Bearer"})
+        body, content_type = svc.operations.metrics()
+        return Response(body, media_type=content_type)
 
     for module in (training, model, likeness, generation, keys, webhooks):
         app.include_router(module.router)

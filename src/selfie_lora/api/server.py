@@ -74,6 +74,8 @@ def guarded_protocol(header_timeout: float) -> type[GuardedH11Protocol]:
 def run_server(app: Any, settings: Settings, *, host: str, port: int) -> None:
     """Serve ``app`` until SIGINT or SIGTERM (both stop it gracefully: the app's shutdown hands
     running trainings back)."""
-    uvicorn.run(app, host=host, port=port, log_level="info",
+    # JSON logs: uvicorn keeps the handler setup_logging made (its own config is text).
+    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
+    uvicorn.run(app, host=host, port=port, log_level="info", log_config=log_config,
                 http=guarded_protocol(settings.header_timeout),
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

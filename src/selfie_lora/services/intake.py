@@ -33,7 +33,9 @@ from selfie_lora.services.ports import (
     BlobStream,
     FaceAnalyzer,
     Repository,
+    Telemetry,
 )
+from selfie_lora.services.telemetry import NullTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +120,11 @@ class IntakeService:
         analyzer_factory: AnalyzerFactory | None = None,
         workers: int = 2,
         keep_originals: bool = False,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._repo = repo
         self._blobs = blobs
+        self._telemetry: Telemetry = telemetry or NullTelemetry()
         self.limits = limits
         self._policy = policy
         self._analyzer = analyzer
@@ -160,7 +164,10 @@ class IntakeService:
         policy = dataclasses.replace(self._policy, resolution=resolution)
         result = run_intake(files, limits=self.limits, policy=policy, analyzer=self._analyzer,
                             factory=self._analyzer_factory, workers=self._workers)
-        return IntakeReport.from_result(result, notes=findings, resolution=resolution)
+        report = IntakeReport.from_result(result, notes=findings, resolution=resolution)
+        self._telemetry.intake_done(seconds=result.seconds, photos=result.images_total,
+                                    trainable=report.trainable)
+        return report
 
     # Reading an upload: every file checked for what it is before a photo is decoded (see
     # ``dataset.archive``); the notes are findings about skipped entries.

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,7 +63,8 @@ from selfie_lora.likeness.images import analysis_array, image_sanity
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.layout import chart_key, grid_key, photo_key, probe_image_key, reference_key
-from selfie_lora.services.ports import Alerter, BlobStore, FaceAnalyzer, Repository
+from selfie_lora.services.ports import Alerter, BlobStore, FaceAnalyzer, Repository, Telemetry
+from selfie_lora.services.telemetry import NullTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -141,10 +143,12 @@ class LikenessService:
         probe_count: int = DEFAULT_PROBE_COUNT,
         probe_size: int | None = None,
         gate_enabled: bool = True,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if not 0.0 <= tolerance <= 1.0:
             raise ValueError("the gate tolerance is a similarity difference, 0..1")
         self._repo = repo
+        self._telemetry: Telemetry = telemetry or NullTelemetry()
         self._blobs = blobs
         self._generation = generation
         self._faces = faces
@@ -289,6 +293,7 @@ class LikenessService:
                 and all(p.lora_scale == PROBE_LORA_SCALE for p in existing.probes)):
             return existing
         base = existing or self._new_record(version, training)
+        started = time.monotonic()
         try:
             probes = self._probes(model)
             reference = self.reference(training.dataset_id)
@@ -314,6 +319,7 @@ class LikenessService:
             record = dataclasses.replace(
                 base, status=LikenessStatus.FAILED, scored_at=utcnow(),
                 error=f"internal error while scoring ({type(exc).__name__})")
+        self._telemetry.scoring_done(seconds=time.monotonic() - started, status=str(record.status))
         self._repo.save_likeness(record)
         self._repo.add_event(model_id=model.id, kind=f"quality_{record.status}", data={
             "version_id": version.id, "version_number": version.number,

@@ -200,6 +200,38 @@ class BlobStream:
     chunks: Iterator[bytes]
 
 
+# --------------------------------------------------------------------------- telemetry
+
+
+class Telemetry(Protocol):
+    """The figures an operator watches (``GET /metrics``). Each process records its own; the
+    gauges of the whole service (trainings by status, queue depth) are set when read."""
+
+    def training_ended(self, *, backend: str, status: str, seconds: float | None,
+                       error_code: str | None = None) -> None:
+        """A training reached ``status``; ``seconds`` from its start (None: it never started);
+        ``error_code`` why it failed."""
+        ...
+
+    def scoring_done(self, *, seconds: float, status: str) -> None: ...
+
+    def lease_recovered(self, *, phase: str) -> None:
+        """A worker took over a training whose holder stopped."""
+        ...
+
+    def intake_done(self, *, seconds: float, photos: int, trainable: bool) -> None: ...
+
+    def http_request(self, *, method: str, route: str, status: int, seconds: float) -> None: ...
+
+    def api_error(self, *, code: str) -> None: ...
+
+    def set_service_gauges(self, *, trainings: dict[str, int], queue_depth: int) -> None: ...
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The figures in the Prometheus text format, and its content type."""
+        ...
+
+
 # --------------------------------------------------------------------------- repository
 
 
@@ -271,6 +303,9 @@ class Repository(Protocol):
     def get_training_by_remote_id(self, remote_id: str) -> Training | None: ...
     def list_trainings(self, model_id: str) -> Sequence[Training]: ...
     def active_trainings(self) -> Sequence[Training]: ...
+    def count_trainings_by_status(self) -> dict[str, int]:
+        """How many trainings have each status (statuses with none are left out)."""
+        ...
 
     # upload claims: one upload that starts a training per user at a time
     def claim_upload(self, user_id: str, *, token: str, now: datetime,

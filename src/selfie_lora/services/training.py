@@ -84,6 +84,7 @@ from selfie_lora.errors import (
     TrainingCanceledError,
     TrainingInterruptedError,
 )
+from selfie_lora.logs import training_context
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.intake import IntakeService
 from selfie_lora.services.layout import photo_key, weights_key
@@ -92,12 +93,14 @@ from selfie_lora.services.ports import (
     BlobStore,
     JobQueue,
     Repository,
+    Telemetry,
     Trainer,
     TrainingJob,
     TrainingPhoto,
     TrainingResult,
     WebhookVerifier,
 )
+from selfie_lora.services.telemetry import NullTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +170,10 @@ class TrainingService:
         lease: LeasePolicy | None = None,
         clock: Callable[[], datetime] = utcnow,
         owner: str | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._repo = repo
+        self._telemetry: Telemetry = telemetry or NullTelemetry()
         self._blobs = blobs
         self._queue = queue
         self._trainers = dict(trainers)
@@ -361,17 +366,18 @@ class TrainingService:
         stop = stopping or threading.Event()
         if stop.is_set():
             return
-        held = self._claim(training_id, owner=owner or self.owner, stopping=stop)
-        if held is None:
-            return
-        try:
-            with held.heartbeat():
-                self._advance(held)
-        except LeaseLostError:
-            logger.warning("training %s: another worker took it over; this one stops",
-                           training_id)
-        except TrainingInterruptedError:
-            self._hand_back(held)
+        with training_context(training_id):  # every line logged meanwhile names the training
+            held = self._claim(training_id, owner=owner or self.owner, stopping=stop)
+            if held is None:
+                return
+            try:
+                with held.heartbeat():
+                    self._advance(held)
+            except LeaseLostError:
+                logger.warning("training %s: another worker took it over; this one stops",
+                               training_id)
+            except TrainingInterruptedError:
+                self._hand_back(held)
 
     def reconcile(self, *, dead_owners: Sequence[str] = ()) -> ReconcileReport:
         """Queue again every unfinished training that nobody holds and no queued message will
@@ -475,9 +481,12 @@ class TrainingService:
                     "training_id": updated.id, "attempt": updated.attempt, "owner": owner,
                     "status": str(updated.status), "taken_over_from": current.lease_owner,
                     "phase": "scoring" if updated.is_scoring else "training"})
+        if updated.recoveries > current.recoveries:  # a take-over from a worker that stopped
+            self._telemetry.lease_recovered(phase="scoring" if updated.is_scoring else "training")
         if outcome is ClaimOutcome.EXHAUSTED:
             logger.warning("training %s failed: its worker died %d times", training_id,
                            updated.recoveries)
+            self._ended(failed, error_code=ErrorCode.TRAINING_INTERRUPTED)
             self._cancel_remote(updated)
             return None
         if current.lease_owner is not None:
@@ -540,7 +549,7 @@ class TrainingService:
             self._finish_failed(
                 held, user_message=f"This server has no '{training.backend}' trainer configured; "
                                    "ask the operator to enable it.",
-                reason="no trainer for backend")
+                reason="no trainer for backend", code=ErrorCode.CONFIG_ERROR)
             return False
         if training.status is TrainingStatus.QUEUED:
             self._update_held(held, lambda t: transition(
@@ -562,15 +571,16 @@ class TrainingService:
             self._finish_canceled(held, reason=exc.message)
         except TrainerError as exc:
             logger.warning("training %s failed: %s", training.id, exc.message)
-            self._finish_failed(held, user_message=exc.user_message, reason=exc.message)
+            self._finish_failed(held, user_message=exc.user_message, reason=exc.message,
+                                code=exc.code)
         except SelfieLoraError as exc:
             logger.warning("training %s failed: %s", training.id, exc.message)
             self._finish_failed(held, user_message=f"The training could not run: {exc.message}",
-                                reason=exc.message)
+                                reason=exc.message, code=exc.code)
         except Exception:
             logger.exception("training %s crashed", training.id)
             self._finish_failed(held, user_message=INTERNAL_ERROR_MESSAGE,
-                                reason="internal error")
+                                reason="internal error", code=ErrorCode.INTERNAL_ERROR)
         finally:
             shutil.rmtree(root, ignore_errors=True)
         return False
@@ -647,19 +657,28 @@ class TrainingService:
             tx.save_training(done)
             tx.add_event(model_id=current.model_id, kind="training_succeeded",
                          data=succeeded_event(done, version, verdict))
+        self._ended(done)
         logger.info("training %s succeeded: version %d %s (%s)", held.training_id,
                     version.number, version.gate_status, version.gate_reason)
         if alert is not None:
             self._likeness.deliver_alert(verdict.version_id, alert)
 
     # ------------------------------------------------------------------ endings
-    def _finish_failed(self, held: _Held, *, user_message: str, reason: str) -> None:
+    def _ended(self, t: Training, *, error_code: str | None = None) -> None:
+        seconds = ((t.completed_at - t.started_at).total_seconds()
+                   if t.completed_at is not None and t.started_at is not None else None)
+        self._telemetry.training_ended(backend=t.backend, status=str(t.status), seconds=seconds,
+                                       error_code=error_code)
+
+    def _finish_failed(self, held: _Held, *, user_message: str, reason: str,
+                       code: str) -> None:
         def fail(t: Training) -> Training:
             return dataclasses.replace(
                 transition(t, TrainingStatus.FAILED, at=self._clock(), reason=reason),
                 error=user_message)
 
         t = self._update_held(held, fail)
+        self._ended(t, error_code=code)
         self._repo.add_event(model_id=t.model_id, kind="training_failed",
                              data={"training_id": t.id, "error": user_message})
         logger.info("training %s failed: %s", t.id, reason)
@@ -676,6 +695,7 @@ class TrainingService:
             transition(t, TrainingStatus.CANCELED, at=self._clock(), reason=reason),
             error=CANCELED_MESSAGE)
         tx.save_training(canceled)
+        self._ended(canceled)
         if t.version_id is not None:
             self._likeness.hold_canceled(tx, t.version_id)
         tx.add_event(model_id=t.model_id, kind="training_canceled",

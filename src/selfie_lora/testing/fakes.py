@@ -28,6 +28,7 @@ from selfie_lora.services.ports import (
     TrainingJob,
     TrainingResult,
 )
+from selfie_lora.services.telemetry import NullTelemetry
 
 
 def fake_safetensors(payload: dict[str, str]) -> bytes:
@@ -222,3 +223,31 @@ class InMemoryQueue:
             handler(training_id)
             count += 1
         return count
+
+
+class RecordingTelemetry(NullTelemetry):
+    """Telemetry that keeps what it was told, for tests to count."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str, float | None, str | None]] = []
+        self.recoveries: list[str] = []
+        self.scorings: list[tuple[str, float]] = []
+        self.intakes: list[tuple[float, int, bool]] = []
+        self._lock = threading.Lock()
+
+    def training_ended(self, *, backend: str, status: str, seconds: float | None,
+                       error_code: str | None = None) -> None:
+        with self._lock:
+            self.ended.append((backend, status, seconds, error_code))
+
+    def lease_recovered(self, *, phase: str) -> None:
+        with self._lock:
+            self.recoveries.append(phase)
+
+    def scoring_done(self, *, seconds: float, status: str) -> None:
+        with self._lock:
+            self.scorings.append((status, seconds))
+
+    def intake_done(self, *, seconds: float, photos: int, trainable: bool) -> None:
+        with self._lock:
+            self.intakes.append((seconds, photos, trainable))

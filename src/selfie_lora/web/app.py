@@ -32,7 +32,8 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
        "object-src 'none'")
 # Paths the web app answers (everything else is the API, the docs or health).
-API_PREFIXES = ("/api/", "/docs", "/redoc", "/openapi.json", "/healthz", "/static-offline-docs")
+API_PREFIXES = ("/api/", "/docs", "/redoc", "/openapi.json", "/healthz", "/readyz", "/metrics",
+                "/static-offline-docs")
 
 
 def is_page(path: str) -> bool:

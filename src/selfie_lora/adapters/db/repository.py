@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -512,6 +512,12 @@ class SqlRepository:
                 .order_by(TrainingRow.created_at)
             ).all()
             return [_training(r) for r in rows]
+
+    def count_trainings_by_status(self) -> dict[str, int]:
+        with self._tx() as s:
+            rows = s.execute(select(TrainingRow.status, func.count())
+                             .group_by(TrainingRow.status)).all()
+            return {str(status): int(count) for status, count in rows}
 
     # upload claims ----------------------------------------------------------------------
     def claim_upload(self, user_id: str, *, token: str, now: datetime,

@@ -24,3 +24,7 @@ def require_torch() -> None:
     libraries: tuple[Any, ...] = (diffusers, transformers)
     for library in libraries:
         library.utils.logging.disable_progress_bar()
+        # Their lines go through this process's handler (JSON lines when so set), not the
+        # handler each library installs on its own logger.
+        library.utils.logging.disable_default_handler()
+        library.utils.logging.enable_propagation()

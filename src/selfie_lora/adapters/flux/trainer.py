@@ -30,6 +30,7 @@ from selfie_lora.errors import (
     TrainingInterruptedError,
 )
 from selfie_lora.lifeline import exit_with
+from selfie_lora.logs import LogFormat, setup_logging, training_context
 from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class _TrainRequest:
     num_threads: int | None
     seed: int
     extra_metadata: dict[str, str]
+    log_format: LogFormat = "text"
 
 
 def _run(request: _TrainRequest, on_step: Callable[[int, int, float], bool]) -> dict[str, Any]:
@@ -80,8 +82,13 @@ def _child_main(request: _TrainRequest, events: Any) -> None:
     """Entry point of the spawned child: stream steps, then one "done" or "error" message."""
     # A worker killed with -9 cannot stop its child: the child stops itself.
     exit_with()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # The worker's log format, and the training's id on every line (as in the worker itself).
+    setup_logging(log_format=request.log_format)
+    with training_context(request.extra_metadata.get("training_id")):
+        _child_train(request, events)
 
+
+def _child_train(request: _TrainRequest, events: Any) -> None:
     def on_step(step: int, total: int, loss: float) -> bool:
         events.put(("step", step, total, loss))
         return False  # the parent cancels by terminating this process
@@ -168,6 +175,7 @@ class LocalTrainer:
         num_threads: int | None = None,
         progress_interval_s: float = 0.5,
         poll_interval_s: float = 0.1,
+        log_format: LogFormat = "text",
     ) -> None:
         if isolation not in ("process", "inline"):
             raise ConfigError(f"isolation must be 'process' or 'inline', not {isolation!r}")
@@ -178,6 +186,7 @@ class LocalTrainer:
         self.num_threads = num_threads
         self.progress_interval_s = progress_interval_s
         self.poll_interval_s = poll_interval_s
+        self.log_format: LogFormat = log_format
 
     def cancel_remote(self, remote_id: str) -> None:
         """Nothing runs remotely: a training's child process ends with its worker."""
@@ -201,6 +210,7 @@ class LocalTrainer:
                 "trigger_word": job.trigger_word,
                 "training_id": job.training_id,
             },
+            log_format=self.log_format,
         )
         sink.started(remote_id=None)
         reporter = _Reporter(sink, interval=self.progress_interval_s)

@@ -1,0 +1,68 @@
+"""What an operator asks of a running service: is it ready, and its figures."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from selfie_lora.errors import SelfieLoraError
+from selfie_lora.services.ports import BlobStore, Repository, Telemetry, WorkQueue
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Each dependency's answer: "ok", or why it failed."""
+
+    checks: dict[str, str]
+
+    @property
+    def ready(self) -> bool:
+        return all(v == "ok" for v in self.checks.values())
+
+
+class OperationsService:
+    def __init__(self, *, repo: Repository, queue: WorkQueue, blobs: BlobStore,
+                 telemetry: Telemetry) -> None:
+        self._repo = repo
+        self._queue = queue
+        self._blobs = blobs
+        self._telemetry = telemetry
+
+    def readiness(self) -> Readiness:
+        """The database, the queue and the storage, each asked once (``GET /readyz``)."""
+        checks = {}
+        for name, probe in (("database", self._repo.count_trainings_by_status),
+                            ("queue", self._queue.pending),
+                            ("storage", self._blobs.check)):
+            try:
+                probe()
+                checks[name] = "ok"
+            except SelfieLoraError as exc:
+                checks[name] = exc.message
+            except Exception as exc:  # a driver's own error: the answer names it, never raises
+                checks[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if not all(v == "ok" for v in checks.values()):
+            logger.warning("not ready: %s", checks)
+        return Readiness(checks=checks)
+
+    def metrics(self) -> tuple[bytes, str]:
+        """The figures in the Prometheus text format, with the service-wide gauges read now
+        (``GET /metrics``). A gauge that cannot be read keeps its last value: the scrape
+        itself still answers, and /readyz says what is wrong."""
+        try:
+            self._telemetry.set_service_gauges(
+                trainings=self._repo.count_trainings_by_status(),
+                queue_depth=self._queue.pending())
+        except Exception:
+            logger.warning("could not read the service's gauges", exc_info=True)
+        return self._telemetry.exposition()
+
+    def record_http(self, *, method: str, route: str, status: int, seconds: float) -> None:
+        """One HTTP answer (the app's middleware calls this for every request)."""
+        self._telemetry.http_request(method=method, route=route, status=status, seconds=seconds)
+
+    def record_error(self, *, code: str) -> None:
+        """One error answer of the API, by its code."""
+        self._telemetry.api_error(code=code)

@@ -1,0 +1,200 @@
+"""What an operator watches: /healthz (alive), /readyz (database, queue and storage answer),
+/metrics (Prometheus text), the worker's own /metrics, and JSON log lines."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from selfie_lora.api.app import create_app
+from selfie_lora.config import Settings
+from selfie_lora.logs import setup_logging, training_context
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services, build_services
+from selfie_lora.worker import serve_operator_endpoints
+from tests.conftest import auth, make_settings, one_person_analyzer, wait_terminal
+from tests.integration.test_api import upload
+from tests.support.s3 import S3Server
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text answer: (name, sorted labels) -> value."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+          **labels: str) -> float:
+    return found.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_count_what_happened(client: TestClient, services: Services,
+                                     fake_trainer: FakeTrainer) -> None:
+    h = auth(services, "ann")
+    done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+    assert done["training"]["status"] == "succeeded"
+    fake_trainer.outcomes.append("failed")
+    failed = client.post("/api/training/start", headers=h, json={})
+    assert failed.status_code == 202, failed.text
+    assert wait_terminal(client, h, failed.json()["training"]["id"])["training"]["status"] == \
+        "failed"
+    version = done["model"]["active_version"]
+    assert client.get(f"/api/model/versions/{version['id']}/weights", headers=h).status_code == 200
+    assert client.get("/api/model/versions/nope/weights", headers=h).status_code == 404
+    assert client.get("/no/such/path").status_code == 404
+
+    answer = client.get("/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain; version=")
+    found = samples(answer.text)
+    # Gauges of the whole service, read at the scrape.
+    assert value(found, "selfie_lora_trainings", status="succeeded") == 1
+    assert value(found, "selfie_lora_trainings", status="failed") == 1
+    assert value(found, "selfie_lora_trainings", status="queued") == 0
+    assert value(found, "selfie_lora_queue_depth") == 0
+    # Histograms and counters of this process.
+    assert value(found, "selfie_lora_training_duration_seconds_count",
+                 backend="local", status="succeeded") == 1
+    assert value(found, "selfie_lora_training_failures_total", code="training_failed") == 1
+    assert value(found, "selfie_lora_scoring_duration_seconds_count", status="scored") + \
+        value(found, "selfie_lora_scoring_duration_seconds_count", status="failed") >= 1
+    assert value(found, "selfie_lora_intake_duration_seconds_count", trainable="true") == 1
+    assert value(found, "selfie_lora_intake_photos_total") == 4
+    # Latency by route template, never by raw path (one series per route, whatever the ids).
+    weights_route = "/api/model/versions/{version_id}/weights"
+    assert value(found, "selfie_lora_http_request_duration_seconds_count",
+                 method="GET", route=weights_route, status="200") == 1
+    assert value(found, "selfie_lora_http_request_duration_seconds_count",
+                 method="GET", route=weights_route, status="404") == 1
+    assert value(found, "selfie_lora_http_request_duration_seconds_count",
+                 method="GET", route="(unmatched)", status="404") == 1
+    assert not any(version["id"] in dict(labels).get("route", "") for _n, labels in found)
+    # The API's error answers by code (a page's error is a page, not an API answer).
+    assert value(found, "selfie_lora_api_errors_total", code="not_found") == 1
+
+
+def test_a_metrics_token_keeps_the_figures_private(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, metrics_token="t" * 32)
+    for client in _clients(settings):
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = client.get("/metrics", headers={"Authorization": f"Bearer {'t' * 32}"})
+        assert ok.status_code == 200
+        assert "selfie_lora_trainings" in ok.text
+
+
+def _clients(settings: Settings, **build: object) -> Iterator[TestClient]:
+    svc = build_services(settings, trainers={"local": FakeTrainer()},
+                         face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()}, **build)  # type: ignore[arg-type]
+    try:
+        with TestClient(create_app(settings, services=svc), raise_server_exceptions=False) as c:
+            yield c
+    finally:
+        svc.close()
+
+
+def test_ready_when_every_dependency_answers(client: TestClient) -> None:
+    answer = client.get("/readyz")
+    assert answer.status_code == 200
+    assert answer.json() == {"status": "ready", "checks": {"database": "ok", "queue": "ok",
+                                                           "storage": "ok"}}
+
+
+def test_storage_that_does_not_answer_is_not_ready_but_alive(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, **s3_server.settings("s3://no-such-bucket-here/x"))
+    for client in _clients(settings):
+        answer = client.get("/readyz")
+        assert answer.status_code == 503
+        body = answer.json()
+        assert body["status"] == "not ready"
+        assert body["checks"]["database"] == "ok"
+        assert body["checks"]["queue"] == "ok"
+        assert "object storage could not list" in body["checks"]["storage"]
+        assert client.get("/healthz").status_code == 200  # alive: no restart would help
+
+
+def test_a_database_that_does_not_answer_is_not_ready(tmp_path: Path) -> None:
+    # A PostgreSQL URL where nothing listens (port 9 is "discard"; nothing runs there).
+    settings = make_settings(
+        tmp_path, database_url="postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=2")
+    for client in _clients(settings, migrate=False):
+        answer = client.get("/readyz")
+        assert answer.status_code == 503
+        checks = answer.json()["checks"]
+        assert checks["database"] != "ok"
+        assert checks["storage"] == "ok"
+        assert client.get("/healthz").status_code == 200
+
+
+def test_a_worker_serves_its_own_figures(services: Services) -> None:
+    server = serve_operator_endpoints(services.operations, host="127.0.0.1", port=0)
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        metrics = httpx.get(f"{base}/metrics", timeout=10)
+        assert metrics.status_code == 200
+        assert "selfie_lora_queue_depth" in metrics.text
+        assert httpx.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
+        ready = httpx.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 200
+        assert ready.json()["status"] == "ready"
+        assert httpx.get(f"{base}/other", timeout=10).status_code == 404
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def test_json_logs_carry_the_training_id_on_every_line_about_it(
+        restore_logging: None, capsys: pytest.CaptureFixture[str], services: Services) -> None:
+    del restore_logging
+    setup_logging(log_format="json")
+    log = logging.getLogger("selfie_lora.somewhere")
+    log.info("outside any training")
+    with training_context("t-123"):
+        log.warning("inside: %s", "a detail")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.exception("it failed")
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert [line["message"] for line in lines] == ["outside any training", "inside: a detail",
+                                                   "it failed"]
+    assert [line["training_id"] for line in lines] == [None, "t-123", "t-123"]
+    assert lines[1]["level"] == "WARNING"
+    assert lines[1]["logger"] == "selfie_lora.somewhere"
+    assert "RuntimeError: boom" in lines[2]["exc_info"]
+    assert {"time", "process", "thread"} <= set(lines[0])
+    del services
+
+
+def test_text_logs_stay_text(restore_logging: None) -> None:
+    del restore_logging
+    setup_logging(log_format="text")
+    stream = io.StringIO()
+    logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    logging.getLogger("selfie_lora.x").info("plain")
+    assert stream.getvalue().rstrip().endswith("INFO selfie_lora.x: plain")
