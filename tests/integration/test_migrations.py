@@ -125,3 +125,39 @@ def test_upgrade_runs_what_is_pending_and_knows_when_nothing_is(engine: Engine) 
     assert "password_hash" in {c["name"] for c in inspect(engine).get_columns("users")}
     upgrade(engine)  # again: nothing pending, nothing changes
     assert at_head(engine)
+
+
+@pytest.mark.postgres
+@pytest.mark.timeout(90)  # without the lock the racing upgrades deadlock rather than fail
+def test_processes_starting_together_upgrade_one_at_a_time(tmp_path: Path) -> None:
+    """Every API server and worker upgrades at start-up; on PostgreSQL they often start at the
+    same moment (a deployment's first start). Without the lock, two would create the same
+    tables and one would crash."""
+    import threading
+
+    from selfie_lora.adapters.db.repository import make_engine
+
+    url = database_url("postgres", tmp_path)
+    fresh_engine(url).dispose()  # an empty schema
+    engines = [make_engine(url) for _ in range(4)]
+    start = threading.Barrier(len(engines))
+    errors: list[BaseException] = []
+
+    def start_up(e: Engine) -> None:
+        start.wait()
+        try:
+            upgrade(e)
+        except BaseException as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start_up, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        assert all(at_head(e) for e in engines)
+    finally:
+        for e in engines:
+            e.dispose()

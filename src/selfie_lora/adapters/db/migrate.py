@@ -13,6 +13,8 @@ from sqlalchemy import Engine, inspect, text
 
 logger = logging.getLogger(__name__)
 
+# An arbitrary 64-bit key that names "selfie-lora's schema migration" among advisory locks.
+MIGRATION_LOCK_KEY = 0x5E1F_1E10_4A00_0001
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "migrations"
 
 
@@ -45,6 +47,12 @@ def upgrade(engine: Engine) -> None:
         return
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Every API server and worker of a deployment upgrades at start-up, often at the
+            # same moment: one at a time (the lock ends with this transaction), and the next
+            # finds the schema at head.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": MIGRATION_LOCK_KEY})
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
     logger.debug("database at head: %s", engine.url.render_as_string(hide_password=True))
