@@ -96,3 +96,22 @@ def test_a_call_beside_the_open_transaction_fails_fast_instead_of_waiting(
         with pytest.raises(RuntimeError, match="atomic"), repo.atomic():
             pass
     assert repo.get_model(model.id) == model  # released with the transaction
+
+
+def test_the_model_overview_is_the_model_its_active_version_and_its_record(
+        repo: SqlRepository) -> None:
+    version = version_of(repo)
+    assert repo.get_model_overview("u-ann") == (repo.get_model(version.model_id), None, None)
+    repo.set_model_active_version(version.model_id, version.id)
+    model = repo.get_model(version.model_id)
+    assert repo.get_model_overview("u-ann") == (model, version, None)
+    record = VersionLikeness(version_id=version.id, model_id=version.model_id,
+                             status=LikenessStatus.PENDING, created_at=NOW)
+    repo.save_likeness(record)
+    assert repo.get_model_overview("u-ann") == (model, version, record)
+    _bob, bobs_model, _dataset = seed(repo, "bob")
+    assert repo.get_model_overview("u-bob") == (bobs_model, None, None)
+    assert repo.get_model_overview("nobody") is None
+    with repo.atomic() as tx:
+        assert tx.get_model_overview("u-ann") == (model, version, record)
+

@@ -257,3 +257,34 @@ def test_passwords_sessions_and_sign_in_failures(repo: SqlRepository) -> None:
     assert repo.prune_sign_in_failures(before=NOW + timedelta(minutes=1)) == 2
     assert repo.sign_in_failures("name:ann", since=NOW - timedelta(days=1)) == [
         NOW + timedelta(minutes=5)]
+
+
+def test_reads_do_not_wait_for_a_writer_and_see_the_last_commit(repo: SqlRepository) -> None:
+    # On SQLite a read that took the write lock waited for every writer (up to the 30 s busy
+    # timeout, then failed): each read of the API queued behind the others and the worker.
+    ann, model, _dataset = seed(repo)
+    writing, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with repo.atomic() as tx:
+            tx.set_model_lora_scale(model.id, 0.5, is_custom=True)
+            writing.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert writing.wait(30)
+        seen: list[object] = []
+        reader = threading.Thread(target=lambda: seen.append(repo.get_model_overview(ann.id)))
+        reader.start()
+        reader.join(10)  # a guard against a hang, not a speed limit
+        assert not reader.is_alive(), "a read waited for the open write transaction"
+        assert seen == [(model, None, None)]  # the last commit, not the open transaction
+    finally:
+        release.set()
+        thread.join()
+    changed = repo.get_model(model.id)
+    assert changed is not None
+    assert changed.lora_scale == 0.5
+

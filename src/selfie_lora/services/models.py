@@ -60,8 +60,12 @@ class ModelService:
         return self._repo.get_model_for_user(user.id)
 
     def overview(self, *, user: User) -> ModelOverview:
-        """``GET /api/model``: 404 before the first upload."""
-        return self.overview_of(self.get(user=user))
+        """``GET /api/model``: 404 before the first upload. One read of the database."""
+        found = self._repo.get_model_overview(user.id)
+        if found is None:
+            raise NotFoundError("you have no model yet: upload photos to start one")
+        model, active, record = found
+        return ModelOverview(model=model, active=active, active_record=record)
 
     def overview_of(self, model: Model) -> ModelOverview:
         active = self.active_version(model=model)

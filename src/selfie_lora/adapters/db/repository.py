@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -55,17 +55,39 @@ from selfie_lora.errors import ConflictError, ErrorCode, StorageError
 logger = logging.getLogger(__name__)
 
 
+# The execution option of the sessions that read one statement (``SqlRepository._read``).
+READ_ONLY = "selfie_lora_read_only"
+# Connections per process. The API runs blocking work in anyio's thread pool (40 threads)
+# beside the worker's threads. With SQLAlchemy's default (5 kept, 10 more opened and closed
+# again for every checkout beyond them) requests queued for a connection under load, and paid
+# for a new one (its PRAGMAs included) while they held it: on SQLite, where a connection costs a
+# file handle, the pool holds one per thread. On PostgreSQL, where it costs a server process,
+# the most stays SQLAlchemy's 15, all of them kept instead of forked again and again.
+SQLITE_POOL = {"pool_size": 48, "max_overflow": 16}
+POSTGRES_POOL = {"pool_size": 15, "max_overflow": 0}
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``. SQLite gets WAL and a busy timeout so the API, the in-process worker
-    and a CLI can share one file, and transactions that take the write lock when they begin.
+    and a CLI can share one file, and transactions that take the write lock when they begin,
+    except those that only read.
 
-    Why the last: Python's sqlite3 starts a transaction only at the first write, so the read of a
-    read-modify-write (``SELECT ... FOR UPDATE`` is a no-op on SQLite) ran outside it and a writer
-    could save a stale row over a newer one (a webhook's progress over the worker's finished
-    training). ``BEGIN IMMEDIATE`` makes every transaction see the latest rows and keep them until
-    it commits, as the row locks do on PostgreSQL."""
+    Why the write lock: Python's sqlite3 starts a transaction only at the first write, so the read
+    of a read-modify-write (``SELECT ... FOR UPDATE`` is a no-op on SQLite) ran outside it and a
+    writer could save a stale row over a newer one (a webhook's progress over the worker's
+    finished training). ``BEGIN IMMEDIATE`` makes every transaction see the latest rows and keep
+    them until it commits, as the row locks do on PostgreSQL.
+
+    Why not for reads: the write lock is one per database, so every ``GET`` of every user waited
+    for every other one (and for the worker's writes) in SQLite's busy handler, which sleeps up to
+    100 ms a try: 200 concurrent model reads took 1.6 s at p99 (``bench/api_load.py``). A read
+    (``SqlRepository._read``: one statement) begins no transaction at all: in WAL mode a
+    statement on its own reads a consistent snapshot of the latest commit without taking any
+    lock, and it writes nothing that could be stale. (A ``BEGIN`` and ``COMMIT`` around it would
+    only add two calls into SQLite, each a hand-over of the GIL between busy threads.)"""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               **SQLITE_POOL)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -79,10 +101,11 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            if not conn.get_execution_options().get(READ_ONLY, False):
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **POSTGRES_POOL)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -209,6 +232,15 @@ def _generation(row: GenerationRow) -> Generation:
     )
 
 
+# ``get_model_overview``'s query, built once: building it cost as much as running it.
+_MODEL_OVERVIEW = (
+    select(ModelRow, VersionRow, VersionLikenessRow)
+    .outerjoin(VersionRow, VersionRow.id == ModelRow.active_version_id)
+    .outerjoin(VersionLikenessRow, VersionLikenessRow.version_id == ModelRow.active_version_id)
+    .where(ModelRow.user_id == bindparam("user_id"))
+)
+
+
 # The engines on which this thread holds an ``atomic()`` transaction (by id).
 _held = threading.local()
 
@@ -232,6 +264,8 @@ class SqlRepository:
     def __init__(self, engine: Engine, *, _session: Session | None = None) -> None:
         self._engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._readers = (sessionmaker(engine.execution_options(**{READ_ONLY: True}),
+                                      expire_on_commit=False) if _session is None else None)
         self._session = _session
 
     @property
@@ -268,6 +302,23 @@ class SqlRepository:
             yield session
 
     @contextmanager
+    def _read(self) -> Iterator[Session]:
+        """A session for a read of **one statement** (see ``make_engine``: on SQLite it takes no
+        lock and begins no transaction, so the statement is its own snapshot); inside
+        ``atomic()``, the atomic transaction. Nothing may be written through it, and reads of
+        several statements that must agree with each other belong in ``atomic()``."""
+        if self._session is not None:
+            with self._translate():
+                yield self._session
+            return
+        if id(self._engine) in _held_engines():
+            raise RuntimeError("a repository call outside the atomic() transaction this thread "
+                               "holds: use the repository atomic() gave")
+        assert self._readers is not None
+        with self._translate(), self._readers.begin() as session:
+            yield session
+
+    @contextmanager
     def _translate(self) -> Iterator[None]:
         try:
             yield
@@ -292,17 +343,17 @@ class SqlRepository:
                           created_at=user.created_at))
 
     def get_user(self, user_id: str) -> User | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(UserRow, user_id)
             return _user(row) if row else None
 
     def get_user_by_name(self, name: str) -> User | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.scalars(select(UserRow).where(UserRow.name == name)).first()
             return _user(row) if row else None
 
     def get_user_by_key_hash(self, key_hash: str) -> User | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.scalars(
                 select(UserRow).join(ApiKeyRow, ApiKeyRow.user_id == UserRow.id)
                 .where(ApiKeyRow.key_hash == key_hash, ApiKeyRow.revoked_at.is_(None))
@@ -317,7 +368,7 @@ class SqlRepository:
                             created_at=key.created_at, revoked_at=key.revoked_at))
 
     def list_api_keys(self, user_id: str) -> Sequence[ApiKey]:
-        with self._tx() as s:
+        with self._read() as s:
             rows = s.scalars(select(ApiKeyRow).where(ApiKeyRow.user_id == user_id)
                              .order_by(ApiKeyRow.created_at)).all()
             return [_api_key(r) for r in rows]
@@ -337,7 +388,7 @@ class SqlRepository:
                 raise StorageError(f"no user {user_id}")
 
     def get_password_hash(self, user_id: str) -> str | None:
-        with self._tx() as s:
+        with self._read() as s:
             return s.scalars(select(UserRow.password_hash).where(UserRow.id == user_id)).first()
 
     def add_session(self, session: WebSession) -> None:
@@ -347,7 +398,7 @@ class SqlRepository:
                                 expires_at=session.expires_at))
 
     def get_session(self, session_id: str) -> WebSession | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(WebSessionRow, session_id)
             if row is None:
                 return None
@@ -376,7 +427,7 @@ class SqlRepository:
             s.add_all([SignInFailureRow(key=key[:200], at=at) for key in keys])
 
     def sign_in_failures(self, key: str, *, since: datetime) -> Sequence[datetime]:
-        with self._tx() as s:
+        with self._read() as s:
             rows = s.scalars(select(SignInFailureRow.at).where(
                 SignInFailureRow.key == key[:200], SignInFailureRow.at > since)).all()
             return [_req_utc(t) for t in rows]
@@ -415,14 +466,26 @@ class SqlRepository:
                 row.probes = [p.as_dict() for p in probes]
 
     def get_model(self, model_id: str) -> Model | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(ModelRow, model_id)
             return _model(row) if row else None
 
     def get_model_for_user(self, user_id: str) -> Model | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.scalars(select(ModelRow).where(ModelRow.user_id == user_id)).first()
             return _model(row) if row else None
+
+    def get_model_overview(self, user_id: str
+                           ) -> tuple[Model, Version | None, VersionLikeness | None] | None:
+        # One query for the hottest read of the API (GET /api/model, the progress polls): the
+        # model, its active version and that version's likeness record.
+        with self._read() as s:
+            found = s.execute(_MODEL_OVERVIEW, {"user_id": user_id}).first()
+            if found is None:
+                return None
+            model, version, record = found
+            return (_model(model), _version(version) if version else None,
+                    _likeness(record) if record else None)
 
     # datasets ---------------------------------------------------------------------------
     def add_dataset(self, dataset: Dataset) -> None:
@@ -435,12 +498,12 @@ class SqlRepository:
             ))
 
     def get_dataset(self, dataset_id: str) -> Dataset | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(DatasetRow, dataset_id)
             return _dataset(row) if row else None
 
     def latest_accepted_dataset(self, user_id: str) -> Dataset | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.scalars(
                 select(DatasetRow)
                 .where(DatasetRow.user_id == user_id, DatasetRow.accepted.is_(True))
@@ -471,7 +534,7 @@ class SqlRepository:
             )
 
     def get_training(self, training_id: str, *, for_update: bool = False) -> Training | None:
-        with self._tx() as s:
+        with self._tx() if for_update else self._read() as s:
             stmt = select(TrainingRow).where(TrainingRow.id == training_id)
             if for_update:
                 stmt = stmt.with_for_update()
@@ -493,12 +556,12 @@ class SqlRepository:
             return bool(getattr(result, "rowcount", 0))
 
     def get_training_by_remote_id(self, remote_id: str) -> Training | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.scalars(select(TrainingRow).where(TrainingRow.remote_id == remote_id)).first()
             return _training(row) if row else None
 
     def list_trainings(self, model_id: str) -> Sequence[Training]:
-        with self._tx() as s:
+        with self._read() as s:
             rows = s.scalars(
                 select(TrainingRow).where(TrainingRow.model_id == model_id)
                 .order_by(TrainingRow.created_at.desc())
@@ -506,7 +569,7 @@ class SqlRepository:
             return [_training(r) for r in rows]
 
     def active_trainings(self) -> Sequence[Training]:
-        with self._tx() as s:
+        with self._read() as s:
             rows = s.scalars(
                 select(TrainingRow).where(TrainingRow.status.in_([str(x) for x in ACTIVE_STATUSES]))
                 .order_by(TrainingRow.created_at)
@@ -514,7 +577,7 @@ class SqlRepository:
             return [_training(r) for r in rows]
 
     def count_trainings_by_status(self) -> dict[str, int]:
-        with self._tx() as s:
+        with self._read() as s:
             rows = s.execute(select(TrainingRow.status, func.count())
                              .group_by(TrainingRow.status)).all()
             return {str(status): int(count) for status, count in rows}
@@ -535,7 +598,7 @@ class SqlRepository:
                 row.token, row.expires_at = token, expires_at
 
     def upload_claimed(self, user_id: str, *, now: datetime, except_token: str | None) -> bool:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(UploadClaimRow, user_id)
             return (row is not None and row.token != except_token
                     and _req_utc(row.expires_at) > now)
@@ -582,12 +645,12 @@ class SqlRepository:
                 raise StorageError(f"version {version_id} does not exist")
 
     def get_version(self, version_id: str) -> Version | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(VersionRow, version_id)
             return _version(row) if row else None
 
     def list_versions(self, model_id: str) -> Sequence[Version]:
-        with self._tx() as s:
+        with self._read() as s:
             rows = s.scalars(
                 select(VersionRow).where(VersionRow.model_id == model_id)
                 .order_by(VersionRow.number.desc())
@@ -605,12 +668,12 @@ class SqlRepository:
                 s.add(VersionLikenessRow(**values))
 
     def get_likeness(self, version_id: str) -> VersionLikeness | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(VersionLikenessRow, version_id)
             return _likeness(row) if row else None
 
     def list_likeness(self, model_id: str) -> Sequence[VersionLikeness]:
-        with self._tx() as s:
+        with self._read() as s:
             rows = s.scalars(
                 select(VersionLikenessRow).where(VersionLikenessRow.model_id == model_id)
             ).all()
@@ -627,12 +690,12 @@ class SqlRepository:
             ))
 
     def get_generation(self, generation_id: str) -> Generation | None:
-        with self._tx() as s:
+        with self._read() as s:
             row = s.get(GenerationRow, generation_id)
             return _generation(row) if row else None
 
     def list_generations(self, user_id: str, *, limit: int = 50) -> Sequence[Generation]:
-        with self._tx() as s:
+        with self._read() as s:
             rows = s.scalars(select(GenerationRow).where(GenerationRow.user_id == user_id)
                              .order_by(GenerationRow.created_at.desc()).limit(limit)).all()
             return [_generation(r) for r in rows]
@@ -643,7 +706,7 @@ class SqlRepository:
             s.add(EventRow(model_id=model_id, kind=kind, data=data, created_at=datetime.now(UTC)))
 
     def list_events(self, model_id: str) -> Sequence[dict[str, Any]]:
-        with self._tx() as s:
+        with self._read() as s:
             rows = s.scalars(
                 select(EventRow).where(EventRow.model_id == model_id).order_by(EventRow.id)
             ).all()
