@@ -186,7 +186,7 @@ def keys_create(
 
 @keys_app.command("revoke")
 def keys_revoke(user: str, key_id: str) -> None:
-    """Revoke one of the user's API keys: it stops working at once."""
+    """Revoke one of the user's API keys: it stops working within a second."""
     with opened(trainers={}, generators={}) as services:
         key = services.users.revoke_key(user=services.users.get_by_name(name=user),
                                         key_id=key_id)

@@ -1,6 +1,8 @@
 """Passwords and browser sessions in the user service, on SQLite with real argon2 hashes (at a
 test cost): one answer for an unknown name and a wrong password, the rate limit per name and per
-client, session expiry, sign-out, a password change ending sessions, sign-up only when open."""
+client, session expiry, sign-out, a password change ending sessions, sign-up only when open. And
+API keys remembered for a second: a key revoked here stops at once, one revoked by another
+process within ``API_KEY_CACHE_TTL``."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from selfie_lora.errors import (
     InvalidInputError,
     RateLimitedError,
 )
-from selfie_lora.services.users import UserService
+from selfie_lora.services.users import API_KEY_CACHE_TTL, UserService
 
 PASSWORD = "correct horse battery"
 POLICY = SignInPolicy(max_failures=3, max_failures_per_client=5, window=timedelta(minutes=15),
@@ -189,3 +191,78 @@ def test_expired_sessions_and_old_failures_are_forgotten(repo: SqlRepository,
     assert svc.forget_expired() == 0
     clock.now += POLICY.session_lifetime
     assert svc.forget_expired() == 3  # the session, the failure under the name and the client
+
+
+def refuses(svc: UserService, key: str) -> bool:
+    """``svc`` neither remembers ``key`` nor accepts it."""
+    if svc.remembered(api_key=key) is not None:
+        return False
+    try:
+        svc.authenticate(api_key=key)
+    except AuthError:
+        return True
+    return False
+
+
+def test_a_key_revoked_by_another_process_stops_working_within_the_cache_bound(
+        repo: SqlRepository, clock: Clock) -> None:
+    api = users(repo, clock)  # an API server
+    cli = users(repo, clock)  # another process on the same database: the CLI, another server
+    ann, key = api.create(name="ann")
+    assert api.remembered(api_key=key) is None  # nothing remembered before a lookup
+    assert api.authenticate(api_key=key) == ann
+    assert api.remembered(api_key=key) == ann
+    cli.revoke_key(user=ann, key_id=cli.keys(user=ann)[0].id)
+    assert refuses(cli, key)  # the process that revoked it: at once
+    clock.now += API_KEY_CACHE_TTL - timedelta(milliseconds=1)
+    assert api.authenticate(api_key=key) == ann  # the other one: until its memory runs out
+    clock.now += timedelta(milliseconds=1)
+    assert refuses(api, key)
+
+
+def test_a_key_revoked_or_rotated_here_stops_working_at_once(repo: SqlRepository,
+                                                            clock: Clock) -> None:
+    svc = users(repo, clock)
+    ann, first = svc.create(name="ann")
+    second_key, second = svc.create_key(user=ann, name="ci")
+    assert svc.authenticate(api_key=first) == ann
+    assert svc.authenticate(api_key=second) == ann
+    svc.revoke_key(user=ann, key_id=svc.keys(user=ann)[0].id)
+    assert refuses(svc, first)
+    _rotated, third = svc.rotate_key(user=ann, key_id=second_key.id)
+    assert refuses(svc, second)
+    assert svc.authenticate(api_key=third) == ann
+
+
+def test_a_revocation_during_a_lookup_is_not_remembered_as_valid(repo: SqlRepository,
+                                                                 clock: Clock) -> None:
+    svc = users(repo, clock)
+    ann, key = svc.create(name="ann")
+    key_id = svc.keys(user=ann)[0].id
+
+    class RevokedMeanwhile:
+        """The repository, where the key is revoked (through the same service) just after the
+        lookup read it as valid."""
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(repo, name)
+
+        def get_user_by_key_hash(self, key_hash: str) -> object:
+            found = repo.get_user_by_key_hash(key_hash)
+            svc._repo = repo  # one revocation only
+            svc.revoke_key(user=ann, key_id=key_id)
+            return found
+
+    svc._repo = RevokedMeanwhile()  # type: ignore[assignment]
+    assert svc.authenticate(api_key=key) == ann  # read before the revocation committed
+    assert refuses(svc, key)
+
+
+def test_a_clock_that_goes_back_forgets_what_it_remembered(repo: SqlRepository,
+                                                           clock: Clock) -> None:
+    svc = users(repo, clock)
+    ann, key = svc.create(name="ann")
+    assert svc.authenticate(api_key=key) == ann
+    clock.now -= timedelta(hours=1)
+    assert svc.remembered(api_key=key) is None
+

@@ -90,6 +90,7 @@ def create_app(
                       body_timeout=svc.settings.body_timeout,
                       min_body_rate=svc.settings.min_body_rate),
         authenticate=lambda key: svc.users.authenticate(api_key=key),
+        remembered=lambda key: svc.users.remembered(api_key=key),
         authenticate_cookie=web.cookie_user,
     )
     # Outermost: the time of every answer, the guard's refusals included.

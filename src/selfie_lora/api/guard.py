@@ -58,11 +58,16 @@ class _Stop(Exception):  # noqa: N818 - a control-flow signal inside one request
 class Guard:
     def __init__(self, app: ASGIApp, *, limits: Limits,
                  authenticate: Callable[[str | None], User],
+                 remembered: Callable[[str | None], User | None] | None = None,
                  authenticate_cookie: Callable[[str | None], User] | None = None) -> None:
         self._app = app
         self._limits = limits
         # Blocking (a database lookup): run off the event loop.
         self._authenticate = authenticate
+        # Non-blocking: a key this process found valid a moment ago (``UserService.remembered``),
+        # answered on the event loop; under load the trip through the thread pool cost more
+        # than the lookup itself.
+        self._remembered = remembered
         # The web app's session cookie (the Cookie header's value) for its upload path.
         self._authenticate_cookie = authenticate_cookie
 
@@ -72,11 +77,14 @@ class Guard:
             return
         path: str = scope["path"]
         if path.startswith("/api/") and not path.startswith(WEBHOOK_PATH):
-            try:
-                user = await run_in_threadpool(self._authenticate, _bearer(scope))
-            except AuthError as exc:
-                await _answer(send, 401, exc.code, exc.message)
-                return
+            key = _bearer(scope)
+            user = self._remembered(key) if self._remembered is not None else None
+            if user is None:
+                try:
+                    user = await run_in_threadpool(self._authenticate, key)
+                except AuthError as exc:
+                    await _answer(send, 401, exc.code, exc.message)
+                    return
             scope.setdefault("state", {})["user"] = user
         elif path in WEB_UPLOAD_PATHS and self._authenticate_cookie is not None:
             try:

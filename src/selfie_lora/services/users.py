@@ -12,9 +12,10 @@ import hashlib
 import logging
 import re
 import secrets
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from selfie_lora.domain.accounts import (
     WRONG_CREDENTIALS,
@@ -42,6 +43,14 @@ logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
 _KEY_NAME = re.compile(r"^[^\x00-\x1f]{1,100}$")
 PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
+# How long this process trusts an API key it found valid without asking the database again.
+# Why: that query, in its own trip through the thread pool, was a third of a cheap read's cost
+# under load (bench/api_load.py). The price: a key revoked by another process (the CLI, another
+# API server) keeps working here for at most this long; one revoked through this process stops
+# at once.
+API_KEY_CACHE_TTL = timedelta(seconds=1)
+# Enough for every client of a busy server; past it the cache starts over rather than grow.
+API_KEY_CACHE_SIZE = 10_000
 
 
 def hash_api_key(key: str) -> str:
@@ -76,6 +85,7 @@ class UserService:
         self.signup_enabled = signup_enabled
         self._clock = clock
         self._dummy_hash: str | None = None
+        self._keys = _KeyCache(clock=clock)
 
     def create(self, *, name: str, password: str | None = None) -> tuple[User, str]:
         """A new user and its first API key, which is not stored and cannot be shown again;
@@ -214,12 +224,26 @@ class UserService:
         return self._dummy_hash
 
     def authenticate(self, *, api_key: str | None) -> User:
+        """The user of ``api_key``; ``AuthError`` when it is missing, unknown or revoked. A key
+        found valid is remembered for ``API_KEY_CACHE_TTL``."""
         if not api_key:
             raise AuthError("an API key is required: send 'Authorization: Bearer <key>'")
-        user = self._repo.get_user_by_key_hash(hash_api_key(api_key))
+        key_hash = hash_api_key(api_key)
+        remembered = self._keys.get(key_hash)
+        if remembered is not None:
+            return remembered
+        epoch = self._keys.epoch
+        user = self._repo.get_user_by_key_hash(key_hash)
         if user is None:
             raise AuthError("the API key is not valid (or was revoked)")
+        self._keys.put(key_hash, user, epoch=epoch)
         return user
+
+    def remembered(self, *, api_key: str | None) -> User | None:
+        """The user of ``api_key`` if this process found it valid within ``API_KEY_CACHE_TTL``,
+        else None. Never touches the database, so the API's door calls it on the event loop and
+        goes to the thread pool (``authenticate``) only when it answers None."""
+        return self._keys.get(hash_api_key(api_key)) if api_key else None
 
     def get_by_name(self, *, name: str) -> User:
         user = self._repo.get_user_by_name(name)
@@ -240,10 +264,12 @@ class UserService:
         return key, secret
 
     def revoke_key(self, *, user: User, key_id: str) -> ApiKey:
-        """Revoke one of the user's keys: it stops working at once. Revoking a revoked key
-        changes nothing."""
+        """Revoke one of the user's keys: it stops working at once in this process, and within
+        ``API_KEY_CACHE_TTL`` in the others (API servers that used it a moment ago). Revoking a
+        revoked key changes nothing."""
         key = self._own_key(user, key_id)
         self._repo.revoke_api_key(key.id, at=utcnow())
+        self._keys.forget(key.key_hash)
         logger.info("user %s: API key %s (%s) revoked", user.name, key.id, key.prefix)
         return self._own_key(user, key_id)
 
@@ -257,6 +283,7 @@ class UserService:
         with self._repo.atomic() as tx:
             tx.add_api_key(key)
             tx.revoke_api_key(old.id, at=key.created_at)
+        self._keys.forget(old.key_hash)
         logger.info("user %s: API key %s rotated to %s", user.name, old.id, key.id)
         return key, secret
 
@@ -274,3 +301,39 @@ class UserService:
         secret = "sl_" + secrets.token_urlsafe(32)
         return ApiKey(id=new_id(), user_id=user.id, name=name, key_hash=hash_api_key(secret),
                       prefix=secret[:PREFIX_LENGTH], created_at=utcnow()), secret
+
+
+class _KeyCache:
+    """API keys found valid (by hash) and when they were found, for ``API_KEY_CACHE_TTL``.
+
+    A revocation through this process forgets the key and moves ``epoch`` on, so that a lookup
+    that began before it (and may have read the key as still valid) cannot put it back."""
+
+    def __init__(self, *, clock: Callable[[], datetime]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._found: dict[str, tuple[User, datetime]] = {}
+        self.epoch = 0
+
+    def get(self, key_hash: str) -> User | None:
+        entry = self._found.get(key_hash)
+        if entry is None:
+            return None
+        user, found_at = entry
+        # A clock that went back makes the entry as stale as one that ran out.
+        if not found_at <= self._clock() < found_at + API_KEY_CACHE_TTL:
+            return None
+        return user
+
+    def put(self, key_hash: str, user: User, *, epoch: int) -> None:
+        with self._lock:
+            if epoch != self.epoch:
+                return
+            if len(self._found) >= API_KEY_CACHE_SIZE:
+                self._found.clear()
+            self._found[key_hash] = (user, self._clock())
+
+    def forget(self, key_hash: str) -> None:
+        with self._lock:
+            self.epoch += 1
+            self._found.pop(key_hash, None)
