@@ -81,6 +81,38 @@ def create_app(
     app = FastAPIOffline(title="selfie-lora", version="0.1.0", description=DESCRIPTION,
                          lifespan=lifespan)
     app.state.services = svc
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers (it checks nothing else, so a broken database does not
+        get the process restarted; see /readyz)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["service"], responses={503: {"description": "not ready"}})
+    def readyz() -> JSONResponse:
+        """Readiness: 200 when the database, the queue and the storage answer, 503 otherwise
+        (each check's answer in ``checks``)."""
+        readiness = svc.operations.readiness()
+        return JSONResponse(status_code=200 if readiness.ready else 503, content={
+            "status": "ready" if readiness.ready else "not ready", "checks": readiness.checks})
+
+    @app.get("/metrics", tags=["service"], response_class=Response,
+             responses={401: {"description": "SELFIE_LORA_METRICS_TOKEN is set and not sent"}})
+    def metrics(request: Request) -> Response:
+        """The operator's figures in the Prometheus text format."""
+        token = svc.settings.metrics_token
+        if token is not None and not hmac.compare_digest(
+                request.headers.get("authorization", "").encode(),
+                f"Bearer {token.get_secret_value()}".encode()):
+            return _error(401, ErrorCode.UNAUTHORIZED, "send the metrics token as a bearer token",
+                          headers={"WWW-Authenticate": "Bearer"})
+        body, content_type = svc.operations.metrics()
+        return Response(body, media_type=content_type)
+
+    # Before the pages: a request is matched against the routes in order, and the API's reads
+    # are the requests that come by the hundred.
+    for module in (training, model, likeness, generation, keys, webhooks):
+        app.include_router(module.router)
     # The pages (web/): the same services, signed in with a session cookie.
     web = mount_web(app, svc)
     app.add_middleware(
@@ -145,36 +177,6 @@ def create_app(
         svc.operations.record_error(code=ErrorCode.INTERNAL_ERROR)
         return _error(500, ErrorCode.INTERNAL_ERROR,
                       "something went wrong on our side; please retry")
-
-    @app.get("/healthz", tags=["service"])
-    def healthz() -> dict[str, str]:
-        """Liveness: the process answers (it checks nothing else, so a broken database does not
-        get the process restarted; see /readyz)."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["service"], responses={503: {"description": "not ready"}})
-    def readyz() -> JSONResponse:
-        """Readiness: 200 when the database, the queue and the storage answer, 503 otherwise
-        (each check's answer in ``checks``)."""
-        readiness = svc.operations.readiness()
-        return JSONResponse(status_code=200 if readiness.ready else 503, content={
-            "status": "ready" if readiness.ready else "not ready", "checks": readiness.checks})
-
-    @app.get("/metrics", tags=["service"], response_class=Response,
-             responses={401: {"description": "SELFIE_LORA_METRICS_TOKEN is set and not sent"}})
-    def metrics(request: Request) -> Response:
-        """The operator's figures in the Prometheus text format."""
-        token = svc.settings.metrics_token
-        if token is not None and not hmac.compare_digest(
-                request.headers.get("authorization", "").encode(),
-                f"Bearer {token.get_secret_value()}".encode()):
-            return _error(401, ErrorCode.UNAUTHORIZED, "send the metrics token as a bearer token",
-                          headers={"WWW-Authenticate": "Bearer"})
-        body, content_type = svc.operations.metrics()
-        return Response(body, media_type=content_type)
-
-    for module in (training, model, likeness, generation, keys, webhooks):
-        app.include_router(module.router)
 
     def openapi() -> dict[str, Any]:
         # The bearer scheme, so the docs' "Authorize" sends the key with every /api call.

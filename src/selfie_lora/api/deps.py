@@ -14,7 +14,10 @@ from selfie_lora.errors import AuthError
 from selfie_lora.wiring import Services
 
 
-def current_user(request: Request) -> User:
+# Both dependencies are ``async`` although they never wait: FastAPI runs a plain ``def``
+# dependency in the thread pool, a round trip that cost more than the rest of a cheap read
+# under load (bench/api_load.py).
+async def current_user(request: Request) -> User:
     """The user the guard authenticated before the body was read (401 otherwise)."""
     user = user_of(request.scope.get("state", {}))
     if user is None:
@@ -22,7 +25,7 @@ def current_user(request: Request) -> User:
     return user
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
     svc: Services = request.app.state.services
     return svc
 

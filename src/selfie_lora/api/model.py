@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from selfie_lora.api.deps import ServicesDep, UserDep
+from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.api.schemas import ModelPatch, errors
 from selfie_lora.api.serializers import model_json, version_json
@@ -24,8 +24,10 @@ def model_of(svc: Services, user: Any) -> dict[str, Any]:
 
 
 @router.get("", responses=errors(404))
-def get_model(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
-    return model_of(svc, user)
+async def get_model(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
+    # async with one trip to the thread pool: a plain ``def`` route makes two (FastAPI checks
+    # the answer of a sync route in the pool too), and this is the API's most frequent read.
+    return await in_thread(lambda: model_of(svc, user))
 
 
 @router.patch("", responses=errors(404, 409, 413, 422))

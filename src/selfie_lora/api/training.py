@@ -87,9 +87,13 @@ def start_training(user: UserDep, svc: ServicesDep,
 
 
 @router.get("/progress", responses=errors(404))
-def progress(user: UserDep, svc: ServicesDep, training_id: str | None = None) -> dict[str, Any]:
-    return {"training": view_json(svc.training.progress(user=user, training_id=training_id)),
-            "model": model_of(svc, user)}
+async def progress(user: UserDep, svc: ServicesDep,
+                   training_id: str | None = None) -> dict[str, Any]:
+    # Polled by every client that waits for a training: one trip to the thread pool, as
+    # GET /api/model (api/model.py).
+    return await in_thread(lambda: {
+        "training": view_json(svc.training.progress(user=user, training_id=training_id)),
+        "model": model_of(svc, user)})
 
 
 @router.post("/cancel", responses=errors(404, 422))
