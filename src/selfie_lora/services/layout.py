@@ -14,11 +14,18 @@ a retried write changes nothing), by id where an object owns the bytes::
     quality/models/<model>/chart.png                      a model's likeness chart
 
 (The likeness keys keep their historical ``quality/`` prefix: stored blobs stay where they are.)
+
+``owner_of`` reads a key back (the garbage collector asks whom a listed blob belongs to).
 """
 
 from __future__ import annotations
 
 import re
+
+from selfie_lora.domain.gc import Owner
+
+# Every prefix a key starts with: what the garbage collector lists.
+PREFIXES = ("photos", "originals", "datasets", "weights", "generations", "quality")
 
 
 def photo_key(sha256: str) -> str:
@@ -56,3 +63,28 @@ def grid_key(a_id: str, b_id: str) -> str:
 
 def chart_key(model_id: str) -> str:
     return f"quality/models/{model_id}/chart.png"
+
+
+_OWNERS: tuple[tuple[re.Pattern[str], Owner], ...] = tuple(
+    (re.compile(pattern), owner) for pattern, owner in (
+        (r"photos/(?P<id>[0-9a-f]{64})\.jpg", Owner.PHOTO),
+        (r"(?P<id>originals/[0-9a-f]{64})", Owner.ORIGINAL),
+        (r"datasets/(?P<id>[^/]+)/manifest\.json", Owner.DATASET),
+        (r"(?P<id>weights/[0-9a-f]{64}\.safetensors)", Owner.WEIGHTS),
+        (r"generations/(?P<id>[^/]+)/[0-9]+\.png", Owner.GENERATION),
+        (r"quality/datasets/(?P<id>[^/]+)/[^/]+\.json", Owner.DATASET),
+        (r"quality/versions/(?P<id>[^/]+)/probe-[0-9]+-scale-[^/]+\.png", Owner.VERSION),
+        (r"quality/compare/(?P<id>[^/]+)/grid\.png", Owner.COMPARISON),
+        (r"quality/models/(?P<id>[^/]+)/chart\.png", Owner.MODEL),
+    ))
+
+
+def owner_of(key: str) -> tuple[Owner, str] | None:
+    """What a key made here belongs to, and that owner's id (the sha256 of a photo; the key
+    itself for weights and originals, which rows name whole). None for a key this layout does
+    not make (written by a newer release, or by hand): the collector keeps those."""
+    for pattern, owner in _OWNERS:
+        match = pattern.fullmatch(key)
+        if match:
+            return owner, match["id"]
+    return None
