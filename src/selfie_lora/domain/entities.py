@@ -280,3 +280,15 @@ class Generation:
     seed: int | None
     image_keys: tuple[str, ...]
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class JobLease:
+    """A periodic job that one process at a time runs (the garbage collection): who holds it
+    and until when, and when it last started and finished."""
+
+    name: str
+    owner: str | None
+    expires_at: datetime | None
+    last_started_at: datetime | None
+    last_finished_at: datetime | None

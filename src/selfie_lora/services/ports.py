@@ -18,6 +18,7 @@ from selfie_lora.domain.entities import (
     Dataset,
     GateStatus,
     Generation,
+    JobLease,
     Model,
     Probe,
     Recipe,
@@ -28,6 +29,7 @@ from selfie_lora.domain.entities import (
     WebSession,
 )
 from selfie_lora.domain.faces import AnalyzerFactory, Face, FaceAnalyzer
+from selfie_lora.domain.gc import References
 from selfie_lora.domain.likeness import VersionLikeness
 
 __all__ = ["AnalyzerFactory", "Face", "FaceAnalyzer"]  # re-exported: adapters implement them here
@@ -351,6 +353,37 @@ class Repository(Protocol):
     # the retraining log and other audit events
     def add_event(self, *, model_id: str, kind: str, data: dict[str, Any]) -> None: ...
     def list_events(self, model_id: str) -> Sequence[dict[str, Any]]: ...
+
+    # garbage collection (services/gc.py)
+    def gc_references(self) -> References:
+        """Everything rows refer to: datasets (their photos, and whether a training in any
+        status or a likeness record uses them), generations (their images), trainings (ended or
+        not), models, versions (their weights)."""
+        ...
+    def delete_dataset_if_unused(self, dataset_id: str, *, created_before: datetime) -> bool:
+        """Deletes the dataset's row if it was created before ``created_before`` and no
+        training or likeness record refers to it, checked in the same statement: a training
+        started on it meanwhile wins. True when it was deleted."""
+        ...
+    def delete_generations(self, generation_ids: Sequence[str], *,
+                           created_before: datetime) -> int:
+        """Deletes those of the generations created before ``created_before``; the count."""
+        ...
+
+    # job leases: a periodic job that one process at a time runs
+    def claim_job(self, name: str, *, owner: str, now: datetime, expires_at: datetime,
+                  due_before: datetime | None = None) -> bool:
+        """Takes the job's lease until ``expires_at`` unless another owner holds an unexpired
+        one, or (``due_before`` given) the job last started after ``due_before``. True when
+        taken (``now`` is recorded as its start). Not inside ``atomic()``."""
+        ...
+    def renew_job(self, name: str, *, owner: str, expires_at: datetime) -> bool:
+        """Pushes the lease's expiry while ``owner`` still holds it (nobody took it over)."""
+        ...
+    def release_job(self, name: str, *, owner: str, now: datetime, finished: bool) -> None:
+        """Ends ``owner``'s lease; ``finished``: the job ran to its end at ``now``."""
+        ...
+    def get_job(self, name: str) -> JobLease | None: ...
 
 
 # --------------------------------------------------------------------------- queue

@@ -9,7 +9,17 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, select, update
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -18,6 +28,7 @@ from selfie_lora.adapters.db.tables import (
     DatasetRow,
     EventRow,
     GenerationRow,
+    JobLeaseRow,
     ModelRow,
     SignInFailureRow,
     TrainingRow,
@@ -35,6 +46,7 @@ from selfie_lora.domain.entities import (
     Finding,
     GateStatus,
     Generation,
+    JobLease,
     Model,
     Probe,
     Recipe,
@@ -44,6 +56,7 @@ from selfie_lora.domain.entities import (
     Version,
     WebSession,
 )
+from selfie_lora.domain.gc import DatasetRef, GenerationRef, References, TrainingRef
 from selfie_lora.domain.likeness import (
     IdentityScores,
     LikenessStatus,
@@ -714,6 +727,105 @@ class SqlRepository:
                 {"kind": r.kind, "data": r.data, "created_at": _req_utc(r.created_at).isoformat()}
                 for r in rows
             ]
+
+    # garbage collection -------------------------------------------------------------------
+    def gc_references(self) -> References:
+        used = (exists().where(TrainingRow.dataset_id == DatasetRow.id)
+                | exists().where(VersionLikenessRow.reference_dataset_id == DatasetRow.id))
+        with self._tx() as s:
+            datasets = tuple(
+                DatasetRef(id=r.id, created_at=_req_utc(r.created_at),
+                           photo_hashes=tuple(r.photo_hashes), trained=bool(r.trained))
+                for r in s.execute(select(DatasetRow.id, DatasetRow.created_at,
+                                          DatasetRow.photo_hashes, used.label("trained"))))
+            generations = tuple(
+                GenerationRef(id=r.id, created_at=_req_utc(r.created_at),
+                              image_keys=tuple(r.image_keys))
+                for r in s.execute(select(GenerationRow.id, GenerationRow.created_at,
+                                          GenerationRow.image_keys)))
+            trainings = tuple(
+                TrainingRef(id=r.id, created_at=_req_utc(r.created_at),
+                            ended=TrainingStatus(r.status).is_terminal)
+                for r in s.execute(select(TrainingRow.id, TrainingRow.created_at,
+                                          TrainingRow.status)))
+            versions = s.execute(select(VersionRow.id, VersionRow.weights_key)).all()
+            models = s.scalars(select(ModelRow.id)).all()
+        return References(datasets=datasets, generations=generations, trainings=trainings,
+                          model_ids=frozenset(models),
+                          version_ids=frozenset(v.id for v in versions),
+                          weights_keys=frozenset(v.weights_key for v in versions))
+
+    def delete_dataset_if_unused(self, dataset_id: str, *, created_before: datetime) -> bool:
+        # One statement: the row goes only if nothing refers to it at that moment. A training
+        # inserted concurrently on PostgreSQL makes the foreign key refuse the delete instead.
+        query = delete(DatasetRow).where(
+            DatasetRow.id == dataset_id, DatasetRow.created_at < created_before,
+            ~exists().where(TrainingRow.dataset_id == DatasetRow.id),
+            ~exists().where(VersionLikenessRow.reference_dataset_id == DatasetRow.id))
+        try:
+            with self._tx() as s:
+                return bool(getattr(s.execute(query), "rowcount", 0))
+        except ConflictError:
+            return False
+
+    def delete_generations(self, generation_ids: Sequence[str], *,
+                           created_before: datetime) -> int:
+        ids = list(generation_ids)
+        deleted = 0
+        with self._tx() as s:
+            for start in range(0, len(ids), 500):  # bound the statement's parameters
+                result = s.execute(delete(GenerationRow).where(
+                    GenerationRow.id.in_(ids[start:start + 500]),
+                    GenerationRow.created_at < created_before))
+                deleted += int(getattr(result, "rowcount", 0) or 0)
+        return deleted
+
+    # job leases -------------------------------------------------------------------------
+    def claim_job(self, name: str, *, owner: str, now: datetime, expires_at: datetime,
+                  due_before: datetime | None = None) -> bool:
+        try:
+            with self._tx() as s:
+                row = s.scalars(select(JobLeaseRow).where(JobLeaseRow.name == name)
+                                .with_for_update()).first()
+                if row is None:
+                    s.add(JobLeaseRow(name=name, owner=owner, expires_at=expires_at,
+                                      last_started_at=now))
+                    return True
+                expiry = _utc(row.expires_at)
+                if row.owner not in (None, owner) and expiry is not None and expiry > now:
+                    return False
+                started = _utc(row.last_started_at)
+                if due_before is not None and started is not None and started > due_before:
+                    return False
+                row.owner, row.expires_at, row.last_started_at = owner, expires_at, now
+                return True
+        except ConflictError:
+            return False  # two first claims raced to insert the row: the other one won
+
+    def renew_job(self, name: str, *, owner: str, expires_at: datetime) -> bool:
+        # The owner is the fence: an expired lease that nobody took over is still ours.
+        with self._tx() as s:
+            result = s.execute(update(JobLeaseRow).where(JobLeaseRow.name == name,
+                                                         JobLeaseRow.owner == owner)
+                               .values(expires_at=expires_at))
+            return bool(getattr(result, "rowcount", 0))
+
+    def release_job(self, name: str, *, owner: str, now: datetime, finished: bool) -> None:
+        values: dict[str, Any] = {"owner": None, "expires_at": None}
+        if finished:
+            values["last_finished_at"] = now
+        with self._tx() as s:
+            s.execute(update(JobLeaseRow).where(JobLeaseRow.name == name,
+                                                JobLeaseRow.owner == owner).values(**values))
+
+    def get_job(self, name: str) -> JobLease | None:
+        with self._tx() as s:
+            row = s.get(JobLeaseRow, name)
+            if row is None:
+                return None
+            return JobLease(name=row.name, owner=row.owner, expires_at=_utc(row.expires_at),
+                            last_started_at=_utc(row.last_started_at),
+                            last_finished_at=_utc(row.last_finished_at))
 
 
 def _model_values(m: Model) -> dict[str, Any]:
