@@ -76,7 +76,8 @@ def serve(
     from selfie_lora.api.server import run_server
 
     settings = _settings()
-    application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True)
+    application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True,
+                             collect_garbage=worker)
     shown = f"[{host}]" if ":" in host else host
     if settings.log_format == "json":  # a log collector reads this output: lines of JSON only
         logger.info("serving on http://%s:%d/ (API docs at /docs); data in %s", shown, port,
@@ -203,6 +204,23 @@ def keys_rotate(
         key, secret = services.users.rotate_key(user=services.users.get_by_name(name=user),
                                                 key_id=key_id)
     _print_key(key, secret, as_json=as_json)
+
+
+@app.command("gc")
+def gc_cmd(
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Only say what would be deleted; delete nothing.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="List every row and key.")] = False,
+) -> None:
+    """Delete what nothing refers to any more: photos never trained on (after
+    SELFIE_LORA_GC_DATASET_DAYS), generations past SELFIE_LORA_GC_GENERATION_DAYS, work folders
+    of ended trainings, orphaned blobs. Never a version's weights, nor the photos of a dataset
+    any training used."""
+    with opened(label="gc", trainers={}, generators={}) as services:
+        summary = services.gc.collect(dry_run=dry_run)
+    for line in summary.lines(verbose=verbose):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -15,6 +15,7 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from selfie_lora.domain.accounts import SignInPolicy
+from selfie_lora.domain.gc import GcPolicy
 from selfie_lora.domain.lease import (
     DEFAULT_HEARTBEAT_SECONDS,
     DEFAULT_LEASE_SECONDS,
@@ -153,6 +154,19 @@ class Settings(BaseSettings):
     sign_in_max_failures: int = Field(default=5, ge=1, le=1000)
     sign_in_window_minutes: float = Field(default=15.0, gt=0, le=24 * 60)
 
+    # Garbage collection (services/gc.py): `selfie-lora gc`, and the workers every
+    # GC_INTERVAL_HOURS (one at a time, through a lease in the database; 0: workers never
+    # collect). Photos uploaded but never trained are kept GC_DATASET_DAYS, long enough for a
+    # user who uploaded without training to come back and start one (0: forever). Generated
+    # pictures are the user's, so they are kept forever unless GC_GENERATION_DAYS says otherwise.
+    # A blob no row refers to is deleted only once GC_GRACE_HOURS old, because uploads, trainings
+    # and generations write their blobs before the rows that refer to them (at least an hour:
+    # the slowest of those writes must have committed its row by then).
+    gc_dataset_days: float = Field(default=7.0, ge=0)
+    gc_generation_days: float | None = Field(default=None, ge=0)
+    gc_grace_hours: float = Field(default=24.0, ge=1)
+    gc_interval_hours: float = Field(default=6.0, ge=0)
+
     @model_validator(mode="after")
     def _storage_url_is_s3(self) -> Settings:
         if self.storage_url is not None and not self.storage_url.startswith("s3://"):
@@ -170,6 +184,18 @@ class Settings(BaseSettings):
         return LeasePolicy(ttl=timedelta(seconds=self.lease_seconds),
                            heartbeat=timedelta(seconds=self.heartbeat_seconds),
                            max_attempts=self.max_attempts)
+
+    @property
+    def gc_policy(self) -> GcPolicy:
+        return GcPolicy(
+            grace=timedelta(hours=self.gc_grace_hours),
+            dataset_age=timedelta(days=self.gc_dataset_days) if self.gc_dataset_days else None,
+            generation_age=(timedelta(days=self.gc_generation_days)
+                            if self.gc_generation_days else None))
+
+    @property
+    def gc_interval(self) -> timedelta | None:
+        return timedelta(hours=self.gc_interval_hours) if self.gc_interval_hours else None
 
     @property
     def sign_in_policy(self) -> SignInPolicy:

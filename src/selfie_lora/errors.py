@@ -62,6 +62,7 @@ class ErrorCode(enum.StrEnum):
     USER_EXISTS = "user_exists"
     WEBHOOK_REPLAYED = "webhook_replayed"
     WRITE_CONFLICT = "write_conflict"
+    GC_IN_PROGRESS = "gc_in_progress"
     # 408, 413
     REQUEST_TIMEOUT = "request_timeout"
     BODY_TOO_LARGE = "body_too_large"

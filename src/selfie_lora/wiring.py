@@ -30,6 +30,7 @@ from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadLimits
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.errors import ConfigError
+from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import IntakeService
 from selfie_lora.services.likeness import LikenessService
@@ -73,6 +74,7 @@ class Services:
     likeness: LikenessService
     operations: OperationsService
     telemetry: Telemetry
+    gc: GarbageCollector
     trainers: dict[str, Trainer] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -303,5 +305,7 @@ def build_services(
         likeness=likeness,
         operations=OperationsService(repo=repo, queue=queue, blobs=blobs, telemetry=telemetry),
         telemetry=telemetry,
+        gc=GarbageCollector(repo=repo, blobs=blobs, work_dir=settings.work_dir,
+                            policy=settings.gc_policy, interval=settings.gc_interval),
         trainers=chosen_trainers,
     )

@@ -12,6 +12,12 @@ gets the lowest free slot, usually its old one; leases still held in that name c
 over from a process that died (the kernel drops the file lock with it), so the new worker takes
 them over at once instead of waiting for them to expire.
 
+A third thread collects garbage (``services.gc``): it asks every ``gc_check_seconds`` whether a
+collection is due (the last one, by any process, started ``SELFIE_LORA_GC_INTERVAL_HOURS`` ago)
+and runs it when this worker wins the database's lease, so one worker collects at a time. Its
+own thread, not the reconciler's: listing a large bucket must not delay the recovery of a
+training.
+
 Stopping (SIGTERM or SIGINT for ``selfie-lora worker``; the server's shutdown for ``serve``):
 no new message is taken, every running training is handed back at its next safe point (lease
 released, message queued again: another worker, or this one restarted, resumes it) and the
@@ -36,6 +42,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Protocol
 
+from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.operations import OperationsService
 from selfie_lora.services.training import TrainingService
 from selfie_lora.wiring import Services
@@ -46,6 +53,8 @@ MAX_SLOTS = 256
 STOP_GRACE_S = 30.0
 _IDLE_MIN_S = 0.05
 _IDLE_MAX_S = 1.0
+# How often a worker asks whether a garbage collection is due (collections are hours apart).
+GC_CHECK_SECONDS = 60.0
 
 
 class MessageSource(Protocol):
@@ -89,6 +98,7 @@ class Worker:
     def __init__(
         self, *, training: TrainingService, queue: MessageSource, identity: Identity,
         threads: int = 2, reconcile_seconds: float = 10.0,
+        gc: GarbageCollector | None = None, gc_check_seconds: float = GC_CHECK_SECONDS,
     ) -> None:
         self._training = training
         self._queue = queue
@@ -97,6 +107,9 @@ class Worker:
         # worker died end even while no worker runs).
         self._threads_wanted = max(0, threads)
         self._reconcile_seconds = reconcile_seconds
+        # Only workers that consume collect: ``serve --no-worker`` API servers do not.
+        self._gc = gc if self._threads_wanted else None
+        self._gc_check_seconds = gc_check_seconds
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._busy = 0
@@ -111,6 +124,8 @@ class Worker:
                          for i in range(self._threads_wanted)]
         self._threads.append(threading.Thread(target=self._reconcile_loop, name="reconciler",
                                               daemon=True))
+        if self._gc is not None:
+            self._threads.append(threading.Thread(target=self._gc_loop, name="gc", daemon=True))
         for thread in self._threads:
             thread.start()
         if self._threads_wanted:
@@ -188,6 +203,20 @@ class Worker:
         while not self._stop.wait(self._reconcile_seconds):
             self._reconcile()
 
+    def _gc_loop(self) -> None:
+        while not self._stop.wait(self._gc_check_seconds):
+            self.collect_garbage()
+
+    def collect_garbage(self) -> None:
+        """Collect if a collection is due and this worker wins the lease (it logs what it
+        deleted); a failure is logged, and tried again when the next collection is due."""
+        if self._gc is None:
+            return
+        try:
+            self._gc.run_due(stopping=self._stop)
+        except Exception:
+            logger.exception("garbage collection failed; it is tried again when next due")
+
     def _reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> None:
         try:
             report = self._training.reconcile(dead_owners=dead_owners)
@@ -199,16 +228,20 @@ class Worker:
                         len(report.enqueued), len(report.canceled))
 
 
-def start_embedded(services: Services, *, consume: bool = True, threads: int | None = None
-                   ) -> Worker:
+def start_embedded(services: Services, *, consume: bool = True, threads: int | None = None,
+                   collect_garbage: bool = False) -> Worker:
     """A worker inside another process (``serve``, ``train``): its consumer threads and
-    reconciler, started. ``consume=False``: the reconciler only (``serve --no-worker``)."""
+    reconciler, started. ``consume=False``: the reconciler only (``serve --no-worker``).
+    ``collect_garbage``: also the garbage collection thread (``serve``'s worker; not the
+    short-lived ones of ``train`` and the demo)."""
     identity = claim_identity(services.settings.home) if consume else Identity(name="api")
     if consume:
         services.training.owner = identity.name
+        services.gc.owner = identity.name
     worker = Worker(training=services.training, queue=services.queue, identity=identity,
                     threads=(threads or services.settings.worker_threads) if consume else 0,
-                    reconcile_seconds=services.settings.reconcile_seconds)
+                    reconcile_seconds=services.settings.reconcile_seconds,
+                    gc=services.gc if collect_garbage else None)
     worker.start()
     return worker
 
@@ -275,9 +308,10 @@ def run_worker(threads: int | None = None) -> None:
     services = build_services(settings)
     identity = claim_identity(settings.home)
     services.training.owner = identity.name
+    services.gc.owner = identity.name
     worker = Worker(training=services.training, queue=services.queue, identity=identity,
                     threads=threads or settings.worker_threads,
-                    reconcile_seconds=settings.reconcile_seconds)
+                    reconcile_seconds=settings.reconcile_seconds, gc=services.gc)
     metrics = (serve_operator_endpoints(services.operations, host=settings.metrics_host,
                                         port=settings.metrics_port)
                if settings.metrics_port is not None else None)

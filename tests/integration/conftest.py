@@ -9,6 +9,7 @@ import pytest
 
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.config import get_settings
 from tests.support.backends import DATABASES, database_url, fresh_engine
 
 
@@ -19,3 +20,12 @@ def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlReposito
     upgrade(engine)
     yield SqlRepository(engine)
     engine.dispose()
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """SELFIE_LORA_HOME for commands run in this process (the CLI tests), fresh per test."""
+    monkeypatch.setenv("SELFIE_LORA_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    yield tmp_path / "home"
+    get_settings.cache_clear()

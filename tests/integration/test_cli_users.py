@@ -5,25 +5,16 @@ password changes nothing."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from selfie_lora.cli import app
-from selfie_lora.config import Settings, get_settings
+from selfie_lora.config import Settings
 from selfie_lora.wiring import build_services
 
 PASSWORD = "a long password"
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("SELFIE_LORA_HOME", str(tmp_path / "home"))
-    get_settings.cache_clear()
-    yield tmp_path / "home"
-    get_settings.cache_clear()
 
 
 def sign_in(home: Path, name: str, password: str) -> str:

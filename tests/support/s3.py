@@ -9,8 +9,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 BUCKET = "selfie-test"
 # moto accepts any keys; real ones are never needed.
@@ -44,6 +46,17 @@ class S3Server:
 
         return S3BlobStore(url=url, cache_dir=cache_dir, endpoint=self.endpoint, region=REGION,
                            access_key_id=ACCESS_KEY_ID, secret_access_key=SECRET_ACCESS_KEY)
+
+    def set_modified(self, url: str, key: str, when: datetime) -> None:
+        """Dates a stored blob (S3 has no way to; moto runs in this process, so its record of
+        the object is changed): for tests of what depends on a blob's age."""
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.s3.models import s3_backends
+
+        prefix = urlsplit(url).path.strip("/")
+        bucket = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].buckets[BUCKET]
+        bucket.keys[f"{prefix}/{key}" if prefix else key].last_modified = (
+            when.astimezone(UTC).replace(tzinfo=None))  # moto keeps naive UTC
 
 
 @contextmanager

@@ -51,11 +51,12 @@ def _error(status: int, code: ErrorCode, message: str, details: list[Any] | None
 
 def create_app(
     settings: Settings, *, services: Services | None = None, run_worker: bool = False,
-    warm_up: bool = False, reconcile: bool = False,
+    warm_up: bool = False, reconcile: bool = False, collect_garbage: bool = False,
 ) -> FastAPI:
     """The app for ``settings``. ``run_worker`` starts an in-process worker with the app
     (``selfie-lora serve``); ``reconcile`` without it runs only the reconciler (``serve
-    --no-worker``); the services are built here unless given (tests)."""
+    --no-worker``); ``collect_garbage`` lets that worker collect garbage when it is due; the
+    services are built here unless given (tests)."""
     svc = services or build_services(settings)
 
     @asynccontextmanager
@@ -68,7 +69,7 @@ def create_app(
         if run_worker or reconcile:
             from selfie_lora.worker import start_embedded
 
-            worker = start_embedded(svc, consume=run_worker)
+            worker = start_embedded(svc, consume=run_worker, collect_garbage=collect_garbage)
         try:
             yield
         finally:

@@ -221,8 +221,11 @@ class IntakeService:
             created_at=utcnow(), verdict=report.verdict,
         )
         for photo in accepted:
-            # Content-addressed: the same photo is stored once, and never rewritten.
-            self._blobs.put(photo_key(photo.sha256), photo.data, if_absent=True)
+            # Content-addressed: the same photo is stored once. Written again when it is there
+            # already (the same bytes, atomically): a fresh blob is one the garbage collector
+            # spares, so a photo nothing referred to any more is not collected between this
+            # write and the commit of the row that refers to it again.
+            self._blobs.put(photo_key(photo.sha256), photo.data)
         originals: dict[str, str] = {}
         if self._keep_originals:
             by_name = {f.name: f for f in files}
@@ -231,7 +234,7 @@ class IntakeService:
                 if source is not None:
                     # Kept as uploaded (metadata included) only because the operator asked to.
                     sha = hashlib.sha256(source.data).hexdigest()
-                    self._blobs.put(original_key(sha), source.data, if_absent=True)
+                    self._blobs.put(original_key(sha), source.data)  # fresh, as photos
                     originals[photo.sha256] = original_key(sha)
         manifest = {
             "dataset_id": dataset.id,

@@ -1,0 +1,291 @@
+"""Garbage collection: deleting what nothing refers to any more (``domain.gc`` decides what, and
+says what is never deleted).
+
+A collection runs in this order, so that one killed at any line leaves no row referring to a
+deleted blob:
+
+1. list the blobs (every prefix of ``services.layout``) and this machine's work folders;
+2. read the references from the database and plan (pure); a dry run stops here;
+3. delete the rows planned: each dataset only if nothing refers to it in the deleting statement
+   itself (a training started on it meanwhile keeps it), generations past their retention;
+4. read the references again and plan again: a blob is deleted only if both plans have it (a
+   dataset trained meanwhile, or an upload that brought the same photo again, keeps it);
+5. delete those blobs, then the work folders.
+
+A blob whose row went in step 3 but that a crash left behind is an orphan the next collection
+deletes, exactly once: deleting a missing blob or row is no error and counts nothing.
+
+**One collector at a time.** ``selfie-lora gc`` and every worker (``selfie-lora worker``,
+``serve``'s embedded one) take the database's job lease ``gc`` first (SQLite and PostgreSQL
+alike: a row, locked while it is claimed), renewed between steps; a worker collects only when
+the last collection started ``interval`` ago or more, so N workers collect once per interval,
+not N times. The lease is for economy, not safety: every step is idempotent and checks its
+references itself, so two collectors that overlap (one outliving its lease) delete nothing that
+either alone would have kept. Work folders are per machine (each worker's HOME): every worker
+cleans its own, whoever holds the lease.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from stat import S_ISREG
+
+from selfie_lora.domain.gc import (
+    GC_JOB,
+    GC_LEASE,
+    Blob,
+    GcPlan,
+    GcPolicy,
+    GcSummary,
+    Owner,
+    Planned,
+    References,
+    WorkFolder,
+    intersect,
+    plan_collection,
+)
+from selfie_lora.errors import ConflictError, ErrorCode, SelfieLoraError
+from selfie_lora.services.common import utcnow
+from selfie_lora.services.layout import PREFIXES, manifest_key, owner_of
+from selfie_lora.services.ports import BlobStore, Repository
+from selfie_lora.services.training import default_owner
+
+logger = logging.getLogger(__name__)
+
+# Blob deletions between two renewals of the lease.
+RENEW_EVERY = 200
+
+
+class _InterruptedError(Exception):
+    """Stop collecting (what is done stays done; the next collection goes on from there)."""
+
+
+class GarbageCollector:
+    def __init__(
+        self, *, repo: Repository, blobs: BlobStore, work_dir: Path, policy: GcPolicy,
+        interval: timedelta | None = None, clock: Callable[[], datetime] = utcnow,
+        lease: timedelta = GC_LEASE, owner: str | None = None,
+    ) -> None:
+        self._repo = repo
+        self._blobs = blobs
+        self._work_dir = work_dir
+        self.policy = policy
+        # None: the workers never collect (``selfie-lora gc`` still does).
+        self.interval = interval
+        self._clock = clock
+        self._lease = lease
+        self.owner = owner or default_owner()
+        self._work_due_at: datetime | None = None
+
+    # ------------------------------------------------------------------ entry points
+    def collect(self, *, dry_run: bool = False) -> GcSummary:
+        """``selfie-lora gc``: collect now, whenever the last collection ran. A dry run only
+        plans (and takes no lease). ``ConflictError`` while another collector holds the lease."""
+        if dry_run:
+            return GcSummary.of_plan(self._plan(self._listing(), self._work_folders())[0],
+                                     dry_run=True)
+        now = self._clock()
+        if not self._repo.claim_job(GC_JOB, owner=self.owner, now=now,
+                                    expires_at=now + self._lease):
+            job = self._repo.get_job(GC_JOB)
+            holder = (f" by {job.owner} until {job.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+                      if job is not None and job.owner and job.expires_at else "")
+            raise ConflictError(f"another garbage collection is running{holder}; try again "
+                                "when it has ended", code=ErrorCode.GC_IN_PROGRESS)
+        return self._run_claimed(work=True)
+
+    def run_due(self, *, stopping: threading.Event | None = None) -> GcSummary | None:
+        """The workers' periodic call (often: it does nothing until a collection is due).
+        Collects when the last collection anywhere started ``interval`` ago or more and this
+        process wins the lease; otherwise cleans only this machine's work folders, once per
+        interval. None when there was nothing to do. ``stopping`` set: the collection stops
+        at its next deletion (the worker shuts down)."""
+        if self.interval is None:
+            return None
+        now = self._clock()
+        work_due = self._work_due_at is None or now >= self._work_due_at
+        if self._repo.claim_job(GC_JOB, owner=self.owner, now=now, expires_at=now + self._lease,
+                                due_before=now - self.interval):
+            self._work_due_at = now + self.interval
+            summary: GcSummary | None = self._run_claimed(work=True, stopping=stopping)
+        elif work_due:
+            self._work_due_at = now + self.interval
+            summary = self._collect_work_only()
+        else:
+            return None
+        _log(summary)
+        return summary
+
+    # ------------------------------------------------------------------ the collection
+    def _run_claimed(self, *, work: bool, stopping: threading.Event | None = None) -> GcSummary:
+        finished = False
+        try:
+            summary = self._collect(work=work, stopping=stopping or threading.Event())
+            finished = True
+            return summary
+        finally:
+            try:
+                self._repo.release_job(GC_JOB, owner=self.owner, now=self._clock(),
+                                       finished=finished)
+            except SelfieLoraError:  # the lease runs out by itself
+                logger.warning("garbage collection: could not release the lease", exc_info=True)
+
+    def _collect(self, *, work: bool, stopping: threading.Event) -> GcSummary:
+        listing = self._listing()
+        folders = self._work_folders() if work else []
+        plan, now = self._plan(listing, folders)
+        deleted: list[Planned] = []
+        notes: list[str] = []
+        datasets: list[str] = []
+        generations: tuple[str, ...] = ()
+        kept: list[str] = []
+        try:
+            self._renew()
+            age = self.policy.dataset_age
+            for dataset_id in plan.datasets:
+                assert age is not None
+                _check(stopping)
+                if self._repo.delete_dataset_if_unused(dataset_id, created_before=now - age):
+                    datasets.append(dataset_id)
+                else:
+                    kept.append(f"dataset row {dataset_id}")
+            if plan.generations:
+                assert self.policy.generation_age is not None
+                count = self._repo.delete_generations(
+                    plan.generations, created_before=now - self.policy.generation_age)
+                generations = plan.generations
+                if count != len(plan.generations):
+                    notes.append(f"{len(plan.generations) - count} generation row(s) were "
+                                 "already gone")
+            self._renew()
+            # Checked again against the references as they are now, just before deleting.
+            again, _ = self._plan(listing, folders)
+            blobs = intersect(plan.blobs, again.blobs)
+            kept.extend(sorted({p.key for p in plan.blobs} - {p.key for p in blobs}))
+            for i, item in enumerate(blobs):
+                _check(stopping)
+                if i and i % RENEW_EVERY == 0:
+                    self._renew()
+                self._blobs.delete(item.key)
+                deleted.append(item)
+            for item in intersect(plan.work_folders, again.work_folders):
+                if self._remove_folder(item):
+                    deleted.append(item)
+        except _InterruptedError as stop:
+            notes.append(f"stopped: {stop}; the next collection goes on from here")
+        return GcSummary(dry_run=False, datasets=tuple(datasets), generations=generations,
+                         deleted=tuple(deleted), kept=tuple(kept), notes=tuple(notes))
+
+    def _collect_work_only(self) -> GcSummary | None:
+        folders = self._work_folders()
+        if not folders:
+            return None
+        refs = self._repo.gc_references()
+        plan = plan_collection(refs=refs, blobs=(), work_folders=folders, now=self._clock(),
+                               policy=self.policy, originals={})
+        deleted = tuple(item for item in plan.work_folders if self._remove_folder(item))
+        return GcSummary(dry_run=False, deleted=deleted) if deleted else None
+
+    def _plan(self, listing: list[Blob], folders: list[WorkFolder]) -> tuple[GcPlan, datetime]:
+        refs = self._repo.gc_references()
+        now = self._clock()
+        return plan_collection(refs=refs, blobs=listing, work_folders=folders, now=now,
+                               policy=self.policy,
+                               originals=self._originals(refs, listing)), now
+
+    def _renew(self) -> None:
+        now = self._clock()
+        if not self._repo.renew_job(GC_JOB, owner=self.owner, expires_at=now + self._lease):
+            raise _InterruptedError("another collector took the lease over")
+
+    # ------------------------------------------------------------------ what there is
+    def _listing(self) -> list[Blob]:
+        """Every blob under the layout's prefixes. Listed before the references are read: a
+        blob written after this is not seen, one whose row commits after the read is young."""
+        out = []
+        for prefix in PREFIXES:
+            for info in self._blobs.list(prefix):
+                owner = owner_of(info.key)
+                out.append(Blob(key=info.key, size=info.size, modified=info.modified,
+                                owner=owner[0] if owner else None,
+                                owner_id=owner[1] if owner else ""))
+        return out
+
+    def _originals(self, refs: References, listing: list[Blob]
+                   ) -> Mapping[str, frozenset[str]] | None:
+        """Each dataset's originals, from its manifest (the rows do not name them); read only
+        when the storage holds originals at all. None when a manifest cannot be read: then no
+        original is collected."""
+        if not any(b.owner is Owner.ORIGINAL for b in listing):
+            return {}
+        out: dict[str, frozenset[str]] = {}
+        for dataset in refs.datasets:
+            try:
+                manifest = json.loads(self._blobs.get(manifest_key(dataset.id)))
+                out[dataset.id] = frozenset(str(p["original"]) for p in manifest["photos"]
+                                            if p.get("original"))
+            except (SelfieLoraError, ValueError, KeyError, TypeError):
+                logger.warning("garbage collection: the manifest of dataset %s cannot be read; "
+                               "no original is collected this time", dataset.id)
+                return None
+        return out
+
+    def _work_folders(self) -> list[WorkFolder]:
+        if not self._work_dir.is_dir():
+            return []
+        out = []
+        for entry in self._work_dir.iterdir():
+            if entry.is_symlink() or not entry.is_dir():
+                continue
+            try:
+                size, newest = _measure(entry)
+            except FileNotFoundError:
+                continue  # removed meanwhile
+            out.append(WorkFolder(name=entry.name, size=size,
+                                  modified=datetime.fromtimestamp(newest, UTC)))
+        return out
+
+    def _remove_folder(self, item: Planned) -> bool:
+        path = self._work_dir / item.key.removeprefix("work/")
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            logger.warning("garbage collection: could not remove %s", path)
+            return False
+        return True
+
+
+def _check(stopping: threading.Event) -> None:
+    if stopping.is_set():
+        raise _InterruptedError("this worker stops")
+
+
+def _measure(folder: Path) -> tuple[int, float]:
+    """A folder's bytes, and the newest modification time in it (a training still writing
+    there keeps it young)."""
+    size, newest = 0, folder.stat().st_mtime
+    for path in folder.rglob("*"):
+        try:
+            stat = path.lstat()
+        except FileNotFoundError:
+            continue  # removed while measured
+        newest = max(newest, stat.st_mtime)
+        if S_ISREG(stat.st_mode):
+            size += stat.st_size
+    return size, newest
+
+
+def _log(summary: GcSummary | None) -> None:
+    """The periodic collection's summary, in the worker's log (the command prints its own)."""
+    if summary is None:
+        return
+    if summary.empty and not summary.notes:
+        logger.info("garbage collection: nothing to delete")
+        return
+    for line in summary.lines():
+        logger.info("%s", line)

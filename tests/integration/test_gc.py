@@ -1,0 +1,395 @@
+"""Garbage collection end to end, on the file system and on S3-compatible object storage: two
+users with trained versions, an abandoned old upload, an old generation, stale work folders and
+planted orphans. A dry run deletes nothing and names exactly what a real run then deletes;
+afterwards every version's weights and every used photo read back, rollback works, and a second
+run finds nothing. A collection killed at any deletion leaves no row referring to a deleted
+blob, and a rerun finishes the job, deleting each thing exactly once."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+from selfie_lora.domain.entities import User
+from selfie_lora.domain.gc import GcPolicy, GcSummary
+from selfie_lora.errors import ConflictError
+from selfie_lora.services.common import utcnow
+from selfie_lora.services.gc import GarbageCollector
+from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.services.layout import manifest_key, photo_key, reference_key
+from selfie_lora.services.ports import BlobStore
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, SimulatedCrash
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import make_settings, one_person_analyzer
+from tests.support.photos import photo_zip
+from tests.support.s3 import S3Server
+
+POLICY = GcPolicy(grace=timedelta(hours=24), dataset_age=timedelta(days=7),
+                  generation_age=timedelta(days=10))
+# The collector's clock: two days on, so that every blob written by the test is past the grace
+# period (rows are dated on purpose below).
+LATER = timedelta(days=2)
+
+
+@pytest.fixture(params=["fs", "s3"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    overrides: dict[str, Any] = {}
+    server: S3Server | None = None
+    if request.param == "s3":
+        server = request.getfixturevalue("s3_server")
+        overrides = server.settings(server.new_location())
+    svc = build_services(make_settings(tmp_path, intake_workers=1, **overrides),
+                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()})
+    try:
+        yield build_world(svc, server)
+    finally:
+        svc.close()
+
+
+@dataclass
+class World:
+    svc: Services
+    server: S3Server | None
+    ann: User
+    bob: User
+    now: datetime  # the collector's
+    datasets: tuple[str, ...] = ()
+    generations: tuple[str, ...] = ()
+    keys: set[str] = field(default_factory=set)  # what a collection must delete
+    kept: set[str] = field(default_factory=set)  # what it must keep, though no row names it
+
+    def collector(self, *, blobs: BlobStore | None = None, repo: Any = None,
+                  at: timedelta = timedelta(0)) -> GarbageCollector:
+        return GarbageCollector(repo=repo or self.svc.repo, blobs=blobs or self.svc.blobs,
+                                work_dir=self.svc.settings.work_dir, policy=POLICY,
+                                clock=lambda: self.now + at)
+
+    def date(self, key: str, when: datetime) -> None:
+        blobs = self.svc.blobs
+        if isinstance(blobs, FileSystemBlobStore):
+            os.utime(blobs.root / key, (when.timestamp(), when.timestamp()))
+        else:
+            assert self.server is not None
+            assert self.svc.settings.storage_url is not None
+            self.server.set_modified(self.svc.settings.storage_url, key, when)
+
+    def plant(self, key: str, *, when: datetime | None = None) -> str:
+        self.svc.blobs.put(key, b"left behind " + key.encode())
+        if when is not None:
+            self.date(key, when)
+        return key
+
+    def work_folder(self, name: str, *, when: datetime | None = None) -> str:
+        folder = self.svc.settings.work_dir / name / "attempt-1"
+        folder.mkdir(parents=True)
+        (folder / "lora.safetensors").write_bytes(b"half a training")
+        if when is not None:
+            for path in (folder / "lora.safetensors", folder, folder.parent):
+                os.utime(path, (when.timestamp(), when.timestamp()))
+        return f"work/{name}"
+
+
+def trained(svc: Services, user: User, zip_data: bytes) -> tuple[str, str]:
+    """An upload trained to its end (run here, not by a worker): its dataset and training."""
+    started = svc.training.upload_zip(user=user, data=zip_data)
+    assert started.training is not None
+    svc.training.run(started.training.id)
+    done = svc.repo.get_training(started.training.id)
+    assert done is not None
+    assert done.status == "succeeded", done.error
+    return started.dataset.id, done.id
+
+
+def build_world(svc: Services, server: S3Server | None) -> World:
+    ann, _ = svc.users.create(name="ann")
+    bob, _ = svc.users.create(name="bob")
+    w = World(svc=svc, server=server, ann=ann, bob=bob, now=utcnow() + LATER)
+    _, first = trained(svc, ann, photo_zip(4, offset=0))
+    trained(svc, ann, photo_zip(4, offset=2))  # a retraining: v2, photos 2 and 3 shared
+    bobs, _ = trained(svc, bob, photo_zip(3, offset=10))
+    # Bob's abandoned upload: never trained, old. Photo 12 is his trained set's too.
+    abandoned = svc.training.upload_zip(user=bob, data=photo_zip(3, offset=12),
+                                        start=False).dataset
+    young = svc.training.upload_zip(user=bob, data=photo_zip(2, offset=20), start=False).dataset
+    old_picture = svc.generation.generate(user=ann, request=GenerationRequest(prompt="old",
+                                                                              seed=1))
+    svc.generation.generate(user=ann, request=GenerationRequest(prompt="new", seed=2))
+    orphan_weights = w.plant(f"weights/{'0' * 64}.safetensors",
+                             when=utcnow() - timedelta(hours=1))
+    # Ann's retraining, queued and never run: its photos and its work folder stay.
+    queued = svc.training.upload_zip(user=ann, data=photo_zip(2, offset=30)).training
+    assert queued is not None
+    old = w.now - timedelta(days=30)
+    with svc.engine.begin() as conn:
+        conn.execute(text("UPDATE datasets SET created_at = :t WHERE id != :young"),
+                     {"t": old, "young": young.id})
+        conn.execute(text("UPDATE generations SET created_at = :t WHERE id = :g"),
+                     {"t": old, "g": old_picture.id})
+
+    shared = set(abandoned.photo_hashes) & set(svc.repo.get_dataset(bobs).photo_hashes)  # type: ignore[union-attr]
+    assert shared, "the abandoned upload shares a photo with a trained set"
+    w.datasets, w.generations = (abandoned.id,), (old_picture.id,)
+    w.keys = {manifest_key(abandoned.id), reference_key(abandoned.id, "fake-embedding-v1"),
+              *(photo_key(sha) for sha in set(abandoned.photo_hashes) - shared),
+              *old_picture.image_keys, orphan_weights,
+              w.plant(photo_key(hashlib.sha256(b"orphan").hexdigest())),
+              w.plant(f"generations/{uuid.uuid4()}/0.png"),
+              w.plant(manifest_key(str(uuid.uuid4()))),
+              w.work_folder(str(uuid.uuid4()), when=utcnow() - timedelta(days=3)),  # nobody's
+              w.work_folder(first)}  # ann's first training ended; a crash left its folder
+    w.kept = {w.plant(photo_key(hashlib.sha256(b"young").hexdigest()),
+                      when=w.now - timedelta(hours=1)),  # an upload in flight
+              w.plant("photos/README.txt"),  # not a key of ours
+              w.work_folder(queued.id)}
+    return w
+
+
+def existing(w: World, keys: set[str]) -> set[str]:
+    """Those of ``keys`` (blobs, or ``work/<name>`` folders) that are still there."""
+    def there(key: str) -> bool:
+        if key.startswith("work/"):
+            return (w.svc.settings.home / key).exists()
+        return w.svc.blobs.exists(key)
+
+    return {k for k in keys if there(k)}
+
+
+def check_nothing_refers_to_a_missing_blob(w: World) -> None:
+    """Every row's blobs are there: datasets' manifests and photos, versions' weights and probe
+    images, generations' images."""
+    svc = w.svc
+    refs = svc.repo.gc_references()
+    for dataset in refs.datasets:
+        assert svc.blobs.exists(manifest_key(dataset.id)), dataset.id
+        for sha in dataset.photo_hashes:
+            assert svc.blobs.exists(photo_key(sha)), (dataset.id, sha)
+    for key in refs.weights_keys:
+        assert svc.blobs.exists(key), key
+    for generation in refs.generations:
+        for key in generation.image_keys:
+            assert svc.blobs.exists(key), key
+    for user in (w.ann, w.bob):
+        for version in svc.models.versions(user=user):
+            record = svc.likeness.report(user=user, version_id=version.id).record
+            assert record is not None
+            for probe in record.probes:
+                assert probe.image_key is not None
+                assert svc.blobs.exists(probe.image_key), probe.image_key
+
+
+def check_everything_used_reads_back(w: World) -> None:
+    svc = w.svc
+    for user in (w.ann, w.bob):
+        model = svc.models.get(user=user)
+        for version in svc.models.versions(user=user):
+            data = svc.models.weights(user=user, version_id=version.id)
+            assert hashlib.sha256(data).hexdigest() == version.weights_sha256
+            assert svc.likeness.probe_image(user=user, version_id=version.id,
+                                            index=0).startswith(b"\x89PNG")
+        for t in svc.repo.list_trainings(model.id):
+            for photo in svc.intake.photos(user=user, dataset_id=t.dataset_id):
+                stream = svc.intake.photo(user=user, dataset_id=t.dataset_id, index=photo.index)
+                assert hashlib.sha256(b"".join(stream.chunks)).hexdigest() == photo.sha256
+    # Rollback to ann's first version, and generating with it; the comparison of her two.
+    first = svc.models.version(user=w.ann, version_id="1")
+    assert svc.models.activate(user=w.ann, version_id="1").active_version_id == first.id
+    made = svc.generation.generate(user=w.ann, request=GenerationRequest(prompt="rolled back"))
+    assert made.version_id == first.id
+    assert svc.likeness.compare(user=w.ann, a="1", b="2").a.id == first.id
+
+
+def test_a_dry_run_names_exactly_what_a_real_run_deletes(world: World) -> None:
+    w = world
+    dry = w.collector().collect(dry_run=True)
+    assert dry.dry_run
+    assert (dry.datasets, dry.generations) == (w.datasets, w.generations)
+    assert set(dry.keys) == w.keys
+    assert existing(w, w.keys) == w.keys, "a dry run deletes nothing"
+    assert w.svc.repo.get_dataset(w.datasets[0]) is not None
+    assert w.svc.repo.get_generation(w.generations[0]) is not None
+
+    done = w.collector().collect()
+    assert not done.dry_run
+    assert (done.datasets, done.generations) == (w.datasets, w.generations)
+    assert sorted(done.keys) == sorted(dry.keys)
+    assert existing(w, w.keys) == set()
+    assert existing(w, w.kept) == w.kept
+    assert w.svc.repo.get_dataset(w.datasets[0]) is None
+    assert w.svc.repo.get_generation(w.generations[0]) is None
+    assert done.totals() == dry.totals()
+
+    check_nothing_refers_to_a_missing_blob(w)
+    check_everything_used_reads_back(w)
+    assert w.collector().collect().empty, "a second run finds nothing"
+
+
+@dataclass
+class Crashing:
+    """A blob store (or repository) that dies, as the process would, at its n-th deletion."""
+
+    inner: Any
+    after: int
+    deleted: list[str] = field(default_factory=list)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def delete(self, key: str) -> None:
+        self._tick(key)
+        self.inner.delete(key)
+        self.deleted.append(key)
+
+    def delete_generations(self, ids: Any, **kwargs: Any) -> int:
+        self._tick("generation rows")
+        return int(self.inner.delete_generations(ids, **kwargs))
+
+    def _tick(self, what: str) -> None:
+        if self.after <= 0:
+            raise SimulatedCrash(f"the collector died before deleting {what}")
+        self.after -= 1
+
+
+@pytest.mark.parametrize("at", ["rows", 0, 4, 8])
+def test_a_collection_killed_anywhere_is_finished_by_the_next_exactly_once(
+        tmp_path: Path, at: str | int) -> None:
+    svc = build_services(make_settings(tmp_path, intake_workers=1),
+                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()})
+    try:
+        w = build_world(svc, None)
+        blob_count = len([k for k in w.keys if not k.startswith("work/")])
+        assert isinstance(at, str) or at < blob_count
+        blobs = Crashing(svc.blobs, after=10**6 if at == "rows" else int(at))
+        repo = Crashing(svc.repo, after=0 if at == "rows" else 10**6)
+        with pytest.raises(SimulatedCrash):
+            w.collector(blobs=blobs, repo=repo).collect()
+        check_nothing_refers_to_a_missing_blob(w)
+        if at == "rows":  # died between the dataset row and the generation rows
+            assert w.svc.repo.get_dataset(w.datasets[0]) is None
+            assert w.svc.repo.get_generation(w.generations[0]) is not None
+
+        rerun = Crashing(svc.blobs, after=10**6)
+        summary = w.collector(blobs=rerun, at=timedelta(minutes=11)).collect()
+        assert set(summary.keys) == w.keys - set(blobs.deleted)
+        deletions = blobs.deleted + rerun.deleted
+        assert len(deletions) == len(set(deletions)) == blob_count, "each exactly once"
+        assert existing(w, w.keys) == set()
+        assert existing(w, w.kept) == w.kept
+        check_nothing_refers_to_a_missing_blob(w)
+        check_everything_used_reads_back(w)
+        assert w.collector(at=timedelta(minutes=12)).collect().empty
+    finally:
+        svc.close()
+
+
+def test_one_collector_at_a_time(tmp_path: Path) -> None:
+    svc = build_services(make_settings(tmp_path), trainers={}, generators={},
+                         face_analyzer=one_person_analyzer())
+    try:
+        now = utcnow()
+
+        def collector(owner: str, at: timedelta = timedelta(0)) -> GarbageCollector:
+            return GarbageCollector(repo=svc.repo, blobs=svc.blobs,
+                                    work_dir=svc.settings.work_dir, policy=POLICY,
+                                    interval=timedelta(hours=6), owner=owner,
+                                    clock=lambda: now + at)
+
+        assert svc.repo.claim_job("gc", owner="w1", now=now, expires_at=now + timedelta(minutes=10))
+        with pytest.raises(ConflictError, match="another garbage collection is running by w1"):
+            collector("cli").collect()
+        assert collector("w2").run_due() is None  # not its turn
+        svc.repo.release_job("gc", owner="w1", now=now, finished=True)
+        # Due only six hours after the last start, whoever ran it.
+        assert collector("w2", timedelta(hours=1)).run_due() is None
+        ran = collector("w2", timedelta(hours=7)).run_due()
+        assert isinstance(ran, GcSummary)
+        assert ran.empty
+        job = svc.repo.get_job("gc")
+        assert job is not None
+        assert (job.owner, job.last_finished_at) == (None, now + timedelta(hours=7))
+        assert collector("w3", timedelta(hours=8)).run_due() is None
+    finally:
+        svc.close()
+
+
+def test_a_photo_uploaded_again_while_it_is_collected_is_kept(tmp_path: Path) -> None:
+    svc = build_services(make_settings(tmp_path, intake_workers=1),
+                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()})
+    try:
+        w = build_world(svc, None)
+        abandoned = svc.repo.get_dataset(w.datasets[0])
+        assert abandoned is not None
+        again = next(k for k in sorted(w.keys) if k.startswith("photos/")
+                     and k.removeprefix("photos/").removesuffix(".jpg") in abandoned.photo_hashes)
+
+        class UploadMeanwhile:
+            """The references as the collector reads them, and an upload of bob's that brings
+            one of the abandoned photos again, committed after the collector's first look."""
+
+            calls = 0
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(svc.repo, name)
+
+            def gc_references(self) -> Any:
+                UploadMeanwhile.calls += 1
+                if UploadMeanwhile.calls == 2:
+                    svc.repo.add_dataset(dataclasses.replace(
+                        abandoned, id=str(uuid.uuid4()), created_at=utcnow(),
+                        photo_hashes=(again.removeprefix("photos/").removesuffix(".jpg"),)))
+                return svc.repo.gc_references()
+
+        summary = w.collector(repo=UploadMeanwhile()).collect()
+        assert again in summary.kept
+        assert set(summary.keys) == w.keys - {again}
+        assert svc.blobs.exists(again)
+    finally:
+        svc.close()
+
+
+def test_a_worker_collects_when_it_is_due_and_logs_the_summary(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from selfie_lora.worker import Identity, Worker
+
+    caplog.set_level(logging.INFO, logger="selfie_lora.services.gc")
+    svc = build_services(make_settings(tmp_path, gc_interval_hours=6), trainers={},
+                         generators={}, face_analyzer=one_person_analyzer())
+    try:
+        key = f"generations/{uuid.uuid4()}/0.png"
+        svc.blobs.put(key, b"png")
+        assert isinstance(svc.blobs, FileSystemBlobStore)
+        two_days_ago = (utcnow() - timedelta(days=2)).timestamp()
+        os.utime(svc.blobs.root / key, (two_days_ago, two_days_ago))
+        worker = Worker(training=svc.training, queue=svc.queue, identity=Identity(name="w-test"),
+                        threads=1, gc=svc.gc, gc_check_seconds=0.05)
+        svc.gc.owner = "w-test"
+        worker.start()
+        try:
+            deadline = time.monotonic() + 10
+            while svc.blobs.exists(key) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            worker.stop()
+        assert not svc.blobs.exists(key)
+        job = svc.repo.get_job("gc")
+        assert job is not None
+        assert job.last_finished_at is not None
+        assert job.owner is None
+        assert "orphans      deleted 1 blob(s), 3 B" in caplog.text
+    finally:
+        svc.close()
