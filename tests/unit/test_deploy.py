@@ -1,0 +1,117 @@
+"""The deployment files in ``deploy/`` (Compose, systemd, the settings file) say only what this
+version of selfie-lora understands: commands and options that exist, settings it reads, and a
+HOME of its own for every process. Containers cannot run on these machines; the same processes
+run in ``tests/e2e/test_scale_out.py``."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import AliasChoices
+from typer.testing import CliRunner
+
+from selfie_lora.cli import app
+from selfie_lora.config import Settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+APP_SERVICES = ("serve", "worker")
+
+
+def setting_names() -> set[str]:
+    """Every environment variable ``Settings`` reads."""
+    names = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names |= {str(choice) for choice in alias.choices}
+        else:
+            names.add(f"SELFIE_LORA_{name.upper()}")
+    return names
+
+
+def env_file(path: Path) -> dict[str, str]:
+    pairs = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def unit(path: Path) -> dict[str, list[str]]:
+    """A systemd unit's keys (a key may repeat: Environment=)."""
+    keys: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            keys.setdefault(key.strip(), []).append(value.strip())
+    return keys
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    return loaded
+
+
+def check_command(argv: list[str]) -> None:
+    """``selfie-lora ARGS`` parses (an unknown command or option fails before --help runs)."""
+    assert Path(argv[0]).name == "selfie-lora", argv
+    result = CliRunner().invoke(app, [*argv[1:], "--help"])
+    assert result.exit_code == 0, (argv, result.output)
+
+
+def test_the_settings_file_names_only_settings_and_loads(tmp_path: Path) -> None:
+    example = DEPLOY / "selfie-lora.env.example"
+    unknown = set(env_file(example)) - setting_names()
+    assert unknown == set(), f"not settings of selfie-lora: {unknown}"
+    settings = Settings(_env_file=example, home=tmp_path)  # type: ignore[call-arg]
+    assert settings.storage_url == "s3://selfie-lora/prod"
+    assert settings.storage_endpoint == "http://s3:8333"
+    assert settings.log_format == "json"
+    assert settings.database_url is not None
+    assert settings.database_url.startswith("postgresql+psycopg://")
+
+
+def test_compose_runs_real_commands_each_with_a_home_of_its_own(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"postgres", "redis", "s3", "serve", "worker"} <= set(services)
+    named_mounts: dict[str, str] = {}
+    for name in APP_SERVICES:
+        service = services[name]
+        check_command(service["command"])
+        assert service["env_file"] == "selfie-lora.env"
+        for key in service.get("environment", {}):
+            assert key in setting_names(), (name, key)
+        mounts = [str(v) for v in service["volumes"]]
+        homes = [m for m in mounts if m.split(":")[-1] == "/home/selfie/data"
+                 or m == "/home/selfie/data"]
+        assert len(homes) == 1, (name, mounts)
+        for mount in mounts:
+            if ":" in mount:
+                volume = mount.split(":")[0]
+                assert volume not in named_mounts, f"{name} and {named_mounts.get(volume)} " \
+                    f"share {volume}: processes of the scale path share no disk"
+                named_mounts[volume] = name
+    # The image's HOME is the folder mounted above.
+    assert "ENV SELFIE_LORA_HOME=/home/selfie/data" in (DEPLOY / "Dockerfile").read_text()
+
+
+def test_systemd_units_run_real_commands_with_homes_of_their_own() -> None:
+    homes = set()
+    for path in sorted((DEPLOY / "systemd").glob("*.service")):
+        keys = unit(path)
+        argv = shlex.split(keys["ExecStart"][0])
+        check_command(argv)
+        env = dict(e.split("=", 1) for e in keys.get("Environment", []))
+        assert set(env) <= setting_names(), (path.name, env)
+        home = env["SELFIE_LORA_HOME"]
+        assert home not in homes
+        homes.add(home)
+        assert keys["StateDirectory"] == [home.removeprefix("/var/lib/")]
+        assert keys["EnvironmentFile"] == ["/etc/selfie-lora/selfie-lora.env"]
+    assert len(homes) == 2
