@@ -70,12 +70,22 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     worker: Annotated[bool, typer.Option("--worker/--no-worker",
                                          help="Run a background worker in this process.")] = True,
+    processes: Annotated[int, typer.Option(
+        min=1, max=64, help="Processes sharing the port (one Python process serves on one "
+                            "core); the first runs the worker. Each loads its own generator: "
+                            "keep 1 with a local FLUX.1 on a GPU.")] = 1,
 ) -> None:
     """The web app and the HTTP API, with a background worker, in one process."""
     from selfie_lora.api.app import create_app
-    from selfie_lora.api.server import run_server
+    from selfie_lora.api.server import run_server, run_server_processes
 
     settings = _settings()
+    if processes > 1:
+        logger.info("serving on http://%s:%d/ with %d API processes; data in %s", host, port,
+                    processes, settings.home)
+        run_server_processes(settings, host=host, port=port, processes=processes,
+                             worker=worker)
+        return
     application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True,
                              collect_garbage=worker)
     shown = f"[{host}]" if ":" in host else host

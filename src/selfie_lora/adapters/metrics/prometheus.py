@@ -7,10 +7,12 @@ intakes in seconds, trainings from seconds (the tiny model) to hours (FLUX.1 on 
 
 from __future__ import annotations
 
+import os
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from selfie_lora.domain.entities import TrainingStatus
 
@@ -22,14 +24,18 @@ SCORING_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 class PrometheusTelemetry:
     def __init__(self) -> None:
+        # Several API processes on one port (serve --processes N): each writes its figures to
+        # PROMETHEUS_MULTIPROC_DIR, and every scrape, whichever process answers it, reads all.
+        self._multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         self.registry = CollectorRegistry()
         r = self.registry
         self._lock = threading.Lock()
+        # Read from the database at each scrape: the newest value is the right one.
         self._trainings = Gauge("selfie_lora_trainings", "Trainings by status (whole service).",
-                                ["status"], registry=r)
+                                ["status"], registry=r, multiprocess_mode="mostrecent")
         self._queue_depth = Gauge("selfie_lora_queue_depth",
                                   "Messages waiting in the work queue (whole service).",
-                                  registry=r)
+                                  registry=r, multiprocess_mode="mostrecent")
         self._training_seconds = Histogram(
             "selfie_lora_training_duration_seconds",
             "From a training's start to its end, by backend and outcome (this process).",
@@ -87,4 +93,8 @@ class PrometheusTelemetry:
             self._queue_depth.set(queue_depth)
 
     def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        every_process = CollectorRegistry()
+        MultiProcessCollector(every_process, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(every_process), CONTENT_TYPE_LATEST

@@ -1,0 +1,93 @@
+"""``selfie-lora serve --processes 2``: two processes answer on one port (the first also runs
+the worker), their figures are one view whichever answers the scrape, and Ctrl-C stops them
+all."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import (
+    ServeProcess,
+    clean_env,
+    create_user,
+    free_port,
+    selfie_lora_exe,
+    wait_training,
+)
+from tests.e2e.test_hostile_clients import descendants
+from tests.integration.test_operations import samples
+from tests.support.photos import real_photo_zip
+
+pytestmark = pytest.mark.slow
+
+SPAWNED = "multiprocessing.spawn"
+
+
+def spawned_children(pid: int) -> set[int]:
+    """The processes ``pid`` spawned itself (not their own helpers)."""
+    found = set()
+    for child in descendants(pid):
+        try:
+            stat = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if int(stat[1]) == pid and SPAWNED in cmdline:
+            found.add(child)
+    return found
+
+
+def test_two_processes_share_the_port_the_worker_and_the_figures(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = clean_env(home, SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny",
+                    SELFIE_LORA_PROBE_COUNT="1")
+    ann = create_user(env, "ann")
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    log_file = log_path.open("wb")
+    proc = subprocess.Popen(
+        [selfie_lora_exe(), "serve", "--processes", "2", "--host", "127.0.0.1", "--port",
+         str(port)], env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL)
+    server = ServeProcess(proc=proc, port=port, log_path=log_path, env=env, log_file=log_file)
+    try:
+        server.wait_healthy()
+        children = spawned_children(proc.pid)
+        assert len(children) == 2, server.why(f"spawned: {children}")
+
+        with httpx.Client(base_url=server.base_url, timeout=60.0) as client:
+            r = client.post("/api/training/upload-zip", headers=ann,
+                            files={"file": ("me.zip", real_photo_zip(), "application/zip")})
+            assert r.status_code == 202, server.why(r.text)
+            done, _seen = wait_training(client, ann, r.json()["training"]["id"], server,
+                                        deadline_s=240)
+            assert done["training"]["status"] == "succeeded", server.why(str(done))
+
+        # New connections: the kernel spreads them over the two processes.
+        for _ in range(30):
+            assert httpx.get(f"{server.base_url}/readyz", timeout=10).status_code == 200
+        found = samples(httpx.get(f"{server.base_url}/metrics", timeout=10).text)
+        readyz = ("selfie_lora_http_request_duration_seconds_count",
+                  (("method", "GET"), ("route", "/readyz"), ("status", "200")))
+        assert found[readyz] == 30  # every process's answers, whichever process was asked
+        assert found[("selfie_lora_trainings", (("status", "succeeded"),))] == 1
+        assert found[("selfie_lora_training_duration_seconds_count",
+                      (("backend", "local"), ("status", "succeeded")))] == 1
+        # Both processes answered requests: each wrote HTTP figures of its own.
+        writers = {int(m.group(1)) for f in (home / "metrics").iterdir()
+                   if (m := re.fullmatch(r"histogram_(\d+)\.db", f.name))}
+        assert children <= writers, (children, writers)
+    finally:
+        code = server.stop()
+    assert code == 0, server.why(f"exit code {code} after SIGINT")
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{c}").exists() for c in children), "a process was left behind"
+    assert "Traceback" not in log_path.read_text(errors="replace"), server.why("a stack trace")
