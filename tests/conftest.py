@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,22 @@ def client(settings: Settings, services: Services) -> Iterator[TestClient]:
     app = create_app(settings, services=services, run_worker=True)
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
+
+
+@contextmanager
+def serving(settings: Settings, *, run_worker: bool = False,
+            **build: Any) -> Iterator[tuple[TestClient, Services]]:
+    """The app on fake backends for ``settings`` (tests whose settings differ from the
+    ``client`` fixture's), and its services; closed after the block."""
+    svc = build_services(settings, trainers={"local": FakeTrainer()},
+                         face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()}, **build)
+    try:
+        with TestClient(create_app(settings, services=svc, run_worker=run_worker),
+                        raise_server_exceptions=False) as client:
+            yield client, svc
+    finally:
+        svc.close()
 
 
 def auth(services: Services, name: str) -> dict[str, str]:

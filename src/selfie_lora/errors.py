@@ -245,3 +245,10 @@ class TrainingCanceledError(TrainerError):
 
 class WeightsNotFoundError(TrainerError):
     code = ErrorCode.WEIGHTS_NOT_FOUND
+
+
+def describe(exc: BaseException) -> str:
+    """A vendor error in one line ("Kind: first line"), for a message that names what failed
+    without a driver's multi-line dump."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

@@ -271,9 +271,8 @@ class _OperatorHandler(BaseHTTPRequestHandler):
             self._answer(200, b'{"status": "ok"}', "application/json")
         elif path == "/readyz":
             readiness = self.operations.readiness()
-            self._answer(200 if readiness.ready else 503, json.dumps({
-                "status": "ready" if readiness.ready else "not ready",
-                "checks": readiness.checks}).encode(), "application/json")
+            self._answer(readiness.http_status, json.dumps(readiness.as_json()).encode(),
+                         "application/json")
         else:
             self._answer(404, b'{"error": "not found"}', "application/json")
 

@@ -11,23 +11,11 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
-from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
-from selfie_lora.wiring import Services, build_services
-from tests.conftest import auth, make_settings, one_person_analyzer, wait_terminal
+from selfie_lora.wiring import Services
+from tests.conftest import auth, make_settings, serving, wait_terminal
 from tests.integration.test_api import upload
 from tests.support.s3 import S3Server
-
-
-def _client(settings: Settings) -> Iterator[tuple[TestClient, Services]]:
-    svc = build_services(settings, trainers={"local": FakeTrainer()},
-                         face_analyzer=one_person_analyzer(),
-                         generators={"local": FakeGenerator()})
-    with TestClient(create_app(settings, services=svc, run_worker=True),
-                    raise_server_exceptions=False) as client:
-        yield client, svc
-    svc.close()
 
 
 @pytest.fixture(params=[False, True], ids=["streamed", "presigned"])
@@ -36,7 +24,7 @@ def on_s3(request: pytest.FixtureRequest, s3_server: S3Server,
     location = s3_server.new_location()
     settings = make_settings(tmp_path, **s3_server.settings(location),
                              download_urls=request.param)
-    for client, svc in _client(settings):
+    with serving(settings, run_worker=True) as (client, svc):
         yield client, svc, s3_server, location
 
 

@@ -14,13 +14,11 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from selfie_lora.api.app import create_app
-from selfie_lora.config import Settings
 from selfie_lora.logs import setup_logging, training_context
-from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
-from selfie_lora.wiring import Services, build_services
+from selfie_lora.testing.fakes import FakeTrainer
+from selfie_lora.wiring import Services
 from selfie_lora.worker import serve_operator_endpoints
-from tests.conftest import auth, make_settings, one_person_analyzer, wait_terminal
+from tests.conftest import auth, make_settings, serving, wait_terminal
 from tests.integration.test_api import upload
 from tests.support.s3 import S3Server
 
@@ -86,23 +84,12 @@ def test_metrics_count_what_happened(client: TestClient, services: Services,
 
 def test_a_metrics_token_keeps_the_figures_private(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, metrics_token="t" * 32)
-    for client in _clients(settings):
+    with serving(settings) as (client, _svc):
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
         ok = client.get("/metrics", headers={"Authorization": f"Bearer {'t' * 32}"})
         assert ok.status_code == 200
         assert "selfie_lora_trainings" in ok.text
-
-
-def _clients(settings: Settings, **build: object) -> Iterator[TestClient]:
-    svc = build_services(settings, trainers={"local": FakeTrainer()},
-                         face_analyzer=one_person_analyzer(),
-                         generators={"local": FakeGenerator()}, **build)  # type: ignore[arg-type]
-    try:
-        with TestClient(create_app(settings, services=svc), raise_server_exceptions=False) as c:
-            yield c
-    finally:
-        svc.close()
 
 
 def test_ready_when_every_dependency_answers(client: TestClient) -> None:
@@ -115,7 +102,7 @@ def test_ready_when_every_dependency_answers(client: TestClient) -> None:
 def test_storage_that_does_not_answer_is_not_ready_but_alive(
         s3_server: S3Server, tmp_path: Path) -> None:
     settings = make_settings(tmp_path, **s3_server.settings("s3://no-such-bucket-here/x"))
-    for client in _clients(settings):
+    with serving(settings) as (client, _svc):
         answer = client.get("/readyz")
         assert answer.status_code == 503
         body = answer.json()
@@ -130,7 +117,7 @@ def test_a_database_that_does_not_answer_is_not_ready(tmp_path: Path) -> None:
     # A PostgreSQL URL where nothing listens (port 9 is "discard"; nothing runs there).
     settings = make_settings(
         tmp_path, database_url="postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=2")
-    for client in _clients(settings, migrate=False):
+    with serving(settings, migrate=False) as (client, _svc):
         answer = client.get("/readyz")
         assert answer.status_code == 503
         checks = answer.json()["checks"]

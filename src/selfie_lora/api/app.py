@@ -94,8 +94,7 @@ def create_app(
         """Readiness: 200 when the database, the queue and the storage answer, 503 otherwise
         (each check's answer in ``checks``)."""
         readiness = svc.operations.readiness()
-        return JSONResponse(status_code=200 if readiness.ready else 503, content={
-            "status": "ready" if readiness.ready else "not ready", "checks": readiness.checks})
+        return JSONResponse(status_code=readiness.http_status, content=readiness.as_json())
 
     @app.get("/metrics", tags=["service"], response_class=Response,
              responses={401: {"description": "SELFIE_LORA_METRICS_TOKEN is set and not sent"}})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from selfie_lora.errors import SelfieLoraError
+from selfie_lora.errors import SelfieLoraError, describe
 from selfie_lora.services.ports import BlobStore, Repository, Telemetry, WorkQueue
 
 logger = logging.getLogger(__name__)
@@ -20,6 +20,14 @@ class Readiness:
     @property
     def ready(self) -> bool:
         return all(v == "ok" for v in self.checks.values())
+
+    @property
+    def http_status(self) -> int:
+        return 200 if self.ready else 503
+
+    def as_json(self) -> dict[str, object]:
+        """The answer of ``/readyz`` (the API's and a worker's alike)."""
+        return {"status": "ready" if self.ready else "not ready", "checks": self.checks}
 
 
 class OperationsService:
@@ -42,10 +50,11 @@ class OperationsService:
             except SelfieLoraError as exc:
                 checks[name] = exc.message
             except Exception as exc:  # a driver's own error: the answer names it, never raises
-                checks[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if not all(v == "ok" for v in checks.values()):
+                checks[name] = describe(exc)
+        readiness = Readiness(checks=checks)
+        if not readiness.ready:
             logger.warning("not ready: %s", checks)
-        return Readiness(checks=checks)
+        return readiness
 
     def metrics(self) -> tuple[bytes, str]:
         """The figures in the Prometheus text format, with the service-wide gauges read now

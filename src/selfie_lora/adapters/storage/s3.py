@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from selfie_lora.adapters.storage.fs import check_key
-from selfie_lora.errors import ConfigError, StorageError
+from selfie_lora.errors import ConfigError, StorageError, describe
 from selfie_lora.services.ports import BlobInfo, BlobStream
 
 if TYPE_CHECKING:
@@ -59,8 +59,7 @@ class S3Location:
 
 def _error(action: str, key: str, exc: Exception) -> StorageError:
     # Vendor errors stop here: the services see StorageError only.
-    return StorageError(f"object storage could not {action} {key!r}: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}")
+    return StorageError(f"object storage could not {action} {key!r}: {describe(exc)}")
 
 
 class S3BlobStore:
