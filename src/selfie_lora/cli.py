@@ -16,6 +16,7 @@ from rich.table import Table
 from selfie_lora.config import Settings, get_settings
 from selfie_lora.console import console, err_console, follow_training, print_report
 from selfie_lora.domain.entities import GateStatus
+from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.errors import SelfieLoraError
 from selfie_lora.logs import setup_logging
 
@@ -234,10 +235,15 @@ def gc_cmd(
 
 
 @app.command()
-def check(path: Path) -> None:
+def check(
+    path: Path,
+    target: Annotated[CheckTarget | None, typer.Option(
+        "--for", help="The training to judge the photos for (its resolution): by default the "
+                      "one a new model would get.")] = None,
+) -> None:
     """Report on a folder or zip of photos; exit 0 when trainable, 1 when not."""
     with opened(label="not trainable", trainers={}, generators={}) as services:
-        report = services.intake.check_path(path)
+        report = services.intake.check_path(path, target=target)
     print_report(report, title=f"Findings for {path}")
     raise typer.Exit(0 if report.trainable else 1)
 

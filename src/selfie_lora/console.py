@@ -45,7 +45,7 @@ def print_report(report: IntakeReport, *, title: str, out: Console = console) ->
     out.print(
         f"{len(report.accepted)} of {report.images_total} photos usable: {label} - quality "
         f"[bold]{verdict.get('quality', '?')}[/bold] ({verdict.get('score', '?')}/100, judged "
-        f"for {report.resolution} px training)"
+        f"for {report.target} training at {report.resolution} px)"
     )
     for reason in verdict.get("reasons", []):
         out.print(f"  - {reason}")

@@ -268,6 +268,7 @@ def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
     status, html = upload(ann, 4, extra=[("tiny.jpg", tiny)])
     assert status == 200, html
     assert 'data-trainable="true"' in html
+    assert "Judged for tiny training at 64 px." in html  # the configured default's
     found = {name: state for state, name in re.findall(
         r'class="photo (kept|left-out)" data-photo-name="([^"]+)"', html)}
     assert found == {"p0.jpg": "kept", "p1.jpg": "kept", "p2.jpg": "kept", "p3.jpg": "kept",

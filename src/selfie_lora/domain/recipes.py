@@ -7,12 +7,17 @@ Replicate trainer version); for Replicate the recipe supplies steps, rank and le
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 
 from selfie_lora.domain.entities import Recipe
 from selfie_lora.errors import ConfigError, ErrorCode, InvalidInputError
 
 # owner/name:<64 hex>, as Replicate names a model version.
 _REPLICATE_VERSION = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}/[a-z0-9][a-z0-9_.-]{0,99}:[0-9a-f]{64}")
+
+# The local backend's recipe for each base model: the tiny one, or a real FLUX.1.
+_LOCAL_TINY_RECIPE = "local-tiny-v1"
+_LOCAL_FLUX_RECIPE = "local-flux-v1"
 
 RECIPES: dict[str, Recipe] = {
     # ostris/flux-dev-lora-trainer's own defaults for a person LoRA.
@@ -44,7 +49,7 @@ def get_recipe(name: str) -> Recipe:
 
 
 def default_local_trainer_version(base_model: str) -> str:
-    return "local-tiny-v1" if base_model == "tiny" else "local-flux-v1"
+    return _LOCAL_TINY_RECIPE if base_model == "tiny" else _LOCAL_FLUX_RECIPE
 
 
 def recipe_for(*, backend: str, trainer_version: str, replicate_recipe: str) -> Recipe:
@@ -52,6 +57,29 @@ def recipe_for(*, backend: str, trainer_version: str, replicate_recipe: str) -> 
     if backend == "local":
         return get_recipe(trainer_version)
     return get_recipe(replicate_recipe)
+
+
+class CheckTarget(StrEnum):
+    """The trainings photos can be judged for (``selfie-lora check --for``). Each stands for the
+    recipe a new model of it trains with, so for the resolution its photos are cropped to."""
+
+    REPLICATE = "replicate"
+    LOCAL_FLUX = "local-flux"
+    TINY = "tiny"
+
+    @classmethod
+    def of(cls, *, backend: str, trainer_version: str) -> CheckTarget:
+        """The target of a model of ``backend`` pinned to ``trainer_version``."""
+        if backend != "local":
+            return cls.REPLICATE
+        return cls.TINY if trainer_version == _LOCAL_TINY_RECIPE else cls.LOCAL_FLUX
+
+    def recipe(self, *, replicate_recipe: str) -> Recipe:
+        """The recipe a new model of this target trains with (on Replicate, the configured
+        ``replicate_recipe``)."""
+        if self is CheckTarget.REPLICATE:
+            return get_recipe(replicate_recipe)
+        return get_recipe(_LOCAL_TINY_RECIPE if self is CheckTarget.TINY else _LOCAL_FLUX_RECIPE)
 
 
 def validate_trainer_version(*, backend: str, trainer_version: str) -> str:

@@ -23,7 +23,7 @@ from selfie_lora.dataset.pipeline import IntakeResult, run_intake, shutdown_pool
 from selfie_lora.dataset.prepare import PreparedPhoto, dataset_sha256
 from selfie_lora.domain.entities import Dataset, Finding, User
 from selfie_lora.domain.plan import TrainingDefaults
-from selfie_lora.domain.recipes import recipe_for
+from selfie_lora.domain.recipes import CheckTarget, recipe_for
 from selfie_lora.errors import DatasetRejectedError, NotFoundError
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.layout import manifest_key, original_key, photo_key, reference_key
@@ -54,6 +54,8 @@ class IntakeReport:
     findings: tuple[Finding, ...]
     trainable: bool
     verdict: dict[str, Any]
+    # What the photos were judged for: the training (a ``CheckTarget``) and its resolution.
+    target: str
     resolution: int
     # The accepted photos' faces as found on the decoded upload (full detail, unlike the
     # training crops, which can be as small as 64 px): name -> (faces found, embedding).
@@ -65,7 +67,7 @@ class IntakeReport:
 
     @classmethod
     def from_result(cls, result: IntakeResult, *, notes: Sequence[Finding],
-                    resolution: int) -> IntakeReport:
+                    target: CheckTarget, resolution: int) -> IntakeReport:
         report = result.report
         return cls(
             images_total=result.images_total, accepted=result.prepared,
@@ -75,8 +77,9 @@ class IntakeReport:
                 "score": report.score, "reasons": list(report.reasons),
                 "accepted": len(result.prepared), "rejected": len(report.rejected),
                 "seconds": round(result.seconds, 3),
+                "target": target.value, "resolution": resolution,
             },
-            resolution=resolution,
+            target=target.value, resolution=resolution,
             faces={a.name: (len(a.faces), a.embedding) for a in result.analyses},
             boxes={a.name: _fractions(a.main_face.box, a.image_size)
                    for a in result.analyses if a.main_face is not None},
@@ -145,26 +148,33 @@ class IntakeService:
         """Stop the photo-analysis processes (a service's shutdown calls this)."""
         shutdown_pools()
 
-    def resolution_for(self, user: User | None) -> int:
-        """The trainer's resolution: the user's pinned recipe's, else the configured default's.
-        Photos are cropped to it, and judged against it (is the face sharp enough for it?)."""
+    def judged_for(self, user: User | None = None, *, target: CheckTarget | None = None
+                   ) -> tuple[CheckTarget, int]:
+        """The training photos are judged for, and its trainer's resolution: ``target``'s, else
+        the user's pinned model's, else a new model's (the configured default). Photos are
+        cropped to the resolution, and judged against it (is the face sharp enough for it?)."""
         defaults = self._defaults()
+        if target is not None:
+            return target, target.recipe(replicate_recipe=defaults.replicate_recipe).resolution
         model = self._repo.get_model_for_user(user.id) if user is not None else None
         backend = model.backend if model else defaults.backend
         version = model.trainer_version if model else defaults.trainer_version
-        return recipe_for(backend=backend, trainer_version=version,
-                          replicate_recipe=defaults.replicate_recipe).resolution
+        recipe = recipe_for(backend=backend, trainer_version=version,
+                            replicate_recipe=defaults.replicate_recipe)
+        return CheckTarget.of(backend=backend, trainer_version=version), recipe.resolution
 
     def check_files(
         self, *, files: Sequence[UploadedFile], findings: Sequence[Finding] = (),
-        user: User | None = None,
+        user: User | None = None, target: CheckTarget | None = None,
     ) -> IntakeReport:
-        """Judge a set of photos without storing anything."""
-        resolution = self.resolution_for(user)
+        """Judge a set of photos without storing anything, for ``target``'s training (by
+        default the user's model's, see ``judged_for``)."""
+        target, resolution = self.judged_for(user, target=target)
         policy = dataclasses.replace(self._policy, resolution=resolution)
         result = run_intake(files, limits=self.limits, policy=policy, analyzer=self._analyzer,
                             factory=self._analyzer_factory, workers=self._workers)
-        report = IntakeReport.from_result(result, notes=findings, resolution=resolution)
+        report = IntakeReport.from_result(result, notes=findings, target=target,
+                                          resolution=resolution)
         self._telemetry.intake_done(seconds=result.seconds, photos=result.images_total,
                                     trainable=report.trainable)
         return report
@@ -182,10 +192,11 @@ class IntakeService:
         """A folder of photos or a zip on this machine (the command line)."""
         return read_path(path, limits=self.limits)
 
-    def check_path(self, path: Path) -> IntakeReport:
-        """``selfie-lora check``: the report for a folder or zip, nothing stored."""
+    def check_path(self, path: Path, *, target: CheckTarget | None = None) -> IntakeReport:
+        """``selfie-lora check [--for TARGET]``: the report for a folder or zip, nothing stored;
+        judged for ``target``'s training, by default a new model's."""
         files, notes = self.read_path(path)
-        return self.check_files(files=files, findings=notes)
+        return self.check_files(files=files, findings=notes, target=target)
 
     def ingest_zip(self, *, user: User, data: bytes) -> Dataset:
         files, notes = self.read_zip(data)
