@@ -143,6 +143,11 @@ class Settings(BaseSettings):
     intake_workers: int = Field(default=2, ge=1, le=16)
     # Originals (with their metadata) are kept only when the operator asks for it.
     keep_originals: bool = False
+    # Face alignment for the photo checks and likeness scores: dlib's 5-point model (public
+    # domain) by default; true loads its 68-point model instead, trained on iBUG 300-W, whose
+    # terms forbid commercial use. Pose, cut-off and skin checks are a little better with it
+    # (README: "Photo checks, measured"); scores of one model are never compared with the other's.
+    face_landmarks_68_noncommercial: bool = False
 
     # The web app. SECRET_KEY signs the session cookies: every API server of one service needs the
     # same one (unset: a random key kept in HOME/secret_key). SIGNUP lets anyone create an

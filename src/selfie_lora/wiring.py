@@ -91,27 +91,27 @@ def training_defaults(settings: Settings) -> TrainingDefaults:
     )
 
 
-_face_analyzer: FaceAnalyzer | None = None
+_face_analyzers: dict[AnalyzerFactory, FaceAnalyzer] = {}
 _face_analyzer_lock = threading.Lock()
 
 
-def default_analyzer_factory() -> AnalyzerFactory:
+def default_analyzer_factory(settings: Settings) -> AnalyzerFactory:
     """dlib's analyzer, as the photo-analysis processes build it."""
     from selfie_lora.adapters.faces.dlib_regions import DlibAnalyzerFactory
 
-    return DlibAnalyzerFactory()
+    return DlibAnalyzerFactory(landmarks=68 if settings.face_landmarks_68_noncommercial else 5)
 
 
-def default_face_analyzer() -> FaceAnalyzer:
-    """dlib's analyzer, one per process: it loads ~100 MB of models on first use and is
-    thread-safe."""
-    global _face_analyzer
+def default_face_analyzer(settings: Settings) -> FaceAnalyzer:
+    """dlib's analyzer, one per process and landmark model: it loads ~100 MB of models on first
+    use and is thread-safe."""
+    factory = default_analyzer_factory(settings)
     with _face_analyzer_lock:
-        if _face_analyzer is None:
+        if factory not in _face_analyzers:
             # The region analyzer also describes a face found at low resolution without a
             # second detection; the intake's worker processes build the same one.
-            _face_analyzer = default_analyzer_factory()()
-        return _face_analyzer
+            _face_analyzers[factory] = factory()
+        return _face_analyzers[factory]
 
 
 def default_webhooks(settings: Settings) -> WebhookVerifier | None:
@@ -260,7 +260,7 @@ def build_services(
                          else default_generators(settings))
     webhook_url = (f"{settings.public_url.rstrip('/')}/api/webhooks/replicate"
                    if settings.public_url else None)
-    faces = face_analyzer or default_face_analyzer()
+    faces = face_analyzer or default_face_analyzer(settings)
     if telemetry is None:
         from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
 
@@ -280,7 +280,7 @@ def build_services(
         policy=CheckPolicy(min_photos=settings.min_photos, max_photos=settings.max_photos),
         analyzer=faces, defaults=lambda: training_defaults(settings),
         # Worker processes build dlib's analyzer themselves; a given one (tests) runs in threads.
-        analyzer_factory=default_analyzer_factory() if face_analyzer is None else None,
+        analyzer_factory=default_analyzer_factory(settings) if face_analyzer is None else None,
         workers=settings.intake_workers, keep_originals=settings.keep_originals,
         telemetry=telemetry,
     )

@@ -133,7 +133,7 @@ def test_a_retraining_that_loses_the_likeness_is_held_and_says_why(
     # ---- the quality report, its probe images, the comparison, the grid and the chart
     q2 = client.get(f"/api/model/versions/{v2_id}/quality", headers=ann).json()
     assert q2["compared_with"] == v1["id"]
-    assert q2["quality"]["embedding_model"] == "dlib_face_recognition_resnet_model_v1"
+    assert q2["quality"]["embedding_model"] == "dlib_face_recognition_resnet_model_v1+5pt"
     assert [(p["prompt"], p["seed"]) for p in q2["probes"]] == [
         (p["prompt"], p["seed"]) for p in q1["probes"]]
     assert all(p["face_found"] for p in q2["probes"])

@@ -54,7 +54,7 @@ def test_same_person_scores_high_and_passes_the_gate(rig: Rig) -> None:
     q1 = rig.repo.get_likeness(v1.id)
     assert q1 is not None
     assert q1.status is LikenessStatus.SCORED
-    assert q1.embedding_model == "dlib_face_recognition_resnet_model_v1"
+    assert q1.embedding_model == "dlib_face_recognition_resnet_model_v1+5pt"
     assert q1.scores is not None
     assert q1.scores.face_share == 1.0
     assert q1.scores.identity is not None

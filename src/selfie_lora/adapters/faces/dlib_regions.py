@@ -4,7 +4,7 @@ already known.
 The photo checks find faces on a small copy of a photo (cheap) and want landmarks and the
 identity embedding from a sharper crop around the main face only. With ``detect`` alone that
 means running the detector a second time on the crop (~10 ms a photo); ``describe`` goes
-straight from the box to the 68 landmarks (dlib's shape predictor is trained on its detector's
+straight from the box to the landmarks (dlib's shape predictor is trained on its detector's
 boxes, whatever the resolution they were found at) and the embedding.
 """
 
@@ -56,7 +56,9 @@ class DlibAnalyzerFactory:
 
     upsample: int = 0
     num_jitters: int = 1
+    landmarks: int = 5  # 68: the non-commercial model (see ``dlib_faces``)
     preload: tuple[str, ...] = ("dlib",)
 
     def __call__(self) -> DlibRegionFaceAnalyzer:
-        return DlibRegionFaceAnalyzer(upsample=self.upsample, num_jitters=self.num_jitters)
+        return DlibRegionFaceAnalyzer(upsample=self.upsample, num_jitters=self.num_jitters,
+                                      landmarks=self.landmarks)

@@ -18,7 +18,8 @@ The modules, each importing only from those above it:
 
 - ``policy``: :class:`CheckPolicy` (the thresholds) and ``CROP_FACE_FRACTION``.
 - ``analysis``: the input protocols (:class:`DecodedInput`, :class:`BoxDescriber`) and the result
-  types (:class:`PhotoMetrics`, :class:`FacePatch`, :class:`PhotoAnalysis`, :class:`SetStats`,
+  types (:class:`PhotoMetrics`, :class:`FacePatch`, :class:`Keypoints`, :class:`PhotoAnalysis`,
+  :class:`SetStats`,
   :class:`SetReport`, ``Quality``).
 - ``measures``: the pixel measurements (sharpness, exposure, colour, skin texture, pose, cut-off,
   background) that make a photo's :class:`PhotoMetrics`.
@@ -38,6 +39,7 @@ from selfie_lora.dataset.checks.analysis import (
     BoxDescriber,
     DecodedInput,
     FacePatch,
+    Keypoints,
     PhotoAnalysis,
     PhotoMetrics,
     Quality,
@@ -50,7 +52,8 @@ from selfie_lora.dataset.checks.photo_set import check_set, describe
 from selfie_lora.dataset.checks.policy import CROP_FACE_FRACTION, CheckPolicy
 
 __all__ = [
-    "CROP_FACE_FRACTION", "BoxDescriber", "CheckPolicy", "DecodedInput", "FacePatch", "PhotoAnalysis",
+    "CROP_FACE_FRACTION", "BoxDescriber", "CheckPolicy", "DecodedInput", "FacePatch", "Keypoints",
+    "PhotoAnalysis",
     "PhotoMetrics", "Quality", "SetReport", "SetStats", "analyze_photo", "check_set",
     "classify_software", "describe", "gaussian_blur", "laplacian_variance",
     "normalized_sharpness",

@@ -88,6 +88,25 @@ class FacePatch:
 
 
 @dataclass(frozen=True)
+class Keypoints:
+    """ORB keypoints of the scene around the face, the photo scaled so the face is
+    ``FACE_SIDE`` px tall (a copy, a crop and a resize of one photo then meet at one scale), and
+    the same of its mirror image, strongest first. Points are float32 (x, y) pairs in that
+    scaled window, descriptors 32 bytes each."""
+
+    points: bytes
+    descriptors: bytes
+    mirror_points: bytes
+    mirror_descriptors: bytes
+
+    FACE_SIDE = 96
+
+    @property
+    def count(self) -> int:
+        return len(self.descriptors) // 32
+
+
+@dataclass(frozen=True)
 class PhotoAnalysis:
     """What ``analyze_photo`` found. Coordinates are in ``image_size`` pixels (the decoded image);
     ``scale`` turns them into the original photo's pixels. Plain values only, so analyses travel
@@ -103,6 +122,7 @@ class PhotoAnalysis:
     whole_phash: str | None = None
     whole_dhash: str | None = None
     face_patch: FacePatch | None = None
+    keypoints: Keypoints | None = None
     had_exif: bool = False
     order: int = 0  # position in the upload: breaks ties the same way every time
 

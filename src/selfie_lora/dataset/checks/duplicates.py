@@ -1,5 +1,12 @@
 """Near-duplicates: perceptual hashes of the whole photo and of a patch around the face, their
 distances, and the set check that keeps one photo of each group of copies or crops.
+
+Hashes find candidates; keypoints confirm them. Two different photos of one face, both frontal
+with a similar expression, have face patches whose hashes match as closely as a crop's do (the
+face is most of the patch). So a candidate pair counts only when ORB keypoints of the two scenes,
+outside the face, agree with one similarity transform (RANSAC): pixels the two photos share,
+the hair, clothes and background of one moment, not just the same face. Mirror images are tried
+both ways round.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from selfie_lora.dataset.checks.analysis import FacePatch, PhotoAnalysis
+from selfie_lora.dataset.checks.analysis import FacePatch, Keypoints, PhotoAnalysis
 from selfie_lora.dataset.checks.policy import CheckPolicy
 from selfie_lora.domain.entities import Finding
 from selfie_lora.domain.faces import Face
@@ -62,6 +69,74 @@ def face_patch(image: Image.Image, face: Face, *, policy: CheckPolicy) -> FacePa
                      phash=_hash_hex(part, kind="phash"), dhash=_hash_hex(part, kind="dhash"))
 
 
+def keypoints(image: Image.Image, face: Face, *, policy: CheckPolicy) -> Keypoints | None:
+    """ORB keypoints of a window ``dup_window_face_sizes`` face sizes wide around the face, the
+    photo scaled so the face is ``Keypoints.FACE_SIDE`` px tall, and of its mirror image; the
+    strongest first."""
+    import cv2
+
+    size = max(face.width, face.height)
+    if size < 8:
+        return None
+    k = Keypoints.FACE_SIDE / size
+    half = size * policy.dup_window_face_sizes / 2
+    cx, cy = (face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2
+    left, top = max(0.0, cx - half), max(0.0, cy - half)
+    right, bottom = min(float(image.width), cx + half), min(float(image.height), cy + half)
+    out = (max(1, round((right - left) * k)), max(1, round((bottom - top) * k)))
+    if min(out) < 32:
+        return None
+    grey = np.asarray(image.resize(out, Image.Resampling.BILINEAR, box=(left, top, right, bottom),
+                                   reducing_gap=2.0).convert("L"))
+    orb = cv2.ORB.create(nfeatures=policy.dup_keypoints)
+    found = []
+    for pixels in (grey, np.ascontiguousarray(grey[:, ::-1])):
+        points, descriptors = orb.detectAndCompute(pixels, None)
+        if descriptors is None or len(points) < policy.dup_shared_points:
+            return None
+        strongest = np.argsort([-p.response for p in points], kind="stable")
+        found.append((np.asarray([p.pt for p in points], dtype=np.float32)[strongest].tobytes(),
+                      np.asarray(descriptors, dtype=np.uint8)[strongest].tobytes()))
+    return Keypoints(points=found[0][0], descriptors=found[0][1], mirror_points=found[1][0],
+                     mirror_descriptors=found[1][1])
+
+
+def _arrays(points: bytes, descriptors: bytes) -> tuple[np.ndarray, np.ndarray]:
+    return (np.frombuffer(points, dtype=np.float32).reshape(-1, 2),
+            np.frombuffer(descriptors, dtype=np.uint8).reshape(-1, 32))
+
+
+def shared_points(a: Keypoints, b: Keypoints, *, policy: CheckPolicy) -> int:
+    """How many keypoints of ``a`` find their match in ``b`` (or in its mirror image) where
+    one similarity transform puts them, to ``dup_ransac_px``: the evidence that two photos
+    share pixels. A cheap look at the strongest keypoints first: most pairs end there."""
+    import cv2
+
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING, crossCheck=True)
+    pts_a, des_a = _arrays(a.points, a.descriptors)
+    gate = policy.dup_gate_keypoints
+    best = 0
+    for points, descriptors in ((b.points, b.descriptors),
+                                (b.mirror_points, b.mirror_descriptors)):
+        pts_b, des_b = _arrays(points, descriptors)
+        close = sum(m.distance <= policy.dup_gate_distance
+                    for m in matcher.match(des_a[:gate], des_b[:gate]))
+        if close < policy.dup_gate_matches:
+            continue
+        matches = [m for m in matcher.match(des_a, des_b) if m.distance <= policy.dup_orb_distance]
+        if len(matches) < policy.dup_shared_points:
+            continue
+        src = pts_a[[m.queryIdx for m in matches]]
+        dst = pts_b[[m.trainIdx for m in matches]]
+        # OpenCV's RANSAC seeds its generator the same way on every call: repeatable.
+        _transform, inliers = cv2.estimateAffinePartial2D(
+            src, dst, method=cv2.RANSAC, ransacReprojThreshold=policy.dup_ransac_px,
+            maxIters=2000, confidence=0.995)
+        if inliers is not None:
+            best = max(best, int(inliers.sum()))
+    return best
+
+
 def _hamming(a: str, b: str) -> int:
     return bin(int(a, 16) ^ int(b, 16)).count("1")
 
@@ -83,7 +158,7 @@ def _patch_hashes(patch: FacePatch, rect: tuple[int, int, int, int],
     return cache[key]
 
 
-def _patch_distance(a: FacePatch, b: FacePatch, *, policy: CheckPolicy,
+def patch_distance(a: FacePatch, b: FacePatch, *, policy: CheckPolicy,
                     cache: _PatchHashes) -> tuple[int, int] | None:
     """phash and dhash distances of two face patches on the part both photos show (hashes of
     partial patches are cached: a cut-off photo meets every other photo on the same part)."""
@@ -109,6 +184,37 @@ def _keeper_rank(a: PhotoAnalysis) -> tuple[int, float, int, int, int]:
     return (0 if a.rejected else 1, round(face_px), area, 1 if a.had_exif else 0, -a.order)
 
 
+def pair_duplicate(a: PhotoAnalysis, b: PhotoAnalysis, *, policy: CheckPolicy,
+                   cache: _PatchHashes | None = None) -> str | None:
+    """How ``b`` copies ``a`` ("a copy", "a crop or a copy"), or None when they are two photos:
+    shared keypoints decide when both photos have them, the hashes otherwise."""
+    cache = {} if cache is None else cache
+    copy = bool(a.whole_phash and b.whole_phash and a.whole_dhash and b.whole_dhash and (
+        _hamming(a.whole_phash, b.whole_phash) <= policy.dup_whole_phash
+        and _hamming(a.whole_dhash, b.whole_dhash) <= policy.dup_whole_dhash))
+    if a.keypoints is not None and b.keypoints is not None:
+        if shared_points(a.keypoints, b.keypoints, policy=policy) < policy.dup_shared_points:
+            return None
+        return "a copy" if copy else "a crop or a copy"
+    # Without keypoints (no face, or a featureless one) the hashes decide alone.
+    if copy:
+        return "a copy"
+    if a.face_patch and b.face_patch:
+        for patch in (b.face_patch, _mirrored(b.face_patch)):
+            dist = patch_distance(a.face_patch, patch, policy=policy, cache=cache)
+            if dist and dist[0] <= policy.dup_face_phash and dist[1] <= policy.dup_face_dhash:
+                return "a crop or a copy"
+    return None
+
+
+def _mirrored(patch: FacePatch) -> FacePatch:
+    side = FacePatch.SIDE
+    pixels = np.frombuffer(patch.pixels, dtype=np.uint8).reshape(side, side)[:, ::-1]
+    x0, y0, x1, y1 = patch.inside
+    return FacePatch(pixels=np.ascontiguousarray(pixels).tobytes(),
+                     inside=(side - x1, y0, side - x0, y1))
+
+
 def near_duplicates(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[Finding]:
     n = len(photos)
     # Union-find over "is a near-duplicate of": one photo of each group stays.
@@ -124,17 +230,7 @@ def near_duplicates(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> 
     cache: _PatchHashes = {}
     for i in range(n):
         for j in range(i + 1, n):
-            a, b = photos[i], photos[j]
-            reason = None
-            if a.whole_phash and b.whole_phash and a.whole_dhash and b.whole_dhash and (
-                _hamming(a.whole_phash, b.whole_phash) <= policy.dup_whole_phash
-                and _hamming(a.whole_dhash, b.whole_dhash) <= policy.dup_whole_dhash
-            ):
-                reason = "a copy"
-            elif a.face_patch and b.face_patch:
-                dist = _patch_distance(a.face_patch, b.face_patch, policy=policy, cache=cache)
-                if dist and dist[0] <= policy.dup_face_phash and dist[1] <= policy.dup_face_dhash:
-                    reason = "a crop or a copy"
+            reason = pair_duplicate(photos[i], photos[j], policy=policy, cache=cache)
             if reason:
                 how[(i, j)] = how[(j, i)] = reason
                 parent[root(j)] = root(i)

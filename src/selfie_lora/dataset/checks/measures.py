@@ -40,17 +40,74 @@ def _clip_box(box: tuple[float, float, float, float], width: int,
     return left, top, right, bottom
 
 
+# dlib's 5-point layout (shape_predictor_5_face_landmarks): the outer and inner corners of the
+# eye on the image's right, the same of the eye on its left, the base of the nose. Where the
+# 68-point layout has a landmark the checks need and this one has not, it is estimated in the
+# eye frame: origin between the eye centres, x along the eye line, unit = the eyes' distance.
+# Medians over the 45 real photos of ../shared/photos/people and their mirror images, both
+# models on each face (90 faces): jaw ends (+-1.13, 0.02), chin (0, 1.86), brows (0, -0.37),
+# cheek centres (+-0.75, 0.41), jaw width 2.27.
+_JAW_X, _JAW_Y = 1.13, 0.02
+_CHIN_Y = 1.86
+_BROW_Y = -0.37
+_CHEEK_X, _CHEEK_Y = 0.75, 0.41
+_JAW_WIDTH = 2.27
+# Pose from the nose's place in the eye frame, fitted on the same faces against the 68-point
+# estimate below: yaw = asin(2.5 x) (r = 0.91, rms 3.8 deg), pitch = 64 - 90 y (r = 0.76,
+# rms 4.5 deg).
+_YAW_GAIN = 2.5
+_PITCH_AT_ZERO, _PITCH_GAIN = 64.0, 90.0
+
+FaceFrame = tuple[FloatArray, FloatArray, FloatArray, float]
+
+
+def _eye_frame(points: FloatArray) -> FaceFrame | None:
+    """Origin, x and y unit vectors and unit length of the eye frame (5 or 68 points)."""
+    if len(points) == 68:
+        left, right = points[36:42].mean(axis=0), points[42:48].mean(axis=0)
+    elif len(points) == 5:
+        left, right = points[2:4].mean(axis=0), points[0:2].mean(axis=0)
+    else:
+        return None
+    span = right - left
+    unit = float(np.linalg.norm(span))
+    if unit < 1.0:
+        return None
+    ux = span / unit
+    uy = np.array([-ux[1], ux[0]])
+    return (left + right) / 2, ux, uy, unit
+
+
+def _at(frame: FaceFrame, x: float, y: float) -> FloatArray:
+    origin, ux, uy, unit = frame
+    result: FloatArray = origin + (ux * x + uy * y) * unit
+    return result
+
+
+def _outline(face: Face) -> FloatArray | None:
+    """Points on the face's outline (jaw, chin, brows): the 68 model's own, else estimated."""
+    points = np.asarray(face.landmarks, dtype=np.float64)
+    if len(points) == 68:
+        result: FloatArray = points[:27]
+        return result
+    frame = _eye_frame(points)
+    if frame is None:
+        return None
+    return np.asarray([_at(frame, -_JAW_X, _JAW_Y), _at(frame, _JAW_X, _JAW_Y),
+                       _at(frame, 0.0, _CHIN_Y), _at(frame, 0.0, _BROW_Y)])
+
+
 def _cut_off(face: Face, width: int, height: int) -> float:
     """How far the face reaches past the frame, as a fraction of its size (0: fully inside)."""
     size = max(face.width, face.height, 1)
     left, top, right, bottom = face.box
-    over = max(0 - left, 0 - top, right - width, bottom - height, 0)
-    if face.landmarks:
+    over = float(max(0 - left, 0 - top, right - width, bottom - height, 0))
+    outline = _outline(face)
+    if outline is not None:
         # The jaw line and the brows outline the face: any of them outside is a cut-off face.
-        outline = [face.landmarks[i] for i in range(27)]
-        xs = [p[0] for p in outline]
-        ys = [p[1] for p in outline]
-        over = max(over, 0 - min(xs), 0 - min(ys), max(xs) - width, max(ys) - height)
+        xs, ys = outline[:, 0], outline[:, 1]
+        over = max(over, 0 - float(xs.min()), 0 - float(ys.min()), float(xs.max()) - width,
+                   float(ys.max()) - height)
     return over / size
 
 
@@ -95,23 +152,35 @@ def _face_crop(image: Image.Image, face: Face, side: int) -> tuple[NDArray[np.ui
             side / (bottom - top))
 
 
-def _skin_texture(gray: FloatArray, points: FloatArray) -> float | None:
+def _cheeks(face: Face) -> tuple[list[FloatArray], float] | None:
+    """Both cheek centres and a radius for the skin patches, in the image's pixels: between
+    the lower eyelid's outer end, the jaw at nose height and the nose wing (68 points), or where
+    those are in the eye frame (5 points); away from eyes, nostrils, mouth and outline."""
+    points = np.asarray(face.landmarks, dtype=np.float64)
+    if len(points) == 68:
+        width = float(np.linalg.norm(points[16] - points[0]))
+        centres = [points[list(idx)].mean(axis=0) for idx in ((1, 2, 31, 41), (15, 14, 35, 46))]
+        return centres, width * 0.08
+    frame = _eye_frame(points)
+    if frame is None:
+        return None
+    return ([_at(frame, -_CHEEK_X, _CHEEK_Y), _at(frame, _CHEEK_X, _CHEEK_Y)],
+            frame[3] * _JAW_WIDTH * 0.08)
+
+
+def _skin_texture(gray: FloatArray, centres: list[FloatArray], radius: float) -> float | None:
     """High-frequency energy on both cheeks divided by that of the whole face (``gray`` is the
-    normalised face crop, ``points`` the 68 landmarks in its coordinates): beauty filters smooth
-    the skin and keep eyes, brows and outlines sharp, so the ratio drops."""
+    normalised face crop, ``centres`` and ``radius`` the cheeks in its coordinates): beauty
+    filters smooth the skin and keep eyes, brows and outlines sharp, so the ratio drops."""
     detail = gray - gaussian_blur(gray, sigma=1.5)
     face_energy = float(np.abs(detail).mean())
     if face_energy <= 1e-6:
         return None
-    width = float(np.linalg.norm(points[16] - points[0]))
-    radius = max(2, round(width * 0.08))
+    half = max(2, round(radius))
     energies: list[float] = []
-    # Cheek centres: between the lower eyelid's outer end, the jaw at nose height and the nose
-    # wing; away from the eyes, nostrils, mouth and the face's outline.
-    for idx in ((1, 2, 31, 41), (15, 14, 35, 46)):
-        cx, cy = points[list(idx)].mean(axis=0)
-        x0, x1 = round(cx) - radius, round(cx) + radius
-        y0, y1 = round(cy) - radius, round(cy) + radius
+    for cx, cy in centres:
+        x0, x1 = round(cx) - half, round(cx) + half
+        y0, y1 = round(cy) - half, round(cy) + half
         if x0 < 0 or y0 < 0 or x1 > detail.shape[1] or y1 > detail.shape[0]:
             continue
         energies.append(float(np.abs(detail[y0:y1, x0:x1]).mean()))
@@ -124,6 +193,8 @@ def _skin_texture(gray: FloatArray, points: FloatArray) -> float | None:
 def _pose(face: Face) -> tuple[float | None, float | None, float | None]:
     """Yaw, pitch and roll in degrees, estimated from 2D landmarks (good to ~10 degrees: enough to
     tell straight-on from three-quarter views)."""
+    if len(face.landmarks) == 5:
+        return _pose5(np.asarray(face.landmarks, dtype=np.float64))
     if len(face.landmarks) != 68:
         return None, None, None
     pts = np.asarray(face.landmarks, dtype=np.float64)
@@ -153,6 +224,19 @@ def _pose(face: Face) -> tuple[float | None, float | None, float | None]:
     return yaw, pitch, roll
 
 
+
+def _pose5(points: FloatArray) -> tuple[float | None, float | None, float | None]:
+    frame = _eye_frame(points)
+    if frame is None:
+        return None, None, None
+    origin, ux, uy, unit = frame
+    roll = math.degrees(math.atan2(ux[1], ux[0]))
+    offset = points[4] - origin
+    x, y = float(offset @ ux) / unit, float(offset @ uy) / unit
+    yaw = math.degrees(math.asin(max(-1.0, min(1.0, _YAW_GAIN * x))))
+    return yaw, _PITCH_AT_ZERO - _PITCH_GAIN * y, roll
+
+
 def _background(frame: NDArray[np.uint8], box: tuple[float, float, float, float]
                 ) -> tuple[float, float, float]:
     """Mean Y, Cb, Cr of the frame outside the person (the face box, in ``frame``'s pixels,
@@ -175,6 +259,18 @@ def _background(frame: NDArray[np.uint8], box: tuple[float, float, float, float]
     return (0.299 * r + 0.587 * g + 0.114 * b,
             128 - 0.168736 * r - 0.331264 * g + 0.5 * b,
             128 + 0.5 * r - 0.418688 * g - 0.081312 * b)
+
+
+def _sharpness(image: Image.Image, face: Face, face_gray: FloatArray, *, side: int) -> float:
+    """Sharpness at the face's own resolution, at most ``side`` px: a small face blown up to
+    ``side`` would look blurred when it is only small (that is the resolution check's business).
+    On the real photos of bench/checks_eval.py, faces of 72-250 px measured 9-60 blown up and
+    33-400 at their own size; blurred copies stay under 17 either way."""
+    own = round(max(face.width, face.height))
+    if own >= side or own < 16:
+        return normalized_sharpness(face_gray)
+    rgb, *_ = _face_crop(image, face, own)
+    return normalized_sharpness(_luma(rgb))
 
 
 def measure(image: Image.Image, small: Image.Image, k_small: float, face: Face, *,
@@ -201,10 +297,13 @@ def measure(image: Image.Image, small: Image.Image, k_small: float, face: Face, 
     face_px = face.height * scale
     needed = policy.resolution * policy.crop_face_fraction
     texture = None
-    if (len(face.landmarks) == 68 and face_px >= policy.smooth_skin_min_face_px
+    cheeks = _cheeks(face)
+    if (cheeks is not None and face_px >= policy.smooth_skin_min_face_px
             and face.height >= policy.smooth_skin_min_face_px):
-        points = (np.asarray(face.landmarks, dtype=np.float64) - (x0, y0)) * (kx, ky)
-        texture = _skin_texture(face_gray, points)
+        centres, radius = cheeks
+        # The crop is square and the box nearly so: one scale for the radius is enough.
+        texture = _skin_texture(face_gray, [(c - (x0, y0)) * (kx, ky) for c in centres],
+                                radius * (kx + ky) / 2)
     yaw, pitch, roll = _pose(face)
     small_box = tuple(v / (k_small * 3) for v in face.box)
     return PhotoMetrics(
@@ -212,7 +311,7 @@ def measure(image: Image.Image, small: Image.Image, k_small: float, face: Face, 
         face_px=face_px,
         upscale=max(1.0, needed / max(face_px, 1.0)),
         cut_off=_cut_off(face, width, height),
-        sharpness=normalized_sharpness(face_gray),
+        sharpness=_sharpness(image, face, face_gray, side=side),
         face_luma=mean_luma,
         face_luma_low=float(np.percentile(face_gray, 10)),
         face_luma_high=float(np.percentile(face_gray, 90)),

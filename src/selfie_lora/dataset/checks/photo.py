@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from selfie_lora.dataset.checks.analysis import BoxDescriber, DecodedInput, PhotoAnalysis, PhotoMetrics
-from selfie_lora.dataset.checks.duplicates import face_patch, whole_hashes
+from selfie_lora.dataset.checks.duplicates import face_patch, keypoints, whole_hashes
 from selfie_lora.dataset.checks.measures import measure
 from selfie_lora.dataset.checks.policy import CheckPolicy
 from selfie_lora.domain.entities import Finding
@@ -99,10 +99,12 @@ def analyze_photo(
     metrics = measure(image, small, k_small, main, scale=scale, policy=policy)
     findings.extend(_judge(name, metrics, policy=policy))
     patch = face_patch(image, main, policy=policy)
+    points = keypoints(image, main, policy=policy)
     return PhotoAnalysis(
         name=name, image_size=(width, height), scale=scale, faces=(main, *faces[1:]),
         main_face=main, findings=tuple(findings), metrics=metrics, whole_phash=whole_phash,
-        whole_dhash=whole_dhash, face_patch=patch, had_exif=decoded.had_exif, order=order,
+        whole_dhash=whole_dhash, face_patch=patch, keypoints=points, had_exif=decoded.had_exif,
+        order=order,
     )
 
 

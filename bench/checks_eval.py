@@ -1,0 +1,499 @@
+"""Evaluation of the photo checks on real photos nobody tuned them on.
+
+Reads the labelled photos of ``../shared/photos/people`` (twelve people, 45 photos, labels.csv:
+every pair inside one folder is two *different* photos of one person), makes edited copies of
+each (the edits a user's photos really have: crops, re-encodes, resizes, mirror images, blur,
+darkness, blown highlights, a saturation filter, a beauty filter, a face cut by the frame, and
+two people side by side), runs the photo checks on all of them and prints, per check, the
+cases, precision and recall:
+
+- a per-photo check (blurry, underexposed, ...) is asked of every original, every harmless
+  edit (crop, re-encode, resize, mirror: still good photos) and the edits made to trigger it;
+  a warning or a rejection with its code counts as flagged;
+- near_duplicate is asked of pairs: each original with each of its crops, re-encodes, resizes
+  and mirror images (positives) and every pair of two originals (negatives; the same person's
+  pairs are the hard ones and are counted on their own);
+- identity: the ROC AUC of the embedding distance over all same/different pairs of originals,
+  the false accept/reject rates at the pair threshold in use, and the set check itself
+  (different_person): each person's photos with one photo of someone else slipped in.
+
+Both landmark models are measured (``--models 5,68``): the 5-point model the service uses by
+default and the 68-point one it loads only when told to (its licence forbids commercial use),
+so the table shows what the switch costs, check by check.
+
+``--check-readme README.md`` compares the default model's precision and recall with the table
+between ``<!-- checks-eval -->`` markers in the README and exits 1 when any is lower (CI runs it
+when the photos are there: tests/integration/test_checks_eval.py).
+
+    .venv/bin/python bench/checks_eval.py [--people DIR] [--models 5,68] [--workers 2]
+        [--json out.json] [--check-readme README.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from selfie_lora.dataset.checks import CheckPolicy, PhotoAnalysis, analyze_photo, check_set  # noqa: E402
+from selfie_lora.dataset.checks.duplicates import pair_duplicate  # noqa: E402
+from selfie_lora.dataset.decode import DecodedPhoto, decode_photo  # noqa: E402
+from selfie_lora.dataset.limits import UploadedFile, UploadLimits  # noqa: E402
+
+DEFAULT_PEOPLE = ROOT.parent / "shared" / "photos" / "people"
+MARKER = "<!-- checks-eval -->"
+# The checks judged per photo, and the edit made to trigger each.
+PHOTO_CHECKS = {
+    "blurry": "blur",
+    "underexposed": "dark",
+    "overexposed": "bright",
+    "oversaturated": "saturate",
+    "smooth_skin": "beauty",
+    "face_cut_off": "cut",
+    "multiple_faces": "two_people",
+}
+HARMLESS = ("crop", "reencode", "resize", "mirror")
+POLICY = CheckPolicy(resolution=1024)
+LIMITS = UploadLimits()
+
+
+# --------------------------------------------------------------------------- edits
+
+
+def _jpeg(img: Image.Image, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _face_box(a: PhotoAnalysis, img: Image.Image) -> tuple[float, float, float, float]:
+    assert a.main_face is not None
+    k = img.width / a.image_size[0]
+    left, top, right, bottom = (v * k for v in a.main_face.box)
+    return left, top, right, bottom
+
+
+def _crop(img: Image.Image, box: tuple[float, float, float, float], index: int) -> Image.Image:
+    """Every other photo a loose crop (three quarters of the frame), else a head-and-shoulders
+    crop three face sizes wide: both keep the whole face."""
+    left, top, right, bottom = box
+    cx, cy = (left + right) / 2, (top + bottom) / 2
+    if index % 2 == 0:
+        w, h = img.width * 0.75, img.height * 0.75
+    else:
+        w = h = max(right - left, bottom - top) * 3.0
+    x0 = min(max(0.0, cx - w / 2), max(0.0, img.width - w))
+    y0 = min(max(0.0, cy - h / 2), max(0.0, img.height - h))
+    return img.crop((round(x0), round(y0), round(min(img.width, x0 + w)),
+                     round(min(img.height, y0 + h))))
+
+
+def _cut(img: Image.Image, box: tuple[float, float, float, float], index: int) -> Image.Image:
+    """A frame that cuts away a third of the face on one side (alternating sides)."""
+    left, _top, right, _bottom = box
+    width = right - left
+    if index % 2 == 0:
+        return img.crop((round(left + width / 3), 0, img.width, img.height))
+    return img.crop((0, 0, round(right - width / 3), img.height))
+
+
+def _beauty(img: Image.Image, box: tuple[float, float, float, float]) -> Image.Image:
+    """A beauty filter's look: an edge-preserving blur (what skin-smoothing apps use) over the
+    face, feathered into the photo."""
+    import cv2
+
+    left, top, right, bottom = box
+    size = max(right - left, bottom - top)
+    pad = size * 0.2
+    region = (max(0, round(left - pad)), max(0, round(top - pad)),
+              min(img.width, round(right + pad)), min(img.height, round(bottom + pad)))
+    part = np.asarray(img.crop(region))
+    diameter = max(5, round(size / 18)) | 1
+    smooth = part
+    for _ in range(2):
+        smooth = cv2.bilateralFilter(smooth, diameter, 40, diameter)
+    mask = Image.new("L", (region[2] - region[0], region[3] - region[1]), 0)
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(mask).ellipse((pad * 0.8, pad * 0.6, mask.width - pad * 0.8,
+                                  mask.height - pad * 0.4), fill=255)
+    mask = mask.filter(ImageFilter.GaussianBlur(max(2.0, size / 30)))
+    out = img.copy()
+    out.paste(Image.fromarray(smooth), region[:2], mask)
+    return out
+
+
+def edits_of(img: Image.Image, a: PhotoAnalysis, index: int) -> dict[str, bytes]:
+    """The edited copies of one photo, as the files a user would upload."""
+    box = _face_box(a, img)
+    face_h = box[3] - box[1]
+    return {
+        "crop": _jpeg(_crop(img, box, index)),
+        "reencode": _jpeg(img, quality=55),
+        "resize": _jpeg(img.resize((max(1, img.width // 2), max(1, img.height // 2)),
+                                   Image.Resampling.LANCZOS)),
+        "mirror": _jpeg(ImageOps.mirror(img)),
+        "blur": _jpeg(img.filter(ImageFilter.GaussianBlur(max(1.5, face_h / 60)))),
+        "dark": _jpeg(ImageEnhance.Brightness(img).enhance(0.3)),
+        "bright": _jpeg(ImageEnhance.Brightness(img).enhance(2.0)),
+        "saturate": _jpeg(ImageEnhance.Color(img).enhance(2.5)),
+        "beauty": _jpeg(_beauty(img, box)),
+        "cut": _jpeg(_cut(img, box, index)),
+    }
+
+
+def side_by_side(a: Image.Image, b: Image.Image) -> bytes:
+    """Two people in one photo: two portraits scaled to one height, next to each other."""
+    height = min(a.height, b.height, 1200)
+    scaled = [im.resize((max(1, round(im.width * height / im.height)), height),
+                        Image.Resampling.LANCZOS) for im in (a, b)]
+    canvas = Image.new("RGB", (scaled[0].width + scaled[1].width, height))
+    canvas.paste(scaled[0], (0, 0))
+    canvas.paste(scaled[1], (scaled[0].width, 0))
+    return _jpeg(canvas)
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+_analyzer: Any = None
+
+
+def _init(landmarks: int) -> None:
+    global _analyzer
+    import cv2
+
+    from selfie_lora.adapters.faces.dlib_regions import DlibRegionFaceAnalyzer
+
+    cv2.setNumThreads(1)
+    _analyzer = DlibRegionFaceAnalyzer(landmarks=landmarks)
+
+
+def _analyse(name: str, data: bytes, order: int) -> PhotoAnalysis | None:
+    decoded = decode_photo(UploadedFile(name=name, data=data), limits=LIMITS,
+                           min_side=max(POLICY.resolution, POLICY.decode_min_side))
+    if not isinstance(decoded, DecodedPhoto):
+        return None
+    return analyze_photo(decoded, analyzer=_analyzer, policy=POLICY, order=order)
+
+
+def analyse_all(items: Sequence[tuple[str, bytes]], *, landmarks: int,
+                workers: int) -> dict[str, PhotoAnalysis | None]:
+    if workers <= 1:
+        _init(landmarks)
+        return {name: _analyse(name, data, i) for i, (name, data) in enumerate(items)}
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
+                             initargs=(landmarks,)) as pool:
+        futures = [pool.submit(_analyse, name, data, i) for i, (name, data) in enumerate(items)]
+        return {name: f.result() for (name, _), f in zip(items, futures, strict=True)}
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class Row:
+    check: str
+    positives: int = 0
+    negatives: int = 0
+    tp: int = 0
+    fp: int = 0
+    note: str = ""
+    rejected: int = 0  # negatives rejected (not only warned about)
+    misses: list[str] = field(default_factory=list)  # positives not flagged
+    false_alarms: list[str] = field(default_factory=list)  # negatives flagged
+
+    @property
+    def precision(self) -> float:
+        return self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0
+
+    @property
+    def recall(self) -> float:
+        return self.tp / self.positives if self.positives else 1.0
+
+
+@dataclass
+class Result:
+    landmarks: int
+    rows: dict[str, Row] = field(default_factory=dict)
+    identity: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _flagged(a: PhotoAnalysis | None, code: str, *, severities: tuple[str, ...] = (
+        "warn", "reject")) -> bool:
+    return a is not None and any(f.code == code and f.severity in severities
+                                 for f in a.findings)
+
+
+def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """P(a positive scores above a negative), ties counted half (the Mann-Whitney U)."""
+    if not positives or not negatives:
+        return float("nan")
+    pos = np.asarray(positives)
+    neg = np.asarray(negatives)
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def evaluate(people: Path, *, landmarks: int, workers: int,
+             log: Callable[[str], None]) -> Result:
+    started = time.perf_counter()
+    result = Result(landmarks=landmarks)
+    with (people / "labels.csv").open(newline="") as fh:
+        labels = [(row["file"], row["person"]) for row in csv.DictReader(fh)]
+    person = dict(labels)
+    originals = {name: (people / name).read_bytes() for name, _ in labels}
+    analyses = analyse_all(list(originals.items()), landmarks=landmarks, workers=workers)
+    found = [n for n, a in analyses.items() if a is not None and a.main_face is not None]
+    result.extra["faces_found"] = f"{len(found)}/{len(originals)}"
+    log(f"  {landmarks}-point: faces found in {len(found)} of {len(originals)} originals")
+
+    # Edited copies of every photo with a face, and two-person photos (each photo with the
+    # next person's first photo).
+    images = {n: Image.open(io.BytesIO(d)).convert("RGB") for n, d in originals.items()}
+    edited: list[tuple[str, bytes]] = []
+    kind_of: dict[str, str] = {}
+    source_of: dict[str, str] = {}
+    for index, name in enumerate(found):
+        analysis = analyses[name]
+        assert analysis is not None
+        for kind, data in edits_of(images[name], analysis, index).items():
+            key = f"{name}#{kind}"
+            edited.append((key, data))
+            kind_of[key] = kind
+            source_of[key] = name
+    firsts = {}
+    for name, who in labels:
+        firsts.setdefault(who, name)
+    order = sorted(firsts)
+    for name in found:
+        other = firsts[order[(order.index(person[name]) + 1) % len(order)]]
+        key = f"{name}#two_people"
+        edited.append((key, side_by_side(images[name], images[other])))
+        kind_of[key] = "two_people"
+        source_of[key] = name
+    edits = analyse_all(edited, landmarks=landmarks, workers=workers)
+    everything = {**analyses, **edits}
+
+    # Per-photo checks.
+    negatives = list(originals) + [k for k in edits if kind_of[k] in HARMLESS]
+    for code, kind in PHOTO_CHECKS.items():
+        row = Row(code)
+        positives = [k for k in edits if kind_of[k] == kind]
+        row.positives, row.negatives = len(positives), len(negatives)
+        row.misses = [k for k in positives if not _flagged(everything[k], code)]
+        row.false_alarms = [k for k in negatives if _flagged(everything[k], code)]
+        row.rejected = sum(_flagged(everything[k], code, severities=("reject",))
+                           for k in row.false_alarms)
+        row.tp = row.positives - len(row.misses)
+        row.fp = len(row.false_alarms)
+        result.rows[code] = row
+
+    # Near-duplicates, pair by pair.
+    row = Row("near_duplicate")
+    by_kind: dict[str, list[bool]] = {k: [] for k in HARMLESS}
+    for key in edits:
+        if kind_of[key] not in HARMLESS:
+            continue
+        a, b = analyses[source_of[key]], edits[key]
+        hit = a is not None and b is not None and pair_duplicate(a, b, policy=POLICY) is not None
+        by_kind[kind_of[key]].append(hit)
+        row.positives += 1
+        row.tp += hit
+        if not hit:
+            row.misses.append(key)
+    same_fp = same = 0
+    for x, y in itertools.combinations(sorted(originals), 2):
+        a, b = analyses[x], analyses[y]
+        if a is None or b is None:
+            continue
+        hit = pair_duplicate(a, b, policy=POLICY) is not None
+        row.negatives += 1
+        row.fp += hit
+        row.rejected += hit  # a near-duplicate is always rejected
+        if hit:
+            row.false_alarms.append(f"{x}~{y}")
+        if person[x] == person[y]:
+            same += 1
+            same_fp += hit
+    row.note = (f"same-person pairs flagged {same_fp}/{same}; caught: " + ", ".join(
+        f"{k} {sum(v)}/{len(v)}" for k, v in by_kind.items()))
+    result.rows["near_duplicate"] = row
+    result.extra["near_duplicate_same_person_fp"] = same_fp
+
+    # Identity: distances of all pairs of originals.
+    with_id = [(n, a.embedding) for n, a in analyses.items() if a is not None and a.embedding]
+    same_d, diff_d = [], []
+    for (x, ex), (y, ey) in itertools.combinations(with_id, 2):
+        d = float(np.linalg.norm(np.asarray(ex) - np.asarray(ey)))
+        (same_d if person[x] == person[y] else diff_d).append(d)
+    threshold = POLICY.identity_pair_distance
+    result.identity = {
+        "pairs_same": len(same_d), "pairs_different": len(diff_d),
+        "roc_auc": roc_auc([-d for d in same_d], [-d for d in diff_d]),
+        "false_accept": sum(d <= threshold for d in diff_d) / max(1, len(diff_d)),
+        "false_reject": sum(d > threshold for d in same_d) / max(1, len(same_d)),
+        "threshold": threshold,
+    }
+    # The set check: each person with 4+ photos, alone and with one stranger slipped in.
+    row = Row("different_person")
+    groups: dict[str, list[str]] = {}
+    for name in found:
+        groups.setdefault(person[name], []).append(name)
+    for who, names in sorted(groups.items()):
+        if len(names) < 4:
+            continue
+        own = [everything[n] for n in names]
+        alone = check_set([a for a in own if a is not None], policy=POLICY)
+        row.negatives += len(names)
+        row.fp += sum(1 for f in alone.findings if f.code == "different_person"
+                      and f.severity in ("warn", "reject"))
+        row.rejected += sum(1 for f in alone.findings if f.code == "different_person"
+                            and f.severity == "reject")
+        for stranger in found:
+            if person[stranger] == who:
+                continue
+            analysis = everything[stranger]
+            assert analysis is not None
+            report = check_set([*own, analysis], policy=POLICY)  # type: ignore[list-item]
+            flagged = {f.photo for f in report.findings if f.code == "different_person"
+                       and f.severity in ("warn", "reject")}
+            row.rejected += sum(1 for f in report.findings if f.code == "different_person"
+                                and f.severity == "reject" and f.photo != stranger)
+            row.positives += 1
+            row.tp += stranger in flagged
+            if stranger not in flagged:
+                row.misses.append(f"{stranger} among {who}")
+            row.negatives += len(names)
+            row.fp += len(flagged - {stranger})
+            row.false_alarms.extend(f"{n} (with {stranger})" for n in sorted(flagged - {stranger}))
+    result.rows["different_person"] = row
+    result.seconds = time.perf_counter() - started
+    result.extra["images"] = len(originals) + len(edited)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def table(results: Sequence[Result]) -> str:
+    """Precision, recall and the negatives rejected (not only warned about) of the first model,
+    then precision and recall of the others."""
+    first = results[0]
+    head = ("| check | cases (+/-) | precision | recall | negatives rejected |" + "".join(
+        f" {r.landmarks}-pt precision | {r.landmarks}-pt recall |" for r in results[1:]))
+    lines = [head, "|" + "---|" * (5 + 2 * (len(results) - 1))]
+    for code, row in first.rows.items():
+        cells = "".join(f" {r.rows[code].precision:.3f} | {r.rows[code].recall:.3f} |"
+                        for r in results[1:])
+        lines.append(f"| {code} | {row.positives}/{row.negatives} | {row.precision:.3f} | "
+                     f"{row.recall:.3f} | {row.rejected} |{cells}")
+    return "\n".join(lines)
+
+
+def readme_floor(readme: Path) -> dict[str, tuple[float, float]]:
+    """check -> (precision, recall) from the README's table between the markers (the columns
+    of the default model, the first pair after 'cases')."""
+    text = readme.read_text()
+    parts = text.split(MARKER)
+    if len(parts) < 3:
+        raise SystemExit(f"{readme} has no table between two {MARKER} markers")
+    floors = {}
+    for line in parts[1].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and re.fullmatch(r"\d+/\d+", cells[1]):
+            floors[cells[0]] = (float(cells[2]), float(cells[3]))
+    return floors
+
+
+def regressions(measured: dict[str, Row], floors: dict[str, tuple[float, float]]) -> list[str]:
+    """What measures worse than the README says (precision and recall rounded as printed), and
+    the checks the README does not list."""
+    worse = [f"{code}: {what} {now:.3f} < {floor:.3f} in the README"
+             for code, (p, r) in floors.items() if code in measured
+             for what, now, floor in (("precision", measured[code].precision, p),
+                                      ("recall", measured[code].recall, r))
+             if round(now, 3) < floor]
+    missing = sorted(set(measured) - set(floors))
+    if missing:
+        worse.append(f"the README's table lacks {', '.join(missing)}")
+    return worse
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--people", type=Path,
+                        default=Path(os.environ.get("SELFIE_LORA_PEOPLE_PHOTOS", DEFAULT_PEOPLE)))
+    parser.add_argument("--models", default="5,68", help="landmark models, the default first")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--check-readme", type=Path, default=None)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="name every miss and false alarm")
+    args = parser.parse_args(argv)
+    if not (args.people / "labels.csv").is_file():
+        print(f"no labelled photos at {args.people}: nothing to evaluate")
+        return 0 if args.check_readme is None else 2
+    models = [int(m) for m in args.models.split(",")]
+    print(f"photos: {args.people}; policy thresholds: CheckPolicy(resolution="
+          f"{POLICY.resolution}) defaults; workers: {args.workers}")
+    results = [evaluate(args.people, landmarks=m, workers=args.workers, log=print)
+               for m in models]
+    print()
+    print(table(results))
+    print()
+    for r in results:
+        row = r.rows["near_duplicate"]
+        ident = r.identity
+        print(f"{r.landmarks}-point: {r.extra['images']} images in {r.seconds:.0f} s; faces "
+              f"{r.extra['faces_found']}; near_duplicate: {row.note}")
+        print(f"  identity over {ident['pairs_same']} same / {ident['pairs_different']} "
+              f"different pairs: ROC AUC {ident['roc_auc']:.4f}; at distance "
+              f"{ident['threshold']}: false accept {ident['false_accept']:.3f}, false reject "
+              f"{ident['false_reject']:.3f}")
+    if args.verbose:
+        for r in results:
+            for row in r.rows.values():
+                print(f"{r.landmarks}-point {row.check}: misses {row.misses}")
+                print(f"{r.landmarks}-point {row.check}: false alarms {row.false_alarms}")
+    if args.json:
+        args.json.write_text(json.dumps([{
+            "landmarks": r.landmarks, "identity": r.identity, "extra": r.extra,
+            "rows": {k: {"positives": v.positives, "negatives": v.negatives,
+                         "precision": v.precision, "recall": v.recall, "note": v.note,
+                         "misses": v.misses, "false_alarms": v.false_alarms}
+                     for k, v in r.rows.items()}} for r in results], indent=2))
+    if args.check_readme is None:
+        return 0
+    worse = regressions(results[0].rows, readme_floor(args.check_readme))
+    if results[0].extra["near_duplicate_same_person_fp"]:
+        worse.append("near_duplicate flags two different photos of one person")
+    for line in worse:
+        print("REGRESSION:", line)
+    return 1 if worse else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
