@@ -1,9 +1,9 @@
 """The whole photo intake: decode -> analyze -> set checks -> prepare the accepted photos.
 
-Speed (CPU per 12 MP JPEG on this project's 2-core machines): decode at half size with JPEG
-draft mode ~40 ms (a full decode ~62 ms), face detection at 640 px ~30 ms, the dlib embedding
-~80 ms, landmarks ~2 ms, measurements ~14 ms, the 1024 px training crop ~30 ms (Lanczos ~20,
-JPEG ~5): ~210 ms a photo. dlib holds the GIL (measured: two threads with two detectors take as
+Speed (CPU per 12 MP JPEG on this project's 2-core machines, ``bench/ingest.py --profile``):
+decode at half size with JPEG draft mode ~35 ms (a full decode ~66 ms), face detection at 640 px
+~22 ms, the dlib embedding ~80 ms, 5-point landmarks <1 ms, measurements ~14 ms, keypoints ~6 ms,
+the 1024 px training crop ~15 ms (OpenCV's resize ~8, JPEG ~6): ~200 ms a photo. dlib holds the GIL (measured: two threads with two detectors take as
 long as one thread doing both, 0.46 s vs 0.47 s; the same for embeddings, 1.33 s vs 1.33 s), and
 ``DlibFaceAnalyzer`` serialises its calls with a lock anyway, so threads cannot use a second core
 for the face work. Pillow does release it (two threads decode 2x faster, resize 1.75x). Given an
@@ -128,6 +128,12 @@ def _init_worker(factory: AnalyzerFactory, service_pid: int) -> None:
     # Load the models (~0.8 s) and imagehash's SciPy (~0.3 s) now, not in the first task.
     analyzer.detect(np.zeros((32, 32, 3), dtype=np.uint8), landmarks=False, embed=False)
     imagehash.phash(Image.new("L", (32, 32)))
+    # OpenCV (the keypoints of the near-duplicate check, the training crop): one thread per
+    # worker process, the processes are the parallelism; and its first call's set-up now.
+    import cv2
+
+    cv2.setNumThreads(1)
+    cv2.ORB.create().detectAndCompute(np.zeros((64, 64), dtype=np.uint8), None)
     _worker_analyzer = analyzer
 
 
@@ -157,7 +163,7 @@ def _process_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor
                 # The server imports these once; each worker forks with them loaded (~0.5 s
                 # less per worker start). No effect if the server already runs.
                 preload = list(getattr(factory, "preload", ()))
-                context.set_forkserver_preload([__name__, "imagehash", *preload])
+                context.set_forkserver_preload([__name__, "imagehash", "cv2", *preload])
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
                                        initializer=_init_worker, initargs=(factory, os.getpid()))
             _pools[key] = pool

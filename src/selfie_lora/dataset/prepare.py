@@ -16,6 +16,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 
 from selfie_lora.dataset.checks import CROP_FACE_FRACTION, DecodedInput, PhotoAnalysis
@@ -93,19 +95,27 @@ def encode_clean_jpeg(image: Image.Image, *, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def _resize_square(pixels: NDArray[np.uint8], side: int) -> NDArray[np.uint8]:
+    """OpenCV's area averaging to shrink (each output pixel the mean of the source pixels it
+    covers: no aliasing, the way photo software downsizes) and bicubic to enlarge. It replaced a
+    Pillow Lanczos resize that took ~45 ms of the intake's ~240 ms a photo; OpenCV's takes ~3."""
+    import cv2
+
+    shrink = pixels.shape[0] > side
+    resized = cv2.resize(pixels, (side, side),
+                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+    return np.asarray(resized, dtype=np.uint8)
+
+
 def prepare_photo(decoded: DecodedInput, analysis: PhotoAnalysis, *, resolution: int,
                   quality: int = 95) -> PreparedPhoto:
     """The training image of one photo: the face-aware square at ``resolution`` px."""
     image = decoded.image
     box = crop_box(analysis, image_size=image.size)
     side = box[2] - box[0]
-    if side == resolution:
-        square = image.crop(box)
-    else:
-        # Lanczos straight from the source region; reducing_gap lets Pillow shrink by an integer
-        # factor first when the crop is many times the target (3.0: no visible difference).
-        square = image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box,
-                              reducing_gap=3.0)
+    square = image.crop(box)
+    if side != resolution:
+        square = Image.fromarray(_resize_square(np.asarray(square), resolution))
     if side < resolution:
         logger.debug("%s: crop of %d px upscaled to %d", decoded.name, side, resolution)
     data = encode_clean_jpeg(square, quality=quality)

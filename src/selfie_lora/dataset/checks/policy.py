@@ -34,7 +34,8 @@ class CheckPolicy:
     decode_min_side: int = 1024
 
     # ---- detection
-    # Faces are found on a copy with this long side (~30 ms a photo); landmarks and the
+    # Faces are found on a copy with this long side (~25 ms a photo; at 512 px fewer second
+    # faces and cut-off faces were found in bench/checks_eval.py); landmarks and the
     # embedding of the main face then come from a crop around it (straight from the box with a
     # ``BoxDescriber``, else by detecting again on the crop).
     detect_side: int = 640
