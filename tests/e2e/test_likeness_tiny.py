@@ -61,7 +61,7 @@ def test_two_tiny_trainings_give_two_scored_versions_a_grid_and_a_chart(tmp_path
             for v in versions:
                 assert v["quality"]["status"] == "scored", v["quality"]
                 assert v["quality"]["face_share"] == 0.0
-                assert v["quality"]["embedding_model"] == "dlib_face_recognition_resnet_model_v1"
+                assert v["quality"]["embedding_model"] == "dlib_face_recognition_resnet_model_v1+5pt"
                 report = client.get(v["quality_url"], headers=h).json()
                 assert len(report["probes"]) == PROBES
                 assert report["training"]["steps"] > 0

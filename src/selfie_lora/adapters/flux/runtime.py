@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from selfie_lora.errors import TrainerUnavailableError
 
 
+def route_torch_logs() -> None:
+    """Hand torch's loggers back to this process's handler. Importing torch gives its loggers a
+    text handler of their own and stops them propagating, so their lines (a deprecation notice
+    when torchao is imported, say) would bypass the JSON lines of SELFIE_LORA_LOG_FORMAT=json.
+    Only the handlers torch made are removed (their formatter is torch's); levels stay."""
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if not (name == "torch" or name.startswith("torch.")) or not isinstance(
+                logger, logging.Logger):
+            continue
+        own = [h for h in logger.handlers
+               if type(h.formatter).__name__ == "TorchLogsFormatter"]
+        for handler in own:
+            logger.removeHandler(handler)
+        if own:
+            logger.propagate = True
+
+
 def require_torch() -> None:
     try:
+        import torch  # noqa: F401
+
+        # Before diffusers: importing it may import torchao, which logs through torch's loggers.
+        route_torch_logs()
         import diffusers
         import peft  # noqa: F401
-        import torch  # noqa: F401
         import transformers
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise TrainerUnavailableError(
