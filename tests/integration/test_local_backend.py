@@ -46,11 +46,8 @@ RECIPE = get_recipe("local-tiny-v1")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread: None) -> Iterator[None]:
     yield
-    torch.set_num_threads(previous)
     clear_pipeline_cache()
 
 
@@ -200,7 +197,9 @@ def test_saved_lora_reloads_with_the_same_effect(cache_dir: Path, trained: dict[
     fresh.load_lora_weights(str(path), adapter_name="reloaded")
     fresh.set_adapters(["reloaded"], adapter_weights=[1.0])
     reloaded_image = _generate(fresh)
-    assert np.abs(reloaded_image - trained["lora_image"]).max() < 1e-4
+    # The file is bf16: ~4e-4 measured, a tenth of an 8-bit level (test_lora_exports checks the
+    # file against the adapter rounded as stored, to 1e-6).
+    assert np.abs(reloaded_image - trained["lora_image"]).max() < 1.5e-3
     # The loss measured on the reloaded model is the trained one, not the base one.
     reloaded_loss = flux_lora_train.evaluate_loss(fresh.transformer, trained["examples"], seed=99)
     assert reloaded_loss == pytest.approx(trained["after"], rel=1e-4)

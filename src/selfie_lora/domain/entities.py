@@ -108,9 +108,16 @@ class Recipe:
     resolution: int
     batch_size: int = 1
     seed: int = 0
+    # None: alpha = rank (a LoRA scale of 1 means the LoRA as trained).
+    lora_alpha: int | None = None
+
+    @property
+    def alpha(self) -> float:
+        """The LoRA alpha trained with: ``lora_alpha``, else the rank."""
+        return float(self.lora_rank) if self.lora_alpha is None else float(self.lora_alpha)
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "name": self.name,
             "steps": self.steps,
             "lora_rank": self.lora_rank,
@@ -119,6 +126,9 @@ class Recipe:
             "batch_size": self.batch_size,
             "seed": self.seed,
         }
+        if self.lora_alpha is not None:  # absent when alpha = rank: stored recipes stay as they were
+            data["lora_alpha"] = self.lora_alpha
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -130,6 +140,7 @@ class Recipe:
             resolution=int(data["resolution"]),
             batch_size=int(data.get("batch_size", 1)),
             seed=int(data.get("seed", 0)),
+            lora_alpha=None if data.get("lora_alpha") is None else int(data["lora_alpha"]),
         )
 
 

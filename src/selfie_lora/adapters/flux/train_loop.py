@@ -7,13 +7,14 @@ The recipe follows what FLUX LoRA trainers do (diffusers' DreamBooth FLUX exampl
 * each caption is encoded once by CLIP (pooled) and T5 (sequence), without gradients;
 * rectified flow matching: ``t ~ sigmoid(N(0, 1))`` (logit-normal), ``x_t = (1 - t) x0 + t noise``,
   the transformer predicts the velocity ``noise - x0`` under an MSE loss;
-* a LoRA (rank = alpha = ``recipe.lora_rank``) on the attention projections of every transformer
-  block is the only thing trained (AdamW, fp32 LoRA parameters even when the base runs in bf16).
+* a LoRA (rank ``recipe.lora_rank``, alpha ``recipe.alpha``: the rank unless the recipe says)
+  on the attention projections of every transformer block is the only thing trained (AdamW, fp32
+  LoRA parameters even when the base runs in bf16).
 
 Everything random draws from generators seeded by ``recipe.seed``, so the same photos, captions,
-base model and recipe give the same LoRA on the same device. The result is saved with
-``FluxPipeline.save_lora_weights`` including the adapter metadata (without it, an alpha that differs
-from the rank is lost on reload) and loads back with ``load_lora_weights``.
+base model and recipe give the same LoRA on the same device. The result is saved in diffusers'
+layout, in bf16, with one ``<module>.alpha`` tensor per LoRA module (see :func:`save_lora`), and
+loads back with ``load_lora_weights``.
 
 Torch is imported inside the functions so that importing this module stays cheap.
 """
@@ -251,24 +252,24 @@ def evaluate_loss(
 # --------------------------------------------------------------------------- LoRA
 
 
-def lora_config(rank: int) -> Any:
+def lora_config(rank: int, alpha: int | None = None) -> Any:
     from peft import LoraConfig
 
-    # alpha = rank: a scale of 1 at generation time means "the LoRA as trained".
+    # alpha = rank by default: a scale of 1 at generation time means "the LoRA as trained".
     return LoraConfig(
         r=rank,
-        lora_alpha=rank,
+        lora_alpha=rank if alpha is None else alpha,
         target_modules=list(LORA_TARGET_MODULES),
         init_lora_weights="gaussian",
     )
 
 
-def add_lora(transformer: Any, *, rank: int, seed: int) -> Any:
+def add_lora(transformer: Any, *, rank: int, seed: int, alpha: int | None = None) -> Any:
     """Freeze the transformer and add a trainable LoRA (seeded init, fp32 parameters)."""
     import torch
 
     transformer.requires_grad_(False)
-    config = lora_config(rank)
+    config = lora_config(rank, alpha)
     device = transformer.device
     # On a GPU the LoRA matrices are initialised with the CUDA generator: fork and seed it too.
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -282,35 +283,63 @@ def add_lora(transformer: Any, *, rank: int, seed: int) -> Any:
     return config
 
 
-def save_lora(
-    transformer: Any, *, config: Any, out_path: Path, extra_metadata: Mapping[str, str] | None = None
-) -> None:
-    """Write the LoRA as diffusers writes it (with adapter metadata), plus our own metadata keys.
+def lora_alphas(transformer: Any, *, adapter: str = "default") -> dict[str, float]:
+    """Each LoRA module's alpha (module name -> alpha), as peft applies it: ``alpha_pattern``
+    resolved, so the file says what the trained model did."""
+    alphas: dict[str, float] = {}
+    for name, module in transformer.named_modules():
+        module_alpha = getattr(module, "lora_alpha", None)
+        if isinstance(module_alpha, dict) and adapter in module_alpha:
+            alphas[name] = float(module_alpha[adapter])
+    return alphas
 
-    The file appears atomically: it is written next to ``out_path`` and renamed into place.
+
+def save_lora(
+    transformer: Any,
+    *,
+    config: Any,
+    out_path: Path,
+    extra_metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write the LoRA in diffusers' layout (``transformer.<module>.lora_A/lora_B.weight``), in bf16
+    unless ``dtype`` says otherwise, with a ``transformer.<module>.alpha`` tensor for each module,
+    plus our metadata keys.
+
+    The alpha tensors are what ComfyUI and kohya readers apply (``alpha / rank``); they ignore
+    metadata, so an alpha that differs from the rank would otherwise be applied at the wrong
+    strength. diffusers reads them as network alphas, and refuses a file that has both them and
+    its ``lora_adapter_metadata`` ("Both `network_alphas` and `metadata` cannot be specified"),
+    so that metadata is not written: diffusers then takes each module's rank from the shapes and
+    its alpha from the tensors. The alphas are fp32 scalars: peft divides the tensor by the rank
+    as it is, and a bf16 alpha (8 / 3 computed in bf16) would change the LoRA's strength.
+
+    ``config`` (the trained LoraConfig) names the adapter; the alphas come from the layers. The file
+    appears atomically: it is written next to ``out_path`` and renamed into place.
     """
-    from diffusers import FluxPipeline
+    import torch
     from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    state_dict = get_peft_model_state_dict(transformer)
+    adapter = "default"
+    state_dict = get_peft_model_state_dict(transformer, adapter_name=adapter)
+    save_dtype = torch.bfloat16 if dtype is None else dtype
+    tensors = {
+        f"transformer.{key}": value.detach().to(device="cpu", dtype=save_dtype).contiguous()
+        for key, value in state_dict.items()
+    }
+    alphas = lora_alphas(transformer, adapter=adapter)
+    for key in state_dict:
+        if key.endswith(".lora_A.weight"):
+            module = key.removesuffix(".lora_A.weight")
+            alpha = alphas.get(module, float(config.lora_alpha))
+            tensors[f"transformer.{module}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    metadata = {"format": "pt"}
+    for key, value in (extra_metadata or {}).items():
+        metadata[METADATA_PREFIX + key] = str(value)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".lora-") as tmp:
-        FluxPipeline.save_lora_weights(
-            tmp,
-            transformer_lora_layers=state_dict,
-            weight_name="lora.safetensors",
-            transformer_lora_adapter_metadata=config.to_dict(),
-        )
-        written = Path(tmp) / "lora.safetensors"
-        # Re-write with our keys added to diffusers' own metadata (format, lora_adapter_metadata).
-        with safe_open(str(written), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        for key, value in (extra_metadata or {}).items():
-            metadata[METADATA_PREFIX + key] = str(value)
-        staged = Path(tmp) / "final.safetensors"
+        staged = Path(tmp) / "lora.safetensors"
         save_file(tensors, str(staged), metadata=metadata)
         os.replace(staged, out_path)
 
@@ -368,7 +397,7 @@ def fit_lora(
     """
     import torch
 
-    config = add_lora(transformer, rank=recipe.lora_rank, seed=seed)
+    config = add_lora(transformer, rank=recipe.lora_rank, alpha=recipe.lora_alpha, seed=seed)
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     params = [p for p in transformer.parameters() if p.requires_grad]
