@@ -17,6 +17,7 @@ from selfie_lora.config import Settings, get_settings
 from selfie_lora.console import console, err_console, follow_training, print_report
 from selfie_lora.domain.entities import GateStatus
 from selfie_lora.domain.recipes import CheckTarget
+from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import SelfieLoraError
 from selfie_lora.logs import setup_logging
 
@@ -309,6 +310,30 @@ def generate(
             target.write_bytes(services.generation.image(
                 user=owner, generation_id=generation.id, index=i))
             console.print(f"wrote {target}")
+
+
+@app.command("export")
+def export_cmd(
+    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+    out: Annotated[Path, typer.Option("--out", help="The file to write (a folder: its own name).")],
+    version: Annotated[str | None, typer.Option(
+        "--version", help="A version's number or id; default: the active one.")] = None,
+    weights_format: Annotated[WeightsFormat, typer.Option(
+        "--format", help="diffusers: the stored file (diffusers, ComfyUI); kohya: kohya "
+        "sd-scripts' FLUX layout.")] = WeightsFormat.DIFFUSERS,
+) -> None:
+    """Write a version's LoRA file, as stored or converted to kohya's layout."""
+    with opened() as services:
+        owner = services.users.get_by_name(name=user)
+        export = services.models.export_weights(user=owner, version_id=version,
+                                                weights_format=weights_format)
+        target = out / export.filename if out.is_dir() else out
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.part")
+        partial.write_bytes(export.data)
+        partial.replace(target)  # never a half-written LoRA under the asked name
+        console.print(f"wrote {target}: version {export.version.number}, {weights_format} layout, "
+                      f"{len(export.data)} bytes, sha256 {export.sha256}")
 
 
 def _fmt(value: object) -> str:

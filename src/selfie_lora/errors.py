@@ -88,6 +88,7 @@ class ErrorCode(enum.StrEnum):
     NOTHING_TO_COMPARE = "nothing_to_compare"
     SAME_VERSION = "same_version"
     NOT_SCORED = "not_scored"
+    UNSUPPORTED_WEIGHTS = "unsupported_weights"
     BAD_WEBHOOK = "bad_webhook"
     # 422: an upload refused as a whole before any photo is read (dataset.archive)
     ARCHIVE_TOO_LARGE = "archive_too_large"

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
@@ -298,7 +299,7 @@ def build_services(
         intake=intake,
         training=training,
         models=ModelService(
-            repo=repo, blobs=blobs,
+            repo=repo, blobs=blobs, converter=FluxLoraConverter(),
             download_url_expiry=(timedelta(seconds=settings.download_url_seconds)
                                  if settings.download_urls else None)),
         generation=generation,

@@ -11,7 +11,7 @@ def weights_response(download: WeightsDownload) -> Response:
     """A version's LoRA file (the API and the web app answer the same way)."""
     headers = {
         "Content-Disposition": f'attachment; filename="{download.filename}"',
-        "X-Weights-SHA256": download.version.weights_sha256,
+        "X-Weights-SHA256": download.sha256,
         "Cache-Control": "private",
     }
     if download.url is not None:

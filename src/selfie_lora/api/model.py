@@ -12,6 +12,7 @@ from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.api.schemas import ModelPatch, errors
 from selfie_lora.api.serializers import model_json, version_json
+from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import ErrorCode, InvalidInputError
 from selfie_lora.wiring import Services
 
@@ -56,12 +57,16 @@ def activate(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]
     return model_of(svc, user)
 
 
-@router.get("/versions/{version_id}/weights", responses=errors(404),
+@router.get("/versions/{version_id}/weights", responses=errors(404, 422),
             response_class=Response)
-def weights(user: UserDep, svc: ServicesDep, version_id: str) -> Response:
+def weights(user: UserDep, svc: ServicesDep, version_id: str,
+            format: WeightsFormat = WeightsFormat.DIFFUSERS) -> Response:
     """The LoRA file, streamed; or a 307 to a short-lived presigned URL of the object storage
-    when the server is set up for it (``SELFIE_LORA_DOWNLOAD_URLS``)."""
-    return weights_response(svc.models.download_weights(user=user, version_id=version_id))
+    when the server is set up for it (``SELFIE_LORA_DOWNLOAD_URLS``). ``format=kohya``: the
+    file in kohya sd-scripts' FLUX layout, converted on request (422 for weights it cannot
+    convert)."""
+    return weights_response(svc.models.download_weights(
+        user=user, version_id=version_id, weights_format=format))
 
 
 @router.get("/log", responses=errors(404))

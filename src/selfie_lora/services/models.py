@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,9 +14,10 @@ from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.domain.plan import validate_lora_scale, with_trainer_version
 from selfie_lora.domain.recipes import validate_trainer_version
 from selfie_lora.domain.versions import find_version
+from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, NotFoundError
 from selfie_lora.services.common import utcnow
-from selfie_lora.services.ports import BlobStore, BlobStream, Repository
+from selfie_lora.services.ports import BlobStore, BlobStream, Repository, WeightsConverter
 
 logger = logging.getLogger(__name__)
 
@@ -29,24 +31,55 @@ class ModelOverview:
     active_record: VersionLikeness | None
 
 
+def weights_filename(version: Version, weights_format: WeightsFormat) -> str:
+    return f"lora-v{version.number}{weights_format.file_suffix}.safetensors"
+
+
 @dataclass(frozen=True)
 class WeightsDownload:
-    """A version's LoRA file: a presigned URL to send the client to, or its bytes to stream."""
+    """A version's LoRA file: a presigned URL to send the client to, or its bytes to stream.
+    ``sha256`` is the digest of those bytes (an export's differs from the stored file's)."""
 
     version: Version
     url: str | None
     stream: BlobStream | None
+    weights_format: WeightsFormat = WeightsFormat.DIFFUSERS
+    digest: str | None = None
 
     @property
     def filename(self) -> str:
-        return f"lora-v{self.version.number}.safetensors"
+        return weights_filename(self.version, self.weights_format)
+
+    @property
+    def sha256(self) -> str:
+        return self.digest or self.version.weights_sha256
+
+
+@dataclass(frozen=True)
+class WeightsExport:
+    """A version's LoRA file in a layout, whole (``selfie-lora export``)."""
+
+    version: Version
+    weights_format: WeightsFormat
+    data: bytes
+
+    @property
+    def filename(self) -> str:
+        return weights_filename(self.version, self.weights_format)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
 
 
 class ModelService:
     def __init__(self, *, repo: Repository, blobs: BlobStore,
-                 download_url_expiry: timedelta | None = None) -> None:
+                 download_url_expiry: timedelta | None = None,
+                 converter: WeightsConverter | None = None) -> None:
         self._repo = repo
         self._blobs = blobs
+        # None: only the stored layout can be downloaded.
+        self._converter = converter
         # Set: downloads are presigned URLs of the object storage (where it has them).
         self._download_url_expiry = download_url_expiry
 
@@ -171,8 +204,40 @@ class ModelService:
     def weights(self, *, user: User, version_id: str) -> bytes:
         return self._blobs.get(self.version(user=user, version_id=version_id).weights_key)
 
-    def download_weights(self, *, user: User, version_id: str) -> WeightsDownload:
-        """The version's LoRA file for a download: never read whole into memory."""
+    def export_weights(self, *, user: User, version_id: str | None = None,
+                       weights_format: WeightsFormat = WeightsFormat.DIFFUSERS) -> WeightsExport:
+        """The LoRA file of version ``version_id`` (None: the active one) in ``weights_format``.
+
+        An export is converted from the stored file on each request, not kept: it takes about as
+        long as reading the file (numpy, no torch), and a second copy of every version's weights
+        would double their storage. A file the converter does not understand (a Replicate
+        training's may hold modules kohya's layout has no place for) is refused (422).
+        """
+        if version_id is None:
+            version = self.active_version(model=self.get(user=user))
+            if version is None:
+                raise NotFoundError("no active version yet: train the model first")
+        else:
+            version = self.version(user=user, version_id=version_id)
+        data = self._blobs.get(version.weights_key)
+        if weights_format is not WeightsFormat.DIFFUSERS:
+            if self._converter is None:
+                raise InvalidInputError(f"this server cannot export {weights_format} weights",
+                                        code=ErrorCode.UNSUPPORTED_WEIGHTS)
+            data = self._converter.convert(data, to=weights_format)
+        return WeightsExport(version=version, weights_format=weights_format, data=data)
+
+    def download_weights(self, *, user: User, version_id: str,
+                         weights_format: WeightsFormat = WeightsFormat.DIFFUSERS) -> WeightsDownload:
+        """The version's LoRA file for a download: the stored layout is never read whole into
+        memory; another layout is converted in memory (see :meth:`export_weights`)."""
+        if weights_format is not WeightsFormat.DIFFUSERS:
+            export = self.export_weights(user=user, version_id=version_id,
+                                         weights_format=weights_format)
+            return WeightsDownload(
+                version=export.version, url=None, weights_format=weights_format,
+                stream=BlobStream(size=len(export.data), chunks=iter([export.data])),
+                digest=export.sha256)
         version = self.version(user=user, version_id=version_id)
         if self._download_url_expiry is not None:
             url = self._blobs.download_url(version.weights_key,

@@ -31,6 +31,7 @@ from selfie_lora.domain.entities import (
 from selfie_lora.domain.faces import AnalyzerFactory, Face, FaceAnalyzer
 from selfie_lora.domain.gc import References
 from selfie_lora.domain.likeness import VersionLikeness
+from selfie_lora.domain.weights import WeightsFormat
 
 __all__ = ["AnalyzerFactory", "Face", "FaceAnalyzer"]  # re-exported: adapters implement them here
 
@@ -200,6 +201,18 @@ class BlobStream:
 
     size: int
     chunks: Iterator[bytes]
+
+
+# --------------------------------------------------------------------------- weights
+
+
+class WeightsConverter(Protocol):
+    """Rewrites a stored LoRA file in another tool's layout."""
+
+    def convert(self, data: bytes, *, to: WeightsFormat) -> bytes:
+        """``data`` in the layout ``to`` (``diffusers``: as it is). Raises InvalidInputError
+        (``unsupported_weights``) for a file the converter does not understand."""
+        ...
 
 
 # --------------------------------------------------------------------------- telemetry

@@ -1,0 +1,151 @@
+"""``GET /api/model/versions/{id}/weights?format=kohya`` and ``selfie-lora export``: the stored
+file as it is, or converted to kohya's layout; weights the converter cannot read are a 422 / exit 1.
+(That the files load in diffusers: tests/integration/test_lora_exports.)"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from selfie_lora import cli
+from selfie_lora.adapters.flux.lora_formats import RawTensor, read_safetensors, write_safetensors
+from selfie_lora.config import Settings
+from selfie_lora.domain.weights import WeightsFormat
+from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
+from selfie_lora.testing.fakes import FakeTrainer
+from selfie_lora.wiring import Services
+from tests.conftest import auth, wait_terminal
+from tests.integration.test_api import upload
+
+RANK, ALPHA, WIDTH = 2, 6.0, 16
+
+
+def our_lora() -> bytes:
+    """A file as save_lora writes one (bf16 weights, fp32 alpha per module), FLUX-shaped but
+    narrow: one double block's image attention and one single block's q, k, v."""
+    rng = np.random.default_rng(7)
+    tensors: dict[str, RawTensor] = {}
+    for module in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                   "transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.to_out.0",
+                   "single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+                   "single_transformer_blocks.0.attn.to_v"):
+        for part, shape in (("lora_A", (RANK, WIDTH)), ("lora_B", (WIDTH, RANK))):
+            values = rng.standard_normal(shape).astype(np.float32)
+            tensors[f"transformer.{module}.{part}.weight"] = RawTensor.from_float32(values, "BF16")
+        tensors[f"transformer.{module}.alpha"] = RawTensor.from_float32(np.array(ALPHA), "F32")
+    return write_safetensors(tensors, {"format": "pt", "selfie_lora.trigger_word": "TOK"})
+
+
+@dataclass
+class LoraFileTrainer(FakeTrainer):
+    """The fake trainer, writing ``weights`` (None: the fake's own file, metadata only)."""
+
+    weights: bytes | None = None
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        result = super().train(job, sink=sink)
+        if self.weights is not None:
+            result.weights_path.write_bytes(self.weights)
+        return result
+
+
+@pytest.fixture
+def fake_trainer() -> FakeTrainer:
+    return LoraFileTrainer(weights=our_lora())
+
+
+def trained_version(client: TestClient, headers: dict[str, str]) -> dict[str, str]:
+    done = wait_terminal(client, headers, upload(client, headers)["training"]["id"])
+    assert done["training"]["status"] == "succeeded"
+    version: dict[str, str] = done["model"]["active_version"]
+    return version
+
+
+def test_weights_as_stored_and_in_kohyas_layout(client: TestClient, services: Services) -> None:
+    h = auth(services, "ann")
+    version = trained_version(client, h)
+    url = f"/api/model/versions/{version['id']}/weights"
+
+    stored = client.get(url, headers=h)
+    assert stored.status_code == 200
+    assert stored.content == our_lora()
+    assert client.get(url, params={"format": "diffusers"}, headers=h).content == stored.content
+    assert 'filename="lora-v1.safetensors"' in stored.headers["content-disposition"]
+
+    kohya = client.get(url, params={"format": "kohya"}, headers=h)
+    assert kohya.status_code == 200, kohya.text
+    assert 'filename="lora-v1-kohya.safetensors"' in kohya.headers["content-disposition"]
+    # The digest header is the export's own, so a client can check what it got.
+    assert kohya.headers["x-weights-sha256"] == hashlib.sha256(kohya.content).hexdigest()
+    assert kohya.headers["x-weights-sha256"] != stored.headers["x-weights-sha256"]
+    tensors, metadata = read_safetensors(kohya.content)
+    assert metadata["selfie_lora.trigger_word"] == "TOK"
+    assert {k.split(".")[0] for k in tensors} == {
+        "lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_double_blocks_0_img_attn_proj",
+        "lora_unet_single_blocks_0_linear1"}
+    assert tensors["lora_unet_double_blocks_0_img_attn_proj.alpha"].scalar() == ALPHA
+    assert tensors["lora_unet_double_blocks_0_img_attn_qkv.alpha"].scalar() == 3 * ALPHA
+    assert tensors["lora_unet_single_blocks_0_linear1.alpha"].scalar() == 4 * ALPHA
+    assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {"BF16"}
+
+    assert client.get(url, params={"format": "ckpt"}, headers=h).status_code == 422
+    # Another user's version is not found, in any layout.
+    assert client.get(url, params={"format": "kohya"}, headers=auth(services, "bob")).status_code == 404
+
+
+def test_weights_the_converter_cannot_read_are_a_422(
+    client: TestClient, services: Services, fake_trainer: LoraFileTrainer
+) -> None:
+    fake_trainer.weights = None  # the fake's own file: no tensors (like a foreign trainer's file)
+    h = auth(services, "ann")
+    version = trained_version(client, h)
+    url = f"/api/model/versions/{version['id']}/weights"
+    assert client.get(url, headers=h).status_code == 200  # as stored: always
+    refused = client.get(url, params={"format": "kohya"}, headers=h)
+    assert refused.status_code == 422
+    assert refused.json()["error"]["code"] == "unsupported_weights"
+    assert "diffusers' layout" in refused.json()["error"]["message"]
+
+
+def test_cli_export_writes_the_route_s_bytes(
+    client: TestClient, services: Services, settings: Settings, fake_trainer: LoraFileTrainer,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    h = auth(services, "ann")
+    version = trained_version(client, h)
+    runner = CliRunner()
+
+    out = tmp_path / "exports"
+    out.mkdir()
+    done = runner.invoke(cli.app, ["export", "--user", "ann", "--format", "kohya", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    written = out / "lora-v1-kohya.safetensors"
+    route = client.get(f"/api/model/versions/{version['id']}/weights", params={"format": "kohya"},
+                       headers=h)
+    assert written.read_bytes() == route.content
+    assert f"sha256 {hashlib.sha256(route.content).hexdigest()}" in done.output.replace("\n", "")
+    assert [p.name for p in out.iterdir()] == ["lora-v1-kohya.safetensors"]  # no partial left
+
+    named = tmp_path / "mine.safetensors"
+    stored = runner.invoke(cli.app, ["export", "--user", "ann", "--version", "v1", "--out", str(named)])
+    assert stored.exit_code == 0, stored.output
+    assert named.read_bytes() == our_lora()
+
+    missing = runner.invoke(cli.app, ["export", "--user", "ann", "--version", "9", "--out", str(named)])
+    assert missing.exit_code == 1
+    assert "no such version" in missing.output
+
+    fake_trainer.weights = None
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    refused = runner.invoke(cli.app, ["export", "--user", "ann", "--version", "2", "--format",
+                                      WeightsFormat.KOHYA.value, "--out", str(tmp_path / "v2.safetensors")])
+    assert refused.exit_code == 1
+    assert "not a FLUX transformer LoRA" in refused.output
+    assert not (tmp_path / "v2.safetensors").exists()
