@@ -124,3 +124,24 @@ def test_files_it_cannot_convert_are_refused(data: bytes, says: str) -> None:
     with pytest.raises(InvalidInputError, match=says) as raised:
         convert_lora(data, to=WeightsFormat.KOHYA)
     assert raised.value.code == ErrorCode.UNSUPPORTED_WEIGHTS
+
+
+def test_an_ai_toolkit_file_without_alphas_converts_with_alpha_equal_to_rank() -> None:
+    """Replicate's trainer (ai-toolkit) trains proj_mlp and more, and writes no alphas."""
+    single = "single_transformer_blocks.0"
+    data, deltas = lora_file({
+        f"{single}.attn.to_q": (WIDTH, WIDTH, RANK), f"{single}.attn.to_k": (WIDTH, WIDTH, RANK),
+        f"{single}.attn.to_v": (WIDTH, WIDTH, RANK), f"{single}.proj_mlp": (WIDTH, 4 * WIDTH, RANK),
+        f"{single}.norm.linear": (WIDTH, 3 * WIDTH, RANK),
+        "transformer_blocks.0.ff_context.net.2": (4 * WIDTH, WIDTH, RANK),
+    })
+    tensors, _ = read_safetensors(data)
+    no_alphas = write_safetensors({k: t for k, t in tensors.items() if not k.endswith(".alpha")}, {})
+    kohya, _ = read_safetensors(convert_lora(no_alphas, to=WeightsFormat.KOHYA))
+    linear1 = kohya_delta(kohya, "lora_unet_single_blocks_0_linear1")
+    expected = np.concatenate([deltas[f"{single}.{p}"]
+                               for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")])
+    assert np.allclose(linear1, expected, rtol=0, atol=0.02 * float(np.abs(expected).max()))
+    assert kohya["lora_unet_single_blocks_0_linear1.alpha"].scalar() == 4 * RANK
+    assert kohya["lora_unet_single_blocks_0_modulation_lin.alpha"].scalar() == RANK
+    assert "lora_unet_double_blocks_0_txt_mlp_2.lora_up.weight" in kohya
