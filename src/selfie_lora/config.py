@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     # How the local trainer runs: "process" isolates it in a child process (crash isolation, GPU
     # memory freed on exit); "inline" runs it in the worker thread (tests, to load torch once).
     local_isolation: Literal["process", "inline"] = "process"
+    # How the local trainer stores the frozen base transformer on the GPU: auto (from the free
+    # memory), bf16 (unquantized), int8 (24 GB cards) or nf4 (16 GB cards). See flux.memory.
+    local_memory_mode: Literal["auto", "bf16", "int8", "nf4"] = "auto"
     device: str = "auto"
 
     # Likeness tracking (see services/quality.py). The gate holds back a new version whose

@@ -204,7 +204,7 @@ def default_trainers(settings: Settings) -> dict[str, Trainer]:
         "local": LocalTrainer(
             base_model=settings.base_model, cache_dir=settings.model_cache_dir,
             isolation=settings.local_isolation, device=settings.device,
-            log_format=settings.log_format,
+            log_format=settings.log_format, memory_mode=settings.local_memory_mode,
         )
     }
     if settings.replicate_api_token is not None:

@@ -7,6 +7,7 @@ under the pipeline's lock, so concurrent requests never see each other's LoRA.
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import secrets
@@ -72,6 +73,29 @@ def clear_pipeline_cache() -> None:
         _pipelines.clear()
 
 
+def release_device_pipelines() -> int:
+    """Free the GPU memory of the shared pipelines held on a GPU; returns how many were released.
+
+    A training on the same GPU calls this before it starts: a FLUX.1 pipeline (~32 GiB) and a
+    training do not fit together on most cards. Each pipeline is dropped once the generation using
+    it (if any) has finished; the next generation loads it again. Pipelines on the CPU stay.
+    """
+    with _pipelines_lock:
+        on_device = [key for key in _pipelines if key[2] != "cpu"]
+        released = [_pipelines.pop(key) for key in on_device]
+    for shared in released:
+        with shared.lock:  # wait for a generation in progress; nobody else can find it now
+            shared.pipe = None
+    if released:
+        logger.info("released %d generator pipeline(s) from the GPU for a training", len(released))
+        import torch
+
+        released.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+    return len(on_device)
+
+
 class LocalGenerator:
     """Generates PNGs with a base FLUX pipeline plus the job's LoRA at ``job.lora_scale``.
 
@@ -111,9 +135,14 @@ class LocalGenerator:
         device = resolve_device(self.device)
         seed = job.seed if job.seed is not None else secrets.randbelow(2**32)
         with torch_threads(self.num_threads if device == "cpu" else None):
-            shared = _shared_pipeline(source=self.base_model, cache_dir=self.cache_dir, device=device)
-            with shared.lock:
-                return self._generate_locked(shared.pipe, job, seed=seed)
+            while True:
+                shared = _shared_pipeline(
+                    source=self.base_model, cache_dir=self.cache_dir, device=device
+                )
+                with shared.lock:
+                    # None: released for a training meanwhile (release_device_pipelines); reload.
+                    if shared.pipe is not None:
+                        return self._generate_locked(shared.pipe, job, seed=seed)
 
     def _size(self, pipe: Any, value: int | None) -> int:
         # FLUX packs 2x2 latent patches, so sides must be multiples of 2x the VAE factor; round

@@ -21,7 +21,6 @@ Torch is imported inside the functions so that importing this module stays cheap
 
 from __future__ import annotations
 
-import gc
 import io
 import logging
 import math
@@ -36,10 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 from selfie_lora.adapters.flux.loader import (
     default_dtype,
-    load_pipeline,
     resolve_device,
     text_max_length,
     torch_threads,
+)
+from selfie_lora.adapters.flux.memory import (
+    MemoryModeSetting,
+    load_training_base,
+    out_of_memory_error,
 )
 from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.domain.entities import Recipe
@@ -117,24 +120,39 @@ def prepare_examples(
     *,
     resolution: int,
     names: Sequence[str] | None = None,
+    device: Any = None,
+    dtype: torch.dtype | None = None,
 ) -> list[TrainingExample]:
-    """Encode every photo (VAE) and caption (CLIP + T5) once, without gradients.
+    """Encode every caption (CLIP + T5) and photo (VAE) once, without gradients.
 
-    Uses the VAE's mean (not a sample), so the cached latents are deterministic.
+    The tensors are made for a transformer on ``device`` in ``dtype`` (default: where and what
+    ``pipe.transformer`` is). Encoders held elsewhere (the CPU, when the pipeline was loaded there
+    to save device memory) visit ``device`` one at a time, only while they encode: the text
+    encoders first, then the VAE. Uses the VAE's mean (not a sample), so the latents are
+    deterministic.
     """
     import torch
     from diffusers import FluxPipeline
 
-    device = pipe.transformer.device
-    dtype = pipe.transformer.dtype
+    from selfie_lora.adapters.flux.memory import on_device
+
+    device = torch.device(device) if device is not None else pipe.transformer.device
+    dtype = dtype if dtype is not None else pipe.transformer.dtype
     resolution = effective_resolution(pipe, resolution)
+    max_len = text_max_length(pipe)
+    prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad(), on_device(pipe.text_encoder, device), on_device(pipe.text_encoder_2, device):
+        for _data, caption in photos:
+            if caption not in prompt_cache:
+                prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+                    prompt=caption, prompt_2=None, device=device, max_sequence_length=max_len
+                )
+                prompt_cache[caption] = (prompt_embeds.to(dtype), pooled.to(dtype), text_ids.to(dtype))
     vae = pipe.vae
     shift = float(vae.config.shift_factor or 0.0)
     scale = float(vae.config.scaling_factor)
-    max_len = text_max_length(pipe)
-    prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     examples: list[TrainingExample] = []
-    with torch.no_grad():
+    with torch.no_grad(), on_device(vae, device):
         for index, (data, caption) in enumerate(photos):
             name = names[index] if names is not None else f"#{index + 1}"
             pixels = _image_tensor(load_photo(data, resolution=resolution, name=name))
@@ -146,11 +164,6 @@ def prepare_examples(
             image_ids = FluxPipeline._prepare_latent_image_ids(
                 batch, height // 2, width // 2, device, dtype
             )
-            if caption not in prompt_cache:
-                prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-                    prompt=caption, prompt_2=None, device=device, max_sequence_length=max_len
-                )
-                prompt_cache[caption] = (prompt_embeds.to(dtype), pooled.to(dtype), text_ids.to(dtype))
             prompt_embeds, pooled, text_ids = prompt_cache[caption]
             examples.append(
                 TrainingExample(
@@ -360,14 +373,10 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------- the loop
 
 
-def _map_runtime_error(exc: BaseException) -> TrainingFailedError:
+def _map_runtime_error(exc: BaseException, *, memory_mode: str) -> TrainingFailedError:
     text = str(exc)
     if "out of memory" in text.lower():
-        return TrainingFailedError(
-            f"local training ran out of memory: {text}",
-            user_message="Training ran out of memory on this machine; "
-            "lower the resolution or use the Replicate backend.",
-        )
+        return out_of_memory_error(exc, mode=memory_mode)
     return TrainingFailedError(
         f"local training failed: {type(exc).__name__}: {text}",
         user_message="Training failed on this server; try again, and if it fails again, "
@@ -463,6 +472,7 @@ def train_flux_lora(
     evaluate: bool = True,
     gradient_checkpointing: bool | None = None,
     photo_names: Sequence[str] | None = None,
+    memory_mode: MemoryModeSetting = "auto",
 ) -> dict[str, Any]:
     """Train a LoRA on ``photos`` ((image bytes, caption) pairs) and save it to ``out_path``.
 
@@ -470,6 +480,8 @@ def train_flux_lora(
     loaded and after every optimizer step; returning True stops training with
     ``TrainingCanceledError`` (nothing is written then). ``gradient_checkpointing`` defaults to on
     for a real model on a GPU. ``photo_names`` only name photos in error messages.
+    ``memory_mode`` stores the frozen base unquantized (``bf16``), ``int8`` or ``nf4``; ``auto``
+    picks from the free device memory (see ``flux.memory``).
 
     Returns metrics: first/final training loss, steps, seconds (whole run), step_seconds (mean
     optimizer step), device, resolution, seed and, with ``evaluate``, eval_loss_before and
@@ -485,25 +497,29 @@ def train_flux_lora(
             user_message="The training settings are invalid; contact the operator.",
         )
     started = time.perf_counter()
-    import torch
 
     run_seed = recipe.seed if seed is None else seed
     resolved = resolve_device(device)
     dtype = default_dtype(resolved)
     if gradient_checkpointing is None:
         gradient_checkpointing = resolved.startswith("cuda") and pipeline_source != TINY
+    chosen_mode: str = memory_mode  # the mode actually used, once chosen
     with torch_threads(num_threads if resolved == "cpu" else None):
         try:
-            pipe = load_pipeline(pipeline_source, cache_dir=cache_dir, device=resolved, dtype=dtype)
-            resolution = effective_resolution(pipe, recipe.resolution)
-            examples = prepare_examples(pipe, photos, resolution=resolution, names=photo_names)
-            transformer = pipe.transformer
-            # Only the transformer is needed from here on: drop the encoders and the VAE (on a
-            # real FLUX.1, T5-XXL alone takes ~9 GB of GPU memory).
-            del pipe
-            gc.collect()
-            if resolved.startswith("cuda"):
-                torch.cuda.empty_cache()
+            # Memory modes (flux.memory): encoders visit the device once, then are dropped; the
+            # base transformer is placed unquantized, int8 or nf4.
+            base = load_training_base(
+                pipeline_source,
+                cache_dir=cache_dir,
+                photos=photos,
+                resolution=recipe.resolution,
+                device=resolved,
+                dtype=dtype,
+                mode=memory_mode,
+                photo_names=photo_names,
+            )
+            transformer, examples, resolution = base.transformer, base.examples, base.resolution
+            chosen_mode = base.mode
             eval_before = evaluate_loss(transformer, examples, seed=run_seed) if evaluate else None
             config, fit_metrics = fit_lora(
                 transformer,
@@ -526,7 +542,7 @@ def train_flux_lora(
         except (TrainingCanceledError, TrainingFailedError):
             raise
         except (RuntimeError, ValueError, TypeError) as exc:
-            raise _map_runtime_error(exc) from exc
+            raise _map_runtime_error(exc, memory_mode=chosen_mode) from exc
         except OSError as exc:
             raise TrainingFailedError(
                 f"cannot write the LoRA to {out_path}: {exc}",
@@ -539,6 +555,7 @@ def train_flux_lora(
         "device": resolved,
         "resolution": resolution,
         "seed": run_seed,
+        "memory_mode": chosen_mode,
     }
     if eval_before is not None and eval_after is not None:
         metrics["eval_loss_before"] = eval_before

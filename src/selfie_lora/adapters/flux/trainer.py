@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from selfie_lora.adapters.flux.generator import release_device_pipelines
+from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.domain.entities import Recipe, TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
@@ -58,6 +60,7 @@ class _TrainRequest:
     seed: int
     extra_metadata: dict[str, str]
     log_format: LogFormat = "text"
+    memory_mode: MemoryModeSetting = "auto"
 
 
 def _run(request: _TrainRequest, on_step: Callable[[int, int, float], bool]) -> dict[str, Any]:
@@ -75,6 +78,7 @@ def _run(request: _TrainRequest, on_step: Callable[[int, int, float], bool]) -> 
         num_threads=request.num_threads,
         seed=request.seed,
         extra_metadata=request.extra_metadata,
+        memory_mode=request.memory_mode,
     )
 
 
@@ -161,6 +165,7 @@ class LocalTrainer:
     ``base_model`` is ``"tiny"`` or a FLUX.1 diffusers folder; the tiny model is built under
     ``cache_dir``. ``device`` "auto" picks CUDA when present. ``num_threads`` caps torch's CPU
     threads. Progress and cancel checks go to the sink at most every ``progress_interval_s``.
+    ``memory_mode`` (``auto``, ``bf16``, ``int8``, ``nf4``): how the frozen base is stored.
     """
 
     backend = "local"
@@ -176,6 +181,7 @@ class LocalTrainer:
         progress_interval_s: float = 0.5,
         poll_interval_s: float = 0.1,
         log_format: LogFormat = "text",
+        memory_mode: MemoryModeSetting = "auto",
     ) -> None:
         if isolation not in ("process", "inline"):
             raise ConfigError(f"isolation must be 'process' or 'inline', not {isolation!r}")
@@ -187,6 +193,7 @@ class LocalTrainer:
         self.progress_interval_s = progress_interval_s
         self.poll_interval_s = poll_interval_s
         self.log_format: LogFormat = log_format
+        self.memory_mode: MemoryModeSetting = memory_mode
 
     def cancel_remote(self, remote_id: str) -> None:
         """Nothing runs remotely: a training's child process ends with its worker."""
@@ -211,7 +218,11 @@ class LocalTrainer:
                 "training_id": job.training_id,
             },
             log_format=self.log_format,
+            memory_mode=self.memory_mode,
         )
+        # Memory modes: the generator's GPU pipeline (this process) makes room for the training;
+        # the next generation reloads it.
+        release_device_pipelines()
         sink.started(remote_id=None)
         reporter = _Reporter(sink, interval=self.progress_interval_s)
         logger.info(
