@@ -195,3 +195,47 @@ def test_generator_releases_gpu_pipelines_and_keeps_cpu_ones(tmp_path: Path) -> 
         assert flux_generator.release_device_pipelines() == 0
     finally:
         flux_generator._pipelines.pop(cpu_key, None)
+
+
+class _QuietSink:
+    """Takes progress, never cancels."""
+
+    def __init__(self) -> None:
+        self.last_step = -1
+
+    def started(self, *, remote_id: str | None) -> None:
+        del remote_id
+
+    def progress(self, *, status: Any, step: int, total: int, loss: float | None = None) -> None:
+        del status, total, loss
+        self.last_step = step
+
+    def cancel_requested(self) -> bool:
+        return False
+
+    def interrupted(self) -> bool:
+        return False
+
+
+@pytest.mark.slow
+def test_local_trainer_frees_the_generators_gpu_pipeline_and_trains_in_its_mode(
+    shared_model_cache: Path, tmp_path: Path
+) -> None:
+    from selfie_lora.adapters.flux.trainer import LocalTrainer
+    from selfie_lora.services.ports import TrainingJob, TrainingPhoto
+
+    held = flux_generator._SharedPipeline(pipe=_FakePipe(), lock=threading.Lock())
+    flux_generator._pipelines[("flux", "", "cuda")] = held
+    trainer = LocalTrainer(base_model="tiny", cache_dir=shared_model_cache, isolation="inline",
+                           device="cpu", num_threads=1, memory_mode="nf4")
+    job = TrainingJob(
+        training_id="tr_mem", trigger_word="TOK", destination="local/tok",
+        trainer_version=RECIPE.name, recipe=replace(RECIPE, steps=3), work_dir=tmp_path,
+        photos=tuple(TrainingPhoto(name=f"{i}.jpg", data=d, caption=c) for i, (d, c) in enumerate(PHOTOS)),
+    )
+    sink = _QuietSink()
+    result = trainer.train(job, sink=sink)
+    assert held.pipe is None
+    assert ("flux", "", "cuda") not in flux_generator._pipelines
+    assert result.metrics["memory_mode"] == "nf4"
+    assert sink.last_step == 3

@@ -256,6 +256,7 @@ class LocalTrainer:
                     "eval_loss_before",
                     "eval_loss_after",
                     "resolution",
+                    "memory_mode",
                 )
                 if key in metrics
             },
