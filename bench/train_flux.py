@@ -363,7 +363,7 @@ def ratios(results: Sequence[Result]) -> list[str]:
 
 def _line(r: Result) -> str:
     peak = "-" if r.peak_gib is None else f"{r.peak_gib:.2f} GiB {r.peak_kind}"
-    mfu = "-" if r.mfu is None or not math.isfinite(r.mfu) else f"{100 * r.mfu:.1f}%"
+    mfu = "-" if r.mfu is None or not math.isfinite(r.mfu) else f"{100 * r.mfu:.3g}%"
     return (f"{r.loop:5s} {r.mode:4s} {r.resolution:5d} px  {r.seconds_per_step:.4f} s/step  "
             f"peak {peak}  MFU {mfu}  ({r.model_tflops_per_step:.3g} TFLOP/step, {r.tokens} tokens, "
             f"{r.steps} steps, loss {r.first_loss:.4f} -> {r.last_loss:.4f})")

@@ -45,7 +45,7 @@ def test_the_benchmark_prints_step_time_memory_mfu_and_the_ratio(
     assert bench.main(argv) == 0
     printed = capsys.readouterr().out
     rows = re.findall(r"^(ours|plain) +(bf16|int8|nf4) +64 px +([\d.]+) s/step +peak ([\d.]+) GiB "
-                      r".*MFU ([\d.]+)%", printed, flags=re.MULTILINE)
+                      r".*MFU ([\d.e+-]+)%", printed, flags=re.MULTILINE)
     assert [(loop, mode) for loop, mode, *_ in rows] == [
         ("ours", "bf16"), ("ours", "int8"), ("ours", "nf4"), ("plain", "bf16")
     ], printed
