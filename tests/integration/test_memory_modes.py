@@ -7,7 +7,9 @@ the same loss as encoding them every step.
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -160,6 +162,30 @@ def test_cached_latents_and_embeddings_give_the_loss_of_encoding_every_step(
                 pipe.transformer, fresh, sigmas=sigmas, noise=noise
             )
         assert float(from_cache) == pytest.approx(float(each_step), rel=1e-6)
+
+
+def test_encoders_and_vae_are_freed_once_the_base_is_placed(
+    shared_model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from selfie_lora.adapters.flux import loader
+
+    components: list[weakref.ref[Any]] = []
+    real_load = loader.load_pipeline
+
+    def recording_load(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_load(*args, **kwargs)
+        names = ("text_encoder", "text_encoder_2", "vae", "transformer")
+        components.extend(weakref.ref(getattr(pipe, name)) for name in names)
+        return pipe
+
+    monkeypatch.setattr(loader, "load_pipeline", recording_load)
+    base = _base(shared_model_cache, "bf16")
+    gc.collect()
+    text_encoder, text_encoder_2, vae, transformer = (ref() for ref in components)
+    assert text_encoder is None
+    assert text_encoder_2 is None
+    assert vae is None
+    assert transformer is base.transformer  # only the transformer lives on
 
 
 def test_out_of_memory_names_the_mode_to_use() -> None:
