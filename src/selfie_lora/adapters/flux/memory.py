@@ -50,9 +50,9 @@ MemoryModeSetting = Literal["auto", "bf16", "int8", "nf4"]
 MEMORY_MODES: tuple[MemoryMode, ...] = get_args(MemoryMode)  # largest first
 
 GIB = 1024**3
-# Bytes per base-transformer weight on the device. nf4: 4 bits plus one fp32 scale per block of
-# 64, itself quantized to 8 bits per block (torchao's double quantization) -> ~0.53; rounded up for
-# the layers left unquantized (norms, embeddings, shapes that do not split into blocks).
+# Bytes per base-transformer weight on the device. nf4: 4 bits plus one scale per block of 64,
+# itself stored in 8 bits (torchao's double quantization) -> ~0.52; int8: 1 plus a scale per output
+# channel. Both rounded up for what stays unquantized (norms, biases, embeddings).
 BYTES_PER_WEIGHT: dict[MemoryMode, float] = {"bf16": 2.0, "int8": 1.02, "nf4": 0.56}
 # Everything else a training step holds at 1024 px with gradient checkpointing: the activations
 # kept per block and one block's recomputation, the fp32 LoRA with its AdamW state, the cached
