@@ -115,6 +115,9 @@ class Recipe:
     def alpha(self) -> float:
         """The LoRA alpha trained with: ``lora_alpha``, else the rank."""
         return float(self.lora_rank) if self.lora_alpha is None else float(self.lora_alpha)
+    # Save a resumable checkpoint every this many optimizer steps (0: never). Stored recipes
+    # from before checkpoints lack it and read back as 0.
+    checkpoint_every: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -125,6 +128,7 @@ class Recipe:
             "resolution": self.resolution,
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "checkpoint_every": self.checkpoint_every,
         }
         if self.lora_alpha is not None:  # absent when alpha = rank: stored recipes stay as they were
             data["lora_alpha"] = self.lora_alpha
@@ -141,6 +145,7 @@ class Recipe:
             batch_size=int(data.get("batch_size", 1)),
             seed=int(data.get("seed", 0)),
             lora_alpha=None if data.get("lora_alpha") is None else int(data["lora_alpha"]),
+            checkpoint_every=int(data.get("checkpoint_every", 0)),
         )
 
 

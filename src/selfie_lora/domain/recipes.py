@@ -24,13 +24,17 @@ RECIPES: dict[str, Recipe] = {
     "replicate-person-v1": Recipe(
         name="replicate-person-v1", steps=1000, lora_rank=16, learning_rate=4e-4, resolution=1024
     ),
-    # A real FLUX.1 from a folder on a GPU: ai-toolkit-like settings.
+    # A real FLUX.1 from a folder on a GPU: ai-toolkit-like settings, a checkpoint every 250 steps
+    # (ai-toolkit's save_every; a few minutes of work at most is lost to a crash).
     "local-flux-v1": Recipe(
-        name="local-flux-v1", steps=1500, lora_rank=16, learning_rate=1e-4, resolution=512
+        name="local-flux-v1", steps=1500, lora_rank=16, learning_rate=1e-4, resolution=512,
+        checkpoint_every=250,
     ),
     # The offline tiny model on a CPU: few steps, a high learning rate so training visibly moves it.
+    # Checkpoints every 10 steps: the tests kill and resume it, and its checkpoints are tiny.
     "local-tiny-v1": Recipe(
-        name="local-tiny-v1", steps=40, lora_rank=4, learning_rate=1e-2, resolution=64
+        name="local-tiny-v1", steps=40, lora_rank=4, learning_rate=1e-2, resolution=64,
+        checkpoint_every=10,
     ),
 }
 

@@ -59,6 +59,20 @@ class TrainingJob:
     # Set when a worker resumes a training that was already created on the backend.
     remote_id: str | None = None
     webhook_url: str | None = None
+    # A trainer that checkpoints (the local one) continues from this file, a checkpoint an
+    # earlier attempt or a canceled training made, and gives each new one to ``checkpoints``.
+    resume_from: Path | None = None
+    checkpoints: CheckpointStore | None = None
+
+
+class CheckpointStore(Protocol):
+    """Where a training's checkpoints go to outlive its worker and its machine (the training
+    service keeps the newest under the training's keys in the blob store)."""
+
+    def save(self, path: Path, *, step: int) -> None:
+        """Keep the checkpoint file at ``path``, written after ``step`` optimizer steps (the
+        file may be removed once this returns)."""
+        ...
 
 
 class ProgressSink(Protocol):

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from selfie_lora.adapters.flux import checkpoints
 from selfie_lora.adapters.flux.loader import (
     default_dtype,
     resolve_device,
@@ -60,8 +61,11 @@ LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
 TRAIN_GUIDANCE = 1.0
 METADATA_PREFIX = "selfie_lora."
 
-# (step, total, loss) -> True to cancel. Step 0 (loss NaN) is reported once the model is loaded.
+# (step, total, loss) -> True to cancel. Step 0 (loss NaN) is reported once the model is loaded
+# (on a resumed run: the checkpoint's step).
 StepCallback = Callable[[int, int, float], bool]
+# (checkpoint file, step): a checkpoint was written (the file stays until two newer ones exist).
+CheckpointCallback = Callable[[Path, int], None]
 
 
 @dataclass(frozen=True)
@@ -398,11 +402,19 @@ def fit_lora(
     seed: int,
     on_step: StepCallback | None = None,
     gradient_checkpointing: bool = False,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Add a LoRA to ``transformer`` and train it in place on ``examples`` for ``recipe.steps``.
 
     Returns the LoRA config (for :func:`save_lora`) and the training metrics. The trained adapter
     stays active on ``transformer`` (adapter name "default"), so it can be used right away.
+
+    With ``checkpoint_dir`` and ``recipe.checkpoint_every``, a checkpoint (``checkpoints``) is
+    written there every that many steps and passed to ``on_checkpoint``. With ``resume_from``
+    the run continues from that checkpoint (when it fits this run): the first ``on_step`` report
+    is its step, not 0, and the steps that follow are the ones the uninterrupted run takes.
     """
     import torch
 
@@ -414,14 +426,23 @@ def fit_lora(
         params, lr=recipe.learning_rate, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8
     )
     total = recipe.steps
-    if on_step is not None and on_step(0, total, math.nan):
-        raise _canceled(0, total)
     generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    first_loss = math.nan
-    last_loss = math.nan
+    made_for = checkpoints.fingerprint(recipe, seed=seed, examples=len(examples), params=params)
+    resumed = None
+    if resume_from is not None:
+        resumed = checkpoints.load_checkpoint(
+            resume_from, params=params, optimizer=optimizer, generator=generator,
+            made_for=made_for,
+        )
+    start = resumed.step if resumed is not None else 0
+    order: list[int] = list(resumed.order) if resumed is not None else []
+    first_loss = resumed.first_loss if resumed is not None else math.nan
+    last_loss = resumed.last_loss if resumed is not None else math.nan
+    if on_step is not None and on_step(start, total, math.nan):
+        raise _canceled(start, total)
+    every = recipe.checkpoint_every if checkpoint_dir is not None else 0
     started = time.perf_counter()
-    for step in range(1, total + 1):
+    for step in range(start + 1, total + 1):
         indices: list[int] = []
         while len(indices) < recipe.batch_size:
             if not order:
@@ -444,6 +465,17 @@ def fit_lora(
         last_loss = float(loss.detach())
         if step == 1:
             first_loss = last_loss
+        # Not at the last step: the saved LoRA follows at once, and is what a finished run keeps.
+        if every > 0 and step % every == 0 and step < total:
+            assert checkpoint_dir is not None
+            path = checkpoints.save_checkpoint(
+                checkpoint_dir,
+                state=checkpoints.TrainState(step=step, order=tuple(order),
+                                             first_loss=first_loss, last_loss=last_loss),
+                params=params, optimizer=optimizer, generator=generator, made_for=made_for,
+            )
+            if on_checkpoint is not None:
+                on_checkpoint(path, step)
         if on_step is not None and on_step(step, total, last_loss):
             raise _canceled(step, total)
     seconds = time.perf_counter() - started
@@ -452,7 +484,8 @@ def fit_lora(
         "first_loss": first_loss,
         "final_loss": last_loss,
         "steps": total,
-        "step_seconds": seconds / total,
+        "step_seconds": seconds / max(total - start, 1),
+        "resumed_from_step": start,
     }
     return config, metrics
 
@@ -473,6 +506,9 @@ def train_flux_lora(
     gradient_checkpointing: bool | None = None,
     photo_names: Sequence[str] | None = None,
     memory_mode: MemoryModeSetting = "auto",
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA on ``photos`` ((image bytes, caption) pairs) and save it to ``out_path``.
 
@@ -482,6 +518,7 @@ def train_flux_lora(
     for a real model on a GPU. ``photo_names`` only name photos in error messages.
     ``memory_mode`` stores the frozen base unquantized (``bf16``), ``int8`` or ``nf4``; ``auto``
     picks from the free device memory (see ``flux.memory``).
+    ``checkpoint_dir``, ``resume_from`` and ``on_checkpoint``: see :func:`fit_lora`.
 
     Returns metrics: first/final training loss, steps, seconds (whole run), step_seconds (mean
     optimizer step), device, resolution, seed and, with ``evaluate``, eval_loss_before and
@@ -528,6 +565,9 @@ def train_flux_lora(
                 seed=run_seed,
                 on_step=on_step,
                 gradient_checkpointing=gradient_checkpointing,
+                checkpoint_dir=checkpoint_dir,
+                resume_from=resume_from,
+                on_checkpoint=on_checkpoint,
             )
             eval_after = evaluate_loss(transformer, examples, seed=run_seed) if evaluate else None
             metadata = {

@@ -8,6 +8,7 @@ the calling thread (tests, and a worker that wants torch loaded once).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import multiprocessing
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from selfie_lora.adapters.flux.checkpoints import latest_checkpoint
 from selfie_lora.adapters.flux.generator import release_device_pipelines
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.domain.entities import Recipe, TrainingStatus
@@ -33,16 +35,47 @@ from selfie_lora.errors import (
 )
 from selfie_lora.lifeline import exit_with
 from selfie_lora.logs import LogFormat, setup_logging, training_context
-from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
+from selfie_lora.services.ports import (
+    CheckpointStore,
+    ProgressSink,
+    TrainingJob,
+    TrainingResult,
+)
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "lora.safetensors"
 WEIGHTS_METHOD = "local:file"
+CHECKPOINT_DIR = "checkpoints"
 
 _CANCELED_MESSAGE = "The training was canceled."
 # What reading a message half-written by a child that was killed can raise.
 _BROKEN_PIPE_ERRORS = (EOFError, OSError, pickle.UnpicklingError)
+
+
+class _ChildDiedError(Exception):
+    """The training child exited without sending a result (killed, or crashed in native code)."""
+
+    def __init__(self, exitcode: int | None) -> None:
+        super().__init__(f"exit code {exitcode}")
+        self.exitcode = exitcode
+
+
+class _Keeper:
+    """Hands each checkpoint the loop writes to the job's store (when it has one). The child
+    keeps only its two newest files, so one announced earlier may be gone by the time the
+    parent reads the message: a newer one follows, and that one is kept instead."""
+
+    def __init__(self, store: CheckpointStore | None) -> None:
+        self._store = store
+
+    def save(self, path: Path, step: int) -> None:
+        if self._store is None:
+            return
+        if not path.is_file():
+            logger.debug("checkpoint %s already replaced by a newer one", path)
+            return
+        self._store.save(path, step=step)
 
 
 @dataclass(frozen=True)
@@ -61,9 +94,15 @@ class _TrainRequest:
     extra_metadata: dict[str, str]
     log_format: LogFormat = "text"
     memory_mode: MemoryModeSetting = "auto"
+    checkpoint_dir: Path | None = None
+    resume_from: Path | None = None
 
 
-def _run(request: _TrainRequest, on_step: Callable[[int, int, float], bool]) -> dict[str, Any]:
+def _run(
+    request: _TrainRequest,
+    on_step: Callable[[int, int, float], bool],
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+) -> dict[str, Any]:
     from selfie_lora.adapters.flux.train_loop import train_flux_lora
 
     return train_flux_lora(
@@ -79,6 +118,9 @@ def _run(request: _TrainRequest, on_step: Callable[[int, int, float], bool]) -> 
         seed=request.seed,
         extra_metadata=request.extra_metadata,
         memory_mode=request.memory_mode,
+        checkpoint_dir=request.checkpoint_dir,
+        resume_from=request.resume_from,
+        on_checkpoint=on_checkpoint,
     )
 
 
@@ -97,8 +139,11 @@ def _child_train(request: _TrainRequest, events: Any) -> None:
         events.put(("step", step, total, loss))
         return False  # the parent cancels by terminating this process
 
+    def on_checkpoint(path: Path, step: int) -> None:
+        events.put(("checkpoint", step, str(path)))
+
     try:
-        metrics = _run(request, on_step)
+        metrics = _run(request, on_step, on_checkpoint)
     except BaseException as exc:
         user_message = exc.user_message if isinstance(exc, TrainerError) else None
         events.put(("error", type(exc).__name__, str(exc), user_message, traceback.format_exc()))
@@ -166,6 +211,11 @@ class LocalTrainer:
     ``cache_dir``. ``device`` "auto" picks CUDA when present. ``num_threads`` caps torch's CPU
     threads. Progress and cancel checks go to the sink at most every ``progress_interval_s``.
     ``memory_mode`` (``auto``, ``bf16``, ``int8``, ``nf4``): how the frozen base is stored.
+
+    Checkpoints (every ``recipe.checkpoint_every`` steps) are written under the job's work dir and
+    handed to ``job.checkpoints``; a job with ``resume_from`` continues from that checkpoint. A
+    training child that dies after a new checkpoint is started again from it, at most
+    ``max_restarts`` times.
     """
 
     backend = "local"
@@ -182,6 +232,7 @@ class LocalTrainer:
         poll_interval_s: float = 0.1,
         log_format: LogFormat = "text",
         memory_mode: MemoryModeSetting = "auto",
+        max_restarts: int = 3,
     ) -> None:
         if isolation not in ("process", "inline"):
             raise ConfigError(f"isolation must be 'process' or 'inline', not {isolation!r}")
@@ -194,6 +245,7 @@ class LocalTrainer:
         self.poll_interval_s = poll_interval_s
         self.log_format: LogFormat = log_format
         self.memory_mode: MemoryModeSetting = memory_mode
+        self.max_restarts = max_restarts
 
     def cancel_remote(self, remote_id: str) -> None:
         """Nothing runs remotely: a training's child process ends with its worker."""
@@ -202,6 +254,7 @@ class LocalTrainer:
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
         job.work_dir.mkdir(parents=True, exist_ok=True)
         out_path = job.work_dir / WEIGHTS_FILE
+        checkpoint_dir = job.work_dir / CHECKPOINT_DIR
         request = _TrainRequest(
             pipeline_source=self.base_model,
             cache_dir=self.cache_dir,
@@ -219,6 +272,8 @@ class LocalTrainer:
             },
             log_format=self.log_format,
             memory_mode=self.memory_mode,
+            checkpoint_dir=checkpoint_dir,
+            resume_from=job.resume_from or latest_checkpoint(checkpoint_dir),
         )
         # Memory modes: the generator's GPU pipeline (this process) makes room for the training;
         # the next generation reloads it.
@@ -232,10 +287,11 @@ class LocalTrainer:
             job.recipe.name,
             self.isolation,
         )
+        keep = _Keeper(job.checkpoints)
         if self.isolation == "inline":
-            metrics = self._train_inline(request, reporter)
+            metrics = self._train_inline(request, reporter, keep)
         else:
-            metrics = self._train_in_child(request, reporter, job_id=job.training_id)
+            metrics = self._train_restarting(request, reporter, keep, job_id=job.training_id)
         if not out_path.is_file():
             raise TrainingFailedError(
                 f"training {job.training_id} ended without writing {out_path}",
@@ -257,6 +313,7 @@ class LocalTrainer:
                     "eval_loss_after",
                     "resolution",
                     "memory_mode",
+                    "resumed_from_step",
                 )
                 if key in metrics
             },
@@ -264,13 +321,15 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ inline
 
-    def _train_inline(self, request: _TrainRequest, reporter: _Reporter) -> dict[str, Any]:
+    def _train_inline(
+        self, request: _TrainRequest, reporter: _Reporter, keep: _Keeper
+    ) -> dict[str, Any]:
         def on_step(step: int, total: int, loss: float) -> bool:
             reporter.step(step, total, loss)
             return reporter.interrupted() or reporter.cancel_requested(force=step == 0)
 
         try:
-            return _run(request, on_step)
+            return _run(request, on_step, keep.save)
         except ConfigError as exc:
             raise _config_error(exc) from exc
         except TrainingCanceledError:
@@ -280,8 +339,36 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ child process
 
+    def _train_restarting(
+        self, request: _TrainRequest, reporter: _Reporter, keep: _Keeper, *, job_id: str
+    ) -> dict[str, Any]:
+        """Run the child; when it dies without a word (killed, a crash in native code) after
+        writing a checkpoint newer than the one it started from, start a new child from that
+        checkpoint, at most ``max_restarts`` times. A child that dies before making progress
+        is not restarted: it would most likely die the same way again."""
+        restarts = 0
+        while True:
+            try:
+                return self._train_in_child(request, reporter, keep, job_id=job_id)
+            except _ChildDiedError as died:
+                newest = (latest_checkpoint(request.checkpoint_dir)
+                          if request.checkpoint_dir is not None else None)
+                if (restarts >= self.max_restarts or newest is None
+                        or newest == request.resume_from):
+                    raise TrainingFailedError(
+                        f"training process for {job_id} exited with code {died.exitcode} "
+                        "without a result",
+                        user_message="Training stopped unexpectedly on this server (it may have "
+                        "run out of memory); try again.",
+                    ) from None
+                restarts += 1
+                logger.warning("training %s: its process died (exit code %s); restarting it "
+                               "from %s (restart %d of %d)", job_id, died.exitcode, newest.name,
+                               restarts, self.max_restarts)
+                request = dataclasses.replace(request, resume_from=newest)
+
     def _train_in_child(
-        self, request: _TrainRequest, reporter: _Reporter, *, job_id: str
+        self, request: _TrainRequest, reporter: _Reporter, keep: _Keeper, *, job_id: str
     ) -> dict[str, Any]:
         # spawn, not fork: forking a process that may hold threads (and, in a worker, a loaded
         # torch or CUDA context) is unsafe; the child starts clean and imports torch itself.
@@ -305,6 +392,9 @@ class LocalTrainer:
                     if kind == "step":
                         _, step, total, loss = message
                         reporter.step(step, total, loss)
+                    elif kind == "checkpoint":
+                        _, step, path = message
+                        keep.save(Path(path), step)
                     elif kind == "done":
                         done: dict[str, Any] = message[1]
                         return done
@@ -312,12 +402,7 @@ class LocalTrainer:
                         raise self._child_error(message)
                 elif not process.is_alive():
                     process.join()
-                    raise TrainingFailedError(
-                        f"training process for {job_id} exited with code {process.exitcode} "
-                        "without a result",
-                        user_message="Training stopped unexpectedly on this server (it may have "
-                        "run out of memory); try again.",
-                    )
+                    raise _ChildDiedError(process.exitcode)
                 if reporter.interrupted():
                     logger.info("training %s handed back: terminating child %s", job_id,
                                 process.pid)

@@ -1,0 +1,166 @@
+"""Checkpoints of the local trainer, for real on the tiny FLUX: a run stopped at a random step and
+resumed from its last checkpoint ends with the LoRA of a run never stopped, and a training child
+killed mid-run is started again from its checkpoint and ends with the full step count.
+
+The steps at which runs stop are drawn from a seed; try others with
+``SELFIE_LORA_CHECKPOINT_SEED=<n>`` (a failure prints the seed it ran with).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import signal
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from selfie_lora.domain.entities import TrainingStatus
+from selfie_lora.errors import TrainingInterruptedError
+from tests.integration.test_local_backend import RECIPE, FakeSink, _job
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from selfie_lora.adapters.flux.checkpoints import step_of  # noqa: E402
+from selfie_lora.adapters.flux.trainer import LocalTrainer  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SEED = int(os.environ.get("SELFIE_LORA_CHECKPOINT_SEED", "20261204"))
+SHORT = replace(RECIPE, steps=20, checkpoint_every=4)
+
+
+@dataclass
+class KeptCheckpoints:
+    """A ``CheckpointStore`` that copies each checkpoint into a folder (the blob store's part)."""
+
+    folder: Path
+    steps: list[int] = field(default_factory=list)
+
+    def save(self, path: Path, *, step: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, self.folder / path.name)
+        self.steps.append(step)
+
+    def newest(self) -> Path:
+        return max(self.folder.iterdir(), key=lambda p: step_of(p) or 0)
+
+
+def _trainer(cache_dir: Path, isolation: str) -> LocalTrainer:
+    return LocalTrainer(base_model="tiny", cache_dir=cache_dir, isolation=isolation,  # type: ignore[arg-type]
+                        device="cpu", num_threads=1, progress_interval_s=0.0)
+
+
+def _close(a: Path, b: Path) -> None:
+    first, second = load_file(str(a)), load_file(str(b))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.allclose(first[key], second[key], rtol=1e-5, atol=1e-7), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shared_model_cache: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The reference: one inline run of SHORT, never stopped."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    kept = KeptCheckpoints(tmp / "kept")
+    sink = FakeSink()
+    result = _trainer(shared_model_cache, "inline").train(
+        replace(_job(tmp, SHORT), checkpoints=kept), sink=sink)
+    return {"result": result, "sink": sink, "kept": kept}
+
+
+def test_an_uninterrupted_run_checkpoints_every_n_steps_but_the_last(
+        uninterrupted: dict[str, Any]) -> None:
+    assert uninterrupted["kept"].steps == [4, 8, 12, 16]
+    assert uninterrupted["result"].metrics["resumed_from_step"] == 0
+    # The loop keeps its two newest files only.
+    work = uninterrupted["result"].weights_path.parent / "checkpoints"
+    assert sorted(p.name for p in work.iterdir()) == ["step-00000012.ckpt", "step-00000016.ckpt"]
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_as_if_never_stopped(
+        shared_model_cache: Path, tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
+    stop_at = random.Random(SEED).randrange(SHORT.checkpoint_every + 1, SHORT.steps)
+    kept = KeptCheckpoints(tmp_path / "kept")
+    trainer = _trainer(shared_model_cache, "inline")
+    with pytest.raises(TrainingInterruptedError):
+        trainer.train(replace(_job(tmp_path / "first", SHORT), checkpoints=kept),
+                      sink=FakeSink(interrupt_after=stop_at))
+    newest = kept.newest()
+    at = step_of(newest)
+    assert at == stop_at // SHORT.checkpoint_every * SHORT.checkpoint_every, f"seed {SEED}"
+
+    # Another machine: a fresh work dir, only the kept checkpoint.
+    sink = FakeSink()
+    result = trainer.train(replace(_job(tmp_path / "second", SHORT), resume_from=newest),
+                           sink=sink)
+    assert result.metrics["resumed_from_step"] == at
+    assert result.metrics["steps"] == SHORT.steps
+    steps = [step for _, step, _, _ in sink.steps]
+    assert steps == list(range(at, SHORT.steps + 1)), f"seed {SEED}"
+    # The losses of the resumed steps are the uninterrupted run's, step for step.
+    reference = {step: loss for _, step, _, loss in uninterrupted["sink"].steps}
+    for _, step, _, loss in sink.steps[1:]:
+        assert math.isclose(loss, reference[step], rel_tol=1e-5), (step, f"seed {SEED}")
+    _close(result.weights_path, uninterrupted["result"].weights_path)
+    assert result.metrics["first_loss"] == uninterrupted["result"].metrics["first_loss"]
+
+
+def test_a_checkpoint_of_another_run_is_ignored(
+        shared_model_cache: Path, tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
+    newest = uninterrupted["kept"].newest()
+    other = replace(SHORT, learning_rate=SHORT.learning_rate / 2)
+    sink = FakeSink()
+    result = _trainer(shared_model_cache, "inline").train(
+        replace(_job(tmp_path, other), resume_from=newest), sink=sink)
+    assert result.metrics["resumed_from_step"] == 0  # started over
+    assert sink.steps[0][1] == 0
+
+
+class KillingSink(FakeSink):
+    """Kills the training child (SIGKILL) once the parent hears of step ``kill_at``."""
+
+    def __init__(self, kill_at: int) -> None:
+        super().__init__()
+        self.kill_at = kill_at
+        self.killed: int | None = None
+
+    def progress(self, *, status: TrainingStatus, step: int, total: int,
+                 loss: float | None = None) -> None:
+        super().progress(status=status, step=step, total=total, loss=loss)
+        if self.killed is None and step >= self.kill_at:
+            import multiprocessing
+
+            (child,) = [p for p in multiprocessing.active_children()
+                        if p.name.startswith("selfie-lora-train-")]
+            assert child.pid is not None
+            os.kill(child.pid, signal.SIGKILL)
+            self.killed = child.pid
+
+
+def test_a_killed_training_child_restarts_from_its_last_checkpoint(
+        shared_model_cache: Path, tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
+    kill_at = random.Random(SEED + 1).randrange(SHORT.checkpoint_every + 1, SHORT.steps)
+    kept = KeptCheckpoints(tmp_path / "kept")
+    sink = KillingSink(kill_at)
+    result = _trainer(shared_model_cache, "process").train(
+        replace(_job(tmp_path, SHORT), checkpoints=kept), sink=sink)
+    assert sink.killed is not None, f"seed {SEED}"
+    resumed = result.metrics["resumed_from_step"]
+    assert SHORT.checkpoint_every <= resumed < SHORT.steps, f"seed {SEED}"
+    assert resumed % SHORT.checkpoint_every == 0
+    steps = [step for _, step, _, _ in sink.steps]
+    assert steps == sorted(set(steps))
+    assert steps[-1] == SHORT.steps
+    assert result.metrics["steps"] == SHORT.steps
+    _close(result.weights_path, uninterrupted["result"].weights_path)
+    assert kept.steps[-1] == 16  # the restarted child went on checkpointing
