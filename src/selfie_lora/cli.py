@@ -263,29 +263,52 @@ def train(
         kind = "retraining" if t.is_retraining else "first training"
         console.print(f"{kind} {t.id}: trigger word [bold]{t.trigger_word}[/bold], destination "
                       f"{t.destination}, trainer {t.trainer_version}")
-        if not wait:
-            return
-        from selfie_lora.worker import embedded_worker
+        if wait:
+            _follow(services, owner=owner, user=user, training_id=t.id)
 
-        with embedded_worker(services):
-            final = follow_training(
-                lambda: services.training.progress(user=owner, training_id=t.id).training)
-        if final.status != "succeeded":
-            err_console.print(f"[red]training {final.status}:[/red] {final.error}")
-            raise typer.Exit(1)
-        overview = services.models.overview(user=owner)
-        active, model = overview.active, overview.model
-        new = services.training.view(final).version
-        if new is not None and new.gate_status is GateStatus.HELD:
-            # The training worked; the likeness gate kept the previous version active.
-            console.print(f"[yellow]succeeded, but version {new.number} is held back[/yellow]: "
-                          f"{new.gate_reason}")
-            console.print(f"version {active.number if active else '?'} stays active; compare "
-                          f"them with 'selfie-lora compare --user {user}', or activate version "
-                          f"{new.number} yourself (POST /api/model/versions/{new.number}/activate)")
-        else:
-            console.print(f"[green]succeeded[/green]: version {active.number if active else '?'} "
-                          f"is active (LoRA scale {model.lora_scale})")
+
+@app.command()
+def resume(
+    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+    training_id: Annotated[str | None, typer.Argument(
+        help="The canceled training (default: the user's latest training).")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the end.")] = True,
+) -> None:
+    """Continue a canceled local training from its last checkpoint (as a new training)."""
+    with opened() as services:
+        owner = services.users.get_by_name(name=user)
+        if training_id is None:
+            training_id = services.training.progress(user=owner).training.id
+        t = services.training.resume(user=owner, training_id=training_id).training
+        console.print(f"training {t.id} resumes {training_id} at step {t.step}/{t.total_steps}: "
+                      f"trigger word [bold]{t.trigger_word}[/bold], trainer {t.trainer_version}")
+        if wait:
+            _follow(services, owner=owner, user=user, training_id=t.id)
+
+
+def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> None:
+    """Run the training here until it ends and say how it ended (exit 1 unless it succeeded)."""
+    from selfie_lora.worker import embedded_worker
+
+    with embedded_worker(services):
+        final = follow_training(
+            lambda: services.training.progress(user=owner, training_id=training_id).training)
+    if final.status != "succeeded":
+        err_console.print(f"[red]training {final.status}:[/red] {final.error}")
+        raise typer.Exit(1)
+    overview = services.models.overview(user=owner)
+    active, model = overview.active, overview.model
+    new = services.training.view(final).version
+    if new is not None and new.gate_status is GateStatus.HELD:
+        # The training worked; the likeness gate kept the previous version active.
+        console.print(f"[yellow]succeeded, but version {new.number} is held back[/yellow]: "
+                      f"{new.gate_reason}")
+        console.print(f"version {active.number if active else '?'} stays active; compare "
+                      f"them with 'selfie-lora compare --user {user}', or activate version "
+                      f"{new.number} yourself (POST /api/model/versions/{new.number}/activate)")
+    else:
+        console.print(f"[green]succeeded[/green]: version {active.number if active else '?'} "
+                      f"is active (LoRA scale {model.lora_scale})")
 
 
 @app.command()

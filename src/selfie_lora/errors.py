@@ -63,6 +63,7 @@ class ErrorCode(enum.StrEnum):
     WEBHOOK_REPLAYED = "webhook_replayed"
     WRITE_CONFLICT = "write_conflict"
     GC_IN_PROGRESS = "gc_in_progress"
+    NOT_RESUMABLE = "not_resumable"
     # 408, 413
     REQUEST_TIMEOUT = "request_timeout"
     BODY_TOO_LARGE = "body_too_large"

@@ -29,6 +29,10 @@ class CancelBody(_Body):
     training_id: Id
 
 
+class ResumeBody(_Body):
+    training_id: Id
+
+
 class ModelPatch(_Body):
     lora_scale: float | None = Field(default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX,
                                      allow_inf_nan=False)

@@ -1,4 +1,4 @@
-"""Routes of trainings: upload photos (and start), start, progress, cancel."""
+"""Routes of trainings: upload photos (and start), start, progress, cancel, resume."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, UploadFile
 
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
-from selfie_lora.api.schemas import CancelBody, StartBody, errors
+from selfie_lora.api.schemas import CancelBody, ResumeBody, StartBody, errors
 from selfie_lora.api.serializers import dataset_json, model_json, training_json
 from selfie_lora.errors import PayloadTooLargeError
-from selfie_lora.services.training import TrainingView, UploadResult
+from selfie_lora.services.training import StartResult, TrainingView, UploadResult
 from selfie_lora.wiring import Services
 
 router = APIRouter(prefix="/api/training", tags=["training"])
@@ -78,12 +78,23 @@ async def upload_files(
     return upload_json(svc, result)
 
 
+def started_json(svc: Services, user: Any, result: StartResult) -> dict[str, Any]:
+    return {"training": view_json(svc.training.view(result.training)),
+            "model": model_of(svc, user)}
+
+
 @router.post("/start", status_code=202, responses=errors(404, 409, 422))
 def start_training(user: UserDep, svc: ServicesDep,
                    body: StartBody | None = None) -> dict[str, Any]:
     result = svc.training.start(user=user, dataset_id=body.dataset_id if body else None)
-    return {"training": view_json(svc.training.view(result.training)),
-            "model": model_of(svc, user)}
+    return started_json(svc, user, result)
+
+
+@router.post("/resume", status_code=202, responses=errors(404, 409, 422))
+def resume_training(user: UserDep, svc: ServicesDep, body: ResumeBody) -> dict[str, Any]:
+    """A canceled training continues from its last checkpoint, as a new training."""
+    result = svc.training.resume(user=user, training_id=body.training_id)
+    return started_json(svc, user, result)
 
 
 @router.get("/progress", responses=errors(404))

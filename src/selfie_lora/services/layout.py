@@ -12,8 +12,13 @@ a retried write changes nothing), by id where an object owns the bytes::
     quality/versions/<version>/probe-<n>-scale-<s>.png    a likeness probe image
     quality/compare/<a>-<b>/grid.png                      a comparison grid
     quality/models/<model>/chart.png                      a model's likeness chart
+    checkpoints/<training>/step-<8 digits>.ckpt           a local training's newest checkpoint
 
 (The likeness keys keep their historical ``quality/`` prefix: stored blobs stay where they are.)
+
+Checkpoints are not in ``PREFIXES``: the training service deletes them when a training ends
+with a version or fails, and keeps a canceled training's for ``resume``; the collector never
+lists them.
 
 ``owner_of`` reads a key back (the garbage collector asks whom a listed blob belongs to).
 """
@@ -77,6 +82,20 @@ _OWNERS: tuple[tuple[re.Pattern[str], Owner], ...] = tuple(
         (r"quality/compare/(?P<id>[^/]+)/grid\.png", Owner.COMPARISON),
         (r"quality/models/(?P<id>[^/]+)/chart\.png", Owner.MODEL),
     ))
+
+
+def checkpoint_prefix(training_id: str) -> str:
+    return f"checkpoints/{training_id}"
+
+
+def checkpoint_key(training_id: str, step: int) -> str:
+    return f"{checkpoint_prefix(training_id)}/step-{step:08d}.ckpt"
+
+
+def checkpoint_step(key: str) -> int | None:
+    """The step of a key made by ``checkpoint_key``, None for any other key."""
+    match = re.fullmatch(r"checkpoints/[^/]+/step-(\d{8})\.ckpt", key)
+    return int(match[1]) if match else None
 
 
 def owner_of(key: str) -> tuple[Owner, str] | None:

@@ -69,7 +69,7 @@ from selfie_lora.domain.lease import (
     release,
     scoring_exhausted,
 )
-from selfie_lora.domain.plan import TrainingDefaults, plan_training
+from selfie_lora.domain.plan import TrainingDefaults, TrainingPlan, plan_training
 from selfie_lora.domain.progress import add_loss_point
 from selfie_lora.domain.states import can_transition, transition
 from selfie_lora.errors import (
@@ -85,6 +85,7 @@ from selfie_lora.errors import (
     TrainingInterruptedError,
 )
 from selfie_lora.logs import training_context
+from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.intake import IntakeService
 from selfie_lora.services.layout import photo_key, weights_key
@@ -175,6 +176,7 @@ class TrainingService:
         self._repo = repo
         self._telemetry: Telemetry = telemetry or NullTelemetry()
         self._blobs = blobs
+        self._checkpoints = TrainingCheckpoints(blobs)
         self._queue = queue
         self._trainers = dict(trainers)
         # A callable, not a value: the configured default may change while the service runs,
@@ -192,7 +194,8 @@ class TrainingService:
 
     # ------------------------------------------------------------------ start (every entry point)
     def start(self, *, user: User, dataset_id: str | None = None,
-              new_dataset: Dataset | None = None, _upload_token: str | None = None) -> StartResult:
+              new_dataset: Dataset | None = None, _upload_token: str | None = None,
+              _resume: _Resume | None = None) -> StartResult:
         """Get or create the user's model, plan a (re)training and queue it: on ``dataset_id``,
         the latest accepted dataset, or ``new_dataset`` (checked photos, stored in the same
         transaction as the training, so a refused start stores nothing).
@@ -229,16 +232,21 @@ class TrainingService:
                 model, user_id=user.id, new_model_id=new_id(), defaults=defaults, rng=self._rng,
                 now=self._clock(),
             )
+            if _resume is not None:
+                _resume.check(plan)
             if plan.is_new_model:
                 tx.add_model(plan.model)
             training = Training(
-                id=new_id(), model_id=plan.model.id, dataset_id=dataset.id,
+                id=_resume.training_id if _resume else new_id(), model_id=plan.model.id,
+                dataset_id=dataset.id,
                 backend=plan.backend, status=TrainingStatus.QUEUED,
                 is_retraining=plan.is_retraining, trigger_word=plan.trigger_word,
                 destination=plan.destination, trainer_version=plan.trainer_version,
                 recipe=plan.recipe, preserved=plan.preserved, created_at=self._clock(),
                 total_steps=plan.recipe.steps,
             )
+            if _resume is not None:
+                training = _resume.continued(training)
             tx.add_training(training)
             tx.add_event(model_id=plan.model.id, kind="training_queued", data={
                 "training_id": training.id,
@@ -247,6 +255,8 @@ class TrainingService:
                 "trainer_version": plan.trainer_version, "backend": plan.backend,
                 "lora_scale": plan.model.lora_scale, "preserved": plan.preserved,
                 "recipe": plan.recipe.as_dict(), "dataset_id": dataset.id,
+                **({"resumed_from": _resume.origin.id, "resumed_at_step": _resume.step}
+                   if _resume is not None else {}),
             })
         logger.info(
             "%s %s queued for model %s (trigger %s, destination %s, trainer %s, preserved %s)",
@@ -355,6 +365,48 @@ class TrainingService:
         final = self._repo.get_training(training.id)
         assert final is not None
         return final
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, *, user: User, training_id: str) -> StartResult:
+        """Continue a canceled local training from its last checkpoint, as a new training that
+        records where it came from (``resumed_from`` in its ``training_queued`` event): a
+        canceled training stays canceled (a terminal state is never left), and the new one
+        takes the model's one training slot, its pinned trigger word and trainer version, and
+        gets a version number of its own when it ends, like any other.
+
+        ``ConflictError`` when the training is not canceled, was canceled after its version was
+        stored (there is nothing left to train), has no checkpoint, or the model has moved to
+        another trainer version since; and as ``start`` when the model is busy."""
+        origin, _ = self.get(user=user, training_id=training_id)
+        if origin.status is not TrainingStatus.CANCELED:
+            raise ConflictError(f"only a canceled training can be resumed; this one is "
+                                f"{origin.status}", code=ErrorCode.NOT_RESUMABLE)
+        if origin.version_id is not None:
+            raise ConflictError("this training was canceled after its version was stored: "
+                                "there is nothing left to train", code=ErrorCode.NOT_RESUMABLE)
+        new_training_id = new_id()
+        scratch = self._work_dir / f"resume-{new_training_id}"
+        scratch.mkdir(parents=True, exist_ok=True)
+        try:
+            # Copied before the training exists: a queued resumed training always finds it.
+            copied = self._checkpoints.copy(origin.id, new_training_id, scratch=scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if copied is None:
+            raise ConflictError("this training left no checkpoint to resume from (it was "
+                                "canceled before its first one); start a new training",
+                                code=ErrorCode.NOT_RESUMABLE)
+        try:
+            started = self.start(user=user, dataset_id=origin.dataset_id, _resume=_Resume(
+                origin=origin, training_id=new_training_id, step=copied.step))
+        except BaseException:
+            self._checkpoints.drop(new_training_id)
+            raise
+        # Resumed once: the canceled training's own checkpoints are of no further use.
+        self._checkpoints.drop(origin.id)
+        logger.info("training %s resumes canceled training %s from step %d",
+                    new_training_id, origin.id, copied.step)
+        return started
 
     # ------------------------------------------------------------------ worker side
     def run(self, training_id: str, *, owner: str | None = None,
@@ -562,8 +614,18 @@ class TrainingService:
         work_dir.mkdir(parents=True, exist_ok=True)
         try:
             job = self._job(training, work_dir=work_dir)
+            # The newest checkpoint of an earlier attempt (or of the canceled training this one
+            # resumes), wherever that ran: the blob store is what every worker sees.
+            stored = self._checkpoints.fetch(training.id, work_dir / "resume.ckpt")
+            if stored is not None:
+                logger.info("training %s continues from its checkpoint at step %d",
+                            training.id, stored.step)
+            job = dataclasses.replace(
+                job, resume_from=work_dir / "resume.ckpt" if stored is not None else None,
+                checkpoints=_HeldCheckpoints(self, held))
             result = trainer.train(job, sink=_Sink(self, held))
             self._store_version(held, result)
+            self._checkpoints.drop(training.id)
             return True
         except TrainingInterruptedError:
             raise
@@ -678,6 +740,7 @@ class TrainingService:
                 error=user_message)
 
         t = self._update_held(held, fail)
+        self._checkpoints.drop(t.id)  # only a canceled training can be resumed
         self._ended(t, error_code=code)
         self._repo.add_event(model_id=t.model_id, kind="training_failed",
                              data={"training_id": t.id, "error": user_message})
@@ -801,6 +864,53 @@ class _Held:
             raise LeaseLostError(f"training {self.training_id} was taken over")
         if self._stopping.is_set():
             raise TrainingInterruptedError(f"training {self.training_id}: this worker stops")
+
+
+@dataclass(frozen=True)
+class _Resume:
+    """A training that resumes the canceled ``origin`` from its checkpoint at ``step``."""
+
+    origin: Training
+    training_id: str
+    step: int
+
+    def check(self, plan: TrainingPlan) -> None:
+        """The checkpoint fits only the run it came from: the same pinned trainer and recipe."""
+        o = self.origin
+        if (plan.model.id != o.model_id or plan.trainer_version != o.trainer_version
+                or plan.trigger_word != o.trigger_word or plan.backend != o.backend
+                or plan.recipe != o.recipe):
+            raise ConflictError(
+                f"the model now trains with {plan.trainer_version}, not {o.trainer_version} as "
+                "the canceled training did: start a new training instead",
+                code=ErrorCode.NOT_RESUMABLE)
+
+    def continued(self, training: Training) -> Training:
+        """The new training starts where the checkpoint is: its step and its loss curve so far."""
+        return dataclasses.replace(
+            training, step=self.step,
+            loss_curve=tuple(p for p in self.origin.loss_curve if p[0] <= self.step))
+
+
+class _HeldCheckpoints:
+    """The job's checkpoint store: the blob store, while this worker holds the training."""
+
+    def __init__(self, service: TrainingService, held: _Held) -> None:
+        self._service = service
+        self._held = held
+
+    def save(self, path: Path, *, step: int) -> None:
+        try:
+            with self._service._holding(self._held):
+                pass  # a worker that lost the training stores nothing (and stops soon)
+            self._service._checkpoints.keep(self._held.training_id, path, step=step)
+        except LeaseLostError:
+            logger.info("training %s: not storing checkpoint %d, the lease is lost",
+                        self._held.training_id, step)
+        except SelfieLoraError as exc:
+            # Training goes on; only a crash from here on costs more steps.
+            logger.warning("training %s: checkpoint %d not stored: %s", self._held.training_id,
+                           step, exc.message)
 
 
 def _refuse_if_busy(repo: Repository, model: Model | None) -> None:

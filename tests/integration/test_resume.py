@@ -1,0 +1,395 @@
+"""Resuming trainings through the service: a training whose worker died continues from the
+checkpoint in the blob store on another worker (the real tiny FLUX, inline) and ends with the full
+step count, one version and the LoRA of a run never stopped; a canceled training keeps its
+checkpoint and resumes, as a new training, through the service, ``POST /api/training/resume`` and
+``selfie-lora resume``.
+
+The steps at which trainings stop are drawn from a seed; try others with
+``SELFIE_LORA_CHECKPOINT_SEED=<n>`` (a failure prints the seed it ran with).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from selfie_lora.api.app import create_app
+from selfie_lora.cli import app as cli_app
+from selfie_lora.config import Settings
+from selfie_lora.domain.entities import Training, TrainingStatus, User
+from selfie_lora.errors import ConflictError, TrainingCanceledError
+from selfie_lora.services.layout import checkpoint_prefix
+from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
+from selfie_lora.testing.fakes import FakeGenerator, SimulatedCrash, fake_safetensors
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import auth, make_settings, one_person_analyzer
+from tests.support.photos import synthetic_photo
+
+SEED = int(os.environ.get("SELFIE_LORA_CHECKPOINT_SEED", "20261204"))
+
+
+def _photos() -> list[tuple[str, bytes]]:
+    return [(f"p{i}.jpg", synthetic_photo(i)) for i in range(3)]
+
+
+def _checkpoints(services: Services, training_id: str) -> list[str]:
+    return sorted(info.key for info in services.blobs.list(checkpoint_prefix(training_id)))
+
+
+def _versions_of(services: Services, training: Training) -> list[Any]:
+    return [v for v in services.repo.list_versions(training.model_id)
+            if v.training_id == training.id]
+
+
+class _Hooked:
+    """A sink that calls ``hook(step)`` after each progress report it forwards."""
+
+    def __init__(self, sink: ProgressSink, hook: Callable[[int], None]) -> None:
+        self._sink = sink
+        self._hook = hook
+
+    def started(self, *, remote_id: str | None) -> None:
+        self._sink.started(remote_id=remote_id)
+
+    def progress(self, *, status: TrainingStatus, step: int, total: int,
+                 loss: float | None = None) -> None:
+        self._sink.progress(status=status, step=step, total=total, loss=loss)
+        self._hook(step)
+
+    def cancel_requested(self) -> bool:
+        return self._sink.cancel_requested()
+
+    def interrupted(self) -> bool:
+        return self._sink.interrupted()
+
+
+@dataclass
+class Stopping:
+    """Wraps a trainer: its first training calls ``hook`` at every reported step (the hook
+    kills the worker, or cancels); later trainings run untouched. Records every job."""
+
+    inner: Any
+    hook: Callable[[TrainingJob, int], None]
+    backend: str = "local"
+    jobs: list[TrainingJob] = field(default_factory=list)
+
+    def cancel_remote(self, remote_id: str) -> None:
+        del remote_id
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        self.jobs.append(job)
+        if len(self.jobs) == 1:
+            sink = _Hooked(sink, lambda step: self.hook(job, step))
+        result: TrainingResult = self.inner.train(job, sink=sink)
+        return result
+
+
+# --------------------------------------------------------------------------- the real tiny FLUX
+
+
+@pytest.fixture
+def tiny(shared_model_cache: Path) -> Any:
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from selfie_lora.adapters.flux.trainer import LocalTrainer
+
+    return LocalTrainer(base_model="tiny", cache_dir=shared_model_cache, isolation="inline",
+                        device="cpu", num_threads=1, progress_interval_s=0.0)
+
+
+def _services(tmp_path: Path, trainer: Any) -> Services:
+    return build_services(make_settings(tmp_path), trainers={"local": trainer},
+                          face_analyzer=one_person_analyzer(),
+                          generators={"local": FakeGenerator()})
+
+
+def _same_lora(services: Services, training: Training, inner: Any, job: TrainingJob,
+               tmp_path: Path) -> None:
+    """The training's version holds the LoRA an uninterrupted run of its job makes."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.integration.test_local_backend import FakeSink
+
+    reference = inner.train(dataclasses.replace(job, work_dir=tmp_path / "reference",
+                                                resume_from=None, checkpoints=None),
+                            sink=FakeSink())
+    (version,) = _versions_of(services, training)
+    stored = tmp_path / "stored.safetensors"
+    stored.write_bytes(services.blobs.get(version.weights_key))
+    a, b = load_file(str(stored)), load_file(str(reference.weights_path))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-7), (key, f"seed {SEED}")
+
+
+def _queued(services: Services, *, seed: int) -> tuple[User, Training, int]:
+    """A user's first training, queued, and a step past its first checkpoint to stop it at."""
+    user, _ = services.users.create(name="ann")
+    queued = services.training.upload_files(user=user, files=_photos()).training
+    assert queued is not None
+    every, total = queued.recipe.checkpoint_every, queued.recipe.steps
+    assert 0 < every < total
+    return user, queued, random.Random(seed).randrange(every + 1, total)
+
+
+@pytest.mark.slow
+def test_a_training_whose_worker_died_resumes_from_its_checkpoint(
+        tmp_path: Path, tiny: Any) -> None:
+    died_at: list[int] = []
+
+    def die(job: TrainingJob, step: int) -> None:
+        if step >= crash_at:
+            died_at.append(step)
+            raise SimulatedCrash(f"the worker died at step {step}")
+
+    trainer = Stopping(inner=tiny, hook=die)
+    services = _services(tmp_path, trainer)
+    try:
+        _user, queued, crash_at = _queued(services, seed=SEED)
+        every, total = queued.recipe.checkpoint_every, queued.recipe.steps
+
+        with pytest.raises(SimulatedCrash):
+            services.training.run(queued.id, owner="worker-a")
+        checkpoint_step = crash_at // every * every
+        assert _checkpoints(services, queued.id) == [
+            f"{checkpoint_prefix(queued.id)}/step-{checkpoint_step:08d}.ckpt"], f"seed {SEED}"
+        crashed = services.repo.get_training(queued.id)
+        assert crashed is not None
+        assert crashed.step == crash_at
+
+        # The worker is gone (its lease ends; the upload's queue message is still there to
+        # reach another worker): another one takes the training over and resumes it.
+        services.training.reconcile(dead_owners=("worker-a",))
+        services.training.run(queued.id, owner="worker-b")
+
+        done = services.repo.get_training(queued.id)
+        assert done is not None
+        assert done.status is TrainingStatus.SUCCEEDED, done.error
+        assert done.recoveries == 1
+        assert done.step == done.total_steps == total
+        assert done.metrics["resumed_from_step"] == checkpoint_step
+        assert trainer.jobs[1].resume_from is not None
+        # The loss curve went on from where the first attempt left it, one point a step.
+        assert [step for step, _ in done.loss_curve] == list(range(1, total + 1))
+        assert len(_versions_of(services, done)) == 1
+        kinds = [e["kind"] for e in services.repo.list_events(done.model_id)]
+        assert kinds.count("version_stored") == 1
+        assert _checkpoints(services, queued.id) == []  # a finished training keeps none
+        _same_lora(services, done, tiny, trainer.jobs[1], tmp_path)
+    finally:
+        services.close()
+
+
+@pytest.mark.slow
+def test_a_canceled_training_resumes_from_its_checkpoint(tmp_path: Path, tiny: Any) -> None:
+    def cancel(job: TrainingJob, step: int) -> None:
+        if step == cancel_at:
+            services.training.cancel(user=user, training_id=job.training_id)
+
+    trainer = Stopping(inner=tiny, hook=cancel)
+    services = _services(tmp_path, trainer)
+    try:
+        user, first, cancel_at = _queued(services, seed=SEED + 1)
+        every, total = first.recipe.checkpoint_every, first.recipe.steps
+        services.training.run(first.id)
+        canceled = services.repo.get_training(first.id)
+        assert canceled is not None
+        assert canceled.status is TrainingStatus.CANCELED
+        checkpoint_step = cancel_at // every * every
+        assert len(_checkpoints(services, first.id)) == 1  # kept for a resume
+
+        resumed = services.training.resume(user=user, training_id=first.id).training
+        assert resumed.id != first.id
+        assert resumed.status is TrainingStatus.QUEUED
+        assert resumed.step == checkpoint_step, f"seed {SEED}"
+        assert resumed.loss_curve == tuple(p for p in canceled.loss_curve
+                                           if p[0] <= checkpoint_step)
+        for name in ("trigger_word", "trainer_version", "destination", "recipe", "dataset_id"):
+            assert getattr(resumed, name) == getattr(canceled, name), name
+        queued_event = [e for e in services.repo.list_events(first.model_id)
+                        if e["kind"] == "training_queued"][-1]
+        assert queued_event["data"]["resumed_from"] == first.id
+        assert _checkpoints(services, first.id) == []  # resumed once: moved to the new one
+        with pytest.raises(ConflictError):
+            services.training.resume(user=user, training_id=first.id)
+
+        services.training.run(resumed.id)
+        done = services.repo.get_training(resumed.id)
+        assert done is not None
+        assert done.status is TrainingStatus.SUCCEEDED, done.error
+        assert done.step == total
+        assert done.metrics["resumed_from_step"] == checkpoint_step
+        assert [step for step, _ in done.loss_curve] == list(range(1, total + 1))
+        (version,) = _versions_of(services, done)
+        assert version.number == 1
+        origin = services.repo.get_training(first.id)
+        assert origin is not None
+        assert origin.status is TrainingStatus.CANCELED
+        assert origin.version_id is None
+        _same_lora(services, done, tiny, trainer.jobs[1], tmp_path)
+        with pytest.raises(ConflictError) as refused:
+            services.training.resume(user=user, training_id=done.id)  # succeeded
+        assert refused.value.code == "not_resumable"
+    finally:
+        services.close()
+
+
+# --------------------------------------------------------------------------- route and CLI
+
+
+@dataclass
+class CheckpointingFake:
+    """A fast trainer that checkpoints every other step (the checkpoint file holds its step),
+    continues from ``job.resume_from``, and lets ``hook`` act at each step."""
+
+    steps: int = 6
+    hook: Callable[[TrainingJob, int], None] | None = None
+    backend: str = "local"
+    started_from: list[int] = field(default_factory=list)
+
+    def cancel_remote(self, remote_id: str) -> None:
+        del remote_id
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        start = int(job.resume_from.read_text()) if job.resume_from is not None else 0
+        self.started_from.append(start)
+        sink.started(remote_id=None)
+        for step in range(start + 1, self.steps + 1):
+            if step % 2 == 0 and job.checkpoints is not None:
+                path = job.work_dir / f"{step}.ckpt"
+                path.write_text(str(step))
+                job.checkpoints.save(path, step=step)
+            sink.progress(status=TrainingStatus.PROCESSING, step=step, total=self.steps,
+                          loss=1.0 / step)
+            if self.hook is not None:
+                self.hook(job, step)
+            if sink.cancel_requested():
+                raise TrainingCanceledError("canceled", user_message="The training was canceled.")
+        path = job.work_dir / "lora.safetensors"
+        path.write_bytes(fake_safetensors({"training_id": job.training_id}))
+        return TrainingResult(weights_path=path, weights_method="fake:file",
+                              metrics={"steps": self.steps})
+
+
+def _canceled_at_step_3(services: Services, trainer: CheckpointingFake, user: User) -> Training:
+    def cancel(job: TrainingJob, step: int) -> None:
+        if step == 3:
+            services.training.cancel(user=user, training_id=job.training_id)
+
+    trainer.hook = cancel
+    queued = services.training.upload_files(user=user, files=_photos()).training
+    assert queued is not None
+    services.training.run(queued.id)
+    trainer.hook = None
+    canceled = services.repo.get_training(queued.id)
+    assert canceled is not None
+    assert canceled.status is TrainingStatus.CANCELED
+    return canceled
+
+
+@pytest.fixture
+def fake_served(tmp_path: Path) -> Iterator[tuple[TestClient, Services, CheckpointingFake]]:
+    settings = make_settings(tmp_path)
+    trainer = CheckpointingFake()
+    services = build_services(settings, trainers={"local": trainer},
+                              face_analyzer=one_person_analyzer(),
+                              generators={"local": FakeGenerator()})
+    try:
+        with TestClient(create_app(settings, services=services, run_worker=False),
+                        raise_server_exceptions=False) as client:
+            yield client, services, trainer
+    finally:
+        services.close()
+
+
+def test_the_resume_route_continues_a_canceled_training(
+        fake_served: tuple[TestClient, Services, CheckpointingFake]) -> None:
+    client, services, trainer = fake_served
+    headers = auth(services, "ann")
+    user = services.users.get_by_name(name="ann")
+    canceled = _canceled_at_step_3(services, trainer, user)
+
+    r = client.post("/api/training/resume", headers=headers,
+                    json={"training_id": canceled.id})
+    assert r.status_code == 202, r.text
+    body = r.json()["training"]
+    assert body["status"] == "queued"
+    assert body["step"] == 2
+    assert body["trigger_word"] == canceled.trigger_word
+    again = client.post("/api/training/resume", headers=headers,
+                        json={"training_id": canceled.id})
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "not_resumable"
+    missing = client.post("/api/training/resume", headers=headers,
+                          json={"training_id": "00000000-0000-0000-0000-000000000000"})
+    assert missing.status_code == 404
+
+    services.training.run(body["id"])
+    assert trainer.started_from == [0, 2]
+    done = client.get("/api/training/progress", headers=headers,
+                      params={"training_id": body["id"]}).json()["training"]
+    assert done["status"] == "succeeded"
+    assert done["step"] == done["total_steps"] == trainer.steps
+
+
+def test_a_training_canceled_before_its_first_checkpoint_cannot_be_resumed(
+        fake_served: tuple[TestClient, Services, CheckpointingFake]) -> None:
+    client, services, trainer = fake_served
+    headers = auth(services, "bob")
+    user = services.users.get_by_name(name="bob")
+    queued = services.training.upload_files(user=user, files=_photos()).training
+    assert queued is not None
+    services.training.cancel(user=user, training_id=queued.id)  # nobody ran it
+    r = client.post("/api/training/resume", headers=headers, json={"training_id": queued.id})
+    assert r.status_code == 409
+    assert "no checkpoint" in r.json()["error"]["message"]
+    # Nothing was queued meanwhile: the user can start a new training.
+    assert services.training.start(user=user).training.status is TrainingStatus.QUEUED
+    del trainer
+
+
+def test_selfie_lora_resume_queues_the_canceled_training(home: Path) -> None:
+    trainer = CheckpointingFake()
+    services = build_services(Settings(home=home, min_photos=1), trainers={"local": trainer},
+                              face_analyzer=one_person_analyzer(),
+                              generators={"local": FakeGenerator()})
+    try:
+        user, _ = services.users.create(name="ann")
+        canceled = _canceled_at_step_3(services, trainer, user)
+    finally:
+        services.close()
+
+    result = CliRunner().invoke(cli_app, ["resume", "--user", "ann", "--no-wait"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert f"resumes {canceled.id} at step 2/" in said
+
+    services = build_services(Settings(home=home, min_photos=1), trainers={"local": trainer},
+                              face_analyzer=one_person_analyzer(),
+                              generators={"local": FakeGenerator()})
+    try:
+        latest = services.training.progress(user=user).training
+        assert latest.id != canceled.id
+        assert latest.status is TrainingStatus.QUEUED
+        services.training.run(latest.id)
+        done = services.repo.get_training(latest.id)
+        assert done is not None
+        assert done.status is TrainingStatus.SUCCEEDED
+        assert trainer.started_from == [0, 2]
+    finally:
+        services.close()
+
+    refused = CliRunner().invoke(cli_app, ["resume", "--user", "ann", canceled.id, "--no-wait"])
+    assert refused.exit_code == 1
+    assert "no checkpoint" in " ".join(refused.output.split())  # resumed once already
