@@ -540,6 +540,7 @@ class TrainingService:
                            updated.recoveries)
             self._ended(failed, error_code=ErrorCode.TRAINING_INTERRUPTED)
             self._cancel_remote(updated)
+            self._checkpoints.drop(training_id)  # failed: it will never be resumed
             return None
         if current.lease_owner is not None:
             logger.warning("training %s: %s takes it over from %s, which stopped holding it "
