@@ -72,10 +72,10 @@ class _Keeper:
     def save(self, path: Path, step: int) -> None:
         if self._store is None:
             return
-        if not path.is_file():
+        try:
+            self._store.save(path, step=step)
+        except FileNotFoundError:
             logger.debug("checkpoint %s already replaced by a newer one", path)
-            return
-        self._store.save(path, step=step)
 
 
 @dataclass(frozen=True)
