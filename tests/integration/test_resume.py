@@ -393,3 +393,32 @@ def test_selfie_lora_resume_queues_the_canceled_training(home: Path) -> None:
     refused = CliRunner().invoke(cli_app, ["resume", "--user", "ann", canceled.id, "--no-wait"])
     assert refused.exit_code == 1
     assert "no checkpoint" in " ".join(refused.output.split())  # resumed once already
+
+
+def test_the_training_page_offers_to_resume_a_canceled_training(tmp_path: Path) -> None:
+    from tests.integration.test_web import FAST_HASHER, PASSWORD, csrf, sign_in
+
+    settings = make_settings(tmp_path)
+    trainer = CheckpointingFake()
+    services = build_services(settings, trainers={"local": trainer},
+                              face_analyzer=one_person_analyzer(),
+                              generators={"local": FakeGenerator()}, password_hasher=FAST_HASHER)
+    try:
+        user, _ = services.users.create(name="ann", password=PASSWORD)
+        canceled = _canceled_at_step_3(services, trainer, user)
+        with TestClient(create_app(settings, services=services, run_worker=False),
+                        raise_server_exceptions=False) as client:
+            sign_in(client, "ann")
+            page = client.get("/train/status").text
+            assert "Resume from step 2" in page
+            r = client.post("/train/resume", data={"csrf_token": csrf(client),
+                                                   "training_id": canceled.id},
+                            follow_redirects=False)
+            assert r.status_code == 303, r.text
+            resumed = services.training.progress(user=user).training
+            assert resumed.id != canceled.id
+            assert resumed.status is TrainingStatus.QUEUED
+            assert resumed.step == 2
+            assert "Resume from step" not in client.get("/train/status").text  # it runs now
+    finally:
+        services.close()

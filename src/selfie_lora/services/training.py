@@ -408,6 +408,13 @@ class TrainingService:
                     new_training_id, origin.id, copied.step)
         return started
 
+    def resume_point(self, training: Training) -> int | None:
+        """The step ``resume`` would continue ``training`` from; None when it cannot."""
+        if training.status is not TrainingStatus.CANCELED or training.version_id is not None:
+            return None
+        stored = self._checkpoints.latest(training.id)
+        return stored.step if stored is not None else None
+
     # ------------------------------------------------------------------ worker side
     def run(self, training_id: str, *, owner: str | None = None,
             stopping: threading.Event | None = None) -> None:

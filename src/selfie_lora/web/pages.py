@@ -274,6 +274,7 @@ def _status_context(web: Web, viewer: Viewer, view: Any) -> dict[str, Any]:
                   TrainingStatus.CANCELED: "was canceled"}.get(training.status),
         "held": view.version is not None and view.version.gate_status is GateStatus.HELD,
         "loss_points": _polyline(training.loss_curve, total=training.total_steps),
+        "resume_step": web.services.training.resume_point(training),
     }
 
 
@@ -337,6 +338,13 @@ async def train_start(request: Request, viewer: FormViewer) -> Response:
 def train_cancel(request: Request, viewer: FormViewer, training_id: FormStr) -> Response:
     web = _web(request)
     web.services.training.cancel(user=viewer.user, training_id=training_id)
+    return _see("/train")
+
+
+@router.post("/train/resume")
+def train_resume(request: Request, viewer: FormViewer, training_id: FormStr) -> Response:
+    web = _web(request)
+    web.services.training.resume(user=viewer.user, training_id=training_id)
     return _see("/train")
 
 
