@@ -359,6 +359,22 @@ def test_a_training_canceled_before_its_first_checkpoint_cannot_be_resumed(
     del trainer
 
 
+def test_a_canceled_training_of_a_model_moved_to_another_trainer_is_not_resumed(
+        fake_served: tuple[TestClient, Services, CheckpointingFake]) -> None:
+    _client, services, trainer = fake_served
+    user, _ = services.users.create(name="cat")
+    canceled = _canceled_at_step_3(services, trainer, user)
+    services.models.change_trainer_version(user=user, trainer_version="local-flux-v1",
+                                           reason="a real GPU now")
+    with pytest.raises(ConflictError) as refused:
+        services.training.resume(user=user, training_id=canceled.id)
+    assert refused.value.code == "not_resumable"
+    assert "checkpoint does not fit" in refused.value.message
+    # Refused before anything changed: the checkpoint stays, nothing is queued.
+    assert services.training.resume_point(canceled) == 2
+    assert services.training.progress(user=user).training.id == canceled.id
+
+
 def test_selfie_lora_resume_queues_the_canceled_training(home: Path) -> None:
     trainer = CheckpointingFake()
     services = build_services(Settings(home=home, min_photos=1), trainers={"local": trainer},

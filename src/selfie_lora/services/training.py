@@ -889,8 +889,9 @@ class _Resume:
                 or plan.trigger_word != o.trigger_word or plan.backend != o.backend
                 or plan.recipe != o.recipe):
             raise ConflictError(
-                f"the model now trains with {plan.trainer_version}, not {o.trainer_version} as "
-                "the canceled training did: start a new training instead",
+                f"the model now trains with {plan.trainer_version} (recipe {plan.recipe.name}), "
+                f"not as the canceled training did ({o.trainer_version}, recipe "
+                f"{o.recipe.name}): its checkpoint does not fit; start a new training instead",
                 code=ErrorCode.NOT_RESUMABLE)
 
     def continued(self, training: Training) -> Training:
