@@ -1,0 +1,58 @@
+"""A training's checkpoints in the blob store, on the file system and on S3-compatible object
+storage (the scale path, where the next attempt may run on another machine): only the newest is
+kept, it reads back whole, it moves to the training that resumes a canceled one, and it goes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+from selfie_lora.services.checkpoints import TrainingCheckpoints
+from selfie_lora.services.layout import checkpoint_key, checkpoint_prefix
+from tests.support.s3 import S3Server
+
+
+@pytest.fixture(params=["fs", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    if request.param == "fs":
+        return FileSystemBlobStore(tmp_path / "blobs")
+    server: S3Server = request.getfixturevalue("s3_server")
+    return server.store(server.new_location(), tmp_path / "cache")
+
+
+def _keys(store: Any, training_id: str) -> list[str]:
+    return sorted(info.key for info in store.list(checkpoint_prefix(training_id)))
+
+
+def test_the_newest_checkpoint_is_kept_read_back_moved_and_dropped(store: Any,
+                                                                    tmp_path: Path) -> None:
+    checkpoints = TrainingCheckpoints(store)
+    assert checkpoints.latest("t1") is None
+    assert checkpoints.fetch("t1", tmp_path / "none.ckpt") is None
+    for step in (10, 20):
+        written = tmp_path / f"step-{step}.ckpt"
+        written.write_bytes(bytes([step]) * (3 * 1024 * 1024 + step))  # several parts on S3
+        checkpoints.keep("t1", written, step=step)
+    checkpoints.keep("t2", written, step=10)  # another training's stay apart
+    assert _keys(store, "t1") == [checkpoint_key("t1", 20)]
+
+    fetched = checkpoints.fetch("t1", tmp_path / "resume" / "resume.ckpt")
+    assert fetched is not None
+    assert fetched.step == 20
+    assert (tmp_path / "resume" / "resume.ckpt").read_bytes() == written.read_bytes()
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    moved = checkpoints.copy("t1", "t3", scratch=scratch)
+    assert moved is not None
+    assert moved.key == checkpoint_key("t3", 20)
+    assert store.get(moved.key) == written.read_bytes()
+    assert list(scratch.iterdir()) == []  # the staged copy is gone
+    assert checkpoints.copy("nothing", "t4", scratch=scratch) is None
+
+    checkpoints.drop("t1")
+    assert _keys(store, "t1") == []
+    assert _keys(store, "t2") == [checkpoint_key("t2", 10)]
