@@ -110,14 +110,14 @@ class Recipe:
     seed: int = 0
     # None: alpha = rank (a LoRA scale of 1 means the LoRA as trained).
     lora_alpha: int | None = None
+    # Save a resumable checkpoint every this many optimizer steps (0: never). Stored recipes
+    # from before checkpoints lack it and read back as 0.
+    checkpoint_every: int = 0
 
     @property
     def alpha(self) -> float:
         """The LoRA alpha trained with: ``lora_alpha``, else the rank."""
         return float(self.lora_rank) if self.lora_alpha is None else float(self.lora_alpha)
-    # Save a resumable checkpoint every this many optimizer steps (0: never). Stored recipes
-    # from before checkpoints lack it and read back as 0.
-    checkpoint_every: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {
