@@ -164,3 +164,24 @@ def test_a_killed_training_child_restarts_from_its_last_checkpoint(
     assert result.metrics["steps"] == SHORT.steps
     _close(result.weights_path, uninterrupted["result"].weights_path)
     assert kept.steps[-1] == 16  # the restarted child went on checkpointing
+
+
+def test_a_run_on_a_quantized_base_resumes_as_well(shared_model_cache: Path,
+                                                   tmp_path: Path) -> None:
+    """The checkpoint holds the LoRA and the optimizer only: on an int8 base (a 24 GB card's
+    mode) a resumed run ends as the uninterrupted one too."""
+    pytest.importorskip("torchao")
+    recipe = replace(SHORT, steps=10)
+    trainer = LocalTrainer(base_model="tiny", cache_dir=shared_model_cache, isolation="inline",
+                           device="cpu", num_threads=1, progress_interval_s=0.0,
+                           memory_mode="int8")
+    whole = trainer.train(_job(tmp_path / "whole", recipe), sink=FakeSink())
+    kept = KeptCheckpoints(tmp_path / "kept")
+    with pytest.raises(TrainingInterruptedError):
+        trainer.train(replace(_job(tmp_path / "first", recipe), checkpoints=kept),
+                      sink=FakeSink(interrupt_after=6))
+    resumed = trainer.train(replace(_job(tmp_path / "second", recipe), resume_from=kept.newest()),
+                            sink=FakeSink())
+    assert resumed.metrics["resumed_from_step"] == 4
+    assert resumed.metrics["memory_mode"] == "int8"
+    _close(resumed.weights_path, whole.weights_path)
