@@ -48,7 +48,8 @@ class TrainingCheckpoints:
         for older in self._stored(training_id):
             if older.step < step:
                 self._blobs.delete(older.key)
-        logger.info("training %s: checkpoint at step %d stored", training_id, step)
+        # Routine: the log keeps a line per change of state, the progress shows the steps.
+        logger.debug("training %s: checkpoint at step %d stored", training_id, step)
 
     def fetch(self, training_id: str, into: Path) -> StoredCheckpoint | None:
         """Copy the newest checkpoint to the file ``into``; None when there is none."""

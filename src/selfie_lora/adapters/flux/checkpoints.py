@@ -109,7 +109,8 @@ def save_checkpoint(
     for old in sorted((p for p in directory.iterdir() if step_of(p) is not None),
                       key=lambda p: step_of(p) or 0)[:-KEEP]:
         old.unlink(missing_ok=True)
-    logger.info("checkpoint at step %d written to %s", state.step, final)
+    # Routine (every checkpoint_every steps): not a line per checkpoint in the worker's log.
+    logger.debug("checkpoint at step %d written to %s", state.step, final)
     return final
 
 
