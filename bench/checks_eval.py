@@ -57,6 +57,7 @@ from selfie_lora.dataset.checks import CheckPolicy, PhotoAnalysis, analyze_photo
 from selfie_lora.dataset.checks.duplicates import pair_duplicate  # noqa: E402
 from selfie_lora.dataset.decode import DecodedPhoto, decode_photo  # noqa: E402
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits  # noqa: E402
+from selfie_lora.dataset.pipeline import decode_side  # noqa: E402
 
 DEFAULT_PEOPLE = ROOT.parent / "shared" / "photos" / "people"
 MARKER = "<!-- checks-eval -->"
@@ -189,7 +190,7 @@ def _init(landmarks: int) -> None:
 
 def _analyse(name: str, data: bytes, order: int) -> PhotoAnalysis | None:
     decoded = decode_photo(UploadedFile(name=name, data=data), limits=LIMITS,
-                           min_side=max(POLICY.resolution, POLICY.decode_min_side))
+                           min_side=decode_side(POLICY))
     if not isinstance(decoded, DecodedPhoto):
         return None
     return analyze_photo(decoded, analyzer=_analyzer, policy=POLICY, order=order)
