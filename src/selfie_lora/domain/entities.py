@@ -97,9 +97,19 @@ class WebSession:
     expires_at: datetime
 
 
+# The quality knobs' values (see Recipe). The first of each is what the v1 recipes did.
+TIMESTEP_SAMPLINGS = ("sigmoid", "flux_shift")
+LORA_TARGET_SETS = ("attention", "all_linear")
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """A named set of training hyper-parameters, stored with every training."""
+    """A named set of training hyper-parameters, stored with every training.
+
+    The quality knobs after ``checkpoint_every`` default to what the ``local-*-v1`` recipes did,
+    and :meth:`as_dict` leaves a knob out while it has its default: a recipe stored before the knob
+    existed reads back as what it trained with, and its checkpoints still match it.
+    """
 
     name: str
     steps: int
@@ -113,6 +123,31 @@ class Recipe:
     # Save a resumable checkpoint every this many optimizer steps (0: never). Stored recipes
     # from before checkpoints lack it and read back as 0.
     checkpoint_every: int = 0
+    # How training timesteps are drawn: "sigmoid" (logit-normal) or "flux_shift" (logit-normal
+    # shifted towards noise by FLUX's resolution-dependent shift, as its sampler does).
+    timestep_sampling: str = "sigmoid"
+    # Which linear layers get a LoRA: "attention" (the attention projections of both block kinds)
+    # or "all_linear" (every linear of both streams: attention, MLPs, modulation).
+    lora_targets: str = "attention"
+    # Photos keep their own aspect ratio (the nearest of a few buckets at about resolution**2
+    # pixels) instead of one square crop.
+    aspect_buckets: bool = False
+    # The loss weight of pixels inside each photo's face box (1: an unweighted loss).
+    face_loss_weight: float = 1.0
+    # Generate a sample image with the LoRA so far every this many steps (0: never).
+    sample_every: int = 0
+
+    def __post_init__(self) -> None:
+        # Recipes are written in code or read from storage: a wrong value is a programming error.
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"recipe {self.name}: timestep_sampling {self.timestep_sampling!r} "
+                             f"is not one of {TIMESTEP_SAMPLINGS}")
+        if self.lora_targets not in LORA_TARGET_SETS:
+            raise ValueError(f"recipe {self.name}: lora_targets {self.lora_targets!r} "
+                             f"is not one of {LORA_TARGET_SETS}")
+        if self.face_loss_weight < 1.0 or self.sample_every < 0:
+            raise ValueError(f"recipe {self.name}: face_loss_weight must be >= 1 and "
+                             "sample_every >= 0")
 
     @property
     def alpha(self) -> float:
@@ -132,6 +167,10 @@ class Recipe:
         }
         if self.lora_alpha is not None:  # absent when alpha = rank: stored recipes stay as they were
             data["lora_alpha"] = self.lora_alpha
+        for key, default in _KNOB_DEFAULTS.items():
+            value = getattr(self, key)
+            if value != default:
+                data[key] = value
         return data
 
     @classmethod
@@ -146,7 +185,22 @@ class Recipe:
             seed=int(data.get("seed", 0)),
             lora_alpha=None if data.get("lora_alpha") is None else int(data["lora_alpha"]),
             checkpoint_every=int(data.get("checkpoint_every", 0)),
+            timestep_sampling=str(data.get("timestep_sampling", "sigmoid")),
+            lora_targets=str(data.get("lora_targets", "attention")),
+            aspect_buckets=bool(data.get("aspect_buckets", False)),
+            face_loss_weight=float(data.get("face_loss_weight", 1.0)),
+            sample_every=int(data.get("sample_every", 0)),
         )
+
+
+# The quality knobs and their defaults (the v1 behaviour): left out of a stored recipe when so.
+_KNOB_DEFAULTS: dict[str, Any] = {
+    "timestep_sampling": "sigmoid",
+    "lora_targets": "attention",
+    "aspect_buckets": False,
+    "face_loss_weight": 1.0,
+    "sample_every": 0,
+}
 
 
 @dataclass(frozen=True)
