@@ -216,7 +216,7 @@ def run_plain(
     vae.requires_grad_(False)
     transformer.add_adapter(
         LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_rank, init_lora_weights="gaussian",
-                   target_modules=list(train_loop.LORA_TARGET_MODULES))
+                   target_modules=train_loop.lora_target_modules(recipe.lora_targets))
     )
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:

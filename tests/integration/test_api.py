@@ -197,6 +197,11 @@ def test_patch_scale_validation_and_rollback(client: TestClient, services: Servi
     assert r.json()["lora_scale_is_custom"] is True
     versions = client.get("/api/model/versions", headers=h).json()["versions"]
     assert [v["number"] for v in versions] == [2, 1]
+    # Each version records every value of the recipe its training used, as that training did.
+    latest = client.get("/api/training/progress", headers=h).json()["training"]
+    assert latest["id"] == versions[0]["training_id"]
+    assert versions[0]["recipe"] == {**versions[0]["recipe"], **latest["recipe"]}
+    assert {"timestep_sampling", "lora_targets", "face_loss_weight"} <= set(versions[0]["recipe"])
     r = client.post(f"/api/model/versions/{versions[1]['id']}/activate", headers=h)
     assert r.status_code == 200
     assert r.json()["active_version"]["number"] == 1

@@ -206,6 +206,43 @@ def test_kohya_export_loads_in_diffusers_with_identical_outputs(
     assert (outputs["ours"] - base).abs().max() > 1e-3  # the adapter does something
 
 
+def test_an_all_linear_lora_exports_to_kohya_with_identical_outputs(
+    wide_transformer: Any, tmp_path: Path
+) -> None:
+    """``lora_targets="all_linear"`` (the v2 recipes) trains both streams' attention and MLPs and
+    the single blocks' ``proj_mlp``: every kohya module gets all of its parts, none zero."""
+    transformer = wide_transformer
+    base = _output(transformer)
+    config = train_loop.add_lora(transformer, rank=RANK, alpha=ALPHA, seed=3, targets="all_linear")
+    _perturb(transformer, seed=4)
+    ours = tmp_path / "ours.safetensors"
+    train_loop.save_lora(transformer, config=config, out_path=ours)
+    _round_lora_to_bf16(transformer)
+    in_memory = _output(transformer)
+    transformer.delete_adapters("default")
+
+    kohya = tmp_path / "kohya.safetensors"
+    kohya.write_bytes(lora_formats.convert_lora(ours.read_bytes(), to=WeightsFormat.KOHYA))
+    tensors, _ = _tensors(kohya)
+    double, single = "lora_unet_double_blocks_0", "lora_unet_single_blocks_0"
+    assert sorted({k.split(".")[0] for k in tensors}) == sorted(
+        [f"{double}_{m}" for m in ("img_attn_qkv", "img_attn_proj", "img_mlp_0", "img_mlp_2",
+                                   "txt_attn_qkv", "txt_attn_proj", "txt_mlp_0", "txt_mlp_2")]
+        + [f"{single}_linear1", f"{single}_linear2"])
+    # proj_mlp was trained this time: its part of linear1 holds values.
+    assert tensors[f"{single}_linear1.lora_up.weight"][3 * 3072 :].any()
+
+    outputs = {}
+    for name, path in (("ours", ours), ("kohya", kohya)):
+        pipe = _pipeline_of(transformer)
+        pipe.load_lora_weights(str(path), adapter_name=name)
+        outputs[name] = _output(transformer)
+        pipe.delete_adapters(name)
+    assert torch.allclose(outputs["ours"], in_memory, rtol=0, atol=1e-6)
+    assert torch.equal(outputs["kohya"], outputs["ours"])
+    assert (outputs["ours"] - base).abs().max() > 1e-3
+
+
 def test_an_old_fp32_file_with_alpha_in_metadata_exports_with_its_alpha(tmp_path: Path) -> None:
     """Versions saved before the ``.alpha`` tensors carry alpha only in diffusers' metadata."""
     from safetensors.torch import save_file

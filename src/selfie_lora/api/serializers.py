@@ -63,6 +63,9 @@ def version_json(v: Version, quality: VersionLikeness | None = None) -> dict[str
         "quality": likeness_summary_json(quality),
         "quality_url": f"/api/model/versions/{v.id}/quality",
         "alert": v.alert,
+        # Every value of the recipe the version was trained with (kept in its likeness record;
+        # null for a version recorded before recipes were).
+        "recipe": quality.training.get("recipe") if quality is not None else None,
     }
 
 

@@ -173,6 +173,12 @@ class Recipe:
                 data[key] = value
         return data
 
+    def values(self) -> dict[str, Any]:
+        """Every value the recipe trains with, the knobs at their defaults included (what a version
+        records; :meth:`as_dict` is the compact stored form)."""
+        return {**self.as_dict(), "lora_alpha": self.lora_alpha,
+                **{key: getattr(self, key) for key in _KNOB_DEFAULTS}}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         return cls(

@@ -391,9 +391,11 @@ class VersionLikeness:
 
 
 def training_figures(
-    metrics: dict[str, Any], *, loss: float | None, steps: int, seconds: float | None
+    metrics: dict[str, Any], *, loss: float | None, steps: int, seconds: float | None,
+    recipe: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The training's own figures from its trainer's metrics (whatever the backend reports)."""
+    """The training's own figures from its trainer's metrics (whatever the backend reports), and
+    every value of the recipe it trained with (``Recipe.values``): part of what made the version."""
     final_loss = _opt_float(metrics.get("final_loss"))
     if final_loss is None:
         final_loss = loss
@@ -406,6 +408,7 @@ def training_figures(
         "steps": int(reported_steps) if isinstance(reported_steps, int | float) else steps,
         "seconds": reported_seconds if reported_seconds is not None else seconds,
         "cost": _opt_float(metrics.get("cost")),
+        "recipe": recipe,
         "metrics": {k: v if isinstance(v, str | int | float | bool | type(None)) else str(v)
                     for k, v in metrics.items()},
     }

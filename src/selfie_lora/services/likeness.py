@@ -601,7 +601,8 @@ class LikenessService:
             version_id=version.id, model_id=version.model_id, status=LikenessStatus.PENDING,
             created_at=utcnow(), training=training_figures(
                 dict(training.metrics), loss=training.loss,
-                steps=max(training.step, training.total_steps), seconds=seconds),
+                steps=max(training.step, training.total_steps), seconds=seconds,
+                recipe=training.recipe.values()),
         )
 
     def _load(self, version_id: str) -> tuple[Version, Model, Training]:

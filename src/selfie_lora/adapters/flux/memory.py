@@ -41,7 +41,7 @@ from selfie_lora.errors import TrainingFailedError
 if TYPE_CHECKING:
     import torch
 
-    from selfie_lora.adapters.flux.train_loop import TrainingExample
+    from selfie_lora.adapters.flux.train_loop import TimestepShift, TrainingExample
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +231,8 @@ class TrainingBase:
     examples: list[TrainingExample]
     resolution: int
     mode: MemoryMode
+    # How the base model's sampler shifts timesteps (a "flux_shift" recipe trains with it).
+    timestep_shift: TimestepShift | None = None
 
 
 def parameter_count(module: Any) -> int:
@@ -255,7 +257,11 @@ def load_training_base(
     never their sum.
     """
     from selfie_lora.adapters.flux.loader import load_pipeline
-    from selfie_lora.adapters.flux.train_loop import effective_resolution, prepare_examples
+    from selfie_lora.adapters.flux.train_loop import (
+        TimestepShift,
+        effective_resolution,
+        prepare_examples,
+    )
 
     pipe = load_pipeline(pipeline_source, cache_dir=cache_dir, device="cpu", dtype=dtype)
     resolution = effective_resolution(pipe, resolution)
@@ -263,6 +269,7 @@ def load_training_base(
         pipe, photos, resolution=resolution, names=photo_names, device=device, dtype=dtype
     )
     transformer = pipe.transformer
+    timestep_shift = TimestepShift.from_scheduler_config(pipe.scheduler.config)
     # Only the transformer is needed from here on (on a real FLUX.1, T5-XXL alone is ~9 GiB).
     del pipe
     release_device_memory(device)
@@ -282,4 +289,5 @@ def load_training_base(
         chosen = mode
     quantize_transformer(transformer, mode=chosen, device=device)
     release_device_memory(device)
-    return TrainingBase(transformer=transformer, examples=examples, resolution=resolution, mode=chosen)
+    return TrainingBase(transformer=transformer, examples=examples, resolution=resolution,
+                        mode=chosen, timestep_shift=timestep_shift)

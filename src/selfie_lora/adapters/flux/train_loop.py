@@ -5,11 +5,13 @@ The recipe follows what FLUX LoRA trainers do (diffusers' DreamBooth FLUX exampl
 * each photo is center-cropped and resized to the recipe's resolution, encoded once by the VAE
   (FLUX's ``shift_factor``/``scaling_factor`` applied) and packed into 2x2 patches;
 * each caption is encoded once by CLIP (pooled) and T5 (sequence), without gradients;
-* rectified flow matching: ``t ~ sigmoid(N(0, 1))`` (logit-normal), ``x_t = (1 - t) x0 + t noise``,
-  the transformer predicts the velocity ``noise - x0`` under an MSE loss;
-* a LoRA (rank ``recipe.lora_rank``, alpha ``recipe.alpha``: the rank unless the recipe says)
-  on the attention projections of every transformer block is the only thing trained (AdamW, fp32
-  LoRA parameters even when the base runs in bf16).
+* rectified flow matching: ``t ~ sigmoid(N(0, 1))`` (logit-normal), with
+  ``recipe.timestep_sampling == "flux_shift"`` then shifted towards noise by FLUX's
+  resolution-dependent shift (:class:`TimestepShift`), ``x_t = (1 - t) x0 + t noise``, the
+  transformer predicts the velocity ``noise - x0`` under an MSE loss;
+* a LoRA (rank ``recipe.lora_rank``, alpha ``recipe.alpha``: the rank unless the recipe says) on
+  the modules ``recipe.lora_targets`` names (:func:`lora_target_modules`) is the only thing trained
+  (AdamW, fp32 LoRA parameters even when the base runs in bf16).
 
 Everything random draws from generators seeded by ``recipe.seed``, so the same photos, captions,
 base model and recipe give the same LoRA on the same device. The result is saved in diffusers'
@@ -22,6 +24,7 @@ Torch is imported inside the functions so that importing this module stays cheap
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
@@ -57,6 +60,19 @@ logger = logging.getLogger(__name__)
 # The attention projections of FLUX's double- and single-stream blocks (``to_out.0`` exists only in
 # the double-stream ones). The usual person-LoRA target set: enough to learn a face, small to store.
 LORA_TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
+# Every linear layer of both streams inside the transformer blocks, as ai-toolkit (and so
+# Replicate's trainer) and the diffusers FLUX example's widest set train: the image stream's
+# attention and MLP, the text stream's (``add_*_proj``, ``to_add_out``, ``ff_context``) and the single
+# blocks' fused ones (``proj_mlp``, ``proj_out``). A regular expression, so that the model-level
+# ``proj_out`` (the final layer) is not matched. Left out, as kohya sd-scripts leaves them out by
+# default: the modulation linears (``norm*.linear``), which are 6x wide and steer every token
+# from the timestep alone, and the embedders.
+LORA_ALL_LINEAR = (
+    r".*(?:^|\.)(?:transformer_blocks|single_transformer_blocks)\.\d+\."
+    r"(?:attn\.(?:to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2"
+    r"|proj_mlp|proj_out)"
+)
 # FLUX.1-dev was guidance-distilled; LoRA trainers (ai-toolkit, Replicate's) train at guidance 1.
 TRAIN_GUIDANCE = 1.0
 METADATA_PREFIX = "selfie_lora."
@@ -228,11 +244,65 @@ def flow_matching_loss(
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
 
-def sample_sigmas(size: int, *, generator: torch.Generator) -> torch.Tensor:
-    """Logit-normal timesteps (SD3/FLUX trainers): most weight on the middle of the path."""
+@dataclass(frozen=True)
+class TimestepShift:
+    """FLUX's timestep shift: ``t' = e^mu / (e^mu + 1/t - 1)`` moves timesteps towards noise, by
+    more the more image tokens there are (``mu`` grows linearly from ``base_shift`` at
+    ``base_seq_len`` tokens to ``max_shift`` at ``max_seq_len``), because a larger image keeps more
+    of its structure at the same noise level. FLUX's sampler shifts so; a trainer that does not
+    trains mostly at timesteps the sampler spends little time in (SimpleTuner's
+    ``flux_schedule_auto_shift``). A scheduler without dynamic shifting (FLUX.1-schnell's) shifts
+    by its fixed ``shift`` at every size: ``mu = ln(shift)``.
+
+    The defaults are FLUX.1-dev's scheduler settings.
+    """
+
+    base_seq_len: int = 256
+    max_seq_len: int = 4096
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    dynamic: bool = True
+    shift: float = 3.0  # FLUX.1-dev's config names it; with dynamic shifting it is not used
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> TimestepShift:
+        """The shift a pipeline's ``FlowMatchEulerDiscreteScheduler`` samples with."""
+        default = cls()
+        return cls(
+            base_seq_len=int(config.get("base_image_seq_len") or default.base_seq_len),
+            max_seq_len=int(config.get("max_image_seq_len") or default.max_seq_len),
+            base_shift=float(config.get("base_shift") or default.base_shift),
+            max_shift=float(config.get("max_shift") or default.max_shift),
+            dynamic=bool(config.get("use_dynamic_shifting", default.dynamic)),
+            shift=float(config.get("shift") or default.shift),
+        )
+
+    def mu(self, image_tokens: int) -> float:
+        if not self.dynamic:
+            return math.log(self.shift)
+        slope = (self.max_shift - self.base_shift) / (self.max_seq_len - self.base_seq_len)
+        return self.base_shift + slope * (image_tokens - self.base_seq_len)
+
+    def apply(self, sigmas: torch.Tensor, *, image_tokens: int) -> torch.Tensor:
+        """``sigmas`` (in (0, 1)) shifted for an image of ``image_tokens`` packed tokens."""
+        factor = math.exp(self.mu(image_tokens))
+        return factor * sigmas / (1.0 + (factor - 1.0) * sigmas)
+
+
+def sample_sigmas(
+    size: int,
+    *,
+    generator: torch.Generator,
+    shift: TimestepShift | None = None,
+    image_tokens: int = 0,
+) -> torch.Tensor:
+    """Logit-normal timesteps (SD3/FLUX trainers): most weight on the middle of the path; with
+    ``shift``, moved as FLUX's sampler moves them for an image of ``image_tokens`` tokens. The
+    shift draws nothing, so a run's random stream is the same with it and without it."""
     import torch
 
-    return torch.sigmoid(torch.randn(size, generator=generator))
+    sigmas = torch.sigmoid(torch.randn(size, generator=generator))
+    return sigmas if shift is None else shift.apply(sigmas, image_tokens=image_tokens)
 
 
 def evaluate_loss(
@@ -269,24 +339,37 @@ def evaluate_loss(
 # --------------------------------------------------------------------------- LoRA
 
 
-def lora_config(rank: int, alpha: int | None = None) -> Any:
+def lora_target_modules(targets: str = "attention") -> list[str] | str:
+    """peft's ``target_modules`` for a recipe's ``lora_targets``: a list of module-name suffixes,
+    or a regular expression that must match a module's whole name."""
+    if targets == "attention":
+        return list(LORA_TARGET_MODULES)
+    if targets == "all_linear":
+        return LORA_ALL_LINEAR
+    raise ValueError(f"unknown LoRA target set {targets!r}")
+
+
+def lora_config(rank: int, alpha: int | None = None, *, targets: str = "attention") -> Any:
     from peft import LoraConfig
 
     # alpha = rank by default: a scale of 1 at generation time means "the LoRA as trained".
     return LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
-        target_modules=list(LORA_TARGET_MODULES),
+        target_modules=lora_target_modules(targets),
         init_lora_weights="gaussian",
     )
 
 
-def add_lora(transformer: Any, *, rank: int, seed: int, alpha: int | None = None) -> Any:
-    """Freeze the transformer and add a trainable LoRA (seeded init, fp32 parameters)."""
+def add_lora(
+    transformer: Any, *, rank: int, seed: int, alpha: int | None = None, targets: str = "attention"
+) -> Any:
+    """Freeze the transformer and add a trainable LoRA on ``targets`` (a recipe's
+    ``lora_targets``; seeded init, fp32 parameters)."""
     import torch
 
     transformer.requires_grad_(False)
-    config = lora_config(rank, alpha)
+    config = lora_config(rank, alpha, targets=targets)
     device = transformer.device
     # On a GPU the LoRA matrices are initialised with the CUDA generator: fork and seed it too.
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -405,6 +488,7 @@ def fit_lora(
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
     on_checkpoint: CheckpointCallback | None = None,
+    timestep_shift: TimestepShift | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Add a LoRA to ``transformer`` and train it in place on ``examples`` for ``recipe.steps``.
 
@@ -415,10 +499,17 @@ def fit_lora(
     written there every that many steps and passed to ``on_checkpoint``. With ``resume_from``
     the run continues from that checkpoint (when it fits this run): the first ``on_step`` report
     is its step, not 0, and the steps that follow are the ones the uninterrupted run takes.
+
+    ``timestep_shift`` is the base model's (:meth:`TimestepShift.from_scheduler_config`); a recipe
+    with ``timestep_sampling == "flux_shift"`` uses it, FLUX.1-dev's when None.
     """
     import torch
 
-    config = add_lora(transformer, rank=recipe.lora_rank, alpha=recipe.lora_alpha, seed=seed)
+    config = add_lora(transformer, rank=recipe.lora_rank, alpha=recipe.lora_alpha, seed=seed,
+                      targets=recipe.lora_targets)
+    shift = None
+    if recipe.timestep_sampling == "flux_shift":
+        shift = timestep_shift if timestep_shift is not None else TimestepShift()
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -450,7 +541,8 @@ def fit_lora(
                 order = torch.randperm(len(examples), generator=generator).tolist()
             indices.append(order.pop())
         batch = _batch([examples[i] for i in indices])
-        sigmas = sample_sigmas(len(indices), generator=generator)
+        sigmas = sample_sigmas(len(indices), generator=generator, shift=shift,
+                               image_tokens=batch.latents.shape[1])
         noise = torch.randn(batch.latents.shape, generator=generator)
         loss = flow_matching_loss(transformer, batch, sigmas=sigmas, noise=noise)
         if not torch.isfinite(loss):
@@ -568,6 +660,7 @@ def train_flux_lora(
                 checkpoint_dir=checkpoint_dir,
                 resume_from=resume_from,
                 on_checkpoint=on_checkpoint,
+                timestep_shift=base.timestep_shift,
             )
             eval_after = evaluate_loss(transformer, examples, seed=run_seed) if evaluate else None
             metadata = {
@@ -576,6 +669,9 @@ def train_flux_lora(
                 "steps": str(recipe.steps),
                 "seed": str(run_seed),
                 "resolution": str(resolution),
+                # Every value the recipe trained with, knobs at their defaults included: what
+                # "the same trainer" means travels with the file.
+                "recipe_values": json.dumps(recipe.values(), sort_keys=True),
                 **(extra_metadata or {}),
             }
             save_lora(transformer, config=config, out_path=out_path, extra_metadata=metadata)
