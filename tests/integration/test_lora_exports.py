@@ -163,6 +163,20 @@ def wide_transformer() -> Any:
     return model.eval()
 
 
+def _assert_both_load_alike(transformer: Any, *, ours: Path, kohya: Path, in_memory: Any) -> None:
+    """Our file loads with the in-memory adapter's outputs, and its kohya export (through
+    diffusers' kohya reader) with exactly our file's."""
+    outputs = {}
+    for name, path in (("ours", ours), ("kohya", kohya)):
+        pipe = _pipeline_of(transformer)
+        pipe.load_lora_weights(str(path), adapter_name=name)
+        outputs[name] = _output(transformer)
+        pipe.delete_adapters(name)
+    assert torch.allclose(outputs["ours"], in_memory, rtol=0, atol=1e-6)
+    assert torch.equal(outputs["kohya"], outputs["ours"])
+    assert (outputs["ours"] - _output(transformer)).abs().max() > 1e-3  # the adapter acts
+
+
 def test_kohya_export_loads_in_diffusers_with_identical_outputs(
     wide_transformer: Any, tmp_path: Path
 ) -> None:
@@ -195,15 +209,7 @@ def test_kohya_export_loads_in_diffusers_with_identical_outputs(
     assert not tensors[f"{single}_linear1.lora_up.weight"][3 * 3072 :].any()
     assert "lora_adapter_metadata" not in metadata
 
-    outputs = {}
-    for name, path in (("ours", ours), ("kohya", kohya)):
-        pipe = _pipeline_of(transformer)
-        pipe.load_lora_weights(str(path), adapter_name=name)
-        outputs[name] = _output(transformer)
-        pipe.delete_adapters(name)
-    assert torch.allclose(outputs["ours"], in_memory, rtol=0, atol=1e-6)
-    assert torch.equal(outputs["kohya"], outputs["ours"])
-    assert (outputs["ours"] - base).abs().max() > 1e-3  # the adapter does something
+    _assert_both_load_alike(transformer, ours=ours, kohya=kohya, in_memory=in_memory)
 
 
 def test_an_all_linear_lora_exports_to_kohya_with_identical_outputs(
@@ -212,7 +218,6 @@ def test_an_all_linear_lora_exports_to_kohya_with_identical_outputs(
     """``lora_targets="all_linear"`` (the v2 recipes) trains both streams' attention and MLPs and
     the single blocks' ``proj_mlp``: every kohya module gets all of its parts, none zero."""
     transformer = wide_transformer
-    base = _output(transformer)
     config = train_loop.add_lora(transformer, rank=RANK, alpha=ALPHA, seed=3, targets="all_linear")
     _perturb(transformer, seed=4)
     ours = tmp_path / "ours.safetensors"
@@ -232,15 +237,7 @@ def test_an_all_linear_lora_exports_to_kohya_with_identical_outputs(
     # proj_mlp was trained this time: its part of linear1 holds values.
     assert tensors[f"{single}_linear1.lora_up.weight"][3 * 3072 :].any()
 
-    outputs = {}
-    for name, path in (("ours", ours), ("kohya", kohya)):
-        pipe = _pipeline_of(transformer)
-        pipe.load_lora_weights(str(path), adapter_name=name)
-        outputs[name] = _output(transformer)
-        pipe.delete_adapters(name)
-    assert torch.allclose(outputs["ours"], in_memory, rtol=0, atol=1e-6)
-    assert torch.equal(outputs["kohya"], outputs["ours"])
-    assert (outputs["ours"] - base).abs().max() > 1e-3
+    _assert_both_load_alike(transformer, ours=ours, kohya=kohya, in_memory=in_memory)
 
 
 def test_an_old_fp32_file_with_alpha_in_metadata_exports_with_its_alpha(tmp_path: Path) -> None:
