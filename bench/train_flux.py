@@ -311,7 +311,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> list[Re
     cache_dir = Path(args.cache_dir)
     recipe = replace(
         get_recipe("local-tiny-v1" if tiny else "local-flux-v1"),
-        steps=args.steps, lora_rank=args.rank, batch_size=args.batch,
+        steps=args.steps, lora_rank=args.rank, batch_size=args.batch, lora_targets=args.targets,
     )
     checkpointing = device.startswith("cuda") and not tiny
     peak_flops = _peak_flops(device, args.peak_tflops)
@@ -383,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modes", default="bf16,int8,nf4")
     parser.add_argument("--no-plain", dest="plain", action="store_false",
                         help="skip the plain diffusers-example loop")
+    parser.add_argument("--targets", choices=("attention", "all_linear"), default="attention",
+                        help="the LoRA's modules (a recipe's lora_targets), in both loops")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--photos", type=int, default=4)
