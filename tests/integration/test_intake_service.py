@@ -8,6 +8,7 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -109,3 +110,47 @@ def test_a_set_without_faces_is_refused_with_everything_to_change(
     assert client.get("/api/model", headers=h).status_code == 404
     assert not (services.settings.blob_dir / "photos").exists()
     assert not (services.settings.blob_dir / "datasets").exists()
+
+
+@pytest.mark.parametrize(("trainer_version", "buckets"),
+                         [("local-flux-v2", True), ("local-flux-v1", False)])
+def test_a_portrait_photo_is_stored_as_a_portrait_crop_when_the_recipe_buckets(
+        tmp_path: Path, trainer_version: str, buckets: bool) -> None:
+    """obama2.jpg (626 x 1200) judged for a recipe with aspect buckets (v2) is stored at its 2:3
+    bucket's size with the face whole in it; for v1 as the square of before."""
+    from selfie_lora.adapters.faces.dlib_regions import DlibRegionFaceAnalyzer
+    from selfie_lora.dataset.limits import UploadedFile
+    from selfie_lora.domain.recipes import get_recipe
+
+    settings = make_settings(tmp_path, trainer_version=trainer_version)
+    services = build_services(settings, trainers={"local": FakeTrainer()},
+                              generators={"local": FakeGenerator()})
+    try:
+        files = [UploadedFile(name=name, data=(FIXTURES / name).read_bytes())
+                 for name in ("obama2.jpg", "obama.jpg")]
+        report = services.intake.check_files(files=files)
+    finally:
+        services.close()
+    assert report.trainable
+    recipe = get_recipe(trainer_version)
+    assert recipe.aspect_buckets is buckets
+    square = (recipe.resolution, recipe.resolution)
+    prepared = {p.name: p for p in report.accepted}
+    analyzer = DlibRegionFaceAnalyzer()
+    # 626 x 1200 is nearest 2:3, 910 x 1137 is 4:5 (at 1024 px: 832 x 1248, 912 x 1152).
+    for name, (width, height) in (("obama2.jpg", (832, 1248) if buckets else square),
+                                  ("obama.jpg", (912, 1152) if buckets else square)):
+        photo = prepared[name]
+        assert (photo.width, photo.height) == (width, height), name
+        with Image.open(io.BytesIO(photo.data)) as img:
+            assert img.size == (width, height)
+            pixels = np.asarray(img.convert("RGB"))
+        faces = analyzer.detect(pixels, landmarks=False, embed=False)
+        assert len(faces) == 1, name
+        left, top, right, bottom = faces[0].box
+        # The face whole and framed as the square frames it: ~42% of the shorter side, centred.
+        assert min(left, top) >= 0, name
+        assert right <= width, name
+        assert bottom <= height, name
+        assert 0.3 < faces[0].height / min(width, height) < 0.55, name
+        assert abs((left + right) / 2 - width / 2) < width * 0.08, name

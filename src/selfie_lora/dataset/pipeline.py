@@ -91,14 +91,16 @@ def process_photo(upload: UploadedFile, *, order: int, limits: UploadLimits, pol
         # Prepared now, before the set checks, so the pixels need not travel back; the few
         # photos the set checks reject (duplicates, strangers) are simply dropped.
         source: DecodedPhoto = decoded
-        wanted = source_min_side(decoded, analysis, resolution=policy.resolution)
+        wanted = source_min_side(decoded, analysis, resolution=policy.resolution,
+                                 aspect_buckets=policy.aspect_buckets)
         if wanted is not None:
             # The face-aware crop is smaller than the training resolution at this decode size
             # while the original has more pixels: decode again with enough of them.
             again = decode_photo(upload, limits=limits, min_side=wanted)
             if isinstance(again, DecodedPhoto):
                 source = again
-        prepared = prepare_photo(source, analysis, resolution=policy.resolution)
+        prepared = prepare_photo(source, analysis, resolution=policy.resolution,
+                                 aspect_buckets=policy.aspect_buckets)
     return PhotoOutcome(order=order, name=upload.name, analysis=analysis, prepared=prepared,
                         cpu_seconds=time.thread_time() - cpu_start)
 

@@ -1,10 +1,15 @@
-"""Preparing a checked photo for training: a square, face-centred crop at the trainer's
-resolution, saved as a JPEG that carries no metadata at all.
+"""Preparing a checked photo for training: a face-centred crop at the trainer's resolution,
+saved as a JPEG that carries no metadata at all.
 
-The crop puts the face at about ``FACE_FRACTION`` of the square's side (FLUX person LoRAs learn
-the face best from head-and-shoulders framing), centred on it, with a little more room below the
-chin than above the hair. It is shifted to stay inside the photo, and shrunk to the largest square
-that fits when the photo is too small for it.
+The crop puts the face at about ``FACE_FRACTION`` of the crop's shorter side (FLUX person LoRAs
+learn the face best from head-and-shoulders framing), centred on it, with a little more room below
+the chin than above the hair. It is shifted to stay inside the photo, and shrunk to the largest
+crop of its shape that fits when the photo is too small for it.
+
+Its shape is a square, or, for a recipe with ``aspect_buckets``, the aspect of the photo's
+nearest bucket (``domain.buckets``), stored at that bucket's size: a portrait photo keeps its
+shoulders and hair instead of losing them to a square. The face is then always whole inside the
+crop when the photo can hold it (the drop below the face never pushes the brows out).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from selfie_lora.dataset.checks import CROP_FACE_FRACTION, DecodedInput, PhotoAnalysis
+from selfie_lora.domain.buckets import Bucket, bucket_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +40,21 @@ DROP = 0.04
 class PreparedPhoto:
     name: str
     sha256: str  # of ``data``
-    data: bytes  # JPEG, RGB, square, no metadata at all (no EXIF, ICC profile or comment)
+    data: bytes  # JPEG, RGB, square or a bucket's size, no metadata (no EXIF, ICC profile, comment)
     width: int
     height: int
 
 
 def crop_box(analysis: PhotoAnalysis, *, image_size: tuple[int, int],
-             face_fraction: float = FACE_FRACTION) -> tuple[int, int, int, int]:
-    """The square to cut from an image of ``image_size`` (left, top, right, bottom), from the
-    analysis's main face (its coordinates are scaled when the image was decoded at another size).
-    Without a face: the centred largest square."""
+             face_fraction: float = FACE_FRACTION,
+             aspect: float | None = None) -> tuple[int, int, int, int]:
+    """The square (or, with ``aspect``, the crop of that width / height) to cut from an image of
+    ``image_size`` (left, top, right, bottom), from the analysis's main face (its coordinates are
+    scaled when the image was decoded at another size). Without a face: the centred largest
+    square (crop of that aspect)."""
+    if aspect is not None:
+        return _aspect_box(analysis, image_size=image_size, face_fraction=face_fraction,
+                           aspect=aspect)
     width, height = image_size
     fit = min(width, height)
     face = analysis.main_face
@@ -65,20 +76,104 @@ def crop_box(analysis: PhotoAnalysis, *, image_size: tuple[int, int],
     return left, top, left + side, top + side
 
 
+def _face_in(analysis: PhotoAnalysis, image_size: tuple[int, int]
+             ) -> tuple[float, float, float, float] | None:
+    """The main face's box scaled to ``image_size`` and clipped to the image."""
+    face = analysis.main_face
+    if face is None:
+        return None
+    width, height = image_size
+    k = width / analysis.image_size[0]
+    left, top, right, bottom = (v * k for v in face.box)
+    return (min(max(0.0, left), width), min(max(0.0, top), height),
+            min(max(0.0, right), width), min(max(0.0, bottom), height))
+
+
+def _largest(image_size: tuple[int, int], aspect: float) -> tuple[float, float]:
+    """The largest crop of ``aspect`` an image of ``image_size`` holds (width, height)."""
+    width, height = image_size
+    return min(width, height * aspect), min(height, width / aspect)
+
+
+def _aspect_box(analysis: PhotoAnalysis, *, image_size: tuple[int, int], face_fraction: float,
+                aspect: float) -> tuple[int, int, int, int]:
+    width, height = image_size
+    most_w, most_h = _largest(image_size, aspect)
+    face = _face_in(analysis, image_size)
+    if face is None:
+        crop_w, crop_h = most_w, most_h
+        cx, cy = width / 2, height / 2
+    else:
+        face_size = max(face[2] - face[0], face[3] - face[1], 1.0)
+        short = face_size / face_fraction  # the crop's shorter side, as a square's side today
+        crop_w, crop_h = (short * aspect, short) if aspect >= 1 else (short, short / aspect)
+        # Shrunk (keeping the aspect) only when the photo is too small.
+        crop_w, crop_h = min(crop_w, most_w), min(crop_h, most_h)
+        cx = (face[0] + face[2]) / 2
+        cy = (face[1] + face[3]) / 2 + DROP * min(crop_w, crop_h)
+    side_w = min(width, max(1, round(crop_w)))
+    side_h = min(height, max(1, round(crop_h)))
+    left = round(cx - side_w / 2)
+    top = round(cy - side_h / 2)
+    if face is not None:
+        # The face whole whenever the crop can hold it: a tight crop (small photo) centred a
+        # little below the face could otherwise cut the brows.
+        f_left, f_top = math.floor(face[0]), math.floor(face[1])
+        f_right, f_bottom = math.ceil(face[2]), math.ceil(face[3])
+        if f_right - f_left <= side_w:
+            left = min(max(left, f_right - side_w), f_left)
+        if f_bottom - f_top <= side_h:
+            top = min(max(top, f_bottom - side_h), f_top)
+    left = min(max(0, left), width - side_w)
+    top = min(max(0, top), height - side_h)
+    return left, top, left + side_w, top + side_h
+
+
+def crop_bucket(analysis: PhotoAnalysis, *, image_size: tuple[int, int],
+                resolution: int) -> Bucket:
+    """The bucket (at ``resolution``) a photo of ``image_size`` is cropped to: the one nearest
+    its aspect (``domain.buckets.nearest_bucket``), unless its face does not fit in that shape's
+    largest crop (a face filling the photo's width): then the nearest one it fits in."""
+    sizes = bucket_sizes(resolution)
+    target = math.log(image_size[0] / image_size[1])
+    # sorted() is stable: ties go to the squarer bucket, as in nearest_bucket.
+    ranked = sorted(sizes, key=lambda b: abs(math.log(b.aspect) - target))
+    face = _face_in(analysis, image_size)
+    if face is not None:
+        for bucket in ranked:
+            most_w, most_h = _largest(image_size, bucket.aspect)
+            if face[2] - face[0] <= most_w and face[3] - face[1] <= most_h:
+                return bucket
+    return ranked[0]
+
+
+def crop_plan(analysis: PhotoAnalysis, *, image_size: tuple[int, int], resolution: int,
+              aspect_buckets: bool = False) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """The crop to cut (left, top, right, bottom) and the size it is stored at (width, height):
+    the square at ``resolution``, or with ``aspect_buckets`` the photo's bucket."""
+    if not aspect_buckets:
+        return crop_box(analysis, image_size=image_size), (resolution, resolution)
+    bucket = crop_bucket(analysis, image_size=image_size, resolution=resolution)
+    box = crop_box(analysis, image_size=image_size, aspect=bucket.aspect)
+    return box, (bucket.width, bucket.height)
+
+
 def source_min_side(decoded: DecodedInput, analysis: PhotoAnalysis, *,
-                    resolution: int) -> int | None:
-    """The short side the photo should be decoded at so the crop has ``resolution`` pixels, when
-    the decoded image is too small for that and the original has more pixels to give; None when
-    the decoded image is enough (or nothing better exists)."""
+                    resolution: int, aspect_buckets: bool = False) -> int | None:
+    """The short side the photo should be decoded at so the crop has the pixels it is stored at
+    (``resolution``, or its bucket's size), when the decoded image is too small for that and the
+    original has more pixels to give; None when the decoded image is enough (or nothing better
+    exists)."""
     image_size = decoded.image.size
-    left, _top, right, _bottom = crop_box(analysis, image_size=image_size)
+    (left, _top, right, _bottom), (target, _h) = crop_plan(
+        analysis, image_size=image_size, resolution=resolution, aspect_buckets=aspect_buckets)
     side = right - left
-    if side >= resolution:
+    if side >= target:
         return None
     scale = max(decoded.original_size) / max(image_size)
     if scale <= 1.01:
         return None
-    wanted = min(float(resolution), side * scale)
+    wanted = min(float(target), side * scale)
     return math.ceil(min(image_size) * wanted / side)
 
 
@@ -95,32 +190,35 @@ def encode_clean_jpeg(image: Image.Image, *, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def _resize_square(pixels: NDArray[np.uint8], side: int) -> NDArray[np.uint8]:
+def _resize(pixels: NDArray[np.uint8], size: tuple[int, int]) -> NDArray[np.uint8]:
     """OpenCV's area averaging to shrink (each output pixel the mean of the source pixels it
-    covers: no aliasing, the way photo software downsizes) and bicubic to enlarge. It replaced a
-    Pillow Lanczos resize that took ~45 ms of the intake's ~240 ms a photo; OpenCV's takes ~3."""
+    covers: no aliasing, the way photo software downsizes) and bicubic to enlarge, to ``size``
+    (width, height). It replaced a Pillow Lanczos resize that took ~45 ms of the intake's ~240 ms
+    a photo; OpenCV's takes ~3."""
     import cv2
 
-    shrink = pixels.shape[0] > side
-    resized = cv2.resize(pixels, (side, side),
+    shrink = pixels.shape[0] > size[1]
+    resized = cv2.resize(pixels, size,
                          interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
     return np.asarray(resized, dtype=np.uint8)
 
 
 def prepare_photo(decoded: DecodedInput, analysis: PhotoAnalysis, *, resolution: int,
-                  quality: int = 95) -> PreparedPhoto:
-    """The training image of one photo: the face-aware square at ``resolution`` px."""
+                  aspect_buckets: bool = False, quality: int = 95) -> PreparedPhoto:
+    """The training image of one photo: the face-aware square at ``resolution`` px, or with
+    ``aspect_buckets`` the face-aware crop of its bucket's shape at the bucket's size."""
     image = decoded.image
-    box = crop_box(analysis, image_size=image.size)
-    side = box[2] - box[0]
-    square = image.crop(box)
-    if side != resolution:
-        square = Image.fromarray(_resize_square(np.asarray(square), resolution))
-    if side < resolution:
-        logger.debug("%s: crop of %d px upscaled to %d", decoded.name, side, resolution)
-    data = encode_clean_jpeg(square, quality=quality)
+    box, size = crop_plan(analysis, image_size=image.size, resolution=resolution,
+                          aspect_buckets=aspect_buckets)
+    crop_size = (box[2] - box[0], box[3] - box[1])
+    cropped = image.crop(box)
+    if crop_size != size:
+        cropped = Image.fromarray(_resize(np.asarray(cropped), size))
+    if crop_size[0] < size[0]:
+        logger.debug("%s: crop of %dx%d px upscaled to %dx%d", decoded.name, *crop_size, *size)
+    data = encode_clean_jpeg(cropped, quality=quality)
     return PreparedPhoto(name=decoded.name, sha256=hashlib.sha256(data).hexdigest(), data=data,
-                         width=resolution, height=resolution)
+                         width=size[0], height=size[1])
 
 
 def dataset_sha256(photos: Iterable[PreparedPhoto]) -> str:
@@ -130,6 +228,6 @@ def dataset_sha256(photos: Iterable[PreparedPhoto]) -> str:
 
 
 __all__ = [
-    "DROP", "FACE_FRACTION", "PreparedPhoto", "crop_box", "dataset_sha256", "encode_clean_jpeg",
-    "prepare_photo", "source_min_side",
+    "DROP", "FACE_FRACTION", "PreparedPhoto", "crop_box", "crop_bucket", "crop_plan",
+    "dataset_sha256", "encode_clean_jpeg", "prepare_photo", "source_min_side",
 ]

@@ -21,7 +21,7 @@ from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.dataset.pipeline import IntakeResult, run_intake, shutdown_pools, warm_up
 from selfie_lora.dataset.prepare import PreparedPhoto, dataset_sha256
-from selfie_lora.domain.entities import Dataset, Finding, User
+from selfie_lora.domain.entities import Dataset, Finding, Recipe, User
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.domain.recipes import CheckTarget, recipe_for
 from selfie_lora.errors import DatasetRejectedError, NotFoundError
@@ -102,7 +102,7 @@ class DatasetPhoto:
     index: int
     name: str
     sha256: str
-    # Fractions of the photo as uploaded (not of the square crop stored for training).
+    # Fractions of the photo as uploaded (not of the crop stored for training).
     face_box: tuple[float, float, float, float] | None
 
 
@@ -153,15 +153,20 @@ class IntakeService:
         """The training photos are judged for, and its trainer's resolution: ``target``'s, else
         the user's pinned model's, else a new model's (the configured default). Photos are
         cropped to the resolution, and judged against it (is the face sharp enough for it?)."""
+        target, recipe = self._judged_recipe(user, target=target)
+        return target, recipe.resolution
+
+    def _judged_recipe(self, user: User | None, *, target: CheckTarget | None
+                       ) -> tuple[CheckTarget, Recipe]:
         defaults = self._defaults()
         if target is not None:
-            return target, target.recipe(replicate_recipe=defaults.replicate_recipe).resolution
+            return target, target.recipe(replicate_recipe=defaults.replicate_recipe)
         model = self._repo.get_model_for_user(user.id) if user is not None else None
         backend = model.backend if model else defaults.backend
         version = model.trainer_version if model else defaults.trainer_version
         recipe = recipe_for(backend=backend, trainer_version=version,
                             replicate_recipe=defaults.replicate_recipe)
-        return CheckTarget.of(backend=backend, trainer_version=version), recipe.resolution
+        return CheckTarget.of(backend=backend, trainer_version=version), recipe
 
     def check_files(
         self, *, files: Sequence[UploadedFile], findings: Sequence[Finding] = (),
@@ -169,8 +174,11 @@ class IntakeService:
     ) -> IntakeReport:
         """Judge a set of photos without storing anything, for ``target``'s training (by
         default the user's model's, see ``judged_for``)."""
-        target, resolution = self.judged_for(user, target=target)
-        policy = dataclasses.replace(self._policy, resolution=resolution)
+        target, recipe = self._judged_recipe(user, target=target)
+        resolution = recipe.resolution
+        # The crops stored are what the recipe trains on: squares, or its aspect buckets.
+        policy = dataclasses.replace(self._policy, resolution=resolution,
+                                     aspect_buckets=recipe.aspect_buckets)
         result = run_intake(files, limits=self.limits, policy=policy, analyzer=self._analyzer,
                             factory=self._analyzer_factory, workers=self._workers)
         report = IntakeReport.from_result(result, notes=findings, target=target,

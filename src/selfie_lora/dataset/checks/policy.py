@@ -21,6 +21,9 @@ class CheckPolicy:
     # The trainer's square resolution (Replicate 1024, local FLUX 512, tiny 64): the face must
     # have enough pixels for a crop of this size.
     resolution: int = 1024
+    # The trainer's recipe trains in aspect-ratio buckets (``Recipe.aspect_buckets``): each photo
+    # is cropped to its nearest bucket's shape and size instead of a square.
+    aspect_buckets: bool = False
     # Hard limits on photos kept after the checks: outside them the set cannot train.
     min_photos: int = 5
     max_photos: int = 50
