@@ -13,14 +13,16 @@ import os
 import random
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from selfie_lora.domain.entities import TrainingStatus
+from selfie_lora.domain.entities import Recipe, TrainingStatus
 from selfie_lora.errors import TrainingInterruptedError
+from selfie_lora.services.ports import TrainingJob, TrainingResult
 from tests.integration.test_local_backend import RECIPE, FakeSink, _job
 
 torch = pytest.importorskip("torch")
@@ -87,23 +89,31 @@ def test_an_uninterrupted_run_checkpoints_every_n_steps_but_the_last(
     assert sorted(p.name for p in work.iterdir()) == ["step-00000012.ckpt", "step-00000016.ckpt"]
 
 
-def test_a_run_resumed_from_its_checkpoint_ends_as_if_never_stopped(
-        shared_model_cache: Path, tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
-    stop_at = random.Random(SEED).randrange(SHORT.checkpoint_every + 1, SHORT.steps)
+def stopped_and_resumed(trainer: LocalTrainer, job: Callable[[Path], TrainingJob], *,
+                        recipe: Recipe, tmp_path: Path) -> tuple[TrainingResult, FakeSink, int]:
+    """Run ``job`` until a seeded random step after its first checkpoint, then resume it from its
+    newest checkpoint in a fresh work dir: (the result, the resumed run's sink, its start)."""
+    stop_at = random.Random(SEED).randrange(recipe.checkpoint_every + 1, recipe.steps)
     kept = KeptCheckpoints(tmp_path / "kept")
-    trainer = _trainer(shared_model_cache, "inline")
     with pytest.raises(TrainingInterruptedError):
-        trainer.train(replace(_job(tmp_path / "first", SHORT), checkpoints=kept),
+        trainer.train(replace(job(tmp_path / "first"), checkpoints=kept),
                       sink=FakeSink(interrupt_after=stop_at))
     newest = kept.newest()
     at = step_of(newest)
-    assert at == stop_at // SHORT.checkpoint_every * SHORT.checkpoint_every, f"seed {SEED}"
+    assert at == stop_at // recipe.checkpoint_every * recipe.checkpoint_every, f"seed {SEED}"
 
     # Another machine: a fresh work dir, only the kept checkpoint.
     sink = FakeSink()
-    result = trainer.train(replace(_job(tmp_path / "second", SHORT), resume_from=newest),
-                           sink=sink)
+    result = trainer.train(replace(job(tmp_path / "second"), resume_from=newest), sink=sink)
     assert result.metrics["resumed_from_step"] == at
+    return result, sink, at
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_as_if_never_stopped(
+        shared_model_cache: Path, tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
+    result, sink, at = stopped_and_resumed(
+        _trainer(shared_model_cache, "inline"), lambda path: _job(path, SHORT), recipe=SHORT,
+        tmp_path=tmp_path)
     assert result.metrics["steps"] == SHORT.steps
     steps = [step for _, step, _, _ in sink.steps]
     assert steps == list(range(at, SHORT.steps + 1)), f"seed {SEED}"

@@ -249,6 +249,7 @@ def load_training_base(
     dtype: torch.dtype,
     mode: MemoryModeSetting = "auto",
     photo_names: Sequence[str] | None = None,
+    aspect_buckets: bool = False,
 ) -> TrainingBase:
     """Load the pipeline on the CPU, encode photos and captions once (each encoder visiting the
     device only for that), drop the encoders and the VAE, and place the transformer in ``mode``.
@@ -266,7 +267,8 @@ def load_training_base(
     pipe = load_pipeline(pipeline_source, cache_dir=cache_dir, device="cpu", dtype=dtype)
     resolution = effective_resolution(pipe, resolution)
     examples = prepare_examples(
-        pipe, photos, resolution=resolution, names=photo_names, device=device, dtype=dtype
+        pipe, photos, resolution=resolution, names=photo_names, device=device, dtype=dtype,
+        aspect_buckets=aspect_buckets,
     )
     transformer = pipe.transformer
     timestep_shift = TimestepShift.from_scheduler_config(pipe.scheduler.config)

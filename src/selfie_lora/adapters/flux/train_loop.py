@@ -2,8 +2,10 @@
 
 The recipe follows what FLUX LoRA trainers do (diffusers' DreamBooth FLUX example, ai-toolkit):
 
-* each photo is center-cropped and resized to the recipe's resolution, encoded once by the VAE
-  (FLUX's ``shift_factor``/``scaling_factor`` applied) and packed into 2x2 patches;
+* each photo is center-cropped and resized to the recipe's resolution (with ``aspect_buckets``:
+  to the size of its nearest aspect-ratio bucket, ``domain.buckets``, cropping only the sliver
+  the aspects differ by), encoded once by the VAE (FLUX's ``shift_factor``/``scaling_factor``
+  applied) and packed into 2x2 patches; with buckets, a batch holds photos of one bucket only;
 * each caption is encoded once by CLIP (pooled) and T5 (sequence), without gradients;
 * rectified flow matching: ``t ~ sigmoid(N(0, 1))`` (logit-normal), with
   ``recipe.timestep_sampling == "flux_shift"`` then shifted towards noise by FLUX's
@@ -31,7 +33,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +51,7 @@ from selfie_lora.adapters.flux.memory import (
     out_of_memory_error,
 )
 from selfie_lora.adapters.flux.tiny import TINY
+from selfie_lora.domain.buckets import FLUX_MULTIPLE, Bucket, bucket_sizes, nearest_bucket
 from selfie_lora.domain.entities import Recipe
 from selfie_lora.errors import TrainingCanceledError, TrainingFailedError
 
@@ -98,8 +101,11 @@ class TrainingExample:
 # --------------------------------------------------------------------------- data
 
 
-def load_photo(data: bytes, *, resolution: int, name: str = "photo") -> Any:
-    """Decode a photo, center-crop it to a square and resize it to ``resolution`` (RGB PIL image)."""
+def load_photo(data: bytes, *, resolution: int, name: str = "photo",
+               buckets: Sequence[Bucket] = ()) -> Any:
+    """Decode a photo, center-crop it to a square and resize it to ``resolution`` (RGB PIL image);
+    with ``buckets``, to the size of the bucket nearest its aspect instead (the intake stores
+    photos at their bucket's size already: then nothing is cropped or resized)."""
     from PIL import Image, ImageOps
 
     try:
@@ -113,6 +119,9 @@ def load_photo(data: bytes, *, resolution: int, name: str = "photo") -> Any:
             user_message=f"The photo {name} could not be read; upload it again as a JPEG or PNG.",
         ) from exc
     rgb = ImageOps.exif_transpose(image).convert("RGB")
+    if buckets:
+        bucket = nearest_bucket(rgb.width, rgb.height, tuple(buckets))
+        return ImageOps.fit(rgb, (bucket.width, bucket.height), method=Image.Resampling.LANCZOS)
     return ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS)
 
 
@@ -142,8 +151,13 @@ def prepare_examples(
     names: Sequence[str] | None = None,
     device: Any = None,
     dtype: torch.dtype | None = None,
+    aspect_buckets: bool = False,
 ) -> list[TrainingExample]:
     """Encode every caption (CLIP + T5) and photo (VAE) once, without gradients.
+
+    With ``aspect_buckets`` each photo is encoded at its nearest bucket's size (at about
+    ``resolution**2`` pixels, sides a multiple of what the pipeline packs), so examples differ in
+    their token count and ``image_ids``; else every photo is a ``resolution`` square.
 
     The tensors are made for a transformer on ``device`` in ``dtype`` (default: where and what
     ``pipe.transformer`` is). Encoders held elsewhere (the CPU, when the pipeline was loaded there
@@ -159,6 +173,8 @@ def prepare_examples(
     device = torch.device(device) if device is not None else pipe.transformer.device
     dtype = dtype if dtype is not None else pipe.transformer.dtype
     resolution = effective_resolution(pipe, resolution)
+    buckets = (bucket_sizes(resolution, multiple=int(pipe.vae_scale_factor) * 2)
+               if aspect_buckets else ())
     max_len = text_max_length(pipe)
     prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     with torch.no_grad(), on_device(pipe.text_encoder, device), on_device(pipe.text_encoder_2, device):
@@ -175,7 +191,8 @@ def prepare_examples(
     with torch.no_grad(), on_device(vae, device):
         for index, (data, caption) in enumerate(photos):
             name = names[index] if names is not None else f"#{index + 1}"
-            pixels = _image_tensor(load_photo(data, resolution=resolution, name=name))
+            pixels = _image_tensor(
+                load_photo(data, resolution=resolution, name=name, buckets=buckets))
             pixels = pixels.to(device=device, dtype=vae.dtype)
             latents = vae.encode(pixels).latent_dist.mode()
             latents = ((latents - shift) * scale).to(dtype)
@@ -206,9 +223,12 @@ def _batch(examples: Sequence[TrainingExample]) -> TrainingExample:
     first = examples[0]
     if len(examples) == 1:
         return first
+    if any(not torch.equal(e.image_ids, first.image_ids) for e in examples[1:]):
+        # Two buckets can have as many tokens (48x80 and 80x48): the positions tell them apart.
+        raise ValueError("a batch mixes image sizes; batches are drawn from one bucket")
     return TrainingExample(
         latents=torch.cat([e.latents for e in examples]),
-        image_ids=first.image_ids,  # same resolution, so the same positions
+        image_ids=first.image_ids,  # same size, so the same positions
         prompt_embeds=torch.cat([e.prompt_embeds for e in examples]),
         pooled_embeds=torch.cat([e.pooled_embeds for e in examples]),
         text_ids=first.text_ids,  # T5 is padded to a fixed length; FLUX's text ids are zeros
@@ -242,6 +262,49 @@ def flow_matching_loss(
     )[0]
     target = noise - x0
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
+
+
+def bucket_key(example: TrainingExample) -> tuple[int, int]:
+    """The latent grid (rows, columns of 2x2 patches) of an example: equal for examples of one
+    bucket, different for different buckets (even of the same token count)."""
+    ids = example.image_ids
+    return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+
+
+def bucket_label(key: tuple[int, int]) -> str:
+    """A bucket key as the pixel size it was encoded at (FLUX packs 16 pixels a patch)."""
+    return f"{key[1] * FLUX_MULTIPLE}x{key[0] * FLUX_MULTIPLE}"
+
+
+def bucket_epoch(keys: Sequence[Hashable], *, batch_size: int,
+                 generator: torch.Generator) -> list[int]:
+    """One epoch's order for bucketed batches, to be drawn from its end by :func:`draw_batch`:
+    every example once, in seeded order, grouped into runs of up to ``batch_size`` examples of
+    one bucket (``keys[i]`` is example i's bucket), the runs in seeded order too."""
+    import torch
+
+    groups: dict[Hashable, list[int]] = {}
+    for index in torch.randperm(len(keys), generator=generator).tolist():
+        groups.setdefault(keys[index], []).append(index)
+    runs = [group[at:at + batch_size] for group in groups.values()
+            for at in range(0, len(group), batch_size)]
+    flat = [index for run in torch.randperm(len(runs), generator=generator).tolist()
+            for index in runs[run]]
+    return flat[::-1]
+
+
+def draw_batch(order: list[int], *, keys: Sequence[Hashable], batch_size: int,
+               generator: torch.Generator) -> list[int]:
+    """The next batch of bucketed training: up to ``batch_size`` indices of one bucket, taken
+    from the end of ``order`` (a new :func:`bucket_epoch` when it is empty). A batch never
+    crosses an epoch, so every photo is seen once per epoch. ``order`` is what a checkpoint
+    saves: the same ``order`` and generator state draw the same batches."""
+    if not order:
+        order.extend(bucket_epoch(keys, batch_size=batch_size, generator=generator))
+    indices = [order.pop()]
+    while order and len(indices) < batch_size and keys[order[-1]] == keys[indices[0]]:
+        indices.append(order.pop())
+    return indices
 
 
 @dataclass(frozen=True)
@@ -532,14 +595,20 @@ def fit_lora(
     if on_step is not None and on_step(start, total, math.nan):
         raise _canceled(start, total)
     every = recipe.checkpoint_every if checkpoint_dir is not None else 0
+    keys = [bucket_key(e) for e in examples] if recipe.aspect_buckets else []
     started = time.perf_counter()
     for step in range(start + 1, total + 1):
         indices: list[int] = []
-        while len(indices) < recipe.batch_size:
-            if not order:
-                # Every photo once per epoch, in a seeded order.
-                order = torch.randperm(len(examples), generator=generator).tolist()
-            indices.append(order.pop())
+        if recipe.aspect_buckets:
+            # Photos of one bucket a batch (their shapes must match).
+            indices = draw_batch(order, keys=keys, batch_size=recipe.batch_size,
+                                 generator=generator)
+        else:
+            while len(indices) < recipe.batch_size:
+                if not order:
+                    # Every photo once per epoch, in a seeded order.
+                    order = torch.randperm(len(examples), generator=generator).tolist()
+                indices.append(order.pop())
         batch = _batch([examples[i] for i in indices])
         sigmas = sample_sigmas(len(indices), generator=generator, shift=shift,
                                image_tokens=batch.latents.shape[1])
@@ -646,6 +715,7 @@ def train_flux_lora(
                 dtype=dtype,
                 mode=memory_mode,
                 photo_names=photo_names,
+                aspect_buckets=recipe.aspect_buckets,
             )
             transformer, examples, resolution = base.transformer, base.examples, base.resolution
             chosen_mode = base.mode
@@ -693,6 +763,11 @@ def train_flux_lora(
         "seed": run_seed,
         "memory_mode": chosen_mode,
     }
+    if recipe.aspect_buckets:
+        # How many photos trained at each size, "48x80: 3, 80x48: 3" (a string: a training's
+        # metrics are stored as plain values).
+        sizes = [bucket_label(bucket_key(e)) for e in examples]
+        metrics["buckets"] = ", ".join(f"{size}: {sizes.count(size)}" for size in sorted(set(sizes)))
     if eval_before is not None and eval_after is not None:
         metrics["eval_loss_before"] = eval_before
         metrics["eval_loss_after"] = eval_after

@@ -312,6 +312,7 @@ class LocalTrainer:
                     "eval_loss_before",
                     "eval_loss_after",
                     "resolution",
+                    "buckets",
                     "memory_mode",
                     "resumed_from_step",
                 )
