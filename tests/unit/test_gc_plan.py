@@ -34,6 +34,7 @@ from selfie_lora.services.layout import (
     photo_key,
     probe_image_key,
     reference_key,
+    sample_key,
     weights_key,
 )
 
@@ -66,8 +67,10 @@ def test_the_layout_reads_back_every_key_it_makes() -> None:
     assert owner_of(probe_image_key("v-1", 2, 1.0)) == (Owner.VERSION, "v-1")
     assert owner_of(grid_key("v-1", "v-2")) == (Owner.COMPARISON, "v-1-v-2")
     assert owner_of(chart_key("m1")) == (Owner.MODEL, "m1")
+    assert owner_of(sample_key("t-1", 250)) == (Owner.TRAINING, "t-1")
     # What the layout does not make is nobody's: the collector keeps it.
-    for key in ("photos/not-a-sha.jpg", "datasets/d1/other.json", "misc/x", "weights/x.bin"):
+    for key in ("photos/not-a-sha.jpg", "datasets/d1/other.json", "misc/x", "weights/x.bin",
+                "samples/t-1/step-250.jpg"):
         assert owner_of(key) is None
 
 
@@ -90,7 +93,8 @@ def scenario() -> tuple[References, list[Blob], list[WorkFolder]]:
         manifest_key("d-trained"), manifest_key("d-abandoned"), manifest_key("d-recent"),
         reference_key("d-abandoned", "fake"), generation_image_key("g-old", 0),
         generation_image_key("g-new", 0), WEIGHTS[0], WEIGHTS[1], probe_image_key("v1", 0, 1),
-        chart_key("m1"), photo_key(SHAS[4]), "misc/unknown.bin", manifest_key("d-gone"))]
+        chart_key("m1"), photo_key(SHAS[4]), "misc/unknown.bin", manifest_key("d-gone"),
+        sample_key("t-done", 10), sample_key("t-running", 10), sample_key("t-gone", 10))]
     blobs += [blob(photo_key(SHAS[5]), age=young),  # an upload in flight
               blob(WEIGHTS[2], age=timedelta(hours=3))]  # written by t-running, version to come
     folders = [WorkFolder("t-done", 5, NOW - old), WorkFolder("t-running", 5, NOW),
@@ -112,6 +116,7 @@ def test_a_scenario_plans_exactly_what_nothing_refers_to() -> None:
         (Kind.ORPHANS, WEIGHTS[1]),
         (Kind.ORPHANS, photo_key(SHAS[4])),
         (Kind.ORPHANS, manifest_key("d-gone")),
+        (Kind.ORPHANS, sample_key("t-gone", 10)),  # its training's row is gone
     }
     assert [p.key for p in plan.work_folders] == ["work/stray-old", "work/t-done"]
 
@@ -166,6 +171,7 @@ POOL = sorted({
     *(probe_image_key(v, 0, 1) for v in [*VERSIONS, "v-x"]),
     grid_key(VERSIONS[0], VERSIONS[1]), grid_key(VERSIONS[0], "v-x"),
     *(chart_key(m) for m in [*MODELS, "m-x"]), "misc/x", "photos/x.jpg",
+    *(sample_key(t, 10) for t in [*TRAININGS, "t-x"]),
 })
 
 
@@ -228,7 +234,8 @@ def test_nothing_referenced_is_ever_planned_for_deletion(world: tuple[
                  | {k for g in left.generations for k in g.image_keys}
                  | {generation_image_key(g.id, i) for g in left.generations for i in (0, 1)}
                  | {probe_image_key(v, 0, 1) for v in refs.version_ids}
-                 | {chart_key(m) for m in refs.model_ids})
+                 | {chart_key(m) for m in refs.model_ids}
+                 | {sample_key(t.id, 10) for t in refs.trainings})
     kept_originals = ({k for d in left.datasets for k in (originals or {}).get(d.id, ())}
                       if originals is not None else set(ORIGINALS))
     for planned in plan.blobs:

@@ -22,6 +22,7 @@ Never collected, whatever the settings:
   began (they may be that training's, its version not written yet);
 - the photos, manifest or reference embeddings of a dataset any training used, in any status;
 - a probe image of an existing version, a model's chart, a grid of two existing versions;
+- a sample image of an existing training (in any status: the training page shows them);
 - the work folder of a training that has not ended;
 - a key the storage layout does not describe (written by a newer release, or by hand).
 
@@ -53,6 +54,7 @@ class Owner(enum.StrEnum):
     VERSION = "version"  # a version's probe images
     COMPARISON = "comparison"  # a grid of two versions: owner id is "<a>-<b>"
     MODEL = "model"  # a model's chart
+    TRAINING = "training"  # a training's sample images
 
 
 class Kind(enum.StrEnum):
@@ -176,6 +178,7 @@ class _Live:
     originals: frozenset[str] | None  # None: unknown (a manifest could not be read): keep all
     version_ids: frozenset[str]
     model_ids: frozenset[str]
+    training_ids: frozenset[str]
 
 
 def _live(refs: References, *, collected_datasets: frozenset[str],
@@ -192,6 +195,7 @@ def _live(refs: References, *, collected_datasets: frozenset[str],
         generations=frozenset(g.id for g in generations),
         keys=refs.weights_keys | frozenset(k for g in generations for k in g.image_keys),
         originals=kept_originals, version_ids=refs.version_ids, model_ids=refs.model_ids,
+        training_ids=frozenset(t.id for t in refs.trainings),
     )
 
 
@@ -215,6 +219,8 @@ def _referenced(blob: Blob, live: _Live) -> bool:
             return _names_two_versions(blob.owner_id, live.version_ids)
         case Owner.MODEL:
             return blob.owner_id in live.model_ids
+        case Owner.TRAINING:
+            return blob.owner_id in live.training_ids
         case None:
             return True  # not ours to judge: kept
     return True  # pragma: no cover - every owner is matched above

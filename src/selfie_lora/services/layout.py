@@ -13,12 +13,14 @@ a retried write changes nothing), by id where an object owns the bytes::
     quality/compare/<a>-<b>/grid.png                      a comparison grid
     quality/models/<model>/chart.png                      a model's likeness chart
     checkpoints/<training>/step-<8 digits>.ckpt           a local training's newest checkpoint
+    samples/<training>/step-<8 digits>.jpg                a sample image made during a training
 
 (The likeness keys keep their historical ``quality/`` prefix: stored blobs stay where they are.)
 
 Checkpoints are not in ``PREFIXES``: the training service deletes them when a training ends
 with a version or fails, and keeps a canceled training's for ``resume``; the collector never
-lists them.
+lists them. Samples are: they belong to their training, and go when its row does (a sample
+written for a training whose row never committed is an orphan).
 
 ``owner_of`` reads a key back (the garbage collector asks whom a listed blob belongs to).
 """
@@ -30,7 +32,7 @@ import re
 from selfie_lora.domain.gc import Owner
 
 # Every prefix a key starts with: what the garbage collector lists.
-PREFIXES = ("photos", "originals", "datasets", "weights", "generations", "quality")
+PREFIXES = ("photos", "originals", "datasets", "weights", "generations", "quality", "samples")
 
 
 def photo_key(sha256: str) -> str:
@@ -81,7 +83,17 @@ _OWNERS: tuple[tuple[re.Pattern[str], Owner], ...] = tuple(
         (r"quality/versions/(?P<id>[^/]+)/probe-[0-9]+-scale-[^/]+\.png", Owner.VERSION),
         (r"quality/compare/(?P<id>[^/]+)/grid\.png", Owner.COMPARISON),
         (r"quality/models/(?P<id>[^/]+)/chart\.png", Owner.MODEL),
+        (r"samples/(?P<id>[^/]+)/step-[0-9]{8}\.jpg", Owner.TRAINING),
     ))
+
+
+def _step_key(folder: str, training_id: str, step: int, ext: str) -> str:
+    return f"{folder}/{training_id}/step-{step:08d}.{ext}"
+
+
+def _step_of(folder: str, ext: str, key: str) -> int | None:
+    match = re.fullmatch(rf"{folder}/[^/]+/step-(\d{{8}})\.{ext}", key)
+    return int(match[1]) if match else None
 
 
 def checkpoint_prefix(training_id: str) -> str:
@@ -89,13 +101,26 @@ def checkpoint_prefix(training_id: str) -> str:
 
 
 def checkpoint_key(training_id: str, step: int) -> str:
-    return f"{checkpoint_prefix(training_id)}/step-{step:08d}.ckpt"
+    return _step_key("checkpoints", training_id, step, "ckpt")
 
 
 def checkpoint_step(key: str) -> int | None:
     """The step of a key made by ``checkpoint_key``, None for any other key."""
-    match = re.fullmatch(r"checkpoints/[^/]+/step-(\d{8})\.ckpt", key)
-    return int(match[1]) if match else None
+    return _step_of("checkpoints", "ckpt", key)
+
+
+def sample_prefix(training_id: str) -> str:
+    return f"samples/{training_id}"
+
+
+def sample_key(training_id: str, step: int) -> str:
+    """One key per step: the same step written again (a resumed run) replaces the image."""
+    return _step_key("samples", training_id, step, "jpg")
+
+
+def sample_step(key: str) -> int | None:
+    """The step of a key made by ``sample_key``, None for any other key."""
+    return _step_of("samples", "jpg", key)
 
 
 def owner_of(key: str) -> tuple[Owner, str] | None:
