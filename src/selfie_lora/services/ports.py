@@ -63,6 +63,9 @@ class TrainingJob:
     # earlier attempt or a canceled training made, and gives each new one to ``checkpoints``.
     resume_from: Path | None = None
     checkpoints: CheckpointStore | None = None
+    # A trainer that makes sample images (the local one, when ``recipe.sample_every`` > 0)
+    # gives each to ``samples``.
+    samples: SampleStore | None = None
 
 
 class CheckpointStore(Protocol):
@@ -72,6 +75,16 @@ class CheckpointStore(Protocol):
     def save(self, path: Path, *, step: int) -> None:
         """Keep the checkpoint file at ``path``, written after ``step`` optimizer steps (the
         file may be removed once this returns)."""
+        ...
+
+
+class SampleStore(Protocol):
+    """Where a training's sample images go (the training service keeps them under the
+    training's keys in the blob store, one per step, and serves them with its progress)."""
+
+    def save(self, path: Path, *, step: int) -> None:
+        """Keep the JPEG at ``path``, made with the LoRA after ``step`` optimizer steps; a step
+        saved again (a resumed run makes it again) replaces the one before."""
         ...
 
 

@@ -47,6 +47,7 @@ from selfie_lora.adapters.flux.loader import (
 )
 from selfie_lora.adapters.flux.memory import (
     MemoryModeSetting,
+    TrainingBase,
     load_training_base,
     out_of_memory_error,
 )
@@ -57,6 +58,8 @@ from selfie_lora.errors import TrainingCanceledError, TrainingFailedError
 
 if TYPE_CHECKING:
     import torch
+
+    from selfie_lora.adapters.flux.samples import Sampler
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,8 @@ METADATA_PREFIX = "selfie_lora."
 StepCallback = Callable[[int, int, float], bool]
 # (checkpoint file, step): a checkpoint was written (the file stays until two newer ones exist).
 CheckpointCallback = Callable[[Path, int], None]
+# (JPEG file, step): a sample image was made with the LoRA after that step (the file stays).
+SampleCallback = Callable[[Path, int], None]
 
 
 @dataclass(frozen=True)
@@ -552,6 +557,8 @@ def fit_lora(
     resume_from: Path | None = None,
     on_checkpoint: CheckpointCallback | None = None,
     timestep_shift: TimestepShift | None = None,
+    sampler: Sampler | None = None,
+    on_sample: SampleCallback | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Add a LoRA to ``transformer`` and train it in place on ``examples`` for ``recipe.steps``.
 
@@ -565,6 +572,9 @@ def fit_lora(
 
     ``timestep_shift`` is the base model's (:meth:`TimestepShift.from_scheduler_config`); a recipe
     with ``timestep_sampling == "flux_shift"`` uses it, FLUX.1-dev's when None.
+
+    With a ``sampler`` and ``recipe.sample_every``, a sample image is made every that many steps
+    and passed to ``on_sample``; it draws nothing from the training's generator.
     """
     import torch
 
@@ -596,6 +606,7 @@ def fit_lora(
         raise _canceled(start, total)
     every = recipe.checkpoint_every if checkpoint_dir is not None else 0
     keys = [bucket_key(e) for e in examples] if recipe.aspect_buckets else []
+    sample_every = recipe.sample_every if sampler is not None else 0
     started = time.perf_counter()
     for step in range(start + 1, total + 1):
         indices: list[int] = []
@@ -626,6 +637,14 @@ def fit_lora(
         last_loss = float(loss.detach())
         if step == 1:
             first_loss = last_loss
+        # Not at the last step: the finished version is scored on its probes and shown anyway.
+        # Before the checkpoint of the same step: a run killed between the two resumes from the
+        # one before and makes this sample again, never skips it.
+        if sample_every > 0 and step % sample_every == 0 and step < total:
+            assert sampler is not None
+            sample = sampler.write(transformer, step)
+            if on_sample is not None:
+                on_sample(sample, step)
         # Not at the last step: the saved LoRA follows at once, and is what a finished run keeps.
         if every > 0 and step % every == 0 and step < total:
             assert checkpoint_dir is not None
@@ -651,6 +670,19 @@ def fit_lora(
     return config, metrics
 
 
+def _sampler(base: TrainingBase, *, sample_dir: Path | None, seed: int,
+             tiny: bool) -> Sampler | None:
+    """The run's sampler when its base kept the VAE (the recipe samples and there is a folder)."""
+    if sample_dir is None or base.vae is None:
+        return None
+    from selfie_lora.adapters.flux.samples import SAMPLE_STEPS, TINY_SAMPLE_STEPS, Sampler
+
+    return Sampler.create(
+        vae=base.vae, example=base.examples[0], transformer=base.transformer,
+        scheduler_config=base.scheduler_config, resolution=base.resolution, seed=seed,
+        steps=TINY_SAMPLE_STEPS if tiny else SAMPLE_STEPS, folder=sample_dir)
+
+
 def train_flux_lora(
     *,
     pipeline_source: str,
@@ -670,6 +702,8 @@ def train_flux_lora(
     checkpoint_dir: Path | None = None,
     resume_from: Path | None = None,
     on_checkpoint: CheckpointCallback | None = None,
+    sample_dir: Path | None = None,
+    on_sample: SampleCallback | None = None,
 ) -> dict[str, Any]:
     """Train a LoRA on ``photos`` ((image bytes, caption) pairs) and save it to ``out_path``.
 
@@ -680,6 +714,8 @@ def train_flux_lora(
     ``memory_mode`` stores the frozen base unquantized (``bf16``), ``int8`` or ``nf4``; ``auto``
     picks from the free device memory (see ``flux.memory``).
     ``checkpoint_dir``, ``resume_from`` and ``on_checkpoint``: see :func:`fit_lora`.
+    With ``sample_dir`` and ``recipe.sample_every``, sample images (``flux.samples``) are written
+    there and passed to ``on_sample``.
 
     Returns metrics: first/final training loss, steps, seconds (whole run), step_seconds (mean
     optimizer step), device, resolution, seed and, with ``evaluate``, eval_loss_before and
@@ -716,9 +752,12 @@ def train_flux_lora(
                 mode=memory_mode,
                 photo_names=photo_names,
                 aspect_buckets=recipe.aspect_buckets,
+                keep_vae=sample_dir is not None and recipe.sample_every > 0,
             )
             transformer, examples, resolution = base.transformer, base.examples, base.resolution
             chosen_mode = base.mode
+            sampler = _sampler(base, sample_dir=sample_dir, seed=run_seed,
+                               tiny=pipeline_source == TINY)
             eval_before = evaluate_loss(transformer, examples, seed=run_seed) if evaluate else None
             config, fit_metrics = fit_lora(
                 transformer,
@@ -731,6 +770,8 @@ def train_flux_lora(
                 resume_from=resume_from,
                 on_checkpoint=on_checkpoint,
                 timestep_shift=base.timestep_shift,
+                sampler=sampler,
+                on_sample=on_sample,
             )
             eval_after = evaluate_loss(transformer, examples, seed=run_seed) if evaluate else None
             metadata = {

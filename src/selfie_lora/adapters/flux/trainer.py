@@ -38,6 +38,7 @@ from selfie_lora.logs import LogFormat, setup_logging, training_context
 from selfie_lora.services.ports import (
     CheckpointStore,
     ProgressSink,
+    SampleStore,
     TrainingJob,
     TrainingResult,
 )
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "lora.safetensors"
 WEIGHTS_METHOD = "local:file"
 CHECKPOINT_DIR = "checkpoints"
+SAMPLE_DIR = "samples"
 
 _CANCELED_MESSAGE = "The training was canceled."
 # What reading a message half-written by a child that was killed can raise.
@@ -62,12 +64,15 @@ class _ChildDiedError(Exception):
 
 
 class _Keeper:
-    """Hands each checkpoint the loop writes to the job's store (when it has one). The child
-    keeps only its two newest files, so one announced earlier may be gone by the time the
-    parent reads the message: a newer one follows, and that one is kept instead."""
+    """Hands each checkpoint (or sample image) the loop writes to the job's store (when it has
+    one). The child keeps only its two newest checkpoint files, so one announced earlier may be
+    gone by the time the parent reads the message: a newer one follows, and that one is kept
+    instead."""
 
-    def __init__(self, store: CheckpointStore | None) -> None:
+    def __init__(self, store: CheckpointStore | SampleStore | None, *,
+                 what: str = "checkpoint") -> None:
         self._store = store
+        self._what = what
 
     def save(self, path: Path, step: int) -> None:
         if self._store is None:
@@ -75,7 +80,13 @@ class _Keeper:
         try:
             self._store.save(path, step=step)
         except FileNotFoundError:
-            logger.debug("checkpoint %s already replaced by a newer one", path)
+            logger.debug("%s %s already replaced by a newer one", self._what, path)
+
+
+@dataclass(frozen=True)
+class _Keepers:
+    checkpoints: _Keeper
+    samples: _Keeper
 
 
 @dataclass(frozen=True)
@@ -96,12 +107,14 @@ class _TrainRequest:
     memory_mode: MemoryModeSetting = "auto"
     checkpoint_dir: Path | None = None
     resume_from: Path | None = None
+    sample_dir: Path | None = None
 
 
 def _run(
     request: _TrainRequest,
     on_step: Callable[[int, int, float], bool],
     on_checkpoint: Callable[[Path, int], None] | None = None,
+    on_sample: Callable[[Path, int], None] | None = None,
 ) -> dict[str, Any]:
     from selfie_lora.adapters.flux.train_loop import train_flux_lora
 
@@ -121,6 +134,8 @@ def _run(
         checkpoint_dir=request.checkpoint_dir,
         resume_from=request.resume_from,
         on_checkpoint=on_checkpoint,
+        sample_dir=request.sample_dir,
+        on_sample=on_sample,
     )
 
 
@@ -142,8 +157,11 @@ def _child_train(request: _TrainRequest, events: Any) -> None:
     def on_checkpoint(path: Path, step: int) -> None:
         events.put(("checkpoint", step, str(path)))
 
+    def on_sample(path: Path, step: int) -> None:
+        events.put(("sample", step, str(path)))
+
     try:
-        metrics = _run(request, on_step, on_checkpoint)
+        metrics = _run(request, on_step, on_checkpoint, on_sample)
     except BaseException as exc:
         user_message = exc.user_message if isinstance(exc, TrainerError) else None
         events.put(("error", type(exc).__name__, str(exc), user_message, traceback.format_exc()))
@@ -274,6 +292,8 @@ class LocalTrainer:
             memory_mode=self.memory_mode,
             checkpoint_dir=checkpoint_dir,
             resume_from=job.resume_from or latest_checkpoint(checkpoint_dir),
+            # Samples only for a job that keeps them: nobody would see them otherwise.
+            sample_dir=job.work_dir / SAMPLE_DIR if job.samples is not None else None,
         )
         # Memory modes: the generator's GPU pipeline (this process) makes room for the training;
         # the next generation reloads it.
@@ -287,7 +307,8 @@ class LocalTrainer:
             job.recipe.name,
             self.isolation,
         )
-        keep = _Keeper(job.checkpoints)
+        keep = _Keepers(checkpoints=_Keeper(job.checkpoints),
+                        samples=_Keeper(job.samples, what="sample"))
         if self.isolation == "inline":
             metrics = self._train_inline(request, reporter, keep)
         else:
@@ -323,14 +344,14 @@ class LocalTrainer:
     # ------------------------------------------------------------------ inline
 
     def _train_inline(
-        self, request: _TrainRequest, reporter: _Reporter, keep: _Keeper
+        self, request: _TrainRequest, reporter: _Reporter, keep: _Keepers
     ) -> dict[str, Any]:
         def on_step(step: int, total: int, loss: float) -> bool:
             reporter.step(step, total, loss)
             return reporter.interrupted() or reporter.cancel_requested(force=step == 0)
 
         try:
-            return _run(request, on_step, keep.save)
+            return _run(request, on_step, keep.checkpoints.save, keep.samples.save)
         except ConfigError as exc:
             raise _config_error(exc) from exc
         except TrainingCanceledError:
@@ -341,7 +362,7 @@ class LocalTrainer:
     # ------------------------------------------------------------------ child process
 
     def _train_restarting(
-        self, request: _TrainRequest, reporter: _Reporter, keep: _Keeper, *, job_id: str
+        self, request: _TrainRequest, reporter: _Reporter, keep: _Keepers, *, job_id: str
     ) -> dict[str, Any]:
         """Run the child; when it dies without a word (killed, a crash in native code) after
         writing a checkpoint newer than the one it started from, start a new child from that
@@ -369,7 +390,7 @@ class LocalTrainer:
                 request = dataclasses.replace(request, resume_from=newest)
 
     def _train_in_child(
-        self, request: _TrainRequest, reporter: _Reporter, keep: _Keeper, *, job_id: str
+        self, request: _TrainRequest, reporter: _Reporter, keep: _Keepers, *, job_id: str
     ) -> dict[str, Any]:
         # spawn, not fork: forking a process that may hold threads (and, in a worker, a loaded
         # torch or CUDA context) is unsafe; the child starts clean and imports torch itself.
@@ -395,7 +416,10 @@ class LocalTrainer:
                         reporter.step(step, total, loss)
                     elif kind == "checkpoint":
                         _, step, path = message
-                        keep.save(Path(path), step)
+                        keep.checkpoints.save(Path(path), step)
+                    elif kind == "sample":
+                        _, step, path = message
+                        keep.samples.save(Path(path), step)
                     elif kind == "done":
                         done: dict[str, Any] = message[1]
                         return done
