@@ -23,13 +23,13 @@ import pytest
 from sqlalchemy import text
 
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
-from selfie_lora.domain.entities import User
+from selfie_lora.domain.entities import TrainingStatus, User
 from selfie_lora.domain.gc import GcPolicy, GcSummary
 from selfie_lora.errors import ConflictError
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.generation import GenerationRequest
-from selfie_lora.services.layout import manifest_key, photo_key, reference_key
+from selfie_lora.services.layout import manifest_key, photo_key, reference_key, sample_key
 from selfie_lora.services.ports import BlobStore
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, SimulatedCrash
 from selfie_lora.wiring import Services, build_services
@@ -44,6 +44,11 @@ POLICY = GcPolicy(grace=timedelta(hours=24), dataset_age=timedelta(days=7),
 LATER = timedelta(days=2)
 
 
+def sampling() -> FakeTrainer:
+    """Every training makes a sample image at step 2 of 4: it stays while the training does."""
+    return FakeTrainer(sample_every=2)
+
+
 @pytest.fixture(params=["fs", "s3"])
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     overrides: dict[str, Any] = {}
@@ -52,7 +57,7 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
         server = request.getfixturevalue("s3_server")
         overrides = server.settings(server.new_location())
     svc = build_services(make_settings(tmp_path, intake_workers=1, **overrides),
-                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         trainers={"local": sampling()}, face_analyzer=one_person_analyzer(),
                          generators={"local": FakeGenerator()})
     try:
         yield build_world(svc, server)
@@ -149,6 +154,7 @@ def build_world(svc: Services, server: S3Server | None) -> World:
               w.plant(photo_key(hashlib.sha256(b"orphan").hexdigest())),
               w.plant(f"generations/{uuid.uuid4()}/0.png"),
               w.plant(manifest_key(str(uuid.uuid4()))),
+              w.plant(sample_key(str(uuid.uuid4()), 2)),  # a training whose row is gone
               w.work_folder(str(uuid.uuid4()), when=utcnow() - timedelta(days=3)),  # nobody's
               w.work_folder(first)}  # ann's first training ended; a crash left its folder
     w.kept = {w.plant(photo_key(hashlib.sha256(b"young").hexdigest()),
@@ -201,6 +207,9 @@ def check_everything_used_reads_back(w: World) -> None:
             assert svc.likeness.probe_image(user=user, version_id=version.id,
                                             index=0).startswith(b"\x89PNG")
         for t in svc.repo.list_trainings(model.id):
+            if t.status is TrainingStatus.SUCCEEDED:  # its sample image stays with it
+                assert svc.training.sample_image(user=user, training_id=t.id,
+                                                 step=2).startswith(b"\xff\xd8")
             for photo in svc.intake.photos(user=user, dataset_id=t.dataset_id):
                 stream = svc.intake.photo(user=user, dataset_id=t.dataset_id, index=photo.index)
                 assert hashlib.sha256(b"".join(stream.chunks)).hexdigest() == photo.sha256
@@ -267,7 +276,7 @@ class Crashing:
 def test_a_collection_killed_anywhere_is_finished_by_the_next_exactly_once(
         tmp_path: Path, at: str | int) -> None:
     svc = build_services(make_settings(tmp_path, intake_workers=1),
-                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         trainers={"local": sampling()}, face_analyzer=one_person_analyzer(),
                          generators={"local": FakeGenerator()})
     try:
         w = build_world(svc, None)
@@ -328,7 +337,7 @@ def test_one_collector_at_a_time(tmp_path: Path) -> None:
 
 def test_a_photo_uploaded_again_while_it_is_collected_is_kept(tmp_path: Path) -> None:
     svc = build_services(make_settings(tmp_path, intake_workers=1),
-                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         trainers={"local": sampling()}, face_analyzer=one_person_analyzer(),
                          generators={"local": FakeGenerator()})
     try:
         w = build_world(svc, None)

@@ -408,3 +408,35 @@ def test_the_page_upload_is_guarded_like_the_api_upload(tmp_path: Path) -> None:
             assert r.json()["error"]["code"] == "upload_too_large"
     finally:
         services.close()
+
+
+def test_the_training_status_shows_the_newest_sample_to_its_owner_only(tmp_path: Path) -> None:
+    # A recipe that samples (local-tiny-v2); the fake trainer makes one at steps 1, 2 and 3.
+    settings = make_settings(tmp_path, trainer_version="local-tiny-v2")
+    services = build_services(settings, trainers={"local": FakeTrainer(sample_every=1)},
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+    try:
+        services.users.create(name="ann", password=PASSWORD)
+        services.users.create(name="bob", password=PASSWORD)
+        with browser(settings, services) as client:
+            sign_in(client, "ann")
+            assert upload(client)[0] == 200
+            status = train(client)
+            user = services.users.get_by_name(name="ann")
+            training = services.training.progress(user=user).training
+            newest = f"/train/{training.id}/samples/3.jpg"
+            assert f'src="{newest}"' in status
+            assert "Sample at step 3" in status
+            assert "samples/2.jpg" not in status  # the newest only
+            image = client.get(newest)
+            assert image.status_code == 200
+            assert image.headers["content-type"] == "image/jpeg"
+            assert image.content.startswith(b"\xff\xd8")
+            assert client.get(f"/train/{training.id}/samples/4.jpg").status_code == 404
+        with browser(settings, services) as bob:
+            sign_in(bob, "bob")
+            assert bob.get(newest).status_code == 404
+            assert newest not in bob.get("/train").text
+    finally:
+        services.close()

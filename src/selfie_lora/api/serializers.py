@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -136,10 +137,15 @@ def training_phase(t: Training) -> str:
     return "queued" if str(t.status) == "queued" else "training"
 
 
-def training_json(t: Training, version: Version | None = None) -> dict[str, Any]:
+def sample_url(training_id: str, step: int) -> str:
+    return f"/api/training/{training_id}/samples/{step}"
+
+
+def training_json(t: Training, version: Version | None = None,
+                  samples: Sequence[int] = ()) -> dict[str, Any]:
     """A training; with its version (once stored), the gate's state and reason: ``pending``
     while it is scored, then ``passed`` (the version is active) or ``held`` (it is not, and
-    ``gate.reason`` says why)."""
+    ``gate.reason`` says why); and its sample images so far (steps in order)."""
     return {
         "id": t.id,
         "status": str(t.status),
@@ -172,6 +178,7 @@ def training_json(t: Training, version: Version | None = None) -> dict[str, Any]
         "heartbeat_at": t.heartbeat_at.isoformat() if t.heartbeat_at else None,
         "lease_expires_at": t.lease_expires_at.isoformat() if t.lease_expires_at else None,
         "cancel_requested": t.cancel_requested,
+        "samples": [{"step": step, "url": sample_url(t.id, step)} for step in samples],
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.schemas import CancelBody, ResumeBody, StartBody, errors
@@ -18,7 +19,7 @@ router = APIRouter(prefix="/api/training", tags=["training"])
 
 def view_json(view: TrainingView) -> dict[str, Any]:
     # With its version once stored: the answer carries the likeness gate's state and reason.
-    return training_json(view.training, view.version)
+    return training_json(view.training, view.version, view.samples)
 
 
 def model_of(svc: Services, user: Any) -> dict[str, Any]:
@@ -111,3 +112,11 @@ async def progress(user: UserDep, svc: ServicesDep,
 def cancel(user: UserDep, svc: ServicesDep, body: CancelBody) -> dict[str, Any]:
     training = svc.training.cancel(user=user, training_id=body.training_id)
     return {"training": view_json(svc.training.view(training)), "model": model_of(svc, user)}
+
+
+@router.get("/{training_id}/samples/{step}", responses=errors(404), response_class=Response)
+def sample_image(user: UserDep, svc: ServicesDep, training_id: str, step: int) -> Response:
+    """A sample image the training made with its LoRA after ``step`` steps (JPEG)."""
+    data = svc.training.sample_image(user=user, training_id=training_id, step=step)
+    return Response(content=data, media_type="image/jpeg",
+                    headers={"Cache-Control": "private"})

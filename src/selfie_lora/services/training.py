@@ -101,6 +101,7 @@ from selfie_lora.services.ports import (
     TrainingResult,
     WebhookVerifier,
 )
+from selfie_lora.services.samples import TrainingSamples
 from selfie_lora.services.telemetry import NullTelemetry
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,8 @@ class TrainingView:
 
     training: Training
     version: Version | None
+    # The steps the training has a sample image of (``sample_image``), in order.
+    samples: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ class TrainingService:
         self._telemetry: Telemetry = telemetry or NullTelemetry()
         self._blobs = blobs
         self._checkpoints = TrainingCheckpoints(blobs)
+        self._samples = TrainingSamples(blobs)
         self._queue = queue
         self._trainers = dict(trainers)
         # A callable, not a value: the configured default may change while the service runs,
@@ -326,7 +330,17 @@ class TrainingService:
 
     def view(self, training: Training) -> TrainingView:
         version = self._repo.get_version(training.version_id) if training.version_id else None
-        return TrainingView(training=training, version=version)
+        # Listed only for a recipe that samples: the progress is polled every second or two,
+        # and a listing is a request to the object storage on the scale path.
+        samples = (tuple(self._samples.steps(training.id)) if training.recipe.sample_every > 0
+                   else ())
+        return TrainingView(training=training, version=version, samples=samples)
+
+    def sample_image(self, *, user: User, training_id: str, step: int) -> bytes:
+        """A sample image (JPEG) of the user's training; ``NotFoundError`` for another user's
+        training or a step without one."""
+        training, _ = self.get(user=user, training_id=training_id)
+        return self._samples.image(training.id, step)
 
     def get(self, *, user: User, training_id: str | None) -> tuple[Training, Model]:
         model = self._repo.get_model_for_user(user.id)
@@ -397,10 +411,14 @@ class TrainingService:
                                 "canceled before its first one); start a new training",
                                 code=ErrorCode.NOT_RESUMABLE)
         try:
+            # The new training shows the samples of the steps it starts after (it makes the
+            # later ones itself), copied before it exists for the same reason.
+            self._samples.copy(origin.id, new_training_id, up_to=copied.step)
             started = self.start(user=user, dataset_id=origin.dataset_id, _resume=_Resume(
                 origin=origin, training_id=new_training_id, step=copied.step))
         except BaseException:
             self._checkpoints.drop(new_training_id)
+            self._samples.drop(new_training_id)
             raise
         # Resumed once: the canceled training's own checkpoints are of no further use.
         self._checkpoints.drop(origin.id)
@@ -630,7 +648,9 @@ class TrainingService:
                             training.id, stored.step)
             job = dataclasses.replace(
                 job, resume_from=work_dir / "resume.ckpt" if stored is not None else None,
-                checkpoints=_HeldCheckpoints(self, held))
+                checkpoints=_HeldStore(self, held, keep=self._checkpoints.keep,
+                                       what="checkpoint"),
+                samples=_HeldStore(self, held, keep=self._samples.keep, what="sample"))
             result = trainer.train(job, sink=_Sink(self, held))
             self._store_version(held, result)
             self._checkpoints.drop(training.id)
@@ -901,25 +921,30 @@ class _Resume:
             loss_curve=tuple(p for p in self.origin.loss_curve if p[0] <= self.step))
 
 
-class _HeldCheckpoints:
-    """The job's checkpoint store: the blob store, while this worker holds the training."""
+class _HeldStore:
+    """The job's checkpoint (or sample) store: the blob store, while this worker holds the
+    training. ``keep(training_id, path, step=)`` stores one file."""
 
-    def __init__(self, service: TrainingService, held: _Held) -> None:
+    def __init__(self, service: TrainingService, held: _Held, *,
+                 keep: Callable[..., None], what: str) -> None:
         self._service = service
         self._held = held
+        self._keep = keep
+        self._what = what
 
     def save(self, path: Path, *, step: int) -> None:
         try:
             with self._service._holding(self._held):
                 pass  # a worker that lost the training stores nothing (and stops soon)
-            self._service._checkpoints.keep(self._held.training_id, path, step=step)
+            self._keep(self._held.training_id, path, step=step)
         except LeaseLostError:
-            logger.info("training %s: not storing checkpoint %d, the lease is lost",
-                        self._held.training_id, step)
+            logger.info("training %s: not storing %s %d, the lease is lost",
+                        self._held.training_id, self._what, step)
         except SelfieLoraError as exc:
-            # Training goes on; only a crash from here on costs more steps.
-            logger.warning("training %s: checkpoint %d not stored: %s", self._held.training_id,
-                           step, exc.message)
+            # Training goes on; a lost checkpoint only costs steps after a crash, a lost
+            # sample only a picture.
+            logger.warning("training %s: %s %d not stored: %s", self._held.training_id,
+                           self._what, step, exc.message)
 
 
 def _refuse_if_busy(repo: Repository, model: Model | None) -> None:

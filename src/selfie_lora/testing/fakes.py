@@ -11,6 +11,7 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -47,7 +48,9 @@ class FakeTrainer:
     """Records every job. ``outcomes`` is consumed one per training ("succeeded", "failed",
     "canceled", or "crash": the worker dies mid-training); when empty, trainings succeed.
     ``gate`` (if set) is waited on before the training ends, so tests can hold a training in
-    ``processing``. ``remote_canceled`` lists what ``cancel_remote`` was asked to cancel."""
+    ``processing``. ``remote_canceled`` lists what ``cancel_remote`` was asked to cancel.
+    ``sample_every``: a small JPEG (its colour from the step) is given to ``job.samples`` every
+    that many steps but the last, as the local trainer does."""
 
     backend: str = "local"
     outcomes: list[str] = field(default_factory=list)
@@ -56,6 +59,7 @@ class FakeTrainer:
     jobs: list[TrainingJob] = field(default_factory=list)
     on_train: Callable[[TrainingJob], None] | None = None
     remote_canceled: list[str] = field(default_factory=list)
+    sample_every: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def cancel_remote(self, remote_id: str) -> None:
@@ -79,6 +83,9 @@ class FakeTrainer:
             self._check(sink)
             sink.progress(status=TrainingStatus.PROCESSING, step=step, total=self.steps,
                           loss=1.0 / step)
+            if (job.samples is not None and self.sample_every > 0
+                    and step % self.sample_every == 0 and step < self.steps):
+                job.samples.save(fake_sample(job.work_dir, step), step=step)
             if outcome == "crash" and step == max(1, self.steps // 2):
                 raise SimulatedCrash(f"the worker died during training {job.training_id}")
         if self.gate is not None:
@@ -99,6 +106,13 @@ class FakeTrainer:
         }))
         return TrainingResult(weights_path=path, weights_method="fake:file",
                               metrics={"final_loss": 0.25, "steps": self.steps})
+
+
+def fake_sample(folder: Path, step: int, *, size: int = 16) -> Path:
+    """A JPEG of one colour that says which step made it."""
+    path = folder / f"sample-{step}.jpg"
+    Image.new("RGB", (size, size), ((step * 40) % 256, 80, 160)).save(path, format="JPEG")
+    return path
 
 
 @dataclass

@@ -275,6 +275,8 @@ def _status_context(web: Web, viewer: Viewer, view: Any) -> dict[str, Any]:
         "held": view.version is not None and view.version.gate_status is GateStatus.HELD,
         "loss_points": _polyline(training.loss_curve, total=training.total_steps),
         "resume_step": web.services.training.resume_point(training),
+        # The newest sample image: the LoRA as trained so far.
+        "sample_step": view.samples[-1] if view.samples else None,
     }
 
 
@@ -325,6 +327,18 @@ def train_status(request: Request, viewer: PageViewer) -> HTMLResponse:
     view = _latest_training(web, viewer)
     return web.render(request, "_status.html", viewer=viewer,
                       **_status_context(web, viewer, view))
+
+
+@router.get("/train/{training_id}/samples/{step}.jpg")
+def train_sample(request: Request, viewer: PageViewer, training_id: str, step: int) -> Response:
+    web = _web(request)
+    return _private(web.services.training.sample_image(user=viewer.user, training_id=training_id,
+                                                       step=step), media_type="image/jpeg")
+
+
+def _private(data: bytes, *, media_type: str) -> Response:
+    """An image of the viewer's: no shared cache may keep it."""
+    return Response(data, media_type=media_type, headers={"Cache-Control": "private"})
 
 
 @router.post("/train/start")
@@ -445,9 +459,8 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
 @router.get("/generations/{generation_id}/{index}.png")
 def generation_image(request: Request, viewer: PageViewer, generation_id: str, index: int) -> Response:
     web = _web(request)
-    data = web.services.generation.image(user=viewer.user, generation_id=generation_id,
-                                         index=index)
-    return Response(data, media_type="image/png", headers={"Cache-Control": "private"})
+    return _private(web.services.generation.image(user=viewer.user, generation_id=generation_id,
+                                                  index=index), media_type="image/png")
 
 
 @router.post("/model/scale")
