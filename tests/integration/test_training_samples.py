@@ -38,6 +38,7 @@ pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
 from selfie_lora.adapters.flux.samples import flux_sigmas  # noqa: E402
+from selfie_lora.adapters.flux.train_loop import TimestepShift  # noqa: E402
 from selfie_lora.adapters.flux.trainer import LocalTrainer  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -145,7 +146,7 @@ def test_the_sampler_schedule_is_flux_pipelines(tokens: int) -> None:
     mu = calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len,
                          config.base_shift, config.max_shift)
     scheduler.set_timesteps(sigmas=list(np.linspace(1.0, 1 / steps, steps)), mu=mu)
-    ours = flux_sigmas(steps, image_tokens=tokens, scheduler_config=dict(config))
+    ours = flux_sigmas(steps, image_tokens=tokens, shift=TimestepShift.from_scheduler_config(config))
     assert np.allclose(ours, scheduler.sigmas.numpy(), atol=1e-6)
     assert ours[-1] == 0.0
     assert ours[0] == pytest.approx(1.0)

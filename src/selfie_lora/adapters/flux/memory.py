@@ -31,8 +31,8 @@ import gc
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -233,10 +233,8 @@ class TrainingBase:
     mode: MemoryMode
     # How the base model's sampler shifts timesteps (a "flux_shift" recipe trains with it).
     timestep_shift: TimestepShift | None = None
-    # Kept (on the CPU) only for a run that makes sample images: the VAE decodes them, and the
-    # scheduler's settings give the sampler FLUX's shift.
+    # Kept (on the CPU) only for a run that makes sample images: the VAE decodes them.
     vae: Any = None
-    scheduler_config: Mapping[str, Any] = field(default_factory=dict)
 
 
 def parameter_count(module: Any) -> int:
@@ -279,7 +277,6 @@ def load_training_base(
     transformer = pipe.transformer
     timestep_shift = TimestepShift.from_scheduler_config(pipe.scheduler.config)
     vae = pipe.vae if keep_vae else None
-    scheduler_config = dict(pipe.scheduler.config)
     # Only the transformer is needed from here on (on a real FLUX.1, T5-XXL alone is ~9 GiB).
     del pipe
     release_device_memory(device)
@@ -300,5 +297,4 @@ def load_training_base(
     quantize_transformer(transformer, mode=chosen, device=device)
     release_device_memory(device)
     return TrainingBase(transformer=transformer, examples=examples, resolution=resolution,
-                        mode=chosen, timestep_shift=timestep_shift, vae=vae,
-                        scheduler_config=scheduler_config)
+                        mode=chosen, timestep_shift=timestep_shift, vae=vae)

@@ -22,8 +22,6 @@ Torch is imported inside the functions so that importing this module stays cheap
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from selfie_lora.adapters.flux.train_loop import TrainingExample
+    from selfie_lora.adapters.flux.train_loop import TimestepShift, TrainingExample
 
 # Euler steps per sample: FluxPipeline's quality needs ~20-28 on a FLUX.1; tiny's random weights
 # show nothing more with more steps, and the generator renders tiny with 4 as well.
@@ -46,27 +44,14 @@ def sample_file(folder: Path, step: int) -> Path:
     return folder / f"step-{step:08d}.jpg"
 
 
-def flux_sigmas(steps: int, *, image_tokens: int,
-                scheduler_config: Mapping[str, Any]) -> list[float]:
+def flux_sigmas(steps: int, *, image_tokens: int, shift: TimestepShift) -> list[float]:
     """The sigmas ``FluxPipeline`` samples ``steps`` steps with, then 0: ``linspace(1, 1/steps)``
-    shifted by the scheduler, by ``mu = calculate_shift(image_tokens)`` when it shifts by
-    resolution (FLUX.1), else by its fixed ``shift``."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+    moved by the base model's timestep shift for ``image_tokens`` tokens (the shift a
+    ``flux_shift`` recipe trains with)."""
+    import torch
 
-    base = [1.0 - i * (1.0 - 1.0 / steps) / max(steps - 1, 1) for i in range(steps)]
-    if scheduler_config.get("use_dynamic_shifting"):
-        mu = calculate_shift(
-            image_tokens,
-            scheduler_config.get("base_image_seq_len", 256),
-            scheduler_config.get("max_image_seq_len", 4096),
-            scheduler_config.get("base_shift", 0.5),
-            scheduler_config.get("max_shift", 1.15),
-        )
-        shifted = [math.exp(mu) / (math.exp(mu) + (1.0 / s - 1.0)) for s in base]
-    else:
-        shift = float(scheduler_config.get("shift", 1.0))
-        shifted = [shift * s / (1.0 + (shift - 1.0) * s) for s in base]
-    return [*shifted, 0.0]
+    base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    return [*shift.apply(base, image_tokens=image_tokens).tolist(), 0.0]
 
 
 @dataclass
@@ -84,7 +69,7 @@ class Sampler:
 
     @classmethod
     def create(cls, *, vae: Any, example: TrainingExample, transformer: Any,
-               scheduler_config: Mapping[str, Any], resolution: int, seed: int, steps: int,
+               shift: TimestepShift, resolution: int, seed: int, steps: int,
                folder: Path) -> Sampler:
         """Draw the noise (from ``seed``, a generator of its own) and the schedule, for square
         pictures at ``resolution`` (the training resolution, already a multiple of 16)."""
@@ -100,8 +85,7 @@ class Sampler:
         device, dtype = example.latents.device, example.latents.dtype
         image_ids = FluxPipeline._prepare_latent_image_ids(1, side // 2, side // 2, device, dtype)
         return cls(vae=vae, example=example, noise=noise, image_ids=image_ids,
-                   sigmas=flux_sigmas(steps, image_tokens=tokens,
-                                      scheduler_config=scheduler_config),
+                   sigmas=flux_sigmas(steps, image_tokens=tokens, shift=shift),
                    resolution=resolution, vae_scale_factor=scale, folder=folder)
 
     def latents(self, transformer: Any) -> torch.Tensor:

@@ -679,7 +679,7 @@ def _sampler(base: TrainingBase, *, sample_dir: Path | None, seed: int,
 
     return Sampler.create(
         vae=base.vae, example=base.examples[0], transformer=base.transformer,
-        scheduler_config=base.scheduler_config, resolution=base.resolution, seed=seed,
+        shift=base.timestep_shift or TimestepShift(), resolution=base.resolution, seed=seed,
         steps=TINY_SAMPLE_STEPS if tiny else SAMPLE_STEPS, folder=sample_dir)
 
 
