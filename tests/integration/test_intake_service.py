@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from selfie_lora.api.app import create_app
+from selfie_lora.dataset.prepare import FACE_FRACTION
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings
@@ -82,6 +83,18 @@ def test_real_photos_are_checked_and_stored_without_metadata(
             assert "icc_profile" not in img.info
             assert "comment" not in img.info
             assert img.size[0] == img.size[1]  # the face-aware square crop
+    # Each stored photo's face box, in the crop's fractions: dlib's box of the same face, centred
+    # across, at least the crop's face fraction of its side (more where the photo was too small
+    # for the crop, which then shrinks around the face).
+    kept = services.intake.latest(user=services.users.get_by_name(name="ann"))
+    assert kept is not None
+    assert len(kept.face_boxes) == len(kept.photo_hashes) == 3
+    for box in kept.face_boxes:
+        assert box is not None
+        x0, y0, x1, y1 = box
+        assert (x0 + x1) / 2 == pytest.approx(0.5, abs=0.02)
+        assert (y0 + y1) / 2 < 0.5  # room for the chin below
+        assert FACE_FRACTION - 0.02 <= max(x1 - x0, y1 - y0) < 1
     # Originals are kept only because this server was told to.
     originals = list((services.settings.blob_dir / "originals").iterdir())
     assert len(originals) == 3

@@ -4,6 +4,7 @@ again; and the schema they make is the one the tables declare."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -106,6 +107,31 @@ def test_0005_moves_each_users_key_to_api_keys_and_it_keeps_working(engine: Engi
     assert stored == hash_api_key(secret)
     migrate(engine, "head")
     assert UserService(repo=SqlRepository(engine)).authenticate(api_key=secret).name == "ann"
+
+
+def test_0008_reads_a_dataset_stored_before_it_with_no_face_boxes(engine: Engine) -> None:
+    migrate(engine, "0007")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, name, api_key_hash, created_at) "
+                          "VALUES ('u', 'ann', 'h', :t)"),
+                     {"t": NOW})
+        conn.execute(text(
+            "INSERT INTO datasets (id, user_id, images_total, images_accepted, photo_hashes,"
+            " findings, accepted, sha256, created_at) VALUES ('d', 'u', 2, 2, :hashes, '[]',"
+            " true, 's', :t)"), {"t": NOW, "hashes": f'["{"a" * 64}", "{"b" * 64}"]'})
+    migrate(engine, "head")
+    repo = SqlRepository(engine)
+    old = repo.get_dataset("d")
+    assert old is not None
+    assert old.face_boxes == ()
+    assert [old.face_box(i) for i in range(2)] == [None, None]
+    repo.add_dataset(replace(old, id="d2", face_boxes=((0.25, 0.125, 0.75, 0.875), None)))
+    assert repo.get_dataset("d2").face_boxes == ((0.25, 0.125, 0.75, 0.875), None)  # type: ignore[union-attr]
+
+    migrate(engine, "0007", down=True)
+    assert "face_boxes" not in {c["name"] for c in inspect(engine).get_columns("datasets")}
+    migrate(engine, "head")
+    assert SqlRepository(engine).get_dataset("d2").face_boxes == ()  # type: ignore[union-attr]
 
 
 def test_the_migrations_make_the_schema_the_tables_declare(engine: Engine) -> None:

@@ -78,6 +78,20 @@ def test_round_trips(repo: SqlRepository) -> None:
     assert repo.get_user_by_name("nobody") is None
 
 
+def test_a_datasets_face_boxes_round_trip_aligned_with_its_photos(repo: SqlRepository) -> None:
+    user, _model, plain = seed(repo)
+    assert repo.get_dataset(plain.id) == plain
+    assert repo.get_dataset(plain.id).face_boxes == ()  # type: ignore[union-attr]
+    boxed = dataclasses.replace(plain, id="d-boxed", created_at=NOW + timedelta(seconds=1),
+                                face_boxes=((0.125, 0.2, 0.6875, 0.8), None))
+    repo.add_dataset(boxed)
+    read = repo.get_dataset("d-boxed")
+    assert read == boxed
+    assert read is not None
+    assert [read.face_box(i) for i in range(2)] == [(0.125, 0.2, 0.6875, 0.8), None]
+    assert repo.latest_accepted_dataset(user.id) == boxed
+
+
 def test_at_most_one_active_training_per_model_in_the_database(repo: SqlRepository) -> None:
     _user, model, dataset = seed(repo)
     repo.add_training(training(model, dataset, "t1"))

@@ -27,6 +27,7 @@ from PIL import Image
 
 from selfie_lora.dataset.checks import CROP_FACE_FRACTION, DecodedInput, PhotoAnalysis
 from selfie_lora.domain.buckets import Bucket, bucket_sizes
+from selfie_lora.domain.entities import FaceBox
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class PreparedPhoto:
     data: bytes  # JPEG, RGB, square or a bucket's size, no metadata (no EXIF, ICC profile, comment)
     width: int
     height: int
+    # The main face's box in this photo, as fractions of its width and height (see
+    # ``face_box_in_crop``); None when no face was found.
+    face_box: FaceBox | None = None
 
 
 def crop_box(analysis: PhotoAnalysis, *, image_size: tuple[int, int],
@@ -158,6 +162,33 @@ def crop_plan(analysis: PhotoAnalysis, *, image_size: tuple[int, int], resolutio
     return box, (bucket.width, bucket.height)
 
 
+def face_box_in_crop(analysis: PhotoAnalysis, *, image_size: tuple[int, int],
+                     crop: tuple[int, int, int, int]) -> FaceBox | None:
+    """The main face's box in the crop ``crop`` (left, top, right, bottom) cut from an image of
+    ``image_size``, as fractions of the crop's width and height, clipped to [0, 1] (a face may
+    reach past the crop, or the photo). None without a face, or when none of it is in the crop.
+
+    Written from the rectangle alone, so it holds for a crop of any shape: the training loss
+    weights the face by this box, whatever the crop's aspect."""
+    face = analysis.main_face
+    if face is None:
+        return None
+    # The analysis's coordinates are scaled when the image was decoded at another size.
+    k = image_size[0] / analysis.image_size[0]
+    left, top, right, bottom = crop
+    width, height = max(1, right - left), max(1, bottom - top)
+
+    def clip(v: float) -> float:
+        # Four decimals: a ten-thousandth of the side is under a pixel at any training size.
+        return round(min(1.0, max(0.0, v)), 4)
+
+    x0, x1 = (clip((face.box[i] * k - left) / width) for i in (0, 2))
+    y0, y1 = (clip((face.box[i] * k - top) / height) for i in (1, 3))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
+
+
 def source_min_side(decoded: DecodedInput, analysis: PhotoAnalysis, *,
                     resolution: int, aspect_buckets: bool = False) -> int | None:
     """The short side the photo should be decoded at so the crop has the pixels it is stored at
@@ -218,7 +249,8 @@ def prepare_photo(decoded: DecodedInput, analysis: PhotoAnalysis, *, resolution:
         logger.debug("%s: crop of %dx%d px upscaled to %dx%d", decoded.name, *crop_size, *size)
     data = encode_clean_jpeg(cropped, quality=quality)
     return PreparedPhoto(name=decoded.name, sha256=hashlib.sha256(data).hexdigest(), data=data,
-                         width=size[0], height=size[1])
+                         width=size[0], height=size[1],
+                         face_box=face_box_in_crop(analysis, image_size=image.size, crop=box))
 
 
 def dataset_sha256(photos: Iterable[PreparedPhoto]) -> str:
@@ -229,5 +261,5 @@ def dataset_sha256(photos: Iterable[PreparedPhoto]) -> str:
 
 __all__ = [
     "DROP", "FACE_FRACTION", "PreparedPhoto", "crop_box", "crop_bucket", "crop_plan",
-    "dataset_sha256", "encode_clean_jpeg", "prepare_photo", "source_min_side",
+    "dataset_sha256", "encode_clean_jpeg", "face_box_in_crop", "prepare_photo", "source_min_side",
 ]

@@ -257,6 +257,27 @@ class Finding:
         )
 
 
+# A face's box in a stored training photo: (left, top, right, bottom) as fractions of the photo's
+# width and height, each in [0, 1], left < right and top < bottom.
+FaceBox = tuple[float, float, float, float]
+
+
+def face_box_from(value: Any) -> FaceBox | None:
+    """A stored face box (a list of four numbers, or null) read back, checked.
+
+    Raises ValueError for anything else: boxes are written by the intake only, so a bad one means
+    the stored data is corrupt, and training on it would weight the wrong pixels."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != 4:
+        raise ValueError(f"a face box is four numbers, not {value!r}")
+    x0, y0, x1, y1 = (float(v) for v in value)
+    if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+        raise ValueError(f"a face box is fractions in [0, 1] with left < right and top < bottom, "
+                         f"not {value!r}")
+    return (x0, y0, x1, y1)
+
+
 @dataclass(frozen=True)
 class Dataset:
     id: str
@@ -270,6 +291,20 @@ class Dataset:
     created_at: datetime
     # The set's verdict: trainable, quality ("excellent".."poor"), score 0-100, reasons.
     verdict: dict[str, Any] = field(default_factory=dict)
+    # The main face's box in each stored photo, aligned with ``photo_hashes`` (None: no face
+    # found); empty for a dataset stored before the boxes were kept.
+    face_boxes: tuple[FaceBox | None, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.face_boxes and len(self.face_boxes) != len(self.photo_hashes):
+            raise ValueError(f"dataset {self.id}: {len(self.face_boxes)} face boxes for "
+                             f"{len(self.photo_hashes)} photos")
+        for box in self.face_boxes:
+            face_box_from(box)  # raises for a box that is not one
+
+    def face_box(self, index: int) -> FaceBox | None:
+        """The face box of the ``index``-th photo (None when unknown or no face was found)."""
+        return self.face_boxes[index] if self.face_boxes else None
 
 
 @dataclass(frozen=True)

@@ -238,6 +238,7 @@ class IntakeService:
             images_accepted=len(accepted), photo_hashes=tuple(p.sha256 for p in accepted),
             findings=report.findings, accepted=True, sha256=dataset_sha256(accepted),
             created_at=utcnow(), verdict=report.verdict,
+            face_boxes=tuple(p.face_box for p in accepted),
         )
         for photo in accepted:
             # Content-addressed: the same photo is stored once. Written again when it is there
@@ -261,6 +262,7 @@ class IntakeService:
             "photos": [{"sha256": p.sha256, "key": photo_key(p.sha256), "name": p.name,
                         "face_box": list(report.boxes[p.name]) if p.name in report.boxes
                         else None,
+                        "crop_face_box": list(p.face_box) if p.face_box else None,
                         "original": originals.get(p.sha256)} for p in accepted],
             "findings": [f.as_dict() for f in report.findings],
             "verdict": report.verdict,

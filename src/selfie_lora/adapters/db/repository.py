@@ -55,6 +55,7 @@ from selfie_lora.domain.entities import (
     User,
     Version,
     WebSession,
+    face_box_from,
 )
 from selfie_lora.domain.gc import DatasetRef, GenerationRef, References, TrainingRef
 from selfie_lora.domain.likeness import (
@@ -160,6 +161,7 @@ def _dataset(row: DatasetRow) -> Dataset:
         images_accepted=row.images_accepted, photo_hashes=tuple(row.photo_hashes),
         findings=tuple(Finding.from_dict(f) for f in row.findings), accepted=row.accepted,
         sha256=row.sha256, created_at=_req_utc(row.created_at), verdict=dict(row.verdict or {}),
+        face_boxes=tuple(face_box_from(b) for b in row.face_boxes or ()),
     )
 
 
@@ -508,6 +510,8 @@ class SqlRepository:
                 images_accepted=dataset.images_accepted, photo_hashes=list(dataset.photo_hashes),
                 findings=[f.as_dict() for f in dataset.findings], accepted=dataset.accepted,
                 sha256=dataset.sha256, created_at=dataset.created_at, verdict=dataset.verdict,
+                face_boxes=[list(b) if b is not None else None for b in dataset.face_boxes]
+                if dataset.face_boxes else None,
             ))
 
     def get_dataset(self, dataset_id: str) -> Dataset | None:

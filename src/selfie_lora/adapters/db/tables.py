@@ -102,6 +102,9 @@ class DatasetRow(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     verdict: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # One [left, top, right, bottom] (fractions) or null per photo, aligned with photo_hashes.
+    # Null for datasets stored before 0008.
+    face_boxes: Mapped[list[list[float] | None] | None] = mapped_column(JSON, nullable=True)
 
 
 class TrainingRow(Base):
