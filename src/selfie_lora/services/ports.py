@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from selfie_lora.domain.entities import (
     ApiKey,
     Dataset,
+    FaceBox,
     GateStatus,
     Generation,
     JobLease,
@@ -40,11 +41,14 @@ __all__ = ["AnalyzerFactory", "Face", "FaceAnalyzer"]  # re-exported: adapters i
 
 @dataclass(frozen=True)
 class TrainingPhoto:
-    """One prepared photo (JPEG bytes, no metadata) and its caption, which holds the trigger word."""
+    """One prepared photo (JPEG bytes, no metadata) and its caption, which holds the trigger word;
+    ``face_box`` is where the main face is in it (fractions, see ``Dataset.face_boxes``), for a
+    recipe that weights the face in the loss; None when unknown."""
 
     name: str
     data: bytes
     caption: str
+    face_box: FaceBox | None = None
 
 
 @dataclass(frozen=True)

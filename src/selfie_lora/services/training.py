@@ -812,7 +812,8 @@ class TrainingService:
             raise NotFoundError("the training's photos are gone")
         caption = caption_for(training.trigger_word)
         photos = tuple(
-            TrainingPhoto(name=f"{i:03d}.jpg", data=self._blobs.get(photo_key(sha)), caption=caption)
+            TrainingPhoto(name=f"{i:03d}.jpg", data=self._blobs.get(photo_key(sha)), caption=caption,
+                          face_box=dataset.face_box(i))
             for i, sha in enumerate(dataset.photo_hashes)
         )
         return TrainingJob(

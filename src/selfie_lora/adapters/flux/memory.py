@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from selfie_lora.domain.entities import FaceBox
 from selfie_lora.errors import TrainingFailedError
 
 if TYPE_CHECKING:
@@ -253,6 +254,8 @@ def load_training_base(
     photo_names: Sequence[str] | None = None,
     aspect_buckets: bool = False,
     keep_vae: bool = False,
+    face_boxes: Sequence[FaceBox | None] | None = None,
+    face_loss_weight: float = 1.0,
 ) -> TrainingBase:
     """Load the pipeline on the CPU, encode photos and captions once (each encoder visiting the
     device only for that), drop the encoders and the VAE, and place the transformer in ``mode``.
@@ -273,6 +276,7 @@ def load_training_base(
     examples = prepare_examples(
         pipe, photos, resolution=resolution, names=photo_names, device=device, dtype=dtype,
         aspect_buckets=aspect_buckets,
+        face_boxes=face_boxes, face_loss_weight=face_loss_weight,
     )
     transformer = pipe.transformer
     timestep_shift = TimestepShift.from_scheduler_config(pipe.scheduler.config)

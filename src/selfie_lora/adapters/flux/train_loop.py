@@ -10,7 +10,9 @@ The recipe follows what FLUX LoRA trainers do (diffusers' DreamBooth FLUX exampl
 * rectified flow matching: ``t ~ sigmoid(N(0, 1))`` (logit-normal), with
   ``recipe.timestep_sampling == "flux_shift"`` then shifted towards noise by FLUX's
   resolution-dependent shift (:class:`TimestepShift`), ``x_t = (1 - t) x0 + t noise``, the
-  transformer predicts the velocity ``noise - x0`` under an MSE loss;
+  transformer predicts the velocity ``noise - x0`` under an MSE loss, weighted toward the face
+  when the recipe's ``face_loss_weight`` is above 1 and the intake found the photo's face
+  (:func:`face_token_weights`: a masked loss);
 * a LoRA (rank ``recipe.lora_rank``, alpha ``recipe.alpha``: the rank unless the recipe says) on
   the modules ``recipe.lora_targets`` names (:func:`lora_target_modules`) is the only thing trained
   (AdamW, fp32 LoRA parameters even when the base runs in bf16).
@@ -53,7 +55,7 @@ from selfie_lora.adapters.flux.memory import (
 )
 from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.domain.buckets import FLUX_MULTIPLE, Bucket, bucket_sizes, nearest_bucket
-from selfie_lora.domain.entities import Recipe
+from selfie_lora.domain.entities import FaceBox, Recipe
 from selfie_lora.errors import TrainingCanceledError, TrainingFailedError
 
 if TYPE_CHECKING:
@@ -101,6 +103,8 @@ class TrainingExample:
     prompt_embeds: torch.Tensor  # (1, text_tokens, joint_attention_dim)
     pooled_embeds: torch.Tensor  # (1, pooled_projection_dim)
     text_ids: torch.Tensor  # (text_tokens, 3)
+    # Per-token loss weights, mean 1 over the photo: (1, image_tokens, 1); None: uniform.
+    loss_weights: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------- data
@@ -130,6 +134,61 @@ def load_photo(data: bytes, *, resolution: int, name: str = "photo",
     return ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.LANCZOS)
 
 
+def photo_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of the photo :func:`load_photo` decodes (EXIF orientation applied), read
+    from its header only."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        # Orientations 5 to 8 turn the photo a quarter: exif_transpose swaps its sides.
+        turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
+
+
+def training_face_box(box: FaceBox, *, photo_size: tuple[int, int],
+                      target_size: tuple[int, int] | None = None) -> FaceBox | None:
+    """Where ``box`` (fractions of a photo of ``photo_size``) lies in the image
+    :func:`load_photo` makes of it at ``target_size`` (width, height; default a square): the
+    centred crop of that aspect cut from it (``ImageOps.fit``'s crop), resized. A photo the intake
+    stored at its bucket's size has the target's aspect already: its box is unchanged. None when
+    the face is wholly outside the crop."""
+    width, height = photo_size
+    target_w, target_h = target_size or (1, 1)
+    aspect = target_w / target_h
+    crop_w, crop_h = (height * aspect, height) if width / height > aspect else (width, width / aspect)
+    left, top = (width - crop_w) / 2, (height - crop_h) / 2
+
+    def clip(v: float) -> float:
+        return min(1.0, max(0.0, v))
+
+    x0, x1 = (clip((v * width - left) / crop_w) for v in (box[0], box[2]))
+    y0, y1 = (clip((v * height - top) / crop_h) for v in (box[1], box[3]))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
+
+
+def face_token_weights(box: FaceBox, *, rows: int, cols: int, weight: float) -> torch.Tensor:
+    """Loss weights of a photo's packed latent tokens (``rows`` x ``cols``, row-major like
+    ``_pack_latents``), float32, shape (rows * cols,): ``weight`` inside ``box`` (fractions of
+    the image), 1 outside, and for a token on the box's edge in proportion to the share of its
+    area the box covers, so a small face still counts for what it is; then scaled to mean 1, so
+    the learning rate means what it meant for the unweighted loss."""
+    import torch
+
+    def covered(low: float, high: float, count: int) -> torch.Tensor:
+        # The share of each token's span [i, i + 1) that [low, high) covers, in token units.
+        start = torch.arange(count, dtype=torch.float64)
+        overlap = torch.minimum(start + 1, torch.tensor(high * count, dtype=torch.float64)) - \
+            torch.maximum(start, torch.tensor(low * count, dtype=torch.float64))
+        return overlap.clamp(min=0.0, max=1.0)
+
+    coverage = torch.outer(covered(box[1], box[3], rows), covered(box[0], box[2], cols))
+    weights = 1.0 + (weight - 1.0) * coverage
+    return (weights / weights.mean()).flatten().to(torch.float32)
+
+
 def _image_tensor(image: Any) -> torch.Tensor:
     """PIL RGB -> float tensor (1, 3, H, W) in [-1, 1], the range the VAE expects."""
     import numpy as np
@@ -157,12 +216,18 @@ def prepare_examples(
     device: Any = None,
     dtype: torch.dtype | None = None,
     aspect_buckets: bool = False,
+    face_boxes: Sequence[FaceBox | None] | None = None,
+    face_loss_weight: float = 1.0,
 ) -> list[TrainingExample]:
     """Encode every caption (CLIP + T5) and photo (VAE) once, without gradients.
 
     With ``aspect_buckets`` each photo is encoded at its nearest bucket's size (at about
     ``resolution**2`` pixels, sides a multiple of what the pipeline packs), so examples differ in
     their token count and ``image_ids``; else every photo is a ``resolution`` square.
+
+    With ``face_loss_weight`` above 1, a photo whose ``face_boxes`` entry (fractions of the photo,
+    aligned with ``photos``) is not None gets :func:`face_token_weights`; the others, and every
+    photo at weight 1, get none (the unweighted loss, unchanged).
 
     The tensors are made for a transformer on ``device`` in ``dtype`` (default: where and what
     ``pipe.transformer`` is). Encoders held elsewhere (the CPU, when the pipeline was loaded there
@@ -175,6 +240,8 @@ def prepare_examples(
 
     from selfie_lora.adapters.flux.memory import on_device
 
+    if face_boxes is not None and len(face_boxes) != len(photos):
+        raise ValueError(f"{len(face_boxes)} face boxes for {len(photos)} photos")
     device = torch.device(device) if device is not None else pipe.transformer.device
     dtype = dtype if dtype is not None else pipe.transformer.dtype
     resolution = effective_resolution(pipe, resolution)
@@ -207,6 +274,14 @@ def prepare_examples(
                 batch, height // 2, width // 2, device, dtype
             )
             prompt_embeds, pooled, text_ids = prompt_cache[caption]
+            box = face_boxes[index] if face_boxes is not None and face_loss_weight != 1.0 else None
+            if box is not None:
+                box = training_face_box(box, photo_size=photo_size(data),
+                                        target_size=(pixels.shape[-1], pixels.shape[-2]))
+            weights = None
+            if box is not None:
+                weights = face_token_weights(box, rows=height // 2, cols=width // 2,
+                                             weight=face_loss_weight).to(device).view(1, -1, 1)
             examples.append(
                 TrainingExample(
                     latents=packed,
@@ -214,6 +289,7 @@ def prepare_examples(
                     prompt_embeds=prompt_embeds,
                     pooled_embeds=pooled,
                     text_ids=text_ids,
+                    loss_weights=weights,
                 )
             )
     return examples
@@ -231,19 +307,35 @@ def _batch(examples: Sequence[TrainingExample]) -> TrainingExample:
     if any(not torch.equal(e.image_ids, first.image_ids) for e in examples[1:]):
         # Two buckets can have as many tokens (48x80 and 80x48): the positions tell them apart.
         raise ValueError("a batch mixes image sizes; batches are drawn from one bucket")
+    weights = None
+    if any(e.loss_weights is not None for e in examples):
+        # A photo without a face box weighs each token alike (ones: its mean is 1 too).
+        weights = torch.cat([
+            e.loss_weights if e.loss_weights is not None
+            else torch.ones((1, e.latents.shape[1], 1), device=e.latents.device)
+            for e in examples
+        ])
     return TrainingExample(
         latents=torch.cat([e.latents for e in examples]),
         image_ids=first.image_ids,  # same size, so the same positions
         prompt_embeds=torch.cat([e.prompt_embeds for e in examples]),
         pooled_embeds=torch.cat([e.pooled_embeds for e in examples]),
         text_ids=first.text_ids,  # T5 is padded to a fixed length; FLUX's text ids are zeros
+        loss_weights=weights,
     )
 
 
 def flow_matching_loss(
-    transformer: Any, batch: TrainingExample, *, sigmas: torch.Tensor, noise: torch.Tensor
+    transformer: Any,
+    batch: TrainingExample,
+    *,
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean squared error between the predicted and the true velocity ``noise - x0`` at ``sigmas``."""
+    """Mean squared error between the predicted and the true velocity ``noise - x0`` at ``sigmas``;
+    with ``weights`` (per token: (batch, image_tokens, 1)), its weighted mean over tokens and
+    channels. Without them, exactly the plain mean."""
     import torch
 
     x0 = batch.latents
@@ -266,7 +358,11 @@ def flow_matching_loss(
         return_dict=False,
     )[0]
     target = noise - x0
-    return torch.nn.functional.mse_loss(prediction.float(), target.float())
+    if weights is None:
+        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+    squared: torch.Tensor = (prediction.float() - target.float()) ** 2
+    weights = weights.to(device=squared.device, dtype=squared.dtype)
+    return (squared * weights).sum() / (weights.sum() * squared.shape[-1])
 
 
 def bucket_key(example: TrainingExample) -> tuple[int, int]:
@@ -384,6 +480,10 @@ def evaluate_loss(
 
     Unlike the per-step training losses, two calls with the same seed see the same ``t`` and noise,
     so comparing before and after training measures what training changed.
+
+    Unweighted even when the examples carry face weights: the figure is kept with the version and
+    compared across trainings, whose recipes may weight the face differently or not at all, so
+    it must measure every photo's pixels the same way.
     """
     import torch
 
@@ -624,7 +724,8 @@ def fit_lora(
         sigmas = sample_sigmas(len(indices), generator=generator, shift=shift,
                                image_tokens=batch.latents.shape[1])
         noise = torch.randn(batch.latents.shape, generator=generator)
-        loss = flow_matching_loss(transformer, batch, sigmas=sigmas, noise=noise)
+        loss = flow_matching_loss(transformer, batch, sigmas=sigmas, noise=noise,
+                                  weights=batch.loss_weights)
         if not torch.isfinite(loss):
             raise TrainingFailedError(
                 f"loss became {float(loss)} at step {step}",
@@ -690,6 +791,7 @@ def train_flux_lora(
     photos: Sequence[tuple[bytes, str]],
     recipe: Recipe,
     out_path: Path,
+    face_boxes: Sequence[FaceBox | None] | None = None,
     on_step: StepCallback | None = None,
     device: str = "auto",
     num_threads: int | None = None,
@@ -716,6 +818,8 @@ def train_flux_lora(
     ``checkpoint_dir``, ``resume_from`` and ``on_checkpoint``: see :func:`fit_lora`.
     With ``sample_dir`` and ``recipe.sample_every``, sample images (``flux.samples``) are written
     there and passed to ``on_sample``.
+    ``face_boxes`` (aligned with ``photos``; None for a photo without a face) weight the face in
+    the loss by ``recipe.face_loss_weight`` (see :func:`prepare_examples`).
 
     Returns metrics: first/final training loss, steps, seconds (whole run), step_seconds (mean
     optimizer step), device, resolution, seed and, with ``evaluate``, eval_loss_before and
@@ -753,6 +857,8 @@ def train_flux_lora(
                 photo_names=photo_names,
                 aspect_buckets=recipe.aspect_buckets,
                 keep_vae=sample_dir is not None and recipe.sample_every > 0,
+                face_boxes=face_boxes,
+                face_loss_weight=recipe.face_loss_weight,
             )
             transformer, examples, resolution = base.transformer, base.examples, base.resolution
             chosen_mode = base.mode

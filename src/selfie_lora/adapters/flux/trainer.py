@@ -40,6 +40,7 @@ from selfie_lora.services.ports import (
     ProgressSink,
     SampleStore,
     TrainingJob,
+    TrainingPhoto,
     TrainingResult,
 )
 
@@ -95,8 +96,9 @@ class _TrainRequest:
 
     pipeline_source: str
     cache_dir: Path
-    photos: tuple[tuple[bytes, str], ...]
-    photo_names: tuple[str, ...]
+    # The job's photos as they are (name, bytes, caption, face box): one record per photo, so
+    # nothing has to be kept aligned on the way to the child.
+    photos: tuple[TrainingPhoto, ...]
     recipe: Recipe
     out_path: Path
     device: str
@@ -121,8 +123,9 @@ def _run(
     return train_flux_lora(
         pipeline_source=request.pipeline_source,
         cache_dir=request.cache_dir,
-        photos=request.photos,
-        photo_names=request.photo_names,
+        photos=[(photo.data, photo.caption) for photo in request.photos],
+        photo_names=[photo.name for photo in request.photos],
+        face_boxes=[photo.face_box for photo in request.photos],
         recipe=request.recipe,
         out_path=request.out_path,
         on_step=on_step,
@@ -276,8 +279,7 @@ class LocalTrainer:
         request = _TrainRequest(
             pipeline_source=self.base_model,
             cache_dir=self.cache_dir,
-            photos=tuple((photo.data, photo.caption) for photo in job.photos),
-            photo_names=tuple(photo.name for photo in job.photos),
+            photos=job.photos,
             recipe=job.recipe,
             out_path=out_path,
             device=self.device,
