@@ -57,6 +57,20 @@ def test_the_box_follows_load_photos_centred_square() -> None:
     assert train_loop.training_face_box((0.2, 0.0, 0.6, 0.2), photo_size=(100, 200)) is None
 
 
+def test_the_box_follows_load_photos_bucket_crop() -> None:
+    # A photo the intake stored at its bucket's size has the bucket's aspect: the box stays.
+    box = (0.3, 0.2, 0.7, 0.5)
+    assert train_loop.training_face_box(box, photo_size=(832, 1248),
+                                        target_size=(832, 1248)) == pytest.approx(box)
+    # 100 x 200 fitted to a 2:3 bucket (48 x 80 is 3:5): the crop keeps the whole width and the
+    # middle 100 * 5 / 3 px of the height.
+    crop_h = 100 * 80 / 48
+    top = (200 - crop_h) / 2
+    assert train_loop.training_face_box(box, photo_size=(100, 200), target_size=(48, 80)) == (
+        pytest.approx(0.3), pytest.approx((40 - top) / crop_h), pytest.approx(0.7),
+        pytest.approx((100 - top) / crop_h))
+
+
 def test_the_photos_size_is_read_as_load_photo_turns_it() -> None:
     import io
 
