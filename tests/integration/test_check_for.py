@@ -67,7 +67,8 @@ def test_the_same_photos_judged_for_tiny_and_for_replicate(cli: CliRunner, photo
     assert "face_resolutio" in replicate.output  # the table cuts the code short
 
     flux = cli.invoke(app, ["check", str(photos), "--for", "local-flux"])
-    assert "judged for local-flux training at 512 px" in said(flux), flux.output
+    # A new FLUX.1 model trains on local-flux-v2, at 1024 px like Replicate's.
+    assert "judged for local-flux training at 1024 px" in said(flux), flux.output
 
 
 def test_by_default_photos_are_judged_for_a_new_model(cli: CliRunner, photos: Path) -> None:

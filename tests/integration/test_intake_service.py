@@ -15,6 +15,7 @@ from PIL import Image
 
 from selfie_lora.api.app import create_app
 from selfie_lora.dataset.prepare import FACE_FRACTION
+from selfie_lora.domain.buckets import bucket_sizes
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings
@@ -82,7 +83,8 @@ def test_real_photos_are_checked_and_stored_without_metadata(
             assert not img.getexif()
             assert "icc_profile" not in img.info
             assert "comment" not in img.info
-            assert img.size[0] == img.size[1]  # the face-aware square crop
+            # The face-aware crop of its aspect bucket (a new tiny model's recipe buckets).
+            assert img.size in {(b.width, b.height) for b in bucket_sizes(64)}
     # Each stored photo's face box, in the crop's fractions: dlib's box of the same face, centred
     # across, at least the crop's face fraction of its side (more where the photo was too small
     # for the crop, which then shrinks around the face).

@@ -27,7 +27,10 @@ from PIL import Image
 
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
-from selfie_lora.domain.recipes import DEFAULT_REPLICATE_TRAINER_VERSION
+from selfie_lora.domain.recipes import (
+    DEFAULT_REPLICATE_TRAINER_VERSION,
+    default_local_trainer_version,
+)
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, one_person_analyzer, wait_terminal
@@ -145,7 +148,7 @@ def test_bug2_every_route_uses_the_pinned_trainer_version(backend: Backend) -> N
     first = backend.finish(h, backend.upload(h))
     pinned = first["model"]["trainer_version"]
     expected = (DEFAULT_REPLICATE_TRAINER_VERSION if backend.name == "replicate"
-                else "local-tiny-v1")
+                else default_local_trainer_version("tiny"))
     assert pinned == expected
     # The configured default moves on; the model's pin must win on every route.
     backend.settings.trainer_version = (

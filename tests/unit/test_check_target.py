@@ -22,7 +22,7 @@ NEW_MODEL = {
 
 
 @pytest.mark.parametrize(("target", "resolution"), [
-    (CheckTarget.REPLICATE, 1024), (CheckTarget.LOCAL_FLUX, 512), (CheckTarget.TINY, 64)])
+    (CheckTarget.REPLICATE, 1024), (CheckTarget.LOCAL_FLUX, 1024), (CheckTarget.TINY, 64)])
 def test_each_target_is_the_recipe_its_training_uses(target: CheckTarget,
                                                      resolution: int) -> None:
     backend, version = NEW_MODEL[target]

@@ -15,9 +15,11 @@ from selfie_lora.errors import ConfigError, ErrorCode, InvalidInputError
 # owner/name:<64 hex>, as Replicate names a model version.
 _REPLICATE_VERSION = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}/[a-z0-9][a-z0-9_.-]{0,99}:[0-9a-f]{64}")
 
-# The local backend's recipe for each base model: the tiny one, or a real FLUX.1.
-_LOCAL_TINY_RECIPE = "local-tiny-v1"
-_LOCAL_FLUX_RECIPE = "local-flux-v1"
+# The local backend's recipe for a new model of each base model: the tiny one, or a real FLUX.1.
+# A model keeps the recipe it was first trained with (its trainer version): models made before
+# v2 retrain on v1.
+_LOCAL_TINY_RECIPE = "local-tiny-v2"
+_LOCAL_FLUX_RECIPE = "local-flux-v2"
 
 RECIPES: dict[str, Recipe] = {
     # ostris/flux-dev-lora-trainer's own defaults for a person LoRA.
