@@ -29,7 +29,13 @@ from selfie_lora.errors import ConflictError
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.generation import GenerationRequest
-from selfie_lora.services.layout import manifest_key, photo_key, reference_key, sample_key
+from selfie_lora.services.layout import (
+    checkpoint_key,
+    manifest_key,
+    photo_key,
+    reference_key,
+    sample_key,
+)
 from selfie_lora.services.ports import BlobStore
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, SimulatedCrash
 from selfie_lora.wiring import Services, build_services
@@ -155,11 +161,15 @@ def build_world(svc: Services, server: S3Server | None) -> World:
               w.plant(f"generations/{uuid.uuid4()}/0.png"),
               w.plant(manifest_key(str(uuid.uuid4()))),
               w.plant(sample_key(str(uuid.uuid4()), 2)),  # a training whose row is gone
+              # Ann's first training ended with its version; a worker that died before deleting
+              # its checkpoint left it.
+              w.plant(checkpoint_key(first, 10)),
               w.work_folder(str(uuid.uuid4()), when=utcnow() - timedelta(days=3)),  # nobody's
               w.work_folder(first)}  # ann's first training ended; a crash left its folder
     w.kept = {w.plant(photo_key(hashlib.sha256(b"young").hexdigest()),
                       when=w.now - timedelta(hours=1)),  # an upload in flight
               w.plant("photos/README.txt"),  # not a key of ours
+              w.plant(checkpoint_key(queued.id, 10)),  # a training to come resumes from it
               w.work_folder(queued.id)}
     return w
 
@@ -360,7 +370,8 @@ def test_a_photo_uploaded_again_while_it_is_collected_is_kept(tmp_path: Path) ->
                 if UploadMeanwhile.calls == 2:
                     svc.repo.add_dataset(dataclasses.replace(
                         abandoned, id=str(uuid.uuid4()), created_at=utcnow(),
-                        photo_hashes=(again.removeprefix("photos/").removesuffix(".jpg"),)))
+                        photo_hashes=(again.removeprefix("photos/").removesuffix(".jpg"),),
+                        face_boxes=()))
                 return svc.repo.gc_references()
 
         summary = w.collector(repo=UploadMeanwhile()).collect()

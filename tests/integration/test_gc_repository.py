@@ -22,6 +22,8 @@ def test_the_references_name_everything_rows_refer_to(repo: SqlRepository) -> No
     user, model, trained = seed(repo)
     repo.add_training(training(model, trained, "t1", status=TrainingStatus.SUCCEEDED))
     repo.add_training(training(model, trained, "t2", offset=1))
+    # Canceled before its version: resume can still continue it, so its checkpoints stay.
+    repo.add_training(training(model, trained, "t3", status=TrainingStatus.CANCELED, offset=2))
     repo.add_version(Version(id="v1", model_id=model.id, number=1, training_id="t1",
                              trainer_version="x", weights_key="weights/1.safetensors",
                              weights_sha256="1" * 64, weights_method="m", remote_version=None,
@@ -45,8 +47,9 @@ def test_the_references_name_everything_rows_refer_to(repo: SqlRepository) -> No
     ]
     assert refs.generations == (GenerationRef("g1", NOW, ("generations/g1/0.png",)),)
     assert sorted(refs.trainings, key=lambda t: t.id) == [
-        TrainingRef("t1", NOW, ended=True), TrainingRef("t2", NOW + timedelta(seconds=1),
-                                                        ended=False)]
+        TrainingRef("t1", NOW, ended=True),
+        TrainingRef("t2", NOW + timedelta(seconds=1), ended=False),
+        TrainingRef("t3", NOW + timedelta(seconds=2), ended=True, resumable=True)]
     assert refs.version_ids == {"v1"}
     assert refs.weights_keys == {"weights/1.safetensors"}
     assert refs.model_ids == {model.id}

@@ -26,6 +26,7 @@ from selfie_lora.domain.gc import (
 )
 from selfie_lora.services.layout import (
     chart_key,
+    checkpoint_key,
     generation_image_key,
     grid_key,
     manifest_key,
@@ -68,9 +69,10 @@ def test_the_layout_reads_back_every_key_it_makes() -> None:
     assert owner_of(grid_key("v-1", "v-2")) == (Owner.COMPARISON, "v-1-v-2")
     assert owner_of(chart_key("m1")) == (Owner.MODEL, "m1")
     assert owner_of(sample_key("t-1", 250)) == (Owner.TRAINING, "t-1")
+    assert owner_of(checkpoint_key("t-1", 250)) == (Owner.CHECKPOINT, "t-1")
     # What the layout does not make is nobody's: the collector keeps it.
     for key in ("photos/not-a-sha.jpg", "datasets/d1/other.json", "misc/x", "weights/x.bin",
-                "samples/t-1/step-250.jpg"):
+                "samples/t-1/step-250.jpg", "checkpoints/t-1/step-250.ckpt"):
         assert owner_of(key) is None
 
 
@@ -85,7 +87,8 @@ def scenario() -> tuple[References, list[Blob], list[WorkFolder]]:
         generations=(GenerationRef("g-old", NOW - old, (generation_image_key("g-old", 0),)),
                      GenerationRef("g-new", NOW - young, (generation_image_key("g-new", 0),))),
         trainings=(TrainingRef("t-done", NOW - old, ended=True),
-                   TrainingRef("t-running", NOW - timedelta(hours=5), ended=False)),
+                   TrainingRef("t-running", NOW - timedelta(hours=5), ended=False),
+                   TrainingRef("t-canceled", NOW - old, ended=True, resumable=True)),
         model_ids=frozenset({"m1"}), version_ids=frozenset({"v1"}),
         weights_keys=frozenset({WEIGHTS[0]}))
     blobs = [blob(k, age=old) for k in (
@@ -94,7 +97,9 @@ def scenario() -> tuple[References, list[Blob], list[WorkFolder]]:
         reference_key("d-abandoned", "fake"), generation_image_key("g-old", 0),
         generation_image_key("g-new", 0), WEIGHTS[0], WEIGHTS[1], probe_image_key("v1", 0, 1),
         chart_key("m1"), photo_key(SHAS[4]), "misc/unknown.bin", manifest_key("d-gone"),
-        sample_key("t-done", 10), sample_key("t-running", 10), sample_key("t-gone", 10))]
+        sample_key("t-done", 10), sample_key("t-running", 10), sample_key("t-gone", 10),
+        checkpoint_key("t-done", 10), checkpoint_key("t-running", 10),
+        checkpoint_key("t-canceled", 10), checkpoint_key("t-gone", 10))]
     blobs += [blob(photo_key(SHAS[5]), age=young),  # an upload in flight
               blob(WEIGHTS[2], age=timedelta(hours=3))]  # written by t-running, version to come
     folders = [WorkFolder("t-done", 5, NOW - old), WorkFolder("t-running", 5, NOW),
@@ -117,6 +122,10 @@ def test_a_scenario_plans_exactly_what_nothing_refers_to() -> None:
         (Kind.ORPHANS, photo_key(SHAS[4])),
         (Kind.ORPHANS, manifest_key("d-gone")),
         (Kind.ORPHANS, sample_key("t-gone", 10)),  # its training's row is gone
+        # Left by a worker that died after its training ended (the running training's and the
+        # resumable canceled one's stay).
+        (Kind.ORPHANS, checkpoint_key("t-done", 10)),
+        (Kind.ORPHANS, checkpoint_key("t-gone", 10)),
     }
     assert [p.key for p in plan.work_folders] == ["work/stray-old", "work/t-done"]
 
@@ -172,6 +181,7 @@ POOL = sorted({
     grid_key(VERSIONS[0], VERSIONS[1]), grid_key(VERSIONS[0], "v-x"),
     *(chart_key(m) for m in [*MODELS, "m-x"]), "misc/x", "photos/x.jpg",
     *(sample_key(t, 10) for t in [*TRAININGS, "t-x"]),
+    *(checkpoint_key(t, 10) for t in [*TRAININGS, "t-x"]),
 })
 
 
@@ -186,7 +196,8 @@ def worlds(draw: st.DrawFn) -> tuple[References, list[Blob], list[WorkFolder],
         GenerationRef(g, NOW - draw(ages), tuple(generation_image_key(g, i)
                                                  for i in range(draw(st.integers(0, 2)))))
         for g in draw(st.lists(st.sampled_from(GENERATIONS), unique=True)))
-    trainings = tuple(TrainingRef(t, NOW - draw(ages), ended=draw(st.booleans()))
+    trainings = tuple(TrainingRef(t, NOW - draw(ages), ended=(ended := draw(st.booleans())),
+                                  resumable=ended and draw(st.booleans()))
                       for t in draw(st.lists(st.sampled_from(TRAININGS), unique=True)))
     versions = draw(st.lists(st.sampled_from(VERSIONS), unique=True))
     refs = References(
@@ -235,7 +246,10 @@ def test_nothing_referenced_is_ever_planned_for_deletion(world: tuple[
                  | {generation_image_key(g.id, i) for g in left.generations for i in (0, 1)}
                  | {probe_image_key(v, 0, 1) for v in refs.version_ids}
                  | {chart_key(m) for m in refs.model_ids}
-                 | {sample_key(t.id, 10) for t in refs.trainings})
+                 | {sample_key(t.id, 10) for t in refs.trainings}
+                 # A checkpoint of a training that runs or can be resumed.
+                 | {checkpoint_key(t.id, 10) for t in refs.trainings
+                    if not t.ended or t.resumable})
     kept_originals = ({k for d in left.datasets for k in (originals or {}).get(d.id, ())}
                       if originals is not None else set(ORIGINALS))
     for planned in plan.blobs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from selfie_lora.domain.entities import Recipe
+from selfie_lora.domain.gc import Owner
 from selfie_lora.domain.recipes import RECIPES, get_recipe
 from selfie_lora.services.layout import checkpoint_key, checkpoint_step, owner_of
 
@@ -21,9 +22,9 @@ def test_every_recipe_round_trips_with_its_checkpoint_interval() -> None:
     assert 0 < tiny.checkpoint_every < tiny.steps  # small: the tests kill and resume it
 
 
-def test_checkpoint_keys_read_back_and_are_not_collected() -> None:
+def test_checkpoint_keys_read_back_as_their_trainings() -> None:
     key = checkpoint_key("t-1", 250)
     assert key == "checkpoints/t-1/step-00000250.ckpt"
     assert checkpoint_step(key) == 250
     assert checkpoint_step("checkpoints/t-1/other") is None
-    assert owner_of(key) is None  # the collector keeps keys it cannot place
+    assert owner_of(key) == (Owner.CHECKPOINT, "t-1")  # the collector judges them by it

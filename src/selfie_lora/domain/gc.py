@@ -55,6 +55,7 @@ class Owner(enum.StrEnum):
     COMPARISON = "comparison"  # a grid of two versions: owner id is "<a>-<b>"
     MODEL = "model"  # a model's chart
     TRAINING = "training"  # a training's sample images
+    CHECKPOINT = "checkpoint"  # a local training's checkpoint: owner id is the training's
 
 
 class Kind(enum.StrEnum):
@@ -96,6 +97,8 @@ class TrainingRef:
     id: str
     created_at: datetime
     ended: bool
+    # Canceled before its version was stored: ``resume`` may still continue it from its checkpoint.
+    resumable: bool = False
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,8 @@ class _Live:
     version_ids: frozenset[str]
     model_ids: frozenset[str]
     training_ids: frozenset[str]
+    # Trainings whose checkpoints are still of use: running (or queued), or resumable.
+    checkpointing_ids: frozenset[str]
 
 
 def _live(refs: References, *, collected_datasets: frozenset[str],
@@ -196,6 +201,7 @@ def _live(refs: References, *, collected_datasets: frozenset[str],
         keys=refs.weights_keys | frozenset(k for g in generations for k in g.image_keys),
         originals=kept_originals, version_ids=refs.version_ids, model_ids=refs.model_ids,
         training_ids=frozenset(t.id for t in refs.trainings),
+        checkpointing_ids=frozenset(t.id for t in refs.trainings if not t.ended or t.resumable),
     )
 
 
@@ -221,6 +227,10 @@ def _referenced(blob: Blob, live: _Live) -> bool:
             return blob.owner_id in live.model_ids
         case Owner.TRAINING:
             return blob.owner_id in live.training_ids
+        case Owner.CHECKPOINT:
+            # The training service deletes a training's checkpoints when it ends with a version
+            # or fails; a worker that died between the two leaves them here.
+            return blob.owner_id in live.checkpointing_ids
         case None:
             return True  # not ours to judge: kept
     return True  # pragma: no cover - every owner is matched above

@@ -17,10 +17,11 @@ a retried write changes nothing), by id where an object owns the bytes::
 
 (The likeness keys keep their historical ``quality/`` prefix: stored blobs stay where they are.)
 
-Checkpoints are not in ``PREFIXES``: the training service deletes them when a training ends
-with a version or fails, and keeps a canceled training's for ``resume``; the collector never
-lists them. Samples are: they belong to their training, and go when its row does (a sample
-written for a training whose row never committed is an orphan).
+The training service deletes a training's checkpoints when it ends with a version or fails, and
+keeps a canceled training's for ``resume``; the collector deletes those a worker that died in
+between left behind (their training ended and cannot be resumed, or its row is gone). Samples
+belong to their training, and go when its row does (a sample written for a training whose row
+never committed is an orphan).
 
 ``owner_of`` reads a key back (the garbage collector asks whom a listed blob belongs to).
 """
@@ -32,7 +33,8 @@ import re
 from selfie_lora.domain.gc import Owner
 
 # Every prefix a key starts with: what the garbage collector lists.
-PREFIXES = ("photos", "originals", "datasets", "weights", "generations", "quality", "samples")
+PREFIXES = ("photos", "originals", "datasets", "weights", "generations", "quality", "samples",
+            "checkpoints")
 
 
 def photo_key(sha256: str) -> str:
@@ -84,6 +86,7 @@ _OWNERS: tuple[tuple[re.Pattern[str], Owner], ...] = tuple(
         (r"quality/compare/(?P<id>[^/]+)/grid\.png", Owner.COMPARISON),
         (r"quality/models/(?P<id>[^/]+)/chart\.png", Owner.MODEL),
         (r"samples/(?P<id>[^/]+)/step-[0-9]{8}\.jpg", Owner.TRAINING),
+        (r"checkpoints/(?P<id>[^/]+)/step-[0-9]{8}\.ckpt", Owner.CHECKPOINT),
     ))
 
 

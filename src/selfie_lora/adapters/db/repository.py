@@ -749,9 +749,11 @@ class SqlRepository:
                                           GenerationRow.image_keys)))
             trainings = tuple(
                 TrainingRef(id=r.id, created_at=_req_utc(r.created_at),
-                            ended=TrainingStatus(r.status).is_terminal)
+                            ended=TrainingStatus(r.status).is_terminal,
+                            resumable=(TrainingStatus(r.status) is TrainingStatus.CANCELED
+                                       and r.version_id is None))
                 for r in s.execute(select(TrainingRow.id, TrainingRow.created_at,
-                                          TrainingRow.status)))
+                                          TrainingRow.status, TrainingRow.version_id)))
             versions = s.execute(select(VersionRow.id, VersionRow.weights_key)).all()
             models = s.scalars(select(ModelRow.id)).all()
         return References(datasets=datasets, generations=generations, trainings=trainings,
