@@ -8,6 +8,7 @@ and CLI import this package without needing them.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfie_lora.adapters.flux.runtime import require_torch
 from selfie_lora.adapters.flux.tiny import TINY, TINY_RESOLUTION, tiny_pipeline_dir
-from selfie_lora.errors import ConfigError
+from selfie_lora.errors import ConfigError, TrainingFailedError
 
 if TYPE_CHECKING:
     import torch
@@ -96,13 +97,50 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+# FLUX.1-schnell's T5 sequence length: what diffusers' docs and kohya sd-scripts use for it (dev
+# and the other guidance-distilled models take 512).
+SCHNELL_TEXT_LENGTH = 256
+
+
 def text_max_length(pipe: Any) -> int:
-    """The T5 sequence length to encode prompts with: the tokenizer's own limit, at most 512.
+    """The T5 sequence length to encode prompts with: the tokenizer's own limit, at most 512, and
+    256 for a model without guidance embeddings (FLUX.1-schnell).
 
     Training and generation must agree on it, so both ask here.
     """
-    limit = getattr(pipe.tokenizer_2, "model_max_length", 512)
-    return int(min(512, limit))
+    limit = int(min(512, getattr(pipe.tokenizer_2, "model_max_length", 512)))
+    if not guidance_distilled(pipe.transformer.config):
+        return min(SCHNELL_TEXT_LENGTH, limit)
+    return limit
+
+
+def guidance_distilled(transformer_config: Any) -> bool:
+    """Whether a FLUX transformer takes a guidance embedding (FLUX.1-dev and ``tiny``: yes;
+    FLUX.1-schnell, step-distilled instead: no)."""
+    if isinstance(transformer_config, dict):
+        return bool(transformer_config.get("guidance_embeds", True))
+    return bool(getattr(transformer_config, "guidance_embeds", True))
+
+
+def refuse_untrainable_base(source: str) -> None:
+    """Raise ``TrainingFailedError`` before anything is loaded when ``source`` is a FLUX.1 folder
+    whose transformer is step-distilled (FLUX.1-schnell): a LoRA trained on it directly undoes
+    the distillation, which is why ai-toolkit trains schnell only through an assistant adapter
+    and others refuse it. A LoRA trained on FLUX.1-dev loads on schnell."""
+    if source == TINY:
+        return
+    config_path = Path(source).expanduser() / "transformer" / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not readable here: loading the pipeline says what is wrong
+    if not guidance_distilled(config):
+        raise TrainingFailedError(
+            f"base model {source} has no guidance embedding (FLUX.1-schnell): training a LoRA on "
+            "a step-distilled model breaks its distillation",
+            user_message="This server's base model (FLUX.1-schnell) cannot be trained on; the "
+            "operator must point SELFIE_LORA_BASE_MODEL at FLUX.1-dev (its LoRAs also work on "
+            "schnell).")
 
 
 def default_resolution(source: str) -> int:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from selfie_lora.adapters.flux import checkpoints
 from selfie_lora.adapters.flux.loader import (
     default_dtype,
+    refuse_untrainable_base,
     resolve_device,
     text_max_length,
     torch_threads,
@@ -834,6 +835,7 @@ def train_flux_lora(
             f"invalid recipe {recipe.name}: {recipe.as_dict()}",
             user_message="The training settings are invalid; contact the operator.",
         )
+    refuse_untrainable_base(pipeline_source)
     started = time.perf_counter()
 
     run_seed = recipe.seed if seed is None else seed
