@@ -224,7 +224,7 @@ def default_generators(settings: Settings) -> dict[str, Generator]:
 
     generators: dict[str, Generator] = {
         "local": LocalGenerator(base_model=settings.base_model, cache_dir=settings.model_cache_dir,
-                                device=settings.device),
+                                device=settings.device, memory_mode=settings.local_memory_mode),
     }
     if settings.replicate_api_token is not None:
         from selfie_lora.adapters.replicate.generator import ReplicateGenerator

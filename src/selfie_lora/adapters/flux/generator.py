@@ -1,8 +1,14 @@
 """The local generator: FLUX.1 (or the offline ``tiny`` model) with a LoRA, on this machine.
 
-The base pipeline is loaded once per (source, device) and shared by every ``LocalGenerator`` in the
-process. A generation loads its LoRA into that shared pipeline, runs, and unloads it again, all
-under the pipeline's lock, so concurrent requests never see each other's LoRA.
+The base pipeline is loaded once per (source, device, memory mode) and shared by every
+``LocalGenerator`` in the process. A generation loads its LoRA into that shared pipeline, runs, and
+unloads it again, all under the pipeline's lock, so concurrent requests never see each other's LoRA.
+
+On a GPU the pipeline is placed as the trainer places it (``flux.memory``), so a card that trains
+also generates: the transformer in its memory mode (bf16, int8 or nf4, ``auto`` choosing from the
+free memory), the VAE beside it, and the text encoders on the CPU, visiting the GPU only while a
+prompt is encoded (T5-XXL alone is 8.9 GiB). A FLUX.1 pipeline wholly on the GPU in bf16 needs
+31.5 GiB before the first step.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from selfie_lora.adapters.flux.loader import (
     text_max_length,
     torch_threads,
 )
+from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.errors import GenerationError, InvalidInputError, SelfieLoraError, StorageError
 from selfie_lora.services.ports import GenerationJob
@@ -48,12 +55,13 @@ class _TransformerOnlyLoraFilter(logging.Filter):
 
 
 _quiet_filter = _TransformerOnlyLoraFilter()
-_pipelines: dict[tuple[str, str, str], _SharedPipeline] = {}
+_pipelines: dict[tuple[str, str, str, str], _SharedPipeline] = {}
 _pipelines_lock = threading.Lock()
 
 
-def _shared_pipeline(*, source: str, cache_dir: Path, device: str) -> _SharedPipeline:
-    key = (source, str(cache_dir.resolve()) if source == TINY else "", device)
+def _shared_pipeline(*, source: str, cache_dir: Path, device: str,
+                     memory_mode: MemoryModeSetting = "auto") -> _SharedPipeline:
+    key = (source, str(cache_dir.resolve()) if source == TINY else "", device, memory_mode)
     with _pipelines_lock:
         shared = _pipelines.get(key)
         if shared is None:
@@ -61,10 +69,36 @@ def _shared_pipeline(*, source: str, cache_dir: Path, device: str) -> _SharedPip
             lora_logger = logging.getLogger("diffusers.loaders.lora_base")
             if _quiet_filter not in lora_logger.filters:
                 lora_logger.addFilter(_quiet_filter)
-            pipe = load_pipeline(source, cache_dir=cache_dir, device=device, dtype=default_dtype(device))
+            pipe = _load_for_generation(source, cache_dir=cache_dir, device=device,
+                                        memory_mode=memory_mode)
             shared = _SharedPipeline(pipe=pipe, lock=threading.Lock())
             _pipelines[key] = shared
         return shared
+
+
+def _load_for_generation(source: str, *, cache_dir: Path, device: str,
+                         memory_mode: MemoryModeSetting) -> Any:
+    """The pipeline placed for generating on ``device``: on a CPU in ``auto`` (and ``bf16``) mode,
+    wholly there as before; otherwise loaded on the CPU, the transformer then placed in its memory
+    mode and the VAE moved to ``device``, the text encoders left on the CPU (see the module)."""
+    from selfie_lora.adapters.flux import memory
+
+    dtype = default_dtype(device)
+    if device == "cpu" and memory_mode in ("auto", "bf16"):
+        return load_pipeline(source, cache_dir=cache_dir, device=device, dtype=dtype)
+    pipe = load_pipeline(source, cache_dir=cache_dir, device="cpu", dtype=dtype)
+    mode: memory.MemoryMode
+    if memory_mode == "auto":
+        count = memory.parameter_count(pipe.transformer)
+        mode = memory.choose_memory_mode(free_bytes=memory.free_device_bytes(device),
+                                         parameter_count=count)
+    else:
+        mode = memory_mode
+    memory.quantize_transformer(pipe.transformer, mode=mode, device=device)
+    pipe.vae.to(device)
+    logger.info("generator pipeline %s: transformer on %s in %s, text encoders on the CPU",
+                source, device, mode)
+    return pipe
 
 
 def clear_pipeline_cache() -> None:
@@ -116,6 +150,7 @@ class LocalGenerator:
         num_inference_steps: int | None = None,
         guidance_scale: float = 3.5,
         default_size: int | None = None,
+        memory_mode: MemoryModeSetting = "auto",
     ) -> None:
         self.base_model = base_model
         self.cache_dir = cache_dir
@@ -124,6 +159,7 @@ class LocalGenerator:
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.default_size = default_size or default_resolution(base_model)
+        self.memory_mode: MemoryModeSetting = memory_mode
 
     def generate(self, job: GenerationJob) -> list[bytes]:
         if not 1 <= job.num_outputs <= MAX_OUTPUTS:
@@ -137,7 +173,8 @@ class LocalGenerator:
         with torch_threads(self.num_threads if device == "cpu" else None):
             while True:
                 shared = _shared_pipeline(
-                    source=self.base_model, cache_dir=self.cache_dir, device=device
+                    source=self.base_model, cache_dir=self.cache_dir, device=device,
+                    memory_mode=self.memory_mode,
                 )
                 with shared.lock:
                     # None: released for a training meanwhile (release_device_pipelines); reload.
@@ -175,6 +212,7 @@ class LocalGenerator:
                 pipe.set_adapters([adapter], adapter_weights=[float(job.lora_scale)])
             width = self._size(pipe, job.width)
             height = self._size(pipe, job.height)
+            prompt_embeds, pooled = _encode_prompt(pipe, job.prompt)
             images: list[bytes] = []
             for index in range(job.num_outputs):
                 # One seed per image (seed, seed + 1, ...): image i of a batch can be reproduced on
@@ -183,7 +221,8 @@ class LocalGenerator:
                 generator = torch.Generator(device="cpu").manual_seed(image_seed)
                 with torch.inference_mode():
                     result = pipe(
-                        prompt=job.prompt,
+                        prompt_embeds=prompt_embeds,
+                        pooled_prompt_embeds=pooled,
                         height=height,
                         width=width,
                         num_inference_steps=self._steps(pipe),
@@ -202,6 +241,24 @@ class LocalGenerator:
             if loaded:
                 # Leave the shared pipeline as it was: no LoRA layers, no adapter names.
                 pipe.unload_lora_weights()
+
+
+def _encode_prompt(pipe: Any, prompt: str) -> tuple[Any, Any]:
+    """The prompt's T5 sequence and CLIP pooled embeddings, on the device the pipeline computes
+    on; text encoders kept on the CPU visit it only for this (``memory.on_device``). The pipeline
+    would encode the same way itself, but with its encoders where they are."""
+    import torch
+
+    from selfie_lora.adapters.flux.memory import on_device
+
+    # The transformer's device: diffusers names the accelerator of a pipeline split across two.
+    device = str(pipe._execution_device)
+    with torch.inference_mode(), on_device(pipe.text_encoder, device), \
+            on_device(pipe.text_encoder_2, device):
+        prompt_embeds, pooled, _text_ids = pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device,
+            max_sequence_length=text_max_length(pipe))
+    return prompt_embeds, pooled
 
 
 def _png(image: Any, *, seed: int, lora_scale: float) -> bytes:
