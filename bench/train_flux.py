@@ -303,22 +303,24 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> list[Re
         torch_threads,
     )
     from selfie_lora.adapters.flux.tiny import TINY
-    from selfie_lora.domain.recipes import get_recipe
+    from selfie_lora.domain.recipes import default_local_trainer_version, get_recipe
 
     device = resolve_device(args.device)
     dtype = default_dtype(device)
     tiny = args.model == TINY
     cache_dir = Path(args.cache_dir)
-    recipe = replace(
-        get_recipe("local-tiny-v1" if tiny else "local-flux-v1"),
-        steps=args.steps, lora_rank=args.rank, batch_size=args.batch, lora_targets=args.targets,
-    )
+    # The recipe a new model trains with (its timestep shift and module set), at this run's size.
+    recipe = get_recipe(default_local_trainer_version(args.model))
+    recipe = replace(recipe, steps=args.steps, lora_rank=args.rank, batch_size=args.batch,
+                     lora_targets=args.targets or recipe.lora_targets)
     checkpointing = device.startswith("cuda") and not tiny
     peak_flops = _peak_flops(device, args.peak_tflops)
     results: list[Result] = []
     with torch_threads(args.threads if device == "cpu" else None):
         loaded = time.perf_counter()
         pipe = load_pipeline(args.model, cache_dir=cache_dir, device="cpu", dtype=dtype)
+        out(f"recipe {recipe.name}: rank {recipe.lora_rank}, {recipe.lora_targets}, "
+            f"timesteps {recipe.timestep_sampling}, batch {recipe.batch_size}")
         out(f"model {args.model} loaded on the CPU in {time.perf_counter() - loaded:.1f} s; "
             f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device != "cpu" else ""))
         macs = weight_macs_per_token(pipe.transformer)
@@ -383,8 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--modes", default="bf16,int8,nf4")
     parser.add_argument("--no-plain", dest="plain", action="store_false",
                         help="skip the plain diffusers-example loop")
-    parser.add_argument("--targets", choices=("attention", "all_linear"), default="attention",
-                        help="the LoRA's modules (a recipe's lora_targets), in both loops")
+    parser.add_argument("--targets", choices=("attention", "all_linear"), default=None,
+                        help="the LoRA's modules (a recipe's lora_targets), in both loops; "
+                        "default: the recipe a new model trains with (v2: all_linear)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--photos", type=int, default=4)
