@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from selfie_lora.domain.entities import Recipe, TrainingStatus
-from selfie_lora.errors import TrainingInterruptedError
+from selfie_lora.errors import TrainingCanceledError, TrainingInterruptedError
 from selfie_lora.services.ports import TrainingJob, TrainingResult
 from tests.integration.test_local_backend import RECIPE, FakeSink, _job
 
@@ -100,7 +100,8 @@ def stopped_and_resumed(trainer: LocalTrainer, job: Callable[[Path], TrainingJob
                       sink=FakeSink(interrupt_after=stop_at))
     newest = kept.newest()
     at = step_of(newest)
-    assert at == stop_at // recipe.checkpoint_every * recipe.checkpoint_every, f"seed {SEED}"
+    # Stopped between two checkpoints, it first checkpointed the steps since the last one.
+    assert at == stop_at, f"seed {SEED}"
 
     # Another machine: a fresh work dir, only the kept checkpoint.
     sink = FakeSink()
@@ -176,6 +177,27 @@ def test_a_killed_training_child_restarts_from_its_last_checkpoint(
     assert kept.steps[-1] == 16  # the restarted child went on checkpointing
 
 
+def test_a_canceled_training_child_checkpoints_its_steps_before_it_stops(
+        shared_model_cache: Path, tmp_path: Path, uninterrupted: dict[str, Any]) -> None:
+    """A cancel between two checkpoints loses no steps: the child checkpoints the steps since
+    its last checkpoint and stops, and a resume from it ends as the uninterrupted run."""
+    cancel_at = random.Random(SEED + 2).randrange(SHORT.checkpoint_every + 1, SHORT.steps)
+    if cancel_at % SHORT.checkpoint_every == 0:
+        cancel_at += 1
+    kept = KeptCheckpoints(tmp_path / "kept")
+    sink = FakeSink(cancel_after=cancel_at)
+    with pytest.raises(TrainingCanceledError):
+        _trainer(shared_model_cache, "process").train(
+            replace(_job(tmp_path / "first", SHORT), checkpoints=kept), sink=sink)
+    # The parent sees the cancel a step or two after the child reports cancel_at.
+    stopped = kept.steps[-1]
+    assert cancel_at <= stopped < SHORT.steps, f"seed {SEED}"
+    resumed = _trainer(shared_model_cache, "inline").train(
+        replace(_job(tmp_path / "second", SHORT), resume_from=kept.newest()), sink=FakeSink())
+    assert resumed.metrics["resumed_from_step"] == stopped
+    _close(resumed.weights_path, uninterrupted["result"].weights_path)
+
+
 def test_a_run_on_a_quantized_base_resumes_as_well(shared_model_cache: Path,
                                                    tmp_path: Path) -> None:
     """The checkpoint holds the LoRA and the optimizer only: on an int8 base (a 24 GB card's
@@ -192,6 +214,8 @@ def test_a_run_on_a_quantized_base_resumes_as_well(shared_model_cache: Path,
                       sink=FakeSink(interrupt_after=6))
     resumed = trainer.train(replace(_job(tmp_path / "second", recipe), resume_from=kept.newest()),
                             sink=FakeSink())
-    assert resumed.metrics["resumed_from_step"] == 4
+    # Handed back after step 6: the checkpoint of step 4 and the one it made of steps 5 and 6.
+    assert kept.steps == [4, 6]
+    assert resumed.metrics["resumed_from_step"] == 6
     assert resumed.metrics["memory_mode"] == "int8"
     _close(resumed.weights_path, whole.weights_path)

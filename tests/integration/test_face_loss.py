@@ -289,13 +289,13 @@ def test_a_face_weighted_run_resumes_from_its_checkpoint(
         trainer.train(replace(_boxed(tmp_path / "first", WEIGHTED), checkpoints=kept),
                       sink=FakeSink(interrupt_after=6))
     newest = kept.newest()
-    assert step_of(newest) == 4
+    assert step_of(newest) == 6  # handed back after step 6: checkpointed there
     sink = FakeSink()
     result = trainer.train(replace(_boxed(tmp_path / "second", WEIGHTED), resume_from=newest),
                            sink=sink)
-    assert result.metrics["resumed_from_step"] == 4  # the checkpoint matched the run
+    assert result.metrics["resumed_from_step"] == 6  # the checkpoint matched the run
     reference = runs["weighted"]["losses"]
-    assert [loss for _, _, _, loss in sink.steps][1:] == pytest.approx(reference[5:], rel=1e-5)
+    assert [loss for _, _, _, loss in sink.steps][1:] == pytest.approx(reference[7:], rel=1e-5)
     lora = load_file(str(result.weights_path))
     for key, value in runs["weighted"]["lora"].items():
         assert torch.allclose(lora[key], value, rtol=1e-5, atol=1e-7), key

@@ -202,11 +202,15 @@ def test_a_canceled_training_resumes_from_its_checkpoint(tmp_path: Path, tiny: A
     try:
         user, first, cancel_at = _queued(services, seed=SEED + 1)
         every, total = first.recipe.checkpoint_every, first.recipe.steps
+        if cancel_at % every == 0:  # between two checkpoints, where a cancel used to lose steps
+            cancel_at += 1
         services.training.run(first.id)
         canceled = services.repo.get_training(first.id)
         assert canceled is not None
         assert canceled.status is TrainingStatus.CANCELED
-        checkpoint_step = cancel_at // every * every
+        # Canceled at cancel_at, between two checkpoints (every `every` steps): the steps since
+        # the last one were checkpointed before it stopped, so the resume loses none.
+        checkpoint_step = cancel_at
         assert len(_checkpoints(services, first.id)) == 1  # kept for a resume
 
         resumed = services.training.resume(user=user, training_id=first.id).training

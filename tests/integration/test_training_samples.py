@@ -272,8 +272,10 @@ def test_a_canceled_training_resumed_shows_one_sample_per_step(
         assert services.training.view(_ended(services, first.id,
                                              TrainingStatus.CANCELED)).samples == (5, 10, 15)
         resumed = services.training.resume(user=user, training_id=first.id).training
-        # The samples up to the checkpoint's step come along; the new training makes the rest.
-        assert services.training.view(resumed).samples == (5, 10)
+        # Canceled at step 17, checkpointed there: the samples up to it come along, and the new
+        # training makes the rest.
+        assert resumed.step == 17
+        assert services.training.view(resumed).samples == (5, 10, 15)
         services.training.run(resumed.id)
         done = _ended(services, resumed.id)
         assert services.training.view(done).samples == tuple(_expected(recipe))

@@ -706,6 +706,15 @@ def fit_lora(
     if on_step is not None and on_step(start, total, math.nan):
         raise _canceled(start, total)
     every = recipe.checkpoint_every if checkpoint_dir is not None else 0
+
+    def checkpoint(state: checkpoints.TrainState) -> None:
+        assert checkpoint_dir is not None
+        path = checkpoints.save_checkpoint(
+            checkpoint_dir, state=state, params=params, optimizer=optimizer,
+            generator=generator, made_for=made_for)
+        if on_checkpoint is not None:
+            on_checkpoint(path, state.step)
+
     keys = [bucket_key(e) for e in examples] if recipe.aspect_buckets else []
     sample_every = recipe.sample_every if sampler is not None else 0
     started = time.perf_counter()
@@ -747,18 +756,17 @@ def fit_lora(
             sample = sampler.write(transformer, step)
             if on_sample is not None:
                 on_sample(sample, step)
+        state = checkpoints.TrainState(step=step, order=tuple(order), first_loss=first_loss,
+                                       last_loss=last_loss)
         # Not at the last step: the saved LoRA follows at once, and is what a finished run keeps.
-        if every > 0 and step % every == 0 and step < total:
-            assert checkpoint_dir is not None
-            path = checkpoints.save_checkpoint(
-                checkpoint_dir,
-                state=checkpoints.TrainState(step=step, order=tuple(order),
-                                             first_loss=first_loss, last_loss=last_loss),
-                params=params, optimizer=optimizer, generator=generator, made_for=made_for,
-            )
-            if on_checkpoint is not None:
-                on_checkpoint(path, step)
+        periodic = every > 0 and step % every == 0 and step < total
+        if periodic:
+            checkpoint(state)
         if on_step is not None and on_step(step, total, last_loss):
+            # Stopped (canceled, or the worker stops): the steps since the last checkpoint are
+            # kept too, so a resume or the next attempt loses none of them.
+            if every > 0 and not periodic and step < total:
+                checkpoint(state)
             raise _canceled(step, total)
     seconds = time.perf_counter() - started
     transformer.requires_grad_(False)

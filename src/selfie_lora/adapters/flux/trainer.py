@@ -142,20 +142,23 @@ def _run(
     )
 
 
-def _child_main(request: _TrainRequest, events: Any) -> None:
-    """Entry point of the spawned child: stream steps, then one "done" or "error" message."""
+def _child_main(request: _TrainRequest, events: Any, stop: Any) -> None:
+    """Entry point of the spawned child: stream steps, then one "done" or "error" message.
+    ``stop`` (an Event) set by the parent: checkpoint the steps so far and stop."""
     # A worker killed with -9 cannot stop its child: the child stops itself.
     exit_with()
     # The worker's log format, and the training's id on every line (as in the worker itself).
     setup_logging(log_format=request.log_format)
     with training_context(request.extra_metadata.get("training_id")):
-        _child_train(request, events)
+        _child_train(request, events, stop)
 
 
-def _child_train(request: _TrainRequest, events: Any) -> None:
+def _child_train(request: _TrainRequest, events: Any, stop: Any) -> None:
     def on_step(step: int, total: int, loss: float) -> bool:
         events.put(("step", step, total, loss))
-        return False  # the parent cancels by terminating this process
+        # The loop checkpoints the steps since its last checkpoint, then raises "canceled";
+        # a child that does not get there in time is terminated.
+        return bool(stop.is_set())
 
     def on_checkpoint(path: Path, step: int) -> None:
         events.put(("checkpoint", step, str(path)))
@@ -236,7 +239,8 @@ class LocalTrainer:
     Checkpoints (every ``recipe.checkpoint_every`` steps) are written under the job's work dir and
     handed to ``job.checkpoints``; a job with ``resume_from`` continues from that checkpoint. A
     training child that dies after a new checkpoint is started again from it, at most
-    ``max_restarts`` times.
+    ``max_restarts`` times. A canceled training, or one handed back by a stopping worker, first
+    checkpoints the steps since its last checkpoint (the child gets ``stop_grace_s`` for it).
     """
 
     backend = "local"
@@ -254,6 +258,7 @@ class LocalTrainer:
         log_format: LogFormat = "text",
         memory_mode: MemoryModeSetting = "auto",
         max_restarts: int = 3,
+        stop_grace_s: float = 30.0,
     ) -> None:
         if isolation not in ("process", "inline"):
             raise ConfigError(f"isolation must be 'process' or 'inline', not {isolation!r}")
@@ -267,6 +272,7 @@ class LocalTrainer:
         self.log_format: LogFormat = log_format
         self.memory_mode: MemoryModeSetting = memory_mode
         self.max_restarts = max_restarts
+        self.stop_grace_s = stop_grace_s
 
     def cancel_remote(self, remote_id: str) -> None:
         """Nothing runs remotely: a training's child process ends with its worker."""
@@ -398,9 +404,10 @@ class LocalTrainer:
         # torch or CUDA context) is unsafe; the child starts clean and imports torch itself.
         context = multiprocessing.get_context("spawn")
         events: Any = context.Queue()
+        stop: Any = context.Event()
         process = context.Process(
             target=_child_main,
-            args=(request, events),
+            args=(request, events, stop),
             name=f"selfie-lora-train-{job_id}",
             # Never outlive the worker; but a daemonic worker process may not have daemonic
             # children, and there the finally clause below is what stops the child.
@@ -431,17 +438,39 @@ class LocalTrainer:
                     process.join()
                     raise _ChildDiedError(process.exitcode)
                 if reporter.interrupted():
-                    logger.info("training %s handed back: terminating child %s", job_id,
+                    logger.info("training %s handed back: stopping child %s", job_id,
                                 process.pid)
+                    self._wind_down(events, process, stop, keep)
                     raise TrainingInterruptedError(f"training {job_id}: the worker stops")
                 if reporter.cancel_requested():
-                    logger.info("training %s canceled: terminating child %s", job_id, process.pid)
+                    logger.info("training %s canceled: stopping child %s", job_id, process.pid)
+                    self._wind_down(events, process, stop, keep)
                     raise TrainingCanceledError(
                         f"training {job_id} canceled", user_message=_CANCELED_MESSAGE
                     )
         finally:
             self._stop(process)
             events.close()
+
+    def _wind_down(self, events: Any, process: Any, stop: Any, keep: _Keepers) -> None:
+        """Ask the child to stop at its next step, keeping the checkpoint it writes of the steps
+        since its last one, for up to ``stop_grace_s``; the caller then terminates it (a child
+        still loading the model, or stuck, loses only what a kill would have lost)."""
+        stop.set()
+        deadline = time.monotonic() + self.stop_grace_s
+        while time.monotonic() < deadline:
+            message = self._next_message(events, process)
+            if message is None:
+                if not process.is_alive():
+                    return
+                continue
+            if message[0] == "checkpoint":
+                _, step, path = message
+                keep.checkpoints.save(Path(path), step)
+            elif message[0] in ("done", "error"):
+                return  # stopped ("canceled"), or it had just finished: nothing more will come
+        logger.warning("training child %s did not stop within %.0f s: terminating it",
+                       process.pid, self.stop_grace_s)
 
     def _next_message(self, events: Any, process: Any) -> tuple[Any, ...] | None:
         try:
