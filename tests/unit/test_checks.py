@@ -251,6 +251,29 @@ def test_face_too_small_and_low_resolution() -> None:
     assert "1024" in low.message
 
 
+def test_with_aspect_buckets_a_portrait_needs_the_face_its_bucket_frames() -> None:
+    """A 2:3 portrait trains at its bucket's 832 x 1248 (at 1024 px), framed on the 832 px side:
+    its face needs 832 / 1024 of what a square crop's does, and the check says so."""
+    img = portrait(size=(400, 600), face=(150, 150, 250, 280))
+    square = replace(POLICY, resolution=1024)
+    bucketed = replace(square, aspect_buckets=True)
+    as_square = analyze_photo(decoded(img), analyzer=FakeAnalyzer(), policy=square)
+    as_bucket = analyze_photo(decoded(img), analyzer=FakeAnalyzer(), policy=bucketed)
+    assert as_square.metrics is not None
+    assert as_bucket.metrics is not None
+    assert as_bucket.metrics.upscale == pytest.approx(as_square.metrics.upscale * 832 / 1024)
+    (low,) = [f for f in as_bucket.findings if f.code == "face_resolution_low"]
+    needed = 832 * POLICY.crop_face_fraction
+    assert f"about {needed:.0f} px" in low.message
+    # A square photo's bucket is the square: the same need either way.
+    square_img = portrait(size=(600, 600), face=(250, 250, 350, 380))
+    a = analyze_photo(decoded(square_img), analyzer=FakeAnalyzer(), policy=square)
+    b = analyze_photo(decoded(square_img), analyzer=FakeAnalyzer(), policy=bucketed)
+    assert a.metrics is not None
+    assert b.metrics is not None
+    assert b.metrics.upscale == pytest.approx(a.metrics.upscale)
+
+
 def test_sharpness_ignores_contrast_and_sees_blur() -> None:
     rng = np.random.default_rng(1)
     gray = rng.normal(128, 30, (128, 128))

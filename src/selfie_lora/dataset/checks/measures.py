@@ -13,6 +13,7 @@ from PIL import Image
 
 from selfie_lora.dataset.checks.analysis import FloatArray, PhotoMetrics
 from selfie_lora.dataset.checks.policy import CheckPolicy
+from selfie_lora.domain.buckets import bucket_sizes, nearest_bucket
 from selfie_lora.domain.faces import Face
 
 
@@ -273,6 +274,16 @@ def _sharpness(image: Image.Image, face: Face, face_gray: FloatArray, *, side: i
     return normalized_sharpness(_luma(rgb))
 
 
+def _crop_short_side(width: int, height: int, policy: CheckPolicy) -> int:
+    """The shorter side of the training crop the face is framed in: the square's side, or with
+    aspect buckets the side of the photo's bucket (832 of a 2:3 portrait's 832 x 1248 at 1024 px),
+    which needs a smaller face for the same framing."""
+    if not policy.aspect_buckets:
+        return policy.resolution
+    bucket = nearest_bucket(width, height, bucket_sizes(policy.resolution))
+    return min(bucket.width, bucket.height)
+
+
 def measure(image: Image.Image, small: Image.Image, k_small: float, face: Face, *,
             scale: float, policy: CheckPolicy) -> PhotoMetrics:
     width, height = image.size
@@ -295,7 +306,7 @@ def measure(image: Image.Image, small: Image.Image, k_small: float, face: Face, 
         mean_luma, 1.0)
     area = max(face.width, 1) * max(face.height, 1)
     face_px = face.height * scale
-    needed = policy.resolution * policy.crop_face_fraction
+    needed = _crop_short_side(width, height, policy) * policy.crop_face_fraction
     texture = None
     cheeks = _cheeks(face)
     if (cheeks is not None and face_px >= policy.smooth_skin_min_face_px

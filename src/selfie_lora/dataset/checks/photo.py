@@ -276,8 +276,9 @@ def _judge(name: str, m: PhotoMetrics, *, policy: CheckPolicy) -> list[Finding]:
             "use a photo where your whole face, chin and forehead included, is in the frame")
     if m.upscale >= policy.upscale_warn:
         add("reject" if m.upscale >= policy.upscale_reject else "warn", "face_resolution_low",
+            # upscale = needed / face px (above 1 here): the figure its own crop needs.
             f"the face in {name} is {m.face_px:.0f} px tall; training at {resolution} px needs "
-            f"about {resolution * policy.crop_face_fraction:.0f} px",
+            f"about {m.upscale * m.face_px:.0f} px",
             "use the original photo from your camera, not a screenshot, a download or a crop "
             "of a group photo")
     if m.sharpness < policy.blur_warn:
