@@ -100,7 +100,11 @@ def default_analyzer_factory(settings: Settings) -> AnalyzerFactory:
     """dlib's analyzer, as the photo-analysis processes build it."""
     from selfie_lora.adapters.faces.dlib_regions import DlibAnalyzerFactory
 
-    return DlibAnalyzerFactory(landmarks=68 if settings.face_landmarks_68_noncommercial else 5)
+    # The ResNet's ONNX conversion goes where SELFIE_LORA_CACHE_DIR says when it is set; else to
+    # the machine user's cache (~/.cache/selfie-lora/faces), which every service home shares.
+    return DlibAnalyzerFactory(
+        landmarks=68 if settings.face_landmarks_68_noncommercial else 5,
+        model_cache_dir=settings.cache_dir / "faces" if settings.cache_dir else None)
 
 
 def default_face_analyzer(settings: Settings) -> FaceAnalyzer:

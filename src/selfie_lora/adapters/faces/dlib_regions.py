@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer
+from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer, Embedder
 from selfie_lora.domain.faces import Face
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,7 @@ class DlibRegionFaceAnalyzer(DlibFaceAnalyzer):
             points = tuple((p.x, p.y) for p in shape.parts())
             embedding = None
             if embed:
-                vector = encoder.compute_face_descriptor(array, shape, self._jitters)
-                embedding = tuple(float(v) for v in vector)
+                embedding = encoder(array, shape, self._jitters)
         return Face(box=(left, top, right, bottom), score=0.0, landmarks=points,
                     embedding=embedding)
 
@@ -57,8 +57,11 @@ class DlibAnalyzerFactory:
     upsample: int = 0
     num_jitters: int = 1
     landmarks: int = 5  # 68: the non-commercial model (see ``dlib_faces``)
-    preload: tuple[str, ...] = ("dlib",)
+    embedder: Embedder = "onnx"
+    model_cache_dir: Path | None = None
+    preload: tuple[str, ...] = ("dlib", "onnxruntime")
 
     def __call__(self) -> DlibRegionFaceAnalyzer:
         return DlibRegionFaceAnalyzer(upsample=self.upsample, num_jitters=self.num_jitters,
-                                      landmarks=self.landmarks)
+                                      landmarks=self.landmarks, embedder=self.embedder,
+                                      model_cache_dir=self.model_cache_dir)

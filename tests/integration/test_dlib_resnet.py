@@ -1,0 +1,178 @@
+"""dlib's face recognition ResNet read from its own file and run by ONNX Runtime: the same
+embeddings as dlib's code, a file that is not that network refused, and a conversion cache that
+a crash or a read-only disk cannot spoil."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("dlib", reason="the face checks need the 'faces' extra")
+pytest.importorskip("onnxruntime", reason="the face checks need the 'faces' extra")
+
+from selfie_lora.adapters.faces import dlib_resnet
+from selfie_lora.adapters.faces.dlib_faces import (
+    EMBEDDING_MODEL,
+    DlibFaceAnalyzer,
+    face_distance,
+    models_dir,
+)
+from selfie_lora.adapters.faces.dlib_resnet import (
+    DlibModelFormatError,
+    OnnxFaceEncoder,
+    cached_onnx_model,
+    read_dlib_resnet,
+)
+from tests.support.photos import FIXTURES
+
+SOURCE = models_dir() / f"{EMBEDDING_MODEL}.dat"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _photo(name: str, side: int = 512) -> np.ndarray:
+    with Image.open(FIXTURES / name) as img:
+        rgb = img.convert("RGB")
+        rgb.thumbnail((side, side))
+        return np.asarray(rgb)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("face-cache")
+
+
+@pytest.mark.parametrize("landmarks", [5, 68])
+def test_onnx_embeddings_are_dlibs_own(cache: Path, landmarks: int) -> None:
+    ours = DlibFaceAnalyzer(landmarks=landmarks, model_cache_dir=cache)
+    dlibs = DlibFaceAnalyzer(landmarks=landmarks, embedder="dlib")
+    assert ours.model_name == dlibs.model_name  # the same numbers: filed under one name
+    compared = 0
+    for name in ("obama.jpg", "obama2.jpg", "biden.jpg", "obama_partial_face.jpg"):
+        image = _photo(name)
+        for a, b in zip(ours.detect(image), dlibs.detect(image), strict=True):
+            assert a.box == b.box
+            assert a.landmarks == b.landmarks
+            assert a.embedding is not None
+            assert b.embedding is not None
+            # float32 arithmetic in another order: ~3e-7 apart, against ~0.3-0.9 between faces.
+            assert np.abs(np.subtract(a.embedding, b.embedding)).max() < 1e-5
+            compared += 1
+    assert compared >= 4
+
+
+def test_the_network_is_read_whole_and_checked(cache: Path) -> None:
+    net = read_dlib_resnet(SOURCE.read_bytes())
+    assert net.size == 150
+    assert net.stem_conv.weight.shape == (32, 3, 7, 7)
+    assert len(net.blocks) == 14  # 28 residual convs + the stem: dlib's 29-layer ResNet
+    assert sum(b.downsample for b in net.blocks) == 4
+    assert net.fc.shape == (256, 128)
+    assert net.mean_rgb == pytest.approx((122.782, 117.001, 104.298), abs=1e-3)
+
+
+def test_a_file_that_is_not_the_network_is_refused(tmp_path: Path) -> None:
+    data = SOURCE.read_bytes()
+    with pytest.raises(DlibModelFormatError, match="not dlib's face recognition ResNet"):
+        read_dlib_resnet(data[: len(data) // 2])  # truncated mid-tensor
+    with pytest.raises(DlibModelFormatError):
+        read_dlib_resnet((models_dir() / "shape_predictor_5_face_landmarks.dat").read_bytes())
+    with pytest.raises(DlibModelFormatError):
+        read_dlib_resnet(b"\x00" * 64)
+    # A tensor in another format version than the one this reader knows.
+    broken = bytearray(data)
+    at = data.index(b"con_4") + 6  # past the name and a control byte: the tensor's version
+    broken[at] = 3
+    with pytest.raises(DlibModelFormatError, match="tensor of an unknown version"):
+        read_dlib_resnet(bytes(broken))
+    # Refused at use, not later: the analyzer says it as a set-up error.
+    fake = tmp_path / "models"
+    fake.mkdir()
+    (fake / f"{EMBEDDING_MODEL}.dat").write_bytes(data[:1000])
+    with pytest.raises(DlibModelFormatError):
+        cached_onnx_model(fake / f"{EMBEDDING_MODEL}.dat", tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*.onnx"))
+
+
+def test_the_conversion_is_kept_and_reused(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    first = cached_onnx_model(SOURCE, folder)
+    assert isinstance(first, Path)
+    assert first.parent == folder
+    assert first.name.startswith(f"{EMBEDDING_MODEL}-")
+    stamp = first.stat().st_mtime_ns
+    dlib_resnet._converted.clear()  # a new process: finds the file, converts nothing
+    again = cached_onnx_model(SOURCE, folder)
+    assert again == first
+    assert first.stat().st_mtime_ns == stamp
+    assert sorted(p.name for p in folder.iterdir()) == [".convert.lock", first.name]
+
+
+def test_an_unwritable_cache_still_gives_the_model(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    model = cached_onnx_model(SOURCE, blocker / "faces")
+    assert isinstance(model, bytes)
+    encoder = OnnxFaceEncoder(model)
+    out = encoder.embed(np.zeros((2, 150, 150, 3), dtype=np.uint8))
+    assert out.shape == (2, 128)
+    assert np.isfinite(out).all()
+    with pytest.raises(ValueError, match="150"):
+        encoder.embed(np.zeros((1, 100, 100, 3), dtype=np.uint8))
+
+
+def test_a_conversion_killed_midway_leaves_nothing_that_is_used(tmp_path: Path) -> None:
+    """The converting process dies while it writes the file (the worst line to die on): the
+    next start finds no model file, only a stray temporary one, converts once more, and ends
+    with a whole file that gives dlib's numbers."""
+    folder = tmp_path / "cache"
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from selfie_lora.adapters.faces import dlib_resnet\n"
+        "real = os.replace\n"
+        "def die(src, dst):\n"
+        "    os._exit(9)  # killed after the bytes are written, before the rename\n"
+        "dlib_resnet.os.replace = die\n"
+        "dlib_resnet.cached_onnx_model(Path(sys.argv[1]), Path(sys.argv[2]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + str(ROOT)}
+    died = subprocess.run([sys.executable, "-c", script, str(SOURCE), str(folder)],
+                          env=env, timeout=120, check=False)
+    assert died.returncode == 9
+    assert not list(folder.glob("*.onnx"))
+    assert len(list(folder.glob(f".{EMBEDDING_MODEL}*"))) == 1  # the partial file
+    model = cached_onnx_model(SOURCE, folder)
+    assert isinstance(model, Path)
+    assert model.is_file()
+    assert not list(folder.glob(f".{EMBEDDING_MODEL}*"))  # cleared by the next conversion
+    ours = DlibFaceAnalyzer(model_cache_dir=folder)
+    dlibs = DlibFaceAnalyzer(embedder="dlib")
+    image = _photo("obama3.jpg")
+    (a,), (b,) = ours.detect(image), dlibs.detect(image)
+    assert a.embedding is not None
+    assert b.embedding is not None
+    assert face_distance(a.embedding, b.embedding) < 1e-5
+
+
+def test_jittered_embeddings_average_copies_of_the_chip(cache: Path) -> None:
+    plain = DlibFaceAnalyzer(model_cache_dir=cache)
+    jittered = DlibFaceAnalyzer(num_jitters=4, model_cache_dir=cache)
+    image = _photo("obama.jpg")
+    (a,), (b,) = plain.detect(image), jittered.detect(image)
+    assert a.embedding is not None
+    assert b.embedding is not None
+    # Another embedding (a mean over shifted, rotated copies) of the same face.
+    assert 0.0 < face_distance(a.embedding, b.embedding) < 0.2
+
+
+def test_an_unknown_embedder_is_a_setup_error() -> None:
+    from selfie_lora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'onnx' or 'dlib'"):
+        DlibFaceAnalyzer(embedder="torch")  # type: ignore[arg-type]
