@@ -230,6 +230,11 @@ def near_duplicates(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> 
     cache: _PatchHashes = {}
     for i in range(n):
         for j in range(i + 1, n):
+            if root(i) == root(j):
+                # Already one group through other pairs: this pair cannot change the groups,
+                # and its wording is looked up below only if one of them is the keeper. In a
+                # set of many copies this skips most of the keypoint matching.
+                continue
             reason = pair_duplicate(photos[i], photos[j], policy=policy, cache=cache)
             if reason:
                 how[(i, j)] = how[(j, i)] = reason
@@ -245,7 +250,11 @@ def near_duplicates(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> 
         for i in sorted(members):
             if i == keep:
                 continue
-            reason = how.get((i, keep), "a crop or a copy")
+            if (i, keep) not in how:
+                lo, hi = min(i, keep), max(i, keep)
+                found = pair_duplicate(photos[lo], photos[hi], policy=policy, cache=cache)
+                how[(i, keep)] = found or "a crop or a copy"  # None: only through others
+            reason = how[(i, keep)]
             findings.append(Finding(
                 "reject", "near_duplicate",
                 f"{photos[i].name} is {reason} of {photos[keep].name}",

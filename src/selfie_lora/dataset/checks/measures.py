@@ -25,8 +25,11 @@ def _luma(rgb: NDArray[np.uint8]) -> FloatArray:
 
 def _saturation(rgb: NDArray[np.uint8]) -> tuple[FloatArray, FloatArray]:
     """HSV saturation and value (0-1)."""
-    high = rgb.max(axis=-1).astype(np.float64)
-    low = rgb.min(axis=-1).astype(np.float64)
+    # Channel by channel, not ``max(axis=-1)``: numpy reduces a last axis of 3 slowly (1.2
+    # against 7.4 ms for 256 x 256 pixels), and the values are the same.
+    red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    high = np.maximum(np.maximum(red, green), blue).astype(np.float64)
+    low = np.minimum(np.minimum(red, green), blue).astype(np.float64)
     sat: FloatArray = np.where(high > 0, (high - low) / np.maximum(high, 1.0), 0.0)
     value: FloatArray = high / 255.0
     return sat, value
