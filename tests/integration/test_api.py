@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import time
 import zipfile
 
+import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -305,3 +307,27 @@ def test_canceling_a_queued_training_ends_it_at_once_and_logs_it(services: Servi
     assert str(again.status) == "canceled"
     assert [e["kind"] for e in services.repo.list_events(done.model_id)].count(
         "training_canceled") == 1
+
+
+def test_reconcile_names_the_training_it_queues_again_in_its_log_lines(
+        services: Services, caplog: pytest.LogCaptureFixture) -> None:
+    """A queued training whose message was taken by a worker that then died is queued again;
+    the line saying so carries its ``training_id``, as every line about a training does (the
+    JSON logs of the scale path are searched by it)."""
+    from selfie_lora.dataset.limits import UploadedFile
+    from selfie_lora.logs import TrainingIdFilter
+    from tests.support.photos import synthetic_photo
+
+    user, _ = services.users.create(name="ann")
+    dataset = services.intake.ingest_files(
+        user=user, files=[UploadedFile(name="a.jpg", data=synthetic_photo(1))])
+    queued = services.training.start(user=user, dataset_id=dataset.id).training
+    assert services.queue.next_training() == queued.id  # taken; its worker dies before it runs
+    caplog.handler.addFilter(TrainingIdFilter())
+    with caplog.at_level(logging.INFO, logger="selfie_lora.services.training"):
+        report = services.training.reconcile()
+    assert report.enqueued == (queued.id,)
+    lines = [r for r in caplog.records if "has nobody running it" in r.getMessage()]
+    assert len(lines) == 1
+    assert getattr(lines[0], "training_id", None) == queued.id
+    assert services.queue.queued_training_ids() == {queued.id}

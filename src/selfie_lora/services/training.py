@@ -471,22 +471,23 @@ class TrainingService:
         enqueued, canceled = [], []
         for t in active:
             action = recovery_action(t, now=now, queued_ids=queued, policy=self.lease)
-            if action is Recovery.ENQUEUE:
-                logger.info("training %s (%s, attempt %d) has nobody running it: queued again",
-                            t.id, t.status, t.attempt)
-                self._queue.enqueue_training(t.id)
-                enqueued.append(t.id)
-            elif action is Recovery.CANCEL:
-                with self._repo.atomic() as tx:
-                    current = tx.get_training(t.id, for_update=True)
-                    done = (self._cancel_in(tx, current, reason="canceled by its user; its "
-                                            "worker was gone") if current is not None and
-                            recovery_action(current, now=self._clock(), queued_ids=(),
-                                            policy=self.lease) is Recovery.CANCEL
-                            else None)
-                if done is not None:
-                    self._cancel_remote(done)
-                    canceled.append(t.id)
+            with training_context(t.id):  # the lines about it carry its id, like a worker's
+                if action is Recovery.ENQUEUE:
+                    logger.info("training %s (%s, attempt %d) has nobody running it: queued "
+                                "again", t.id, t.status, t.attempt)
+                    self._queue.enqueue_training(t.id)
+                    enqueued.append(t.id)
+                elif action is Recovery.CANCEL:
+                    with self._repo.atomic() as tx:
+                        current = tx.get_training(t.id, for_update=True)
+                        done = (self._cancel_in(tx, current, reason="canceled by its user; its "
+                                                "worker was gone") if current is not None and
+                                recovery_action(current, now=self._clock(), queued_ids=(),
+                                                policy=self.lease) is Recovery.CANCEL
+                                else None)
+                    if done is not None:
+                        self._cancel_remote(done)
+                        canceled.append(t.id)
         return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled))
 
     def receive_webhook(self, *, headers: dict[str, str], body: bytes) -> Training | None:
