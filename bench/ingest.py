@@ -106,7 +106,7 @@ def baseline(datas: list[bytes]) -> tuple[float, float]:
 
 # cProfile's names of the native calls that dominate, by stage.
 STAGES = (
-    ("identity embedding (ResNet)", ("compute_face_descriptor", "'run' of 'onnxruntime",
+    ("identity embedding (ResNet)", ("compute_face_descriptor", "onnxruntime_pybind11_state.run",
                                      "get_face_chip")),
     ("JPEG decoding", ("'decode' of 'ImagingDecoder'",)),
     ("face detection (dlib HOG)", ("_dlib_pybind11.run",)),

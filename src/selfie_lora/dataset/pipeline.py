@@ -1,10 +1,12 @@
 """The whole photo intake: decode -> analyze -> set checks -> prepare the accepted photos.
 
-Speed (CPU per 12 MP JPEG on this project's 2-core machines, ``bench/ingest.py --profile``):
-decode at half size with JPEG draft mode ~35 ms (a full decode ~66 ms), face detection at 640 px
-~22 ms, the dlib embedding ~80 ms, 5-point landmarks <1 ms, measurements ~14 ms, keypoints ~6 ms,
-the 1024 px training crop ~15 ms (OpenCV's resize ~8, JPEG ~6): ~200 ms a photo. dlib holds the
-GIL (measured: two threads with two detectors take as long as one thread doing both, 0.46 s vs
+Speed (CPU per 12 MP JPEG on this project's 2-core machines, ``bench/ingest.py --profile``,
+2026-12-04): decode at half size with JPEG draft mode ~47 ms (a full decode ~87 ms; ~1 photo in
+6 is decoded again in full for its training crop), face detection at 640 px ~42 ms, the identity
+embedding ~15 ms (dlib's ResNet in ONNX Runtime; ~130 ms in dlib's own code), 5-point landmarks
+<1 ms, measurements ~10 ms, keypoints ~13 ms, the 1024 px training crop ~25 ms (Pillow's box
+filter ~15, JPEG ~10): ~190-210 ms a photo. dlib holds the GIL (measured: two threads with two
+detectors take as long as one thread doing both, 0.46 s vs
 0.47 s; the same for embeddings, 1.33 s vs 1.33 s), and
 ``DlibFaceAnalyzer`` serialises its calls with a lock anyway, so threads cannot use a second core
 for the face work. Pillow does release it (two threads decode 2x faster, resize 1.75x). Given an
