@@ -1,10 +1,11 @@
 """dlib's face recognition ResNet, run by ONNX Runtime instead of by dlib.
 
-Why: the ``dlib-bin`` wheel is built without a BLAS, so its ResNet takes ~84 ms a face on one
-core here, the largest single cost of the photo intake (issue 11). The same network with the
-same weights takes ~13 ms in ONNX Runtime. The weights are dlib's own (public domain, from the
-``face-recognition-models`` package); only the arithmetic moves, and the embeddings agree with
-dlib's to ~1e-6 (tested), so scores filed under the model's name stay comparable.
+Why: the ``dlib-bin`` wheel is built without a BLAS, so its ResNet takes ~85-130 ms a face on
+one core of this project's machines, the largest single cost of the photo intake (issue 11).
+The same network with the same weights takes ~13-15 ms in ONNX Runtime. The weights are dlib's
+own (public domain, from the ``face-recognition-models`` package); only the arithmetic moves,
+and the embeddings agree with dlib's to ~3e-7 (tested), so scores filed under the model's name
+stay comparable.
 
 How: ``read_dlib_resnet`` reads dlib's serialized network (``dlib::serialize`` of the
 ``anet_type`` in dlib's ``dnn_face_recognition_ex.cpp``: a 7x7 stem, 29 residual 3x3 convs with
@@ -24,19 +25,16 @@ by three flags and three empty tensors (state dlib keeps for training).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
-import os
-import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from selfie_lora.adapters.faces.model_cache import cached_file, default_cache_dir
 from selfie_lora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -363,29 +361,17 @@ def onnx_model(net: DlibResnet) -> bytes:
     return bytes(model.SerializeToString())
 
 
-def default_cache_dir() -> Path:
-    """Where converted face models are kept: one folder per machine user, shared by every
-    service home (the file depends only on the installed model file)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "selfie-lora" / "faces"
-
-
 _converted: dict[tuple[str, int, int, str], Path | bytes] = {}
 _converted_lock = threading.Lock()
 
 
 def cached_onnx_model(source: Path, cache_dir: Path | None = None) -> Path | bytes:
-    """The ONNX model for dlib's model file ``source``: a file in the cache, converted now if
-    it is not there yet, or the model itself where the cache cannot be written (it is then
-    converted again in each process).
-
-    The file's name carries a hash of the source, so a reinstalled model is converted again.
-    One process converts at a time (a lock file; the intake's workers start together on a
-    machine's first run) and the others then find its file. The file is written under a
-    temporary name and renamed, so a process that dies while writing leaves no model file,
-    only its temporary one, which the next conversion deletes (under the lock, any such file is
-    a dead writer's). Within a process the answer is remembered while the source file's size
-    and time stay the same, so asking again costs a ``stat``."""
+    """The ONNX model for dlib's model file ``source``: a file in the cache
+    (``model_cache.cached_file``: made once per machine, by one process, never half written),
+    converted now if it is not there yet, or the model itself where the cache cannot be written
+    (it is then converted again in each process). The file's name carries a hash of the source,
+    so a reinstalled model is converted again. Within a process the answer is remembered while
+    the source file's size and time stay the same, so asking again costs a ``stat``."""
     folder = cache_dir or default_cache_dir()
     info = source.stat()
     key = (str(source.resolve()), info.st_size, info.st_mtime_ns, str(folder))
@@ -400,39 +386,15 @@ def cached_onnx_model(source: Path, cache_dir: Path | None = None) -> Path | byt
 def _find_or_convert(source: Path, folder: Path) -> Path | bytes:
     data = source.read_bytes()
     digest = hashlib.sha256(data).hexdigest()[:16]
-    target = folder / f"{source.stem}-{digest}-v{CONVERTER_VERSION}.onnx"
-    if target.is_file():
-        return target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = (folder / ".convert.lock").open("a+b")
-    except OSError as exc:
-        logger.warning("cannot keep the converted face model in %s (%s): converting it in "
-                       "each process instead", folder, exc)
+    name = f"{source.stem}-{digest}-v{CONVERTER_VERSION}.onnx"
+    def make(tmp: Path) -> None:
+        tmp.write_bytes(onnx_model(read_dlib_resnet(data)))
+
+    path = cached_file(folder, name, make)
+    if path is None:
+        logger.warning("converting the face model in each process instead")
         return onnx_model(read_dlib_resnet(data))
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes or the process dies
-        if target.is_file():
-            return target  # another process converted it while this one waited
-        for stale in folder.glob(f".{target.name}.*"):
-            stale.unlink(missing_ok=True)
-        started = time.perf_counter()
-        model = onnx_model(read_dlib_resnet(data))
-        _write_atomically(target, model)
-        logger.info("converted %s for ONNX Runtime in %.1f s (once per machine): %s",
-                    source.name, time.perf_counter() - started, target)
-        return target
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return path
 
 
 class OnnxFaceEncoder:
