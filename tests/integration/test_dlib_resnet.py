@@ -204,3 +204,17 @@ def test_the_face_detector_is_loaded_from_its_cached_file(tmp_path: Path) -> Non
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert len(frontal_face_detector(blocker / "faces")(_photo("obama.jpg"))) == 1
+
+
+def test_a_damaged_model_file_is_converted_again(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    model = cached_onnx_model(SOURCE, folder)
+    assert isinstance(model, Path)
+    model.write_bytes(b"\x08\x01garbage")  # a disk error, an editor: not what was renamed in
+    analyzer = DlibFaceAnalyzer(model_cache_dir=folder)
+    (face,) = analyzer.detect(_photo("obama.jpg"))
+    assert face.embedding is not None
+    (reference,) = DlibFaceAnalyzer(embedder="dlib").detect(_photo("obama.jpg"))
+    assert reference.embedding is not None
+    assert face_distance(face.embedding, reference.embedding) < 1e-5
+    assert model.stat().st_size > 1_000_000  # a whole graph again

@@ -135,11 +135,27 @@ class DlibFaceAnalyzer:
 
         return cached_onnx_model(models_dir() / f"{EMBEDDING_MODEL}.dat", self._cache_dir)
 
+    def _onnx_encoder(self, dlib: Any) -> _OnnxEncoder:
+        from selfie_lora.adapters.faces.dlib_resnet import forget_converted
+
+        model = self._onnx_model()
+        try:
+            return _OnnxEncoder(dlib, model)
+        except Exception as exc:  # ONNX Runtime's own types (InvalidProtobuf, Fail, ...)
+            if not isinstance(model, Path):
+                raise
+            # Written whole and renamed, so damaged since: converted again, once.
+            logger.warning("the converted face model %s cannot be loaded (%s): converting it "
+                           "again", model, exc)
+            model.unlink(missing_ok=True)
+            forget_converted()
+            return _OnnxEncoder(dlib, self._onnx_model())
+
     def _models(self) -> tuple[Any, Any, Any]:
         if self._loaded is None:
             dlib = _import_dlib()
             folder = models_dir()
-            encoder: Any = (_OnnxEncoder(dlib, self._onnx_model()) if self.embedder == "onnx"
+            encoder: Any = (self._onnx_encoder(dlib) if self.embedder == "onnx"
                             else _DlibEncoder(dlib, folder / f"{EMBEDDING_MODEL}.dat"))
             from selfie_lora.adapters.faces.model_cache import frontal_face_detector
 

@@ -383,6 +383,13 @@ def cached_onnx_model(source: Path, cache_dir: Path | None = None) -> Path | byt
         return known
 
 
+def forget_converted() -> None:
+    """Forget what ``cached_onnx_model`` answered in this process (its file was found damaged
+    and deleted: the next call converts again)."""
+    with _converted_lock:
+        _converted.clear()
+
+
 def _find_or_convert(source: Path, folder: Path) -> Path | bytes:
     data = source.read_bytes()
     digest = hashlib.sha256(data).hexdigest()[:16]
