@@ -42,6 +42,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Protocol
 
+from selfie_lora.logs import training_context
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.operations import OperationsService
 from selfie_lora.services.training import TrainingService
@@ -194,7 +195,8 @@ class Worker:
             except Exception:
                 # ``run`` ends trainings itself; this is a bug or the database going away. The
                 # lease expires and the reconciler retries.
-                logger.exception("training %s: the worker failed to run it", training_id)
+                with training_context(training_id):
+                    logger.exception("training %s: the worker failed to run it", training_id)
             finally:
                 with self._busy_lock:
                     self._busy -= 1

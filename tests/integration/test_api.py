@@ -7,13 +7,14 @@ import logging
 import threading
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services
-from tests.conftest import auth, wait_terminal
+from tests.conftest import auth, make_settings, serving, wait_terminal
 from tests.support.photos import photo_zip
 
 
@@ -331,3 +332,29 @@ def test_reconcile_names_the_training_it_queues_again_in_its_log_lines(
     assert len(lines) == 1
     assert getattr(lines[0], "training_id", None) == queued.id
     assert services.queue.queued_training_ids() == {queued.id}
+
+
+def test_a_heartbeat_that_finds_its_lease_lost_names_the_training(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The heartbeat runs in a thread of its own, which starts with an empty logging context:
+    its lines must still carry the training's id."""
+    from selfie_lora.dataset.limits import UploadedFile
+    from selfie_lora.logs import TrainingIdFilter
+    from tests.support.photos import synthetic_photo
+
+    settings = make_settings(tmp_path, heartbeat_seconds=0.02, lease_seconds=60)
+    with serving(settings) as (_client, svc):  # no worker: nobody else touches the training
+        user, _ = svc.users.create(name="ann")
+        dataset = svc.intake.ingest_files(
+            user=user, files=[UploadedFile(name="a.jpg", data=synthetic_photo(1))])
+        queued = svc.training.start(user=user, dataset_id=dataset.id).training
+        held = svc.training._claim(queued.id, owner="worker-a", stopping=threading.Event())
+        assert held is not None
+        held.attempt += 1  # as if another worker had taken it: the next renewal is refused
+        caplog.handler.addFilter(TrainingIdFilter())
+        with caplog.at_level(logging.WARNING, logger="selfie_lora.services.training"), \
+                held.heartbeat():
+            assert held.lost.wait(5)
+    lines = [r for r in caplog.records if "lease lost" in r.getMessage()]
+    assert len(lines) == 1
+    assert getattr(lines[0], "training_id", None) == queued.id

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfie_lora.logs import training_context
 from selfie_lora.services.layout import checkpoint_key, checkpoint_prefix, checkpoint_step
 from selfie_lora.services.ports import BlobStore
 
@@ -82,5 +83,6 @@ class TrainingCheckpoints:
             for stored in self._stored(training_id):
                 self._blobs.delete(stored.key)
         except Exception:
-            logger.warning("training %s: could not delete its checkpoints", training_id,
-                           exc_info=True)
+            with training_context(training_id):  # the collector runs outside any training
+                logger.warning("training %s: could not delete its checkpoints", training_id,
+                               exc_info=True)

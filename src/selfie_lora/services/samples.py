@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from selfie_lora.errors import NotFoundError
+from selfie_lora.logs import training_context
 from selfie_lora.services.layout import sample_key, sample_prefix, sample_step
 from selfie_lora.services.ports import BlobStore
 
@@ -55,5 +56,6 @@ class TrainingSamples:
             for step in self.steps(training_id):
                 self._blobs.delete(sample_key(training_id, step))
         except Exception:
-            logger.warning("training %s: could not delete its samples", training_id,
-                           exc_info=True)
+            with training_context(training_id):  # the collector runs outside any training
+                logger.warning("training %s: could not delete its samples", training_id,
+                               exc_info=True)

@@ -867,6 +867,12 @@ class _Held:
             thread.join(timeout=5)
 
     def _beat(self) -> None:
+        # A thread starts with an empty context: the lines logged here carry the training's id
+        # only if it is set again.
+        with training_context(self.training_id):
+            self._beat_until_done()
+
+    def _beat_until_done(self) -> None:
         policy = self._service.lease
         while not self._done.wait(policy.heartbeat.total_seconds()):
             now = self._service._clock()
