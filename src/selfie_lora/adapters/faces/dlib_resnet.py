@@ -81,8 +81,8 @@ class DlibResnet:
     stem_conv: ConvLayer
     stem_affine: AffineLayer
     stem_pool: tuple[int, int]  # max pool kernel, stride
+    fc: np.ndarray  # (in, 128)
     blocks: list[Block] = field(default_factory=list)
-    fc: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (in, 128)
 
 
 class _Reader:
@@ -113,7 +113,7 @@ class _Reader:
         self.pos += length
         return raw.decode("ascii", errors="replace")
 
-    def peek_string(self) -> str | None:
+    def peek_text(self) -> str | None:
         saved = self.pos
         try:
             text = self.text()
@@ -207,7 +207,7 @@ def read_dlib_resnet(data: bytes) -> DlibResnet:
     reader.real()  # margin
     reader.real()  # distance threshold
     wrappers = 0
-    while reader.peek_string() != "input_rgb_image_sized":
+    while reader.peek_text() != "input_rgb_image_sized":
         version = reader.integer()
         if version not in (1, 2, 3):
             raise reader._fail(f"a layer of version {version}")
@@ -394,13 +394,17 @@ def _find_or_convert(source: Path, folder: Path) -> Path | bytes:
     data = source.read_bytes()
     digest = hashlib.sha256(data).hexdigest()[:16]
     name = f"{source.stem}-{digest}-v{CONVERTER_VERSION}.onnx"
-    def make(tmp: Path) -> None:
-        tmp.write_bytes(onnx_model(read_dlib_resnet(data)))
 
-    path = cached_file(folder, name, make)
+    def convert() -> bytes:
+        return onnx_model(read_dlib_resnet(data))
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(convert())
+
+    path = cached_file(folder, name, write)
     if path is None:
         logger.warning("converting the face model in each process instead")
-        return onnx_model(read_dlib_resnet(data))
+        return convert()
     return path
 
 
