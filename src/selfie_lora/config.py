@@ -71,6 +71,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("SELFIE_LORA_STORAGE_SECRET_ACCESS_KEY",
                                       "AWS_SECRET_ACCESS_KEY"))
     storage_allow_http: bool | None = None
+    # Each machine keeps copies of the weights it generates with in HOME/blob-cache, the most
+    # recently used first, within this many GB (object storage only).
+    blob_cache_gb: float = Field(default=20.0, gt=0)
     # Weights downloads answer 307 to a presigned URL valid DOWNLOAD_URL_SECONDS (object storage
     # only), so gigabytes do not pass through the API servers.
     download_urls: bool = False

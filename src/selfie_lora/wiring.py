@@ -188,6 +188,7 @@ def default_blob_store(settings: Settings) -> BlobStore:
         access_key_id=settings.storage_access_key_id,
         secret_access_key=secret.get_secret_value() if secret is not None else None,
         allow_http=settings.storage_allow_http,
+        cache_max_bytes=max(1, round(settings.blob_cache_gb * 1e9)),
     )
 
 

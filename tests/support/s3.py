@@ -41,11 +41,12 @@ class S3Server:
                 "storage_access_key_id": ACCESS_KEY_ID,
                 "storage_secret_access_key": SECRET_ACCESS_KEY}
 
-    def store(self, url: str, cache_dir: Path) -> Any:
+    def store(self, url: str, cache_dir: Path, **options: Any) -> Any:
         from selfie_lora.adapters.storage.s3 import S3BlobStore
 
         return S3BlobStore(url=url, cache_dir=cache_dir, endpoint=self.endpoint, region=REGION,
-                           access_key_id=ACCESS_KEY_ID, secret_access_key=SECRET_ACCESS_KEY)
+                           access_key_id=ACCESS_KEY_ID, secret_access_key=SECRET_ACCESS_KEY,
+                           **options)
 
     def set_modified(self, url: str, key: str, when: datetime) -> None:
         """Dates a stored blob (S3 has no way to; moto runs in this process, so its record of

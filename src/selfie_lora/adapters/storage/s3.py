@@ -17,15 +17,14 @@ write the same bytes again.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
+from selfie_lora.adapters.storage.cache import BlobCache
 from selfie_lora.adapters.storage.fs import check_key
 from selfie_lora.errors import ConfigError, StorageError, describe
 from selfie_lora.services.ports import BlobInfo, BlobStream
@@ -67,6 +66,7 @@ class S3BlobStore:
         self, *, url: str, cache_dir: Path, endpoint: str | None = None,
         region: str | None = None, access_key_id: str | None = None,
         secret_access_key: str | None = None, allow_http: bool | None = None,
+        cache_max_bytes: int = 20 * 10**9,
     ) -> None:
         try:
             from obstore.store import S3Store
@@ -89,6 +89,7 @@ class S3BlobStore:
             client_options={"allow_http": allow_http},
         )
         self.cache_dir = cache_dir
+        self._cache = BlobCache(cache_dir, max_bytes=cache_max_bytes)
         self.description = f"s3://{self.location.bucket}/{self.location.prefix}"
 
     # -- writes
@@ -195,21 +196,15 @@ class S3BlobStore:
             raise _error("list", prefix, exc) from exc
 
     def local_path(self, key: str) -> Path:
-        """A copy in the cache folder, fetched once (the blobs asked for never change)."""
-        target = self.cache_dir / check_key(key)
-        if target.is_file():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        stream = self.open(key)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                for chunk in stream.chunks:
-                    fh.write(chunk)
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return target
+        """A copy in the cache folder, fetched once (the blobs asked for never change); the
+        folder keeps the most recently used copies within its bound (``storage.cache``)."""
+        check_key(key)
+
+        def fetch(fh: BinaryIO) -> None:
+            for chunk in self.open(key).chunks:
+                fh.write(chunk)
+
+        return self._cache.path(key, fetch)
 
     def download_url(self, key: str, *, expires: timedelta) -> str | None:
         import obstore

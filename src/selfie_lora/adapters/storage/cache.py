@@ -1,0 +1,141 @@
+"""Copies of remote blobs on this machine, in a folder bounded in size.
+
+The object-storage ``BlobStore`` hands out local files of blobs that never change (a version's
+LoRA weights, which the local generator loads from a path). A worker that generates for many
+users fetches every version it is asked for once and, without a bound, keeps them all: FLUX
+LoRAs weigh 20-200 MB, so a few thousand versions fill a disk, and the garbage collector deletes
+blobs from the bucket, not the copies on each machine.
+
+**Eviction: least recently used first, after each fetch** (the only time the folder grows).
+"Used" is the file's modification time, which every hit sets (access times are not kept on
+``noatime``/``relatime`` mounts). Several processes share one folder (the API server and the
+workers of one HOME), so the path just handed to one of them must not vanish before it opens
+it: a copy used in the last ``in_use`` seconds (15 minutes) is never evicted, and a hit and an
+eviction exclude each other (a lock file), so a copy is either marked used before the evictor
+looks at it again, or gone before the hit, which then fetches it anew. The folder may therefore
+hold more than its bound while more than that was used in the last 15 minutes; the copy just
+fetched is kept even when it alone is larger than the bound.
+
+A fetch writes a temporary file and renames it into place: a process that dies while fetching
+leaves no copy, only a temporary file, which eviction deletes once it is an hour old (a live
+fetch of a large blob may take minutes).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+logger = logging.getLogger(__name__)
+
+TMP_PREFIX = ".tmp-"
+LOCK_NAME = ".lock"
+# A copy handed out this recently may be about to be opened by another process.
+IN_USE_SECONDS = 15 * 60
+# A temporary file this old belongs to a fetcher that died.
+STALE_FETCH_SECONDS = 60 * 60
+
+
+class BlobCache:
+    def __init__(self, root: Path, *, max_bytes: int, in_use: float = IN_USE_SECONDS) -> None:
+        if max_bytes <= 0:
+            raise ValueError("a blob cache needs a positive size bound")
+        self.root = root
+        self.max_bytes = max_bytes
+        self.in_use = in_use
+
+    @contextmanager
+    def _locked(self, kind: int) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, kind)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def path(self, key: str, fetch: Callable[[BinaryIO], object]) -> Path:
+        """The copy of ``key`` (a checked relative path), fetched with ``fetch(file)`` when this
+        machine has none; marked used either way."""
+        target = self.root / key
+        with self._locked(fcntl.LOCK_SH):
+            try:
+                os.utime(target)
+                return target
+            except FileNotFoundError:
+                pass
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fetch(fh)
+            # Another process may have fetched it meanwhile: the same bytes, either copy wins.
+            os.replace(tmp, target)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        self.evict(keep=target)
+        return target
+
+    def _entries(self, now: float) -> tuple[list[tuple[float, Path, int]], int]:
+        entries: list[tuple[float, Path, int]] = []
+        total = 0
+        for folder, _dirs, names in os.walk(self.root):
+            for name in names:
+                path = Path(folder) / name
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue  # evicted or renamed by another process meanwhile
+                if name.startswith(TMP_PREFIX):
+                    if stat.st_mtime < now - STALE_FETCH_SECONDS:
+                        path.unlink(missing_ok=True)
+                        logger.info("blob cache: removed %s, left by a fetch that died", path)
+                    continue
+                if name == LOCK_NAME and Path(folder) == self.root:
+                    continue
+                entries.append((stat.st_mtime, path, stat.st_size))
+                total += stat.st_size
+        return entries, total
+
+    def evict(self, *, keep: Path | None = None) -> int:
+        """Delete the least recently used copies until the folder holds at most ``max_bytes``
+        (never ``keep``, nor a copy used in the last ``in_use`` seconds); how many went."""
+        now = time.time()
+        entries, total = self._entries(now)
+        if total <= self.max_bytes:
+            return 0
+        removed = 0
+        with self._locked(fcntl.LOCK_EX):
+            for _mtime, path, size in sorted(entries):
+                if total <= self.max_bytes:
+                    break
+                if path == keep:
+                    continue
+                try:
+                    # Looked at again under the lock: a hit since the walk marked it used.
+                    if path.stat().st_mtime >= now - self.in_use:
+                        continue
+                    path.unlink()
+                except FileNotFoundError:
+                    pass  # another process evicted it
+                else:
+                    removed += 1
+                total -= size
+        if total > self.max_bytes:
+            logger.warning("blob cache %s holds %.1f GB, more than its bound of %.1f GB: the rest "
+                           "was used in the last %d minutes", self.root, total / 1e9,
+                           self.max_bytes / 1e9, self.in_use // 60)
+        elif removed:
+            logger.info("blob cache %s: %d least recently used copies removed", self.root,
+                        removed)
+        return removed
+
+
+__all__ = ["IN_USE_SECONDS", "STALE_FETCH_SECONDS", "BlobCache"]
