@@ -92,6 +92,29 @@ def test_a_model_read_is_one_query_and_one_trip_to_the_thread_pool(
                for s in costs.statements), costs.statements
 
 
+def test_a_progress_poll_is_two_queries_and_one_trip_to_the_thread_pool(
+        client: TestClient, services: Services, costs: Costs) -> None:
+    key, version_id = trained_user(client, services, "cy")
+    headers = {"Authorization": f"Bearer {key}"}
+    training_id = client.get("/api/training/progress", headers=headers).json()["training"]["id"]
+    for params in ({}, {"training_id": training_id}):
+        costs.reset()
+        r = client.get("/api/training/progress", headers=headers, params=params)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["training"]["id"] == training_id
+        assert body["training"]["version_id"] == version_id
+        assert body["training"]["gate"]["status"] == "passed"  # read from the version itself
+        assert body["model"]["active_version"]["id"] == version_id
+        # The training with its version, then the model's overview.
+        assert len(costs.statements) == 2, costs.statements
+        assert costs.trips == 1
+    costs.reset()
+    r = client.get("/api/training/progress", headers=headers, params={"training_id": "nope"})
+    assert r.status_code == 404
+    assert "no such training" in r.text
+
+
 def test_dependencies_never_take_a_trip_to_the_thread_pool(
         client: TestClient, services: Services, costs: Costs) -> None:
     # FastAPI runs a plain ``def`` dependency in the thread pool: the user and the services

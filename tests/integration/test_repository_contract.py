@@ -172,6 +172,37 @@ def test_targeted_model_updates_do_not_clobber_each_other(repo: SqlRepository) -
     assert now.lora_scale == 0.6
 
 
+def test_a_users_training_is_read_with_its_version_and_never_another_users(
+        repo: SqlRepository) -> None:
+    from dataclasses import replace
+
+    ann, model, dataset = seed(repo, "ann")
+    bob, bobs_model, bobs_dataset = seed(repo, "bob")
+    assert repo.get_user_training(ann.id, None) is None  # a model, no training yet
+    first = training(model, dataset, "t1", status=TrainingStatus.SUCCEEDED)
+    repo.add_training(first)
+    repo.add_version(Version(id="v1", model_id=model.id, number=1, training_id="t1",
+                             trainer_version="local-tiny-v1", weights_key="weights/x",
+                             weights_sha256="d" * 64, weights_method="local:file",
+                             remote_version=None, version_mismatch=False, created_at=NOW))
+    repo.save_training(replace(first, version_id="v1"))
+    repo.add_training(training(model, dataset, "t2", offset=60))
+    repo.add_training(training(bobs_model, bobs_dataset, "t3", offset=120))
+
+    latest = repo.get_user_training(ann.id, None)
+    assert latest is not None
+    assert (latest[0].id, latest[1]) == ("t2", None)  # the newest, which has no version yet
+    chosen = repo.get_user_training(ann.id, "t1")
+    assert chosen is not None
+    assert (chosen[0].id, chosen[0].version_id) == ("t1", "v1")
+    assert chosen[1] is not None
+    assert chosen[1].number == 1
+    assert repo.get_user_training(ann.id, "t3") is None  # bob's
+    assert repo.get_user_training(bob.id, None) is not None
+    assert repo.get_user_training(bob.id, "t1") is None
+    assert repo.get_user_training("nobody", None) is None
+
+
 def test_save_training_never_clears_a_cancel_request(repo: SqlRepository) -> None:
     _user, model, dataset = seed(repo)
     repo.add_training(training(model, dataset, "t1"))

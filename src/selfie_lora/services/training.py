@@ -325,11 +325,18 @@ class TrainingService:
     # ------------------------------------------------------------------ queries
     def progress(self, *, user: User, training_id: str | None = None) -> TrainingView:
         """The user's training (default: the latest) with its version once stored."""
-        training, _model = self.get(user=user, training_id=training_id)
-        return self.view(training)
+        found = self._repo.get_user_training(user.id, training_id)
+        if found is None:
+            # get() raises the NotFoundError that says why (no model yet, no training yet, none
+            # of that id), or finds a training started since.
+            training, _model = self.get(user=user, training_id=training_id)
+            return self.view(training)
+        training, version = found
+        return self.view(training, version=version)
 
-    def view(self, training: Training) -> TrainingView:
-        version = self._repo.get_version(training.version_id) if training.version_id else None
+    def view(self, training: Training, *, version: Version | None = None) -> TrainingView:
+        if version is None and training.version_id:
+            version = self._repo.get_version(training.version_id)
         # Listed only for a recipe that samples: the progress is polled every second or two,
         # and a listing is a request to the object storage on the scale path.
         samples = (tuple(self._samples.steps(training.id)) if training.recipe.sample_every > 0

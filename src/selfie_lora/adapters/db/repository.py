@@ -585,6 +585,26 @@ class SqlRepository:
             ).all()
             return [_training(r) for r in rows]
 
+    def get_user_training(self, user_id: str, training_id: str | None
+                          ) -> tuple[Training, Version | None] | None:
+        # One query for the progress poll, which every waiting client sends every second or two:
+        # the training found through the user's model (another user's id finds nothing) and its
+        # version, instead of the model, the training (or all of them) and the version apart.
+        stmt = (select(TrainingRow, VersionRow)
+                .join(ModelRow, ModelRow.id == TrainingRow.model_id)
+                .outerjoin(VersionRow, VersionRow.id == TrainingRow.version_id)
+                .where(ModelRow.user_id == user_id))
+        if training_id is None:
+            stmt = stmt.order_by(TrainingRow.created_at.desc()).limit(1)
+        else:
+            stmt = stmt.where(TrainingRow.id == training_id)
+        with self._read() as s:
+            found = s.execute(stmt).first()
+            if found is None:
+                return None
+            row, version = found
+            return _training(row), _version(version) if version else None
+
     def active_trainings(self) -> Sequence[Training]:
         with self._read() as s:
             rows = s.scalars(
