@@ -326,6 +326,11 @@ def test_http_alerter_posts_json_and_raises_on_failure() -> None:
         url = inbox.url
         HttpAlerter(url, timeout=2.0).send({"kind": "likeness_drop", "version_id": "v"})
         assert inbox.received == [{"kind": "likeness_drop", "version_id": "v"}]
+        alert = {"alert_id": "likeness_drop:v", "kind": "likeness_drop"}
+        HttpAlerter(url, timeout=2.0).send(alert)
+        # Delivery is at least once: the receiver can drop a repeat by its key.
+        assert inbox.headers[1]["idempotency-key"] == "likeness_drop:v"
+        assert "idempotency-key" not in inbox.headers[0]
     import httpx
 
     with pytest.raises(httpx.HTTPError):

@@ -57,6 +57,26 @@ def training(model: Model, dataset: Dataset, tid: str, *,
                     destination=model.destination, trainer_version=model.trainer_version,
                     recipe=RECIPE, preserved={"k": "v"}, created_at=NOW + timedelta(seconds=offset))
 
+def version(model: Model, number: int, *, vid: str | None = None,
+            training_id: str | None = None) -> Version:
+    """Version ``number`` of ``model``, made by training ``t<number>`` unless told."""
+    return Version(id=vid or f"v{number}", model_id=model.id, number=number,
+                   training_id=training_id or f"t{number}", trainer_version="local-tiny-v1",
+                   weights_key=f"weights/{number}", weights_sha256=str(number % 10) * 64,
+                   weights_method="local:file", remote_version=None, version_mismatch=False,
+                   created_at=NOW)
+
+def with_two_versions(repo: SqlRepository) -> tuple[Model, Dataset]:
+    """A user's model with versions 1 and 2, of succeeded trainings t1 and t2."""
+    _user, model, dataset = seed(repo)
+    for i in (1, 2):
+        repo.add_training(training(model, dataset, f"t{i}", status=TrainingStatus.SUCCEEDED,
+                                   offset=i))
+        repo.add_version(version(model, i))
+    return model, dataset
+
+
+
 
 def test_migrations_create_every_table(repo: SqlRepository) -> None:
     tables = set(inspect(repo.engine).get_table_names())
@@ -156,10 +176,7 @@ def test_targeted_model_updates_do_not_clobber_each_other(repo: SqlRepository) -
     stale = repo.get_model(model.id)
     repo.set_model_lora_scale(model.id, 0.6, is_custom=True)
     repo.add_training(training(model, dataset, "t1"))
-    repo.add_version(Version(id="v1", model_id=model.id, number=1, training_id="t1",
-                             trainer_version="local-tiny-v1", weights_key="weights/x",
-                             weights_sha256="d" * 64, weights_method="local:file",
-                             remote_version=None, version_mismatch=False, created_at=NOW))
+    repo.add_version(version(model, 1))
     assert stale is not None
     repo.set_model_active_version(stale.id, "v1")
     now = repo.get_model(model.id)
@@ -181,10 +198,7 @@ def test_a_users_training_is_read_with_its_version_and_never_another_users(
     assert repo.get_user_training(ann.id, None) is None  # a model, no training yet
     first = training(model, dataset, "t1", status=TrainingStatus.SUCCEEDED)
     repo.add_training(first)
-    repo.add_version(Version(id="v1", model_id=model.id, number=1, training_id="t1",
-                             trainer_version="local-tiny-v1", weights_key="weights/x",
-                             weights_sha256="d" * 64, weights_method="local:file",
-                             remote_version=None, version_mismatch=False, created_at=NOW))
+    repo.add_version(version(model, 1))
     repo.save_training(replace(first, version_id="v1"))
     repo.add_training(training(model, dataset, "t2", offset=60))
     repo.add_training(training(bobs_model, bobs_dataset, "t3", offset=120))
@@ -203,6 +217,46 @@ def test_a_users_training_is_read_with_its_version_and_never_another_users(
     assert repo.get_user_training("nobody", None) is None
 
 
+def test_a_due_alert_is_claimed_by_one_process_at_a_time(repo: SqlRepository) -> None:
+    with_two_versions(repo)
+    repo.set_version_alert("v1", {"kind": "likeness_drop"}, due_at=NOW + timedelta(minutes=1))
+    repo.set_version_alert("v2", {"kind": "not_scored"}, due_at=NOW)
+    assert repo.due_alerts(NOW - timedelta(seconds=1), limit=10) == []
+    assert repo.due_alerts(NOW + timedelta(minutes=1), limit=10) == ["v2", "v1"]  # longest due
+    assert repo.due_alerts(NOW + timedelta(minutes=1), limit=1) == ["v2"]
+
+    later = NOW + timedelta(minutes=5)
+    claimed = repo.claim_alert("v2", now=NOW, until=later)
+    assert claimed is not None
+    assert claimed.alert == {"kind": "not_scored"}
+    assert repo.claim_alert("v2", now=NOW, until=later) is None  # taken
+    assert repo.claim_alert("v1", now=NOW, until=later) is None  # not due yet
+    assert repo.due_alerts(NOW + timedelta(minutes=1), limit=10) == ["v1"]
+    assert repo.claim_alert("v2", now=later, until=later + timedelta(minutes=5)) is not None
+
+    # Many processes at once: one wins.
+    repo.set_version_alert("v1", {"kind": "likeness_drop"}, due_at=NOW)
+    start = threading.Barrier(6)
+    won: list[bool] = []
+
+    def claim() -> None:
+        start.wait()
+        won.append(repo.claim_alert("v1", now=NOW, until=later) is not None)
+
+    threads = [threading.Thread(target=claim) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(won) == [False] * 5 + [True]
+
+    repo.set_version_alert("v1", {"kind": "likeness_drop", "delivery": {"delivered": True}})
+    stored = repo.get_version("v1")
+    assert stored is not None
+    assert stored.alert == {"kind": "likeness_drop", "delivery": {"delivered": True}}
+    assert "v1" not in repo.due_alerts(NOW + timedelta(days=365), limit=10)
+
+
 def test_save_training_never_clears_a_cancel_request(repo: SqlRepository) -> None:
     _user, model, dataset = seed(repo)
     repo.add_training(training(model, dataset, "t1"))
@@ -217,21 +271,11 @@ def test_save_training_never_clears_a_cancel_request(repo: SqlRepository) -> Non
 
 
 def test_versions_newest_first_and_numbers_unique(repo: SqlRepository) -> None:
-    _user, model, dataset = seed(repo)
-    for i in (1, 2):
-        repo.add_training(training(model, dataset, f"t{i}", status=TrainingStatus.SUCCEEDED,
-                                   offset=i))
-        repo.add_version(Version(id=f"v{i}", model_id=model.id, number=i, training_id=f"t{i}",
-                                 trainer_version="x", weights_key=f"weights/{i}",
-                                 weights_sha256="d" * 64, weights_method="m",
-                                 remote_version=None, version_mismatch=False, created_at=NOW))
+    model, dataset = with_two_versions(repo)
     assert [v.number for v in repo.list_versions(model.id)] == [2, 1]
     repo.add_training(training(model, dataset, "t3", status=TrainingStatus.SUCCEEDED))
     with pytest.raises(ConflictError):
-        repo.add_version(Version(id="v3", model_id=model.id, number=2, training_id="t3",
-                                 trainer_version="x", weights_key="weights/3",
-                                 weights_sha256="d" * 64, weights_method="m",
-                                 remote_version=None, version_mismatch=False, created_at=NOW))
+        repo.add_version(version(model, 2, vid="v3", training_id="t3"))
 
 
 def test_remote_id_lookup_and_events(repo: SqlRepository) -> None:

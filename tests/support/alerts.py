@@ -15,6 +15,7 @@ from typing import Any
 class AlertInbox:
     url: str
     received: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
 
 
 @contextmanager
@@ -25,6 +26,7 @@ def alert_inbox() -> Iterator[AlertInbox]:
         def do_POST(self) -> None:
             length = int(self.headers["content-length"])
             inbox.received.append(json.loads(self.rfile.read(length)))
+            inbox.headers.append({k.lower(): v for k, v in self.headers.items()})
             self.send_response(204)
             self.end_headers()
 

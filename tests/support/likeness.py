@@ -8,7 +8,9 @@ import hashlib
 import io
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,7 @@ class Rig:
     probe_count: int = 4
     seed: int = 0
     gate_enabled: bool = True
+    clock: Callable[[], datetime] = utcnow
 
     def __post_init__(self) -> None:
         copy_migrated_sqlite(self.root / "db.sqlite")
@@ -148,7 +151,7 @@ class Rig:
         self.likeness = LikenessService(
             repo=self.repo, blobs=self.blobs, generation=self.generation, faces=self.faces,
             alerter=self.alerter, tolerance=self.tolerance, probe_count=self.probe_count,
-            gate_enabled=self.gate_enabled,
+            gate_enabled=self.gate_enabled, clock=self.clock,
         )
         self.training = TrainingService(
             repo=self.repo, blobs=self.blobs, queue=self.queue, trainers={"local": self.trainer},

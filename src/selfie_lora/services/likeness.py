@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from selfie_lora.domain import alerts
 from selfie_lora.domain.entities import GateStatus, Model, Probe, Training, User, Version
 from selfie_lora.domain.likeness import (
     DEFAULT_GATE_TOLERANCE,
@@ -144,6 +145,7 @@ class LikenessService:
         probe_size: int | None = None,
         gate_enabled: bool = True,
         telemetry: Telemetry | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         if not 0.0 <= tolerance <= 1.0:
             raise ValueError("the gate tolerance is a similarity difference, 0..1")
@@ -158,6 +160,7 @@ class LikenessService:
         self._probe_size = probe_size
         # Off: every new version passes at once (it is still scored).
         self.gate_enabled = gate_enabled
+        self._clock = clock
 
     # ------------------------------------------------------------------ worker side
     def judge(self, version_id: str, *, checkpoint: Callable[[], None] | None = None,
@@ -217,7 +220,7 @@ class LikenessService:
         current = tx.get_version(verdict.version_id)
         if current is None or current.gate_status is not GateStatus.PENDING:
             return None  # decided before
-        now = utcnow()
+        now = self._clock()
         baseline = verdict.baseline
         details = {
             **current.gate_details, **verdict.details, "decided_at": now.isoformat(),
@@ -241,7 +244,10 @@ class LikenessService:
         alert = None
         if verdict.status is GateStatus.HELD:
             alert = self._alert(model, current, verdict, at=now)
-            tx.set_version_alert(current.id, alert)
+            # Due, and claimed by this process, which sends it once the transaction committed;
+            # should it die first, any worker's reconciler sends it when the claim runs out.
+            tx.set_version_alert(current.id, alert, due_at=now + alerts.CLAIM
+                                 if self._alerter is not None else None)
         tx.add_event(model_id=current.model_id, kind=f"gate_{verdict.status}", data={
             "version_id": current.id, "version_number": current.number,
             "baseline_version_id": baseline.id if baseline else None,
@@ -267,18 +273,53 @@ class LikenessService:
                                              "decided_at": utcnow().isoformat(),
                                              "canceled": True})
 
-    def deliver_alert(self, version_id: str, alert: dict[str, Any]) -> None:
-        """Send a held version's alert to the operator (best effort) and record how it went."""
+    def deliver_alert(self, version_id: str, alert: dict[str, Any]) -> bool:
+        """Send a held version's alert to the operator (this process claimed it) and record how
+        it went: delivered (True), due again after a failure (``domain.alerts``), or given up."""
         if self._alerter is None:
-            return
+            return False
+        previous = alert.get("delivery") or {}
+        attempts = int(previous.get("attempts", 0)) + 1
+        payload = {key: value for key, value in alert.items() if key != "delivery"}
+        payload.setdefault("alert_id", f"{alert.get('kind')}:{version_id}")
+        due_at = None
         try:
-            self._alerter.send(alert)
-            delivery: dict[str, Any] = {"delivered": True, "at": utcnow().isoformat()}
-        except Exception as exc:  # best effort: the alert is recorded and logged either way
-            logger.warning("the likeness alert for version %s could not be delivered: %r",
-                           version_id, exc)
-            delivery = {"delivered": False, "at": utcnow().isoformat(), "error": repr(exc)[:300]}
-        self._repo.set_version_alert(version_id, {**alert, "delivery": delivery})
+            self._alerter.send(payload)
+            delivery: dict[str, Any] = {"delivered": True, "at": self._clock().isoformat(),
+                                        "attempts": attempts}
+        except Exception as exc:  # recorded, logged and tried again later: never fatal
+            now = self._clock()
+            wait = alerts.retry_after(attempts)
+            due_at = now + wait if wait is not None else None
+            logger.warning("the likeness alert for version %s could not be delivered (attempt "
+                           "%d): %r; %s", version_id, attempts, exc,
+                           f"trying again at {due_at.isoformat()}" if due_at is not None
+                           else "giving up")
+            delivery = {"delivered": False, "at": now.isoformat(), "error": repr(exc)[:300],
+                        "attempts": attempts,
+                        "next_at": due_at.isoformat() if due_at is not None else None}
+        self._repo.set_version_alert(version_id, {**payload, "delivery": delivery},
+                                     due_at=due_at)
+        return bool(delivery["delivered"])
+
+    def deliver_due_alerts(self, *, limit: int = 10) -> int:
+        """Send the alerts that are due: those whose sender died before sending, and failed
+        deliveries whose next attempt has come; how many were tried. Called by every
+        reconciler: each alert is claimed first, so one process sends it. A failure ends the
+        round (the endpoint is likely down: the rest wait for the next round rather than each
+        costing the reconciler a timeout)."""
+        if self._alerter is None:
+            return 0
+        now = self._clock()
+        tried = 0
+        for version_id in self._repo.due_alerts(now, limit=limit):
+            claimed = self._repo.claim_alert(version_id, now=now, until=now + alerts.CLAIM)
+            if claimed is None or claimed.alert is None:
+                continue  # another process took it
+            tried += 1
+            if not self.deliver_alert(version_id, claimed.alert):
+                break
+        return tried
 
     def score(self, version_id: str, *, force: bool = False,
               checkpoint: Callable[[], None] | None = None) -> VersionLikeness:
@@ -518,9 +559,11 @@ class LikenessService:
     def _alert(self, model: Model, version: Version, verdict: GateVerdict, *,
                at: datetime) -> dict[str, Any]:
         baseline = verdict.baseline
+        kind = "likeness_drop" if verdict.details.get("after") else "not_scored"
         return {
-            "kind": "likeness_drop" if verdict.details.get("after") else "not_scored",
-            "message": verdict.reason, "at": at.isoformat(), "user_id": model.user_id,
+            # The same in every delivery of this alert: a receiver drops what it has seen.
+            "alert_id": f"{kind}:{version.id}",
+            "kind": kind, "message": verdict.reason, "at": at.isoformat(), "user_id": model.user_id,
             "model_id": model.id, "destination": model.destination,
             "version_id": version.id, "version_number": version.number,
             "baseline_version_id": baseline.id if baseline else None,

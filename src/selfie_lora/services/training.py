@@ -154,6 +154,7 @@ class UploadResult:
 class ReconcileReport:
     enqueued: tuple[str, ...] = ()
     canceled: tuple[str, ...] = ()
+    alerts_tried: int = 0
 
 
 class TrainingService:
@@ -495,7 +496,10 @@ class TrainingService:
                     if done is not None:
                         self._cancel_remote(done)
                         canceled.append(t.id)
-        return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled))
+        # The alerts of held versions whose sender died, or whose delivery is due again.
+        alerts_tried = self._likeness.deliver_due_alerts()
+        return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled),
+                               alerts_tried=alerts_tried)
 
     def receive_webhook(self, *, headers: dict[str, str], body: bytes) -> Training | None:
         """``POST /api/webhooks/<backend>``: verify it, then apply it (``apply_webhook``)."""

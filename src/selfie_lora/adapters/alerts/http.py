@@ -22,8 +22,11 @@ class HttpAlerter:
         """POST ``alert`` as JSON. Raises ``httpx.HTTPError`` on a network error, a timeout or a
         non-2xx answer; the caller records the failure and carries on."""
         with httpx.Client(timeout=self._timeout, transport=self._transport) as client:
-            response = client.post(self.url, json=alert,
-                                   headers={"user-agent": "selfie-lora-alerts/1"})
+            headers = {"user-agent": "selfie-lora-alerts/1"}
+            if alert.get("alert_id"):
+                # Delivery is at least once: a receiver can drop a repeat by this key.
+                headers["idempotency-key"] = str(alert["alert_id"])
+            response = client.post(self.url, json=alert, headers=headers)
             response.raise_for_status()
         logger.info("likeness alert for version %s delivered to %s", alert.get("version_id"),
                     self.url)

@@ -672,8 +672,28 @@ class SqlRepository:
         self._update_version(version_id, {"gate_status": str(status), "gate_reason": reason,
                                           "gate_details": details})
 
-    def set_version_alert(self, version_id: str, alert: dict[str, Any] | None) -> None:
-        self._update_version(version_id, {"alert": alert})
+    def set_version_alert(self, version_id: str, alert: dict[str, Any] | None, *,
+                          due_at: datetime | None = None) -> None:
+        self._update_version(version_id, {"alert": alert, "alert_due_at": due_at})
+
+    def due_alerts(self, now: datetime, *, limit: int) -> Sequence[str]:
+        with self._read() as s:
+            return list(s.scalars(
+                select(VersionRow.id).where(VersionRow.alert_due_at <= now)
+                .order_by(VersionRow.alert_due_at).limit(limit)))
+
+    def claim_alert(self, version_id: str, *, now: datetime, until: datetime) -> Version | None:
+        # Compare-and-set on the due time: of two processes that found the alert due, the
+        # second's condition fails on the row the first updated (PostgreSQL re-checks it after
+        # the first commits; SQLite runs one writer at a time).
+        with self._tx() as s:
+            result = s.execute(update(VersionRow).where(
+                VersionRow.id == version_id, VersionRow.alert_due_at <= now,
+            ).values(alert_due_at=until))
+            if not getattr(result, "rowcount", 0):
+                return None
+            row = s.get(VersionRow, version_id)
+            return _version(row) if row else None
 
     def _update_version(self, version_id: str, values: dict[str, Any]) -> None:
         with self._tx() as s:

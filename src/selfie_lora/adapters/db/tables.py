@@ -191,6 +191,9 @@ class VersionRow(Base):
     gate_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     gate_details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     alert: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # When the alert is next due to be sent (domain.alerts); NULL: nothing to send.
+    alert_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                          index=True)
 
 
 class VersionLikenessRow(Base):

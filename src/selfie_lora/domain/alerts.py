@@ -1,0 +1,30 @@
+"""When a likeness alert is sent (again): the pure part of its delivery.
+
+An alert is written with the gate's decision, in the same transaction, as due (the version's
+``alert_due_at``); whoever sends it first pushes that time ``CLAIM`` ahead, so no other process
+sends it meanwhile, and a sender that dies leaves it due again once the claim runs out. A failed
+delivery is tried again after ``retry_after``: 1, 2, 4 ... minutes, at most an hour apart, until
+``MAX_ATTEMPTS`` (about four hours of an endpoint that is down); then it is given up, and the
+alert stays recorded on the version. Delivery is at least once: a sender that dies after the
+receiver took the alert but before it recorded so sends it again, with the same ``alert_id``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+CLAIM = timedelta(minutes=5)
+MAX_ATTEMPTS = 10
+_FIRST_RETRY = timedelta(minutes=1)
+_LONGEST_WAIT = timedelta(hours=1)
+
+
+def retry_after(attempts: int) -> timedelta | None:
+    """How long after the failed attempt number ``attempts`` (1 for the first) the next one is
+    due; None when that was the last."""
+    if attempts >= MAX_ATTEMPTS:
+        return None
+    return min(_FIRST_RETRY * (1 << max(0, attempts - 1)), _LONGEST_WAIT)
+
+
+__all__ = ["CLAIM", "MAX_ATTEMPTS", "retry_after"]

@@ -1,0 +1,222 @@
+"""A held version's alert reaches the operator even when its sender dies or the operator's
+endpoint is down: it is written as due with the gate's decision, claimed by one process at a
+time, sent again with backoff after a failure, and given up after ``MAX_ATTEMPTS``."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
+from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
+from selfie_lora.services.common import utcnow
+from selfie_lora.testing.fakes import PhotoGenerator, SimulatedCrash
+from tests.support.likeness import Rig, other_person, photo_generator, same_person
+
+
+class Clock:
+    """The likeness service's clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = utcnow()
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> None:
+        self.now += timedelta(**delta)
+
+
+@dataclass
+class Endpoint:
+    """The operator's endpoint: down for the first ``failures`` calls; ``crash``: the sending
+    process dies in its first call, before the alert left."""
+
+    failures: int = 0
+    crash: bool = False
+    calls: int = 0
+    sent: list[dict[str, Any]] = field(default_factory=list)
+
+    def send(self, alert: dict[str, Any]) -> None:
+        self.calls += 1
+        if self.crash:
+            self.crash = False
+            raise SimulatedCrash("the worker died while it sent the alert")
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("the operator's endpoint is down")
+        self.sent.append(alert)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def held_version(rig: Rig, *, dies: bool = False, name: str = "ann") -> Version:
+    """Version 2 of a model, of another person: held back by the gate, with an alert."""
+    ann = rig.user(name)
+    assert isinstance(rig.generator, PhotoGenerator)
+    rig.generator.photos = same_person()
+    rig.train(ann)
+    rig.generator.photos = other_person()
+    if dies:
+        with pytest.raises(SimulatedCrash):
+            rig.train(ann)
+    else:
+        rig.train(ann)
+    model = rig.model(ann)
+    latest = rig.repo.list_versions(model.id)[0]
+    assert latest.number == 2
+    assert latest.gate_status is GateStatus.HELD
+    assert latest.alert is not None
+    return latest
+
+
+def delivery(rig: Rig, version: Version) -> dict[str, Any]:
+    current = rig.repo.get_version(version.id)
+    assert current is not None
+    assert current.alert is not None
+    return dict(current.alert["delivery"] or {})
+
+
+@pytest.fixture
+def rig_for(tmp_path: Path, clock: Clock) -> Iterator[Any]:
+    made: list[Rig] = []
+
+    def make(endpoint: Endpoint) -> Rig:
+        rig = Rig(root=tmp_path, generator=photo_generator(same_person()), alerter=endpoint,
+                  clock=clock)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+def test_an_alert_whose_sender_died_is_sent_once_by_a_reconciler(rig_for: Any,
+                                                                  clock: Clock) -> None:
+    endpoint = Endpoint(crash=True)
+    rig = rig_for(endpoint)
+    v2 = held_version(rig, dies=True)
+    # The gate's decision and the training's end were committed before the process died.
+    training = rig.repo.get_training(v2.training_id)
+    assert training is not None
+    assert training.status is TrainingStatus.SUCCEEDED
+    assert delivery(rig, v2) == {}
+    assert endpoint.sent == []
+
+    rig.training.reconcile()  # the dead sender's claim still holds: nobody sends it yet
+    assert endpoint.sent == []
+    clock.advance(seconds=CLAIM.total_seconds() + 1)
+    report = rig.training.reconcile()
+    assert report.alerts_tried == 1
+    assert [a["alert_id"] for a in endpoint.sent] == [f"likeness_drop:{v2.id}"]
+    assert endpoint.sent[0]["version_id"] == v2.id
+    assert "delivery" not in endpoint.sent[0]
+    assert delivery(rig, v2)["delivered"] is True
+
+    for _ in range(3):  # sent once: later rounds find nothing due
+        clock.advance(hours=2)
+        assert rig.training.reconcile().alerts_tried == 0
+    assert len(endpoint.sent) == 1
+
+
+def test_a_failed_delivery_is_tried_again_with_backoff_until_it_is_delivered(
+        rig_for: Any, clock: Clock) -> None:
+    endpoint = Endpoint(failures=2)
+    rig = rig_for(endpoint)
+    v2 = held_version(rig)  # the first attempt, right after the decision, fails
+    first = delivery(rig, v2)
+    assert (first["delivered"], first["attempts"]) == (False, 1)
+    assert "down" in first["error"]
+    assert first["next_at"] == (clock.now + timedelta(minutes=1)).isoformat()
+
+    clock.advance(seconds=30)
+    assert rig.training.reconcile().alerts_tried == 0  # not due yet
+    clock.advance(seconds=31)
+    assert rig.training.reconcile().alerts_tried == 1  # the second attempt fails too
+    assert delivery(rig, v2)["attempts"] == 2
+    clock.advance(minutes=1)
+    assert rig.training.reconcile().alerts_tried == 0  # two minutes after the second
+    clock.advance(minutes=1, seconds=1)
+    assert rig.training.reconcile().alerts_tried == 1
+    final = delivery(rig, v2)
+    assert (final["delivered"], final["attempts"]) == (True, 3)
+    assert endpoint.calls == 3
+    assert len(endpoint.sent) == 1
+
+
+def test_an_alert_is_given_up_after_its_last_attempt_and_stays_recorded(
+        rig_for: Any, clock: Clock) -> None:
+    endpoint = Endpoint(failures=10**6)
+    rig = rig_for(endpoint)
+    v2 = held_version(rig)
+    for _ in range(MAX_ATTEMPTS + 5):
+        clock.advance(hours=2)
+        rig.training.reconcile()
+    assert endpoint.calls == MAX_ATTEMPTS
+    last = delivery(rig, v2)
+    assert (last["delivered"], last["attempts"], last["next_at"]) == (False, MAX_ATTEMPTS, None)
+    current = rig.repo.get_version(v2.id)
+    assert current is not None
+    assert current.gate_status is GateStatus.HELD
+    assert rig.repo.due_alerts(clock.now + timedelta(days=365), limit=10) == []
+
+
+def test_a_round_stops_at_the_first_failure(rig_for: Any, clock: Clock) -> None:
+    """An endpoint that is down costs a round one timeout, not one per due alert."""
+    endpoint = Endpoint(failures=10**6)
+    rig = rig_for(endpoint)
+    held = [held_version(rig, name=name) for name in ("ann", "bob", "cy")]
+    assert endpoint.calls == 3  # each sent once right after its decision, each failed
+    clock.advance(minutes=1, seconds=1)
+    assert len(rig.repo.due_alerts(clock.now, limit=10)) == 3
+    assert rig.training.reconcile().alerts_tried == 1
+    assert endpoint.calls == 4
+    assert len(rig.repo.due_alerts(clock.now, limit=10)) == 2  # the next round tries them
+    assert sorted(delivery(rig, v)["attempts"] for v in held) == [1, 1, 2]
+
+
+def test_two_reconcilers_at_once_send_an_alert_once(rig_for: Any, clock: Clock) -> None:
+    endpoint = Endpoint(crash=True)
+    rig = rig_for(endpoint)
+    held_version(rig, dies=True)
+    clock.advance(seconds=CLAIM.total_seconds() + 1)
+    start = threading.Barrier(4)
+    tried: list[int] = []
+
+    def reconcile() -> None:
+        start.wait()
+        tried.append(rig.likeness.deliver_due_alerts())
+
+    threads = [threading.Thread(target=reconcile) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(tried) == [0, 0, 0, 1]
+    assert len(endpoint.sent) == 1
+
+
+@given(st.integers(min_value=1, max_value=50))
+def test_retries_wait_longer_each_time_up_to_an_hour_then_stop(attempts: int) -> None:
+    wait = retry_after(attempts)
+    if attempts >= MAX_ATTEMPTS:
+        assert wait is None
+        return
+    assert wait is not None
+    assert timedelta(minutes=1) <= wait <= timedelta(hours=1)
+    following = retry_after(attempts + 1)
+    assert following is None or following >= wait
+    if attempts == 1:
+        assert wait == timedelta(minutes=1)
