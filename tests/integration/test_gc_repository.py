@@ -8,6 +8,7 @@ import dataclasses
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.domain.entities import Generation, TrainingStatus, Version
@@ -159,3 +160,27 @@ def test_of_concurrent_first_claims_exactly_one_wins(repo: SqlRepository) -> Non
     job = repo.get_job("gc")
     assert job is not None
     assert job.owner == won[0]
+
+
+def test_a_collection_forgets_webhook_ids_a_day_after_they_came(repo: SqlRepository,
+                                                                tmp_path: Path) -> None:
+    from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+    from selfie_lora.domain.gc import WEBHOOK_MEMORY, GcPolicy
+    from selfie_lora.services.gc import GarbageCollector
+
+    assert repo.record_webhook("msg_old", now=NOW - WEBHOOK_MEMORY - timedelta(minutes=1))
+    assert repo.record_webhook("msg_recent", now=NOW - WEBHOOK_MEMORY + timedelta(minutes=1))
+    collector = GarbageCollector(repo=repo, blobs=FileSystemBlobStore(tmp_path / "blobs"),
+                                 work_dir=tmp_path / "work", policy=GcPolicy(grace=DAY),
+                                 clock=lambda: NOW)
+    dry = collector.collect(dry_run=True)
+    assert dry.webhook_ids == 0
+    assert repo.record_webhook("msg_old", now=NOW) is False  # a dry run forgets nothing
+
+    summary = collector.collect()
+    assert summary.webhook_ids == 1
+    assert "  webhooks     forgot 1 id(s) received over 1 day(s) ago" in summary.lines()
+    assert repo.record_webhook("msg_recent", now=NOW) is False  # still refused as a replay
+    # Forgotten: its signed timestamp, more than 5 minutes off, is what refuses it now.
+    assert repo.record_webhook("msg_old", now=NOW) is True
+    assert collector.collect().webhook_ids == 0

@@ -41,6 +41,10 @@ from datetime import datetime, timedelta
 GC_JOB = "gc"
 # How long a collector's lease lasts without a renewal; it renews it between steps.
 GC_LEASE = timedelta(minutes=10)
+# How long a webhook's id is kept to refuse a replay. A webhook whose signed timestamp is more
+# than 5 minutes off is refused before its id is looked at, so an older id can never be
+# accepted again anyway; a day leaves room for clocks that disagree.
+WEBHOOK_MEMORY = timedelta(days=1)
 
 
 class Owner(enum.StrEnum):
@@ -309,6 +313,8 @@ class GcSummary:
     # meanwhile, a photo uploaded again): kept.
     kept: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    # Ids of webhooks received more than WEBHOOK_MEMORY ago, forgotten (rows of their own).
+    webhook_ids: int = 0
 
     @classmethod
     def of_plan(cls, plan: GcPlan, *, dry_run: bool) -> GcSummary:
@@ -346,6 +352,9 @@ class GcSummary:
         size = sum(t.size for t in totals.values())
         out.append(f"  {'total':<12} {verb} {len(self.datasets) + len(self.generations)} row(s), "
                    f"{len(self.deleted)} blob(s) or folder(s), {format_bytes(size)}")
+        if self.webhook_ids:
+            out.append(f"  {'webhooks':<12} forgot {self.webhook_ids} id(s) received over "
+                       f"{WEBHOOK_MEMORY.days} day(s) ago")
         out.extend(f"  note: {note}" for note in self.notes)
         if verbose:
             out.extend(f"  {verb} dataset row {d}" for d in self.datasets)

@@ -39,6 +39,7 @@ from stat import S_ISREG
 from selfie_lora.domain.gc import (
     GC_JOB,
     GC_LEASE,
+    WEBHOOK_MEMORY,
     Blob,
     GcPlan,
     GcPolicy,
@@ -145,6 +146,7 @@ class GarbageCollector:
         datasets: list[str] = []
         generations: tuple[str, ...] = ()
         kept: list[str] = []
+        webhook_ids = 0
         try:
             self._renew()
             age = self.policy.dataset_age
@@ -163,6 +165,7 @@ class GarbageCollector:
                 if count != len(plan.generations):
                     notes.append(f"{len(plan.generations) - count} generation row(s) were "
                                  "already gone")
+            webhook_ids = self._repo.forget_webhooks(received_before=now - WEBHOOK_MEMORY)
             self._renew()
             # Checked again against the references as they are now, just before deleting.
             again, _ = self._plan(listing, folders)
@@ -180,7 +183,8 @@ class GarbageCollector:
         except _InterruptedError as stop:
             notes.append(f"stopped: {stop}; the next collection goes on from here")
         return GcSummary(dry_run=False, datasets=tuple(datasets), generations=generations,
-                         deleted=tuple(deleted), kept=tuple(kept), notes=tuple(notes))
+                         deleted=tuple(deleted), kept=tuple(kept), notes=tuple(notes),
+                         webhook_ids=webhook_ids)
 
     def _collect_work_only(self) -> GcSummary | None:
         folders = self._work_folders()
@@ -284,7 +288,7 @@ def _log(summary: GcSummary | None) -> None:
     """The periodic collection's summary, in the worker's log (the command prints its own)."""
     if summary is None:
         return
-    if summary.empty and not summary.notes:
+    if summary.empty and not summary.notes and not summary.webhook_ids:
         logger.info("garbage collection: nothing to delete")
         return
     for line in summary.lines():

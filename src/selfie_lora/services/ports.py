@@ -376,6 +376,9 @@ class Repository(Protocol):
     def record_webhook(self, webhook_id: str, *, now: datetime) -> bool:
         """False when the id was received before."""
         ...
+    def forget_webhooks(self, *, received_before: datetime) -> int:
+        """Deletes the ids of webhooks received before ``received_before``; how many."""
+        ...
 
     # versions
     def add_version(self, version: Version) -> None: ...

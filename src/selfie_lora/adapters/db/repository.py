@@ -654,6 +654,12 @@ class SqlRepository:
             s.add(WebhookDeliveryRow(id=webhook_id, received_at=now))
             return True
 
+    def forget_webhooks(self, *, received_before: datetime) -> int:
+        with self._tx() as s:
+            result = s.execute(delete(WebhookDeliveryRow).where(
+                WebhookDeliveryRow.received_at < received_before))
+            return int(getattr(result, "rowcount", 0) or 0)
+
     # versions ---------------------------------------------------------------------------
     def add_version(self, version: Version) -> None:
         with self._tx() as s:
