@@ -169,3 +169,24 @@ def test_a_portrait_photo_is_stored_as_a_portrait_crop_when_the_recipe_buckets(
         assert bottom <= height, name
         assert 0.3 < faces[0].height / min(width, height) < 0.55, name
         assert abs((left + right) / 2 - width / 2) < width * 0.08, name
+
+
+def test_photos_uploaded_again_are_not_analysed_again(real: tuple[TestClient, Services]) -> None:
+    """A user refused for too few photos sends the same ones with one more: the service
+    remembers each photo's analysis and runs only the checks across the set again."""
+    client, services = real
+    h = auth(services, "ann")
+    members = {n: (FIXTURES / n).read_bytes() for n in ("obama.jpg", "obama2.jpg", "biden.jpg")}
+    r = client.post("/api/training/upload-zip", headers=h, data={"start": "false"},
+                    files={"file": ("me.zip", zip_of(members), "application/zip")})
+    assert r.status_code == 422, r.text  # two usable photos: three are needed
+    assert services.intake.outcomes.hits == 0
+    members["obama3.jpg"] = (FIXTURES / "obama3.jpg").read_bytes()
+    r = client.post("/api/training/upload-zip", headers=h, data={"start": "false"},
+                    files={"file": ("me.zip", zip_of(members), "application/zip")})
+    assert r.status_code == 202, r.text
+    assert services.intake.outcomes.hits == 3  # only obama3.jpg was analysed this time
+    dataset = r.json()["dataset"]
+    assert (dataset["images_total"], dataset["images_accepted"]) == (4, 3)
+    assert ("biden.jpg", "different_person") in {(f["photo"], f["code"])
+                                                  for f in dataset["findings"]}

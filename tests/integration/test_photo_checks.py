@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from selfie_lora.dataset.checks import CheckPolicy, PhotoAnalysis, analyze_photo
 from selfie_lora.dataset.checks.duplicates import pair_duplicate, patch_distance, shared_points
 from selfie_lora.dataset.decode import DecodedPhoto, decode_photo
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
-from selfie_lora.dataset.pipeline import run_intake, shutdown_pools
+from selfie_lora.dataset.pipeline import OutcomeCache, PhotoOutcome, run_intake, shutdown_pools
 from selfie_lora.dataset.prepare import prepare_photo
 from tests.support.photos import FIXTURES
 
@@ -367,7 +368,7 @@ def test_a_dead_worker_process_is_replaced(caplog: pytest.LogCaptureFixture) -> 
     analyzer = DlibFaceAnalyzer()
     factory = DlibAnalyzerFactory()
     pipeline.warm_up(factory, workers=2)
-    (pool,) = pipeline._pools.values()
+    pool = pipeline._pools[(2, factory)]  # this factory's (an earlier test's may still run)
     victim = next(iter(pool._processes))  # killed between two intakes (OOM killer, say)
     os.kill(victim, signal.SIGKILL)
     files = _uploads(("obama.jpg", "obama2.jpg", "obama3.jpg"))
@@ -376,3 +377,71 @@ def test_a_dead_worker_process_is_replaced(caplog: pytest.LogCaptureFixture) -> 
     assert [p.name for p in result.prepared] == ["obama.jpg", "obama2.jpg", "obama3.jpg"]
     assert "analysis_failed" not in {f.code for f in result.findings}
     assert "face-analysis worker died" in caplog.text
+
+
+def test_photos_analysed_before_are_not_analysed_again(analyzer: DlibRegionFaceAnalyzer,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfie_lora.dataset import pipeline
+
+    analysed: list[str] = []
+    real = pipeline.process_photo
+
+    def counting(upload: UploadedFile, **options: Any) -> PhotoOutcome:
+        analysed.append(upload.name)
+        return real(upload, **options)
+
+    monkeypatch.setattr(pipeline, "process_photo", counting)
+    cache = OutcomeCache()
+    run_intake(_uploads(("obama.jpg", "obama2.jpg", "biden.jpg")), limits=LIMITS, policy=POLICY,
+               analyzer=analyzer, workers=1, cache=cache)
+    assert sorted(analysed) == ["biden.jpg", "obama.jpg", "obama2.jpg"]
+
+    # A retraining: the same photos and one more, in another order.
+    analysed.clear()
+    files = _uploads(("obama3.jpg", "obama.jpg", "32bit.png", "obama2.jpg", "biden.jpg"))
+    again = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=analyzer, workers=1,
+                       cache=cache)
+    assert sorted(analysed) == ["32bit.png", "obama3.jpg"]
+    analysed.clear()
+    fresh = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=analyzer, workers=1)
+    assert len(analysed) == 5
+    # The same answer as analysing every photo: the set checks ran on all of them.
+    assert again.report.accepted == fresh.report.accepted
+    assert [p.sha256 for p in again.prepared] == [p.sha256 for p in fresh.prepared]
+    assert sorted((f.photo or "", f.code, f.message) for f in again.findings) == sorted(
+        (f.photo or "", f.code, f.message) for f in fresh.findings)
+    assert "near_duplicate" in {f.code for f in again.findings}  # 32bit.png of obama.jpg
+    assert [a.order for a in again.analyses] == [0, 1, 2, 3, 4]
+    assert [a.name for a in again.analyses] == [f.name for f in files]
+
+    # Another name (findings name the photo) or another resolution: analysed again.
+    analysed.clear()
+    run_intake([UploadedFile(name="copy.jpg", data=files[1].data)], limits=LIMITS,
+               policy=POLICY, analyzer=analyzer, workers=1, cache=cache)
+    run_intake(files[:1], limits=LIMITS, policy=replace(POLICY, resolution=256),
+               analyzer=analyzer, workers=1, cache=cache)
+    assert analysed == ["copy.jpg", "obama3.jpg"]
+
+
+def test_the_outcome_cache_keeps_the_most_recently_used_within_its_bound() -> None:
+    from selfie_lora.dataset.prepare import PreparedPhoto
+    from selfie_lora.domain.entities import Finding
+
+    def outcome(name: str) -> PhotoOutcome:
+        return PhotoOutcome(order=0, name=name, prepared=PreparedPhoto(
+            name=name, sha256="0" * 64, data=b"x" * 10_000, width=8, height=8))
+
+    cache = OutcomeCache(max_bytes=30_000)  # two outcomes of ~14 KB
+    for name in ("a", "b"):
+        cache.put((name,), outcome(name))
+    assert cache.get(("a",), order=3) is not None  # a is now the most recent
+    cache.put(("c",), outcome("c"))
+    assert cache.get(("b",), order=0) is None  # the least recently used went
+    hit = cache.get(("a",), order=7)
+    assert hit is not None
+    assert (hit.order, hit.cpu_seconds) == (7, 0.0)
+    assert cache.get(("c",), order=0) is not None
+    # A failure that may not happen again (a worker that died) is not kept.
+    cache.put(("d",), PhotoOutcome(order=0, name="d", finding=Finding(
+        "reject", "analysis_failed", "d could not be analysed", "try again", photo="d")))
+    assert cache.get(("d",), order=0) is None

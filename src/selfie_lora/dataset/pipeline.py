@@ -22,11 +22,14 @@ cross a process boundary, only the analysis and the finished JPEG come back.
 from __future__ import annotations
 
 import atexit
+import dataclasses
+import hashlib
 import logging
 import multiprocessing
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -207,6 +210,76 @@ def warm_up(factory: AnalyzerFactory | None, *, workers: int = 2) -> None:
         future.result()
 
 
+# --------------------------------------------------------------------------- earlier outcomes
+
+
+class OutcomeCache:
+    """Photos analysed by earlier intakes of this process, by name, bytes, policy, limits and
+    analyzer, the most recently used kept within ``max_bytes``: a retraining that brings the
+    same photos with one more, or a check followed by the upload, analyses each photo once.
+    A photo's outcome depends on nothing else (the set checks, which compare photos, always run
+    again), its name included: findings name the photo. Failures that may not happen again (a
+    worker that died) are not kept. Thread-safe: request threads share one."""
+
+    def __init__(self, *, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[object, ...], tuple[PhotoOutcome, int]] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    @staticmethod
+    def key(upload: UploadedFile, *, policy: CheckPolicy, limits: UploadLimits,
+            analyzer: FaceAnalyzer) -> tuple[object, ...]:
+        return (upload.name, hashlib.sha256(upload.data).digest(), policy, limits,
+                analyzer.model_name, id(analyzer))
+
+    def get(self, key: tuple[object, ...], *, order: int) -> PhotoOutcome | None:
+        """The outcome stored under ``key``, placed at ``order`` (None: not analysed yet)."""
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+        outcome = found[0]
+        analysis = (dataclasses.replace(outcome.analysis, order=order)
+                    if outcome.analysis is not None else None)
+        # No CPU spent on it this time.
+        return dataclasses.replace(outcome, order=order, analysis=analysis, cpu_seconds=0.0)
+
+    def put(self, key: tuple[object, ...], outcome: PhotoOutcome) -> None:
+        if outcome.finding is not None and outcome.finding.code == "analysis_failed":
+            return
+        size = _outcome_size(outcome)
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._size -= old[1]
+            self._items[key] = (outcome, size)
+            self._size += size
+            while self._size > self.max_bytes:
+                _key, (_outcome, dropped) = self._items.popitem(last=False)
+                self._size -= dropped
+
+
+def _outcome_size(outcome: PhotoOutcome) -> int:
+    """Roughly what an outcome holds in memory: its training JPEG and its keypoints dominate."""
+    size = 4096
+    if outcome.prepared is not None:
+        size += len(outcome.prepared.data)
+    analysis = outcome.analysis
+    if analysis is not None and analysis.keypoints is not None:
+        points = analysis.keypoints
+        size += (len(points.points) + len(points.descriptors) + len(points.mirror_points)
+                 + len(points.mirror_descriptors))
+    if analysis is not None and analysis.face_patch is not None:
+        size += len(analysis.face_patch.pixels)
+    return size
+
+
 # --------------------------------------------------------------------------- the intake
 
 
@@ -251,16 +324,18 @@ def _process_inline(upload: UploadedFile, *, order: int, limits: UploadLimits,
         return _failed(order, upload.name)
 
 
-def _inline(workers: int, files: Sequence[UploadedFile]) -> bool:
+def _inline(workers: int, files: Sequence[object]) -> bool:
     return workers <= 1 or len(files) <= 1
 
 
-def _analyse_all(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: CheckPolicy,
-                 analyzer: FaceAnalyzer, factory: AnalyzerFactory | None,
+def _analyse_all(todo: Sequence[tuple[int, UploadedFile]], *, limits: UploadLimits,
+                 policy: CheckPolicy, analyzer: FaceAnalyzer, factory: AnalyzerFactory | None,
                  workers: int) -> list[PhotoOutcome]:
     # Largest files first: the long tasks start early and the workers finish together.
-    jobs = sorted(enumerate(files), key=lambda job: -len(job[1].data))
-    if _inline(workers, files):
+    jobs = sorted(todo, key=lambda job: -len(job[1].data))
+    if not jobs:
+        return []
+    if _inline(workers, jobs):
         return [_process_inline(upload, order=order, limits=limits, policy=policy,
                                 analyzer=analyzer) for order, upload in jobs]
     if factory is None:
@@ -293,16 +368,26 @@ def _analyse_all(files: Sequence[UploadedFile], *, limits: UploadLimits, policy:
 
 def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: CheckPolicy,
                analyzer: FaceAnalyzer, factory: AnalyzerFactory | None = None,
-               workers: int = 2) -> IntakeResult:
+               workers: int = 2, cache: OutcomeCache | None = None) -> IntakeResult:
     """Judge and prepare a set of uploaded photos. Nothing is stored: the caller stores
     ``prepared`` when ``report.trainable``. With a ``factory`` the photos are analysed in
     worker processes, each with the analyzer it builds; else in threads with ``analyzer``.
-    ``ConfigError`` (the face tools are not installed, say) stops the whole intake."""
+    With a ``cache``, a photo analysed before (same name, bytes, policy, limits and analyzer)
+    is not analysed again; the set checks always run. ``ConfigError`` (the face tools are not
+    installed, say) stops the whole intake."""
     analyzer.ready()
     started = time.perf_counter()
     cpu_start = time.thread_time()
-    outcomes = sorted(_analyse_all(files, limits=limits, policy=policy, analyzer=analyzer,
-                                   factory=factory, workers=workers), key=lambda o: o.order)
+    keys = ([cache.key(f, policy=policy, limits=limits, analyzer=analyzer) for f in files]
+            if cache is not None else [])
+    known = [cache.get(key, order=i) for i, key in enumerate(keys)] if cache is not None else []
+    todo = [(i, f) for i, f in enumerate(files) if not known or known[i] is None]
+    fresh = _analyse_all(todo, limits=limits, policy=policy, analyzer=analyzer,
+                         factory=factory, workers=workers)
+    if cache is not None:
+        for outcome in fresh:
+            cache.put(keys[outcome.order], outcome)
+    outcomes = sorted([*fresh, *(o for o in known if o is not None)], key=lambda o: o.order)
     failed = [o.finding for o in outcomes if o.finding is not None]
     analyses = [o.analysis for o in outcomes if o.analysis is not None]
     report = check_set(analyses, policy=policy, unreadable=len(failed))
@@ -312,7 +397,7 @@ def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: C
                      and o.prepared is not None)
     seconds = time.perf_counter() - started
     cpu = time.thread_time() - cpu_start  # inline: everything; else submitting and set checks
-    if not _inline(workers, files):
+    if not _inline(workers, todo):
         cpu += sum(o.cpu_seconds for o in outcomes)
     logger.info("intake of %d photo(s): %d prepared in %.2f s (%.2f s CPU)", len(files),
                 len(prepared), seconds, cpu)
@@ -321,5 +406,5 @@ def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: C
                         analyses=tuple(analyses), seconds=seconds, cpu_seconds=cpu)
 
 
-__all__ = ["IntakeResult", "PhotoOutcome", "decode_side", "process_photo", "run_intake",
+__all__ = ["IntakeResult", "OutcomeCache", "PhotoOutcome", "decode_side", "process_photo", "run_intake",
            "shutdown_pools", "warm_up"]

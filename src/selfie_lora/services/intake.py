@@ -19,7 +19,13 @@ from typing import Any
 from selfie_lora.dataset.archive import read_path, read_uploaded_files, read_zip
 from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
-from selfie_lora.dataset.pipeline import IntakeResult, run_intake, shutdown_pools, warm_up
+from selfie_lora.dataset.pipeline import (
+    IntakeResult,
+    OutcomeCache,
+    run_intake,
+    shutdown_pools,
+    warm_up,
+)
 from selfie_lora.dataset.prepare import PreparedPhoto, dataset_sha256
 from selfie_lora.domain.entities import Dataset, Finding, Recipe, User
 from selfie_lora.domain.plan import TrainingDefaults
@@ -136,6 +142,9 @@ class IntakeService:
         self._defaults = defaults
         self._workers = workers
         self._keep_originals = keep_originals
+        # Photos analysed before in this process: a check followed by its upload, or a
+        # retraining with the same photos and one more, analyses each photo once.
+        self.outcomes = OutcomeCache()
 
     def warm_up(self) -> None:
         """Start the photo-analysis worker processes (a service start calls this)."""
@@ -180,7 +189,8 @@ class IntakeService:
         policy = dataclasses.replace(self._policy, resolution=resolution,
                                      aspect_buckets=recipe.aspect_buckets)
         result = run_intake(files, limits=self.limits, policy=policy, analyzer=self._analyzer,
-                            factory=self._analyzer_factory, workers=self._workers)
+                            factory=self._analyzer_factory, workers=self._workers,
+                            cache=self.outcomes)
         report = IntakeReport.from_result(result, notes=findings, target=target,
                                           resolution=resolution)
         self._telemetry.intake_done(seconds=result.seconds, photos=result.images_total,
