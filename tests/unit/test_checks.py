@@ -144,8 +144,7 @@ def decoded(img: Image.Image, *, name: str = "a.jpg", original: tuple[int, int] 
             software: str | None = None, had_exif: bool = True) -> DecodedPhoto:
     return DecodedPhoto(name=name, image=img, format="JPEG",
                         original_size=original or img.size, exif_software=software,
-                        had_exif=had_exif, had_gps=False,
-                        source_sha256=hashlib.sha256(img.tobytes()).hexdigest())
+                        had_exif=had_exif, had_gps=False)
 
 
 POLICY = CheckPolicy(resolution=256, min_photos=3, decode_min_side=256)

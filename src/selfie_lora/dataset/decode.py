@@ -20,7 +20,6 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import logging
 import threading
@@ -71,7 +70,6 @@ class DecodedPhoto:
     exif_software: str | None  # EXIF Software / ProcessingSoftware tag text, if any
     had_exif: bool
     had_gps: bool
-    source_sha256: str  # of the uploaded bytes (dedup of byte-identical uploads)
 
 
 class Sniffed(NamedTuple):
@@ -303,7 +301,6 @@ def _decode(
     return DecodedPhoto(
         name=name, image=out, format=fmt, original_size=original_size, exif_software=software,
         had_exif=had_exif, had_gps=had_gps,
-        source_sha256=hashlib.sha256(upload.data).hexdigest(),
     )
 
 
