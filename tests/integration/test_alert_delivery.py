@@ -4,6 +4,9 @@ time, sent again with backoff after a failure, and given up after ``MAX_ATTEMPTS
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +23,8 @@ from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.services.common import utcnow
 from selfie_lora.testing.fakes import PhotoGenerator, SimulatedCrash
 from tests.support.likeness import Rig, other_person, photo_generator, same_person
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Clock:
@@ -220,3 +225,50 @@ def test_retries_wait_longer_each_time_up_to_an_hour_then_stop(attempts: int) ->
     assert following is None or following >= wait
     if attempts == 1:
         assert wait == timedelta(minutes=1)
+
+
+def test_a_process_killed_before_its_alert_left_has_it_sent_once_after_a_restart(
+        tmp_path: Path) -> None:
+    """The process is killed (``os._exit``) in the middle of sending; the next one to start on
+    the same database and files sends the alert once the dead sender's claim has run out."""
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from tests.support.likeness import Rig, other_person, photo_generator, same_person\n"
+        "class Killed:\n"
+        "    def send(self, alert):\n"
+        "        os._exit(9)  # nothing after this runs: the alert never left\n"
+        "rig = Rig(root=Path(sys.argv[1]), generator=photo_generator(same_person()),\n"
+        "          alerter=Killed())\n"
+        "ann = rig.user()\n"
+        "rig.train(ann)\n"
+        "rig.generator.photos = other_person()\n"
+        "rig.train(ann)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT), str(ROOT / "src")))}
+    died = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
+                          timeout=300, check=False, capture_output=True, text=True)
+    assert died.returncode == 9, died.stderr[-2000:]
+
+    endpoint = Endpoint()
+    clock = Clock()
+    rig = Rig(root=tmp_path, generator=photo_generator(same_person()), alerter=endpoint,
+              clock=clock)
+    try:
+        ann = rig.user()
+        v2 = rig.repo.list_versions(rig.model(ann).id)[0]
+        assert (v2.number, v2.gate_status) == (2, GateStatus.HELD)
+        training = rig.repo.get_training(v2.training_id)
+        assert training is not None
+        assert training.status is TrainingStatus.SUCCEEDED  # committed before the kill
+        assert delivery(rig, v2) == {}
+        assert rig.training.reconcile().alerts_tried == 0  # the dead sender's claim holds
+        clock.advance(seconds=CLAIM.total_seconds() + 1)
+        assert rig.training.reconcile().alerts_tried == 1
+        assert [a["version_id"] for a in endpoint.sent] == [v2.id]
+        assert delivery(rig, v2)["delivered"] is True
+        clock.advance(hours=2)
+        assert rig.training.reconcile().alerts_tried == 0
+        assert len(endpoint.sent) == 1
+    finally:
+        rig.close()
