@@ -16,7 +16,9 @@ versions' gates, the training service owns the training's status.
 2. **gate** (only while the version's gate is ``pending``): score the active version against the
    *same* training photos (its probe faces are stored, so this is arithmetic), decide
    (``domain.likeness.decide_gate``). A held version gets an alert, logged and, when
-   ``SELFIE_LORA_ALERT_URL`` is set, POSTed there (best effort, never fatal).
+   ``SELFIE_LORA_ALERT_URL`` is set, POSTed there: at least once, never fatal, tried again
+   after a failure or a dead sender by the reconcilers (``deliver_due_alerts``,
+   ``domain.alerts``).
 
 Comparisons score both versions against the training photos of the newer one, probe by probe.
 """

@@ -512,8 +512,9 @@ class PasswordHasher(Protocol):
 
 
 class Alerter(Protocol):
-    """Tells an operator about a version the likeness gate held back. Delivery is best effort:
-    the caller logs a failure and carries on."""
+    """Tells an operator about a version the likeness gate held back. One attempt per call: the
+    caller records a failure, carries on and tries again later (``domain.alerts``), so the same
+    alert (the same ``alert_id``) may be sent more than once."""
 
     def send(self, alert: dict[str, Any]) -> None:
         """Raises on a failed delivery (any exception)."""
