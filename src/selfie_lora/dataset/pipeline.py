@@ -110,9 +110,14 @@ def process_photo(upload: UploadedFile, *, order: int, limits: UploadLimits, pol
                         cpu_seconds=time.thread_time() - cpu_start)
 
 
+# The finding of a photo whose analysis crashed (a bug, a native failure, a dead worker): not
+# a property of the photo, so never remembered as its outcome (``OutcomeCache``).
+ANALYSIS_FAILED = "analysis_failed"
+
+
 def _failed(order: int, name: str) -> PhotoOutcome:
     return PhotoOutcome(order=order, name=name, finding=Finding(
-        "reject", "analysis_failed", f"{name} could not be analysed",
+        "reject", ANALYSIS_FAILED, f"{name} could not be analysed",
         "try another photo; if every photo fails, tell us", photo=name,
     ))
 
@@ -249,7 +254,7 @@ class OutcomeCache:
         return dataclasses.replace(outcome, order=order, analysis=analysis, cpu_seconds=0.0)
 
     def put(self, key: tuple[object, ...], outcome: PhotoOutcome) -> None:
-        if outcome.finding is not None and outcome.finding.code == "analysis_failed":
+        if outcome.finding is not None and outcome.finding.code == ANALYSIS_FAILED:
             return
         size = _outcome_size(outcome)
         if size > self.max_bytes:
@@ -378,10 +383,12 @@ def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: C
     analyzer.ready()
     started = time.perf_counter()
     cpu_start = time.thread_time()
-    keys = ([cache.key(f, policy=policy, limits=limits, analyzer=analyzer) for f in files]
-            if cache is not None else [])
-    known = [cache.get(key, order=i) for i, key in enumerate(keys)] if cache is not None else []
-    todo = [(i, f) for i, f in enumerate(files) if not known or known[i] is None]
+    known: list[PhotoOutcome | None] = [None] * len(files)
+    keys: list[tuple[object, ...]] = []
+    if cache is not None:
+        keys = [cache.key(f, policy=policy, limits=limits, analyzer=analyzer) for f in files]
+        known = [cache.get(key, order=i) for i, key in enumerate(keys)]
+    todo = [(i, f) for i, f in enumerate(files) if known[i] is None]
     fresh = _analyse_all(todo, limits=limits, policy=policy, analyzer=analyzer,
                          factory=factory, workers=workers)
     if cache is not None:
@@ -406,5 +413,5 @@ def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: C
                         analyses=tuple(analyses), seconds=seconds, cpu_seconds=cpu)
 
 
-__all__ = ["IntakeResult", "OutcomeCache", "PhotoOutcome", "decode_side", "process_photo", "run_intake",
-           "shutdown_pools", "warm_up"]
+__all__ = ["ANALYSIS_FAILED", "IntakeResult", "OutcomeCache", "PhotoOutcome", "decode_side",
+           "process_photo", "run_intake", "shutdown_pools", "warm_up"]

@@ -282,8 +282,9 @@ class LikenessService:
             return False
         previous = alert.get("delivery") or {}
         attempts = int(previous.get("attempts", 0)) + 1
+        # What the receiver gets: the alert as ``_alert`` made it (its ``alert_id`` included),
+        # without the record of earlier attempts.
         payload = {key: value for key, value in alert.items() if key != "delivery"}
-        payload.setdefault("alert_id", f"{alert.get('kind')}:{version_id}")
         due_at = None
         try:
             self._alerter.send(payload)
