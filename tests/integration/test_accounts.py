@@ -25,23 +25,16 @@ from selfie_lora.errors import (
     RateLimitedError,
 )
 from selfie_lora.services.users import API_KEY_CACHE_TTL, UserService
+from tests.support.clock import Clock
 
 PASSWORD = "correct horse battery"
 POLICY = SignInPolicy(max_failures=3, max_failures_per_client=5, window=timedelta(minutes=15),
                       session_lifetime=timedelta(days=1))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(datetime(2026, 1, 1, tzinfo=UTC))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +20,11 @@ from hypothesis import strategies as st
 
 from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
-from selfie_lora.services.common import utcnow
 from selfie_lora.testing.fakes import PhotoGenerator, SimulatedCrash
+from tests.support.clock import Clock
 from tests.support.likeness import Rig, other_person, photo_generator, same_person
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class Clock:
-    """The likeness service's clock, moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = utcnow()
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, **delta: float) -> None:
-        self.now += timedelta(**delta)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import hashlib
 import re
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,18 +21,11 @@ from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
+from tests.support.clock import Clock
 from tests.support.photos import synthetic_photo
 
 PASSWORD = "a long password"
 FAST_HASHER = Argon2Hasher(time_cost=1, memory_cost_kib=1024)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture
