@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,32 +19,11 @@ from hypothesis import strategies as st
 
 from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
-from selfie_lora.testing.fakes import PhotoGenerator, SimulatedCrash
+from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter, SimulatedCrash
 from tests.support.clock import Clock
 from tests.support.likeness import Rig, other_person, photo_generator, same_person
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Endpoint:
-    """The operator's endpoint: down for the first ``failures`` calls; ``crash``: the sending
-    process dies in its first call, before the alert left."""
-
-    failures: int = 0
-    crash: bool = False
-    calls: int = 0
-    sent: list[dict[str, Any]] = field(default_factory=list)
-
-    def send(self, alert: dict[str, Any]) -> None:
-        self.calls += 1
-        if self.crash:
-            self.crash = False
-            raise SimulatedCrash("the worker died while it sent the alert")
-        if self.failures > 0:
-            self.failures -= 1
-            raise ConnectionError("the operator's endpoint is down")
-        self.sent.append(alert)
 
 
 @pytest.fixture
@@ -84,7 +62,7 @@ def delivery(rig: Rig, version: Version) -> dict[str, Any]:
 def rig_for(tmp_path: Path, clock: Clock) -> Iterator[Any]:
     made: list[Rig] = []
 
-    def make(endpoint: Endpoint) -> Rig:
+    def make(endpoint: RecordingAlerter) -> Rig:
         rig = Rig(root=tmp_path, generator=photo_generator(same_person()), alerter=endpoint,
                   clock=clock)
         made.append(rig)
@@ -97,7 +75,7 @@ def rig_for(tmp_path: Path, clock: Clock) -> Iterator[Any]:
 
 def test_an_alert_whose_sender_died_is_sent_once_by_a_reconciler(rig_for: Any,
                                                                   clock: Clock) -> None:
-    endpoint = Endpoint(crash=True)
+    endpoint = RecordingAlerter(crash=True)
     rig = rig_for(endpoint)
     v2 = held_version(rig, dies=True)
     # The gate's decision and the training's end were committed before the process died.
@@ -125,7 +103,7 @@ def test_an_alert_whose_sender_died_is_sent_once_by_a_reconciler(rig_for: Any,
 
 def test_a_failed_delivery_is_tried_again_with_backoff_until_it_is_delivered(
         rig_for: Any, clock: Clock) -> None:
-    endpoint = Endpoint(failures=2)
+    endpoint = RecordingAlerter(failures=2)
     rig = rig_for(endpoint)
     v2 = held_version(rig)  # the first attempt, right after the decision, fails
     first = delivery(rig, v2)
@@ -150,7 +128,7 @@ def test_a_failed_delivery_is_tried_again_with_backoff_until_it_is_delivered(
 
 def test_an_alert_is_given_up_after_its_last_attempt_and_stays_recorded(
         rig_for: Any, clock: Clock) -> None:
-    endpoint = Endpoint(failures=10**6)
+    endpoint = RecordingAlerter(fail=True)
     rig = rig_for(endpoint)
     v2 = held_version(rig)
     for _ in range(MAX_ATTEMPTS + 5):
@@ -167,7 +145,7 @@ def test_an_alert_is_given_up_after_its_last_attempt_and_stays_recorded(
 
 def test_a_round_stops_at_the_first_failure(rig_for: Any, clock: Clock) -> None:
     """An endpoint that is down costs a round one timeout, not one per due alert."""
-    endpoint = Endpoint(failures=10**6)
+    endpoint = RecordingAlerter(fail=True)
     rig = rig_for(endpoint)
     held = [held_version(rig, name=name) for name in ("ann", "bob", "cy")]
     assert endpoint.calls == 3  # each sent once right after its decision, each failed
@@ -180,7 +158,7 @@ def test_a_round_stops_at_the_first_failure(rig_for: Any, clock: Clock) -> None:
 
 
 def test_two_reconcilers_at_once_send_an_alert_once(rig_for: Any, clock: Clock) -> None:
-    endpoint = Endpoint(crash=True)
+    endpoint = RecordingAlerter(crash=True)
     rig = rig_for(endpoint)
     held_version(rig, dies=True)
     clock.advance(seconds=CLAIM.total_seconds() + 1)
@@ -237,7 +215,7 @@ def test_a_process_killed_before_its_alert_left_has_it_sent_once_after_a_restart
                           timeout=300, check=False, capture_output=True, text=True)
     assert died.returncode == 9, died.stderr[-2000:]
 
-    endpoint = Endpoint()
+    endpoint = RecordingAlerter()
     clock = Clock()
     rig = Rig(root=tmp_path, generator=photo_generator(same_person()), alerter=endpoint,
               clock=clock)

@@ -201,13 +201,23 @@ class FakeFaceAnalyzer:
 
 @dataclass
 class RecordingAlerter:
-    """An ``Alerter`` that keeps what it was sent; ``fail`` makes every delivery raise."""
+    """An ``Alerter`` that keeps what it was sent. ``fail`` makes every delivery raise,
+    ``failures`` the next that many; ``crash``: the process dies (``SimulatedCrash``) in the
+    next call, before the alert left. ``calls`` counts every attempt."""
 
     sent: list[dict[str, Any]] = field(default_factory=list)
     fail: bool = False
+    failures: int = 0
+    crash: bool = False
+    calls: int = 0
 
     def send(self, alert: dict[str, Any]) -> None:
-        if self.fail:
+        self.calls += 1
+        if self.crash:
+            self.crash = False
+            raise SimulatedCrash("the worker died while it sent the alert")
+        if self.fail or self.failures > 0:
+            self.failures = max(0, self.failures - 1)
             raise ConnectionError("the operator's endpoint is down")
         self.sent.append(alert)
 
