@@ -14,6 +14,7 @@ from selfie_lora.dataset import decode
 from selfie_lora.dataset.decode import DecodedPhoto, decode_photo, sniff_image
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.domain.entities import Finding
+from tests.support import icc
 from tests.support.hostile import PHOTO_BYTES, encode, jpeg, photo
 
 LIMITS = UploadLimits()
@@ -223,6 +224,77 @@ def test_icc_profiles_convert_or_fall_back_silently() -> None:
         decoded = _decoded(encode(photo(), "PNG", icc_profile=profile))
         assert decoded.image.mode == "RGB"
         assert _close(decoded.image.getpixel((2, 2)), (220, 30, 30), 12)  # type: ignore[arg-type]
+
+
+def _tagged_png(profile: bytes, colour: tuple[int, int, int] = (200, 100, 50)) -> bytes:
+    return encode(Image.new("RGB", (48, 40), colour), "PNG", icc_profile=profile)
+
+
+def _count_conversions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The sizes of the images colour-converted from now on (the photos are 48x40): every
+    conversion, whichever ImageCms function asks for it, runs a transform's ``apply``."""
+    calls: list[tuple[int, int]] = []
+    apply = ImageCms.ImageCmsTransform.apply
+
+    def counted(self: ImageCms.ImageCmsTransform, im: Image.Image,
+                imOut: Image.Image | None = None) -> Image.Image:  # noqa: N803
+        calls.append(im.size)
+        return apply(self, im, imOut)
+
+    monkeypatch.setattr(ImageCms.ImageCmsTransform, "apply", counted)
+    return calls
+
+
+def test_a_wide_gamut_photo_gets_srgb_colours(monkeypatch: pytest.MonkeyPatch) -> None:
+    wide = icc.rgb_profile(name="Wide gamut", colorants=icc.ADOBE_RGB_COLORANTS,
+                           gamma=icc.ADOBE_RGB_GAMMA)
+    expected = ImageCms.profileToProfile(
+        Image.new("RGB", (1, 1), (200, 100, 50)), ImageCms.ImageCmsProfile(io.BytesIO(wide)),
+        ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))).getpixel((0, 0))
+    assert expected == (227, 100, 42)  # the same colour in sRGB's numbers: redder, less blue
+    calls = _count_conversions(monkeypatch)
+    for _ in range(3):
+        assert _decoded(_tagged_png(wide)).image.getpixel((5, 5)) == expected
+    assert [c for c in calls if c == (48, 40)] == [(48, 40)] * 3
+
+
+def test_srgb_under_another_name_is_not_converted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "c2" is how image optimisers name the compact sRGB profile they embed: converting from it
+    # changes no pixel and cost ~45 ms a 3 MP photo when only a name with "sRGB" was trusted.
+    compact = icc.rgb_profile(name="c2", colorants=icc.SRGB_COLORANTS, curve=icc.SRGB_CURVE)
+    standard = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    calls = _count_conversions(monkeypatch)
+    for profile in (compact, standard):
+        assert _decoded(_tagged_png(profile)).image.getpixel((5, 5)) == (200, 100, 50)
+    assert (48, 40) not in calls
+    # A grey photo's profile still makes it RGB through the transform.
+    grey = encode(Image.new("L", (48, 40), 90), "PNG", icc_profile=standard)
+    assert _decoded(grey).image.mode == "RGB"
+
+
+def test_transforms_are_kept_per_profile_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[object] = []
+    build = ImageCms.buildTransform
+
+    def counted(*args: object, **kwargs: object) -> ImageCms.ImageCmsTransform:
+        built.append(args[0])
+        return build(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(decode.ImageCms, "buildTransform", counted)
+    monkeypatch.setattr(decode, "_transforms", type(decode._transforms)())
+    profiles = [icc.rgb_profile(name=f"gamma {g}", colorants=icc.ADOBE_RGB_COLORANTS,
+                                gamma=1.8 + g / 50) for g in range(20)]
+    for _ in range(2):
+        _decoded(_tagged_png(profiles[0]))
+    assert len(built) == 1  # one photo after another from the same phone: built once
+    for profile in profiles:
+        _decoded(_tagged_png(profile))
+    assert len(decode._transforms) == decode._TRANSFORMS_KEPT
+    assert len(built) == 20
+    _decoded(_tagged_png(profiles[-1]))  # recent: still kept
+    assert len(built) == 20
+    _decoded(_tagged_png(profiles[0]))  # pushed out by the 16 after it: built again
+    assert len(built) == 21
 
 
 def test_mpo_opens_on_its_first_picture() -> None:

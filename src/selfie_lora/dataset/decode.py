@@ -20,14 +20,17 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import logging
 import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image, ImageCms, ImageFile, UnidentifiedImageError, features
 
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
@@ -397,14 +400,58 @@ def _srgb_profile() -> ImageCms.ImageCmsProfile:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
+@functools.cache
+def _colour_grid() -> tuple[Image.Image, NDArray[np.int16]]:
+    """19 levels a channel (0, 15, ..., 255), every combination: 6859 colours, as an image and
+    as the array of its pixels."""
+    levels = np.append(np.arange(0, 256, 15), 255).astype(np.uint8)
+    r, g, b = np.meshgrid(levels, levels, levels, indexing="ij")
+    pixels = np.stack([r, g, b], axis=-1).reshape(1, -1, 3)
+    return Image.fromarray(pixels, "RGB"), pixels.astype(np.int16)
+
+
+# A transform that moves no colour of the grid by more than this many levels changes nothing
+# visible: sRGB under another name.
+_SAME_COLOURS = 1
+_TRANSFORMS_KEPT = 16
+_transforms: OrderedDict[tuple[bytes, str], ImageCms.ImageCmsTransform | None] = OrderedDict()
+_transforms_lock = threading.Lock()
+
+
+def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform of ``mode`` pixels described by ``icc`` to sRGB, or None when it would
+    change no colour (sRGB under any name: "sRGB IEC61966-2.1", "c2" (a compact sRGB profile
+    that image optimisers embed), "sRGB built-in"...): converting a 1500x2000 photo costs ~45 ms,
+    more than decoding it. Kept by the profile's hash: building one parses the profile and
+    precalculates lcms's tables (~2 ms), and every photo from one phone carries the same."""
+    key = (hashlib.sha256(icc).digest(), mode)
+    with _transforms_lock:
+        if key in _transforms:
+            _transforms.move_to_end(key)
+            return _transforms[key]
+    source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    # NOCACHE: lcms's one-pixel cache is written by every call, and threads share a transform.
+    transform: ImageCms.ImageCmsTransform | None = ImageCms.buildTransform(
+        source, _srgb_profile(), mode, "RGB", flags=ImageCms.Flags.NOCACHE)
+    if mode == "RGB" and transform is not None:
+        grid, before = _colour_grid()
+        after = np.asarray(ImageCms.applyTransform(grid, transform)).astype(np.int16)
+        if int(np.abs(after - before).max()) <= _SAME_COLOURS:
+            transform = None
+    with _transforms_lock:
+        _transforms[key] = transform
+        while len(_transforms) > _TRANSFORMS_KEPT:
+            _transforms.popitem(last=False)
+    return transform
+
+
 def _to_srgb(img: Image.Image, icc: bytes | None, *, name: str) -> Image.Image:
     if icc:
         try:
-            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            description = ImageCms.getProfileDescription(source) or ""
-            if "srgb" in description.lower() and img.mode == "RGB":
-                return img  # already sRGB: the transform would cost time and change nothing
-            converted = ImageCms.profileToProfile(img, source, _srgb_profile(), outputMode="RGB")
+            transform = _transform_to_srgb(icc, img.mode)
+            if transform is None:
+                return img  # RGB already in sRGB's colours
+            converted = ImageCms.applyTransform(img, transform)
             if converted is not None:
                 return converted
         except Exception as exc:
