@@ -379,6 +379,52 @@ def test_a_dead_worker_process_is_replaced(caplog: pytest.LogCaptureFixture) -> 
     assert "face-analysis worker died" in caplog.text
 
 
+def test_a_photo_that_crashes_its_worker_fails_alone(caplog: pytest.LogCaptureFixture) -> None:
+    # One photo kills every process that analyses it (a native crash). The pool fails every
+    # unfinished photo when a worker dies, and the pool is shared with other uploads: only that
+    # photo may be reported as not analysed, in this upload and in one running beside it.
+    import threading
+
+    from tests.support.photos import CrashingAnalyzerFactory, red_photo, synthetic_photo
+
+    factory = CrashingAnalyzerFactory()
+    policy = CheckPolicy(resolution=64, min_photos=3)
+
+    def upload(prefix: str, seeds: range, *, poison: bool) -> list[UploadedFile]:
+        files = [UploadedFile(name=f"{prefix}{s}.jpg", data=synthetic_photo(s, size=256))
+                 for s in seeds]
+        if poison:
+            files.insert(2, UploadedFile(name="poison.jpg", data=red_photo()))
+        return files
+
+    results: dict[str, Any] = {}
+
+    def intake(key: str, files: list[UploadedFile]) -> None:
+        results[key] = run_intake(files, limits=LIMITS, policy=policy, analyzer=factory(),
+                                  factory=factory, workers=2)
+
+    mine = upload("a", range(6), poison=True)
+    theirs = upload("b", range(10, 18), poison=False)
+    threads = [threading.Thread(target=intake, args=("mine", mine)),
+               threading.Thread(target=intake, args=("theirs", theirs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    failed = {key: sorted(f.photo for f in result.findings if f.code == "analysis_failed")
+              for key, result in results.items()}
+    assert failed == {"mine": ["poison.jpg"], "theirs": []}
+    assert sorted(a.name for a in results["mine"].analyses) == [f"a{s}.jpg" for s in range(6)]
+    assert len(results["theirs"].analyses) == 8
+    assert "poison.jpg crashed the process analysing it alone" in caplog.text
+    # Alone again: the same answer (and the shared pool still works afterwards).
+    again = run_intake(mine, limits=LIMITS, policy=policy, analyzer=factory(), factory=factory,
+                       workers=2)
+    assert [f.photo for f in again.findings if f.code == "analysis_failed"] == ["poison.jpg"]
+    assert len(run_intake(theirs, limits=LIMITS, policy=policy, analyzer=factory(),
+                          factory=factory, workers=2).analyses) == 8
+
+
 def test_photos_analysed_before_are_not_analysed_again(analyzer: DlibRegionFaceAnalyzer,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from selfie_lora.dataset import pipeline

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from selfie_lora.testing.fakes import FakeFaceAnalyzer
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "photos"
 
@@ -54,4 +59,29 @@ def real_photo_zip(names: tuple[str, ...] = ("obama.jpg", "obama2.jpg", "obama3.
     with zipfile.ZipFile(buf, "w") as zf:
         for name in names:
             zf.write(FIXTURES / name, arcname=name)
+    return buf.getvalue()
+
+
+def _embed_or_crash(image: Any) -> tuple[float, ...]:
+    # A native crash (a segfault in a decoder or in dlib, say) on one kind of photo: mostly red.
+    if image.shape[0] > 16 and image[..., 0].mean() > 180 and image[..., 1].mean() < 80:
+        os._exit(139)
+    return tuple([0.1] * 128)
+
+
+@dataclass(frozen=True)
+class CrashingAnalyzerFactory:
+    """Builds, in each worker process, a fake analyzer that finds one face in any photo but
+    kills its process, as a native crash would, on a mostly red one (``red_photo``)."""
+
+    def __call__(self) -> FakeFaceAnalyzer:
+        return FakeFaceAnalyzer(embed=_embed_or_crash, box_fraction=0.5)
+
+
+def red_photo() -> bytes:
+    """The photo ``CrashingAnalyzerFactory``'s analyzers crash on."""
+    rng = np.random.default_rng(7)
+    pixels = np.clip(rng.normal((230, 20, 20), 15.0, (240, 320, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
     return buf.getvalue()

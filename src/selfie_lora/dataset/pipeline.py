@@ -162,25 +162,28 @@ _pools: dict[tuple[int, AnalyzerFactory], ProcessPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
+def _new_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
+    # forkserver: children are forked from a clean single-threaded server, never from this
+    # (threaded) service process.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # The server imports these once; each worker forks with them loaded (~0.5 s less per
+        # worker start). No effect if the server already runs.
+        preload = list(getattr(factory, "preload", ()))
+        context.set_forkserver_preload([__name__, "imagehash", "cv2", *preload])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                               initializer=_init_worker, initargs=(factory, os.getpid()))
+
+
 def _process_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
     key = (workers, factory)
     with _pools_lock:
         pool = _pools.get(key)
         if pool is None:
-            # forkserver: children are forked from a clean single-threaded server, never from
-            # this (threaded) service process.
-            method = ("forkserver" if "forkserver" in multiprocessing.get_all_start_methods()
-                      else "spawn")
-            context = multiprocessing.get_context(method)
-            if method == "forkserver":
-                # The server imports these once; each worker forks with them loaded (~0.5 s
-                # less per worker start). No effect if the server already runs.
-                preload = list(getattr(factory, "preload", ()))
-                context.set_forkserver_preload([__name__, "imagehash", "cv2", *preload])
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                       initializer=_init_worker, initargs=(factory, os.getpid()))
+            pool = _new_pool(workers, factory)
             _pools[key] = pool
-            logger.info("started %d face-analysis worker process(es) (%s)", workers, method)
+            logger.info("started %d face-analysis worker process(es)", workers)
         return pool
 
 
@@ -361,14 +364,43 @@ def _analyse_all(todo: Sequence[tuple[int, UploadedFile]], *, limits: UploadLimi
         outcomes.update(done)
         if not pending:
             break
-        # A worker died (killed, or a native crash on some photo): start a fresh pool and try
-        # the unfinished photos once more; what fails twice is reported, not retried forever.
+        # A worker died (killed, or a native crash on some photo, maybe another upload's: the
+        # pool is shared, and a dead worker fails every photo not finished): start a fresh pool
+        # and try the unfinished photos once more.
         logger.warning("face-analysis worker died (attempt %d); %d photo(s) unfinished",
                        attempt + 1, len(pending))
         _drop_pool(workers, factory, pool)
-    for order, upload in pending:
-        outcomes[order] = _failed(order, upload.name)
+    if pending:
+        outcomes.update(_each_alone(pending, factory=factory, submit=submit))
     return list(outcomes.values())
+
+
+def _each_alone(jobs: Sequence[tuple[int, UploadedFile]], *, factory: AnalyzerFactory,
+                submit: Callable[[Executor, int, UploadedFile], Future[PhotoOutcome]]
+                ) -> dict[int, PhotoOutcome]:
+    """Photos whose worker died twice: one of them (or another upload's photo) may crash every
+    process it is analysed in. Each is analysed alone in a process of its own, one after the
+    other, so a photo is reported as failed only when it killed a process it had to itself,
+    and the others are analysed as usual. Slower (one process, and a fresh one after each
+    crash), but only ever after two crashes."""
+    outcomes: dict[int, PhotoOutcome] = {}
+    pool: ProcessPoolExecutor | None = None
+    try:
+        for order, upload in jobs:
+            if pool is None:
+                pool = _new_pool(1, factory)
+            done, lost = _run_tasks(pool, [(order, upload)], submit)
+            outcomes.update(done)
+            if lost:
+                logger.warning("%s crashed the process analysing it alone: reported as not "
+                               "analysed", upload.name)
+                outcomes[order] = _failed(order, upload.name)
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = None
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    return outcomes
 
 
 def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: CheckPolicy,
