@@ -189,8 +189,9 @@ def _init(landmarks: int) -> None:
 
 
 def _analyse(name: str, data: bytes, order: int) -> PhotoAnalysis | None:
+    # Decoded as the service's intake decodes (pipeline.process_photo): colours deferred.
     decoded = decode_photo(UploadedFile(name=name, data=data), limits=LIMITS,
-                           min_side=decode_side(POLICY))
+                           min_side=decode_side(POLICY), defer_colour=True)
     if not isinstance(decoded, DecodedPhoto):
         return None
     return analyze_photo(decoded, analyzer=_analyzer, policy=POLICY, order=order)

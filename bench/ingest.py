@@ -5,7 +5,9 @@ weigh what phone photos weigh: 2.2-2.6 MB) from the three photos of tests/fixtur
 they are near-duplicates of each other, which the set check spends time confirming), or with
 ``--sources people`` from 25 different real photos of ``../shared/photos/people`` (smoother
 press photos blown up: lighter files, ~40 ms to decode instead of ~65, so the same intake is a
-larger multiple of their decode), then times, in the same run:
+larger multiple of their decode); with ``--icc`` tagged with a wide-gamut colour profile, as
+iPhones and cameras tag theirs, whose colours the intake converts to sRGB and a plain decode
+does not. Then times, in the same run:
 
   (a) the baseline: decoding every photo at full resolution with Pillow, nothing else; and
       (a') the same decodes with Pillow reusing the memory of the picture before, which spares
@@ -89,14 +91,23 @@ def source_photos(kind: str) -> tuple[list[Image.Image], tuple[float, float], st
             "3 photos of tests/fixtures/photos (../shared/photos/people is not there)")
 
 
-def build_photos(folder: Path, kind: str) -> list[Path]:
+def wide_gamut_profile() -> bytes:
+    from selfie_lora.testing import icc
+
+    return icc.rgb_profile(name="Wide gamut (Adobe RGB primaries)",
+                           colorants=icc.ADOBE_RGB_COLORANTS, gamma=icc.ADOBE_RGB_GAMMA)
+
+
+def build_photos(folder: Path, kind: str, *, prefix: str = "IMG_",
+                 icc_profile: bytes | None = None) -> list[Path]:
     rng = random.Random(1234)
     sources, zoom, _what = source_photos(kind)
     paths = []
+    extra = {"icc_profile": icc_profile} if icc_profile else {}
     for i in range(COUNT):
         photo = _phone_photo(sources[i % len(sources)], rng=rng, seed=i, zoom=zoom)
-        path = folder / f"IMG_{1000 + i}.jpg"
-        photo.save(path, format="JPEG", quality=90)
+        path = folder / f"{prefix}{1000 + i}.jpg"
+        photo.save(path, format="JPEG", quality=90, **extra)
         paths.append(path)
     return paths
 
@@ -186,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="run the identity ResNet in ONNX Runtime (default) or in dlib")
     parser.add_argument("--photos", type=Path, default=None,
                         help="keep the built photos in this folder and reuse them next time")
+    parser.add_argument("--icc", action="store_true",
+                        help="tag the photos with a wide-gamut colour profile, as iPhones (Display "
+                             "P3) and cameras (Adobe RGB) do: the intake converts their colours")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(ROOT / "src"))
@@ -199,15 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         folder = args.photos or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        paths = sorted(folder.glob("IMG_*.jpg"))
+        prefix = "WIDE_" if args.icc else "IMG_"
+        paths = sorted(folder.glob(f"{prefix}*.jpg"))
         if len(paths) != COUNT:
-            paths = build_photos(folder, args.sources)
+            paths = build_photos(folder, args.sources, prefix=prefix,
+                                 icc_profile=wide_gamut_profile() if args.icc else None)
         datas = [p.read_bytes() for p in paths]
         built = time.perf_counter() - t0
         files = [UploadedFile(name=p.name, data=d) for p, d in zip(paths, datas, strict=True)]
         sizes = [len(d) / 1e6 for d in datas]
         print(f"photos: {len(files)} x 12 MP JPEG (q90), {min(sizes):.1f}-{max(sizes):.1f} MB, "
-              f"{sum(sizes):.0f} MB in all (built in {built:.1f} s from {source_photos(args.sources)[2]})")
+              f"{sum(sizes):.0f} MB in all (built in {built:.1f} s from {source_photos(args.sources)[2]})"
+              + ("; tagged with a wide-gamut colour profile" if args.icc else ""))
         print(f"cores: {os.cpu_count()}, workers: {args.workers}, "
               f"training resolution: {args.resolution}")
 

@@ -379,6 +379,69 @@ def test_a_dead_worker_process_is_replaced(caplog: pytest.LogCaptureFixture) -> 
     assert "face-analysis worker died" in caplog.text
 
 
+def test_a_wide_gamut_photo_is_converted_only_where_read(
+        analyzer: DlibRegionFaceAnalyzer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A photo with a wide-gamut profile (iPhones write Display P3, cameras Adobe RGB): the intake
+    # converts the copies it reads, not the whole decoded photo, and finds and stores what it
+    # would converting all of it first.
+    from selfie_lora.dataset import pipeline
+    from selfie_lora.testing import icc
+
+    wide = icc.rgb_profile(name="Wide gamut", colorants=icc.ADOBE_RGB_COLORANTS,
+                           gamma=icc.ADOBE_RGB_GAMMA)
+    buf = io.BytesIO()
+    Image.open(FIXTURES / "obama3.jpg").save(buf, format="JPEG", quality=92, icc_profile=wide)
+    upload = UploadedFile(name="tagged.jpg", data=buf.getvalue())
+    real = pipeline.decode_photo
+
+    def eager(file: UploadedFile, **options: Any) -> Any:
+        return real(file, **{**options, "defer_colour": False})
+
+    converted: list[int] = []
+    apply = ImageCms.ImageCmsTransform.apply
+
+    def counted(self: ImageCms.ImageCmsTransform, im: Image.Image,
+                imOut: Image.Image | None = None) -> Image.Image:  # noqa: N803
+        converted.append(im.width * im.height)
+        return apply(self, im, imOut)
+
+    monkeypatch.setattr(ImageCms.ImageCmsTransform, "apply", counted)
+    from selfie_lora.dataset import decode
+
+    monkeypatch.setattr(decode, "_transforms", type(decode._transforms)())  # a first look
+    policy = replace(POLICY, resolution=512)
+    deferred = pipeline.process_photo(upload, order=0, limits=LIMITS, policy=policy,
+                                      analyzer=analyzer)
+    read = sum(converted) - 19 ** 3  # less the profile's first look (the colour grid)
+    converted.clear()
+    monkeypatch.setattr(pipeline, "decode_photo", eager)
+    whole = pipeline.process_photo(upload, order=0, limits=LIMITS, policy=policy,
+                                   analyzer=analyzer)
+    assert sum(converted) >= 1434 * 2333 // 4  # all of the (reduced) decode
+    assert read < sum(converted) / 2
+    assert deferred.analysis is not None
+    assert whole.analysis is not None
+    assert ([(f.code, f.severity) for f in deferred.analysis.findings]
+            == [(f.code, f.severity) for f in whole.analysis.findings])
+    assert deferred.analysis.main_face is not None
+    assert whole.analysis.main_face is not None
+    assert deferred.analysis.main_face.box == whole.analysis.main_face.box
+    assert deferred.prepared is not None
+    assert whole.prepared is not None
+    a = np.asarray(Image.open(io.BytesIO(deferred.prepared.data)), dtype=np.float64)
+    b = np.asarray(Image.open(io.BytesIO(whole.prepared.data)), dtype=np.float64)
+    assert a.shape == b.shape == (512, 512, 3)
+    assert np.abs(a - b).mean() < 1.0  # resampled before converting instead of after
+    assert abs(a.mean() - b.mean()) < 0.5
+    # And the colours are converted: the same photo untagged stores other colours.
+    plain = pipeline.process_photo(UploadedFile(name="plain.jpg", data=(
+        FIXTURES / "obama3.jpg").read_bytes()), order=0, limits=LIMITS, policy=policy,
+        analyzer=analyzer)
+    assert plain.prepared is not None
+    c = np.asarray(Image.open(io.BytesIO(plain.prepared.data)), dtype=np.float64)
+    assert np.abs(c - b).mean() > 5 * np.abs(a - b).mean()
+
+
 def test_a_photo_that_crashes_its_worker_fails_alone(caplog: pytest.LogCaptureFixture) -> None:
     # One photo kills every process that analyses it (a native crash). The pool fails every
     # unfinished photo when a worker dies, and the pool is shared with other uploads: only that

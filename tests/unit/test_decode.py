@@ -14,7 +14,7 @@ from selfie_lora.dataset import decode
 from selfie_lora.dataset.decode import DecodedPhoto, decode_photo, sniff_image
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.domain.entities import Finding
-from tests.support import icc
+from selfie_lora.testing import icc
 from tests.support.hostile import PHOTO_BYTES, encode, jpeg, photo
 
 LIMITS = UploadLimits()
@@ -295,6 +295,40 @@ def test_transforms_are_kept_per_profile_within_a_bound(monkeypatch: pytest.Monk
     assert len(built) == 20
     _decoded(_tagged_png(profiles[0]))  # pushed out by the 16 after it: built again
     assert len(built) == 21
+
+
+def test_deferred_colours_convert_each_copy_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the intake reads of a wide-gamut photo: copies (a region, a reduced or resized copy),
+    # each converted once made; never all the pixels at once.
+    wide = icc.rgb_profile(name="Wide gamut", colorants=icc.ADOBE_RGB_COLORANTS,
+                           gamma=icc.ADOBE_RGB_GAMMA)
+    data = _tagged_png(wide)
+    eager = _decoded(data).image
+    calls = _count_conversions(monkeypatch)
+    view = decode_photo(UploadedFile(name="p.png", data=data), limits=LIMITS, defer_colour=True)
+    assert isinstance(view, DecodedPhoto)
+    assert isinstance(view.image, decode.ColourManaged)
+    assert (view.image.size, view.image.mode) == ((48, 40), "RGB")
+    assert calls == []  # nothing converted by decoding
+    copies = [view.image.crop((4, 4, 20, 20)), view.image.reduce(2),
+              view.image.resize((12, 10), Image.Resampling.BILINEAR, box=(0, 0, 24, 20))]
+    assert calls == [(16, 16), (24, 20), (12, 10)]  # only the copies' pixels
+    for copy in copies:
+        assert copy.mode == "RGB"
+        assert copy.info == {}
+        assert copy.getpixel((2, 2)) == eager.getpixel((2, 2)) == (227, 100, 42)
+    assert view.image.srgb().tobytes() == eager.tobytes()  # type: ignore[union-attr]
+
+
+def test_deferred_colours_only_where_there_is_something_to_convert() -> None:
+    compact = icc.rgb_profile(name="c2", colorants=icc.SRGB_COLORANTS, curve=icc.SRGB_CURVE)
+    for data in (_tagged_png(compact), encode(photo(), "PNG"),
+                 _tagged_png(b"not an ICC profile at all" * 4)):
+        decoded = decode_photo(UploadedFile(name="p.png", data=data), limits=LIMITS,
+                               defer_colour=True)
+        assert isinstance(decoded, DecodedPhoto)
+        assert isinstance(decoded.image, Image.Image)
+        assert decoded.image.mode == "RGB"
 
 
 def test_mpo_opens_on_its_first_picture() -> None:

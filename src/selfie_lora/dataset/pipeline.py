@@ -86,7 +86,8 @@ def process_photo(upload: UploadedFile, *, order: int, limits: UploadLimits, pol
     """Decode, analyse and (when the photo passes its own checks) prepare one photo."""
     # Per-thread CPU time: meaningful in a worker process and in a thread alike.
     cpu_start = time.thread_time()
-    decoded = decode_photo(upload, limits=limits, min_side=decode_side(policy))
+    # Colours deferred: only the copies the checks and the training crop read are converted.
+    decoded = decode_photo(upload, limits=limits, min_side=decode_side(policy), defer_colour=True)
     if isinstance(decoded, Finding):
         return PhotoOutcome(order=order, name=upload.name, finding=decoded,
                             cpu_seconds=time.thread_time() - cpu_start)
@@ -101,7 +102,7 @@ def process_photo(upload: UploadedFile, *, order: int, limits: UploadLimits, pol
         if wanted is not None:
             # The face-aware crop is smaller than the training resolution at this decode size
             # while the original has more pixels: decode again with enough of them.
-            again = decode_photo(upload, limits=limits, min_side=wanted)
+            again = decode_photo(upload, limits=limits, min_side=wanted, defer_colour=True)
             if isinstance(again, DecodedPhoto):
                 source = again
         prepared = prepare_photo(source, analysis, resolution=policy.resolution,

@@ -17,10 +17,10 @@ depend on the source's pixel count (the face's resolution) are scaled back to th
 The modules, each importing only from those above it:
 
 - ``policy``: :class:`CheckPolicy` (the thresholds) and ``CROP_FACE_FRACTION``.
-- ``analysis``: the input protocols (:class:`DecodedInput`, :class:`BoxDescriber`) and the result
-  types (:class:`PhotoMetrics`, :class:`FacePatch`, :class:`Keypoints`, :class:`PhotoAnalysis`,
-  :class:`SetStats`,
-  :class:`SetReport`, ``Quality``).
+- ``analysis``: the input protocols (:class:`DecodedInput`, :class:`Pixels`,
+  :class:`BoxDescriber`) and the result types (:class:`PhotoMetrics`, :class:`FacePatch`,
+  :class:`Keypoints`, :class:`PhotoAnalysis`, :class:`SetStats`, :class:`SetReport`,
+  ``Quality``).
 - ``measures``: the pixel measurements (sharpness, exposure, colour, skin texture, pose, cut-off,
   background) that make a photo's :class:`PhotoMetrics`.
 - ``duplicates``: perceptual hashes of the photo and of the face patch, and the near-duplicate
@@ -42,6 +42,7 @@ from selfie_lora.dataset.checks.analysis import (
     Keypoints,
     PhotoAnalysis,
     PhotoMetrics,
+    Pixels,
     Quality,
     SetReport,
     SetStats,
@@ -52,9 +53,23 @@ from selfie_lora.dataset.checks.photo_set import check_set, describe
 from selfie_lora.dataset.checks.policy import CROP_FACE_FRACTION, CheckPolicy
 
 __all__ = [
-    "CROP_FACE_FRACTION", "BoxDescriber", "CheckPolicy", "DecodedInput", "FacePatch", "Keypoints",
+    "CROP_FACE_FRACTION",
+    "BoxDescriber",
+    "CheckPolicy",
+    "DecodedInput",
+    "FacePatch",
+    "Keypoints",
     "PhotoAnalysis",
-    "PhotoMetrics", "Quality", "SetReport", "SetStats", "analyze_photo", "check_set",
-    "classify_software", "describe", "gaussian_blur", "laplacian_variance",
+    "PhotoMetrics",
+    "Pixels",
+    "Quality",
+    "SetReport",
+    "SetStats",
+    "analyze_photo",
+    "check_set",
+    "classify_software",
+    "describe",
+    "gaussian_blur",
+    "laplacian_variance",
     "normalized_sharpness",
 ]

@@ -1,5 +1,5 @@
 """What the checks read and what they give: the input protocols (:class:`DecodedInput`,
-:class:`BoxDescriber`) and the result types of one photo (:class:`PhotoMetrics`,
+:class:`Pixels`, :class:`BoxDescriber`) and the result types of one photo (:class:`PhotoMetrics`,
 :class:`FacePatch`, :class:`PhotoAnalysis`) and of the set (:class:`SetStats`,
 :class:`SetReport`).
 """
@@ -20,6 +20,34 @@ Quality = Literal["excellent", "good", "fair", "poor"]
 FloatArray = NDArray[np.float64]
 
 
+class Pixels(Protocol):
+    """A decoded photo's pixels as the checks and the preparation read them: a Pillow image, or
+    a view of a photo kept in its own colours that gives sRGB copies
+    (``selfie_lora.dataset.decode.ColourManaged``). Only copies are taken from it (a region, a
+    reduced or a resized copy), each a plain RGB image; ``mode`` is what those copies have."""
+
+    @property
+    def size(self) -> tuple[int, int]: ...
+
+    @property
+    def width(self) -> int: ...
+
+    @property
+    def height(self) -> int: ...
+
+    @property
+    def mode(self) -> str: ...
+
+    def reduce(self, factor: int | tuple[int, int],
+               box: tuple[int, int, int, int] | None = None) -> Image.Image: ...
+
+    def resize(self, size: tuple[int, int], resample: int | None = None,
+               box: tuple[float, float, float, float] | None = None,
+               reducing_gap: float | None = None) -> Image.Image: ...
+
+    def crop(self, box: tuple[float, float, float, float] | None = None) -> Image.Image: ...
+
+
 class DecodedInput(Protocol):
     """What the checks and the preparation read from a decoded photo
     (``selfie_lora.dataset.decode.DecodedPhoto`` has all of it)."""
@@ -28,7 +56,7 @@ class DecodedInput(Protocol):
     def name(self) -> str: ...
 
     @property
-    def image(self) -> Image.Image: ...  # RGB, orientation applied, maybe reduced
+    def image(self) -> Pixels: ...  # RGB, orientation applied, maybe reduced
 
     @property
     def original_size(self) -> tuple[int, int]: ...

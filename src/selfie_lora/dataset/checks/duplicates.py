@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from selfie_lora.dataset.checks.analysis import FacePatch, Keypoints, PhotoAnalysis
+from selfie_lora.dataset.checks.analysis import FacePatch, Keypoints, PhotoAnalysis, Pixels
 from selfie_lora.dataset.checks.policy import CheckPolicy
 from selfie_lora.domain.entities import Finding
 from selfie_lora.domain.faces import Face
@@ -41,7 +41,7 @@ def whole_hashes(small: Image.Image) -> tuple[str, str]:
     return _hash_hex(tiny, kind="phash"), _hash_hex(tiny, kind="dhash")
 
 
-def face_patch(image: Image.Image, face: Face, *, policy: CheckPolicy) -> FacePatch | None:
+def face_patch(image: Pixels, face: Face, *, policy: CheckPolicy) -> FacePatch | None:
     """A grey patch centred on the face box, ``dup_patch_face_sizes`` box sizes wide: the same
     part of the scene in every copy or crop of a photo, whatever the framing. The detector's box
     is used rather than landmarks: on a face cut by the frame the landmarks of the missing side
@@ -69,7 +69,7 @@ def face_patch(image: Image.Image, face: Face, *, policy: CheckPolicy) -> FacePa
                      phash=_hash_hex(part, kind="phash"), dhash=_hash_hex(part, kind="dhash"))
 
 
-def keypoints(image: Image.Image, face: Face, *, policy: CheckPolicy) -> Keypoints | None:
+def keypoints(image: Pixels, face: Face, *, policy: CheckPolicy) -> Keypoints | None:
     """ORB keypoints of a window ``dup_window_face_sizes`` face sizes wide around the face, the
     photo scaled so the face is ``Keypoints.FACE_SIDE`` px tall, and of its mirror image; the
     strongest first."""

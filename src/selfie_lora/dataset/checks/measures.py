@@ -11,7 +11,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from selfie_lora.dataset.checks.analysis import FloatArray, PhotoMetrics
+from selfie_lora.dataset.checks.analysis import FloatArray, PhotoMetrics, Pixels
 from selfie_lora.dataset.checks.policy import CheckPolicy
 from selfie_lora.domain.buckets import bucket_sizes, nearest_bucket
 from selfie_lora.domain.faces import Face
@@ -145,7 +145,7 @@ def normalized_sharpness(gray: FloatArray) -> float:
     return laplacian_variance((gray - gray.mean()) * (50.0 / spread))
 
 
-def _face_crop(image: Image.Image, face: Face, side: int) -> tuple[NDArray[np.uint8], float, float,
+def _face_crop(image: Pixels, face: Face, side: int) -> tuple[NDArray[np.uint8], float, float,
                                                                    float, float]:
     """The face box (clipped to the frame) resized to side x side, and the map from image
     coordinates to the crop's: x' = (x - x0) * kx, y' = (y - y0) * ky."""
@@ -265,7 +265,7 @@ def _background(frame: NDArray[np.uint8], box: tuple[float, float, float, float]
             128 + 0.5 * r - 0.418688 * g - 0.081312 * b)
 
 
-def _sharpness(image: Image.Image, face: Face, face_gray: FloatArray, *, side: int) -> float:
+def _sharpness(image: Pixels, face: Face, face_gray: FloatArray, *, side: int) -> float:
     """Sharpness at the face's own resolution, at most ``side`` px: a small face blown up to
     ``side`` would look blurred when it is only small (that is the resolution check's business).
     On the real photos of bench/checks_eval.py, faces of 72-250 px measured 9-60 blown up and
@@ -287,7 +287,7 @@ def _crop_short_side(width: int, height: int, policy: CheckPolicy) -> int:
     return min(bucket.width, bucket.height)
 
 
-def measure(image: Image.Image, small: Image.Image, k_small: float, face: Face, *,
+def measure(image: Pixels, small: Image.Image, k_small: float, face: Face, *,
             scale: float, policy: CheckPolicy) -> PhotoMetrics:
     width, height = image.size
     # The face is measured on its box resized to a fixed size (blur, light, colour, skin: the

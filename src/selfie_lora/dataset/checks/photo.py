@@ -13,7 +13,13 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from selfie_lora.dataset.checks.analysis import BoxDescriber, DecodedInput, PhotoAnalysis, PhotoMetrics
+from selfie_lora.dataset.checks.analysis import (
+    BoxDescriber,
+    DecodedInput,
+    PhotoAnalysis,
+    PhotoMetrics,
+    Pixels,
+)
 from selfie_lora.dataset.checks.duplicates import face_patch, keypoints, whole_hashes
 from selfie_lora.dataset.checks.measures import measure
 from selfie_lora.dataset.checks.policy import CheckPolicy
@@ -71,7 +77,9 @@ def analyze_photo(
     decoded: DecodedInput, *, analyzer: FaceAnalyzer, policy: CheckPolicy, order: int = 0
 ) -> PhotoAnalysis:
     """Find the faces of one photo, measure it and judge what the photo alone can tell."""
-    image = decoded.image if decoded.image.mode == "RGB" else decoded.image.convert("RGB")
+    image: Pixels = decoded.image
+    if isinstance(image, Image.Image) and image.mode != "RGB":
+        image = image.convert("RGB")
     width, height = image.size
     scale = max(decoded.original_size) / max(width, height)
     findings: list[Finding] = []
@@ -127,22 +135,28 @@ def _software_finding(decoded: DecodedInput, name: str) -> Finding | None:
     return None
 
 
-def _resized(image: Image.Image, long_side: int) -> tuple[Image.Image, float]:
+def _plain(image: Pixels) -> Image.Image:
+    """``image`` as a Pillow image: itself when it is one, else a copy of all of it."""
+    return image if isinstance(image, Image.Image) else image.crop((0, 0, *image.size))
+
+
+def _resized(image: Pixels, long_side: int) -> tuple[Image.Image, float]:
     """A copy whose long side is about ``long_side`` (never upscaled unless asked) and the factor
     from its pixels back to ``image``'s."""
     current = max(image.size)
     if current == long_side:
-        return image, 1.0
+        return _plain(image), 1.0
     if current > long_side:
         # Integer box reduction first: much faster than one large resampling step.
         factor = current // long_side
-        small = image.reduce(factor) if factor >= 2 else image
+        small: Pixels = image.reduce(factor) if factor >= 2 else image
         if max(small.size) > long_side * 1.25:
             ratio = long_side / max(small.size)
+            # From a ColourManaged view too: only the resized copy is converted.
             small = small.resize((max(1, round(small.width * ratio)),
                                   max(1, round(small.height * ratio))),
                                  Image.Resampling.BILINEAR)
-        return small, image.width / small.width
+        return _plain(small), image.width / small.width
     ratio = long_side / current
     big = image.resize((round(image.width * ratio), round(image.height * ratio)),
                        Image.Resampling.BILINEAR)
@@ -163,7 +177,7 @@ def _scale_face(face: Face, k: float, dx: float = 0.0, dy: float = 0.0) -> Face:
     )
 
 
-def _detect(image: Image.Image, small: Image.Image, k: float, *, analyzer: FaceAnalyzer,
+def _detect(image: Pixels, small: Image.Image, k: float, *, analyzer: FaceAnalyzer,
             policy: CheckPolicy) -> list[Face]:
     """Faces in ``image``'s coordinates (found on ``small``, ``k`` of image pixels per small
     pixel), boxes only, largest first."""
@@ -186,7 +200,7 @@ def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _refine(image: Image.Image, face: Face, *, analyzer: FaceAnalyzer,
+def _refine(image: Pixels, face: Face, *, analyzer: FaceAnalyzer,
             policy: CheckPolicy) -> Face:
     """Landmarks and the embedding of ``face``, from a crop around it where the face is about
     ``refine_face_side`` pixels: detection at low resolution stays cheap, while landmarks and the
