@@ -11,10 +11,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from selfie_lora.domain.accounts import SignInPolicy
+from selfie_lora.domain.alerts import CLAIM, MAX_SEND_SECONDS
 from selfie_lora.domain.gc import GcPolicy
 from selfie_lora.domain.lease import (
     DEFAULT_HEARTBEAT_SECONDS,
@@ -110,6 +111,8 @@ class Settings(BaseSettings):
     probe_count: int = Field(default=DEFAULT_PROBE_COUNT, ge=1, le=MAX_PROBES)
     probe_size: int | None = Field(default=None, ge=64, le=2048)
     # Where a held-back version is reported (POST, JSON); unset, it is recorded and logged only.
+    # ALERT_TIMEOUT: seconds one POST may take in all, at most MAX_SEND_SECONDS so that a send
+    # ends well within the sender's claim on the alert (domain.alerts).
     alert_url: str | None = None
     alert_timeout: float = Field(default=5.0, gt=0)
 
@@ -177,6 +180,16 @@ class Settings(BaseSettings):
     gc_generation_days: float | None = Field(default=None, ge=0)
     gc_grace_hours: float = Field(default=24.0, ge=1)
     gc_interval_hours: float = Field(default=6.0, ge=0)
+
+    @field_validator("alert_timeout")
+    @classmethod
+    def _alert_send_fits_its_claim(cls, value: float) -> float:
+        if value > MAX_SEND_SECONDS:
+            raise ValueError(
+                f"SELFIE_LORA_ALERT_TIMEOUT is at most {MAX_SEND_SECONDS:g} seconds: a sender "
+                f"holds an alert for {CLAIM.total_seconds() / 60:g} minutes, and a send that "
+                "outlasted that would run alongside another process's send of the same alert")
+        return value
 
     @model_validator(mode="after")
     def _storage_url_is_s3(self) -> Settings:

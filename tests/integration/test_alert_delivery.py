@@ -4,21 +4,30 @@ time, sent again with backoff after a failure, and given up after ``MAX_ATTEMPTS
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from selfie_lora.adapters.alerts.http import HttpAlerter
+from selfie_lora.config import Settings
 from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
+from selfie_lora.services.likeness import LikenessService
 from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter, SimulatedCrash
 from tests.support.clock import Clock
 from tests.support.likeness import Rig, other_person, photo_generator, same_person
@@ -176,6 +185,136 @@ def test_two_reconcilers_at_once_send_an_alert_once(rig_for: Any, clock: Clock) 
         thread.join(30)
     assert sorted(tried) == [0, 0, 0, 1]
     assert len(endpoint.sent) == 1
+
+
+@pytest.mark.parametrize("first_send", [True, False], ids=["gate-send", "reconciler-send"])
+def test_a_send_that_outlasts_its_claim_leaves_the_record_of_the_sender_that_took_over(
+        rig_for: Any, clock: Clock, caplog: pytest.LogCaptureFixture, first_send: bool) -> None:
+    """The slow sender's claim runs out while it sends (a stalled process: a live one's send is
+    cut well within the claim); another reconciler claims the alert, sends it and records it
+    delivered; the slow sender's late failure must not undo that (nor make the alert due again),
+    whether its claim came from the gate's transaction or from ``claim_alert``."""
+    caplog.set_level(logging.INFO, logger="selfie_lora.services.likeness")
+    slow = RecordingAlerter(failures=1)
+    rig = rig_for(slow)
+    other = RecordingAlerter()
+    taking_over = LikenessService(repo=rig.repo, blobs=rig.blobs, generation=rig.generation,
+                                  faces=rig.faces, alerter=other, clock=clock)
+
+    other_tried: list[int] = []  # asserted outside: deliver_alert takes what a send raises
+
+    def the_claim_runs_out_and_another_reconciler_sends() -> None:
+        clock.advance(seconds=CLAIM.total_seconds() + 1)
+        other_tried.append(taking_over.deliver_due_alerts())
+
+    if first_send:
+        slow.meanwhile = the_claim_runs_out_and_another_reconciler_sends
+        v2 = held_version(rig)
+    else:
+        slow.crash = True
+        v2 = held_version(rig, dies=True)
+        clock.advance(seconds=CLAIM.total_seconds() + 1)
+        slow.meanwhile = the_claim_runs_out_and_another_reconciler_sends
+        assert rig.training.reconcile().alerts_tried == 1
+    slow_calls = 1 if first_send else 2
+    assert other_tried == [1]
+    assert slow.calls == slow_calls
+    assert slow.sent == []  # its one send in flight failed, late
+    assert [a["alert_id"] for a in other.sent] == [f"likeness_drop:{v2.id}"]
+    final = delivery(rig, v2)
+    assert (final["delivered"], final["attempts"]) == (True, 1)
+    assert any("taken over by another sender" in r.getMessage() and r.levelno == logging.INFO
+               for r in caplog.records)
+
+    for _ in range(3):  # delivered: nobody sends it again
+        clock.advance(hours=2)
+        assert rig.training.reconcile().alerts_tried == 0
+    assert (slow.calls, len(other.sent)) == (slow_calls, 1)
+
+
+def test_each_claim_of_a_round_runs_from_when_it_is_taken(rig_for: Any, clock: Clock) -> None:
+    """A round's sends, each within its deadline, can add up to more than CLAIM: the last
+    alert's claim must still cover its send."""
+    endpoint = RecordingAlerter()
+    rig = rig_for(endpoint)
+    for name in ("ann", "bob"):
+        endpoint.crash = True
+        held_version(rig, dies=True, name=name)
+    other = RecordingAlerter()
+    taking_over = LikenessService(repo=rig.repo, blobs=rig.blobs, generation=rig.generation,
+                                  faces=rig.faces, alerter=other, clock=clock)
+    other_tried: list[int] = []  # asserted outside: deliver_alert takes what a send raises
+
+    def the_first_send_is_slow() -> None:
+        clock.advance(seconds=CLAIM.total_seconds() - 30)
+        endpoint.meanwhile = the_second_send_is_slow_too
+
+    def the_second_send_is_slow_too() -> None:
+        clock.advance(seconds=60)
+        other_tried.append(taking_over.deliver_due_alerts())
+
+    clock.advance(seconds=CLAIM.total_seconds() + 1)
+    endpoint.meanwhile = the_first_send_is_slow
+    assert rig.training.reconcile().alerts_tried == 2
+    assert other_tried == [0]  # this round's claim on the second alert held
+    assert len(endpoint.sent) == 2
+    assert other.calls == 0
+
+
+def test_an_alert_send_is_bounded_well_within_its_claim(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(home=tmp_path, alert_timeout=60).alert_timeout == 60
+    monkeypatch.setenv("SELFIE_LORA_ALERT_TIMEOUT", str(CLAIM.total_seconds() + 60))
+    with pytest.raises(ValidationError, match="SELFIE_LORA_ALERT_TIMEOUT is at most 60 seconds"):
+        Settings(home=tmp_path)
+    with pytest.raises(ValidationError):
+        Settings(home=tmp_path, alert_timeout=61)
+
+
+@contextmanager
+def trickling_receiver(*, every: float = 0.2) -> Iterator[str]:
+    """An alert receiver on loopback that answers one byte every ``every`` seconds (an 8 s
+    answer in all): each read gets a byte long before any per-phase timeout."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(every)
+    stop = threading.Event()
+    answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                try:
+                    conn.recv(65536)
+                    for byte in answer:
+                        if stop.wait(every):
+                            return
+                        conn.sendall(bytes([byte]))
+                except OSError:
+                    pass  # the client hung up: what the deadline is for
+            return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/alerts"
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_a_trickling_receiver_is_cut_at_the_overall_deadline() -> None:
+    with trickling_receiver() as url:
+        started = time.monotonic()
+        with pytest.raises(httpx.TimeoutException, match=r"more than 1\.0 s"):
+            HttpAlerter(url, timeout=1.0).send({"alert_id": "likeness_drop:v",
+                                                "kind": "likeness_drop"})
+        took = time.monotonic() - started
+    assert 1.0 <= took < 2.5
 
 
 @given(st.integers(min_value=1, max_value=50))

@@ -257,6 +257,44 @@ def test_a_due_alert_is_claimed_by_one_process_at_a_time(repo: SqlRepository) ->
     assert "v1" not in repo.due_alerts(NOW + timedelta(days=365), limit=10)
 
 
+def test_an_alert_s_outcome_is_recorded_only_under_the_claim_that_sent_it(
+        repo: SqlRepository) -> None:
+    with_two_versions(repo)
+    alert = {"alert_id": "likeness_drop:v1", "delivery": None}
+    repo.set_version_alert("v1", alert, due_at=NOW)
+    # Microseconds, as a clock gives them: the compare-and-set is on the exact time stored.
+    first = NOW + timedelta(minutes=5, microseconds=123457)
+    second = first + timedelta(minutes=5, microseconds=1)
+    assert repo.claim_alert("v1", now=NOW, until=first) is not None
+    # The first sender's claim runs out while it sends; a second one takes the alert over.
+    assert repo.claim_alert("v1", now=first, until=second) is not None
+
+    failed = {**alert, "delivery": {"delivered": False, "attempts": 1}}
+    delivered = {**alert, "delivery": {"delivered": True, "attempts": 1}}
+    assert not repo.record_alert_delivery("v1", failed, claim=first,
+                                          due_at=first + timedelta(minutes=1))
+    stored = repo.get_version("v1")
+    assert stored is not None
+    assert stored.alert == alert  # nothing written
+    assert repo.due_alerts(second - timedelta(microseconds=1), limit=10) == []  # still claimed
+    assert repo.due_alerts(second, limit=10) == ["v1"]
+
+    assert repo.record_alert_delivery("v1", delivered, claim=second, due_at=None)
+    stored = repo.get_version("v1")
+    assert stored is not None
+    assert stored.alert == delivered
+    # Recorded (no due time): no claim matches it any more, and the record stands.
+    assert not repo.record_alert_delivery("v1", failed, claim=second,
+                                          due_at=second + timedelta(minutes=1))
+    assert not repo.record_alert_delivery("v1", failed, claim=first,
+                                          due_at=first + timedelta(minutes=1))
+    stored = repo.get_version("v1")
+    assert stored is not None
+    assert stored.alert == delivered
+    assert repo.due_alerts(NOW + timedelta(days=365), limit=10) == []
+    assert not repo.record_alert_delivery("nope", delivered, claim=second, due_at=None)
+
+
 def test_save_training_never_clears_a_cancel_request(repo: SqlRepository) -> None:
     _user, model, dataset = seed(repo)
     repo.add_training(training(model, dataset, "t1"))

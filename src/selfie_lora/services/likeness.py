@@ -215,10 +215,11 @@ class LikenessService:
             details=decision.details, baseline=baseline,
             reference_id=reference.dataset_id if reference else None, record=record)
 
-    def apply_verdict(self, tx: Repository, verdict: GateVerdict) -> dict[str, Any] | None:
+    def apply_verdict(self, tx: Repository, verdict: GateVerdict) -> alerts.ClaimedAlert | None:
         """Record ``verdict`` inside the caller's transaction ``tx``: the version's gate, its
         activation when it passed (unless its user activated another version meanwhile) and,
-        when it was held, an alert (returned, to deliver once the transaction committed)."""
+        when it was held, an alert, claimed by this process when there is an alerter (returned,
+        to deliver once the transaction committed)."""
         current = tx.get_version(verdict.version_id)
         if current is None or current.gate_status is not GateStatus.PENDING:
             return None  # decided before
@@ -243,13 +244,17 @@ class LikenessService:
                           + "; it passed, but the version you activated meanwhile stays active")
                 details["kept_user_choice"] = active_now
         tx.set_version_gate(current.id, status=verdict.status, reason=reason, details=details)
-        alert = None
+        claimed = None
         if verdict.status is GateStatus.HELD:
             alert = self._alert(model, current, verdict, at=now)
-            # Due, and claimed by this process, which sends it once the transaction committed;
-            # should it die first, any worker's reconciler sends it when the claim runs out.
-            tx.set_version_alert(current.id, alert, due_at=now + alerts.CLAIM
-                                 if self._alerter is not None else None)
+            if self._alerter is None:
+                tx.set_version_alert(current.id, alert, due_at=None)  # recorded, never sent
+            else:
+                # Due, and claimed by this process, which sends it once the transaction
+                # committed; should it die first, any reconciler sends it when the claim runs out.
+                claimed = alerts.ClaimedAlert(version_id=current.id, alert=alert,
+                                              claim=now + alerts.CLAIM)
+                tx.set_version_alert(current.id, alert, due_at=claimed.claim)
         tx.add_event(model_id=current.model_id, kind=f"gate_{verdict.status}", data={
             "version_id": current.id, "version_number": current.number,
             "baseline_version_id": baseline.id if baseline else None,
@@ -262,7 +267,7 @@ class LikenessService:
         else:
             logger.warning("likeness alert: version %d of model %s held back: %s",
                            current.number, current.model_id, reason)
-        return alert
+        return claimed
 
     def hold_canceled(self, tx: Repository, version_id: str) -> None:
         """Inside the caller's transaction: the version of a training its user canceled before
@@ -275,11 +280,13 @@ class LikenessService:
                                              "decided_at": utcnow().isoformat(),
                                              "canceled": True})
 
-    def deliver_alert(self, version_id: str, alert: dict[str, Any]) -> bool:
+    def deliver_alert(self, claimed: alerts.ClaimedAlert) -> bool:
         """Send a held version's alert to the operator (this process claimed it) and record how
-        it went: delivered (True), due again after a failure (``domain.alerts``), or given up."""
+        it went, while the claim still holds: delivered (True), due again after a failure
+        (``domain.alerts``), or given up."""
         if self._alerter is None:
             return False
+        version_id, alert = claimed.version_id, claimed.alert
         previous = alert.get("delivery") or {}
         attempts = int(previous.get("attempts", 0)) + 1
         # What the receiver gets: the alert as ``_alert`` made it (its ``alert_id`` included),
@@ -301,8 +308,14 @@ class LikenessService:
             delivery = {"delivered": False, "at": now.isoformat(), "error": repr(exc)[:300],
                         "attempts": attempts,
                         "next_at": due_at.isoformat() if due_at is not None else None}
-        self._repo.set_version_alert(version_id, {**payload, "delivery": delivery},
-                                     due_at=due_at)
+        if not self._repo.record_alert_delivery(version_id, {**payload, "delivery": delivery},
+                                                claim=claimed.claim, due_at=due_at):
+            # This send outlasted its claim and another sender has taken the alert over: its
+            # record (delivered, or a later attempt) stands, and this late one would undo it.
+            logger.info("the likeness alert for version %s was taken over by another sender "
+                        "while this one sent it; its outcome (%s) is not recorded", version_id,
+                        "delivered" if delivery["delivered"] else "failed")
+        # What the round goes on from is how this endpoint answered, recorded or not.
         return bool(delivery["delivered"])
 
     def deliver_due_alerts(self, *, limit: int = 10) -> int:
@@ -316,11 +329,16 @@ class LikenessService:
         now = self._clock()
         tried = 0
         for version_id in self._repo.due_alerts(now, limit=limit):
-            claimed = self._repo.claim_alert(version_id, now=now, until=now + alerts.CLAIM)
+            # Each claim runs from when it is taken: the sends before it in this round took up
+            # to a deadline each, and a claim timed from the round's start could be spent already.
+            now = self._clock()
+            until = now + alerts.CLAIM
+            claimed = self._repo.claim_alert(version_id, now=now, until=until)
             if claimed is None or claimed.alert is None:
                 continue  # another process took it
             tried += 1
-            if not self.deliver_alert(version_id, claimed.alert):
+            if not self.deliver_alert(alerts.ClaimedAlert(version_id=version_id,
+                                                          alert=claimed.alert, claim=until)):
                 break
         return tried
 

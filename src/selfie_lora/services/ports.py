@@ -400,6 +400,12 @@ class Repository(Protocol):
         """Pushes a due alert's time to ``until`` and returns its version; None when it is not
         due (sent, given up, or claimed by another process meanwhile)."""
         ...
+    def record_alert_delivery(self, version_id: str, alert: dict[str, Any], *, claim: datetime,
+                              due_at: datetime | None) -> bool:
+        """Records the outcome of a send (``alert`` with its ``delivery``, next due at ``due_at``)
+        only if the alert's due time is still ``claim``, the one the sender's claim wrote; False,
+        and nothing written, when another sender has taken it over since."""
+        ...
 
     # likeness records, one per version
     def save_likeness(self, quality: VersionLikeness) -> None: ...

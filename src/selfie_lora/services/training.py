@@ -763,7 +763,7 @@ class TrainingService:
         logger.info("training %s succeeded: version %d %s (%s)", held.training_id,
                     version.number, version.gate_status, version.gate_reason)
         if alert is not None:
-            self._likeness.deliver_alert(verdict.version_id, alert)
+            self._likeness.deliver_alert(alert)
 
     # ------------------------------------------------------------------ endings
     def _ended(self, t: Training, *, error_code: str | None = None) -> None:

@@ -203,16 +203,22 @@ class FakeFaceAnalyzer:
 class RecordingAlerter:
     """An ``Alerter`` that keeps what it was sent. ``fail`` makes every delivery raise,
     ``failures`` the next that many; ``crash``: the process dies (``SimulatedCrash``) in the
-    next call, before the alert left. ``calls`` counts every attempt."""
+    next call, before the alert left. ``meanwhile`` runs once, inside the next call before it
+    answers: what the world does while that send is in flight (a send that outlasts its claim).
+    ``calls`` counts every attempt."""
 
     sent: list[dict[str, Any]] = field(default_factory=list)
     fail: bool = False
     failures: int = 0
     crash: bool = False
     calls: int = 0
+    meanwhile: Callable[[], None] | None = None
 
     def send(self, alert: dict[str, Any]) -> None:
         self.calls += 1
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
         if self.crash:
             self.crash = False
             raise SimulatedCrash("the worker died while it sent the alert")

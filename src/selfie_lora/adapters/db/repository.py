@@ -701,6 +701,18 @@ class SqlRepository:
             row = s.get(VersionRow, version_id)
             return _version(row) if row else None
 
+    def record_alert_delivery(self, version_id: str, alert: dict[str, Any], *, claim: datetime,
+                              due_at: datetime | None) -> bool:
+        # Compare-and-set on the claim, in one statement: a later claim (a greater due time) or a
+        # recorded outcome (NULL, or a retry's time) means another sender took the alert over, and
+        # its record must stand. Due times are all written as UTC, so equality is exact on both
+        # databases.
+        with self._tx() as s:
+            result = s.execute(update(VersionRow).where(
+                VersionRow.id == version_id, VersionRow.alert_due_at == claim,
+            ).values(alert=alert, alert_due_at=due_at))
+            return bool(getattr(result, "rowcount", 0))
+
     def _update_version(self, version_id: str, values: dict[str, Any]) -> None:
         with self._tx() as s:
             result = s.execute(update(VersionRow).where(VersionRow.id == version_id).values(**values))
