@@ -1,5 +1,5 @@
 """The bounded folder of copies of remote blobs (``adapters.storage.cache``) and the object
-storage's ``local_path`` on it."""
+storage's ``local_copy`` on it."""
 
 from __future__ import annotations
 
@@ -10,13 +10,21 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
 
+from selfie_lora.adapters.db.migrate import upgrade
+from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.adapters.storage import cache as cache_module
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, BlobCache
+from selfie_lora.domain.entities import Model, Version
 from selfie_lora.errors import StorageError
+from selfie_lora.services.generation import GenerationService
+from selfie_lora.services.ports import BlobStream, GenerationJob
+from tests.support.backends import database_url, fresh_engine
 from tests.support.s3 import S3Server
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +44,13 @@ class Remote:
         return write
 
 
+def fetched(cache: BlobCache, remote: Remote, key: str) -> Path:
+    """The copy of ``key``, held only while it is handed out (as a caller that is done with it
+    at once)."""
+    with cache.copy(key, remote.fetch(key)) as path:
+        return path
+
+
 def age(path: Path, seconds: float) -> None:
     """Marks ``path`` as last used ``seconds`` ago."""
     when = time.time() - seconds
@@ -50,10 +65,10 @@ def copies(root: Path) -> set[str]:
 def test_a_copy_is_fetched_once_and_each_use_marks_it_used(tmp_path: Path) -> None:
     remote = Remote({"weights/a.safetensors": b"a" * 10})
     cache = BlobCache(tmp_path, max_bytes=1000)
-    path = cache.path("weights/a.safetensors", remote.fetch("weights/a.safetensors"))
+    path = fetched(cache, remote, "weights/a.safetensors")
     assert path.read_bytes() == b"a" * 10
     age(path, 3600)
-    assert cache.path("weights/a.safetensors", remote.fetch("weights/a.safetensors")) == path
+    assert fetched(cache, remote, "weights/a.safetensors") == path
     assert remote.fetches == ["weights/a.safetensors"]
     assert time.time() - path.stat().st_mtime < 60  # used now, not an hour ago
 
@@ -64,15 +79,15 @@ def test_the_least_recently_used_copies_go_first_until_the_folder_is_within_its_
     cache = BlobCache(tmp_path, max_bytes=350, in_use=60)
     # Used last: b (fetched second) before c before a.
     for name, used_ago in (("a", 200), ("b", 400), ("c", 300)):
-        age(cache.path(f"weights/{name}", remote.fetch(f"weights/{name}")), used_ago)
+        age(fetched(cache, remote, f"weights/{name}"), used_ago)
     assert copies(tmp_path) == {"weights/a", "weights/b", "weights/c"}  # 300 bytes: all stay
 
-    cache.path("weights/d", remote.fetch("weights/d"))  # 400 bytes: b, the least recent, goes
+    fetched(cache, remote, "weights/d")  # 400 bytes: b, the least recent, goes
     assert copies(tmp_path) == {"weights/a", "weights/c", "weights/d"}
-    cache.path("weights/e", remote.fetch("weights/e"))  # then c
+    fetched(cache, remote, "weights/e")  # then c
     assert copies(tmp_path) == {"weights/a", "weights/d", "weights/e"}
     # What went is fetched again when asked for.
-    assert cache.path("weights/b", remote.fetch("weights/b")).read_bytes() == b"b" * 100
+    assert fetched(cache, remote, "weights/b").read_bytes() == b"b" * 100
     assert remote.fetches == ["weights/a", "weights/b", "weights/c", "weights/d", "weights/e",
                               "weights/b"]
 
@@ -81,10 +96,10 @@ def test_copies_used_recently_are_kept_even_over_the_bound(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     remote = Remote({f"weights/{n}": n.encode() * 100 for n in "abc"})
     cache = BlobCache(tmp_path, max_bytes=150, in_use=600)
-    age(cache.path("weights/a", remote.fetch("weights/a")), 3600)
-    age(cache.path("weights/b", remote.fetch("weights/b")), 10)  # another process may open it
+    age(fetched(cache, remote, "weights/a"), 3600)
+    age(fetched(cache, remote, "weights/b"), 10)  # another process may open it
     with caplog.at_level(logging.WARNING, logger="selfie_lora.adapters.storage.cache"):
-        cache.path("weights/c", remote.fetch("weights/c"))
+        fetched(cache, remote, "weights/c")
     assert copies(tmp_path) == {"weights/b", "weights/c"}
     assert "more than its bound" in caplog.text
 
@@ -93,8 +108,8 @@ def test_the_copy_just_fetched_stays_even_when_it_alone_is_over_the_bound(
         tmp_path: Path) -> None:
     remote = Remote({"weights/small": b"s" * 10, "weights/big": b"b" * 500})
     cache = BlobCache(tmp_path, max_bytes=100, in_use=0)
-    age(cache.path("weights/small", remote.fetch("weights/small")), 60)
-    assert cache.path("weights/big", remote.fetch("weights/big")).read_bytes() == b"b" * 500
+    age(fetched(cache, remote, "weights/small"), 60)
+    assert fetched(cache, remote, "weights/big").read_bytes() == b"b" * 500
     assert copies(tmp_path) == {"weights/big"}
 
 
@@ -105,8 +120,8 @@ def test_a_failed_fetch_leaves_no_copy_and_no_temporary_file(tmp_path: Path) -> 
         fh.write(b"half")
         raise StorageError("object storage could not read 'weights/a'")
 
-    with pytest.raises(StorageError):
-        cache.path("weights/a", broken)
+    with pytest.raises(StorageError), cache.copy("weights/a", broken):
+        pass
     assert not any(p.is_file() for p in (tmp_path / "weights").iterdir())
 
 
@@ -119,7 +134,8 @@ def test_a_fetcher_killed_midway_leaves_a_temporary_file_that_goes_once_it_is_st
         "def fetch(fh):\n"
         "    fh.write(b'half of it'); fh.flush()\n"
         "    os._exit(9)  # killed in the middle of the download\n"
-        "BlobCache(Path(sys.argv[1]), max_bytes=1000).path('weights/a', fetch)\n"
+        "with BlobCache(Path(sys.argv[1]), max_bytes=1000).copy('weights/a', fetch):\n"
+        "    pass\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     died = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, timeout=60,
@@ -130,7 +146,7 @@ def test_a_fetcher_killed_midway_leaves_a_temporary_file_that_goes_once_it_is_st
 
     remote = Remote({"weights/a": b"the whole blob", "weights/b": b"x" * 2000})
     cache = BlobCache(tmp_path, max_bytes=1000, in_use=0)
-    assert cache.path("weights/a", remote.fetch("weights/a")).read_bytes() == b"the whole blob"
+    assert fetched(cache, remote, "weights/a").read_bytes() == b"the whole blob"
     assert left.exists()  # an hour's grace: it could be a live download of a large blob
     age(left, 2 * 3600)
     cache.evict()
@@ -138,35 +154,139 @@ def test_a_fetcher_killed_midway_leaves_a_temporary_file_that_goes_once_it_is_st
     assert remote.fetches == ["weights/a"]
 
 
-def test_a_path_handed_out_is_never_evicted_before_it_is_opened(tmp_path: Path) -> None:
-    """One thread keeps asking for an old copy and opening it, another keeps fetching new
-    blobs into a folder too small for both: every path handed out opens."""
-    remote = Remote({"weights/mine": b"m" * 100,
-                     **{f"weights/new{i}": b"n" * 100 for i in range(200)}})
+def test_a_hit_and_an_eviction_exclude_each_other(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evictor has found an old copy that nobody holds and is about to remove it when
+    another thread asks for that copy: the hit waits for the eviction and fetches the copy anew,
+    so the path it hands out opens. Without the lock, the hit would hand out the path just
+    before the unlink, every time."""
+    remote = Remote({"weights/mine": b"m" * 100, "weights/new": b"n" * 100})
     cache = BlobCache(tmp_path, max_bytes=150, in_use=300)
-    failures: list[BaseException] = []
-    done = threading.Event()
+    age(fetched(cache, remote, "weights/mine"), 3600)
+    handed_out = threading.Event()
+    evicted = threading.Event()
+    read: list[bytes | BaseException] = []
 
     def user() -> None:
         try:
-            while not done.is_set():
-                path = cache.path("weights/mine", remote.fetch("weights/mine"))
-                assert path.read_bytes() == b"m" * 100
-                age(path, 3600)  # as if last used long ago: the evictor may take it now
+            with cache.copy("weights/mine", remote.fetch("weights/mine")) as path:
+                handed_out.set()
+                evicted.wait(30)
+                read.append(path.read_bytes())
         except BaseException as exc:
-            failures.append(exc)
+            read.append(exc)
 
-    thread = threading.Thread(target=user)
-    thread.start()
+    users: list[threading.Thread] = []
+    held = cache_module._held
+
+    def held_then_let_a_hit_in(path: Path) -> bool:
+        # Between the evictor's last look at the copy and its unlink: the hit gets its chance.
+        answer = held(path)
+        if path.name == "mine" and not answer and not users:
+            users.append(threading.Thread(target=user))
+            users[0].start()
+            handed_out.wait(1)  # long enough for a hit that nothing stops; this one waits
+        return answer
+
+    monkeypatch.setattr(cache_module, "_held", held_then_let_a_hit_in)
     try:
-        for i in range(200):
-            path = cache.path(f"weights/new{i}", remote.fetch(f"weights/new{i}"))
-            age(path, 3600)
+        fetched(cache, remote, "weights/new")  # the folder is over its bound: "mine" goes
     finally:
-        done.set()
-        thread.join(30)
-    assert failures == []
-    assert remote.fetches.count("weights/mine") > 1  # it was evicted, and fetched again
+        evicted.set()
+        for thread in users:
+            thread.join(30)
+    assert len(users) == 1  # the evictor did come to "mine"
+    assert read == [b"m" * 100]
+    assert remote.fetches == ["weights/mine", "weights/new", "weights/mine"]
+
+
+def test_a_copy_held_is_never_evicted_however_long_ago_it_was_used(tmp_path: Path) -> None:
+    remote = Remote({f"weights/{n}": n.encode() * 100 for n in ("mine", "other", "new")})
+    cache = BlobCache(tmp_path, max_bytes=150, in_use=300)
+    with cache.copy("weights/mine", remote.fetch("weights/mine")) as path:
+        # Held longer than the in-use window (a generation queued behind long ones), while
+        # another request's fetch puts the folder over its bound.
+        age(path, 3600)
+        fetched(cache, remote, "weights/other")
+        assert path.read_bytes() == b"mine" * 100
+    # Let go, it is the least recently used copy, and the next fetch removes it.
+    fetched(cache, remote, "weights/new")
+    assert copies(tmp_path) == {"weights/other", "weights/new"}
+
+
+class QueuedGenerator:
+    """A local generator whose turn comes only after ``meanwhile(weights_path)`` (the
+    generations queued ahead of it), then loads the weights."""
+
+    backend = "local"
+
+    def __init__(self, meanwhile: Callable[[Path], None]) -> None:
+        self.meanwhile = meanwhile
+        self.loaded: list[bytes] = []
+
+    def generate(self, job: GenerationJob) -> list[bytes]:
+        assert job.weights_path is not None
+        self.meanwhile(job.weights_path)
+        self.loaded.append(job.weights_path.read_bytes())
+        return [b"png"]
+
+
+def test_weights_handed_to_a_generation_stay_until_it_has_loaded_them(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    location = s3_server.new_location()
+    s3_server.store(location, tmp_path / "writer").put("weights/v1.safetensors", b"1" * 1000)
+    store = s3_server.store(location, tmp_path / "cache", cache_max_bytes=1500)
+    # Another version's copy, just used by another process: an eviction cannot take it, so the
+    # folder, over its bound, can only shrink by the copy of v1.
+    other = tmp_path / "cache" / "weights" / "v2.safetensors"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"2" * 1000)
+
+    def queued(weights: Path) -> None:
+        age(weights, 3600)  # the queue ahead outlasted the in-use window
+        BlobCache(tmp_path / "cache", max_bytes=1500).evict()  # another process's fetch
+
+    generator = QueuedGenerator(queued)
+    engine = fresh_engine(database_url("sqlite", tmp_path))
+    try:
+        upgrade(engine)
+        service = GenerationService(repo=SqlRepository(engine), blobs=store,
+                                    generators={"local": generator})
+        now = datetime.now(UTC)
+        model = Model(id="m1", user_id="u1", backend="local", trigger_word="TOK",
+                      destination="", trainer_version="local-tiny-v1", lora_scale=1.0,
+                      lora_scale_is_custom=False, active_version_id="v1", created_at=now)
+        version = Version(id="v1", model_id="m1", number=1, training_id="t1",
+                          trainer_version="local-tiny-v1", weights_key="weights/v1.safetensors",
+                          weights_sha256="", weights_method="fake", remote_version=None,
+                          version_mismatch=False, created_at=now)
+        rendered = service.render(model=model, version=version, prompt="a portrait", seed=1)
+    finally:
+        engine.dispose()
+    assert rendered.images == [b"png"]
+    assert generator.loaded == [b"1" * 1000]
+
+
+def test_a_download_cut_short_is_refused_and_leaves_no_copy(
+        s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    location = s3_server.new_location()
+    s3_server.store(location, tmp_path / "writer").put("weights/a.safetensors", b"a" * 1000)
+    store = s3_server.store(location, tmp_path / "cache")
+    real_open = store.open
+
+    def cut_short(key: str) -> BlobStream:
+        # The answer ends early without an error (a proxy, a reset taken for the end).
+        stream = real_open(key)
+        return BlobStream(size=stream.size, chunks=iter([b"".join(stream.chunks)[:600]]))
+
+    monkeypatch.setattr(store, "open", cut_short)
+    with pytest.raises(StorageError, match=r"sent 600 bytes of .*, which holds 1000"), \
+            store.local_copy("weights/a.safetensors"):
+        pass
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [".lock"]
+    monkeypatch.undo()
+    with store.local_copy("weights/a.safetensors") as path:
+        assert path.read_bytes() == b"a" * 1000
 
 
 def test_a_cache_needs_a_positive_bound(tmp_path: Path) -> None:
@@ -182,14 +302,17 @@ def test_object_storage_keeps_its_local_copies_within_the_bound(
         writer.put(f"weights/{name}.safetensors", name.encode() * 1000)
     store = s3_server.store(location, tmp_path / "cache", cache_max_bytes=2500)
     store._cache.in_use = 0  # no other process here: every copy but the newest may go
-    first = store.local_path("weights/a.safetensors")
-    assert first.read_bytes() == b"a" * 1000
+    with store.local_copy("weights/a.safetensors") as first:
+        assert first.read_bytes() == b"a" * 1000
     age(first, 60)
-    store.local_path("weights/b.safetensors")
-    age(store.local_path("weights/c.safetensors"), 0)
+    with store.local_copy("weights/b.safetensors"):
+        pass
+    with store.local_copy("weights/c.safetensors") as third:
+        age(third, 0)
     assert copies(tmp_path / "cache") == {"weights/b.safetensors", "weights/c.safetensors"}
-    with pytest.raises(StorageError, match="missing"):
-        store.local_path("weights/none.safetensors")
+    with pytest.raises(StorageError, match="missing"), \
+            store.local_copy("weights/none.safetensors"):
+        pass
     assert copies(tmp_path / "cache") == {"weights/b.safetensors", "weights/c.safetensors"}
 
 

@@ -52,8 +52,9 @@ def test_a_missing_blob_is_a_storage_error(store: Any) -> None:
         store.get("photos/none.jpg")
     with pytest.raises(StorageError, match="missing"):
         store.open("photos/none.jpg")  # at once, not when the answer is half sent
-    with pytest.raises(StorageError, match="missing"):
-        store.local_path("weights/none.safetensors")
+    with pytest.raises(StorageError, match="missing"), \
+            store.local_copy("weights/none.safetensors"):
+        pass
 
 
 @pytest.mark.parametrize("key", ["../escape", "a/../../b", "/abs", "a//b", "", "a b", "a/./b/.."])
@@ -130,9 +131,10 @@ def test_delete_removes_and_tolerates_a_missing_blob(store: Any) -> None:
 
 def test_a_local_copy_holds_the_bytes(store: Any) -> None:
     store.put("weights/w.safetensors", b"weights")
-    path = store.local_path("weights/w.safetensors")
-    assert path.read_bytes() == b"weights"
-    assert store.local_path("weights/w.safetensors") == path  # fetched once
+    with store.local_copy("weights/w.safetensors") as path:
+        assert path.read_bytes() == b"weights"
+    with store.local_copy("weights/w.safetensors") as again:
+        assert again == path  # fetched once
 
 
 def test_download_urls_serve_the_blob_where_the_store_has_them(store: Any, kind: str) -> None:

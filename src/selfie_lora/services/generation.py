@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 from selfie_lora.domain.entities import Generation, Model, User, Version
 from selfie_lora.domain.plan import ensure_trigger_word, validate_lora_scale
@@ -65,14 +67,20 @@ class GenerationService:
         if generator is None:
             raise ConfigError(f"no '{model.backend}' generator is configured on this server")
         final_prompt = ensure_trigger_word(prompt, model.trigger_word)
-        job = GenerationJob(
-            prompt=final_prompt, num_outputs=num_outputs, seed=seed, lora_scale=scale,
-            trainer_version=version.trainer_version,
-            weights_path=(self._blobs.local_path(version.weights_key)
-                          if model.backend == "local" else None),
-            remote_version=version.remote_version, width=size, height=size,
-        )
-        return Rendered(prompt=final_prompt, lora_scale=scale, images=generator.generate(job))
+        # The weights stay on this machine until the generation ends: a local generator may
+        # wait behind others (minutes each) before it loads them, and meanwhile another
+        # process's fetch may evict whatever copy nobody holds.
+        weights: AbstractContextManager[Path | None] = (
+            self._blobs.local_copy(version.weights_key) if model.backend == "local"
+            else nullcontext())
+        with weights as weights_path:
+            job = GenerationJob(
+                prompt=final_prompt, num_outputs=num_outputs, seed=seed, lora_scale=scale,
+                trainer_version=version.trainer_version, weights_path=weights_path,
+                remote_version=version.remote_version, width=size, height=size,
+            )
+            images = generator.generate(job)
+        return Rendered(prompt=final_prompt, lora_scale=scale, images=images)
 
     def generate(self, *, user: User, request: GenerationRequest) -> Generation:
         if not request.prompt.strip():

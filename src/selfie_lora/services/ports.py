@@ -211,9 +211,10 @@ class BlobStore(Protocol):
         """Every blob whose key starts with ``prefix/`` (any order)."""
         ...
 
-    def local_path(self, key: str) -> Path:
-        """A path on this machine holding the blob (a cached copy for remote stores: only for
-        blobs that never change, such as content-addressed weights)."""
+    def local_copy(self, key: str) -> AbstractContextManager[Path]:
+        """A path on this machine holding the blob while the context lasts (a cached copy for
+        remote stores, which no eviction removes meanwhile: only for blobs that never change,
+        such as content-addressed weights)."""
         ...
 
     def download_url(self, key: str, *, expires: timedelta) -> str | None:

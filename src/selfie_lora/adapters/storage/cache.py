@@ -9,16 +9,21 @@ blobs from the bucket, not the copies on each machine.
 **Eviction: least recently used first, after each fetch** (the only time the folder grows).
 "Used" is the file's modification time, which every hit sets (access times are not kept on
 ``noatime``/``relatime`` mounts). Several processes share one folder (the API server and the
-workers of one HOME), so the path just handed to one of them must not vanish before it opens
-it: a copy used in the last ``in_use`` seconds (15 minutes) is never evicted, and a hit and an
-eviction exclude each other (a lock file), so a copy is either marked used before the evictor
-looks at it again, or gone before the hit, which then fetches it anew. The folder may therefore
-hold more than its bound while more than that was used in the last 15 minutes; the copy just
-fetched is kept even when it alone is larger than the bound.
+workers of one HOME), so a copy must not vanish while one of them still needs it: a copy is
+handed out inside a context (``copy``) that holds a shared ``flock`` on it until the user is done
+with it, and the evictor removes only copies it can lock exclusively at that moment. A local
+generation holds its copy while it waits for the pipeline behind other generations (FLUX jobs
+take minutes each, so a queue can outlast any fixed window) and while it loads it. A hit and an
+eviction exclude each other (a lock file), so a copy is either locked before the evictor looks
+at it again, or gone before the hit, which then fetches it anew. A copy used in the last
+``in_use`` seconds (15 minutes) is not evicted either, as a margin. The folder may therefore hold
+more than its bound while more than that is in use; the copy just fetched is kept even when it
+alone is larger than the bound.
 
-A fetch writes a temporary file and renames it into place: a process that dies while fetching
-leaves no copy, only a temporary file, which eviction deletes once it is an hour old (a live
-fetch of a large blob may take minutes).
+A fetch writes a temporary file, syncs it to disk, and renames it into place (a rename may reach
+the disk before the data: after a crash of the host, the name would hold nothing and be served
+for ever): a process that dies while fetching leaves no copy, only a temporary file, which
+eviction deletes once it is an hour old (a live fetch of a large blob may take minutes).
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
-# A copy handed out this recently may be about to be opened by another process.
+# A copy used this recently is kept even when no process holds it any more: a margin for a
+# process that may reopen it soon.
 IN_USE_SECONDS = 15 * 60
 # A temporary file this old belongs to a fetcher that died.
 STALE_FETCH_SECONDS = 60 * 60
@@ -61,27 +67,48 @@ class BlobCache:
         finally:
             os.close(fd)  # releases the lock
 
-    def path(self, key: str, fetch: Callable[[BinaryIO], object]) -> Path:
+    @contextmanager
+    def copy(self, key: str, fetch: Callable[[BinaryIO], object]) -> Iterator[Path]:
         """The copy of ``key`` (a checked relative path), fetched with ``fetch(file)`` when this
-        machine has none; marked used either way."""
+        machine has none; marked used, and never evicted until the context ends."""
         target = self.root / key
+        pin = self._hit(target)
+        if pin is None:
+            pin = self._fetch(target, fetch)
+        try:
+            yield target
+        finally:
+            os.close(pin)  # releases the shared lock: the copy may be evicted from now on
+
+    def _hit(self, target: Path) -> int | None:
         with self._locked(fcntl.LOCK_SH):
-            try:
-                os.utime(target)
-                return target
-            except FileNotFoundError:
-                pass
+            return _hold(target)
+
+    def _fetch(self, target: Path, fetch: Callable[[BinaryIO], object]) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=TMP_PREFIX)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fetch(fh)
-            # Another process may have fetched it meanwhile: the same bytes, either copy wins.
-            os.replace(tmp, target)
+                fh.flush()
+                os.fsync(fh.fileno())  # the bytes reach the disk before the name does
+            with self._locked(fcntl.LOCK_EX):
+                # Another process may have fetched it meanwhile: its copy stays, since it may
+                # hold it (a name, once given, keeps its file until the file is evicted).
+                pin = _hold(target)
+                if pin is None:
+                    os.replace(tmp, target)
+                    _fsync_dir(target.parent)
+                    pin = _hold(target)
+                    assert pin is not None  # nobody evicts under our exclusive lock
         finally:
             Path(tmp).unlink(missing_ok=True)
-        self.evict(keep=target)
-        return target
+        try:
+            self.evict(keep=target)
+        except BaseException:
+            os.close(pin)
+            raise
+        return pin
 
     def _entries(self, now: float) -> tuple[list[tuple[float, Path, int]], int]:
         entries: list[tuple[float, Path, int]] = []
@@ -106,7 +133,8 @@ class BlobCache:
 
     def evict(self, *, keep: Path | None = None) -> int:
         """Delete the least recently used copies until the folder holds at most ``max_bytes``
-        (never ``keep``, nor a copy used in the last ``in_use`` seconds); how many went."""
+        (never ``keep``, a copy a process holds, nor one used in the last ``in_use`` seconds);
+        how many went."""
         now = time.time()
         entries, total = self._entries(now)
         if total <= self.max_bytes:
@@ -120,7 +148,7 @@ class BlobCache:
                     continue
                 try:
                     # Looked at again under the lock: a hit since the walk marked it used.
-                    if path.stat().st_mtime >= now - self.in_use:
+                    if path.stat().st_mtime >= now - self.in_use or _held(path):
                         continue
                     path.unlink()
                 except FileNotFoundError:
@@ -130,12 +158,51 @@ class BlobCache:
                 total -= size
         if total > self.max_bytes:
             logger.warning("blob cache %s holds %.1f GB, more than its bound of %.1f GB: the rest "
-                           "was used in the last %d minutes", self.root, total / 1e9,
+                           "is in use or was used in the last %d minutes", self.root, total / 1e9,
                            self.max_bytes / 1e9, self.in_use // 60)
         elif removed:
             logger.info("blob cache %s: %d least recently used copies removed", self.root,
                         removed)
         return removed
+
+
+def _hold(path: Path) -> int | None:
+    """A descriptor of ``path`` holding a shared lock on it, the copy marked used; None when
+    there is no copy. Called under the folder lock, so it never waits: the evictor locks a copy
+    only under the exclusive folder lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.utime(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _held(path: Path) -> bool:
+    """Whether a process holds ``path`` (``BlobCache.copy``): asked under the exclusive folder
+    lock, so no hit can take it between this answer and the unlink that follows."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable (one small write of the directory's own data)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 __all__ = ["IN_USE_SECONDS", "STALE_FETCH_SECONDS", "BlobCache"]

@@ -7,6 +7,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -120,11 +121,13 @@ class FileSystemBlobStore:
                 yield BlobInfo(key=path.relative_to(self.root).as_posix(), size=stat.st_size,
                                modified=datetime.fromtimestamp(stat.st_mtime, UTC))
 
-    def local_path(self, key: str) -> Path:
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        # The blob itself: nothing evicts it.
         path = self._path(key)
         if not path.is_file():
             raise StorageError(f"blob {key!r} is missing")
-        return path
+        yield path
 
     def download_url(self, key: str, *, expires: timedelta) -> str | None:  # noqa: ARG002
         # Files on this machine have no URL of their own: the service streams them.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -195,16 +196,24 @@ class S3BlobStore:
         except Exception as exc:
             raise _error("list", prefix, exc) from exc
 
-    def local_path(self, key: str) -> Path:
-        """A copy in the cache folder, fetched once (the blobs asked for never change); the
-        folder keeps the most recently used copies within its bound (``storage.cache``)."""
+    def local_copy(self, key: str) -> AbstractContextManager[Path]:
+        """A copy in the cache folder, fetched once (the blobs asked for never change) and held
+        while the context lasts; the folder keeps the most recently used copies within its
+        bound (``storage.cache``)."""
         check_key(key)
 
         def fetch(fh: BinaryIO) -> None:
-            for chunk in self.open(key).chunks:
+            stream = self.open(key)
+            written = 0
+            for chunk in stream.chunks:
                 fh.write(chunk)
+                written += len(chunk)
+            # A stream cut short without an error would otherwise become a copy served for ever.
+            if written != stream.size:
+                raise StorageError(f"object storage sent {written} bytes of {key!r}, which "
+                                   f"holds {stream.size}")
 
-        return self._cache.path(key, fetch)
+        return self._cache.copy(key, fetch)
 
     def download_url(self, key: str, *, expires: timedelta) -> str | None:
         import obstore
