@@ -77,6 +77,18 @@ def test_a_weights_key_wins_a_tie() -> None:
     assert find_weights_url(output)[0] == "https://x.test/b.tar"
 
 
+def test_a_weights_key_wins_over_another_files_kind() -> None:
+    # The base model's autoencoder beside the trained tar: the tar under "weights" is the LoRA.
+    output = {"weights": "https://x.test/trained_model.tar", "base": "https://x.test/ae.safetensors"}
+    assert find_weights_url(output) == ("https://x.test/trained_model.tar", "output.weights (tar)")
+
+
+def test_a_weights_like_key_without_extension_is_trusted() -> None:
+    output = {"log": "https://x.test/run", "lora_weights": "https://x.test/output"}
+    assert find_weights_url(output) == ("https://x.test/output",
+                                        "output.lora_weights (unrecognised extension)")
+
+
 @pytest.mark.parametrize(
     "output",
     [None, {}, [], "not a url", {"version": "o/n:abc"}, [PNG, LOG], {"images": [PNG]}, 42],

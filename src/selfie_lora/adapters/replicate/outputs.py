@@ -138,10 +138,13 @@ def find_weights_url(output: object) -> tuple[str, str]:
     """Return ``(url, method)`` for the LoRA weights in a trainer's ``output``.
 
     ``method`` names where the URL was found (``"output.weights"``, ``"output[1]"``, ...) and what
-    it points at, so the log says how the weights were found. Preference: a URL under a
-    ``weights``-like key; else a ``.safetensors``, then a tar, then a zip anywhere in the output
-    (ties go to a weights-like key, then to the first found); else, when the output is a lone URL,
-    that URL. Raises :class:`WeightsNotFoundError` when nothing fits.
+    it points at, so the log says how the weights were found. Preference: a ``.safetensors``,
+    tar or zip URL under a ``weights``-like key (in that order of kinds); else one anywhere in
+    the output, in the same order (ties go to the first found); else a URL without a known
+    extension under a weights-like key; else, when the output is a lone URL, that URL. Raises
+    :class:`WeightsNotFoundError` when nothing fits. (A weights-like key wins over the kind: an
+    output that also names, say, the base model's ``ae.safetensors`` must not have that stored
+    as the user's LoRA.)
     """
     candidates = _walk(output)
     if not candidates:
@@ -154,13 +157,14 @@ def find_weights_url(output: object) -> tuple[str, str]:
     known = [(c, k) for c, k in typed if k is not None]
     if known:
         best, kind = min(
-            known, key=lambda ck: (_KIND_RANK[ck[1]], not _is_weights_key(ck[0].key), ck[0].order)
+            known, key=lambda ck: (not _is_weights_key(ck[0].key), _KIND_RANK[ck[1]], ck[0].order)
         )
         return best.url, f"{best.path} ({kind})"
 
-    # No recognisable extension: trust an explicit "weights" key, or a lone URL (some trainers
-    # answer with a signed URL whose path ends in an opaque id).
-    keyed = [c for c in candidates if c.key == "weights"]
+    # No recognisable extension: trust a weights-like key ("weights", "lora_weights", ...), or
+    # a lone URL (some trainers answer with a signed URL whose path ends in an opaque id).
+    keyed = sorted((c for c in candidates if _is_weights_key(c.key)),
+                   key=lambda c: (c.key != "weights", c.order))
     if keyed:
         return keyed[0].url, f"{keyed[0].path} (unrecognised extension)"
     if len(candidates) == 1 and candidates[0].key == "":
