@@ -98,6 +98,7 @@ class ErrorCode(enum.StrEnum):
     DUPLICATE_MEMBER = "duplicate_member"
     ENCRYPTED_MEMBER = "encrypted_member"
     MEMBER_TOO_LARGE = "member_too_large"
+    NAME_TOO_LONG = "name_too_long"
     NESTED_ARCHIVE = "nested_archive"
     OVERLAPPING_ENTRIES = "overlapping_entries"
     NO_SUCH_PATH = "no_such_path"

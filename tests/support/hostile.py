@@ -246,6 +246,25 @@ def lying_count_zip(real: int = 1500, declared: int = 3) -> bytes:
     return raw_zip([stored(f"{i}.jpg", b"") for i in range(real)], declared_count=declared)
 
 
+def slow_to_normalise(marks: int = 15_990) -> str:
+    """A name whose Unicode NFC takes time quadratic in ``marks`` (~6 s at 15,990, a 64 KB name):
+    two kinds of combining marks out of canonical order, which NFC sorts by insertion."""
+    return "\u0301" * marks + "\u0316" * marks
+
+
+def long_name_zip() -> bytes:
+    """0.13 MB: one folder entry (nothing to inflate) with a 64 KB name slow to normalise."""
+    return raw_zip([stored(slow_to_normalise() + "000/", b"", flags=0x800)])
+
+
+def long_unicode_path_zip() -> bytes:
+    """A short plain name whose Info-ZIP Unicode Path (what some extractors show) is 64 KB."""
+    info = zipfile.ZipInfo("a.jpg")
+    body = b"\x01" + struct.pack("<I", zlib.crc32(b"a.jpg")) + slow_to_normalise().encode()
+    info.extra = struct.pack("<HH", 0x7075, len(body)) + body
+    return zip_with_info(info, jpeg())
+
+
 def symlink_zip() -> bytes:
     info = zipfile.ZipInfo("me.jpg")
     info.create_system = 3
@@ -356,6 +375,8 @@ ARCHIVE_BYTES: dict[str, tuple[Callable[[], bytes], str]] = {
     "traversal_absolute": (lambda: zip_of({"/etc/x.jpg": jpeg()}), "unsafe_path"),
     "traversal_drive_letter": (lambda: zip_of({"C:\\x.jpg": jpeg()}), "unsafe_path"),
     "traversal_inner_dotdot": (lambda: zip_of({"photos/../../x.jpg": jpeg()}), "unsafe_path"),
+    "long_entry_name": (long_name_zip, "name_too_long"),
+    "long_unicode_path_name": (long_unicode_path_zip, "name_too_long"),
     "symlink_member": (symlink_zip, "symlink_in_archive"),
     "fifo_member": (fifo_zip, "special_file"),
     "encrypted_member": (encrypted_zip, "encrypted_member"),
@@ -386,6 +407,9 @@ CASES: list[Case] = [
     Case("files_zip_among_photos", lambda: [("a.jpg", jpeg()), ("b.jpg", zip_of({"c.jpg": jpeg()}))],
          "nested_archive", route="files"),
     Case("files_jpeg_zip_polyglot", lambda: [("a.jpg", polyglot_jpeg_zip())], "nested_archive",
+         route="files"),
+    # 4 KB: the multipart parser itself answers 400 to a 64 KB file name.
+    Case("files_long_name", lambda: [(slow_to_normalise(1000) + ".jpg", jpeg())], "name_too_long",
          route="files"),
     Case("files_too_many", lambda: [(f"{i}.jpg", b"x") for i in range(201)], "too_many_members",
          route="files"),

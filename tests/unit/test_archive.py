@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import tracemalloc
+import unicodedata
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,10 +25,13 @@ from selfie_lora.errors import InvalidInputError
 from tests.support.hostile import (
     ARCHIVE_BYTES,
     jpeg,
+    long_name_zip,
+    long_unicode_path_zip,
     many_empty_members,
     polyglot_jpeg_zip,
     quoted_overlap_zip,
     raw_zip,
+    slow_to_normalise,
     stored,
     zip_of,
 )
@@ -182,6 +186,53 @@ def test_local_header_must_agree_with_the_directory() -> None:
     data = bytearray(raw_zip([stored("good.jpg", jpeg())]))
     data[30:34] = b"evil"  # the local header's copy of the name
     assert _refused(lambda: read_zip(bytes(data), limits=LIMITS)) == "bad_archive"
+
+
+# --------------------------------------------------------------------------------------------
+# Long names
+
+
+class CountingNormalize:
+    """unicodedata.normalize, recording the length of every text it is given. A text long enough
+    to take seconds is returned unnormalised: code that would normalise it fails here at once."""
+
+    def __init__(self) -> None:
+        self.real = unicodedata.normalize
+        self.lengths: list[int] = []
+
+    def __call__(self, form: str, text: str) -> str:
+        self.lengths.append(len(text))
+        return text if len(text) > 4096 else self.real(form, text)
+
+
+@pytest.mark.parametrize("read", [
+    lambda: read_zip(long_name_zip(), limits=LIMITS),
+    lambda: read_zip(long_unicode_path_zip(), limits=LIMITS),
+    lambda: read_uploaded_files([(slow_to_normalise() + ".jpg", jpeg())], limits=LIMITS),
+], ids=["entry_name", "unicode_path_extra", "uploaded_file"])
+def test_a_name_slow_to_normalise_is_refused_unnormalised(
+        read: Callable[[], object], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Normalising this 64 KB name takes ~6 s (1,000 of them in a 0.13 GB zip: ~2 hours).
+    counting = CountingNormalize()
+    monkeypatch.setattr(unicodedata, "normalize", counting)
+    assert _refused(read) == "name_too_long"
+    assert counting.lengths  # the refusal shows (a bounded part of) the name
+    assert max(counting.lengths) <= 1024
+
+
+def test_names_up_to_the_bounds_are_read() -> None:
+    # 255 characters is what APFS and NTFS allow a name (506 bytes here); 1,024 bytes a path.
+    longest = "\u00e9" * 251 + ".jpg"
+    deep = "/".join(["d" * 254 + "\u00e9", "d" * 255, "d" * 255, "x" * 251 + ".jpg"])
+    assert len(deep.encode()) == 1024
+    files, _ = read_zip(zip_of({longest: jpeg(seed=1), deep: jpeg(seed=2)}), limits=LIMITS)
+    assert len(files) == 2
+    assert len(read_uploaded_files([(longest, jpeg())], limits=LIMITS)[0]) == 1
+    for name in ("\u00e9" * 252 + ".jpg", "ok/" + "x" * 252 + ".jpg", "e/" + deep):
+        assert _refused(lambda n=name: read_zip(zip_of({n: jpeg()}), limits=LIMITS)) == \
+            "name_too_long"
+        assert _refused(lambda n=name: read_uploaded_files([(n, jpeg())], limits=LIMITS)) == \
+            "name_too_long"
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ and a check made on one parser's view of an archive while another parser reads i
    refused after reading 22 bytes; a lying count stops the walk at the limit);
 2. every central directory entry and its local header, which must agree, with member data that
    never overlaps another member's (overlap = a bomb that reuses bytes);
-3. names, links, duplicates, encryption, compression methods;
+3. names (their length first, while parsing the directory: Unicode normalisation, which the
+   checks below need, is quadratic in a run of combining marks), links, duplicates, encryption,
+   compression methods;
 4. the declared sizes and compression ratios, against the limits;
 5. then members are decompressed, each capped at its declared size (a member producing more
    than it declared is refused the moment it does), with the CRC checked;
@@ -76,6 +78,12 @@ _METHOD_NAMES = {_METHOD_STORED: "stored", _METHOD_DEFLATED: "deflate", _METHOD_
 _FILE_ATTRIBUTE_REPARSE_POINT = 0x400  # a Windows symlink or junction
 
 _CHUNK = 64 * 1024
+# Entry and file names longer than these are refused before anything normalises them: NFC is
+# quadratic in a run of combining marks (a 64 KB name holds the GIL ~6 s), and no file system a
+# photo comes from allows more than 255 characters a name (ext4: 255 bytes; APFS, NTFS: 255
+# characters). 1,024 bytes bounds a whole path, and with it the work per name (under 1 ms).
+_MAX_NAME_BYTES = 1024
+_MAX_PART_CHARS = 255
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -143,7 +151,10 @@ def read_uploaded_files(
     findings: list[Finding] = []
     seen: dict[str, str] = {}
     for index, (raw_name, blob) in enumerate(files):
-        # Browsers send a basename, scripts may send anything: it is only ever displayed.
+        # Browsers send a basename, scripts may send anything: it is only ever displayed, and
+        # bounded before it is normalised for display.
+        _check_name_length(raw_name, len(raw_name.encode("utf-8", "surrogatepass")),
+                           what="the file", redo="send it again")
         name = display_name(raw_name) or f"photo{index + 1}"
         if _is_ignored(name):
             findings.append(_ignored(name, "a system file"))
@@ -309,9 +320,13 @@ def _parse_central_directory(
         raw_name = data[name_start:extra_start]
         extra = data[extra_start:extra_start + extra_len]
         usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
+        name = _decode_name(raw_name, flags)
+        _check_name_length(name, len(raw_name))
+        alt_name = _unicode_path(extra, raw_name)
+        if alt_name is not None:  # what some extractors show instead: held to the same bounds
+            _check_name_length(alt_name, len(alt_name.encode("utf-8")))
         entries.append(_Entry(
-            raw_name=raw_name, name=_decode_name(raw_name, flags),
-            alt_name=_unicode_path(extra, raw_name), flags=flags, method=method, crc=crc,
+            raw_name=raw_name, name=name, alt_name=alt_name, flags=flags, method=method, crc=crc,
             compressed_size=csize, size=usize, header_offset=offset, external_attr=external,
         ))
         pos = next_pos
@@ -401,8 +416,19 @@ def _locate_members(data: bytes, entries: list[_Entry], *, cd_offset: int) -> li
     return spans
 
 
+def _check_name_length(name: str, size: int, *, what: str = "the archive entry",
+                       redo: str = "zip the photos again") -> None:
+    """Refuses a name over the bounds (``size``: its length in bytes as sent) before anything
+    normalises it in full."""
+    parts = name.replace("\\", "/").split("/")
+    if size > _MAX_NAME_BYTES or any(len(part) > _MAX_PART_CHARS for part in parts):
+        raise _refuse(ErrorCode.NAME_TOO_LONG,
+                      f"{what} {_clean(name)!r} has a name longer than {_MAX_PART_CHARS} "
+                      f"characters (or a path longer than {_MAX_NAME_BYTES} bytes); rename it "
+                      f"and {redo}")
+
+
 def _check_path(name: str) -> None:
-    shown = _clean(name)
     parts = name.split("/")
     unsafe = (
         name == "" or name.startswith("/") or "\\" in name or "\x00" in name
@@ -410,8 +436,8 @@ def _check_path(name: str) -> None:
     )
     if unsafe:
         raise _refuse(ErrorCode.UNSAFE_PATH,
-                      f"the archive entry {shown!r} has an unsafe path (absolute, '..', a drive "
-                      "letter or a backslash)")
+                      f"the archive entry {_clean(name)!r} has an unsafe path (absolute, '..', "
+                      "a drive letter or a backslash)")
 
 
 def _check_file_type(entry: _Entry) -> None:
@@ -426,14 +452,14 @@ def _check_file_type(entry: _Entry) -> None:
 
 
 def _check_readable(entry: _Entry) -> None:
-    shown = _clean(entry.name)
     if entry.flags & (_FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION) or entry.method == _METHOD_AES:
         raise _refuse(ErrorCode.ENCRYPTED_MEMBER,
-                      f"{shown} is password-protected; upload a zip without a password")
+                      f"{_clean(entry.name)} is password-protected; upload a zip without a "
+                      "password")
     if entry.method not in _METHOD_NAMES:
         raise _refuse(ErrorCode.UNSUPPORTED_COMPRESSION,
-                      f"{shown} is compressed with method {entry.method}, which is not "
-                      "supported; make the zip with your system's \"Compress\" command")
+                      f"{_clean(entry.name)} is compressed with method {entry.method}, which is "
+                      "not supported; make the zip with your system's \"Compress\" command")
 
 
 def _check_declared_sizes(entries: list[_Entry], *, archive_bytes: int,
@@ -641,6 +667,10 @@ def _fold(name: str) -> str:
 
 
 def _clean(text: str) -> str:
+    # Only the ends of an overlong text are shown, so only they are normalised: NFC is
+    # quadratic in a run of combining marks. (Names that are read are within the bounds.)
+    if len(text) > _MAX_NAME_BYTES:
+        text = text[:60] + "..." + text[-40:]
     # Control and format characters (bidi overrides can make "gpj.exe" read "exe.jpg") go.
     kept = "".join(ch for ch in unicodedata.normalize("NFC", text)
                    if unicodedata.category(ch) not in ("Cc", "Cf", "Cs"))
