@@ -295,8 +295,24 @@ def size_lie_zip() -> bytes:
     return zero_bomb(30 * MB, declared=1000)
 
 
-def polyglot_jpeg_zip() -> bytes:
-    return jpeg() + zip_of({"payload.txt": b"#!/bin/sh\necho pwned\n"})
+def polyglot_jpeg_zip(*, zip64: bool = False, after: bytes = b"") -> bytes:
+    """A JPEG with a zip appended, which zip tools open; ``zip64``: with zip64 end records (as
+    Java, 7-Zip and Info-ZIP write them); ``after``: bytes after the end record, which zipfile
+    and unzip skip."""
+    archive = zip_of({"payload.txt": b"#!/bin/sh\necho pwned\n"})
+    return jpeg() + (with_zip64_end(archive) if zip64 else archive) + after
+
+
+def with_zip64_end(archive: bytes) -> bytes:
+    """The archive (without a comment) with a zip64 end record and locator before its end
+    record, which then sits 76 bytes after the central directory instead of right after it."""
+    _sig, disk, cd_disk, here, total, cd_size, cd_offset, _comment = struct.unpack(
+        "<4s4H2IH", archive[-22:])
+    body = archive[:-22]
+    record = struct.pack("<4sQ2H2I4Q", b"PK\x06\x06", 44, 45, 45, disk, cd_disk, here, total,
+                         cd_size, cd_offset)
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, len(body), 1)
+    return body + record + locator + archive[-22:]
 
 
 def nested_gzip() -> bytes:
@@ -371,6 +387,10 @@ ARCHIVE_BYTES: dict[str, tuple[Callable[[], bytes], str]] = {
     "nested_zip": (lambda: zip_of({"more.jpg": zip_of({"a.jpg": jpeg()})}), "nested_archive"),
     "nested_gzip": (lambda: zip_of({"photo.jpg": nested_gzip()}), "nested_archive"),
     "jpeg_zip_polyglot": (lambda: zip_of({"photo.jpg": polyglot_jpeg_zip()}), "nested_archive"),
+    "jpeg_zip_polyglot_byte_after": (
+        lambda: zip_of({"photo.jpg": polyglot_jpeg_zip(after=b"\n")}), "nested_archive"),
+    "jpeg_zip64_polyglot": (lambda: zip_of({"photo.jpg": polyglot_jpeg_zip(zip64=True)}),
+                            "nested_archive"),
     "traversal_dotdot": (lambda: zip_of({"../x.jpg": jpeg()}), "unsafe_path"),
     "traversal_absolute": (lambda: zip_of({"/etc/x.jpg": jpeg()}), "unsafe_path"),
     "traversal_drive_letter": (lambda: zip_of({"C:\\x.jpg": jpeg()}), "unsafe_path"),
@@ -407,6 +427,9 @@ CASES: list[Case] = [
     Case("files_zip_among_photos", lambda: [("a.jpg", jpeg()), ("b.jpg", zip_of({"c.jpg": jpeg()}))],
          "nested_archive", route="files"),
     Case("files_jpeg_zip_polyglot", lambda: [("a.jpg", polyglot_jpeg_zip())], "nested_archive",
+         route="files"),
+    Case("files_jpeg_zip64_polyglot_byte_after",
+         lambda: [("a.jpg", polyglot_jpeg_zip(zip64=True, after=b"\n"))], "nested_archive",
          route="files"),
     # 4 KB: the multipart parser itself answers 400 to a 64 KB file name.
     Case("files_long_name", lambda: [(slow_to_normalise(1000) + ".jpg", jpeg())], "name_too_long",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import tracemalloc
 import unicodedata
 import zipfile
@@ -33,6 +34,7 @@ from tests.support.hostile import (
     raw_zip,
     slow_to_normalise,
     stored,
+    with_zip64_end,
     zip_of,
 )
 
@@ -177,9 +179,34 @@ def test_archive_kind_finds_appended_zips_without_false_alarms() -> None:
     assert archive_kind(polyglot_jpeg_zip()) == "zip archive (appended)"
     assert archive_kind(zip_of({"a": b"b"})) == "zip archive"
     assert archive_kind(jpeg()) is None
-    # The end-record signature inside a photo's bytes is not enough.
+    # The end-record signatures inside a photo's bytes are not enough, nor is an end record
+    # whose directory is not where it says.
     assert archive_kind(jpeg() + b"PK\x05\x06" + bytes(18)) is None
+    assert archive_kind(jpeg() + b"PK\x05\x06" + struct.pack("<4H2IH", 0, 0, 1, 1, 300, 0, 0)
+                        + b"more photo") is None
+    assert archive_kind(jpeg() + b"PK\x06\x06" + bytes(52) + b"PK\x06\x07" + bytes(16)) is None
+    assert archive_kind(jpeg() + zip_of({"a": b"b"})[-22:] + b"\n") is None
     assert archive_kind(os.urandom(4096)) is None
+
+
+@pytest.mark.parametrize("polyglot", [
+    polyglot_jpeg_zip(after=b"\n"),
+    polyglot_jpeg_zip(zip64=True),
+    polyglot_jpeg_zip(zip64=True, after=b"\x00" * 100),
+], ids=["byte_after", "zip64_end", "zip64_end_bytes_after"])
+def test_appended_zips_that_zip_tools_open_are_found(polyglot: bytes) -> None:
+    with zipfile.ZipFile(io.BytesIO(polyglot)) as zf:  # what an extractor downstream sees
+        assert zf.read("payload.txt").startswith(b"#!/bin/sh")
+    assert archive_kind(polyglot) == "zip archive (appended)"
+    assert _refused(lambda: read_zip(zip_of({"selfie.jpg": polyglot}), limits=LIMITS)) == \
+        "nested_archive"
+    assert _refused(lambda: read_uploaded_files([("selfie.jpg", polyglot)], limits=LIMITS)) == \
+        "nested_archive"
+
+
+def test_zip64_end_records_are_read() -> None:
+    files, _ = read_zip(with_zip64_end(zip_of({"a.jpg": jpeg()})), limits=LIMITS)
+    assert [f.name for f in files] == ["a.jpg"]
 
 
 def test_local_header_must_agree_with_the_directory() -> None:

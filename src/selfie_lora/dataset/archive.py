@@ -627,21 +627,34 @@ _BZIP2 = re.compile(rb"BZh[1-9]1AY&SY")
 
 
 def _appended_zip(data: bytes) -> bool:
-    # A zip reader starts from the end: an end record whose comment ends the file, preceded by
-    # a central directory, makes any file a zip, whatever comes first.
+    # A zip reader starts from the end: an end record near the end of a file whose directory size
+    # leads back to a central directory header makes it a zip, whatever comes first. Readers are
+    # lenient (zipfile and unzip open a zip followed by stray bytes, and find a zip64 record
+    # right before its locator), so any end record in the last 64 KiB + 22 bytes counts, plain
+    # or zip64, wherever its comment ends. Offsets are not used: in an appended zip they are off
+    # by the length of what comes first, which readers work out from where the records are.
     size = len(data)
     low = max(0, size - _EOCD.size - _MAX_COMMENT)
     pos = data.rfind(_SIG_EOCD, low)
     while pos >= 0:
-        if pos + _EOCD.size <= size:
-            fields = _EOCD.unpack_from(data, pos)
-            entries, cd_size, comment_len = fields[4], fields[5], fields[7]
-            start = pos - cd_size
-            if (pos + _EOCD.size + comment_len == size and entries > 0 and start >= 0
-                    and data[start:start + 4] == _SIG_CENTRAL):
-                return True
+        if pos + _EOCD.size <= size and _directory_ends_at(data, pos, _EOCD.unpack_from(data, pos)[5]):
+            return True
         pos = data.rfind(_SIG_EOCD, low, pos)
+    # A zip64 locator precedes the plain end record, so its window starts that much earlier.
+    pos = data.rfind(_SIG_Z64_LOCATOR, max(0, low - _Z64_LOCATOR.size))
+    while pos >= 0:
+        record = pos - _Z64_EOCD.size
+        if (pos + _Z64_LOCATOR.size <= size and record >= 0
+                and data[record:record + 4] == _SIG_Z64_EOCD
+                and _directory_ends_at(data, record, _Z64_EOCD.unpack_from(data, record)[8])):
+            return True
+        pos = data.rfind(_SIG_Z64_LOCATOR, max(0, low - _Z64_LOCATOR.size), pos)
     return False
+
+
+def _directory_ends_at(data: bytes, end: int, cd_size: int) -> bool:
+    start = end - cd_size
+    return cd_size > 0 and start >= 0 and data[start:start + 4] == _SIG_CENTRAL
 
 
 def _refuse_nested(name: str, blob: bytes) -> None:
