@@ -7,6 +7,9 @@ writes) and an expiry that the worker's heartbeat keeps pushing forward. A lease
 that ``expire_lease`` ended because its owner is known to be dead) is free to take:
 the new holder resumes the training from wherever its row says it is. After ``max_attempts``
 take-overs from dead holders the training is failed instead, with a sentence a user can act on.
+A worker that cannot reach what a remote run needs (the trainer's API, the storage the weights go
+to) steps away from it (``step_away``) rather than failing it: that counts as such a take-over, so
+an outage that never ends still fails the training after ``max_attempts``.
 
 Pure functions only: the service calls them inside its transactions.
 """
@@ -30,6 +33,12 @@ INTERRUPTED_MESSAGE = (
     "The training was interrupted {count} times because the worker running it stopped "
     "unexpectedly. Your active version is unchanged; start the training again, and contact "
     "support if it happens again."
+)
+
+OUTAGE_MESSAGE = (
+    "The training was stopped after {count} interrupted attempts (the last one: {reason}). Your "
+    "active version is unchanged; start the training again later, and contact support if it "
+    "happens again."
 )
 
 
@@ -124,6 +133,23 @@ def release(t: Training) -> Training:
     """``t`` handed back cleanly (a graceful shutdown): the next worker takes it over without
     counting a recovery."""
     return dataclasses.replace(t, lease_owner=None, lease_expires_at=None)
+
+
+def step_away(t: Training, now: datetime, *, reason: str) -> Training:
+    """``t`` left by a worker that could not reach what its remote run needs (``reason``, a
+    sentence; on an unfinished training ``error`` holds only that). Free to claim at once, like
+    ``release``, but the owner stays, so the next claim counts a recovery: the remote run is
+    adopted again by its id, and an outage that never ends fails the training after
+    ``max_attempts`` (``exhausted_error``) instead of being retried for ever."""
+    return dataclasses.replace(t, lease_expires_at=now, error=reason)
+
+
+def exhausted_error(t: Training) -> str:
+    """The sentence of a training failed after ``t.recoveries`` take-overs: an outage's when the
+    last attempt stepped away for one (its reason is still on the row), else a dead worker's."""
+    if t.error:
+        return OUTAGE_MESSAGE.format(count=t.recoveries, reason=t.error.rstrip("."))
+    return INTERRUPTED_MESSAGE.format(count=t.recoveries)
 
 
 class Recovery(enum.Enum):

@@ -24,7 +24,12 @@ picks up from wherever the row says the training is, so any attempt can resume a
 unfinished training that nobody holds and no message will reach, and cancels the ones whose user
 asked for it while nobody held them. A training whose workers died ``max_attempts`` times is
 failed with a sentence the user can act on. A worker that shuts down hands its trainings back
-(lease released, message re-queued) instead of ending them.
+(lease released, message re-queued) instead of ending them. Once a remote run exists (a remote id
+is stored), a trainer that cannot be reached, or a storage error while its weights are copied,
+does not end the training either: the worker steps away (``step_away``: like a hand-back, but
+counted as a take-over) and the next attempt adopts the remote run, so an outage costs neither
+the run nor the version it adds to the destination; one that outlasts ``max_attempts`` fails the
+training and cancels the remote run, as every real failure of a training with a remote run does.
 """
 
 from __future__ import annotations
@@ -57,17 +62,18 @@ from selfie_lora.domain.entities import (
     Version,
 )
 from selfie_lora.domain.lease import (
-    INTERRUPTED_MESSAGE,
     ClaimOutcome,
     LeasePolicy,
     Recovery,
     claim,
+    exhausted_error,
     expire_lease,
     holder_is_silent,
     holds,
     recovery_action,
     release,
     scoring_exhausted,
+    step_away,
 )
 from selfie_lora.domain.plan import TrainingDefaults, TrainingPlan, plan_training
 from selfie_lora.domain.progress import add_loss_point
@@ -80,7 +86,9 @@ from selfie_lora.errors import (
     LeaseLostError,
     NotFoundError,
     SelfieLoraError,
+    StorageError,
     TrainerError,
+    TrainerUnavailableError,
     TrainingCanceledError,
     TrainingInterruptedError,
 )
@@ -461,6 +469,9 @@ class TrainingService:
             except LeaseLostError:
                 logger.warning("training %s: another worker took it over; this one stops",
                                training_id)
+            except _UnreachableError as exc:
+                # After the heartbeat has stopped: a beat now would renew the lease stepped away.
+                self._step_away(held, exc)
             except TrainingInterruptedError:
                 self._hand_back(held)
 
@@ -558,8 +569,8 @@ class TrainingService:
             if outcome is ClaimOutcome.EXHAUSTED:
                 failed = dataclasses.replace(
                     transition(updated, TrainingStatus.FAILED, at=self._clock(),
-                               reason=f"its worker died {updated.recoveries} times"),
-                    error=INTERRUPTED_MESSAGE.format(count=updated.recoveries))
+                               reason=f"its worker stopped {updated.recoveries} times"),
+                    error=exhausted_error(updated))
                 tx.save_training(failed)
                 tx.add_event(model_id=failed.model_id, kind="training_failed", data={
                     "training_id": failed.id, "error": failed.error,
@@ -573,8 +584,8 @@ class TrainingService:
         if updated.recoveries > current.recoveries:  # a take-over from a worker that stopped
             self._telemetry.lease_recovered(phase="scoring" if updated.is_scoring else "training")
         if outcome is ClaimOutcome.EXHAUSTED:
-            logger.warning("training %s failed: its worker died %d times", training_id,
-                           updated.recoveries)
+            logger.warning("training %s failed: its worker stopped %d times (%s)", training_id,
+                           updated.recoveries, updated.error or "died")
             self._ended(failed, error_code=ErrorCode.TRAINING_INTERRUPTED)
             self._cancel_remote(updated)
             self._checkpoints.drop(training_id)  # failed: it will never be resumed
@@ -621,6 +632,24 @@ class TrainingService:
         logger.info("training %s handed back (attempt %d): this worker is stopping",
                     held.training_id, held.attempt)
 
+    def _step_away(self, held: _Held, exc: _UnreachableError) -> None:
+        """Leave a training whose remote run goes on while what it needs is unreachable: the
+        next attempt adopts the run (``step_away`` counts it, so an endless outage ends)."""
+        try:
+            self._update_held(held, lambda t: step_away(t, self._clock(), reason=exc.reason))
+        except LeaseLostError:
+            return
+        except SelfieLoraError as db_exc:
+            # The database is away too: the lease runs out on its own and the reconciler rings
+            # again, which counts the attempt all the same.
+            logger.warning("training %s: could not step away: %s", held.training_id,
+                           db_exc.message)
+            return
+        self._queue.enqueue_training(held.training_id)
+        logger.warning("training %s: %s (attempt %d); the remote run %s goes on and the next "
+                       "attempt adopts it", held.training_id, exc.message, held.attempt,
+                       exc.remote_id)
+
     # ------------------------------------------------------------------ the work
     def _advance(self, held: _Held) -> None:
         training = held.training
@@ -663,8 +692,24 @@ class TrainingService:
                 checkpoints=_HeldStore(self, held, keep=self._checkpoints.keep,
                                        what="checkpoint"),
                 samples=_HeldStore(self, held, keep=self._samples.keep, what="sample"))
-            result = trainer.train(job, sink=_Sink(self, held))
-            self._store_version(held, result)
+            sink = _Sink(self, held)
+            try:
+                result = trainer.train(job, sink=sink)
+            except TrainerUnavailableError as exc:
+                if sink.remote_id is None:
+                    raise  # nothing runs remotely: failing it loses nothing
+                raise _UnreachableError(
+                    exc.message, remote_id=sink.remote_id,
+                    reason=f"{_backend_name(training.backend)} could not be reached") from exc
+            try:
+                self._store_version(held, result)
+            except StorageError as exc:
+                if sink.remote_id is None:
+                    raise
+                # The remote output outlives this (about an hour): the next attempt downloads
+                # it again.
+                raise _UnreachableError(exc.message, remote_id=sink.remote_id,
+                                        reason="the trained LoRA could not be stored") from exc
             self._checkpoints.drop(training.id)
             return True
         except TrainingInterruptedError:
@@ -785,6 +830,9 @@ class TrainingService:
         self._repo.add_event(model_id=t.model_id, kind="training_failed",
                              data={"training_id": t.id, "error": user_message})
         logger.info("training %s failed: %s", t.id, reason)
+        # A remote run of a failed training would go on, billed, and add a version to the
+        # destination that nothing records.
+        self._cancel_remote(t)
 
     def _finish_canceled(self, held: _Held, *, reason: str) -> None:
         with self._holding(held) as (tx, current):
@@ -807,7 +855,8 @@ class TrainingService:
         return canceled
 
     def _cancel_remote(self, t: Training) -> None:
-        """A training ended while nobody ran it: its remote twin, if any, is canceled too."""
+        """A training ended (failed, or canceled while nobody ran it) before its version was
+        stored: its remote twin, if any, is canceled too."""
         trainer = self._trainers.get(t.backend)
         if t.remote_id is None or t.version_id is not None or trainer is None:
             return
@@ -849,6 +898,21 @@ class TrainingService:
         if self._intake is None:
             raise RuntimeError("this training service was built without an intake service")
         return self._intake
+
+
+class _UnreachableError(TrainingInterruptedError):
+    """What a remote run needs (the trainer's API, the storage of its weights) cannot be reached:
+    the worker steps away from the training (``TrainingService._step_away``) instead of failing
+    it. ``reason``: a sentence for the training's row."""
+
+    def __init__(self, message: str, *, remote_id: str, reason: str) -> None:
+        super().__init__(message)
+        self.remote_id = remote_id
+        self.reason = reason
+
+
+def _backend_name(backend: str) -> str:
+    return "Replicate" if backend == "replicate" else f"the {backend} trainer"
 
 
 class _Held:
@@ -977,12 +1041,16 @@ class _Sink:
     def __init__(self, service: TrainingService, held: _Held) -> None:
         self._service = service
         self._held = held
+        # The remote run this attempt adopted or started, once stored: from then on an outage
+        # interrupts the training instead of failing it.
+        self.remote_id = held.training.remote_id
 
     def started(self, *, remote_id: str | None) -> None:
         def apply(t: Training) -> Training:
             return dataclasses.replace(t, remote_id=remote_id or t.remote_id)
 
-        self._service._update_held(self._held, apply)
+        stored = self._service._update_held(self._held, apply)
+        self.remote_id = stored.remote_id
 
     def progress(
         self, *, status: TrainingStatus, step: int, total: int, loss: float | None = None
@@ -997,9 +1065,10 @@ class _Sink:
             t = transition(t, status, at=self._service._clock(), reason="trainer progress")
             curve = (add_loss_point(t.loss_curve, step=step, loss=loss) if loss is not None
                      else t.loss_curve)
+            # error=None: the trainer answers again, so an earlier attempt's outage is over.
             return dataclasses.replace(
                 t, step=max(0, step), total_steps=total if total > 0 else t.total_steps,
-                loss=loss if loss is not None else t.loss, loss_curve=curve,
+                loss=loss if loss is not None else t.loss, loss_curve=curve, error=None,
             )
 
         self._service._update_held(self._held, apply)

@@ -1,0 +1,169 @@
+"""An outage once a Replicate training exists (its remote id stored) interrupts our training
+instead of failing it: the remote run goes on, billed, and adds a version to the destination, so
+failing here would lose that version (contract invariant 5). The next attempt adopts the run by its
+id and copies its weights; an outage that never ends fails the training after the configured
+attempts and cancels the remote run. On the Replicate stand-in, with the real adapter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from selfie_lora.adapters.replicate.session import ReplicateConnection
+from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+from selfie_lora.domain.entities import Training, TrainingStatus
+from selfie_lora.errors import StorageError
+from selfie_lora.testing.fakes import FakeGenerator
+from selfie_lora.testing.replicate_standin import ReplicateStandIn
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import make_settings, one_person_analyzer
+from tests.support.photos import photo_zip
+
+OWNER = "acme"
+# Every status poll of a training (and the read that adopts one by its id).
+POLLS = "/v1/trainings/*"
+
+
+class FlakyWeightsStore(FileSystemBlobStore):
+    """Blobs on disk, but the next ``failures`` writes of LoRA weights fail as a storage outage
+    would."""
+
+    failures = 0
+
+    def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> bool:
+        if key.startswith("weights/") and self.failures > 0:
+            self.failures -= 1
+            raise StorageError(f"blob {key!r} cannot be written: the storage is unreachable")
+        return super().put_file(key, path, if_absent=if_absent)
+
+
+@dataclass
+class Rig:
+    standin: ReplicateStandIn
+    services: Services
+    blobs: FlakyWeightsStore
+    training_id: str
+
+    def training(self) -> Training:
+        t = self.services.repo.get_training(self.training_id)
+        assert t is not None
+        return t
+
+    def remote_runs(self) -> int:
+        return len(self.standin.trainings)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    with ReplicateStandIn() as standin:
+        settings = make_settings(tmp_path, trainer="replicate", replicate_owner=OWNER,
+                                 replicate_api_token=standin.token,
+                                 replicate_base_url=standin.base_url)
+        # Two retries a call (the sleeps are recorded, not slept): an outage is any run of more
+        # failed answers than that.
+        trainer = ReplicateTrainer(connection=ReplicateConnection(
+            api_token=standin.token, base_url=standin.base_url, max_retries=2,
+            sleep=lambda _s: None, timeout=10.0), owner=OWNER, poll_interval=0.0)
+        blobs = FlakyWeightsStore(settings.blob_dir)
+        services = build_services(settings, trainers={"replicate": trainer}, blobs=blobs,
+                                  generators={"replicate": FakeGenerator(backend="replicate")},
+                                  face_analyzer=one_person_analyzer())
+        user, _ = services.users.create(name="ann")
+        started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+        assert started.training is not None
+        try:
+            yield Rig(standin, services, blobs, started.training.id)
+        finally:
+            services.close()
+
+
+def test_an_outage_mid_training_is_survived_and_the_remote_version_recorded(rig: Rig) -> None:
+    rig.standin.fail_next("GET", POLLS, status=503, times=3)  # one attempt's worth of retries
+    rig.services.training.run(rig.training_id)
+
+    t = rig.training()
+    assert not t.status.is_terminal, t.error  # not failed: the remote run is still ours
+    assert t.remote_id is not None
+    assert t.error == "Replicate could not be reached"  # what the progress answers say meanwhile
+    remote = rig.standin.trainings[t.remote_id]
+    assert remote.cancel_requests == 0
+    assert rig.training_id in rig.services.queue.queued_training_ids()  # rung again at once
+
+    rig.services.training.run(rig.training_id)  # the next attempt (any worker)
+
+    t = rig.training()
+    assert t.status is TrainingStatus.SUCCEEDED, t.error
+    assert t.error is None
+    assert (t.attempt, t.recoveries) == (2, 1)
+    assert rig.remote_runs() == 1  # adopted by its id, never created twice
+    assert remote.status == "succeeded"
+    assert remote.cancel_requests == 0
+    assert t.version_id is not None
+    version = rig.services.repo.get_version(t.version_id)
+    assert version is not None
+    destination_versions = rig.standin.versions[t.destination]
+    assert version.remote_version == f"{t.destination}:{destination_versions[0]['id']}"
+    assert not version.version_mismatch
+    assert rig.services.blobs.get(version.weights_key) == rig.standin.weights_for(t.remote_id)
+
+
+def test_a_storage_outage_while_the_weights_are_copied_is_survived(rig: Rig) -> None:
+    rig.blobs.failures = 1
+    rig.services.training.run(rig.training_id)
+
+    t = rig.training()
+    assert not t.status.is_terminal, t.error
+    assert t.version_id is None
+    assert t.error == "the trained LoRA could not be stored"
+
+    rig.services.training.run(rig.training_id)
+
+    t = rig.training()
+    assert t.status is TrainingStatus.SUCCEEDED, t.error
+    assert rig.remote_runs() == 1
+    assert t.remote_id is not None
+    assert t.version_id is not None
+    version = rig.services.repo.get_version(t.version_id)
+    assert version is not None
+    assert rig.services.blobs.get(version.weights_key) == rig.standin.weights_for(t.remote_id)
+
+
+def test_an_outage_that_never_ends_fails_after_the_attempts_and_cancels_the_remote_run(
+    rig: Rig,
+) -> None:
+    rig.standin.fail_next("GET", POLLS, status=503, times=10_000)
+    attempts = rig.services.training.lease.max_attempts
+    for _ in range(attempts + 1):  # the last claim finds the attempts used up
+        rig.services.training.run(rig.training_id)
+    rig.services.training.run(rig.training_id)  # an ended training is left alone
+
+    t = rig.training()
+    assert t.status is TrainingStatus.FAILED
+    assert (t.attempt, t.recoveries) == (attempts, attempts)
+    assert t.error is not None
+    assert f"after {attempts} interrupted attempts" in t.error  # why, in a sentence
+    assert "Replicate could not be reached" in t.error
+    assert t.version_id is None
+    assert t.remote_id is not None
+    assert rig.remote_runs() == 1
+    remote = rig.standin.trainings[t.remote_id]
+    assert remote.cancel_requests == 1  # not left running, billed, into our destination
+    assert remote.status == "canceled"
+    assert rig.services.repo.list_versions(t.model_id) == []
+
+
+def test_a_training_that_fails_with_a_remote_run_cancels_it(rig: Rig) -> None:
+    # A refusal (a 4xx, not an outage) while the remote run goes on.
+    rig.standin.fail_next("GET", POLLS, status=422)
+    rig.services.training.run(rig.training_id)
+
+    t = rig.training()
+    assert t.status is TrainingStatus.FAILED
+    assert t.remote_id is not None
+    remote = rig.standin.trainings[t.remote_id]
+    assert remote.cancel_requests == 1
+    assert remote.status == "canceled"
