@@ -29,7 +29,9 @@ from selfie_lora.domain.recipes import (
     DEFAULT_REPLICATE_RECIPE,
     DEFAULT_REPLICATE_TRAINER_VERSION,
     default_local_trainer_version,
+    validate_trainer_version,
 )
+from selfie_lora.errors import InvalidInputError
 
 
 class Settings(BaseSettings):
@@ -196,6 +198,20 @@ class Settings(BaseSettings):
         if self.storage_url is not None and not self.storage_url.startswith("s3://"):
             raise ValueError("SELFIE_LORA_STORAGE_URL must be unset (files under HOME) or "
                              "s3://bucket/prefix")
+        return self
+
+    @model_validator(mode="after")
+    def _trainer_version_fits_the_backend(self) -> Settings:
+        # A first training pins this on its model for good: one the trainer would refuse must
+        # stop the process now (as a re-pin to it would be refused), not fail every training of
+        # every new model later.
+        if self.trainer_version:
+            try:
+                self.trainer_version = validate_trainer_version(
+                    backend=self.trainer, trainer_version=self.trainer_version)
+            except InvalidInputError as exc:
+                raise ValueError(f"SELFIE_LORA_TRAINER_VERSION (trainer {self.trainer}): "
+                                 f"{exc.message}") from None
         return self
 
     @model_validator(mode="after")
