@@ -142,18 +142,26 @@ class ModelService:
 
     def change_trainer_version(self, *, user: User, trainer_version: str, reason: str) -> Model:
         """The one explicit, logged way to move a model to another trainer version."""
-        model = self.get(user=user)
         if not reason.strip():
             raise InvalidInputError("say why the trainer version changes (reason)",
                                     code=ErrorCode.REASON_REQUIRED)
-        version = validate_trainer_version(backend=model.backend, trainer_version=trainer_version)
-        if any(t.status.is_active for t in self._repo.list_trainings(model.id)):
-            raise ConflictError("wait for the running training to end before re-pinning")
-        changed = with_trainer_version(model, version)
-        self._repo.set_model_trainer_version(model.id, changed.trainer_version)
-        self._repo.add_event(model_id=model.id, kind="trainer_version_changed", data={
-            "from": model.trainer_version, "to": changed.trainer_version, "reason": reason,
-        })
+        # The check and the write in one transaction, the model row locked (PostgreSQL; on SQLite
+        # the transaction holds the database's write lock from its start): a start takes the
+        # same lock (TrainingService.start), so none can queue a training on the old pin between
+        # "nothing is running" and the new pin.
+        with self._repo.atomic() as tx:
+            model = tx.get_model_for_user(user.id, for_update=True)
+            if model is None:
+                raise NotFoundError("you have no model yet: upload photos to start one")
+            version = validate_trainer_version(backend=model.backend,
+                                               trainer_version=trainer_version)
+            if any(t.status.is_active for t in tx.list_trainings(model.id)):
+                raise ConflictError("wait for the running training to end before re-pinning")
+            changed = with_trainer_version(model, version)
+            tx.set_model_trainer_version(model.id, changed.trainer_version)
+            tx.add_event(model_id=model.id, kind="trainer_version_changed", data={
+                "from": model.trainer_version, "to": changed.trainer_version, "reason": reason,
+            })
         logger.warning("model %s re-pinned from %s to %s (%s)", model.id, model.trainer_version,
                        changed.trainer_version, reason)
         return self.get(user=user)

@@ -239,7 +239,10 @@ class TrainingService:
                 raise NotFoundError("no such dataset")
             if not dataset.accepted:
                 raise InvalidInputError("that dataset was not accepted", code=ErrorCode.DATASET_REJECTED)
-            model = tx.get_model_for_user(user.id)
+            # Locked: a re-pin (ModelService.change_trainer_version) checks that no training is
+            # active and writes the pin under the same lock, so this start plans on the pin it
+            # left, or the re-pin finds this training and is refused.
+            model = tx.get_model_for_user(user.id, for_update=True)
             _refuse_if_busy(tx, model)
             plan = plan_training(
                 model, user_id=user.id, new_model_id=new_id(), defaults=defaults, rng=self._rng,

@@ -485,9 +485,12 @@ class SqlRepository:
             row = s.get(ModelRow, model_id)
             return _model(row) if row else None
 
-    def get_model_for_user(self, user_id: str) -> Model | None:
-        with self._read() as s:
-            row = s.scalars(select(ModelRow).where(ModelRow.user_id == user_id)).first()
+    def get_model_for_user(self, user_id: str, *, for_update: bool = False) -> Model | None:
+        with self._tx() if for_update else self._read() as s:
+            stmt = select(ModelRow).where(ModelRow.user_id == user_id)
+            if for_update:
+                stmt = stmt.with_for_update()
+            row = s.scalars(stmt).first()
             return _model(row) if row else None
 
     def get_model_overview(self, user_id: str
