@@ -232,6 +232,29 @@ def test_a_version_activated_while_pending_stays_active_whatever_the_gate_says(r
     assert done.status is TrainingStatus.SUCCEEDED
 
 
+def test_a_rollback_made_while_a_version_is_scored_is_not_undone_by_its_pass(rig: Rig) -> None:
+    # v1 active; v2 stored and being scored; its user tries v2 early, then rolls back to v1.
+    # v2 then passes: v1, the user's last choice, stays active, though it is also what was
+    # active when v2 was stored.
+    ann = rig.user()
+    v1 = rig.train(ann)
+    pending = rig.train_until_scoring(ann)
+    assert pending.version_id is not None
+    rig.models.activate(user=ann, version_id=pending.version_id)
+    rig.models.activate(user=ann, version_id=v1.id)
+    rig.restart()
+    decided = rig.repo.get_version(pending.version_id)
+    assert decided is not None
+    assert decided.gate_status is GateStatus.PASSED
+    assert decided.gate_details["kept_user_choice"] == v1.id
+    assert "you activated meanwhile stays active" in decided.gate_reason
+    assert rig.model(ann).active_version_id == v1.id
+    # Without a choice meanwhile, a pass activates the new version as before.
+    v3 = rig.train(ann)
+    assert v3.gate_status is GateStatus.PASSED
+    assert rig.model(ann).active_version_id == v3.id
+
+
 def test_a_failed_alert_delivery_is_recorded_and_never_fatal(tmp_path: Path) -> None:
     rig = Rig(root=tmp_path, generator=photo_generator(same_person()),
               alerter=RecordingAlerter(fail=True))

@@ -327,6 +327,10 @@ def test_remote_id_lookup_and_events(repo: SqlRepository) -> None:
     repo.add_event(model_id=model.id, kind="training_succeeded", data={"b": [1, 2]})
     assert [e["kind"] for e in repo.list_events(model.id)] == ["training_queued",
                                                                "training_succeeded"]
+    repo.add_event(model_id=model.id, kind="training_queued", data={})
+    assert repo.count_events(model.id, kind="training_queued") == 2
+    assert repo.count_events(model.id, kind="version_activated") == 0
+    assert repo.count_events("another-model", kind="training_queued") == 0
 
 
 def test_api_keys_authenticate_until_revoked(repo: SqlRepository) -> None:

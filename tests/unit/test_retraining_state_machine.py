@@ -111,6 +111,8 @@ class Retraining(RuleBasedStateMachine):
         # pending version was stored, and what a user's early activation replaced.
         self.identity: dict[str, float] = {}
         self.active_when_stored: dict[str, str | None] = {}
+        self.activations = 0  # the user's choices of a version so far
+        self.activations_when_stored: dict[str, int] = {}
         self.replaced: dict[str, str | None] = {}
         self.orphans: set[str] = set()  # trainings whose worker died holding them
         self.takeovers: dict[str, int] = {}  # training id -> times a worker took it over
@@ -264,6 +266,7 @@ class Retraining(RuleBasedStateMachine):
         if after.version_id is not None and tid not in self.published:
             self.published.add(tid)
             self.active_when_stored[after.version_id] = before_model.active_version_id
+            self.activations_when_stored[after.version_id] = self.activations
         if tid in self.orphans:
             assert not after.status.is_terminal
             assert after.lease_owner == "worker-a"  # held by the dead worker
@@ -328,7 +331,11 @@ class Retraining(RuleBasedStateMachine):
         expected = GateStatus.PASSED if passes else GateStatus.HELD
         assert version.gate_status is expected, version.gate_reason
         assert (version.alert is not None) == (expected is GateStatus.HELD)
-        if passes and active_at_judge in (self.active_when_stored[vid], vid):
+        # A pass activates it unless the user chose a version since it was stored (even the
+        # one that was active then).
+        untouched = (active_at_judge == self.active_when_stored[vid]
+                     and self.activations == self.activations_when_stored[vid])
+        if passes and (active_at_judge == vid or untouched):
             self.expected_active = vid
 
     @precondition(lambda self: bool(self.queue.pending))
@@ -401,6 +408,7 @@ class Retraining(RuleBasedStateMachine):
         if chosen.gate_status is not GateStatus.PASSED and chosen.id != model.active_version_id:
             self.replaced[chosen.id] = model.active_version_id
         self.models.activate(user=self.user, version_id=chosen.id)
+        self.activations += 1
         self.expected_active = chosen.id
         activated = [e for e in self.repo.list_events(model.id) if e["kind"] == "version_activated"]
         assert activated[-1]["data"]["overrides_gate"] is (chosen.gate_status is not GateStatus.PASSED)

@@ -1,10 +1,15 @@
-"""Naming a version: one rule for every route and command that takes one."""
+"""Naming a version: one rule for every route and command that takes one; and the log's name
+for a user's choice of the active version."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from selfie_lora.domain.entities import Version
+
+# The event a user's activation (rollback or roll forward) writes; the likeness gate counts them
+# to know whether the user chose a version while another was being scored.
+VERSION_ACTIVATED = "version_activated"
 
 
 def find_version(versions: Sequence[Version], ref: str) -> Version | None:

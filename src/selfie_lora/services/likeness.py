@@ -52,7 +52,7 @@ from selfie_lora.domain.likeness import (
     score_probes,
     training_figures,
 )
-from selfie_lora.domain.versions import find_version
+from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
 from selfie_lora.errors import (
     ErrorCode,
     InvalidInputError,
@@ -236,7 +236,14 @@ class LikenessService:
         assert model is not None
         if verdict.status is GateStatus.PASSED:
             active_now = model.active_version_id
-            if active_now in (current.gate_details.get("active_when_stored"), current.id):
+            chosen = current.gate_details.get("activations_when_stored")
+            # Chosen since it was stored: even back to what was active then (v2, then v3 tried
+            # early, then v2 again): the user's last choice, not this pass, decides.
+            chose_since = chosen is not None and tx.count_events(
+                current.model_id, kind=VERSION_ACTIVATED) > int(chosen)
+            if active_now == current.id or (
+                    active_now == current.gate_details.get("active_when_stored")
+                    and not chose_since):
                 tx.set_model_active_version(current.model_id, current.id)
             else:
                 # The user activated another version by hand while this one was scored.

@@ -13,7 +13,7 @@ from selfie_lora.domain.entities import GateStatus, Model, User, Version
 from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.domain.plan import validate_lora_scale, with_trainer_version
 from selfie_lora.domain.recipes import validate_trainer_version
-from selfie_lora.domain.versions import find_version
+from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, NotFoundError
 from selfie_lora.services.common import utcnow
@@ -199,7 +199,7 @@ class ModelService:
                 tx.set_version_gate(version.id, status=version.gate_status,
                                     reason=version.gate_reason,
                                     details={**version.gate_details, "override": override})
-            tx.add_event(model_id=model.id, kind="version_activated", data={
+            tx.add_event(model_id=model.id, kind=VERSION_ACTIVATED, data={
                 "from": model.active_version_id, "to": version.id, "number": version.number,
                 "gate": str(version.gate_status), "gate_reason": version.gate_reason,
                 "overrides_gate": overrides,

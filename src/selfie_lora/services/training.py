@@ -78,6 +78,7 @@ from selfie_lora.domain.lease import (
 from selfie_lora.domain.plan import TrainingDefaults, TrainingPlan, plan_training
 from selfie_lora.domain.progress import add_loss_point
 from selfie_lora.domain.states import can_transition, transition
+from selfie_lora.domain.versions import VERSION_ACTIVATED
 from selfie_lora.errors import (
     AuthError,
     ConflictError,
@@ -760,9 +761,13 @@ class TrainingService:
                 weights_key=key, weights_sha256=sha, weights_method=result.weights_method,
                 remote_version=result.remote_version, version_mismatch=result.version_mismatch,
                 created_at=now, gate_status=GateStatus.PENDING,
-                # What was active when it was stored: a pass activates it only while that is
-                # still so; a version the user activated meanwhile stays active.
-                gate_details={"active_when_stored": model.active_version_id},
+                # What was active when it was stored, and how many times its user had chosen a
+                # version: a pass activates it only while that is still active and the user
+                # has chosen none since (a rollback to it included); a version the user
+                # activated meanwhile stays active.
+                gate_details={"active_when_stored": model.active_version_id,
+                              "activations_when_stored": tx.count_events(
+                                  training.model_id, kind=VERSION_ACTIVATED)},
             )
             tx.add_version(version)
             loss = _float_or(metrics.get("final_loss"), training.loss)

@@ -793,6 +793,11 @@ class SqlRepository:
                 for r in rows
             ]
 
+    def count_events(self, model_id: str, *, kind: str) -> int:
+        with self._read() as s:
+            return int(s.scalar(select(func.count()).select_from(EventRow).where(
+                EventRow.model_id == model_id, EventRow.kind == kind)) or 0)
+
     # garbage collection -------------------------------------------------------------------
     def gc_references(self) -> References:
         used = (exists().where(TrainingRow.dataset_id == DatasetRow.id)
