@@ -388,6 +388,16 @@ def test_passwords_sessions_and_sign_in_failures(repo: SqlRepository) -> None:
     assert repo.prune_sign_in_failures(before=NOW + timedelta(minutes=1)) == 2
     assert repo.sign_in_failures("name:ann", since=NOW - timedelta(days=1)) == [
         NOW + timedelta(minutes=5)]
+    # An attempt reserved under its keys' locks, then taken back (a correct password).
+    with repo.atomic() as tx:
+        tx.lock_sign_in_keys(["name:bob", "client:5.6.7.8"])
+        pending = tx.add_sign_in_failure(["name:bob", "client:5.6.7.8"], at=NOW)
+    assert len(set(pending)) == 2
+    assert repo.sign_in_failures("name:bob", since=NOW - timedelta(seconds=1)) == [NOW]
+    assert repo.delete_sign_in_failures(pending) == 2
+    assert repo.delete_sign_in_failures([]) == 0
+    assert repo.sign_in_failures("name:bob", since=NOW - timedelta(days=1)) == []
+    assert repo.sign_in_failures("client:5.6.7.8", since=NOW - timedelta(days=1)) == []
 
 
 def test_reads_do_not_wait_for_a_writer_and_see_the_last_commit(repo: SqlRepository) -> None:

@@ -120,15 +120,15 @@ class UserService:
         if not self.signup_enabled:
             raise ForbiddenError("sign-up is closed on this service: ask its operator for an "
                                  "account", code=ErrorCode.SIGNUP_CLOSED)
-        self._throttle(name=name, client=client)
+        self._throttle(self._repo, name=name, client=client)
         user, _key = self.create(name=name, password=password)
         return self._open_session(user)
 
     def sign_in(self, *, name: str, password: str, client: str) -> SignedIn:
         """A session for ``name`` if ``password`` is its password. ``client`` is the address
         the attempt came from (counted for the rate limit, never stored with a success)."""
-        self._throttle(name=name, client=client)
         hasher = self._require_hasher()
+        pending = self._reserve_attempt(name=name, client=client)
         user = self._repo.get_user_by_name(name) if len(name) <= 100 else None
         stored = self._repo.get_password_hash(user.id) if user is not None else None
         if stored is None or len(password) > 1024:
@@ -138,8 +138,9 @@ class UserService:
         else:
             ok = hasher.verify(stored, password)
         if not ok or user is None:
-            self._repo.add_sign_in_failure(self._throttle_keys(name, client), at=self._clock())
+            # The reserved attempt stays: it is this failure.
             raise AuthError(WRONG_CREDENTIALS, code=ErrorCode.WRONG_CREDENTIALS)
+        self._repo.delete_sign_in_failures(pending)
         if stored is not None and hasher.needs_rehash(stored):
             self._repo.set_user_password(user.id, hasher.hash(password))
         logger.info("user %s signed in", user.name)
@@ -182,15 +183,33 @@ class UserService:
         self._repo.add_session(session)
         return SignedIn(user=user, session=session, token=token)
 
-    def _throttle(self, *, name: str, client: str) -> None:
-        now = self._clock()
+    def _reserve_attempt(self, *, name: str, client: str) -> Sequence[int]:
+        """Count this attempt as a failure before its password is checked, in one transaction
+        with the count that lets it go ahead (or ``RateLimitedError``); the ids of the rows,
+        which a correct password deletes.
+
+        Why before: the check is slow (Argon2), so when the failure was recorded after it, any
+        number of attempts sent at once all found the count under the limit and were all checked.
+        Why locked: two attempts must not both count the same rows and both add theirs (the
+        keys' locks on PostgreSQL, the write transaction on SQLite). Anything that ends the
+        attempt other than a correct password leaves it counted."""
+        keys = self._throttle_keys(name, client)
+        with self._repo.atomic() as tx:
+            tx.lock_sign_in_keys(keys)
+            now = self._clock()
+            self._throttle(tx, name=name, client=client, now=now)
+            return tx.add_sign_in_failure(keys, at=now)
+
+    def _throttle(self, repo: Repository, *, name: str, client: str,
+                  now: datetime | None = None) -> None:
+        now = now or self._clock()
         since = now - self._policy.window
         name_key, client_key = self._throttle_keys(name, client)
         waits = [
-            wait_before_next_attempt(self._repo.sign_in_failures(name_key, since=since),
+            wait_before_next_attempt(repo.sign_in_failures(name_key, since=since),
                                      limit=self._policy.max_failures,
                                      window=self._policy.window, now=now),
-            wait_before_next_attempt(self._repo.sign_in_failures(client_key, since=since),
+            wait_before_next_attempt(repo.sign_in_failures(client_key, since=since),
                                      limit=self._policy.max_failures_per_client,
                                      window=self._policy.window, now=now),
         ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ from sqlalchemy import (
     exists,
     func,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -120,6 +122,17 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True, **POSTGRES_POOL)
+
+
+# The first half of the PostgreSQL advisory locks that guard sign-in attempts (the second is a
+# hash of the name or address tried): any constant of ours, so they never meet another lock.
+SIGN_IN_LOCK_SPACE = 0x5E1F
+
+
+def _sign_in_lock_id(key: str) -> int:
+    # A signed 32-bit number, as pg_advisory_xact_lock(int, int) takes; two keys that share one
+    # only wait for each other a moment longer.
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big", signed=True)
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -437,9 +450,32 @@ class SqlRepository:
         with self._tx() as s:
             return int(getattr(s.execute(query), "rowcount", 0) or 0)
 
-    def add_sign_in_failure(self, keys: Sequence[str], *, at: datetime) -> None:
+    def lock_sign_in_keys(self, keys: Sequence[str]) -> None:
         with self._tx() as s:
-            s.add_all([SignInFailureRow(key=key[:200], at=at) for key in keys])
+            if self._engine.dialect.name != "postgresql":
+                # SQLite: beginning the transaction takes the database's write lock (BEGIN
+                # IMMEDIATE, see make_engine), which already shuts out every other writer.
+                s.connection()
+                return
+            # One lock per key, taken in a fixed order so two attempts that share a name and a
+            # client address cannot each hold one and wait for the other.
+            for lock_id in sorted({_sign_in_lock_id(key[:200]) for key in keys}):
+                s.execute(text("SELECT pg_advisory_xact_lock(:space, :id)"),
+                          {"space": SIGN_IN_LOCK_SPACE, "id": lock_id})
+
+    def add_sign_in_failure(self, keys: Sequence[str], *, at: datetime) -> Sequence[int]:
+        with self._tx() as s:
+            rows = [SignInFailureRow(key=key[:200], at=at) for key in keys]
+            s.add_all(rows)
+            s.flush()
+            return [row.id for row in rows]
+
+    def delete_sign_in_failures(self, ids: Sequence[int]) -> int:
+        if not ids:
+            return 0
+        with self._tx() as s:
+            result = s.execute(delete(SignInFailureRow).where(SignInFailureRow.id.in_(list(ids))))
+            return int(getattr(result, "rowcount", 0) or 0)
 
     def sign_in_failures(self, key: str, *, since: datetime) -> Sequence[datetime]:
         with self._read() as s:
