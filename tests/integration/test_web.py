@@ -403,6 +403,29 @@ def test_the_page_upload_is_guarded_like_the_api_upload(tmp_path: Path) -> None:
         services.close()
 
 
+@pytest.mark.parametrize("other", ["theme=dark mode", 'prefs={"a":1,"b":2}', 'q="quoted"',
+                                   "odd=a;b", "broken"])
+def test_the_page_upload_finds_the_session_beside_any_other_cookie(ann: TestClient,
+                                                                   other: str) -> None:
+    # The guard read the Cookie header with the standard library's parser, which drops every
+    # cookie once one has a space, a quote or a JSON value: the pages let the user in, the
+    # upload answered 401 (found in review). Both now read it as Starlette does.
+    session = ann.cookies.get("sl_session")
+    assert session
+    token = csrf(ann)
+    ann.cookies.clear()
+    for header in (f"{other}; sl_session={session}", f"sl_session={session}; {other}"):
+        assert ann.get("/photos", headers={"Cookie": header}).status_code == 200, header
+        photo = [("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))]
+        r = ann.post("/photos/upload", files=photo,
+                     headers={"Cookie": header, "X-CSRF-Token": token})
+        assert r.status_code != 401, (header, r.text)
+        assert "data-trainable" in r.text, (header, r.text)
+    r = ann.post("/photos/upload", files=[("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))],
+                 headers={"Cookie": f"{other}; sl_session=forged", "X-CSRF-Token": token})
+    assert r.status_code == 401
+
+
 def test_the_training_status_shows_the_newest_sample_to_its_owner_only(tmp_path: Path) -> None:
     # A recipe that samples (local-tiny-v2); the fake trainer makes one at steps 1, 2 and 3.
     settings = make_settings(tmp_path, trainer_version="local-tiny-v2")

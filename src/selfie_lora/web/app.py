@@ -7,7 +7,6 @@ import contextlib
 import hmac
 import logging
 from dataclasses import dataclass
-from http.cookies import SimpleCookie
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.domain.entities import User, WebSession
@@ -80,13 +80,10 @@ class Web:
 
     def cookie_user(self, cookie_header: str | None) -> User:
         """For the guard: the user of a raw ``Cookie`` header (``AuthError`` if none)."""
-        jar: SimpleCookie = SimpleCookie()
-        try:
-            jar.load(cookie_header or "")
-        except Exception:
-            raise AuthError("sign in first") from None
-        morsel = jar.get(SESSION_COOKIE)
-        token = self.signer.session_token(morsel.value if morsel else None)
+        # Starlette's parser, the one ``request.cookies`` uses for every page: the standard
+        # library's SimpleCookie drops the whole header when any cookie of it has a space, a
+        # quote or a JSON value, so a signed-in browser was refused its uploads.
+        token = self.signer.session_token(cookie_parser(cookie_header or "").get(SESSION_COOKIE))
         return self.services.users.session(token=token)[0]
 
     def check_csrf(self, request: Request, viewer: Viewer, form_token: str | None) -> None:
