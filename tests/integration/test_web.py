@@ -5,6 +5,7 @@ versions, generation, API keys, the security headers, and another user's objects
 from __future__ import annotations
 
 import hashlib
+import html
 import re
 import time
 from collections.abc import Iterator
@@ -103,24 +104,37 @@ def train(client: TestClient) -> str:
 def test_pages_send_a_signed_out_browser_to_sign_in_and_back(web_settings: Settings,
                                                               svc: Services) -> None:
     with browser(web_settings, svc) as client:
-        r = client.get("/versions?a=1", follow_redirects=False)
+        # The whole query comes back: "next" was encoded with its "&" left as it was, so the
+        # sign-in page read /versions?a=1&b=2 as next=/versions?a=1 (found in review).
+        r = client.get("/versions?a=1&b=2", follow_redirects=False)
         assert r.status_code == 303
-        assert r.headers["location"] == "/signin?next=/versions?a=1"
+        assert r.headers["location"] == "/signin?next=/versions%3Fa%3D1%26b%3D2"
+        page = client.get(r.headers["location"])
+        found = re.search(r'name="next" value="([^"]+)"', page.text)
+        assert found
+        assert html.unescape(found.group(1)) == "/versions?a=1&b=2"
         r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
                                          "form_token": form_token(client),
-                                         "next": "/versions?a=1"}, follow_redirects=False)
-        assert r.headers["location"] == "/versions?a=1"
+                                         "next": html.unescape(found.group(1))},
+                        follow_redirects=False)
+        assert r.headers["location"] == "/versions?a=1&b=2"
         cookie = r.headers["set-cookie"]
         assert "sl_session=" in cookie
         assert "HttpOnly" in cookie
         assert "SameSite=lax" in cookie
         assert client.get("/versions").status_code == 200
         # After signing in, "next" never leads to another site.
-        for target in ("https://evil.example/", "//evil.example/", "javascript:alert(1)"):
+        for target in ("https://evil.example/", "//evil.example/", "javascript:alert(1)",
+                       "/\t/evil.example/", "evil.example"):
             r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
                                              "form_token": form_token(client), "next": target},
                             follow_redirects=False)
             assert r.headers["location"] == "/photos", target
+        # A backslash leaves encoded: a browser reads a Location's "/\" as "//", another host.
+        r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                         "form_token": form_token(client),
+                                         "next": "/\\evil.example"}, follow_redirects=False)
+        assert r.headers["location"] == "/%5Cevil.example"
 
 
 def test_a_wrong_password_and_an_unknown_name_look_the_same(web_settings: Settings,

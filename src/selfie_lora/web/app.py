@@ -158,7 +158,10 @@ class SecurityHeaders:
 def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
     """What a page shows for an error: the sign-in page for no session, else an error page."""
     if isinstance(exc, SignInRequired):
-        return RedirectResponse(f"/signin?next={quote(exc.next_path, safe='/?=&')}",
+        # The whole path and query is one value of "next": its "?", "&" and "=" are encoded,
+        # or the sign-in page would read /versions?a=1&b=2 as next=/versions?a=1 and b=2.
+        # Where it may lead is checked when it is used (pages._local_target).
+        return RedirectResponse(f"/signin?next={quote(exc.next_path, safe='/')}",
                                 status_code=303)
     if isinstance(exc, SelfieLoraError):
         if exc.http_status >= 500:
