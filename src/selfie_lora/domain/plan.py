@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 import string
 from dataclasses import dataclass
 from datetime import datetime
@@ -182,9 +183,13 @@ def with_active_version(model: Model, version_id: str | None) -> Model:
 
 
 def ensure_trigger_word(prompt: str, trigger_word: str) -> str:
-    """Add the trigger word to a prompt that lacks it (as a whole word, case-insensitively)."""
-    words = {w.strip(string.punctuation).lower() for w in prompt.split()}
-    if trigger_word.lower() in words:
-        return prompt
+    """The prompt with the trigger word as it was trained: wherever it stands in any case, not
+    inside a longer word ("zkr47v's", "(zkr47v:1.2)", "zkr47v-style" all have it), it is written
+    back exactly (T5 keeps case: a phone's "Zkr47v" is another token); a prompt without it gets
+    "a photo of <trigger word>, " in front."""
+    pattern = re.compile(rf"(?<![a-z0-9]){re.escape(trigger_word)}(?![a-z0-9])", re.IGNORECASE)
+    exact, found = pattern.subn(trigger_word, prompt)
+    if found:
+        return exact
     prompt = prompt.strip()
     return f"a photo of {trigger_word}, {prompt}" if prompt else f"a photo of {trigger_word}"

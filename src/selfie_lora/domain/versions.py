@@ -17,7 +17,9 @@ def find_version(versions: Sequence[Version], ref: str) -> Version | None:
     ``2`` or ``v2``."""
     wanted = ref.strip()
     number = wanted.lower().removeprefix("v")
+    # ASCII digits only: str.isdigit() is true of "²", which int() refuses.
+    numeric = number.isascii() and number.isdigit()
     for version in versions:
-        if version.id == wanted or (number.isdigit() and version.number == int(number)):
+        if version.id == wanted or (numeric and version.number == int(number)):
             return version
     return None

@@ -1,0 +1,68 @@
+"""The trigger word in a generation's prompt, and naming a version: pure rules of the domain."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from selfie_lora.domain.entities import Version
+from selfie_lora.domain.plan import ensure_trigger_word
+from selfie_lora.domain.versions import find_version
+
+TW = "zkr47v"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("on a beach", "a photo of zkr47v, on a beach"),
+        ("", "a photo of zkr47v"),
+        ("zkr47v on a beach", "zkr47v on a beach"),
+        # A phone keyboard's capital is written back as trained: T5 keeps case.
+        ("Zkr47v on a beach", "zkr47v on a beach"),
+        ("ZKR47V, smiling", "zkr47v, smiling"),
+        # Attached to other text, it is there all the same: not added a second time.
+        ("zkr47v's portrait on a beach", "zkr47v's portrait on a beach"),
+        ("(zkr47v:1.2) in the rain", "(zkr47v:1.2) in the rain"),
+        ("a zkr47v-style painting", "a zkr47v-style painting"),
+        # Inside a longer word it is not the trigger word.
+        ("xzkr47v on a beach", "a photo of zkr47v, xzkr47v on a beach"),
+        ("zkr47v9 on a beach", "a photo of zkr47v, zkr47v9 on a beach"),
+    ],
+)
+def test_the_trigger_word_is_in_every_prompt_once_as_trained(prompt: str, expected: str) -> None:
+    assert ensure_trigger_word(prompt, TW) == expected
+
+
+@given(st.text(alphabet=st.sampled_from("abzkrvZKRV4 7,.'()-:\n"), max_size=40))
+def test_a_prompt_always_ends_up_with_the_exact_trigger_word(prompt: str) -> None:
+    final = ensure_trigger_word(prompt, TW)
+    exact = re.findall(r"(?<![a-z0-9])zkr47v(?![a-z0-9])", final)
+    any_case = re.findall(r"(?<![a-z0-9])zkr47v(?![a-z0-9])", final, re.IGNORECASE)
+    assert exact
+    assert exact == any_case  # every occurrence written as trained
+    assert ensure_trigger_word(final, TW) == final  # nothing added twice
+
+
+def _version(number: int) -> Version:
+    return Version(id=f"id-{number}", model_id="m", number=number, training_id=f"t{number}",
+                   trainer_version="local-tiny-v1", weights_key="k", weights_sha256="s",
+                   weights_method="output", remote_version=None, version_mismatch=False,
+                   created_at=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+@pytest.mark.parametrize("ref", ["²", "v²", "\u0663", "v\u0661", "1.5", "", "v"])  # ² and Arabic-Indic digits
+def test_a_version_name_that_is_not_a_number_names_none(ref: str) -> None:
+    versions = [_version(1), _version(2), _version(3)]
+    assert find_version(versions, ref) is None
+
+
+def test_a_version_is_named_by_id_or_number() -> None:
+    versions = [_version(1), _version(2)]
+    assert find_version(versions, "2") == versions[1]
+    assert find_version(versions, "V2 ") == versions[1]
+    assert find_version(versions, "id-1") == versions[0]
