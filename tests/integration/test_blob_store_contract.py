@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,57 @@ def test_a_large_file_streams_in_and_out(store: Any, tmp_path: Path,
     chunks = list(stream.chunks)
     assert len(chunks) > 1  # streamed, not one buffer
     assert b"".join(chunks) == data
+
+
+def date_back(store: Any, key: str, request: pytest.FixtureRequest, days: int = 30) -> datetime:
+    """Makes a stored blob ``days`` old (a store's clock cannot be set; the test's can)."""
+    when = datetime.now(UTC) - timedelta(days=days)
+    if isinstance(store, FileSystemBlobStore):
+        os.utime(store.root / key, (when.timestamp(), when.timestamp()))
+    else:
+        server: S3Server = request.getfixturevalue("s3_server")
+        server.set_modified(f"s3://{store.location.bucket}/{store.location.prefix}", key, when)
+    return when
+
+
+def test_modified_says_when_a_blob_was_written(store: Any,
+                                               request: pytest.FixtureRequest) -> None:
+    assert store.modified("photos/none.jpg") is None
+    before = datetime.now(UTC) - timedelta(minutes=1)
+    store.put("photos/a.jpg", b"a")
+    modified = store.modified("photos/a.jpg")
+    assert modified is not None
+    assert modified.tzinfo is not None
+    assert before <= modified <= datetime.now(UTC) + timedelta(minutes=1)
+    old = date_back(store, "photos/a.jpg", request)
+    assert abs(store.modified("photos/a.jpg") - old) < timedelta(seconds=2)
+    assert {b.key: b.modified for b in store.list("photos")} == {
+        "photos/a.jpg": store.modified("photos/a.jpg")}
+
+
+@pytest.mark.parametrize("how", ["put", "put_file", "large put_file"])
+def test_put_if_absent_makes_a_blob_it_finds_fresh_and_keeps_its_bytes(
+        store: Any, how: str, tmp_path: Path, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The garbage collector spares young blobs: a writer about to refer to a blob it found
+    # stored needs it spared as if just written.
+    monkeypatch.setattr(s3_module, "MULTIPART_THRESHOLD", 1024 * 1024)
+    monkeypatch.setattr(s3_module, "PART_SIZE", 5 * 1024 * 1024)  # S3's smallest part
+    data = os.urandom(6 * 1024 * 1024 + 5) if how == "large put_file" else b"first"
+    key = "weights/w.safetensors"
+    assert store.put(key, data) is True
+    date_back(store, key, request)
+    before = datetime.now(UTC) - timedelta(minutes=1)
+    if how == "put":
+        assert store.put(key, b"second", if_absent=True) is False
+    else:
+        source = tmp_path / "other"
+        source.write_bytes(b"y" * len(data))
+        assert store.put_file(key, source, if_absent=True) is False
+    assert store.get(key) == data
+    modified = store.modified(key)
+    assert modified is not None
+    assert modified >= before
 
 
 def test_listing_finds_every_blob_under_a_prefix_and_nothing_else(store: Any) -> None:

@@ -309,8 +309,8 @@ class GcSummary:
     datasets: tuple[str, ...] = ()
     generations: tuple[str, ...] = ()
     deleted: tuple[Planned, ...] = ()
-    # Planned, then found referenced again when it came to deleting it (a dataset trained
-    # meanwhile, a photo uploaded again): kept.
+    # Planned, then found referenced again, or written again, when it came to deleting it (a
+    # dataset trained meanwhile, a photo uploaded again): kept.
     kept: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
     # Ids of webhooks received more than WEBHOOK_MEMORY ago, forgotten (rows of their own).
@@ -361,7 +361,7 @@ class GcSummary:
             out.extend(f"  {verb} generation row {g}" for g in self.generations)
             out.extend(f"  {verb} {p.kind}: {p.key} ({format_bytes(p.size)})"
                        for p in self.deleted)
-            out.extend(f"  kept (referenced again): {k}" for k in self.kept)
+            out.extend(f"  kept (referenced or written again): {k}" for k in self.kept)
         return out
 
 

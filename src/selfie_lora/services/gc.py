@@ -10,7 +10,13 @@ deleted blob:
    itself (a training started on it meanwhile keeps it), generations past their retention;
 4. read the references again and plan again: a blob is deleted only if both plans have it (a
    dataset trained meanwhile, or an upload that brought the same photo again, keeps it);
-5. delete those blobs, then the work folders.
+5. delete those blobs, each only if it is still older than the grace period when it comes to
+   it (written again since the listing: kept), then the work folders.
+
+A writer whose row commits after step 4 is covered by step 5 and by itself: every write of a
+blob (``if_absent`` ones included) makes it young, and once its row has committed the writer
+checks that its blobs are there and writes any missing again (``IntakeService.keep_stored``,
+the training service after storing a version).
 
 A blob whose row went in step 3 but that a crash left behind is an orphan the next collection
 deletes, exactly once: deleting a missing blob or row is no error and counts nothing.
@@ -175,6 +181,16 @@ class GarbageCollector:
                 _check(stopping)
                 if i and i % RENEW_EVERY == 0:
                     self._renew()
+                # The listing's time is from before both plans: a writer that wrote this blob
+                # again since (an upload of the same photo, weights found already stored) may
+                # be about to commit a row naming it, after our second read. Its write made it
+                # young again, and a young blob is spared.
+                modified = self._blobs.modified(item.key)
+                if modified is None:
+                    continue  # gone already: counts nothing
+                if modified >= self._clock() - self.policy.grace:
+                    kept.append(item.key)
+                    continue
                 self._blobs.delete(item.key)
                 deleted.append(item)
             for item in intersect(plan.work_folders, again.work_folders):

@@ -30,7 +30,7 @@ from selfie_lora.dataset.prepare import PreparedPhoto, dataset_sha256
 from selfie_lora.domain.entities import Dataset, Finding, Recipe, User
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.domain.recipes import CheckTarget, recipe_for
-from selfie_lora.errors import DatasetRejectedError, NotFoundError
+from selfie_lora.errors import DatasetRejectedError, NotFoundError, StorageError
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.layout import manifest_key, original_key, photo_key, reference_key
 from selfie_lora.services.ports import (
@@ -46,8 +46,14 @@ from selfie_lora.services.telemetry import NullTelemetry
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A checked upload whose files are stored, and whose row is still to commit: the dataset,
+    and the content-addressed blobs it shares with other uploads (photos, originals) with their
+    bytes, kept to write them again should one go meanwhile (``IntakeService.keep_stored``)."""
 
-
+    dataset: Dataset
+    shared: dict[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -224,15 +230,34 @@ class IntakeService:
         self, *, user: User, files: Sequence[UploadedFile], findings: Sequence[Finding] = ()
     ) -> Dataset:
         """Check the photos and store them as a dataset (``DatasetRejectedError`` otherwise)."""
-        dataset = self.prepare_files(user=user, files=files, findings=findings)
-        self._repo.add_dataset(dataset)
-        return dataset
+        prepared = self.prepare_files(user=user, files=files, findings=findings)
+        self._repo.add_dataset(prepared.dataset)
+        self.keep_stored(prepared=prepared)
+        return prepared.dataset
+
+    def keep_stored(self, *, prepared: PreparedDataset) -> None:
+        """Called once the dataset's row has committed: writes again any of its shared blobs
+        that is gone. A garbage collection that read the references before that commit, and
+        looked at the blob's age before this upload wrote it again, may have deleted it since;
+        from the commit on, no collection deletes it (the row names it)."""
+        for key, data in prepared.shared.items():
+            # Best effort: the row is stored, and a storage error here must not fail the upload.
+            try:
+                if not self._blobs.exists(key):
+                    logger.warning("dataset %s: %s was deleted while it was uploaded again (a "
+                                   "garbage collection); written again", prepared.dataset.id,
+                                   key)
+                    self._blobs.put(key, data)
+            except StorageError:
+                logger.exception("dataset %s: could not check that %s is stored",
+                                 prepared.dataset.id, key)
 
     def prepare_files(
         self, *, user: User, files: Sequence[UploadedFile], findings: Sequence[Finding] = ()
-    ) -> Dataset:
+    ) -> PreparedDataset:
         """Check the photos and store their prepared files; the dataset's row is the caller's to
-        add (``ingest_files``, or the transaction that starts a training on them)."""
+        add (``ingest_files``, or the transaction that starts a training on them), who then
+        calls ``keep_stored``."""
         report = self.check_files(files=files, findings=findings, user=user)
         if not report.trainable:
             # Nothing is stored for a set that cannot train: the user fixes it and uploads again.
@@ -250,12 +275,14 @@ class IntakeService:
             created_at=utcnow(), verdict=report.verdict,
             face_boxes=tuple(p.face_box for p in accepted),
         )
+        shared: dict[str, bytes] = {}
         for photo in accepted:
             # Content-addressed: the same photo is stored once. Written again when it is there
             # already (the same bytes, atomically): a fresh blob is one the garbage collector
             # spares, so a photo nothing referred to any more is not collected between this
             # write and the commit of the row that refers to it again.
             self._blobs.put(photo_key(photo.sha256), photo.data)
+            shared[photo_key(photo.sha256)] = photo.data
         originals: dict[str, str] = {}
         if self._keep_originals:
             by_name = {f.name: f for f in files}
@@ -266,6 +293,7 @@ class IntakeService:
                     sha = hashlib.sha256(source.data).hexdigest()
                     self._blobs.put(original_key(sha), source.data)  # fresh, as photos
                     originals[photo.sha256] = original_key(sha)
+                    shared[original_key(sha)] = source.data
         manifest = {
             "dataset_id": dataset.id,
             "resolution": report.resolution,
@@ -288,7 +316,7 @@ class IntakeService:
         logger.info("dataset %s: %d of %d photos accepted (%s, score %s)", dataset.id,
                     len(accepted), report.images_total, report.verdict["quality"],
                     report.verdict["score"])
-        return dataset
+        return PreparedDataset(dataset=dataset, shared=shared)
 
     def latest(self, *, user: User) -> Dataset | None:
         """The user's newest accepted photo set (what a training without a dataset uses)."""

@@ -186,7 +186,10 @@ class BlobStore(Protocol):
     Keys are made by ``services.layout`` only. Every write is atomic (a reader sees the old
     blob, none, or the whole new one). ``if_absent`` writes only when no blob has the key and
     says whether it wrote: content-addressed keys use it, so a retried job never rewrites a
-    published blob. Missing blobs raise ``StorageError``.
+    published blob. A blob it finds there is made fresh instead (its modification time now,
+    its bytes as they were): the garbage collector spares blobs written within its grace
+    period, and a writer about to refer to that blob again needs it spared as if just written.
+    Missing blobs raise ``StorageError``.
     """
 
     def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool: ...
@@ -202,6 +205,11 @@ class BlobStore(Protocol):
         ...
 
     def exists(self, key: str) -> bool: ...
+
+    def modified(self, key: str) -> datetime | None:
+        """When the blob was last written or made fresh (UTC); None when it is missing. One
+        cheap look (a stat, a HEAD): the garbage collector asks it just before each deletion."""
+        ...
 
     def delete(self, key: str) -> None:
         """Deleting a missing blob is not an error."""

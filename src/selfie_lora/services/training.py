@@ -209,14 +209,17 @@ class TrainingService:
     # ------------------------------------------------------------------ start (every entry point)
     def start(self, *, user: User, dataset_id: str | None = None,
               new_dataset: Dataset | None = None, _upload_token: str | None = None,
-              _resume: _Resume | None = None) -> StartResult:
+              _resume: _Resume | None = None,
+              _committed: Callable[[], None] | None = None) -> StartResult:
         """Get or create the user's model, plan a (re)training and queue it: on ``dataset_id``,
         the latest accepted dataset, or ``new_dataset`` (checked photos, stored in the same
         transaction as the training, so a refused start stores nothing).
 
         Raises ``ConflictError`` when the model already has a queued or running training (the
         database enforces it too) or an upload of the user is about to start one,
-        ``InvalidInputError`` when there is no usable dataset.
+        ``InvalidInputError`` when there is no usable dataset. ``_committed`` runs after the
+        commit and before the training is queued (the upload's ``keep_stored``: a worker finds
+        the photos there).
         """
         defaults = self._defaults()
         with self._repo.atomic() as tx:
@@ -280,6 +283,8 @@ class TrainingService:
             "retraining" if plan.is_retraining else "first training", training.id, plan.model.id,
             plan.trigger_word, plan.destination, plan.trainer_version, sorted(plan.preserved),
         )
+        if _committed is not None:
+            _committed()
         # After the commit: a crash before this line leaves a queued training without a
         # message, which the reconciler finds and queues.
         self._queue.enqueue_training(training.id)
@@ -313,11 +318,13 @@ class TrainingService:
                                     code=ErrorCode.UPLOAD_IN_PROGRESS) from exc
         try:
             files, notes = read()
-            dataset = intake.prepare_files(user=user, files=files, findings=notes)
-            started = self.start(user=user, new_dataset=dataset, _upload_token=token)
+            prepared = intake.prepare_files(user=user, files=files, findings=notes)
+            started = self.start(user=user, new_dataset=prepared.dataset, _upload_token=token,
+                                 _committed=lambda: intake.keep_stored(prepared=prepared))
         finally:
             self._repo.release_upload(user.id, token=token)
-        return UploadResult(dataset=dataset, training=started.training, model=started.model)
+        return UploadResult(dataset=prepared.dataset, training=started.training,
+                            model=started.model)
 
     def upload_zip(self, *, user: User, data: bytes, start: bool = True) -> UploadResult:
         """``POST /api/training/upload-zip``: a zip of photos."""
@@ -744,7 +751,9 @@ class TrainingService:
             sha = hashlib.file_digest(fh, "sha256").hexdigest()  # streamed: weights can be GBs
         key = weights_key(sha)
         # Content-addressed and put only if absent: a retried store never rewrites a published
-        # version's file.
+        # version's file. One found there (an orphan of an earlier training with the same
+        # bytes) is made fresh instead, so the garbage collector spares it until the version
+        # row below names it.
         self._blobs.put_file(key, result.weights_path, if_absent=True)
         metrics = _jsonable(dict(result.metrics))
         now = self._clock()
@@ -781,6 +790,20 @@ class TrainingService:
                 "version_number": version.number, "gate": str(version.gate_status),
                 "weights_sha256": sha, "weights_method": result.weights_method,
             })
+        # A garbage collection that read the references before this commit and looked at the
+        # blob's age before the put above may have deleted it since; from the commit on, none
+        # does (the version names it). We still have the file: written again if it is gone.
+        # Best effort: the version is stored, and a storage error here must not fail its
+        # training.
+        try:
+            if not self._blobs.exists(key):
+                logger.warning("training %s: the weights %s were deleted while the version was "
+                               "stored (a garbage collection); written again",
+                               held.training_id, key)
+                self._blobs.put_file(key, result.weights_path, if_absent=True)
+        except StorageError:
+            logger.exception("training %s: could not check that the weights %s are stored",
+                             held.training_id, key)
         if result.version_mismatch:
             logger.warning("training %s: the trainer's output version %s does not belong to %s",
                            held.training_id, result.remote_version, held.training.destination)

@@ -34,6 +34,18 @@ def _chunks(fh: BinaryIO) -> Iterator[bytes]:
             yield chunk
 
 
+def _refresh(path: Path) -> bool:
+    """Make the file at ``path`` fresh (the garbage collector spares young blobs: a writer that
+    found its blob there refers to it again); False when there is none."""
+    if not path.is_file():
+        return False
+    try:
+        os.utime(path)
+    except FileNotFoundError:  # deleted since
+        return False
+    return True
+
+
 class FileSystemBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -44,7 +56,7 @@ class FileSystemBlobStore:
 
     def _write(self, key: str, fill: FillFn, *, if_absent: bool) -> bool:
         path = self._path(key)
-        if if_absent and path.is_file():
+        if if_absent and _refresh(path):
             return False
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +74,9 @@ class FileSystemBlobStore:
             try:
                 os.link(tmp, path)  # atomic create-if-absent: the first writer wins
             except FileExistsError:
-                return False
+                if _refresh(path):
+                    return False
+                os.replace(tmp, path)  # deleted since: this write is the blob again
             return True
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -92,6 +106,13 @@ class FileSystemBlobStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def modified(self, key: str) -> datetime | None:
+        try:
+            stat = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return datetime.fromtimestamp(stat.st_mtime, UTC)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -9,14 +9,21 @@ code for the same.
 
 Writes are atomic on S3 (an object appears whole or not at all). ``if_absent`` puts of small
 blobs are conditional requests, so two writers cannot both win. A large blob is streamed in
-multipart after a HEAD: S3's multipart upload has no "create only" mode everywhere, and the
-large blobs we write (weights, zips) are content-addressed, so a racing second writer can only
-write the same bytes again.
+multipart after a look (a GET): S3's multipart upload has no "create only" mode everywhere, and
+the large blobs we write (weights, zips) are content-addressed, so a racing second writer can
+only write the same bytes again.
+
+An ``if_absent`` put that finds its blob makes it fresh (the garbage collector spares young
+blobs). S3 refuses to copy an object onto itself unchanged, so the blob's own bytes are read
+back and put again (streamed in parts when large): rare (a photo uploaded again, weights
+identical to stored ones), and never a rewrite with other bytes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -25,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
 
-from selfie_lora.adapters.storage.cache import BlobCache
+from selfie_lora.adapters.storage.cache import TMP_PREFIX, BlobCache
 from selfie_lora.adapters.storage.fs import check_key
 from selfie_lora.errors import ConfigError, StorageError, describe
 from selfie_lora.services.ports import BlobInfo, BlobStream
@@ -60,6 +67,11 @@ class S3Location:
 def _error(action: str, key: str, exc: Exception) -> StorageError:
     # Vendor errors stop here: the services see StorageError only.
     return StorageError(f"object storage could not {action} {key!r}: {describe(exc)}")
+
+
+def _modified(value: object) -> datetime:
+    # A store that sends no date: taken as now, which keeps the blob from being collected.
+    return value.astimezone(UTC) if isinstance(value, datetime) else datetime.now(UTC)
 
 
 class S3BlobStore:
@@ -104,7 +116,9 @@ class S3BlobStore:
             obstore.put(self._store, key, data, mode="create" if if_absent else "overwrite",
                         use_multipart=False)
         except AlreadyExistsError:
-            return False
+            if self._refresh(key):
+                return False
+            return self.put(key, data, if_absent=True)  # deleted since: written again
         except Exception as exc:
             raise _error("write", key, exc) from exc
         return True
@@ -116,7 +130,7 @@ class S3BlobStore:
         size = path.stat().st_size
         if size <= MULTIPART_THRESHOLD:
             return self.put(key, path.read_bytes(), if_absent=if_absent)
-        if if_absent and self.exists(key):
+        if if_absent and self._refresh(key):
             return False
         try:
             # obstore reads the file part by part: never the whole file in memory.
@@ -124,6 +138,38 @@ class S3BlobStore:
                         max_concurrency=MAX_PARTS_IN_FLIGHT)
         except Exception as exc:
             raise _error("write", key, exc) from exc
+        return True
+
+    def _refresh(self, key: str) -> bool:
+        """Put the blob again with its own bytes, which makes it fresh; False when there is
+        none."""
+        import obstore
+
+        try:
+            result = obstore.get(self._store, key)
+        except FileNotFoundError:
+            return False
+        except Exception as exc:
+            raise _error("read", key, exc) from exc
+        try:
+            if int(result.meta["size"]) <= MULTIPART_THRESHOLD:
+                obstore.put(self._store, key, result.bytes().to_bytes(), use_multipart=False)
+            else:
+                # Through a file, never whole in memory (obstore cannot put from one of its own
+                # streams: both would need its runtime). Named as the cache's fetches are, so
+                # one a crash leaves is removed like theirs.
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                fd, name = tempfile.mkstemp(dir=self.cache_dir, prefix=f"{TMP_PREFIX}refresh-")
+                try:
+                    with os.fdopen(fd, "wb") as fh:
+                        for chunk in result.stream(min_chunk_size=READ_CHUNK):
+                            fh.write(chunk)
+                    obstore.put(self._store, key, Path(name), use_multipart=True,
+                                chunk_size=PART_SIZE, max_concurrency=MAX_PARTS_IN_FLIGHT)
+                finally:
+                    Path(name).unlink(missing_ok=True)
+        except Exception as exc:
+            raise _error("make fresh", key, exc) from exc
         return True
 
     def delete(self, key: str) -> None:
@@ -182,6 +228,18 @@ class S3BlobStore:
             raise _error("look up", key, exc) from exc
         return True
 
+    def modified(self, key: str) -> datetime | None:
+        import obstore
+
+        check_key(key)
+        try:
+            meta = obstore.head(self._store, key)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise _error("look up", key, exc) from exc
+        return _modified(meta["last_modified"])
+
     def list(self, prefix: str) -> Iterator[BlobInfo]:
         import obstore
 
@@ -189,10 +247,8 @@ class S3BlobStore:
         try:
             for batch in obstore.list(self._store, prefix=f"{prefix}/"):
                 for meta in batch:
-                    modified = meta["last_modified"]
                     yield BlobInfo(key=meta["path"], size=int(meta["size"]),
-                                   modified=modified.astimezone(UTC)
-                                   if isinstance(modified, datetime) else datetime.now(UTC))
+                                   modified=_modified(meta["last_modified"]))
         except Exception as exc:
             raise _error("list", prefix, exc) from exc
 
