@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import time
 import zipfile
 from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 from PIL import Image
 from replicate.client import Client
@@ -549,6 +551,68 @@ def test_generator_retries_and_maps_a_failed_prediction(
         replicate_generator.generate(job)
     assert "NSFW" in caught.value.message
     assert ".." not in caught.value.message
+
+
+def _generator_on(standin: ReplicateStandIn, sleeps: list[float], *, timeout: float,
+                  transport: httpx.BaseTransport | None = None) -> ReplicateGenerator:
+    return ReplicateGenerator(
+        connection=ReplicateConnection(api_token=standin.token, base_url=standin.base_url,
+                                       max_retries=3, sleep=sleeps.append, timeout=timeout,
+                                       transport=transport),
+        poll_interval=0.0)
+
+
+def test_generator_bounds_the_create_by_the_timeout_and_adopts_what_it_made(
+    replicate_standin: ReplicateStandIn, replicate_sleeps: list[float]
+) -> None:
+    # The official client sends POST /v1/predictions with no timeout: a Replicate that took
+    # the request and never answered held the API thread for ever.
+    version = replicate_standin.create_model_version("selfie-lora/lora-g")
+    generator = _generator_on(replicate_standin, replicate_sleeps, timeout=1.0)
+    replicate_standin.slow_next("POST", "/v1/predictions", delay=4.0)
+    job = GenerationJob(prompt="x", num_outputs=1, seed=7, lora_scale=1.0, trainer_version="t",
+                        remote_version=version)
+    started = time.monotonic()
+    assert len(generator.generate(job)) == 1
+    assert time.monotonic() - started < 3.5
+    assert len(replicate_standin.predictions) == 1  # the timed-out create's, adopted
+
+
+def test_generator_makes_one_prediction_when_the_create_answer_is_lost_to_a_5xx(
+    replicate_standin: ReplicateStandIn, replicate_sleeps: list[float]
+) -> None:
+    version = replicate_standin.create_model_version("selfie-lora/lora-g")
+    real = httpx.HTTPTransport()
+    lost: list[str] = []
+
+    class LossyGateway(httpx.BaseTransport):
+        """A gateway that answers 502 to the first create after Replicate made it."""
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            response = real.handle_request(request)
+            if (request.method, request.url.path) == ("POST", "/v1/predictions") and not lost:
+                response.read()
+                response.close()
+                lost.append(request.url.path)
+                return httpx.Response(502, json={"detail": "bad gateway"}, request=request)
+            return response
+
+    try:
+        generator = _generator_on(replicate_standin, replicate_sleeps, timeout=5.0,
+                                  transport=LossyGateway())
+        job = GenerationJob(prompt="x", num_outputs=2, seed=None, lora_scale=1.0,
+                            trainer_version="t", remote_version=version)
+        images = generator.generate(job)
+        assert lost
+        assert len(images) == 2
+        assert len(replicate_standin.predictions) == 1
+        # The same job again, its create refused with a 5xx that made nothing: retried into a
+        # prediction of its own, not the identical one just handed out.
+        replicate_standin.fail_next("POST", "/v1/predictions", status=502)
+        assert len(generator.generate(job)) == 2
+    finally:
+        real.close()
+    assert len(replicate_standin.predictions) == 2
 
 
 def test_generator_maps_an_unreachable_replicate_to_a_generation_error(

@@ -2,15 +2,20 @@
 
 A prediction runs on ``job.remote_version`` (the ``owner/name:<id>`` the training produced); the
 images are downloaded at once (Replicate deletes outputs after about an hour) and returned as
-PNG bytes. Retries and error mapping are :class:`ReplicateSession`'s.
+PNG bytes. Retries and error mapping are :class:`ReplicateSession`'s; the create is sent with
+the session's timeout and, retried, adopts the prediction a lost answer made (never two).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
 import warnings
+from collections import deque
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from PIL import Image, UnidentifiedImageError
 from replicate.prediction import Prediction
@@ -29,6 +34,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["ReplicateGenerator"]
 
 _MAX_IMAGE_BYTES = 64 * 1024 * 1024
+# A lost create is looked for among the newest predictions only.
+_MAX_LIST_PAGES = 2
+# Replicate's clock against ours: a prediction this call made is not older than its start
+# (kept short: an identical request made just before is someone else's to use).
+_CLOCK_SLACK = timedelta(seconds=5)
+# Predictions this process has already handed to a generate(): never adopted again.
+_REMEMBERED = 1024
 _FAILED = "Generating the images failed on Replicate: {error}. Try again, or change the prompt."
 
 
@@ -44,6 +56,8 @@ class ReplicateGenerator:
         self._poll_interval = poll_interval
         self._sleep = connection.sleep
         self._max_polls = max_polls
+        self._used: deque[str] = deque(maxlen=_REMEMBERED)
+        self._used_lock = threading.Lock()
 
     def _session(self) -> ReplicateSession:
         return self._connection.session(GENERATOR_FAILURES)
@@ -71,12 +85,30 @@ class ReplicateGenerator:
 
         with self._session() as session:
             client = session.client
+            since = datetime.now(UTC) - _CLOCK_SLACK
+
+            def find_made() -> dict[str, Any] | None:
+                with self._used_lock:
+                    used = set(self._used)
+                found = _find_prediction(session, version_id=version_id, inputs=inputs,
+                                         since=since, skip=used)
+                if found is not None:
+                    logger.warning("adopting prediction %s, made by an attempt whose answer was "
+                                   "lost", found.get("id"))
+                return found
+
+            # Through the session's own HTTP client (its timeout; the official client sends
+            # this POST with none) and never twice for one call: a retry first looks for the
+            # prediction a lost answer may have made, as the trainer does for its trainings.
             # The bare version id: accepted by every form of POST /v1/predictions.
-            prediction = session.call(
-                "start generating",
-                lambda: client.predictions.create(version=version_id, input=inputs),
+            created = session.post_json(
+                "/v1/predictions", {"version": version_id, "input": inputs},
+                what="start generating", reconcile=find_made,
             )
+            prediction = Prediction(**created)
             prediction_id = prediction.id
+            with self._used_lock:
+                self._used.append(prediction_id)
             polls = 0
             while prediction.status not in {"succeeded", "failed", "canceled"}:
                 polls += 1
@@ -103,6 +135,59 @@ class ReplicateGenerator:
                 )
                 for url in urls
             ]
+
+
+def _find_prediction(
+    session: ReplicateSession,
+    *,
+    version_id: str,
+    inputs: dict[str, Any],
+    since: datetime,
+    skip: set[str],
+) -> dict[str, Any] | None:
+    """The newest prediction of ``version_id`` with exactly ``inputs``, created since ``since``
+    and not in ``skip``.
+
+    A prediction carries no marker of ours, so the match is its version and its whole input
+    (prompt, scale, seed, size) within this call's lifetime: at worst an identical request of
+    the same model (the same user's) sent by another process within seconds is adopted, and
+    both get the same images.
+    """
+    cursor = "/v1/predictions"
+    for _ in range(_MAX_LIST_PAGES):
+        page = session.get_json(cursor, what="list recent predictions")
+        results = page.get("results") if isinstance(page, dict) else None
+        for item in results if isinstance(results, list) else []:
+            if not isinstance(item, dict) or item.get("status") == "canceled":
+                continue
+            if item.get("id") in skip:
+                continue
+            version = item.get("version")
+            if isinstance(version, dict):
+                version = version.get("id")
+            if version != version_id or item.get("input") != inputs:
+                continue
+            created = _parse_time(item.get("created_at"))
+            if created is not None and created < since:
+                # newest first: everything after this one is older still
+                return None
+            return item
+        following = page.get("next") if isinstance(page, dict) else None
+        if not isinstance(following, str) or not following:
+            return None
+        parts = urlsplit(following)
+        cursor = f"{parts.path}?{parts.query}" if parts.query else parts.path
+    return None
+
+
+def _parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _output_urls(prediction: Prediction) -> list[str]:

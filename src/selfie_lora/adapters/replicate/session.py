@@ -343,6 +343,34 @@ class ReplicateSession:
 
         return self.call(what, fetch)
 
+    def post_json(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        *,
+        what: str,
+        reconcile: Callable[[], dict[str, Any] | None] | None = None,
+    ) -> dict[str, Any]:
+        """``POST`` JSON to an API path, with the session's timeout, and return the JSON object.
+
+        For creates: the official client sends ``POST /v1/predictions`` with no timeout at all
+        (``timeout=None`` unless ``wait`` is given), so a Replicate that never answers would hang
+        the caller for ever. A create is not idempotent, so give ``reconcile`` (see ``call``):
+        it runs before every retry and returns what the lost attempt made, if it made anything.
+        """
+        url = f"{self.base_url}{path}"
+
+        def send() -> dict[str, Any]:
+            response = self._http.post(url, headers=self._auth_for(url), json=payload)
+            if response.status_code >= 400:
+                raise ReplicateError.from_response(response)
+            body = response.json()
+            if not isinstance(body, dict):
+                raise ValueError(f"POST {path} answered something that is not an object")
+            return body
+
+        return self.call(what, send, reconcile=reconcile)
+
     def download(self, url: str, *, max_bytes: int, what: str) -> bytes:
         """GET ``url`` (retrying), refusing more than ``max_bytes``."""
         if url.startswith("data:"):
