@@ -18,6 +18,7 @@ from selfie_lora.likeness.chart import CHART_SIZE
 from selfie_lora.likeness.grid import grid_size
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.services.layout import probe_image_key
+from selfie_lora.services.ports import ProgressBar
 from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter
 from tests.support.alerts import alert_inbox
 from tests.support.likeness import (
@@ -384,8 +385,9 @@ def test_a_restart_while_scoring_resumes_the_scoring_not_the_training(rig: Rig) 
     jobs = len(rig.trainer.jobs)
     # A late webhook about the finished remote training changes nothing while it is scored.
     rig.repo.save_training(dataclasses.replace(training, remote_id="r"))
+    late = (ProgressBar(step=1, total=9, train=True),)
     assert rig.training.apply_webhook(webhook_id="w1", remote_id="r", status="succeeded",
-                                      step=1, total=9) == rig.repo.get_training(training.id)
+                                      bars=late) == rig.repo.get_training(training.id)
     rig.restart()
     assert len(rig.trainer.jobs) == jobs  # not trained again
     done = rig.repo.get_training(training.id)

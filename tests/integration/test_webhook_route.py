@@ -57,6 +57,12 @@ def running_remotely(svc: Services, remote_id: str, name: str = "ann") -> str:
     return tid
 
 
+def total_steps(svc: Services, training_id: str) -> int:
+    t = svc.repo.get_training(training_id)
+    assert t is not None
+    return t.total_steps
+
+
 def signed(payload: dict[str, object], *, secret: str = SECRET, timestamp: int | None = None,
            msg_id: str | None = None) -> tuple[bytes, dict[str, str]]:
     body = json.dumps(payload).encode()
@@ -91,6 +97,30 @@ def test_signed_webhook_moves_progress_of_the_training_with_that_remote_id(
     assert t is not None
     assert str(t.status) == "processing"
     assert t.version_id is None
+
+
+def test_only_the_trainings_own_bar_moves_its_progress(
+    svc: Services, webhook_client: TestClient
+) -> None:
+    # A training that failed while its model loaded: the logs' only bar is the shards', whose
+    # 2/3 made a 40-step training read step 2 of 3.
+    tid = running_remotely(svc, "r-1")
+    steps = total_steps(svc, tid)
+    assert steps not in (0, 3)
+    logs = ("Loading checkpoint shards:  67%|######6   | 2/3 [00:05<00:02,  2.5s/it]\n"
+            "torch.OutOfMemoryError: CUDA out of memory\n")
+    assert post(webhook_client, {"id": "r-1", "status": "failed", "logs": logs,
+                                 "error": "CUDA out of memory"}) == 200
+    t = svc.repo.get_training(tid)
+    assert t is not None
+    assert (t.step, t.total_steps) == (0, steps)
+    # The training's own bar counts, whatever bars come after it; unlabelled too.
+    logs = (f"  5/{steps} [00:01<00:10]\n"
+            "Loading checkpoint shards: 100%|##########| 3/3 [00:05<00:00]\n")
+    assert post(webhook_client, {"id": "r-1", "status": "processing", "logs": logs}) == 200
+    t = svc.repo.get_training(tid)
+    assert t is not None
+    assert (t.step, t.total_steps) == (5, steps)
 
 
 def test_bad_signatures_are_401_and_change_nothing(
@@ -129,7 +159,8 @@ def test_a_replayed_webhook_id_is_refused_and_changes_nothing(
     svc: Services, webhook_client: TestClient
 ) -> None:
     tid = running_remotely(svc, "r-1")
-    body, headers = signed({"id": "r-1", "status": "processing", "logs": "3/10 ["},
+    steps = total_steps(svc, tid)
+    body, headers = signed({"id": "r-1", "status": "processing", "logs": f"3/{steps} ["},
                            msg_id="msg_once")
     assert webhook_client.post("/api/webhooks/replicate", content=body,
                                headers=headers).status_code == 200
@@ -137,7 +168,7 @@ def test_a_replayed_webhook_id_is_refused_and_changes_nothing(
     assert replay.status_code == 409
     assert replay.json()["error"]["code"] == "webhook_replayed"
     # The same id with another (validly signed) body is the same delivery: refused too.
-    body2, headers2 = signed({"id": "r-1", "status": "processing", "logs": "8/10 ["},
+    body2, headers2 = signed({"id": "r-1", "status": "processing", "logs": f"8/{steps} ["},
                              msg_id="msg_once")
     assert webhook_client.post("/api/webhooks/replicate", content=body2,
                                headers=headers2).status_code == 409

@@ -9,11 +9,13 @@ import time
 import pytest
 
 from selfie_lora.adapters.replicate.webhooks import (
+    log_bars,
     parse_log_progress,
     parse_training_webhook,
     verify_webhook,
 )
 from selfie_lora.errors import AuthError, InvalidInputError
+from selfie_lora.services.ports import ProgressBar, training_progress
 from selfie_lora.testing.replicate_standin import sign_webhook
 
 SECRET = "whsec_" + base64.b64encode(b"a-secret-of-32-bytes-for-tests!!").decode()
@@ -98,6 +100,17 @@ def test_progress_comes_from_the_training_bar() -> None:
     assert parse_log_progress("") is None
     assert parse_log_progress(None) is None
     assert parse_log_progress("copied 3/4 files") is None
+
+
+def test_the_trainings_bar_is_chosen_by_its_total() -> None:
+    bars = log_bars(LOGS + "Loading checkpoint shards:  67%|######6   | 2/3 [00:05<00:02]\n")
+    assert [(b.step, b.total, b.train) for b in bars] == [
+        (12, 12, False), (0, 1000, True), (400, 1000, True), (2, 3, False)]
+    assert training_progress(bars, expected_total=1000) == ProgressBar(400, 1000, True)
+    # Another total, but labelled as the training's: read as the poller reads it.
+    assert training_progress(bars, expected_total=40) == ProgressBar(400, 1000, True)
+    shards = log_bars("Loading checkpoint shards:  67%|######6   | 2/3 [00:05<00:02]")
+    assert training_progress(shards, expected_total=40) is None
 
 
 def test_parse_training_webhook() -> None:

@@ -479,14 +479,41 @@ class Repository(Protocol):
 
 
 @dataclass(frozen=True)
+class ProgressBar:
+    """One ``step/total`` progress bar of a remote training's logs; ``train``: its label says
+    it is the training's (other bars: loading checkpoint shards, caching latents...)."""
+
+    step: int
+    total: int
+    train: bool = False
+
+
+@dataclass(frozen=True)
 class RemoteTrainingEvent:
-    """A verified webhook about a remote training: which delivery, which training, its news."""
+    """A verified webhook about a remote training: which delivery, which training, its news.
+
+    ``bars``: every progress bar of its logs, in order. Which one is the training's is only
+    known once the training is found (its ``total_steps``): see ``training_progress``.
+    """
 
     webhook_id: str
     remote_id: str
     status: str
-    step: int | None = None
-    total: int | None = None
+    bars: tuple[ProgressBar, ...] = ()
+
+
+def training_progress(bars: Sequence[ProgressBar], *, expected_total: int) -> ProgressBar | None:
+    """The training's own bar among ``bars``, as the poller reads it: the last one over the
+    training's ``expected_total`` steps, else the last one labelled as training; None when
+    neither is there (a bar of another total, such as "Loading checkpoint shards 2/3", is
+    never the training's progress)."""
+    for bar in reversed(bars):
+        if bar.total == expected_total:
+            return bar
+    for bar in reversed(bars):
+        if bar.train:
+            return bar
+    return None
 
 
 class WebhookVerifier(Protocol):

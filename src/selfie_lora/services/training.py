@@ -102,6 +102,7 @@ from selfie_lora.services.likeness import GateVerdict, LikenessService
 from selfie_lora.services.ports import (
     BlobStore,
     JobQueue,
+    ProgressBar,
     Repository,
     Telemetry,
     Trainer,
@@ -109,6 +110,7 @@ from selfie_lora.services.ports import (
     TrainingPhoto,
     TrainingResult,
     WebhookVerifier,
+    training_progress,
 )
 from selfie_lora.services.samples import TrainingSamples
 from selfie_lora.services.telemetry import NullTelemetry
@@ -529,13 +531,15 @@ class TrainingService:
             raise AuthError("webhooks are not configured on this server")
         event = self._webhooks.verify(headers=headers, body=body)
         return self.apply_webhook(webhook_id=event.webhook_id, remote_id=event.remote_id,
-                                  status=event.status, step=event.step, total=event.total)
+                                  status=event.status, bars=event.bars)
 
     def apply_webhook(self, *, webhook_id: str, remote_id: str, status: str,
-                      step: int | None, total: int | None) -> Training | None:
+                      bars: Sequence[ProgressBar] = ()) -> Training | None:
         """A verified webhook about a remote training: progress only (the worker that holds the
         training finishes it). The training is found by the remote id in the signed body; a
-        webhook id seen before is refused (``ConflictError``)."""
+        webhook id seen before is refused (``ConflictError``). Of its logs' progress ``bars``
+        only the training's own counts (``training_progress``, by its ``total_steps``, as the
+        poller reads them)."""
         try:
             fresh = self._repo.record_webhook(webhook_id, now=self._clock())
         except ConflictError:
@@ -556,8 +560,11 @@ class TrainingService:
             if not can_transition(t.status, new_status) or t.is_scoring:
                 return t  # a scoring training's trainer is done: remote news changes nothing
             t = transition(t, new_status, at=self._clock(), reason="webhook")
-            if step is not None and total:
-                t = dataclasses.replace(t, step=max(t.step, step), total_steps=total)
+            # Logs also show other bars ("Loading checkpoint shards 2/3" of a run that failed
+            # while loading): only the training's own may move its step and total.
+            bar = training_progress(bars, expected_total=t.total_steps)
+            if bar is not None:
+                t = dataclasses.replace(t, step=max(t.step, bar.step), total_steps=bar.total)
             return t
 
         return self._update(training.id, apply)

@@ -21,7 +21,7 @@ from typing import Any
 from standardwebhooks.webhooks import Webhook
 
 from selfie_lora.errors import AuthError, ErrorCode, InvalidInputError
-from selfie_lora.services.ports import RemoteTrainingEvent
+from selfie_lora.services.ports import ProgressBar, RemoteTrainingEvent
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ __all__ = [
     "TOLERANCE_SECONDS",
     "LogProgress",
     "ReplicateWebhooks",
+    "log_bars",
     "parse_log_progress",
     "parse_training_webhook",
     "verify_webhook",
@@ -101,6 +102,30 @@ class LogProgress:
     loss: float | None = None
 
 
+def _labelled_bars(logs: str) -> list[tuple[str, int, int]]:
+    """``(label, step, total)`` of every bar in ``logs``, in order."""
+    found: list[tuple[str, int, int]] = []
+    for line in re.split(r"[\r\n]+", logs):
+        m = _BAR.search(line)
+        if m is not None:
+            label = m.group("label")
+        else:
+            m = _BARE.search(line)
+            if m is None:
+                continue
+            label = line[: m.start()]
+        step, total = int(m.group("step")), int(m.group("total"))
+        if total > 0 and step <= total:
+            found.append((label.lower(), step, total))
+    return found
+
+
+def log_bars(logs: str | None) -> list[ProgressBar]:
+    """Every ``step/total`` bar of ``logs``, in order, each marked when its label says train."""
+    return [ProgressBar(step=step, total=total, train="train" in label)
+            for label, step, total in _labelled_bars(logs or "")]
+
+
 def parse_log_progress(
     logs: str | None, *, expected_total: int | None = None, label: str | None = None
 ) -> LogProgress | None:
@@ -112,24 +137,12 @@ def parse_log_progress(
     """
     if not logs:
         return None
-    matches: list[tuple[bool, int, int]] = []
-    for line in re.split(r"[\r\n]+", logs):
-        m = _BAR.search(line)
-        if m is not None:
-            found_label = m.group("label")
-        else:
-            m = _BARE.search(line)
-            if m is None:
-                continue
-            found_label = line[: m.start()]
-        step, total = int(m.group("step")), int(m.group("total"))
-        if total <= 0 or step > total:
-            continue
-        if expected_total is not None and total != expected_total:
-            continue
-        if label is not None and label.lower() not in found_label.lower():
-            continue
-        matches.append(("train" in found_label.lower(), step, total))
+    matches = [
+        ("train" in found_label, step, total)
+        for found_label, step, total in _labelled_bars(logs)
+        if (expected_total is None or total == expected_total)
+        and (label is None or label.lower() in found_label)
+    ]
     if not matches:
         return None
     preferred = [m for m in matches if m[0]] or matches
@@ -145,8 +158,10 @@ def parse_log_progress(
 def parse_training_webhook(body: bytes) -> dict[str, Any]:
     """Read a Replicate training webhook body (the training object).
 
-    Returns ``{"id", "status", "step", "total", "loss", "output", "error", "logs"}``; ``step``,
-    ``total`` and ``loss`` come from the logs and are None when they carry no progress bar.
+    Returns ``{"id", "status", "step", "total", "loss", "bars", "output", "error", "logs"}``;
+    ``step``, ``total`` and ``loss`` are the logs' likeliest training bar without knowing the
+    training's step count (None without a bar): for display only. Progress is applied from
+    ``bars`` (``log_bars``), once the training and so its total are known.
     Raises :class:`InvalidInputError` when the body is not a training object.
     """
     try:
@@ -169,6 +184,7 @@ def parse_training_webhook(body: bytes) -> dict[str, Any]:
         "step": progress.step if progress else None,
         "total": progress.total if progress else None,
         "loss": progress.loss if progress else None,
+        "bars": log_bars(logs),
         "output": data.get("output"),
         "error": str(error) if error else None,
         "logs": logs,
@@ -187,5 +203,4 @@ class ReplicateWebhooks:
         event = parse_training_webhook(body)
         webhook_id = {k.lower(): v for k, v in headers.items()}["webhook-id"]
         return RemoteTrainingEvent(webhook_id=webhook_id, remote_id=str(event["id"]),
-                                   status=str(event["status"]), step=event.get("step"),
-                                   total=event.get("total"))
+                                   status=str(event["status"]), bars=tuple(event["bars"]))
