@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.api.app import create_app
 from selfie_lora.dataset.limits import UploadedFile
+from selfie_lora.domain.entities import Training
+from selfie_lora.errors import StorageError
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.testing.replicate_standin import sign_webhook
 from selfie_lora.wiring import Services, build_services
@@ -155,9 +158,10 @@ def test_a_training_id_in_the_query_is_ignored(svc: Services, webhook_client: Te
     assert (str(t.status), t.remote_id, t.step) == ("queued", None, 0)
 
 
-def test_a_replayed_webhook_id_is_refused_and_changes_nothing(
+def test_a_replayed_webhook_id_is_answered_200_and_changes_nothing(
     svc: Services, webhook_client: TestClient
 ) -> None:
+    # The contract answers the route 2xx (Replicate retries anything else, for hours).
     tid = running_remotely(svc, "r-1")
     steps = total_steps(svc, tid)
     body, headers = signed({"id": "r-1", "status": "processing", "logs": f"3/{steps} ["},
@@ -165,16 +169,47 @@ def test_a_replayed_webhook_id_is_refused_and_changes_nothing(
     assert webhook_client.post("/api/webhooks/replicate", content=body,
                                headers=headers).status_code == 200
     replay = webhook_client.post("/api/webhooks/replicate", content=body, headers=headers)
-    assert replay.status_code == 409
-    assert replay.json()["error"]["code"] == "webhook_replayed"
-    # The same id with another (validly signed) body is the same delivery: refused too.
+    assert replay.status_code == 200
+    assert replay.json()["training_id"] == tid
+    # The same id with another (validly signed) body is the same delivery: nothing applied.
     body2, headers2 = signed({"id": "r-1", "status": "processing", "logs": f"8/{steps} ["},
                              msg_id="msg_once")
     assert webhook_client.post("/api/webhooks/replicate", content=body2,
-                               headers=headers2).status_code == 409
+                               headers=headers2).status_code == 200
     t = svc.repo.get_training(tid)
     assert t is not None
     assert t.step == 3
+
+
+def test_a_webhook_whose_update_failed_is_applied_when_it_comes_again(
+    svc: Services, webhook_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its id was recorded in a transaction of its own before the update: the update failed,
+    # and Replicate's retry with the same webhook-id was refused, the news lost.
+    tid = running_remotely(svc, "r-1")
+    steps = total_steps(svc, tid)
+    save = SqlRepository.save_training
+    failures = [StorageError("database error: the database is locked")]
+
+    def save_once_failing(self: SqlRepository, training: Training) -> None:
+        if failures:
+            raise failures.pop()
+        save(self, training)
+
+    monkeypatch.setattr(SqlRepository, "save_training", save_once_failing)
+    body, headers = signed({"id": "r-1", "status": "processing", "logs": f"7/{steps} ["},
+                           msg_id="msg_retried")
+    first = webhook_client.post("/api/webhooks/replicate", content=body, headers=headers)
+    assert first.status_code >= 500  # Replicate sends it again
+    assert not failures
+    t = svc.repo.get_training(tid)
+    assert t is not None
+    assert (str(t.status), t.step) == ("queued", 0)
+    again = webhook_client.post("/api/webhooks/replicate", content=body, headers=headers)
+    assert again.status_code == 200
+    t = svc.repo.get_training(tid)
+    assert t is not None
+    assert (str(t.status), t.step) == ("processing", 7)
 
 
 def test_malformed_but_signed_body_is_422(svc: Services, webhook_client: TestClient) -> None:

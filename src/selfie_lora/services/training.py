@@ -168,6 +168,10 @@ class ReconcileReport:
     alerts_tried: int = 0
 
 
+class _ReplayedWebhookError(Exception):
+    """Leaves the transaction of a webhook whose id was recorded before (nothing written)."""
+
+
 class TrainingService:
     def __init__(
         self,
@@ -536,28 +540,23 @@ class TrainingService:
     def apply_webhook(self, *, webhook_id: str, remote_id: str, status: str,
                       bars: Sequence[ProgressBar] = ()) -> Training | None:
         """A verified webhook about a remote training: progress only (the worker that holds the
-        training finishes it). The training is found by the remote id in the signed body; a
-        webhook id seen before is refused (``ConflictError``). Of its logs' progress ``bars``
-        only the training's own counts (``training_progress``, by its ``total_steps``, as the
-        poller reads them)."""
+        training finishes it). The training is found by the remote id in the signed body. Of
+        its logs' progress ``bars`` only the training's own counts (``training_progress``, by
+        its ``total_steps``, as the poller reads them).
+
+        A webhook id is recorded in the transaction that applies its update, so a delivery
+        whose update failed is applied when Replicate sends it again; a delivery applied
+        before changes nothing and is answered like the first (Replicate retries anything but
+        a 2xx, and the contract answers the route with 2xx)."""
         try:
-            fresh = self._repo.record_webhook(webhook_id, now=self._clock())
-        except ConflictError:
-            fresh = False  # the same delivery, twice at once
-        if not fresh:
-            raise ConflictError("this webhook was received before", code=ErrorCode.WEBHOOK_REPLAYED)
-        training = self._repo.get_training_by_remote_id(remote_id)
-        if training is None:
-            return None
-        try:
-            new_status = TrainingStatus(status)
+            new_status: TrainingStatus | None = TrainingStatus(status)
         except ValueError:
-            return training
-        if new_status.is_terminal:
+            new_status = None
+        if new_status is not None and new_status.is_terminal:
             new_status = TrainingStatus.PROCESSING
 
         def apply(t: Training) -> Training:
-            if not can_transition(t.status, new_status) or t.is_scoring:
+            if new_status is None or not can_transition(t.status, new_status) or t.is_scoring:
                 return t  # a scoring training's trainer is done: remote news changes nothing
             t = transition(t, new_status, at=self._clock(), reason="webhook")
             # Logs also show other bars ("Loading checkpoint shards 2/3" of a run that failed
@@ -567,7 +566,30 @@ class TrainingService:
                 t = dataclasses.replace(t, step=max(t.step, bar.step), total_steps=bar.total)
             return t
 
-        return self._update(training.id, apply)
+        try:
+            with self._repo.atomic() as tx:
+                try:
+                    fresh = tx.record_webhook(webhook_id, now=self._clock())
+                except ConflictError as exc:
+                    if exc.code is not ErrorCode.WRITE_CONFLICT:
+                        raise
+                    # The same delivery at once in another transaction, which recorded it first.
+                    raise _ReplayedWebhookError from exc
+                if not fresh:
+                    raise _ReplayedWebhookError
+                found = tx.get_training_by_remote_id(remote_id)
+                current = (tx.get_training(found.id, for_update=True) if found is not None
+                           else None)
+                if current is None:
+                    return None
+                updated = apply(current)
+                if updated is not current:
+                    tx.save_training(updated)
+                return updated
+        except _ReplayedWebhookError:
+            pass
+        logger.info("webhook %s about %s was applied before: nothing to do", webhook_id, remote_id)
+        return self._repo.get_training_by_remote_id(remote_id)
 
     # ------------------------------------------------------------------ claiming and holding
     def _claim(self, training_id: str, *, owner: str,
