@@ -137,6 +137,38 @@ def test_a_checkpoint_of_another_run_is_ignored(
     assert sink.steps[0][1] == 0
 
 
+def test_a_checkpoint_made_on_another_base_is_ignored(
+        shared_model_cache: Path, tmp_path: Path, uninterrupted: dict[str, Any],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The LoRA's shapes are the same, but its steps are not: a checkpoint made on the
+    unquantized tiny base is not resumed on an nf4 one (``auto`` may choose another mode on
+    another attempt), nor on another base model folder with the same layout."""
+    pytest.importorskip("torchao")
+    from selfie_lora.adapters.flux import tiny
+
+    newest = uninterrupted["kept"].newest()
+    assert uninterrupted["result"].metrics["memory_mode"] == "bf16"
+    nf4 = LocalTrainer(base_model="tiny", cache_dir=shared_model_cache, isolation="inline",
+                       device="cpu", num_threads=1, progress_interval_s=0.0, memory_mode="nf4")
+    with caplog.at_level("WARNING", logger="selfie_lora.adapters.flux.checkpoints"):
+        result = nf4.train(replace(_job(tmp_path / "nf4", SHORT), resume_from=newest),
+                           sink=FakeSink())
+    assert result.metrics["resumed_from_step"] == 0  # started over
+    assert result.metrics["memory_mode"] == "nf4"
+    assert "memory_mode: 'bf16', not 'nf4'" in caplog.text
+
+    other = tmp_path / "other-base"
+    tiny.build_tiny_pipeline(seed=tiny.TINY_SEED + 1).save_pretrained(str(other))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="selfie_lora.adapters.flux.checkpoints"):
+        result = LocalTrainer(base_model=str(other), cache_dir=shared_model_cache,
+                              isolation="inline", device="cpu", num_threads=1,
+                              progress_interval_s=0.0).train(
+            replace(_job(tmp_path / "other", SHORT), resume_from=newest), sink=FakeSink())
+    assert result.metrics["resumed_from_step"] == 0
+    assert "base_model: 'tiny-flux-v1', not 'sha256:" in caplog.text
+
+
 class KillingSink(FakeSink):
     """Kills the training child (SIGKILL) once the parent hears of step ``kill_at``."""
 

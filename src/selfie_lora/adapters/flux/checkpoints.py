@@ -9,14 +9,16 @@ bit for bit).
 
 Files are written next to their final name and renamed into place, so a process killed mid-write
 leaves the previous checkpoint whole; only the last :data:`KEEP` are kept on disk. A checkpoint
-records what it was made for (the recipe, seed, photo count and the LoRA's parameter shapes):
-one that does not fit the run is ignored and the run starts over (never a wrong resume).
+records what it was made for (the recipe, seed, photo count, the LoRA's parameter shapes, and the
+frozen base it trained on: the base model, its memory mode and the compute dtype): one that does
+not fit the run is ignored and the run starts over (never a wrong resume).
 
 Torch is imported inside the functions so that importing this module stays cheap.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from selfie_lora.adapters.flux.tiny import TINY, TINY_CACHE_NAME
 from selfie_lora.domain.entities import Recipe
 
 if TYPE_CHECKING:
@@ -58,7 +61,58 @@ def step_of(path: Path) -> int | None:
     return int(match[1]) if match else None
 
 
-def fingerprint(recipe: Recipe, *, seed: int, examples: int, params: Sequence[Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BaseSetup:
+    """The frozen base a run trains its LoRA on. Each shapes every step as much as the recipe
+    does, yet none shows in the LoRA's shapes: ``auto`` may pick another memory mode on another
+    attempt or machine, and a FLUX.1 folder may be replaced by another with the same layout."""
+
+    model: str  # base_model_identity()
+    memory_mode: str  # the mode actually used, never "auto"
+    dtype: str  # the compute dtype, "torch.bfloat16"
+
+
+# Blocks read from each weights file for its identity: far from its whole 10 GB, but two
+# different trainings of one architecture differ in every block.
+_SAMPLED_BLOCKS = 8
+_BLOCK_BYTES = 64 * 1024
+
+
+def base_model_identity(source: str) -> str:
+    """What names the base model ``source`` (``tiny`` or a FLUX.1 diffusers folder) wherever it
+    lies: the tiny model's versioned name; for a folder a hash of its transformer's config, its
+    weights index(es), and each weights file's name, size and a few blocks of its bytes (cheap:
+    read at every start; a copy of the folder on another machine has the same identity)."""
+    if source == TINY:
+        return TINY_CACHE_NAME
+    folder = Path(source).expanduser()
+    if (folder / "transformer").is_dir():
+        folder = folder / "transformer"
+    digest = hashlib.sha256()
+    try:
+        files = sorted(p for p in folder.iterdir() if p.is_file() and (
+            p.name == "config.json" or p.name.endswith((".index.json", ".safetensors"))))
+        for path in files:
+            digest.update(path.name.encode() + b"\0")
+            if path.name.endswith(".json"):
+                digest.update(path.read_bytes())
+                continue
+            size = path.stat().st_size
+            digest.update(str(size).encode() + b"\0")
+            with path.open("rb") as fh:
+                for block in range(_SAMPLED_BLOCKS):
+                    fh.seek(size * block // _SAMPLED_BLOCKS)
+                    digest.update(fh.read(_BLOCK_BYTES))
+    except OSError as exc:
+        # The pipeline loaded from it, so this is unlikely; the path still tells bases apart.
+        logger.warning("base model %s cannot be read for its identity (%s): using its path",
+                       source, exc)
+        return f"path:{folder.resolve()}"
+    return f"sha256:{digest.hexdigest()}"
+
+
+def fingerprint(recipe: Recipe, *, seed: int, examples: int, params: Sequence[Any],
+                base: BaseSetup | None = None) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: everything that shapes the run's steps."""
     settings = recipe.as_dict()
     settings.pop("checkpoint_every", None)  # how often to save changes nothing of the steps
@@ -67,7 +121,21 @@ def fingerprint(recipe: Recipe, *, seed: int, examples: int, params: Sequence[An
         "seed": seed,
         "examples": examples,
         "shapes": [list(p.shape) for p in params],
+        # A LoRA trained on one base, in one precision, goes on differently on another: resumed
+        # there it would end as neither run's LoRA.
+        "base_model": base.model if base is not None else None,
+        "memory_mode": base.memory_mode if base is not None else None,
+        "dtype": base.dtype if base is not None else None,
     }
+
+
+def _differences(saved: Any, wanted: dict[str, Any]) -> str:
+    """The fingerprint's parts that differ, as "part: saved, not wanted" (what the log says)."""
+    if not isinstance(saved, dict):
+        return f"{saved!r}, not {wanted!r}"
+    return "; ".join(f"{key}: {saved.get(key)!r}, not {wanted.get(key)!r}"
+                     for key in sorted(set(saved) | set(wanted))
+                     if saved.get(key) != wanted.get(key))
 
 
 def save_checkpoint(
@@ -136,8 +204,8 @@ def load_checkpoint(
         logger.warning("checkpoint %s has an unknown format: starting over", path)
         return None
     if payload.get("made_for") != made_for:
-        logger.warning("checkpoint %s was made for another run (%s, not %s): starting over",
-                       path, payload.get("made_for"), made_for)
+        logger.warning("checkpoint %s was made for another run (%s): starting over",
+                       path, _differences(payload.get("made_for"), made_for))
         return None
     with torch.no_grad():
         for param, saved in zip(params, payload["params"], strict=True):

@@ -660,6 +660,7 @@ def fit_lora(
     timestep_shift: TimestepShift | None = None,
     sampler: Sampler | None = None,
     on_sample: SampleCallback | None = None,
+    base: checkpoints.BaseSetup | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Add a LoRA to ``transformer`` and train it in place on ``examples`` for ``recipe.steps``.
 
@@ -670,6 +671,9 @@ def fit_lora(
     written there every that many steps and passed to ``on_checkpoint``. With ``resume_from``
     the run continues from that checkpoint (when it fits this run): the first ``on_step`` report
     is its step, not 0, and the steps that follow are the ones the uninterrupted run takes.
+
+    ``base`` (the base model, its memory mode and dtype) is recorded in each checkpoint, and one
+    made on another base is not resumed.
 
     ``timestep_shift`` is the base model's (:meth:`TimestepShift.from_scheduler_config`); a recipe
     with ``timestep_sampling == "flux_shift"`` uses it, FLUX.1-dev's when None.
@@ -692,7 +696,8 @@ def fit_lora(
     )
     total = recipe.steps
     generator = torch.Generator().manual_seed(seed)
-    made_for = checkpoints.fingerprint(recipe, seed=seed, examples=len(examples), params=params)
+    made_for = checkpoints.fingerprint(recipe, seed=seed, examples=len(examples), params=params,
+                                       base=base)
     resumed = None
     if resume_from is not None:
         resumed = checkpoints.load_checkpoint(
@@ -888,6 +893,8 @@ def train_flux_lora(
                 timestep_shift=base.timestep_shift,
                 sampler=sampler,
                 on_sample=on_sample,
+                base=checkpoints.BaseSetup(model=checkpoints.base_model_identity(pipeline_source),
+                                           memory_mode=base.mode, dtype=str(dtype)),
             )
             eval_after = evaluate_loss(transformer, examples, seed=run_seed) if evaluate else None
             metadata = {
