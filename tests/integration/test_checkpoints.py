@@ -230,6 +230,26 @@ def test_a_canceled_training_child_checkpoints_its_steps_before_it_stops(
     _close(resumed.weights_path, uninterrupted["result"].weights_path)
 
 
+@pytest.mark.parametrize("isolation", ["inline", "process"])
+@pytest.mark.parametrize("stop", ["interrupt", "cancel"])
+def test_a_stop_at_the_last_step_keeps_the_finished_run(
+        shared_model_cache: Path, tmp_path: Path, uninterrupted: dict[str, Any],
+        isolation: str, stop: str) -> None:
+    """Asked to stop after the last step (inline: on_step(total) says so; a child: the parent
+    hears of it while the child evaluates and saves), the run is done: it ends with its LoRA, and
+    no attempt trains its steps since the last checkpoint again."""
+    sink = (FakeSink(interrupt_after=SHORT.steps) if stop == "interrupt"
+            else FakeSink(cancel_after=SHORT.steps))
+    kept = KeptCheckpoints(tmp_path / "kept")
+    result = _trainer(shared_model_cache, isolation).train(
+        replace(_job(tmp_path, SHORT), checkpoints=kept), sink=sink)
+    assert result.weights_path.is_file()
+    assert result.metrics["steps"] == SHORT.steps
+    assert result.metrics["resumed_from_step"] == 0
+    assert kept.steps == [4, 8, 12, 16]  # no checkpoint at the last step: the LoRA is the result
+    _close(result.weights_path, uninterrupted["result"].weights_path)
+
+
 def test_a_run_on_a_quantized_base_resumes_as_well(shared_model_cache: Path,
                                                    tmp_path: Path) -> None:
     """The checkpoint holds the LoRA and the optimizer only: on an int8 base (a 24 GB card's

@@ -767,10 +767,12 @@ def fit_lora(
         periodic = every > 0 and step % every == 0 and step < total
         if periodic:
             checkpoint(state)
-        if on_step is not None and on_step(step, total, last_loss):
+        if on_step is not None and on_step(step, total, last_loss) and step < total:
             # Stopped (canceled, or the worker stops): the steps since the last checkpoint are
-            # kept too, so a resume or the next attempt loses none of them.
-            if every > 0 and not periodic and step < total:
+            # kept too, so a resume or the next attempt loses none of them. A stop at the last
+            # step is not one: the run is done, and finishing it (its evaluation and the saved
+            # LoRA) is what keeps its steps, where no checkpoint is written.
+            if every > 0 and not periodic:
                 checkpoint(state)
             raise _canceled(step, total)
     seconds = time.perf_counter() - started
@@ -825,7 +827,8 @@ def train_flux_lora(
 
     ``seed`` defaults to ``recipe.seed``. ``on_step`` is called with step 0 once the model is
     loaded and after every optimizer step; returning True stops training with
-    ``TrainingCanceledError`` (nothing is written then). ``gradient_checkpointing`` defaults to on
+    ``TrainingCanceledError`` (nothing is written then), except after the last step: that run is
+    finished and saved. ``gradient_checkpointing`` defaults to on
     for a real model on a GPU. ``photo_names`` only name photos in error messages.
     ``memory_mode`` stores the frozen base unquantized (``bf16``), ``int8`` or ``nf4``; ``auto``
     picks from the free device memory (see ``flux.memory``).

@@ -440,11 +440,15 @@ class LocalTrainer:
                 if reporter.interrupted():
                     logger.info("training %s handed back: stopping child %s", job_id,
                                 process.pid)
-                    self._wind_down(events, process, stop, keep)
+                    finished = self._wind_down(events, process, stop, keep)
+                    if finished is not None:
+                        return finished
                     raise TrainingInterruptedError(f"training {job_id}: the worker stops")
                 if reporter.cancel_requested():
                     logger.info("training %s canceled: stopping child %s", job_id, process.pid)
-                    self._wind_down(events, process, stop, keep)
+                    finished = self._wind_down(events, process, stop, keep)
+                    if finished is not None:
+                        return finished
                     raise TrainingCanceledError(
                         f"training {job_id} canceled", user_message=_CANCELED_MESSAGE
                     )
@@ -452,25 +456,35 @@ class LocalTrainer:
             self._stop(process)
             events.close()
 
-    def _wind_down(self, events: Any, process: Any, stop: Any, keep: _Keepers) -> None:
+    def _wind_down(self, events: Any, process: Any, stop: Any,
+                   keep: _Keepers) -> dict[str, Any] | None:
         """Ask the child to stop at its next step, keeping the checkpoint it writes of the steps
         since its last one, for up to ``stop_grace_s``; the caller then terminates it (a child
-        still loading the model, or stuck, loses only what a kill would have lost)."""
+        still loading the model, or stuck, loses only what a kill would have lost).
+
+        Returns the child's metrics when it finished instead (asked at its last step, or while
+        it evaluated and saved the LoRA): the run is done and its LoRA written, and throwing it
+        away would make the next attempt train again from the last checkpoint."""
         stop.set()
         deadline = time.monotonic() + self.stop_grace_s
         while time.monotonic() < deadline:
             message = self._next_message(events, process)
             if message is None:
                 if not process.is_alive():
-                    return
+                    return None
                 continue
             if message[0] == "checkpoint":
                 _, step, path = message
                 keep.checkpoints.save(Path(path), step)
-            elif message[0] in ("done", "error"):
-                return  # stopped ("canceled"), or it had just finished: nothing more will come
+            elif message[0] == "done":
+                logger.info("training child %s finished before it could stop", process.pid)
+                done: dict[str, Any] = message[1]
+                return done
+            elif message[0] == "error":
+                return None  # stopped ("canceled"), or failed: nothing more will come
         logger.warning("training child %s did not stop within %.0f s: terminating it",
                        process.pid, self.stop_grace_s)
+        return None
 
     def _next_message(self, events: Any, process: Any) -> tuple[Any, ...] | None:
         try:
