@@ -56,3 +56,20 @@ def test_the_newest_checkpoint_is_kept_read_back_moved_and_dropped(store: Any,
     checkpoints.drop("t1")
     assert _keys(store, "t1") == []
     assert _keys(store, "t2") == [checkpoint_key("t2", 10)]
+
+
+def test_a_run_that_started_over_replaces_the_later_checkpoint_it_could_not_use(
+        store: Any, tmp_path: Path) -> None:
+    # Attempt 1 stored step 30; attempt 2 found it unfit, started over and stores step 10: the
+    # stale step 30 must not stay the newest, or every later attempt starts over from it again.
+    checkpoints = TrainingCheckpoints(store)
+    unfit, good = tmp_path / "unfit.ckpt", tmp_path / "good.ckpt"
+    unfit.write_bytes(b"made for another run")
+    good.write_bytes(b"the run that started over")
+    checkpoints.keep("t1", unfit, step=30)
+    checkpoints.keep("t1", good, step=10)
+    assert _keys(store, "t1") == [checkpoint_key("t1", 10)]
+    fetched = checkpoints.fetch("t1", tmp_path / "resume.ckpt")
+    assert fetched is not None
+    assert fetched.step == 10
+    assert (tmp_path / "resume.ckpt").read_bytes() == good.read_bytes()

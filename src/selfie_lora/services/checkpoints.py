@@ -3,8 +3,8 @@
 A worker's work dir is local to its machine and removed at every attempt, and on the scale path
 the next attempt may run on another machine; so the newest checkpoint a trainer writes is kept in
 the blob store under the training's keys (``layout.checkpoint_key``), and the next attempt of the
-training, or the training that resumes a canceled one, starts from it. Only the newest is kept:
-each blob write is atomic, so the older one is deleted only once the newer one is whole.
+training, or the training that resumes a canceled one, starts from it. Only the one stored last is
+kept: each blob write is atomic, so the other one is deleted only once the new one is whole.
 """
 
 from __future__ import annotations
@@ -43,12 +43,17 @@ class TrainingCheckpoints:
         return stored[-1] if stored else None
 
     def keep(self, training_id: str, path: Path, *, step: int) -> None:
-        """Store the checkpoint file at ``path`` as the training's newest; older ones go."""
+        """Store the checkpoint file at ``path`` as the training's newest; every other one goes.
+
+        Those of later steps too: an attempt that started over (its checkpoint was unreadable or
+        made for another run) stores lower steps than the one it found, and a stale later one
+        left behind would stay "latest", so every later attempt would fetch it and start over
+        again until the run got past its step."""
         key = checkpoint_key(training_id, step)
         self._blobs.put_file(key, path)
-        for older in self._stored(training_id):
-            if older.step < step:
-                self._blobs.delete(older.key)
+        for other in self._stored(training_id):
+            if other.step != step:
+                self._blobs.delete(other.key)
         # Routine: the log keeps a line per change of state, the progress shows the steps.
         logger.debug("training %s: checkpoint at step %d stored", training_id, step)
 
