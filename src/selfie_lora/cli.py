@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.table import Table
 
-from selfie_lora.config import Settings, get_settings
+from selfie_lora.config import Settings, get_settings, settings_errors
 from selfie_lora.console import console, err_console, follow_training, print_report
 from selfie_lora.domain.entities import GateStatus
 from selfie_lora.domain.recipes import CheckTarget
@@ -45,7 +46,44 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
 
 
 def _settings() -> Settings:
-    return get_settings()
+    """The settings, or one line per invalid one on stderr and exit status 1: pydantic's own
+    report is a long traceback, and no value (a token, a key) is ever printed."""
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        for line in settings_errors(exc):
+            err_console.print(f"[red]invalid setting:[/red] {line}", markup=True,
+                              highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@contextmanager
+def _database_reachable() -> Iterator[None]:
+    """A database that cannot be reached (or a URL that cannot be read) is one line and exit
+    status 1, not sqlalchemy's traceback. The driver's first line says why without the URL
+    (which may hold a password)."""
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    try:
+        yield
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else "unknown"
+        err_console.print(f"[red]error:[/red] the database (SELFIE_LORA_DATABASE_URL) cannot be "
+                          f"reached: {reason}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except ArgumentError:
+        err_console.print("[red]error:[/red] SELFIE_LORA_DATABASE_URL is not a database URL",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _database_reachable_or_exit(settings: Settings) -> None:
+    """Opens (and migrates) the database once before a server starts, so that one that cannot be
+    reached is said in one line rather than by each server process's traceback."""
+    from selfie_lora.wiring import open_database
+
+    with _database_reachable():
+        open_database(settings)
 
 
 @contextmanager
@@ -54,7 +92,9 @@ def opened(*, label: str = "error", **build: Any) -> Iterator[Services]:
     stderr (with its details) and exit status 1."""
     from selfie_lora.wiring import build_services
 
-    services = build_services(_settings(), **build)
+    settings = _settings()
+    with _database_reachable():
+        services = build_services(settings, **build)
     try:
         yield services
     except SelfieLoraError as exc:
@@ -82,6 +122,7 @@ def serve(
     from selfie_lora.api.server import run_server, run_server_processes
 
     settings = _settings()
+    _database_reachable_or_exit(settings)
     if processes > 1:
         logger.info("serving on http://%s:%d/ with %d API processes; data in %s", host, port,
                     processes, settings.home)
@@ -107,7 +148,9 @@ def worker_cmd(
     """A queue worker only (the scale path)."""
     from selfie_lora.worker import run_worker
 
-    run_worker(threads=threads)
+    _settings()
+    with _database_reachable():
+        run_worker(threads=threads)
 
 
 @users_app.command("create")

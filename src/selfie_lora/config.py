@@ -11,7 +11,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from selfie_lora.domain.accounts import SignInPolicy
@@ -37,8 +44,10 @@ from selfie_lora.errors import InvalidInputError
 class Settings(BaseSettings):
     # populate_by_name: code (and tests) pass fields by name even where the environment uses
     # an alias (the AWS variables).
+    # hide_input_in_errors: an invalid value must never print the settings (API tokens, storage
+    # keys, the secret key) into a terminal or a log.
     model_config = SettingsConfigDict(env_prefix="SELFIE_LORA_", extra="ignore",
-                                      populate_by_name=True)
+                                      populate_by_name=True, hide_input_in_errors=True)
 
     home: Path = Path("./.selfie-lora")
     database_url: str | None = None
@@ -216,7 +225,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _lease_fits_heartbeats(self) -> Settings:
-        self.lease_policy  # noqa: B018 - raises ValueError when the lease is shorter than 2 beats
+        try:
+            self.lease_policy  # noqa: B018 - raises ValueError when the lease is under 2 beats
+        except ValueError as exc:  # said in the variables' names, which the user sets
+            raise ValueError(f"SELFIE_LORA_LEASE_SECONDS ({self.lease_seconds:g}) and "
+                             f"SELFIE_LORA_HEARTBEAT_SECONDS ({self.heartbeat_seconds:g}): "
+                             f"{exc}") from None
         return self
 
     @property
@@ -282,6 +296,21 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.cache_dir or self.home / "cache"
+
+
+def settings_errors(exc: ValidationError) -> list[str]:
+    """One line per invalid setting, ``VARIABLE: message``, naming the environment variable and
+    never its value (it may be a secret)."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        message = error["msg"].removeprefix("Value error, ")
+        loc = error.get("loc", ())
+        if loc and isinstance(loc[0], str):
+            name = loc[0] if loc[0].isupper() else f"SELFIE_LORA_{loc[0].upper()}"
+            lines.append(f"{name}: {message}")
+        else:  # a check across settings names the variables in its message
+            lines.append(message)
+    return lines
 
 
 @lru_cache(maxsize=1)

@@ -241,6 +241,17 @@ def default_generators(settings: Settings) -> dict[str, Generator]:
     return generators
 
 
+def open_database(settings: Settings) -> None:
+    """Connects to the database and brings its schema up to date, then lets go: a check that it
+    can be reached before a server starts."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        upgrade(engine)
+    finally:
+        engine.dispose()
+
+
 def build_services(
     settings: Settings,
     *,

@@ -1,0 +1,46 @@
+"""Invalid settings, or a database that cannot be reached, end any command with one line per
+problem naming the variable and exit status 1: never pydantic's or sqlalchemy's traceback, and
+never a setting's value (the settings hold API tokens and storage keys)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SECRET = "r8_SUPERSECRET_abc123"
+AWS_SECRET = "aws_SECRET_xyz789"
+
+
+def run_cli(home: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("SELFIE_LORA_", "REPLICATE_", "AWS_"))}
+    clean.update(SELFIE_LORA_HOME=str(home), REPLICATE_API_TOKEN=SECRET,
+                 AWS_SECRET_ACCESS_KEY=AWS_SECRET, SELFIE_LORA_SECRET_KEY="sk_SECRET_key_42")
+    clean.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", "from selfie_lora.cli import main; main()", *args],
+        env=clean, capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.mark.parametrize(("env", "variable"), [
+    ({"SELFIE_LORA_STORAGE_URL": "http://x"}, "SELFIE_LORA_STORAGE_URL"),
+    ({"SELFIE_LORA_TRAINER": "foo"}, "SELFIE_LORA_TRAINER"),
+    ({"SELFIE_LORA_LEASE_SECONDS": "5"}, "SELFIE_LORA_LEASE_SECONDS"),
+    ({"SELFIE_LORA_DATABASE_URL": "postgresql+psycopg://u:pw_SECRET_db@127.0.0.1:1/db"},
+     "SELFIE_LORA_DATABASE_URL"),
+])
+@pytest.mark.parametrize("command", [["check", "."], ["worker"], ["serve", "--no-worker"]])
+def test_a_bad_setting_is_one_line_without_secrets(
+        tmp_path: Path, env: dict[str, str], variable: str, command: list[str]) -> None:
+    result = run_cli(tmp_path, env, *command)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert variable in output
+    assert "Traceback" not in output
+    for secret in (SECRET, AWS_SECRET, "sk_SECRET_key_42", "pw_SECRET_db"):
+        assert secret not in output
+    assert len(output.strip().splitlines()) == 1, output
