@@ -126,3 +126,15 @@ def test_an_upload_says_what_it_was_judged_for(client: TestClient, services: Ser
     pin_model(services, "bob", backend="local", trainer_version="local-flux-v1")
     pinned = upload(headers)
     assert (pinned["target"], pinned["resolution"]) == ("local-flux", 512)
+
+
+def test_the_configured_trainer_version_of_the_target_is_judged_for(
+    cli: CliRunner, photos: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A new model is pinned to the configured version: FLUX.1 at 512 px, not the newest 1024.
+    monkeypatch.setenv("SELFIE_LORA_TRAINER_VERSION", "local-flux-v1")
+    flux = cli.invoke(app, ["check", str(photos), "--for", "local-flux"])
+    assert "judged for local-flux training at 512 px" in said(flux), flux.output
+    # Another target's newest recipe is unaffected.
+    tiny = cli.invoke(app, ["check", str(photos), "--for", "tiny"])
+    assert "judged for tiny training at 64 px" in said(tiny), tiny.output

@@ -95,11 +95,17 @@ class CheckTarget(StrEnum):
             return cls.REPLICATE
         return cls.TINY if trainer_version.startswith("local-tiny-") else cls.LOCAL_FLUX
 
-    def recipe(self, *, replicate_recipe: str) -> Recipe:
-        """The recipe a new model of this target trains with (on Replicate, the configured
-        ``replicate_recipe``)."""
+    def recipe(self, *, replicate_recipe: str, backend: str | None = None,
+               trainer_version: str | None = None) -> Recipe:
+        """The recipe a new model of this target trains with: on Replicate, the configured
+        ``replicate_recipe``; locally, the configured ``trainer_version`` when it is one of this
+        target's (a new model is pinned to it, so SELFIE_LORA_TRAINER_VERSION=local-flux-v1
+        trains at 512 px, not the newest recipe's 1024), else this target's newest recipe."""
         if self is CheckTarget.REPLICATE:
             return get_recipe(replicate_recipe)
+        if (backend == "local" and trainer_version
+                and CheckTarget.of(backend=backend, trainer_version=trainer_version) is self):
+            return get_recipe(trainer_version)
         return get_recipe(_LOCAL_TINY_RECIPE if self is CheckTarget.TINY else _LOCAL_FLUX_RECIPE)
 
 

@@ -175,7 +175,9 @@ class IntakeService:
                        ) -> tuple[CheckTarget, Recipe]:
         defaults = self._defaults()
         if target is not None:
-            return target, target.recipe(replicate_recipe=defaults.replicate_recipe)
+            return target, target.recipe(replicate_recipe=defaults.replicate_recipe,
+                                         backend=defaults.backend,
+                                         trainer_version=defaults.trainer_version)
         model = self._repo.get_model_for_user(user.id) if user is not None else None
         backend = model.backend if model else defaults.backend
         version = model.trainer_version if model else defaults.trainer_version
