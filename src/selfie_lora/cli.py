@@ -381,19 +381,36 @@ def generate(
 @app.command("export")
 def export_cmd(
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
-    out: Annotated[Path, typer.Option("--out", help="The file to write (a folder: its own name).")],
+    version_arg: Annotated[str | None, typer.Argument(
+        metavar="[VERSION]", help="A version's number or id; default: the active one.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="The file to write (a folder: its own name); default: "
+                      "lora-v<N>[-kohya].safetensors in the current folder.")] = None,
     version: Annotated[str | None, typer.Option(
-        "--version", help="A version's number or id; default: the active one.")] = None,
+        "--version", help="The same as VERSION.")] = None,
     weights_format: Annotated[WeightsFormat, typer.Option(
         "--format", help="diffusers: the stored file (diffusers, ComfyUI); kohya: kohya "
         "sd-scripts' FLUX layout.")] = WeightsFormat.DIFFUSERS,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace the file when it exists.")] = False,
 ) -> None:
     """Write a version's LoRA file, as stored or converted to kohya's layout."""
+    if version_arg is not None and version is not None and version_arg != version:
+        raise typer.BadParameter(f"VERSION {version_arg!r} and --version {version!r} differ",
+                                 param_hint="VERSION")
+    chosen = version_arg if version_arg is not None else version
     with opened() as services:
         owner = services.users.get_by_name(name=user)
-        export = services.models.export_weights(user=owner, version_id=version,
+        export = services.models.export_weights(user=owner, version_id=chosen,
                                                 weights_format=weights_format)
-        target = out / export.filename if out.is_dir() else out
+        where = out if out is not None else Path(".")
+        target = where / export.filename if where.is_dir() else where
+        if target.exists() and not force:
+            # A LoRA is often exported again with the same name: never lose one silently.
+            err_console.print(f"[red]error:[/red] {target} exists; nothing was written (pass "
+                              "--force to replace it, or --out another file)", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(1)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.part")
         partial.write_bytes(export.data)

@@ -149,3 +149,36 @@ def test_cli_export_writes_the_route_s_bytes(
     assert refused.exit_code == 1
     assert "not a FLUX transformer LoRA" in refused.output
     assert not (tmp_path / "v2.safetensors").exists()
+
+
+def test_cli_export_takes_the_version_as_its_argument_and_names_the_file_after_it(
+    client: TestClient, services: Services, settings: Settings, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The contract: selfie-lora export VERSION [--format diffusers/kohya] [--out FILE].
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    h = auth(services, "ann")
+    trained_version(client, h)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    runner = CliRunner()
+
+    done = runner.invoke(cli.app, ["export", "1", "--user", "ann"])
+    assert done.exit_code == 0, done.output
+    written = here / "lora-v1.safetensors"
+    assert written.read_bytes() == our_lora()
+
+    written.write_bytes(b"mine")  # an existing file is never replaced silently
+    again = runner.invoke(cli.app, ["export", "1", "--user", "ann"])
+    assert again.exit_code == 1
+    assert "exists" in again.output
+    assert "--force" in again.output
+    assert written.read_bytes() == b"mine"
+
+    forced = runner.invoke(cli.app, ["export", "v1", "--user", "ann", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert written.read_bytes() == our_lora()
+
+    clash = runner.invoke(cli.app, ["export", "1", "--version", "2", "--user", "ann"])
+    assert clash.exit_code == 2
