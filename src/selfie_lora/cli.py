@@ -24,6 +24,7 @@ from selfie_lora.logs import setup_logging
 
 if TYPE_CHECKING:
     from selfie_lora.wiring import Services
+    from selfie_lora.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -301,7 +302,12 @@ def train(
     """Upload a folder or zip of photos and (re)train the user's model."""
     with opened() as services:
         owner = services.users.get_by_name(name=user)
-        t = services.training.upload_path(user=owner, path=path).training
+        try:
+            t = services.training.upload_path(user=owner, path=path).training
+        except KeyboardInterrupt:
+            err_console.print("interrupted while uploading the photos: no training was "
+                              "started here; run the command again", highlight=False)
+            raise typer.Exit(130) from None
         assert t is not None
         kind = "retraining" if t.is_retraining else "first training"
         console.print(f"{kind} {t.id}: trigger word [bold]{t.trigger_word}[/bold], destination "
@@ -331,11 +337,17 @@ def resume(
 
 def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> None:
     """Run the training here until it ends and say how it ended (exit 1 unless it succeeded)."""
-    from selfie_lora.worker import embedded_worker
+    from selfie_lora.worker import start_embedded
 
-    with embedded_worker(services):
+    worker = start_embedded(services, threads=1)
+    try:
         final = follow_training(
             lambda: services.training.progress(user=owner, training_id=training_id).training)
+    except KeyboardInterrupt:
+        _hand_back_on_interrupt(services, worker, owner=owner, training_id=training_id)
+        raise typer.Exit(130) from None
+    finally:
+        worker.stop()  # a second call (after the hand-back) does nothing
     if final.status != "succeeded":
         err_console.print(f"[red]training {final.status}:[/red] {final.error}")
         raise typer.Exit(1)
@@ -352,6 +364,34 @@ def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> N
     else:
         console.print(f"[green]succeeded[/green]: version {active.number if active else '?'} "
                       f"is active (LoRA scale {model.lora_scale})")
+
+
+def _hand_back_on_interrupt(services: Services, worker: Worker, *, owner: Any,
+                            training_id: str) -> None:
+    """Ctrl-C while a training runs here: stop this worker the way a worker's SIGTERM does (the
+    training is checkpointed, handed back and queued again) and say how it goes on; never a
+    training failed by the interrupt, nor a traceback."""
+    import signal
+
+    # A second Ctrl-C during the hand-back (a checkpoint is being written) would break it off
+    # half-way; it takes seconds.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    err_console.print("interrupted: handing the training back (saving a checkpoint) ...",
+                      highlight=False)
+    try:
+        worker.stop()
+        t = services.training.progress(user=owner, training_id=training_id).training
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if t.status.is_terminal:
+        err_console.print(f"training {t.id} {t.status} before it could be handed back",
+                          highlight=False)
+        return
+    err_console.print(
+        f"training {t.id} is queued at step {t.step}/{t.total_steps}, its checkpoints kept: "
+        "any 'selfie-lora worker' or 'selfie-lora serve' on this data continues it from its "
+        "last checkpoint (follow it in the web app or GET /api/training/progress)",
+        highlight=False, soft_wrap=True)
 
 
 @app.command()

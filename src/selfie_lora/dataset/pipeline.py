@@ -27,6 +27,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections import OrderedDict
@@ -130,6 +131,9 @@ _worker_analyzer: FaceAnalyzer | None = None
 
 
 def _init_worker(factory: AnalyzerFactory, service_pid: int) -> None:
+    # Ctrl-C at a terminal reaches these processes too: the service decides what stops (a
+    # KeyboardInterrupt here only printed a traceback per process and broke the pool).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Forked by the fork server, which lives as long as its children do: watch the service
     # itself, and end with it, even after kill -9.
     exit_with(service_pid)

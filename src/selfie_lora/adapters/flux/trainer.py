@@ -14,6 +14,7 @@ import math
 import multiprocessing
 import pickle
 import queue
+import signal
 import time
 import traceback
 from collections.abc import Callable
@@ -145,6 +146,10 @@ def _run(
 def _child_main(request: _TrainRequest, events: Any, stop: Any) -> None:
     """Entry point of the spawned child: stream steps, then one "done" or "error" message.
     ``stop`` (an Event) set by the parent: checkpoint the steps so far and stop."""
+    # Ctrl-C at a terminal reaches the whole foreground group, this child too: the parent
+    # decides (a worker's stop sets ``stop``, and the steps so far are checkpointed), where a
+    # KeyboardInterrupt here would fail the training and lose its checkpoints.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A worker killed with -9 cannot stop its child: the child stops itself.
     exit_with()
     # The worker's log format, and the training's id on every line (as in the worker itself).

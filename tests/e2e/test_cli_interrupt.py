@@ -1,0 +1,71 @@
+"""Ctrl-C during ``selfie-lora train``: the training is handed back as a worker's SIGTERM hands
+it back (checkpointed, queued again, its checkpoints kept), the command says how it goes on and
+exits 130, without a traceback; the trainer's child process ignores the SIGINT a terminal sends
+to the whole foreground group (it would fail the training and delete its checkpoints)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from selfie_lora.config import Settings
+from selfie_lora.domain.entities import TrainingStatus
+from selfie_lora.wiring import build_services
+from tests.support.photos import copy_person_photos
+
+pytestmark = pytest.mark.slow
+CLI = str(Path(sys.executable).parent / "selfie-lora")
+
+
+def test_ctrl_c_mid_training_hands_it_back_with_its_checkpoints(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")}
+    env.update({"SELFIE_LORA_HOME": str(home), "SELFIE_LORA_LOCAL_ISOLATION": "process",
+                "OMP_NUM_THREADS": "1", "SELFIE_LORA_MIN_PHOTOS": "3"})
+    created = subprocess.run([CLI, "users", "create", "ann"], env=env, capture_output=True,
+                             text=True, timeout=120, check=False)
+    assert created.returncode == 0, created.stderr
+    photos = copy_person_photos(tmp_path / "photos")
+    services = build_services(Settings(home=home), trainers={}, generators={})
+    try:
+        ann = services.users.get_by_name(name="ann")
+        # Its own session: the SIGINT goes to the command's whole group, as a terminal's Ctrl-C.
+        train = subprocess.Popen([CLI, "train", str(photos), "--user", "ann"], env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            step = 0
+            while time.monotonic() < deadline and train.poll() is None:
+                try:
+                    t = services.training.progress(user=ann).training
+                except Exception:  # no training yet
+                    t = None
+                if t is not None and t.step >= 12:  # past the first checkpoint (every 10)
+                    step = t.step
+                    break
+                time.sleep(0.05)
+            assert step >= 12, "the training did not get going"
+            os.killpg(train.pid, signal.SIGINT)
+            out, err = train.communicate(timeout=120)
+        finally:
+            if train.poll() is None:
+                os.killpg(train.pid, signal.SIGKILL)
+        t = services.training.progress(user=ann).training
+        assert train.returncode == 130, out + err
+        assert "Traceback" not in err
+        assert "KeyboardInterrupt" not in err
+        assert f"training {t.id} is queued" in " ".join(err.split())
+        assert t.status in (TrainingStatus.STARTING, TrainingStatus.PROCESSING), t
+        assert t.lease_owner is None
+        assert t.step >= 10
+        assert services.queue.pending() == 1  # any worker continues it
+        assert list((home / "blobs" / "checkpoints" / t.id).glob("step-*.ckpt"))
+    finally:
+        services.close()
