@@ -292,8 +292,14 @@ class TrainingService:
         if _committed is not None:
             _committed()
         # After the commit: a crash before this line leaves a queued training without a
-        # message, which the reconciler finds and queues.
-        self._queue.enqueue_training(training.id)
+        # message, which the reconciler finds and queues. So does a queue that cannot be
+        # reached now (Redis down): the training exists, and answering an error would have the
+        # client retry into "a training is already running".
+        try:
+            self._queue.enqueue_training(training.id)
+        except Exception as exc:
+            logger.warning("training %s: could not be queued now (%s: %s); the reconciler "
+                           "queues it", training.id, type(exc).__name__, exc)
         return StartResult(training=training, model=plan.model)
 
     def upload(
