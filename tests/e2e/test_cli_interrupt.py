@@ -66,6 +66,8 @@ def test_ctrl_c_mid_training_hands_it_back_with_its_checkpoints(tmp_path: Path) 
         assert t.lease_owner is None
         assert t.step >= 10
         assert services.queue.pending() == 1  # any worker continues it
-        assert list((home / "blobs" / "checkpoints" / t.id).glob("step-*.ckpt"))
+        # With the command's log: a checkpoint not stored says why there (it failed once, in a
+        # fresh clone's run under load, and could not be reproduced).
+        assert list((home / "blobs" / "checkpoints" / t.id).glob("step-*.ckpt")), err
     finally:
         services.close()
