@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
-from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.domain.accounts import SignInPolicy
 from selfie_lora.errors import AuthError, RateLimitedError
 from selfie_lora.services.users import UserService
-from tests.support.backends import DATABASES, database_url, fresh_engine
 from tests.support.clock import Clock
 
 PASSWORD = "correct horse battery"
@@ -52,14 +48,6 @@ class CountingHasher:
 
     def needs_rehash(self, password_hash: str) -> bool:
         return self._inner.needs_rehash(password_hash)
-
-
-@pytest.fixture(params=DATABASES)
-def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRepository]:
-    engine = fresh_engine(database_url(request.param, tmp_path))
-    upgrade(engine)
-    yield SqlRepository(engine)
-    engine.dispose()
 
 
 def burst(svc: UserService, attempts: list[tuple[str, str, str]]) -> list[str]:

@@ -24,6 +24,7 @@ from selfie_lora.adapters.replicate.session import (
     GENERATOR_FAILURES,
     ReplicateConnection,
     ReplicateSession,
+    parse_time,
     parse_version_ref,
 )
 from selfie_lora.errors import ErrorCode, GenerationError, InvalidInputError
@@ -167,7 +168,7 @@ def _find_prediction(
                 version = version.get("id")
             if version != version_id or item.get("input") != inputs:
                 continue
-            created = _parse_time(item.get("created_at"))
+            created = parse_time(item.get("created_at"))
             if created is not None and created < since:
                 # newest first: everything after this one is older still
                 return None
@@ -178,16 +179,6 @@ def _find_prediction(
         parts = urlsplit(following)
         cursor = f"{parts.path}?{parts.query}" if parts.query else parts.path
     return None
-
-
-def _parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _output_urls(prediction: Prediction) -> list[str]:

@@ -48,6 +48,7 @@ from selfie_lora.adapters.replicate.session import (
     TRAINER_FAILURES,
     ReplicateConnection,
     ReplicateSession,
+    parse_time,
     parse_version_ref,
     same_origin,
     shorten,
@@ -103,16 +104,6 @@ def build_training_zip(photos: Iterable[TrainingPhoto]) -> bytes:
             user_message="There are no photos to train on. Upload your photos again.",
         )
     return buffer.getvalue()
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -332,7 +323,7 @@ class ReplicateTrainer:
 
     @staticmethod
     def _recent(training: Training) -> bool:
-        created = _parse_time(training.created_at)
+        created = parse_time(training.created_at)
         return created is None or datetime.now(UTC) - created <= _LOOKUP_WINDOW
 
     @staticmethod
@@ -530,7 +521,7 @@ def _predict_time(session: ReplicateSession, training: Training) -> float | None
     metrics = raw.get("metrics") if isinstance(raw, dict) else None
     if isinstance(metrics, dict) and isinstance(metrics.get("predict_time"), int | float):
         return float(metrics["predict_time"])
-    started, completed = _parse_time(training.started_at), _parse_time(training.completed_at)
+    started, completed = parse_time(training.started_at), parse_time(training.completed_at)
     if started is None or completed is None:
         return None
     return round((completed - started).total_seconds(), 3)
