@@ -386,6 +386,7 @@ def test_a_wide_gamut_photo_is_converted_only_where_read(
     # would converting all of it first.
     from selfie_lora.dataset import pipeline
     from selfie_lora.testing import icc
+    from tests.support.photos import count_colour_conversions
 
     wide = icc.rgb_profile(name="Wide gamut", colorants=icc.ADOBE_RGB_COLORANTS,
                            gamma=icc.ADOBE_RGB_GAMMA)
@@ -397,28 +398,21 @@ def test_a_wide_gamut_photo_is_converted_only_where_read(
     def eager(file: UploadedFile, **options: Any) -> Any:
         return real(file, **{**options, "defer_colour": False})
 
-    converted: list[int] = []
-    apply = ImageCms.ImageCmsTransform.apply
-
-    def counted(self: ImageCms.ImageCmsTransform, im: Image.Image,
-                imOut: Image.Image | None = None) -> Image.Image:  # noqa: N803
-        converted.append(im.width * im.height)
-        return apply(self, im, imOut)
-
-    monkeypatch.setattr(ImageCms.ImageCmsTransform, "apply", counted)
+    converted = count_colour_conversions(monkeypatch)
     from selfie_lora.dataset import decode
 
     monkeypatch.setattr(decode, "_transforms", type(decode._transforms)())  # a first look
     policy = replace(POLICY, resolution=512)
     deferred = pipeline.process_photo(upload, order=0, limits=LIMITS, policy=policy,
                                       analyzer=analyzer)
-    read = sum(converted) - 19 ** 3  # less the profile's first look (the colour grid)
+    read = sum(w * h for w, h in converted) - 19 ** 3  # less the profile's first look (the grid)
     converted.clear()
     monkeypatch.setattr(pipeline, "decode_photo", eager)
     whole = pipeline.process_photo(upload, order=0, limits=LIMITS, policy=policy,
                                    analyzer=analyzer)
-    assert sum(converted) >= 1434 * 2333 // 4  # all of the (reduced) decode
-    assert read < sum(converted) / 2
+    whole_read = sum(w * h for w, h in converted)
+    assert whole_read >= 1434 * 2333 // 4  # all of the (reduced) decode
+    assert read < whole_read / 2
     assert deferred.analysis is not None
     assert whole.analysis is not None
     assert ([(f.code, f.severity) for f in deferred.analysis.findings]

@@ -85,3 +85,20 @@ def red_photo() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def count_colour_conversions(monkeypatch: Any) -> list[tuple[int, int]]:
+    """The sizes of the images colour-converted from now on: every conversion, whichever
+    ImageCms function asks for it, runs a transform's ``apply``."""
+    from PIL import ImageCms
+
+    calls: list[tuple[int, int]] = []
+    apply = ImageCms.ImageCmsTransform.apply
+
+    def counted(self: ImageCms.ImageCmsTransform, im: Image.Image,
+                imOut: Image.Image | None = None) -> Image.Image:  # noqa: N803
+        calls.append(im.size)
+        return apply(self, im, imOut)
+
+    monkeypatch.setattr(ImageCms.ImageCmsTransform, "apply", counted)
+    return calls

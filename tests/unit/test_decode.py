@@ -16,6 +16,7 @@ from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.domain.entities import Finding
 from selfie_lora.testing import icc
 from tests.support.hostile import PHOTO_BYTES, encode, jpeg, photo
+from tests.support.photos import count_colour_conversions
 
 LIMITS = UploadLimits()
 
@@ -230,21 +231,6 @@ def _tagged_png(profile: bytes, colour: tuple[int, int, int] = (200, 100, 50)) -
     return encode(Image.new("RGB", (48, 40), colour), "PNG", icc_profile=profile)
 
 
-def _count_conversions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """The sizes of the images colour-converted from now on (the photos are 48x40): every
-    conversion, whichever ImageCms function asks for it, runs a transform's ``apply``."""
-    calls: list[tuple[int, int]] = []
-    apply = ImageCms.ImageCmsTransform.apply
-
-    def counted(self: ImageCms.ImageCmsTransform, im: Image.Image,
-                imOut: Image.Image | None = None) -> Image.Image:  # noqa: N803
-        calls.append(im.size)
-        return apply(self, im, imOut)
-
-    monkeypatch.setattr(ImageCms.ImageCmsTransform, "apply", counted)
-    return calls
-
-
 def test_a_wide_gamut_photo_gets_srgb_colours(monkeypatch: pytest.MonkeyPatch) -> None:
     wide = icc.rgb_profile(name="Wide gamut", colorants=icc.ADOBE_RGB_COLORANTS,
                            gamma=icc.ADOBE_RGB_GAMMA)
@@ -252,7 +238,7 @@ def test_a_wide_gamut_photo_gets_srgb_colours(monkeypatch: pytest.MonkeyPatch) -
         Image.new("RGB", (1, 1), (200, 100, 50)), ImageCms.ImageCmsProfile(io.BytesIO(wide)),
         ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))).getpixel((0, 0))
     assert expected == (227, 100, 42)  # the same colour in sRGB's numbers: redder, less blue
-    calls = _count_conversions(monkeypatch)
+    calls = count_colour_conversions(monkeypatch)
     for _ in range(3):
         assert _decoded(_tagged_png(wide)).image.getpixel((5, 5)) == expected
     assert [c for c in calls if c == (48, 40)] == [(48, 40)] * 3
@@ -263,7 +249,7 @@ def test_srgb_under_another_name_is_not_converted(monkeypatch: pytest.MonkeyPatc
     # changes no pixel and cost ~45 ms a 3 MP photo when only a name with "sRGB" was trusted.
     compact = icc.rgb_profile(name="c2", colorants=icc.SRGB_COLORANTS, curve=icc.SRGB_CURVE)
     standard = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    calls = _count_conversions(monkeypatch)
+    calls = count_colour_conversions(monkeypatch)
     for profile in (compact, standard):
         assert _decoded(_tagged_png(profile)).image.getpixel((5, 5)) == (200, 100, 50)
     assert (48, 40) not in calls
@@ -304,7 +290,7 @@ def test_deferred_colours_convert_each_copy_taken(monkeypatch: pytest.MonkeyPatc
                            gamma=icc.ADOBE_RGB_GAMMA)
     data = _tagged_png(wide)
     eager = _decoded(data).image
-    calls = _count_conversions(monkeypatch)
+    calls = count_colour_conversions(monkeypatch)
     view = decode_photo(UploadedFile(name="p.png", data=data), limits=LIMITS, defer_colour=True)
     assert isinstance(view, DecodedPhoto)
     assert isinstance(view.image, decode.ColourManaged)

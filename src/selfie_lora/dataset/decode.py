@@ -351,9 +351,10 @@ def _decode(
         if min_side and fmt != "JPEG":
             out = _reduce(out, min_side=min_side)
         profile = icc if isinstance(icc, bytes) else None
-        transform = _deferred_transform(out, profile, name=name) if defer_colour else None
-        if transform is None:
-            out = _to_srgb(out, profile, name=name)
+        transform = _colour_transform(out, profile, name=name)
+        if transform is None or not defer_colour:
+            out = _to_srgb(out, transform, name=name)
+            transform = None  # converted (or nothing to convert): no view
         transpose = _TRANSPOSE.get(orientation)
         if transpose is not None:
             out = out.transpose(transpose)
@@ -507,10 +508,12 @@ def _transform_to_srgb(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | No
     return transform
 
 
-def _deferred_transform(img: Image.Image, icc: bytes | None, *,
-                        name: str) -> ImageCms.ImageCmsTransform | None:
-    """The transform a ``ColourManaged`` view of ``img`` needs, or None when there is nothing
-    to convert (no profile, sRGB's, or one that cannot be read: then ``_to_srgb`` decides)."""
+def _colour_transform(img: Image.Image, icc: bytes | None, *,
+                      name: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform of ``img``'s pixels to sRGB, or None when there is nothing to convert: no
+    profile, sRGB's under any name, or one that cannot be read (a broken or mismatched profile
+    is common, from editing apps, and not the user's problem: the pixels are used as they
+    are)."""
     if not icc:
         return None
     try:
@@ -520,18 +523,14 @@ def _deferred_transform(img: Image.Image, icc: bytes | None, *,
         return None
 
 
-def _to_srgb(img: Image.Image, icc: bytes | None, *, name: str) -> Image.Image:
-    if icc:
+def _to_srgb(img: Image.Image, transform: ImageCms.ImageCmsTransform | None, *,
+             name: str) -> Image.Image:
+    if transform is not None:
         try:
-            transform = _transform_to_srgb(icc, img.mode)
-            if transform is None:
-                return img  # RGB already in sRGB's colours
             converted = ImageCms.applyTransform(img, transform)
             if converted is not None:
                 return converted
         except Exception as exc:
-            # A broken or mismatched profile is common (editing apps) and not the user's problem:
-            # the pixels are used as they are.
             logger.debug("ICC conversion of %s failed, using the pixels as they are: %r",
                          name, exc)
     return img if img.mode == "RGB" else img.convert("RGB")
