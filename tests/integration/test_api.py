@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services
 from tests.conftest import auth, make_settings, serving, wait_terminal
-from tests.support.photos import photo_zip
+from tests.support.photos import photo_zip, synthetic_photo
 
 
 def upload(client: TestClient, headers: dict[str, str], data: bytes | None = None,
@@ -96,6 +97,33 @@ def test_other_users_objects_are_404(client: TestClient, services: Services) -> 
         assert r.status_code == 404, (url, r.status_code, r.text)
         assert ann["Authorization"] not in r.text
         assert body["model"]["trigger_word"] not in r.text
+
+
+def test_an_upload_that_starts_nothing_makes_the_model_the_first_training_keeps(
+    client: TestClient, services: Services
+) -> None:
+    h = auth(services, "ann")
+    body = upload(client, h, start=False)
+    assert body["training"] is None
+    model = body["model"]
+    assert model["trigger_word"]
+    assert model["active_version"] is None
+    assert client.get("/api/model", headers=h).json()["trigger_word"] == model["trigger_word"]
+    later = upload(client, h, photo_zip(4, offset=10), start=False)
+    again = later["model"]
+    assert (again["id"], again["trigger_word"]) == (model["id"], model["trigger_word"])
+    first = client.post("/api/training/start", headers=h, json={})
+    assert first.status_code == 202, first.text
+    training = first.json()["training"]
+    fixed = ("trigger_word", "destination", "trainer_version")
+    assert {k: training[k] for k in fixed} == {k: model[k] for k in fixed}
+    assert training["is_retraining"] is False
+    assert training["dataset_id"] == later["dataset"]["id"]
+    wait_terminal(client, h, training["id"])
+    second = client.post("/api/training/start", headers=h, json={}).json()["training"]
+    assert second["is_retraining"] is True
+    assert {k: second[k] for k in fixed} == {k: model[k] for k in fixed}
+    wait_terminal(client, h, second["id"])
 
 
 def test_bad_zip_is_422_and_stores_nothing(client: TestClient, services: Services) -> None:
@@ -256,8 +284,12 @@ def test_concurrent_starts_give_one_training_and_one_409(
 ) -> None:
     fake_trainer.gate = threading.Event()
     h = auth(services, "ann")
-    upload(client, h, start=False)
-    # First training: no model yet, so both requests race to create it.
+    # Photos and no model, as a database from before uploads made the model holds: both
+    # requests race to create it.
+    ann = services.users.get_by_name(name="ann")
+    services.intake.ingest_files(user=ann, files=[
+        UploadedFile(name=f"p{i}.jpg", data=synthetic_photo(i)) for i in range(4)])
+    assert services.repo.get_model_for_user(ann.id) is None
     assert _race_starts(client, h) == [202, 409]
     model = services.repo.get_model_for_user(services.users.get_by_name(name="ann").id)
     assert model is not None
@@ -272,7 +304,6 @@ def test_concurrent_starts_give_one_training_and_one_409(
 
 
 def test_multi_file_upload_trains_like_a_zip(client: TestClient, services: Services) -> None:
-    from tests.support.photos import synthetic_photo
 
     h = auth(services, "ann")
     files = [("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg")) for i in range(3)]
@@ -289,8 +320,6 @@ def test_multi_file_upload_trains_like_a_zip(client: TestClient, services: Servi
 
 
 def test_canceling_a_queued_training_ends_it_at_once_and_logs_it(services: Services) -> None:
-    from selfie_lora.dataset.limits import UploadedFile
-    from tests.support.photos import synthetic_photo
 
     user, _ = services.users.create(name="ann")
     dataset = services.intake.ingest_files(
@@ -315,9 +344,7 @@ def test_reconcile_names_the_training_it_queues_again_in_its_log_lines(
     """A queued training whose message was taken by a worker that then died is queued again;
     the line saying so carries its ``training_id``, as every line about a training does (the
     JSON logs of the scale path are searched by it)."""
-    from selfie_lora.dataset.limits import UploadedFile
     from selfie_lora.logs import TrainingIdFilter
-    from tests.support.photos import synthetic_photo
 
     user, _ = services.users.create(name="ann")
     dataset = services.intake.ingest_files(
@@ -338,9 +365,7 @@ def test_a_heartbeat_that_finds_its_lease_lost_names_the_training(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The heartbeat runs in a thread of its own, which starts with an empty logging context:
     its lines must still carry the training's id."""
-    from selfie_lora.dataset.limits import UploadedFile
     from selfie_lora.logs import TrainingIdFilter
-    from tests.support.photos import synthetic_photo
 
     settings = make_settings(tmp_path, heartbeat_seconds=0.02, lease_seconds=60)
     with serving(settings) as (_client, svc):  # no worker: nobody else touches the training

@@ -300,7 +300,12 @@ def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
 def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Services) -> None:
     assert upload(ann)[0] == 200
     train_page = ann.get("/train").text
-    assert "Your first training creates your model" in train_page
+    # The upload made the model: its first training keeps the trigger word shown now.
+    made = svc.models.get(user=svc.users.get_by_name(name="ann"))
+    assert "Your first training: it trains your model" in train_page
+    assert made.trigger_word in train_page
+    assert "A retraining keeps" not in train_page
+    assert ">Train</button>" in train_page
     status = train(ann)
     assert 'data-status="succeeded"' in status
     assert "Version 1 is active" in status

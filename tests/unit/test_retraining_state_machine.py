@@ -31,7 +31,7 @@ from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
-from selfie_lora.domain.entities import GateStatus, TrainingStatus
+from selfie_lora.domain.entities import GateStatus, Model, TrainingStatus
 from selfie_lora.domain.lease import INTERRUPTED_MESSAGE, LeasePolicy
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.errors import ConflictError, InvalidInputError
@@ -152,22 +152,40 @@ class Retraining(RuleBasedStateMachine):
         self.intake.ingest_files(user=self.user, files=files)
 
     @rule()
+    def upload_without_start(self) -> None:
+        """``POST /api/training/upload-zip`` with ``start=false``: the first one makes the
+        model, which every later training keeps."""
+        self.uploads += 1
+        files = [UploadedFile(name=f"p{i}.jpg", data=synthetic_photo(self.uploads * 10 + i))
+                 for i in range(2)]
+        result = self.training.upload(user=self.user, read=lambda: (files, ()), start=False)
+        assert result.training is None
+        assert result.model is not None
+        self._remember_first(result.model)
+
+    def _remember_first(self, model: Model) -> None:
+        if self.first is None:
+            self.first = {"trigger_word": model.trigger_word,
+                          "destination": model.destination,
+                          "trainer_version": model.trainer_version}
+            self.first_probes = model.probes
+
+    @rule()
     def start(self) -> None:
         had_active = self._active_training() is not None
+        model = self.repo.get_model_for_user(self.user.id)
+        trained_before = model is not None and bool(self.repo.list_trainings(model.id))
         try:
             result = self.training.start(user=self.user, dataset_id=None)
         except ConflictError:
             assert had_active, "409 although no training was queued or running"
             return
         assert not had_active, "a second training was queued while one was active"
-        if self.first is None:
-            self.first = {"trigger_word": result.model.trigger_word,
-                          "destination": result.model.destination,
-                          "trainer_version": result.model.trainer_version}
-            self.first_probes = result.model.probes
-            assert result.training.is_retraining is False
-        else:
-            assert result.training.is_retraining is True
+        self._remember_first(result.model)
+        # A model an upload made is not trained yet: its first training is no retraining.
+        assert result.training.is_retraining is trained_before
+        if not trained_before:
+            event("first training of a model " + ("an upload made" if model else "it made"))
 
     @rule(outcome=st.sampled_from(["succeeded", "failed", "canceled", "crash"]),
           likeness=st.sampled_from(["same", "other", "none"]))
@@ -484,8 +502,8 @@ class Retraining(RuleBasedStateMachine):
         queued = [e for e in self.repo.list_events(model.id) if e["kind"] == "training_queued"]
         assert len(queued) == len(trainings)
         kinds = [e["data"]["kind"] for e in queued]
-        assert kinds[:1] == ["first_training"]
-        assert all(k == "retraining" for k in kinds[1:])
+        # (A model an upload made has no training yet.)
+        assert kinds == ["first_training"] * min(1, len(kinds)) + ["retraining"] * (len(kinds) - 1)
         for e in queued[1:]:
             assert e["data"]["preserved"]["trigger_word"] == model.trigger_word
 

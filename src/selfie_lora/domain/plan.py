@@ -1,9 +1,10 @@
 """The retraining plan: the one function that decides what a (re)training uses.
 
 Every entry point that can start a training (HTTP upload-zip, HTTP start, CLI, demo) reaches this
-function through ``services.training.TrainingService.start``; nothing else creates a model or picks a
-trigger word, destination, trainer version or LoRA scale. That is how the five retraining bugs are
-made impossible rather than merely avoided.
+function through ``services.training.TrainingService.start``, and an upload that starts nothing
+makes the user's model with ``new_model`` (``TrainingService.upload``); nothing else creates a
+model or picks a trigger word, destination, trainer version or LoRA scale. That is how the five
+retraining bugs are made impossible rather than merely avoided.
 """
 
 from __future__ import annotations
@@ -90,6 +91,28 @@ class TrainingPlan:
         return self.model.backend
 
 
+def new_model(*, user_id: str, model_id: str, defaults: TrainingDefaults, rng: random.Random,
+              now: datetime) -> Model:
+    """A user's model, made once (by the first accepted upload or the first start, whichever
+    comes first): a fresh trigger word, a destination derived from its id, the configured
+    trainer version and backend pinned, the default scale (not custom) and its fixed probe set
+    for likeness tracking."""
+    trigger_word = new_trigger_word(rng)
+    return Model(
+        id=model_id,
+        user_id=user_id,
+        backend=defaults.backend,
+        trigger_word=trigger_word,
+        destination=destination_for(owner=defaults.owner, model_id=model_id),
+        trainer_version=defaults.trainer_version,
+        lora_scale=DEFAULT_LORA_SCALE,
+        lora_scale_is_custom=False,
+        active_version_id=None,
+        created_at=now,
+        probes=choose_probes(trigger_word=trigger_word, rng=rng, count=defaults.probe_count),
+    )
+
+
 def plan_training(
     model: Model | None,
     *,
@@ -98,29 +121,18 @@ def plan_training(
     defaults: TrainingDefaults,
     rng: random.Random,
     now: datetime,
+    trained_before: bool,
 ) -> TrainingPlan:
     """Decide everything a training needs.
 
-    With no model: a new one with a fresh trigger word, a destination derived from its id, the
-    configured trainer version and backend pinned, the default scale (not custom) and its fixed
-    probe set for likeness tracking.
-    With a model: all of that is taken from the model, whatever the configuration says now.
+    With no model: a new one (``new_model``). With a model: all of that is taken from the
+    model, whatever the configuration says now. ``trained_before`` says whether the model has
+    had a training (of any outcome): a model an upload made has not, and its first training is
+    not a retraining, though what the model fixed is preserved all the same.
     """
     if model is None:
-        trigger_word = new_trigger_word(rng)
-        created = Model(
-            id=new_model_id,
-            user_id=user_id,
-            backend=defaults.backend,
-            trigger_word=trigger_word,
-            destination=destination_for(owner=defaults.owner, model_id=new_model_id),
-            trainer_version=defaults.trainer_version,
-            lora_scale=DEFAULT_LORA_SCALE,
-            lora_scale_is_custom=False,
-            active_version_id=None,
-            created_at=now,
-            probes=choose_probes(trigger_word=trigger_word, rng=rng, count=defaults.probe_count),
-        )
+        created = new_model(user_id=user_id, model_id=new_model_id, defaults=defaults, rng=rng,
+                            now=now)
         return TrainingPlan(
             model=created, is_new_model=True, is_retraining=False,
             recipe=_recipe(created, defaults), preserved={},
@@ -142,8 +154,8 @@ def plan_training(
             "trainer_version": defaults.trainer_version,
         }
     return TrainingPlan(
-        model=model, is_new_model=False, is_retraining=True, recipe=_recipe(model, defaults),
-        preserved=preserved,
+        model=model, is_new_model=False, is_retraining=trained_before,
+        recipe=_recipe(model, defaults), preserved=preserved,
     )
 
 

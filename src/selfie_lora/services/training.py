@@ -75,7 +75,7 @@ from selfie_lora.domain.lease import (
     scoring_exhausted,
     step_away,
 )
-from selfie_lora.domain.plan import TrainingDefaults, TrainingPlan, plan_training
+from selfie_lora.domain.plan import TrainingDefaults, TrainingPlan, new_model, plan_training
 from selfie_lora.domain.progress import add_loss_point
 from selfie_lora.domain.states import can_transition, transition
 from selfie_lora.domain.versions import VERSION_ACTIVATED
@@ -96,7 +96,7 @@ from selfie_lora.errors import (
 from selfie_lora.logs import training_context
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import new_id, utcnow
-from selfie_lora.services.intake import IntakeService
+from selfie_lora.services.intake import IntakeService, PreparedDataset
 from selfie_lora.services.layout import photo_key, weights_key
 from selfie_lora.services.likeness import GateVerdict, LikenessService
 from selfie_lora.services.ports import (
@@ -257,6 +257,7 @@ class TrainingService:
             plan = plan_training(
                 model, user_id=user.id, new_model_id=new_id(), defaults=defaults, rng=self._rng,
                 now=self._clock(),
+                trained_before=model is not None and bool(tx.list_trainings(model.id)),
             )
             if _resume is not None:
                 _resume.check(plan)
@@ -314,9 +315,8 @@ class TrainingService:
         intake = self._require_intake()
         if not start:
             files, notes = read()
-            dataset = intake.ingest_files(user=user, files=files, findings=notes)
-            return UploadResult(dataset=dataset, training=None,
-                                model=self._repo.get_model_for_user(user.id))
+            return self._store_upload(user=user, prepared=intake.prepare_files(
+                user=user, files=files, findings=notes))
         token = new_id()
         now = self._clock()
         with self._repo.atomic() as tx:
@@ -337,6 +337,37 @@ class TrainingService:
             self._repo.release_upload(user.id, token=token)
         return UploadResult(dataset=prepared.dataset, training=started.training,
                             model=started.model)
+
+    def _store_upload(self, *, user: User, prepared: PreparedDataset) -> UploadResult:
+        """An upload that starts nothing: its dataset, and the user's model made if this is
+        the first (the answer and ``GET /api/model`` show its trigger word from then on; the
+        first training takes everything it fixed)."""
+        try:
+            model = self._add_upload(user=user, prepared=prepared)
+        except ConflictError:
+            # Another first upload or start of this user made the model meanwhile (one model
+            # per user, unique): this transaction rolled back, and the next finds the model.
+            model = self._add_upload(user=user, prepared=prepared)
+        self._require_intake().keep_stored(prepared=prepared)
+        return UploadResult(dataset=prepared.dataset, training=None, model=model)
+
+    def _add_upload(self, *, user: User, prepared: PreparedDataset) -> Model:
+        with self._repo.atomic() as tx:
+            tx.add_dataset(prepared.dataset)
+            model = tx.get_model_for_user(user.id)
+            if model is not None:
+                return model
+            model = new_model(user_id=user.id, model_id=new_id(), defaults=self._defaults(),
+                              rng=self._rng, now=self._clock())
+            tx.add_model(model)
+            tx.add_event(model_id=model.id, kind="model_created", data={
+                "by": "upload", "dataset_id": prepared.dataset.id,
+                "trigger_word": model.trigger_word, "destination": model.destination,
+                "trainer_version": model.trainer_version, "backend": model.backend})
+        logger.info("model %s made by an upload of user %s (trigger %s, destination %s, "
+                    "trainer %s)", model.id, user.id, model.trigger_word, model.destination,
+                    model.trainer_version)
+        return model
 
     def upload_zip(self, *, user: User, data: bytes, start: bool = True) -> UploadResult:
         """``POST /api/training/upload-zip``: a zip of photos."""

@@ -316,8 +316,9 @@ def train_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     model = svc.models.find(user=viewer.user)
     dataset = svc.intake.latest(user=viewer.user)
     view = _latest_training(web, viewer)
+    # A model an upload made has no training yet: its first is not a retraining.
     return web.render(request, "train.html", viewer=viewer, model=model, dataset=dataset,
-                      **_status_context(web, viewer, view))
+                      trained=view is not None, **_status_context(web, viewer, view))
 
 
 @router.get("/train/status")
