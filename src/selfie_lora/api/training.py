@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
+from selfie_lora.api.model import model_of
 from selfie_lora.api.schemas import CancelBody, ResumeBody, StartBody, errors
 from selfie_lora.api.serializers import dataset_json, model_json, training_json
 from selfie_lora.errors import PayloadTooLargeError
@@ -20,11 +21,6 @@ router = APIRouter(prefix="/api/training", tags=["training"])
 def view_json(view: TrainingView) -> dict[str, Any]:
     # With its version once stored: the answer carries the likeness gate's state and reason.
     return training_json(view.training, view.version, view.samples)
-
-
-def model_of(svc: Services, user: Any) -> dict[str, Any]:
-    overview = svc.models.overview(user=user)
-    return model_json(overview.model, overview.active, overview.active_record)
 
 
 def upload_json(svc: Services, result: UploadResult) -> dict[str, Any]:
