@@ -5,11 +5,14 @@ back and raises an alert, no face is scored as such, and the probe set never cha
 from __future__ import annotations
 
 import dataclasses
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from selfie_lora.adapters.alerts.http import HttpAlerter
 from selfie_lora.domain.entities import GateStatus, TrainingStatus
@@ -19,7 +22,8 @@ from selfie_lora.likeness.grid import grid_size
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.services.layout import probe_image_key
 from selfie_lora.services.ports import ProgressBar
-from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter
+from selfie_lora.testing.fakes import FakeFaceAnalyzer, PhotoGenerator, RecordingAlerter
+from selfie_lora.web.pages import version_rows
 from tests.support.alerts import alert_inbox
 from tests.support.likeness import (
     Rig,
@@ -437,3 +441,42 @@ def test_with_the_gate_off_a_new_version_is_active_at_once_and_still_scored(
         assert alerts_of(rig) == []
     finally:
         rig.close()
+
+
+def _flat_jpeg(rgb: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), rgb).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_the_versions_page_shows_the_gates_change_not_scores_on_other_photos(
+    tmp_path: Path,
+) -> None:
+    """Version 2 is trained on a new photo set. Each version's own score is against its own
+    photos (v1 0.5 on the red set, v2 0.25 on the blue one), but on v2's photos both versions
+    score the same: the gate saw no drop, and the page must not show one."""
+    photos, probe = {0: 0.0, 1: 0.3, 2: 0.9}, _flat_jpeg((0, 200, 0))
+
+    def embed(image: np.ndarray) -> tuple[float, ...]:
+        # A face along one axis, by the image's dominant colour: red photo, green probe, blue.
+        return (photos[int(np.argmax(image.reshape(-1, 3).mean(axis=0)))],) + (0.0,) * 127
+
+    r = Rig(root=tmp_path, generator=PhotoGenerator(photos=[probe]),
+            faces=FakeFaceAnalyzer(embed=embed))
+    try:
+        ann = r.user()
+        r.train(ann, [_flat_jpeg((200, 0, 0))])
+        v2 = r.train(ann, [_flat_jpeg((0, 0, 200))])
+        assert v2.gate_status is GateStatus.PASSED
+        assert v2.gate_details["drop"] == 0.0
+        versions = r.models.versions_with_likeness(user=ann)
+        own = [record.scores.headline()["identity"] for _v, record in versions
+               if record is not None and record.scores is not None]
+        assert own[0] < own[1]  # each against its own photos: not comparable
+        rows = version_rows(versions, active_version_id=r.model(ann).active_version_id,
+                            photos=r.models.photos_used(user=ann))
+        assert [row["version"].number for row in rows] == [2, 1]
+        assert rows[0]["delta"] == pytest.approx(0.0)
+        assert rows[1]["delta"] is None  # the first version had nothing to beat
+    finally:
+        r.close()

@@ -4,6 +4,7 @@ they are given."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -12,7 +13,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 
 from selfie_lora.api.deps import in_thread
 from selfie_lora.api.downloads import weights_response
-from selfie_lora.domain.entities import GateStatus, TrainingStatus
+from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
+from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.errors import (
     AuthError,
     ConflictError,
@@ -366,6 +368,34 @@ def train_resume(request: Request, viewer: FormViewer, training_id: FormStr) -> 
 # ---------------------------------------------------------------------------- versions
 
 
+def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
+                 active_version_id: str | None,
+                 photos: Mapping[str, int]) -> list[dict[str, Any]]:
+    """The Versions table, newest first. "Change" is the gate's measure: this version's identity
+    minus the one it was judged against, both scored on this version's photos. Each version's
+    own score is against its own training photos, so two versions trained on different photo
+    sets do not subtract: that difference would show a drop the gate did not see, or hide one."""
+    rows = []
+    for version, record in versions:
+        identity = (record.scores.headline().get("identity")
+                    if record is not None and record.scores is not None else None)
+        rows.append({"version": version, "record": record, "identity": identity,
+                     "delta": _gate_change(version.gate_details),
+                     "active": active_version_id == version.id,
+                     "photos": photos.get(version.id)})
+    return rows
+
+
+def _gate_change(details: Mapping[str, Any]) -> float | None:
+    before, after = details.get("before"), details.get("after")
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return None  # nothing to beat (a first version), or not scored
+    old, new = before.get("identity"), after.get("identity")
+    if isinstance(old, int | float) and isinstance(new, int | float):
+        return float(new) - float(old)
+    return None
+
+
 @router.get("/versions")
 def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
                   b: str | None = None) -> HTMLResponse:
@@ -374,18 +404,8 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
     model = svc.models.find(user=viewer.user)
     versions = svc.models.versions_with_likeness(user=viewer.user)
     photos = svc.models.photos_used(user=viewer.user)
-    rows = []
-    for i, (version, record) in enumerate(versions):
-        identity = (record.scores.headline().get("identity")
-                    if record is not None and record.scores is not None else None)
-        older = versions[i + 1][1] if i + 1 < len(versions) else None
-        before = (older.scores.headline().get("identity")
-                  if older is not None and older.scores is not None else None)
-        rows.append({"version": version, "record": record, "identity": identity,
-                     "delta": identity - before if identity is not None and before is not None
-                     else None,
-                     "active": model is not None and model.active_version_id == version.id,
-                     "photos": photos.get(version.id)})
+    rows = version_rows(versions, active_version_id=model.active_version_id if model else None,
+                        photos=photos)
     comparison = None
     compare_error = None
     if len(versions) >= 2:
