@@ -35,6 +35,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -141,15 +142,22 @@ class Worker:
         logger.info("worker %s stopping (%d training(s) running)", self.identity.name,
                     self._busy)
         self._stop.set()  # running trainings see it at their next safe point
-        ended = True
+        deadline = time.monotonic() + grace
         for thread in self._threads:
-            thread.join(timeout=grace)
-            ended = ended and not thread.is_alive()
-        self._threads = []
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
+        if self._threads:
+            # A training past its last safe point still runs, and renews its lease, under this
+            # name: a worker that took the name now would think it a dead predecessor's and take
+            # the training over while it runs. The name stays held until those threads end (a
+            # later ``stop``) or the process exits.
+            logger.warning("worker %s: %d thread(s) did not end within %.0f s; its name stays "
+                           "held until they end or the process exits", self.identity.name,
+                           len(self._threads), grace)
+            return False
         self.identity.close()
-        logger.info("worker %s stopped%s", self.identity.name,
-                    "" if ended else " (some work did not end in time)")
-        return ended
+        logger.info("worker %s stopped", self.identity.name)
+        return True
 
     def run_until_signal(self) -> None:
         """``start``, then block until SIGTERM or SIGINT, then ``stop``."""

@@ -143,3 +143,42 @@ def test_worker_identities_are_exclusive_and_reused_after_their_holder_is_gone(
     assert c.name == a.name  # a restarted worker gets its old name back
     b.close()
     c.close()
+
+
+class StuckTraining(StubTraining):
+    """A training past its last safe point: it does not see ``stopping`` until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def run(self, training_id: str, *, owner: str | None = None,
+            stopping: threading.Event | None = None) -> None:
+        with self._lock:
+            self.ran.append((training_id, owner))
+        self.release.wait(30)
+
+
+def test_a_worker_that_could_not_stop_keeps_its_name_until_its_work_ends(
+        queue: Queue, tmp_path: Path) -> None:
+    """Its training still runs and renews its lease under the worker's name: a worker that got
+    the name would take that lease for a dead predecessor's and run the training twice."""
+    training = StuckTraining()
+    worker = Worker(training=training, queue=queue, identity=claim_identity(tmp_path),  # type: ignore[arg-type]
+                    threads=1, reconcile_seconds=60)
+    queue.enqueue_training("stuck")
+    worker.start()
+    try:
+        wait_until(lambda: training.ran)
+        assert worker.stop(grace=0.2) is False
+        other = claim_identity(tmp_path)
+        try:
+            assert other.name != worker.identity.name
+        finally:
+            other.close()
+    finally:
+        training.release.set()
+    assert worker.stop(grace=10) is True
+    after = claim_identity(tmp_path)
+    assert after.name == worker.identity.name  # free once its work has ended
+    after.close()
