@@ -23,7 +23,10 @@ FillFn = Callable[[BinaryIO], object]
 
 
 def check_key(key: str) -> str:
-    if not KEY_PATTERN.match(key) or ".." in key.split("/"):
+    # "." segments too, not only "..": on the file system "photos/./a.jpg" is another name of
+    # "photos/a.jpg", "samples/." a file named "samples", "." the root itself; object storage
+    # refuses them. Both stores share this check, so both refuse them alike.
+    if not KEY_PATTERN.match(key) or not {".", ".."}.isdisjoint(key.split("/")):
         raise StorageError(f"invalid blob key {key!r}")
     return key
 
