@@ -5,10 +5,14 @@ streamed reads, listings for the garbage collector, cached local copies, presign
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -203,6 +207,41 @@ def test_download_urls_serve_the_blob_where_the_store_has_them(store: Any, kind:
     answer = httpx.get(url, timeout=10)
     assert answer.status_code == 200
     assert answer.content == b"signed bytes"
+
+
+@contextmanager
+def files_limited_to(size: int) -> Iterator[None]:
+    """This process cannot write a file past ``size`` bytes (``write`` fails with EFBIG, as on a
+    full disk: an OSError midway through a write), without root or a small file system."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.parametrize("how", ["put", "put_file", "put if absent"])
+def test_a_file_system_that_refuses_a_write_is_a_storage_error(tmp_path: Path, how: str) -> None:
+    # The services catch StorageError (a sample lost to a full disk costs a picture, not the
+    # training); an OSError escaping the store failed the whole job as an internal error.
+    store = FileSystemBlobStore(tmp_path / "blobs")
+    store.put("photos/a.jpg", b"before")
+    source = tmp_path / "big.jpg"
+    source.write_bytes(os.urandom(300_000))
+    data = source.read_bytes()
+    writes: dict[str, Callable[[], object]] = {
+        "put": lambda: store.put("photos/a.jpg", data),
+        "put_file": lambda: store.put_file("photos/a.jpg", source),
+        "put if absent": lambda: store.put("photos/b.jpg", data, if_absent=True),
+    }
+    with files_limited_to(100_000), pytest.raises(StorageError, match="cannot be written"):
+        writes[how]()
+    assert store.get("photos/a.jpg") == b"before"  # the old blob, whole
+    # No new blob, no temporary file left behind.
+    assert sorted(p.name for p in (tmp_path / "blobs" / "photos").iterdir()) == ["a.jpg"]
 
 
 def test_a_store_that_answers_passes_its_check(store: Any) -> None:

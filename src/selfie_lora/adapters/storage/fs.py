@@ -31,10 +31,21 @@ def check_key(key: str) -> str:
     return key
 
 
-def _chunks(fh: BinaryIO) -> Iterator[bytes]:
+def _write_error(key: str, exc: OSError) -> StorageError:
+    return StorageError(f"blob {key!r} cannot be written: {exc.strerror or exc}")
+
+
+def _read_error(key: str, exc: OSError) -> StorageError:
+    return StorageError(f"blob {key!r} cannot be read: {exc.strerror or exc}")
+
+
+def _chunks(key: str, fh: BinaryIO) -> Iterator[bytes]:
     with fh:
-        while chunk := fh.read(CHUNK):
-            yield chunk
+        try:
+            while chunk := fh.read(CHUNK):
+                yield chunk
+        except OSError as exc:  # a disk error midway: the answer is cut, as on object storage
+            raise _read_error(key, exc) from exc
 
 
 def _refresh(path: Path) -> bool:
@@ -59,15 +70,15 @@ class FileSystemBlobStore:
 
     def _write(self, key: str, fill: FillFn, *, if_absent: bool) -> bool:
         path = self._path(key)
-        if if_absent and _refresh(path):
-            return False
         try:
+            if if_absent and _refresh(path):
+                return False
             path.parent.mkdir(parents=True, exist_ok=True)
             # Write then rename (or link): a reader never sees half a file, a crash never
             # leaves one.
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
         except OSError as exc:
-            raise StorageError(f"blob {key!r} cannot be written: {exc.strerror}") from exc
+            raise _write_error(key, exc) from exc
         try:
             with os.fdopen(fd, "wb") as fh:
                 fill(fh)
@@ -81,6 +92,10 @@ class FileSystemBlobStore:
                     return False
                 os.replace(tmp, path)  # deleted since: this write is the blob again
             return True
+        except OSError as exc:
+            # A full disk, a quota, a folder where the blob belongs: the services expect
+            # StorageError (a lost sample costs a picture), not an OSError that fails the job.
+            raise _write_error(key, exc) from exc
         finally:
             Path(tmp).unlink(missing_ok=True)
 
@@ -99,13 +114,17 @@ class FileSystemBlobStore:
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise StorageError(f"blob {key!r} is missing") from None
+        except OSError as exc:
+            raise _read_error(key, exc) from exc
 
     def open(self, key: str) -> BlobStream:
         try:
             fh = self._path(key).open("rb")
         except FileNotFoundError:
             raise StorageError(f"blob {key!r} is missing") from None
-        return BlobStream(size=os.fstat(fh.fileno()).st_size, chunks=_chunks(fh))
+        except OSError as exc:
+            raise _read_error(key, exc) from exc
+        return BlobStream(size=os.fstat(fh.fileno()).st_size, chunks=_chunks(key, fh))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
