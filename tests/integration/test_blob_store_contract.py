@@ -12,7 +12,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -184,6 +184,30 @@ def test_delete_removes_and_tolerates_a_missing_blob(store: Any) -> None:
     assert not store.exists("generations/g/0.png")
     assert list(store.list("generations")) == []
     store.delete("generations/g/0.png")  # again: nothing to do, no error
+
+
+@pytest.mark.parametrize("key", ["generations/g", "generations/g/0.png/more"])
+def test_a_key_above_or_below_a_blob_is_no_blob(store: Any, key: str) -> None:
+    # On the file system "generations/g" is a folder and "generations/g/0.png/more" lies under a
+    # file; object storage has no folders. Both are a missing blob, on either store (the file
+    # system answered IsADirectoryError and a folder's date).
+    store.put("generations/g/0.png", b"g")
+    assert not store.exists(key)
+    assert store.modified(key) is None
+    with pytest.raises(StorageError, match="missing"):
+        store.get(key)
+    with pytest.raises(StorageError, match="missing"):
+        store.open(key)
+    with pytest.raises(StorageError, match="missing"), store.local_copy(key):
+        pass
+    store.delete(key)  # a missing blob: nothing to do
+    assert store.get("generations/g/0.png") == b"g"
+    # The layout never makes such a key, so a write either stores it (object storage) or is
+    # refused as a StorageError (the file system cannot), never another error.
+    for if_absent in (False, True):
+        with suppress(StorageError):
+            store.put(key, b"x", if_absent=if_absent)
+    assert store.get("generations/g/0.png") == b"g"
 
 
 def test_a_local_copy_holds_the_bytes(store: Any) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from stat import S_ISREG
 from typing import BinaryIO
 
 from selfie_lora.errors import StorageError
@@ -19,6 +20,10 @@ from selfie_lora.services.ports import BlobInfo, BlobStream
 # second line of defence against a key that would escape the root.
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 CHUNK = 1024 * 1024
+# What a read of a key that names no file meets: nothing there, a folder (a key that is a prefix
+# of other keys: "generations/g"), or a blob where a folder would be ("a.png/b"). Object storage
+# has no folders, so on S3 all three are a missing blob; here too.
+NOT_A_BLOB = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 FillFn = Callable[[BinaryIO], object]
 
 
@@ -112,7 +117,7 @@ class FileSystemBlobStore:
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except NOT_A_BLOB:
             raise StorageError(f"blob {key!r} is missing") from None
         except OSError as exc:
             raise _read_error(key, exc) from exc
@@ -120,7 +125,7 @@ class FileSystemBlobStore:
     def open(self, key: str) -> BlobStream:
         try:
             fh = self._path(key).open("rb")
-        except FileNotFoundError:
+        except NOT_A_BLOB:
             raise StorageError(f"blob {key!r} is missing") from None
         except OSError as exc:
             raise _read_error(key, exc) from exc
@@ -132,13 +137,22 @@ class FileSystemBlobStore:
     def modified(self, key: str) -> datetime | None:
         try:
             stat = self._path(key).stat()
-        except FileNotFoundError:
+        except NOT_A_BLOB:
             return None
+        except OSError as exc:
+            raise _read_error(key, exc) from exc
+        if not S_ISREG(stat.st_mode):
+            return None  # a folder
         return datetime.fromtimestamp(stat.st_mtime, UTC)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except NOT_A_BLOB:  # a folder: no blob by that key, nothing to delete
+            return
+        except OSError as exc:
+            raise StorageError(f"blob {key!r} cannot be deleted: {exc.strerror or exc}") from exc
         # Empty folders left behind (a generation's, a dataset's) go too, up to the root.
         parent = path.parent
         while parent != self.root:
