@@ -413,3 +413,32 @@ def test_a_worker_collects_when_it_is_due_and_logs_the_summary(
         assert "orphans      deleted 1 blob(s), 3 B" in caplog.text
     finally:
         svc.close()
+
+
+def test_a_key_the_store_refuses_is_kept_and_named_and_stops_nothing(tmp_path: Path) -> None:
+    # A folder copied by hand ("copy of g") matches the layout's generation pattern but not the
+    # store's keys: planned as an orphan, its deletion raised StorageError on every run, so
+    # nothing sorted after it was ever collected, and the dry run promised what the run did not.
+    svc = build_services(make_settings(tmp_path), trainers={}, face_analyzer=one_person_analyzer(),
+                         generators={})
+    try:
+        blobs = svc.blobs
+        assert isinstance(blobs, FileSystemBlobStore)
+        old = (utcnow() - timedelta(days=30)).timestamp()
+        for rel in ("generations/copy of g/0.png", "generations/zz/0.png"):
+            path = blobs.root / rel
+            path.parent.mkdir(parents=True)
+            path.write_bytes(b"png")
+            os.utime(path, (old, old))
+        collector = GarbageCollector(repo=svc.repo, blobs=blobs, work_dir=svc.settings.work_dir,
+                                     policy=POLICY)
+        dry = collector.collect(dry_run=True)
+        done = collector.collect()
+        assert dry.keys == done.keys == ("generations/zz/0.png",)
+        for summary in (dry, done):
+            assert any("'generations/copy of g/0.png'" in note for note in summary.notes)
+        assert (blobs.root / "generations/copy of g/0.png").exists()
+        assert not blobs.exists("generations/zz/0.png")
+        assert collector.collect().empty
+    finally:
+        svc.close()

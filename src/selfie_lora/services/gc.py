@@ -33,6 +33,7 @@ cleans its own, whoever holds the lease.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -59,7 +60,7 @@ from selfie_lora.domain.gc import (
 )
 from selfie_lora.errors import ConflictError, ErrorCode, SelfieLoraError
 from selfie_lora.services.common import utcnow
-from selfie_lora.services.layout import PREFIXES, manifest_key, owner_of
+from selfie_lora.services.layout import PREFIXES, is_valid_key, manifest_key, owner_of
 from selfie_lora.services.ports import BlobStore, Repository
 from selfie_lora.services.training import default_owner
 
@@ -95,8 +96,10 @@ class GarbageCollector:
         """``selfie-lora gc``: collect now, whenever the last collection ran. A dry run only
         plans (and takes no lease). ``ConflictError`` while another collector holds the lease."""
         if dry_run:
-            return GcSummary.of_plan(self._plan(self._listing(), self._work_folders())[0],
-                                     dry_run=True)
+            listing = self._listing()
+            return dataclasses.replace(
+                GcSummary.of_plan(self._plan(listing, self._work_folders())[0], dry_run=True),
+                notes=_refused(listing))
         now = self._clock()
         if not self._repo.claim_job(GC_JOB, owner=self.owner, now=now,
                                     expires_at=now + self._lease):
@@ -148,7 +151,7 @@ class GarbageCollector:
         folders = self._work_folders() if work else []
         plan, now = self._plan(listing, folders)
         deleted: list[Planned] = []
-        notes: list[str] = []
+        notes = list(_refused(listing))
         datasets: list[str] = []
         generations: tuple[str, ...] = ()
         kept: list[str] = []
@@ -278,6 +281,18 @@ class GarbageCollector:
             logger.warning("garbage collection: could not remove %s", path)
             return False
         return True
+
+
+def _refused(listing: list[Blob]) -> tuple[str, ...]:
+    """A note naming the listed keys that no store takes (a folder renamed by hand: "copy of g"),
+    which are kept: deleting one would raise at that key on every run, and nothing after it
+    would ever be collected."""
+    keys = [b.key for b in listing if not is_valid_key(b.key)]
+    if not keys:
+        return ()
+    shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+    return (f"kept {len(keys)} blob(s) whose key the store refuses (renamed by hand?): "
+            f"{shown}",)
 
 
 def _check(stopping: threading.Event) -> None:

@@ -23,7 +23,9 @@ between left behind (their training ended and cannot be resumed, or its row is g
 belong to their training, and go when its row does (a sample written for a training whose row
 never committed is an orphan).
 
-``owner_of`` reads a key back (the garbage collector asks whom a listed blob belongs to).
+``owner_of`` reads a key back (the garbage collector asks whom a listed blob belongs to);
+``is_valid_key`` says which keys any store takes (the stores refuse every other key, and the
+collector keeps such a key however it is named).
 """
 
 from __future__ import annotations
@@ -31,6 +33,20 @@ from __future__ import annotations
 import re
 
 from selfie_lora.domain.gc import Owner
+
+# Keys are made here, never from user input: every store refuses a key that does not match (the
+# second line of defence against a key that would escape the file system store's root).
+KEY_PATTERN = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
+# "." names the folder itself on the file system ("photos/./a.jpg" is "photos/a.jpg"), ".." its
+# parent; object storage refuses both.
+_DOT_SEGMENTS = frozenset({".", ".."})
+
+
+def is_valid_key(key: str) -> bool:
+    """Whether the stores take ``key``. A listed blob can fail this (put there by hand, by a sync
+    tool): the stores refuse to touch it, so the collector must leave it alone."""
+    return bool(KEY_PATTERN.fullmatch(key)) and _DOT_SEGMENTS.isdisjoint(key.split("/"))
+
 
 # Every prefix a key starts with: what the garbage collector lists.
 PREFIXES = ("photos", "originals", "datasets", "weights", "generations", "quality", "samples",
@@ -129,7 +145,10 @@ def sample_step(key: str) -> int | None:
 def owner_of(key: str) -> tuple[Owner, str] | None:
     """What a key made here belongs to, and that owner's id (the sha256 of a photo; the key
     itself for weights and originals, which rows name whole). None for a key this layout does
-    not make (written by a newer release, or by hand): the collector keeps those."""
+    not make (written by a newer release, or by hand) or that no store takes
+    (``is_valid_key``: "generations/copy of g/0.png"): the collector keeps those."""
+    if not is_valid_key(key):
+        return None
     for pattern, owner in _OWNERS:
         match = pattern.fullmatch(key)
         if match:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -14,11 +13,9 @@ from stat import S_ISREG
 from typing import BinaryIO
 
 from selfie_lora.errors import StorageError
+from selfie_lora.services.layout import is_valid_key
 from selfie_lora.services.ports import BlobInfo, BlobStream
 
-# Keys are made by the services ("photos/<sha>.jpg"), never from user input; this pattern is the
-# second line of defence against a key that would escape the root.
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
 CHUNK = 1024 * 1024
 # What a read of a key that names no file meets: nothing there, a folder (a key that is a prefix
 # of other keys: "generations/g"), or a blob where a folder would be ("a.png/b"). Object storage
@@ -28,10 +25,9 @@ FillFn = Callable[[BinaryIO], object]
 
 
 def check_key(key: str) -> str:
-    # "." segments too, not only "..": on the file system "photos/./a.jpg" is another name of
-    # "photos/a.jpg", "samples/." a file named "samples", "." the root itself; object storage
-    # refuses them. Both stores share this check, so both refuse them alike.
-    if not KEY_PATTERN.match(key) or not {".", ".."}.isdisjoint(key.split("/")):
+    # The layout's rule, so that both stores refuse the same keys and the garbage collector
+    # knows which listed keys they would refuse.
+    if not is_valid_key(key):
         raise StorageError(f"invalid blob key {key!r}")
     return key
 
