@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -23,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from selfie_lora.adapters.storage import s3 as s3_module
+from selfie_lora.adapters.storage.cache import STALE_FETCH_SECONDS
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.errors import StorageError
 from tests.support.s3 import S3Server
@@ -63,7 +65,7 @@ def test_a_missing_blob_is_a_storage_error(store: Any) -> None:
 
 
 @pytest.mark.parametrize("key", ["../escape", "a/../../b", "/abs", "a//b", "", "a b", "a/./b/..",
-                                 "photos/./a.jpg", "samples/.", "."])
+                                 "photos/./a.jpg", "samples/.", ".", "photos/.tmp-a.jpg"])
 def test_keys_that_could_escape_are_refused(store: Any, key: str) -> None:
     with pytest.raises(StorageError, match="invalid blob key"):
         store.put(key, b"x")
@@ -208,6 +210,26 @@ def test_a_key_above_or_below_a_blob_is_no_blob(store: Any, key: str) -> None:
         with suppress(StorageError):
             store.put(key, b"x", if_absent=if_absent)
     assert store.get("generations/g/0.png") == b"g"
+
+
+def test_leftovers_of_killed_writes_go_once_an_hour_old(store: Any, tmp_path: Path) -> None:
+    store.put("checkpoints/t1/step-00000001.ckpt", b"stored")
+    if not isinstance(store, FileSystemBlobStore):
+        # Object storage leaves incomplete multipart uploads to the bucket's lifecycle rule.
+        assert store.remove_leftovers() == 0
+        return
+    # What a write killed midway leaves (the temporary file a killed put_file was filling).
+    dead = store.root / "checkpoints" / "t2" / ".tmp-dead"
+    live = store.root / "checkpoints" / "t1" / ".tmp-live"
+    dead.parent.mkdir(parents=True)
+    dead.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"being written")
+    old = time.time() - STALE_FETCH_SECONDS - 60
+    os.utime(dead, (old, old))
+    assert store.remove_leftovers() == 1
+    assert not dead.parent.exists()  # its folder held nothing else
+    assert live.exists()  # a write that is still going on
+    assert store.get("checkpoints/t1/step-00000001.ckpt") == b"stored"
 
 
 def test_a_local_copy_holds_the_bytes(store: Any) -> None:

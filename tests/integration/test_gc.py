@@ -415,30 +415,57 @@ def test_a_worker_collects_when_it_is_due_and_logs_the_summary(
         svc.close()
 
 
-def test_a_key_the_store_refuses_is_kept_and_named_and_stops_nothing(tmp_path: Path) -> None:
-    # A folder copied by hand ("copy of g") matches the layout's generation pattern but not the
-    # store's keys: planned as an orphan, its deletion raised StorageError on every run, so
-    # nothing sorted after it was ever collected, and the dry run promised what the run did not.
+@dataclass
+class OnDisk:
+    """No users, no rows: a file-system store with files planted by hand, and its collector."""
+
+    blobs: FileSystemBlobStore
+    collector: GarbageCollector
+
+    def plant(self, rel: str, *, days: int) -> Path:
+        """A file at ``rel`` under the store's folder, ``days`` old, put there by hand."""
+        path = self.blobs.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"bytes")
+        old = (utcnow() - timedelta(days=days)).timestamp()
+        os.utime(path, (old, old))
+        return path
+
+
+@pytest.fixture
+def on_disk(tmp_path: Path) -> Iterator[OnDisk]:
     svc = build_services(make_settings(tmp_path), trainers={}, face_analyzer=one_person_analyzer(),
                          generators={})
     try:
-        blobs = svc.blobs
-        assert isinstance(blobs, FileSystemBlobStore)
-        old = (utcnow() - timedelta(days=30)).timestamp()
-        for rel in ("generations/copy of g/0.png", "generations/zz/0.png"):
-            path = blobs.root / rel
-            path.parent.mkdir(parents=True)
-            path.write_bytes(b"png")
-            os.utime(path, (old, old))
-        collector = GarbageCollector(repo=svc.repo, blobs=blobs, work_dir=svc.settings.work_dir,
-                                     policy=POLICY)
-        dry = collector.collect(dry_run=True)
-        done = collector.collect()
-        assert dry.keys == done.keys == ("generations/zz/0.png",)
-        for summary in (dry, done):
-            assert any("'generations/copy of g/0.png'" in note for note in summary.notes)
-        assert (blobs.root / "generations/copy of g/0.png").exists()
-        assert not blobs.exists("generations/zz/0.png")
-        assert collector.collect().empty
+        assert isinstance(svc.blobs, FileSystemBlobStore)
+        yield OnDisk(blobs=svc.blobs, collector=GarbageCollector(
+            repo=svc.repo, blobs=svc.blobs, work_dir=svc.settings.work_dir, policy=POLICY))
     finally:
         svc.close()
+
+
+def test_a_key_the_store_refuses_is_kept_and_named_and_stops_nothing(on_disk: OnDisk) -> None:
+    # A folder copied by hand ("copy of g") matches the layout's generation pattern but not the
+    # store's keys: planned as an orphan, its deletion raised StorageError on every run, so
+    # nothing sorted after it was ever collected, and the dry run promised what the run did not.
+    foreign = on_disk.plant("generations/copy of g/0.png", days=30)
+    on_disk.plant("generations/zz/0.png", days=30)
+    dry = on_disk.collector.collect(dry_run=True)
+    done = on_disk.collector.collect()
+    assert dry.keys == done.keys == ("generations/zz/0.png",)
+    for summary in (dry, done):
+        assert any("'generations/copy of g/0.png'" in note for note in summary.notes)
+    assert foreign.exists()
+    assert not on_disk.blobs.exists("generations/zz/0.png")
+    assert on_disk.collector.collect().empty
+
+
+def test_a_collection_removes_what_a_killed_write_left(on_disk: OnDisk) -> None:
+    # A worker killed while storing a checkpoint leaves its temporary file, hidden from listings:
+    # nothing removed it, however old.
+    left = on_disk.plant("checkpoints/t1/.tmp-k1ll3d", days=90)
+    assert not on_disk.collector.collect(dry_run=True).notes
+    assert left.exists(), "a dry run deletes nothing"
+    done = on_disk.collector.collect()
+    assert not left.exists()
+    assert "removed 1 temporary file(s) left by writes killed midway" in done.notes

@@ -196,6 +196,9 @@ class GarbageCollector:
                     continue
                 self._blobs.delete(item.key)
                 deleted.append(item)
+            if leftovers := self._blobs.remove_leftovers():
+                notes.append(f"removed {leftovers} temporary file(s) left by writes killed "
+                             "midway")
             for item in intersect(plan.work_folders, again.work_folders):
                 if self._remove_folder(item):
                     deleted.append(item)

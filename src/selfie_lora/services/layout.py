@@ -42,10 +42,17 @@ KEY_PATTERN = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 _DOT_SEGMENTS = frozenset({".", ".."})
 
 
+# The stores name their temporary files so: a blob named so would be hidden from listings and
+# removed as a dead write's leftover.
+TEMPORARY_PREFIX = ".tmp-"
+
+
 def is_valid_key(key: str) -> bool:
     """Whether the stores take ``key``. A listed blob can fail this (put there by hand, by a sync
     tool): the stores refuse to touch it, so the collector must leave it alone."""
-    return bool(KEY_PATTERN.fullmatch(key)) and _DOT_SEGMENTS.isdisjoint(key.split("/"))
+    segments = key.split("/")
+    return (bool(KEY_PATTERN.fullmatch(key)) and _DOT_SEGMENTS.isdisjoint(segments)
+            and not any(s.startswith(TEMPORARY_PREFIX) for s in segments))
 
 
 # Every prefix a key starts with: what the garbage collector lists.

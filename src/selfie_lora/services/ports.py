@@ -219,6 +219,12 @@ class BlobStore(Protocol):
         """Every blob whose key starts with ``prefix/`` (any order)."""
         ...
 
+    def remove_leftovers(self) -> int:
+        """Removes what writes killed midway left behind, which no listing shows (the file
+        system's temporary files once an hour old); how many. Object storage answers 0: its
+        incomplete multipart uploads are for the bucket's lifecycle rule."""
+        ...
+
     def local_copy(self, key: str) -> AbstractContextManager[Path]:
         """A path on this machine holding the blob while the context lasts (a cached copy for
         remote stores, which no eviction removes meanwhile: only for blobs that never change,

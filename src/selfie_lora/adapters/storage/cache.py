@@ -38,14 +38,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from selfie_lora.services.layout import TEMPORARY_PREFIX
+
 logger = logging.getLogger(__name__)
 
-TMP_PREFIX = ".tmp-"
+# The layout refuses keys with a segment so named: no blob is ever taken for a temporary file.
+TMP_PREFIX = TEMPORARY_PREFIX
 LOCK_NAME = ".lock"
 # A copy used this recently is kept even when no process holds it any more: a margin for a
 # process that may reopen it soon.
 IN_USE_SECONDS = 15 * 60
-# A temporary file this old belongs to a fetcher that died.
+# A temporary file this old belongs to a fetcher (or, in the file-system store, a writer) that
+# died.
 STALE_FETCH_SECONDS = 60 * 60
 
 
@@ -121,9 +125,7 @@ class BlobCache:
                 except FileNotFoundError:
                     continue  # evicted or renamed by another process meanwhile
                 if name.startswith(TMP_PREFIX):
-                    if stat.st_mtime < now - STALE_FETCH_SECONDS:
-                        path.unlink(missing_ok=True)
-                        logger.info("blob cache: removed %s, left by a fetch that died", path)
+                    remove_if_stale(path, stat.st_mtime, now=now, left_by="a blob cache fetch")
                     continue
                 if name == LOCK_NAME and Path(folder) == self.root:
                     continue
@@ -166,6 +168,18 @@ class BlobCache:
         return removed
 
 
+def remove_if_stale(path: Path, mtime: float, *, now: float, left_by: str) -> bool:
+    """Deletes ``path``, a temporary file (``TMP_PREFIX``), once it was last written
+    ``STALE_FETCH_SECONDS`` ago: every write of a live writer makes it young again, so one that
+    old belongs to a writer that died (``left_by`` says which kind, for the log). Whether it
+    went."""
+    if mtime >= now - STALE_FETCH_SECONDS:
+        return False
+    path.unlink(missing_ok=True)
+    logger.info("removed %s, left by %s that died", path, left_by)
+    return True
+
+
 def _hold(path: Path) -> int | None:
     """A descriptor of ``path`` holding a shared lock on it, the copy marked used; None when
     there is no copy. Called under the folder lock, so it never waits: the evictor locks a copy
@@ -205,4 +219,4 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["IN_USE_SECONDS", "STALE_FETCH_SECONDS", "BlobCache"]
+__all__ = ["IN_USE_SECONDS", "STALE_FETCH_SECONDS", "TMP_PREFIX", "BlobCache", "remove_if_stale"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import BinaryIO
 
+from selfie_lora.adapters.storage.cache import TMP_PREFIX, remove_if_stale
 from selfie_lora.errors import StorageError
 from selfie_lora.services.layout import is_valid_key
 from selfie_lora.services.ports import BlobInfo, BlobStream
@@ -77,7 +79,7 @@ class FileSystemBlobStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Write then rename (or link): a reader never sees half a file, a crash never
             # leaves one.
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
         except OSError as exc:
             raise _write_error(key, exc) from exc
         try:
@@ -149,14 +151,37 @@ class FileSystemBlobStore:
             return
         except OSError as exc:
             raise StorageError(f"blob {key!r} cannot be deleted: {exc.strerror or exc}") from exc
-        # Empty folders left behind (a generation's, a dataset's) go too, up to the root.
-        parent = path.parent
-        while parent != self.root:
+        self._prune(path.parent)
+
+    def _prune(self, folder: Path) -> None:
+        """Empty folders left behind (a generation's, a dataset's) go, up to the root."""
+        while folder != self.root:
             try:
-                parent.rmdir()
+                folder.rmdir()
             except OSError:
                 break
-            parent = parent.parent
+            folder = folder.parent
+
+    def remove_leftovers(self) -> int:
+        """Temporary files of writes killed midway (a checkpoint's can weigh a GB) go once they
+        are an hour old, as the blob cache's do: a live write keeps its file young."""
+        removed = 0
+        now = time.time()
+        for folder, _dirs, files in os.walk(self.root):
+            for name in files:
+                if not name.startswith(TMP_PREFIX):
+                    continue
+                path = Path(folder) / name
+                try:
+                    if remove_if_stale(path, path.stat().st_mtime, now=now,
+                                       left_by="a blob write"):
+                        removed += 1
+                        self._prune(path.parent)
+                except FileNotFoundError:
+                    continue  # its write finished meanwhile
+                except OSError as exc:
+                    raise StorageError(f"{path} cannot be removed: {exc.strerror}") from exc
+        return removed
 
     def list(self, prefix: str) -> Iterator[BlobInfo]:
         top = self._path(prefix)
@@ -164,7 +189,7 @@ class FileSystemBlobStore:
             return
         for folder, _dirs, files in os.walk(top):
             for name in files:
-                if name.startswith(".tmp-"):
+                if name.startswith(TMP_PREFIX):
                     continue  # a write in progress (or one a crash left: not a blob)
                 path = Path(folder) / name
                 try:

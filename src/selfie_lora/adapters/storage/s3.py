@@ -183,6 +183,12 @@ class S3BlobStore:
         except Exception as exc:
             raise _error("delete", key, exc) from exc
 
+    def remove_leftovers(self) -> int:
+        # A multipart upload killed midway leaves its parts, billed and invisible to listings.
+        # obstore can neither list nor abort other processes' uploads: the bucket's lifecycle
+        # rule (AbortIncompleteMultipartUpload, README "Garbage collection") removes them.
+        return 0
+
     # -- reads
 
     def get(self, key: str) -> bytes:
