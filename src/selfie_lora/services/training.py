@@ -43,7 +43,7 @@ import shutil
 import socket
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -532,7 +532,8 @@ class TrainingService:
     def reconcile(self, *, dead_owners: Sequence[str] = ()) -> ReconcileReport:
         """Queue again every unfinished training that nobody holds and no queued message will
         reach, and cancel those whose user asked for it while nobody held them. ``dead_owners``:
-        lease owners known to be gone (a worker restarting under its old name)."""
+        lease owners known to be gone (a worker restarting under its old name). A queue that
+        cannot be reached stops only the queuing: cancels and alerts need the database alone."""
         now = self._clock()
         active = list(self._repo.active_trainings())
         for i, t in enumerate(active):
@@ -540,15 +541,32 @@ class TrainingService:
                 # Its holder is gone: end the lease now, so the claim of the next attempt
                 # counts a recovery like any other take-over.
                 active[i] = self._update(t.id, lambda c: expire_lease(c, now, dead_owners))
-        queued = self._queue.queued_training_ids()
+        try:
+            queued: Collection[str] = self._queue.queued_training_ids()
+        except Exception as exc:
+            # The queue is down (Redis): what waits in it is unknown, so every training nobody
+            # holds is rung again below (a duplicate message is claimed once, the other does
+            # nothing). The rest of the pass needs only the database and goes on: a cancel of
+            # a training whose worker died must not wait for Redis.
+            logger.warning("reconcile: the queue cannot be read (%s: %s); trainings nobody "
+                           "runs are queued again if it takes them", type(exc).__name__, exc)
+            queued = ()
         enqueued, canceled = [], []
         for t in active:
             action = recovery_action(t, now=now, queued_ids=queued, policy=self.lease)
             with training_context(t.id):  # the lines about it carry its id, like a worker's
                 if action is Recovery.ENQUEUE:
+                    try:
+                        self._queue.enqueue_training(t.id)
+                    except Exception as exc:
+                        # Stays unqueued, and the next round tries again; the trainings after
+                        # it (and their cancels) are not kept waiting.
+                        logger.warning("training %s has nobody running it and could not be "
+                                       "queued again now (%s: %s); the next round tries again",
+                                       t.id, type(exc).__name__, exc)
+                        continue
                     logger.info("training %s (%s, attempt %d) has nobody running it: queued "
                                 "again", t.id, t.status, t.attempt)
-                    self._queue.enqueue_training(t.id)
                     enqueued.append(t.id)
                 elif action is Recovery.CANCEL:
                     with self._repo.atomic() as tx:
