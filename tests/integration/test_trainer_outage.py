@@ -6,6 +6,7 @@ attempts and cancels the remote run. On the Replicate stand-in, with the real ad
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from selfie_lora.adapters.replicate.session import ReplicateConnection
 from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
-from selfie_lora.domain.entities import Training, TrainingStatus
+from selfie_lora.domain.entities import Training, TrainingStatus, User
 from selfie_lora.errors import StorageError
 from selfie_lora.testing.fakes import FakeGenerator
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
@@ -47,6 +48,7 @@ class Rig:
     services: Services
     blobs: FlakyWeightsStore
     training_id: str
+    user: User
 
     def training(self) -> Training:
         t = self.services.repo.get_training(self.training_id)
@@ -76,7 +78,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
         started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
         assert started.training is not None
         try:
-            yield Rig(standin, services, blobs, started.training.id)
+            yield Rig(standin, services, blobs, started.training.id, user)
         finally:
             services.close()
 
@@ -167,3 +169,26 @@ def test_a_training_that_fails_with_a_remote_run_cancels_it(rig: Rig) -> None:
     remote = rig.standin.trainings[t.remote_id]
     assert remote.cancel_requests == 1
     assert remote.status == "canceled"
+
+
+def test_a_cancel_found_when_the_training_is_claimed_cancels_the_remote_run(rig: Rig) -> None:
+    rig.standin.fail_next("GET", POLLS, status=503, times=3)
+    rig.services.training.run(rig.training_id)  # steps away: the remote run goes on
+    remote_id = rig.training().remote_id
+    assert remote_id is not None
+    # A worker holds it again; its user cancels meanwhile (the worker is alive, so the cancel
+    # is only asked of it), and the worker stops (a deploy) before it sees the cancel.
+    training = rig.services.training
+    held = training._claim(rig.training_id, owner="worker-a", stopping=threading.Event())
+    assert held is not None
+    assert training.cancel(user=rig.user, training_id=rig.training_id).cancel_requested
+    training._hand_back(held)
+
+    training.run(rig.training_id, owner="worker-b")  # finds the cancel when it claims it
+
+    t = rig.training()
+    assert t.status is TrainingStatus.CANCELED
+    remote = rig.standin.trainings[remote_id]
+    assert remote.cancel_requests == 1  # not left running, billed, into our destination
+    assert remote.status == "canceled"
+    assert rig.services.repo.list_versions(t.model_id) == []

@@ -810,7 +810,7 @@ class TrainingService:
         except TrainingInterruptedError:
             raise
         except TrainingCanceledError as exc:
-            self._finish_canceled(held, reason=exc.message)
+            self._finish_canceled(held, reason=exc.message, remote_ended=True)
         except TrainerError as exc:
             logger.warning("training %s failed: %s", training.id, exc.message)
             self._finish_failed(held, user_message=exc.user_message, reason=exc.message,
@@ -949,9 +949,17 @@ class TrainingService:
         # destination that nothing records.
         self._cancel_remote(t)
 
-    def _finish_canceled(self, held: _Held, *, reason: str) -> None:
+    def _finish_canceled(self, held: _Held, *, reason: str, remote_ended: bool = False) -> None:
+        """End the held training as canceled, and then its remote run, unless the trainer ended
+        that already (``remote_ended``: it raised the cancel after canceling the run, or the run
+        was canceled on the backend)."""
         with self._holding(held) as (tx, current):
-            self._cancel_in(tx, current, reason=reason)
+            canceled = self._cancel_in(tx, current, reason=reason)
+        # A cancel this worker found on the row (asked of an earlier attempt that handed the
+        # training back) has a remote run nobody canceled: it would go on, billed, and add a
+        # version to the destination that nothing records.
+        if canceled is not None and not remote_ended:
+            self._cancel_remote(canceled)
 
     def _cancel_in(self, tx: Repository, t: Training, *, reason: str) -> Training | None:
         """End ``t`` as canceled inside ``tx`` (its version, if it has one, is held back)."""
@@ -970,8 +978,9 @@ class TrainingService:
         return canceled
 
     def _cancel_remote(self, t: Training) -> None:
-        """A training ended (failed, or canceled while nobody ran it) before its version was
-        stored: its remote twin, if any, is canceled too."""
+        """A training ended (failed, or canceled by anyone but the trainer itself) before its
+        version was stored: its remote twin, if any, is canceled too. Once a version is stored
+        the remote run has ended (its output was copied): nothing to cancel."""
         trainer = self._trainers.get(t.backend)
         if t.remote_id is None or t.version_id is not None or trainer is None:
             return
