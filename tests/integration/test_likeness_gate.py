@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +21,23 @@ from selfie_lora.domain.entities import GateStatus, TrainingStatus
 from selfie_lora.domain.likeness import PROBE_LORA_SCALE, LikenessStatus
 from selfie_lora.likeness.chart import CHART_SIZE
 from selfie_lora.likeness.grid import grid_size
+from selfie_lora.services import training as training_module
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.services.layout import probe_image_key
-from selfie_lora.services.ports import ProgressBar
+from selfie_lora.services.ports import GenerationJob, Generator, ProgressBar
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, PhotoGenerator, RecordingAlerter
 from selfie_lora.web.pages import version_rows
 from tests.support.alerts import alert_inbox
 from tests.support.likeness import (
+    OBAMA,
     Rig,
+    fixture_photo,
     no_face,
     other_person,
     photo_generator,
     png_size,
     same_person,
+    store_dataset,
 )
 
 
@@ -419,6 +425,71 @@ def test_a_training_canceled_while_its_version_is_scored_never_activates_it(rig:
     assert v2.gate_status is GateStatus.HELD
     assert "canceled" in (v2.gate_reason or "")
     assert rig.model(ann).active_version_id == v1.id
+
+
+@dataclass
+class CancelDuringFirstProbe:
+    """A generator through which ``cancel`` (its user's) comes while the first probe is made."""
+
+    inner: Generator
+    cancel: Callable[[], object]
+    calls: int = 0
+    backend: str = "local"
+
+    def generate(self, job: GenerationJob) -> list[bytes]:
+        self.calls += 1
+        if self.calls == 1:
+            self.cancel()
+        return self.inner.generate(job)
+
+
+def test_a_cancel_while_a_version_is_scored_stops_at_the_next_probe(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Each probe is a FLUX image, seconds to minutes: the cancel must not wait for the others.
+    # These take milliseconds, so the worker reads the cancel flag at every probe here.
+    monkeypatch.setattr(training_module, "SCORING_CANCEL_POLL_SECONDS", 0.0)
+    ann = rig.user()
+    v1 = rig.train(ann)
+
+    def cancel() -> None:
+        latest, _ = rig.training.get(user=ann, training_id=None)
+        # Its worker is alive and scoring: the cancel is asked of it.
+        assert rig.training.cancel(user=ann, training_id=latest.id).cancel_requested
+
+    probes = CancelDuringFirstProbe(inner=rig.dying.inner, cancel=cancel)
+    rig.dying.inner = probes
+    v2 = rig.train(ann)
+
+    assert probes.calls == 1  # not one per probe (4)
+    done = rig.repo.get_training(v2.training_id)
+    assert done is not None
+    assert done.status is TrainingStatus.CANCELED
+    assert v2.gate_status is GateStatus.HELD  # kept, never activated
+    assert "canceled" in (v2.gate_reason or "")
+    assert rig.model(ann).active_version_id == v1.id
+    assert alerts_of(rig) == []
+
+
+def test_the_scoring_checkpoint_reads_the_cancel_flag_once_a_second_at_most(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ann = rig.user()
+    dataset = store_dataset(rig.repo, rig.blobs, ann, [fixture_photo(n) for n in OBAMA])
+    started = rig.training.start(user=ann, dataset_id=dataset.id).training
+    held = rig.training._claim(started.id, owner="worker-a", stopping=threading.Event())
+    assert held is not None
+    reads: list[str] = []
+    read = rig.repo.get_training
+
+    def counted(training_id: str, **kwargs: Any) -> Any:
+        reads.append(training_id)
+        return read(training_id, **kwargs)
+
+    monkeypatch.setattr(rig.repo, "get_training", counted)
+    for _ in range(100):  # a scoring that calls it often, as a fast generator's would
+        held.checkpoint()
+    assert reads == [started.id]
 
 
 def test_with_the_gate_off_a_new_version_is_active_at_once_and_still_scored(

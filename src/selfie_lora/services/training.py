@@ -42,6 +42,7 @@ import random
 import shutil
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -125,6 +126,10 @@ INTERNAL_ERROR_MESSAGE = ("The training stopped because of an internal error. Yo
 # An upload that starts a training holds the user's slot this long at most while its photos
 # are checked (a process that dies holding it blocks its user no longer than this).
 UPLOAD_CLAIM_TTL = timedelta(minutes=10)
+# How often the checkpoint between probes reads the training's cancel flag (monotonic seconds):
+# a cancel asked of a scoring worker lands at the next probe, and a scoring that calls the
+# checkpoint often still costs the database one read a second at most.
+SCORING_CANCEL_POLL_SECONDS = 1.0
 
 
 def caption_for(trigger_word: str) -> str:
@@ -904,8 +909,13 @@ class TrainingService:
         if scoring_exhausted(training, self.lease):
             unscorable = (f"the worker scoring it stopped {training.recoveries} times; "
                           "compare it yourself with 'selfie-lora compare'")
-        verdict = self._likeness.judge(training.version_id, checkpoint=held.checkpoint,
-                                       unscorable=unscorable)
+        try:
+            verdict = self._likeness.judge(training.version_id, checkpoint=held.checkpoint,
+                                           unscorable=unscorable)
+        except _ScoringCanceledError:
+            # As a cancel found after the last probe (below): the version is kept, held.
+            self._finish_canceled(held, reason="canceled while its version was scored")
+            return
         alert = None
         with self._holding(held) as (tx, current):
             if current.cancel_requested:
@@ -1039,6 +1049,12 @@ def _backend_name(backend: str) -> str:
     return "Replicate" if backend == "replicate" else f"the {backend} trainer"
 
 
+class _ScoringCanceledError(TrainingInterruptedError):
+    """Its user canceled the training while its version was scored. An interruption, so that
+    the likeness service lets it through (any other error is recorded as a failed scoring) to
+    ``TrainingService._judge``, which ends the training as canceled."""
+
+
 class _Held:
     """A training this worker holds: its lease (owner, attempt) and the heartbeat that keeps it.
     ``lost`` is set when the lease turns out to be someone else's."""
@@ -1053,6 +1069,7 @@ class _Held:
         self.attempt = training.attempt
         self.lost = threading.Event()
         self._done = threading.Event()
+        self._cancel_read_at: float | None = None  # time.monotonic() of the last read
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
@@ -1094,11 +1111,31 @@ class _Held:
         return self.lost.is_set() or self._stopping.is_set()
 
     def checkpoint(self) -> None:
-        """Raise if this worker must stop working on the training."""
+        """Raise if this worker must stop scoring the training: it lost it, it stops, or the
+        training's user canceled it (``_ScoringCanceledError``)."""
         if self.lost.is_set():
             raise LeaseLostError(f"training {self.training_id} was taken over")
         if self._stopping.is_set():
             raise TrainingInterruptedError(f"training {self.training_id}: this worker stops")
+        if self._cancel_requested():
+            raise _ScoringCanceledError(f"training {self.training_id} canceled by its user")
+
+    def _cancel_requested(self) -> bool:
+        """The row's cancel flag, read at most every ``SCORING_CANCEL_POLL_SECONDS``."""
+        now = time.monotonic()
+        if (self._cancel_read_at is not None
+                and now - self._cancel_read_at < SCORING_CANCEL_POLL_SECONDS):
+            return False
+        self._cancel_read_at = now
+        try:
+            current = self._service._repo.get_training(self.training_id)
+        except SelfieLoraError as exc:
+            # Raised into the scoring, a database blip would be recorded as a failed scoring;
+            # the next checkpoint reads again, and the verdict's transaction checks anyway.
+            logger.warning("training %s: could not read its cancel flag: %s",
+                           self.training_id, exc.message)
+            return False
+        return current is not None and current.cancel_requested
 
 
 @dataclass(frozen=True)
