@@ -5,10 +5,11 @@ back and raises an alert, no face is scored as such, and the probe set never cha
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,14 @@ from PIL import Image
 from selfie_lora.adapters.alerts.http import HttpAlerter
 from selfie_lora.domain.entities import GateStatus, TrainingStatus
 from selfie_lora.domain.likeness import PROBE_LORA_SCALE, LikenessStatus
+from selfie_lora.errors import GenerationError
 from selfie_lora.likeness.chart import CHART_SIZE
 from selfie_lora.likeness.grid import grid_size
 from selfie_lora.services import training as training_module
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.services.layout import probe_image_key
 from selfie_lora.services.ports import GenerationJob, Generator, ProgressBar
-from selfie_lora.testing.fakes import FakeFaceAnalyzer, PhotoGenerator, RecordingAlerter
+from selfie_lora.testing.fakes import FakeFaceAnalyzer, PhotoGenerator, RecordingAlerter, SimulatedCrash
 from selfie_lora.web.pages import version_rows
 from tests.support.alerts import alert_inbox
 from tests.support.likeness import (
@@ -51,6 +53,24 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
 def generator_of(rig: Rig) -> PhotoGenerator:
     assert isinstance(rig.generator, PhotoGenerator)
     return rig.generator
+
+
+@dataclass
+class FailingFor(PhotoGenerator):
+    """Fails with ``error()`` for every LoRA while ``down``, and for the LoRA files whose sha256
+    is in ``weights``: a generator error (an outage), or the process dying
+    (``SimulatedCrash``: the OOM killer on one version's weights)."""
+
+    down: bool = False
+    weights: set[str] = field(default_factory=set)
+    error: Callable[[], BaseException] = lambda: GenerationError("the generator answered 503")
+
+    def generate(self, job: GenerationJob) -> list[bytes]:
+        sha = (hashlib.sha256(job.weights_path.read_bytes()).hexdigest()
+               if job.weights_path is not None else None)
+        if self.down or sha in self.weights:
+            raise self.error()
+        return super().generate(job)
 
 
 def alerts_of(rig: Rig) -> list[dict[str, Any]]:
@@ -306,6 +326,74 @@ def test_a_version_that_cannot_be_scored_is_held_with_the_reason(tmp_path: Path)
         assert rig.model(ann).active_version_id == v1.id
         assert v2.alert is not None
         assert v2.alert["kind"] == "not_scored"
+    finally:
+        rig.close()
+
+
+def test_an_active_version_that_cannot_be_scored_holds_the_new_one(tmp_path: Path) -> None:
+    # v1 could not be scored (the generator was down) and passed: nothing to beat. v2 has lost
+    # the likeness, and v1's probes fail again when the gate needs them: v2 cannot be compared
+    # with v1, so it is held (the user can still activate it), not activated unjudged.
+    generator = FailingFor(photos=same_person(), down=True)
+    rig = Rig(root=tmp_path, generator=generator)
+    try:
+        ann = rig.user()
+        v1 = rig.train(ann)
+        assert v1.gate_status is GateStatus.PASSED
+        q1 = rig.repo.get_likeness(v1.id)
+        assert q1 is not None
+        assert q1.status is LikenessStatus.FAILED
+        generator.down = False
+        generator.photos = other_person()
+        generator.weights = {v1.weights_sha256}
+        v2 = rig.train(ann)
+        q2 = rig.repo.get_likeness(v2.id)
+        assert q2 is not None
+        assert q2.status is LikenessStatus.SCORED  # v2 itself was scored
+        assert v2.gate_status is GateStatus.HELD, v2.gate_reason
+        assert "the active version 1 could not be scored" in (v2.gate_reason or "")
+        assert "503" in (v2.gate_reason or "")
+        assert v2.gate_details["before"] is None
+        assert v2.gate_details["baseline_version_id"] == v1.id
+        assert rig.model(ann).active_version_id == v1.id
+        assert v2.alert is not None
+        assert v2.alert["kind"] == "not_scored"
+        assert v2.alert["message"] == v2.gate_reason
+    finally:
+        rig.close()
+
+
+def test_a_worker_that_keeps_dying_on_the_active_version_ends_the_training(
+        tmp_path: Path) -> None:
+    # The worker dies every time it renders v1's probes (the baseline, never scored). After the
+    # allowed take-overs the version is judged from the stored records, without scoring
+    # anything: the training ends, and v2, which could not be compared with v1, is held.
+    generator = FailingFor(photos=same_person(), down=True)
+    rig = Rig(root=tmp_path, generator=generator)
+    try:
+        ann = rig.user()
+        v1 = rig.train(ann)
+        generator.down = False
+        generator.weights = {v1.weights_sha256}
+        generator.error = lambda: SimulatedCrash("killed loading these weights")
+        pending = rig.train_until_scoring(ann)
+        for _ in range(rig.training.lease.max_attempts - 1):
+            with pytest.raises(SimulatedCrash):
+                rig.restart()  # v2 is scored, then the worker dies on v1's first probe
+        jobs = len(generator.jobs)
+        rig.restart()
+        assert len(generator.jobs) == jobs  # nothing rendered: only stored records
+        done = rig.repo.get_training(pending.id)
+        assert done is not None
+        assert done.status is TrainingStatus.SUCCEEDED, "the training never ends"
+        assert done.lease_owner is None  # the model's training slot is free
+        assert done.version_id is not None
+        v2 = rig.repo.get_version(done.version_id)
+        assert v2 is not None
+        assert v2.gate_status is GateStatus.HELD
+        assert "the active version 1 could not be scored" in (v2.gate_reason or "")
+        assert "stopped" in (v2.gate_reason or "")
+        assert rig.model(ann).active_version_id == v1.id
     finally:
         rig.close()
 

@@ -135,6 +135,11 @@ def test_the_gate_without_a_baseline_or_a_score() -> None:
                            candidate_number=2, baseline_number=1, candidate_error="boom")
     assert unscored.status is GateStatus.HELD
     assert "boom" in unscored.reason
+    # An active version that exists but has no scores: a drop cannot be ruled out.
+    unjudged = decide_gate(candidate=scores_of(0.1), baseline=None, tolerance=0.02,
+                           candidate_number=2, baseline_number=1, baseline_error="503")
+    assert unjudged.status is GateStatus.HELD
+    assert "the active version 1 could not be scored (503)" in unjudged.reason
     with pytest.raises(ValueError, match="tolerance"):
         decide_gate(candidate=None, baseline=None, tolerance=2, candidate_number=1,
                     baseline_number=None)

@@ -345,7 +345,9 @@ class Retraining(RuleBasedStateMachine):
             if baseline is not None and baseline not in self.identity:
                 self.identity[baseline] = IDENTITY[self.likeness]  # scored on demand, now
             base = self.identity.get(baseline) if baseline else None
-            passes = base is None or self.identity[vid] >= base - TOLERANCE
+            # Only no baseline at all lets a version pass unjudged: one without a score holds it.
+            passes = baseline is None or (base is not None
+                                          and self.identity[vid] >= base - TOLERANCE)
         expected = GateStatus.PASSED if passes else GateStatus.HELD
         assert version.gate_status is expected, version.gate_reason
         assert (version.alert is not None) == (expected is GateStatus.HELD)

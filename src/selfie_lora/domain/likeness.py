@@ -303,9 +303,15 @@ def decide_gate(
     candidate_number: int,
     baseline_number: int | None,
     candidate_error: str | None = None,
+    baseline_error: str | None = None,
 ) -> GateDecision:
     """Whether a new version replaces the active one. Both scores must have been computed against
     the same reference photos (the service sees to it).
+
+    ``baseline_number`` None: there is no active version (nothing to beat), and a scored
+    candidate passes. A baseline that exists (``baseline_number`` set) but has no scores
+    (``baseline`` None: its re-scoring failed, ``baseline_error`` says why) holds the candidate:
+    a drop cannot be ruled out, and passing would replace the active version unjudged.
 
     Held when the candidate could not be scored, or when its identity is lower than the
     baseline's by more than ``tolerance``. When the reference has no face (``identity`` None on
@@ -324,10 +330,15 @@ def decide_gate(
         why = candidate_error or "no score"
         return GateDecision(GateStatus.HELD, f"{v} could not be scored ({why}), so it is kept but "
                             "not activated; activate it yourself if you want it", details)
-    if baseline is None or baseline_number is None:
-        return GateDecision(GateStatus.PASSED, f"{v} has no scored active version to beat: it is "
-                            "active", details)
+    if baseline_number is None:
+        return GateDecision(GateStatus.PASSED, f"{v} has no active version to beat: it is active",
+                            details)
     active = f"the active version {baseline_number}"
+    if baseline is None:
+        why = baseline_error or "no score"
+        return GateDecision(GateStatus.HELD, (
+            f"{active} could not be scored ({why}), so {v} could not be compared with it: it is "
+            "kept but not activated; activate it yourself if you want it"), details)
     if candidate.identity is not None and baseline.identity is not None:
         drop = baseline.identity - candidate.identity
         details["drop"] = round(drop, 4)

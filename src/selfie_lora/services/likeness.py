@@ -172,7 +172,9 @@ class LikenessService:
         records the verdict (``apply_verdict``) in the transaction that ends the training.
         ``checkpoint`` is called between probes and may raise to stop (a worker shutting down);
         the probe images already made are kept, so the next attempt goes on from there.
-        ``unscorable`` (why) judges the version as it stands, without trying to score it."""
+        ``unscorable`` (why) judges the version as it stands: nothing is scored, neither the
+        version nor its baseline (a worker dying on either would die again, for ever), only the
+        likeness records already stored are used."""
         version, model, training = self._load(version_id)
         if unscorable is None:
             record = self.score(version.id, checkpoint=checkpoint)
@@ -201,14 +203,27 @@ class LikenessService:
                 details=details, baseline=baseline,
                 reference_id=reference.dataset_id if reference else None, record=record)
         before = None
+        baseline_error = None
         if after is not None:
-            before = self._scores_against(self.score(baseline.id, checkpoint=checkpoint),
-                                          reference)
+            stored = self._repo.get_likeness(baseline.id)
+            if unscorable is None:
+                baseline_record: VersionLikeness | None = self.score(baseline.id,
+                                                                     checkpoint=checkpoint)
+            else:
+                baseline_record = stored if stored is not None and self._is_current(stored) else None
+            before = self._scores_against(baseline_record, reference)
+            if before is None:
+                # The baseline exists but has no scores to compare with: the gate holds the new
+                # version (decide_gate) and says why here.
+                failed = baseline_record or stored
+                baseline_error = (failed.error if failed is not None and failed.error
+                                  else "it has no scores with the current face model")
+                if unscorable is not None:
+                    baseline_error += f"; it was not scored again: {unscorable}"
         decision = decide_gate(
             candidate=after, baseline=before, tolerance=self.tolerance,
-            candidate_number=version.number,
-            baseline_number=baseline.number if before is not None else None,
-            candidate_error=record.error or "no likeness record",
+            candidate_number=version.number, baseline_number=baseline.number,
+            candidate_error=record.error or "no likeness record", baseline_error=baseline_error,
         )
         return GateVerdict(
             version_id=version.id, status=decision.status, reason=decision.reason,
@@ -357,9 +372,7 @@ class LikenessService:
         ``checkpoint`` that raises stops the scoring (and is raised)."""
         version, model, training = self._load(version_id)
         existing = self._repo.get_likeness(version.id)
-        if (existing is not None and existing.status is LikenessStatus.SCORED and not force
-                and existing.embedding_model == self._faces.model_name
-                and all(p.lora_scale == PROBE_LORA_SCALE for p in existing.probes)):
+        if existing is not None and not force and self._is_current(existing):
             return existing
         base = existing or self._new_record(version, training)
         started = time.monotonic()
@@ -401,6 +414,13 @@ class LikenessService:
             logger.info("version %d of model %s scored: %s", version.number, model.id,
                         record.scores.headline())
         return record
+
+    def _is_current(self, record: VersionLikeness) -> bool:
+        """Scored as ``score`` would score it now: with the current embedding model (scores of
+        two models are never compared) and every probe at the fixed scale."""
+        return (record.status is LikenessStatus.SCORED
+                and record.embedding_model == self._faces.model_name
+                and all(p.lora_scale == PROBE_LORA_SCALE for p in record.probes))
 
     def _unscored(self, version: Version, training: Training, *, why: str) -> VersionLikeness:
         existing = self._repo.get_likeness(version.id)
@@ -587,7 +607,9 @@ class LikenessService:
     def _alert(self, model: Model, version: Version, verdict: GateVerdict, *,
                at: datetime) -> dict[str, Any]:
         baseline = verdict.baseline
-        kind = "likeness_drop" if verdict.details.get("after") else "not_scored"
+        # Scores on both sides: a drop; otherwise the version or its baseline was not scored.
+        kind = ("likeness_drop" if verdict.details.get("after") and verdict.details.get("before")
+                else "not_scored")
         return {
             # The same in every delivery of this alert: a receiver drops what it has seen.
             "alert_id": f"{kind}:{version.id}",
