@@ -15,6 +15,7 @@ from selfie_lora.domain.entities import (
     ApiKey,
     Dataset,
     Finding,
+    GateStatus,
     Model,
     Recipe,
     Training,
@@ -215,6 +216,20 @@ def test_a_users_training_is_read_with_its_version_and_never_another_users(
     assert repo.get_user_training(bob.id, None) is not None
     assert repo.get_user_training(bob.id, "t1") is None
     assert repo.get_user_training("nobody", None) is None
+
+
+def test_an_override_is_recorded_beside_the_gates_decision(repo: SqlRepository) -> None:
+    with_two_versions(repo)
+    repo.set_version_gate("v2", status=GateStatus.HELD, reason="likeness dropped",
+                          details={"before": {"identity": 0.9}})
+    repo.set_version_override("v2", {"by": "user", "replaced_version_id": "v1"})
+    v2 = repo.get_version("v2")
+    assert v2 is not None
+    assert (v2.gate_status, v2.gate_reason) == (GateStatus.HELD, "likeness dropped")
+    assert v2.gate_details == {"before": {"identity": 0.9},
+                               "override": {"by": "user", "replaced_version_id": "v1"}}
+    with pytest.raises(StorageError):
+        repo.set_version_override("nope", {})
 
 
 def test_a_due_alert_is_claimed_by_one_process_at_a_time(repo: SqlRepository) -> None:

@@ -1,4 +1,5 @@
-"""Likeness-tracking test rig: the training and likeness services on SQLite, the file blob store
+"""Likeness-tracking test rig: the training and likeness services on SQLite (or PostgreSQL, with
+``database="postgres"`` and ``SELFIE_LORA_TEST_POSTGRES_URL``), the file blob store
 and an in-memory queue (jobs run when the test says), with a generator stand-in that answers with
 real photos (tests/fixtures/photos) and dlib's real face analyzer."""
 
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
@@ -40,7 +42,7 @@ from selfie_lora.testing.fakes import (
     RecordingAlerter,
     SimulatedCrash,
 )
-from tests.support.backends import copy_migrated_sqlite
+from tests.support.backends import copy_migrated_sqlite, database_url, fresh_engine
 from tests.support.photos import FIXTURES
 
 # Big enough for dlib's HOG detector to find the faces in these portraits (80 px and up).
@@ -137,10 +139,15 @@ class Rig:
     seed: int = 0
     gate_enabled: bool = True
     clock: Callable[[], datetime] = utcnow
+    database: str = "sqlite"  # or "postgres" (tests.support.backends.DATABASES)
 
     def __post_init__(self) -> None:
-        copy_migrated_sqlite(self.root / "db.sqlite")
-        self.engine = make_engine(f"sqlite:///{self.root / 'db.sqlite'}")
+        if self.database == "sqlite":
+            copy_migrated_sqlite(self.root / "db.sqlite")
+            self.engine = make_engine(f"sqlite:///{self.root / 'db.sqlite'}")
+        else:
+            self.engine = fresh_engine(database_url(self.database, self.root))
+            upgrade(self.engine)
         self.repo = SqlRepository(self.engine)
         self.blobs = FileSystemBlobStore(self.root / "blobs")
         self.queue = InMemoryQueue()

@@ -85,6 +85,7 @@ class GateVerdict:
     """What the gate decided about a version, before it is recorded."""
 
     version_id: str
+    model_id: str
     status: GateStatus
     reason: str
     details: dict[str, Any]
@@ -183,7 +184,7 @@ class LikenessService:
         if version.gate_status is not GateStatus.PENDING:
             # Decided already (a version stored before leases): keep that decision.
             return GateVerdict(
-                version_id=version.id, status=version.gate_status,
+                version_id=version.id, model_id=model.id, status=version.gate_status,
                 reason=version.gate_reason or "", details=dict(version.gate_details),
                 baseline=None, reference_id=None, record=record)
         override = version.gate_details.get("override")
@@ -198,7 +199,7 @@ class LikenessService:
             details: dict[str, Any] = {"after": after.headline() if after else None,
                                        "before": None, "tolerance": self.tolerance}
             return GateVerdict(
-                version_id=version.id, status=GateStatus.PASSED,
+                version_id=version.id, model_id=model.id, status=GateStatus.PASSED,
                 reason=FIRST_VERSION_REASON if baseline is None else GATE_OFF_REASON,
                 details=details, baseline=baseline,
                 reference_id=reference.dataset_id if reference else None, record=record)
@@ -226,7 +227,8 @@ class LikenessService:
             candidate_error=record.error or "no likeness record", baseline_error=baseline_error,
         )
         return GateVerdict(
-            version_id=version.id, status=decision.status, reason=decision.reason,
+            version_id=version.id, model_id=model.id, status=decision.status,
+            reason=decision.reason,
             details=decision.details, baseline=baseline,
             reference_id=reference.dataset_id if reference else None, record=record)
 
@@ -235,8 +237,11 @@ class LikenessService:
         activation when it passed (unless its user activated another version meanwhile) and,
         when it was held, an alert, claimed by this process when there is an alerter (returned,
         to deliver once the transaction committed)."""
-        current = tx.get_version(verdict.version_id)
-        if current is None or current.gate_status is not GateStatus.PENDING:
+        locked = _lock_model_and_version(tx, verdict.model_id, verdict.version_id)
+        if locked is None:
+            return None
+        model, current = locked
+        if current.gate_status is not GateStatus.PENDING:
             return None  # decided before
         now = self._clock()
         baseline = verdict.baseline
@@ -247,8 +252,6 @@ class LikenessService:
             "reference_dataset_id": verdict.reference_id,
         }
         reason = verdict.reason
-        model = tx.get_model(current.model_id)
-        assert model is not None
         if verdict.status is GateStatus.PASSED:
             active_now = model.active_version_id
             chosen = current.gate_details.get("activations_when_stored")
@@ -294,8 +297,12 @@ class LikenessService:
     def hold_canceled(self, tx: Repository, version_id: str) -> None:
         """Inside the caller's transaction: the version of a training its user canceled before
         the gate decided is kept, never activated."""
-        current = tx.get_version(version_id)
-        if current is None or current.gate_status is not GateStatus.PENDING:
+        found = tx.get_version(version_id)
+        locked = None if found is None else _lock_model_and_version(tx, found.model_id, version_id)
+        if locked is None:
+            return
+        _model, current = locked
+        if current.gate_status is not GateStatus.PENDING:
             return
         tx.set_version_gate(current.id, status=GateStatus.HELD, reason=CANCELED_REASON.format(
             number=current.number), details={**current.gate_details,
@@ -734,6 +741,20 @@ class LikenessService:
         if probe is None or probe.image_key is None or not self._blobs.exists(probe.image_key):
             return None
         return self._blobs.get(probe.image_key)
+
+
+def _lock_model_and_version(tx: Repository, model_id: str,
+                            version_id: str) -> tuple[Model, Version] | None:
+    """Inside ``tx``: the model's row locked, then the version read. Every write of a version's
+    gate and of the model's active version takes the model's row first (the gate here, the
+    user's activation in ``ModelService.activate``), so on PostgreSQL (READ COMMITTED) what is
+    read after the lock cannot be changed by the other before this transaction ends; on SQLite
+    ``BEGIN IMMEDIATE`` already serialises them."""
+    model = tx.get_model(model_id, for_update=True)
+    version = tx.get_version(version_id)
+    if model is None or version is None:
+        return None
+    return model, version
 
 
 def _scored(record: VersionLikeness | None) -> bool:

@@ -187,18 +187,24 @@ class ModelService:
         """Rollback or roll forward, the gate notwithstanding: a version the likeness gate held
         back (or has not judged yet) can be activated; the override is recorded on the version
         and in the log."""
-        model = self.get(user=user)
-        version = self.version(user=user, version_id=version_id)
-        overrides = version.gate_status is not GateStatus.PASSED
+        # Read and written under the model's row lock, which the gate takes too
+        # (LikenessService.apply_verdict): a gate decision committed while this request waited is
+        # what it reads, so it neither undoes the decision nor is undone by it.
         with self._repo.atomic() as tx:
+            model = tx.get_model_for_user(user.id, for_update=True)
+            if model is None:
+                raise NotFoundError("you have no model yet: upload photos to start one")
+            version = find_version(tx.list_versions(model.id), version_id)
+            if version is None:
+                raise NotFoundError(f"no such version: {version_id[:64]}")
+            overrides = version.gate_status is not GateStatus.PASSED
             tx.set_model_active_version(model.id, version.id)
             if overrides and version.id != model.active_version_id:
-                override = {"at": utcnow().isoformat(), "by": "user",
-                            "gate_status": str(version.gate_status),
-                            "replaced_version_id": model.active_version_id}
-                tx.set_version_gate(version.id, status=version.gate_status,
-                                    reason=version.gate_reason,
-                                    details={**version.gate_details, "override": override})
+                # Only the marker: the gate's status, reason and scores are the gate's to write.
+                tx.set_version_override(version.id, {
+                    "at": utcnow().isoformat(), "by": "user",
+                    "gate_status": str(version.gate_status),
+                    "replaced_version_id": model.active_version_id})
             tx.add_event(model_id=model.id, kind=VERSION_ACTIVATED, data={
                 "from": model.active_version_id, "to": version.id, "number": version.number,
                 "gate": str(version.gate_status), "gate_reason": version.gate_reason,

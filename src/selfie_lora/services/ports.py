@@ -345,10 +345,13 @@ class Repository(Protocol):
     def set_model_probes(self, model_id: str, probes: Sequence[Probe]) -> None:
         """Stores the probe set only when the model has none: it is fixed once."""
         ...
-    def get_model(self, model_id: str) -> Model | None: ...
+    def get_model(self, model_id: str, *, for_update: bool = False) -> Model | None:
+        """``for_update``: as in ``get_model_for_user``."""
+        ...
     def get_model_for_user(self, user_id: str, *, for_update: bool = False) -> Model | None:
         """``for_update`` (inside ``atomic()``): the row stays locked until the transaction
-        ends, so what is decided on it (a start, a re-pin) cannot interleave with another."""
+        ends, so what is decided on it (a start, a re-pin, the gate's activation, the user's)
+        cannot interleave with another."""
         ...
     def get_model_overview(self, user_id: str
                            ) -> tuple[Model, Version | None, VersionLikeness | None] | None:
@@ -414,6 +417,10 @@ class Repository(Protocol):
 
     def set_version_gate(self, version_id: str, *, status: GateStatus, reason: str | None,
                          details: dict[str, Any]) -> None: ...
+    def set_version_override(self, version_id: str, override: dict[str, Any]) -> None:
+        """Records the user's override of the gate (``gate_details["override"]``) and nothing
+        else: the gate's status, reason and other details stay as the row has them."""
+        ...
     def set_version_alert(self, version_id: str, alert: dict[str, Any] | None, *,
                           due_at: datetime | None = None) -> None:
         """Records the version's alert, due to be sent at ``due_at`` (None: nothing to send)."""

@@ -516,9 +516,14 @@ class SqlRepository:
             if not row.probes:  # fixed once: a model's probe set never changes
                 row.probes = [p.as_dict() for p in probes]
 
-    def get_model(self, model_id: str) -> Model | None:
-        with self._read() as s:
-            row = s.get(ModelRow, model_id)
+    def get_model(self, model_id: str, *, for_update: bool = False) -> Model | None:
+        if not for_update:
+            with self._read() as s:
+                row = s.get(ModelRow, model_id)
+                return _model(row) if row else None
+        with self._tx() as s:
+            row = s.scalars(select(ModelRow).where(ModelRow.id == model_id)
+                            .with_for_update()).first()
             return _model(row) if row else None
 
     def get_model_for_user(self, user_id: str, *, for_update: bool = False) -> Model | None:
@@ -716,6 +721,15 @@ class SqlRepository:
                          details: dict[str, Any]) -> None:
         self._update_version(version_id, {"gate_status": str(status), "gate_reason": reason,
                                           "gate_details": details})
+
+    def set_version_override(self, version_id: str, override: dict[str, Any]) -> None:
+        # Read and written under the row's lock: a gate decision committed meanwhile is kept.
+        with self._tx() as s:
+            row = s.scalars(select(VersionRow).where(VersionRow.id == version_id)
+                            .with_for_update()).first()
+            if row is None:
+                raise StorageError(f"version {version_id} does not exist")
+            row.gate_details = {**(row.gate_details or {}), "override": override}
 
     def set_version_alert(self, version_id: str, alert: dict[str, Any] | None, *,
                           due_at: datetime | None = None) -> None:
