@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -774,11 +774,12 @@ class TrainingService:
             self._update_held(held, lambda t: transition(
                 t, TrainingStatus.STARTING, at=self._clock(), reason="picked up by a worker"))
         root = self._work_dir / training.id
-        # Whatever an earlier attempt left is of no use to this one (local trainings start
-        # over; Replicate's state lives on Replicate).
-        shutil.rmtree(root, ignore_errors=True)
-        work_dir = root / f"attempt-{held.attempt}"
-        work_dir.mkdir(parents=True, exist_ok=True)
+        # What an earlier attempt left is of no use to this one (a local training resumes from
+        # the checkpoint in the blob store; Replicate's state lives on Replicate). Only earlier
+        # attempts': a later one may already be at work in this folder (another worker of this
+        # machine took the training over from this one, alive but late with its heartbeats).
+        _remove_earlier_attempts(root, held.attempt)
+        work_dir = _attempt_folder(root, held.attempt)
         try:
             job = self._job(training, work_dir=work_dir)
             # The newest checkpoint of an earlier attempt (or of the canceled training this one
@@ -829,7 +830,11 @@ class TrainingService:
             self._finish_failed(held, user_message=INTERNAL_ERROR_MESSAGE,
                                 reason="internal error", code=ErrorCode.INTERNAL_ERROR)
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            # This attempt's folder only, for the same reason; the training's folder goes with
+            # its last attempt's (or with the garbage collection, once the training ended).
+            shutil.rmtree(work_dir, ignore_errors=True)
+            with suppress(OSError):
+                root.rmdir()  # refused while another attempt's folder is in it
         return False
 
     def _store_version(self, held: _Held, result: TrainingResult) -> None:
@@ -1043,6 +1048,36 @@ class _UnreachableError(TrainingInterruptedError):
         super().__init__(message)
         self.remote_id = remote_id
         self.reason = reason
+
+
+def _attempt_number(folder: Path) -> int | None:
+    prefix, _, number = folder.name.partition("-")
+    return int(number) if prefix == "attempt" and number.isdecimal() else None
+
+
+def _remove_earlier_attempts(root: Path, attempt: int) -> None:
+    """The folders under a training's work folder of attempts before ``attempt``."""
+    try:
+        folders = list(root.iterdir())
+    except OSError:
+        return  # no folder yet
+    for folder in folders:
+        number = _attempt_number(folder)
+        if number is not None and number < attempt:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _attempt_folder(root: Path, attempt: int) -> Path:
+    """``root/attempt-<attempt>``, made. An earlier attempt that ends meanwhile removes ``root``
+    when it finds it empty, which may fall between making ``root`` and the folder in it: made
+    again then."""
+    folder = root / f"attempt-{attempt}"
+    for _ in range(2):
+        with suppress(FileNotFoundError):
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+    folder.mkdir(parents=True, exist_ok=True)  # a third race is no race: raise what it meets
+    return folder
 
 
 def _backend_name(backend: str) -> str:
