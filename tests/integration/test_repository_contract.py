@@ -7,7 +7,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import create_engine, inspect, text
 
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
@@ -444,3 +444,26 @@ def test_reads_do_not_wait_for_a_writer_and_see_the_last_commit(repo: SqlReposit
     assert changed is not None
     assert changed.lora_scale == 0.5
 
+
+
+def test_every_failure_of_the_database_is_a_storage_error(repo: SqlRepository) -> None:
+    """Not only the driver's OperationalError: sqlalchemy's own errors (here its pool, which
+    stayed exhausted past its timeout, as PostgreSQL's 15 connections can under load) and the
+    driver's others (here a table that is not there: ProgrammingError on PostgreSQL). A vendor
+    error that passes the repository ends whatever meets it unexpectedly: it killed the
+    heartbeat of a running training, whose lease was then taken over."""
+    ann, _model, _dataset = seed(repo)
+    url = repo.engine.url.render_as_string(hide_password=False)
+    one_connection = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=0.05)
+    try:
+        tight = SqlRepository(one_connection)
+        # The only connection, held meanwhile.
+        with one_connection.connect(), pytest.raises(StorageError, match=r"^database error: "):
+            tight.get_user(ann.id)
+        assert tight.get_user(ann.id) == ann  # the pool is back
+        with one_connection.begin() as conn:
+            conn.execute(text("DROP TABLE web_sessions"))
+        with pytest.raises(StorageError, match=r"^database error: "):
+            tight.get_session("s1")
+    finally:
+        one_connection.dispose()

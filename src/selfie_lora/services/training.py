@@ -1136,6 +1136,12 @@ class _Held:
                 # lease expires, another worker takes over and this one's writes are refused.
                 logger.warning("training %s: heartbeat failed: %s", self.training_id, exc.message)
                 continue
+            except Exception:
+                # Anything else (a bug, an error nobody translated) is tried again too: a
+                # heartbeat that ended here would leave the training running under a lease
+                # nobody renews, for another worker to take over while this one still runs it.
+                logger.exception("training %s: heartbeat failed", self.training_id)
+                continue
             if not kept:
                 logger.warning("training %s: lease lost (attempt %d)", self.training_id,
                                self.attempt)

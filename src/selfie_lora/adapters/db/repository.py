@@ -22,7 +22,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from selfie_lora.adapters.db.tables import (
@@ -360,8 +360,15 @@ class SqlRepository:
                 ) from exc
             raise ConflictError(f"conflicting write: {exc.orig}",
                                 code=ErrorCode.WRITE_CONFLICT) from exc
-        except OperationalError as exc:
+        except DBAPIError as exc:
+            # Whatever the driver raised (a lost connection, a fail-over, "database is locked"):
+            # its own words, not the statement and parameters sqlalchemy adds to them.
             raise StorageError(f"database error: {exc.orig}") from exc
+        except SQLAlchemyError as exc:
+            # sqlalchemy's own (a pool that stayed exhausted past its timeout, a connection
+            # invalidated under a session): callers see one error for a database that failed.
+            reason = exc.args[0] if exc.args else type(exc).__name__
+            raise StorageError(f"database error: {reason}") from exc
 
     # users ------------------------------------------------------------------------------
     def add_user(self, user: User) -> None:
