@@ -1,13 +1,15 @@
 """A worker that holds a training's lease and meets a fault (see "What survives a crash" in the
 README): another worker of the same machine takes the training over while this one still runs
 it (the earlier attempt leaves the later one alone); a renewal of the lease fails with what
-nobody expected (the heartbeat goes on)."""
+nobody expected (the heartbeat goes on); the database fails a write of the training's progress
+(the worker steps away and the next attempt finishes the training)."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,9 @@ from sqlalchemy import Engine
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import TrainingStatus
-from selfie_lora.services.training import TrainingService
+from selfie_lora.errors import StorageError
+from selfie_lora.services.ports import TrainingJob
+from selfie_lora.services.training import DATABASE_UNREACHABLE, TrainingService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingTelemetry
 from selfie_lora.wiring import Services, build_services, training_defaults
 from tests.conftest import make_settings, one_person_analyzer
@@ -46,6 +50,24 @@ class FailingRenewals(SqlRepository):
             self.failures -= 1
             raise RuntimeError("not a SelfieLoraError")
         return super().renew_lease(training_id, **lease)
+
+
+class Blinking(SqlRepository):
+    """The database, but once armed (``fail_in``), the ``fail_in``-th transaction from then on
+    fails as one that blinked does (SQLite locked past its busy timeout, a fail-over)."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.fail_in = 0
+
+    @contextmanager
+    def atomic(self) -> Iterator[SqlRepository]:
+        if self.fail_in > 0:
+            self.fail_in -= 1
+            if self.fail_in == 0:
+                raise StorageError("database error: database is locked")
+        with super().atomic() as tx:
+            yield tx
 
 
 class Machine:
@@ -171,3 +193,38 @@ def test_a_heartbeat_goes_on_after_an_error_nobody_expected(
     failures = [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
     assert len(failures) == 2
     assert all(r.exc_info is not None for r in failures)  # a bug shows its traceback
+
+
+def test_a_database_that_blinks_interrupts_a_training_and_does_not_fail_it(
+        beating: Machine) -> None:
+    """One failed write of a local training's progress used to fail the training ("The
+    training could not run: database error: ..."), though the heartbeat takes the same error
+    for a passing one. The worker steps away instead, as from an outage of a remote run: the
+    attempt is counted, the row says why meanwhile, and the next attempt finishes it."""
+    trainer = FakeTrainer(steps=3)
+    svc = beating.worker(trainer)
+    repo = Blinking(svc.engine)
+    worker = beating.training_service(svc, repo)
+
+    def arm(job: TrainingJob) -> None:
+        if len(trainer.jobs) == 1:
+            repo.fail_in = 3  # its start and first step are written, its second is not
+    trainer.on_train = arm
+    user, _ = svc.users.create(name="ann")
+    started = svc.training.upload_zip(user=user, data=photo_zip(3))
+    assert started.training is not None
+    training_id = started.training.id
+
+    worker.run(training_id, owner="A")
+    waiting = svc.repo.get_training(training_id)
+    assert waiting is not None
+    assert (waiting.status, waiting.step, waiting.attempt, waiting.error) == (
+        TrainingStatus.PROCESSING, 1, 1, DATABASE_UNREACHABLE)
+    assert training_id in svc.queue.queued_training_ids()  # rung again at once
+
+    worker.run(training_id, owner="A")
+    final = svc.repo.get_training(training_id)
+    assert final is not None
+    assert (final.status, final.attempt, final.recoveries, final.error) == (
+        TrainingStatus.SUCCEEDED, 2, 1, None)
+    assert len(trainer.jobs) == 2

@@ -30,6 +30,8 @@ does not end the training either: the worker steps away (``step_away``: like a h
 counted as a take-over) and the next attempt adopts the remote run, so an outage costs neither
 the run nor the version it adds to the destination; one that outlasts ``max_attempts`` fails the
 training and cancels the remote run, as every real failure of a training with a remote run does.
+A database that fails one of the worker's fenced writes (``_holding``) makes it step away the
+same way, whatever the backend: a local training continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ CANCELED_MESSAGE = ("The training was canceled. Your active version is unchanged
 INTERNAL_ERROR_MESSAGE = ("The training stopped because of an internal error. Your active "
                           "version is unchanged; please try again, and contact support if it "
                           "happens again.")
+# Why a training whose worker's database failed it waits on its row: the next attempt runs it.
+DATABASE_UNREACHABLE = "the database could not be reached"
 # An upload that starts a training holds the user's slot this long at most while its photos
 # are checked (a process that dies holding it blocks its user no longer than this).
 UPLOAD_CLAIM_TTL = timedelta(minutes=10)
@@ -702,14 +706,24 @@ class TrainingService:
     @contextmanager
     def _holding(self, held: _Held) -> Iterator[tuple[Repository, Training]]:
         """A transaction with the training's row locked, while ``held`` still holds it: the
-        fence of every write a worker makes. ``LeaseLostError`` (nothing written) otherwise."""
-        with self._repo.atomic() as tx:
-            current = tx.get_training(held.training_id, for_update=True)
-            if current is None or not holds(current, owner=held.owner, attempt=held.attempt):
-                held.lost.set()
-                raise LeaseLostError(f"training {held.training_id} is no longer held by "
-                                     f"{held.owner} (attempt {held.attempt})")
-            yield tx, current
+        fence of every write a worker makes. ``LeaseLostError`` (nothing written) otherwise.
+
+        A database that fails the transaction (a lock past the busy timeout, a fail-over, a
+        pool that stayed exhausted) interrupts the training (``_UnreachableError``): the worker
+        steps away and the next attempt continues it, from its last checkpoint or by adopting
+        its remote run. Failing it would throw away a training that nothing was wrong with, and
+        a database away for longer ends the lease all the same."""
+        try:
+            with self._repo.atomic() as tx:
+                current = tx.get_training(held.training_id, for_update=True)
+                if current is None or not holds(current, owner=held.owner, attempt=held.attempt):
+                    held.lost.set()
+                    raise LeaseLostError(f"training {held.training_id} is no longer held by "
+                                         f"{held.owner} (attempt {held.attempt})")
+                yield tx, current
+        except StorageError as exc:
+            raise _UnreachableError(exc.message, remote_id=held.remote_id,
+                                    reason=DATABASE_UNREACHABLE) from exc
 
     def _update_held(self, held: _Held, fn: Callable[[Training], Training]) -> Training:
         """``fn`` applied to the training while ``held`` still holds it."""
@@ -727,14 +741,20 @@ class TrainingService:
             self._update_held(held, give_back)
         except LeaseLostError:
             return
+        except SelfieLoraError as exc:
+            # The database is away: the lease runs out on its own and the reconciler rings.
+            logger.warning("training %s: could not hand it back: %s", held.training_id,
+                           exc.message)
+            return
         # Ring again at once: a worker that is still up (or this one, restarted) resumes it.
         self._queue.enqueue_training(held.training_id)
         logger.info("training %s handed back (attempt %d): this worker is stopping",
                     held.training_id, held.attempt)
 
     def _step_away(self, held: _Held, exc: _UnreachableError) -> None:
-        """Leave a training whose remote run goes on while what it needs is unreachable: the
-        next attempt adopts the run (``step_away`` counts it, so an endless outage ends)."""
+        """Leave a training while what it needs is unreachable (the database; for a remote run
+        that goes on, the trainer's API or the storage of its weights): the next attempt
+        continues it (``step_away`` counts it, so an endless outage ends)."""
         try:
             self._update_held(held, lambda t: step_away(t, self._clock(), reason=exc.reason))
         except LeaseLostError:
@@ -746,6 +766,10 @@ class TrainingService:
                            db_exc.message)
             return
         self._queue.enqueue_training(held.training_id)
+        if exc.remote_id is None:
+            logger.warning("training %s: %s (attempt %d); the next attempt continues it",
+                           held.training_id, exc.message, held.attempt)
+            return
         logger.warning("training %s: %s (attempt %d); the remote run %s goes on and the next "
                        "attempt adopts it", held.training_id, exc.message, held.attempt,
                        exc.remote_id)
@@ -1040,11 +1064,12 @@ class TrainingService:
 
 
 class _UnreachableError(TrainingInterruptedError):
-    """What a remote run needs (the trainer's API, the storage of its weights) cannot be reached:
-    the worker steps away from the training (``TrainingService._step_away``) instead of failing
-    it. ``reason``: a sentence for the training's row."""
+    """The database, or what a remote run needs (the trainer's API, the storage of its weights),
+    cannot be reached: the worker steps away from the training (``TrainingService._step_away``)
+    instead of failing it. ``remote_id``: the remote run, if any, the next attempt adopts;
+    ``reason``: a sentence for the training's row."""
 
-    def __init__(self, message: str, *, remote_id: str, reason: str) -> None:
+    def __init__(self, message: str, *, remote_id: str | None, reason: str) -> None:
         super().__init__(message)
         self.remote_id = remote_id
         self.reason = reason
@@ -1102,6 +1127,8 @@ class _Held:
         self.training_id = training.id
         self.owner = owner
         self.attempt = training.attempt
+        # The remote run of this training, once one is stored (``_Sink.started``).
+        self.remote_id = training.remote_id
         self.lost = threading.Event()
         self._done = threading.Event()
         self._cancel_read_at: float | None = None  # time.monotonic() of the last read
@@ -1243,16 +1270,19 @@ class _Sink:
     def __init__(self, service: TrainingService, held: _Held) -> None:
         self._service = service
         self._held = held
-        # The remote run this attempt adopted or started, once stored: from then on an outage
-        # interrupts the training instead of failing it.
-        self.remote_id = held.training.remote_id
+
+    @property
+    def remote_id(self) -> str | None:
+        """The remote run this attempt adopted or started, once stored: from then on an outage
+        interrupts the training instead of failing it."""
+        return self._held.remote_id
 
     def started(self, *, remote_id: str | None) -> None:
         def apply(t: Training) -> Training:
             return dataclasses.replace(t, remote_id=remote_id or t.remote_id)
 
         stored = self._service._update_held(self._held, apply)
-        self.remote_id = stored.remote_id
+        self._held.remote_id = stored.remote_id
 
     def progress(
         self, *, status: TrainingStatus, step: int, total: int, loss: float | None = None
@@ -1279,7 +1309,14 @@ class _Sink:
                         step, total)
 
     def cancel_requested(self) -> bool:
-        current = self._service._repo.get_training(self._held.training_id)
+        try:
+            current = self._service._repo.get_training(self._held.training_id)
+        except StorageError as exc:
+            # A read that failed loses nothing: the trainer goes on and asks again at its next
+            # poll (a database away for longer fails the next write, which steps away).
+            logger.warning("training %s: could not read whether it was canceled: %s",
+                           self._held.training_id, exc.message)
+            return False
         return current is None or current.cancel_requested or current.status.is_terminal
 
     def interrupted(self) -> bool:
