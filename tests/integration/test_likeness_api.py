@@ -4,6 +4,7 @@ and comparison routes, their PNGs (owner only), the retraining log and explicit 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -201,6 +202,32 @@ def test_compare_needs_two_versions(client: TestClient, services: Services) -> N
     r = client.get("/api/model/compare", headers=h)
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "nothing_to_compare"
+
+
+def test_the_comparison_grid_is_made_off_the_event_loop(
+    client: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first comparison on a photo set finds the faces of its photos: on the event loop, it
+    would hold every other request of the server meanwhile."""
+    h = auth(services, "ann")
+    r = client.post("/api/training/upload-zip", headers=h,
+                    files={"file": ("me.zip", real_photo_zip(), "application/zip")})
+    wait_terminal(client, h, r.json()["training"]["id"])
+    on_loop: list[bool] = []
+    real = services.likeness.compare
+
+    def recording(**kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(**kwargs)
+
+    monkeypatch.setattr(services.likeness, "compare", recording)
+    r = client.get("/api/model/compare/grid.png", headers=h)
+    assert r.status_code == 422  # one version: nothing to compare, found in the pool
+    assert on_loop == [False]
 
 
 def train_twice(settings: Settings, generator: PhotoGenerator

@@ -38,8 +38,10 @@ def compare(user: UserDep, svc: ServicesDep, a: str | None = None,
 @router.get("/compare/grid.png", responses=errors(404, 422), response_class=Response)
 async def compare_grid(user: UserDep, svc: ServicesDep, a: str | None = None,
                        b: str | None = None) -> Response:
-    comparison = svc.likeness.compare(user=user, a=a, b=b)
-    png = await in_thread(lambda: svc.likeness.grid_png(comparison))
+    # Both in the pool: the first comparison on a photo set finds the faces of its photos,
+    # which would hold every other request on the event loop meanwhile.
+    png = await in_thread(lambda: svc.likeness.grid_png(svc.likeness.compare(user=user, a=a,
+                                                                             b=b)))
     return Response(content=png, media_type="image/png")
 
 

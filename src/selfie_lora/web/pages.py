@@ -436,8 +436,9 @@ def version_weights(request: Request, viewer: PageViewer, version_id: str) -> Re
 async def versions_grid(request: Request, viewer: PageViewer, a: str | None = None,
                         b: str | None = None) -> Response:
     web = _web(request)
-    comparison = web.services.likeness.compare(user=viewer.user, a=a, b=b)
-    png = await in_thread(lambda: web.services.likeness.grid_png(comparison))
+    likeness = web.services.likeness
+    # Both in the pool: the first comparison on a photo set finds the faces of its photos.
+    png = await in_thread(lambda: likeness.grid_png(likeness.compare(user=viewer.user, a=a, b=b)))
     return Response(png, media_type="image/png", headers={"Cache-Control": "private"})
 
 
