@@ -120,11 +120,28 @@ def test_the_gate_holds_exactly_the_drops_beyond_the_tolerance(before: float, af
                                                                tolerance: float) -> None:
     decision = decide_gate(candidate=scores_of(after), baseline=scores_of(before),
                            tolerance=tolerance, candidate_number=2, baseline_number=1)
-    held = before - after > tolerance
+    # The drop as shown (4 decimals) decides: what the user reads is what was judged.
+    held = round(before - after, 4) > tolerance
     assert decision.status is (GateStatus.HELD if held else GateStatus.PASSED)
+    assert decision.details["drop"] == round(before - after, 4)
     assert decision.details["before"]["identity"] == round(before, 4)
     assert decision.details["after"]["identity"] == round(after, 4)
     assert decision.reason
+
+
+@pytest.mark.parametrize(("before", "after", "tolerance"), [(0.52, 0.50, 0.02), (0.3, 0.2, 0.1),
+                                                           (0.7, 0.6, 0.1)])
+def test_a_drop_of_exactly_the_tolerance_passes(before: float, after: float,
+                                                tolerance: float) -> None:
+    """In floats 0.52 - 0.50 is 0.020000000000000018: "more than the tolerance" for the
+    arithmetic, not for the user who reads a drop of 0.02 against a tolerance of 0.02."""
+    for share in (False, True):  # identity, and the face share when the photos have no face
+        decision = decide_gate(
+            candidate=scores_of(None, after) if share else scores_of(after),
+            baseline=scores_of(None, before) if share else scores_of(before),
+            tolerance=tolerance, candidate_number=2, baseline_number=1)
+        assert decision.status is GateStatus.PASSED, decision.reason
+        assert decision.details["drop"] == tolerance
 
 
 def test_the_gate_without_a_baseline_or_a_score() -> None:
