@@ -26,6 +26,7 @@ from selfie_lora.likeness.grid import grid_size
 from selfie_lora.services import training as training_module
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.services.layout import probe_image_key
+from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.ports import GenerationJob, Generator, ProgressBar
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, PhotoGenerator, RecordingAlerter, SimulatedCrash
 from selfie_lora.web.pages import version_rows
@@ -637,5 +638,33 @@ def test_the_versions_page_shows_the_gates_change_not_scores_on_other_photos(
         assert [row["version"].number for row in rows] == [2, 1]
         assert rows[0]["delta"] == pytest.approx(0.0)
         assert rows[1]["delta"] is None  # the first version had nothing to beat
+    finally:
+        r.close()
+
+
+def test_scores_of_another_face_model_are_never_compared(tmp_path: Path) -> None:
+    """The operator switches the face model (the 68-point setting, say): a comparison of two
+    versions scored with the old one shows no scores until they are scored again, then the same
+    scores for the same likeness; it never measures old embeddings against a new reference."""
+    old = FakeFaceAnalyzer(embed=lambda image: (0.0,) * 128, model_name="model-A")
+    new = FakeFaceAnalyzer(embed=lambda image: (0.05,) * 128, model_name="model-B")
+    r = Rig(root=tmp_path, generator=photo_generator(same_person()), faces=old)
+    try:
+        ann = r.user()
+        r.train(ann)
+        r.train(ann)  # the same likeness, on a new upload of the same photos
+        switched = LikenessService(repo=r.repo, blobs=r.blobs, generation=r.generation,
+                                   faces=new, alerter=r.alerter, probe_count=r.probe_count)
+        before = switched.compare(user=ann, a="1", b="2")
+        assert (before.scores_a, before.scores_b) == (None, None)
+        assert [p.identity for p in switched.chart_points(r.model(ann))] == [None, None]
+        after = switched.compare_scored(user=ann, a="1", b="2")
+        assert after.scores_a is not None
+        assert after.scores_b is not None
+        assert after.scores_a.identity == pytest.approx(after.scores_b.identity)
+        for version in (after.a, after.b):
+            record = r.repo.get_likeness(version.id)
+            assert record is not None
+            assert record.embedding_model == "model-B"
     finally:
         r.close()

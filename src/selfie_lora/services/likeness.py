@@ -519,12 +519,13 @@ class LikenessService:
 
     def compare_scored(self, *, user: User, a: str | None = None, b: str | None = None,
                        on_scoring: Callable[[Version], None] | None = None) -> Comparison:
-        """``compare``, after scoring whichever of the two versions has no scores (a version
-        from before likeness tracking, or one whose scoring failed)."""
+        """``compare``, after scoring whichever of the two versions has no current scores (a
+        version from before likeness tracking, one whose scoring failed, or one scored with
+        another face model)."""
         comparison = self.compare(user=user, a=a, b=b)
         for version, record in ((comparison.a, comparison.record_a),
                                 (comparison.b, comparison.record_b)):
-            if record is None or record.status is not LikenessStatus.SCORED:
+            if record is None or not self._is_current(record):
                 if on_scoring is not None:
                     on_scoring(version)
                 self.score(version.id, force=record is not None)
@@ -675,6 +676,10 @@ class LikenessService:
         if not _scored(record) or reference is None:
             return None
         assert record is not None
+        if record.embedding_model != reference.embedding_model:
+            # Its probes were embedded by another face model (the operator switched it): their
+            # distances to this reference mean nothing until the version is scored again.
+            return None
         if record.reference_dataset_id == reference.dataset_id and record.scores is not None:
             return record.scores
         return score_probes(record.probes, reference.embeddings)
