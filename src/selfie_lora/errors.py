@@ -243,7 +243,15 @@ class TrainingFailedError(TrainerError):
 
 
 class TrainingCanceledError(TrainerError):
+    """The training was canceled. ``remote_ended``: its remote run, if any, has ended or has the
+    cancel (False: the backend could not be told, and whoever ends the training asks again)."""
+
     code = ErrorCode.TRAINING_CANCELED
+
+    def __init__(self, message: str, *, user_message: str | None = None,
+                 details: Sequence[Any] = (), remote_ended: bool = True) -> None:
+        super().__init__(message, user_message=user_message, details=details)
+        self.remote_ended = remote_ended
 
 
 class WeightsNotFoundError(TrainerError):

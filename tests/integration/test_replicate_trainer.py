@@ -496,6 +496,22 @@ def test_cancel_remote_cancels_a_training_nobody_polls(
     assert replicate_standin.trainings[remote_id].cancel_requests == 1
 
 
+def test_a_cancel_replicate_does_not_take_is_said(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+) -> None:
+    """Whoever ends the training must know that the remote run goes on, to ask again."""
+    replicate_standin.fail_next("POST", "/v1/trainings/*/cancel", status=503, times=100)
+    with pytest.raises(TrainingCanceledError) as caught:
+        replicate_trainer.train(replicate_job_factory(), sink=RecordingSink(cancel_after=2))
+    assert caught.value.remote_ended is False
+    remote_id = _only_training(replicate_standin)
+    with pytest.raises(TrainerUnavailableError):
+        replicate_trainer.cancel_remote(remote_id)
+    assert replicate_standin.trainings[remote_id].status != "canceled"
+
+
 # --------------------------------------------------------------------------- generator
 
 

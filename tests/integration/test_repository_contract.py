@@ -323,6 +323,20 @@ def test_save_training_never_clears_a_cancel_request(repo: SqlRepository) -> Non
     assert now.step == 3
 
 
+def test_remote_cancels_pending_are_listed_until_cleared(repo: SqlRepository) -> None:
+    _user, model, dataset = seed(repo)
+    ended = dataclasses.replace(training(model, dataset, "t1", status=TrainingStatus.FAILED),
+                                remote_id="r1", remote_cancel_pending=True)
+    repo.add_training(ended)
+    repo.add_training(dataclasses.replace(
+        training(model, dataset, "t2", status=TrainingStatus.CANCELED, offset=1), remote_id="r2"))
+    assert [t.id for t in repo.remote_cancels_pending()] == ["t1"]
+    assert repo.get_training("t1").remote_cancel_pending  # type: ignore[union-attr]
+    repo.clear_remote_cancel("t1")
+    assert repo.remote_cancels_pending() == []
+    assert not repo.get_training("t1").remote_cancel_pending  # type: ignore[union-attr]
+
+
 def test_versions_newest_first_and_numbers_unique(repo: SqlRepository) -> None:
     model, dataset = with_two_versions(repo)
     assert [v.number for v in repo.list_versions(model.id)] == [2, 1]

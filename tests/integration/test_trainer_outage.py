@@ -192,3 +192,33 @@ def test_a_cancel_found_when_the_training_is_claimed_cancels_the_remote_run(rig:
     assert remote.cancel_requests == 1  # not left running, billed, into our destination
     assert remote.status == "canceled"
     assert rig.services.repo.list_versions(t.model_id) == []
+
+
+def test_a_remote_cancel_that_does_not_get_through_is_asked_again_until_it_does(
+    rig: Rig,
+) -> None:
+    """The training fails while Replicate refuses the cancel of its run (an outage longer than
+    the retries): the run would go on, billed, and add a version nothing records. The ending
+    marks the cancel as owed; every reconcile asks again until Replicate has it, then never
+    again."""
+    rig.standin.fail_next("GET", POLLS, status=422)  # the training fails (a refusal)
+    rig.standin.fail_next("POST", "/v1/trainings/*/cancel", status=503, times=6)
+    rig.services.training.run(rig.training_id)
+
+    t = rig.training()
+    assert t.status is TrainingStatus.FAILED
+    assert t.remote_id is not None
+    remote = rig.standin.trainings[t.remote_id]
+    assert remote.status != "canceled"  # still running, for now
+    assert t.remote_cancel_pending
+
+    first = rig.services.training.reconcile()  # Replicate still refuses (3 more 503s)
+    assert first.remote_cancels_tried == 1
+    assert rig.training().remote_cancel_pending
+    assert remote.status != "canceled"
+    rig.services.training.reconcile()  # it answers again
+    assert remote.status == "canceled"
+    assert remote.cancel_requests == 1
+    assert not rig.training().remote_cancel_pending
+    assert rig.services.training.reconcile().remote_cancels_tried == 0
+    assert remote.cancel_requests == 1  # asked once it got through, never again

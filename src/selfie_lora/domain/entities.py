@@ -329,6 +329,10 @@ class Training:
     loss: float | None = None
     weights_method: str | None = None
     cancel_requested: bool = False
+    # Ended before its version was stored, with a remote run still to cancel: set in the
+    # transaction that ends it, cleared once the backend has the cancel (the reconciler asks
+    # again until then), so a remote run never goes on, billed, after a crash or an outage.
+    remote_cancel_pending: bool = False
     started_at: datetime | None = None
     completed_at: datetime | None = None
     history: tuple[dict[str, Any], ...] = field(default_factory=tuple)

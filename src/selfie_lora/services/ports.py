@@ -134,8 +134,10 @@ class Trainer(Protocol):
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult: ...
 
     def cancel_remote(self, remote_id: str) -> None:
-        """Cancel a training this backend runs elsewhere (best effort; a no-op for a backend that
-        runs nothing remotely). Used when a training whose worker died is canceled or failed."""
+        """Cancel a training this backend runs elsewhere (a no-op for a backend that runs
+        nothing remotely; harmless for a run that has ended). Raises ``TrainerError`` when the
+        backend could not be told: the training is ended all the same, and the service asks
+        again (``TrainingService.reconcile``) until it has been."""
         ...
 
 
@@ -388,6 +390,14 @@ class Repository(Protocol):
         ...
 
     def active_trainings(self) -> Sequence[Training]: ...
+    def remote_cancels_pending(self) -> Sequence[Training]:
+        """Ended trainings whose remote run is still to be canceled (oldest end first)."""
+        ...
+
+    def clear_remote_cancel(self, training_id: str) -> None:
+        """The backend has the cancel of ``training_id``'s remote run."""
+        ...
+
     def count_trainings_by_status(self) -> dict[str, int]:
         """How many trainings have each status (statuses with none are left out)."""
         ...

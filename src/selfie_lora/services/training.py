@@ -175,6 +175,7 @@ class ReconcileReport:
     enqueued: tuple[str, ...] = ()
     canceled: tuple[str, ...] = ()
     alerts_tried: int = 0
+    remote_cancels_tried: int = 0
 
 
 class _ReplayedWebhookError(Exception):
@@ -590,8 +591,10 @@ class TrainingService:
                         canceled.append(t.id)
         # The alerts of held versions whose sender died, or whose delivery is due again.
         alerts_tried = self._likeness.deliver_due_alerts()
+        # The remote runs of ended trainings whose cancel did not get through.
+        remote_cancels = self._cancel_pending_remotes()
         return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled),
-                               alerts_tried=alerts_tried)
+                               alerts_tried=alerts_tried, remote_cancels_tried=remote_cancels)
 
     def receive_webhook(self, *, headers: dict[str, str], body: bytes) -> Training | None:
         """``POST /api/webhooks/<backend>``: verify it, then apply it (``apply_webhook``)."""
@@ -674,7 +677,8 @@ class TrainingService:
                 failed = dataclasses.replace(
                     transition(updated, TrainingStatus.FAILED, at=self._clock(),
                                reason=f"its worker stopped {updated.recoveries} times"),
-                    error=exhausted_error(updated))
+                    error=exhausted_error(updated),
+                    remote_cancel_pending=_remote_run_to_cancel(updated))
                 tx.save_training(failed)
                 tx.add_event(model_id=failed.model_id, kind="training_failed", data={
                     "training_id": failed.id, "error": failed.error,
@@ -691,7 +695,7 @@ class TrainingService:
             logger.warning("training %s failed: its worker stopped %d times (%s)", training_id,
                            updated.recoveries, updated.error or "died")
             self._ended(failed, error_code=ErrorCode.TRAINING_INTERRUPTED)
-            self._cancel_remote(updated)
+            self._cancel_remote(failed)
             self._checkpoints.drop(training_id)  # failed: it will never be resumed
             return None
         if current.lease_owner is not None:
@@ -840,7 +844,7 @@ class TrainingService:
         except TrainingInterruptedError:
             raise
         except TrainingCanceledError as exc:
-            self._finish_canceled(held, reason=exc.message, remote_ended=True)
+            self._finish_canceled(held, reason=exc.message, remote_ended=exc.remote_ended)
         except TrainerError as exc:
             logger.warning("training %s failed: %s", training.id, exc.message)
             self._finish_failed(held, user_message=exc.user_message, reason=exc.message,
@@ -976,7 +980,7 @@ class TrainingService:
         def fail(t: Training) -> Training:
             return dataclasses.replace(
                 transition(t, TrainingStatus.FAILED, at=self._clock(), reason=reason),
-                error=user_message)
+                error=user_message, remote_cancel_pending=_remote_run_to_cancel(t))
 
         t = self._update_held(held, fail)
         self._checkpoints.drop(t.id)  # only a canceled training can be resumed
@@ -993,20 +997,23 @@ class TrainingService:
         that already (``remote_ended``: it raised the cancel after canceling the run, or the run
         was canceled on the backend)."""
         with self._holding(held) as (tx, current):
-            canceled = self._cancel_in(tx, current, reason=reason)
+            canceled = self._cancel_in(tx, current, reason=reason, remote_ended=remote_ended)
         # A cancel this worker found on the row (asked of an earlier attempt that handed the
         # training back) has a remote run nobody canceled: it would go on, billed, and add a
         # version to the destination that nothing records.
-        if canceled is not None and not remote_ended:
+        if canceled is not None:
             self._cancel_remote(canceled)
 
-    def _cancel_in(self, tx: Repository, t: Training, *, reason: str) -> Training | None:
-        """End ``t`` as canceled inside ``tx`` (its version, if it has one, is held back)."""
+    def _cancel_in(self, tx: Repository, t: Training, *, reason: str,
+                   remote_ended: bool = False) -> Training | None:
+        """End ``t`` as canceled inside ``tx`` (its version, if it has one, is held back; its
+        remote run, unless ``remote_ended``, is marked to be canceled)."""
         if t.status.is_terminal:
             return None
         canceled = dataclasses.replace(
             transition(t, TrainingStatus.CANCELED, at=self._clock(), reason=reason),
-            error=CANCELED_MESSAGE)
+            error=CANCELED_MESSAGE,
+            remote_cancel_pending=not remote_ended and _remote_run_to_cancel(t))
         tx.save_training(canceled)
         self._ended(canceled)
         if t.version_id is not None:
@@ -1016,18 +1023,31 @@ class TrainingService:
         logger.info("training %s canceled (%s)", t.id, reason)
         return canceled
 
+    def _cancel_pending_remotes(self) -> int:
+        """Ask again for the cancels of remote runs that an ending could not get through (the
+        backend was down, or the process died after the commit). How many were asked."""
+        pending = self._repo.remote_cancels_pending()
+        for t in pending:
+            self._cancel_remote(t)
+        return len(pending)
+
     def _cancel_remote(self, t: Training) -> None:
         """A training ended (failed, or canceled by anyone but the trainer itself) before its
         version was stored: its remote twin, if any, is canceled too. Once a version is stored
         the remote run has ended (its output was copied): nothing to cancel."""
         trainer = self._trainers.get(t.backend)
-        if t.remote_id is None or t.version_id is not None or trainer is None:
+        if not t.remote_cancel_pending or t.remote_id is None or trainer is None:
             return
         try:
             trainer.cancel_remote(t.remote_id)
-        except Exception:  # best effort: the training is ended here either way
-            logger.warning("could not cancel remote training %s of %s", t.remote_id, t.id,
-                           exc_info=True)
+        except Exception:  # the training is ended either way; the reconciler asks again
+            logger.warning("could not cancel remote training %s of %s now; asked again later",
+                           t.remote_id, t.id, exc_info=True)
+            return
+        try:
+            self._repo.clear_remote_cancel(t.id)
+        except SelfieLoraError as exc:  # asked once more later: a second cancel is harmless
+            logger.warning("training %s: remote cancel sent, not recorded (%s)", t.id, exc)
 
     # ------------------------------------------------------------------ internals
     def _job(self, training: Training, *, work_dir: Path) -> TrainingJob:
@@ -1353,3 +1373,9 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
     for k, v in data.items():
         out[k] = v if isinstance(v, str | int | float | bool | type(None)) else str(v)
     return out
+
+
+def _remote_run_to_cancel(t: Training) -> bool:
+    """Whether ``t``, ending now, leaves a remote run to cancel: it has one, and no version
+    (once a version is stored the run has ended: its output was copied)."""
+    return t.remote_id is not None and t.version_id is None

@@ -187,7 +187,8 @@ def _training(row: TrainingRow) -> Training:
         preserved=dict(row.preserved), created_at=_req_utc(row.created_at), step=row.step,
         total_steps=row.total_steps, remote_id=row.remote_id, version_id=row.version_id,
         error=row.error, loss=row.loss, weights_method=row.weights_method,
-        cancel_requested=row.cancel_requested, started_at=_utc(row.started_at),
+        cancel_requested=row.cancel_requested, remote_cancel_pending=row.remote_cancel_pending,
+        started_at=_utc(row.started_at),
         completed_at=_utc(row.completed_at), history=tuple(row.history),
         metrics=dict(row.metrics or {}), attempt=row.attempt, recoveries=row.recoveries,
         lease_owner=row.lease_owner, lease_expires_at=_utc(row.lease_expires_at),
@@ -205,6 +206,7 @@ def _training_values(t: Training) -> dict[str, Any]:
         "preserved": t.preserved, "step": t.step, "total_steps": t.total_steps,
         "remote_id": t.remote_id, "version_id": t.version_id, "error": t.error, "loss": t.loss,
         "weights_method": t.weights_method, "cancel_requested": t.cancel_requested,
+        "remote_cancel_pending": t.remote_cancel_pending,
         "history": list(t.history), "created_at": t.created_at, "started_at": t.started_at,
         "completed_at": t.completed_at, "metrics": t.metrics or None, "attempt": t.attempt,
         "recoveries": t.recoveries, "lease_owner": t.lease_owner,
@@ -663,6 +665,17 @@ class SqlRepository:
                 .order_by(TrainingRow.created_at)
             ).all()
             return [_training(r) for r in rows]
+
+    def remote_cancels_pending(self) -> Sequence[Training]:
+        with self._read() as s:
+            rows = s.scalars(select(TrainingRow).where(TrainingRow.remote_cancel_pending)
+                             .order_by(TrainingRow.completed_at)).all()
+            return [_training(r) for r in rows]
+
+    def clear_remote_cancel(self, training_id: str) -> None:
+        with self._tx() as s:
+            s.execute(update(TrainingRow).where(TrainingRow.id == training_id)
+                      .values(remote_cancel_pending=False))
 
     def count_trainings_by_status(self) -> dict[str, int]:
         with self._read() as s:

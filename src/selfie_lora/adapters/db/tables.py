@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -137,6 +138,7 @@ class TrainingRow(Base):
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     weights_method: Mapped[str | None] = mapped_column(String(200), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    remote_cancel_pending: Mapped[bool] = mapped_column(Boolean, server_default=false())
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     loss_curve: Mapped[list[list[float]] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

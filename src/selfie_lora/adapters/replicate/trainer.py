@@ -58,6 +58,7 @@ from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
     TrainerError,
+    TrainerUnavailableError,
     TrainingCanceledError,
     TrainingFailedError,
     TrainingInterruptedError,
@@ -141,7 +142,9 @@ class ReplicateTrainer:
 
     def cancel_remote(self, remote_id: str) -> None:
         with self.session() as session:
-            self._cancel(session, remote_id)
+            if not self._cancel(session, remote_id):
+                raise TrainerUnavailableError(
+                    f"Replicate training {remote_id} could not be canceled now")
 
     # ----------------------------------------------------------------- train
 
@@ -414,22 +417,25 @@ class ReplicateTrainer:
                     f"training {job.training_id}: the worker stops; Replicate training "
                     f"{remote_id} keeps running")
             if sink.cancel_requested():
-                self._cancel(session, remote_id)
+                told = self._cancel(session, remote_id)
                 raise TrainingCanceledError(
                     f"training {job.training_id} canceled by request",
-                    user_message="The training was canceled.",
+                    user_message="The training was canceled.", remote_ended=told,
                 )
             self._sleep(self._poll_interval)
             training = session.call("check on the training", lambda: session.client.trainings.get(remote_id))
 
     @staticmethod
-    def _cancel(session: ReplicateSession, remote_id: str) -> None:
+    def _cancel(session: ReplicateSession, remote_id: str) -> bool:
+        """Whether Replicate has the cancel. Not: the caller ends the training all the same (the
+        user asked for it), and the service asks again until Replicate has it."""
         try:
             session.call("cancel the training", lambda: session.client.trainings.cancel(remote_id))
             logger.info("canceled Replicate training %s", remote_id)
+            return True
         except TrainerError as exc:
-            # It may have ended meanwhile; the user still asked for a cancel, so honour it here.
             logger.warning("could not cancel Replicate training %s: %s", remote_id, exc)
+            return False
 
     # ----------------------------------------------------------------- collect
 
