@@ -330,7 +330,9 @@ class TrainingService:
         token = new_id()
         now = self._clock()
         with self._repo.atomic() as tx:
-            _refuse_if_busy(tx, tx.get_model_for_user(user.id))
+            # Locked as a start locks it: a start still open (PostgreSQL runs them side by side)
+            # commits its training first, and this upload is refused before it reads a photo.
+            _refuse_if_busy(tx, tx.get_model_for_user(user.id, for_update=True))
             try:
                 tx.claim_upload(user.id, token=token, now=now, expires_at=now + UPLOAD_CLAIM_TTL)
             except ConflictError as exc:
