@@ -17,7 +17,7 @@ from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
-from tests.support.backends import copy_migrated_sqlite
+from tests.support.backends import copy_migrated_sqlite, database_url, fresh_engine
 from tests.support.s3 import S3Server, running_s3_server
 
 _plugins = Path(__file__).with_name("conftest_replicate.py")
@@ -115,6 +115,16 @@ def client(settings: Settings, services: Services) -> Iterator[TestClient]:
     app = create_app(settings, services=services, run_worker=True)
     with TestClient(app, raise_server_exceptions=False) as c:
         yield c
+
+
+def fake_services_on(database: str, tmp_path: Path) -> Services:
+    """Services on fake backends over ``database`` ("sqlite", or "postgres" on an empty schema:
+    ``tests.support.backends.DATABASES``); the caller closes them."""
+    url = database_url(database, tmp_path)
+    fresh_engine(url).dispose()  # PostgreSQL: an empty schema (build_services migrates it)
+    return build_services(make_settings(tmp_path, database_url=url),
+                          trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                          generators={"local": FakeGenerator()})
 
 
 @contextmanager

@@ -19,10 +19,8 @@ from selfie_lora.domain.entities import Training
 from selfie_lora.errors import ConflictError
 from selfie_lora.services.models import ModelService
 from selfie_lora.services.training import StartResult
-from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
-from selfie_lora.wiring import build_services
-from tests.conftest import make_settings, one_person_analyzer
-from tests.support.backends import DATABASES, database_url, fresh_engine
+from tests.conftest import fake_services_on
+from tests.support.backends import DATABASES
 from tests.support.photos import photo_zip
 
 NEW_PIN = "local-tiny-v1"
@@ -57,12 +55,7 @@ class PausingRepository:
 
 @pytest.mark.parametrize("database", DATABASES)
 def test_a_start_during_a_repin_trains_on_the_new_pin(tmp_path: Path, database: str) -> None:
-    url = database_url(database, tmp_path)
-    fresh_engine(url).dispose()  # PostgreSQL: an empty schema (build_services migrates it)
-    settings = make_settings(tmp_path, database_url=url)
-    services = build_services(settings, trainers={"local": FakeTrainer()},
-                              face_analyzer=one_person_analyzer(),
-                              generators={"local": FakeGenerator()})
+    services = fake_services_on(database, tmp_path)
     try:
         user, _ = services.users.create(name="cy")
         first = services.training.upload_zip(user=user, data=photo_zip(3))

@@ -18,10 +18,8 @@ from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.domain.entities import Training
 from selfie_lora.errors import ConflictError
-from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
-from selfie_lora.wiring import build_services
-from tests.conftest import make_settings, one_person_analyzer
-from tests.support.backends import DATABASES, database_url, fresh_engine
+from tests.conftest import fake_services_on
+from tests.support.backends import DATABASES
 from tests.support.photos import photo_zip, synthetic_photo
 
 # How long the upload is given to slip in while the start's transaction is held open.
@@ -36,16 +34,12 @@ def stored_files(folder: Path) -> set[Path]:
 def test_an_upload_racing_a_start_is_refused_before_it_reads_a_photo(
     tmp_path: Path, database: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = database_url(database, tmp_path)
-    fresh_engine(url).dispose()  # PostgreSQL: an empty schema (build_services migrates it)
-    settings = make_settings(tmp_path, database_url=url)
-    services = build_services(settings, trainers={"local": FakeTrainer()},
-                              face_analyzer=one_person_analyzer(),
-                              generators={"local": FakeGenerator()})
+    services = fake_services_on(database, tmp_path)
+    blob_dir = services.settings.blob_dir
     try:
         user, _ = services.users.create(name="ann")
         services.training.upload_zip(user=user, data=photo_zip(3), start=False)
-        blobs_before = stored_files(settings.blob_dir)
+        blobs_before = stored_files(blob_dir)
 
         writing, upload_done = threading.Event(), threading.Event()
         add_training = SqlRepository.add_training
@@ -79,6 +73,6 @@ def test_an_upload_racing_a_start_is_refused_before_it_reads_a_photo(
         assert outcome["start"].training.status.is_active
         assert isinstance(outcome["upload"], ConflictError), outcome
         assert read == []  # refused before a photo was read
-        assert stored_files(settings.blob_dir) == blobs_before  # and nothing stored
+        assert stored_files(blob_dir) == blobs_before  # and nothing stored
     finally:
         services.close()
