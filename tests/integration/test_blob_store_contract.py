@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -288,6 +289,27 @@ def test_a_file_system_that_refuses_a_write_is_a_storage_error(tmp_path: Path, h
     assert store.get("photos/a.jpg") == b"before"  # the old blob, whole
     # No new blob, no temporary file left behind.
     assert sorted(p.name for p in (tmp_path / "blobs" / "photos").iterdir()) == ["a.jpg"]
+
+
+@pytest.mark.parametrize("if_absent", [False, True])
+def test_a_file_system_blob_reaches_the_disk_before_its_name_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, if_absent: bool
+) -> None:
+    """After a power cut a blob is whole or absent: its bytes are synced while it has no name
+    yet, then its folder, which holds the name. (Weights are written only if absent: an empty
+    file left under their name would never be written again.)"""
+    store = FileSystemBlobStore(tmp_path / "blobs")
+    target = tmp_path / "blobs" / "weights" / "w.safetensors"
+    synced: list[tuple[bool, bool]] = []  # (a folder?, the name there yet?) at each fsync
+    real_fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append((stat.S_ISDIR(os.fstat(fd).st_mode), target.exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    store.put("weights/w.safetensors", b"lora", if_absent=if_absent)
+    assert synced == [(False, False), (True, True)]
 
 
 def test_a_store_that_answers_passes_its_check(store: Any) -> None:

@@ -102,7 +102,7 @@ class BlobCache:
                 pin = _hold(target)
                 if pin is None:
                     os.replace(tmp, target)
-                    _fsync_dir(target.parent)
+                    fsync_dir(target.parent)
                     pin = _hold(target)
                     assert pin is not None  # nobody evicts under our exclusive lock
         finally:
@@ -210,7 +210,7 @@ def _held(path: Path) -> bool:
     return False
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Makes a rename in ``folder`` durable (one small write of the directory's own data)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -219,4 +219,5 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["IN_USE_SECONDS", "STALE_FETCH_SECONDS", "TMP_PREFIX", "BlobCache", "remove_if_stale"]
+__all__ = ["IN_USE_SECONDS", "STALE_FETCH_SECONDS", "TMP_PREFIX", "BlobCache", "fsync_dir",
+           "remove_if_stale"]

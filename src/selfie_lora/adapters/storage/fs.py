@@ -13,7 +13,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import BinaryIO
 
-from selfie_lora.adapters.storage.cache import TMP_PREFIX, remove_if_stale
+from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, remove_if_stale
 from selfie_lora.errors import StorageError
 from selfie_lora.services.layout import is_valid_key
 from selfie_lora.services.ports import BlobInfo, BlobStream
@@ -85,15 +85,21 @@ class FileSystemBlobStore:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fill(fh)
+                fh.flush()
+                # The bytes reach the disk before the name does: after a power cut a blob is
+                # whole or absent, never an empty file under its name (weights are written
+                # only if absent, so an empty one would never be written again).
+                os.fsync(fh.fileno())
             if not if_absent:
                 os.replace(tmp, path)
-                return True
-            try:
-                os.link(tmp, path)  # atomic create-if-absent: the first writer wins
-            except FileExistsError:
-                if _refresh(path):
-                    return False
-                os.replace(tmp, path)  # deleted since: this write is the blob again
+            else:
+                try:
+                    os.link(tmp, path)  # atomic create-if-absent: the first writer wins
+                except FileExistsError:
+                    if _refresh(path):
+                        return False
+                    os.replace(tmp, path)  # deleted since: this write is the blob again
+            fsync_dir(path.parent)  # and the name itself survives a power cut
             return True
         except OSError as exc:
             # A full disk, a quota, a folder where the blob belongs: the services expect
