@@ -9,6 +9,7 @@ import hashlib
 import io
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -666,5 +667,54 @@ def test_scores_of_another_face_model_are_never_compared(tmp_path: Path) -> None
             record = r.repo.get_likeness(version.id)
             assert record is not None
             assert record.embedding_model == "model-B"
+    finally:
+        r.close()
+
+
+class DiesAtTheScoreLog:
+    """The repository (or the transaction ``atomic()`` gave): the process dies as it logs a
+    version's scores, once."""
+
+    def __init__(self, inner: Any, armed: list[bool]) -> None:
+        self._inner = inner
+        self._armed = armed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def add_event(self, **event: Any) -> None:
+        if self._armed and str(event.get("kind", "")).startswith("quality_"):
+            self._armed.clear()
+            raise SimulatedCrash("the process dies as it logs the scores")
+        self._inner.add_event(**event)
+
+    @contextmanager
+    def atomic(self) -> Iterator[DiesAtTheScoreLog]:
+        with self._inner.atomic() as tx:
+            yield DiesAtTheScoreLog(tx, self._armed)
+
+
+def test_a_score_is_stored_with_its_log_entry_or_not_at_all(tmp_path: Path) -> None:
+    """The process dies between storing a version's scores and logging them: after the restart
+    the version is scored again and logged once (it used to be stored, found current and never
+    logged)."""
+    r = Rig(root=tmp_path, generator=photo_generator(same_person()))
+    try:
+        ann = r.user()
+        training = r.train_until_scoring(ann)
+        assert training.version_id is not None
+        dying = LikenessService(repo=DiesAtTheScoreLog(r.repo, [True]), blobs=r.blobs,
+                                generation=r.generation, faces=r.faces,
+                                probe_count=r.probe_count)
+        with pytest.raises(SimulatedCrash):
+            dying.score(training.version_id)
+        r.likeness.score(training.version_id)  # after the restart
+        logged = [e for e in r.repo.list_events(training.model_id)
+                  if e["kind"].startswith("quality_")
+                  and e["data"]["version_id"] == training.version_id]
+        assert [e["kind"] for e in logged] == ["quality_scored"]
+        record = r.repo.get_likeness(training.version_id)
+        assert record is not None
+        assert record.status is LikenessStatus.SCORED
     finally:
         r.close()

@@ -409,14 +409,17 @@ class LikenessService:
                 base, status=LikenessStatus.FAILED, scored_at=utcnow(),
                 error=f"internal error while scoring ({type(exc).__name__})")
         self._telemetry.scoring_done(seconds=time.monotonic() - started, status=str(record.status))
-        self._repo.save_likeness(record)
-        self._repo.add_event(model_id=model.id, kind=f"quality_{record.status}", data={
-            "version_id": version.id, "version_number": version.number,
-            "training_id": version.training_id, "embedding_model": record.embedding_model,
-            "reference_dataset_id": record.reference_dataset_id,
-            "scores": record.scores.headline() if record.scores else None,
-            "error": record.error,
-        })
+        # One transaction: a record stored without its log entry (a crash between the two)
+        # would never be logged, since the next scoring finds the record current and stops.
+        with self._repo.atomic() as tx:
+            tx.save_likeness(record)
+            tx.add_event(model_id=model.id, kind=f"quality_{record.status}", data={
+                "version_id": version.id, "version_number": version.number,
+                "training_id": version.training_id, "embedding_model": record.embedding_model,
+                "reference_dataset_id": record.reference_dataset_id,
+                "scores": record.scores.headline() if record.scores else None,
+                "error": record.error,
+            })
         if record.scores is not None:
             logger.info("version %d of model %s scored: %s", version.number, model.id,
                         record.scores.headline())
