@@ -718,3 +718,27 @@ def test_a_score_is_stored_with_its_log_entry_or_not_at_all(tmp_path: Path) -> N
         assert record.status is LikenessStatus.SCORED
     finally:
         r.close()
+
+
+def test_probes_made_at_another_size_are_made_again(tmp_path: Path) -> None:
+    """SELFIE_LORA_PROBE_SIZE changed since a version was scored: scoring it again (as the
+    gate does for the active version) makes its probes at the new size, never compares the new
+    version's images with old ones of another size."""
+    generator = photo_generator(same_person())
+    r = Rig(root=tmp_path, generator=generator)
+    try:
+        v1 = r.train(r.user())
+        made = len(generator.jobs)
+        again = LikenessService(repo=r.repo, blobs=r.blobs, generation=r.generation,
+                                faces=r.faces, probe_count=r.probe_count)
+        again.score(v1.id, force=True)  # the same size: the stored images serve
+        assert len(generator.jobs) == made
+        resized = LikenessService(repo=r.repo, blobs=r.blobs, generation=r.generation,
+                                  faces=r.faces, probe_count=r.probe_count, probe_size=96)
+        record = resized.score(v1.id, force=True)
+        new_jobs = generator.jobs[made:]
+        assert len(new_jobs) == r.probe_count
+        assert {(job.width, job.height) for job in new_jobs} == {(96, 96)}
+        assert all(p.image_key.endswith("-96px.png") for p in record.probes)
+    finally:
+        r.close()

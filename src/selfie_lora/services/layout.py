@@ -9,7 +9,7 @@ a retried write changes nothing), by id where an object owns the bytes::
     weights/<sha256>.safetensors                          a version's LoRA
     generations/<generation>/<n>.png                      a user's generated image
     quality/datasets/<dataset>/<embedding model>.json     the training photos' face embeddings
-    quality/versions/<version>/probe-<n>-scale-<s>.png    a likeness probe image
+    quality/versions/<version>/probe-<n>-scale-<s>[-<side>px].png  a likeness probe image
     quality/compare/<a>-<b>/grid.png                      a comparison grid
     quality/models/<model>/chart.png                      a model's likeness chart
     checkpoints/<training>/step-<8 digits>.ckpt           a local training's newest checkpoint
@@ -85,8 +85,12 @@ def reference_key(dataset_id: str, embedding_model: str) -> str:
     return f"quality/datasets/{dataset_id}/{re.sub(r'[^A-Za-z0-9_.-]', '_', embedding_model)}.json"
 
 
-def probe_image_key(version_id: str, index: int, lora_scale: float) -> str:
-    return f"quality/versions/{version_id}/probe-{index}-scale-{lora_scale:g}.png"
+def probe_image_key(version_id: str, index: int, lora_scale: float,
+                    size: int | None = None) -> str:
+    """A probe image of a version; ``size``: the side asked for (None: the generator's own),
+    so a probe made at another size is never taken for this one."""
+    side = f"-{size}px" if size is not None else ""
+    return f"quality/versions/{version_id}/probe-{index}-scale-{lora_scale:g}{side}.png"
 
 
 def grid_key(a_id: str, b_id: str) -> str:

@@ -635,9 +635,12 @@ class LikenessService:
 
     # ------------------------------------------------------------------ internals
     def _probe(self, model: Model, version: Version, probe: Probe) -> ProbeResult:
-        key = probe_image_key(version.id, probe.index, PROBE_LORA_SCALE)
+        # Same weights, prompt, seed, scale and size: the same image. The size is in the key:
+        # after SELFIE_LORA_PROBE_SIZE changed, a version compared with images of another size
+        # than its own would not be judged fairly.
+        key = probe_image_key(version.id, probe.index, PROBE_LORA_SCALE, self._probe_size)
         if self._blobs.exists(key):
-            png = self._blobs.get(key)  # same weights, prompt, seed and scale: the same image
+            png = self._blobs.get(key)
         else:
             png = self._generation.render(model=model, version=version, prompt=probe.prompt,
                                           seed=probe.seed, size=self._probe_size,
