@@ -123,8 +123,9 @@ class Settings(BaseSettings):
     probe_size: int | None = Field(default=None, ge=64, le=2048)
     # Where a held-back version is reported (POST, JSON); unset, it is recorded and logged only.
     # ALERT_TIMEOUT: seconds one POST may take in all, at most MAX_SEND_SECONDS so that a send
-    # ends well within the sender's claim on the alert (domain.alerts).
-    alert_url: str | None = None
+    # ends well within the sender's claim on the alert (domain.alerts). The URL is a secret: a
+    # Slack or Discord hook's path is its credential (SecretStr keeps it out of reprs and logs).
+    alert_url: SecretStr | None = None
     alert_timeout: float = Field(default=5.0, gt=0)
 
     # Logs: plain text, or JSON lines (one object a line, with the training id on every line

@@ -20,6 +20,8 @@ entry points never see them.
     ├── InvalidTransitionError      a training state change that would go backwards (a bug: HTTP 500)
     ├── StorageError                a blob is missing or cannot be written
     ├── GenerationError             the image generator failed
+    ├── AlertDeliveryError          the operator's alert endpoint did not take an alert; says
+    │                               the endpoint's host and HTTP status at most, never its URL
     ├── TrainingInterruptedError    a worker stops running a training it holds (shutting down:
     │   │                           it hands the training back to the queue)
     │   └── LeaseLostError          another worker took the training over: stop, write nothing
@@ -205,6 +207,14 @@ class StorageError(SelfieLoraError):
 
 class GenerationError(SelfieLoraError):
     code = ErrorCode.GENERATION_FAILED
+    http_status = 502
+
+
+class AlertDeliveryError(SelfieLoraError):
+    """An alert did not reach the operator's endpoint. Its message is safe to store on the
+    version and show its owner: the kind of failure, the endpoint's host and the HTTP status at
+    most. The alert URL's path is often the credential itself (Slack's and Discord's hooks)."""
+
     http_status = 502
 
 

@@ -129,11 +129,12 @@ def default_webhooks(settings: Settings) -> WebhookVerifier | None:
 
 
 def default_alerter(settings: Settings) -> Alerter | None:
-    if not settings.alert_url:
+    url = settings.alert_url.get_secret_value() if settings.alert_url is not None else ""
+    if not url:
         return None
     from selfie_lora.adapters.alerts.http import HttpAlerter
 
-    return HttpAlerter(settings.alert_url, timeout=settings.alert_timeout)
+    return HttpAlerter(url, timeout=settings.alert_timeout)
 
 
 def default_password_hasher() -> PasswordHasher | None:

@@ -4,6 +4,7 @@ time, sent again with backoff after a failure, and given up after ``MAX_ATTEMPTS
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -13,22 +14,24 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from selfie_lora.adapters.alerts.http import HttpAlerter
+from selfie_lora.api.serializers import alert_json, likeness_json, version_json
 from selfie_lora.config import Settings
 from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
+from selfie_lora.errors import AlertDeliveryError
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter, SimulatedCrash
+from tests.support.alerts import alert_inbox
 from tests.support.clock import Clock
 from tests.support.likeness import Rig, other_person, photo_generator, same_person
 
@@ -310,11 +313,82 @@ def trickling_receiver(*, every: float = 0.2) -> Iterator[str]:
 def test_a_trickling_receiver_is_cut_at_the_overall_deadline() -> None:
     with trickling_receiver() as url:
         started = time.monotonic()
-        with pytest.raises(httpx.TimeoutException, match=r"more than 1\.0 s"):
+        with pytest.raises(AlertDeliveryError, match=r"127\.0\.0\.1 took more than 1\.0 s"):
             HttpAlerter(url, timeout=1.0).send({"alert_id": "likeness_drop:v",
                                                 "kind": "likeness_drop"})
         took = time.monotonic() - started
     assert 1.0 <= took < 2.5
+
+
+# A Slack-style hook: the path is the credential.
+SECRET_PATH = "/services/T0000/B0000/SECRETHOOKTOKEN"
+
+
+def unused_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        return int(listener.getsockname()[1])
+
+
+@pytest.mark.parametrize("answer", ["404", "refused"])
+def test_the_alert_url_is_never_shown_to_the_user_nor_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, answer: str) -> None:
+    """A failed delivery is recorded on the version, which its owner reads: what is recorded
+    (and logged) is what failed, the host and the HTTP status, never the URL."""
+    caplog.set_level(logging.INFO, logger="selfie_lora")
+    with alert_inbox(status=404) as inbox:
+        url = (inbox.url if answer == "404" else f"http://127.0.0.1:{unused_port()}") + SECRET_PATH
+        rig = Rig(root=tmp_path, generator=photo_generator(same_person()),
+                  alerter=HttpAlerter(url, timeout=5.0))
+        try:
+            v2 = held_version(rig)
+            current = rig.repo.get_version(v2.id)
+            assert current is not None
+            error = delivery(rig, current)["error"]
+            served = json.dumps([version_json(current), likeness_json(current, None, None)])
+        finally:
+            rig.close()
+    assert "127.0.0.1" in error
+    if answer == "404":
+        assert len(inbox.received) == 1
+        assert "HTTP 404" in error
+    else:
+        assert "ConnectError" in error
+    assert "SECRETHOOKTOKEN" not in served
+    assert not [r.getMessage() for r in caplog.records if "SECRETHOOKTOKEN" in r.getMessage()]
+
+
+def test_a_delivered_alert_logs_the_host_only(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="selfie_lora")
+    with alert_inbox() as inbox:
+        HttpAlerter(inbox.url + SECRET_PATH).send({"alert_id": "likeness_drop:v",
+                                                   "version_id": "v"})
+    assert len(inbox.received) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("delivered to 127.0.0.1" in m for m in messages)
+    assert not [m for m in messages if "SECRETHOOKTOKEN" in m]
+
+
+def test_an_alert_recorded_before_the_fix_is_served_without_its_url() -> None:
+    """Delivery errors stored by earlier releases quote httpx's text, URL included."""
+    old = ("HTTPStatusError(\"Client error '404 Not Found' for url 'https://hooks.slack.com"
+           + SECRET_PATH + "'\\nFor more information check: https://developer.mozilla.org/x\")")
+    version = Version(id="v", model_id="m", number=2, training_id="t", trainer_version="x",
+                      weights_key="k", weights_sha256="0" * 64, weights_method="stored",
+                      remote_version=None, version_mismatch=False,
+                      created_at=datetime(2026, 1, 1, tzinfo=UTC),
+                      alert={"alert_id": "likeness_drop:v", "delivery": {
+                          "delivered": False, "attempts": 1, "error": old}})
+    shown = version_json(version)["alert"]
+    assert shown == alert_json(version)
+    assert "SECRETHOOKTOKEN" not in json.dumps(shown)
+    assert shown["delivery"]["error"].startswith("HTTPStatusError(\"Client error '404 Not Found'")
+    assert version.alert is not None
+    assert version.alert["delivery"]["error"] == old  # the record itself is left as it was
+
+
+def test_the_alert_url_setting_is_a_secret(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, alert_url="https://hooks.slack.com" + SECRET_PATH)
+    assert "SECRETHOOKTOKEN" not in repr(settings)
 
 
 @given(st.integers(min_value=1, max_value=50))

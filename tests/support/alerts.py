@@ -19,7 +19,8 @@ class AlertInbox:
 
 
 @contextmanager
-def alert_inbox() -> Iterator[AlertInbox]:
+def alert_inbox(*, status: int = 204) -> Iterator[AlertInbox]:
+    """A receiver that answers every POST (any path) with ``status``."""
     inbox = AlertInbox(url="")
 
     class Receiver(BaseHTTPRequestHandler):
@@ -27,7 +28,7 @@ def alert_inbox() -> Iterator[AlertInbox]:
             length = int(self.headers["content-length"])
             inbox.received.append(json.loads(self.rfile.read(length)))
             inbox.headers.append({k.lower(): v for k, v in self.headers.items()})
-            self.send_response(204)
+            self.send_response(status)
             self.end_headers()
 
         def log_message(self, format: str, *args: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
@@ -11,6 +12,21 @@ from selfie_lora.domain.likeness import ProbeResult, VersionLikeness
 from selfie_lora.services.likeness import Comparison
 
 CHART_URL = "/api/model/quality/chart.png"
+
+# Any URL in a stored delivery error. Records written before the alerter named only the host kept
+# httpx's text, which quotes the operator's alert URL (for a chat hook, its credential).
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]*")
+
+
+def alert_json(v: Version) -> dict[str, Any] | None:
+    """A held version's alert as its owner sees it: a delivery error never quotes a URL."""
+    if v.alert is None:
+        return None
+    delivery = v.alert.get("delivery")
+    if not isinstance(delivery, dict) or not isinstance(delivery.get("error"), str):
+        return v.alert
+    error = _URL_IN_TEXT.sub("<alert endpoint>", delivery["error"])
+    return {**v.alert, "delivery": {**delivery, "error": error}}
 
 
 def gate_json(v: Version) -> dict[str, Any]:
@@ -63,7 +79,7 @@ def version_json(v: Version, quality: VersionLikeness | None = None) -> dict[str
         "gate": gate_json(v),
         "quality": likeness_summary_json(quality),
         "quality_url": f"/api/model/versions/{v.id}/quality",
-        "alert": v.alert,
+        "alert": alert_json(v),
         # Every value of the recipe the version was trained with (kept in its likeness record;
         # null for a version recorded before recipes were).
         "recipe": quality.training.get("recipe") if quality is not None else None,
@@ -95,7 +111,7 @@ def likeness_json(
     body: dict[str, Any] = {
         "version": version_json(v, q),
         "gate": gate_json(v),
-        "alert": v.alert,
+        "alert": alert_json(v),
         "quality": likeness_summary_json(q),
         "scores": q.scores.headline() if q and q.scores else None,
         "reference_dataset_id": q.reference_dataset_id if q else None,

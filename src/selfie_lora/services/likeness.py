@@ -54,6 +54,7 @@ from selfie_lora.domain.likeness import (
 )
 from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
 from selfie_lora.errors import (
+    AlertDeliveryError,
     ErrorCode,
     InvalidInputError,
     NotFoundError,
@@ -330,11 +331,16 @@ class LikenessService:
             now = self._clock()
             wait = alerts.retry_after(attempts)
             due_at = now + wait if wait is not None else None
+            # The error is stored on the version and served to its owner: only an adapter's
+            # AlertDeliveryError says more than its type (host and HTTP status at most). Anything
+            # else may quote the alert URL, which is the operator's secret.
+            error = (str(exc) if isinstance(exc, AlertDeliveryError)
+                     else f"the alert could not be sent ({type(exc).__name__})")[:300]
             logger.warning("the likeness alert for version %s could not be delivered (attempt "
-                           "%d): %r; %s", version_id, attempts, exc,
+                           "%d): %s; %s", version_id, attempts, error,
                            f"trying again at {due_at.isoformat()}" if due_at is not None
                            else "giving up")
-            delivery = {"delivered": False, "at": now.isoformat(), "error": repr(exc)[:300],
+            delivery = {"delivered": False, "at": now.isoformat(), "error": error,
                         "attempts": attempts,
                         "next_at": due_at.isoformat() if due_at is not None else None}
         if not self._repo.record_alert_delivery(version_id, {**payload, "delivery": delivery},

@@ -593,7 +593,9 @@ class Alerter(Protocol):
     alert (the same ``alert_id``) may be sent more than once."""
 
     def send(self, alert: dict[str, Any]) -> None:
-        """Raises on a failed delivery (any exception)."""
+        """Raises on a failed delivery: ``AlertDeliveryError``, whose message is stored on the
+        version and shown to its owner (so it never quotes the endpoint's URL); any other
+        exception is recorded by its type alone."""
         ...
 
 

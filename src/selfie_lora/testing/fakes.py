@@ -19,6 +19,7 @@ from PIL import Image
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.domain.faces import Face
 from selfie_lora.errors import (
+    AlertDeliveryError,
     TrainingCanceledError,
     TrainingFailedError,
     TrainingInterruptedError,
@@ -224,7 +225,7 @@ class RecordingAlerter:
             raise SimulatedCrash("the worker died while it sent the alert")
         if self.fail or self.failures > 0:
             self.failures = max(0, self.failures - 1)
-            raise ConnectionError("the operator's endpoint is down")
+            raise AlertDeliveryError("the operator's endpoint is down")
         self.sent.append(alert)
 
 

@@ -1,5 +1,10 @@
 """The ``Alerter`` port over HTTP: the alert is POSTed as JSON to ``SELFIE_LORA_ALERT_URL``
-(a chat webhook relay, an incident tool, a script of the operator's)."""
+(a chat webhook relay, an incident tool, a script of the operator's).
+
+The URL is a secret: a Slack or Discord hook's path is its credential. It is only ever POSTed
+to; what this adapter says about the endpoint (its logs, its errors, which the service stores on
+the version and serves to its owner) names the host at most. httpx's own errors quote the whole
+URL, so none of them leaves here."""
 
 from __future__ import annotations
 
@@ -9,31 +14,42 @@ from typing import Any
 
 import httpx
 
+from selfie_lora.errors import AlertDeliveryError
+
 logger = logging.getLogger(__name__)
 
 
 class HttpAlerter:
     def __init__(self, url: str, *, timeout: float = 5.0,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.url = url
+        self._url = url
+        self._host = _host_of(url)
         self._timeout = timeout
         self._transport = transport
 
     def send(self, alert: dict[str, Any]) -> None:
         """POST ``alert`` as JSON, all of it (connecting, sending, the answer) within ``timeout``
-        seconds. Raises ``httpx.HTTPError`` on a network error, a timeout or a non-2xx answer;
-        the caller records the failure and carries on."""
+        seconds. Raises ``AlertDeliveryError`` on a network error, a timeout or a non-2xx answer
+        (its message: the kind of failure, the host, the HTTP status); the caller records the
+        failure and carries on."""
         # httpx's timeouts are per phase: a receiver that trickles a byte now and then keeps a
         # read alive forever, and the send past the alert's claim (domain.alerts). httpx has no
         # overall timeout; its async client is cancelled cleanly at any await, so the POST runs
         # under asyncio's. Senders are worker threads, with no event loop of their own running.
+        # ``from None``: the httpx error, chained, would carry the URL into any traceback logged.
         try:
             asyncio.run(self._post(alert))
-        except TimeoutError as exc:
-            raise httpx.TimeoutException(
-                f"the alert to {self.url} took more than {self._timeout} s") from exc
+        except TimeoutError:
+            raise AlertDeliveryError(
+                f"the alert to {self._host} took more than {self._timeout} s") from None
+        except httpx.HTTPStatusError as exc:
+            raise AlertDeliveryError(
+                f"{self._host} answered the alert with HTTP {exc.response.status_code}") from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise AlertDeliveryError(
+                f"the alert could not be sent to {self._host} ({type(exc).__name__})") from None
         logger.info("likeness alert for version %s delivered to %s", alert.get("version_id"),
-                    self.url)
+                    self._host)
 
     async def _post(self, alert: dict[str, Any]) -> None:
         async with asyncio.timeout(self._timeout):
@@ -43,5 +59,15 @@ class HttpAlerter:
                 if alert.get("alert_id"):
                     # Delivery is at least once: a receiver can drop a repeat by this key.
                     headers["idempotency-key"] = str(alert["alert_id"])
-                response = await client.post(self.url, json=alert, headers=headers)
+                response = await client.post(self._url, json=alert, headers=headers)
                 response.raise_for_status()
+
+
+def _host_of(url: str) -> str:
+    """The endpoint's host, the only part of the URL said anywhere (a URL httpx cannot read is
+    not quoted either: it may still hold the credential)."""
+    try:
+        host = httpx.URL(url).host
+    except (httpx.InvalidURL, TypeError, ValueError):
+        host = ""
+    return host or "the alert endpoint"
