@@ -82,6 +82,19 @@ def test_metrics_count_what_happened(client: TestClient, services: Services,
     assert value(found, "selfie_lora_api_errors_total", code="not_found") == 1
 
 
+def test_a_made_up_method_is_counted_as_other(client: TestClient) -> None:
+    """The method is the client's to choose: each made-up one would be a new series for ever."""
+    for i in range(20):
+        client.request(f"X{i:03d}", "/healthz")
+    client.request("PATCH", "/healthz")
+    found = samples(client.get("/metrics").text)
+    methods = {dict(labels)["method"] for name, labels in found
+               if name == "selfie_lora_http_request_duration_seconds_count"}
+    assert methods == {"PATCH", "other"}  # GET /metrics is counted once it has answered
+    assert value(found, "selfie_lora_http_request_duration_seconds_count",
+                 method="other", route="/healthz", status="405") == 20
+
+
 def test_a_metrics_token_keeps_the_figures_private(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, metrics_token="t" * 32)
     with serving(settings) as (client, _svc):
