@@ -67,6 +67,31 @@ def test_sign_in_opens_a_session_that_finds_its_user(repo: SqlRepository, clock:
     assert PASSWORD not in stored
 
 
+@pytest.mark.parametrize("name", ["alice\n", "alice\r\n", "alice ", "\nalice", ""])
+def test_a_user_name_with_anything_around_it_is_refused(repo: SqlRepository, clock: Clock,
+                                                        name: str) -> None:
+    """'alice\n' was a second account beside 'alice' (a regex's "$" matches before a final
+    newline): the whole name is checked."""
+    svc = users(repo, clock)
+    svc.create(name="alice")
+    with pytest.raises(InvalidInputError) as refused:
+        svc.create(name=name)
+    assert refused.value.code is ErrorCode.INVALID_NAME
+    assert repo.get_user_by_name(name) is None
+
+
+@pytest.mark.parametrize("name", ["laptop\n", "lap\ttop", "laptop\x7f", ""])
+def test_a_key_name_with_a_control_character_is_refused(repo: SqlRepository, clock: Clock,
+                                                        name: str) -> None:
+    svc = users(repo, clock)
+    ann, _key = svc.create(name="ann")
+    with pytest.raises(InvalidInputError) as refused:
+        svc.create_key(user=ann, name=name)
+    assert refused.value.code is ErrorCode.INVALID_NAME
+    assert [k.name for k in svc.keys(user=ann)] == ["default"]
+    assert svc.create_key(user=ann, name="laptop (büro)")[0].name == "laptop (büro)"
+
+
 def test_unknown_name_and_wrong_password_get_the_same_answer(
         repo: SqlRepository, clock: Clock) -> None:
     svc = users(repo, clock)

@@ -40,8 +40,10 @@ from selfie_lora.services.ports import PasswordHasher, Repository
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}$")
-_KEY_NAME = re.compile(r"^[^\x00-\x1f]{1,100}$")
+# Matched whole (fullmatch): "$" also matches before a final newline, which let "alice\n" be a
+# second account beside "alice", and a key name end in a control character.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}")
+_KEY_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,100}")
 PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
 # How long this process trusts an API key it found valid without asking the database again.
 # Why: that query, in its own trip through the thread pool, was a third of a cheap read's cost
@@ -90,7 +92,7 @@ class UserService:
     def create(self, *, name: str, password: str | None = None) -> tuple[User, str]:
         """A new user and its first API key, which is not stored and cannot be shown again;
         with ``password``, the user can also sign in from a browser."""
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise InvalidInputError(
                 "a user name is 1-100 letters, digits, '_', '.', '@' or '-'",
                 code=ErrorCode.INVALID_NAME)
@@ -314,7 +316,7 @@ class UserService:
 
     @staticmethod
     def _new_key(user: User, name: str) -> tuple[ApiKey, str]:
-        if not _KEY_NAME.match(name):
+        if not _KEY_NAME.fullmatch(name):
             raise InvalidInputError("a key name is 1-100 printable characters",
                                     code=ErrorCode.INVALID_NAME)
         secret = "sl_" + secrets.token_urlsafe(32)
