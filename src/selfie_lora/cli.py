@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -406,15 +407,19 @@ def generate(
     """Generate with the user's active LoRA version."""
     from selfie_lora.services.generation import GenerationRequest
 
+    # Before generating: a generation is stored (and, on Replicate, paid for) whether or not
+    # its images can be written here afterwards.
+    _writable_folder(out)
     with opened() as services:
         owner = services.users.get_by_name(name=user)
         generation = services.generation.generate(user=owner, request=GenerationRequest(
             prompt=prompt, num_outputs=num_outputs, seed=seed, lora_scale=lora_scale))
-        out.mkdir(parents=True, exist_ok=True)
         for i in range(len(generation.image_keys)):
             target = out / f"{generation.id}-{i}.png"
-            target.write_bytes(services.generation.image(
-                user=owner, generation_id=generation.id, index=i))
+            _write(target, services.generation.image(
+                user=owner, generation_id=generation.id, index=i), also=(
+                f"generation {generation.id} is stored: its images are at "
+                f"GET /api/generations/{generation.id}/images/<n>"))
             console.print(f"wrote {target}")
 
 
@@ -451,12 +456,44 @@ def export_cmd(
                               "--force to replace it, or --out another file)", highlight=False,
                               soft_wrap=True)
             raise typer.Exit(1)
-        target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.part")
-        partial.write_bytes(export.data)
-        partial.replace(target)  # never a half-written LoRA under the asked name
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_bytes(export.data)
+            partial.replace(target)  # never a half-written LoRA under the asked name
+        except OSError as exc:
+            with suppress(OSError):  # what a full disk left of it, if anything
+                partial.unlink()
+            _cannot_write(target, exc)
         console.print(f"wrote {target}: version {export.version.number}, {weights_format} layout, "
                       f"{len(export.data)} bytes, sha256 {export.sha256}")
+
+
+def _cannot_write(path: Path, exc: OSError, *, also: str | None = None) -> NoReturn:
+    """A file or folder that cannot be written is one line and exit status 1, not a traceback."""
+    err_console.print(f"[red]error:[/red] cannot write {path}: {exc.strerror or exc}",
+                      highlight=False, soft_wrap=True)
+    if also:
+        err_console.print(f"  {also}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
+
+
+def _write(path: Path, data: bytes, *, also: str | None = None) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        _cannot_write(path, exc, also=also)
+
+
+def _writable_folder(folder: Path) -> None:
+    """Makes ``folder`` (--out) if need be, or says in one line why it cannot hold the files, so a
+    command fails before its work rather than after it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a file on the way, no permission
+        _cannot_write(folder, exc)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        _cannot_write(folder, PermissionError(13, "Permission denied"))
 
 
 def _fmt(value: object) -> str:
@@ -480,17 +517,17 @@ def compare(
 ) -> None:
     """Compare two versions of the user's model probe by probe: writes a side-by-side grid and
     the chart of likeness scores across all versions, and prints the scores."""
+    _writable_folder(out)  # before scoring versions, which takes minutes on a GPU
     with opened(trainers={}) as services:
         owner = services.users.get_by_name(name=user)
         comparison = services.likeness.compare_scored(
             user=owner, a=a, b=b,
             # Versions from before likeness tracking (or whose scoring failed) are scored now.
             on_scoring=lambda v: console.print(f"scoring version {v.number} ..."))
-        out.mkdir(parents=True, exist_ok=True)
         grid_path = out / f"compare-v{comparison.a.number}-v{comparison.b.number}.png"
-        grid_path.write_bytes(services.likeness.grid_png(comparison))
         chart_path = out / "likeness-chart.png"
-        chart_path.write_bytes(services.likeness.chart_png(user=owner))
+        _write(grid_path, services.likeness.grid_png(comparison))
+        _write(chart_path, services.likeness.chart_png(user=owner))
     va, vb = comparison.a, comparison.b
     table = Table(title=f"version {va.number} (A) against version {vb.number} (B), "
                         "identity against B's training photos")

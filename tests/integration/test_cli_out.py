@@ -1,0 +1,97 @@
+"""``--out`` of the commands that write files (generate, compare, export): a path that cannot
+hold them is one line and exit status 1, and generate and compare say so before they generate
+or score anything (a generation was stored, and paid for on Replicate, before its images failed
+to be written)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import Result
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+import selfie_lora.wiring as wiring
+from selfie_lora import cli
+from selfie_lora.config import Settings
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services
+from tests.conftest import auth, one_person_analyzer, wait_terminal
+from tests.integration.test_api import upload
+
+
+@pytest.fixture
+def trained(client: TestClient, services: Services, settings: Settings,
+            fake_trainer: FakeTrainer, fake_generator: FakeGenerator,
+            monkeypatch: pytest.MonkeyPatch) -> Services:
+    """ann with two versions; the CLI on the same data and fake backends."""
+    h = auth(services, "ann")
+    for _ in range(2):
+        done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+        assert done["training"]["status"] == "succeeded"
+    real = wiring.build_services
+
+    def build(s: Settings, **kw: Any) -> Services:
+        return real(s, **{"trainers": {"local": fake_trainer},
+                          "face_analyzer": one_person_analyzer(),
+                          "generators": {"local": fake_generator}, **kw})
+
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    monkeypatch.setattr(wiring, "build_services", build)
+    return services
+
+
+def a_file(tmp_path: Path) -> Path:
+    path = tmp_path / "afile"
+    path.write_text("mine")
+    return path
+
+
+def refused_in_one_line(result: Result, path: Path) -> None:
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # typer.Exit, not an OSError's traceback
+    assert f"error: cannot write {path}" in result.output.replace("\n", "")
+    assert "Traceback" not in result.output
+
+
+def test_generate_to_a_file_is_refused_before_it_generates(
+        trained: Services, fake_generator: FakeGenerator, tmp_path: Path) -> None:
+    ann = trained.users.get_by_name(name="ann")
+    before = len(fake_generator.jobs)
+    target = a_file(tmp_path)
+    refused = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann",
+                                           "--out", str(target)])
+    refused_in_one_line(refused, target)
+    assert len(fake_generator.jobs) == before
+    assert trained.generation.history(user=ann) == []
+    assert target.read_text() == "mine"
+
+    under = target / "images"  # a file on the way
+    refused = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann",
+                                           "--out", str(under)])
+    refused_in_one_line(refused, under)
+    assert trained.generation.history(user=ann) == []
+
+    folder = tmp_path / "new" / "images"
+    done = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann",
+                                        "--out", str(folder)])
+    assert done.exit_code == 0, done.output
+    assert len(list(folder.glob("*.png"))) == 1
+    assert len(trained.generation.history(user=ann)) == 1
+
+
+def test_compare_to_a_file_is_refused_before_it_compares(trained: Services,
+                                                         tmp_path: Path) -> None:
+    target = a_file(tmp_path)
+    refused = CliRunner().invoke(cli.app, ["compare", "--user", "ann", "--out", str(target)])
+    refused_in_one_line(refused, target)
+    assert "identity" not in refused.output  # no comparison was printed
+
+
+def test_export_under_a_file_is_refused_in_one_line(trained: Services, tmp_path: Path) -> None:
+    target = a_file(tmp_path) / "lora.safetensors"
+    refused = CliRunner().invoke(cli.app, ["export", "1", "--user", "ann", "--out", str(target)])
+    refused_in_one_line(refused, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "home"]  # no partial file
