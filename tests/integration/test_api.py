@@ -253,6 +253,32 @@ def test_generate_before_a_version_is_422(client: TestClient, services: Services
     fake_trainer.gate.set()
 
 
+def test_numbers_are_numbers_not_booleans_nor_strings(client: TestClient, services: Services,
+                                                     fake_generator: FakeGenerator) -> None:
+    """Pydantic's lax mode took true for 1 (a scale of 1.0, one image) and "0.8" for 0.8; an
+    integer where a float is asked for is still a number."""
+    h = auth(services, "ann")
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    generated = len(fake_generator.jobs)
+    for bad in ({"lora_scale": True}, {"num_outputs": True}, {"seed": True}, {"seed": 2.5},
+                {"seed": 2.0}, {"num_outputs": "2"}, {"lora_scale": "0.8"}):
+        r = client.post("/api/generate", headers=h, json={"prompt": "x", **bad})
+        assert r.status_code == 422, (bad, r.text)
+        assert r.json()["error"]["code"] == "invalid_request", bad
+    for bad in ({"lora_scale": True}, {"lora_scale": False}, {"lora_scale": "0.8"}):
+        r = client.patch("/api/model", headers=h, json=bad)
+        assert r.status_code == 422, (bad, r.text)
+        assert r.json()["error"]["code"] == "invalid_request", bad
+    assert len(fake_generator.jobs) == generated  # nothing was generated
+    r = client.patch("/api/model", headers=h, json={"lora_scale": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["lora_scale"] == 1.0
+    r = client.post("/api/generate", headers=h,
+                    json={"prompt": "x", "lora_scale": 1, "num_outputs": 2, "seed": 7})
+    assert r.status_code == 200, r.text
+    assert (r.json()["generation"]["lora_scale"], r.json()["generation"]["seed"]) == (1.0, 7)
+
+
 def test_unknown_route_and_bad_json_use_error_shape(client: TestClient, services: Services) -> None:
     h = auth(services, "ann")
     r = client.get("/api/nope", headers=h)

@@ -1,6 +1,8 @@
 """Request bodies, and the error answer as the OpenAPI document declares it.
 
-Every field is bounded: a value out of range is a 422, never a 500 deeper down.
+Every field is bounded: a value out of range is a 422, never a 500 deeper down. Numbers are
+strict (``strict=True``): pydantic's lax mode took ``true`` for 1 and ``"0.8"`` for 0.8, and
+``2.0`` for the integer 2; an integer is still a number where a float is asked for.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class ResumeBody(_Body):
 
 class ModelPatch(_Body):
     lora_scale: float | None = Field(default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX,
-                                     allow_inf_nan=False)
+                                     allow_inf_nan=False, strict=True)
     trainer_version: str | None = Field(
         default=None, min_length=1, max_length=300,
         description="Re-pin the trainer version (explicit and logged; needs a reason).",
@@ -51,10 +53,10 @@ class ModelPatch(_Body):
 
 class GenerateBody(_Body):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    num_outputs: int = Field(default=1, ge=1, le=MAX_OUTPUTS)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_outputs: int = Field(default=1, ge=1, le=MAX_OUTPUTS, strict=True)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
     lora_scale: float | None = Field(default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX,
-                                     allow_inf_nan=False)
+                                     allow_inf_nan=False, strict=True)
     version_id: Id | None = Field(default=None, description="An id, or a number: 2 or v2.")
 
 
