@@ -38,8 +38,9 @@ def migrate(engine: Engine, target: str, *, down: bool = False) -> None:
         (command.downgrade if down else command.upgrade)(cfg, target)
 
 
-def test_0002_keeps_old_versions_active_and_adds_the_likeness_tables(engine: Engine) -> None:
-    migrate(engine, "0001")
+def insert_a_version(engine: Engine) -> None:
+    """User ann, her model (scale 0.8) and its version 1 'v' of training 't', in SQL of
+    the first schema (later migrations keep it valid)."""
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO users (id, name, api_key_hash, created_at) "
                           "VALUES ('u', 'ann', 'h', :t)"), {"t": NOW})
@@ -63,6 +64,11 @@ def test_0002_keeps_old_versions_active_and_adds_the_likeness_tables(engine: Eng
             " weights_key, weights_sha256, weights_method, version_mismatch, created_at)"
             " VALUES ('v', 'm', 1, 't', 'local-tiny-v1', 'k', 'sha', 'file', false, :t)"),
             {"t": NOW})
+
+
+def test_0002_keeps_old_versions_active_and_adds_the_likeness_tables(engine: Engine) -> None:
+    migrate(engine, "0001")
+    insert_a_version(engine)
     migrate(engine, "head")
     tables = set(inspect(engine).get_table_names())
     assert "version_quality" in tables
@@ -132,6 +138,42 @@ def test_0008_reads_a_dataset_stored_before_it_with_no_face_boxes(engine: Engine
     assert "face_boxes" not in {c["name"] for c in inspect(engine).get_columns("datasets")}
     migrate(engine, "head")
     assert SqlRepository(engine).get_dataset("d2").face_boxes == ()  # type: ignore[union-attr]
+
+
+def test_0011_stores_seeds_past_2_31_and_long_weights_methods(engine: Engine) -> None:
+    """PostgreSQL's INTEGER and VARCHAR(200) refused them; up, down (cut to what the old columns
+    hold) and up again, on a database that holds a generation of before."""
+    migrate(engine, "0010")
+    insert_a_version(engine)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO generations (id, user_id, model_id, version_id, prompt, lora_scale, seed,"
+            " image_keys, created_at) VALUES ('g0', 'u', 'm', 'v', 'p', 1.0, 7, '[]', :t)"),
+            {"t": NOW})
+    migrate(engine, "head")
+    long_method = "replicate weights: tar member " + "x" * 300
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE trainings SET weights_method = :m"), {"m": long_method})
+        conn.execute(text("UPDATE versions SET weights_method = :m"), {"m": long_method})
+        conn.execute(text(
+            "INSERT INTO generations (id, user_id, model_id, version_id, prompt, lora_scale, seed,"
+            " image_keys, created_at) VALUES ('g1', 'u', 'm', 'v', 'p', 1.0, :seed, '[]', :t)"),
+            {"t": NOW, "seed": 2**32 - 1})
+    repo = SqlRepository(engine)
+    assert repo.get_generation("g0").seed == 7  # type: ignore[union-attr]
+    assert repo.get_generation("g1").seed == 2**32 - 1  # type: ignore[union-attr]
+    assert repo.get_version("v").weights_method == long_method  # type: ignore[union-attr]
+    assert repo.get_training("t").weights_method == long_method  # type: ignore[union-attr]
+
+    migrate(engine, "0010", down=True)
+    with engine.connect() as conn:
+        seeds = {row.id: row.seed for row in conn.execute(text("SELECT id, seed FROM generations"))}
+        methods = conn.execute(text("SELECT weights_method FROM versions")).scalars().all()
+    if engine.dialect.name == "postgresql":  # SQLite kept its columns, and what they hold
+        assert seeds == {"g0": 7, "g1": None}
+        assert methods == [long_method[:200]]
+    migrate(engine, "head")
+    assert SqlRepository(engine).get_generation("g0").seed == 7  # type: ignore[union-attr]
 
 
 def test_the_migrations_make_the_schema_the_tables_declare(engine: Engine) -> None:

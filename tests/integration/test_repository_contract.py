@@ -16,6 +16,7 @@ from selfie_lora.domain.entities import (
     Dataset,
     Finding,
     GateStatus,
+    Generation,
     Model,
     Recipe,
     Training,
@@ -25,6 +26,7 @@ from selfie_lora.domain.entities import (
     WebSession,
 )
 from selfie_lora.errors import ConflictError, StorageError
+from selfie_lora.services.generation import MAX_SEED
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 RECIPE = Recipe(name="local-tiny-v1", steps=10, lora_rank=4, learning_rate=1e-2, resolution=64)
@@ -335,6 +337,23 @@ def test_remote_cancels_pending_are_listed_until_cleared(repo: SqlRepository) ->
     repo.clear_remote_cancel("t1")
     assert repo.remote_cancels_pending() == []
     assert not repo.get_training("t1").remote_cancel_pending  # type: ignore[union-attr]
+
+
+def test_the_largest_seed_and_a_long_weights_method_are_stored(repo: SqlRepository) -> None:
+    """The API takes seeds up to 2**32-1, and the weights method is built from the trainer's
+    output (file names in Replicate's archive): PostgreSQL refused a seed past 2**31-1
+    (INTEGER) and a method past 200 characters (VARCHAR(200)), after the work was done."""
+    user, model, dataset = seed(repo)
+    method = "replicate weights: tar member output/" + "flux_train_replicate_" * 12 + "/lora"
+    repo.add_training(dataclasses.replace(
+        training(model, dataset, "t1", status=TrainingStatus.SUCCEEDED), weights_method=method))
+    repo.add_version(dataclasses.replace(version(model, 1), weights_method=method))
+    repo.add_generation(Generation(id="g1", user_id=user.id, model_id=model.id, version_id="v1",
+                                   prompt="p", lora_scale=1.0, seed=MAX_SEED,
+                                   image_keys=("generations/g1/0.png",), created_at=NOW))
+    assert repo.get_training("t1").weights_method == method  # type: ignore[union-attr]
+    assert repo.get_version("v1").weights_method == method  # type: ignore[union-attr]
+    assert repo.get_generation("g1").seed == MAX_SEED  # type: ignore[union-attr]
 
 
 def test_versions_newest_first_and_numbers_unique(repo: SqlRepository) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -24,6 +25,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # The one-active-training rule lives in the database, not only in the service, so two processes
 # that both pass the service's check still cannot both insert.
 ACTIVE_STATUS_SQL = "status IN ('queued', 'starting', 'processing')"
+
+# Columns migration 0011 widened on PostgreSQL, which enforces widths, and left as they were on
+# SQLite, which does not: its INTEGER holds 64 bits and it never checks a VARCHAR's length, and
+# it could change a declared type only by copying the tables that others' foreign keys point at.
+# The variants say what each database holds, so the schema the migrations make is this one.
+SEED = BigInteger().with_variant(Integer(), "sqlite")  # seeds are unsigned 32-bit (MAX_SEED)
+UNBOUNDED_TEXT = Text().with_variant(String(200), "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -136,7 +144,8 @@ class TrainingRow(Base):
     version_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
-    weights_method: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Built from the trainer's output (file names in Replicate's archive): no bound of ours.
+    weights_method: Mapped[str | None] = mapped_column(UNBOUNDED_TEXT, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     remote_cancel_pending: Mapped[bool] = mapped_column(Boolean, server_default=false())
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
@@ -183,7 +192,7 @@ class VersionRow(Base):
     trainer_version: Mapped[str] = mapped_column(String(300))
     weights_key: Mapped[str] = mapped_column(String(300))
     weights_sha256: Mapped[str] = mapped_column(String(64))
-    weights_method: Mapped[str] = mapped_column(String(200))
+    weights_method: Mapped[str] = mapped_column(UNBOUNDED_TEXT)
     remote_version: Mapped[str | None] = mapped_column(String(300), nullable=True)
     version_mismatch: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -229,7 +238,7 @@ class GenerationRow(Base):
     version_id: Mapped[str] = mapped_column(ForeignKey("versions.id"))
     prompt: Mapped[str] = mapped_column(Text)
     lora_scale: Mapped[float] = mapped_column(Float)
-    seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    seed: Mapped[int | None] = mapped_column(SEED, nullable=True)
     image_keys: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
