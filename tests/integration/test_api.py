@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.dataset.limits import UploadedFile
+from selfie_lora.services.generation import MAX_SEED
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services
 from tests.conftest import auth, make_settings, serving, wait_terminal
@@ -77,6 +78,28 @@ def test_whole_cycle(client: TestClient, services: Services, fake_generator: Fak
     assert image.status_code == 200
     assert image.content.startswith(b"\x89PNG")
     assert fake_generator.jobs[-1].weights_path is not None
+
+
+def test_a_generation_without_a_seed_records_the_seed_that_made_it(
+    client: TestClient, services: Services, fake_generator: FakeGenerator
+) -> None:
+    """The seed was left to the generator and recorded as none: the picture could not be made
+    again. The service draws it, sends it and records it."""
+    h = auth(services, "ann")
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    r = client.post("/api/generate", headers=h, json={"prompt": "on a beach"})
+    assert r.status_code == 200, r.text
+    gen = r.json()["generation"]
+    assert isinstance(gen["seed"], int)
+    assert 0 <= gen["seed"] <= MAX_SEED
+    assert fake_generator.jobs[-1].seed == gen["seed"]
+    (stored,) = services.generation.history(user=services.users.get_by_name(name="ann"))
+    assert stored.seed == gen["seed"]
+    again = client.post("/api/generate", headers=h,
+                        json={"prompt": "on a beach", "seed": gen["seed"]}).json()["generation"]
+    assert again["seed"] == gen["seed"]
+    assert (client.get(again["images"][0], headers=h).content
+            == client.get(gen["images"][0], headers=h).content)
 
 
 def test_other_users_objects_are_404(client: TestClient, services: Services) -> None:

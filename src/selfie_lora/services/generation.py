@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -22,7 +23,6 @@ MAX_OUTPUTS = 4
 MAX_PROMPT_CHARS = 2000
 # Seeds are unsigned 32-bit, as FLUX pipelines and Replicate take them.
 MAX_SEED = 2**32 - 1
-
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,11 @@ class GenerationService:
         version = find_version(self._repo.list_versions(model.id), ref)
         if version is None:
             raise NotFoundError(f"no such version: {ref[:64]}")
-        rendered = self.render(model=model, version=version, prompt=request.prompt,
-                               seed=request.seed, num_outputs=request.num_outputs,
-                               lora_scale=request.lora_scale)
+        # A seed is drawn here, not by the generator, so that the generation records the seed
+        # that made its pictures (the answer, the stored row, the gallery) and can be made again.
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        rendered = self.render(model=model, version=version, prompt=request.prompt, seed=seed,
+                               num_outputs=request.num_outputs, lora_scale=request.lora_scale)
         generation_id = new_id()
         keys = []
         for i, png in enumerate(rendered.images):
@@ -114,12 +116,12 @@ class GenerationService:
             keys.append(key)
         generation = Generation(
             id=generation_id, user_id=user.id, model_id=model.id, version_id=version.id,
-            prompt=rendered.prompt, lora_scale=rendered.lora_scale, seed=request.seed,
+            prompt=rendered.prompt, lora_scale=rendered.lora_scale, seed=seed,
             image_keys=tuple(keys), created_at=utcnow(),
         )
         self._repo.add_generation(generation)
-        logger.info("generation %s: %d image(s) with version %d at scale %.2f", generation_id,
-                    len(keys), version.number, rendered.lora_scale)
+        logger.info("generation %s: %d image(s) with version %d at scale %.2f, seed %d",
+                    generation_id, len(keys), version.number, rendered.lora_scale, seed)
         return generation
 
     def image(self, *, user: User, generation_id: str, index: int) -> bytes:
