@@ -88,6 +88,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_NUM_OUTPUTS = "invalid_num_outputs"
     NO_VERSION = "no_version"
     NO_REMOTE_VERSION = "no_remote_version"
+    VERSION_MISMATCH = "version_mismatch"
     NOTHING_TO_COMPARE = "nothing_to_compare"
     SAME_VERSION = "same_version"
     NOT_SCORED = "not_scored"

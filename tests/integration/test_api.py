@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import threading
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from selfie_lora.api.app import create_app
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.services.generation import MAX_SEED
+from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
-from selfie_lora.wiring import Services
-from tests.conftest import auth, make_settings, serving, wait_terminal
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
 from tests.support.photos import photo_zip, synthetic_photo
 
 
@@ -100,6 +104,43 @@ def test_a_generation_without_a_seed_records_the_seed_that_made_it(
     assert again["seed"] == gen["seed"]
     assert (client.get(again["images"][0], headers=h).content
             == client.get(gen["images"][0], headers=h).content)
+
+
+@dataclass
+class MismatchTrainer(FakeTrainer):
+    """Replicate publishing a training's LoRA as another model's version (replicate-python
+    #419): the adapter flags it ``version_mismatch``."""
+
+    backend: str = "replicate"
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        return dataclasses.replace(super().train(job, sink=sink), version_mismatch=True,
+                                   remote_version="someone/elses-model:" + "b" * 64)
+
+
+def test_a_version_published_to_another_model_is_not_generated_with(tmp_path: Path) -> None:
+    """It generated on the other model's Replicate version: pictures of someone else."""
+    settings = make_settings(tmp_path, trainer="replicate", quality_gate=False)
+    generator = FakeGenerator(backend="replicate")
+    svc = build_services(settings, trainers={"replicate": MismatchTrainer()},
+                         face_analyzer=one_person_analyzer(), generators={"replicate": generator})
+    try:
+        with TestClient(create_app(settings, services=svc, run_worker=True)) as client:
+            h = auth(svc, "ann")
+            # Replicate trains at 1024 px: photos whose faces are large enough.
+            started = upload(client, h, photo_zip(4, size=1024))
+            done = wait_terminal(client, h, started["training"]["id"])
+            assert done["model"]["active_version"]["version_mismatch"] is True
+            r = client.post("/api/generate", headers=h, json={"prompt": "x", "seed": 1})
+    finally:
+        svc.close()
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "version_mismatch"
+    assert "another model" in error["message"]
+    assert "Retrain" in error["message"]
+    assert [job.remote_version for job in generator.jobs] == []
+    assert svc.repo.list_generations(svc.users.get_by_name(name="ann").id, limit=10) == []
 
 
 def test_other_users_objects_are_404(client: TestClient, services: Services) -> None:

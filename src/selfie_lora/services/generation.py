@@ -62,6 +62,16 @@ class GenerationService:
     ) -> Rendered:
         """Images of ``version`` through the model's generator, at the model's LoRA scale unless
         one is given. The one code path of user generations and likeness probes."""
+        if version.version_mismatch:
+            # The trainer published this training's LoRA as another destination's Replicate
+            # version (replicate-python #419): generating with it would make that model's
+            # pictures, not this user's. Which of the destination's versions is this training's
+            # cannot be told safely (others may have been pushed since), so none is guessed.
+            raise InvalidInputError(
+                f"version {version.number} cannot generate: Replicate published it to another "
+                f"model than yours ({model.destination}), so its pictures would not be of you. "
+                "Retrain, or generate with another of your versions.",
+                code=ErrorCode.VERSION_MISMATCH)
         scale = validate_lora_scale(lora_scale) if lora_scale is not None else model.lora_scale
         generator = self._generators.get(model.backend)
         if generator is None:
