@@ -84,6 +84,8 @@ class ErrorCode(enum.StrEnum):
     INVALID_PROBE_COUNT = "invalid_probe_count"
     EMPTY_PROMPT = "empty_prompt"
     PROMPT_TOO_LONG = "prompt_too_long"
+    INVALID_PROMPT = "invalid_prompt"
+    UNSTORABLE_TEXT = "unstorable_text"
     INVALID_SEED = "invalid_seed"
     INVALID_NUM_OUTPUTS = "invalid_num_outputs"
     NO_VERSION = "no_version"

@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 from selfie_lora.api.app import create_app
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
-from tests.conftest import auth, make_settings, wait_terminal
+from tests.conftest import auth, make_settings, serving, wait_terminal
+from tests.support.backends import DATABASES, database_url, fresh_engine
 from tests.support.photos import photo_zip
 
 
@@ -85,11 +86,59 @@ def test_out_of_range_fields_are_422_never_500(client: TestClient, services: Ser
     assert r.json()["error"]["code"] == "invalid_request"
 
 
-def test_the_largest_seed_is_accepted(client: TestClient, services: Services) -> None:
+@pytest.fixture(params=DATABASES)
+def on_each_database(request: pytest.FixtureRequest,
+                     tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:
+    """The app, with its worker, on each database the service supports: PostgreSQL refuses
+    values SQLite stores."""
+    url = database_url(request.param, tmp_path)
+    fresh_engine(url).dispose()  # PostgreSQL: an empty schema (the services migrate it)
+    with serving(make_settings(tmp_path, database_url=url), run_worker=True) as served:
+        yield served
+
+
+def test_the_largest_seed_is_accepted(on_each_database: tuple[TestClient, Services]) -> None:
+    """PostgreSQL's 32-bit column refused seeds past 2**31-1 after the pictures were made."""
+    client, services = on_each_database
     h = auth(services, "ann")
     trained(client, h)
     r = client.post("/api/generate", headers=h, json={"prompt": "x", "seed": 2**32 - 1})
     assert r.status_code == 200, r.text
+    assert r.json()["generation"]["seed"] == 2**32 - 1
+
+
+def test_a_nul_in_an_id_or_a_prompt_is_422_never_500(
+        on_each_database: tuple[TestClient, Services]) -> None:
+    """PostgreSQL refuses a NUL in any text: a 500, and for a prompt after the pictures were
+    made and stored. Ids in a body and prompts are refused before anything is done; an id in a
+    path or a query (and a form's field) is not found, or refused by the database's net."""
+    client, services = on_each_database
+    h = auth(services, "ann")
+    trained(client, h)
+    pictures = lambda: sorted(services.settings.home.rglob("*.png"))  # noqa: E731
+    before = pictures()
+    for method, url, body in [
+        ("post", "/api/training/start", {"dataset_id": "x\x00"}),
+        ("post", "/api/training/cancel", {"training_id": "x\x00"}),
+        ("post", "/api/generate", {"prompt": "x", "version_id": "1\x00"}),
+    ]:
+        r = getattr(client, method)(url, headers=h, json=body)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request"), url
+    r = client.post("/api/generate", headers=h, json={"prompt": "on a beach\x00"})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_prompt")
+    assert pictures() == before  # refused before anything was generated
+    ok = client.post("/api/generate", headers=h, json={"prompt": "on a beach,\r\n\tsmiling"})
+    assert ok.status_code == 200, ok.text  # what a text area sends is fine
+    for answer in [
+        client.get("/api/training/progress", params={"training_id": "x\x00"}, headers=h),
+        client.get("/api/training/x%00/samples/1", headers=h),
+        client.post("/api/model/versions/x%00/activate", headers=h),
+        client.get("/api/generations/x%00/images/0", headers=h),
+    ]:
+        assert answer.status_code in (404, 422), (answer.request.url, answer.text)
+        assert "error" in answer.json()
+    signin = client.post("/signin", data={"name": "ann\x00", "password": "whatever-password"})
+    assert signin.status_code < 500
 
 
 @pytest.mark.parametrize("patch", [

@@ -25,7 +25,7 @@ from selfie_lora.domain.entities import (
     Version,
     WebSession,
 )
-from selfie_lora.errors import ConflictError, StorageError
+from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, StorageError
 from selfie_lora.services.generation import MAX_SEED
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -354,6 +354,29 @@ def test_the_largest_seed_and_a_long_weights_method_are_stored(repo: SqlReposito
     assert repo.get_training("t1").weights_method == method  # type: ignore[union-attr]
     assert repo.get_version("v1").weights_method == method  # type: ignore[union-attr]
     assert repo.get_generation("g1").seed == MAX_SEED  # type: ignore[union-attr]
+
+
+def test_a_nul_is_invalid_input_and_other_refused_values_storage_errors(
+        repo: SqlRepository) -> None:
+    """PostgreSQL refuses a NUL in any text, a lookup's included: the input's fault, a 422, not
+    the database failing (a 500). A value past a column's bound stays a storage error: a check
+    this code missed, not the client's fault. SQLite holds both."""
+    seed(repo)
+    nul_user = User(id="u-nul", name="b\x00b", created_at=NOW)
+    long_user = User(id="u-long", name="b" * 101, created_at=NOW)  # users.name: VARCHAR(100)
+    if repo.engine.dialect.name == "postgresql":
+        with pytest.raises(InvalidInputError) as refused:
+            repo.get_training("x\x00")
+        assert refused.value.code == ErrorCode.UNSTORABLE_TEXT
+        with pytest.raises(InvalidInputError):
+            repo.add_user(nul_user)
+        with pytest.raises(StorageError, match=r"^database error: "):
+            repo.add_user(long_user)
+    else:
+        assert repo.get_training("x\x00") is None
+        repo.add_user(nul_user)
+        repo.add_user(long_user)
+    assert repo.get_user_by_name("ann") is not None  # the database goes on answering
 
 
 def test_versions_newest_first_and_numbers_unique(repo: SqlRepository) -> None:

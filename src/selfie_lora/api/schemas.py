@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
 from selfie_lora.services.generation import MAX_OUTPUTS, MAX_PROMPT_CHARS, MAX_SEED
 
-# Ids are uuids (a version may also be named by its number); anything longer is not ours.
-Id = Annotated[str, Field(min_length=1, max_length=64)]
+# Ids are uuids (a version may also be named by its number); anything longer is not ours, nor
+# is a control character: PostgreSQL refuses a NUL in any text it is asked to compare.
+Id = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class _Body(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -23,6 +24,9 @@ MAX_OUTPUTS = 4
 MAX_PROMPT_CHARS = 2000
 # Seeds are unsigned 32-bit, as FLUX pipelines and Replicate take them.
 MAX_SEED = 2**32 - 1
+# Control characters but tab and line ends (a prompt typed in a text area has those): a NUL
+# cannot be stored on PostgreSQL, and none of them means anything to the text encoder.
+_PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,11 @@ class GenerationService:
         if len(request.prompt) > MAX_PROMPT_CHARS:
             raise InvalidInputError(f"the prompt is longer than {MAX_PROMPT_CHARS} characters",
                                     code=ErrorCode.PROMPT_TOO_LONG)
+        # Before anything is generated: the pictures of a prompt that cannot be saved were
+        # made and stored for nothing.
+        if _PROMPT_CONTROL.search(request.prompt):
+            raise InvalidInputError("the prompt holds a control character (such as NUL, 0x00); "
+                                    "remove it", code=ErrorCode.INVALID_PROMPT)
         if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
             raise InvalidInputError(f"the seed must be 0 to {MAX_SEED}", code=ErrorCode.INVALID_SEED)
         if not 1 <= request.num_outputs <= MAX_OUTPUTS:

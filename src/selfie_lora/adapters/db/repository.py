@@ -22,7 +22,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from selfie_lora.adapters.db.tables import (
@@ -66,7 +66,7 @@ from selfie_lora.domain.likeness import (
     ProbeResult,
     VersionLikeness,
 )
-from selfie_lora.errors import ConflictError, ErrorCode, StorageError
+from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, StorageError
 
 logger = logging.getLogger(__name__)
 
@@ -283,6 +283,19 @@ def _held_engines() -> set[int]:
     return engines
 
 
+# SQLSTATEs of text PostgreSQL cannot hold in its encoding (a NUL sent as bytes among them).
+_UNSTORABLE_TEXT_STATES = frozenset({"22021", "22P05"})
+
+
+def _unstorable_text(exc: DataError) -> bool:
+    """Whether the database refused a text for a character it cannot hold: the input's fault
+    whoever sent it, and the same at every try. psycopg refuses a NUL itself, before the
+    statement is sent (no SQLSTATE; its words are matched); the server says the others."""
+    orig = exc.orig
+    return ("(0x00)" in str(orig)
+            or getattr(orig, "sqlstate", None) in _UNSTORABLE_TEXT_STATES)
+
+
 class SqlRepository:
     """Each public call runs in its own transaction, unless the repository came from
     ``atomic()``, in which case all calls share one transaction committed at the end.
@@ -362,6 +375,14 @@ class SqlRepository:
                 ) from exc
             raise ConflictError(f"conflicting write: {exc.orig}",
                                 code=ErrorCode.WRITE_CONFLICT) from exc
+        except DataError as exc:
+            if _unstorable_text(exc):
+                raise InvalidInputError(
+                    "the text holds a character the database cannot store (such as NUL, 0x00)",
+                    code=ErrorCode.UNSTORABLE_TEXT) from exc
+            # Any other value the database refused (too long, out of range) is a bound this
+            # code failed to check: a defect to see as one, not the client's fault.
+            raise StorageError(f"database error: {exc.orig}") from exc
         except DBAPIError as exc:
             # Whatever the driver raised (a lost connection, a fail-over, "database is locked"):
             # its own words, not the statement and parameters sqlalchemy adds to them.
