@@ -10,6 +10,7 @@ from selfie_lora.adapters.replicate.session import (
     GENERATOR_FAILURES,
     TRAINER_FAILURES,
     ReplicateConnection,
+    shorten,
 )
 from selfie_lora.errors import (
     ConfigError,
@@ -89,3 +90,16 @@ def test_downloads_from_other_hosts_never_carry_the_token() -> None:
 def test_a_connection_needs_a_token() -> None:
     with pytest.raises(ConfigError):
         ReplicateConnection(api_token="")
+
+
+@pytest.mark.parametrize(("remote", "shown"), [
+    ("Traceback (most recent call last):\n  File \"x.py\"\nValueError: no faces.", "ValueError: no faces"),
+    ("CUDA out of memory\x00\x1b[31m.", "CUDA out of memory  [31m"),
+    ("", "unknown error"),
+])
+def test_a_remote_error_is_shown_as_one_printable_line(remote: str, shown: str) -> None:
+    # Stored as the training's error: a NUL is a text PostgreSQL refuses to store.
+    assert shorten(remote) == shown
+    assert shorten("x" * 500).endswith("…")
+    assert len(shorten("x" * 500)) == 240
+

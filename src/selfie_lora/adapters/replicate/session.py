@@ -426,7 +426,10 @@ def _describe(exc: BaseException) -> str:
 
 
 def shorten(text: str, limit: int = 240) -> str:
-    """First meaningful line of a remote error, bounded (tracebacks are not for users)."""
+    """First meaningful line of a remote error, bounded (tracebacks are not for users), with
+    no control character: it is stored as the training's error, and a NUL from a remote log
+    is a text PostgreSQL refuses to store."""
+    text = "".join(c if c.isprintable() or c == "\n" else " " for c in text)
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
     meaningful = [line for line in lines if not line.startswith(("Traceback", "File "))]
     line = (meaningful or lines or ["unknown error"])[-1 if meaningful else 0]
