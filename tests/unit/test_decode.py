@@ -6,6 +6,7 @@ import io
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import pillow_heif
 import pytest
 from PIL import Image, ImageCms
@@ -15,7 +16,7 @@ from selfie_lora.dataset.decode import DecodedPhoto, decode_photo, sniff_image
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.domain.entities import Finding
 from selfie_lora.testing import icc
-from tests.support.hostile import PHOTO_BYTES, encode, jpeg, photo
+from tests.support.hostile import PHOTO_BYTES, encode, jpeg, jpeg_declaring, photo
 from tests.support.photos import count_colour_conversions
 
 LIMITS = UploadLimits()
@@ -337,6 +338,57 @@ def test_pillow_bomb_warning_is_a_refusal_whatever_the_warning_filters(
     # 96 x 80 = 7,680 pixels: over 5,000 (a warning) and under 10,000 (Pillow's error).
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
     assert _rejected(jpeg((96, 80))).code == "decompression_bomb"
+
+
+def test_a_big_camera_photo_is_too_large_not_a_bomb() -> None:
+    # 11648 x 8736 (a 100 MP camera) in 6 MB: over Pillow's own limit (~89 MP), whose warning
+    # used to make it "a far larger picture than its bytes can hold", with advice to upload the
+    # camera's original, which it is. It is too large, and resizing it is what helps.
+    data = jpeg_declaring(11648, 8736)
+    data += b"\x00" * (6_000_000 - len(data))
+    refused = _rejected(data)
+    assert refused.code == "image_too_large"
+    assert "resize" in refused.advice
+    assert _rejected(jpeg_declaring(11648, 8736)).code == "decompression_bomb"  # in 300 bytes
+
+
+def _with_scans(data: bytes, copies: int) -> bytes:
+    """A progressive JPEG with its last scan repeated ``copies`` more times (each repeat costs
+    its bytes to store and a pass over every block to decode)."""
+    eoi = data.rindex(b"\xff\xd9")
+    last_scan = data[data.rindex(b"\xff\xda"):eoi]
+    return data[:eoi] + last_scan * copies + data[eoi:]
+
+
+def test_a_jpeg_made_of_too_many_scans_is_refused_before_it_is_decoded() -> None:
+    progressive = encode(photo(), "JPEG", quality=90, progressive=True)
+    assert 1 < progressive.count(b"\xff\xda") <= decode.MAX_JPEG_SCANS
+    assert isinstance(decode_photo(UploadedFile("p.jpg", progressive), limits=LIMITS),
+                      DecodedPhoto)
+    bomb = _with_scans(progressive, decode.MAX_JPEG_SCANS)
+    refused = _rejected(bomb)
+    assert refused.code == "decompression_bomb"
+    assert "scans" in refused.message
+
+
+def test_a_16_bit_grey_png_is_scaled_a_band_at_a_time() -> None:
+    """An 8 KB 16-bit PNG of 12 MP: scaling it to 8 bits took float copies of the whole picture
+    (~0.3 GB here, ~1.3 GB at 40 MP)."""
+    import tracemalloc
+
+    grey = np.zeros((3000, 4000), dtype=np.uint16)
+    grey[:, :2000] = 40000
+    data = encode(Image.fromarray(grey), "PNG")
+    del grey
+    tracemalloc.start()
+    try:
+        decoded = _decoded(data, "grey.png")
+        _size, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 60_000_000, peak  # the picture itself is 24 MB, its 8-bit copy 12 MB
+    assert decoded.image.getpixel((0, 0))[0] == round(40000 / 65535 * 255)  # type: ignore[index]
+    assert decoded.image.getpixel((3999, 0))[0] == 0  # type: ignore[index]
 
 
 def test_heic_without_pillow_heif_is_unsupported(monkeypatch: pytest.MonkeyPatch) -> None:
