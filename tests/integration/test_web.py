@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import html
+import io
 import re
 import time
+import zipfile
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -295,6 +297,35 @@ def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
     thumbs = re.findall(r'src="(/photos/[^"]+\.jpg)"', page)
     assert len(thumbs) == 4
     assert ann.get(thumbs[0]).headers["content-type"] == "image/jpeg"
+
+
+def report_rows(html: str) -> dict[str, str]:
+    return {name: state for state, name in re.findall(
+        r'class="photo (kept|left-out)" data-photo-name="([^"]+)"', html)}
+
+
+def test_a_zip_is_reported_by_the_photos_inside_it(ann: TestClient) -> None:
+    # The rows came from the multipart names: the zip itself was a left-out photo and its kept
+    # photos with no finding had no row (found in review).
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w") as archive:
+        for i in range(4):
+            archive.writestr(f"photo{i}.jpg", synthetic_photo(i))
+        archive.writestr("tiny.jpg", synthetic_photo(99, size=24))
+    r = ann.post("/photos/upload", headers={"X-CSRF-Token": csrf(ann)},
+                 files=[("files", ("selfies.zip", data.getvalue(), "application/zip"))])
+    assert r.status_code == 200, r.text
+    assert report_rows(r.text) == {"photo0.jpg": "kept", "photo1.jpg": "kept",
+                                   "photo2.jpg": "kept", "photo3.jpg": "kept",
+                                   "tiny.jpg": "left-out"}
+    # A zip that cannot be trained: its findings' photos, never the zip.
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w") as archive:
+        archive.writestr("tiny.jpg", synthetic_photo(99, size=24))
+    r = ann.post("/photos/upload", headers={"X-CSRF-Token": csrf(ann)},
+                 files=[("files", ("selfies.zip", data.getvalue(), "application/zip"))])
+    assert r.status_code == 422
+    assert report_rows(r.text) == {"tiny.jpg": "left-out"}
 
 
 def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Services) -> None:

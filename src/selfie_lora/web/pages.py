@@ -187,8 +187,9 @@ async def photos_upload(request: Request, viewer: PageViewer,
     web.check_csrf(request, viewer, None)
     named = [(f.filename or f"photo-{i + 1}", await f.read()) for i, f in enumerate(files)]
     svc = web.services
+    is_zip = len(named) == 1 and named[0][0].lower().endswith(".zip")
     try:
-        if len(named) == 1 and named[0][0].lower().endswith(".zip"):
+        if is_zip:
             result = await in_thread(lambda: svc.training.upload_zip(
                 user=viewer.user, data=named[0][1], start=False))
         else:
@@ -197,8 +198,10 @@ async def photos_upload(request: Request, viewer: PageViewer,
     except DatasetRejectedError as exc:
         return web.render(request, "_report.html", viewer=viewer, status_code=422,
                           trainable=False, message=exc.message,
-                          report=_report_rows([n for n, _ in named], exc.details, exc.boxes,
-                                              kept=set()),
+                          # A zip's own name is no photo: its photos are those the
+                          # findings name (nothing says which others it held).
+                          report=_report_rows([] if is_zip else [n for n, _ in named],
+                                              exc.details, exc.boxes, kept=set()),
                           set_findings=[d for d in exc.details if not d.get("photo")])
     except (InvalidInputError, ConflictError, PayloadTooLargeError) as exc:
         return web.render(request, "_report.html", viewer=viewer, status_code=exc.http_status,
@@ -207,7 +210,10 @@ async def photos_upload(request: Request, viewer: PageViewer,
     photos = svc.intake.photos(user=viewer.user, dataset_id=dataset.id)
     findings = [f.as_dict() for f in dataset.findings]
     boxes = {p.name: list(p.face_box) for p in photos if p.face_box}
-    rows = _report_rows([n for n, _ in named], findings, boxes, kept={p.name for p in photos})
+    # The photos the intake read, by the names it stored them under: the multipart names
+    # would list a zip as a photo and miss the photos inside it.
+    rows = _report_rows([p.name for p in photos], findings, boxes,
+                        kept={p.name for p in photos})
     # The stored photo (the training crop) for each kept one: the only picture of a photo that
     # came inside a zip (the page shows the file from the device when it has it).
     stored = {p.name: f"/photos/{dataset.id}/{p.index}.jpg" for p in photos}
@@ -219,8 +225,8 @@ async def photos_upload(request: Request, viewer: PageViewer,
 
 def _report_rows(names: list[str], findings: list[dict[str, Any]],
                  boxes: dict[str, list[float]], *, kept: set[str]) -> list[dict[str, Any]]:
-    """One row per photo named in the upload or in a finding: kept or left out, its findings
-    and its face box (fractions of the photo as sent)."""
+    """One row per photo in ``names`` (the photos read) or named in a finding: kept or left
+    out, its findings and its face box (fractions of the photo as sent)."""
     order: list[str] = []
     for name in [*names, *(str(f["photo"]) for f in findings if f.get("photo"))]:
         if name not in order:
