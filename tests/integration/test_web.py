@@ -9,6 +9,7 @@ import html
 import io
 import re
 import time
+import unicodedata
 import zipfile
 from collections.abc import Iterator
 from datetime import timedelta
@@ -287,7 +288,7 @@ def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
     assert 'class="reject"' in tiny_row
     assert 'class="advice"' in tiny_row
     # The face box of a kept photo, as percentages of the photo.
-    assert re.search(r'data-photo-name="p0.jpg">\s*<div class="thumb" data-box="[\d.]+,'
+    assert re.search(r'data-photo-name="p0.jpg"[^>]*>\s*<div class="thumb" data-box="[\d.]+,'
                      r'[\d.]+,[\d.]+,[\d.]+"', html)
     # Each kept photo's stored picture is named in the report (a zip's photos have no other).
     assert re.search(r'data-stored="/photos/[^"]+/0\.jpg"', html)
@@ -326,6 +327,31 @@ def test_a_zip_is_reported_by_the_photos_inside_it(ann: TestClient) -> None:
                  files=[("files", ("selfies.zip", data.getvalue(), "application/zip"))])
     assert r.status_code == 422
     assert report_rows(r.text) == {"tiny.jpg": "left-out"}
+
+
+def test_photos_stored_under_a_cleaned_name_are_reported_by_it(ann: TestClient) -> None:
+    # The intake stores a photo under a cleaned name (NFC, at most 100 characters); the report
+    # compared the browser's name, so such photos were "left out" though kept (found in review).
+    decomposed = unicodedata.normalize("NFD", "José.jpg")  # as macOS browsers may send it
+    long = "x" * 120 + ".jpg"
+    sent = [decomposed, long, "p2.jpg", "p3.jpg"]
+    files = [("files", (name, synthetic_photo(i), "image/jpeg")) for i, name in enumerate(sent)]
+    r = ann.post("/photos/upload", files=files, headers={"X-CSRF-Token": csrf(ann)})
+    assert r.status_code == 200, r.text
+    rows = report_rows(r.text)
+    assert len(rows) == 4
+    assert set(rows.values()) == {"kept"}
+    assert unicodedata.normalize("NFC", "José.jpg") in {html.unescape(n) for n in rows}
+    # Each row names the file as sent: the page finds the file on the device by it.
+    originals = [html.unescape(n) for n in re.findall(r'data-original-name="([^"]+)"', r.text)]
+    assert sorted(originals) == sorted(sent)
+    # A refused set: one row for a photo, under its cleaned name.
+    tiny = synthetic_photo(99, size=24)
+    r = ann.post("/photos/upload", headers={"X-CSRF-Token": csrf(ann)},
+                 files=[("files", (decomposed, tiny, "image/jpeg"))])
+    assert r.status_code == 422
+    assert {html.unescape(n) for n in report_rows(r.text)} == {
+        unicodedata.normalize("NFC", "José.jpg")}
 
 
 def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Services) -> None:

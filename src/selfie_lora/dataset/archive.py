@@ -50,6 +50,7 @@ __all__ = [
     "read_path",
     "read_uploaded_files",
     "read_zip",
+    "uploaded_name",
 ]
 
 _IGNORED_DIRS = frozenset({"__macosx"})
@@ -155,7 +156,7 @@ def read_uploaded_files(
         # bounded before it is normalised for display.
         _check_name_length(raw_name, len(raw_name.encode("utf-8", "surrogatepass")),
                            what="the file", redo="send it again")
-        name = display_name(raw_name) or f"photo{index + 1}"
+        name = uploaded_name(raw_name, index)
         if _is_ignored(name):
             findings.append(_ignored(name, "a system file"))
             continue
@@ -182,6 +183,12 @@ def read_path(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
                           f"{path.name} is larger than {limits.mib(limits.max_upload_bytes)}")
         return read_zip(path.read_bytes(), limits=limits)
     raise _refuse(ErrorCode.NO_SUCH_PATH, f"{path} is neither a folder nor a zip file")
+
+
+def uploaded_name(raw: str, index: int) -> str:
+    """The name the photo sent ``index``-th (from 0) as ``raw`` is read and stored under. The
+    web page's report matches the files on the device to their rows by it."""
+    return display_name(raw) or f"photo{index + 1}"
 
 
 def display_name(raw: str) -> str:

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfie_lora.dataset.archive import read_path, read_uploaded_files, read_zip
+from selfie_lora.dataset.archive import (
+    read_path,
+    read_uploaded_files,
+    read_zip,
+    uploaded_name,
+)
 from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.dataset.pipeline import (
@@ -213,6 +218,11 @@ class IntakeService:
     def read_files(self, named: Sequence[tuple[str, bytes]]
                    ) -> tuple[list[UploadedFile], list[Finding]]:
         return read_uploaded_files(list(named), limits=self.limits)
+
+    def stored_names(self, raw_names: Sequence[str]) -> list[str]:
+        """The names ``read_files`` reads these photos under, in order: cleaned for display
+        (NFC, bounded, no control characters), so not always the names the browser sent."""
+        return [uploaded_name(raw, index) for index, raw in enumerate(raw_names)]
 
     def read_path(self, path: Path) -> tuple[list[UploadedFile], list[Finding]]:
         """A folder of photos or a zip on this machine (the command line)."""

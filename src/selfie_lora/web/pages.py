@@ -188,6 +188,11 @@ async def photos_upload(request: Request, viewer: PageViewer,
     named = [(f.filename or f"photo-{i + 1}", await f.read()) for i, f in enumerate(files)]
     svc = web.services
     is_zip = len(named) == 1 and named[0][0].lower().endswith(".zip")
+    # The intake keeps each photo under a cleaned name (NFC, bounded, no control characters):
+    # rows are keyed by it, and carry the name the browser sent so that the page finds the
+    # file on the device for its thumbnail. A zip's own name is no photo: none of it here.
+    originals = {} if is_zip else dict(zip(svc.intake.stored_names([n for n, _ in named]),
+                                           (n for n, _ in named), strict=True))
     try:
         if is_zip:
             result = await in_thread(lambda: svc.training.upload_zip(
@@ -198,10 +203,10 @@ async def photos_upload(request: Request, viewer: PageViewer,
     except DatasetRejectedError as exc:
         return web.render(request, "_report.html", viewer=viewer, status_code=422,
                           trainable=False, message=exc.message,
-                          # A zip's own name is no photo: its photos are those the
-                          # findings name (nothing says which others it held).
-                          report=_report_rows([] if is_zip else [n for n, _ in named],
-                                              exc.details, exc.boxes, kept=set()),
+                          # A zip's photos are those the findings name (nothing says
+                          # which others it held).
+                          report=_report_rows(list(originals), exc.details, exc.boxes,
+                                              kept=set(), originals=originals),
                           set_findings=[d for d in exc.details if not d.get("photo")])
     except (InvalidInputError, ConflictError, PayloadTooLargeError) as exc:
         return web.render(request, "_report.html", viewer=viewer, status_code=exc.http_status,
@@ -213,7 +218,7 @@ async def photos_upload(request: Request, viewer: PageViewer,
     # The photos the intake read, by the names it stored them under: the multipart names
     # would list a zip as a photo and miss the photos inside it.
     rows = _report_rows([p.name for p in photos], findings, boxes,
-                        kept={p.name for p in photos})
+                        kept={p.name for p in photos}, originals=originals)
     # The stored photo (the training crop) for each kept one: the only picture of a photo that
     # came inside a zip (the page shows the file from the device when it has it).
     stored = {p.name: f"/photos/{dataset.id}/{p.index}.jpg" for p in photos}
@@ -224,9 +229,11 @@ async def photos_upload(request: Request, viewer: PageViewer,
 
 
 def _report_rows(names: list[str], findings: list[dict[str, Any]],
-                 boxes: dict[str, list[float]], *, kept: set[str]) -> list[dict[str, Any]]:
+                 boxes: dict[str, list[float]], *, kept: set[str],
+                 originals: Mapping[str, str]) -> list[dict[str, Any]]:
     """One row per photo in ``names`` (the photos read) or named in a finding: kept or left
-    out, its findings and its face box (fractions of the photo as sent)."""
+    out, its findings, its face box (fractions of the photo as sent) and the file's name as
+    sent (``originals``, by stored name; a zip's photos have none)."""
     order: list[str] = []
     for name in [*names, *(str(f["photo"]) for f in findings if f.get("photo"))]:
         if name not in order:
@@ -237,7 +244,8 @@ def _report_rows(names: list[str], findings: list[dict[str, Any]],
         rejected = any(f.get("severity") == "reject" for f in mine)
         box = boxes.get(name)
         rows.append({
-            "name": name, "kept": name in kept and not rejected, "findings": mine,
+            "name": name, "original": originals.get(name),
+            "kept": name in kept and not rejected, "findings": mine,
             "box": [round(v * 100, 2) for v in box] if box else None,
         })
     return rows

@@ -64,7 +64,10 @@
     const fillReport = () => {
       // Thumbnails from the files on this device, and the face box the checks found.
       for (const row of report.querySelectorAll("[data-photo-name]")) {
-        const file = chosen.find((f) => f.name === row.dataset.photoName);
+        // Rows are keyed by the name the photo is stored under (cleaned: NFC, bounded); the
+        // name the file was sent with finds it on this device.
+        const sent = row.dataset.originalName ?? row.dataset.photoName;
+        const file = chosen.find((f) => f.name === sent);
         const img = row.querySelector("img");
         if (file && isImage(file)) img.src = urlFor(file);
         else if (img.dataset.stored) img.src = img.dataset.stored;  // from a zip: the stored crop
