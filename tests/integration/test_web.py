@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
+from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
@@ -410,6 +411,24 @@ def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Servic
     for shown in ("seed 7", "v1", "scale 0.8"):
         assert shown in gallery
     assert ann.get(images[0]).headers["content-type"] == "image/png"
+
+
+def test_the_scale_slider_shows_every_scale_the_model_allows(ann: TestClient,
+                                                           svc: Services) -> None:
+    # The slider spanned 0..2 in steps of 0.05 while -1..3 is allowed: a stored 2.5 showed as
+    # 2, and "Save the scale" overwrote it (found in review).
+    assert upload(ann)[0] == 200
+    train(ann)
+    user = svc.users.get_by_name(name="ann")
+    for scale in (2.5, -0.5, 0.833, 3.0, -1.0):
+        svc.models.set_lora_scale(user=user, lora_scale=scale)
+        slider = re.search(r'<input id="lora_scale"[^>]*>', ann.get("/generate").text)
+        assert slider
+        found = dict(re.findall(r'(min|max|step|value)="([^"]+)"', slider.group(0)))
+        assert float(found["min"]) == LORA_SCALE_MIN
+        assert float(found["max"]) == LORA_SCALE_MAX
+        assert found["step"] == "any"  # a browser snaps a value off the step to it
+        assert float(found["value"]) == scale
 
 
 def test_another_user_sees_none_of_it(ann: TestClient, web_settings: Settings,

@@ -15,6 +15,7 @@ from selfie_lora.api.deps import in_thread
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import VersionLikeness
+from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
 from selfie_lora.errors import (
     AuthError,
     ConflictError,
@@ -473,8 +474,11 @@ def generate_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     model = svc.models.find(user=viewer.user)
     history = svc.generation.history(user=viewer.user)
     numbers = {v.id: v.number for v, _ in svc.models.versions_with_likeness(user=viewer.user)}
+    # The slider spans the range the model allows (the API's too), or a stored scale outside
+    # it would show clamped and "Save the scale" would overwrite it.
     return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
-                      numbers=numbers, presets=PRESETS)
+                      numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
+                      scale_max=LORA_SCALE_MAX)
 
 
 @router.post("/generate")

@@ -137,5 +137,12 @@
   });
   const scale = document.getElementById("lora_scale");
   const scaleValue = document.getElementById("scale-value");
-  if (scale && scaleValue) scale.addEventListener("input", () => { scaleValue.textContent = scale.value; });
+  // step="any" so that any stored scale shows as it is; a scale the user drags to is kept to
+  // hundredths.
+  if (scale && scaleValue) {
+    scale.addEventListener("input", () => {
+      scale.value = String(Math.round(Number(scale.value) * 100) / 100);
+      scaleValue.textContent = scale.value;
+    });
+  }
 })();
