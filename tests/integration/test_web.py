@@ -521,6 +521,22 @@ def test_the_page_upload_finds_the_session_beside_any_other_cookie(ann: TestClie
     assert r.status_code == 401
 
 
+def test_a_refused_page_upload_answers_a_report_not_a_page(ann: TestClient,
+                                                        svc: Services) -> None:
+    # A tab's token gone stale (signed in again elsewhere): the 403 was the whole error page,
+    # which the page's script put inside its report (found in review). It is the report
+    # fragment now, saying why; the script puts only that fragment in the report.
+    stale = csrf(ann)
+    sign_in(ann, "ann")
+    r = ann.post("/photos/upload", headers={"X-CSRF-Token": stale},
+                 files=[("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))])
+    assert r.status_code == 403
+    assert r.text.lstrip().startswith('<div class="report bad" data-trainable="false">')
+    assert "<!doctype" not in r.text.lower()
+    assert "this form has expired" in r.text
+    assert svc.intake.latest(user=svc.users.get_by_name(name="ann")) is None
+
+
 def test_the_training_status_shows_the_newest_sample_to_its_owner_only(tmp_path: Path) -> None:
     # A recipe that samples (local-tiny-v2); the fake trainer makes one at steps 1, 2 and 3.
     settings = make_settings(tmp_path, trainer_version="local-tiny-v2")

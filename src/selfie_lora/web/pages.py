@@ -20,10 +20,12 @@ from selfie_lora.errors import (
     AuthError,
     ConflictError,
     DatasetRejectedError,
+    ForbiddenError,
     InvalidInputError,
     NotFoundError,
     PayloadTooLargeError,
     RateLimitedError,
+    SelfieLoraError,
 )
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.generation import GenerationRequest
@@ -185,7 +187,12 @@ async def photos_upload(request: Request, viewer: PageViewer,
     """The upload form's photos (several files, or one zip), sent by the page's script with
     the CSRF token in a header; answers the report as an HTML fragment for the page."""
     web = _web(request)
-    web.check_csrf(request, viewer, None)
+    try:
+        web.check_csrf(request, viewer, None)
+    except ForbiddenError as exc:
+        # The page puts the answer in its report: a report saying why (a tab's token gone
+        # stale), not the whole error page nested in this one.
+        return _upload_refused(web, request, viewer, exc)
     named = [(f.filename or f"photo-{i + 1}", await f.read()) for i, f in enumerate(files)]
     svc = web.services
     is_zip = len(named) == 1 and named[0][0].lower().endswith(".zip")
@@ -210,8 +217,7 @@ async def photos_upload(request: Request, viewer: PageViewer,
                                               kept=set(), originals=originals),
                           set_findings=[d for d in exc.details if not d.get("photo")])
     except (InvalidInputError, ConflictError, PayloadTooLargeError) as exc:
-        return web.render(request, "_report.html", viewer=viewer, status_code=exc.http_status,
-                          trainable=False, message=exc.message, report=[], set_findings=[])
+        return _upload_refused(web, request, viewer, exc)
     dataset = result.dataset
     photos = svc.intake.photos(user=viewer.user, dataset_id=dataset.id)
     findings = [f.as_dict() for f in dataset.findings]
@@ -227,6 +233,13 @@ async def photos_upload(request: Request, viewer: PageViewer,
         row["stored"] = stored.get(row["name"])
     return web.render(request, "_report.html", viewer=viewer, trainable=True, dataset=dataset,
                       report=rows, set_findings=[d for d in findings if not d.get("photo")])
+
+
+def _upload_refused(web: Web, request: Request, viewer: Viewer,
+                    exc: SelfieLoraError) -> HTMLResponse:
+    """An upload refused as a whole: the report fragment, with the error's status."""
+    return web.render(request, "_report.html", viewer=viewer, status_code=exc.http_status,
+                      trainable=False, message=exc.message, report=[], set_findings=[])
 
 
 def _report_rows(names: list[str], findings: list[dict[str, Any]],

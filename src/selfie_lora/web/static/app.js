@@ -104,9 +104,24 @@
       xhr.addEventListener("load", () => {
         progress.value = 100;
         if (xhr.getResponseHeader("content-type")?.startsWith("text/html")) {
-          report.innerHTML = xhr.responseText;  // our own escaped template
-          fillReport();
-          status.textContent = xhr.status === 200 ? "Done." : "Some photos need changes.";
+          // Only the report fragment (our own escaped template, marked data-trainable) goes in
+          // the report: any other page (an error page, the sign-in page a lapsed session is
+          // sent to) would nest a whole page here. Of those, the message is shown.
+          const parsed = new DOMParser().parseFromString(xhr.responseText, "text/html");
+          const fragment = parsed.querySelector("body > [data-trainable]");
+          if (fragment) {
+            report.replaceChildren(document.adoptNode(fragment));
+            fillReport();
+            const alert = fragment.querySelector('[role="alert"]');
+            status.textContent = xhr.status === 200 ? "Done."
+              : xhr.status === 422 ? "Some photos need changes."
+              : alert?.textContent ?? `The upload failed (${xhr.status}).`;
+          } else if (xhr.responseURL && new URL(xhr.responseURL).pathname === "/signin") {
+            status.textContent = "Your session has ended: sign in again, then send the photos.";
+          } else {
+            const alert = parsed.querySelector('[role="alert"]');
+            status.textContent = alert?.textContent ?? `The upload failed (${xhr.status}).`;
+          }
         } else {
           let message = `The upload failed (${xhr.status}).`;
           try { message = JSON.parse(xhr.responseText).error.message; } catch (_) { /* keep */ }
