@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
+from selfie_lora.domain.entities import GateStatus
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -429,6 +430,35 @@ def test_the_scale_slider_shows_every_scale_the_model_allows(ann: TestClient,
         assert float(found["max"]) == LORA_SCALE_MAX
         assert found["step"] == "any"  # a browser snaps a value off the step to it
         assert float(found["value"]) == scale
+
+
+def test_using_a_held_or_pending_version_says_which_it_is(ann: TestClient,
+                                                         svc: Services) -> None:
+    # A version still being scored was "held back (None)" (found in review): pending and held
+    # are worded apart, and a reason is printed only when there is one.
+    assert upload(ann)[0] == 200
+    train(ann)
+    train(ann)
+    user = svc.users.get_by_name(name="ann")
+    v2, v1 = svc.models.versions(user=user)
+    svc.models.activate(user=user, version_id=v1.id)
+
+    def confirm() -> str:
+        found = re.search(r'data-confirm="(Use version 2[^"]*)"', ann.get("/versions").text)
+        assert found
+        return html.unescape(found.group(1))
+
+    svc.repo.set_version_gate(v2.id, status=GateStatus.PENDING, reason=None, details={})
+    assert "still being scored" in confirm()
+    assert "held" not in confirm()
+    assert "None" not in confirm()
+    svc.repo.set_version_gate(v2.id, status=GateStatus.HELD, reason=None, details={})
+    assert "the likeness gate held it back. " in confirm()
+    svc.repo.set_version_gate(v2.id, status=GateStatus.HELD, reason="likeness dropped",
+                              details={})
+    assert "held it back (likeness dropped)" in confirm()
+    svc.repo.set_version_gate(v2.id, status=GateStatus.PASSED, reason=None, details={})
+    assert "although" not in confirm()
 
 
 def test_another_user_sees_none_of_it(ann: TestClient, web_settings: Settings,
