@@ -496,6 +496,13 @@ def test_api_keys_from_the_settings_page_work_and_can_be_revoked(ann: TestClient
     secret = re.search(r'id="new-key">([^<]+)<', r.text)
     assert secret
     key = secret.group(1)
+    # The one answer with the secret, like every signed-in page, is kept by no cache (it was
+    # sent without Cache-Control: found in review).
+    assert r.headers["cache-control"] == "no-store"
+    for page in ("/photos", "/train", "/train/status", "/versions", "/generate", "/model",
+                 "/settings"):
+        assert ann.get(page).headers["cache-control"] == "no-store", page
+    assert "cache-control" not in ann.get("/static/app.js").headers
     assert ann.get("/settings").text.count(key) == 0  # shown once
     headers = {"Authorization": f"Bearer {key}"}
     assert ann.get("/api/keys", headers=headers).status_code == 200

@@ -118,7 +118,12 @@ class Web:
             request=request, viewer=viewer, path=request.url.path,
             csrf_token=viewer.session.csrf_token if viewer else None,
             signup=self.services.users.signup_enabled, **context)
-        return HTMLResponse(html, status_code=status_code)
+        response = HTMLResponse(html, status_code=status_code)
+        if viewer is not None:
+            # A signed-in page is its user's (a new API key's secret is on one, once): no cache
+            # may keep it, nor show it again from history after signing out.
+            response.headers["Cache-Control"] = "no-store"
+        return response
 
     def error_page(self, request: Request, status: int, message: str,
                    code: str = "error") -> HTMLResponse:
