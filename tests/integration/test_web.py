@@ -203,6 +203,21 @@ def test_sign_out_ends_the_session(ann: TestClient) -> None:
     assert ann.get("/photos", follow_redirects=False).status_code == 303
 
 
+def test_htmx_is_told_to_load_the_sign_in_page_once_the_session_ends(ann: TestClient) -> None:
+    # The training status htmx polls answered a 303 to the sign-in page, which htmx follows
+    # and would put inside the status section (found in review).
+    ann.post("/signout", data={"csrf_token": csrf(ann)})
+    polled = {"HX-Request": "true", "HX-Current-URL": "http://testserver/train"}
+    r = ann.get("/train/status", headers=polled, follow_redirects=False)
+    assert r.status_code == 200
+    assert r.headers["hx-redirect"] == "/signin?next=/train"  # back to the page, after
+    assert r.text == ""
+    # A page loaded by the browser is still redirected.
+    r = ann.get("/train/status", follow_redirects=False)
+    assert r.status_code == 303
+    assert "hx-redirect" not in r.headers
+
+
 def test_an_expired_session_sends_the_browser_to_sign_in(web_settings: Settings,
                                                          svc: Services) -> None:
     clock = Clock()

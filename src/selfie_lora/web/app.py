@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -160,14 +160,25 @@ class SecurityHeaders:
         await self._app(scope, receive, send_with_headers)
 
 
+def _signin_url(next_path: str) -> str:
+    # The whole path and query is one value of "next": its "?", "&" and "=" are encoded, or
+    # the sign-in page would read /versions?a=1&b=2 as next=/versions?a=1 and b=2. Where it
+    # may lead is checked when it is used (pages._local_target).
+    return f"/signin?next={quote(next_path, safe='/')}"
+
+
 def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
     """What a page shows for an error: the sign-in page for no session, else an error page."""
     if isinstance(exc, SignInRequired):
-        # The whole path and query is one value of "next": its "?", "&" and "=" are encoded,
-        # or the sign-in page would read /versions?a=1&b=2 as next=/versions?a=1 and b=2.
-        # Where it may lead is checked when it is used (pages._local_target).
-        return RedirectResponse(f"/signin?next={quote(exc.next_path, safe='/')}",
-                                status_code=303)
+        if request.headers.get("hx-request") == "true":
+            # htmx's request (the training status it polls) follows a 303 and would put the
+            # whole sign-in page inside its section: it is told to load the sign-in page, and
+            # to come back to the page it is on (its HX-Current-URL), not to the fragment.
+            current = urlsplit(request.headers.get("hx-current-url", ""))
+            back = (current.path + (f"?{current.query}" if current.query else "")
+                    if current.path.startswith("/") else exc.next_path)
+            return Response(status_code=200, headers={"HX-Redirect": _signin_url(back)})
+        return RedirectResponse(_signin_url(exc.next_path), status_code=303)
     if isinstance(exc, SelfieLoraError):
         if exc.http_status >= 500:
             logger.error("%s: %s", exc.code, exc.message)
