@@ -391,6 +391,26 @@ def test_a_16_bit_grey_png_is_scaled_a_band_at_a_time() -> None:
     assert decoded.image.getpixel((3999, 0))[0] == 0  # type: ignore[index]
 
 
+@pytest.mark.parametrize("min_side", [None, 128])
+def test_a_jpeg_cut_off_and_closed_with_an_end_marker_is_truncated(min_side: int | None) -> None:
+    """libjpeg fills the missing blocks with mid-grey and says nothing (Pillow raises only when
+    the bytes run out): the grey band would be trained into the LoRA."""
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    whole = encode(noisy, "JPEG", quality=90)
+    cut = whole[:len(whole) * 6 // 10] + b"\xff\xd9"
+    refused = decode_photo(UploadedFile("cut.jpg", cut), limits=LIMITS, min_side=min_side)
+    assert isinstance(refused, Finding), refused
+    assert refused.code == "truncated_image"
+    assert isinstance(decode_photo(UploadedFile("whole.jpg", whole), limits=LIMITS,
+                                   min_side=min_side), DecodedPhoto)
+    # A photo that really ends in a flat colour is no cut-off one.
+    flat = np.asarray(noisy).copy()
+    flat[-40:] = (120, 120, 120)
+    assert isinstance(decode_photo(UploadedFile("f.jpg", encode(Image.fromarray(flat), "JPEG")),
+                                   limits=LIMITS, min_side=min_side), DecodedPhoto)
+
+
 def test_heic_without_pillow_heif_is_unsupported(monkeypatch: pytest.MonkeyPatch) -> None:
     pillow_heif.register_heif_opener()
     data = _heic(photo())

@@ -361,6 +361,11 @@ def _decode(
             # keeps both sides >= min_side, i.e. the short side >= min_side.
             img.draft("RGB", (min_side, min_side))
         img.load()
+        if fmt == "JPEG" and _grey_filled_bottom(img):
+            raise _RejectedError(_finding(
+                name, "truncated_image",
+                f"{name} is cut off: the bottom of the picture is missing (filled with grey)",
+                "the upload or copy was incomplete; export the photo again"))
         icc = img.info.get("icc_profile")
         out = _flatten(img)
         if min_side and fmt != "JPEG":
@@ -456,6 +461,20 @@ def _flatten(img: Image.Image) -> Image.Image:
 
 
 _SCALE_BAND_ROWS = 256
+# Rows at the bottom of a decoded JPEG that must all be exactly mid-grey for it to count as cut
+# off: one block row at 1/2 scale (8 px blocks), so a half-size decode sees it too.
+_GREY_FILL_ROWS = 4
+
+
+def _grey_filled_bottom(img: Image.Image) -> bool:
+    """Whether a JPEG's last rows are the exact mid-grey libjpeg fills missing blocks with: a
+    file cut off and closed with an end-of-image marker (repair tools, some transfers) decodes
+    without an error, and its grey band would be trained into the LoRA. A camera photo's noise
+    never leaves whole rows at exactly 128 in every channel."""
+    if img.mode not in ("RGB", "L") or img.height <= _GREY_FILL_ROWS:
+        return False
+    bottom = np.asarray(img.crop((0, img.height - _GREY_FILL_ROWS, img.width, img.height)))
+    return bool((bottom == 128).all())
 
 
 def _scale_to_l(img: Image.Image, full_scale: float | None) -> Image.Image:
