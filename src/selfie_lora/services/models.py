@@ -84,10 +84,7 @@ class ModelService:
         self._download_url_expiry = download_url_expiry
 
     def get(self, *, user: User) -> Model:
-        model = self._repo.get_model_for_user(user.id)
-        if model is None:
-            raise NotFoundError("you have no model yet: upload photos to start one")
-        return model
+        return _users_model(self._repo, user)
 
     def find(self, *, user: User) -> Model | None:
         return self._repo.get_model_for_user(user.id)
@@ -150,9 +147,7 @@ class ModelService:
         # same lock (TrainingService.start), so none can queue a training on the old pin between
         # "nothing is running" and the new pin.
         with self._repo.atomic() as tx:
-            model = tx.get_model_for_user(user.id, for_update=True)
-            if model is None:
-                raise NotFoundError("you have no model yet: upload photos to start one")
+            model = _users_model(tx, user, for_update=True)
             version = validate_trainer_version(backend=model.backend,
                                                trainer_version=trainer_version)
             if any(t.status.is_active for t in tx.list_trainings(model.id)):
@@ -172,11 +167,7 @@ class ModelService:
 
     def version(self, *, user: User, version_id: str) -> Version:
         """The user's version ``version_id``: its id, or its number (``2`` or ``v2``)."""
-        model = self.get(user=user)
-        version = find_version(self._repo.list_versions(model.id), version_id)
-        if version is None:
-            raise NotFoundError(f"no such version: {version_id[:64]}")
-        return version
+        return _models_version(self._repo, self.get(user=user), version_id)
 
     def active_version(self, *, model: Model) -> Version | None:
         if model.active_version_id is None:
@@ -191,12 +182,8 @@ class ModelService:
         # (LikenessService.apply_verdict): a gate decision committed while this request waited is
         # what it reads, so it neither undoes the decision nor is undone by it.
         with self._repo.atomic() as tx:
-            model = tx.get_model_for_user(user.id, for_update=True)
-            if model is None:
-                raise NotFoundError("you have no model yet: upload photos to start one")
-            version = find_version(tx.list_versions(model.id), version_id)
-            if version is None:
-                raise NotFoundError(f"no such version: {version_id[:64]}")
+            model = _users_model(tx, user, for_update=True)
+            version = _models_version(tx, model, version_id)
             overrides = version.gate_status is not GateStatus.PASSED
             tx.set_model_active_version(model.id, version.id)
             if overrides and version.id != model.active_version_id:
@@ -264,3 +251,20 @@ class ModelService:
     def log(self, *, user: User) -> Sequence[dict[str, Any]]:
         model = self.get(user=user)
         return self._repo.list_events(model.id)
+
+
+def _users_model(repo: Repository, user: User, *, for_update: bool = False) -> Model:
+    """The user's model (its row locked with ``for_update``, inside a transaction)."""
+    model = repo.get_model_for_user(user.id, for_update=for_update)
+    if model is None:
+        raise NotFoundError("you have no model yet: upload photos to start one")
+    return model
+
+
+def _models_version(repo: Repository, model: Model, version_id: str) -> Version:
+    """``model``'s version ``version_id``: its id, or its number (``2`` or ``v2``)."""
+    version = find_version(repo.list_versions(model.id), version_id)
+    if version is None:
+        raise NotFoundError(f"no such version: {version_id[:64]}")
+    return version
+
