@@ -17,7 +17,7 @@ from rich.table import Table
 
 from selfie_lora.config import Settings, get_settings, settings_errors
 from selfie_lora.console import console, err_console, follow_training, print_report
-from selfie_lora.domain.entities import GateStatus
+from selfie_lora.domain.entities import GateStatus, Training
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import SelfieLoraError
@@ -388,11 +388,20 @@ def _hand_back_on_interrupt(services: Services, worker: Worker, *, owner: Any,
         err_console.print(f"training {t.id} {t.status} before it could be handed back",
                           highlight=False)
         return
-    err_console.print(
-        f"training {t.id} is queued at step {t.step}/{t.total_steps}, its checkpoints kept: "
-        "any 'selfie-lora worker' or 'selfie-lora serve' on this data continues it from its "
-        "last checkpoint (follow it in the web app or GET /api/training/progress)",
-        highlight=False, soft_wrap=True)
+    err_console.print(handed_back_message(t), highlight=False, soft_wrap=True)
+
+
+def handed_back_message(t: Training) -> str:
+    """What a training handed back by Ctrl-C waits for, and who goes on with it."""
+    # Its child can finish the last steps while the command winds down: then the new version is
+    # stored and only its scoring is left, with no checkpoint to continue from.
+    if t.version_id is not None:
+        where, goes_on = "its version stored, to be scored", "scores it and ends it"
+    else:
+        where = f"at step {t.step}/{t.total_steps}, its checkpoints kept"
+        goes_on = "continues it from its last checkpoint"
+    return (f"training {t.id} is queued {where}: any 'selfie-lora worker' or 'selfie-lora serve' "
+            f"on this data {goes_on} (follow it in the web app or GET /api/training/progress)")
 
 
 @app.command()
