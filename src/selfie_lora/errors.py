@@ -18,7 +18,9 @@ entry points never see them.
     │   └── DatasetRejectedError    the photos cannot be trained on; carries the findings
     ├── PayloadTooLargeError        an upload over the configured limit (HTTP 413)
     ├── InvalidTransitionError      a training state change that would go backwards (a bug: HTTP 500)
-    ├── StorageError                a blob is missing or cannot be written
+    ├── StorageError                a blob cannot be read or written (storage unreachable,
+    │   │                           a full disk, a refused write)
+    │   └── BlobMissingError        the blob is not there: retrying will not bring it back
     ├── GenerationError             the image generator failed
     ├── AlertDeliveryError          the operator's alert endpoint did not take an alert; says
     │                               the endpoint's host and HTTP status at most, never its URL
@@ -206,6 +208,12 @@ class InvalidTransitionError(SelfieLoraError):
 class StorageError(SelfieLoraError):
     code = ErrorCode.STORAGE_ERROR
     http_status = 500
+
+
+class BlobMissingError(StorageError):
+    """The store answered, and the blob is not in it. Told apart from the store being away
+    because a worker steps away from an outage (the next attempt reads it) but not from a
+    photo that is gone (no attempt ever will)."""
 
 
 class GenerationError(SelfieLoraError):

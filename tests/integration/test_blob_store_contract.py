@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from selfie_lora.adapters.storage import s3 as s3_module
 from selfie_lora.adapters.storage.cache import STALE_FETCH_SECONDS
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
-from selfie_lora.errors import StorageError
+from selfie_lora.errors import BlobMissingError, StorageError
 from tests.support.s3 import S3Server
 
 KINDS = ["fs", "s3"]
@@ -54,13 +54,15 @@ def test_a_blob_reads_back_as_written(store: Any) -> None:
     assert store.get("photos/a.jpg") == b"again"
 
 
-def test_a_missing_blob_is_a_storage_error(store: Any) -> None:
+def test_a_missing_blob_is_a_blob_missing_error(store: Any) -> None:
+    # Not only a StorageError: a worker steps away from an unreachable store, not from a photo
+    # that is gone.
     assert not store.exists("photos/none.jpg")
-    with pytest.raises(StorageError, match="missing"):
+    with pytest.raises(BlobMissingError, match="missing"):
         store.get("photos/none.jpg")
-    with pytest.raises(StorageError, match="missing"):
+    with pytest.raises(BlobMissingError, match="missing"):
         store.open("photos/none.jpg")  # at once, not when the answer is half sent
-    with pytest.raises(StorageError, match="missing"), \
+    with pytest.raises(BlobMissingError, match="missing"), \
             store.local_copy("weights/none.safetensors"):
         pass
 
@@ -323,6 +325,22 @@ def test_object_storage_without_its_bucket_fails_its_check(s3_server: S3Server,
         missing.check()
     with pytest.raises(StorageError, match="object storage could not write"):
         missing.put("photos/a.jpg", b"a")
+    # A read answers 404 as for a missing blob: still the settings' fault, said as such.
+    for read in (missing.get, missing.open):
+        with pytest.raises(StorageError, match="has no bucket 'no-such-bucket-here'") as caught:
+            read("photos/a.jpg")
+        assert not isinstance(caught.value, BlobMissingError)
+
+
+def test_object_storage_out_of_reach_is_no_missing_blob(tmp_path: Path) -> None:
+    from selfie_lora.adapters.storage.s3 import S3BlobStore
+
+    # Port 9 (discard): nothing listens there.
+    away = S3BlobStore(url="s3://bucket/x", cache_dir=tmp_path, endpoint="http://127.0.0.1:9",
+                       region="us-east-1", access_key_id="a", secret_access_key="b")
+    with pytest.raises(StorageError, match="could not read") as caught:
+        away.get("photos/a.jpg")
+    assert not isinstance(caught.value, BlobMissingError)
 
 
 @settings(max_examples=25, deadline=None,

@@ -17,11 +17,17 @@ import pytest
 from sqlalchemy import Engine
 
 from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.errors import StorageError
+from selfie_lora.services.layout import photo_key
 from selfie_lora.services.ports import TrainingJob
-from selfie_lora.services.training import DATABASE_UNREACHABLE, TrainingService
+from selfie_lora.services.training import (
+    DATABASE_UNREACHABLE,
+    STORAGE_UNREACHABLE,
+    TrainingService,
+)
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingTelemetry
 from selfie_lora.wiring import Services, build_services, training_defaults
 from tests.conftest import make_settings, one_person_analyzer
@@ -228,3 +234,68 @@ def test_a_database_that_blinks_interrupts_a_training_and_does_not_fail_it(
     assert (final.status, final.attempt, final.recoveries, final.error) == (
         TrainingStatus.SUCCEEDED, 2, 1, None)
     assert len(trainer.jobs) == 2
+
+
+class FlakyPhotos(FileSystemBlobStore):
+    """Blobs on disk, but the next ``failures`` reads of a photo fail as an outage of the store
+    would (object storage out of reach)."""
+
+    failures = 0
+
+    def get(self, key: str) -> bytes:
+        if key.startswith("photos/") and self.failures > 0:
+            self.failures -= 1
+            raise StorageError(f"object storage could not read {key!r}: connection refused")
+        return super().get(key)
+
+
+def test_a_blob_store_out_of_reach_interrupts_a_training_and_does_not_fail_it(
+        machine: Machine) -> None:
+    """The photos a worker reads for a training, in the store's outage, used to fail it ("The
+    training could not run: object storage could not read ..."), as if they were gone. The
+    worker steps away as from a database outage, and the next attempt trains."""
+    trainer = FakeTrainer(steps=2)
+    svc = machine.worker(trainer)
+    blobs = FlakyPhotos(svc.blobs.root)  # type: ignore[attr-defined]
+    worker = TrainingService(repo=svc.repo, blobs=blobs, queue=svc.queue, trainers=svc.trainers,
+                             defaults=lambda: training_defaults(machine.settings),
+                             work_dir=machine.settings.work_dir, likeness=svc.likeness,
+                             lease=machine.settings.lease_policy)
+    user, _ = svc.users.create(name="ann")
+    started = svc.training.upload_zip(user=user, data=photo_zip(3))
+    assert started.training is not None
+    training_id = started.training.id
+
+    blobs.failures = 1
+    worker.run(training_id, owner="A")
+    waiting = svc.repo.get_training(training_id)
+    assert waiting is not None
+    assert waiting.status is TrainingStatus.STARTING
+    assert (waiting.attempt, waiting.error) == (1, STORAGE_UNREACHABLE)
+    assert trainer.jobs == []
+    assert training_id in svc.queue.queued_training_ids()  # rung again at once
+
+    worker.run(training_id, owner="A")
+    final = svc.repo.get_training(training_id)
+    assert final is not None
+    assert (final.status, final.attempt, final.error) == (TrainingStatus.SUCCEEDED, 2, None)
+
+
+def test_a_photo_gone_from_the_store_fails_the_training_and_says_so(machine: Machine) -> None:
+    trainer = FakeTrainer(steps=2)
+    svc = machine.worker(trainer)
+    user, _ = svc.users.create(name="ann")
+    started = svc.training.upload_zip(user=user, data=photo_zip(3))
+    assert started.training is not None
+    dataset = svc.repo.get_dataset(started.training.dataset_id)
+    assert dataset is not None
+    svc.blobs.delete(photo_key(dataset.photo_hashes[1]))
+
+    svc.training.run(started.training.id, owner="A")
+    final = svc.repo.get_training(started.training.id)
+    assert final is not None
+    assert final.status is TrainingStatus.FAILED
+    assert final.error is not None
+    assert "gone from storage" in final.error
+    assert "upload the photos again" in final.error
+    assert trainer.jobs == []

@@ -84,6 +84,7 @@ from selfie_lora.domain.states import can_transition, transition
 from selfie_lora.domain.versions import VERSION_ACTIVATED
 from selfie_lora.errors import (
     AuthError,
+    BlobMissingError,
     ConflictError,
     ErrorCode,
     InvalidInputError,
@@ -127,6 +128,8 @@ INTERNAL_ERROR_MESSAGE = ("The training stopped because of an internal error. Yo
                           "happens again.")
 # Why a training whose worker's database failed it waits on its row: the next attempt runs it.
 DATABASE_UNREACHABLE = "the database could not be reached"
+# ... and one whose worker could not read its photos or checkpoint from the blob store.
+STORAGE_UNREACHABLE = "the stored photos could not be read"
 # An upload that starts a training holds the user's slot this long at most while its photos
 # are checked (a process that dies holding it blocks its user no longer than this).
 UPLOAD_CLAIM_TTL = timedelta(minutes=10)
@@ -811,10 +814,18 @@ class TrainingService:
         _remove_earlier_attempts(root, held.attempt)
         work_dir = _attempt_folder(root, held.attempt)
         try:
-            job = self._job(training, work_dir=work_dir)
-            # The newest checkpoint of an earlier attempt (or of the canceled training this one
-            # resumes), wherever that ran: the blob store is what every worker sees.
-            stored = self._checkpoints.fetch(training.id, work_dir / "resume.ckpt")
+            try:
+                job = self._job(training, work_dir=work_dir)
+                # The newest checkpoint of an earlier attempt (or of the canceled training this
+                # one resumes), wherever that ran: the blob store is what every worker sees.
+                stored = self._checkpoints.fetch(training.id, work_dir / "resume.ckpt")
+            except BlobMissingError:
+                raise
+            except StorageError as exc:
+                # The store is away (or misconfigured), not the photos gone: the next attempt
+                # reads them, and an outage that lasts ends the training all the same.
+                raise _UnreachableError(exc.message, remote_id=training.remote_id,
+                                        reason=STORAGE_UNREACHABLE) from exc
             if stored is not None:
                 logger.info("training %s continues from its checkpoint at step %d",
                             training.id, stored.step)
@@ -1057,11 +1068,15 @@ class TrainingService:
         if dataset is None:
             raise NotFoundError("the training's photos are gone")
         caption = caption_for(training.trigger_word)
-        photos = tuple(
-            TrainingPhoto(name=f"{i:03d}.jpg", data=self._blobs.get(photo_key(sha)), caption=caption,
-                          face_box=dataset.face_box(i))
-            for i, sha in enumerate(dataset.photo_hashes)
-        )
+        try:
+            photos = tuple(
+                TrainingPhoto(name=f"{i:03d}.jpg", data=self._blobs.get(photo_key(sha)),
+                              caption=caption, face_box=dataset.face_box(i))
+                for i, sha in enumerate(dataset.photo_hashes)
+            )
+        except BlobMissingError as exc:
+            raise NotFoundError(f"a photo of this training is gone from storage ({exc.message}); "
+                                "upload the photos again") from exc
         return TrainingJob(
             training_id=training.id, trigger_word=training.trigger_word,
             destination=training.destination, trainer_version=training.trainer_version,

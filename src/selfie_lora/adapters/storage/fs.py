@@ -14,7 +14,7 @@ from stat import S_ISREG
 from typing import BinaryIO
 
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, remove_if_stale
-from selfie_lora.errors import StorageError
+from selfie_lora.errors import BlobMissingError, StorageError
 from selfie_lora.services.layout import is_valid_key
 from selfie_lora.services.ports import BlobInfo, BlobStream
 
@@ -122,7 +122,7 @@ class FileSystemBlobStore:
         try:
             return self._path(key).read_bytes()
         except NOT_A_BLOB:
-            raise StorageError(f"blob {key!r} is missing") from None
+            raise BlobMissingError(f"blob {key!r} is missing") from None
         except OSError as exc:
             raise _read_error(key, exc) from exc
 
@@ -130,7 +130,7 @@ class FileSystemBlobStore:
         try:
             fh = self._path(key).open("rb")
         except NOT_A_BLOB:
-            raise StorageError(f"blob {key!r} is missing") from None
+            raise BlobMissingError(f"blob {key!r} is missing") from None
         except OSError as exc:
             raise _read_error(key, exc) from exc
         return BlobStream(size=os.fstat(fh.fileno()).st_size, chunks=_chunks(key, fh))
@@ -210,7 +210,7 @@ class FileSystemBlobStore:
         # The blob itself: nothing evicts it.
         path = self._path(key)
         if not path.is_file():
-            raise StorageError(f"blob {key!r} is missing")
+            raise BlobMissingError(f"blob {key!r} is missing")
         yield path
 
     def download_url(self, key: str, *, expires: timedelta) -> str | None:  # noqa: ARG002

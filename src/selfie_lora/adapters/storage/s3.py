@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, BlobCache
 from selfie_lora.adapters.storage.fs import check_key
-from selfie_lora.errors import ConfigError, StorageError, describe
+from selfie_lora.errors import BlobMissingError, ConfigError, StorageError, describe
 from selfie_lora.services.ports import BlobInfo, BlobStream
 
 if TYPE_CHECKING:
@@ -197,8 +197,8 @@ class S3BlobStore:
         check_key(key)
         try:
             return obstore.get(self._store, key).bytes().to_bytes()
-        except FileNotFoundError:
-            raise StorageError(f"blob {key!r} is missing") from None
+        except FileNotFoundError as exc:
+            raise self._not_found(key, exc) from None
         except Exception as exc:
             raise _error("read", key, exc) from exc
 
@@ -208,8 +208,8 @@ class S3BlobStore:
         check_key(key)
         try:
             result = obstore.get(self._store, key)
-        except FileNotFoundError:
-            raise StorageError(f"blob {key!r} is missing") from None
+        except FileNotFoundError as exc:
+            raise self._not_found(key, exc) from None
         except Exception as exc:
             raise _error("read", key, exc) from exc
 
@@ -221,6 +221,15 @@ class S3BlobStore:
                 raise _error("read", key, exc) from exc
 
         return BlobStream(size=int(result.meta["size"]), chunks=chunks())
+
+    def _not_found(self, key: str, exc: FileNotFoundError) -> StorageError:
+        # S3 answers 404 to a GET of a bucket that is not there too: that is the settings'
+        # fault, not a blob gone, and a training must not be failed as if its photos were
+        # (a HEAD's 404 has no body to tell them apart, so exists() cannot).
+        if "<Code>NoSuchBucket</Code>" in str(exc):
+            return StorageError(f"object storage has no bucket {self.location.bucket!r}: check "
+                                "SELFIE_LORA_STORAGE_URL")
+        return BlobMissingError(f"blob {key!r} is missing")
 
     def exists(self, key: str) -> bool:
         import obstore
