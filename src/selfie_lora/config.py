@@ -225,6 +225,17 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _replicate_has_an_owner(self) -> Settings:
+        # The owner goes into the destination a new model is given at its first training, and
+        # that destination is pinned for good: a made-up one (an account the operator does not
+        # own) would fail every training of that model for ever, not just this process.
+        if self.trainer == "replicate" and not self.replicate_owner:
+            raise ValueError("SELFIE_LORA_TRAINER=replicate needs SELFIE_LORA_REPLICATE_OWNER: "
+                             "the Replicate account (user or organisation) that owns the "
+                             "users' destination models")
+        return self
+
+    @model_validator(mode="after")
     def _lease_fits_heartbeats(self) -> Settings:
         try:
             self.lease_policy  # noqa: B018 - raises ValueError when the lease is under 2 beats
@@ -277,8 +288,8 @@ class Settings(BaseSettings):
 
     @property
     def destination_owner(self) -> str:
-        if self.trainer == "replicate":
-            return self.replicate_owner or "selfie-lora"
+        if self.trainer == "replicate" and self.replicate_owner:  # always, once validated
+            return self.replicate_owner
         return "local"
 
     @property

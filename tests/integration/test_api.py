@@ -120,7 +120,8 @@ class MismatchTrainer(FakeTrainer):
 
 def test_a_version_published_to_another_model_is_not_generated_with(tmp_path: Path) -> None:
     """It generated on the other model's Replicate version: pictures of someone else."""
-    settings = make_settings(tmp_path, trainer="replicate", quality_gate=False)
+    settings = make_settings(tmp_path, trainer="replicate", replicate_owner="acme",
+                             quality_gate=False)
     generator = FakeGenerator(backend="replicate")
     svc = build_services(settings, trainers={"replicate": MismatchTrainer()},
                          face_analyzer=one_person_analyzer(), generators={"replicate": generator})

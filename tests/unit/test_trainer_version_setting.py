@@ -23,6 +23,7 @@ def test_a_replicate_trainer_version_it_would_refuse_is_a_settings_error(
     monkeypatch: pytest.MonkeyPatch, value: str,
 ) -> None:
     monkeypatch.setenv("SELFIE_LORA_TRAINER", "replicate")
+    monkeypatch.setenv("SELFIE_LORA_REPLICATE_OWNER", "acme")
     monkeypatch.setenv("SELFIE_LORA_TRAINER_VERSION", value)
     with pytest.raises(ValueError, match="SELFIE_LORA_TRAINER_VERSION") as caught:
         Settings()
@@ -31,8 +32,9 @@ def test_a_replicate_trainer_version_it_would_refuse_is_a_settings_error(
 
 def test_a_replicate_version_reference_is_kept() -> None:
     value = f"ostris/flux-dev-lora-trainer:{HASH}"
-    assert Settings(trainer="replicate", trainer_version=value).effective_trainer_version == value
-    padded = Settings(trainer="replicate", trainer_version=f" {value}\n")
+    pinned = Settings(trainer="replicate", replicate_owner="acme", trainer_version=value)
+    assert pinned.effective_trainer_version == value
+    padded = Settings(trainer="replicate", replicate_owner="acme", trainer_version=f" {value}\n")
     assert padded.effective_trainer_version == value  # pinned as the trainer reads it
 
 
@@ -51,8 +53,26 @@ def test_a_local_trainer_version_without_a_recipe_is_a_settings_error(value: str
 @pytest.mark.parametrize(("trainer", "base_model"), [("local", "tiny"), ("local", "/models/flux"),
                                                      ("replicate", "tiny")])
 def test_unset_the_default_of_each_backend_is_valid(trainer: str, base_model: str) -> None:
-    settings = Settings(trainer=trainer, base_model=base_model, trainer_version=None)
+    settings = Settings(trainer=trainer, base_model=base_model, trainer_version=None,
+                        replicate_owner="acme")
     pinned = settings.effective_trainer_version
     assert validate_trainer_version(backend=trainer, trainer_version=pinned) == pinned
     if trainer == "replicate":
         assert pinned == DEFAULT_REPLICATE_TRAINER_VERSION
+
+
+def test_the_replicate_trainer_needs_an_owner_for_its_destinations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Unset, the owner used to default to "selfie-lora": every new model was given (and pinned
+    # for good) a destination under an account the operator does not own.
+    monkeypatch.setenv("SELFIE_LORA_TRAINER", "replicate")
+    monkeypatch.delenv("SELFIE_LORA_REPLICATE_OWNER", raising=False)
+    with pytest.raises(ValueError, match="needs SELFIE_LORA_REPLICATE_OWNER"):
+        Settings()
+    monkeypatch.setenv("SELFIE_LORA_REPLICATE_OWNER", "acme")
+    assert Settings().destination_owner == "acme"
+    # The local trainer names its destinations itself: no owner needed.
+    monkeypatch.setenv("SELFIE_LORA_TRAINER", "local")
+    monkeypatch.delenv("SELFIE_LORA_REPLICATE_OWNER")
+    assert Settings().destination_owner == "local"
