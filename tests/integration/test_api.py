@@ -296,6 +296,10 @@ def test_patch_scale_validation_and_rollback(client: TestClient, services: Servi
     # Each version records every value of the recipe its training used, as that training did.
     latest = client.get("/api/training/progress", headers=h).json()["training"]
     assert latest["id"] == versions[0]["training_id"]
+    # The README writes the route `?training_id=`: empty, it is the default (it answered 404).
+    empty = client.get("/api/training/progress?training_id=", headers=h)
+    assert empty.status_code == 200, empty.text
+    assert empty.json()["training"]["id"] == latest["id"]
     assert versions[0]["recipe"] == {**versions[0]["recipe"], **latest["recipe"]}
     assert {"timestep_sampling", "lora_targets", "face_loss_weight"} <= set(versions[0]["recipe"])
     r = client.post(f"/api/model/versions/{versions[1]['id']}/activate", headers=h)

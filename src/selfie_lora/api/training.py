@@ -98,9 +98,11 @@ def resume_training(user: UserDep, svc: ServicesDep, body: ResumeBody) -> dict[s
 async def progress(user: UserDep, svc: ServicesDep,
                    training_id: str | None = None) -> dict[str, Any]:
     # Polled by every client that waits for a training: one trip to the thread pool, as
-    # GET /api/model (api/model.py).
+    # GET /api/model (api/model.py). An empty value (`?training_id=`, as a form or a template
+    # leaves it) is the default, the latest training, not a training with no id.
+    wanted = training_id or None
     return await in_thread(lambda: {
-        "training": view_json(svc.training.progress(user=user, training_id=training_id)),
+        "training": view_json(svc.training.progress(user=user, training_id=wanted)),
         "model": model_of(svc, user)})
 
 
