@@ -81,8 +81,10 @@ def test_first_training_creates_the_model_once_and_the_training(
     assert result.remote_version is not None
     assert result.remote_version.startswith(f"{job.destination}:")
     assert result.version_mismatch is False
+    assert result.trainer_version_ran is None
     assert result.metrics["remote_id"] == remote_id
     assert result.metrics["predict_time"] == pytest.approx(500.0)
+    assert "trainer_version_ran" not in result.metrics
 
 
 def test_three_trainings_share_one_model_destination_version_and_trigger_word(
@@ -203,6 +205,50 @@ def test_a_version_of_another_model_is_flagged(
         r.levelname == "WARNING" and "does not belong to destination" in r.getMessage()
         for r in caplog.records
     )
+
+
+def test_a_trainer_version_replicate_ran_instead_of_the_pin_is_reported(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # replicate-python #419: Replicate ran (and reports) its newest trainer, not the pinned one.
+    replicate_standin.trainer_version_ran = "c" * 64
+    job = replicate_job_factory()
+
+    result = replicate_trainer.train(job, sink=replicate_sink)
+
+    ran = "ostris/flux-dev-lora-trainer:" + "c" * 64
+    assert ran != job.trainer_version
+    assert result.trainer_version_ran == ran
+    assert result.metrics["trainer_version_ran"] == ran
+    assert result.weights_path.is_file()  # the LoRA is kept: it is the user's, and paid for
+    assert any(
+        r.levelname == "WARNING" and "not the pinned" in r.getMessage() and ran in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_a_lost_create_is_adopted_when_replicate_ran_another_trainer_version(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer_factory: TrainerFactory,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    # The training's version is not the pinned one, so it is found by its upload alone: a
+    # search by the pin missed it and the retry created (and Replicate billed) a second one.
+    replicate_standin.trainer_version_ran = "c" * 64
+    replicate_standin.slow_next("POST", TRAININGS_POST, delay=1.5)
+    trainer = replicate_trainer_factory(timeout=0.4)
+
+    result = trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    remote_id = _only_training(replicate_standin)
+    assert replicate_standin.count("POST", TRAININGS_POST) == 1
+    assert replicate_sink.started_ids == [remote_id]
+    assert result.trainer_version_ran == "ostris/flux-dev-lora-trainer:" + "c" * 64
 
 
 def test_progress_rises_to_the_total(

@@ -280,6 +280,24 @@ def test_replicate_version_of_another_model_is_flagged(
                 if e["kind"] == "training_succeeded"] == [True]
 
 
+def test_replicate_running_another_trainer_version_is_recorded_on_the_version(
+    tmp_path: Path, shared_model_cache: Path
+) -> None:
+    # replicate-python #419: Replicate ran its newest trainer instead of the pinned one. The
+    # version must say which trainer made its LoRA, not claim the pin.
+    ran = "ostris/flux-dev-lora-trainer:" + "c" * 64
+    with replicate_backend(tmp_path, shared_model_cache, trainer_version_ran="c" * 64) as b:
+        h = auth(b.services, "ann")
+        done = b.finish(h, b.upload(h))
+        pinned = done["model"]["trainer_version"]
+        assert pinned == DEFAULT_REPLICATE_TRAINER_VERSION != ran
+        assert done["training"]["trainer_version"] == pinned  # what was asked for
+        assert done["model"]["active_version"]["trainer_version"] == ran  # what ran
+        log = b.client.get("/api/model/log", headers=h).json()["events"]
+        assert [e["data"]["metrics"]["trainer_version_ran"] for e in log
+                if e["kind"] == "training_succeeded"] == [ran]
+
+
 def test_replicate_failure_keeps_active_version_with_actionable_error(
     tmp_path: Path, shared_model_cache: Path
 ) -> None:

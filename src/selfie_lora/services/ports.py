@@ -119,6 +119,9 @@ class TrainingResult:
     weights_method: str  # how the weights were found in the trainer's output
     remote_version: str | None = None  # Replicate "owner/name:<hash>" to generate with
     version_mismatch: bool = False  # output.version does not belong to the destination
+    # The trainer version that really ran, when the backend reports one other than the job's
+    # (replicate-python #419); the stored version records it instead of the pin.
+    trainer_version_ran: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
 
 

@@ -901,7 +901,10 @@ class TrainingService:
             version = Version(
                 id=new_id(), model_id=training.model_id,
                 number=(versions[0].number + 1) if versions else 1,
-                training_id=training.id, trainer_version=training.trainer_version,
+                # The trainer that made these weights: the pin, unless the backend ran
+                # another (replicate-python #419), which must not be hidden behind the pin.
+                training_id=training.id,
+                trainer_version=result.trainer_version_ran or training.trainer_version,
                 weights_key=key, weights_sha256=sha, weights_method=result.weights_method,
                 remote_version=result.remote_version, version_mismatch=result.version_mismatch,
                 created_at=now, gate_status=GateStatus.PENDING,
@@ -939,6 +942,11 @@ class TrainingService:
         except StorageError:
             logger.exception("training %s: could not check that the weights %s are stored",
                              held.training_id, key)
+        if result.trainer_version_ran is not None:
+            logger.warning("training %s: the trainer ran %s, not the pinned %s; version %d "
+                           "records the one that ran", held.training_id,
+                           result.trainer_version_ran, held.training.trainer_version,
+                           version.number)
         if result.version_mismatch:
             logger.warning("training %s: the trainer's output version %s does not belong to %s",
                            held.training_id, result.remote_version, held.training.destination)

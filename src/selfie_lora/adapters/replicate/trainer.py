@@ -150,7 +150,7 @@ class ReplicateTrainer:
 
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
         try:
-            trainer_model, trainer_version_id = parse_version_ref(job.trainer_version)
+            trainer_model, _ = parse_version_ref(job.trainer_version)
         except ValueError as exc:
             raise TrainingFailedError(
                 str(exc),
@@ -167,7 +167,7 @@ class ReplicateTrainer:
                 training = session.call("read the training", lambda: session.client.trainings.get(remote_id))
             else:
                 self._ensure_destination(session, destination)
-                training = self._create(session, job, destination, trainer_version_id)
+                training = self._create(session, job, destination)
                 logger.info(
                     "training %s: Replicate training %s of %s into %s",
                     job.training_id,
@@ -229,12 +229,11 @@ class ReplicateTrainer:
         session: ReplicateSession,
         job: TrainingJob,
         destination: str,
-        trainer_version_id: str,
     ) -> Training:
         uploads: set[str] = set()
 
         def find_existing() -> Training | None:
-            found = self._find_existing(session, job, destination, trainer_version_id, uploads)
+            found = self._find_existing(session, job, destination, uploads)
             if found is not None:
                 logger.warning(
                     "training %s: adopting Replicate training %s created by an earlier attempt",
@@ -293,19 +292,20 @@ class ReplicateTrainer:
         session: ReplicateSession,
         job: TrainingJob,
         destination: str,
-        trainer_version_id: str,
         uploads: set[str],
     ) -> Training | None:
-        """A training already created for this job, from the newest pages of the list."""
+        """A training already created for this job, from the newest pages of the list.
+
+        Found by its upload alone, never by the trainer version: Replicate has run (and reported)
+        another trainer version than the create named (replicate-python #419), and a lost
+        create's training missed for that would be created, and billed, a second time.
+        """
         client = session.client
         lookups = 0
         cursor: str | None = None
         for _ in range(_MAX_LIST_PAGES):
             page = session.call("list recent trainings", _page_loader(client, cursor))
             for training in page.results:
-                version = training.version if isinstance(training.version, str) else training.version.id
-                if version != trainer_version_id:
-                    continue
                 if training.destination and training.destination != destination:
                     continue
                 images = (training.input or {}).get("input_images")
@@ -483,6 +483,19 @@ class ReplicateTrainer:
                     destination,
                 )
         metrics: dict[str, Any] = {"remote_id": training.id}
+        ran = _trainer_version_ran(training, job.trainer_version)
+        if ran is not None:
+            # replicate-python #419: Replicate ran another trainer than the pinned one. The LoRA
+            # is kept (it is the user's, trained and paid for), but its record must say which
+            # trainer made it, not the pin.
+            logger.warning(
+                "training %s: Replicate training %s ran trainer %s, not the pinned %s",
+                job.training_id,
+                training.id,
+                ran,
+                job.trainer_version,
+            )
+            metrics["trainer_version_ran"] = ran
         predict_time = _predict_time(session, training)
         if predict_time is not None:
             metrics["predict_time"] = predict_time
@@ -491,6 +504,7 @@ class ReplicateTrainer:
             weights_method=method,
             remote_version=remote_version,
             version_mismatch=mismatch,
+            trainer_version_ran=ran,
             metrics=metrics,
         )
 
@@ -515,6 +529,18 @@ def _page_loader(client: Client, cursor: str | None) -> Callable[[], Page[Traini
         return client.trainings.list() if cursor is None else client.trainings.list(cursor)
 
     return load
+
+
+def _trainer_version_ran(training: Training, pinned: str) -> str | None:
+    """The trainer version (``owner/name:id``) ``training`` says it ran, when that is not
+    ``pinned``; None when it is, or when the training does not say."""
+    reported = training.version if isinstance(training.version, str) else training.version.id
+    if not reported:
+        return None
+    pinned_model, _ = parse_version_ref(pinned)
+    # Replicate answers the bare id; a full reference is taken as it is.
+    ran = reported if ":" in reported else f"{training.model or pinned_model}:{reported}"
+    return None if ran == pinned else ran
 
 
 def _predict_time(session: ReplicateSession, training: Training) -> float | None:

@@ -321,6 +321,7 @@ class StandInRoutes(StandInState):
             body=data,
             trainer_model=trainer_model,
             trainer_version=version_id,
+            ran_version=self.trainer_version_ran,
             destination=destination,
             input=inputs,
             webhook=webhook if isinstance(webhook, str) else None,
@@ -363,7 +364,7 @@ class StandInRoutes(StandInState):
         return {
             "id": rec.id,
             "model": rec.trainer_model,
-            "version": rec.trainer_version,
+            "version": rec.ran_version or rec.trainer_version,
             "input": rec.input,
             "logs": rec.logs,
             "output": rec.output,

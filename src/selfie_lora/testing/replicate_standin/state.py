@@ -108,6 +108,7 @@ class StandInTraining:
     body: dict[str, Any]  # the create request body, as sent
     trainer_model: str  # "owner/name" from the URL
     trainer_version: str  # the version id from the URL
+    ran_version: str | None  # the version id it says it ran (None: ``trainer_version``)
     destination: str
     input: dict[str, Any]
     webhook: str | None
@@ -229,6 +230,9 @@ class StandInState:
         self.prediction_outcome: Outcome = "succeeded"
         self.prediction_error = "NSFW content detected. Try running it again, or try a different prompt."
         self.page_size = 100
+        # The trainer version id a new training says it ran, whatever version its create named
+        # (replicate-python #419: Replicate once ran the newest trainer); None: the one named.
+        self.trainer_version_ran: str | None = None
         self._failures: list[_Rule] = []
         self._delays: list[_Rule] = []
 
