@@ -370,7 +370,9 @@ def test_a_training_created_by_a_crashed_worker_is_adopted(
         metadata={MARKER_METADATA_KEY: job.training_id},
     )
     other = client.files.create(io.BytesIO(build_training_zip(job.photos)), filename="other.zip")
-    for url in (other.urls["get"], uploaded.urls["get"]):
+    # Ours first, so that with one training a page it is found on the list's second page.
+    replicate_standin.page_size = 1
+    for url in (uploaded.urls["get"], other.urls["get"]):
         client.trainings.create(
             version=job.trainer_version,
             input={"input_images": url, "trigger_word": job.trigger_word},
@@ -385,6 +387,30 @@ def test_a_training_created_by_a_crashed_worker_is_adopted(
 
     assert len(replicate_standin.trainings) == 2
     assert replicate_sink.started_ids == ours
+
+
+@pytest.mark.parametrize("odd_version", [None, "a" * 64], ids=["null", "bare-id"])
+def test_an_odd_training_on_the_account_does_not_block_new_ones(
+    odd_version: str | None,
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    # Another tool's training on the same account, whose output.version the official client
+    # cannot parse: listing trainings through it failed (a TypeError, or "try again" for ever)
+    # before every create, so nobody could train.
+    replicate_trainer.train(replicate_job_factory(destination="selfie-lora/other"),
+                            sink=RecordingSink())
+    foreign = replicate_standin.trainings[_only_training(replicate_standin)]
+    foreign.output = {"version": odd_version, "weights": f"{replicate_standin.base_url}/files/x.tar"}
+
+    result = replicate_trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    assert len(replicate_standin.trainings) == 2
+    ours = next(t for t in replicate_standin.trainings.values() if t.id != foreign.id)
+    assert replicate_sink.started_ids == [ours.id]
+    assert result.weights_path.read_bytes() == replicate_standin.weights_for(ours.id)
 
 
 def test_resuming_by_remote_id_creates_nothing(

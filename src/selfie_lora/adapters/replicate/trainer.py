@@ -28,15 +28,13 @@ import logging
 import re
 import threading
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from replicate.client import Client
 from replicate.exceptions import ReplicateError
-from replicate.pagination import Page
 from replicate.training import Training
 
 from selfie_lora.adapters.replicate.outputs import (
@@ -299,35 +297,44 @@ class ReplicateTrainer:
         Found by its upload alone, never by the trainer version: Replicate has run (and reported)
         another trainer version than the create named (replicate-python #419), and a lost
         create's training missed for that would be created, and billed, a second time.
+
+        The list is read as raw JSON, not through the official client: the client parses every
+        item's ``output.version``, so one odd training on the account (another tool's, with a
+        null or bare-id version) failed the whole list, and with it every new training. An
+        item that does not read as a training is skipped; ours is then read by its id.
         """
-        client = session.client
         lookups = 0
-        cursor: str | None = None
+        path = "/v1/trainings"
         for _ in range(_MAX_LIST_PAGES):
-            page = session.call("list recent trainings", _page_loader(client, cursor))
-            for training in page.results:
-                if training.destination and training.destination != destination:
+            page = session.get_json(path, what="list recent trainings")
+            results = page.get("results") if isinstance(page, dict) else None
+            for item in results if isinstance(results, list) else []:
+                remote_id = item.get("id") if isinstance(item, dict) else None
+                if not isinstance(item, dict) or not isinstance(remote_id, str) or not remote_id:
                     continue
-                images = (training.input or {}).get("input_images")
+                if _listed_destination(item) not in {None, destination}:
+                    continue
+                inputs = item.get("input")
+                images = inputs.get("input_images") if isinstance(inputs, dict) else None
                 if not isinstance(images, str):
                     continue
                 if images in uploads:
-                    return training
-                if lookups < _MAX_FILE_LOOKUPS and self._recent(training):
+                    return self._read_training(session, remote_id)
+                if lookups < _MAX_FILE_LOOKUPS and _recent(item):
                     file_id = self._own_file_id(session, images)
                     if file_id is not None:
                         lookups += 1
                         if self._file_marker(session, file_id) == job.training_id:
-                            return training
-            if page.next is None:
+                            return self._read_training(session, remote_id)
+            following = _next_page(page)
+            if following is None:
                 break
-            cursor = page.next
+            path = following
         return None
 
     @staticmethod
-    def _recent(training: Training) -> bool:
-        created = parse_time(training.created_at)
-        return created is None or datetime.now(UTC) - created <= _LOOKUP_WINDOW
+    def _read_training(session: ReplicateSession, remote_id: str) -> Training:
+        return session.call("read the training", lambda: session.client.trainings.get(remote_id))
 
     @staticmethod
     def _own_file_id(session: ReplicateSession, url: str) -> str | None:
@@ -524,11 +531,32 @@ class ReplicateTrainer:
         return f"{destination}:{latest.id}"
 
 
-def _page_loader(client: Client, cursor: str | None) -> Callable[[], Page[Training]]:
-    def load() -> Page[Training]:
-        return client.trainings.list() if cursor is None else client.trainings.list(cursor)
+def _listed_destination(item: dict[str, Any]) -> str | None:
+    """The destination (``owner/name``) of a listed training, as the official client reads it
+    (``destination``, else the model of ``output.version``); None when it names none."""
+    named = item.get("destination")
+    if isinstance(named, str) and named:
+        return named
+    output = item.get("output")
+    version = output.get("version") if isinstance(output, dict) else None
+    if isinstance(version, str) and ":" in version:
+        return version.split(":", 1)[0]
+    return None
 
-    return load
+
+def _recent(item: dict[str, Any]) -> bool:
+    created = parse_time(item.get("created_at"))
+    return created is None or datetime.now(UTC) - created <= _LOOKUP_WINDOW
+
+
+def _next_page(page: object) -> str | None:
+    """The path (with its query) of the list's next page, None on the last one. Only the path
+    is kept: it is read from the session's API, whatever host ``next`` names (a proxy's)."""
+    following = page.get("next") if isinstance(page, dict) else None
+    if not isinstance(following, str) or not following:
+        return None
+    parts = urlsplit(following)
+    return f"{parts.path}?{parts.query}" if parts.query else parts.path
 
 
 def _trainer_version_ran(training: Training, pinned: str) -> str | None:
