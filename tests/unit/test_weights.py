@@ -90,6 +90,45 @@ def test_a_weights_like_key_without_extension_is_trusted() -> None:
 
 
 @pytest.mark.parametrize(
+    "other",
+    [
+        {"samples": "https://x.test/samples.zip"},  # the key beats another file's kind
+        {"training_logs": "https://x.test/logs.tar.gz"},
+        {"lora_checkpoints": ["https://x.test/lora_000000500.safetensors"]},  # an intermediate
+        {"base_model": "https://x.test/ae.safetensors"},  # "model" is not a weights word
+        {"vae_model": "https://x.test/ae.safetensors"},
+    ],
+)
+@pytest.mark.parametrize("weights", ["https://x.test/trained_model.tar", "https://x.test/opaque-id"])
+def test_the_weights_key_wins_with_or_without_an_extension(
+    other: dict[str, Any], weights: str
+) -> None:
+    # One ranking in every case: the weights key, then other weights-like keys, then the kind.
+    for output in ({"weights": weights, **other}, {**other, "weights": weights}):
+        assert find_weights_url(output)[0] == weights
+
+
+@pytest.mark.parametrize(
+    ("key", "weights_like"),
+    [("lora", True), ("LoRA", True), ("loraWeights", True), ("lora_weights", True),
+     ("trained_model", True), ("safetensors", True), ("base_model", False),
+     ("vae_model", False), ("model", False), ("modelling", False)],
+)
+def test_weights_like_keys_are_matched_by_their_words(key: str, weights_like: bool) -> None:
+    # A URL without a known extension is trusted only under a weights-like key.
+    output = {key: "https://x.test/opaque-id", "log": "https://x.test/run"}
+    if weights_like:
+        assert find_weights_url(output)[0] == "https://x.test/opaque-id"
+    else:
+        with pytest.raises(WeightsNotFoundError):
+            find_weights_url(output)
+    # ... and a known kind under it beats one under a key that is not weights-like.
+    output = {"base": "https://x.test/a.safetensors", key: "https://x.test/b.tar"}
+    assert find_weights_url(output)[0] == ("https://x.test/b.tar" if weights_like
+                                           else "https://x.test/a.safetensors")
+
+
+@pytest.mark.parametrize(
     "output",
     [None, {}, [], "not a url", {"version": "o/n:abc"}, [PNG, LOG], {"images": [PNG]}, 42],
 )

@@ -47,7 +47,11 @@ _MAX_NODES = 10_000
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar.zst")
-_WEIGHT_KEY_HINTS = ("weights", "lora", "safetensors", "trained_model", "model")
+# A key is weights-like when one of its words is one of these (``lora_weights``, ``lora``,
+# ``weights_url``), or it holds ``trained_model``. Words, not substrings: ``base_model`` and
+# ``vae_model`` name the model the LoRA was trained on, whose file is not the user's LoRA.
+_WEIGHT_KEY_WORDS = frozenset({"weights", "weight", "lora", "safetensors"})
+_WEIGHT_KEY_PHRASES = (("trained", "model"),)
 
 _USER_MESSAGE = (
     "The training finished, but no LoRA file was found in its output. "
@@ -123,28 +127,51 @@ def _walk(output: object) -> list[_Candidate]:
             continue
         if isinstance(value, Mapping):
             for k, v in value.items():
-                queue.append((v, f"{path}.{k}", str(k).lower(), depth + 1))
+                queue.append((v, f"{path}.{k}", _snake(str(k)), depth + 1))
         elif isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
             for i, v in enumerate(value):
                 queue.append((v, f"{path}[{i}]", key, depth + 1))
     return found
 
 
-def _is_weights_key(key: str) -> bool:
-    return any(hint in key for hint in _WEIGHT_KEY_HINTS)
+def _snake(key: str) -> str:
+    """A key's words, lower case: ``loraWeights`` -> ``lora_weights``; ``LoRA`` stays one word
+    (a new word starts at a capital followed by a small letter)."""
+    return re.sub(r"([a-z0-9])([A-Z][a-z])", r"\1_\2", key).lower()
+
+
+def _key_rank(key: str) -> int:
+    """0 for the ``weights`` key itself, 1 for another weights-like key, 2 for any other."""
+    if key == "weights":
+        return 0
+    words = tuple(w for w in re.split(r"[^a-z0-9]+", key) if w)
+    if _WEIGHT_KEY_WORDS.intersection(words):
+        return 1
+    for phrase in _WEIGHT_KEY_PHRASES:
+        n = len(phrase)
+        if any(words[i : i + n] == phrase for i in range(len(words) - n + 1)):
+            return 1
+    return 2
 
 
 def find_weights_url(output: object) -> tuple[str, str]:
     """Return ``(url, method)`` for the LoRA weights in a trainer's ``output``.
 
     ``method`` names where the URL was found (``"output.weights"``, ``"output[1]"``, ...) and what
-    it points at, so the log says how the weights were found. Preference: a ``.safetensors``,
-    tar or zip URL under a ``weights``-like key (in that order of kinds); else one anywhere in
-    the output, in the same order (ties go to the first found); else a URL without a known
-    extension under a weights-like key; else, when the output is a lone URL, that URL. Raises
-    :class:`WeightsNotFoundError` when nothing fits. (A weights-like key wins over the kind: an
-    output that also names, say, the base model's ``ae.safetensors`` must not have that stored
-    as the user's LoRA.)
+    it points at, so the log says how the weights were found. The candidates are the URLs with a
+    known kind (``.safetensors``, tar or zip) anywhere, and the URLs without one under a
+    weights-like key; the one chosen is the first by, in this order:
+
+    1. its key: the ``weights`` key itself, then another weights-like key (one whose words
+       include ``weights``, ``lora`` or ``safetensors``, or ``trained_model``; ``base_model`` is
+       not one), then any other key;
+    2. its kind: ``.safetensors``, tar, zip, then a URL without a known extension;
+    3. the order it was found in (breadth first).
+
+    Else, when the output is a lone URL, that URL. Raises :class:`WeightsNotFoundError` when
+    nothing fits. (The key wins over the kind: an output that also names, say, the base model's
+    ``ae.safetensors`` or a ``samples.zip`` must not have that stored as the user's LoRA, and a
+    ``lora_checkpoints`` list of intermediate files does not beat the final ``weights``.)
     """
     candidates = _walk(output)
     if not candidates:
@@ -153,20 +180,17 @@ def find_weights_url(output: object) -> tuple[str, str]:
             user_message=_USER_MESSAGE,
         )
 
-    typed = [(c, _kind(c.url)) for c in candidates]
-    known = [(c, k) for c, k in typed if k is not None]
-    if known:
-        best, kind = min(
-            known, key=lambda ck: (not _is_weights_key(ck[0].key), _KIND_RANK[ck[1]], ck[0].order)
-        )
-        return best.url, f"{best.path} ({kind})"
+    # One ranking for every candidate: a weights key without an extension (a signed URL whose
+    # path ends in an opaque id) still beats a known kind under another key.
+    def rank(c: _Candidate) -> tuple[int, int, int]:
+        kind = _kind(c.url)
+        return _key_rank(c.key), len(_KIND_RANK) if kind is None else _KIND_RANK[kind], c.order
 
-    # No recognisable extension: trust a weights-like key ("weights", "lora_weights", ...), or
-    # a lone URL (some trainers answer with a signed URL whose path ends in an opaque id).
-    keyed = sorted((c for c in candidates if _is_weights_key(c.key)),
-                   key=lambda c: (c.key != "weights", c.order))
-    if keyed:
-        return keyed[0].url, f"{keyed[0].path} (unrecognised extension)"
+    eligible = [c for c in candidates if _key_rank(c.key) < 2 or _kind(c.url) is not None]
+    if eligible:
+        best = min(eligible, key=rank)
+        return best.url, f"{best.path} ({_kind(best.url) or 'unrecognised extension'})"
+    # Some trainers answer with nothing but a signed URL whose path ends in an opaque id.
     if len(candidates) == 1 and candidates[0].key == "":
         return candidates[0].url, f"{candidates[0].path} (unrecognised extension)"
     raise WeightsNotFoundError(
