@@ -15,6 +15,7 @@ from selfie_lora.adapters.replicate.session import (
 from selfie_lora.errors import (
     ConfigError,
     GenerationError,
+    SelfieLoraError,
     TrainerUnavailableError,
     TrainingFailedError,
 )
@@ -103,3 +104,52 @@ def test_a_remote_error_is_shown_as_one_printable_line(remote: str, shown: str) 
     assert shorten("x" * 500).endswith("…")
     assert len(shorten("x" * 500)) == 240
 
+
+
+@pytest.mark.parametrize("body", [b"null", b"[]", b'"bad gateway"', b"42"])
+def test_an_error_whose_body_is_not_an_object_is_retried_then_mapped(body: bytes) -> None:
+    # A proxy's error body: the official client's ReplicateError.from_response called .get on
+    # it, an AttributeError that escaped unmapped and, mid-poll, failed a healthy training.
+    def odd(status: int) -> httpx.Response:
+        return httpx.Response(status, content=body, headers={"content-type": "application/json"})
+
+    answers = [odd(502), odd(503), httpx.Response(200, json=TRAINING)]
+    sleeps: list[float] = []
+    with connection(lambda request: answers.pop(0), sleeps).session(TRAINER_FAILURES) as session:
+        training = session.call("check on the training",
+                                lambda: session.client.trainings.get("t1"))
+    assert training.id == "t1"
+    assert sleeps == [1.0, 2.0]
+
+    for read, failures, error in (
+        (lambda s: s.call("check", lambda: s.client.trainings.get("t1")), TRAINER_FAILURES,
+         TrainerUnavailableError),
+        (lambda s: s.get_json("/v1/trainings/t1", what="check"), TRAINER_FAILURES,
+         TrainerUnavailableError),
+        (lambda s: s.post_json("/v1/predictions", {}, what="start"), GENERATOR_FAILURES,
+         GenerationError),
+    ):
+        with connection(lambda request: odd(502), []).session(failures) as session, \
+                pytest.raises(error) as gone:
+            read(session)
+        assert "cannot be reached" in getattr(gone.value, "user_message", gone.value.message)
+        with connection(lambda request: odd(422), []).session(failures) as session, \
+                pytest.raises(SelfieLoraError) as refused:
+            read(session)
+        assert "(HTTP 422)" in getattr(refused.value, "user_message", refused.value.message)
+    with connection(lambda request: odd(401), []).session(TRAINER_FAILURES) as session, \
+            pytest.raises(TrainerUnavailableError) as rejected:
+        session.get_json("/v1/trainings/t1", what="check")
+    assert "REPLICATE_API_TOKEN" in rejected.value.user_message
+
+
+@pytest.mark.parametrize("detail", [{"reason": "busy"}, 7, ["x"]])
+def test_an_error_detail_that_is_not_text_is_mapped(detail: object) -> None:
+    answers = [httpx.Response(429, json={"detail": detail}),
+               httpx.Response(422, json={"detail": detail, "title": ["odd"]})]
+    sleeps: list[float] = []
+    with connection(lambda request: answers.pop(0), sleeps).session(TRAINER_FAILURES) as session, \
+            pytest.raises(TrainingFailedError) as caught:
+        session.call("start", lambda: session.client.trainings.get("t1"))
+    assert sleeps == [1.0]
+    assert "Replicate refused to start" in caught.value.user_message

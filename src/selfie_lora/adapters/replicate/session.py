@@ -188,7 +188,9 @@ class ReplicateSession:
         self._owned = transport is None
         self._api_transport = transport or httpx.HTTPTransport()
         self._download_transport = transport or httpx.HTTPTransport()
-        hooks: dict[str, list[Callable[[httpx.Response], None]]] = {"response": [self._remember_retry_after]}
+        hooks: dict[str, list[Callable[[httpx.Response], None]]] = {
+            "response": [self._remember_retry_after, self._refuse_an_error_that_is_not_an_object],
+        }
         self.client = Client(
             api_token=api_token,
             base_url=self.base_url,
@@ -225,6 +227,28 @@ class ReplicateSession:
     def _remember_retry_after(self, response: httpx.Response) -> None:
         if response.status_code == 429 or response.status_code >= 500:
             self._retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+
+    def _refuse_an_error_that_is_not_an_object(self, response: httpx.Response) -> None:
+        """An API error whose JSON body is not an object (``null``, ``[]``, a string: a proxy's
+        answer) raises ``HTTPStatusError`` here, which ``call`` retries or maps by its status.
+
+        The official client (and our raw requests) build ``ReplicateError.from_response``,
+        which calls ``.get`` on the body: an AttributeError nobody maps, which in the middle of
+        a poll failed a healthy, paid training and canceled it.
+        """
+        if response.status_code < 400 or not same_origin(str(response.request.url), self.base_url):
+            return
+        response.read()  # an API error's body is small; the hook runs before anyone reads it
+        try:
+            body = response.json()
+        except ValueError:
+            return  # not JSON at all: from_response reads that as an empty object
+        if not isinstance(body, dict):
+            raise httpx.HTTPStatusError(
+                f"HTTP {response.status_code} with a {type(body).__name__} for its error body",
+                request=response.request,
+                response=response,
+            )
 
     # ----------------------------------------------------------------- retries
 
@@ -275,7 +299,7 @@ class ReplicateSession:
         hint: float | None = None
         if isinstance(exc, ReplicateError):
             status = exc.status
-            if status == 429 and exc.detail:
+            if status == 429 and isinstance(exc.detail, str):
                 found = _THROTTLE_HINT.search(exc.detail)
                 hint = float(found.group(1)) if found else None
         elif isinstance(exc, httpx.HTTPStatusError):
@@ -292,7 +316,7 @@ class ReplicateSession:
 
     def _map(self, exc: Exception, what: str) -> SelfieLoraError:
         if isinstance(exc, ReplicateError):
-            detail = exc.detail or exc.title or "no detail"
+            detail = _text(exc.detail) or _text(exc.title) or "no detail"
             if exc.status in {401, 403}:
                 return self._failures.unavailable(
                     f"Replicate refused our credentials when trying to {what}: {detail}",
@@ -304,6 +328,11 @@ class ReplicateSession:
             )
         if isinstance(exc, httpx.HTTPStatusError):
             code = exc.response.status_code
+            if code in {401, 403} and same_origin(str(exc.request.url), self.base_url):
+                return self._failures.unavailable(
+                    f"Replicate refused our credentials when trying to {what}: HTTP {code}",
+                    _BAD_TOKEN,
+                )
             return self._failures.refused(
                 f"HTTP {code} when trying to {what}", f"Could not {what} (HTTP {code}).")
         return self._failures.unavailable(
@@ -417,9 +446,16 @@ class _TooLargeError(Exception):
         super().__init__(f"{url} is larger than the {limit} byte cap")
 
 
+def _text(value: object) -> str | None:
+    """A field of an error body as text: a proxy's ``detail`` can be an object or a number."""
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else json.dumps(value, default=str)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ReplicateError):
-        return f"HTTP {exc.status}: {exc.detail or exc.title}"
+        return f"HTTP {exc.status}: {_text(exc.detail) or _text(exc.title)}"
     if isinstance(exc, httpx.HTTPStatusError):
         return f"HTTP {exc.response.status_code}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
