@@ -153,3 +153,15 @@ def test_an_error_detail_that_is_not_text_is_mapped(detail: object) -> None:
         session.call("start", lambda: session.client.trainings.get("t1"))
     assert sleeps == [1.0]
     assert "Replicate refused to start" in caught.value.user_message
+
+
+@pytest.mark.parametrize("retry_after", ["86400", "Wed, 01 Jan 2200 00:00:00 GMT"])
+def test_a_retry_after_beyond_the_backoff_cap_is_capped(retry_after: str) -> None:
+    # A day's Retry-After held the worker (or a user's generate request) for a day.
+    answers = [httpx.Response(429, headers={"Retry-After": retry_after}, json={"detail": "slow"}),
+               httpx.Response(503, headers={"Retry-After": retry_after}, json={"detail": "busy"}),
+               httpx.Response(200, json=TRAINING)]
+    sleeps: list[float] = []
+    with connection(lambda request: answers.pop(0), sleeps).session(TRAINER_FAILURES) as session:
+        assert session.get_json("/v1/trainings/t1", what="read the training")["id"] == "t1"
+    assert sleeps == [60.0, 60.0]

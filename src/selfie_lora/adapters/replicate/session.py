@@ -4,10 +4,10 @@
 tests an ``httpx`` transport such as ``httpx.MockTransport``); the wiring builds one from the
 settings and hands it to both. ``ReplicateSession`` is one ``replicate.Client`` for one unit of
 work: 429, 5xx, timeouts and connection errors are retried with exponential backoff that honours
-``Retry-After``, POSTs included (the official client retries only idempotent methods, and sleeps
-on its own clock; its retry layer is bypassed so there is one policy, with an injected
-``sleep``); vendor errors become this package's errors with a sentence a user can act on, the
-trainer's or the generator's (``Failures``).
+``Retry-After`` up to the backoff cap (60 s), POSTs included (the official client retries only
+idempotent methods, and sleeps on its own clock; its retry layer is bypassed so there is one
+policy, with an injected ``sleep``); vendor errors become this package's errors with a sentence a
+user can act on, the trainer's or the generator's (``Failures``).
 """
 
 from __future__ import annotations
@@ -312,7 +312,12 @@ class ReplicateSession:
             return None
         backoff = min(self._backoff_max, self._backoff_base * 2.0**attempt)
         server_hint = self._retry_after if self._retry_after is not None else hint
-        return max(backoff, server_hint) if server_hint is not None else backoff
+        if server_hint is None:
+            return backoff
+        # Honoured up to the backoff cap: a Retry-After of a day (seen) held the worker, or the
+        # user's generate request, for that long; past the cap a still-busy Replicate ends in
+        # "unavailable, try again", which a user can act on.
+        return max(backoff, min(server_hint, self._backoff_max))
 
     def _map(self, exc: Exception, what: str) -> SelfieLoraError:
         if isinstance(exc, ReplicateError):

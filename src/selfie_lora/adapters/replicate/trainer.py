@@ -12,9 +12,9 @@ Replicate deletes it (outputs live about an hour). What it guarantees:
   it looks for is the uploaded ``input_images`` URL (echoed in ``input``), and for an upload made
   by an earlier process the file's ``metadata.selfie_lora_training_id``.
 * 429, 5xx, timeouts and connection errors are retried with exponential backoff that honours
-  ``Retry-After``, POSTs included (the official client retries only idempotent methods, and
-  sleeps on its own clock; its retry layer is bypassed so there is one policy, with an injected
-  ``sleep``).
+  ``Retry-After`` (up to 60 s), POSTs included (the official client retries only idempotent
+  methods, and sleeps on its own clock; its retry layer is bypassed so there is one policy, with
+  an injected ``sleep``).
 * Vendor errors become :mod:`selfie_lora.errors` with a sentence a user can act on.
 
 Retries and error mapping are :mod:`selfie_lora.adapters.replicate.session`'s, shared with the
