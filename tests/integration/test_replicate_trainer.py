@@ -354,6 +354,26 @@ def test_a_create_whose_answer_was_lost_is_adopted_not_repeated(
     assert result.weights_path.read_bytes() == replicate_standin.weights_for(remote_id)
 
 
+def test_a_last_create_attempt_whose_answer_was_lost_is_adopted(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer_factory: TrainerFactory,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    # Three creates refused (nothing made), then the last allowed one made the training and its
+    # answer was lost: the user was told "Nothing was lost: try again" while it ran, billed.
+    replicate_standin.fail_next("POST", TRAININGS_POST, status=503, times=3)
+    replicate_standin.slow_next("POST", TRAININGS_POST, delay=1.5)
+    trainer = replicate_trainer_factory(timeout=0.4, max_retries=3)
+
+    result = trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    remote_id = _only_training(replicate_standin)
+    assert replicate_standin.count("POST", TRAININGS_POST) == 4
+    assert replicate_sink.started_ids == [remote_id]
+    assert result.weights_path.read_bytes() == replicate_standin.weights_for(remote_id)
+
+
 def test_a_training_created_by_a_crashed_worker_is_adopted(
     replicate_standin: ReplicateStandIn,
     replicate_trainer: ReplicateTrainer,
@@ -664,6 +684,20 @@ def test_generator_bounds_the_create_by_the_timeout_and_adopts_what_it_made(
     assert len(generator.generate(job)) == 1
     assert time.monotonic() - started < 3.5
     assert len(replicate_standin.predictions) == 1  # the timed-out create's, adopted
+
+
+def test_generator_adopts_the_prediction_its_last_create_attempt_made(
+    replicate_standin: ReplicateStandIn, replicate_sleeps: list[float]
+) -> None:
+    version = replicate_standin.create_model_version("selfie-lora/lora-g")
+    generator = _generator_on(replicate_standin, replicate_sleeps, timeout=1.0)
+    replicate_standin.fail_next("POST", "/v1/predictions", status=503, times=3)
+    replicate_standin.slow_next("POST", "/v1/predictions", delay=4.0)  # made, answer lost
+    job = GenerationJob(prompt="x", num_outputs=1, seed=7, lora_scale=1.0, trainer_version="t",
+                        remote_version=version)
+    assert len(generator.generate(job)) == 1
+    assert replicate_standin.count("POST", "/v1/predictions") == 4
+    assert len(replicate_standin.predictions) == 1
 
 
 def test_generator_makes_one_prediction_when_the_create_answer_is_lost_to_a_5xx(

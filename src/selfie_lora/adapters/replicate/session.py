@@ -262,7 +262,9 @@ class ReplicateSession:
         """Run ``fn`` with retries. ``what`` completes "could not ..." in messages.
 
         ``reconcile`` runs before every *re*-try and may return a result to use instead of
-        calling ``fn`` again (a create that did happen although its answer was lost).
+        calling ``fn`` again (a create that did happen although its answer was lost); and once
+        more after the last attempt, before "nothing was lost" is said: that attempt too may
+        have made what it asked for (a training or a prediction, running and billed).
         """
         attempt = 0
         while True:
@@ -278,6 +280,13 @@ class ReplicateSession:
                 if delay is None:
                     raise self._map(exc, what) from exc
                 if attempt >= self.max_retries:
+                    if reconcile is not None:
+                        # After the backoff, as before a retry: the lost create has had the
+                        # time to show in the list.
+                        self._sleep(delay)
+                        adopted = reconcile()
+                        if adopted is not None:
+                            return adopted
                     raise self._failures.unavailable(
                         f"could not {what} after {attempt + 1} attempts: {_describe(exc)}",
                         _UNAVAILABLE,
