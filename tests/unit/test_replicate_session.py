@@ -3,6 +3,8 @@ trainer and the generator, and the token kept to the API's origin."""
 
 from __future__ import annotations
 
+import base64
+
 import httpx
 import pytest
 
@@ -18,6 +20,7 @@ from selfie_lora.errors import (
     SelfieLoraError,
     TrainerUnavailableError,
     TrainingFailedError,
+    WeightsNotFoundError,
 )
 
 API = "https://api.test"
@@ -165,3 +168,47 @@ def test_a_retry_after_beyond_the_backoff_cap_is_capped(retry_after: str) -> Non
     with connection(lambda request: answers.pop(0), sleeps).session(TRAINER_FAILURES) as session:
         assert session.get_json("/v1/trainings/t1", what="read the training")["id"] == "t1"
     assert sleeps == [60.0, 60.0]
+
+
+def test_a_data_url_is_decoded_under_the_cap() -> None:
+    lora = base64.b64encode(b"lora bytes").decode()
+    with connection(lambda request: httpx.Response(500), []).session(TRAINER_FAILURES) as session:
+        assert session.download(f"data:application/octet-stream;base64,{lora}", max_bytes=10,
+                                what="download the weights") == b"lora bytes"
+        assert session.download("data:,lora%20bytes", max_bytes=10,
+                                what="download the weights") == b"lora bytes"
+
+
+@pytest.mark.parametrize("url", [
+    "data:application/x-tar;base64",  # no comma: an IndexError escaped unmapped
+    "data:application/x-tar;base64,@@@",  # invalid base64: decoded silently to b""
+    "data:application/x-tar;base64,bG9y YQ==",
+    "https://[::1/x.tar",  # httpx.InvalidURL is no HTTPError
+])
+def test_a_url_that_cannot_be_read_is_refused(url: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b"x")
+
+    for failures, refused in ((TRAINER_FAILURES, TrainingFailedError),
+                              (GENERATOR_FAILURES, GenerationError)):
+        with connection(handler, []).session(failures) as session, \
+                pytest.raises(refused) as caught:
+            session.download(url, max_bytes=100, what="download the weights")
+        assert "no valid URL" in getattr(caught.value, "user_message", caught.value.message)
+    assert seen == []
+
+
+@pytest.mark.parametrize("url", [
+    "data:application/octet-stream;base64," + base64.b64encode(b"x" * 11).decode(),
+    "data:application/octet-stream;base64," + base64.b64encode(b"x" * 4000).decode(),
+    "data:," + "x" * 11,
+])
+def test_a_data_url_over_the_cap_is_refused_as_too_large(url: str) -> None:
+    # max_bytes was ignored for data: URLs.
+    with connection(lambda request: httpx.Response(500), []).session(TRAINER_FAILURES) as session, \
+            pytest.raises(WeightsNotFoundError) as caught:
+        session.download(url, max_bytes=10, what="download the weights")
+    assert "larger than this service accepts" in caught.value.user_message

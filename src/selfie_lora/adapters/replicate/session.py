@@ -12,6 +12,8 @@ user can act on, the trainer's or the generator's (``Failures``).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import re
@@ -22,7 +24,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 import httpx
 from replicate.client import Client
@@ -427,11 +429,21 @@ class ReplicateSession:
         return self.call(what, send, reconcile=reconcile)
 
     def download(self, url: str, *, max_bytes: int, what: str) -> bytes:
-        """GET ``url`` (retrying), refusing more than ``max_bytes``."""
-        if url.startswith("data:"):
-            import base64
-
-            return base64.b64decode(url.split(",", 1)[1])
+        """GET ``url`` (retrying), refusing more than ``max_bytes``; a ``data:`` URL (the client's
+        form of a small output) is decoded, under the same cap. A URL that cannot be read is
+        refused (Replicate's answer is at fault; trying again fetches the same)."""
+        try:
+            if url.startswith("data:"):
+                return _data_url_bytes(url, max_bytes=max_bytes)
+            httpx.URL(url)  # before any request: httpx.InvalidURL is no HTTPError
+        except (ValueError, httpx.InvalidURL) as exc:
+            raise self._failures.refused(
+                f"could not {what}: {url[:80]!r} is not a valid URL: {exc}",
+                f"Could not {what}: Replicate's output names no valid URL.",
+            ) from exc
+        except _TooLargeError as exc:
+            raise self._failures.too_large(
+                str(exc), "Replicate's output is larger than this service accepts.") from exc
 
         def fetch() -> bytes:
             with self._http.stream("GET", url, headers=self._auth_for(url)) as response:
@@ -458,6 +470,28 @@ class ReplicateSession:
 class _TooLargeError(Exception):
     def __init__(self, url: str, limit: int) -> None:
         super().__init__(f"{url} is larger than the {limit} byte cap")
+
+
+def _data_url_bytes(url: str, *, max_bytes: int) -> bytes:
+    """The bytes of a ``data:`` URL (RFC 2397): ValueError when it is malformed (no comma,
+    invalid base64: never silently empty), ``_TooLargeError`` over ``max_bytes``."""
+    header, comma, payload = url.removeprefix("data:").partition(",")
+    if not comma:
+        raise ValueError("a data: URL without the comma before its data")
+    if header.lower().endswith(";base64"):
+        text = unquote(payload)
+        # 4 characters hold 3 bytes: refuse before decoding what would be over the cap.
+        if len(text) // 4 * 3 > max_bytes + 2:
+            raise _TooLargeError("the data: URL", max_bytes)
+        try:
+            data = base64.b64decode(text, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"a data: URL whose base64 is invalid ({exc})") from None
+    else:
+        data = unquote_to_bytes(payload)
+    if len(data) > max_bytes:
+        raise _TooLargeError("the data: URL", max_bytes)
+    return data
 
 
 def _text(value: object) -> str | None:
