@@ -212,3 +212,9 @@ def test_a_data_url_over_the_cap_is_refused_as_too_large(url: str) -> None:
             pytest.raises(WeightsNotFoundError) as caught:
         session.download(url, max_bytes=10, what="download the weights")
     assert "larger than this service accepts" in caught.value.user_message
+
+
+def test_a_connection_does_not_show_its_token() -> None:
+    shown = repr(ReplicateConnection(api_token="r8_secret_token", base_url=API))
+    assert "r8_secret_token" not in shown
+    assert API in shown

@@ -19,7 +19,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -95,7 +95,8 @@ GENERATOR_FAILURES = Failures(
 class ReplicateConnection:
     """How to reach Replicate; one for the whole process (the trainer and the generator)."""
 
-    api_token: str
+    # Out of the repr: a connection lands in logs and tracebacks (the wiring's, a test's).
+    api_token: str = field(repr=False)
     base_url: str = "https://api.replicate.com"
     timeout: float = 30.0
     max_retries: int = 5
