@@ -294,5 +294,17 @@ def test_malformed_safetensors_are_rejected(data: bytes) -> None:
 def test_an_archive_without_weights_or_with_bad_weights_raises() -> None:
     with pytest.raises(WeightsNotFoundError, match=r"no \.safetensors"):
         extract_safetensors(_tar({"config.yaml": b"x"}), source_name="t.tar")
-    with pytest.raises(WeightsNotFoundError, match="not a valid safetensors"):
+    with pytest.raises(WeightsNotFoundError, match="not a LoRA safetensors file"):
         extract_safetensors(_zip({"lora.safetensors": b"garbage"}), source_name="t.zip")
+
+
+def test_a_safetensors_file_without_lora_tensors_is_not_taken_for_the_weights() -> None:
+    # A base model's VAE listed in the output (or packed as the archive's only .safetensors)
+    # is valid safetensors, and was stored as the user's LoRA.
+    vae = save({"decoder.conv_in.weight": np.ones((2, 4), np.float32)}, metadata={"format": "pt"})
+    for data, name in ((vae, "ae.safetensors"), (_tar({"ae.safetensors": vae}), "t.tar")):
+        with pytest.raises(WeightsNotFoundError, match="holds no LoRA tensors"):
+            extract_safetensors(data, source_name=name)
+    kohya = save({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight":
+                  np.ones((2, 4), np.float32)}, metadata={"format": "pt"})
+    assert extract_safetensors(kohya, source_name="k.safetensors") == (kohya, "direct safetensors")

@@ -212,8 +212,9 @@ def is_safetensors(data: bytes) -> bool:
     return True
 
 
-def _check_safetensors(data: bytes) -> int:
-    """Validate the header and return the number of tensors; ValueError when malformed."""
+def _check_safetensors(data: bytes, *, lora: bool = False) -> int:
+    """Validate the header and return the number of tensors; ValueError when malformed, or with
+    ``lora`` when no tensor is named as a LoRA's are."""
     if len(data) < 8:
         raise ValueError("shorter than a safetensors header")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -246,6 +247,12 @@ def _check_safetensors(data: bytes) -> int:
         tensors += 1
     if tensors == 0:
         raise ValueError("no tensors")
+    # Every LoRA layout names its tensors so (diffusers/peft lora_A/lora_B, kohya lora_unet_*
+    # with lora_down/lora_up, ai-toolkit the same): a base model's or a VAE's file listed in
+    # the output beside the weights has none, and stored as a version it would be generated
+    # with as if it were the user's LoRA.
+    if lora and not any("lora" in name.lower() for name in header if name != "__metadata__"):
+        raise ValueError("it holds no LoRA tensors (a base model's or another file?)")
     return tensors
 
 
@@ -347,8 +354,8 @@ def extract_safetensors(
     """
     try:
         if is_safetensors(data):
-            return data, "direct safetensors"
-        if zipfile.is_zipfile(io.BytesIO(data)):
+            weights, detail = data, "direct safetensors"
+        elif zipfile.is_zipfile(io.BytesIO(data)):
             weights, detail = _from_zip(data, limit=max_bytes)
         else:
             try:
@@ -367,10 +374,10 @@ def extract_safetensors(
     except (OSError, EOFError, zipfile.BadZipFile, lzma.LZMAError, ValueError) as exc:
         raise WeightsNotFoundError(f"cannot read {source_name}: {exc}", user_message=_USER_MESSAGE) from exc
     try:
-        _check_safetensors(weights)
+        _check_safetensors(weights, lora=True)
     except ValueError as exc:
         raise WeightsNotFoundError(
-            f"{detail} in {source_name} is not a valid safetensors file: {exc}",
+            f"{detail} in {source_name} is not a LoRA safetensors file: {exc}",
             user_message=_USER_MESSAGE,
         ) from exc
     return weights, detail
