@@ -3,10 +3,13 @@ computes, and the files it refuses. (Loading in diffusers: tests/integration/tes
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from selfie_lora.adapters.flux.lora_formats import (
     RawTensor,
@@ -145,3 +148,106 @@ def test_an_ai_toolkit_file_without_alphas_converts_with_alpha_equal_to_rank() -
     assert kohya["lora_unet_single_blocks_0_linear1.alpha"].scalar() == 4 * RANK
     assert kohya["lora_unet_single_blocks_0_modulation_lin.alpha"].scalar() == RANK
     assert "lora_unet_double_blocks_0_txt_mlp_2.lora_up.weight" in kohya
+
+
+# --------------------------------------------------------------------------- damaged files
+
+# A damaged stored version must be refused as unsupported_weights (a 422 that says so), never
+# answered with a 500: whatever the damage, convert_lora converts or raises InvalidInputError.
+FUZZ = settings(max_examples=400, deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.just(10**400)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8)
+
+
+def _fuzzed_lora() -> bytes:
+    """A file that takes every path of the conversion: a fused qkv, a plain module, alphas from
+    tensors and from diffusers' adapter metadata (its alpha pattern too)."""
+    data, _ = lora_file({"transformer_blocks.0.attn.to_q": (WIDTH, WIDTH, 2.0),
+                         "transformer_blocks.0.attn.to_k": (WIDTH, WIDTH, 2.0),
+                         "single_transformer_blocks.1.proj_out": (WIDTH, WIDTH, 3.0)})
+    tensors, _ = read_safetensors(data)
+    kept = {k: t for k, t in tensors.items() if k != "transformer.transformer_blocks.0.attn.to_k.alpha"}
+    adapter = json.dumps({"transformer.lora_alpha": 2, "transformer.alpha_pattern": {"to_k": 4}})
+    return write_safetensors(kept, {"format": "pt", "lora_adapter_metadata": adapter})
+
+
+VALID = _fuzzed_lora()
+HEADER_END = 8 + int.from_bytes(VALID[:8], "little")
+
+
+def _converts_or_is_refused(data: bytes) -> None:
+    code = ErrorCode.UNSUPPORTED_WEIGHTS  # converted
+    try:
+        convert_lora(data, to=WeightsFormat.KOHYA)
+    except InvalidInputError as exc:
+        code = exc.code
+    assert code == ErrorCode.UNSUPPORTED_WEIGHTS
+
+
+def test_the_fuzzed_file_converts_as_it_is() -> None:
+    assert read_safetensors(convert_lora(VALID, to=WeightsFormat.KOHYA))[0]
+
+
+@FUZZ
+@given(cut=st.integers(0, len(VALID)),
+       flips=st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), max_size=6),
+       in_header=st.booleans())
+def test_a_damaged_file_converts_or_is_refused_as_unsupported(
+        cut: int, flips: list[tuple[int, int]], in_header: bool) -> None:
+    """Bytes changed (most of them in the header, where the damage is interesting) and the file
+    cut anywhere."""
+    data = bytearray(VALID)
+    for at, value in flips:
+        data[at % HEADER_END if in_header else at] = value
+    _converts_or_is_refused(bytes(data[:cut]) if cut else bytes(data))
+
+
+@FUZZ
+@given(entry=st.integers(0, 100), field=st.sampled_from(["dtype", "shape", "data_offsets", None]),
+       value=_JSON, tail=st.integers(0, 64))
+def test_a_damaged_header_entry_converts_or_is_refused_as_unsupported(
+        entry: int, field: str | None, value: Any, tail: int) -> None:
+    """A header that is valid JSON, one of its entries (or the metadata, or one of diffusers'
+    adapter metadata values) anything at all; the data cut by up to ``tail`` bytes."""
+    header = json.loads(VALID[8:HEADER_END])
+    keys = sorted(header)
+    key = keys[entry % len(keys)]
+    if key == "__metadata__":
+        adapter = json.loads(header[key]["lora_adapter_metadata"])
+        adapter[sorted(adapter)[entry % 2]] = value
+        if field is None:
+            header[key] = value
+        else:
+            header[key]["lora_adapter_metadata"] = json.dumps(adapter)
+    elif field is None:
+        header[key] = value
+    else:
+        header[key][field] = value
+    encoded = json.dumps(header).encode()
+    data = len(encoded).to_bytes(8, "little") + encoded + VALID[HEADER_END:]
+    _converts_or_is_refused(data[: len(data) - tail])
+
+
+def _header(header: Any) -> bytes:
+    encoded = json.dumps(header).encode()
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+A = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"
+
+
+@pytest.mark.parametrize(("data", "says"), [
+    (VALID[:-100], "cut short"),
+    (_header({A: {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}) + bytes(8), "cut short"),
+    (_header({A: {"dtype": "F32", "shape": [1]}}), "damaged shape or offsets"),
+    (_header({A: "F32"}), "no dtype, shape and offsets"),
+    (_header({"__metadata__": ["format"]}), "metadata"),
+], ids=["cut", "shape-disagrees-with-offsets", "no-offsets", "entry-not-a-table", "metadata-a-list"])
+def test_a_damaged_file_is_refused_as_unsupported(data: bytes, says: str) -> None:
+    with pytest.raises(InvalidInputError, match=says) as raised:
+        convert_lora(data, to=WeightsFormat.KOHYA)
+    assert raised.value.code == ErrorCode.UNSUPPORTED_WEIGHTS

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -112,7 +113,11 @@ class RawTensor:
 
 
 def read_safetensors(data: bytes) -> tuple[dict[str, RawTensor], dict[str, str]]:
-    """The tensors and metadata of a safetensors file (float tensors only: LoRA files hold no other)."""
+    """The tensors and metadata of a safetensors file (float tensors only: LoRA files hold no other).
+
+    Anything else, a damaged file included (cut short, a header entry without offsets or with a
+    shape its bytes do not fill), is refused with ``unsupported_weights``: the export of a damaged
+    version must say so, not fail with a 500."""
     try:
         size = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + size])
@@ -120,19 +125,45 @@ def read_safetensors(data: bytes) -> tuple[dict[str, RawTensor], dict[str, str]]
         raise _unsupported(f"the weights are not a safetensors file: {exc}") from None
     if not isinstance(header, dict):
         raise _unsupported("the weights are not a safetensors file")
-    metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+    raw_metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(raw_metadata, dict):
+        raise _unsupported("the weights' safetensors metadata is not a table of strings")
+    metadata = {str(k): str(v) for k, v in raw_metadata.items()}
     base = 8 + size
     tensors: dict[str, RawTensor] = {}
     for key, entry in header.items():
-        dtype = entry.get("dtype")
-        if dtype not in _BITS:
-            raise _unsupported(f"tensor {key} is {dtype}; a LoRA file holds F32, F16 or BF16 tensors")
-        start, end = (int(n) for n in entry["data_offsets"])
-        shape = tuple(int(n) for n in entry["shape"])
-        bits = np.frombuffer(data, dtype=_BITS[dtype], count=(end - start) // _BITS[dtype].itemsize,
-                             offset=base + start)
-        tensors[key] = RawTensor(dtype, bits.reshape(shape))
+        tensors[key] = _tensor(data, base, key, entry)
     return tensors, metadata
+
+
+def _tensor(data: bytes, base: int, key: str, entry: Any) -> RawTensor:
+    """One header entry's tensor, every field checked: a damaged file gets here with anything in
+    them, and numpy would raise ValueError (or read past the tensor) on what does not fit."""
+    if not isinstance(entry, dict):
+        raise _unsupported(f"tensor {key} has no dtype, shape and offsets in the safetensors header")
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or dtype not in _BITS:
+        raise _unsupported(f"tensor {key} is {dtype}; a LoRA file holds F32, F16 or BF16 tensors")
+    offsets, shape = entry.get("data_offsets"), entry.get("shape")
+    if not (_int_list(offsets) and len(offsets) == 2 and _int_list(shape)
+            and all(n >= 0 for n in shape)):
+        raise _unsupported(f"tensor {key} has a damaged shape or offsets in the safetensors header")
+    start, end = offsets
+    itemsize = _BITS[dtype].itemsize
+    # An empty shape is a scalar: its product is 1.
+    if not 0 <= start <= end <= len(data) - base or math.prod(shape) * itemsize != end - start:
+        raise _unsupported(
+            f"tensor {key} ({dtype}, shape {shape}) does not fit its bytes {start}..{end} of "
+            f"{max(len(data) - base, 0)}: the weights file is damaged or cut short")
+    bits = np.frombuffer(data, dtype=_BITS[dtype], count=(end - start) // itemsize,
+                         offset=base + start)
+    return RawTensor(dtype, bits.reshape(tuple(shape)))
+
+
+def _int_list(value: object) -> TypeGuard[list[int]]:
+    # bool is an int to Python, but JSON's true is no size.
+    return isinstance(value, list) and all(
+        isinstance(n, int) and not isinstance(n, bool) for n in value)
 
 
 def write_safetensors(tensors: Mapping[str, RawTensor], metadata: Mapping[str, str]) -> bytes:
@@ -180,16 +211,34 @@ def _metadata_alphas(metadata: Mapping[str, str]) -> tuple[float | None, dict[st
         config = json.loads(raw)
     except ValueError:
         return None, {}
+    if not isinstance(config, dict):
+        config = {}
     alpha = config.get(_PREFIX + "lora_alpha")
     pattern = config.get(_PREFIX + "alpha_pattern") or {}
+    if not (alpha is None or _is_number(alpha)) or not (
+            isinstance(pattern, dict) and all(_is_number(v) for v in pattern.values())):
+        raise _unsupported("the LoRA's adapter metadata holds an alpha that is not a number")
     return (None if alpha is None else float(alpha)), {str(k): float(v) for k, v in pattern.items()}
+
+
+def _is_number(value: Any) -> bool:
+    # JSON's true is no alpha, and an int past a float's range raises where it is converted.
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _pattern_alpha(module: str, pattern: Mapping[str, float]) -> float | None:
     # peft's rule: a pattern names a module by its whole name or a dotted suffix of it.
     for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
-            return value
+        try:
+            if re.fullmatch(rf"(.*\.)?{key}", module):
+                return value
+        except re.error:
+            raise _unsupported(f"the LoRA's alpha pattern {key!r} is not a pattern") from None
     return None
 
 
@@ -226,11 +275,16 @@ def read_diffusers_lora(data: bytes) -> tuple[dict[str, LoraModule], dict[str, s
     modules: dict[str, LoraModule] = {}
     for name, down in downs.items():
         up = ups[name]
-        if len(down.shape) != 2 or len(up.shape) != 2 or up.shape[1] != down.shape[0]:
+        if (len(down.shape) != 2 or len(up.shape) != 2 or up.shape[1] != down.shape[0]
+                or down.shape[0] == 0):
             raise _unsupported(f"the LoRA of {name} has shapes {down.shape} and {up.shape}")
         alpha = alphas.get(name)
         if alpha is None:
             alpha = _pattern_alpha(name, pattern) or default_alpha or float(down.shape[0])
+        # A fused module's parts are scaled by their scales' ratio: a zero or endless one
+        # has none.
+        if not math.isfinite(alpha) or alpha == 0:
+            raise _unsupported(f"the LoRA of {name} has alpha {alpha}")
         modules[name] = LoraModule(down=down, up=up, alpha=alpha)
     return modules, metadata
 
