@@ -4,14 +4,17 @@ kept, it reads back whole, it moves to the training that resumes a canceled one,
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+from selfie_lora.errors import StorageError
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.layout import checkpoint_key, checkpoint_prefix
+from selfie_lora.services.ports import BlobStream
 from tests.support.s3 import S3Server
 
 
@@ -73,3 +76,46 @@ def test_a_run_that_started_over_replaces_the_later_checkpoint_it_could_not_use(
     assert fetched is not None
     assert fetched.step == 10
     assert (tmp_path / "resume.ckpt").read_bytes() == good.read_bytes()
+
+
+class _WatchedStore:
+    """The store, with a record of the blob streams it opened and those closed since."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.opened: list[str] = []
+        self.closed: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def open(self, key: str) -> BlobStream:
+        stream = self._store.open(key)
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from stream.chunks
+            finally:
+                self.closed.append(key)
+
+        self.opened.append(key)
+        return BlobStream(size=stream.size, chunks=chunks())
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_checkpoint_that_cannot_be_written_here_is_a_storage_error(store: Any,
+                                                                      tmp_path: Path) -> None:
+    """A full disk on the worker: a StorageError (the worker steps away, the next attempt
+    resumes), not a raw OSError (failed as an internal error); and the blob's stream is
+    closed at once, not whenever the error's traceback goes."""
+    written = tmp_path / "step-10.ckpt"
+    written.write_bytes(b"\1" * (3 * 1024 * 1024))
+    watched = _WatchedStore(store)
+    checkpoints = TrainingCheckpoints(watched)
+    checkpoints.keep("t1", written, step=10)
+
+    with pytest.raises(StorageError, match="cannot be written to /dev/full") as raised:
+        checkpoints.fetch("t1", Path("/dev/full"))  # every write: ENOSPC
+    assert raised.value.__traceback__ is not None  # still held, and the stream with it
+    assert watched.opened == [checkpoint_key("t1", 10)]
+    assert watched.closed == watched.opened

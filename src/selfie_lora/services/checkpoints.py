@@ -10,9 +10,11 @@ kept: each blob write is atomic, so the other one is deleted only once the new o
 from __future__ import annotations
 
 import logging
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfie_lora.errors import StorageError
 from selfie_lora.logs import training_context
 from selfie_lora.services.layout import checkpoint_key, checkpoint_prefix, checkpoint_step
 from selfie_lora.services.ports import BlobStore
@@ -62,11 +64,20 @@ class TrainingCheckpoints:
         newest = self.latest(training_id)
         if newest is None:
             return None
-        into.parent.mkdir(parents=True, exist_ok=True)
-        stream = self._blobs.open(newest.key)
-        with into.open("wb") as fh:
-            for chunk in stream.chunks:
-                fh.write(chunk)
+        try:
+            into.parent.mkdir(parents=True, exist_ok=True)
+            # The stream is closed however the copy ends: a write that fails would otherwise
+            # leave the blob's file (or S3 response) open for as long as the error's traceback
+            # keeps the stream alive.
+            with into.open("wb") as fh, closing(self._blobs.open(newest.key)) as stream:
+                for chunk in stream.chunks:
+                    fh.write(chunk)
+        except OSError as exc:
+            # This machine's disk (full, read-only), not the store: a StorageError all the same,
+            # so the worker steps away from the training instead of failing it as an internal
+            # error, and the next attempt (on a machine with room, or once there is) resumes it.
+            raise StorageError(f"checkpoint {newest.key!r} cannot be written to {into}: "
+                               f"{exc.strerror or exc}") from exc
         return newest
 
     def copy(self, source_id: str, target_id: str, *, scratch: Path) -> StoredCheckpoint | None:

@@ -248,10 +248,19 @@ class BlobStore(Protocol):
 
 @dataclass(frozen=True)
 class BlobStream:
-    """An open blob: its size and its bytes in chunks (read once)."""
+    """An open blob: its size and its bytes in chunks (read once). A reader that stops before
+    the end calls ``close`` (or reads in ``contextlib.closing``): the chunks hold a file or a
+    connection until then."""
 
     size: int
     chunks: Iterator[bytes]
+
+    def close(self) -> None:
+        # The stores' chunks are generators: closing one runs its ``finally``/``with``, which
+        # releases the file or the response body at once rather than when it is collected.
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
 
 
 # --------------------------------------------------------------------------- weights
