@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfie_lora.adapters.flux.runtime import require_torch
 from selfie_lora.adapters.flux.tiny import TINY, TINY_RESOLUTION, tiny_pipeline_dir
-from selfie_lora.errors import ConfigError, TrainingFailedError
+from selfie_lora.errors import ConfigError, TrainingFailedError, describe
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +61,7 @@ def load_pipeline(
                 f"base model {source!r} is neither 'tiny' nor a diffusers FLUX.1 folder "
                 "(no model_index.json there)"
             )
+        _check_model_index(path / "model_index.json")
     torch_dtype = dtype if dtype is not None else default_dtype(device)
     try:
         with warnings.catch_warnings():
@@ -71,11 +72,27 @@ def load_pipeline(
             pipe = pipeline_class.from_pretrained(
                 str(path), local_files_only=True, torch_dtype=torch_dtype
             )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"cannot load the FLUX pipeline from {path}: {exc}") from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        # diffusers reads model_index.json and each component's config without checking their
+        # shapes: a component declared as null, or a config that is not what it expects, fails
+        # with a TypeError or AttributeError deep inside. Whatever fails here is the folder the
+        # operator configured, never the training's photos: the misconfiguration error, not a
+        # failure the user is told to retry.
+        raise ConfigError(f"cannot load the FLUX pipeline from {path}: {describe(exc)}") from exc
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _check_model_index(path: Path) -> None:
+    """Refuse a model_index.json that is not a JSON object, with a message that says so (diffusers
+    fails on one with "pop expected at most 1 argument")."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {describe(exc)}") from exc
+    if not isinstance(index, dict):
+        raise ConfigError(f"{path} is not a diffusers model index (a JSON object)")
 
 
 @contextlib.contextmanager

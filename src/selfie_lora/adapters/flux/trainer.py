@@ -520,7 +520,10 @@ class LocalTrainer:
                 "Training failed on this server; try again, and if it fails again, "
                 "contact the operator."
             )
-        return error_class(f"{name}: {text}", user_message=user_message)
+        # One of ours already says what failed, as the same error does inline; only another
+        # error's text needs its kind in front ("KeyError: 'x'").
+        said = text if name in _ERRORS else f"local training failed: {name}: {text}"
+        return error_class(said, user_message=user_message)
 
     @staticmethod
     def _stop(process: Any) -> None:
