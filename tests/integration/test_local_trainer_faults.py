@@ -5,6 +5,7 @@ made wrong the way an operator's copy of FLUX.1 can be, not a vendor function re
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -13,7 +14,12 @@ import pytest
 
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.domain.recipes import get_recipe
-from selfie_lora.errors import ConfigError, TrainerError, TrainerUnavailableError
+from selfie_lora.errors import (
+    ConfigError,
+    TrainerError,
+    TrainerUnavailableError,
+    TrainingFailedError,
+)
 from selfie_lora.services.ports import TrainingJob, TrainingPhoto
 from tests.support.photos import synthetic_photo
 
@@ -22,6 +28,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
 from selfie_lora.adapters.flux import loader as flux_loader
+from selfie_lora.adapters.flux.tiny import tiny_pipeline_dir
 from selfie_lora.adapters.flux.trainer import LocalTrainer
 
 pytestmark = pytest.mark.slow
@@ -113,3 +120,31 @@ def test_a_childs_error_reads_as_the_same_error_inline(tmp_path: Path,
     assert type(child) is type(inline)
     assert (child.message, child.user_message) == (inline.message, inline.user_message)
     assert "Error:" not in child.message
+
+
+# --------------------------------------------------------------------------- vendor errors
+
+
+def _tiny_copy(tmp_path: Path, cache_dir: Path, **components: list[str]) -> Path:
+    """The tiny FLUX's folder, some components declared as another class."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_pipeline_dir(cache_dir), base)
+    index = json.loads((base / "model_index.json").read_text())
+    (base / "model_index.json").write_text(json.dumps({**index, **components}))
+    return base
+
+
+def test_a_vendor_error_in_the_loop_fails_the_training_alike_inline_and_in_the_child(
+        tmp_path: Path, shared_model_cache: Path) -> None:
+    """A T5 tokenizer swapped for CLIP's loads, then the T5 encoder indexes past its table:
+    torch raises an IndexError, which inline isolation let out of LocalTrainer.train as it was
+    (the worker failed the training as an internal error) while the child reported it."""
+    base = _tiny_copy(tmp_path, shared_model_cache, tokenizer_2=["transformers", "CLIPTokenizer"])
+    inline = _train_error(_trainer(str(base), shared_model_cache, "inline"), _job(tmp_path / "i"))
+    child = _train_error(_trainer(str(base), shared_model_cache, "process"), _job(tmp_path / "p"))
+    assert isinstance(inline, TrainingFailedError)
+    assert inline.message.startswith("local training failed: IndexError: ")
+    assert (type(child), child.message, child.user_message) == (
+        type(inline), inline.message, inline.user_message)
+    assert "try again" in inline.user_message
+

@@ -54,10 +54,17 @@ from selfie_lora.adapters.flux.memory import (
     load_training_base,
     out_of_memory_error,
 )
+from selfie_lora.adapters.flux.runtime import require_torch
 from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.domain.buckets import FLUX_MULTIPLE, Bucket, bucket_sizes, nearest_bucket
 from selfie_lora.domain.entities import FaceBox, Recipe
-from selfie_lora.errors import TrainingCanceledError, TrainingFailedError
+from selfie_lora.errors import (
+    ConfigError,
+    SelfieLoraError,
+    TrainingCanceledError,
+    TrainingFailedError,
+    describe,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -852,6 +859,8 @@ def train_flux_lora(
             user_message="The training settings are invalid; contact the operator.",
         )
     refuse_untrainable_base(pipeline_source)
+    # Before default_dtype, which imports torch: a server without it is told what to install.
+    require_torch()
     started = time.perf_counter()
 
     run_seed = recipe.seed if seed is None else seed
@@ -912,16 +921,24 @@ def train_flux_lora(
                 **(extra_metadata or {}),
             }
             save_lora(transformer, config=config, out_path=out_path, extra_metadata=metadata)
-        except (TrainingCanceledError, TrainingFailedError):
+        except SelfieLoraError:
             raise
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise _map_runtime_error(exc, memory_mode=chosen_mode) from exc
         except OSError as exc:
             raise TrainingFailedError(
                 f"cannot write the LoRA to {out_path}: {exc}",
                 user_message="The trained model could not be saved on this server; "
                 "contact the operator.",
             ) from exc
+        except ImportError as exc:
+            # A module diffusers, peft or torchao import on demand (a quantization backend, a
+            # model class) is missing or broken: the install is the operator's to mend.
+            raise ConfigError(f"the local backend cannot import what it needs: {describe(exc)}"
+                              ) from exc
+        except Exception as exc:
+            # torch, diffusers and peft raise whatever comes (RuntimeError for a CUDA fault,
+            # IndexError for a tokenizer that does not fit its encoder, KeyError for a config
+            # without a key): each is a failed training, in the worker thread as in the child.
+            raise _map_runtime_error(exc, memory_mode=chosen_mode) from exc
     metrics: dict[str, Any] = {
         **fit_metrics,
         "seconds": round(time.perf_counter() - started, 3),

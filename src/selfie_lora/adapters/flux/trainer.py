@@ -28,11 +28,13 @@ from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.domain.entities import Recipe, TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
+    SelfieLoraError,
     TrainerError,
     TrainerUnavailableError,
     TrainingCanceledError,
     TrainingFailedError,
     TrainingInterruptedError,
+    describe,
 )
 from selfie_lora.lifeline import exit_with
 from selfie_lora.logs import LogFormat, setup_logging, training_context
@@ -53,6 +55,8 @@ CHECKPOINT_DIR = "checkpoints"
 SAMPLE_DIR = "samples"
 
 _CANCELED_MESSAGE = "The training was canceled."
+_FAILED_MESSAGE = ("Training failed on this server; try again, and if it fails again, "
+                   "contact the operator.")
 # What reading a message half-written by a child that was killed can raise.
 _BROKEN_PIPE_ERRORS = (EOFError, OSError, pickle.UnpicklingError)
 
@@ -186,6 +190,16 @@ _ERRORS: dict[str, type[TrainerError]] = {
     "TrainerUnavailableError": TrainerUnavailableError,
     "WeightsNotFoundError": TrainingFailedError,
 }
+
+
+def _unmapped_error(exc: BaseException) -> TrainerError:
+    """A vendor error that reached the trainer's boundary in inline isolation, mapped as
+    ``_child_error`` maps the one a child reports."""
+    if isinstance(exc, ImportError):
+        return _config_error(ConfigError(f"the local backend cannot import what it needs: "
+                                         f"{describe(exc)}"))
+    return TrainingFailedError(f"local training failed: {describe(exc)}",
+                               user_message=_FAILED_MESSAGE)
 
 
 def _config_error(exc: ConfigError) -> TrainerUnavailableError:
@@ -371,6 +385,13 @@ class LocalTrainer:
             if reporter.interrupted():  # stopped for the worker's sake, not the user's
                 raise TrainingInterruptedError("the worker stops; training handed back") from None
             raise
+        except SelfieLoraError:
+            raise
+        except Exception as exc:
+            # The loop maps what torch, diffusers and peft raise; what escapes it (importing the
+            # loop itself) is mapped here as the child's error is in process isolation, so that
+            # the worker never sees a vendor error.
+            raise _unmapped_error(exc) from exc
 
     # ------------------------------------------------------------------ child process
 
@@ -514,16 +535,15 @@ class LocalTrainer:
         logger.warning("training child failed: %s: %s\n%s", name, text, child_traceback)
         if name == "ConfigError":
             return _config_error(ConfigError(text))
-        error_class = _ERRORS.get(name, TrainingFailedError)
-        if user_message is None:
-            user_message = (
-                "Training failed on this server; try again, and if it fails again, "
-                "contact the operator."
-            )
+        if name in ("ImportError", "ModuleNotFoundError"):
+            return _config_error(ConfigError(f"the local backend cannot import what it needs: "
+                                             f"{name}: {text}"))
         # One of ours already says what failed, as the same error does inline; only another
         # error's text needs its kind in front ("KeyError: 'x'").
-        said = text if name in _ERRORS else f"local training failed: {name}: {text}"
-        return error_class(said, user_message=user_message)
+        if name not in _ERRORS:
+            return TrainingFailedError(f"local training failed: {name}: {text}",
+                                       user_message=user_message or _FAILED_MESSAGE)
+        return _ERRORS[name](text, user_message=user_message or _FAILED_MESSAGE)
 
     @staticmethod
     def _stop(process: Any) -> None:
