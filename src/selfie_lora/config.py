@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     # How the local trainer stores the frozen base transformer on the GPU: auto (from the free
     # memory), bf16 (unquantized), int8 (24 GB cards) or nf4 (16 GB cards). See flux.memory.
     local_memory_mode: Literal["auto", "bf16", "int8", "nf4"] = "auto"
+    # Seconds a training child may send nothing (no step, checkpoint or sample) before it is
+    # taken as stuck, stopped and its training failed. Generous: loading FLUX.1 from a slow disk
+    # and its first step send nothing for minutes. Process isolation only.
+    local_stall_seconds: float = Field(default=1800.0, gt=0)
     device: str = "auto"
 
     # Likeness tracking (see services/quality.py). The gate holds back a new version whose

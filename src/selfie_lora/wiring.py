@@ -211,6 +211,7 @@ def default_trainers(settings: Settings) -> dict[str, Trainer]:
             base_model=settings.base_model, cache_dir=settings.model_cache_dir,
             isolation=settings.local_isolation, device=settings.device,
             log_format=settings.log_format, memory_mode=settings.local_memory_mode,
+            stall_timeout_s=settings.local_stall_seconds,
         )
     }
     if settings.replicate_api_token is not None:

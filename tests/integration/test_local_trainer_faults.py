@@ -4,14 +4,20 @@ made wrong the way an operator's copy of FLUX.1 can be, not a vendor function re
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
+import os
 import shutil
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 
+from selfie_lora.config import Settings
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.domain.recipes import get_recipe
 from selfie_lora.errors import (
@@ -21,6 +27,7 @@ from selfie_lora.errors import (
     TrainingFailedError,
 )
 from selfie_lora.services.ports import TrainingJob, TrainingPhoto
+from selfie_lora.wiring import default_trainers
 from tests.support.photos import synthetic_photo
 
 pytest.importorskip("torch")
@@ -148,3 +155,62 @@ def test_a_vendor_error_in_the_loop_fails_the_training_alike_inline_and_in_the_c
         type(inline), inline.message, inline.user_message)
     assert "try again" in inline.user_message
 
+
+# --------------------------------------------------------------------------- a stuck child
+
+
+def _unblock(fifo: Path) -> None:
+    """Let a reader stuck on ``fifo`` go on (it reads an end of file), if one is still there."""
+    with contextlib.suppress(OSError):  # no reader left: the trainer stopped it
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_child_that_makes_no_progress_is_stopped_and_its_training_fails(
+        tmp_path: Path, shared_model_cache: Path) -> None:
+    """A base folder whose transformer config is a FIFO nobody writes: the child blocks reading
+    it, alive and silent, as on a network folder that no longer answers. The heartbeat keeps
+    the lease, so without a watchdog the training stays 'processing' and the worker is lost."""
+    base = tmp_path / "base"
+    (base / "transformer").mkdir(parents=True)
+    (base / "model_index.json").write_text("{}")
+    fifo = base / "transformer" / "config.json"
+    os.mkfifo(fifo)
+    trainer = _trainer(str(base), shared_model_cache, "process", stall_timeout_s=2.0,
+                       stop_grace_s=0.5)
+    outcome: list[BaseException | object] = []
+
+    def train() -> None:
+        try:
+            outcome.append(trainer.train(_job(tmp_path / "w"), sink=Sink()))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    children_before = set(multiprocessing.active_children())
+    thread = threading.Thread(target=train, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    try:
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the trainer still waits on its stuck child"
+    finally:
+        _unblock(fifo)
+        thread.join(timeout=30)
+    assert 2.0 <= time.monotonic() - started < 30
+    [error] = outcome
+    assert isinstance(error, TrainingFailedError)
+    assert error.user_message == "Training stopped responding on this server; try again."
+    assert "SELFIE_LORA_LOCAL_STALL_SECONDS" in error.message
+    assert set(multiprocessing.active_children()) <= children_before  # the child is gone
+
+
+def test_the_stall_timeout_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    def local_trainer() -> Any:
+        return default_trainers(Settings())["local"]
+
+    # Loading FLUX.1 from a slow disk and its first step send nothing for minutes.
+    assert local_trainer().stall_timeout_s == 1800
+    monkeypatch.setenv("SELFIE_LORA_LOCAL_STALL_SECONDS", "600")
+    assert local_trainer().stall_timeout_s == 600
+    monkeypatch.setenv("SELFIE_LORA_LOCAL_STALL_SECONDS", "0")
+    with pytest.raises(ValueError, match="local_stall_seconds"):
+        Settings()

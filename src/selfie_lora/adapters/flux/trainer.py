@@ -260,6 +260,9 @@ class LocalTrainer:
     training child that dies after a new checkpoint is started again from it, at most
     ``max_restarts`` times. A canceled training, or one handed back by a stopping worker, first
     checkpoints the steps since its last checkpoint (the child gets ``stop_grace_s`` for it).
+    A child that sends nothing (no step, checkpoint or sample) for ``stall_timeout_s`` is stuck
+    (I/O on a model folder that does not answer, a driver deadlock): it is wound down like a
+    canceled one and the training fails; in ``inline`` isolation nothing can watch the loop.
     """
 
     backend = "local"
@@ -278,6 +281,7 @@ class LocalTrainer:
         memory_mode: MemoryModeSetting = "auto",
         max_restarts: int = 3,
         stop_grace_s: float = 30.0,
+        stall_timeout_s: float = 1800.0,
     ) -> None:
         if isolation not in ("process", "inline"):
             raise ConfigError(f"isolation must be 'process' or 'inline', not {isolation!r}")
@@ -292,6 +296,7 @@ class LocalTrainer:
         self.memory_mode: MemoryModeSetting = memory_mode
         self.max_restarts = max_restarts
         self.stop_grace_s = stop_grace_s
+        self.stall_timeout_s = stall_timeout_s
 
     def cancel_remote(self, remote_id: str) -> None:
         """Nothing runs remotely: a training's child process ends with its worker."""
@@ -441,10 +446,15 @@ class LocalTrainer:
         )
         process.start()
         logger.info("training %s runs in child process %s", job_id, process.pid)
+        # The heartbeat renews the worker's lease for as long as this loop runs, so a child that
+        # is alive but stuck would hold the training (and the worker) forever: what it last sent
+        # is the only sign of progress there is.
+        last_heard = time.monotonic()
         try:
             while True:
                 message = self._next_message(events, process)
                 if message is not None:
+                    last_heard = time.monotonic()
                     kind = message[0]
                     if kind == "step":
                         _, step, total, loss = message
@@ -463,6 +473,18 @@ class LocalTrainer:
                 elif not process.is_alive():
                     process.join()
                     raise _ChildDiedError(process.exitcode)
+                elif time.monotonic() - last_heard > self.stall_timeout_s:
+                    logger.warning("training %s: child %s sent nothing for %.0f s; stopping it",
+                                   job_id, process.pid, self.stall_timeout_s)
+                    # Asked to stop as a canceled one is: a child slow rather than stuck may
+                    # still checkpoint, or finish (its LoRA is then kept, not thrown away).
+                    finished = self._wind_down(events, process, stop, keep)
+                    if finished is not None:
+                        return finished
+                    raise TrainingFailedError(
+                        f"training {job_id}: its process {process.pid} made no progress for "
+                        f"{self.stall_timeout_s:.0f} s (SELFIE_LORA_LOCAL_STALL_SECONDS)",
+                        user_message="Training stopped responding on this server; try again.")
                 if reporter.interrupted():
                     logger.info("training %s handed back: stopping child %s", job_id,
                                 process.pid)
