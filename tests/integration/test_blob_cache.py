@@ -125,6 +125,18 @@ def test_a_failed_fetch_leaves_no_copy_and_no_temporary_file(tmp_path: Path) -> 
     assert not any(p.is_file() for p in (tmp_path / "weights").iterdir())
 
 
+def test_a_disk_too_full_for_the_copy_is_a_storage_error(tmp_path: Path) -> None:
+    # A generation's weights copied to a full disk raised a raw OSError (an internal error).
+    from tests.integration.test_blob_store_contract import files_limited_to
+
+    cache = BlobCache(tmp_path, max_bytes=10**6)
+    remote = Remote({"weights/a": b"w" * 300_000})
+    with files_limited_to(100_000), pytest.raises(StorageError, match="cannot hold 'weights/a'"), \
+            cache.copy("weights/a", remote.fetch("weights/a")):
+        pass
+    assert not any(p.is_file() for p in (tmp_path / "weights").iterdir())
+
+
 def test_a_fetcher_killed_midway_leaves_a_temporary_file_that_goes_once_it_is_stale(
         tmp_path: Path) -> None:
     script = (

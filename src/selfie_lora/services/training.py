@@ -128,8 +128,9 @@ INTERNAL_ERROR_MESSAGE = ("The training stopped because of an internal error. Yo
                           "happens again.")
 # Why a training whose worker's database failed it waits on its row: the next attempt runs it.
 DATABASE_UNREACHABLE = "the database could not be reached"
-# ... and one whose worker could not read its photos or checkpoint from the blob store.
-STORAGE_UNREACHABLE = "the stored photos could not be read"
+# ... and one whose worker could not fetch its photos or checkpoint (the blob store away, or
+# this machine's disk full).
+STORAGE_UNREACHABLE = "the stored photos or checkpoint could not be fetched"
 # An upload that starts a training holds the user's slot this long at most while its photos
 # are checked (a process that dies holding it blocks its user no longer than this).
 UPLOAD_CLAIM_TTL = timedelta(minutes=10)

@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from selfie_lora.errors import StorageError
 from selfie_lora.services.layout import TEMPORARY_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -76,9 +77,15 @@ class BlobCache:
         """The copy of ``key`` (a checked relative path), fetched with ``fetch(file)`` when this
         machine has none; marked used, and never evicted until the context ends."""
         target = self.root / key
-        pin = self._hit(target)
-        if pin is None:
-            pin = self._fetch(target, fetch)
+        try:
+            pin = self._hit(target)
+            if pin is None:
+                pin = self._fetch(target, fetch)
+        except OSError as exc:
+            # This machine's disk (full, read-only), not the store: a StorageError all the same,
+            # so a generation answers the storage error, not a 500 with a raw OSError.
+            raise StorageError(f"the blob cache in {self.root} cannot hold {key!r}: "
+                               f"{exc.strerror or exc}") from exc
         try:
             yield target
         finally:

@@ -25,7 +25,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -274,11 +274,13 @@ class S3BlobStore:
         check_key(key)
 
         def fetch(fh: BinaryIO) -> None:
-            stream = self.open(key)
             written = 0
-            for chunk in stream.chunks:
-                fh.write(chunk)
-                written += len(chunk)
+            # Closed however the copy ends: a write to a full disk would otherwise hold the
+            # response body open for as long as the error's traceback keeps the stream alive.
+            with closing(self.open(key)) as stream:
+                for chunk in stream.chunks:
+                    fh.write(chunk)
+                    written += len(chunk)
             # A stream cut short without an error would otherwise become a copy served for ever.
             if written != stream.size:
                 raise StorageError(f"object storage sent {written} bytes of {key!r}, which "
