@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
 from rich.table import Table
 
 from selfie_lora.config import Settings, get_settings, settings_errors
@@ -574,15 +575,27 @@ def compare(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Where the demo writes everything.")] = Path(
-        "demo-output"),
+    out: Annotated[Path, typer.Option(
+        "--out", help="Where the demo writes everything: a new or empty folder, or one an "
+                      "earlier demo made (its photos/, home/ and generated/ are replaced, "
+                      "nothing else). Any other folder is refused (exit 2) and left as it "
+                      "is.")] = Path("demo-output"),
 ) -> None:
     """The whole cycle on the embedded defaults, offline: check, first training, retraining,
     comparison, generation."""
-    from selfie_lora.demo import run_demo
+    from selfie_lora.demo import DemoFolderError, run_demo
 
     try:
         run_demo(out=out)
+    except ValidationError as exc:  # its settings are code, not the environment: a bug
+        for line in settings_errors(exc):
+            err_console.print(f"[red]invalid setting:[/red] {escape(line)}", highlight=False,
+                              soft_wrap=True)
+        raise typer.Exit(1) from None
+    except DemoFolderError as exc:  # a usage error, as typer's own are: exit status 2
+        err_console.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(2) from None
     except SelfieLoraError as exc:
         err_console.print(f"[red]demo failed:[/red] {exc.message}")
         raise typer.Exit(1) from None

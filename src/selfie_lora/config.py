@@ -19,7 +19,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from selfie_lora.domain.accounts import SignInPolicy
 from selfie_lora.domain.alerts import CLAIM, MAX_SEND_SECONDS
@@ -312,6 +312,24 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.cache_dir or self.home / "cache"
+
+
+class EmbeddedSettings(Settings):
+    """Settings from code alone: no environment variable (nor .env or secrets file) is read. The
+    demo runs on these: it is offline on the embedded defaults whatever the operator's
+    environment says, so it never writes to their bucket (SELFIE_LORA_STORAGE_URL), posts to
+    their alert hook (SELFIE_LORA_ALERT_URL) or fails on a setting it does not use."""
+
+    @classmethod
+    def settings_customise_sources(  # pydantic-settings passes every source by name
+        cls,
+        settings_cls: type[BaseSettings],  # noqa: ARG003
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
 
 
 def settings_errors(exc: ValidationError) -> list[str]:

@@ -16,12 +16,12 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from selfie_lora.config import Settings
+from selfie_lora.config import EmbeddedSettings, Settings
 from selfie_lora.console import console as default_console
 from selfie_lora.console import follow_training, print_report
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.domain.entities import Finding, Model, TrainingStatus, User
-from selfie_lora.errors import SelfieLoraError
+from selfie_lora.errors import InvalidInputError, SelfieLoraError
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.wiring import Services, build_services
 from selfie_lora.worker import embedded_worker
@@ -33,6 +33,51 @@ DEMO_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg")
 # (SELFIE_LORA_MIN_PHOTOS). Mirror images or crops would not make more: the photo check rejects
 # them as copies, as it should. So the demo lowers the minimum for itself, and says so.
 DEMO_MIN_PHOTOS = 2
+
+# What the demo writes into its folder, and the file that says the folder is the demo's: a run
+# replaces only these, so `--out .` (or a typo) can never delete a user's files.
+DEMO_MARKER = ".selfie-lora-demo"
+DEMO_ENTRIES = ("photos", "home", "generated")
+
+
+class DemoFolderError(InvalidInputError):
+    """``--out`` names a folder the demo did not make (or a file): nothing was touched."""
+
+
+def prepare_demo_folder(out: Path) -> None:
+    """Makes ``out`` the demo's folder, empty of what an earlier demo wrote there. A folder that
+    does not exist or is empty is taken (and marked); one an earlier demo made (its marker, or
+    exactly the demo's layout from before there was a marker) has the demo's entries replaced and
+    anything else kept; any other folder, or a file, is refused before anything is written."""
+    try:
+        _take_folder(out)
+    except OSError as exc:  # no permission, a read-only disk, a file on the way
+        raise DemoFolderError(f"cannot use --out {out}: {exc.strerror or exc}") from None
+
+
+def _take_folder(out: Path) -> None:
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise DemoFolderError(f"--out {out} is not a folder; nothing was changed")
+        entries = {entry.name for entry in out.iterdir()}
+        # `make demo` before the marker existed left exactly this layout: still the demo's.
+        legacy = (bool(entries) and entries <= set(DEMO_ENTRIES)
+                  and (out / "home" / "selfie-lora.db").is_file())
+        if entries and DEMO_MARKER not in entries and not legacy:
+            raise DemoFolderError(
+                f"--out {out} is a folder the demo did not make and it is not empty; nothing "
+                "was changed (name a new or empty folder)")
+        for name in DEMO_ENTRIES:
+            entry = out / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    # Written before anything else: a demo stopped half-way still leaves a folder it may reuse.
+    (out / DEMO_MARKER).write_text(
+        "This folder was made by `selfie-lora demo`: a new run replaces its photos/, home/ and "
+        "generated/ and keeps anything else.\n", encoding="utf-8")
 
 
 def build_demo_photos(target: Path) -> list[Path]:
@@ -129,6 +174,13 @@ def _upload_and_train(console: Console, services: Services, user: User,
     _print_training(console, services, user, done.id)
 
 
+def demo_settings(out: Path) -> Settings:
+    """The demo's settings: the embedded defaults (local backend, tiny FLUX) with its HOME under
+    ``out``, none of them read from the environment (``EmbeddedSettings``)."""
+    return EmbeddedSettings(home=out / "home", trainer="local", base_model="tiny",
+                            local_isolation="inline", min_photos=DEMO_MIN_PHOTOS)
+
+
 def run_demo(*, out: Path, console: Console = default_console) -> None:
     started = time.monotonic()
     # The demo tells its own story; the tiny model's 32-token text encoders also make diffusers
@@ -137,14 +189,10 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     for name in ("transformers", "diffusers", "selfie_lora"):
         logging.getLogger(name).setLevel(logging.WARNING if name == "selfie_lora" else logging.ERROR)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    prepare_demo_folder(out)
     photos_dir = out / "photos"
     build_demo_photos(photos_dir)
-    settings = Settings(
-        home=out / "home", trainer="local", base_model="tiny", local_isolation="inline",
-        trainer_version=None, database_url=None, queue_url=None, min_photos=DEMO_MIN_PHOTOS,
-    )
+    settings = demo_settings(out)
     console.print(f"The demo trains on {len(DEMO_PHOTOS)} public-domain photos of one person, "
                   f"so it accepts sets of {DEMO_MIN_PHOTOS} or more; a real set needs 5 or more "
                   "(15-25 work best).")

@@ -1,0 +1,97 @@
+"""``selfie-lora demo``'s set-up. ``--out DIR`` replaces only what a demo wrote: a folder it did
+not make is refused (exit status 2) and left as it is, so ``--out .`` in a project deletes
+nothing; its own folder is reused run after run (``make demo`` twice). Its settings are the
+embedded defaults, whatever the environment says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from selfie_lora.cli import app
+from selfie_lora.demo import DEMO_MARKER, DemoFolderError, demo_settings, prepare_demo_folder
+
+
+def what_a_demo_leaves(out: Path) -> None:
+    for name in ("photos/obama.jpg", "home/selfie-lora.db", "generated/v1-seed7.png"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(b"demo")
+
+
+def test_a_folder_with_a_users_files_is_refused_and_left_alone(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["demo", "--out", str(project)])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert "did not make" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in project.iterdir()) == [".git", "notes.txt"]
+    assert (project / "notes.txt").read_text() == "mine"
+
+
+def test_a_file_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "afile"
+    target.write_text("mine")
+    with pytest.raises(DemoFolderError, match="not a folder"):
+        prepare_demo_folder(target)
+    assert target.read_text() == "mine"
+
+
+def test_the_demos_own_folder_is_reused_keeping_anything_else(tmp_path: Path) -> None:
+    out = tmp_path / "demo-output"
+    prepare_demo_folder(out)  # a new folder: taken and marked
+    assert (out / DEMO_MARKER).is_file()
+    what_a_demo_leaves(out)
+    (out / "my-notes.txt").write_text("mine")  # put there by the user afterwards
+    prepare_demo_folder(out)  # the second run
+    assert sorted(p.name for p in out.iterdir()) == [DEMO_MARKER, "my-notes.txt"]
+
+
+def test_an_empty_folder_is_taken(tmp_path: Path) -> None:
+    prepare_demo_folder(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DEMO_MARKER]
+
+
+def test_a_folder_an_earlier_demo_made_before_the_marker_is_reused(tmp_path: Path) -> None:
+    out = tmp_path / "demo-output"
+    what_a_demo_leaves(out)
+    prepare_demo_folder(out)
+    assert sorted(p.name for p in out.iterdir()) == [DEMO_MARKER]
+    # ... but not one that holds anything else beside that layout.
+    what_a_demo_leaves(out)
+    (out / DEMO_MARKER).unlink()
+    (out / "thesis.tex").write_text("mine")
+    with pytest.raises(DemoFolderError):
+        prepare_demo_folder(out)
+    assert (out / "home" / "selfie-lora.db").exists()
+
+
+def test_the_demo_reads_no_setting_from_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+            "SELFIE_LORA_STORAGE_URL": "s3://production-bucket/loras",
+            "AWS_ENDPOINT_URL": "https://s3.example.com",
+            "SELFIE_LORA_ALERT_URL": "https://hooks.slack.com/services/T0/B0/secret",
+            "SELFIE_LORA_WORKER_THREADS": "abc",  # invalid: must not stop the demo
+            "SELFIE_LORA_PROBE_SIZE": "1024",
+            "SELFIE_LORA_DATABASE_URL": "postgresql+psycopg://u:pw@db.example.com/prod",
+            "SELFIE_LORA_QUALITY_GATE": "false"}.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / ".env").write_text("SELFIE_LORA_TRAINER=replicate\n")
+    monkeypatch.chdir(tmp_path)
+    settings = demo_settings(tmp_path / "out")
+    assert settings.home == tmp_path / "out" / "home"
+    assert settings.storage_url is None
+    assert settings.storage_endpoint is None
+    assert settings.alert_url is None
+    assert settings.worker_threads == 2
+    assert settings.probe_size is None
+    assert settings.database_url is None
+    assert settings.quality_gate is True
+    assert (settings.trainer, settings.base_model, settings.local_isolation) == (
+        "local", "tiny", "inline")
+    assert settings.min_photos == 2
