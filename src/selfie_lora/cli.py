@@ -60,50 +60,97 @@ def _settings() -> Settings:
         raise typer.Exit(1) from None
 
 
+def _fail(message: str, *, label: str = "error", code: int = 1) -> NoReturn:
+    """``label: message`` as one line on stderr, and exit status ``code``. The message is
+    printed as it is: a path or a name such as 'Pictures/[me]' is text, not rich markup."""
+    err_console.print(f"[red]{label}:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+def _database_shown(settings: Settings) -> str:
+    """Which database a message is about: the variable and its URL, password masked, or the
+    SQLite file in HOME."""
+    from sqlalchemy.engine import make_url
+
+    if settings.database_url is None:
+        return f"{settings.effective_database_url.removeprefix('sqlite:///')} in SELFIE_LORA_HOME"
+    try:
+        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+    except Exception:  # the settings checked it parses; never print it raw
+        return "SELFIE_LORA_DATABASE_URL"
+    return f"SELFIE_LORA_DATABASE_URL {shown}"
+
+
+def _reason(exc: BaseException | None) -> str:
+    text = str(exc).strip() if exc is not None else ""
+    return text.splitlines()[0] if text else "unknown"
+
+
 @contextmanager
-def _database_reachable() -> Iterator[None]:
-    """A database that cannot be reached (or a URL that cannot be read) is one line and exit
-    status 1, not sqlalchemy's traceback. The driver's first line says why without the URL
-    (which may hold a password)."""
-    from sqlalchemy.exc import ArgumentError, OperationalError
+def _starting(settings: Settings) -> Iterator[None]:
+    """What stops a command before its work starts is one line on stderr and exit status 1, as
+    the README promises, not a traceback: settings that cannot work together (ConfigError), a
+    database that cannot be reached or is not one, a HOME that cannot be written, a driver or
+    module not installed. A database URL is never printed with its password. ``-v`` also logs
+    the traceback."""
+    import sqlite3
+
+    from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
 
     try:
         yield
-    except OperationalError as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else "unknown"
-        err_console.print(f"[red]error:[/red] the database (SELFIE_LORA_DATABASE_URL) cannot be "
-                          f"reached: {reason}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    except ArgumentError:
-        err_console.print("[red]error:[/red] SELFIE_LORA_DATABASE_URL is not a database URL",
-                          highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-
-
-def _database_reachable_or_exit(settings: Settings) -> None:
-    """Opens (and migrates) the database once before a server starts, so that one that cannot be
-    reached is said in one line rather than by each server process's traceback."""
-    from selfie_lora.wiring import open_database
-
-    with _database_reachable():
-        open_database(settings)
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        logger.debug("could not start", exc_info=True)
+        if isinstance(exc, SelfieLoraError):
+            _fail(exc.message)
+        if isinstance(exc, OperationalError):
+            # The driver's first line says why without the URL (which may hold a password).
+            # A SQLite file is not reached but opened: read-only, locked, not permitted.
+            how = "used" if settings.database_url is None else "reached"
+            _fail(f"the database ({_database_shown(settings)}) cannot be {how}: "
+                  f"{_reason(exc.orig)}")
+        if isinstance(exc, DBAPIError):  # e.g. a SQLite file that is not a database
+            _fail(f"the database ({_database_shown(settings)}) cannot be used: "
+                  f"{_reason(exc.orig)}")
+        if isinstance(exc, ArgumentError):
+            _fail("SELFIE_LORA_DATABASE_URL is not a database URL")
+        if isinstance(exc, SQLAlchemyError):
+            _fail(f"the database ({_database_shown(settings)}) cannot be used: "
+                  f"{type(exc).__name__}")
+        if isinstance(exc, sqlite3.Error):  # the queue's SQLite file in HOME
+            _fail(f"the queue in SELFIE_LORA_HOME ({settings.home}) cannot be used: "
+                  f"{_reason(exc)}")
+        if isinstance(exc, OSError):  # HOME a file, on a read-only disk, not permitted
+            why = exc.strerror or _reason(exc)
+            if exc.filename is None or str(exc.filename) == str(settings.home):
+                _fail(f"SELFIE_LORA_HOME ({settings.home}) cannot be used: {why}")
+            _fail(f"cannot use {exc.filename}: {why} (SELFIE_LORA_HOME is {settings.home})")
+        if isinstance(exc, ImportError):
+            _fail(f"a module this needs is not installed: {exc.name or _reason(exc)}")
+        if isinstance(exc, ValueError):
+            _fail(f"cannot start: {_reason(exc)}")
+        raise
 
 
 @contextmanager
 def opened(*, label: str = "error", **build: Any) -> Iterator[Services]:
-    """The services for one command, closed after it; an error of ours becomes its message on
-    stderr (with its details) and exit status 1."""
+    """The services for one command, closed after it; what stops them being built is one line
+    (``_starting``), and an error of ours in the command becomes its message on stderr (with its
+    details) and exit status 1."""
     from selfie_lora.wiring import build_services
 
     settings = _settings()
-    with _database_reachable():
+    with _starting(settings):
         services = build_services(settings, **build)
     try:
         yield services
     except SelfieLoraError as exc:
-        err_console.print(f"[red]{label}:[/red] {exc.message}")
+        err_console.print(f"[red]{label}:[/red] {escape(exc.message)}", highlight=False,
+                          soft_wrap=True)
         for detail in exc.details:
-            err_console.print(f"  - {detail}")
+            err_console.print(f"  - {escape(str(detail))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
         services.close()
@@ -123,17 +170,22 @@ def serve(
     """The web app and the HTTP API, with a background worker, in one process."""
     from selfie_lora.api.app import create_app
     from selfie_lora.api.server import run_server, run_server_processes
+    from selfie_lora.wiring import open_database
 
     settings = _settings()
-    _database_reachable_or_exit(settings)
+    with _starting(settings):
+        # Once, before the server processes start: a database that cannot be reached is one
+        # line here rather than a traceback from each of them.
+        open_database(settings)
+        if processes == 1:
+            application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True,
+                                     collect_garbage=worker)
     if processes > 1:
         logger.info("serving on http://%s:%d/ with %d API processes; data in %s", host, port,
                     processes, settings.home)
         run_server_processes(settings, host=host, port=port, processes=processes,
                              worker=worker)
         return
-    application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True,
-                             collect_garbage=worker)
     shown = f"[{host}]" if ":" in host else host
     if settings.log_format == "json":  # a log collector reads this output: lines of JSON only
         logger.info("serving on http://%s:%d/ (API docs at /docs); data in %s", shown, port,
@@ -149,11 +201,16 @@ def worker_cmd(
     threads: Annotated[int | None, typer.Option(help="Worker threads.")] = None,
 ) -> None:
     """A queue worker only (the scale path)."""
+    from selfie_lora.wiring import build_services
     from selfie_lora.worker import run_worker
 
-    _settings()
-    with _database_reachable():
-        run_worker(threads=threads)
+    settings = _settings()
+    with _starting(settings):
+        services = build_services(settings)
+    try:
+        run_worker(services, threads=threads)
+    except SelfieLoraError as exc:  # it could not start: the metrics port is taken
+        _fail(exc.message)
 
 
 @users_app.command("create")

@@ -10,6 +10,7 @@ from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -20,6 +21,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from selfie_lora.domain.accounts import SignInPolicy
 from selfie_lora.domain.alerts import CLAIM, MAX_SEND_SECONDS
@@ -207,11 +210,45 @@ class Settings(BaseSettings):
                 "outlasted that would run alongside another process's send of the same alert")
         return value
 
+    # The URL checks below run when the settings are read, so that one that cannot work stops
+    # every command in one line naming the variable, before anything is built on it; none of
+    # them repeats the value (a URL may hold a password).
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_parses(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                make_url(value)
+            except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+                raise ValueError("is not a database URL: dialect+driver://user:password@host:"
+                                 "port/database, e.g. postgresql+psycopg://...") from None
+        return value
+
+    @field_validator("queue_url")
+    @classmethod
+    def _queue_url_is_known(cls, value: str | None) -> str | None:
+        # The schemes adapters.queue builds a queue for.
+        if value and urlsplit(value).scheme not in ("sqlite", "redis", "rediss"):
+            raise ValueError("must be unset (a SQLite file in HOME), sqlite:///path or "
+                             "redis://host:port/db (rediss:// with TLS)")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        # Said here, not when the web app first signs a cookie: `serve` stopped with a
+        # traceback after it had opened the database.
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
     @model_validator(mode="after")
     def _storage_url_is_s3(self) -> Settings:
-        if self.storage_url is not None and not self.storage_url.startswith("s3://"):
-            raise ValueError("SELFIE_LORA_STORAGE_URL must be unset (files under HOME) or "
-                             "s3://bucket/prefix")
+        if self.storage_url is not None:
+            parts = urlsplit(self.storage_url)
+            if parts.scheme != "s3" or not parts.netloc:  # s3:// alone names no bucket
+                raise ValueError("SELFIE_LORA_STORAGE_URL must be unset (files under HOME) or "
+                                 "s3://bucket/prefix")
         return self
 
     @model_validator(mode="after")
@@ -237,6 +274,15 @@ class Settings(BaseSettings):
             raise ValueError("SELFIE_LORA_TRAINER=replicate needs SELFIE_LORA_REPLICATE_OWNER: "
                              "the Replicate account (user or organisation) that owns the "
                              "users' destination models")
+        return self
+
+    @model_validator(mode="after")
+    def _photo_limits_leave_a_trainable_set(self) -> Settings:
+        # Otherwise every set is refused, one way or the other, only once it is uploaded.
+        if self.min_photos > self.max_photos:
+            raise ValueError(f"SELFIE_LORA_MIN_PHOTOS ({self.min_photos}) is more than "
+                             f"SELFIE_LORA_MAX_PHOTOS ({self.max_photos}): no set of photos "
+                             "could be trained on")
         return self
 
     @model_validator(mode="after")

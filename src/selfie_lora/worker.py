@@ -43,6 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Protocol
 
+from selfie_lora.errors import ConfigError
 from selfie_lora.logs import training_context
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.operations import OperationsService
@@ -308,22 +309,26 @@ def serve_operator_endpoints(operations: OperationsService, *, host: str,
     return server
 
 
-def run_worker(threads: int | None = None) -> None:
-    """``selfie-lora worker``: consume the queue until SIGTERM or SIGINT."""
-    from selfie_lora.config import get_settings
-    from selfie_lora.wiring import build_services
-
-    settings = get_settings()
-    services = build_services(settings)
+def run_worker(services: Services, *, threads: int | None = None) -> None:
+    """``selfie-lora worker`` on ``services`` (closed at the end): consume the queue until
+    SIGTERM or SIGINT. ConfigError when it cannot start: SELFIE_LORA_METRICS_PORT taken."""
+    settings = services.settings
+    try:
+        metrics = (serve_operator_endpoints(services.operations, host=settings.metrics_host,
+                                            port=settings.metrics_port)
+                   if settings.metrics_port is not None else None)
+    except OSError as exc:  # in use, or an address this machine does not have
+        with contextlib.suppress(Exception):
+            services.close()
+        raise ConfigError(f"SELFIE_LORA_METRICS_PORT {settings.metrics_port} on "
+                          f"SELFIE_LORA_METRICS_HOST {settings.metrics_host} cannot be used: "
+                          f"{exc.strerror or exc}") from None
     identity = claim_identity(settings.home)
     services.training.owner = identity.name
     services.gc.owner = identity.name
     worker = Worker(training=services.training, queue=services.queue, identity=identity,
                     threads=threads or settings.worker_threads,
                     reconcile_seconds=settings.reconcile_seconds, gc=services.gc)
-    metrics = (serve_operator_endpoints(services.operations, host=settings.metrics_host,
-                                        port=settings.metrics_port)
-               if settings.metrics_port is not None else None)
     try:
         worker.run_until_signal()
     finally:

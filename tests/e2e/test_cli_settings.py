@@ -19,7 +19,7 @@ def run_cli(home: Path, env: dict[str, str], *args: str) -> subprocess.Completed
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("SELFIE_LORA_", "REPLICATE_", "AWS_"))}
     clean.update(SELFIE_LORA_HOME=str(home), REPLICATE_API_TOKEN=SECRET,
-                 AWS_SECRET_ACCESS_KEY=AWS_SECRET, SELFIE_LORA_SECRET_KEY="sk_SECRET_key_42")
+                 AWS_SECRET_ACCESS_KEY=AWS_SECRET, SELFIE_LORA_SECRET_KEY="sk_SECRET_key_42" + "k" * 24)
     clean.update(env)
     return subprocess.run(
         [sys.executable, "-c", "from selfie_lora.cli import main; main()", *args],

@@ -22,7 +22,15 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import Session, sessionmaker
 
 from selfie_lora.adapters.db.tables import (
@@ -66,7 +74,13 @@ from selfie_lora.domain.likeness import (
     ProbeResult,
     VersionLikeness,
 )
-from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, StorageError
+from selfie_lora.errors import (
+    ConfigError,
+    ConflictError,
+    ErrorCode,
+    InvalidInputError,
+    StorageError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +115,24 @@ def make_engine(url: str) -> Engine:
     statement on its own reads a consistent snapshot of the latest commit without taking any
     lock, and it writes nothing that could be stale. (A ``BEGIN`` and ``COMMIT`` around it would
     only add two calls into SQLite, each a hand-over of the GIL between busy threads.)"""
+    try:
+        return _make_engine(url)
+    except NoSuchModuleError:  # before ArgumentError: it is one
+        raise ConfigError(f"SELFIE_LORA_DATABASE_URL ({_shown(url)}) names a database this "
+                          "cannot use: postgresql+psycopg://... or sqlite:///...") from None
+    except ImportError as exc:  # create_engine imports the URL's driver
+        raise ConfigError(f"SELFIE_LORA_DATABASE_URL ({_shown(url)}) needs a driver that is not "
+                          f"installed: {exc}") from None
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise ConfigError("SELFIE_LORA_DATABASE_URL is not a database URL") from None
+
+
+def _shown(url: str) -> str:
+    """``url`` as it may be printed: its password masked (only what parses is shown)."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
                                **SQLITE_POOL)

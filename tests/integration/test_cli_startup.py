@@ -1,0 +1,122 @@
+"""What stops a command before its work (settings that cannot work, a database that cannot be
+used, a HOME that cannot be written, a driver not installed, the worker's metrics port taken) is
+one line on stderr and exit status 1 for every command that builds the services: never a
+traceback, never a database password. Run in this process (CliRunner): every case fails before
+a server or worker would start."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from selfie_lora.cli import app
+from selfie_lora.config import get_settings
+
+PASSWORD = "pw_SECRET_db"
+
+
+def garbage_database(tmp_path: Path) -> dict[str, str]:
+    home = tmp_path / "garbage-home"
+    home.mkdir()
+    (home / "selfie-lora.db").write_bytes(b"not a database, whatever its name says " * 100)
+    return {"SELFIE_LORA_HOME": str(home)}
+
+
+def home_is_a_file(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "afile").write_text("mine")
+    return {"SELFIE_LORA_HOME": str(tmp_path / "afile")}
+
+
+def home_under_a_file(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "afile").write_text("mine")
+    return {"SELFIE_LORA_HOME": str(tmp_path / "afile" / "home")}
+
+
+CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
+    ("queue URL of no known scheme", lambda _: {"SELFIE_LORA_QUEUE_URL": "garbage"},
+     "invalid setting: SELFIE_LORA_QUEUE_URL"),
+    ("s3:// without a bucket", lambda _: {"SELFIE_LORA_STORAGE_URL": "s3://"},
+     "invalid setting: SELFIE_LORA_STORAGE_URL"),
+    ("more photos at least than at most", lambda _: {
+        "SELFIE_LORA_MIN_PHOTOS": "30", "SELFIE_LORA_MAX_PHOTOS": "20"},
+     "invalid setting: SELFIE_LORA_MIN_PHOTOS (30) is more than SELFIE_LORA_MAX_PHOTOS (20)"),
+    ("a secret key too short", lambda _: {"SELFIE_LORA_SECRET_KEY": "short"},
+     "invalid setting: SELFIE_LORA_SECRET_KEY: must be at least 32 characters"),
+    ("a port that is not a number", lambda _: {
+        "SELFIE_LORA_DATABASE_URL": f"postgresql+psycopg://u:{PASSWORD}@db:notaport/x"},
+     "invalid setting: SELFIE_LORA_DATABASE_URL: is not a database URL"),
+    ("a driver not installed", lambda _: {
+        "SELFIE_LORA_DATABASE_URL": f"mysql+mysqldb://u:{PASSWORD}@127.0.0.1/x"},
+     "error: SELFIE_LORA_DATABASE_URL (mysql+mysqldb://u:***@127.0.0.1/x) needs a driver"),
+    ("a database of no known kind", lambda _: {
+        "SELFIE_LORA_DATABASE_URL": f"nosuchdb://u:{PASSWORD}@127.0.0.1/x"},
+     "names a database this cannot use"),
+    ("HOME's database file is not one", garbage_database, "file is not a database"),
+    ("HOME is a file", home_is_a_file, "cannot be used: File exists"),
+    ("HOME under a file", home_under_a_file, "cannot be used: Not a directory"),
+]
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[dict[str, str]],
+                                                                             None]]:
+    def apply(values: dict[str, str]) -> None:
+        monkeypatch.setenv("SELFIE_LORA_HOME", str(tmp_path / "home"))
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    yield apply
+    get_settings.cache_clear()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# A case that did not stop the command would serve or work until stopped: fail it instead.
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("setup", "said"), [(setup, said) for _, setup, said in CASES],
+                         ids=[name for name, _, _ in CASES])
+@pytest.mark.parametrize("command", [
+    ["users", "create", "ann"], ["gc", "--dry-run"], ["worker"],
+    ["serve", "--no-worker", "--port", "{port}"]], ids=["users", "gc", "worker", "serve"])
+def test_what_stops_a_command_is_one_line(
+        tmp_path: Path, env: Callable[[dict[str, str]], None],
+        setup: Callable[[Path], dict[str, str]], said: str, command: list[str]) -> None:
+    if "mysqldb" in said and importlib.util.find_spec("MySQLdb") is not None:
+        pytest.skip("MySQLdb is installed here")
+    env(setup(tmp_path))
+    args = [arg.replace("{port}", str(free_port())) for arg in command]
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert result.exit_code == 1, result.output
+    assert said in result.output.replace("\n", " "), result.output
+    assert PASSWORD not in result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.timeout(60)
+def test_a_taken_metrics_port_stops_the_worker_in_one_line(
+        tmp_path: Path, env: Callable[[dict[str, str]], None]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env({"SELFIE_LORA_METRICS_PORT": str(port)})
+        result = CliRunner().invoke(app, ["worker"])
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith(f"error: SELFIE_LORA_METRICS_PORT {port} on "
+                                "SELFIE_LORA_METRICS_HOST 127.0.0.1 cannot be used"), lines
+    assert "Traceback" not in result.output
