@@ -48,16 +48,16 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> 
     setup_logging(log_format=log_format, verbose=verbose)
 
 
-def _settings() -> Settings:
-    """The settings, or one line per invalid one on stderr and exit status 1: pydantic's own
-    report is a long traceback, and no value (a token, a key) is ever printed."""
+def _settings(*, code: int = 1) -> Settings:
+    """The settings, or one line per invalid one on stderr and exit status ``code``: pydantic's
+    own report is a long traceback, and no value (a token, a key) is ever printed."""
     try:
         return get_settings()
     except ValidationError as exc:
         for line in settings_errors(exc):
-            err_console.print(f"[red]invalid setting:[/red] {line}", markup=True,
-                              highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+            err_console.print(f"[red]invalid setting:[/red] {escape(line)}", highlight=False,
+                              soft_wrap=True)
+        raise typer.Exit(code) from None
 
 
 def _fail(message: str, *, label: str = "error", code: int = 1) -> NoReturn:
@@ -87,51 +87,56 @@ def _reason(exc: BaseException | None) -> str:
 
 
 @contextmanager
-def _starting(settings: Settings) -> Iterator[None]:
-    """What stops a command before its work starts is one line on stderr and exit status 1, as
-    the README promises, not a traceback: settings that cannot work together (ConfigError), a
-    database that cannot be reached or is not one, a HOME that cannot be written, a driver or
-    module not installed. A database URL is never printed with its password. ``-v`` also logs
-    the traceback."""
-    import sqlite3
-
-    from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
-
+def _starting(settings: Settings, *, code: int = 1) -> Iterator[None]:
+    """What stops a command before its work starts is one line on stderr and exit status
+    ``code`` (1; ``check`` keeps 1 for its verdict), as the README promises, not a traceback.
+    ``-v`` also logs the traceback."""
     try:
         yield
     except typer.Exit:
         raise
     except Exception as exc:
+        message = _start_failure(settings, exc)
+        if message is None:
+            raise
         logger.debug("could not start", exc_info=True)
-        if isinstance(exc, SelfieLoraError):
-            _fail(exc.message)
-        if isinstance(exc, OperationalError):
-            # The driver's first line says why without the URL (which may hold a password).
-            # A SQLite file is not reached but opened: read-only, locked, not permitted.
-            how = "used" if settings.database_url is None else "reached"
-            _fail(f"the database ({_database_shown(settings)}) cannot be {how}: "
-                  f"{_reason(exc.orig)}")
-        if isinstance(exc, DBAPIError):  # e.g. a SQLite file that is not a database
-            _fail(f"the database ({_database_shown(settings)}) cannot be used: "
-                  f"{_reason(exc.orig)}")
-        if isinstance(exc, ArgumentError):
-            _fail("SELFIE_LORA_DATABASE_URL is not a database URL")
-        if isinstance(exc, SQLAlchemyError):
-            _fail(f"the database ({_database_shown(settings)}) cannot be used: "
-                  f"{type(exc).__name__}")
-        if isinstance(exc, sqlite3.Error):  # the queue's SQLite file in HOME
-            _fail(f"the queue in SELFIE_LORA_HOME ({settings.home}) cannot be used: "
-                  f"{_reason(exc)}")
-        if isinstance(exc, OSError):  # HOME a file, on a read-only disk, not permitted
-            why = exc.strerror or _reason(exc)
-            if exc.filename is None or str(exc.filename) == str(settings.home):
-                _fail(f"SELFIE_LORA_HOME ({settings.home}) cannot be used: {why}")
-            _fail(f"cannot use {exc.filename}: {why} (SELFIE_LORA_HOME is {settings.home})")
-        if isinstance(exc, ImportError):
-            _fail(f"a module this needs is not installed: {exc.name or _reason(exc)}")
-        if isinstance(exc, ValueError):
-            _fail(f"cannot start: {_reason(exc)}")
-        raise
+        _fail(message, code=code)
+
+
+def _start_failure(settings: Settings, exc: Exception) -> str | None:
+    """What ``exc`` says as a line, when it is one of what stops a start: settings that cannot
+    work together (ConfigError), a database that cannot be reached or is not one, a HOME that
+    cannot be written, a driver or module not installed. A database URL is never printed with
+    its password."""
+    import sqlite3
+
+    from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
+
+    if isinstance(exc, SelfieLoraError):
+        return exc.message
+    if isinstance(exc, OperationalError):
+        # The driver's first line says why without the URL (which may hold a password).
+        # A SQLite file is not reached but opened: read-only, locked, not permitted.
+        how = "used" if settings.database_url is None else "reached"
+        return f"the database ({_database_shown(settings)}) cannot be {how}: {_reason(exc.orig)}"
+    if isinstance(exc, DBAPIError):  # e.g. a SQLite file that is not a database
+        return f"the database ({_database_shown(settings)}) cannot be used: {_reason(exc.orig)}"
+    if isinstance(exc, ArgumentError):
+        return "SELFIE_LORA_DATABASE_URL is not a database URL"
+    if isinstance(exc, SQLAlchemyError):
+        return f"the database ({_database_shown(settings)}) cannot be used: {type(exc).__name__}"
+    if isinstance(exc, sqlite3.Error):  # the queue's SQLite file in HOME
+        return f"the queue in SELFIE_LORA_HOME ({settings.home}) cannot be used: {_reason(exc)}"
+    if isinstance(exc, OSError):  # HOME a file, on a read-only disk, not permitted
+        why = exc.strerror or _reason(exc)
+        if exc.filename is None or str(exc.filename) == str(settings.home):
+            return f"SELFIE_LORA_HOME ({settings.home}) cannot be used: {why}"
+        return f"cannot use {exc.filename}: {why} (SELFIE_LORA_HOME is {settings.home})"
+    if isinstance(exc, ImportError):
+        return f"a module this needs is not installed: {exc.name or _reason(exc)}"
+    if isinstance(exc, ValueError):
+        return f"cannot start: {_reason(exc)}"
+    return None
 
 
 @contextmanager
@@ -345,9 +350,34 @@ def check(
         "--for", help="The training to judge the photos for (its resolution): by default the "
                       "one a new model would get.")] = None,
 ) -> None:
-    """Report on a folder or zip of photos; exit 0 when trainable, 1 when not."""
-    with opened(label="not trainable", trainers={}, generators={}) as services:
-        report = services.intake.check_path(path, target=target)
+    """Report on a folder or zip of photos; exit 0 when trainable, 1 when not, 2 when it could
+    not judge them (no such path, an unreadable file, invalid settings). Needs no database."""
+    from selfie_lora.errors import ErrorCode, InvalidInputError
+    from selfie_lora.wiring import build_photo_checks
+
+    # Scripts branch on 1 ('not trainable'): nothing else may end with it, not even a crash.
+    settings = _settings(code=2)
+    with _starting(settings, code=2):
+        checks = build_photo_checks(settings)
+    try:
+        report = checks.check_path(path, target=target)
+    except SelfieLoraError as exc:
+        if not isinstance(exc, InvalidInputError) or exc.code == ErrorCode.NO_SUCH_PATH:
+            _fail(exc.message, code=2)
+        # The upload as a whole is refused (too large, not a zip, an archive inside): it is not
+        # trainable, as `train` and the API would say.
+        err_console.print(f"[red]not trainable:[/red] {escape(exc.message)}", highlight=False,
+                          soft_wrap=True)
+        for detail in exc.details:
+            err_console.print(f"  - {escape(str(detail))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:  # a folder or file that cannot be read
+        _fail(f"cannot read {exc.filename or path}: {exc.strerror or _reason(exc)}", code=2)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception:
+        logger.exception("the check of %s could not run", path)
+        raise typer.Exit(2) from None
     print_report(report, title=f"Findings for {path}")
     raise typer.Exit(0 if report.trainable else 1)
 

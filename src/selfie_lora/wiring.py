@@ -254,6 +254,30 @@ def open_database(settings: Settings) -> None:
         engine.dispose()
 
 
+def _intake(settings: Settings, *, repo: Repository | None, blobs: BlobStore | None,
+            face_analyzer: FaceAnalyzer | None, telemetry: Telemetry | None) -> IntakeService:
+    return IntakeService(
+        repo=repo, blobs=blobs,
+        limits=UploadLimits(max_upload_bytes=settings.max_upload_bytes),
+        policy=CheckPolicy(min_photos=settings.min_photos, max_photos=settings.max_photos),
+        analyzer=face_analyzer or default_face_analyzer(settings),
+        defaults=lambda: training_defaults(settings),
+        # Worker processes build dlib's analyzer themselves; a given one (tests) runs in threads.
+        analyzer_factory=default_analyzer_factory(settings) if face_analyzer is None else None,
+        workers=settings.intake_workers, keep_originals=settings.keep_originals,
+        telemetry=telemetry,
+    )
+
+
+def build_photo_checks(settings: Settings, *,
+                       face_analyzer: FaceAnalyzer | None = None) -> IntakeService:
+    """The photo checks alone (``selfie-lora check``): judging photos stores nothing, so no
+    database, queue, storage or HOME is opened, and none of them being out of reach (or a crash
+    of theirs) can be mistaken for photos that are not trainable."""
+    return _intake(settings, repo=None, blobs=None, face_analyzer=face_analyzer,
+                   telemetry=None)
+
+
 def build_services(
     settings: Settings,
     *,
@@ -293,16 +317,8 @@ def build_services(
         probe_size=settings.probe_size, gate_enabled=settings.quality_gate,
         telemetry=telemetry,
     )
-    intake = IntakeService(
-        repo=repo, blobs=blobs,
-        limits=UploadLimits(max_upload_bytes=settings.max_upload_bytes),
-        policy=CheckPolicy(min_photos=settings.min_photos, max_photos=settings.max_photos),
-        analyzer=faces, defaults=lambda: training_defaults(settings),
-        # Worker processes build dlib's analyzer themselves; a given one (tests) runs in threads.
-        analyzer_factory=default_analyzer_factory(settings) if face_analyzer is None else None,
-        workers=settings.intake_workers, keep_originals=settings.keep_originals,
-        telemetry=telemetry,
-    )
+    intake = _intake(settings, repo=repo, blobs=blobs, face_analyzer=face_analyzer,
+                     telemetry=telemetry)
     training = TrainingService(
         repo=repo, blobs=blobs, queue=queue, trainers=chosen_trainers,
         defaults=lambda: training_defaults(settings), work_dir=settings.work_dir,

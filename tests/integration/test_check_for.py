@@ -16,6 +16,7 @@ from selfie_lora.cli import app
 from selfie_lora.domain.entities import Model
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.services.common import new_id, utcnow
+from selfie_lora.services.intake import IntakeService
 from selfie_lora.wiring import Services
 from tests.conftest import auth, one_person_analyzer
 from tests.support.photos import photo_zip, synthetic_photo
@@ -40,11 +41,16 @@ def cli(home: Path, monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     drawings; the real dlib checks are tested on real photos)."""
     monkeypatch.setenv("SELFIE_LORA_MIN_PHOTOS", "1")
     real = wiring.build_services
+    real_checks = wiring.build_photo_checks
 
     def with_fake_faces(*args: Any, **kwargs: Any) -> Services:
         return real(*args, face_analyzer=one_person_analyzer(), **kwargs)
 
+    def checks_with_fake_faces(*args: Any, **kwargs: Any) -> IntakeService:
+        return real_checks(*args, face_analyzer=one_person_analyzer(), **kwargs)
+
     monkeypatch.setattr(wiring, "build_services", with_fake_faces)
+    monkeypatch.setattr(wiring, "build_photo_checks", checks_with_fake_faces)
     return CliRunner()
 
 

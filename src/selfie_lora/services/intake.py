@@ -35,7 +35,12 @@ from selfie_lora.dataset.prepare import PreparedPhoto, dataset_sha256
 from selfie_lora.domain.entities import Dataset, Finding, Recipe, User
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.domain.recipes import CheckTarget, recipe_for
-from selfie_lora.errors import DatasetRejectedError, NotFoundError, StorageError
+from selfie_lora.errors import (
+    ConfigError,
+    DatasetRejectedError,
+    NotFoundError,
+    StorageError,
+)
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.layout import manifest_key, original_key, photo_key, reference_key
 from selfie_lora.services.ports import (
@@ -131,8 +136,8 @@ class IntakeService:
     def __init__(
         self,
         *,
-        repo: Repository,
-        blobs: BlobStore,
+        repo: Repository | None,
+        blobs: BlobStore | None,
         limits: UploadLimits,
         policy: CheckPolicy,
         analyzer: FaceAnalyzer,
@@ -142,8 +147,10 @@ class IntakeService:
         keep_originals: bool = False,
         telemetry: Telemetry | None = None,
     ) -> None:
-        self._repo = repo
-        self._blobs = blobs
+        # None: the photo checks alone (`selfie-lora check`), which store nothing and so need
+        # neither a database nor a HOME; storing or reading a dataset is then a bug.
+        self._repo_or_none = repo
+        self._blobs_or_none = blobs
         self._telemetry: Telemetry = telemetry or NullTelemetry()
         self.limits = limits
         self._policy = policy
@@ -156,6 +163,18 @@ class IntakeService:
         # Photos analysed before in this process: a check followed by its upload, or a
         # retraining with the same photos and one more, analyses each photo once.
         self.outcomes = OutcomeCache()
+
+    @property
+    def _repo(self) -> Repository:
+        if self._repo_or_none is None:
+            raise ConfigError("these photo checks have no database: they only judge photos")
+        return self._repo_or_none
+
+    @property
+    def _blobs(self) -> BlobStore:
+        if self._blobs_or_none is None:
+            raise ConfigError("these photo checks have no storage: they only judge photos")
+        return self._blobs_or_none
 
     def warm_up(self) -> None:
         """Start the photo-analysis worker processes (a service start calls this)."""
