@@ -21,7 +21,7 @@ from selfie_lora.console import console, err_console, follow_training, print_rep
 from selfie_lora.domain.entities import GateStatus, Training
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
-from selfie_lora.errors import SelfieLoraError
+from selfie_lora.errors import InvalidInputError, SelfieLoraError
 from selfie_lora.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -352,7 +352,7 @@ def check(
 ) -> None:
     """Report on a folder or zip of photos; exit 0 when trainable, 1 when not, 2 when it could
     not judge them (no such path, an unreadable file, invalid settings). Needs no database."""
-    from selfie_lora.errors import ErrorCode, InvalidInputError
+    from selfie_lora.errors import ErrorCode
     from selfie_lora.wiring import build_photo_checks
 
     # Scripts branch on 1 ('not trainable'): nothing else may end with it, not even a crash.
@@ -522,7 +522,9 @@ def generate(
 
 @app.command("export")
 def export_cmd(
-    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+    user: Annotated[str | None, typer.Option(
+        "--user", help="The user's name; needed only when VERSION is not an id and several "
+                       "users have a model here.")] = None,
     version_arg: Annotated[str | None, typer.Argument(
         metavar="[VERSION]", help="A version's number or id; default: the active one.")] = None,
     out: Annotated[Path | None, typer.Option(
@@ -542,7 +544,13 @@ def export_cmd(
                                  param_hint="VERSION")
     chosen = version_arg if version_arg is not None else version
     with opened() as services:
-        owner = services.users.get_by_name(name=user)
+        if user is not None:
+            owner = services.users.get_by_name(name=user)
+        else:
+            try:
+                owner = services.models.owner_for_export(version_id=chosen)
+            except InvalidInputError as exc:  # several users could be meant: a usage error
+                _fail(exc.message, code=2)
         export = services.models.export_weights(user=owner, version_id=chosen,
                                                 weights_format=weights_format)
         where = out if out is not None else Path(".")

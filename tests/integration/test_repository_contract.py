@@ -523,3 +523,13 @@ def test_every_failure_of_the_database_is_a_storage_error(repo: SqlRepository) -
             tight.get_session("s1")
     finally:
         one_connection.dispose()
+
+
+def test_model_owners_are_listed_oldest_first_up_to_the_limit(repo: SqlRepository) -> None:
+    assert repo.list_model_owners(limit=2) == []
+    ann, _model, _dataset = seed(repo, "ann")
+    assert repo.list_model_owners(limit=2) == [ann.id]
+    bob, _model, _dataset = seed(repo, "bob")
+    repo.add_user(User(id="u-cat", name="cat", created_at=NOW))  # no model: not listed
+    assert repo.list_model_owners(limit=2) == [ann.id, bob.id]
+    assert repo.list_model_owners(limit=1) == [ann.id]

@@ -205,6 +205,29 @@ class ModelService:
     def weights(self, *, user: User, version_id: str) -> bytes:
         return self._blobs.get(self.version(user=user, version_id=version_id).weights_key)
 
+    def owner_for_export(self, *, version_id: str | None) -> User:
+        """Whose version ``selfie-lora export VERSION`` means when no user is named, if only one
+        can be meant: the owner of the version with that id, else the one user of this service
+        with a model (VERSION a number, or none: the active one). NotFoundError when nobody has a
+        model; InvalidInputError when several users could be meant."""
+        if version_id is not None:
+            version = self._repo.get_version(version_id.strip())
+            model = self._repo.get_model(version.model_id) if version is not None else None
+            owner = self._repo.get_user(model.user_id) if model is not None else None
+            if owner is not None:
+                return owner
+        owners = self._repo.list_model_owners(limit=2)
+        if not owners:
+            raise NotFoundError("nobody has a model yet: train one first")
+        if len(owners) > 1:
+            raise InvalidInputError(
+                "several users have a model here: name the user (--user NAME) or the version by "
+                "its id")
+        owner = self._repo.get_user(owners[0])
+        if owner is None:  # the model's user is gone: as if there were no model
+            raise NotFoundError("nobody has a model yet: train one first")
+        return owner
+
     def export_weights(self, *, user: User, version_id: str | None = None,
                        weights_format: WeightsFormat = WeightsFormat.DIFFUSERS) -> WeightsExport:
         """The LoRA file of version ``version_id`` (None: the active one) in ``weights_format``.

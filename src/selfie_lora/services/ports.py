@@ -367,6 +367,10 @@ class Repository(Protocol):
         ends, so what is decided on it (a start, a re-pin, the gate's activation, the user's)
         cannot interleave with another."""
         ...
+    def list_model_owners(self, *, limit: int) -> Sequence[str]:
+        """The user ids of the first ``limit`` models, oldest first (who may be meant when a
+        command names no user)."""
+        ...
     def get_model_overview(self, user_id: str
                            ) -> tuple[Model, Version | None, VersionLikeness | None] | None:
         """The user's model, its active version and that version's likeness record, read

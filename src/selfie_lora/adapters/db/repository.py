@@ -596,6 +596,11 @@ class SqlRepository:
             row = s.scalars(stmt).first()
             return _model(row) if row else None
 
+    def list_model_owners(self, *, limit: int) -> Sequence[str]:
+        with self._read() as s:
+            return list(s.scalars(select(ModelRow.user_id)
+                                  .order_by(ModelRow.created_at, ModelRow.id).limit(limit)))
+
     def get_model_overview(self, user_id: str
                            ) -> tuple[Model, Version | None, VersionLikeness | None] | None:
         # One query for the hottest read of the API (GET /api/model, the progress polls): the

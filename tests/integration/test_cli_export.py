@@ -1,0 +1,76 @@
+"""``selfie-lora export VERSION [--format ...] [--out FILE]`` as the contract writes it: no
+``--user`` needed when only one user can be meant (VERSION is a version's id, or one user has a
+model here); when several could be, one line saying to name the user, exit status 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from selfie_lora import cli
+from selfie_lora.errors import NotFoundError
+from selfie_lora.wiring import Services
+from tests.conftest import auth, wait_terminal
+from tests.integration.test_api import upload
+from tests.integration.test_cli_out import trained as trained  # the fixture, re-exported
+
+
+def export(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli.app, ["export", *args])
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+def test_one_user_here_needs_no_user(trained: Services, tmp_path: Path) -> None:
+    code, said = export("1", "--out", str(tmp_path / "v1.safetensors"))
+    assert code == 0, said
+    ann = trained.users.get_by_name(name="ann")
+    v1 = trained.models.version(user=ann, version_id="1")
+    assert (tmp_path / "v1.safetensors").read_bytes() == trained.models.weights(
+        user=ann, version_id=v1.id)
+    code, said = export("--out", str(tmp_path / "active.safetensors"))  # the active one
+    assert code == 0, said
+    assert "version 2" in said
+
+
+@pytest.fixture
+def two_users(trained: Services, client: TestClient) -> Services:
+    h = auth(trained, "bob")
+    done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+    assert done["training"]["status"] == "succeeded"
+    return trained
+
+
+def test_with_several_users_a_number_is_ambiguous(two_users: Services, tmp_path: Path) -> None:
+    code, said = export("1", "--out", str(tmp_path / "v1.safetensors"))
+    assert code == 2, said
+    assert said.strip() == ("error: several users have a model here: name the user "
+                            "(--user NAME) or the version by its id")
+    assert not (tmp_path / "v1.safetensors").exists()
+    code, said = export("1", "--user", "bob", "--out", str(tmp_path / "bob.safetensors"))
+    assert code == 0, said
+
+
+def test_with_several_users_an_id_names_its_owners_version(two_users: Services,
+                                                            tmp_path: Path) -> None:
+    bob = two_users.users.get_by_name(name="bob")
+    version = two_users.models.versions(user=bob)[0]
+    code, said = export(version.id, "--out", str(tmp_path / "bob.safetensors"))
+    assert code == 0, said
+    assert (tmp_path / "bob.safetensors").read_bytes() == two_users.models.weights(
+        user=bob, version_id=version.id)
+
+
+def test_a_version_nobody_has_is_one_line(two_users: Services, tmp_path: Path) -> None:
+    code, said = export("no-such-id", "--user", "bob", "--out", str(tmp_path / "x"))
+    assert code == 1, said
+    assert said.strip() == "error: no such version: no-such-id"
+
+
+def test_nobody_with_a_model_is_said(services: Services) -> None:
+    services.users.create(name="ann")
+    with pytest.raises(NotFoundError, match="nobody has a model yet"):
+        services.models.owner_for_export(version_id="1")
