@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -17,8 +17,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from selfie_lora.config import Settings, get_settings, settings_errors
-from selfie_lora.console import console, err_console, follow_training, print_report
-from selfie_lora.domain.entities import GateStatus, Training
+from selfie_lora.console import (
+    console,
+    err_console,
+    follow_training,
+    print_findings,
+    print_report,
+)
+from selfie_lora.domain.entities import Finding, GateStatus, Training
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import InvalidInputError, SelfieLoraError
@@ -154,11 +160,22 @@ def opened(*, label: str = "error", **build: Any) -> Iterator[Services]:
     except SelfieLoraError as exc:
         err_console.print(f"[red]{label}:[/red] {escape(exc.message)}", highlight=False,
                           soft_wrap=True)
-        for detail in exc.details:
-            err_console.print(f"  - {escape(str(detail))}", highlight=False, soft_wrap=True)
+        _print_details(exc.details)
         raise typer.Exit(1) from None
     finally:
         services.close()
+
+
+def _print_details(details: Sequence[Any]) -> None:
+    """An error's details on stderr: photo findings (a rejected set's) as the table `check`
+    prints, anything else a line each."""
+    if details and all(isinstance(d, dict) and {"severity", "code", "message"} <= d.keys()
+                       for d in details):
+        print_findings([Finding.from_dict(d) for d in details], title="Findings",
+                       out=err_console)
+        return
+    for detail in details:
+        err_console.print(f"  - {escape(str(detail))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -234,7 +251,7 @@ def users_create(
         sys.stdout.write(json.dumps({"user": user.name, "api_key": key,
                                      "password_set": secret is not None}) + "\n")
     else:
-        console.print(f"created user [bold]{user.name}[/bold]")
+        console.print(f"created user [bold]{escape(user.name)}[/bold]")
         console.print(f"API key (shown once, keep it safe): [bold]{key}[/bold]")
         if secret is not None:
             console.print("password set: sign in at the address `selfie-lora serve` prints")
@@ -246,7 +263,7 @@ def users_password(name: str) -> None:
     secret = _read_new_password()
     with opened(trainers={}, generators={}) as services:
         services.users.set_password(user=services.users.get_by_name(name=name), password=secret)
-    console.print(f"password of [bold]{name}[/bold] set; their browser sessions have ended")
+    console.print(f"password of [bold]{escape(name)}[/bold] set; their browser sessions have ended")
 
 
 def _read_new_password() -> str:
@@ -272,11 +289,11 @@ def keys_list(user: str) -> None:
     """The user's API keys (their prefixes; secrets are never shown again)."""
     with opened(trainers={}, generators={}) as services:
         keys = services.users.keys(user=services.users.get_by_name(name=user))
-    table = Table(title=f"API keys of {user}")
+    table = Table(title=escape(f"API keys of {user}"))
     for column in ("id", "name", "prefix", "created", "revoked"):
         table.add_column(column)
     for key in keys:
-        table.add_row(key.id, key.name, key.prefix + "...", key.created_at.isoformat(),
+        table.add_row(key.id, escape(key.name), key.prefix + "...", key.created_at.isoformat(),
                       key.revoked_at.isoformat() if key.revoked_at else "-")
     console.print(table)
 
@@ -288,7 +305,7 @@ def _print_key(key: object, secret: str, *, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps({"id": key.id, "name": key.name, "api_key": secret}) + "\n")
     else:
-        console.print(f"API key {key.id} ({key.name}); shown once, keep it safe: "
+        console.print(f"API key {key.id} ({escape(key.name)}); shown once, keep it safe: "
                       f"[bold]{secret}[/bold]")
 
 
@@ -368,8 +385,7 @@ def check(
         # trainable, as `train` and the API would say.
         err_console.print(f"[red]not trainable:[/red] {escape(exc.message)}", highlight=False,
                           soft_wrap=True)
-        for detail in exc.details:
-            err_console.print(f"  - {escape(str(detail))}", highlight=False, soft_wrap=True)
+        _print_details(exc.details)
         raise typer.Exit(1) from None
     except OSError as exc:  # a folder or file that cannot be read
         _fail(f"cannot read {exc.filename or path}: {exc.strerror or _reason(exc)}", code=2)
@@ -438,7 +454,8 @@ def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> N
     finally:
         worker.stop()  # a second call (after the hand-back) does nothing
     if final.status != "succeeded":
-        err_console.print(f"[red]training {final.status}:[/red] {final.error}")
+        err_console.print(f"[red]training {final.status}:[/red] {escape(final.error or '')}",
+                          highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     overview = services.models.overview(user=owner)
     active, model = overview.active, overview.model
@@ -446,9 +463,9 @@ def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> N
     if new is not None and new.gate_status is GateStatus.HELD:
         # The training worked; the likeness gate kept the previous version active.
         console.print(f"[yellow]succeeded, but version {new.number} is held back[/yellow]: "
-                      f"{new.gate_reason}")
+                      f"{escape(new.gate_reason or '')}")
         console.print(f"version {active.number if active else '?'} stays active; compare "
-                      f"them with 'selfie-lora compare --user {user}', or activate version "
+                      f"them with 'selfie-lora compare --user {escape(user)}', or activate version "
                       f"{new.number} yourself (POST /api/model/versions/{new.number}/activate)")
     else:
         console.print(f"[green]succeeded[/green]: version {active.number if active else '?'} "
@@ -517,7 +534,7 @@ def generate(
                 user=owner, generation_id=generation.id, index=i), also=(
                 f"generation {generation.id} is stored: its images are at "
                 f"GET /api/generations/{generation.id}/images/<n>"))
-            console.print(f"wrote {target}")
+            console.print(f"wrote {target}", markup=False, highlight=False)
 
 
 @app.command("export")
@@ -557,7 +574,7 @@ def export_cmd(
         target = where / export.filename if where.is_dir() else where
         if target.exists() and not force:
             # A LoRA is often exported again with the same name: never lose one silently.
-            err_console.print(f"[red]error:[/red] {target} exists; nothing was written (pass "
+            err_console.print(f"[red]error:[/red] {escape(str(target))} exists; nothing was written (pass "
                               "--force to replace it, or --out another file)", highlight=False,
                               soft_wrap=True)
             raise typer.Exit(1)
@@ -571,15 +588,17 @@ def export_cmd(
                 partial.unlink()
             _cannot_write(target, exc)
         console.print(f"wrote {target}: version {export.version.number}, {weights_format} layout, "
-                      f"{len(export.data)} bytes, sha256 {export.sha256}")
+                      f"{len(export.data)} bytes, sha256 {export.sha256}", markup=False,
+                      highlight=False)
 
 
 def _cannot_write(path: Path, exc: OSError, *, also: str | None = None) -> NoReturn:
     """A file or folder that cannot be written is one line and exit status 1, not a traceback."""
-    err_console.print(f"[red]error:[/red] cannot write {path}: {exc.strerror or exc}",
+    err_console.print(f"[red]error:[/red] cannot write {escape(str(path))}: "
+                      f"{escape(str(exc.strerror or exc))}",
                       highlight=False, soft_wrap=True)
     if also:
-        err_console.print(f"  {also}", highlight=False, soft_wrap=True)
+        err_console.print(f"  {escape(also)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1) from None
 
 
@@ -663,9 +682,10 @@ def compare(
         scores.add_row(key, _fmt(ha.get(key)), _fmt(hb.get(key)))
     console.print(scores)
     if vb.gate_reason:
-        console.print(f"gate on version {vb.number}: {vb.gate_status}: {vb.gate_reason}")
-    console.print(f"wrote {grid_path}")
-    console.print(f"wrote {chart_path}")
+        console.print(f"gate on version {vb.number}: {vb.gate_status}: {vb.gate_reason}",
+                      markup=False)
+    console.print(f"wrote {grid_path}", markup=False, highlight=False)
+    console.print(f"wrote {chart_path}", markup=False, highlight=False)
 
 
 @app.command()
@@ -692,7 +712,8 @@ def demo(
                           soft_wrap=True)
         raise typer.Exit(2) from None
     except SelfieLoraError as exc:
-        err_console.print(f"[red]demo failed:[/red] {exc.message}")
+        err_console.print(f"[red]demo failed:[/red] {escape(exc.message)}", highlight=False,
+                          soft_wrap=True)
         raise typer.Exit(1) from None
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -25,21 +26,28 @@ _SEVERITY_ORDER = {"reject": 0, "warn": 1, "info": 2}
 
 
 def findings_table(findings: Sequence[Finding], title: str) -> Table:
-    table = Table(title=title)
+    # Escaped: a title holds the user's path, and a photo's name, a message or advice may hold
+    # '[...]', which rich would read as markup (and drop, or fail on).
+    table = Table(title=escape(title))
     for column in ("severity", "photo", "code", "message", "advice"):
         table.add_column(column)
     for f in findings:
         colour = {"reject": "red", "warn": "yellow"}.get(f.severity, "cyan")
-        table.add_row(f"[{colour}]{f.severity}[/{colour}]", f.photo or "(set)", f.code,
-                      f.message, f.advice)
+        table.add_row(f"[{colour}]{f.severity}[/{colour}]", escape(f.photo or "(set)"),
+                      escape(f.code), escape(f.message), escape(f.advice))
     return table
+
+
+def print_findings(findings: Sequence[Finding], *, title: str, out: Console = console) -> None:
+    """The findings as a table, rejects first."""
+    ordered = sorted(findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 3))
+    out.print(findings_table(ordered, title))
 
 
 def print_report(report: IntakeReport, *, title: str, out: Console = console) -> None:
     """The findings (rejects first) and the verdict, as a person reads them."""
     if report.findings:
-        ordered = sorted(report.findings, key=lambda f: _SEVERITY_ORDER.get(f.severity, 3))
-        out.print(findings_table(ordered, title))
+        print_findings(report.findings, title=title, out=out)
     verdict = report.verdict
     label = "[green]trainable[/green]" if report.trainable else "[red]not trainable[/red]"
     out.print(
@@ -48,7 +56,7 @@ def print_report(report: IntakeReport, *, title: str, out: Console = console) ->
         f"for {report.target} training at {report.resolution} px)"
     )
     for reason in verdict.get("reasons", []):
-        out.print(f"  - {reason}")
+        out.print(f"  - {reason}", markup=False, highlight=False)
 
 
 def follow_training(current: Callable[[], Training], *, quiet: bool = False,

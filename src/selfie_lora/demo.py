@@ -252,7 +252,7 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
             path.write_bytes(png)
             tiles.append(Image.open(io.BytesIO(png)).convert("RGB"))
             console.print(f"v{version.number}: {path} (prompt: {g.prompt!r}, "
-                          f"scale {g.lora_scale:g})")
+                          f"scale {g.lora_scale:g})", markup=False)
         compare = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)))
         x = 0
         for tile in tiles:
@@ -280,10 +280,11 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
             ("likeness scores chart", chart_path),
         ]
         for label, path in rows:
-            console.print(f"{label:32} {path}")
+            console.print(f"{label:32} {path}", markup=False)  # --out is the user's
         console.print(f"demo finished in {time.monotonic() - started:.1f} s")
         console.rule("see it in your browser")
-        console.print(f"SELFIE_LORA_HOME={settings.home} .venv/bin/selfie-lora serve")
+        console.print(f"SELFIE_LORA_HOME={settings.home} .venv/bin/selfie-lora serve",
+                      markup=False)
         console.print("then open http://127.0.0.1:8000 and sign in as [bold]demo[/bold]")
         console.print(f"password: [bold]{password}[/bold]")
     finally:

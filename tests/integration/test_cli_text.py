@@ -1,0 +1,83 @@
+"""What the command line prints of the user's text (paths, names, findings) is printed as it is,
+never read as rich markup: '[me]' in a folder's name is not lost, 'no[/such]' does not crash the
+command; and a rejected set's findings are the table `check` prints, not Python dicts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from selfie_lora import wiring
+from selfie_lora.cli import app
+from selfie_lora.config import get_settings
+from selfie_lora.services.intake import IntakeService
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services
+from tests.conftest import one_person_analyzer
+from tests.support.photos import synthetic_photo
+
+
+@pytest.fixture
+def cli(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
+    """The command line on a fresh home, faces found by the fake analyzer (the photos are
+    drawings), fake backends, wide enough that rich wraps nothing."""
+    monkeypatch.setenv("SELFIE_LORA_MIN_PHOTOS", "5")
+    monkeypatch.setenv("COLUMNS", "400")
+    get_settings.cache_clear()
+    real, real_checks = wiring.build_services, wiring.build_photo_checks
+
+    def build(*args: Any, **kwargs: Any) -> Services:
+        return real(*args, **{"face_analyzer": one_person_analyzer(),
+                              "trainers": {"local": FakeTrainer()},
+                              "generators": {"local": FakeGenerator()}, **kwargs})
+
+    def checks(*args: Any, **kwargs: Any) -> IntakeService:
+        return real_checks(*args, face_analyzer=one_person_analyzer(), **kwargs)
+
+    monkeypatch.setattr(wiring, "build_services", build)
+    monkeypatch.setattr(wiring, "build_photo_checks", checks)
+    yield CliRunner()
+    get_settings.cache_clear()
+
+
+def four_photos(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(4):
+        (folder / f"[{i}] selfie.jpg").write_bytes(synthetic_photo(i, size=256))
+    return folder
+
+
+def test_a_folder_with_brackets_in_its_name_is_named_whole(cli: CliRunner,
+                                                           tmp_path: Path) -> None:
+    folder = four_photos(tmp_path / "Pictures" / "[me] selfies")
+    result = cli.invoke(app, ["check", str(folder)])
+    assert result.exit_code == 1, result.output  # 4 photos, 5 needed
+    assert f"Findings for {folder}" in result.output
+    assert "few_photos" in result.output
+
+
+def test_a_path_that_looks_like_markup_is_no_crash(cli: CliRunner, tmp_path: Path) -> None:
+    path = tmp_path / "no[/such]"
+    result = cli.invoke(app, ["check", str(path)])
+    assert isinstance(result.exception, SystemExit), result.exception  # not a MarkupError
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == f"error: {path} is neither a folder nor a zip file"
+
+
+def test_train_prints_a_rejected_sets_findings_as_check_does(cli: CliRunner,
+                                                             tmp_path: Path) -> None:
+    assert cli.invoke(app, ["users", "create", "ann"]).exit_code == 0
+    folder = four_photos(tmp_path / "photos")
+    result = cli.invoke(app, ["train", str(folder), "--user", "ann"])
+    assert result.exit_code == 1, result.output
+    assert "{'severity'" not in result.output
+    assert "'code':" not in result.output
+    assert "error: these photos cannot be trained on:" in result.output
+    table = result.output[result.output.index("Findings"):]
+    for column in ("severity", "photo", "code", "message", "advice"):
+        assert column in table
+    assert "few_photos" in table
