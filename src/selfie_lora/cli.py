@@ -181,7 +181,8 @@ def _print_details(details: Sequence[Any]) -> None:
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535,
+                                      help="Port to listen on (0: any free one).")] = 8000,
     worker: Annotated[bool, typer.Option("--worker/--no-worker",
                                          help="Run a background worker in this process.")] = True,
     processes: Annotated[int, typer.Option(
@@ -220,7 +221,8 @@ def serve(
 
 @app.command("worker")
 def worker_cmd(
-    threads: Annotated[int | None, typer.Option(help="Worker threads.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        min=1, help="Trainings run at once (default: SELFIE_LORA_WORKER_THREADS).")] = None,
 ) -> None:
     """A queue worker only (the scale path)."""
     from selfie_lora.wiring import build_services
@@ -544,8 +546,9 @@ def export_cmd(
                        "users have a model here.")] = None,
     version_arg: Annotated[str | None, typer.Argument(
         metavar="[VERSION]", help="A version's number or id; default: the active one.")] = None,
-    out: Annotated[Path | None, typer.Option(
-        "--out", help="The file to write (a folder: its own name); default: "
+    out: Annotated[str | None, typer.Option(
+        "--out", help="The file to write; a folder (one that exists, or any path ending in "
+                      "'/', made if need be) gets the file under its own name; default: "
                       "lora-v<N>[-kohya].safetensors in the current folder.")] = None,
     version: Annotated[str | None, typer.Option(
         "--version", help="The same as VERSION.")] = None,
@@ -570,8 +573,11 @@ def export_cmd(
                 _fail(exc.message, code=2)
         export = services.models.export_weights(user=owner, version_id=chosen,
                                                 weights_format=weights_format)
-        where = out if out is not None else Path(".")
-        target = where / export.filename if where.is_dir() else where
+        # A str, not a Path: Path drops the trailing '/' that says "a folder" of one that does
+        # not exist yet (it wrote a file of that name).
+        where = Path(out) if out is not None else Path(".")
+        as_folder = out is None or out.endswith(("/", os.sep)) or where.is_dir()
+        target = where / export.filename if as_folder else where
         if target.exists() and not force:
             # A LoRA is often exported again with the same name: never lose one silently.
             err_console.print(f"[red]error:[/red] {escape(str(target))} exists; nothing was written (pass "

@@ -95,3 +95,13 @@ def test_export_under_a_file_is_refused_in_one_line(trained: Services, tmp_path:
     refused = CliRunner().invoke(cli.app, ["export", "1", "--user", "ann", "--out", str(target)])
     refused_in_one_line(refused, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "home"]  # no partial file
+
+
+def test_export_to_a_path_ending_in_a_slash_makes_that_folder(trained: Services,
+                                                               tmp_path: Path) -> None:
+    folder = tmp_path / "newdir" / "loras"
+    done = CliRunner().invoke(cli.app, ["export", "1", "--user", "ann",
+                                        "--out", f"{folder}/"])
+    assert done.exit_code == 0, done.output
+    assert folder.is_dir()
+    assert [p.name for p in folder.iterdir()] == ["lora-v1.safetensors"]
