@@ -2,8 +2,8 @@
 
 The training child and the photo-analysis processes are started by a worker or ``serve``. When
 that process stops cleanly it stops them itself; this module covers the rest (``kill -9``, the
-OOM killer, a crash): a child calls ``exit_with(pid)`` first thing, and a watcher thread ends it
-as soon as that process is gone.
+OOM killer, a crash): a child calls ``exit_with(pid)`` first thing, with the pid its parent gave
+it, and a watcher thread ends it as soon as that process is gone.
 
 Why a pid and not "the parent": the photo-analysis processes are forked by multiprocessing's
 fork server, so their parent is the fork server, which itself only exits once they have (each
@@ -24,10 +24,12 @@ logger = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.5
 
 
-def exit_with(pid: int | None = None) -> None:
-    """In a child process: exit (status 1, no cleanup) as soon as process ``pid`` (default: the
-    parent) is gone. Call it while ``pid`` is known to be alive."""
-    watched = os.getppid() if pid is None else pid
+def exit_with(pid: int) -> None:
+    """In a child process: exit (status 1, no cleanup) as soon as process ``pid`` is gone, at
+    once if it is gone already. The parent passes its own pid (``os.getpid()``) when it starts
+    the child: read in the child, ``os.getppid()`` is already init's (1) when the parent died
+    while the child was still importing, and the child would watch init for ever."""
+    watched = pid
     try:
         fd: int | None = os.pidfd_open(watched)
     except ProcessLookupError:

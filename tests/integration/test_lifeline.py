@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-# The service process: starts a child the way the trainer does (spawn, watching its parent) or
-# the way the photo analysis does (forked by a fork server, watching the service's pid).
+# The service process: starts a child the way the trainer and `serve --processes` do (spawn) or
+# the way the photo analysis does (forked by a fork server); each watches the pid the service
+# gave it.
 PARENT = r"""
 import multiprocessing, os, sys, time
 
@@ -25,9 +26,29 @@ def child(path, watched):
 if __name__ == "__main__":
     method = sys.argv[2]
     context = multiprocessing.get_context(method)
-    watched = os.getpid() if method == "forkserver" else None
-    p = context.Process(target=child, args=(sys.argv[1], watched))
+    p = context.Process(target=child, args=(sys.argv[1], os.getpid()))
     p.start()
+    time.sleep(600)
+"""
+
+# A child still starting (importing torch, as the trainer's does) when its service is killed:
+# it reaches exit_with only once its parent is gone, and must stop then rather than watch init.
+LATE_CHILD = r"""
+import multiprocessing, os, sys, time
+
+def child(path, watched):
+    while not os.path.exists(path + ".parent-killed"):
+        time.sleep(0.05)
+    from selfie_lora.lifeline import exit_with
+    exit_with(watched)
+    open(path, "w").write(str(os.getpid()))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    context = multiprocessing.get_context("spawn")
+    p = context.Process(target=child, args=(sys.argv[1], os.getpid()))
+    p.start()
+    print(p.pid, flush=True)
     time.sleep(600)
 """
 
@@ -69,3 +90,32 @@ def test_a_child_exits_soon_after_its_service_is_killed(tmp_path: Path, method: 
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def test_a_child_whose_service_died_while_it_started_exits(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(LATE_CHILD)
+    pid_file = tmp_path / "child.pid"
+    with subprocess.Popen([sys.executable, str(script), str(pid_file)],
+                          stdout=subprocess.PIPE, text=True) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.send_signal(signal.SIGKILL)
+    try:
+        Path(f"{pid_file}.parent-killed").touch()  # only now does the child call exit_with
+        deadline = time.monotonic() + 10
+        while alive(child):
+            assert time.monotonic() < deadline, f"child {child} outlived its killed parent"
+            time.sleep(0.05)
+        assert not pid_file.exists()  # it stopped in exit_with, before its work
+    finally:
+        if alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_the_pid_to_watch_is_given_by_the_parent() -> None:
+    # Read in the child, os.getppid() is init's once the parent is gone: no default for it.
+    from selfie_lora.lifeline import exit_with
+
+    with pytest.raises(TypeError):
+        exit_with()  # type: ignore[call-arg]

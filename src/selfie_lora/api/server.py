@@ -124,15 +124,15 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve_one(host: str, port: int, index: int, worker: bool) -> None:
+def _serve_one(host: str, port: int, index: int, worker: bool, parent_pid: int) -> None:
     """One process of ``serve --processes N`` (a spawned child); the first runs the worker,
-    when there is one."""
+    when there is one. ``parent_pid``: the serving command's pid, as it read it."""
     from selfie_lora.api.app import create_app
     from selfie_lora.config import get_settings
     from selfie_lora.lifeline import exit_with
     from selfie_lora.logs import setup_logging
 
-    exit_with()  # the parent killed with -9: this process stops too
+    exit_with(parent_pid)  # the parent killed with -9: this process stops too
     settings = get_settings()
     setup_logging(log_format=settings.log_format)
     sock = _listening_socket(host, port)
@@ -161,7 +161,8 @@ def run_server_processes(settings: Settings, *, host: str, port: int, processes:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     _listening_socket(host, port).close()  # the address is free: fail here, not N times
     context = multiprocessing.get_context("spawn")
-    children = [context.Process(target=_serve_one, args=(host, port, i, worker), name=f"api-{i}")
+    children = [context.Process(target=_serve_one, args=(host, port, i, worker, os.getpid()),
+                                name=f"api-{i}")
                 for i in range(processes)]
     for child in children:
         child.start()

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import math
 import multiprocessing
+import os
 import pickle
 import queue
 import signal
@@ -147,15 +148,16 @@ def _run(
     )
 
 
-def _child_main(request: _TrainRequest, events: Any, stop: Any) -> None:
+def _child_main(request: _TrainRequest, events: Any, stop: Any, parent_pid: int) -> None:
     """Entry point of the spawned child: stream steps, then one "done" or "error" message.
-    ``stop`` (an Event) set by the parent: checkpoint the steps so far and stop."""
+    ``stop`` (an Event) set by the parent: checkpoint the steps so far and stop. ``parent_pid``:
+    the worker's pid, as the worker read it."""
     # Ctrl-C at a terminal reaches the whole foreground group, this child too: the parent
     # decides (a worker's stop sets ``stop``, and the steps so far are checkpointed), where a
     # KeyboardInterrupt here would fail the training and lose its checkpoints.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # A worker killed with -9 cannot stop its child: the child stops itself.
-    exit_with()
+    exit_with(parent_pid)
     # The worker's log format, and the training's id on every line (as in the worker itself).
     setup_logging(log_format=request.log_format)
     with training_context(request.extra_metadata.get("training_id")):
@@ -438,7 +440,7 @@ class LocalTrainer:
         stop: Any = context.Event()
         process = context.Process(
             target=_child_main,
-            args=(request, events, stop),
+            args=(request, events, stop, os.getpid()),
             name=f"selfie-lora-train-{job_id}",
             # Never outlive the worker; but a daemonic worker process may not have daemonic
             # children, and there the finally clause below is what stops the child.
