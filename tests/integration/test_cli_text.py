@@ -56,7 +56,10 @@ def test_a_folder_with_brackets_in_its_name_is_named_whole(cli: CliRunner,
     folder = four_photos(tmp_path / "Pictures" / "[me] selfies")
     result = cli.invoke(app, ["check", str(folder)])
     assert result.exit_code == 1, result.output  # 4 photos, 5 needed
-    assert f"Findings for {folder}" in result.output
+    # The table's title wraps at the terminal's width, anywhere in a long path: compared
+    # without whitespace ('[me]' lost still shows).
+    title = "".join(f"Findings for {folder}".split())
+    assert title in "".join(result.output.split()), result.output
     assert "few_photos" in result.output
 
 
