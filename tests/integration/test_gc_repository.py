@@ -7,14 +7,22 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 
+import pytest
+from sqlalchemy import make_url
+
+from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import Generation, TrainingStatus, Version
-from selfie_lora.domain.gc import DatasetRef, GenerationRef, TrainingRef
+from selfie_lora.domain.gc import DatasetRef, GcPolicy, GenerationRef, TrainingRef
 from selfie_lora.domain.likeness import LikenessStatus, VersionLikeness
+from selfie_lora.errors import ConflictError
+from selfie_lora.services.gc import GarbageCollector
 from tests.integration.test_repository_contract import NOW, seed, training
+from tests.support.backends import database_url, fresh_engine
 
 DAY = timedelta(days=1)
 
@@ -184,3 +192,32 @@ def test_a_collection_forgets_webhook_ids_a_day_after_they_came(repo: SqlReposit
     # Forgotten: its signed timestamp, more than 5 minutes off, is what refuses it now.
     assert repo.record_webhook("msg_old", now=NOW) is True
     assert collector.collect().webhook_ids == 0
+
+
+@pytest.mark.postgres
+def test_times_read_from_a_session_in_another_time_zone_are_utc(tmp_path: Path) -> None:
+    """A PostgreSQL session whose TimeZone is not UTC (the server's or the role's setting) hands
+    back its own offset: the lease's expiry came back at +09:00 and the collector's 'another
+    garbage collection is running ... until HH:MM:SS UTC' showed Tokyo's hour as UTC."""
+    url = make_url(database_url("postgres", tmp_path)).update_query_dict(
+        {"options": "-c timezone=Asia/Tokyo"})
+    engine = fresh_engine(url.render_as_string(hide_password=False))
+    try:
+        upgrade(engine)
+        repo = SqlRepository(engine)
+        expiry = NOW + timedelta(minutes=10)
+        assert repo.claim_job("gc", owner="worker-1", now=NOW, expires_at=expiry)
+        job = repo.get_job("gc")
+        assert job is not None
+        assert job.expires_at is not None
+        assert job.expires_at.tzinfo is UTC
+        assert job.expires_at.hour == expiry.hour
+        collector = GarbageCollector(repo=repo, blobs=FileSystemBlobStore(tmp_path / "blobs"),
+                                     work_dir=tmp_path / "work",
+                                     policy=GcPolicy(grace=timedelta(hours=1)),
+                                     clock=lambda: NOW + timedelta(minutes=1))
+        with pytest.raises(ConflictError) as caught:
+            collector.collect()
+        assert f"until {expiry:%Y-%m-%d %H:%M:%S} UTC" in caught.value.message
+    finally:
+        engine.dispose()

@@ -168,10 +168,12 @@ def _sign_in_lock_id(key: str) -> int:
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; every datetime we write is UTC.
+    # SQLite hands back naive datetimes; every datetime we write is UTC. PostgreSQL hands back
+    # the instant in the session's TimeZone (a server or role set to Asia/Tokyo): the same
+    # instant, but printed as it is it shows Tokyo's hour where a message says UTC.
     if value is None:
         return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _req_utc(value: datetime) -> datetime:
