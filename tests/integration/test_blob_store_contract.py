@@ -28,6 +28,7 @@ from selfie_lora.adapters.storage import s3 as s3_module
 from selfie_lora.adapters.storage.cache import STALE_FETCH_SECONDS
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.errors import BlobMissingError, StorageError
+from selfie_lora.services.layout import is_valid_key
 from tests.support.s3 import S3Server
 
 KINDS = ["fs", "s3"]
@@ -181,6 +182,41 @@ def test_listing_finds_every_blob_under_a_prefix_and_nothing_else(store: Any) ->
                                                              "generations/g1/1.png"}
     assert list(store.list("nothing")) == []
     assert all(b.modified.tzinfo is not None for b in store.list("generations"))
+
+
+def test_object_storage_lists_past_keys_obstore_cannot_name(s3_server: S3Server,
+                                                            tmp_path: Path) -> None:
+    """A key with an empty segment ("photos//x.jpg", which another tool can put) made obstore
+    refuse the whole listing, so every garbage collection failed. The listing now names such a
+    key (one no store takes: the collector keeps it and says so) and goes on past it."""
+    location = s3_server.new_location()
+    store = s3_server.store(location, tmp_path / "cache")
+    for key in ("generations/abc//0.png", "generations/a\x01/0.png", "photos//x.jpg"):
+        s3_server.put_raw(location, key)
+    for key in ("generations/abc/0", "generations/abc/1.png", "generations/zz/0.png",
+                "photos/0", "photos/p.jpg"):
+        store.put(key, b"ok")
+    listed = {b.key for b in store.list("generations")}
+    assert {"generations/abc//0.png", "generations/a\x01/0.png"} <= listed
+    assert {"generations/abc/0", "generations/abc/1.png", "generations/zz/0.png"} <= listed
+    assert {b.key for b in store.list("photos")} == {"photos//x.jpg", "photos/0", "photos/p.jpg"}
+    assert not any(is_valid_key(k) for k in listed - {"generations/abc/0",
+                                                        "generations/abc/1.png",
+                                                        "generations/zz/0.png"})
+
+
+@pytest.mark.parametrize(("key", "resume"), [
+    ("photos//x.jpg", "photos/0"),  # nothing but "photos//..." lies between the two
+    ("generations/abc//0.png", "generations/abc/0"),
+    ("photos/a//", "photos/a/0"),
+    ("photos/../x", "photos/..0"),
+    ("photos/a\x01b/c", "photos/a "),
+    ("photos/a\x7f", "photos/a\x80"),
+    ("photos/fine.jpg", None),
+])
+def test_a_listing_resumes_just_past_the_keys_sharing_a_bad_part(key: str,
+                                                                  resume: str | None) -> None:
+    assert s3_module._resume_after(key) == resume
 
 
 def test_delete_removes_and_tolerates_a_missing_blob(store: Any) -> None:

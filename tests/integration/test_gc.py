@@ -460,6 +460,34 @@ def test_a_key_the_store_refuses_is_kept_and_named_and_stops_nothing(on_disk: On
     assert on_disk.collector.collect().empty
 
 
+def test_a_key_obstore_cannot_name_is_kept_and_named_and_stops_nothing(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    # Another tool's "photos//x.jpg" (an empty segment) made obstore refuse the whole listing:
+    # every collection failed with 'object storage could not list', for ever.
+    location = s3_server.new_location()
+    svc = build_services(make_settings(tmp_path, **s3_server.settings(location)), trainers={},
+                         face_analyzer=one_person_analyzer(), generators={})
+    try:
+        for foreign in ("photos//x.jpg", "generations/abc//0.png"):
+            s3_server.put_raw(location, foreign)
+        old = utcnow() - timedelta(days=30)
+        for orphan in ("generations/abc/1.png", "generations/zz/0.png"):
+            svc.blobs.put(orphan, b"left behind")
+            s3_server.set_modified(location, orphan, old)
+        collector = GarbageCollector(repo=svc.repo, blobs=svc.blobs,
+                                     work_dir=svc.settings.work_dir, policy=POLICY)
+        dry = collector.collect(dry_run=True)
+        done = collector.collect()
+        assert dry.keys == done.keys == ("generations/abc/1.png", "generations/zz/0.png")
+        for summary in (dry, done):
+            assert any("'photos//x.jpg'" in note and "'generations/abc//0.png'" in note
+                       for note in summary.notes)
+        assert not svc.blobs.exists("generations/zz/0.png")
+        assert collector.collect().empty
+    finally:
+        svc.close()
+
+
 def test_a_collection_removes_what_a_killed_write_left(on_disk: OnDisk) -> None:
     # A worker killed while storing a checkpoint leaves its temporary file, hidden from listings:
     # nothing removed it, however old.

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 BUCKET = "selfie-test"
 # moto accepts any keys; real ones are never needed.
@@ -47,6 +47,16 @@ class S3Server:
         return S3BlobStore(url=url, cache_dir=cache_dir, endpoint=self.endpoint, region=REGION,
                            access_key_id=ACCESS_KEY_ID, secret_access_key=SECRET_ACCESS_KEY,
                            **options)
+
+    def put_raw(self, url: str, key: str, data: bytes = b"") -> None:
+        """An object put as another tool would, by a plain HTTP PUT (moto answers any
+        signature): under a key our stores refuse to write (``photos//x.jpg``)."""
+        import httpx
+
+        prefix = urlsplit(url).path.strip("/")
+        path = quote(f"{prefix}/{key}" if prefix else key, safe="/")
+        httpx.put(f"{self.endpoint}/{BUCKET}/{path}", content=data,
+                  timeout=10).raise_for_status()
 
     def set_modified(self, url: str, key: str, when: datetime) -> None:
         """Dates a stored blob (S3 has no way to; moto runs in this process, so its record of

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, closing
@@ -72,6 +73,29 @@ def _error(action: str, key: str, exc: Exception) -> StorageError:
 def _modified(value: object) -> datetime:
     # A store that sends no date: taken as now, which keeps the blob from being collected.
     return value.astimezone(UTC) if isinstance(value, datetime) else datetime.now(UTC)
+
+
+# How obstore names a key it cannot take as a path (object_store's EmptySegment and BadSegment).
+_INVALID_PATH = re.compile(r'Path "(?P<path>.*?)"(?: contained empty path segment|: )', re.DOTALL)
+
+
+def _resume_after(key: str) -> str | None:
+    """Where a listing goes on after ``key``, which obstore cannot take as a path: the smallest
+    key it can take that comes after every key sharing ``key``'s first bad part (an empty
+    segment, a ``.`` or ``..`` segment, an ASCII control character). None when ``key`` shows
+    none of them."""
+    start = 0
+    for segment in key.split("/"):
+        end = start + len(segment)
+        if segment in ("", ".", ".."):
+            # Every key going on with "/" here is bad alike; "0" is the character after "/".
+            return f"{key[:end]}0"
+        for i, char in enumerate(segment):
+            if char.isascii() and not char.isprintable():
+                # Control characters (0x00-0x1f, 0x7f): the next that is not one.
+                return f"{key[:start + i]}{' ' if char < ' ' else chr(0x80)}"
+        start = end + 1
+    return None
 
 
 class S3BlobStore:
@@ -256,16 +280,66 @@ class S3BlobStore:
         return _modified(meta["last_modified"])
 
     def list(self, prefix: str) -> Iterator[BlobInfo]:
+        """Every blob under ``prefix``, and as well every key there that obstore cannot name
+        (``photos//x.jpg``, put by another tool): yielded with that key, which no store takes,
+        so the collector keeps it and names it in a note (``services.gc._refused``).
+
+        obstore refuses a whole listing page (up to 1000 keys) for one such key, and the
+        listing ends there: the page is listed again from just past the keys that share its
+        bad part (S3's StartAfter). The keys before it in that page are not listed while it
+        is there, which keeps them: the note asks for it to go."""
         import obstore
+        from obstore.exceptions import InvalidPathError
 
         check_key(prefix)
+        offset: str | None = None
+        while True:
+            refused: InvalidPathError | None = None
+            try:
+                for batch in obstore.list(self._store, prefix=f"{prefix}/", offset=offset):
+                    for meta in batch:
+                        yield BlobInfo(key=meta["path"], size=int(meta["size"]),
+                                       modified=_modified(meta["last_modified"]))
+            except InvalidPathError as exc:
+                refused = exc
+            except Exception as exc:
+                raise _error("list", prefix, exc) from exc
+            if refused is None:
+                return
+            foreign = self._unnamed_key(refused)
+            resume = _resume_after(foreign) if foreign is not None else None
+            if foreign is None or resume is None or (offset is not None and resume <= offset):
+                raise _error("list", prefix, refused) from refused
+            # Never deleted whatever its date: its key is one no store takes.
+            yield BlobInfo(key=foreign, size=0, modified=datetime.now(UTC))
+            # StartAfter skips the resume key itself: a blob of that very name is looked up.
+            if (found := self._info(resume)) is not None:
+                yield found
+            offset = resume
+
+    def _unnamed_key(self, exc: Exception) -> str | None:
+        """The key (below this store's prefix) that obstore's error names, None when its words
+        do not say (another release of obstore)."""
+        match = _INVALID_PATH.search(str(exc))
+        if match is None:
+            return None
+        path = match["path"]
+        if self.location.prefix:
+            if not path.startswith(f"{self.location.prefix}/"):
+                return None
+            path = path.removeprefix(f"{self.location.prefix}/")
+        return path
+
+    def _info(self, key: str) -> BlobInfo | None:
+        import obstore
+
         try:
-            for batch in obstore.list(self._store, prefix=f"{prefix}/"):
-                for meta in batch:
-                    yield BlobInfo(key=meta["path"], size=int(meta["size"]),
-                                   modified=_modified(meta["last_modified"]))
+            meta = obstore.head(self._store, key)
+        except FileNotFoundError:
+            return None
         except Exception as exc:
-            raise _error("list", prefix, exc) from exc
+            raise _error("look up", key, exc) from exc
+        return BlobInfo(key=key, size=int(meta["size"]), modified=_modified(meta["last_modified"]))
 
     def local_copy(self, key: str) -> AbstractContextManager[Path]:
         """A copy in the cache folder, fetched once (the blobs asked for never change) and held
