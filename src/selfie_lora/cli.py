@@ -233,7 +233,8 @@ def worker_cmd(
         services = build_services(settings)
     try:
         run_worker(services, threads=threads)
-    except SelfieLoraError as exc:  # it could not start: the metrics port is taken
+    # It could not start: the metrics port is taken, or the store is another deployment's.
+    except SelfieLoraError as exc:
         _fail(exc.message)
 
 
@@ -351,13 +352,16 @@ def gc_cmd(
         "--dry-run", help="Only say what would be deleted; delete nothing.")] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="List every row and key.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Collect from a storage no server or worker has bound to a database "
+                        "yet although this database names no upload and no version.")] = False,
 ) -> None:
     """Delete what nothing refers to any more: photos never trained on (after
     SELFIE_LORA_GC_DATASET_DAYS), generations past SELFIE_LORA_GC_GENERATION_DAYS, work folders
     of ended trainings, orphaned blobs. Never a version's weights, nor the photos of a dataset
     any training used."""
     with opened(label="gc", trainers={}, generators={}) as services:
-        summary = services.gc.collect(dry_run=dry_run)
+        summary = services.gc.collect(dry_run=dry_run, force=force)
     for line in summary.lines(verbose=verbose):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 

@@ -149,6 +149,11 @@ class ConfigError(SelfieLoraError):
     http_status = 500
 
 
+class DeploymentMismatchError(ConfigError):
+    """The blob store belongs to another deployment than the database (``services.deployment``):
+    two deployments share one storage prefix, or a process was given the wrong database."""
+
+
 class NotFoundError(SelfieLoraError):
     code = ErrorCode.NOT_FOUND
     http_status = 404

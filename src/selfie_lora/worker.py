@@ -12,6 +12,10 @@ gets the lowest free slot, usually its old one; leases still held in that name c
 over from a process that died (the kernel drops the file lock with it), so the new worker takes
 them over at once instead of waiting for them to expire.
 
+Before any thread starts, a worker binds the blob store to its database
+(``OperationsService.bind_deployment``): it refuses to start on a store that belongs to another
+deployment, whose garbage collection would otherwise delete this one's blobs, and vice versa.
+
 A third thread collects garbage (``services.gc``): it asks every ``gc_check_seconds`` whether a
 collection is due (the last one, by any process, started ``SELFIE_LORA_GC_INTERVAL_HOURS`` ago)
 and runs it when this worker wins the database's lease, so one worker collects at a time. Its
@@ -245,6 +249,9 @@ def start_embedded(services: Services, *, consume: bool = True, threads: int | N
     reconciler, started. ``consume=False``: the reconciler only (``serve --no-worker``).
     ``collect_garbage``: also the garbage collection thread (``serve``'s worker; not the
     short-lived ones of ``train`` and the demo)."""
+    # Every process that serves or works on the data starts here or in run_worker: the store is
+    # bound to its database before any collection could run with another one.
+    services.operations.bind_deployment()
     identity = claim_identity(services.settings.home) if consume else Identity(name="api")
     if consume:
         services.training.owner = identity.name
@@ -313,6 +320,11 @@ def run_worker(services: Services, *, threads: int | None = None) -> None:
     """``selfie-lora worker`` on ``services`` (closed at the end): consume the queue until
     SIGTERM or SIGINT. ConfigError when it cannot start: SELFIE_LORA_METRICS_PORT taken."""
     settings = services.settings
+    try:
+        services.operations.bind_deployment()  # refuses another deployment's store
+    except BaseException:
+        services.close()
+        raise
     try:
         metrics = (serve_operator_endpoints(services.operations, host=settings.metrics_host,
                                             port=settings.metrics_port)

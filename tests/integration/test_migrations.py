@@ -176,6 +176,22 @@ def test_0011_stores_seeds_past_2_31_and_long_weights_methods(engine: Engine) ->
     assert SqlRepository(engine).get_generation("g0").seed == 7  # type: ignore[union-attr]
 
 
+def test_0012_adds_the_deployment_row_empty_on_a_database_with_data(engine: Engine) -> None:
+    """An upgraded deployment gets no id from the migration (the first server or worker to
+    start makes it and binds the store); down and up again."""
+    migrate(engine, "0011")
+    insert_a_version(engine)
+    migrate(engine, "head")
+    repo = SqlRepository(engine)
+    assert repo.get_deployment_id() is None
+    assert repo.ensure_deployment_id("d-1", now=NOW) == "d-1"
+    assert repo.get_version("v") is not None
+    migrate(engine, "0011", down=True)
+    assert "deployment" not in inspect(engine).get_table_names()
+    migrate(engine, "head")
+    assert SqlRepository(engine).get_deployment_id() is None
+
+
 def test_the_migrations_make_the_schema_the_tables_declare(engine: Engine) -> None:
     migrate(engine, "head")
     with engine.connect() as conn:

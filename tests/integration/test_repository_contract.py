@@ -88,6 +88,29 @@ def test_migrations_create_every_table(repo: SqlRepository) -> None:
     upgrade(repo.engine)  # running again is a no-op
 
 
+def test_the_deployment_id_is_made_once_and_racing_makers_agree(repo: SqlRepository) -> None:
+    # The id binds the blob store to this database (services.deployment): processes that start
+    # at once on a database that has none must all end up with the same one.
+    assert repo.get_deployment_id() is None
+    barrier = threading.Barrier(4)
+    got: list[str] = []
+
+    def ensure(candidate: str) -> None:
+        barrier.wait()
+        got.append(repo.ensure_deployment_id(candidate, now=NOW))
+
+    threads = [threading.Thread(target=ensure, args=(f"id-{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4
+    assert len(set(got)) == 1
+    assert got[0] in {f"id-{i}" for i in range(4)}
+    assert repo.get_deployment_id() == got[0]
+    assert repo.ensure_deployment_id("another", now=NOW) == got[0]
+
+
 def test_round_trips(repo: SqlRepository) -> None:
     user, model, dataset = seed(repo)
     assert repo.get_user_by_name("ann") == user

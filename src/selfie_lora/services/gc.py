@@ -29,6 +29,16 @@ not N times. The lease is for economy, not safety: every step is idempotent and 
 references itself, so two collectors that overlap (one outliving its lease) delete nothing that
 either alone would have kept. Work folders are per machine (each worker's HOME): every worker
 cleans its own, whoever holds the lease.
+
+**Only this database's store.** A key no row of this database names is an orphan: run with
+another database (SELFIE_LORA_DATABASE_URL unset or wrong, a staging deployment given
+production's storage), a collection would delete every photo and every version's weights. So
+before deleting anything, or planning a dry run, the collector checks the store's deployment
+marker (``services.deployment``): one naming another deployment than this database's stops it.
+A store with no marker yet (no server or worker of this release has started on it) is bound to
+no database; then a collection that would delete photos or weights while this database names
+no upload and no version stops too, unless forced. A worker's collection binds the store first,
+as the worker's start did; ``selfie-lora gc`` never binds.
 """
 
 from __future__ import annotations
@@ -58,9 +68,16 @@ from selfie_lora.domain.gc import (
     intersect,
     plan_collection,
 )
-from selfie_lora.errors import ConflictError, ErrorCode, SelfieLoraError
+from selfie_lora.errors import ConflictError, DeploymentMismatchError, ErrorCode, SelfieLoraError
 from selfie_lora.services.common import utcnow
-from selfie_lora.services.layout import PREFIXES, is_valid_key, manifest_key, owner_of
+from selfie_lora.services.deployment import SETTINGS_HINT, DeploymentBinding
+from selfie_lora.services.layout import (
+    DEPLOYMENT_KEY,
+    PREFIXES,
+    is_valid_key,
+    manifest_key,
+    owner_of,
+)
 from selfie_lora.services.ports import BlobStore, Repository
 from selfie_lora.services.training import default_owner
 
@@ -90,16 +107,20 @@ class GarbageCollector:
         self._lease = lease
         self.owner = owner or default_owner()
         self._work_due_at: datetime | None = None
+        self._deployment = DeploymentBinding(repo=repo, blobs=blobs, clock=clock)
 
     # ------------------------------------------------------------------ entry points
-    def collect(self, *, dry_run: bool = False) -> GcSummary:
+    def collect(self, *, dry_run: bool = False, force: bool = False) -> GcSummary:
         """``selfie-lora gc``: collect now, whenever the last collection ran. A dry run only
-        plans (and takes no lease). ``ConflictError`` while another collector holds the lease."""
+        plans (and takes no lease). ``ConflictError`` while another collector holds the lease;
+        ``DeploymentMismatchError`` when the store is not this database's (module docstring),
+        or, with no marker and unless ``force``, may not be."""
         if dry_run:
             listing = self._listing()
-            return dataclasses.replace(
-                GcSummary.of_plan(self._plan(listing, self._work_folders())[0], dry_run=True),
-                notes=_refused(listing))
+            plan, _now, refs = self._plan(listing, self._work_folders())
+            self._guard(refs, plan, force=force)
+            return dataclasses.replace(GcSummary.of_plan(plan, dry_run=True),
+                                       notes=_refused(listing))
         now = self._clock()
         if not self._repo.claim_job(GC_JOB, owner=self.owner, now=now,
                                     expires_at=now + self._lease):
@@ -108,7 +129,7 @@ class GarbageCollector:
                       if job is not None and job.owner and job.expires_at else "")
             raise ConflictError(f"another garbage collection is running{holder}; try again "
                                 "when it has ended", code=ErrorCode.GC_IN_PROGRESS)
-        return self._run_claimed(work=True)
+        return self._run_claimed(work=True, force=force)
 
     def run_due(self, *, stopping: threading.Event | None = None) -> GcSummary | None:
         """The workers' periodic call (often: it does nothing until a collection is due).
@@ -123,7 +144,8 @@ class GarbageCollector:
         if self._repo.claim_job(GC_JOB, owner=self.owner, now=now, expires_at=now + self._lease,
                                 due_before=now - self.interval):
             self._work_due_at = now + self.interval
-            summary: GcSummary | None = self._run_claimed(work=True, stopping=stopping)
+            summary: GcSummary | None = self._run_claimed(work=True, stopping=stopping,
+                                                          bind=True)
         elif work_due:
             self._work_due_at = now + self.interval
             summary = self._collect_work_only()
@@ -133,10 +155,15 @@ class GarbageCollector:
         return summary
 
     # ------------------------------------------------------------------ the collection
-    def _run_claimed(self, *, work: bool, stopping: threading.Event | None = None) -> GcSummary:
+    def _run_claimed(self, *, work: bool, stopping: threading.Event | None = None,
+                     bind: bool = False, force: bool = False) -> GcSummary:
         finished = False
         try:
-            summary = self._collect(work=work, stopping=stopping or threading.Event())
+            if bind:
+                # A worker's collection: its start bound the store unless the store was away.
+                self._deployment.bind()
+            summary = self._collect(work=work, stopping=stopping or threading.Event(),
+                                    force=force)
             finished = True
             return summary
         finally:
@@ -146,10 +173,11 @@ class GarbageCollector:
             except SelfieLoraError:  # the lease runs out by itself
                 logger.warning("garbage collection: could not release the lease", exc_info=True)
 
-    def _collect(self, *, work: bool, stopping: threading.Event) -> GcSummary:
+    def _collect(self, *, work: bool, stopping: threading.Event, force: bool) -> GcSummary:
         listing = self._listing()
         folders = self._work_folders() if work else []
-        plan, now = self._plan(listing, folders)
+        plan, now, refs = self._plan(listing, folders)
+        self._guard(refs, plan, force=force)  # before the first row or blob goes
         deleted: list[Planned] = []
         notes = list(_refused(listing))
         datasets: list[str] = []
@@ -177,7 +205,7 @@ class GarbageCollector:
             webhook_ids = self._repo.forget_webhooks(received_before=now - WEBHOOK_MEMORY)
             self._renew()
             # Checked again against the references as they are now, just before deleting.
-            again, _ = self._plan(listing, folders)
+            again, _, _ = self._plan(listing, folders)
             blobs = intersect(plan.blobs, again.blobs)
             kept.extend(sorted({p.key for p in plan.blobs} - {p.key for p in blobs}))
             for i, item in enumerate(blobs):
@@ -218,12 +246,32 @@ class GarbageCollector:
         deleted = tuple(item for item in plan.work_folders if self._remove_folder(item))
         return GcSummary(dry_run=False, deleted=deleted) if deleted else None
 
-    def _plan(self, listing: list[Blob], folders: list[WorkFolder]) -> tuple[GcPlan, datetime]:
+    def _plan(self, listing: list[Blob], folders: list[WorkFolder]
+              ) -> tuple[GcPlan, datetime, References]:
         refs = self._repo.gc_references()
         now = self._clock()
         return plan_collection(refs=refs, blobs=listing, work_folders=folders, now=now,
                                policy=self.policy,
-                               originals=self._originals(refs, listing)), now
+                               originals=self._originals(refs, listing)), now, refs
+
+    def _guard(self, refs: References, plan: GcPlan, *, force: bool) -> None:
+        """Stops a collection that could be deleting another deployment's blobs (module
+        docstring): a store bound to another database always; a store bound to none when
+        this database names no upload and no version but the plan deletes photos or weights
+        (what a fresh database meets in a real deployment's store), unless ``force``."""
+        if self._deployment.check() is not None or force or refs.datasets or refs.version_ids:
+            return
+        owners = [owner[0] for p in plan.blobs if (owner := owner_of(p.key)) is not None]
+        photos = owners.count(Owner.PHOTO)
+        weights = owners.count(Owner.WEIGHTS)
+        if photos or weights:
+            raise DeploymentMismatchError(
+                f"refusing to collect garbage: this database names no upload and no version, "
+                f"yet the collection would delete {photos} photo(s) and {weights} weights "
+                f"file(s), and the storage has no {DEPLOYMENT_KEY} to say which database it "
+                "belongs to (no server or worker of this release has started on it): is this "
+                f"the storage's database? {SETTINGS_HINT}. If those blobs really are orphans, "
+                "run 'selfie-lora gc --force'.")
 
     def _renew(self) -> None:
         now = self._clock()

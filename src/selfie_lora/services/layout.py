@@ -14,6 +14,7 @@ a retried write changes nothing), by id where an object owns the bytes::
     quality/models/<model>/chart.png                      a model's likeness chart
     checkpoints/<training>/step-<8 digits>.ckpt           a local training's newest checkpoint
     samples/<training>/step-<8 digits>.jpg                a sample image made during a training
+    deployment.json                                       the deployment the store belongs to
 
 (The likeness keys keep their historical ``quality/`` prefix: stored blobs stay where they are.)
 
@@ -58,6 +59,9 @@ def is_valid_key(key: str) -> bool:
 # Every prefix a key starts with: what the garbage collector lists.
 PREFIXES = ("photos", "originals", "datasets", "weights", "generations", "quality", "samples",
             "checkpoints")
+# The marker that binds the store to one database (``services.deployment``). At the root, under
+# none of the PREFIXES: the collector never lists it, so never takes it for an orphan.
+DEPLOYMENT_KEY = "deployment.json"
 
 
 def photo_key(sha256: str) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from selfie_lora.errors import SelfieLoraError, describe
+from selfie_lora.errors import SelfieLoraError, StorageError, describe
+from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.ports import BlobStore, Repository, Telemetry, WorkQueue
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,20 @@ class OperationsService:
         self._queue = queue
         self._blobs = blobs
         self._telemetry = telemetry
+
+    def bind_deployment(self) -> str | None:
+        """A server or worker starting: binds the blob store to this database
+        (``services.deployment``) and returns the deployment's id. ``DeploymentMismatchError``
+        when the store is another deployment's: the process must not start. None, with a
+        warning, when the store cannot be reached now: it starts as before (a store that comes
+        back is bound by the worker's next collection, and every collection checks first)."""
+        try:
+            return DeploymentBinding(repo=self._repo, blobs=self._blobs).bind()
+        except StorageError as exc:
+            logger.warning("the storage's deployment marker could not be checked now (%s); "
+                           "garbage collection checks it before it deletes anything",
+                           exc.message)
+            return None
 
     def readiness(self) -> Readiness:
         """The database, the queue and the storage, each asked once (``GET /readyz``)."""

@@ -513,6 +513,16 @@ class Repository(Protocol):
         ...
     def get_job(self, name: str) -> JobLease | None: ...
 
+    # the deployment this database belongs to (services/deployment.py)
+    def get_deployment_id(self) -> str | None:
+        """None until ``ensure_deployment_id`` made one."""
+        ...
+    def ensure_deployment_id(self, candidate: str, *, now: datetime) -> str:
+        """The deployment's id, ``candidate`` stored as it when there is none yet: of processes
+        that race to store theirs, the first wins and all return its id. Not inside
+        ``atomic()``."""
+        ...
+
 
 # --------------------------------------------------------------------------- queue
 

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from selfie_lora.adapters.db.tables import (
     ApiKeyRow,
     DatasetRow,
+    DeploymentRow,
     EventRow,
     GenerationRow,
     JobLeaseRow,
@@ -1028,6 +1029,27 @@ class SqlRepository:
             return JobLease(name=row.name, owner=row.owner, expires_at=_utc(row.expires_at),
                             last_started_at=_utc(row.last_started_at),
                             last_finished_at=_utc(row.last_finished_at))
+
+
+    # the deployment ------------------------------------------------------------------------
+    def get_deployment_id(self) -> str | None:
+        with self._read() as s:
+            return s.scalar(select(DeploymentRow.id).where(DeploymentRow.singleton == 1))
+
+    def ensure_deployment_id(self, candidate: str, *, now: datetime) -> str:
+        try:
+            with self._tx() as s:
+                stored = s.scalar(select(DeploymentRow.id).where(DeploymentRow.singleton == 1))
+                if stored is not None:
+                    return stored
+                s.add(DeploymentRow(singleton=1, id=candidate, created_at=now))
+            return candidate
+        except ConflictError:
+            pass  # another process inserted the row first: its id is the deployment's
+        stored = self.get_deployment_id()
+        if stored is None:  # pragma: no cover - the row that refused ours is there
+            raise StorageError("database error: the deployment's row is missing")
+        return stored
 
 
 def _model_values(m: Model) -> dict[str, Any]:

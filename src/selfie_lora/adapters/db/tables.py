@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -264,3 +265,16 @@ class JobLeaseRow(Base):
                                                              nullable=True)
     last_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
                                                               nullable=True)
+
+
+class DeploymentRow(Base):
+    """The deployment this database belongs to: one row, whose id the blob store's marker names
+    too (``services.deployment``), so that a collector never deletes another deployment's
+    blobs. ``singleton`` is always 1: a second row cannot be inserted, so processes that create
+    the id at once all read back the first one's."""
+
+    __tablename__ = "deployment"
+    __table_args__ = (CheckConstraint("singleton = 1", name="deployment_singleton"),)
+    singleton: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    id: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
