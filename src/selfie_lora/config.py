@@ -49,8 +49,12 @@ class Settings(BaseSettings):
     # an alias (the AWS variables).
     # hide_input_in_errors: an invalid value must never print the settings (API tokens, storage
     # keys, the secret key) into a terminal or a log.
+    # env_ignore_empty: a variable set to nothing (an env file's `SELFIE_LORA_SECRET_KEY=` or
+    # `=${UNSET}`) is unset, as a shell user means it, not a value to refuse (a worker does not
+    # use the secret key, and an empty one stopped it) or to use (an empty trainer version).
     model_config = SettingsConfigDict(env_prefix="SELFIE_LORA_", extra="ignore",
-                                      populate_by_name=True, hide_input_in_errors=True)
+                                      populate_by_name=True, hide_input_in_errors=True,
+                                      env_ignore_empty=True)
 
     home: Path = Path("./.selfie-lora")
     database_url: str | None = None

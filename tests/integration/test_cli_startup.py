@@ -56,6 +56,8 @@ CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
     ("a database of no known kind", lambda _: {
         "SELFIE_LORA_DATABASE_URL": f"nosuchdb://u:{PASSWORD}@127.0.0.1/x"},
      "names a database this cannot use"),
+    ("an in-memory SQLite database", lambda _: {"SELFIE_LORA_DATABASE_URL": "sqlite:///:memory:"},
+     "is an in-memory SQLite database, which nothing else sees"),
     ("HOME's database file is not one", garbage_database, "file is not a database"),
     ("HOME is a file", home_is_a_file, "cannot be used: File exists"),
     ("HOME under a file", home_under_a_file, "cannot be used: Not a directory"),
@@ -120,3 +122,14 @@ def test_a_taken_metrics_port_stops_the_worker_in_one_line(
     assert lines[-1].startswith(f"error: SELFIE_LORA_METRICS_PORT {port} on "
                                 "SELFIE_LORA_METRICS_HOST 127.0.0.1 cannot be used"), lines
     assert "Traceback" not in result.output
+
+
+def test_a_setting_set_to_nothing_is_unset(tmp_path: Path,
+                                           env: Callable[[dict[str, str]], None]) -> None:
+    # An env file's `SELFIE_LORA_SECRET_KEY=` (or `=${UNSET}`) stopped every command once the
+    # key's length was checked, though only the web app uses it.
+    env({"SELFIE_LORA_SECRET_KEY": "", "SELFIE_LORA_TRAINER_VERSION": ""})
+    result = CliRunner().invoke(app, ["gc", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert get_settings().secret_key is None
+    assert get_settings().trainer_version is None

@@ -117,6 +117,15 @@ def make_engine(url: str) -> Engine:
     lock, and it writes nothing that could be stale. (A ``BEGIN`` and ``COMMIT`` around it would
     only add two calls into SQLite, each a hand-over of the GIL between busy threads.)"""
     try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite" and (
+                parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory"):
+            # Each connection of the pool would get an empty database of its own, and every
+            # process too: nothing written would be seen again (it failed on the pool's
+            # arguments with a TypeError before).
+            raise ConfigError("SELFIE_LORA_DATABASE_URL is an in-memory SQLite database, which "
+                              "nothing else sees: use a file (sqlite:////path/selfie-lora.db) "
+                              "or PostgreSQL")
         return _make_engine(url)
     except NoSuchModuleError:  # before ArgumentError: it is one
         raise ConfigError(f"SELFIE_LORA_DATABASE_URL ({_shown(url)}) names a database this "
