@@ -119,3 +119,40 @@ def test_a_checkpoint_that_cannot_be_written_here_is_a_storage_error(store: Any,
     assert raised.value.__traceback__ is not None  # still held, and the stream with it
     assert watched.opened == [checkpoint_key("t1", 10)]
     assert watched.closed == watched.opened
+
+
+class Overtaken:
+    """The store, but the first ``open`` of a checkpoint finds it just replaced by a newer one
+    (an earlier attempt, late with its lease, kept a checkpoint and deleted the one listed)."""
+
+    def __init__(self, store: Any, newer: Path, *, step: int) -> None:
+        self._store = store
+        self._newer = newer
+        self._step = step
+        self.overtaken = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def open(self, key: str) -> BlobStream:
+        if not self.overtaken:
+            self.overtaken = True
+            TrainingCheckpoints(self._store).keep("t1", self._newer, step=self._step)
+        stream: BlobStream = self._store.open(key)
+        return stream
+
+
+def test_a_checkpoint_replaced_while_it_is_fetched_gives_the_newer_one(store: Any,
+                                                                       tmp_path: Path) -> None:
+    # The listed checkpoint was gone at the open: BlobMissingError failed the training (and with
+    # it every checkpoint), though a newer one was there to continue from.
+    older, newer = tmp_path / "older.ckpt", tmp_path / "newer.ckpt"
+    older.write_bytes(b"step 10")
+    newer.write_bytes(b"step 20")
+    TrainingCheckpoints(store).keep("t1", older, step=10)
+    racing = Overtaken(store, newer, step=20)
+    fetched = TrainingCheckpoints(racing).fetch("t1", tmp_path / "resume.ckpt")
+    assert racing.overtaken
+    assert fetched is not None
+    assert fetched.step == 20
+    assert (tmp_path / "resume.ckpt").read_bytes() == b"step 20"

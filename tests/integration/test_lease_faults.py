@@ -299,3 +299,35 @@ def test_a_photo_gone_from_the_store_fails_the_training_and_says_so(machine: Mac
     assert "gone from storage" in final.error
     assert "upload the photos again" in final.error
     assert trainer.jobs == []
+
+
+class DatasetReadFails(SqlRepository):
+    """The database, but the next read of a dataset fails as an outage would."""
+
+    fail = False
+
+    def get_dataset(self, dataset_id: str) -> Any:
+        if self.fail:
+            self.fail = False
+            raise StorageError("database error: server closed the connection unexpectedly")
+        return super().get_dataset(dataset_id)
+
+
+def test_a_database_failing_the_read_of_the_photos_list_is_said_as_the_databases(
+        machine: Machine) -> None:
+    trainer = FakeTrainer(steps=2)
+    svc = machine.worker(trainer)
+    repo = DatasetReadFails(svc.engine)
+    worker = machine.training_service(svc, repo)
+    user, _ = svc.users.create(name="ann")
+    started = svc.training.upload_zip(user=user, data=photo_zip(3))
+    assert started.training is not None
+    repo.fail = True
+    worker.run(started.training.id, owner="A")
+    waiting = svc.repo.get_training(started.training.id)
+    assert waiting is not None
+    assert (waiting.status, waiting.error) == (TrainingStatus.STARTING, DATABASE_UNREACHABLE)
+    worker.run(started.training.id, owner="A")
+    final = svc.repo.get_training(started.training.id)
+    assert final is not None
+    assert final.status is TrainingStatus.SUCCEEDED

@@ -14,12 +14,16 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfie_lora.errors import StorageError
+from selfie_lora.errors import BlobMissingError, StorageError
 from selfie_lora.logs import training_context
 from selfie_lora.services.layout import checkpoint_key, checkpoint_prefix, checkpoint_step
 from selfie_lora.services.ports import BlobStore
 
 logger = logging.getLogger(__name__)
+
+# Looks again this many times when the newest checkpoint is deleted as it is fetched (each
+# time another, newer one took its place); then the error stands.
+_FETCH_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,18 @@ class TrainingCheckpoints:
 
     def fetch(self, training_id: str, into: Path) -> StoredCheckpoint | None:
         """Copy the newest checkpoint to the file ``into``; None when there is none."""
+        for _ in range(_FETCH_TRIES):
+            try:
+                return self._fetch_newest(training_id, into)
+            except BlobMissingError:
+                # Listed, then gone: an earlier attempt of this training (late, not yet told it
+                # lost the lease) stored a newer one and deleted this. The newer one is what to
+                # continue from; failing the training for it would throw all of them away.
+                logger.info("training %s: its newest checkpoint went while it was fetched; "
+                            "looking again", training_id)
+        return self._fetch_newest(training_id, into)
+
+    def _fetch_newest(self, training_id: str, into: Path) -> StoredCheckpoint | None:
         newest = self.latest(training_id)
         if newest is None:
             return None

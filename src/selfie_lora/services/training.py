@@ -1073,7 +1073,11 @@ class TrainingService:
 
     # ------------------------------------------------------------------ internals
     def _job(self, training: Training, *, work_dir: Path) -> TrainingJob:
-        dataset = self._repo.get_dataset(training.dataset_id)
+        try:
+            dataset = self._repo.get_dataset(training.dataset_id)
+        except StorageError as exc:  # the database's, said as such (not the blob store's)
+            raise _UnreachableError(exc.message, remote_id=training.remote_id,
+                                    reason=DATABASE_UNREACHABLE) from exc
         if dataset is None:
             raise NotFoundError("the training's photos are gone")
         caption = caption_for(training.trigger_word)
