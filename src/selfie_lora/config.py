@@ -237,6 +237,18 @@ class Settings(BaseSettings):
                              "redis://host:port/db (rediss:// with TLS)")
         return value
 
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_is_absolute(cls, value: str | None) -> str | None:
+        # Replicate is sent <PUBLIC_URL>/api/webhooks/replicate: one without a scheme or host
+        # (example.com) made every training's create fail at Replicate, not here.
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("must be the service's address as others reach it: "
+                                 "https://host[:port][/path]")
+        return value
+
     @field_validator("secret_key")
     @classmethod
     def _secret_key_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:

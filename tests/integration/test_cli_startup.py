@@ -58,6 +58,11 @@ CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
      "names a database this cannot use"),
     ("an in-memory SQLite database", lambda _: {"SELFIE_LORA_DATABASE_URL": "sqlite:///:memory:"},
      "is an in-memory SQLite database, which nothing else sees"),
+    ("a webhook secret that is no signing secret", lambda _: {
+        "SELFIE_LORA_WEBHOOK_SECRET": "not base64 !!"},
+     "SELFIE_LORA_WEBHOOK_SECRET is not a webhook signing secret"),
+    ("a public URL without a scheme", lambda _: {"SELFIE_LORA_PUBLIC_URL": "example.com"},
+     "invalid setting: SELFIE_LORA_PUBLIC_URL: must be the service's address"),
     ("HOME's database file is not one", garbage_database, "file is not a database"),
     ("HOME is a file", home_is_a_file, "cannot be used: File exists"),
     ("HOME under a file", home_under_a_file, "cannot be used: Not a directory"),

@@ -20,7 +20,7 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook
 
-from selfie_lora.errors import AuthError, ErrorCode, InvalidInputError
+from selfie_lora.errors import AuthError, ConfigError, ErrorCode, InvalidInputError
 from selfie_lora.services.ports import ProgressBar, RemoteTrainingEvent
 
 logger = logging.getLogger(__name__)
@@ -196,6 +196,14 @@ class ReplicateWebhooks:
     then the training object in the body (the signed body alone says which training it is)."""
 
     def __init__(self, *, secret: str) -> None:
+        # Checked once, here: a secret the package cannot decode answered every delivery 401
+        # ("webhook verification failed"), which only the logs of Replicate's retries showed.
+        try:
+            Webhook(secret)
+        except Exception:  # binascii.Error, the package's EmptyWebhookSecretError, ...
+            raise ConfigError("SELFIE_LORA_WEBHOOK_SECRET is not a webhook signing secret: "
+                              "Replicate's is whsec_ followed by base64 (GET "
+                              "/v1/webhooks/default/secret)") from None
         self._secret = secret
 
     def verify(self, *, headers: dict[str, str], body: bytes) -> RemoteTrainingEvent:
