@@ -686,6 +686,26 @@ def test_generator_bounds_the_create_by_the_timeout_and_adopts_what_it_made(
     assert len(replicate_standin.predictions) == 1  # the timed-out create's, adopted
 
 
+def test_generator_cancels_a_prediction_it_gives_up_on(
+    replicate_standin: ReplicateStandIn, replicate_sleeps: list[float]
+) -> None:
+    # "Generating took too long" left the prediction running on Replicate, billed, for images
+    # nobody would collect.
+    version = replicate_standin.create_model_version("selfie-lora/lora-g")
+    replicate_standin.prediction_polls = 50
+    generator = ReplicateGenerator(
+        connection=ReplicateConnection(api_token=replicate_standin.token,
+                                       base_url=replicate_standin.base_url, max_retries=1,
+                                       sleep=replicate_sleeps.append, timeout=5.0),
+        poll_interval=0.0, max_polls=3)
+    job = GenerationJob(prompt="x", num_outputs=1, seed=7, lora_scale=1.0, trainer_version="t",
+                        remote_version=version)
+    with pytest.raises(GenerationError, match="took too long"):
+        generator.generate(job)
+    (prediction,) = replicate_standin.predictions.values()
+    assert prediction.status == "canceled"
+
+
 def test_generator_adopts_the_prediction_its_last_create_attempt_made(
     replicate_standin: ReplicateStandIn, replicate_sleeps: list[float]
 ) -> None:

@@ -27,7 +27,7 @@ from selfie_lora.adapters.replicate.session import (
     parse_time,
     parse_version_ref,
 )
-from selfie_lora.errors import ErrorCode, GenerationError, InvalidInputError
+from selfie_lora.errors import ErrorCode, GenerationError, InvalidInputError, SelfieLoraError
 from selfie_lora.services.ports import GenerationJob
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ _CLOCK_SLACK = timedelta(seconds=5)
 _REMEMBERED = 1024
 _FAILED = "Generating the images failed on Replicate: {error}. Try again, or change the prompt."
 
+
+_ENDED = frozenset({"succeeded", "failed", "canceled"})
 
 class ReplicateGenerator:
     """The ``Generator`` port on Replicate predictions."""
@@ -111,9 +113,12 @@ class ReplicateGenerator:
             with self._used_lock:
                 self._used.append(prediction_id)
             polls = 0
-            while prediction.status not in {"succeeded", "failed", "canceled"}:
+            while prediction.status not in _ENDED:
                 polls += 1
                 if polls > self._max_polls:
+                    # Given up on: it would run on, billed, for images nobody collects.
+                    # (Replicate out of reach instead: a cancel would not reach it either.)
+                    _cancel_quietly(session, prediction_id)
                     raise GenerationError(
                         "Generating took too long on Replicate. Try again.",
                         details=[f"prediction {prediction_id} still {prediction.status} after "
@@ -136,6 +141,15 @@ class ReplicateGenerator:
                 )
                 for url in urls
             ]
+
+
+def _cancel_quietly(session: ReplicateSession, prediction_id: str) -> None:
+    try:
+        session.post_json(f"/v1/predictions/{prediction_id}/cancel", {},
+                          what="cancel the generation")
+        logger.info("canceled prediction %s, given up on", prediction_id)
+    except SelfieLoraError as exc:  # best effort: the caller's error stands
+        logger.warning("could not cancel prediction %s, given up on: %s", prediction_id, exc)
 
 
 def _find_prediction(
