@@ -23,6 +23,12 @@ _training_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # huey logs every poll and alembic every migration step at INFO; keep the output readable.
 QUIET_LOGGERS = ("huey", "alembic", "httpx")
+# What the ML libraries warn about on import, about parts this never uses (torchao's CUDA
+# kernels and triton on a CPU machine, torchvision, torchao-serialized checkpoints, an enum
+# registration torch deprecates): eight lines at the top of every local training that a user
+# can do nothing about. Their errors still show, and everything with -v.
+NOISY_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "transformers.utils.import_utils",
+                        "diffusers.quantizers.torchao.torchao_quantizer")
 
 
 @contextmanager
@@ -73,6 +79,8 @@ def setup_logging(*, log_format: LogFormat = "text", verbose: bool = False) -> N
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for name in NOISY_IMPORT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
     # Warnings (a library's deprecation notice) become log lines too, not bare stderr text.
     logging.captureWarnings(True)
     if log_format == "json":

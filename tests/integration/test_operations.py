@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from selfie_lora.logs import setup_logging, training_context
+from selfie_lora.logs import NOISY_IMPORT_LOGGERS, setup_logging, training_context
 from selfie_lora.testing.fakes import FakeTrainer
 from selfie_lora.wiring import Services
 from selfie_lora.worker import serve_operator_endpoints
@@ -198,3 +198,27 @@ def test_text_logs_stay_text(restore_logging: None) -> None:
     logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
     logging.getLogger("selfie_lora.x").info("plain")
     assert stream.getvalue().rstrip().endswith("INFO selfie_lora.x: plain")
+
+
+def test_the_ml_libraries_import_warnings_show_only_with_verbose(restore_logging: None) -> None:
+    # torchao warned of CUDA kernels and triton it could not load on a CPU machine, transformers
+    # of torchvision, torch of an enum registration: eight lines atop every local training.
+    del restore_logging
+    try:
+        setup_logging(log_format="text")
+        stream = io.StringIO()
+        logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        logging.getLogger("torchao").warning("Failed to load _C_mxfp8.so")
+        logging.getLogger("torchao.kernel.intmm").warning("Detected no triton")
+        logging.getLogger("torchao").error("a real failure")
+        assert "Failed to load" not in stream.getvalue()
+        assert "no triton" not in stream.getvalue()
+        assert "a real failure" in stream.getvalue()
+        setup_logging(log_format="text", verbose=True)
+        stream = io.StringIO()
+        logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        logging.getLogger("transformers.utils.import_utils").warning("requires torchvision")
+        assert "requires torchvision" in stream.getvalue()
+    finally:
+        for name in NOISY_IMPORT_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
