@@ -31,6 +31,7 @@ from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadLimits
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.errors import ConfigError
+from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import IntakeService
@@ -326,6 +327,7 @@ def build_services(
         webhooks=default_webhooks(settings), rng=rng, lease=settings.lease_policy,
         telemetry=telemetry,
     )
+    deployment = DeploymentBinding(repo=repo, blobs=blobs)
     return Services(
         settings=settings, engine=engine, repo=repo, blobs=blobs, queue=queue,
         users=UserService(repo=repo, hasher=password_hasher or default_password_hasher(),
@@ -338,9 +340,11 @@ def build_services(
                                  if settings.download_urls else None)),
         generation=generation,
         likeness=likeness,
-        operations=OperationsService(repo=repo, queue=queue, blobs=blobs, telemetry=telemetry),
+        operations=OperationsService(repo=repo, queue=queue, blobs=blobs, telemetry=telemetry,
+                                     deployment=deployment),
         telemetry=telemetry,
         gc=GarbageCollector(repo=repo, blobs=blobs, work_dir=settings.work_dir,
-                            policy=settings.gc_policy, interval=settings.gc_interval),
+                            policy=settings.gc_policy, interval=settings.gc_interval,
+                            deployment=deployment),
         trainers=chosen_trainers,
     )

@@ -47,7 +47,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Protocol
 
-from selfie_lora.errors import ConfigError
+from selfie_lora.errors import ConfigError, DeploymentMismatchError
 from selfie_lora.logs import training_context
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.operations import OperationsService
@@ -229,6 +229,9 @@ class Worker:
             return
         try:
             self._gc.run_due(stopping=self._stop)
+        except DeploymentMismatchError as exc:
+            # A refusal, not a failure: its message says what to check; no traceback.
+            logger.warning("garbage collection: %s", exc.message)
         except Exception:
             logger.exception("garbage collection failed; it is tried again when next due")
 

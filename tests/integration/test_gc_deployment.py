@@ -7,6 +7,9 @@ later. It deleted every photo and A's weights; now it refuses, naming both deplo
 deletes nothing. Also: a worker refuses to start on another deployment's store, racing first
 starts agree on one id, an upgraded deployment binds cleanly at its first start, and a store no
 process has bound yet is protected by the collector's second guard (``--force`` overrides it).
+A start binds an unmarked store only if it is empty of photos and weights or holds this
+database's own blobs: a worker with an empty or a foreign database leaves another deployment's
+unmarked store unbound, and its scheduled collection deletes nothing there.
 """
 
 from __future__ import annotations
@@ -75,9 +78,10 @@ def deployments(storage: Storage, tmp_path: Path) -> Iterator[tuple[Services, Se
         b.close()
 
 
-def trained_version(svc: Services, name: str = "ann") -> tuple[User, Version]:
+def trained_version(svc: Services, name: str = "ann", *, offset: int = 0
+                    ) -> tuple[User, Version]:
     user, _key = svc.users.create(name=name)
-    started = svc.training.upload_zip(user=user, data=photo_zip(3))
+    started = svc.training.upload_zip(user=user, data=photo_zip(3, offset=offset))
     assert started.training is not None
     svc.training.run(started.training.id)
     return user, svc.models.versions(user=user)[0]
@@ -173,6 +177,105 @@ def test_a_store_no_process_has_bound_is_guarded_by_an_empty_database(
 
     # Forced, it believes its empty database: what the guard is there to stop.
     assert version.weights_key in b.gc.collect(dry_run=True, force=True).keys
+
+
+def test_a_worker_with_an_empty_database_leaves_an_unmarked_store_alone(
+        deployments: tuple[Services, Services], caplog: pytest.LogCaptureFixture) -> None:
+    # The reviewer's r1: A trained on a store no server of this release has marked yet; B, a
+    # worker with an empty database (SELFIE_LORA_DATABASE_URL unset), starts on it. Its start
+    # bound the store to B's database and its scheduled collection deleted every photo and
+    # weights file of A's, and A was refused at its next start.
+    a, b = deployments
+    user, version = trained_version(a)
+    before = stored_keys(a.blobs)
+    two_days_on(b)
+    b.gc.interval = timedelta(hours=1)
+
+    worker = start_embedded(b, threads=1, collect_garbage=True)
+    try:
+        worker.collect_garbage()  # its scheduled collection, due now
+    finally:
+        worker.stop()
+    assert stored_keys(a.blobs) == before
+    assert a.models.weights(user=user, version_id=version.id)
+    assert not a.blobs.exists(DEPLOYMENT_KEY), "B left the store unbound"
+    assert b.repo.get_deployment_id() is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("not binding the storage to this database: this database names "
+                            "no upload and no version, yet it holds photos or weights")
+               for m in warnings), warnings
+    assert any(m.startswith("garbage collection: refusing to collect garbage: this database "
+                            "names no upload and no version, yet the collection would delete "
+                            "3 photo(s) and 1 weights file(s)") for m in warnings), warnings
+    # Called directly, the scheduled collection says why.
+    with pytest.raises(DeploymentMismatchError, match="selfie-lora gc --force"):
+        b.gc._run_claimed(work=True, bind=True)
+    assert stored_keys(a.blobs) == before
+
+    # A starts on this release: its database names what the store holds, so it binds.
+    a_id = a.operations.bind_deployment()
+    assert a_id is not None
+    assert a_id == a.repo.get_deployment_id()
+    assert DeploymentBinding(repo=a.repo, blobs=a.blobs).store_id() == a_id
+    two_days_on(a)
+    assert a.gc.collect().empty
+    assert stored_keys(a.blobs) == before
+
+
+def test_a_database_of_its_own_does_not_bind_an_unmarked_store_holding_none_of_its_blobs(
+        storage: Storage, tmp_path: Path) -> None:
+    # A staging deployment with data of its own (on its own storage, before this release),
+    # given production's storage URL: its database names uploads and a version, but none of
+    # them is in production's store. Its start must not bind that store, nor its worker's
+    # collection take production's blobs for orphans.
+    a = storage.services(tmp_path / "a")
+    own = build_services(make_settings(tmp_path / "b", intake_workers=1),
+                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()},
+                         blobs=FileSystemBlobStore(tmp_path / "staging-blobs"))
+    try:
+        trained_version(own, "bo", offset=3)  # other selfies than production's
+    finally:
+        own.close()
+    b = storage.services(tmp_path / "b")  # the same database, production's storage
+    try:
+        user, version = trained_version(a)
+        before = stored_keys(a.blobs)
+        assert b.operations.bind_deployment() is None
+        assert not a.blobs.exists(DEPLOYMENT_KEY)
+        two_days_on(b)
+        b.gc.interval = timedelta(hours=1)
+        with pytest.raises(DeploymentMismatchError) as refused:
+            b.gc.run_due()
+        assert ("none of the 1 upload(s) and 1 version(s) this database names is in the "
+                "storage, yet the collection would delete 3 photo(s) and 1 weights file(s)"
+                in refused.value.message)
+        with pytest.raises(DeploymentMismatchError, match="none of the 1 upload"):
+            b.gc.collect()  # 'selfie-lora gc' too
+        assert stored_keys(a.blobs) == before
+        assert a.models.weights(user=user, version_id=version.id)
+        assert a.operations.bind_deployment() == a.repo.get_deployment_id()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_store_this_process_only_just_marked_is_guarded_at_its_next_collection(
+        deployments: tuple[Services, Services]) -> None:
+    # B starts first on an empty store and marks it (nothing there to doubt), while A, still on
+    # the release before the marker, goes on uploading and training into it: B's first
+    # collection checks its listing as an unbound store's instead of trusting its own marker.
+    a, b = deployments
+    assert b.operations.bind_deployment() is not None
+    user, version = trained_version(a)
+    before = stored_keys(a.blobs)
+    two_days_on(b)
+    b.gc.interval = timedelta(hours=1)
+    with pytest.raises(DeploymentMismatchError) as refused:
+        b.gc.run_due()
+    assert "this process only just wrote the storage's deployment.json" in refused.value.message
+    assert stored_keys(a.blobs) == before
+    assert a.models.weights(user=user, version_id=version.id)
 
 
 def test_an_upgraded_deployment_binds_at_its_first_start_and_collects(

@@ -12,6 +12,16 @@ that start at once agree on the first one's). An upgraded deployment binds at it
 with this release. ``bind`` refuses when the marker names another id: two deployments would
 share the store, and a collector of either would delete the other's blobs.
 
+A store with no marker is bound only on evidence that it is this database's (``doubt``): it
+holds no photo and no weights (nothing a mistaken collector could take), or it holds one of
+the blobs only this database names (a dataset's manifest, keyed by the dataset's random id; a
+version's weights). Otherwise the marker would bind another deployment's store, one not
+restarted on this release yet, to whatever database this process was given (an empty SQLite
+when SELFIE_LORA_DATABASE_URL is unset), and this process's scheduled collection would then
+delete everything of the real one, which would be refused at its next start. Such a store is
+left unbound with a warning; collections keep to the collector's guard for unbound stores, and
+``selfie-lora gc --force`` is the operator's way past it.
+
 Only a process that serves or works on the data binds; ``selfie-lora gc`` and the other commands
 never do, since a mistaken command binding a store to the wrong database is the very failure this
 guards against. The collector checks (``check``) before it deletes anything: a marker naming
@@ -21,15 +31,63 @@ another id than its database's (or a database with none) stops it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterable
 from datetime import datetime
 
+from selfie_lora.domain.gc import References
 from selfie_lora.errors import BlobMissingError, DeploymentMismatchError
 from selfie_lora.services.common import new_id, utcnow
-from selfie_lora.services.layout import DEPLOYMENT_KEY
+from selfie_lora.services.layout import DEPLOYMENT_KEY, manifest_key
 from selfie_lora.services.ports import BlobStore, Repository
 
+logger = logging.getLogger(__name__)
+
 SETTINGS_HINT = "check SELFIE_LORA_DATABASE_URL and SELFIE_LORA_STORAGE_URL"
+# What a collector could take for an orphan and no one could bring back.
+PRECIOUS_PREFIXES = ("photos", "weights")
+# Lookups (a HEAD each on object storage) for the blobs only this database names, before an
+# unmarked store that holds photos or weights is taken for another's: a store that is this
+# database's holds the first one looked up, so more only cost a foreign store's start.
+EVIDENCE_LOOKUPS = 20
+
+
+def own_keys(refs: References) -> list[str]:
+    """The keys of blobs only this database can have written, most telling first: each
+    dataset's manifest (keyed by the dataset's random id), then each version's weights
+    (content-addressed, so two deployments share one only for identical weights). Photos are
+    content-addressed too, and the same selfies uploaded to staging and production are
+    likely: they prove nothing."""
+    return [*(manifest_key(d.id) for d in refs.datasets), *sorted(refs.weights_keys)]
+
+
+def unbound_doubt(refs: References, *, found: Iterable[str], photos: int | None = None,
+                  weights: int | None = None, just_bound: bool = False) -> str | None:
+    """Why a store with no marker (or one this process only just marked) does not look like
+    this database's, as one line; None when it does: ``found`` holds one of ``own_keys``.
+    ``photos``/``weights``: what a collection would delete (None: a start, which deletes
+    nothing)."""
+    if set(found) & set(own_keys(refs)):
+        return None
+    if refs.datasets or refs.version_ids:
+        named = (f"none of the {len(refs.datasets)} upload(s) and {len(refs.version_ids)} "
+                 "version(s) this database names is in the storage")
+    else:
+        named = "this database names no upload and no version"
+    unbound = (f"this process only just wrote the storage's {DEPLOYMENT_KEY}"
+               if just_bound else
+               f"the storage has no {DEPLOYMENT_KEY} to say which database it belongs to "
+               "(no server or worker of this release has started on it)")
+    if photos is None:
+        return (f"not binding the storage to this database: {named}, yet it holds photos or "
+                f"weights, and {unbound}: is this the storage's database? {SETTINGS_HINT}. "
+                "It stays unbound, and no garbage collection here deletes photos or weights "
+                "from it until a server or worker of the storage's own database has started "
+                "on it, or 'selfie-lora gc --force' is run.")
+    return (f"refusing to collect garbage: {named}, yet the collection would delete {photos} "
+            f"photo(s) and {weights} weights file(s), and {unbound}: is this the storage's "
+            f"database? {SETTINGS_HINT}. If those blobs really are orphans, run "
+            "'selfie-lora gc --force'.")
 
 
 class DeploymentBinding:
@@ -38,26 +96,58 @@ class DeploymentBinding:
         self._repo = repo
         self._blobs = blobs
         self._clock = clock
+        # This process wrote the store's marker (``bind``): the collector still guards its
+        # next collection as an unbound store's (``services.gc``).
+        self.wrote_marker = False
 
-    def bind(self) -> str:
+    def bind(self) -> str | None:
         """Binds the store to this database (a server or worker starting); the deployment's id.
-        ``DeploymentMismatchError`` when the store is another deployment's; ``StorageError``
-        when the store cannot be reached."""
-        database_id = self._repo.ensure_deployment_id(new_id(), now=self._clock())
+        None, with a warning logged, when the store has no marker and does not look like this
+        database's (module docstring): it stays unbound. ``DeploymentMismatchError`` when the
+        store is another deployment's; ``StorageError`` when it cannot be reached."""
         # Read before writing: a put-if-absent that finds the marker rewrites it (it makes an
         # existing blob fresh), which every start of every process would do for nothing.
         store_id = self.store_id()
         if store_id is None:
+            if (doubt := self.doubt()) is not None:
+                logger.warning("%s", doubt)
+                return None
+            database_id = self._repo.ensure_deployment_id(new_id(), now=self._clock())
             marker = {"deployment_id": database_id, "created_at": self._clock().isoformat(),
                       "about": "the selfie-lora deployment this storage belongs to: the id its "
                                "database holds (README, 'Garbage collection')"}
             if self._blobs.put(DEPLOYMENT_KEY, json.dumps(marker, indent=1).encode(),
                                if_absent=True):
+                # Bound on a start's evidence only: the collector's next collection checks
+                # again, against the whole listing (``services.gc``).
+                self.wrote_marker = True
                 return database_id
             store_id = self.store_id()  # another process wrote it meanwhile
+        database_id = self._repo.ensure_deployment_id(new_id(), now=self._clock())
         if store_id != database_id:
             raise self._mismatch(database_id=database_id, store_id=store_id, action="start")
         return database_id
+
+    def doubt(self) -> str | None:
+        """Why this unmarked store may not be bound to this database, as one line; None when
+        it may: it holds no photo and no weights, or one of the blobs only this database names
+        (``own_keys``, up to ``EVIDENCE_LOOKUPS`` lookups: cheap on object storage too, and
+        nothing is listed past the first key of each prefix)."""
+        if not any(self._holds(prefix) for prefix in PRECIOUS_PREFIXES):
+            return None
+        refs = self._repo.gc_references()
+        found = next((key for key in own_keys(refs)[:EVIDENCE_LOOKUPS]
+                      if self._blobs.exists(key)), None)
+        return unbound_doubt(refs, found=() if found is None else (found,))
+
+    def _holds(self, prefix: str) -> bool:
+        listing = self._blobs.list(prefix)
+        try:
+            return next(listing, None) is not None
+        finally:
+            # A generator: closed now, not when collected (an S3 listing holds a connection).
+            if (close := getattr(listing, "close", None)) is not None:
+                close()
 
     def check(self) -> str | None:
         """Before a collection: the deployment's id when the store is bound to this database,

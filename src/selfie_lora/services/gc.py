@@ -35,10 +35,14 @@ another database (SELFIE_LORA_DATABASE_URL unset or wrong, a staging deployment 
 production's storage), a collection would delete every photo and every version's weights. So
 before deleting anything, or planning a dry run, the collector checks the store's deployment
 marker (``services.deployment``): one naming another deployment than this database's stops it.
-A store with no marker yet (no server or worker of this release has started on it) is bound to
-no database; then a collection that would delete photos or weights while this database names
-no upload and no version stops too, unless forced. A worker's collection binds the store first,
-as the worker's start did; ``selfie-lora gc`` never binds.
+A store with no marker yet (no server or worker of this release has started on it, or none
+whose database it looked like: ``services.deployment``) is bound to no database; then a
+collection that would delete photos or weights while the store holds none of the blobs only
+this database names (its datasets' manifests, its versions' weights: none at all for an empty
+database) stops too, unless forced. A worker's collection tries to bind the store first, as the
+worker's start did, on the same evidence; ``selfie-lora gc`` never binds. A store this process
+only just marked gets the same guard at its next collection: the start bound it on a few
+lookups, the collection has the whole listing.
 """
 
 from __future__ import annotations
@@ -70,9 +74,8 @@ from selfie_lora.domain.gc import (
 )
 from selfie_lora.errors import ConflictError, DeploymentMismatchError, ErrorCode, SelfieLoraError
 from selfie_lora.services.common import utcnow
-from selfie_lora.services.deployment import SETTINGS_HINT, DeploymentBinding
+from selfie_lora.services.deployment import DeploymentBinding, unbound_doubt
 from selfie_lora.services.layout import (
-    DEPLOYMENT_KEY,
     PREFIXES,
     is_valid_key,
     manifest_key,
@@ -96,6 +99,7 @@ class GarbageCollector:
         self, *, repo: Repository, blobs: BlobStore, work_dir: Path, policy: GcPolicy,
         interval: timedelta | None = None, clock: Callable[[], datetime] = utcnow,
         lease: timedelta = GC_LEASE, owner: str | None = None,
+        deployment: DeploymentBinding | None = None,
     ) -> None:
         self._repo = repo
         self._blobs = blobs
@@ -107,7 +111,8 @@ class GarbageCollector:
         self._lease = lease
         self.owner = owner or default_owner()
         self._work_due_at: datetime | None = None
-        self._deployment = DeploymentBinding(repo=repo, blobs=blobs, clock=clock)
+        # Shared with the operations service (wiring): whether this process wrote the marker.
+        self._deployment = deployment or DeploymentBinding(repo=repo, blobs=blobs, clock=clock)
 
     # ------------------------------------------------------------------ entry points
     def collect(self, *, dry_run: bool = False, force: bool = False) -> GcSummary:
@@ -118,7 +123,7 @@ class GarbageCollector:
         if dry_run:
             listing = self._listing()
             plan, _now, refs = self._plan(listing, self._work_folders())
-            self._guard(refs, plan, force=force)
+            self._guard(refs, plan, listing, force=force)
             return dataclasses.replace(GcSummary.of_plan(plan, dry_run=True),
                                        notes=_refused(listing))
         now = self._clock()
@@ -160,7 +165,8 @@ class GarbageCollector:
         finished = False
         try:
             if bind:
-                # A worker's collection: its start bound the store unless the store was away.
+                # A worker's collection: its start bound the store unless the store was away
+                # or did not look like this database's; unbound, the guard decides.
                 self._deployment.bind()
             summary = self._collect(work=work, stopping=stopping or threading.Event(),
                                     force=force)
@@ -177,7 +183,7 @@ class GarbageCollector:
         listing = self._listing()
         folders = self._work_folders() if work else []
         plan, now, refs = self._plan(listing, folders)
-        self._guard(refs, plan, force=force)  # before the first row or blob goes
+        self._guard(refs, plan, listing, force=force)  # before the first row or blob goes
         deleted: list[Planned] = []
         notes = list(_refused(listing))
         datasets: list[str] = []
@@ -254,24 +260,25 @@ class GarbageCollector:
                                policy=self.policy,
                                originals=self._originals(refs, listing)), now, refs
 
-    def _guard(self, refs: References, plan: GcPlan, *, force: bool) -> None:
+    def _guard(self, refs: References, plan: GcPlan, listing: list[Blob], *,
+               force: bool) -> None:
         """Stops a collection that could be deleting another deployment's blobs (module
-        docstring): a store bound to another database always; a store bound to none when
-        this database names no upload and no version but the plan deletes photos or weights
-        (what a fresh database meets in a real deployment's store), unless ``force``."""
-        if self._deployment.check() is not None or force or refs.datasets or refs.version_ids:
+        docstring): a store bound to another database always; a store bound to none, or
+        only just bound by this process, when the plan deletes photos or weights and the
+        store holds none of the blobs only this database names, unless ``force``."""
+        just_bound = self._deployment.wrote_marker
+        if (self._deployment.check() is not None and not just_bound) or force:
             return
         owners = [owner[0] for p in plan.blobs if (owner := owner_of(p.key)) is not None]
         photos = owners.count(Owner.PHOTO)
         weights = owners.count(Owner.WEIGHTS)
-        if photos or weights:
-            raise DeploymentMismatchError(
-                f"refusing to collect garbage: this database names no upload and no version, "
-                f"yet the collection would delete {photos} photo(s) and {weights} weights "
-                f"file(s), and the storage has no {DEPLOYMENT_KEY} to say which database it "
-                "belongs to (no server or worker of this release has started on it): is this "
-                f"the storage's database? {SETTINGS_HINT}. If those blobs really are orphans, "
-                "run 'selfie-lora gc --force'.")
+        doubt = (unbound_doubt(refs, found=(b.key for b in listing), photos=photos,
+                               weights=weights, just_bound=just_bound)
+                 if photos or weights else None)
+        if doubt is not None:
+            raise DeploymentMismatchError(doubt)
+        # The listing confirmed what the start's lookups found: guarded as any bound store.
+        self._deployment.wrote_marker = False
 
     def _renew(self) -> None:
         now = self._clock()

@@ -33,25 +33,38 @@ class Readiness:
 
 class OperationsService:
     def __init__(self, *, repo: Repository, queue: WorkQueue, blobs: BlobStore,
-                 telemetry: Telemetry) -> None:
+                 telemetry: Telemetry, deployment: DeploymentBinding | None = None) -> None:
         self._repo = repo
         self._queue = queue
         self._blobs = blobs
         self._telemetry = telemetry
+        # Shared with the collector (wiring): it guards its next collection when this
+        # process wrote the store's marker.
+        self._deployment = deployment or DeploymentBinding(repo=repo, blobs=blobs)
+        # What this process's first start decided: a command binds before it builds what it
+        # starts (to refuse in one line), and what it starts binds again for library users;
+        # the second start is the first one's answer, not a second warning.
+        self._decided: tuple[str | None] | None = None
 
     def bind_deployment(self) -> str | None:
         """A server or worker starting: binds the blob store to this database
         (``services.deployment``) and returns the deployment's id. ``DeploymentMismatchError``
         when the store is another deployment's: the process must not start. None, with a
-        warning, when the store cannot be reached now: it starts as before (a store that comes
-        back is bound by the worker's next collection, and every collection checks first)."""
+        warning, when the store has no marker and does not look like this database's (it
+        stays unbound: collections keep to the collector's guard), or cannot be reached now
+        (it starts as before: a store that comes back is bound by the worker's next
+        collection, and every collection checks first)."""
+        if self._decided is not None:
+            return self._decided[0]
         try:
-            return DeploymentBinding(repo=self._repo, blobs=self._blobs).bind()
+            deployment_id = self._deployment.bind()
         except StorageError as exc:
             logger.warning("the storage's deployment marker could not be checked now (%s); "
                            "garbage collection checks it before it deletes anything",
                            exc.message)
             return None
+        self._decided = (deployment_id,)
+        return deployment_id
 
     def readiness(self) -> Readiness:
         """The database, the queue and the storage, each asked once (``GET /readyz``)."""
