@@ -203,11 +203,22 @@ def serve(
         if processes == 1:
             application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True,
                                      collect_garbage=worker)
+            # Here, not only in the app's start: a storage that is another deployment's is one
+            # line and exit status 1, not uvicorn's traceback and its 3. The app's start asks
+            # again (for library users) and gets this answer.
+            application.state.services.operations.bind_deployment()
+        else:
+            # Before any process starts: only the first would run the app's start that binds,
+            # and the others would serve another deployment's storage, ready.
+            _bind_deployment(settings)
     if processes > 1:
         logger.info("serving on http://%s:%d/ with %d API processes; data in %s", host, port,
                     processes, settings.home)
-        run_server_processes(settings, host=host, port=port, processes=processes,
-                             worker=worker)
+        try:
+            run_server_processes(settings, host=host, port=port, processes=processes,
+                                 worker=worker)
+        except SelfieLoraError as exc:  # a process could not start: all were stopped
+            _fail(exc.message)
         return
     shown = f"[{host}]" if ":" in host else host
     if settings.log_format == "json":  # a log collector reads this output: lines of JSON only
@@ -217,6 +228,18 @@ def serve(
         console.print(f"selfie-lora: open [bold]http://{shown}:{port}/[/bold] in a browser "
                       f"(API docs at /docs); data in {settings.home}")
     run_server(application, settings, host=host, port=port)
+
+
+def _bind_deployment(settings: Settings) -> None:
+    """Binds the storage to the database, or refuses (``services.deployment``), with services
+    built for that alone."""
+    from selfie_lora.wiring import build_services
+
+    services = build_services(settings, trainers={}, generators={})
+    try:
+        services.operations.bind_deployment()
+    finally:
+        services.close()
 
 
 @app.command("worker")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -91,3 +92,56 @@ def test_two_processes_share_the_port_the_worker_and_the_figures(tmp_path: Path)
         time.sleep(0.1)
     assert not any(Path(f"/proc/{c}").exists() for c in children), "a process was left behind"
     assert "Traceback" not in log_path.read_text(errors="replace"), server.why("a stack trace")
+
+
+# The process runner alone, without the command's own check before it: what a process that
+# ends while it starts does to the others.
+RUNNER = """
+import sys
+
+from selfie_lora.api.server import run_server_processes
+from selfie_lora.config import get_settings
+from selfie_lora.errors import SelfieLoraError
+
+if __name__ == "__main__":
+    try:
+        run_server_processes(get_settings(), host="127.0.0.1", port=int(sys.argv[1]),
+                             processes=2, worker=True)
+    except SelfieLoraError as exc:
+        print("refused:", exc.message, flush=True)
+        sys.exit(1)
+"""
+
+
+def test_a_process_that_ends_while_it_starts_stops_them_all(tmp_path: Path) -> None:
+    """The first process refuses to start (its worker finds another deployment's storage):
+    the second went on serving, /readyz said ready, and the command never ended. Now every
+    process stops and the runner fails."""
+    home = tmp_path / "home"
+    env = clean_env(home)
+    create_user(env, "ann")  # the database, as the command's checks leave it
+    (home / "blobs").mkdir(parents=True, exist_ok=True)
+    (home / "blobs" / "deployment.json").write_text('{"deployment_id": "someone-else"}')
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER)
+    port = free_port()
+    log_path = tmp_path / "runner.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen([sys.executable, str(script), str(port)], env=env,
+                                stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            children = spawned_children(proc.pid)
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).text
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"still serving after 60 s ({len(children)} processes; /readyz: "
+                        f"{ready})")
+    log = log_path.read_text(errors="replace")
+    assert code == 1, log
+    assert "refused: API process api-0 ended while it started (exit status 3" in log, log
+    assert "belongs to deployment someone-else" in log, log  # the process's own log says why
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)

@@ -138,3 +138,47 @@ def test_a_setting_set_to_nothing_is_unset(tmp_path: Path,
     assert result.exit_code == 0, result.output
     assert get_settings().secret_key is None
     assert get_settings().trainer_version is None
+
+
+ANOTHERS = "error: refusing to start: the storage (deployment.json) belongs to deployment " \
+           "someone-else, this database's is "
+
+
+# Old code: 'serve' ended with uvicorn's traceback and status 3, 'serve --processes 2' served
+# on (caught by the timeout).
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", [
+    ["serve", "--port", "{port}"], ["serve", "--no-worker", "--port", "{port}"],
+    ["serve", "--processes", "2", "--port", "{port}"], ["worker"]],
+    ids=["serve", "serve-no-worker", "serve-processes", "worker"])
+def test_another_deployment_s_storage_stops_a_start_in_one_line_before_anything_is_written(
+        tmp_path: Path, env: Callable[[dict[str, str]], None], command: list[str]) -> None:
+    from tests.support.photos import copy_person_photos
+
+    env({"SELFIE_LORA_MIN_PHOTOS": "3"})
+    assert CliRunner().invoke(app, ["users", "create", "bob"]).exit_code == 0
+    blobs = tmp_path / "home" / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    (blobs / "deployment.json").write_text('{"deployment_id": "someone-else"}')
+    photos = copy_person_photos(tmp_path / "photos")
+    args = [arg.replace("{port}", str(free_port())).replace("{photos}", str(photos))
+            for arg in command]
+
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(ANOTHERS), result.output
+    assert "Traceback" not in result.output
+    # Nothing went into the other deployment's storage, and no training was queued.
+    assert [p.name for p in blobs.rglob("*") if p.is_file()] == ["deployment.json"]
+    from selfie_lora.wiring import build_services
+
+    services = build_services(get_settings(), trainers={}, generators={})
+    try:
+        assert services.repo.count_trainings_by_status() == {}
+        assert services.queue.pending() == 0
+    finally:
+        services.close()
+

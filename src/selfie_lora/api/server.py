@@ -17,6 +17,8 @@ import os
 import shutil
 import signal
 import socket
+from multiprocessing.connection import wait
+from multiprocessing.synchronize import Event as EventType
 from types import FrameType
 from typing import Any
 
@@ -25,6 +27,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from selfie_lora.config import Settings
+from selfie_lora.errors import SelfieLoraError
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +127,25 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve_one(host: str, port: int, index: int, worker: bool, parent_pid: int) -> None:
+class _ReadyServer(uvicorn.Server):
+    """Sets ``ready`` once the app has started and the socket is served: the parent knows
+    that this process's start is behind it."""
+
+    def __init__(self, config: uvicorn.Config, *, ready: EventType) -> None:
+        super().__init__(config)
+        self._ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._ready.set()
+
+
+def _serve_one(host: str, port: int, index: int, worker: bool, parent_pid: int,
+               ready: EventType) -> None:
     """One process of ``serve --processes N`` (a spawned child); the first runs the worker,
-    when there is one. ``parent_pid``: the serving command's pid, as it read it."""
+    when there is one. ``parent_pid``: the serving command's pid, as it read it; ``ready``:
+    set once it serves."""
     from selfie_lora.api.app import create_app
     from selfie_lora.config import get_settings
     from selfie_lora.lifeline import exit_with
@@ -145,7 +164,7 @@ def _serve_one(host: str, port: int, index: int, worker: bool, parent_pid: int) 
                             http=guarded_protocol(settings.header_timeout),
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     settle_garbage_collector()
-    uvicorn.Server(config).run(sockets=[sock])
+    _ReadyServer(config, ready=ready).run(sockets=[sock])
 
 
 def run_server_processes(settings: Settings, *, host: str, port: int, processes: int,
@@ -153,7 +172,8 @@ def run_server_processes(settings: Settings, *, host: str, port: int, processes:
     """``serve --processes N``: N processes on one port, so a machine's cores all serve
     requests (one Python process keeps to one core: its GIL); the first also runs the worker
     unless ``--no-worker``. Their figures are one view: prometheus-client's multiprocess mode,
-    in HOME/metrics. SIGINT or SIGTERM stops them all gracefully."""
+    in HOME/metrics. SIGINT or SIGTERM stops them all gracefully. ``SelfieLoraError`` when a
+    process ends before it serves (its own log says why): the others are stopped first."""
     metrics_dir = settings.home / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)  # figures of processes that are gone
     metrics_dir.mkdir(parents=True)
@@ -161,19 +181,43 @@ def run_server_processes(settings: Settings, *, host: str, port: int, processes:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     _listening_socket(host, port).close()  # the address is free: fail here, not N times
     context = multiprocessing.get_context("spawn")
-    children = [context.Process(target=_serve_one, args=(host, port, i, worker, os.getpid()),
+    ready = [context.Event() for _ in range(processes)]
+    children = [context.Process(target=_serve_one,
+                                args=(host, port, i, worker, os.getpid(), ready[i]),
                                 name=f"api-{i}")
                 for i in range(processes)]
-    for child in children:
-        child.start()
-    logger.info("%d API processes on %s:%d", processes, host, port)
+    stopping = False
 
-    def stop(_signum: int, _frame: FrameType | None) -> None:
+    def stop_all() -> None:
         for child in children:
             if child.pid is not None and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
 
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+        stop_all()
+
+    # Before the first start: a stop asked for while they start is not taken for a failure.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    for child in children:
+        child.start()
+    # A process that ends before it serves (its app refused to start: the first one's worker
+    # on another deployment's storage) would leave the others serving, ready, without it:
+    # all stop, and the command fails.
+    while not stopping and not all(event.is_set() for event in ready):
+        failed = next((c for c, event in zip(children, ready, strict=True)
+                       if not c.is_alive() and not event.is_set()), None)
+        if failed is not None:
+            stop_all()
+            for child in children:
+                child.join()
+            raise SelfieLoraError(
+                f"API process {failed.name} ended while it started (exit status "
+                f"{failed.exitcode}; its log above says why): every process was stopped")
+        wait([c.sentinel for c in children], timeout=0.5)
+    if not stopping:
+        logger.info("%d API processes on %s:%d", processes, host, port)
     for child in children:
         child.join()
