@@ -436,6 +436,9 @@ def train(
     """Upload a folder or zip of photos and (re)train the user's model."""
     with opened() as services:
         owner = services.users.get_by_name(name=user)
+        # Before the photos go into the storage and a training is queued: not into another
+        # deployment's storage (the training's own worker would refuse only after both).
+        services.operations.bind_deployment()
         try:
             t = services.training.upload_path(user=owner, path=path).training
         except KeyboardInterrupt:
@@ -460,6 +463,7 @@ def resume(
     """Continue a canceled local training from its last checkpoint (as a new training)."""
     with opened() as services:
         owner = services.users.get_by_name(name=user)
+        services.operations.bind_deployment()  # as train: before a training is queued
         if training_id is None:
             training_id = services.training.progress(user=owner).training.id
         t = services.training.resume(user=owner, training_id=training_id).training

@@ -145,12 +145,15 @@ ANOTHERS = "error: refusing to start: the storage (deployment.json) belongs to d
 
 
 # Old code: 'serve' ended with uvicorn's traceback and status 3, 'serve --processes 2' served
-# on (caught by the timeout).
+# on (caught by the timeout), 'train' uploaded the photos and queued a training first.
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("command", [
     ["serve", "--port", "{port}"], ["serve", "--no-worker", "--port", "{port}"],
-    ["serve", "--processes", "2", "--port", "{port}"], ["worker"]],
-    ids=["serve", "serve-no-worker", "serve-processes", "worker"])
+    ["serve", "--processes", "2", "--port", "{port}"], ["worker"],
+    ["train", "{photos}", "--user", "bob", "--no-wait"], ["train", "{photos}", "--user", "bob"],
+    ["resume", "--user", "bob"]],
+    ids=["serve", "serve-no-worker", "serve-processes", "worker", "train-no-wait", "train",
+         "resume"])
 def test_another_deployment_s_storage_stops_a_start_in_one_line_before_anything_is_written(
         tmp_path: Path, env: Callable[[dict[str, str]], None], command: list[str]) -> None:
     from tests.support.photos import copy_person_photos
@@ -182,3 +185,22 @@ def test_another_deployment_s_storage_stops_a_start_in_one_line_before_anything_
     finally:
         services.close()
 
+
+@pytest.mark.timeout(60)
+def test_a_storage_that_does_not_look_like_this_database_s_is_left_unbound_in_one_line(
+        tmp_path: Path, env: Callable[[dict[str, str]], None]) -> None:
+    # Another deployment's photo in an unmarked storage, a database with a user and no
+    # upload: the command says once, in one line, that it leaves the storage unbound.
+    env({})
+    assert CliRunner().invoke(app, ["users", "create", "bob"]).exit_code == 0
+    photos = tmp_path / "home" / "blobs" / "photos"
+    photos.mkdir(parents=True)
+    (photos / f"{'a' * 64}.jpg").write_bytes(b"another deployment's selfie")
+
+    result = CliRunner().invoke(app, ["resume", "--user", "bob"])
+    said = [line for line in result.output.splitlines() if "not binding the storage" in line]
+    assert len(said) == 1, result.output
+    assert said[0].split(": ", 1)[1].startswith(
+        "not binding the storage to this database: this database names no upload and no "
+        "version, yet it holds photos or weights"), result.output
+    assert not (tmp_path / "home" / "blobs" / "deployment.json").exists()
