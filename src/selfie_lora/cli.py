@@ -60,16 +60,23 @@ def _settings(*, code: int = 1) -> Settings:
     try:
         return get_settings()
     except ValidationError as exc:
-        for line in settings_errors(exc):
-            err_console.print(f"[red]invalid setting:[/red] {escape(line)}", highlight=False,
-                              soft_wrap=True)
-        raise typer.Exit(code) from None
+        _invalid_settings(exc, code=code)
 
 
-def _fail(message: str, *, label: str = "error", code: int = 1) -> NoReturn:
-    """``label: message`` as one line on stderr, and exit status ``code``. The message is
-    printed as it is: a path or a name such as 'Pictures/[me]' is text, not rich markup."""
+def _invalid_settings(exc: ValidationError, *, code: int) -> NoReturn:
+    for line in settings_errors(exc):
+        err_console.print(f"[red]invalid setting:[/red] {escape(line)}", highlight=False,
+                          soft_wrap=True)
+    raise typer.Exit(code) from None
+
+
+def _fail(message: str, *, label: str = "error", code: int = 1,
+          details: Sequence[Any] = ()) -> NoReturn:
+    """``label: message`` as one line on stderr (then ``details``, see ``_print_details``), and
+    exit status ``code``. The message is printed as it is: a path or a name such as
+    'Pictures/[me]' is text, not rich markup."""
     err_console.print(f"[red]{label}:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    _print_details(details)
     raise typer.Exit(code) from None
 
 
@@ -158,10 +165,7 @@ def opened(*, label: str = "error", **build: Any) -> Iterator[Services]:
     try:
         yield services
     except SelfieLoraError as exc:
-        err_console.print(f"[red]{label}:[/red] {escape(exc.message)}", highlight=False,
-                          soft_wrap=True)
-        _print_details(exc.details)
-        raise typer.Exit(1) from None
+        _fail(exc.message, label=label, details=exc.details)
     finally:
         services.close()
 
@@ -412,10 +416,7 @@ def check(
             _fail(exc.message, code=2)
         # The upload as a whole is refused (too large, not a zip, an archive inside): it is not
         # trainable, as `train` and the API would say.
-        err_console.print(f"[red]not trainable:[/red] {escape(exc.message)}", highlight=False,
-                          soft_wrap=True)
-        _print_details(exc.details)
-        raise typer.Exit(1) from None
+        _fail(exc.message, label="not trainable", details=exc.details)
     except OSError as exc:  # a folder or file that cannot be read
         _fail(f"cannot read {exc.filename or path}: {exc.strerror or _reason(exc)}", code=2)
     except KeyboardInterrupt:
@@ -611,10 +612,8 @@ def export_cmd(
         target = where / export.filename if as_folder else where
         if target.exists() and not force:
             # A LoRA is often exported again with the same name: never lose one silently.
-            err_console.print(f"[red]error:[/red] {escape(str(target))} exists; nothing was written (pass "
-                              "--force to replace it, or --out another file)", highlight=False,
-                              soft_wrap=True)
-            raise typer.Exit(1)
+            _fail(f"{target} exists; nothing was written (pass --force to replace it, or --out "
+                  "another file)")
         partial = target.with_name(f".{target.name}.part")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -740,18 +739,11 @@ def demo(
     try:
         run_demo(out=out)
     except ValidationError as exc:  # its settings are code, not the environment: a bug
-        for line in settings_errors(exc):
-            err_console.print(f"[red]invalid setting:[/red] {escape(line)}", highlight=False,
-                              soft_wrap=True)
-        raise typer.Exit(1) from None
+        _invalid_settings(exc, code=1)
     except DemoFolderError as exc:  # a usage error, as typer's own are: exit status 2
-        err_console.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False,
-                          soft_wrap=True)
-        raise typer.Exit(2) from None
+        _fail(exc.message, code=2)
     except SelfieLoraError as exc:
-        err_console.print(f"[red]demo failed:[/red] {escape(exc.message)}", highlight=False,
-                          soft_wrap=True)
-        raise typer.Exit(1) from None
+        _fail(exc.message, label="demo failed")
 
 
 def main() -> None:
