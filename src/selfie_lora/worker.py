@@ -325,19 +325,18 @@ def run_worker(services: Services, *, threads: int | None = None) -> None:
     settings = services.settings
     try:
         services.operations.bind_deployment()  # refuses another deployment's store
-    except BaseException:
-        services.close()
-        raise
-    try:
         metrics = (serve_operator_endpoints(services.operations, host=settings.metrics_host,
                                             port=settings.metrics_port)
                    if settings.metrics_port is not None else None)
-    except OSError as exc:  # in use, or an address this machine does not have
+    except OSError as exc:  # the metrics port in use, or an address this machine does not have
         with contextlib.suppress(Exception):
             services.close()
         raise ConfigError(f"SELFIE_LORA_METRICS_PORT {settings.metrics_port} on "
                           f"SELFIE_LORA_METRICS_HOST {settings.metrics_host} cannot be used: "
                           f"{exc.strerror or exc}") from None
+    except BaseException:
+        services.close()
+        raise
     identity = claim_identity(settings.home)
     services.training.owner = identity.name
     services.gc.owner = identity.name

@@ -164,12 +164,12 @@ class GarbageCollector:
                      bind: bool = False, force: bool = False) -> GcSummary:
         finished = False
         try:
-            if bind:
-                # A worker's collection: its start bound the store unless the store was away
-                # or did not look like this database's; unbound, the guard decides.
-                self._deployment.bind()
+            # A worker's collection: its start bound the store unless the store was away or
+            # did not look like this database's; unbound, the guard decides. The id bind()
+            # gives was checked against the marker there: the guard need not read both again.
+            bound = self._deployment.bind() if bind else None
             summary = self._collect(work=work, stopping=stopping or threading.Event(),
-                                    force=force)
+                                    force=force, bound=bound)
             finished = True
             return summary
         finally:
@@ -179,11 +179,13 @@ class GarbageCollector:
             except SelfieLoraError:  # the lease runs out by itself
                 logger.warning("garbage collection: could not release the lease", exc_info=True)
 
-    def _collect(self, *, work: bool, stopping: threading.Event, force: bool) -> GcSummary:
+    def _collect(self, *, work: bool, stopping: threading.Event, force: bool,
+                 bound: str | None = None) -> GcSummary:
         listing = self._listing()
         folders = self._work_folders() if work else []
         plan, now, refs = self._plan(listing, folders)
-        self._guard(refs, plan, listing, force=force)  # before the first row or blob goes
+        # Before the first row or blob goes.
+        self._guard(refs, plan, listing, force=force, bound=bound)
         deleted: list[Planned] = []
         notes = list(_refused(listing))
         datasets: list[str] = []
@@ -261,13 +263,13 @@ class GarbageCollector:
                                originals=self._originals(refs, listing)), now, refs
 
     def _guard(self, refs: References, plan: GcPlan, listing: list[Blob], *,
-               force: bool) -> None:
+               force: bool, bound: str | None = None) -> None:
         """Stops a collection that could be deleting another deployment's blobs (module
         docstring): a store bound to another database always; a store bound to none, or
         only just bound by this process, when the plan deletes photos or weights and the
         store holds none of the blobs only this database names, unless ``force``."""
         just_bound = self._deployment.wrote_marker
-        if (self._deployment.check() is not None and not just_bound) or force:
+        if ((bound or self._deployment.check()) is not None and not just_bound) or force:
             return
         owners = [owner[0] for p in plan.blobs if (owner := owner_of(p.key)) is not None]
         photos = owners.count(Owner.PHOTO)
