@@ -29,9 +29,8 @@ def exit_with(pid: int) -> None:
     once if it is gone already. The parent passes its own pid (``os.getpid()``) when it starts
     the child: read in the child, ``os.getppid()`` is already init's (1) when the parent died
     while the child was still importing, and the child would watch init for ever."""
-    watched = pid
     try:
-        fd: int | None = os.pidfd_open(watched)
+        fd: int | None = os.pidfd_open(pid)
     except ProcessLookupError:
         os._exit(1)  # gone already
     except (AttributeError, OSError):  # not Linux >= 5.3
@@ -39,7 +38,7 @@ def exit_with(pid: int) -> None:
 
     def alive() -> bool:
         try:
-            os.kill(watched, 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         return True
@@ -50,7 +49,7 @@ def exit_with(pid: int) -> None:
         else:
             while alive():
                 threading.Event().wait(POLL_INTERVAL_S)
-        logger.warning("process %d is gone; exiting", watched)
+        logger.warning("process %d is gone; exiting", pid)
         os._exit(1)
 
     threading.Thread(target=watch, name="lifeline", daemon=True).start()

@@ -5,7 +5,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from selfie_lora.errors import TrainerUnavailableError
+from selfie_lora.errors import ConfigError, TrainerUnavailableError
+
+# What a user reads when a local training failed for a reason of the server's (the same words
+# inline and from a training child).
+FAILED_MESSAGE = ("Training failed on this server; try again, and if it fails again, "
+                  "contact the operator.")
+
+
+def missing_module_error(what: str) -> ConfigError:
+    """A module diffusers, peft or torchao import on demand is missing or broken (``what``: the
+    ImportError, as described): the install is the operator's to mend."""
+    return ConfigError(f"the local backend cannot import what it needs: {what}")
 
 
 def route_torch_logs() -> None:

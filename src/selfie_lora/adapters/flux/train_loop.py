@@ -54,12 +54,11 @@ from selfie_lora.adapters.flux.memory import (
     load_training_base,
     out_of_memory_error,
 )
-from selfie_lora.adapters.flux.runtime import require_torch
+from selfie_lora.adapters.flux.runtime import FAILED_MESSAGE, missing_module_error, require_torch
 from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.domain.buckets import FLUX_MULTIPLE, Bucket, bucket_sizes, nearest_bucket
 from selfie_lora.domain.entities import FaceBox, Recipe
 from selfie_lora.errors import (
-    ConfigError,
     SelfieLoraError,
     TrainingCanceledError,
     TrainingFailedError,
@@ -642,8 +641,7 @@ def _map_runtime_error(exc: BaseException, *, memory_mode: str) -> TrainingFaile
         return out_of_memory_error(exc, mode=memory_mode)
     return TrainingFailedError(
         f"local training failed: {type(exc).__name__}: {text}",
-        user_message="Training failed on this server; try again, and if it fails again, "
-        "contact the operator.",
+        user_message=FAILED_MESSAGE,
     )
 
 
@@ -932,8 +930,7 @@ def train_flux_lora(
         except ImportError as exc:
             # A module diffusers, peft or torchao import on demand (a quantization backend, a
             # model class) is missing or broken: the install is the operator's to mend.
-            raise ConfigError(f"the local backend cannot import what it needs: {describe(exc)}"
-                              ) from exc
+            raise missing_module_error(describe(exc)) from exc
         except Exception as exc:
             # torch, diffusers and peft raise whatever comes (RuntimeError for a CUDA fault,
             # IndexError for a tokenizer that does not fit its encoder, KeyError for a config

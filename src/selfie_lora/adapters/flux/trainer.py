@@ -26,6 +26,7 @@ from typing import Any, Literal
 from selfie_lora.adapters.flux.checkpoints import latest_checkpoint
 from selfie_lora.adapters.flux.generator import release_device_pipelines
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
+from selfie_lora.adapters.flux.runtime import FAILED_MESSAGE, missing_module_error
 from selfie_lora.domain.entities import Recipe, TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
@@ -56,8 +57,6 @@ CHECKPOINT_DIR = "checkpoints"
 SAMPLE_DIR = "samples"
 
 _CANCELED_MESSAGE = "The training was canceled."
-_FAILED_MESSAGE = ("Training failed on this server; try again, and if it fails again, "
-                   "contact the operator.")
 # What reading a message half-written by a child that was killed can raise.
 _BROKEN_PIPE_ERRORS = (EOFError, OSError, pickle.UnpicklingError)
 
@@ -198,10 +197,9 @@ def _unmapped_error(exc: BaseException) -> TrainerError:
     """A vendor error that reached the trainer's boundary in inline isolation, mapped as
     ``_child_error`` maps the one a child reports."""
     if isinstance(exc, ImportError):
-        return _config_error(ConfigError(f"the local backend cannot import what it needs: "
-                                         f"{describe(exc)}"))
+        return _config_error(missing_module_error(describe(exc)))
     return TrainingFailedError(f"local training failed: {describe(exc)}",
-                               user_message=_FAILED_MESSAGE)
+                               user_message=FAILED_MESSAGE)
 
 
 def _config_error(exc: ConfigError) -> TrainerUnavailableError:
@@ -560,14 +558,13 @@ class LocalTrainer:
         if name == "ConfigError":
             return _config_error(ConfigError(text))
         if name in ("ImportError", "ModuleNotFoundError"):
-            return _config_error(ConfigError(f"the local backend cannot import what it needs: "
-                                             f"{name}: {text}"))
+            return _config_error(missing_module_error(f"{name}: {text}"))
         # One of ours already says what failed, as the same error does inline; only another
         # error's text needs its kind in front ("KeyError: 'x'").
         if name not in _ERRORS:
             return TrainingFailedError(f"local training failed: {name}: {text}",
-                                       user_message=user_message or _FAILED_MESSAGE)
-        return _ERRORS[name](text, user_message=user_message or _FAILED_MESSAGE)
+                                       user_message=user_message or FAILED_MESSAGE)
+        return _ERRORS[name](text, user_message=user_message or FAILED_MESSAGE)
 
     @staticmethod
     def _stop(process: Any) -> None:

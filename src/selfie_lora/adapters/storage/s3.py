@@ -256,28 +256,13 @@ class S3BlobStore:
         return BlobMissingError(f"blob {key!r} is missing")
 
     def exists(self, key: str) -> bool:
-        import obstore
-
         check_key(key)
-        try:
-            obstore.head(self._store, key)
-        except FileNotFoundError:
-            return False
-        except Exception as exc:
-            raise _error("look up", key, exc) from exc
-        return True
+        return self._info(key) is not None
 
     def modified(self, key: str) -> datetime | None:
-        import obstore
-
         check_key(key)
-        try:
-            meta = obstore.head(self._store, key)
-        except FileNotFoundError:
-            return None
-        except Exception as exc:
-            raise _error("look up", key, exc) from exc
-        return _modified(meta["last_modified"])
+        info = self._info(key)
+        return info.modified if info is not None else None
 
     def list(self, prefix: str) -> Iterator[BlobInfo]:
         """Every blob under ``prefix``, and as well every key there that obstore cannot name
@@ -331,6 +316,8 @@ class S3BlobStore:
         return path
 
     def _info(self, key: str) -> BlobInfo | None:
+        """The blob's size and date (one HEAD); None when there is none. The key is not checked
+        here: the listing looks up the key it resumes after, which need not be one we write."""
         import obstore
 
         try:
