@@ -4,6 +4,7 @@ a crash or a read-only disk cannot spoil."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -110,7 +111,44 @@ def test_the_conversion_is_kept_and_reused(tmp_path: Path) -> None:
     again = cached_onnx_model(SOURCE, folder)
     assert again == first
     assert first.stat().st_mtime_ns == stamp
-    assert sorted(p.name for p in folder.iterdir()) == [".convert.lock", first.name]
+    note = f"{EMBEDDING_MODEL}-v{dlib_resnet.CONVERTER_VERSION}.source.json"
+    assert sorted(p.name for p in folder.iterdir()) == [".convert.lock", first.name, note]
+
+
+def test_another_process_finds_the_conversion_without_reading_the_source(
+        tmp_path: Path) -> None:
+    """What each intake worker does at its start: the source's size and time are as noted, so
+    its 22 MB are not read and hashed again; once they change, they are."""
+    source = tmp_path / "models" / f"{EMBEDDING_MODEL}.dat"
+    source.parent.mkdir()
+    source.write_bytes(SOURCE.read_bytes())
+    folder = tmp_path / "cache"
+    first = cached_onnx_model(source, folder)
+    assert isinstance(first, Path)
+    stamp = source.stat().st_mtime_ns
+    # The same size and time, other bytes: only a process that reads the source can tell.
+    source.write_bytes(bytes(source.stat().st_size))
+    os.utime(source, ns=(stamp, stamp))
+    dlib_resnet._converted.clear()  # a new process
+    assert cached_onnx_model(source, folder) == first
+    os.utime(source, ns=(stamp + 10**9, stamp + 10**9))  # replaced: read, and refused
+    dlib_resnet._converted.clear()
+    with pytest.raises(DlibModelFormatError):
+        cached_onnx_model(source, folder)
+
+
+def test_a_damaged_note_only_costs_reading_the_source(tmp_path: Path) -> None:
+    folder = tmp_path / "cache"
+    first = cached_onnx_model(SOURCE, folder)
+    note = folder / f"{EMBEDDING_MODEL}-v{dlib_resnet.CONVERTER_VERSION}.source.json"
+    info = SOURCE.resolve().stat()
+    elsewhere = json.dumps({"source": str(SOURCE.resolve()), "size": info.st_size,
+                            "mtime_ns": info.st_mtime_ns, "file": "../../etc/passwd"})
+    for damaged in ("{not json", '{"source": 1}', '["a list"]', elsewhere):
+        note.write_text(damaged)
+        dlib_resnet._converted.clear()
+        assert cached_onnx_model(SOURCE, folder) == first
+    assert json.loads(note.read_text())["file"] == first.name  # noted afresh
 
 
 def test_an_unwritable_cache_still_gives_the_model(tmp_path: Path) -> None:

@@ -143,9 +143,9 @@ def _init_worker(factory: AnalyzerFactory, service_pid: int) -> None:
 
     global _worker_analyzer
     analyzer = factory()
-    # Load the models (~0.8 s) and imagehash's SciPy (~0.3 s) now, not in the first task.
+    # Load the models now, not in the first task.
     analyzer.detect(np.zeros((32, 32, 3), dtype=np.uint8), landmarks=False, embed=False)
-    imagehash.phash(Image.new("L", (32, 32)))
+    imagehash.dhash(Image.new("L", (32, 32)))
     # OpenCV (the keypoints of the near-duplicate check, the training crop): one thread per
     # worker process, the processes are the parallelism; and its first call's set-up now.
     import cv2

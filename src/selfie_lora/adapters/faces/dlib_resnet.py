@@ -26,7 +26,9 @@ by three flags and three empty tensors (state dlib keeps for training).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,17 +372,60 @@ def cached_onnx_model(source: Path, cache_dir: Path | None = None) -> Path | byt
     (``model_cache.cached_file``: made once per machine, by one process, never half written),
     converted now if it is not there yet, or the model itself where the cache cannot be written
     (it is then converted again in each process). The file's name carries a hash of the source,
-    so a reinstalled model is converted again. Within a process the answer is remembered while
-    the source file's size and time stay the same, so asking again costs a ``stat``."""
+    so a reinstalled model is converted again. The source's path, size and time are noted beside
+    it (``<stem>-v<N>.source.json``): while they stay the same, another process finds the file
+    with a ``stat`` instead of reading and hashing the 22 MB source (~30-40 ms that every intake
+    worker paid at its start). Within a process the answer is remembered the same way."""
     folder = cache_dir or default_cache_dir()
-    info = source.stat()
-    key = (str(source.resolve()), info.st_size, info.st_mtime_ns, str(folder))
+    resolved = source.resolve()
+    info = resolved.stat()
+    key = (str(resolved), info.st_size, info.st_mtime_ns, str(folder))
     with _converted_lock:
         known = _converted.get(key)
         if known is None:
-            known = _find_or_convert(source, folder)
+            known = _noted(folder, key) or _find_or_convert(source, folder)
+            if isinstance(known, Path):
+                _note(folder, key, known)
             _converted[key] = known
         return known
+
+
+def _note_path(folder: Path, source: str) -> Path:
+    return folder / f"{Path(source).stem}-v{CONVERTER_VERSION}.source.json"
+
+
+def _noted(folder: Path, key: tuple[str, int, int, str]) -> Path | None:
+    """The converted file noted for this source, when the note matches its path, size and time
+    and the file is there; None otherwise (no note, another source, a damaged note)."""
+    source, size, mtime_ns, _folder = key
+    try:
+        note = json.loads(_note_path(folder, source).read_text())
+        if (note["source"], note["size"], note["mtime_ns"]) == (source, size, mtime_ns):
+            found = folder / str(note["file"])
+            if found.parent == folder and found.is_file():
+                return found
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # a missing or damaged note only costs reading the source once more
+    return None
+
+
+def _note(folder: Path, key: tuple[str, int, int, str], converted: Path) -> None:
+    source, size, mtime_ns, _folder = key
+    note = {"source": source, "size": size, "mtime_ns": mtime_ns, "file": converted.name}
+    path = _note_path(folder, source)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        if json.loads(path.read_text()) == note:
+            return
+    except (OSError, ValueError):
+        pass
+    try:
+        # Whole or not at all: another process may read it at any moment.
+        tmp.write_text(json.dumps(note))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        logger.debug("cannot note the face model's source in %s: %s", folder, exc)
 
 
 def forget_converted() -> None:

@@ -26,11 +26,34 @@ from selfie_lora.domain.faces import Face
 # --------------------------------------------------------------------------- hashes
 
 
+# imagehash's phash: the 32 px grey copy's two-dimensional DCT-II (unnormalised, as SciPy's
+# ``fftpack.dct`` computes it along each axis), its 8 x 8 lowest frequencies against their
+# median. imagehash imports SciPy for the DCT, ~0.1-0.2 s at the start of every intake worker
+# process (the cold intake waits for it); the same transform as a 32 x 32 matrix product in
+# numpy gives the same hashes (tests/unit/test_duplicates_hash.py compares the two).
+_PHASH_SIDE = 32
+_PHASH_BITS = 8
+_n = np.arange(_PHASH_SIDE)
+_DCT = 2.0 * np.cos(np.pi * np.outer(_n, 2 * _n + 1) / (2 * _PHASH_SIDE))
+del _n
+
+
+def phash(image: Image.Image) -> str:
+    """``str(imagehash.phash(image))``, without SciPy."""
+    import imagehash
+
+    grey = image.convert("L").resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS)
+    pixels = np.asarray(grey, dtype=np.float64)
+    # Rounded to a millionth: a flat picture's frequencies are exactly 0 in SciPy's FFT and
+    # ~1e-13 here, and its hash must not depend on that noise.
+    low = np.round((_DCT @ pixels @ _DCT.T)[:_PHASH_BITS, :_PHASH_BITS], 6)
+    return str(imagehash.ImageHash(low > np.median(low)))
+
+
 def _hash_hex(image: Image.Image, *, kind: Literal["phash", "dhash"]) -> str:
     import imagehash
 
-    value = imagehash.phash(image) if kind == "phash" else imagehash.dhash(image)
-    return str(value)
+    return phash(image) if kind == "phash" else str(imagehash.dhash(image))
 
 
 def whole_hashes(small: Image.Image) -> tuple[str, str]:
