@@ -184,12 +184,15 @@ class Settings(BaseSettings):
     # The web app. SECRET_KEY signs the session cookies: every API server of one service needs the
     # same one (unset: a random key kept in HOME/secret_key). SIGNUP lets anyone create an
     # account from the sign-in page. Sign-in allows SIGN_IN_MAX_FAILURES failures per name (and
-    # 4x that per client address) per SIGN_IN_WINDOW_MINUTES; a session lasts SESSION_DAYS.
+    # 4x that per client address) per SIGN_IN_WINDOW_MINUTES, sign-up SIGN_UP_MAX_ATTEMPTS
+    # attempts per client address (made or refused alike) in the same window; a session lasts
+    # SESSION_DAYS.
     secret_key: SecretStr | None = None
     signup: bool = False
     session_days: float = Field(default=14.0, gt=0, le=366)
     sign_in_max_failures: int = Field(default=5, ge=1, le=1000)
     sign_in_window_minutes: float = Field(default=15.0, gt=0, le=24 * 60)
+    sign_up_max_attempts: int = Field(default=5, ge=1, le=1000)
 
     # Garbage collection (services/gc.py): `selfie-lora gc`, and the workers every
     # GC_INTERVAL_HOURS (one at a time, through a lease in the database; 0: workers never
@@ -333,6 +336,7 @@ class Settings(BaseSettings):
     def sign_in_policy(self) -> SignInPolicy:
         return SignInPolicy(max_failures=self.sign_in_max_failures,
                             max_failures_per_client=4 * self.sign_in_max_failures,
+                            max_sign_ups_per_client=self.sign_up_max_attempts,
                             window=timedelta(minutes=self.sign_in_window_minutes),
                             session_lifetime=timedelta(days=self.session_days))
 

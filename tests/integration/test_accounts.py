@@ -1,6 +1,7 @@
 """Passwords and browser sessions in the user service, on SQLite with real argon2 hashes (at a
 test cost): one answer for an unknown name and a wrong password, the rate limit per name and per
-client, session expiry, sign-out, a password change ending sessions, sign-up only when open. And
+client, session expiry, sign-out, a password change ending sessions, sign-up only when open and
+limited per client (whatever the attempts' outcome), a taken name refused before hashing. And
 API keys remembered for a second: a key revoked here stops at once, one revoked by another
 process within ``API_KEY_CACHE_TTL``."""
 
@@ -19,6 +20,7 @@ from selfie_lora.domain.accounts import WRONG_CREDENTIALS, SignInPolicy
 from selfie_lora.errors import (
     AuthError,
     ConfigError,
+    ConflictError,
     ErrorCode,
     ForbiddenError,
     InvalidInputError,
@@ -28,8 +30,8 @@ from selfie_lora.services.users import API_KEY_CACHE_TTL, UserService
 from tests.support.clock import Clock
 
 PASSWORD = "correct horse battery"
-POLICY = SignInPolicy(max_failures=3, max_failures_per_client=5, window=timedelta(minutes=15),
-                      session_lifetime=timedelta(days=1))
+POLICY = SignInPolicy(max_failures=3, max_failures_per_client=5, max_sign_ups_per_client=3,
+                      window=timedelta(minutes=15), session_lifetime=timedelta(days=1))
 
 
 @pytest.fixture
@@ -190,6 +192,60 @@ def test_sign_up_only_when_the_setting_opens_it(repo: SqlRepository, clock: Cloc
     assert repo.get_user_by_name("ann") is None
     signed = users(repo, clock, signup=True).sign_up(name="ann", password=PASSWORD, client="c")
     assert users(repo, clock).session(token=signed.token)[0].name == "ann"
+
+
+def test_sign_up_attempts_from_one_client_are_limited_whatever_they_end_in(
+        repo: SqlRepository, clock: Clock) -> None:
+    """One client made any number of accounts, and tried taken names any number of times (each
+    answer said whether the name was taken): every attempt counts, made or refused."""
+    svc = users(repo, clock, signup=True)
+    svc.create(name="ann", password=PASSWORD)
+    svc.sign_up(name="cat", password=PASSWORD, client="10.0.0.1")  # made
+    clock.now += timedelta(minutes=1)
+    with pytest.raises(ConflictError):
+        svc.sign_up(name="ann", password=PASSWORD, client="10.0.0.1")  # a taken name
+    clock.now += timedelta(minutes=1)
+    with pytest.raises(InvalidInputError):
+        svc.sign_up(name="dog", password="short", client="10.0.0.1")  # a weak password
+    clock.now += timedelta(minutes=1)
+    with pytest.raises(RateLimitedError) as caught:
+        svc.sign_up(name="emu", password=PASSWORD, client="10.0.0.1")
+    assert "too many sign-ups" in caught.value.message
+    assert caught.value.retry_after == 12 * 60  # the first attempt leaves the window then
+    assert repo.get_user_by_name("emu") is None
+    with pytest.raises(RateLimitedError):  # nor does a taken name get its answer now
+        svc.sign_up(name="ann", password=PASSWORD, client="10.0.0.1")
+    # Another address is counted apart, and the first one may again once the window passed.
+    svc.sign_up(name="fox", password=PASSWORD, client="10.0.0.2")
+    clock.now += timedelta(minutes=12)
+    svc.sign_up(name="emu", password=PASSWORD, client="10.0.0.1")
+    # Sign-in's limits are its own: the sign-ups left nothing for them to count.
+    svc.sign_in(name="ann", password=PASSWORD, client="10.0.0.1")
+
+
+class CountingHasher(Argon2Hasher):
+    """Argon2 at a test cost, counting the hashes it makes."""
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost_kib=1024)
+        self.hashed = 0
+
+    def hash(self, password: str) -> str:
+        self.hashed += 1
+        return super().hash(password)
+
+
+def test_a_taken_name_is_refused_before_any_password_is_hashed(
+        repo: SqlRepository, clock: Clock) -> None:
+    """The hash (~0.2 s and 64 MiB at the default cost) ran before the name was looked up."""
+    hasher = CountingHasher()
+    svc = UserService(repo=repo, hasher=hasher, policy=POLICY, signup_enabled=True, clock=clock)
+    svc.create(name="ann", password=PASSWORD)
+    assert hasher.hashed == 1
+    with pytest.raises(ConflictError) as caught:
+        svc.sign_up(name="ann", password="another password", client="10.0.0.1")
+    assert caught.value.code is ErrorCode.USER_EXISTS
+    assert hasher.hashed == 1
 
 
 def test_without_a_hasher_passwords_are_a_setup_error(repo: SqlRepository, clock: Clock) -> None:

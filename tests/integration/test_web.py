@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -260,6 +261,37 @@ def test_sign_up_is_closed_unless_the_setting_opens_it(tmp_path: Path) -> None:
                     assert services.repo.get_user_by_name("cat") is None
         finally:
             services.close()
+
+
+def test_sign_up_is_rate_limited_per_client(tmp_path: Path) -> None:
+    """One client made 60 accounts in a row, and asked about a taken name as often as it
+    liked (found in review): past SIGN_UP_MAX_ATTEMPTS the form answers 429."""
+    settings = make_settings(tmp_path, signup=True, sign_up_max_attempts=2)
+    services = build_services(settings, trainers={"local": FakeTrainer()},
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+    services.users.create(name="ann", password=PASSWORD)
+    try:
+        with browser(settings, services) as client:
+            def sign_up(name: str) -> httpx.Response:
+                client.cookies.clear()
+                token = re.search(r'name="form_token" value="([^"]+)"',
+                                  client.get("/signup").text)
+                assert token
+                return client.post("/signup", data={
+                    "name": name, "password": PASSWORD, "password_again": PASSWORD,
+                    "form_token": token.group(1)}, follow_redirects=False)
+
+            assert sign_up("cat").status_code == 303
+            assert sign_up("ann").status_code == 409
+            refused = sign_up("dog")
+            assert refused.status_code == 429
+            assert int(refused.headers["retry-after"]) > 0
+            assert "too many sign-ups" in refused.text
+            assert sign_up("ann").status_code == 429  # a taken name is not told apart either
+            assert services.repo.get_user_by_name("dog") is None
+    finally:
+        services.close()
 
 
 # ---------------------------------------------------------------------------- the journey

@@ -21,15 +21,19 @@ WRONG_CREDENTIALS = "wrong name or password"
 class SignInPolicy:
     """``max_failures`` failed attempts per ``window`` for one name, and ``max_failures_per_client``
     from one client address, after which sign-in waits until the oldest failure leaves the window.
-    A session lasts ``session_lifetime`` from sign-in."""
+    ``max_sign_ups_per_client`` sign-up attempts (whatever their outcome) from one client address
+    per ``window``, after which sign-up waits the same way. A session lasts ``session_lifetime``
+    from sign-in."""
 
     max_failures: int = 5
     max_failures_per_client: int = 20
+    max_sign_ups_per_client: int = 5
     window: timedelta = timedelta(minutes=15)
     session_lifetime: timedelta = timedelta(days=14)
 
     def __post_init__(self) -> None:
-        if self.max_failures < 1 or self.max_failures_per_client < 1:
+        if min(self.max_failures, self.max_failures_per_client,
+               self.max_sign_ups_per_client) < 1:
             raise ValueError("at least one attempt must be allowed")
         if self.window <= timedelta(0) or self.session_lifetime <= timedelta(0):
             raise ValueError("the window and the session lifetime must be positive")

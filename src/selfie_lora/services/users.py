@@ -4,7 +4,8 @@ revoked and rotated), a password for the browser, and the browser's sessions.
 Signing in answers the same for an unknown name and a wrong password (and spends the same
 time: an unknown name is checked against a dummy hash). Failed attempts are stored, per name and
 per client address, so every API server counts the same ones; too many in the window make the
-next attempt wait (``domain.accounts``)."""
+next attempt wait (``domain.accounts``). Sign-up attempts are stored the same way, every one of
+them, per client address."""
 
 from __future__ import annotations
 
@@ -61,6 +62,13 @@ def hash_api_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _rate_limited(what: str, wait: timedelta) -> RateLimitedError:
+    seconds = int(wait.total_seconds() + 0.999)
+    minutes = max(1, (seconds + 59) // 60)
+    return RateLimitedError(f"{what}: try again in {minutes} minute{'s' if minutes > 1 else ''}",
+                            retry_after=seconds)
+
+
 def hash_session_token(token: str) -> str:
     # Like API keys: a 256-bit random token needs no slow hash.
     return hashlib.sha256(token.encode()).hexdigest()
@@ -96,9 +104,11 @@ class UserService:
             raise InvalidInputError(
                 "a user name is 1-100 letters, digits, '_', '.', '@' or '-'",
                 code=ErrorCode.INVALID_NAME)
-        password_hash = self._password_hash(password, name=name) if password is not None else None
+        # The name before the password: a taken name is one cheap query, and hashing first cost
+        # every such attempt a full Argon2 hash (its time and memory) for nothing.
         if self._repo.get_user_by_name(name) is not None:
             raise ConflictError(f"the user {name!r} already exists", code=ErrorCode.USER_EXISTS)
+        password_hash = self._password_hash(password, name=name) if password is not None else None
         user = User(id=new_id(), name=name, created_at=self._clock())
         key, secret = self._new_key(user, "default")
         with self._repo.atomic() as tx:
@@ -122,7 +132,7 @@ class UserService:
         if not self.signup_enabled:
             raise ForbiddenError("sign-up is closed on this service: ask its operator for an "
                                  "account", code=ErrorCode.SIGNUP_CLOSED)
-        self._throttle(self._repo, name=name, client=client)
+        self._reserve_sign_up(client=client)
         user, _key = self.create(name=name, password=password)
         return self._open_session(user)
 
@@ -202,6 +212,24 @@ class UserService:
             self._throttle(tx, name=name, client=client, now=now)
             return tx.add_sign_in_failure(keys, at=now)
 
+    def _reserve_sign_up(self, *, client: str) -> None:
+        """Count this sign-up attempt under the client's address, in one transaction with the
+        count that lets it go ahead (or ``RateLimitedError``), as ``_reserve_attempt`` does.
+
+        Every attempt stays counted, an account made as much as a name taken or a password
+        refused: each made account is a new one for the same client, and each refused one
+        tells it whether a name is taken (the unlimited form was a way to list the users)."""
+        key = f"signup:{client[:150]}"
+        with self._repo.atomic() as tx:
+            tx.lock_sign_in_keys([key])
+            now = self._clock()
+            wait = wait_before_next_attempt(
+                tx.sign_in_failures(key, since=now - self._policy.window),
+                limit=self._policy.max_sign_ups_per_client, window=self._policy.window, now=now)
+            if wait is not None:
+                raise _rate_limited("too many sign-ups from your address", wait)
+            tx.add_sign_in_failure([key], at=now)
+
     def _throttle(self, repo: Repository, *, name: str, client: str,
                   now: datetime | None = None) -> None:
         now = now or self._clock()
@@ -217,11 +245,7 @@ class UserService:
         ]
         longest = max((w for w in waits if w is not None), default=None)
         if longest is not None:
-            seconds = int(longest.total_seconds() + 0.999)
-            minutes = max(1, (seconds + 59) // 60)
-            raise RateLimitedError(
-                f"too many failed sign-ins: try again in {minutes} minute"
-                f"{'s' if minutes > 1 else ''}", retry_after=seconds)
+            raise _rate_limited("too many failed sign-ins", longest)
 
     @staticmethod
     def _throttle_keys(name: str, client: str) -> tuple[str, str]:

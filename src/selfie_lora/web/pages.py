@@ -150,8 +150,11 @@ async def signup(request: Request, name: FormStr, password: FormStr, password_ag
         signed = await in_thread(lambda: web.services.users.sign_up(
             name=name, password=password, client=_client(request)))
     except (InvalidInputError, ConflictError, RateLimitedError) as exc:
-        return _signin_form(request, "signup.html", status_code=exc.http_status, name=name,
-                            message=exc.message)
+        failed = _signin_form(request, "signup.html", status_code=exc.http_status, name=name,
+                              message=exc.message)
+        if isinstance(exc, RateLimitedError):
+            failed.headers["Retry-After"] = str(exc.retry_after)
+        return failed
     response = _see("/photos")
     web.set_session_cookie(response, request, signed.token)
     return response
