@@ -204,6 +204,29 @@ def test_sign_out_ends_the_session(ann: TestClient) -> None:
     assert ann.get("/photos", follow_redirects=False).status_code == 303
 
 
+@pytest.mark.parametrize(("path", "page"), [
+    ("/train/start", "/train"), ("/train/cancel", "/train"), ("/versions/v1/activate", "/versions"),
+    ("/generate", "/generate"), ("/model/scale", "/generate"), ("/model/trainer-version", "/model"),
+    ("/settings/keys", "/settings"), ("/settings/keys/k1/revoke", "/settings"),
+    ("/signout", None),  # (the upload is the guard's: it answers its script 401)
+])
+def test_a_form_posted_after_its_session_ended_leads_back_to_its_page(
+        web_settings: Settings, svc: Services, path: str, page: str | None) -> None:
+    """POST /train/start with an ended session led to /signin?next=/train/start, and after
+    signing in the browser was sent to GET /train/start: a 405 page (found in review)."""
+    with browser(web_settings, svc) as client:
+        client.cookies.set("sl_session", "an ended session")
+        r = client.post(path, data={"csrf_token": "any"}, follow_redirects=False)
+        assert r.status_code == 303
+        assert r.headers["location"] == (f"/signin?next={page}" if page else "/signin")
+        r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                         "form_token": form_token(client),
+                                         **({"next": page} if page else {})},
+                        follow_redirects=False)
+        assert r.headers["location"] == (page or "/photos")
+        assert client.get(r.headers["location"], follow_redirects=False).status_code == 200
+
+
 def test_htmx_is_told_to_load_the_sign_in_page_once_the_session_ends(ann: TestClient) -> None:
     # The training status htmx polls answered a 303 to the sign-in page, which htmx follows
     # and would put inside the status section (found in review).

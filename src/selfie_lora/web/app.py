@@ -49,9 +49,36 @@ class Viewer:
 
 
 class SignInRequired(Exception):  # noqa: N818 - a redirect, not an error a user sees
-    def __init__(self, next_path: str) -> None:
+    """``next_path``: where to go after signing in (None: the default page)."""
+
+    def __init__(self, next_path: str | None) -> None:
         super().__init__(next_path)
         self.next_path = next_path
+
+
+# The page each form is on, by the path it posts to (the first that starts it). A form posted
+# after its session ended must not lead back to its own path once the user signs in again: the
+# browser then GETs it, and a form's path answers only POST (a 405 page).
+FORM_PAGES = (
+    ("/model/scale", "/generate"),  # the LoRA scale slider is on the generate page
+    ("/model/", "/model"),
+    ("/train/", "/train"),
+    ("/versions/", "/versions"),
+    ("/generate", "/generate"),
+    ("/settings/", "/settings"),
+    ("/photos/", "/photos"),
+)
+
+
+def after_sign_in(method: str, path: str, query: str) -> str | None:
+    """Where a request that found no session goes once the user has signed in: the page
+    itself for a GET (or HEAD), the page its form is on for anything else, and nowhere in
+    particular (None) for signing out, which is done."""
+    if method in ("GET", "HEAD"):
+        return path + (f"?{query}" if query else "")
+    if path == "/signout":
+        return None
+    return next((page for prefix, page in FORM_PAGES if path.startswith(prefix)), "/photos")
 
 
 class Web:
@@ -74,8 +101,8 @@ class Web:
         try:
             user, session = self.services.users.session(token=token)
         except AuthError:
-            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            raise SignInRequired(target) from None
+            raise SignInRequired(after_sign_in(request.method, request.url.path,
+                                               request.url.query)) from None
         return Viewer(user=user, session=session)
 
     def cookie_user(self, cookie_header: str | None) -> User:
@@ -160,11 +187,11 @@ class SecurityHeaders:
         await self._app(scope, receive, send_with_headers)
 
 
-def _signin_url(next_path: str) -> str:
+def _signin_url(next_path: str | None) -> str:
     # The whole path and query is one value of "next": its "?", "&" and "=" are encoded, or
     # the sign-in page would read /versions?a=1&b=2 as next=/versions?a=1 and b=2. Where it
     # may lead is checked when it is used (pages._local_target).
-    return f"/signin?next={quote(next_path, safe='/')}"
+    return f"/signin?next={quote(next_path, safe='/')}" if next_path else "/signin"
 
 
 def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
