@@ -320,6 +320,27 @@ def test_sign_up_is_rate_limited_per_client(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- the journey
 
 
+def test_an_unexpected_error_s_page_has_every_page_s_security_headers(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 500 page is sent by Starlette's outermost middleware, around SecurityHeaders: it
+    came without the CSP, X-Frame-Options and nosniff (found in review)."""
+    names = ("content-security-policy", "x-frame-options", "x-content-type-options",
+             "referrer-policy")
+    normal = ann.get("/settings")
+    assert normal.status_code == 200
+
+    def broken(**_kwargs: object) -> None:
+        raise RuntimeError("a bug in a service a page calls")
+
+    monkeypatch.setattr(svc.users, "keys", broken)
+    failed = ann.get("/settings")
+    assert failed.status_code == 500
+    assert 'data-code="internal_error"' in failed.text
+    assert "a bug" not in failed.text
+    assert {n: failed.headers.get_list(n) for n in names} == {
+        n: normal.headers.get_list(n) for n in names}
+
+
 def test_every_page_is_served_with_a_policy_that_forbids_inline_scripts(ann: TestClient) -> None:
     for path in ("/photos", "/train", "/versions", "/generate", "/model", "/settings",
                  "/signin", "/no-such-page"):

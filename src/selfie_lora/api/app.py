@@ -28,7 +28,13 @@ from selfie_lora.api.guard import Guard, Limits
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.config import Settings
 from selfie_lora.errors import ErrorCode, RateLimitedError, SelfieLoraError
-from selfie_lora.web.app import SignInRequired, is_page, mount_web, page_error_response
+from selfie_lora.web.app import (
+    SignInRequired,
+    is_page,
+    mount_web,
+    page_error_response,
+    unexpected_page_error,
+)
 from selfie_lora.wiring import Services, build_services
 
 logger = logging.getLogger(__name__)
@@ -172,7 +178,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         if is_page(request.url.path):
-            return await in_thread(lambda: page_error_response(web, request, exc))
+            return await in_thread(lambda: unexpected_page_error(web, request, exc))
         logger.exception("unexpected error", exc_info=exc)
         svc.operations.record_error(code=ErrorCode.INTERNAL_ERROR)
         return _error(500, ErrorCode.INTERNAL_ERROR,

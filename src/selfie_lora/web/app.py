@@ -31,6 +31,13 @@ WEB_ROOT = Path(str(files("selfie_lora.web")))
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; "
        "object-src 'none'")
+# What every page is sent with (SecurityHeaders), its error pages included.
+SECURITY_HEADERS = (
+    ("content-security-policy", CSP),
+    ("x-content-type-options", "nosniff"),
+    ("referrer-policy", "same-origin"),
+    ("x-frame-options", "DENY"),
+)
 # Paths the web app answers (everything else is the API, the docs or health).
 API_PREFIXES = ("/api/", "/docs", "/redoc", "/openapi.json", "/healthz", "/readyz", "/metrics",
                 "/static-offline-docs")
@@ -175,16 +182,21 @@ class SecurityHeaders:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [
-                    (b"content-security-policy", CSP.encode()),
-                    (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"same-origin"),
-                    (b"x-frame-options", b"DENY"),
-                ]
+                headers += [(name.encode(), value.encode()) for name, value in SECURITY_HEADERS]
                 message = {**message, "headers": headers}
             await send(message)
 
         await self._app(scope, receive, send_with_headers)
+
+
+def unexpected_page_error(web: Web, request: Request, exc: Exception) -> Response:
+    """The error page of an unexpected exception. Its response is sent by Starlette's
+    ServerErrorMiddleware, the outermost of all, so SecurityHeaders never sees it: the headers
+    are set here (the page was framable, and sniffable, without a CSP)."""
+    response = page_error_response(web, request, exc)
+    for name, value in SECURITY_HEADERS:
+        response.headers[name] = value
+    return response
 
 
 def _signin_url(next_path: str | None) -> str:
