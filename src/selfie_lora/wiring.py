@@ -340,8 +340,10 @@ def build_services(
                                  if settings.download_urls else None)),
         generation=generation,
         likeness=likeness,
-        operations=OperationsService(repo=repo, queue=queue, blobs=blobs, telemetry=telemetry,
-                                     deployment=deployment),
+        operations=OperationsService(
+            repo=repo, queue=queue, blobs=blobs, telemetry=telemetry, deployment=deployment,
+            metrics_token=(settings.metrics_token.get_secret_value()
+                           if settings.metrics_token is not None else None)),
         telemetry=telemetry,
         gc=GarbageCollector(repo=repo, blobs=blobs, work_dir=settings.work_dir,
                             policy=settings.gc_policy, interval=settings.gc_interval,

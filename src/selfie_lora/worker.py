@@ -292,7 +292,9 @@ class _OperatorHandler(BaseHTTPRequestHandler):
             self._answer(200, b'{"status": "ok"}', "application/json")
         elif path == "/readyz":
             readiness = self.operations.readiness()
-            self._answer(readiness.http_status, json.dumps(readiness.as_json()).encode(),
+            detailed = self.operations.is_operator(authorization=self.headers.get("Authorization"))
+            self._answer(readiness.http_status,
+                         json.dumps(readiness.as_json(detailed=detailed)).encode(),
                          "application/json")
         else:
             self._answer(404, b'{"error": "not found"}', "application/json")

@@ -1,11 +1,13 @@
 """What an operator watches: /healthz (alive), /readyz (database, queue and storage answer),
-/metrics (Prometheus text), the worker's own /metrics, and JSON log lines."""
+/metrics (Prometheus text), the worker's own /metrics, and JSON log lines. Why a check failed is
+told only to a caller sending the metrics token."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from selfie_lora.worker import serve_operator_endpoints
 from tests.conftest import auth, make_settings, serving, wait_terminal
 from tests.integration.test_api import upload
 from tests.support.s3 import S3Server
+
+TOKEN = "t" * 32
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -114,16 +118,59 @@ def test_ready_when_every_dependency_answers(client: TestClient) -> None:
 
 def test_storage_that_does_not_answer_is_not_ready_but_alive(
         s3_server: S3Server, tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, **s3_server.settings("s3://no-such-bucket-here/x"))
+    settings = make_settings(tmp_path, metrics_token=TOKEN,
+                             **s3_server.settings("s3://no-such-bucket-here/x"))
     with serving(settings) as (client, _svc):
         answer = client.get("/readyz")
         assert answer.status_code == 503
-        body = answer.json()
-        assert body["status"] == "not ready"
-        assert body["checks"]["database"] == "ok"
-        assert body["checks"]["queue"] == "ok"
-        assert "object storage could not list" in body["checks"]["storage"]
+        assert answer.json() == {"status": "not ready", "checks": {
+            "database": "ok", "queue": "ok", "storage": "unavailable"}}
+        operator = client.get("/readyz", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert operator.status_code == 503
+        assert "object storage could not list" in operator.json()["checks"]["storage"]
         assert client.get("/healthz").status_code == 200  # alive: no restart would help
+
+
+def test_readyz_tells_why_a_check_failed_only_to_the_operator(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """/readyz needs no sign-in, and answered the error's own words: the blob folder's absolute
+    path, a database's host (found in review). Anyone gets each check's name and "ok" or
+    "unavailable"; why is logged, and told to a caller sending the metrics token."""
+    settings = make_settings(tmp_path, metrics_token=TOKEN)
+    with serving(settings) as (client, svc):
+        shutil.rmtree(settings.blob_dir)  # e.g. a volume that is not mounted
+        public = {"status": "not ready", "checks": {"database": "ok", "queue": "ok",
+                                                     "storage": "unavailable"}}
+        worker = serve_operator_endpoints(svc.operations, host="127.0.0.1", port=0)
+        try:
+            worker_url = f"http://127.0.0.1:{worker.server_address[1]}/readyz"
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+                for answer in (client.get("/readyz", headers=headers),
+                               httpx.get(worker_url, headers=headers, timeout=10)):
+                    assert answer.status_code == 503
+                    assert answer.json() == public
+                    assert str(tmp_path) not in answer.text
+            for answer in (client.get("/readyz", headers={"Authorization": f"Bearer {TOKEN}"}),
+                           httpx.get(worker_url, headers={"Authorization": f"Bearer {TOKEN}"},
+                                     timeout=10)):
+                assert answer.status_code == 503
+                storage = answer.json()["checks"]["storage"]
+                assert str(settings.blob_dir.resolve()) in storage
+                assert "not writable" in storage
+        finally:
+            worker.shutdown()
+            worker.server_close()
+    assert str(settings.blob_dir.resolve()) in caplog.text  # the log has it
+
+
+def test_without_a_metrics_token_nobody_is_told_why(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    with serving(settings) as (client, _svc):
+        shutil.rmtree(settings.blob_dir)
+        for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer None"}):
+            answer = client.get("/readyz", headers=headers)
+            assert answer.status_code == 503
+            assert answer.json()["checks"]["storage"] == "unavailable"
 
 
 def test_a_database_that_does_not_answer_is_not_ready(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ mounted on the same app and the same services; errors on a page path answer an H
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -96,20 +95,21 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["service"], responses={503: {"description": "not ready"}})
-    def readyz() -> JSONResponse:
+    def readyz(request: Request) -> JSONResponse:
         """Readiness: 200 when the database, the queue and the storage answer, 503 otherwise
-        (each check's answer in ``checks``)."""
+        (each check "ok" or "unavailable" in ``checks``; why, in the log, and here to a caller
+        sending the metrics token when one is set)."""
         readiness = svc.operations.readiness()
-        return JSONResponse(status_code=readiness.http_status, content=readiness.as_json())
+        detailed = svc.operations.is_operator(authorization=request.headers.get("authorization"))
+        return JSONResponse(status_code=readiness.http_status,
+                            content=readiness.as_json(detailed=detailed))
 
     @app.get("/metrics", tags=["service"], response_class=Response,
              responses={401: {"description": "SELFIE_LORA_METRICS_TOKEN is set and not sent"}})
     def metrics(request: Request) -> Response:
         """The operator's figures in the Prometheus text format."""
-        token = svc.settings.metrics_token
-        if token is not None and not hmac.compare_digest(
-                request.headers.get("authorization", "").encode(),
-                f"Bearer {token.get_secret_value()}".encode()):
+        if svc.settings.metrics_token is not None and not svc.operations.is_operator(
+                authorization=request.headers.get("authorization")):
             return _error(401, ErrorCode.UNAUTHORIZED, "send the metrics token as a bearer token",
                           headers={"WWW-Authenticate": "Bearer"})
         body, content_type = svc.operations.metrics()

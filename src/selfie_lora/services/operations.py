@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from dataclasses import dataclass
 
@@ -10,6 +11,11 @@ from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.ports import BlobStore, Repository, Telemetry, WorkQueue
 
 logger = logging.getLogger(__name__)
+
+
+# What /readyz says of a check that failed, to anyone: why it failed (an error's own words) may
+# name the storage's absolute path, a database host or a bucket, and /readyz needs no sign-in.
+UNAVAILABLE = "unavailable"
 
 
 @dataclass(frozen=True)
@@ -26,15 +32,21 @@ class Readiness:
     def http_status(self) -> int:
         return 200 if self.ready else 503
 
-    def as_json(self) -> dict[str, object]:
-        """The answer of ``/readyz`` (the API's and a worker's alike)."""
-        return {"status": "ready" if self.ready else "not ready", "checks": self.checks}
+    def as_json(self, *, detailed: bool = False) -> dict[str, object]:
+        """The answer of ``/readyz`` (the API's and a worker's alike): each check "ok" or
+        ``UNAVAILABLE``, or with ``detailed`` (the operator's) why it failed."""
+        checks = (self.checks if detailed else
+                  {name: "ok" if answer == "ok" else UNAVAILABLE
+                   for name, answer in self.checks.items()})
+        return {"status": "ready" if self.ready else "not ready", "checks": checks}
 
 
 class OperationsService:
     def __init__(self, *, repo: Repository, queue: WorkQueue, blobs: BlobStore,
-                 telemetry: Telemetry, deployment: DeploymentBinding | None = None) -> None:
+                 telemetry: Telemetry, deployment: DeploymentBinding | None = None,
+                 metrics_token: str | None = None) -> None:
         self._repo = repo
+        self._metrics_token = metrics_token
         self._queue = queue
         self._blobs = blobs
         self._telemetry = telemetry
@@ -65,6 +77,14 @@ class OperationsService:
             return None
         self._decided = (deployment_id,)
         return deployment_id
+
+    def is_operator(self, *, authorization: str | None) -> bool:
+        """Whether a request's ``Authorization`` header carries SELFIE_LORA_METRICS_TOKEN as a
+        bearer token; never when no token is set (then nothing tells the operator apart)."""
+        if self._metrics_token is None:
+            return False
+        return hmac.compare_digest((authorization or "").encode(),
+                                   f"Bearer {self._metrics_token}".encode())
 
     def readiness(self) -> Readiness:
         """The database, the queue and the storage, each asked once (``GET /readyz``)."""
