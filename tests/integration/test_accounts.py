@@ -17,6 +17,7 @@ from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.domain.accounts import WRONG_CREDENTIALS, SignInPolicy
+from selfie_lora.domain.entities import User
 from selfie_lora.errors import (
     AuthError,
     ConfigError,
@@ -80,6 +81,50 @@ def test_a_user_name_with_anything_around_it_is_refused(repo: SqlRepository, clo
         svc.create(name=name)
     assert refused.value.code is ErrorCode.INVALID_NAME
     assert repo.get_user_by_name(name) is None
+
+
+def test_names_that_differ_only_in_case_are_one_account(repo: SqlRepository,
+                                                       clock: Clock) -> None:
+    """'Ann' and 'ANN' were accounts beside 'ann' (found in review), while the sign-in limit
+    already counted them as one name. Now they are one: refused as new, and any case signs in."""
+    svc = users(repo, clock)
+    ann, _key = svc.create(name="ann", password=PASSWORD)
+    for name in ("Ann", "ANN", "aNn"):
+        with pytest.raises(ConflictError) as taken:
+            svc.create(name=name, password=PASSWORD)
+        assert taken.value.code is ErrorCode.USER_EXISTS
+        assert "'ann' already exists" in taken.value.message
+        assert svc.sign_in(name=name, password=PASSWORD, client="c").user == ann
+        assert svc.get_by_name(name=name) == ann
+    # The database holds to it too (two sign-ups at once both pass the service's check).
+    with pytest.raises(ConflictError) as raced:
+        repo.add_user(User(id="u-2", name="ANN", created_at=clock.now))
+    assert raced.value.code is ErrorCode.USER_EXISTS
+
+
+@pytest.mark.parametrize("name", ["ann.", "ann-", "ann_", "ann@", "a.", "ann..", "-ann"])
+def test_a_new_name_starts_and_ends_with_a_letter_or_digit(repo: SqlRepository, clock: Clock,
+                                                           name: str) -> None:
+    """'ann.' and 'ann-' were accounts beside 'ann' that no reader tells apart from it."""
+    svc = users(repo, clock)
+    with pytest.raises(InvalidInputError) as refused:
+        svc.create(name=name, password=PASSWORD)
+    assert refused.value.code is ErrorCode.INVALID_NAME
+    assert "ends with a letter or digit" in refused.value.message
+
+
+def test_names_with_punctuation_inside_and_names_made_before_keep_working(
+        repo: SqlRepository, clock: Clock) -> None:
+    svc = users(repo, clock)
+    for name in ("a", "a.b", "ann-lee", "ann@example.org", "x_1"):
+        svc.create(name=name)
+    # An account made before names had to end in a letter or digit signs in as it did.
+    repo.add_user(User(id="u-old", name="Bob.", created_at=clock.now))
+    old = svc.get_by_name(name="bob.")
+    svc.set_password(user=old, password=PASSWORD)
+    assert svc.sign_in(name="Bob.", password=PASSWORD, client="c").user == old
+    assert svc.sign_in(name="BOB.", password=PASSWORD, client="c").user == old
+    svc.create(name="bob")  # not the same name: it was never refused, and is not now
 
 
 @pytest.mark.parametrize("name", ["laptop\n", "lap\ttop", "laptop\x7f", ""])

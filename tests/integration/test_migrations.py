@@ -17,7 +17,8 @@ from sqlalchemy import Engine, inspect, text
 from selfie_lora.adapters.db.migrate import alembic_config, at_head, upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.db.tables import Base
-from selfie_lora.domain.entities import GateStatus
+from selfie_lora.domain.entities import GateStatus, User
+from selfie_lora.errors import ConfigError, ConflictError, ErrorCode
 from selfie_lora.services.users import UserService, hash_api_key
 from tests.support.backends import DATABASES, database_url, fresh_engine
 
@@ -190,6 +191,66 @@ def test_0012_adds_the_deployment_row_empty_on_a_database_with_data(engine: Engi
     assert "deployment" not in inspect(engine).get_table_names()
     migrate(engine, "head")
     assert SqlRepository(engine).get_deployment_id() is None
+
+
+def insert_users(engine: Engine, *names: str) -> None:
+    """Users of the 0012 schema, one a second apart in the order given."""
+    with engine.begin() as conn:
+        for i, name in enumerate(names):
+            conn.execute(text("INSERT INTO users (id, name, api_key_hash, created_at) VALUES "
+                              "(:id, :name, :h, :t)"),
+                         {"id": f"u{i}", "name": name, "h": f"h{i}",
+                          "t": NOW.replace(second=i)})
+
+
+def test_0013_folds_the_names_a_database_holds_and_keeps_their_accounts(engine: Engine) -> None:
+    """Names differing only in case become one name: those already there are found by any case,
+    and a new one that folds to a taken name is refused by the database itself."""
+    migrate(engine, "0012")
+    insert_users(engine, "Ann", "bob.", "carol")
+    migrate(engine, "head")
+    repo = SqlRepository(engine)
+    assert repo.get_user_by_name("ann").id == "u0"  # type: ignore[union-attr]
+    assert repo.get_user_by_name("BOB.").id == "u1"  # type: ignore[union-attr]
+    assert repo.get_user_by_name("bob") is None  # 'bob.' is not 'bob'
+    with pytest.raises(ConflictError) as taken:
+        repo.add_user(User(id="u9", name="ANN", created_at=NOW))
+    assert taken.value.code is ErrorCode.USER_EXISTS
+    # A user written without the folded name (an older process, mid-upgrade) is still found.
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, name, api_key_hash, created_at) VALUES "
+                          "('u8', 'dave', 'h8', :t)"), {"t": NOW})
+    assert repo.get_user_by_name("dave").id == "u8"  # type: ignore[union-attr]
+    migrate(engine, "0012", down=True)
+    assert "name_folded" not in {c["name"] for c in inspect(engine).get_columns("users")}
+    migrate(engine, "head")
+    assert SqlRepository(engine).get_user_by_name("DAVE").id == "u8"  # type: ignore[union-attr]
+
+
+def test_0013_refuses_a_database_whose_names_differ_only_in_case(engine: Engine) -> None:
+    """Which of two people keeps 'ann' is the operator's call: the upgrade names the accounts,
+    says how to rename, and changes nothing."""
+    migrate(engine, "0012")
+    insert_users(engine, "ann", "Ann", "bob", "BOB", "Bob", "carol")
+    with pytest.raises(ConfigError) as refused:
+        upgrade(engine)
+    message = refused.value.message
+    assert "'ann' and 'Ann'" in message
+    assert "'bob' and 'BOB' and 'Bob'" in message
+    assert "carol" not in message
+    assert "UPDATE users SET name = 'Ann-2' WHERE name = 'Ann'" in message
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0012"
+    assert "name_folded" not in {c["name"] for c in inspect(engine).get_columns("users")}
+    # Renamed as it says, the upgrade goes through and every account is there.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE users SET name = 'Ann-2' WHERE name = 'Ann'"))
+        conn.execute(text("UPDATE users SET name = 'BOB-2' WHERE name = 'BOB'"))
+        conn.execute(text("UPDATE users SET name = 'Bob-3' WHERE name = 'Bob'"))
+    upgrade(engine)
+    repo = SqlRepository(engine)
+    assert [repo.get_user_by_name(n).id for n in ("ANN", "ann-2", "bob", "bob-2", "bob-3")] == [  # type: ignore[union-attr]
+        "u0", "u1", "u2", "u3", "u4"]
 
 
 def test_the_migrations_make_the_schema_the_tables_declare(engine: Engine) -> None:

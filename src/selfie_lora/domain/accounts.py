@@ -39,6 +39,11 @@ class SignInPolicy:
             raise ValueError("the window and the session lifetime must be positive")
 
 
+def fold_name(name: str) -> str:
+    """The form of a user name that is unique: names that differ only in case are one name."""
+    return name.casefold()
+
+
 def password_problem(password: str, *, name: str) -> str | None:
     """Why ``password`` cannot be used by user ``name``, or None when it can."""
     if len(password) < MIN_PASSWORD_LENGTH:

@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from selfie_lora.domain.accounts import (
     WRONG_CREDENTIALS,
     SignInPolicy,
+    fold_name,
     password_problem,
     session_expired,
     wait_before_next_attempt,
@@ -42,8 +43,11 @@ from selfie_lora.services.ports import PasswordHasher, Repository
 logger = logging.getLogger(__name__)
 
 # Matched whole (fullmatch): "$" also matches before a final newline, which let "alice\n" be a
-# second account beside "alice", and a key name end in a control character.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,99}")
+# second account beside "alice", and a key name end in a control character. A new name ends in a
+# letter or digit, as it starts: "ann." and "ann-" were accounts beside "ann" that a reader
+# could not tell from it (names made before keep working). Case is folded when names are
+# compared (domain.accounts.fold_name): "Ann" is "ann".
+_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.@-]{0,98}[A-Za-z0-9])?")
 _KEY_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,100}")
 PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
 # How long this process trusts an API key it found valid without asking the database again.
@@ -102,12 +106,16 @@ class UserService:
         with ``password``, the user can also sign in from a browser."""
         if not _NAME.fullmatch(name):
             raise InvalidInputError(
-                "a user name is 1-100 letters, digits, '_', '.', '@' or '-'",
-                code=ErrorCode.INVALID_NAME)
+                "a user name is 1-100 letters, digits, '_', '.', '@' or '-', and starts and ends "
+                "with a letter or digit", code=ErrorCode.INVALID_NAME)
         # The name before the password: a taken name is one cheap query, and hashing first cost
         # every such attempt a full Argon2 hash (its time and memory) for nothing.
-        if self._repo.get_user_by_name(name) is not None:
-            raise ConflictError(f"the user {name!r} already exists", code=ErrorCode.USER_EXISTS)
+        existing = self._repo.get_user_by_name(name)  # whatever its case
+        if existing is not None:
+            raise ConflictError(f"the user {existing.name!r} already exists"
+                                + (" (names are the same whatever their case)"
+                                   if existing.name != name else ""),
+                                code=ErrorCode.USER_EXISTS)
         password_hash = self._password_hash(password, name=name) if password is not None else None
         user = User(id=new_id(), name=name, created_at=self._clock())
         key, secret = self._new_key(user, "default")
@@ -249,7 +257,7 @@ class UserService:
 
     @staticmethod
     def _throttle_keys(name: str, client: str) -> tuple[str, str]:
-        return f"name:{name.casefold()[:150]}", f"client:{client[:150]}"
+        return f"name:{fold_name(name)[:150]}", f"client:{client[:150]}"
 
     def _password_hash(self, password: str, *, name: str) -> str:
         problem = password_problem(password, name=name)

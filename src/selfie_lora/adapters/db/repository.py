@@ -12,12 +12,14 @@ from typing import Any
 
 from sqlalchemy import (
     Engine,
+    and_,
     bindparam,
     create_engine,
     delete,
     event,
     exists,
     func,
+    or_,
     select,
     text,
     update,
@@ -50,6 +52,7 @@ from selfie_lora.adapters.db.tables import (
     WebhookDeliveryRow,
     WebSessionRow,
 )
+from selfie_lora.domain.accounts import fold_name
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
     ApiKey,
@@ -411,6 +414,11 @@ class SqlRepository:
             yield
         except IntegrityError as exc:
             msg = str(exc.orig).lower()
+            # SQLite names the column (users.name, users.name_folded), PostgreSQL the index
+            # (users_name_key, ux_users_name_folded): a name taken by a racing sign-up.
+            if "users.name" in msg or "users_name" in msg:
+                raise ConflictError("that user name is taken",
+                                    code=ErrorCode.USER_EXISTS) from exc
             if "one_active" in msg or "trainings.model_id" in msg or "models.user_id" in msg or (
                 "user_id" in msg and "models" in msg
             ):
@@ -441,8 +449,8 @@ class SqlRepository:
     def add_user(self, user: User) -> None:
         with self._tx() as s:
             # The legacy column must be unique and non-null (see UserRow).
-            s.add(UserRow(id=user.id, name=user.name, api_key_hash=f"unused:{user.id}",
-                          created_at=user.created_at))
+            s.add(UserRow(id=user.id, name=user.name, name_folded=fold_name(user.name),
+                          api_key_hash=f"unused:{user.id}", created_at=user.created_at))
 
     def get_user(self, user_id: str) -> User | None:
         with self._read() as s:
@@ -451,7 +459,11 @@ class SqlRepository:
 
     def get_user_by_name(self, name: str) -> User | None:
         with self._read() as s:
-            row = s.scalars(select(UserRow).where(UserRow.name == name)).first()
+            # By the folded name; by the exact one only for a user written without it (an
+            # older process during a rolling upgrade, see 0013).
+            row = s.scalars(select(UserRow).where(or_(
+                UserRow.name_folded == fold_name(name),
+                and_(UserRow.name_folded.is_(None), UserRow.name == name)))).first()
             return _user(row) if row else None
 
     def get_user_by_key_hash(self, key_hash: str) -> User | None:

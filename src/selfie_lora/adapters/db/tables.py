@@ -49,6 +49,10 @@ class UserRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # An argon2 hash (it names its own parameters); None: this user signs in with API keys only.
     password_hash: Mapped[str | None] = mapped_column(String(255), nullable=True, default=None)
+    # The name case-folded (domain.accounts.fold_name), unique: "Ann" and "ann" are one name.
+    # Nullable only because SQLite could not make it NOT NULL without copying the table (0013).
+    name_folded: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    __table_args__ = (Index("ux_users_name_folded", "name_folded", unique=True),)
 
 
 class WebSessionRow(Base):
