@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -20,7 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -38,7 +38,9 @@ from selfie_lora.domain.likeness import DEFAULT_GATE_TOLERANCE, DEFAULT_PROBE_CO
 from selfie_lora.domain.recipes import (
     DEFAULT_REPLICATE_RECIPE,
     DEFAULT_REPLICATE_TRAINER_VERSION,
+    RepinPolicy,
     default_local_trainer_version,
+    validate_replicate_model,
     validate_trainer_version,
 )
 from selfie_lora.errors import InvalidInputError
@@ -108,6 +110,10 @@ class Settings(BaseSettings):
     replicate_poll_interval: float = Field(default=5.0, gt=0)
     replicate_max_retries: int = Field(default=5, ge=0)
     replicate_hardware: str = "cpu"
+    # Replicate models (owner/name, comma-separated) whose versions a user may re-pin their model
+    # to, besides the configured default trainer's: a trainer runs on this account and bills it.
+    # NoDecode: the environment gives "a/b,c/d", not the JSON list pydantic-settings expects.
+    allowed_trainers: Annotated[tuple[str, ...], NoDecode] = ()
     public_url: str | None = None
     webhook_secret: SecretStr | None = None
 
@@ -252,6 +258,25 @@ class Settings(BaseSettings):
                                  "https://host[:port][/path]")
         return value
 
+    @field_validator("allowed_trainers", mode="before")
+    @classmethod
+    def _allowed_trainers_are_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list | tuple):
+            return value  # pydantic says what is wrong with it
+        models = []
+        for item in value:
+            if not isinstance(item, str):
+                return value
+            if not item.strip():
+                continue  # "a/b," or an empty variable: nothing more allowed
+            try:
+                models.append(validate_replicate_model(item))
+            except InvalidInputError as exc:
+                raise ValueError(f"{exc.message} (a comma-separated list of owner/name)") from None
+        return tuple(models)
+
     @field_validator("secret_key")
     @classmethod
     def _secret_key_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
@@ -355,6 +380,15 @@ class Settings(BaseSettings):
         if self.trainer == "replicate":
             return DEFAULT_REPLICATE_TRAINER_VERSION
         return default_local_trainer_version(self.base_model)
+
+    @property
+    def repin_policy(self) -> RepinPolicy:
+        """Which trainer versions a user may re-pin to: versions of the configured Replicate
+        trainer model (the built-in default's when this service trains locally) and of
+        ALLOWED_TRAINERS."""
+        default = (self.effective_trainer_version if self.trainer == "replicate"
+                   else DEFAULT_REPLICATE_TRAINER_VERSION)
+        return RepinPolicy.of(default_trainer_version=default, allowed=self.allowed_trainers)
 
     @property
     def destination_owner(self) -> str:

@@ -9,7 +9,8 @@ entry points never see them.
     ├── NotFoundError               no such object for this user (HTTP 404)
     ├── AuthError                   no key or a wrong key, a wrong password, no session (HTTP 401)
     ├── ForbiddenError              signed in, but not allowed: sign-up closed, a form without
-    │                               its CSRF token (HTTP 403)
+    │                               its CSRF token, a re-pin to a trainer the operator has not
+    │                               allowed (HTTP 403)
     ├── RateLimitedError            too many failed sign-ins; ``retry_after`` seconds (HTTP 429)
     ├── ConflictError               the request clashes with the state (HTTP 409): a training is
     │                               queued or running, an upload is starting one, the user exists,
@@ -59,6 +60,7 @@ class ErrorCode(enum.StrEnum):
     FORBIDDEN = "forbidden"
     SIGNUP_CLOSED = "signup_closed"
     CSRF_REJECTED = "csrf_rejected"
+    TRAINER_NOT_ALLOWED = "trainer_not_allowed"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
     # 409: each conflict its own
     TRAINING_IN_PROGRESS = "training_in_progress"

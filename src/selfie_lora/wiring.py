@@ -336,6 +336,7 @@ def build_services(
         training=training,
         models=ModelService(
             repo=repo, blobs=blobs, converter=FluxLoraConverter(),
+            repin_policy=settings.repin_policy,
             download_url_expiry=(timedelta(seconds=settings.download_url_seconds)
                                  if settings.download_urls else None)),
         generation=generation,

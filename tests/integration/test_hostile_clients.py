@@ -176,6 +176,49 @@ def test_a_valid_repin_with_a_reason_is_applied_and_logged(
     assert changed[-1]["data"]["reason"] == "moving to FLUX.1"
 
 
+REPLICATE_HASH = "ab" * 32
+
+
+@pytest.mark.parametrize("allowed", [(), ("acme/better-trainer",)])
+def test_a_repin_to_a_replicate_model_the_operator_did_not_choose_is_refused(
+        tmp_path: Path, allowed: tuple[str, ...]) -> None:
+    # Any owner/name:<64 hex> was taken: a user re-pinned their model to a model of their own
+    # choosing, which every later training ran on (and billed to) the operator's account.
+    settings = make_settings(tmp_path, trainer="replicate", replicate_api_token="r8_dummy",
+                             replicate_owner="operator", allowed_trainers=allowed)
+    with serving(settings) as (client, services):
+        h = auth(services, "ann")
+        made = client.post(  # a photo large enough for Replicate's 1024 px; makes the model
+            "/api/training/upload-zip", headers=h, data={"start": "false"},
+            files={"file": ("photos.zip", photo_zip(4, size=1100), "application/zip")})
+        assert made.status_code == 202, made.text
+        pinned = client.get("/api/model", headers=h).json()["trainer_version"]
+        r = client.patch("/api/model", headers=h, json={
+            "trainer_version": f"attacker/anything-expensive:{REPLICATE_HASH}",
+            "reason": "because", "lora_scale": 0.5})
+        assert r.status_code == 403, r.text
+        error = r.json()["error"]
+        assert error["code"] == "trainer_not_allowed"
+        assert "ostris/flux-dev-lora-trainer" in error["message"]
+        assert error["details"] == []
+        after = client.get("/api/model", headers=h).json()
+        assert (after["trainer_version"], after["lora_scale"]) == (pinned, 1.0)  # nothing changed
+        events = client.get("/api/model/log", headers=h).json()["events"]
+        assert not [e for e in events if e["kind"] == "trainer_version_changed"]
+
+        # A newer version of the configured trainer, or one of the operator's list, is a move.
+        targets = [f"ostris/flux-dev-lora-trainer:{REPLICATE_HASH}"]
+        targets += [f"{model}:{'cd' * 32}" for model in allowed]
+        for target in targets:
+            r = client.patch("/api/model", headers=h,
+                             json={"trainer_version": target, "reason": "newer trainer"})
+            assert r.status_code == 200, r.text
+            assert r.json()["trainer_version"] == target
+        r = client.patch("/api/model", headers=h, json={
+            "trainer_version": f"acme/better-trainer:{'cd' * 32}", "reason": "r"})
+        assert r.status_code == (200 if allowed else 403), r.text
+
+
 class SlowAnalyzer(FakeFaceAnalyzer):
     """Every photo takes a while to analyse, so concurrent uploads overlap for real."""
 

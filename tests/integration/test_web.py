@@ -505,6 +505,42 @@ def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Servic
     assert ann.get(images[0]).headers["content-type"] == "image/png"
 
 
+def test_the_trainer_version_form_refuses_a_replicate_model_the_operator_did_not_choose(
+        tmp_path: Path) -> None:
+    # The form took any owner/name:<64 hex>: a model of the user's choosing then ran every
+    # later training on the operator's Replicate account.
+    settings = make_settings(tmp_path, trainer="replicate", replicate_api_token="r8_dummy",
+                             replicate_owner="operator")
+    services = build_services(settings, trainers={"local": FakeTrainer()},
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+    services.users.create(name="ann", password=PASSWORD)
+    try:
+        with browser(settings, services) as client:
+            sign_in(client, "ann")
+            photos = [("files", (f"p{i}.jpg", synthetic_photo(i, size=1100), "image/jpeg"))
+                      for i in range(4)]  # large enough for Replicate's 1024 px
+            made = client.post("/photos/upload", files=photos,
+                               headers={"X-CSRF-Token": csrf(client)})
+            assert made.status_code == 200, made.text
+            pinned = services.models.get(user=services.users.get_by_name(name="ann")).trainer_version
+            r = client.post("/model/trainer-version", follow_redirects=False, data={
+                "csrf_token": csrf(client), "reason": "because",
+                "trainer_version": "attacker/anything-expensive:" + "ab" * 32})
+            assert r.status_code == 403
+            assert 'data-code="trainer_not_allowed"' in r.text
+            assert "Not allowed" in r.text
+            assert "ostris/flux-dev-lora-trainer" in html.unescape(r.text)
+            assert f"<code>{pinned}</code>" in client.get("/model").text  # unchanged
+            newer = "ostris/flux-dev-lora-trainer:" + "ab" * 32
+            r = client.post("/model/trainer-version", follow_redirects=False, data={
+                "csrf_token": csrf(client), "reason": "newer", "trainer_version": newer})
+            assert r.status_code == 303, r.text
+            assert f"<code>{newer}</code>" in client.get("/model").text
+    finally:
+        services.close()
+
+
 def test_the_scale_slider_shows_every_scale_the_model_allows(ann: TestClient,
                                                            svc: Services) -> None:
     # The slider spanned 0..2 in steps of 0.05 while -1..3 is allowed: a stored 2.5 showed as

@@ -1,13 +1,20 @@
 """SELFIE_LORA_TRAINER_VERSION is pinned on every new model at its first training, for good: a
 value its backend's trainer would refuse is a settings error when the settings are built (the same
-check as a re-pin's), never a pin that fails every training of the model."""
+check as a re-pin's), never a pin that fails every training of the model. A user's re-pin is held
+to the Replicate trainers the operator chose (that setting's model, SELFIE_LORA_ALLOWED_TRAINERS)."""
 
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
-from selfie_lora.config import Settings
-from selfie_lora.domain.recipes import DEFAULT_REPLICATE_TRAINER_VERSION, validate_trainer_version
+from selfie_lora.config import Settings, settings_errors
+from selfie_lora.domain.recipes import (
+    DEFAULT_REPLICATE_TRAINER_VERSION,
+    RepinPolicy,
+    validate_trainer_version,
+)
+from selfie_lora.errors import ErrorCode, ForbiddenError, InvalidInputError
 
 HASH = "a" * 64
 
@@ -76,3 +83,64 @@ def test_the_replicate_trainer_needs_an_owner_for_its_destinations(
     monkeypatch.setenv("SELFIE_LORA_TRAINER", "local")
     monkeypatch.delenv("SELFIE_LORA_REPLICATE_OWNER")
     assert Settings().destination_owner == "local"
+
+
+OSTRIS = "ostris/flux-dev-lora-trainer"
+
+
+def test_a_repin_moves_only_to_a_version_of_a_trainer_the_operator_chose() -> None:
+    # Any owner/name:<64 hex> was accepted: a user re-pinned to a model of their own choosing,
+    # which then ran on (and billed) the operator's Replicate account.
+    policy = RepinPolicy.of(default_trainer_version=DEFAULT_REPLICATE_TRAINER_VERSION,
+                            allowed=["acme/better-trainer"])
+    newer = f"{OSTRIS}:{'b' * 64}"  # a newer version of the same trainer: the legitimate move
+    assert policy.check(backend="replicate", trainer_version=f" {newer}\n") == newer
+    assert policy.check(backend="replicate", trainer_version=f"acme/better-trainer:{HASH}") == (
+        f"acme/better-trainer:{HASH}")
+    for other in (f"attacker/anything-expensive:{HASH}", f"ostris/flux-dev-lora-trainer2:{HASH}",
+                  f"acme/better:{HASH}"):
+        with pytest.raises(ForbiddenError) as caught:
+            policy.check(backend="replicate", trainer_version=other)
+        assert caught.value.code is ErrorCode.TRAINER_NOT_ALLOWED
+        assert caught.value.http_status == 403
+        assert "acme/better-trainer, ostris/flux-dev-lora-trainer" in caught.value.message
+    # What no trainer could run is still a 422, whatever the list says.
+    with pytest.raises(InvalidInputError):
+        policy.check(backend="replicate", trainer_version="acme/better-trainer")
+
+
+@pytest.mark.parametrize("value", ["local-tiny-v1", "local-tiny-v2", "local-flux-v1",
+                                   "local-flux-v2"])
+def test_a_local_model_moves_to_any_local_recipe(value: str) -> None:
+    # A local trainer version names a recipe of this code base, run on the operator's machine.
+    assert RepinPolicy().check(backend="local", trainer_version=value) == value
+    with pytest.raises(InvalidInputError):
+        RepinPolicy().check(backend="local", trainer_version=f"{OSTRIS}:{HASH}")
+
+
+def test_allowed_trainers_is_a_comma_separated_list_of_models(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SELFIE_LORA_TRAINER", "replicate")
+    monkeypatch.setenv("SELFIE_LORA_REPLICATE_OWNER", "acme")
+    assert Settings().allowed_trainers == ()
+    assert Settings().repin_policy.replicate_models == {OSTRIS}
+    monkeypatch.setenv("SELFIE_LORA_ALLOWED_TRAINERS", " acme/one, acme/two ,")
+    assert Settings().allowed_trainers == ("acme/one", "acme/two")
+    assert Settings().repin_policy.replicate_models == {OSTRIS, "acme/one", "acme/two"}
+    # The configured trainer's model is the default's; the built-in one is no longer allowed.
+    monkeypatch.setenv("SELFIE_LORA_TRAINER_VERSION", f"acme/own-trainer:{HASH}")
+    assert Settings().repin_policy.replicate_models == {"acme/own-trainer", "acme/one",
+                                                        "acme/two"}
+
+
+@pytest.mark.parametrize("value", [f"{OSTRIS}:{HASH}", "ostris", "Ostris/Flux", "a/b/c"])
+def test_an_allowed_trainer_that_is_no_model_is_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch, value: str,
+) -> None:
+    monkeypatch.setenv("SELFIE_LORA_ALLOWED_TRAINERS", f"acme/one,{value}")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    [line] = settings_errors(caught.value)
+    assert line.startswith("SELFIE_LORA_ALLOWED_TRAINERS: ")
+    assert "owner/name" in line

@@ -31,7 +31,7 @@ async def get_model(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
     return await in_thread(lambda: model_of(svc, user))
 
 
-@router.patch("", responses=errors(404, 409, 413, 422))
+@router.patch("", responses=errors(403, 404, 409, 413, 422))
 def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, Any]:
     if body.lora_scale is None and body.trainer_version is None:
         raise InvalidInputError("nothing to change: send lora_scale or trainer_version",

@@ -79,6 +79,7 @@ class ErrorAnswer(BaseModel):
 
 _WHY = {
     401: "no API key, or not a valid one (the answer carries WWW-Authenticate: Bearer)",
+    403: "not allowed: a trainer version of a Replicate model the operator has not allowed",
     404: "no such object for this user (another user's objects are never shown)",
     408: "the request body came too slowly",
     409: "a conflict: a training is queued or running, an upload is starting one, the user "

@@ -7,13 +7,17 @@ Replicate trainer version); for Replicate the recipe supplies steps, rank and le
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import StrEnum
 
 from selfie_lora.domain.entities import Recipe
-from selfie_lora.errors import ConfigError, ErrorCode, InvalidInputError
+from selfie_lora.errors import ConfigError, ErrorCode, ForbiddenError, InvalidInputError
 
-# owner/name:<64 hex>, as Replicate names a model version.
-_REPLICATE_VERSION = re.compile(r"[a-z0-9][a-z0-9_.-]{0,99}/[a-z0-9][a-z0-9_.-]{0,99}:[0-9a-f]{64}")
+# owner/name, as Replicate names a model; owner/name:<64 hex>, as it names one of its versions.
+_REPLICATE_MODEL_PATTERN = r"[a-z0-9][a-z0-9_.-]{0,99}/[a-z0-9][a-z0-9_.-]{0,99}"
+_REPLICATE_MODEL = re.compile(_REPLICATE_MODEL_PATTERN)
+_REPLICATE_VERSION = re.compile(rf"{_REPLICATE_MODEL_PATTERN}:[0-9a-f]{{64}}")
 
 # The local backend's recipe for a new model of each base model: the tiny one, or a real FLUX.1.
 # A model keeps the recipe it was first trained with (its trainer version): models made before
@@ -126,3 +130,58 @@ def validate_trainer_version(*, backend: str, trainer_version: str) -> str:
             f"{trainer_version[:100]!r} is not a Replicate trainer version: expected "
             "owner/name:<64 hex digits>", code=ErrorCode.INVALID_TRAINER_VERSION)
     return version
+
+
+def validate_replicate_model(name: str) -> str:
+    """``name`` stripped when it names a Replicate model, ``owner/name`` without a version (422
+    otherwise)."""
+    model = name.strip()
+    if not _REPLICATE_MODEL.fullmatch(model):
+        raise InvalidInputError(f"{name[:100]!r} is not a Replicate model: expected owner/name "
+                                "(lowercase, no version)", code=ErrorCode.INVALID_TRAINER_VERSION)
+    return model
+
+
+def replicate_model_of(trainer_version: str) -> str:
+    """The ``owner/name`` of a Replicate version reference ``owner/name:<version>``."""
+    return trainer_version.partition(":")[0]
+
+
+@dataclass(frozen=True)
+class RepinPolicy:
+    """Which trainer versions a user may move their model to (``ModelService
+    .change_trainer_version``).
+
+    A Replicate trainer runs on the operator's account and bills it, and the worker downloads
+    what its output names: a user may choose any version of the trainer models the operator
+    chose (the configured default's, so that moving to a newer version of the same trainer
+    stays a user's call, and those of SELFIE_LORA_ALLOWED_TRAINERS), never a model of their own
+    choosing. A local trainer version is a recipe of this code base run on the operator's own
+    machine, so every known local recipe stays open (``validate_trainer_version``).
+    """
+
+    replicate_models: frozenset[str] = frozenset(
+        {replicate_model_of(DEFAULT_REPLICATE_TRAINER_VERSION)})
+
+    @classmethod
+    def of(cls, *, default_trainer_version: str, allowed: Iterable[str] = ()) -> RepinPolicy:
+        """Versions of the model of ``default_trainer_version`` (a Replicate reference) and of
+        each ``owner/name`` in ``allowed``."""
+        return cls(replicate_models=frozenset(
+            {replicate_model_of(default_trainer_version), *allowed}))
+
+    def check(self, *, backend: str, trainer_version: str) -> str:
+        """``trainer_version`` (stripped) when a user may re-pin a model of ``backend`` to it:
+        422 when the backend could not train with it, 403 when it is a Replicate model the
+        operator has not allowed."""
+        version = validate_trainer_version(backend=backend, trainer_version=trainer_version)
+        if backend == "local":
+            return version
+        model = replicate_model_of(version)
+        if model not in self.replicate_models:
+            allowed = ", ".join(sorted(self.replicate_models))
+            raise ForbiddenError(
+                f"{model!r} is not a trainer this service runs: re-pin to a version of "
+                f"{allowed} (the operator can allow more with SELFIE_LORA_ALLOWED_TRAINERS)",
+                code=ErrorCode.TRAINER_NOT_ALLOWED)
+        return version

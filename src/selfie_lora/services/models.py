@@ -12,7 +12,7 @@ from typing import Any
 from selfie_lora.domain.entities import GateStatus, Model, User, Version
 from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.domain.plan import validate_lora_scale, with_trainer_version
-from selfie_lora.domain.recipes import validate_trainer_version
+from selfie_lora.domain.recipes import RepinPolicy
 from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, NotFoundError
@@ -75,8 +75,12 @@ class WeightsExport:
 class ModelService:
     def __init__(self, *, repo: Repository, blobs: BlobStore,
                  download_url_expiry: timedelta | None = None,
-                 converter: WeightsConverter | None = None) -> None:
+                 converter: WeightsConverter | None = None,
+                 repin_policy: RepinPolicy | None = None) -> None:
         self._repo = repo
+        # Which trainer versions a user may re-pin to (default: the built-in Replicate trainer's
+        # versions and every local recipe).
+        self._repin_policy = repin_policy or RepinPolicy()
         self._blobs = blobs
         # None: only the stored layout can be downloaded.
         self._converter = converter
@@ -138,7 +142,8 @@ class ModelService:
         return self.get(user=user)
 
     def change_trainer_version(self, *, user: User, trainer_version: str, reason: str) -> Model:
-        """The one explicit, logged way to move a model to another trainer version."""
+        """The one explicit, logged way to move a model to another trainer version: one its
+        backend can train with (422) and that the operator allows (403, ``RepinPolicy``)."""
         if not reason.strip():
             raise InvalidInputError("say why the trainer version changes (reason)",
                                     code=ErrorCode.REASON_REQUIRED)
@@ -148,7 +153,7 @@ class ModelService:
         # "nothing is running" and the new pin.
         with self._repo.atomic() as tx:
             model = _users_model(tx, user, for_update=True)
-            version = validate_trainer_version(backend=model.backend,
+            version = self._repin_policy.check(backend=model.backend,
                                                trainer_version=trainer_version)
             if any(t.status.is_active for t in tx.list_trainings(model.id)):
                 raise ConflictError("wait for the running training to end before re-pinning")
