@@ -787,3 +787,26 @@ def test_weights_downloads_are_retried_and_an_expired_output_is_reported(
     with pytest.raises(WeightsNotFoundError) as caught:
         replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
     assert "could no longer be downloaded" in caught.value.user_message
+
+
+def test_outputs_named_off_replicate_s_hosts_are_never_fetched(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_generator: ReplicateGenerator,
+    replicate_job_factory: JobFactory,
+) -> None:
+    # The worker downloaded whatever URL a training's output named, from inside the operator's
+    # network. Here the output names the stand-in under another name than the configured API's.
+    replicate_standin.output_base_url = replicate_standin.base_url.replace("127.0.0.1",
+                                                                           "localhost")
+    with pytest.raises(WeightsNotFoundError) as caught:
+        replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
+    assert "outside Replicate's file hosts" in caught.value.user_message
+    assert "http://localhost:" in caught.value.message
+    with pytest.raises(GenerationError) as refused:
+        replicate_generator.generate(GenerationJob(
+            prompt="x", num_outputs=1, seed=None, lora_scale=1.0, trainer_version="t",
+            remote_version=replicate_standin.create_model_version("selfie-lora/lora-g")))
+    assert "outside Replicate's file hosts" in refused.value.message
+    assert not [path for _method, path in replicate_standin.requests
+                if path.startswith("/files/")]

@@ -85,10 +85,82 @@ def test_downloads_from_other_hosts_never_carry_the_token() -> None:
         return httpx.Response(200, content=b"lora bytes")
 
     with connection(handler, []).session(TRAINER_FAILURES) as session:
-        data = session.download("https://delivery.test/out/lora.safetensors", max_bytes=100,
-                                what="download the weights")
+        data = session.download("https://replicate.delivery/out/lora.safetensors",
+                                max_bytes=100, what="download the weights")
     assert data == b"lora bytes"
     assert "authorization" not in seen[0].headers
+
+
+@pytest.mark.parametrize("url", [
+    "https://replicate.delivery/pbxt/x/trained_model.tar",
+    "https://pbxt.replicate.delivery/x/trained_model.tar",
+    "https://REPLICATE.delivery/x/trained_model.tar",
+    f"{API}/v1/files/f1/download",  # the configured API's own origin
+])
+def test_a_download_from_replicate_s_hosts_is_fetched(url: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b"lora bytes")
+
+    with connection(handler, []).session(TRAINER_FAILURES) as session:
+        assert session.download(url, max_bytes=100, what="download the weights") == b"lora bytes"
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+    "http://127.0.0.1:6379/",
+    "https://example.com/lora.safetensors",
+    "http://replicate.delivery/x.tar",  # not https
+    "https://replicate.delivery.example.com/x.tar",
+    "https://evilreplicate.delivery/x.tar",
+    "https://replicate.delivery@example.com/x.tar",
+    "https://user:secret@example.com/x.tar",
+    "http://api.test/v1/files/f1",  # the API's host, another scheme
+    "https://api.test:8443/v1/files/f1",  # the API's host, another port
+    "file:///etc/passwd",
+])
+def test_a_download_anywhere_else_is_refused_before_any_request(url: str) -> None:
+    # The worker fetched whatever URL a training's output named: a trainer's output could make
+    # it read an internal address (a cloud metadata service, a database) from inside.
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=b"secrets")
+
+    sleeps: list[float] = []
+    for failures, error in ((TRAINER_FAILURES, WeightsNotFoundError),
+                            (GENERATOR_FAILURES, GenerationError)):
+        with connection(handler, sleeps).session(failures) as session, \
+                pytest.raises(error) as caught:
+            session.download(url, max_bytes=100, what="download the weights")
+        told = getattr(caught.value, "user_message", caught.value.message)
+        assert "outside Replicate's file hosts" in told
+        why = caught.value.message if error is WeightsNotFoundError else caught.value.details[0]
+        assert "is not https://replicate.delivery" in why
+        assert "secret" not in why  # a URL's user and password are never repeated
+    assert seen == []
+    assert sleeps == []  # not retried: the same output names the same place
+
+
+def test_a_redirect_off_replicate_s_hosts_is_refused_before_it_is_followed() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(str(request.url))
+        if request.url.host == "replicate.delivery":
+            return httpx.Response(302, headers={"Location": "http://169.254.169.254/latest/"})
+        return httpx.Response(200, content=b"secrets")
+
+    with connection(handler, []).session(TRAINER_FAILURES) as session, \
+            pytest.raises(WeightsNotFoundError) as caught:
+        session.download("https://replicate.delivery/x.tar", max_bytes=100,
+                         what="download the weights")
+    assert "http://169.254.169.254 is not" in caught.value.message
+    assert seen == ["https://replicate.delivery/x.tar"]
 
 
 def test_a_connection_needs_a_token() -> None:

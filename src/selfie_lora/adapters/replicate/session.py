@@ -47,6 +47,7 @@ __all__ = [
     "Failures",
     "ReplicateConnection",
     "ReplicateSession",
+    "may_download",
     "parse_version_ref",
 ]
 
@@ -72,23 +73,31 @@ ErrorFactory = Callable[[str, str], SelfieLoraError]
 @dataclass(frozen=True)
 class Failures:
     """Which of our errors a session raises: Replicate refused (a 4xx), cannot be reached (or
-    keeps answering 429/5xx), or sent a file over the cap."""
+    keeps answering 429/5xx), sent a file over the cap, or named an output somewhere this
+    service does not download from (``ReplicateSession.download``)."""
 
     refused: ErrorFactory
     unavailable: ErrorFactory
     too_large: ErrorFactory
+    off_host: ErrorFactory
 
 
 TRAINER_FAILURES = Failures(
     refused=lambda what, user: TrainingFailedError(what, user_message=user),
     unavailable=lambda what, user: TrainerUnavailableError(what, user_message=user),
     too_large=lambda what, user: WeightsNotFoundError(what, user_message=user),
+    off_host=lambda what, user: WeightsNotFoundError(what, user_message=user),
 )
 GENERATOR_FAILURES = Failures(
     refused=lambda what, user: GenerationError(user, details=[what]),
     unavailable=lambda what, user: GenerationError(user, details=[what]),
     too_large=lambda what, user: GenerationError(user, details=[what]),
+    off_host=lambda what, user: GenerationError(user, details=[what]),
 )
+
+# Where Replicate serves outputs: https://replicate.delivery and its subdomains
+# (pbxt.replicate.delivery, ...). With the API's own origin, the only places a download goes.
+DELIVERY_DOMAIN = "replicate.delivery"
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,20 @@ def same_origin(a: str, b: str) -> bool:
     return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
 
 
+def may_download(url: str, *, base_url: str) -> bool:
+    """Whether an output URL is one this service fetches: https on Replicate's delivery hosts,
+    or the configured API's own origin, scheme and port included (the files API; and in tests
+    the stand-in on http://127.0.0.1, which serves outputs there). A training's output is
+    whatever its trainer wrote, so anything else, an internal address above all, is refused
+    before any request is made."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme == "https" and (host == DELIVERY_DOMAIN
+                                    or host.endswith(f".{DELIVERY_DOMAIN}")):
+        return True
+    return same_origin(url, base_url)
+
+
 class ReplicateSession:
     """One ``replicate.Client`` and one retry policy, for one unit of work; close it after.
 
@@ -209,8 +232,17 @@ class ReplicateSession:
             transport=self._download_transport,
             event_hooks=hooks,
         )
+        # Outputs only: its request hook checks every hop, so a redirect cannot lead a download
+        # off Replicate's hosts either.
+        self._outputs = httpx.Client(
+            timeout=self._timeout,
+            follow_redirects=True,
+            transport=self._download_transport,
+            event_hooks={"request": [self._refuse_an_off_host_download], **hooks},
+        )
 
     def close(self) -> None:
+        self._outputs.close()
         self._http.close()
         if self._owned:
             self._api_transport.close()
@@ -252,6 +284,10 @@ class ReplicateSession:
                 request=response.request,
                 response=response,
             )
+
+    def _refuse_an_off_host_download(self, request: httpx.Request) -> None:
+        if not may_download(str(request.url), base_url=self.base_url):
+            raise _OffHostError(request.url)
 
     # ----------------------------------------------------------------- retries
 
@@ -432,7 +468,9 @@ class ReplicateSession:
     def download(self, url: str, *, max_bytes: int, what: str) -> bytes:
         """GET ``url`` (retrying), refusing more than ``max_bytes``; a ``data:`` URL (the client's
         form of a small output) is decoded, under the same cap. A URL that cannot be read is
-        refused (Replicate's answer is at fault; trying again fetches the same)."""
+        refused (Replicate's answer is at fault; trying again fetches the same), and so is one,
+        or a redirect, to anywhere but Replicate's delivery hosts and the API's origin
+        (``may_download``): the worker would fetch whatever a trainer's output names."""
         try:
             if url.startswith("data:"):
                 return _data_url_bytes(url, max_bytes=max_bytes)
@@ -447,7 +485,7 @@ class ReplicateSession:
                 str(exc), "Replicate's output is larger than this service accepts.") from exc
 
         def fetch() -> bytes:
-            with self._http.stream("GET", url, headers=self._auth_for(url)) as response:
+            with self._outputs.stream("GET", url, headers=self._auth_for(url)) as response:
                 response.raise_for_status()
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > max_bytes:
@@ -466,11 +504,28 @@ class ReplicateSession:
         except _TooLargeError as exc:
             raise self._failures.too_large(
                 str(exc), "Replicate's output is larger than this service accepts.") from exc
+        except _OffHostError as exc:
+            raise self._failures.off_host(
+                f"could not {what}: {exc}",
+                f"Could not {what}: Replicate's output points outside Replicate's file hosts, "
+                "and this service downloads from nowhere else.") from exc
 
 
 class _TooLargeError(Exception):
     def __init__(self, url: str, limit: int) -> None:
         super().__init__(f"{url} is larger than the {limit} byte cap")
+
+
+class _OffHostError(Exception):
+    """A download (or a redirect of one) to a URL ``may_download`` refuses. Not an httpx error:
+    ``call`` does not retry it (the same output names the same place)."""
+
+    def __init__(self, url: httpx.URL) -> None:
+        # The origin only, without a user or password: the rest of a URL may carry secrets.
+        port = f":{url.port}" if url.port is not None else ""
+        super().__init__(f"{url.scheme}://{url.host}{port} is not "
+                         f"https://{DELIVERY_DOMAIN} (or a subdomain) nor the Replicate API's "
+                         "origin; refused before any request")
 
 
 def _data_url_bytes(url: str, *, max_bytes: int) -> bytes:

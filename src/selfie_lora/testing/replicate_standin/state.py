@@ -233,6 +233,10 @@ class StandInState:
         # The trainer version id a new training says it ran, whatever version its create named
         # (replicate-python #419: Replicate once ran the newest trainer); None: the one named.
         self.trainer_version_ran: str | None = None
+        # The origin output URLs name (None: the stand-in's own): a trainer whose output points
+        # elsewhere, such as http://localhost:PORT, the stand-in under a name that is not the
+        # configured API's.
+        self.output_base_url: str | None = None
         self._failures: list[_Rule] = []
         self._delays: list[_Rule] = []
 
@@ -402,7 +406,7 @@ class StandInState:
         self.blobs[zip_path] = (self._output_zip(rec), "application/zip")
         self.blobs[log_path] = (rec.logs.encode(), "text/plain")
         self.blobs[f"{prefix}/sample.png"] = (_png((40, 90, 160), 32, 32), "image/png")
-        url = self.base_url
+        url = self.output_base_url or self.base_url
         if rec.output_shape == "wrong_version":
             other = "someone-else/other-model"
             if other not in self.models:
@@ -479,7 +483,7 @@ class StandInState:
             pred.images.append(image)
             path = f"/files/predictions/{pred.id}/out-{i}.png"
             self.blobs[path] = (image, "image/png")
-            urls.append(self.base_url + path)
+            urls.append((self.output_base_url or self.base_url) + path)
         pred.output, pred.status, pred.completed_at = urls, "succeeded", _now()
 
     # ----------------------------------------------------------------- webhooks
