@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from selfie_lora.adapters.alerts.http import HttpAlerter
-from selfie_lora.domain.entities import GateStatus, TrainingStatus
+from selfie_lora.domain.entities import GateStatus, TrainingStatus, User
 from selfie_lora.domain.likeness import PROBE_LORA_SCALE, LikenessStatus
 from selfie_lora.errors import AlertDeliveryError, GenerationError
 from selfie_lora.likeness.chart import CHART_SIZE
@@ -365,11 +365,31 @@ def test_an_active_version_that_cannot_be_scored_holds_the_new_one(tmp_path: Pat
         rig.close()
 
 
+def crash_while_training(rig: Rig, user: User, *, deaths: int) -> str:
+    """Start a training whose worker dies ``deaths`` times while it trains (each time taken
+    over by the next), then dies as it begins to score the version the next attempt stored.
+    Returns the training's id."""
+    dataset = store_dataset(rig.repo, rig.blobs, user, [fixture_photo(n) for n in OBAMA])
+    rig.trainer.outcomes = ["crash"] * deaths
+    started = rig.training.start(user=user, dataset_id=dataset.id)
+    for _ in range(deaths):
+        with pytest.raises(SimulatedCrash):
+            rig.queue.drain(rig.training.run)
+        rig.training.reconcile(dead_owners=(rig.training.owner,))
+    rig.dying.armed = True
+    with pytest.raises(SimulatedCrash):
+        rig.queue.drain(rig.training.run)  # trains, stores the version, dies as it scores
+    rig.training.reconcile(dead_owners=(rig.training.owner,))
+    return started.training.id
+
+
+@pytest.mark.parametrize("training_deaths", [0, 2])
 def test_a_worker_that_keeps_dying_on_the_active_version_ends_the_training(
-        tmp_path: Path) -> None:
+        tmp_path: Path, training_deaths: int) -> None:
     # The worker dies every time it renders v1's probes (the baseline, never scored). After the
     # allowed take-overs the version is judged from the stored records, without scoring
     # anything: the training ends, and v2, which could not be compared with v1, is held.
+    # Deaths while it trained (``training_deaths``) do not use up its scoring's attempts.
     generator = FailingFor(photos=same_person(), down=True)
     rig = Rig(root=tmp_path, generator=generator)
     try:
@@ -378,14 +398,14 @@ def test_a_worker_that_keeps_dying_on_the_active_version_ends_the_training(
         generator.down = False
         generator.weights = {v1.weights_sha256}
         generator.error = lambda: SimulatedCrash("killed loading these weights")
-        pending = rig.train_until_scoring(ann)
+        pending_id = crash_while_training(rig, ann, deaths=training_deaths)
         for _ in range(rig.training.lease.max_attempts - 1):
             with pytest.raises(SimulatedCrash):
                 rig.restart()  # v2 is scored, then the worker dies on v1's first probe
         jobs = len(generator.jobs)
         rig.restart()
         assert len(generator.jobs) == jobs  # nothing rendered: only stored records
-        done = rig.repo.get_training(pending.id)
+        done = rig.repo.get_training(pending_id)
         assert done is not None
         assert done.status is TrainingStatus.SUCCEEDED, "the training never ends"
         assert done.lease_owner is None  # the model's training slot is free
@@ -394,10 +414,34 @@ def test_a_worker_that_keeps_dying_on_the_active_version_ends_the_training(
         assert v2 is not None
         assert v2.gate_status is GateStatus.HELD
         assert "the active version 1 could not be scored" in (v2.gate_reason or "")
-        assert "stopped" in (v2.gate_reason or "")
+        # The scoring's own stops, not every take-over of the training's life.
+        max_attempts = rig.training.lease.max_attempts
+        assert done.recoveries == training_deaths + max_attempts
+        assert f"the worker scoring it stopped {max_attempts} times" in (v2.gate_reason or "")
         assert rig.model(ann).active_version_id == v1.id
     finally:
         rig.close()
+
+
+def test_deaths_while_training_leave_the_scoring_its_own_attempts(rig: Rig) -> None:
+    # Two deaths while v2 trains, then one as it is scored: the next worker scores it, and it
+    # passes. Counted together, the three take-overs had it judged unscored and held.
+    ann = rig.user()
+    rig.train(ann)
+    training_id = crash_while_training(rig, ann, deaths=2)
+    jobs = len(generator_of(rig).jobs)
+    rig.queue.drain(rig.training.run)
+    assert len(generator_of(rig).jobs) > jobs  # scored again, not judged on what was stored
+    done = rig.repo.get_training(training_id)
+    assert done is not None
+    assert done.status is TrainingStatus.SUCCEEDED
+    assert done.recoveries == 3
+    assert done.version_id is not None
+    v2 = rig.repo.get_version(done.version_id)
+    assert v2 is not None
+    assert v2.gate_status is GateStatus.PASSED, v2.gate_reason
+    assert rig.model(ann).active_version_id == v2.id
+    assert alerts_of(rig) == []
 
 
 def test_comparison_grid_and_chart(rig: Rig) -> None:

@@ -98,7 +98,8 @@ def claim(
         return ClaimOutcome.BUSY, t
     recoveries = t.recoveries + (1 if t.lease_owner is not None else 0)
     # A training whose version is stored is never failed: its version is judged without
-    # another scoring attempt instead (``scoring_exhausted``).
+    # another scoring attempt instead, once its scoring has had ``max_attempts`` of its own
+    # (``scoring_exhausted``).
     if recoveries >= policy.max_attempts and t.version_id is None:
         return ClaimOutcome.EXHAUSTED, dataclasses.replace(
             t, recoveries=recoveries, lease_owner=None, lease_expires_at=None)
@@ -108,10 +109,20 @@ def claim(
     )
 
 
-def scoring_exhausted(t: Training, policy: LeasePolicy) -> bool:
-    """The workers scoring ``t``'s version died ``max_attempts`` times: the gate decides without
-    scores (held, unless there is nothing to beat), so the training can end."""
-    return t.version_id is not None and t.recoveries >= policy.max_attempts
+def scoring_stops(t: Training, *, recoveries_when_stored: int) -> int:
+    """How many times the workers scoring ``t``'s version stopped: the take-overs since the
+    version was stored, when ``t`` had had ``recoveries_when_stored``. Those made while it
+    trained are not the scoring's: they were the training's own budget, and spent on it."""
+    return max(0, t.recoveries - recoveries_when_stored)
+
+
+def scoring_exhausted(t: Training, policy: LeasePolicy, *, recoveries_when_stored: int) -> bool:
+    """The workers scoring ``t``'s version stopped ``max_attempts`` times (``scoring_stops``):
+    the gate decides without scores (held, unless there is nothing to beat), so the training
+    can end."""
+    return (t.version_id is not None
+            and scoring_stops(t, recoveries_when_stored=recoveries_when_stored)
+            >= policy.max_attempts)
 
 
 def holds(t: Training, *, owner: str, attempt: int) -> bool:

@@ -76,6 +76,7 @@ from selfie_lora.domain.lease import (
     recovery_action,
     release,
     scoring_exhausted,
+    scoring_stops,
     step_away,
 )
 from selfie_lora.domain.plan import TrainingDefaults, TrainingPlan, new_model, plan_training
@@ -134,6 +135,8 @@ STORAGE_UNREACHABLE = "the stored photos or checkpoint could not be fetched"
 # An upload that starts a training holds the user's slot this long at most while its photos
 # are checked (a process that dies holding it blocks its user no longer than this).
 UPLOAD_CLAIM_TTL = timedelta(minutes=10)
+# The key of a version's gate details that keeps its training's take-overs when it was stored.
+RECOVERIES_WHEN_STORED = "recoveries_when_stored"
 # How often the checkpoint between probes reads the training's cancel flag (monotonic seconds):
 # a cancel asked of a scoring worker lands at the next probe, and a scoring that calls the
 # checkpoint often still costs the database one read a second at most.
@@ -913,9 +916,13 @@ class TrainingService:
                 # version: a pass activates it only while that is still active and the user
                 # has chosen none since (a rollback to it included); a version the user
                 # activated meanwhile stays active.
+                # The take-overs so far were the training's: the scoring's own are counted
+                # from here (``scoring_exhausted``), so deaths while it trained do not use up
+                # the attempts its scoring gets.
                 gate_details={"active_when_stored": model.active_version_id,
                               "activations_when_stored": tx.count_events(
-                                  training.model_id, kind=VERSION_ACTIVATED)},
+                                  training.model_id, kind=VERSION_ACTIVATED),
+                              RECOVERIES_WHEN_STORED: training.recoveries},
             )
             tx.add_version(version)
             loss = _float_or(metrics.get("final_loss"), training.loss)
@@ -960,9 +967,16 @@ class TrainingService:
         training = self._repo.get_training(held.training_id)
         assert training is not None
         assert training.version_id is not None
+        version = self._repo.get_version(training.version_id)
+        assert version is not None
+        # A version stored before this count was kept has none: all its training's take-overs
+        # count then, as they used to (it ends sooner, never later).
+        at_store = int(version.gate_details.get(RECOVERIES_WHEN_STORED, 0))
         unscorable = None
-        if scoring_exhausted(training, self.lease):
-            unscorable = (f"the worker scoring it stopped {training.recoveries} times; "
+        if scoring_exhausted(training, self.lease, recoveries_when_stored=at_store):
+            stops = scoring_stops(training, recoveries_when_stored=at_store)
+            unscorable = (f"the worker scoring it stopped {stops} "
+                          f"{'time' if stops == 1 else 'times'}; "
                           "compare it yourself with 'selfie-lora compare'")
         try:
             verdict = self._likeness.judge(training.version_id, checkpoint=held.checkpoint,
