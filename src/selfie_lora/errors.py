@@ -14,7 +14,8 @@ entry points never see them.
     ├── RateLimitedError            too many failed sign-ins; ``retry_after`` seconds (HTTP 429)
     ├── ConflictError               the request clashes with the state (HTTP 409): a training is
     │                               queued or running, an upload is starting one, the user exists,
-    │                               a webhook was received before, a concurrent write won
+    │                               a webhook was received before, a concurrent write won, a
+    │                               version's weights are gone from the storage
     ├── InvalidInputError           bad request data (HTTP 422)
     │   └── DatasetRejectedError    the photos cannot be trained on; carries the findings
     ├── PayloadTooLargeError        an upload over the configured limit (HTTP 413)
@@ -70,6 +71,7 @@ class ErrorCode(enum.StrEnum):
     WRITE_CONFLICT = "write_conflict"
     GC_IN_PROGRESS = "gc_in_progress"
     NOT_RESUMABLE = "not_resumable"
+    WEIGHTS_MISSING = "weights_missing"
     # 408, 413
     REQUEST_TIMEOUT = "request_timeout"
     BODY_TOO_LARGE = "body_too_large"

@@ -311,6 +311,41 @@ def test_patch_scale_validation_and_rollback(client: TestClient, services: Servi
     assert gen["lora_scale"] == 0.7
 
 
+def test_a_version_whose_weights_are_missing_is_refused_not_a_500(
+        client: TestClient, services: Services, fake_generator: FakeGenerator) -> None:
+    # The weights file of a version is gone from the storage (lost, restored from an older
+    # backup). Generating with it was a 500 storage_error on every request, and activating
+    # such a version was accepted and made every generation one.
+    h = auth(services, "ann")
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    wait_terminal(client, h, client.post("/api/training/start", headers=h,
+                                         json={}).json()["training"]["id"])
+    v2, v1 = client.get("/api/model/versions", headers=h).json()["versions"]
+    assert client.get("/api/model", headers=h).json()["active_version"]["number"] == 2
+    services.blobs.delete(services.repo.get_version(v2["id"]).weights_key)
+    jobs = len(fake_generator.jobs)
+    r = client.post("/api/generate", headers=h, json={"prompt": "x"})
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "weights_missing"
+    assert r.json()["error"]["message"] == (
+        "version 2's weights are missing from the storage, so it cannot make pictures; "
+        "activate another version (or train again)")
+    assert len(fake_generator.jobs) == jobs
+    assert services.generation.history(user=services.users.get_by_name(name="ann")) == []
+    # Another version still generates; the one without its weights cannot be made active.
+    assert client.post(f"/api/model/versions/{v1['id']}/activate", headers=h).status_code == 200
+    assert client.post("/api/generate", headers=h, json={"prompt": "x"}).status_code == 200
+    model_id = services.repo.get_version(v1["id"]).model_id
+    events = len(services.repo.list_events(model_id))
+    r = client.post(f"/api/model/versions/{v2['id']}/activate", headers=h)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "weights_missing"
+    assert "version 2's weights are missing" in r.json()["error"]["message"]
+    assert client.get("/api/model", headers=h).json()["active_version"]["number"] == 1
+    assert len(services.repo.list_events(model_id)) == events  # nothing recorded
+    assert "override" not in services.repo.get_version(v2["id"]).gate_details
+
+
 def test_generate_before_a_version_is_422(client: TestClient, services: Services,
                                           fake_trainer: FakeTrainer) -> None:
     fake_trainer.gate = threading.Event()

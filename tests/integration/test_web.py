@@ -588,6 +588,30 @@ def test_using_a_held_or_pending_version_says_which_it_is(ann: TestClient,
     assert "although" not in confirm()
 
 
+def test_a_version_without_its_weights_is_refused_on_the_pages_not_a_500(
+        ann: TestClient, svc: Services) -> None:
+    # Its weights file gone from the storage, the version's pictures failed with "something
+    # went wrong on our side" (a 500 storage_error), and its activation was accepted.
+    assert upload(ann)[0] == 200
+    train(ann)
+    train(ann)
+    user = svc.users.get_by_name(name="ann")
+    v2, v1 = svc.models.versions(user=user)
+    svc.blobs.delete(v2.weights_key)
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1"})
+    assert r.status_code == 409
+    assert "version 2&#39;s weights are missing from the storage" in r.text
+    assert "activate another version" in r.text
+    assert "something went wrong" not in r.text
+    assert ann.post(f"/versions/{v1.id}/activate", data={"csrf_token": csrf(ann)},
+                    follow_redirects=False).status_code == 303
+    r = ann.post(f"/versions/{v2.id}/activate", data={"csrf_token": csrf(ann)},
+                 follow_redirects=False)
+    assert r.status_code == 409
+    assert "version 2&#39;s weights are missing from the storage" in r.text
+    assert svc.models.get(user=user).active_version_id == v1.id
+
+
 def test_another_user_sees_none_of_it(ann: TestClient, web_settings: Settings,
                                       svc: Services) -> None:
     assert upload(ann)[0] == 200

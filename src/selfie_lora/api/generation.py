@@ -15,7 +15,7 @@ from selfie_lora.services.generation import GenerationRequest
 router = APIRouter(prefix="/api", tags=["generation"])
 
 
-@router.post("/generate", responses=errors(404, 413, 422))
+@router.post("/generate", responses=errors(404, 409, 413, 422))
 async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody) -> dict[str, Any]:
     request = GenerationRequest(prompt=body.prompt, num_outputs=body.num_outputs, seed=body.seed,
                                 lora_scale=body.lora_scale, version_id=body.version_id)

@@ -50,7 +50,7 @@ def versions(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
                          for v, record in svc.models.versions_with_likeness(user=user)]}
 
 
-@router.post("/versions/{version_id}/activate", responses=errors(404))
+@router.post("/versions/{version_id}/activate", responses=errors(404, 409))
 def activate(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]:
     """Rollback or roll forward; ``version_id`` is an id or a number (``2``, ``v2``)."""
     svc.models.activate(user=user, version_id=version_id)

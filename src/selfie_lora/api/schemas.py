@@ -83,7 +83,8 @@ _WHY = {
     404: "no such object for this user (another user's objects are never shown)",
     408: "the request body came too slowly",
     409: "a conflict: a training is queued or running, an upload is starting one, the user "
-         "exists, a webhook was received before",
+         "exists, a webhook was received before, the version's weights are missing from the "
+         "storage (weights_missing)",
     413: "the request body is larger than allowed",
     422: "the request or its photos are not valid",
 }

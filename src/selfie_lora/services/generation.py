@@ -6,14 +6,21 @@ import logging
 import re
 import secrets
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from selfie_lora.domain.entities import Generation, Model, User, Version
 from selfie_lora.domain.plan import ensure_trigger_word, validate_lora_scale
 from selfie_lora.domain.versions import find_version
-from selfie_lora.errors import ConfigError, ErrorCode, InvalidInputError, NotFoundError
+from selfie_lora.errors import (
+    BlobMissingError,
+    ConfigError,
+    ConflictError,
+    ErrorCode,
+    InvalidInputError,
+    NotFoundError,
+)
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.layout import generation_image_key
 from selfie_lora.services.ports import BlobStore, GenerationJob, Generator, Repository
@@ -27,6 +34,20 @@ MAX_SEED = 2**32 - 1
 # Control characters but tab and line ends (a prompt typed in a text area has those): a NUL
 # cannot be stored on PostgreSQL, and none of them means anything to the text encoder.
 _PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def generates_from_stored_weights(backend: str) -> bool:
+    """Whether ``backend``'s generator loads a version's stored weights file (the local one);
+    Replicate's generates with the version it published, whatever the storage holds."""
+    return backend == "local"
+
+
+def weights_missing_error(version: Version) -> ConflictError:
+    """What a user is told when ``version`` cannot generate because its weights file is gone
+    from the storage: nothing they retry brings it back, another version does."""
+    return ConflictError(
+        f"version {version.number}'s weights are missing from the storage, so it cannot make "
+        "pictures; activate another version (or train again)", code=ErrorCode.WEIGHTS_MISSING)
 
 
 @dataclass(frozen=True)
@@ -85,9 +106,18 @@ class GenerationService:
         # wait behind others (minutes each) before it loads them, and meanwhile another
         # process's fetch may evict whatever copy nobody holds.
         weights: AbstractContextManager[Path | None] = (
-            self._blobs.local_copy(version.weights_key) if model.backend == "local"
-            else nullcontext())
-        with weights as weights_path:
+            self._blobs.local_copy(version.weights_key)
+            if generates_from_stored_weights(model.backend) else nullcontext())
+        with ExitStack() as stack:
+            try:
+                weights_path = stack.enter_context(weights)
+            except BlobMissingError as exc:
+                # Not the server failing (a 500 the user can only retry): this version cannot
+                # generate until its file is restored, and another version can. The operator
+                # gets the key to look for.
+                logger.error("version %s (model %s) cannot generate: %s", version.id, model.id,
+                             exc.message)
+                raise weights_missing_error(version) from exc
             job = GenerationJob(
                 prompt=final_prompt, num_outputs=num_outputs, seed=seed, lora_scale=scale,
                 trainer_version=version.trainer_version, weights_path=weights_path,

@@ -17,6 +17,7 @@ from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, NotFoundError
 from selfie_lora.services.common import utcnow
+from selfie_lora.services.generation import generates_from_stored_weights, weights_missing_error
 from selfie_lora.services.ports import BlobStore, BlobStream, Repository, WeightsConverter
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,18 @@ class ModelService:
     def activate(self, *, user: User, version_id: str) -> Model:
         """Rollback or roll forward, the gate notwithstanding: a version the likeness gate held
         back (or has not judged yet) can be activated; the override is recorded on the version
-        and in the log."""
+        and in the log. A version whose weights are gone from the storage, on a backend that
+        generates from them, is refused (409 ``weights_missing``)."""
+        found = self.get(user=user)
+        wanted = _models_version(self._repo, found, version_id)
+        if (generates_from_stored_weights(found.backend)
+                and not self._blobs.exists(wanted.weights_key)):
+            # Active, it would fail every generation: refused, nothing changed. Checked before
+            # the model's row is locked (a storage round trip); a version's weights are never
+            # deleted while a version names them, so the answer still holds below.
+            logger.error("model %s: version %d not activated: its weights %s are missing",
+                         wanted.model_id, wanted.number, wanted.weights_key)
+            raise weights_missing_error(wanted)
         # Read and written under the model's row lock, which the gate takes too
         # (LikenessService.apply_verdict): a gate decision committed while this request waited is
         # what it reads, so it neither undoes the decision nor is undone by it.
