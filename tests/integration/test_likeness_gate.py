@@ -260,6 +260,12 @@ def test_a_version_activated_while_pending_stays_active_whatever_the_gate_says(r
     assert decided.gate_status is GateStatus.HELD
     assert decided.gate_details["baseline_version_id"] == v1.id  # judged against what it replaced
     assert rig.model(ann).active_version_id == v2.id  # the user's choice stands
+    # ... and what the user and the operator read says so (it said "kept but not activated").
+    assert decided.gate_reason is not None
+    assert decided.gate_reason.startswith("likeness dropped: ")
+    assert decided.gate_reason.endswith("; you activated it yourself, so it stays active")
+    assert "not activated" not in decided.gate_reason
+    assert [a["message"] for a in alerts_of(rig)] == [decided.gate_reason]
     done = rig.repo.get_training(pending.id)
     assert done is not None
     assert done.status is TrainingStatus.SUCCEEDED
@@ -559,6 +565,22 @@ def test_a_training_canceled_while_its_version_is_scored_never_activates_it(rig:
     assert v2.gate_status is GateStatus.HELD
     assert "canceled" in (v2.gate_reason or "")
     assert rig.model(ann).active_version_id == v1.id
+
+
+def test_a_version_activated_while_scored_then_canceled_says_it_stays_active(rig: Rig) -> None:
+    ann = rig.user()
+    rig.train(ann)
+    training = rig.train_until_scoring(ann)
+    assert training.version_id is not None
+    rig.models.activate(user=ann, version_id=training.version_id)
+    rig.training.cancel(user=ann, training_id=training.id)
+    rig.restart()
+    v2 = rig.repo.get_version(training.version_id)
+    assert v2 is not None
+    assert v2.gate_status is GateStatus.HELD
+    assert rig.model(ann).active_version_id == v2.id
+    assert v2.gate_reason == ("version 2's training was canceled before the likeness gate "
+                              "decided; you activated it yourself, so it stays active")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from selfie_lora.domain.likeness import (
     ProbeResult,
     choose_probes,
     decide_gate,
+    held_but_user_activated,
     probes_for_existing_model,
     score_probes,
     similarity,
@@ -199,3 +200,25 @@ def test_records_round_trip_through_dicts() -> None:
     assert ProbeResult.from_dict(r.as_dict()) == r
     s = score_probes([result(0, E0), result(1, None)], [E0])
     assert IdentityScores.from_dict(s.as_dict()).per_probe == s.per_probe
+
+
+@pytest.mark.parametrize(("candidate", "baseline", "baseline_number"), [
+    (None, scores_of(0.9), 1),  # the new version not scored
+    (scores_of(0.9), None, 1),  # the active version not scored
+    (scores_of(0.1), scores_of(0.9), 1),  # identity dropped
+    (scores_of(0.0, 0.0, faces=0), scores_of(0.9), 1),  # no face in any probe
+    (scores_of(None, 0.1), scores_of(None, 0.9), 1),  # fewer faces, photos without one
+])
+def test_every_held_reason_reads_right_once_its_user_activated_the_version(
+        candidate: IdentityScores | None, baseline: IdentityScores | None,
+        baseline_number: int) -> None:
+    decision = decide_gate(candidate=candidate, baseline=baseline, tolerance=0.02,
+                           candidate_number=2, baseline_number=baseline_number,
+                           candidate_error="out of memory", baseline_error="out of memory")
+    assert decision.status is GateStatus.HELD
+    assert "kept but not activated" in decision.reason
+    reason = held_but_user_activated(decision.reason)
+    assert reason.endswith("; you activated it yourself, so it stays active"), reason
+    assert "not activated" not in reason
+    assert "activate it yourself" not in reason
+    assert reason.split("; you activated")[0] in decision.reason  # the why is kept whole

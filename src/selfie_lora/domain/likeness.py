@@ -293,6 +293,21 @@ FIRST_VERSION_REASON = "the first version has nothing to beat: it is active"
 # their own pictures: the gate compares versions, so it must compare like with like.
 PROBE_LORA_SCALE = 1.0
 GATE_OFF_REASON = "the likeness gate is off (SELFIE_LORA_QUALITY_GATE=false): it is active"
+# How every held reason ends (after ", so ", ": " or "; "), some with the hint after it.
+KEPT_NOT_ACTIVATED = "it is kept but not activated"
+ACTIVATE_HINT = "; activate it yourself if you want it"
+USER_ACTIVATED = "you activated it yourself, so it stays active"
+
+
+def held_but_user_activated(reason: str) -> str:
+    """The reason of a held version that its user activated while the gate judged it: the
+    gate held it, but it is active (the user's choice stands), so "kept but not activated" and
+    the hint to activate it would say the opposite of what the user sees."""
+    body = reason.removesuffix(ACTIVATE_HINT)
+    for joint in (", so ", ": ", "; "):
+        if body.endswith(joint + KEPT_NOT_ACTIVATED):
+            return f"{body.removesuffix(joint + KEPT_NOT_ACTIVATED)}; {USER_ACTIVATED}"
+    return f"{body}; {USER_ACTIVATED}"  # worded otherwise: what happened is said after it
 
 
 def decide_gate(
@@ -328,8 +343,8 @@ def decide_gate(
     v = f"version {candidate_number}"
     if candidate is None:
         why = candidate_error or "no score"
-        return GateDecision(GateStatus.HELD, f"{v} could not be scored ({why}), so it is kept but "
-                            "not activated; activate it yourself if you want it", details)
+        return GateDecision(GateStatus.HELD, f"{v} could not be scored ({why}), so "
+                            f"{KEPT_NOT_ACTIVATED}{ACTIVATE_HINT}", details)
     if baseline_number is None:
         return GateDecision(GateStatus.PASSED, f"{v} has no active version to beat: it is active",
                             details)
@@ -337,8 +352,8 @@ def decide_gate(
     if baseline is None:
         why = baseline_error or "no score"
         return GateDecision(GateStatus.HELD, (
-            f"{active} could not be scored ({why}), so {v} could not be compared with it: it is "
-            "kept but not activated; activate it yourself if you want it"), details)
+            f"{active} could not be scored ({why}), so {v} could not be compared with it: "
+            f"{KEPT_NOT_ACTIVATED}{ACTIVATE_HINT}"), details)
     if candidate.identity is not None and baseline.identity is not None:
         # Decided on the drop as shown (4 decimals): 0.52 against 0.50 is a drop of 0.02, not
         # of 0.020000000000000018, and is within a tolerance of 0.02.
@@ -348,11 +363,11 @@ def decide_gate(
                 return GateDecision(GateStatus.HELD, (
                     f"likeness dropped: no face was found in any of {v}'s {candidate.probes} "
                     f"probe images ({active} had faces in {baseline.faces} of {baseline.probes}); "
-                    "it is kept but not activated"), details)
+                    f"{KEPT_NOT_ACTIVATED}"), details)
             return GateDecision(GateStatus.HELD, (
                 f"likeness dropped: identity {candidate.identity:.3f} against {baseline.identity:.3f}"
-                f" for {active}, more than the tolerance {tolerance:g}; it is kept but not "
-                "activated"), details)
+                f" for {active}, more than the tolerance {tolerance:g}; {KEPT_NOT_ACTIVATED}"),
+                details)
         if candidate.faces == 0 and baseline.faces == 0:
             return GateDecision(GateStatus.PASSED, (
                 f"no face in the probe images of {v} or {active} (expected with an untrained or "
@@ -366,7 +381,7 @@ def decide_gate(
         return GateDecision(GateStatus.HELD, (
             f"faces appear in {candidate.face_share:.0%} of {v}'s probe images against "
             f"{baseline.face_share:.0%} for {active} (the training photos have no face to measure "
-            "identity against); it is kept but not activated"), details)
+            f"identity against); {KEPT_NOT_ACTIVATED}"), details)
     return GateDecision(GateStatus.PASSED, (
         f"the training photos have no face to measure identity against; faces appear in "
         f"{candidate.face_share:.0%} of {v}'s probe images against {baseline.face_share:.0%} for "

@@ -37,10 +37,12 @@ from typing import Any
 from selfie_lora.domain import alerts
 from selfie_lora.domain.entities import GateStatus, Model, Probe, Training, User, Version
 from selfie_lora.domain.likeness import (
+    ACTIVATE_HINT,
     DEFAULT_GATE_TOLERANCE,
     DEFAULT_PROBE_COUNT,
     FIRST_VERSION_REASON,
     GATE_OFF_REASON,
+    KEPT_NOT_ACTIVATED,
     PROBE_LORA_SCALE,
     Embedding,
     IdentityScores,
@@ -48,6 +50,7 @@ from selfie_lora.domain.likeness import (
     ProbeResult,
     VersionLikeness,
     decide_gate,
+    held_but_user_activated,
     probes_for_existing_model,
     score_probes,
     training_figures,
@@ -78,7 +81,7 @@ logger = logging.getLogger(__name__)
 
 
 CANCELED_REASON = ("version {number}'s training was canceled before the likeness gate decided, "
-                   "so it is kept but not activated; activate it yourself if you want it")
+                   f"so {KEPT_NOT_ACTIVATED}{ACTIVATE_HINT}")
 
 
 @dataclass(frozen=True)
@@ -269,10 +272,15 @@ class LikenessService:
                 reason = (reason.removesuffix(": it is active").removesuffix(", it is active")
                           + "; it passed, but the version you activated meanwhile stays active")
                 details["kept_user_choice"] = active_now
+        elif verdict.status is GateStatus.HELD and model.active_version_id == current.id:
+            # Held, but its user activated it while it was scored: it stays active (their
+            # choice stands), and the reason and alert must not say it was not activated.
+            reason = held_but_user_activated(reason)
+            details["kept_user_choice"] = current.id
         tx.set_version_gate(current.id, status=verdict.status, reason=reason, details=details)
         claimed = None
         if verdict.status is GateStatus.HELD:
-            alert = self._alert(model, current, verdict, at=now)
+            alert = self._alert(model, current, verdict, message=reason, at=now)
             if self._alerter is None:
                 tx.set_version_alert(current.id, alert, due_at=None)  # recorded, never sent
             else:
@@ -297,18 +305,21 @@ class LikenessService:
 
     def hold_canceled(self, tx: Repository, version_id: str) -> None:
         """Inside the caller's transaction: the version of a training its user canceled before
-        the gate decided is kept, never activated."""
+        the gate decided is kept, held, never activated by the gate (one its user activated
+        meanwhile stays active, and its reason says so)."""
         found = tx.get_version(version_id)
         locked = None if found is None else _lock_model_and_version(tx, found.model_id, version_id)
         if locked is None:
             return
-        _model, current = locked
+        model, current = locked
         if current.gate_status is not GateStatus.PENDING:
             return
-        tx.set_version_gate(current.id, status=GateStatus.HELD, reason=CANCELED_REASON.format(
-            number=current.number), details={**current.gate_details,
-                                             "decided_at": utcnow().isoformat(),
-                                             "canceled": True})
+        reason = CANCELED_REASON.format(number=current.number)
+        if model.active_version_id == current.id:
+            reason = held_but_user_activated(reason)  # activated by its user meanwhile: it stays
+        tx.set_version_gate(current.id, status=GateStatus.HELD, reason=reason,
+                            details={**current.gate_details, "decided_at": utcnow().isoformat(),
+                                     "canceled": True})
 
     def deliver_alert(self, claimed: alerts.ClaimedAlert) -> bool:
         """Send a held version's alert to the operator (this process claimed it) and record how
@@ -621,7 +632,7 @@ class LikenessService:
         return entries
 
     # ------------------------------------------------------------------ the gate
-    def _alert(self, model: Model, version: Version, verdict: GateVerdict, *,
+    def _alert(self, model: Model, version: Version, verdict: GateVerdict, *, message: str,
                at: datetime) -> dict[str, Any]:
         baseline = verdict.baseline
         # Scores on both sides: a drop; otherwise the version or its baseline was not scored.
@@ -630,7 +641,7 @@ class LikenessService:
         return {
             # The same in every delivery of this alert: a receiver drops what it has seen.
             "alert_id": f"{kind}:{version.id}",
-            "kind": kind, "message": verdict.reason, "at": at.isoformat(), "user_id": model.user_id,
+            "kind": kind, "message": message, "at": at.isoformat(), "user_id": model.user_id,
             "model_id": model.id, "destination": model.destination,
             "version_id": version.id, "version_number": version.number,
             "baseline_version_id": baseline.id if baseline else None,
