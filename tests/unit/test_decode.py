@@ -9,6 +9,8 @@ from collections.abc import Callable
 import numpy as np
 import pillow_heif
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageCms
 
 from selfie_lora.dataset import decode
@@ -369,6 +371,74 @@ def test_a_jpeg_made_of_too_many_scans_is_refused_before_it_is_decoded() -> None
     refused = _rejected(bomb)
     assert refused.code == "decompression_bomb"
     assert "scans" in refused.message
+
+
+# The start of an MP4 (what a Pixel or Samsung motion photo appends after the picture), then
+# bytes as a video's: 0xFF 0xDA turns up in compressed video once in ~64 KiB.
+_MP4_START = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"
+
+
+def _segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def test_a_motion_photo_s_video_is_not_counted_as_scans_of_the_picture() -> None:
+    """A phone's motion photo is a JPEG followed by a few MB of MP4: every 0xFF 0xDA in the
+    video was counted as a scan, so one with over ~6.5 MB of video was refused as a bomb."""
+    picture = encode(photo(), "JPEG", quality=90, progressive=True)
+    video = (b"\xff\xda" + bytes(range(40))) * (decode.MAX_JPEG_SCANS + 20)
+    motion = picture + _MP4_START + video
+    assert decode.jpeg_scans(motion) == decode.jpeg_scans(picture)
+    decoded = _decoded(motion, "PXL_20250101_120000000.MP.jpg")
+    assert decoded.original_size == (96, 80)
+
+
+def test_segments_holding_scan_markers_are_skipped_by_their_length() -> None:
+    """An EXIF thumbnail is a JPEG inside the APP1 segment, with its own scan and end marker;
+    any APP or comment segment may hold those bytes. Only the picture's own scans count."""
+    thumbnail = jpeg((16, 16))
+    app1 = _segment(0xE1, b"Exif\x00\x00" + thumbnail * 60)  # 60 scans and end markers
+    comment = _segment(0xFE, b"\xff\xda\xff\xd9" * 200)
+    picture = jpeg()
+    data = picture[:2] + app1 + comment + picture[2:]
+    assert decode.jpeg_scans(data)[0] == 1
+    assert _decoded(data).original_size == (96, 80)
+
+
+def test_a_jpeg_made_of_thousands_of_segments_is_refused_before_it_is_opened() -> None:
+    """Pillow reads each segment before the picture in Python and keeps every comment: a
+    million empty ones (4 MB) took a second; the 50 MB a file may have, ~12 s."""
+    picture = jpeg()
+    padded = picture[:2] + _segment(0xFE, b"") * (decode.MAX_JPEG_MARKERS + 1) + picture[2:]
+    refused = _rejected(padded)
+    assert refused.code == "decompression_bomb"
+    assert "segments" in refused.message
+    ordinary = picture[:2] + _segment(0xFE, b"made with a phone") * 50 + picture[2:]
+    assert isinstance(decode_photo(UploadedFile("p.jpg", ordinary), limits=LIMITS), DecodedPhoto)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    size=st.tuples(st.integers(8, 120), st.integers(8, 120)),
+    progressive=st.booleans(),
+    restarts=st.sampled_from([0, 1, 3]),
+    grey=st.booleans(),
+    trailer=st.binary(max_size=400),
+    scan_markers_after=st.integers(0, decode.MAX_JPEG_SCANS + 5),
+)
+def test_scans_are_those_of_the_picture_whatever_follows_it(
+    size: tuple[int, int], progressive: bool, restarts: int, grey: bool, trailer: bytes,
+    scan_markers_after: int,
+) -> None:
+    """A JPEG Pillow writes holds nothing but its own segments, so every 0xFF 0xDA in it is a
+    scan: the count equals that whatever bytes follow the end-of-image, and restart markers
+    (0xFF 0xD0-D7 inside a scan's data) end no scan."""
+    img = photo(size).convert("L") if grey else photo(size)
+    picture = encode(img, "JPEG", quality=85, progressive=progressive,
+                     restart_marker_blocks=restarts)
+    scans, markers = decode.jpeg_scans(picture + trailer + b"\xff\xda\x00\x08" * scan_markers_after)
+    assert scans == picture.count(b"\xff\xda")
+    assert markers == decode.jpeg_scans(picture)[1]
 
 
 def test_a_16_bit_grey_png_is_scaled_a_band_at_a_time() -> None:

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import io
 import logging
+import re
 import threading
 import warnings
 from collections import OrderedDict
@@ -62,10 +63,14 @@ _TRANSPOSE: dict[int, Image.Transpose] = {
 # A file declaring more pixels than the limit while holding less than one byte per this many
 # pixels is a decompression bomb, not a big photo (real encoders need far more bytes).
 _BOMB_PIXELS_PER_BYTE = 1000
-# Scans of a progressive JPEG: cameras, phones and encoders write 1 to ~12 (plus one per
-# embedded preview). A crafted file repeats a scan thousands of times at ~44 bytes each, and
-# each costs a pass over every block of the picture: an 880 KB file held a worker 51 s.
+# Scans of a progressive JPEG: cameras, phones and encoders write 1 to ~12. A crafted file
+# repeats a scan thousands of times at ~44 bytes each, and each costs a pass over every block
+# of the picture: an 880 KB file held a worker 51 s.
 MAX_JPEG_SCANS = 100
+# Markers of a JPEG up to its end-of-image: a photo has ~10-30 (tables, EXIF, ICC, XMP; a
+# depth map in extended XMP adds one per 64 KB). Pillow reads every segment before the first
+# scan in Python and keeps each APP and COM one: a million 4-byte comments (4 MB) took 1 s.
+MAX_JPEG_MARKERS = 1000
 
 
 class ColourManaged:
@@ -321,13 +326,8 @@ def _decode(
     defer_colour: bool = False,
 ) -> DecodedPhoto:
     name = upload.name
-    # Counted on the bytes (a C scan, ~1 ms for a 12 MP photo): in entropy-coded data 0xFF is
-    # always followed by 0x00 or a restart marker, so FF DA is only ever a scan's header.
-    if fmt == "JPEG" and (scans := upload.data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
-        raise _RejectedError(_finding(
-            name, "decompression_bomb",
-            f"{name} is made of {scans} scans (a photo has at most a few dozen): it is built "
-            "to take minutes to open", "upload the original photo from your camera or phone"))
+    if fmt == "JPEG":
+        _check_jpeg_structure(name, upload.data)
     with _open_lock, warnings.catch_warnings(record=True) as caught:
         # Record every warning instead of letting a filter (pytest's "error", or none at all in
         # production) decide: the outcome must not depend on the process's warning settings.
@@ -388,6 +388,56 @@ def _decode(
         format=fmt, original_size=original_size, exif_software=software,
         had_exif=had_exif, had_gps=had_gps,
     )
+
+
+# A marker in a JPEG's entropy-coded data: 0xFF followed by a byte that is not a stuffed zero,
+# a restart marker (part of the scan) or a fill byte (0xFF before a marker).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_EOI, _SOS, _TEM, _SOI = 0xD9, 0xDA, 0x01, 0xD8
+
+
+def jpeg_scans(data: bytes, *, max_markers: int = MAX_JPEG_MARKERS) -> tuple[int, int]:
+    """(start-of-scan markers, markers) of the JPEG that ``data`` starts with, up to its first
+    end-of-image, counted as a decoder meets them; stops once ``max_markers`` are exceeded.
+
+    Segments are skipped by their lengths, so an EXIF thumbnail (a JPEG inside APP1, with its
+    own scan and end) is not counted, and the search stops at the end-of-image, so what follows
+    it is not either: a phone's motion photo appends a few MB of MP4, where 0xFF 0xDA occurs
+    once in ~64 KiB (counting it over the whole file called an 8 MB trailer 115 scans). Between
+    segments the search is a C regex over the entropy-coded data (~1 ms for a 12 MP photo)."""
+    scans = markers = 0
+    search = _JPEG_MARKER.search
+    pos = 2  # after start-of-image
+    while (found := search(data, pos)) is not None:
+        at = found.start()
+        code = data[at + 1]
+        markers += 1
+        if code == _EOI or markers > max_markers:
+            break
+        if code in (_SOI, _TEM):  # no length follows these
+            pos = at + 2
+            continue
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if length < 2:  # not a segment: the decoder stops here too
+            break
+        scans += code == _SOS
+        pos = at + 2 + length  # past the header; for a scan, its entropy data follows
+    return scans, markers
+
+
+def _check_jpeg_structure(name: str, data: bytes) -> None:
+    scans, markers = jpeg_scans(data)
+    if scans > MAX_JPEG_SCANS:
+        raise _RejectedError(_finding(
+            name, "decompression_bomb",
+            f"{name} is made of {scans} scans (a photo has at most a few dozen): it is built "
+            "to take minutes to open", "upload the original photo from your camera or phone"))
+    if markers > MAX_JPEG_MARKERS:
+        raise _RejectedError(_finding(
+            name, "decompression_bomb",
+            f"{name} is made of more than {MAX_JPEG_MARKERS} segments (a photo has a few "
+            "dozen): it is built to take minutes to open",
+            "upload the original photo from your camera or phone"))
 
 
 def _check_dimensions(name: str, width: int, height: int, size: int, *,
