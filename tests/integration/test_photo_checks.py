@@ -548,3 +548,33 @@ def test_the_outcome_cache_keeps_the_most_recently_used_within_its_bound() -> No
     cache.put(("d",), PhotoOutcome(order=0, name="d", finding=Finding(
         "reject", "analysis_failed", "d could not be analysed", "try again", photo="d")))
     assert cache.get(("d",), order=0) is None
+
+
+def test_a_photo_decoded_short_of_memory_is_not_remembered(analyzer: DlibRegionFaceAnalyzer,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError while decoding (another upload holding the memory) said "too large,
+    resize it" of a normal photo, and the cache kept that for the life of the process: the
+    same photo uploaded once the memory was back was refused again without being read."""
+    from selfie_lora.dataset import decode
+
+    flatten = decode._flatten
+
+    def short_of_memory(img: Image.Image) -> Image.Image:
+        raise MemoryError
+
+    monkeypatch.setattr(decode, "_flatten", short_of_memory)
+    cache = OutcomeCache()
+    files = _uploads(("obama.jpg",))
+    first = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=analyzer, workers=1,
+                       cache=cache)
+    [finding] = [f for f in first.findings if f.photo == "obama.jpg"]
+    assert finding.code == decode.SHORT_OF_MEMORY
+    assert "short of memory" in finding.message
+    assert "again" in finding.advice
+    assert "resize" not in finding.advice
+    monkeypatch.setattr(decode, "_flatten", flatten)  # the memory is back
+    again = run_intake(files, limits=LIMITS, policy=POLICY, analyzer=analyzer, workers=1,
+                       cache=cache)
+    assert cache.hits == 0
+    assert [a.name for a in again.analyses] == ["obama.jpg"]
+    assert decode.SHORT_OF_MEMORY not in {f.code for f in again.findings}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import threading
 from collections.abc import Callable
@@ -439,6 +440,28 @@ def test_scans_are_those_of_the_picture_whatever_follows_it(
     scans, markers = decode.jpeg_scans(picture + trailer + b"\xff\xda\x00\x08" * scan_markers_after)
     assert scans == picture.count(b"\xff\xda")
     assert markers == decode.jpeg_scans(picture)[1]
+
+
+@pytest.mark.parametrize("failure", [
+    MemoryError(), OSError(errno.EMFILE, "Too many open files"),
+    RuntimeError("Memory allocation error: Cannot allocate memory"),  # libheif's words
+])
+def test_a_decode_short_of_memory_is_the_server_s_failure_not_the_photo_s(
+    failure: Exception, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 96x80 photo was "too large to decode: resize it" when the server ran short of memory."""
+    def fail(img: Image.Image) -> Image.Image:
+        raise failure
+
+    monkeypatch.setattr(decode, "_flatten", fail)
+    refused = _rejected(jpeg())
+    assert refused.code == decode.SHORT_OF_MEMORY
+    assert "the server was short of memory" in refused.message
+    assert "again" in refused.advice
+    assert "resize" not in refused.advice
+    # A decoder's own error (no errno) is still about the photo.
+    failure = OSError("broken data stream when reading image file")
+    assert _rejected(jpeg()).code == "truncated_image"
 
 
 def test_a_16_bit_grey_png_is_scaled_a_band_at_a_time() -> None:

@@ -19,6 +19,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import io
@@ -71,6 +72,16 @@ MAX_JPEG_SCANS = 100
 # depth map in extended XMP adds one per 64 KB). Pillow reads every segment before the first
 # scan in Python and keeps each APP and COM one: a million 4-byte comments (4 MB) took 1 s.
 MAX_JPEG_MARKERS = 1000
+
+# The finding of a photo this server failed to decode for want of memory (or of another
+# resource: file handles): the photo's size is checked before, so this says nothing about it,
+# and the same bytes may decode a minute later. Never remembered as the photo's outcome.
+SHORT_OF_MEMORY = "server_short_of_memory"
+# OSError numbers of a resource the process lacked (a decoder's own errors carry none).
+_RESOURCE_ERRNOS = frozenset({errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN})
+# What libheif ("Memory allocation error"), libavif ("Out of memory") and libjpeg
+# ("Insufficient memory") say when an allocation fails.
+_MEMORY_TEXTS = ("memory allocation", "out of memory", "insufficient memory")
 
 
 class ColourManaged:
@@ -650,10 +661,16 @@ def _classify_failure(name: str, label: str, exc: Exception) -> Finding:
     logger.debug("cannot decode %s: %r", name, exc)
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
         return _bomb(name)
-    if isinstance(exc, MemoryError):
-        return _finding(name, "image_too_large", f"{name} is too large to decode",
-                        "resize it (a 2000-4000 pixel photo is plenty) and upload it again")
     text = str(exc).lower()
+    if (isinstance(exc, MemoryError)
+            or (isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRNOS)
+            or any(words in text for words in _MEMORY_TEXTS)):
+        # Its pixels are within the limits (checked before decoding): the server, busy with
+        # other uploads, was short of memory, not the photo too large.
+        logger.warning("decoding %s: the server was short of memory (%r)", name, exc)
+        return _finding(name, SHORT_OF_MEMORY,
+                        f"{name} could not be read: the server was short of memory",
+                        "nothing is wrong with the photo: upload it again in a few minutes")
     if isinstance(exc, EOFError) or "truncated" in text or "broken data stream" in text:
         return _finding(name, "truncated_image",
                         f"{name} is cut off: the file ends before the picture does",

@@ -43,7 +43,7 @@ from selfie_lora.dataset.checks import (
     analyze_photo,
     check_set,
 )
-from selfie_lora.dataset.decode import DecodedPhoto, decode_photo
+from selfie_lora.dataset.decode import SHORT_OF_MEMORY, DecodedPhoto, decode_photo
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.dataset.prepare import PreparedPhoto, prepare_photo, source_min_side
 from selfie_lora.domain.entities import Finding
@@ -115,6 +115,9 @@ def process_photo(upload: UploadedFile, *, order: int, limits: UploadLimits, pol
 # The finding of a photo whose analysis crashed (a bug, a native failure, a dead worker): not
 # a property of the photo, so never remembered as its outcome (``OutcomeCache``).
 ANALYSIS_FAILED = "analysis_failed"
+# Findings about this server at that moment, not about the photo: the same bytes may fare
+# otherwise next time, so ``OutcomeCache`` keeps none of them.
+_NOT_THE_PHOTO = frozenset({ANALYSIS_FAILED, SHORT_OF_MEMORY})
 
 
 def _failed(order: int, name: str) -> PhotoOutcome:
@@ -232,7 +235,7 @@ class OutcomeCache:
     same photos with one more, or a check followed by the upload, analyses each photo once.
     A photo's outcome depends on nothing else (the set checks, which compare photos, always run
     again), its name included: findings name the photo. Failures that may not happen again (a
-    worker that died) are not kept. Thread-safe: request threads share one."""
+    worker that died, a decode short of memory) are not kept. Thread-safe: request threads share one."""
 
     def __init__(self, *, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
@@ -262,7 +265,7 @@ class OutcomeCache:
         return dataclasses.replace(outcome, order=order, analysis=analysis, cpu_seconds=0.0)
 
     def put(self, key: tuple[object, ...], outcome: PhotoOutcome) -> None:
-        if outcome.finding is not None and outcome.finding.code == ANALYSIS_FAILED:
+        if outcome.finding is not None and outcome.finding.code in _NOT_THE_PHOTO:
             return
         size = _outcome_size(outcome)
         if size > self.max_bytes:
