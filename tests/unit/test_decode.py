@@ -19,7 +19,14 @@ from selfie_lora.dataset.decode import DecodedPhoto, decode_photo, sniff_image
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.domain.entities import Finding
 from selfie_lora.testing import icc
-from tests.support.hostile import PHOTO_BYTES, encode, jpeg, jpeg_declaring, photo
+from tests.support.hostile import (
+    PHOTO_BYTES,
+    encode,
+    jpeg,
+    jpeg_declaring,
+    photo,
+    png_declaring,
+)
 from tests.support.photos import count_colour_conversions
 
 LIMITS = UploadLimits()
@@ -353,6 +360,35 @@ def test_a_big_camera_photo_is_too_large_not_a_bomb() -> None:
     assert refused.code == "image_too_large"
     assert "resize" in refused.advice
     assert _rejected(jpeg_declaring(11648, 8736)).code == "decompression_bomb"  # in 300 bytes
+
+
+@pytest.mark.parametrize(("build", "fmt"), [(jpeg_declaring, "JPEG"), (png_declaring, "PNG")])
+def test_a_200_mp_photo_is_too_large_not_a_bomb(build: Callable[[int, int], bytes],
+                                                fmt: str) -> None:
+    """16320x12240 (a 200 MP phone sensor) in 12 MB: past ~179 MP Pillow refuses in
+    Image.open itself, which was called a bomb before its size could be weighed against its
+    bytes. Weighed now by the same rule as a 100 MP photo."""
+    data = build(16320, 12240)
+    assert sniff_image(data).format == fmt
+    honest = data + b"\x00" * (12_000_000 - len(data))
+    refused = _rejected(honest)
+    assert refused.code == "image_too_large"
+    assert "16320x12240 pixels" in refused.message
+    assert "resize" in refused.advice
+    bomb = _rejected(data)  # the same declaration in a few hundred bytes
+    assert bomb.code == "decompression_bomb"
+    assert "16320x12240" in bomb.message
+
+
+def test_past_pillow_s_limit_the_pixel_count_decides_when_the_header_cannot_be_read_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(decode, "_declared_size", lambda data, fmt: None)
+    data = jpeg_declaring(16320, 12240)
+    refused = _rejected(data + b"\x00" * (12_000_000 - len(data)))
+    assert refused.code == "image_too_large"
+    assert "199 megapixels" in refused.message
+    assert _rejected(data).code == "decompression_bomb"
 
 
 def _with_scans(data: bytes, copies: int) -> bytes:

@@ -28,8 +28,8 @@ import re
 import threading
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 from numpy.typing import NDArray
@@ -343,7 +343,10 @@ def _decode(
         # Record every warning instead of letting a filter (pytest's "error", or none at all in
         # production) decide: the outcome must not depend on the process's warning settings.
         warnings.simplefilter("always")
-        img = Image.open(io.BytesIO(upload.data), formats=[fmt])
+        try:
+            img = Image.open(io.BytesIO(upload.data), formats=[fmt])
+        except Image.DecompressionBombError as exc:
+            _refuse_over_pillow_limit(name, upload.data, fmt, exc, limits=limits)
     with img:
         width, height = img.size
         for warning in caught:
@@ -451,6 +454,41 @@ def _check_jpeg_structure(name: str, data: bytes) -> None:
             "upload the original photo from your camera or phone"))
 
 
+def _refuse_over_pillow_limit(name: str, data: bytes, fmt: str,
+                              exc: Image.DecompressionBombError, *,
+                              limits: UploadLimits) -> NoReturn:
+    """Past twice its own limit (~179 MP) Pillow refuses in ``Image.open``, before
+    ``_check_dimensions`` could tell a big photo from a bomb: an honest 200 MP phone photo
+    (16320x12240 in ~12 MB) was "a far larger picture than its bytes can hold". The same rule
+    decides here, on the size the header declares."""
+    size = _declared_size(data, fmt)
+    # Anything past Pillow's limit is over ours too, whatever an operator set ours to.
+    pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or limits.max_pixels)
+    strict = replace(limits, max_pixels=min(limits.max_pixels, pillow_limit))
+    if size is not None:
+        _check_dimensions(name, size[0], size[1], len(data), limits=strict)
+    elif (found := re.search(r"\((\d+) pixels\)", str(exc))) is not None:
+        # Only the pixel count, from Pillow's message.
+        pixels = int(found.group(1))
+        if len(data) * _BOMB_PIXELS_PER_BYTE >= pixels:
+            raise _RejectedError(_too_large(
+                name, f"{name} has {pixels // 1_000_000} megapixels", limits=strict)) from None
+    raise _RejectedError(_bomb(name)) from None
+
+
+def _declared_size(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """(width, height) as the header of ``data`` declares them, read by the format's own reader,
+    which checks no size (header parsing only: ``Image.open`` loaded the plugin and read this
+    header already, then refused its size); None when it cannot be read so."""
+    try:
+        factory = Image.OPEN[fmt][0]
+        with factory(io.BytesIO(data), "") as img:
+            return img.size
+    except Exception as exc:
+        logger.debug("re-reading a %s header: %r", fmt, exc)
+        return None
+
+
 def _check_dimensions(name: str, width: int, height: int, size: int, *,
                       limits: UploadLimits) -> None:
     pixels = width * height
@@ -458,11 +496,15 @@ def _check_dimensions(name: str, width: int, height: int, size: int, *,
         return
     if pixels > limits.max_pixels and size * _BOMB_PIXELS_PER_BYTE < pixels:
         raise _RejectedError(_bomb(name, f" (it declares {width}x{height} pixels in {size} bytes)"))
-    raise _RejectedError(_finding(
+    raise _RejectedError(_too_large(name, f"{name} is {width}x{height} pixels", limits=limits))
+
+
+def _too_large(name: str, what: str, *, limits: UploadLimits) -> Finding:
+    return _finding(
         name, "image_too_large",
-        f"{name} is {width}x{height} pixels; at most {limits.max_pixels // 1_000_000} megapixels "
-        f"and {limits.max_side} pixels a side are accepted",
-        "resize it (a 2000-4000 pixel photo is plenty) and upload it again"))
+        f"{what}; at most {limits.max_pixels // 1_000_000} megapixels and {limits.max_side} "
+        "pixels a side are accepted",
+        "resize it (a 2000-4000 pixel photo is plenty) and upload it again")
 
 
 def _read_exif(img: Image.Image) -> tuple[int, str | None, bool, bool]:
