@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pillow_heif
@@ -25,6 +25,7 @@ from tests.support.hostile import (
     jpeg,
     jpeg_declaring,
     photo,
+    png_chunk,
     png_declaring,
 )
 from tests.support.photos import count_colour_conversions
@@ -476,6 +477,69 @@ def test_scans_are_those_of_the_picture_whatever_follows_it(
     scans, markers = decode.jpeg_scans(picture + trailer + b"\xff\xda\x00\x08" * scan_markers_after)
     assert scans == picture.count(b"\xff\xda")
     assert markers == decode.jpeg_scans(picture)[1]
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, data) of each chunk of a PNG, in order."""
+    chunks, pos = [], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        chunks.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]))
+        pos += length + 12
+    return chunks
+
+
+def _png_of(chunks: list[tuple[bytes, bytes]], *, idat_size: int | None = None,
+            extra: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """The PNG of ``chunks``, its image data re-cut in ``idat_size`` pieces (as encoders do:
+    libpng 8 KB, Pillow 64 KB), with ``extra`` chunks after its header."""
+    pixels = b"".join(body for kind, body in chunks if kind == b"IDAT")
+    size = idat_size or len(pixels)
+    idats = [(b"IDAT", pixels[i:i + size]) for i in range(0, len(pixels), size)]
+    ordered = [chunks[0], *extra, *(c for c in chunks[1:] if c[0] not in (b"IDAT", b"IEND")),
+               *idats, (b"IEND", b"")]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(png_chunk(kind, body) for kind, body in ordered)
+
+
+@pytest.mark.parametrize("kind", [b"raNd", b"tEXt", b"IDAT"])
+def test_a_png_flooded_with_chunks_is_refused_before_pillow_reads_them(kind: bytes) -> None:
+    """Millions of empty chunks (legal PNG) cost Pillow 0.6-2 s of CPU a million and, for
+    chunks besides the image data, ~120 MB a million: 48 MB of them took 8 s and 470 MB.
+    A walk over the chunk headers refuses them before Pillow reads one."""
+    chunks = _png_chunks(encode(photo(), "PNG"))
+    flooded = _png_of(chunks, extra=[(kind, b"")] * (decode.MAX_PNG_CHUNKS + 1))
+    refused = _rejected(flooded, "p.png")
+    assert refused.code == "decompression_bomb"
+    assert "chunks" in refused.message or "pieces" in refused.message
+    ordinary = _png_of(chunks, extra=[(b"tEXt", b"Comment\x00a phone")] * 20)
+    assert isinstance(decode_photo(UploadedFile("p.png", ordinary), limits=LIMITS), DecodedPhoto)
+
+
+def test_a_png_whose_pixels_come_in_thousands_of_small_pieces_is_read() -> None:
+    noise = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    chunks = _png_chunks(encode(Image.fromarray(noise), "PNG"))
+    pieces = _png_of(chunks, idat_size=256)
+    assert pieces.count(b"IDAT") > decode.MAX_PNG_CHUNKS
+    assert np.array_equal(np.asarray(_decoded(pieces, "p.png").image), noise)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    mode=st.sampled_from(["RGB", "RGBA", "L", "P"]),
+    idat_size=st.integers(256, 9000),
+    texts=st.integers(0, 40),
+)
+def test_a_png_in_many_pieces_as_encoders_write_them_is_read(seed: int, mode: str,
+                                                           idat_size: int, texts: int) -> None:
+    """Image data cut in pieces of any size an encoder uses, with some text chunks: the same
+    picture as in one piece (noise, so 200x150 is ~90 KB: up to ~350 pieces)."""
+    noise = np.random.default_rng(seed).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    img = Image.fromarray(noise).convert(mode)
+    chunks = _png_chunks(encode(img, "PNG"))
+    whole = _decoded(_png_of(chunks), "p.png")
+    cut = _png_of(chunks, idat_size=idat_size, extra=[(b"tEXt", b"k\x00v")] * texts)
+    assert np.array_equal(np.asarray(_decoded(cut, "p.png").image), np.asarray(whole.image))
 
 
 @pytest.mark.parametrize("failure", [
