@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from selfie_lora.dataset.archive import (
     archive_kind,
@@ -125,6 +127,62 @@ def test_a_mac_zip_skips_system_files_with_info_findings() -> None:
     assert len(findings) == 6
     assert {f.severity for f in findings} == {"info"}
     assert {f.code for f in findings} == {"ignored_file"}
+
+
+def _windows_zip(members: dict[str, bytes]) -> bytes:
+    """A zip as Windows PowerShell's Compress-Archive writes it: backslash separators, made on
+    MS-DOS (FAT attributes), a folder entry ending in a backslash."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, blob in members.items():
+            info = zipfile.ZipInfo(name)
+            info.create_system = 0
+            info.external_attr = 0x10 if name.endswith("\\") else 0x20  # directory / archive
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, blob)
+    return buf.getvalue()
+
+
+def test_a_powershell_zip_with_backslash_separators_is_read() -> None:
+    """Compress-Archive's folder\\01.jpg was refused as an unsafe path: Windows users could not
+    upload the zip their system made."""
+    data = _windows_zip({"selfies\\": b"", "selfies\\01.jpg": jpeg(seed=1),
+                         "selfies\\more\\02.jpg": jpeg(seed=2),
+                         "selfies\\Thumbs.db": b"\xd0\xcf"})
+    files, findings = read_zip(data, limits=LIMITS)
+    assert [f.name for f in files] == ["01.jpg", "02.jpg"]
+    assert [f.message for f in findings] == ["selfies/ was skipped: a folder entry",
+                                             "selfies/Thumbs.db was skipped: a system file"]
+
+
+@pytest.mark.parametrize("name", ["..\\x.jpg", "selfies\\..\\..\\x.jpg", "\\x.jpg",
+                                  "\\\\server\\share\\x.jpg", "C:\\Users\\x.jpg"])
+def test_backslash_paths_out_of_the_folder_are_still_unsafe(name: str) -> None:
+    assert _refused(lambda: read_zip(_windows_zip({name: jpeg()}), limits=LIMITS)) == \
+        "unsafe_path"
+
+
+_PARTS = st.sampled_from(["a", "B", "..", ".", "", "C:", "x.jpg", "__MACOSX", "._y.jpg",
+                          "Thumbs.db", "é.jpg"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(_PARTS, min_size=1, max_size=4).map("/".join).filter(bool),
+                min_size=1, max_size=5, unique=True))
+def test_a_backslash_reads_as_a_slash(names: list[str]) -> None:
+    """Whatever the paths, a zip naming them with backslashes is read as one naming them with
+    slashes: the same photos under the same names, the same findings, the same refusals."""
+    def outcome(data: bytes) -> object:
+        try:
+            files, findings = read_zip(data, limits=LIMITS)
+        except InvalidInputError as refused:
+            return refused.code
+        return [(f.name, f.data) for f in files], findings
+
+    members = {name: jpeg(seed=i) for i, name in enumerate(names)}
+    with_slashes = outcome(zip_of(members))
+    with_backslashes = outcome(zip_of({n.replace("/", "\\"): b for n, b in members.items()}))
+    assert with_backslashes == with_slashes
 
 
 def test_streamed_and_zip64_members_are_read() -> None:

@@ -327,10 +327,14 @@ def _parse_central_directory(
         raw_name = data[name_start:extra_start]
         extra = data[extra_start:extra_start + extra_len]
         usize, csize, offset = _zip64_sizes(extra, usize, csize, offset)
-        name = _decode_name(raw_name, flags)
+        # Windows PowerShell's Compress-Archive writes folder\01.jpg: a backslash separates, as
+        # Info-ZIP and libarchive read it. Normalised before any check, so ..\x, \x and C:\x
+        # are refused as the paths they are.
+        name = _decode_name(raw_name, flags).replace("\\", "/")
         _check_name_length(name, len(raw_name))
         alt_name = _unicode_path(extra, raw_name)
         if alt_name is not None:  # what some extractors show instead: held to the same bounds
+            alt_name = alt_name.replace("\\", "/")
             _check_name_length(alt_name, len(alt_name.encode("utf-8")))
         entries.append(_Entry(
             raw_name=raw_name, name=name, alt_name=alt_name, flags=flags, method=method, crc=crc,
@@ -438,13 +442,13 @@ def _check_name_length(name: str, size: int, *, what: str = "the archive entry",
 def _check_path(name: str) -> None:
     parts = name.split("/")
     unsafe = (
-        name == "" or name.startswith("/") or "\\" in name or "\x00" in name
+        name == "" or name.startswith("/") or "\x00" in name
         or _DRIVE.match(name) is not None or any(part == ".." for part in parts)
     )
     if unsafe:
         raise _refuse(ErrorCode.UNSAFE_PATH,
-                      f"the archive entry {_clean(name)!r} has an unsafe path (absolute, '..', "
-                      "a drive letter or a backslash)")
+                      f"the archive entry {_clean(name)!r} has an unsafe path (absolute, '..' "
+                      "or a drive letter)")
 
 
 def _check_file_type(entry: _Entry) -> None:
