@@ -116,18 +116,28 @@ class Raw:
     method: int = 0
     flags: int = 0
     external_attr: int = 0
+    extra: bytes = b""  # extra fields, in the local header and the directory alike
 
 
 def local_header(m: Raw, *, compressed_size: int | None = None) -> bytes:
     csize = len(m.payload) if compressed_size is None else compressed_size
     return struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, m.flags, m.method, 0, 0, m.crc, csize,
-                       m.size, len(m.name), 0) + m.name
+                       m.size, len(m.name), len(m.extra)) + m.name + m.extra
 
 
 def central_entry(m: Raw, offset: int, *, compressed_size: int | None = None) -> bytes:
     csize = len(m.payload) if compressed_size is None else compressed_size
     return struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 0x031E, 20, m.flags, m.method, 0, 0, m.crc,
-                       csize, m.size, len(m.name), 0, 0, 0, 0, m.external_attr, offset) + m.name
+                       csize, m.size, len(m.name), len(m.extra), 0, 0, 0, m.external_attr,
+                       offset) + m.name + m.extra
+
+
+def unicode_path(raw_name: bytes, path: str, *, crc_of: bytes | None = None) -> bytes:
+    """An Info-ZIP Unicode Path extra field (0x7075) giving ``path`` for ``raw_name`` (its
+    CRC-32 taken of ``crc_of`` instead, to make one that no longer matches its name)."""
+    body = b"\x01" + struct.pack("<I", zlib.crc32(raw_name if crc_of is None else crc_of))
+    body += path.encode()
+    return struct.pack("<HH", 0x7075, len(body)) + body
 
 
 def end_record(count: int, cd_size: int, cd_offset: int) -> bytes:

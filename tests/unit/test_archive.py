@@ -9,8 +9,10 @@ import struct
 import tracemalloc
 import unicodedata
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -27,6 +29,7 @@ from selfie_lora.dataset.limits import UploadLimits
 from selfie_lora.errors import InvalidInputError
 from tests.support.hostile import (
     ARCHIVE_BYTES,
+    Raw,
     jpeg,
     long_name_zip,
     long_unicode_path_zip,
@@ -36,6 +39,7 @@ from tests.support.hostile import (
     raw_zip,
     slow_to_normalise,
     stored,
+    unicode_path,
     with_zip64_end,
     zip_of,
 )
@@ -183,6 +187,40 @@ def test_a_backslash_reads_as_a_slash(names: list[str]) -> None:
     with_slashes = outcome(zip_of(members))
     with_backslashes = outcome(zip_of({n.replace("/", "\\"): b for n, b in members.items()}))
     assert with_backslashes == with_slashes
+
+
+def _member(raw_name: bytes, blob: bytes, **fields: Any) -> Raw:
+    return Raw(name=raw_name, payload=blob, size=len(blob), crc=zlib.crc32(blob), **fields)
+
+
+def test_utf_8_names_without_the_utf_8_flag_are_read_as_utf_8() -> None:
+    """Info-ZIP's zip (Linux, macOS) writes UTF-8 names without the flag: read as cp437,
+    "Zoë at the café.jpg" showed as "Zo├½ at the caf├⌐.jpg". Names in a DOS code page still
+    read as one (b"caf\\x82" is no UTF-8)."""
+    names = ["Zoë at the café.jpg", "Ünal.jpg", "写真.jpg",
+             unicodedata.normalize("NFD", "José.jpg")]  # macOS writes decomposed names
+    members = [_member(n.encode(), jpeg(seed=i)) for i, n in enumerate(names)]
+    members.append(_member(b"caf\x82 cr\x8ame.jpg", jpeg(seed=9)))  # cp437 from an old Windows
+    files, _ = read_zip(raw_zip(members), limits=LIMITS)
+    assert [f.name for f in files] == ["Zoë at the café.jpg", "Ünal.jpg", "写真.jpg", "José.jpg",
+                                       "café crème.jpg"]
+
+
+def test_the_info_zip_unicode_path_is_the_name_shown_when_its_crc_matches() -> None:
+    """Windows tools write what the code page can hold ("??.jpg") and the real name in an
+    Info-ZIP Unicode Path field; one whose CRC no longer matches the plain name is stale (a
+    tool renamed the member without updating it) and ignored."""
+    fresh = _member(b"??.jpg", jpeg(seed=1), extra=unicode_path(b"??.jpg", "写真.jpg"))
+    stale = _member(b"caf\x82.jpg", jpeg(seed=2),
+                    extra=unicode_path(b"caf\x82.jpg", "old.jpg", crc_of=b"old.jpg"))
+    files, _ = read_zip(raw_zip([fresh, stale]), limits=LIMITS)
+    assert [f.name for f in files] == ["写真.jpg", "café.jpg"]
+
+
+@pytest.mark.parametrize(("raw_name", "path"), [(b"a.jpg", "../a.jpg"), (b"../a.jpg", "a.jpg")])
+def test_either_name_of_a_member_out_of_the_folder_is_unsafe(raw_name: bytes, path: str) -> None:
+    member = _member(raw_name, jpeg(), extra=unicode_path(raw_name, path))
+    assert _refused(lambda: read_zip(raw_zip([member]), limits=LIMITS)) == "unsafe_path"
 
 
 def test_streamed_and_zip64_members_are_read() -> None:

@@ -92,7 +92,9 @@ _DRIVE = re.compile(r"^[A-Za-z]:")
 class _Entry:
     raw_name: bytes
     name: str  # decoded, as the archive states it
-    alt_name: str | None  # the Info-ZIP Unicode Path (0x7075), which some extractors prefer
+    # With an Info-ZIP Unicode Path (0x7075, shown as ``name``): the plain name, which some
+    # extractors show instead.
+    alt_name: str | None
     flags: int
     method: int
     crc: int
@@ -333,9 +335,13 @@ def _parse_central_directory(
         name = _decode_name(raw_name, flags).replace("\\", "/")
         _check_name_length(name, len(raw_name))
         alt_name = _unicode_path(extra, raw_name)
-        if alt_name is not None:  # what some extractors show instead: held to the same bounds
+        if alt_name is not None:
+            # The name its maker meant, where the plain one holds only what a code page could
+            # (Windows tools write "??.jpg" for 写真.jpg): shown. The plain one is what other
+            # extractors show: both are held to the same bounds and paths.
             alt_name = alt_name.replace("\\", "/")
             _check_name_length(alt_name, len(alt_name.encode("utf-8")))
+            name, alt_name = alt_name, name
         entries.append(_Entry(
             raw_name=raw_name, name=name, alt_name=alt_name, flags=flags, method=method, crc=crc,
             compressed_size=csize, size=usize, header_offset=offset, external_attr=external,
@@ -376,7 +382,15 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
 
 
 def _decode_name(raw: bytes, flags: int) -> str:
-    return raw.decode("utf-8", "replace") if flags & _FLAG_UTF8 else raw.decode("cp437")
+    if flags & _FLAG_UTF8:
+        return raw.decode("utf-8", "replace")
+    try:
+        # Info-ZIP's zip (Linux, macOS) and macOS's Archive Utility write UTF-8 without the
+        # flag: read as cp437, Zoë.jpg showed as Zo├½.jpg. Names in a DOS code page are
+        # almost never valid UTF-8 (an accented letter would have to follow a box-drawing one).
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp437")
 
 
 def _unicode_path(extra: bytes, raw_name: bytes) -> str | None:
