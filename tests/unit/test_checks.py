@@ -388,6 +388,23 @@ def test_an_empty_set_cannot_train() -> None:
     assert [f.code for f in report.findings] == ["too_few_photos"]
 
 
+@pytest.mark.parametrize(("kept", "minimum", "message"), [
+    (0, 1, "0 usable photos; at least 1 is needed"),
+    (1, 3, "1 usable photo; at least 3 are needed"),
+    (2, 3, "2 usable photos; at least 3 are needed"),
+])
+def test_too_few_photos_is_said_in_plain_english(kept: int, minimum: int, message: str) -> None:
+    """"0 usable photo(s); at least 1 are needed" was what a user read."""
+    report = check_set(_hashes_far_apart(_varied(kept)),
+                       policy=replace(POLICY, min_photos=minimum))
+    assert [f.message for f in report.findings if f.code == "too_few_photos"] == [message]
+    assert not any("(s)" in reason for reason in report.reasons)
+    few = check_set(_hashes_far_apart(_varied(minimum)), policy=replace(POLICY, min_photos=1))
+    assert [f.message for f in few.findings if f.code == "few_photos"] == [
+        f"{minimum} usable photo{'' if minimum == 1 else 's'}; "
+        f"{POLICY.recommended_min}-{POLICY.recommended_max} work best"]
+
+
 def test_rejected_photos_leave_the_set() -> None:
     photos = _hashes_far_apart(_varied(16))
     from selfie_lora.domain.entities import Finding

@@ -139,13 +139,18 @@ def _variety(kept: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> tuple[lis
 _COUNT_CODES = frozenset({"too_few_photos", "few_photos", "many_photos", "too_many_photos"})
 
 
+def _usable(count: int) -> str:
+    # Read by people: "1 usable photo", "0 usable photos", never "photo(s)".
+    return f"{count} usable photo{'' if count == 1 else 's'}"
+
+
 def _verdict(*, kept: int, total: int, photo_warned: int, set_findings: Sequence[Finding],
              trainable: bool, policy: CheckPolicy) -> tuple[Quality, int, tuple[str, ...]]:
     """A 0-100 score from the deductions below, its quality word and the main reasons."""
     deductions: list[tuple[float, str]] = []
     if kept < policy.recommended_min:
         deductions.append((45.0 * (policy.recommended_min - kept) / policy.recommended_min,
-                           f"{kept} usable photo(s): {policy.recommended_min}-"
+                           f"{_usable(kept)}: {policy.recommended_min}-"
                            f"{policy.recommended_max} work best"))
     elif kept > policy.recommended_max:
         deductions.append((min(10.0, float(kept - policy.recommended_max)),
@@ -200,13 +205,14 @@ def check_set(analyses: Sequence[PhotoAnalysis], *, policy: CheckPolicy,
     if count < policy.min_photos:
         set_findings.append(Finding(
             "reject", "too_few_photos",
-            f"{count} usable photo(s); at least {policy.min_photos} are needed",
+            f"{_usable(count)}; at least {policy.min_photos} "
+            f"{'is' if policy.min_photos == 1 else 'are'} needed",
             f"add more clear photos of your face ({policy.recommended_min}-"
             f"{policy.recommended_max} work best)"))
     elif count < policy.recommended_min:
         set_findings.append(Finding(
             "warn", "few_photos",
-            f"{count} usable photo(s); {policy.recommended_min}-{policy.recommended_max} work best",
+            f"{_usable(count)}; {policy.recommended_min}-{policy.recommended_max} work best",
             f"add {policy.recommended_min - count} or more photos in different places, "
             "light and poses"))
     if count > policy.max_photos:
