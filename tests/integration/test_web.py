@@ -422,6 +422,26 @@ def test_a_zip_is_reported_by_the_photos_inside_it(ann: TestClient) -> None:
     assert report_rows(r.text) == {"tiny.jpg": "left-out"}
 
 
+@pytest.mark.parametrize("name", ["selfies", "selfies.ZIP", "Selfies (1).zip.download"])
+def test_a_zip_is_known_by_its_content_not_its_name(ann: TestClient, name: str) -> None:
+    """A zip named "selfies" was sent among photos and refused as nested_archive."""
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w") as archive:
+        for i in range(3):
+            archive.writestr(f"photo{i}.jpg", synthetic_photo(i))
+    r = ann.post("/photos/upload", headers={"X-CSRF-Token": csrf(ann)},
+                 files=[("files", (name, data.getvalue(), "application/octet-stream"))])
+    assert r.status_code == 200, r.text
+    assert report_rows(r.text) == {f"photo{i}.jpg": "kept" for i in range(3)}
+
+
+def test_a_photo_named_like_a_zip_is_read_as_the_photo_it_is(ann: TestClient) -> None:
+    r = ann.post("/photos/upload", headers={"X-CSRF-Token": csrf(ann)},
+                 files=[("files", ("selfie.zip", synthetic_photo(0), "application/zip"))])
+    assert r.status_code == 200, r.text
+    assert report_rows(r.text) == {"selfie.zip": "kept"}
+
+
 def test_photos_stored_under_a_cleaned_name_are_reported_by_it(ann: TestClient) -> None:
     # The intake stores a photo under a cleaned name (NFC, at most 100 characters); the report
     # compared the browser's name, so such photos were "left out" though kept (found in review).

@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 
 from selfie_lora.api.deps import in_thread
 from selfie_lora.api.downloads import weights_response
+from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
@@ -198,7 +199,9 @@ async def photos_upload(request: Request, viewer: PageViewer,
         return _upload_refused(web, request, viewer, exc)
     named = [(f.filename or f"photo-{i + 1}", await f.read()) for i, f in enumerate(files)]
     svc = web.services
-    is_zip = len(named) == 1 and named[0][0].lower().endswith(".zip")
+    # By content, as everything sent is judged: a zip whose name lost its ".zip" (a phone's
+    # share sheet, a renamed download) was refused as an archive among the photos.
+    is_zip = len(named) == 1 and archive_kind(named[0][1]) == "zip archive"
     # The intake keeps each photo under a cleaned name (NFC, bounded, no control characters):
     # rows are keyed by it, and carry the name the browser sent so that the page finds the
     # file on the device for its thumbnail. A zip's own name is no photo: none of it here.
