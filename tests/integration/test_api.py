@@ -449,6 +449,55 @@ def test_multi_file_upload_trains_like_a_zip(client: TestClient, services: Servi
     assert r.json()["error"]["code"] == "duplicate_member"
 
 
+def _multipart(parts: list[tuple[str, str | None, bytes]]) -> tuple[bytes, dict[str, str]]:
+    """A multipart body of (field, filename or None for none at all, bytes), written by hand:
+    httpx leaves out a filename that is empty."""
+    boundary = "selfie-lora-test-boundary"
+    body = b""
+    for field, filename, data in parts:
+        disposition = f'form-data; name="{field}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        body += (f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+                 "Content-Type: image/jpeg\r\n\r\n").encode() + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_a_photo_part_with_an_empty_filename_is_named_by_its_place(
+    client: TestClient, services: Services,
+) -> None:
+    """filename="" (curl, a browser's file input): read, and named photo1, photo2..."""
+    h = auth(services, "ann")
+    big = synthetic_photo(0, size=2200)
+    assert len(big) > 1024 * 1024  # over the form parser's limit for a text field
+    body, headers = _multipart([("files", "", big), ("files", "", synthetic_photo(1)),
+                                ("files", "p.jpg", synthetic_photo(2)), ("start", None, b"false")])
+    r = client.post("/api/training/upload", headers={**h, **headers}, content=body)
+    assert r.status_code == 202, r.text
+    assert r.json()["dataset"]["images_accepted"] == 3
+    user = services.users.get_by_name(name="ann")
+    stored = services.intake.photos(user=user, dataset_id=r.json()["dataset"]["id"])
+    assert sorted(photo.name for photo in stored) == ["p.jpg", "photo1", "photo2"]
+
+
+@pytest.mark.parametrize(("route", "field"), [("upload", "files"), ("upload-zip", "file")])
+@pytest.mark.parametrize("size", [150_000, 2_400_000])
+def test_a_part_without_a_filename_is_refused_in_words(client: TestClient, services: Services,
+                                                       route: str, field: str, size: int) -> None:
+    """A part with no filename at all is a text field to the form parser: a 150 KB photo got
+    422 "Expected UploadFile, received: <class 'str'>", a 2.4 MB one 400 "Part exceeded maximum
+    size of 1024KB"."""
+    h = auth(services, "ann")
+    body, headers = _multipart([(field, None, b"\xff\xd8\xff" + bytes(size))])
+    r = client.post(f"/api/training/{route}", headers={**h, **headers}, content=body)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "without a filename" in error["message"]
+    assert ("-F file=@selfies.zip" if field == "file" else "-F files=@photo.jpg") in error["message"]
+
+
 def test_canceling_a_queued_training_ends_it_at_once_and_logs_it(services: Services) -> None:
 
     user, _ = services.users.create(name="ann")

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfie_lora.api import generation, keys, likeness, model, training, webhooks
 from selfie_lora.api.deps import in_thread
-from selfie_lora.api.guard import Guard, Limits
+from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.config import Settings
 from selfie_lora.errors import ErrorCode, RateLimitedError, SelfieLoraError
@@ -155,6 +155,17 @@ def create_app(
         details = [
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
         ]
+        if request.url.path in UPLOAD_PATHS:
+            nameless = [d["loc"] for d in details if d["loc"][:2] in (["body", "files"],
+                                                                      ["body", "file"])
+                        and "Expected UploadFile" in d["msg"]]
+            if nameless:  # a photo sent without a filename (see api.training.nameless_part)
+                loc = nameless[0]
+                part = (f"part {loc[2] + 1} of 'files'" if len(loc) > 2
+                        and isinstance(loc[2], int) else f"the '{loc[1]}' part")
+                svc.operations.record_error(code=ErrorCode.INVALID_REQUEST)
+                return _error(422, ErrorCode.INVALID_REQUEST,
+                              training.nameless_part(request.url.path, part), details)
         if is_page(request.url.path):
             message = "the form is not complete: " + "; ".join(
                 f"{'.'.join(str(p) for p in d['loc'][1:]) or 'form'}: {d['msg']}"
@@ -166,6 +177,13 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if (exc.status_code == 400 and request.url.path in UPLOAD_PATHS
+                and str(exc.detail).startswith("Part exceeded maximum size")):
+            # The form parser's refusal of a text field over 1 MB: on the upload routes the
+            # only text field is ``start``, so this is a photo sent without a filename.
+            svc.operations.record_error(code=ErrorCode.INVALID_REQUEST)
+            return _error(422, ErrorCode.INVALID_REQUEST,
+                          training.nameless_part(request.url.path, "a part of the upload"), [])
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
             exc.status_code, ErrorCode.HTTP_ERROR)
         if is_page(request.url.path) and not request.url.path.startswith("/static/"):

@@ -33,6 +33,18 @@ def upload_json(svc: Services, result: UploadResult) -> dict[str, Any]:
     }
 
 
+def nameless_part(path: str, part: str) -> str:
+    """What an upload route answers for a part sent without a filename, which the form parser
+    takes for a text field (httpx and requests leave out a filename that is empty): FastAPI
+    then refused it as "Expected UploadFile, received: <class 'str'>", and over 1 MB the parser
+    refused it before any route ran ("Part exceeded maximum size of 1024KB"). Its bytes arrive
+    decoded as text, which cannot be turned back into the photo for sure, so it is refused in
+    words (``api.app``'s handlers), with the curl line that sends it right."""
+    example = "file=@selfies.zip" if path.endswith("/upload-zip") else "files=@photo.jpg"
+    return (f"{part} was sent without a filename, so it arrived as text, not as a file; send "
+            f"it as a file part with its name (curl: -F {example})")
+
+
 async def read_capped(file: UploadFile, *, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
@@ -69,7 +81,9 @@ async def upload_files(
     for upload in files:
         data = await read_capped(upload, limit=limit - total)
         total += len(data)
-        named.append((upload.filename or f"photo{len(named)}", data))
+        # An empty filename (filename="", as curl and browsers send it): the intake names the
+        # photo by its place ("photo3").
+        named.append((upload.filename or "", data))
     result = await in_thread(lambda: svc.training.upload_files(user=user, files=named,
                                                                start=start))
     return upload_json(svc, result)
