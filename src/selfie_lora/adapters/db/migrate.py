@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, inspect, text
+from sqlalchemy import Connection, Engine, inspect, text
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +42,28 @@ def at_head(engine: Engine) -> bool:
     return [r[0] for r in rows] == [head_revision()]
 
 
+@contextmanager
+def _unbounded(connection: Connection) -> Iterator[None]:
+    if connection.dialect.driver != "psycopg":
+        yield
+        return
+    from selfie_lora.adapters.db.postgres import answering_within
+
+    with answering_within(connection.connection.dbapi_connection, None):
+        yield
+
+
 def upgrade(engine: Engine) -> None:
     """Run every pending migration on ``engine``'s database. Every command and process calls
     this at start-up; a database already at head costs one query, not an Alembic run."""
     if at_head(engine):
         return
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
-    with engine.begin() as connection:
+    with engine.begin() as connection, _unbounded(connection):
         if connection.dialect.name == "postgresql":
+            # A migration takes as long as it takes (an index on a large table), and so does
+            # the wait for another process's: no statement or answer time-out while it runs.
+            connection.execute(text("SET LOCAL statement_timeout = 0"))
             # Every API server and worker of a deployment upgrades at start-up, often at the
             # same moment: one at a time (the lock ends with this transaction), and the next
             # finds the schema at head.

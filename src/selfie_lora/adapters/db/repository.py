@@ -101,7 +101,8 @@ SQLITE_POOL = {"pool_size": 48, "max_overflow": 16}
 POSTGRES_POOL = {"pool_size": 15, "max_overflow": 0}
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, statement_timeout_s: float | None = None,
+                answer_timeout_s: float | None = None) -> Engine:
     """An engine for ``url``. SQLite gets WAL and a busy timeout so the API, the in-process worker
     and a CLI can share one file, and transactions that take the write lock when they begin,
     except those that only read.
@@ -118,7 +119,12 @@ def make_engine(url: str) -> Engine:
     (``SqlRepository._read``: one statement) begins no transaction at all: in WAL mode a
     statement on its own reads a consistent snapshot of the latest commit without taking any
     lock, and it writes nothing that could be stale. (A ``BEGIN`` and ``COMMIT`` around it would
-    only add two calls into SQLite, each a hand-over of the GIL between busy threads.)"""
+    only add two calls into SQLite, each a hand-over of the GIL between busy threads.)
+
+    PostgreSQL connections time out (``adapters/db/postgres.py``): making one, a peer gone
+    silent, a statement (``statement_timeout_s``, 300 s unless given), and the answer to one
+    (``answer_timeout_s``, 30 s more unless given).
+    A database that does not answer is a ``StorageError`` then, never a wait for ever."""
     try:
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite" and (
@@ -129,7 +135,8 @@ def make_engine(url: str) -> Engine:
             raise ConfigError("SELFIE_LORA_DATABASE_URL is an in-memory SQLite database, which "
                               "nothing else sees: use a file (sqlite:////path/selfie-lora.db) "
                               "or PostgreSQL")
-        return _make_engine(url)
+        return _make_engine(url, statement_timeout_s=statement_timeout_s,
+                            answer_timeout_s=answer_timeout_s)
     except NoSuchModuleError:  # before ArgumentError: it is one
         raise ConfigError(f"SELFIE_LORA_DATABASE_URL ({_shown(url)}) names a database this "
                           "cannot use: postgresql+psycopg://... or sqlite:///...") from None
@@ -145,7 +152,8 @@ def _shown(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _make_engine(url: str) -> Engine:
+def _make_engine(url: str, *, statement_timeout_s: float | None,
+                 answer_timeout_s: float | None) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
                                **SQLITE_POOL)
@@ -166,7 +174,32 @@ def _make_engine(url: str) -> Engine:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **POSTGRES_POOL)
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() != "psycopg":
+        return create_engine(url, pool_pre_ping=True, **POSTGRES_POOL)
+    from selfie_lora.adapters.db import postgres
+
+    statement_s = (statement_timeout_s if statement_timeout_s is not None
+                   else postgres.STATEMENT_TIMEOUT_S)
+    # The pool's ping is ours (``_ping``): SQLAlchemy's would wait for the statement's bound.
+    engine = create_engine(url, **POSTGRES_POOL,
+                           connect_args=postgres.connect_args(
+                               dict(parsed.query), statement_timeout_s=statement_s))
+
+    answer_s = (answer_timeout_s if answer_timeout_s is not None
+                else statement_s + postgres.ANSWER_MARGIN_S)
+
+    @event.listens_for(engine, "do_connect")
+    def _bounded_connect(_dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+        return postgres.connect(*cargs, answer_timeout=answer_s, **cparams)
+
+    @event.listens_for(engine, "checkout")
+    def _ping(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        # What pool_pre_ping does (a connection the server dropped is replaced before a call
+        # uses it), with a bound of its own: the pool tries again with a new connection.
+        postgres.ping(dbapi_conn, engine.dialect.do_ping)
+
+    return engine
 
 
 # The first half of the PostgreSQL advisory locks that guard sign-in attempts (the second is a

@@ -1,0 +1,109 @@
+"""How long a PostgreSQL connection waits for the server before it gives up (imported only for a
+PostgreSQL URL: psycopg is an extra).
+
+Without these, a server that accepts the connection and never answers (a hung primary, a
+half-dead fail-over, a partition that drops packets) held every start, request and worker step
+for ever: libpq has no timeout of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.abc import PQGen
+from psycopg.connection import _WAIT_INTERVAL
+from sqlalchemy.exc import DisconnectionError
+
+RV = TypeVar("RV")
+
+# A connection that is not made in this long fails (psycopg times the whole handshake).
+CONNECT_TIMEOUT_S = 10
+# The longest a statement may run on the server: generous next to the longest of ours (the
+# collector's listing of every dataset, generation and training, seconds on a large database)
+# and to the waits for a row lock; migrations lift it (``unbounded``).
+STATEMENT_TIMEOUT_S = 300.0
+# What the client waits past the statement timeout for the server's own answer (its error)
+# before it stops waiting: the server cannot say anything when it is hung (stopped, stuck on a
+# disk) or when whatever sits between (a proxy, a NAT) stopped passing packets but still
+# acknowledges them, which neither TCP keepalives nor tcp_user_timeout notice.
+ANSWER_MARGIN_S = 30.0
+# How long the pool's check of a connection it hands out waits (an empty statement, answered at
+# once by a server that is there): a hung server costs this, not the statement's whole bound.
+PING_TIMEOUT_S = 10.0
+
+# libpq's own: a connection whose peer has gone (no acknowledgement of what was sent in 30 s, or
+# no answer to 3 keepalive probes 10 s apart after 30 s of silence) fails instead of waiting.
+# A URL that names any of these (or connect_timeout) keeps its own value.
+CONNECTION_DEFAULTS: dict[str, Any] = {
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
+class BoundedConnection(psycopg.Connection[Any]):
+    """A psycopg connection that stops waiting for an answer after ``answer_timeout`` seconds
+    (None: never) and is closed then: what it had sent may still be half-answered, so it can
+    never be used again (the pool sees it closed and drops it)."""
+
+    answer_timeout: float | None = None
+
+    def wait(self, gen: PQGen[RV], interval: float = _WAIT_INTERVAL,
+             timeout: float | None = None) -> RV:
+        limit = timeout if timeout is not None else self.answer_timeout
+        try:
+            return super().wait(gen, interval=interval, timeout=limit)
+        except psycopg.errors._WaitTimeout:  # psycopg's own, private name for its time-out
+            if timeout is not None:  # psycopg's own limit (a cancel's): its caller handles it
+                raise
+            self.pgconn.finish()
+            raise psycopg.OperationalError(
+                f"no answer from the server in {limit:g} s (the connection is closed)") from None
+
+
+def connect_args(query: dict[str, Any], *, statement_timeout_s: float) -> dict[str, Any]:
+    """psycopg's arguments beside the URL's (``query``): the defaults above where the URL says
+    nothing, and the statement timeout in the session's options (before the URL's own, which
+    libpq lets win)."""
+    args = {name: value for name, value in CONNECTION_DEFAULTS.items() if name not in query}
+    own = f"-c statement_timeout={round(statement_timeout_s * 1000)}"
+    args["options"] = f"{own} {query['options']}" if "options" in query else own
+    return args
+
+
+def connect(*cargs: Any, answer_timeout: float | None, **cparams: Any) -> BoundedConnection:
+    connection = BoundedConnection.connect(*cargs, **cparams)
+    connection.answer_timeout = answer_timeout
+    return connection
+
+
+@contextmanager
+def answering_within(dbapi_connection: Any, seconds: float | None) -> Iterator[None]:
+    """Another client time-out on ``dbapi_connection`` for a while: None for a migration, which
+    takes as long as it takes (its transaction also sets ``statement_timeout`` to 0), a short
+    one for the pool's ping."""
+    if not isinstance(dbapi_connection, BoundedConnection):
+        yield
+        return
+    before = dbapi_connection.answer_timeout
+    dbapi_connection.answer_timeout = seconds
+    try:
+        yield
+    finally:
+        dbapi_connection.answer_timeout = before
+
+
+def ping(dbapi_connection: Any, do_ping: Callable[[Any], object]) -> None:
+    """The dialect's ping within ``PING_TIMEOUT_S`` (or the connection's own bound, if shorter);
+    a connection that fails it is one the pool replaces (``DisconnectionError``)."""
+    bound = getattr(dbapi_connection, "answer_timeout", None)
+    try:
+        with answering_within(dbapi_connection, min(PING_TIMEOUT_S, bound or PING_TIMEOUT_S)):
+            do_ping(dbapi_connection)
+    except psycopg.Error as exc:
+        raise DisconnectionError(str(exc)) from exc

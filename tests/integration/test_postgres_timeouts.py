@@ -1,0 +1,214 @@
+"""A PostgreSQL server that does not answer is an error in bounded time, never a wait for ever:
+one that accepts connections and says nothing stops a command in one line, one that goes silent
+mid-run fails the call that waits on it, and a statement that runs too long is cancelled."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from sqlalchemy import text
+from typer.testing import CliRunner
+
+from selfie_lora.adapters.db.migrate import upgrade
+from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.cli import app
+from selfie_lora.config import get_settings
+from selfie_lora.errors import StorageError
+from tests.support.backends import POSTGRES_ENV, database_url, fresh_engine
+
+pytest.importorskip("psycopg")
+
+
+class SilentServer:
+    """Accepts TCP connections and never says a word (a hung server, a half-dead fail-over)."""
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port: int = self._listener.getsockname()[1]
+        self._accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        try:
+            while True:
+                self._accepted.append(self._listener.accept()[0])
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._accepted:
+            conn.close()
+
+
+class FreezingProxy:
+    """Forwards to ``upstream`` until frozen, then passes nothing on while the kernel still
+    acknowledges every packet: what a stuck proxy or a stopped server looks like from the
+    client, which neither TCP keepalives nor tcp_user_timeout notice."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.frozen = threading.Event()
+        self._upstream = upstream
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port: int = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        try:
+            while True:
+                client = self._listener.accept()[0]
+                server = socket.create_connection(self._upstream)
+                self._sockets += [client, server]
+                threading.Thread(target=self._pipe, args=(client, server), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
+        except OSError:
+            pass
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                while self.frozen.is_set():
+                    time.sleep(0.05)
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.frozen.clear()
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+# Old code: still waiting when the timeout failed the test (no connect timeout at all).
+@pytest.mark.timeout(60)
+def test_a_server_that_never_answers_stops_a_command_in_one_line_in_bounded_time(
+        silent: SilentServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SELFIE_LORA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SELFIE_LORA_DATABASE_URL",
+                       f"postgresql+psycopg://u:pw_SECRET@127.0.0.1:{silent.port}/x")
+    get_settings.cache_clear()
+    try:
+        started = time.monotonic()
+        result = CliRunner().invoke(app, ["users", "keys", "list", "ann"])
+        took = time.monotonic() - started
+    finally:
+        get_settings.cache_clear()
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(
+        f"error: the database (SELFIE_LORA_DATABASE_URL postgresql+psycopg://u:***@127.0.0.1:"
+        f"{silent.port}/x) cannot be reached: "), lines
+    assert "pw_SECRET" not in result.output
+    assert took < 30, took  # the connect timeout (10 s), and not much more
+
+
+def test_a_url_s_own_connect_timeout_wins(silent: SilentServer) -> None:
+    engine = make_engine(f"postgresql+psycopg://u@127.0.0.1:{silent.port}/x?connect_timeout=1")
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="timeout"), engine.connect():
+            pass
+    finally:
+        engine.dispose()
+    assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+def postgres_url(tmp_path: Path) -> str:
+    url = database_url("postgres", tmp_path)  # skips without SELFIE_LORA_TEST_POSTGRES_URL
+    engine = fresh_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+# Old code: the call waited for ever (caught by the test's timeout).
+@pytest.mark.postgres
+@pytest.mark.timeout(60)
+def test_a_server_gone_silent_mid_run_fails_the_call_with_a_database_error(
+        postgres_url: str) -> None:
+    assert os.environ.get(POSTGRES_ENV)
+    parts = urlsplit(postgres_url)
+    proxy = FreezingProxy((parts.hostname or "127.0.0.1", parts.port or 5432))
+    proxied = urlunsplit(parts._replace(
+        netloc=f"{parts.username}@127.0.0.1:{proxy.port}" if parts.username
+        else f"127.0.0.1:{proxy.port}", query="connect_timeout=2"))
+    engine = make_engine(proxied, statement_timeout_s=1, answer_timeout_s=2)
+    try:
+        repo = SqlRepository(engine)
+        assert repo.get_user("nobody") is None  # through the proxy
+        proxy.frozen.set()
+        started = time.monotonic()
+        # The pool's ping gets no answer, then neither does a new connection (or, without the
+        # ping, the statement itself).
+        with pytest.raises(StorageError, match=r"database error: (no answer from the server|"
+                                               r"connection timeout expired)"):
+            repo.count_trainings_by_status()
+        assert time.monotonic() - started < 10
+        # The connection that got no answer is gone: the next call, once the server answers
+        # again, gets a fresh one.
+        proxy.frozen.clear()
+        assert repo.get_user("nobody") is None
+    finally:
+        proxy.close()
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_statement_past_the_timeout_is_cancelled_by_the_server(postgres_url: str) -> None:
+    engine = make_engine(postgres_url, statement_timeout_s=0.5)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == "500ms"
+            with pytest.raises(Exception, match="statement timeout"):
+                conn.execute(text("SELECT pg_sleep(3)"))
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_migration_runs_without_the_statement_timeout(postgres_url: str) -> None:
+    # A migration takes as long as it takes: an index on a large table ran past any bound.
+    engine = make_engine(postgres_url, statement_timeout_s=0.5)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM alembic_version"))
+            conn.execute(text("INSERT INTO alembic_version VALUES ('0012')"))
+            # A column of the last migration, as it was before it (0013 adds it again).
+            conn.execute(text("DROP INDEX IF EXISTS ux_users_name_folded"))
+            conn.execute(text("ALTER TABLE users DROP COLUMN name_folded"))
+            conn.execute(text(
+                "CREATE OR REPLACE FUNCTION slow_fold() RETURNS trigger AS $$ "
+                "BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$ LANGUAGE plpgsql"))
+            conn.execute(text("INSERT INTO users (id, name, api_key_hash, created_at) "
+                              "VALUES ('u1', 'ann', 'unused:u1', now())"))
+            conn.execute(text("CREATE TRIGGER slow BEFORE UPDATE ON users FOR EACH ROW "
+                              "EXECUTE FUNCTION slow_fold()"))
+        upgrade(engine)  # 0013 fills name_folded: one second a row, past the 0.5 s bound
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT name_folded FROM users")).scalar() == "ann"
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == "500ms"
+    finally:
+        engine.dispose()
