@@ -14,7 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Engine, inspect, text
 
-from selfie_lora.adapters.db.migrate import alembic_config, at_head, upgrade
+from selfie_lora.adapters.db.migrate import alembic_config, at_head, head_revision, upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.db.tables import Base
 from selfie_lora.domain.entities import GateStatus, User
@@ -306,3 +306,47 @@ def test_processes_starting_together_upgrade_one_at_a_time(tmp_path: Path) -> No
     finally:
         for e in engines:
             e.dispose()
+
+
+# Old code: Alembic's traceback ("Can't locate revision identified by '0099'") from every
+# command, exit status 1 for the CLI's crash and 3 for uvicorn's.
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", [
+    ["users", "keys", "list", "ann"], ["worker"], ["serve", "--no-worker", "--port", "0"]],
+    ids=["users", "worker", "serve"])
+def test_a_schema_newer_than_this_release_stops_every_command_in_one_line(
+        engine: Engine, tmp_path: Path, command: list[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    upgrade(engine)
+    with engine.begin() as conn:  # what a newer release's migration left
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")}
+    env.update({"SELFIE_LORA_HOME": str(tmp_path / "home"), "COLUMNS": "200",
+                "SELFIE_LORA_DATABASE_URL": engine.url.render_as_string(hide_password=False),
+                # The code of this checkout, whatever the environment's install points at.
+                "PYTHONPATH": os.pathsep.join(
+                    [str(Path(__file__).resolve().parents[2] / "src"),
+                     env.get("PYTHONPATH", "")]).rstrip(os.pathsep)})
+    script = Path(sys.executable).parent / "selfie-lora"
+    done = subprocess.run([str(script), *command], env=env, capture_output=True, text=True,
+                          timeout=90)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert lines == [
+        f"error: the database's schema (0099) is newer than this release's ({head_revision()}): "
+        "upgrade "
+        "selfie-lora here to the release that upgraded the database (every process of a "
+        "deployment runs the same one); nothing was changed"], done.stderr
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).all() == [("0099",)]
+
+
+def test_at_head_refuses_a_revision_it_does_not_know(engine: Engine) -> None:
+    upgrade(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    with pytest.raises(ConfigError, match=r"schema \(0099\) is newer than this release's"):
+        upgrade(engine)

@@ -13,6 +13,8 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 
+from selfie_lora.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # An arbitrary 64-bit key that names "selfie-lora's schema migration" among advisory locks.
@@ -28,18 +30,49 @@ def alembic_config(url: str) -> Config:
 
 
 @functools.cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config("sqlite://"))
+
+
 def head_revision() -> str | None:
     """The newest migration's revision (read from the scripts once per process)."""
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    return _scripts().get_current_head()
+
+
+@functools.cache
+def known_revisions() -> frozenset[str]:
+    """Every revision this release's migrations know."""
+    return frozenset(script.revision for script in _scripts().walk_revisions())
+
+
+def _schema_revisions(connection: Connection) -> list[str] | None:
+    """The revisions the database says it is at; None: it has no schema of ours yet."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    return [r[0] for r in connection.execute(text("SELECT version_num FROM alembic_version"))]
+
+
+def _refuse_unknown(revisions: list[str]) -> None:
+    """A revision this release does not know was written by a newer one: Alembic would fail on
+    it with a traceback ("Can't locate revision"), and this release's code would read and write
+    tables whose meaning it does not know."""
+    unknown = [r for r in revisions if r not in known_revisions()]
+    if unknown:
+        raise ConfigError(
+            f"the database's schema ({', '.join(unknown)}) is newer than this release's "
+            f"({head_revision()}): upgrade selfie-lora here to the release that upgraded the "
+            "database (every process of a deployment runs the same one); nothing was changed")
 
 
 def at_head(engine: Engine) -> bool:
-    """Whether the database is already at the newest schema (one query, no Alembic run)."""
+    """Whether the database is already at the newest schema (one query, no Alembic run).
+    Raises ``ConfigError`` when it is at one newer than this release knows."""
     with engine.connect() as connection:
-        if not inspect(connection).has_table("alembic_version"):
-            return False
-        rows = connection.execute(text("SELECT version_num FROM alembic_version")).all()
-    return [r[0] for r in rows] == [head_revision()]
+        revisions = _schema_revisions(connection)
+    if revisions is None:
+        return False
+    _refuse_unknown(revisions)
+    return revisions == [head_revision()]
 
 
 @contextmanager
@@ -69,6 +102,8 @@ def upgrade(engine: Engine) -> None:
             # finds the schema at head.
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                {"key": MIGRATION_LOCK_KEY})
+        # Again under the lock: a newer release may have upgraded it since ``at_head``.
+        _refuse_unknown(_schema_revisions(connection) or [])
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
     logger.debug("database at head: %s", engine.url.render_as_string(hide_password=True))
