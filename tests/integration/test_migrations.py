@@ -350,3 +350,81 @@ def test_at_head_refuses_a_revision_it_does_not_know(engine: Engine) -> None:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     with pytest.raises(ConfigError, match=r"schema \(0099\) is newer than this release's"):
         upgrade(engine)
+
+
+def insert_unfolded(engine: Engine, id_: str, name: str, *, second: int = 0,
+                    folded: str | None = None) -> None:
+    """A user as the release before 0013 writes it (it knows no name_folded), or, with
+    ``folded``, as this one does."""
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO users (id, name, name_folded, api_key_hash, created_at) "
+                          "VALUES (:id, :name, :folded, :h, :t)"),
+                     {"id": id_, "name": name, "folded": folded, "h": f"unused:{id_}",
+                      "t": NOW.replace(second=second)})
+
+
+def folded_names(engine: Engine) -> dict[str, str | None]:
+    with engine.connect() as conn:
+        return dict(conn.execute(text("SELECT id, name_folded FROM users")).all())  # type: ignore[arg-type]
+
+
+# Old code: 'carol' was made beside 'Carol' (two accounts), and the older one was found only by
+# its exact name.
+def test_a_user_an_older_release_signed_up_mid_upgrade_holds_its_name_whatever_the_case(
+        engine: Engine) -> None:
+    upgrade(engine)
+    insert_unfolded(engine, "old-carol", "Carol")
+    repo = SqlRepository(engine)
+    assert [repo.get_user_by_name(n).id for n in ("Carol", "carol", "CAROL")] == [  # type: ignore[union-attr]
+        "old-carol"] * 3
+    with pytest.raises(ConflictError) as taken:
+        UserService(repo=repo).create(name="carol")
+    assert taken.value.code is ErrorCode.USER_EXISTS
+    with pytest.raises(ConflictError) as taken:  # the repository itself, for a racing sign-up
+        repo.add_user(User(id="new-carol", name="carol", created_at=NOW))
+    assert taken.value.code is ErrorCode.USER_EXISTS
+    # The next start fills the folded name in: from then on the unique index holds it.
+    upgrade(engine)
+    assert folded_names(engine) == {"old-carol": "carol"}
+    assert repo.get_user_by_name("cArOl").id == "old-carol"  # type: ignore[union-attr]
+
+
+# Old code: the lookup took whichever row came first ('carol', the newer), and nothing at start
+# noticed the two accounts.
+def test_two_accounts_an_older_release_made_mid_upgrade_stop_the_start_as_0013_does(
+        engine: Engine) -> None:
+    upgrade(engine)
+    insert_unfolded(engine, "old-carol", "Carol", second=1)  # by the older release
+    insert_unfolded(engine, "new-carol", "carol", second=2, folded="carol")  # by this one
+    repo = SqlRepository(engine)
+    assert repo.get_user_by_name("carol").id == "old-carol"  # type: ignore[union-attr]  # the first made
+    with pytest.raises(ConfigError) as refused:
+        upgrade(engine)
+    message = refused.value.message
+    assert "'Carol' and 'carol'" in message, message
+    assert "UPDATE users SET name = 'carol-2' WHERE name = 'carol'" in message, message
+    assert folded_names(engine) == {"old-carol": None, "new-carol": "carol"}  # nothing changed
+    with engine.begin() as conn:  # renamed as it says, the start goes through
+        conn.execute(text("UPDATE users SET name = 'carol-2', name_folded = 'carol-2' "
+                          "WHERE name = 'carol'"))
+    upgrade(engine)
+    assert folded_names(engine) == {"old-carol": "carol", "new-carol": "carol-2"}
+
+
+# Old code: it said "rename 'AAA...A' (100 characters) to 'AAA...A-2'", which PostgreSQL refuses
+# (VARCHAR(100)).
+def test_0013_s_suggested_name_fits_the_column(engine: Engine) -> None:
+    import re
+
+    migrate(engine, "0012")
+    insert_users(engine, "a" * 100, "A" * 100)
+    with pytest.raises(ConfigError) as refused:
+        upgrade(engine)
+    update = re.search(r"UPDATE users SET name = '([^']*)' WHERE name = '[^']*'",
+                       refused.value.message)
+    assert update is not None, refused.value.message
+    assert len(update.group(1)) <= 100
+    with engine.begin() as conn:
+        conn.execute(text(update.group(0)))
+    upgrade(engine)
+    assert SqlRepository(engine).get_user_by_name(update.group(1)) is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +14,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 
+from selfie_lora.domain.accounts import fold_name
 from selfie_lora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -88,9 +90,57 @@ def _unbounded(connection: Connection) -> Iterator[None]:
 
 def upgrade(engine: Engine) -> None:
     """Run every pending migration on ``engine``'s database. Every command and process calls
-    this at start-up; a database already at head costs one query, not an Alembic run."""
-    if at_head(engine):
-        return
+    this at start-up; a database already at head costs one query, not an Alembic run (and one
+    more, ``fill_folded_names``)."""
+    if not at_head(engine):
+        _migrate(engine)
+    fill_folded_names(engine)
+
+
+def fill_folded_names(engine: Engine) -> None:
+    """Users written without ``name_folded`` get it: a process of the release before 0013 went
+    on signing users up during a rolling upgrade. Until then the repository finds them by their
+    name lowered; from here the unique index holds them too. Names that differ only in case
+    (one such user beside another) are refused as 0013 refuses them, and nothing is changed."""
+    with engine.begin() as connection:
+        unfolded = connection.execute(text(
+            "SELECT id, name FROM users WHERE name_folded IS NULL ORDER BY created_at, id")).all()
+        if not unfolded:
+            return
+        if connection.dialect.name == "postgresql":  # one start fills them in, the rest wait
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": MIGRATION_LOCK_KEY})
+        users = connection.execute(text(
+            "SELECT id, name, name_folded FROM users ORDER BY created_at, id")).all()
+        groups: dict[str, list[str]] = defaultdict(list)
+        for _id, name, folded in users:
+            groups[folded if folded is not None else fold_name(name)].append(name)
+        clashes = [names for names in groups.values() if len(names) > 1]
+        if clashes:
+            raise ConfigError(
+                "cannot start: user names must differ by more than case, and these accounts' "
+                f"names do not: {_listed(clashes)} (an older release made one beside the other "
+                f"during the upgrade). {rename_advice(clashes[0][-1])}")
+        connection.execute(
+            text("UPDATE users SET name_folded = :folded WHERE id = :id AND name_folded IS NULL"),
+            [{"folded": fold_name(name), "id": id_} for id_, name in unfolded])
+    logger.info("filled in the folded name of %d user(s) written by an older release",
+                len(unfolded))
+
+
+def _listed(clashes: list[list[str]]) -> str:
+    return "; ".join(" and ".join(repr(n) for n in names) for names in clashes)
+
+
+def rename_advice(example: str) -> str:
+    """How to rename one account of a clash. The new name fits the column (100 characters)."""
+    renamed = f"{example[:98]}-2"
+    return (f"Rename all but one of each (a renamed account keeps its keys and models), e.g. "
+            f"UPDATE users SET name = '{renamed}' WHERE name = '{example}'; then start again "
+            "(nothing was changed)")
+
+
+def _migrate(engine: Engine) -> None:
     cfg = alembic_config(engine.url.render_as_string(hide_password=False))
     with engine.begin() as connection, _unbounded(connection):
         if connection.dialect.name == "postgresql":

@@ -34,6 +34,7 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 
 from selfie_lora.adapters.db.tables import (
     ApiKeyRow,
@@ -351,6 +352,17 @@ _MODEL_OVERVIEW = (
 )
 
 
+def _named(name: str) -> ColumnElement[bool]:
+    """The users that hold ``name``, whatever its case: by the folded name, or, for a user an
+    older process wrote without it (a rolling upgrade to 0013, until the next start fills it in,
+    ``migrate.fill_folded_names``), by its name lowered. Names are ASCII (``services.users``),
+    where SQL's lower() folds as ``fold_name`` does. Two can match only when the older process
+    made one beside the other: the first made is the one."""
+    folded = fold_name(name)
+    return or_(UserRow.name_folded == folded,
+               and_(UserRow.name_folded.is_(None), func.lower(UserRow.name) == folded))
+
+
 # The engines on which this thread holds an ``atomic()`` transaction (by id).
 _held = threading.local()
 
@@ -481,6 +493,12 @@ class SqlRepository:
     # users ------------------------------------------------------------------------------
     def add_user(self, user: User) -> None:
         with self._tx() as s:
+            # A user an older process wrote without the folded name (mid-upgrade, see
+            # ``_named``) holds the name too: the unique index cannot see it.
+            if s.scalars(select(UserRow.id).where(
+                    UserRow.name_folded.is_(None),
+                    func.lower(UserRow.name) == fold_name(user.name)).limit(1)).first():
+                raise ConflictError("that user name is taken", code=ErrorCode.USER_EXISTS)
             # The legacy column must be unique and non-null (see UserRow).
             s.add(UserRow(id=user.id, name=user.name, name_folded=fold_name(user.name),
                           api_key_hash=f"unused:{user.id}", created_at=user.created_at))
@@ -492,11 +510,8 @@ class SqlRepository:
 
     def get_user_by_name(self, name: str) -> User | None:
         with self._read() as s:
-            # By the folded name; by the exact one only for a user written without it (an
-            # older process during a rolling upgrade, see 0013).
-            row = s.scalars(select(UserRow).where(or_(
-                UserRow.name_folded == fold_name(name),
-                and_(UserRow.name_folded.is_(None), UserRow.name == name)))).first()
+            row = s.scalars(select(UserRow).where(_named(name))
+                            .order_by(UserRow.created_at, UserRow.id).limit(1)).first()
             return _user(row) if row else None
 
     def get_user_by_key_hash(self, key_hash: str) -> User | None:

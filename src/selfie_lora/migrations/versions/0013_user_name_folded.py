@@ -47,11 +47,12 @@ def upgrade() -> None:
     if clashes:
         listed = "; ".join(" and ".join(repr(n) for n in names) for names in clashes)
         example = clashes[0][-1]
+        renamed = f"{example[:98]}-2"  # a name fits in 100 characters
         raise ConfigError(
             "cannot upgrade the database: user names must now differ by more than case, and "
             f"these accounts' names do not: {listed}. Rename all but one of each (a renamed "
-            f"account keeps its keys and models), e.g. UPDATE users SET name = '{example}-2' WHERE name = "
-            f"'{example}'; then start again (nothing was changed)")
+            f"account keeps its keys and models), e.g. UPDATE users SET name = '{renamed}' "
+            f"WHERE name = '{example}'; then start again (nothing was changed)")
     op.add_column("users", sa.Column("name_folded", sa.String(length=100), nullable=True))
     if users:
         connection.execute(sa.text("UPDATE users SET name_folded = :folded WHERE id = :id"),
