@@ -6,6 +6,7 @@ Nothing here is built at import time: entry points call ``get_settings()`` (cach
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
@@ -45,6 +46,9 @@ from selfie_lora.domain.recipes import (
 )
 from selfie_lora.errors import InvalidInputError
 
+# The queue's name in its storage unless SELFIE_LORA_QUEUE_NAME says another.
+DEFAULT_QUEUE_NAME = "selfie-lora"
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 
 class Settings(BaseSettings):
     # populate_by_name: code (and tests) pass fields by name even where the environment uses
@@ -61,6 +65,10 @@ class Settings(BaseSettings):
     home: Path = Path("./.selfie-lora")
     database_url: str | None = None
     queue_url: str | None = None
+    # Which queue in SELFIE_LORA_QUEUE_URL's storage: deployments that share one Redis database
+    # need one each, or each one's workers take the other's messages. The default is the name
+    # every release before this one used.
+    queue_name: str = DEFAULT_QUEUE_NAME
     trainer: Literal["local", "replicate"] = "local"
     trainer_version: str | None = Field(
         default=None,
@@ -244,6 +252,15 @@ class Settings(BaseSettings):
         if value and urlsplit(value).scheme not in ("sqlite", "redis", "rediss"):
             raise ValueError("must be unset (a SQLite file in HOME), sqlite:///path or "
                              "redis://host:port/db (rediss:// with TLS)")
+        return value
+
+    @field_validator("queue_name")
+    @classmethod
+    def _queue_name_is_a_word(cls, value: str) -> str:
+        # huey's Redis storage drops every other character from the name it is given, so
+        # 'prod-a' and 'proda' would be one queue there.
+        if not _QUEUE_NAME.fullmatch(value) and value != DEFAULT_QUEUE_NAME:
+            raise ValueError("must be 1-64 letters, digits or '_'")
         return value
 
     @field_validator("public_url")

@@ -298,7 +298,7 @@ def build_services(
         upgrade(engine)
     repo = SqlRepository(engine)
     blobs = blobs if blobs is not None else default_blob_store(settings)
-    queue = HueyJobQueue.from_url(settings.effective_queue_url)
+    queue = HueyJobQueue.from_url(settings.effective_queue_url, name=settings.queue_name)
     chosen_trainers = dict(trainers) if trainers is not None else default_trainers(settings)
     chosen_generators = (dict(generators) if generators is not None
                          else default_generators(settings))

@@ -182,3 +182,44 @@ def test_a_worker_that_could_not_stop_keeps_its_name_until_its_work_ends(
     after = claim_identity(tmp_path)
     assert after.name == worker.identity.name  # free once its work has ended
     after.close()
+
+
+# Old code: one fixed name, so staging's worker took production's message, and each one's
+# queue depth counted the other's.
+@pytest.mark.parametrize("kind", QUEUES)
+def test_two_deployments_on_one_redis_database_each_take_and_count_only_their_own(
+        kind: str, tmp_path: Path) -> None:
+    from selfie_lora.config import Settings
+    from selfie_lora.wiring import build_services
+
+    url = queue_url(kind, tmp_path)  # one storage (Redis database, SQLite file) for both
+    built = [build_services(Settings(home=tmp_path / name, queue_url=url, queue_name=name),
+                            trainers={}, generators={})
+             for name in ("prod", "staging")]
+    prod, staging = (s.queue for s in built)
+    try:
+        prod.flush()
+        staging.flush()
+        prod.enqueue_training("prod-training")
+        assert staging.pending() == 0  # its queue depth metric
+        assert staging.next_training() is None
+        assert staging.queued_training_ids() == set()
+        assert prod.pending() == 1
+        assert prod.next_training() == "prod-training"
+    finally:
+        for services in built:
+            services.queue.flush()
+            services.close()
+
+
+def test_a_queue_name_is_letters_digits_or_underscores() -> None:
+    from pydantic import ValidationError
+
+    from selfie_lora.config import Settings
+
+    assert Settings(queue_name="staging_2").queue_name == "staging_2"
+    assert Settings().queue_name == "selfie-lora"  # every release before had this one
+    # huey's Redis storage drops any other character: 'prod-a' would be 'proda's queue.
+    for bad in ("prod-a", "", "a" * 65, "pröd"):
+        with pytest.raises(ValidationError):
+            Settings(queue_name=bad)

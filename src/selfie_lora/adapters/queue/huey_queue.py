@@ -25,16 +25,22 @@ _PREFIX = b"training:"
 REDIS_READ_TIMEOUT_S = 1
 
 
-def make_huey(url: str) -> Huey:
+# The name of every release before the queue's name became a setting.
+DEFAULT_NAME = "selfie-lora"
+
+
+def make_huey(url: str, *, name: str = DEFAULT_NAME) -> Huey:
+    """huey on ``url``, its queue called ``name``: deployments that share one Redis database
+    (or SQLite file) each take only their own queue's messages, and count only theirs."""
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":
         # sqlite:////abs/path or sqlite:///rel/path, as SQLAlchemy spells it.
         path = url.removeprefix("sqlite:///")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return SqliteHuey(name="selfie-lora", filename=path, results=False)
+        return SqliteHuey(name=name, filename=path, results=False)
     if parsed.scheme in ("redis", "rediss"):
         # Blocking reads: an idle worker waits on Redis instead of polling it.
-        return RedisHuey(name="selfie-lora", url=url, results=False, blocking=True,
+        return RedisHuey(name=name, url=url, results=False, blocking=True,
                          read_timeout=REDIS_READ_TIMEOUT_S)
     raise ConfigError(f"unsupported SELFIE_LORA_QUEUE_URL scheme {parsed.scheme!r}")
 
@@ -51,8 +57,8 @@ class HueyJobQueue:
         self.huey = huey
 
     @classmethod
-    def from_url(cls, url: str) -> HueyJobQueue:
-        return cls(make_huey(url))
+    def from_url(cls, url: str, *, name: str = DEFAULT_NAME) -> HueyJobQueue:
+        return cls(make_huey(url, name=name))
 
     def enqueue_training(self, training_id: str) -> None:
         self.huey.storage.enqueue(_PREFIX + training_id.encode())
