@@ -26,7 +26,7 @@ from selfie_lora.errors import (
     TrainingFailedError,
     TrainingInterruptedError,
 )
-from selfie_lora.services.ports import GenerationJob, TrainingJob, TrainingPhoto
+from selfie_lora.services.ports import MAX_SEED, GenerationJob, TrainingJob, TrainingPhoto
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -282,6 +282,20 @@ def test_generator_outputs_pngs_and_is_seeded(cache_dir: Path, trained: dict[str
     assert Image.open(io.BytesIO(generator.generate(unseeded)[0])).size == (64, 64)
     with pytest.raises(InvalidInputError):
         generator.generate(replace(job, num_outputs=0))
+
+
+def test_a_batch_at_the_largest_seed_wraps_to_seeds_the_api_accepts(cache_dir: Path) -> None:
+    """Image i of a batch is made with seed + i; at the largest seed (2**32 - 1) the next image's
+    seed was 2**32, which no request may name, so that image could not be made again alone. The
+    seeds wrap at 2**32: the second image is seed 0's picture, and says so."""
+    generator = LocalGenerator(base_model="tiny", cache_dir=cache_dir, device="cpu", num_threads=1)
+    job = GenerationJob(prompt=PROMPT, num_outputs=2, seed=MAX_SEED, lora_scale=1.0,
+                        trainer_version="local-tiny-v2")
+    images = generator.generate(job)
+    seeds = [Image.open(io.BytesIO(png)).text["seed"] for png in images]
+    assert seeds == [str(MAX_SEED), "0"]
+    assert generator.generate(replace(job, num_outputs=1, seed=MAX_SEED)) == [images[0]]
+    assert generator.generate(replace(job, num_outputs=1, seed=0)) == [images[1]]
 
 
 def test_the_generator_encodes_prompts_as_the_pipeline_does(cache_dir: Path) -> None:

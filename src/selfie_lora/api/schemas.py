@@ -12,7 +12,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
-from selfie_lora.services.generation import MAX_OUTPUTS, MAX_PROMPT_CHARS, MAX_SEED
+from selfie_lora.services.generation import MAX_OUTPUTS, MAX_PROMPT_CHARS
+from selfie_lora.services.ports import MAX_SEED
 
 # Ids are uuids (a version may also be named by its number); anything longer is not ours, nor
 # is a control character: PostgreSQL refuses a NUL in any text it is asked to compare.

@@ -23,14 +23,18 @@ from selfie_lora.errors import (
 )
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.layout import generation_image_key
-from selfie_lora.services.ports import BlobStore, GenerationJob, Generator, Repository
+from selfie_lora.services.ports import (
+    MAX_SEED,
+    BlobStore,
+    GenerationJob,
+    Generator,
+    Repository,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_OUTPUTS = 4
 MAX_PROMPT_CHARS = 2000
-# Seeds are unsigned 32-bit, as FLUX pipelines and Replicate take them.
-MAX_SEED = 2**32 - 1
 # Control characters but tab and line ends (a prompt typed in a text area has those): a NUL
 # cannot be stored on PostgreSQL, and none of them means anything to the text encoder.
 _PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")

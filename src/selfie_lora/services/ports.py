@@ -160,6 +160,17 @@ class GenerationJob:
     height: int | None = None
 
 
+# Seeds are unsigned 32-bit, as FLUX pipelines and Replicate take them (the API's bound).
+MAX_SEED = 2**32 - 1
+
+
+def image_seed(*, seed: int, index: int) -> int:
+    """The seed of image ``index`` of a batch made with ``seed``: seed + index, wrapped into 0 to
+    ``MAX_SEED`` so that each image's seed is one a request may name, and the image can be made
+    again on its own (a batch at seed 2**32 - 1 makes its second image with seed 0)."""
+    return (seed + index) % (MAX_SEED + 1)
+
+
 class Generator(Protocol):
     backend: str
 

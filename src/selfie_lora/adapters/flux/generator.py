@@ -34,7 +34,7 @@ from selfie_lora.adapters.flux.loader import (
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.errors import GenerationError, InvalidInputError, SelfieLoraError, StorageError
-from selfie_lora.services.ports import GenerationJob
+from selfie_lora.services.ports import GenerationJob, image_seed
 
 logger = logging.getLogger(__name__)
 
@@ -215,10 +215,11 @@ class LocalGenerator:
             prompt_embeds, pooled = _encode_prompt(pipe, job.prompt)
             images: list[bytes] = []
             for index in range(job.num_outputs):
-                # One seed per image (seed, seed + 1, ...): image i of a batch can be reproduced on
-                # its own, and memory stays that of one image on a real FLUX.1.
-                image_seed = (seed + index) % 2**63
-                generator = torch.Generator(device="cpu").manual_seed(image_seed)
+                # One seed per image (seed, seed + 1, ..., wrapped at 2**32): image i of a batch
+                # can be reproduced on its own with a seed the API accepts, and memory stays that
+                # of one image on a real FLUX.1.
+                each_seed = image_seed(seed=seed, index=index)
+                generator = torch.Generator(device="cpu").manual_seed(each_seed)
                 with torch.inference_mode():
                     result = pipe(
                         prompt_embeds=prompt_embeds,
@@ -231,7 +232,7 @@ class LocalGenerator:
                         max_sequence_length=text_max_length(pipe),
                         output_type="pil",
                     )
-                images.append(_png(result.images[0], seed=image_seed, lora_scale=job.lora_scale))
+                images.append(_png(result.images[0], seed=each_seed, lora_scale=job.lora_scale))
             return images
         except SelfieLoraError:
             raise
