@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from selfie_lora.api.app import create_app
 from selfie_lora.dataset.limits import UploadedFile
+from selfie_lora.errors import GenerationError, StorageError
 from selfie_lora.services.generation import MAX_SEED
 from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -344,6 +345,48 @@ def test_a_version_whose_weights_are_missing_is_refused_not_a_500(
     assert client.get("/api/model", headers=h).json()["active_version"]["number"] == 1
     assert len(services.repo.list_events(model_id)) == events  # nothing recorded
     assert "override" not in services.repo.get_version(v2["id"]).gate_details
+
+
+# What an S3 store and the local generator said of a failure: the server's paths, the endpoint.
+LEAKY_WORDS = ("/srv/selfie/blobs/weights/0f.safetensors",
+               "http://minio.internal:9000/selfie-prod/weights/0f.safetensors")
+
+
+@pytest.mark.parametrize(("error", "status", "code", "sentence"), [
+    (StorageError(f"cannot load LoRA weights {LEAKY_WORDS[0]}: Error performing GET "
+                  f"{LEAKY_WORDS[1]} - HTTP error"), 500, "storage_error",
+     "the files or records could not be read or written just now; please retry in a moment"),
+    (GenerationError(f"local generation failed: RuntimeError: {LEAKY_WORDS[0]}",
+                     details=[LEAKY_WORDS[1]]), 502, "generation_failed",
+     "the pictures could not be made; please retry, or change the prompt"),
+    (RuntimeError(f"a bug near {LEAKY_WORDS[0]} {LEAKY_WORDS[1]}"), 500, "internal_error",
+     "something went wrong on our side; please retry"),
+])
+def test_a_server_side_error_tells_the_client_a_sentence_and_the_log_the_detail(
+        client: TestClient, services: Services, fake_generator: FakeGenerator,
+        caplog: pytest.LogCaptureFixture, error: Exception, status: int, code: str,
+        sentence: str) -> None:
+    """A 5xx answered the error's own words: the server's paths and the S3 endpoint's request
+    URL (found in review). The client gets the code, a fixed sentence and a reference; the log
+    has the words at error level under that reference."""
+    h = auth(services, "ann")
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    fake_generator.fail_with = error
+    with caplog.at_level(logging.ERROR):
+        r = client.post("/api/generate", headers=h, json={"prompt": "x"})
+    assert r.status_code == status, r.text
+    body = r.json()["error"]
+    assert body["code"] == code
+    assert body["message"] == sentence
+    [detail] = body["details"]
+    reference = detail["reference"]
+    for words in LEAKY_WORDS:
+        assert words not in r.text
+    logged = [rec for rec in caplog.records
+              if rec.levelno == logging.ERROR and reference in rec.getMessage()]
+    assert len(logged) == 1
+    assert all(words in logged[0].getMessage() + caplog.text for words in LEAKY_WORDS)
+    assert "POST /api/generate" in logged[0].getMessage()
 
 
 def test_generate_before_a_version_is_422(client: TestClient, services: Services,

@@ -144,7 +144,7 @@ def no_face_tools(tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:
 
 
 def test_missing_face_tools_are_one_setup_error_not_a_finding_per_photo(
-        no_face_tools: tuple[TestClient, Services]) -> None:
+        no_face_tools: tuple[TestClient, Services], caplog: pytest.LogCaptureFixture) -> None:
     client, services = no_face_tools
     h = auth(services, "ann")
     r = client.post("/api/training/upload-zip", headers=h,
@@ -152,5 +152,7 @@ def test_missing_face_tools_are_one_setup_error_not_a_finding_per_photo(
     assert r.status_code == 500
     error = r.json()["error"]
     assert error["code"] == "config_error"
-    assert "pip install" in error["message"]
-    assert error["details"] == []  # no per-photo findings
+    # What to install is the operator's to read, in the log: the client is told it is not set up.
+    assert error["message"] == "this service is not set up for that yet; please tell the operator"
+    assert [set(d) for d in error["details"]] == [{"reference"}]  # no per-photo findings
+    assert "pip install" in caplog.text

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import html
 import io
+import logging
 import re
 import time
 import unicodedata
@@ -24,6 +25,7 @@ from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import GateStatus
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
+from selfie_lora.errors import StorageError
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
@@ -41,9 +43,9 @@ def web_settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def svc(web_settings: Settings) -> Iterator[Services]:
+def svc(web_settings: Settings, fake_generator: FakeGenerator) -> Iterator[Services]:
     services = build_services(web_settings, trainers={"local": FakeTrainer()},
-                              generators={"local": FakeGenerator()},
+                              generators={"local": fake_generator},
                               face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
     services.users.create(name="ann", password=PASSWORD)
     services.users.create(name="bob", password=PASSWORD)
@@ -630,6 +632,31 @@ def test_a_version_without_its_weights_is_refused_on_the_pages_not_a_500(
     assert r.status_code == 409
     assert "version 2&#39;s weights are missing from the storage" in r.text
     assert svc.models.get(user=user).active_version_id == v1.id
+
+
+def test_a_server_side_error_s_page_says_a_sentence_and_a_reference_not_the_error(
+        ann: TestClient, fake_generator: FakeGenerator,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A storage error's page showed its words: the server's paths and the S3 endpoint's
+    request URL (found in review). The page says a fixed sentence and the reference of the log
+    line that has them."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    leaky = ("/srv/selfie/blobs/weights/0f.safetensors",
+             "http://minio.internal:9000/selfie-prod/weights/0f.safetensors")
+    fake_generator.fail_with = StorageError(f"cannot load LoRA weights {leaky[0]}: Error performing "
+                                       f"GET {leaky[1]} - HTTP error")
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1"})
+    assert r.status_code == 500
+    assert 'data-code="storage_error"' in r.text
+    assert "the files or records could not be read or written just now" in r.text
+    found = re.search(r"<code data-reference>([0-9a-f]+)</code>", r.text)
+    assert found, r.text
+    for words in leaky:
+        assert words not in r.text
+    [logged] = [rec.getMessage() for rec in caplog.records
+                if rec.levelno == logging.ERROR and found.group(1) in rec.getMessage()]
+    assert all(words in logged for words in leaky)
 
 
 def test_another_user_sees_none_of_it(ann: TestClient, web_settings: Settings,

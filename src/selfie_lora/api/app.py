@@ -25,6 +25,7 @@ from selfie_lora.api import generation, keys, likeness, model, training, webhook
 from selfie_lora.api.deps import in_thread
 from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits
 from selfie_lora.api.observe import HttpMetrics
+from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.config import Settings
 from selfie_lora.errors import ErrorCode, RateLimitedError, SelfieLoraError
 from selfie_lora.web.app import (
@@ -144,7 +145,10 @@ def create_app(
             return await in_thread(lambda: page_error_response(web, request, exc))
         svc.operations.record_error(code=exc.code)
         if exc.http_status >= 500:
-            logger.error("%s: %s", exc.code, exc.message)
+            # The error's words name the server's paths or the storage's endpoint: the log has
+            # them, the client a fixed sentence and the reference of that log line.
+            answer = report_server_error(exc, method=request.method, path=request.url.path)
+            return _error(exc.http_status, exc.code, answer.message, answer.details)
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
         if isinstance(exc, RateLimitedError):
             headers = {"Retry-After": str(exc.retry_after)}
@@ -186,21 +190,26 @@ def create_app(
                           training.nameless_part(request.url.path, "a part of the upload"), [])
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
             exc.status_code, ErrorCode.HTTP_ERROR)
+        server = (report_server_error(exc, method=request.method, path=request.url.path)
+                  if exc.status_code >= 500 else None)
         if is_page(request.url.path) and not request.url.path.startswith("/static/"):
-            message = ("there is no such page" if exc.status_code == 404 else str(exc.detail))
-            return await in_thread(lambda: web.error_page(request, exc.status_code, message,
-                                                          code))
+            message = ("there is no such page" if exc.status_code == 404
+                       else server.message if server is not None else str(exc.detail))
+            return await in_thread(lambda: web.error_page(
+                request, exc.status_code, message, code,
+                reference=server.reference if server is not None else None))
         svc.operations.record_error(code=code)
+        if server is not None:
+            return _error(exc.status_code, code, server.message, server.details)
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         if is_page(request.url.path):
             return await in_thread(lambda: unexpected_page_error(web, request, exc))
-        logger.exception("unexpected error", exc_info=exc)
+        answer = report_server_error(exc, method=request.method, path=request.url.path)
         svc.operations.record_error(code=ErrorCode.INTERNAL_ERROR)
-        return _error(500, ErrorCode.INTERNAL_ERROR,
-                      "something went wrong on our side; please retry")
+        return _error(500, ErrorCode.INTERNAL_ERROR, answer.message, answer.details)
 
     def openapi() -> dict[str, Any]:
         # The bearer scheme, so the docs' "Authorize" sends the key with every /api call.

@@ -120,14 +120,18 @@ def fake_sample(folder: Path, step: int, *, size: int = 16) -> Path:
 class FakeGenerator:
     """PNGs whose colour depends on the prompt, seed, scale and LoRA, so tests can tell
     versions and scales apart. ``crash_after`` (if set) counts calls down and dies
-    (``SimulatedCrash``) when it reaches zero: the worker dying while it scores a version."""
+    (``SimulatedCrash``) when it reaches zero: the worker dying while it scores a version.
+    ``fail_with`` (if set) is raised by every call: a storage or generator failure."""
 
     backend: str = "local"
     size: int = 32
     jobs: list[GenerationJob] = field(default_factory=list)
     crash_after: int | None = None
+    fail_with: Exception | None = None
 
     def generate(self, job: GenerationJob) -> list[bytes]:
+        if self.fail_with is not None:
+            raise self.fail_with
         if self.crash_after is not None:
             self.crash_after -= 1
             if self.crash_after <= 0:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import logging
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -19,12 +18,11 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.domain.entities import User, WebSession
 from selfie_lora.errors import AuthError, ErrorCode, ForbiddenError, SelfieLoraError
 from selfie_lora.web.cookies import FORM_COOKIE, SESSION_COOKIE, CookieSigner
 from selfie_lora.wiring import Services, session_secret
-
-logger = logging.getLogger(__name__)
 
 WEB_ROOT = Path(str(files("selfie_lora.web")))
 # No inline script or style anywhere: every script and stylesheet is a file of ours.
@@ -160,12 +158,13 @@ class Web:
         return response
 
     def error_page(self, request: Request, status: int, message: str,
-                   code: str = "error") -> HTMLResponse:
+                   code: str = "error", *, reference: str | None = None) -> HTMLResponse:
+        """``reference``: a server-side error's, which its log line carries (server_errors)."""
         viewer = None
         with contextlib.suppress(SignInRequired):
             viewer = self.viewer(request)
         return self.render(request, "error.html", viewer=viewer, status_code=status,
-                           status=status, message=message, code=code)
+                           status=status, message=message, code=code, reference=reference)
 
 
 class SecurityHeaders:
@@ -218,13 +217,16 @@ def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
                     if current.path.startswith("/") else exc.next_path)
             return Response(status_code=200, headers={"HX-Redirect": _signin_url(back)})
         return RedirectResponse(_signin_url(exc.next_path), status_code=303)
-    if isinstance(exc, SelfieLoraError):
-        if exc.http_status >= 500:
-            logger.error("%s: %s", exc.code, exc.message)
+    if isinstance(exc, SelfieLoraError) and exc.http_status < 500:
         return web.error_page(request, exc.http_status, exc.message, str(exc.code))
-    logger.exception("unexpected error on a page", exc_info=exc)
-    return web.error_page(request, 500, "something went wrong on our side; please retry",
-                          "internal_error")
+    # A server-side error's words name the server's paths or the storage's endpoint: the log
+    # has them, the page a fixed sentence and the reference of that log line.
+    server = report_server_error(exc, method=request.method, path=request.url.path)
+    if isinstance(exc, SelfieLoraError):
+        return web.error_page(request, exc.http_status, server.message, str(exc.code),
+                              reference=server.reference)
+    return web.error_page(request, 500, server.message, ErrorCode.INTERNAL_ERROR,
+                          reference=server.reference)
 
 
 def mount_web(app: FastAPI, services: Services) -> Web:

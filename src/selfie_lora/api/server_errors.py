@@ -1,0 +1,64 @@
+"""What a client is told of an error on the server's side (a 5xx): a fixed sentence for its code
+and a reference, never the error's own words.
+
+Those words are written for the operator: a storage error names the server's paths, the S3
+endpoint and the request URL, a local generation error torch's text. The API and the pages answer
+the sentence (with the code, and the reference in ``details`` or on the page); the log has the
+words and the error's details at error level under the same reference, so an operator finds the
+line a user quotes. The CLI and the worker's logs keep the words: they are the operator's.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+from selfie_lora.errors import ErrorCode, SelfieLoraError
+
+logger = logging.getLogger(__name__)
+
+SERVER_ERROR_MESSAGE = "something went wrong on our side; please retry"
+# A sentence a user can act on for the 5xx codes they meet; others answer SERVER_ERROR_MESSAGE.
+_SENTENCES: dict[str, str] = {
+    ErrorCode.STORAGE_ERROR: "the files or records could not be read or written just now; "
+                             "please retry in a moment",
+    ErrorCode.GENERATION_FAILED: "the pictures could not be made; please retry, or change the "
+                                 "prompt",
+    ErrorCode.TRAINER_UNAVAILABLE: "the training service cannot be reached just now; please "
+                                   "retry in a few minutes",
+    ErrorCode.CONFIG_ERROR: "this service is not set up for that yet; please tell the operator",
+}
+
+
+@dataclass(frozen=True)
+class ServerError:
+    """The answer to a 5xx: its sentence, and the reference the log line carries."""
+
+    message: str
+    reference: str
+
+    @property
+    def details(self) -> list[dict[str, str]]:
+        return [{"reference": self.reference}]
+
+
+def server_error_sentence(code: str) -> str:
+    return _SENTENCES.get(code, SERVER_ERROR_MESSAGE)
+
+
+def report_server_error(exc: BaseException, *, method: str, path: str) -> ServerError:
+    """Log ``exc`` for the operator (its words, details and, for an unexpected one, the traceback)
+    with a new reference; what the client is told instead. ``path`` is the request's path, never
+    its query (it may carry a token)."""
+    reference = secrets.token_hex(6)
+    extra = {"error_reference": reference}
+    if isinstance(exc, SelfieLoraError):
+        logger.error("%s %s: %s (reference %s): %s%s", method, path, exc.code, reference,
+                     exc.message, f" {exc.details}" if exc.details else "", extra=extra)
+        sentence = server_error_sentence(exc.code)
+    else:
+        logger.error("%s %s: unexpected error (reference %s)", method, path, reference,
+                     exc_info=exc, extra=extra)
+        sentence = SERVER_ERROR_MESSAGE
+    return ServerError(message=sentence, reference=reference)
