@@ -137,6 +137,13 @@ class Settings(BaseSettings):
     local_stall_seconds: float = Field(default=1800.0, gt=0)
     device: str = "auto"
 
+    # Generations (services/generation.py) run on GENERATION_THREADS threads of their own, never
+    # the server's shared pool (the rest queue there, holding none); a user has at most
+    # MAX_GENERATIONS_PER_USER in flight in one process, more are refused with 429. Counted per
+    # process: `serve --processes N` lets a user have N times as many.
+    max_generations_per_user: int = Field(default=2, ge=1, le=1000)
+    generation_threads: int = Field(default=8, ge=1, le=1000)
+
     # Likeness tracking (see services/quality.py). The gate holds back a new version whose
     # identity score is lower than the active version's by more than the tolerance (a difference
     # of similarities, 0..1); off, every new version is activated at once (and still scored).

@@ -11,7 +11,8 @@ entry points never see them.
     ├── ForbiddenError              signed in, but not allowed: sign-up closed, a form without
     │                               its CSRF token, a re-pin to a trainer the operator has not
     │                               allowed (HTTP 403)
-    ├── RateLimitedError            too many failed sign-ins; ``retry_after`` seconds (HTTP 429)
+    ├── RateLimitedError            too many failed sign-ins, or a user's generations at once;
+    │                               ``retry_after`` seconds (HTTP 429)
     ├── ConflictError               the request clashes with the state (HTTP 409): a training is
     │                               queued or running, an upload is starting one, the user exists,
     │                               a webhook was received before, a concurrent write won, a
@@ -63,6 +64,7 @@ class ErrorCode(enum.StrEnum):
     CSRF_REJECTED = "csrf_rejected"
     TRAINER_NOT_ALLOWED = "trainer_not_allowed"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
+    TOO_MANY_GENERATIONS = "too_many_generations"
     # 409: each conflict its own
     TRAINING_IN_PROGRESS = "training_in_progress"
     UPLOAD_IN_PROGRESS = "upload_in_progress"
@@ -177,8 +179,8 @@ class RateLimitedError(SelfieLoraError):
     code = ErrorCode.TOO_MANY_ATTEMPTS
     http_status = 429
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message, details=[{"retry_after": retry_after}])
+    def __init__(self, message: str, *, retry_after: int, code: ErrorCode | None = None) -> None:
+        super().__init__(message, details=[{"retry_after": retry_after}], code=code)
         self.retry_after = retry_after
 
 

@@ -80,6 +80,7 @@ class Services:
     trainers: dict[str, Trainer] = field(default_factory=dict)
 
     def close(self) -> None:
+        self.generation.close()
         self.engine.dispose()
 
 
@@ -309,7 +310,9 @@ def build_services(
         from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
 
         telemetry = PrometheusTelemetry()
-    generation = GenerationService(repo=repo, blobs=blobs, generators=chosen_generators)
+    generation = GenerationService(repo=repo, blobs=blobs, generators=chosen_generators,
+                                   max_per_user=settings.max_generations_per_user,
+                                   threads=settings.generation_threads)
     likeness = LikenessService(
         repo=repo, blobs=blobs, generation=generation,
         faces=faces,

@@ -8,8 +8,10 @@ import logging
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from fastapi.testclient import TestClient
@@ -23,6 +25,8 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
 from tests.support.photos import photo_zip, synthetic_photo
+
+T = TypeVar("T")
 
 
 def upload(client: TestClient, headers: dict[str, str], data: bytes | None = None,
@@ -387,6 +391,76 @@ def test_a_server_side_error_tells_the_client_a_sentence_and_the_log_the_detail(
     assert len(logged) == 1
     assert all(words in logged[0].getMessage() + caplog.text for words in LEAKY_WORDS)
     assert "POST /api/generate" in logged[0].getMessage()
+
+
+def within(seconds: float, call: Callable[[], T]) -> T | None:
+    """``call``'s result if it comes within ``seconds`` (it runs on in a thread otherwise)."""
+    results: list[T] = []
+    thread = threading.Thread(target=lambda: results.append(call()), daemon=True)
+    thread.start()
+    thread.join(timeout=seconds)
+    return results[0] if results else None
+
+
+def test_a_user_s_generations_are_limited_and_never_hold_other_routes_threads(
+        client: TestClient, services: Services, fake_generator: FakeGenerator) -> None:
+    """Each queued generation held one of the threads every sync route shares (anyio's 40)
+    while it waited for the one pipeline, with no limit per user: Ann's 45 made Carol's GET
+    /api/model/versions take 11 s (found in review). A user now has at most
+    SELFIE_LORA_MAX_GENERATIONS_PER_USER (2) in flight, a third is a 429 at once, and
+    generations run on the generation service's own threads. The shared pool is cut to 2
+    threads here: generations holding it would leave none for Carol."""
+    import anyio.to_thread
+
+    ann = auth(services, "ann")
+    wait_terminal(client, ann, upload(client, ann)["training"]["id"])
+    carol = auth(services, "carol")
+    assert client.get("/api/model", headers=ann).json()["active_version"] is not None
+
+    def shrink_pool() -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 2
+
+    assert client.portal is not None
+    client.portal.call(shrink_pool)
+    fake_generator.gate = threading.Event()
+    answers: list[int] = []
+
+    def generate() -> None:
+        answers.append(client.post("/api/generate", headers=ann,
+                                   json={"prompt": "x"}).status_code)
+
+    held = [threading.Thread(target=generate) for _ in range(2)]
+    try:
+        for thread in held:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while fake_generator.waiting < 2:
+            assert time.monotonic() < deadline, "the two generations never started"
+            time.sleep(0.01)
+        third = within(5, lambda: client.post("/api/generate", headers=ann,
+                                              json={"prompt": "x"}))
+        assert third is not None, "the third generation waited, not refused"
+        assert third.status_code == 429, third.text
+        error = third.json()["error"]
+        assert error["code"] == "too_many_generations"
+        assert error["message"].startswith("you already have 2 generations in progress")
+        assert int(third.headers["Retry-After"]) >= 1
+        assert error["details"] == [{"retry_after": int(third.headers["Retry-After"])}]
+        # Carol's sync route gets a thread of the shared pool while Ann's two wait.
+        started = time.monotonic()
+        versions = within(5, lambda: client.get("/api/model/versions", headers=carol))
+        assert versions is not None, "Carol's GET waited behind Ann's generations"
+        assert versions.status_code == 200
+        assert time.monotonic() - started < 2
+        assert fake_generator.waiting == 2
+    finally:
+        fake_generator.gate.set()
+        for thread in held:
+            thread.join(timeout=10)
+    assert answers == [200, 200]
+    # The slots are given back: Ann generates again.
+    fake_generator.gate = None
+    assert client.post("/api/generate", headers=ann, json={"prompt": "x"}).status_code == 200
 
 
 def test_generate_before_a_version_is_422(client: TestClient, services: Services,

@@ -9,6 +9,7 @@ import html
 import io
 import logging
 import re
+import threading
 import time
 import unicodedata
 import zipfile
@@ -657,6 +658,44 @@ def test_a_server_side_error_s_page_says_a_sentence_and_a_reference_not_the_erro
     [logged] = [rec.getMessage() for rec in caplog.records
                 if rec.levelno == logging.ERROR and found.group(1) in rec.getMessage()]
     assert all(words in logged for words in leaky)
+
+
+def test_a_third_generation_at_once_is_a_page_that_says_to_wait(
+        ann: TestClient, fake_generator: FakeGenerator) -> None:
+    """The pages generate within the same per-user limit as the API: a third at once is a 429
+    page that says why and when to retry."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    token = csrf(ann, "/generate")
+    fake_generator.gate = threading.Event()
+
+    def generate() -> httpx.Response:
+        return ann.post("/generate", data={"csrf_token": token, "prompt": "p",
+                                           "num_outputs": "1"}, follow_redirects=False)
+
+    held = [threading.Thread(target=generate) for _ in range(2)]
+    try:
+        for thread in held:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while fake_generator.waiting < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        refused: list[httpx.Response] = []
+        third = threading.Thread(target=lambda: refused.append(generate()), daemon=True)
+        third.start()
+        third.join(timeout=5)
+        assert refused, "the third generation waited, not refused"
+        assert refused[0].status_code == 429
+        assert 'data-code="too_many_generations"' in refused[0].text
+        assert "you already have 2 generations in progress" in refused[0].text
+        assert int(refused[0].headers["Retry-After"]) >= 1
+    finally:
+        fake_generator.gate.set()
+        for thread in held:
+            thread.join(timeout=10)
+    fake_generator.gate = None
+    assert generate().status_code == 303
 
 
 def test_another_user_sees_none_of_it(ann: TestClient, web_settings: Settings,

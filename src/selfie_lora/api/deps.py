@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
@@ -38,3 +40,9 @@ T = TypeVar("T")
 async def in_thread(fn: Callable[[], T]) -> T:
     """Run blocking service work (photos, images, torch) off the event loop."""
     return await run_in_threadpool(fn)
+
+
+async def finished(future: Future[T]) -> T:
+    """The result of work a service runs on its own threads (generations), awaited without
+    holding a thread of the shared pool; a request that goes away cancels it if still queued."""
+    return await asyncio.wrap_future(future)

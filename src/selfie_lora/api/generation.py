@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
+from selfie_lora.api.deps import ServicesDep, UserDep, finished
 from selfie_lora.api.schemas import GenerateBody, errors
 from selfie_lora.api.serializers import generation_json
 from selfie_lora.services.generation import GenerationRequest
@@ -15,11 +15,14 @@ from selfie_lora.services.generation import GenerationRequest
 router = APIRouter(prefix="/api", tags=["generation"])
 
 
-@router.post("/generate", responses=errors(404, 409, 413, 422))
+@router.post("/generate", responses=errors(404, 409, 413, 422, 429))
 async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody) -> dict[str, Any]:
+    """429 ``too_many_generations`` (with Retry-After) when the user already has
+    SELFIE_LORA_MAX_GENERATIONS_PER_USER generations in flight on this server process."""
     request = GenerationRequest(prompt=body.prompt, num_outputs=body.num_outputs, seed=body.seed,
                                 lora_scale=body.lora_scale, version_id=body.version_id)
-    generation = await in_thread(lambda: svc.generation.generate(user=user, request=request))
+    # On the generation service's own threads: other routes never wait behind a generation.
+    generation = await finished(svc.generation.submit(user=user, request=request))
     return {"generation": generation_json(generation)}
 
 

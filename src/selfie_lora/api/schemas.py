@@ -88,6 +88,8 @@ _WHY = {
          "storage (weights_missing)",
     413: "the request body is larger than allowed",
     422: "the request or its photos are not valid",
+    429: "too_many_generations: the user already has SELFIE_LORA_MAX_GENERATIONS_PER_USER "
+         "generations in flight; retry after the Retry-After header's seconds",
 }
 
 

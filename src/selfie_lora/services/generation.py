@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import secrets
+import threading
+import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +24,7 @@ from selfie_lora.errors import (
     ErrorCode,
     InvalidInputError,
     NotFoundError,
+    RateLimitedError,
 )
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.layout import generation_image_key
@@ -34,6 +39,12 @@ from selfie_lora.services.ports import (
 logger = logging.getLogger(__name__)
 
 MAX_OUTPUTS = 4
+# SELFIE_LORA_MAX_GENERATIONS_PER_USER and SELFIE_LORA_GENERATION_THREADS (config).
+DEFAULT_MAX_PER_USER = 2
+DEFAULT_THREADS = 8
+# Retry-After of a refused generation before any has ended here, and the most it says.
+_FIRST_RETRY_AFTER = 10
+_MAX_RETRY_AFTER = 300
 MAX_PROMPT_CHARS = 2000
 # Control characters but tab and line ends (a prompt typed in a text area has those): a NUL
 # cannot be stored on PostgreSQL, and none of them means anything to the text encoder.
@@ -71,12 +82,68 @@ class Rendered:
 
 
 class GenerationService:
+    """Generations run on the service's own threads (``threads`` of them; those beyond wait in
+    its queue, holding no thread), so a server's other routes never wait behind them, and a user
+    has at most ``max_per_user`` generations submitted and not ended in this process: a local
+    generation waits for the one pipeline, and one user's queue would delay everyone's."""
+
     def __init__(
-        self, *, repo: Repository, blobs: BlobStore, generators: Mapping[str, Generator]
+        self, *, repo: Repository, blobs: BlobStore, generators: Mapping[str, Generator],
+        max_per_user: int = DEFAULT_MAX_PER_USER, threads: int = DEFAULT_THREADS,
     ) -> None:
         self._repo = repo
         self._blobs = blobs
         self._generators = dict(generators)
+        self._max_per_user = max_per_user
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_lock = threading.Lock()
+        # What the last generation took: how long a user told to wait waits, about.
+        self._last_seconds = float(_FIRST_RETRY_AFTER)
+        self._executor = ThreadPoolExecutor(max_workers=threads,
+                                            thread_name_prefix="generation")
+
+    def close(self) -> None:
+        """Drop the queued generations and let the running ones end (a process shutting down)."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, *, user: User, request: GenerationRequest) -> Future[Generation]:
+        """``generate`` on the service's threads: its future. Refused at once, before anything
+        queues, with a 429 ``too_many_generations`` when the user has ``max_per_user``
+        generations in flight here."""
+        self._take_slot(user)
+        try:
+            future = self._executor.submit(self._generate_timed, user=user, request=request)
+        except BaseException:
+            self._release_slot(user)
+            raise
+        # Also when the future is canceled while queued (its client went away).
+        future.add_done_callback(lambda _done: self._release_slot(user))
+        return future
+
+    def _take_slot(self, user: User) -> None:
+        with self._in_flight_lock:
+            held = self._in_flight.get(user.id, 0)
+            if held >= self._max_per_user:
+                wait = max(1, min(_MAX_RETRY_AFTER, math.ceil(self._last_seconds)))
+                raise RateLimitedError(
+                    f"you already have {held} generation{'s' if held != 1 else ''} in "
+                    f"progress, the most at once; wait for one to finish, then retry (in about "
+                    f"{wait} s)", retry_after=wait, code=ErrorCode.TOO_MANY_GENERATIONS)
+            self._in_flight[user.id] = held + 1
+
+    def _release_slot(self, user: User) -> None:
+        with self._in_flight_lock:
+            left = self._in_flight.get(user.id, 0) - 1
+            if left > 0:
+                self._in_flight[user.id] = left
+            else:
+                self._in_flight.pop(user.id, None)
+
+    def _generate_timed(self, *, user: User, request: GenerationRequest) -> Generation:
+        started = time.monotonic()
+        generation = self._generate(user=user, request=request)
+        self._last_seconds = time.monotonic() - started
+        return generation
 
     def render(
         self,
@@ -131,6 +198,10 @@ class GenerationService:
         return Rendered(prompt=final_prompt, lora_scale=scale, images=images)
 
     def generate(self, *, user: User, request: GenerationRequest) -> Generation:
+        """A user's pictures, made and stored (``submit``, waited for: the same limit)."""
+        return self.submit(user=user, request=request).result()
+
+    def _generate(self, *, user: User, request: GenerationRequest) -> Generation:
         if not request.prompt.strip():
             raise InvalidInputError("the prompt is empty", code=ErrorCode.EMPTY_PROMPT)
         if len(request.prompt) > MAX_PROMPT_CHARS:

@@ -121,17 +121,30 @@ class FakeGenerator:
     """PNGs whose colour depends on the prompt, seed, scale and LoRA, so tests can tell
     versions and scales apart. ``crash_after`` (if set) counts calls down and dies
     (``SimulatedCrash``) when it reaches zero: the worker dying while it scores a version.
-    ``fail_with`` (if set) is raised by every call: a storage or generator failure."""
+    ``fail_with`` (if set) is raised by every call: a storage or generator failure. ``gate`` (if
+    set) is waited on before a call generates, ``waiting`` counting the calls held there: a slow
+    generation, such as a FLUX.1 picture queued behind others."""
 
     backend: str = "local"
     size: int = 32
     jobs: list[GenerationJob] = field(default_factory=list)
     crash_after: int | None = None
     fail_with: Exception | None = None
+    gate: threading.Event | None = None
+    waiting: int = 0
+    _waiting_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def generate(self, job: GenerationJob) -> list[bytes]:
         if self.fail_with is not None:
             raise self.fail_with
+        if self.gate is not None:
+            with self._waiting_lock:
+                self.waiting += 1
+            try:
+                self.gate.wait()
+            finally:
+                with self._waiting_lock:
+                    self.waiting -= 1
         if self.crash_after is not None:
             self.crash_after -= 1
             if self.crash_after <= 0:

@@ -20,7 +20,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.domain.entities import User, WebSession
-from selfie_lora.errors import AuthError, ErrorCode, ForbiddenError, SelfieLoraError
+from selfie_lora.errors import (
+    AuthError,
+    ErrorCode,
+    ForbiddenError,
+    RateLimitedError,
+    SelfieLoraError,
+)
 from selfie_lora.web.cookies import FORM_COOKIE, SESSION_COOKIE, CookieSigner
 from selfie_lora.wiring import Services, session_secret
 
@@ -218,7 +224,10 @@ def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
             return Response(status_code=200, headers={"HX-Redirect": _signin_url(back)})
         return RedirectResponse(_signin_url(exc.next_path), status_code=303)
     if isinstance(exc, SelfieLoraError) and exc.http_status < 500:
-        return web.error_page(request, exc.http_status, exc.message, str(exc.code))
+        page = web.error_page(request, exc.http_status, exc.message, str(exc.code))
+        if isinstance(exc, RateLimitedError):
+            page.headers["Retry-After"] = str(exc.retry_after)
+        return page
     # A server-side error's words name the server's paths or the storage's endpoint: the log
     # has them, the page a fixed sentence and the reference of that log line.
     server = report_server_error(exc, method=request.method, path=request.url.path)

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
-from selfie_lora.api.deps import in_thread
+from selfie_lora.api.deps import finished, in_thread
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
@@ -509,7 +509,8 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
         seed_value = int(seed) if seed not in (None, "") else None
     except ValueError:
         raise InvalidInputError("the seed is a whole number") from None
-    await in_thread(lambda: web.services.generation.generate(
+    # As the API's: on the generation service's threads, within the per-user limit (a 429 page).
+    await finished(web.services.generation.submit(
         user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=num_outputs,
                                                     seed=seed_value)))
     return _see("/generate")
