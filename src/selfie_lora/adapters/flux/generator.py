@@ -32,6 +32,7 @@ from selfie_lora.adapters.flux.loader import (
     torch_threads,
 )
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
+from selfie_lora.adapters.flux.runtime import loading_models
 from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.errors import GenerationError, InvalidInputError, SelfieLoraError, StorageError
 from selfie_lora.services.ports import GenerationJob, image_seed
@@ -202,14 +203,16 @@ class LocalGenerator:
         loaded = False
         try:
             if job.weights_path is not None:
-                try:
-                    pipe.load_lora_weights(str(job.weights_path), adapter_name=adapter)
-                except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                    raise StorageError(
-                        f"cannot load LoRA weights {job.weights_path}: {exc}"
-                    ) from exc
-                loaded = True
-                pipe.set_adapters([adapter], adapter_weights=[float(job.lora_scale)])
+                # Builds LoRA layers: not while another thread loads a model (runtime).
+                with loading_models():
+                    try:
+                        pipe.load_lora_weights(str(job.weights_path), adapter_name=adapter)
+                    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                        raise StorageError(
+                            f"cannot load LoRA weights {job.weights_path}: {exc}"
+                        ) from exc
+                    loaded = True
+                    pipe.set_adapters([adapter], adapter_weights=[float(job.lora_scale)])
             width = self._size(pipe, job.width)
             height = self._size(pipe, job.height)
             prompt_embeds, pooled = _encode_prompt(pipe, job.prompt)
@@ -241,7 +244,8 @@ class LocalGenerator:
         finally:
             if loaded:
                 # Leave the shared pipeline as it was: no LoRA layers, no adapter names.
-                pipe.unload_lora_weights()
+                with loading_models():
+                    pipe.unload_lora_weights()
 
 
 def _encode_prompt(pipe: Any, prompt: str) -> tuple[Any, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from selfie_lora.adapters.flux.runtime import require_torch
+from selfie_lora.adapters.flux.runtime import loading_models, require_torch
 from selfie_lora.adapters.flux.tiny import TINY, TINY_RESOLUTION, tiny_pipeline_dir
 from selfie_lora.errors import ConfigError, TrainingFailedError, describe
 
@@ -51,7 +51,13 @@ def load_pipeline(
     require_torch()
     import diffusers
 
-    pipeline_class: Any = diffusers.FluxPipeline
+    with loading_models():  # diffusers patches torch process-wide while it loads (runtime)
+        return _load_pipeline(diffusers.FluxPipeline, source, cache_dir=cache_dir, device=device,
+                              dtype=dtype)
+
+
+def _load_pipeline(pipeline_class: Any, source: str, *, cache_dir: Path, device: str,
+                   dtype: torch.dtype | None) -> Any:
     if source == TINY:
         path = tiny_pipeline_dir(cache_dir)
     else:

@@ -134,6 +134,15 @@ def quantize_transformer(transformer: Any, *, mode: MemoryMode, device: str) -> 
     Layer by layer: each linear goes to the device and is quantized there, so the device never
     holds the unquantized model. Returns the number of linears quantized.
     """
+    from selfie_lora.adapters.flux.runtime import loading_models
+
+    # Replaces the linears' weights (and torchao builds tensor subclasses): not while another
+    # thread loads a model with torch patched (runtime).
+    with loading_models():
+        return _quantize_transformer(transformer, mode=mode, device=device)
+
+
+def _quantize_transformer(transformer: Any, *, mode: MemoryMode, device: str) -> int:
     import torch
 
     transformer.requires_grad_(False)

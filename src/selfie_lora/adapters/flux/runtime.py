@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from selfie_lora.errors import ConfigError, TrainerUnavailableError
@@ -11,6 +14,25 @@ from selfie_lora.errors import ConfigError, TrainerUnavailableError
 # inline and from a training child).
 FAILED_MESSAGE = ("Training failed on this server; try again, and if it fails again, "
                   "contact the operator.")
+
+
+# diffusers, transformers and accelerate load a model by patching torch for the whole process
+# while they do: no_init_weights replaces the torch.nn.init functions with no-ops, and accelerate's
+# init_empty_weights nn.Module.register_parameter (parameters on the meta device). A module built
+# in another thread meanwhile (a generation's LoRA layers, a training's adapter, another load)
+# gets uninitialised or meta parameters: an inline training ended with "Parameter.__new__() got an
+# unexpected keyword argument '_is_hf_initialized'" or a loss of nan when a generation loaded its
+# pipeline beside it. So every building or loading of torch modules in the process holds this one
+# lock; the compute (training steps, denoising) does not, and runs beside a load as before.
+# Reentrant: a load may call another (the generator's placement calls load_pipeline).
+_MODEL_LOADING = threading.RLock()
+
+
+@contextlib.contextmanager
+def loading_models() -> Iterator[None]:
+    """Hold the process's lock on building and loading torch modules (see ``_MODEL_LOADING``)."""
+    with _MODEL_LOADING:
+        yield
 
 
 def missing_module_error(what: str) -> ConfigError:

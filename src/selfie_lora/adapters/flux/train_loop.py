@@ -54,7 +54,12 @@ from selfie_lora.adapters.flux.memory import (
     load_training_base,
     out_of_memory_error,
 )
-from selfie_lora.adapters.flux.runtime import FAILED_MESSAGE, missing_module_error, require_torch
+from selfie_lora.adapters.flux.runtime import (
+    FAILED_MESSAGE,
+    loading_models,
+    missing_module_error,
+    require_torch,
+)
 from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.domain.buckets import FLUX_MULTIPLE, Bucket, bucket_sizes, nearest_bucket
 from selfie_lora.domain.entities import FaceBox, Recipe
@@ -548,7 +553,9 @@ def add_lora(
     device = transformer.device
     # On a GPU the LoRA matrices are initialised with the CUDA generator: fork and seed it too.
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    # peft builds the LoRA layers and initialises them through torch.nn.init: not while another
+    # thread loads a model with those patched (runtime).
+    with loading_models(), torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         transformer.add_adapter(config)
     for parameter in transformer.parameters():
