@@ -178,6 +178,10 @@ def multipart(zip_data: bytes) -> tuple[bytes, str]:
 class Tally:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
+    # Generations refused with 429 because their user already had
+    # SELFIE_LORA_MAX_GENERATIONS_PER_USER in flight: the service's answer, not a failure
+    # (a closed-loop client per connection sends more at once than one person would).
+    refused: int = 0
     samples: list[str] = field(default_factory=list)
 
     def error(self, what: str) -> None:
@@ -222,7 +226,9 @@ async def send(conn: Connection, route: Route, requests: Requests, tally: Tally)
         tally.error(f"{type(exc).__name__}: {exc}")
         return time.perf_counter() - started
     elapsed = time.perf_counter() - started
-    if status != route.ok:
+    if route.name == "generate" and status == 429:
+        tally.refused += 1
+    elif status != route.ok:
         tally.error(f"{status} {data[:160]!r}")
     else:
         tally.latencies.append(elapsed)
@@ -521,6 +527,9 @@ def report(results: list[Result], args: argparse.Namespace) -> bool:
                       f"{quantile(tally.latencies, 0.99) * 1000:8.1f} "
                       f"{max(tally.latencies, default=float('nan')) * 1000:8.1f} "
                       f"{tally.errors:6d} {cpu:>14}")
+                if tally.refused:
+                    print(f"{'':20}{tally.refused} more refused with 429: their user already "
+                          "had the most generations at once in flight")
                 for sample in tally.samples:
                     print(f"{'':20}error: {sample}")
             if len(phase.tallies) > 1:
