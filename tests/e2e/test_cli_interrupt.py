@@ -61,24 +61,35 @@ def test_ctrl_c_mid_training_hands_it_back_with_its_checkpoints(tmp_path: Path) 
         for reader in readers:
             reader.start()
         try:
-            deadline = time.monotonic() + 180
+            deadline = time.monotonic() + 240
             step = 0
+            # The tiny training's 40 steps take half a second, and the command writes each step
+            # the child sends to the database some time after: a poller once found the child done
+            # (which rightly keeps the finished LoRA, not a checkpoint). So everything runs in
+            # short slices; between them the group is frozen (SIGSTOP) but for the command, which
+            # writes what the child sent until the step it shows stops moving: the child's own.
             while time.monotonic() < deadline and train.poll() is None:
-                try:
-                    t = services.training.progress(user=ann).training
-                except Exception:  # no training yet
-                    t = None
-                if t is not None and t.step >= 12:  # past the first checkpoint (every 10)
-                    step = t.step
-                    # The tiny training's 40 steps take half a second: frozen here, its child
-                    # cannot finish them while the command takes in the Ctrl-C (it did once, under
-                    # load, and then rightly kept the finished LoRA instead of a checkpoint).
-                    os.killpg(train.pid, signal.SIGSTOP)
+                os.killpg(train.pid, signal.SIGCONT)
+                time.sleep(0.015)
+                os.killpg(train.pid, signal.SIGSTOP)
+                os.kill(train.pid, signal.SIGCONT)
+                seen, settled = -1, 0
+                while settled < 2 and time.monotonic() < deadline:
+                    try:
+                        t = services.training.progress(user=ann).training
+                    except Exception:  # no training yet
+                        t = None
+                    now = t.step if t is not None else -1
+                    settled = settled + 1 if now == seen else 0
+                    seen = now
+                    time.sleep(0.01)
+                if seen >= 12:  # past the first checkpoint (every 10)
+                    step = seen
                     break
-                time.sleep(0.05)
             assert step >= 12, "the training did not get going"
-            os.killpg(train.pid, signal.SIGINT)  # pending in the child, which ignores it
-            os.kill(train.pid, signal.SIGCONT)  # the command alone takes it in first
+            # The child and the intake's processes are frozen, the command runs: the SIGINT is
+            # pending in the child (which ignores it) and the command takes it in.
+            os.killpg(train.pid, signal.SIGINT)
             assert winding_down.wait(timeout=120), "".join(err_lines)
             os.killpg(train.pid, signal.SIGCONT)  # the child now finds the stop at its next step
             train.wait(timeout=120)
