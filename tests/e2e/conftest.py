@@ -23,7 +23,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.support.backends import POSTGRES_ENV, REDIS_ENV
+from tests.support.backends import POSTGRES_ENV, REDIS_ENV, _xdist_worker
 
 HEALTH_DEADLINE_S = 60.0
 STOP_DEADLINE_S = 30.0
@@ -228,8 +228,12 @@ def redis_queue() -> Iterator[str]:
     url = os.environ.get(REDIS_ENV)
     if not url:
         pytest.skip(f"the scale path's end-to-end tests need {REDIS_ENV}; .ci/run sets it")
-    # A database number of its own, emptied before and after.
-    queue = urlunsplit(urlsplit(url)._replace(path="/13"))
+    # A database number of its own, emptied before and after: 13, and one more below it for each
+    # further pytest-xdist worker (12, 11, ...; the contract tests count up from 2). The queue's
+    # keys are the same in every deployment, so two of these tests on one number, one on each
+    # worker, would flush and take each other's jobs.
+    worker = _xdist_worker() or 0
+    queue = urlunsplit(urlsplit(url)._replace(path=f"/{13 - worker}"))
     import redis
 
     client = redis.Redis.from_url(queue)

@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
+from tests.e2e.chaos import Proc, wait_healthy
 from tests.e2e.conftest import clean_env, create_user, free_port
-from tests.e2e.test_fault_injection import Proc, wait_healthy
 from tests.integration.test_operations import samples
 from tests.support.photos import real_photo_zip
 from tests.support.s3 import S3Server
@@ -59,10 +59,20 @@ def wait_all(client: httpx.Client, pending: dict[str, tuple[dict[str, str], str]
     return ended
 
 
-@pytest.mark.parametrize("backend", ["replicate", "local"])
+# The local backend's run is in test_scale_out_local.py: the two are the longest of the
+# end-to-end runs after the fault injection, and a file each lets pytest-xdist (--dist loadfile)
+# put them on different workers.
+@pytest.mark.parametrize("backend", ["replicate"])
 def test_processes_that_share_no_disk_run_the_whole_cycle(
         backend: str, tmp_path: Path, postgres_database: str, redis_queue: str,
         s3_server: S3Server) -> None:
+    the_whole_cycle(backend, tmp_path, postgres_database, redis_queue, s3_server)
+
+
+def the_whole_cycle(backend: str, tmp_path: Path, postgres_database: str, redis_queue: str,
+                    s3_server: S3Server) -> None:
+    """Several users through the whole cycle on ``backend`` ("replicate" or "local"), with each
+    process on a HOME of its own."""
     location = s3_server.new_location()
     names = ("ann", "bob", "cat") if backend == "replicate" else ("ann", "bob")
     with contextlib.ExitStack() as stack:

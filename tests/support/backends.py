@@ -87,7 +87,7 @@ def queue_url(kind: str, tmp_path: Path) -> str:
     if worker is None:
         return url
     # Parallel workers flush their queue between tests: each gets a database number of its own
-    # (2, 3, ...; the fault-injection test uses 13).
+    # (2, 3, ...; the end-to-end scale path uses 13, 12, ...: tests/e2e/conftest.py).
     return urlunsplit(urlsplit(url)._replace(path=f"/{2 + worker}"))
 
 
