@@ -21,7 +21,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
+# One browser per test file, not per run: Playwright's sync API keeps an asyncio event loop
+# running in the main thread while it is open, and every later test on that pytest-xdist worker
+# would run inside it (``asyncio.run`` then fails, as the HTTP alerter's does). Closed at the end
+# of the file, the loop is gone before the next file runs.
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
         pytest.skip(f"browser tests need Chromium at {CHROMIUM} (Debian: apt-get install "
