@@ -32,6 +32,18 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """``make test`` hands whole files to its two workers (``--dist loadfile``). pytest-xdist
+    (3.6 and later) hands out the files with the most tests first, which leaves the end-to-end
+    files, one to three tests of a minute or more each, to the very end, where one worker runs
+    them while the other has nothing left. In the order they are collected (tests/browser and
+    tests/e2e first) the long files start first and the many short ones fill in around them
+    (``--loadscope-reorder`` on the command line asks for xdist's order)."""
+    if (getattr(config.option, "loadscopereorder", None) is True
+            and "--loadscope-reorder" not in config.invocation_params.args):
+        config.option.loadscopereorder = False
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """With the slow tests deselected (``-m "not slow"``), do not even import a module whose
     every test is slow: importing torch and diffusers alone costs seconds per process."""
