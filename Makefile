@@ -9,7 +9,9 @@ TORCH ?= torch==2.13.0
 # pytest-xdist workers for `make test`: the suite is mostly single-threaded torch and waiting on
 # servers it starts, so two workers on two cores take ~0.55x the serial time (591 s against
 # 1056 s measured on 2026-12-04). Each test file stays on one worker (--dist loadfile): the
-# end-to-end files start servers and workers of their own and share a Redis database number.
+# end-to-end files start servers and workers of their own, and those on one worker share a Redis
+# database number. Files are handed out as collected, the long end-to-end ones first
+# (tests/conftest.py), so no long file is left to run alone at the end.
 TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast lint typecheck fmt clean screenshots vendor-web
