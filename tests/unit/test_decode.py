@@ -411,6 +411,28 @@ def test_a_jpeg_made_of_too_many_scans_is_refused_before_it_is_decoded() -> None
     assert "scans" in refused.message
 
 
+@pytest.mark.parametrize("length", [0, 1])
+def test_scans_behind_a_segment_too_short_to_be_one_are_counted(length: int) -> None:
+    """libjpeg skips a segment whose length is 0 or 1 (no room for its own two bytes) and
+    reads on; the walk stopped there, so ``FF FE 00 00`` after the first scan hid every scan
+    behind it: a 57 KB upload of 2,000 repeated scans held a worker ~5 s."""
+    progressive = encode(photo(), "JPEG", quality=90, progressive=True)
+    eoi = progressive.rindex(b"\xff\xd9")
+    short = b"\xff\xfe" + length.to_bytes(2, "big")
+    # Not a bomb: the decoder reads past the short segment and the photo opens as before.
+    honest = progressive[:eoi] + short + progressive[eoi:]
+    assert decode.jpeg_scans(honest) == (
+        progressive.count(b"\xff\xda"), decode.jpeg_scans(progressive)[1] + 1)
+    assert isinstance(decode_photo(UploadedFile("p.jpg", honest), limits=LIMITS), DecodedPhoto)
+    bomb = _with_scans(progressive, decode.MAX_JPEG_SCANS)
+    first_scan_end = bomb.index(b"\xff\xda", bomb.index(b"\xff\xda") + 2)
+    hidden = bomb[:first_scan_end] + short + bomb[first_scan_end:]
+    assert decode.jpeg_scans(hidden)[0] > decode.MAX_JPEG_SCANS
+    refused = _rejected(hidden)
+    assert refused.code == "decompression_bomb"
+    assert "scans" in refused.message
+
+
 # The start of an MP4 (what a Pixel or Samsung motion photo appends after the picture), then
 # bytes as a video's: 0xFF 0xDA turns up in compressed video once in ~64 KiB.
 _MP4_START = b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom"

@@ -442,10 +442,11 @@ def jpeg_scans(data: bytes, *, max_markers: int = MAX_JPEG_MARKERS) -> tuple[int
             pos = at + 2
             continue
         length = int.from_bytes(data[at + 2:at + 4], "big")
-        if length < 2:  # not a segment: the decoder stops here too
-            break
         scans += code == _SOS
-        pos = at + 2 + length  # past the header; for a scan, its entropy data follows
+        # A length under 2 (it counts its own two bytes) is no segment, but libjpeg does not
+        # stop there: it skips nothing and reads on from after the length. So does the walk;
+        # stopping would hide what follows (FF FE 00 00 before thousands of repeated scans).
+        pos = at + 2 + max(length, 2)  # past the header; for a scan, its entropy data follows
     return scans, markers
 
 
