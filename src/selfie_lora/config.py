@@ -49,6 +49,8 @@ from selfie_lora.errors import InvalidInputError
 # The queue's name in its storage unless SELFIE_LORA_QUEUE_NAME says another.
 DEFAULT_QUEUE_NAME = "selfie-lora"
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+# The default's name in huey's Redis keys (huey's RedisStorage.clean_name keeps [A-Za-z0-9_]).
+_DEFAULT_QUEUE_KEY_NAME = re.sub(r"[^A-Za-z0-9_]", "", DEFAULT_QUEUE_NAME)
 
 class Settings(BaseSettings):
     # populate_by_name: code (and tests) pass fields by name even where the environment uses
@@ -265,9 +267,15 @@ class Settings(BaseSettings):
     @classmethod
     def _queue_name_is_a_word(cls, value: str) -> str:
         # huey's Redis storage drops every other character from the name it is given, so
-        # 'prod-a' and 'proda' would be one queue there.
-        if not _QUEUE_NAME.fullmatch(value) and value != DEFAULT_QUEUE_NAME:
+        # 'prod-a' and 'proda' would be one queue there; the default keeps its '-' (every
+        # release had it), so 'selfielora' is its queue there and is refused too.
+        if value == DEFAULT_QUEUE_NAME:
+            return value
+        if not _QUEUE_NAME.fullmatch(value):
             raise ValueError("must be 1-64 letters, digits or '_'")
+        if value == _DEFAULT_QUEUE_KEY_NAME:
+            raise ValueError(f"is the default {DEFAULT_QUEUE_NAME!r} in Redis, where '-' is "
+                             "dropped: leave it unset for that queue, or choose another name")
         return value
 
     @field_validator("public_url")

@@ -223,3 +223,22 @@ def test_a_queue_name_is_letters_digits_or_underscores() -> None:
     for bad in ("prod-a", "", "a" * 65, "pröd"):
         with pytest.raises(ValidationError):
             Settings(queue_name=bad)
+    # ... and the default's own '-': 'selfielora' was accepted and was the default's queue.
+    with pytest.raises(ValidationError, match="default"):
+        Settings(queue_name="selfielora")
+    assert Settings(queue_name="selfie_lora").queue_name == "selfie_lora"  # another queue
+
+
+def test_no_name_the_settings_accept_shares_the_default_s_redis_keys() -> None:
+    from pydantic import ValidationError
+
+    from selfie_lora.adapters.queue.huey_queue import make_huey
+    from selfie_lora.config import DEFAULT_QUEUE_NAME, Settings
+
+    default_key = make_huey("redis://127.0.0.1:6379/0", name=DEFAULT_QUEUE_NAME).storage.queue_key
+    for name in ("selfielora", "selfie_lora", "SelfieLora", "prod"):
+        try:
+            accepted = Settings(queue_name=name).queue_name
+        except ValidationError:
+            continue
+        assert make_huey("redis://127.0.0.1:6379/0", name=accepted).storage.queue_key != default_key
