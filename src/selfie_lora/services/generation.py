@@ -198,8 +198,14 @@ class GenerationService:
         return Rendered(prompt=final_prompt, lora_scale=scale, images=images)
 
     def generate(self, *, user: User, request: GenerationRequest) -> Generation:
-        """A user's pictures, made and stored (``submit``, waited for: the same limit)."""
-        return self.submit(user=user, request=request).result()
+        """A user's pictures, made and stored in the caller's thread, under ``submit``'s limit.
+        Not ``submit`` waited for: Ctrl-C (the CLI, the demo) would interrupt only the wait,
+        and the generation would run on in the executor's thread until the process exits."""
+        self._take_slot(user)
+        try:
+            return self._generate_timed(user=user, request=request)
+        finally:
+            self._release_slot(user)
 
     def _generate(self, *, user: User, request: GenerationRequest) -> Generation:
         if not request.prompt.strip():
