@@ -64,6 +64,7 @@ def create_app(
     --no-worker``); ``collect_garbage`` lets that worker collect garbage when it is due; the
     services are built here unless given (tests)."""
     svc = services or build_services(settings)
+    owns_services = services is None  # given ones are their caller's to close (tests)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -84,6 +85,9 @@ def create_app(
                 await in_thread(worker.stop)
             if warm_up:
                 await in_thread(svc.intake.shut_down)
+            if owns_services:
+                # Its generation threads (queued generations dropped) and database connections.
+                await in_thread(svc.close)
 
     app = FastAPIOffline(title="selfie-lora", version="0.1.0", description=DESCRIPTION,
                          lifespan=lifespan)
