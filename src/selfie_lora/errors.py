@@ -228,8 +228,18 @@ class BlobMissingError(StorageError):
 
 
 class GenerationError(SelfieLoraError):
+    """Making the pictures failed. ``user_message``, when given, is a sentence we wrote for the
+    user (no path, URL or traceback in it), answered in place of the fixed 5xx sentence: for a
+    failure a retry cannot mend, or whose reason is the user's to know."""
+
     code = ErrorCode.GENERATION_FAILED
     http_status = 502
+
+    def __init__(
+        self, message: str, *, user_message: str | None = None, details: Sequence[Any] = ()
+    ) -> None:
+        super().__init__(message, details=details)
+        self.user_message = user_message
 
 
 class AlertDeliveryError(SelfieLoraError):

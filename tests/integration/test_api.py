@@ -16,6 +16,7 @@ from typing import TypeVar
 import pytest
 from fastapi.testclient import TestClient
 
+from selfie_lora.adapters.replicate.session import GENERATOR_FAILURES
 from selfie_lora.api.app import create_app
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.errors import GenerationError, StorageError
@@ -391,6 +392,44 @@ def test_a_server_side_error_tells_the_client_a_sentence_and_the_log_the_detail(
     assert len(logged) == 1
     assert all(words in logged[0].getMessage() + caplog.text for words in LEAKY_WORDS)
     assert "POST /api/generate" in logged[0].getMessage()
+
+
+@pytest.mark.parametrize("error", [
+    GENERATOR_FAILURES.off_host(
+        f"could not download the image: {LEAKY_WORDS[1]} is not https://replicate.delivery",
+        "Could not download the image: Replicate's output points outside Replicate's file "
+        "hosts, and this service downloads from nowhere else."),
+    GENERATOR_FAILURES.too_large(
+        f"{LEAKY_WORDS[1]} is over 50000000 bytes",
+        "Replicate's output is larger than this service accepts."),
+    GenerationError("Generating the images failed on Replicate: NSFW content detected. Try "
+                    "again, or change the prompt.",
+                    user_message="Generating the images failed on Replicate: NSFW content "
+                                 "detected. Try again, or change the prompt.",
+                    details=[LEAKY_WORDS[1]]),
+])
+def test_a_generation_failure_written_for_the_user_is_answered_as_it_is(
+        client: TestClient, services: Services, fake_generator: FakeGenerator,
+        error: GenerationError) -> None:
+    """Every 5xx answered "please retry, or change the prompt": for an output off Replicate's
+    hosts or over the size cap no retry ever helps, and the model's own reason was lost."""
+    h = auth(services, "ann")
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    fake_generator.fail_with = error
+    r = client.post("/api/generate", headers=h, json={"prompt": "x"})
+    assert r.status_code == 502, r.text
+    body = r.json()["error"]
+    assert body["code"] == "generation_failed"
+    assert body["message"] == error.user_message
+    assert "reference" in body["details"][0]
+    for words in LEAKY_WORDS:
+        assert words not in r.text
+    # Replicate out of reach: retrying is the advice, the fixed sentence stays.
+    fake_generator.fail_with = GENERATOR_FAILURES.unavailable(
+        f"could not start generating: {LEAKY_WORDS[1]}", "Replicate cannot be reached.")
+    r = client.post("/api/generate", headers=h, json={"prompt": "x"})
+    assert r.json()["error"]["message"] == ("the pictures could not be made; please retry, or "
+                                            "change the prompt")
 
 
 def within(seconds: float, call: Callable[[], T]) -> T | None:

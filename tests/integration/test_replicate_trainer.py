@@ -659,6 +659,8 @@ def test_generator_retries_and_maps_a_failed_prediction(
         replicate_generator.generate(job)
     assert "NSFW" in caught.value.message
     assert ".." not in caught.value.message
+    # The model's reason is the user's to know: the API answers it, not "please retry".
+    assert caught.value.user_message == caught.value.message
 
 
 def _generator_on(standin: ReplicateStandIn, sleeps: list[float], *, timeout: float,
@@ -808,5 +810,6 @@ def test_outputs_named_off_replicate_s_hosts_are_never_fetched(
             prompt="x", num_outputs=1, seed=None, lora_scale=1.0, trainer_version="t",
             remote_version=replicate_standin.create_model_version("selfie-lora/lora-g")))
     assert "outside Replicate's file hosts" in refused.value.message
+    assert refused.value.user_message == refused.value.message  # answered as it is (a 502)
     assert not [path for _method, path in replicate_standin.requests
                 if path.startswith("/files/")]

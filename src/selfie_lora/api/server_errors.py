@@ -1,5 +1,7 @@
 """What a client is told of an error on the server's side (a 5xx): a fixed sentence for its code
-and a reference, never the error's own words.
+and a reference, never the error's own words, unless a ``GenerationError`` carries a
+``user_message`` (a sentence written for the user: Replicate's output off its file hosts or over
+the size cap, the model's own reason for failing), which is answered instead.
 
 Those words are written for the operator: a storage error names the server's paths, the S3
 endpoint and the request URL, a local generation error torch's text. The API and the pages answer
@@ -14,7 +16,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from selfie_lora.errors import ErrorCode, SelfieLoraError
+from selfie_lora.errors import ErrorCode, GenerationError, SelfieLoraError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,8 @@ def report_server_error(exc: BaseException, *, method: str, path: str) -> Server
         logger.error("%s %s: %s (reference %s): %s%s", method, path, exc.code, reference,
                      exc.message, f" {exc.details}" if exc.details else "", extra=extra)
         sentence = server_error_sentence(exc.code)
+        if isinstance(exc, GenerationError) and exc.user_message:
+            sentence = exc.user_message  # written for the user (the error's docstring)
     else:
         logger.error("%s %s: unexpected error (reference %s)", method, path, reference,
                      exc_info=exc, extra=extra)

@@ -129,8 +129,9 @@ class ReplicateGenerator:
                 )
             if prediction.status != "succeeded":
                 error = str(prediction.error or prediction.status)
+                failed = _FAILED.format(error=error.strip().splitlines()[-1][:200].rstrip("."))
                 raise GenerationError(
-                    _FAILED.format(error=error.strip().splitlines()[-1][:200].rstrip(".")),
+                    failed, user_message=failed,
                     details=[f"prediction {prediction_id} {prediction.status}: {error}"])
             urls = _output_urls(prediction)
             logger.info("prediction %s on %s: %d image(s)", prediction_id, job.remote_version, len(urls))

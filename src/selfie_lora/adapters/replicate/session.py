@@ -88,11 +88,13 @@ TRAINER_FAILURES = Failures(
     too_large=lambda what, user: WeightsNotFoundError(what, user_message=user),
     off_host=lambda what, user: WeightsNotFoundError(what, user_message=user),
 )
+# Unavailable: the fixed sentence ("please retry") is the user's; the others are sentences
+# written here that a retry does not mend, shown to the user as they are.
 GENERATOR_FAILURES = Failures(
-    refused=lambda what, user: GenerationError(user, details=[what]),
+    refused=lambda what, user: GenerationError(user, user_message=user, details=[what]),
     unavailable=lambda what, user: GenerationError(user, details=[what]),
-    too_large=lambda what, user: GenerationError(user, details=[what]),
-    off_host=lambda what, user: GenerationError(user, details=[what]),
+    too_large=lambda what, user: GenerationError(user, user_message=user, details=[what]),
+    off_host=lambda what, user: GenerationError(user, user_message=user, details=[what]),
 )
 
 # Where Replicate serves outputs: https://replicate.delivery and its subdomains
