@@ -23,7 +23,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.support.backends import POSTGRES_ENV, REDIS_ENV, _xdist_worker
+from tests.support.backends import POSTGRES_ENV, REDIS_ENV, _xdist_worker, redis_database
 
 HEALTH_DEADLINE_S = 60.0
 STOP_DEADLINE_S = 30.0
@@ -229,11 +229,12 @@ def redis_queue() -> Iterator[str]:
     if not url:
         pytest.skip(f"the scale path's end-to-end tests need {REDIS_ENV}; .ci/run sets it")
     # A database number of its own, emptied before and after: 13, and one more below it for each
-    # further pytest-xdist worker (12, 11, ...; the contract tests count up from 2). The queue's
-    # keys are the same in every deployment, so two of these tests on one number, one on each
-    # worker, would flush and take each other's jobs.
-    worker = _xdist_worker() or 0
-    queue = urlunsplit(urlsplit(url)._replace(path=f"/{13 - worker}"))
+    # further pytest-xdist worker (12, 11, ...; the contract tests count up from 2, and past 6
+    # workers the two would meet: tests/support/backends.redis_database). The flush empties the
+    # whole database, whatever SELFIE_LORA_QUEUE_NAME each test's processes use, so two of these
+    # tests on one number, one on each worker, would wipe each other's jobs.
+    queue = urlunsplit(urlsplit(url)._replace(
+        path=f"/{redis_database('e2e', _xdist_worker() or 0)}"))
     import redis
 
     client = redis.Redis.from_url(queue)

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -86,9 +87,29 @@ def queue_url(kind: str, tmp_path: Path) -> str:
     worker = _xdist_worker()
     if worker is None:
         return url
-    # Parallel workers flush their queue between tests: each gets a database number of its own
-    # (2, 3, ...; the end-to-end scale path uses 13, 12, ...: tests/e2e/conftest.py).
-    return urlunsplit(urlsplit(url)._replace(path=f"/{2 + worker}"))
+    # Parallel workers flush their queue between tests: each gets a database number of its own.
+    return urlunsplit(urlsplit(url)._replace(path=f"/{redis_database('contract', worker)}"))
+
+
+# Redis database numbers a test run flushes (a Redis server has 16: 0-15), one per pytest-xdist
+# worker for each user: the queue contract tests count up from 2 (2, 3, ...), the end-to-end
+# scale path (tests/e2e/conftest.py) down from 13 (13, 12, ...). Both flush their database
+# before and after a test, so no number may be both's: 6 workers fit (2-7 and 8-13).
+_CONTRACT_FIRST_DB = 2
+_E2E_FIRST_DB = 13
+MAX_REDIS_WORKERS = (_E2E_FIRST_DB - _CONTRACT_FIRST_DB + 1) // 2
+
+
+def redis_database(user: Literal["contract", "e2e"], worker: int) -> int:
+    """The Redis database number of pytest-xdist worker ``worker`` for ``user``; the test fails
+    (it does not share another's number) on a worker past MAX_REDIS_WORKERS."""
+    if not 0 <= worker < MAX_REDIS_WORKERS:
+        pytest.fail(f"pytest-xdist worker gw{worker}: the Redis tests give each of at most "
+                    f"{MAX_REDIS_WORKERS} workers Redis database numbers of its own "
+                    f"({_CONTRACT_FIRST_DB}-{_CONTRACT_FIRST_DB + MAX_REDIS_WORKERS - 1} and "
+                    f"{_E2E_FIRST_DB - MAX_REDIS_WORKERS + 1}-{_E2E_FIRST_DB}); run them with "
+                    f"-n {MAX_REDIS_WORKERS} or fewer", pytrace=False)
+    return _CONTRACT_FIRST_DB + worker if user == "contract" else _E2E_FIRST_DB - worker
 
 
 def fresh_engine(url: str) -> Engine:
