@@ -698,6 +698,20 @@ def test_a_third_generation_at_once_is_a_page_that_says_to_wait(
     assert generate().status_code == 303
 
 
+def test_downloading_a_version_without_its_weights_is_a_409_page_not_a_500(
+        ann: TestClient, svc: Services) -> None:
+    # Its weights file gone from the storage, the version's download was "something went wrong
+    # on our side" (a 500), where its generation and activation say what is wrong (409).
+    assert upload(ann)[0] == 200
+    train(ann)
+    (version,) = svc.models.versions(user=svc.users.get_by_name(name="ann"))
+    svc.blobs.delete(version.weights_key)
+    r = ann.get(f"/versions/{version.id}/weights")
+    assert r.status_code == 409
+    assert "version 1&#39;s weights are missing from the storage" in r.text
+    assert "something went wrong" not in r.text
+
+
 def test_another_user_sees_none_of_it(ann: TestClient, web_settings: Settings,
                                       svc: Services) -> None:
     assert upload(ann)[0] == 200

@@ -182,3 +182,32 @@ def test_cli_export_takes_the_version_as_its_argument_and_names_the_file_after_i
 
     clash = runner.invoke(cli.app, ["export", "1", "--version", "2", "--user", "ann"])
     assert clash.exit_code == 2
+
+
+def test_weights_missing_from_the_storage_are_a_409_not_a_500(
+    client: TestClient, services: Services, settings: Settings, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The version's file is gone from the storage (lost, restored from an older backup). Its
+    # download and export answered 500 ("something went wrong"), which the user can only retry,
+    # where generating with it answers 409 weights_missing.
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    h = auth(services, "ann")
+    version = trained_version(client, h)
+    services.blobs.delete(services.repo.get_version(version["id"]).weights_key)
+    sentence = ("version 1's weights are missing from the storage, so they cannot be downloaded; "
+                "download another version (or train again)")
+    url = f"/api/model/versions/{version['id']}/weights"
+    for params in ({}, {"format": "diffusers"}, {"format": "kohya"}):
+        r = client.get(url, params=params, headers=h)
+        assert r.status_code == 409, (params, r.text)
+        assert r.json()["error"]["code"] == "weights_missing"
+        assert r.json()["error"]["message"] == sentence
+
+    for fmt in ("diffusers", "kohya"):
+        out = tmp_path / f"{fmt}.safetensors"
+        done = CliRunner().invoke(cli.app, ["export", "1", "--user", "ann", "--format", fmt,
+                                            "--out", str(out)])
+        assert done.exit_code == 1, done.output
+        assert "weights are missing from the storage" in done.output
+        assert not out.exists()

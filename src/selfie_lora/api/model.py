@@ -57,7 +57,7 @@ def activate(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]
     return model_of(svc, user)
 
 
-@router.get("/versions/{version_id}/weights", responses=errors(404, 422),
+@router.get("/versions/{version_id}/weights", responses=errors(404, 409, 422),
             response_class=Response)
 def weights(user: UserDep, svc: ServicesDep, version_id: str,
             format: WeightsFormat = WeightsFormat.DIFFUSERS) -> Response:

@@ -15,7 +15,13 @@ from selfie_lora.domain.plan import validate_lora_scale, with_trainer_version
 from selfie_lora.domain.recipes import RepinPolicy
 from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
 from selfie_lora.domain.weights import WeightsFormat
-from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, NotFoundError
+from selfie_lora.errors import (
+    BlobMissingError,
+    ConflictError,
+    ErrorCode,
+    InvalidInputError,
+    NotFoundError,
+)
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.generation import generates_from_stored_weights, weights_missing_error
 from selfie_lora.services.ports import BlobStore, BlobStream, Repository, WeightsConverter
@@ -30,6 +36,15 @@ class ModelOverview:
     model: Model
     active: Version | None
     active_record: VersionLikeness | None
+
+
+def weights_missing_for_download(version: Version) -> ConflictError:
+    """What a user is told when ``version``'s weights cannot be downloaded or exported because
+    the file is gone from the storage: the 409 ``weights_missing`` generating with it answers, not
+    a 500 they would retry (nothing brings the file back; another version's can be had)."""
+    return ConflictError(
+        f"version {version.number}'s weights are missing from the storage, so they cannot be "
+        "downloaded; download another version (or train again)", code=ErrorCode.WEIGHTS_MISSING)
 
 
 def weights_filename(version: Version, weights_format: WeightsFormat) -> str:
@@ -260,7 +275,10 @@ class ModelService:
                 raise NotFoundError("no active version yet: train the model first")
         else:
             version = self.version(user=user, version_id=version_id)
-        data = self._blobs.get(version.weights_key)
+        try:
+            data = self._blobs.get(version.weights_key)
+        except BlobMissingError as exc:
+            raise self._weights_missing(version, exc) from exc
         if weights_format is not WeightsFormat.DIFFUSERS:
             if self._converter is None:
                 raise InvalidInputError(f"this server cannot export {weights_format} weights",
@@ -285,8 +303,20 @@ class ModelService:
                                            expires=self._download_url_expiry)
             if url is not None:
                 return WeightsDownload(version=version, url=url, stream=None)
-        return WeightsDownload(version=version, url=None,
-                               stream=self._blobs.open(version.weights_key))
+        try:
+            # The stores fail here, before the first byte, when the blob is gone: the answer can
+            # still be a 409 rather than a broken stream.
+            stream = self._blobs.open(version.weights_key)
+        except BlobMissingError as exc:
+            raise self._weights_missing(version, exc) from exc
+        return WeightsDownload(version=version, url=None, stream=stream)
+
+    @staticmethod
+    def _weights_missing(version: Version, exc: BlobMissingError) -> ConflictError:
+        # The user is told which version; the operator gets the key to look for.
+        logger.error("version %s (model %s) cannot be downloaded: %s", version.id,
+                     version.model_id, exc.message)
+        return weights_missing_for_download(version)
 
     def log(self, *, user: User) -> Sequence[dict[str, Any]]:
         model = self.get(user=user)
