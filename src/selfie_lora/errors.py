@@ -21,6 +21,8 @@ entry points never see them.
     │   └── DatasetRejectedError    the photos cannot be trained on; carries the findings
     ├── PayloadTooLargeError        an upload over the configured limit (HTTP 413)
     ├── InvalidTransitionError      a training state change that would go backwards (a bug: HTTP 500)
+    ├── ServerShortOfMemoryError    the server ran out of memory reading an upload: nothing is
+    │                               wrong with the upload, sending it again later works (HTTP 503)
     ├── StorageError                a blob cannot be read or written (storage unreachable,
     │   │                           a full disk, a refused write)
     │   └── BlobMissingError        the blob is not there: retrying will not bring it back
@@ -123,6 +125,7 @@ class ErrorCode(enum.StrEnum):
     UNSUPPORTED_COMPRESSION = "unsupported_compression"
     # 500, 502, 503
     INVALID_TRANSITION = "invalid_transition"
+    SERVER_SHORT_OF_MEMORY = "server_short_of_memory"
     STORAGE_ERROR = "storage_error"
     GENERATION_FAILED = "generation_failed"
     TRAINING_INTERRUPTED = "training_interrupted"
@@ -214,6 +217,14 @@ class PayloadTooLargeError(SelfieLoraError):
 class InvalidTransitionError(SelfieLoraError):
     code = ErrorCode.INVALID_TRANSITION
     http_status = 500
+
+
+class ServerShortOfMemoryError(SelfieLoraError):
+    """Reading an upload failed for want of memory (a zip member inflating while other uploads
+    hold the rest): the server's state at that moment, not the user's file."""
+
+    code = ErrorCode.SERVER_SHORT_OF_MEMORY
+    http_status = 503
 
 
 class StorageError(SelfieLoraError):

@@ -8,6 +8,7 @@ import logging
 import threading
 import time
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -500,6 +501,38 @@ def test_a_user_s_generations_are_limited_and_never_hold_other_routes_threads(
     # The slots are given back: Ann generates again.
     fake_generator.gate = None
     assert client.post("/api/generate", headers=ann, json={"prompt": "x"}).status_code == 200
+
+
+def test_an_upload_read_short_of_memory_is_a_503_not_the_user_s_archive(
+        client: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    # zlib's MemoryError while inflating a member was answered 422 bad_archive, "the upload is
+    # not a readable zip archive": the user told to fix a file that is fine.
+    h = auth(services, "ann")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for i in range(4):
+            zf.writestr(f"photo{i}.jpg", synthetic_photo(i))
+
+    class OutOfMemory:  # CPython's zlib on Z_MEM_ERROR
+        eof = False
+        unconsumed_tail = b""
+
+        def decompress(self, *_args: object) -> bytes:
+            raise MemoryError("Out of memory while decompressing data")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(zlib, "decompressobj", lambda *_a: OutOfMemory())
+        r = client.post("/api/training/upload-zip", headers=h,
+                        files={"file": ("photos.zip", buf.getvalue(), "application/zip")})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "server_short_of_memory"
+    assert r.json()["error"]["message"] == (
+        "the server was short of memory reading the upload; nothing is wrong with it: upload it "
+        "again in a few minutes")
+    assert client.get("/api/model", headers=h).status_code == 404  # nothing stored
+    # The same bytes, the memory back: read and started, nothing remembered of the failure.
+    assert upload(client, h, buf.getvalue())["training"]["status"] in ("queued", "running",
+                                                                       "succeeded")
 
 
 def test_generate_before_a_version_is_422(client: TestClient, services: Services,

@@ -3,6 +3,7 @@ code, ordinary archives (Mac, Windows, streamed, zip64) read."""
 
 from __future__ import annotations
 
+import bz2
 import io
 import os
 import struct
@@ -26,7 +27,7 @@ from selfie_lora.dataset.archive import (
     read_zip,
 )
 from selfie_lora.dataset.limits import UploadLimits
-from selfie_lora.errors import InvalidInputError
+from selfie_lora.errors import InvalidInputError, ServerShortOfMemoryError
 from tests.support.hostile import (
     ARCHIVE_BYTES,
     Raw,
@@ -439,3 +440,37 @@ def test_compressed_streams_inside_are_nested_archives() -> None:
             read_zip(data, limits=LIMITS)
         assert caught.value.code == "nested_archive"
     assert archive_kind(b"BZh is how this note starts") is None
+
+
+class _OutOfMemory:
+    """A decompressor that fails as CPython's zlib and bz2 do when an allocation fails
+    (Z_MEM_ERROR, BZ_MEM_ERROR: a MemoryError)."""
+
+    eof = False
+    unconsumed_tail = b""
+    needs_input = True
+
+    def decompress(self, *_args: object) -> bytes:
+        raise MemoryError("Out of memory while decompressing data")
+
+
+@pytest.mark.parametrize(("module", "factory", "compression"), [
+    (zlib, "decompressobj", zipfile.ZIP_DEFLATED),
+    (bz2, "BZ2Decompressor", zipfile.ZIP_BZIP2),
+], ids=["deflate", "bzip2"])
+def test_running_out_of_memory_while_inflating_is_the_server_s_failure(
+        module: Any, factory: str, compression: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A MemoryError was reported as "the upload is not a readable zip archive" (422
+    # bad_archive): the user's file blamed for the server's shortage, sent again for nothing.
+    data = zip_of({"a.jpg": jpeg(), "b.jpg": jpeg()}, compression=compression)
+    with monkeypatch.context() as patched:
+        patched.setattr(module, factory, lambda *_a: _OutOfMemory())
+        with pytest.raises(ServerShortOfMemoryError) as caught:
+            read_zip(data, limits=LIMITS)
+    assert not isinstance(caught.value, InvalidInputError)
+    assert caught.value.code == "server_short_of_memory"
+    assert caught.value.http_status == 503
+    assert "upload it again in a few minutes" in caught.value.message
+    assert "not a readable zip" not in caught.value.message
+    files, _notes = read_zip(data, limits=LIMITS)  # the memory back, the same bytes read
+    assert [f.name for f in files] == ["a.jpg", "b.jpg"]

@@ -29,6 +29,9 @@ _SENTENCES: dict[str, str] = {
                                  "prompt",
     ErrorCode.TRAINER_UNAVAILABLE: "the training service cannot be reached just now; please "
                                    "retry in a few minutes",
+    ErrorCode.SERVER_SHORT_OF_MEMORY: "the server was short of memory reading the upload; "
+                                      "nothing is wrong with it: upload it again in a few "
+                                      "minutes",
     ErrorCode.CONFIG_ERROR: "this service is not set up for that yet; please tell the operator",
 }
 

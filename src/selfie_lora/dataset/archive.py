@@ -16,7 +16,9 @@ and a check made on one parser's view of an archive while another parser reads i
    than it declared is refused the moment it does), with the CRC checked;
 6. nested archives are refused by content (magic bytes, or a zip appended to another file).
 
-Whole-upload problems raise :class:`InvalidInputError` (HTTP 422, nothing stored). System files
+Whole-upload problems raise :class:`InvalidInputError` (HTTP 422, nothing stored); the server
+running out of memory while reading raises :class:`ServerShortOfMemoryError` (HTTP 503), which
+blames no file. System files
 (``__MACOSX/``, ``._*``, ``.DS_Store``...) and folder entries are skipped with an ``info`` finding.
 Archive names are only ever shown to the user (sanitized); nothing is written under them.
 """
@@ -38,7 +40,7 @@ from pathlib import Path
 
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.domain.entities import Finding
-from selfie_lora.errors import ErrorCode, InvalidInputError
+from selfie_lora.errors import ErrorCode, InvalidInputError, ServerShortOfMemoryError
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +125,8 @@ def read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
     """The files of a zip upload and ``info`` findings about skipped entries.
 
     Raises :class:`InvalidInputError` (a specific ``code``) when the archive as a whole is
-    refused; nothing else escapes, whatever the bytes.
+    refused, and :class:`ServerShortOfMemoryError` when the server ran out of memory reading it;
+    nothing else escapes, whatever the bytes.
     """
     if len(data) > limits.max_upload_bytes:
         raise _refuse(ErrorCode.UPLOAD_TOO_LARGE,
@@ -132,6 +135,16 @@ def read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
         return _read_zip(data, limits=limits)
     except InvalidInputError:
         raise
+    except MemoryError as exc:
+        # zlib and bz2 raise it when an allocation fails while inflating (Z_MEM_ERROR,
+        # BZ_MEM_ERROR), as does building a member's bytes: the sizes were checked against the
+        # limits before, so this says nothing of the archive, and the same bytes may read fine
+        # a minute later. Not "not a readable zip archive", which tells the user to fix a file
+        # that is fine.
+        logger.warning("reading a zip upload: the server was short of memory (%r)", exc)
+        raise ServerShortOfMemoryError(
+            "the upload could not be read: the server was short of memory; nothing is wrong "
+            "with the archive: upload it again in a few minutes") from None
     except Exception as exc:  # a parser bug must still be a 422 about this archive, not a 500
         logger.warning("unexpected failure reading a zip upload: %r", exc)
         raise _refuse(ErrorCode.BAD_ARCHIVE, "the upload is not a readable zip archive",
