@@ -47,10 +47,10 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Protocol
 
-from selfie_lora.errors import ConfigError, DeploymentMismatchError
+from selfie_lora.errors import ConfigError, DeploymentMismatchError, ErrorCode
 from selfie_lora.logs import training_context
 from selfie_lora.services.gc import GarbageCollector
-from selfie_lora.services.operations import OperationsService
+from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED, OperationsService
 from selfie_lora.services.training import TrainingService
 from selfie_lora.wiring import Services
 
@@ -286,6 +286,15 @@ class _OperatorHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
+            # The same figures as the API servers' /metrics, so the same token guards them
+            # (a worker's port may be reachable from more than the scraper).
+            if not self.operations.may_read_metrics(
+                    authorization=self.headers.get("Authorization")):
+                self._answer(401, json.dumps({"error": {
+                    "code": ErrorCode.UNAUTHORIZED, "message": METRICS_TOKEN_REQUIRED,
+                    "details": []}}).encode(), "application/json",
+                    headers={"WWW-Authenticate": "Bearer"})
+                return
             body, content_type = self.operations.metrics()
             self._answer(200, body, content_type)
         elif path == "/healthz":
@@ -299,9 +308,12 @@ class _OperatorHandler(BaseHTTPRequestHandler):
         else:
             self._answer(404, b'{"error": "not found"}', "application/json")
 
-    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+    def _answer(self, status: int, body: bytes, content_type: str,
+                headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -173,6 +173,32 @@ def test_without_a_metrics_token_nobody_is_told_why(tmp_path: Path) -> None:
             assert answer.json()["checks"]["storage"] == "unavailable"
 
 
+def test_a_worker_s_metrics_need_the_token_as_the_api_s_do(tmp_path: Path) -> None:
+    # A worker's /metrics answered its figures to anyone, SELFIE_LORA_METRICS_TOKEN
+    # notwithstanding, while the API servers' answered 401 without it.
+    settings = make_settings(tmp_path, metrics_token=TOKEN)
+    with serving(settings) as (client, svc):
+        worker = serve_operator_endpoints(svc.operations, host="127.0.0.1", port=0)
+        try:
+            url = f"http://127.0.0.1:{worker.server_address[1]}/metrics"
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+                api = client.get("/metrics", headers=headers)
+                answer = httpx.get(url, headers=headers, timeout=10)
+                assert answer.status_code == api.status_code == 401
+                assert answer.json() == api.json()
+                assert answer.headers["WWW-Authenticate"] == "Bearer"
+                assert "selfie_lora_" not in answer.text
+            ok = httpx.get(url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+            assert ok.status_code == 200
+            assert "selfie_lora_queue_depth" in ok.text
+            # /healthz and /readyz are as they were: no token needed.
+            assert httpx.get(url.replace("/metrics", "/healthz"), timeout=10).status_code == 200
+            assert httpx.get(url.replace("/metrics", "/readyz"), timeout=10).status_code == 200
+        finally:
+            worker.shutdown()
+            worker.server_close()
+
+
 def test_a_database_that_does_not_answer_is_not_ready(tmp_path: Path) -> None:
     # A PostgreSQL URL where nothing listens (port 9 is "discard"; nothing runs there).
     settings = make_settings(

@@ -28,6 +28,7 @@ from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.config import Settings
 from selfie_lora.errors import ErrorCode, RateLimitedError, SelfieLoraError
+from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED
 from selfie_lora.web.app import (
     SignInRequired,
     is_page,
@@ -113,9 +114,9 @@ def create_app(
              responses={401: {"description": "SELFIE_LORA_METRICS_TOKEN is set and not sent"}})
     def metrics(request: Request) -> Response:
         """The operator's figures in the Prometheus text format."""
-        if svc.settings.metrics_token is not None and not svc.operations.is_operator(
+        if not svc.operations.may_read_metrics(
                 authorization=request.headers.get("authorization")):
-            return _error(401, ErrorCode.UNAUTHORIZED, "send the metrics token as a bearer token",
+            return _error(401, ErrorCode.UNAUTHORIZED, METRICS_TOKEN_REQUIRED,
                           headers={"WWW-Authenticate": "Bearer"})
         body, content_type = svc.operations.metrics()
         return Response(body, media_type=content_type)

@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 # What /readyz says of a check that failed, to anyone: why it failed (an error's own words) may
 # name the storage's absolute path, a database host or a bucket, and /readyz needs no sign-in.
 UNAVAILABLE = "unavailable"
+# What a /metrics request without the token is told (a 401), by the API servers and a worker alike.
+METRICS_TOKEN_REQUIRED = "send the metrics token as a bearer token"
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,11 @@ class OperationsService:
             return False
         return hmac.compare_digest((authorization or "").encode(),
                                    f"Bearer {self._metrics_token}".encode())
+
+    def may_read_metrics(self, *, authorization: str | None) -> bool:
+        """Whether a request may read ``GET /metrics`` (the API servers' and a worker's alike):
+        anyone when no SELFIE_LORA_METRICS_TOKEN is set, else only a caller sending it."""
+        return self._metrics_token is None or self.is_operator(authorization=authorization)
 
     def readiness(self) -> Readiness:
         """The database, the queue and the storage, each asked once (``GET /readyz``)."""
