@@ -57,12 +57,14 @@ def generates_from_stored_weights(backend: str) -> bool:
     return backend == "local"
 
 
-def weights_missing_error(version: Version) -> ConflictError:
-    """What a user is told when ``version`` cannot generate because its weights file is gone
-    from the storage: nothing they retry brings it back, another version does."""
+def weights_missing_error(version: Version, *, so: str = "it cannot make pictures",
+                          instead: str = "activate another version") -> ConflictError:
+    """What a user is told when ``version``'s weights file is gone from the storage (to generate
+    with it by default; ``so`` and ``instead`` say it for another use): nothing they retry
+    brings it back, another version does."""
     return ConflictError(
-        f"version {version.number}'s weights are missing from the storage, so it cannot make "
-        "pictures; activate another version (or train again)", code=ErrorCode.WEIGHTS_MISSING)
+        f"version {version.number}'s weights are missing from the storage, so {so}; "
+        f"{instead} (or train again)", code=ErrorCode.WEIGHTS_MISSING)
 
 
 @dataclass(frozen=True)

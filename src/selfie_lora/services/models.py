@@ -42,9 +42,8 @@ def weights_missing_for_download(version: Version) -> ConflictError:
     """What a user is told when ``version``'s weights cannot be downloaded or exported because
     the file is gone from the storage: the 409 ``weights_missing`` generating with it answers, not
     a 500 they would retry (nothing brings the file back; another version's can be had)."""
-    return ConflictError(
-        f"version {version.number}'s weights are missing from the storage, so they cannot be "
-        "downloaded; download another version (or train again)", code=ErrorCode.WEIGHTS_MISSING)
+    return weights_missing_error(version, so="they cannot be downloaded",
+                                 instead="download another version")
 
 
 def weights_filename(version: Version, weights_format: WeightsFormat) -> str:
