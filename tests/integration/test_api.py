@@ -26,6 +26,7 @@ from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
+from tests.support.generations import held_generations
 from tests.support.photos import photo_zip, synthetic_photo
 
 T = TypeVar("T")
@@ -462,21 +463,13 @@ def test_a_user_s_generations_are_limited_and_never_hold_other_routes_threads(
 
     assert client.portal is not None
     client.portal.call(shrink_pool)
-    fake_generator.gate = threading.Event()
     answers: list[int] = []
 
     def generate() -> None:
         answers.append(client.post("/api/generate", headers=ann,
                                    json={"prompt": "x"}).status_code)
 
-    held = [threading.Thread(target=generate) for _ in range(2)]
-    try:
-        for thread in held:
-            thread.start()
-        deadline = time.monotonic() + 10
-        while fake_generator.waiting < 2:
-            assert time.monotonic() < deadline, "the two generations never started"
-            time.sleep(0.01)
+    with held_generations(fake_generator, generate):
         third = within(5, lambda: client.post("/api/generate", headers=ann,
                                               json={"prompt": "x"}))
         assert third is not None, "the third generation waited, not refused"
@@ -493,13 +486,8 @@ def test_a_user_s_generations_are_limited_and_never_hold_other_routes_threads(
         assert versions.status_code == 200
         assert time.monotonic() - started < 2
         assert fake_generator.waiting == 2
-    finally:
-        fake_generator.gate.set()
-        for thread in held:
-            thread.join(timeout=10)
     assert answers == [200, 200]
     # The slots are given back: Ann generates again.
-    fake_generator.gate = None
     assert client.post("/api/generate", headers=ann, json={"prompt": "x"}).status_code == 200
 
 

@@ -32,6 +32,7 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.clock import Clock
+from tests.support.generations import held_generations
 from tests.support.photos import synthetic_photo
 
 PASSWORD = "a long password"
@@ -43,11 +44,19 @@ def web_settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path, sign_in_max_failures=3)
 
 
+def fake_services(settings: Settings, *, trainer: FakeTrainer | None = None,
+                  generator: FakeGenerator | None = None) -> Services:
+    """The services the pages run on here: fakes for the trainer and the generator, one person's
+    faces, a fast password hash."""
+    return build_services(settings,
+                          trainers={"local": FakeTrainer() if trainer is None else trainer},
+                          generators={"local": FakeGenerator() if generator is None else generator},
+                          face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+
+
 @pytest.fixture
 def svc(web_settings: Settings, fake_generator: FakeGenerator) -> Iterator[Services]:
-    services = build_services(web_settings, trainers={"local": FakeTrainer()},
-                              generators={"local": fake_generator},
-                              face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+    services = fake_services(web_settings, generator=fake_generator)
     services.users.create(name="ann", password=PASSWORD)
     services.users.create(name="bob", password=PASSWORD)
     yield services
@@ -268,10 +277,7 @@ def test_a_forged_session_cookie_is_no_session(web_settings: Settings, svc: Serv
 def test_sign_up_is_closed_unless_the_setting_opens_it(tmp_path: Path) -> None:
     for open_ in (False, True):
         settings = make_settings(tmp_path / str(open_), signup=open_)
-        services = build_services(settings, trainers={"local": FakeTrainer()},
-                                  generators={"local": FakeGenerator()},
-                                  face_analyzer=one_person_analyzer(),
-                                  password_hasher=FAST_HASHER)
+        services = fake_services(settings)
         try:
             with browser(settings, services) as client:
                 token = re.search(r'name="form_token" value="([^"]+)"',
@@ -293,9 +299,7 @@ def test_sign_up_is_rate_limited_per_client(tmp_path: Path) -> None:
     """One client made 60 accounts in a row, and asked about a taken name as often as it
     liked (found in review): past SIGN_UP_MAX_ATTEMPTS the form answers 429."""
     settings = make_settings(tmp_path, signup=True, sign_up_max_attempts=2)
-    services = build_services(settings, trainers={"local": FakeTrainer()},
-                              generators={"local": FakeGenerator()},
-                              face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+    services = fake_services(settings)
     services.users.create(name="ann", password=PASSWORD)
     try:
         with browser(settings, services) as client:
@@ -534,9 +538,7 @@ def test_the_trainer_version_form_refuses_a_replicate_model_the_operator_did_not
     # later training on the operator's Replicate account.
     settings = make_settings(tmp_path, trainer="replicate", replicate_api_token="r8_dummy",
                              replicate_owner="operator")
-    services = build_services(settings, trainers={"local": FakeTrainer()},
-                              generators={"local": FakeGenerator()},
-                              face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+    services = fake_services(settings)
     services.users.create(name="ann", password=PASSWORD)
     try:
         with browser(settings, services) as client:
@@ -667,20 +669,12 @@ def test_a_third_generation_at_once_is_a_page_that_says_to_wait(
     assert upload(ann)[0] == 200
     train(ann)
     token = csrf(ann, "/generate")
-    fake_generator.gate = threading.Event()
 
     def generate() -> httpx.Response:
         return ann.post("/generate", data={"csrf_token": token, "prompt": "p",
                                            "num_outputs": "1"}, follow_redirects=False)
 
-    held = [threading.Thread(target=generate) for _ in range(2)]
-    try:
-        for thread in held:
-            thread.start()
-        deadline = time.monotonic() + 10
-        while fake_generator.waiting < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    with held_generations(fake_generator, generate):
         refused: list[httpx.Response] = []
         third = threading.Thread(target=lambda: refused.append(generate()), daemon=True)
         third.start()
@@ -690,11 +684,6 @@ def test_a_third_generation_at_once_is_a_page_that_says_to_wait(
         assert 'data-code="too_many_generations"' in refused[0].text
         assert "you already have 2 generations in progress" in refused[0].text
         assert int(refused[0].headers["Retry-After"]) >= 1
-    finally:
-        fake_generator.gate.set()
-        for thread in held:
-            thread.join(timeout=10)
-    fake_generator.gate = None
     assert generate().status_code == 303
 
 
@@ -766,9 +755,7 @@ def test_api_keys_from_the_settings_page_work_and_can_be_revoked(ann: TestClient
 
 def test_the_page_upload_is_guarded_like_the_api_upload(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, max_upload_bytes=64 * 1024)
-    services = build_services(settings, trainers={"local": FakeTrainer()},
-                              generators={"local": FakeGenerator()},
-                              face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+    services = fake_services(settings)
     services.users.create(name="ann", password=PASSWORD)
     try:
         with browser(settings, services) as client:
@@ -828,9 +815,7 @@ def test_a_refused_page_upload_answers_a_report_not_a_page(ann: TestClient,
 def test_the_training_status_shows_the_newest_sample_to_its_owner_only(tmp_path: Path) -> None:
     # A recipe that samples (local-tiny-v2); the fake trainer makes one at steps 1, 2 and 3.
     settings = make_settings(tmp_path, trainer_version="local-tiny-v2")
-    services = build_services(settings, trainers={"local": FakeTrainer(sample_every=1)},
-                              generators={"local": FakeGenerator()},
-                              face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+    services = fake_services(settings, trainer=FakeTrainer(sample_every=1))
     try:
         services.users.create(name="ann", password=PASSWORD)
         services.users.create(name="bob", password=PASSWORD)
