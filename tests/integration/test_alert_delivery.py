@@ -4,6 +4,7 @@ time, sent again with backoff after a failure, and given up after ``MAX_ATTEMPTS
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -12,12 +13,14 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -34,6 +37,7 @@ from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter, Simulate
 from tests.support.alerts import alert_inbox
 from tests.support.clock import Clock
 from tests.support.likeness import Rig, other_person, photo_generator, same_person
+from tests.support.loops import noting_the_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -366,6 +370,58 @@ def test_a_delivered_alert_logs_the_host_only(caplog: pytest.LogCaptureFixture) 
     messages = [r.getMessage() for r in caplog.records]
     assert any("delivered to 127.0.0.1" in m for m in messages)
     assert not [m for m in messages if "SECRETHOOKTOKEN" in m]
+
+
+def test_an_alert_due_is_sent_from_code_running_inside_an_event_loop(
+        tmp_path: Path, clock: Clock) -> None:
+    """A reconcile called from async code (a server's start-up was one): the POST is made and
+    the attempt counted as the endpoint answered, not spent on ``asyncio.run``'s refusal."""
+    requests: list[httpx.Request] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(500 if len(requests) == 1 else 204)  # down, then back
+
+    rig = Rig(root=tmp_path, generator=photo_generator(same_person()), clock=clock,
+              alerter=HttpAlerter("https://hooks.example.com" + SECRET_PATH,
+                                  transport=httpx.MockTransport(endpoint)))
+    try:
+        v2 = held_version(rig)
+        assert delivery(rig, v2)["error"] == "hooks.example.com answered the alert with HTTP 500"
+        clock.advance(minutes=2)  # the retry is due
+
+        async def on_the_loop() -> int:
+            return rig.training.reconcile().alerts_tried
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "coroutine ... was never awaited" included
+            assert asyncio.run(on_the_loop()) == 1
+        assert len(requests) == 2
+        final = delivery(rig, v2)
+        assert (final["delivered"], final["attempts"]) == (True, 2)
+    finally:
+        rig.close()
+
+
+def test_a_server_s_start_up_reconcile_runs_off_the_event_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` reconciles once as it starts (the alerts due are sent then): blocking work,
+    which on the event loop would hold every request meanwhile."""
+    from fastapi.testclient import TestClient
+
+    from selfie_lora.api.app import create_app
+    from tests.conftest import fake_services_on
+
+    services = fake_services_on("sqlite", tmp_path)
+    noting, on_loop = noting_the_loop(services.training.reconcile)
+    monkeypatch.setattr(services.training, "reconcile", noting)
+    try:
+        with TestClient(create_app(services.settings, services=services, reconcile=True)):
+            pass
+    finally:
+        services.close()
+    assert on_loop[:1] == [False]
+    assert True not in on_loop
 
 
 def test_an_alert_recorded_before_the_fix_is_served_without_its_url() -> None:

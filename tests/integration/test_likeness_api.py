@@ -4,7 +4,6 @@ and comparison routes, their PNGs (owner only), the retraining log and explicit 
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, wait_terminal
 from tests.support.alerts import alert_inbox
 from tests.support.likeness import other_person, png_size, same_person, shared_analyzer
+from tests.support.loops import noting_the_loop
 from tests.support.photos import real_photo_zip
 
 
@@ -213,18 +213,8 @@ def test_the_comparison_grid_is_made_off_the_event_loop(
     r = client.post("/api/training/upload-zip", headers=h,
                     files={"file": ("me.zip", real_photo_zip(), "application/zip")})
     wait_terminal(client, h, r.json()["training"]["id"])
-    on_loop: list[bool] = []
-    real = services.likeness.compare
-
-    def recording(**kwargs: Any) -> Any:
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
-        return real(**kwargs)
-
-    monkeypatch.setattr(services.likeness, "compare", recording)
+    noting, on_loop = noting_the_loop(services.likeness.compare)
+    monkeypatch.setattr(services.likeness, "compare", noting)
     r = client.get("/api/model/compare/grid.png", headers=h)
     assert r.status_code == 422  # one version: nothing to compare, found in the pool
     assert on_loop == [False]

@@ -77,7 +77,10 @@ def create_app(
         if run_worker or reconcile:
             from selfie_lora.worker import start_embedded
 
-            worker = start_embedded(svc, consume=run_worker, collect_garbage=collect_garbage)
+            # Off the event loop: its first reconcile makes database round trips and sends the
+            # alerts due (which run their own event loop), all blocking.
+            worker = await in_thread(lambda: start_embedded(
+                svc, consume=run_worker, collect_garbage=collect_garbage))
         try:
             yield
         finally:

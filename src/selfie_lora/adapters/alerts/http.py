@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from typing import Any
 
 import httpx
@@ -35,10 +36,10 @@ class HttpAlerter:
         # httpx's timeouts are per phase: a receiver that trickles a byte now and then keeps a
         # read alive forever, and the send past the alert's claim (domain.alerts). httpx has no
         # overall timeout; its async client is cancelled cleanly at any await, so the POST runs
-        # under asyncio's. Senders are worker threads, with no event loop of their own running.
+        # under asyncio's, on a loop of its own (see ``_run``).
         # ``from None``: the httpx error, chained, would carry the URL into any traceback logged.
         try:
-            asyncio.run(self._post(alert))
+            self._run(alert)
         except TimeoutError:
             raise AlertDeliveryError(
                 f"the alert to {self._host} took more than {self._timeout} s") from None
@@ -50,6 +51,31 @@ class HttpAlerter:
                 f"the alert could not be sent to {self._host} ({type(exc).__name__})") from None
         logger.info("likeness alert for version %s delivered to %s", alert.get("version_id"),
                     self._host)
+
+    def _run(self, alert: dict[str, Any]) -> None:
+        """``_post`` to its end on a new event loop, whatever the calling thread runs."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(self._post(alert))  # a worker thread: no loop runs in it
+            return
+        # A loop runs in this thread (a reconcile called from async code, as a server's start
+        # was): ``asyncio.run`` would raise there without sending, and the attempt would be
+        # spent. The POST gets a thread of its own; the caller expects to block until it ends,
+        # which ``timeout`` bounds.
+        failure: list[BaseException] = []
+
+        def post() -> None:
+            try:
+                asyncio.run(self._post(alert))
+            except BaseException as exc:  # re-raised in the caller's thread, as asyncio.run's
+                failure.append(exc)
+
+        thread = threading.Thread(target=post, name="alert-send", daemon=True)
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
 
     async def _post(self, alert: dict[str, Any]) -> None:
         async with asyncio.timeout(self._timeout):
