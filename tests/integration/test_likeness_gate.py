@@ -787,24 +787,38 @@ def test_a_score_is_stored_with_its_log_entry_or_not_at_all(tmp_path: Path) -> N
 
 
 def test_probes_made_at_another_size_are_made_again(tmp_path: Path) -> None:
-    """SELFIE_LORA_PROBE_SIZE changed since a version was scored: scoring it again (as the
-    gate does for the active version) makes its probes at the new size, never compares the new
-    version's images with old ones of another size."""
+    """SELFIE_LORA_PROBE_SIZE changed since the active version was scored: the gate scores it
+    again at the new size, so it never compares the new version's images with old ones of
+    another size (the images of the old size stay under their own keys)."""
     generator = photo_generator(same_person())
     r = Rig(root=tmp_path, generator=generator)
     try:
-        v1 = r.train(r.user())
+        ann = r.user()
+        v1 = r.train(ann)
+        old = r.repo.get_likeness(v1.id)
+        assert old is not None
+        assert not any(p.image_key.endswith("px.png") for p in old.probes)  # the default size
+        v2 = r.repo.get_training(r.train_until_scoring(ann).id).version_id
+        assert v2 is not None
         made = len(generator.jobs)
-        again = LikenessService(repo=r.repo, blobs=r.blobs, generation=r.generation,
-                                faces=r.faces, probe_count=r.probe_count)
-        again.score(v1.id, force=True)  # the same size: the stored images serve
-        assert len(generator.jobs) == made
         resized = LikenessService(repo=r.repo, blobs=r.blobs, generation=r.generation,
                                   faces=r.faces, probe_count=r.probe_count, probe_size=96)
-        record = resized.score(v1.id, force=True)
+        verdict = resized.judge(v2)
         new_jobs = generator.jobs[made:]
-        assert len(new_jobs) == r.probe_count
+        assert len(new_jobs) == 2 * r.probe_count  # the new version's probes and the active's
         assert {(job.width, job.height) for job in new_jobs} == {(96, 96)}
-        assert all(p.image_key.endswith("-96px.png") for p in record.probes)
+        for version_id in (v1.id, v2):
+            record = r.repo.get_likeness(version_id)
+            assert record is not None
+            assert all(p.image_key.endswith("-96px.png") for p in record.probes)
+        assert verdict.baseline is not None
+        assert verdict.baseline.id == v1.id
+        assert all(r.blobs.exists(p.image_key) for p in old.probes if p.image_key)
+
+        made = len(generator.jobs)
+        resized.score(v1.id)  # current at this size now: nothing is made again
+        assert len(generator.jobs) == made
+        resized.score(v1.id, force=True)  # the same size: the stored images serve
+        assert len(generator.jobs) == made
     finally:
         r.close()

@@ -14,7 +14,8 @@ versions' gates, the training service owns the training's status.
    against the training photos' faces (``domain.likeness.score_probes``). Training photos are
    analysed once per dataset (``quality/datasets/<dataset>/<embedding model>.json``).
 2. **gate** (only while the version's gate is ``pending``): score the active version against the
-   *same* training photos (its probe faces are stored, so this is arithmetic), decide
+   *same* training photos (its probe faces are stored, so this is arithmetic, unless its probes
+   were made at another ``SELFIE_LORA_PROBE_SIZE``: they are made again at this one), decide
    (``domain.likeness.decide_gate``). A held version gets an alert, logged and, when
    ``SELFIE_LORA_ALERT_URL`` is set, POSTed there: at least once, never fatal, tried again
    after a failure or a dead sender by the reconcilers (``deliver_due_alerts``,
@@ -222,7 +223,7 @@ class LikenessService:
                 # version (decide_gate) and says why here.
                 failed = baseline_record or stored
                 baseline_error = (failed.error if failed is not None and failed.error
-                                  else "it has no scores with the current face model")
+                                  else "it has no scores with the current face model and probe size")
                 if unscorable is not None:
                     baseline_error += f"; it was not scored again: {unscorable}"
         decision = decide_gate(
@@ -391,9 +392,10 @@ class LikenessService:
     def score(self, version_id: str, *, force: bool = False,
               checkpoint: Callable[[], None] | None = None) -> VersionLikeness:
         """The version's likeness record, scored now unless it already is (with the current
-        embedding model and the fixed probe scale). Expected failures (no generator, a generator
-        error, face tools missing) are recorded on the record as ``failed``, never raised; a
-        ``checkpoint`` that raises stops the scoring (and is raised)."""
+        embedding model, the fixed probe scale and the current probe size). Expected failures
+        (no generator, a generator error, face tools missing) are recorded on the record as
+        ``failed``, never raised; a ``checkpoint`` that raises stops the scoring (and is
+        raised)."""
         version, model, training = self._load(version_id)
         existing = self._repo.get_likeness(version.id)
         if existing is not None and not force and self._is_current(existing):
@@ -444,10 +446,18 @@ class LikenessService:
 
     def _is_current(self, record: VersionLikeness) -> bool:
         """Scored as ``score`` would score it now: with the current embedding model (scores of
-        two models are never compared) and every probe at the fixed scale."""
+        two models are never compared) and every probe image made at the fixed scale and at
+        the current SELFIE_LORA_PROBE_SIZE. The gate and ``compare`` put two versions' records
+        side by side: after the size changed, a record made at the old one would set images of
+        one size against images of another (another picture, another face size for the same
+        seed), which measures the setting, not the training; such a record is scored again."""
         return (record.status is LikenessStatus.SCORED
                 and record.embedding_model == self._faces.model_name
-                and all(p.lora_scale == PROBE_LORA_SCALE for p in record.probes))
+                and all(p.lora_scale == PROBE_LORA_SCALE
+                        # The key names the size the image was asked at (layout.probe_image_key).
+                        and p.image_key == probe_image_key(record.version_id, p.index,
+                                                           PROBE_LORA_SCALE, self._probe_size)
+                        for p in record.probes))
 
     def _unscored(self, version: Version, training: Training, *, why: str) -> VersionLikeness:
         existing = self._repo.get_likeness(version.id)
@@ -541,7 +551,7 @@ class LikenessService:
                        on_scoring: Callable[[Version], None] | None = None) -> Comparison:
         """``compare``, after scoring whichever of the two versions has no current scores (a
         version from before likeness tracking, one whose scoring failed, or one scored with
-        another face model)."""
+        another face model or at another probe size)."""
         comparison = self.compare(user=user, a=a, b=b)
         for version, record in ((comparison.a, comparison.record_a),
                                 (comparison.b, comparison.record_b)):
@@ -652,9 +662,9 @@ class LikenessService:
 
     # ------------------------------------------------------------------ internals
     def _probe(self, model: Model, version: Version, probe: Probe) -> ProbeResult:
-        # Same weights, prompt, seed, scale and size: the same image. The size is in the key:
-        # after SELFIE_LORA_PROBE_SIZE changed, a version compared with images of another size
-        # than its own would not be judged fairly.
+        # Same weights, prompt, seed, scale and size: the same image. The size is in the key, so
+        # an image of another size is never taken for this one, and a record scored at another
+        # size is not current (``_is_current``): the gate scores the active version again.
         key = probe_image_key(version.id, probe.index, PROBE_LORA_SCALE, self._probe_size)
         if self._blobs.exists(key):
             png = self._blobs.get(key)
