@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
+import httpx
 from pydantic import (
     AliasChoices,
     Field,
@@ -288,6 +289,23 @@ class Settings(BaseSettings):
             if parts.scheme not in ("http", "https") or not parts.netloc:
                 raise ValueError("must be the service's address as others reach it: "
                                  "https://host[:port][/path]")
+        return value
+
+    @field_validator("alert_url")
+    @classmethod
+    def _alert_url_is_http(cls, value: SecretStr | None) -> SecretStr | None:
+        # Every held version's alert is POSTed here: one without a scheme (hooks.slack.com/...),
+        # of another scheme or that httpx cannot read failed each delivery, ten times over four
+        # hours, seen only in warnings and in the users' "could not be sent".
+        if value is None or not value.get_secret_value():
+            return value  # unset: alerts are recorded and logged only
+        try:
+            url = httpx.URL(value.get_secret_value())
+        except (httpx.InvalidURL, TypeError, ValueError):
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise ValueError("must be where alerts are POSTed: https://host[:port]/path "
+                             "(or http://)")
         return value
 
     @field_validator("allowed_trainers", mode="before")

@@ -447,6 +447,29 @@ def test_the_alert_url_setting_is_a_secret(tmp_path: Path) -> None:
     assert "SECRETHOOKTOKEN" not in repr(settings)
 
 
+@pytest.mark.parametrize("url", [
+    "hooks.slack.com" + SECRET_PATH,  # the scheme forgotten
+    "ftp://hooks.example.com" + SECRET_PATH, "https://" + SECRET_PATH, "not a url",
+    "https://hooks.example.com:port" + SECRET_PATH,
+])
+def test_an_alert_url_that_cannot_be_posted_to_stops_the_settings(tmp_path: Path,
+                                                                   url: str) -> None:
+    """Not ten failed deliveries over four hours per held version: the settings refuse it,
+    naming the form it must have and not the URL (a secret)."""
+    with pytest.raises(ValidationError, match=r"alert_url\n.*must be where alerts are POSTed: "
+                                              r"https://host\[:port\]/path") as raised:
+        Settings(home=tmp_path, alert_url=url)
+    assert "SECRETHOOKTOKEN" not in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["https://hooks.slack.com" + SECRET_PATH,
+                                 "http://127.0.0.1:8080/alerts", ""])
+def test_an_http_alert_url_or_none_is_accepted(tmp_path: Path, url: str) -> None:
+    settings = Settings(home=tmp_path, alert_url=url)
+    assert settings.alert_url is not None
+    assert settings.alert_url.get_secret_value() == url
+
+
 @given(st.integers(min_value=1, max_value=50))
 def test_retries_wait_longer_each_time_up_to_an_hour_then_stop(attempts: int) -> None:
     wait = retry_after(attempts)

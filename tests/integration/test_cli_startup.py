@@ -63,6 +63,9 @@ CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
      "SELFIE_LORA_WEBHOOK_SECRET is not a webhook signing secret"),
     ("a public URL without a scheme", lambda _: {"SELFIE_LORA_PUBLIC_URL": "example.com"},
      "invalid setting: SELFIE_LORA_PUBLIC_URL: must be the service's address"),
+    ("an alert URL without a scheme", lambda _: {
+        "SELFIE_LORA_ALERT_URL": f"hooks.example.com/services/{PASSWORD}"},
+     "invalid setting: SELFIE_LORA_ALERT_URL: must be where alerts are POSTed"),
     ("HOME's database file is not one", garbage_database, "file is not a database"),
     ("HOME is a file", home_is_a_file, "cannot be used: File exists"),
     ("HOME under a file", home_under_a_file, "cannot be used: Not a directory"),
