@@ -567,6 +567,25 @@ def test_a_training_canceled_while_its_version_is_scored_never_activates_it(rig:
     assert rig.model(ann).active_version_id == v1.id
 
 
+def test_a_later_version_with_no_active_version_is_not_called_the_first(rig: Rig) -> None:
+    """Version 1's training is canceled while it is scored: it is held and nothing is active.
+    Version 2 then passes with nothing to compare it with, and says so, not that it is the first
+    version (version 1 is listed beside it, held)."""
+    ann = rig.user()
+    training = rig.train_until_scoring(ann)
+    rig.training.cancel(user=ann, training_id=training.id)
+    rig.restart()
+    assert training.version_id is not None
+    v1 = rig.repo.get_version(training.version_id)
+    assert v1 is not None
+    assert (v1.number, v1.gate_status) == (1, GateStatus.HELD)
+    assert rig.model(ann).active_version_id is None
+    v2 = rig.train(ann)
+    assert (v2.number, v2.gate_status) == (2, GateStatus.PASSED)
+    assert v2.gate_reason == "version 2 has no active version to compare with: it is active"
+    assert rig.model(ann).active_version_id == v2.id
+
+
 def test_a_version_activated_while_scored_then_canceled_says_it_stays_active(rig: Rig) -> None:
     ann = rig.user()
     rig.train(ann)

@@ -289,6 +289,17 @@ class GateDecision:
 
 
 FIRST_VERSION_REASON = "the first version has nothing to beat: it is active"
+
+
+def nothing_to_beat_reason(version_number: int) -> str:
+    """Why a version passed with no active version to compare it with: a first version, or a
+    later one whose model has none active (every earlier version held, its training canceled
+    while it was scored, say), which must not read as a first version beside its held ones."""
+    if version_number == 1:
+        return FIRST_VERSION_REASON
+    return f"version {version_number} has no active version to compare with: it is active"
+
+
 # Every probe of every version is rendered at this LoRA scale, whatever scale the user chose for
 # their own pictures: the gate compares versions, so it must compare like with like.
 PROBE_LORA_SCALE = 1.0
@@ -346,8 +357,7 @@ def decide_gate(
         return GateDecision(GateStatus.HELD, f"{v} could not be scored ({why}), so "
                             f"{KEPT_NOT_ACTIVATED}{ACTIVATE_HINT}", details)
     if baseline_number is None:
-        return GateDecision(GateStatus.PASSED, f"{v} has no active version to beat: it is active",
-                            details)
+        return GateDecision(GateStatus.PASSED, nothing_to_beat_reason(candidate_number), details)
     active = f"the active version {baseline_number}"
     if baseline is None:
         why = baseline_error or "no score"

@@ -41,7 +41,6 @@ from selfie_lora.domain.likeness import (
     ACTIVATE_HINT,
     DEFAULT_GATE_TOLERANCE,
     DEFAULT_PROBE_COUNT,
-    FIRST_VERSION_REASON,
     GATE_OFF_REASON,
     KEPT_NOT_ACTIVATED,
     PROBE_LORA_SCALE,
@@ -52,6 +51,7 @@ from selfie_lora.domain.likeness import (
     VersionLikeness,
     decide_gate,
     held_but_user_activated,
+    nothing_to_beat_reason,
     probes_for_existing_model,
     score_probes,
     training_figures,
@@ -200,12 +200,14 @@ class LikenessService:
         reference = self._reference_for(version) if _scored(record) else None
         after = self._scores_against(record, reference)
         if baseline is None or not self.gate_enabled:
-            # Nothing to beat (a first version), or no gate: it passes, scored or not.
+            # Nothing to beat (a first version, or none is active), or no gate: it passes,
+            # scored or not.
             details: dict[str, Any] = {"after": after.headline() if after else None,
                                        "before": None, "tolerance": self.tolerance}
             return GateVerdict(
                 version_id=version.id, model_id=model.id, status=GateStatus.PASSED,
-                reason=FIRST_VERSION_REASON if baseline is None else GATE_OFF_REASON,
+                reason=(nothing_to_beat_reason(version.number) if baseline is None
+                        else GATE_OFF_REASON),
                 details=details, baseline=baseline,
                 reference_id=reference.dataset_id if reference else None, record=record)
         before = None
