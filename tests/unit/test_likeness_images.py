@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import io
+import itertools
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from selfie_lora.likeness.chart import CHART_SIZE, ChartPoint, render_chart
+from selfie_lora.likeness.chart import (
+    CHART_SIZE,
+    HELD_NOT_SCORED,
+    MAX_X_LABELS,
+    ChartPoint,
+    chart_figure,
+    render_chart,
+)
 from selfie_lora.likeness.grid import CELL, HEADER_H, LABEL_W, PAD, GridRow, grid_size, render_grid
 from selfie_lora.likeness.images import analysis_array, image_sanity
 from tests.support.likeness import png_size, rgb
@@ -92,3 +100,48 @@ def test_the_chart_has_its_fixed_size_with_gaps_and_held_versions() -> None:
     data = render_chart(points, title="likeness", tolerance=0.02)
     assert png_size(data) == CHART_SIZE == (800, 450)
     assert png_size(render_chart(points[:1], title="one", tolerance=0.0)) == CHART_SIZE
+
+
+def versions(count: int) -> list[ChartPoint]:
+    return [ChartPoint(n, 0.5 + 0.01 * (n % 7), 0.6, 1.0, 1.0,
+                       "held" if n % 5 == 0 else "passed", n == count)
+            for n in range(1, count + 1)]
+
+
+@pytest.mark.parametrize("count", [1, 15, 16, 50, 300, 1200])
+def test_the_chart_s_version_labels_never_run_into_each_other(count: int) -> None:
+    """Up to MAX_X_LABELS versions each is labelled; past that the labels are thinned out (at
+    50 versions, one label a version made one black band under the axis)."""
+    fig = chart_figure(versions(count), title="likeness", tolerance=0.02)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    shown = [(x, label) for x, label in zip(ax.get_xticks(), ax.get_xticklabels(), strict=True)
+             if low <= x <= high and label.get_text()]
+    boxes = sorted((label.get_window_extent(renderer) for _, label in shown), key=lambda b: b.x0)
+    for left, right in itertools.pairwise(boxes):
+        assert left.x1 + 4 <= right.x0, (count, [label.get_text() for _, label in shown])
+    assert 1 <= len(shown) <= MAX_X_LABELS
+    if count <= MAX_X_LABELS:
+        assert [x for x, _ in shown] == list(range(1, count + 1))
+
+
+def test_a_held_version_without_a_score_is_not_drawn_at_likeness_0() -> None:
+    points = [
+        ChartPoint(1, 0.8, 0.85, 1.0, 1.0, "passed", False),
+        ChartPoint(2, None, None, None, None, "held", False),  # could not be scored
+        ChartPoint(3, 0.3, 0.35, 1.0, 1.0, "held", True),
+    ]
+    ax = chart_figure(points, title="likeness", tolerance=0.02).axes[0]
+    in_data = [tuple(xy) for c in ax.collections if c.get_offset_transform() == ax.transData
+               for xy in np.asarray(c.get_offsets()).tolist()]
+    assert (3.0, 0.3) in in_data  # the held version with a score: ringed at its identity
+    assert not [xy for xy in in_data if xy[0] == 2.0]  # nothing at version 2 reads as a score
+    marks = [c for c in ax.collections if c.get_label() == HELD_NOT_SCORED]
+    assert len(marks) == 1
+    assert np.asarray(marks[0].get_offsets()).tolist() == [[2.0, 0.0]]
+    assert marks[0].get_offset_transform() == ax.get_xaxis_transform()  # on the axis, not at a score
+    legend = ax.get_legend()
+    assert legend is not None
+    assert HELD_NOT_SCORED in [t.get_text() for t in legend.get_texts()]

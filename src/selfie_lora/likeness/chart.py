@@ -10,8 +10,12 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from selfie_lora.errors import ConfigError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 FIGSIZE = (8.0, 4.5)
 DPI = 100
@@ -29,11 +33,27 @@ class ChartPoint:
     active: bool
 
 
+# At most this many version numbers under the x axis: the plot is ~620 px wide, so more would
+# run into each other (at 50 versions they made one black band); every point is still drawn.
+MAX_X_LABELS = 15
+HELD_NOT_SCORED = "held, not scored (no score to draw)"
+
+
 def render_chart(points: Sequence[ChartPoint], *, title: str, tolerance: float) -> bytes:
     """The chart as PNG bytes. Versions without scores show as gaps."""
+    fig = chart_figure(points, title=title, tolerance=tolerance)
+    out = io.BytesIO()
+    # No bbox_inches="tight": it would change the size from CHART_SIZE.
+    fig.savefig(out, format="png", dpi=DPI)
+    return out.getvalue()
+
+
+def chart_figure(points: Sequence[ChartPoint], *, title: str, tolerance: float) -> Figure:
+    """The chart's matplotlib figure (``render_chart`` saves it), ``CHART_SIZE`` pixels."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError as exc:  # pragma: no cover - the quality extra is part of every install
         raise ConfigError("charts need matplotlib: pip install 'selfie-lora[quality]'") from exc
 
@@ -50,12 +70,19 @@ def render_chart(points: Sequence[ChartPoint], *, title: str, tolerance: float) 
     for label, values, colour, marker in series:
         ax.plot(xs, [_nan(v) for v in values], label=label, color=colour, marker=marker,
                 linewidth=1.5, markersize=5)
-    held = [p for p in points if p.gate_status == "held"]
-    if held:
-        ax.scatter([p.number for p in held], [_nan(p.identity) if p.identity is not None else 0.0
-                                              for p in held],
+    scored_held = [p for p in points if p.gate_status == "held" and p.identity is not None]
+    if scored_held:
+        ax.scatter([p.number for p in scored_held], [_nan(p.identity) for p in scored_held],
                    s=140, facecolors="none", edgecolors="tab:red", linewidths=2,
                    label=f"held by the gate (tolerance {tolerance:g})", zorder=3)
+    unscored_held = [p for p in points if p.gate_status == "held" and p.identity is None]
+    if unscored_held:
+        # No identity to ring: a ring at 0 would read as a total loss of likeness. A cross on
+        # the x axis itself (x in data, y in axes coordinates), below every score, says which
+        # version was held without a score.
+        ax.scatter([p.number for p in unscored_held], [0.0] * len(unscored_held),
+                   transform=ax.get_xaxis_transform(), marker="x", s=60, color="tab:red",
+                   linewidths=2, clip_on=False, label=HELD_NOT_SCORED, zorder=3)
     active = [p for p in points if p.active]
     for p in active:
         ax.axvline(p.number, color="tab:orange", linestyle="--", linewidth=1,
@@ -65,14 +92,15 @@ def render_chart(points: Sequence[ChartPoint], *, title: str, tolerance: float) 
     ax.set_ylim(-0.02, 1.05)
     if xs:
         ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)
-        ax.set_xticks(xs)
+        if len(xs) <= MAX_X_LABELS:
+            ax.set_xticks(xs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=MAX_X_LABELS, integer=True,
+                                                   steps=[1, 2, 5, 10]))
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    out = io.BytesIO()
-    # No bbox_inches="tight": it would change the size from CHART_SIZE.
-    fig.savefig(out, format="png", dpi=DPI)
-    return out.getvalue()
+    return fig
 
 
 def _nan(value: float | None) -> float:
