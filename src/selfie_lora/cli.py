@@ -31,6 +31,7 @@ from selfie_lora.errors import InvalidInputError, SelfieLoraError
 from selfie_lora.logs import setup_logging
 
 if TYPE_CHECKING:
+    from selfie_lora.services.likeness import Comparison
     from selfie_lora.wiring import Services
     from selfie_lora.worker import Worker
 
@@ -690,7 +691,7 @@ def compare(
         _write(chart_path, services.likeness.chart_png(user=owner))
     va, vb = comparison.a, comparison.b
     table = Table(title=f"version {va.number} (A) against version {vb.number} (B), "
-                        "identity against B's training photos")
+                        f"{_yardstick(comparison)}")
     for column in ("probe", "seed", "prompt", "A", "B", "B - A"):
         table.add_column(column)
     for row in comparison.probes:
@@ -722,6 +723,16 @@ def compare(
                       markup=False)
     console.print(f"wrote {grid_path}", markup=False, highlight=False)
     console.print(f"wrote {chart_path}", markup=False, highlight=False)
+
+
+def _yardstick(comparison: Comparison) -> str:
+    """The photos both sides' identity is measured against: the newer version's (the service
+    decides), which is A when A is the newer one."""
+    used = comparison.reference_version
+    if used is None:
+        return "no training photos to measure identity against"
+    side = "A" if used.id == comparison.a.id else "B"
+    return f"identity against version {used.number}'s ({side}'s) training photos"
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """``--out`` of the commands that write files (generate, compare, export): a path that cannot
 hold them is one line and exit status 1, and generate and compare say so before they generate
 or score anything (a generation was stored, and paid for on Replicate, before its images failed
-to be written)."""
+to be written); and what compare prints about the comparison it wrote."""
 
 from __future__ import annotations
 
@@ -88,6 +88,22 @@ def test_compare_to_a_file_is_refused_before_it_compares(trained: Services,
     refused = CliRunner().invoke(cli.app, ["compare", "--user", "ann", "--out", str(target)])
     refused_in_one_line(refused, target)
     assert "identity" not in refused.output  # no comparison was printed
+
+
+@pytest.mark.parametrize(("a", "b", "said"), [
+    ("1", "2", "identity against version 2's (B's) training photos"),
+    ("2", "1", "identity against version 2's (A's) training photos"),  # A is the newer
+])
+def test_compare_names_the_photos_it_measured_against(trained: Services, tmp_path: Path,
+                                                      a: str, b: str, said: str) -> None:
+    """Both versions are scored against the newer one's training photos, which is A when A is
+    the newer version: the table says whose, not always B's."""
+    done = CliRunner().invoke(cli.app, ["compare", "--user", "ann", "--out", str(tmp_path),
+                                        "--a", a, "--b", b])
+    assert done.exit_code == 0, done.output
+    printed = " ".join(done.output.split())
+    assert f"version {a} (A) against version {b} (B), {said}" in printed
+    assert "B's training photos" not in printed.replace("(B's) training photos", "")
 
 
 def test_export_under_a_file_is_refused_in_one_line(trained: Services, tmp_path: Path) -> None:

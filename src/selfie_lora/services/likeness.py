@@ -137,6 +137,9 @@ class Comparison:
     scores_b: IdentityScores | None
     reference_dataset_id: str | None
     probes: tuple[ProbeComparison, ...]
+    # Whose training photos both sides are scored against: the newer version's, A or B (None:
+    # they could not be read, and there are no scores).
+    reference_version: Version | None = None
 
 
 class LikenessService:
@@ -547,7 +550,7 @@ class LikenessService:
         return Comparison(model=model, a=va, b=vb, record_a=qa, record_b=qb,
                           scores_a=scores[va.id], scores_b=scores[vb.id],
                           reference_dataset_id=reference.dataset_id if reference else None,
-                          probes=tuple(rows))
+                          probes=tuple(rows), reference_version=newer if reference else None)
 
     def compare_scored(self, *, user: User, a: str | None = None, b: str | None = None,
                        on_scoring: Callable[[Version], None] | None = None) -> Comparison:
