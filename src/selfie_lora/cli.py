@@ -318,14 +318,20 @@ def _read_new_password() -> str:
 @keys_app.command("list")
 def keys_list(user: str) -> None:
     """The user's API keys (their prefixes; secrets are never shown again)."""
+    from selfie_lora.services.common import utcnow
+
     with opened(trainers={}, generators={}) as services:
         keys = services.users.keys(user=services.users.get_by_name(name=user))
+    now = utcnow()
     table = Table(title=escape(f"API keys of {user}"))
     for column in ("id", "name", "prefix", "created", "revoked"):
         table.add_column(column)
     for key in keys:
+        revoked = key.revoked_at.isoformat() if key.revoked_at else "-"
+        if key.in_grace_at(now):
+            revoked = f"rotated: works until {revoked}"
         table.add_row(key.id, escape(key.name), key.prefix + "...", key.created_at.isoformat(),
-                      key.revoked_at.isoformat() if key.revoked_at else "-")
+                      revoked)
     console.print(table)
 
 
@@ -367,7 +373,8 @@ def keys_rotate(
     user: str, key_id: str,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
-    """Replace one of the user's API keys: a new one with its name, the old one revoked."""
+    """Replace one of the user's API keys: a new one with its name; the old one works for
+    SELFIE_LORA_KEY_ROTATION_GRACE_MINUTES more (revoke it to stop it at once)."""
     with opened(trainers={}, generators={}) as services:
         key, secret = services.users.rotate_key(user=services.users.get_by_name(name=user),
                                                 key_id=key_id)

@@ -217,6 +217,9 @@ class Settings(BaseSettings):
     sign_in_max_failures: int = Field(default=5, ge=1, le=1000)
     sign_in_window_minutes: float = Field(default=15.0, gt=0, le=24 * 60)
     sign_up_max_attempts: int = Field(default=5, ge=1, le=1000)
+    # How long a rotated API key keeps working, so that a client that lost the rotation's answer
+    # can ask again with it (0: it stops at once; revoking a key always stops it at once).
+    key_rotation_grace_minutes: float = Field(default=10.0, ge=0, le=24 * 60)
 
     # Garbage collection (services/gc.py): `selfie-lora gc`, and the workers every
     # GC_INTERVAL_HOURS (one at a time, through a lease in the database; 0: workers never
@@ -402,6 +405,10 @@ class Settings(BaseSettings):
             dataset_age=timedelta(days=self.gc_dataset_days) if self.gc_dataset_days else None,
             generation_age=(timedelta(days=self.gc_generation_days)
                             if self.gc_generation_days else None))
+
+    @property
+    def key_rotation_grace(self) -> timedelta:
+        return timedelta(minutes=self.key_rotation_grace_minutes)
 
     @property
     def gc_interval(self) -> timedelta | None:

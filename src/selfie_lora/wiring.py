@@ -334,7 +334,8 @@ def build_services(
     return Services(
         settings=settings, engine=engine, repo=repo, blobs=blobs, queue=queue,
         users=UserService(repo=repo, hasher=password_hasher or default_password_hasher(),
-                          policy=settings.sign_in_policy, signup_enabled=settings.signup),
+                          policy=settings.sign_in_policy, signup_enabled=settings.signup,
+                          rotation_grace=settings.key_rotation_grace),
         intake=intake,
         training=training,
         models=ModelService(

@@ -27,7 +27,7 @@ from selfie_lora.errors import (
     InvalidInputError,
     RateLimitedError,
 )
-from selfie_lora.services.users import API_KEY_CACHE_TTL, UserService
+from selfie_lora.services.users import API_KEY_CACHE_TTL, KEY_ROTATION_GRACE, UserService
 from tests.support.clock import Clock
 
 PASSWORD = "correct horse battery"
@@ -339,8 +339,8 @@ def test_a_key_revoked_by_another_process_stops_working_within_the_cache_bound(
     assert refuses(api, key)
 
 
-def test_a_key_revoked_or_rotated_here_stops_working_at_once(repo: SqlRepository,
-                                                            clock: Clock) -> None:
+def test_a_key_revoked_here_stops_working_at_once_and_a_rotated_one_at_its_grace_s_end(
+        repo: SqlRepository, clock: Clock) -> None:
     svc = users(repo, clock)
     ann, first = svc.create(name="ann")
     second_key, second = svc.create_key(user=ann, name="ci")
@@ -349,8 +349,69 @@ def test_a_key_revoked_or_rotated_here_stops_working_at_once(repo: SqlRepository
     svc.revoke_key(user=ann, key_id=svc.keys(user=ann)[0].id)
     assert refuses(svc, first)
     _rotated, third = svc.rotate_key(user=ann, key_id=second_key.id)
+    assert svc.authenticate(api_key=second) == ann  # in the rotation's grace
+    assert svc.authenticate(api_key=third) == ann
+    clock.now += KEY_ROTATION_GRACE
     assert refuses(svc, second)
     assert svc.authenticate(api_key=third) == ann
+
+
+def test_without_a_grace_a_rotated_key_stops_at_once(repo: SqlRepository, clock: Clock) -> None:
+    svc = UserService(repo=repo, clock=clock, rotation_grace=timedelta(0))
+    ann, first = svc.create(name="ann")
+    assert svc.authenticate(api_key=first) == ann
+    _new, second = svc.rotate_key(user=ann, key_id=svc.keys(user=ann)[0].id)
+    assert refuses(svc, first)
+    assert svc.authenticate(api_key=second) == ann
+
+
+# Old code: the rotation revoked the old key in the transaction that made the new one, whose
+# secret only the answer carried; a client that lost the answer (the server killed after the
+# commit) held a revoked key: its retry, and every other call, answered 401.
+def test_a_rotation_whose_answer_was_lost_is_asked_again_with_the_key_the_client_holds(
+        repo: SqlRepository, clock: Clock) -> None:
+    server = users(repo, clock)
+    ann, held = server.create(name="ann")  # an API-only user: this key is all they have
+    key_id = server.keys(user=ann)[0].id
+    assert server.authenticate(api_key=held) == ann
+    lost, _never_received = server.rotate_key(user=ann, key_id=key_id)  # committed, answer lost
+
+    restarted = users(repo, clock)  # the server again, or another one
+    clock.now += timedelta(minutes=5)
+    assert restarted.authenticate(api_key=held) == ann  # the client's retry gets in
+    new, secret = restarted.rotate_key(user=ann, key_id=key_id)
+    assert restarted.authenticate(api_key=secret) == ann
+    assert restarted.authenticate(api_key=held) == ann  # until the grace ends
+    # The key the lost answer carried stops at once: one successor works, never two.
+    keys = {k.id: k for k in restarted.keys(user=ann)}
+    assert keys[lost.id].revoked_at == clock.now
+    assert keys[key_id].replaced_by == new.id
+    # Asking again did not lengthen the grace: it ends when the first rotation's did.
+    assert keys[key_id].revoked_at == lost.created_at + KEY_ROTATION_GRACE
+    clock.now = lost.created_at + KEY_ROTATION_GRACE
+    assert refuses(restarted, held)
+    assert restarted.authenticate(api_key=secret) == ann
+    with pytest.raises(InvalidInputError, match="revoked"):
+        restarted.rotate_key(user=ann, key_id=key_id)
+
+
+def test_a_rotated_key_in_its_grace_is_revoked_at_once_and_its_successor_s_rotation_ends_retries(
+        repo: SqlRepository, clock: Clock) -> None:
+    svc = users(repo, clock)
+    ann, first = svc.create(name="ann")
+    first_id = svc.keys(user=ann)[0].id
+    second_key, second = svc.rotate_key(user=ann, key_id=first_id)
+    # The successor was received and rotated in turn: asking again for the first is no retry.
+    svc.rotate_key(user=ann, key_id=second_key.id)
+    with pytest.raises(InvalidInputError, match="rotated already"):
+        svc.rotate_key(user=ann, key_id=first_id)
+    assert svc.authenticate(api_key=first) == ann
+    revoked = svc.revoke_key(user=ann, key_id=first_id)  # a leaked key: revoked, not rotated
+    assert revoked.revoked_at == clock.now
+    assert refuses(svc, first)
+    assert svc.authenticate(api_key=second) == ann  # still in its own grace
+    with pytest.raises(InvalidInputError, match="revoked"):
+        svc.rotate_key(user=ann, key_id=first_id)
 
 
 def test_a_revocation_during_a_lookup_is_not_remembered_as_valid(repo: SqlRepository,
@@ -366,8 +427,8 @@ def test_a_revocation_during_a_lookup_is_not_remembered_as_valid(repo: SqlReposi
         def __getattr__(self, name: str) -> object:
             return getattr(repo, name)
 
-        def get_user_by_key_hash(self, key_hash: str) -> object:
-            found = repo.get_user_by_key_hash(key_hash)
+        def get_user_by_key_hash(self, key_hash: str, *, at: datetime) -> object:
+            found = repo.get_user_by_key_hash(key_hash, at=at)
             svc._repo = repo  # one revocation only
             svc.revoke_key(user=ann, key_id=key_id)
             return found

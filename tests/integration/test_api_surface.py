@@ -35,7 +35,8 @@ def test_api_keys_are_listed_created_revoked_and_rotated(client: TestClient,
     first = auth(services, "ann")
     listed = client.get("/api/keys", headers=first).json()["keys"]
     assert [(k["name"], k["active"]) for k in listed] == [("default", True)]
-    assert set(listed[0]) == {"id", "name", "prefix", "created_at", "revoked_at", "active"}
+    assert set(listed[0]) == {"id", "name", "prefix", "created_at", "revoked_at", "replaced_by",
+                              "active"}
 
     r = client.post("/api/keys", headers=first, json={"name": "ci"})
     assert r.status_code == 201, r.text
@@ -47,8 +48,15 @@ def test_api_keys_are_listed_created_revoked_and_rotated(client: TestClient,
     assert r.status_code == 201, r.text
     rotated_secret = r.json()["secret"]
     assert r.json()["key"]["name"] == "ci"
-    assert client.get("/api/model", headers=bearer(ci_secret)).status_code == 401  # old: gone
     assert client.get("/api/model", headers=bearer(rotated_secret)).status_code == 404
+    old = next(k for k in client.get("/api/keys", headers=first).json()["keys"]
+               if k["id"] == ci["id"])
+    # The old key works until the rotation's grace ends, unless revoked: then it stops at once.
+    assert (old["active"], old["replaced_by"]) == (True, r.json()["key"]["id"])
+    assert old["revoked_at"] > r.json()["key"]["created_at"]
+    assert client.get("/api/model", headers=bearer(ci_secret)).status_code == 404
+    assert client.delete(f"/api/keys/{ci['id']}", headers=first).status_code == 200
+    assert client.get("/api/model", headers=bearer(ci_secret)).status_code == 401
 
     default_id = listed[0]["id"]
     r = client.delete(f"/api/keys/{default_id}", headers=bearer(rotated_secret))
@@ -59,6 +67,23 @@ def test_api_keys_are_listed_created_revoked_and_rotated(client: TestClient,
     assert denied.headers["www-authenticate"] == "Bearer"
     keys = client.get("/api/keys", headers=bearer(rotated_secret)).json()["keys"]
     assert [k["active"] for k in keys] == [False, False, True]
+
+
+# Old code: 401 to the retry, and to every other call, of a client whose rotation answer was lost.
+def test_a_rotation_asked_again_with_the_old_key_answers_a_key_that_works(
+        client: TestClient, services: Services) -> None:
+    held = auth(services, "ann")  # all an API-only user has
+    key_id = client.get("/api/keys", headers=held).json()["keys"][0]["id"]
+    lost = client.post(f"/api/keys/{key_id}/rotate", headers=held)  # its answer never arrives
+    assert lost.status_code == 201
+    r = client.post(f"/api/keys/{key_id}/rotate", headers=held)
+    assert r.status_code == 201, r.text
+    secret = r.json()["secret"]
+    assert client.get("/api/model", headers=bearer(secret)).status_code == 404  # it works
+    assert client.get("/api/model", headers=bearer(lost.json()["secret"])).status_code == 401
+    keys = {k["id"]: k for k in client.get("/api/keys", headers=bearer(secret)).json()["keys"]}
+    assert keys[key_id]["replaced_by"] == r.json()["key"]["id"]
+    assert [k["active"] for k in keys.values()] == [True, False, True]
 
 
 def test_another_users_key_is_404_and_unknown_fields_422(client: TestClient,

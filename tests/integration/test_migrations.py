@@ -105,7 +105,7 @@ def test_0005_moves_each_users_key_to_api_keys_and_it_keeps_working(engine: Engi
     ann = users.authenticate(api_key="sl_old")
     assert ann.name == "ann"
     (key,) = users.keys(user=ann)
-    assert (key.name, key.active) == ("default", True)
+    assert (key.name, key.revoked_at) == ("default", None)
     _new, secret = users.rotate_key(user=ann, key_id=key.id)
     assert users.authenticate(api_key=secret) == ann
     migrate(engine, "0004", down=True)  # the newest key that works goes back to the user row

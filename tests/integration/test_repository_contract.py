@@ -114,7 +114,7 @@ def test_the_deployment_id_is_made_once_and_racing_makers_agree(repo: SqlReposit
 def test_round_trips(repo: SqlRepository) -> None:
     user, model, dataset = seed(repo)
     assert repo.get_user_by_name("ann") == user
-    assert repo.get_user_by_key_hash("h-ann") == user
+    assert repo.get_user_by_key_hash("h-ann", at=NOW) == user
     assert repo.get_model_for_user(user.id) == model
     assert repo.get_dataset(dataset.id) == dataset
     assert repo.latest_accepted_dataset(user.id) == dataset
@@ -429,20 +429,45 @@ def test_remote_id_lookup_and_events(repo: SqlRepository) -> None:
 
 def test_api_keys_authenticate_until_revoked(repo: SqlRepository) -> None:
     ann, _model, _dataset = seed(repo)
-    assert repo.get_user_by_key_hash("h-ann") == ann
+    later = NOW + timedelta(seconds=2)
+    assert repo.get_user_by_key_hash("h-ann", at=NOW) == ann
     second = ApiKey(id="k2", user_id=ann.id, name="ci", key_hash="h-2", prefix="sl_y",
                     created_at=NOW + timedelta(seconds=1))
     repo.add_api_key(second)
     assert [k.id for k in repo.list_api_keys(ann.id)] == ["k-ann", "k2"]
-    repo.revoke_api_key("k-ann", at=NOW + timedelta(seconds=2))
-    assert repo.get_user_by_key_hash("h-ann") is None
-    assert repo.get_user_by_key_hash("h-2") == ann
+    assert repo.get_api_key("k2") == second
+    assert repo.get_api_key("no-such-key") is None
+    repo.revoke_api_key("k-ann", at=later)
+    assert repo.get_user_by_key_hash("h-ann", at=later) is None
+    assert repo.get_user_by_key_hash("h-ann", at=NOW) == ann  # it worked until then
+    assert repo.get_user_by_key_hash("h-2", at=later) == ann
     revoked = repo.list_api_keys(ann.id)[0]
-    assert revoked.revoked_at == NOW + timedelta(seconds=2)
+    assert revoked.revoked_at == later
     repo.revoke_api_key("k-ann", at=NOW + timedelta(days=1))  # a second revoke changes nothing
-    assert repo.list_api_keys(ann.id)[0].revoked_at == NOW + timedelta(seconds=2)
+    assert repo.list_api_keys(ann.id)[0].revoked_at == later
     with pytest.raises(ConflictError):  # a key hash is unique
         repo.add_api_key(dataclasses.replace(second, id="k3"))
+
+
+def test_a_replaced_api_key_works_until_its_end_and_a_revocation_cuts_it_short(
+        repo: SqlRepository) -> None:
+    ann, _model, _dataset = seed(repo)
+    end = NOW + timedelta(minutes=10)
+    repo.add_api_key(ApiKey(id="k2", user_id=ann.id, name="default", key_hash="h-2",
+                            prefix="sl_y", created_at=NOW))
+    with repo.atomic() as tx:
+        assert tx.get_api_key("k-ann", for_update=True) is not None
+        tx.replace_api_key("k-ann", by="k2", stops_at=end)
+    replaced = repo.get_api_key("k-ann")
+    assert replaced is not None
+    assert (replaced.replaced_by, replaced.revoked_at) == ("k2", end)
+    assert repo.get_user_by_key_hash("h-ann", at=end - timedelta(seconds=1)) == ann
+    assert repo.get_user_by_key_hash("h-ann", at=end) is None
+    repo.revoke_api_key("k-ann", at=NOW + timedelta(minutes=1))  # a revocation: at once
+    assert repo.get_user_by_key_hash("h-ann", at=NOW + timedelta(minutes=1)) is None
+    cut = repo.get_api_key("k-ann")
+    assert cut is not None
+    assert cut.revoked_at == NOW + timedelta(minutes=1)
 
 
 def test_passwords_sessions_and_sign_in_failures(repo: SqlRepository) -> None:

@@ -753,6 +753,22 @@ def test_api_keys_from_the_settings_page_work_and_can_be_revoked(ann: TestClient
     assert ann.get("/api/keys", headers=headers).status_code == 401
 
 
+def test_a_key_rotated_through_the_api_shows_its_grace_and_can_be_revoked_at_once(
+        ann: TestClient) -> None:
+    r = ann.post("/settings/keys", data={"csrf_token": csrf(ann), "name": "ci"})
+    secret = re.search(r'id="new-key">([^<]+)<', r.text)
+    assert secret
+    headers = {"Authorization": f"Bearer {secret.group(1)}"}
+    key_id = re.findall(r'action="/settings/keys/([^"/]+)/revoke"', r.text)[-1]
+    assert ann.post(f"/api/keys/{key_id}/rotate", headers=headers).status_code == 201
+    page = ann.get("/settings").text
+    assert "rotated: works until" in page
+    assert f'action="/settings/keys/{key_id}/revoke"' in page  # still works: still revocable
+    ann.post(f"/settings/keys/{key_id}/revoke", data={"csrf_token": csrf(ann)})
+    assert ann.get("/api/keys", headers=headers).status_code == 401
+    assert "rotated: works until" not in ann.get("/settings").text
+
+
 def test_the_page_upload_is_guarded_like_the_api_upload(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, max_upload_bytes=64 * 1024)
     services = fake_services(settings)

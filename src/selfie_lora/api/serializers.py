@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -263,13 +264,16 @@ def comparison_json(c: Comparison) -> dict[str, Any]:
     }
 
 
-def api_key_json(k: ApiKey) -> dict[str, Any]:
-    """An API key as its owner sees it: never its secret nor its hash."""
+def api_key_json(k: ApiKey, *, now: datetime) -> dict[str, Any]:
+    """An API key as its owner sees it: never its secret nor its hash. ``active``: it works at
+    ``now``; a rotated key's ``revoked_at`` (when it stops) may lie ahead, ``replaced_by`` naming
+    the key that replaced it."""
     return {
         "id": k.id,
         "name": k.name,
         "prefix": k.prefix,
         "created_at": k.created_at.isoformat(),
         "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
-        "active": k.active,
+        "replaced_by": k.replaced_by,
+        "active": k.works_at(now),
     }

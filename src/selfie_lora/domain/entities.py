@@ -70,7 +70,11 @@ class User:
 @dataclass(frozen=True)
 class ApiKey:
     """One of a user's API keys. Only its SHA-256 is stored; ``prefix`` (the first characters)
-    tells a user's keys apart in a list."""
+    tells a user's keys apart in a list.
+
+    ``revoked_at`` is when it stops (or stopped) working: a revoked key's is when it was revoked;
+    a rotated key's (``replaced_by``: the key that replaced it) may lie ahead, the end of the
+    rotation's grace, during which it still works."""
 
     id: str
     user_id: str
@@ -79,10 +83,14 @@ class ApiKey:
     prefix: str
     created_at: datetime
     revoked_at: datetime | None = None
+    replaced_by: str | None = None
 
-    @property
-    def active(self) -> bool:
-        return self.revoked_at is None
+    def works_at(self, now: datetime) -> bool:
+        return self.revoked_at is None or self.revoked_at > now
+
+    def in_grace_at(self, now: datetime) -> bool:
+        """Rotated, and still working until ``revoked_at``."""
+        return self.replaced_by is not None and self.works_at(now) and self.revoked_at is not None
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,12 @@ PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
 API_KEY_CACHE_TTL = timedelta(seconds=1)
 # Enough for every client of a busy server; past it the cache starts over rather than grow.
 API_KEY_CACHE_SIZE = 10_000
+# How long a rotated key keeps working (SELFIE_LORA_KEY_ROTATION_GRACE_MINUTES). Why at all: the
+# new secret exists only in the rotation's answer, so a client that lost it (a server killed
+# after the commit, a proxy's or its own timeout) held only a revoked key and was locked out;
+# within the grace it asks again with the key it holds. Why short: a rotated key that leaked
+# keeps its powers until then (revoking is what stops a key at once).
+KEY_ROTATION_GRACE = timedelta(minutes=10)
 
 
 def hash_api_key(key: str) -> str:
@@ -92,8 +98,10 @@ class UserService:
         self, *, repo: Repository, hasher: PasswordHasher | None = None,
         policy: SignInPolicy | None = None, signup_enabled: bool = False,
         clock: Callable[[], datetime] = utcnow,
+        rotation_grace: timedelta = KEY_ROTATION_GRACE,
     ) -> None:
         self._repo = repo
+        self._rotation_grace = rotation_grace
         self._hasher = hasher
         self._policy = policy or SignInPolicy()
         self.signup_enabled = signup_enabled
@@ -286,7 +294,7 @@ class UserService:
         if remembered is not None:
             return remembered
         epoch = self._keys.epoch
-        user = self._repo.get_user_by_key_hash(key_hash)
+        user = self._repo.get_user_by_key_hash(key_hash, at=self._clock())
         if user is None:
             raise AuthError("the API key is not valid (or was revoked)")
         self._keys.put(key_hash, user, epoch=epoch)
@@ -318,26 +326,60 @@ class UserService:
 
     def revoke_key(self, *, user: User, key_id: str) -> ApiKey:
         """Revoke one of the user's keys: it stops working at once in this process, and within
-        ``API_KEY_CACHE_TTL`` in the others (API servers that used it a moment ago). Revoking a
-        revoked key changes nothing."""
+        ``API_KEY_CACHE_TTL`` in the others (API servers that used it a moment ago); a rotated
+        key still in its grace too. Revoking a revoked key changes nothing."""
         key = self._own_key(user, key_id)
-        self._repo.revoke_api_key(key.id, at=utcnow())
+        self._repo.revoke_api_key(key.id, at=self._clock())
         self._keys.forget(key.key_hash)
         logger.info("user %s: API key %s (%s) revoked", user.name, key.id, key.prefix)
         return self._own_key(user, key_id)
 
     def rotate_key(self, *, user: User, key_id: str) -> tuple[ApiKey, str]:
-        """A new key with the same name, and the old one revoked, in one transaction."""
-        old = self._own_key(user, key_id)
-        if not old.active:
-            raise InvalidInputError("that key is revoked: create a new one instead",
-                                    code=ErrorCode.INVALID_INPUT)
-        key, secret = self._new_key(user, old.name)
+        """A new key with the same name; the old one keeps working for the rotation's grace
+        (``rotation_grace``, then it stops; none: at once), so that a client that lost this
+        answer can ask again with the key it holds.
+
+        Asked again within the grace, it answers another new key and revokes at once the one
+        the first answer carried (its secret was lost with the answer, or the caller would not
+        ask): one working successor, never more, and the grace ends when the first rotation's
+        did (asking again never lengthens it)."""
+        now = self._clock()
+        lost: ApiKey | None = None
         with self._repo.atomic() as tx:
+            # Locked: two rotations of one key must not both find it unrotated.
+            old = tx.get_api_key(key_id, for_update=True)
+            if old is None or old.user_id != user.id:
+                raise NotFoundError("no such API key")
+            if old.revoked_at is None:
+                stops_at = now + self._rotation_grace
+            elif (old.replaced_by is not None and old.revoked_at is not None
+                  and old.revoked_at > now):  # in its grace: this is asked again
+                lost = tx.get_api_key(old.replaced_by, for_update=True)
+                if lost is None or lost.revoked_at is not None:
+                    # That key was delivered: it was rotated or revoked since, with itself.
+                    raise InvalidInputError(
+                        "that key was rotated already, and the key that replaced it has been "
+                        "rotated or revoked since: create a new key instead",
+                        code=ErrorCode.INVALID_INPUT)
+                stops_at = old.revoked_at
+            else:
+                raise InvalidInputError("that key is revoked: create a new one instead",
+                                        code=ErrorCode.INVALID_INPUT)
+            key, secret = self._new_key(user, old.name)
             tx.add_api_key(key)
-            tx.revoke_api_key(old.id, at=key.created_at)
-        self._keys.forget(old.key_hash)
-        logger.info("user %s: API key %s rotated to %s", user.name, old.id, key.id)
+            if lost is not None:
+                tx.revoke_api_key(lost.id, at=now)
+            tx.replace_api_key(old.id, by=key.id, stops_at=stops_at)
+        if lost is not None:
+            self._keys.forget(lost.key_hash)
+            logger.info("user %s: API key %s rotated again (the key %s it was rotated to "
+                        "revoked); %s works until %s", user.name, old.id, lost.id, key.id,
+                        stops_at.isoformat())
+        else:
+            logger.info("user %s: API key %s rotated to %s; it works until %s", user.name,
+                        old.id, key.id, stops_at.isoformat())
+        if stops_at <= now:
+            self._keys.forget(old.key_hash)
         return key, secret
 
     def _own_key(self, user: User, key_id: str) -> ApiKey:
@@ -346,14 +388,13 @@ class UserService:
                 return key
         raise NotFoundError("no such API key")
 
-    @staticmethod
-    def _new_key(user: User, name: str) -> tuple[ApiKey, str]:
+    def _new_key(self, user: User, name: str) -> tuple[ApiKey, str]:
         if not _KEY_NAME.fullmatch(name):
             raise InvalidInputError("a key name is 1-100 printable characters",
                                     code=ErrorCode.INVALID_NAME)
         secret = "sl_" + secrets.token_urlsafe(32)
         return ApiKey(id=new_id(), user_id=user.id, name=name, key_hash=hash_api_key(secret),
-                      prefix=secret[:PREFIX_LENGTH], created_at=utcnow()), secret
+                      prefix=secret[:PREFIX_LENGTH], created_at=self._clock()), secret
 
 
 class _KeyCache:

@@ -556,7 +556,8 @@ def model_trainer_version(request: Request, viewer: FormViewer, trainer_version:
 def settings_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     web = _web(request)
     return web.render(request, "settings.html", viewer=viewer,
-                      keys=web.services.users.keys(user=viewer.user), new_secret=None)
+                      keys=web.services.users.keys(user=viewer.user), new_secret=None,
+                      now=utcnow())
 
 
 @router.post("/settings/keys")
@@ -566,7 +567,7 @@ def settings_create_key(request: Request, viewer: FormViewer, name: FormStr) -> 
     # Shown on this answer only (not a redirect: the secret is never stored).
     return web.render(request, "settings.html", viewer=viewer,
                       keys=web.services.users.keys(user=viewer.user), new_secret=secret,
-                      new_key=key)
+                      new_key=key, now=utcnow())
 
 
 @router.post("/settings/keys/{key_id}/revoke")

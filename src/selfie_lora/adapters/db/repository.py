@@ -236,7 +236,7 @@ def _user(row: UserRow) -> User:
 def _api_key(row: ApiKeyRow) -> ApiKey:
     return ApiKey(id=row.id, user_id=row.user_id, name=row.name, key_hash=row.key_hash,
                   prefix=row.prefix, created_at=_req_utc(row.created_at),
-                  revoked_at=_utc(row.revoked_at))
+                  revoked_at=_utc(row.revoked_at), replaced_by=row.replaced_by)
 
 
 def _model(row: ModelRow) -> Model:
@@ -514,11 +514,12 @@ class SqlRepository:
                             .order_by(UserRow.created_at, UserRow.id).limit(1)).first()
             return _user(row) if row else None
 
-    def get_user_by_key_hash(self, key_hash: str) -> User | None:
+    def get_user_by_key_hash(self, key_hash: str, *, at: datetime) -> User | None:
         with self._read() as s:
             row = s.scalars(
                 select(UserRow).join(ApiKeyRow, ApiKeyRow.user_id == UserRow.id)
-                .where(ApiKeyRow.key_hash == key_hash, ApiKeyRow.revoked_at.is_(None))
+                .where(ApiKeyRow.key_hash == key_hash,
+                       or_(ApiKeyRow.revoked_at.is_(None), ApiKeyRow.revoked_at > at))
             ).first()
             return _user(row) if row else None
 
@@ -527,7 +528,16 @@ class SqlRepository:
         with self._tx() as s:
             s.add(ApiKeyRow(id=key.id, user_id=key.user_id, name=key.name,
                             key_hash=key.key_hash, prefix=key.prefix,
-                            created_at=key.created_at, revoked_at=key.revoked_at))
+                            created_at=key.created_at, revoked_at=key.revoked_at,
+                            replaced_by=key.replaced_by))
+
+    def get_api_key(self, key_id: str, *, for_update: bool = False) -> ApiKey | None:
+        with self._tx() if for_update else self._read() as s:
+            stmt = select(ApiKeyRow).where(ApiKeyRow.id == key_id)
+            if for_update:
+                stmt = stmt.with_for_update()
+            row = s.scalars(stmt).first()
+            return _api_key(row) if row else None
 
     def list_api_keys(self, user_id: str) -> Sequence[ApiKey]:
         with self._read() as s:
@@ -537,9 +547,16 @@ class SqlRepository:
 
     def revoke_api_key(self, key_id: str, *, at: datetime) -> None:
         with self._tx() as s:
+            # A key in its rotation's grace stops at ``at`` too; one that stopped before stays.
             s.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id,
-                                              ApiKeyRow.revoked_at.is_(None))
+                                              or_(ApiKeyRow.revoked_at.is_(None),
+                                                  ApiKeyRow.revoked_at > at))
                       .values(revoked_at=at))
+
+    def replace_api_key(self, key_id: str, *, by: str, stops_at: datetime) -> None:
+        with self._tx() as s:
+            s.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id)
+                      .values(replaced_by=by, revoked_at=stops_at))
 
     # passwords, sessions, sign-in failures ------------------------------------------------
     def set_user_password(self, user_id: str, password_hash: str | None) -> None:

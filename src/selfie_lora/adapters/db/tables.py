@@ -83,7 +83,10 @@ class ApiKeyRow(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # When the key stops working: a rotated key's lies ahead (the rotation's grace) and
+    # ``replaced_by`` names the key that replaced it.
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    replaced_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
 
 class ModelRow(Base):
