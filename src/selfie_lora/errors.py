@@ -14,9 +14,11 @@ entry points never see them.
     ├── RateLimitedError            too many failed sign-ins, or a user's generations at once;
     │                               ``retry_after`` seconds (HTTP 429)
     ├── ConflictError               the request clashes with the state (HTTP 409): a training is
-    │                               queued or running, an upload is starting one, the user exists,
-    │                               a webhook was received before, a concurrent write won, a
-    │                               version's weights are gone from the storage
+    │   │                           queued or running, the user exists, a webhook was received
+    │   │                           before, a concurrent write won, a version's weights are gone
+    │   │                           from the storage
+    │   └── UploadInProgressError   an upload is starting one; ``retry_after`` seconds at most if
+    │                               that upload's process died
     ├── InvalidInputError           bad request data (HTTP 422)
     │   └── DatasetRejectedError    the photos cannot be trained on; carries the findings
     ├── PayloadTooLargeError        an upload over the configured limit (HTTP 413)
@@ -142,6 +144,9 @@ class SelfieLoraError(Exception):
 
     code: ErrorCode = ErrorCode.ERROR
     http_status: int = 500
+    # Seconds after which the same request may be answered otherwise (the Retry-After header),
+    # where that is known.
+    retry_after: int | None = None
 
     def __init__(
         self, message: str, *, details: Sequence[Any] = (), code: ErrorCode | None = None
@@ -190,6 +195,18 @@ class RateLimitedError(SelfieLoraError):
 class ConflictError(SelfieLoraError):
     code = ErrorCode.TRAINING_IN_PROGRESS
     http_status = 409
+
+
+class UploadInProgressError(ConflictError):
+    """The user's upload that starts a training holds the user's slot while its photos are
+    checked. Its claim lapses ``retry_after`` seconds from now unless that upload's process
+    renews it, so a process that died frees the slot by then."""
+
+    code = ErrorCode.UPLOAD_IN_PROGRESS
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message, details=[{"retry_after": retry_after}])
+        self.retry_after = retry_after
 
 
 class InvalidInputError(SelfieLoraError):

@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -38,8 +35,7 @@ from tests.support.alerts import alert_inbox
 from tests.support.clock import Clock
 from tests.support.likeness import Rig, other_person, photo_generator, same_person
 from tests.support.loops import noting_the_loop
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.processes import run_killed
 
 
 @pytest.fixture
@@ -502,10 +498,7 @@ def test_a_process_killed_before_its_alert_left_has_it_sent_once_after_a_restart
         "rig.generator.photos = other_person()\n"
         "rig.train(ann)\n"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT), str(ROOT / "src")))}
-    died = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, env=env,
-                          timeout=300, check=False, capture_output=True, text=True)
-    assert died.returncode == 9, died.stderr[-2000:]
+    run_killed(script, str(tmp_path))
 
     endpoint = RecordingAlerter()
     clock = Clock()

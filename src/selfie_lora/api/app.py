@@ -27,7 +27,7 @@ from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.config import Settings
-from selfie_lora.errors import ErrorCode, RateLimitedError, SelfieLoraError
+from selfie_lora.errors import ErrorCode, SelfieLoraError
 from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED
 from selfie_lora.web.app import (
     SignInRequired,
@@ -158,7 +158,7 @@ def create_app(
             answer = report_server_error(exc, method=request.method, path=request.url.path)
             return _error(exc.http_status, exc.code, answer.message, answer.details)
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
-        if isinstance(exc, RateLimitedError):
+        if exc.retry_after is not None:
             headers = {"Retry-After": str(exc.retry_after)}
         return _error(exc.http_status, exc.code, exc.message, exc.details, headers)
 

@@ -441,10 +441,18 @@ class Repository(Protocol):
 
     # upload claims: one upload that starts a training per user at a time
     def claim_upload(self, user_id: str, *, token: str, now: datetime,
-                     expires_at: datetime) -> None:
-        """Raises ``ConflictError`` while another live claim of the user exists."""
+                     expires_at: datetime) -> datetime | None:
+        """Claim (or, for the same ``token``, renew) the user's slot until ``expires_at``: None;
+        or, while another claim of the user is live, its expiry, and nothing changes.
+        ``ConflictError`` when two first claims race for the row."""
         ...
-    def upload_claimed(self, user_id: str, *, now: datetime, except_token: str | None) -> bool: ...
+    def upload_claim_expiry(self, user_id: str, *, now: datetime,
+                            except_token: str | None) -> datetime | None:
+        """The expiry of the user's live claim, unless it is ``except_token``'s; else None."""
+        ...
+    def renew_upload_claim(self, user_id: str, *, token: str, expires_at: datetime) -> bool:
+        """Push the expiry of ``token``'s claim; False when the claim is no longer its."""
+        ...
     def release_upload(self, user_id: str, *, token: str) -> None: ...
 
     # webhooks

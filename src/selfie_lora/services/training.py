@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import random
 import shutil
@@ -97,6 +98,7 @@ from selfie_lora.errors import (
     TrainerUnavailableError,
     TrainingCanceledError,
     TrainingInterruptedError,
+    UploadInProgressError,
 )
 from selfie_lora.logs import training_context
 from selfie_lora.services.checkpoints import TrainingCheckpoints
@@ -132,9 +134,15 @@ DATABASE_UNREACHABLE = "the database could not be reached"
 # ... and one whose worker could not fetch its photos or checkpoint (the blob store away, or
 # this machine's disk full).
 STORAGE_UNREACHABLE = "the stored photos or checkpoint could not be fetched"
-# An upload that starts a training holds the user's slot this long at most while its photos
-# are checked (a process that dies holding it blocks its user no longer than this).
-UPLOAD_CLAIM_TTL = timedelta(minutes=10)
+# An upload that starts a training holds the user's slot while its photos are checked: for
+# UPLOAD_CLAIM_TTL at a time, renewed every UPLOAD_CLAIM_RENEWAL while the upload runs, so a
+# process that dies holding it blocks its user for UPLOAD_CLAIM_TTL at most. (It was one claim of
+# 10 minutes, long enough for any check: after a crash the user was refused for up to 10 minutes,
+# told to wait for an upload that would never finish.) A claim that lapses under a live upload
+# costs nothing worse than a second upload checked meanwhile: one training per model is the
+# database's rule, whatever the claims.
+UPLOAD_CLAIM_TTL = timedelta(seconds=60)
+UPLOAD_CLAIM_RENEWAL = timedelta(seconds=20)
 # The key of a version's gate details that keeps its training's take-overs when it was stored.
 RECOVERIES_WHEN_STORED = "recoveries_when_stored"
 # How often the checkpoint between probes reads the training's cancel flag (monotonic seconds):
@@ -246,10 +254,10 @@ class TrainingService:
         """
         defaults = self._defaults()
         with self._repo.atomic() as tx:
-            if tx.upload_claimed(user.id, now=self._clock(), except_token=_upload_token):
-                raise ConflictError("photos of yours are being uploaded to start a training; "
-                                    "wait for that upload to finish",
-                                    code=ErrorCode.UPLOAD_IN_PROGRESS)
+            now = self._clock()
+            claimed_until = tx.upload_claim_expiry(user.id, now=now, except_token=_upload_token)
+            if claimed_until is not None:
+                raise _upload_in_progress(claimed_until, now=now)
             if new_dataset is not None:
                 tx.add_dataset(new_dataset)
                 dataset: Dataset | None = new_dataset
@@ -334,28 +342,64 @@ class TrainingService:
             files, notes = read()
             return self._store_upload(user=user, prepared=intake.prepare_files(
                 user=user, files=files, findings=notes))
-        token = new_id()
-        now = self._clock()
-        with self._repo.atomic() as tx:
-            # Locked as a start locks it: a start still open (PostgreSQL runs them side by side)
-            # commits its training first, and this upload is refused before it reads a photo.
-            _refuse_if_busy(tx, tx.get_model_for_user(user.id, for_update=True))
-            try:
-                tx.claim_upload(user.id, token=token, now=now, expires_at=now + UPLOAD_CLAIM_TTL)
-            except ConflictError as exc:
-                # Two first uploads raced for the claim's row: the loser is just as busy.
-                raise ConflictError("photos of yours are being uploaded to start a training; "
-                                    "wait for that upload to finish",
-                                    code=ErrorCode.UPLOAD_IN_PROGRESS) from exc
-        try:
+        with self._upload_claim(user) as token:
             files, notes = read()
             prepared = intake.prepare_files(user=user, files=files, findings=notes)
             started = self.start(user=user, new_dataset=prepared.dataset, _upload_token=token,
                                  _committed=lambda: intake.keep_stored(prepared=prepared))
-        finally:
-            self._repo.release_upload(user.id, token=token)
         return UploadResult(dataset=prepared.dataset, training=started.training,
                             model=started.model)
+
+    @contextmanager
+    def _upload_claim(self, user: User) -> Iterator[str]:
+        """Claim the user's slot for an upload that starts a training (its token), renewed
+        while the block runs and released after it; ``UploadInProgressError`` when another
+        upload holds it, ``ConflictError`` when a training is queued or running."""
+        token = new_id()
+        with self._repo.atomic() as tx:
+            # Locked as a start locks it: a start still open (PostgreSQL runs them side by side)
+            # commits its training first, and this upload is refused before it reads a photo.
+            _refuse_if_busy(tx, tx.get_model_for_user(user.id, for_update=True))
+            now = self._clock()
+            try:
+                claimed_until = tx.claim_upload(user.id, token=token, now=now,
+                                                expires_at=now + UPLOAD_CLAIM_TTL)
+            except ConflictError as exc:
+                # Two first uploads raced for the claim's row: the loser is just as busy.
+                raise _upload_in_progress(now + UPLOAD_CLAIM_TTL, now=now) from exc
+            if claimed_until is not None:
+                raise _upload_in_progress(claimed_until, now=now)
+        done = threading.Event()
+        renewing = threading.Thread(target=self._renew_upload_claim, args=(user, token, done),
+                                    name=f"upload-claim-{token[:8]}", daemon=True)
+        renewing.start()
+        try:
+            yield token
+        finally:
+            done.set()
+            renewing.join(timeout=5)
+            self._repo.release_upload(user.id, token=token)
+
+    def _renew_upload_claim(self, user: User, token: str, done: threading.Event) -> None:
+        while not done.wait(UPLOAD_CLAIM_RENEWAL.total_seconds()):
+            try:
+                kept = self._repo.renew_upload_claim(
+                    user.id, token=token, expires_at=self._clock() + UPLOAD_CLAIM_TTL)
+            except SelfieLoraError as exc:
+                # The database is away: try again at the next renewal (if it stays away the
+                # claim lapses, which refuses nothing that the database would not).
+                logger.warning("user %s: the upload's claim could not be renewed: %s",
+                               user.name, exc.message)
+                continue
+            except Exception:
+                logger.exception("user %s: the upload's claim could not be renewed", user.name)
+                continue
+            if not kept:
+                # It lapsed (this process stalled) and another upload took it: that one holds
+                # the slot now, and this upload's start is refused.
+                logger.warning("user %s: the upload's claim lapsed and another upload took it",
+                               user.name)
+                return
 
     def _store_upload(self, *, user: User, prepared: PreparedDataset) -> UploadResult:
         """An upload that starts nothing: its dataset, and the user's model made if this is
@@ -1177,6 +1221,17 @@ class _ScoringCanceledError(TrainingInterruptedError):
     """Its user canceled the training while its version was scored. An interruption, so that
     the likeness service lets it through (any other error is recorded as a failed scoring) to
     ``TrainingService._judge``, which ends the training as canceled."""
+
+
+def _upload_in_progress(claimed_until: datetime, *, now: datetime) -> UploadInProgressError:
+    """409 for a start or an upload while another upload of the user holds its slot: that
+    upload's photos are still being checked, or its process died and the claim lapses by
+    ``claimed_until`` (the answer's Retry-After)."""
+    seconds = max(1, math.ceil((claimed_until - now).total_seconds()))
+    return UploadInProgressError(
+        "an upload of yours is starting a training (its photos are being checked): try again "
+        f"when it has ended, or in {seconds} second{'s' if seconds != 1 else ''} if it was "
+        "interrupted", retry_after=seconds)
 
 
 class _Held:

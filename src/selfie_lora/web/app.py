@@ -24,7 +24,6 @@ from selfie_lora.errors import (
     AuthError,
     ErrorCode,
     ForbiddenError,
-    RateLimitedError,
     SelfieLoraError,
 )
 from selfie_lora.web.cookies import FORM_COOKIE, SESSION_COOKIE, CookieSigner
@@ -225,7 +224,7 @@ def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
         return RedirectResponse(_signin_url(exc.next_path), status_code=303)
     if isinstance(exc, SelfieLoraError) and exc.http_status < 500:
         page = web.error_page(request, exc.http_status, exc.message, str(exc.code))
-        if isinstance(exc, RateLimitedError):
+        if exc.retry_after is not None:
             page.headers["Retry-After"] = str(exc.retry_after)
         return page
     # A server-side error's words name the server's paths or the storage's endpoint: the log

@@ -832,24 +832,33 @@ class SqlRepository:
 
     # upload claims ----------------------------------------------------------------------
     def claim_upload(self, user_id: str, *, token: str, now: datetime,
-                     expires_at: datetime) -> None:
+                     expires_at: datetime) -> datetime | None:
         with self._tx() as s:
             row = s.scalars(select(UploadClaimRow).where(UploadClaimRow.user_id == user_id)
                             .with_for_update()).first()
             if row is not None and row.token != token and _req_utc(row.expires_at) > now:
-                raise ConflictError("photos of yours are being uploaded to start a training; "
-                                    "wait for that upload to finish",
-                                    code=ErrorCode.UPLOAD_IN_PROGRESS)
+                return _req_utc(row.expires_at)
             if row is None:
                 s.add(UploadClaimRow(user_id=user_id, token=token, expires_at=expires_at))
             else:
                 row.token, row.expires_at = token, expires_at
+            return None
 
-    def upload_claimed(self, user_id: str, *, now: datetime, except_token: str | None) -> bool:
+    def upload_claim_expiry(self, user_id: str, *, now: datetime,
+                            except_token: str | None) -> datetime | None:
         with self._read() as s:
             row = s.get(UploadClaimRow, user_id)
-            return (row is not None and row.token != except_token
-                    and _req_utc(row.expires_at) > now)
+            if row is None or row.token == except_token:
+                return None
+            expires_at = _req_utc(row.expires_at)
+            return expires_at if expires_at > now else None
+
+    def renew_upload_claim(self, user_id: str, *, token: str, expires_at: datetime) -> bool:
+        with self._tx() as s:
+            result = s.execute(update(UploadClaimRow).where(UploadClaimRow.user_id == user_id,
+                                                            UploadClaimRow.token == token)
+                               .values(expires_at=expires_at))
+            return bool(getattr(result, "rowcount", 0))
 
     def release_upload(self, user_id: str, *, token: str) -> None:
         with self._tx() as s:
