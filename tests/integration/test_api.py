@@ -12,11 +12,12 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from fastapi.testclient import TestClient
 
+from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.replicate.session import GENERATOR_FAILURES
 from selfie_lora.api.app import create_app
 from selfie_lora.dataset.limits import UploadedFile
@@ -317,6 +318,65 @@ def test_patch_scale_validation_and_rollback(client: TestClient, services: Servi
     gen = client.post("/api/generate", headers=h, json={"prompt": "x"}).json()["generation"]
     assert gen["version_id"] == versions[1]["id"]
     assert gen["lora_scale"] == 0.7
+
+
+def fail_on(monkeypatch: pytest.MonkeyPatch, method: str, *, kind: str | None = None) -> None:
+    """The repository's ``method`` (for an event: of ``kind``) fails, as the database failing
+    that write or the process dying there would: nothing after it runs. (A ``SimulatedCrash``
+    cannot cross the test client.)"""
+    real = getattr(SqlRepository, method)
+
+    def failing(self: SqlRepository, *args: Any, **kwargs: Any) -> Any:
+        if kind is None or kwargs.get("kind") == kind:
+            raise StorageError(f"the database failed {method}")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqlRepository, method, failing)
+
+
+def changes_logged(client: TestClient, h: dict[str, str]) -> list[dict[str, Any]]:
+    return [e for e in client.get("/api/model/log", headers=h).json()["events"]
+            if e["kind"] in ("lora_scale_set", "trainer_version_changed")]
+
+
+# Old code: the scale was committed, then its event in a transaction of its own: a crash (or a
+# failed write) between them left a changed scale that the audit log never showed.
+def test_a_scale_change_and_its_event_are_committed_together(
+        client: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = auth(services, "ann")
+    upload(client, h, start=False)  # makes the model
+    with monkeypatch.context() as failing:
+        fail_on(failing, "add_event", kind="lora_scale_set")
+        r = client.patch("/api/model", headers=h, json={"lora_scale": 0.7})
+        assert r.status_code >= 500
+    model = client.get("/api/model", headers=h).json()
+    assert (model["lora_scale"], model["lora_scale_is_custom"]) == (1.0, False)
+    assert changes_logged(client, h) == []
+    assert client.patch("/api/model", headers=h, json={"lora_scale": 0.7}).status_code == 200
+    assert [e["data"] for e in changes_logged(client, h)] == [{"from": 1.0, "to": 0.7}]
+
+
+# Old code: the re-pin was committed with its event, then the scale in another transaction: a
+# crash between them applied half the PATCH, and sending it again logged a re-pin "from X to X".
+def test_a_patch_of_the_trainer_version_and_the_scale_is_applied_whole_or_not_at_all(
+        client: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    h = auth(services, "ann")
+    upload(client, h, start=False)
+    pinned = client.get("/api/model", headers=h).json()["trainer_version"]
+    patch = {"trainer_version": "local-flux-v1", "reason": "moving to FLUX.1", "lora_scale": 0.6}
+    with monkeypatch.context() as failing:
+        fail_on(failing, "set_model_lora_scale")
+        assert client.patch("/api/model", headers=h, json=patch).status_code >= 500
+    model = client.get("/api/model", headers=h).json()
+    assert (model["trainer_version"], model["lora_scale"]) == (pinned, 1.0)
+    assert changes_logged(client, h) == []
+    for _sent in range(2):  # the second time: its answer was lost, the client sends it again
+        r = client.patch("/api/model", headers=h, json=patch)
+        assert r.status_code == 200, r.text
+        assert (r.json()["trainer_version"], r.json()["lora_scale"]) == ("local-flux-v1", 0.6)
+    assert [(e["kind"], e["data"]["from"], e["data"]["to"]) for e in changes_logged(client, h)
+            ] == [("trainer_version_changed", pinned, "local-flux-v1"),
+                  ("lora_scale_set", 1.0, 0.6), ("lora_scale_set", 0.6, 0.6)]
 
 
 def test_a_version_whose_weights_are_missing_is_refused_not_a_500(

@@ -36,11 +36,9 @@ def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, 
     if body.lora_scale is None and body.trainer_version is None:
         raise InvalidInputError("nothing to change: send lora_scale or trainer_version",
                                 code=ErrorCode.EMPTY_PATCH)
-    if body.trainer_version is not None:
-        svc.models.change_trainer_version(
-            user=user, trainer_version=body.trainer_version, reason=body.reason or "")
-    if body.lora_scale is not None:
-        svc.models.set_lora_scale(user=user, lora_scale=body.lora_scale)
+    # Both in one transaction: a PATCH is applied whole or not at all.
+    svc.models.change(user=user, lora_scale=body.lora_scale,
+                      trainer_version=body.trainer_version, reason=body.reason or "")
     return model_of(svc, user)
 
 

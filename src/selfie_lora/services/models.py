@@ -149,36 +149,52 @@ class ModelService:
         return counts
 
     def set_lora_scale(self, *, user: User, lora_scale: float) -> Model:
-        model = self.get(user=user)
-        scale = validate_lora_scale(lora_scale)
-        self._repo.set_model_lora_scale(model.id, scale, is_custom=True)
-        self._repo.add_event(model_id=model.id, kind="lora_scale_set",
-                             data={"from": model.lora_scale, "to": scale})
-        return self.get(user=user)
+        return self.change(user=user, lora_scale=lora_scale)
 
     def change_trainer_version(self, *, user: User, trainer_version: str, reason: str) -> Model:
-        """The one explicit, logged way to move a model to another trainer version: one its
-        backend can train with (422) and that the operator allows (403, ``RepinPolicy``)."""
-        if not reason.strip():
+        """The one explicit, logged way to move a model to another trainer version (``change``)."""
+        return self.change(user=user, trainer_version=trainer_version, reason=reason)
+
+    def change(self, *, user: User, lora_scale: float | None = None,
+               trainer_version: str | None = None, reason: str = "") -> Model:
+        """``PATCH /api/model``: the LoRA scale, the trainer version, or both, each change with
+        its event in the audit log, all in one transaction: the whole of it is applied, or
+        nothing (a crash, a bad scale, a refused re-pin). The trainer version must be one its
+        backend can train with (422) and that the operator allows (403, ``RepinPolicy``), and
+        needs a reason; moving to the version already pinned changes nothing and logs nothing,
+        so a PATCH sent again (its answer lost) leaves the log as the first one did."""
+        scale = validate_lora_scale(lora_scale) if lora_scale is not None else None
+        if trainer_version is not None and not reason.strip():
             raise InvalidInputError("say why the trainer version changes (reason)",
                                     code=ErrorCode.REASON_REQUIRED)
-        # The check and the write in one transaction, the model row locked (PostgreSQL; on SQLite
-        # the transaction holds the database's write lock from its start): a start takes the
-        # same lock (TrainingService.start), so none can queue a training on the old pin between
-        # "nothing is running" and the new pin.
+        repinned: tuple[str, str] | None = None
+        # The checks and the writes in one transaction, the model row locked (PostgreSQL; on
+        # SQLite the transaction holds the database's write lock from its start): a start takes
+        # the same lock (TrainingService.start), so none can queue a training on the old pin
+        # between "nothing is running" and the new pin; and the scale's "from" is the one it
+        # replaces.
         with self._repo.atomic() as tx:
             model = _users_model(tx, user, for_update=True)
-            version = self._repin_policy.check(backend=model.backend,
-                                               trainer_version=trainer_version)
-            if any(t.status.is_active for t in tx.list_trainings(model.id)):
-                raise ConflictError("wait for the running training to end before re-pinning")
-            changed = with_trainer_version(model, version)
-            tx.set_model_trainer_version(model.id, changed.trainer_version)
-            tx.add_event(model_id=model.id, kind="trainer_version_changed", data={
-                "from": model.trainer_version, "to": changed.trainer_version, "reason": reason,
-            })
-        logger.warning("model %s re-pinned from %s to %s (%s)", model.id, model.trainer_version,
-                       changed.trainer_version, reason)
+            if trainer_version is not None:
+                version = self._repin_policy.check(backend=model.backend,
+                                                   trainer_version=trainer_version)
+                changed = with_trainer_version(model, version)
+                if changed.trainer_version != model.trainer_version:
+                    if any(t.status.is_active for t in tx.list_trainings(model.id)):
+                        raise ConflictError("wait for the running training to end before "
+                                            "re-pinning")
+                    tx.set_model_trainer_version(model.id, changed.trainer_version)
+                    tx.add_event(model_id=model.id, kind="trainer_version_changed", data={
+                        "from": model.trainer_version, "to": changed.trainer_version,
+                        "reason": reason,
+                    })
+                    repinned = (model.trainer_version, changed.trainer_version)
+            if scale is not None:
+                tx.set_model_lora_scale(model.id, scale, is_custom=True)
+                tx.add_event(model_id=model.id, kind="lora_scale_set",
+                             data={"from": model.lora_scale, "to": scale})
+        if repinned is not None:
+            logger.warning("model %s re-pinned from %s to %s (%s)", model.id, *repinned, reason)
         return self.get(user=user)
 
     def versions(self, *, user: User) -> Sequence[Version]:
