@@ -346,8 +346,41 @@ def test_a_file_system_blob_reaches_the_disk_before_its_name_does(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording)
+    (tmp_path / "blobs" / "weights").mkdir()
     store.put("weights/w.safetensors", b"lora", if_absent=if_absent)
     assert synced == [(False, False), (True, True)]
+
+
+# Old code: only the blob's own folder was synced, so the name of a folder the write made
+# (generations/<id>/) could be lost in a power cut while the row committed after it survived.
+@pytest.mark.parametrize("if_absent", [False, True])
+def test_a_file_system_blob_in_new_folders_has_each_folder_s_name_synced_up_to_the_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, if_absent: bool
+) -> None:
+    root = tmp_path / "blobs"
+    store = FileSystemBlobStore(root)
+    store.put("generations/other/0.png", b"png")  # generations/ exists from now on
+    synced: list[Path] = []  # the folders synced, in order
+    real_fsync = os.fsync
+    folders = {p.stat().st_ino: p for p in (root, root / "generations")}
+
+    def recording(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            for path in (root / "generations" / "g", root / "samples" / "t", root / "samples"):
+                if path.exists():
+                    folders.setdefault(path.stat().st_ino, path)
+            synced.append(folders[os.fstat(fd).st_ino])
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    store.put("generations/g/0.png", b"png", if_absent=if_absent)  # a new folder in an old one
+    assert synced == [root / "generations" / "g", root / "generations"]
+    synced.clear()
+    store.put("generations/g/1.png", b"png", if_absent=if_absent)  # the folder is there now
+    assert synced == [root / "generations" / "g"]
+    synced.clear()
+    store.put("samples/t/10.jpg", b"jpg", if_absent=if_absent)  # two new folders
+    assert synced == [root / "samples" / "t", root / "samples", root]
 
 
 def test_a_store_that_answers_passes_its_check(store: Any) -> None:

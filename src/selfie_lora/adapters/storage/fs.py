@@ -63,6 +63,15 @@ def _refresh(path: Path) -> bool:
     return True
 
 
+def _missing_folders(folder: Path, *, root: Path) -> list[Path]:
+    """The folders of ``folder``'s path below ``root`` that do not exist yet, deepest first."""
+    missing: list[Path] = []
+    while folder != root and folder.is_relative_to(root) and not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 class FileSystemBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -76,6 +85,7 @@ class FileSystemBlobStore:
         try:
             if if_absent and _refresh(path):
                 return False
+            made = _missing_folders(path.parent, root=self.root)
             path.parent.mkdir(parents=True, exist_ok=True)
             # Write then rename (or link): a reader never sees half a file, a crash never
             # leaves one.
@@ -100,6 +110,11 @@ class FileSystemBlobStore:
                         return False
                     os.replace(tmp, path)  # deleted since: this write is the blob again
             fsync_dir(path.parent)  # and the name itself survives a power cut
+            # So do the folders this write made (generations/<id>/ at its first picture): each
+            # one's name is in its parent, which the sync above does not cover, and a row
+            # committed after this write must not outlive its blob's folder.
+            for folder in made:
+                fsync_dir(folder.parent)
             return True
         except OSError as exc:
             # A full disk, a quota, a folder where the blob belongs: the services expect
