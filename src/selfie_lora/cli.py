@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -29,6 +29,7 @@ from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import InvalidInputError, SelfieLoraError
 from selfie_lora.logs import setup_logging
+from selfie_lora.outputs import write_whole
 
 if TYPE_CHECKING:
     from selfie_lora.services.likeness import Comparison
@@ -622,14 +623,10 @@ def export_cmd(
             # A LoRA is often exported again with the same name: never lose one silently.
             _fail(f"{target} exists; nothing was written (pass --force to replace it, or --out "
                   "another file)")
-        partial = target.with_name(f".{target.name}.part")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_bytes(export.data)
-            partial.replace(target)  # never a half-written LoRA under the asked name
+            write_whole(target, export.data)  # never a half-written LoRA under the asked name
         except OSError as exc:
-            with suppress(OSError):  # what a full disk left of it, if anything
-                partial.unlink()
             _cannot_write(target, exc)
         console.print(f"wrote {target}: version {export.version.number}, {weights_format} layout, "
                       f"{len(export.data)} bytes, sha256 {export.sha256}", markup=False,
@@ -648,7 +645,7 @@ def _cannot_write(path: Path, exc: OSError, *, also: str | None = None) -> NoRet
 
 def _write(path: Path, data: bytes, *, also: str | None = None) -> None:
     try:
-        path.write_bytes(data)
+        write_whole(path, data)
     except OSError as exc:
         _cannot_write(path, exc, also=also)
 

@@ -22,6 +22,7 @@ from selfie_lora.console import follow_training, print_report
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.domain.entities import Finding, Model, TrainingStatus, User
 from selfie_lora.errors import InvalidInputError, SelfieLoraError
+from selfie_lora.outputs import write_whole
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.wiring import Services, build_services
 from selfie_lora.worker import embedded_worker
@@ -90,9 +91,15 @@ def build_demo_photos(target: Path) -> list[Path]:
         data = (source / name).read_bytes()
         with Image.open(io.BytesIO(data)) as img:
             path = target / f"{Path(name).stem}.jpg"
-            img.convert("RGB").save(path, quality=92)
+            write_whole(path, _encoded(img.convert("RGB"), "JPEG", quality=92))
             written.append(path)
     return written
+
+
+def _encoded(img: Image.Image, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **params)
+    return buf.getvalue()
 
 
 def _snapshot(services: Services, model: Model) -> dict[str, str]:
@@ -249,7 +256,7 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
                 prompt="portrait photo, studio light", seed=7, version_id=version.id))
             png = services.generation.image(user=user, generation_id=g.id, index=0)
             path = gen_dir / f"v{version.number}-seed7.png"
-            path.write_bytes(png)
+            write_whole(path, png)
             tiles.append(Image.open(io.BytesIO(png)).convert("RGB"))
             console.print(f"v{version.number}: {path} (prompt: {g.prompt!r}, "
                           f"scale {g.lora_scale:g})", markup=False)
@@ -259,14 +266,14 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
             compare.paste(tile, (x, 0))
             x += tile.width
         compare_path = gen_dir / "compare-v1-v2.png"
-        compare.save(compare_path)
+        write_whole(compare_path, _encoded(compare, "PNG"))
         # The likeness tracker's own comparison: the fixed probes of both versions, side by side,
         # and every version's scores (the tiny model draws no faces: its scores say so).
         comparison = services.likeness.compare(user=user)
         grid_path = gen_dir / "likeness-v1-v2.png"
-        grid_path.write_bytes(services.likeness.grid_png(comparison))
+        write_whole(grid_path, services.likeness.grid_png(comparison))
         chart_path = gen_dir / "likeness-chart.png"
-        chart_path.write_bytes(services.likeness.chart_png(user=user))
+        write_whole(chart_path, services.likeness.chart_png(user=user))
 
         console.rule("where everything is")
         rows = [

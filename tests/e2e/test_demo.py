@@ -34,6 +34,9 @@ def test_the_demo_trains_then_really_retrains_and_says_what_changed(tmp_path: Pa
     for name in ("v1-seed7.png", "v2-seed7.png", "compare-v1-v2.png", "likeness-v1-v2.png",
                  "likeness-chart.png"):
         assert (out / "generated" / name).stat().st_size > 0, name
+    # Each written under a temporary name, then renamed (a kill leaves no truncated picture).
+    assert list(out.rglob(".*.part")) == []
+    assert sorted(p.name for p in (out / "photos").iterdir())[:1] == ["obama.jpg"]
     # It ends by saying how to see it in a browser, and the account it prints signs in there.
     found = re.search(r"sign in as demo\s+password: (\S+)", text)
     assert found, text[-1500:]

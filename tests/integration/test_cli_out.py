@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 import selfie_lora.wiring as wiring
 from selfie_lora import cli
 from selfie_lora.config import Settings
-from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.outputs import partial_path
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, SimulatedCrash
 from selfie_lora.wiring import Services
 from tests.conftest import auth, one_person_analyzer, wait_terminal
 from tests.integration.test_api import upload
@@ -80,6 +81,33 @@ def test_generate_to_a_file_is_refused_before_it_generates(
     assert done.exit_code == 0, done.output
     assert len(list(folder.glob("*.png"))) == 1
     assert len(trained.generation.history(user=ann)) == 1
+
+
+# Old code: the picture was written straight under its name; a process killed midway left a
+# truncated PNG there for good (the name holds the generation's id: nothing writes it again).
+def test_a_generate_killed_while_it_writes_a_picture_leaves_none_of_it_under_its_name(
+        trained: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Path.write_bytes
+
+    def dying(path: Path, data: Any) -> int:
+        if ".png" not in path.name:
+            return real(path, data)
+        real(path, bytes(data)[: len(data) // 2])
+        raise SimulatedCrash("killed halfway through the picture")
+
+    folder = tmp_path / "images"
+    with monkeypatch.context() as killing:
+        killing.setattr(Path, "write_bytes", dying)
+        with pytest.raises(SimulatedCrash):
+            CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann",
+                                         "--out", str(folder)])
+    assert list(folder.glob("*.png")) == []  # only the hidden partial file, if anything
+    done = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann",
+                                        "--out", str(folder)])
+    assert done.exit_code == 0, done.output
+    (written,) = folder.glob("*.png")
+    assert written.read_bytes().startswith(b"\x89PNG")
+    assert not partial_path(written).exists()
 
 
 def test_compare_to_a_file_is_refused_before_it_compares(trained: Services,
