@@ -140,11 +140,12 @@ def fake_services_on(database: str, tmp_path: Path) -> Services:
 
 
 @contextmanager
-def serving(settings: Settings, *, run_worker: bool = False,
+def serving(settings: Settings, *, run_worker: bool = False, trainer: FakeTrainer | None = None,
             **build: Any) -> Iterator[tuple[TestClient, Services]]:
     """The app on fake backends for ``settings`` (tests whose settings differ from the
-    ``client`` fixture's), and its services; closed after the block."""
-    svc = build_services(settings, trainers={"local": FakeTrainer()},
+    ``client`` fixture's), and its services; closed after the block. ``trainer``: the fake
+    trainer to run (a fresh one by default), for a test that reads its jobs."""
+    svc = build_services(settings, trainers={"local": trainer or FakeTrainer()},
                          face_analyzer=one_person_analyzer(),
                          generators={"local": FakeGenerator()}, **build)
     try:

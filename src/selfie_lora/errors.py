@@ -78,6 +78,7 @@ class ErrorCode(enum.StrEnum):
     GC_IN_PROGRESS = "gc_in_progress"
     NOT_RESUMABLE = "not_resumable"
     WEIGHTS_MISSING = "weights_missing"
+    PHOTOS_NEED_UPLOAD_AGAIN = "photos_need_upload_again"
     # 408, 413
     REQUEST_TIMEOUT = "request_timeout"
     BODY_TOO_LARGE = "body_too_large"

@@ -96,9 +96,10 @@ def csrf(client: TestClient, page: str = "/photos") -> str:
     return found.group(1)
 
 
-def upload(client: TestClient, count: int = 4, *, extra: list[tuple[str, bytes]] = ()
-           ) -> tuple[int, str]:
-    files = [("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg")) for i in range(count)]
+def upload(client: TestClient, count: int = 4, *, extra: list[tuple[str, bytes]] = (),
+           size: int = 128) -> tuple[int, str]:
+    files = [("files", (f"p{i}.jpg", synthetic_photo(i, size=size), "image/jpeg"))
+             for i in range(count)]
     files += [("files", (name, data, "image/jpeg")) for name, data in extra]
     r = client.post("/photos/upload", files=files, headers={"X-CSRF-Token": csrf(client)})
     return r.status_code, r.text
@@ -543,11 +544,8 @@ def test_the_trainer_version_form_refuses_a_replicate_model_the_operator_did_not
     try:
         with browser(settings, services) as client:
             sign_in(client, "ann")
-            photos = [("files", (f"p{i}.jpg", synthetic_photo(i, size=1100), "image/jpeg"))
-                      for i in range(4)]  # large enough for Replicate's 1024 px
-            made = client.post("/photos/upload", files=photos,
-                               headers={"X-CSRF-Token": csrf(client)})
-            assert made.status_code == 200, made.text
+            status, text = upload(client, size=1100)  # large enough for Replicate's 1024 px
+            assert status == 200, text
             pinned = services.models.get(user=services.users.get_by_name(name="ann")).trainer_version
             r = client.post("/model/trainer-version", follow_redirects=False, data={
                 "csrf_token": csrf(client), "reason": "because",
@@ -562,6 +560,35 @@ def test_the_trainer_version_form_refuses_a_replicate_model_the_operator_did_not
                 "csrf_token": csrf(client), "reason": "newer", "trainer_version": newer})
             assert r.status_code == 303, r.text
             assert f"<code>{newer}</code>" in client.get("/model").text
+    finally:
+        services.close()
+
+
+def test_a_repin_to_more_pixels_says_on_the_model_page_to_upload_the_photos_again(
+        tmp_path: Path) -> None:
+    # The re-pin form came back to the model page without a word: the stored photos, cropped
+    # at 512 px for local-flux-v1, then trained local-flux-v2 at 1024 px, each upscaled.
+    flux = tmp_path / "FLUX.1-dev"
+    flux.mkdir()
+    settings = make_settings(tmp_path, base_model=str(flux), trainer_version="local-flux-v1")
+    services = fake_services(settings)
+    services.users.create(name="ann", password=PASSWORD)
+    try:
+        with browser(settings, services) as client:
+            sign_in(client, "ann")
+            assert upload(client, 2, size=1400)[0] == 200  # big enough for 1024 px
+            assert 'id="photos-notice"' not in client.get("/model").text
+            r = client.post("/model/trainer-version", follow_redirects=False, data={
+                "csrf_token": csrf(client), "reason": "v2", "trainer_version": "local-flux-v2"})
+            assert r.status_code == 303, r.text
+            page = html.unescape(client.get(r.headers["location"]).text)
+            assert 'id="photos-notice"' in page
+            assert ("Your stored photos were prepared at 512 px, and local-flux-v2 trains at "
+                    "1024 px: upload your photos again") in page
+            started = client.post("/train/start", data={"csrf_token": csrf(client)},
+                                  follow_redirects=False)
+            assert started.status_code == 409, started.text
+            assert 'data-code="photos_need_upload_again"' in started.text
     finally:
         services.close()
 

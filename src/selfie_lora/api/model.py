@@ -33,13 +33,22 @@ async def get_model(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
 
 @router.patch("", responses=errors(403, 404, 409, 413, 422))
 def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, Any]:
+    """Change the LoRA scale or (with a reason) the trainer version. The answer is the model,
+    with ``photos_need_upload_again`` (and ``notice``, the sentence) true when the new trainer
+    version trains at more pixels than the stored photos were prepared at: they must be
+    uploaded again before the next training."""
     if body.lora_scale is None and body.trainer_version is None:
         raise InvalidInputError("nothing to change: send lora_scale or trainer_version",
                                 code=ErrorCode.EMPTY_PATCH)
     # Both in one transaction: a PATCH is applied whole or not at all.
     svc.models.change(user=user, lora_scale=body.lora_scale,
                       trainer_version=body.trainer_version, reason=body.reason or "")
-    return model_of(svc, user)
+    # A recipe of more pixels than the stored photos were prepared at: said now, not only
+    # when the next start is refused.
+    notice = (svc.training.photos_to_upload_again(user=user)
+              if body.trainer_version is not None else None)
+    return {**model_of(svc, user), "photos_need_upload_again": notice is not None,
+            "notice": notice}
 
 
 @router.get("/versions", responses=errors())

@@ -247,6 +247,18 @@ def prepare_photo(decoded: DecodedInput, analysis: PhotoAnalysis, *, resolution:
                          face_box=face_box_in_crop(analysis, image_size=image.size, crop=box))
 
 
+def prepared_square_side(data: bytes) -> int | None:
+    """The side of a stored training photo that is a square, read from its header; None for
+    another shape or bytes that are not an image. Every photo stored before uploads recorded
+    their resolution (``Dataset.prepared_resolution``) was such a square, at that resolution."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return width if width == height else None
+
+
 def dataset_sha256(photos: Iterable[PreparedPhoto]) -> str:
     """One hash for a set of prepared photos, whatever their order (the same formula as the
     stored datasets': the sorted photo hashes, one per line)."""
@@ -255,5 +267,6 @@ def dataset_sha256(photos: Iterable[PreparedPhoto]) -> str:
 
 __all__ = [
     "DROP", "FACE_FRACTION", "PreparedPhoto", "crop_box", "crop_bucket", "crop_plan",
-    "dataset_sha256", "encode_clean_jpeg", "face_box_in_crop", "prepare_photo", "source_min_side",
+    "dataset_sha256", "encode_clean_jpeg", "face_box_in_crop", "prepare_photo",
+    "prepared_square_side", "source_min_side",
 ]

@@ -314,6 +314,14 @@ class Dataset:
         """The face box of the ``index``-th photo (None when unknown or no face was found)."""
         return self.face_boxes[index] if self.face_boxes else None
 
+    @property
+    def prepared_resolution(self) -> int | None:
+        """The resolution its photos were cropped to when they were uploaded (the pinned
+        recipe's then), as its verdict records it; None for a dataset stored before uploads
+        recorded it."""
+        value = self.verdict.get("resolution")
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
 
 @dataclass(frozen=True)
 class Training:

@@ -167,6 +167,23 @@ def _recipe(model: Model, defaults: TrainingDefaults) -> Recipe:
     )
 
 
+def photos_fit(*, prepared_resolution: int | None, recipe: Recipe) -> bool:
+    """Whether photos cropped at ``prepared_resolution`` when they were uploaded can train
+    ``recipe``: at its resolution or above (the trainer only shrinks them), never below, where
+    the trainer would upscale every photo (512 px crops for a 1024 px recipe, after a re-pin).
+    Unknown (None: neither recorded nor readable from the photos) trains as it always did."""
+    return prepared_resolution is None or prepared_resolution >= recipe.resolution
+
+
+def photos_too_small(*, prepared_resolution: int, recipe: Recipe, trainer_version: str) -> str:
+    """Why photos prepared at ``prepared_resolution`` cannot train ``recipe`` (see
+    ``photos_fit``), and what the user does about it."""
+    return (f"these photos were prepared at {prepared_resolution} px when they were uploaded, "
+            f"and your model now trains with {trainer_version} at {recipe.resolution} px, so "
+            "every photo would be upscaled: upload your photos again (they are then prepared "
+            f"at {recipe.resolution} px) and train on them")
+
+
 def validate_lora_scale(scale: float) -> float:
     if not isinstance(scale, int | float) or isinstance(scale, bool) or not math.isfinite(scale):
         raise InvalidInputError("lora_scale must be a finite number", code=ErrorCode.INVALID_LORA_SCALE)

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from selfie_lora.dataset.limits import UploadedFile
+from selfie_lora.dataset.prepare import prepared_square_side
 from selfie_lora.domain.entities import (
     Dataset,
     Finding,
@@ -80,8 +81,16 @@ from selfie_lora.domain.lease import (
     scoring_stops,
     step_away,
 )
-from selfie_lora.domain.plan import TrainingDefaults, TrainingPlan, new_model, plan_training
+from selfie_lora.domain.plan import (
+    TrainingDefaults,
+    TrainingPlan,
+    new_model,
+    photos_fit,
+    photos_too_small,
+    plan_training,
+)
 from selfie_lora.domain.progress import add_loss_point
+from selfie_lora.domain.recipes import recipe_for
 from selfie_lora.domain.states import can_transition, transition
 from selfie_lora.domain.versions import VERSION_ACTIVATED
 from selfie_lora.errors import (
@@ -247,7 +256,9 @@ class TrainingService:
         transaction as the training, so a refused start stores nothing).
 
         Raises ``ConflictError`` when the model already has a queued or running training (the
-        database enforces it too) or an upload of the user is about to start one,
+        database enforces it too) or an upload of the user is about to start one, or when the
+        dataset's photos were prepared below the pinned recipe's resolution (code
+        ``photos_need_upload_again``: a re-pin to more pixels since they were uploaded),
         ``InvalidInputError`` when there is no usable dataset. ``_committed`` runs after the
         commit and before the training is queued (the upload's ``keep_stored``: a worker finds
         the photos there).
@@ -286,6 +297,15 @@ class TrainingService:
             )
             if _resume is not None:
                 _resume.check(plan)
+            # After a re-pin to a recipe of more pixels (local-flux-v1's 512 px to v2's 1024),
+            # the stored photos are the crops made for the old one: refused, not upscaled.
+            prepared = self._prepared_resolution(dataset)
+            if prepared is not None and not photos_fit(prepared_resolution=prepared,
+                                                       recipe=plan.recipe):
+                raise ConflictError(
+                    photos_too_small(prepared_resolution=prepared, recipe=plan.recipe,
+                                     trainer_version=plan.trainer_version),
+                    code=ErrorCode.PHOTOS_NEED_UPLOAD_AGAIN)
             if plan.is_new_model:
                 tx.add_model(plan.model)
             training = Training(
@@ -449,6 +469,42 @@ class TrainingService:
         return self.upload(user=user, read=lambda: intake.read_path(path), start=start)
 
     # ------------------------------------------------------------------ queries
+    def photos_to_upload_again(self, *, user: User) -> str | None:
+        """A sentence saying the user's stored photos must be uploaded again before their model
+        trains (``start`` refuses them, 409 ``photos_need_upload_again``): the latest accepted
+        ones were prepared below the resolution of the recipe the model is pinned to now (a
+        re-pin to more pixels). None when they fit, or there are none."""
+        model = self._repo.get_model_for_user(user.id)
+        dataset = self._repo.latest_accepted_dataset(user.id)
+        if model is None or dataset is None:
+            return None
+        recipe = recipe_for(backend=model.backend, trainer_version=model.trainer_version,
+                            replicate_recipe=self._defaults().replicate_recipe)
+        prepared = self._prepared_resolution(dataset)
+        if prepared is None or photos_fit(prepared_resolution=prepared, recipe=recipe):
+            return None
+        return (f"Your stored photos were prepared at {prepared} px, and "
+                f"{model.trainer_version} trains at {recipe.resolution} px: upload your "
+                "photos again before you train (a training on the stored ones is refused, "
+                "since every photo would be upscaled).")
+
+    def _prepared_resolution(self, dataset: Dataset) -> int | None:
+        """The resolution ``dataset``'s photos were cropped to at upload: as recorded then, else
+        (a dataset stored before uploads recorded it, whose photos were all squares at it) its
+        first photo's side. None when neither says: it trains as it always did."""
+        if dataset.prepared_resolution is not None:
+            return dataset.prepared_resolution
+        if not dataset.photo_hashes:
+            return None
+        try:
+            # Only such an old dataset costs this read (a header's worth of one photo).
+            return prepared_square_side(self._blobs.get(photo_key(dataset.photo_hashes[0])))
+        except SelfieLoraError as exc:
+            # The training that runs on it says what is wrong with its photos, if anything.
+            logger.warning("dataset %s: could not read the size its photos were prepared at: "
+                           "%s", dataset.id, exc.message)
+            return None
+
     def progress(self, *, user: User, training_id: str | None = None) -> TrainingView:
         """The user's training (default: the latest) with its version once stored."""
         found = self._repo.get_user_training(user.id, training_id)

@@ -539,8 +539,12 @@ def model_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     web = _web(request)
     model = web.services.models.find(user=viewer.user)
     overview = web.services.models.overview_of(model) if model is not None else None
+    # Shown after a re-pin to more pixels than the stored photos have (the form comes back
+    # here), and for as long as they are the latest.
+    photos_notice = (web.services.training.photos_to_upload_again(user=viewer.user)
+                     if model is not None else None)
     return web.render(request, "model.html", viewer=viewer, overview=overview,
-                      backend=web.services.settings.trainer)
+                      backend=web.services.settings.trainer, photos_notice=photos_notice)
 
 
 @router.post("/model/trainer-version")
