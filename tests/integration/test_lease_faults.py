@@ -2,7 +2,8 @@
 README): another worker of the same machine takes the training over while this one still runs
 it (the earlier attempt leaves the later one alone); a renewal of the lease fails with what
 nobody expected (the heartbeat goes on); the database fails a write of the training's progress
-(the worker steps away and the next attempt finishes the training)."""
+(the worker steps away and the next attempt finishes the training), also the write of the
+likeness gate's decision (the training then succeeds with no error)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from sqlalchemy import Engine
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
-from selfie_lora.domain.entities import TrainingStatus
+from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.errors import StorageError
 from selfie_lora.services.layout import photo_key
-from selfie_lora.services.ports import TrainingJob
+from selfie_lora.services.ports import GenerationJob, TrainingJob
 from selfie_lora.services.training import (
     DATABASE_UNREACHABLE,
     STORAGE_UNREACHABLE,
@@ -83,10 +84,10 @@ class Machine:
         self.settings = settings
         self.workers: list[Services] = []
 
-    def worker(self, trainer: FakeTrainer) -> Services:
+    def worker(self, trainer: FakeTrainer, *, generator: FakeGenerator | None = None) -> Services:
         svc = build_services(self.settings, trainers={"local": trainer},
                              face_analyzer=one_person_analyzer(),
-                             generators={"local": FakeGenerator()},
+                             generators={"local": generator or FakeGenerator()},
                              telemetry=RecordingTelemetry())
         self.workers.append(svc)
         return svc
@@ -102,6 +103,20 @@ class Machine:
     def close(self) -> None:
         for svc in self.workers:
             svc.close()
+
+
+def queued_for_ann(svc: Services) -> str:
+    """The id of a training queued by a new user's upload."""
+    user, _ = svc.users.create(name="ann")
+    started = svc.training.upload_zip(user=user, data=photo_zip(3))
+    assert started.training is not None
+    return started.training.id
+
+
+def row(svc: Services, training_id: str) -> Training:
+    found = svc.repo.get_training(training_id)
+    assert found is not None
+    return found
 
 
 def _machine(tmp_path: Path, *, heartbeat_seconds: float, lease_seconds: float) -> Iterator[Machine]:
@@ -216,24 +231,60 @@ def test_a_database_that_blinks_interrupts_a_training_and_does_not_fail_it(
         if len(trainer.jobs) == 1:
             repo.fail_in = 3  # its start and first step are written, its second is not
     trainer.on_train = arm
-    user, _ = svc.users.create(name="ann")
-    started = svc.training.upload_zip(user=user, data=photo_zip(3))
-    assert started.training is not None
-    training_id = started.training.id
+    training_id = queued_for_ann(svc)
 
     worker.run(training_id, owner="A")
-    waiting = svc.repo.get_training(training_id)
-    assert waiting is not None
+    waiting = row(svc, training_id)
     assert (waiting.status, waiting.step, waiting.attempt, waiting.error) == (
         TrainingStatus.PROCESSING, 1, 1, DATABASE_UNREACHABLE)
     assert training_id in svc.queue.queued_training_ids()  # rung again at once
 
     worker.run(training_id, owner="A")
-    final = svc.repo.get_training(training_id)
-    assert final is not None
+    final = row(svc, training_id)
     assert (final.status, final.attempt, final.recoveries, final.error) == (
         TrainingStatus.SUCCEEDED, 2, 1, None)
     assert len(trainer.jobs) == 2
+
+
+class ArmingGenerator(FakeGenerator):
+    """The fake generator, which arms ``repo`` (its next transaction fails) at the first probe
+    of a scoring: the next transaction the worker makes is the gate's decision."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repo: Blinking | None = None
+        self.armed = False
+
+    def generate(self, job: GenerationJob) -> list[bytes]:
+        if self.repo is not None and not self.armed:
+            self.armed = True
+            self.repo.fail_in = 1
+        return super().generate(job)
+
+
+def test_a_training_that_succeeds_after_a_database_blink_while_scored_says_no_error(
+        machine: Machine) -> None:
+    """A database that failed the write of the gate's decision made the worker step away,
+    rightly, with "the database could not be reached" on the row; the next attempt ended the
+    training succeeded, and that sentence stayed its ``error`` (the progress answered
+    "succeeded" with it, and the status page "The training succeeded. the database could not
+    be reached")."""
+    generator = ArmingGenerator()
+    svc = machine.worker(FakeTrainer(steps=1), generator=generator)
+    generator.repo = repo = Blinking(svc.engine)
+    worker = machine.training_service(svc, repo)  # scoring with svc's likeness: the generator
+    training_id = queued_for_ann(svc)
+
+    worker.run(training_id, owner="A")
+    waiting = row(svc, training_id)
+    assert waiting.version_id is not None  # stored; its scoring stepped away
+    assert (waiting.status, waiting.error) == (TrainingStatus.PROCESSING, DATABASE_UNREACHABLE)
+
+    worker.run(training_id, owner="A")
+    final = row(svc, training_id)
+    assert (final.status, final.attempt, final.version_id) == (
+        TrainingStatus.SUCCEEDED, 2, waiting.version_id)
+    assert final.error is None  # DATABASE_UNREACHABLE on the previous code
 
 
 class FlakyPhotos(FileSystemBlobStore):
@@ -276,8 +327,7 @@ def test_a_blob_store_out_of_reach_interrupts_a_training_and_does_not_fail_it(
     assert training_id in svc.queue.queued_training_ids()  # rung again at once
 
     worker.run(training_id, owner="A")
-    final = svc.repo.get_training(training_id)
-    assert final is not None
+    final = row(svc, training_id)
     assert (final.status, final.attempt, final.error) == (TrainingStatus.SUCCEEDED, 2, None)
 
 

@@ -40,6 +40,11 @@ def transition(
     changes: dict[str, object] = {"status": new, "history": (*training.history, entry)}
     if new in (TrainingStatus.STARTING, TrainingStatus.PROCESSING) and training.started_at is None:
         changes["started_at"] = at
+    if new is TrainingStatus.SUCCEEDED:
+        # A succeeded training carries no error: a reason an earlier attempt stepped away for
+        # (``lease.step_away``: "the database could not be reached" while its version was
+        # scored) is over once it ends well. Failed and canceled ones are given their own.
+        changes["error"] = None
     if new.is_terminal:
         changes["completed_at"] = at
         # An ended training holds nothing: whoever ran it is done with it.
