@@ -41,7 +41,9 @@ from selfie_lora.domain.recipes import (
     DEFAULT_REPLICATE_RECIPE,
     DEFAULT_REPLICATE_TRAINER_VERSION,
     RepinPolicy,
+    base_model_mismatch,
     default_local_trainer_version,
+    local_versions_for,
     validate_replicate_model,
     validate_trainer_version,
 )
@@ -360,6 +362,16 @@ class Settings(BaseSettings):
             except InvalidInputError as exc:
                 raise ValueError(f"SELFIE_LORA_TRAINER_VERSION (trainer {self.trainer}): "
                                  f"{exc.message}") from None
+            # A tiny recipe on a real FLUX.1 (or the reverse) would be pinned on every new
+            # model, each then refused at its start (TrainingService.start).
+            mismatch = (base_model_mismatch(trainer_version=self.trainer_version,
+                                             base_model=self.base_model)
+                        if self.trainer == "local" else None)
+            if mismatch is not None:
+                raise ValueError(
+                    f"SELFIE_LORA_TRAINER_VERSION: {self.trainer_version} is {mismatch} "
+                    "(SELFIE_LORA_BASE_MODEL): use "
+                    f"{' or '.join(local_versions_for(self.base_model))}, or leave it unset")
         return self
 
     @model_validator(mode="after")
@@ -442,10 +454,11 @@ class Settings(BaseSettings):
     def repin_policy(self) -> RepinPolicy:
         """Which trainer versions a user may re-pin to: versions of the configured Replicate
         trainer model (the built-in default's when this service trains locally) and of
-        ALLOWED_TRAINERS."""
+        ALLOWED_TRAINERS; local recipes made for BASE_MODEL."""
         default = (self.effective_trainer_version if self.trainer == "replicate"
                    else DEFAULT_REPLICATE_TRAINER_VERSION)
-        return RepinPolicy.of(default_trainer_version=default, allowed=self.allowed_trainers)
+        return RepinPolicy.of(default_trainer_version=default, allowed=self.allowed_trainers,
+                              base_model=self.base_model)
 
     @property
     def destination_owner(self) -> str:

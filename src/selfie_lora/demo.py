@@ -224,9 +224,11 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
 
         console.rule("3. the user sets a LoRA scale; the configured trainer default changes")
         services.models.set_lora_scale(user=user, lora_scale=0.8)
-        settings.trainer_version = "local-flux-v1"
+        # Another recipe of the tiny model: one of FLUX.1's is refused on it (the settings'
+        # check, and a start of a model pinned to it).
+        settings.trainer_version = "local-tiny-v1"
         console.print("LoRA scale set to 0.8; SELFIE_LORA_TRAINER_VERSION now says "
-                      "'local-flux-v1' (the model stays pinned)")
+                      "'local-tiny-v1' (the model stays pinned)")
 
         console.rule(f"4. retraining with one more photo ({files[-1].name}): {len(files)} photos")
         _upload_and_train(console, services, user, files, findings, kind="retraining")

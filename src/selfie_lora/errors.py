@@ -79,6 +79,7 @@ class ErrorCode(enum.StrEnum):
     NOT_RESUMABLE = "not_resumable"
     WEIGHTS_MISSING = "weights_missing"
     PHOTOS_NEED_UPLOAD_AGAIN = "photos_need_upload_again"
+    BASE_MODEL_MISMATCH = "base_model_mismatch"
     # 408, 413
     REQUEST_TIMEOUT = "request_timeout"
     BODY_TOO_LARGE = "body_too_large"

@@ -91,6 +91,7 @@ def training_defaults(settings: Settings) -> TrainingDefaults:
         owner=settings.destination_owner,
         replicate_recipe=settings.replicate_recipe,
         probe_count=settings.probe_count,
+        base_model=settings.base_model,
     )
 
 

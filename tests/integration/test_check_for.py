@@ -137,7 +137,9 @@ def test_an_upload_says_what_it_was_judged_for(client: TestClient, services: Ser
 def test_the_configured_trainer_version_of_the_target_is_judged_for(
     cli: CliRunner, photos: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # A new model is pinned to the configured version: FLUX.1 at 512 px, not the newest 1024.
+    # A new model is pinned to the configured version: FLUX.1 at 512 px, not the newest 1024
+    # (a version of FLUX.1's recipes, so on a FLUX.1 base model).
+    monkeypatch.setenv("SELFIE_LORA_BASE_MODEL", str(photos.parent / "FLUX.1-dev"))
     monkeypatch.setenv("SELFIE_LORA_TRAINER_VERSION", "local-flux-v1")
     flux = cli.invoke(app, ["check", str(photos), "--for", "local-flux"])
     assert "judged for local-flux training at 512 px" in said(flux), flux.output

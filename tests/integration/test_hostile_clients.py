@@ -168,12 +168,12 @@ def test_a_valid_repin_with_a_reason_is_applied_and_logged(
     h = auth(services, "ann")
     trained(client, h)
     r = client.patch("/api/model", headers=h,
-                     json={"trainer_version": "local-flux-v1", "reason": "moving to FLUX.1"})
+                     json={"trainer_version": "local-tiny-v1", "reason": "the v1 recipe"})
     assert r.status_code == 200, r.text
-    assert r.json()["trainer_version"] == "local-flux-v1"
+    assert r.json()["trainer_version"] == "local-tiny-v1"
     events = client.get("/api/model/log", headers=h).json()["events"]
     changed = [e for e in events if e["kind"] == "trainer_version_changed"]
-    assert changed[-1]["data"]["reason"] == "moving to FLUX.1"
+    assert changed[-1]["data"]["reason"] == "the v1 recipe"
 
 
 REPLICATE_HASH = "ab" * 32

@@ -137,7 +137,8 @@ def test_a_portrait_photo_is_stored_as_a_portrait_crop_when_the_recipe_buckets(
     from selfie_lora.dataset.limits import UploadedFile
     from selfie_lora.domain.recipes import get_recipe
 
-    settings = make_settings(tmp_path, trainer_version=trainer_version)
+    settings = make_settings(tmp_path, trainer_version=trainer_version,
+                             base_model=str(tmp_path / "FLUX.1-dev"))
     services = build_services(settings, trainers={"local": FakeTrainer()},
                               generators={"local": FakeGenerator()})
     try:

@@ -368,8 +368,8 @@ def test_a_canceled_training_of_a_model_moved_to_another_trainer_is_not_resumed(
     _client, services, trainer = fake_served
     user, _ = services.users.create(name="cat")
     canceled = _canceled_at_step_3(services, trainer, user)
-    services.models.change_trainer_version(user=user, trainer_version="local-flux-v1",
-                                           reason="a real GPU now")
+    services.models.change_trainer_version(user=user, trainer_version="local-tiny-v1",
+                                           reason="the v1 recipe")
     with pytest.raises(ConflictError) as refused:
         services.training.resume(user=user, training_id=canceled.id)
     assert refused.value.code == "not_resumable"

@@ -45,10 +45,32 @@ def test_a_replicate_version_reference_is_kept() -> None:
     assert padded.effective_trainer_version == value  # pinned as the trainer reads it
 
 
-@pytest.mark.parametrize("value", ["local-tiny-v1", "local-tiny-v2", "local-flux-v1",
-                                   "local-flux-v2"])
-def test_the_local_backends_own_versions_are_valid(value: str) -> None:
-    assert Settings(trainer="local", trainer_version=value).effective_trainer_version == value
+@pytest.mark.parametrize(("value", "base_model"), [
+    ("local-tiny-v1", "tiny"), ("local-tiny-v2", "tiny"),
+    ("local-flux-v1", "/models/flux"), ("local-flux-v2", "/models/flux")])
+def test_the_local_backends_own_versions_are_valid(value: str, base_model: str) -> None:
+    assert Settings(trainer="local", base_model=base_model,
+                    trainer_version=value).effective_trainer_version == value
+
+
+@pytest.mark.parametrize(("value", "base_model", "made_for", "fits"), [
+    ("local-tiny-v2", "/models/flux", "the tiny test model", "local-flux-v2 or local-flux-v1"),
+    ("local-tiny-v1", "/models/flux", "the tiny test model", "local-flux-v2 or local-flux-v1"),
+    ("local-flux-v1", "tiny", "FLUX.1", "local-tiny-v2 or local-tiny-v1"),
+])
+def test_a_local_trainer_version_for_another_base_model_is_a_settings_error(
+        value: str, base_model: str, made_for: str, fits: str) -> None:
+    # local-tiny-v2 was accepted with a FLUX.1 folder: every new model was pinned to the tiny
+    # recipe (64 px, 40 steps, rank 4) and trained it on the real FLUX.1.
+    with pytest.raises(ValidationError) as caught:
+        Settings(trainer="local", base_model=base_model, trainer_version=value)
+    [line] = settings_errors(caught.value)
+    assert line.startswith("SELFIE_LORA_TRAINER_VERSION: ")
+    assert f"{value} is a trainer version for {made_for}" in line
+    assert f"SELFIE_LORA_BASE_MODEL): use {fits}, or leave it unset" in line
+    # Unset, the default fits whatever the base model.
+    assert Settings(trainer="local", base_model=base_model).effective_trainer_version == (
+        fits.split(" or ")[0])
 
 
 @pytest.mark.parametrize("value", ["local-tiny-v9", f"ostris/flux-dev-lora-trainer:{HASH}"])
@@ -116,6 +138,22 @@ def test_a_local_model_moves_to_any_local_recipe(value: str) -> None:
     assert RepinPolicy().check(backend="local", trainer_version=value) == value
     with pytest.raises(InvalidInputError):
         RepinPolicy().check(backend="local", trainer_version=f"{OSTRIS}:{HASH}")
+
+
+def test_a_local_model_moves_only_to_a_recipe_of_the_server_s_base_model() -> None:
+    # A re-pin to the tiny recipe on a FLUX.1 server would train 64 px, 40 steps, rank 4 on it.
+    flux = RepinPolicy(base_model="/models/flux")
+    assert flux.check(backend="local", trainer_version="local-flux-v1") == "local-flux-v1"
+    with pytest.raises(InvalidInputError) as refused:
+        flux.check(backend="local", trainer_version="local-tiny-v2")
+    assert refused.value.code is ErrorCode.INVALID_TRAINER_VERSION
+    assert refused.value.message == (
+        "local-tiny-v2 is a trainer version for the tiny test model, and this server trains "
+        "on FLUX.1: re-pin to local-flux-v2 or local-flux-v1")
+    tiny = Settings(trainer="local", base_model="tiny").repin_policy
+    assert tiny.check(backend="local", trainer_version="local-tiny-v1") == "local-tiny-v1"
+    with pytest.raises(InvalidInputError, match="re-pin to local-tiny-v2 or local-tiny-v1"):
+        tiny.check(backend="local", trainer_version="local-flux-v2")
 
 
 def test_allowed_trainers_is_a_comma_separated_list_of_models(

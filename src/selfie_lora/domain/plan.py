@@ -20,8 +20,13 @@ from typing import Any
 
 from selfie_lora.domain.entities import Model, Recipe
 from selfie_lora.domain.likeness import DEFAULT_PROBE_COUNT, choose_probes
-from selfie_lora.domain.recipes import recipe_for
-from selfie_lora.errors import ErrorCode, InvalidInputError
+from selfie_lora.domain.recipes import (
+    base_model_mismatch,
+    get_recipe,
+    local_versions_for,
+    recipe_for,
+)
+from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError
 
 DEFAULT_LORA_SCALE = 1.0
 LORA_SCALE_MIN = -1.0
@@ -64,6 +69,9 @@ class TrainingDefaults:
     replicate_recipe: str
     # Only a first training uses it: the probe set is chosen once and stored with the model.
     probe_count: int = DEFAULT_PROBE_COUNT
+    # The local trainer's base model (SELFIE_LORA_BASE_MODEL): a local model trains only on a
+    # recipe made for it (``check_fits_base_model``). None: not checked.
+    base_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,30 @@ def _recipe(model: Model, defaults: TrainingDefaults) -> Recipe:
         backend=model.backend, trainer_version=model.trainer_version,
         replicate_recipe=defaults.replicate_recipe,
     )
+
+
+def check_fits_base_model(model: Model, defaults: TrainingDefaults) -> None:
+    """Refuse (409 ``base_model_mismatch``) to train ``model`` when it is a local model pinned
+    to a recipe made for another base model than the configured one: one pinned while the
+    server ran on the tiny test model, after the operator moved it to a FLUX.1 folder, would
+    train the tiny recipe (64 px, 40 steps, rank 4) on the real FLUX.1."""
+    if model.backend != "local" or defaults.base_model is None:
+        return
+    mismatch = base_model_mismatch(trainer_version=model.trainer_version,
+                                   base_model=defaults.base_model)
+    if mismatch is None:
+        return
+    fits = local_versions_for(defaults.base_model)
+    # The photos stored for a tiny recipe are 64 px crops (``photos_fit``).
+    then = (", then upload your photos again so they are prepared for it"
+            if get_recipe(fits[0]).resolution > get_recipe(model.trainer_version).resolution
+            else "")
+    raise ConflictError(
+        f"your model is pinned to {model.trainer_version}, {mismatch}: re-pin it to "
+        f'{fits[0]} (PATCH /api/model {{"trainer_version": "{fits[0]}", "reason": "..."}}, '
+        f'or "Move to another trainer version" on the model page; {" or ".join(fits)} fit '
+        f"this server){then}",
+        code=ErrorCode.BASE_MODEL_MISMATCH)
 
 
 def photos_fit(*, prepared_resolution: int | None, recipe: Recipe) -> bool:

@@ -113,6 +113,41 @@ class CheckTarget(StrEnum):
         return get_recipe(_LOCAL_TINY_RECIPE if self is CheckTarget.TINY else _LOCAL_FLUX_RECIPE)
 
 
+# What each family of local recipes is made for, as a user or operator knows it.
+_TRAINS_ON = {CheckTarget.TINY: "the tiny test model", CheckTarget.LOCAL_FLUX: "FLUX.1"}
+
+
+def base_model_target(base_model: str) -> CheckTarget:
+    """The family of local recipes made for ``base_model`` (``SELFIE_LORA_BASE_MODEL``): the
+    tiny test model's, or a real FLUX.1's for any folder."""
+    return CheckTarget.TINY if base_model == "tiny" else CheckTarget.LOCAL_FLUX
+
+
+def local_versions_for(base_model: str) -> tuple[str, ...]:
+    """The local trainer versions that fit ``base_model``: the one a new model gets first, then
+    the others of its family, newest first."""
+    default = default_local_trainer_version(base_model)
+    target = base_model_target(base_model)
+    others = sorted((name for name in RECIPES if name.startswith("local-") and name != default
+                     and CheckTarget.of(backend="local", trainer_version=name) is target),
+                    reverse=True)
+    return (default, *others)
+
+
+def base_model_mismatch(*, trainer_version: str, base_model: str) -> str | None:
+    """None when the local ``trainer_version`` is a recipe made for ``base_model``; else what it
+    is and what this server trains on ("a trainer version for the tiny test model, and this
+    server trains on FLUX.1"), for a sentence that names it first. The tiny recipes (64 px, 40
+    steps, rank 4) give a useless LoRA of a real FLUX.1, and FLUX.1's (up to 1024 px, 1000+
+    steps) run for hours on the tiny model that stands in for it on CPUs."""
+    made_for = CheckTarget.of(backend="local", trainer_version=trainer_version)
+    here = base_model_target(base_model)
+    if made_for is here:
+        return None
+    return (f"a trainer version for {_TRAINS_ON[made_for]}, and this server trains on "
+            f"{_TRAINS_ON[here]}")
+
+
 def validate_trainer_version(*, backend: str, trainer_version: str) -> str:
     """``trainer_version`` when a model of ``backend`` can train with it (422 otherwise): a
     known local recipe, or a Replicate version reference ``owner/name:<64 hex>``. Checked before
@@ -162,20 +197,33 @@ class RepinPolicy:
 
     replicate_models: frozenset[str] = frozenset(
         {replicate_model_of(DEFAULT_REPLICATE_TRAINER_VERSION)})
+    # The local trainer's base model (SELFIE_LORA_BASE_MODEL): a local model moves only to a
+    # recipe made for it. None: any local recipe.
+    base_model: str | None = None
 
     @classmethod
-    def of(cls, *, default_trainer_version: str, allowed: Iterable[str] = ()) -> RepinPolicy:
+    def of(cls, *, default_trainer_version: str, allowed: Iterable[str] = (),
+           base_model: str | None = None) -> RepinPolicy:
         """Versions of the model of ``default_trainer_version`` (a Replicate reference) and of
-        each ``owner/name`` in ``allowed``."""
+        each ``owner/name`` in ``allowed``; local recipes made for ``base_model``."""
         return cls(replicate_models=frozenset(
-            {replicate_model_of(default_trainer_version), *allowed}))
+            {replicate_model_of(default_trainer_version), *allowed}), base_model=base_model)
 
     def check(self, *, backend: str, trainer_version: str) -> str:
         """``trainer_version`` (stripped) when a user may re-pin a model of ``backend`` to it:
-        422 when the backend could not train with it, 403 when it is a Replicate model the
-        operator has not allowed."""
+        422 when the backend could not train with it (a local recipe made for another base
+        model than this server's included), 403 when it is a Replicate model the operator has
+        not allowed."""
         version = validate_trainer_version(backend=backend, trainer_version=trainer_version)
         if backend == "local":
+            if self.base_model is not None:
+                mismatch = base_model_mismatch(trainer_version=version,
+                                               base_model=self.base_model)
+                if mismatch is not None:
+                    raise InvalidInputError(
+                        f"{version} is {mismatch}: re-pin to "
+                        f"{' or '.join(local_versions_for(self.base_model))}",
+                        code=ErrorCode.INVALID_TRAINER_VERSION)
             return version
         model = replicate_model_of(version)
         if model not in self.replicate_models:

@@ -84,6 +84,7 @@ from selfie_lora.domain.lease import (
 from selfie_lora.domain.plan import (
     TrainingDefaults,
     TrainingPlan,
+    check_fits_base_model,
     new_model,
     photos_fit,
     photos_too_small,
@@ -290,6 +291,8 @@ class TrainingService:
             # left, or the re-pin finds this training and is refused.
             model = tx.get_model_for_user(user.id, for_update=True)
             _refuse_if_busy(tx, model)
+            if model is not None:
+                check_fits_base_model(model, defaults)
             plan = plan_training(
                 model, user_id=user.id, new_model_id=new_id(), defaults=defaults, rng=self._rng,
                 now=self._clock(),
@@ -379,7 +382,10 @@ class TrainingService:
         with self._repo.atomic() as tx:
             # Locked as a start locks it: a start still open (PostgreSQL runs them side by side)
             # commits its training first, and this upload is refused before it reads a photo.
-            _refuse_if_busy(tx, tx.get_model_for_user(user.id, for_update=True))
+            model = tx.get_model_for_user(user.id, for_update=True)
+            _refuse_if_busy(tx, model)
+            if model is not None:  # refused before its photos are read and cropped for it
+                check_fits_base_model(model, self._defaults())
             now = self._clock()
             try:
                 claimed_until = tx.claim_upload(user.id, token=token, now=now,
