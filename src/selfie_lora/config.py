@@ -154,7 +154,7 @@ class Settings(BaseSettings):
     # of similarities, 0..1); off, every new version is activated at once (and still scored).
     quality_gate: bool = True
     gate_tolerance: float = Field(default=DEFAULT_GATE_TOLERANCE, ge=0.0, le=1.0)
-    # Probes per model (fixed at its first training) and their image side (default: the
+    # Probes per model (fixed when it is made) and their image side (default: the
     # generator's own, 64 px for tiny and 1024 for FLUX.1; 512 is faster and enough for faces).
     probe_count: int = Field(default=DEFAULT_PROBE_COUNT, ge=1, le=MAX_PROBES)
     probe_size: int | None = Field(default=None, ge=64, le=2048)
@@ -352,9 +352,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _trainer_version_fits_the_backend(self) -> Settings:
-        # A first training pins this on its model for good: one the trainer would refuse must
-        # stop the process now (as a re-pin to it would be refused), not fail every training of
-        # every new model later.
+        # A new model (made by its user's first upload or start) pins this for good: one the
+        # trainer would refuse must stop the process now (as a re-pin to it would be refused),
+        # not fail every training of every new model later.
         if self.trainer_version:
             try:
                 self.trainer_version = validate_trainer_version(
@@ -376,7 +376,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _replicate_has_an_owner(self) -> Settings:
-        # The owner goes into the destination a new model is given at its first training, and
+        # The owner goes into the destination a new model is given when it is made, and
         # that destination is pinned for good: a made-up one (an account the operator does not
         # own) would fail every training of that model for ever, not just this process.
         if self.trainer == "replicate" and not self.replicate_owner:

@@ -143,3 +143,22 @@ def test_a_dataset_stored_before_its_resolution_was_recorded_is_judged_by_its_ph
         assert repin(client, h, "local-flux-v1")["photos_need_upload_again"] is False
         r = client.post("/api/training/start", headers=h, json={})
         assert r.status_code == 202, r.text
+
+
+def test_the_version_is_pinned_by_the_upload_that_made_the_model_not_its_first_training(
+        tmp_path: Path) -> None:
+    """As the README says: an upload that starts nothing makes the model and pins the version
+    configured then; a change of SELFIE_LORA_TRAINER_VERSION before its first training does not
+    move it (its photos were cropped for the pinned one)."""
+    settings = make_settings(tmp_path, trainer_version="local-tiny-v1")
+    with serving(settings) as (client, svc):
+        h = auth(svc, "ann")
+        made = upload(client, h, start=False)
+        assert made["model"]["trainer_version"] == "local-tiny-v1"
+        settings.trainer_version = "local-tiny-v2"  # the operator's new default
+        r = client.post("/api/training/start", headers=h, json={})
+        assert r.status_code == 202, r.text
+        first = r.json()["training"]
+        assert (first["is_retraining"], first["trainer_version"]) == (False, "local-tiny-v1")
+        assert first["preserved"]["configured_default_ignored"]["trainer_version"] == (
+            "local-tiny-v2")

@@ -1,4 +1,4 @@
-"""SELFIE_LORA_TRAINER_VERSION is pinned on every new model at its first training, for good: a
+"""SELFIE_LORA_TRAINER_VERSION is pinned on every new model when it is made, for good: a
 value its backend's trainer would refuse is a settings error when the settings are built (the same
 check as a re-pin's), never a pin that fails every training of the model. A user's re-pin is held
 to the Replicate trainers the operator chose (that setting's model, SELFIE_LORA_ALLOWED_TRAINERS)."""

@@ -46,7 +46,7 @@ class GateStatus(enum.StrEnum):
 @dataclass(frozen=True)
 class Probe:
     """One fixed test prompt (it holds the trigger word) and seed. A model's probes are chosen
-    at its first training and every version of it is judged on exactly these."""
+    when it is made and every version of it is judged on exactly these."""
 
     index: int
     prompt: str

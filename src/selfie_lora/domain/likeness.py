@@ -64,7 +64,7 @@ _SEED_RANGE = 2**31
 
 def choose_probes(*, trigger_word: str, rng: random.Random, count: int) -> tuple[Probe, ...]:
     """``count`` probes: distinct prompts from ``PROBE_PROMPTS`` with the trigger word, each with
-    its own seed. Called once per model, at its first training; the result is stored."""
+    its own seed. Called once per model, when it is made; the result is stored."""
     if not 1 <= count <= MAX_PROBES:
         raise InvalidInputError(f"the probe count must be 1 to {MAX_PROBES}, not {count}",
                                 code=ErrorCode.INVALID_PROBE_COUNT)

@@ -60,14 +60,15 @@ def destination_for(*, owner: str, model_id: str) -> str:
 
 @dataclass(frozen=True)
 class TrainingDefaults:
-    """What the configuration says now. Only a first training takes the backend, trainer
-    version and owner from here; the Replicate recipe applies to every Replicate training."""
+    """What the configuration says now. Only a new model (``new_model``: its user's first
+    upload or start) takes the backend, trainer version and owner from here; the Replicate
+    recipe applies to every Replicate training."""
 
     backend: str
     trainer_version: str
     owner: str
     replicate_recipe: str
-    # Only a first training uses it: the probe set is chosen once and stored with the model.
+    # Only a new model uses it: the probe set is chosen once and stored with the model.
     probe_count: int = DEFAULT_PROBE_COUNT
     # The local trainer's base model (SELFIE_LORA_BASE_MODEL): a local model trains only on a
     # recipe made for it (``check_fits_base_model``). None: not checked.

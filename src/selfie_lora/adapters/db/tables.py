@@ -102,7 +102,7 @@ class ModelRow(Base):
     lora_scale_is_custom: Mapped[bool] = mapped_column(Boolean)
     active_version_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    # The likeness probe set (prompt + seed each), fixed at the first training. Null for models
+    # The likeness probe set (prompt + seed each), fixed when the model is made. Null for models
     # made before 0002, filled in at their next scoring.
     probes: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
 
