@@ -363,7 +363,7 @@ def test_a_patch_of_the_trainer_version_and_the_scale_is_applied_whole_or_not_at
     h = auth(services, "ann")
     upload(client, h, start=False)
     pinned = client.get("/api/model", headers=h).json()["trainer_version"]
-    patch = {"trainer_version": "local-flux-v1", "reason": "moving to FLUX.1", "lora_scale": 0.6}
+    patch = {"trainer_version": "local-tiny-v1", "reason": "back to v1", "lora_scale": 0.6}
     with monkeypatch.context() as failing:
         fail_on(failing, "set_model_lora_scale")
         assert client.patch("/api/model", headers=h, json=patch).status_code >= 500
@@ -373,9 +373,9 @@ def test_a_patch_of_the_trainer_version_and_the_scale_is_applied_whole_or_not_at
     for _sent in range(2):  # the second time: its answer was lost, the client sends it again
         r = client.patch("/api/model", headers=h, json=patch)
         assert r.status_code == 200, r.text
-        assert (r.json()["trainer_version"], r.json()["lora_scale"]) == ("local-flux-v1", 0.6)
+        assert (r.json()["trainer_version"], r.json()["lora_scale"]) == ("local-tiny-v1", 0.6)
     assert [(e["kind"], e["data"]["from"], e["data"]["to"]) for e in changes_logged(client, h)
-            ] == [("trainer_version_changed", pinned, "local-flux-v1"),
+            ] == [("trainer_version_changed", pinned, "local-tiny-v1"),
                   ("lora_scale_set", 1.0, 0.6), ("lora_scale_set", 0.6, 0.6)]
 
 
