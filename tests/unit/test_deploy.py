@@ -5,6 +5,7 @@ run in ``tests/e2e/test_scale_out.py``."""
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,23 @@ def test_systemd_units_run_real_commands_with_homes_of_their_own() -> None:
         assert keys["StateDirectory"] == [home.removeprefix("/var/lib/")]
         assert keys["EnvironmentFile"] == ["/etc/selfie-lora/selfie-lora.env"]
     assert len(homes) == 2
+
+
+# `pip install selfie-lora` (by name, with or without extras or options): the package is not
+# published on PyPI, so that finds nothing, or a stranger's package should the name be taken.
+_INSTALL_BY_NAME = re.compile(r"\binstall\s+(?:-\S+\s+)*[\"']?selfie-lora(?![\w./-])")
+
+
+def test_installs_are_from_the_source_tree_never_the_name_on_a_registry() -> None:
+    root = DEPLOY.parent
+    for path in [root / "README.md", root / "ARCHITECTURE.md", *sorted(DEPLOY.rglob("*"))]:
+        if not path.is_file():
+            continue
+        # One line, comment marks dropped: a command wraps across lines of the README and of
+        # the Dockerfile's comments.
+        text = re.sub(r"\s*\n\s*#?\s*", " ", path.read_text())
+        found = _INSTALL_BY_NAME.search(text)
+        assert found is None, f"{path.name} installs selfie-lora by name: {found.group(0)!r}"
+    readme = (root / "README.md").read_text()
+    assert 'pip install "/opt/selfie-lora/src[replicate,' in readme
+    assert 'RUN pip install --no-cache-dir ".[' in (DEPLOY / "Dockerfile").read_text()
