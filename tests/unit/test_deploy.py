@@ -136,3 +136,28 @@ def test_installs_are_from_the_source_tree_never_the_name_on_a_registry() -> Non
     readme = (root / "README.md").read_text()
     assert 'pip install "/opt/selfie-lora/src[replicate,' in readme
     assert 'RUN pip install --no-cache-dir ".[' in (DEPLOY / "Dockerfile").read_text()
+
+
+def test_every_process_keeps_the_face_models_in_a_cache_it_can_write(tmp_path: Path) -> None:
+    """The units hide the home folder (ProtectHome) and make the rest of the system read-only
+    (ProtectSystem=strict), so the default ~/.cache/selfie-lora/faces cannot be written there:
+    each process then converted the face models again at every start, with warnings."""
+    from selfie_lora.wiring import default_analyzer_factory
+
+    for path in sorted((DEPLOY / "systemd").glob("*.service")):
+        keys = unit(path)
+        assert keys["ProtectHome"] == ["true"], path.name
+        env = dict(e.split("=", 1) for e in keys.get("Environment", []))
+        # What systemd makes writable for the unit's user despite ProtectSystem=strict.
+        writable = ([Path("/var/cache") / d for d in keys.get("CacheDirectory", [])]
+                    + [Path("/var/lib") / d for d in keys.get("StateDirectory", [])])
+        settings = Settings(home=Path(env["SELFIE_LORA_HOME"].replace("%i", "1")),
+                            cache_dir=env.get("SELFIE_LORA_CACHE_DIR"))
+        faces = default_analyzer_factory(settings).model_cache_dir
+        assert faces is not None, f"{path.name}: the face models go to ~/.cache (unwritable)"
+        assert any(faces.is_relative_to(w) for w in writable), (path.name, faces, writable)
+        # One folder for the machine's units, as the README says: converted once per machine.
+        assert keys["CacheDirectory"] == ["selfie-lora"], path.name
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    # The image's cache is in its HOME volume, not in the container's own layer.
+    assert "ENV SELFIE_LORA_CACHE_DIR=/home/selfie/data/cache" in dockerfile
