@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -317,23 +318,41 @@ def _read_new_password() -> str:
 
 
 @keys_app.command("list")
-def keys_list(user: str) -> None:
+def keys_list(
+    user: str,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print JSON on stdout: what GET /api/keys answers.")] = False,
+) -> None:
     """The user's API keys (their prefixes; secrets are never shown again)."""
+    from selfie_lora.api.serializers import api_key_json
     from selfie_lora.services.common import utcnow
 
     with opened(trainers={}, generators={}) as services:
-        keys = services.users.keys(user=services.users.get_by_name(name=user))
+        owner = services.users.get_by_name(name=user)
+        keys = services.users.keys(user=owner)
     now = utcnow()
-    table = Table(title=escape(f"API keys of {user}"))
-    for column in ("id", "name", "prefix", "created", "revoked"):
-        table.add_column(column)
+    if as_json:
+        sys.stdout.write(json.dumps({"keys": [api_key_json(k, now=now) for k in keys]}) + "\n")
+        return
+    table = Table(title=escape(f"API keys of {owner.name}"))
+    # The id whole, whatever the terminal's width: revoke and rotate take nothing less, and a
+    # cut one ('679bdd9f-d184-4e2…') was 'no such API key'. The other columns wrap instead,
+    # the times at their space.
+    table.add_column("id", no_wrap=True, min_width=max((len(k.id) for k in keys), default=2))
+    for column in ("name", "prefix", "created (UTC)", "revoked (UTC)"):
+        table.add_column(column, overflow="fold")
     for key in keys:
-        revoked = key.revoked_at.isoformat() if key.revoked_at else "-"
+        revoked = _minute(key.revoked_at) if key.revoked_at else "-"
         if key.in_grace_at(now):
             revoked = f"rotated: works until {revoked}"
-        table.add_row(key.id, escape(key.name), key.prefix + "...", key.created_at.isoformat(),
+        table.add_row(key.id, escape(key.name), key.prefix + "...", _minute(key.created_at),
                       revoked)
     console.print(table)
+
+
+def _minute(at: datetime) -> str:
+    """A time as the lists show it, to the minute in UTC: short, and it wraps at its space."""
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def _print_key(key: object, secret: str, *, as_json: bool) -> None:

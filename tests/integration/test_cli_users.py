@@ -60,3 +60,40 @@ def test_users_password_sets_and_changes_it(home: Path) -> None:
     assert sign_in(home, "bob", PASSWORD) == "bob"
     assert runner.invoke(app, ["users", "password", "nobody"],
                          input=f"{PASSWORD}\n{PASSWORD}\n").exit_code == 1
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_keys_list_shows_the_whole_id_that_revoke_takes(
+        home: Path, monkeypatch: pytest.MonkeyPatch, columns: int) -> None:
+    """At an 80-column terminal the id was cut ('679bdd9f-d184-4e2…'), at 120 too once a key was
+    revoked, and revoke and rotate take nothing less than the whole id."""
+    runner = CliRunner()
+    assert runner.invoke(app, ["users", "create", "bob"]).exit_code == 0
+    made = runner.invoke(app, ["users", "keys", "create", "bob", "--name", "the nightly ci job",
+                               "--json"])
+    ci_key = json.loads(made.stdout.strip().splitlines()[-1])["id"]
+    listed = json.loads(runner.invoke(app, ["users", "keys", "list", "bob", "--json"]).stdout)
+    assert [k["name"] for k in listed["keys"]] == ["default", "the nightly ci job"]
+    assert set(listed["keys"][0]) == {"id", "name", "prefix", "created_at", "revoked_at",
+                                      "replaced_by", "active"}  # GET /api/keys's, no secret
+    first = listed["keys"][0]["id"]
+    assert runner.invoke(app, ["users", "keys", "revoke", "bob", first]).exit_code == 0
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    table = runner.invoke(app, ["users", "keys", "list", "bob"])
+    assert table.exit_code == 0, table.output
+    shown = [line.split("│")[1].strip() for line in table.stdout.splitlines()
+             if line.startswith("│") and line.split("│")[1].strip()]
+    assert shown == [first, ci_key]
+    assert max(len(line) for line in table.stdout.splitlines()) <= columns
+    rotated = runner.invoke(app, ["users", "keys", "rotate", "bob", shown[1], "--json"])
+    assert rotated.exit_code == 0, rotated.output
+    # A rotated key still working says so ('rotated: works until ...'), in the same width.
+    table = runner.invoke(app, ["users", "keys", "list", "bob"])
+    shown = [line.split("│")[1].strip() for line in table.stdout.splitlines()
+             if line.startswith("│") and line.split("│")[1].strip()]
+    assert shown == [first, ci_key, json.loads(rotated.stdout)["id"]]
+    revoked = "".join(line.split("│")[5].strip() for line in table.stdout.splitlines()
+                      if line.startswith("│"))
+    assert "rotated:worksuntil" in revoked.replace(" ", "")
+    assert max(len(line) for line in table.stdout.splitlines()) <= columns
