@@ -47,6 +47,7 @@ from selfie_lora.domain.recipes import (
     validate_replicate_model,
     validate_trainer_version,
 )
+from selfie_lora.domain.webhook_secrets import webhook_secret_problem
 from selfie_lora.errors import InvalidInputError
 
 # The queue's name in its storage unless SELFIE_LORA_QUEUE_NAME says another.
@@ -339,6 +340,16 @@ class Settings(BaseSettings):
         # traceback after it had opened the database.
         if value is not None and len(value.get_secret_value()) < 32:
             raise ValueError("must be at least 32 characters")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _webhook_secret_is_a_signing_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # Here, not at the first delivery: a malformed one failed every signature (401s that
+        # only Replicate's retry log showed).
+        problem = webhook_secret_problem(value.get_secret_value()) if value is not None else None
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")

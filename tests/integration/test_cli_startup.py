@@ -60,7 +60,12 @@ CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
      "is an in-memory SQLite database, which nothing else sees"),
     ("a webhook secret that is no signing secret", lambda _: {
         "SELFIE_LORA_WEBHOOK_SECRET": "not base64 !!"},
-     "SELFIE_LORA_WEBHOOK_SECRET is not a webhook signing secret"),
+     "invalid setting: SELFIE_LORA_WEBHOOK_SECRET: is not a webhook signing secret (it does "
+     "not start with whsec_)"),
+    ("a webhook secret whose letters the signature package would skip", lambda _: {
+        "SELFIE_LORA_WEBHOOK_SECRET": "whsec_my-secret-string"},
+     "invalid setting: SELFIE_LORA_WEBHOOK_SECRET: is not a webhook signing secret (what "
+     "follows whsec_ is not base64)"),
     ("a public URL without a scheme", lambda _: {"SELFIE_LORA_PUBLIC_URL": "example.com"},
      "invalid setting: SELFIE_LORA_PUBLIC_URL: must be the service's address"),
     ("an alert URL without a scheme", lambda _: {

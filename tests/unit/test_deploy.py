@@ -5,6 +5,7 @@ run in ``tests/e2e/test_scale_out.py``."""
 
 from __future__ import annotations
 
+import base64
 import re
 import shlex
 from pathlib import Path
@@ -12,11 +13,11 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import AliasChoices
+from pydantic import AliasChoices, ValidationError
 from typer.testing import CliRunner
 
 from selfie_lora.cli import app
-from selfie_lora.config import Settings
+from selfie_lora.config import Settings, settings_errors
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 APP_SERVICES = ("serve", "worker")
@@ -70,7 +71,15 @@ def test_the_settings_file_names_only_settings_and_loads(tmp_path: Path) -> None
     example = DEPLOY / "selfie-lora.env.example"
     unknown = set(env_file(example)) - setting_names()
     assert unknown == set(), f"not settings of selfie-lora: {unknown}"
-    settings = Settings(_env_file=example, home=tmp_path)  # type: ignore[call-arg]
+    # Its webhook secret is a placeholder that must be filled in: as shipped it stops every
+    # command in one line (it was taken as a key, and every delivery failed its signature).
+    with pytest.raises(ValidationError) as caught:
+        Settings(_env_file=example, home=tmp_path)  # type: ignore[call-arg]
+    assert [line.split(":")[0] for line in settings_errors(caught.value)] == [
+        "SELFIE_LORA_WEBHOOK_SECRET"]
+    filled = "whsec_" + base64.b64encode(bytes(32)).decode()
+    settings = Settings(_env_file=example, home=tmp_path,  # type: ignore[call-arg]
+                        webhook_secret=filled)
     assert settings.storage_url == "s3://selfie-lora/prod"
     assert settings.storage_endpoint == "http://s3:8333"
     assert settings.log_format == "json"

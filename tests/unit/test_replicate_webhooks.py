@@ -7,20 +7,59 @@ import json
 import time
 
 import pytest
+from pydantic import ValidationError
 
 from selfie_lora.adapters.replicate.webhooks import (
+    ReplicateWebhooks,
     log_bars,
     parse_log_progress,
     parse_training_webhook,
     verify_webhook,
 )
-from selfie_lora.errors import AuthError, InvalidInputError
+from selfie_lora.config import Settings, settings_errors
+from selfie_lora.errors import AuthError, ConfigError, InvalidInputError
 from selfie_lora.services.ports import ProgressBar, training_progress
 from selfie_lora.testing.replicate_standin import sign_webhook
 
 SECRET = "whsec_" + base64.b64encode(b"a-secret-of-32-bytes-for-tests!!").decode()
 OTHER = "whsec_" + base64.b64encode(b"another-secret-of-32-bytes-here!").decode()
 BODY = json.dumps({"id": "abc", "status": "succeeded"}).encode()
+
+
+@pytest.mark.parametrize(("secret", "why"), [
+    # standardwebhooks drops what is not base64 and takes the rest as another key: these were
+    # accepted at start-up, and every delivery then failed its signature.
+    ("my-secret-string", "it does not start with whsec_"),
+    ("abc", "it does not start with whsec_"),
+    (base64.b64encode(b"a-secret-of-32-bytes-for-tests!!").decode(),
+     "it does not start with whsec_"),
+    ("whsec_a b c", "what follows whsec_ is not base64"),
+    ("whsec_!!!!", "what follows whsec_ is not base64"),
+    ("whsec_my-secret_string", "what follows whsec_ is not base64"),
+    ("whsec_abcde", "what follows whsec_ is not base64"),
+    ("whsec_", "what follows whsec_ is not base64"),
+    ("whsec_" + base64.b64encode(b"sixteen bytes!!!").decode(), "it holds 16 bytes, fewer than 24"),
+])
+def test_a_malformed_webhook_secret_stops_the_settings_in_one_line(secret: str, why: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(webhook_secret=secret)
+    assert settings_errors(caught.value) == [
+        f"SELFIE_LORA_WEBHOOK_SECRET: is not a webhook signing secret ({why}): Replicate's is "
+        "whsec_ followed by base64 (GET /v1/webhooks/default/secret)"]
+    with pytest.raises(ConfigError, match=r"SELFIE_LORA_WEBHOOK_SECRET is not a webhook"):
+        ReplicateWebhooks(secret=secret)  # a library user's, built without the settings
+
+
+@pytest.mark.parametrize("secret", [
+    SECRET, OTHER, SECRET.rstrip("="),  # padded or not, as the package takes it
+    "whsec_" + base64.b64encode(bytes(range(24))).decode(),
+    "whsec_" + base64.b64encode(bytes(range(64))).decode(),
+])
+def test_a_signing_secret_is_taken(secret: str) -> None:
+    assert Settings(webhook_secret=secret).webhook_secret is not None
+    verifier = ReplicateWebhooks(secret=secret)
+    event = verifier.verify(headers=sign_webhook(secret=secret, body=BODY), body=BODY)
+    assert event.remote_id == "abc"
 
 
 def test_a_good_signature_passes() -> None:
