@@ -277,7 +277,7 @@ def users_create(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Create a user and print its API key (shown once)."""
-    secret = _read_new_password() if password else None
+    secret = _read_new_password(command="--password") if password else None
     with opened(trainers={}, generators={}) as services:
         user, key = services.users.create(name=name, password=secret)
     if as_json:
@@ -293,22 +293,29 @@ def users_create(
 @users_app.command("password")
 def users_password(name: str) -> None:
     """Set or change a user's password for the web app (their browser sessions end)."""
-    secret = _read_new_password()
     with opened(trainers={}, generators={}) as services:
-        services.users.set_password(user=services.users.get_by_name(name=name), password=secret)
-    console.print(f"password of [bold]{escape(name)}[/bold] set; their browser sessions have ended")
+        # The account first: a name that is none was said only after the password was typed
+        # twice.
+        user = services.users.get_by_name(name=name)
+        secret = _read_new_password(command="users password")
+        services.users.set_password(user=user, password=secret)
+    # The account's own name: 'ALICE' finds alice, and it is alice's password that was set.
+    console.print(f"password of [bold]{escape(user.name)}[/bold] set; their browser sessions "
+                  "have ended")
 
 
-def _read_new_password() -> str:
-    """A new password, typed twice (hidden) at a terminal, or two lines of standard input."""
+def _read_new_password(*, command: str) -> str:
+    """A new password, typed twice (hidden) at a terminal, or two lines of standard input;
+    ``command`` (the option or command that asked for it) names it in the error."""
     if sys.stdin.isatty():
         first = typer.prompt("password", hide_input=True)
         second = typer.prompt("the same password again", hide_input=True)
     else:
         lines = sys.stdin.read().splitlines()
         if len(lines) < 2:
-            err_console.print("error: --password reads the password twice: two lines on "
-                              "standard input")
+            err_console.print(f"error: {command} reads the new password twice: two lines on "
+                              "standard input (or run it at a terminal, which asks twice)",
+                              highlight=False, soft_wrap=True)
             raise typer.Exit(1)
         first, second = lines[0], lines[1]
     if first != second:

@@ -97,3 +97,24 @@ def test_keys_list_shows_the_whole_id_that_revoke_takes(
                       if line.startswith("│"))
     assert "rotated:worksuntil" in revoked.replace(" ", "")
     assert max(len(line) for line in table.stdout.splitlines()) <= columns
+
+
+def test_users_password_names_itself_looks_the_user_up_first_and_says_the_account(
+        home: Path) -> None:
+    runner = CliRunner()
+    assert runner.invoke(app, ["users", "create", "bob"]).exit_code == 0
+    # Nothing on standard input: the error named '--password', an option this command lacks.
+    empty = runner.invoke(app, ["users", "password", "bob"], input="")
+    assert empty.exit_code == 1
+    assert "error: users password reads the new password twice" in empty.output
+    assert "--password" not in empty.output
+    # An unknown name is said before any password is read (at a terminal: typed twice first).
+    nobody = runner.invoke(app, ["users", "password", "nobody"], input="")
+    assert nobody.exit_code == 1
+    assert "no user named 'nobody'" in nobody.output
+    assert "password" not in nobody.output.replace("users password", "")
+    # Another case finds the account, and the account's own name is what is said.
+    done = runner.invoke(app, ["users", "password", "BOB"], input=f"{PASSWORD}\n{PASSWORD}\n")
+    assert done.exit_code == 0, done.output
+    assert "password of bob set" in done.stdout
+    assert sign_in(home, "bob", PASSWORD) == "bob"
