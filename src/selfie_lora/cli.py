@@ -736,7 +736,8 @@ def compare(
         sa = row.a_score.get("similarity") if row.a_score else None
         sb = row.b_score.get("similarity") if row.b_score else None
         delta = _fmt(sb - sa) if sa is not None and sb is not None else "-"
-        table.add_row(str(row.probe.index + 1), str(row.probe.seed), row.probe.prompt, *cells,
+        # The probe's index, as the API numbers it (probes[].index, .../quality/probes/{n}).
+        table.add_row(str(row.probe.index), str(row.probe.seed), row.probe.prompt, *cells,
                       delta)
     console.print(table)
     scores = Table(title="scores")

@@ -149,3 +149,41 @@ def test_export_to_a_path_ending_in_a_slash_makes_that_folder(trained: Services,
     assert done.exit_code == 0, done.output
     assert folder.is_dir()
     assert [p.name for p in folder.iterdir()] == ["lora-v1.safetensors"]
+
+
+def test_compare_and_its_grid_number_the_probes_as_the_api_does(
+        trained: Services, client: TestClient, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI said probes 1-4 and the API 0-3, so 'probe 4' read in the table was a 404 (or
+    another probe's image) from .../quality/probes/4."""
+    import selfie_lora.services.likeness as likeness
+
+    labels: list[str] = []
+    real_render = likeness.render_grid
+
+    def render(**kw: Any) -> bytes:
+        labels.extend(row.label[0] for row in kw["rows"])
+        return real_render(**kw)
+
+    monkeypatch.setattr(likeness, "render_grid", render)
+    monkeypatch.setenv("COLUMNS", "200")
+    done = CliRunner().invoke(cli.app, ["compare", "--user", "ann", "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    shown = [line.split("│")[1].strip() for line in done.stdout.splitlines()
+             if line.startswith("│") and line.split("│")[1].strip().isdigit()]
+
+    _key, secret = trained.users.create_key(user=trained.users.get_by_name(name="ann"),
+                                            name="test")
+    h = {"Authorization": f"Bearer {secret}"}
+    compared = client.get("/api/model/compare", headers=h).json()
+    indexes = [str(p["index"]) for p in compared["probes"]]
+    assert indexes
+    assert shown == indexes
+    assert labels == [f"probe {i}, seed {p['seed']}"
+                      for i, p in zip(indexes, compared["probes"], strict=True)]
+    b = compared["b"]["id"]
+    for number in shown:
+        assert client.get(f"/api/model/versions/{b}/quality/probes/{number}",
+                          headers=h).status_code == 200
+    past = client.get(f"/api/model/versions/{b}/quality/probes/{len(shown)}", headers=h)
+    assert past.status_code == 404

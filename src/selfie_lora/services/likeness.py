@@ -571,7 +571,8 @@ class LikenessService:
         rows = []
         for row in comparison.probes:
             rows.append(GridRow(
-                label=[f"probe {row.probe.index + 1}, seed {row.probe.seed}", row.probe.prompt,
+                # The API's numbering (probes[].index, .../quality/probes/{n}), from 0.
+                label=[f"probe {row.probe.index}, seed {row.probe.seed}", row.probe.prompt,
                        f"A: {_probe_label(row.a, row.a_score)}",
                        f"B: {_probe_label(row.b, row.b_score)}"],
                 left=self._image_or_none(row.a), right=self._image_or_none(row.b),
