@@ -144,6 +144,11 @@ def _start_failure(settings: Settings, exc: Exception) -> str | None:
     if isinstance(exc, sqlite3.Error):  # the queue's SQLite file in HOME
         return f"the queue in SELFIE_LORA_HOME ({settings.home}) cannot be used: {_reason(exc)}"
     if isinstance(exc, OSError):  # HOME a file, on a read-only disk, not permitted
+        # The raw strerror said the opposite of the problem ('File exists').
+        in_the_way = _file_in_the_way(settings.home)
+        if in_the_way is not None:
+            return (f"SELFIE_LORA_HOME ({settings.home}) cannot be used: "
+                    f"{_is_a_file(in_the_way, settings.home)}; name a folder")
         why = exc.strerror or _reason(exc)
         if exc.filename is None or str(exc.filename) == str(settings.home):
             return f"SELFIE_LORA_HOME ({settings.home}) cannot be used: {why}"
@@ -163,14 +168,43 @@ def opened(*, label: str = "error", **build: Any) -> Iterator[Services]:
     from selfie_lora.wiring import build_services
 
     settings = _settings()
+    fresh = settings.database_url is None and not (settings.home / "selfie-lora.db").exists()
     with _starting(settings):
         services = build_services(settings, **build)
+    if fresh:
+        _say_new_home(settings)
     try:
         yield services
     except SelfieLoraError as exc:
         _fail(exc.message, label=label, details=exc.details)
     finally:
         services.close()
+
+
+def _say_new_home(settings: Settings) -> None:
+    """A command that made the database in a new HOME says where, on stderr: run from another
+    folder, 'users create' made a second, empty one there, and its key got 401 from the
+    server running on the first."""
+    home = settings.home.resolve()
+    if settings.log_format == "json":  # stderr is a log collector's: lines of JSON only
+        logger.info("new data folder %s (SELFIE_LORA_HOME)", home)
+        return
+    err_console.print(f"selfie-lora: made a new data folder, {escape(str(home))} "
+                      "(SELFIE_LORA_HOME, default ./.selfie-lora of the current folder); "
+                      "'serve' and other commands see what is in it only when run from the same "
+                      "folder or with the same SELFIE_LORA_HOME", highlight=False, soft_wrap=True)
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """``path`` or the nearest of its parents that exists, when that is not a folder."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def _is_a_file(found: Path, path: Path) -> str:
+    return "it is a file, not a folder" if found == path else f"{found} is a file, not a folder"
 
 
 def _print_details(details: Sequence[Any]) -> None:
@@ -679,9 +713,12 @@ def _write(path: Path, data: bytes, *, also: str | None = None) -> None:
 def _writable_folder(folder: Path) -> None:
     """Makes ``folder`` (--out) if need be, or says in one line why it cannot hold the files, so a
     command fails before its work rather than after it."""
+    in_the_way = _file_in_the_way(folder)
+    if in_the_way is not None:  # mkdir's own words were 'File exists' / 'Not a directory'
+        _fail(f"cannot write {folder}: {_is_a_file(in_the_way, folder)} (--out names a folder)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file of that name, a file on the way, no permission
+    except OSError as exc:  # no permission, a read-only disk
         _cannot_write(folder, exc)
     if not os.access(folder, os.W_OK | os.X_OK):
         _cannot_write(folder, PermissionError(13, "Permission denied"))

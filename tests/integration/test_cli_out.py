@@ -110,6 +110,18 @@ def test_a_generate_killed_while_it_writes_a_picture_leaves_none_of_it_under_its
     assert not partial_path(written).exists()
 
 
+@pytest.mark.parametrize("command", [["generate", "a hat"], ["compare"]])
+def test_an_out_that_is_a_file_is_said_to_be_one(trained: Services, tmp_path: Path,
+                                                  command: list[str]) -> None:
+    # mkdir's own words were 'File exists' and 'Not a directory'.
+    target = a_file(tmp_path)
+    for out, said in ((target, "it is a file, not a folder"),
+                      (target / "images", f"{target} is a file, not a folder")):
+        refused = CliRunner().invoke(cli.app, [*command, "--user", "ann", "--out", str(out)])
+        refused_in_one_line(refused, out)
+        assert f"{said} (--out names a folder)" in refused.output.replace("\n", "")
+
+
 def test_compare_to_a_file_is_refused_before_it_compares(trained: Services,
                                                          tmp_path: Path) -> None:
     target = a_file(tmp_path)

@@ -72,8 +72,10 @@ CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
         "SELFIE_LORA_ALERT_URL": f"hooks.example.com/services/{PASSWORD}"},
      "invalid setting: SELFIE_LORA_ALERT_URL: must be where alerts are POSTed"),
     ("HOME's database file is not one", garbage_database, "file is not a database"),
-    ("HOME is a file", home_is_a_file, "cannot be used: File exists"),
-    ("HOME under a file", home_under_a_file, "cannot be used: Not a directory"),
+    # Not the raw strerror ('File exists', 'Not a directory'), which said the opposite.
+    ("HOME is a file", home_is_a_file,
+     "cannot be used: it is a file, not a folder; name a folder"),
+    ("HOME under a file", home_under_a_file, "afile is a file, not a folder; name a folder"),
 ]
 
 

@@ -118,3 +118,27 @@ def test_users_password_names_itself_looks_the_user_up_first_and_says_the_accoun
     assert done.exit_code == 0, done.output
     assert "password of bob set" in done.stdout
     assert sign_in(home, "bob", PASSWORD) == "bob"
+
+
+def test_a_command_that_makes_a_new_data_folder_says_where(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from another folder, 'users create' silently made a second, empty database there,
+    and the key it printed got 401 from the server running on the first."""
+    from selfie_lora.config import get_settings
+
+    monkeypatch.delenv("SELFIE_LORA_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        made = runner.invoke(app, ["users", "create", "ann", "--json"])
+        assert made.exit_code == 0, made.output
+        assert json.loads(made.stdout)["user"] == "ann"  # stdout stays one JSON object
+        said = made.stderr.replace("\n", "")
+        assert f"made a new data folder, {tmp_path.resolve() / '.selfie-lora'}" in said
+        assert "with the same SELFIE_LORA_HOME" in said
+        again = runner.invoke(app, ["users", "create", "bob"])
+        assert again.exit_code == 0, again.output
+        assert "new data folder" not in again.output
+    finally:
+        get_settings.cache_clear()
