@@ -631,6 +631,13 @@ def generate(
         owner = services.users.get_by_name(name=user)
         generation = services.generation.generate(user=owner, request=GenerationRequest(
             prompt=prompt, num_outputs=num_outputs, seed=seed, lora_scale=lora_scale))
+        version = services.models.version(user=owner, version_id=generation.version_id)
+        # The seed drawn when none was given was only in a log line: it is what makes the
+        # pictures again.
+        each = " (picture i: that + i)" if len(generation.image_keys) > 1 else ""
+        console.print(f"generation {generation.id}: version {version.number}, LoRA scale "
+                      f"{generation.lora_scale:g}, seed {generation.seed}{each}", markup=False,
+                      highlight=False, soft_wrap=True)
         for i in range(len(generation.image_keys)):
             target = out / f"{generation.id}-{i}.png"
             _write(target, services.generation.image(

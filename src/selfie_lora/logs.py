@@ -30,6 +30,32 @@ QUIET_LOGGERS = ("huey", "alembic", "httpx")
 NOISY_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "transformers.utils.import_utils",
                         "diffusers.quantizers.torchao.torchao_quantizer")
 
+# Lines from libraries that read as failures where nothing failed, by logger and the start of
+# the message (and, for the second, its end): transformers warns that a prompt longer than the
+# tokenizer's window "will result in indexing errors" when diffusers tokenizes it untruncated
+# only to report what its truncated encoding left out; diffusers then reports a cut of nothing
+# (['']) when what went past the window were special tokens; matplotlib says it built its font
+# cache (the demo's first run, between its tables). Shown with -v.
+MISLEADING_LINES: tuple[tuple[str, str, str], ...] = (
+    ("transformers.tokenization_utils_base",
+     "Token indices sequence length is longer than the specified maximum sequence length", ""),
+    ("diffusers.pipelines.flux.pipeline_flux",
+     "The following part of your input was truncated because", ": ['']"),
+    ("matplotlib.font_manager", "generated new fontManager", ""),
+)
+
+
+class MisleadingLinesFilter(logging.Filter):
+    """Drops ``MISLEADING_LINES``, and nothing else of those loggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, start, end in MISLEADING_LINES:
+            if record.name == name:
+                message = record.getMessage()
+                if message.startswith(start) and message.endswith(end):
+                    return False
+        return True
+
 
 @contextmanager
 def training_context(training_id: str | None) -> Iterator[None]:
@@ -70,6 +96,8 @@ def setup_logging(*, log_format: LogFormat = "text", verbose: bool = False) -> N
     """One handler on the root logger, on standard error; replaces what was there."""
     handler = logging.StreamHandler()
     handler.addFilter(TrainingIdFilter())
+    if not verbose:
+        handler.addFilter(MisleadingLinesFilter())
     handler.setFormatter(json_formatter() if log_format == "json"
                          else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()

@@ -199,3 +199,15 @@ def test_compare_and_its_grid_number_the_probes_as_the_api_does(
                           headers=h).status_code == 200
     past = client.get(f"/api/model/versions/{b}/quality/probes/{len(shown)}", headers=h)
     assert past.status_code == 404
+
+
+def test_generate_says_the_seed_it_drew(trained: Services, tmp_path: Path) -> None:
+    # The seed drawn when none is given, which makes the pictures again, was only in a log line.
+    ann = trained.users.get_by_name(name="ann")
+    done = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann", "-n", "2",
+                                        "--out", str(tmp_path / "images")])
+    assert done.exit_code == 0, done.output
+    [generation] = trained.generation.history(user=ann)
+    assert generation.seed is not None
+    assert (f"generation {generation.id}: version 2, LoRA scale {generation.lora_scale:g}, "
+            f"seed {generation.seed} (picture i: that + i)") in done.stdout.replace("\n", "")

@@ -295,3 +295,39 @@ def test_the_ml_libraries_import_warnings_show_only_with_verbose(restore_logging
     finally:
         for name in NOISY_IMPORT_LOGGERS:
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_library_lines_that_read_as_failures_show_only_with_verbose(
+        restore_logging: None) -> None:
+    # 'selfie-lora train' printed, while a version was scored, that a prompt "will result in
+    # indexing errors" and four cuts of nothing (['']); the demo's first run a font cache line
+    # between its tables. Nothing had failed.
+    del restore_logging
+    misleading = [
+        ("transformers.tokenization_utils_base", logging.WARNING,
+         "Token indices sequence length is longer than the specified maximum sequence length "
+         "for this model (54 > 32). Running this sequence through the model will result in "
+         "indexing errors"),
+        ("diffusers.pipelines.flux.pipeline_flux", logging.WARNING,
+         "The following part of your input was truncated because `max_sequence_length` is set "
+         "to  32 tokens: ['']"),
+        ("matplotlib.font_manager", logging.INFO, "generated new fontManager"),
+    ]
+    kept = [  # the same loggers' other lines, a real cut among them
+        ("diffusers.pipelines.flux.pipeline_flux", logging.WARNING,
+         "The following part of your input was truncated because CLIP can only handle "
+         "sequences up to 77 tokens: ['on a beach at sunset']"),
+        ("transformers.tokenization_utils_base", logging.WARNING, "another warning"),
+        ("matplotlib.font_manager", logging.WARNING, "findfont: Font family not found"),
+    ]
+    for verbose in (False, True):
+        setup_logging(log_format="text", verbose=verbose)
+        stream = io.StringIO()
+        logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        for name, level, message in misleading + kept:
+            logging.getLogger(name).log(level, message)
+        shown = stream.getvalue()
+        for _name, _level, message in kept:
+            assert message in shown
+        for _name, _level, message in misleading:
+            assert (message in shown) is verbose, (verbose, message)

@@ -9,6 +9,7 @@ from selfie_lora.adapters.flux.memory import (
     MEMORY_MODES,
     choose_memory_mode,
     memory_needed,
+    parameters_shown,
     smaller_mode,
 )
 from selfie_lora.config import Settings
@@ -56,3 +57,11 @@ def test_the_setting_takes_the_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SELFIE_LORA_LOCAL_MEMORY_MODE", "fp4")
     with pytest.raises(ValueError, match="local_memory_mode"):
         Settings()
+
+
+@pytest.mark.parametrize(("count", "shown"), [
+    (FLUX_DEV, "11.9 B"), (2_512_384, "2.5 M"), (980, "980"), (0, "0")])
+def test_the_log_line_says_a_small_model_s_parameters_in_millions(count: int,
+                                                                  shown: str) -> None:
+    # The tiny model's line said '0.0 B parameters'.
+    assert parameters_shown(count) == shown

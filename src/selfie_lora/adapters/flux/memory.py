@@ -247,6 +247,16 @@ class TrainingBase:
     vae: Any = None
 
 
+def parameters_shown(count: int) -> str:
+    """A parameter count as a log line says it: '11.9 B', '2.5 M', '980' (a tiny model's was
+    '0.0 B parameters')."""
+    if count >= 1e9:
+        return f"{count / 1e9:.1f} B"
+    if count >= 1e6:
+        return f"{count / 1e6:.1f} M"
+    return f"{count:,}"
+
+
 def parameter_count(module: Any) -> int:
     return sum(int(parameter.numel()) for parameter in module.parameters())
 
@@ -298,13 +308,9 @@ def load_training_base(
         count = parameter_count(transformer)
         free = free_device_bytes(device)
         chosen = choose_memory_mode(free_bytes=free, parameter_count=count)
-        logger.info(
-            "memory mode %s chosen: %.1f B parameters, %s free on %s",
-            chosen,
-            count / 1e9,
-            "-" if free is None else f"{free / GIB:.1f} GiB",
-            device,
-        )
+        logger.info("memory mode %s chosen: %s parameters, %s", chosen, parameters_shown(count),
+                    f"no GPU memory to measure on {device}" if free is None
+                    else f"{free / GIB:.1f} GiB free on {device}")
     else:
         chosen = mode
     quantize_transformer(transformer, mode=chosen, device=device)
