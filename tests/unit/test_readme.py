@@ -27,3 +27,106 @@ def test_the_password_examples_are_passwords_the_commands_take() -> None:
             first, name=name))
     # The rule is said, with the code's figures.
     assert f"at least {MIN_PASSWORD_LENGTH} characters** (at most {MAX_PASSWORD_LENGTH})" in text
+
+
+# A default cell's value in words: the field's default is None or empty.
+_NONE = {"unset", "none", "-"}
+_UNITS = {"s": 1, "MiB": 1024 * 1024}
+
+
+def settings_table() -> list[tuple[list[str], str, str]]:
+    """The rows of README's settings table: the variables named in the first column, the
+    default column and the meaning column."""
+    text = README.read_text()
+    table = text[text.index("### Settings"):text.index("### Photo checks")]
+    rows = []
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+            first, default, meaning = (cell.strip() for cell in cells)
+            rows.append((re.findall(r"`([A-Z][A-Z0-9_]+)`", first), default, meaning))
+    return rows
+
+
+def field_names() -> dict[str, set[str]]:
+    """Every ``Settings`` field and the environment variables it is read from."""
+    from pydantic import AliasChoices
+
+    from selfie_lora.config import Settings
+
+    names = {}
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names[name] = ({str(choice) for choice in alias.choices}
+                       if isinstance(alias, AliasChoices) else {f"SELFIE_LORA_{name.upper()}"})
+    return names
+
+
+def test_the_settings_table_names_every_setting_and_only_settings() -> None:
+    """The table is the README's only list of settings: SELFIE_LORA_DEVICE and four of
+    Replicate's were missing from it."""
+    rows = settings_table()
+    in_table = {name for names, _default, meaning in rows
+                for name in [*names, *re.findall(r"`((?:SELFIE_LORA|AWS)_[A-Z0-9_]+)`", meaning)]}
+    fields = field_names()
+    missing = sorted(min(names) for names in fields.values() if not names & in_table)
+    assert missing == [], f"settings the README's table does not name: {missing}"
+    known = set().union(*fields.values())
+    assert {n for names, _d, _m in rows for n in names} - known == set()
+
+
+def _default_matches(shown: str, default: object) -> bool | None:
+    """Whether a default cell's part says ``default``; None when it is words, not a value."""
+    literal = re.fullmatch(r"`([^`]+)`", shown)
+    value = literal.group(1) if literal else shown
+    if value in _NONE:
+        return default in (None, ())
+    number = re.fullmatch(r"(\d+(?:\.\d+)?)(?: (s|MiB))?", value)
+    if number and isinstance(default, int | float) and not isinstance(default, bool):
+        return float(number.group(1)) * _UNITS.get(number.group(2) or "s", 1) == default
+    if value in ("true", "false"):
+        return default is (value == "true")
+    if literal:
+        return value == str(default) or (isinstance(default, Path) and Path(value) == default)
+    return None
+
+
+def test_the_settings_table_says_the_defaults_config_has() -> None:
+    from selfie_lora.config import Settings
+
+    fields = field_names()
+    by_variable = {v: name for name, variables in fields.items() for v in variables}
+    checked = set()
+    for names, default, _meaning in settings_table():
+        parts = [part.strip() for part in default.split(",")]
+        if len(parts) != len(names):
+            continue  # a default said in words ('random, kept in HOME/secret_key')
+        for variable, part in zip(names, parts, strict=True):
+            if variable not in by_variable:
+                continue  # an AWS variable, whose default is the AWS tools' own
+            field = Settings.model_fields[by_variable[variable]]
+            matches = _default_matches(part, field.default)
+            if matches is not None:
+                assert matches, f"{variable}: the README says {part}, config.py {field.default!r}"
+                checked.add(variable)
+    for variable in ("SELFIE_LORA_DEVICE", "SELFIE_LORA_REPLICATE_HARDWARE",
+                     "SELFIE_LORA_REPLICATE_POLL_INTERVAL", "SELFIE_LORA_REPLICATE_MAX_RETRIES",
+                     "SELFIE_LORA_REPLICATE_RECIPE", "SELFIE_LORA_HOME",
+                     "SELFIE_LORA_MAX_UPLOAD_BYTES", "SELFIE_LORA_ALERT_TIMEOUT"):
+        assert variable in checked, variable
+
+
+def test_the_shell_examples_define_the_variables_they_use() -> None:
+    # The kohya export's curl used "$URL", defined nowhere.
+    blocks = "\n".join(re.findall(r"```(?:sh|bash)\n(.*?)```", README.read_text(), re.S))
+    used = set(re.findall(r"\$\{?([A-Z_][A-Z0-9_]*)", blocks))
+    defined = set(re.findall(r"(?:^|\s)([A-Z_][A-Z0-9_]*)=", blocks, re.M))
+    assert used - defined == set()
+
+
+def test_the_readme_says_how_to_install_without_the_demo_or_the_tests() -> None:
+    # Its commands use .venv/bin/selfie-lora; the only install steps were make demo and make
+    # test, and `make install` was never named.
+    makefile = (README.parent / "Makefile").read_text()
+    assert re.search(r"^install:", makefile, re.M)
+    assert "make install" in README.read_text()
