@@ -14,6 +14,7 @@ import time
 import unicodedata
 import zipfile
 from collections.abc import Iterator
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 
@@ -181,6 +182,67 @@ def test_sign_in_is_rate_limited(web_settings: Settings, svc: Services) -> None:
         assert int(r.headers["retry-after"]) > 0
         assert "too many failed sign-ins" in r.text
         assert "sl_session" not in client.cookies
+
+
+def test_a_sign_in_form_can_be_sent_whichever_sign_in_page_was_shown_last(
+        web_settings: Settings, svc: Services) -> None:
+    """Each sign-in or sign-up page replaced the one form cookie: a second tab, or Back from
+    "Create one", left a form whose sign-in was a 403 page (found in review)."""
+    with browser(web_settings, svc) as client:
+        first = form_token(client)  # a tab sent to sign in, on its way to /versions
+        second = form_token(client)  # another tab
+        client.get("/signup")  # "Create one", then Back
+        r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                         "form_token": first, "next": "/versions"},
+                        follow_redirects=False)
+        assert (r.status_code, r.headers.get("location")) == (303, "/versions"), r.text
+        r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                         "form_token": second, "next": "/generate"},
+                        follow_redirects=False)
+        assert (r.status_code, r.headers.get("location")) == (303, "/generate"), r.text
+
+
+def test_an_expired_sign_in_form_is_shown_again_with_the_name_and_next_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A form left open too long was a bare 403 page that lost the name and where to go."""
+    from itsdangerous.timed import TimestampSigner
+
+    settings = make_settings(tmp_path, signup=True)
+    services = fake_services(settings)
+    services.users.create(name="ann", password=PASSWORD)
+    with closing(services), browser(settings, services) as client:
+        token = form_token(client)
+        # Two days later (a form is good for one).
+        later = int(time.time()) + 2 * 86400
+        monkeypatch.setattr(TimestampSigner, "get_timestamp", lambda self: later)
+        r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                         "form_token": token, "next": "/versions"},
+                        follow_redirects=False)
+        assert r.status_code == 403
+        assert "sl_session" not in client.cookies
+        assert "this page was open too long" in r.text
+        assert 'value="ann"' in r.text
+        assert 'name="next" value="/versions"' in r.text
+        fresh = re.search(r'name="form_token" value="([^"]+)"', r.text)
+        assert fresh
+        r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                         "form_token": fresh.group(1), "next": "/versions"},
+                        follow_redirects=False)
+        assert (r.status_code, r.headers.get("location")) == (303, "/versions"), r.text
+        # The browser's cookie gone (cleared): the same, for sign-up too.
+        client.cookies.delete("sl_form")
+        r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                         "form_token": fresh.group(1), "next": "/versions"},
+                        follow_redirects=False)
+        assert r.status_code == 403
+        assert 'name="next" value="/versions"' in r.text
+        client.cookies.delete("sl_form")
+        r = client.post("/signup", data={"name": "cat", "password": PASSWORD,
+                                         "password_again": PASSWORD,
+                                         "form_token": fresh.group(1)})
+        assert r.status_code == 403
+        assert "create the account again" in r.text
+        assert 'value="cat"' in r.text
 
 
 def test_forms_without_their_csrf_token_are_refused(ann: TestClient, svc: Services) -> None:

@@ -131,13 +131,11 @@ class Web:
             raise ForbiddenError("this form has expired or did not come from this site: reload "
                                  "the page and try again", code=ErrorCode.CSRF_REJECTED)
 
-    def check_form_cookie(self, request: Request, form_token: str | None) -> None:
-        """The sign-in and sign-up forms (no session yet): double submit of a signed cookie."""
-        expected = self.signer.form_token(request.cookies.get(FORM_COOKIE))
-        if not expected or not form_token or not hmac.compare_digest(
-                form_token.encode(), expected.encode()):
-            raise ForbiddenError("this form has expired: reload the page and try again",
-                                 code=ErrorCode.CSRF_REJECTED)
+    def form_token_valid(self, request: Request, form_token: str | None) -> bool:
+        """The sign-in and sign-up forms (no session yet): double submit of a signed cookie.
+        False for a form shown too long ago, or to a browser whose cookie is gone: the page
+        shows the form again, not an error page."""
+        return self.signer.form_token_valid(request.cookies.get(FORM_COOKIE), form_token)
 
     def set_session_cookie(self, response: Response, request: Request, token: str) -> None:
         response.set_cookie(SESSION_COOKIE, self.signer.session_value(token),

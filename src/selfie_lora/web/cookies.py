@@ -3,18 +3,24 @@ any lookup) and the sign-in form's CSRF token (double submit: no session exists 
 
 from __future__ import annotations
 
+import hmac
 import secrets
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 SESSION_COOKIE = "sl_session"
 FORM_COOKIE = "sl_form"
+# How long a sign-in or sign-up form may stay open and still be sent.
+FORM_MAX_AGE_SECONDS = 24 * 3600
 
 
 class CookieSigner:
     def __init__(self, secret: str, *, max_age_seconds: int) -> None:
         self._session = URLSafeTimedSerializer(secret, salt="selfie-lora/session")
+        # The form cookie holds the browser's form nonce; each form shown holds its own signed,
+        # dated copy (another salt: neither can stand for the other).
         self._form = URLSafeTimedSerializer(secret, salt="selfie-lora/form")
+        self._form_page = URLSafeTimedSerializer(secret, salt="selfie-lora/form-page")
         self.max_age_seconds = max_age_seconds
 
     def session_value(self, token: str) -> str:
@@ -31,16 +37,29 @@ class CookieSigner:
             return None
         return token if isinstance(token, str) else None
 
-    def new_form_token(self) -> tuple[str, str]:
-        """A fresh (token, cookie value) pair for a form shown before signing in."""
-        token = secrets.token_urlsafe(24)
-        return token, self._form.dumps(token)
+    def form_tokens(self, cookie_value: str | None) -> tuple[str, str]:
+        """For a form shown before signing in: (its token, the form cookie's new value). The
+        browser keeps its nonce while its cookie is valid, so every form shown to it within
+        FORM_MAX_AGE_SECONDS can be sent, whichever was shown last: a new nonce per page made
+        the sign-in of a second tab, or of a page left by Back, a 403."""
+        nonce = _loads(self._form, cookie_value) or secrets.token_urlsafe(24)
+        # Signed anew: the cookie lives a full window after the newest form.
+        return self._form_page.dumps(nonce), self._form.dumps(nonce)
 
-    def form_token(self, value: str | None) -> str | None:
-        if not value:
-            return None
-        try:
-            token = self._form.loads(value, max_age=3600)
-        except BadSignature:
-            return None
-        return token if isinstance(token, str) else None
+    def form_token_valid(self, cookie_value: str | None, token: str | None) -> bool:
+        """A form's token is of this browser's nonce, and the form was shown within the
+        window."""
+        nonce = _loads(self._form, cookie_value)
+        sent = _loads(self._form_page, token)
+        return (nonce is not None and sent is not None
+                and hmac.compare_digest(nonce.encode(), sent.encode()))
+
+
+def _loads(serializer: URLSafeTimedSerializer, value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        loaded = serializer.loads(value, max_age=FORM_MAX_AGE_SECONDS)
+    except BadSignature:  # SignatureExpired is one too
+        return None
+    return loaded if isinstance(loaded, str) else None

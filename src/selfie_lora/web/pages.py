@@ -31,7 +31,7 @@ from selfie_lora.errors import (
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.web.app import Viewer, Web
-from selfie_lora.web.cookies import FORM_COOKIE, SESSION_COOKIE
+from selfie_lora.web.cookies import FORM_COOKIE, FORM_MAX_AGE_SECONDS, SESSION_COOKIE
 
 router = APIRouter(include_in_schema=False)
 
@@ -100,12 +100,18 @@ def home(request: Request) -> Response:
 def _signin_form(request: Request, template: str, *, status_code: int = 200,
                  **context: Any) -> HTMLResponse:
     web = _web(request)
-    token, cookie = web.signer.new_form_token()
+    token, cookie = web.signer.form_tokens(request.cookies.get(FORM_COOKIE))
     response = web.render(request, template, form_token=token, status_code=status_code,
                           **context)
-    response.set_cookie(FORM_COOKIE, cookie, max_age=3600, httponly=True, samesite="lax",
-                        secure=request.url.scheme == "https", path="/")
+    response.set_cookie(FORM_COOKIE, cookie, max_age=FORM_MAX_AGE_SECONDS, httponly=True,
+                        samesite="lax", secure=request.url.scheme == "https", path="/")
     return response
+
+
+# A form whose token no longer holds: shown again (the name and where to go kept), to be sent
+# once more, rather than an error page that loses both.
+FORM_EXPIRED = ("this page was open too long (or the browser's cookies were cleared): "
+                "{what} again")
 
 
 @router.get("/signin")
@@ -117,8 +123,10 @@ def signin_page(request: Request, next: str | None = None) -> HTMLResponse:
 async def signin(request: Request, name: FormStr, password: FormStr, form_token: FormStr,
                  next: OptionalFormStr = None) -> Response:
     web = _web(request)
-    web.check_form_cookie(request, form_token)
     target = _local_target(next)
+    if not web.form_token_valid(request, form_token):
+        return _signin_form(request, "signin.html", status_code=403, next=target, name=name,
+                            message=FORM_EXPIRED.format(what="sign in"))
     try:
         signed = await in_thread(lambda: web.services.users.sign_in(
             name=name, password=password, client=_client(request)))
@@ -143,7 +151,9 @@ def signup_page(request: Request) -> HTMLResponse:
 async def signup(request: Request, name: FormStr, password: FormStr, password_again: FormStr,
                  form_token: FormStr) -> Response:
     web = _web(request)
-    web.check_form_cookie(request, form_token)
+    if not web.form_token_valid(request, form_token):
+        return _signin_form(request, "signup.html", status_code=403, name=name,
+                            message=FORM_EXPIRED.format(what="create the account"))
     if password != password_again:
         return _signin_form(request, "signup.html", status_code=422, name=name,
                             message="the two passwords differ")
