@@ -8,7 +8,6 @@ the first one's things."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,39 +16,16 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.browser.support import create, sign_in
 from tests.e2e.conftest import ServeProcess, clean_env, run_cli
 from tests.support.photos import FIXTURES, real_photo_zip
 
 pytestmark = pytest.mark.slow
 
-PASSWORD = "a long password for tests"
 PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")
 TRAINING_S = 180_000  # ms: two tiny trainings on a loaded 2-core machine
 # Where the README's screenshots are written when asked (make screenshots).
 SHOTS = os.environ.get("SELFIE_LORA_SCREENSHOTS")
-
-
-def create(env: dict[str, str], name: str) -> str:
-    """A user with a password (read from standard input, as a script would); its API key."""
-    import subprocess
-
-    from tests.e2e.conftest import selfie_lora_exe
-
-    done = subprocess.run([selfie_lora_exe(), "users", "create", name, "--password", "--json"],
-                          env=env, input=f"{PASSWORD}\n{PASSWORD}\n", capture_output=True,
-                          text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    key: str = json.loads(done.stdout.strip().splitlines()[-1])["api_key"]
-    return key
-
-
-def sign_in(page: Any, base: str, name: str) -> None:
-    page.goto(f"{base}/versions")
-    assert "/signin" in page.url  # signed out: sent to sign in, and back after
-    page.get_by_label("Name").fill(name)
-    page.get_by_label("Password").fill(PASSWORD)
-    page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{base}/versions")
 
 
 def go(page: Any, name: str) -> None:
@@ -125,7 +101,7 @@ def test_the_whole_journey_in_a_browser(chromium: Any, tmp_path: Path,
     go(page, "Train")
     page.get_by_role("button", name="Train", exact=True).click()
     page.wait_for_load_state()
-    assert page.locator("#status[hx-get]").count() == 1  # running: the page polls
+    assert page.locator("#status-figures[hx-get]").count() == 1  # running: the page polls
     # The server restarts while the page watches (the training is handed back and taken up
     # again): the page carries on by itself, without a reload.
     server.stop()

@@ -155,16 +155,18 @@ class ServeProcess:
 
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
-    """``start(env, name="serve") -> ServeProcess``: a healthy server on a free port. Whatever a
-    test leaves running is stopped at teardown."""
+    """``start(env, name="serve", args=()) -> ServeProcess``: a healthy server on a free port
+    (``args``: more options of ``serve``). Whatever a test leaves running is stopped at
+    teardown."""
     started: list[ServeProcess] = []
 
-    def start(env: dict[str, str], *, name: str = "serve", port: int | None = None) -> ServeProcess:
+    def start(env: dict[str, str], *, name: str = "serve", port: int | None = None,
+              args: tuple[str, ...] = ()) -> ServeProcess:
         port = port or free_port()
         log_path = tmp_path / f"{name}.log"
         log_file = log_path.open("wb")
         proc = subprocess.Popen(
-            [selfie_lora_exe(), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            [selfie_lora_exe(), "serve", "--host", "127.0.0.1", "--port", str(port), *args],
             env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         server = ServeProcess(proc=proc, port=port, log_path=log_path, env=env, log_file=log_file)

@@ -369,11 +369,17 @@ def train_page(request: Request, viewer: PageViewer) -> HTMLResponse:
 
 @router.get("/train/status")
 def train_status(request: Request, viewer: PageViewer) -> HTMLResponse:
-    """The live part of the training page (htmx polls it while a training runs)."""
+    """The live part of the training page (htmx polls its figures while a training runs)."""
     web = _web(request)
     view = _latest_training(web, viewer)
-    return web.render(request, "_status.html", viewer=viewer,
-                      **_status_context(web, viewer, view))
+    context = _status_context(web, viewer, view)
+    response = web.render(request, "_status.html", viewer=viewer, **context)
+    if request.headers.get("hx-request") == "true" and not context.get("active"):
+        # The poll that finds the training ended: not only its figures but the whole section
+        # (how it ended, no Cancel button any more) is swapped.
+        response.headers.update({"HX-Retarget": "#status", "HX-Reselect": "#status",
+                                 "HX-Reswap": "outerHTML"})
+    return response
 
 
 @router.get("/train/{training_id}/samples/{step}.jpg")

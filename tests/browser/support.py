@@ -1,0 +1,45 @@
+"""What the browser tests share: users made as an operator makes them, signing in on the page,
+photos uploaded through the API (quicker to set up than the page, where the page is not what a
+test is about)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any
+
+import httpx
+
+from tests.e2e.conftest import selfie_lora_exe
+from tests.support.photos import FIXTURES
+
+PASSWORD = "a long password for tests"
+
+
+def create(env: dict[str, str], name: str) -> str:
+    """A user with a password (read from standard input, as a script would); its API key."""
+    done = subprocess.run([selfie_lora_exe(), "users", "create", name, "--password", "--json"],
+                          env=env, input=f"{PASSWORD}\n{PASSWORD}\n", capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    key: str = json.loads(done.stdout.strip().splitlines()[-1])["api_key"]
+    return key
+
+
+def sign_in(page: Any, base: str, name: str, path: str = "/versions") -> None:
+    page.goto(f"{base}{path}")
+    assert "/signin" in page.url  # signed out: sent to sign in, and back after
+    page.get_by_label("Name").fill(name)
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{base}{path}")
+
+
+def upload_photos(base: str, key: str,
+                  names: tuple[str, ...] = ("obama.jpg", "obama2.jpg", "obama3.jpg")) -> None:
+    """A photo set for the user of ``key``, no training started."""
+    files = [("files", (name, (FIXTURES / name).read_bytes(), "image/jpeg")) for name in names]
+    with httpx.Client(base_url=base, timeout=120) as api:
+        r = api.post("/api/training/upload", files=files, data={"start": "false"},
+                     headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 202, r.text

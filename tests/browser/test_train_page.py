@@ -1,0 +1,74 @@
+"""The training page in Chromium while a training runs. The server runs without a worker
+(``serve --no-worker``): a training stays queued, and the page polls it, for as long as a test
+needs, whatever the machine's speed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.browser.support import create, sign_in, upload_photos
+from tests.e2e.conftest import ServeProcess, clean_env
+
+pytestmark = pytest.mark.slow
+
+
+def watching(chromium: Any, tmp_path: Path,
+             serve: Callable[..., ServeProcess]) -> tuple[Any, ServeProcess, str]:
+    """A page on /train that has just started a training (queued: no worker takes it); the
+    server; the user's API key."""
+    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
+    key = create(env, "ann")
+    server = serve(env, args=("--no-worker",))
+    upload_photos(server.base_url, key)
+    page = chromium.new_context().new_page()
+    sign_in(page, server.base_url, "ann", "/train")
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.wait_for_load_state()
+    page.get_by_role("button", name="Cancel the training").wait_for()
+    # Every swap htmx makes, counted (its events bubble to the body).
+    page.evaluate("""() => { window.swaps = 0;
+        document.body.addEventListener('htmx:afterSettle', () => { window.swaps += 1; }); }""")
+    return page, server, key
+
+
+def test_the_cancel_button_keeps_the_keyboard_focus_while_the_status_updates(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """The whole status section, the Cancel button in it, was swapped every second: a keyboard
+    user's focus fell to the body, and Enter canceled nothing (found in review)."""
+    page, server, _key = watching(chromium, tmp_path, serve)
+    for _ in range(40):
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.textContent.trim()") == \
+                "Cancel the training":
+            break
+    else:
+        pytest.fail("Tab never reached the Cancel button")
+    page.wait_for_function("() => window.swaps >= 2", timeout=20_000)
+    focused = page.evaluate("() => document.activeElement.textContent.trim()")
+    assert focused == "Cancel the training", server.why(f"focus on {focused!r} after 2 updates")
+    page.keyboard.press("Enter")
+    page.wait_for_load_state()
+    page.locator("#ended").wait_for(timeout=20_000)
+    assert "was canceled" in page.locator("#ended").inner_text()
+
+
+def test_a_training_that_ends_while_the_page_watches_shows_how_it_ended(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """Only the figures are polled: the answer that finds the training ended swaps the whole
+    section, so the Cancel button goes and how it ended shows, without a reload."""
+    page, server, key = watching(chromium, tmp_path, serve)
+    training_id = page.locator('input[name="training_id"]').get_attribute("value")
+    with httpx.Client(base_url=server.base_url, timeout=30) as api:  # canceled elsewhere
+        r = api.post("/api/training/cancel", json={"training_id": training_id},
+                     headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    page.locator("#ended").wait_for(timeout=20_000)
+    assert "was canceled" in page.locator("#ended").inner_text()
+    assert page.get_by_role("button", name="Cancel the training").count() == 0
+    assert page.locator("[hx-get]").count() == 0  # polling has stopped
+    assert page.evaluate("() => window.swaps") >= 1  # the same document: no reload
