@@ -18,11 +18,23 @@
     const status = document.getElementById("upload-status");
     const report = document.getElementById("report");
     let chosen = [];
+    let sent = [];  // the files of the upload whose report is on the page
+    // Pictures by the file itself, not its name: a file chosen later under the same name (a
+    // better photo saved over the first, another camera's IMG_0001.JPG) is another picture.
     const urls = new Map();
 
     const urlFor = (file) => {
-      if (!urls.has(file.name)) urls.set(file.name, URL.createObjectURL(file));
-      return urls.get(file.name);
+      if (!urls.has(file)) urls.set(file, URL.createObjectURL(file));
+      return urls.get(file);
+    };
+    const forget = () => {
+      // The pictures of files neither chosen nor in the report on the page are let go.
+      for (const [file, url] of urls) {
+        if (!chosen.includes(file) && !sent.includes(file)) {
+          URL.revokeObjectURL(url);
+          urls.delete(file);
+        }
+      }
     };
     const isImage = (file) => /^image\//.test(file.type) && !/hei[cf]$/i.test(file.name);
 
@@ -46,6 +58,7 @@
         previews.appendChild(li);
       }
       status.textContent = chosen.length ? `${chosen.length} file(s) chosen` : "";
+      forget();
     };
 
     input.addEventListener("change", () => { chosen = Array.from(input.files); show(); });
@@ -61,13 +74,15 @@
       show();
     });
 
-    const fillReport = () => {
+    const fillReport = (files) => {
       // Thumbnails from the files on this device, and the face box the checks found.
+      sent = files;
+      forget();
       for (const row of report.querySelectorAll("[data-photo-name]")) {
         // Rows are keyed by the name the photo is stored under (cleaned: NFC, bounded); the
-        // name the file was sent with finds it on this device.
-        const sent = row.dataset.originalName ?? row.dataset.photoName;
-        const file = chosen.find((f) => f.name === sent);
+        // name the file was sent with finds it among the files sent.
+        const name = row.dataset.originalName ?? row.dataset.photoName;
+        const file = files.find((f) => f.name === name);
         const img = row.querySelector("img");
         if (file && isImage(file)) img.src = urlFor(file);
         else if (img.dataset.stored) img.src = img.dataset.stored;  // from a zip: the stored crop
@@ -90,7 +105,8 @@
       e.preventDefault();
       if (!chosen.length) { status.textContent = "Choose some photos first."; return; }
       const data = new FormData();
-      for (const file of chosen) data.append("files", file, file.name);
+      const files = chosen.slice();  // as sent, whatever is chosen while it is checked
+      for (const file of files) data.append("files", file, file.name);
       const xhr = new XMLHttpRequest();
       xhr.open("POST", form.action);
       xhr.setRequestHeader("X-CSRF-Token", csrf());
@@ -111,7 +127,7 @@
           const fragment = parsed.querySelector("body > [data-trainable]");
           if (fragment) {
             report.replaceChildren(document.adoptNode(fragment));
-            fillReport();
+            fillReport(files);
             const alert = fragment.querySelector('[role="alert"]');
             status.textContent = xhr.status === 200 ? "Done."
               : xhr.status === 422 ? "Some photos need changes."

@@ -1,0 +1,69 @@
+"""The photos page in Chromium: what it shows of the files chosen and of the report an upload
+answers, as a person choosing, adding and sending photos sees it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from tests.browser.support import create, sign_in
+from tests.e2e.conftest import ServeProcess, clean_env
+from tests.support.photos import FIXTURES
+
+pytestmark = pytest.mark.slow
+
+# The size of the picture at an image's address, once loaded.
+PICTURE_SIZE = """(url) => new Promise((done) => { const image = new Image();
+    image.onload = () => done([image.naturalWidth, image.naturalHeight]); image.src = url; })"""
+
+
+def photos_page(chromium: Any, tmp_path: Path,
+                serve: Callable[..., ServeProcess]) -> tuple[Any, ServeProcess]:
+    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
+    create(env, "ann")
+    server = serve(env, args=("--no-worker",))
+    page = chromium.new_context().new_page()
+    sign_in(page, server.base_url, "ann", "/photos")
+    return page, server
+
+
+def photo(name: str, fixture: str) -> dict[str, Any]:
+    """A file as the picker gives it: ``fixture``'s photo under ``name``."""
+    return {"name": name, "mimeType": "image/jpeg", "buffer": (FIXTURES / fixture).read_bytes()}
+
+
+def size_of(fixture: str) -> list[int]:
+    with Image.open(FIXTURES / fixture) as image:
+        return list(image.size)
+
+
+def shown(page: Any, locator: Any) -> list[int]:
+    size: list[int] = page.evaluate(PICTURE_SIZE, locator.get_attribute("src", timeout=5000))
+    return size
+
+
+def send(page: Any) -> None:
+    """Send the chosen photos and wait for the answer."""
+    page.get_by_role("button", name="Check and upload").click()
+    page.wait_for_function("""() => !['Sending…', 'Checking your photos…'].includes(
+        document.getElementById('upload-status').textContent)""", timeout=90_000)
+
+
+def test_a_file_chosen_again_under_the_same_name_shows_its_own_picture(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """The pictures were kept by file name: choosing another a.jpg showed the first one's
+    picture, in the previews and beside the new report (found in review)."""
+    page, _server = photos_page(chromium, tmp_path, serve)
+    page.set_input_files("#files", [photo("a.jpg", "obama.jpg"), photo("b.jpg", "obama2.jpg"),
+                                    photo("c.jpg", "obama3.jpg")])
+    assert shown(page, page.locator("#previews img").first) == size_of("obama.jpg")
+    page.set_input_files("#files", [photo("a.jpg", "biden.jpg"), photo("b.jpg", "obama2.jpg"),
+                                    photo("c.jpg", "obama3.jpg")])
+    assert shown(page, page.locator("#previews img").first) == size_of("biden.jpg")
+    send(page)
+    row = page.locator('#report [data-photo-name="a.jpg"]')
+    assert shown(page, row.locator("img")) == size_of("biden.jpg")
