@@ -3,6 +3,7 @@ answers, as a person choosing, adding and sending photos sees it."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,3 +68,54 @@ def test_a_file_chosen_again_under_the_same_name_shows_its_own_picture(
     send(page)
     row = page.locator('#report [data-photo-name="a.jpg"]')
     assert shown(page, row.locator("img")) == size_of("biden.jpg")
+
+
+# Drops files on the drop zone as a person's drag does: those of the picker at ``picked`` (the
+# same files again), and new ones (name and base64 bytes).
+DROP = """([picked, added]) => {
+    const transfer = new DataTransfer();
+    const input = document.getElementById('files');
+    for (const index of picked) transfer.items.add(input.files[index]);
+    for (const [name, data] of added) {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        transfer.items.add(new File([bytes], name, {type: 'image/jpeg'}));
+    }
+    const drop = document.getElementById('drop');
+    for (const type of ['dragenter', 'drop']) {
+        drop.dispatchEvent(new DragEvent(type, {dataTransfer: transfer, bubbles: true,
+                                                cancelable: true}));
+    }
+}"""
+
+
+def dropped(name: str, fixture: str) -> list[str]:
+    return [name, base64.b64encode((FIXTURES / fixture).read_bytes()).decode()]
+
+
+def test_a_photo_chosen_twice_is_sent_once_and_two_photos_of_one_name_both_are(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """A photo picked and then dropped again, or two cameras' IMG_0001.JPG, refused the whole
+    upload ("two files are named ..."), and no chosen file could be taken out (found in
+    review)."""
+    page, server = photos_page(chromium, tmp_path, serve)
+    page.set_input_files("#files", [photo("obama.jpg", "obama.jpg"),
+                                    photo("obama2.jpg", "obama2.jpg"),
+                                    photo("IMG_0001.JPG", "obama3.jpg")])
+    # The same IMG_0001.JPG again; another camera's; and one to take out again.
+    page.evaluate(DROP, [[2], [dropped("IMG_0001.JPG", "biden.jpg"),
+                               dropped("extra.jpg", "obama_partial_face.jpg")]])
+    captions = page.locator("#previews figcaption").all_inner_texts()
+    assert captions == ["obama.jpg", "obama2.jpg", "IMG_0001.JPG", "IMG_0001 (2).JPG",
+                        "extra.jpg"]
+    page.get_by_role("button", name="Remove extra.jpg").click()
+    assert page.locator("#previews figcaption").all_inner_texts() == captions[:4]
+    focused = page.evaluate("() => document.activeElement.getAttribute('aria-label')")
+    assert focused == "Remove IMG_0001 (2).JPG"  # focus stays in the list
+    send(page)
+    report = page.locator("#report .report")
+    assert report.get_attribute("data-trainable") == "true", server.why(report.inner_text())
+    first = page.locator('#report [data-photo-name="IMG_0001.JPG"]')
+    second = page.locator('#report [data-photo-name="IMG_0001 (2).JPG"]')
+    assert shown(page, first.locator("img")) == size_of("obama3.jpg")
+    assert shown(page, second.locator("img")) == size_of("biden.jpg")
+    assert "left-out" in (second.get_attribute("class") or "")  # another person, as ever

@@ -371,6 +371,19 @@ def test_uploaded_files_are_named_safely_and_system_files_skipped() -> None:
     assert [f.code for f in findings] == ["ignored_file"]
 
 
+def test_two_files_of_one_name_are_refused_with_the_name_and_what_to_do() -> None:
+    """It said only "two files are named 'x'": nothing about what to do (found in review)."""
+    for call in (lambda: read_uploaded_files([("IMG_0001.JPG", jpeg(seed=1)),
+                                              ("img_0001.jpg", jpeg(seed=2))], limits=LIMITS),
+                 lambda: read_zip(zip_of({"IMG_0001.JPG": jpeg(seed=1),
+                                          "img_0001.jpg": jpeg(seed=2)}), limits=LIMITS)):
+        with pytest.raises(InvalidInputError) as caught:
+            call()
+        assert caught.value.code == "duplicate_member"
+        assert "'img_0001.jpg'" in caught.value.message
+        assert "rename one of them" in caught.value.message
+
+
 @pytest.mark.parametrize(("files", "limits", "code"), [
     ([("a.jpg", b"1"), ("A.JPG", b"2")], LIMITS, "duplicate_member"),
     ([("a.jpg", zip_of({"b.jpg": jpeg()}))], LIMITS, "nested_archive"),

@@ -177,8 +177,9 @@ def read_uploaded_files(
             continue
         key = _fold(name)
         if key in seen:
-            raise _refuse(ErrorCode.DUPLICATE_MEMBER, f"two files are named {name!r}",
-                          details=[seen[key], name])
+            raise _refuse(ErrorCode.DUPLICATE_MEMBER,
+                          f"two files are named {name!r}: rename one of them (or leave one "
+                          "out) and send them again", details=[seen[key], name])
         seen[key] = name
         if len(blob) > limits.max_member_bytes:
             raise _refuse(ErrorCode.MEMBER_TOO_LARGE,
@@ -252,7 +253,8 @@ def _read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile],
         key = _fold(entry.name)
         if key in seen:
             raise _refuse(ErrorCode.DUPLICATE_MEMBER,
-                          f"the archive holds {_clean(entry.name)!r} more than once",
+                          f"the archive holds {_clean(entry.name)!r} more than once: "
+                          "rename one of them and make the archive again",
                           details=[_clean(seen[key]), _clean(entry.name)])
         seen[key] = entry.name
         if entry.is_dir:

@@ -38,30 +38,70 @@
     };
     const isImage = (file) => /^image\//.test(file.type) && !/hei[cf]$/i.test(file.name);
 
+    // The name each file is sent under: its own or, where an earlier one has it (two cameras'
+    // IMG_0001.JPG), "IMG_0001 (2).JPG": the server refuses two photos of one name (folded
+    // as it folds them).
+    const fold = (name) => name.normalize("NFC").toLowerCase();
+    const namesFor = (files) => {
+      const used = new Set();
+      return files.map((file) => {
+        const dot = file.name.lastIndexOf(".");
+        const stem = dot > 0 ? file.name.slice(0, dot) : file.name;
+        const ext = dot > 0 ? file.name.slice(dot) : "";
+        let name = file.name;
+        for (let n = 2; used.has(fold(name)); n += 1) name = `${stem} (${n})${ext}`;
+        used.add(fold(name));
+        return name;
+      });
+    };
+    // One file on the device, chosen twice (picked, then dropped again), is sent once.
+    const sameFile = (a, b) =>
+      a.name === b.name && a.size === b.size && a.lastModified === b.lastModified;
+    const add = (files) => {
+      for (const file of files) {
+        if (!chosen.some((c) => sameFile(c, file))) chosen.push(file);
+      }
+    };
+
     const show = () => {
       previews.replaceChildren();
-      for (const file of chosen) {
+      const names = namesFor(chosen);
+      chosen.forEach((file, index) => {
         const li = document.createElement("li");
         const figure = document.createElement("figure");
         if (isImage(file)) {
           const img = document.createElement("img");
           img.src = urlFor(file);
-          img.alt = file.name;
+          img.alt = names[index];
           img.width = 96;
           img.height = 96;
           figure.appendChild(img);
         }
         const caption = document.createElement("figcaption");
-        caption.textContent = file.name;
+        caption.textContent = names[index];
+        if (names[index] !== file.name) caption.title = `${file.name}, sent as ${names[index]}`;
         figure.appendChild(caption);
         li.appendChild(figure);
+        const remove = document.createElement("button");
+        remove.type = "button";
+        remove.className = "remove secondary";
+        remove.textContent = "Remove";
+        remove.setAttribute("aria-label", `Remove ${names[index]}`);
+        remove.addEventListener("click", () => {
+          chosen.splice(index, 1);
+          show();
+          // Focus stays in the list (the next file's button), or goes back to the picker.
+          const buttons = previews.querySelectorAll("button.remove");
+          (buttons[Math.min(index, buttons.length - 1)] ?? input).focus();
+        });
+        li.appendChild(remove);
         previews.appendChild(li);
-      }
+      });
       status.textContent = chosen.length ? `${chosen.length} file(s) chosen` : "";
       forget();
     };
 
-    input.addEventListener("change", () => { chosen = Array.from(input.files); show(); });
+    input.addEventListener("change", () => { chosen = []; add(Array.from(input.files)); show(); });
     for (const name of ["dragenter", "dragover"]) {
       drop.addEventListener(name, (e) => { e.preventDefault(); drop.classList.add("over"); });
     }
@@ -70,19 +110,19 @@
     }
     drop.addEventListener("drop", (e) => {
       e.preventDefault();
-      chosen = chosen.concat(Array.from(e.dataTransfer.files));
+      add(Array.from(e.dataTransfer.files));
       show();
     });
 
-    const fillReport = (files) => {
+    const fillReport = (files, names) => {
       // Thumbnails from the files on this device, and the face box the checks found.
       sent = files;
       forget();
       for (const row of report.querySelectorAll("[data-photo-name]")) {
         // Rows are keyed by the name the photo is stored under (cleaned: NFC, bounded); the
-        // name the file was sent with finds it among the files sent.
+        // name the file was sent under finds it among the files sent.
         const name = row.dataset.originalName ?? row.dataset.photoName;
-        const file = files.find((f) => f.name === name);
+        const file = files[names.indexOf(name)];
         const img = row.querySelector("img");
         if (file && isImage(file)) img.src = urlFor(file);
         else if (img.dataset.stored) img.src = img.dataset.stored;  // from a zip: the stored crop
@@ -106,7 +146,8 @@
       if (!chosen.length) { status.textContent = "Choose some photos first."; return; }
       const data = new FormData();
       const files = chosen.slice();  // as sent, whatever is chosen while it is checked
-      for (const file of files) data.append("files", file, file.name);
+      const names = namesFor(files);
+      files.forEach((file, index) => data.append("files", file, names[index]));
       const xhr = new XMLHttpRequest();
       xhr.open("POST", form.action);
       xhr.setRequestHeader("X-CSRF-Token", csrf());
@@ -127,10 +168,13 @@
           const fragment = parsed.querySelector("body > [data-trainable]");
           if (fragment) {
             report.replaceChildren(document.adoptNode(fragment));
-            fillReport(files);
+            fillReport(files, names);
             const alert = fragment.querySelector('[role="alert"]');
+            // "Some photos need changes" only where the report names photos: a refusal of the
+            // whole upload (two files of one name in a zip, too many files) says why.
             status.textContent = xhr.status === 200 ? "Done."
-              : xhr.status === 422 ? "Some photos need changes."
+              : xhr.status === 422 && fragment.querySelector("[data-photo-name]")
+                ? "Some photos need changes."
               : alert?.textContent ?? `The upload failed (${xhr.status}).`;
           } else if (xhr.responseURL && new URL(xhr.responseURL).pathname === "/signin") {
             status.textContent = "Your session has ended: sign in again, then send the photos.";
