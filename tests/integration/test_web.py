@@ -434,7 +434,7 @@ def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
     tiny = synthetic_photo(99, size=24)
     status, html = upload(ann, 0, extra=[("tiny.jpg", tiny)])
     assert status == 422
-    assert "Nothing was stored" in html
+    assert "nothing was stored" in html
     assert 'data-photo-name="tiny.jpg"' in html
     assert svc.intake.latest(user=svc.users.get_by_name(name="ann")) is None
 
@@ -465,7 +465,24 @@ def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
 
 def report_rows(html: str) -> dict[str, str]:
     return {name: state for state, name in re.findall(
-        r'class="photo (kept|left-out)" data-photo-name="([^"]+)"', html)}
+        r'class="photo (kept|left-out|not-stored)" data-photo-name="([^"]+)"', html)}
+
+
+def test_a_set_refused_as_a_whole_marks_only_its_bad_photos_left_out(tmp_path: Path) -> None:
+    """Every photo of a refused set read "left out" in a red frame, those with nothing wrong
+    too: the user could not tell which to change (found in review)."""
+    settings = make_settings(tmp_path, min_photos=3)
+    services = fake_services(settings)
+    services.users.create(name="ann", password=PASSWORD)
+    with closing(services), browser(settings, services) as client:
+        sign_in(client, "ann")
+        status, html = upload(client, 2, extra=[("tiny.jpg", synthetic_photo(99, size=24))])
+    assert status == 422, html
+    assert "This set as a whole cannot be trained" in html
+    assert report_rows(html) == {"p0.jpg": "not-stored", "p1.jpg": "not-stored",
+                                 "tiny.jpg": "left-out"}
+    assert "<strong>p0.jpg</strong>: usable, but not stored with the set" in html
+    assert "<strong>tiny.jpg</strong>: left out" in html
 
 
 def test_a_zip_is_reported_by_the_photos_inside_it(ann: TestClient) -> None:

@@ -230,7 +230,8 @@ async def photos_upload(request: Request, viewer: PageViewer,
                           # A zip's photos are those the findings name (nothing says
                           # which others it held).
                           report=_report_rows(list(originals), exc.details, exc.boxes,
-                                              kept=set(), originals=originals),
+                                              kept=None, originals=originals),
+                          set_refused=True,
                           set_findings=[d for d in exc.details if not d.get("photo")])
     except (InvalidInputError, ConflictError, PayloadTooLargeError) as exc:
         return _upload_refused(web, request, viewer, exc)
@@ -259,11 +260,14 @@ def _upload_refused(web: Web, request: Request, viewer: Viewer,
 
 
 def _report_rows(names: list[str], findings: list[dict[str, Any]],
-                 boxes: dict[str, list[float]], *, kept: set[str],
+                 boxes: dict[str, list[float]], *, kept: set[str] | None,
                  originals: Mapping[str, str]) -> list[dict[str, Any]]:
-    """One row per photo in ``names`` (the photos read) or named in a finding: kept or left
-    out, its findings, its face box (fractions of the photo as sent) and the file's name as
-    sent (``originals``, by stored name; a zip's photos have none)."""
+    """One row per photo in ``names`` (the photos read) or named in a finding: its state, its
+    findings, its face box (fractions of the photo as sent) and the file's name as sent
+    (``originals``, by stored name; a zip's photos have none). The state is "kept",
+    "left-out" (a finding rejected it, or it is not among ``kept``) or, where the set as a
+    whole was refused (``kept`` None), "not-stored" for a photo that could have been kept: it
+    is not one to change, and is not shown as one."""
     order: list[str] = []
     for name in [*names, *(str(f["photo"]) for f in findings if f.get("photo"))]:
         if name not in order:
@@ -273,9 +277,10 @@ def _report_rows(names: list[str], findings: list[dict[str, Any]],
         mine = [f for f in findings if f.get("photo") == name]
         rejected = any(f.get("severity") == "reject" for f in mine)
         box = boxes.get(name)
+        state = ("left-out" if rejected else "not-stored" if kept is None
+                 else "kept" if name in kept else "left-out")
         rows.append({
-            "name": name, "original": originals.get(name),
-            "kept": name in kept and not rejected, "findings": mine,
+            "name": name, "original": originals.get(name), "state": state, "findings": mine,
             "box": [round(v * 100, 2) for v in box] if box else None,
         })
     return rows
