@@ -36,10 +36,12 @@ def sign_in(page: Any, base: str, name: str, path: str = "/versions") -> None:
 
 
 def upload_photos(base: str, key: str,
-                  names: tuple[str, ...] = ("obama.jpg", "obama2.jpg", "obama3.jpg")) -> None:
-    """A photo set for the user of ``key``, no training started."""
+                  names: tuple[str, ...] = ("obama.jpg", "obama2.jpg", "obama3.jpg"), *,
+                  start: bool = False) -> None:
+    """A photo set for the user of ``key``; with ``start``, a training started on it."""
     files = [("files", (name, (FIXTURES / name).read_bytes(), "image/jpeg")) for name in names]
     with httpx.Client(base_url=base, timeout=120) as api:
-        r = api.post("/api/training/upload", files=files, data={"start": "false"},
+        r = api.post("/api/training/upload", files=files,
+                     data={"start": "true" if start else "false"},
                      headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 202, r.text

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.browser.support import create, sign_in
+from tests.browser.support import create, sign_in, upload_photos
 from tests.e2e.conftest import ServeProcess, clean_env
 from tests.support.photos import FIXTURES
 
@@ -22,11 +22,15 @@ PICTURE_SIZE = """(url) => new Promise((done) => { const image = new Image();
     image.onload = () => done([image.naturalWidth, image.naturalHeight]); image.src = url; })"""
 
 
-def photos_page(chromium: Any, tmp_path: Path,
-                serve: Callable[..., ServeProcess]) -> tuple[Any, ServeProcess]:
+def photos_page(chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess], *,
+                before: Callable[[str, str], None] | None = None) -> tuple[Any, ServeProcess]:
+    """Ann's photos page, on a server without a worker (a training stays queued); ``before``
+    (base URL, API key) is done before the page is opened."""
     env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
-    create(env, "ann")
+    key = create(env, "ann")
     server = serve(env, args=("--no-worker",))
+    if before is not None:
+        before(server.base_url, key)
     page = chromium.new_context().new_page()
     sign_in(page, server.base_url, "ann", "/photos")
     return page, server
@@ -119,3 +123,31 @@ def test_a_photo_chosen_twice_is_sent_once_and_two_photos_of_one_name_both_are(
     assert shown(page, first.locator("img")) == size_of("obama3.jpg")
     assert shown(page, second.locator("img")) == size_of("biden.jpg")
     assert "left-out" in (second.get_attribute("class") or "")  # another person, as ever
+
+
+def test_after_an_upload_the_page_shows_the_new_set_and_no_stale_report(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """After an upload "Current set" still showed the old set; an upload that failed left the
+    previous one's "can be trained on" report; and while a training ran the page said photos
+    could be uploaded once it ended, though they were taken (found in review)."""
+    page, server = photos_page(chromium, tmp_path, serve,
+                               before=lambda base, key: upload_photos(base, key, start=True))
+    notice = page.locator(".notice").inner_text()
+    assert "for the next training" in notice, notice
+    current = page.locator("#current-set")
+    assert "3 of 3 photos kept" in current.inner_text()
+    old_thumb = current.locator("img").first.get_attribute("src")
+    page.set_input_files("#files", [str(FIXTURES / name) for name in
+                                    ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")])
+    send(page)
+    report = page.locator("#report .report")
+    assert report.get_attribute("data-trainable") == "true", server.why(report.inner_text())
+    assert "3 of 4 photos kept" in current.inner_text()
+    assert current.locator("img").count() == 3
+    assert current.locator("img").first.get_attribute("src") != old_thumb
+    assert shown(page, current.locator("img").first)[0] > 0  # the new set's own picture
+    # The next upload is lost on the way: no report is left from the one before.
+    page.route("**/photos/upload", lambda route: route.abort())
+    send(page)
+    assert "check your connection" in page.locator("#upload-status").inner_text()
+    assert page.locator("#report").inner_text().strip() == ""

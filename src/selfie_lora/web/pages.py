@@ -248,8 +248,10 @@ async def photos_upload(request: Request, viewer: PageViewer,
     stored = {p.name: f"/photos/{dataset.id}/{p.index}.jpg" for p in photos}
     for row in rows:
         row["stored"] = stored.get(row["name"])
-    return web.render(request, "_report.html", viewer=viewer, trainable=True, dataset=dataset,
-                      report=rows, set_findings=[d for d in findings if not d.get("photo")])
+    # With the set now current, which the page puts in place of the one it showed.
+    return web.render(request, "_uploaded.html", viewer=viewer, trainable=True, dataset=dataset,
+                      photos=photos, report=rows,
+                      set_findings=[d for d in findings if not d.get("photo")])
 
 
 def _upload_refused(web: Web, request: Request, viewer: Viewer,

@@ -154,6 +154,9 @@
       progress.hidden = false;
       progress.value = 0;
       status.textContent = "Sending…";
+      // The last upload's report goes: one that fails before a report is made (too large, a
+      // lost connection) must not leave the previous one's "can be trained on" beside it.
+      report.replaceChildren();
       xhr.upload.addEventListener("progress", (ev) => {
         if (ev.lengthComputable) progress.value = Math.round((100 * ev.loaded) / ev.total);
       });
@@ -169,6 +172,9 @@
           if (fragment) {
             report.replaceChildren(document.adoptNode(fragment));
             fillReport(files, names);
+            // An upload stored is the current set now: it is shown in place of the old one.
+            const current = parsed.querySelector("body > #current-set");
+            if (current) document.getElementById("current-set")?.replaceWith(document.adoptNode(current));
             const alert = fragment.querySelector('[role="alert"]');
             // "Some photos need changes" only where the report names photos: a refusal of the
             // whole upload (two files of one name in a zip, too many files) says why.
