@@ -57,10 +57,11 @@ def test_the_cancel_button_keeps_the_keyboard_focus_while_the_status_updates(
     assert "was canceled" in page.locator("#ended").inner_text()
 
 
-def test_a_training_that_ends_while_the_page_watches_shows_how_it_ended(
+def test_a_training_that_ends_while_the_page_watches_shows_how_it_ended_and_retrain(
         chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
-    """Only the figures are polled: the answer that finds the training ended swaps the whole
-    section, so the Cancel button goes and how it ended shows, without a reload."""
+    """Only the figures are polled: the answer that finds the training ended swaps the page's
+    whole panel, so the Cancel button goes, how it ended shows, and the Retrain button is
+    back, without a reload (it came only with one: found in review)."""
     page, server, key = watching(chromium, tmp_path, serve)
     training_id = page.locator('input[name="training_id"]').get_attribute("value")
     with httpx.Client(base_url=server.base_url, timeout=30) as api:  # canceled elsewhere
@@ -70,5 +71,6 @@ def test_a_training_that_ends_while_the_page_watches_shows_how_it_ended(
     page.locator("#ended").wait_for(timeout=20_000)
     assert "was canceled" in page.locator("#ended").inner_text()
     assert page.get_by_role("button", name="Cancel the training").count() == 0
+    assert page.get_by_role("button", name="Retrain").is_visible()
     assert page.locator("[hx-get]").count() == 0  # polling has stopped
     assert page.evaluate("() => window.swaps") >= 1  # the same document: no reload

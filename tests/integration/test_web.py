@@ -567,6 +567,13 @@ def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Servic
     assert 'data-status="succeeded"' in status
     assert "Version 1 is active" in status
     assert "hx-trigger" not in status  # polling stops once it has ended
+    # The page's poll that finds it ended is told to swap the whole panel: the Retrain button
+    # is back without a reload.
+    polled = ann.get("/train/status", headers={"HX-Request": "true"})
+    assert (polled.headers["hx-retarget"], polled.headers["hx-reselect"]) == (
+        "#train-panel", "#train-panel")
+    assert 'id="train-panel"' in polled.text
+    assert ">Retrain</button>" in polled.text
     assert re.search(r'<polyline points="[\d., ]+"', status)  # the loss, step by step
 
     # A retraining says what it keeps.

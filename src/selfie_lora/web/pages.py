@@ -362,16 +362,19 @@ def _duration(seconds: float | None) -> str | None:
     return f"{hours} h {minutes:02d} min"
 
 
-@router.get("/train")
-def train_page(request: Request, viewer: PageViewer) -> HTMLResponse:
-    web = _web(request)
+def _train_page(request: Request, web: Web, viewer: Viewer, view: Any) -> HTMLResponse:
     svc = web.services
     model = svc.models.find(user=viewer.user)
     dataset = svc.intake.latest(user=viewer.user)
-    view = _latest_training(web, viewer)
     # A model an upload made has no training yet: its first is not a retraining.
     return web.render(request, "train.html", viewer=viewer, model=model, dataset=dataset,
                       trained=view is not None, **_status_context(web, viewer, view))
+
+
+@router.get("/train")
+def train_page(request: Request, viewer: PageViewer) -> HTMLResponse:
+    web = _web(request)
+    return _train_page(request, web, viewer, _latest_training(web, viewer))
 
 
 @router.get("/train/status")
@@ -379,14 +382,16 @@ def train_status(request: Request, viewer: PageViewer) -> HTMLResponse:
     """The live part of the training page (htmx polls its figures while a training runs)."""
     web = _web(request)
     view = _latest_training(web, viewer)
-    context = _status_context(web, viewer, view)
-    response = web.render(request, "_status.html", viewer=viewer, **context)
-    if request.headers.get("hx-request") == "true" and not context.get("active"):
-        # The poll that finds the training ended: not only its figures but the whole section
-        # (how it ended, no Cancel button any more) is swapped.
-        response.headers.update({"HX-Retarget": "#status", "HX-Reselect": "#status",
+    if request.headers.get("hx-request") == "true" and (
+            view is None or view.training.status.is_terminal):
+        # The poll that finds the training ended: not only its figures but the page's whole
+        # panel (how it ended, no Cancel button, the Train button back) is swapped.
+        response = _train_page(request, web, viewer, view)
+        response.headers.update({"HX-Retarget": "#train-panel", "HX-Reselect": "#train-panel",
                                  "HX-Reswap": "outerHTML"})
-    return response
+        return response
+    return web.render(request, "_status.html", viewer=viewer,
+                      **_status_context(web, viewer, view))
 
 
 @router.get("/train/{training_id}/samples/{step}.jpg")
