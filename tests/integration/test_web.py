@@ -619,6 +619,24 @@ def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Servic
     assert ann.get(images[0]).headers["content-type"] == "image/png"
 
 
+def test_choosing_one_version_twice_keeps_the_compare_form_and_says_so(ann: TestClient) -> None:
+    """v1 with v1 took the Compare form and the grid away, leaving "compare two different
+    versions" and no way to choose again (found in review)."""
+    assert upload(ann)[0] == 200
+    assert 'data-status="succeeded"' in train(ann)
+    assert 'data-status="succeeded"' in train(ann)
+    page = ann.get("/versions?a=1&b=1").text
+    assert "you chose v1 twice: choose two different versions to compare" in page
+    for select in ("a", "b"):
+        chosen = re.search(rf'<select id="{select}" name="{select}">(.*?)</select>', page)
+        assert chosen, page
+        assert re.findall(r'<option value="(\d)"( selected)?>', chosen.group(1)) == [
+            ("2", ""), ("1", " selected")]
+    assert 'id="grid"' not in page
+    # The form compares again from there.
+    assert 'id="grid"' in ann.get("/versions?a=1&b=2").text
+
+
 def test_the_trainer_version_form_refuses_a_replicate_model_the_operator_did_not_choose(
         tmp_path: Path) -> None:
     # The form took any owner/name:<64 hex>: a model of the user's choosing then ran every

@@ -17,10 +17,12 @@ from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
+from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import (
     AuthError,
     ConflictError,
     DatasetRejectedError,
+    ErrorCode,
     ForbiddenError,
     InvalidInputError,
     NotFoundError,
@@ -475,9 +477,24 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
             comparison = svc.likeness.compare(user=viewer.user, a=a, b=b)
         except (InvalidInputError, NotFoundError) as exc:
             compare_error = exc.message
+            same = _named_version(rows, b)
+            if exc.code == ErrorCode.SAME_VERSION and same is not None:
+                compare_error = (f"you chose v{same.number} twice: choose two different "
+                                 "versions to compare")
     log = svc.likeness.training_log(user=viewer.user) if model is not None else []
+    # The comparison's versions are chosen in its form; when there is none (an error), the
+    # ones the user chose, so that the form shows what was asked.
+    chosen = ((comparison.a.id, comparison.b.id) if comparison is not None
+              else tuple(v.id if v else None for v in (_named_version(rows, a),
+                                                        _named_version(rows, b))))
     return web.render(request, "versions.html", viewer=viewer, model=model, rows=rows,
-                      comparison=comparison, compare_error=compare_error, log=log)
+                      comparison=comparison, compare_error=compare_error, log=log,
+                      chosen=chosen)
+
+
+def _named_version(rows: Sequence[Mapping[str, Any]], ref: str | None) -> Version | None:
+    """The version ``ref`` names (its number, as the compare form sends it, or its id)."""
+    return find_version([row["version"] for row in rows], ref) if ref else None
 
 
 @router.post("/versions/{version_id}/activate")
