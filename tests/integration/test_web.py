@@ -637,6 +637,29 @@ def test_choosing_one_version_twice_keeps_the_compare_form_and_says_so(ann: Test
     assert 'id="grid"' in ann.get("/versions?a=1&b=2").text
 
 
+def test_an_error_page_s_back_link_leads_to_the_refused_form_s_page(ann: TestClient) -> None:
+    """Every error page's Back led to /photos: a refused prompt or trainer version was left
+    behind on another page (found in review). With scripts, Back goes back in the history
+    (data-back, tests/browser/test_forms.py)."""
+    assert upload(ann)[0] == 200
+    token = csrf(ann)
+    refused = [  # (the form's path, what it sent, its page)
+        ("/model/trainer-version", {"trainer_version": "garbage", "reason": "why"}, "/model"),
+        ("/generate", {"prompt": "a portrait", "seed": "not a number"}, "/generate"),
+        ("/model/scale", {"lora_scale": "99"}, "/generate"),  # the slider is on /generate
+    ]
+    for path, data, page in refused:
+        r = ann.post(path, data={"csrf_token": token, **data})
+        assert r.status_code in (404, 409, 422), (path, r.status_code)
+        back = re.search(r'<a href="([^"]+)" data-back>Back</a>', r.text)
+        assert back, (path, r.text)
+        assert back.group(1) == page, path
+    # A page that is not found: the photos.
+    r = ann.get("/versions/nope/weights")
+    assert r.status_code == 404
+    assert '<a href="/photos" data-back>Back</a>' in r.text
+
+
 def test_the_trainer_version_form_refuses_a_replicate_model_the_operator_did_not_choose(
         tmp_path: Path) -> None:
     # The form took any owner/name:<64 hex>: a model of the user's choosing then ran every

@@ -167,7 +167,19 @@ class Web:
         with contextlib.suppress(SignInRequired):
             viewer = self.viewer(request)
         return self.render(request, "error.html", viewer=viewer, status_code=status,
-                           status=status, message=message, code=code, reference=reference)
+                           status=status, message=message, code=code, reference=reference,
+                           back=_back_to(request, viewer))
+
+
+def _back_to(request: Request, viewer: Viewer | None) -> str:
+    """Where an error page's Back link leads without scripts (with them it goes back in the
+    browser's history, which keeps what the form held): a refused form's own page, else the
+    photos (or, signed out, the sign-in page)."""
+    if viewer is None:
+        return "/signin"
+    if request.method in ("GET", "HEAD"):
+        return "/photos"
+    return after_sign_in(request.method, request.url.path, "") or "/photos"
 
 
 class SecurityHeaders:

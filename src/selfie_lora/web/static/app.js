@@ -216,6 +216,15 @@
       if (prompt) { prompt.value = button.dataset.prompt; prompt.focus(); }
     }
   });
+  // An error page's Back goes back in the browser's history when the page before it is one of
+  // this site (a refused form's page, which keeps what was typed in it); its link otherwise.
+  document.addEventListener("click", (e) => {
+    const link = e.target instanceof Element ? e.target.closest("a[data-back]") : null;
+    if (!link || history.length < 2 || !document.referrer) return;
+    if (new URL(document.referrer).origin !== window.location.origin) return;
+    e.preventDefault();
+    history.back();
+  });
   const scale = document.getElementById("lora_scale");
   const scaleValue = document.getElementById("scale-value");
   // step="any" so that any stored scale shows as it is; a scale the user drags to is kept to

@@ -1,0 +1,37 @@
+"""Forms of the pages in Chromium: what a person gets back after a form is refused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.browser.support import create, sign_in, upload_photos
+from tests.e2e.conftest import ServeProcess, clean_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_back_from_a_refused_form_returns_to_the_form_with_what_was_typed(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """The error page's Back led to /photos, and what was typed in the form was lost (found in
+    review): it goes back in the history now, to the form as it was left."""
+    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
+    key = create(env, "ann")
+    server = serve(env, args=("--no-worker",))
+    upload_photos(server.base_url, key)  # the model the form is about
+    page = chromium.new_context().new_page()
+    sign_in(page, server.base_url, "ann", "/model")
+    page.get_by_text("Move to another trainer version").click()
+    page.get_by_label("New trainer version").fill("garbage")
+    page.get_by_label("Why").fill("a reason I took a while to write")
+    page.get_by_role("button", name="Move").click()
+    page.wait_for_load_state()
+    assert page.locator("h1").inner_text() == "That did not work"
+    page.get_by_role("link", name="Back").click()
+    page.wait_for_url(f"{server.base_url}/model", timeout=10_000)
+    page.wait_for_load_state()
+    assert page.get_by_label("Why", exact=True).input_value() == \
+        "a reason I took a while to write"
