@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.browser.support import create, sign_in, upload_photos
+from tests.browser.support import PASSWORD, create, sign_in, upload_photos
 from tests.e2e.conftest import ServeProcess, clean_env
 from tests.support.photos import FIXTURES
 
@@ -151,3 +151,20 @@ def test_after_an_upload_the_page_shows_the_new_set_and_no_stale_report(
     send(page)
     assert "check your connection" in page.locator("#upload-status").inner_text()
     assert page.locator("#report").inner_text().strip() == ""
+
+
+def test_an_upload_after_the_session_ended_says_so_with_a_way_to_sign_in(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """The page said only "sign in first" (the server's 401), with no link: its own "Your
+    session has ended" never showed (found in review)."""
+    page, server = photos_page(chromium, tmp_path, serve)
+    page.set_input_files("#files", [str(FIXTURES / "obama.jpg")])
+    page.context.clear_cookies()  # signed out elsewhere, or the session's time is up
+    send(page)
+    assert page.locator("#upload-status").inner_text() == \
+        "Your session has ended: sign in again, then send the photos."
+    page.get_by_role("link", name="sign in again").click()
+    page.get_by_label("Name").fill("ann")
+    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"{server.base_url}/photos")  # back on the page

@@ -141,6 +141,13 @@
       }
     };
 
+    const sessionEnded = () => {
+      const link = document.createElement("a");
+      link.href = "/signin?next=/photos";  // and back here after
+      link.textContent = "sign in again";
+      status.replaceChildren("Your session has ended: ", link, ", then send the photos.");
+    };
+
     form.addEventListener("submit", (e) => {
       e.preventDefault();
       if (!chosen.length) { status.textContent = "Choose some photos first."; return; }
@@ -163,7 +170,11 @@
       xhr.upload.addEventListener("load", () => { status.textContent = "Checking your photos…"; });
       xhr.addEventListener("load", () => {
         progress.value = 100;
-        if (xhr.getResponseHeader("content-type")?.startsWith("text/html")) {
+        if (xhr.status === 401) {
+          // The session ended (signed out in another tab, or too old): the server answers
+          // the upload 401 before reading it.
+          sessionEnded();
+        } else if (xhr.getResponseHeader("content-type")?.startsWith("text/html")) {
           // Only the report fragment (our own escaped template, marked data-trainable) goes in
           // the report: any other page (an error page, the sign-in page a lapsed session is
           // sent to) would nest a whole page here. Of those, the message is shown.
@@ -183,7 +194,7 @@
                 ? "Some photos need changes."
               : alert?.textContent ?? `The upload failed (${xhr.status}).`;
           } else if (xhr.responseURL && new URL(xhr.responseURL).pathname === "/signin") {
-            status.textContent = "Your session has ended: sign in again, then send the photos.";
+            sessionEnded();
           } else {
             const alert = parsed.querySelector('[role="alert"]');
             status.textContent = alert?.textContent ?? `The upload failed (${xhr.status}).`;
