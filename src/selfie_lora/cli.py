@@ -258,7 +258,7 @@ def serve(
         try:
             run_server_processes(settings, host=host, port=port, processes=processes,
                                  worker=worker)
-        except SelfieLoraError as exc:  # a process could not start: all were stopped
+        except SelfieLoraError as exc:  # a process could not start, or crash-looped: all stopped
             _fail(exc.message)
         return
     shown = f"[{host}]" if ":" in host else host

@@ -1,10 +1,12 @@
 """``selfie-lora serve --processes 2``: two processes answer on one port (the first also runs
-the worker), their figures are one view whichever answers the scrape, and Ctrl-C stops them
-all."""
+the worker), their figures are one view whichever answers the scrape, one killed while serving
+is started again, and Ctrl-C stops them all."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -44,10 +46,11 @@ def spawned_children(pid: int) -> set[int]:
     return found
 
 
-def test_two_processes_share_the_port_the_worker_and_the_figures(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    env = clean_env(home, SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny",
-                    SELFIE_LORA_PROBE_COUNT="1")
+def serve_two_processes(tmp_path: Path) -> tuple[ServeProcess, dict[str, str]]:
+    """``selfie-lora serve --processes 2`` on the local tiny model, HOME in ``tmp_path``, and a
+    user's headers."""
+    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local",
+                    SELFIE_LORA_BASE_MODEL="tiny", SELFIE_LORA_PROBE_COUNT="1")
     ann = create_user(env, "ann")
     port = free_port()
     log_path = tmp_path / "serve.log"
@@ -56,7 +59,12 @@ def test_two_processes_share_the_port_the_worker_and_the_figures(tmp_path: Path)
         [selfie_lora_exe(), "serve", "--processes", "2", "--host", "127.0.0.1", "--port",
          str(port)], env=env, stdout=log_file, stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL)
-    server = ServeProcess(proc=proc, port=port, log_path=log_path, env=env, log_file=log_file)
+    return ServeProcess(proc=proc, port=port, log_path=log_path, env=env, log_file=log_file), ann
+
+
+def test_two_processes_share_the_port_the_worker_and_the_figures(tmp_path: Path) -> None:
+    server, ann = serve_two_processes(tmp_path)
+    proc = server.proc
     try:
         server.wait_healthy()
         children = spawned_children(proc.pid)
@@ -81,7 +89,7 @@ def test_two_processes_share_the_port_the_worker_and_the_figures(tmp_path: Path)
         assert found[("selfie_lora_training_duration_seconds_count",
                       (("backend", "local"), ("status", "succeeded")))] == 1
         # Both processes answered requests: each wrote HTTP figures of its own.
-        writers = {int(m.group(1)) for f in (home / "metrics").iterdir()
+        writers = {int(m.group(1)) for f in (tmp_path / "home" / "metrics").iterdir()
                    if (m := re.fullmatch(r"histogram_(\d+)\.db", f.name))}
         assert children <= writers, (children, writers)
     finally:
@@ -91,7 +99,53 @@ def test_two_processes_share_the_port_the_worker_and_the_figures(tmp_path: Path)
     while any(Path(f"/proc/{c}").exists() for c in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(Path(f"/proc/{c}").exists() for c in children), "a process was left behind"
-    assert "Traceback" not in log_path.read_text(errors="replace"), server.why("a stack trace")
+    assert "Traceback" not in server.log_path.read_text(errors="replace"), server.why("a stack trace")
+
+
+def wait_for_line(server: ServeProcess, pattern: str, *, deadline_s: float = 90) -> re.Match[str]:
+    """The first match of ``pattern`` in the server's log, once it is there."""
+    deadline = time.monotonic() + deadline_s
+    while (found := re.search(pattern, server.log_path.read_text(errors="replace"))) is None:
+        assert server.proc.poll() is None, server.why(f"exited before logging {pattern!r}")
+        assert time.monotonic() < deadline, server.why(f"no line {pattern!r}")
+        time.sleep(0.1)
+    return found
+
+
+def test_a_process_killed_while_serving_is_started_again_with_the_worker(tmp_path: Path) -> None:
+    """The OOM killer takes api-0, the process that runs the worker and the reconciler: the
+    other went on answering /readyz 200 and taking uploads whose trainings stayed queued for
+    good, nothing was logged, and Ctrl-C exited 0. Now api-0 is started again (logged), and a
+    training uploaded afterwards runs."""
+    server, ann = serve_two_processes(tmp_path)
+    proc = server.proc
+    try:
+        serving = wait_for_line(server, r"2 API processes on \S+ \(api-0 pid (\d+), "
+                                        r"api-1 pid (\d+)\)")
+        first, second = int(serving.group(1)), int(serving.group(2))
+        os.kill(first, signal.SIGKILL)
+        wait_for_line(server, rf"API process api-0 \(pid {first}\) ended while serving \(killed "
+                              r"by SIGKILL\); starting it again in 1 s")
+        again = int(wait_for_line(server, r"API process api-0 \(pid (\d+)\) serves again")
+                    .group(1))
+        assert spawned_children(proc.pid) == {again, second}, server.why("not restarted")
+
+        with httpx.Client(base_url=server.base_url, timeout=60.0) as client:
+            r = client.post("/api/training/upload-zip", headers=ann,
+                            files={"file": ("me.zip", real_photo_zip(), "application/zip")})
+            assert r.status_code == 202, server.why(r.text)
+            training_id = r.json()["training"]["id"]
+            deadline = time.monotonic() + 60
+            while True:  # the worker (back with api-0) takes it
+                r = client.get("/api/training/progress", headers=ann,
+                               params={"training_id": training_id})
+                if r.json()["training"]["status"] != "queued":
+                    break
+                assert time.monotonic() < deadline, server.why("the training stayed queued")
+                time.sleep(0.2)
+    finally:
+        code = server.stop()
+    assert code == 0, server.why(f"exit code {code} after SIGINT")
 
 
 # The process runner alone, without the command's own check before it: what a process that

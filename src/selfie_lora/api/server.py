@@ -17,10 +17,14 @@ import os
 import shutil
 import signal
 import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import wait
 from multiprocessing.synchronize import Event as EventType
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import h11
 import uvicorn
@@ -33,6 +37,13 @@ logger = logging.getLogger(__name__)
 
 # How long a stopping server waits for open requests before it closes them.
 GRACEFUL_SHUTDOWN_S = 10
+# ``serve --processes N``: a process that ends while it serves is started again after a pause
+# (RESTART_PAUSE_S, doubled for each other end within RESTART_WINDOW_S, at most
+# RESTART_MAX_PAUSE_S); more than RESTART_LIMIT ends within RESTART_WINDOW_S is a crash loop.
+RESTART_LIMIT = 5
+RESTART_WINDOW_S = 600.0
+RESTART_PAUSE_S = 1.0
+RESTART_MAX_PAUSE_S = 30.0
 # Allocations between two collections of the youngest generation (Python's default: 700).
 GC_YOUNGEST_THRESHOLD = 10_000
 
@@ -167,13 +178,178 @@ def _serve_one(host: str, port: int, index: int, worker: bool, parent_pid: int,
     _ReadyServer(config, ready=ready).run(sockets=[sock])
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How ``serve --processes N`` answers a process that ends while it serves (the OOM killer,
+    a native crash in dlib or torch): it is started again after ``pause_s``, doubled for each
+    other end within ``window_s`` (at most ``max_pause_s``); more than ``limit`` ends within
+    ``window_s`` is a crash loop, which stops every process and fails the command."""
+
+    limit: int = RESTART_LIMIT
+    window_s: float = RESTART_WINDOW_S
+    pause_s: float = RESTART_PAUSE_S
+    max_pause_s: float = RESTART_MAX_PAUSE_S
+
+
+class ServingProcess(Protocol):
+    """What the supervisor uses of a ``multiprocessing.Process``."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def sentinel(self) -> int: ...
+    @property
+    def exitcode(self) -> int | None: ...
+    def is_alive(self) -> bool: ...
+    def terminate(self) -> None: ...
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+class ReadyFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+def ending(exitcode: int | None) -> str:
+    """How a process ended, in words: the signal that killed it, or its exit status."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit status {exitcode}"
+
+
+class Supervisor:
+    """Starts ``processes`` processes (``start(index)``: the process, started, and the flag it
+    sets once it serves) and keeps them running until ``stop``: see ``run``."""
+
+    def __init__(self, start: Callable[[int], tuple[ServingProcess, ReadyFlag]], *,
+                 processes: int, policy: RestartPolicy | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._start = start
+        self._count = processes
+        self._policy = policy or RestartPolicy()
+        self._clock = clock
+        self._children: list[ServingProcess | None] = [None] * processes
+        self._ready: list[ReadyFlag | None] = [None] * processes
+        self._announced: list[bool] = [False] * processes
+        self._signalled: set[int] = set()  # pids sent SIGTERM: a second one would force them
+        self._ends: deque[float] = deque()  # when processes ended while serving, recent first
+        self._due: dict[int, float] = {}  # index -> when it starts again
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Every process stops gracefully (SIGTERM, once each); none is started again. Safe in a
+        signal handler."""
+        self.stopping = True
+        self._terminate_all()
+
+    def _terminate_all(self) -> None:
+        for child in self._children:
+            if (child is not None and child.pid is not None and child.pid not in self._signalled
+                    and child.is_alive()):
+                self._signalled.add(child.pid)
+                child.terminate()
+
+    def run(self, *, on_serving: Callable[[list[ServingProcess]], None]) -> None:
+        """Start them all, call ``on_serving`` once every one serves, then keep them serving until
+        ``stop``; return once all have ended.
+
+        ``SelfieLoraError`` (every process stopped first) when one ends before the first start
+        is behind them all (its log says why: the first one's worker refused another
+        deployment's storage), or in a crash loop. One that ends later while serving is logged
+        and started again with the same index, so the first one brings the worker and the
+        reconciler back."""
+        for index in range(self._count):
+            if not self.stopping:
+                self._launch(index)
+        started = False
+        try:
+            while not self.stopping:
+                if not started and all(flag is not None and flag.is_set()
+                                       for flag in self._ready):
+                    started = True
+                    self._announced = [True] * self._count
+                    on_serving([c for c in self._children if c is not None])
+                if started:
+                    self._announce_restarted()
+                for index, child in enumerate(self._children):
+                    if self.stopping or child is None or child.is_alive():
+                        continue
+                    flag = self._ready[index]
+                    if not started and not (flag is not None and flag.is_set()):
+                        raise SelfieLoraError(
+                            f"API process {child.name} ended while it started (exit status "
+                            f"{child.exitcode}; its log above says why): every process was "
+                            "stopped")
+                    self._ended(index, child)
+                now = self._clock()
+                for index, when in sorted(self._due.items()):
+                    if when <= now and not self.stopping:
+                        del self._due[index]
+                        self._launch(index)
+                self._wait(started)
+        finally:
+            self.stop()
+            for child in self._children:
+                if child is not None:
+                    child.join()
+
+    def _launch(self, index: int) -> None:
+        self._children[index], self._ready[index] = self._start(index)
+        self._announced[index] = False
+        if self.stopping:  # a stop while it started: its handler did not see it
+            self._terminate_all()
+
+    def _announce_restarted(self) -> None:
+        for index, (child, flag) in enumerate(zip(self._children, self._ready, strict=True)):
+            if (child is not None and flag is not None and flag.is_set()
+                    and not self._announced[index]):
+                self._announced[index] = True
+                logger.warning("API process %s (pid %s) serves again", child.name, child.pid)
+
+    def _ended(self, index: int, child: ServingProcess) -> None:
+        """``child`` ended while serving: start it again after its pause, or, in a crash loop,
+        fail."""
+        self._children[index] = None
+        self._ready[index] = None
+        now = self._clock()
+        self._ends.appendleft(now)
+        while self._ends and self._ends[-1] < now - self._policy.window_s:
+            self._ends.pop()
+        recent = len(self._ends)
+        how = ending(child.exitcode)
+        if recent > self._policy.limit:
+            raise SelfieLoraError(
+                f"API process {child.name} (pid {child.pid}) ended while serving ({how}): "
+                f"{recent} ends of API processes within {self._policy.window_s:g} s, more than "
+                f"the {self._policy.limit} restarts allowed (their logs above say why); every "
+                "process was stopped")
+        pause = min(self._policy.max_pause_s, self._policy.pause_s * 2 ** (recent - 1))
+        logger.error("API process %s (pid %s) ended while serving (%s); starting it again in "
+                     "%g s (restart %d of the %d allowed within %g s)", child.name, child.pid,
+                     how, pause, recent, self._policy.limit, self._policy.window_s)
+        self._due[index] = now + pause
+
+    def _wait(self, started: bool) -> None:
+        """Until a process ends, a pause is over, or (while a process starts) half a second."""
+        timeouts = [when - self._clock() for when in self._due.values()]
+        if not started or not all(self._announced):
+            timeouts.append(0.5)  # starting processes: their flags are polled
+        timeout = max(0.0, min(timeouts)) if timeouts else None
+        wait([c.sentinel for c in self._children if c is not None], timeout=timeout)
+
+
 def run_server_processes(settings: Settings, *, host: str, port: int, processes: int,
-                         worker: bool) -> None:
+                         worker: bool, policy: RestartPolicy | None = None) -> None:
     """``serve --processes N``: N processes on one port, so a machine's cores all serve
     requests (one Python process keeps to one core: its GIL); the first also runs the worker
     unless ``--no-worker``. Their figures are one view: prometheus-client's multiprocess mode,
-    in HOME/metrics. SIGINT or SIGTERM stops them all gracefully. ``SelfieLoraError`` when a
-    process ends before it serves (its own log says why): the others are stopped first."""
+    in HOME/metrics. SIGINT or SIGTERM stops them all gracefully. A process that ends while it
+    serves is started again (``RestartPolicy``). ``SelfieLoraError`` when a process ends before
+    it serves (its own log says why), or in a crash loop: the others are stopped first."""
     metrics_dir = settings.home / "metrics"
     shutil.rmtree(metrics_dir, ignore_errors=True)  # figures of processes that are gone
     metrics_dir.mkdir(parents=True)
@@ -181,43 +357,26 @@ def run_server_processes(settings: Settings, *, host: str, port: int, processes:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     _listening_socket(host, port).close()  # the address is free: fail here, not N times
     context = multiprocessing.get_context("spawn")
-    ready = [context.Event() for _ in range(processes)]
-    children = [context.Process(target=_serve_one,
-                                args=(host, port, i, worker, os.getpid(), ready[i]),
-                                name=f"api-{i}")
-                for i in range(processes)]
-    stopping = False
+    parent = os.getpid()
 
-    def stop_all() -> None:
-        for child in children:
-            if child.pid is not None and child.is_alive():
-                os.kill(child.pid, signal.SIGTERM)
+    def start(index: int) -> tuple[ServingProcess, ReadyFlag]:
+        ready = context.Event()
+        child = context.Process(target=_serve_one,
+                                args=(host, port, index, worker, parent, ready),
+                                name=f"api-{index}")
+        child.start()
+        return child, ready
+
+    def serving(children: list[ServingProcess]) -> None:
+        logger.info("%d API processes on %s:%d (%s)", processes, host, port,
+                    ", ".join(f"{c.name} pid {c.pid}" for c in children))
+
+    supervisor = Supervisor(start, processes=processes, policy=policy)
 
     def stop(_signum: int, _frame: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = True
-        stop_all()
+        supervisor.stop()
 
     # Before the first start: a stop asked for while they start is not taken for a failure.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for child in children:
-        child.start()
-    # A process that ends before it serves (its app refused to start: the first one's worker
-    # on another deployment's storage) would leave the others serving, ready, without it:
-    # all stop, and the command fails.
-    while not stopping and not all(event.is_set() for event in ready):
-        failed = next((c for c, event in zip(children, ready, strict=True)
-                       if not c.is_alive() and not event.is_set()), None)
-        if failed is not None:
-            stop_all()
-            for child in children:
-                child.join()
-            raise SelfieLoraError(
-                f"API process {failed.name} ended while it started (exit status "
-                f"{failed.exitcode}; its log above says why): every process was stopped")
-        wait([c.sentinel for c in children], timeout=0.5)
-    if not stopping:
-        logger.info("%d API processes on %s:%d", processes, host, port)
-    for child in children:
-        child.join()
+    supervisor.run(on_serving=serving)
