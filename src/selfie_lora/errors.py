@@ -25,6 +25,8 @@ entry points never see them.
     ├── InvalidTransitionError      a training state change that would go backwards (a bug: HTTP 500)
     ├── ServerShortOfMemoryError    the server ran out of memory reading an upload: nothing is
     │                               wrong with the upload, sending it again later works (HTTP 503)
+    ├── ClientGoneError             the client went away while its request waited: the work it
+    │                               waited for was dropped (HTTP 499, which nobody receives)
     ├── StorageError                a blob cannot be read or written (storage unreachable,
     │   │                           a full disk, a refused write)
     │   └── BlobMissingError        the blob is not there: retrying will not bring it back
@@ -80,6 +82,8 @@ class ErrorCode(enum.StrEnum):
     WEIGHTS_MISSING = "weights_missing"
     PHOTOS_NEED_UPLOAD_AGAIN = "photos_need_upload_again"
     BASE_MODEL_MISMATCH = "base_model_mismatch"
+    # 499: what the figures count for a request whose client went away (nobody receives it)
+    CLIENT_GONE = "client_gone"
     # 408, 413
     REQUEST_TIMEOUT = "request_timeout"
     BODY_TOO_LARGE = "body_too_large"
@@ -244,6 +248,15 @@ class ServerShortOfMemoryError(SelfieLoraError):
 
     code = ErrorCode.SERVER_SHORT_OF_MEMORY
     http_status = 503
+
+
+class ClientGoneError(SelfieLoraError):
+    """The client of a request closed its connection while the request waited for queued work,
+    which was dropped: an answer nobody receives. 499 is nginx's "client closed request", so the
+    request's figures tell it from the server's failures."""
+
+    code = ErrorCode.CLIENT_GONE
+    http_status = 499
 
 
 class StorageError(SelfieLoraError):

@@ -27,7 +27,7 @@ from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.config import Settings
-from selfie_lora.errors import ErrorCode, SelfieLoraError
+from selfie_lora.errors import ClientGoneError, ErrorCode, SelfieLoraError
 from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED
 from selfie_lora.web.app import (
     SignInRequired,
@@ -149,6 +149,8 @@ def create_app(
 
     @app.exception_handler(SelfieLoraError)
     async def _domain_error(request: Request, exc: SelfieLoraError) -> Response:
+        if isinstance(exc, ClientGoneError):  # nobody receives it: no page, no error counted
+            return Response(status_code=exc.http_status)
         if is_page(request.url.path):
             return await in_thread(lambda: page_error_response(web, request, exc))
         svc.operations.record_error(code=exc.code)

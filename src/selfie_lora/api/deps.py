@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Annotated, TypeVar
@@ -12,9 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from selfie_lora.api.guard import user_of
 from selfie_lora.domain.entities import User
-from selfie_lora.errors import AuthError
+from selfie_lora.errors import AuthError, ClientGoneError
 from selfie_lora.wiring import Services
 
+logger = logging.getLogger(__name__)
 
 # Both dependencies are ``async`` although they never wait: FastAPI runs a plain ``def``
 # dependency in the thread pool, a round trip that cost more than the rest of a cheap read
@@ -42,7 +44,31 @@ async def in_thread(fn: Callable[[], T]) -> T:
     return await run_in_threadpool(fn)
 
 
-async def finished(future: Future[T]) -> T:
+async def finished(future: Future[T], request: Request) -> T:
     """The result of work a service runs on its own threads (generations), awaited without
-    holding a thread of the shared pool; a request that goes away cancels it if still queued."""
-    return await asyncio.wrap_future(future)
+    holding a thread of the shared pool. A client that goes away while the work is still queued
+    cancels it (``ClientGoneError``): nobody would receive the pictures, and a generation queued
+    for nobody held one of its user's slots, so the retry was refused. Work already running
+    ends, and is stored (the user finds it in the generate page's gallery)."""
+    result = asyncio.wrap_future(future)
+    # uvicorn never cancels a request whose client disconnected: it only says so to the next
+    # ``receive``. The body is read by now, so the next message is that disconnect.
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        result.cancel()  # the request itself cancelled (a server stopping): as awaiting it did
+        raise
+    finally:
+        gone.cancel()
+    went_away = gone.done() and not gone.cancelled() and gone.exception() is None
+    if went_away and future.cancel():  # False once it runs
+        logger.info("%s %s: the client went away; its queued work was dropped", request.method,
+                    request.url.path)
+        raise ClientGoneError("the client went away before its work started")
+    return await result
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

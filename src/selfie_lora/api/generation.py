@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep, finished
@@ -16,13 +16,14 @@ router = APIRouter(prefix="/api", tags=["generation"])
 
 
 @router.post("/generate", responses=errors(404, 409, 413, 422, 429))
-async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody) -> dict[str, Any]:
+async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
+                   http: Request) -> dict[str, Any]:
     """429 ``too_many_generations`` (with Retry-After) when the user already has
     SELFIE_LORA_MAX_GENERATIONS_PER_USER generations in flight on this server process."""
     request = GenerationRequest(prompt=body.prompt, num_outputs=body.num_outputs, seed=body.seed,
                                 lora_scale=body.lora_scale, version_id=body.version_id)
     # On the generation service's own threads: other routes never wait behind a generation.
-    generation = await finished(svc.generation.submit(user=user, request=request))
+    generation = await finished(svc.generation.submit(user=user, request=request), http)
     return {"generation": generation_json(generation)}
 
 

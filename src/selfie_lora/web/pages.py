@@ -557,7 +557,7 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
     # As the API's: on the generation service's threads, within the per-user limit (a 429 page).
     await finished(web.services.generation.submit(
         user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=num_outputs,
-                                                    seed=seed_value)))
+                                                    seed=seed_value)), request)
     return _see("/generate")
 
 

@@ -1,0 +1,201 @@
+"""The HTTP service under concurrent use, on a real uvicorn (``tests.support.served``): clients
+that go away, what the shared thread pool and the event loop are kept free for, and a server
+stopping while requests run."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import pytest
+
+from selfie_lora.api.app import create_app
+from selfie_lora.domain.entities import Generation
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import make_settings, one_person_analyzer, wait_terminal
+from tests.support.photos import photo_zip
+from tests.support.served import Served, served
+
+PASSWORD = "a long password"
+
+
+@dataclass
+class Submissions:
+    """The futures the generation service handed out, as they are handed out."""
+
+    futures: list[Future[Generation]] = field(default_factory=list)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def wrap(self, submit: Callable[..., Future[Generation]]) -> Callable[..., Future[Generation]]:
+        def recorded(**kwargs: Any) -> Future[Generation]:
+            future = submit(**kwargs)
+            with self.changed:
+                self.futures.append(future)
+                self.changed.notify_all()
+            return future
+        return recorded
+
+    def wait_for(self, count: int) -> Future[Generation]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.futures) >= count, timeout=10), (
+                f"{len(self.futures)} generations submitted, not {count}")
+            return self.futures[count - 1]
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def cookie_header(client: httpx.Client) -> str:
+    return "; ".join(f"{name}={value}" for name, value in client.cookies.items())
+
+
+def raw_request(port: int, method: str, path: str, body: bytes, headers: dict[str, str]
+                ) -> socket.socket:
+    """A request sent on a connection of its own, left open: the test closes it (a client
+    that gives up) or reads its answer."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}",
+             *(f"{k}: {v}" for k, v in headers.items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    return sock
+
+
+@dataclass
+class Generating:
+    """A user with a trained model on a served app whose generator is gated, and one thread
+    of generation: what they send and what it answers."""
+
+    server: Served
+    client: httpx.Client
+    svc: Services
+    generator: FakeGenerator
+    submissions: Submissions
+    api_headers: dict[str, str]
+    csrf: str
+
+    def send(self, route: str, prompt: str) -> int:
+        """The user's generation through ``route`` ("api" or "page"): its status."""
+        if route == "api":
+            return self.client.post("/api/generate", headers=self.api_headers,
+                                    json={"prompt": prompt}).status_code
+        return self.client.post("/generate", data={"csrf_token": self.csrf, "prompt": prompt,
+                                                    "num_outputs": "1"}).status_code
+
+    def send_raw(self, route: str, prompt: str) -> socket.socket:
+        if route == "api":
+            return raw_request(self.server.port, "POST", "/api/generate",
+                               json.dumps({"prompt": prompt}).encode(),
+                               {**self.api_headers, "Content-Type": "application/json"})
+        body = urlencode({"csrf_token": self.csrf, "prompt": prompt,
+                          "num_outputs": "1"}).encode()
+        return raw_request(self.server.port, "POST", "/generate", body,
+                           {"Cookie": cookie_header(self.client),
+                            "Content-Type": "application/x-www-form-urlencoded"})
+
+
+@pytest.fixture
+def generating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Generating]:
+    settings = make_settings(tmp_path, generation_threads=1, max_generations_per_user=2)
+    generator = FakeGenerator()
+    svc = build_services(settings, trainers={"local": FakeTrainer()},
+                         face_analyzer=one_person_analyzer(), generators={"local": generator})
+    submissions = Submissions()
+    monkeypatch.setattr(svc.generation, "submit", submissions.wrap(svc.generation.submit))
+    _user, key = svc.users.create(name="ann", password=PASSWORD)
+    api_headers = {"Authorization": f"Bearer {key}"}
+    try:
+        with (served(create_app(settings, services=svc, run_worker=True)) as server,
+              httpx.Client(base_url=server.base_url, timeout=30) as client):
+            r = client.post("/api/training/upload-zip", headers=api_headers,
+                            files={"file": ("photos.zip", photo_zip(4), "application/zip")})
+            assert r.status_code == 202, r.text
+            wait_terminal(client, api_headers, r.json()["training"]["id"])  # type: ignore[arg-type]
+            page = client.get("/signin").text
+            form = re.search(r'name="form_token" value="([^"]+)"', page)
+            assert form
+            r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                             "form_token": form.group(1), "next": "/generate"},
+                            follow_redirects=True)
+            csrf = re.search(r'name="csrf-token" content="([^"]+)"', r.text)
+            assert csrf, r.text
+            generator.gate = threading.Event()
+            try:
+                yield Generating(server=server, client=client, svc=svc, generator=generator,
+                                 submissions=submissions, api_headers=api_headers,
+                                 csrf=csrf.group(1))
+            finally:
+                generator.gate.set()
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize("route", ["api", "page"])
+def test_a_generation_queued_for_a_client_that_went_away_is_dropped_and_frees_its_slot(
+        generating: Generating, route: str) -> None:
+    """uvicorn never cancels a request whose client disconnected, so a generation queued for
+    nobody ran anyway (minutes of a GPU), was stored, and held one of its user's two slots all
+    along: the user's retry was refused 429 too_many_generations (found in review). Now the
+    queued work is dropped once its client goes away, and the retry is taken."""
+    g = generating
+    answers: list[int] = []
+    retry: list[int] = []
+    first = threading.Thread(target=lambda: answers.append(g.send(route, "a-first")))
+    second = threading.Thread(target=lambda: retry.append(g.send(route, "c-retry")))
+    first.start()
+    try:
+        g.submissions.wait_for(1)
+        wait_until(lambda: g.generator.waiting == 1, "the first generation never ran")
+        # Queued behind it (one generation thread), then its client gives up.
+        abandoned = g.send_raw(route, "b-abandoned")
+        queued = g.submissions.wait_for(2)
+        abandoned.close()
+        dropped = threading.Event()
+        queued.add_done_callback(lambda _f: dropped.set())
+        assert dropped.wait(10), "the generation of a client that went away stayed queued"
+        assert queued.cancelled()
+        second.start()
+        g.submissions.wait_for(3)  # taken, not refused: it queues behind the first
+    finally:
+        g.generator.gate.set()  # type: ignore[union-attr]
+        first.join(10)
+        if second.ident is not None:
+            second.join(10)
+    ok = 200 if route == "api" else 303
+    assert answers == [ok]
+    assert retry == [ok]  # the retry was 429 too_many_generations
+    # (The generator also made the likeness probes of the training.)
+    prompts = [job.prompt.rsplit(", ", 1)[-1] for job in g.generator.jobs]
+    assert [p for p in prompts if p.endswith(("-first", "-abandoned", "-retry"))] == [
+        "a-first", "c-retry"], prompts
+    user = g.svc.users.get_by_name(name="ann")
+    stored = [gen.prompt for gen in g.svc.generation.history(user=user)]
+    assert not any("b-abandoned" in p for p in stored), stored
+
+
+def test_a_generation_already_running_when_its_client_goes_away_ends_and_is_stored(
+        generating: Generating) -> None:
+    g = generating
+    abandoned = g.send_raw("api", "running-alone")
+    running = g.submissions.wait_for(1)
+    wait_until(lambda: g.generator.waiting == 1, "the generation never ran")
+    abandoned.close()
+    g.generator.gate.set()  # type: ignore[union-attr]
+    generation = running.result(timeout=10)
+    assert "running-alone" in generation.prompt
+    user = g.svc.users.get_by_name(name="ann")
+    assert [gen.id for gen in g.svc.generation.history(user=user)] == [generation.id]
