@@ -4,6 +4,7 @@ stopping while requests run."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import socket
@@ -20,11 +21,12 @@ import httpx
 import pytest
 
 from selfie_lora.api.app import create_app
+from selfie_lora.api.guard import UPLOAD_PATHS
 from selfie_lora.domain.entities import Generation
-from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
-from tests.conftest import make_settings, one_person_analyzer, wait_terminal
-from tests.support.photos import photo_zip
+from tests.conftest import auth, make_settings, one_person_analyzer, wait_terminal
+from tests.support.photos import photo_zip, synthetic_photo
 from tests.support.served import Served, served
 
 PASSWORD = "a long password"
@@ -199,3 +201,93 @@ def test_a_generation_already_running_when_its_client_goes_away_ends_and_is_stor
     assert "running-alone" in generation.prompt
     user = g.svc.users.get_by_name(name="ann")
     assert [gen.id for gen in g.svc.generation.history(user=user)] == [generation.id]
+
+
+class HeldFaces:
+    """A face analyzer whose every call waits for ``gate``: photos whose analysis takes as long
+    as the test wants. ``entered`` counts the calls."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = 0
+        self._lock = threading.Lock()
+        self.analyzer = FakeFaceAnalyzer(embed=self._embed, box_fraction=0.5)
+
+    def _embed(self, _image: Any) -> tuple[float, ...]:
+        with self._lock:
+            self.entered += 1
+        self.gate.wait(60)
+        return (0.1,) * 128
+
+
+class BodiesRead:
+    """The app, counting the uploads whose whole body it has read: from then on an upload
+    waits only for its intake."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.uploads = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in UPLOAD_PATHS:
+            await self.app(scope, receive, send)
+            return
+
+        async def counted() -> Any:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                self.uploads += 1
+            return message
+
+        await self.app(scope, counted, send)
+
+
+UPLOADS = 42  # more than the shared thread pool's 40 threads
+QUICK = {"/healthz": 200, "/readyz": 200, "/metrics": 200, "/signin": 200, "/api/model": 404}
+
+
+def test_uploads_under_way_leave_the_probes_and_the_other_routes_quick(tmp_path: Path) -> None:
+    """Every upload held a thread of the shared pool (anyio's 40) for its whole intake, most of
+    it waiting for the analysis processes: with 42 uploads under way, /readyz, /metrics, the
+    sign-in page and GET /api/model took 10 s (found in review): a readiness probe failed
+    exactly when the server was busy. Intakes now run on their own threads
+    (2 x SELFIE_LORA_INTAKE_WORKERS of them), the probes on theirs."""
+    settings = make_settings(tmp_path, intake_workers=1)  # analysed in the intake's thread
+    faces = HeldFaces()
+    svc = build_services(settings, trainers={"local": FakeTrainer()},
+                         face_analyzer=faces.analyzer, generators={"local": FakeGenerator()})
+    users = [auth(svc, f"user{i}") for i in range(UPLOADS)]
+    carol = auth(svc, "carol")
+    app = BodiesRead(create_app(settings, services=svc))
+
+    async def scenario(base_url: str) -> tuple[dict[str, int | str], list[int]]:
+        async with httpx.AsyncClient(base_url=base_url, timeout=60,
+                                     limits=httpx.Limits(max_connections=200)) as client:
+            uploads = [asyncio.ensure_future(client.post(
+                "/api/training/upload", headers=headers, data={"start": "false"},
+                files=[("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg"))]))
+                for i, headers in enumerate(users)]
+            deadline = time.monotonic() + 30
+            while app.uploads < UPLOADS or faces.entered < 1:
+                assert time.monotonic() < deadline, (
+                    f"{app.uploads} uploads read, {faces.entered} analysed")
+                await asyncio.sleep(0.01)
+            answers: dict[str, int | str] = {}
+            for path in QUICK:
+                try:
+                    r = await client.get(path, headers=carol if path.startswith("/api/") else {},
+                                         timeout=2)
+                    answers[path] = r.status_code
+                except httpx.TimeoutException:
+                    answers[path] = "no answer in 2 s"
+            faces.gate.set()
+            return answers, [r.status_code for r in await asyncio.gather(*uploads)]
+
+    try:
+        with served(app) as server:
+            answers, uploaded = asyncio.run(scenario(server.base_url))
+    finally:
+        faces.gate.set()
+        svc.close()
+    assert answers == QUICK
+    assert uploaded == [202] * UPLOADS

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -22,7 +24,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfie_lora.api import generation, keys, likeness, model, training, webhooks
-from selfie_lora.api.deps import in_thread
+from selfie_lora.api.deps import in_thread, intake_limiter
 from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.api.server_errors import report_server_error
@@ -39,6 +41,11 @@ from selfie_lora.web.app import (
 from selfie_lora.wiring import Services, build_services
 
 logger = logging.getLogger(__name__)
+
+# Threads of /readyz and /metrics, theirs alone: a probe never waits behind user work for a
+# thread of the shared pool (its timeout is a second or so; a failed readiness probe takes the
+# process out of the load balancer exactly when it is busy).
+PROBE_THREADS = 2
 
 DESCRIPTION = """Turn a person's selfies into a personal FLUX LoRA, retrain it without losing
 anything, and generate pictures with it.
@@ -96,6 +103,8 @@ def create_app(
     app = FastAPIOffline(title="selfie-lora", version="0.1.0", description=DESCRIPTION,
                          lifespan=lifespan)
     app.state.services = svc
+    app.state.intake_limiter = intake_limiter(svc.settings.intake_workers)
+    probes = CapacityLimiter(PROBE_THREADS)
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict[str, str]:
@@ -104,24 +113,25 @@ def create_app(
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["service"], responses={503: {"description": "not ready"}})
-    def readyz(request: Request) -> JSONResponse:
+    async def readyz(request: Request) -> JSONResponse:
         """Readiness: 200 when the database, the queue and the storage answer, 503 otherwise
         (each check "ok" or "unavailable" in ``checks``; why, in the log, and here to a caller
         sending the metrics token when one is set)."""
-        readiness = svc.operations.readiness()
+        readiness = await anyio.to_thread.run_sync(svc.operations.readiness, limiter=probes)
         detailed = svc.operations.is_operator(authorization=request.headers.get("authorization"))
         return JSONResponse(status_code=readiness.http_status,
                             content=readiness.as_json(detailed=detailed))
 
     @app.get("/metrics", tags=["service"], response_class=Response,
              responses={401: {"description": "SELFIE_LORA_METRICS_TOKEN is set and not sent"}})
-    def metrics(request: Request) -> Response:
+    async def metrics(request: Request) -> Response:
         """The operator's figures in the Prometheus text format."""
         if not svc.operations.may_read_metrics(
                 authorization=request.headers.get("authorization")):
             return _error(401, ErrorCode.UNAUTHORIZED, METRICS_TOKEN_REQUIRED,
                           headers={"WWW-Authenticate": "Bearer"})
-        body, content_type = svc.operations.metrics()
+        body, content_type = await anyio.to_thread.run_sync(svc.operations.metrics,
+                                                            limiter=probes)
         return Response(body, media_type=content_type)
 
     # Before the pages: a request is matched against the routes in order, and the API's reads

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Annotated, TypeVar
 
+import anyio.to_thread
+from anyio import CapacityLimiter
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
@@ -17,6 +19,11 @@ from selfie_lora.errors import AuthError, ClientGoneError
 from selfie_lora.wiring import Services
 
 logger = logging.getLogger(__name__)
+
+# Uploads' intakes one server process runs at once, per photo-analysis process
+# (SELFIE_LORA_INTAKE_WORKERS): enough to keep those processes fed while another intake reads
+# its photos or stores them.
+INTAKES_PER_ANALYSIS_PROCESS = 2
 
 # Both dependencies are ``async`` although they never wait: FastAPI runs a plain ``def``
 # dependency in the thread pool, a round trip that cost more than the rest of a cheap read
@@ -42,6 +49,21 @@ T = TypeVar("T")
 async def in_thread(fn: Callable[[], T]) -> T:
     """Run blocking service work (photos, images, torch) off the event loop."""
     return await run_in_threadpool(fn)
+
+
+def intake_limiter(intake_workers: int) -> CapacityLimiter:
+    """The threads of one app's intakes (``in_intake``)."""
+    return CapacityLimiter(INTAKES_PER_ANALYSIS_PROCESS * intake_workers)
+
+
+async def in_intake(request: Request, fn: Callable[[], T]) -> T:
+    """Run an upload's intake off the event loop on the intakes' own threads (the app's
+    ``intake_limiter``). An intake holds its thread while its photos wait for the analysis
+    processes: on the shared pool (anyio's 40 threads), 40 uploads held every thread, and
+    /readyz, /metrics, signing in and every synchronous route waited seconds behind them. The
+    uploads beyond the limit wait for their turn holding no thread."""
+    limiter: CapacityLimiter = request.app.state.intake_limiter
+    return await anyio.to_thread.run_sync(fn, limiter=limiter)
 
 
 async def finished(future: Future[T], request: Request) -> T:

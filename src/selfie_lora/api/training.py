@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
-from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
+from selfie_lora.api.deps import ServicesDep, UserDep, in_intake, in_thread
 from selfie_lora.api.model import model_of
 from selfie_lora.api.schemas import CancelBody, ResumeBody, StartBody, errors
 from selfie_lora.api.serializers import dataset_json, model_json, training_json
@@ -59,18 +59,19 @@ async def read_capped(file: UploadFile, *, limit: int) -> bytes:
 
 @router.post("/upload-zip", status_code=202, responses=errors(409, 413, 422))
 async def upload_zip(
-    user: UserDep, svc: ServicesDep,
+    user: UserDep, svc: ServicesDep, request: Request,
     file: Annotated[UploadFile, File(description="A zip of photos.")],
     start: Annotated[bool, Form(description="Also start a training on them.")] = True,
 ) -> dict[str, Any]:
     data = await read_capped(file, limit=svc.settings.max_upload_bytes)
-    result = await in_thread(lambda: svc.training.upload_zip(user=user, data=data, start=start))
+    result = await in_intake(request, lambda: svc.training.upload_zip(user=user, data=data,
+                                                                      start=start))
     return upload_json(svc, result)
 
 
 @router.post("/upload", status_code=202, responses=errors(409, 413, 422))
 async def upload_files(
-    user: UserDep, svc: ServicesDep,
+    user: UserDep, svc: ServicesDep, request: Request,
     files: Annotated[list[UploadFile], File(description="Photos, one part each.")],
     start: Annotated[bool, Form(description="Also start a training on them.")] = True,
 ) -> dict[str, Any]:
@@ -84,8 +85,8 @@ async def upload_files(
         # An empty filename (filename="", as curl and browsers send it): the intake names the
         # photo by its place ("photo3").
         named.append((upload.filename or "", data))
-    result = await in_thread(lambda: svc.training.upload_files(user=user, files=named,
-                                                               start=start))
+    result = await in_intake(request, lambda: svc.training.upload_files(user=user, files=named,
+                                                                        start=start))
     return upload_json(svc, result)
 
 

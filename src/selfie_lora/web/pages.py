@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
-from selfie_lora.api.deps import finished, in_thread
+from selfie_lora.api.deps import finished, in_intake, in_thread
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
@@ -221,10 +221,10 @@ async def photos_upload(request: Request, viewer: PageViewer,
                                            (n for n, _ in named), strict=True))
     try:
         if is_zip:
-            result = await in_thread(lambda: svc.training.upload_zip(
+            result = await in_intake(request, lambda: svc.training.upload_zip(
                 user=viewer.user, data=named[0][1], start=False))
         else:
-            result = await in_thread(lambda: svc.training.upload_files(
+            result = await in_intake(request, lambda: svc.training.upload_files(
                 user=viewer.user, files=named, start=False))
     except DatasetRejectedError as exc:
         return web.render(request, "_report.html", viewer=viewer, status_code=422,
