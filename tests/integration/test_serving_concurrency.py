@@ -24,8 +24,8 @@ from selfie_lora.api.app import create_app
 from selfie_lora.api.guard import UPLOAD_PATHS
 from selfie_lora.domain.entities import Generation
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
-from selfie_lora.wiring import Services, build_services
-from tests.conftest import auth, make_settings, one_person_analyzer, wait_terminal
+from selfie_lora.wiring import Services, build_services, default_blob_store
+from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
 from tests.support.photos import photo_zip, synthetic_photo
 from tests.support.served import Served, served
 
@@ -291,3 +291,61 @@ def test_uploads_under_way_leave_the_probes_and_the_other_routes_quick(tmp_path:
         svc.close()
     assert answers == QUICK
     assert uploaded == [202] * UPLOADS
+
+
+class LoopWatch:
+    """A blob store noting each call, and each made on an event loop's thread: there it stops
+    every other request of the process for as long as the storage takes (an S3 LIST, a GET)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.calls: list[str] = []
+        self.on_the_loop: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self._inner, name)
+        if not callable(found):
+            return found
+
+        def called(*args: Any, **kwargs: Any) -> Any:
+            call = f"{name}({args[0] if args else ''})"
+            self.calls.append(call)
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:
+                pass  # a thread of its own
+            else:
+                self.on_the_loop.append(call)
+            return found(*args, **kwargs)
+        return called
+
+
+def test_an_upload_s_answer_is_built_off_the_event_loop(tmp_path: Path) -> None:
+    """The upload routes built their answer on the event loop after the intake: the model's
+    and the training's state from the database, and the listing of the training's samples (an
+    S3 LIST for every recipe that samples); the photos page read the stored photos' manifest.
+    A slow storage or a full connection pool froze every request of the process, /healthz
+    included (found in review). Now the answer is built in the intake's own trip off the loop."""
+    settings = make_settings(tmp_path)
+    blobs = LoopWatch(default_blob_store(settings))
+    with serving(settings, blobs=blobs) as (client, svc):
+        r = client.post("/api/training/upload-zip", headers=auth(svc, "ann"),
+                        files={"file": ("photos.zip", photo_zip(4), "application/zip")})
+        assert r.status_code == 202, r.text
+        assert r.json()["training"]["status"] == "queued"
+        files = [("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg")) for i in range(4)]
+        r = client.post("/api/training/upload", headers=auth(svc, "bob"), files=files)
+        assert r.status_code == 202, r.text
+        svc.users.create(name="carol", password=PASSWORD)
+        form = re.search(r'name="form_token" value="([^"]+)"', client.get("/signin").text)
+        assert form
+        r = client.post("/signin", data={"name": "carol", "password": PASSWORD,
+                                         "form_token": form.group(1), "next": "/photos"})
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', r.text)
+        assert csrf, r.text
+        r = client.post("/photos/upload", files=files, headers={"X-CSRF-Token": csrf.group(1)})
+        assert r.status_code == 200, r.text
+        assert "p0.jpg" in r.text  # the report of the photos kept
+    samples = [c for c in blobs.calls if c.startswith("list(samples/")]
+    assert len(samples) == 2, blobs.calls  # each started training's, for its answer
+    assert blobs.on_the_loop == []

@@ -24,6 +24,7 @@ def view_json(view: TrainingView) -> dict[str, Any]:
 
 
 def upload_json(svc: Services, result: UploadResult) -> dict[str, Any]:
+    """Blocking: the model's and the training's state (the database, the samples' listing)."""
     overview = svc.models.overview_of(result.model) if result.model else None
     return {
         "dataset": dataset_json(result.dataset),
@@ -64,9 +65,9 @@ async def upload_zip(
     start: Annotated[bool, Form(description="Also start a training on them.")] = True,
 ) -> dict[str, Any]:
     data = await read_capped(file, limit=svc.settings.max_upload_bytes)
-    result = await in_intake(request, lambda: svc.training.upload_zip(user=user, data=data,
-                                                                      start=start))
-    return upload_json(svc, result)
+    # The answer in the same trip off the event loop: it reads the database and the storage.
+    return await in_intake(request, lambda: upload_json(
+        svc, svc.training.upload_zip(user=user, data=data, start=start)))
 
 
 @router.post("/upload", status_code=202, responses=errors(409, 413, 422))
@@ -85,9 +86,8 @@ async def upload_files(
         # An empty filename (filename="", as curl and browsers send it): the intake names the
         # photo by its place ("photo3").
         named.append((upload.filename or "", data))
-    result = await in_intake(request, lambda: svc.training.upload_files(user=user, files=named,
-                                                                        start=start))
-    return upload_json(svc, result)
+    return await in_intake(request, lambda: upload_json(
+        svc, svc.training.upload_files(user=user, files=named, start=start)))
 
 
 def started_json(svc: Services, user: Any, result: StartResult) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from selfie_lora.errors import (
 )
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.services.training import UploadResult
 from selfie_lora.web.app import Viewer, Web
 from selfie_lora.web.cookies import FORM_COOKIE, FORM_MAX_AGE_SECONDS, SESSION_COOKIE
 
@@ -219,13 +220,17 @@ async def photos_upload(request: Request, viewer: PageViewer,
     # file on the device for its thumbnail. A zip's own name is no photo: none of it here.
     originals = {} if is_zip else dict(zip(svc.intake.stored_names([n for n, _ in named]),
                                            (n for n, _ in named), strict=True))
-    try:
+
+    def intake() -> UploadResult:
         if is_zip:
-            result = await in_intake(request, lambda: svc.training.upload_zip(
-                user=viewer.user, data=named[0][1], start=False))
-        else:
-            result = await in_intake(request, lambda: svc.training.upload_files(
-                user=viewer.user, files=named, start=False))
+            return svc.training.upload_zip(user=viewer.user, data=named[0][1], start=False)
+        return svc.training.upload_files(user=viewer.user, files=named, start=False)
+
+    try:
+        # The report in the same trip off the event loop: it reads the stored photos (the
+        # database, the storage's manifest).
+        return await in_intake(request, lambda: _upload_report(web, request, viewer, intake(),
+                                                               originals=originals))
     except DatasetRejectedError as exc:
         return web.render(request, "_report.html", viewer=viewer, status_code=422,
                           trainable=False, message=exc.message,
@@ -237,8 +242,13 @@ async def photos_upload(request: Request, viewer: PageViewer,
                           set_findings=[d for d in exc.details if not d.get("photo")])
     except (InvalidInputError, ConflictError, PayloadTooLargeError) as exc:
         return _upload_refused(web, request, viewer, exc)
+
+
+def _upload_report(web: Web, request: Request, viewer: Viewer, result: UploadResult, *,
+                   originals: Mapping[str, str]) -> HTMLResponse:
+    """The report of the photos an upload kept (blocking: reads them back)."""
     dataset = result.dataset
-    photos = svc.intake.photos(user=viewer.user, dataset_id=dataset.id)
+    photos = web.services.intake.photos(user=viewer.user, dataset_id=dataset.id)
     findings = [f.as_dict() for f in dataset.findings]
     boxes = {p.name: list(p.face_box) for p in photos if p.face_box}
     # The photos the intake read, by the names it stored them under: the multipart names
