@@ -134,6 +134,7 @@ class ErrorCode(enum.StrEnum):
     # 500, 502, 503
     INVALID_TRANSITION = "invalid_transition"
     SERVER_SHORT_OF_MEMORY = "server_short_of_memory"
+    SERVER_STOPPING = "server_stopping"
     STORAGE_ERROR = "storage_error"
     GENERATION_FAILED = "generation_failed"
     TRAINING_INTERRUPTED = "training_interrupted"

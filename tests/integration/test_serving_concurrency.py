@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 import threading
@@ -60,6 +61,19 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10) ->
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.01)
+
+
+def sign_in(client: Any, name: str, *, next_path: str = "/photos") -> str:
+    """``name`` (with PASSWORD) signed in on ``client`` (an httpx.Client or a TestClient): its
+    session's CSRF token."""
+    form = re.search(r'name="form_token" value="([^"]+)"', client.get("/signin").text)
+    assert form
+    r = client.post("/signin", data={"name": name, "password": PASSWORD,
+                                     "form_token": form.group(1), "next": next_path},
+                    follow_redirects=True)
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', r.text)
+    assert csrf, r.text
+    return csrf.group(1)
 
 
 def cookie_header(client: httpx.Client) -> str:
@@ -127,19 +141,12 @@ def generating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gene
                             files={"file": ("photos.zip", photo_zip(4), "application/zip")})
             assert r.status_code == 202, r.text
             wait_terminal(client, api_headers, r.json()["training"]["id"])  # type: ignore[arg-type]
-            page = client.get("/signin").text
-            form = re.search(r'name="form_token" value="([^"]+)"', page)
-            assert form
-            r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
-                                             "form_token": form.group(1), "next": "/generate"},
-                            follow_redirects=True)
-            csrf = re.search(r'name="csrf-token" content="([^"]+)"', r.text)
-            assert csrf, r.text
+            csrf = sign_in(client, "ann", next_path="/generate")
             generator.gate = threading.Event()
             try:
                 yield Generating(server=server, client=client, svc=svc, generator=generator,
                                  submissions=submissions, api_headers=api_headers,
-                                 csrf=csrf.group(1))
+                                 csrf=csrf)
             finally:
                 generator.gate.set()
     finally:
@@ -337,15 +344,73 @@ def test_an_upload_s_answer_is_built_off_the_event_loop(tmp_path: Path) -> None:
         r = client.post("/api/training/upload", headers=auth(svc, "bob"), files=files)
         assert r.status_code == 202, r.text
         svc.users.create(name="carol", password=PASSWORD)
-        form = re.search(r'name="form_token" value="([^"]+)"', client.get("/signin").text)
-        assert form
-        r = client.post("/signin", data={"name": "carol", "password": PASSWORD,
-                                         "form_token": form.group(1), "next": "/photos"})
-        csrf = re.search(r'name="csrf-token" content="([^"]+)"', r.text)
-        assert csrf, r.text
-        r = client.post("/photos/upload", files=files, headers={"X-CSRF-Token": csrf.group(1)})
+        csrf = sign_in(client, "carol")
+        r = client.post("/photos/upload", files=files, headers={"X-CSRF-Token": csrf})
         assert r.status_code == 200, r.text
         assert "p0.jpg" in r.text  # the report of the photos kept
     samples = [c for c in blobs.calls if c.startswith("list(samples/")]
     assert len(samples) == 2, blobs.calls  # each started training's, for its answer
     assert blobs.on_the_loop == []
+
+
+def test_a_request_still_running_when_the_server_stops_is_a_503_to_send_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A request still running when a stopping server's grace was over (a long upload, a
+    generation) was cancelled by uvicorn and answered a plain-text 500 Internal Server Error,
+    with a traceback in the log (found in review): the client could not tell a restart from a
+    bug. It is now the contract's 503 server_stopping with Retry-After (on a page, its error
+    page), and one line in the log."""
+    settings = make_settings(tmp_path, intake_workers=1)  # 2 intakes at once: both held
+    faces = HeldFaces()
+    svc = build_services(settings, trainers={"local": FakeTrainer()},
+                         face_analyzer=faces.analyzer, generators={"local": FakeGenerator()})
+    ann = auth(svc, "ann")
+    svc.users.create(name="bob", password=PASSWORD)
+    photo = [("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))]
+    answers: dict[str, httpx.Response] = {}
+    try:
+        with (served(create_app(settings, services=svc), graceful_s=0.1) as server,
+              httpx.Client(base_url=server.base_url, timeout=30) as bob):
+            page_headers = {"X-CSRF-Token": sign_in(bob, "bob"), "Cookie": cookie_header(bob)}
+            sends = {
+                "api": lambda: httpx.post(f"{server.base_url}/api/training/upload", headers=ann,
+                                          files=photo, data={"start": "false"}, timeout=30),
+                "page": lambda: httpx.post(f"{server.base_url}/photos/upload",
+                                           headers=page_headers, files=photo, timeout=30)}
+            clients = [threading.Thread(target=lambda n=name, f=send: answers.update({n: f()}))
+                       for name, send in sends.items()]
+            for thread in clients:
+                thread.start()
+            wait_until(lambda: faces.entered >= 2, "the two uploads never reached the analyzer")
+            stopping = threading.Thread(target=server.stop)
+            stopping.start()
+            for thread in clients:
+                thread.join(30)
+            faces.gate.set()
+            stopping.join(60)
+    finally:
+        faces.gate.set()
+        svc.close()
+    api, page = answers["api"], answers["page"]
+    message = ("the server is restarting and stopped before your request was done; send it "
+               "again in a few seconds")
+    assert api.status_code == 503, api.text
+    assert api.json() == {"error": {"code": "server_stopping", "message": message,
+                                    "details": []}}
+    assert page.status_code == 503, page.text
+    assert page.headers["content-type"].startswith("text/html")
+    assert 'data-code="server_stopping"' in page.text
+    assert message in page.text
+    for answer in (api, page):
+        assert answer.headers["retry-after"] == "10"
+        assert answer.headers["connection"] == "close"
+    # uvicorn's own line ("Cancel 2 running task(s) ...") stays; no traceback.
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    logged = [r.getMessage() for r in caplog.records if r.name == "selfie_lora.api.stopping"]
+    assert [r.levelno for r in caplog.records if r.name == "selfie_lora.api.stopping"] == [
+        logging.WARNING] * 2
+    assert sorted(logged) == [
+        "POST /api/training/upload: answered 503 server_stopping, the server stopping before it "
+        "was done",
+        "POST /photos/upload: answered 503 server_stopping, the server stopping before it was "
+        "done"], logged

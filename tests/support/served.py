@@ -39,8 +39,9 @@ def served(app: Any, *, graceful_s: float = 10.0) -> Iterator[Served]:
     graceful shutdown; stopped after the block unless the block stopped it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", http=guarded_protocol(10.0),
-                            timeout_graceful_shutdown=graceful_s)
+    # log_config None: uvicorn's lines reach the root logger, so pytest's caplog sees them.
+    config = uvicorn.Config(app, log_level="warning", log_config=None,
+                            http=guarded_protocol(10.0), timeout_graceful_shutdown=graceful_s)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -28,6 +28,7 @@ from selfie_lora.api.deps import in_thread, intake_limiter
 from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.api.server_errors import report_server_error
+from selfie_lora.api.stopping import ServerStopping
 from selfie_lora.config import Settings
 from selfie_lora.errors import ClientGoneError, ErrorCode, SelfieLoraError
 from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED
@@ -138,6 +139,13 @@ def create_app(
     # are the requests that come by the hundred.
     for module in (training, model, likeness, generation, keys, webhooks):
         app.include_router(module.router)
+    # Inside the pages' security headers: its error page gets them too. The page is rendered
+    # signed out: finding the viewer would ask the database, which is closing.
+    app.add_middleware(
+        ServerStopping, operations=svc.operations, is_page=is_page,
+        page=lambda request, status, message, code: request.app.state.web.render(
+            request, "error.html", status_code=status, status=status, message=message,
+            code=code, reference=None))
     # The pages (web/): the same services, signed in with a session cookie.
     web = mount_web(app, svc)
     app.add_middleware(
