@@ -28,6 +28,7 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
 from tests.support.generations import held_generations
+from tests.support.owners import own_model
 from tests.support.photos import photo_zip, synthetic_photo
 
 T = TypeVar("T")
@@ -153,24 +154,42 @@ def test_a_version_published_to_another_model_is_not_generated_with(tmp_path: Pa
     assert svc.repo.list_generations(svc.users.get_by_name(name="ann").id, limit=10) == []
 
 
-def test_other_users_objects_are_404(client: TestClient, services: Services) -> None:
-    ann, bob = auth(services, "ann"), auth(services, "bob")
+def test_other_users_objects_are_404(client: TestClient, services: Services,
+                                     fake_generator: FakeGenerator) -> None:
+    ann = auth(services, "ann")
     body = upload(client, ann)
     done = wait_terminal(client, ann, body["training"]["id"])
     version = done["model"]["active_version"]
     gen = client.post("/api/generate", headers=ann, json={"prompt": "x"}).json()["generation"]
-    upload(client, bob, start=False)
+    # Bob has a trained model of his own: past "you have no model yet", only a lookup scoped to
+    # his model can answer 404 (and his version 1 is there for the number form to find).
+    bob_owner = own_model(client, services, "bob")
+    bob = bob_owner.headers
+    assert bob_owner.version is not None
+    ann_trigger = body["model"]["trigger_word"]
+    jobs_before = len(fake_generator.jobs)
     for method, url, kwargs in [
         ("get", "/api/training/progress", {"params": {"training_id": body["training"]["id"]}}),
         ("get", version["weights_url"], {}),
         ("post", f"/api/model/versions/{version['id']}/activate", {}),
         ("get", gen["images"][0], {}),
         ("post", "/api/training/start", {"json": {"dataset_id": body["dataset"]["id"]}}),
+        # Ann's LoRA, asked for by Bob: pictures of Ann's face on request.
+        ("post", "/api/generate", {"json": {"prompt": "x", "version_id": version["id"]}}),
     ]:
         r = getattr(client, method)(url, headers=bob, **kwargs)
-        assert r.status_code == 404, (url, r.status_code, r.text)
+        assert r.status_code == 404, (url, kwargs, r.status_code, r.text)
         assert ann["Authorization"] not in r.text
-        assert body["model"]["trigger_word"] not in r.text
+        assert ann_trigger not in r.text
+    assert len(fake_generator.jobs) == jobs_before  # nothing was generated
+    # A version number is Bob's own version of that number, never Ann's.
+    r = client.post("/api/generate", headers=bob, json={"prompt": "x", "version_id": "1"})
+    assert r.status_code == 200, r.text
+    assert r.json()["generation"]["version_id"] == bob_owner.version["id"]
+    assert all(ann_trigger not in job.prompt for job in fake_generator.jobs[jobs_before:])
+    bob_user = services.users.get_by_name(name="bob")
+    assert {g.version_id for g in services.generation.history(user=bob_user)} == {
+        bob_owner.version["id"]}
 
 
 def test_an_upload_that_starts_nothing_makes_the_model_the_first_training_keeps(
