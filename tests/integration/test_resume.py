@@ -32,6 +32,7 @@ from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.testing.fakes import FakeGenerator, SimulatedCrash, fake_safetensors
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, one_person_analyzer
+from tests.support.owners import own_model
 from tests.support.photos import synthetic_photo
 
 SEED = int(os.environ.get("SELFIE_LORA_CHECKPOINT_SEED", "20261204"))
@@ -415,14 +416,21 @@ def test_selfie_lora_resume_queues_the_canceled_training(home: Path) -> None:
     assert "no checkpoint" in " ".join(refused.output.split())  # resumed once already
 
 
+def _signing_in(settings: Settings, trainer: CheckpointingFake) -> Services:
+    """Services on ``trainer`` whose users sign in on the pages (a fast password hash)."""
+    from tests.integration.test_web import FAST_HASHER
+
+    return build_services(settings, trainers={"local": trainer},
+                          face_analyzer=one_person_analyzer(),
+                          generators={"local": FakeGenerator()}, password_hasher=FAST_HASHER)
+
+
 def test_the_training_page_offers_to_resume_a_canceled_training(tmp_path: Path) -> None:
-    from tests.integration.test_web import FAST_HASHER, PASSWORD, csrf, sign_in
+    from tests.integration.test_web import PASSWORD, csrf, sign_in
 
     settings = make_settings(tmp_path)
     trainer = CheckpointingFake()
-    services = build_services(settings, trainers={"local": trainer},
-                              face_analyzer=one_person_analyzer(),
-                              generators={"local": FakeGenerator()}, password_hasher=FAST_HASHER)
+    services = _signing_in(settings, trainer)
     try:
         user, _ = services.users.create(name="ann", password=PASSWORD)
         canceled = _canceled_at_step_3(services, trainer, user)
@@ -440,5 +448,54 @@ def test_the_training_page_offers_to_resume_a_canceled_training(tmp_path: Path) 
             assert resumed.status is TrainingStatus.QUEUED
             assert resumed.step == 2
             assert "Resume from step" not in client.get("/train/status").text  # it runs now
+    finally:
+        services.close()
+
+
+def test_another_users_training_is_neither_canceled_nor_resumed(tmp_path: Path) -> None:
+    """Bob, with a model of his own, names Ann's trainings to the API's cancel and resume and to
+    the training page's forms: each is the answer an unknown id gets, and Ann's trainings are
+    as they were (her queued one not canceled, her canceled one still resumable)."""
+    from tests.integration.test_web import PASSWORD, csrf, sign_in
+
+    settings = make_settings(tmp_path)
+    trainer = CheckpointingFake()
+    services = _signing_in(settings, trainer)
+    try:
+        ann, _ = services.users.create(name="ann", password=PASSWORD)
+        services.users.create(name="bob", password=PASSWORD)
+        canceled = _canceled_at_step_3(services, trainer, ann)
+        # Queued, and nobody runs it (no worker): a cancel would end it here and now.
+        queued = services.training.start(user=ann).training
+        checkpoints = _checkpoints(services, canceled.id)
+        assert checkpoints
+        with TestClient(create_app(settings, services=services, run_worker=False),
+                        raise_server_exceptions=False) as client:
+            # Past "you have no model yet": only a lookup scoped to Bob's model refuses.
+            bob = own_model(client, services, "bob", trained=False).headers
+            unknown = "00000000-0000-0000-0000-000000000000"
+            for route in ("/api/training/cancel", "/api/training/resume"):
+                answers = [client.post(route, headers=bob, json={"training_id": tid})
+                           for tid in (queued.id, canceled.id, unknown)]
+                assert [r.status_code for r in answers] == [404, 404, 404], answers[0].text
+                # Nothing tells Bob that the id is someone's.
+                assert answers[0].json() == answers[1].json() == answers[2].json()
+            sign_in(client, "bob")
+            for form in ("/train/cancel", "/train/resume"):
+                for tid in (queued.id, canceled.id):
+                    r = client.post(form, data={"csrf_token": csrf(client), "training_id": tid},
+                                    follow_redirects=False)
+                    assert r.status_code == 404, (form, r.status_code, r.text)
+                    assert "no such training" in r.text
+        still = services.repo.get_training(queued.id)
+        assert still is not None
+        assert (still.status, still.cancel_requested) == (TrainingStatus.QUEUED, False)
+        assert services.repo.get_training(canceled.id) == canceled
+        assert services.training.resume_point(canceled) == 2
+        assert _checkpoints(services, canceled.id) == checkpoints
+        assert [t.id for t in services.repo.list_trainings(canceled.model_id)] == [
+            queued.id, canceled.id]
+        bobs = services.models.get(user=services.users.get_by_name(name="bob"))
+        assert services.repo.list_trainings(bobs.id) == []
     finally:
         services.close()
