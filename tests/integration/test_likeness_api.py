@@ -24,6 +24,7 @@ from tests.conftest import auth, wait_terminal
 from tests.support.alerts import alert_inbox
 from tests.support.likeness import other_person, png_size, same_person, shared_analyzer
 from tests.support.loops import noting_the_loop
+from tests.support.owners import own_model
 from tests.support.photos import real_photo_zip
 
 
@@ -77,7 +78,7 @@ def wait_scored(client: TestClient, h: dict[str, str], version_id: str) -> dict[
 def test_a_retraining_that_loses_the_likeness_is_held_and_says_why(
     client: TestClient, services: Services, generator: HeldGenerator, alerter: RecordingAlerter,
 ) -> None:
-    ann, bob = auth(services, "ann"), auth(services, "bob")
+    ann = auth(services, "ann")
     r = client.post("/api/training/upload-zip", headers=ann,
                     files={"file": ("me.zip", real_photo_zip(), "application/zip")})
     assert r.status_code == 202, r.text
@@ -158,12 +159,32 @@ def test_a_retraining_that_loses_the_likeness_is_held_and_says_why(
     explicit = client.get("/api/model/compare", headers=ann, params={"a": v2_id, "b": v1["id"]})
     assert explicit.json()["scores"]["delta_identity"] > 0.3
 
-    # ---- owner only
+    # ---- owner only. Bob has a scored version of his own: past "you have no model yet", only
+    # a version lookup scoped to his model refuses Ann's.
+    bob_owner = own_model(client, services, "bob", photos=real_photo_zip())
+    bob, bob_v1 = bob_owner.headers, bob_owner.version
+    assert bob_v1 is not None
+    wait_scored(client, bob, bob_v1["id"])
     for url in (f"/api/model/versions/{v2_id}/quality", q2["probes"][0]["image_url"],
-                compare["grid_url"], compare["chart_url"], "/api/model/compare"):
+                f"/api/model/versions/{v1['id']}/quality/probes/0",
+                compare["grid_url"], f"/api/model/compare?a={v2_id}",
+                f"/api/model/compare?b={v2_id}", f"/api/model/compare?a={v2_id}&b={bob_v1['id']}",
+                f"/api/model/compare/grid.png?a={v1['id']}&b={bob_v1['id']}"):
         r = client.get(url, headers=bob)
-        assert r.status_code == 404, (url, r.status_code)
-        assert v2_id not in r.text
+        assert r.status_code == 404, (url, r.status_code, r.text)
+        # The id Bob sent, said back; nothing of Ann's.
+        assert r.json()["error"]["message"].startswith("no such version: ")
+        assert first["model"]["trigger_word"] not in r.text
+    # What is not a version's is Bob's own: his chart, and nothing of his to compare yet.
+    own_chart = client.get(compare["chart_url"], headers=bob)
+    assert own_chart.status_code == 200
+    assert own_chart.content != chart.content
+    nothing = client.get("/api/model/compare", headers=bob)
+    assert nothing.json()["error"]["code"] == "nothing_to_compare"
+    cat = auth(services, "cat")  # no model at all
+    for url in (f"/api/model/versions/{v2_id}/quality", compare["chart_url"],
+                "/api/model/compare"):
+        assert client.get(url, headers=cat).status_code == 404, url
     assert client.get(compare["chart_url"]).status_code == 401
     assert client.get(f"/api/model/versions/{v2_id}/quality/probes/9",
                       headers=ann).status_code == 404

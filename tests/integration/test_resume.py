@@ -472,7 +472,7 @@ def test_another_users_training_is_neither_canceled_nor_resumed(tmp_path: Path) 
         with TestClient(create_app(settings, services=services, run_worker=False),
                         raise_server_exceptions=False) as client:
             # Past "you have no model yet": only a lookup scoped to Bob's model refuses.
-            bob = own_model(client, services, "bob", trained=False).headers
+            bob = own_model(client, services, "bob", versions=0).headers
             unknown = "00000000-0000-0000-0000-000000000000"
             for route in ("/api/training/cancel", "/api/training/resume"):
                 answers = [client.post(route, headers=bob, json={"training_id": tid})

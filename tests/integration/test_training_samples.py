@@ -30,6 +30,7 @@ from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
 from tests.integration.test_local_backend import RECIPE, FakeSink, _job
 from tests.integration.test_resume import Stopping, _photos
+from tests.support.owners import own_model
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -191,9 +192,10 @@ def test_the_api_serves_a_trainings_samples_to_its_owner_only(
         app = create_app(services.settings, services=services, run_worker=False)
         with TestClient(app, raise_server_exceptions=False) as client:
             _ann, ann_key = services.users.create(name="ann")
-            _bob, bob_key = services.users.create(name="bob")
             ann = {"Authorization": f"Bearer {ann_key}"}
-            bob = {"Authorization": f"Bearer {bob_key}"}
+            # Bob has a model of his own: past "you have no model yet", only a training
+            # lookup scoped to his model refuses Ann's.
+            bob = own_model(client, services, "bob", versions=0).headers
             files = [("files", (name, data, "image/jpeg")) for name, data in _photos()]
             started = client.post("/api/training/upload", files=files, headers=ann)
             assert started.status_code == 202, started.text
@@ -213,7 +215,9 @@ def test_the_api_serves_a_trainings_samples_to_its_owner_only(
                 assert answer.status_code == 200
                 assert answer.headers["content-type"] == "image/jpeg"
                 assert _pixels(answer.content).shape == (64, 64, 3)
-                assert client.get(sample["url"], headers=bob).status_code == 404
+                refused = client.get(sample["url"], headers=bob)
+                assert refused.status_code == 404
+                assert refused.json()["error"]["message"] == "no such training"
             assert client.get(f"/api/training/{training_id}/samples/3",
                               headers=ann).status_code == 404  # no sample at that step
             assert client.get("/api/training/progress", headers=bob,

@@ -34,6 +34,7 @@ from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.clock import Clock
 from tests.support.generations import held_generations
+from tests.support.owners import own_model
 from tests.support.photos import synthetic_photo
 
 PASSWORD = "a long password"
@@ -871,17 +872,26 @@ def test_another_user_sees_none_of_it(ann: TestClient, web_settings: Settings,
     for path in owned:
         assert ann.get(path).status_code in (200, 422), path
     with browser(web_settings, svc) as bob:
+        # Bob has two versions of his own: past "you have no model yet", only lookups scoped
+        # to his model refuse Ann's version (and his versions page compares, as Ann's does).
+        bobs = own_model(bob, svc, "bob", versions=2)
+        assert bobs.version is not None
         sign_in(bob, "bob")
-        for path in owned:
+        # Ann's version against Bob's own version 2.
+        for path in [*owned, f"/versions/compare/grid.png?a={version.id}&b=2"]:
             r = bob.get(path)
             assert r.status_code == 404, (path, r.status_code)
             assert version.weights_sha256 not in r.text
         r = bob.post(f"/versions/{version.id}/activate", data={"csrf_token": csrf(bob)})
         assert r.status_code == 404
-        for page in ("/versions", "/generate", "/model", "/photos"):
+        bob_user = svc.users.get_by_name(name="bob")
+        assert svc.models.get(user=bob_user).active_version_id == bobs.version["id"]
+        for page in ("/versions", f"/versions?a={version.id}", f"/versions?b={version.id}",
+                     "/generate", "/model", "/photos"):
             text = bob.get(page).text
-            assert version.id not in text, page
+            assert version.id not in text.replace(f"no such version: {version.id}", ""), page
             assert dataset.id not in text, page
+            assert version.weights_sha256 not in text, page
 
 
 def test_api_keys_from_the_settings_page_work_and_can_be_revoked(ann: TestClient) -> None:
@@ -1005,8 +1015,13 @@ def test_the_training_status_shows_the_newest_sample_to_its_owner_only(tmp_path:
             assert image.content.startswith(b"\xff\xd8")
             assert client.get(f"/train/{training.id}/samples/4.jpg").status_code == 404
         with browser(settings, services) as bob:
+            # A model of his own: past "you have no model yet", only the training lookup
+            # scoped to his model refuses Ann's sample.
+            own_model(bob, services, "bob", versions=0)
             sign_in(bob, "bob")
-            assert bob.get(newest).status_code == 404
+            refused = bob.get(newest)
+            assert refused.status_code == 404
+            assert "no such training" in refused.text
             assert newest not in bob.get("/train").text
     finally:
         services.close()

@@ -22,6 +22,7 @@ from selfie_lora.testing.fakes import FakeTrainer
 from selfie_lora.wiring import Services
 from tests.conftest import auth, wait_terminal
 from tests.integration.test_api import upload
+from tests.support.owners import own_model
 
 RANK, ALPHA, WIDTH = 2, 6.0, 16
 
@@ -95,8 +96,17 @@ def test_weights_as_stored_and_in_kohyas_layout(client: TestClient, services: Se
     assert {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")} == {"BF16"}
 
     assert client.get(url, params={"format": "ckpt"}, headers=h).status_code == 422
-    # Another user's version is not found, in any layout.
-    assert client.get(url, params={"format": "kohya"}, headers=auth(services, "bob")).status_code == 404
+    # Another user's version is not found, in any layout: Bob has a version of his own, so it
+    # is the version lookup, scoped to his model, that refuses (not "you have no model yet").
+    bob = own_model(client, services, "bob")
+    assert bob.version is not None
+    for weights_format in ("diffusers", "kohya"):
+        refused = client.get(url, params={"format": weights_format}, headers=bob.headers)
+        assert refused.status_code == 404, (weights_format, refused.status_code)
+        assert refused.json()["error"]["message"].startswith("no such version: ")
+        own = client.get(f"/api/model/versions/{bob.version['id']}/weights",
+                         params={"format": weights_format}, headers=bob.headers)
+        assert own.status_code == 200, own.text
 
 
 def test_weights_the_converter_cannot_read_are_a_422(

@@ -29,12 +29,12 @@ class Owner:
 
 
 def own_model(client: TestClient, services: Services, name: str, *,
-              photos: bytes | None = None, trained: bool = True) -> Owner:
+              photos: bytes | None = None, versions: int = 1) -> Owner:
     """``name``'s own model, made through the API (the user too, if there is none yet; a user
     made with a password on the pages gets an API key). ``photos``: the zip to upload (default:
-    four drawings, for the fake face analyzer). ``trained``: its first training started and
-    waited for to the end, which needs an app whose worker runs; otherwise the upload only
-    makes the model, with no training."""
+    four drawings, for the fake face analyzer). ``versions``: how many trainings are run to
+    their end (each one a version), which needs an app whose worker runs; with 0 the upload
+    only makes the model, with no training."""
     user = services.repo.get_user_by_name(name)
     if user is None:
         _user, secret = services.users.create(name=name)
@@ -43,12 +43,14 @@ def own_model(client: TestClient, services: Services, name: str, *,
     headers = {"Authorization": f"Bearer {secret}"}
     r = client.post("/api/training/upload-zip", headers=headers,
                     files={"file": ("photos.zip", photos or photo_zip(4), "application/zip")},
-                    data={"start": "true" if trained else "false"})
+                    data={"start": "true" if versions else "false"})
     assert r.status_code == 202, r.text
-    body = r.json()
-    if not trained:
-        return Owner(headers=headers, model=body["model"], training=None, version=None)
-    done = wait_terminal(client, headers, body["training"]["id"])
-    assert done["training"]["status"] == "succeeded", done["training"]
+    done = r.json()
+    for n in range(versions):
+        if n:
+            r = client.post("/api/training/start", headers=headers, json={})
+            assert r.status_code == 202, r.text
+        done = wait_terminal(client, headers, r.json()["training"]["id"])
+        assert done["training"]["status"] == "succeeded", done["training"]
     return Owner(headers=headers, model=done["model"], training=done["training"],
                  version=done["model"]["active_version"])
