@@ -116,18 +116,27 @@ def test_ready_when_every_dependency_answers(client: TestClient) -> None:
                                                            "storage": "ok"}}
 
 
-def test_storage_that_does_not_answer_is_not_ready_but_alive(
-        s3_server: S3Server, tmp_path: Path) -> None:
-    settings = make_settings(tmp_path, metrics_token=TOKEN,
-                             **s3_server.settings("s3://no-such-bucket-here/x"))
+@pytest.mark.parametrize("down", ["storage", "queue"])
+def test_a_dependency_that_does_not_answer_is_not_ready_but_alive(
+        down: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    if down == "storage":
+        s3_server: S3Server = request.getfixturevalue("s3_server")
+        overrides = s3_server.settings("s3://no-such-bucket-here/x")
+        why = "object storage could not list"
+    else:
+        # A Redis URL where nothing listens (port 9, as the database's below): the scale
+        # path's queue down, so a training started here could not be queued.
+        overrides = {"queue_url": "redis://127.0.0.1:9/0"}
+        why = "127.0.0.1:9"
+    settings = make_settings(tmp_path, metrics_token=TOKEN, **overrides)
     with serving(settings) as (client, _svc):
         answer = client.get("/readyz")
         assert answer.status_code == 503
-        assert answer.json() == {"status": "not ready", "checks": {
-            "database": "ok", "queue": "ok", "storage": "unavailable"}}
+        checks = {"database": "ok", "queue": "ok", "storage": "ok"} | {down: "unavailable"}
+        assert answer.json() == {"status": "not ready", "checks": checks}
         operator = client.get("/readyz", headers={"Authorization": f"Bearer {TOKEN}"})
         assert operator.status_code == 503
-        assert "object storage could not list" in operator.json()["checks"]["storage"]
+        assert why in operator.json()["checks"][down]
         assert client.get("/healthz").status_code == 200  # alive: no restart would help
 
 
@@ -331,3 +340,4 @@ def test_library_lines_that_read_as_failures_show_only_with_verbose(
             assert message in shown
         for _name, _level, message in misleading:
             assert (message in shown) is verbose, (verbose, message)
+
