@@ -661,6 +661,49 @@ def test_an_error_page_s_back_link_leads_to_the_refused_form_s_page(ann: TestCli
     assert '<a href="/photos" data-back>Back</a>' in r.text
 
 
+def test_the_train_page_speaks_of_a_retraining_only_once_the_model_has_had_a_training(
+        tmp_path: Path) -> None:
+    # While the first training ran (no version yet) the page said "A retraining keeps" (found
+    # in review): a retraining is a training of a model that has had one (the domain's
+    # is_retraining), and this one is the first.
+    settings = make_settings(tmp_path)
+    trainer = FakeTrainer(gate=threading.Event())
+    services = fake_services(settings, trainer=trainer)
+    try:
+        services.users.create(name="ann", password=PASSWORD)
+        with browser(settings, services) as client:
+            sign_in(client, "ann")
+            assert upload(client)[0] == 200
+            r = client.post("/train/start", data={"csrf_token": csrf(client)},
+                            follow_redirects=False)
+            assert r.status_code == 303, r.text
+            running = client.get("/train").text
+            assert 'id="ended"' not in running  # held at the trainer's gate
+            assert "First training" in running
+            assert "Your first training: it trains your model" in running
+            assert "A retraining keeps" not in running
+            assert "Retrain" not in running
+            trainer.gate.set()
+            deadline = time.monotonic() + 60
+            while 'id="ended"' not in client.get("/train/status").text:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            ended = client.get("/train").text
+            assert "A retraining keeps" in ended
+            assert ">Retrain</button>" in ended
+            # A retraining under way is one: the page says what it keeps.
+            trainer.gate.clear()
+            r = client.post("/train/start", data={"csrf_token": csrf(client)},
+                            follow_redirects=False)
+            assert r.status_code == 303, r.text
+            retraining = client.get("/train").text
+            assert 'id="ended"' not in retraining
+            assert "A retraining keeps" in retraining
+            trainer.gate.set()
+    finally:
+        services.close()
+
+
 def test_the_trainer_version_form_refuses_a_replicate_model_the_operator_did_not_choose(
         tmp_path: Path) -> None:
     # The form took any owner/name:<64 hex>: a model of the user's choosing then ran every

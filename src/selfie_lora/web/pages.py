@@ -378,9 +378,14 @@ def _train_page(request: Request, web: Web, viewer: Viewer, view: Any) -> HTMLRe
     svc = web.services
     model = svc.models.find(user=viewer.user)
     dataset = svc.intake.latest(user=viewer.user)
-    # A model an upload made has no training yet: its first is not a retraining.
+    # The page speaks of a retraining (what it keeps, the Retrain button) as the domain does
+    # (is_retraining: the model has had a training before): for the one under way, or, once
+    # the latest has ended, for the next. A model an upload made has had none, and its first
+    # training, queued or running, is not a retraining though a training now exists.
+    retraining = view is not None and (view.training.is_retraining
+                                       or view.training.status.is_terminal)
     return web.render(request, "train.html", viewer=viewer, model=model, dataset=dataset,
-                      trained=view is not None, **_status_context(web, viewer, view))
+                      retraining=retraining, **_status_context(web, viewer, view))
 
 
 @router.get("/train")
