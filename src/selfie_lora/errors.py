@@ -25,6 +25,8 @@ entry points never see them.
     ├── InvalidTransitionError      a training state change that would go backwards (a bug: HTTP 500)
     ├── ServerShortOfMemoryError    the server ran out of memory reading an upload: nothing is
     │                               wrong with the upload, sending it again later works (HTTP 503)
+    ├── ServerStoppingError         the server stopping answered the request before its work
+    │                               began: that work does not begin (HTTP 503)
     ├── ClientGoneError             the client went away while its request waited: the work it
     │                               waited for was dropped (HTTP 499, which nobody receives)
     ├── StorageError                a blob cannot be read or written (storage unreachable,
@@ -135,6 +137,7 @@ class ErrorCode(enum.StrEnum):
     INVALID_TRANSITION = "invalid_transition"
     SERVER_SHORT_OF_MEMORY = "server_short_of_memory"
     SERVER_STOPPING = "server_stopping"
+    SERVER_STOPPED_DURING_WORK = "server_stopped_during_work"
     STORAGE_ERROR = "storage_error"
     GENERATION_FAILED = "generation_failed"
     TRAINING_INTERRUPTED = "training_interrupted"
@@ -248,6 +251,14 @@ class ServerShortOfMemoryError(SelfieLoraError):
     hold the rest): the server's state at that moment, not the user's file."""
 
     code = ErrorCode.SERVER_SHORT_OF_MEMORY
+    http_status = 503
+
+
+class ServerStoppingError(SelfieLoraError):
+    """A stopping server answered the request (``api.stopping``) before its work began: the work
+    must not begin then, the answer having told the client to send it again."""
+
+    code = ErrorCode.SERVER_STOPPING
     http_status = 503
 
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,11 +107,14 @@ class Generating:
 
     def send(self, route: str, prompt: str) -> int:
         """The user's generation through ``route`` ("api" or "page"): its status."""
+        return self.answer(route, prompt).status_code
+
+    def answer(self, route: str, prompt: str) -> httpx.Response:
         if route == "api":
             return self.client.post("/api/generate", headers=self.api_headers,
-                                    json={"prompt": prompt}).status_code
+                                    json={"prompt": prompt})
         return self.client.post("/generate", data={"csrf_token": self.csrf, "prompt": prompt,
-                                                    "num_outputs": "1"}).status_code
+                                                    "num_outputs": "1"})
 
     def send_raw(self, route: str, prompt: str) -> socket.socket:
         if route == "api":
@@ -126,6 +130,14 @@ class Generating:
 
 @pytest.fixture
 def generating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Generating]:
+    with generating_served(tmp_path, monkeypatch) as g:
+        yield g
+
+
+@contextmanager
+def generating_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *,
+                      graceful_s: float = 10.0) -> Iterator[Generating]:
+    """``generating``, served with ``graceful_s`` of graceful shutdown."""
     settings = make_settings(tmp_path, generation_threads=1, max_generations_per_user=2)
     generator = FakeGenerator()
     svc = build_services(settings, trainers={"local": FakeTrainer()},
@@ -135,7 +147,8 @@ def generating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gene
     _user, key = svc.users.create(name="ann", password=PASSWORD)
     api_headers = {"Authorization": f"Bearer {key}"}
     try:
-        with (served(create_app(settings, services=svc, run_worker=True)) as server,
+        with (served(create_app(settings, services=svc, run_worker=True),
+                     graceful_s=graceful_s) as server,
               httpx.Client(base_url=server.base_url, timeout=30) as client):
             r = client.post("/api/training/upload-zip", headers=api_headers,
                             files={"file": ("photos.zip", photo_zip(4), "application/zip")})
@@ -353,64 +366,133 @@ def test_an_upload_s_answer_is_built_off_the_event_loop(tmp_path: Path) -> None:
     assert blobs.on_the_loop == []
 
 
-def test_a_request_still_running_when_the_server_stops_is_a_503_to_send_again(
+SEND_AGAIN = ("the server is restarting and stopped before your request was done; send it "
+              "again in a few seconds")
+
+
+def began(check: str) -> str:
+    return ("the server is restarting and stopped answering while your request was being "
+            f"done; it may have been done all the same: see {check} in a few seconds, before "
+            "sending it again")
+
+
+def test_a_request_still_running_when_the_server_stops_is_a_503_saying_whether_its_work_began(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A request still running when a stopping server's grace was over (a long upload, a
     generation) was cancelled by uvicorn and answered a plain-text 500 Internal Server Error,
     with a traceback in the log (found in review): the client could not tell a restart from a
-    bug. It is now the contract's 503 server_stopping with Retry-After (on a page, its error
-    page), and one line in the log."""
+    bug. It is now a 503 (on a page, its error page), and one line in the log. It said "send it
+    again" of every upload, although an intake under way goes on without its request and stores
+    the photos (found in review: the resend then stored them twice, or was refused 409). Only an
+    upload still waiting for its turn is now told to send it again (server_stopping, with
+    Retry-After); one whose intake began, that it may have been done, and where to see it
+    (server_stopped_during_work)."""
     settings = make_settings(tmp_path, intake_workers=1)  # 2 intakes at once: both held
     faces = HeldFaces()
     svc = build_services(settings, trainers={"local": FakeTrainer()},
                          face_analyzer=faces.analyzer, generators={"local": FakeGenerator()})
-    ann = auth(svc, "ann")
+    ann, carol = auth(svc, "ann"), auth(svc, "carol")
     svc.users.create(name="bob", password=PASSWORD)
     photo = [("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))]
     answers: dict[str, httpx.Response] = {}
+    app = BodiesRead(create_app(settings, services=svc))
     try:
-        with (served(create_app(settings, services=svc), graceful_s=0.1) as server,
+        with (served(app, graceful_s=0.1) as server,
               httpx.Client(base_url=server.base_url, timeout=30) as bob):
             page_headers = {"X-CSRF-Token": sign_in(bob, "bob"), "Cookie": cookie_header(bob)}
-            sends = {
-                "api": lambda: httpx.post(f"{server.base_url}/api/training/upload", headers=ann,
-                                          files=photo, data={"start": "false"}, timeout=30),
-                "page": lambda: httpx.post(f"{server.base_url}/photos/upload",
-                                           headers=page_headers, files=photo, timeout=30)}
-            clients = [threading.Thread(target=lambda n=name, f=send: answers.update({n: f()}))
-                       for name, send in sends.items()]
-            for thread in clients:
-                thread.start()
+
+            def upload(path: str, headers: dict[str, str]) -> Callable[[], httpx.Response]:
+                return lambda: httpx.post(f"{server.base_url}{path}", headers=headers,
+                                          files=photo, data={"start": "false"}, timeout=30)
+
+            sends = {"api": upload("/api/training/upload", ann),
+                     "page": upload("/photos/upload", page_headers),
+                     "waiting": upload("/api/training/upload", carol)}
+            clients = {name: threading.Thread(target=lambda n=name, f=send: answers.update(
+                {n: f()})) for name, send in sends.items()}
+            clients["api"].start()
+            clients["page"].start()
             wait_until(lambda: faces.entered >= 2, "the two uploads never reached the analyzer")
+            clients["waiting"].start()  # behind them, for the intakes' 2 threads
+            wait_until(lambda: app.uploads >= 2, "the third upload was never read")  # API ones
             stopping = threading.Thread(target=server.stop)
             stopping.start()
-            for thread in clients:
+            for thread in clients.values():
                 thread.join(30)
             faces.gate.set()
             stopping.join(60)
+        # The intakes under way went on without their requests: what they stored is there.
+        users = {name: svc.users.get_by_name(name=name) for name in ("ann", "bob", "carol")}
+        wait_until(lambda: all(svc.intake.latest(user=users[name]) is not None
+                               for name in ("ann", "bob")), "the intakes under way never ended")
+        assert svc.intake.latest(user=users["carol"]) is None  # never began, as it was told
     finally:
         faces.gate.set()
         svc.close()
-    api, page = answers["api"], answers["page"]
-    message = ("the server is restarting and stopped before your request was done; send it "
-               "again in a few seconds")
+    api, page, waiting = answers["api"], answers["page"], answers["waiting"]
+    upload_check = ("GET /api/training/progress or the photos page (the photos stored, a "
+                    "training queued)")
     assert api.status_code == 503, api.text
-    assert api.json() == {"error": {"code": "server_stopping", "message": message,
-                                    "details": []}}
+    assert api.json() == {"error": {"code": "server_stopped_during_work",
+                                    "message": began(upload_check), "details": []}}
     assert page.status_code == 503, page.text
     assert page.headers["content-type"].startswith("text/html")
-    assert 'data-code="server_stopping"' in page.text
-    assert message in page.text
+    assert 'data-code="server_stopped_during_work"' in page.text
+    assert began(upload_check) in page.text
     for answer in (api, page):
-        assert answer.headers["retry-after"] == "10"
+        assert "retry-after" not in answer.headers  # no invitation to a blind resend
+    assert waiting.status_code == 503, waiting.text
+    assert waiting.json() == {"error": {"code": "server_stopping", "message": SEND_AGAIN,
+                                        "details": []}}
+    assert waiting.headers["retry-after"] == "10"
+    for answer in (api, page, waiting):
         assert answer.headers["connection"] == "close"
-    # uvicorn's own line ("Cancel 2 running task(s) ...") stays; no traceback.
+    # uvicorn's own line ("Cancel 3 running task(s) ...") stays; no traceback.
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
     logged = [r.getMessage() for r in caplog.records if r.name == "selfie_lora.api.stopping"]
     assert [r.levelno for r in caplog.records if r.name == "selfie_lora.api.stopping"] == [
-        logging.WARNING] * 2
+        logging.WARNING] * 3
     assert sorted(logged) == [
+        "POST /api/training/upload: answered 503 server_stopped_during_work, the server "
+        "stopping while its work ran (it goes on)",
         "POST /api/training/upload: answered 503 server_stopping, the server stopping before it "
         "was done",
-        "POST /photos/upload: answered 503 server_stopping, the server stopping before it was "
-        "done"], logged
+        "POST /photos/upload: answered 503 server_stopped_during_work, the server stopping "
+        "while its work ran (it goes on)"], logged
+
+
+def test_a_generation_running_when_the_server_stops_is_said_to_go_on_one_queued_to_send_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generation running when a stopping server's grace was over goes on and is stored, but
+    its answer said "send it again" (found in review): the resend made it twice. It now says it
+    may have been done and where to see it; one still queued is dropped and told to send it
+    again."""
+    answers: dict[str, httpx.Response] = {}
+    with generating_served(tmp_path, monkeypatch, graceful_s=0.1) as g:
+        running = threading.Thread(target=lambda: answers.update(api=g.answer("api", "a-running")))
+        queued = threading.Thread(target=lambda: answers.update(page=g.answer("page", "b-queued")))
+        running.start()
+        made = g.submissions.wait_for(1)
+        wait_until(lambda: g.generator.waiting == 1, "the first generation never ran")
+        queued.start()
+        dropped = g.submissions.wait_for(2)  # behind it: one generation thread
+        stopping = threading.Thread(target=g.server.stop)
+        stopping.start()
+        running.join(30)
+        queued.join(30)
+        g.generator.gate.set()  # type: ignore[union-attr]
+        stopping.join(60)
+        generation = made.result(timeout=10)  # it went on without its request
+        assert dropped.cancelled()
+        user = g.svc.users.get_by_name(name="ann")
+        assert [gen.id for gen in g.svc.generation.history(user=user)] == [generation.id]
+    api, page = answers["api"], answers["page"]
+    assert api.status_code == 503, api.text
+    assert api.json() == {"error": {"code": "server_stopped_during_work", "details": [],
+                                    "message": began("the gallery of the generate page (the "
+                                                     "pictures stored)")}}
+    assert "retry-after" not in api.headers
+    assert page.status_code == 503, page.text
+    assert 'data-code="server_stopping"' in page.text
+    assert SEND_AGAIN in page.text
+    assert page.headers["retry-after"] == "10"

@@ -14,8 +14,9 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from selfie_lora.api.guard import user_of
+from selfie_lora.api.stopping import GENERATION_CHECK, UPLOAD_CHECK, track
 from selfie_lora.domain.entities import User
-from selfie_lora.errors import AuthError, ClientGoneError
+from selfie_lora.errors import AuthError, ClientGoneError, ServerStoppingError
 from selfie_lora.wiring import Services
 
 logger = logging.getLogger(__name__)
@@ -61,9 +62,19 @@ async def in_intake(request: Request, fn: Callable[[], T]) -> T:
     ``intake_limiter``). An intake holds its thread while its photos wait for the analysis
     processes: on the shared pool (anyio's 40 threads), 40 uploads held every thread, and
     /readyz, /metrics, signing in and every synchronous route waited seconds behind them. The
-    uploads beyond the limit wait for their turn holding no thread."""
+    uploads beyond the limit wait for their turn holding no thread.
+
+    A stopping server that cancels the request abandons the thread, which goes on: the intake
+    is tracked (``api.stopping.Work``) so that the answer says whether it began."""
     limiter: CapacityLimiter = request.app.state.intake_limiter
-    return await anyio.to_thread.run_sync(fn, limiter=limiter)
+    work = track(request.scope, check=UPLOAD_CHECK)
+
+    def run() -> T:
+        if not work.begin():  # the request was answered "send it again" as it got its thread
+            raise ServerStoppingError("the server stopped before this upload's intake began")
+        return fn()
+
+    return await anyio.to_thread.run_sync(run, limiter=limiter)
 
 
 async def finished(future: Future[T], request: Request) -> T:
@@ -71,7 +82,10 @@ async def finished(future: Future[T], request: Request) -> T:
     holding a thread of the shared pool. A client that goes away while the work is still queued
     cancels it (``ClientGoneError``): nobody would receive the pictures, and a generation queued
     for nobody held one of its user's slots, so the retry was refused. Work already running
-    ends, and is stored (the user finds it in the generate page's gallery)."""
+    ends, and is stored (the user finds it in the generate page's gallery): so does work
+    running when a stopping server cancels the request, whose answer says so
+    (``api.stopping.Work``)."""
+    work = track(request.scope, check=GENERATION_CHECK)
     result = asyncio.wrap_future(future)
     # uvicorn never cancels a request whose client disconnected: it only says so to the next
     # ``receive``. The body is read by now, so the next message is that disconnect.
@@ -79,7 +93,11 @@ async def finished(future: Future[T], request: Request) -> T:
     try:
         await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        result.cancel()  # the request itself cancelled (a server stopping): as awaiting it did
+        # The request itself cancelled (a server stopping). The future's own cancel decides,
+        # under its lock, against the thread taking it up: False once it runs (or is done).
+        if not future.cancel():
+            work.begin()
+        result.cancel()
         raise
     finally:
         gone.cancel()
