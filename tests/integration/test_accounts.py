@@ -379,7 +379,7 @@ def test_a_rotation_whose_answer_was_lost_is_asked_again_with_the_key_the_client
     restarted = users(repo, clock)  # the server again, or another one
     clock.now += timedelta(minutes=5)
     assert restarted.authenticate(api_key=held) == ann  # the client's retry gets in
-    new, secret = restarted.rotate_key(user=ann, key_id=key_id)
+    new, secret = restarted.rotate_key(user=ann, key_id=key_id, api_key=held)
     assert restarted.authenticate(api_key=secret) == ann
     assert restarted.authenticate(api_key=held) == ann  # until the grace ends
     # The key the lost answer carried stops at once: one successor works, never two.

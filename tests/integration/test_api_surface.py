@@ -5,6 +5,7 @@ versions, WWW-Authenticate on 401, and a set-up error that is not blamed on the 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,32 @@ def test_a_rotation_asked_again_with_the_old_key_answers_a_key_that_works(
     keys = {k["id"]: k for k in client.get("/api/keys", headers=bearer(secret)).json()["keys"]}
     assert keys[key_id]["replaced_by"] == r.json()["key"]["id"]
     assert [k["active"] for k in keys.values()] == [True, False, True]
+
+
+def test_a_rotated_key_rotated_again_by_another_caller_is_refused_and_its_successor_works(
+        client: TestClient, services: Services) -> None:
+    """Any rotation of a key in its grace was taken for the lost answer's retry, and revoked the
+    successor at once (found in review): a deploy script that had received it and switched to
+    it got 401, when its user rotated the old key again from another key. Only a request made
+    with the rotated key itself now asks again; another caller is told where the key went."""
+    deploy = auth(services, "ann")
+    key_id = client.get("/api/keys", headers=deploy).json()["keys"][0]["id"]
+    laptop = bearer(client.post("/api/keys", headers=deploy, json={"name": "laptop"}
+                                ).json()["secret"])
+    r = client.post(f"/api/keys/{key_id}/rotate", headers=deploy)
+    assert r.status_code == 201, r.text
+    successor, delivered = r.json()["key"], bearer(r.json()["secret"])
+    r = client.post(f"/api/keys/{key_id}/rotate", headers=laptop)
+    assert r.status_code == 422, r.text  # it was 201, and the delivered successor revoked
+    until = datetime.fromisoformat(client.get("/api/keys", headers=laptop).json()["keys"][0][
+        "revoked_at"])
+    [details] = r.json()["error"]["details"]
+    assert details["replaced_by"] == successor["id"]
+    assert datetime.fromisoformat(details["works_until"]) == until
+    assert r.json()["error"]["message"].startswith(
+        f"that key was rotated already, to key {successor['id']}, and works until "
+        f"{until.astimezone(UTC):%Y-%m-%d %H:%M} UTC: rotate or revoke that key instead")
+    assert client.get("/api/model", headers=delivered).status_code == 404  # it still works
 
 
 def test_another_users_key_is_404_and_unknown_fields_422(client: TestClient,

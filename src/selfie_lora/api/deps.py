@@ -13,7 +13,7 @@ from anyio import CapacityLimiter
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from selfie_lora.api.guard import user_of
+from selfie_lora.api.guard import bearer, user_of
 from selfie_lora.api.stopping import GENERATION_CHECK, UPLOAD_CHECK, track
 from selfie_lora.domain.entities import User
 from selfie_lora.errors import AuthError, ClientGoneError, ServerStoppingError
@@ -37,6 +37,11 @@ async def current_user(request: Request) -> User:
     return user
 
 
+async def current_api_key(request: Request) -> str | None:
+    """The API key the guard authenticated the request with (None outside ``/api/*``)."""
+    return bearer(request.scope) if user_of(request.scope.get("state", {})) else None
+
+
 async def services(request: Request) -> Services:
     svc: Services = request.app.state.services
     return svc
@@ -44,6 +49,7 @@ async def services(request: Request) -> Services:
 
 UserDep = Annotated[User, Depends(current_user)]
 ServicesDep = Annotated[Services, Depends(services)]
+ApiKeyDep = Annotated[str | None, Depends(current_api_key)]
 T = TypeVar("T")
 
 

@@ -77,7 +77,7 @@ class Guard:
             return
         path: str = scope["path"]
         if path.startswith("/api/") and not path.startswith(WEBHOOK_PATH):
-            key = _bearer(scope)
+            key = bearer(scope)
             user = self._remembered(key) if self._remembered is not None else None
             if user is None:
                 try:
@@ -179,7 +179,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _bearer(scope: Scope) -> str | None:
+def bearer(scope: Scope) -> str | None:
+    """The API key of the request's ``Authorization: Bearer`` header."""
     scheme, _, key = (_header(scope, b"authorization") or "").partition(" ")
     if scheme.lower() == "bearer" and key.strip():
         return key.strip()

@@ -1,6 +1,6 @@
 """Routes of the user's API keys: list, create, revoke, rotate. A key's secret is shown once; a
 rotated key keeps working for the rotation's grace, so a client that lost the rotation's answer
-asks again with it (``UserService.rotate_key``)."""
+asks again with it (``UserService.rotate_key``, told the key the request came with)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from selfie_lora.api.deps import ServicesDep, UserDep
+from selfie_lora.api.deps import ApiKeyDep, ServicesDep, UserDep
 from selfie_lora.api.schemas import KeyBody, errors
 from selfie_lora.api.serializers import api_key_json
 from selfie_lora.services.common import utcnow
@@ -34,6 +34,7 @@ def revoke_key(user: UserDep, svc: ServicesDep, key_id: str) -> dict[str, Any]:
 
 
 @router.post("/{key_id}/rotate", status_code=201, responses=errors(404, 422))
-def rotate_key(user: UserDep, svc: ServicesDep, key_id: str) -> dict[str, Any]:
-    key, secret = svc.users.rotate_key(user=user, key_id=key_id)
+def rotate_key(user: UserDep, svc: ServicesDep, api_key: ApiKeyDep,
+               key_id: str) -> dict[str, Any]:
+    key, secret = svc.users.rotate_key(user=user, key_id=key_id, api_key=api_key)
     return {"key": api_key_json(key, now=utcnow()), "secret": secret}

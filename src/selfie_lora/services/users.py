@@ -16,7 +16,7 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from selfie_lora.domain.accounts import (
     WRONG_CREDENTIALS,
@@ -334,15 +334,19 @@ class UserService:
         logger.info("user %s: API key %s (%s) revoked", user.name, key.id, key.prefix)
         return self._own_key(user, key_id)
 
-    def rotate_key(self, *, user: User, key_id: str) -> tuple[ApiKey, str]:
+    def rotate_key(self, *, user: User, key_id: str,
+                   api_key: str | None = None) -> tuple[ApiKey, str]:
         """A new key with the same name; the old one keeps working for the rotation's grace
         (``rotation_grace``, then it stops; none: at once), so that a client that lost this
         answer can ask again with the key it holds.
 
-        Asked again within the grace, it answers another new key and revokes at once the one
-        the first answer carried (its secret was lost with the answer, or the caller would not
-        ask): one working successor, never more, and the grace ends when the first rotation's
-        did (asking again never lengthens it)."""
+        Asked again within the grace with that key itself (``api_key``: the key the request
+        was authenticated with; None: none, the CLI), it answers another new key and revokes at
+        once the one the first answer carried (its secret was lost with the answer, or the
+        caller would not ask): one working successor, never more, and the grace ends when the
+        first rotation's did (asking again never lengthens it). Asked by anyone else (another
+        key of the user, the operator), it is refused: that caller did not lose the answer, and
+        the successor may be in use."""
         now = self._clock()
         lost: ApiKey | None = None
         with self._repo.atomic() as tx:
@@ -360,6 +364,17 @@ class UserService:
                     raise InvalidInputError(
                         "that key was rotated already, and the key that replaced it has been "
                         "rotated or revoked since: create a new key instead",
+                        code=ErrorCode.INVALID_INPUT)
+                if api_key is None or hash_api_key(api_key) != old.key_hash:
+                    # Not the client that lost the answer: the successor may be in use.
+                    until = old.revoked_at.astimezone(UTC)
+                    raise InvalidInputError(
+                        f"that key was rotated already, to key {lost.id}, and works until "
+                        f"{until:%Y-%m-%d %H:%M} UTC: rotate or revoke that key instead (only a "
+                        "request made with the rotated key itself asks for it again, for a "
+                        "client that lost the rotation's answer)",
+                        details=[{"replaced_by": lost.id,
+                                  "works_until": old.revoked_at.isoformat()}],
                         code=ErrorCode.INVALID_INPUT)
                 stops_at = old.revoked_at
             else:
