@@ -439,6 +439,8 @@ def test_a_request_still_running_when_the_server_stops_is_a_503_saying_whether_i
     assert page.headers["content-type"].startswith("text/html")
     assert 'data-code="server_stopped_during_work"' in page.text
     assert began(upload_check) in page.text
+    # Where the user sees what it did; the link was href="", a GET of the form's POST URL.
+    assert '<a href="/photos" data-back>Back</a>' in page.text
     for answer in (api, page):
         assert "retry-after" not in answer.headers  # no invitation to a blind resend
     assert waiting.status_code == 503, waiting.text
@@ -495,4 +497,5 @@ def test_a_generation_running_when_the_server_stops_is_said_to_go_on_one_queued_
     assert page.status_code == 503, page.text
     assert 'data-code="server_stopping"' in page.text
     assert SEND_AGAIN in page.text
+    assert '<a href="/generate" data-back>Back</a>' in page.text  # was href=""
     assert page.headers["retry-after"] == "10"

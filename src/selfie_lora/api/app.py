@@ -139,13 +139,11 @@ def create_app(
     # are the requests that come by the hundred.
     for module in (training, model, likeness, generation, keys, webhooks):
         app.include_router(module.router)
-    # Inside the pages' security headers: its error page gets them too. The page is rendered
-    # signed out: finding the viewer would ask the database, which is closing.
+    # Inside the pages' security headers: its error page gets them too (Web.stopping_page).
     app.add_middleware(
         ServerStopping, operations=svc.operations, is_page=is_page,
-        page=lambda request, status, message, code: request.app.state.web.render(
-            request, "error.html", status_code=status, status=status, message=message,
-            code=code, reference=None))
+        page=lambda request, status, message, code: request.app.state.web.stopping_page(
+            request, status, message, code))
     # The pages (web/): the same services, signed in with a session cookie.
     web = mount_web(app, svc)
     app.add_middleware(

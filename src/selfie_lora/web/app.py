@@ -171,6 +171,18 @@ class Web:
                            back=_back_to(request, viewer))
 
 
+    def stopping_page(self, request: Request, status: int, message: str,
+                      code: str) -> HTMLResponse:
+        """The error page of a request a stopping server cut off (``api.stopping``). Rendered
+        signed out: finding the viewer asks the database, which is closing. Its Back link, as
+        ``error_page``'s, leads to the refused form's page (a page load: the page itself, to
+        load again once the server is back), never to the POST URL a bare link would GET."""
+        return self.render(request, "error.html", status_code=status, status=status,
+                           message=message, code=code, reference=None,
+                           back=after_sign_in(request.method, request.url.path, "")
+                           or "/photos")
+
+
 def _back_to(request: Request, viewer: Viewer | None) -> str:
     """Where an error page's Back link leads without scripts (with them it goes back in the
     browser's history, which keeps what the form held): a refused form's own page, else the
