@@ -130,3 +130,13 @@ def test_the_readme_says_how_to_install_without_the_demo_or_the_tests() -> None:
     makefile = (README.parent / "Makefile").read_text()
     assert re.search(r"^install:", makefile, re.M)
     assert "make install" in README.read_text()
+
+
+def test_the_readme_starts_with_exactly_the_two_set_up_commands() -> None:
+    # The project's promise: a fresh machine needs `make demo` and `make test`, and the README
+    # opens with those two and nothing else (an added `make install` line once crept in).
+    first_block = re.search(r"```(?:sh|bash)\n(.*?)```", README.read_text(), re.S)
+    assert first_block is not None
+    commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()
+                if line.split("#")[0].strip()]
+    assert commands == ["make demo", "make test"]
