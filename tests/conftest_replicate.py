@@ -40,8 +40,13 @@ class RecordingSink:
     updates: list[tuple[TrainingStatus, int, int, float | None]] = field(default_factory=list)
     cancel_checks: int = 0
 
+    creating_calls: int = 0
+
     def started(self, *, remote_id: str | None) -> None:
         self.started_ids.append(remote_id)
+
+    def creating(self) -> None:
+        self.creating_calls += 1
 
     def progress(self, *, status: TrainingStatus, step: int, total: int, loss: float | None = None) -> None:
         self.updates.append((status, step, total, loss))

@@ -86,6 +86,10 @@ class Stopping:
     def cancel_remote(self, remote_id: str) -> None:
         del remote_id
 
+    def find_remote(self, *, training_id: str, destination: str) -> str | None:
+        del training_id, destination
+        return None
+
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
         self.jobs.append(job)
         if len(self.jobs) == 1:
@@ -265,6 +269,10 @@ class CheckpointingFake:
 
     def cancel_remote(self, remote_id: str) -> None:
         del remote_id
+
+    def find_remote(self, *, training_id: str, destination: str) -> str | None:
+        del training_id, destination
+        return None
 
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
         start = int(job.resume_from.read_text()) if job.resume_from is not None else 0

@@ -18,6 +18,7 @@ from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import Training, TrainingStatus, User
 from selfie_lora.errors import StorageError
+from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.testing.fakes import FakeGenerator
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
 from selfie_lora.wiring import Services, build_services
@@ -59,21 +60,28 @@ class Rig:
         return len(self.standin.trainings)
 
 
+def _services(tmp_path: Path, standin: ReplicateStandIn, *,
+              trainer_class: type[ReplicateTrainer] = ReplicateTrainer,
+              ) -> tuple[Services, FlakyWeightsStore]:
+    settings = make_settings(tmp_path, trainer="replicate", replicate_owner=OWNER,
+                             replicate_api_token=standin.token,
+                             replicate_base_url=standin.base_url)
+    # Two retries a call (the sleeps are recorded, not slept): an outage is any run of more
+    # failed answers than that.
+    trainer = trainer_class(connection=ReplicateConnection(
+        api_token=standin.token, base_url=standin.base_url, max_retries=2,
+        sleep=lambda _s: None, timeout=10.0), owner=OWNER, poll_interval=0.0)
+    blobs = FlakyWeightsStore(settings.blob_dir)
+    services = build_services(settings, trainers={"replicate": trainer}, blobs=blobs,
+                              generators={"replicate": FakeGenerator(backend="replicate")},
+                              face_analyzer=one_person_analyzer())
+    return services, blobs
+
+
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
     with ReplicateStandIn() as standin:
-        settings = make_settings(tmp_path, trainer="replicate", replicate_owner=OWNER,
-                                 replicate_api_token=standin.token,
-                                 replicate_base_url=standin.base_url)
-        # Two retries a call (the sleeps are recorded, not slept): an outage is any run of more
-        # failed answers than that.
-        trainer = ReplicateTrainer(connection=ReplicateConnection(
-            api_token=standin.token, base_url=standin.base_url, max_retries=2,
-            sleep=lambda _s: None, timeout=10.0), owner=OWNER, poll_interval=0.0)
-        blobs = FlakyWeightsStore(settings.blob_dir)
-        services = build_services(settings, trainers={"replicate": trainer}, blobs=blobs,
-                                  generators={"replicate": FakeGenerator(backend="replicate")},
-                                  face_analyzer=one_person_analyzer())
+        services, blobs = _services(tmp_path, standin)
         user, _ = services.users.create(name="ann")
         started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
         assert started.training is not None
@@ -222,3 +230,66 @@ def test_a_remote_cancel_that_does_not_get_through_is_asked_again_until_it_does(
     assert not rig.training().remote_cancel_pending
     assert rig.services.training.reconcile().remote_cancels_tried == 0
     assert remote.cancel_requests == 1  # asked once it got through, never again
+
+
+class _WorkerKilled(BaseException):
+    """The worker process dies (SIGKILL): nothing after it runs, no handler sees it."""
+
+
+class _DiesWithTheCreatesAnswer(ReplicateTrainer):
+    """Replicate acts on the create, and the worker dies before it stores the remote id."""
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        class Dying:
+            def creating(self) -> None:
+                sink.creating()
+
+            def started(self, *, remote_id: str | None) -> None:
+                raise _WorkerKilled(remote_id)
+
+            def progress(self, *, status: TrainingStatus, step: int, total: int,
+                         loss: float | None = None) -> None:
+                sink.progress(status=status, step=step, total=total, loss=loss)
+
+            def cancel_requested(self) -> bool:
+                return sink.cancel_requested()
+
+            def interrupted(self) -> bool:
+                return sink.interrupted()
+
+        return super().train(job, sink=Dying())
+
+
+def test_a_canceled_training_whose_worker_died_with_the_creates_answer_cancels_the_run_once(
+    tmp_path: Path,
+) -> None:
+    """The worker dies after Replicate made the training and before its id was stored; the user
+    cancels while nobody runs it. The run, billed to its end and adding a version nothing
+    records, is found by its upload's marker and canceled, once."""
+    with ReplicateStandIn() as standin:
+        services, _ = _services(tmp_path, standin, trainer_class=_DiesWithTheCreatesAnswer)
+        try:
+            user, _ = services.users.create(name="ann")
+            started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+            assert started.training is not None
+            training_id = started.training.id
+            with pytest.raises(_WorkerKilled):
+                services.training.run(training_id, owner="worker-a")
+            assert len(standin.trainings) == 1
+            (remote,) = standin.trainings.values()
+            lost = services.repo.get_training(training_id)
+            assert lost is not None
+            assert lost.remote_id is None
+
+            services.training.reconcile(dead_owners=["worker-a"])  # its lease ends
+            canceled = services.training.cancel(user=user, training_id=training_id)
+
+            assert canceled.status is TrainingStatus.CANCELED
+            assert remote.cancel_requests == 1  # not left running, billed, into our destination
+            assert remote.status == "canceled"
+            assert canceled.remote_id == remote.id  # by id from now on, never looked for again
+            assert not canceled.remote_cancel_pending
+            assert services.training.reconcile().remote_cancels_tried == 0
+            assert remote.cancel_requests == 1
+        finally:
+            services.close()

@@ -349,6 +349,10 @@ class Training:
     # transaction that ends it, cleared once the backend has the cancel (the reconciler asks
     # again until then), so a remote run never goes on, billed, after a crash or an outage.
     remote_cancel_pending: bool = False
+    # A worker uploaded the photos to create a remote run (set before the create, kept): a
+    # training that ends with no ``remote_id`` may still have a run, its create's answer lost
+    # with the worker, and its cancel finds the run by the upload's marker.
+    remote_create_started: bool = False
     started_at: datetime | None = None
     completed_at: datetime | None = None
     history: tuple[dict[str, Any], ...] = field(default_factory=tuple)

@@ -97,6 +97,12 @@ class ProgressSink(Protocol):
 
     def started(self, *, remote_id: str | None) -> None: ...
 
+    def creating(self) -> None:
+        """A remote run is about to be created (called before the upload it is made from): an
+        ending that finds no ``remote_id`` stored then looks for the run (``Trainer.find_remote``)
+        instead of taking it that none exists."""
+        ...
+
     def progress(
         self, *, status: TrainingStatus, step: int, total: int, loss: float | None = None
     ) -> None: ...
@@ -141,6 +147,13 @@ class Trainer(Protocol):
         nothing remotely; harmless for a run that has ended). Raises ``TrainerError`` when the
         backend could not be told: the training is ended all the same, and the service asks
         again (``TrainingService.reconcile``) until it has been."""
+        ...
+
+    def find_remote(self, *, training_id: str, destination: str) -> str | None:
+        """The id of the remote run created for ``training_id`` whose id was never stored (the
+        worker died with the create's answer), found by what the create was made from; None
+        when there is none (always, for a backend that runs nothing remotely). Raises
+        ``TrainerError`` when the backend could not be asked."""
         ...
 
 

@@ -1178,18 +1178,47 @@ class TrainingService:
         version was stored: its remote twin, if any, is canceled too. Once a version is stored
         the remote run has ended (its output was copied): nothing to cancel."""
         trainer = self._trainers.get(t.backend)
-        if not t.remote_cancel_pending or t.remote_id is None or trainer is None:
+        if not t.remote_cancel_pending or trainer is None:
             return
+        remote_id = t.remote_id
+        if remote_id is None:
+            remote_id = self._find_lost_remote(trainer, t)
+            if remote_id is None:
+                return
         try:
-            trainer.cancel_remote(t.remote_id)
+            trainer.cancel_remote(remote_id)
         except Exception:  # the training is ended either way; the reconciler asks again
             logger.warning("could not cancel remote training %s of %s now; asked again later",
-                           t.remote_id, t.id, exc_info=True)
+                           remote_id, t.id, exc_info=True)
             return
         try:
             self._repo.clear_remote_cancel(t.id)
         except SelfieLoraError as exc:  # asked once more later: a second cancel is harmless
             logger.warning("training %s: remote cancel sent, not recorded (%s)", t.id, exc)
+
+    def _find_lost_remote(self, trainer: Trainer, t: Training) -> str | None:
+        """The remote run of ``t``, ended with a create begun and no remote id stored (its
+        worker died with the create's answer), looked for by the create's marker. Found, its id is
+        stored (the next round cancels it by id, never looks again); not found, there is nothing to
+        cancel and the cancel is no longer owed. None: nothing to cancel now."""
+        try:
+            found = trainer.find_remote(training_id=t.id, destination=t.destination)
+        except Exception as exc:  # the training is ended either way; the reconciler asks again
+            logger.warning("training %s: could not look for the remote run its lost create may "
+                           "have started (%s: %s); asked again later", t.id,
+                           type(exc).__name__, exc)
+            return None
+        try:
+            if found is None:
+                logger.info("training %s: its create left no remote run: nothing to cancel", t.id)
+                self._repo.clear_remote_cancel(t.id)
+                return None
+            logger.warning("training %s: found remote run %s, whose create's answer was lost; "
+                           "canceling it", t.id, found)
+            self._update(t.id, lambda c: dataclasses.replace(c, remote_id=c.remote_id or found))
+        except SelfieLoraError as exc:  # looked for again next round
+            logger.warning("training %s: remote run lookup not recorded (%s)", t.id, exc)
+        return found
 
     # ------------------------------------------------------------------ internals
     def _job(self, training: Training, *, work_dir: Path) -> TrainingJob:
@@ -1451,12 +1480,20 @@ class _Sink:
     def __init__(self, service: TrainingService, held: _Held) -> None:
         self._service = service
         self._held = held
+        self._created = False  # ``creating`` recorded by this attempt
 
     @property
     def remote_id(self) -> str | None:
         """The remote run this attempt adopted or started, once stored: from then on an outage
         interrupts the training instead of failing it."""
         return self._held.remote_id
+
+    def creating(self) -> None:
+        if self._created:
+            return
+        self._service._update_held(
+            self._held, lambda t: dataclasses.replace(t, remote_create_started=True))
+        self._created = True
 
     def started(self, *, remote_id: str | None) -> None:
         def apply(t: Training) -> Training:
@@ -1538,5 +1575,6 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
 
 def _remote_run_to_cancel(t: Training) -> bool:
     """Whether ``t``, ending now, leaves a remote run to cancel: it has one, and no version
-    (once a version is stored the run has ended: its output was copied)."""
-    return t.remote_id is not None and t.version_id is None
+    (once a version is stored the run has ended: its output was copied). A create begun with no
+    id stored counts: its run, if Replicate made one, is found by its marker."""
+    return (t.remote_id is not None or t.remote_create_started) and t.version_id is None

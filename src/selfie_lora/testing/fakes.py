@@ -66,6 +66,10 @@ class FakeTrainer:
     def cancel_remote(self, remote_id: str) -> None:
         self.remote_canceled.append(remote_id)
 
+    def find_remote(self, *, training_id: str, destination: str) -> str | None:
+        del training_id, destination
+        return None
+
     def _check(self, sink: ProgressSink) -> None:
         if sink.interrupted():
             raise TrainingInterruptedError("the worker stops; the training is handed back")

@@ -302,6 +302,11 @@ class LocalTrainer:
         """Nothing runs remotely: a training's child process ends with its worker."""
         del remote_id
 
+    def find_remote(self, *, training_id: str, destination: str) -> str | None:
+        """Nothing runs remotely: there is never a run to find."""
+        del training_id, destination
+        return None
+
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
         job.work_dir.mkdir(parents=True, exist_ok=True)
         out_path = job.work_dir / WEIGHTS_FILE

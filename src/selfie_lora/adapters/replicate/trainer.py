@@ -144,6 +144,14 @@ class ReplicateTrainer:
                 raise TrainerUnavailableError(
                     f"Replicate training {remote_id} could not be canceled now")
 
+    def find_remote(self, *, training_id: str, destination: str) -> str | None:
+        """The Replicate training created for ``training_id`` whose id was never stored, found
+        as a later attempt's create would adopt it (the upload's marker), in the newest pages of
+        the list and the lookup window; None when there is none."""
+        with self.session() as session:
+            found = self._find_existing(session, training_id, self._destination(destination), set())
+        return None if found is None else found.id
+
     # ----------------------------------------------------------------- train
 
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
@@ -165,7 +173,7 @@ class ReplicateTrainer:
                 training = session.call("read the training", lambda: session.client.trainings.get(remote_id))
             else:
                 self._ensure_destination(session, destination)
-                training = self._create(session, job, destination)
+                training = self._create(session, job, destination, sink)
                 logger.info(
                     "training %s: Replicate training %s of %s into %s",
                     job.training_id,
@@ -227,11 +235,12 @@ class ReplicateTrainer:
         session: ReplicateSession,
         job: TrainingJob,
         destination: str,
+        sink: ProgressSink,
     ) -> Training:
         uploads: set[str] = set()
 
         def find_existing() -> Training | None:
-            found = self._find_existing(session, job, destination, uploads)
+            found = self._find_existing(session, job.training_id, destination, uploads)
             if found is not None:
                 logger.warning(
                     "training %s: adopting Replicate training %s created by an earlier attempt",
@@ -244,6 +253,9 @@ class ReplicateTrainer:
         if existing is not None:
             return existing
 
+        # Recorded before the upload: from here on a run may exist that only its marker finds
+        # (a worker dying with the create's answer), and a cancel must look for it.
+        sink.creating()
         archive = build_training_zip(job.photos)
         uploaded = session.upload(
             archive,
@@ -288,7 +300,7 @@ class ReplicateTrainer:
     def _find_existing(
         self,
         session: ReplicateSession,
-        job: TrainingJob,
+        training_id: str,
         destination: str,
         uploads: set[str],
     ) -> Training | None:
@@ -324,7 +336,7 @@ class ReplicateTrainer:
                     file_id = self._own_file_id(session, images)
                     if file_id is not None:
                         lookups += 1
-                        if self._file_marker(session, file_id) == job.training_id:
+                        if self._file_marker(session, file_id) == training_id:
                             return self._read_training(session, remote_id)
             following = _next_page(page)
             if following is None:
