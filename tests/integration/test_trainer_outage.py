@@ -232,6 +232,35 @@ def test_a_remote_cancel_that_does_not_get_through_is_asked_again_until_it_does(
     assert remote.cancel_requests == 1  # asked once it got through, never again
 
 
+
+CANCELS = "/v1/trainings/*/cancel"
+
+
+def test_a_remote_cancel_refused_for_good_is_not_asked_again(rig: Rig) -> None:
+    """Replicate answers the cancel 404 (the run is unknown to the configured account, or
+    gone): the answer will never change, so nothing is left to cancel, and the reconciler does
+    not ask again every round, for ever."""
+    rig.standin.fail_next("GET", POLLS, status=422)  # the training fails (a refusal)
+    rig.standin.fail_next("POST", CANCELS, status=404, times=10_000)
+    rig.services.training.run(rig.training_id)
+
+    t = rig.training()
+    assert t.status is TrainingStatus.FAILED
+    assert rig.standin.count("POST", CANCELS) == 1
+    assert not t.remote_cancel_pending
+    assert rig.services.training.reconcile().remote_cancels_tried == 0
+    assert rig.standin.count("POST", CANCELS) == 1
+
+
+def test_a_remote_run_that_failed_is_not_sent_a_cancel(rig: Rig) -> None:
+    rig.standin.training_outcome = "failed"
+    rig.services.training.run(rig.training_id)
+
+    t = rig.training()
+    assert t.status is TrainingStatus.FAILED
+    assert not t.remote_cancel_pending
+    assert rig.standin.count("POST", CANCELS) == 0  # it had ended: nothing to cancel
+
 class _WorkerKilled(BaseException):
     """The worker process dies (SIGKILL): nothing after it runs, no handler sees it."""
 

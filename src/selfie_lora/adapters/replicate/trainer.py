@@ -77,6 +77,8 @@ MARKER_METADATA_KEY = "selfie_lora_training_id"
 _MAX_FILE_LOOKUPS = 10
 _LOOKUP_WINDOW = timedelta(hours=6)
 _MAX_LIST_PAGES = 3
+# A training in one of these has nothing left to cancel.
+_ENDED = frozenset({"succeeded", "failed", "canceled"})
 
 def build_training_zip(photos: Iterable[TrainingPhoto]) -> bytes:
     """The ``input_images`` zip: ``NNN.jpg`` plus ``NNN.txt`` holding the caption.
@@ -140,6 +142,21 @@ class ReplicateTrainer:
 
     def cancel_remote(self, remote_id: str) -> None:
         with self.session() as session:
+            try:
+                raw = session.get_json(f"/v1/trainings/{remote_id}", what="read the training")
+            except TrainerUnavailableError:
+                raw = None  # its status unknown: the cancel is sent all the same
+            except TrainerError as exc:
+                # A lasting refusal (a 404: the run is unknown to this account, or gone): every
+                # later ask would get the same answer, and there is nothing it could cancel.
+                logger.warning("Replicate training %s cannot be read, nothing left to cancel: %s",
+                               remote_id, exc)
+                return
+            status = raw.get("status") if isinstance(raw, dict) else None
+            if status in _ENDED:
+                logger.info("Replicate training %s has ended (%s): nothing to cancel",
+                            remote_id, status)
+                return
             if not self._cancel(session, remote_id):
                 raise TrainerUnavailableError(
                     f"Replicate training {remote_id} could not be canceled now")
@@ -446,15 +463,22 @@ class ReplicateTrainer:
 
     @staticmethod
     def _cancel(session: ReplicateSession, remote_id: str) -> bool:
-        """Whether Replicate has the cancel. Not: the caller ends the training all the same (the
-        user asked for it), and the service asks again until Replicate has it."""
+        """Whether nothing is left to cancel: Replicate has the cancel, or refused it for good (a
+        4xx but 429: the run is unknown to this account, or gone; asking again would get the
+        same answer for ever). Not (an outage: 429, 5xx, the network, a refused token): the
+        caller ends the training all the same (the user asked for it), and the service asks
+        again until Replicate has it."""
         try:
             session.call("cancel the training", lambda: session.client.trainings.cancel(remote_id))
             logger.info("canceled Replicate training %s", remote_id)
             return True
-        except TrainerError as exc:
+        except TrainerUnavailableError as exc:
             logger.warning("could not cancel Replicate training %s: %s", remote_id, exc)
             return False
+        except TrainerError as exc:
+            logger.warning("Replicate refused for good to cancel training %s, nothing left to "
+                           "cancel: %s", remote_id, exc)
+            return True
 
     # ----------------------------------------------------------------- collect
 
