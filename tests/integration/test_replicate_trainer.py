@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import re
 import time
 import zipfile
 from collections.abc import Callable
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -35,6 +38,8 @@ from selfie_lora.errors import (
 from selfie_lora.services.ports import GenerationJob, TrainingJob
 from selfie_lora.testing.replicate_standin import OUTPUT_SHAPES, ReplicateStandIn
 from tests.conftest_replicate import REPLICATE_TRIGGER, RecordingSink
+
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 TRAININGS_POST = "/v1/models/*/trainings"
 JobFactory = Callable[..., TrainingJob]
@@ -813,3 +818,24 @@ def test_outputs_named_off_replicate_s_hosts_are_never_fetched(
     assert refused.value.user_message == refused.value.message  # answered as it is (a 502)
     assert not [path for _method, path in replicate_standin.requests
                 if path.startswith("/files/")]
+
+
+def test_the_readme_says_what_the_replicate_recipe_sends(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+) -> None:
+    """What a training of ``replicate-person-v1`` sends the trainer is said in the README's
+    recipes section, as it is sent (its resolution is not the trainer's default)."""
+    job = replicate_job_factory()
+    assert job.recipe.name == "replicate-person-v1"
+    replicate_trainer.train(job, sink=replicate_sink)
+
+    sent = replicate_standin.trainings[_only_training(replicate_standin)].input
+    said = ", ".join(f"{key}: {json.dumps(sent[key])}"
+                     for key in ("steps", "lora_rank", "learning_rate", "resolution", "batch_size"))
+    assert sent["resolution"] == "1024"
+    readme = re.sub(r"\s*\n\s*", " ", README.read_text())
+    assert f"`replicate-person-v1`**, the Replicate backend's recipe, sends the trainer `{said}`" in (
+        readme), said

@@ -1,7 +1,7 @@
 """Named training recipes. A training stores the recipe it used, so a rerun is reproducible.
 
 For the local backend the recipe name *is* the trainer version (pinned on the model like a
-Replicate trainer version); for Replicate the recipe supplies steps, rank and learning rate.
+Replicate trainer version); for Replicate the recipe supplies steps, rank, learning rate and resolution.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ _LOCAL_TINY_RECIPE = "local-tiny-v2"
 _LOCAL_FLUX_RECIPE = "local-flux-v2"
 
 RECIPES: dict[str, Recipe] = {
-    # ostris/flux-dev-lora-trainer's own defaults for a person LoRA.
+    # ostris/flux-dev-lora-trainer's defaults for a person LoRA (steps, rank, learning rate), but
+    # for its resolution: sent as "1024" where the trainer's default is "512,768,1024", as the
+    # photos are prepared at 1024 px, so it trains one 1024 bucket. Kept: models pinned to it
+    # retrain as they first trained.
     "replicate-person-v1": Recipe(
         name="replicate-person-v1", steps=1000, lora_rank=16, learning_rate=4e-4, resolution=1024
     ),
