@@ -636,13 +636,49 @@ def test_generator_returns_pngs_and_sends_the_lora_scale(
             assert image.format == "PNG"
             image.load()
     assert images[0] != images[1]
-    (prediction,) = replicate_standin.predictions.values()
-    assert prediction.input["lora_scale"] == 0.7
-    assert prediction.input["seed"] == 42
-    assert prediction.input["num_outputs"] == 2
-    assert prediction.input["output_format"] == "png"
-    assert prediction.input["prompt"] == job.prompt
-    assert trained.remote_version == f"{prediction.model}:{prediction.version_id}"
+    # One single-image prediction per picture, picture i with seed + i.
+    predictions = sorted(replicate_standin.predictions.values(), key=lambda p: p.input["seed"])
+    assert [p.input["seed"] for p in predictions] == [42, 43]
+    for prediction in predictions:
+        assert prediction.input["lora_scale"] == 0.7
+        assert prediction.input["num_outputs"] == 1
+        assert prediction.input["output_format"] == "png"
+        assert prediction.input["prompt"] == job.prompt
+        assert trained.remote_version == f"{prediction.model}:{prediction.version_id}"
+
+
+def test_picture_i_of_a_batch_is_the_picture_its_seed_makes_alone(
+    replicate_standin: ReplicateStandIn, replicate_generator: ReplicateGenerator,
+) -> None:
+    """The contract (ports.image_seed): picture i of a batch made with a seed is made with
+    seed + i, so it can be made again alone. The trained version's predictor seeds a batch once,
+    so a batch sent as one prediction broke it."""
+    version = replicate_standin.create_model_version("selfie-lora/lora-g")
+
+    def make(seed: int, count: int) -> list[bytes]:
+        return replicate_generator.generate(GenerationJob(
+            prompt="at the beach", num_outputs=count, seed=seed, lora_scale=1.0,
+            trainer_version="t", remote_version=version))
+
+    batch = make(5, 3)
+    assert batch[1] == make(6, 1)[0]
+    assert batch[2] == make(7, 1)[0]
+
+
+def test_a_picture_withheld_by_the_safety_checker_is_said_not_dropped(
+    replicate_standin: ReplicateStandIn, replicate_generator: ReplicateGenerator,
+) -> None:
+    """The predictor drops a flagged image and succeeds: a batch that came back short would
+    shift every later picture's seed, unsaid. The error names the picture and its seed."""
+    version = replicate_standin.create_model_version("selfie-lora/lora-g")
+    replicate_standin.withheld_seeds = {8}
+    with pytest.raises(GenerationError) as caught:
+        replicate_generator.generate(GenerationJob(
+            prompt="at the beach", num_outputs=3, seed=7, lora_scale=1.0, trainer_version="t",
+            remote_version=version))
+    assert caught.value.user_message is not None
+    assert "picture 2 (seed 8) of 3" in caught.value.user_message
+    assert "safety checker" in caught.value.user_message
 
 
 def test_generator_retries_and_maps_a_failed_prediction(
@@ -657,7 +693,8 @@ def test_generator_retries_and_maps_a_failed_prediction(
     replicate_standin.fail_next("POST", "/v1/predictions", status=503, retry_after=4)
     assert len(replicate_generator.generate(job)) == 1
     assert 4.0 in replicate_sleeps
-    assert "seed" not in next(iter(replicate_standin.predictions.values())).input
+    # None given: one is drawn, so each picture of a batch has a seed of its own.
+    assert isinstance(next(iter(replicate_standin.predictions.values())).input["seed"], int)
 
     replicate_standin.prediction_outcome = "failed"
     with pytest.raises(GenerationError) as caught:  # a generation's error, not a trainer's
@@ -754,14 +791,14 @@ def test_generator_makes_one_prediction_when_the_create_answer_is_lost_to_a_5xx(
         images = generator.generate(job)
         assert lost
         assert len(images) == 2
-        assert len(replicate_standin.predictions) == 1
+        assert len(replicate_standin.predictions) == 2  # one per picture, the lost one adopted
         # The same job again, its create refused with a 5xx that made nothing: retried into a
         # prediction of its own, not the identical one just handed out.
         replicate_standin.fail_next("POST", "/v1/predictions", status=502)
         assert len(generator.generate(job)) == 2
     finally:
         real.close()
-    assert len(replicate_standin.predictions) == 2
+    assert len(replicate_standin.predictions) == 4
 
 
 def test_generator_maps_an_unreachable_replicate_to_a_generation_error(

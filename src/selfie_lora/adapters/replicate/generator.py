@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import logging
+import secrets
 import threading
 import warnings
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +30,7 @@ from selfie_lora.adapters.replicate.session import (
     parse_version_ref,
 )
 from selfie_lora.errors import ErrorCode, GenerationError, InvalidInputError, SelfieLoraError
-from selfie_lora.services.ports import GenerationJob
+from selfie_lora.services.ports import MAX_SEED, GenerationJob, image_seed
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ _MAX_LIST_PAGES = 2
 _CLOCK_SLACK = timedelta(seconds=5)
 # Predictions this process has already handed to a generate(): never adopted again.
 _REMEMBERED = 1024
+# Pictures of one batch made at once (one prediction each).
+_CONCURRENT_PICTURES = 4
 _FAILED = "Generating the images failed on Replicate: {error}. Try again, or change the prompt."
 
 
@@ -66,6 +70,12 @@ class ReplicateGenerator:
         return self._connection.session(GENERATOR_FAILURES)
 
     def generate(self, job: GenerationJob) -> list[bytes]:
+        """The batch as one single-image prediction per picture, picture i with
+        ``image_seed(seed, i)``: the trained version's predictor seeds a whole batch once (one
+        generator for ``num_outputs`` images), so picture i of a batch was not the picture its
+        seed makes alone, and it drops an image its safety checker flags and still succeeds,
+        which shortened the batch and shifted the pictures' seeds. A picture withheld so fails
+        the batch, naming it. They run concurrently, a few at a time."""
         if not job.remote_version:
             raise InvalidInputError(
                 "this version has no Replicate model version to generate with",
@@ -75,14 +85,34 @@ class ReplicateGenerator:
             _, version_id = parse_version_ref(job.remote_version)
         except ValueError as exc:
             raise InvalidInputError(str(exc), code=ErrorCode.NO_REMOTE_VERSION) from exc
+        # Drawn when none is given: each picture then has a seed of its own, so a picture's
+        # lost create is never matched to its sibling's identical prediction.
+        seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        seeds = [image_seed(seed=seed, index=i) for i in range(job.num_outputs)]
+        if len(seeds) == 1:
+            try:
+                return [self._picture(job, version_id, seed=seeds[0])]
+            except _WithheldError:
+                raise _withheld_error([0], seeds, 1) from None
+        with ThreadPoolExecutor(max_workers=min(len(seeds), _CONCURRENT_PICTURES),
+                                thread_name_prefix="replicate-picture") as pool:
+            futures = [pool.submit(self._picture, job, version_id, seed=s) for s in seeds]
+            wait(futures)
+        withheld = [i for i, f in enumerate(futures)
+                    if isinstance(f.exception(), _WithheldError)]
+        if withheld:
+            raise _withheld_error(withheld, seeds, job.num_outputs)
+        return [f.result() for f in futures]  # the first picture's error, if any, is raised
+
+    def _picture(self, job: GenerationJob, version_id: str, *, seed: int) -> bytes:
+        """One picture: a prediction of one image with ``seed``."""
         inputs: dict[str, Any] = {
             "prompt": job.prompt,
             "lora_scale": job.lora_scale,
-            "num_outputs": job.num_outputs,
+            "num_outputs": 1,
             "output_format": "png",
+            "seed": seed,
         }
-        if job.seed is not None:
-            inputs["seed"] = job.seed
         if job.width is not None and job.height is not None:
             inputs.update({"aspect_ratio": "custom", "width": job.width, "height": job.height})
 
@@ -134,14 +164,24 @@ class ReplicateGenerator:
                     failed, user_message=failed,
                     details=[f"prediction {prediction_id} {prediction.status}: {error}"])
             urls = _output_urls(prediction)
-            logger.info("prediction %s on %s: %d image(s)", prediction_id, job.remote_version, len(urls))
-            return [
-                _as_png(
-                    session.download(url, max_bytes=_MAX_IMAGE_BYTES, what="download the image"),
-                    url,
-                )
-                for url in urls
-            ]
+            logger.info("prediction %s on %s: seed %d", prediction_id, job.remote_version, seed)
+            return _as_png(
+                session.download(urls[0], max_bytes=_MAX_IMAGE_BYTES, what="download the image"),
+                urls[0],
+            )
+
+
+class _WithheldError(GenerationError):
+    """A prediction succeeded without its image (the predictor's safety checker dropped it)."""
+
+
+def _withheld_error(withheld: list[int], seeds: list[int], total: int) -> GenerationError:
+    which = ", ".join(f"{i + 1} (seed {seeds[i]})" for i in withheld)
+    message = (f"Replicate withheld picture {which} of {total}: its safety checker flagged it. "
+               "No picture was kept, so that each keeps its seed; change the prompt or the seed "
+               "and try again.")
+    return GenerationError(message, user_message=message,
+                           details=[f"pictures without an image: {[i + 1 for i in withheld]}"])
 
 
 def _cancel_quietly(session: ReplicateSession, prediction_id: str) -> None:
@@ -201,8 +241,10 @@ def _output_urls(prediction: Prediction) -> list[str]:
     items = output if isinstance(output, list) else [output]
     urls = [str(getattr(item, "url", item)) for item in items if item]
     if not urls:
-        raise GenerationError("Replicate returned no images. Try again.",
-                              details=[f"prediction {prediction.id} succeeded without images"])
+        # The trained version's predictor drops an image its safety checker flags, and succeeds.
+        raise _WithheldError("Replicate returned no image: its safety checker may have withheld "
+                             "it. Change the prompt or the seed and try again.",
+                             details=[f"prediction {prediction.id} succeeded without images"])
     return urls
 
 

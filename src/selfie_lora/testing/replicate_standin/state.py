@@ -229,6 +229,9 @@ class StandInState:
         self.prediction_polls = 1
         self.prediction_outcome: Outcome = "succeeded"
         self.prediction_error = "NSFW content detected. Try running it again, or try a different prompt."
+        # Seeds whose images the safety checker flags: the trained version's predictor drops a
+        # flagged image and still succeeds (replicate/flux-fine-tuner predict.py).
+        self.withheld_seeds: set[int] = set()
         self.page_size = 100
         # The trainer version id a new training says it ran, whatever version its create named
         # (replicate-python #419: Replicate once ran the newest trainer); None: the one named.
@@ -478,6 +481,8 @@ class StandInState:
         height = _dimension(pred.input.get("height"))
         urls = []
         for i in range(count):
+            if seed in self.withheld_seeds:
+                continue
             digest = hashlib.sha256(f"{seed}:{i}:{pred.input.get('prompt')}".encode()).digest()
             image = _png((digest[0], digest[1], digest[2]), width, height)
             pred.images.append(image)
