@@ -206,6 +206,8 @@ def test_second_face_reported_with_its_relative_size() -> None:
     assert "75%" in finding.message
     assert analysis.embedding is not None
     assert analysis.embedding[0] < 0.5
+    # The friend's face has an identity too: the set check compares it with the other photos.
+    assert analysis.faces[1].embedding is not None
 
 
 def test_small_background_face_is_only_info() -> None:
@@ -443,6 +445,27 @@ def test_different_person_by_centre_in_larger_sets() -> None:
     report = check_set(photos, policy=POLICY)
     flagged = [f for f in report.findings if f.code == "different_person"]
     assert [(f.photo, f.severity) for f in flagged] == [("p3.jpg", "reject")]
+
+
+def test_a_friend_with_a_larger_face_is_not_trained_on() -> None:
+    """A photo of the user beside a friend whose face is larger: the larger face was taken as
+    the user's, only warned about ("if it is, keep it") and the friend's face was trained on."""
+    photos = _hashes_far_apart(_varied(6))
+    friend = Face(box=(0, 0, 100, 100), score=1.0, embedding=tuple([0.48] + [0.0] * 127))
+    you = Face(box=(200, 0, 270, 70), score=1.0, embedding=tuple([0.0] * 128))
+    photos[5] = replace(photos[5], main_face=friend, faces=(friend, you))
+    report = check_set(photos, policy=POLICY)
+    (finding,) = [f for f in report.findings if f.code == "different_person"]
+    assert (finding.photo, finding.severity) == ("p5.jpg", "reject")
+    assert "train the other person's face" in finding.message
+    assert "p5.jpg" not in report.accepted
+    # The friend's face alone, no face of the user beside it: still no "keep it".
+    alone = replace(photos[5], faces=(friend, replace(you, embedding=tuple([0.48] + [0.1] * 127))))
+    photos[5] = alone
+    (finding,) = [f for f in check_set(photos, policy=POLICY).findings
+                  if f.code == "different_person"]
+    assert "keep it" not in finding.advice
+    assert "other person's face" in finding.advice
 
 
 def test_different_person_by_majority_in_small_sets() -> None:

@@ -103,13 +103,18 @@ def analyze_photo(
                              whole_dhash=whole_dhash, had_exif=decoded.had_exif, order=order)
 
     main = _refine(image, faces[0], analyzer=analyzer, policy=policy)
-    findings.extend(_other_faces(name, main, faces[1:], policy=policy))
+    # The other faces large enough to be a friend beside the user get an identity too: the set
+    # check compares them with the other photos, as the largest face need not be the user's.
+    others = [_refine(image, f, analyzer=analyzer, policy=policy)
+              if f.height >= policy.background_face_ratio * max(main.height, 1) else f
+              for f in faces[1:]]
+    findings.extend(_other_faces(name, main, others, policy=policy))
     metrics = measure(image, small, k_small, main, scale=scale, policy=policy)
     findings.extend(_judge(name, metrics, policy=policy))
     patch = face_patch(image, main, policy=policy)
     points = keypoints(image, main, policy=policy)
     return PhotoAnalysis(
-        name=name, image_size=(width, height), scale=scale, faces=(main, *faces[1:]),
+        name=name, image_size=(width, height), scale=scale, faces=(main, *others),
         main_face=main, findings=tuple(findings), metrics=metrics, whole_phash=whole_phash,
         whole_dhash=whole_dhash, face_patch=patch, keypoints=points, had_exif=decoded.had_exif,
         order=order,
@@ -258,8 +263,10 @@ def _other_faces(name: str, main: Face, others: Sequence[Face], *,
         competing = max(big) >= policy.competing_face_ratio
         findings.append(Finding(
             "reject" if competing else "warn", "multiple_faces",
-            f"{name} shows {len(big) + 1} faces: the others are {sizes} of the main face's size",
-            "use photos where you are alone, or crop the others out before uploading",
+            f"{name} shows {len(big) + 1} faces: the largest one is taken as yours, the "
+            f"others are {sizes} of its size",
+            "use photos where you are alone, or crop the others out before uploading: if the "
+            "largest face is not yours, this photo would train the other person's face",
             photo=name,
         ))
     if small:

@@ -25,6 +25,33 @@ def _distances(vectors: FloatArray) -> FloatArray:
     return result
 
 
+def _crowd(photo: PhotoAnalysis, centre: FloatArray, distance: float, *,
+           policy: CheckPolicy) -> Finding | None:
+    """The finding of a photo with more than one face whose main (largest) face does not look
+    like the set, or None when it does or the photo shows one face. The main face is the one
+    trained on: when it is a friend's, keeping the photo trains the friend's face."""
+    if distance <= policy.identity_centre_warn:
+        return None
+    others = [float(np.linalg.norm(np.asarray(f.embedding, dtype=np.float64) - centre))
+              for f in photo.faces[1:] if f.embedding is not None]
+    if not others:
+        return None
+    if min(others) <= policy.identity_centre_warn:
+        return Finding(
+            "reject", "different_person",
+            f"the largest face in {photo.name} is someone else's (distance {distance:.2f}); you "
+            f"seem to be a smaller face in it (distance {min(others):.2f}): the photo would "
+            "train the other person's face",
+            "crop the photo to your face alone and upload the crop, or use another photo",
+            photo=photo.name)
+    return Finding(
+        "reject" if distance > policy.identity_centre_distance else "warn", "different_person",
+        f"the largest face in {photo.name}, the one used for training, looks less like the "
+        f"other photos (distance {distance:.2f})",
+        "if that face is not yours, the photo would train the other person's face: crop the "
+        "photo to your face alone, or leave it out", photo=photo.name)
+
+
 def _identity(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[Finding]:
     with_id = [p for p in photos if p.embedding is not None]
     n = len(with_id)
@@ -40,7 +67,10 @@ def _identity(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[F
             others = np.delete(vectors, i, axis=0)
             centre = np.median(others, axis=0)
             distance = float(np.linalg.norm(vectors[i] - centre))
-            if distance > policy.identity_centre_distance:
+            crowd = _crowd(photo, centre, distance, policy=policy)
+            if crowd is not None:
+                findings.append(crowd)
+            elif distance > policy.identity_centre_distance:
                 findings.append(Finding(
                     "reject", "different_person",
                     f"{photo.name} seems to show someone else than the other photos "
