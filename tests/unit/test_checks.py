@@ -468,6 +468,26 @@ def test_a_friend_with_a_larger_face_is_not_trained_on() -> None:
     assert "other person's face" in finding.advice
 
 
+@pytest.mark.parametrize("split", [(3, 3), (2, 2), (4, 3)])
+def test_a_set_of_two_people_says_which_photos_go_together(split: tuple[int, int]) -> None:
+    """3 photos of one person and 3 of another: each photo was rejected with the same "seems to
+    show someone else than the other photos", and nothing said which photos were whose."""
+    first, second = split
+    photos = _hashes_far_apart(_varied(first + second))
+    photos = [replace(p, main_face=Face(box=(0, 0, 100, 100), score=1.0,
+                                        embedding=tuple([0.9, *list(p.embedding or ())[1:]])))
+              if i >= first else p for i, p in enumerate(photos)]
+    report = check_set(photos, policy=replace(POLICY, min_photos=1))
+    assert not report.trainable
+    assert not [f for f in report.findings if f.code == "different_person"]
+    (finding,) = [f for f in report.findings if f.code == "several_people"]
+    names = [p.name for p in photos]
+    assert finding.message == ("these photos show 2 different people: "
+                               f"{', '.join(names[:first])} / {', '.join(names[first:])}")
+    assert "only the photos of the one person" in finding.advice
+    assert finding.message in report.reasons
+
+
 def test_different_person_by_majority_in_small_sets() -> None:
     three = _hashes_far_apart(_varied(3))
     three[1] = replace(three[1], main_face=Face(

@@ -25,6 +25,40 @@ def _distances(vectors: FloatArray) -> FloatArray:
     return result
 
 
+def _groups(pair: FloatArray, *, policy: CheckPolicy) -> list[list[int]]:
+    """The photos (indices) that show one person, largest group first: groups are merged while
+    every face of one is within the pair distance of every face of the other (complete
+    linkage: a stranger a little like one of the user's photos does not chain two people
+    into one group)."""
+    groups = [[i] for i in range(len(pair))]
+    while len(groups) > 1:
+        best: tuple[float, int, int] | None = None
+        for a in range(len(groups)):
+            for b in range(a + 1, len(groups)):
+                far = float(pair[np.ix_(groups[a], groups[b])].max())
+                if far <= policy.identity_pair_distance and (best is None or far < best[0]):
+                    best = (far, a, b)
+        if best is None:
+            break
+        _, a, b = best
+        groups[a] = sorted(groups[a] + groups.pop(b))
+    return sorted(groups, key=lambda g: (-len(g), g[0]))
+
+
+def _several_people(photos: Sequence[PhotoAnalysis], groups: Sequence[Sequence[int]]
+                    ) -> Finding | None:
+    """One finding for a set of two or more people, none of them a clear majority: telling each
+    photo that it shows "someone else" left the user not knowing which photos go together."""
+    people = [g for g in groups if len(g) >= 2]
+    if len(people) < 2 or len(people[0]) >= 2 * len(people[1]):
+        return None
+    listed = " / ".join(", ".join(photos[i].name for i in g) for g in people)
+    return Finding(
+        "reject", "several_people",
+        f"these photos show {len(people)} different people: {listed}",
+        "upload only the photos of the one person the model is for")
+
+
 def _crowd(photo: PhotoAnalysis, centre: FloatArray, distance: float, *,
            policy: CheckPolicy) -> Finding | None:
     """The finding of a photo with more than one face whose main (largest) face does not look
@@ -59,6 +93,9 @@ def _identity(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[F
         return []
     vectors = np.asarray([p.embedding for p in with_id], dtype=np.float64)
     pair = _distances(vectors)
+    several = _several_people(with_id, _groups(pair, policy=policy))
+    if several is not None:
+        return [several]
     findings: list[Finding] = []
     advice = "use only photos of the one person the model is for"
     if n >= policy.centre_min_photos:
@@ -195,8 +232,8 @@ def _verdict(*, kept: int, total: int, photo_warned: int, set_findings: Sequence
         # The count has its own deduction above; the variety findings weigh here.
         if finding.code in _COUNT_CODES:
             continue
-        if finding.photo is None and finding.severity in ("warn", "info"):
-            weight = 8.0 if finding.severity == "warn" else 2.0
+        if finding.photo is None:
+            weight = {"reject": 30.0, "warn": 8.0}.get(finding.severity, 2.0)
             deductions.append((weight, finding.message))
     score = max(0.0, 100.0 - sum(d for d, _ in deductions))
     if not trainable:
@@ -227,10 +264,11 @@ def check_set(analyses: Sequence[PhotoAnalysis], *, policy: CheckPolicy,
     cross = near_duplicates(photos, policy=policy)
     copies = {f.photo for f in cross}
     cross += _identity([p for p in photos if p.name not in copies], policy=policy)
-    findings.extend(cross)
+    findings.extend(f for f in cross if f.photo is not None)
     rejected_names = {f.photo for f in findings if f.severity == "reject" and f.photo}
     kept = [p for p in photos if p.name not in rejected_names]
-    set_findings: list[Finding] = []
+    # Findings of the whole set from the identity check (several people in it).
+    set_findings: list[Finding] = [f for f in cross if f.photo is None]
     count = len(kept)
     if count < policy.min_photos:
         set_findings.append(Finding(
