@@ -488,6 +488,29 @@ def test_a_set_of_two_people_says_which_photos_go_together(split: tuple[int, int
     assert finding.message in report.reasons
 
 
+def test_two_photos_of_one_stranger_are_both_refused() -> None:
+    """5 photos of the user and 2 of one stranger: the centre was the median of all other photos,
+    the other stranger's included, so the second stranger came out nearer (0.46: kept with a
+    warning) than alone (0.51)."""
+    photos = _hashes_far_apart(_varied(7))
+
+    def face(**components: float) -> Face:
+        vector = [0.0] * 128
+        for index, value in components.items():
+            vector[int(index[1:])] = value
+        return Face(box=(0, 0, 100, 100), score=1.0, embedding=tuple(vector))
+
+    # The user's photos 0.28 apart; the stranger's two 0.2 apart, 0.50 from the user's centre
+    # and 0.61 from one of the user's photos.
+    faces = [face(**{f"e{k + 1}": 0.2}) for k in range(5)]
+    faces += [face(e0=0.45, e1=-0.2, e100=x) for x in (0.1, -0.1)]
+    photos = [replace(p, main_face=f, faces=(f,)) for p, f in zip(photos, faces, strict=True)]
+    report = check_set(photos, policy=POLICY)
+    flagged = {f.photo: f.severity for f in report.findings if f.code == "different_person"}
+    assert flagged == {"p5.jpg": "reject", "p6.jpg": "reject"}
+    assert report.accepted == tuple(f"p{i}.jpg" for i in range(5))
+
+
 def test_different_person_by_majority_in_small_sets() -> None:
     three = _hashes_far_apart(_varied(3))
     three[1] = replace(three[1], main_face=Face(

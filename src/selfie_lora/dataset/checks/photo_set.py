@@ -93,21 +93,30 @@ def _identity(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[F
         return []
     vectors = np.asarray([p.embedding for p in with_id], dtype=np.float64)
     pair = _distances(vectors)
-    several = _several_people(with_id, _groups(pair, policy=policy))
+    groups = _groups(pair, policy=policy)
+    several = _several_people(with_id, groups)
     if several is not None:
         return [several]
+    # The user is the group holding most of the photos: the others are judged against it alone,
+    # so two photos of one stranger no longer pull the centre towards each other.
+    main = groups[0] if len(groups[0]) * 2 > n else list(range(n))
+    group_of = {i: g for g in groups for i in g}
     findings: list[Finding] = []
     advice = "use only photos of the one person the model is for"
     if n >= policy.centre_min_photos:
         for i, photo in enumerate(with_id):
             # The centre of the OTHER photos: the photo judged does not pull it towards itself.
-            others = np.delete(vectors, i, axis=0)
+            others = vectors[[j for j in main if j != i]]
             centre = np.median(others, axis=0)
             distance = float(np.linalg.norm(vectors[i] - centre))
+            # Outside the user's group, and alike with another photo outside it: a second person
+            # seen twice, refused as soon as it is not clearly like the user.
+            repeated = i not in main and len(group_of[i]) >= 2
             crowd = _crowd(photo, centre, distance, policy=policy)
             if crowd is not None:
                 findings.append(crowd)
-            elif distance > policy.identity_centre_distance:
+            elif distance > policy.identity_centre_distance or (
+                    repeated and distance > policy.identity_centre_warn):
                 findings.append(Finding(
                     "reject", "different_person",
                     f"{photo.name} seems to show someone else than the other photos "
