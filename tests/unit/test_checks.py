@@ -542,6 +542,24 @@ def test_near_duplicates_keep_the_original() -> None:
     assert "p0.jpg" in dups["p2.jpg"]
 
 
+def test_a_copy_of_a_refused_photo_is_not_told_to_keep_it() -> None:
+    """02.jpg refused for its low resolution and its mirror copy: the copy was told "keep only
+    02.jpg and add a different photo instead" while 02.jpg was left out too."""
+    from selfie_lora.domain.entities import Finding
+
+    photos = _hashes_far_apart(_varied(6))
+    small = Finding("reject", "face_resolution_low", "too small", "use the original", photo="p1.jpg")
+    photos[1] = replace(photos[1], findings=(small,))
+    photos[5] = replace(photos[5], whole_phash=photos[1].whole_phash,
+                        whole_dhash=photos[1].whole_dhash, metrics=photos[1].metrics,
+                        findings=(replace(small, photo="p5.jpg"),))
+    report = check_set(photos, policy=POLICY)
+    (dup,) = [f for f in report.findings if f.code == "near_duplicate"]
+    assert dup.message == "p5.jpg is a copy of p1.jpg (which cannot be used either)"
+    assert "keep" not in dup.advice
+    assert {"p1.jpg", "p5.jpg"} <= set(report.rejected)
+
+
 # --------------------------------------------------------------------------- preparation
 
 

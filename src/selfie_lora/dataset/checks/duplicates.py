@@ -278,10 +278,15 @@ def near_duplicates(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> 
                 found = pair_duplicate(photos[lo], photos[hi], policy=policy, cache=cache)
                 how[(i, keep)] = found or "a crop or a copy"  # None: only through others
             reason = how[(i, keep)]
-            findings.append(Finding(
-                "reject", "near_duplicate",
-                f"{photos[i].name} is {reason} of {photos[keep].name}",
-                f"keep only {photos[keep].name} and add a different photo instead",
-                photo=photos[i].name,
-            ))
+            if photos[keep].rejected:
+                # Every copy fails its own checks: "keep only X" would name a photo that is
+                # left out too.
+                message = (f"{photos[i].name} is {reason} of {photos[keep].name} (which cannot "
+                           "be used either)")
+                advice = "use a different photo instead of both"
+            else:
+                message = f"{photos[i].name} is {reason} of {photos[keep].name}"
+                advice = f"keep only {photos[keep].name} and add a different photo instead"
+            findings.append(Finding("reject", "near_duplicate", message, advice,
+                                    photo=photos[i].name))
     return findings
