@@ -134,6 +134,33 @@ def test_a_mac_zip_skips_system_files_with_info_findings() -> None:
     assert {f.code for f in findings} == {"ignored_file"}
 
 
+# The start of a QuickTime movie, as an iPhone writes a Live Photo's video.
+_MOV = b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  " + bytes(64)
+
+
+def test_an_iphone_export_skips_its_side_files_with_info_findings(tmp_path: Path) -> None:
+    """IMG_0002.AAE (an edit file) and IMG_0002.MOV (a Live Photo's video) were read as photos,
+    rejected as not_an_image and counted as photos left out against the set's score."""
+    members = {"IMG_0002.JPG": jpeg(seed=1), "IMG_0002.AAE": b"<?xml version='1.0'?><plist/>",
+               "IMG_0002.MOV": _MOV, "IMG_0004.MOV": _MOV, "holiday.mov": _MOV,
+               "notes.aae.jpg": jpeg(seed=2)}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+    for name, blob in members.items():
+        (tmp_path / name).write_bytes(blob)
+    for files, findings in (read_zip(buf.getvalue(), limits=LIMITS),
+                            read_uploaded_files(list(members.items()), limits=LIMITS),
+                            read_path(tmp_path, limits=LIMITS)):
+        # A video neither beside a photo of its name nor named by the iPhone camera is the
+        # user's own upload: left to be refused as not a photo.
+        assert sorted(f.name for f in files) == ["IMG_0002.JPG", "holiday.mov", "notes.aae.jpg"]
+        assert sorted((f.photo, f.severity, f.code) for f in findings) == [
+            ("IMG_0002.AAE", "info", "ignored_file"), ("IMG_0002.MOV", "info", "ignored_file"),
+            ("IMG_0004.MOV", "info", "ignored_file")]
+
+
 def _windows_zip(members: dict[str, bytes]) -> bytes:
     """A zip as Windows PowerShell's Compress-Archive writes it: backslash separators, made on
     MS-DOS (FAT attributes), a folder entry ending in a backslash."""

@@ -57,6 +57,15 @@ __all__ = [
 
 _IGNORED_DIRS = frozenset({"__macosx"})
 _IGNORED_NAMES = frozenset({".ds_store", "thumbs.db", "desktop.ini"})
+# What an iPhone export puts beside the photos: .AAE files (the edits made in Photos, as XML)
+# and the video half of a Live Photo (IMG_0002.MOV beside IMG_0002.HEIC). Not photos the user
+# chose, so skipped like system files rather than refused as "not a photo" against the set.
+_EDIT_SIDECARS = frozenset({".aae"})
+_LIVE_VIDEOS = frozenset({".mov", ".mp4"})
+# The iPhone camera's own names (IMG_0002, IMG_E0002 once edited): a QuickTime movie so named
+# is a Live Photo's video even when the export left its photo out (or sent it as another name).
+_IPHONE_NAME = re.compile(r"IMG_E?\d{4}", re.IGNORECASE)
+_PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".heic", ".heif", ".png", ".avif", ".webp"})
 
 _EOCD = struct.Struct("<4s4H2IH")  # end of central directory record (22 bytes)
 _Z64_LOCATOR = struct.Struct("<4sIQI")  # zip64 end of central directory locator (20 bytes)
@@ -186,7 +195,7 @@ def read_uploaded_files(
                           f"{name} is larger than {limits.mib(limits.max_member_bytes)}")
         _refuse_nested(name, blob)
         out.append(UploadedFile(name=name, data=blob))
-    return out, findings
+    return _without_sidecars(out, findings), findings
 
 
 def read_path(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile], list[Finding]]:
@@ -277,7 +286,7 @@ def _read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile],
         blob = _inflate(data, span, name=name)
         _refuse_nested(name, blob)
         files.append(UploadedFile(name=name, data=blob))
-    return files, findings
+    return _without_sidecars(files, findings), findings
 
 
 def _find_central_directory(data: bytes) -> tuple[int, int, int]:
@@ -644,7 +653,7 @@ def _read_folder(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile
                           f"the photos add up to more than {limits.mib(limits.max_total_bytes)}")
         _refuse_nested(name, blob)
         files.append(UploadedFile(name=name, data=blob))
-    return files, findings
+    return _without_sidecars(files, findings), findings
 
 
 # --------------------------------------------------------------------------------------------
@@ -712,6 +721,25 @@ def _is_ignored(name: str) -> bool:
     base = parts[-1]
     return (any(p.casefold() in _IGNORED_DIRS for p in parts[:-1]) or base.startswith("._")
             or base.casefold() in _IGNORED_NAMES)
+
+
+def _without_sidecars(files: list[UploadedFile], findings: list[Finding]) -> list[UploadedFile]:
+    """``files`` less the side files of a phone export, each noted in ``findings``."""
+    stems = {_fold(os.path.splitext(f.name)[0]) for f in files
+             if os.path.splitext(f.name)[1].casefold() in _PHOTO_SUFFIXES}
+    out: list[UploadedFile] = []
+    for f in files:
+        stem, suffix = os.path.splitext(f.name)
+        suffix = suffix.casefold()
+        if suffix in _EDIT_SIDECARS:
+            findings.append(_ignored(f.name, "an iPhone edit file (.AAE), not a photo"))
+        elif (suffix in _LIVE_VIDEOS and f.data[4:8] == b"ftyp"  # by content, not only name
+              and (_fold(stem) in stems
+                   or (f.data[8:12] == b"qt  " and _IPHONE_NAME.fullmatch(stem)))):
+            findings.append(_ignored(f.name, "the video of a Live Photo, not a photo"))
+        else:
+            out.append(f)
+    return out
 
 
 def _fold(name: str) -> str:
