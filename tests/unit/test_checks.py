@@ -407,6 +407,25 @@ def test_too_few_photos_is_said_in_plain_english(kept: int, minimum: int, messag
         f"{POLICY.recommended_min}-{POLICY.recommended_max} work best"]
 
 
+def test_a_set_refused_for_too_few_photos_says_the_minimum_in_its_summary() -> None:
+    """The summary of a refused 3-photo set read "3 usable photos: 15-25 work best", while what
+    refused it, "at least 5 are needed", was only in the table; and "1 photo(s) left out"."""
+    from selfie_lora.domain.entities import Finding
+
+    photos = _hashes_far_apart(_varied(4))
+    warned = Finding("warn", "blurry", "a bit blurry", "use a sharp photo", photo="p1.jpg")
+    refused = Finding("reject", "blurry", "blurry", "use a sharp photo", photo="p0.jpg")
+    photos[0] = replace(photos[0], findings=(refused,))
+    photos[1] = replace(photos[1], findings=(warned,))
+    report = check_set(photos, policy=replace(POLICY, min_photos=5))
+    assert not report.trainable
+    assert report.reasons[:2] == ("the set cannot be trained on as it is",
+                                  "3 usable photos; at least 5 are needed")
+    assert not any("work best" in r or "(s)" in r for r in report.reasons)
+    assert "1 of 3 kept photos has a warning" in report.reasons
+    assert "1 photo left out" in report.reasons
+
+
 def test_rejected_photos_leave_the_set() -> None:
     photos = _hashes_far_apart(_varied(16))
     from selfie_lora.domain.entities import Finding

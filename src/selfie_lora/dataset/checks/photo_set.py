@@ -224,8 +224,11 @@ def _verdict(*, kept: int, total: int, photo_warned: int, set_findings: Sequence
              trainable: bool, policy: CheckPolicy) -> tuple[Quality, int, tuple[str, ...]]:
     """A 0-100 score from the deductions below, its quality word and the main reasons."""
     deductions: list[tuple[float, str]] = []
+    too_few = [f.message for f in set_findings if f.code == "too_few_photos"]
     if kept < policy.recommended_min:
+        # Below the minimum the set is refused for it: the reason says so, not what works best.
         deductions.append((45.0 * (policy.recommended_min - kept) / policy.recommended_min,
+                           too_few[0] if too_few else
                            f"{_usable(kept)}: {policy.recommended_min}-"
                            f"{policy.recommended_max} work best"))
     elif kept > policy.recommended_max:
@@ -233,10 +236,12 @@ def _verdict(*, kept: int, total: int, photo_warned: int, set_findings: Sequence
                            f"{kept} photos: more than {policy.recommended_max} adds little"))
     left_out = total - kept
     if left_out:
-        deductions.append((min(15.0, 3.0 * left_out), f"{left_out} photo(s) left out"))
+        deductions.append((min(15.0, 3.0 * left_out),
+                           f"{left_out} photo{'' if left_out == 1 else 's'} left out"))
     if kept and photo_warned:
         deductions.append((25.0 * photo_warned / kept,
-                           f"{photo_warned} of {kept} kept photo(s) have warnings"))
+                           f"{photo_warned} of {kept} kept photo{'' if kept == 1 else 's'} "
+                           f"{'has a warning' if photo_warned == 1 else 'have warnings'}"))
     for finding in set_findings:
         # The count has its own deduction above; the variety findings weigh here.
         if finding.code in _COUNT_CODES:
