@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfie_lora.api import generation, keys, likeness, model, training, webhooks
 from selfie_lora.api.deps import in_thread, intake_limiter
+from selfie_lora.api.error_body import error_response
 from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.api.server_errors import report_server_error
@@ -54,14 +55,6 @@ anything, and generate pictures with it.
 Every `/api/*` route but the webhook needs `Authorization: Bearer <API key>` (`selfie-lora users
 create NAME` prints one; `/api/keys` lists, creates, revokes and rotates them). Errors are
 `{"error": {"code", "message", "details"}}`."""
-
-
-def _error(status: int, code: ErrorCode, message: str, details: list[Any] | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(
-        status_code=status, headers=headers,
-        content={"error": {"code": code, "message": message, "details": details or []}},
-    )
 
 
 def create_app(
@@ -129,7 +122,7 @@ def create_app(
         """The operator's figures in the Prometheus text format."""
         if not svc.operations.may_read_metrics(
                 authorization=request.headers.get("authorization")):
-            return _error(401, ErrorCode.UNAUTHORIZED, METRICS_TOKEN_REQUIRED,
+            return error_response(401, ErrorCode.UNAUTHORIZED, METRICS_TOKEN_REQUIRED,
                           headers={"WWW-Authenticate": "Bearer"})
         body, content_type = await anyio.to_thread.run_sync(svc.operations.metrics,
                                                             limiter=probes)
@@ -174,11 +167,11 @@ def create_app(
             # The error's words name the server's paths or the storage's endpoint: the log has
             # them, the client a fixed sentence and the reference of that log line.
             answer = report_server_error(exc, method=request.method, path=request.url.path)
-            return _error(exc.http_status, exc.code, answer.message, answer.details)
+            return error_response(exc.http_status, exc.code, answer.message, answer.details)
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
         if exc.retry_after is not None:
             headers = {"Retry-After": str(exc.retry_after)}
-        return _error(exc.http_status, exc.code, exc.message, exc.details, headers)
+        return error_response(exc.http_status, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -194,7 +187,7 @@ def create_app(
                 part = (f"part {loc[2] + 1} of 'files'" if len(loc) > 2
                         and isinstance(loc[2], int) else f"the '{loc[1]}' part")
                 svc.operations.record_error(code=ErrorCode.INVALID_REQUEST)
-                return _error(422, ErrorCode.INVALID_REQUEST,
+                return error_response(422, ErrorCode.INVALID_REQUEST,
                               training.nameless_part(request.url.path, part), details)
         if is_page(request.url.path):
             message = "the form is not complete: " + "; ".join(
@@ -203,7 +196,7 @@ def create_app(
             return await in_thread(lambda: web.error_page(request, 422, message,
                                                           ErrorCode.INVALID_REQUEST))
         svc.operations.record_error(code=ErrorCode.INVALID_REQUEST)
-        return _error(422, ErrorCode.INVALID_REQUEST, "the request is not valid", details)
+        return error_response(422, ErrorCode.INVALID_REQUEST, "the request is not valid", details)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -212,7 +205,7 @@ def create_app(
             # The form parser's refusal of a text field over 1 MB: on the upload routes the
             # only text field is ``start``, so this is a photo sent without a filename.
             svc.operations.record_error(code=ErrorCode.INVALID_REQUEST)
-            return _error(422, ErrorCode.INVALID_REQUEST,
+            return error_response(422, ErrorCode.INVALID_REQUEST,
                           training.nameless_part(request.url.path, "a part of the upload"), [])
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
             exc.status_code, ErrorCode.HTTP_ERROR)
@@ -226,8 +219,8 @@ def create_app(
                 reference=server.reference if server is not None else None))
         svc.operations.record_error(code=code)
         if server is not None:
-            return _error(exc.status_code, code, server.message, server.details)
-        return _error(exc.status_code, code, str(exc.detail))
+            return error_response(exc.status_code, code, server.message, server.details)
+        return error_response(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -235,7 +228,7 @@ def create_app(
             return await in_thread(lambda: unexpected_page_error(web, request, exc))
         answer = report_server_error(exc, method=request.method, path=request.url.path)
         svc.operations.record_error(code=ErrorCode.INTERNAL_ERROR)
-        return _error(500, ErrorCode.INTERNAL_ERROR, answer.message, answer.details)
+        return error_response(500, ErrorCode.INTERNAL_ERROR, answer.message, answer.details)
 
     def openapi() -> dict[str, Any]:
         # The bearer scheme, so the docs' "Authorize" sends the key with every /api call.

@@ -22,9 +22,10 @@ from collections.abc import Callable, MutableMapping
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from selfie_lora.api.error_body import error_response
 from selfie_lora.errors import ErrorCode
 from selfie_lora.services.operations import OperationsService
 
@@ -141,8 +142,7 @@ class ServerStopping:
             if self._is_page(path):
                 response = self._page(Request(scope), 503, message, code)
             else:
-                response = JSONResponse(status_code=503, content={"error": {
-                    "code": code, "message": message, "details": []}})
+                response = error_response(503, code, message)
             if code is ErrorCode.SERVER_STOPPING:
                 response.headers["Retry-After"] = str(RETRY_AFTER_S)
             response.headers["Connection"] = "close"

@@ -137,7 +137,7 @@ async def signin(request: Request, name: FormStr, password: FormStr, form_token:
         status = 429 if isinstance(exc, RateLimitedError) else 401
         failed = _signin_form(request, "signin.html", status_code=status, next=target,
                                 name=name, message=exc.message)
-        if isinstance(exc, RateLimitedError):
+        if exc.retry_after is not None:  # as every error answer does (api.app, web.app)
             failed.headers["Retry-After"] = str(exc.retry_after)
         return failed
     response = _see(target)
@@ -166,7 +166,7 @@ async def signup(request: Request, name: FormStr, password: FormStr, password_ag
     except (InvalidInputError, ConflictError, RateLimitedError) as exc:
         failed = _signin_form(request, "signup.html", status_code=exc.http_status, name=name,
                               message=exc.message)
-        if isinstance(exc, RateLimitedError):
+        if exc.retry_after is not None:  # as every error answer does (api.app, web.app)
             failed.headers["Retry-After"] = str(exc.retry_after)
         return failed
     response = _see("/photos")
