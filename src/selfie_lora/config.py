@@ -6,6 +6,7 @@ Nothing here is built at import time: entry points call ``get_settings()`` (cach
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from datetime import timedelta
 from functools import lru_cache
@@ -195,6 +196,11 @@ class Settings(BaseSettings):
     min_body_rate: int = Field(default=1024, ge=0)
     max_json_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    # The addresses (IPs or networks, comma-separated; "*" for any) whose X-Forwarded-For and
+    # X-Forwarded-Proto the API server believes: its TLS proxy's. Unset: uvicorn's own
+    # FORWARDED_ALLOW_IPS, else 127.0.0.1 and ::1 only. A proxy elsewhere (Docker's gateway, a
+    # load balancer) left out made every browser the proxy's address for the sign-in limits.
+    forwarded_allow_ips: str | None = None
     # Hard limits on usable photos (15-25 is best; fewer or more only warn within these).
     min_photos: int = Field(default=5, ge=1)
     max_photos: int = Field(default=50, ge=1)
@@ -296,6 +302,28 @@ class Settings(BaseSettings):
                 raise ValueError("must be the service's address as others reach it: "
                                  "https://host[:port][/path]")
         return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _forwarded_allow_ips_are_addresses(cls, value: str | None) -> str | None:
+        # uvicorn takes a malformed entry as a literal that no client address ever equals: a
+        # typo trusted nobody, silently.
+        if not value:
+            return None
+        entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+        if entries == ["*"]:
+            return "*"
+        for entry in entries:
+            try:
+                if "/" in entry:
+                    ipaddress.ip_network(entry)  # strict, as uvicorn reads it: no host bits
+                else:
+                    ipaddress.ip_address(entry)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or network: the addresses "
+                                 "the TLS proxy connects from, comma-separated "
+                                 "(10.0.0.5,172.16.0.0/12), or * for any") from None
+        return ",".join(entries)
 
     @field_validator("alert_url")
     @classmethod

@@ -338,6 +338,35 @@ def test_a_forged_session_cookie_is_no_session(web_settings: Settings, svc: Serv
         assert client.get("/photos", follow_redirects=False).status_code == 303
 
 
+def test_cookies_are_secure_when_the_service_is_served_over_https(tmp_path: Path) -> None:
+    """Behind a proxy whose X-Forwarded-Proto uvicorn does not believe, every request is http:
+    the session and form cookies were set without Secure, free to leak over a plain-http
+    request (found in the security review). An https PUBLIC_URL makes them Secure."""
+    for public_url, secure in ((None, False), ("https://selfie.example.com", True)):
+        settings = make_settings(tmp_path / str(secure), public_url=public_url)
+        services = fake_services(settings)
+        services.users.create(name="ann", password=PASSWORD)
+        try:
+            with browser(settings, services) as client:  # http://testserver
+                page = client.get("/signin")
+                form_cookie = page.headers["set-cookie"]
+                assert form_cookie.startswith("sl_form=")
+                token = re.search(r'name="form_token" value="([^"]+)"', page.text)
+                assert token
+                client.cookies.clear()  # a Secure cookie is not sent back over http: by hand
+                r = client.post("/signin", follow_redirects=False,
+                                headers={"cookie": form_cookie.split(";")[0]},
+                                data={"name": "ann", "password": PASSWORD,
+                                      "form_token": token.group(1), "next": "/photos"})
+                assert r.status_code == 303, r.text
+                session_cookie = r.headers["set-cookie"]
+                assert session_cookie.startswith("sl_session=")
+                for cookie in (form_cookie, session_cookie):
+                    assert ("; secure" in cookie.lower()) is secure, cookie
+        finally:
+            services.close()
+
+
 def test_sign_up_is_closed_unless_the_setting_opens_it(tmp_path: Path) -> None:
     for open_ in (False, True):
         settings = make_settings(tmp_path / str(open_), signup=open_)

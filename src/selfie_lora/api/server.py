@@ -111,15 +111,26 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(GC_YOUNGEST_THRESHOLD, *gc.get_threshold()[1:])
 
 
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """What every serving process gives ``uvicorn.Config`` (or ``uvicorn.run``), its host and
+    port aside."""
+    return {
+        "log_level": "info",
+        # JSON logs: uvicorn keeps the handler setup_logging made (its own config is text).
+        "log_config": None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+        "http": guarded_protocol(settings.header_timeout),
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        # Whose X-Forwarded-For/-Proto are believed (None: uvicorn's FORWARDED_ALLOW_IPS, else
+        # 127.0.0.1 and ::1): the client address the sign-in limits count, and the scheme.
+        "forwarded_allow_ips": settings.forwarded_allow_ips,
+    }
+
+
 def run_server(app: Any, settings: Settings, *, host: str, port: int) -> None:
     """Serve ``app`` until SIGINT or SIGTERM (both stop it gracefully: the app's shutdown hands
     running trainings back)."""
-    # JSON logs: uvicorn keeps the handler setup_logging made (its own config is text).
-    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
     settle_garbage_collector()
-    uvicorn.run(app, host=host, port=port, log_level="info", log_config=log_config,
-                http=guarded_protocol(settings.header_timeout),
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    uvicorn.run(app, host=host, port=port, **uvicorn_options(settings))
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -170,10 +181,7 @@ def _serve_one(host: str, port: int, index: int, worker: bool, parent_pid: int,
     first = index == 0
     app = create_app(settings, warm_up=True, run_worker=worker and first, reconcile=first,
                      collect_garbage=worker and first)
-    log_config = None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG
-    config = uvicorn.Config(app, log_level="info", log_config=log_config,
-                            http=guarded_protocol(settings.header_timeout),
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    config = uvicorn.Config(app, **uvicorn_options(settings))
     settle_garbage_collector()
     _ReadyServer(config, ready=ready).run(sockets=[sock])
 

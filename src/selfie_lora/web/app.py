@@ -99,6 +99,10 @@ class Web:
         settings = services.settings
         self.signer = CookieSigner(session_secret(settings),
                                    max_age_seconds=int(settings.session_days * 86400))
+        # Served at an https address, every cookie is Secure, whatever scheme the request came
+        # in with: a proxy whose X-Forwarded-Proto is not believed (one not in
+        # FORWARDED_ALLOW_IPS) left them without it, free to leak over plain http.
+        self.https_only = urlsplit(settings.public_url or "").scheme == "https"
         self.env = Environment(
             loader=FileSystemLoader(str(WEB_ROOT / "templates")),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -137,14 +141,17 @@ class Web:
         shows the form again, not an error page."""
         return self.signer.form_token_valid(request.cookies.get(FORM_COOKIE), form_token)
 
+    def cookie_secure(self, request: Request) -> bool:
+        return self.https_only or request.url.scheme == "https"
+
     def set_session_cookie(self, response: Response, request: Request, token: str) -> None:
         response.set_cookie(SESSION_COOKIE, self.signer.session_value(token),
                             max_age=self.signer.max_age_seconds, httponly=True, samesite="lax",
-                            secure=request.url.scheme == "https", path="/")
+                            secure=self.cookie_secure(request), path="/")
 
     def clear_session_cookie(self, response: Response, request: Request) -> None:
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax",
-                               secure=request.url.scheme == "https")
+                               secure=self.cookie_secure(request))
 
     # ------------------------------------------------------------------ rendering
     def render(self, request: Request, template: str, *, viewer: Viewer | None = None,

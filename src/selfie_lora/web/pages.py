@@ -107,7 +107,7 @@ def _signin_form(request: Request, template: str, *, status_code: int = 200,
     response = web.render(request, template, form_token=token, status_code=status_code,
                           **context)
     response.set_cookie(FORM_COOKIE, cookie, max_age=FORM_MAX_AGE_SECONDS, httponly=True,
-                        samesite="lax", secure=request.url.scheme == "https", path="/")
+                        samesite="lax", secure=web.cookie_secure(request), path="/")
     return response
 
 
