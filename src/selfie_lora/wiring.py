@@ -163,7 +163,7 @@ def session_secret(settings: Settings) -> str:
         return path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
         pass
-    settings.home.mkdir(parents=True, exist_ok=True)
+    make_home(settings)
     candidate = secrets.token_urlsafe(48)
     tmp = path.with_name(f".secret_key.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -246,10 +246,17 @@ def default_generators(settings: Settings) -> dict[str, Generator]:
     return generators
 
 
+def make_home(settings: Settings) -> None:
+    """HOME, made when it is not there, as 0700: it holds the database, the queue, the secret
+    key and the photos of every user (one that exists is left as it is: it may be the
+    operator's own folder)."""
+    settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 def open_database(settings: Settings) -> None:
     """Connects to the database and brings its schema up to date, then lets go: a check that it
     can be reached before a server starts."""
-    settings.home.mkdir(parents=True, exist_ok=True)
+    make_home(settings)
     engine = make_engine(settings.effective_database_url)
     try:
         upgrade(engine)
@@ -294,7 +301,7 @@ def build_services(
     blobs: BlobStore | None = None,
     telemetry: Telemetry | None = None,
 ) -> Services:
-    settings.home.mkdir(parents=True, exist_ok=True)
+    make_home(settings)
     engine = make_engine(settings.effective_database_url)
     if migrate:
         upgrade(engine)

@@ -53,6 +53,7 @@ from selfie_lora.adapters.db.tables import (
     WebhookDeliveryRow,
     WebSessionRow,
 )
+from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.domain.accounts import fold_name
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
@@ -156,6 +157,7 @@ def _shown(url: str) -> str:
 def _make_engine(url: str, *, statement_timeout_s: float | None,
                  answer_timeout_s: float | None) -> Engine:
     if url.startswith("sqlite"):
+        keep_private(make_url(url).database)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
                                **SQLITE_POOL)
 

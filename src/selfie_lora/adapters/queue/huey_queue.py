@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 from huey import Huey, RedisHuey, SqliteHuey
 
+from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ def make_huey(url: str, *, name: str = DEFAULT_NAME) -> Huey:
         # sqlite:////abs/path or sqlite:///rel/path, as SQLAlchemy spells it.
         path = url.removeprefix("sqlite:///")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        keep_private(path)
         return SqliteHuey(name=name, filename=path, results=False)
     if parsed.scheme in ("redis", "rediss"):
         # Blocking reads: an idle worker waits on Redis instead of polling it.
