@@ -57,6 +57,12 @@ _QUEUE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 # The default's name in huey's Redis keys (huey's RedisStorage.clean_name keeps [A-Za-z0-9_]).
 _DEFAULT_QUEUE_KEY_NAME = re.sub(r"[^A-Za-z0-9_]", "", DEFAULT_QUEUE_NAME)
 
+# How to make a SELFIE_LORA_SECRET_KEY, said where one is refused.
+MAKE_SECRET_KEY = ("set it to 32 or more random characters, the same on every API server "
+                   "(python -c 'import secrets; print(secrets.token_urlsafe(48))'), or leave it "
+                   "unset on a single server to keep a random one in HOME/secret_key")
+
+
 class Settings(BaseSettings):
     # populate_by_name: code (and tests) pass fields by name even where the environment uses
     # an alias (the AWS variables).
@@ -366,8 +372,14 @@ class Settings(BaseSettings):
     def _secret_key_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         # Said here, not when the web app first signs a cookie: `serve` stopped with a
         # traceback after it had opened the database.
-        if value is not None and len(value.get_secret_value()) < 32:
-            raise ValueError("must be at least 32 characters")
+        if value is None:
+            return value
+        if len(value.get_secret_value()) < 32:
+            raise ValueError(f"must be at least 32 characters: {MAKE_SECRET_KEY}")
+        # The settings file's example (CHANGE-ME-TO-32-OR-MORE-RANDOM-CHARACTERS) is long
+        # enough, and every copy of it signed cookies with a key anyone can read.
+        if "change-me" in value.get_secret_value().lower():
+            raise ValueError(f"is a placeholder, not a key: {MAKE_SECRET_KEY}")
         return value
 
     @field_validator("webhook_secret")

@@ -71,20 +71,35 @@ def test_the_settings_file_names_only_settings_and_loads(tmp_path: Path) -> None
     example = DEPLOY / "selfie-lora.env.example"
     unknown = set(env_file(example)) - setting_names()
     assert unknown == set(), f"not settings of selfie-lora: {unknown}"
-    # Its webhook secret is a placeholder that must be filled in: as shipped it stops every
-    # command in one line (it was taken as a key, and every delivery failed its signature).
+    # Its webhook secret and secret key are placeholders that must be filled in: as shipped
+    # each stops every command in one line (the webhook's was taken as a key, and every
+    # delivery failed its signature; the secret key's, 41 characters, signed every copy's
+    # cookies with a key anyone can read).
     with pytest.raises(ValidationError) as caught:
         Settings(_env_file=example, home=tmp_path)  # type: ignore[call-arg]
-    assert [line.split(":")[0] for line in settings_errors(caught.value)] == [
-        "SELFIE_LORA_WEBHOOK_SECRET"]
+    errors = settings_errors(caught.value)
+    assert sorted(line.split(":")[0] for line in errors) == [
+        "SELFIE_LORA_SECRET_KEY", "SELFIE_LORA_WEBHOOK_SECRET"]
+    assert any("is a placeholder, not a key" in line and "token_urlsafe" in line
+               for line in errors), errors
     filled = "whsec_" + base64.b64encode(bytes(32)).decode()
     settings = Settings(_env_file=example, home=tmp_path,  # type: ignore[call-arg]
-                        webhook_secret=filled)
+                        webhook_secret=filled, secret_key="k" * 43)
     assert settings.storage_url == "s3://selfie-lora/prod"
     assert settings.storage_endpoint == "http://s3:8333"
     assert settings.log_format == "json"
     assert settings.database_url is not None
     assert settings.database_url.startswith("postgresql+psycopg://")
+
+
+@pytest.mark.parametrize("key", ["CHANGE-ME-TO-32-OR-MORE-RANDOM-CHARACTERS",
+                                 "my-own-key-change-me-before-going-live-please"])
+def test_a_placeholder_secret_key_is_a_settings_error(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path, secret_key=key)
+    [line] = settings_errors(caught.value)
+    assert line.startswith("SELFIE_LORA_SECRET_KEY: is a placeholder, not a key"), line
+    assert key not in line  # a setting's value is never printed
 
 
 def test_compose_runs_real_commands_each_with_a_home_of_its_own(compose: dict[str, Any]) -> None:
