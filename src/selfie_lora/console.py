@@ -50,8 +50,14 @@ def print_report(report: IntakeReport, *, title: str, out: Console = console) ->
         print_findings(report.findings, title=title, out=out)
     verdict = report.verdict
     label = "[green]trainable[/green]" if report.trainable else "[red]not trainable[/red]"
+    kept = len(report.accepted)
+    # A set refused as a whole (two people, too few photos) trains none of the photos that
+    # passed their own checks: "6 of 6 photos usable" beside "not trainable" misled.
+    counted = (f"{kept} of {report.images_total} photos usable" if report.trainable or not kept
+               else f"{kept} of {report.images_total} photos pass their own checks, but the set "
+                    "is refused, so none is usable")
     out.print(
-        f"{len(report.accepted)} of {report.images_total} photos usable: {label} - quality "
+        f"{counted}: {label} - quality "
         f"[bold]{verdict.get('quality', '?')}[/bold] ({verdict.get('score', '?')}/100, judged "
         f"for {report.target} training at {report.resolution} px)"
     )
