@@ -841,3 +841,38 @@ def test_probes_made_at_another_size_are_made_again(tmp_path: Path) -> None:
         assert len(generator.jobs) == made
     finally:
         r.close()
+
+
+def test_a_failed_rescore_keeps_the_last_good_score(tmp_path: Path) -> None:
+    """The active version, scored, is scored again at a new probe size while the generator is
+    down: its stored record was overwritten with the failure, its scores lost (the chart's point,
+    the gate's baseline after the outage). Now the failure is logged and returned, the record
+    kept as it was, and the next scoring tries again."""
+    generator = FailingFor(photos=same_person())
+    r = Rig(root=tmp_path, generator=generator)
+    try:
+        ann = r.user()
+        v1 = r.train(ann)
+        good = r.repo.get_likeness(v1.id)
+        assert good is not None
+        assert good.status is LikenessStatus.SCORED
+        resized = LikenessService(repo=r.repo, blobs=r.blobs, generation=r.generation,
+                                  faces=r.faces, probe_count=r.probe_count, probe_size=96)
+        generator.down = True
+        failed = resized.score(v1.id)
+        assert failed.status is LikenessStatus.FAILED
+        assert "503" in (failed.error or "")
+        assert r.repo.get_likeness(v1.id) == good
+        logged = [e["kind"] for e in r.repo.list_events(v1.model_id)
+                  if e["kind"].startswith("quality_") and e["data"]["version_id"] == v1.id]
+        assert logged == ["quality_scored", "quality_failed"]
+        generator.down = False
+        again = resized.score(v1.id)
+        assert again.status is LikenessStatus.SCORED
+        assert all(p.image_key.endswith("-96px.png") for p in again.probes)
+        stored = r.repo.get_likeness(v1.id)
+        assert stored is not None
+        assert stored.status is LikenessStatus.SCORED
+        assert [p.image_key for p in stored.probes] == [p.image_key for p in again.probes]
+    finally:
+        r.close()

@@ -435,8 +435,15 @@ class LikenessService:
         self._telemetry.scoring_done(seconds=time.monotonic() - started, status=str(record.status))
         # One transaction: a record stored without its log entry (a crash between the two)
         # would never be logged, since the next scoring finds the record current and stops.
+        # A failed re-score of a version scored before (another probe size or face model, a
+        # forced one) is logged and returned, but the stored record keeps its last good scores:
+        # overwriting it lost the version's likeness (the gate's baseline, the chart's point)
+        # to a generator outage. The next scoring tries again, the stored record not current.
+        keep = (record.status is LikenessStatus.FAILED and existing is not None
+                and existing.status is LikenessStatus.SCORED)
         with self._repo.atomic() as tx:
-            tx.save_likeness(record)
+            if not keep:
+                tx.save_likeness(record)
             tx.add_event(model_id=model.id, kind=f"quality_{record.status}", data={
                 "version_id": version.id, "version_number": version.number,
                 "training_id": version.training_id, "embedding_model": record.embedding_model,
