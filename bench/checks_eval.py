@@ -3,9 +3,9 @@
 Reads the labelled photos of ``../shared/photos/people`` (twelve people, 45 photos, labels.csv:
 every pair inside one folder is two *different* photos of one person), makes edited copies of
 each (the edits a user's photos really have: crops, re-encodes, resizes, mirror images, blur,
-darkness, blown highlights, a saturation filter, a beauty filter, a face cut by the frame, and
-two people side by side), runs the photo checks on all of them and prints, per check, the
-cases, precision and recall:
+darkness, blown highlights, a saturation filter, a beauty filter, a greyscale copy, a face cut
+by the frame, and two people side by side), runs the photo checks on all of them and prints,
+per check, the cases, precision and recall:
 
 - a per-photo check (blurry, underexposed, ...) is asked of every original, every harmless
   edit (crop, re-encode, resize, mirror: still good photos) and the edits made to trigger it;
@@ -68,6 +68,7 @@ PHOTO_CHECKS = {
     "overexposed": "bright",
     "oversaturated": "saturate",
     "smooth_skin": "beauty",
+    "black_and_white": "grey",
     "face_cut_off": "cut",
     "multiple_faces": "two_people",
 }
@@ -157,6 +158,7 @@ def edits_of(img: Image.Image, a: PhotoAnalysis, index: int) -> dict[str, bytes]
         "bright": _jpeg(ImageEnhance.Brightness(img).enhance(2.0)),
         "saturate": _jpeg(ImageEnhance.Color(img).enhance(2.5)),
         "beauty": _jpeg(_beauty(img, box)),
+        "grey": _jpeg(ImageOps.grayscale(img)),
         "cut": _jpeg(_cut(img, box, index)),
     }
 

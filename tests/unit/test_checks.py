@@ -301,6 +301,41 @@ def test_blur_darkness_and_saturation_on_synthetic_faces() -> None:
     assert dark.main_face is None or "underexposed" in codes(dark) or "no_face" in codes(dark)
 
 
+class FacesOf:
+    """The faces the fake analyzer finds in another image (the colour original of a grey copy,
+    whose skin the fake would not know)."""
+
+    model_name = "fake"
+
+    def __init__(self, image: Image.Image) -> None:
+        self._faces = FakeAnalyzer().detect(image)
+
+    def ready(self) -> None:
+        """Nothing to install."""
+
+    def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
+        return list(self._faces)
+
+
+def test_a_black_and_white_photo_is_warned_about() -> None:
+    """A greyscale photo, or one whose colour a filter all but drained, passed silently, and a
+    LoRA trained on such photos learns grey skin."""
+    from PIL import ImageEnhance
+
+    base = portrait()
+    for img in (base.convert("L").convert("RGB"), ImageEnhance.Color(base).enhance(0.15)):
+        analysis = analyze_photo(decoded(img), analyzer=FacesOf(base), policy=POLICY)
+        (finding,) = [f for f in analysis.findings if f.code == "black_and_white"]
+        assert finding.severity == "warn"
+        assert "colour original" in finding.advice
+        assert "grey skin" in finding.advice
+        assert not analysis.rejected
+    # The colour photo, and one with muted colours, are not.
+    for img in (base, ImageEnhance.Color(base).enhance(0.6)):
+        analysis = analyze_photo(decoded(img), analyzer=FacesOf(base), policy=POLICY)
+        assert "black_and_white" not in codes(analysis)
+
+
 # --------------------------------------------------------------------------- the set
 
 

@@ -108,6 +108,12 @@ class CheckPolicy:
     skin_saturation_reject: float = 0.7
     garish_fraction_warn: float = 0.2
     garish_fraction_reject: float = 0.12
+    # A black-and-white photo (greyscale, or a filter that all but drains the colour): a LoRA
+    # trained on it learns grey skin. The face's saturation is ~0.00 in greyscale and 0.05-0.10
+    # at a fifth of its colour; real faces of bench/checks_eval.py's photos 0.24-0.6 (pale skin
+    # in grey light the lowest). The frame is not asked: grey walls are common (0.06). A
+    # warning: the photo still shows the face.
+    grey_skin_saturation: float = 0.1
 
     # ---- skin texture: high-frequency energy on the cheeks / on the whole face, judged only
     # when the face is sharp, well exposed and has enough pixels (below it every face looks
