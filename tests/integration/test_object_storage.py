@@ -96,3 +96,21 @@ def test_the_usual_aws_variables_configure_the_storage(
     store = default_blob_store(settings)
     store.put("photos/p.jpg", b"p")
     assert s3_server.store(location, tmp_path / "other").get("photos/p.jpg") == b"p"
+
+
+def test_a_download_of_weights_gone_from_the_bucket_is_refused_not_redirected(
+        on_s3: tuple[TestClient, Services, S3Server, str]) -> None:
+    """The active version's weights are gone from the bucket (lost, an older backup restored):
+    the streamed download answered 409 weights_missing, the presigned one a 307 to a URL that
+    then answered 404 (a URL is signed whether the object exists or not). Both answer the 409."""
+    client, svc, _server, _location = on_s3
+    h = auth(svc, "cy")
+    done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+    version = done["model"]["active_version"]
+    svc.blobs.delete(svc.repo.get_version(version["id"]).weights_key)
+    answer = client.get(version["weights_url"], headers=h, follow_redirects=False)
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["code"] == "weights_missing"
+    assert answer.json()["error"]["message"].startswith(
+        f"version {version['number']}'s weights are missing from the storage, so they cannot "
+        "be downloaded")

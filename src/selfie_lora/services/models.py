@@ -317,6 +317,12 @@ class ModelService:
             url = self._blobs.download_url(version.weights_key,
                                            expires=self._download_url_expiry)
             if url is not None:
+                # A URL is signed whether the object is there or not: without this one look
+                # (a HEAD) a missing file was a 307 to a URL that answered 404, where the
+                # streamed download answers 409 weights_missing.
+                if not self._blobs.exists(version.weights_key):
+                    raise self._weights_missing(version, BlobMissingError(
+                        f"blob {version.weights_key!r} is missing"))
                 return WeightsDownload(version=version, url=url, stream=None)
         try:
             # The stores fail here, before the first byte, when the blob is gone: the answer can
