@@ -7,7 +7,10 @@ process within ``API_KEY_CACHE_TTL``."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -173,15 +176,108 @@ def test_too_many_failures_for_a_name_make_it_wait_even_with_the_right_password(
     assert svc.sign_in(name="ann", password=PASSWORD, client="10.9.9.9").user.name == "ann"
 
 
+def fail_until_the_client_limit(svc: UserService, *, clients: list[str], then: str) -> None:
+    """A wrong name from each of ``clients`` in turn until the per-client limit, after which
+    ann's right password from ``then`` is refused."""
+    for i in range(POLICY.max_failures_per_client):
+        with pytest.raises(AuthError):
+            svc.sign_in(name=f"user{i}", password=PASSWORD, client=clients[i % len(clients)])
+    with pytest.raises(RateLimitedError):
+        svc.sign_in(name="ann", password=PASSWORD, client=then)
+
+
 def test_one_client_trying_many_names_is_limited_too(repo: SqlRepository, clock: Clock) -> None:
     svc = users(repo, clock)
     svc.create(name="ann", password=PASSWORD)
-    for i in range(POLICY.max_failures_per_client):
-        with pytest.raises(AuthError):
-            svc.sign_in(name=f"user{i}", password=PASSWORD, client="10.6.6.6")
-    with pytest.raises(RateLimitedError):
-        svc.sign_in(name="ann", password=PASSWORD, client="10.6.6.6")
+    fail_until_the_client_limit(svc, clients=["10.6.6.6"], then="10.6.6.6")
     # Another client is not held back by it.
+    assert svc.sign_in(name="ann", password=PASSWORD, client="10.0.0.1").user.name == "ann"
+
+
+def test_an_ipv6_client_is_counted_by_its_64_and_a_mapped_ipv4_one_as_ipv4(
+        repo: SqlRepository, clock: Clock) -> None:
+    """One IPv6 client owns a /64: a new address for every attempt was never limited."""
+    svc = users(repo, clock, signup=True)
+    svc.create(name="ann", password=PASSWORD)
+    fail_until_the_client_limit(
+        svc, clients=[f"2001:db8:1:3::{i + 1:x}" for i in range(POLICY.max_failures_per_client)],
+        then="2001:db8:1:3:ffff:aaaa:bbbb:cccc")
+    # The next /64 is another client.
+    assert svc.sign_in(name="ann", password=PASSWORD, client="2001:db8:1:4::1").user.name == "ann"
+    fail_until_the_client_limit(svc, clients=["192.0.2.7"], then="::ffff:192.0.2.7")
+    assert svc.sign_in(name="ann", password=PASSWORD, client="192.0.2.8").user.name == "ann"
+    # Sign-up counts the same way.
+    for i in range(POLICY.max_sign_ups_per_client):
+        svc.sign_up(name=f"new{i}", password=PASSWORD, client=f"2001:db8:9:9::{i + 1:x}")
+    with pytest.raises(RateLimitedError):
+        svc.sign_up(name="late", password=PASSWORD, client="2001:db8:9:9:1::1")
+
+
+class SlowHasher:
+    """A fake hasher whose checks take a while, recording how many ran at once."""
+
+    def __init__(self, *, seconds: float = 0.1) -> None:
+        self.seconds = seconds
+        self.running = 0
+        self.most = 0
+        self.checked = 0
+        self._lock = threading.Lock()
+
+    def hash(self, password: str) -> str:
+        return "fake$" + password
+
+    def verify(self, password_hash: str, password: str) -> bool:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(self.seconds)
+        with self._lock:
+            self.running -= 1
+            self.checked += 1
+        return password_hash == "fake$" + password
+
+    def needs_rehash(self, password_hash: str) -> bool:
+        return False
+
+
+def test_password_checks_run_at_most_the_slots_at_once(repo: SqlRepository,
+                                                         clock: Clock) -> None:
+    """40 sign-ins at once ran 40 Argon2 hashes (64 MiB each) side by side: 0.77 -> 2.92 GB."""
+    hasher = SlowHasher()
+    svc = UserService(repo=repo, hasher=hasher, policy=POLICY, clock=clock,
+                      hash_slots=threading.BoundedSemaphore(2), hash_wait=timedelta(seconds=30))
+    for i in range(6):
+        svc.create(name=f"user{i}", password=PASSWORD)
+
+    def attempt(i: int) -> str:
+        try:
+            return svc.sign_in(name=f"user{i}", password=PASSWORD, client=f"10.0.1.{i}").user.name
+        except AuthError as exc:
+            return exc.code.value
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(attempt, range(6)))
+    assert answers == [f"user{i}" for i in range(6)]  # every caller waited its turn
+    assert hasher.checked == 6
+    assert hasher.most == 2
+
+
+def test_a_check_that_finds_no_slot_in_time_is_rate_limited_and_not_counted(
+        repo: SqlRepository, clock: Clock) -> None:
+    slots = threading.BoundedSemaphore(1)
+    hasher = SlowHasher(seconds=0)
+    svc = UserService(repo=repo, hasher=hasher, policy=POLICY, clock=clock, hash_slots=slots,
+                      hash_wait=timedelta(seconds=0.05))
+    svc.create(name="ann", password=PASSWORD)
+    assert slots.acquire(timeout=1)  # another check holds the only slot
+    for _ in range(POLICY.max_failures + 1):
+        with pytest.raises(RateLimitedError) as caught:
+            svc.sign_in(name="ann", password="a wrong guess", client="10.0.0.1")
+        assert caught.value.retry_after >= 1
+        assert "busy" in caught.value.message
+    assert hasher.checked == 0
+    slots.release()
+    # None of them was a failure: the name is not held back.
     assert svc.sign_in(name="ann", password=PASSWORD, client="10.0.0.1").user.name == "ann"
 
 
