@@ -34,8 +34,9 @@ from selfie_lora.services.users import API_KEY_CACHE_TTL, KEY_ROTATION_GRACE, Us
 from tests.support.clock import Clock
 
 PASSWORD = "correct horse battery"
-POLICY = SignInPolicy(max_failures=3, max_failures_per_client=5, max_sign_ups_per_client=3,
-                      window=timedelta(minutes=15), session_lifetime=timedelta(days=1))
+POLICY = SignInPolicy(max_failures=3, max_failures_per_client=5, max_failures_per_name=8,
+                      max_sign_ups_per_client=3, window=timedelta(minutes=15),
+                      session_lifetime=timedelta(days=1))
 
 
 @pytest.fixture
@@ -156,24 +157,52 @@ def test_unknown_name_and_wrong_password_get_the_same_answer(
     assert answers == [(ErrorCode.WRONG_CREDENTIALS, WRONG_CREDENTIALS, [])] * 3
 
 
-def test_too_many_failures_for_a_name_make_it_wait_even_with_the_right_password(
+def test_too_many_failures_for_a_name_from_an_address_make_it_wait_even_with_the_right_password(
         repo: SqlRepository, clock: Clock) -> None:
     svc = users(repo, clock)
     svc.create(name="ann", password=PASSWORD)
     for i in range(POLICY.max_failures):
         clock.now += timedelta(minutes=1)
         with pytest.raises(AuthError):
-            svc.sign_in(name="ann", password=f"guess number {i}", client=f"10.0.0.{i}")
+            svc.sign_in(name="ann", password=f"guess number {i}", client="10.0.0.1")
     with pytest.raises(RateLimitedError) as caught:
-        svc.sign_in(name="ANN", password=PASSWORD, client="10.9.9.9")  # names fold case
+        svc.sign_in(name="ANN", password=PASSWORD, client="10.0.0.1")  # names fold case
     # The first failure (2 minutes ago) leaves the 15-minute window in 13 minutes.
     assert caught.value.retry_after == 13 * 60
     assert "13 minutes" in caught.value.message
     clock.now += timedelta(minutes=13) - timedelta(seconds=1)
     with pytest.raises(RateLimitedError):
-        svc.sign_in(name="ann", password=PASSWORD, client="10.9.9.9")
+        svc.sign_in(name="ann", password=PASSWORD, client="10.0.0.1")
     clock.now += timedelta(seconds=1)
-    assert svc.sign_in(name="ann", password=PASSWORD, client="10.9.9.9").user.name == "ann"
+    assert svc.sign_in(name="ann", password=PASSWORD, client="10.0.0.1").user.name == "ann"
+
+
+def test_a_stranger_s_failures_do_not_keep_the_owner_out(repo: SqlRepository,
+                                                         clock: Clock) -> None:
+    """Anyone who knew a name kept its owner signed out: 5 wrong passwords in 15 minutes from
+    any address, and the right one got 429 (found in review)."""
+    svc = users(repo, clock)
+    svc.create(name="ann", password=PASSWORD)
+    for i in range(POLICY.max_failures):
+        with pytest.raises(AuthError):
+            svc.sign_in(name="ann", password=f"guess number {i}", client="203.0.113.66")
+    with pytest.raises(RateLimitedError):  # the stranger is held back
+        svc.sign_in(name="ann", password="guess number 9", client="203.0.113.66")
+    # The owner, from her own address, is not.
+    assert svc.sign_in(name="ann", password=PASSWORD, client="198.51.100.7").user.name == "ann"
+
+
+def test_failures_for_a_name_from_many_addresses_stop_at_its_ceiling(repo: SqlRepository,
+                                                                     clock: Clock) -> None:
+    svc = users(repo, clock)
+    svc.create(name="ann", password=PASSWORD)
+    for i in range(POLICY.max_failures_per_name):
+        with pytest.raises(AuthError):  # each address below its own limits
+            svc.sign_in(name="ann", password=f"guess number {i}", client=f"10.0.{i // 2}.1")
+    with pytest.raises(RateLimitedError):
+        svc.sign_in(name="ann", password=PASSWORD, client="198.51.100.7")
+    clock.now += POLICY.window
+    assert svc.sign_in(name="ann", password=PASSWORD, client="198.51.100.7").user.name == "ann"
 
 
 def fail_until_the_client_limit(svc: UserService, *, clients: list[str], then: str) -> None:
@@ -405,7 +434,8 @@ def test_expired_sessions_and_old_failures_are_forgotten(repo: SqlRepository,
         svc.sign_in(name="ann", password="not the password", client="c")
     assert svc.forget_expired() == 0
     clock.now += POLICY.session_lifetime
-    assert svc.forget_expired() == 3  # the session, the failure under the name and the client
+    # The session, the failure under the name from the client, the client and the name.
+    assert svc.forget_expired() == 4
 
 
 def refuses(svc: UserService, key: str) -> bool:

@@ -21,8 +21,8 @@ from selfie_lora.services.users import UserService
 from tests.support.clock import Clock
 
 PASSWORD = "correct horse battery"
-POLICY = SignInPolicy(max_failures=3, max_failures_per_client=5, window=timedelta(minutes=15),
-                      session_lifetime=timedelta(days=1))
+POLICY = SignInPolicy(max_failures=3, max_failures_per_client=5, max_failures_per_name=6,
+                      window=timedelta(minutes=15), session_lifetime=timedelta(days=1))
 BURST = 10
 # How long each check takes on top of the hash: long enough that every attempt of the burst
 # has started before the first one would have stored its failure.
@@ -77,15 +77,19 @@ def service(repo: SqlRepository) -> tuple[UserService, CountingHasher]:
     return svc, hasher
 
 
+@pytest.mark.parametrize(("clients", "limit"), [
+    ([f"10.0.0.{i}" for i in range(BURST)], POLICY.max_failures_per_name),  # the name's ceiling
+    (["10.0.0.1"] * BURST, POLICY.max_failures),  # the name from one address
+])
 def test_a_burst_of_wrong_passwords_for_one_name_is_checked_at_most_the_limit(
-        repo: SqlRepository) -> None:
+        repo: SqlRepository, clients: list[str], limit: int) -> None:
     svc, hasher = service(repo)
-    outcomes = burst(svc, [("ann", f"wrong guess {i:04d}", f"10.0.0.{i}") for i in range(BURST)])
-    assert hasher.verified == POLICY.max_failures
-    assert sorted(outcomes) == (["401"] * POLICY.max_failures
-                                + ["429"] * (BURST - POLICY.max_failures))
+    outcomes = burst(svc, [("ann", f"wrong guess {i:04d}", client)
+                           for i, client in enumerate(clients)])
+    assert hasher.verified == limit
+    assert sorted(outcomes) == ["401"] * limit + ["429"] * (BURST - limit)
     with pytest.raises(RateLimitedError):
-        svc.sign_in(name="ann", password=PASSWORD, client="10.9.9.9")
+        svc.sign_in(name="ann", password=PASSWORD, client=clients[-1])
 
 
 def test_a_burst_from_one_address_is_checked_at_most_its_limit(repo: SqlRepository) -> None:

@@ -19,20 +19,28 @@ WRONG_CREDENTIALS = "wrong name or password"
 
 @dataclass(frozen=True)
 class SignInPolicy:
-    """``max_failures`` failed attempts per ``window`` for one name, and ``max_failures_per_client``
-    from one client address, after which sign-in waits until the oldest failure leaves the window.
-    ``max_sign_ups_per_client`` sign-up attempts (whatever their outcome) from one client address
-    per ``window``, after which sign-up waits the same way. A session lasts ``session_lifetime``
-    from sign-in."""
+    """``max_failures`` failed attempts per ``window`` for one name from one client address,
+    ``max_failures_per_client`` from one client address whatever the names, and
+    ``max_failures_per_name`` for one name from all addresses together, after which sign-in
+    waits until the oldest failure leaves the window. ``max_sign_ups_per_client`` sign-up
+    attempts (whatever their outcome) from one client address per ``window``, after which sign-up
+    waits the same way. A session lasts ``session_lifetime`` from sign-in.
+
+    Why a name's small limit is per address: counted from every address, anyone who knew a name
+    kept its owner signed out with 5 wrong passwords every 15 minutes (the right password got
+    429 too). The ceiling across addresses is there against guessing spread over many addresses,
+    and high enough that a stranger needs many addresses, each with its own per-client limit,
+    to reach it."""
 
     max_failures: int = 5
     max_failures_per_client: int = 20
+    max_failures_per_name: int = 100
     max_sign_ups_per_client: int = 5
     window: timedelta = timedelta(minutes=15)
     session_lifetime: timedelta = timedelta(days=14)
 
     def __post_init__(self) -> None:
-        if min(self.max_failures, self.max_failures_per_client,
+        if min(self.max_failures, self.max_failures_per_client, self.max_failures_per_name,
                self.max_sign_ups_per_client) < 1:
             raise ValueError("at least one attempt must be allowed")
         if self.window <= timedelta(0) or self.session_lifetime <= timedelta(0):

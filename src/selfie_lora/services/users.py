@@ -3,10 +3,11 @@ revoked and rotated), a password for the browser, and the browser's sessions.
 
 Signing in answers the same for an unknown name and a wrong password (and spends the same
 time: an unknown name is checked against a dummy hash). Failed attempts are stored, per name and
-per client address, so every API server counts the same ones; too many in the window make the
-next attempt wait (``domain.accounts``). Sign-up attempts are stored the same way, every one of
-them, per client address. An IPv6 client is counted by its /64 (``client_key``). Password hashes
-run at most ``HASH_SLOTS`` at once in a process (``_Hashing``)."""
+client address, per client address and per name, so every API server counts the same ones; too
+many in the window make the next attempt wait (``domain.accounts``). Sign-up attempts are
+stored the same way, every one of them, per client address. An IPv6 client is counted by its
+/64 (``client_key``). Password hashes run at most ``HASH_SLOTS`` at once in a process
+(``_Hashing``)."""
 
 from __future__ import annotations
 
@@ -285,22 +286,25 @@ class UserService:
                   now: datetime | None = None) -> None:
         now = now or self._clock()
         since = now - self._policy.window
-        name_key, address_key = self._throttle_keys(name, client)
+        pair_key, address_key, name_key = self._throttle_keys(name, client)
         waits = [
-            wait_before_next_attempt(repo.sign_in_failures(name_key, since=since),
-                                     limit=self._policy.max_failures,
-                                     window=self._policy.window, now=now),
-            wait_before_next_attempt(repo.sign_in_failures(address_key, since=since),
-                                     limit=self._policy.max_failures_per_client,
-                                     window=self._policy.window, now=now),
+            wait_before_next_attempt(repo.sign_in_failures(key, since=since), limit=limit,
+                                     window=self._policy.window, now=now)
+            for key, limit in ((pair_key, self._policy.max_failures),
+                               (address_key, self._policy.max_failures_per_client),
+                               (name_key, self._policy.max_failures_per_name))
         ]
         longest = max((w for w in waits if w is not None), default=None)
         if longest is not None:
             raise _rate_limited("too many failed sign-ins", longest)
 
     @staticmethod
-    def _throttle_keys(name: str, client: str) -> tuple[str, str]:
-        return f"name:{fold_name(name)[:150]}", f"client:{client_key(client)}"
+    def _throttle_keys(name: str, client: str) -> tuple[str, str, str]:
+        """The keys an attempt is counted under: the name from this client (hashed, so that a
+        long name and address fit the key's 200 characters whole), the client, the name."""
+        folded, address = fold_name(name)[:150], client_key(client)
+        pair = hashlib.sha256(f"{folded}\x00{address}".encode()).hexdigest()
+        return f"name-client:{pair}", f"client:{address}", f"name:{folded}"
 
     def _password_hash(self, password: str, *, name: str) -> str:
         problem = password_problem(password, name=name)
