@@ -313,6 +313,65 @@ def test_uploads_under_way_leave_the_probes_and_the_other_routes_quick(tmp_path:
     assert uploaded == [202] * UPLOADS
 
 
+def test_a_user_s_uploads_beyond_two_at_once_are_refused_before_their_bodies_are_read(
+        tmp_path: Path) -> None:
+    """One user's parallel uploads were each read whole into memory before any per-user limit
+    (the training claim, skipped with start=false): 12 x 150 MB at once took the server from
+    0.78 to 2.34 GB (found in review). Now a user has at most UPLOADS_PER_USER (2) uploads
+    being taken in per process, the API's and the pages' together; one more is a 409
+    upload_in_progress with Retry-After before its body is read. Other users are not held."""
+    settings = make_settings(tmp_path, intake_workers=1)  # 2 intakes at once: both held
+    faces = HeldFaces()
+    svc = build_services(settings, trainers={"local": FakeTrainer()},
+                         face_analyzer=faces.analyzer, generators={"local": FakeGenerator()})
+    ann, carol = auth(svc, "ann"), auth(svc, "carol")
+    svc.users.set_password(user=svc.users.get_by_name(name="ann"), password=PASSWORD)
+    photo = [("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))]
+    answers: dict[str, httpx.Response] = {}
+    refused: dict[str, httpx.Response] = {}
+    try:
+        with (served(create_app(settings, services=svc)) as server,
+              httpx.Client(base_url=server.base_url, timeout=30) as browser):
+            page = {"X-CSRF-Token": sign_in(browser, "ann"), "Cookie": cookie_header(browser)}
+
+            def upload(name: str, headers: dict[str, str]) -> threading.Thread:
+                return threading.Thread(target=lambda: answers.update({name: httpx.post(
+                    f"{server.base_url}/api/training/upload", headers=headers, files=photo,
+                    data={"start": "false"}, timeout=30)}))
+
+            held = [upload(f"ann{i}", ann) for i in range(2)]
+            for thread in held:
+                thread.start()
+            wait_until(lambda: faces.entered >= 2, "the two uploads never reached the analyzer")
+            post = browser.post
+            refused["upload-zip"] = post(
+                "/api/training/upload-zip", headers=ann, data={"start": "false"},
+                files={"file": ("photos.zip", photo_zip(2), "application/zip")}, timeout=5)
+            refused["upload"] = post("/api/training/upload", headers=ann, files=photo,
+                                     data={"start": "false"}, timeout=5)
+            refused["page"] = post("/photos/upload", headers=page, files=photo, timeout=5)
+            other = upload("carol", carol)
+            other.start()
+            faces.gate.set()
+            for thread in [*held, other]:
+                thread.join(30)
+            # Once one is done, the user's next upload is taken in.
+            answers["again"] = post("/api/training/upload", headers=ann, files=photo,
+                                    data={"start": "false"})
+    finally:
+        faces.gate.set()
+        svc.close()
+    assert {name: r.status_code for name, r in answers.items()} == {
+        "ann0": 202, "ann1": 202, "carol": 202, "again": 202}
+    for name, r in refused.items():
+        assert r.status_code == 409, (name, r.text)
+        assert r.headers["retry-after"] == "10", name
+        assert "you already have 2 uploads being taken in" in r.text, name
+    for name in ("upload-zip", "upload"):
+        assert refused[name].json()["error"]["code"] == "upload_in_progress"
+    assert faces.entered == 4  # the refused ones never reached the intake
+
+
 class LoopWatch:
     """A blob store noting each call, and each made on an event loop's thread: there it stops
     every other request of the process for as long as the storage takes (an S3 LIST, a GET)."""

@@ -24,7 +24,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfie_lora.api import generation, keys, likeness, model, training, webhooks
-from selfie_lora.api.deps import in_thread, intake_limiter
+from selfie_lora.api.deps import UploadSlots, in_thread, intake_limiter
 from selfie_lora.api.error_body import error_response
 from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits
 from selfie_lora.api.observe import HttpMetrics
@@ -98,6 +98,7 @@ def create_app(
                          lifespan=lifespan)
     app.state.services = svc
     app.state.intake_limiter = intake_limiter(svc.settings.intake_workers)
+    app.state.upload_slots = UploadSlots()
     probes = CapacityLimiter(PROBE_THREADS)
 
     @app.get("/healthz", tags=["service"])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, contextmanager
 from typing import Annotated, TypeVar
 
 import anyio.to_thread
@@ -16,7 +18,12 @@ from starlette.concurrency import run_in_threadpool
 from selfie_lora.api.guard import bearer, user_of
 from selfie_lora.api.stopping import GENERATION_CHECK, UPLOAD_CHECK, track
 from selfie_lora.domain.entities import User
-from selfie_lora.errors import AuthError, ClientGoneError, ServerStoppingError
+from selfie_lora.errors import (
+    AuthError,
+    ClientGoneError,
+    ServerStoppingError,
+    UploadInProgressError,
+)
 from selfie_lora.wiring import Services
 
 logger = logging.getLogger(__name__)
@@ -25,6 +32,13 @@ logger = logging.getLogger(__name__)
 # (SELFIE_LORA_INTAKE_WORKERS): enough to keep those processes fed while another intake reads
 # its photos or stores them.
 INTAKES_PER_ANALYSIS_PROCESS = 2
+# Uploads of one user that one server process takes in at once (read, then its intake); one
+# more is refused at once, before its body is read. Why: every upload's body is read whole into
+# memory before any other per-user limit (the training claim, which ``start=false`` skips), so
+# one key sending 12 x 150 MB at once took the server from 0.78 to 2.34 GB, and more at once
+# ran it out of memory for everyone. Two: a browser's page and a script at the same time.
+UPLOADS_PER_USER = 2
+UPLOAD_RETRY_AFTER_S = 10
 
 # Both dependencies are ``async`` although they never wait: FastAPI runs a plain ``def``
 # dependency in the thread pool, a round trip that cost more than the rest of a cheap read
@@ -61,6 +75,44 @@ async def in_thread(fn: Callable[[], T]) -> T:
 def intake_limiter(intake_workers: int) -> CapacityLimiter:
     """The threads of one app's intakes (``in_intake``)."""
     return CapacityLimiter(INTAKES_PER_ANALYSIS_PROCESS * intake_workers)
+
+
+class UploadSlots:
+    """How many uploads each user has being taken in by this process (``UPLOADS_PER_USER`` at
+    most; ``hold``)."""
+
+    def __init__(self, per_user: int = UPLOADS_PER_USER) -> None:
+        self._per_user = per_user
+        self._held: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, user: User) -> Iterator[None]:
+        """One of ``user``'s slots for as long as the block runs; ``UploadInProgressError`` (409
+        upload_in_progress, with Retry-After) when the user has none left."""
+        with self._lock:
+            held = self._held.get(user.id, 0)
+            if held >= self._per_user:
+                raise UploadInProgressError(
+                    f"you already have {held} uploads being taken in by the server: send this "
+                    f"one when one of them is done", retry_after=UPLOAD_RETRY_AFTER_S)
+            self._held[user.id] = held + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._held[user.id] - 1
+                if left:
+                    self._held[user.id] = left
+                else:
+                    del self._held[user.id]
+
+
+def upload_slot(request: Request, user: User) -> AbstractContextManager[None]:
+    """One of ``user``'s upload slots in this app (``UploadSlots.hold``): taken by an upload
+    route before it reads the body, held until its intake is done."""
+    slots: UploadSlots = request.app.state.upload_slots
+    return slots.hold(user)
 
 
 async def in_intake(request: Request, fn: Callable[[], T]) -> T:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
-from selfie_lora.api.deps import ServicesDep, UserDep, in_intake, in_thread
+from selfie_lora.api.deps import ServicesDep, UserDep, in_intake, in_thread, upload_slot
 from selfie_lora.api.model import model_of
 from selfie_lora.api.schemas import CancelBody, ResumeBody, StartBody, errors
 from selfie_lora.api.serializers import dataset_json, model_json, training_json
@@ -64,10 +64,11 @@ async def upload_zip(
     file: Annotated[UploadFile, File(description="A zip of photos.")],
     start: Annotated[bool, Form(description="Also start a training on them.")] = True,
 ) -> dict[str, Any]:
-    data = await read_capped(file, limit=svc.settings.max_upload_bytes)
-    # The answer in the same trip off the event loop: it reads the database and the storage.
-    return await in_intake(request, lambda: upload_json(
-        svc, svc.training.upload_zip(user=user, data=data, start=start)))
+    with upload_slot(request, user):  # before the body is read into memory
+        data = await read_capped(file, limit=svc.settings.max_upload_bytes)
+        # The answer in the same trip off the event loop: it reads the database and the storage.
+        return await in_intake(request, lambda: upload_json(
+            svc, svc.training.upload_zip(user=user, data=data, start=start)))
 
 
 @router.post("/upload", status_code=202, responses=errors(409, 413, 422))
@@ -80,14 +81,15 @@ async def upload_files(
     limit = svc.settings.max_upload_bytes
     named: list[tuple[str, bytes]] = []
     total = 0
-    for upload in files:
-        data = await read_capped(upload, limit=limit - total)
-        total += len(data)
-        # An empty filename (filename="", as curl and browsers send it): the intake names the
-        # photo by its place ("photo3").
-        named.append((upload.filename or "", data))
-    return await in_intake(request, lambda: upload_json(
-        svc, svc.training.upload_files(user=user, files=named, start=start)))
+    with upload_slot(request, user):  # before the bodies are read into memory
+        for upload in files:
+            data = await read_capped(upload, limit=limit - total)
+            total += len(data)
+            # An empty filename (filename="", as curl and browsers send it): the intake names
+            # the photo by its place ("photo3").
+            named.append((upload.filename or "", data))
+        return await in_intake(request, lambda: upload_json(
+            svc, svc.training.upload_files(user=user, files=named, start=start)))
 
 
 def started_json(svc: Services, user: Any, result: StartResult) -> dict[str, Any]:

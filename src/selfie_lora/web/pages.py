@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
-from selfie_lora.api.deps import finished, in_intake, in_thread
+from selfie_lora.api.deps import finished, in_intake, in_thread, upload_slot
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
@@ -29,6 +29,7 @@ from selfie_lora.errors import (
     PayloadTooLargeError,
     RateLimitedError,
     SelfieLoraError,
+    UploadInProgressError,
 )
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.generation import GenerationRequest
@@ -210,6 +211,18 @@ async def photos_upload(request: Request, viewer: PageViewer,
         # The page puts the answer in its report: a report saying why (a tab's token gone
         # stale), not the whole error page nested in this one.
         return _upload_refused(web, request, viewer, exc)
+    try:
+        # The user's upload slot (as the API's uploads take) before the bodies are read into
+        # memory, held until the intake is done.
+        with upload_slot(request, viewer.user):
+            return await _take_in(web, request, viewer, files)
+    except UploadInProgressError as exc:
+        return _upload_refused(web, request, viewer, exc)
+
+
+async def _take_in(web: Web, request: Request, viewer: Viewer,
+                   files: list[UploadFile]) -> HTMLResponse:
+    """The upload's photos read, taken in, and its report (or why it was refused)."""
     named = [(f.filename or f"photo-{i + 1}", await f.read()) for i, f in enumerate(files)]
     svc = web.services
     # By content, as everything sent is judged: a zip whose name lost its ".zip" (a phone's
@@ -269,8 +282,11 @@ def _upload_report(web: Web, request: Request, viewer: Viewer, result: UploadRes
 def _upload_refused(web: Web, request: Request, viewer: Viewer,
                     exc: SelfieLoraError) -> HTMLResponse:
     """An upload refused as a whole: the report fragment, with the error's status."""
-    return web.render(request, "_report.html", viewer=viewer, status_code=exc.http_status,
-                      trainable=False, message=exc.message, report=[], set_findings=[])
+    response = web.render(request, "_report.html", viewer=viewer, status_code=exc.http_status,
+                          trainable=False, message=exc.message, report=[], set_findings=[])
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
 
 
 def _report_rows(names: list[str], findings: list[dict[str, Any]],
