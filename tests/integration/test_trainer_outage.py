@@ -19,7 +19,7 @@ from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import Training, TrainingStatus, User
 from selfie_lora.errors import StorageError
 from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
-from selfie_lora.testing.fakes import FakeGenerator
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
@@ -322,3 +322,61 @@ def test_a_canceled_training_whose_worker_died_with_the_creates_answer_cancels_t
             assert remote.cancel_requests == 1
         finally:
             services.close()
+
+
+def test_a_local_training_whose_weights_cannot_be_stored_steps_away_and_resumes(
+    tmp_path: Path,
+) -> None:
+    """A finished local training whose one write of its weights meets an outage keeps its
+    checkpoints and is resumed by the next attempt, as a Replicate one is; an outage that lasts
+    fails it after the configured attempts."""
+
+    def checkpoint(job: TrainingJob) -> None:
+        assert job.checkpoints is not None
+        ckpt = job.work_dir / "step-2.ckpt"
+        ckpt.write_bytes(b"checkpoint at step 2")
+        job.checkpoints.save(ckpt, step=2)
+
+    settings = make_settings(tmp_path)
+    trainer = FakeTrainer(on_train=checkpoint)
+    blobs = FlakyWeightsStore(settings.blob_dir)
+    services = build_services(settings, trainers={"local": trainer}, blobs=blobs,
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer())
+    user, _ = services.users.create(name="ann")
+
+    def run_once_with_failures(failures: int) -> Training:
+        """A new training, run once while the next ``failures`` weights writes fail."""
+        started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+        assert started.training is not None
+        blobs.failures = failures
+        services.training.run(started.training.id)
+        t = services.repo.get_training(started.training.id)
+        assert t is not None
+        assert not t.status.is_terminal, t.error  # old code: failed, checkpoints dropped
+        assert t.version_id is None
+        assert t.error == "the trained LoRA could not be stored"
+        return t
+
+    def again(t: Training) -> Training:
+        services.training.run(t.id)
+        after = services.repo.get_training(t.id)
+        assert after is not None
+        return after
+
+    try:
+        t = run_once_with_failures(1)
+        assert t.id in services.queue.queued_training_ids()
+        t = again(t)
+        assert t.status is TrainingStatus.SUCCEEDED, t.error
+        assert t.version_id is not None
+        assert trainer.jobs[1].resume_from is not None  # the checkpoint was kept for it
+
+        # An outage that never ends: failed after the attempts, not at the first.
+        t = run_once_with_failures(10_000)
+        for _ in range(services.training.lease.max_attempts):
+            t = again(t)
+        assert t.status is TrainingStatus.FAILED
+        assert "the trained LoRA could not be stored" in (t.error or "")
+    finally:
+        services.close()

@@ -956,10 +956,11 @@ class TrainingService:
             try:
                 self._store_version(held, result)
             except StorageError as exc:
-                if sink.remote_id is None:
-                    raise
-                # The remote output outlives this (about an hour): the next attempt downloads
-                # it again.
+                # An outage, not a fault of the training: it steps away with its checkpoints
+                # kept (failing it would drop them and hours of GPU work with them). The remote
+                # output outlives this (about an hour): the next attempt downloads it again; a
+                # local one resumes from its last checkpoint. An outage that lasts ends the
+                # training after the configured attempts all the same.
                 raise _UnreachableError(exc.message, remote_id=sink.remote_id,
                                         reason="the trained LoRA could not be stored") from exc
             self._checkpoints.drop(training.id)
