@@ -260,6 +260,36 @@ def test_a_database_of_its_own_does_not_bind_an_unmarked_store_holding_none_of_i
         b.close()
 
 
+def test_a_worker_without_the_storage_url_does_not_bind_its_empty_folder(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A worker of the scale path whose env lacks SELFIE_LORA_STORAGE_URL: it shares the
+    # database but falls back to HOME/blobs, empty. Marking that folder would approve the
+    # mismatch (and every training there then fails with "upload the photos again").
+    api = build_services(make_settings(tmp_path / "api", intake_workers=1),
+                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()})
+    shared_db = f"sqlite:///{(api.settings.home / 'selfie-lora.db').resolve()}"
+    worker = build_services(make_settings(tmp_path / "worker", database_url=shared_db),
+                            trainers={"local": FakeTrainer()},
+                            face_analyzer=one_person_analyzer(),
+                            generators={"local": FakeGenerator()})
+    try:
+        deployment_id = api.operations.bind_deployment()
+        assert deployment_id is not None
+        user, _key = api.users.create(name="ann")
+        api.training.upload_zip(user=user, data=photo_zip(3))
+        with caplog.at_level("WARNING", logger="selfie_lora.services.deployment"):
+            assert worker.operations.bind_deployment() is None  # old code: bound
+        assert not worker.blobs.exists(DEPLOYMENT_KEY)
+        assert "is SELFIE_LORA_STORAGE_URL set for this process?" in caplog.text
+        assert "names 1 upload(s) and 0 version(s), none of which is in it" in caplog.text
+        # A new deployment (nothing named, nothing stored) still binds at its first start.
+        assert api.operations.bind_deployment() == deployment_id
+    finally:
+        api.close()
+        worker.close()
+
+
 def test_a_store_this_process_only_just_marked_is_guarded_at_its_next_collection(
         deployments: tuple[Services, Services]) -> None:
     # B starts first on an empty store and marks it (nothing there to doubt), while A, still on

@@ -13,7 +13,8 @@ with this release. ``bind`` refuses when the marker names another id: two deploy
 share the store, and a collector of either would delete the other's blobs.
 
 A store with no marker is bound only on evidence that it is this database's (``doubt``): it
-holds no photo and no weights (nothing a mistaken collector could take), or it holds one of
+holds no photo and no weights while the database names none either (a new deployment: nothing a
+mistaken collector could take), or it holds one of
 the blobs only this database names (a dataset's manifest, keyed by the dataset's random id; a
 version's weights). Otherwise the marker would bind another deployment's store, one not
 restarted on this release yet, to whatever database this process was given (an empty SQLite
@@ -62,13 +63,23 @@ def own_keys(refs: References) -> list[str]:
 
 
 def unbound_doubt(refs: References, *, found: Iterable[str], photos: int | None = None,
-                  weights: int | None = None, just_bound: bool = False) -> str | None:
+                  weights: int | None = None, just_bound: bool = False,
+                  empty: bool = False) -> str | None:
     """Why a store with no marker (or one this process only just marked) does not look like
     this database's, as one line; None when it does: ``found`` holds one of ``own_keys``.
     ``photos``/``weights``: what a collection would delete (None: a start, which deletes
-    nothing)."""
+    nothing). ``empty``: the store holds no photo and no weights at all (a start only)."""
     if set(found) & set(own_keys(refs)):
         return None
+    if empty and photos is None:
+        return (f"not binding the storage to this database: it holds no photo and no weights, "
+                f"yet this database names {len(refs.datasets)} upload(s) and "
+                f"{len(refs.version_ids)} version(s), none of which is in it: is "
+                "SELFIE_LORA_STORAGE_URL set for this process? Without it a process uses its "
+                "own folder (HOME/blobs), which no other server or worker sees; "
+                f"{SETTINGS_HINT}. It stays unbound, and trainings and generations on this "
+                "process will not find their photos or weights until it is given the "
+                "deployment's storage.")
     if refs.datasets or refs.version_ids:
         named = (f"none of the {len(refs.datasets)} upload(s) and {len(refs.version_ids)} "
                  "version(s) this database names is in the storage")
@@ -130,15 +141,20 @@ class DeploymentBinding:
 
     def doubt(self) -> str | None:
         """Why this unmarked store may not be bound to this database, as one line; None when
-        it may: it holds no photo and no weights, or one of the blobs only this database names
-        (``own_keys``, up to ``EVIDENCE_LOOKUPS`` lookups: cheap on object storage too, and
-        nothing is listed past the first key of each prefix)."""
-        if not any(self._holds(prefix) for prefix in PRECIOUS_PREFIXES):
-            return None
+        it may: it holds one of the blobs only this database names (``own_keys``, up to
+        ``EVIDENCE_LOOKUPS`` lookups: cheap on object storage too, and nothing is listed past
+        the first key of each prefix), or it holds no photo and no weights and this database
+        names none either (a new deployment). An empty store while the database names uploads
+        or versions is not this database's: a process started without SELFIE_LORA_STORAGE_URL
+        falls back to its own empty folder, and binding it would stamp that mistake as the
+        deployment's storage."""
+        empty = not any(self._holds(prefix) for prefix in PRECIOUS_PREFIXES)
         refs = self._repo.gc_references()
-        found = next((key for key in own_keys(refs)[:EVIDENCE_LOOKUPS]
-                      if self._blobs.exists(key)), None)
-        return unbound_doubt(refs, found=() if found is None else (found,))
+        keys = own_keys(refs)
+        if empty and not keys:
+            return None
+        found = next((key for key in keys[:EVIDENCE_LOOKUPS] if self._blobs.exists(key)), None)
+        return unbound_doubt(refs, found=() if found is None else (found,), empty=empty)
 
     def _holds(self, prefix: str) -> bool:
         listing = self._blobs.list(prefix)
