@@ -113,6 +113,14 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("SELFIE_LORA_STORAGE_SECRET_ACCESS_KEY",
                                       "AWS_SECRET_ACCESS_KEY"))
     storage_allow_http: bool | None = None
+    # Object storage calls: how long one connect and one request may take, and how long a call
+    # goes on retrying (5xx, dropped connections, timeouts). obstore's own defaults (10 retries
+    # within 3 minutes) held a thread for ~180 s per call on an endpoint that never answers: a
+    # restart waited that long to listen, and every upload or generation held a request thread.
+    storage_connect_timeout: float = Field(default=5.0, gt=0, le=600)
+    storage_timeout: float = Field(default=30.0, gt=0, le=3600)
+    storage_retry_timeout: float = Field(default=15.0, ge=0, le=600)
+    storage_max_retries: int = Field(default=3, ge=0, le=20)
     # Each machine keeps copies of the weights it generates with in HOME/blob-cache, the most
     # recently used first, within this many GB (object storage only).
     blob_cache_gb: float = Field(default=20.0, gt=0)

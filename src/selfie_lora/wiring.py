@@ -193,6 +193,8 @@ def default_blob_store(settings: Settings) -> BlobStore:
         secret_access_key=secret.get_secret_value() if secret is not None else None,
         allow_http=settings.storage_allow_http,
         cache_max_bytes=max(1, round(settings.blob_cache_gb * 1e9)),
+        connect_timeout=settings.storage_connect_timeout, timeout=settings.storage_timeout,
+        retry_timeout=settings.storage_retry_timeout, max_retries=settings.storage_max_retries,
     )
 
 

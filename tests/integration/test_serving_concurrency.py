@@ -558,3 +558,52 @@ def test_a_generation_running_when_the_server_stops_is_said_to_go_on_one_queued_
     assert SEND_AGAIN in page.text
     assert '<a href="/generate" data-back>Back</a>' in page.text  # was href=""
     assert page.headers["retry-after"] == "10"
+
+
+class HungStorage:
+    """A blob store whose ``check`` (what /readyz asks) hangs until released, as an S3 endpoint
+    that accepts connections and never answers does."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.release = threading.Event()
+        self.checks = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def check(self) -> None:
+        self.checks += 1
+        self.release.wait(30)
+
+
+def test_metrics_answer_while_readiness_probes_hang_on_the_storage(tmp_path: Path) -> None:
+    """/metrics shared /readyz's two threads: two probes stuck on a hung storage left the scrape
+    without an answer (review: 'metrics 000 10.0s'), monitoring dark during the outage."""
+    settings = make_settings(tmp_path)
+    blobs = HungStorage(default_blob_store(settings))
+    svc = build_services(settings, trainers={"local": FakeTrainer()}, blobs=blobs,
+                         face_analyzer=one_person_analyzer(), generators={"local": FakeGenerator()})
+
+    async def scenario(base_url: str) -> int | str:
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            probes = [asyncio.ensure_future(client.get("/readyz")) for _ in range(2)]
+            deadline = time.monotonic() + 10
+            while blobs.checks < 2:
+                assert time.monotonic() < deadline, f"{blobs.checks} probes reached the storage"
+                await asyncio.sleep(0.01)
+            try:
+                answer: int | str = (await client.get("/metrics", timeout=2)).status_code
+            except httpx.TimeoutException:
+                answer = "no answer in 2 s"
+            blobs.release.set()
+            await asyncio.gather(*probes)
+            return answer
+
+    try:
+        with served(create_app(settings, services=svc)) as server:
+            answer = asyncio.run(scenario(server.base_url))
+    finally:
+        blobs.release.set()
+        svc.close()
+    assert answer == 200  # old code: no answer in 2 s

@@ -44,7 +44,7 @@ from selfie_lora.wiring import Services, build_services
 
 logger = logging.getLogger(__name__)
 
-# Threads of /readyz and /metrics, theirs alone: a probe never waits behind user work for a
+# Threads of /readyz (and, separately, of /metrics), theirs alone: a probe never waits behind user work for a
 # thread of the shared pool (its timeout is a second or so; a failed readiness probe takes the
 # process out of the load balancer exactly when it is busy).
 PROBE_THREADS = 2
@@ -100,6 +100,9 @@ def create_app(
     app.state.intake_limiter = intake_limiter(svc.settings.intake_workers)
     app.state.upload_slots = UploadSlots()
     probes = CapacityLimiter(PROBE_THREADS)
+    # Its own: readiness probes stuck on a hung storage must not hold the threads the scrape
+    # needs (monitoring would go dark during the very outage it should show).
+    scrapes = CapacityLimiter(PROBE_THREADS)
 
     @app.get("/healthz", tags=["service"])
     async def healthz() -> dict[str, str]:
@@ -126,7 +129,7 @@ def create_app(
             return error_response(401, ErrorCode.UNAUTHORIZED, METRICS_TOKEN_REQUIRED,
                           headers={"WWW-Authenticate": "Bearer"})
         body, content_type = await anyio.to_thread.run_sync(svc.operations.metrics,
-                                                            limiter=probes)
+                                                            limiter=scrapes)
         return Response(body, media_type=content_type)
 
     # Before the pages: a request is matched against the routes in order, and the API's reads

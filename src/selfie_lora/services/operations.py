@@ -76,6 +76,9 @@ class OperationsService:
             logger.warning("the storage's deployment marker could not be checked now (%s); "
                            "garbage collection checks it before it deletes anything",
                            exc.message)
+            # Decided too: the command's bind and its app's would otherwise each wait out the
+            # storage's timeouts (a hung endpoint: minutes before the server listens).
+            self._decided = (None,)
             return None
         self._decided = (deployment_id,)
         return deployment_id

@@ -103,7 +103,8 @@ class S3BlobStore:
         self, *, url: str, cache_dir: Path, endpoint: str | None = None,
         region: str | None = None, access_key_id: str | None = None,
         secret_access_key: str | None = None, allow_http: bool | None = None,
-        cache_max_bytes: int = 20 * 10**9,
+        cache_max_bytes: int = 20 * 10**9, connect_timeout: float = 5.0,
+        timeout: float = 30.0, retry_timeout: float = 15.0, max_retries: int = 3,
     ) -> None:
         try:
             from obstore.store import S3Store
@@ -123,7 +124,13 @@ class S3BlobStore:
             allow_http = bool(endpoint and endpoint.startswith("http://"))
         self._store: S3Store = S3Store(
             self.location.bucket, prefix=self.location.prefix or None, config=config,
-            client_options={"allow_http": allow_http},
+            client_options={"allow_http": allow_http,
+                            "connect_timeout": timedelta(seconds=connect_timeout),
+                            "timeout": timedelta(seconds=timeout)},
+            # Bounded: obstore's defaults retry for up to 3 minutes, a thread held that long
+            # per call on an endpoint that accepts connections and never answers.
+            retry_config={"max_retries": max_retries,
+                          "retry_timeout": timedelta(seconds=retry_timeout)},
         )
         self.cache_dir = cache_dir
         self._cache = BlobCache(cache_dir, max_bytes=cache_max_bytes)
