@@ -3,6 +3,7 @@ storage's ``local_copy`` on it."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
@@ -135,6 +136,49 @@ def test_a_disk_too_full_for_the_copy_is_a_storage_error(tmp_path: Path) -> None
             cache.copy("weights/a", remote.fetch("weights/a")):
         pass
     assert not any(p.is_file() for p in (tmp_path / "weights").iterdir())
+
+
+class SmallDisk(Remote):
+    """A remote whose fetches write to a disk of ``capacity`` bytes that the cache's copies
+    share: a fetch that does not fit fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, blobs: dict[str, bytes], *, root: Path, capacity: int) -> None:
+        super().__init__(blobs)
+        self.root = root
+        self.capacity = capacity
+
+    def fetch(self, key: str) -> Callable[[BinaryIO], None]:
+        def write(fh: BinaryIO) -> None:
+            self.fetches.append(key)
+            used = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+            if used + len(self.blobs[key]) > self.capacity:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            fh.write(self.blobs[key])
+        return write
+
+
+def test_a_disk_full_before_the_bound_evicts_the_copies_nobody_holds_and_fetches_again(
+        tmp_path: Path) -> None:
+    # The review's 3 MiB disk under a 20 GB bound: two copies 3 days old stayed, and every
+    # fetch of another version failed with 'No space left on device' until cleared by hand.
+    disk = SmallDisk({f"weights/{n}": n.encode() * 100 for n in "abcd"}, root=tmp_path,
+                     capacity=250)
+    cache = BlobCache(tmp_path, max_bytes=10**9)
+    age(fetched(cache, disk, "weights/a"), 3 * 86400)
+    with cache.copy("weights/b", disk.fetch("weights/b")) as held:
+        age(held, 3 * 86400)
+        path = fetched(cache, disk, "weights/c")  # old code: StorageError, no space
+        assert path.read_bytes() == b"c" * 100
+        assert copies(tmp_path) == {"weights/b", "weights/c"}  # b is held: it stays
+    assert disk.fetches == ["weights/a", "weights/b", "weights/c", "weights/c"]
+
+    # Still no room with every copy nobody holds gone: the operator is told what to do.
+    with cache.copy("weights/b", disk.fetch("weights/b")), \
+            cache.copy("weights/c", disk.fetch("weights/c")), \
+            pytest.raises(StorageError, match="lower SELFIE_LORA_BLOB_CACHE_GB or free disk"), \
+            cache.copy("weights/d", disk.fetch("weights/d")):
+        pass
+    assert copies(tmp_path) == {"weights/b", "weights/c"}
 
 
 def test_a_fetcher_killed_midway_leaves_a_temporary_file_that_goes_once_it_is_stale(

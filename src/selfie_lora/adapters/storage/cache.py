@@ -18,7 +18,8 @@ eviction exclude each other (a lock file), so a copy is either locked before the
 at it again, or gone before the hit, which then fetches it anew. A copy used in the last
 ``in_use`` seconds (15 minutes) is not evicted either, as a margin. The folder may therefore hold
 more than its bound while more than that is in use; the copy just fetched is kept even when it
-alone is larger than the bound.
+alone is larger than the bound. A fetch that meets a full disk (the bound does not see free
+space) evicts every copy no process holds, the margin ignored, and is tried once more.
 
 A fetch writes a temporary file, syncs it to disk, and renames it into place (a rename may reach
 the disk before the data: after a crash of the host, the name would hold nothing and be served
@@ -28,6 +29,7 @@ eviction deletes once it is an hour old (a live fetch of a large blob may take m
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -80,12 +82,15 @@ class BlobCache:
         try:
             pin = self._hit(target)
             if pin is None:
-                pin = self._fetch(target, fetch)
+                pin = self._fetch_making_room(target, fetch)
         except OSError as exc:
             # This machine's disk (full, read-only), not the store: a StorageError all the same,
             # so a generation answers the storage error, not a 500 with a raw OSError.
+            advice = (": the disk is full even without the copies no process holds; lower "
+                      "SELFIE_LORA_BLOB_CACHE_GB or free disk space on this machine"
+                      if exc.errno == errno.ENOSPC else "")
             raise StorageError(f"the blob cache in {self.root} cannot hold {key!r}: "
-                               f"{exc.strerror or exc}") from exc
+                               f"{exc.strerror or exc}{advice}") from exc
         try:
             yield target
         finally:
@@ -94,6 +99,23 @@ class BlobCache:
     def _hit(self, target: Path) -> int | None:
         with self._locked(fcntl.LOCK_SH):
             return _hold(target)
+
+    def _fetch_making_room(self, target: Path, fetch: Callable[[BinaryIO], object]) -> int:
+        """``_fetch``; on a full disk, once more after the copies no process holds are evicted.
+        The bound does not see free space: the same disk holds the base models and the work
+        folders, and a disk filled before the folder reaches its bound would otherwise fail
+        every fetch until someone cleared the folder by hand."""
+        try:
+            return self._fetch(target, fetch)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            removed = self.evict(keep=target, down_to=0)
+            logger.warning("blob cache %s: the disk is full; %d copies no process holds removed "
+                           "to make room for %s", self.root, removed, target.name)
+            if not removed:
+                raise
+        return self._fetch(target, fetch)
 
     def _fetch(self, target: Path, fetch: Callable[[BinaryIO], object]) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -140,24 +162,27 @@ class BlobCache:
                 total += stat.st_size
         return entries, total
 
-    def evict(self, *, keep: Path | None = None) -> int:
+    def evict(self, *, keep: Path | None = None, down_to: int | None = None) -> int:
         """Delete the least recently used copies until the folder holds at most ``max_bytes``
         (never ``keep``, a copy a process holds, nor one used in the last ``in_use`` seconds);
-        how many went."""
+        how many went. ``down_to``: that many bytes instead, and recently used copies nobody
+        holds go too (a full disk: such a copy is only fetched again when asked for)."""
+        bound = self.max_bytes if down_to is None else down_to
+        in_use = self.in_use if down_to is None else 0
         now = time.time()
         entries, total = self._entries(now)
-        if total <= self.max_bytes:
+        if total <= bound:
             return 0
         removed = 0
         with self._locked(fcntl.LOCK_EX):
             for _mtime, path, size in sorted(entries):
-                if total <= self.max_bytes:
+                if total <= bound:
                     break
                 if path == keep:
                     continue
                 try:
                     # Looked at again under the lock: a hit since the walk marked it used.
-                    if path.stat().st_mtime >= now - self.in_use or _held(path):
+                    if path.stat().st_mtime >= now - in_use or _held(path):
                         continue
                     path.unlink()
                 except FileNotFoundError:
@@ -165,7 +190,7 @@ class BlobCache:
                 else:
                     removed += 1
                 total -= size
-        if total > self.max_bytes:
+        if down_to is None and total > self.max_bytes:
             logger.warning("blob cache %s holds %.1f GB, more than its bound of %.1f GB: the rest "
                            "is in use or was used in the last %d minutes", self.root, total / 1e9,
                            self.max_bytes / 1e9, self.in_use // 60)
