@@ -399,6 +399,21 @@ def test_object_storage_without_its_bucket_fails_its_check(s3_server: S3Server,
         with pytest.raises(StorageError, match="has no bucket 'no-such-bucket-here'") as caught:
             read("photos/a.jpg")
         assert not isinstance(caught.value, BlobMissingError)
+    # A HEAD's 404 says nothing of the bucket: checked once with a LIST (old code: False, and
+    # activating a version answered 409 weights_missing for weights that were fine).
+    with pytest.raises(StorageError, match="has no bucket 'no-such-bucket-here'"):
+        missing.exists("weights/a.safetensors")
+    with pytest.raises(StorageError, match="has no bucket 'no-such-bucket-here'"):
+        missing.modified("weights/a.safetensors")
+
+
+def test_object_storage_with_its_bucket_says_a_missing_blob_is_missing(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    present = s3_server.store(s3_server.new_location(), tmp_path)
+    assert not present.exists("weights/a.safetensors")
+    assert present.modified("weights/a.safetensors") is None
+    present.put("weights/a.safetensors", b"w")
+    assert present.exists("weights/a.safetensors")
 
 
 def test_object_storage_out_of_reach_is_no_missing_blob(tmp_path: Path) -> None:

@@ -133,6 +133,7 @@ class S3BlobStore:
                           "retry_timeout": timedelta(seconds=retry_timeout)},
         )
         self.cache_dir = cache_dir
+        self._bucket_seen = False  # a LIST has answered: a HEAD's 404 is a missing blob
         self._cache = BlobCache(cache_dir, max_bytes=cache_max_bytes)
         self.description = f"s3://{self.location.bucket}/{self.location.prefix}"
 
@@ -258,9 +259,30 @@ class S3BlobStore:
         # fault, not a blob gone, and a training must not be failed as if its photos were
         # (a HEAD's 404 has no body to tell them apart, so exists() cannot).
         if "<Code>NoSuchBucket</Code>" in str(exc):
-            return StorageError(f"object storage has no bucket {self.location.bucket!r}: check "
-                                "SELFIE_LORA_STORAGE_URL")
+            return self._no_bucket()
         return BlobMissingError(f"blob {key!r} is missing")
+
+    def _confirm_bucket(self) -> None:
+        """Raises the settings' error when the bucket does not exist (one LIST of one key, on
+        the first 404 of a HEAD only: a bucket seen once is taken to stay)."""
+        import obstore
+        from obstore.exceptions import InvalidPathError
+
+        if self._bucket_seen:
+            return
+        try:
+            next(iter(obstore.list(self._store, chunk_size=1)), None)
+        except InvalidPathError:
+            pass  # a key obstore cannot name (``list``): the bucket answered all the same
+        except Exception as exc:
+            if "NoSuchBucket" in str(exc):
+                raise self._no_bucket() from None
+            raise _error("list", self.description, exc) from exc
+        self._bucket_seen = True
+
+    def _no_bucket(self) -> StorageError:
+        return StorageError(f"object storage has no bucket {self.location.bucket!r}: check "
+                            "SELFIE_LORA_STORAGE_URL")
 
     def exists(self, key: str) -> bool:
         check_key(key)
@@ -330,6 +352,9 @@ class S3BlobStore:
         try:
             meta = obstore.head(self._store, key)
         except FileNotFoundError:
+            # A HEAD's 404 has no body: a bucket that is not there answers it too, which
+            # would read as every blob gone (a version refused as 'weights missing').
+            self._confirm_bucket()
             return None
         except Exception as exc:
             raise _error("look up", key, exc) from exc
