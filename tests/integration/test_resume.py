@@ -377,8 +377,17 @@ def test_a_canceled_training_of_a_model_moved_to_another_trainer_is_not_resumed(
     _client, services, trainer = fake_served
     user, _ = services.users.create(name="cat")
     canceled = _canceled_at_step_3(services, trainer, user)
+
+    def resumable() -> bool:
+        return next(t.resumable for t in services.repo.gc_references().trainings
+                    if t.id == canceled.id)
+
+    assert resumable()  # the collector keeps its checkpoints
     services.models.change_trainer_version(user=user, trainer_version="local-tiny-v1",
                                            reason="the v1 recipe")
+    # What resume refuses below, the collector sees too: its checkpoints are no longer kept for
+    # a resume (old code: resumable, kept for ever).
+    assert not resumable()
     with pytest.raises(ConflictError) as refused:
         services.training.resume(user=user, training_id=canceled.id)
     assert refused.value.code == "not_resumable"

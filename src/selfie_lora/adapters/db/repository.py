@@ -1043,13 +1043,21 @@ class SqlRepository:
                               image_keys=tuple(r.image_keys))
                 for r in s.execute(select(GenerationRow.id, GenerationRow.created_at,
                                           GenerationRow.image_keys)))
+            # Resumable as ``TrainingService.resume`` decides: canceled before its version was
+            # stored, and its model still trains as it did (the checkpoint fits only that run).
+            # One that can no longer be resumed would otherwise keep its checkpoints for ever.
+            same_run = ((ModelRow.trainer_version == TrainingRow.trainer_version)
+                        & (ModelRow.trigger_word == TrainingRow.trigger_word)
+                        & (ModelRow.backend == TrainingRow.backend))
             trainings = tuple(
                 TrainingRef(id=r.id, created_at=_req_utc(r.created_at),
                             ended=TrainingStatus(r.status).is_terminal,
                             resumable=(TrainingStatus(r.status) is TrainingStatus.CANCELED
-                                       and r.version_id is None))
-                for r in s.execute(select(TrainingRow.id, TrainingRow.created_at,
-                                          TrainingRow.status, TrainingRow.version_id)))
+                                       and r.version_id is None and bool(r.same_run)))
+                for r in s.execute(
+                    select(TrainingRow.id, TrainingRow.created_at, TrainingRow.status,
+                           TrainingRow.version_id, same_run.label("same_run"))
+                    .outerjoin(ModelRow, ModelRow.id == TrainingRow.model_id)))
             versions = s.execute(select(VersionRow.id, VersionRow.weights_key)).all()
             models = s.scalars(select(ModelRow.id)).all()
         return References(datasets=datasets, generations=generations, trainings=trainings,
