@@ -322,7 +322,8 @@ def build_services(
         telemetry = PrometheusTelemetry()
     generation = GenerationService(repo=repo, blobs=blobs, generators=chosen_generators,
                                    max_per_user=settings.max_generations_per_user,
-                                   threads=settings.generation_threads)
+                                   threads=settings.generation_threads,
+                                   base_model=settings.base_model)
     likeness = LikenessService(
         repo=repo, blobs=blobs, generation=generation,
         faces=faces,

@@ -17,8 +17,8 @@ from tests.conftest import auth, make_settings, serving, wait_terminal
 from tests.support.photos import photo_zip
 
 
-def test_a_model_pinned_on_the_tiny_model_is_not_trained_on_flux_until_it_is_repinned(
-        tmp_path: Path) -> None:
+def _trained_on_the_tiny_model(tmp_path: Path) -> dict[str, str]:
+    """A user whose model trained version 1 while the server ran on ``tiny``: their headers."""
     with serving(make_settings(tmp_path), run_worker=True) as (client, svc):  # base model tiny
         h = auth(svc, "ann")
         r = client.post("/api/training/upload-zip", headers=h,
@@ -26,12 +26,19 @@ def test_a_model_pinned_on_the_tiny_model_is_not_trained_on_flux_until_it_is_rep
         assert r.status_code == 202, r.text
         wait_terminal(client, h, r.json()["training"]["id"])
         assert client.get("/api/model", headers=h).json()["trainer_version"] == "local-tiny-v2"
+        assert client.post("/api/generate", headers=h, json={"prompt": "hiking"}).status_code == 200
+    return h
+
+
+def test_a_model_pinned_on_the_tiny_model_is_not_trained_on_flux_until_it_is_repinned(
+        tmp_path: Path) -> None:
+    h = _trained_on_the_tiny_model(tmp_path)
 
     flux = tmp_path / "FLUX.1-dev"  # the same HOME and database, now on a FLUX.1 folder
     flux.mkdir()
     trainer = FakeTrainer(steps=2)
     settings = make_settings(tmp_path, base_model=str(flux))
-    with serving(settings, run_worker=True, trainer=trainer) as (client, svc):
+    with serving(settings, run_worker=True, trainer=trainer) as (client, _svc):
         refused = client.post("/api/training/start", headers=h, json={})
         # 202 on the old code, and the job trained recipe local-tiny-v2 on the FLUX.1 folder.
         assert refused.status_code == 409, refused.text
@@ -71,3 +78,30 @@ def test_a_model_pinned_on_the_tiny_model_is_not_trained_on_flux_until_it_is_rep
         job = trainer.jobs[-1]
         assert (job.recipe.name, job.recipe.resolution) == ("local-flux-v2", 1024)
         assert all(max(Image.open(io.BytesIO(p.data)).size) >= 1024 for p in job.photos)
+
+
+def test_a_version_trained_on_the_tiny_model_is_refused_for_generation_on_flux(
+        tmp_path: Path) -> None:
+    """Generation compared nothing: a version trained on the tiny model went to the FLUX.1
+    pipeline, its LoRA did not fit, and the user got a 500 ``storage_error`` "please retry in a
+    moment" (the CLI torch's size-mismatch text) every time. It is now refused before its
+    weights are loaded (409 ``base_model_mismatch``, naming the version and what to do), and so
+    is making it the active version."""
+    h = _trained_on_the_tiny_model(tmp_path)
+
+    flux = tmp_path / "FLUX.1-dev"
+    flux.mkdir()
+    with serving(make_settings(tmp_path, base_model=str(flux))) as (client, _svc):
+        refused = client.post("/api/generate", headers=h, json={"prompt": "hiking"})
+        assert refused.status_code == 409, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "base_model_mismatch"
+        assert error["message"] == (
+            "version 1 cannot make pictures on this server: it was trained with local-tiny-v2, "
+            "a trainer version for the tiny test model, and this server trains on FLUX.1, so "
+            "its LoRA does not fit; use a version trained here, or train again (re-pin to "
+            "local-flux-v2 first)")
+        activate = client.post("/api/model/versions/1/activate", headers=h)
+        assert activate.status_code == 409, activate.text
+        assert activate.json()["error"]["message"].startswith(
+            "version 1 cannot become the active version on this server")

@@ -370,6 +370,33 @@ def test_a_batch_at_the_largest_seed_wraps_to_seeds_the_api_accepts(cache_dir: P
     assert generator.generate(replace(job, num_outputs=1, seed=0)) == [images[1]]
 
 
+def test_a_lora_wider_than_the_base_model_is_refused_and_leaves_the_pipeline_as_it_was(
+        cache_dir: Path, tmp_path: Path) -> None:
+    """A version trained on a wider base model: diffusers widened the shared pipeline's layer in
+    place to load it, the generation failed, and so did every later one in the process (no LoRA
+    at all included: mat1 and mat2 shapes cannot be multiplied). A LoRA whose layers do not fit
+    is now refused before it loads (422 ``unsupported_weights``), and one naming a layer the
+    base model lacks too."""
+    from safetensors.torch import save_file
+
+    generator = LocalGenerator(base_model="tiny", cache_dir=cache_dir, device="cpu", num_threads=1)
+    job = GenerationJob(prompt=PROMPT, num_outputs=1, seed=1, lora_scale=1.0,
+                        trainer_version="local-tiny-v2")
+    base = generator.generate(job)
+    pipe = flux_loader.load_pipeline("tiny", cache_dir=cache_dir, device="cpu")
+    name = "transformer_blocks.0.ff_context.net.2"
+    layer = pipe.transformer.get_submodule(name)
+    for wrong, key in ((f"transformer.{name}", "wider"), ("transformer.no_such.layer", "absent")):
+        weights = tmp_path / f"{key}.safetensors"
+        save_file({f"{wrong}.lora_A.weight": torch.zeros(4, layer.in_features + 1),
+                   f"{wrong}.lora_B.weight": torch.zeros(layer.out_features, 4)}, str(weights))
+        with pytest.raises(InvalidInputError) as refused:
+            generator.generate(replace(job, weights_path=weights))
+        assert refused.value.code == "unsupported_weights"
+        assert "do not fit this server's base model" in refused.value.message
+        assert generator.generate(job) == base  # the shared pipeline is as it was
+
+
 def test_the_generator_encodes_prompts_as_the_pipeline_does(cache_dir: Path) -> None:
     """The generator encodes the prompt itself (its text encoders may be on the CPU while the
     transformer is on a GPU) and hands the pipeline the embeddings: the same picture as the

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from selfie_lora.domain.entities import Model, Recipe
+from selfie_lora.domain.entities import Model, Recipe, Version
 from selfie_lora.domain.likeness import DEFAULT_PROBE_COUNT, choose_probes
 from selfie_lora.domain.recipes import (
     base_model_mismatch,
@@ -197,6 +197,24 @@ def check_fits_base_model(model: Model, defaults: TrainingDefaults) -> None:
         f'{fits[0]} (PATCH /api/model {{"trainer_version": "{fits[0]}", "reason": "..."}}, '
         f'or "Move to another trainer version" on the model page; {" or ".join(fits)} fit '
         f"this server){then}",
+        code=ErrorCode.BASE_MODEL_MISMATCH)
+
+
+def check_version_fits_base_model(*, backend: str, version: Version, base_model: str | None,
+                                  use: str = "make pictures") -> None:
+    """Refuse (409 ``base_model_mismatch``) to ``use`` a local ``version`` trained with a recipe
+    made for another base model than the server's (SELFIE_LORA_BASE_MODEL moved since): its LoRA
+    does not fit the pipeline's layers, so loading it fails every time, whatever is retried."""
+    if backend != "local" or base_model is None:
+        return
+    mismatch = base_model_mismatch(trainer_version=version.trainer_version,
+                                   base_model=base_model)
+    if mismatch is None:
+        return
+    raise ConflictError(
+        f"version {version.number} cannot {use} on this server: it was trained with "
+        f"{version.trainer_version}, {mismatch}, so its LoRA does not fit; use a version "
+        f"trained here, or train again (re-pin to {local_versions_for(base_model)[0]} first)",
         code=ErrorCode.BASE_MODEL_MISMATCH)
 
 

@@ -15,7 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from selfie_lora.domain.entities import Generation, Model, User, Version
-from selfie_lora.domain.plan import ensure_trigger_word, validate_lora_scale
+from selfie_lora.domain.plan import (
+    check_version_fits_base_model,
+    ensure_trigger_word,
+    validate_lora_scale,
+)
 from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import (
     BlobMissingError,
@@ -92,8 +96,12 @@ class GenerationService:
     def __init__(
         self, *, repo: Repository, blobs: BlobStore, generators: Mapping[str, Generator],
         max_per_user: int = DEFAULT_MAX_PER_USER, threads: int = DEFAULT_THREADS,
+        base_model: str | None = None,
     ) -> None:
         self._repo = repo
+        # The local generator's base model (SELFIE_LORA_BASE_MODEL): a local version trained for
+        # another is refused before its weights are loaded. None: not checked.
+        self._base_model = base_model
         self._blobs = blobs
         self._generators = dict(generators)
         self._max_per_user = max_per_user
@@ -170,6 +178,8 @@ class GenerationService:
                 f"model than yours ({model.destination}), so its pictures would not be of you. "
                 "Retrain, or generate with another of your versions.",
                 code=ErrorCode.VERSION_MISMATCH)
+        check_version_fits_base_model(backend=model.backend, version=version,
+                                      base_model=self._base_model)
         scale = validate_lora_scale(lora_scale) if lora_scale is not None else model.lora_scale
         generator = self._generators.get(model.backend)
         if generator is None:

@@ -11,7 +11,11 @@ from typing import Any
 
 from selfie_lora.domain.entities import GateStatus, Model, User, Version
 from selfie_lora.domain.likeness import VersionLikeness
-from selfie_lora.domain.plan import validate_lora_scale, with_trainer_version
+from selfie_lora.domain.plan import (
+    check_version_fits_base_model,
+    validate_lora_scale,
+    with_trainer_version,
+)
 from selfie_lora.domain.recipes import RepinPolicy
 from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
 from selfie_lora.domain.weights import WeightsFormat
@@ -214,7 +218,8 @@ class ModelService:
         """Rollback or roll forward, the gate notwithstanding: a version the likeness gate held
         back (or has not judged yet) can be activated; the override is recorded on the version
         and in the log. A version whose weights are gone from the storage, on a backend that
-        generates from them, is refused (409 ``weights_missing``)."""
+        generates from them, is refused (409 ``weights_missing``), as is a local version trained
+        for another base model than the server's (409 ``base_model_mismatch``)."""
         found = self.get(user=user)
         wanted = _models_version(self._repo, found, version_id)
         if (generates_from_stored_weights(found.backend)
@@ -225,6 +230,10 @@ class ModelService:
             logger.error("model %s: version %d not activated: its weights %s are missing",
                          wanted.model_id, wanted.number, wanted.weights_key)
             raise weights_missing_error(wanted)
+        # Active, a version trained for another base model would fail every generation too.
+        check_version_fits_base_model(backend=found.backend, version=wanted,
+                                      base_model=self._repin_policy.base_model,
+                                      use="become the active version")
         # Read and written under the model's row lock, which the gate takes too
         # (LikenessService.apply_verdict): a gate decision committed while this request waited is
         # what it reads, so it neither undoes the decision nor is undone by it.

@@ -34,7 +34,13 @@ from selfie_lora.adapters.flux.loader import (
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.runtime import loading_models
 from selfie_lora.adapters.flux.tiny import TINY
-from selfie_lora.errors import GenerationError, InvalidInputError, SelfieLoraError, StorageError
+from selfie_lora.errors import (
+    ErrorCode,
+    GenerationError,
+    InvalidInputError,
+    SelfieLoraError,
+    StorageError,
+)
 from selfie_lora.services.ports import GenerationJob, image_seed
 
 logger = logging.getLogger(__name__)
@@ -203,15 +209,21 @@ class LocalGenerator:
         loaded = False
         try:
             if job.weights_path is not None:
+                misfit = _lora_misfit(pipe, job.weights_path)
+                if misfit is not None:
+                    raise _does_not_fit(job.weights_path, misfit)
                 # Builds LoRA layers: not while another thread loads a model (runtime).
                 with loading_models():
+                    # From here the pipeline may hold some of this LoRA's layers: unloaded below
+                    # whether the load ends well or not.
+                    loaded = True
                     try:
                         pipe.load_lora_weights(str(job.weights_path), adapter_name=adapter)
-                    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                    except OSError as exc:
                         raise StorageError(
-                            f"cannot load LoRA weights {job.weights_path}: {exc}"
-                        ) from exc
-                    loaded = True
+                            f"cannot read LoRA weights {job.weights_path}: {exc}") from exc
+                    except (ValueError, KeyError, RuntimeError) as exc:
+                        raise _does_not_fit(job.weights_path, str(exc)) from exc
                     pipe.set_adapters([adapter], adapter_weights=[float(job.lora_scale)])
             width = self._size(pipe, job.width)
             height = self._size(pipe, job.height)
@@ -243,9 +255,54 @@ class LocalGenerator:
             raise GenerationError(f"local generation failed: {type(exc).__name__}: {exc}") from exc
         finally:
             if loaded:
-                # Leave the shared pipeline as it was: no LoRA layers, no adapter names.
+                # Leave the shared pipeline as it was: no LoRA layers, no adapter names. A layer
+                # widened by a LoRA wider than it is not shrunk back by this (diffusers 0.42's
+                # reset_to_overwritten_params matches a layer by its last name only, so misses
+                # FLUX's nested ones): _lora_misfit refuses such a LoRA before it loads.
                 with loading_models():
                     pipe.unload_lora_weights()
+
+
+def _lora_misfit(pipe: Any, weights_path: Path) -> str | None:
+    """Why the LoRA file at ``weights_path`` does not fit ``pipe``'s transformer (None when it
+    does): a layer it names that the transformer lacks, or one of another width. Read from the
+    file's header before anything is loaded, because diffusers widens a base layer narrower than
+    the LoRA in place, and that layer is shared by every generation of the process."""
+    from safetensors import safe_open
+
+    transformer = pipe.transformer
+    try:
+        with safe_open(str(weights_path), framework="pt") as weights:
+            shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}  # noqa: SIM118
+    except (OSError, ValueError, RuntimeError):
+        return None  # not a readable safetensors file: the load says what is wrong with it
+    for key, shape in shapes.items():
+        prefix, dot, rest = key.partition(".")
+        if prefix != "transformer" or not dot:
+            continue
+        for part, features in ((".lora_A.weight", "in_features"), (".lora_B.weight", "out_features")):
+            if not rest.endswith(part):
+                continue
+            name = rest.removesuffix(part)
+            try:
+                layer = transformer.get_submodule(name)
+            except AttributeError:
+                return f"the base model has no layer {name}"
+            width = getattr(layer, features, None)
+            index = 1 if features == "in_features" else 0
+            if width is not None and len(shape) == 2 and shape[index] != width:
+                return (f"layer {name} has {width} {features.replace('_', ' ')}, the LoRA "
+                        f"{shape[index]}")
+    return None
+
+
+def _does_not_fit(weights_path: Path, why: str) -> InvalidInputError:
+    # The user is told what to do; the operator's log gets the file and diffusers' words.
+    logger.error("LoRA weights %s do not fit the base model: %s", weights_path, why)
+    return InvalidInputError(
+        "these LoRA weights do not fit this server's base model (they were trained for another "
+        "one): generate with a version trained on this server, or train again",
+        code=ErrorCode.UNSUPPORTED_WEIGHTS)
 
 
 def _encode_prompt(pipe: Any, prompt: str) -> tuple[Any, Any]:
