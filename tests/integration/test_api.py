@@ -398,6 +398,25 @@ def test_a_patch_of_the_trainer_version_and_the_scale_is_applied_whole_or_not_at
                   ("lora_scale_set", 1.0, 0.6), ("lora_scale_set", 0.6, 0.6)]
 
 
+def test_a_generation_picture_whose_file_is_gone_is_a_404_not_a_500(
+        client: TestClient, services: Services) -> None:
+    """The picture's file is gone from the storage (a restore without the blobs): its URL
+    answered 500 storage_error "please retry in a moment", and every retry the same."""
+    h = auth(services, "ann")
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    gen = client.post("/api/generate", headers=h, json={"prompt": "x", "num_outputs": 2}
+                      ).json()["generation"]
+    (stored,) = services.generation.history(user=services.users.get_by_name(name="ann"))
+    services.blobs.delete(stored.image_keys[1])
+    r = client.get(gen["images"][1], headers=h)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"] == {
+        "code": "not_found", "details": [],
+        "message": "picture 1 of this generation is no longer stored; generate it again to "
+                   "have it"}
+    assert client.get(gen["images"][0], headers=h).status_code == 200
+
+
 def test_a_version_whose_weights_are_missing_is_refused_not_a_500(
         client: TestClient, services: Services, fake_generator: FakeGenerator) -> None:
     # The weights file of a version is gone from the storage (lost, restored from an older

@@ -272,7 +272,17 @@ class GenerationService:
             raise NotFoundError("no such image")
         if not 0 <= index < len(generation.image_keys):
             raise NotFoundError("no such image")
-        return self._blobs.get(generation.image_keys[index])
+        key = generation.image_keys[index]
+        try:
+            return self._blobs.get(key)
+        except BlobMissingError as exc:
+            # Not the server failing (a 500 the user can only retry): the file is gone (a
+            # restore without the blobs, a collection that removed it first) and stays gone.
+            # The operator gets the key to look for.
+            logger.error("generation %s: picture %d is missing from the storage (%s)",
+                         generation.id, index, key)
+            raise NotFoundError(f"picture {index} of this generation is no longer stored; "
+                                "generate it again to have it") from exc
 
     def history(self, *, user: User, limit: int = 50) -> Sequence[Generation]:
         """The user's generations, newest first (the gallery)."""
