@@ -417,6 +417,24 @@ def test_a_generation_picture_whose_file_is_gone_is_a_404_not_a_500(
     assert client.get(gen["images"][0], headers=h).status_code == 200
 
 
+def test_a_version_named_by_a_json_number_generates_with_that_version(
+        client: TestClient, services: Services) -> None:
+    """The README names a version "by its number as `2` or `v2`": {"version_id": 1} answered
+    422 invalid_request "Input should be a valid string". A JSON true is still no number."""
+    h = auth(services, "ann")
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    wait_terminal(client, h, client.post("/api/training/start", headers=h,
+                                         json={}).json()["training"]["id"])
+    v2, v1 = client.get("/api/model/versions", headers=h).json()["versions"]
+    for named, version in ((1, v1), (2, v2), ("1", v1), ("v2", v2)):
+        r = client.post("/api/generate", headers=h, json={"prompt": "x", "version_id": named})
+        assert r.status_code == 200, r.text
+        assert r.json()["generation"]["version_id"] == version["id"]
+    for wrong, status in ((True, 422), (0, 422), (1.0, 422), (3, 404)):
+        r = client.post("/api/generate", headers=h, json={"prompt": "x", "version_id": wrong})
+        assert r.status_code == status, (wrong, r.text)
+
+
 def test_a_version_whose_weights_are_missing_is_refused_not_a_500(
         client: TestClient, services: Services, fake_generator: FakeGenerator) -> None:
     # The weights file of a version is gone from the storage (lost, restored from an older

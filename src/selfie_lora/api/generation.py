@@ -20,8 +20,10 @@ async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
                    http: Request) -> dict[str, Any]:
     """429 ``too_many_generations`` (with Retry-After) when the user already has
     SELFIE_LORA_MAX_GENERATIONS_PER_USER generations in flight on this server process."""
+    # A number (2) names the version as "2" does.
+    version = None if body.version_id is None else str(body.version_id)
     request = GenerationRequest(prompt=body.prompt, num_outputs=body.num_outputs, seed=body.seed,
-                                lora_scale=body.lora_scale, version_id=body.version_id)
+                                lora_scale=body.lora_scale, version_id=version)
     # On the generation service's own threads: other routes never wait behind a generation.
     generation = await finished(svc.generation.submit(user=user, request=request), http)
     return {"generation": generation_json(generation)}

@@ -18,6 +18,8 @@ from selfie_lora.services.ports import MAX_SEED
 # Ids are uuids (a version may also be named by its number); anything longer is not ours, nor
 # is a control character: PostgreSQL refuses a NUL in any text it is asked to compare.
 Id = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# A version's number as a JSON number ("version_id": 2): strict, so true is not version 1.
+VersionNumber = Annotated[int, Field(ge=1, le=10**9, strict=True)]
 
 
 class _Body(BaseModel):
@@ -59,7 +61,8 @@ class GenerateBody(_Body):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
     lora_scale: float | None = Field(default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX,
                                      allow_inf_nan=False, strict=True)
-    version_id: Id | None = Field(default=None, description="An id, or a number: 2 or v2.")
+    version_id: Id | VersionNumber | None = Field(
+        default=None, description='An id, or a number: 2, "2" or "v2".')
 
 
 class KeyBody(_Body):
