@@ -358,6 +358,28 @@ def changes_logged(client: TestClient, h: dict[str, str]) -> list[dict[str, Any]
             if e["kind"] in ("lora_scale_set", "trainer_version_changed")]
 
 
+def test_a_null_lora_scale_gives_the_model_back_the_default_scale(
+        client: TestClient, services: Services) -> None:
+    """Once set, a scale stayed custom for ever: {"lora_scale": null} answered 422 empty_patch
+    "nothing to change: send lora_scale or trainer_version" (the user had sent lora_scale), and
+    nothing turned custom off. Null is now the default scale, logged, and custom no more."""
+    h = auth(services, "ann")
+    upload(client, h, start=False)
+    assert client.patch("/api/model", headers=h, json={"lora_scale": 0.8}).status_code == 200
+    for _ in range(2):  # sent again, it changes and logs nothing
+        r = client.patch("/api/model", headers=h, json={"lora_scale": None})
+        assert r.status_code == 200, r.text
+        assert (r.json()["lora_scale"], r.json()["lora_scale_is_custom"]) == (1.0, False)
+    reset = [e for e in client.get("/api/model/log", headers=h).json()["events"]
+             if e["kind"] == "lora_scale_reset"]
+    assert [(e["data"]["from"], e["data"]["to"]) for e in reset] == [(0.8, 1.0)]
+    empty = client.patch("/api/model", headers=h, json={})
+    assert empty.status_code == 422
+    assert empty.json()["error"]["message"] == (
+        "nothing to change: send lora_scale (a number, or null for the default) or "
+        "trainer_version")
+
+
 # Old code: the scale was committed, then its event in a transaction of its own: a crash (or a
 # failed write) between them left a changed scale that the audit log never showed.
 def test_a_scale_change_and_its_event_are_committed_together(

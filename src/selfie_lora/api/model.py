@@ -33,15 +33,17 @@ async def get_model(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
 
 @router.patch("", responses=errors(403, 404, 409, 413, 422))
 def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, Any]:
-    """Change the LoRA scale or (with a reason) the trainer version. The answer is the model,
-    with ``photos_need_upload_again`` (and ``notice``, the sentence) true when the new trainer
-    version trains at more pixels than the stored photos were prepared at: they must be
-    uploaded again before the next training."""
-    if body.lora_scale is None and body.trainer_version is None:
-        raise InvalidInputError("nothing to change: send lora_scale or trainer_version",
-                                code=ErrorCode.EMPTY_PATCH)
+    """Change the LoRA scale (null: back to the default, no longer custom) or (with a reason)
+    the trainer version. The answer is the model, with ``photos_need_upload_again`` (and
+    ``notice``, the sentence) true when the new trainer version trains at more pixels than the
+    stored photos were prepared at: they must be uploaded again before the next training."""
+    # {"lora_scale": null} is sent, and means the default scale; an absent one changes nothing.
+    to_default = "lora_scale" in body.model_fields_set and body.lora_scale is None
+    if body.lora_scale is None and not to_default and body.trainer_version is None:
+        raise InvalidInputError("nothing to change: send lora_scale (a number, or null for the "
+                                "default) or trainer_version", code=ErrorCode.EMPTY_PATCH)
     # Both in one transaction: a PATCH is applied whole or not at all.
-    svc.models.change(user=user, lora_scale=body.lora_scale,
+    svc.models.change(user=user, lora_scale=body.lora_scale, lora_scale_to_default=to_default,
                       trainer_version=body.trainer_version, reason=body.reason or "")
     # A recipe of more pixels than the stored photos were prepared at: said now, not only
     # when the next start is refused.

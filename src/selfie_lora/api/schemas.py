@@ -40,8 +40,9 @@ class ResumeBody(_Body):
 
 
 class ModelPatch(_Body):
-    lora_scale: float | None = Field(default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX,
-                                     allow_inf_nan=False, strict=True)
+    lora_scale: float | None = Field(
+        default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX, allow_inf_nan=False, strict=True,
+        description="Set the LoRA scale (kept through retraining); null: back to the default.")
     trainer_version: str | None = Field(
         default=None, min_length=1, max_length=300,
         description="Re-pin the trainer version (explicit and logged; needs a reason).",

@@ -12,6 +12,7 @@ from typing import Any
 from selfie_lora.domain.entities import GateStatus, Model, User, Version
 from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.domain.plan import (
+    DEFAULT_LORA_SCALE,
     check_version_fits_base_model,
     validate_lora_scale,
     with_trainer_version,
@@ -160,13 +161,20 @@ class ModelService:
         return self.change(user=user, trainer_version=trainer_version, reason=reason)
 
     def change(self, *, user: User, lora_scale: float | None = None,
+               lora_scale_to_default: bool = False,
                trainer_version: str | None = None, reason: str = "") -> Model:
         """``PATCH /api/model``: the LoRA scale, the trainer version, or both, each change with
         its event in the audit log, all in one transaction: the whole of it is applied, or
         nothing (a crash, a bad scale, a refused re-pin). The trainer version must be one its
         backend can train with (422) and that the operator allows (403, ``RepinPolicy``), and
         needs a reason; moving to the version already pinned changes nothing and logs nothing,
-        so a PATCH sent again (its answer lost) leaves the log as the first one did."""
+        so a PATCH sent again (its answer lost) leaves the log as the first one did.
+        ``lora_scale_to_default`` (``{"lora_scale": null}``) gives the model back the default
+        scale, no longer custom (``lora_scale_reset``); on a model not custom it changes and
+        logs nothing."""
+        if lora_scale is not None and lora_scale_to_default:
+            raise InvalidInputError("send a lora_scale or go back to the default, not both",
+                                    code=ErrorCode.INVALID_LORA_SCALE)
         scale = validate_lora_scale(lora_scale) if lora_scale is not None else None
         if trainer_version is not None and not reason.strip():
             raise InvalidInputError("say why the trainer version changes (reason)",
@@ -197,6 +205,12 @@ class ModelService:
                 tx.set_model_lora_scale(model.id, scale, is_custom=True)
                 tx.add_event(model_id=model.id, kind="lora_scale_set",
                              data={"from": model.lora_scale, "to": scale})
+            if lora_scale_to_default and model.lora_scale_is_custom:
+                # Not custom: a later change of the default reaches this model (contract
+                # invariant 4: the default applies while no scale is set).
+                tx.set_model_lora_scale(model.id, DEFAULT_LORA_SCALE, is_custom=False)
+                tx.add_event(model_id=model.id, kind="lora_scale_reset",
+                             data={"from": model.lora_scale, "to": DEFAULT_LORA_SCALE})
         if repinned is not None:
             logger.warning("model %s re-pinned from %s to %s (%s)", model.id, *repinned, reason)
         return self.get(user=user)
