@@ -32,6 +32,15 @@ TW = "zkr47v"
         # Inside a longer word it is not the trigger word.
         ("xzkr47v on a beach", "a photo of zkr47v, xzkr47v on a beach"),
         ("zkr47v9 on a beach", "a photo of zkr47v, zkr47v9 on a beach"),
+        # In any alphabet: a letter beside it made it count (the boundary was ASCII's).
+        ("\u00e9zkr47v at the beach", "a photo of zkr47v, \u00e9zkr47v at the beach"),
+        ("zkr47v\u00e9 at the beach", "a photo of zkr47v, zkr47v\u00e9 at the beach"),
+        ("zkr47v\u0301 at the beach", "a photo of zkr47v, zkr47v\u0301 at the beach"),
+        ("\u0436zkr47v", "a photo of zkr47v, \u0436zkr47v"),
+        ("zkr47v\u0663", "a photo of zkr47v, zkr47v\u0663"),
+        # Punctuation of any kind still ends the word.
+        ("zkr47v_style, zkr47v\u00bb", "zkr47v_style, zkr47v\u00bb"),
+        ("\u00abZKR47V\u00bb", "\u00abzkr47v\u00bb"),
     ],
 )
 def test_the_trigger_word_is_in_every_prompt_once_as_trained(prompt: str, expected: str) -> None:

@@ -262,12 +262,20 @@ def with_active_version(model: Model, version_id: str | None) -> Model:
     return dataclasses.replace(model, active_version_id=version_id)
 
 
+# "Inside a longer word" in any script: a letter or digit of any alphabet ("élkk88w",
+# "lkk88wé" are other words, not the trigger word), or a combining accent written after the
+# letter it sits on ("lkk88w\u0301"). An underscore, like any punctuation, is no letter.
+_NOT_AFTER_A_LETTER = r"(?<![^\W_])(?<![\u0300-\u036f])"
+_NOT_BEFORE_A_LETTER = r"(?![^\W_])(?![\u0300-\u036f])"
+
+
 def ensure_trigger_word(prompt: str, trigger_word: str) -> str:
     """The prompt with the trigger word as it was trained: wherever it stands in any case, not
     inside a longer word ("zkr47v's", "(zkr47v:1.2)", "zkr47v-style" all have it), it is written
     back exactly (T5 keeps case: a phone's "Zkr47v" is another token); a prompt without it gets
     "a photo of <trigger word>, " in front."""
-    pattern = re.compile(rf"(?<![a-z0-9]){re.escape(trigger_word)}(?![a-z0-9])", re.IGNORECASE)
+    pattern = re.compile(rf"{_NOT_AFTER_A_LETTER}{re.escape(trigger_word)}{_NOT_BEFORE_A_LETTER}",
+                         re.IGNORECASE)
     exact, found = pattern.subn(trigger_word, prompt)
     if found:
         return exact
