@@ -420,6 +420,34 @@ def test_a_patch_of_the_trainer_version_and_the_scale_is_applied_whole_or_not_at
                   ("lora_scale_set", 1.0, 0.6), ("lora_scale_set", 0.6, 0.6)]
 
 
+def test_a_weights_download_resumes_with_a_range_and_answers_head(
+        client: TestClient, services: Services) -> None:
+    """curl -C - failed ('HTTP server doesn't seem to support byte ranges'): a Range got 200
+    and the whole file, and HEAD got 405. One byte range is now a 206 of those bytes, HEAD the
+    headers alone, and the ETag the file's SHA-256 (If-Range of another file: the whole one)."""
+    h = auth(services, "ann")
+    done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+    url = done["model"]["active_version"]["weights_url"]
+    whole = client.get(url, headers=h)
+    size, sha = len(whole.content), whole.headers["X-Weights-SHA256"]
+    assert (whole.headers["Accept-Ranges"], whole.headers["ETag"]) == ("bytes", f'"{sha}"')
+    for asked, first, last in (("bytes=100-", 100, size - 1), ("bytes=5-9", 5, 9),
+                               ("bytes=-7", size - 7, size - 1), ("bytes=0-99999999", 0, size - 1)):
+        part = client.get(url, headers={**h, "Range": asked})
+        assert part.status_code == 206, (asked, part.text)
+        assert part.content == whole.content[first:last + 1]
+        assert part.headers["Content-Range"] == f"bytes {first}-{last}/{size}"
+        assert part.headers["Content-Length"] == str(last - first + 1)
+    beyond = client.get(url, headers={**h, "Range": f"bytes={size}-"})
+    assert (beyond.status_code, beyond.headers["Content-Range"]) == (416, f"bytes */{size}")
+    other = client.get(url, headers={**h, "Range": "bytes=100-", "If-Range": '"other"'})
+    assert (other.status_code, other.content) == (200, whole.content)
+    head = client.head(url, headers=h)
+    assert head.status_code == 200, head.text
+    assert head.content == b""
+    assert (head.headers["Content-Length"], head.headers["ETag"]) == (str(size), f'"{sha}"')
+
+
 def test_a_generation_picture_whose_file_is_gone_is_a_404_not_a_500(
         client: TestClient, services: Services) -> None:
     """The picture's file is gone from the storage (a restore without the blobs): its URL

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
 from selfie_lora.services.models import WeightsDownload
+from selfie_lora.services.ports import BlobStream
+
+# One byte range (``bytes=0-99``, ``bytes=100-``, ``bytes=-500``): what a resuming download
+# (curl -C -, a browser, wget -c) sends. Several ranges at once are answered with the whole file,
+# as HTTP allows.
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-def weights_response(download: WeightsDownload) -> Response:
-    """A version's LoRA file (the API and the web app answer the same way)."""
+def weights_response(download: WeightsDownload, *, range_header: str | None = None,
+                     if_range: str | None = None, head: bool = False) -> Response:
+    """A version's LoRA file (the API and the web app answer the same way). A streamed file
+    answers one byte range with 206 (a download cut off is resumed, not started again), and
+    ``head`` the headers alone; its ETag is the file's SHA-256, so a range is never taken from
+    another version's file (``If-Range``)."""
     headers = {
         "Content-Disposition": f'attachment; filename="{download.filename}"',
         "X-Weights-SHA256": download.sha256,
@@ -17,7 +30,63 @@ def weights_response(download: WeightsDownload) -> Response:
     if download.url is not None:
         # The object storage serves the bytes; the client checks them against the header.
         return RedirectResponse(download.url, status_code=307, headers=headers)
-    assert download.stream is not None
-    headers["Content-Length"] = str(download.stream.size)
-    return StreamingResponse(download.stream.chunks, media_type="application/octet-stream",
+    stream = download.stream
+    assert stream is not None
+    etag = f'"{download.sha256}"'
+    headers |= {"Accept-Ranges": "bytes", "ETag": etag}
+    wanted = (_byte_range(range_header, stream.size)
+              if range_header is not None and (if_range is None or if_range == etag) else None)
+    if wanted == "unsatisfiable":
+        stream.close()
+        return Response(status_code=416, headers={**headers,
+                                                  "Content-Range": f"bytes */{stream.size}"})
+    status, start, end = 200, 0, stream.size
+    if isinstance(wanted, tuple):
+        status, (start, end) = 206, wanted
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{stream.size}"
+    headers["Content-Length"] = str(end - start)
+    if head:
+        stream.close()
+        return Response(status_code=status, headers=headers,
+                        media_type="application/octet-stream")
+    chunks = stream.chunks if status == 200 else _between(stream, start, end)
+    return StreamingResponse(chunks, status_code=status, media_type="application/octet-stream",
                              headers=headers)
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | str | None:
+    """[start, end) of the one range ``header`` asks of ``size`` bytes; "unsatisfiable" when
+    it starts past the end; None when it is no single byte range (the whole file is sent)."""
+    match = _RANGE.fullmatch(header.strip())
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":  # the last N bytes
+        length = int(last)
+        if length == 0:
+            return "unsatisfiable"
+        return max(0, size - length), size
+    start = int(first)
+    end = size if last == "" else min(size, int(last) + 1)
+    if start >= size:
+        return "unsatisfiable"
+    if end <= start:
+        return None  # bytes=9-3: not a valid range, ignored
+    return start, end
+
+
+def _between(stream: BlobStream, start: int, end: int) -> Iterator[bytes]:
+    """The stream's bytes [start, end). The stores stream from the beginning, so the bytes
+    before ``start`` are read and dropped: a resumed download costs a read of the file, never
+    a second transfer of it."""
+    position = 0
+    try:
+        for chunk in stream.chunks:
+            chunk_end = position + len(chunk)
+            if chunk_end > start:
+                yield chunk[max(0, start - position):min(len(chunk), end - position)]
+            position = chunk_end
+            if position >= end:
+                break
+    finally:
+        stream.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
@@ -68,14 +68,19 @@ def activate(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]
 
 @router.get("/versions/{version_id}/weights", responses=errors(404, 409, 422),
             response_class=Response)
-def weights(user: UserDep, svc: ServicesDep, version_id: str,
+@router.head("/versions/{version_id}/weights", responses=errors(404, 409, 422),
+             response_class=Response)
+def weights(user: UserDep, svc: ServicesDep, version_id: str, http: Request,
             format: WeightsFormat = WeightsFormat.DIFFUSERS) -> Response:
     """The LoRA file, streamed; or a 307 to a short-lived presigned URL of the object storage
     when the server is set up for it (``SELFIE_LORA_DOWNLOAD_URLS``). ``format=kohya``: the
     file in kohya sd-scripts' FLUX layout, converted on request (422 for weights it cannot
-    convert)."""
-    return weights_response(svc.models.download_weights(
-        user=user, version_id=version_id, weights_format=format))
+    convert). A streamed file answers one ``Range`` with 206 (ETag: its SHA-256, honoured in
+    ``If-Range``) and HEAD with the headers GET would send."""
+    return weights_response(
+        svc.models.download_weights(user=user, version_id=version_id, weights_format=format),
+        range_header=http.headers.get("range"), if_range=http.headers.get("if-range"),
+        head=http.method == "HEAD")
 
 
 @router.get("/log", responses=errors(404))

@@ -42,13 +42,33 @@ def _read_error(key: str, exc: OSError) -> StorageError:
     return StorageError(f"blob {key!r} cannot be read: {exc.strerror or exc}")
 
 
-def _chunks(key: str, fh: BinaryIO) -> Iterator[bytes]:
-    with fh:
+class _Chunks:
+    """A file's bytes in chunks; closed at the end, on an error, or by ``close`` (also before
+    the first chunk: a generator closed unstarted would leave the file open, as a HEAD or a
+    416 answer of a download does)."""
+
+    def __init__(self, key: str, fh: BinaryIO) -> None:
+        self._key = key
+        self._fh = fh
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
         try:
-            while chunk := fh.read(CHUNK):
-                yield chunk
+            chunk = self._fh.read(CHUNK)
         except OSError as exc:  # a disk error midway: the answer is cut, as on object storage
-            raise _read_error(key, exc) from exc
+            self.close()
+            raise _read_error(self._key, exc) from exc
+        except ValueError:  # read after close
+            raise StopIteration from None
+        if not chunk:
+            self.close()
+            raise StopIteration
+        return chunk
+
+    def close(self) -> None:
+        self._fh.close()
 
 
 def _refresh(path: Path) -> bool:
@@ -148,7 +168,7 @@ class FileSystemBlobStore:
             raise BlobMissingError(f"blob {key!r} is missing") from None
         except OSError as exc:
             raise _read_error(key, exc) from exc
-        return BlobStream(size=os.fstat(fh.fileno()).st_size, chunks=_chunks(key, fh))
+        return BlobStream(size=os.fstat(fh.fileno()).st_size, chunks=_Chunks(key, fh))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
