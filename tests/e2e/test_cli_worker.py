@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from selfie_lora.domain.entities import TrainingStatus
-from selfie_lora.wiring import build_services
+from selfie_lora.domain.entities import Training, TrainingStatus, User
+from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.photos import copy_person_photos, synthetic_photo
 
@@ -65,6 +65,16 @@ def test_train_then_retrain_then_generate_from_the_command_line(tmp_path: Path) 
     assert "no user named 'nobody'" in unknown.stderr
 
 
+def _queued_training(services: Services) -> tuple[User, Training]:
+    """Ann's first training, queued for a worker."""
+    from selfie_lora.dataset.limits import UploadedFile
+
+    user, _ = services.users.create(name="ann")
+    dataset = services.intake.ingest_files(user=user, files=[
+        UploadedFile(name=f"p{i}.jpg", data=synthetic_photo(i)) for i in range(3)])
+    return user, services.training.start(user=user, dataset_id=dataset.id).training
+
+
 def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
     home = tmp_path / "home"
     settings = make_settings(tmp_path)
@@ -72,12 +82,7 @@ def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
     services = build_services(settings, trainers={}, generators={},
                               face_analyzer=one_person_analyzer())
     try:
-        user, _ = services.users.create(name="ann")
-        from selfie_lora.dataset.limits import UploadedFile
-
-        dataset = services.intake.ingest_files(user=user, files=[
-            UploadedFile(name=f"p{i}.jpg", data=synthetic_photo(i)) for i in range(3)])
-        training = services.training.start(user=user, dataset_id=dataset.id).training
+        user, training = _queued_training(services)
         assert services.queue.pending() == 1
         log = (tmp_path / "worker.log").open("w")
         worker = subprocess.Popen([CLI, "worker"], env=env_for(home), stdout=log,
@@ -151,5 +156,86 @@ def test_users_keys_from_the_command_line(tmp_path: Path) -> None:
         assert [(k.name, k.works_at(now), k.replaced_by) for k in
                 services.users.keys(user=ann)] == [
             ("default", True, None), ("laptop", True, new["id"]), ("laptop", False, None)]
+    finally:
+        services.close()
+
+
+def _loads_torch(pid: int) -> bool:
+    """Whether process ``pid`` has torch loaded: the training child runs its own code (its
+    signal settings are made), and has yet to load the model."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """Running or stopped, neither gone nor a zombie."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("State:"):
+                return line.split()[1] != "Z"
+    except FileNotFoundError:
+        return False
+    return False
+
+
+def test_a_worker_stopped_as_systemd_stops_it_hands_its_training_back(tmp_path: Path) -> None:
+    """systemd's stop (KillMode control-group) sends SIGTERM to every process of the unit: the
+    worker and its training child. The child ignores it, and the worker hands the training
+    back at its next step; the child once died of it and the training failed for good ("it may
+    have run out of memory")."""
+    home = tmp_path / "home"
+    services = build_services(make_settings(tmp_path), trainers={}, generators={},
+                              face_analyzer=one_person_analyzer())
+    try:
+        _user, training = _queued_training(services)
+        log_path = tmp_path / "worker.log"
+        log = log_path.open("w")
+        env = {**env_for(home), "SELFIE_LORA_LOCAL_ISOLATION": "process"}
+        # Its own session: a process group to signal as a whole, as systemd signals the unit.
+        worker = subprocess.Popen([CLI, "worker"], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        child = 0
+
+        def logged() -> str:
+            return log_path.read_text()
+
+        try:
+            deadline = time.monotonic() + 180
+            # The child, once it runs its own code (torch is imported after its signals are
+            # set), is frozen before its first step: the tiny training is over in a second.
+            while not child or not _loads_torch(child):
+                assert time.monotonic() < deadline, logged()[-3000:]
+                assert worker.poll() is None, logged()[-3000:]
+                found = re.search(r"runs in child process (\d+)", logged())
+                child = int(found[1]) if found else 0
+                time.sleep(0.005)
+            os.kill(child, signal.SIGSTOP)
+            # The SIGTERM reaches the child first (a stopped process dies of it all the same),
+            # then the worker: the order in which the old child died before its worker stopped.
+            os.kill(child, signal.SIGTERM)
+            time.sleep(1.0)
+            assert _alive(child), logged()[-3000:]
+            os.killpg(worker.pid, signal.SIGTERM)
+            while "handed back: stopping child" not in logged():
+                assert time.monotonic() < deadline, logged()[-3000:]
+                assert worker.poll() is None, logged()[-3000:]
+                time.sleep(0.05)
+            os.kill(child, signal.SIGCONT)  # it finds the stop at its next step
+            worker.wait(timeout=120)
+        finally:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(timeout=60)
+            log.close()
+        assert worker.returncode == 0, logged()[-3000:]
+        t = services.repo.get_training(training.id)
+        assert t is not None
+        assert t.status in (TrainingStatus.STARTING, TrainingStatus.PROCESSING), t.error
+        assert t.error is None
+        assert t.lease_owner is None
+        assert services.queue.pending() == 1  # any worker continues it
+        assert not _alive(child)
     finally:
         services.close()

@@ -214,3 +214,74 @@ def test_the_stall_timeout_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("SELFIE_LORA_LOCAL_STALL_SECONDS", "0")
     with pytest.raises(ValueError, match="local_stall_seconds"):
         Settings()
+
+
+# --------------------------------------------------------------------------- a stopping worker
+
+
+class _StoppingSink(Sink):
+    """The worker's stop: ``interrupted`` once ``stopping`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = threading.Event()
+
+    def interrupted(self) -> bool:
+        return self.stopping.is_set()
+
+
+class _ChildKilledByTheStop(LocalTrainer):
+    """A child that ends without a word (as one killed by the SIGTERM systemd sends the whole
+    unit does), having written a checkpoint or not, while the worker stops (at once, or a
+    moment later: the worker's own SIGTERM lands after the child's)."""
+
+    def __init__(self, sink: _StoppingSink, *, checkpoint: bool, exitcode: int,
+                 stop_after_s: float | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sink, self.checkpoint, self.exitcode = sink, checkpoint, exitcode
+        self.stop_after_s = stop_after_s
+        self.children = 0
+
+    def _train_in_child(self, request: Any, reporter: Any, keep: Any, *,
+                        job_id: str) -> dict[str, Any]:
+        from selfie_lora.adapters.flux.checkpoints import checkpoint_name
+        from selfie_lora.adapters.flux.trainer import _ChildDiedError
+
+        self.children += 1
+        if self.children > 1:
+            raise AssertionError("a new training child was started while the worker stops")
+        if self.checkpoint:
+            assert request.checkpoint_dir is not None
+            request.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            (request.checkpoint_dir / checkpoint_name(10)).write_bytes(b"checkpoint")
+        if self.stop_after_s is not None:
+            threading.Timer(self.stop_after_s, self.sink.stopping.set).start()
+        raise _ChildDiedError(self.exitcode)
+
+
+@pytest.mark.parametrize(("checkpoint", "exitcode", "stop_after_s"), [
+    (False, -15, 0.0), (True, -15, 0.0), (False, -15, 0.3), (True, -9, 0.0)])
+def test_a_child_that_dies_while_the_worker_stops_hands_the_training_back(
+        tmp_path: Path, checkpoint: bool, exitcode: int, stop_after_s: float) -> None:
+    from selfie_lora.errors import TrainingInterruptedError
+
+    sink = _StoppingSink()
+    if stop_after_s == 0.0:
+        sink.stopping.set()
+    trainer = _ChildKilledByTheStop(sink, checkpoint=checkpoint, exitcode=exitcode,
+                                    stop_after_s=stop_after_s or None, base_model="tiny",
+                                    cache_dir=tmp_path / "cache", device="cpu")
+    # Never failed ("it may have run out of memory"), never a new child during the stop.
+    with pytest.raises(TrainingInterruptedError):
+        trainer.train(_job(tmp_path / "work"), sink=sink)
+    assert trainer.children == 1
+
+
+def test_a_child_that_dies_of_a_signal_while_nothing_stops_still_fails(tmp_path: Path) -> None:
+    sink = _StoppingSink()
+    trainer = _ChildKilledByTheStop(sink, checkpoint=False, exitcode=-15, stop_after_s=None,
+                                    base_model="tiny", cache_dir=tmp_path / "cache",
+                                    device="cpu")
+    error = _train_error(trainer, _job(tmp_path / "work"))
+    assert isinstance(error, TrainingFailedError)
+    assert "exited with code -15" in str(error)

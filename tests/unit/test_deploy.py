@@ -142,6 +142,16 @@ def test_systemd_units_run_real_commands_with_homes_of_their_own() -> None:
     assert len(homes) == 2
 
 
+def test_systemd_stops_signal_only_the_main_process() -> None:
+    # systemd's default KillMode (control-group) sent the SIGTERM to the worker's training child
+    # too, which died of it and failed the training the worker meant to hand back; the main
+    # process stops its own children (Docker's stop signals PID 1 alone, as this does).
+    for path in sorted((DEPLOY / "systemd").glob("*.service")):
+        keys = unit(path)
+        assert keys["KillSignal"] == ["SIGTERM"], path.name
+        assert keys["KillMode"] == ["mixed"], path.name
+
+
 # `pip install selfie-lora` (by name, with or without extras or options): the package is not
 # published on PyPI, so that finds nothing, or a stranger's package should the name be taken.
 _INSTALL_BY_NAME = re.compile(r"\binstall\s+(?:-\S+\s+)*[\"']?selfie-lora(?![\w./-])")

@@ -61,6 +61,11 @@ _CANCELED_MESSAGE = "The training was canceled."
 _BROKEN_PIPE_ERRORS = (EOFError, OSError, pickle.UnpicklingError)
 
 
+# How long a child killed by SIGTERM/SIGINT waits for its worker's own stop to be seen: both are
+# signalled at once by systemd's stop or a terminal's Ctrl-C, in no set order.
+_STOP_SIGNAL_GRACE_S = 1.0
+
+
 class _ChildDiedError(Exception):
     """The training child exited without sending a result (killed, or crashed in native code)."""
 
@@ -155,6 +160,10 @@ def _child_main(request: _TrainRequest, events: Any, stop: Any, parent_pid: int)
     # decides (a worker's stop sets ``stop``, and the steps so far are checkpointed), where a
     # KeyboardInterrupt here would fail the training and lose its checkpoints.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Likewise SIGTERM: systemd's stop (and ``kill`` of a process group) signals every process
+    # of the worker, this child too, and a child that died of it failed the training for good
+    # where the worker meant to hand it back; the worker's unit sets KillMode=mixed as well.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # A worker killed with -9 cannot stop its child: the child stops itself.
     exit_with(parent_pid)
     # The worker's log format, and the training's id on every line (as in the worker itself).
@@ -417,6 +426,12 @@ class LocalTrainer:
             try:
                 return self._train_in_child(request, reporter, keep, job_id=job_id)
             except _ChildDiedError as died:
+                if self._stopping(reporter, died):
+                    # Never failed, nor started again, while the worker stops: handed back,
+                    # the next attempt resumes from the newest checkpoint kept.
+                    raise TrainingInterruptedError(
+                        f"training {job_id}: its process ended (exit code {died.exitcode}) "
+                        "while the worker stops") from None
                 newest = (latest_checkpoint(request.checkpoint_dir)
                           if request.checkpoint_dir is not None else None)
                 if (restarts >= self.max_restarts or newest is None
@@ -432,6 +447,22 @@ class LocalTrainer:
                                "from %s (restart %d of %d)", job_id, died.exitcode, newest.name,
                                restarts, self.max_restarts)
                 request = dataclasses.replace(request, resume_from=newest)
+
+    @staticmethod
+    def _stopping(reporter: _Reporter, died: _ChildDiedError) -> bool:
+        """Whether the worker stops, the child's death being part of that stop. A child killed
+        by SIGTERM or SIGINT (before it could ignore them, or sent by hand) while the worker's
+        own signal is still on its way: that signal is given a moment to land."""
+        if reporter.interrupted():
+            return True
+        if died.exitcode not in (-signal.SIGTERM, -signal.SIGINT):
+            return False
+        deadline = time.monotonic() + _STOP_SIGNAL_GRACE_S
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            if reporter.interrupted():
+                return True
+        return False
 
     def _train_in_child(
         self, request: _TrainRequest, reporter: _Reporter, keep: _Keepers, *, job_id: str
