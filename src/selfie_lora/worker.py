@@ -206,8 +206,9 @@ class Worker:
             try:
                 self._training.run(training_id, owner=self.identity.name, stopping=self._stop)
             except Exception:
-                # ``run`` ends trainings itself; this is a bug or the database going away. The
-                # lease expires and the reconciler retries.
+                # ``run`` ends trainings itself, and steps away from one on any error of ours
+                # (the database going away): this is a bug. The lease expires and the
+                # reconciler retries.
                 with training_context(training_id):
                     logger.exception("training %s: the worker failed to run it", training_id)
             finally:

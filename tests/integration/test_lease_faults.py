@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -381,3 +382,59 @@ def test_a_database_failing_the_read_of_the_photos_list_is_said_as_the_databases
     final = svc.repo.get_training(started.training.id)
     assert final is not None
     assert final.status is TrainingStatus.SUCCEEDED
+
+
+class FailsOnceTheVersionIsStored(SqlRepository):
+    """The database, but the first call after ``training_id``'s version is stored (a read or a
+    transaction: the first the scoring makes) fails as a terminated connection does."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.training_id: str | None = None
+        self.failed = False
+
+    def _fail_now(self) -> None:
+        if self.failed or self.training_id is None:
+            return
+        current = super().get_training(self.training_id)
+        if current is not None and current.version_id is not None:
+            self.failed = True
+            raise StorageError("database error: terminating connection due to administrator "
+                               "command")
+
+    def get_training(self, training_id: str, **kwargs: Any) -> Training | None:
+        self._fail_now()
+        return super().get_training(training_id, **kwargs)
+
+    @contextmanager
+    def atomic(self) -> Iterator[SqlRepository]:
+        self._fail_now()
+        with super().atomic() as tx:
+            yield tx
+
+
+def test_a_database_failing_the_first_read_of_the_scoring_steps_away_at_once(
+        machine: Machine) -> None:
+    """The scoring's first read of the training and its version was made outside the fence: a
+    database error there escaped ``run`` (the worker logged "failed to run it"), the lease left
+    live with no heartbeat and no message queued, so the training sat until the lease ran out
+    and the take-over was counted as a dead worker's."""
+    svc = machine.worker(FakeTrainer(steps=1))
+    repo = FailsOnceTheVersionIsStored(svc.engine)
+    worker = machine.training_service(svc, repo)
+    training_id = queued_for_ann(svc)
+    svc.queue.flush()
+    repo.training_id = training_id
+
+    worker.run(training_id, owner="A")  # raised StorageError on the old code
+    assert repo.failed
+    waiting = row(svc, training_id)
+    assert waiting.version_id is not None
+    assert (waiting.status, waiting.error) == (TrainingStatus.PROCESSING, DATABASE_UNREACHABLE)
+    assert waiting.lease_expires_at is not None
+    assert waiting.lease_expires_at <= datetime.now(UTC)  # free to claim now
+    assert training_id in svc.queue.queued_training_ids()  # rung again at once
+
+    worker.run(training_id, owner="B")
+    final = row(svc, training_id)
+    assert (final.status, final.attempt, final.error) == (TrainingStatus.SUCCEEDED, 2, None)

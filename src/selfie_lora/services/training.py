@@ -141,6 +141,8 @@ INTERNAL_ERROR_MESSAGE = ("The training stopped because of an internal error. Yo
                           "happens again.")
 # Why a training whose worker's database failed it waits on its row: the next attempt runs it.
 DATABASE_UNREACHABLE = "the database could not be reached"
+# ... and one whose worker met an error it did not expect while it held the training.
+INTERRUPTED_BY_ERROR = "the worker running it met an error"
 # ... and one whose worker could not fetch its photos or checkpoint (the blob store away, or
 # this machine's disk full).
 STORAGE_UNREACHABLE = "the stored photos or checkpoint could not be fetched"
@@ -653,6 +655,16 @@ class TrainingService:
                 self._step_away(held, exc)
             except TrainingInterruptedError:
                 self._hand_back(held)
+            except SelfieLoraError as exc:
+                # What escaped the work after the claim (a read outside the fence, a bug): the
+                # worker steps away now, lease ended and message queued, where the lease was left
+                # to run out with no heartbeat and no message, for the reconciler to find.
+                logger.exception("training %s: the worker could not go on with it (%s); "
+                                 "stepping away", training_id, type(exc).__name__)
+                reason = (DATABASE_UNREACHABLE if isinstance(exc, StorageError)
+                          else INTERRUPTED_BY_ERROR)
+                self._step_away(held, _UnreachableError(exc.message, remote_id=held.remote_id,
+                                                        reason=reason))
 
     def reconcile(self, *, dead_owners: Sequence[str] = ()) -> ReconcileReport:
         """Queue again every unfinished training that nobody holds and no queued message will
@@ -1071,10 +1083,12 @@ class TrainingService:
     def _judge(self, held: _Held) -> None:
         """Score the stored version, then in one transaction: the gate's decision, the
         version's activation when it passed, and the training's end."""
-        training = self._repo.get_training(held.training_id)
-        assert training is not None
-        assert training.version_id is not None
-        version = self._repo.get_version(training.version_id)
+        # Read behind the fence, as every write: a database that fails the read makes the worker
+        # step away at once (it escaped ``run`` and left the lease to run out, later counted as
+        # a dead worker's).
+        with self._holding(held) as (tx, training):
+            assert training.version_id is not None
+            version = tx.get_version(training.version_id)
         assert version is not None
         # A version stored before this count was kept has none: all its training's take-overs
         # count then, as they used to (it ends sooner, never later).
