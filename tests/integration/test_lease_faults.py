@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,23 @@ from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.errors import StorageError
 from selfie_lora.services.layout import photo_key
-from selfie_lora.services.ports import GenerationJob, TrainingJob
+from selfie_lora.services.ports import (
+    GenerationJob,
+    ProgressSink,
+    TrainingJob,
+    TrainingResult,
+)
 from selfie_lora.services.training import (
     DATABASE_UNREACHABLE,
     STORAGE_UNREACHABLE,
     TrainingService,
 )
-from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingTelemetry
+from selfie_lora.testing.fakes import (
+    FakeGenerator,
+    FakeTrainer,
+    RecordingTelemetry,
+    SimulatedCrash,
+)
 from selfie_lora.wiring import Services, build_services, training_defaults
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.photos import photo_zip
@@ -438,3 +449,61 @@ def test_a_database_failing_the_first_read_of_the_scoring_steps_away_at_once(
     worker.run(training_id, owner="B")
     final = row(svc, training_id)
     assert (final.status, final.attempt, final.error) == (TrainingStatus.SUCCEEDED, 2, None)
+
+
+@dataclass
+class DiesWhere(FakeTrainer):
+    """Each attempt, in turn, dies (the worker killed with -9) after storing a checkpoint past the
+    one it resumed from ("progress"), or before storing one ("nothing"); then trainings run."""
+
+    kills: list[str] = field(default_factory=list)
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        if not self.kills:
+            return super().train(job, sink=sink)
+        where = self.kills.pop(0)
+        self.jobs.append(job)
+        sink.started(remote_id=None)
+        if where == "progress":
+            assert job.checkpoints is not None
+            checkpoint = job.work_dir / "checkpoint"
+            checkpoint.write_bytes(b"state")
+            job.checkpoints.save(checkpoint, step=10 * len(self.jobs))
+        raise SimulatedCrash(f"killed after {where}")
+
+
+def _killed(svc: Services, training_id: str) -> None:
+    with pytest.raises(SimulatedCrash):
+        svc.training.run(training_id, owner="A")
+    svc.training.reconcile(dead_owners=("A",))  # restarted at once: its old lease is dead
+
+
+def test_interruptions_that_each_made_progress_never_add_up_to_a_failure(
+        machine: Machine) -> None:
+    """Killed four times, each attempt past its resume checkpoint (the review killed a worker at
+    steps 3, 9 and 20, hours apart in a FLUX run): the third take-over failed the training "The
+    training was interrupted 3 times", though the README counts such attempts "in a row"."""
+    trainer = DiesWhere(kills=["progress"] * 4)
+    svc = machine.worker(trainer)
+    training_id = queued_for_ann(svc)
+    for _ in range(4):
+        _killed(svc, training_id)
+        assert not row(svc, training_id).status.is_terminal
+    svc.training.run(training_id, owner="A")
+    final = row(svc, training_id)
+    assert (final.status, final.attempt, final.recoveries) == (TrainingStatus.SUCCEEDED, 5, 1)
+
+
+def test_attempts_in_a_row_that_get_nowhere_still_fail_the_training(machine: Machine) -> None:
+    """The poison-training guard: after one attempt that made progress, three that died before
+    their first checkpoint fail it."""
+    trainer = DiesWhere(kills=["progress", "nothing", "nothing", "nothing"])
+    svc = machine.worker(trainer)
+    training_id = queued_for_ann(svc)
+    for _ in range(3):
+        _killed(svc, training_id)
+    svc.training.run(training_id, owner="A")  # no fourth attempt: its claim fails the training
+    failed = row(svc, training_id)
+    assert failed.status is TrainingStatus.FAILED
+    assert failed.recoveries == 3
+    assert len(trainer.jobs) == 3

@@ -364,6 +364,10 @@ class Training:
     # ``recoveries`` the times a worker took it over from one that had died holding it.
     attempt: int = 0
     recoveries: int = 0
+    # The current attempt got somewhere its successor keeps: stored a checkpoint past the one it
+    # resumed from, or (a remote run) polled its run. Its take-over then starts the count of
+    # ``recoveries`` again: only take-overs in a row that got nowhere fail a training.
+    progressed: bool = False
     lease_owner: str | None = None
     lease_expires_at: datetime | None = None
     heartbeat_at: datetime | None = None

@@ -6,7 +6,8 @@ row is the truth. A worker that runs a training holds a **lease** on its row: it
 writes) and an expiry that the worker's heartbeat keeps pushing forward. A lease that expired (or
 that ``expire_lease`` ended because its owner is known to be dead) is free to take:
 the new holder resumes the training from wherever its row says it is. After ``max_attempts``
-take-overs from dead holders the training is failed instead, with a sentence a user can act on.
+take-overs in a row from dead holders that made no progress the training is failed instead,
+with a sentence a user can act on.
 A worker that cannot reach what a remote run needs (the trainer's API, the storage the weights go
 to) steps away from it (``step_away``) rather than failing it: that counts as such a take-over, so
 an outage that never ends still fails the training after ``max_attempts``.
@@ -91,12 +92,17 @@ def claim(
     t: Training, *, owner: str, now: datetime, policy: LeasePolicy,
 ) -> tuple[ClaimOutcome, Training]:
     """Take ``t`` for ``owner``. A lease left behind (an owner set, no release) means its holder
-    died: the take-over counts as a recovery."""
+    died: the take-over counts as a recovery. Counted in a row: the take-overs before an attempt
+    that made progress its successor keeps (``t.progressed``) no longer count, so interruptions
+    hours apart never add up to a failed training, while attempts that keep dying where they
+    began (a poison training) still do. A training whose version is stored keeps its count: its
+    scoring's stops are counted from it (``scoring_stops``)."""
     if t.status.is_terminal:
         return ClaimOutcome.ENDED, t
     if lease_is_live(t, now):
         return ClaimOutcome.BUSY, t
-    recoveries = t.recoveries + (1 if t.lease_owner is not None else 0)
+    earlier = 0 if t.progressed and t.version_id is None else t.recoveries
+    recoveries = earlier + (1 if t.lease_owner is not None else 0)
     # A training whose version is stored is never failed: its version is judged without
     # another scoring attempt instead, once its scoring has had ``max_attempts`` of its own
     # (``scoring_exhausted``).
@@ -104,7 +110,7 @@ def claim(
         return ClaimOutcome.EXHAUSTED, dataclasses.replace(
             t, recoveries=recoveries, lease_owner=None, lease_expires_at=None)
     return ClaimOutcome.CLAIMED, dataclasses.replace(
-        t, attempt=t.attempt + 1, recoveries=recoveries, lease_owner=owner,
+        t, attempt=t.attempt + 1, recoveries=recoveries, progressed=False, lease_owner=owner,
         lease_expires_at=now + policy.ttl, heartbeat_at=now,
     )
 

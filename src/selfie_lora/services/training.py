@@ -864,37 +864,46 @@ class TrainingService:
                 tx.save_training(updated)
             return updated
 
-    def _hand_back(self, held: _Held) -> None:
-        def give_back(t: Training) -> Training:
-            return release(t)
-
+    def _try_update_held(self, held: _Held, fn: Callable[[Training], Training], *,
+                         doing: str) -> Training | None:
+        """``_update_held``, or None: the lease is lost, or the database is away (logged, as
+        could not ``doing``)."""
         try:
-            self._update_held(held, give_back)
+            return self._update_held(held, fn)
         except LeaseLostError:
-            return
+            return None
         except SelfieLoraError as exc:
-            # The database is away: the lease runs out on its own and the reconciler rings.
-            logger.warning("training %s: could not hand it back: %s", held.training_id,
+            logger.warning("training %s: could not %s: %s", held.training_id, doing,
                            exc.message)
+            return None
+
+    def _hand_back(self, held: _Held) -> None:
+        # The database away: the lease runs out on its own and the reconciler rings.
+        if self._try_update_held(held, release, doing="hand it back") is None:
             return
         # Ring again at once: a worker that is still up (or this one, restarted) resumes it.
         self._queue.enqueue_training(held.training_id)
         logger.info("training %s handed back (attempt %d): this worker is stopping",
                     held.training_id, held.attempt)
 
+    def _progressed(self, held: _Held) -> None:
+        """Record, once an attempt, that it made progress its successor keeps (a checkpoint
+        stored past the one it resumed from, a poll of its remote run): its take-over starts the
+        count of recoveries again (``claim``). A failed write only loses that."""
+        if held.progressed:
+            return
+        if self._try_update_held(held, lambda t: dataclasses.replace(t, progressed=True),
+                                 doing="record its progress") is not None:
+            held.progressed = True
+
     def _step_away(self, held: _Held, exc: _UnreachableError) -> None:
         """Leave a training while what it needs is unreachable (the database; for a remote run
         that goes on, the trainer's API or the storage of its weights): the next attempt
         continues it (``step_away`` counts it, so an endless outage ends)."""
-        try:
-            self._update_held(held, lambda t: step_away(t, self._clock(), reason=exc.reason))
-        except LeaseLostError:
-            return
-        except SelfieLoraError as db_exc:
-            # The database is away too: the lease runs out on its own and the reconciler rings
-            # again, which counts the attempt all the same.
-            logger.warning("training %s: could not step away: %s", held.training_id,
-                           db_exc.message)
+        # The database away too: the lease runs out on its own and the reconciler rings again,
+        # which counts the attempt all the same.
+        if self._try_update_held(held, lambda t: step_away(t, self._clock(), reason=exc.reason),
+                                 doing="step away") is None:
             return
         self._queue.enqueue_training(held.training_id)
         if exc.remote_id is None:
@@ -954,7 +963,8 @@ class TrainingService:
             job = dataclasses.replace(
                 job, resume_from=work_dir / "resume.ckpt" if stored is not None else None,
                 checkpoints=_HeldStore(self, held, keep=self._checkpoints.keep,
-                                       what="checkpoint"),
+                                       what="checkpoint",
+                                       resumed_at=stored.step if stored is not None else -1),
                 samples=_HeldStore(self, held, keep=self._samples.keep, what="sample"))
             sink = _Sink(self, held)
             try:
@@ -1354,6 +1364,8 @@ class _Held:
         self.attempt = training.attempt
         # The remote run of this training, once one is stored (``_Sink.started``).
         self.remote_id = training.remote_id
+        # This attempt's progress is on the row (``TrainingService._progressed``): written once.
+        self.progressed = False
         self.lost = threading.Event()
         self._done = threading.Event()
         self._cancel_read_at: float | None = None  # time.monotonic() of the last read
@@ -1463,9 +1475,12 @@ class _HeldStore:
     training. ``keep(training_id, path, step=)`` stores one file."""
 
     def __init__(self, service: TrainingService, held: _Held, *,
-                 keep: Callable[..., None], what: str) -> None:
+                 keep: Callable[..., None], what: str, resumed_at: int | None = None) -> None:
         self._service = service
         self._held = held
+        # The step of the checkpoint the attempt resumed from (-1: none); a checkpoint stored
+        # past it is progress the next attempt keeps. None: not checkpoints.
+        self._resumed_at = resumed_at
         self._keep = keep
         self._what = what
 
@@ -1482,6 +1497,10 @@ class _HeldStore:
             # sample only a picture.
             logger.warning("training %s: %s %d not stored: %s", self._held.training_id,
                            self._what, step, exc.message)
+        else:
+            # One at or before it (a run that started over) is no progress.
+            if self._resumed_at is not None and step > self._resumed_at:
+                self._service._progressed(self._held)
 
 
 def _refuse_if_busy(repo: Repository, model: Model | None) -> None:
@@ -1534,9 +1553,13 @@ class _Sink:
             return dataclasses.replace(
                 t, step=max(0, step), total_steps=total if total > 0 else t.total_steps,
                 loss=loss if loss is not None else t.loss, loss_curve=curve, error=None,
+                # A remote run that answered a poll goes on without us: the next attempt adopts
+                # it where it is. (A local step is kept only by the next checkpoint.)
+                progressed=t.progressed or t.remote_id is not None,
             )
 
-        self._service._update_held(self._held, apply)
+        stored = self._service._update_held(self._held, apply)
+        self._held.progressed = stored.progressed
         if moved:  # one line per change of state, not per step
             logger.info("training %s is %s (step %d/%d)", self._held.training_id, moved[0],
                         step, total)

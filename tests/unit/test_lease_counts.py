@@ -1,0 +1,76 @@
+"""The count of take-overs that fails a training (``domain.lease.claim``): attempts in a row that
+got nowhere, as the README says; an attempt that made progress its successor keeps (a checkpoint
+past its resume point, a poll of its remote run) starts the count again."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from selfie_lora.domain.entities import Training, TrainingStatus
+from selfie_lora.domain.lease import ClaimOutcome, LeasePolicy, claim, release, step_away
+from selfie_lora.domain.recipes import get_recipe
+
+POLICY = LeasePolicy(max_attempts=3)
+NOW = datetime(2026, 12, 5, tzinfo=UTC)
+
+# How an attempt ends: whether it made progress, and how it left (died holding the lease, stepped
+# away from an outage, or handed back by a stopping worker).
+ATTEMPTS = st.lists(st.tuples(st.booleans(), st.sampled_from(["died", "stepped_away",
+                                                               "handed_back"])), max_size=12)
+
+
+def _queued() -> Training:
+    return Training(id="t", model_id="m", dataset_id="d", backend="local",
+                    status=TrainingStatus.PROCESSING, is_retraining=False, trigger_word="tok",
+                    destination="local/tok", trainer_version="local-tiny-v1",
+                    recipe=get_recipe("local-tiny-v1"), preserved={}, created_at=NOW)
+
+
+@given(ATTEMPTS)
+def test_only_takeovers_in_a_row_without_progress_fail_a_training(
+        attempts: list[tuple[bool, str]]) -> None:
+    t, now, in_a_row = _queued(), NOW, 0
+    outcome, t = claim(t, owner="w", now=now, policy=POLICY)
+    for progressed, ended in attempts:
+        assert outcome is ClaimOutcome.CLAIMED
+        assert not t.progressed  # each attempt starts with none of its own
+        if progressed:
+            t = dataclasses.replace(t, progressed=True)
+            in_a_row = 0
+        now += timedelta(hours=1)
+        if ended == "died":
+            in_a_row += 1  # its lease runs out, its owner still on the row
+        elif ended == "stepped_away":
+            in_a_row += 1
+            t = step_away(t, now, reason="the database could not be reached")
+        else:
+            t = release(t)
+        outcome, t = claim(t, owner="w", now=now, policy=POLICY)
+        assert t.recoveries == in_a_row
+        if in_a_row >= POLICY.max_attempts:
+            assert outcome is ClaimOutcome.EXHAUSTED
+            return
+    assert outcome is ClaimOutcome.CLAIMED
+
+
+def test_three_interruptions_that_each_made_progress_do_not_fail_a_training() -> None:
+    """The review's repro: killed at steps 3, 9 and 20, each attempt past its checkpoint."""
+    t = claim(_queued(), owner="w", now=NOW, policy=POLICY)[1]
+    for hour in range(1, 4):
+        t = dataclasses.replace(t, progressed=True)
+        outcome, t = claim(t, owner="w", now=NOW + timedelta(hours=hour), policy=POLICY)
+        assert outcome is ClaimOutcome.CLAIMED
+        assert t.recoveries == 1
+
+
+def test_a_stored_version_keeps_its_count_for_its_scoring() -> None:
+    """Its scoring's stops are counted from the count when it was stored (``scoring_stops``):
+    progress made before the store does not start it again."""
+    t = claim(_queued(), owner="w", now=NOW, policy=POLICY)[1]
+    t = dataclasses.replace(t, recoveries=2, progressed=True, version_id="v")
+    outcome, t = claim(t, owner="w", now=NOW + timedelta(hours=1), policy=POLICY)
+    assert (outcome, t.recoveries) == (ClaimOutcome.CLAIMED, 3)
