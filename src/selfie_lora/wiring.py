@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
-from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter
+from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter, normalize_lora
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
@@ -227,6 +227,7 @@ def default_trainers(settings: Settings) -> dict[str, Trainer]:
             owner=settings.replicate_owner or settings.destination_owner,
             hardware=settings.replicate_hardware,
             poll_interval=settings.replicate_poll_interval,
+            normalize_weights=normalize_lora,
         )
     return trainers
 

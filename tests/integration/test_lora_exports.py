@@ -262,3 +262,45 @@ def test_an_old_fp32_file_with_alpha_in_metadata_exports_with_its_alpha(tmp_path
     original, _ = _tensors(tmp_path / "old.safetensors")
     assert torch.equal(tensors[f"{name}.lora_down.weight"],
                        original[f"{prefix}.lora_A.weight"].to(torch.bfloat16))
+
+
+def test_a_replicate_file_normalised_loads_with_its_effect_and_exports_to_kohya(
+    shared_model_cache: Path, tmp_path: Path
+) -> None:
+    """A Replicate trainer's file (the stand-in's shapes: fp32, no alphas) as it is stored:
+    bf16 with ``.alpha`` = rank loads in the generator's pipeline with the effect the original
+    had (diffusers takes alpha = rank for a file without alphas), and exports to kohya."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(7)
+    modules = ("single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+               "transformer_blocks.0.attn.to_v")  # the stand-in's
+    original = tmp_path / "replicate.safetensors"
+    save_file({f"transformer.{m}.lora_{ab}.weight": torch.randn(shape, generator=generator) * scale
+               for m in modules
+               for ab, shape, scale in (("A", (RANK, 32), 1.0), ("B", (32, RANK), 0.3))},
+              str(original), metadata={"format": "pt", "trigger_word": "TOK"})
+    stored = tmp_path / "stored.safetensors"
+    stored.write_bytes(lora_formats.normalize_lora(original.read_bytes()))
+    rounded = tmp_path / "rounded.safetensors"
+    tensors, _ = _tensors(original)
+    save_file({k: v.to(torch.bfloat16).float() for k, v in tensors.items()}, str(rounded))
+
+    outputs = {}
+    for name, path in (("base", None), ("stored", stored), ("rounded", rounded)):
+        pipe = flux_loader.load_pipeline("tiny", cache_dir=shared_model_cache, device="cpu")
+        if path is not None:
+            pipe.load_lora_weights(str(path), adapter_name=name)
+        outputs[name] = _output(pipe.transformer)
+    assert torch.allclose(outputs["stored"], outputs["rounded"], rtol=0, atol=1e-6)
+    assert (outputs["stored"] - outputs["base"]).abs().max() > 1e-3  # the adapter acts
+
+    kohya, _ = _tensors_of(lora_formats.convert_lora(stored.read_bytes(), to=WeightsFormat.KOHYA),
+                           tmp_path / "kohya.safetensors")
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3 * RANK
+    assert float(kohya["lora_unet_single_blocks_0_linear1.alpha"]) == 4 * RANK
+
+
+def _tensors_of(data: bytes, path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    path.write_bytes(data)
+    return _tensors(path)

@@ -876,3 +876,27 @@ def test_the_readme_says_what_the_replicate_recipe_sends(
     readme = re.sub(r"\s*\n\s*", " ", README.read_text())
     assert f"`replicate-person-v1`**, the Replicate backend's recipe, sends the trainer `{said}`" in (
         readme), said
+
+
+def test_the_weights_are_stored_normalised_or_as_written_when_unreadable(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer_factory: TrainerFactory,
+    replicate_job_factory: JobFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def normalise(data: bytes) -> bytes:
+        return b"normalised:" + data[:8]
+
+    def refuse(data: bytes) -> bytes:
+        raise InvalidInputError("not a FLUX LoRA in diffusers' layout")
+
+    result = replicate_trainer_factory(normalize_weights=normalise).train(
+        replicate_job_factory(), sink=RecordingSink())
+    written = replicate_standin.weights_for(list(replicate_standin.trainings)[-1])
+    assert result.weights_path.read_bytes() == b"normalised:" + written[:8]
+
+    result = replicate_trainer_factory(normalize_weights=refuse).train(
+        replicate_job_factory(), sink=RecordingSink())
+    assert result.weights_path.read_bytes() == replicate_standin.weights_for(
+        list(replicate_standin.trainings)[-1])
+    assert "stored as the trainer wrote it: not a FLUX LoRA" in caplog.text

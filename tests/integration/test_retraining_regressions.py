@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from safetensors.torch import load as load_safetensors
 
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
@@ -245,7 +247,15 @@ def test_bug5_weights_found_in_every_output_shape_and_method_logged(
         assert b.standin is not None
         remote = b.standin.trainings[training["remote_id"]]
         served = b.client.get(version["weights_url"], headers=h).content
-        assert served == remote.weights  # our copy, byte for byte
+        # The trainer's LoRA in the stored layout: its tensors in bf16, an alpha per module
+        # (the rank: the trainer wrote none), its metadata kept; hashed as stored.
+        assert remote.weights is not None
+        theirs, stored = load_safetensors(remote.weights), load_safetensors(served)
+        modules = {k.removesuffix(".lora_A.weight") for k in theirs if k.endswith(".lora_A.weight")}
+        assert set(stored) == set(theirs) | {f"{m}.alpha" for m in modules}
+        assert all(stored[f"{m}.alpha"] == theirs[f"{m}.lora_A.weight"].shape[0] for m in modules)
+        assert all(torch.equal(stored[k], v.to(torch.bfloat16)) for k, v in theirs.items())
+        assert safetensors_metadata(served) == safetensors_metadata(remote.weights)
         assert hashlib.sha256(served).hexdigest() == version["weights_sha256"]
         assert training["weights_method"]
         assert version["weights_method"] == training["weights_method"]

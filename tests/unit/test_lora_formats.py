@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from selfie_lora.adapters.flux.lora_formats import (
     RawTensor,
     convert_lora,
+    normalize_lora,
     read_safetensors,
     write_safetensors,
 )
@@ -251,3 +252,55 @@ def test_a_damaged_file_is_refused_as_unsupported(data: bytes, says: str) -> Non
     with pytest.raises(InvalidInputError, match=says) as raised:
         convert_lora(data, to=WeightsFormat.KOHYA)
     assert raised.value.code == ErrorCode.UNSUPPORTED_WEIGHTS
+
+
+# --------------------------------------------------------------------------- normalising
+
+
+def _standin_lora(*, metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, Any]]:
+    """A file shaped as the Replicate stand-in's (and ai-toolkit's): fp32, no alphas."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(3)
+    tensors = {}
+    for module in ("single_transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_v"):
+        tensors[f"transformer.{module}.lora_A.weight"] = rng.standard_normal((RANK, 32), dtype=np.float32)
+        tensors[f"transformer.{module}.lora_B.weight"] = rng.standard_normal((32, RANK), dtype=np.float32)
+    data = save(tensors, metadata=metadata or {"format": "pt", "source": "replicate-standin",
+                                              "trigger_word": "TOK"})
+    return data, tensors
+
+
+def test_a_file_without_alphas_is_normalised_to_bf16_with_alpha_equal_to_rank() -> None:
+    data, original = _standin_lora()
+
+    tensors, metadata = read_safetensors(normalize_lora(data))
+
+    modules = {k.removesuffix(".lora_A.weight") for k in original if k.endswith(".lora_A.weight")}
+    assert set(tensors) == set(original) | {f"{m}.alpha" for m in modules}
+    assert {tensors[f"{m}.alpha"].dtype for m in modules} == {"F32"}
+    assert [tensors[f"{m}.alpha"].scalar() for m in modules] == [float(RANK)] * len(modules)
+    for key, values in original.items():
+        assert tensors[key].dtype == "BF16"
+        assert np.array_equal(tensors[key].bits, RawTensor.from_float32(values, "BF16").bits)
+    assert metadata == {"format": "pt", "source": "replicate-standin", "trigger_word": "TOK"}
+
+
+def test_normalising_keeps_an_alpha_the_adapter_metadata_gave_and_drops_that_metadata() -> None:
+    config = {"transformer.r": RANK, "transformer.lora_alpha": 8, "transformer.alpha_pattern": {}}
+    data, _ = _standin_lora(metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+
+    tensors, metadata = read_safetensors(normalize_lora(data))
+
+    assert {t.scalar() for k, t in tensors.items() if k.endswith(".alpha")} == {8.0}
+    assert metadata == {"format": "pt"}  # diffusers refuses its config next to alpha tensors
+
+
+def test_a_file_already_normalised_is_returned_as_it_is() -> None:
+    data, _ = _standin_lora()
+    normalised = normalize_lora(data)
+    assert normalize_lora(normalised) is normalised
+    # Our trainer's files (bf16, alphas) keep their bytes, and so their hash.
+    ours, _ = lora_file({"transformer_blocks.0.attn.to_q": (WIDTH, WIDTH, 2.0)})
+    ours = convert_lora(ours, to=WeightsFormat.DIFFUSERS)
+    assert normalize_lora(normalize_lora(ours)) == normalize_lora(ours)

@@ -388,6 +388,33 @@ def convert_lora(data: bytes, *, to: WeightsFormat, dtype: str = DEFAULT_EXPORT_
     return write_safetensors(tensors, kept)
 
 
+def normalize_lora(data: bytes, *, dtype: str = DEFAULT_EXPORT_DTYPE) -> bytes:
+    """A diffusers-layout FLUX LoRA file in the layout we store and document: ``lora_A``/``lora_B``
+    in ``dtype`` (bf16) and one fp32 ``.alpha`` tensor per module. ``data`` is returned as it is
+    when it already is so (our own trainer's files: their hash stays theirs).
+
+    Each alpha is the one the file applied (:func:`read_diffusers_lora`: its tensor, else diffusers'
+    adapter metadata, else the rank, which is what diffusers and peft take for a file without
+    alphas and what ai-toolkit means by one), so the LoRA acts as it did. Metadata travels along
+    but diffusers' adapter config, whose alphas are now the tensors (diffusers refuses a file
+    with both)."""
+    tensors, _ = read_safetensors(data)
+    modules, metadata = read_diffusers_lora(data)
+    if (all(f"{_PREFIX}{name}.alpha" in tensors for name in modules)
+            and all(t.dtype == dtype for k, t in tensors.items() if not k.endswith(".alpha"))):
+        return data
+    out: dict[str, RawTensor] = {}
+    for name, module in modules.items():
+        out[f"{_PREFIX}{name}.lora_A.weight"] = module.down.cast(dtype)
+        out[f"{_PREFIX}{name}.lora_B.weight"] = module.up.cast(dtype)
+        # fp32, as our trainer writes it (see ``_put``).
+        out[f"{_PREFIX}{name}.alpha"] = RawTensor.from_float32(
+            np.array(module.alpha, dtype=np.float32), "F32")
+    kept = {k: v for k, v in metadata.items() if k != "lora_adapter_metadata"}
+    logger.info("normalised a LoRA of %d modules to %s with .alpha tensors", len(modules), dtype)
+    return write_safetensors(out, kept)
+
+
 class FluxLoraConverter:
     """The ``WeightsConverter`` port: FLUX LoRA files from the diffusers layout to another."""
 

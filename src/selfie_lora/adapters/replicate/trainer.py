@@ -28,7 +28,7 @@ import logging
 import re
 import threading
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,7 @@ from selfie_lora.adapters.replicate.webhooks import parse_log_progress
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
+    InvalidInputError,
     TrainerError,
     TrainerUnavailableError,
     TrainingCanceledError,
@@ -124,6 +125,7 @@ class ReplicateTrainer:
         poll_interval: float = 5.0,
         max_weights_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
         webhook_events: tuple[str, ...] = ("start", "completed"),
+        normalize_weights: Callable[[bytes], bytes] | None = None,
     ) -> None:
         if not owner:
             raise ConfigError("the Replicate backend needs SELFIE_LORA_REPLICATE_OWNER")
@@ -134,6 +136,10 @@ class ReplicateTrainer:
         self._sleep = connection.sleep
         self._max_weights_bytes = max_weights_bytes
         self._webhook_events = list(webhook_events)
+        # The trainers write no ``.alpha`` tensors and in their own dtype; a version is stored
+        # in the layout we document (bf16, ``.alpha`` per module). Given by the wiring: the
+        # LoRA layout code is the FLUX adapter's.
+        self._normalize_weights = normalize_weights
         self._ensured: set[str] = set()
         self._ensured_lock = threading.Lock()
 
@@ -501,6 +507,7 @@ class ReplicateTrainer:
                 ),
             ) from exc
         weights, detail = extract_safetensors(data, source_name=url, max_bytes=self._max_weights_bytes)
+        weights = self._normalized(weights, training_id=job.training_id)
         job.work_dir.mkdir(parents=True, exist_ok=True)
         path = job.work_dir / "lora.safetensors"
         _write_atomically(path, weights)
@@ -550,6 +557,19 @@ class ReplicateTrainer:
             trainer_version_ran=ran,
             metrics=metrics,
         )
+
+    def _normalized(self, weights: bytes, *, training_id: str) -> bytes:
+        """``weights`` in the stored layout; as the trainer wrote them when they are in none we
+        can read (the user's LoRA, trained and paid for, is kept all the same; its kohya export
+        says what it does not understand)."""
+        if self._normalize_weights is None:
+            return weights
+        try:
+            return self._normalize_weights(weights)
+        except InvalidInputError as exc:
+            logger.warning("training %s: the LoRA is stored as the trainer wrote it: %s",
+                           training_id, exc.message)
+            return weights
 
     @staticmethod
     def _latest_version(session: ReplicateSession, destination: str) -> str | None:
