@@ -511,22 +511,41 @@ def test_a_malformed_trainer_version_fails_before_any_call(
 # --------------------------------------------------------------------------- endings
 
 
-def test_a_failed_training_raises_with_an_actionable_message(
+@pytest.mark.parametrize(("error", "advice"), [
+    # The stand-in's default error: Replicate's GPU ran out of memory, not the photos' fault.
+    (None, "This was a problem on Replicate's side, not your photos: start the training again "
+           "later; if it keeps happening, tell the operator."),
+    ("torch.OutOfMemoryError: OOM when allocating tensor", "on Replicate's side, not your photos"),
+    ("CUDA error: an illegal memory access was encountered", "on Replicate's side, not your photos"),
+    ("Training timed out after 7200 seconds", "on Replicate's side, not your photos"),
+    ("Prediction interrupted; please retry (code: PA)", "on Replicate's side, not your photos"),
+    ("An internal error occurred", "on Replicate's side, not your photos"),
+    ("input_images is not a zip file", "Check your photos and try again."),
+    ("Could not download input_images", "Check your photos and try again."),
+    ("cannot identify image file 'data/003.jpg'", "Check your photos and try again."),
+    ("ValueError: steps must be positive", "if it fails the same way, tell the operator this error"),
+])
+def test_a_failed_training_says_what_the_user_can_do_about_its_error(
+    error: str | None,
+    advice: str,
     replicate_standin: ReplicateStandIn,
     replicate_trainer: ReplicateTrainer,
     replicate_job_factory: JobFactory,
     replicate_sink: RecordingSink,
 ) -> None:
     replicate_standin.training_outcome = "failed"
+    if error is None:
+        error = replicate_standin.training_error
+    replicate_standin.training_error = error
 
     with pytest.raises(TrainingFailedError) as caught:
         replicate_trainer.train(replicate_job_factory(), sink=replicate_sink)
 
     message = caught.value.user_message
-    assert message.startswith("The training failed on Replicate: ")
-    assert "CUDA out of memory" in message
-    assert "Traceback" not in message
-    assert message.endswith("Check your photos and try again.")
+    assert message.startswith(f"The training failed on Replicate: {error.rstrip('.')}. ")
+    assert "Traceback" not in message  # the stand-in's logs hold one: not for users
+    assert advice in message
+    assert message.count("photos") == (1 if "photos" in advice else 0)
 
 
 def test_a_training_canceled_on_replicate_raises_canceled(

@@ -108,6 +108,34 @@ def build_training_zip(photos: Iterable[TrainingPhoto]) -> bytes:
     return buffer.getvalue()
 
 
+# --------------------------------------------------------------------------- failures
+
+# What a failed Replicate training's error says, for what the user should do next, as the local
+# backend tells an out-of-memory run from bad photos. Replicate's side first: a GPU that ran out
+# of memory while reading a photo is still not the photo's fault.
+_REMOTE_FAULT = re.compile(
+    r"out of memory|\bOOM\b|\bCUDA\b|\bGPU\b|\bNCCL\b|timed? ?out|timeout|deadline|"
+    r"internal|infrastructure|interrupted|killed|unavailable|no space left|"
+    r"connection (?:reset|refused|error|aborted)", re.IGNORECASE)
+_INPUT_FAULT = re.compile(
+    r"\bzip\b|input_images|\bimages?\b|\bphotos?\b|caption|\bfaces?\b|\bjpe?g\b|\bpng\b|"
+    r"decode|corrupt", re.IGNORECASE)
+REMOTE_FAULT_ADVICE = ("This was a problem on Replicate's side, not your photos: start the training "
+                       "again later; if it keeps happening, tell the operator.")
+INPUT_FAULT_ADVICE = "Check your photos and try again."
+UNKNOWN_FAULT_ADVICE = ("Start the training again; if it fails the same way, tell the operator "
+                        "this error.")
+
+
+def failure_advice(error: str) -> str:
+    """The sentence after a failed Replicate training's error: what the user can do about it."""
+    if _REMOTE_FAULT.search(error):
+        return REMOTE_FAULT_ADVICE
+    if _INPUT_FAULT.search(error):
+        return INPUT_FAULT_ADVICE
+    return UNKNOWN_FAULT_ADVICE
+
+
 # --------------------------------------------------------------------------- the trainer
 
 
@@ -438,7 +466,7 @@ class ReplicateTrainer:
                     f"Replicate training {remote_id} failed: {error}",
                     user_message=(
                         f"The training failed on Replicate: {shorten(str(error))}. "
-                        "Check your photos and try again."
+                        f"{failure_advice(str(error))}"
                     ),
                     details=[{"remote_id": remote_id, "logs_tail": (training.logs or "")[-2000:]}],
                 )
