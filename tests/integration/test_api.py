@@ -905,3 +905,34 @@ def test_a_heartbeat_that_finds_its_lease_lost_names_the_training(
     lines = [r for r in caplog.records if "lease lost" in r.getMessage()]
     assert len(lines) == 1
     assert getattr(lines[0], "training_id", None) == queued.id
+
+
+def test_version_id_is_set_on_success_and_a_stored_version_shows_as_stored_version_id(
+        client: TestClient, services: Services, fake_generator: FakeGenerator) -> None:
+    """The contract: a training's ``version_id`` is set on success. Its version is stored before
+    (scored then), and kept on a training canceled while scored: ``stored_version_id``."""
+    h = auth(services, "ann")
+    fake_generator.gate = threading.Event()  # the likeness probes wait: the training stays scoring
+    try:
+        training_id = upload(client, h)["training"]["id"]
+        deadline = time.monotonic() + 30
+        while (t := client.get("/api/training/progress", headers=h).json()["training"])[
+                "phase"] != "scoring":
+            assert time.monotonic() < deadline, t
+            time.sleep(0.05)
+        assert t["status"] == "processing"
+        assert t["version_id"] is None
+        assert t["stored_version_id"] is not None
+        stored = t["stored_version_id"]
+        r = client.post("/api/training/cancel", headers=h, json={"training_id": training_id})
+        assert r.status_code == 200, r.text
+    finally:
+        fake_generator.gate.set()
+    canceled = wait_terminal(client, h, training_id)["training"]
+    assert canceled["status"] == "canceled"
+    assert (canceled["version_id"], canceled["stored_version_id"]) == (None, stored)
+    fake_generator.gate = None
+
+    done = wait_terminal(client, h, upload(client, h)["training"]["id"])["training"]
+    assert done["status"] == "succeeded"
+    assert done["version_id"] == done["stored_version_id"] is not None

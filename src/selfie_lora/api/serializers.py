@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlencode
 
-from selfie_lora.domain.entities import ApiKey, Dataset, Generation, Model, Training, Version
+from selfie_lora.domain.entities import ApiKey, Dataset, Generation, Model, Training, TrainingStatus, Version
 from selfie_lora.domain.likeness import ProbeResult, VersionLikeness
 from selfie_lora.services.likeness import Comparison
 
@@ -177,7 +177,11 @@ def training_json(t: Training, version: Version | None = None,
         "recipe": t.recipe.as_dict(),
         "preserved": t.preserved,
         "dataset_id": t.dataset_id,
-        "version_id": t.version_id,
+        # The contract's version_id is set on success; the version is stored before that, while
+        # it is scored, and stays on a training canceled then (kept, never activated): a client
+        # that reads version_id as "done" must not see it early. stored_version_id says it.
+        "version_id": t.version_id if t.status is TrainingStatus.SUCCEEDED else None,
+        "stored_version_id": t.version_id,
         "remote_id": t.remote_id,
         "loss": t.loss,
         "weights_method": t.weights_method,
