@@ -116,6 +116,21 @@ def test_the_settings_table_says_the_defaults_config_has() -> None:
         assert variable in checked, variable
 
 
+def test_the_trainer_version_row_says_each_backend_s_default() -> None:
+    """The row gave the local defaults only: an operator could not see which Replicate trainer
+    version a new model is pinned to."""
+    from selfie_lora.config import Settings
+
+    (meaning,) = [m for names, _d, m in settings_table() if names == ["SELFIE_LORA_TRAINER_VERSION"]]
+    unset = meaning[meaning.index("(unset:"):]
+    for trainer, base_model in (("local", "tiny"), ("local", "/models/flux-dev"),
+                                ("replicate", "tiny")):
+        default = Settings(trainer=trainer, base_model=base_model, _env_file=None,
+                           trainer_version=None, replicate_api_token="r8_x", replicate_owner="acme",
+                           ).effective_trainer_version
+        assert f"`{default}`" in unset, (trainer, base_model, default)
+
+
 def test_the_shell_examples_define_the_variables_they_use() -> None:
     # The kohya export's curl used "$URL", defined nowhere.
     blocks = "\n".join(re.findall(r"```(?:sh|bash)\n(.*?)```", README.read_text(), re.S))
