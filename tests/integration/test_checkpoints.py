@@ -8,6 +8,7 @@ The steps at which runs stop are drawn from a seed; try others with
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import random
@@ -21,7 +22,12 @@ from typing import Any
 import pytest
 
 from selfie_lora.domain.entities import Recipe, TrainingStatus
-from selfie_lora.errors import TrainingCanceledError, TrainingInterruptedError
+from selfie_lora.errors import (
+    StorageError,
+    TrainerError,
+    TrainingCanceledError,
+    TrainingInterruptedError,
+)
 from selfie_lora.services.ports import TrainingJob, TrainingResult
 from tests.integration.test_local_backend import RECIPE, FakeSink, _job
 
@@ -271,3 +277,79 @@ def test_a_run_on_a_quantized_base_resumes_as_well(shared_model_cache: Path,
     assert resumed.metrics["resumed_from_step"] == 6
     assert resumed.metrics["memory_mode"] == "int8"
     _close(resumed.weights_path, whole.weights_path)
+
+
+def _no_space(path: Path) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+@dataclass
+class KeptSamples:
+    steps: list[int] = field(default_factory=list)
+
+    def save(self, path: Path, *, step: int) -> None:
+        assert path.is_file()
+        self.steps.append(step)
+
+
+def test_a_checkpoint_or_sample_the_disk_cannot_take_is_skipped_and_the_training_goes_on(
+        shared_model_cache: Path, tmp_path: Path, uninterrupted: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The work dir's disk full at one checkpoint and one sample: each is skipped with a
+    warning, and the run goes on to the LoRA an uninterrupted run makes (a full disk at step 750
+    of a FLUX run used to fail the training and drop every stored checkpoint)."""
+    from selfie_lora.adapters.flux import checkpoints as flux_checkpoints
+    from selfie_lora.adapters.flux.samples import Sampler
+
+    save_checkpoint, write_sample = flux_checkpoints.save_checkpoint, Sampler.write
+
+    def full_at_8(directory: Path, **kwargs: Any) -> Path:
+        if kwargs["state"].step == 8:
+            raise _no_space(directory / "step-00000008.ckpt")
+        return save_checkpoint(directory, **kwargs)
+
+    def full_at_12(self: Sampler, transformer: Any, step: int) -> Path:
+        if step == 12:
+            raise _no_space(self.folder / "sample.jpg")
+        return write_sample(self, transformer, step)
+
+    monkeypatch.setattr(flux_checkpoints, "save_checkpoint", full_at_8)
+    monkeypatch.setattr(Sampler, "write", full_at_12)
+    kept, samples = KeptCheckpoints(tmp_path / "kept"), KeptSamples()
+    result = _trainer(shared_model_cache, "inline").train(
+        replace(_job(tmp_path, replace(SHORT, sample_every=4)), checkpoints=kept,
+                samples=samples), sink=FakeSink())
+    assert kept.steps == [4, 12, 16]
+    assert samples.steps == [4, 8, 16]
+    assert result.metrics["steps"] == SHORT.steps
+    _close(result.weights_path, uninterrupted["result"].weights_path)
+
+
+def test_a_lora_the_disk_cannot_take_is_a_storage_error_not_a_failed_training(
+        shared_model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The final LoRA's write on a full disk: a StorageError naming the LoRA and the disk's
+    error (the worker steps away with the stored checkpoints kept), not a TrainingFailedError
+    telling the user to contact the operator."""
+    from selfie_lora.adapters.flux import train_loop
+
+    def full(transformer: Any, *, out_path: Path, **kwargs: Any) -> None:
+        raise _no_space(out_path)
+
+    monkeypatch.setattr(train_loop, "save_lora", full)
+    kept = KeptCheckpoints(tmp_path / "kept")
+    with pytest.raises(StorageError) as raised:
+        _trainer(shared_model_cache, "inline").train(
+            replace(_job(tmp_path, SHORT), checkpoints=kept), sink=FakeSink())
+    assert not isinstance(raised.value, TrainerError)
+    assert "the trained LoRA cannot be written to" in raised.value.message
+    assert "No space left on device" in raised.value.message
+    assert kept.steps == [4, 8, 12, 16]
+
+
+def test_a_childs_storage_error_reads_as_the_same_error_inline() -> None:
+    error = LocalTrainer._child_error(
+        ("error", "StorageError", "the trained LoRA cannot be written to /w/lora.safetensors: "
+         "No space left on device", None, "Traceback ..."))
+    assert isinstance(error, StorageError)
+    assert not isinstance(error, TrainerError)
+    assert error.message.endswith("No space left on device")

@@ -26,7 +26,7 @@ from selfie_lora.api.app import create_app
 from selfie_lora.cli import app as cli_app
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus, User
-from selfie_lora.errors import ConflictError, TrainingCanceledError
+from selfie_lora.errors import ConflictError, StorageError, TrainingCanceledError
 from selfie_lora.services.layout import checkpoint_prefix
 from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.testing.fakes import FakeGenerator, SimulatedCrash, fake_safetensors
@@ -295,18 +295,25 @@ class CheckpointingFake:
                               metrics={"steps": self.steps})
 
 
+def _run_hooked(services: Services, trainer: CheckpointingFake, user: User,
+                hook: Callable[[TrainingJob, int], None]) -> Training:
+    """A new training of ``user`` run once by a worker with ``hook`` at each step: its row."""
+    trainer.hook = hook
+    queued = services.training.upload_files(user=user, files=_photos()).training
+    assert queued is not None
+    services.training.run(queued.id)
+    trainer.hook = None
+    after = services.repo.get_training(queued.id)
+    assert after is not None
+    return after
+
+
 def _canceled_at_step_3(services: Services, trainer: CheckpointingFake, user: User) -> Training:
     def cancel(job: TrainingJob, step: int) -> None:
         if step == 3:
             services.training.cancel(user=user, training_id=job.training_id)
 
-    trainer.hook = cancel
-    queued = services.training.upload_files(user=user, files=_photos()).training
-    assert queued is not None
-    services.training.run(queued.id)
-    trainer.hook = None
-    canceled = services.repo.get_training(queued.id)
-    assert canceled is not None
+    canceled = _run_hooked(services, trainer, user, cancel)
     assert canceled.status is TrainingStatus.CANCELED
     return canceled
 
@@ -516,3 +523,30 @@ def test_another_users_training_is_neither_canceled_nor_resumed(tmp_path: Path) 
         assert services.repo.list_trainings(bobs.id) == []
     finally:
         services.close()
+
+
+def test_a_trainer_that_cannot_write_its_lora_steps_away_and_keeps_the_checkpoints(
+        fake_served: tuple[TestClient, Services, CheckpointingFake]) -> None:
+    """The worker's disk full as the trainer writes the LoRA (the local trainer raises
+    StorageError): the training is neither failed nor its checkpoints dropped; the worker steps
+    away naming what failed, and the next attempt resumes from the newest checkpoint."""
+    _client, services, trainer = fake_served
+    user, _ = services.users.create(name="cid")
+
+    def disk_full(job: TrainingJob, step: int) -> None:
+        if step == 4:
+            raise StorageError(f"the trained LoRA cannot be written to {job.work_dir}/"
+                               "lora.safetensors: No space left on device")
+
+    left = _run_hooked(services, trainer, user, disk_full)
+    assert left.status is TrainingStatus.PROCESSING
+    assert left.error == "the trained LoRA could not be written on the worker's disk"
+    assert [key.rsplit("/", 1)[-1] for key in _checkpoints(services, left.id)] == [
+        "step-00000004.ckpt"]
+
+    services.training.run(left.id)
+    assert trainer.started_from == [0, 4]
+    done = services.repo.get_training(left.id)
+    assert done is not None
+    assert done.status is TrainingStatus.SUCCEEDED
+    assert len(_versions_of(services, done)) == 1

@@ -146,6 +146,7 @@ INTERRUPTED_BY_ERROR = "the worker running it met an error"
 # ... and one whose worker could not fetch its photos or checkpoint (the blob store away, or
 # this machine's disk full).
 STORAGE_UNREACHABLE = "the stored photos or checkpoint could not be fetched"
+LOCAL_DISK_FAILED = "the trained LoRA could not be written on the worker's disk"
 # An upload that starts a training holds the user's slot while its photos are checked: for
 # UPLOAD_CLAIM_TTL at a time, renewed every UPLOAD_CLAIM_RENEWAL while the upload runs, so a
 # process that dies holding it blocks its user for UPLOAD_CLAIM_TTL at most. (It was one claim of
@@ -969,6 +970,12 @@ class TrainingService:
             sink = _Sink(self, held)
             try:
                 result = trainer.train(job, sink=sink)
+            except StorageError as exc:
+                # This machine's disk (the trained LoRA could not be written), not the training:
+                # it steps away with its checkpoints kept, and the next attempt (with room, or
+                # on another machine) resumes from the newest; an outage that lasts ends it.
+                raise _UnreachableError(exc.message, remote_id=sink.remote_id,
+                                        reason=LOCAL_DISK_FAILED) from exc
             except TrainerUnavailableError as exc:
                 if sink.remote_id is None:
                     raise  # nothing runs remotely: failing it loses nothing

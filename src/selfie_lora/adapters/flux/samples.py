@@ -142,6 +142,10 @@ class Sampler:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = sample_file(self.folder, step)
         staged = path.with_name(f".{path.name}.tmp")
-        image.save(staged, format="JPEG", quality=JPEG_QUALITY)
-        os.replace(staged, path)
+        try:
+            image.save(staged, format="JPEG", quality=JPEG_QUALITY)
+            os.replace(staged, path)
+        except OSError:
+            staged.unlink(missing_ok=True)  # a full disk: not a half file left taking room
+            raise
         return path

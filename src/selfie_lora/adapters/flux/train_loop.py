@@ -65,6 +65,7 @@ from selfie_lora.domain.buckets import FLUX_MULTIPLE, Bucket, bucket_sizes, near
 from selfie_lora.domain.entities import FaceBox, Recipe
 from selfie_lora.errors import (
     SelfieLoraError,
+    StorageError,
     TrainingCanceledError,
     TrainingFailedError,
     describe,
@@ -726,9 +727,18 @@ def fit_lora(
 
     def checkpoint(state: checkpoints.TrainState) -> None:
         assert checkpoint_dir is not None
-        path = checkpoints.save_checkpoint(
-            checkpoint_dir, state=state, params=params, optimizer=optimizer,
-            generator=generator, made_for=made_for)
+        try:
+            path = checkpoints.save_checkpoint(
+                checkpoint_dir, state=state, params=params, optimizer=optimizer,
+                generator=generator, made_for=made_for)
+        except OSError as exc:
+            # This machine's disk (full, read-only): a checkpoint missed costs only the steps
+            # since the one before after a crash, where failing the training threw away every
+            # step and every checkpoint stored. The next one is tried as usual.
+            logger.warning("checkpoint at step %d could not be written to %s (%s): skipped, "
+                           "the training goes on", state.step, checkpoint_dir,
+                           exc.strerror or exc)
+            return
         if on_checkpoint is not None:
             on_checkpoint(path, state.step)
 
@@ -770,9 +780,15 @@ def fit_lora(
         # one before and makes this sample again, never skips it.
         if sample_every > 0 and step % sample_every == 0 and step < total:
             assert sampler is not None
-            sample = sampler.write(transformer, step)
-            if on_sample is not None:
-                on_sample(sample, step)
+            try:
+                sample = sampler.write(transformer, step)
+            except OSError as exc:
+                # As a checkpoint: a sample is something to look at, not worth the training.
+                logger.warning("sample at step %d could not be written (%s): skipped, the "
+                               "training goes on", step, exc.strerror or exc)
+            else:
+                if on_sample is not None:
+                    on_sample(sample, step)
         state = checkpoints.TrainState(step=step, order=tuple(order), first_loss=first_loss,
                                        last_loss=last_loss)
         # Not at the last step: the saved LoRA follows at once, and is what a finished run keeps.
@@ -925,14 +941,21 @@ def train_flux_lora(
                 "recipe_values": json.dumps(recipe.values(), sort_keys=True),
                 **(extra_metadata or {}),
             }
-            save_lora(transformer, config=config, out_path=out_path, extra_metadata=metadata)
+            try:
+                save_lora(transformer, config=config, out_path=out_path,
+                          extra_metadata=metadata)
+            except OSError as exc:
+                # This machine's disk (full, read-only), not the training: a StorageError, so
+                # the worker steps away with the stored checkpoints kept (as for a full disk
+                # while fetching one), and the next attempt resumes from the newest.
+                raise StorageError(f"the trained LoRA cannot be written to {out_path}: "
+                                   f"{exc.strerror or exc}") from exc
         except SelfieLoraError:
             raise
         except OSError as exc:
+            # Reading the base model or the photos' cache, say: named as what it is.
             raise TrainingFailedError(
-                f"cannot write the LoRA to {out_path}: {exc}",
-                user_message="The trained model could not be saved on this server; "
-                "contact the operator.",
+                f"local training failed: {describe(exc)}", user_message=FAILED_MESSAGE,
             ) from exc
         except ImportError as exc:
             # A module diffusers, peft or torchao import on demand (a quantization backend, a

@@ -31,6 +31,7 @@ from selfie_lora.domain.entities import Recipe, TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
     SelfieLoraError,
+    StorageError,
     TrainerError,
     TrainerUnavailableError,
     TrainingCanceledError,
@@ -588,9 +589,13 @@ class LocalTrainer:
         return message
 
     @staticmethod
-    def _child_error(message: tuple[Any, ...]) -> TrainerError:
+    def _child_error(message: tuple[Any, ...]) -> TrainerError | StorageError:
         _, name, text, user_message, child_traceback = message
         logger.warning("training child failed: %s: %s\n%s", name, text, child_traceback)
+        if name == "StorageError":
+            # This machine's disk (the LoRA could not be written): raised as it is inline, so
+            # the worker steps away with the training's checkpoints kept.
+            return StorageError(text)
         if name == "ConfigError":
             return _config_error(ConfigError(text))
         if name in ("ImportError", "ModuleNotFoundError"):
