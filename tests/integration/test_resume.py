@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +268,7 @@ class CheckpointingFake:
     hook: Callable[[TrainingJob, int], None] | None = None
     backend: str = "local"
     started_from: list[int] = field(default_factory=list)
+    load_s: float = 0.0  # how long it "loads the model" before its first step
 
     def cancel_remote(self, remote_id: str) -> None:
         del remote_id
@@ -278,6 +281,7 @@ class CheckpointingFake:
         start = int(job.resume_from.read_text()) if job.resume_from is not None else 0
         self.started_from.append(start)
         sink.started(remote_id=None)
+        time.sleep(self.load_s)
         for step in range(start + 1, self.steps + 1):
             if step % 2 == 0 and job.checkpoints is not None:
                 path = job.work_dir / f"{step}.ckpt"
@@ -550,3 +554,39 @@ def test_a_trainer_that_cannot_write_its_lora_steps_away_and_keeps_the_checkpoin
     assert done is not None
     assert done.status is TrainingStatus.SUCCEEDED
     assert len(_versions_of(services, done)) == 1
+
+
+def test_the_training_page_estimates_the_time_left_from_this_attempts_steps(
+        tmp_path: Path) -> None:
+    """A resumed training that loads for 3 s, then makes its steps a fraction of a second apart
+    (0.1 s and a page request): the page shows no time left until two steps of its own are in,
+    then what those steps' pace leaves, a second or two (old code: the load and the inherited
+    steps counted: "about 9 s left" at its first step, 5 s at its third)."""
+    from tests.integration.test_web import PASSWORD, sign_in
+
+    settings = make_settings(tmp_path)
+    trainer = CheckpointingFake(steps=12)
+    services = _signing_in(settings, trainer)
+    try:
+        user, _ = services.users.create(name="ann", password=PASSWORD)
+        canceled = _canceled_at_step_3(services, trainer, user)
+        resumed = services.training.resume(user=user, training_id=canceled.id).training
+        with TestClient(create_app(settings, services=services, run_worker=False),
+                        raise_server_exceptions=False) as client:
+            sign_in(client, "ann")
+            left: dict[int, str | None] = {}
+
+            def look(job: TrainingJob, step: int) -> None:
+                found = re.search(r"about ([^<]+?) left", client.get("/train/status").text)
+                left[step] = found.group(1) if found else None
+                time.sleep(0.1)
+
+            trainer.hook, trainer.load_s = look, 3.0
+            services.training.run(resumed.id)
+        assert trainer.started_from[-1] == 2
+        # Its first report is step 3: steps 3 and 4 are one step of its own at most.
+        assert (left[3], left[4]) == (None, None)
+        # From then on, at most 0.3 s a step for the 7 steps or fewer left.
+        assert all(re.fullmatch(r"[0-2] s", left[step] or "") for step in range(5, 12)), left
+    finally:
+        services.close()

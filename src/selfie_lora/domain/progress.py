@@ -1,8 +1,19 @@
-"""A training's loss curve, as the page draws it: a bounded list of (step, loss) points."""
+"""A training's loss curve, as the page draws it: a bounded list of (step, loss) points; and
+the time a running training has left, from its current attempt's pace."""
 
 from __future__ import annotations
 
 import math
+from datetime import datetime
+from typing import Any
+
+from selfie_lora.domain.entities import Training
+
+# The key of ``Training.metrics`` that holds, while it runs, the current attempt's first report:
+# {"attempt", "step", "at"}. The trainer's own metrics replace it when the training succeeds.
+PACE_KEY = "pace"
+# Steps of the current attempt it takes to estimate the time left.
+PACE_MIN_STEPS = 2
 
 MAX_POINTS = 200
 
@@ -19,3 +30,32 @@ def add_loss_point(curve: tuple[tuple[int, float], ...], *, step: int, loss: flo
     if len(points) > max_points:
         points = (*points[:-1:2], points[-1])
     return points
+
+
+def mark_pace(t: Training, *, step: int, at: datetime) -> dict[str, Any]:
+    """``t.metrics`` with ``step`` at ``at`` recorded as its attempt's first report, unless that
+    attempt already has one. The first report comes once the model is loaded (the local
+    trainer's step 0, or the step it resumed from), so neither the load nor the steps an earlier
+    attempt (or a canceled training this one resumes) made count in the pace."""
+    pace = t.metrics.get(PACE_KEY)
+    if isinstance(pace, dict) and pace.get("attempt") == t.attempt:
+        return t.metrics
+    return {**t.metrics, PACE_KEY: {"attempt": t.attempt, "step": step, "at": at.isoformat()}}
+
+
+def time_left(t: Training, *, now: datetime) -> float | None:
+    """Seconds the running training ``t`` has left at its current attempt's pace: the time since
+    its first report over the steps made since. None when it ended, or its attempt has made
+    fewer than ``PACE_MIN_STEPS`` steps (nothing to go on yet)."""
+    pace = t.metrics.get(PACE_KEY)
+    if (t.status.is_terminal or not isinstance(pace, dict) or pace.get("attempt") != t.attempt
+            or t.total_steps <= t.step):
+        return None
+    try:
+        first, since = int(pace["step"]), datetime.fromisoformat(str(pace["at"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    done = t.step - first
+    if done < PACE_MIN_STEPS:
+        return None
+    return max(0.0, (now - since).total_seconds()) / done * (t.total_steps - t.step)

@@ -90,7 +90,7 @@ from selfie_lora.domain.plan import (
     photos_too_small,
     plan_training,
 )
-from selfie_lora.domain.progress import add_loss_point
+from selfie_lora.domain.progress import add_loss_point, mark_pace
 from selfie_lora.domain.recipes import recipe_for
 from selfie_lora.domain.states import can_transition, transition
 from selfie_lora.domain.versions import VERSION_ACTIVATED
@@ -1560,6 +1560,8 @@ class _Sink:
             return dataclasses.replace(
                 t, step=max(0, step), total_steps=total if total > 0 else t.total_steps,
                 loss=loss if loss is not None else t.loss, loss_curve=curve, error=None,
+                # The time left is estimated from this attempt's pace (``time_left``).
+                metrics=mark_pace(t, step=max(0, step), at=self._service._clock()),
                 # A remote run that answered a poll goes on without us: the next attempt adopts
                 # it where it is. (A local step is kept only by the next checkpoint.)
                 progressed=t.progressed or t.remote_id is not None,

@@ -17,6 +17,7 @@ from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
+from selfie_lora.domain.progress import time_left
 from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import (
     AuthError,
@@ -341,12 +342,12 @@ def _status_context(web: Web, viewer: Viewer, view: Any) -> dict[str, Any]:
         return {"view": None}
     training = view.training
     overview = web.services.models.overview(user=viewer.user)
-    end = training.completed_at or utcnow()
+    now = utcnow()
+    end = training.completed_at or now
     elapsed = (end - training.started_at).total_seconds() if training.started_at else None
-    left = None
-    if (elapsed is not None and not training.status.is_terminal and training.step > 0
-            and training.total_steps > training.step):
-        left = elapsed / training.step * (training.total_steps - training.step)
+    # From this attempt's steps alone: the time since started_at counts the model's load, and
+    # the step count a resumed training's inherited steps.
+    left = time_left(training, now=now)
     return {
         "view": view, "training": training, "version": view.version, "overview": overview,
         "active": not training.status.is_terminal, "percent": round(training.progress * 100),
