@@ -353,3 +353,41 @@ def test_a_childs_storage_error_reads_as_the_same_error_inline() -> None:
     assert isinstance(error, StorageError)
     assert not isinstance(error, TrainerError)
     assert error.message.endswith("No space left on device")
+
+
+@pytest.mark.parametrize("stop", ["cancel", "interrupt"])
+def test_a_stopped_training_child_reports_the_step_of_the_checkpoint_it_kept(
+        shared_model_cache: Path, tmp_path: Path, stop: str) -> None:
+    """The steps the child makes between the stop being asked and its checkpoint are reported:
+    the row ends at the checkpoint's step (old code: they were dropped, so a cancel read
+    'canceled | step 15/40' with step-00000019.ckpt stored and 'Resume from step 19')."""
+    sink = FakeSink(cancel_after=7) if stop == "cancel" else FakeSink(interrupt_after=7)
+    kept = KeptCheckpoints(tmp_path / "kept")
+    with pytest.raises((TrainingCanceledError, TrainingInterruptedError)):
+        _trainer(shared_model_cache, "process").train(
+            replace(_job(tmp_path, SHORT), checkpoints=kept), sink=sink)
+    assert kept.steps[0] == 4
+    assert kept.steps[-1] > 7  # the child made a step or more after the one the stop followed
+    assert sink.steps[-1][1] == kept.steps[-1]
+
+
+class _Progress:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def progress(self, *, status: TrainingStatus, step: int, total: int,
+                 loss: float | None = None) -> None:
+        self.steps.append(step)
+
+
+def test_a_flush_reports_the_newest_step_the_interval_held_back() -> None:
+    from selfie_lora.adapters.flux.trainer import _Reporter
+
+    sink = _Progress()
+    reporter = _Reporter(sink, interval=3600.0)  # type: ignore[arg-type]
+    for step in range(6):
+        reporter.step(step, 20, 0.5)
+    assert sink.steps == [0]
+    reporter.flush()
+    reporter.flush()
+    assert sink.steps == [0, 5]

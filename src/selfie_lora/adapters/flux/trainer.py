@@ -230,6 +230,8 @@ class _Reporter:
         self._last_report = -math.inf
         self._last_step = -1
         self._last_cancel_check = -math.inf
+        # The newest step not reported yet (held back by the interval): what ``flush`` sends.
+        self._pending: tuple[int, int, float] | None = None
 
     def step(self, step: int, total: int, loss: float) -> None:
         now = time.monotonic()
@@ -237,14 +239,26 @@ class _Reporter:
             return  # never report backwards
         due = now - self._last_report >= self._interval
         if due or step in (0, total):
-            self._sink.progress(
-                status=TrainingStatus.PROCESSING,
-                step=step,
-                total=total,
-                loss=None if math.isnan(loss) else loss,
-            )
+            self._report(step, total, loss)
             self._last_report = now
-            self._last_step = step
+        else:
+            self._pending = (step, total, loss)
+
+    def flush(self) -> None:
+        """Report the newest step held back, if any: a run that stops (canceled, handed back)
+        shows the step it stopped at, which is the step of the checkpoint it kept."""
+        if self._pending is not None and self._pending[0] > self._last_step:
+            self._report(*self._pending)
+
+    def _report(self, step: int, total: int, loss: float) -> None:
+        self._sink.progress(
+            status=TrainingStatus.PROCESSING,
+            step=step,
+            total=total,
+            loss=None if math.isnan(loss) else loss,
+        )
+        self._last_step = step
+        self._pending = None
 
     def interrupted(self) -> bool:
         return self._sink.interrupted()  # a flag in memory: cheap, asked every poll
@@ -402,6 +416,7 @@ class LocalTrainer:
         except ConfigError as exc:
             raise _config_error(exc) from exc
         except TrainingCanceledError:
+            reporter.flush()  # the step it stopped at: that of the checkpoint it kept
             if reporter.interrupted():  # stopped for the worker's sake, not the user's
                 raise TrainingInterruptedError("the worker stops; training handed back") from None
             raise
@@ -515,7 +530,7 @@ class LocalTrainer:
                                    job_id, process.pid, self.stall_timeout_s)
                     # Asked to stop as a canceled one is: a child slow rather than stuck may
                     # still checkpoint, or finish (its LoRA is then kept, not thrown away).
-                    finished = self._wind_down(events, process, stop, keep)
+                    finished = self._wind_down(events, process, stop, keep, reporter)
                     if finished is not None:
                         return finished
                     raise TrainingFailedError(
@@ -525,13 +540,13 @@ class LocalTrainer:
                 if reporter.interrupted():
                     logger.info("training %s handed back: stopping child %s", job_id,
                                 process.pid)
-                    finished = self._wind_down(events, process, stop, keep)
+                    finished = self._wind_down(events, process, stop, keep, reporter)
                     if finished is not None:
                         return finished
                     raise TrainingInterruptedError(f"training {job_id}: the worker stops")
                 if reporter.cancel_requested():
                     logger.info("training %s canceled: stopping child %s", job_id, process.pid)
-                    finished = self._wind_down(events, process, stop, keep)
+                    finished = self._wind_down(events, process, stop, keep, reporter)
                     if finished is not None:
                         return finished
                     raise TrainingCanceledError(
@@ -541,16 +556,26 @@ class LocalTrainer:
             self._stop(process)
             events.close()
 
-    def _wind_down(self, events: Any, process: Any, stop: Any,
-                   keep: _Keepers) -> dict[str, Any] | None:
+    def _wind_down(self, events: Any, process: Any, stop: Any, keep: _Keepers,
+                   reporter: _Reporter) -> dict[str, Any] | None:
         """Ask the child to stop at its next step, keeping the checkpoint it writes of the steps
         since its last one, for up to ``stop_grace_s``; the caller then terminates it (a child
         still loading the model, or stuck, loses only what a kill would have lost).
 
         Returns the child's metrics when it finished instead (asked at its last step, or while
         it evaluated and saved the LoRA): the run is done and its LoRA written, and throwing it
-        away would make the next attempt train again from the last checkpoint."""
+        away would make the next attempt train again from the last checkpoint.
+
+        The steps the child makes meanwhile are reported, the last one whatever the interval:
+        the row then shows the step it stopped at, the checkpoint's, not one some steps before."""
         stop.set()
+        try:
+            return self._await_stop(events, process, keep, reporter)
+        finally:
+            reporter.flush()
+
+    def _await_stop(self, events: Any, process: Any, keep: _Keepers,
+                    reporter: _Reporter) -> dict[str, Any] | None:
         deadline = time.monotonic() + self.stop_grace_s
         while time.monotonic() < deadline:
             message = self._next_message(events, process)
@@ -558,7 +583,10 @@ class LocalTrainer:
                 if not process.is_alive():
                     return None
                 continue
-            if message[0] == "checkpoint":
+            if message[0] == "step":
+                _, step, total, loss = message
+                reporter.step(step, total, loss)
+            elif message[0] == "checkpoint":
                 _, step, path = message
                 keep.checkpoints.save(Path(path), step)
             elif message[0] == "done":
