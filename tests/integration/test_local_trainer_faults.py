@@ -165,38 +165,55 @@ def _unblock(fifo: Path) -> None:
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
 
 
-def test_a_child_that_makes_no_progress_is_stopped_and_its_training_fails(
-        tmp_path: Path, shared_model_cache: Path) -> None:
-    """A base folder whose transformer config is a FIFO nobody writes: the child blocks reading
-    it, alive and silent, as on a network folder that no longer answers. The heartbeat keeps
-    the lease, so without a watchdog the training stays 'processing' and the worker is lost."""
+def _blocking_base(tmp_path: Path) -> tuple[Path, Path]:
+    """A base folder whose transformer config is a FIFO nobody writes: (the folder, the FIFO).
+    A child loading it blocks there, alive and silent."""
     base = tmp_path / "base"
     (base / "transformer").mkdir(parents=True)
     (base / "model_index.json").write_text("{}")
     fifo = base / "transformer" / "config.json"
     os.mkfifo(fifo)
-    trainer = _trainer(str(base), shared_model_cache, "process", stall_timeout_s=2.0,
-                       stop_grace_s=0.5)
+    return base, fifo
+
+
+def _train_blocked(trainer: LocalTrainer, job: TrainingJob, sink: Sink, *,
+                   fifo: Path) -> tuple[BaseException | object, float]:
+    """Train ``job`` in a thread until it ends (60 s at most), then let the child blocked on
+    ``fifo`` go on: what the training raised or returned, and the seconds it took."""
     outcome: list[BaseException | object] = []
 
     def train() -> None:
         try:
-            outcome.append(trainer.train(_job(tmp_path / "w"), sink=Sink()))
+            outcome.append(trainer.train(job, sink=sink))
         except BaseException as exc:
             outcome.append(exc)
 
-    children_before = set(multiprocessing.active_children())
     thread = threading.Thread(target=train, daemon=True)
     started = time.monotonic()
     thread.start()
     try:
         thread.join(timeout=60)
-        assert not thread.is_alive(), "the trainer still waits on its stuck child"
+        assert not thread.is_alive(), "the trainer still waits on its blocked child"
     finally:
+        seconds = time.monotonic() - started
         _unblock(fifo)
-        thread.join(timeout=30)
-    assert 2.0 <= time.monotonic() - started < 30
-    [error] = outcome
+        thread.join(timeout=60)
+    [ended] = outcome
+    return ended, seconds
+
+
+def test_a_child_that_makes_no_progress_is_stopped_and_its_training_fails(
+        tmp_path: Path, shared_model_cache: Path) -> None:
+    """A base folder whose transformer config is a FIFO nobody writes (``_blocking_base``): the
+    child blocks reading it, alive and silent, as on a network folder that no longer answers.
+    The heartbeat keeps the lease, so without a watchdog the training stays 'processing' and the
+    worker is lost."""
+    base, fifo = _blocking_base(tmp_path)
+    trainer = _trainer(str(base), shared_model_cache, "process", stall_timeout_s=2.0,
+                       stop_grace_s=0.5)
+    children_before = set(multiprocessing.active_children())
+    error, seconds = _train_blocked(trainer, _job(tmp_path / "w"), Sink(), fifo=fifo)
+    assert 2.0 <= seconds < 30
     assert isinstance(error, TrainingFailedError)
     assert error.user_message == "Training stopped responding on this server; try again."
     assert "SELFIE_LORA_LOCAL_STALL_SECONDS" in error.message
@@ -285,3 +302,38 @@ def test_a_child_that_dies_of_a_signal_while_nothing_stops_still_fails(tmp_path:
     error = _train_error(trainer, _job(tmp_path / "work"))
     assert isinstance(error, TrainingFailedError)
     assert "exited with code -15" in str(error)
+
+
+class _StopsAfter(Sink):
+    """Asks to cancel (or, as a stopping worker, to hand back) ``after_s`` after it was made."""
+
+    def __init__(self, stop: str, *, after_s: float) -> None:
+        super().__init__()
+        self.stop, self.at = stop, time.monotonic() + after_s
+
+    def cancel_requested(self) -> bool:
+        return self.stop == "cancel" and time.monotonic() >= self.at
+
+    def interrupted(self) -> bool:
+        return self.stop == "interrupt" and time.monotonic() >= self.at
+
+
+@pytest.mark.parametrize("stop", ["cancel", "interrupt"])
+def test_a_child_still_loading_the_model_is_stopped_at_once(
+        tmp_path: Path, shared_model_cache: Path, stop: str) -> None:
+    """A child slow to load its model (its transformer config a FIFO nobody writes: it blocks
+    there, as on a slow disk or a FLUX.1 load of minutes) has nothing to checkpoint: a cancel or
+    a worker's stop ends it at once, not after stop_grace_s (old code: 30 s, then 10 s more for
+    a SIGTERM the child ignores; cancel-loading.sh: 16.5 s for the tiny model's load)."""
+    from selfie_lora.errors import TrainingCanceledError, TrainingInterruptedError
+
+    base, fifo = _blocking_base(tmp_path)
+    trainer = _trainer(str(base), shared_model_cache, "process", stop_grace_s=30.0)
+    sink = _StopsAfter(stop, after_s=1.0)
+    children_before = set(multiprocessing.active_children())
+    error, seconds = _train_blocked(trainer, _job(tmp_path / "w"), sink, fifo=fifo)
+    assert seconds < 10
+    assert isinstance(error, TrainingCanceledError if stop == "cancel"
+                      else TrainingInterruptedError)
+    assert sink.steps == []  # it never reported a step
+    assert set(multiprocessing.active_children()) <= children_before  # the child is gone

@@ -502,6 +502,9 @@ class LocalTrainer:
         # is alive but stuck would hold the training (and the worker) forever: what it last sent
         # is the only sign of progress there is.
         last_heard = time.monotonic()
+        # Whether the child reported a step (its first, once the model is loaded): before
+        # that a stop has nothing to checkpoint and does not wait for the child.
+        stepped = False
         try:
             while True:
                 message = self._next_message(events, process)
@@ -510,6 +513,7 @@ class LocalTrainer:
                     kind = message[0]
                     if kind == "step":
                         _, step, total, loss = message
+                        stepped = True
                         reporter.step(step, total, loss)
                     elif kind == "checkpoint":
                         _, step, path = message
@@ -530,7 +534,8 @@ class LocalTrainer:
                                    job_id, process.pid, self.stall_timeout_s)
                     # Asked to stop as a canceled one is: a child slow rather than stuck may
                     # still checkpoint, or finish (its LoRA is then kept, not thrown away).
-                    finished = self._wind_down(events, process, stop, keep, reporter)
+                    finished = self._wind_down(events, process, stop, keep, reporter,
+                                               stepped=stepped)
                     if finished is not None:
                         return finished
                     raise TrainingFailedError(
@@ -540,13 +545,15 @@ class LocalTrainer:
                 if reporter.interrupted():
                     logger.info("training %s handed back: stopping child %s", job_id,
                                 process.pid)
-                    finished = self._wind_down(events, process, stop, keep, reporter)
+                    finished = self._wind_down(events, process, stop, keep, reporter,
+                                               stepped=stepped)
                     if finished is not None:
                         return finished
                     raise TrainingInterruptedError(f"training {job_id}: the worker stops")
                 if reporter.cancel_requested():
                     logger.info("training %s canceled: stopping child %s", job_id, process.pid)
-                    finished = self._wind_down(events, process, stop, keep, reporter)
+                    finished = self._wind_down(events, process, stop, keep, reporter,
+                                               stepped=stepped)
                     if finished is not None:
                         return finished
                     raise TrainingCanceledError(
@@ -557,7 +564,7 @@ class LocalTrainer:
             events.close()
 
     def _wind_down(self, events: Any, process: Any, stop: Any, keep: _Keepers,
-                   reporter: _Reporter) -> dict[str, Any] | None:
+                   reporter: _Reporter, *, stepped: bool = True) -> dict[str, Any] | None:
         """Ask the child to stop at its next step, keeping the checkpoint it writes of the steps
         since its last one, for up to ``stop_grace_s``; the caller then terminates it (a child
         still loading the model, or stuck, loses only what a kill would have lost).
@@ -567,7 +574,17 @@ class LocalTrainer:
         away would make the next attempt train again from the last checkpoint.
 
         The steps the child makes meanwhile are reported, the last one whatever the interval:
-        the row then shows the step it stopped at, the checkpoint's, not one some steps before."""
+        the row then shows the step it stopped at, the checkpoint's, not one some steps before.
+
+        A child that has not ``stepped`` yet is still loading the model (minutes for FLUX.1):
+        it has nothing to checkpoint, so it is killed at once instead of waited for (SIGKILL:
+        it ignores SIGTERM, which the worker's stop sends its whole group)."""
+        if not stepped:
+            logger.info("training child %s is still loading the model: nothing to keep, "
+                        "ending it now", process.pid)
+            process.kill()
+            process.join(timeout=10)
+            return None
         stop.set()
         try:
             return self._await_stop(events, process, keep, reporter)
