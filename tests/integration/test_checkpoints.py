@@ -90,6 +90,7 @@ def test_an_uninterrupted_run_checkpoints_every_n_steps_but_the_last(
         uninterrupted: dict[str, Any]) -> None:
     assert uninterrupted["kept"].steps == [4, 8, 12, 16]
     assert uninterrupted["result"].metrics["resumed_from_step"] == 0
+    assert uninterrupted["result"].metrics["steps_run"] == SHORT.steps
     # The loop keeps its two newest files only.
     work = uninterrupted["result"].weights_path.parent / "checkpoints"
     assert sorted(p.name for p in work.iterdir()) == ["step-00000012.ckpt", "step-00000016.ckpt"]
@@ -113,6 +114,9 @@ def stopped_and_resumed(trainer: LocalTrainer, job: Callable[[Path], TrainingJob
     sink = FakeSink()
     result = trainer.train(replace(job(tmp_path / "second"), resume_from=newest), sink=sink)
     assert result.metrics["resumed_from_step"] == at
+    # Its seconds are for the steps it made, not the training's (old code: no steps_run, and
+    # the figures read 'steps 20' beside the time of 20 - at).
+    assert result.metrics["steps_run"] == recipe.steps - at
     return result, sink, at
 
 

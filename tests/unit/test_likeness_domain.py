@@ -194,6 +194,17 @@ def test_training_figures_take_what_the_backend_reports() -> None:
         None, 1000, 500.0, 1.25)
 
 
+def test_training_figures_say_how_many_steps_the_time_is_for() -> None:
+    """A resumed local training times only its last run (review localtrain finding 5: '40
+    steps in 15 s' for a training killed at 15 and resumed from 10): steps_run says which."""
+    resumed = training_figures({"steps": 40, "steps_run": 30, "seconds": 15.2,
+                                "resumed_from_step": 10}, loss=0.5, steps=40, seconds=80.0)
+    assert (resumed["steps"], resumed["steps_run"], resumed["seconds"]) == (40, 30, 15.2)
+    # A backend that does not say: all its steps, in the time it reports.
+    remote = training_figures({"predict_time": 500.0}, loss=None, steps=1000, seconds=620.0)
+    assert (remote["steps"], remote["steps_run"], remote["seconds"]) == (1000, 1000, 500.0)
+
+
 def test_records_round_trip_through_dicts() -> None:
     r = ProbeResult(index=1, prompt="p", seed=7, image_key="k", faces=2, face_box=(1, 2, 3, 4),
                     embedding=(0.1, 0.2), sanity=SANE, error=None)

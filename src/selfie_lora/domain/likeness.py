@@ -420,7 +420,8 @@ class VersionLikeness:
     reference_dataset_id: str | None = None
     scores: IdentityScores | None = None
     probes: tuple[ProbeResult, ...] = ()
-    # final_loss, steps, seconds, cost (where the backend reports it), and the trainer's metrics.
+    # final_loss, steps, steps_run (the steps ``seconds`` timed), seconds, cost (where the
+    # backend reports it), and the trainer's metrics.
     training: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     scored_at: datetime | None = None
@@ -439,9 +440,14 @@ def training_figures(
     if reported_seconds is None:
         reported_seconds = _opt_float(metrics.get("predict_time"))
     reported_steps = metrics.get("steps")
+    all_steps = int(reported_steps) if isinstance(reported_steps, int | float) else steps
+    # The steps the time is for: a local training resumed (a canceled one's resume, a take-over,
+    # a restarted child) reports its last run's steps and seconds, not the whole training's.
+    steps_run = metrics.get("steps_run")
     return {
         "final_loss": final_loss,
-        "steps": int(reported_steps) if isinstance(reported_steps, int | float) else steps,
+        "steps": all_steps,
+        "steps_run": int(steps_run) if isinstance(steps_run, int | float) else all_steps,
         "seconds": reported_seconds if reported_seconds is not None else seconds,
         "cost": _opt_float(metrics.get("cost")),
         "recipe": recipe,

@@ -809,6 +809,9 @@ def fit_lora(
         "first_loss": first_loss,
         "final_loss": last_loss,
         "steps": total,
+        # The steps this run made (from its checkpoint on): what its seconds timed, where
+        # "steps" is the whole training's, earlier attempts' and a canceled one's included.
+        "steps_run": total - start,
         "step_seconds": seconds / max(total - start, 1),
         "resumed_from_step": start,
     }
@@ -866,9 +869,11 @@ def train_flux_lora(
     ``face_boxes`` (aligned with ``photos``; None for a photo without a face) weight the face in
     the loss by ``recipe.face_loss_weight`` (see :func:`prepare_examples`).
 
-    Returns metrics: first/final training loss, steps, seconds (whole run), step_seconds (mean
-    optimizer step), device, resolution, seed and, with ``evaluate``, eval_loss_before and
-    eval_loss_after (:func:`evaluate_loss` on the training photos with fixed noise).
+    Returns metrics: first/final training loss, steps (the recipe's), steps_run (those this run
+    made: fewer when it resumed from a checkpoint), seconds (this whole run, the model's load
+    included), step_seconds (mean optimizer step), device, resolution, seed and, with
+    ``evaluate``, eval_loss_before and eval_loss_after (:func:`evaluate_loss` on the training
+    photos with fixed noise).
     """
     if not photos:
         raise TrainingFailedError(

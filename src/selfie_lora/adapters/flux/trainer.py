@@ -388,6 +388,7 @@ class LocalTrainer:
                     "first_loss",
                     "final_loss",
                     "steps",
+                    "steps_run",
                     "seconds",
                     "device",
                     "step_seconds",
