@@ -166,6 +166,34 @@ def test_an_outage_that_never_ends_fails_after_the_attempts_and_cancels_the_remo
     assert rig.services.repo.list_versions(t.model_id) == []
 
 
+def test_a_storage_outage_on_a_finished_remote_run_fails_after_the_attempts(
+    rig: Rig,
+) -> None:
+    """Every attempt adopts the finished remote run and fails to store its weights: the polls
+    of a run that no longer moves are no progress, so the step-aways add up and the training
+    fails instead of copying the weights again for ever."""
+    rig.blobs.failures = 10_000
+    attempts = rig.services.training.lease.max_attempts
+    for _ in range(attempts * 4):  # old code: every claim restarted the count
+        rig.services.training.run(rig.training_id)
+        if rig.training().status.is_terminal:
+            break
+
+    t = rig.training()
+    assert t.status is TrainingStatus.FAILED, (t.attempt, t.recoveries, t.error)
+    assert (t.attempt, t.recoveries) == (attempts, attempts)
+    assert t.error is not None
+    assert f"after {attempts} interrupted attempts" in t.error
+    assert "the trained LoRA could not be stored" in t.error
+    assert t.remote_id is not None
+    assert rig.remote_runs() == 1
+    remote = rig.standin.trainings[t.remote_id]
+    assert remote.status == "succeeded"  # it had ended: asked, Replicate has nothing to cancel
+    assert remote.cancel_requests == 0
+    assert not t.remote_cancel_pending  # and the cancel is not owed for ever
+    assert rig.services.repo.list_versions(t.model_id) == []
+
+
 def test_a_training_that_fails_with_a_remote_run_cancels_it(rig: Rig) -> None:
     # A refusal (a 4xx, not an outage) while the remote run goes on.
     rig.standin.fail_next("GET", POLLS, status=422)

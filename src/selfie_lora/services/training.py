@@ -1562,9 +1562,13 @@ class _Sink:
                 loss=loss if loss is not None else t.loss, loss_curve=curve, error=None,
                 # The time left is estimated from this attempt's pace (``time_left``).
                 metrics=mark_pace(t, step=max(0, step), at=self._service._clock()),
-                # A remote run that answered a poll goes on without us: the next attempt adopts
-                # it where it is. (A local step is kept only by the next checkpoint.)
-                progressed=t.progressed or t.remote_id is not None,
+                # A remote run whose step went past the row's goes on without us: the next
+                # attempt adopts it where it is. A poll alone is not progress: an adopted run
+                # that had finished (or stood still) answers every attempt, and counting it
+                # would restart the count on each step-away of an endless outage. (A local
+                # step is kept only by the next checkpoint.)
+                progressed=t.progressed or (t.remote_id is not None and step > t.step
+                                            and (total <= 0 or step < total)),
             )
 
         stored = self._service._update_held(self._held, apply)
