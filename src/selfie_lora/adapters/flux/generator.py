@@ -222,7 +222,16 @@ class LocalGenerator:
                     except OSError as exc:
                         raise StorageError(
                             f"cannot read LoRA weights {job.weights_path}: {exc}") from exc
-                    except (ValueError, KeyError, RuntimeError) as exc:
+                    except (ValueError, KeyError) as exc:
+                        raise _does_not_fit(job.weights_path, str(exc)) from exc
+                    except RuntimeError as exc:
+                        if not _about_the_layers(exc):
+                            # Out of memory (torch.OutOfMemoryError is a RuntimeError), a
+                            # device error: the version is sound, and a retry may succeed;
+                            # telling the user to train again would be wrong.
+                            raise GenerationError(
+                                f"loading LoRA weights {job.weights_path} failed: "
+                                f"{type(exc).__name__}: {exc}") from exc
                         raise _does_not_fit(job.weights_path, str(exc)) from exc
                     pipe.set_adapters([adapter], adapter_weights=[float(job.lora_scale)])
             width = self._size(pipe, job.width)
@@ -294,6 +303,21 @@ def _lora_misfit(pipe: Any, weights_path: Path) -> str | None:
                 return (f"layer {name} has {width} {features.replace('_', ' ')}, the LoRA "
                         f"{shape[index]}")
     return None
+
+
+# What torch and peft say when a state dict's keys or shapes do not fit the model.
+_LAYER_WORDS = ("size mismatch", "shape", "state_dict", "key", "unexpected", "missing")
+
+
+def _about_the_layers(exc: RuntimeError) -> bool:
+    """Whether a RuntimeError of ``load_lora_weights`` is about the LoRA's layers (a misfit the
+    header check missed), as opposed to the device it was loaded on (out of memory)."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    text = str(exc).lower()
+    return "out of memory" not in text and any(word in text for word in _LAYER_WORDS)
 
 
 def _does_not_fit(weights_path: Path, why: str) -> InvalidInputError:
