@@ -22,15 +22,17 @@ class SignInPolicy:
     """``max_failures`` failed attempts per ``window`` for one name from one client address,
     ``max_failures_per_client`` from one client address whatever the names, and
     ``max_failures_per_name`` for one name from all addresses together, after which sign-in
-    waits until the oldest failure leaves the window. ``max_sign_ups_per_client`` sign-up
+    waits until the oldest failure leaves the window (the name's ceiling only for an address
+    with a failure of its own for that name). ``max_sign_ups_per_client`` sign-up
     attempts (whatever their outcome) from one client address per ``window``, after which sign-up
     waits the same way. A session lasts ``session_lifetime`` from sign-in.
 
     Why a name's small limit is per address: counted from every address, anyone who knew a name
     kept its owner signed out with 5 wrong passwords every 15 minutes (the right password got
-    429 too). The ceiling across addresses is there against guessing spread over many addresses,
-    and high enough that a stranger needs many addresses, each with its own per-client limit,
-    to reach it."""
+    429 too). The ceiling across addresses is there against guessing spread over many addresses:
+    past it, each address that failed for the name waits, and a new one gets a single guess. It
+    never holds back an address with a clean record for the name, since one IPv6 /56 holds
+    enough /64s to reach it."""
 
     max_failures: int = 5
     max_failures_per_client: int = 20

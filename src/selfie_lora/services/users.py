@@ -287,13 +287,19 @@ class UserService:
         now = now or self._clock()
         since = now - self._policy.window
         pair_key, address_key, name_key = self._throttle_keys(name, client)
-        waits = [
-            wait_before_next_attempt(repo.sign_in_failures(key, since=since), limit=limit,
-                                     window=self._policy.window, now=now)
-            for key, limit in ((pair_key, self._policy.max_failures),
-                               (address_key, self._policy.max_failures_per_client),
-                               (name_key, self._policy.max_failures_per_name))
-        ]
+        pair_failures = repo.sign_in_failures(pair_key, since=since)
+        limits = [(pair_failures, self._policy.max_failures),
+                  (repo.sign_in_failures(address_key, since=since),
+                   self._policy.max_failures_per_client)]
+        # The name's ceiling holds back only addresses that failed for it already: counted for
+        # every address, anyone with one IPv6 /56 (20 /64s x 5 guesses) kept the owner out from
+        # her own address. A stranger past it gets one guess per new address, not five.
+        if pair_failures:
+            limits.append((repo.sign_in_failures(name_key, since=since),
+                           self._policy.max_failures_per_name))
+        waits = [wait_before_next_attempt(failures, limit=limit, window=self._policy.window,
+                                          now=now)
+                 for failures, limit in limits]
         longest = max((w for w in waits if w is not None), default=None)
         if longest is not None:
             raise _rate_limited("too many failed sign-ins", longest)
