@@ -655,9 +655,9 @@ class LocalTrainer:
 
     @staticmethod
     def _stop(process: Any) -> None:
-        if process.is_alive():
-            process.terminate()
-            process.join(timeout=10)
+        # Straight to SIGKILL: the child ignores SIGTERM (``_child_main``), so a terminate()
+        # only added a 10 s wait to every stop. By here the child has ended, or was given its
+        # chance to stop at a step and checkpoint (``_wind_down``).
         if process.is_alive():
             process.kill()
         process.join(timeout=10)
