@@ -313,13 +313,14 @@ def test_uploads_under_way_leave_the_probes_and_the_other_routes_quick(tmp_path:
     assert uploaded == [202] * UPLOADS
 
 
-def test_a_user_s_uploads_beyond_two_at_once_are_refused_before_their_bodies_are_read(
+def test_a_user_s_uploads_beyond_two_at_once_are_refused_before_they_are_read_into_memory(
         tmp_path: Path) -> None:
     """One user's parallel uploads were each read whole into memory before any per-user limit
     (the training claim, skipped with start=false): 12 x 150 MB at once took the server from
     0.78 to 2.34 GB (found in review). Now a user has at most UPLOADS_PER_USER (2) uploads
     being taken in per process, the API's and the pages' together; one more is a 409
-    upload_in_progress with Retry-After before its body is read. Other users are not held."""
+    upload_in_progress with Retry-After before it is read into memory (its body was received
+    and spooled to a temporary file by then). Other users are not held."""
     settings = make_settings(tmp_path, intake_workers=1)  # 2 intakes at once: both held
     faces = HeldFaces()
     svc = build_services(settings, trainers={"local": FakeTrainer()},

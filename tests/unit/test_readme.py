@@ -155,3 +155,14 @@ def test_the_readme_starts_with_exactly_the_two_set_up_commands() -> None:
     commands = [line.split("#")[0].strip() for line in first_block.group(1).splitlines()
                 if line.split("#")[0].strip()]
     assert commands == ["make demo", "make test"]
+
+
+def test_the_upload_row_says_a_refused_upload_was_received_not_refused_before_its_body() -> None:
+    """The upload slot is taken by the route, after FastAPI parsed the multipart form (each part
+    spooled to a temporary file): the README said a refused upload was refused before its body
+    was read (found in review)."""
+    row = next(line for line in README.read_text().splitlines()
+               if line.startswith("| `POST /api/training/upload-zip`"))
+    assert "before its body is read" not in row
+    assert "refused before it is read into memory" in row
+    assert "spooled to a temporary file" in row

@@ -33,10 +33,13 @@ logger = logging.getLogger(__name__)
 # its photos or stores them.
 INTAKES_PER_ANALYSIS_PROCESS = 2
 # Uploads of one user that one server process takes in at once (read, then its intake); one
-# more is refused at once, before its body is read. Why: every upload's body is read whole into
-# memory before any other per-user limit (the training claim, which ``start=false`` skips), so
-# one key sending 12 x 150 MB at once took the server from 0.78 to 2.34 GB, and more at once
-# ran it out of memory for everyone. Two: a browser's page and a script at the same time.
+# more is refused before it is read into memory. (Not before it is received: FastAPI parses
+# the multipart form before the route runs, and Starlette spools each part to a temporary file,
+# in memory up to 1 MB, then on disk; the guard caps its size.) Why: every upload's body is
+# read whole into memory before any other per-user limit (the training claim, which
+# ``start=false`` skips), so one key sending 12 x 150 MB at once took the server from 0.78 to
+# 2.34 GB, and more at once ran it out of memory for everyone. Two: a browser's page and a
+# script at the same time.
 UPLOADS_PER_USER = 2
 UPLOAD_RETRY_AFTER_S = 10
 
@@ -110,7 +113,7 @@ class UploadSlots:
 
 def upload_slot(request: Request, user: User) -> AbstractContextManager[None]:
     """One of ``user``'s upload slots in this app (``UploadSlots.hold``): taken by an upload
-    route before it reads the body, held until its intake is done."""
+    route before it reads the spooled body into memory, held until its intake is done."""
     slots: UploadSlots = request.app.state.upload_slots
     return slots.hold(user)
 

@@ -64,7 +64,7 @@ async def upload_zip(
     file: Annotated[UploadFile, File(description="A zip of photos.")],
     start: Annotated[bool, Form(description="Also start a training on them.")] = True,
 ) -> dict[str, Any]:
-    with upload_slot(request, user):  # before the body is read into memory
+    with upload_slot(request, user):  # before the spooled body is read into memory
         data = await read_capped(file, limit=svc.settings.max_upload_bytes)
         # The answer in the same trip off the event loop: it reads the database and the storage.
         return await in_intake(request, lambda: upload_json(
@@ -81,7 +81,7 @@ async def upload_files(
     limit = svc.settings.max_upload_bytes
     named: list[tuple[str, bytes]] = []
     total = 0
-    with upload_slot(request, user):  # before the bodies are read into memory
+    with upload_slot(request, user):  # before the spooled bodies are read into memory
         for upload in files:
             data = await read_capped(upload, limit=limit - total)
             total += len(data)

@@ -213,8 +213,8 @@ async def photos_upload(request: Request, viewer: PageViewer,
         # stale), not the whole error page nested in this one.
         return _upload_refused(web, request, viewer, exc)
     try:
-        # The user's upload slot (as the API's uploads take) before the bodies are read into
-        # memory, held until the intake is done.
+        # The user's upload slot (as the API's uploads take) before the spooled bodies are read
+        # into memory, held until the intake is done.
         with upload_slot(request, viewer.user):
             return await _take_in(web, request, viewer, files)
     except UploadInProgressError as exc:
