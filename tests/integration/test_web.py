@@ -26,7 +26,7 @@ from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import GateStatus
-from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
+from selfie_lora.domain.plan import DEFAULT_LORA_SCALE, LORA_SCALE_MAX, LORA_SCALE_MIN
 from selfie_lora.errors import StorageError
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -252,6 +252,7 @@ def test_forms_without_their_csrf_token_are_refused(ann: TestClient, svc: Servic
         ("/train/start", {}), ("/train/start", {"csrf_token": "forged"}),
         ("/settings/keys", {"name": "x"}), ("/signout", {"csrf_token": token[:-1] + "x"}),
         ("/model/scale", {"lora_scale": "0.5"}), ("/generate", {"prompt": "p"}),
+        ("/model/scale/default", {}),
     ]
     for path, data in attempts:
         r = ann.post(path, data=data, follow_redirects=False)
@@ -809,6 +810,57 @@ def test_the_scale_slider_shows_every_scale_the_model_allows(ann: TestClient,
         assert float(found["max"]) == LORA_SCALE_MAX
         assert found["step"] == "any"  # a browser snaps a value off the step to it
         assert float(found["value"]) == scale
+
+
+def test_the_page_s_weights_download_answers_a_range_and_head(ann: TestClient,
+                                                             svc: Services) -> None:
+    """The Versions page's download said Accept-Ranges and ETag, as the API's does, but answered
+    a browser's resume (Range, If-Range) with the whole file and HEAD with 405 (found in
+    review)."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    v1 = svc.models.version(user=svc.users.get_by_name(name="ann"), version_id="1")
+    url = f"/versions/{v1.id}/weights"
+    whole = ann.get(url)
+    assert whole.status_code == 200
+    assert whole.headers["accept-ranges"] == "bytes"
+    etag = whole.headers["etag"]
+
+    part = ann.get(url, headers={"Range": "bytes=10-", "If-Range": etag})
+    assert part.status_code == 206  # old code: 200, the whole file
+    assert part.content == whole.content[10:]
+    assert part.headers["content-range"] == f"bytes 10-{len(whole.content) - 1}/{len(whole.content)}"
+    # A file that changed since (another ETag): the whole of it.
+    assert ann.get(url, headers={"Range": "bytes=10-", "If-Range": '"other"'}).status_code == 200
+
+    head = ann.head(url)
+    assert head.status_code == 200  # old code: 405
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(whole.content))
+    assert head.headers["etag"] == etag
+
+
+def test_the_scale_goes_back_to_the_default_from_the_generate_page(ann: TestClient,
+                                                                  svc: Services) -> None:
+    """A scale saved from the page stayed custom for ever there: only the API's
+    {"lora_scale": null} gave the model the default back (found in review)."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    assert 'id="default-scale"' not in ann.get("/generate").text  # not custom: nothing to undo
+    r = ann.post("/model/scale", data={"csrf_token": csrf(ann), "lora_scale": "0.7"},
+                 follow_redirects=False)
+    assert r.status_code == 303
+    assert 'id="default-scale"' in ann.get("/generate").text
+
+    r = ann.post("/model/scale/default", data={"csrf_token": csrf(ann)},
+                 follow_redirects=False)
+    assert (r.status_code, r.headers["location"]) == (303, "/generate")  # old code: 404
+    model = svc.models.get(user=svc.users.get_by_name(name="ann"))
+    assert not model.lora_scale_is_custom
+    assert model.lora_scale == DEFAULT_LORA_SCALE
+    assert [e["kind"] for e in svc.models.log(user=svc.users.get_by_name(name="ann"))
+            if e["kind"].startswith("lora_scale")][-1] == "lora_scale_reset"
+    assert 'id="default-scale"' not in ann.get("/generate").text
 
 
 def test_using_a_held_or_pending_version_says_which_it_is(ann: TestClient,

@@ -537,10 +537,15 @@ def version_activate(request: Request, version_id: str, viewer: FormViewer) -> R
 
 
 @router.get("/versions/{version_id}/weights")
+@router.head("/versions/{version_id}/weights")
 def version_weights(request: Request, viewer: PageViewer, version_id: str) -> Response:
+    # As the API's: the answer says Accept-Ranges and ETag, so a browser resuming a download
+    # sends Range and If-Range, and checks it with HEAD.
     web = _web(request)
-    return weights_response(web.services.models.download_weights(user=viewer.user,
-                                                                  version_id=version_id))
+    return weights_response(
+        web.services.models.download_weights(user=viewer.user, version_id=version_id),
+        range_header=request.headers.get("range"), if_range=request.headers.get("if-range"),
+        head=request.method == "HEAD")
 
 
 @router.get("/versions/compare/grid.png")
@@ -605,6 +610,15 @@ def model_scale(request: Request, viewer: FormViewer,
                 lora_scale: Annotated[float, Form()]) -> Response:
     web = _web(request)
     web.services.models.set_lora_scale(user=viewer.user, lora_scale=lora_scale)
+    return _see("/generate")
+
+
+@router.post("/model/scale/default")
+def model_scale_default(request: Request, viewer: FormViewer) -> Response:
+    """Back to the default scale, no longer custom (the API's ``{"lora_scale": null}``): a
+    later change of the default reaches the model again."""
+    web = _web(request)
+    web.services.models.change(user=viewer.user, lora_scale_to_default=True)
     return _see("/generate")
 
 
