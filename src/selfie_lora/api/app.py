@@ -24,7 +24,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from selfie_lora.api import generation, keys, likeness, model, training, webhooks
-from selfie_lora.api.deps import UploadSlots, in_thread, intake_limiter
+from selfie_lora.api.deps import in_thread, intake_limiter, upload_slots
 from selfie_lora.api.error_body import error_response
 from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits
 from selfie_lora.api.observe import HttpMetrics
@@ -98,7 +98,7 @@ def create_app(
                          lifespan=lifespan)
     app.state.services = svc
     app.state.intake_limiter = intake_limiter(svc.settings.intake_workers)
-    app.state.upload_slots = UploadSlots()
+    app.state.upload_slots = upload_slots()
     probes = CapacityLimiter(PROBE_THREADS)
     # Its own: readiness probes stuck on a hung storage must not hold the threads the scrape
     # needs (monitoring would go dark during the very outage it should show).

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from typing import Annotated, TypeVar
 
 import anyio.to_thread
@@ -24,6 +23,7 @@ from selfie_lora.errors import (
     ServerStoppingError,
     UploadInProgressError,
 )
+from selfie_lora.services.common import PerUserSlots
 from selfie_lora.wiring import Services
 
 logger = logging.getLogger(__name__)
@@ -80,42 +80,23 @@ def intake_limiter(intake_workers: int) -> CapacityLimiter:
     return CapacityLimiter(INTAKES_PER_ANALYSIS_PROCESS * intake_workers)
 
 
-class UploadSlots:
-    """How many uploads each user has being taken in by this process (``UPLOADS_PER_USER`` at
-    most; ``hold``)."""
+def upload_slots(per_user: int = UPLOADS_PER_USER) -> PerUserSlots:
+    """How many uploads each user has being taken in by this process (``per_user`` at most); one
+    more is ``UploadInProgressError`` (409 upload_in_progress, with Retry-After)."""
 
-    def __init__(self, per_user: int = UPLOADS_PER_USER) -> None:
-        self._per_user = per_user
-        self._held: dict[str, int] = {}
-        self._lock = threading.Lock()
+    def refused(held: int) -> UploadInProgressError:
+        return UploadInProgressError(
+            f"you already have {held} uploads being taken in by the server: send this one "
+            f"when one of them is done", retry_after=UPLOAD_RETRY_AFTER_S)
 
-    @contextmanager
-    def hold(self, user: User) -> Iterator[None]:
-        """One of ``user``'s slots for as long as the block runs; ``UploadInProgressError`` (409
-        upload_in_progress, with Retry-After) when the user has none left."""
-        with self._lock:
-            held = self._held.get(user.id, 0)
-            if held >= self._per_user:
-                raise UploadInProgressError(
-                    f"you already have {held} uploads being taken in by the server: send this "
-                    f"one when one of them is done", retry_after=UPLOAD_RETRY_AFTER_S)
-            self._held[user.id] = held + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                left = self._held[user.id] - 1
-                if left:
-                    self._held[user.id] = left
-                else:
-                    del self._held[user.id]
+    return PerUserSlots(per_user, refused=refused)
 
 
 def upload_slot(request: Request, user: User) -> AbstractContextManager[None]:
-    """One of ``user``'s upload slots in this app (``UploadSlots.hold``): taken by an upload
+    """One of ``user``'s upload slots in this app (``upload_slots``): taken by an upload
     route before it reads the spooled body into memory, held until its intake is done."""
-    slots: UploadSlots = request.app.state.upload_slots
-    return slots.hold(user)
+    slots: PerUserSlots = request.app.state.upload_slots
+    return slots.hold(user.id)
 
 
 async def in_intake(request: Request, fn: Callable[[], T]) -> T:

@@ -6,7 +6,6 @@ import logging
 import math
 import re
 import secrets
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +29,7 @@ from selfie_lora.errors import (
     NotFoundError,
     RateLimitedError,
 )
-from selfie_lora.services.common import new_id, utcnow
+from selfie_lora.services.common import PerUserSlots, new_id, utcnow
 from selfie_lora.services.layout import generation_image_key
 from selfie_lora.services.ports import (
     MAX_SEED,
@@ -104,9 +103,7 @@ class GenerationService:
         self._base_model = base_model
         self._blobs = blobs
         self._generators = dict(generators)
-        self._max_per_user = max_per_user
-        self._in_flight: dict[str, int] = {}
-        self._in_flight_lock = threading.Lock()
+        self._in_flight = PerUserSlots(max_per_user, refused=self._too_many)
         # What the last generation took: how long a user told to wait waits, about.
         self._last_seconds = float(_FIRST_RETRY_AFTER)
         self._executor = ThreadPoolExecutor(max_workers=threads,
@@ -120,34 +117,22 @@ class GenerationService:
         """``generate`` on the service's threads: its future. Refused at once, before anything
         queues, with a 429 ``too_many_generations`` when the user has ``max_per_user``
         generations in flight here."""
-        self._take_slot(user)
+        self._in_flight.take(user.id)
         try:
             future = self._executor.submit(self._generate_timed, user=user, request=request)
         except BaseException:
-            self._release_slot(user)
+            self._in_flight.release(user.id)
             raise
         # Also when the future is canceled while queued (its client went away).
-        future.add_done_callback(lambda _done: self._release_slot(user))
+        future.add_done_callback(lambda _done: self._in_flight.release(user.id))
         return future
 
-    def _take_slot(self, user: User) -> None:
-        with self._in_flight_lock:
-            held = self._in_flight.get(user.id, 0)
-            if held >= self._max_per_user:
-                wait = max(1, min(_MAX_RETRY_AFTER, math.ceil(self._last_seconds)))
-                raise RateLimitedError(
-                    f"you already have {held} generation{'s' if held != 1 else ''} in "
-                    f"progress, the most at once; wait for one to finish, then retry (in about "
-                    f"{wait} s)", retry_after=wait, code=ErrorCode.TOO_MANY_GENERATIONS)
-            self._in_flight[user.id] = held + 1
-
-    def _release_slot(self, user: User) -> None:
-        with self._in_flight_lock:
-            left = self._in_flight.get(user.id, 0) - 1
-            if left > 0:
-                self._in_flight[user.id] = left
-            else:
-                self._in_flight.pop(user.id, None)
+    def _too_many(self, held: int) -> RateLimitedError:
+        wait = max(1, min(_MAX_RETRY_AFTER, math.ceil(self._last_seconds)))
+        return RateLimitedError(
+            f"you already have {held} generation{'s' if held != 1 else ''} in "
+            f"progress, the most at once; wait for one to finish, then retry (in about "
+            f"{wait} s)", retry_after=wait, code=ErrorCode.TOO_MANY_GENERATIONS)
 
     def _generate_timed(self, *, user: User, request: GenerationRequest) -> Generation:
         started = time.monotonic()
@@ -213,11 +198,8 @@ class GenerationService:
         """A user's pictures, made and stored in the caller's thread, under ``submit``'s limit.
         Not ``submit`` waited for: Ctrl-C (the CLI, the demo) would interrupt only the wait,
         and the generation would run on in the executor's thread until the process exits."""
-        self._take_slot(user)
-        try:
+        with self._in_flight.hold(user.id):
             return self._generate_timed(user=user, request=request)
-        finally:
-            self._release_slot(user)
 
     def _generate(self, *, user: User, request: GenerationRequest) -> Generation:
         if not request.prompt.strip():
