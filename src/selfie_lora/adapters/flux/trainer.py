@@ -567,7 +567,7 @@ class LocalTrainer:
     def _wind_down(self, events: Any, process: Any, stop: Any, keep: _Keepers,
                    reporter: _Reporter, *, stepped: bool = True) -> dict[str, Any] | None:
         """Ask the child to stop at its next step, keeping the checkpoint it writes of the steps
-        since its last one, for up to ``stop_grace_s``; the caller then terminates it (a child
+        since its last one, for up to ``stop_grace_s``; the caller then kills it (a child
         still loading the model, or stuck, loses only what a kill would have lost).
 
         Returns the child's metrics when it finished instead (asked at its last step, or while
@@ -613,7 +613,7 @@ class LocalTrainer:
                 return done
             elif message[0] == "error":
                 return None  # stopped ("canceled"), or failed: nothing more will come
-        logger.warning("training child %s did not stop within %.0f s: terminating it",
+        logger.warning("training child %s did not stop within %.0f s: killing it",
                        process.pid, self.stop_grace_s)
         return None
 
