@@ -9,6 +9,7 @@ The steps at which runs stop are drawn from a seed; try others with
 from __future__ import annotations
 
 import errno
+import io
 import math
 import os
 import random
@@ -296,28 +297,78 @@ class KeptSamples:
         self.steps.append(step)
 
 
+class _FullAfter(io.RawIOBase):
+    """A file on a disk with ``room`` bytes free: the write past it fails with ENOSPC, as a
+    filling disk's does (torch's zip writer swallows that OSError and reports an unexpected
+    position)."""
+
+    def __init__(self, room: int) -> None:
+        self.room, self.pos = room, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        if self.pos + len(data) > self.room:
+            raise _no_space(Path("full"))
+        self.pos += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.pos
+
+
+@pytest.mark.parametrize("room", [0, 100, 2000])
+def test_a_checkpoint_write_the_disk_refuses_is_an_os_error_from_the_real_torch_writer(
+        room: int) -> None:
+    """torch.save into a file that runs out of room raises RuntimeError('unexpected pos ...')
+    mid-record (OSError only at the first write): both reach the caller as OSError."""
+    import torch
+
+    from selfie_lora.adapters.flux.checkpoints import write_payload
+
+    with pytest.raises(OSError, match=r"No space left on device|write failed \(.*unexpected pos"):
+        write_payload({"a": torch.zeros(1000)}, _FullAfter(room))
+
+
+def test_a_fault_of_the_payload_stays_a_runtime_error() -> None:
+    from selfie_lora.adapters.flux.checkpoints import write_payload
+
+    class Broken:
+        def __reduce__(self) -> Any:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom") as raised:
+        write_payload({"a": Broken()}, io.BytesIO())
+    assert not isinstance(raised.value, OSError)
+
+
 def test_a_checkpoint_or_sample_the_disk_cannot_take_is_skipped_and_the_training_goes_on(
         shared_model_cache: Path, tmp_path: Path, uninterrupted: dict[str, Any],
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The work dir's disk full at one checkpoint and one sample: each is skipped with a
-    warning, and the run goes on to the LoRA an uninterrupted run makes (a full disk at step 750
-    of a FLUX run used to fail the training and drop every stored checkpoint)."""
+    """The work dir's disk full at one checkpoint (the real torch writer into a file that runs
+    out of room) and one sample: each is skipped with a warning, and the run goes on to the
+    LoRA an uninterrupted run makes (a full disk at step 750 of a FLUX run used to fail the
+    training and drop every stored checkpoint)."""
     from selfie_lora.adapters.flux import checkpoints as flux_checkpoints
     from selfie_lora.adapters.flux.samples import Sampler
 
-    save_checkpoint, write_sample = flux_checkpoints.save_checkpoint, Sampler.write
+    fdopen, write_sample = os.fdopen, Sampler.write
+    opened: list[int] = []
 
-    def full_at_8(directory: Path, **kwargs: Any) -> Path:
-        if kwargs["state"].step == 8:
-            raise _no_space(directory / "step-00000008.ckpt")
-        return save_checkpoint(directory, **kwargs)
+    def full_at_8(handle: int, mode: str) -> Any:
+        opened.append(handle)
+        if len(opened) == 2:  # the checkpoint of step 8
+            os.close(handle)
+            return io.BufferedWriter(_FullAfter(room=1000))
+        return fdopen(handle, mode)
 
     def full_at_12(self: Sampler, transformer: Any, step: int) -> Path:
         if step == 12:
             raise _no_space(self.folder / "sample.jpg")
         return write_sample(self, transformer, step)
 
-    monkeypatch.setattr(flux_checkpoints, "save_checkpoint", full_at_8)
+    monkeypatch.setattr(flux_checkpoints.os, "fdopen", full_at_8)
     monkeypatch.setattr(Sampler, "write", full_at_12)
     kept, samples = KeptCheckpoints(tmp_path / "kept"), KeptSamples()
     result = _trainer(shared_model_cache, "inline").train(
@@ -331,15 +382,18 @@ def test_a_checkpoint_or_sample_the_disk_cannot_take_is_skipped_and_the_training
 
 def test_a_lora_the_disk_cannot_take_is_a_storage_error_not_a_failed_training(
         shared_model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The final LoRA's write on a full disk: a StorageError naming the LoRA and the disk's
-    error (the worker steps away with the stored checkpoints kept), not a TrainingFailedError
-    telling the user to contact the operator."""
+    """The final LoRA's write on a full disk (its file runs out of room after 1000 bytes): a
+    StorageError naming the LoRA and the disk's error (the worker steps away with the stored
+    checkpoints kept), not a TrainingFailedError telling the user to contact the operator
+    (safetensors' own file writer raised SafetensorError there)."""
     from selfie_lora.adapters.flux import train_loop
 
-    def full(transformer: Any, *, out_path: Path, **kwargs: Any) -> None:
-        raise _no_space(out_path)
+    def on_a_full_disk(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if Path(path).name == "lora.safetensors" and "w" in mode:
+            return io.BufferedWriter(_FullAfter(room=1000))
+        return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(train_loop, "save_lora", full)
+    monkeypatch.setattr(train_loop, "open", on_a_full_disk, raising=False)
     kept = KeptCheckpoints(tmp_path / "kept")
     with pytest.raises(StorageError) as raised:
         _trainer(shared_model_cache, "inline").train(

@@ -18,6 +18,7 @@ Torch is imported inside the functions so that importing this module stays cheap
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -138,6 +139,26 @@ def _differences(saved: Any, wanted: dict[str, Any]) -> str:
                      if saved.get(key) != wanted.get(key))
 
 
+# What torch's zip writer says when the file object under it refused a write: it swallows the
+# OSError of a write cut short (a disk filling mid-record) and checks the position it expected.
+_WRITE_FAILED = ("unexpected pos", "No space", "os error 28")
+
+
+def write_payload(payload: dict[str, Any], fh: Any) -> None:
+    """``torch.save`` ``payload`` into ``fh``; a write the disk refused (full, say) is an
+    OSError, whichever way torch reports it, so a caller can tell it from a fault of the run."""
+    import torch
+
+    try:
+        torch.save(payload, fh)
+    except RuntimeError as exc:
+        text = str(exc)
+        if not any(mark in text for mark in _WRITE_FAILED):
+            raise
+        code = errno.EIO if "unexpected pos" in text else errno.ENOSPC
+        raise OSError(code, f"the write failed ({text})") from exc
+
+
 def save_checkpoint(
     directory: Path,
     *,
@@ -149,8 +170,6 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint of ``state`` into ``directory`` atomically; older ones beyond
     :data:`KEEP` are removed. Returns the file written."""
-    import torch
-
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
@@ -167,7 +186,7 @@ def save_checkpoint(
     handle, staged = tempfile.mkstemp(dir=directory, prefix=".ckpt-")
     try:
         with os.fdopen(handle, "wb") as fh:
-            torch.save(payload, fh)
+            write_payload(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(staged, final)

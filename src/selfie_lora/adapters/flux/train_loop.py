@@ -602,7 +602,7 @@ def save_lora(
     """
     import torch
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     adapter = "default"
     state_dict = get_peft_model_state_dict(transformer, adapter_name=adapter)
@@ -623,7 +623,11 @@ def save_lora(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".lora-") as tmp:
         staged = Path(tmp) / "lora.safetensors"
-        save_file(tensors, str(staged), metadata=metadata)
+        # Serialized in memory (a LoRA is megabytes) and written by Python: a full disk is then
+        # an OSError, where safetensors' own file writer raises its SafetensorError.
+        data = save(tensors, metadata=metadata)
+        with open(staged, "wb") as fh:
+            fh.write(data)
         os.replace(staged, out_path)
 
 
