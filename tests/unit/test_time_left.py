@@ -57,3 +57,20 @@ def test_no_estimate_for_an_ended_training() -> None:
     t = _report(_report(_running(), 0, T0), 10, T0 + timedelta(seconds=10))
     assert time_left(dataclasses.replace(t, status=TrainingStatus.CANCELED),
                      now=T0 + timedelta(seconds=10)) is None
+
+
+def test_a_replicate_run_s_queue_boot_and_load_at_step_0_do_not_count() -> None:
+    """Replicate's first poll reports step 0 as the run is created; 4 min starting and 2 min
+    processing before the bar are polled at step 0, then 1.5 s a step (review daydiff2 finding
+    2: at step 23 the page said about 283 min left for 24 real)."""
+    t = _running()
+    for second in range(0, 361, 5):  # polls at step 0 until the steps move
+        t = _report(t, 0, T0 + timedelta(seconds=second))
+    for step, second in ((24, 396), (160, 600)):
+        now = T0 + timedelta(seconds=second)
+        t = _report(t, step, now)
+        left = time_left(t, now=now)
+        assert left is not None
+        assert left == (1000 - step) * 1.5  # old code: about 283 min at step 23
+    assert t.metrics["pace"] == {"attempt": 1, "step": 0,
+                                 "at": (T0 + timedelta(seconds=360)).isoformat()}

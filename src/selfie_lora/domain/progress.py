@@ -34,11 +34,14 @@ def add_loss_point(curve: tuple[tuple[int, float], ...], *, step: int, loss: flo
 
 def mark_pace(t: Training, *, step: int, at: datetime) -> dict[str, Any]:
     """``t.metrics`` with ``step`` at ``at`` recorded as its attempt's first report, unless that
-    attempt already has one. The first report comes once the model is loaded (the local
-    trainer's step 0, or the step it resumed from), so neither the load nor the steps an earlier
-    attempt (or a canceled training this one resumes) made count in the pace."""
+    attempt already has one at another step. While the reports stay at the first one's step, the
+    newest of them is kept: the pace starts at the last report before the steps move, so neither
+    the load (the local trainer's step 0 after it, a Replicate run's polls at step 0 through its
+    queue, boot and weights download) nor the steps an earlier attempt (or a canceled training
+    this one resumes) made count in the pace."""
     pace = t.metrics.get(PACE_KEY)
-    if isinstance(pace, dict) and pace.get("attempt") == t.attempt:
+    if (isinstance(pace, dict) and pace.get("attempt") == t.attempt
+            and pace.get("step") != step):
         return t.metrics
     return {**t.metrics, PACE_KEY: {"attempt": t.attempt, "step": step, "at": at.isoformat()}}
 
