@@ -7,6 +7,7 @@ process within ``API_KEY_CACHE_TTL``."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -233,6 +234,64 @@ def test_one_ipv6_allocation_past_the_name_s_ceiling_does_not_keep_the_owner_out
     assert refused > 0  # the ceiling was reached: the allocation's own /64s wait
     # old code: RateLimitedError for the owner, from an address that never failed.
     assert svc.sign_in(name="ann", password=PASSWORD, client="198.51.100.7").user.name == "ann"
+
+
+def _default_policy_users(repo: SqlRepository, clock: Clock) -> UserService:
+    svc = UserService(repo=repo, hasher=Argon2Hasher(time_cost=1, memory_cost_kib=1024),
+                      policy=SignInPolicy(), clock=clock)
+    svc.create(name="ann", password=PASSWORD)
+    return svc
+
+
+def test_past_the_name_s_ceiling_the_64s_of_one_48_get_no_guess_each(
+        repo: SqlRepository, clock: Clock) -> None:
+    """Past the ceiling every /64 that had not failed for the name got one password check, so
+    one IPv6 /48 (65,536 /64s) got ~65,600 guesses a window against one account (review
+    daydiff2: 600 /64s, 680 guesses). Now a network (/48, /24) that failed for the name waits
+    with it: the ceiling's 100 guesses, and none for the /48's fresh /64s."""
+    svc = _default_policy_users(repo, clock)
+    checked = 0
+    for net in range(60):  # 2001:db8:77::/48, one /64 after another
+        for i in range(5):
+            clock.now += timedelta(milliseconds=100)
+            try:
+                svc.sign_in(name="ann", password=f"guess {net} {i}",
+                            client=f"2001:db8:77:{net:x}::{i + 1}")
+            except AuthError:
+                checked += 1
+            except RateLimitedError:
+                pass
+        if net >= 20:  # past the ceiling: a fresh /64 of the /48 is refused at once
+            with pytest.raises(RateLimitedError):
+                svc.sign_in(name="ann", password=PASSWORD, client=f"2001:db8:77:{net + 1:x}::9")
+    assert checked == SignInPolicy().max_failures_per_name  # old code: 140
+    # Another network gets its one guess; the owner from her own address signs in.
+    with pytest.raises(AuthError):
+        svc.sign_in(name="ann", password="guess", client="2001:db8:78::1")
+    assert svc.sign_in(name="ann", password=PASSWORD, client="198.51.100.7").user.name == "ann"
+
+
+def test_the_owner_held_back_by_her_own_typo_is_told_when_it_leaves_the_window(
+        repo: SqlRepository, clock: Clock) -> None:
+    """One typo at 0:00 from her address, then a stranger keeps the name past its ceiling: her
+    Retry-After is when her typo leaves the window (15:00), not the name's (review daydiff2: at
+    14m30s she was told 420 s and signed in at 15m30s)."""
+    svc = _default_policy_users(repo, clock)
+    start, owner = clock.now, "198.51.100.7"
+    with pytest.raises(AuthError):
+        svc.sign_in(name="ann", password="typo", client=owner)
+    net = 0
+    for minute in range(15):
+        clock.now = start + timedelta(minutes=minute, seconds=30)
+        for _ in range(110 if minute == 0 else 12):  # past the ceiling, then more /64s
+            net += 1
+            with contextlib.suppress(AuthError, RateLimitedError):
+                svc.sign_in(name="ann", password="x", client=f"2001:db8:{net:x}::1")
+        with pytest.raises(RateLimitedError) as held:
+            svc.sign_in(name="ann", password=PASSWORD, client=owner)
+        assert held.value.retry_after == 15 * 60 - (minute * 60 + 30)  # old code: the name's wait
+    clock.now = start + SignInPolicy().window
+    assert svc.sign_in(name="ann", password=PASSWORD, client=owner).user.name == "ann"
 
 
 def fail_until_the_client_limit(svc: UserService, *, clients: list[str], then: str) -> None:
@@ -464,8 +523,9 @@ def test_expired_sessions_and_old_failures_are_forgotten(repo: SqlRepository,
         svc.sign_in(name="ann", password="not the password", client="c")
     assert svc.forget_expired() == 0
     clock.now += POLICY.session_lifetime
-    # The session, the failure under the name from the client, the client and the name.
-    assert svc.forget_expired() == 4
+    # The session, the failure under the name from the client, the client, the name and the
+    # name from the client's network.
+    assert svc.forget_expired() == 5
 
 
 def refuses(svc: UserService, key: str) -> bool:

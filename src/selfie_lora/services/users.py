@@ -106,6 +106,19 @@ def client_key(client: str) -> str:
     return str(address)
 
 
+def wide_key(client: str) -> str:
+    """The network around a client address that a stranger past a name's ceiling is counted by:
+    an IPv6 /48 (a small customer's allocation: 65,536 /64s), an IPv4 /24; anything else as
+    ``client_key`` has it."""
+    address = client_key(client)
+    try:
+        network = ipaddress.ip_network(address, strict=False)
+    except ValueError:
+        return address
+    prefix = 48 if network.version == 6 else 24
+    return str(network.supernet(new_prefix=prefix)) if network.prefixlen > prefix else str(network)
+
+
 def hash_session_token(token: str) -> str:
     # Like API keys: a 256-bit random token needs no slow hash.
     return hashlib.sha256(token.encode()).hexdigest()
@@ -286,31 +299,42 @@ class UserService:
                   now: datetime | None = None) -> None:
         now = now or self._clock()
         since = now - self._policy.window
-        pair_key, address_key, name_key = self._throttle_keys(name, client)
+        pair_key, address_key, name_key, net_key = self._throttle_keys(name, client)
         pair_failures = repo.sign_in_failures(pair_key, since=since)
         limits = [(pair_failures, self._policy.max_failures),
                   (repo.sign_in_failures(address_key, since=since),
                    self._policy.max_failures_per_client)]
-        # The name's ceiling holds back only addresses that failed for it already: counted for
-        # every address, anyone with one IPv6 /56 (20 /64s x 5 guesses) kept the owner out from
-        # her own address. A stranger past it gets one guess per new address, not five.
-        if pair_failures:
-            limits.append((repo.sign_in_failures(name_key, since=since),
-                           self._policy.max_failures_per_name))
         waits = [wait_before_next_attempt(failures, limit=limit, window=self._policy.window,
                                           now=now)
                  for failures, limit in limits]
+        # The name's ceiling holds back only addresses whose network (/48, /24) failed for it
+        # already: counted for every address, anyone with one IPv6 /56 (20 /64s x 5 guesses)
+        # kept the owner out from her own address; exempting every address that had not failed
+        # itself gave a /48 65,536 guesses a window. A stranger past it gets one guess per new
+        # network.
+        net_failures = [*repo.sign_in_failures(net_key, since=since), *pair_failures]
+        if net_failures:
+            name_wait = wait_before_next_attempt(
+                repo.sign_in_failures(name_key, since=since),
+                limit=self._policy.max_failures_per_name, window=self._policy.window, now=now)
+            if name_wait is not None:
+                # Free once the name's failures thin out, or once this network's own newest
+                # failure (her one typo) leaves the window, whichever comes first.
+                own = max(net_failures) + self._policy.window - now
+                waits.append(min(name_wait, max(own, timedelta(seconds=1))))
         longest = max((w for w in waits if w is not None), default=None)
         if longest is not None:
             raise _rate_limited("too many failed sign-ins", longest)
 
     @staticmethod
-    def _throttle_keys(name: str, client: str) -> tuple[str, str, str]:
+    def _throttle_keys(name: str, client: str) -> tuple[str, str, str, str]:
         """The keys an attempt is counted under: the name from this client (hashed, so that a
-        long name and address fit the key's 200 characters whole), the client, the name."""
+        long name and address fit the key's 200 characters whole), the client, the name, the
+        name from the client's network (``wide_key``)."""
         folded, address = fold_name(name)[:150], client_key(client)
         pair = hashlib.sha256(f"{folded}\x00{address}".encode()).hexdigest()
-        return f"name-client:{pair}", f"client:{address}", f"name:{folded}"
+        net = hashlib.sha256(f"{folded}\x00{wide_key(client)}".encode()).hexdigest()
+        return f"name-client:{pair}", f"client:{address}", f"name:{folded}", f"name-net:{net}"
 
     def _password_hash(self, password: str, *, name: str) -> str:
         problem = password_problem(password, name=name)
