@@ -449,3 +449,52 @@ def test_a_flush_reports_the_newest_step_the_interval_held_back() -> None:
     reporter.flush()
     reporter.flush()
     assert sink.steps == [0, 5]
+
+
+
+@dataclass(frozen=True)
+class _Restartable:
+    checkpoint_dir: Path
+    resume_from: Path | None = None
+
+
+def test_a_restarted_child_s_cancel_flushes_its_own_step_not_the_dead_child_s(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Child 1 held back step 7 and died (SIGKILL) with its newest checkpoint at 4; child 2
+    resumed at 4 and was canceled at 5, keeping checkpoint 5: the wind-down's flush reported
+    child 1's step 7, past the checkpoint kept (review daydiff2 reporter_restart.py). Now the
+    restart drops it (child 2's steps behind the row's are not reported: it never goes back)."""
+    from selfie_lora.adapters.flux import trainer as flux_trainer
+    from selfie_lora.adapters.flux.trainer import _ChildDiedError, _Reporter
+
+    class Sink(_Progress):
+        def interrupted(self) -> bool:
+            return False
+
+    clock = [0.0]
+    monkeypatch.setattr(flux_trainer.time, "monotonic", lambda: clock[0])
+    sink = Sink()
+    reporter = _Reporter(sink, interval=0.5)  # type: ignore[arg-type]
+    children: list[Path | None] = []
+
+    def steps(numbers: range, *, at: float) -> None:
+        for step in numbers:  # one every 0.2 s
+            clock[0] = at + 0.2 * step
+            reporter.step(step, 40, 0.5)
+
+    def child(request: _Restartable, reporter: _Reporter, keep: Any, *, job_id: str) -> Any:
+        children.append(request.resume_from)
+        if len(children) == 1:
+            steps(range(8), at=10.0)  # reports 0, 3, 6 and holds back 7
+            (request.checkpoint_dir / "step-00000004.ckpt").write_bytes(b"kept")
+            raise _ChildDiedError(-signal.SIGKILL)
+        steps(range(4, 6), at=30.0)
+        reporter.flush()  # canceled at 5: the wind-down reports the step it stopped at
+        raise TrainingCanceledError("canceled at step 5/40")
+
+    trainer = _trainer(tmp_path / "cache", "process")
+    monkeypatch.setattr(trainer, "_train_in_child", child)
+    with pytest.raises(TrainingCanceledError):
+        trainer._train_restarting(_Restartable(tmp_path), reporter, None, job_id="t")  # type: ignore[arg-type]
+    assert children == [None, tmp_path / "step-00000004.ckpt"]
+    assert sink.steps == [0, 3, 6]  # old code: [0, 3, 6, 7], the dead child's held-back step

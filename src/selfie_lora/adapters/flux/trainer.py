@@ -250,6 +250,13 @@ class _Reporter:
         if self._pending is not None and self._pending[0] > self._last_step:
             self._report(*self._pending)
 
+    def restarted(self) -> None:
+        """A new child resumes from the newest checkpoint, behind the steps the dead one made:
+        the step the dead one held back is dropped, so a later ``flush`` never reports a step
+        that no living child made (past the checkpoint the new child keeps). The steps already
+        reported stay: the row's step never goes back."""
+        self._pending = None
+
     def _report(self, step: int, total: int, loss: float) -> None:
         self._sink.progress(
             status=TrainingStatus.PROCESSING,
@@ -464,6 +471,7 @@ class LocalTrainer:
                                "from %s (restart %d of %d)", job_id, died.exitcode, newest.name,
                                restarts, self.max_restarts)
                 request = dataclasses.replace(request, resume_from=newest)
+                reporter.restarted()
 
     @staticmethod
     def _stopping(reporter: _Reporter, died: _ChildDiedError) -> bool:
