@@ -586,13 +586,11 @@ class LocalTrainer:
         the row then shows the step it stopped at, the checkpoint's, not one some steps before.
 
         A child that has not ``stepped`` yet is still loading the model (minutes for FLUX.1):
-        it has nothing to checkpoint, so it is killed at once instead of waited for (SIGKILL:
-        it ignores SIGTERM, which the worker's stop sends its whole group)."""
+        it has nothing to checkpoint, so it is not waited for: the caller's ``_stop`` kills it
+        at once (SIGKILL: it ignores SIGTERM, which the worker's stop sends its whole group)."""
         if not stepped:
             logger.info("training child %s is still loading the model: nothing to keep, "
                         "ending it now", process.pid)
-            process.kill()
-            process.join(timeout=10)
             return None
         stop.set()
         try:
