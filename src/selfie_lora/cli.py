@@ -623,7 +623,7 @@ def generate(
     lora_scale: Annotated[float | None, typer.Option("--lora-scale")] = None,
 ) -> None:
     """Generate with the user's active LoRA version."""
-    from selfie_lora.services.generation import GenerationRequest
+    from selfie_lora.services.generation import GenerationRequest, withheld_pictures
 
     # Before generating: a generation is stored (and, on Replicate, paid for) whether or not
     # its images can be written here afterwards.
@@ -635,12 +635,17 @@ def generate(
         version = services.models.version(user=owner, version_id=generation.version_id)
         # The seed drawn when none was given was only in a log line: it is what makes the
         # pictures again.
-        each = " (picture i: that + i)" if len(generation.image_keys) > 1 else ""
+        pictures = generation.pictures()
+        each = " (picture i: that + i)" if len(pictures) + len(generation.withheld) > 1 else ""
         console.print(f"generation {generation.id}: version {version.number}, LoRA scale "
                       f"{generation.lora_scale:g}, seed {generation.seed}{each}", markup=False,
                       highlight=False, soft_wrap=True)
-        for i in range(len(generation.image_keys)):
-            target = out / f"{generation.id}-{i}.png"
+        for picture in withheld_pictures(generation):
+            console.print(f"picture {picture.number - 1} (seed {picture.seed}) was withheld by "
+                          "Replicate's safety checker", markup=False, highlight=False)
+        # Named by the picture's place in the batch (its seed's offset), not its rank.
+        for i, place in enumerate(pictures):
+            target = out / f"{generation.id}-{place}.png"
             _write(target, services.generation.image(
                 user=owner, generation_id=generation.id, index=i), also=(
                 f"generation {generation.id} is stored: its images are at "

@@ -116,6 +116,38 @@ def test_a_generation_without_a_seed_records_the_seed_that_made_it(
             == client.get(gen["images"][0], headers=h).content)
 
 
+def test_a_picture_the_safety_checker_withholds_leaves_the_others_and_is_named(
+    client: TestClient, services: Services, fake_generator: FakeGenerator
+) -> None:
+    """A batch of 4 with one picture withheld by Replicate's safety checker failed whole: the 3
+    good pictures (paid for) were lost. They are kept, in the batch's order, and the answer and
+    the stored generation name the withheld picture and its seed."""
+    h = auth(services, "ann")
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    fake_generator.withhold = frozenset({1})
+    r = client.post("/api/generate", headers=h,
+                    json={"prompt": "on a beach", "num_outputs": 4, "seed": 40})
+    assert r.status_code == 200, r.text
+    gen = r.json()["generation"]
+    assert gen["withheld"] == [{"picture": 2, "seed": 41}]
+    assert len(gen["images"]) == 3
+    for url in gen["images"]:
+        assert client.get(url, headers=h).content.startswith(b"\x89PNG")
+    user = services.users.get_by_name(name="ann")
+    (stored,) = services.generation.history(user=user)
+    assert stored.id == gen["id"]
+    assert stored.withheld == (1,)
+    # Image 1 is picture 3 (seed 42), stored under its place in the batch.
+    assert stored.pictures() == (0, 2, 3)
+    assert stored.image_keys[1].endswith("/2.png")
+    # Every picture withheld: nothing to keep, the generation fails and nothing is stored.
+    fake_generator.withhold = frozenset({0})
+    r = client.post("/api/generate", headers=h, json={"prompt": "on a beach", "seed": 40})
+    assert r.status_code == 502, r.text
+    assert r.json()["error"]["code"] == "generation_failed"
+    assert len(services.generation.history(user=user)) == 1
+
+
 @dataclass
 class MismatchTrainer(FakeTrainer):
     """Replicate publishing a training's LoRA as another model's version (replicate-python

@@ -8,7 +8,7 @@ import json
 import re
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -684,20 +684,34 @@ def test_picture_i_of_a_batch_is_the_picture_its_seed_makes_alone(
     assert batch[2] == make(7, 1)[0]
 
 
-def test_a_picture_withheld_by_the_safety_checker_is_said_not_dropped(
+def test_a_picture_withheld_by_the_safety_checker_is_none_at_its_place(
     replicate_standin: ReplicateStandIn, replicate_generator: ReplicateGenerator,
 ) -> None:
     """The predictor drops a flagged image and succeeds: a batch that came back short would
-    shift every later picture's seed, unsaid. The error names the picture and its seed."""
+    shift every later picture's seed, unsaid, and failing the batch lost the pictures that came
+    (paid for). The withheld picture is None at its place, the others are kept with their seeds;
+    only a batch withheld whole fails, naming the pictures and their seeds."""
     version = replicate_standin.create_model_version("selfie-lora/lora-g")
+
+    def make(seed: int, count: int) -> Sequence[bytes | None]:
+        return replicate_generator.generate(GenerationJob(
+            prompt="at the beach", num_outputs=count, seed=seed, lora_scale=1.0,
+            trainer_version="t", remote_version=version))
+
     replicate_standin.withheld_seeds = {8}
+    batch = make(7, 3)
+    assert batch[1] is None
+    assert batch[0] == make(7, 1)[0]
+    assert batch[2] == make(9, 1)[0]
+    replicate_standin.withheld_seeds = {7, 8}
     with pytest.raises(GenerationError) as caught:
-        replicate_generator.generate(GenerationJob(
-            prompt="at the beach", num_outputs=3, seed=7, lora_scale=1.0, trainer_version="t",
-            remote_version=version))
+        make(7, 2)
     assert caught.value.user_message is not None
-    assert "picture 2 (seed 8) of 3" in caught.value.user_message
+    assert "every picture (1 (seed 7), 2 (seed 8))" in caught.value.user_message
     assert "safety checker" in caught.value.user_message
+    with pytest.raises(GenerationError) as caught:
+        make(8, 1)
+    assert "withheld the picture (seed 8)" in str(caught.value.user_message)
 
 
 def test_generator_retries_and_maps_a_failed_prediction(

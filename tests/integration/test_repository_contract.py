@@ -379,6 +379,24 @@ def test_the_largest_seed_and_a_long_weights_method_are_stored(repo: SqlReposito
     assert repo.get_generation("g1").seed == MAX_SEED  # type: ignore[union-attr]
 
 
+def test_a_generation_s_withheld_pictures_are_stored(repo: SqlRepository) -> None:
+    """The batch places of the pictures the generator withheld are kept with the generation
+    (the gallery names them), and a generation without any reads back none."""
+    user, model, dataset = seed(repo)
+    repo.add_training(training(model, dataset, "t1", status=TrainingStatus.SUCCEEDED))
+    repo.add_version(version(model, 1))
+    repo.add_generation(Generation(id="g1", user_id=user.id, model_id=model.id, version_id="v1",
+                                   prompt="p", lora_scale=1.0, seed=7,
+                                   image_keys=("generations/g1/0.png", "generations/g1/2.png"),
+                                   created_at=NOW, withheld=(1, 3)))
+    repo.add_generation(Generation(id="g2", user_id=user.id, model_id=model.id, version_id="v1",
+                                   prompt="p", lora_scale=1.0, seed=7,
+                                   image_keys=("generations/g2/0.png",), created_at=NOW))
+    assert repo.get_generation("g1").withheld == (1, 3)  # type: ignore[union-attr]
+    assert repo.get_generation("g2").withheld == ()  # type: ignore[union-attr]
+    assert {g.id: g.withheld for g in repo.list_generations(user.id)} == {"g1": (1, 3), "g2": ()}
+
+
 def test_a_nul_is_invalid_input_and_other_refused_values_storage_errors(
         repo: SqlRepository) -> None:
     """PostgreSQL refuses a NUL in any text, a lookup's included: the input's fault, a 422, not

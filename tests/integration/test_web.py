@@ -941,6 +941,22 @@ def test_a_server_side_error_s_page_says_a_sentence_and_a_reference_not_the_erro
     assert all(words in logged for words in leaky)
 
 
+def test_the_generate_page_keeps_the_pictures_that_came_and_names_the_withheld_one(
+        ann: TestClient, fake_generator: FakeGenerator) -> None:
+    """A picture withheld by Replicate's safety checker failed the whole generation (a 502
+    page): the other pictures, paid for, were lost. The gallery shows them and names the
+    withheld picture and its seed."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    fake_generator.withhold = frozenset({2})
+    r = ann.post("/generate", data={"csrf_token": csrf(ann, "/generate"), "prompt": "p",
+                                    "num_outputs": "3", "seed": "10"})
+    assert r.status_code == 200, r.text
+    assert "safety checker withheld picture 3 (seed 12) of 3" in r.text
+    gallery = r.text[r.text.index('class="gallery"'):]
+    assert len(re.findall(r'<img src="/generations/[^/]+/\d\.png"', gallery)) == 2
+
+
 def test_a_third_generation_at_once_is_a_page_that_says_to_wait(
         ann: TestClient, fake_generator: FakeGenerator) -> None:
     """The pages generate within the same per-user limit as the API: a third at once is a 429

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 
 from selfie_lora.domain.entities import ApiKey, Dataset, Generation, Model, Training, TrainingStatus, Version
 from selfie_lora.domain.likeness import ProbeResult, VersionLikeness
+from selfie_lora.services.generation import withheld_pictures
 from selfie_lora.services.likeness import Comparison
 
 CHART_URL = "/api/model/quality/chart.png"
@@ -224,6 +225,9 @@ def generation_json(g: Generation) -> dict[str, Any]:
         "version_id": g.version_id,
         "seed": g.seed,
         "images": [f"/api/generations/{g.id}/images/{i}" for i in range(len(g.image_keys))],
+        # The pictures of the batch the generator withheld (Replicate's safety checker): the
+        # images are the others, in the batch's order.
+        "withheld": [{"picture": p.number, "seed": p.seed} for p in withheld_pictures(g)],
         "created_at": g.created_at.isoformat(),
     }
 

@@ -419,6 +419,15 @@ class Generation:
     seed: int | None
     image_keys: tuple[str, ...]
     created_at: datetime
+    # The places in the batch (0-based) of the pictures the generator withheld (Replicate's
+    # safety checker): the pictures that came are ``image_keys``, in the batch's order, so
+    # image i of ``image_keys`` is picture ``pictures()[i]``, made with that place's seed.
+    withheld: tuple[int, ...] = ()
+
+    def pictures(self) -> tuple[int, ...]:
+        """The places in the batch of the stored images, ``image_keys``' order."""
+        total = len(self.image_keys) + len(self.withheld)
+        return tuple(i for i in range(total) if i not in self.withheld)
 
 
 @dataclass(frozen=True)

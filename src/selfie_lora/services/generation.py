@@ -25,6 +25,7 @@ from selfie_lora.errors import (
     ConfigError,
     ConflictError,
     ErrorCode,
+    GenerationError,
     InvalidInputError,
     NotFoundError,
     RateLimitedError,
@@ -37,6 +38,7 @@ from selfie_lora.services.ports import (
     GenerationJob,
     Generator,
     Repository,
+    image_seed,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,22 @@ def weights_missing_error(version: Version, *, so: str = "it cannot make picture
 
 
 @dataclass(frozen=True)
+class Picture:
+    """A picture of a generation's batch: its number (1-based) and the seed that makes it alone
+    (None for a generation stored without its seed)."""
+
+    number: int
+    seed: int | None
+
+
+def withheld_pictures(generation: Generation) -> list[Picture]:
+    """The pictures of ``generation`` its generator withheld (Replicate's safety checker)."""
+    return [Picture(number=i + 1, seed=None if generation.seed is None
+                    else image_seed(seed=generation.seed, index=i))
+            for i in generation.withheld]
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
     num_outputs: int = 1
@@ -83,7 +101,10 @@ class GenerationRequest:
 class Rendered:
     prompt: str  # as sent to the generator: it holds the trigger word
     lora_scale: float
-    images: list[bytes]  # PNG bytes, one per output
+    images: list[bytes]  # PNG bytes, one per picture that came, in the batch's order
+    # The batch places (0-based) of the pictures the generator withheld; the others are
+    # ``images``. Never all of them: a batch withheld whole fails.
+    withheld: tuple[int, ...] = ()
 
 
 class GenerationService:
@@ -191,8 +212,18 @@ class GenerationService:
                 trainer_version=version.trainer_version, weights_path=weights_path,
                 remote_version=version.remote_version, width=size, height=size,
             )
-            images = generator.generate(job)
-        return Rendered(prompt=final_prompt, lora_scale=scale, images=images)
+            pictures = generator.generate(job)
+        if all(png is None for png in pictures):
+            # The generator's contract is to raise then (naming what was withheld); a batch of
+            # nothing is never stored as a generation.
+            raise GenerationError(
+                "every picture was withheld by the generator's safety checker; change the "
+                "prompt or the seed and try again",
+                user_message="Every picture was withheld by the safety checker. Change the "
+                             "prompt or the seed and try again.")
+        return Rendered(prompt=final_prompt, lora_scale=scale,
+                        images=[png for png in pictures if png is not None],
+                        withheld=tuple(i for i, png in enumerate(pictures) if png is None))
 
     def generate(self, *, user: User, request: GenerationRequest) -> Generation:
         """A user's pictures, made and stored in the caller's thread, under ``submit``'s limit.
@@ -233,19 +264,27 @@ class GenerationService:
         rendered = self.render(model=model, version=version, prompt=request.prompt, seed=seed,
                                num_outputs=request.num_outputs, lora_scale=request.lora_scale)
         generation_id = new_id()
+        places = [i for i in range(len(rendered.images) + len(rendered.withheld))
+                  if i not in rendered.withheld]
         keys = []
-        for i, png in enumerate(rendered.images):
-            key = generation_image_key(generation_id, i)
+        for place, png in zip(places, rendered.images, strict=True):
+            # Named by its place in the batch, the seed's offset.
+            key = generation_image_key(generation_id, place)
             self._blobs.put(key, png)
             keys.append(key)
         generation = Generation(
             id=generation_id, user_id=user.id, model_id=model.id, version_id=version.id,
             prompt=rendered.prompt, lora_scale=rendered.lora_scale, seed=seed,
-            image_keys=tuple(keys), created_at=utcnow(),
+            image_keys=tuple(keys), created_at=utcnow(), withheld=rendered.withheld,
         )
         self._repo.add_generation(generation)
         logger.info("generation %s: %d image(s) with version %d at scale %.2f, seed %d",
                     generation_id, len(keys), version.number, rendered.lora_scale, seed)
+        if rendered.withheld:
+            # Kept and paid for: the user is told which are missing (withheld_pictures).
+            logger.warning("generation %s: the generator withheld picture(s) %s of %d",
+                           generation_id, [i + 1 for i in rendered.withheld],
+                           len(keys) + len(rendered.withheld))
         return generation
 
     def image(self, *, user: User, generation_id: str, index: int) -> bytes:

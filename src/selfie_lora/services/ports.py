@@ -187,8 +187,10 @@ def image_seed(*, seed: int, index: int) -> int:
 class Generator(Protocol):
     backend: str
 
-    def generate(self, job: GenerationJob) -> list[bytes]:
-        """PNG bytes, one per output."""
+    def generate(self, job: GenerationJob) -> Sequence[bytes | None]:
+        """PNG bytes, one per output, in the batch's order; None at the place of a picture the
+        backend withheld (Replicate's safety checker), so that every other picture keeps its
+        place, hence its seed. Raises when every picture is withheld."""
         ...
 
 

@@ -127,7 +127,8 @@ class FakeGenerator:
     (``SimulatedCrash``) when it reaches zero: the worker dying while it scores a version.
     ``fail_with`` (if set) is raised by every call: a storage or generator failure. ``gate`` (if
     set) is waited on before a call generates, ``waiting`` counting the calls held there: a slow
-    generation, such as a FLUX.1 picture queued behind others."""
+    generation, such as a FLUX.1 picture queued behind others. ``withhold`` (batch places) are
+    None, as Replicate's safety checker withholds a picture."""
 
     backend: str = "local"
     size: int = 32
@@ -136,9 +137,10 @@ class FakeGenerator:
     fail_with: Exception | None = None
     gate: threading.Event | None = None
     waiting: int = 0
+    withhold: frozenset[int] = frozenset()
     _waiting_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def generate(self, job: GenerationJob) -> list[bytes]:
+    def generate(self, job: GenerationJob) -> list[bytes | None]:
         if self.fail_with is not None:
             raise self.fail_with
         if self.gate is not None:
@@ -156,8 +158,11 @@ class FakeGenerator:
                 raise SimulatedCrash("the worker died while scoring a version")
         self.jobs.append(job)
         weights = job.weights_path.read_bytes() if job.weights_path else b""
-        out = []
+        out: list[bytes | None] = []
         for i in range(job.num_outputs):
+            if i in self.withhold:
+                out.append(None)
+                continue
             digest = hashlib.sha256(
                 f"{job.prompt}|{job.seed}|{job.lora_scale}|{i}|{job.remote_version}".encode()
                 + weights

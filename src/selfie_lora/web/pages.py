@@ -33,7 +33,7 @@ from selfie_lora.errors import (
     UploadInProgressError,
 )
 from selfie_lora.services.common import utcnow
-from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.services.generation import GenerationRequest, withheld_pictures
 from selfie_lora.services.training import UploadResult
 from selfie_lora.web.app import Viewer, Web
 from selfie_lora.web.cookies import FORM_COOKIE, FORM_MAX_AGE_SECONDS, SESSION_COOKIE
@@ -577,9 +577,10 @@ def generate_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     numbers = {v.id: v.number for v, _ in svc.models.versions_with_likeness(user=viewer.user)}
     # The slider spans the range the model allows (the API's too), or a stored scale outside
     # it would show clamped and "Save the scale" would overwrite it.
+    withheld = {g.id: withheld_pictures(g) for g in history if g.withheld}
     return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
-                      scale_max=LORA_SCALE_MAX)
+                      scale_max=LORA_SCALE_MAX, withheld=withheld)
 
 
 @router.post("/generate")

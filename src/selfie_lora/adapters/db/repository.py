@@ -344,6 +344,7 @@ def _generation(row: GenerationRow) -> Generation:
         id=row.id, user_id=row.user_id, model_id=row.model_id, version_id=row.version_id,
         prompt=row.prompt, lora_scale=row.lora_scale, seed=row.seed,
         image_keys=tuple(row.image_keys), created_at=_req_utc(row.created_at),
+        withheld=tuple(row.withheld or ()),
     )
 
 
@@ -995,6 +996,7 @@ class SqlRepository:
                 version_id=generation.version_id, prompt=generation.prompt,
                 lora_scale=generation.lora_scale, seed=generation.seed,
                 image_keys=list(generation.image_keys), created_at=generation.created_at,
+                withheld=list(generation.withheld),
             ))
 
     def get_generation(self, generation_id: str) -> Generation | None:

@@ -251,6 +251,8 @@ class GenerationRow(Base):
     seed: Mapped[int | None] = mapped_column(SEED, nullable=True)
     image_keys: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The batch places (0-based) of the pictures the generator withheld.
+    withheld: Mapped[list[int]] = mapped_column(JSON, server_default="[]")
 
 
 class EventRow(Base):

@@ -69,13 +69,14 @@ class ReplicateGenerator:
     def _session(self) -> ReplicateSession:
         return self._connection.session(GENERATOR_FAILURES)
 
-    def generate(self, job: GenerationJob) -> list[bytes]:
+    def generate(self, job: GenerationJob) -> list[bytes | None]:
         """The batch as one single-image prediction per picture, picture i with
         ``image_seed(seed, i)``: the trained version's predictor seeds a whole batch once (one
         generator for ``num_outputs`` images), so picture i of a batch was not the picture its
         seed makes alone, and it drops an image its safety checker flags and still succeeds,
-        which shortened the batch and shifted the pictures' seeds. A picture withheld so fails
-        the batch, naming it. They run concurrently, a few at a time."""
+        which shortened the batch and shifted the pictures' seeds. A picture withheld so is None
+        at its place (the others are paid for and kept); a batch of nothing but withheld
+        pictures fails, naming them. They run concurrently, a few at a time."""
         if not job.remote_version:
             raise InvalidInputError(
                 "this version has no Replicate model version to generate with",
@@ -93,16 +94,17 @@ class ReplicateGenerator:
             try:
                 return [self._picture(job, version_id, seed=seeds[0])]
             except _WithheldError:
-                raise _withheld_error([0], seeds, 1) from None
+                raise _withheld_error(seeds) from None
         with ThreadPoolExecutor(max_workers=min(len(seeds), _CONCURRENT_PICTURES),
                                 thread_name_prefix="replicate-picture") as pool:
             futures = [pool.submit(self._picture, job, version_id, seed=s) for s in seeds]
             wait(futures)
         withheld = [i for i, f in enumerate(futures)
                     if isinstance(f.exception(), _WithheldError)]
-        if withheld:
-            raise _withheld_error(withheld, seeds, job.num_outputs)
-        return [f.result() for f in futures]  # the first picture's error, if any, is raised
+        if len(withheld) == len(seeds):
+            raise _withheld_error(seeds)
+        # The first other picture's error, if any, is raised: a failed prediction fails the batch.
+        return [None if i in withheld else f.result() for i, f in enumerate(futures)]
 
     def _picture(self, job: GenerationJob, version_id: str, *, seed: int) -> bytes:
         """One picture: a prediction of one image with ``seed``."""
@@ -175,13 +177,17 @@ class _WithheldError(GenerationError):
     """A prediction succeeded without its image (the predictor's safety checker dropped it)."""
 
 
-def _withheld_error(withheld: list[int], seeds: list[int], total: int) -> GenerationError:
-    which = ", ".join(f"{i + 1} (seed {seeds[i]})" for i in withheld)
-    message = (f"Replicate withheld picture {which} of {total}: its safety checker flagged it. "
-               "No picture was kept, so that each keeps its seed; change the prompt or the seed "
-               "and try again.")
+def _withheld_error(seeds: list[int]) -> GenerationError:
+    """Every picture of the batch withheld: nothing to keep."""
+    if len(seeds) == 1:
+        message = (f"Replicate withheld the picture (seed {seeds[0]}): its safety checker "
+                   "flagged it. Change the prompt or the seed and try again.")
+    else:
+        which = ", ".join(f"{i + 1} (seed {s})" for i, s in enumerate(seeds))
+        message = (f"Replicate withheld every picture ({which}): its safety checker flagged "
+                   "them. Change the prompt or the seed and try again.")
     return GenerationError(message, user_message=message,
-                           details=[f"pictures without an image: {[i + 1 for i in withheld]}"])
+                           details=[f"pictures without an image: {list(range(1, len(seeds) + 1))}"])
 
 
 def _cancel_quietly(session: ReplicateSession, prediction_id: str) -> None:
