@@ -340,6 +340,9 @@ def run_worker(services: Services, *, threads: int | None = None) -> None:
     settings = services.settings
     try:
         services.operations.bind_deployment()  # refuses another deployment's store
+        # Before it claims anything: a worker without the deployment's storage would fail each
+        # training it took, blaming the user's photos.
+        services.operations.check_worker_storage()
         metrics = (serve_operator_endpoints(services.operations, host=settings.metrics_host,
                                             port=settings.metrics_port)
                    if settings.metrics_port is not None else None)

@@ -15,6 +15,8 @@ unmarked store unbound, and its scheduled collection deletes nothing there.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,15 +28,15 @@ import pytest
 from typer.testing import CliRunner
 
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
-from selfie_lora.domain.entities import User, Version
-from selfie_lora.errors import DeploymentMismatchError
+from selfie_lora.domain.entities import TrainingStatus, User, Version
+from selfie_lora.errors import ConfigError, DeploymentMismatchError
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.layout import DEPLOYMENT_KEY
 from selfie_lora.services.ports import BlobStore
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
-from selfie_lora.worker import start_embedded
+from selfie_lora.worker import run_worker, start_embedded
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.photos import photo_zip
 from tests.support.s3 import S3Server
@@ -286,6 +288,46 @@ def test_a_worker_without_the_storage_url_does_not_bind_its_empty_folder(
         # A new deployment (nothing named, nothing stored) still binds at its first start.
         assert api.operations.bind_deployment() == deployment_id
     finally:
+        api.close()
+        worker.close()
+
+
+def test_a_worker_without_the_storage_url_takes_no_training_and_names_the_setting(
+        tmp_path: Path) -> None:
+    # Left unbound, the worker still took the queued training, which failed telling the user
+    # to upload the photos again: the operator's missing setting blamed on the user. It
+    # refuses to start, naming the setting, and the training stays queued, untouched.
+    api = build_services(make_settings(tmp_path / "api", intake_workers=1),
+                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()})
+    shared_db = f"sqlite:///{(api.settings.home / 'selfie-lora.db').resolve()}"
+    worker = build_services(make_settings(tmp_path / "worker", database_url=shared_db,
+                                          reconcile_seconds=0.2),
+                            trainers={"local": FakeTrainer()},
+                            face_analyzer=one_person_analyzer(),
+                            generators={"local": FakeGenerator()})
+    # Old code: the worker runs until a signal; this one ends it, after it had its chance.
+    stop = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        assert api.operations.bind_deployment() is not None
+        user, _key = api.users.create(name="ann")
+        training = api.training.upload_zip(user=user, data=photo_zip(3)).training
+        assert training is not None
+        stop.start()
+        with pytest.raises(ConfigError) as refused:
+            run_worker(worker, threads=1)
+        stop.cancel()
+        assert refused.value.message.startswith("refusing to start: ")
+        assert "is SELFIE_LORA_STORAGE_URL set for this worker" in refused.value.message
+        assert "names 1 upload(s) and 0 version(s)" in refused.value.message
+        after = api.repo.get_training(training.id)
+        assert after is not None
+        assert after.status == TrainingStatus.QUEUED
+        assert (after.attempt, after.lease_owner, after.error) == (training.attempt, None, None)
+        # A worker given the deployment's storage is not refused.
+        api.operations.check_worker_storage()
+    finally:
+        stop.cancel()
         api.close()
         worker.close()
 

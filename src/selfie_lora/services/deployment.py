@@ -110,6 +110,11 @@ class DeploymentBinding:
         # This process wrote the store's marker (``bind``): the collector still guards its
         # next collection as an unbound store's (``services.gc``).
         self.wrote_marker = False
+        # Why ``bind`` left the store unbound when it is empty while the database names uploads
+        # or versions: this process's storage is not the deployment's (SELFIE_LORA_STORAGE_URL
+        # unset, so HOME/blobs), and a training it took would find none of its photos. A
+        # worker refuses to start on it (``OperationsService.check_worker_storage``).
+        self.storage_elsewhere: str | None = None
 
     def bind(self) -> str | None:
         """Binds the store to this database (a server or worker starting); the deployment's id.
@@ -120,8 +125,10 @@ class DeploymentBinding:
         # existing blob fresh), which every start of every process would do for nothing.
         store_id = self.store_id()
         if store_id is None:
-            if (doubt := self.doubt()) is not None:
+            doubt, elsewhere = self._judge()
+            if doubt is not None:
                 logger.warning("%s", doubt)
+                self.storage_elsewhere = elsewhere
                 return None
             database_id = self._repo.ensure_deployment_id(new_id(), now=self._clock())
             marker = {"deployment_id": database_id, "created_at": self._clock().isoformat(),
@@ -148,13 +155,27 @@ class DeploymentBinding:
         or versions is not this database's: a process started without SELFIE_LORA_STORAGE_URL
         falls back to its own empty folder, and binding it would stamp that mistake as the
         deployment's storage."""
+        return self._judge()[0]
+
+    def _judge(self) -> tuple[str | None, str | None]:
+        """``doubt``'s line, and when the store is empty while the database names uploads or
+        versions, what a worker on it is told (``storage_elsewhere``)."""
         empty = not any(self._holds(prefix) for prefix in PRECIOUS_PREFIXES)
         refs = self._repo.gc_references()
         keys = own_keys(refs)
         if empty and not keys:
-            return None
+            return None, None
         found = next((key for key in keys[:EVIDENCE_LOOKUPS] if self._blobs.exists(key)), None)
-        return unbound_doubt(refs, found=() if found is None else (found,), empty=empty)
+        doubt = unbound_doubt(refs, found=() if found is None else (found,), empty=empty)
+        if doubt is None or not empty:
+            return doubt, None
+        return doubt, (
+            f"this worker's storage holds no photo and no weights, yet this database names "
+            f"{len(refs.datasets)} upload(s) and {len(refs.version_ids)} version(s): is "
+            "SELFIE_LORA_STORAGE_URL set for this worker as for the API servers? Without it a "
+            "worker uses its own folder (HOME/blobs), where no training finds its photos. It "
+            "takes no training until it is given the deployment's storage; the trainings stay "
+            "queued for a worker that has it")
 
     def _holds(self, prefix: str) -> bool:
         listing = self._blobs.list(prefix)

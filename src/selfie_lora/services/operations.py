@@ -6,7 +6,7 @@ import hmac
 import logging
 from dataclasses import dataclass
 
-from selfie_lora.errors import SelfieLoraError, StorageError, describe
+from selfie_lora.errors import ConfigError, SelfieLoraError, StorageError, describe
 from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.ports import BlobStore, Repository, Telemetry, WorkQueue
 
@@ -82,6 +82,16 @@ class OperationsService:
             return None
         self._decided = (deployment_id,)
         return deployment_id
+
+    def check_worker_storage(self) -> None:
+        """A queue worker starting, after ``bind_deployment``: ``ConfigError`` when its store was
+        left unbound for being empty while the database names uploads or versions (its
+        SELFIE_LORA_STORAGE_URL is missing): every training it took would fail for want of
+        photos the deployment's storage holds, told to the user as theirs to upload again. It
+        refuses to start instead, so the trainings stay queued for a worker that has the
+        storage. Not ``serve``: its own API writes the uploads it trains to the same store."""
+        if (reason := self._deployment.storage_elsewhere) is not None:
+            raise ConfigError(f"refusing to start: {reason}")
 
     def is_operator(self, *, authorization: str | None) -> bool:
         """Whether a request's ``Authorization`` header carries SELFIE_LORA_METRICS_TOKEN as a
