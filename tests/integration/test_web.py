@@ -4,6 +4,7 @@ versions, generation, API keys, the security headers, and another user's objects
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import html
 import io
@@ -765,10 +766,10 @@ def test_the_trainer_version_form_refuses_a_replicate_model_the_operator_did_not
         services.close()
 
 
-def test_a_repin_to_more_pixels_says_on_the_model_page_to_upload_the_photos_again(
-        tmp_path: Path) -> None:
-    # The re-pin form came back to the model page without a word: the stored photos, cropped
-    # at 512 px for local-flux-v1, then trained local-flux-v2 at 1024 px, each upscaled.
+@contextlib.contextmanager
+def _on_flux_v1_with_photos(tmp_path: Path) -> Iterator[TestClient]:
+    """Ann signed in on a FLUX.1 server, her model pinned to local-flux-v1 (512 px), her photos
+    uploaded big enough for 1024 px (prepared at 512 px)."""
     flux = tmp_path / "FLUX.1-dev"
     flux.mkdir()
     settings = make_settings(tmp_path, base_model=str(flux), trainer_version="local-flux-v1")
@@ -778,20 +779,70 @@ def test_a_repin_to_more_pixels_says_on_the_model_page_to_upload_the_photos_agai
         with browser(settings, services) as client:
             sign_in(client, "ann")
             assert upload(client, 2, size=1400)[0] == 200  # big enough for 1024 px
-            assert 'id="photos-notice"' not in client.get("/model").text
-            r = client.post("/model/trainer-version", follow_redirects=False, data={
-                "csrf_token": csrf(client), "reason": "v2", "trainer_version": "local-flux-v2"})
-            assert r.status_code == 303, r.text
-            page = html.unescape(client.get(r.headers["location"]).text)
-            assert 'id="photos-notice"' in page
-            assert ("Your stored photos were prepared at 512 px, and local-flux-v2 trains at "
-                    "1024 px: upload your photos again") in page
-            started = client.post("/train/start", data={"csrf_token": csrf(client)},
-                                  follow_redirects=False)
-            assert started.status_code == 409, started.text
-            assert 'data-code="photos_need_upload_again"' in started.text
+            yield client
     finally:
         services.close()
+
+
+def _repin_to_flux_v2(client: TestClient) -> str:
+    """The model page's re-pin to local-flux-v2 (1024 px): where it sends the browser."""
+    r = client.post("/model/trainer-version", follow_redirects=False, data={
+        "csrf_token": csrf(client), "reason": "v2", "trainer_version": "local-flux-v2"})
+    assert r.status_code == 303, r.text
+    return r.headers["location"]
+
+
+def test_a_repin_to_more_pixels_says_on_the_model_page_to_upload_the_photos_again(
+        tmp_path: Path) -> None:
+    # The re-pin form came back to the model page without a word: the stored photos, cropped
+    # at 512 px for local-flux-v1, then trained local-flux-v2 at 1024 px, each upscaled.
+    with _on_flux_v1_with_photos(tmp_path) as client:
+        assert 'id="photos-notice"' not in client.get("/model").text
+        page = html.unescape(client.get(_repin_to_flux_v2(client)).text)
+        assert 'id="photos-notice"' in page
+        assert ("Your stored photos were prepared at 512 px, and local-flux-v2 trains at "
+                "1024 px: upload your photos again") in page
+        started = client.post("/train/start", data={"csrf_token": csrf(client)},
+                              follow_redirects=False)
+        assert started.status_code == 409, started.text
+        assert 'data-code="photos_need_upload_again"' in started.text
+
+
+def test_the_train_page_says_before_the_submit_what_the_start_would_refuse(
+        tmp_path: Path) -> None:
+    # The train page showed its Train button as for any training, and only the 409 page after
+    # the submit said the photos must be uploaded again, or the model re-pinned: the page
+    # says it at once, with the 409's own words (the 409 stays for a change meanwhile).
+    with _on_flux_v1_with_photos(tmp_path) as client:
+        assert 'id="start-refused"' not in client.get("/train").text
+        _repin_to_flux_v2(client)
+        page = html.unescape(client.get("/train").text)
+        refused = client.post("/train/start", data={"csrf_token": csrf(client)},
+                              follow_redirects=False)
+        assert refused.status_code == 409, refused.text
+        said = re.search(r'data-code="photos_need_upload_again">([^<]+)<', refused.text)
+        assert said, refused.text
+        assert 'id="start-refused" data-code="photos_need_upload_again"' in page
+        message = html.unescape(said.group(1)).strip()
+        assert message[:1].upper() + message[1:] in page
+        assert '<a href="/photos">Upload photos</a>' in page
+        # Photos prepared for the new recipe: nothing to say, the Train button as before.
+        assert upload(client, 2, size=1400)[0] == 200
+        assert 'id="start-refused"' not in client.get("/train").text
+    # The server moved to another base model than the one the model is pinned for.
+    tiny = fake_services(make_settings(tmp_path, base_model="tiny"))
+    try:
+        with browser(tiny.settings, tiny) as client:
+            sign_in(client, "ann")
+            page = html.unescape(client.get("/train").text)
+            assert 'id="start-refused" data-code="base_model_mismatch"' in page
+            assert "Your model is pinned to local-flux-v2, " in page
+            assert '<a href="/model">Your model</a>' in page
+            refused = client.post("/train/start", data={"csrf_token": csrf(client)},
+                                  follow_redirects=False)
+            assert 'data-code="base_model_mismatch"' in refused.text
+    finally:
+        tiny.close()
 
 
 def test_the_scale_slider_shows_every_scale_the_model_allows(ann: TestClient,

@@ -61,6 +61,7 @@ from selfie_lora.domain.entities import (
     Finding,
     GateStatus,
     Model,
+    Recipe,
     Training,
     TrainingStatus,
     User,
@@ -305,13 +306,10 @@ class TrainingService:
                 _resume.check(plan)
             # After a re-pin to a recipe of more pixels (local-flux-v1's 512 px to v2's 1024),
             # the stored photos are the crops made for the old one: refused, not upscaled.
-            prepared = self._prepared_resolution(dataset)
-            if prepared is not None and not photos_fit(prepared_resolution=prepared,
-                                                       recipe=plan.recipe):
-                raise ConflictError(
-                    photos_too_small(prepared_resolution=prepared, recipe=plan.recipe,
-                                     trainer_version=plan.trainer_version),
-                    code=ErrorCode.PHOTOS_NEED_UPLOAD_AGAIN)
+            refused = _photos_refusal(self._prepared_resolution(dataset), recipe=plan.recipe,
+                                      trainer_version=plan.trainer_version)
+            if refused is not None:
+                raise refused
             if plan.is_new_model:
                 tx.add_model(plan.model)
             training = Training(
@@ -496,6 +494,27 @@ class TrainingService:
                 f"{model.trainer_version} trains at {recipe.resolution} px: upload your "
                 "photos again before you train (a training on the stored ones is refused, "
                 "since every photo would be upscaled).")
+
+    def start_refusal(self, *, user: User) -> ConflictError | None:
+        """What ``start`` would refuse the user's next training on their latest accepted photos
+        with, for their model as it is pinned now: 409 ``base_model_mismatch`` (a local model
+        pinned to a recipe for another base model) or ``photos_need_upload_again`` (photos
+        prepared below the pinned recipe's resolution), the same error and advice, so a page
+        says it before the user submits. None when neither applies, or there is no model or no
+        photos yet; a training under way is not this answer's (the start refuses it too)."""
+        model = self._repo.get_model_for_user(user.id)
+        dataset = self._repo.latest_accepted_dataset(user.id)
+        if model is None or dataset is None:
+            return None
+        defaults = self._defaults()
+        try:
+            check_fits_base_model(model, defaults)
+        except ConflictError as exc:
+            return exc
+        recipe = recipe_for(backend=model.backend, trainer_version=model.trainer_version,
+                            replicate_recipe=defaults.replicate_recipe)
+        return _photos_refusal(self._prepared_resolution(dataset), recipe=recipe,
+                               trainer_version=model.trainer_version)
 
     def _prepared_resolution(self, dataset: Dataset) -> int | None:
         """The resolution ``dataset``'s photos were cropped to at upload: as recorded then, else
@@ -1344,6 +1363,17 @@ class _ScoringCanceledError(TrainingInterruptedError):
     """Its user canceled the training while its version was scored. An interruption, so that
     the likeness service lets it through (any other error is recorded as a failed scoring) to
     ``TrainingService._judge``, which ends the training as canceled."""
+
+
+def _photos_refusal(prepared: int | None, *, recipe: Recipe,
+                    trainer_version: str) -> ConflictError | None:
+    """409 ``photos_need_upload_again`` when photos prepared at ``prepared`` px cannot train
+    ``recipe`` (a re-pin to more pixels since their upload: refused, not upscaled)."""
+    if prepared is None or photos_fit(prepared_resolution=prepared, recipe=recipe):
+        return None
+    return ConflictError(photos_too_small(prepared_resolution=prepared, recipe=recipe,
+                                          trainer_version=trainer_version),
+                         code=ErrorCode.PHOTOS_NEED_UPLOAD_AGAIN)
 
 
 def _upload_in_progress(claimed_until: datetime, *, now: datetime) -> UploadInProgressError:

@@ -401,8 +401,12 @@ def _train_page(request: Request, web: Web, viewer: Viewer, view: Any) -> HTMLRe
     # training, queued or running, is not a retraining though a training now exists.
     retraining = view is not None and (view.training.is_retraining
                                        or view.training.status.is_terminal)
+    # What the start would be refused with (the 409 page stays for a change meanwhile): said
+    # before the user submits, with the same advice.
+    refusal = svc.training.start_refusal(user=viewer.user) if dataset is not None else None
     return web.render(request, "train.html", viewer=viewer, model=model, dataset=dataset,
-                      retraining=retraining, **_status_context(web, viewer, view))
+                      retraining=retraining, refusal=refusal,
+                      **_status_context(web, viewer, view))
 
 
 @router.get("/train")
