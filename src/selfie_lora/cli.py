@@ -764,7 +764,12 @@ def compare(
         comparison = services.likeness.compare_scored(
             user=owner, a=a, b=b,
             # Versions from before likeness tracking (or whose scoring failed) are scored now.
-            on_scoring=lambda v: console.print(f"scoring version {v.number} ..."))
+            on_scoring=lambda v: console.print(f"scoring version {v.number} ..."),
+            # The worker scores a new version in phase "scoring": not scored here a second time.
+            on_being_scored=lambda v: console.print(
+                f"version {v.number} is being scored by the worker (its training is in phase "
+                "scoring): it shows as not scored; run compare again once its training ended",
+                markup=False, highlight=False))
         grid_path = out / f"compare-v{comparison.a.number}-v{comparison.b.number}.png"
         chart_path = out / "likeness-chart.png"
         _write(grid_path, services.likeness.grid_png(comparison))

@@ -25,7 +25,7 @@ from selfie_lora.errors import AlertDeliveryError, GenerationError
 from selfie_lora.likeness.chart import CHART_SIZE
 from selfie_lora.likeness.grid import grid_size
 from selfie_lora.services import training as training_module
-from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.services.generation import GenerationRequest, GenerationService
 from selfie_lora.services.layout import probe_image_key
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.ports import GenerationJob, Generator, ProgressBar
@@ -876,3 +876,77 @@ def test_a_failed_rescore_keeps_the_last_good_score(tmp_path: Path) -> None:
         assert [p.image_key for p in stored.probes] == [p.image_key for p in again.probes]
     finally:
         r.close()
+
+
+def quality_events(rig: Rig, user: User, version_id: str) -> list[str]:
+    return [e["kind"] for e in rig.repo.list_events(rig.model(user).id)
+            if e["kind"].startswith("quality_") and e["data"]["version_id"] == version_id]
+
+
+def test_compare_leaves_a_version_being_scored_to_its_worker(rig: Rig) -> None:
+    """``selfie-lora compare`` run while the worker scores a new version (phase "scoring", no
+    record yet) scored it too: a second pipeline on the worker's GPU, the version logged as
+    scored twice. It now says the version is being scored, shows it unscored, renders nothing,
+    and the worker's scoring is the only one."""
+    ann = rig.user()
+    rig.train(ann)
+    training = rig.train_until_scoring(ann)
+    v2 = training.version_id
+    assert v2 is not None
+    cli_generator = photo_generator(same_person())
+    cli = LikenessService(repo=rig.repo, blobs=rig.blobs, faces=rig.faces,
+                          probe_count=rig.probe_count,
+                          generation=GenerationService(repo=rig.repo, blobs=rig.blobs,
+                                                       generators={"local": cli_generator}))
+    scoring: list[int] = []
+    busy: list[int] = []
+    comparison = cli.compare_scored(user=ann, on_scoring=lambda v: scoring.append(v.number),
+                                    on_being_scored=lambda v: busy.append(v.number))
+    assert (scoring, busy) == ([], [2])
+    assert cli_generator.jobs == []
+    assert (comparison.a.number, comparison.b.number) == (1, 2)
+    assert comparison.scores_a is not None
+    assert comparison.scores_b is None
+    assert rig.repo.get_likeness(v2) is None
+    rig.restart()  # the worker comes back and scores it
+    record = rig.repo.get_likeness(v2)
+    assert record is not None
+    assert record.status is LikenessStatus.SCORED
+    assert quality_events(rig, ann, v2) == ["quality_scored"]
+
+
+@dataclass
+class WorkerFinishesFirst:
+    """Another process's generator (a second FLUX pipeline): while it renders the first probe, the
+    worker scores and judges the version; then this one runs out of memory."""
+
+    worker: Callable[[], None]
+    backend: str = "local"
+
+    def generate(self, job: GenerationJob) -> list[bytes]:
+        self.worker()
+        raise GenerationError("CUDA out of memory")
+
+
+def test_a_failed_scoring_never_replaces_the_scores_another_process_stored_meanwhile(
+        rig: Rig) -> None:
+    """Two processes score one version (the worker, and a ``score`` from elsewhere); the other one
+    fails and ends last. Its FAILED record replaced the worker's SCORED one: the version passed
+    the gate with its scores, and its page and chart said "failed, CUDA out of memory". The
+    record is now read again where it is written, and the scores stored meanwhile stand."""
+    ann = rig.user()
+    rig.train(ann)
+    v2 = rig.train_until_scoring(ann).version_id
+    assert v2 is not None
+    other = LikenessService(
+        repo=rig.repo, blobs=rig.blobs, faces=rig.faces, probe_count=rig.probe_count,
+        generation=GenerationService(repo=rig.repo, blobs=rig.blobs, generators={
+            "local": WorkerFinishesFirst(worker=rig.restart)}))
+    record = other.score(v2)
+    assert record.status is LikenessStatus.SCORED
+    stored = rig.repo.get_likeness(v2)
+    assert stored == record
+    version = rig.repo.get_version(v2)
+    assert version is not None
+    assert version.gate_status is GateStatus.PASSED
+    assert quality_events(rig, ann, v2) == ["quality_scored"]

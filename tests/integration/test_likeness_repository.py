@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 
 from selfie_lora.adapters.db.repository import SqlRepository
@@ -82,6 +85,41 @@ def test_quality_records_round_trip_and_update(repo: SqlRepository) -> None:
     assert repo.list_likeness(version.model_id) == [scored]
     assert repo.list_likeness("other") == []
     assert repo.get_likeness("nope") is None
+
+
+def test_two_scorers_storing_a_version_s_first_record_at_once_both_store_it(
+        repo: SqlRepository) -> None:
+    """The worker and ``selfie-lora compare`` store the same version's first record at once:
+    save_likeness was UPDATE-then-INSERT, both found no row and both INSERTed, and on PostgreSQL
+    the second failed on the primary key (ConflictError). The upsert waits for the first and
+    replaces its record."""
+    version = version_of(repo)
+    first = VersionLikeness(version_id=version.id, model_id=version.model_id,
+                            status=LikenessStatus.FAILED, created_at=NOW, error="first")
+    second = VersionLikeness(version_id=version.id, model_id=version.model_id,
+                             status=LikenessStatus.FAILED, created_at=NOW, error="second")
+    inserted = threading.Event()
+    errors: list[BaseException] = []
+
+    def first_scorer() -> None:
+        try:
+            with repo.atomic() as tx:
+                tx.save_likeness(first)
+                inserted.set()
+                time.sleep(0.5)  # the second scorer's save starts while this row is uncommitted
+        except BaseException as exc:  # the test asserts on it below
+            errors.append(exc)
+            inserted.set()
+
+    thread = threading.Thread(target=first_scorer)
+    thread.start()
+    try:
+        assert inserted.wait(10)
+        repo.save_likeness(second)
+    finally:
+        thread.join(10)
+    assert errors == []
+    assert repo.get_likeness(version.id) == second
 
 
 def test_a_call_beside_the_open_transaction_fails_fast_instead_of_waiting(

@@ -439,9 +439,22 @@ class LikenessService:
         # forced one) is logged and returned, but the stored record keeps its last good scores:
         # overwriting it lost the version's likeness (the gate's baseline, the chart's point)
         # to a generator outage. The next scoring tries again, the stored record not current.
-        keep = (record.status is LikenessStatus.FAILED and existing is not None
-                and existing.status is LikenessStatus.SCORED)
         with self._repo.atomic() as tx:
+            # The record as it is now, not as this scoring found it: another process (the worker
+            # and ``selfie-lora compare``) may have scored the version meanwhile. The model's row
+            # is locked first, so two scorers of one version decide here one after the other.
+            tx.get_model(model.id, for_update=True)
+            stored = tx.get_likeness(version.id)
+            if (stored is not None and _stamp(stored) != _stamp(existing)
+                    and self._is_current(stored)):
+                # Its scores stand (and were logged with them): a failure here (a second
+                # pipeline out of memory) must not replace them, and a second success would
+                # only log the same version twice.
+                logger.info("version %s was scored by another process while this one scored "
+                            "it (%s here): its record stands", version.id, record.status)
+                return stored
+            keep = (record.status is LikenessStatus.FAILED and stored is not None
+                    and stored.status is LikenessStatus.SCORED)
             if not keep:
                 tx.save_likeness(record)
             tx.add_event(model_id=model.id, kind=f"quality_{record.status}", data={
@@ -455,6 +468,14 @@ class LikenessService:
             logger.info("version %d of model %s scored: %s", version.number, model.id,
                         record.scores.headline())
         return record
+
+    def _being_scored(self, version: Version) -> bool:
+        """The gate has not judged ``version`` and its training is in phase "scoring": its
+        worker scores it (or will, once a worker takes the training over)."""
+        if version.gate_status is not GateStatus.PENDING:
+            return False
+        training = self._repo.get_training(version.training_id)
+        return training is not None and training.is_scoring
 
     def _is_current(self, record: VersionLikeness) -> bool:
         """Scored as ``score`` would score it now: with the current embedding model (scores of
@@ -560,14 +581,23 @@ class LikenessService:
                           probes=tuple(rows), reference_version=newer if reference else None)
 
     def compare_scored(self, *, user: User, a: str | None = None, b: str | None = None,
-                       on_scoring: Callable[[Version], None] | None = None) -> Comparison:
+                       on_scoring: Callable[[Version], None] | None = None,
+                       on_being_scored: Callable[[Version], None] | None = None) -> Comparison:
         """``compare``, after scoring whichever of the two versions has no current scores (a
         version from before likeness tracking, one whose scoring failed, or one scored with
-        another face model or at another probe size)."""
+        another face model or at another probe size). A new version whose training is still in
+        phase "scoring" is left to the worker (``on_being_scored``): it shows as not scored."""
         comparison = self.compare(user=user, a=a, b=b)
         for version, record in ((comparison.a, comparison.record_a),
                                 (comparison.b, comparison.record_b)):
             if record is None or not self._is_current(record):
+                if self._being_scored(version):
+                    # Scoring it here too rendered its probes twice (a second pipeline on the
+                    # worker's GPU, on a local machine) and logged it twice, and a failure here
+                    # could land after the worker's scores and replace them.
+                    if on_being_scored is not None:
+                        on_being_scored(version)
+                    continue
                 if on_scoring is not None:
                     on_scoring(version)
                 self.score(version.id, force=record is not None)
@@ -806,6 +836,14 @@ def _lock_model_and_version(tx: Repository, model_id: str,
     if model is None or version is None:
         return None
     return model, version
+
+
+def _stamp(record: VersionLikeness | None) -> tuple[object, ...] | None:
+    """What tells one stored write of a record from another (a whole-record comparison would
+    call a record with a NaN score changed when it was not)."""
+    if record is None:
+        return None
+    return (record.status, record.scored_at, record.embedding_model, record.error)
 
 
 def _scored(record: VersionLikeness | None) -> bool:

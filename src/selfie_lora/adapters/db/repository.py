@@ -24,6 +24,8 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -969,12 +971,15 @@ class SqlRepository:
     # quality ----------------------------------------------------------------------------
     def save_likeness(self, quality: VersionLikeness) -> None:
         values = _likeness_values(quality)
+        # One statement, an upsert: UPDATE-then-INSERT let two scorers of one version (the
+        # worker and ``selfie-lora compare``) both find no row and both INSERT, and on
+        # PostgreSQL the second failed on the primary key.
+        insert = pg_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        stmt = insert(VersionLikenessRow).values(**values)
         with self._tx() as s:
-            result = s.execute(update(VersionLikenessRow)
-                               .where(VersionLikenessRow.version_id == quality.version_id)
-                               .values(**values))
-            if getattr(result, "rowcount", 1) == 0:
-                s.add(VersionLikenessRow(**values))
+            s.execute(stmt.on_conflict_do_update(
+                index_elements=[VersionLikenessRow.version_id],
+                set_={k: v for k, v in values.items() if k != "version_id"}))
 
     def get_likeness(self, version_id: str) -> VersionLikeness | None:
         with self._read() as s:
