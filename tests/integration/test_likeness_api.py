@@ -148,6 +148,7 @@ def test_a_retraining_that_loses_the_likeness_is_held_and_says_why(
     compare = client.get("/api/model/compare", headers=ann).json()
     assert (compare["a"]["id"], compare["b"]["id"]) == (v1["id"], v2_id)
     assert compare["scores"]["delta_identity"] < -0.3
+    assert (compare["scores"]["stale_a"], compare["scores"]["stale_b"]) == (None, None)
     assert all(p["delta"] < 0 for p in compare["probes"])
     assert compare["grid_url"] == q2["grid_url"]
     grid = client.get(compare["grid_url"], headers=ann)

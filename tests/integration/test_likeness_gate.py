@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from selfie_lora.adapters.alerts.http import HttpAlerter
+from selfie_lora.api.serializers import comparison_json
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, User
 from selfie_lora.domain.likeness import PROBE_LORA_SCALE, LikenessStatus
 from selfie_lora.errors import AlertDeliveryError, GenerationError
@@ -950,3 +951,39 @@ def test_a_failed_scoring_never_replaces_the_scores_another_process_stored_meanw
     assert version is not None
     assert version.gate_status is GateStatus.PASSED
     assert quality_events(rig, ann, v2) == ["quality_scored"]
+
+
+def test_a_record_made_at_another_probe_size_is_not_compared(tmp_path: Path) -> None:
+    """SELFIE_LORA_PROBE_SIZE changed after v1 and v2 were scored; the gate made only the active
+    v2's probes again for v3. The API's compare, the grid and the chart put v1's old-size scores
+    beside v3's new ones (identity 0.80 against 0.79: the setting, not the training). v1 now
+    shows no scores there, with the reason, until ``selfie-lora compare`` scores it again."""
+    r = Rig(root=tmp_path, generator=photo_generator(same_person()))
+    try:
+        ann = r.user()
+        r.train(ann)
+        r.train(ann)
+        resized = LikenessService(repo=r.repo, blobs=r.blobs, generation=r.generation,
+                                  faces=r.faces, probe_count=r.probe_count, probe_size=96)
+        v3 = r.repo.get_training(r.train_until_scoring(ann).id).version_id
+        assert v3 is not None
+        resized.judge(v3)  # the worker, restarted with the new setting: v3 and the active v2
+        comparison = resized.compare(user=ann, a="1", b="3")
+        assert comparison.scores_a is None
+        assert comparison.stale_a is not None
+        assert "another probe size" in comparison.stale_a
+        assert comparison.scores_b is not None
+        assert comparison.stale_b is None
+        assert all(row.a_score is None for row in comparison.probes)
+        answer = comparison_json(comparison)  # GET /api/model/compare?a=1&b=3
+        assert answer["scores"]["a"] is None
+        assert answer["scores"]["stale_a"] == comparison.stale_a
+        assert answer["scores"]["delta_identity"] is None
+        assert png_size(resized.grid_png(comparison)) == grid_size(r.probe_count)
+        points = resized.chart_points(r.model(ann))
+        assert [p.identity is None for p in points] == [True, False, False]
+        rescored = resized.compare_scored(user=ann, a="1", b="3")
+        assert rescored.scores_a is not None
+        assert rescored.stale_a is None
+    finally:
+        r.close()

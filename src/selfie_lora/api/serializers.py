@@ -266,7 +266,10 @@ def comparison_json(c: Comparison) -> dict[str, Any]:
         "a": version_json(c.a, c.record_a),
         "b": version_json(c.b, c.record_b),
         "reference_dataset_id": c.reference_dataset_id,
-        "scores": {"a": sa, "b": sb, "delta_identity": delta_identity},
+        # ``stale_a``/``stale_b``: why that side's scores are null although it was scored (at
+        # another probe size, or with another face model: ``selfie-lora compare`` scores it again).
+        "scores": {"a": sa, "b": sb, "delta_identity": delta_identity,
+                   "stale_a": c.stale_a, "stale_b": c.stale_b},
         "probes": probes,
         **compare_urls(c.a.id, c.b.id),
     }

@@ -140,6 +140,10 @@ class Comparison:
     # Whose training photos both sides are scored against: the newer version's, A or B (None:
     # they could not be read, and there are no scores).
     reference_version: Version | None = None
+    # Why a side that has scores is not compared (scored at another probe size or with another
+    # face model: ``stale_reason``); None when it is, or has no scores at all.
+    stale_a: str | None = None
+    stale_b: str | None = None
 
 
 class LikenessService:
@@ -469,6 +473,15 @@ class LikenessService:
                         record.scores.headline())
         return record
 
+    def _stale_reason(self, record: VersionLikeness | None) -> str | None:
+        """Why a scored record is not compared with others: it was made another way than
+        ``score`` makes one now (``_is_current``). None for a current record or an unscored one."""
+        if record is None or not _scored(record) or self._is_current(record):
+            return None
+        how = ("with another face model" if record.embedding_model != self._faces.model_name
+               else "at another probe size")
+        return f"scored {how}: run selfie-lora compare to score it again"
+
     def _being_scored(self, version: Version) -> bool:
         """The gate has not judged ``version`` and its training is in phase "scoring": its
         worker scores it (or will, once a worker takes the training over)."""
@@ -565,7 +578,12 @@ class LikenessService:
         qa, qb = self._repo.get_likeness(va.id), self._repo.get_likeness(vb.id)
         newer = vb if vb.number > va.number else va
         reference = self._reference_for(newer)
-        scores = {v.id: self._scores_against(q, reference) for v, q in ((va, qa), (vb, qb))}
+        # A record made another way than ``score`` makes one now (after SELFIE_LORA_PROBE_SIZE
+        # changed, say) is not put beside the other: the difference would measure the setting,
+        # not the training. It shows as not comparable, with the reason, until it is scored again.
+        stale = {v.id: self._stale_reason(q) for v, q in ((va, qa), (vb, qb))}
+        scores = {v.id: None if stale[v.id] else self._scores_against(q, reference)
+                  for v, q in ((va, qa), (vb, qb))}
         by_index = {v.id: {p.index: p for p in (q.probes if q else ())} for v, q in
                     ((va, qa), (vb, qb))}
         rows = []
@@ -578,7 +596,8 @@ class LikenessService:
         return Comparison(model=model, a=va, b=vb, record_a=qa, record_b=qb,
                           scores_a=scores[va.id], scores_b=scores[vb.id],
                           reference_dataset_id=reference.dataset_id if reference else None,
-                          probes=tuple(rows), reference_version=newer if reference else None)
+                          probes=tuple(rows), reference_version=newer if reference else None,
+                          stale_a=stale[va.id], stale_b=stale[vb.id])
 
     def compare_scored(self, *, user: User, a: str | None = None, b: str | None = None,
                        on_scoring: Callable[[Version], None] | None = None,
@@ -618,8 +637,9 @@ class LikenessService:
             raise InvalidInputError("the model has no probes yet: wait for its first scoring",
                                     code=ErrorCode.NOT_SCORED)
         png = render_grid(
-            left_title=_column_title("A", comparison.a, comparison.scores_a),
-            right_title=_column_title("B", comparison.b, comparison.scores_b), rows=rows)
+            left_title=_column_title("A", comparison.a, comparison.scores_a, comparison.stale_a),
+            right_title=_column_title("B", comparison.b, comparison.scores_b, comparison.stale_b),
+            rows=rows)
         self._blobs.put(grid_key(comparison.a.id, comparison.b.id), png)
         return png
 
@@ -632,7 +652,9 @@ class LikenessService:
         reference = self._reference_for(newest) if newest else None
         points = []
         for v in versions:
-            s = self._scores_against(records.get(v.id), reference)
+            record = records.get(v.id)
+            # A gap for a record made at another probe size (``compare``): not its likeness.
+            s = None if self._stale_reason(record) else self._scores_against(record, reference)
             points.append(ChartPoint(
                 number=v.number, identity=s.identity if s else None,
                 identity_nearest=s.identity_nearest if s else None,
@@ -868,8 +890,12 @@ def _probe_label(result: ProbeResult | None, score: dict[str, Any] | None) -> st
     return "face" if sim is None else f"identity {sim:.3f}"
 
 
-def _column_title(side: str, version: Version, scores: IdentityScores | None) -> str:
+def _column_title(side: str, version: Version, scores: IdentityScores | None,
+                  stale: str | None = None) -> str:
     title = f"{side}: version {version.number} ({version.gate_status})"
+    if stale is not None:
+        # On a second line (the header holds two), without its hint: a cell is ~40 characters.
+        return f"{title}\n{stale.split(':')[0]}"
     if scores is not None and scores.identity is not None:
         title += f" identity {scores.identity:.3f}"
     return title
