@@ -987,3 +987,33 @@ def test_a_record_made_at_another_probe_size_is_not_compared(tmp_path: Path) -> 
         assert rescored.stale_a is None
     finally:
         r.close()
+
+
+def test_a_held_version_s_alert_names_the_version_active_now_after_a_rollback(rig: Rig) -> None:
+    """v1 (weak) and v2 (strong) passed, v2 active; while v3 is scored its user tries it and
+    rolls back to v1. The gate judges v3 against v2 and holds it: its reason and alert said
+    "for the active version 2" while v1 was active (and v3 beats v1). They now name v2 as the
+    version active when v3 was stored, and v1 as the one active now."""
+    same, other = same_person(), other_person()
+    generator = generator_of(rig)
+    ann = rig.user()
+    generator.photos = [same[0], other[0], other[0], other[0]]
+    v1 = rig.train(ann)
+    generator.photos = same
+    rig.train(ann)
+    generator.photos = [same[0], same[1], other[0], other[0]]
+    v3 = rig.train_until_scoring(ann).version_id
+    assert v3 is not None
+    rig.models.activate(user=ann, version_id=v3)  # tries v3 early
+    rig.models.activate(user=ann, version_id=v1.id)  # rolls back to v1
+    rig.restart()
+    judged = rig.repo.get_version(v3)
+    assert judged is not None
+    assert judged.gate_status is GateStatus.HELD
+    assert judged.gate_details["baseline_version_number"] == 2
+    assert rig.model(ann).active_version_id == v1.id
+    reason = judged.gate_reason or ""
+    assert "the active version 2" not in reason
+    assert ("for version 2, active when this one was stored (version 1 is active now: you chose "
+            "it meanwhile)") in reason
+    assert [a["message"] for a in alerts_of(rig)] == [reason]

@@ -321,6 +321,17 @@ def held_but_user_activated(reason: str) -> str:
     return f"{body}; {USER_ACTIVATED}"  # worded otherwise: what happened is said after it
 
 
+def baseline_no_longer_active(reason: str, *, baseline_number: int, active_number: int) -> str:
+    """``decide_gate``'s reason, which calls the baseline "the active version N", for a version
+    whose user made another version active while it was scored (tried it early, then rolled back
+    to an older one): the gate judged it against the version active when it was stored, and the
+    reason (and the operator's alert) must not call that one the active version."""
+    return reason.replace(
+        f"the active version {baseline_number}",
+        f"version {baseline_number}, active when this one was stored (version {active_number} "
+        "is active now: you chose it meanwhile)")
+
+
 def decide_gate(
     *,
     candidate: IdentityScores | None,

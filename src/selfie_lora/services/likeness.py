@@ -49,6 +49,7 @@ from selfie_lora.domain.likeness import (
     LikenessStatus,
     ProbeResult,
     VersionLikeness,
+    baseline_no_longer_active,
     decide_gate,
     held_but_user_activated,
     nothing_to_beat_reason,
@@ -266,6 +267,15 @@ class LikenessService:
             "reference_dataset_id": verdict.reference_id,
         }
         reason = verdict.reason
+        active = (tx.get_version(model.active_version_id)
+                  if model.active_version_id not in (None, current.id) else None)
+        if baseline is not None and active is not None and active.id != baseline.id:
+            # Read under the model's lock: the user made another version active while this one
+            # was scored (the gate read the baseline when it began). The verdict stands (it was
+            # judged against the version it was stored to replace), but its wording must not
+            # send the user and the operator to a version that is no longer in use.
+            reason = baseline_no_longer_active(reason, baseline_number=baseline.number,
+                                               active_number=active.number)
         if verdict.status is GateStatus.PASSED:
             active_now = model.active_version_id
             chosen = current.gate_details.get("activations_when_stored")
