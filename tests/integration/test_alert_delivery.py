@@ -522,3 +522,36 @@ def test_a_process_killed_before_its_alert_left_has_it_sent_once_after_a_restart
         assert len(endpoint.sent) == 1
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize("inside_a_loop", [False, True])
+def test_a_name_lookup_that_hangs_is_cut_at_the_overall_deadline(
+        monkeypatch: pytest.MonkeyPatch, inside_a_loop: bool) -> None:
+    """A resolver that does not answer: the deadline cancelled the lookup, but ``asyncio.run``
+    then waited for its executor thread, so the send took the resolver's whole timeout (3 s
+    here) with SELFIE_LORA_ALERT_TIMEOUT at 0.5 s."""
+    real = socket.getaddrinfo
+
+    def hanging(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    alerter = HttpAlerter("http://alerts.example.invalid/hook", timeout=0.5)
+
+    def send() -> None:
+        alerter.send({"alert_id": "likeness_drop:v", "kind": "likeness_drop"})
+
+    async def send_from_async_code() -> None:
+        send()  # a reconcile called from async code (see the test above)
+
+    def call() -> None:
+        if inside_a_loop:
+            asyncio.run(send_from_async_code())
+        else:
+            send()
+
+    started = time.monotonic()
+    with pytest.raises(AlertDeliveryError, match=r"took more than 0\.5 s"):
+        call()
+    assert time.monotonic() - started < 2.0

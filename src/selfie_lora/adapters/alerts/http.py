@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Coroutine
 from typing import Any
 
 import httpx
@@ -57,7 +58,7 @@ class HttpAlerter:
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            asyncio.run(self._post(alert))  # a worker thread: no loop runs in it
+            _run_on_own_loop(self._post(alert))  # a worker thread: no loop runs in it
             return
         # A loop runs in this thread (a reconcile called from async code, as a server's start
         # was): ``asyncio.run`` would raise there without sending, and the attempt would be
@@ -67,7 +68,7 @@ class HttpAlerter:
 
         def post() -> None:
             try:
-                asyncio.run(self._post(alert))
+                _run_on_own_loop(self._post(alert))
             except BaseException as exc:  # re-raised in the caller's thread, as asyncio.run's
                 failure.append(exc)
 
@@ -87,6 +88,28 @@ class HttpAlerter:
                     headers["idempotency-key"] = str(alert["alert_id"])
                 response = await client.post(self._url, json=alert, headers=headers)
                 response.raise_for_status()
+
+
+def _run_on_own_loop(coro: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run(coro)``, but without waiting for the loop's executor at the end.
+    ``asyncio.run`` waits there without a bound (Python 3.11) for the resolver thread of a name
+    lookup that the deadline cut: a resolver that does not answer held the send for its own
+    timeout (5 s x attempts x nameservers) past SELFIE_LORA_ALERT_TIMEOUT. ``loop.close()``
+    shuts the executor down without waiting: the lookup ends on its own, its answer unread."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(coro)
+    finally:
+        try:
+            # What asyncio.run does before closing, the executor's wait left out.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
 
 
 def _host_of(url: str) -> str:
