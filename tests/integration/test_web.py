@@ -1047,6 +1047,27 @@ def test_downloading_a_version_without_its_weights_is_a_409_page_not_a_500(
     assert "something went wrong" not in r.text
 
 
+def test_the_weights_and_picture_links_let_the_browser_show_a_sign_in_or_error_page(
+        ann: TestClient, svc: Services) -> None:
+    """Every weights and picture link had the ``download`` attribute: Chromium saved the answer
+    as the file whatever it was, so an ended session's 303 saved signin.html, and a 409
+    (weights missing) or 404 showed nothing at all (found in review). Without it the browser
+    follows the 303 and shows the 409 page; the 200's Content-Disposition still downloads."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1"})
+    links = {page: re.findall(r'<a [^>]*href="/(?:versions/[^"]+/weights|generations/)[^>]*>',
+                              ann.get(page).text)
+             for page in ("/versions", "/model", "/generate")}
+    assert all(links.values()), links
+    for page, tags in links.items():
+        for tag in tags:
+            assert not re.search(r"\sdownload[\s=>]", tag), (page, tag)
+    (version,) = svc.models.versions(user=svc.users.get_by_name(name="ann"))
+    assert "attachment" in ann.get(f"/versions/{version.id}/weights").headers[
+        "content-disposition"]
+
+
 def test_another_user_sees_none_of_it(ann: TestClient, web_settings: Settings,
                                       svc: Services) -> None:
     assert upload(ann)[0] == 200
