@@ -148,8 +148,13 @@
       status.replaceChildren("Your session has ended: ", link, ", then send the photos.");
     };
 
+    const send = document.getElementById("send");
+    let sending = false;
     form.addEventListener("submit", (e) => {
       e.preventDefault();
+      // One upload at a time: a double click sent two, and the server checked and stored the
+      // set twice (or refused the second as upload_in_progress, whose answer could come last).
+      if (sending) return;
       if (!chosen.length) { status.textContent = "Choose some photos first."; return; }
       const data = new FormData();
       const files = chosen.slice();  // as sent, whatever is chosen while it is checked
@@ -206,6 +211,14 @@
         }
       });
       xhr.addEventListener("error", () => { status.textContent = "The upload failed: check your connection and try again."; });
+      // loadend comes after load, error, abort and timeout alike: the button is back whatever
+      // the answer.
+      xhr.addEventListener("loadend", () => {
+        sending = false;
+        if (send) send.disabled = false;
+      });
+      sending = true;
+      if (send) send.disabled = true;
       xhr.send(data);
     });
   }
