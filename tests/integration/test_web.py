@@ -1108,7 +1108,7 @@ def test_another_user_sees_none_of_it(ann: TestClient, web_settings: Settings,
 
 def test_api_keys_from_the_settings_page_work_and_can_be_revoked(ann: TestClient) -> None:
     r = ann.post("/settings/keys", data={"csrf_token": csrf(ann), "name": "laptop"})
-    assert r.status_code == 200
+    assert r.status_code == 200  # the page the POST redirects to
     secret = re.search(r'id="new-key">([^<]+)<', r.text)
     assert secret
     key = secret.group(1)
@@ -1127,6 +1127,56 @@ def test_api_keys_from_the_settings_page_work_and_can_be_revoked(ann: TestClient
                  follow_redirects=False)
     assert r.status_code == 303
     assert ann.get("/api/keys", headers=headers).status_code == 401
+
+
+def test_a_new_key_is_shown_once_after_a_redirect_so_a_reload_makes_no_other_key(
+        ann: TestClient, svc: Services, web_settings: Settings) -> None:
+    """POST /settings/keys answered the page itself: a reload, or Back to it, sent the POST
+    again and each time made one more key, whose secret replaced the one shown (found in
+    review: 2 keys named deploy after one reload). It redirects now: the GET shows the secret
+    once, a reload shows it no more and makes nothing."""
+    r = ann.post("/settings/keys", data={"csrf_token": csrf(ann), "name": "deploy"},
+                 follow_redirects=False)
+    assert (r.status_code, r.headers.get("location")) == (303, "/settings"), r.text[:200]
+    carried = r.cookies.get("sl_new_key")
+    assert carried
+    shown = ann.get("/settings")
+    secret = re.search(r'id="new-key">([^<]+)<', shown.text)
+    assert secret
+    assert shown.headers["cache-control"] == "no-store"
+    reloaded = ann.get("/settings").text
+    assert 'id="new-key"' not in reloaded
+    assert secret.group(1) not in reloaded
+    ann_user = svc.users.get_by_name(name="ann")
+    assert [key.name for key in svc.users.keys(user=ann_user)].count("deploy") == 1
+    assert ann.get("/api/keys", headers={"Authorization": f"Bearer {secret.group(1)}"}
+                   ).status_code == 200
+    # The cookie is of ann's session only: another session shown it shows nothing.
+    with browser(web_settings, svc) as bob:
+        sign_in(bob, "bob")
+        bob.cookies.set("sl_new_key", carried)
+        assert 'id="new-key"' not in bob.get("/settings").text
+
+
+def test_a_key_name_of_spaces_alone_is_refused_beside_the_form(ann: TestClient,
+                                                                svc: Services) -> None:
+    """A name of spaces was taken: the table showed an empty name and the Revoke confirmation
+    read "Revoke the key    ?" (found in review). The page says why beside the form, keeping
+    what was typed; the API and the CLI, through the same service, refuse it too."""
+    ann_user = svc.users.get_by_name(name="ann")
+    before = len(svc.users.keys(user=ann_user))
+    r = ann.post("/settings/keys", data={"csrf_token": csrf(ann), "name": "   "},
+                 follow_redirects=False)
+    assert r.status_code == 422
+    assert 'id="key-name-error"' in r.text
+    assert "not only spaces" in r.text
+    assert 'value="   "' in r.text
+    assert len(svc.users.keys(user=ann_user)) == before
+    key, secret = svc.users.create_key(user=ann_user, name=" a key ")  # spaces and more: fine
+    assert key.name == " a key "
+    r = ann.post("/api/keys", json={"name": "\u00a0 "},
+                 headers={"Authorization": f"Bearer {secret}"})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_name")
 
 
 def test_a_key_rotated_through_the_api_shows_its_grace_and_can_be_revoked_at_once(

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 # compared (domain.accounts.fold_name): "Ann" is "ann".
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.@-]{0,98}[A-Za-z0-9])?")
 _KEY_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,100}")
+_KEY_NAME_RULE = "a key name is 1-100 printable characters, not only spaces"
 PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
 # How long this process trusts an API key it found valid without asking the database again.
 # Why: that query, in its own trip through the thread pool, was a third of a cheap read's cost
@@ -388,6 +389,10 @@ class UserService:
 
     def create_key(self, *, user: User, name: str = "api") -> tuple[ApiKey, str]:
         """A new key (its secret is shown this once)."""
+        # Not spaces alone (checked here, not in _new_key: a rotation keeps an older key's name,
+        # whatever it is): such a key showed a blank name, and "Revoke the key    ?".
+        if not name.strip():
+            raise InvalidInputError(_KEY_NAME_RULE, code=ErrorCode.INVALID_NAME)
         key, secret = self._new_key(user, name)
         self._repo.add_api_key(key)
         logger.info("user %s: API key %s (%s) created", user.name, key.id, key.prefix)
@@ -474,8 +479,7 @@ class UserService:
 
     def _new_key(self, user: User, name: str) -> tuple[ApiKey, str]:
         if not _KEY_NAME.fullmatch(name):
-            raise InvalidInputError("a key name is 1-100 printable characters",
-                                    code=ErrorCode.INVALID_NAME)
+            raise InvalidInputError(_KEY_NAME_RULE, code=ErrorCode.INVALID_NAME)
         secret = "sl_" + secrets.token_urlsafe(32)
         return ApiKey(id=new_id(), user_id=user.id, name=name, key_hash=hash_api_key(secret),
                       prefix=secret[:PREFIX_LENGTH], created_at=self._clock()), secret

@@ -36,7 +36,13 @@ from selfie_lora.services.common import utcnow
 from selfie_lora.services.generation import GenerationRequest, withheld_pictures
 from selfie_lora.services.training import UploadResult
 from selfie_lora.web.app import Viewer, Web
-from selfie_lora.web.cookies import FORM_COOKIE, FORM_MAX_AGE_SECONDS, SESSION_COOKIE
+from selfie_lora.web.cookies import (
+    FORM_COOKIE,
+    FORM_MAX_AGE_SECONDS,
+    NEW_KEY_COOKIE,
+    NEW_KEY_MAX_AGE_SECONDS,
+    SESSION_COOKIE,
+)
 
 router = APIRouter(include_in_schema=False)
 
@@ -655,19 +661,40 @@ def model_trainer_version(request: Request, viewer: FormViewer, trainer_version:
 @router.get("/settings")
 def settings_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     web = _web(request)
-    return web.render(request, "settings.html", viewer=viewer,
-                      keys=web.services.users.keys(user=viewer.user), new_secret=None,
-                      now=utcnow())
+    keys = web.services.users.keys(user=viewer.user)
+    # A key just made (the POST's redirect): its secret is shown on this page once, and its
+    # cookie goes with this answer, so a reload or Back shows the page without it.
+    made = web.signer.new_key(request.cookies.get(NEW_KEY_COOKIE), session_id=viewer.session.id)
+    new_key = next((key for key in keys if made is not None and key.id == made[0]), None)
+    response = web.render(request, "settings.html", viewer=viewer, keys=keys,
+                          new_secret=made[1] if made is not None and new_key else None,
+                          new_key=new_key, now=utcnow())
+    if NEW_KEY_COOKIE in request.cookies:
+        response.delete_cookie(NEW_KEY_COOKIE, path="/settings", httponly=True,
+                               samesite="strict", secure=web.cookie_secure(request))
+    return response
 
 
 @router.post("/settings/keys")
-def settings_create_key(request: Request, viewer: FormViewer, name: FormStr) -> HTMLResponse:
+def settings_create_key(request: Request, viewer: FormViewer, name: FormStr) -> Response:
     web = _web(request)
-    key, secret = web.services.users.create_key(user=viewer.user, name=name)
-    # Shown on this answer only (not a redirect: the secret is never stored).
-    return web.render(request, "settings.html", viewer=viewer,
-                      keys=web.services.users.keys(user=viewer.user), new_secret=secret,
-                      new_key=key, now=utcnow())
+    try:
+        key, secret = web.services.users.create_key(user=viewer.user, name=name)
+    except InvalidInputError as error:
+        # Beside the form, the name kept: nothing was made, so sending it again is safe.
+        return web.render(request, "settings.html", viewer=viewer, status_code=422,
+                          keys=web.services.users.keys(user=viewer.user), new_secret=None,
+                          now=utcnow(), name_error=error.message, name=name)
+    # Post/Redirect/Get: the page answered to this POST was sent again by a reload or Back
+    # (Confirm Form Resubmission), each time making one more key whose secret nobody held.
+    # The secret waits in a short-lived cookie of this session only for the GET to show it.
+    response = _see("/settings")
+    response.set_cookie(NEW_KEY_COOKIE,
+                        web.signer.new_key_value(session_id=viewer.session.id, key_id=key.id,
+                                                 secret=secret),
+                        max_age=NEW_KEY_MAX_AGE_SECONDS, httponly=True, samesite="strict",
+                        secure=web.cookie_secure(request), path="/settings")
+    return response
 
 
 @router.post("/settings/keys/{key_id}/revoke")
