@@ -7,10 +7,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.browser.support import create, sign_in
-from tests.e2e.conftest import ServeProcess, clean_env
+from tests.browser.support import create, sign_in, upload_photos
+from tests.e2e.conftest import ServeProcess, clean_env, wait_training
 from tests.support.photos import FIXTURES
 
 pytestmark = pytest.mark.slow
@@ -38,3 +39,38 @@ def test_a_double_clicked_upload_is_sent_once(chromium: Any, tmp_path: Path,
     page.wait_for_timeout(1000)  # a second upload, had one been sent, has been seen by now
     assert len(uploads) == 1, server.why(f"{len(uploads)} uploads sent")
     assert page.locator("#send").is_enabled()  # back for the next upload
+
+
+def test_generate_uses_the_scale_the_slider_shows_without_saving_it(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """The slider was in a form of its own: dragged to 2.5, Generate still made the picture at
+    the saved 1.0, and the slider snapped back (found in review). Generate sends the slider's
+    scale now, for that request only: the saved scale is unchanged until "Save the scale"."""
+    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
+    key = create(env, "ann")
+    server = serve(env)
+    upload_photos(server.base_url, key, start=True)
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=server.base_url, timeout=30) as api:
+        training_id = api.get("/api/training/progress", headers=headers).json()["training"]["id"]
+        body, _seen = wait_training(api, headers, training_id, server, deadline_s=300)
+        assert body["training"]["status"] == "succeeded", server.why(str(body))
+        saved = api.get("/api/model", headers=headers).json()["lora_scale"]
+    assert saved != 2.5
+    page = chromium.new_context().new_page()
+    sign_in(page, server.base_url, "ann", "/generate")
+    page.locator("#lora_scale").fill("2.5")
+    assert page.locator("#scale-value").inner_text() == "2.5"
+    page.get_by_label("What should the picture show?").fill("slider test")
+    page.get_by_role("button", name="Generate").click()
+    page.locator(".gallery li").first.wait_for(timeout=120_000)
+    assert "scale 2.5" in page.locator(".gallery li").first.inner_text(), server.why("")
+    assert page.locator("#lora_scale").input_value() == "2.5"  # kept for the next picture
+    # The page says which scale Generate uses, and which one is saved.
+    assert f"Your saved scale is {saved}" in page.locator("#scale-note").inner_text()
+    with httpx.Client(base_url=server.base_url, timeout=30) as api:
+        assert api.get("/api/model", headers=headers).json()["lora_scale"] == saved
+        page.get_by_role("button", name="Save the scale").click()
+        page.wait_for_load_state()
+        assert api.get("/api/model", headers=headers).json()["lora_scale"] == 2.5
+    assert "Your saved scale is 2.5" in page.locator("#scale-note").inner_text()

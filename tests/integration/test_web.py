@@ -863,6 +863,26 @@ def test_the_scale_slider_shows_every_scale_the_model_allows(ann: TestClient,
         assert float(found["value"]) == scale
 
 
+def test_generate_uses_the_slider_s_scale_for_its_pictures_only(ann: TestClient,
+                                                                 svc: Services) -> None:
+    """The slider was in a form of its own, so Generate used the saved scale whatever it showed
+    (found in review; tests/browser/test_page_actions.py drags it). The scale sent with
+    Generate is that request's; the saved one is unchanged, and the slider stays at it."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1",
+                                    "lora_scale": "2.5"}, follow_redirects=False)
+    assert r.headers["location"] == "/generate?lora_scale=2.5"
+    page = ann.get(r.headers["location"]).text
+    assert "scale 2.5" in page
+    assert re.search(r'<input id="lora_scale"[^>]* value="2.5"', page)
+    assert svc.models.get(user=svc.users.get_by_name(name="ann")).lora_scale == \
+        DEFAULT_LORA_SCALE
+    for wrong in ("99", "nan", "x", ""):  # an address edited by hand: the saved scale
+        page = ann.get(f"/generate?lora_scale={wrong}").text
+        assert re.search(rf'<input id="lora_scale"[^>]* value="{DEFAULT_LORA_SCALE}"', page)
+
+
 def test_the_page_s_weights_download_answers_a_range_and_head(ann: TestClient,
                                                              svc: Services) -> None:
     """The Versions page's download said Accept-Ranges and ETag, as the API's does, but answered

@@ -16,7 +16,7 @@ from selfie_lora.api.downloads import weights_response
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import VersionLikeness
-from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
+from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN, validate_lora_scale
 from selfie_lora.domain.progress import time_left
 from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import (
@@ -586,27 +586,43 @@ def generate_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     history = svc.generation.history(user=viewer.user)
     numbers = {v.id: v.number for v, _ in svc.models.versions_with_likeness(user=viewer.user)}
     # The slider spans the range the model allows (the API's too), or a stored scale outside
-    # it would show clamped and "Save the scale" would overwrite it.
+    # it would show clamped and "Save the scale" would overwrite it. After a Generate it stays
+    # at the scale that picture used (?lora_scale=), not the saved one.
     withheld = {g.id: withheld_pictures(g) for g in history if g.withheld}
     return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
-                      scale_max=LORA_SCALE_MAX, withheld=withheld)
+                      scale_max=LORA_SCALE_MAX, withheld=withheld,
+                      scale=_chosen_scale(request.query_params.get("lora_scale")))
+
+
+def _chosen_scale(value: str | None) -> float | None:
+    """The scale of the address (the one the last Generate used), or None (then the saved
+    one): an address edited by hand to a wrong one is ignored."""
+    try:
+        return validate_lora_scale(float(value)) if value else None
+    except (ValueError, InvalidInputError):
+        return None
 
 
 @router.post("/generate")
 async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
                    num_outputs: Annotated[int, Form()] = 1,
-                   seed: OptionalFormStr = None) -> Response:
+                   seed: OptionalFormStr = None,
+                   lora_scale: Annotated[float | None, Form()] = None) -> Response:
     web = _web(request)
     try:
         seed_value = int(seed) if seed not in (None, "") else None
     except ValueError:
         raise InvalidInputError("the seed is a whole number") from None
     # As the API's: on the generation service's threads, within the per-user limit (a 429 page).
+    # The slider's scale is this request's (the API's per-request lora_scale): it was in a form
+    # of its own, so Generate quietly used the saved scale whatever the slider showed. Saving
+    # it as the default stays "Save the scale"'s; without one, the saved scale.
     await finished(web.services.generation.submit(
         user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=num_outputs,
-                                                    seed=seed_value)), request)
-    return _see("/generate")
+                                                    seed=seed_value, lora_scale=lora_scale)),
+        request)
+    return _see("/generate" if lora_scale is None else f"/generate?lora_scale={lora_scale:g}")
 
 
 @router.get("/generations/{generation_id}/{index}.png")
