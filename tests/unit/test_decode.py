@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import io
+import struct
 import threading
+import zlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -661,3 +663,37 @@ def test_decoding_from_many_threads_at_once() -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+def _png_damaged_mid_data(*, fix_crc: bool) -> bytes:
+    """A noisy 600x800 PNG with 64 bytes of its middle IDAT overwritten (a bad copy, a bit
+    flip): zlib fails there, whether or not the chunk's CRC still matches (Pillow checks no
+    IDAT CRC)."""
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(np.clip(rng.normal(150, 30, (800, 600, 3)), 0, 255).astype(np.uint8))
+    png = bytearray(encode(noisy, "PNG"))
+    pos, idats = 8, []
+    while pos < len(png):
+        length, kind = struct.unpack(">I4s", png[pos:pos + 8])
+        if kind == b"IDAT":
+            idats.append((pos, length))
+        pos += 12 + length
+    at, length = idats[len(idats) // 2]
+    middle = at + 8 + length // 2
+    png[middle:middle + 64] = b"\xff" * 64
+    if fix_crc:
+        struct.pack_into(">I", png, at + 8 + length, zlib.crc32(bytes(png[at + 4:at + 8 + length])))
+    return bytes(png)
+
+
+@pytest.mark.parametrize("fix_crc", [True, False])
+@pytest.mark.parametrize("min_side", [None, 128])
+def test_a_png_damaged_part_way_is_refused_not_half_black(fix_crc: bool,
+                                                           min_side: int | None) -> None:
+    """PngImageFile.getexif() loads the pixels when no eXIf chunk precedes them; its decoder
+    error was swallowed as "broken EXIF", and the load after it found nothing left to decode,
+    so the half that decoded was kept and the rest trained on as black."""
+    refused = decode_photo(UploadedFile("damaged.png", _png_damaged_mid_data(fix_crc=fix_crc)),
+                           limits=LIMITS, min_side=min_side)
+    assert isinstance(refused, Finding), refused
+    assert refused.code in ("corrupt_image", "truncated_image")

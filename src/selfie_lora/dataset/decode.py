@@ -378,13 +378,16 @@ def _decode(
             raise _RejectedError(_finding(
                 name, "animated_image", f"{name} is an animation ({frames} frames), not a photo",
                 "upload a still photo (for a Live Photo, export it as a still JPEG)"))
-        orientation, software, had_exif, had_gps = _read_exif(img)
-        original_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
         if fmt == "JPEG" and min_side:
             # DCT scaling (1/2, 1/4, 1/8) while decoding; Pillow picks the largest factor that
             # keeps both sides >= min_side, i.e. the short side >= min_side.
             img.draft("RGB", (min_side, min_side))
+        # The pixels load before EXIF is read: a PNG's getexif() loads them itself when no eXIf
+        # chunk precedes them, and _read_exif (rightly) swallows its errors, so a damaged PNG's
+        # decoder error was lost there and the half that decoded kept, the rest black.
         img.load()
+        orientation, software, had_exif, had_gps = _read_exif(img)
+        original_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
         if fmt == "JPEG" and _grey_filled_bottom(img):
             raise _RejectedError(_finding(
                 name, "truncated_image",
