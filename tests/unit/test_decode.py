@@ -14,7 +14,7 @@ import pillow_heif
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, ImageFile
 
 from selfie_lora.dataset import decode
 from selfie_lora.dataset.decode import DecodedPhoto, decode_photo, sniff_image
@@ -697,3 +697,66 @@ def test_a_png_damaged_part_way_is_refused_not_half_black(fix_crc: bool,
                            limits=LIMITS, min_side=min_side)
     assert isinstance(refused, Finding), refused
     assert refused.code in ("corrupt_image", "truncated_image")
+
+
+@pytest.mark.parametrize(("mode", "fmt", "params"), [
+    ("RGBA", "WEBP", {"lossless": True}), ("RGB", "WEBP", {"lossless": True}),
+    ("L", "PNG", {"bits": 1}),
+])
+def test_a_tiny_file_of_many_megapixels_is_a_bomb_within_the_pixel_limit(
+        monkeypatch: pytest.MonkeyPatch, mode: str, fmt: str, params: dict[str, object]) -> None:
+    """The "more pixels than its bytes can hold" rule held only past max_pixels: a 1,592-byte
+    40 MP flat WebP decoded in full (+805 MB), and under a memory limit was "the server was short
+    of memory, upload it again". Refused from the header now, before any pixel is decoded."""
+    data = encode(Image.new(mode, (3000, 2000), 120), fmt, **params)
+    assert len(data) * 1000 < 3000 * 2000
+
+    def no_decoding(self: Image.Image) -> None:
+        raise AssertionError("pixels decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    refused = decode_photo(UploadedFile("flat.img", data), limits=LIMITS, min_side=1024)
+    assert isinstance(refused, Finding), refused
+    assert refused.code == "decompression_bomb"
+    assert "3000x2000 pixels in" in refused.message
+
+
+def test_a_photo_of_a_few_bytes_a_pixel_is_no_bomb() -> None:
+    # Just under the floor and past it: the rule weighs bytes, never the picture.
+    flat_small = encode(Image.new("RGB", (1500, 1500), 120), "WEBP", lossless=True)
+    assert len(flat_small) * 1000 < 1500 * 1500  # under 4 MP: decoded small anyway
+    assert _decoded(flat_small, "small.webp", min_side=1024).original_size == (1500, 1500)
+    flat_png = encode(Image.new("RGB", (3000, 2000), 120), "PNG")  # ~300 pixels a byte
+    assert _decoded(flat_png, "flat.png", min_side=1024).original_size == (3000, 2000)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_an_image_with_alpha_is_reduced_before_it_is_composited(
+        monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """Compositing on white took an RGB copy, a white base and the alpha channel, all full size,
+    before the reduction (+497 MB for a 40 MP RGBA PNG). Reduced first now, premultiplied, a band
+    of rows at a time, to the same picture."""
+    rng = np.random.default_rng(1)
+    small = rng.integers(0, 256, (600, 500, 4), dtype=np.uint8)
+    small[..., 3] = rng.choice(np.array([0, 60, 200, 255], dtype=np.uint8), (600, 500))
+    picture = Image.fromarray(small).convert(mode)
+    expected = decode._reduce(decode._flatten(picture), min_side=250)
+    composited: list[tuple[int, int]] = []
+    flatten = decode._flatten
+
+    def recording_flatten(img: Image.Image) -> Image.Image:
+        composited.append(img.size)
+        return flatten(img)
+
+    monkeypatch.setattr(decode, "_flatten", recording_flatten)
+    got = _decoded(encode(picture, "PNG"), "alpha.png", min_side=250).image
+    assert composited == [(250, 300)]  # old code: the full 500x600
+    assert got.size == expected.size
+    difference = np.abs(np.asarray(got, dtype=int) - np.asarray(expected.convert("RGB"), dtype=int))
+    assert difference.max() <= 2
+    # Sides that the factor does not divide, over several bands: the boxes are the same.
+    odd = Image.fromarray(small).convert(mode).resize((517, 1031))
+    assert decode._reduce_premultiplied(odd, min_side=100).size == (104, 207)
+    expected = decode._reduce(flatten(odd), min_side=100)
+    got = flatten(decode._reduce_premultiplied(odd, min_side=100))
+    assert np.abs(np.asarray(got, dtype=int) - np.asarray(expected, dtype=int)).max() <= 2

@@ -65,6 +65,10 @@ _TRANSPOSE: dict[int, Image.Transpose] = {
 # A file declaring more pixels than the limit while holding less than one byte per this many
 # pixels is a decompression bomb, not a big photo (real encoders need far more bytes).
 _BOMB_PIXELS_PER_BYTE = 1000
+# The same rule holds within the limit past this many pixels: a 40 MP flat lossless WebP of
+# 1,592 bytes took +805 MB to decode, and under a memory limit was told "the server was short of
+# memory, upload it again". Below it a tiny file decodes small anyway.
+_BOMB_CHECKED_FROM_PIXELS = 4_000_000
 # Scans of a progressive JPEG: cameras, phones and encoders write 1 to ~12. A crafted file
 # repeats a scan thousands of times at ~44 bytes each, and each costs a pass over every block
 # of the picture: an 880 KB file held a worker 51 s.
@@ -394,7 +398,11 @@ def _decode(
                 f"{name} is cut off: the bottom of the picture is missing (filled with grey)",
                 "the upload or copy was incomplete; export the photo again"))
         icc = img.info.get("icc_profile")
-        out = _flatten(img)
+        out: Image.Image = img
+        if min_side and fmt != "JPEG" and img.mode in ("RGBA", "LA"):
+            # Before compositing, which takes three more full-size copies (~0.5 GB at 40 MP).
+            out = _reduce_premultiplied(img, min_side=min_side)
+        out = _flatten(out)
         if min_side and fmt != "JPEG":
             out = _reduce(out, min_side=min_side)
         profile = icc if isinstance(icc, bytes) else None
@@ -538,6 +546,9 @@ def _declared_size(data: bytes, fmt: str) -> tuple[int, int] | None:
 def _check_dimensions(name: str, width: int, height: int, size: int, *,
                       limits: UploadLimits) -> None:
     pixels = width * height
+    if (size * _BOMB_PIXELS_PER_BYTE < pixels
+            and (pixels > limits.max_pixels or pixels > _BOMB_CHECKED_FROM_PIXELS)):
+        raise _RejectedError(_bomb(name, f" (it declares {width}x{height} pixels in {size} bytes)"))
     if pixels <= limits.max_pixels and max(width, height) <= limits.max_side:
         return
     if pixels > limits.max_pixels and size * _BOMB_PIXELS_PER_BYTE < pixels:
@@ -651,6 +662,24 @@ def _reduce(img: Image.Image, *, min_side: int) -> Image.Image:
     if factor < 2:
         return img
     return img.reduce(factor)  # box average: good quality, ceil(side / factor) >= min_side
+
+
+def _reduce_premultiplied(img: Image.Image, *, min_side: int) -> Image.Image:
+    """An "RGBA" or "LA" picture reduced as ``_reduce`` would its composite on white: box
+    averages of premultiplied colours are linear, so compositing them equals compositing first
+    (up to rounding). A band of rows at a time (a multiple of the factor, so the boxes are the
+    whole picture's), so no full-size premultiplied copy is made."""
+    factor = min(img.size) // min_side
+    if factor < 2:
+        return img
+    premultiplied = "RGBa" if img.mode == "RGBA" else "La"
+    width, height = img.size
+    out = Image.new(premultiplied, (-(-width // factor), -(-height // factor)))
+    rows = factor * max(1, _SCALE_BAND_ROWS // factor)
+    for top in range(0, height, rows):
+        band = img.crop((0, top, width, min(top + rows, height))).convert(premultiplied)
+        out.paste(band.reduce(factor), (0, top // factor))
+    return out
 
 
 @functools.cache
