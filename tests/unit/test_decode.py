@@ -588,21 +588,27 @@ def test_a_decode_short_of_memory_is_the_server_s_failure_not_the_photo_s(
     assert _rejected(jpeg()).code == "truncated_image"
 
 
+def _with_peak_memory(decode_it: Callable[[], DecodedPhoto]) -> tuple[DecodedPhoto, int]:
+    """What ``decode_it`` returns and the peak of Python's allocations while it ran (numpy's and
+    Python objects', counted by tracemalloc: deterministic, unlike RSS)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        decoded = decode_it()
+        return decoded, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_a_16_bit_grey_png_is_scaled_a_band_at_a_time() -> None:
     """An 8 KB 16-bit PNG of 12 MP: scaling it to 8 bits took float copies of the whole picture
     (~0.3 GB here, ~1.3 GB at 40 MP)."""
-    import tracemalloc
-
     grey = np.zeros((3000, 4000), dtype=np.uint16)
     grey[:, :2000] = 40000
     data = encode(Image.fromarray(grey), "PNG")
     del grey
-    tracemalloc.start()
-    try:
-        decoded = _decoded(data, "grey.png")
-        _size, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    decoded, peak = _with_peak_memory(lambda: _decoded(data, "grey.png"))
     assert peak < 60_000_000, peak  # the picture itself is 24 MB, its 8-bit copy 12 MB
     assert decoded.image.getpixel((0, 0))[0] == round(40000 / 65535 * 255)  # type: ignore[index]
     assert decoded.image.getpixel((3999, 0))[0] == 0  # type: ignore[index]
@@ -760,3 +766,21 @@ def test_an_image_with_alpha_is_reduced_before_it_is_composited(
     expected = decode._reduce(flatten(odd), min_side=100)
     got = flatten(decode._reduce_premultiplied(odd, min_side=100))
     assert np.abs(np.asarray(got, dtype=int) - np.asarray(expected, dtype=int)).max() <= 2
+
+
+def test_a_huge_exif_software_tag_is_read_no_further_than_what_is_kept() -> None:
+    """A PNG eXIf (WebP, HEIF EXIF too) can be as large as the file: a 45 MB Software tag was
+    cleaned a character at a time, a list of one-character strings (~0.5 GB, seconds), for the
+    200 characters kept. Python's own allocations, counted by tracemalloc: Pillow reading the tag
+    costs ~5 times its size, the old cleaning ~12 times."""
+    size = 5 * 1024 * 1024
+    text = b"Adobe Photoshop " + b"A" * size + b"\0"
+    ifd = (b"MM\x00*\x00\x00\x00\x08" + struct.pack(">H", 1)
+           + struct.pack(">HHII", 0x0131, 2, len(text), 8 + 2 + 12 + 4) + struct.pack(">I", 0))
+    plain = encode(photo(), "PNG")
+    data = plain[:33] + png_chunk(b"eXIf", ifd + text) + plain[33:]  # after the header chunk
+    decoded, peak = _with_peak_memory(lambda: _decoded(data, "p.png"))
+    assert decoded.exif_software == ("Adobe Photoshop " + "A" * 200)[:200]
+    assert peak < 8 * size, peak
+    assert decode._text(b"\xe2\x82\xac" * 2000) == "\u20ac" * 200  # multi-byte UTF-8 is cut whole
+    assert decode._text("\x00\x01 Lightroom\x7f ") == "Lightroom"
