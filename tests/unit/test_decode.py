@@ -29,6 +29,7 @@ from tests.support.hostile import (
     photo,
     png_chunk,
     png_declaring,
+    truncated,
 )
 from tests.support.photos import count_colour_conversions
 
@@ -784,3 +785,19 @@ def test_a_huge_exif_software_tag_is_read_no_further_than_what_is_kept() -> None
     assert peak < 8 * size, peak
     assert decode._text(b"\xe2\x82\xac" * 2000) == "\u20ac" * 200  # multi-byte UTF-8 is cut whole
     assert decode._text("\x00\x01 Lightroom\x7f ") == "Lightroom"
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "HEIF"])
+def test_a_webp_or_heic_cut_off_is_truncated_not_damaged(fmt: str) -> None:
+    """libwebp and libheif say only "invalid" of a file that ends early: a WebP cut in half was
+    "damaged and cannot be decoded", a HEIC "starts like a HEIC image but is not a valid one",
+    where a JPEG or PNG is "cut off". The container's declared sizes tell."""
+    pillow_heif.register_heif_opener()  # idempotent; the decoder registers it too
+    whole = _heic(photo((300, 200))) if fmt == "HEIF" else encode(photo((300, 200)), fmt)
+    refused = _rejected(truncated(whole), "cut.img")
+    assert refused.code == "truncated_image"
+    assert "cut off" in refused.message
+    # Whole but for a lie in its header: "damaged", not "cut off".
+    if fmt == "WEBP":
+        damaged = whole[:12] + b"VP8?" + whole[16:]
+        assert _rejected(damaged, "bad.webp").code == "corrupt_image"

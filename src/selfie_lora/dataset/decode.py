@@ -341,7 +341,11 @@ def decode_photo(
     except _RejectedError as rejected:
         return rejected.finding
     except Exception as exc:  # any decoder failure is a finding about this photo, never a 500
-        return _classify_failure(name, sniffed.label, exc)
+        failure = _classify_failure(name, sniffed.label, exc)
+        if failure.code == "corrupt_image" and _container_cut_short(data, sniffed.format):
+            # libwebp and libheif say only "invalid" of a file that ends early.
+            return _cut_off(name)
+        return failure
 
 
 def _decode(
@@ -780,6 +784,37 @@ def _bomb(name: str, detail: str = "") -> Finding:
                     "upload the original photo from your camera or phone")
 
 
+def _cut_off(name: str) -> Finding:
+    return _finding(name, "truncated_image",
+                    f"{name} is cut off: the file ends before the picture does",
+                    "the upload or copy was incomplete; export the photo again")
+
+
+_BOX_HEADER = struct.Struct(">I4s")  # an ISO-BMFF box: size (with its header), type
+
+
+def _container_cut_short(data: bytes, fmt: str) -> bool:
+    """Whether a WebP's RIFF size, or a HEIF/AVIF top-level box's size, runs past the end of
+    ``data``: the file was cut off, whatever the decoder said."""
+    if fmt == "WEBP":
+        return len(data) >= 8 and 8 + int.from_bytes(data[4:8], "little") > len(data)
+    if fmt not in ("HEIF", "AVIF"):
+        return False
+    pos = 0
+    while pos + _BOX_HEADER.size <= len(data):
+        size, _kind = _BOX_HEADER.unpack_from(data, pos)
+        if size == 1:  # a 64-bit size follows the type
+            if pos + 16 > len(data):
+                return True
+            size = int.from_bytes(data[pos + 8:pos + 16], "big")
+        if size == 0:  # the box runs to the end of the file
+            return False
+        if size < _BOX_HEADER.size:
+            return False  # no box: damaged, not cut off
+        pos += size
+    return pos > len(data)
+
+
 def _classify_failure(name: str, label: str, exc: Exception) -> Finding:
     logger.debug("cannot decode %s: %r", name, exc)
     if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
@@ -795,9 +830,7 @@ def _classify_failure(name: str, label: str, exc: Exception) -> Finding:
                         f"{name} could not be read: the server was short of memory",
                         "nothing is wrong with the photo: upload it again in a few minutes")
     if isinstance(exc, EOFError) or "truncated" in text or "broken data stream" in text:
-        return _finding(name, "truncated_image",
-                        f"{name} is cut off: the file ends before the picture does",
-                        "the upload or copy was incomplete; export the photo again")
+        return _cut_off(name)
     if isinstance(exc, UnidentifiedImageError):
         return _finding(name, "corrupt_image",
                         f"{name} starts like {label} but is not a valid one",
