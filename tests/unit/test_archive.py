@@ -514,3 +514,16 @@ def test_running_out_of_memory_while_inflating_is_the_server_s_failure(
     assert "not a readable zip" not in caught.value.message
     files, _notes = read_zip(data, limits=LIMITS)  # the memory back, the same bytes read
     assert [f.name for f in files] == ["a.jpg", "b.jpg"]
+
+
+def test_a_zip_with_bytes_after_its_end_is_refused_as_such_not_as_no_zip() -> None:
+    """zipfile and unzip open a zip with bytes after its end record; "the upload is not a zip
+    archive" told the user something they could check was false."""
+    data = zip_of({"a.jpg": jpeg()}) + b"\0" * 100
+    with pytest.raises(InvalidInputError) as caught:
+        read_zip(data, limits=LIMITS)
+    assert caught.value.code == "bad_archive"
+    assert "not a zip archive" not in str(caught.value)
+    assert "after its end" in str(caught.value)
+    with pytest.raises(InvalidInputError, match="not a zip archive"):
+        read_zip(b"this is not a zip archive", limits=LIMITS)

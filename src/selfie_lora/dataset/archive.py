@@ -297,13 +297,20 @@ def _find_central_directory(data: bytes) -> tuple[int, int, int]:
     # comment can occupy, nearest the end first, and take the record whose comment ends the file.
     low = max(0, size - _EOCD.size - _MAX_COMMENT)
     pos = data.rfind(_SIG_EOCD, low)
+    followed = False  # an end record whose comment ends before the file does
     while pos >= 0:
         if pos + _EOCD.size <= size:
             comment_len = _EOCD.unpack_from(data, pos)[7]
             if pos + _EOCD.size + comment_len == size:
                 eocd_pos = pos
                 break
+            followed = followed or pos + _EOCD.size + comment_len < size
         pos = data.rfind(_SIG_EOCD, low, pos)
+    if eocd_pos < 0 and followed:
+        # Refused still (what follows could hide another end record), but not as "not a zip":
+        # zipfile and unzip open it, so the user would not believe that.
+        raise _refuse(ErrorCode.BAD_ARCHIVE,
+                      "the upload is a zip archive with bytes after its end; make the zip again")
     if eocd_pos < 0:
         raise _refuse(ErrorCode.BAD_ARCHIVE, "the upload is not a zip archive")
     _sig, disk, cd_disk, disk_entries, entries, cd_size, cd_offset, _c = _EOCD.unpack_from(
