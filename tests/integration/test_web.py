@@ -495,6 +495,29 @@ def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
     assert ann.get(thumbs[0]).headers["content-type"] == "image/jpeg"
 
 
+def test_the_photos_page_keeps_the_stored_set_s_advice_after_the_upload(ann: TestClient,
+                                                                        svc: Services) -> None:
+    """The upload's report (why a photo was left out, what to add) was only in the upload's
+    answer: the photos page, opened again (a reload, back from "Train now"), showed only the
+    counts and the thumbnails (found in review). It shows the advice stored with the set."""
+    status, html = upload(ann, 4, extra=[("tiny.jpg", synthetic_photo(99, size=24))])
+    assert status == 200, html
+    dataset = svc.intake.latest(user=svc.users.get_by_name(name="ann"))
+    assert dataset is not None
+    set_findings = [f for f in dataset.findings if f.photo is None]
+    assert set_findings  # 4 photos: fewer than work best
+    page = ann.get("/photos").text
+    advice = page.split('id="set-advice"', 1)[1].split("Go to training", 1)[0]
+    for finding in dataset.findings:
+        assert html_escape(finding.message) in advice
+        assert html_escape(finding.advice) in advice
+    assert report_rows(advice) == {"tiny.jpg": "left-out"}
+
+
+def html_escape(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
 def report_rows(html: str) -> dict[str, str]:
     return {name: state for state, name in re.findall(
         r'class="photo (kept|left-out|not-stored)" data-photo-name="([^"]+)"', html)}

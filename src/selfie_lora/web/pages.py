@@ -203,7 +203,19 @@ def photos_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     photos = svc.intake.photos(user=viewer.user, dataset_id=dataset.id) if dataset else []
     training = _latest_training(web, viewer)
     return web.render(request, "photos.html", viewer=viewer, dataset=dataset, photos=photos,
-                      busy=training is not None and not training.training.status.is_terminal)
+                      busy=training is not None and not training.training.status.is_terminal,
+                      advice=_stored_advice(dataset, photos) if dataset else None)
+
+
+def _stored_advice(dataset: Any, photos: Sequence[Any]) -> dict[str, Any]:
+    """The advice stored with the set (what its upload's report said): the set's findings and,
+    per photo named in one, whether it was kept and its findings. The page shows it after the
+    upload's report is gone (a reload, coming back after "Train now")."""
+    findings = [f.as_dict() for f in dataset.findings]
+    kept = {p.name for p in photos}
+    rows = [row for row in _report_rows([], findings, {}, kept=kept, originals={})
+            if row["findings"]]
+    return {"set_findings": [f for f in findings if not f.get("photo")], "photos": rows}
 
 
 @router.post("/photos/upload")
