@@ -51,10 +51,20 @@ def test_the_cancel_button_keeps_the_keyboard_focus_while_the_status_updates(
     page.wait_for_function("() => window.swaps >= 2", timeout=20_000)
     focused = page.evaluate("() => document.activeElement.textContent.trim()")
     assert focused == "Cancel the training", server.why(f"focus on {focused!r} after 2 updates")
+    # Cancel asks first (it had no confirmation: one stray key ended the training).
+    asked: list[str] = []
+
+    def answer(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", answer)
     page.keyboard.press("Enter")
     page.wait_for_load_state()
     page.locator("#ended").wait_for(timeout=20_000)
-    assert "was canceled" in page.locator("#ended").inner_text()
+    assert asked, "no confirmation before the cancel"
+    assert asked[0].startswith("Cancel the training?"), asked
+    assert page.locator("#ended").inner_text().count("was canceled") == 1
 
 
 def test_a_training_that_ends_while_the_page_watches_shows_how_it_ended_and_retrain(

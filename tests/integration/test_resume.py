@@ -480,6 +480,32 @@ def test_the_training_page_offers_to_resume_a_canceled_training(tmp_path: Path) 
         services.close()
 
 
+def test_a_canceled_training_s_end_says_so_once_and_offers_resume_or_a_new_training(
+        tmp_path: Path) -> None:
+    """The page read "The training was canceled. The training was canceled. Your active version
+    is unchanged; start a new training when you are ready." right above "Resume from step 2"
+    (found in review): the ended sentence, then the stored cancel message that repeats it."""
+    from tests.integration.test_web import PASSWORD, sign_in
+
+    settings = make_settings(tmp_path)
+    trainer = CheckpointingFake()
+    services = _signing_in(settings, trainer)
+    try:
+        user, _ = services.users.create(name="ann", password=PASSWORD)
+        _canceled_at_step_3(services, trainer, user)
+        with TestClient(create_app(settings, services=services, run_worker=False),
+                        raise_server_exceptions=False) as client:
+            sign_in(client, "ann")
+            page = client.get("/train").text
+            ended = " ".join(page.split('id="ended">', 1)[1].split("</p>", 1)[0].split())
+            assert ended.count("was canceled") == 1, ended
+            assert "Resume it from step 2, or start a new training." in ended
+            assert "when you are ready" not in ended
+            assert "Resume from step 2" in page
+    finally:
+        services.close()
+
+
 def test_another_users_training_is_neither_canceled_nor_resumed(tmp_path: Path) -> None:
     """Bob, with a model of his own, names Ann's trainings to the API's cancel and resume and to
     the training page's forms: each is the answer an unknown id gets, and Ann's trainings are
