@@ -514,6 +514,22 @@ def test_the_photos_page_keeps_the_stored_set_s_advice_after_the_upload(ann: Tes
     assert report_rows(advice) == {"tiny.jpg": "left-out"}
 
 
+def test_the_upload_report_says_each_finding_of_the_set_once(ann: TestClient) -> None:
+    """Each set finding was printed twice: as a verdict reason and in the findings list ("4
+    usable photos: 15-25 work best" above "4 usable photos; 15-25 work best"); a refused set's
+    alert listed every finding that the list then repeated (found in review)."""
+    status, html = upload(ann, 4)
+    assert status == 200, html
+    report = html.split('id="current-set"', 1)[0]
+    assert report.count("usable photos") == 1, report
+    assert "add 11 or more photos" in report  # the finding, with its advice
+
+    status, html = upload(ann, 0, extra=[("tiny.jpg", synthetic_photo(99, size=24))])
+    assert status == 422, html
+    assert html.count("usable photo") == 1, html
+    assert "at least" in html.split('class="findings"', 1)[1]  # in the list, with its advice
+
+
 def html_escape(text: str) -> str:
     return html.escape(text, quote=True)
 
