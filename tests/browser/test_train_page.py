@@ -84,3 +84,18 @@ def test_a_training_that_ends_while_the_page_watches_shows_how_it_ended_and_retr
     assert page.get_by_role("button", name="Retrain").is_visible()
     assert page.locator("[hx-get]").count() == 0  # polling has stopped
     assert page.evaluate("() => window.swaps") >= 1  # the same document: no reload
+
+
+def test_the_page_says_when_it_lost_contact_with_the_server_and_when_it_is_back(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """While the status polls failed (the server restarting, the network gone), the figures
+    froze as they were, "about 0 s left" included, and nothing said so (found in review)."""
+    page, server, _key = watching(chromium, tmp_path, serve)
+    notice = page.locator("#poll-notice")
+    assert notice.is_hidden()
+    page.route("**/train/status", lambda route: route.abort())
+    notice.wait_for(state="visible", timeout=20_000)
+    assert "Lost contact with the server, retrying" in notice.inner_text(), server.why("notice")
+    assert notice.get_attribute("role") == "status"
+    page.unroute("**/train/status")
+    notice.wait_for(state="hidden", timeout=20_000)  # the next poll that succeeds clears it

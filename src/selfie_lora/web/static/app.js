@@ -249,6 +249,31 @@
     e.preventDefault();
     history.back();
   });
+  // ---------------------------------------------------------------- training status
+  // The figures are polled every second. A poll that fails (the server restarting, the network
+  // gone, a 5xx, which htmx does not swap) left them frozen, as if the training were stuck: a
+  // notice says contact was lost, since when, and the time left (stale) is hidden until a poll
+  // succeeds again (htmx keeps polling).
+  const statusPoll = (e) => (e.detail?.pathInfo?.requestPath ?? "").startsWith("/train/status");
+  let lastUpdate = new Date();
+  const lostContact = (e) => {
+    const notice = document.getElementById("poll-notice");
+    if (!statusPoll(e) || !notice) return;
+    notice.textContent = "Lost contact with the server, retrying… (last update at "
+      + `${lastUpdate.toLocaleTimeString()})`;
+    notice.hidden = false;
+    for (const left of document.querySelectorAll("#status-figures [data-left]")) left.hidden = true;
+  };
+  for (const name of ["htmx:sendError", "htmx:responseError", "htmx:timeout"]) {
+    document.addEventListener(name, lostContact);
+  }
+  document.addEventListener("htmx:afterRequest", (e) => {
+    const status = e.detail?.xhr?.status ?? 0;
+    if (!statusPoll(e) || status < 200 || status >= 300) return;
+    lastUpdate = new Date();
+    const notice = document.getElementById("poll-notice");
+    if (notice) { notice.hidden = true; notice.textContent = ""; }
+  });
   const scale = document.getElementById("lora_scale");
   const scaleValue = document.getElementById("scale-value");
   // step="any" so that any stored scale shows as it is; a scale the user drags to is kept to
