@@ -36,6 +36,15 @@ def watching(chromium: Any, tmp_path: Path,
     return page, server, key
 
 
+def cancel_elsewhere(page: Any, server: ServeProcess, key: str) -> None:
+    """The training the page watches, canceled through the API (as from another device)."""
+    training_id = page.locator('input[name="training_id"]').get_attribute("value")
+    with httpx.Client(base_url=server.base_url, timeout=30) as api:
+        r = api.post("/api/training/cancel", json={"training_id": training_id},
+                     headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+
+
 def test_the_cancel_button_keeps_the_keyboard_focus_while_the_status_updates(
         chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
     """The whole status section, the Cancel button in it, was swapped every second: a keyboard
@@ -73,11 +82,7 @@ def test_a_training_that_ends_while_the_page_watches_shows_how_it_ended_and_retr
     whole panel, so the Cancel button goes, how it ended shows, and the Retrain button is
     back, without a reload (it came only with one: found in review)."""
     page, server, key = watching(chromium, tmp_path, serve)
-    training_id = page.locator('input[name="training_id"]').get_attribute("value")
-    with httpx.Client(base_url=server.base_url, timeout=30) as api:  # canceled elsewhere
-        r = api.post("/api/training/cancel", json={"training_id": training_id},
-                     headers={"Authorization": f"Bearer {key}"})
-    assert r.status_code == 200, r.text
+    cancel_elsewhere(page, server, key)
     page.locator("#ended").wait_for(timeout=20_000)
     assert "was canceled" in page.locator("#ended").inner_text()
     assert page.get_by_role("button", name="Cancel the training").count() == 0
@@ -99,3 +104,31 @@ def test_the_page_says_when_it_lost_contact_with_the_server_and_when_it_is_back(
     assert notice.get_attribute("role") == "status"
     page.unroute("**/train/status")
     notice.wait_for(state="hidden", timeout=20_000)  # the next poll that succeeds clears it
+
+
+def test_one_stable_live_region_speaks_for_the_training_and_its_end(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """The polled figures sat in an aria-live region, read out every second; the end swap
+    replaced that region itself (a region inserted with its text is often not announced), and
+    focus fell to the body (found in review)."""
+    page, server, key = watching(chromium, tmp_path, serve)
+    # The figures polled every second are in no live region.
+    assert page.locator("#status-figures").evaluate("e => e.closest('[aria-live]')") is None
+    live = page.locator("#training-live")
+    assert live.get_attribute("role") == "status"
+    assert live.evaluate("e => e.closest('#train-panel')") is None  # the end swap keeps it
+    page.evaluate("""() => { window.liveChanges = 0;
+        new MutationObserver(() => { window.liveChanges += 1; }).observe(
+            document.getElementById('training-live'),
+            {childList: true, characterData: true, subtree: true});
+        document.getElementById('training-live').dataset.before = 'yes'; }""")
+    start = page.evaluate("() => window.swaps")
+    page.wait_for_function(f"() => window.swaps >= {start + 3}", timeout=20_000)
+    assert page.evaluate("() => window.liveChanges") <= 1  # a queued training says nothing new
+    cancel_elsewhere(page, server, key)
+    page.locator("#ended").wait_for(timeout=20_000)
+    page.wait_for_function(
+        "() => document.getElementById('training-live').textContent.includes('was canceled')",
+        timeout=20_000)
+    assert live.get_attribute("data-before") == "yes"  # the region that was there before
+    assert page.evaluate("() => document.activeElement.id") == "ended"

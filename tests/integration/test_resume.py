@@ -497,7 +497,7 @@ def test_a_canceled_training_s_end_says_so_once_and_offers_resume_or_a_new_train
                         raise_server_exceptions=False) as client:
             sign_in(client, "ann")
             page = client.get("/train").text
-            ended = " ".join(page.split('id="ended">', 1)[1].split("</p>", 1)[0].split())
+            ended = " ".join(page.split('id="ended"', 1)[1].split("</p>", 1)[0].split())
             assert ended.count("was canceled") == 1, ended
             assert "Resume it from step 2, or start a new training." in ended
             assert "when you are ready" not in ended

@@ -811,7 +811,8 @@ def train_ended(client: TestClient) -> str:
     while 'id="ended"' not in (page := client.get("/train").text):
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    return " ".join(page.split('id="ended">', 1)[1].split("</p>", 1)[0].split())
+    return " ".join(re.split(r'id="ended"[^>]*>', page, maxsplit=1)[1].split("</p>", 1)[0]
+                    .split())
 
 
 def test_the_trainer_version_form_refuses_a_replicate_model_the_operator_did_not_choose(

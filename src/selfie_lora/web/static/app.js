@@ -274,6 +274,31 @@
     const notice = document.getElementById("poll-notice");
     if (notice) { notice.hidden = true; notice.textContent = ""; }
   });
+  // What the training page's live region says: the status and the progress in tens of percent
+  // while it runs (not the seconds, which change on every poll), how it ended at the end. Only
+  // a change is written, so a screen reader speaks a few times per training, not every second.
+  const live = document.getElementById("training-live");
+  const progressWords = () => {
+    const status = document.querySelector("#status-figures [data-status]")?.dataset.status;
+    const bar = document.querySelector("#status-figures progress");
+    if (!status) return "";
+    const tens = bar ? Math.floor(Number(bar.value) / 10) * 10 : 0;
+    return `Training ${status}, ${tens}% done.`;
+  };
+  let spoken = live ? progressWords() : "";  // what the page showed when it loaded: not read out
+  document.addEventListener("htmx:afterSettle", () => {
+    if (!live) return;
+    const ended = document.getElementById("ended");
+    const words = ended ? ended.textContent.replace(/\s+/g, " ").trim() : progressWords();
+    if (words && words !== spoken) {
+      spoken = words;
+      live.textContent = words;
+    }
+    // The end swap took the Cancel button, and the focus with it: to how the training ended.
+    if (ended && (document.activeElement === null || document.activeElement === document.body)) {
+      ended.focus();
+    }
+  });
   const scale = document.getElementById("lora_scale");
   const scaleValue = document.getElementById("scale-value");
   // step="any" so that any stored scale shows as it is; a scale the user drags to is kept to
