@@ -79,7 +79,14 @@ def ann(web_settings: Settings, svc: Services) -> Iterator[TestClient]:
 
 
 def form_token(client: TestClient) -> str:
+    """A sign-in form's token, as shown to this browser signed out (a signed-in browser is sent
+    on from /signin: the form of a tab opened before, or of Back to it)."""
+    sessions = [c for c in client.cookies.jar if c.name == "sl_session"]
+    for cookie in sessions:
+        client.cookies.jar.clear(cookie.domain, cookie.path, cookie.name)
     page = client.get("/signin")
+    for cookie in sessions:
+        client.cookies.jar.set_cookie(cookie)
     found = re.search(r'name="form_token" value="([^"]+)"', page.text)
     assert found, page.text
     return found.group(1)
@@ -280,6 +287,31 @@ def test_sign_out_ends_the_session(ann: TestClient) -> None:
     # The old cookie, replayed, is no session either.
     ann.cookies.set("sl_session", cookie or "")
     assert ann.get("/photos", follow_redirects=False).status_code == 303
+
+
+def test_a_signed_in_browser_is_sent_on_from_the_sign_in_and_sign_up_pages(
+        web_settings: Settings, svc: Services) -> None:
+    """Signed in, /signin and /signup still showed their forms (Back after signing up showed an
+    empty sign-up form that made a second account), and signing in again left this browser's
+    old session valid in the database (found in review)."""
+    with browser(web_settings, svc) as client, browser(web_settings, svc) as other:
+        sign_in(other, "ann")  # another browser's session stays valid throughout
+        token = form_token(client)  # the form as shown before signing in (Back to it, a tab)
+        sign_in(client, "ann")
+        for page, target in (("/signin", "/photos"), ("/signin?next=/versions", "/versions"),
+                             ("/signin?next=//example.com", "/photos"), ("/signup", "/photos")):
+            r = client.get(page, follow_redirects=False)
+            assert (r.status_code, r.headers.get("location")) == (303, target), page
+        old = client.cookies.get("sl_session")
+        r = client.post("/signin", data={"name": "bob", "password": PASSWORD,
+                                         "form_token": token, "next": "/photos"},
+                        follow_redirects=False)
+        assert r.status_code == 303, r.text
+        assert "bob" in client.get("/photos").text  # the new session
+        client.cookies.clear()
+        client.cookies.set("sl_session", old or "")  # this browser's old session: ended
+        assert client.get("/photos", follow_redirects=False).status_code == 303
+        assert other.get("/photos", follow_redirects=False).status_code == 200
 
 
 @pytest.mark.parametrize(("path", "page"), [

@@ -35,7 +35,7 @@ from selfie_lora.errors import (
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.generation import GenerationRequest, withheld_pictures
 from selfie_lora.services.training import UploadResult
-from selfie_lora.web.app import Viewer, Web
+from selfie_lora.web.app import SignInRequired, Viewer, Web
 from selfie_lora.web.cookies import (
     FORM_COOKIE,
     FORM_MAX_AGE_SECONDS,
@@ -125,8 +125,28 @@ FORM_EXPIRED = ("this page was open too long (or the browser's cookies were clea
                 "{what} again")
 
 
+def _signed_in(request: Request) -> Viewer | None:
+    """The browser's user, where it is signed in (None otherwise)."""
+    try:
+        return _web(request).viewer(request)
+    except SignInRequired:
+        return None
+
+
+async def _replace_session(web: Web, request: Request, response: Response, token: str) -> None:
+    """The new session's cookie on ``response``, and this browser's old session (if any) ended:
+    it would stay valid in the database, unseen, until it expired. Sessions of other browsers
+    stay valid."""
+    old = web.signer.session_token(request.cookies.get(SESSION_COOKIE))
+    await in_thread(lambda: web.services.users.sign_out(token=old))
+    web.set_session_cookie(response, request, token)
+
+
 @router.get("/signin")
-def signin_page(request: Request, next: str | None = None) -> HTMLResponse:
+def signin_page(request: Request, next: str | None = None) -> Response:
+    if _signed_in(request) is not None:
+        # Signed in already (Back after signing in, a bookmark): where the form would lead.
+        return _see(_local_target(next))
     return _signin_form(request, "signin.html", next=_local_target(next))
 
 
@@ -149,12 +169,15 @@ async def signin(request: Request, name: FormStr, password: FormStr, form_token:
             failed.headers["Retry-After"] = str(exc.retry_after)
         return failed
     response = _see(target)
-    web.set_session_cookie(response, request, signed.token)
+    await _replace_session(web, request, response, signed.token)
     return response
 
 
 @router.get("/signup")
-def signup_page(request: Request) -> HTMLResponse:
+def signup_page(request: Request) -> Response:
+    if _signed_in(request) is not None:
+        # Back after signing up showed the empty form, which made a second account.
+        return _see("/photos")
     return _signin_form(request, "signup.html")
 
 
@@ -178,7 +201,7 @@ async def signup(request: Request, name: FormStr, password: FormStr, password_ag
             failed.headers["Retry-After"] = str(exc.retry_after)
         return failed
     response = _see("/photos")
-    web.set_session_cookie(response, request, signed.token)
+    await _replace_session(web, request, response, signed.token)
     return response
 
 
