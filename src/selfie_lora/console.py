@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -19,8 +19,24 @@ from selfie_lora.domain.entities import Finding, Training
 if TYPE_CHECKING:
     from selfie_lora.services.intake import IntakeReport
 
-console = Console()
-err_console = Console(stderr=True)
+
+
+class _Console(Console):
+    """A rich console whose lines of text are never wrapped when it writes to no terminal.
+
+    Off a terminal (a pipe, a script, CI, docker logs) rich wraps at 80 columns: a long path was
+    cut in the middle of a file's name and the one-time API key or an export's sha256 went to a
+    line of their own, so `grep wrote | awk '{print $2}'` or a grep for 'API key' lost them.
+    Tables and other renderables keep their layout: they are for people."""
+
+    def print(self, *objects: Any, soft_wrap: bool | None = None, **options: Any) -> None:
+        if soft_wrap is None and not self.is_terminal and all(isinstance(o, str) for o in objects):
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **options)
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 _SEVERITY_ORDER = {"reject": 0, "warn": 1, "info": 2}
 

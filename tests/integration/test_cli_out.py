@@ -5,6 +5,7 @@ to be written); and what compare prints about the comparison it wrote."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -211,3 +212,22 @@ def test_generate_says_the_seed_it_drew(trained: Services, tmp_path: Path) -> No
     assert generation.seed is not None
     assert (f"generation {generation.id}: version 2, LoRA scale {generation.lora_scale:g}, "
             f"seed {generation.seed} (picture i: that + i)") in done.stdout.replace("\n", "")
+
+
+def test_the_wrote_lines_are_whole_when_piped(trained: Services, tmp_path: Path) -> None:
+    # Off a terminal rich wrapped at 80 columns: the path was cut in the middle of a file's
+    # name (`grep wrote | awk '{print $2}'` gave an empty line) and the sha256 went to a line
+    # of its own.
+    out = tmp_path / "a" / "rather" / "long" / "folder" / "name" / "for" / "the" / "pictures"
+    done = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    [wrote] = [line for line in done.stdout.splitlines() if line.startswith("wrote ")]
+    [picture] = out.iterdir()
+    assert wrote == f"wrote {picture}"
+    target = out / "lora.safetensors"
+    done = CliRunner().invoke(cli.app, ["export", "--user", "ann", "--out", str(target)])
+    assert done.exit_code == 0, done.output
+    [wrote] = [line for line in done.stdout.splitlines() if line.startswith("wrote ")]
+    assert wrote.startswith(f"wrote {target}: version 2, ")
+    sha = hashlib.sha256(target.read_bytes()).hexdigest()
+    assert wrote.endswith(f"sha256 {sha}"), wrote

@@ -4,6 +4,9 @@ command; and a rejected set's findings are the table `check` prints, not Python 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -84,3 +87,26 @@ def test_train_prints_a_rejected_sets_findings_as_check_does(cli: CliRunner,
     for column in ("severity", "photo", "code", "message", "advice"):
         assert column in table
     assert "few_photos" in table
+
+
+def test_piped_lines_a_script_reads_are_never_wrapped(tmp_path: Path) -> None:
+    # Off a terminal rich wrapped at 80 columns: a long --out path was cut in the middle of a
+    # file's name, and the one-time API key went to a line of its own.
+
+    home = tmp_path / ("a-rather-long-folder-name-for-the-data-of-this-deployment" * 2) / "home"
+    env = {k: v for k, v in os.environ.items() if k not in {"COLUMNS", "LINES"}}
+    env.update(SELFIE_LORA_HOME=str(home), SELFIE_LORA_BACKEND="tiny")
+
+    def run(*args: str) -> list[str]:
+        command = [sys.executable, "-c", "from selfie_lora.cli import main; main()", *args]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    lines = run("users", "create", "ann")
+    [key_line] = [line for line in lines if line.startswith("API key")]
+    assert "sl_" in key_line, lines
+    lines = run("users", "keys", "create", "ann", "--name", "ci")
+    [key_line] = [line for line in lines if line.startswith("API key")]
+    assert "sl_" in key_line, lines
