@@ -221,6 +221,7 @@ def _print_details(details: Sequence[Any]) -> None:
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535,
                                       help="Port to listen on (0: any free one).")] = 8000,
@@ -233,10 +234,20 @@ def serve(
 ) -> None:
     """The web app and the HTTP API, with a background worker, in one process."""
     from selfie_lora.api.app import create_app
-    from selfie_lora.api.server import run_server, run_server_processes
+    from selfie_lora.api.server import listening_socket, run_server, run_server_processes
     from selfie_lora.wiring import open_database
 
     settings = _settings()
+    if processes == 1:
+        # Before the app starts and before the address is said: uvicorn bound it only after
+        # both, so a taken port announced the other program's server, then exited 3.
+        try:
+            sock = listening_socket(host, port)
+        except OSError as exc:
+            _fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        # Closed when the command ends, also when the app cannot start.
+        ctx.call_on_close(sock.close)
+        port = sock.getsockname()[1]  # the one chosen for port 0
     with _starting(settings):
         # Once, before the server processes start: a database that cannot be reached is one
         # line here rather than a traceback from each of them.
@@ -253,8 +264,9 @@ def serve(
             # and the others would serve another deployment's storage, ready.
             _bind_deployment(settings)
     if processes > 1:
-        logger.info("serving on http://%s:%d/ with %d API processes; data in %s", host, port,
-                    processes, settings.home)
+        # The address is logged once they serve (port 0: the one chosen for them all).
+        logger.info("starting %d API processes on %s; data in %s", processes,
+                    f"{host}:{port}" if port else f"{host}, any free port", settings.home)
         try:
             run_server_processes(settings, host=host, port=port, processes=processes,
                                  worker=worker)
@@ -268,7 +280,7 @@ def serve(
     else:
         console.print(f"selfie-lora: open [bold]http://{shown}:{port}/[/bold] in a browser "
                       f"(API docs at /docs); data in {settings.home}")
-    run_server(application, settings, host=host, port=port)
+    run_server(application, settings, sock=sock)
 
 
 def _bind_deployment(settings: Settings) -> None:

@@ -126,20 +126,29 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def run_server(app: Any, settings: Settings, *, host: str, port: int) -> None:
-    """Serve ``app`` until SIGINT or SIGTERM (both stop it gracefully: the app's shutdown hands
-    running trainings back)."""
+def run_server(app: Any, settings: Settings, *, sock: socket.socket) -> None:
+    """Serve ``app`` on ``sock`` (``listening_socket``) until SIGINT or SIGTERM (both stop it
+    gracefully: the app's shutdown hands running trainings back)."""
     settle_garbage_collector()
-    uvicorn.run(app, host=host, port=port, **uvicorn_options(settings))
+    uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings))).run(sockets=[sock])
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
-    """A socket on ``host:port`` that other processes may bind too (``SO_REUSEPORT``): the
-    kernel spreads new connections over them."""
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The socket single-process ``serve`` listens on, bound before the app starts: a port
+    that is taken is an OSError here, before the address is announced or the app's start runs
+    (uvicorn bound it only after both, and exited 3), and with port 0 its ``getsockname`` says
+    the port that was chosen. Not shared with other processes (no ``SO_REUSEPORT``)."""
+    return _listening_socket(host, port, shared=False)
+
+
+def _listening_socket(host: str, port: int, *, shared: bool = True) -> socket.socket:
+    """A socket on ``host:port``; ``shared``: that other processes may bind too
+    (``SO_REUSEPORT``): the kernel spreads new connections over them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     # Accepted connections inherit it. Without it, a response's two writes (head, body) waited
     # for the client's delayed ACK: 44 ms a request instead of 0.4 ms (measured, one client).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -363,7 +372,10 @@ def run_server_processes(settings: Settings, *, host: str, port: int, processes:
     metrics_dir.mkdir(parents=True)
     # Read by prometheus-client when the children import it.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    _listening_socket(host, port).close()  # the address is free: fail here, not N times
+    # The address is free: fail here, not N times. With port 0 each process would bind a port
+    # of its own, none of them said: they all get the one chosen here.
+    with _listening_socket(host, port) as probe:
+        port = probe.getsockname()[1]
     context = multiprocessing.get_context("spawn")
     parent = os.getpid()
 
