@@ -39,11 +39,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# rich_markup_mode None: the help texts are plain text, and in typer's "rich" mode the command
+# lists kept the docstrings' line breaks (entries broke mid-sentence).
 app = typer.Typer(help="Personal FLUX LoRAs from selfies, retrained without losing anything.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-users_app = typer.Typer(help="Manage users and API keys.", no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+users_app = typer.Typer(help="Manage users and API keys.", no_args_is_help=True,
+                        rich_markup_mode=None)
 keys_app = typer.Typer(help="A user's API keys: list, create, revoke, rotate.",
-                       no_args_is_help=True)
+                       no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(users_app, name="users")
 users_app.add_typer(keys_app, name="keys")
 
@@ -689,6 +692,11 @@ def export_cmd(
         raise typer.BadParameter(f"VERSION {version_arg!r} and --version {version!r} differ",
                                  param_hint="VERSION")
     chosen = version_arg if version_arg is not None else version
+    if chosen is not None and chosen.lower() in {"true", "false", "yes", "no", "on", "off"}:
+        # `--force true`: a flag takes no value, so 'true' was read as the version, then said
+        # to be no such version.
+        raise typer.BadParameter(f"{chosen!r} is not a version (a number or an id); --force "
+                                 "takes no value", param_hint="VERSION")
     with opened() as services:
         if user is not None:
             owner = services.users.get_by_name(name=user)
