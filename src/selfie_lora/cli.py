@@ -219,7 +219,11 @@ def _print_details(details: Sequence[Any]) -> None:
                        out=err_console)
         return
     for detail in details:
-        err_console.print(f"  - {escape(str(detail))}", highlight=False, soft_wrap=True)
+        # A dict (the API's structured details, e.g. a rotated key's successor) as words, not
+        # as Python's repr.
+        shown = (", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in detail.items())
+                 if isinstance(detail, dict) else str(detail))
+        err_console.print(f"  - {escape(shown)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -716,6 +720,9 @@ def export_cmd(
             # A LoRA is often exported again with the same name: never lose one silently.
             _fail(f"{target} exists; nothing was written (pass --force to replace it, or --out "
                   "another file)")
+        in_the_way = _file_in_the_way(target.parent)
+        if in_the_way is not None:  # mkdir's own words were 'File exists' / 'Not a directory'
+            _fail(f"cannot write {target}: {in_the_way} is a file, not a folder")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             write_whole(target, export.data)  # never a half-written LoRA under the asked name

@@ -151,6 +151,8 @@ def test_export_under_a_file_is_refused_in_one_line(trained: Services, tmp_path:
     target = a_file(tmp_path) / "lora.safetensors"
     refused = CliRunner().invoke(cli.app, ["export", "1", "--user", "ann", "--out", str(target)])
     refused_in_one_line(refused, target)
+    # Not the raw strerror ('File exists'), which said the opposite of the problem.
+    assert f"{target.parent} is a file, not a folder" in refused.output.replace("\n", "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "home"]  # no partial file
 
 

@@ -142,3 +142,19 @@ def test_a_command_that_makes_a_new_data_folder_says_where(
         assert "new data folder" not in again.output
     finally:
         get_settings.cache_clear()
+
+
+def test_rotating_a_rotated_key_again_is_refused_in_words(home: Path) -> None:
+    runner = CliRunner()
+    created = runner.invoke(app, ["users", "create", "bob", "--json"])
+    assert created.exit_code == 0, created.output
+    listed = runner.invoke(app, ["users", "keys", "list", "bob", "--json"])
+    [key] = json.loads(listed.stdout)["keys"]
+    rotated = runner.invoke(app, ["users", "keys", "rotate", "bob", key["id"], "--json"])
+    assert rotated.exit_code == 0, rotated.output
+    again = runner.invoke(app, ["users", "keys", "rotate", "bob", key["id"]])
+    assert again.exit_code == 1, again.output
+    assert "that key was rotated already" in again.output
+    # The details were a Python dict: "  - {'replaced_by': '...', 'works_until': '...'}".
+    assert "{'" not in again.output, again.output
+    assert f"replaced by: {json.loads(rotated.stdout)['id']}, works until: " in again.output
