@@ -5,6 +5,7 @@ line and exit status 1 before anything starts, and ``--port 0`` says the port it
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -90,3 +91,17 @@ def test_port_0_with_two_processes_gives_them_one_port(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=DEADLINE_S)
+
+
+def test_sigterm_stops_it_with_exit_status_0(tmp_path: Path) -> None:
+    # uvicorn raised SIGTERM again after its graceful shutdown: status 143 (-15 here), where
+    # `worker` and `serve --processes N` end with 0.
+    proc, log = start(tmp_path, "--port", "0")
+    try:
+        port = int(wait_for(proc, log, r"open http://127\.0\.0\.1:(\d+)/").group(1))
+        assert healthy(port), log.read_text(errors="replace")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=DEADLINE_S)
+    assert code == 0, log.read_text(errors="replace")
+    assert "Shutting down" in log.read_text(errors="replace")  # it stopped gracefully

@@ -130,7 +130,20 @@ def run_server(app: Any, settings: Settings, *, sock: socket.socket) -> None:
     """Serve ``app`` on ``sock`` (``listening_socket``) until SIGINT or SIGTERM (both stop it
     gracefully: the app's shutdown hands running trainings back)."""
     settle_garbage_collector()
-    uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings))).run(sockets=[sock])
+    _StoppedByTermServer(uvicorn.Config(app, **uvicorn_options(settings))).run(sockets=[sock])
+
+
+class _StoppedByTermServer(uvicorn.Server):
+    """Ends with exit status 0 after a graceful stop by SIGTERM, as ``worker`` and ``serve
+    --processes N`` do: uvicorn raises the signal again after its shutdown, so the process died
+    of it (status 143), which a supervisor or script checking ``$?`` took for a failure.
+    SIGINT is left to uvicorn (Ctrl-C ends as it does)."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM:
+            self.should_exit = True  # not recorded: uvicorn raises only what it recorded
+            return
+        super().handle_exit(sig, frame)
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
