@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from selfie_lora.logs import setup_logging
 from selfie_lora.outputs import write_whole
 
 if TYPE_CHECKING:
+    from selfie_lora.services.backup import BackupService
     from selfie_lora.services.likeness import Comparison
     from selfie_lora.wiring import Services
     from selfie_lora.worker import Worker
@@ -868,6 +870,64 @@ def demo(
         _fail(exc.message, code=2)
     except SelfieLoraError as exc:
         _fail(exc.message, label="demo failed")
+
+
+# --- backup and restore (self-contained: the default deployment's data in HOME) ---------------
+
+
+def _backup_service() -> tuple[Settings, BackupService]:
+    from selfie_lora.wiring import build_backups
+
+    settings = _settings()
+    return settings, build_backups(settings)
+
+
+@app.command("backup")
+def backup_cmd(
+    dest: Annotated[Path, typer.Argument(
+        help="A new (or empty) folder, or a file ending in .tar, to write the backup to.")],
+) -> None:
+    """Copy the database and every photo, weights and picture in SELFIE_LORA_HOME, consistently,
+    while the server and workers keep running."""
+    settings, backups = _backup_service()
+    try:
+        summary = backups.backup(dest=dest)
+    except SelfieLoraError as exc:
+        _fail(exc.message, details=exc.details)
+    except (OSError, sqlite3.Error) as exc:
+        _fail(f"cannot back up {settings.home}: {_reason(exc)}")
+    rows = ", ".join(f"{n} {t}" for t, n in sorted(summary.counts.items()) if n)
+    console.print(f"wrote {summary.path}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"{summary.blobs} blob(s), {summary.blob_bytes} bytes; schema "
+                  f"{summary.schema_revision}; {rows or 'no rows'}", markup=False,
+                  highlight=False, soft_wrap=True)
+    if summary.missing:
+        err_console.print(f"warning: {len(summary.missing)} blob(s) the database names were not "
+                          "in the storage, so are not in the backup either: "
+                          f"{', '.join(summary.missing[:5])}", markup=False, highlight=False,
+                          soft_wrap=True)
+
+
+@app.command("restore")
+def restore_cmd(
+    source: Annotated[Path, typer.Argument(help="A backup folder or .tar that 'backup' wrote.")],
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace the data in a SELFIE_LORA_HOME that is not empty.")] = False,
+) -> None:
+    """Put a backup in place of SELFIE_LORA_HOME's data, checked whole first (stop the server
+    and workers before)."""
+    settings, backups = _backup_service()
+    try:
+        summary = backups.restore(source=source, force=force)
+    except SelfieLoraError as exc:
+        _fail(exc.message, details=exc.details)
+    except (OSError, sqlite3.Error) as exc:
+        _fail(f"cannot restore into {settings.home}: {_reason(exc)}")
+    console.print(f"restored {summary.path} from the backup of {summary.created_at}: "
+                  f"{summary.blobs} blob(s)", markup=False, highlight=False, soft_wrap=True)
+
+
+# --- end of backup and restore ------------------------------------------------------------------
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
@@ -31,6 +32,7 @@ from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadLimits
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.errors import ConfigError
+from selfie_lora.services.backup import BackupService
 from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.generation import GenerationService
@@ -367,3 +369,22 @@ def build_services(
                             deployment=deployment),
         trainers=chosen_trainers,
     )
+
+
+def build_backups(settings: Settings) -> BackupService:
+    """Backup and restore of the data in HOME, without opening the database as the services
+    do (a restore must not migrate, nor make, the HOME it is about to replace)."""
+    from selfie_lora.adapters.backup import HomeBackups
+
+    database = "home"
+    if settings.database_url is not None:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(settings.database_url)
+        if not url.drivername.startswith("sqlite"):
+            database = "postgres"
+        elif Path(url.database or ":memory:").resolve() != (
+                settings.home / "selfie-lora.db").resolve():
+            database = "sqlite"
+    return BackupService(backups=HomeBackups(home=settings.home), database=database,
+                         storage_elsewhere=settings.storage_url is not None)

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from selfie_lora.domain.backup import BackupSummary
 from selfie_lora.domain.entities import (
     ApiKey,
     Dataset,
@@ -669,3 +670,16 @@ class Alerter(Protocol):
         ...
 
 
+
+
+class Backups(Protocol):
+    """The deployment's data copied out and back (``services.backup``)."""
+
+    def backup(self, *, dest: Path) -> BackupSummary:
+        """A consistent copy of the live data into ``dest`` (a new folder, or a .tar file)."""
+        ...
+
+    def restore(self, *, source: Path, force: bool) -> BackupSummary:
+        """The backup at ``source``, checked whole, in place of the data: the old data or the
+        new, never a mix, whenever the process is killed."""
+        ...

@@ -1,0 +1,382 @@
+"""Backup and restore of the default deployment: the SQLite files and the blobs in HOME.
+
+Backup: the database (and the queue's) is copied with SQLite's online backup API, which reads a
+consistent snapshot of a live database in WAL mode while servers and workers write to it; the
+blobs are copied after it. Blobs are written before the rows naming them and never changed, so
+every blob the snapshot names is already there (a collection that deleted one since is said as
+missing); blobs written later are orphans the next collection takes. The manifest is written
+last: a folder without one is a backup cut short, and ``restore`` refuses it.
+
+Restore: everything is checked (manifest, sizes, sha256) and written to a folder beside HOME,
+which then takes HOME's place with renames: HOME goes aside, the new folder takes its name, the
+old one is deleted. A restore killed at any point leaves the old HOME or the new one, never a
+mix; killed between the two renames, HOME is missing and the next restore puts the old one
+back before it starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import tarfile
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from selfie_lora.adapters.db.migrate import known_revisions
+from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.adapters.sqlite_files import PRIVATE_MODE, keep_private
+from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir
+from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
+from selfie_lora.errors import ConfigError, InvalidInputError, StorageError
+from selfie_lora.services.layout import manifest_key, photo_key
+
+logger = logging.getLogger(__name__)
+
+DATABASE = "selfie-lora.db"
+QUEUE = "queue.db"
+SECRET_KEY = "secret_key"
+BLOBS = "blobs"
+CACHE = "cache"
+# Written into a restored HOME: which backup it holds, and that a restore made it.
+RESTORED = "restored.json"
+_CHUNK = 1 << 20
+
+
+def _reached(step: str) -> None:
+    """A step of a restore; tests replace it to kill the process there."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _copy_private(source: Path, target: Path) -> None:
+    """``source`` to ``target`` (mode 0600, made first so no byte is ever readable by others),
+    synced to the disk."""
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
+    with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+        shutil.copyfileobj(src, out, _CHUNK)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _snapshot(source: Path, target: Path) -> None:
+    """A consistent copy of the live SQLite database ``source`` (WAL and writers included), as
+    one self-contained file (rollback journal, no -wal to go with it)."""
+    keep_private(target)
+    src = sqlite3.connect(source, timeout=30)
+    try:
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    _single_file(target)
+
+
+def _single_file(database: Path) -> None:
+    """``database`` in rollback-journal mode, its -wal checkpointed into it and gone."""
+    db = sqlite3.connect(database)
+    try:
+        db.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        db.close()
+
+
+def _counts_and_revision(database: Path) -> tuple[dict[str, int], str | None]:
+    db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in db.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' "
+            "ORDER BY name")]
+        counts = {t: int(db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0])
+                  for t in tables if t != "alembic_version"}
+        revision = None
+        if "alembic_version" in tables:
+            row = db.execute("SELECT version_num FROM alembic_version").fetchone()
+            revision = row[0] if row else None
+    finally:
+        db.close()
+    return counts, revision
+
+
+def _named_keys(database: Path) -> set[str]:
+    """The blobs the snapshot's rows cannot do without: photos, manifests, weights, pictures."""
+    engine = make_engine(f"sqlite:///{database}")
+    try:
+        refs = SqlRepository(engine).gc_references()
+    finally:
+        engine.dispose()
+    keys = set(refs.weights_keys)
+    for dataset in refs.datasets:
+        keys.add(manifest_key(dataset.id))
+        keys.update(photo_key(h) for h in dataset.photo_hashes)
+    for generation in refs.generations:
+        keys.update(generation.image_keys)
+    return keys
+
+
+def _blob_files(root: Path) -> Iterator[tuple[str, Path]]:
+    if not root.is_dir():
+        return
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            if not name.startswith(TMP_PREFIX):  # a write in progress is no blob yet
+                path = Path(folder) / name
+                yield path.relative_to(root).as_posix(), path
+
+
+class HomeBackups:
+    """Backups of the SQLite database, the queue, the secret key and the blobs in ``home``."""
+
+    def __init__(self, *, home: Path) -> None:
+        self._home = home
+
+    # -- backup ------------------------------------------------------------------------------
+
+    def backup(self, *, dest: Path) -> BackupSummary:
+        database = self._home / DATABASE
+        if not database.is_file():
+            raise ConfigError(f"nothing to back up: no database in {self._home} "
+                              "(SELFIE_LORA_HOME)")
+        as_tar = dest.name.endswith(".tar")
+        if dest.exists() and (as_tar or not dest.is_dir() or any(dest.iterdir())):
+            raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
+        folder = dest.with_name(f".{dest.name}.{os.getpid()}.partial") if as_tar else dest
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            summary = self._write(folder)
+            if as_tar:
+                part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+                with tarfile.open(part, "w") as tar:
+                    tar.add(folder, arcname=".")
+                os.chmod(part, PRIVATE_MODE)
+                os.replace(part, dest)
+                fsync_dir(dest.parent)
+        except OSError as exc:
+            raise StorageError(f"cannot write the backup to {dest}: "
+                               f"{exc.strerror or exc}") from exc
+        finally:
+            if as_tar:
+                shutil.rmtree(folder, ignore_errors=True)
+                dest.with_name(f".{dest.name}.{os.getpid()}.part").unlink(missing_ok=True)
+        return BackupSummary(path=dest, created_at=summary.created_at,
+                             schema_revision=summary.schema_revision, counts=summary.counts,
+                             blobs=summary.blobs, blob_bytes=summary.blob_bytes,
+                             missing=summary.missing)
+
+    def _write(self, folder: Path) -> BackupSummary:
+        created_at = datetime.now(UTC).isoformat()
+        # The database first, the blobs after: every blob it names is written by then.
+        _snapshot(self._home / DATABASE, folder / DATABASE)
+        named = _named_keys(folder / DATABASE)
+        counts, revision = _counts_and_revision(folder / DATABASE)
+        # Reading it switched it to WAL (the engine's setting): one file again, then summed.
+        _single_file(folder / DATABASE)
+        files = {DATABASE: _sha256(folder / DATABASE)}
+        if (self._home / QUEUE).is_file():
+            _snapshot(self._home / QUEUE, folder / QUEUE)
+            files[QUEUE] = _sha256(folder / QUEUE)
+        if (self._home / SECRET_KEY).is_file():
+            _copy_private(self._home / SECRET_KEY, folder / SECRET_KEY)
+            files[SECRET_KEY] = _sha256(folder / SECRET_KEY)
+        blobs: dict[str, dict[str, object]] = {}
+        total = 0
+        for key, path in _blob_files(self._home / BLOBS):
+            target = folder / BLOBS / key
+            try:
+                _copy_private(path, target)
+            except FileNotFoundError:
+                continue  # collected since it was listed
+            size = target.stat().st_size
+            blobs[key] = {"size": size, "sha256": _sha256(target)}
+            total += size
+        missing = tuple(sorted(named - blobs.keys()))
+        if missing:
+            logger.warning("%d blob(s) the database names are not in the storage: %s",
+                           len(missing), ", ".join(missing[:5]))
+        manifest = {"format": BACKUP_FORMAT, "schema_revision": revision,
+                    "created_at": created_at, "counts": counts, "files": files,
+                    "blobs": blobs, "missing": list(missing)}
+        tmp = folder / f".{MANIFEST_NAME}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / MANIFEST_NAME)  # last: the backup is whole
+        fsync_dir(folder)
+        return BackupSummary(path=folder, created_at=created_at, schema_revision=revision,
+                             counts=counts, blobs=len(blobs), blob_bytes=total, missing=missing)
+
+    # -- restore -----------------------------------------------------------------------------
+
+    def restore(self, *, source: Path, force: bool) -> BackupSummary:
+        home = self._home.absolute()
+        self._recover(home)
+        if not source.exists():
+            raise InvalidInputError(f"no such backup: {source}")
+        if home.exists() and not home.is_dir():
+            raise ConfigError(f"SELFIE_LORA_HOME ({home}) is a file, not a folder")
+        if home.is_dir() and any(home.iterdir()) and not force:
+            raise ConfigError(f"SELFIE_LORA_HOME ({home}) is not empty: stop the server and "
+                              "workers, then restore with --force to replace what is in it")
+        new = home.with_name(f".{home.name}.restore-new")
+        shutil.rmtree(new, ignore_errors=True)  # a restore killed before its swap
+        try:
+            home.parent.mkdir(parents=True, exist_ok=True)
+            new.mkdir(mode=0o700)
+            if source.is_file():
+                unpacked = home.with_name(f".{home.name}.restore-unpacked")
+                shutil.rmtree(unpacked, ignore_errors=True)
+                try:
+                    self._unpack(source, unpacked)
+                    summary = self._fill(unpacked, new, source=source)
+                finally:
+                    shutil.rmtree(unpacked, ignore_errors=True)
+            else:
+                summary = self._fill(source, new, source=source)
+            self._swap(home, new)
+        except OSError as exc:
+            shutil.rmtree(new, ignore_errors=True)
+            raise StorageError(f"cannot restore into {home}: {exc.strerror or exc}") from exc
+        except Exception:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        return BackupSummary(path=home, created_at=summary.created_at,
+                             schema_revision=summary.schema_revision, counts=summary.counts,
+                             blobs=summary.blobs, blob_bytes=summary.blob_bytes,
+                             missing=summary.missing)
+
+    @staticmethod
+    def _recover(home: Path) -> None:
+        """A restore killed between its two renames left no HOME and the old one aside: put it
+        back (the new one is whole too, but the restore that made it did not finish)."""
+        old = home.with_name(f".{home.name}.restore-old")
+        if old.is_dir() and not home.exists():
+            os.rename(old, home)
+            logger.warning("put back %s, which a restore killed midway had set aside", home)
+        elif old.is_dir() and (home / RESTORED).is_file():
+            # Killed after the swap, before the old one was deleted.
+            _carry_cache(old, home)
+            shutil.rmtree(old, ignore_errors=True)
+        elif old.is_dir():
+            raise ConfigError(f"{old} is a SELFIE_LORA_HOME a restore killed midway set aside, "
+                              f"and {home} was made since: move one of them away first")
+
+    @staticmethod
+    def _unpack(source: Path, folder: Path) -> None:
+        try:
+            with tarfile.open(source) as tar:
+                tar.extractall(folder, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise InvalidInputError(f"{source} is not a backup: {exc}") from exc
+
+    def _fill(self, backup: Path, new: Path, *, source: Path) -> BackupSummary:
+        """Checks ``backup`` whole and copies it into ``new``."""
+        try:
+            manifest = json.loads((backup / MANIFEST_NAME).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidInputError(f"{backup} is not a complete backup: it has no "
+                                    f"{MANIFEST_NAME} (a backup cut short)") from None
+        except (ValueError, OSError) as exc:
+            raise InvalidInputError(f"{backup}/{MANIFEST_NAME} cannot be read: {exc}") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != BACKUP_FORMAT:
+            raise InvalidInputError(f"{backup} is a backup in a format this release does not "
+                                    f"know ({manifest.get('format') if isinstance(manifest, dict) else '?'})")
+        revision = manifest.get("schema_revision")
+        if revision is not None and revision not in known_revisions():
+            raise ConfigError(f"the backup's schema ({revision}) is newer than this release's: "
+                              "restore it with the release that made it")
+        files: dict[str, str] = manifest.get("files", {})
+        blobs: dict[str, dict[str, object]] = manifest.get("blobs", {})
+        if DATABASE not in files:
+            raise InvalidInputError(f"{backup} is not a backup: its manifest names no database")
+        entries: list[tuple[str, str, int | None]] = [
+            (name, digest, None) for name, digest in files.items()]
+        entries += [(f"{BLOBS}/{key}", str(meta["sha256"]), int(str(meta["size"])))
+                    for key, meta in blobs.items()]
+        for relative, digest, size in entries:
+            path = backup / relative
+            if ".." in Path(relative).parts or Path(relative).is_absolute():
+                raise InvalidInputError(f"the backup names a file outside it: {relative}")
+            if not path.is_file():
+                raise InvalidInputError(f"the backup is missing {relative}")
+            if size is not None and path.stat().st_size != size:
+                raise InvalidInputError(f"{relative} in the backup is damaged: its size "
+                                        "is not the manifest's")
+            if _sha256(path) != digest:
+                raise InvalidInputError(f"{relative} in the backup is damaged: its sha256 "
+                                        "is not the manifest's")
+        for relative, _digest, _size in entries:
+            _copy_private(backup / relative, new / relative)
+            _reached("copied")
+        (new / RESTORED).write_text(json.dumps(
+            {"backup": str(source.absolute()), "created_at": manifest.get("created_at"),
+             "restored_at": datetime.now(UTC).isoformat()}) + "\n", encoding="utf-8")
+        for folder, _dirs, _files in os.walk(new):
+            fsync_dir(Path(folder))
+        return BackupSummary(path=new, created_at=str(manifest.get("created_at")),
+                             schema_revision=revision, counts=dict(manifest.get("counts", {})),
+                             blobs=len(blobs),
+                             blob_bytes=sum(int(str(m["size"])) for m in blobs.values()),
+                             missing=tuple(manifest.get("missing", ())))
+
+    @staticmethod
+    def _swap(home: Path, new: Path) -> None:
+        old = home.with_name(f".{home.name}.restore-old")
+        _reached("swap")
+        if home.exists() and _exchange(new, home):
+            # One step: HOME is the old folder or the new one, whenever this is killed.
+            fsync_dir(home.parent)
+            _reached("swapped")
+            _carry_cache(new, home)
+            shutil.rmtree(new, ignore_errors=True)
+            return
+        if home.exists():
+            os.rename(home, old)
+            fsync_dir(home.parent)
+            _reached("set-aside")
+        os.rename(new, home)
+        fsync_dir(home.parent)
+        _reached("swapped")
+        _carry_cache(old, home)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps the names of the folders ``a`` and ``b`` at once (Linux's renameat2 with
+    RENAME_EXCHANGE); False where the system or the file system cannot."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _carry_cache(old: Path, home: Path) -> None:
+    """The downloaded base model (HOME/cache, many GB) is no data of the backup's, and the
+    restored HOME keeps it rather than download it again."""
+    if (old / CACHE).is_dir() and not (home / CACHE).exists():
+        os.rename(old / CACHE, home / CACHE)

@@ -1,0 +1,228 @@
+"""``selfie-lora backup DEST`` and ``restore SRC``: a consistent copy of a live SQLite HOME, and a
+restore that is checked whole first and leaves the old HOME or the new one, never a mix, however
+it is killed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from selfie_lora import cli
+from selfie_lora.config import Settings
+from selfie_lora.services.layout import photo_key
+from selfie_lora.wiring import Services, build_services
+from tests.conftest import make_settings, one_person_analyzer
+from tests.integration.test_cli_out import trained as trained  # the fixture, re-exported
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli.app, list(args))
+    assert "Traceback" not in result.output
+    return result.exit_code, result.output
+
+
+def state(home: Path) -> dict[str, str]:
+    """Every file of ``home`` but SQLite's side files and the restore's note, by its sha256."""
+    return {p.relative_to(home).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(home.rglob("*")) if p.is_file()
+            and not p.name.endswith(("-wal", "-shm")) and p.name != "restored.json"}
+
+
+def test_a_live_home_backed_up_restores_users_keys_versions_and_blobs(
+        trained: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ann = trained.users.get_by_name(name="ann")
+    _key, secret = trained.users.create_key(user=ann, name="laptop")
+    # A writer holding the database while the backup runs (the server and its worker are live
+    # too): the backup is the committed state, without waiting for it and without its row.
+    writer = sqlite3.connect(settings.home / "selfie-lora.db", isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("UPDATE users SET name = 'uncommitted' WHERE name = 'ann'")
+    try:
+        code, said = run("backup", str(tmp_path / "bk.tar"))
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert code == 0, said
+    assert f"wrote {tmp_path / 'bk.tar'}" in said
+
+    restored_home = tmp_path / "restored"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(
+        update={"home": restored_home}))
+    code, said = run("restore", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    assert stat.S_IMODE(restored_home.stat().st_mode) == 0o700
+    assert stat.S_IMODE((restored_home / "selfie-lora.db").stat().st_mode) == 0o600
+    blob_files = [p for p in (settings.home / "blobs").rglob("*") if p.is_file()]
+    assert blob_files
+    for blob in blob_files:
+        copy = restored_home / blob.relative_to(settings.home)
+        assert copy.read_bytes() == blob.read_bytes()
+
+    again = build_services(settings.model_copy(update={"home": restored_home}),
+                           face_analyzer=one_person_analyzer())
+    try:
+        assert again.users.authenticate(api_key=secret).name == "ann"
+        ann_again = again.users.get_by_name(name="ann")
+        before = trained.models.versions(user=ann)
+        after = again.models.versions(user=ann_again)
+        assert [(v.id, v.number, v.weights_sha256) for v in after] == [
+            (v.id, v.number, v.weights_sha256) for v in before]
+        for version in after:
+            assert again.models.weights(user=ann_again, version_id=version.id) == \
+                trained.models.weights(user=ann, version_id=version.id)
+    finally:
+        again.close()
+
+
+def test_a_backup_cut_short_or_damaged_is_refused_and_the_home_left_alone(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    backup = tmp_path / "bk"
+    assert run("backup", str(backup))[0] == 0
+    manifest = json.loads((backup / "manifest.json").read_text())
+    assert manifest["format"] == 1
+    assert manifest["counts"]["users"] == 1
+    assert manifest["schema_revision"]
+    assert manifest["created_at"]
+    assert manifest["blobs"][photo_key("a" * 64)]["sha256"] == hashlib.sha256(
+        b"a photo").hexdigest()
+    code, said = run("backup", str(backup))
+    assert (code, said.strip()) == (1, f"error: {backup} already exists: name a new folder "
+                                       "or .tar file")
+
+    target = tmp_path / "other-home"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
+    (backup / "blobs" / photo_key("a" * 64)).write_bytes(b"another one")
+    code, said = run("restore", str(backup))
+    assert code == 1
+    assert said.strip() == (f"error: blobs/{photo_key('a' * 64)} in the backup is damaged: "
+                            "its size is not the manifest's")
+    (backup / "manifest.json").unlink()
+    code, said = run("restore", str(backup))
+    assert code == 1
+    assert said.strip() == (f"error: {backup} is not a complete backup: it has no "
+                            "manifest.json (a backup cut short)")
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir() if "restore" in p.name] == []
+
+
+def test_a_home_with_data_is_replaced_only_with_force(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    assert run("backup", str(tmp_path / "bk"))[0] == 0
+    services.users.create(name="bob")
+    (settings.home / "cache").mkdir()
+    (settings.home / "cache" / "model").write_text("kept")
+    code, said = run("restore", str(tmp_path / "bk"))
+    assert code == 1
+    assert said.startswith(f"error: SELFIE_LORA_HOME ({settings.home}) is not empty")
+    assert services.users.get_by_name(name="bob")
+    services.close()
+    code, said = run("restore", "--force", str(tmp_path / "bk"))
+    assert code == 0, said
+    again = build_services(settings, face_analyzer=one_person_analyzer())
+    try:
+        assert again.users.get_by_name(name="ann")
+        with pytest.raises(Exception, match="no user named 'bob'"):
+            again.users.get_by_name(name="bob")
+    finally:
+        again.close()
+    # The downloaded base model is no data of the backup's: the restored HOME keeps it.
+    assert (settings.home / "cache" / "model").read_text() == "kept"
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://app@db.example/selfie", None])
+def test_a_deployment_on_postgres_or_object_storage_is_told_what_to_use(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str | None) -> None:
+    overrides = ({"database_url": url} if url else
+                 {"storage_url": "s3://bucket/selfies", "storage_access_key_id": "k",
+                  "storage_secret_access_key": "s"})
+    settings = make_settings(tmp_path, **overrides)
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    for args in (["backup", str(tmp_path / "bk")], ["restore", str(tmp_path)]):
+        code, said = run(*args)
+        assert code == 1
+        assert len(said.strip().splitlines()) == 1
+        assert said.startswith("error: selfie-lora backup and restore cover SQLite and the "
+                               "files in SELFIE_LORA_HOME only; ")
+        assert ("pg_dump" in said) if url else ("versioning or replication" in said)
+    assert not (tmp_path / "bk").exists()
+
+
+_KILLED_AT = textwrap.dedent("""
+    import os, signal, sys
+    import selfie_lora.adapters.backup as backup
+    step, times, exchange, source = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    seen = []
+    def reached(name):
+        seen.append(name)
+        if name == step and seen.count(name) >= times:
+            os.kill(os.getpid(), signal.SIGKILL)
+    backup._reached = reached
+    if exchange == "no":  # a file system without renameat2's exchange: two renames
+        backup._exchange = lambda a, b: False
+    from selfie_lora.cli import main
+    sys.argv = ["selfie-lora", "restore", "--force", source]
+    main()
+""")
+
+
+@pytest.mark.parametrize(("step", "times", "exchange"), [
+    ("copied", 1, "yes"), ("copied", 3, "yes"), ("swap", 1, "yes"), ("swapped", 1, "yes"),
+    ("set-aside", 1, "no"), ("swapped", 1, "no"),
+])
+def test_a_restore_killed_at_any_point_leaves_the_old_home_or_the_new(
+        tmp_path: Path, step: str, times: int, exchange: str) -> None:
+    def home_with(name: str, blobs: int) -> tuple[Path, dict[str, str]]:
+        s = make_settings(tmp_path / name)
+        svc = build_services(s, face_analyzer=one_person_analyzer())
+        svc.users.create(name=name)
+        for i in range(blobs):
+            svc.blobs.put(photo_key(f"{i:064x}"), f"{name} {i}".encode())
+        svc.close()
+        return s.home, state(s.home)
+
+    new_home, _ = home_with("new", 4)
+    env = {**os.environ, "SELFIE_LORA_HOME": str(new_home)}
+    sl = [sys.executable, "-c", "from selfie_lora.cli import main; main()"]
+    subprocess.run([*sl, "backup", str(tmp_path / "bk")], env=env, check=True,
+                   capture_output=True)
+    old_home, old = home_with("old", 2)
+    env = {**os.environ, "SELFIE_LORA_HOME": str(old_home)}
+    subprocess.run([*sl, "restore", "--force", str(tmp_path / "bk")], env={
+        **env, "SELFIE_LORA_HOME": str(tmp_path / "reference")}, check=True,
+        capture_output=True)
+    new = state(tmp_path / "reference")
+    assert new != old
+
+    killed = subprocess.run([sys.executable, "-c", _KILLED_AT, step, str(times), exchange,
+                             str(tmp_path / "bk")], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    if old_home.exists():
+        assert state(old_home) in (old, new)
+        assert state(old_home) == (new if step == "swapped" else old)
+    else:  # between the two renames: the old HOME is aside, whole, and put back next
+        assert step == "set-aside"
+        assert state(old_home.with_name(f".{old_home.name}.restore-old")) == old
+
+    again = subprocess.run([*sl, "restore", "--force", str(tmp_path / "bk")], env=env,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert state(old_home) == new
+    assert sorted(p.name for p in old_home.parent.iterdir()) == ["home"]
