@@ -930,5 +930,52 @@ def restore_cmd(
 # --- end of backup and restore ------------------------------------------------------------------
 
 
+# --- users list, disable, enable (self-contained: the operator's view of the accounts) -----------
+
+
+@users_app.command("list")
+def users_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Every user: created, working API keys, web password, disabled."""
+    with opened(trainers={}, generators={}) as services:
+        found = services.users.list_users()
+    if as_json:
+        sys.stdout.write(json.dumps([
+            {"name": u.user.name, "created_at": u.user.created_at.isoformat(), "keys": u.keys,
+             "password_set": u.has_password,
+             "disabled_at": u.user.disabled_at.isoformat() if u.user.disabled_at else None}
+            for u in found]) + "\n")
+        return
+    table = Table(title="users")
+    for column in ("name", "created (UTC)", "keys", "password", "disabled (UTC)"):
+        table.add_column(column)
+    for u in found:
+        table.add_row(escape(u.user.name), f"{u.user.created_at:%Y-%m-%d %H:%M}", str(u.keys),
+                      "yes" if u.has_password else "no",
+                      f"{u.user.disabled_at:%Y-%m-%d %H:%M}" if u.user.disabled_at else "-")
+    console.print(table)
+
+
+@users_app.command("disable")
+def users_disable(name: str) -> None:
+    """Refuse a user's sign-in, API keys and sessions (403); their data is kept."""
+    with opened(trainers={}, generators={}) as services:
+        user = services.users.disable(name=name)
+    console.print(f"disabled {user.name}: sign-in, API keys and sessions are refused; data kept",
+                  markup=False, highlight=False, soft_wrap=True)
+
+
+@users_app.command("enable")
+def users_enable(name: str) -> None:
+    """Let a disabled user sign in and use their API keys again."""
+    with opened(trainers={}, generators={}) as services:
+        user = services.users.enable(name=name)
+    console.print(f"enabled {user.name}", markup=False, highlight=False, soft_wrap=True)
+
+
+# --- end of users list, disable, enable ---------------------------------------------------------
+
+
 def main() -> None:
     app()

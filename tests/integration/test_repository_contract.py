@@ -599,3 +599,26 @@ def test_model_owners_are_listed_oldest_first_up_to_the_limit(repo: SqlRepositor
     repo.add_user(User(id="u-cat", name="cat", created_at=NOW))  # no model: not listed
     assert repo.list_model_owners(limit=2) == [ann.id, bob.id]
     assert repo.list_model_owners(limit=1) == [ann.id]
+
+
+def test_users_are_listed_with_their_working_keys_and_disabled_and_enabled(
+        repo: SqlRepository) -> None:
+    ann, _m, _d = seed(repo)
+    seed(repo, "bob")
+    repo.add_api_key(ApiKey(id="k-ann-2", user_id=ann.id, name="laptop", key_hash="h-ann-2",
+                            prefix="sl_y", created_at=NOW))
+    repo.revoke_api_key("k-bob", at=NOW)
+    repo.set_user_password(ann.id, "$argon2id$x")
+    listed = repo.list_users(at=NOW + timedelta(seconds=1))
+    assert [(u.user.name, u.keys, u.has_password) for u in listed] == [
+        ("ann", 2, True), ("bob", 0, False)]
+    assert listed[0].user.disabled_at is None
+    repo.set_user_disabled(ann.id, at=NOW)
+    assert repo.get_user(ann.id) == dataclasses.replace(ann, disabled_at=NOW)
+    assert repo.get_user_by_key_hash("h-ann", at=NOW) == dataclasses.replace(
+        ann, disabled_at=NOW)
+    assert repo.list_users(at=NOW)[0].user.disabled_at == NOW
+    repo.set_user_disabled(ann.id, at=None)
+    assert repo.get_user(ann.id) == ann
+    with pytest.raises(StorageError):
+        repo.set_user_disabled("nobody", at=NOW)

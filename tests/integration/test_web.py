@@ -1419,3 +1419,19 @@ def test_the_training_status_shows_the_newest_sample_to_its_owner_only(tmp_path:
             assert newest not in bob.get("/train").text
     finally:
         services.close()
+
+
+def test_a_disabled_user_s_browser_is_signed_out_and_its_sign_in_refused(
+        web_settings: Settings, svc: Services) -> None:
+    with browser(web_settings, svc) as client:
+        sign_in(client, "ann")
+        svc.users.disable(name="ann")
+        r = client.get("/photos", follow_redirects=False)
+        assert r.status_code == 303  # the session ended: sent to sign in
+        r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                         "form_token": form_token(client)})
+        assert r.status_code == 403
+        assert "this account is disabled" in r.text
+        assert "sl_session" not in r.cookies  # no new session
+        svc.users.enable(name="ann")
+        sign_in(client, "ann")

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.domain.entities import User
-from selfie_lora.errors import AuthError, ErrorCode
+from selfie_lora.errors import AuthError, ErrorCode, ForbiddenError
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +82,15 @@ class Guard:
             if user is None:
                 try:
                     user = await run_in_threadpool(self._authenticate, key)
-                except AuthError as exc:
-                    await _answer(send, 401, exc.code, exc.message)
+                except (AuthError, ForbiddenError) as exc:  # a disabled account's key: 403
+                    await _answer(send, exc.http_status, exc.code, exc.message)
                     return
             scope.setdefault("state", {})["user"] = user
         elif path in WEB_UPLOAD_PATHS and self._authenticate_cookie is not None:
             try:
                 await run_in_threadpool(self._authenticate_cookie, _header(scope, b"cookie"))
-            except AuthError as exc:
-                await _answer(send, 401, exc.code, exc.message, bearer=False)
+            except (AuthError, ForbiddenError) as exc:
+                await _answer(send, exc.http_status, exc.code, exc.message, bearer=False)
                 return
         limit = self._limit_for(path)
         too_large = (ErrorCode.UPLOAD_TOO_LARGE if path in UPLOAD_PATHS | WEB_UPLOAD_PATHS

@@ -65,6 +65,17 @@ class User:
     id: str
     name: str
     created_at: datetime
+    # When the operator disabled it: its keys and sessions are refused, its data kept.
+    disabled_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class UserSummary:
+    """A line of ``selfie-lora users list``."""
+
+    user: User
+    keys: int  # API keys that work now
+    has_password: bool
 
 
 @dataclass(frozen=True)

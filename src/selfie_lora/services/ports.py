@@ -27,6 +27,7 @@ from selfie_lora.domain.entities import (
     Training,
     TrainingStatus,
     User,
+    UserSummary,
     Version,
     WebSession,
 )
@@ -367,6 +368,12 @@ class Repository(Protocol):
 
     # passwords, browser sessions, failed sign-ins
     def set_user_password(self, user_id: str, password_hash: str | None) -> None: ...
+    def list_users(self, *, at: datetime) -> Sequence[UserSummary]:
+        """Every user, oldest first, with the number of their keys that work ``at``."""
+        ...
+    def set_user_disabled(self, user_id: str, *, at: datetime | None) -> None:
+        """Disable the user from ``at`` (None: enable it); ``StorageError`` for no such user."""
+        ...
     def get_password_hash(self, user_id: str) -> str | None: ...
     def add_session(self, session: WebSession) -> None: ...
     def get_session(self, session_id: str) -> WebSession | None: ...

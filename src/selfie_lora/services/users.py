@@ -31,7 +31,7 @@ from selfie_lora.domain.accounts import (
     session_expired,
     wait_before_next_attempt,
 )
-from selfie_lora.domain.entities import ApiKey, User, WebSession
+from selfie_lora.domain.entities import ApiKey, User, UserSummary, WebSession
 from selfie_lora.errors import (
     AuthError,
     ConfigError,
@@ -62,6 +62,8 @@ PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
 # API server) keeps working here for at most this long; one revoked through this process stops
 # at once.
 API_KEY_CACHE_TTL = timedelta(seconds=1)
+# What a disabled user's key, session or sign-in is told (a 403: who they are is known).
+DISABLED = "this account is disabled: ask the service's operator"
 # Enough for every client of a busy server; past it the cache starts over rather than grow.
 API_KEY_CACHE_SIZE = 10_000
 # How long a rotated key keeps working (SELFIE_LORA_KEY_ROTATION_GRACE_MINUTES). Why at all: the
@@ -217,6 +219,7 @@ class UserService:
             # The reserved attempt stays: it is this failure.
             raise AuthError(WRONG_CREDENTIALS, code=ErrorCode.WRONG_CREDENTIALS)
         self._repo.delete_sign_in_failures(pending)
+        _refuse_disabled(user)  # after the password: the refusal tells no guesser the name
         if stored is not None and hasher.needs_rehash(stored):
             # When no hash slot is free, the old hash still works: upgraded at a later sign-in.
             with suppress(_HashingBusyError):
@@ -239,6 +242,7 @@ class UserService:
         user = self._repo.get_user(found.user_id)
         if user is None:  # pragma: no cover - users are never deleted
             raise AuthError("sign in first")
+        _refuse_disabled(user)
         return user, found
 
     def sign_out(self, *, token: str | None) -> None:
@@ -367,6 +371,7 @@ class UserService:
         user = self._repo.get_user_by_key_hash(key_hash, at=self._clock())
         if user is None:
             raise AuthError("the API key is not valid (or was revoked)")
+        _refuse_disabled(user)
         self._keys.put(key_hash, user, epoch=epoch)
         return user
 
@@ -381,6 +386,31 @@ class UserService:
         if user is None:
             raise NotFoundError(f"no user named {name!r}; create one with 'selfie-lora users create'")
         return user
+
+    def list_users(self) -> Sequence[UserSummary]:
+        """Every user, oldest first, with how many of their keys work and whether they have a
+        web password (``selfie-lora users list``)."""
+        return self._repo.list_users(at=self._clock())
+
+    def disable(self, *, name: str) -> User:
+        """The user can no longer sign in: their keys and browser sessions are refused (403)
+        at once in this process and within ``API_KEY_CACHE_TTL`` in the others; their sessions
+        end; their data, keys and password are kept for ``enable``."""
+        user = self.get_by_name(name=name)
+        with self._repo.atomic() as tx:
+            tx.set_user_disabled(user.id, at=user.disabled_at or self._clock())
+            tx.delete_sessions(user_id=user.id)
+        self._keys.forget_all()
+        logger.info("user %s disabled; sessions ended", user.name)
+        return self.get_by_name(name=name)
+
+    def enable(self, *, name: str) -> User:
+        """A disabled user's keys and password work again (sessions ended by ``disable`` stay
+        ended)."""
+        user = self.get_by_name(name=name)
+        self._repo.set_user_disabled(user.id, at=None)
+        logger.info("user %s enabled", user.name)
+        return self.get_by_name(name=name)
 
     # ------------------------------------------------------------------ keys
     def keys(self, *, user: User) -> Sequence[ApiKey]:
@@ -524,6 +554,11 @@ class _Hashing:
             self._slots.release()
 
 
+def _refuse_disabled(user: User) -> None:
+    if user.disabled_at is not None:
+        raise ForbiddenError(DISABLED)
+
+
 class _KeyCache:
     """API keys found valid (by hash) and when they were found, for ``API_KEY_CACHE_TTL``.
 
@@ -558,3 +593,8 @@ class _KeyCache:
         with self._lock:
             self.epoch += 1
             self._found.pop(key_hash, None)
+
+    def forget_all(self) -> None:
+        with self._lock:
+            self.epoch += 1
+            self._found.clear()

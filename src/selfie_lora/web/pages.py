@@ -161,9 +161,8 @@ async def signin(request: Request, name: FormStr, password: FormStr, form_token:
     try:
         signed = await in_thread(lambda: web.services.users.sign_in(
             name=name, password=password, client=_client(request)))
-    except (AuthError, RateLimitedError) as exc:
-        status = 429 if isinstance(exc, RateLimitedError) else 401
-        failed = _signin_form(request, "signin.html", status_code=status, next=target,
+    except (AuthError, ForbiddenError, RateLimitedError) as exc:  # Forbidden: disabled
+        failed = _signin_form(request, "signin.html", status_code=exc.http_status, next=target,
                                 name=name, message=exc.message)
         if exc.retry_after is not None:  # as every error answer does (api.app, web.app)
             failed.headers["Retry-After"] = str(exc.retry_after)

@@ -71,6 +71,7 @@ from selfie_lora.domain.entities import (
     Training,
     TrainingStatus,
     User,
+    UserSummary,
     Version,
     WebSession,
     face_box_from,
@@ -234,7 +235,8 @@ def _req_utc(value: datetime) -> datetime:
 
 
 def _user(row: UserRow) -> User:
-    return User(id=row.id, name=row.name, created_at=_req_utc(row.created_at))
+    return User(id=row.id, name=row.name, created_at=_req_utc(row.created_at),
+                disabled_at=_utc(row.disabled_at))
 
 
 def _api_key(row: ApiKeyRow) -> ApiKey:
@@ -529,6 +531,25 @@ class SqlRepository:
                        or_(ApiKeyRow.revoked_at.is_(None), ApiKeyRow.revoked_at > at))
             ).first()
             return _user(row) if row else None
+
+    def list_users(self, *, at: datetime) -> Sequence[UserSummary]:
+        with self._read() as s:
+            working = (select(ApiKeyRow.user_id, func.count().label("n"))
+                       .where(or_(ApiKeyRow.revoked_at.is_(None), ApiKeyRow.revoked_at > at))
+                       .group_by(ApiKeyRow.user_id).subquery())
+            rows = s.execute(select(UserRow, func.coalesce(working.c.n, 0))
+                             .outerjoin(working, working.c.user_id == UserRow.id)
+                             .order_by(UserRow.created_at, UserRow.id)).all()
+            return [UserSummary(user=_user(row), keys=int(n),
+                                has_password=row.password_hash is not None)
+                    for row, n in rows]
+
+    def set_user_disabled(self, user_id: str, *, at: datetime | None) -> None:
+        with self._tx() as s:
+            result = s.execute(update(UserRow).where(UserRow.id == user_id)
+                               .values(disabled_at=at))
+            if getattr(result, "rowcount", 1) == 0:
+                raise StorageError(f"no user {user_id}")
 
     # api keys ---------------------------------------------------------------------------
     def add_api_key(self, key: ApiKey) -> None:

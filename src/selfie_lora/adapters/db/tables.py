@@ -52,6 +52,9 @@ class UserRow(Base):
     # The name case-folded (domain.accounts.fold_name), unique: "Ann" and "ann" are one name.
     # Nullable only because SQLite could not make it NOT NULL without copying the table (0013).
     name_folded: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # When the operator disabled the account (``users disable``); None: it may sign in.
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
+                                                         default=None)
     __table_args__ = (Index("ux_users_name_folded", "name_folded", unique=True),)
 
 
