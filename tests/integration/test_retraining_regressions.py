@@ -235,7 +235,8 @@ def test_bug4_custom_lora_scale_survives_retraining_and_completion(backend: Back
         assert pixels(image(1.0)) != default
 
 
-@pytest.mark.parametrize("shape", ["dict", "url", "list", "safetensors", "tar_in_list"])
+@pytest.mark.parametrize("shape", ["dict", "url", "list", "safetensors", "tar_in_list",
+                                   "null_version", "bare_version"])
 def test_bug5_weights_found_in_every_output_shape_and_method_logged(
     tmp_path: Path, shared_model_cache: Path, shape: str
 ) -> None:

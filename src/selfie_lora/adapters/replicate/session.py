@@ -426,16 +426,18 @@ class ReplicateSession:
 
         return self.call("upload the photos", send)
 
-    def get_json(self, path: str, *, what: str) -> Any:
+    def get_json(self, path: str, *, what: str, parse: Callable[[Any], T] | None = None) -> Any:
         """``GET`` an API path and return its JSON as is (the client's models drop fields it
-        does not declare, such as a training's ``metrics``)."""
+        does not declare, such as a training's ``metrics``), or what ``parse`` makes of it
+        (inside the retries: a ValueError from it is mapped as the request's own)."""
         url = f"{self.base_url}{path}"
 
         def fetch() -> Any:
             response = self._http.get(url, headers=self._auth_for(url))
             if response.status_code >= 400:
                 raise ReplicateError.from_response(response)
-            return response.json()
+            body = response.json()
+            return body if parse is None else parse(body)
 
         return self.call(what, fetch)
 

@@ -221,7 +221,7 @@ class ReplicateTrainer:
             if job.remote_id:
                 remote_id = job.remote_id
                 logger.info("training %s: resuming Replicate training %s", job.training_id, remote_id)
-                training = session.call("read the training", lambda: session.client.trainings.get(remote_id))
+                training = _get_training(session, remote_id, what="read the training")
             else:
                 self._ensure_destination(session, destination)
                 training = self._create(session, job, destination, sink)
@@ -397,7 +397,7 @@ class ReplicateTrainer:
 
     @staticmethod
     def _read_training(session: ReplicateSession, remote_id: str) -> Training:
-        return session.call("read the training", lambda: session.client.trainings.get(remote_id))
+        return _get_training(session, remote_id, what="read the training")
 
     @staticmethod
     def _own_file_id(session: ReplicateSession, url: str) -> str | None:
@@ -493,7 +493,7 @@ class ReplicateTrainer:
                     user_message="The training was canceled.", remote_ended=told,
                 )
             self._sleep(self._poll_interval)
-            training = session.call("check on the training", lambda: session.client.trainings.get(remote_id))
+            training = _get_training(session, remote_id, what="check on the training")
 
     @staticmethod
     def _cancel(session: ReplicateSession, remote_id: str) -> bool:
@@ -613,6 +613,41 @@ class ReplicateTrainer:
             return None
         logger.info("the output names no version; using %s's latest (%s)", destination, latest.id)
         return f"{destination}:{latest.id}"
+
+
+def _get_training(session: ReplicateSession, remote_id: str, *, what: str) -> Training:
+    """Our training, read as raw JSON (as the list is). The official client's
+    ``trainings.get`` parses ``output.version`` as ``owner/name:id``: a null one raised a
+    TypeError nobody maps (an internal error) and a bare id "unavailable" for ever, so a paid
+    LoRA whose weights URL was right there was never collected."""
+    training: Training = session.get_json(f"/v1/trainings/{remote_id}", what=what,
+                                          parse=_training_from_json)
+    return training
+
+
+def _training_from_json(raw: object) -> Training:
+    """A ``Training`` from the API's JSON, with an ``output.version`` that is not an
+    ``owner/name:id`` dropped: ``_collect`` then reads it as a missing one (the destination's
+    latest version). A body that is no training raises ValueError (mapped as unavailable)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"a training answered as a {type(raw).__name__}, not an object")
+    data = dict(raw)
+    output = data.get("output")
+    destination: str | None = None
+    if isinstance(output, dict) and "version" in output:
+        version = output.get("version")
+        try:
+            destination = parse_version_ref(version)[0] if isinstance(version, str) else None
+        except ValueError:
+            destination = None
+        if destination is None:
+            logger.warning("Replicate training %s names an unreadable output version %r: "
+                           "read as none", data.get("id"), version)
+            data["output"] = {k: v for k, v in output.items() if k != "version"}
+    training = Training(**data)
+    if destination is not None:
+        training.destination = destination
+    return training
 
 
 def _listed_destination(item: dict[str, Any]) -> str | None:

@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-OutputShape = Literal["dict", "url", "list", "safetensors", "tar_in_list", "wrong_version", "nested", "zip"]
+OutputShape = Literal["dict", "url", "list", "safetensors", "tar_in_list", "wrong_version", "nested", "zip",
+                      "null_version", "bare_version"]
 Outcome = Literal["succeeded", "failed", "canceled"]
 OUTPUT_SHAPES: tuple[OutputShape, ...] = (
     "dict",
@@ -32,6 +33,9 @@ OUTPUT_SHAPES: tuple[OutputShape, ...] = (
     "wrong_version",
     "nested",
     "zip",
+    # Shapes the official client's trainings.get cannot parse (seen on the account's list).
+    "null_version",
+    "bare_version",
 )
 _TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
@@ -431,6 +435,8 @@ class StandInState:
                 },
             },
             "zip": {"version": rec.result_version, "weights": url + zip_path},
+            "null_version": {"version": None, "weights": url + tar_path},
+            "bare_version": {"version": rec.result_version.split(":", 1)[1], "weights": url + tar_path},
         }
         rec.output = outputs[rec.output_shape]
         rec.logs = self._logs(rec, 1.0) + "Saved to output/flux_train_replicate/lora.safetensors\n"
