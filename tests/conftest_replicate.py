@@ -41,12 +41,16 @@ class RecordingSink:
     cancel_checks: int = 0
 
     creating_calls: int = 0
+    markers: list[str] = field(default_factory=list)
 
     def started(self, *, remote_id: str | None) -> None:
         self.started_ids.append(remote_id)
 
     def creating(self) -> None:
         self.creating_calls += 1
+
+    def uploaded(self, *, marker: str) -> None:
+        self.markers.append(marker)
 
     def progress(self, *, status: TrainingStatus, step: int, total: int, loss: float | None = None) -> None:
         self.updates.append((status, step, total, loss))

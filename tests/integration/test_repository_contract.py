@@ -348,6 +348,21 @@ def test_save_training_never_clears_a_cancel_request(repo: SqlRepository) -> Non
     assert now.step == 3
 
 
+def test_a_training_keeps_the_marker_of_its_remote_create(repo: SqlRepository) -> None:
+    _user, model, dataset = seed(repo)
+    repo.add_training(training(model, dataset, "t1"))
+    assert repo.get_training("t1").remote_marker is None  # type: ignore[union-attr]
+    stored = repo.get_training("t1")
+    assert stored is not None
+    marker = "https://api.replicate.com/v1/files/" + "f" * 200  # longer than an id column
+    repo.save_training(dataclasses.replace(stored, remote_create_started=True,
+                                           remote_marker=marker))
+    again = repo.get_training("t1")
+    assert again is not None
+    assert again.remote_marker == marker
+    assert again.remote_create_started is True
+
+
 def test_remote_cancels_pending_are_listed_until_cleared(repo: SqlRepository) -> None:
     _user, model, dataset = seed(repo)
     ended = dataclasses.replace(training(model, dataset, "t1", status=TrainingStatus.FAILED),

@@ -88,8 +88,10 @@ class Stopping:
     def cancel_remote(self, remote_id: str) -> None:
         del remote_id
 
-    def find_remote(self, *, training_id: str, destination: str) -> str | None:
-        del training_id, destination
+    def find_remote(
+        self, *, training_id: str, destination: str, marker: str | None = None
+    ) -> str | None:
+        del training_id, destination, marker
         return None
 
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
@@ -273,8 +275,10 @@ class CheckpointingFake:
     def cancel_remote(self, remote_id: str) -> None:
         del remote_id
 
-    def find_remote(self, *, training_id: str, destination: str) -> str | None:
-        del training_id, destination
+    def find_remote(
+        self, *, training_id: str, destination: str, marker: str | None = None
+    ) -> str | None:
+        del training_id, destination, marker
         return None
 
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:

@@ -6,12 +6,14 @@ attempts and cancels the remote run. On the Replicate stand-in, with the real ad
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from replicate.client import Client
 
 from selfie_lora.adapters.replicate.session import ReplicateConnection
 from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
@@ -301,6 +303,9 @@ class _DiesWithTheCreatesAnswer(ReplicateTrainer):
             def creating(self) -> None:
                 sink.creating()
 
+            def uploaded(self, *, marker: str) -> None:
+                sink.uploaded(marker=marker)
+
             def started(self, *, remote_id: str | None) -> None:
                 raise _WorkerKilled(remote_id)
 
@@ -317,6 +322,20 @@ class _DiesWithTheCreatesAnswer(ReplicateTrainer):
         return super().train(job, sink=Dying())
 
 
+def _lose_the_creates_answer(services: Services) -> tuple[User, Training]:
+    """A training of a new user whose worker ("worker-a") died with its create's answer: the
+    training as stored then, with no remote id."""
+    user, _ = services.users.create(name="ann")
+    started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+    assert started.training is not None
+    with pytest.raises(_WorkerKilled):
+        services.training.run(started.training.id, owner="worker-a")
+    lost = services.repo.get_training(started.training.id)
+    assert lost is not None
+    assert lost.remote_id is None
+    return user, lost
+
+
 def test_a_canceled_training_whose_worker_died_with_the_creates_answer_cancels_the_run_once(
     tmp_path: Path,
 ) -> None:
@@ -326,17 +345,10 @@ def test_a_canceled_training_whose_worker_died_with_the_creates_answer_cancels_t
     with ReplicateStandIn() as standin:
         services, _ = _services(tmp_path, standin, trainer_class=_DiesWithTheCreatesAnswer)
         try:
-            user, _ = services.users.create(name="ann")
-            started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
-            assert started.training is not None
-            training_id = started.training.id
-            with pytest.raises(_WorkerKilled):
-                services.training.run(training_id, owner="worker-a")
+            user, lost = _lose_the_creates_answer(services)
+            training_id = lost.id
             assert len(standin.trainings) == 1
             (remote,) = standin.trainings.values()
-            lost = services.repo.get_training(training_id)
-            assert lost is not None
-            assert lost.remote_id is None
 
             services.training.reconcile(dead_owners=["worker-a"])  # its lease ends
             canceled = services.training.cancel(user=user, training_id=training_id)
@@ -408,3 +420,54 @@ def test_a_local_training_whose_weights_cannot_be_stored_steps_away_and_resumes(
         assert "the trained LoRA could not be stored" in (t.error or "")
     finally:
         services.close()
+
+
+def _busy_account(standin: ReplicateStandIn, *, trainer_version: str, others: int) -> None:
+    """Other users' trainings, each from its own upload, into other destinations, made after
+    ours: running (no ``output.version``), as the list shows them, newest first."""
+    client = Client(api_token=standin.token, base_url=standin.base_url)
+    try:
+        for n in range(others):
+            destination = f"{standin.account}/someone-{n}"
+            standin.add_model(destination)
+            upload = client.files.create(io.BytesIO(b"PK\x05\x06" + bytes(18)), filename=f"{n}.zip")
+            client.trainings.create(version=trainer_version,
+                                    input={"input_images": upload.urls["get"]},
+                                    destination=destination)
+    finally:
+        client._client.close()  # the client keeps a pool; close it to free its sockets
+
+
+@pytest.mark.parametrize("then", ["retry", "cancel"])
+def test_a_lost_create_on_a_busy_account_is_adopted_or_canceled_never_made_twice(
+    then: str, tmp_path: Path,
+) -> None:
+    """The worker dies with the create's answer, and 12 other users' runs start after ours. The
+    next attempt adopts ours (one run, not a second paid one), and a cancel finds and cancels
+    it (its owed cancel is not cleared as 'nothing to cancel')."""
+    with ReplicateStandIn() as standin:
+        services, _ = _services(tmp_path, standin, trainer_class=_DiesWithTheCreatesAnswer)
+        try:
+            user, lost = _lose_the_creates_answer(services)
+            training_id = lost.id
+            (ours,) = standin.trainings.values()
+            assert lost.remote_marker == ours.input["input_images"]  # stored before the create
+            _busy_account(standin, trainer_version=lost.trainer_version, others=12)
+            services.training.reconcile(dead_owners=["worker-a"])  # its lease ends
+
+            if then == "retry":
+                services.close()
+                services, _ = _services(tmp_path, standin)
+                services.training.run(training_id)
+                t = services.repo.get_training(training_id)
+                assert t is not None
+                assert t.status is TrainingStatus.SUCCEEDED, t.error
+                assert t.remote_id == ours.id
+                assert len(standin.trainings_for(ours.destination)) == 1  # old code: 2
+            else:
+                canceled = services.training.cancel(user=user, training_id=training_id)
+                assert canceled.remote_id == ours.id  # old code: None, the cancel cleared
+                assert ours.cancel_requests == 1
+                assert ours.status == "canceled"
+        finally:
+            services.close()

@@ -364,6 +364,10 @@ class Training:
     # training that ends with no ``remote_id`` may still have a run, its create's answer lost
     # with the worker, and its cancel finds the run by the upload's marker.
     remote_create_started: bool = False
+    # Where the photos of the newest create were uploaded (Replicate: the file's URL, which the
+    # run echoes as ``input.input_images``), stored before that create: the next attempt and a
+    # cancel find a run whose create's answer was lost by it exactly, with no file lookups.
+    remote_marker: str | None = None
     started_at: datetime | None = None
     completed_at: datetime | None = None
     history: tuple[dict[str, Any], ...] = field(default_factory=tuple)

@@ -64,6 +64,9 @@ class TrainingJob:
     work_dir: Path
     # Set when a worker resumes a training that was already created on the backend.
     remote_id: str | None = None
+    # What an earlier attempt's create was made from (``ProgressSink.uploaded``): a run it
+    # made whose id was never stored is adopted by this exact marker.
+    remote_marker: str | None = None
     webhook_url: str | None = None
     # A trainer that checkpoints (the local one) continues from this file, a checkpoint an
     # earlier attempt or a canceled training made, and gives each new one to ``checkpoints``.
@@ -103,6 +106,12 @@ class ProgressSink(Protocol):
         """A remote run is about to be created (called before the upload it is made from): an
         ending that finds no ``remote_id`` stored then looks for the run (``Trainer.find_remote``)
         instead of taking it that none exists."""
+        ...
+
+    def uploaded(self, *, marker: str) -> None:
+        """What the remote run is about to be created from (Replicate: the uploaded file's URL),
+        stored before the create: a later attempt (``TrainingJob.remote_marker``) and a cancel
+        (``Trainer.find_remote``) match a run whose create's answer was lost by it exactly."""
         ...
 
     def progress(
@@ -151,9 +160,12 @@ class Trainer(Protocol):
         again (``TrainingService.reconcile``) until it has been."""
         ...
 
-    def find_remote(self, *, training_id: str, destination: str) -> str | None:
+    def find_remote(
+        self, *, training_id: str, destination: str, marker: str | None = None
+    ) -> str | None:
         """The id of the remote run created for ``training_id`` whose id was never stored (the
-        worker died with the create's answer), found by what the create was made from; None
+        worker died with the create's answer), found by what the create was made from (``marker``
+        when the row has one, ``ProgressSink.uploaded``); None
         when there is none (always, for a backend that runs nothing remotely). Raises
         ``TrainerError`` when the backend could not be asked."""
         ...

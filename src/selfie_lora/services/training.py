@@ -1253,7 +1253,8 @@ class TrainingService:
         stored (the next round cancels it by id, never looks again); not found, there is nothing to
         cancel and the cancel is no longer owed. None: nothing to cancel now."""
         try:
-            found = trainer.find_remote(training_id=t.id, destination=t.destination)
+            found = trainer.find_remote(training_id=t.id, destination=t.destination,
+                                        marker=t.remote_marker)
         except Exception as exc:  # the training is ended either way; the reconciler asks again
             logger.warning("training %s: could not look for the remote run its lost create may "
                            "have started (%s: %s); asked again later", t.id,
@@ -1294,7 +1295,8 @@ class TrainingService:
             training_id=training.id, trigger_word=training.trigger_word,
             destination=training.destination, trainer_version=training.trainer_version,
             recipe=training.recipe, photos=photos, work_dir=work_dir,
-            remote_id=training.remote_id, webhook_url=self._webhook_url,
+            remote_id=training.remote_id, remote_marker=training.remote_marker,
+            webhook_url=self._webhook_url,
         )
 
     def _update(self, training_id: str, fn: Callable[[Training], Training]) -> Training:
@@ -1565,6 +1567,11 @@ class _Sink:
         self._service._update_held(
             self._held, lambda t: dataclasses.replace(t, remote_create_started=True))
         self._created = True
+
+    def uploaded(self, *, marker: str) -> None:
+        # Fenced like every write of the holder: a worker that lost the training creates nothing.
+        self._service._update_held(
+            self._held, lambda t: dataclasses.replace(t, remote_marker=marker))
 
     def started(self, *, remote_id: str | None) -> None:
         def apply(t: Training) -> Training:

@@ -66,8 +66,10 @@ class FakeTrainer:
     def cancel_remote(self, remote_id: str) -> None:
         self.remote_canceled.append(remote_id)
 
-    def find_remote(self, *, training_id: str, destination: str) -> str | None:
-        del training_id, destination
+    def find_remote(
+        self, *, training_id: str, destination: str, marker: str | None = None
+    ) -> str | None:
+        del training_id, destination, marker
         return None
 
     def _check(self, sink: ProgressSink) -> None:

@@ -160,6 +160,7 @@ class TrainingRow(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     remote_cancel_pending: Mapped[bool] = mapped_column(Boolean, server_default=false())
     remote_create_started: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    remote_marker: Mapped[str | None] = mapped_column(Text, nullable=True)
     progressed: Mapped[bool] = mapped_column(Boolean, server_default=false())
     history: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
     loss_curve: Mapped[list[list[float]] | None] = mapped_column(JSON, nullable=True)

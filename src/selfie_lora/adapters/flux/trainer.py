@@ -333,9 +333,11 @@ class LocalTrainer:
         """Nothing runs remotely: a training's child process ends with its worker."""
         del remote_id
 
-    def find_remote(self, *, training_id: str, destination: str) -> str | None:
+    def find_remote(
+        self, *, training_id: str, destination: str, marker: str | None = None
+    ) -> str | None:
         """Nothing runs remotely: there is never a run to find."""
-        del training_id, destination
+        del training_id, destination, marker
         return None
 
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:

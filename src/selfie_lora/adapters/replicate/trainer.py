@@ -9,8 +9,9 @@ Replicate deletes it (outputs live about an hour). What it guarantees:
 * A training is created at most once per job, even when a create POST times out after Replicate
   acted on it: before every create attempt (the first too, for a worker that died between create
   and ``sink.started``) it lists recent trainings and adopts the one made for this job. The marker
-  it looks for is the uploaded ``input_images`` URL (echoed in ``input``), and for an upload made
-  by an earlier process the file's ``metadata.selfie_lora_training_id``.
+  it looks for is the uploaded ``input_images`` URL (echoed in ``input``), stored on the training's
+  row (``sink.uploaded``) before every create; only for a row from before that was stored, the
+  file's ``metadata.selfie_lora_training_id``.
 * 429, 5xx, timeouts and connection errors are retried with exponential backoff that honours
   ``Retry-After`` (up to 60 s), POSTs included (the official client retries only idempotent
   methods, and sleeps on its own clock; its retry layer is bypassed so there is one policy, with
@@ -195,12 +196,16 @@ class ReplicateTrainer:
                 raise TrainerUnavailableError(
                     f"Replicate training {remote_id} could not be canceled now")
 
-    def find_remote(self, *, training_id: str, destination: str) -> str | None:
+    def find_remote(
+        self, *, training_id: str, destination: str, marker: str | None = None
+    ) -> str | None:
         """The Replicate training created for ``training_id`` whose id was never stored, found
-        as a later attempt's create would adopt it (the upload's marker), in the newest pages of
-        the list and the lookup window; None when there is none."""
+        as a later attempt's create would adopt it (the stored upload URL ``marker``; for a row
+        without one, the upload's metadata), in the newest pages of the list; None when there
+        is none."""
+        uploads = {marker} if marker else set()
         with self.session() as session:
-            found = self._find_existing(session, training_id, self._destination(destination), set())
+            found = self._find_existing(session, training_id, self._destination(destination), uploads)
         return None if found is None else found.id
 
     # ----------------------------------------------------------------- train
@@ -288,7 +293,8 @@ class ReplicateTrainer:
         destination: str,
         sink: ProgressSink,
     ) -> Training:
-        uploads: set[str] = set()
+        # The upload an earlier attempt stored before its create: its run is matched exactly.
+        uploads: set[str] = {job.remote_marker} if job.remote_marker else set()
 
         def find_existing() -> Training | None:
             found = self._find_existing(session, job.training_id, destination, uploads)
@@ -315,6 +321,9 @@ class ReplicateTrainer:
             metadata={MARKER_METADATA_KEY: job.training_id},
         )
         input_url = str(uploaded["urls"]["get"])
+        # Stored before the create (fenced: a worker that lost the training creates nothing), so
+        # that the run, should its answer be lost with this worker, is found by this URL alone.
+        sink.uploaded(marker=input_url)
         uploads.add(input_url)
         recipe = job.recipe
         inputs: dict[str, Any] = {
@@ -357,7 +366,9 @@ class ReplicateTrainer:
     ) -> Training | None:
         """A training already created for this job, from the newest pages of the list.
 
-        Found by its upload alone, never by the trainer version: Replicate has run (and reported)
+        Found by its upload alone (``uploads``, the URLs stored on the row before each create:
+        an exact match, whatever else the account runs; a row from before those were stored,
+        by its uploads' metadata), never by the trainer version: Replicate has run (and reported)
         another trainer version than the create named (replicate-python #419), and a lost
         create's training missed for that would be created, and billed, a second time.
 
@@ -383,7 +394,9 @@ class ReplicateTrainer:
                     continue
                 if images in uploads:
                     return self._read_training(session, remote_id)
-                if lookups < _MAX_FILE_LOOKUPS and _recent(item):
+                # With a stored upload URL the match is exact; only a row from before it was
+                # stored (no marker) is looked for by its uploads' metadata, within a budget.
+                if not uploads and lookups < _MAX_FILE_LOOKUPS and _recent(item):
                     file_id = self._own_file_id(session, images)
                     if file_id is not None:
                         lookups += 1
