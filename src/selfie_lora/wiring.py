@@ -11,9 +11,9 @@ import os
 import random
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,7 @@ from selfie_lora.dataset.limits import UploadLimits
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.errors import ConfigError
 from selfie_lora.services.backup import BackupService
+from selfie_lora.services.common import utcnow
 from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.generation import GenerationService
@@ -305,7 +306,9 @@ def build_services(
     password_hasher: PasswordHasher | None = None,
     blobs: BlobStore | None = None,
     telemetry: Telemetry | None = None,
+    clock: Callable[[], datetime] | None = None,
 ) -> Services:
+    """``clock``: the training service's (tests: a fake one, to let a wait pass)."""
     make_home(settings)
     engine = make_engine(settings.effective_database_url)
     if migrate:
@@ -342,7 +345,7 @@ def build_services(
         defaults=lambda: training_defaults(settings), work_dir=settings.work_dir,
         likeness=likeness, intake=intake, webhook_url=webhook_url,
         webhooks=default_webhooks(settings), rng=rng, lease=settings.lease_policy,
-        telemetry=telemetry,
+        telemetry=telemetry, clock=clock or utcnow,
     )
     deployment = DeploymentBinding(repo=repo, blobs=blobs)
     return Services(

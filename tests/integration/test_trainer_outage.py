@@ -10,6 +10,7 @@ import io
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,25 @@ class FlakyWeightsStore(FileSystemBlobStore):
         return super().put_file(key, path, if_absent=if_absent)
 
 
+class FakeClock:
+    """The training service's clock and the Replicate session's sleep: a backoff or a hold
+    passes at once, and moves the time the service sees."""
+
+    def __init__(self) -> None:
+        self._now = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self._now
+
+    def sleep(self, seconds: float) -> None:
+        self._now += timedelta(seconds=seconds)
+
+    def past_the_hold(self, t: Training) -> None:
+        """Move past the time ``t`` may next be claimed (after a step-away in an outage)."""
+        if t.lease_expires_at is not None and t.lease_expires_at > self._now:
+            self._now = t.lease_expires_at + timedelta(seconds=1)
+
+
 @dataclass
 class Rig:
     standin: ReplicateStandIn
@@ -52,6 +72,11 @@ class Rig:
     blobs: FlakyWeightsStore
     training_id: str
     user: User
+    clock: FakeClock
+
+    def later(self) -> None:
+        """The time passes until the training may be claimed again."""
+        self.clock.past_the_hold(self.training())
 
     def training(self) -> Training:
         t = self.services.repo.get_training(self.training_id)
@@ -64,7 +89,9 @@ class Rig:
 
 def _services(tmp_path: Path, standin: ReplicateStandIn, *,
               trainer_class: type[ReplicateTrainer] = ReplicateTrainer,
+              clock: FakeClock | None = None,
               ) -> tuple[Services, FlakyWeightsStore]:
+    clock = clock or FakeClock()
     settings = make_settings(tmp_path, trainer="replicate", replicate_owner=OWNER,
                              replicate_api_token=standin.token,
                              replicate_base_url=standin.base_url)
@@ -72,23 +99,24 @@ def _services(tmp_path: Path, standin: ReplicateStandIn, *,
     # failed answers than that.
     trainer = trainer_class(connection=ReplicateConnection(
         api_token=standin.token, base_url=standin.base_url, max_retries=2,
-        sleep=lambda _s: None, timeout=10.0), owner=OWNER, poll_interval=0.0)
+        sleep=clock.sleep, timeout=10.0), owner=OWNER, poll_interval=0.0)
     blobs = FlakyWeightsStore(settings.blob_dir)
     services = build_services(settings, trainers={"replicate": trainer}, blobs=blobs,
                               generators={"replicate": FakeGenerator(backend="replicate")},
-                              face_analyzer=one_person_analyzer())
+                              face_analyzer=one_person_analyzer(), clock=clock.now)
     return services, blobs
 
 
 @pytest.fixture
 def rig(tmp_path: Path) -> Iterator[Rig]:
     with ReplicateStandIn() as standin:
-        services, blobs = _services(tmp_path, standin)
+        clock = FakeClock()
+        services, blobs = _services(tmp_path, standin, clock=clock)
         user, _ = services.users.create(name="ann")
         started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
         assert started.training is not None
         try:
-            yield Rig(standin, services, blobs, started.training.id, user)
+            yield Rig(standin, services, blobs, started.training.id, user, clock)
         finally:
             services.close()
 
@@ -103,7 +131,13 @@ def test_an_outage_mid_training_is_survived_and_the_remote_version_recorded(rig:
     assert t.error == "Replicate could not be reached"  # what the progress answers say meanwhile
     remote = rig.standin.trainings[t.remote_id]
     assert remote.cancel_requests == 0
-    assert rig.training_id in rig.services.queue.queued_training_ids()  # rung again at once
+    # Held back a minute (the next attempt would poll into the same outage); the reconciler
+    # rings it again after that.
+    assert t.lease_expires_at is not None
+    assert t.lease_expires_at - rig.clock.now() == timedelta(minutes=1)
+    rig.services.training.run(rig.training_id)  # too early: left alone
+    assert rig.training().attempt == 1
+    rig.later()
 
     rig.services.training.run(rig.training_id)  # the next attempt (any worker)
 
@@ -123,6 +157,28 @@ def test_an_outage_mid_training_is_survived_and_the_remote_version_recorded(rig:
     assert rig.services.blobs.get(version.weights_key) == rig.standin.weights_for(t.remote_id)
 
 
+def test_an_outage_of_minutes_is_survived_by_the_spaced_attempts(rig: Rig) -> None:
+    """Every poll answers 503 for 3 minutes. Back to back, the attempts (3 of them, each a
+    few seconds of retries) were spent within seconds: the healthy, paid run was failed and
+    canceled. Spaced (1, then 5 minutes), the third attempt finds Replicate back."""
+    ends = rig.clock.now() + timedelta(minutes=3)
+    rig.standin.fail_while("GET", POLLS, lambda: rig.clock.now() < ends)
+    for _ in range(2 * rig.services.training.lease.max_attempts):
+        rig.services.training.run(rig.training_id)
+        if rig.training().status.is_terminal:
+            break
+        rig.later()  # a worker takes it when the reconciler rings it again
+
+    t = rig.training()
+    assert t.status is TrainingStatus.SUCCEEDED, t.error  # old code: failed after 3 attempts
+    assert (t.attempt, t.recoveries) == (3, 2)
+    assert rig.clock.now() > ends
+    assert t.remote_id is not None
+    assert rig.remote_runs() == 1
+    assert rig.standin.trainings[t.remote_id].cancel_requests == 0
+    assert len(rig.services.repo.list_versions(t.model_id)) == 1
+
+
 def test_a_storage_outage_while_the_weights_are_copied_is_survived(rig: Rig) -> None:
     rig.blobs.failures = 1
     rig.services.training.run(rig.training_id)
@@ -132,6 +188,7 @@ def test_a_storage_outage_while_the_weights_are_copied_is_survived(rig: Rig) -> 
     assert t.version_id is None
     assert t.error == "the trained LoRA could not be stored"
 
+    rig.later()
     rig.services.training.run(rig.training_id)
 
     t = rig.training()
@@ -151,6 +208,7 @@ def test_an_outage_that_never_ends_fails_after_the_attempts_and_cancels_the_remo
     attempts = rig.services.training.lease.max_attempts
     for _ in range(attempts + 1):  # the last claim finds the attempts used up
         rig.services.training.run(rig.training_id)
+        rig.later()
     rig.services.training.run(rig.training_id)  # an ended training is left alone
 
     t = rig.training()
@@ -178,6 +236,7 @@ def test_a_storage_outage_on_a_finished_remote_run_fails_after_the_attempts(
     attempts = rig.services.training.lease.max_attempts
     for _ in range(attempts * 4):  # old code: every claim restarted the count
         rig.services.training.run(rig.training_id)
+        rig.later()
         if rig.training().status.is_terminal:
             break
 
@@ -214,6 +273,7 @@ def test_a_cancel_found_when_the_training_is_claimed_cancels_the_remote_run(rig:
     rig.services.training.run(rig.training_id)  # steps away: the remote run goes on
     remote_id = rig.training().remote_id
     assert remote_id is not None
+    rig.later()
     # A worker holds it again; its user cancels meanwhile (the worker is alive, so the cancel
     # is only asked of it), and the worker stops (a deploy) before it sees the cancel.
     training = rig.services.training

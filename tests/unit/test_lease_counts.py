@@ -74,3 +74,23 @@ def test_a_stored_version_keeps_its_count_for_its_scoring() -> None:
     t = dataclasses.replace(t, recoveries=2, progressed=True, version_id="v")
     outcome, t = claim(t, owner="w", now=NOW + timedelta(hours=1), policy=POLICY)
     assert (outcome, t.recoveries) == (ClaimOutcome.CLAIMED, 3)
+
+
+def test_outage_step_aways_are_spaced_and_the_last_is_not_held() -> None:
+    """1, then 5 minutes between attempts that step away in an outage; no hold before the claim
+    that fails the training (it would only delay the failure); a held training has no holder's
+    heartbeat, so a cancel is not kept waiting for one."""
+    t, now, gaps = _queued(), NOW, []
+    outcome, t = claim(t, owner="w", now=now, policy=POLICY)
+    while outcome is ClaimOutcome.CLAIMED:
+        gap = POLICY.outage_gap(t)
+        gaps.append(gap)
+        t = step_away(t, now, reason="Replicate could not be reached", hold=gap)
+        if gap:
+            early = now + gap - timedelta(seconds=1)
+            assert claim(t, owner="w", now=early, policy=POLICY)[0] is ClaimOutcome.BUSY
+            assert t.heartbeat_at is None
+        now += gap
+        outcome, t = claim(t, owner="w", now=now, policy=POLICY)
+    assert outcome is ClaimOutcome.EXHAUSTED
+    assert gaps == [timedelta(minutes=1), timedelta(minutes=5), timedelta(0)]

@@ -29,6 +29,11 @@ DEFAULT_HEARTBEAT_SECONDS = 5.0
 DEFAULT_LEASE_SECONDS = 30.0
 DEFAULT_RECONCILE_SECONDS = 10.0
 DEFAULT_MAX_ATTEMPTS = 3
+# How long a training stepped away from in an outage, with its remote run going on, waits before
+# its next attempt: the first gap after the first step-away in a row, and so on (the last one
+# after that). Back to back, the attempts spanned about 2 minutes of outage (3 x 31 s of retries)
+# before a healthy, paid run was failed and canceled.
+DEFAULT_OUTAGE_GAPS = (timedelta(minutes=1), timedelta(minutes=5), timedelta(minutes=15))
 
 INTERRUPTED_MESSAGE = (
     "The training was interrupted {count} times because the worker running it stopped "
@@ -51,6 +56,7 @@ class LeasePolicy:
     ttl: timedelta = timedelta(seconds=DEFAULT_LEASE_SECONDS)
     heartbeat: timedelta = timedelta(seconds=DEFAULT_HEARTBEAT_SECONDS)
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    outage_gaps: tuple[timedelta, ...] = DEFAULT_OUTAGE_GAPS
 
     def __post_init__(self) -> None:
         if self.heartbeat <= timedelta(0):
@@ -60,6 +66,16 @@ class LeasePolicy:
             raise ValueError("a lease must last at least two heartbeats")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+
+    def outage_gap(self, t: Training) -> timedelta:
+        """How long ``t``, stepped away from in an outage while its remote run goes on, waits
+        before its next claim: ``outage_gaps[n]`` after the n-th take-over in a row (counted as
+        ``claim`` counts them); none when that claim ends it (``EXHAUSTED``), which a wait would
+        only delay."""
+        in_a_row = 0 if t.progressed and t.version_id is None else t.recoveries
+        if not self.outage_gaps or in_a_row + 1 >= self.max_attempts:
+            return timedelta(0)
+        return self.outage_gaps[min(in_a_row, len(self.outage_gaps) - 1)]
 
     @property
     def stale_after(self) -> timedelta:
@@ -152,13 +168,17 @@ def release(t: Training) -> Training:
     return dataclasses.replace(t, lease_owner=None, lease_expires_at=None)
 
 
-def step_away(t: Training, now: datetime, *, reason: str) -> Training:
+def step_away(t: Training, now: datetime, *, reason: str,
+              hold: timedelta = timedelta(0)) -> Training:
     """``t`` left by a worker that could not reach what its remote run needs (``reason``, a
-    sentence; on an unfinished training ``error`` holds only that). Free to claim at once, like
-    ``release``, but the owner stays, so the next claim counts a recovery: the remote run is
-    adopted again by its id, and an outage that never ends fails the training after
-    ``max_attempts`` (``exhausted_error``) instead of being retried for ever."""
-    return dataclasses.replace(t, lease_expires_at=now, error=reason)
+    sentence; on an unfinished training ``error`` holds only that). Free to claim once ``hold``
+    has passed (at once, like ``release``, without one), but the owner stays, so the next claim
+    counts a recovery: the remote run is adopted again by its id, and an outage that never ends
+    fails the training after ``max_attempts`` (``exhausted_error``) instead of being retried for
+    ever. While held back nobody runs it: no heartbeat, so a cancel ends it at once."""
+    if hold <= timedelta(0):
+        return dataclasses.replace(t, lease_expires_at=now, error=reason)
+    return dataclasses.replace(t, lease_expires_at=now + hold, heartbeat_at=None, error=reason)
 
 
 def exhausted_error(t: Training) -> str:

@@ -920,10 +920,24 @@ class TrainingService:
         """Leave a training while what it needs is unreachable (the database; for a remote run
         that goes on, the trainer's API or the storage of its weights): the next attempt
         continues it (``step_away`` counts it, so an endless outage ends)."""
+        # A remote run goes on: the next attempts are spaced (``LeasePolicy.outage_gap``), so
+        # that the attempts span an outage of minutes, not the seconds of their retries, before
+        # the run is failed and canceled.
+        def leave(t: Training) -> Training:
+            hold = self.lease.outage_gap(t) if exc.remote_id is not None else timedelta(0)
+            return step_away(t, self._clock(), reason=exc.reason, hold=hold)
+
         # The database away too: the lease runs out on its own and the reconciler rings again,
         # which counts the attempt all the same.
-        if self._try_update_held(held, lambda t: step_away(t, self._clock(), reason=exc.reason),
-                                 doing="step away") is None:
+        left = self._try_update_held(held, leave, doing="step away")
+        if left is None:
+            return
+        if left.lease_expires_at is not None and left.lease_expires_at > self._clock():
+            # Held back: a message now would find it busy and be dropped; the reconciler
+            # rings once the hold is over.
+            logger.warning("training %s: %s (attempt %d); the remote run %s goes on and the "
+                           "next attempt adopts it after %s", held.training_id, exc.message,
+                           held.attempt, exc.remote_id, left.lease_expires_at.isoformat())
             return
         self._queue.enqueue_training(held.training_id)
         if exc.remote_id is None:

@@ -52,7 +52,8 @@ class StandInRoutes(StandInState):
         with self.lock:
             self.requests.append((method, path))
             for rule in self._failures:
-                if rule.times > 0 and rule.matches(method, path):
+                if (rule.times > 0 and rule.matches(method, path)
+                        and (rule.active is None or rule.active())):
                     rule.times -= 1
                     detail = (
                         "Request was throttled. Expected available in 1 second."

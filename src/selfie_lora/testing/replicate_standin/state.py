@@ -13,7 +13,7 @@ import tarfile
 import threading
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
@@ -85,6 +85,8 @@ class _Rule:
     status: int = 500
     retry_after: str | None = None
     delay: float = 0.0
+    # Applies only while this answers True (``fail_while``); always when None.
+    active: Callable[[], bool] | None = None
 
     def matches(self, method: str, path: str) -> bool:
         if method.upper() != self.method.upper():
@@ -266,6 +268,13 @@ class StandInState:
         retry = None if retry_after is None else str(retry_after)
         with self.lock:
             self._failures.append(_Rule(method, path_prefix, times, status, retry))
+
+    def fail_while(self, method: str, path_prefix: str, active: Callable[[], bool], *,
+                   status: int = 503) -> None:
+        """Answer every matching request with ``status`` while ``active()`` is true (an outage
+        that ends at a time of the test's clock), as ``fail_next`` does."""
+        with self.lock:
+            self._failures.append(_Rule(method, path_prefix, 2**62, status, active=active))
 
     def slow_next(self, method: str, path_prefix: str, *, delay: float, times: int = 1) -> None:
         """Do the work of the next ``times`` matching requests, then wait ``delay`` seconds
