@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -89,8 +90,10 @@ class Rig:
 
 def _services(tmp_path: Path, standin: ReplicateStandIn, *,
               trainer_class: type[ReplicateTrainer] = ReplicateTrainer,
-              clock: FakeClock | None = None,
+              clock: FakeClock | None = None, real_time: bool = False,
               ) -> tuple[Services, FlakyWeightsStore]:
+    """``real_time``: the backoffs are slept, the service's clock is the real one, and three
+    retries a call (one of 1+2+4 s) are polled every 0.2 s."""
     clock = clock or FakeClock()
     settings = make_settings(tmp_path, trainer="replicate", replicate_owner=OWNER,
                              replicate_api_token=standin.token,
@@ -98,12 +101,14 @@ def _services(tmp_path: Path, standin: ReplicateStandIn, *,
     # Two retries a call (the sleeps are recorded, not slept): an outage is any run of more
     # failed answers than that.
     trainer = trainer_class(connection=ReplicateConnection(
-        api_token=standin.token, base_url=standin.base_url, max_retries=2,
-        sleep=clock.sleep, timeout=10.0), owner=OWNER, poll_interval=0.0)
+        api_token=standin.token, base_url=standin.base_url, max_retries=3 if real_time else 2,
+        sleep=time.sleep if real_time else clock.sleep, timeout=10.0), owner=OWNER,
+        poll_interval=0.2 if real_time else 0.0)
     blobs = FlakyWeightsStore(settings.blob_dir)
     services = build_services(settings, trainers={"replicate": trainer}, blobs=blobs,
                               generators={"replicate": FakeGenerator(backend="replicate")},
-                              face_analyzer=one_person_analyzer(), clock=clock.now)
+                              face_analyzer=one_person_analyzer(),
+                              clock=None if real_time else clock.now)
     return services, blobs
 
 
@@ -529,5 +534,44 @@ def test_a_lost_create_on_a_busy_account_is_adopted_or_canceled_never_made_twice
                 assert canceled.remote_id == ours.id  # old code: None, the cancel cleared
                 assert ours.cancel_requests == 1
                 assert ours.status == "canceled"
+        finally:
+            services.close()
+
+
+def test_a_cancel_during_a_poll_s_backoff_ends_the_training_within_seconds(
+    tmp_path: Path,
+) -> None:
+    """Replicate answers 503 to the polls just as the user cancels: the worker's backoff
+    (1+2+4 s here, 31 s with the default retries, minutes with Retry-After) asks about the
+    cancel every second instead of running to its end first."""
+    with ReplicateStandIn() as standin:
+        standin.processing_polls = 10_000  # runs until canceled
+        services, _ = _services(tmp_path, standin, real_time=True)
+        try:
+            user, _ = services.users.create(name="ann")
+            started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+            assert started.training is not None
+            training_id = started.training.id
+            worker = threading.Thread(target=services.training.run, args=(training_id,))
+            worker.start()
+            deadline = time.monotonic() + 30
+            while (t := services.repo.get_training(training_id)) is None or t.step == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            standin.fail_next("GET", POLLS, status=503, times=3)
+            time.sleep(0.5)  # the worker is in its backoff
+
+            asked = time.monotonic()
+            services.training.cancel(user=user, training_id=training_id)
+            while not (t := services.repo.get_training(training_id)).status.is_terminal:
+                assert time.monotonic() - asked < 10
+                time.sleep(0.05)
+            took = time.monotonic() - asked
+            worker.join(10)
+
+            assert t.status is TrainingStatus.CANCELED
+            assert took < 2.5, took  # old code: about 6.9 s (the whole backoff)
+            assert t.remote_id is not None
+            assert standin.trainings[t.remote_id].cancel_requests == 1
         finally:
             services.close()

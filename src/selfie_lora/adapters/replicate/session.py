@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "GENERATOR_FAILURES",
     "TRAINER_FAILURES",
+    "CallStoppedError",
     "Failures",
     "ReplicateConnection",
     "ReplicateSession",
@@ -64,6 +65,15 @@ _BAD_TOKEN = (
     "The training service is not allowed to use Replicate (the API token was rejected). "
     "Ask the operator to check REPLICATE_API_TOKEN."
 )
+
+
+# How often a backoff asks its ``stop`` whether to give up (a user's cancel, a stopping worker).
+STOP_CHECK_SECONDS = 1.0
+
+
+class CallStoppedError(SelfieLoraError):
+    """A call given up during its backoff because its ``stop`` said so: the caller was asked to
+    stop (a cancel, a worker stopping), not an outage, and nothing is mapped."""
 
 
 # An error of ours from (what happened, for the log; what to tell the user).
@@ -299,8 +309,13 @@ class ReplicateSession:
         fn: Callable[[], T],
         *,
         reconcile: Callable[[], T | None] | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> T:
         """Run ``fn`` with retries. ``what`` completes "could not ..." in messages.
+
+        ``stop`` is asked about every ``STOP_CHECK_SECONDS`` of a backoff; when it answers True
+        the call raises ``CallStoppedError`` instead of waiting on (a poll's backoff, stretched
+        by ``Retry-After``, held a user's cancel for 31 s to 5 minutes).
 
         ``reconcile`` runs before every *re*-try and may return a result to use instead of
         calling ``fn`` again (a create that did happen although its answer was lost); and once
@@ -341,7 +356,21 @@ class ReplicateSession:
                     self.max_retries,
                     delay,
                 )
-                self._sleep(delay)
+                self._back_off(delay, what=what, stop=stop)
+
+    def _back_off(self, delay: float, *, what: str, stop: Callable[[], bool] | None) -> None:
+        if stop is None:
+            self._sleep(delay)
+            return
+        left = delay
+        while True:
+            if stop():
+                raise CallStoppedError(f"stopped while waiting to {what} again")
+            if left <= 0:
+                return
+            step = min(STOP_CHECK_SECONDS, left)
+            self._sleep(step)
+            left -= step
 
     def _retry_delay(self, exc: Exception, attempt: int) -> float | None:
         """Seconds to wait before retrying ``exc``, or None when it must not be retried."""
@@ -426,7 +455,8 @@ class ReplicateSession:
 
         return self.call("upload the photos", send)
 
-    def get_json(self, path: str, *, what: str, parse: Callable[[Any], T] | None = None) -> Any:
+    def get_json(self, path: str, *, what: str, parse: Callable[[Any], T] | None = None,
+                 stop: Callable[[], bool] | None = None) -> Any:
         """``GET`` an API path and return its JSON as is (the client's models drop fields it
         does not declare, such as a training's ``metrics``), or what ``parse`` makes of it
         (inside the retries: a ValueError from it is mapped as the request's own)."""
@@ -439,7 +469,7 @@ class ReplicateSession:
             body = response.json()
             return body if parse is None else parse(body)
 
-        return self.call(what, fetch)
+        return self.call(what, fetch, stop=stop)
 
     def post_json(
         self,

@@ -45,6 +45,7 @@ from selfie_lora.adapters.replicate.outputs import (
 )
 from selfie_lora.adapters.replicate.session import (
     TRAINER_FAILURES,
+    CallStoppedError,
     ReplicateConnection,
     ReplicateSession,
     parse_time,
@@ -494,32 +495,49 @@ class ReplicateTrainer:
             else:
                 logger.warning("training %s: unknown Replicate status %r", job.training_id, status)
 
-            if sink.interrupted():
-                # This worker stops; the remote training goes on and the next attempt adopts it.
-                raise TrainingInterruptedError(
-                    f"training {job.training_id}: the worker stops; Replicate training "
-                    f"{remote_id} keeps running")
-            if sink.cancel_requested():
-                told = self._cancel(session, remote_id)
-                raise TrainingCanceledError(
-                    f"training {job.training_id} canceled by request",
-                    user_message="The training was canceled.", remote_ended=told,
-                )
+            self._stop_if_asked(session, job, remote_id, sink)
             self._sleep(self._poll_interval)
-            training = _get_training(session, remote_id, what="check on the training")
+            try:
+                # A poll's retries ask too: a cancel must not wait out an outage's backoff.
+                training = _get_training(session, remote_id, what="check on the training",
+                                         stop=lambda: sink.interrupted() or sink.cancel_requested())
+            except CallStoppedError:
+                self._stop_if_asked(session, job, remote_id, sink)
+                raise TrainingInterruptedError(  # asked, then no longer (the row was reread)
+                    f"training {job.training_id}: a poll was stopped; Replicate training "
+                    f"{remote_id} keeps running") from None
+
+    def _stop_if_asked(self, session: ReplicateSession, job: TrainingJob, remote_id: str,
+                       sink: ProgressSink) -> None:
+        """Raise when the worker stops (the remote training goes on: the next attempt adopts
+        it) or the user canceled (the remote training is canceled)."""
+        if sink.interrupted():
+            raise TrainingInterruptedError(
+                f"training {job.training_id}: the worker stops; Replicate training "
+                f"{remote_id} keeps running")
+        if sink.cancel_requested():
+            # Not waited out in an outage either: a cancel Replicate did not take is owed, and
+            # the service asks again until it does.
+            told = self._cancel(session, remote_id, stop=lambda: True)
+            raise TrainingCanceledError(
+                f"training {job.training_id} canceled by request",
+                user_message="The training was canceled.", remote_ended=told,
+            )
 
     @staticmethod
-    def _cancel(session: ReplicateSession, remote_id: str) -> bool:
+    def _cancel(session: ReplicateSession, remote_id: str, *,
+                stop: Callable[[], bool] | None = None) -> bool:
         """Whether nothing is left to cancel: Replicate has the cancel, or refused it for good (a
         4xx but 429: the run is unknown to this account, or gone; asking again would get the
         same answer for ever). Not (an outage: 429, 5xx, the network, a refused token): the
         caller ends the training all the same (the user asked for it), and the service asks
         again until Replicate has it."""
         try:
-            session.call("cancel the training", lambda: session.client.trainings.cancel(remote_id))
+            session.call("cancel the training", lambda: session.client.trainings.cancel(remote_id),
+                         stop=stop)
             logger.info("canceled Replicate training %s", remote_id)
             return True
-        except TrainerUnavailableError as exc:
+        except (TrainerUnavailableError, CallStoppedError) as exc:
             logger.warning("could not cancel Replicate training %s: %s", remote_id, exc)
             return False
         except TrainerError as exc:
@@ -628,13 +646,14 @@ class ReplicateTrainer:
         return f"{destination}:{latest.id}"
 
 
-def _get_training(session: ReplicateSession, remote_id: str, *, what: str) -> Training:
+def _get_training(session: ReplicateSession, remote_id: str, *, what: str,
+                  stop: Callable[[], bool] | None = None) -> Training:
     """Our training, read as raw JSON (as the list is). The official client's
     ``trainings.get`` parses ``output.version`` as ``owner/name:id``: a null one raised a
     TypeError nobody maps (an internal error) and a bare id "unavailable" for ever, so a paid
     LoRA whose weights URL was right there was never collected."""
     training: Training = session.get_json(f"/v1/trainings/{remote_id}", what=what,
-                                          parse=_training_from_json)
+                                          parse=_training_from_json, stop=stop)
     return training
 
 
