@@ -91,6 +91,7 @@ class Rig:
 def _services(tmp_path: Path, standin: ReplicateStandIn, *,
               trainer_class: type[ReplicateTrainer] = ReplicateTrainer,
               clock: FakeClock | None = None, real_time: bool = False,
+              timeout: float = 10.0,
               ) -> tuple[Services, FlakyWeightsStore]:
     """``real_time``: the backoffs are slept, the service's clock is the real one, and three
     retries a call (one of 1+2+4 s) are polled every 0.2 s."""
@@ -102,7 +103,7 @@ def _services(tmp_path: Path, standin: ReplicateStandIn, *,
     # failed answers than that.
     trainer = trainer_class(connection=ReplicateConnection(
         api_token=standin.token, base_url=standin.base_url, max_retries=3 if real_time else 2,
-        sleep=time.sleep if real_time else clock.sleep, timeout=10.0), owner=OWNER,
+        sleep=time.sleep if real_time else clock.sleep, timeout=timeout), owner=OWNER,
         poll_interval=0.2 if real_time else 0.0)
     blobs = FlakyWeightsStore(settings.blob_dir)
     services = build_services(settings, trainers={"replicate": trainer}, blobs=blobs,
@@ -573,5 +574,46 @@ def test_a_cancel_during_a_poll_s_backoff_ends_the_training_within_seconds(
             assert took < 2.5, took  # old code: about 6.9 s (the whole backoff)
             assert t.remote_id is not None
             assert standin.trainings[t.remote_id].cancel_requests == 1
+        finally:
+            services.close()
+
+
+def test_a_lost_create_while_the_list_fails_too_steps_away_and_is_adopted(tmp_path: Path) -> None:
+    """The create's answer is lost (Replicate made the run, the answer came after the client's
+    timeout) and the trainings list that would find it answers 503 from then on. The run may
+    exist: the worker steps away instead of failing the training (which canceled the run
+    Replicate accepted), and the next attempt adopts it by its upload's URL."""
+    with ReplicateStandIn() as standin:
+        clock = FakeClock()
+        services, _ = _services(tmp_path, standin, clock=clock, timeout=1.0)
+        try:
+            user, _ = services.users.create(name="ann")
+            started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+            assert started.training is not None
+            training_id = started.training.id
+            standin.slow_next("POST", "/v1/models/*/trainings", delay=2.0)
+            down = [True]
+            standin.fail_while("GET", "/v1/trainings",
+                               lambda: bool(standin.trainings) and down[0])
+
+            services.training.run(training_id)
+
+            t = services.repo.get_training(training_id)
+            assert t is not None
+            assert not t.status.is_terminal, t.error  # old code: failed ("Nothing was lost")
+            assert t.remote_id is None
+            (remote,) = standin.trainings.values()
+            assert remote.cancel_requests == 0  # old code: 1, the accepted run canceled
+            down[0] = False
+            clock.past_the_hold(t)
+            services.training.run(training_id)
+
+            t = services.repo.get_training(training_id)
+            assert t is not None
+            assert t.status is TrainingStatus.SUCCEEDED, t.error
+            assert t.remote_id == remote.id
+            assert len(standin.trainings) == 1
+            assert remote.cancel_requests == 0
+            assert len(services.repo.list_versions(t.model_id)) == 1
         finally:
             services.close()

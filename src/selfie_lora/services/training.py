@@ -924,7 +924,8 @@ class TrainingService:
         # that the attempts span an outage of minutes, not the seconds of their retries, before
         # the run is failed and canceled.
         def leave(t: Training) -> Training:
-            hold = self.lease.outage_gap(t) if exc.remote_id is not None else timedelta(0)
+            goes_on = exc.remote_id is not None or t.remote_create_started
+            hold = self.lease.outage_gap(t) if goes_on else timedelta(0)
             return step_away(t, self._clock(), reason=exc.reason, hold=hold)
 
         # The database away too: the lease runs out on its own and the reconciler rings again,
@@ -937,7 +938,8 @@ class TrainingService:
             # rings once the hold is over.
             logger.warning("training %s: %s (attempt %d); the remote run %s goes on and the "
                            "next attempt adopts it after %s", held.training_id, exc.message,
-                           held.attempt, exc.remote_id, left.lease_expires_at.isoformat())
+                           held.attempt, exc.remote_id or "(its id not known yet)",
+                           left.lease_expires_at.isoformat())
             return
         self._queue.enqueue_training(held.training_id)
         if exc.remote_id is None:
@@ -1010,8 +1012,12 @@ class TrainingService:
                 raise _UnreachableError(exc.message, remote_id=sink.remote_id,
                                         reason=LOCAL_DISK_FAILED) from exc
             except TrainerUnavailableError as exc:
-                if sink.remote_id is None:
+                if sink.remote_id is None and not (sink.create_begun
+                                                   or training.remote_create_started):
                     raise  # nothing runs remotely: failing it loses nothing
+                # A run runs, or may (a create whose answer, and the list that would have found
+                # it, were lost to the outage): failing would cancel a run Replicate accepted,
+                # where the next attempt adopts it by its upload's URL.
                 raise _UnreachableError(
                     exc.message, remote_id=sink.remote_id,
                     reason=f"{_backend_name(training.backend)} could not be reached") from exc
@@ -1568,12 +1574,19 @@ class _Sink:
         self._service = service
         self._held = held
         self._created = False  # ``creating`` recorded by this attempt
+        self._uploaded = False  # ``uploaded`` recorded by this attempt: its create comes next
 
     @property
     def remote_id(self) -> str | None:
         """The remote run this attempt adopted or started, once stored: from then on an outage
         interrupts the training instead of failing it."""
         return self._held.remote_id
+
+    @property
+    def create_begun(self) -> bool:
+        """This attempt sent (or was about to send) a remote create, its upload recorded
+        (``uploaded``): a run may exist whose id is not known."""
+        return self._uploaded
 
     def creating(self) -> None:
         if self._created:
@@ -1586,6 +1599,7 @@ class _Sink:
         # Fenced like every write of the holder: a worker that lost the training creates nothing.
         self._service._update_held(
             self._held, lambda t: dataclasses.replace(t, remote_marker=marker))
+        self._uploaded = True
 
     def started(self, *, remote_id: str | None) -> None:
         def apply(t: Training) -> Training:
