@@ -861,10 +861,13 @@ def test_weights_downloads_are_retried_and_an_expired_output_is_reported(
     replicate_standin.fail_next("GET", "/files/trainings/", status=503)
     assert replicate_trainer.train(replicate_job_factory(), sink=RecordingSink()).weights_path.exists()
 
-    replicate_standin.fail_next("GET", "/files/trainings/", status=404)
-    with pytest.raises(WeightsNotFoundError) as caught:
-        replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
-    assert "could no longer be downloaded" in caught.value.user_message
+    # 401/403 too: a signed output URL on the API's own origin (the files API's download,
+    # with an expiry) that has expired, not our token (old code: "unavailable", retried 3 times)
+    for status in (404, 403, 401):
+        replicate_standin.fail_next("GET", "/files/trainings/", status=status)
+        with pytest.raises(WeightsNotFoundError) as caught:
+            replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
+        assert "could no longer be downloaded" in caught.value.user_message
 
 
 def test_outputs_named_off_replicate_s_hosts_are_never_fetched(

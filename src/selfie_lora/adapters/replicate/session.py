@@ -520,6 +520,11 @@ class ReplicateSession:
 
         def fetch() -> bytes:
             with self._outputs.stream("GET", url, headers=self._auth_for(url)) as response:
+                if response.status_code in {401, 403}:
+                    # A signed output URL (the files API's /download has an expiry) refused:
+                    # the output is gone, whatever the host. Our token is not at fault (the
+                    # API answered the poll that named it), and retrying fetches the same.
+                    raise _OutputRefusedError(response.status_code)
                 response.raise_for_status()
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > max_bytes:
@@ -535,6 +540,10 @@ class ReplicateSession:
 
         try:
             return self.call(what, fetch)
+        except _OutputRefusedError as exc:
+            raise self._failures.refused(
+                f"HTTP {exc.status} when trying to {what} (an expired or withdrawn output)",
+                f"Could not {what} (HTTP {exc.status}).") from exc
         except _TooLargeError as exc:
             raise self._failures.too_large(
                 str(exc), "Replicate's output is larger than this service accepts.") from exc
@@ -548,6 +557,15 @@ class ReplicateSession:
 class _TooLargeError(Exception):
     def __init__(self, url: str, limit: int) -> None:
         super().__init__(f"{url} is larger than the {limit} byte cap")
+
+
+class _OutputRefusedError(Exception):
+    """An output download answered 401 or 403. Not an httpx error: ``call`` neither retries it
+    nor reads it as a rejected token."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
 
 
 class _OffHostError(Exception):
