@@ -77,6 +77,7 @@ class ErrorCode(enum.StrEnum):
     TRAINING_IN_PROGRESS = "training_in_progress"
     UPLOAD_IN_PROGRESS = "upload_in_progress"
     USER_EXISTS = "user_exists"
+    KEY_ALREADY_MADE = "key_already_made"
     WEBHOOK_REPLAYED = "webhook_replayed"
     WRITE_CONFLICT = "write_conflict"
     GC_IN_PROGRESS = "gc_in_progress"

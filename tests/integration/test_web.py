@@ -4,6 +4,7 @@ versions, generation, API keys, the security headers, and another user's objects
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import html
@@ -14,6 +15,7 @@ import threading
 import time
 import unicodedata
 import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from datetime import timedelta
@@ -104,6 +106,17 @@ def csrf(client: TestClient, page: str = "/photos") -> str:
     found = re.search(r'name="csrf-token" content="([^"]+)"', client.get(page).text)
     assert found
     return found.group(1)
+
+
+def key_form(client: TestClient, name: str) -> dict[str, str]:
+    """The settings page's create-key form as the page gives it (its CSRF token and one-time
+    nonce), with ``name``."""
+    page = client.get("/settings").text
+    nonce = re.search(r'name="form_nonce" value="([^"]+)"', page)
+    token = re.search(r'name="csrf-token" content="([^"]+)"', page)
+    assert nonce
+    assert token
+    return {"csrf_token": token.group(1), "form_nonce": nonce.group(1), "name": name}
 
 
 def upload(client: TestClient, count: int = 4, *, extra: list[tuple[str, bytes]] = (),
@@ -1239,8 +1252,8 @@ def test_another_user_sees_none_of_it(ann: TestClient, web_settings: Settings,
 
 
 def test_api_keys_from_the_settings_page_work_and_can_be_revoked(ann: TestClient) -> None:
-    r = ann.post("/settings/keys", data={"csrf_token": csrf(ann), "name": "laptop"})
-    assert r.status_code == 200  # the page the POST redirects to
+    r = ann.post("/settings/keys", data=key_form(ann, "laptop"))
+    assert r.status_code == 200
     secret = re.search(r'id="new-key">([^<]+)<', r.text)
     assert secret
     key = secret.group(1)
@@ -1261,33 +1274,56 @@ def test_api_keys_from_the_settings_page_work_and_can_be_revoked(ann: TestClient
     assert ann.get("/api/keys", headers=headers).status_code == 401
 
 
-def test_a_new_key_is_shown_once_after_a_redirect_so_a_reload_makes_no_other_key(
-        ann: TestClient, svc: Services, web_settings: Settings) -> None:
-    """POST /settings/keys answered the page itself: a reload, or Back to it, sent the POST
-    again and each time made one more key, whose secret replaced the one shown (found in
-    review: 2 keys named deploy after one reload). It redirects now: the GET shows the secret
-    once, a reload shows it no more and makes nothing."""
-    r = ann.post("/settings/keys", data={"csrf_token": csrf(ann), "name": "deploy"},
-                 follow_redirects=False)
-    assert (r.status_code, r.headers.get("location")) == (303, "/settings"), r.text[:200]
-    carried = r.cookies.get("sl_new_key")
-    assert carried
-    shown = ann.get("/settings")
-    secret = re.search(r'id="new-key">([^<]+)<', shown.text)
-    assert secret
-    assert shown.headers["cache-control"] == "no-store"
-    reloaded = ann.get("/settings").text
-    assert 'id="new-key"' not in reloaded
-    assert secret.group(1) not in reloaded
+def _decoded(value: str) -> str:
+    """A cookie value as anyone who sees it reads it: each "."-separated part base64-decoded,
+    and inflated where it is zlib (what an itsdangerous value is: signed, not encrypted)."""
+    seen = [value]
+    for part in value.strip('"').lstrip(".").split("."):
+        with contextlib.suppress(ValueError):
+            raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+            seen.append(raw.decode("latin-1"))
+            with contextlib.suppress(zlib.error):
+                seen.append(zlib.decompress(raw).decode("latin-1"))
+    return "\n".join(seen)
+
+
+def test_a_new_key_s_secret_is_in_its_page_alone_and_the_form_sent_again_makes_no_key(
+        ann: TestClient, svc: Services) -> None:
+    """The secret went from the POST to the GET it redirected to in a signed cookie with a
+    Max-Age: readable by anyone who saw it (base64 and zlib, not encrypted), and written to the
+    browser's cookie store (found in review). The POST answers the page with the secret now,
+    and nothing else carries it; the form's one-time nonce, stored hashed with the key, makes a
+    reload or Back (the POST sent again) make no other key (found in an earlier review: 2 keys
+    named deploy after one reload)."""
+    form = key_form(ann, "deploy")
+    r = ann.post("/settings/keys", data=form)
+    secret = re.search(r'id="new-key">([^<]+)<', r.text)
+    assert secret, r.text[:300]
+    assert r.headers["cache-control"] == "no-store"
+    for answer in [*r.history, r]:
+        for cookie in answer.headers.get_list("set-cookie"):
+            assert secret.group(1) not in _decoded(cookie.split(";")[0].partition("=")[2]), cookie
+    assert 'id="new-key"' not in ann.get("/settings").text  # shown once
+    again = ann.post("/settings/keys", data=form)  # a reload of that page, or Back to it
+    assert again.status_code == 409
+    assert "this key was already made; its secret was shown once" in again.text
+    assert secret.group(1) not in again.text
+    assert 'id="new-key"' not in again.text
     ann_user = svc.users.get_by_name(name="ann")
-    assert [key.name for key in svc.users.keys(user=ann_user)].count("deploy") == 1
+    keys = svc.users.keys(user=ann_user)
+    assert [key.name for key in keys].count("deploy") == 1
+    # What is stored: the secret's SHA-256 and the nonce's, never the secret.
+    made = next(key for key in keys if key.name == "deploy")
+    assert made.form_nonce_hash == hashlib.sha256(form["form_nonce"].encode()).hexdigest()
     assert ann.get("/api/keys", headers={"Authorization": f"Bearer {secret.group(1)}"}
                    ).status_code == 200
-    # The cookie is of ann's session only: another session shown it shows nothing.
-    with browser(web_settings, svc) as bob:
-        sign_in(bob, "bob")
-        bob.cookies.set("sl_new_key", carried)
-        assert 'id="new-key"' not in bob.get("/settings").text
+    # Another form of the page makes another key; one without a nonce (a page from before it)
+    # makes none.
+    assert ann.post("/settings/keys", data=key_form(ann, "deploy")).status_code == 200
+    r = ann.post("/settings/keys", data={"csrf_token": csrf(ann), "name": "deploy"})
+    assert (r.status_code, 'id="new-key"' in r.text) == (422, False)
+    assert "this page was out of date" in r.text
+    assert [key.name for key in svc.users.keys(user=ann_user)].count("deploy") == 2
 
 
 def test_a_key_name_of_spaces_alone_is_refused_beside_the_form(ann: TestClient,
@@ -1297,8 +1333,7 @@ def test_a_key_name_of_spaces_alone_is_refused_beside_the_form(ann: TestClient,
     what was typed; the API and the CLI, through the same service, refuse it too."""
     ann_user = svc.users.get_by_name(name="ann")
     before = len(svc.users.keys(user=ann_user))
-    r = ann.post("/settings/keys", data={"csrf_token": csrf(ann), "name": "   "},
-                 follow_redirects=False)
+    r = ann.post("/settings/keys", data=key_form(ann, "   "), follow_redirects=False)
     assert r.status_code == 422
     assert 'id="key-name-error"' in r.text
     assert "not only spaces" in r.text
@@ -1313,7 +1348,7 @@ def test_a_key_name_of_spaces_alone_is_refused_beside_the_form(ann: TestClient,
 
 def test_a_key_rotated_through_the_api_shows_its_grace_and_can_be_revoked_at_once(
         ann: TestClient) -> None:
-    r = ann.post("/settings/keys", data={"csrf_token": csrf(ann), "name": "ci"})
+    r = ann.post("/settings/keys", data=key_form(ann, "ci"))
     secret = re.search(r'id="new-key">([^<]+)<', r.text)
     assert secret
     headers = {"Authorization": f"Bearer {secret.group(1)}"}

@@ -95,6 +95,8 @@ class ApiKey:
     created_at: datetime
     revoked_at: datetime | None = None
     replaced_by: str | None = None
+    # The SHA-256 of the settings page form's one-time nonce that made it (None: made otherwise).
+    form_nonce_hash: str | None = None
 
     def works_at(self, now: datetime) -> bool:
         return self.revoked_at is None or self.revoked_at > now

@@ -20,7 +20,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from selfie_lora.domain.accounts import (
@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.@-]{0,98}[A-Za-z0-9])?")
 _KEY_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,100}")
 _KEY_NAME_RULE = "a key name is 1-100 printable characters, not only spaces"
+KEY_ALREADY_MADE = ("this key was already made; its secret was shown once — revoke it and make "
+                    "another if you lost it")
 PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
 # How long this process trusts an API key it found valid without asking the database again.
 # Why: that query, in its own trip through the thread pool, was a third of a cheap read's cost
@@ -417,14 +419,30 @@ class UserService:
         """Every key of the user, oldest first, revoked ones included."""
         return self._repo.list_api_keys(user.id)
 
-    def create_key(self, *, user: User, name: str = "api") -> tuple[ApiKey, str]:
-        """A new key (its secret is shown this once)."""
+    def create_key(self, *, user: User, name: str = "api",
+                   form_nonce: str | None = None) -> tuple[ApiKey, str]:
+        """A new key (its secret is shown this once).
+
+        ``form_nonce``: the one-time nonce of the form that asked (the settings page), stored
+        as its SHA-256 with the key. The same form sent again (a reload or Back of the page that
+        showed the secret) makes no other key: ConflictError ``key_already_made``."""
         # Not spaces alone (checked here, not in _new_key: a rotation keeps an older key's name,
         # whatever it is): such a key showed a blank name, and "Revoke the key    ?".
         if not name.strip():
             raise InvalidInputError(_KEY_NAME_RULE, code=ErrorCode.INVALID_NAME)
         key, secret = self._new_key(user, name)
-        self._repo.add_api_key(key)
+        if form_nonce is not None:
+            nonce_hash = hashlib.sha256(form_nonce.encode()).hexdigest()
+            if self._made_by_form(user, nonce_hash):
+                raise ConflictError(KEY_ALREADY_MADE, code=ErrorCode.KEY_ALREADY_MADE)
+            key = replace(key, form_nonce_hash=nonce_hash)
+        try:
+            self._repo.add_api_key(key)
+        except ConflictError:
+            # Two sendings of one form at once: the unique nonce let one of them in.
+            if key.form_nonce_hash is not None and self._made_by_form(user, key.form_nonce_hash):
+                raise ConflictError(KEY_ALREADY_MADE, code=ErrorCode.KEY_ALREADY_MADE) from None
+            raise
         logger.info("user %s: API key %s (%s) created", user.name, key.id, key.prefix)
         return key, secret
 
@@ -506,6 +524,10 @@ class UserService:
             if key.id == key_id:
                 return key
         raise NotFoundError("no such API key")
+
+    def _made_by_form(self, user: User, nonce_hash: str) -> bool:
+        return any(key.form_nonce_hash == nonce_hash
+                   for key in self._repo.list_api_keys(user.id))
 
     def _new_key(self, user: User, name: str) -> tuple[ApiKey, str]:
         if not _KEY_NAME.fullmatch(name):

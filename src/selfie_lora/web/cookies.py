@@ -12,12 +12,6 @@ SESSION_COOKIE = "sl_session"
 FORM_COOKIE = "sl_form"
 # How long a sign-in or sign-up form may stay open and still be sent.
 FORM_MAX_AGE_SECONDS = 24 * 3600
-# A new API key's secret, from the POST that made it to the GET it redirects to (read once, then
-# deleted). Why a redirect: the page answered to the POST itself was sent again by a reload or
-# Back, each time making another key. Why so short: the browser follows the redirect at once.
-NEW_KEY_COOKIE = "sl_new_key"
-NEW_KEY_MAX_AGE_SECONDS = 60
-
 
 class CookieSigner:
     def __init__(self, secret: str, *, max_age_seconds: int) -> None:
@@ -26,7 +20,6 @@ class CookieSigner:
         # dated copy (another salt: neither can stand for the other).
         self._form = URLSafeTimedSerializer(secret, salt="selfie-lora/form")
         self._form_page = URLSafeTimedSerializer(secret, salt="selfie-lora/form-page")
-        self._new_key = URLSafeTimedSerializer(secret, salt="selfie-lora/new-key")
         self.max_age_seconds = max_age_seconds
 
     def session_value(self, token: str) -> str:
@@ -59,26 +52,6 @@ class CookieSigner:
         sent = _loads(self._form_page, token)
         return (nonce is not None and sent is not None
                 and hmac.compare_digest(nonce.encode(), sent.encode()))
-
-
-    def new_key_value(self, *, session_id: str, key_id: str, secret: str) -> str:
-        """The new key cookie's value: the key and its secret, for this session only."""
-        return self._new_key.dumps([session_id, key_id, secret])
-
-    def new_key(self, value: str | None, *, session_id: str) -> tuple[str, str] | None:
-        """(key id, secret) of a new key cookie of this session, or None (none, forged, too
-        old, or another session's: signed out and in as someone else in the same browser)."""
-        if not value:
-            return None
-        try:
-            loaded = self._new_key.loads(value, max_age=NEW_KEY_MAX_AGE_SECONDS)
-        except BadSignature:  # SignatureExpired is one too
-            return None
-        if (not isinstance(loaded, list) or len(loaded) != 3
-                or not all(isinstance(part, str) for part in loaded)
-                or not hmac.compare_digest(loaded[0].encode(), session_id.encode())):
-            return None
-        return loaded[1], loaded[2]
 
 
 def _loads(serializer: URLSafeTimedSerializer, value: str | None) -> str | None:

@@ -4,6 +4,7 @@ they are given."""
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -39,8 +40,6 @@ from selfie_lora.web.app import SignInRequired, Viewer, Web
 from selfie_lora.web.cookies import (
     FORM_COOKIE,
     FORM_MAX_AGE_SECONDS,
-    NEW_KEY_COOKIE,
-    NEW_KEY_MAX_AGE_SECONDS,
     SESSION_COOKIE,
 )
 
@@ -708,43 +707,45 @@ def model_trainer_version(request: Request, viewer: FormViewer, trainer_version:
     return _see("/model")
 
 
+def _settings(request: Request, viewer: Viewer, *, status_code: int = 200,
+              **context: Any) -> HTMLResponse:
+    """The settings page. Its create form carries a new one-time nonce, stored (hashed) with
+    the key it makes: the form sent again makes no other key."""
+    web = _web(request)
+    return web.render(request, "settings.html", viewer=viewer, status_code=status_code,
+                      keys=web.services.users.keys(user=viewer.user), now=utcnow(),
+                      key_form_nonce=secrets.token_urlsafe(24), **context)
+
+
 @router.get("/settings")
 def settings_page(request: Request, viewer: PageViewer) -> HTMLResponse:
-    web = _web(request)
-    keys = web.services.users.keys(user=viewer.user)
-    # A key just made (the POST's redirect): its secret is shown on this page once, and its
-    # cookie goes with this answer, so a reload or Back shows the page without it.
-    made = web.signer.new_key(request.cookies.get(NEW_KEY_COOKIE), session_id=viewer.session.id)
-    new_key = next((key for key in keys if made is not None and key.id == made[0]), None)
-    response = web.render(request, "settings.html", viewer=viewer, keys=keys,
-                          new_secret=made[1] if made is not None and new_key else None,
-                          new_key=new_key, now=utcnow())
-    if NEW_KEY_COOKIE in request.cookies:
-        response.delete_cookie(NEW_KEY_COOKIE, path="/settings", httponly=True,
-                               samesite="strict", secure=web.cookie_secure(request))
-    return response
+    return _settings(request, viewer)
 
 
 @router.post("/settings/keys")
-def settings_create_key(request: Request, viewer: FormViewer, name: FormStr) -> Response:
+def settings_create_key(request: Request, viewer: FormViewer, name: FormStr,
+                        form_nonce: OptionalFormStr = None) -> Response:
     web = _web(request)
+    if not form_nonce:
+        # A page from before the nonce (or a hand-made request): sending it again could make a
+        # second key, so nothing is made; the page shown now carries one.
+        return _settings(request, viewer, status_code=422, name=name,
+                         key_notice="this page was out of date: create the key again")
     try:
-        key, secret = web.services.users.create_key(user=viewer.user, name=name)
+        key, secret = web.services.users.create_key(user=viewer.user, name=name,
+                                                    form_nonce=form_nonce)
     except InvalidInputError as error:
         # Beside the form, the name kept: nothing was made, so sending it again is safe.
-        return web.render(request, "settings.html", viewer=viewer, status_code=422,
-                          keys=web.services.users.keys(user=viewer.user), new_secret=None,
-                          now=utcnow(), name_error=error.message, name=name)
-    # Post/Redirect/Get: the page answered to this POST was sent again by a reload or Back
-    # (Confirm Form Resubmission), each time making one more key whose secret nobody held.
-    # The secret waits in a short-lived cookie of this session only for the GET to show it.
-    response = _see("/settings")
-    response.set_cookie(NEW_KEY_COOKIE,
-                        web.signer.new_key_value(session_id=viewer.session.id, key_id=key.id,
-                                                 secret=secret),
-                        max_age=NEW_KEY_MAX_AGE_SECONDS, httponly=True, samesite="strict",
-                        secure=web.cookie_secure(request), path="/settings")
-    return response
+        return _settings(request, viewer, status_code=422, name_error=error.message, name=name)
+    except ConflictError as error:
+        if error.code != ErrorCode.KEY_ALREADY_MADE:
+            raise
+        # This form was sent again (a reload, or Back to the page that showed the secret):
+        # the key exists, and its secret is stored nowhere to show again.
+        return _settings(request, viewer, status_code=409, key_notice=error.message)
+    # The secret is in this answer's body alone (no cookie, nothing stored but its SHA-256; the
+    # page is no-store): a reload sends the form's nonce again, which makes nothing.
+    return _settings(request, viewer, new_secret=secret, new_key=key)
 
 
 @router.post("/settings/keys/{key_id}/revoke")

@@ -242,7 +242,8 @@ def _user(row: UserRow) -> User:
 def _api_key(row: ApiKeyRow) -> ApiKey:
     return ApiKey(id=row.id, user_id=row.user_id, name=row.name, key_hash=row.key_hash,
                   prefix=row.prefix, created_at=_req_utc(row.created_at),
-                  revoked_at=_utc(row.revoked_at), replaced_by=row.replaced_by)
+                  revoked_at=_utc(row.revoked_at), replaced_by=row.replaced_by,
+                  form_nonce_hash=row.form_nonce_hash)
 
 
 def _model(row: ModelRow) -> Model:
@@ -559,7 +560,8 @@ class SqlRepository:
             s.add(ApiKeyRow(id=key.id, user_id=key.user_id, name=key.name,
                             key_hash=key.key_hash, prefix=key.prefix,
                             created_at=key.created_at, revoked_at=key.revoked_at,
-                            replaced_by=key.replaced_by))
+                            replaced_by=key.replaced_by,
+                            form_nonce_hash=key.form_nonce_hash))
 
     def get_api_key(self, key_id: str, *, for_update: bool = False) -> ApiKey | None:
         with self._tx() if for_update else self._read() as s:

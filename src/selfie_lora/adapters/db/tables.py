@@ -90,6 +90,10 @@ class ApiKeyRow(Base):
     # ``replaced_by`` names the key that replaced it.
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     replaced_by: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # The SHA-256 of the settings page form's one-time nonce that made it (None: made otherwise):
+    # the form sent again finds its key made and makes no other.
+    form_nonce_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, default=None)
+    __table_args__ = (Index("ux_api_keys_form_nonce_hash", "form_nonce_hash", unique=True),)
 
 
 class ModelRow(Base):
