@@ -657,13 +657,18 @@ def generate(
         # The seed drawn when none was given was only in a log line: it is what makes the
         # pictures again.
         pictures = generation.pictures()
-        each = " (picture i: that + i)" if len(pictures) + len(generation.withheld) > 1 else ""
+        # Numbered from 1, as the API and the web page number them.
+        each = (" (picture n: that + n - 1)" if len(pictures) + len(generation.withheld) > 1
+                else "")
         console.print(f"generation {generation.id}: version {version.number}, LoRA scale "
                       f"{generation.lora_scale:g}, seed {generation.seed}{each}", markup=False,
                       highlight=False, soft_wrap=True)
         for picture in withheld_pictures(generation):
-            console.print(f"picture {picture.number - 1} (seed {picture.seed}) was withheld by "
-                          "Replicate's safety checker", markup=False, highlight=False)
+            # The files are named by the place in the batch (from 0): the one it would have had.
+            console.print(f"picture {picture.number} (seed {picture.seed}; no "
+                          f"{generation.id}-{picture.number - 1}.png) was withheld by "
+                          "Replicate's safety checker", markup=False, highlight=False,
+                          soft_wrap=True)
         # Named by the picture's place in the batch (its seed's offset), not its rank.
         for i, place in enumerate(pictures):
             target = out / f"{generation.id}-{place}.png"

@@ -213,7 +213,24 @@ def test_generate_says_the_seed_it_drew(trained: Services, tmp_path: Path) -> No
     [generation] = trained.generation.history(user=ann)
     assert generation.seed is not None
     assert (f"generation {generation.id}: version 2, LoRA scale {generation.lora_scale:g}, "
-            f"seed {generation.seed} (picture i: that + i)") in done.stdout.replace("\n", "")
+            f"seed {generation.seed} (picture n: that + n - 1)") in done.stdout.replace("\n", "")
+
+
+def test_a_withheld_picture_is_numbered_from_1_as_the_api_and_the_page_number_it(
+        trained: Services, fake_generator: FakeGenerator, tmp_path: Path) -> None:
+    """The CLI said 'picture 1 (seed 41) was withheld' where POST /api/generate answers
+    {"picture": 2, "seed": 41} and the generate page 'picture 2 (seed 41)' (found in review):
+    one picture, two numbers. It counts from 1 too, and names the file it would have had."""
+    fake_generator.withhold = frozenset({1})
+    out = tmp_path / "images"
+    done = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann", "-n", "4",
+                                        "--seed", "40", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    [generation] = trained.generation.history(user=trained.users.get_by_name(name="ann"))
+    assert (f"picture 2 (seed 41; no {generation.id}-1.png) was withheld by Replicate's "
+            "safety checker") in done.stdout.splitlines()
+    assert sorted(path.name for path in out.iterdir()) == [
+        f"{generation.id}-{place}.png" for place in (0, 2, 3)]
 
 
 def test_the_wrote_lines_are_whole_when_piped(trained: Services, tmp_path: Path) -> None:
