@@ -930,6 +930,11 @@ def restore_cmd(
         _fail(f"cannot restore into {settings.home}: {_reason(exc)}")
     console.print(f"restored {summary.path} from the backup of {summary.created_at}: "
                   f"{summary.blobs} blob(s)", markup=False, highlight=False, soft_wrap=True)
+    if summary.replaced is not None:
+        console.print(f"the replaced HOME is kept in {summary.replaced}: delete it once you "
+                      "no longer need it", markup=False, highlight=False, soft_wrap=True)
+    for warning in summary.warnings:
+        err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
 
 
 # --- end of backup and restore ------------------------------------------------------------------

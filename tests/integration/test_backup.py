@@ -4,6 +4,7 @@ it is killed."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -35,7 +36,14 @@ def state(home: Path) -> dict[str, str]:
     """Every file of ``home`` but SQLite's side files and the restore's note, by its sha256."""
     return {p.relative_to(home).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(home.rglob("*")) if p.is_file()
-            and not p.name.endswith(("-wal", "-shm")) and p.name != "restored.json"}
+            and not p.name.endswith(("-wal", "-shm"))
+            and p.name not in ("restored.json", ".restore-pending")}
+
+
+def kept_homes(home: Path) -> list[Path]:
+    """The HOMEs restores replaced, kept beside ``home``."""
+    return sorted(p for p in home.parent.iterdir()
+                  if p.name.startswith(f"{home.name}.before-restore-"))
 
 
 def test_a_live_home_backed_up_restores_users_keys_versions_and_blobs(
@@ -225,4 +233,60 @@ def test_a_restore_killed_at_any_point_leaves_the_old_home_or_the_new(
                            capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert state(old_home) == new
-    assert sorted(p.name for p in old_home.parent.iterdir()) == ["home"]
+    # Nothing is deleted: each HOME a restore replaced is kept beside it, the old one among them.
+    beside = sorted(p.name for p in old_home.parent.iterdir())
+    assert beside[0] == "home"
+    assert all(name.startswith("home.before-restore-") for name in beside[1:])
+    assert old in [state(old_home.parent / name) for name in beside[1:]]
+
+
+def test_a_forced_restore_keeps_the_home_it_replaced_with_the_backup_kept_in_it(
+        services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    backup = settings.home / "backups" / "monday"
+    assert run("backup", str(backup))[0] == 0
+    services.users.create(name="bob")  # newer than the backup
+    (settings.home / "NOTES.txt").write_text("the operator's")
+    services.close()
+    code, said = run("restore", "--force", str(backup))
+    assert code == 0, said
+    kept = kept_homes(settings.home)
+    assert len(kept) == 1
+    assert f"the replaced HOME is kept in {kept[0]}" in said
+    assert (kept[0] / "NOTES.txt").read_text() == "the operator's"
+    assert (kept[0] / "backups" / "monday" / "manifest.json").is_file()
+    again = build_services(settings.model_copy(update={"home": kept[0]}),
+                           face_analyzer=one_person_analyzer())
+    try:
+        assert again.users.get_by_name(name="bob")
+    finally:
+        again.close()
+
+
+def test_an_error_after_the_swap_is_a_warning_and_deletes_nothing(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    assert run("backup", str(tmp_path / "bk.tar"))[0] == 0
+    services.users.create(name="bob")
+    (settings.home / "cache").mkdir()
+    (settings.home / "cache" / "model").write_text("kept")
+    services.close()
+    real_rename = os.rename
+
+    def rename(src: object, dst: object) -> None:  # cache/ on another disk: EXDEV
+        if str(src).endswith("/cache"):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV), str(src))
+        real_rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", rename)
+    code, said = run("restore", "--force", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    assert (settings.home / "restored.json").is_file()
+    assert "warning: the base model cache stays in " in said
+    kept = kept_homes(settings.home)
+    assert len(kept) == 1
+    assert (kept[0] / "cache" / "model").read_text() == "kept"
+    assert (kept[0] / "selfie-lora.db").is_file()

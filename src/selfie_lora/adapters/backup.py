@@ -8,10 +8,12 @@ missing); blobs written later are orphans the next collection takes. The manifes
 last: a folder without one is a backup cut short, and ``restore`` refuses it.
 
 Restore: everything is checked (manifest, sizes, sha256) and written to a folder beside HOME,
-which then takes HOME's place with renames: HOME goes aside, the new folder takes its name, the
-old one is deleted. A restore killed at any point leaves the old HOME or the new one, never a
-mix; killed between the two renames, HOME is missing and the next restore puts the old one
-back before it starts.
+which then takes HOME's place with renames: HOME goes aside, the new folder takes its name, and
+the old one is kept beside it as ``NAME.before-restore-<time>`` (never deleted: it holds what
+the backup lacks, maybe the backup itself; the operator deletes it). A restore killed at any
+point leaves the old HOME or the new one, never a mix; killed between the two renames, HOME is
+missing and the next restore puts the old one back before it starts. Once HOME is the new
+folder, the restore has happened: a later error (moving cache/ across) is a warning.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ BLOBS = "blobs"
 CACHE = "cache"
 # Written into a restored HOME: which backup it holds, and that a restore made it.
 RESTORED = "restored.json"
+# In a folder a restore is filling, until it is HOME: a ``.NAME.restore-new`` without it is the
+# old HOME a restore killed after its exchange set aside, kept, never deleted.
+PENDING = ".restore-pending"
 _CHUNK = 1 << 20
 
 
@@ -237,10 +242,10 @@ class HomeBackups:
             raise ConfigError(f"SELFIE_LORA_HOME ({home}) is not empty: stop the server and "
                               "workers, then restore with --force to replace what is in it")
         new = home.with_name(f".{home.name}.restore-new")
-        shutil.rmtree(new, ignore_errors=True)  # a restore killed before its swap
         try:
             home.parent.mkdir(parents=True, exist_ok=True)
             new.mkdir(mode=0o700)
+            (new / PENDING).touch(mode=0o600)
             if source.is_file():
                 unpacked = home.with_name(f".{home.name}.restore-unpacked")
                 shutil.rmtree(unpacked, ignore_errors=True)
@@ -251,33 +256,61 @@ class HomeBackups:
                     shutil.rmtree(unpacked, ignore_errors=True)
             else:
                 summary = self._fill(source, new, source=source)
-            self._swap(home, new)
+            # Raises only while HOME is still the old folder; ``new`` is then ours to delete.
+            previous = self._swap(home, new)
         except OSError as exc:
             shutil.rmtree(new, ignore_errors=True)
             raise StorageError(f"cannot restore into {home}: {exc.strerror or exc}") from exc
         except Exception:
             shutil.rmtree(new, ignore_errors=True)
             raise
+        # HOME is the backup's now: nothing from here on fails the restore, nor deletes.
+        warnings: list[str] = []
+        try:
+            fsync_dir(home.parent)
+            (home / PENDING).unlink(missing_ok=True)
+        except OSError as exc:
+            warnings.append(f"could not sync {home.parent}: {exc.strerror or exc}")
+        kept = None
+        if previous is not None:
+            warnings += _carry_cache(previous, home)
+            kept, problem = _keep_aside(previous, home)
+            if problem:
+                warnings.append(problem)
+        for warning in warnings:
+            logger.warning("%s", warning)
         return BackupSummary(path=home, created_at=summary.created_at,
                              schema_revision=summary.schema_revision, counts=summary.counts,
                              blobs=summary.blobs, blob_bytes=summary.blob_bytes,
-                             missing=summary.missing)
+                             missing=summary.missing, replaced=kept, warnings=tuple(warnings))
 
     @staticmethod
     def _recover(home: Path) -> None:
         """A restore killed between its two renames left no HOME and the old one aside: put it
-        back (the new one is whole too, but the restore that made it did not finish)."""
+        back (the new one is whole too, but the restore that made it did not finish). One killed
+        after its swap left the old HOME aside: keep it as a restore that ends does."""
         old = home.with_name(f".{home.name}.restore-old")
+        new = home.with_name(f".{home.name}.restore-new")
         if old.is_dir() and not home.exists():
             os.rename(old, home)
             logger.warning("put back %s, which a restore killed midway had set aside", home)
         elif old.is_dir() and (home / RESTORED).is_file():
-            # Killed after the swap, before the old one was deleted.
+            # Killed after the swap, before the old one was kept aside.
             _carry_cache(old, home)
-            shutil.rmtree(old, ignore_errors=True)
+            _recovered(old, home)
         elif old.is_dir():
             raise ConfigError(f"{old} is a SELFIE_LORA_HOME a restore killed midway set aside, "
                               f"and {home} was made since: move one of them away first")
+        if new.is_symlink() or (new.exists() and not new.is_dir()):
+            raise ConfigError(f"{new} is in the way of a restore: move it away first")
+        if new.is_dir() and (new / PENDING).exists():
+            shutil.rmtree(new)  # a restore killed before its swap: a copy of a backup
+        elif new.is_dir():
+            # Killed after its exchange: this is the HOME it replaced.
+            _carry_cache(new, home)
+            _recovered(new, home)
+        if home.is_dir():
+            (home / PENDING).unlink(missing_ok=True)
 
     @staticmethod
     def _unpack(source: Path, folder: Path) -> None:
@@ -338,25 +371,29 @@ class HomeBackups:
                              missing=tuple(manifest.get("missing", ())))
 
     @staticmethod
-    def _swap(home: Path, new: Path) -> None:
+    def _swap(home: Path, new: Path) -> Path | None:
+        """``new`` in HOME's place; the old HOME's folder now (None: there was none). Raises
+        only with HOME the old folder still."""
         old = home.with_name(f".{home.name}.restore-old")
         _reached("swap")
         if home.exists() and _exchange(new, home):
             # One step: HOME is the old folder or the new one, whenever this is killed.
-            fsync_dir(home.parent)
             _reached("swapped")
-            _carry_cache(new, home)
-            shutil.rmtree(new, ignore_errors=True)
-            return
-        if home.exists():
-            os.rename(home, old)
-            fsync_dir(home.parent)
-            _reached("set-aside")
-        os.rename(new, home)
+            return new
+        if not home.exists():
+            os.rename(new, home)
+            _reached("swapped")
+            return None
+        os.rename(home, old)
         fsync_dir(home.parent)
+        _reached("set-aside")
+        try:
+            os.rename(new, home)
+        except OSError:
+            os.rename(old, home)
+            raise
         _reached("swapped")
-        _carry_cache(old, home)
-        shutil.rmtree(old, ignore_errors=True)
+        return old
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -375,8 +412,44 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(b))
 
 
-def _carry_cache(old: Path, home: Path) -> None:
+def _carry_cache(old: Path, home: Path) -> list[str]:
     """The downloaded base model (HOME/cache, many GB) is no data of the backup's, and the
-    restored HOME keeps it rather than download it again."""
-    if (old / CACHE).is_dir() and not (home / CACHE).exists():
+    restored HOME keeps it rather than download it again. Where it cannot be moved (another
+    file system, a mount point), it stays in the old HOME: a warning, not a failed restore."""
+    if not (old / CACHE).is_dir() or (home / CACHE).exists():
+        return []
+    try:
         os.rename(old / CACHE, home / CACHE)
+    except OSError as exc:
+        return [f"the base model cache stays in {old / CACHE} ({exc.strerror or exc}): move it "
+                f"to {home / CACHE}, or it is downloaded again"]
+    return []
+
+
+def _kept_name(home: Path) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    kept = home.with_name(f"{home.name}.before-restore-{stamp}")
+    n = 1
+    while kept.exists() or kept.is_symlink():
+        n += 1
+        kept = home.with_name(f"{home.name}.before-restore-{stamp}-{n}")
+    return kept
+
+
+def _keep_aside(previous: Path, home: Path) -> tuple[Path, str | None]:
+    """The HOME a restore replaced, under a name that says so, beside the new one: it holds
+    whatever the backup lacks (newer data, work/, the operator's files, maybe the backup)."""
+    kept = _kept_name(home)
+    try:
+        os.rename(previous, kept)
+    except OSError as exc:
+        return previous, (f"the replaced HOME stays in {previous} ({exc.strerror or exc}); "
+                          "rename it before the next restore")
+    return kept, None
+
+
+def _recovered(previous: Path, home: Path) -> None:
+    kept, problem = _keep_aside(previous, home)
+    if problem:
+        raise ConfigError(problem)
+    logger.warning("kept %s, the SELFIE_LORA_HOME a restore killed midway replaced", kept)

@@ -23,3 +23,7 @@ class BackupSummary:
     blob_bytes: int = 0
     # Blobs the database names that the storage did not hold when the backup was taken.
     missing: tuple[str, ...] = ()
+    # A restore: where the HOME it replaced was kept (None: HOME was empty or missing).
+    replaced: Path | None = None
+    # A restore: what went wrong after HOME was already the backup's (it is still restored).
+    warnings: tuple[str, ...] = ()
