@@ -244,7 +244,7 @@ def serve(
     """The web app and the HTTP API, with a background worker, in one process."""
     from selfie_lora.api.app import create_app
     from selfie_lora.api.server import listening_socket, run_server, run_server_processes
-    from selfie_lora.wiring import open_database
+    from selfie_lora.wiring import open_database, using_home
 
     settings = _settings()
     if processes == 1:
@@ -261,6 +261,8 @@ def serve(
         # Once, before the server processes start: a database that cannot be reached is one
         # line here rather than a traceback from each of them.
         open_database(settings)
+        # Until this command ends (the processes' parent holds it for them): no restore meanwhile.
+        ctx.with_resource(using_home(settings))
         if processes == 1:
             application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True,
                                      collect_garbage=worker)
@@ -306,16 +308,19 @@ def _bind_deployment(settings: Settings) -> None:
 
 @app.command("worker")
 def worker_cmd(
+    ctx: typer.Context,
     threads: Annotated[int | None, typer.Option(
         min=1, help="Trainings run at once (default: SELFIE_LORA_WORKER_THREADS).")] = None,
 ) -> None:
     """A queue worker only (the scale path)."""
-    from selfie_lora.wiring import build_services
+    from selfie_lora.wiring import build_services, using_home
     from selfie_lora.worker import run_worker
 
     settings = _settings()
     with _starting(settings):
         services = build_services(settings)
+        # Until this command ends: no restore meanwhile.
+        ctx.with_resource(using_home(settings))
     try:
         run_worker(services, threads=threads)
     # It could not start: the metrics port is taken, or the store is another deployment's.

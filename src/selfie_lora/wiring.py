@@ -12,6 +12,7 @@ import random
 import secrets
 import threading
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -372,6 +373,14 @@ def build_services(
                             deployment=deployment),
         trainers=chosen_trainers,
     )
+
+
+def using_home(settings: Settings) -> AbstractContextManager[None]:
+    """Held by ``serve`` and ``worker`` while they run: ``restore`` refuses a HOME in use
+    (``adapters.home_lock``)."""
+    from selfie_lora.adapters.home_lock import using_home as hold
+
+    return hold(settings.home)
 
 
 def build_backups(settings: Settings) -> BackupService:

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def state(home: Path) -> dict[str, str]:
     return {p.relative_to(home).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(home.rglob("*")) if p.is_file()
             and not p.name.endswith(("-wal", "-shm"))
-            and p.name not in ("restored.json", ".restore-pending")}
+            and p.name not in ("restored.json", ".restore-pending", ".in-use")}
 
 
 def kept_homes(home: Path) -> list[Path]:
@@ -290,3 +291,45 @@ def test_an_error_after_the_swap_is_a_warning_and_deletes_nothing(
     assert len(kept) == 1
     assert (kept[0] / "cache" / "model").read_text() == "kept"
     assert (kept[0] / "selfie-lora.db").is_file()
+
+
+def test_a_restore_is_refused_while_a_server_runs_on_the_home(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    env = {**os.environ, "SELFIE_LORA_HOME": str(home), "SELFIE_LORA_TRAINER": "local",
+           "SELFIE_LORA_BASE_MODEL": "tiny", "PYTHONUNBUFFERED": "1"}
+    sl = [sys.executable, "-c", "from selfie_lora.cli import main; main()"]
+    subprocess.run([*sl, "users", "create", "ann"], env=env, check=True, capture_output=True)
+    subprocess.run([*sl, "backup", str(tmp_path / "bk.tar")], env=env, check=True,
+                   capture_output=True)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([*sl, "serve", "--port", "0", "--no-worker"], env=env,
+                                  stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while "http://" not in log.read_text():
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        before = state(home)
+        refused = subprocess.run([*sl, "restore", "--force", str(tmp_path / "bk.tar")],
+                                 env=env, capture_output=True, text=True)
+        assert refused.returncode == 1, refused.stdout
+        assert refused.stderr.strip() == (f"error: SELFIE_LORA_HOME ({home}) is in use by a "
+                                          "running server or worker: stop it first")
+        assert state(home) == before
+        assert not (home / "restored.json").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    # Stopped, the HOME is free again; and a worker holds it as the server did.
+    settings = make_settings(tmp_path / "other")
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": home}))
+    from selfie_lora.wiring import using_home
+    with using_home(settings.model_copy(update={"home": home})):
+        code, said = run("restore", "--force", str(tmp_path / "bk.tar"))
+        assert code == 1, said
+    code, said = run("restore", "--force", str(tmp_path / "bk.tar"))
+    assert code == 0, said

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from selfie_lora.adapters.db.migrate import known_revisions
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.adapters.home_lock import restoring_home
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE, keep_private
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
@@ -233,6 +234,12 @@ class HomeBackups:
 
     def restore(self, *, source: Path, force: bool) -> BackupSummary:
         home = self._home.absolute()
+        # Never under a running server or worker: it would go on writing into the old HOME's
+        # unlinked database, and its blobs into the new HOME.
+        with restoring_home(home):
+            return self._restore(home, source=source, force=force)
+
+    def _restore(self, home: Path, *, source: Path, force: bool) -> BackupSummary:
         self._recover(home)
         if not source.exists():
             raise InvalidInputError(f"no such backup: {source}")

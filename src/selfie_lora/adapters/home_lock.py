@@ -1,0 +1,53 @@
+"""Who is using SELFIE_LORA_HOME: every ``serve`` and ``worker`` holds a shared advisory lock
+(``flock``) on ``HOME/.in-use`` while it runs, and ``restore`` takes it exclusive, without
+waiting, before it changes anything. A server left running on a HOME that a restore replaced
+keeps answering 201 while it writes into the unlinked old database, and its blobs land in the
+new HOME with no row naming them; so a restore refuses while one runs. The kernel drops a lock
+with its process, so one killed (even with SIGKILL) never blocks a restore."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
+from selfie_lora.errors import ConfigError
+
+IN_USE = ".in-use"
+
+
+@contextmanager
+def _locked(home: Path, how: int, refused: str) -> Iterator[None]:
+    fd = os.open(home / IN_USE, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(refused) from None
+        yield
+    finally:
+        os.close(fd)  # and the lock with it
+
+
+@contextmanager
+def using_home(home: Path) -> Iterator[None]:
+    """Held by a server or worker for as long as it runs on ``home``."""
+    home.mkdir(parents=True, exist_ok=True)
+    with _locked(home, fcntl.LOCK_SH, f"SELFIE_LORA_HOME ({home}) is being restored: start "
+                                      "this once the restore ends"):
+        yield
+
+
+@contextmanager
+def restoring_home(home: Path) -> Iterator[None]:
+    """Held by a restore of ``home``: refused while a server or worker runs on it, and one
+    that starts meanwhile is refused. A HOME that is no folder yet has none running."""
+    if not home.is_dir():
+        yield
+        return
+    with _locked(home, fcntl.LOCK_EX, f"SELFIE_LORA_HOME ({home}) is in use by a running "
+                                      "server or worker: stop it first"):
+        yield
