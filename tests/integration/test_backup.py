@@ -333,3 +333,25 @@ def test_a_restore_is_refused_while_a_server_runs_on_the_home(
         assert code == 1, said
     code, said = run("restore", "--force", str(tmp_path / "bk.tar"))
     assert code == 0, said
+
+
+def test_a_home_that_is_a_link_is_restored_where_it_points_and_stays_a_link(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "datadisk" / "selfie"
+    settings = make_settings(target)
+    services = build_services(settings, face_analyzer=one_person_analyzer())
+    services.users.create(name="ann")
+    services.close()
+    link = tmp_path / "srv" / "selfie"
+    link.parent.mkdir()
+    link.symlink_to(settings.home)
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": link}))
+    assert run("backup", str(tmp_path / "bk.tar"))[0] == 0
+    for _ in range(2):
+        code, said = run("restore", "--force", str(tmp_path / "bk.tar"))
+        assert code == 0, said
+        assert link.is_symlink()
+        assert link.resolve() == settings.home.resolve()
+        assert (settings.home / "restored.json").is_file()
+    assert sorted(p.name for p in link.parent.iterdir()) == ["selfie"]
+    assert len(kept_homes(settings.home.resolve())) == 2

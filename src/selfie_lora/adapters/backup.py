@@ -233,7 +233,10 @@ class HomeBackups:
     # -- restore -----------------------------------------------------------------------------
 
     def restore(self, *, source: Path, force: bool) -> BackupSummary:
-        home = self._home.absolute()
+        # A HOME that is a link (/srv/selfie -> /mnt/data/selfie) is restored where it points:
+        # the folders beside it, on its disk, and the link left as it is. Beside the link, the
+        # exchange swapped the link itself, and every later restore found its name taken.
+        home = self._home.resolve()
         # Never under a running server or worker: it would go on writing into the old HOME's
         # unlinked database, and its blobs into the new HOME.
         with restoring_home(home):
