@@ -355,3 +355,45 @@ def test_a_home_that_is_a_link_is_restored_where_it_points_and_stays_a_link(
         assert (settings.home / "restored.json").is_file()
     assert sorted(p.name for p in link.parent.iterdir()) == ["selfie"]
     assert len(kept_homes(settings.home.resolve())) == 2
+
+
+def test_a_backup_is_never_readable_by_others_and_one_killed_is_cleared_next_time(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    import tarfile
+
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    # The usual umask: what the process makes is 0644/0755 unless it asks otherwise.
+    previous = os.umask(0o022)
+    request.addfinalizer(lambda: os.umask(previous))
+    # A backup killed earlier: its pid is gone, its copy of the database was left behind.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".bk.tar.{dead.pid}.part").write_bytes(b"a tar cut short")
+    (out / f".bk.tar.{dead.pid}.partial").mkdir()
+    (out / f".bk.tar.{dead.pid}.partial" / "secret_key").write_bytes(b"secret")
+    modes: list[int] = []
+    real_addfile = tarfile.TarFile.addfile
+
+    def addfile(tar: tarfile.TarFile, *args: object, **kwargs: object) -> None:
+        modes.extend(stat.S_IMODE(p.stat().st_mode) for p in out.glob(".bk.tar.*.part"))
+        real_addfile(tar, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", addfile)
+    code, said = run("backup", str(out / "bk.tar"))
+    assert code == 0, said
+    assert modes
+    assert set(modes) == {0o600}
+    assert sorted(p.name for p in out.iterdir()) == ["bk.tar"]
+    assert stat.S_IMODE((out / "bk.tar").stat().st_mode) == 0o600
+
+    code, said = run("backup", str(tmp_path / "bf"))
+    assert code == 0, said
+    folders = [tmp_path / "bf", *(p for p in (tmp_path / "bf").rglob("*") if p.is_dir())]
+    assert len(folders) > 2
+    assert {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode))
+            for p in folders} == {p.relative_to(tmp_path).as_posix(): "0o700" for p in folders}

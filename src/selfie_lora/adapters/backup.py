@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -70,12 +71,61 @@ def _sha256(path: Path) -> str:
 def _copy_private(source: Path, target: Path) -> None:
     """``source`` to ``target`` (mode 0600, made first so no byte is ever readable by others),
     synced to the disk."""
-    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private_folders(target.parent)
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
     with os.fdopen(fd, "wb") as out, source.open("rb") as src:
         shutil.copyfileobj(src, out, _CHUNK)
         out.flush()
         os.fsync(out.fileno())
+
+
+def _private_folders(folder: Path) -> None:
+    """``folder`` and each missing folder above it made 0700 (``mkdir(parents=True)`` gives the
+    ones above the umask's mode: 0755 for blobs/photos)."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for each in reversed(missing):
+        each.mkdir(mode=0o700, exist_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another account's
+    return True
+
+
+def _clear_leftovers(dest: Path) -> None:
+    """The ``.DEST.<pid>.part`` tar and ``.partial`` folder of a backup to DEST that was killed
+    (or hit a full disk): the database and secret_key sat there for good, as the pid in their
+    name kept the next backup from taking them."""
+    for left in dest.parent.glob(f".{glob.escape(dest.name)}.*.part*"):
+        pid, _, kind = left.name[len(dest.name) + 2:].partition(".")
+        if kind not in ("part", "partial") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        logger.warning("deleting %s, left by a backup that did not finish", left)
+        if left.is_dir() and not left.is_symlink():
+            shutil.rmtree(left, ignore_errors=True)
+        else:
+            left.unlink(missing_ok=True)
+
+
+def _write_tar(folder: Path, part: Path, dest: Path) -> None:
+    """``folder`` as the tar ``dest``: written to ``part``, 0600 from its first byte whatever
+    the umask (it holds the database and secret_key), synced, then renamed."""
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
+    with os.fdopen(fd, "wb") as out:
+        with tarfile.open(fileobj=out, mode="w") as tar:
+            tar.add(folder, arcname=".")
+        out.flush()
+        os.fsync(out.fileno())  # else a power loss can leave DEST named but short
+    os.replace(part, dest)
+    fsync_dir(dest.parent)
 
 
 def _snapshot(source: Path, target: Path) -> None:
@@ -165,15 +215,14 @@ class HomeBackups:
             raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
         folder = dest.with_name(f".{dest.name}.{os.getpid()}.partial") if as_tar else dest
         try:
-            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if as_tar:
+                _clear_leftovers(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            _private_folders(folder)
+            os.chmod(folder, 0o700)  # an empty folder named as DEST too: it holds secret_key
             summary = self._write(folder)
             if as_tar:
-                part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
-                with tarfile.open(part, "w") as tar:
-                    tar.add(folder, arcname=".")
-                os.chmod(part, PRIVATE_MODE)
-                os.replace(part, dest)
-                fsync_dir(dest.parent)
+                _write_tar(folder, dest.with_name(f".{dest.name}.{os.getpid()}.part"), dest)
         except OSError as exc:
             raise StorageError(f"cannot write the backup to {dest}: "
                                f"{exc.strerror or exc}") from exc
