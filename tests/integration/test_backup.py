@@ -397,3 +397,49 @@ def test_a_backup_is_never_readable_by_others_and_one_killed_is_cleared_next_tim
     assert len(folders) > 2
     assert {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode))
             for p in folders} == {p.relative_to(tmp_path).as_posix(): "0o700" for p in folders}
+
+
+def test_a_tar_is_restored_without_extractall_s_filter_and_its_links_refused(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import tarfile
+
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    assert run("backup", str(tmp_path / "bk.tar"))[0] == 0
+    real_extractall = tarfile.TarFile.extractall
+
+    def extractall(tar: tarfile.TarFile, *args: object, **kwargs: object) -> None:
+        if "filter" in kwargs:  # as Python 3.11.0-3.11.3, before PEP 706
+            raise TypeError("extractall() got an unexpected keyword argument 'filter'")
+        real_extractall(tar, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extractall)
+    target = tmp_path / "other-home"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
+    code, said = run("restore", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    assert (target / "blobs" / photo_key("a" * 64)).read_bytes() == b"a photo"
+    assert stat.S_IMODE((target / "blobs" / photo_key("a" * 64)).stat().st_mode) == 0o600
+
+    # The same backup with a link in it, where a file was.
+    crafted = tmp_path / "crafted.tar"
+    with tarfile.open(tmp_path / "bk.tar") as src, tarfile.open(crafted, "w") as out:
+        for member in src:
+            if member.name == "./selfie-lora.db":
+                link = tarfile.TarInfo(member.name)
+                link.type = tarfile.SYMTYPE
+                link.linkname = "manifest.json"
+                out.addfile(link)
+            else:
+                out.addfile(member, src.extractfile(member) if member.isreg() else None)
+        out.addfile(tarfile.TarInfo("./extra"), io.BytesIO(b""))
+    fresh = tmp_path / "fresh-home"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": fresh}))
+    code, said = run("restore", str(crafted))
+    assert code == 1
+    assert said.strip() == (f"error: {crafted} is not a backup: ./selfie-lora.db is not a "
+                            "file or a folder (a link or a device)")
+    assert not fresh.exists()

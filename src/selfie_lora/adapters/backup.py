@@ -30,7 +30,7 @@ import sqlite3
 import tarfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from selfie_lora.adapters.db.migrate import known_revisions
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
@@ -373,9 +373,14 @@ class HomeBackups:
 
     @staticmethod
     def _unpack(source: Path, folder: Path) -> None:
+        """The tar ``source`` into ``folder``: its files and folders only, each inside it.
+        Done here rather than by ``extractall(filter="data")``: ``filter`` came with Python
+        3.11.4, and 3.11.0-3.11.3 answered a restore with a TypeError's traceback."""
         try:
             with tarfile.open(source) as tar:
-                tar.extractall(folder, filter="data")
+                _private_folders(folder)
+                for member in tar:
+                    _extract(tar, member, folder, source=source)
         except (tarfile.TarError, OSError) as exc:
             raise InvalidInputError(f"{source} is not a backup: {exc}") from exc
 
@@ -453,6 +458,32 @@ class HomeBackups:
             raise
         _reached("swapped")
         return old
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, folder: Path, *,
+             source: Path) -> None:
+    """One member of a backup's tar: a file (0600) or a folder (0700) with a relative name that
+    stays inside ``folder``. A link, a device or a name outside is no backup's: refused."""
+    name = PurePosixPath(member.name)
+    parts = [part for part in name.parts if part != "."]
+    if name.is_absolute() or ".." in parts:
+        raise InvalidInputError(f"{source} is not a backup: it names a file outside it "
+                                f"({member.name})")
+    target = folder.joinpath(*parts)
+    if member.isdir():
+        _private_folders(target)
+    elif member.isreg():
+        data = tar.extractfile(member)
+        if data is None:
+            raise InvalidInputError(f"{source} is not a backup: {member.name} cannot be read")
+        _private_folders(target.parent)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                     PRIVATE_MODE)
+        with os.fdopen(fd, "wb") as out, data:
+            shutil.copyfileobj(data, out, _CHUNK)
+    else:
+        raise InvalidInputError(f"{source} is not a backup: {member.name} is not a file or a "
+                                "folder (a link or a device)")
 
 
 def _exchange(a: Path, b: Path) -> bool:
