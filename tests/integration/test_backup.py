@@ -443,3 +443,34 @@ def test_a_tar_is_restored_without_extractall_s_filter_and_its_links_refused(
     assert said.strip() == (f"error: {crafted} is not a backup: ./selfie-lora.db is not a "
                             "file or a folder (a link or a device)")
     assert not fresh.exists()
+
+
+@pytest.mark.parametrize("linked", ["file", "folder"])
+def test_a_backup_folder_with_a_link_in_it_is_refused(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, linked: str) -> None:
+    services.users.create(name="ann")
+    key = photo_key("a" * 64)
+    services.blobs.put(key, b"a photo")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    backup = tmp_path / "bk"
+    assert run("backup", str(backup))[0] == 0
+    # Someone else's file with the same bytes (the manifest sums what the link points to).
+    elsewhere = tmp_path / "not-yours"
+    elsewhere.mkdir()
+    blob = backup / "blobs" / key
+    (elsewhere / blob.name).write_bytes(b"a photo")
+    if linked == "file":
+        blob.unlink()
+        blob.symlink_to(elsewhere / blob.name)
+    else:
+        (elsewhere / blob.name).unlink()
+        os.rename(blob.parent, elsewhere / "photos")
+        blob.parent.symlink_to(elsewhere / "photos")
+    target = tmp_path / "other-home"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
+    code, said = run("restore", str(backup))
+    assert code == 1
+    assert said.strip() == (f"error: blobs/{key} in the backup is a symbolic link (or lies under "
+                            "one): a backup holds files only")
+    assert not target.exists()

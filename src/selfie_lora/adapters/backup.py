@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import stat
 import tarfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -412,6 +413,11 @@ class HomeBackups:
             path = backup / relative
             if ".." in Path(relative).parts or Path(relative).is_absolute():
                 raise InvalidInputError(f"the backup names a file outside it: {relative}")
+            if _links_in(backup, relative):
+                # Followed, a link to /etc/shadow or another account's HOME, with a manifest
+                # that sums that file, would be copied into HOME.
+                raise InvalidInputError(f"{relative} in the backup is a symbolic link (or lies "
+                                        "under one): a backup holds files only")
             if not path.is_file():
                 raise InvalidInputError(f"the backup is missing {relative}")
             if size is not None and path.stat().st_size != size:
@@ -484,6 +490,19 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, folder: Path, *,
     else:
         raise InvalidInputError(f"{source} is not a backup: {member.name} is not a file or a "
                                 "folder (a link or a device)")
+
+
+def _links_in(backup: Path, relative: str) -> bool:
+    """Whether ``relative``, or a folder it lies in, is a symbolic link inside ``backup``."""
+    path = backup
+    for part in Path(relative).parts:
+        path = path / part
+        try:
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                return True
+        except FileNotFoundError:
+            return False
+    return False
 
 
 def _exchange(a: Path, b: Path) -> bool:
