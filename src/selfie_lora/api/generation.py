@@ -8,14 +8,18 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep, finished
-from selfie_lora.api.schemas import GenerateBody, errors
+from selfie_lora.api.schemas import NOT_FOUND_OR_INVALID, E, GenerateBody, errors
 from selfie_lora.api.serializers import generation_json
 from selfie_lora.services.generation import GenerationRequest
 
 router = APIRouter(prefix="/api", tags=["generation"])
 
 
-@router.post("/generate", responses=errors(404, 409, 413, 422, 429))
+@router.post("/generate", responses=errors({
+    404: (E.NOT_FOUND,), 409: (E.WEIGHTS_MISSING, E.BASE_MODEL_MISMATCH),
+    422: (E.INVALID_REQUEST, E.NO_VERSION, E.NO_REMOTE_VERSION, E.VERSION_MISMATCH,
+          E.INVALID_PROMPT, E.UNSTORABLE_TEXT, E.UNSUPPORTED_WEIGHTS),
+    429: (E.TOO_MANY_GENERATIONS,), 502: (E.GENERATION_FAILED,)}, body=True))
 async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
                    http: Request) -> dict[str, Any]:
     """429 ``too_many_generations`` (with Retry-After) when the user already has
@@ -29,7 +33,7 @@ async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
     return {"generation": generation_json(generation)}
 
 
-@router.get("/generations/{generation_id}/images/{index}", responses=errors(404),
+@router.get("/generations/{generation_id}/images/{index}", responses=errors(NOT_FOUND_OR_INVALID),
             response_class=Response)
 def generation_image(user: UserDep, svc: ServicesDep, generation_id: str, index: int) -> Response:
     data = svc.generation.image(user=user, generation_id=generation_id, index=index)

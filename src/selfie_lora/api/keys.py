@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from selfie_lora.api.deps import ApiKeyDep, ServicesDep, UserDep
-from selfie_lora.api.schemas import KeyBody, errors
+from selfie_lora.api.schemas import NOT_FOUND, E, KeyBody, errors
 from selfie_lora.api.serializers import api_key_json
 from selfie_lora.services.common import utcnow
 
@@ -22,18 +22,20 @@ def list_keys(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
     return {"keys": [api_key_json(k, now=now) for k in svc.users.keys(user=user)]}
 
 
-@router.post("", status_code=201, responses=errors(413, 422))
+@router.post("", status_code=201, responses=errors(
+    {422: (E.INVALID_NAME, E.INVALID_REQUEST)}, body=True))
 def create_key(user: UserDep, svc: ServicesDep, body: KeyBody | None = None) -> dict[str, Any]:
     key, secret = svc.users.create_key(user=user, name=body.name if body else "api")
     return {"key": api_key_json(key, now=utcnow()), "secret": secret}
 
 
-@router.delete("/{key_id}", responses=errors(404))
+@router.delete("/{key_id}", responses=errors(NOT_FOUND, body=True))
 def revoke_key(user: UserDep, svc: ServicesDep, key_id: str) -> dict[str, Any]:
     return {"key": api_key_json(svc.users.revoke_key(user=user, key_id=key_id), now=utcnow())}
 
 
-@router.post("/{key_id}/rotate", status_code=201, responses=errors(404, 422))
+@router.post("/{key_id}/rotate", status_code=201, responses=errors(
+    {**NOT_FOUND, 422: (E.INVALID_INPUT,)}, body=True))
 def rotate_key(user: UserDep, svc: ServicesDep, api_key: ApiKeyDep,
                key_id: str) -> dict[str, Any]:
     key, secret = svc.users.rotate_key(user=user, key_id=key_id, api_key=api_key)

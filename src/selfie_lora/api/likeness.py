@@ -8,26 +8,28 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
-from selfie_lora.api.schemas import errors
+from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, errors
 from selfie_lora.api.serializers import comparison_json, likeness_json
 
 router = APIRouter(prefix="/api/model", tags=["likeness"])
 
 
-@router.get("/versions/{version_id}/quality", responses=errors(404))
+@router.get("/versions/{version_id}/quality", responses=errors(NOT_FOUND))
 def version_likeness(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]:
     report = svc.likeness.report(user=user, version_id=version_id)
     return likeness_json(report.version, report.record, report.baseline)
 
 
-@router.get("/versions/{version_id}/quality/probes/{index}", responses=errors(404),
+@router.get("/versions/{version_id}/quality/probes/{index}",
+            responses=errors(NOT_FOUND_OR_INVALID),
             response_class=Response)
 def probe_image(user: UserDep, svc: ServicesDep, version_id: str, index: int) -> Response:
     data = svc.likeness.probe_image(user=user, version_id=version_id, index=index)
     return Response(content=data, media_type="image/png")
 
 
-@router.get("/compare", responses=errors(404, 422))
+@router.get("/compare", responses=errors(
+    {**NOT_FOUND, 422: (E.NOTHING_TO_COMPARE, E.SAME_VERSION)}))
 def compare(user: UserDep, svc: ServicesDep, a: str | None = None,
             b: str | None = None) -> dict[str, Any]:
     """Version ``a`` against ``b`` probe by probe (ids or numbers; defaults: the newest version
@@ -35,7 +37,9 @@ def compare(user: UserDep, svc: ServicesDep, a: str | None = None,
     return comparison_json(svc.likeness.compare(user=user, a=a, b=b))
 
 
-@router.get("/compare/grid.png", responses=errors(404, 422), response_class=Response)
+@router.get("/compare/grid.png", responses=errors(
+    {**NOT_FOUND, 422: (E.NOTHING_TO_COMPARE, E.SAME_VERSION, E.NOT_SCORED)}),
+            response_class=Response)
 async def compare_grid(user: UserDep, svc: ServicesDep, a: str | None = None,
                        b: str | None = None) -> Response:
     # Both in the pool: the first comparison on a photo set finds the faces of its photos,
@@ -45,7 +49,7 @@ async def compare_grid(user: UserDep, svc: ServicesDep, a: str | None = None,
     return Response(content=png, media_type="image/png")
 
 
-@router.get("/quality/chart.png", responses=errors(404), response_class=Response)
+@router.get("/quality/chart.png", responses=errors(NOT_FOUND), response_class=Response)
 async def likeness_chart(user: UserDep, svc: ServicesDep) -> Response:
     png = await in_thread(lambda: svc.likeness.chart_png(user=user))
     return Response(content=png, media_type="image/png")

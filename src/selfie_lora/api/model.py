@@ -10,13 +10,15 @@ from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.downloads import weights_response
-from selfie_lora.api.schemas import ModelPatch, errors
+from selfie_lora.api.schemas import NOT_FOUND, E, ModelPatch, errors
 from selfie_lora.api.serializers import model_json, version_json
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import ErrorCode, InvalidInputError
 from selfie_lora.wiring import Services
 
 router = APIRouter(prefix="/api/model", tags=["model"])
+WEIGHTS_ERRORS = errors({**NOT_FOUND, 409: (E.WEIGHTS_MISSING,),
+                         422: (E.INVALID_REQUEST, E.UNSUPPORTED_WEIGHTS)})
 
 
 def model_of(svc: Services, user: Any) -> dict[str, Any]:
@@ -24,14 +26,17 @@ def model_of(svc: Services, user: Any) -> dict[str, Any]:
     return model_json(overview.model, overview.active, overview.active_record)
 
 
-@router.get("", responses=errors(404))
+@router.get("", responses=errors(NOT_FOUND))
 async def get_model(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
     # async with one trip to the thread pool: a plain ``def`` route makes two (FastAPI checks
     # the answer of a sync route in the pool too), and this is the API's most frequent read.
     return await in_thread(lambda: model_of(svc, user))
 
 
-@router.patch("", responses=errors(403, 404, 409, 413, 422))
+@router.patch("", responses=errors({
+    **NOT_FOUND, 403: (E.TRAINER_NOT_ALLOWED,),
+    422: (E.INVALID_REQUEST, E.EMPTY_PATCH, E.INVALID_LORA_SCALE, E.INVALID_TRAINER_VERSION,
+          E.REASON_REQUIRED)}, body=True))
 def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, Any]:
     """Change the LoRA scale (null: back to the default, no longer custom) or (with a reason)
     the trainer version. The answer is the model, with ``photos_need_upload_again`` (and
@@ -59,16 +64,17 @@ def versions(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
                          for v, record in svc.models.versions_with_likeness(user=user)]}
 
 
-@router.post("/versions/{version_id}/activate", responses=errors(404, 409))
+@router.post("/versions/{version_id}/activate", responses=errors(
+    {**NOT_FOUND, 409: (E.WEIGHTS_MISSING, E.BASE_MODEL_MISMATCH)}, body=True))
 def activate(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]:
     """Rollback or roll forward; ``version_id`` is an id or a number (``2``, ``v2``)."""
     svc.models.activate(user=user, version_id=version_id)
     return model_of(svc, user)
 
 
-@router.get("/versions/{version_id}/weights", responses=errors(404, 409, 422),
+@router.get("/versions/{version_id}/weights", responses=WEIGHTS_ERRORS,
             response_class=Response)
-@router.head("/versions/{version_id}/weights", responses=errors(404, 409, 422),
+@router.head("/versions/{version_id}/weights", responses=WEIGHTS_ERRORS,
              response_class=Response)
 def weights(user: UserDep, svc: ServicesDep, version_id: str, http: Request,
             format: WeightsFormat = WeightsFormat.DIFFUSERS) -> Response:
@@ -83,7 +89,7 @@ def weights(user: UserDep, svc: ServicesDep, version_id: str, http: Request,
         head=http.method == "HEAD")
 
 
-@router.get("/log", responses=errors(404))
+@router.get("/log", responses=errors(NOT_FOUND))
 def model_log(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
     """The audit events, and the retraining log: one entry per training with what it kept,
     the gate's decision and the likeness scores before and after."""

@@ -7,11 +7,13 @@ strict (``strict=True``): pydantic's lax mode took ``true`` for 1 and ``"0.8"`` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
+from selfie_lora.errors import ErrorCode
 from selfie_lora.services.generation import MAX_OUTPUTS, MAX_PROMPT_CHARS
 from selfie_lora.services.ports import MAX_SEED
 
@@ -73,7 +75,9 @@ class KeyBody(_Body):
 class ErrorDetail(BaseModel):
     code: str = Field(description="A stable code (see selfie_lora.errors.ErrorCode).")
     message: str = Field(description="A sentence a user can act on.")
-    details: list[Any] = Field(default_factory=list)
+    details: list[Any] = Field(
+        default_factory=list,
+        description='More about it; for a 5xx, [{"reference": "..."}]: the log line\'s reference.')
 
 
 class ErrorAnswer(BaseModel):
@@ -82,23 +86,67 @@ class ErrorAnswer(BaseModel):
     error: ErrorDetail
 
 
+E = ErrorCode
+# What each status means, whichever route answers it; the codes are each route's own.
 _WHY = {
     401: "no API key, or not a valid one (the answer carries WWW-Authenticate: Bearer)",
-    403: "not allowed: a trainer version of a Replicate model the operator has not allowed",
+    403: "not allowed",
     404: "no such object for this user (another user's objects are never shown)",
     408: "the request body came too slowly",
-    409: "a conflict: a training is queued or running, an upload is starting one, the user "
-         "exists, a webhook was received before, the version's weights are missing from the "
-         "storage (weights_missing)",
+    409: "a conflict",
     413: "the request body is larger than allowed",
-    422: "the request or its photos are not valid",
-    429: "too_many_generations: the user already has SELFIE_LORA_MAX_GENERATIONS_PER_USER "
-         "generations in flight; retry after the Retry-After header's seconds",
+    422: "the request is not valid",
+    429: "too many requests in flight; retry after the Retry-After header's seconds",
+    500: "a server-side error: a fixed sentence, and details [{\"reference\"}] that the "
+         "server's log line carries",
+    502: "the generator or the training backend failed",
+    503: "the server cannot take it now; ask again in a moment",
 }
+# What every /api route but the webhook can answer, whatever it does: the guard's answers
+# (before any route runs) and the server's own.
+_EVERY_ROUTE: dict[int, tuple[ErrorCode, ...]] = {
+    401: (E.UNAUTHORIZED,),
+    403: (E.FORBIDDEN,),  # the key's account is disabled
+    500: (E.INTERNAL_ERROR, E.STORAGE_ERROR, E.CONFIG_ERROR),
+    503: (E.SERVER_STOPPING,),
+}
+# What a route that reads a body (every POST, PATCH and DELETE) can answer besides: the guard
+# caps and times the body, and a write can meet another one.
+_WITH_BODY: dict[int, tuple[ErrorCode, ...]] = {
+    408: (E.REQUEST_TIMEOUT,),
+    413: (E.BODY_TOO_LARGE,),
+    409: (E.WRITE_CONFLICT,),
+}
+# The routes' own codes that several routes share.
+NOT_FOUND: dict[int, tuple[ErrorCode, ...]] = {404: (E.NOT_FOUND,)}
+# A route with a number in its path (an image's index, a sample's step): "abc" is a 422.
+NOT_FOUND_OR_INVALID = {**NOT_FOUND, 422: (E.INVALID_REQUEST,)}
+# What starts a training (start, resume, an upload that starts one) can meet.
+STARTS_CONFLICTS = (E.TRAINING_IN_PROGRESS, E.UPLOAD_IN_PROGRESS, E.BASE_MODEL_MISMATCH,
+                    E.PHOTOS_NEED_UPLOAD_AGAIN)
+# An upload's body is capped at SELFIE_LORA_MAX_UPLOAD_BYTES, not at the JSON bodies' cap.
+UPLOAD_ERRORS: dict[int, tuple[ErrorCode, ...]] = {
+    408: (E.REQUEST_TIMEOUT,), 409: (*STARTS_CONFLICTS, E.WRITE_CONFLICT),
+    413: (E.UPLOAD_TOO_LARGE,), 503: (E.SERVER_SHORT_OF_MEMORY,)}
+# A zip refused as a whole before any photo is read (dataset.archive).
+ARCHIVE_CODES = (E.ARCHIVE_TOO_LARGE, E.BAD_ARCHIVE, E.COMPRESSION_RATIO, E.DUPLICATE_MEMBER,
+                 E.ENCRYPTED_MEMBER, E.MEMBER_TOO_LARGE, E.NAME_TOO_LONG, E.NESTED_ARCHIVE,
+                 E.OVERLAPPING_ENTRIES, E.SIZE_MISMATCH, E.SPECIAL_FILE,
+                 E.SYMLINK_IN_ARCHIVE, E.TOO_MANY_MEMBERS, E.UNSAFE_PATH,
+                 E.UNSUPPORTED_COMPRESSION)
+_SAYS = {E.FORBIDDEN: "forbidden (this account is disabled)"}
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The ``responses=`` of a route that can answer ``statuses`` besides 401 (every ``/api``
-    route but the webhook)."""
-    return {status: {"model": ErrorAnswer, "description": _WHY[status]}
-            for status in sorted({401, *statuses})}
+def errors(codes: Mapping[int, Sequence[ErrorCode]] | None = None, *,
+           body: bool = False) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` of an ``/api`` route (but the webhook's): ``codes`` are the route's
+    own error codes by status; those every route can answer (``_EVERY_ROUTE``), and with
+    ``body`` those of a route that reads one, are added. Each description lists its codes."""
+    merged: dict[int, list[ErrorCode]] = {}
+    for table in (_EVERY_ROUTE, _WITH_BODY if body else {}, codes or {}):
+        for status, listed in table.items():
+            merged.setdefault(status, [])
+            merged[status] += [c for c in listed if c not in merged[status]]
+    return {status: {"model": ErrorAnswer, "description": f"{_WHY[status]} (codes: "
+                     f"{', '.join(_SAYS.get(c, c.value) for c in merged[status])})"}
+            for status in sorted(merged)}

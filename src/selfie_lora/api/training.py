@@ -9,7 +9,18 @@ from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep, in_intake, in_thread, upload_slot
 from selfie_lora.api.model import model_of
-from selfie_lora.api.schemas import CancelBody, ResumeBody, StartBody, errors
+from selfie_lora.api.schemas import (
+    ARCHIVE_CODES,
+    NOT_FOUND,
+    NOT_FOUND_OR_INVALID,
+    STARTS_CONFLICTS,
+    UPLOAD_ERRORS,
+    CancelBody,
+    E,
+    ResumeBody,
+    StartBody,
+    errors,
+)
 from selfie_lora.api.serializers import dataset_json, model_json, training_json
 from selfie_lora.errors import PayloadTooLargeError
 from selfie_lora.services.training import StartResult, TrainingView, UploadResult
@@ -58,7 +69,8 @@ async def read_capped(file: UploadFile, *, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@router.post("/upload-zip", status_code=202, responses=errors(409, 413, 422))
+@router.post("/upload-zip", status_code=202, responses=errors(
+    {**UPLOAD_ERRORS, 422: (E.INVALID_REQUEST, E.DATASET_REJECTED, *ARCHIVE_CODES)}))
 async def upload_zip(
     user: UserDep, svc: ServicesDep, request: Request,
     file: Annotated[UploadFile, File(description="A zip of photos.")],
@@ -71,7 +83,8 @@ async def upload_zip(
             svc, svc.training.upload_zip(user=user, data=data, start=start)))
 
 
-@router.post("/upload", status_code=202, responses=errors(409, 413, 422))
+@router.post("/upload", status_code=202, responses=errors(
+    {**UPLOAD_ERRORS, 422: (E.INVALID_REQUEST, E.DATASET_REJECTED)}))
 async def upload_files(
     user: UserDep, svc: ServicesDep, request: Request,
     files: Annotated[list[UploadFile], File(description="Photos, one part each.")],
@@ -97,21 +110,24 @@ def started_json(svc: Services, user: Any, result: StartResult) -> dict[str, Any
             "model": model_of(svc, user)}
 
 
-@router.post("/start", status_code=202, responses=errors(404, 409, 422))
+@router.post("/start", status_code=202, responses=errors(
+    {**NOT_FOUND, 409: STARTS_CONFLICTS, 422: (E.INVALID_REQUEST, E.NO_DATASET)}, body=True))
 def start_training(user: UserDep, svc: ServicesDep,
                    body: StartBody | None = None) -> dict[str, Any]:
     result = svc.training.start(user=user, dataset_id=body.dataset_id if body else None)
     return started_json(svc, user, result)
 
 
-@router.post("/resume", status_code=202, responses=errors(404, 409, 422))
+@router.post("/resume", status_code=202, responses=errors(
+    {**NOT_FOUND, 409: (E.NOT_RESUMABLE, *STARTS_CONFLICTS), 422: (E.INVALID_REQUEST,)},
+    body=True))
 def resume_training(user: UserDep, svc: ServicesDep, body: ResumeBody) -> dict[str, Any]:
     """A canceled training continues from its last checkpoint, as a new training."""
     result = svc.training.resume(user=user, training_id=body.training_id)
     return started_json(svc, user, result)
 
 
-@router.get("/progress", responses=errors(404))
+@router.get("/progress", responses=errors(NOT_FOUND))
 async def progress(user: UserDep, svc: ServicesDep,
                    training_id: str | None = None) -> dict[str, Any]:
     # Polled by every client that waits for a training: one trip to the thread pool, as
@@ -123,13 +139,15 @@ async def progress(user: UserDep, svc: ServicesDep,
         "model": model_of(svc, user)})
 
 
-@router.post("/cancel", responses=errors(404, 422))
+@router.post("/cancel", responses=errors(
+    {**NOT_FOUND, 422: (E.INVALID_REQUEST,)}, body=True))
 def cancel(user: UserDep, svc: ServicesDep, body: CancelBody) -> dict[str, Any]:
     training = svc.training.cancel(user=user, training_id=body.training_id)
     return {"training": view_json(svc.training.view(training)), "model": model_of(svc, user)}
 
 
-@router.get("/{training_id}/samples/{step}", responses=errors(404), response_class=Response)
+@router.get("/{training_id}/samples/{step}", responses=errors(NOT_FOUND_OR_INVALID),
+            response_class=Response)
 def sample_image(user: UserDep, svc: ServicesDep, training_id: str, step: int) -> Response:
     """A sample image the training made with its LoRA after ``step`` steps (JPEG)."""
     data = svc.training.sample_image(user=user, training_id=training_id, step=step)

@@ -1,0 +1,87 @@
+"""The OpenAPI document declares every error answer an /api route gives, in the app's shape:
+what every route can answer (the guard's 401, 403 for a disabled account, 408 and 413 for a
+body; 500, 503), and each route's own codes, named in the status's description."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from selfie_lora.wiring import Services
+from tests.conftest import auth
+
+ERROR = {"$ref": "#/components/schemas/ErrorAnswer"}
+EVERY_ROUTE = {"401", "403", "500", "503"}
+WITH_BODY = {"408", "413"}
+
+
+def api_operations(doc: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(path, method, operation) for path, operations in doc["paths"].items()
+            for method, operation in operations.items()
+            if path.startswith("/api/") and not path.startswith("/api/webhooks/")]
+
+
+def test_every_api_operation_declares_the_errors_every_route_can_give(
+        client: TestClient) -> None:
+    doc = client.app.openapi()  # type: ignore[attr-defined]
+    # FastAPI's {"detail": [...]} is never what the app answers: it is declared nowhere.
+    assert "HTTPValidationError" not in json.dumps(doc)
+    operations = api_operations(doc)
+    assert len(operations) >= 25
+    for path, method, operation in operations:
+        responses = operation["responses"]
+        wanted = EVERY_ROUTE | (WITH_BODY if method in ("post", "patch", "delete") else set())
+        assert wanted <= set(responses), (method, path, sorted(responses))
+        assert "disabled" in responses["403"]["description"], (method, path)
+        assert "server_stopping" in responses["503"]["description"], (method, path)
+        assert "reference" in responses["500"]["description"], (method, path)
+        for status, answer in responses.items():
+            if status[0] in "45":
+                assert answer["content"]["application/json"]["schema"] == ERROR, (path, status)
+    paths = doc["paths"]
+    assert "502" in paths["/api/generate"]["post"]["responses"]
+    assert "server_short_of_memory" in (
+        paths["/api/training/upload-zip"]["post"]["responses"]["503"]["description"])
+    patch_403 = paths["/api/model"]["patch"]["responses"]["403"]["description"]
+    assert "trainer_not_allowed" in patch_403
+    assert "disabled" in patch_403
+    conflicts = paths["/api/training/start"]["post"]["responses"]["409"]["description"]
+    assert "user_exists" not in conflicts
+    assert "webhook" not in conflicts
+    for code in ("base_model_mismatch", "photos_need_upload_again", "upload_in_progress"):
+        assert code in conflicts
+    assert "not_resumable" in paths["/api/training/resume"]["post"]["responses"]["409"][
+        "description"]
+
+
+def test_the_codes_the_routes_answer_are_in_their_declared_descriptions(
+        client: TestClient, services: Services) -> None:
+    doc = client.app.openapi()  # type: ignore[attr-defined]
+    ann = auth(services, "ann")
+    disabled = auth(services, "dan")
+    services.users.disable(name="dan")
+    big = {"dataset_id": "x" * (services.settings.max_json_bytes + 10)}
+    asked = [
+        ("get", "/api/model", "/api/model", disabled, None),
+        ("post", "/api/keys/{key_id}/rotate", "/api/keys/k/rotate", disabled, None),
+        ("post", "/api/training/start", "/api/training/start", ann, None),
+        ("post", "/api/training/start", "/api/training/start", ann, big),
+        ("patch", "/api/model", "/api/model", ann, {}),
+        ("get", "/api/training/{training_id}/samples/{step}", "/api/training/t/samples/abc",
+         ann, None),
+        ("get", "/api/generations/{generation_id}/images/{index}",
+         "/api/generations/g/images/abc", ann, None),
+        ("post", "/api/keys", "/api/keys", ann, {"name": "   "}),
+    ]
+    seen = set()
+    for method, template, url, headers, body in asked:
+        r = client.request(method.upper(), url, headers=headers, json=body)
+        code = r.json()["error"]["code"]
+        seen.add(code)
+        declared = doc["paths"][template][method]["responses"]
+        assert str(r.status_code) in declared, (method, url, r.status_code, code)
+        assert code in declared[str(r.status_code)]["description"], (method, url, code)
+    assert {"forbidden", "no_dataset", "body_too_large", "empty_patch", "invalid_request",
+            "invalid_name"} <= seen
