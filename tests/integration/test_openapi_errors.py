@@ -85,3 +85,14 @@ def test_the_codes_the_routes_answer_are_in_their_declared_descriptions(
         assert code in declared[str(r.status_code)]["description"], (method, url, code)
     assert {"forbidden", "no_dataset", "body_too_large", "empty_patch", "invalid_request",
             "invalid_name"} <= seen
+
+
+def test_a_key_name_empty_or_too_long_is_invalid_name_as_documented(
+        client: TestClient, services: Services) -> None:
+    ann = auth(services, "ann")
+    for name in ("", "a" * 101, "   ", "a\tb"):
+        r = client.post("/api/keys", headers=ann, json={"name": name})
+        assert r.status_code == 422, (name, r.text)
+        assert r.json()["error"]["code"] == "invalid_name", name
+    r = client.post("/api/keys", headers=ann, json={"name": "a" * 100})
+    assert r.status_code == 201, r.text

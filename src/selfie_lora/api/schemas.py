@@ -69,7 +69,11 @@ class GenerateBody(_Body):
 
 
 class KeyBody(_Body):
-    name: str = Field(default="api", min_length=1, max_length=100)
+    # Unbounded here: the name's rule is the service's (``UserService``), whose 422 is
+    # ``invalid_name`` as documented; bounds here answered an empty or a 101-character name
+    # ``invalid_request`` first. The guard's body cap still bounds it.
+    name: str = Field(default="api", description="1-100 printable characters, not only spaces "
+                      "(422 invalid_name otherwise).")
 
 
 class ErrorDetail(BaseModel):
