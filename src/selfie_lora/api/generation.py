@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep, finished
-from selfie_lora.api.schemas import NOT_FOUND_OR_INVALID, E, GenerateBody, errors
+from selfie_lora.api.schemas import NOT_FOUND_OR_INVALID, E, GenerateBody, binary, errors
 from selfie_lora.api.serializers import generation_json
 from selfie_lora.services.generation import GenerationRequest
 
@@ -33,7 +33,8 @@ async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
     return {"generation": generation_json(generation)}
 
 
-@router.get("/generations/{generation_id}/images/{index}", responses=errors(NOT_FOUND_OR_INVALID),
+@router.get("/generations/{generation_id}/images/{index}",
+            responses=errors(NOT_FOUND_OR_INVALID) | binary("image/png"),
             response_class=Response)
 def generation_image(user: UserDep, svc: ServicesDep, generation_id: str, index: int) -> Response:
     data = svc.generation.image(user=user, generation_id=generation_id, index=index)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
-from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, errors
+from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, binary, errors
 from selfie_lora.api.serializers import comparison_json, likeness_json
 
 router = APIRouter(prefix="/api/model", tags=["likeness"])
@@ -21,7 +21,7 @@ def version_likeness(user: UserDep, svc: ServicesDep, version_id: str) -> dict[s
 
 
 @router.get("/versions/{version_id}/quality/probes/{index}",
-            responses=errors(NOT_FOUND_OR_INVALID),
+            responses=errors(NOT_FOUND_OR_INVALID) | binary("image/png"),
             response_class=Response)
 def probe_image(user: UserDep, svc: ServicesDep, version_id: str, index: int) -> Response:
     data = svc.likeness.probe_image(user=user, version_id=version_id, index=index)
@@ -38,7 +38,7 @@ def compare(user: UserDep, svc: ServicesDep, a: str | None = None,
 
 
 @router.get("/compare/grid.png", responses=errors(
-    {**NOT_FOUND, 422: (E.NOTHING_TO_COMPARE, E.SAME_VERSION, E.NOT_SCORED)}),
+    {**NOT_FOUND, 422: (E.NOTHING_TO_COMPARE, E.SAME_VERSION, E.NOT_SCORED)}) | binary("image/png"),
             response_class=Response)
 async def compare_grid(user: UserDep, svc: ServicesDep, a: str | None = None,
                        b: str | None = None) -> Response:
@@ -49,7 +49,8 @@ async def compare_grid(user: UserDep, svc: ServicesDep, a: str | None = None,
     return Response(content=png, media_type="image/png")
 
 
-@router.get("/quality/chart.png", responses=errors(NOT_FOUND), response_class=Response)
+@router.get("/quality/chart.png", responses=errors(NOT_FOUND) | binary("image/png"),
+            response_class=Response)
 async def likeness_chart(user: UserDep, svc: ServicesDep) -> Response:
     png = await in_thread(lambda: svc.likeness.chart_png(user=user))
     return Response(content=png, media_type="image/png")

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.downloads import weights_response
-from selfie_lora.api.schemas import NOT_FOUND, E, ModelPatch, errors
+from selfie_lora.api.schemas import NOT_FOUND, WEIGHTS_ANSWERS, E, ModelPatch, errors
 from selfie_lora.api.serializers import model_json, version_json
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import ErrorCode, InvalidInputError
@@ -18,7 +18,7 @@ from selfie_lora.wiring import Services
 
 router = APIRouter(prefix="/api/model", tags=["model"])
 WEIGHTS_ERRORS = errors({**NOT_FOUND, 409: (E.WEIGHTS_MISSING,),
-                         422: (E.INVALID_REQUEST, E.UNSUPPORTED_WEIGHTS)})
+                         422: (E.INVALID_REQUEST, E.UNSUPPORTED_WEIGHTS)}) | WEIGHTS_ANSWERS
 
 
 def model_of(svc: Services, user: Any) -> dict[str, Any]:

@@ -154,3 +154,24 @@ def errors(codes: Mapping[int, Sequence[ErrorCode]] | None = None, *,
     return {status: {"model": ErrorAnswer, "description": f"{_WHY[status]} (codes: "
                      f"{', '.join(_SAYS.get(c, c.value) for c in merged[status])})"}
             for status in sorted(merged)}
+
+
+def binary(media_type: str) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` entry of a route whose 200 is a file of ``media_type``, not JSON."""
+    return {200: {"description": f"the file ({media_type})",
+                  "content": {media_type: {"schema": {"type": "string", "format": "binary"}}}}}
+
+
+# The weights' download: a file, a part of it, or a redirect to the object storage.
+WEIGHTS_ANSWERS: dict[int | str, dict[str, Any]] = {
+    **binary("application/octet-stream"),
+    206: {"description": "the one byte range a Range header asked for (Content-Range)",
+          "content": {"application/octet-stream": {
+              "schema": {"type": "string", "format": "binary"}}}},
+    307: {"description": "a short-lived presigned URL of the object storage "
+                         "(SELFIE_LORA_DOWNLOAD_URLS), which serves ranges itself",
+          "headers": {"Location": {"schema": {"type": "string"},
+                                   "description": "the presigned URL"}}},
+    416: {"description": "the Range starts past the end of the file (Content-Range: bytes */size); "
+                         "no body"},
+}

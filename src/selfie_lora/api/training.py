@@ -19,6 +19,7 @@ from selfie_lora.api.schemas import (
     E,
     ResumeBody,
     StartBody,
+    binary,
     errors,
 )
 from selfie_lora.api.serializers import dataset_json, model_json, training_json
@@ -146,7 +147,8 @@ def cancel(user: UserDep, svc: ServicesDep, body: CancelBody) -> dict[str, Any]:
     return {"training": view_json(svc.training.view(training)), "model": model_of(svc, user)}
 
 
-@router.get("/{training_id}/samples/{step}", responses=errors(NOT_FOUND_OR_INVALID),
+@router.get("/{training_id}/samples/{step}",
+            responses=errors(NOT_FOUND_OR_INVALID) | binary("image/jpeg"),
             response_class=Response)
 def sample_image(user: UserDep, svc: ServicesDep, training_id: str, step: int) -> Response:
     """A sample image the training made with its LoRA after ``step`` steps (JPEG)."""
