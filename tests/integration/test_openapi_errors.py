@@ -10,7 +10,8 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from selfie_lora.wiring import Services
-from tests.conftest import auth
+from tests.conftest import auth, wait_terminal
+from tests.support.photos import photo_zip
 
 ERROR = {"$ref": "#/components/schemas/ErrorAnswer"}
 EVERY_ROUTE = {"401", "403", "500", "503"}
@@ -113,3 +114,50 @@ def test_the_file_routes_declare_their_media_types_and_the_weights_their_ranges(
         weights = paths["/api/model/versions/{version_id}/weights"][method]["responses"]
         assert {"206", "307", "416"} <= set(weights), method
         assert "Location" in weights["307"]["headers"]
+
+
+def declared_fields(doc: dict[str, Any], schema: dict[str, Any]) -> set[str]:
+    ref = schema["$ref"].rsplit("/", 1)[-1]
+    return set(doc["components"]["schemas"][ref]["properties"])
+
+
+def sub(doc: dict[str, Any], schema: dict[str, Any], field: str) -> dict[str, Any]:
+    ref = schema["$ref"].rsplit("/", 1)[-1]
+    prop = doc["components"]["schemas"][ref]["properties"][field]
+    return next(p for p in prop.get("anyOf", [prop]) if "$ref" in p)
+
+
+def test_the_most_used_answers_declare_the_fields_they_answer(
+        client: TestClient, services: Services) -> None:
+    doc = client.app.openapi()  # type: ignore[attr-defined]
+    paths = doc["paths"]
+
+    def schema(path: str, method: str) -> dict[str, Any]:
+        return paths[path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+
+    ann = auth(services, "ann")
+    for _ in range(2):  # two versions, to compare
+        r = client.post("/api/training/upload-zip", headers=ann,
+                        files={"file": ("p.zip", photo_zip(4), "application/zip")})
+        assert r.status_code == 202, r.text
+        wait_terminal(client, ann, r.json()["training"]["id"])
+    progress = client.get("/api/training/progress", headers=ann).json()
+    model = client.get("/api/model", headers=ann).json()
+    patched = client.patch("/api/model", headers=ann, json={"lora_scale": 0.8}).json()
+    generated = client.post("/api/generate", headers=ann, json={"prompt": "a hike"}).json()
+    compared = client.get("/api/model/compare", headers=ann).json()
+
+    got = schema("/api/training/progress", "get")
+    assert declared_fields(doc, got) == set(progress)
+    assert declared_fields(doc, sub(doc, got, "training")) == set(progress["training"])
+    assert declared_fields(doc, schema("/api/model", "get")) == set(model)
+    version = sub(doc, schema("/api/model", "get"), "active_version")
+    assert declared_fields(doc, version) == set(model["active_version"])
+    assert declared_fields(doc, schema("/api/model", "patch")) == set(patched)
+    got = schema("/api/generate", "post")
+    assert declared_fields(doc, sub(doc, got, "generation")) == set(generated["generation"])
+    assert "withheld" in generated["generation"]
+    got = schema("/api/model/compare", "get")
+    assert declared_fields(doc, got) == set(compared)
+    assert declared_fields(doc, sub(doc, got, "scores")) == set(compared["scores"])
+    assert {"stale_a", "stale_b"} <= set(compared["scores"])

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from selfie_lora.api.answers import Generated, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, finished
 from selfie_lora.api.schemas import NOT_FOUND_OR_INVALID, E, GenerateBody, binary, errors
 from selfie_lora.api.serializers import generation_json
@@ -19,7 +20,7 @@ router = APIRouter(prefix="/api", tags=["generation"])
     404: (E.NOT_FOUND,), 409: (E.WEIGHTS_MISSING, E.BASE_MODEL_MISMATCH),
     422: (E.INVALID_REQUEST, E.NO_VERSION, E.NO_REMOTE_VERSION, E.VERSION_MISMATCH,
           E.INVALID_PROMPT, E.UNSTORABLE_TEXT, E.UNSUPPORTED_WEIGHTS),
-    429: (E.TOO_MANY_GENERATIONS,), 502: (E.GENERATION_FAILED,)}, body=True))
+    429: (E.TOO_MANY_GENERATIONS,), 502: (E.GENERATION_FAILED,)}, body=True) | answers(Generated))
 async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
                    http: Request) -> dict[str, Any]:
     """429 ``too_many_generations`` (with Retry-After) when the user already has

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import Response
 
+from selfie_lora.api.answers import Comparison, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, binary, errors
 from selfie_lora.api.serializers import comparison_json, likeness_json
@@ -29,7 +30,7 @@ def probe_image(user: UserDep, svc: ServicesDep, version_id: str, index: int) ->
 
 
 @router.get("/compare", responses=errors(
-    {**NOT_FOUND, 422: (E.NOTHING_TO_COMPARE, E.SAME_VERSION)}))
+    {**NOT_FOUND, 422: (E.NOTHING_TO_COMPARE, E.SAME_VERSION)}) | answers(Comparison))
 def compare(user: UserDep, svc: ServicesDep, a: str | None = None,
             b: str | None = None) -> dict[str, Any]:
     """Version ``a`` against ``b`` probe by probe (ids or numbers; defaults: the newest version

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from selfie_lora.api.answers import ModelAnswer, PatchedModelAnswer, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.api.schemas import NOT_FOUND, WEIGHTS_ANSWERS, E, ModelPatch, errors
@@ -26,7 +27,7 @@ def model_of(svc: Services, user: Any) -> dict[str, Any]:
     return model_json(overview.model, overview.active, overview.active_record)
 
 
-@router.get("", responses=errors(NOT_FOUND))
+@router.get("", responses=errors(NOT_FOUND) | answers(ModelAnswer))
 async def get_model(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
     # async with one trip to the thread pool: a plain ``def`` route makes two (FastAPI checks
     # the answer of a sync route in the pool too), and this is the API's most frequent read.
@@ -36,7 +37,7 @@ async def get_model(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
 @router.patch("", responses=errors({
     **NOT_FOUND, 403: (E.TRAINER_NOT_ALLOWED,),
     422: (E.INVALID_REQUEST, E.EMPTY_PATCH, E.INVALID_LORA_SCALE, E.INVALID_TRAINER_VERSION,
-          E.REASON_REQUIRED)}, body=True))
+          E.REASON_REQUIRED)}, body=True) | answers(PatchedModelAnswer))
 def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, Any]:
     """Change the LoRA scale (null: back to the default, no longer custom) or (with a reason)
     the trainer version. The answer is the model, with ``photos_need_upload_again`` (and

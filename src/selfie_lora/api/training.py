@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
+from selfie_lora.api.answers import Progress, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_intake, in_thread, upload_slot
 from selfie_lora.api.model import model_of
 from selfie_lora.api.schemas import (
@@ -128,7 +129,7 @@ def resume_training(user: UserDep, svc: ServicesDep, body: ResumeBody) -> dict[s
     return started_json(svc, user, result)
 
 
-@router.get("/progress", responses=errors(NOT_FOUND))
+@router.get("/progress", responses=errors(NOT_FOUND) | answers(Progress))
 async def progress(user: UserDep, svc: ServicesDep,
                    training_id: str | None = None) -> dict[str, Any]:
     # Polled by every client that waits for a training: one trip to the thread pool, as

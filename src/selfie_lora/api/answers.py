@@ -1,0 +1,157 @@
+"""The success answers of the most used routes, as the OpenAPI document declares them.
+
+Documentation only: routes name them in ``responses={200: {"model": ...}}``, never as
+``response_model`` (which would filter the answer to these fields). The routes answer what
+``api.serializers`` builds; a test holds the two to the same field names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Withheld(BaseModel):
+    picture: int = Field(description="The picture's place in the batch, from 1.")
+    seed: int = Field(description="The seed it was to be made with.")
+
+
+class GenerationAnswer(BaseModel):
+    id: str
+    prompt: str
+    lora_scale: float
+    version_id: str
+    seed: int = Field(description="The seed of the first picture; picture i is made with seed + i.")
+    images: list[str] = Field(description="The URLs of the pictures that came, in batch order.")
+    withheld: list[Withheld] = Field(
+        description="The pictures the generator withheld (Replicate's safety checker).")
+    created_at: str
+
+
+class Generated(BaseModel):
+    generation: GenerationAnswer
+
+
+class VersionAnswer(BaseModel):
+    id: str
+    number: int
+    training_id: str | None
+    trainer_version: str
+    weights_url: str
+    weights_sha256: str
+    weights_method: str | None
+    remote_version: str | None
+    version_mismatch: bool
+    created_at: str
+    gate: dict[str, Any] = Field(description="The likeness gate's state, reason and scores.")
+    quality: dict[str, Any] | None = Field(description="The headline likeness scores.")
+    quality_url: str
+    alert: dict[str, Any] | None
+    recipe: dict[str, Any] | None
+
+
+class ModelAnswer(BaseModel):
+    id: str
+    backend: str
+    trigger_word: str
+    destination: str
+    trainer_version: str
+    lora_scale: float
+    lora_scale_is_custom: bool
+    active_version: VersionAnswer | None
+    created_at: str
+    probes: list[dict[str, Any]]
+
+
+class PatchedModelAnswer(ModelAnswer):
+    photos_need_upload_again: bool = Field(
+        description="The new trainer version trains at more pixels than the stored photos were "
+                    "prepared at: upload them again before the next training.")
+    notice: str | None = Field(description="That sentence, else null.")
+
+
+class Sample(BaseModel):
+    step: int
+    url: str
+
+
+class TrainingAnswer(BaseModel):
+    id: str
+    status: str
+    is_retraining: bool
+    progress: float = Field(description="0..1")
+    step: int
+    total_steps: int
+    trigger_word: str
+    destination: str
+    trainer_version: str
+    backend: str
+    recipe: dict[str, Any]
+    preserved: dict[str, Any]
+    dataset_id: str | None
+    version_id: str | None = Field(description="Set on success only.")
+    stored_version_id: str | None = Field(description="Set as soon as the version is stored.")
+    remote_id: str | None
+    loss: float | None
+    weights_method: str | None
+    error: str | None
+    created_at: str
+    started_at: str | None
+    completed_at: str | None
+    phase: str
+    gate: dict[str, Any] | None
+    attempt: int
+    recoveries: int
+    lease_owner: str | None
+    heartbeat_at: str | None
+    lease_expires_at: str | None
+    cancel_requested: bool
+    samples: list[Sample]
+
+
+class Progress(BaseModel):
+    training: TrainingAnswer
+    model: ModelAnswer
+
+
+class ComparedSide(BaseModel):
+    image_url: str
+    face_found: bool
+    similarity: float | None
+    similarity_nearest: float | None
+    sane: bool
+
+
+class ComparedProbe(BaseModel):
+    index: int
+    prompt: str
+    seed: int
+    a: ComparedSide | None
+    b: ComparedSide | None
+    delta: float | None
+
+
+class ComparedScores(BaseModel):
+    a: dict[str, Any] | None
+    b: dict[str, Any] | None
+    delta_identity: float | None
+    stale_a: str | None = Field(description="Why a's scores are null although it was scored "
+                                            "(another probe size or face model), else null.")
+    stale_b: str | None = Field(description="The same for b.")
+
+
+class Comparison(BaseModel):
+    a: VersionAnswer
+    b: VersionAnswer
+    reference_dataset_id: str | None
+    scores: ComparedScores
+    probes: list[ComparedProbe]
+    compare_url: str
+    grid_url: str
+    chart_url: str
+
+
+def answers(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` entry of a route whose 200 answers ``model``'s fields (and may answer
+    more: it is not a ``response_model``)."""
+    return {200: {"model": model, "description": "Successful Response"}}
