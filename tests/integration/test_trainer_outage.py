@@ -185,6 +185,27 @@ def test_an_outage_of_minutes_is_survived_by_the_spaced_attempts(rig: Rig) -> No
     assert len(rig.services.repo.list_versions(t.model_id)) == 1
 
 
+def test_a_hold_outlives_its_workers_restart(rig: Rig) -> None:
+    """A worker restarting under its reused slot name (a deploy in the outage) reconciles with
+    its name as a dead owner: that ended the hold at once, and the next attempt, counted as a
+    recovery, polled into the same outage (review daydiff2 finding 5)."""
+    rig.standin.fail_next("GET", POLLS, status=503, times=3)
+    rig.services.training.run(rig.training_id)
+    held = rig.training()
+    assert held.lease_owner is not None
+    assert held.lease_expires_at is not None
+    rig.services.queue.flush()
+
+    rig.clock.sleep(5)
+    rig.services.training.reconcile(dead_owners=(held.lease_owner,))
+
+    t = rig.training()
+    assert t.lease_expires_at == held.lease_expires_at  # old code: ended at the restart
+    assert rig.training_id not in rig.services.queue.queued_training_ids()
+    rig.services.training.run(rig.training_id)
+    assert (rig.training().attempt, rig.training().recoveries) == (1, 0)  # old code: (2, 1)
+
+
 def test_a_storage_outage_while_the_weights_are_copied_is_survived(rig: Rig) -> None:
     rig.blobs.failures = 1
     rig.services.training.run(rig.training_id)

@@ -11,7 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from selfie_lora.domain.entities import Training, TrainingStatus
-from selfie_lora.domain.lease import ClaimOutcome, LeasePolicy, claim, release, step_away
+from selfie_lora.domain.lease import (
+    ClaimOutcome,
+    LeasePolicy,
+    claim,
+    expire_lease,
+    lease_is_live,
+    release,
+    step_away,
+)
 from selfie_lora.domain.recipes import get_recipe
 
 POLICY = LeasePolicy(max_attempts=3)
@@ -94,3 +102,23 @@ def test_outage_step_aways_are_spaced_and_the_last_is_not_held() -> None:
         outcome, t = claim(t, owner="w", now=now, policy=POLICY)
     assert outcome is ClaimOutcome.EXHAUSTED
     assert gaps == [timedelta(minutes=1), timedelta(minutes=5), timedelta(0)]
+
+
+def test_a_worker_restarting_under_its_name_leaves_a_hold_alone() -> None:
+    """A restart (a deploy, systemd) expires the leases under its reused slot name
+    (``expire_lease``): those of the trainings it ran are dead. A training held back in an outage
+    is nobody's run: its hold goes on, or the next attempt polled into the same outage at once
+    and the hold's minutes were lost (review daydiff2 finding 5: hold_restart.py)."""
+    outcome, t = claim(_queued(), owner="w0", now=NOW, policy=POLICY)
+    assert outcome is ClaimOutcome.CLAIMED
+    held = step_away(t, NOW, reason="Replicate could not be reached", hold=POLICY.outage_gap(t))
+    restart = NOW + timedelta(seconds=5)
+
+    after = expire_lease(held, restart, ("w0",))
+
+    assert lease_is_live(after, restart)  # old code: expired, and claimed with a recovery
+    assert after.lease_expires_at == NOW + timedelta(minutes=1)
+    assert claim(after, owner="w0", now=restart, policy=POLICY)[0] is ClaimOutcome.BUSY
+    # An ordinary lease of the same owner (a training it ran when it died) is still recovered.
+    outcome, running = claim(_queued(), owner="w0", now=NOW, policy=POLICY)
+    assert not lease_is_live(expire_lease(running, restart, ("w0",)), restart)

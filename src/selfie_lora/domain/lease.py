@@ -153,11 +153,21 @@ def holds(t: Training, *, owner: str, attempt: int) -> bool:
     return not t.status.is_terminal and t.lease_owner == owner and t.attempt == attempt
 
 
+def is_held_back(t: Training, now: datetime) -> bool:
+    """``t`` was stepped away from in an outage and waits out its hold (``step_away(hold=)``):
+    a live lease that nobody runs. Only a hold leaves a live lease with no heartbeat (``claim``
+    and every renewal set one)."""
+    return lease_is_live(t, now) and t.heartbeat_at is None
+
+
 def expire_lease(t: Training, now: datetime, dead_owners: Collection[str]) -> Training:
     """``t`` with its lease expired when its owner is one of ``dead_owners`` (a worker that
     restarted under its old name knows its old leases are dead). The owner stays, so the next
-    claim counts the take-over as a recovery."""
-    if t.lease_owner is None or t.lease_owner not in dead_owners or not lease_is_live(t, now):
+    claim counts the take-over as a recovery. A hold (``is_held_back``) is left alone: no
+    process ran it, so its owner's restart says nothing about it, and ending it would spend an
+    attempt polling into the outage it waits out."""
+    if (t.lease_owner is None or t.lease_owner not in dead_owners or not lease_is_live(t, now)
+            or is_held_back(t, now)):
         return t
     return dataclasses.replace(t, lease_expires_at=now)
 

@@ -76,6 +76,7 @@ from selfie_lora.domain.lease import (
     expire_lease,
     holder_is_silent,
     holds,
+    is_held_back,
     recovery_action,
     release,
     scoring_exhausted,
@@ -694,9 +695,11 @@ class TrainingService:
         now = self._clock()
         active = list(self._repo.active_trainings())
         for i, t in enumerate(active):
-            if t.lease_owner is not None and t.lease_owner in dead_owners:
+            if (t.lease_owner is not None and t.lease_owner in dead_owners
+                    and not is_held_back(t, now)):
                 # Its holder is gone: end the lease now, so the claim of the next attempt
-                # counts a recovery like any other take-over.
+                # counts a recovery like any other take-over. A hold is nobody's run: it waits
+                # out an outage whatever became of the worker that set it.
                 active[i] = self._update(t.id, lambda c: expire_lease(c, now, dead_owners))
         try:
             queued: Collection[str] = self._queue.queued_training_ids()
