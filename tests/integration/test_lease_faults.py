@@ -299,6 +299,32 @@ def test_a_training_that_succeeds_after_a_database_blink_while_scored_says_no_er
     assert final.error is None  # DATABASE_UNREACHABLE on the previous code
 
 
+def test_a_scoring_step_away_of_a_remote_training_is_not_held_back(machine: Machine) -> None:
+    """The outage hold is for a remote run that goes on. A Replicate training whose version is
+    stored keeps its remote id, and a database blink while it was scored held it back a minute
+    (then 5), with no remote run to wait for (review daydiff2 finding 7)."""
+    generator = ArmingGenerator()
+    # Keyed as the local backend, it reports a remote id as a Replicate trainer does.
+    svc = machine.worker(FakeTrainer(steps=1, backend="replicate"), generator=generator)
+    generator.repo = repo = Blinking(svc.engine)
+    worker = machine.training_service(svc, repo)
+    training_id = queued_for_ann(svc)
+    svc.queue.flush()
+
+    worker.run(training_id, owner="A")
+    waiting = row(svc, training_id)
+    assert waiting.remote_id is not None
+    assert waiting.version_id is not None  # stored; its scoring stepped away
+    assert (waiting.status, waiting.error) == (TrainingStatus.PROCESSING, DATABASE_UNREACHABLE)
+    assert waiting.lease_expires_at is not None
+    assert waiting.lease_expires_at <= datetime.now(UTC)  # old code: held back a minute
+    assert training_id in svc.queue.queued_training_ids()  # rung again at once
+
+    worker.run(training_id, owner="B")
+    final = row(svc, training_id)
+    assert (final.status, final.attempt, final.error) == (TrainingStatus.SUCCEEDED, 2, None)
+
+
 class FlakyPhotos(FileSystemBlobStore):
     """Blobs on disk, but the next ``failures`` reads of a photo fail as an outage of the store
     would (object storage out of reach)."""

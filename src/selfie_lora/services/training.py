@@ -926,8 +926,11 @@ class TrainingService:
         # A remote run goes on: the next attempts are spaced (``LeasePolicy.outage_gap``), so
         # that the attempts span an outage of minutes, not the seconds of their retries, before
         # the run is failed and canceled.
+        # Not once the version is stored: the remote run has ended (its weights are ours), the
+        # scoring has no outage on Replicate to wait out and counts its own stops.
         def leave(t: Training) -> Training:
-            goes_on = exc.remote_id is not None or t.remote_create_started
+            goes_on = t.version_id is None and (exc.remote_id is not None
+                                                or t.remote_create_started)
             hold = self.lease.outage_gap(t) if goes_on else timedelta(0)
             return step_away(t, self._clock(), reason=exc.reason, hold=hold)
 
