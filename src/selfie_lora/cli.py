@@ -258,11 +258,12 @@ def serve(
         ctx.call_on_close(sock.close)
         port = sock.getsockname()[1]  # the one chosen for port 0
     with _starting(settings):
+        # Until this command ends (the processes' parent holds it for them): no restore
+        # meanwhile. First: one started during a restore must not make nor migrate a database.
+        ctx.with_resource(using_home(settings))
         # Once, before the server processes start: a database that cannot be reached is one
         # line here rather than a traceback from each of them.
         open_database(settings)
-        # Until this command ends (the processes' parent holds it for them): no restore meanwhile.
-        ctx.with_resource(using_home(settings))
         if processes == 1:
             application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True,
                                      collect_garbage=worker)
@@ -318,9 +319,10 @@ def worker_cmd(
 
     settings = _settings()
     with _starting(settings):
-        services = build_services(settings)
-        # Until this command ends: no restore meanwhile.
+        # Until this command ends: no restore meanwhile. Before the database is opened (and
+        # migrated): one started during a restore is refused without touching it.
         ctx.with_resource(using_home(settings))
+        services = build_services(settings)
     try:
         run_worker(services, threads=threads)
     # It could not start: the metrics port is taken, or the store is another deployment's.

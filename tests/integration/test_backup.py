@@ -293,26 +293,44 @@ def test_an_error_after_the_swap_is_a_warning_and_deletes_nothing(
     assert (kept[0] / "selfie-lora.db").is_file()
 
 
+_SL = [sys.executable, "-c", "from selfie_lora.cli import main; main()"]
+
+
+def _a_home_backed_up(tmp_path: Path) -> tuple[Path, dict[str, str], list[str]]:
+    """A HOME with a user, backed up to ``bk.tar``: the HOME, its environment, the command."""
+    home = tmp_path / "home"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")},
+           "SELFIE_LORA_HOME": str(home), "SELFIE_LORA_TRAINER": "local",
+           "SELFIE_LORA_BASE_MODEL": "tiny", "SELFIE_LORA_LOCAL_ISOLATION": "inline",
+           "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*_SL, "users", "create", "ann"], env=env, check=True, capture_output=True)
+    subprocess.run([*_SL, "backup", str(tmp_path / "bk.tar")], env=env, check=True,
+                   capture_output=True)
+    return home, env, _SL
+
+
+def _started(command: list[str], env: dict[str, str], *, log: Path,
+             said: str) -> subprocess.Popen[bytes]:
+    """``command`` running, once its output says ``said``."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while said not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise AssertionError(log.read_text())
+        time.sleep(0.1)
+    return process
+
+
 def test_a_restore_is_refused_while_a_server_runs_on_the_home(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    home = tmp_path / "home"
-    env = {**os.environ, "SELFIE_LORA_HOME": str(home), "SELFIE_LORA_TRAINER": "local",
-           "SELFIE_LORA_BASE_MODEL": "tiny", "PYTHONUNBUFFERED": "1"}
-    sl = [sys.executable, "-c", "from selfie_lora.cli import main; main()"]
-    subprocess.run([*sl, "users", "create", "ann"], env=env, check=True, capture_output=True)
-    subprocess.run([*sl, "backup", str(tmp_path / "bk.tar")], env=env, check=True,
-                   capture_output=True)
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        server = subprocess.Popen([*sl, "serve", "--port", "0", "--no-worker"], env=env,
-                                  stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL)
+    home, env, sl = _a_home_backed_up(tmp_path)
+    server = _started([*sl, "serve", "--port", "0", "--no-worker"], env,
+                      log=tmp_path / "serve.log", said="http://")
     try:
-        deadline = time.monotonic() + 60
-        while "http://" not in log.read_text():
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
         before = state(home)
         refused = subprocess.run([*sl, "restore", "--force", str(tmp_path / "bk.tar")],
                                  env=env, capture_output=True, text=True)
@@ -333,6 +351,89 @@ def test_a_restore_is_refused_while_a_server_runs_on_the_home(
         assert code == 1, said
     code, said = run("restore", "--force", str(tmp_path / "bk.tar"))
     assert code == 0, said
+
+
+def test_a_restore_is_refused_while_a_real_worker_runs_on_the_home(tmp_path: Path) -> None:
+    home, env, sl = _a_home_backed_up(tmp_path)
+    worker = _started([*sl, "worker"], env, log=tmp_path / "worker.log", said=" started: ")
+    try:
+        refused = subprocess.run([*sl, "restore", "--force", str(tmp_path / "bk.tar")],
+                                 env=env, capture_output=True, text=True)
+        assert refused.returncode == 1, refused.stdout
+        assert refused.stderr.strip() == (f"error: SELFIE_LORA_HOME ({home}) is in use by a "
+                                          "running server or worker: stop it first")
+        assert not (home / "restored.json").exists()
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+
+
+def test_a_restore_into_a_missing_home_refuses_a_server_started_meanwhile(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfie_lora.adapters import backup
+    from selfie_lora.errors import ConfigError
+    from selfie_lora.wiring import using_home
+
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    code, said = run("backup", str(tmp_path / "bk"))
+    assert code == 0, said
+    fresh = settings.model_copy(update={"home": tmp_path / "fresh" / "home"})
+    monkeypatch.setattr(cli, "_settings", lambda: fresh)
+    # A restore that fails on a fresh machine leaves no HOME behind.
+    code, said = run("restore", str(tmp_path / "nothing"))
+    assert code == 1, said
+    assert not fresh.home.exists()
+    # A serve or worker that systemd starts while the backup is checked and copied.
+    refusals: list[str] = []
+
+    def reached(step: str) -> None:
+        if step in ("copied", "swap", "swapped"):
+            try:
+                with using_home(fresh):
+                    refusals.append("not refused")
+            except ConfigError as exc:
+                refusals.append(exc.message)
+
+    monkeypatch.setattr(backup, "_reached", reached)
+    code, said = run("restore", str(tmp_path / "bk"))
+    assert code == 0, said
+    assert refusals
+    assert set(refusals) == {f"SELFIE_LORA_HOME ({fresh.home}) is being restored: start "
+                             "this once the restore ends"}
+    assert (fresh.home / "restored.json").is_file()
+    assert kept_homes(fresh.home) == []  # the empty HOME made to hold the lock is not kept
+    assert sorted(p.name for p in fresh.home.parent.iterdir()) == ["home"]
+
+
+@pytest.mark.parametrize("command", [
+    ["worker"], ["serve", "--port", "0", "--no-worker"],
+])
+@pytest.mark.parametrize("exists", [True, False])
+def test_a_serve_or_worker_started_during_a_restore_is_refused_untouched(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        command: list[str], exists: bool) -> None:
+    from selfie_lora import worker
+    from selfie_lora.adapters.home_lock import restoring_home
+    from selfie_lora.api import server
+
+    def never(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("started during a restore")
+
+    monkeypatch.setattr(server, "run_server", never)
+    monkeypatch.setattr(worker, "run_worker", never)
+    home = tmp_path / "restored"
+    if exists:
+        home.mkdir()
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": home}))
+    with restoring_home(home):
+        code, said = run(*command)
+        assert code == 1, said
+        assert " ".join(said.split()) == (f"error: SELFIE_LORA_HOME ({home}) is being restored: "
+                                          "start this once the restore ends")
+        # Refused before the database was made or migrated.
+        assert sorted(p.name for p in home.iterdir()) == [".in-use"]
 
 
 def test_a_home_that_is_a_link_is_restored_where_it_points_and_stays_a_link(

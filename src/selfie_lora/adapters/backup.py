@@ -30,12 +30,13 @@ import sqlite3
 import stat
 import tarfile
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
 from selfie_lora.adapters.db.migrate import known_revisions
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
-from selfie_lora.adapters.home_lock import restoring_home
+from selfie_lora.adapters.home_lock import holding, only_the_lock, restoring_home
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE, keep_private
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
@@ -289,8 +290,19 @@ class HomeBackups:
         home = self._home.resolve()
         # Never under a running server or worker: it would go on writing into the old HOME's
         # unlinked database, and its blobs into the new HOME.
+        self._put_back(home)
         with restoring_home(home):
             return self._restore(home, source=source, force=force)
+
+    @staticmethod
+    def _put_back(home: Path) -> None:
+        """A restore killed between its two renames left no HOME and the old one aside: put it
+        back, before ``restoring_home`` makes a HOME to lock (the new one is whole too, but the
+        restore that made it did not finish)."""
+        old = home.with_name(f".{home.name}.restore-old")
+        if old.is_dir() and not home.exists() and not home.is_symlink():
+            os.rename(old, home)
+            logger.warning("put back %s, which a restore killed midway had set aside", home)
 
     def _restore(self, home: Path, *, source: Path, force: bool) -> BackupSummary:
         self._recover(home)
@@ -298,14 +310,22 @@ class HomeBackups:
             raise InvalidInputError(f"no such backup: {source}")
         if home.exists() and not home.is_dir():
             raise ConfigError(f"SELFIE_LORA_HOME ({home}) is a file, not a folder")
-        if home.is_dir() and any(home.iterdir()) and not force:
+        # Empty but for the lock: made by this restore (or one before it) to hold the lock.
+        if home.is_dir() and not only_the_lock(home) and not force:
             raise ConfigError(f"SELFIE_LORA_HOME ({home}) is not empty: stop the server and "
                               "workers, then restore with --force to replace what is in it")
         new = home.with_name(f".{home.name}.restore-new")
+        with ExitStack() as stack:
+            return self._replace(home, new, stack, source=source)
+
+    def _replace(self, home: Path, new: Path, stack: ExitStack, *,
+                 source: Path) -> BackupSummary:
         try:
             home.parent.mkdir(parents=True, exist_ok=True)
             new.mkdir(mode=0o700)
             (new / PENDING).touch(mode=0o600)
+            # Locked before it becomes HOME, until the restore ends.
+            stack.enter_context(holding(new))
             if source.is_file():
                 unpacked = home.with_name(f".{home.name}.restore-unpacked")
                 shutil.rmtree(unpacked, ignore_errors=True)
@@ -332,7 +352,10 @@ class HomeBackups:
         except OSError as exc:
             warnings.append(f"could not sync {home.parent}: {exc.strerror or exc}")
         kept = None
-        if previous is not None:
+        if previous is not None and only_the_lock(previous):
+            # The empty HOME this restore made to lock: nothing in it to keep.
+            shutil.rmtree(previous, ignore_errors=True)
+        elif previous is not None:
             warnings += _carry_cache(previous, home)
             kept, problem = _keep_aside(previous, home)
             if problem:

@@ -3,14 +3,18 @@
 waiting, before it changes anything. A server left running on a HOME that a restore replaced
 keeps answering 201 while it writes into the unlinked old database, and its blobs land in the
 new HOME with no row naming them; so a restore refuses while one runs. The kernel drops a lock
-with its process, so one killed (even with SIGKILL) never blocks a restore."""
+with its process, so one killed (even with SIGKILL) never blocks a restore.
+
+A restore into a HOME that is no folder yet (a fresh machine, where systemd may already start
+serve and worker) makes it, empty but for ``.in-use``, and locks it: a serve or worker started
+meanwhile is refused rather than swapped out from under itself. Such a HOME counts as empty."""
 
 from __future__ import annotations
 
 import fcntl
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
@@ -44,10 +48,35 @@ def using_home(home: Path) -> Iterator[None]:
 @contextmanager
 def restoring_home(home: Path) -> Iterator[None]:
     """Held by a restore of ``home``: refused while a server or worker runs on it, and one
-    that starts meanwhile is refused. A HOME that is no folder yet has none running."""
+    that starts meanwhile is refused. A HOME that is no folder yet is made (0700) to hold the
+    lock; one that is a file is left to the restore to refuse."""
+    made = not home.exists() and not home.is_symlink()
+    if made:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not home.is_dir():
         yield
         return
     with _locked(home, fcntl.LOCK_EX, f"SELFIE_LORA_HOME ({home}) is in use by a running "
                                       "server or worker: stop it first"):
+        try:
+            yield
+        finally:
+            # A restore that failed leaves no HOME where there was none (still locked here).
+            if made and home.is_dir() and only_the_lock(home):
+                (home / IN_USE).unlink(missing_ok=True)
+                with suppress(OSError):
+                    home.rmdir()
+
+
+@contextmanager
+def holding(folder: Path) -> Iterator[None]:
+    """``folder``'s ``.in-use`` locked exclusive: a restore's new HOME, from before it takes
+    HOME's name, so that a serve or worker starting after the exchange waits for the restore's
+    end (it is refused until then)."""
+    with _locked(folder, fcntl.LOCK_EX, f"{folder} is in use"):
         yield
+
+
+def only_the_lock(home: Path) -> bool:
+    """Whether ``home`` holds nothing but ``.in-use`` (a restore made it to lock it)."""
+    return all(entry.name == IN_USE for entry in home.iterdir())
