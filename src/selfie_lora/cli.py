@@ -526,13 +526,26 @@ def check(
     raise typer.Exit(0 if report.trainable else 1)
 
 
+def _hold_home(ctx: typer.Context) -> None:
+    """``train`` and ``resume`` run a worker here (for hours, with a local training): they hold
+    HOME as ``worker`` does, until the command ends, so no restore replaces it meanwhile."""
+    from selfie_lora.wiring import using_home
+
+    settings = _settings()
+    with _starting(settings):
+        ctx.with_resource(using_home(settings))
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     path: Path,
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the end.")] = True,
 ) -> None:
     """Upload a folder or zip of photos and (re)train the user's model."""
+    if wait:
+        _hold_home(ctx)
     with opened() as services:
         owner = services.users.get_by_name(name=user)
         # Before the photos go into the storage and a training is queued: not into another
@@ -554,12 +567,15 @@ def train(
 
 @app.command()
 def resume(
+    ctx: typer.Context,
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
     training_id: Annotated[str | None, typer.Argument(
         help="The canceled training (default: the user's latest training).")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the end.")] = True,
 ) -> None:
     """Continue a canceled local training from its last checkpoint (as a new training)."""
+    if wait:
+        _hold_home(ctx)
     with opened() as services:
         owner = services.users.get_by_name(name=user)
         services.operations.bind_deployment()  # as train: before a training is queued

@@ -408,10 +408,11 @@ def test_a_restore_into_a_missing_home_refuses_a_server_started_meanwhile(
 
 
 @pytest.mark.parametrize("command", [
-    ["worker"], ["serve", "--port", "0", "--no-worker"],
+    ["worker"], ["serve", "--port", "0", "--no-worker"], ["train", ".", "--user", "ann"],
+    ["resume", "--user", "ann"],
 ])
 @pytest.mark.parametrize("exists", [True, False])
-def test_a_serve_or_worker_started_during_a_restore_is_refused_untouched(
+def test_a_serve_worker_or_training_started_during_a_restore_is_refused_untouched(
         settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         command: list[str], exists: bool) -> None:
     from selfie_lora import worker
@@ -423,6 +424,7 @@ def test_a_serve_or_worker_started_during_a_restore_is_refused_untouched(
 
     monkeypatch.setattr(server, "run_server", never)
     monkeypatch.setattr(worker, "run_worker", never)
+    monkeypatch.setattr(worker, "start_embedded", never)
     home = tmp_path / "restored"
     if exists:
         home.mkdir()
