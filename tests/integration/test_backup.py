@@ -577,3 +577,51 @@ def test_a_backup_folder_with_a_link_in_it_is_refused(
     assert said.strip() == (f"error: blobs/{key} in the backup is a symbolic link (or lies under "
                             "one): a backup holds files only")
     assert not target.exists()
+
+
+@pytest.mark.parametrize("crafted", ["sparse", "extra", "size", "no-manifest"])
+def test_a_tar_is_checked_against_its_manifest_before_a_byte_is_written(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, crafted: str) -> None:
+    import shutil
+
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    code, said = run("backup", str(tmp_path / "bf"))
+    assert code == 0, said
+    folder = tmp_path / "bf"
+    if crafted == "sparse":
+        if shutil.which("tar") is None:
+            pytest.skip("GNU tar makes the sparse member")
+        with (folder / "junk").open("wb") as fh:
+            fh.truncate(64 << 20)  # a hole: a few KB in the tar, 64 MiB unpacked
+    elif crafted == "extra":
+        (folder / "extra.bin").write_bytes(os.urandom(1 << 20))
+    elif crafted == "size":
+        (folder / "blobs" / photo_key("a" * 64)).write_bytes(b"a photo, and more")
+    else:
+        (folder / "manifest.json").unlink()
+    tar = tmp_path / "crafted.tar"
+    subprocess.run(["tar", "--sparse", "-cf", str(tar), "-C", str(folder), "."], check=True)
+    written: list[tuple[str, int]] = []
+    real = shutil.copyfileobj
+
+    def copyfileobj(src: object, out: object, *args: object) -> None:
+        real(src, out, *args)  # type: ignore[arg-type]
+        written.append((str(getattr(out, "name", "?")), os.fstat(out.fileno()).st_size))  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(shutil, "copyfileobj", copyfileobj)
+    target = tmp_path / "target"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
+    code, said = run("restore", str(tar))
+    assert code == 1, said
+    line = " ".join(said.split())
+    assert line.startswith(f"error: {tar} is not a "), line
+    assert {"sparse": "junk is a sparse file", "extra": "extra.bin is not in its manifest.json",
+            "size": f"{photo_key('a' * 64)} is 17 bytes, its manifest.json says 7",
+            "no-manifest": "complete backup: it has no manifest.json"}[crafted] in line, line
+    # Nothing was written but the manifest (nothing at all, with none), and no HOME made.
+    assert sum(size for _name, size in written) < 64 << 10, written
+    assert not target.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf", "crafted.tar", "home"]

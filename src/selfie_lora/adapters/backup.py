@@ -397,14 +397,22 @@ class HomeBackups:
 
     @staticmethod
     def _unpack(source: Path, folder: Path) -> None:
-        """The tar ``source`` into ``folder``: its files and folders only, each inside it.
-        Done here rather than by ``extractall(filter="data")``: ``filter`` came with Python
-        3.11.4, and 3.11.0-3.11.3 answered a restore with a TypeError's traceback."""
+        """The tar ``source`` into ``folder``: the files its manifest names, each checked
+        against it before a byte is written, and nothing else. Unpacked whole first, a 10 KB
+        tar with a sparse member (or junk the manifest never names) filled the disk beside
+        HOME before any check. Done here rather than by ``extractall(filter="data")``:
+        ``filter`` came with Python 3.11.4, and 3.11.0-3.11.3 answered a restore with a
+        TypeError's traceback."""
         try:
             with tarfile.open(source) as tar:
+                members = tar.getmembers()  # headers only: the data is skipped over
+                for member in members:
+                    _check_kind(member, source=source)
+                sizes = _manifest_sizes(tar, members, source=source)
                 _private_folders(folder)
-                for member in tar:
-                    _extract(tar, member, folder, source=source)
+                for member in members:
+                    if member.isreg():
+                        _extract(tar, member, folder, sizes, source=source)
         except (tarfile.TarError, OSError) as exc:
             raise InvalidInputError(f"{source} is not a backup: {exc}") from exc
 
@@ -489,30 +497,78 @@ class HomeBackups:
         return old
 
 
-def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, folder: Path, *,
-             source: Path) -> None:
-    """One member of a backup's tar: a file (0600) or a folder (0700) with a relative name that
-    stays inside ``folder``. A link, a device or a name outside is no backup's: refused."""
+# The most a manifest.json may be (about 200 bytes a blob: millions of blobs).
+_MANIFEST_MAX = 1 << 30
+
+
+def _member_name(member: tarfile.TarInfo, *, source: Path) -> str:
+    """A member's name inside the backup (``./blobs/x`` is ``blobs/x``); one outside it (an
+    absolute name, a ``..``) is refused."""
     name = PurePosixPath(member.name)
     parts = [part for part in name.parts if part != "."]
     if name.is_absolute() or ".." in parts:
         raise InvalidInputError(f"{source} is not a backup: it names a file outside it "
                                 f"({member.name})")
-    target = folder.joinpath(*parts)
-    if member.isdir():
-        _private_folders(target)
-    elif member.isreg():
-        data = tar.extractfile(member)
-        if data is None:
-            raise InvalidInputError(f"{source} is not a backup: {member.name} cannot be read")
-        _private_folders(target.parent)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
-                     PRIVATE_MODE)
-        with os.fdopen(fd, "wb") as out, data:
-            shutil.copyfileobj(data, out, _CHUNK)
-    else:
+    return "/".join(parts)
+
+
+def _check_kind(member: tarfile.TarInfo, *, source: Path) -> None:
+    """A file or a folder, never sparse (expanded, a few KB of tar become any size), with a
+    name inside the backup. A link, a device or a name outside is no backup's: refused."""
+    _member_name(member, source=source)
+    if not (member.isreg() or member.isdir()):
         raise InvalidInputError(f"{source} is not a backup: {member.name} is not a file or a "
                                 "folder (a link or a device)")
+    if member.issparse():
+        raise InvalidInputError(f"{source} is not a backup: {member.name} is a sparse file")
+
+
+def _manifest_sizes(tar: tarfile.TarFile, members: list[tarfile.TarInfo], *,
+                    source: Path) -> dict[str, int | None]:
+    """The files ``manifest.json`` names (itself too), with the size it gives (None: any, for
+    the database, the queue and secret_key), read from the tar before anything is written."""
+    found = [m for m in members if m.isreg() and _member_name(m, source=source) == MANIFEST_NAME]
+    if not found:
+        raise InvalidInputError(f"{source} is not a complete backup: it has no {MANIFEST_NAME} "
+                                "(a backup cut short)")
+    if len(found) > 1 or found[0].size > _MANIFEST_MAX:
+        raise InvalidInputError(f"{source} is not a backup: its {MANIFEST_NAME} is not one file")
+    data = tar.extractfile(found[0])
+    try:
+        assert data is not None  # a regular member
+        with data:
+            manifest = json.loads(data.read())
+        files = manifest["files"]
+        blobs = manifest["blobs"]
+        sizes: dict[str, int | None] = {str(name): None for name in files}
+        sizes.update({f"{BLOBS}/{key}": int(meta["size"]) for key, meta in blobs.items()})
+    except (ValueError, TypeError, KeyError, AttributeError, AssertionError) as exc:
+        raise InvalidInputError(f"{source} is not a backup: its {MANIFEST_NAME} cannot be "
+                                f"read ({exc})") from exc
+    sizes[MANIFEST_NAME] = found[0].size
+    return sizes
+
+
+def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, folder: Path,
+             sizes: dict[str, int | None], *, source: Path) -> None:
+    """One file of a backup's tar (0600), checked against the manifest before it is written:
+    named by it, once, with the size it gives. ``sizes`` loses each name written."""
+    name = _member_name(member, source=source)
+    if name not in sizes:
+        raise InvalidInputError(f"{source} is not a backup: {member.name} is not in its "
+                                f"{MANIFEST_NAME} (or is in the tar twice)")
+    size = sizes.pop(name)
+    if size is not None and member.size != size:
+        raise InvalidInputError(f"{source} is not a backup: {member.name} is {member.size} "
+                                f"bytes, its {MANIFEST_NAME} says {size}")
+    data = tar.extractfile(member)
+    if data is None:
+        raise InvalidInputError(f"{source} is not a backup: {member.name} cannot be read")
+    target = folder / name
+    _private_folders(target.parent)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE)
+    with os.fdopen(fd, "wb") as out, data:
+        shutil.copyfileobj(data, out, _CHUNK)
 
 
 def _links_in(backup: Path, relative: str) -> bool:
