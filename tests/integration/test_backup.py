@@ -625,3 +625,30 @@ def test_a_tar_is_checked_against_its_manifest_before_a_byte_is_written(
     assert sum(size for _name, size in written) < 64 << 10, written
     assert not target.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf", "crafted.tar", "home"]
+
+
+@pytest.mark.parametrize("what", ["link", "file"])
+def test_a_restore_unpacked_folder_that_is_a_link_or_a_file_is_refused(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    code, said = run("backup", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    target = tmp_path / "target"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # Left by anyone who can write HOME's parent, as a .restore-new link could be.
+    unpacked = tmp_path / ".target.restore-unpacked"
+    if what == "link":
+        unpacked.symlink_to(elsewhere)
+    else:
+        unpacked.write_text("mine")
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
+    code, said = run("restore", str(tmp_path / "bk.tar"))
+    assert code == 1, said
+    assert " ".join(said.split()) == (f"error: {unpacked} is in the way of a restore: move it "
+                                      "away first")
+    assert list(elsewhere.iterdir()) == []  # nothing unpacked through the link
+    assert unpacked.is_symlink() if what == "link" else unpacked.read_text() == "mine"
+    assert not target.exists()

@@ -328,7 +328,12 @@ class HomeBackups:
             stack.enter_context(holding(new))
             if source.is_file():
                 unpacked = home.with_name(f".{home.name}.restore-unpacked")
-                shutil.rmtree(unpacked, ignore_errors=True)
+                if unpacked.is_symlink() or (unpacked.exists() and not unpacked.is_dir()):
+                    # Followed, the database and secret_key were unpacked into the link's
+                    # target and left there (rmtree skips a link).
+                    raise ConfigError(f"{unpacked} is in the way of a restore: move it away "
+                                      "first")
+                shutil.rmtree(unpacked, ignore_errors=True)  # a killed restore's
                 try:
                     self._unpack(source, unpacked)
                     summary = self._fill(unpacked, new, source=source)
@@ -409,7 +414,7 @@ class HomeBackups:
                 for member in members:
                     _check_kind(member, source=source)
                 sizes = _manifest_sizes(tar, members, source=source)
-                _private_folders(folder)
+                folder.mkdir(mode=0o700)  # new: never one made meanwhile (or a link)
                 for member in members:
                     if member.isreg():
                         _extract(tar, member, folder, sizes, source=source)
