@@ -652,3 +652,36 @@ def test_a_restore_unpacked_folder_that_is_a_link_or_a_file_is_refused(
     assert list(elsewhere.iterdir()) == []  # nothing unpacked through the link
     assert unpacked.is_symlink() if what == "link" else unpacked.read_text() == "mine"
     assert not target.exists()
+
+
+def test_leftovers_of_a_backup_are_cleared_by_their_lock_not_by_their_pid(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    out = tmp_path / "out"
+    out.mkdir()
+    # A backup killed in a container, retried in a new one: the same pid (PID 1 there; this
+    # process's here), which is alive.
+    mine = os.getpid()
+    (out / f".bk.tar.{mine}.part").write_bytes(b"a tar cut short")
+    (out / f".bk.tar.{mine}.partial").mkdir()
+    (out / f".bk.tar.{mine}.partial" / "secret_key").write_bytes(b"secret")
+    # A backup to the same name still running (its pid dead or not: it holds its lock).
+    running = out / ".bk.tar.1.part"
+    running.write_bytes(b"being written")
+    fd = os.open(running, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        code, said = run("backup", str(out / "bk.tar"))
+        assert code == 0, said
+        assert sorted(p.name for p in out.iterdir()) == [".bk.tar.1.part", "bk.tar"]
+    finally:
+        os.close(fd)
+    # Once it is no longer held, the next backup to that name clears it.
+    (out / "bk.tar").rename(out / "first.tar")
+    code, said = run("backup", str(out / "bk.tar"))
+    assert code == 0, said
+    assert sorted(p.name for p in out.iterdir()) == ["bk.tar", "first.tar"]

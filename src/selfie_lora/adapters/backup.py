@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -30,7 +31,7 @@ import sqlite3
 import stat
 import tarfile
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
@@ -38,7 +39,7 @@ from selfie_lora.adapters.db.migrate import known_revisions
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.home_lock import holding, only_the_lock, restoring_home
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE, keep_private
-from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir
+from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, held
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
 from selfie_lora.errors import ConfigError, InvalidInputError, StorageError
 from selfie_lora.services.layout import manifest_key, photo_key
@@ -92,23 +93,37 @@ def _private_folders(folder: Path) -> None:
         each.mkdir(mode=0o700, exist_ok=True)
 
 
-def _alive(pid: int) -> bool:
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """``path`` (the ``.part`` tar or the ``.partial`` folder) locked while this backup writes
+    it: the kernel drops the lock with the process, so the next backup knows one it can lock
+    was left by a backup that ended. A pid in the name could not say so: pids are reused (a
+    container's backup is PID 1 every time), and a reused one kept the leftovers for good."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a running backup holds ``path`` (``_writing``)."""
+    if path.is_symlink():
+        return False  # no backup's
+    try:
+        return held(path)
+    except FileNotFoundError:
         return False
-    except PermissionError:
-        return True  # another account's
-    return True
 
 
 def _clear_leftovers(dest: Path) -> None:
     """The ``.DEST.<pid>.part`` tar and ``.partial`` folder of a backup to DEST that was killed
-    (or hit a full disk): the database and secret_key sat there for good, as the pid in their
-    name kept the next backup from taking them."""
+    (or hit a full disk): the database and secret_key sat there for good. Those that no running
+    backup holds locked are deleted."""
     for left in dest.parent.glob(f".{glob.escape(dest.name)}.*.part*"):
         pid, _, kind = left.name[len(dest.name) + 2:].partition(".")
-        if kind not in ("part", "partial") or not pid.isdigit() or _alive(int(pid)):
+        if kind not in ("part", "partial") or not pid.isdigit() or _in_use(left):
             continue
         logger.warning("deleting %s, left by a backup that did not finish", left)
         if left.is_dir() and not left.is_symlink():
@@ -122,6 +137,7 @@ def _write_tar(folder: Path, part: Path, dest: Path) -> None:
     the umask (it holds the database and secret_key), synced, then renamed."""
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
     with os.fdopen(fd, "wb") as out:
+        fcntl.flock(out.fileno(), fcntl.LOCK_EX)  # ours until it is DEST (``_writing``)
         with tarfile.open(fileobj=out, mode="w") as tar:
             tar.add(folder, arcname=".")
         out.flush()
@@ -217,14 +233,8 @@ class HomeBackups:
             raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
         folder = dest.with_name(f".{dest.name}.{os.getpid()}.partial") if as_tar else dest
         try:
-            if as_tar:
-                _clear_leftovers(dest)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            _private_folders(folder)
-            os.chmod(folder, 0o700)  # an empty folder named as DEST too: it holds secret_key
-            summary = self._write(folder)
-            if as_tar:
-                _write_tar(folder, dest.with_name(f".{dest.name}.{os.getpid()}.part"), dest)
+            with ExitStack() as stack:
+                return self._backup(dest, folder, stack, as_tar=as_tar)
         except OSError as exc:
             raise StorageError(f"cannot write the backup to {dest}: "
                                f"{exc.strerror or exc}") from exc
@@ -232,6 +242,19 @@ class HomeBackups:
             if as_tar:
                 shutil.rmtree(folder, ignore_errors=True)
                 dest.with_name(f".{dest.name}.{os.getpid()}.part").unlink(missing_ok=True)
+
+    def _backup(self, dest: Path, folder: Path, stack: ExitStack, *,
+                as_tar: bool) -> BackupSummary:
+        if as_tar:
+            _clear_leftovers(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _private_folders(folder)
+        if as_tar:
+            stack.enter_context(_writing(folder))
+        os.chmod(folder, 0o700)  # an empty folder named as DEST too: it holds secret_key
+        summary = self._write(folder)
+        if as_tar:
+            _write_tar(folder, dest.with_name(f".{dest.name}.{os.getpid()}.part"), dest)
         return BackupSummary(path=dest, created_at=summary.created_at,
                              schema_revision=summary.schema_revision, counts=summary.counts,
                              blobs=summary.blobs, blob_bytes=summary.blob_bytes,

@@ -229,9 +229,10 @@ def _hold(path: Path) -> int | None:
     return fd
 
 
-def _held(path: Path) -> bool:
-    """Whether a process holds ``path`` (``BlobCache.copy``): asked under the exclusive folder
-    lock, so no hit can take it between this answer and the unlink that follows."""
+def held(path: Path) -> bool:
+    """Whether a process holds ``path`` locked (``BlobCache.copy``, or a running backup's
+    leftovers): asked under the exclusive folder lock, so no hit can take it between this
+    answer and the unlink that follows."""
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -240,6 +241,9 @@ def _held(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+_held = held  # BlobCache's name for it (its tests replace it)
 
 
 def fsync_dir(folder: Path) -> None:
