@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from selfie_lora.config import Settings
-from selfie_lora.wiring import build_services, open_database, session_secret
+from selfie_lora.wiring import build_services, open_database, session_secret, using_home
 from tests.conftest import make_settings
 
 
@@ -48,6 +48,19 @@ def test_a_new_home_and_its_databases_are_readable_by_their_owner_only(tmp_path:
             assert mode(path) == 0o600, (path.name, oct(mode(path)))
     finally:
         services.close()
+
+
+def test_a_home_made_by_a_start_s_lock_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """serve, worker, train and resume take HOME's lock (``wiring.using_home``) before they open
+    the database, so the lock's folder is the one that makes a missing HOME: 0700 as well, not
+    the umask's 0755 (daydiff3 review: a new worker's HOME was 0755)."""
+    settings = Settings(home=tmp_path / "new-home", database_url=None, queue_url=None)
+    previous = os.umask(0o022)
+    try:
+        with using_home(settings):
+            assert mode(settings.home) == 0o700
+    finally:
+        os.umask(previous)
 
 
 def test_an_existing_install_s_databases_are_made_private_when_opened(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def _locked(home: Path, how: int, refused: str) -> Iterator[None]:
 @contextmanager
 def using_home(home: Path) -> Iterator[None]:
     """Held by a server or worker for as long as it runs on ``home``."""
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds every user's photos
     with _locked(home, fcntl.LOCK_SH, f"SELFIE_LORA_HOME ({home}) is being restored: start "
                                       "this once the restore ends"):
         yield
