@@ -109,12 +109,21 @@ def _writing(path: Path) -> Iterator[None]:
 
 def _in_use(path: Path) -> bool:
     """Whether a running backup holds ``path`` (``_writing``)."""
-    if path.is_symlink():
+    try:
+        kind = path.lstat().st_mode
+    except FileNotFoundError:
+        return False
+    if stat.S_ISLNK(kind):
         return False  # no backup's
+    if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
+        # No backup makes one; left alone, as held() would open a FIFO and wait for ever.
+        return True
     try:
         return held(path)
     except FileNotFoundError:
         return False
+    except PermissionError:
+        return True  # another account's: not ours to delete
 
 
 def _clear_leftovers(dest: Path) -> None:
@@ -431,8 +440,13 @@ class HomeBackups:
         HOME before any check. Done here rather than by ``extractall(filter="data")``:
         ``filter`` came with Python 3.11.4, and 3.11.0-3.11.3 answered a restore with a
         TypeError's traceback."""
+        _refuse_compressed(source)
         try:
-            with tarfile.open(source) as tar:
+            # "r:": uncompressed only (as backup writes it). tarfile.open(source) inflated a
+            # gzip, bz2 or xz tar on the fly, and the sizes checked below are the manifest's,
+            # which whoever made the tar wrote: 510 KB of gzip wrote 512 MB beside HOME before
+            # a sha256 failed. Uncompressed, no member holds more than the tar file itself.
+            with tarfile.open(source, "r:") as tar:
                 members = tar.getmembers()  # headers only: the data is skipped over
                 for member in members:
                     _check_kind(member, source=source)
@@ -527,6 +541,22 @@ class HomeBackups:
 
 # The most a manifest.json may be (about 200 bytes a blob: millions of blobs).
 _MANIFEST_MAX = 1 << 30
+
+# The first bytes of the compressions tarfile.open would have read through.
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
+def _refuse_compressed(source: Path) -> None:
+    try:
+        with source.open("rb") as fh:
+            head = fh.read(6)
+    except OSError as exc:
+        raise InvalidInputError(f"{source} is not a backup: {exc}") from exc
+    kind = next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
+    if kind is not None:
+        raise InvalidInputError(
+            f"{source} is not a backup as selfie-lora backup writes it: it is compressed "
+            f"({kind}); uncompress it first (a backup's .tar is never compressed)")
 
 
 def _member_name(member: tarfile.TarInfo, *, source: Path) -> str:
