@@ -32,6 +32,7 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
@@ -71,15 +72,20 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _copy_private(source: Path, target: Path) -> None:
+def _copy_private(source: Path, target: Path) -> str:
     """``source`` to ``target`` (mode 0600, made first so no byte is ever readable by others),
-    synced to the disk."""
+    synced to the disk; the sha256 of the bytes written, summed as they pass (a backup's
+    manifest needs it, and reading each copy again doubled the reads of the blobs)."""
     _private_folders(target.parent)
+    digest = hashlib.sha256()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
     with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-        shutil.copyfileobj(src, out, _CHUNK)
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
         out.flush()
         os.fsync(out.fileno())
+    return digest.hexdigest()
 
 
 def _private_folders(folder: Path) -> None:
@@ -264,10 +270,7 @@ class HomeBackups:
         summary = self._write(folder)
         if as_tar:
             _write_tar(folder, dest.with_name(f".{dest.name}.{os.getpid()}.part"), dest)
-        return BackupSummary(path=dest, created_at=summary.created_at,
-                             schema_revision=summary.schema_revision, counts=summary.counts,
-                             blobs=summary.blobs, blob_bytes=summary.blob_bytes,
-                             missing=summary.missing)
+        return replace(summary, path=dest)
 
     def _write(self, folder: Path) -> BackupSummary:
         created_at = datetime.now(UTC).isoformat()
@@ -282,18 +285,17 @@ class HomeBackups:
             _snapshot(self._home / QUEUE, folder / QUEUE)
             files[QUEUE] = _sha256(folder / QUEUE)
         if (self._home / SECRET_KEY).is_file():
-            _copy_private(self._home / SECRET_KEY, folder / SECRET_KEY)
-            files[SECRET_KEY] = _sha256(folder / SECRET_KEY)
+            files[SECRET_KEY] = _copy_private(self._home / SECRET_KEY, folder / SECRET_KEY)
         blobs: dict[str, dict[str, object]] = {}
         total = 0
         for key, path in _blob_files(self._home / BLOBS):
             target = folder / BLOBS / key
             try:
-                _copy_private(path, target)
+                digest = _copy_private(path, target)
             except FileNotFoundError:
                 continue  # collected since it was listed
             size = target.stat().st_size
-            blobs[key] = {"size": size, "sha256": _sha256(target)}
+            blobs[key] = {"size": size, "sha256": digest}
             total += size
         missing = tuple(sorted(named - blobs.keys()))
         if missing:
@@ -399,22 +401,16 @@ class HomeBackups:
                 warnings.append(problem)
         for warning in warnings:
             logger.warning("%s", warning)
-        return BackupSummary(path=home, created_at=summary.created_at,
-                             schema_revision=summary.schema_revision, counts=summary.counts,
-                             blobs=summary.blobs, blob_bytes=summary.blob_bytes,
-                             missing=summary.missing, replaced=kept, warnings=tuple(warnings))
+        return replace(summary, path=home, replaced=kept, warnings=tuple(warnings))
 
     @staticmethod
     def _recover(home: Path) -> None:
-        """A restore killed between its two renames left no HOME and the old one aside: put it
-        back (the new one is whole too, but the restore that made it did not finish). One killed
-        after its swap left the old HOME aside: keep it as a restore that ends does."""
+        """One restore killed after its swap left the old HOME aside: keep it as a restore that
+        ends does. (One killed between its two renames, with no HOME left, was put back by
+        ``_put_back`` before ``restoring_home`` made a HOME to lock, so HOME is there now.)"""
         old = home.with_name(f".{home.name}.restore-old")
         new = home.with_name(f".{home.name}.restore-new")
-        if old.is_dir() and not home.exists():
-            os.rename(old, home)
-            logger.warning("put back %s, which a restore killed midway had set aside", home)
-        elif old.is_dir() and (home / RESTORED).is_file():
+        if old.is_dir() and (home / RESTORED).is_file():
             # Killed after the swap, before the old one was kept aside.
             _carry_cache(old, home)
             _recovered(old, home)
