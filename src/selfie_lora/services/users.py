@@ -432,14 +432,11 @@ class UserService:
             raise InvalidInputError(_KEY_NAME_RULE, code=ErrorCode.INVALID_NAME)
         key, secret = self._new_key(user, name)
         if form_nonce is not None:
-            nonce_hash = hashlib.sha256(form_nonce.encode()).hexdigest()
-            if self._made_by_form(user, nonce_hash):
-                raise ConflictError(KEY_ALREADY_MADE, code=ErrorCode.KEY_ALREADY_MADE)
-            key = replace(key, form_nonce_hash=nonce_hash)
+            key = replace(key, form_nonce_hash=hashlib.sha256(form_nonce.encode()).hexdigest())
         try:
             self._repo.add_api_key(key)
         except ConflictError:
-            # Two sendings of one form at once: the unique nonce let one of them in.
+            # The form sent again, later or at once: the nonce's unique index let one key in.
             if key.form_nonce_hash is not None and self._made_by_form(user, key.form_nonce_hash):
                 raise ConflictError(KEY_ALREADY_MADE, code=ErrorCode.KEY_ALREADY_MADE) from None
             raise
