@@ -16,6 +16,7 @@ from selfie_lora.cli import app
 from selfie_lora.config import get_settings
 from selfie_lora.services.intake import IntakeService
 from tests.conftest import one_person_analyzer
+from tests.support.hostile import zip_of
 from tests.support.photos import synthetic_photo
 
 PASSWORD = "pw_SECRET_db"
@@ -82,6 +83,25 @@ def test_an_upload_refused_as_a_whole_is_not_trainable(cli: CliRunner, tmp_path:
     result = cli.invoke(app, ["check", str(fake)])
     assert result.exit_code == 1, result.output
     assert result.output.startswith("not trainable:"), result.output
+
+
+def test_one_oversized_file_and_one_zip_in_the_folder_are_their_own_findings(
+        cli: CliRunner, photos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 51 MB ProRAW DNG or a zip among good photos refused the whole folder ("not trainable:
+    IMG_0042.DNG is larger than 50 MB"): now the good photos are checked, and each bad file has
+    its finding and what to do."""
+    with open(photos / "IMG_0042.DNG", "wb") as fh:
+        fh.truncate(51 * 1024 * 1024)  # sparse: nothing to write
+    monkeypatch.setenv("COLUMNS", "400")  # the findings table unwrapped
+    (photos / "x.zip").write_bytes(zip_of({"more.jpg": synthetic_photo(9, size=256)}))
+    result = cli.invoke(app, ["check", str(photos)])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "4 of 6 photos usable" in said
+    assert "IMG_0042.DNG is 51 MB, over the 50 MB a photo may be" in said
+    assert "export it as JPEG" in said
+    assert "x.zip is an archive in the folder (a zip archive)" in said
+    assert "unpack it and upload its photos" in said
 
 
 @pytest.mark.parametrize("where", ["missing", "under-a-file"])

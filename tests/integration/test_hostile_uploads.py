@@ -164,3 +164,39 @@ def test_an_upload_over_the_limit_is_refused(
     assert r.status_code == 413
     assert r.json()["error"]["code"] == "upload_too_large"
     assert_nothing_stored(client, headers, services)
+
+
+def test_an_oversized_photo_and_a_nested_zip_are_left_out_and_the_rest_stored(
+        client: TestClient, services: Services) -> None:
+    """A 51 MB ProRAW DNG and a stray zip beside good photos refused the whole upload (422
+    member_too_large / nested_archive): now the good photos are stored, and each bad file is a
+    finding of the set's, with what to do, through the zip upload and the files upload alike."""
+    from tests.support.hostile import Raw, raw_zip, stored
+
+    headers = auth(services, "ann")
+    good = {f"selfie{i}.jpg": synthetic_photo(i, size=160) for i in range(5)}
+    nested = zip_of({"more.jpg": synthetic_photo(9, size=160)})
+    # Declared 51 MB, never decompressed: its bytes are no deflate stream at all.
+    dng = Raw(name=b"IMG_0042.DNG", payload=bytes(300 * 1024), size=51 * MB, crc=0, method=8)
+    data = raw_zip([*(stored(n, b) for n, b in good.items()), dng, stored("x.zip", nested)])
+    r = client.post("/api/training/upload-zip", headers=headers, data={"start": "false"},
+                    files={"file": ("p.zip", data, "application/zip")})
+    assert r.status_code == 202, r.text
+    dataset = r.json()["dataset"]
+    assert dataset["images_total"] == 7
+    assert dataset["images_accepted"] == 5
+    by_photo = {f["photo"]: f for f in dataset["findings"] if f["severity"] == "reject"}
+    assert by_photo["IMG_0042.DNG"]["code"] == "file_too_large"
+    assert by_photo["IMG_0042.DNG"]["message"] == \
+        "IMG_0042.DNG is 51 MB, over the 50 MB a photo may be"
+    assert by_photo["x.zip"]["code"] == "nested_archive"
+    assert by_photo["x.zip"]["advice"] == "unpack it and upload its photos"
+
+    sent = [*good.items(), ("x.zip", nested)]
+    r = client.post("/api/training/upload", headers=headers, data={"start": "false"},
+                    files=[("files", (n, b, "image/jpeg")) for n, b in sent])
+    assert r.status_code == 202, r.text
+    dataset = r.json()["dataset"]
+    assert dataset["images_accepted"] == 5
+    assert [(f["photo"], f["code"]) for f in dataset["findings"] if f["severity"] == "reject"] \
+        == [("x.zip", "nested_archive")]

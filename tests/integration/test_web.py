@@ -625,6 +625,31 @@ def test_a_zip_is_reported_by_the_photos_inside_it(ann: TestClient) -> None:
     assert report_rows(r.text) == {"tiny.jpg": "left-out"}
 
 
+def test_an_oversized_photo_and_a_zip_inside_are_rows_left_out_with_advice(
+        ann: TestClient) -> None:
+    """A 51 MB DNG or a zip inside the uploaded zip refused the whole upload with one message:
+    now the good photos are kept and each bad file is a row of its own, saying what to do."""
+    from tests.support.hostile import Raw, raw_zip, stored
+
+    photos = [stored(f"photo{i}.jpg", synthetic_photo(i)) for i in range(4)]
+    dng = Raw(name=b"IMG_0042.DNG", payload=bytes(300 * 1024), size=51 * 1024 * 1024, crc=0,
+              method=8)  # never decompressed: no deflate stream at all
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as archive:
+        archive.writestr("more.jpg", synthetic_photo(9))
+    data = raw_zip([*photos, dng, stored("x.zip", inner.getvalue())])
+    r = ann.post("/photos/upload", headers={"X-CSRF-Token": csrf(ann)},
+                 files=[("files", ("selfies.zip", data, "application/zip"))])
+    assert r.status_code == 200, r.text
+    assert report_rows(r.text) == {"photo0.jpg": "kept", "photo1.jpg": "kept",
+                                   "photo2.jpg": "kept", "photo3.jpg": "kept",
+                                   "IMG_0042.DNG": "left-out", "x.zip": "left-out"}
+    page = html.unescape(r.text)
+    assert "IMG_0042.DNG is 51 MB, over the 50 MB a photo may be" in page
+    assert "x.zip is an archive inside the archive" in page
+    assert "unpack it and upload its photos" in page
+
+
 @pytest.mark.parametrize("name", ["selfies", "selfies.ZIP", "Selfies (1).zip.download"])
 def test_a_zip_is_known_by_its_content_not_its_name(ann: TestClient, name: str) -> None:
     """A zip named "selfies" was sent among photos and refused as nested_archive."""

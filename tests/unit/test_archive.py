@@ -26,11 +26,14 @@ from selfie_lora.dataset.archive import (
     read_uploaded_files,
     read_zip,
 )
-from selfie_lora.dataset.limits import UploadLimits
+from selfie_lora.dataset.limits import MIB, UploadedFile, UploadLimits
+from selfie_lora.domain.entities import Finding
 from selfie_lora.errors import InvalidInputError, ServerShortOfMemoryError
 from tests.support.hostile import (
     ARCHIVE_BYTES,
+    MEMBER_BYTES,
     Raw,
+    deflated_zeros,
     jpeg,
     long_name_zip,
     long_unicode_path_zip,
@@ -53,6 +56,16 @@ def _refused(call: Callable[[], object]) -> str:
         call()
     assert caught.value.message
     return caught.value.code
+
+
+def _refusal(files: list[UploadedFile], name: str) -> Finding:
+    """The finding of the file ``name`` refused on its own while reading (none of its bytes)."""
+    (found,) = [f for f in files if f.name == name]
+    assert found.refused is not None, name
+    assert found.data == b""
+    assert found.refused.severity == "reject"
+    assert found.refused.photo == name
+    return found.refused
 
 
 @pytest.mark.parametrize(("key", "code"), [(k, c) for k, (_b, c) in ARCHIVE_BYTES.items()],
@@ -322,10 +335,11 @@ def test_appended_zips_that_zip_tools_open_are_found(polyglot: bytes) -> None:
     with zipfile.ZipFile(io.BytesIO(polyglot)) as zf:  # what an extractor downstream sees
         assert zf.read("payload.txt").startswith(b"#!/bin/sh")
     assert archive_kind(polyglot) == "zip archive (appended)"
-    assert _refused(lambda: read_zip(zip_of({"selfie.jpg": polyglot}), limits=LIMITS)) == \
-        "nested_archive"
-    assert _refused(lambda: read_uploaded_files([("selfie.jpg", polyglot)], limits=LIMITS)) == \
-        "nested_archive"
+    for files, _ in (read_zip(zip_of({"selfie.jpg": polyglot}), limits=LIMITS),
+                     read_uploaded_files([("selfie.jpg", polyglot)], limits=LIMITS)):
+        finding = _refusal(files, "selfie.jpg")
+        assert finding.code == "nested_archive"
+        assert "zip archive appended" in finding.message
 
 
 def test_zip64_end_records_are_read() -> None:
@@ -413,11 +427,8 @@ def test_two_files_of_one_name_are_refused_with_the_name_and_what_to_do() -> Non
 
 @pytest.mark.parametrize(("files", "limits", "code"), [
     ([("a.jpg", b"1"), ("A.JPG", b"2")], LIMITS, "duplicate_member"),
-    ([("a.jpg", zip_of({"b.jpg": jpeg()}))], LIMITS, "nested_archive"),
-    ([("a.jpg", polyglot_jpeg_zip())], LIMITS, "nested_archive"),
     ([(f"{i}.jpg", b"x") for i in range(201)], LIMITS, "too_many_members"),
     ([("a.jpg", bytes(200))], UploadLimits(max_upload_bytes=100), "upload_too_large"),
-    ([("a.jpg", bytes(200))], UploadLimits(max_member_bytes=100), "member_too_large"),
 ])
 def test_uploaded_files_refusals(files: list[tuple[str, bytes]], limits: UploadLimits,
                                  code: str) -> None:
@@ -452,15 +463,11 @@ def test_a_zip_path_is_read(tmp_path: Path) -> None:
 def test_folder_refusals(tmp_path: Path) -> None:
     assert _refused(lambda: read_path(tmp_path / "missing", limits=LIMITS)) == "no_such_path"
     (tmp_path / "a.jpg").write_bytes(bytes(200))
-    assert _refused(lambda: read_path(tmp_path, limits=UploadLimits(max_member_bytes=100))) == \
-        "member_too_large"
     (tmp_path / "b.jpg").write_bytes(bytes(200))
     assert _refused(lambda: read_path(tmp_path, limits=UploadLimits(max_total_bytes=300))) == \
         "archive_too_large"
     assert _refused(lambda: read_path(tmp_path, limits=UploadLimits(max_members=1))) == \
         "too_many_members"
-    (tmp_path / "c.jpg").write_bytes(zip_of({"d.jpg": jpeg()}))
-    assert _refused(lambda: read_path(tmp_path, limits=LIMITS)) == "nested_archive"
 
 
 def test_harmless_odd_names_are_read() -> None:
@@ -475,10 +482,8 @@ def test_compressed_streams_inside_are_nested_archives() -> None:
     import lzma
 
     for blob in (bz2.compress(jpeg()), lzma.compress(jpeg())):
-        data = zip_of({"a.jpg": blob})
-        with pytest.raises(InvalidInputError) as caught:
-            read_zip(data, limits=LIMITS)
-        assert caught.value.code == "nested_archive"
+        files, _ = read_zip(zip_of({"a.jpg": blob}), limits=LIMITS)
+        assert _refusal(files, "a.jpg").code == "nested_archive"
     assert archive_kind(b"BZh is how this note starts") is None
 
 
@@ -527,3 +532,142 @@ def test_a_zip_with_bytes_after_its_end_is_refused_as_such_not_as_no_zip() -> No
     assert "after its end" in str(caught.value)
     with pytest.raises(InvalidInputError, match="not a zip archive"):
         read_zip(b"this is not a zip archive", limits=LIMITS)
+
+
+# --------------------------------------------------------------------------------------------
+# One bad file among good photos: that file's finding, the rest read
+
+
+def _big_raw(name: str = "IMG_0042.DNG", size: int = 51 * MIB) -> Raw:
+    """A member declared ``size`` bytes whose data is no deflate stream at all (and whose CRC is
+    wrong): reading it fails, so a finding about it proves it was never decompressed. Its
+    compressed size keeps it under the 200:1 ratio."""
+    return Raw(name=name.encode(), payload=os.urandom(size // 150), size=size, crc=0, method=8)
+
+
+def _nested_raw(name: str = "x.zip") -> Raw:
+    """A nested zip, deflated, of which only the first half of the stream is there (and whose
+    CRC is wrong): decompressed past its first bytes, it would be "damaged"."""
+    inner = zip_of({"b.jpg": os.urandom(256 * 1024)}, compression=zipfile.ZIP_STORED)
+    engine = zlib.compressobj(6, zlib.DEFLATED, -15)
+    stream = engine.compress(inner) + engine.flush()
+    return Raw(name=name.encode(), payload=stream[:len(stream) // 2], size=len(inner), crc=0,
+               method=8)
+
+
+def _good_raws() -> list[Raw]:
+    return [stored(f"good{i}.jpg", jpeg(seed=i)) for i in range(3)]
+
+
+def test_a_zip_keeps_its_good_photos_beside_an_oversized_member_and_a_nested_zip() -> None:
+    """A 51 MB ProRAW DNG or a stray zip among good photos refused the whole upload
+    (member_too_large, nested_archive); each is now that file's finding, the rest read."""
+    good = _good_raws()
+    data = raw_zip([good[0], _big_raw(), good[1], _nested_raw(), good[2]])
+    tracemalloc.start()
+    try:
+        files, notes = read_zip(data, limits=LIMITS)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert notes == []
+    assert [f.name for f in files] == ["good0.jpg", "IMG_0042.DNG", "good1.jpg", "x.zip",
+                                       "good2.jpg"]
+    assert [f.data for f in files if f.refused is None] == [jpeg(seed=i) for i in range(3)]
+    big = _refusal(files, "IMG_0042.DNG")
+    assert big.code == "file_too_large"
+    assert big.message == "IMG_0042.DNG is 51 MB, over the 50 MB a photo may be"
+    assert big.advice.startswith("export it as JPEG")
+    nested = _refusal(files, "x.zip")
+    assert nested.code == "nested_archive"
+    assert nested.message.startswith("x.zip is an archive inside the archive")
+    assert nested.advice == "unpack it and upload its photos"
+    # Neither was decompressed (both would have failed as damaged), nor held in memory.
+    assert peak < len(data) + 2 * MIB
+
+
+def test_a_member_over_the_limit_is_never_decompressed_by_its_declared_size() -> None:
+    limits = UploadLimits(max_member_bytes=2 * MIB)
+    files, _ = read_zip(raw_zip([*_good_raws(), _big_raw("a.png", 3 * MIB)]), limits=limits)
+    finding = _refusal(files, "a.png")
+    assert finding.message == "a.png is 3 MB, over the 2 MB a photo may be"
+    # Just past the limit: the size is not shown as the limit itself.
+    files, _ = read_zip(raw_zip([_big_raw("b.png", 2 * MIB + 1000)]), limits=limits)
+    assert _refusal(files, "b.png").message == "b.png is 2.0 MB, over the 2 MB a photo may be"
+
+
+def test_a_member_lying_about_its_size_is_stopped_at_its_declaration() -> None:
+    """Declared 1 MB (within the limit), it inflates to 30 MB: the upload is refused as soon as
+    the declared size is passed, never inflating it further (a declaration that lies is the
+    archive's, not one photo's)."""
+    stream, crc = deflated_zeros(30 * MIB)
+    liar = Raw(name=b"liar.jpg", payload=stream, size=MIB, crc=crc, method=8)
+    data = raw_zip([*_good_raws(), liar])
+    tracemalloc.start()
+    try:
+        code = _refused(lambda: read_zip(data, limits=UploadLimits(max_member_bytes=2 * MIB)))
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert code == "size_mismatch"
+    assert peak < 4 * MIB
+
+
+@pytest.mark.parametrize(("members", "limits", "code"), [
+    # The total decompressed size, counted over every member, the oversized ones included.
+    ([_big_raw("a.dng", 3 * MIB), _big_raw("b.dng", 3 * MIB)],
+     UploadLimits(max_member_bytes=2 * MIB, max_total_bytes=5 * MIB), "archive_too_large"),
+    # The count: a refused member is still a file read.
+    ([_big_raw("a.dng", 3 * MIB)], UploadLimits(max_member_bytes=2 * MIB, max_members=3),
+     "too_many_members"),
+    # A bomb over the per-photo limit is a bomb, not a photo too large.
+    ([Raw(name=b"bomb.jpg", payload=bytes(1000), size=60 * MIB, crc=0, method=8)], LIMITS,
+     "compression_ratio"),
+    # A stored member whose declared size is not its bytes' lies.
+    ([stored("big.dng", jpeg(), size=60 * MIB)], LIMITS, "size_mismatch"),
+], ids=["total_size", "member_count", "bomb_ratio", "stored_size_lie"])
+def test_whole_upload_limits_still_refuse_beside_good_photos(
+        members: list[Raw], limits: UploadLimits, code: str) -> None:
+    assert _refused(lambda: read_zip(raw_zip([*_good_raws(), *members]), limits=limits)) == code
+
+
+@pytest.mark.parametrize("key", list(MEMBER_BYTES))
+def test_corpus_members_are_refused_on_their_own(key: str) -> None:
+    build, code = MEMBER_BYTES[key]
+    files, _ = read_zip(zip_of({"good.jpg": jpeg(), "bad.jpg": build()}), limits=LIMITS)
+    assert [f.data for f in files if f.refused is None] == [jpeg()]
+    assert _refusal(files, "bad.jpg").code == code
+
+
+def test_uploaded_files_keep_the_good_photos_beside_an_oversized_one_and_a_zip() -> None:
+    sent = [("good.jpg", jpeg()), ("IMG_0042.DNG", bytes(100_000)),
+            ("x.zip", zip_of({"b.jpg": jpeg()}))]
+    files, _ = read_uploaded_files(sent, limits=UploadLimits(max_member_bytes=65_536))
+    assert [f.data for f in files if f.refused is None] == [jpeg()]
+    assert _refusal(files, "IMG_0042.DNG").message == \
+        "IMG_0042.DNG is 100000 bytes, over the 65536 bytes a photo may be"
+    nested = _refusal(files, "x.zip")
+    assert nested.message == "x.zip is an archive among the photos sent (a zip archive)"
+    assert nested.advice == "unpack it and upload its photos"
+    # The request as a whole is still capped.
+    assert _refused(lambda: read_uploaded_files(sent, limits=UploadLimits(
+        max_member_bytes=65_536, max_upload_bytes=100_000))) == "upload_too_large"
+
+
+def test_a_folder_keeps_its_good_photos_beside_an_oversized_file_and_a_zip(tmp_path: Path) -> None:
+    for i in range(3):
+        (tmp_path / f"good{i}.jpg").write_bytes(jpeg(seed=i))
+    with open(tmp_path / "IMG_0042.DNG", "wb") as fh:
+        fh.truncate(10 * 1024 * MIB)  # 10 GB (sparse): read no further than the limit
+    (tmp_path / "x.zip").write_bytes(zip_of({"b.jpg": jpeg()}))
+    tracemalloc.start()
+    try:
+        files, _ = read_path(tmp_path, limits=LIMITS)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [f.data for f in files if f.refused is None] == [jpeg(seed=i) for i in range(3)]
+    assert _refusal(files, "IMG_0042.DNG").message == \
+        "IMG_0042.DNG is 10240 MB, over the 50 MB a photo may be"
+    assert _refusal(files, "x.zip").message == "x.zip is an archive in the folder (a zip archive)"
+    assert peak < 2 * LIMITS.max_member_bytes + MIB

@@ -725,6 +725,33 @@ def test_run_intake_with_a_fake_analyzer(workers: int) -> None:
     assert math.isfinite(result.report.score)
 
 
+def test_files_refused_while_reading_are_left_out_as_unreadable_photos_are() -> None:
+    """A file the reader refused on its own (too large, an archive) is a photo left out with its
+    finding: counted in the upload and against the set, never analysed nor remembered."""
+    from selfie_lora.dataset.pipeline import OutcomeCache
+    from selfie_lora.domain.entities import Finding
+
+    good = [UploadedFile(f"p{i}.jpg", _jpeg(portrait(
+        size=(600, 800), face=(150 + 20 * i, 150 + 10 * i, 350 + 20 * i, 370 + 10 * i),
+        background=(40 + 30 * i, 120, 200 - 30 * i), seed=i))) for i in range(2)]
+
+    def refused(size: str) -> UploadedFile:
+        return UploadedFile("IMG_0042.DNG", b"", refused=Finding(
+            "reject", "file_too_large", f"IMG_0042.DNG is {size}, over the 50 MB a photo may be",
+            "export it as JPEG", photo="IMG_0042.DNG"))
+
+    cache = OutcomeCache()
+    for size in ("51 MB", "60 MB"):  # the same name again: its own finding, not a remembered one
+        result = run_intake([good[0], refused(size), good[1]], limits=UploadLimits(),
+                            policy=POLICY, analyzer=FakeAnalyzer(), workers=1, cache=cache)
+        assert result.images_total == 3
+        assert [p.name for p in result.prepared] == ["p0.jpg", "p1.jpg"]
+        assert result.findings[0].message == f"IMG_0042.DNG is {size}, over the 50 MB a photo may be"
+        # Too few good photos left: the count rule says so (3 at least here).
+        assert not result.report.trainable
+        assert "too_few_photos" in {f.code for f in result.findings}
+
+
 class BrokenAnalyzer(FakeAnalyzer):
     def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
         raise RuntimeError("a native failure")

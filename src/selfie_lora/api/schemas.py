@@ -132,9 +132,11 @@ STARTS_CONFLICTS = (E.TRAINING_IN_PROGRESS, E.UPLOAD_IN_PROGRESS, E.BASE_MODEL_M
 UPLOAD_ERRORS: dict[int, tuple[ErrorCode, ...]] = {
     408: (E.REQUEST_TIMEOUT,), 409: (*STARTS_CONFLICTS, E.WRITE_CONFLICT),
     413: (E.UPLOAD_TOO_LARGE,), 503: (E.SERVER_SHORT_OF_MEMORY,)}
-# A zip refused as a whole before any photo is read (dataset.archive).
+# A zip refused as a whole before any photo is read (dataset.archive). A file too large for
+# a photo, or an archive inside the upload, is that file's finding instead (``file_too_large``,
+# ``nested_archive``), among those of a ``dataset_rejected`` or a stored set.
 ARCHIVE_CODES = (E.ARCHIVE_TOO_LARGE, E.BAD_ARCHIVE, E.COMPRESSION_RATIO, E.DUPLICATE_MEMBER,
-                 E.ENCRYPTED_MEMBER, E.MEMBER_TOO_LARGE, E.NAME_TOO_LONG, E.NESTED_ARCHIVE,
+                 E.ENCRYPTED_MEMBER, E.NAME_TOO_LONG,
                  E.OVERLAPPING_ENTRIES, E.SIZE_MISMATCH, E.SPECIAL_FILE,
                  E.SYMLINK_IN_ARCHIVE, E.TOO_MANY_MEMBERS, E.UNSAFE_PATH,
                  E.UNSUPPORTED_COMPRESSION)

@@ -14,11 +14,18 @@ and a check made on one parser's view of an archive while another parser reads i
 4. the declared sizes and compression ratios, against the limits;
 5. then members are decompressed, each capped at its declared size (a member producing more
    than it declared is refused the moment it does), with the CRC checked;
-6. nested archives are refused by content (magic bytes, or a zip appended to another file).
+6. nested archives are found by content (magic bytes, or a zip appended to another file).
 
 Whole-upload problems raise :class:`InvalidInputError` (HTTP 422, nothing stored); the server
 running out of memory while reading raises :class:`ServerShortOfMemoryError` (HTTP 503), which
-blames no file. System files
+blames no file. Two problems of one file are that file's alone, and the rest of the upload is
+read: a file larger than a photo may be (a 51 MB ProRAW DNG beside good JPEGs; known from the
+declared size, so never decompressed; a folder's file is read no further than the limit) and an
+archive inside the upload (known from its first bytes, so decompressed no further; a zip
+appended to a photo only from its end). Each comes back as an :class:`UploadedFile` with no data
+and its ``refused`` finding, which the intake reports as it reports a photo it cannot decode.
+Every limit that protects the machine (sizes in all, counts, ratios, sizes that lie) still
+refuses the whole upload. System files
 (``__MACOSX/``, ``._*``, ``.DS_Store``...) and folder entries are skipped with an ``info`` finding.
 Archive names are only ever shown to the user (sanitized); nothing is written under them.
 """
@@ -34,7 +41,7 @@ import stat
 import struct
 import unicodedata
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,10 +198,11 @@ def read_uploaded_files(
                           "out) and send them again", details=[seen[key], name])
         seen[key] = name
         if len(blob) > limits.max_member_bytes:
-            raise _refuse(ErrorCode.MEMBER_TOO_LARGE,
-                          f"{name} is larger than {limits.mib(limits.max_member_bytes)}")
-        _refuse_nested(name, blob)
-        out.append(UploadedFile(name=name, data=blob))
+            out.append(_too_large(name, len(blob), limits=limits))
+            continue
+        kind = archive_kind(blob)
+        out.append(UploadedFile(name=name, data=blob) if kind is None
+                   else _nested(name, kind, inside="among the photos sent"))
     return _without_sidecars(out, findings), findings
 
 
@@ -226,17 +234,13 @@ def display_name(raw: str) -> str:
 def archive_kind(data: bytes) -> str | None:
     """What archive ``data`` is (by content), or None. Also finds a zip appended to another file
     (a JPEG+zip polyglot), which zip tools open as a zip."""
-    head = data[:16]
-    for prefix, kind in _ARCHIVE_MAGIC:
-        if head.startswith(prefix):
-            return kind
-    if _BZIP2.match(head):
-        return "bzip2 archive"
-    if len(data) >= 262 and data[257:262] == b"ustar":
-        return "tar archive"
-    if _appended_zip(data):
-        return "zip archive (appended)"
-    return None
+    kind = _leading_archive(data)
+    if kind is None and _appended_zip(data):
+        return APPENDED_ZIP
+    return kind
+
+
+APPENDED_ZIP = "zip archive (appended)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,9 +287,11 @@ def _read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile],
     names = _display_names([s.entry.name for s in wanted])
     files: list[UploadedFile] = []
     for span, name in zip(wanted, names, strict=True):
-        blob = _inflate(data, span, name=name)
-        _refuse_nested(name, blob)
-        files.append(UploadedFile(name=name, data=blob))
+        if span.entry.size > limits.max_member_bytes:
+            # Known from the declared size: not one byte of it is decompressed.
+            files.append(_too_large(name, span.entry.size, limits=limits))
+        else:
+            files.append(_inflate(data, span, name=name))
     return _without_sidecars(files, findings), findings
 
 
@@ -522,11 +528,13 @@ def _check_declared_sizes(entries: list[_Entry], *, archive_bytes: int,
                           limits: UploadLimits) -> None:
     # Declared sizes are checked first so honest big archives are refused before any work; the
     # reading then holds every member to its declared size, so these limits bound memory too.
+    # A member declared larger than a photo may be is that member's finding, not a refusal
+    # (it is never decompressed), but it still counts here: the total and the ratios are the
+    # machine's protection, whatever each member is.
     for entry in entries:
-        if entry.size > limits.max_member_bytes:
-            raise _refuse(ErrorCode.MEMBER_TOO_LARGE,
-                          f"{_clean(entry.name)} decompresses to more than "
-                          f"{limits.mib(limits.max_member_bytes)}")
+        if entry.method == _METHOD_STORED and entry.size != entry.compressed_size:
+            # A stored member's size is its bytes': a declaration that says otherwise lies.
+            raise _size_mismatch(_clean(entry.name))
     total = sum(e.size for e in entries)
     if total > limits.max_total_bytes:
         raise _refuse(ErrorCode.ARCHIVE_TOO_LARGE,
@@ -542,42 +550,67 @@ def _check_declared_sizes(entries: list[_Entry], *, archive_bytes: int,
                       "(photos barely compress; this is a zip bomb pattern)")
 
 
-def _inflate(data: bytes, span: _Span, *, name: str) -> bytes:
-    """The member's bytes, never more than its declared size (CVE-2024-0450: the size a zip
-    declares is a claim, so the output is counted as it is produced)."""
+def _inflate(data: bytes, span: _Span, *, name: str) -> UploadedFile:
+    """The member, its bytes never more than its declared size (CVE-2024-0450: the size a zip
+    declares is a claim, so the output is counted as it is produced); an archive inside the
+    archive is refused from its first bytes, decompressed no further."""
     entry = span.entry
     compressed = memoryview(data)[span.data_start:span.data_end]
     if entry.method == _METHOD_STORED:
         if len(compressed) != entry.size:
             raise _size_mismatch(name)
-        out = bytes(compressed)
+        pieces: Iterator[bytes | memoryview] = _slices(compressed)
+    elif entry.method == _METHOD_DEFLATED:
+        pieces = _deflate(compressed, entry.size, name=name)
     else:
-        try:
-            out = _stream(compressed, entry, name=name)
-        except (zlib.error, OSError, ValueError, EOFError) as exc:  # a corrupt compressed stream
-            logger.debug("cannot decompress %s: %r", name, exc)
-            raise _refuse(ErrorCode.BAD_ARCHIVE, f"{name} is damaged in the archive") from None
-    if zlib.crc32(out) != entry.crc:
-        raise _refuse(ErrorCode.BAD_ARCHIVE, f"{name} is damaged in the archive (checksum mismatch)")
-    return out
-
-
-def _stream(compressed: memoryview, entry: _Entry, *, name: str) -> bytes:
-    out = _deflate(compressed, entry.size, name=name) if entry.method == _METHOD_DEFLATED \
-        else _bunzip(compressed, entry.size, name=name)
+        pieces = _bunzip(compressed, entry.size, name=name)
+    out = bytearray()
+    looked = False
+    try:
+        for piece in pieces:
+            out += piece
+            if not looked and len(out) >= _HEAD_BYTES:
+                looked = True
+                kind = _leading_archive(bytes(out[:_HEAD_BYTES]))
+                if kind is not None:
+                    return _nested(name, kind, inside="inside the archive")
+    except (zlib.error, OSError, ValueError, EOFError) as exc:  # a corrupt compressed stream
+        logger.debug("cannot decompress %s: %r", name, exc)
+        raise _refuse(ErrorCode.BAD_ARCHIVE, f"{name} is damaged in the archive") from None
     if len(out) != entry.size:
         raise _size_mismatch(name)
-    return out
+    if zlib.crc32(out) != entry.crc:
+        raise _refuse(ErrorCode.BAD_ARCHIVE, f"{name} is damaged in the archive (checksum mismatch)")
+    blob = bytes(out)
+    del out
+    kind = archive_kind(blob)  # a short member's head, or a zip appended to a photo
+    return UploadedFile(name=name, data=blob) if kind is None \
+        else _nested(name, kind, inside="inside the archive")
 
 
-def _deflate(compressed: memoryview, limit: int, *, name: str) -> bytes:
+def _room(produced: int, limit: int) -> int:
+    """How many bytes to produce next: the head first (``_HEAD_BYTES``, which says whether the
+    member is an archive, so that one is decompressed no further), then a chunk at a time; at
+    most one byte more than declared (that byte proves the declaration false; never 0, which
+    zlib would read as "unlimited")."""
+    step = _HEAD_BYTES - produced if produced < _HEAD_BYTES else _CHUNK
+    return min(limit - produced + 1, step)
+
+
+def _slices(stored_bytes: memoryview) -> Iterator[memoryview]:
+    at = 0
+    while at < len(stored_bytes):
+        piece = stored_bytes[at:at + _room(at, len(stored_bytes))]
+        at += len(piece)
+        yield piece
+
+
+def _deflate(compressed: memoryview, limit: int, *, name: str) -> Iterator[bytes]:
     engine = zlib.decompressobj(-15)
-    out = bytearray()
+    produced = 0
     fed = 0
     while not engine.eof:
-        # Ask for at most one byte more than declared: that byte proves the declaration false.
-        # (max_length is never 0, which zlib would read as "unlimited".)
-        room = min(limit - len(out) + 1, _CHUNK)
+        room = _room(produced, limit)
         if engine.unconsumed_tail:
             piece = engine.decompress(engine.unconsumed_tail, room)
         elif fed < len(compressed):
@@ -587,18 +620,18 @@ def _deflate(compressed: memoryview, limit: int, *, name: str) -> bytes:
             piece = engine.decompress(b"", room)  # output still held inside zlib, if any
             if not piece:
                 raise _refuse(ErrorCode.BAD_ARCHIVE, f"{name} is cut off inside the archive")
-        out += piece
-        if len(out) > limit:
+        produced += len(piece)
+        if produced > limit:
             raise _size_mismatch(name)
-    return bytes(out)
+        yield piece
 
 
-def _bunzip(compressed: memoryview, limit: int, *, name: str) -> bytes:
+def _bunzip(compressed: memoryview, limit: int, *, name: str) -> Iterator[bytes]:
     engine = bz2.BZ2Decompressor()
-    out = bytearray()
+    produced = 0
     fed = 0
     while not engine.eof:
-        room = min(limit - len(out) + 1, _CHUNK)
+        room = _room(produced, limit)
         if engine.needs_input:
             if fed >= len(compressed):
                 raise _refuse(ErrorCode.BAD_ARCHIVE, f"{name} is cut off inside the archive")
@@ -606,10 +639,11 @@ def _bunzip(compressed: memoryview, limit: int, *, name: str) -> bytes:
             fed += _CHUNK
         else:
             chunk = b""
-        out += engine.decompress(chunk, room)
-        if len(out) > limit:
+        piece = engine.decompress(chunk, room)
+        produced += len(piece)
+        if produced > limit:
             raise _size_mismatch(name)
-    return bytes(out)
+        yield piece
 
 
 def _size_mismatch(name: str) -> InvalidInputError:
@@ -649,17 +683,26 @@ def _read_folder(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile
     total = 0
     for entry, name in zip(chosen, _display_names([e.name for e in chosen]), strict=True):
         with open(entry.path, "rb") as fh:
+            # An archive is known from its first bytes: read no further.
+            head = fh.read(_HEAD_BYTES)
+            kind = _leading_archive(head)
+            if kind is not None:
+                files.append(_nested(name, kind, inside="in the folder"))
+                continue
             # Read one byte past the limit rather than trust stat(): the file may grow meanwhile.
-            blob = fh.read(limits.max_member_bytes + 1)
-        if len(blob) > limits.max_member_bytes:
-            raise _refuse(ErrorCode.MEMBER_TOO_LARGE,
-                          f"{name} is larger than {limits.mib(limits.max_member_bytes)}")
+            blob = head + fh.read(max(0, limits.max_member_bytes + 1 - len(head)))
+            if len(blob) > limits.max_member_bytes:
+                size = max(len(blob), os.fstat(fh.fileno()).st_size)  # the size, for the message
+                del blob
+                files.append(_too_large(name, size, limits=limits))
+                continue
         total += len(blob)
         if total > limits.max_total_bytes:
             raise _refuse(ErrorCode.ARCHIVE_TOO_LARGE,
                           f"the photos add up to more than {limits.mib(limits.max_total_bytes)}")
-        _refuse_nested(name, blob)
-        files.append(UploadedFile(name=name, data=blob))
+        kind = archive_kind(blob)  # a zip appended to a photo
+        files.append(UploadedFile(name=name, data=blob) if kind is None
+                     else _nested(name, kind, inside="in the folder"))
     return _without_sidecars(files, findings), findings
 
 
@@ -680,6 +723,21 @@ _ARCHIVE_MAGIC: tuple[tuple[bytes, str], ...] = (
 )
 # Three-letter "BZh" alone would catch text files; the level digit and block magic make it sure.
 _BZIP2 = re.compile(rb"BZh[1-9]1AY&SY")
+# What ``_leading_archive`` reads: every magic above and a tar header's "ustar" (bytes 257-262).
+_HEAD_BYTES = 512
+
+
+def _leading_archive(data: bytes) -> str | None:
+    """What archive ``data`` starts as (its first ``_HEAD_BYTES`` decide), or None."""
+    head = data[:16]
+    for prefix, kind in _ARCHIVE_MAGIC:
+        if head.startswith(prefix):
+            return kind
+    if _BZIP2.match(head):
+        return "bzip2 archive"
+    if len(data) >= 262 and data[257:262] == b"ustar":
+        return "tar archive"
+    return None
 
 
 def _appended_zip(data: bytes) -> bool:
@@ -713,12 +771,27 @@ def _directory_ends_at(data: bytes, end: int, cd_size: int) -> bool:
     return cd_size > 0 and start >= 0 and data[start:start + 4] == _SIG_CENTRAL
 
 
-def _refuse_nested(name: str, blob: bytes) -> None:
-    kind = archive_kind(blob)
-    if kind is not None:
-        raise _refuse(ErrorCode.NESTED_ARCHIVE,
-                      f"{name} is a {kind}; archives inside the upload are not accepted",
-                      details=[name])
+def _too_large(name: str, size: int, *, limits: UploadLimits) -> UploadedFile:
+    """A file over the size a photo may be: its finding, and none of its bytes."""
+    return UploadedFile(name=name, data=b"", refused=Finding(
+        "reject", "file_too_large",
+        f"{name} is {limits.over_limit(size)}, over the {limits.mib(limits.max_member_bytes)} "
+        "a photo may be",
+        "export it as JPEG (a camera raw or ProRAW file is far larger than a photo needs)",
+        photo=name))
+
+
+def _nested(name: str, kind: str, *, inside: str) -> UploadedFile:
+    """An archive inside the upload: its finding, and none of its bytes."""
+    if kind == APPENDED_ZIP:
+        # A photo with a zip after it (a polyglot): a photo to send again, not one to unpack.
+        message = f"{name} has a zip archive appended to it"
+        advice = "export the photo again as a plain JPEG and upload that"
+    else:
+        message = f"{name} is an archive {inside} (a {kind})"
+        advice = "unpack it and upload its photos"
+    return UploadedFile(name=name, data=b"", refused=Finding(
+        "reject", "nested_archive", message, advice, photo=name))
 
 
 def _is_ignored(name: str) -> bool:

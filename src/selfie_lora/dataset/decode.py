@@ -311,6 +311,8 @@ def decode_photo(
     copies of it (the checks, the training crop) and so converts only those.
     """
     name = upload.name
+    if upload.refused is not None:  # refused while reading the upload: none of its bytes here
+        return upload.refused
     data = upload.data
     min_side = min_side if min_side is not None and min_side > 0 else None
     if not data:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from selfie_lora.domain.entities import Finding
+
 MIB = 1024 * 1024
 
 
@@ -23,7 +25,9 @@ class UploadLimits:
     # ``__MACOSX/._x`` twin per photo): counted from the end record and the central directory
     # before anything is decompressed, so 10,000 empty members cost nothing.
     max_entries: int = 1000
-    # Decompressed bytes of one file, and of all files of the upload together.
+    # Decompressed bytes of one file (over it: a finding about that file, which is never
+    # decompressed or read further), and of all files of the upload together (over it: the
+    # upload is refused).
     max_member_bytes: int = 50 * MIB
     max_total_bytes: int = 500 * MIB
     # Decompressed / compressed, per archive member and for the whole archive. Photos are already
@@ -42,8 +46,20 @@ class UploadLimits:
         """A byte count as users read it in messages."""
         return f"{value / MIB:.0f} MB" if value >= MIB else f"{value} bytes"
 
+    def over_limit(self, size: int) -> str:
+        """``size`` (over ``max_member_bytes``) as users read it beside the limit: never the
+        same text as the limit ("50 MB, over the 50 MB" would say nothing)."""
+        shown = self.mib(size)
+        if shown == self.mib(self.max_member_bytes) and size >= MIB:
+            shown = f"{size / MIB:.1f} MB"
+        return shown
+
 
 @dataclass(frozen=True)
 class UploadedFile:
     name: str  # for messages only (a sanitized display name); never used as a file name
     data: bytes
+    # A file of the upload refused on its own while reading it (larger than a photo may be, an
+    # archive inside the upload): its finding, as a photo that cannot be decoded gets one, and
+    # no ``data`` (it was never decompressed or read in full). The rest of the upload is read.
+    refused: Finding | None = None

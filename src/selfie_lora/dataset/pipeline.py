@@ -423,11 +423,16 @@ def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: C
     analyzer.ready()
     started = time.perf_counter()
     cpu_start = time.thread_time()
-    known: list[PhotoOutcome | None] = [None] * len(files)
+    # A file refused while reading the upload (too large for a photo, an archive) has its
+    # finding already: neither analysed nor remembered (its ``data`` is empty, so its key would
+    # be that of any such file of the same name).
+    known: list[PhotoOutcome | None] = [
+        PhotoOutcome(order=i, name=f.name, finding=f.refused) if f.refused is not None else None
+        for i, f in enumerate(files)]
     keys: list[tuple[object, ...]] = []
     if cache is not None:
         keys = [cache.key(f, policy=policy, limits=limits, analyzer=analyzer) for f in files]
-        known = [cache.get(key, order=i) for i, key in enumerate(keys)]
+        known = [known[i] or cache.get(key, order=i) for i, key in enumerate(keys)]
     todo = [(i, f) for i, f in enumerate(files) if known[i] is None]
     fresh = _analyse_all(todo, limits=limits, policy=policy, analyzer=analyzer,
                          factory=factory, workers=workers)
