@@ -963,7 +963,7 @@ def restore_cmd(
 # --- end of backup and restore ------------------------------------------------------------------
 
 
-# --- users list, disable, enable (self-contained: the operator's view of the accounts) -----------
+# --- users list, disable, enable, delete (self-contained: the operator's view of the accounts) ---
 
 
 @users_app.command("list")
@@ -1007,7 +1007,44 @@ def users_enable(name: str) -> None:
     console.print(f"enabled {user.name}", markup=False, highlight=False, soft_wrap=True)
 
 
-# --- end of users list, disable, enable ---------------------------------------------------------
+@users_app.command("delete")
+def users_delete(
+    name: str,
+    yes: Annotated[bool, typer.Option(
+        "--yes", help="Do not ask for confirmation (needed when standard input is no "
+        "terminal).")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Cancel a training of the user's that is queued or running first "
+        "(without it the command refuses).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Delete a user and everything they own, in the database and in storage: model, versions,
+    trainings, photos, weights, checkpoints, generated pictures, likeness records, API keys,
+    sessions. Cannot be undone; run it again to finish one that was stopped."""
+    if not yes and not sys.stdin.isatty():
+        _fail(f"users delete {name} deletes the account and all its data: confirm at a "
+              "terminal, or pass --yes; nothing was deleted", code=2)
+    with opened(trainers=None, generators={}) as services:
+        if not yes:
+            user, held = services.erasure.holdings(name=name)
+            console.print(
+                f"{user.name}: {'a model' if held.model_id else 'no model'}, "
+                f"{len(held.version_ids)} version(s), {len(held.training_ids)} training(s), "
+                f"{len(held.dataset_ids)} photo set(s) ({len(held.photo_hashes)} photo(s)), "
+                f"{len(held.generation_ids)} generation(s), and their API keys and sessions "
+                "will be deleted for good", markup=False, highlight=False, soft_wrap=True)
+            if typer.prompt("type the user's name to confirm", default="",
+                            show_default=False) != user.name:
+                _fail("not confirmed: nothing was deleted")
+        summary = services.erasure.erase(name=name, force=force)
+    if as_json:
+        sys.stdout.write(json.dumps(summary.as_json()) + "\n")
+        return
+    for line in summary.lines():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+# --- end of users list, disable, enable, delete --------------------------------------------------
 
 
 def main() -> None:

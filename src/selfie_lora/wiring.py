@@ -36,6 +36,7 @@ from selfie_lora.errors import ConfigError
 from selfie_lora.services.backup import BackupService
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.deployment import DeploymentBinding
+from selfie_lora.services.erasure import AccountEraser
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import IntakeService
@@ -81,6 +82,7 @@ class Services:
     operations: OperationsService
     telemetry: Telemetry
     gc: GarbageCollector
+    erasure: AccountEraser
     trainers: dict[str, Trainer] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -349,11 +351,15 @@ def build_services(
         telemetry=telemetry, clock=clock or utcnow,
     )
     deployment = DeploymentBinding(repo=repo, blobs=blobs)
+    users = UserService(repo=repo, hasher=password_hasher or default_password_hasher(),
+                        policy=settings.sign_in_policy, signup_enabled=settings.signup,
+                        rotation_grace=settings.key_rotation_grace)
+    gc = GarbageCollector(repo=repo, blobs=blobs, work_dir=settings.work_dir,
+                          policy=settings.gc_policy, interval=settings.gc_interval,
+                          deployment=deployment)
     return Services(
         settings=settings, engine=engine, repo=repo, blobs=blobs, queue=queue,
-        users=UserService(repo=repo, hasher=password_hasher or default_password_hasher(),
-                          policy=settings.sign_in_policy, signup_enabled=settings.signup,
-                          rotation_grace=settings.key_rotation_grace),
+        users=users,
         intake=intake,
         training=training,
         models=ModelService(
@@ -368,9 +374,8 @@ def build_services(
             metrics_token=(settings.metrics_token.get_secret_value()
                            if settings.metrics_token is not None else None)),
         telemetry=telemetry,
-        gc=GarbageCollector(repo=repo, blobs=blobs, work_dir=settings.work_dir,
-                            policy=settings.gc_policy, interval=settings.gc_interval,
-                            deployment=deployment),
+        gc=gc,
+        erasure=AccountEraser(repo=repo, blobs=blobs, users=users, training=training, gc=gc),
         trainers=chosen_trainers,
     )
 

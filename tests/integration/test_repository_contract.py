@@ -637,3 +637,48 @@ def test_users_are_listed_with_their_working_keys_and_disabled_and_enabled(
     assert repo.get_user(ann.id) == ann
     with pytest.raises(StorageError):
         repo.set_user_disabled("nobody", at=NOW)
+
+
+def test_a_users_rows_are_read_and_deleted_and_no_one_elses(repo: SqlRepository) -> None:
+    """``users delete``: what a user owns, then every row of theirs in one transaction (the
+    foreign keys never refuse: children first), then the user; another user's rows stay."""
+    ann, model, dataset = seed(repo, "ann")
+    bob, bobs_model, bobs_dataset = seed(repo, "bob")
+    repo.add_training(training(model, dataset, "t1", status=TrainingStatus.SUCCEEDED))
+    repo.add_version(version(model, 1))
+    repo.set_model_active_version(model.id, "v1")
+    repo.add_training(training(model, dataset, "t2", offset=60))
+    repo.add_training(training(bobs_model, bobs_dataset, "t3"))
+    repo.add_version(version(bobs_model, 1, vid="bv1", training_id="t3"))
+    for user, model_, vid in ((ann, model, "v1"), (bob, bobs_model, "bv1")):
+        repo.add_generation(Generation(id=f"g-{user.name}", user_id=user.id,
+                                       model_id=model_.id, version_id=vid, prompt="p",
+                                       lora_scale=1.0, seed=1,
+                                       image_keys=(f"generations/g-{user.name}/0.png",),
+                                       created_at=NOW))
+        repo.add_event(model_id=model_.id, kind="k", data={})
+        repo.add_session(WebSession(id=f"s-{user.name}", user_id=user.id, csrf_token="c",
+                                    created_at=NOW, expires_at=NOW + timedelta(days=1)))
+
+    held = repo.user_holdings(ann.id)
+    assert held.model_id == model.id
+    assert held.dataset_ids == (dataset.id,)
+    assert held.photo_hashes == ("a" * 64, "b" * 64)
+    assert sorted(held.training_ids) == ["t1", "t2"]
+    assert held.active_training_ids == ("t2",)
+    assert (held.version_ids, held.weights_keys) == (("v1",), ("weights/1",))
+    assert (held.generation_ids, held.image_keys) == (("g-ann",), ("generations/g-ann/0.png",))
+
+    bobs = repo.user_holdings(bob.id)
+    rows = repo.delete_user_data(ann.id)
+    assert rows == {"generations": 1, "versions": 1, "trainings": 2, "events": 1,
+                    "models": 1, "datasets": 1, "api keys": 1, "browser sessions": 1}
+    assert repo.user_holdings(ann.id).empty
+    assert repo.delete_user_data(ann.id) == {}  # again: nothing left, no error
+    assert repo.delete_user(ann.id)
+    assert not repo.delete_user(ann.id)
+    assert repo.get_user_by_name("ann") is None
+    assert repo.user_holdings(bob.id) == bobs
+    assert repo.get_user_by_name("bob") is not None
+    assert repo.get_session("s-bob") is not None
+    assert len(repo.list_api_keys(bob.id)) == 1

@@ -81,3 +81,24 @@ def wait_before_next_attempt(failures: Sequence[datetime], *, limit: int, window
 
 def session_expired(expires_at: datetime, *, now: datetime) -> bool:
     return now >= expires_at
+
+
+@dataclass(frozen=True)
+class UserHoldings:
+    """What rows a user owns, as ``users delete`` needs them: the ids their blobs are keyed by
+    (``services.layout``) and the content-addressed blobs they name."""
+
+    model_id: str | None = None
+    dataset_ids: tuple[str, ...] = ()
+    photo_hashes: tuple[str, ...] = ()
+    training_ids: tuple[str, ...] = ()
+    active_training_ids: tuple[str, ...] = ()  # queued, starting or processing
+    version_ids: tuple[str, ...] = ()
+    weights_keys: tuple[str, ...] = ()
+    generation_ids: tuple[str, ...] = ()
+    image_keys: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not (self.model_id or self.dataset_ids or self.training_ids
+                    or self.generation_ids)

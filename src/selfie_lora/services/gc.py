@@ -52,7 +52,7 @@ import json
 import logging
 import shutil
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from stat import S_ISREG
@@ -72,7 +72,13 @@ from selfie_lora.domain.gc import (
     intersect,
     plan_collection,
 )
-from selfie_lora.errors import ConflictError, DeploymentMismatchError, ErrorCode, SelfieLoraError
+from selfie_lora.errors import (
+    BlobMissingError,
+    ConflictError,
+    DeploymentMismatchError,
+    ErrorCode,
+    SelfieLoraError,
+)
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.deployment import DeploymentBinding, unbound_doubt
 from selfie_lora.services.layout import (
@@ -88,6 +94,8 @@ logger = logging.getLogger(__name__)
 
 # Blob deletions between two renewals of the lease.
 RENEW_EVERY = 200
+# Keyed by their content: another user's upload or training may name the same key.
+_BY_CONTENT = frozenset({Owner.PHOTO, Owner.ORIGINAL, Owner.WEIGHTS})
 
 
 class _InterruptedError(Exception):
@@ -158,6 +166,71 @@ class GarbageCollector:
             return None
         _log(summary)
         return summary
+
+    def erase(self, *, keys: Sequence[str], prefixes: Sequence[str],
+              work_folders: Sequence[str]) -> GcSummary:
+        """Delete the blobs of rows just deleted (``users delete``): ``keys`` and every blob
+        under ``prefixes``, planned as a collection is, twice, against the references as they
+        are now, so that a photo or weights another row still names is kept, however young
+        (the rows are gone: the grace period, which spares a blob whose row is coming, does not
+        apply). A photo, an original or weights is keyed by its content: another upload may be
+        storing the same bytes right now, its row committing after the second plan; so one
+        written within the grace period is held in memory while deleted and written back if a
+        third reading of the references finds a row naming it. Deleting a missing blob is no
+        error and counts nothing. Takes no lease: every deletion checks the references
+        itself, as two overlapping collections do."""
+        listing: dict[str, Blob] = {}
+        for prefix in prefixes:
+            for info in self._blobs.list(prefix):
+                listing[info.key] = self._owned(info.key, info.size)
+        for key in keys:
+            if key in listing or self._blobs.modified(key) is None:
+                continue
+            try:
+                stream = self._blobs.open(key)
+            except BlobMissingError:
+                continue  # gone meanwhile
+            stream.close()  # only its size is wanted
+            listing[key] = self._owned(key, stream.size)
+        blobs = sorted(listing.values(), key=lambda b: b.key)
+        # The trainings are gone (and were stopped): their folders are no one's now.
+        folders = [dataclasses.replace(f, modified=datetime.min.replace(tzinfo=UTC))
+                   for f in self._work_folders() if f.name in set(work_folders)]
+        plan, _now, _refs = self._plan(blobs, folders)
+        again, _, _ = self._plan(blobs, folders)
+        chosen = intersect(plan.blobs, again.blobs)
+        kept = sorted({b.key for b in blobs} - {p.key for p in chosen})
+        deleted: list[Planned] = []
+        held: dict[str, bytes] = {}
+        for item in chosen:
+            modified = self._blobs.modified(item.key)
+            if modified is None:
+                continue  # gone already: counts nothing
+            owner = owner_of(item.key)
+            if (owner is not None and owner[0] in _BY_CONTENT
+                    and modified >= self._clock() - self.policy.grace):
+                held[item.key] = self._blobs.get(item.key)
+            self._blobs.delete(item.key)
+            deleted.append(item)
+        if held:
+            third, _, _ = self._plan(blobs, [])
+            gone = {p.key for p in third.blobs}
+            for key, data in held.items():
+                if key not in gone:  # a row named it meanwhile: written back
+                    self._blobs.put(key, data)
+                    kept.append(key)
+                    deleted = [p for p in deleted if p.key != key]
+                    logger.info("users delete: %s was stored again meanwhile; kept", key)
+        for item in intersect(plan.work_folders, again.work_folders):
+            if self._remove_folder(item):
+                deleted.append(item)
+        return GcSummary(dry_run=False, deleted=tuple(deleted), kept=tuple(kept))
+
+    def _owned(self, key: str, size: int) -> Blob:
+        """A blob of deleted rows, as the plan sees it: old, so only references keep it."""
+        owner = owner_of(key)
+        return Blob(key=key, size=size, modified=datetime.min.replace(tzinfo=UTC),
+                    owner=owner[0] if owner else None, owner_id=owner[1] if owner else "")
 
     # ------------------------------------------------------------------ the collection
     def _run_claimed(self, *, work: bool, stopping: threading.Event | None = None,

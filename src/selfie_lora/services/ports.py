@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from selfie_lora.domain.accounts import UserHoldings
 from selfie_lora.domain.backup import BackupSummary
 from selfie_lora.domain.entities import (
     ApiKey,
@@ -385,6 +386,17 @@ class Repository(Protocol):
         ...
     def set_user_disabled(self, user_id: str, *, at: datetime | None) -> None:
         """Disable the user from ``at`` (None: enable it); ``StorageError`` for no such user."""
+        ...
+    def user_holdings(self, user_id: str) -> UserHoldings:
+        """The rows the user owns (``users delete``): ids and the blob keys they name."""
+        ...
+    def delete_user_data(self, user_id: str) -> dict[str, int]:
+        """Delete, in one transaction, every row the user owns but the user's own: generations,
+        likeness records, versions, trainings, events, the model, datasets, upload claims, API
+        keys and browser sessions. Rows deleted per table (none: nothing was left)."""
+        ...
+    def delete_user(self, user_id: str) -> bool:
+        """Delete the user's row (``delete_user_data`` first); False when it was gone."""
         ...
     def get_password_hash(self, user_id: str) -> str | None: ...
     def add_session(self, session: WebSession) -> None: ...

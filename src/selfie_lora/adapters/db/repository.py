@@ -56,7 +56,7 @@ from selfie_lora.adapters.db.tables import (
     WebSessionRow,
 )
 from selfie_lora.adapters.sqlite_files import keep_private
-from selfie_lora.domain.accounts import fold_name
+from selfie_lora.domain.accounts import UserHoldings, fold_name
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
     ApiKey,
@@ -553,6 +553,61 @@ class SqlRepository:
                                .values(disabled_at=at))
             if getattr(result, "rowcount", 1) == 0:
                 raise StorageError(f"no user {user_id}")
+
+    def user_holdings(self, user_id: str) -> UserHoldings:
+        with self._tx() as s:
+            model_id = s.scalar(select(ModelRow.id).where(ModelRow.user_id == user_id))
+            datasets = s.execute(select(DatasetRow.id, DatasetRow.photo_hashes)
+                                 .where(DatasetRow.user_id == user_id)).all()
+            trainings = s.execute(select(TrainingRow.id, TrainingRow.status)
+                                  .where(TrainingRow.model_id == model_id)).all()
+            versions = s.execute(select(VersionRow.id, VersionRow.weights_key)
+                                 .where(VersionRow.model_id == model_id)).all()
+            generations = s.execute(select(GenerationRow.id, GenerationRow.image_keys)
+                                    .where(GenerationRow.user_id == user_id)).all()
+        return UserHoldings(
+            model_id=model_id, dataset_ids=tuple(d.id for d in datasets),
+            photo_hashes=tuple(sorted({h for d in datasets for h in d.photo_hashes})),
+            training_ids=tuple(t.id for t in trainings),
+            active_training_ids=tuple(t.id for t in trainings
+                                      if not TrainingStatus(t.status).is_terminal),
+            version_ids=tuple(v.id for v in versions),
+            weights_keys=tuple(sorted({v.weights_key for v in versions})),
+            generation_ids=tuple(g.id for g in generations),
+            image_keys=tuple(k for g in generations for k in g.image_keys))
+
+    def delete_user_data(self, user_id: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        with self._tx() as s:
+            model_id = s.scalar(select(ModelRow.id).where(ModelRow.user_id == user_id))
+
+            def gone(name: str, query: Any) -> None:
+                counts[name] = int(getattr(s.execute(query), "rowcount", 0) or 0)
+
+            # Children before parents, so the foreign keys never refuse (PostgreSQL checks
+            # them per statement). Another user's generations never name this user's versions.
+            gone("generations", delete(GenerationRow).where(
+                (GenerationRow.user_id == user_id) | (GenerationRow.model_id == model_id)))
+            if model_id is not None:
+                s.execute(update(ModelRow).where(ModelRow.id == model_id)
+                          .values(active_version_id=None))
+                gone("likeness records", delete(VersionLikenessRow)
+                     .where(VersionLikenessRow.model_id == model_id))
+                gone("versions", delete(VersionRow).where(VersionRow.model_id == model_id))
+                gone("trainings", delete(TrainingRow).where(TrainingRow.model_id == model_id))
+                gone("events", delete(EventRow).where(EventRow.model_id == model_id))
+                gone("models", delete(ModelRow).where(ModelRow.id == model_id))
+            gone("datasets", delete(DatasetRow).where(DatasetRow.user_id == user_id))
+            gone("upload claims", delete(UploadClaimRow).where(UploadClaimRow.user_id == user_id))
+            gone("api keys", delete(ApiKeyRow).where(ApiKeyRow.user_id == user_id))
+            gone("browser sessions", delete(WebSessionRow)
+                 .where(WebSessionRow.user_id == user_id))
+        return {name: n for name, n in counts.items() if n}
+
+    def delete_user(self, user_id: str) -> bool:
+        with self._tx() as s:
+            return bool(getattr(s.execute(delete(UserRow).where(UserRow.id == user_id)),
+                                "rowcount", 0))
 
     # api keys ---------------------------------------------------------------------------
     def add_api_key(self, key: ApiKey) -> None:

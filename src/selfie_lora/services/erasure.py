@@ -1,0 +1,180 @@
+"""Deleting an account and everything it owns (``selfie-lora users delete``): a photo service
+that holds people's faces must be able to forget a person.
+
+The steps, in this order, so that a process killed at any line leaves what the same command run
+again (or the garbage collector) finishes, each thing deleted once:
+
+1. refuse, changing nothing, while a training of the user is queued or running (``force``:
+   cancel it through ``TrainingService.cancel`` first, and wait for its worker to stop);
+2. disable the account in one transaction (``UserService.disable``): from here sign-in, API
+   keys and sessions are refused everywhere, and no new upload, training or generation starts;
+3. read what the user owns and the keys of their blobs (photos, originals from the datasets'
+   manifests, weights, generated pictures, probes, samples, checkpoints, charts, grids);
+4. delete every row the user owns but the user's own, in one transaction;
+5. delete those blobs through the collector (``GarbageCollector.erase``): planned against the
+   references as they are now, so a photo or weights another account names too is kept;
+6. delete the user's row.
+
+Killed before 4: the account stays disabled and the command run again does it all. Killed
+between 4 and 6: the rows are gone, the user's row (disabled) is left, and the blobs not yet
+deleted are orphans: the command run again deletes the user's row, and the next ``gc`` (or a
+worker's periodic one) deletes those blobs, as it deletes any orphan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from selfie_lora.domain.accounts import UserHoldings
+from selfie_lora.domain.entities import User
+from selfie_lora.domain.gc import GcSummary, format_bytes
+from selfie_lora.errors import ConflictError, ErrorCode, SelfieLoraError
+from selfie_lora.services.gc import GarbageCollector
+from selfie_lora.services.layout import (
+    manifest_key,
+    photo_key,
+)
+from selfie_lora.services.ports import BlobStore, Repository
+from selfie_lora.services.training import TrainingService
+from selfie_lora.services.users import UserService
+
+logger = logging.getLogger(__name__)
+
+# How long ``force`` waits for a worker to stop a training it was asked to cancel (it checks
+# every second or two).
+STOP_WAIT = timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class ErasureSummary:
+    """What ``users delete`` removed: rows per table, the blobs (and work folders), and the
+    trainings it canceled first."""
+
+    name: str
+    rows: dict[str, int] = field(default_factory=dict)
+    blobs: GcSummary = field(default_factory=lambda: GcSummary(dry_run=False))
+    canceled: tuple[str, ...] = ()
+    user_row: bool = True
+
+    def lines(self) -> list[str]:
+        out = [f"deleted user {self.name}"]
+        out.extend(f"  canceled training {t}" for t in self.canceled)
+        rows = ", ".join(f"{n} {table}" for table, n in self.rows.items()) or "none left"
+        out.append(f"  rows: {rows}; the account itself"
+                   + ("" if self.user_row else " (already gone)"))
+        size = sum(p.size for p in self.blobs.deleted)
+        out.append(f"  blobs and work folders: {len(self.blobs.deleted)}, "
+                   f"{format_bytes(size)}")
+        if self.blobs.kept:
+            out.append(f"  kept {len(self.blobs.kept)} blob(s) another account names too, or "
+                       "written within the grace period (the next gc deletes those no row "
+                       "names)")
+        return out
+
+    def as_json(self) -> dict[str, object]:
+        return {"name": self.name, "rows": self.rows, "canceled": list(self.canceled),
+                "blobs": len(self.blobs.deleted),
+                "bytes": sum(p.size for p in self.blobs.deleted),
+                "kept": list(self.blobs.kept)}
+
+
+class AccountEraser:
+    def __init__(self, *, repo: Repository, blobs: BlobStore, users: UserService,
+                 training: TrainingService, gc: GarbageCollector,
+                 stop_wait: timedelta = STOP_WAIT,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._repo = repo
+        self._blobs = blobs
+        self._users = users
+        self._training = training
+        self._gc = gc
+        self._stop_wait = stop_wait
+        self._sleep = sleep
+
+    def holdings(self, *, name: str) -> tuple[User, UserHoldings]:
+        """The user and what they own (what the command asks confirmation for)."""
+        user = self._users.get_by_name(name=name)
+        return user, self._repo.user_holdings(user.id)
+
+    def erase(self, *, name: str, force: bool = False) -> ErasureSummary:
+        """Delete the user ``name`` and everything they own (module docstring). ``NotFound``
+        for no such user; ``ConflictError`` (nothing changed) while a training of theirs is
+        queued or running, unless ``force``, which cancels it."""
+        user, held = self.holdings(name=name)
+        if held.active_training_ids and not force:
+            raise ConflictError(
+                f"{user.name} has a training queued or running "
+                f"({', '.join(held.active_training_ids)}): nothing was deleted; cancel it "
+                "first, or pass --force to cancel it and delete",
+                code=ErrorCode.TRAINING_IN_PROGRESS)
+        self._users.disable(name=user.name)  # step 2: refused everywhere from here on
+        canceled = self._stop_trainings(user, force=force)
+        held = self._repo.user_holdings(user.id)
+        keys, prefixes = self._blob_keys(held)
+        rows = self._repo.delete_user_data(user.id)
+        logger.info("user %s: rows deleted: %s", user.name, rows)
+        blobs = self._gc.erase(keys=keys, prefixes=prefixes, work_folders=held.training_ids)
+        gone = self._repo.delete_user(user.id)
+        logger.info("user %s deleted: %d blob(s) or folder(s)", user.name, len(blobs.deleted))
+        return ErasureSummary(name=user.name, rows=rows, blobs=blobs, canceled=canceled,
+                              user_row=gone)
+
+    def _stop_trainings(self, user: User, *, force: bool) -> tuple[str, ...]:
+        """Cancel the user's unfinished trainings and wait for their workers to stop them. A
+        training started between the first check and the disabling is one too."""
+        active = self._repo.user_holdings(user.id).active_training_ids
+        if active and not force:
+            raise ConflictError(
+                f"{user.name} started a training meanwhile ({', '.join(active)}); the account "
+                "is disabled: run again with --force to cancel it and delete",
+                code=ErrorCode.TRAINING_IN_PROGRESS)
+        for training_id in active:
+            self._training.cancel(user=user, training_id=training_id)
+        waited = 0.0
+        while (still := self._repo.user_holdings(user.id).active_training_ids):
+            if waited >= self._stop_wait.total_seconds():
+                raise ConflictError(
+                    f"asked the worker running {', '.join(still)} to stop; it has not yet "
+                    f"after {waited:.0f} s: run the command again once it has (the account "
+                    "stays disabled)", code=ErrorCode.TRAINING_IN_PROGRESS)
+            self._sleep(1.0)
+            waited += 1.0
+        return active
+
+    def _blob_keys(self, held: UserHoldings) -> tuple[list[str], list[str]]:
+        """The keys the user's rows name, and the prefixes holding the blobs their ids key
+        (``services.layout``)."""
+        keys = [photo_key(h) for h in held.photo_hashes]
+        keys.extend(held.weights_keys)
+        keys.extend(held.image_keys)
+        for dataset_id in held.dataset_ids:
+            keys.extend(self._originals(dataset_id))
+        prefixes = [p for d in held.dataset_ids for p in (f"datasets/{d}", f"quality/datasets/{d}")]
+        prefixes.extend(f"generations/{g}" for g in held.generation_ids)
+        prefixes.extend(f"quality/versions/{v}" for v in held.version_ids)
+        for t in held.training_ids:
+            prefixes.extend((f"samples/{t}", f"checkpoints/{t}"))
+        if held.model_id is not None:
+            prefixes.append(f"quality/models/{held.model_id}")
+        # A comparison grid is keyed by two versions: of one model, so both the user's.
+        mine = set(held.version_ids)
+        if mine:
+            prefixes.extend(
+                info.key.rsplit("/", 1)[0] for info in self._blobs.list("quality/compare")
+                if any(info.key.startswith(f"quality/compare/{v}-") for v in mine))
+        return keys, sorted(set(prefixes))
+
+    def _originals(self, dataset_id: str) -> list[str]:
+        """The originals a dataset's manifest names (the row does not)."""
+        try:
+            manifest = json.loads(self._blobs.get(manifest_key(dataset_id)))
+            return [str(p["original"]) for p in manifest["photos"] if p.get("original")]
+        except (SelfieLoraError, ValueError, KeyError, TypeError):
+            logger.warning("users delete: the manifest of dataset %s cannot be read; its "
+                           "originals are left to the garbage collection", dataset_id)
+            return []

@@ -1,0 +1,224 @@
+"""``selfie-lora users delete NAME``: an account and everything it owns goes, in the database
+and in storage; another account's data stays; a run stopped at any step is finished by running
+it again (and, for blobs whose rows were already gone, by the garbage collection); a queued or
+running training refuses it unless ``--force``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+from typer.testing import CliRunner
+
+from selfie_lora import cli
+from selfie_lora.adapters.db import tables
+from selfie_lora.config import Settings
+from selfie_lora.domain.entities import Recipe, Training, TrainingStatus
+from selfie_lora.services.common import utcnow
+from selfie_lora.services.gc import GarbageCollector
+from selfie_lora.services.layout import PREFIXES, checkpoint_key, sample_key
+from selfie_lora.wiring import Services
+from tests.support.owners import Owner, own_model
+from tests.support.photos import photo_zip
+
+ROW_TABLES = (tables.ApiKeyRow, tables.WebSessionRow, tables.ModelRow, tables.DatasetRow,
+              tables.TrainingRow, tables.VersionRow, tables.VersionLikenessRow,
+              tables.GenerationRow, tables.EventRow, tables.UploadClaimRow, tables.UserRow)
+
+
+def run(*args: str, stdin: str | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(cli.app, list(args), input=stdin)
+    assert "Traceback" not in result.output, result.output
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def on_services(services: Services, settings: Settings,
+                monkeypatch: pytest.MonkeyPatch) -> Services:
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    return services
+
+
+def blob_keys(services: Services) -> set[str]:
+    return {info.key for prefix in PREFIXES for info in services.blobs.list(prefix)}
+
+
+def row_counts(services: Services) -> dict[str, int]:
+    with services.engine.connect() as c:
+        return {t.__tablename__: c.execute(select(func.count()).select_from(t)).scalar_one()
+                for t in ROW_TABLES}
+
+
+def rows_of(services: Services) -> dict[str, list[tuple[Any, ...]]]:
+    with services.engine.connect() as c:
+        return {t.__tablename__: sorted(tuple(str(v) for v in r)
+                                        for r in c.execute(select(t)).all())
+                for t in ROW_TABLES}
+
+
+def furnish(client: TestClient, services: Services, name: str, *, photos: bytes) -> Owner:
+    """A user with a trained model, a generation, a session, a second key, a sample image
+    and a checkpoint of their training."""
+    owner = own_model(client, services, name, photos=photos)
+    r = client.post("/api/generate", headers=owner.headers, json={"prompt": "on a beach"})
+    assert r.status_code == 200, r.text
+    user = services.users.get_by_name(name=name)
+    services.users.create_key(user=user, name="second")
+    services.users.set_password(user=user, password="a long enough password")
+    services.users.sign_in(name=name, password="a long enough password", client="10.0.0.1")
+    assert owner.training is not None
+    services.blobs.put(sample_key(owner.training["id"], 1), b"sample of " + name.encode())
+    services.blobs.put(checkpoint_key(owner.training["id"], 1), b"ckpt of " + name.encode())
+    return owner
+
+
+def mine(keys: set[str], services: Services, owner: Owner) -> set[str]:
+    """The keys that name one of the owner's ids."""
+    assert owner.training is not None
+    assert owner.version is not None
+    ids = (owner.model["id"], owner.training["id"], owner.version["id"])
+    return {k for k in keys if any(i in k for i in ids)}
+
+
+def test_a_user_and_everything_theirs_is_deleted_and_no_one_elses(
+        on_services: Services, client: TestClient) -> None:
+    services = on_services
+    bob = furnish(client, services, "bob", photos=photo_zip(3, offset=10))
+    bob_rows = rows_of(services)
+    bob_blobs = blob_keys(services)
+    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    assert mine(blob_keys(services), services, ann)  # samples, checkpoints at least
+    before = blob_keys(services) - bob_blobs
+    assert any(k.startswith("photos/") for k in before)
+    assert any(k.startswith("weights/") for k in before)
+    assert any(k.startswith("generations/") for k in before)
+
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 0, said
+    assert "deleted user ann" in said
+    assert "rows:" in said
+    assert "generations" in said
+    assert "versions" in said
+
+    assert blob_keys(services) == bob_blobs  # every blob of hers gone, every one of his kept
+    assert rows_of(services) == bob_rows  # every row of hers gone, his untouched
+    assert services.repo.get_user_by_name("ann") is None
+    r = client.get("/api/model", headers=ann.headers)
+    assert r.status_code == 401
+    assert client.get("/api/model", headers=bob.headers).status_code == 200
+
+
+def test_a_photo_another_user_uploaded_too_is_kept(
+        on_services: Services, client: TestClient) -> None:
+    services = on_services
+    furnish(client, services, "bob", photos=photo_zip(4))
+    bob_photos = {k for k in blob_keys(services) if k.startswith("photos/")}
+    furnish(client, services, "ann", photos=photo_zip(4))  # the same photos
+    code, said = run("users", "delete", "ann", "--yes", "--json")
+    assert code == 0, said
+    assert json.loads(said.splitlines()[-1])["name"] == "ann"
+    assert {k for k in blob_keys(services) if k.startswith("photos/")} == bob_photos
+
+
+def test_no_confirmation_at_a_pipe_exits_2_and_an_unknown_name_deletes_nothing(
+        on_services: Services, client: TestClient) -> None:
+    services = on_services
+    furnish(client, services, "ann", photos=photo_zip(4))
+    rows, blobs = rows_of(services), blob_keys(services)
+    code, said = run("users", "delete", "ann")
+    assert code == 2
+    assert "--yes" in said
+    assert "nothing was deleted" in said
+    code, said = run("users", "delete", "nobody", "--yes")
+    assert code == 1
+    assert "no user named 'nobody'" in said
+    assert (rows_of(services), blob_keys(services)) == (rows, blobs)
+
+
+def test_a_training_running_refuses_without_force_and_force_cancels_it(
+        on_services: Services, client: TestClient) -> None:
+    services = on_services
+    own_model(client, services, "ann", photos=photo_zip(4), versions=0)
+    user = services.users.get_by_name(name="ann")
+    model = services.repo.get_model_for_user(user.id)
+    dataset = services.repo.latest_accepted_dataset(user.id)
+    assert model is not None
+    assert dataset is not None
+    # Queued in the database only: no worker is sent it, so it stays queued.
+    training_id = "queued-one"
+    services.repo.add_training(Training(
+        id=training_id, model_id=model.id, dataset_id=dataset.id, backend="local",
+        status=TrainingStatus.QUEUED, is_retraining=False, trigger_word=model.trigger_word,
+        destination=model.destination, trainer_version=model.trainer_version,
+        recipe=Recipe(name="local-tiny-v1", steps=4, lora_rank=4, learning_rate=1e-2,
+                      resolution=64),
+        preserved={}, created_at=utcnow()))
+    rows = rows_of(services)
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 1, said
+    assert "training queued or running" in said
+    assert "--force" in said
+    assert rows_of(services) == rows  # nothing changed, not even disabled
+    code, said = run("users", "delete", "ann", "--yes", "--force")
+    assert code == 0, said
+    assert f"canceled training {training_id}" in said
+    assert services.repo.get_user_by_name("ann") is None
+    assert row_counts(services)["trainings"] == 0
+
+
+STEPS = ("disable", "delete_user_data", "erase", "delete_user")
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_delete_stopped_at_any_step_is_finished_by_running_it_again(
+        on_services: Services, client: TestClient, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    services = on_services
+    furnish(client, services, "bob", photos=photo_zip(3, offset=10))
+    bob_rows = rows_of(services)
+    bob_blobs_before = blob_keys(services)
+    furnish(client, services, "ann", photos=photo_zip(4))
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt(f"killed at {step}")
+
+    targets: dict[str, tuple[object, str]] = {
+        "disable": (services.users, "disable"),
+        "delete_user_data": (services.repo, "delete_user_data"),
+        "erase": (services.gc, "erase"),
+        "delete_user": (services.repo, "delete_user"),
+    }
+    obj, attr = targets[step]
+    eraser = services.erasure
+    with monkeypatch.context() as m:
+        m.setattr(obj, attr, crash)
+        with pytest.raises(KeyboardInterrupt):
+            eraser.erase(name="ann")
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 0, said
+    assert services.repo.get_user_by_name("ann") is None
+    assert rows_of(services) == bob_rows
+    if step == "erase":
+        # Its rows went before the kill: her blobs are orphans, which the collection deletes
+        # once past the grace period.
+        later: Callable[[], Any] = lambda: utcnow() + timedelta(days=2)  # noqa: E731
+        GarbageCollector(repo=services.repo, blobs=services.blobs, work_dir=settings.work_dir,
+                         policy=settings.gc_policy, clock=later).collect(force=True)
+        # The collection deletes his checkpoint too: his training ended, nothing resumes it.
+        bob_blobs_before = {k for k in bob_blobs_before if not k.startswith("checkpoints/")}
+    assert blob_keys(services) == bob_blobs_before
+
+
+def test_a_deleted_users_queued_training_is_not_left_in_the_count(
+        on_services: Services, client: TestClient) -> None:
+    """The status counts the metrics read no longer hold hers."""
+    services = on_services
+    furnish(client, services, "ann", photos=photo_zip(4))
+    assert run("users", "delete", "ann", "--yes")[0] == 0
+    counts = services.repo.count_trainings_by_status()
+    assert counts.get(TrainingStatus.SUCCEEDED, 0) == 0
