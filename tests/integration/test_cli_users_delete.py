@@ -222,3 +222,22 @@ def test_a_deleted_users_queued_training_is_not_left_in_the_count(
     assert run("users", "delete", "ann", "--yes")[0] == 0
     counts = services.repo.count_trainings_by_status()
     assert counts.get(TrainingStatus.SUCCEEDED, 0) == 0
+
+
+def test_a_user_deletes_their_own_account_through_the_api(
+        on_services: Services, client: TestClient) -> None:
+    services = on_services
+    bob = furnish(client, services, "bob", photos=photo_zip(3, offset=10))
+    bob_rows, bob_blobs = rows_of(services), blob_keys(services)
+    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "bob"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_input"
+    assert services.repo.get_user_by_name("ann") is not None
+    r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "ann"})
+    assert r.status_code == 200, r.text
+    assert r.json()["deleted"]["name"] == "ann"
+    assert r.json()["deleted"]["blobs"] > 0
+    assert (rows_of(services), blob_keys(services)) == (bob_rows, bob_blobs)
+    assert client.get("/api/model", headers=ann.headers).status_code == 401
+    assert client.get("/api/model", headers=bob.headers).status_code == 200

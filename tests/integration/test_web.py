@@ -1495,3 +1495,24 @@ def test_a_disabled_user_s_browser_is_signed_out_and_its_sign_in_refused(
         assert "sl_session" not in r.cookies  # no new session
         svc.users.enable(name="ann")
         sign_in(client, "ann")
+
+
+def test_the_settings_page_deletes_the_account_once_its_name_is_typed(
+        ann: TestClient, svc: Services) -> None:
+    """The page's button: a wrong name deletes nothing (422, said beside the form); the name
+    typed deletes the account, ends the session and leads to the sign-in page."""
+    page = ann.get("/settings").text
+    assert 'action="/settings/delete"' in page
+    assert 'class="confirm inline"' in page
+    r = ann.post("/settings/delete", data={"csrf_token": csrf(ann), "confirm": "bob"},
+                 follow_redirects=False)
+    assert r.status_code == 422
+    assert "type your name to confirm" in r.text
+    assert svc.repo.get_user_by_name("ann") is not None
+    r = ann.post("/settings/delete", data={"csrf_token": csrf(ann, "/settings"),
+                                           "confirm": "ann"}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    assert r.headers["location"] == "/signin"
+    assert svc.repo.get_user_by_name("ann") is None
+    assert svc.repo.get_user_by_name("bob") is not None
+    assert ann.get("/settings", follow_redirects=False).status_code in (302, 303)

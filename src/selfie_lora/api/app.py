@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from selfie_lora.api import generation, keys, likeness, model, training, webhooks
+from selfie_lora.api import account, generation, keys, likeness, model, training, webhooks
 from selfie_lora.api.deps import in_thread, intake_limiter, upload_slots
 from selfie_lora.api.error_body import error_response
 from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits
@@ -134,7 +134,7 @@ def create_app(
 
     # Before the pages: a request is matched against the routes in order, and the API's reads
     # are the requests that come by the hundred.
-    for module in (training, model, likeness, generation, keys, webhooks):
+    for module in (training, model, likeness, generation, keys, account, webhooks):
         app.include_router(module.router)
     # Inside the pages' security headers: its error page gets them too (Web.stopping_page).
     app.add_middleware(

@@ -76,6 +76,13 @@ class KeyBody(_Body):
                       "(422 invalid_name otherwise).")
 
 
+class DeleteAccountBody(_Body):
+    confirm: str = Field(description="The account's name, typed again: without it nothing is "
+                         "deleted (422 invalid_input).")
+    force: bool = Field(default=False, description="Cancel a queued or running training "
+                        "first (without it: 409 training_in_progress, nothing deleted).")
+
+
 class ErrorDetail(BaseModel):
     code: str = Field(description="A stable code (see selfie_lora.errors.ErrorCode).")
     message: str = Field(description="A sentence a user can act on.")

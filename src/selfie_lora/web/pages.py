@@ -753,3 +753,21 @@ def settings_revoke_key(request: Request, key_id: str, viewer: FormViewer) -> Re
     web = _web(request)
     web.services.users.revoke_key(user=viewer.user, key_id=key_id)
     return _see("/settings")
+
+
+@router.post("/settings/delete")
+def settings_delete_account(request: Request, viewer: FormViewer,
+                            confirm: OptionalFormStr = None) -> Response:
+    """Delete the signed-in account and everything it owns (``services.erasure``): the name
+    typed again confirms it; a training queued or running refuses it (cancel it first)."""
+    web = _web(request)
+    if confirm != viewer.user.name:
+        return _settings(request, viewer, status_code=422,
+                         delete_error="type your name to confirm: nothing was deleted")
+    try:
+        web.services.erasure.erase(name=viewer.user.name)
+    except ConflictError as error:
+        return _settings(request, viewer, status_code=409, delete_error=error.message)
+    response = _see("/signin")
+    web.clear_session_cookie(response, request)
+    return response
