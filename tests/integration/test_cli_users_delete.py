@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +24,10 @@ from selfie_lora.services.common import utcnow
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.layout import PREFIXES, checkpoint_key, sample_key
 from selfie_lora.wiring import Services
+from tests.conftest import make_settings, serving
 from tests.support.owners import Owner, own_model
 from tests.support.photos import photo_zip
+from tests.support.s3 import S3Server
 
 ROW_TABLES = (tables.ApiKeyRow, tables.WebSessionRow, tables.ModelRow, tables.DatasetRow,
               tables.TrainingRow, tables.VersionRow, tables.VersionLikenessRow,
@@ -241,3 +244,17 @@ def test_a_user_deletes_their_own_account_through_the_api(
     assert (rows_of(services), blob_keys(services)) == (bob_rows, bob_blobs)
     assert client.get("/api/model", headers=ann.headers).status_code == 401
     assert client.get("/api/model", headers=bob.headers).status_code == 200
+
+
+def test_on_object_storage_every_blob_of_hers_goes_and_his_stay(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    """The same on S3-compatible storage: the blobs are listed and deleted in the bucket."""
+    settings = make_settings(tmp_path, **s3_server.settings(s3_server.new_location()))
+    with serving(settings, run_worker=True) as (client, services):
+        furnish(client, services, "bob", photos=photo_zip(3, offset=10))
+        bob_rows, bob_blobs = rows_of(services), blob_keys(services)
+        furnish(client, services, "ann", photos=photo_zip(4))
+        assert blob_keys(services) - bob_blobs
+        summary = services.erasure.erase(name="ann")
+        assert summary.blobs.deleted
+        assert (rows_of(services), blob_keys(services)) == (bob_rows, bob_blobs)
