@@ -128,6 +128,30 @@ def test_a_photo_another_user_uploaded_too_is_kept(
     assert {k for k in blob_keys(services) if k.startswith("photos/")} == bob_photos
 
 
+def test_a_photo_uploaded_by_another_user_while_hers_are_deleted_is_written_back(
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Photos are keyed by their content: bob uploading the same photos while ann's are being
+    deleted stores them "again" as blobs that exist (made fresh, not written), and the delete
+    then removes the file his new row names. The erase holds young blobs aside (on disk: weights
+    can be GBs) and writes back each one a row named meanwhile."""
+    services = on_services
+    furnish(client, services, "ann", photos=photo_zip(4))
+    real_delete = services.blobs.delete
+    uploaded: list[Owner] = []
+
+    def delete_racing_an_upload(key: str) -> None:
+        if key.startswith("photos/") and not uploaded:
+            uploaded.append(own_model(client, services, "bob", photos=photo_zip(4), versions=0))
+        real_delete(key)
+
+    monkeypatch.setattr(services.blobs, "delete", delete_racing_an_upload)
+    summary = services.erasure.erase(name="ann")
+    assert uploaded  # the race happened
+    photos = {k for k in blob_keys(services) if k.startswith("photos/")}
+    assert len(photos) == 4, photos  # every photo his upload names is there
+    assert photos <= set(summary.blobs.kept)
+
+
 def test_no_confirmation_at_a_pipe_exits_2_and_an_unknown_name_deletes_nothing(
         on_services: Services, client: TestClient) -> None:
     services = on_services

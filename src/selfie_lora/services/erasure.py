@@ -41,7 +41,7 @@ from selfie_lora.services.layout import (
 )
 from selfie_lora.services.ports import BlobStore, Repository
 from selfie_lora.services.training import TrainingService
-from selfie_lora.services.users import UserService
+from selfie_lora.services.users import API_KEY_CACHE_TTL, UserService
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +113,10 @@ class AccountEraser:
                 "first, or pass --force to cancel it and delete",
                 code=ErrorCode.TRAINING_IN_PROGRESS)
         self._users.disable(name=user.name)  # step 2: refused everywhere from here on
+        # Other API servers remember a key they found valid for API_KEY_CACHE_TTL: a request
+        # let in by one would answer as a user whose rows are going (404s, or a row written
+        # after the delete). Waited out once, before anything is deleted.
+        self._sleep(API_KEY_CACHE_TTL.total_seconds())
         canceled = self._stop_trainings(user, force=force)
         held = self._repo.user_holdings(user.id)
         keys, prefixes = self._blob_keys(held)

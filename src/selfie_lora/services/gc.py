@@ -47,10 +47,12 @@ lookups, the collection has the whole listing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -175,10 +177,10 @@ class GarbageCollector:
         (the rows are gone: the grace period, which spares a blob whose row is coming, does not
         apply). A photo, an original or weights is keyed by its content: another upload may be
         storing the same bytes right now, its row committing after the second plan; so one
-        written within the grace period is held in memory while deleted and written back if a
-        third reading of the references finds a row naming it. Deleting a missing blob is no
-        error and counts nothing. Takes no lease: every deletion checks the references
-        itself, as two overlapping collections do."""
+        written within the grace period is copied to a private temporary folder while deleted
+        and written back if a third reading of the references finds a row naming it.
+        Deleting a missing blob is no error and counts nothing. Takes no lease: every deletion
+        checks the references itself, as two overlapping collections do."""
         listing: dict[str, Blob] = {}
         for prefix in prefixes:
             for info in self._blobs.list(prefix):
@@ -201,26 +203,37 @@ class GarbageCollector:
         chosen = intersect(plan.blobs, again.blobs)
         kept = sorted({b.key for b in blobs} - {p.key for p in chosen})
         deleted: list[Planned] = []
-        held: dict[str, bytes] = {}
-        for item in chosen:
-            modified = self._blobs.modified(item.key)
-            if modified is None:
-                continue  # gone already: counts nothing
-            owner = owner_of(item.key)
-            if (owner is not None and owner[0] in _BY_CONTENT
-                    and modified >= self._clock() - self.policy.grace):
-                held[item.key] = self._blobs.get(item.key)
-            self._blobs.delete(item.key)
-            deleted.append(item)
-        if held:
-            third, _, _ = self._plan(blobs, [])
-            gone = {p.key for p in third.blobs}
-            for key, data in held.items():
-                if key not in gone:  # a row named it meanwhile: written back
-                    self._blobs.put(key, data)
-                    kept.append(key)
-                    deleted = [p for p in deleted if p.key != key]
-                    logger.info("users delete: %s was stored again meanwhile; kept", key)
+        # Held on disk, not in memory: weights can be GBs. The folder is private (0700) and
+        # goes with the call; a process killed while holding loses only what no row named.
+        with tempfile.TemporaryDirectory(prefix="selfie-lora-erase-") as spool:
+            held: dict[str, Path] = {}
+            for item in chosen:
+                modified = self._blobs.modified(item.key)
+                if modified is None:
+                    continue  # gone already: counts nothing
+                owner = owner_of(item.key)
+                if (owner is not None and owner[0] in _BY_CONTENT
+                        and modified >= self._clock() - self.policy.grace):
+                    copy = Path(spool) / str(len(held))
+                    try:
+                        stream = self._blobs.open(item.key)
+                    except BlobMissingError:
+                        continue  # gone meanwhile
+                    with contextlib.closing(stream), copy.open("wb") as out:
+                        for chunk in stream.chunks:
+                            out.write(chunk)
+                    held[item.key] = copy
+                self._blobs.delete(item.key)
+                deleted.append(item)
+            if held:
+                third, _, _ = self._plan(blobs, [])
+                gone = {p.key for p in third.blobs}
+                for key, copy in held.items():
+                    if key not in gone:  # a row named it meanwhile: written back
+                        self._blobs.put_file(key, copy)
+                        kept.append(key)
+                        deleted = [p for p in deleted if p.key != key]
+                        logger.info("users delete: %s was stored again meanwhile; kept", key)
         for item in intersect(plan.work_folders, again.work_folders):
             if self._remove_folder(item):
                 deleted.append(item)
