@@ -888,7 +888,7 @@ def demo(
 ) -> None:
     """The whole cycle on the embedded defaults, offline: check, first training, retraining,
     comparison, generation."""
-    from selfie_lora.demo import DemoFolderError, run_demo
+    from selfie_lora.demo import DemoFolderError, DemoHomeInUseError, run_demo
 
     try:
         run_demo(out=out)
@@ -896,6 +896,8 @@ def demo(
         _invalid_settings(exc, code=1)
     except DemoFolderError as exc:  # a usage error, as typer's own are: exit status 2
         _fail(exc.message, code=2)
+    except DemoHomeInUseError as exc:  # as restore's refusal on a HOME in use: exit status 1
+        _fail(exc.message)
     except SelfieLoraError as exc:
         _fail(exc.message, label="demo failed")
 

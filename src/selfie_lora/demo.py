@@ -21,10 +21,10 @@ from selfie_lora.console import console as default_console
 from selfie_lora.console import follow_training, print_report
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.domain.entities import Finding, Model, TrainingStatus, User
-from selfie_lora.errors import InvalidInputError, SelfieLoraError
+from selfie_lora.errors import ConfigError, InvalidInputError, SelfieLoraError
 from selfie_lora.outputs import write_whole
 from selfie_lora.services.generation import GenerationRequest
-from selfie_lora.wiring import Services, build_services
+from selfie_lora.wiring import Services, build_services, clearing_home
 from selfie_lora.worker import embedded_worker
 
 DEMO_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg")
@@ -43,6 +43,12 @@ DEMO_ENTRIES = ("photos", "home", "generated")
 
 class DemoFolderError(InvalidInputError):
     """``--out`` names a folder the demo did not make (or a file): nothing was touched."""
+
+
+class DemoHomeInUseError(ConfigError):
+    """A ``serve`` or ``worker`` runs on the earlier demo's ``home/`` (the ``serve`` line the
+    demo printed): deleting it would leave that server answering from deleted files, so nothing
+    was touched. Refused as ``restore`` is refused in the same case (exit status 1)."""
 
 
 def prepare_demo_folder(out: Path) -> None:
@@ -68,12 +74,20 @@ def _take_folder(out: Path) -> None:
             raise DemoFolderError(
                 f"--out {out} is a folder the demo did not make and it is not empty; nothing "
                 "was changed (name a new or empty folder)")
-        for name in DEMO_ENTRIES:
-            entry = out / name
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            elif entry.exists() or entry.is_symlink():
-                entry.unlink()
+        home = out / "home"
+        refused = (f"a server or worker runs on {home}: stop it first (Ctrl-C in the terminal "
+                   "of the serve the demo printed); nothing was changed")
+        try:
+            # Held until home/ is gone: a serve starting meanwhile is refused, not emptied.
+            with clearing_home(home, refused=refused):
+                for name in DEMO_ENTRIES:
+                    entry = out / name
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    elif entry.exists() or entry.is_symlink():
+                        entry.unlink()
+        except ConfigError as exc:
+            raise DemoHomeInUseError(exc.message) from None
     out.mkdir(parents=True, exist_ok=True)
     # Written before anything else: a demo stopped half-way still leaves a folder it may reuse.
     (out / DEMO_MARKER).write_text(

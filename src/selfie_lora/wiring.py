@@ -388,6 +388,14 @@ def using_home(settings: Settings) -> AbstractContextManager[None]:
     return hold(settings.home)
 
 
+def clearing_home(home: Path, *, refused: str) -> AbstractContextManager[None]:
+    """Held by ``demo`` while it deletes an earlier demo's HOME: refused (``ConfigError``)
+    while a ``serve`` or ``worker`` runs on it (``adapters.home_lock``)."""
+    from selfie_lora.adapters.home_lock import clearing_home as hold
+
+    return hold(home, refused=refused)
+
+
 def build_backups(settings: Settings) -> BackupService:
     """Backup and restore of the data in HOME, without opening the database as the services
     do (a restore must not migrate, nor make, the HOME it is about to replace)."""

@@ -95,3 +95,26 @@ def test_the_demo_reads_no_setting_from_the_environment(
     assert (settings.trainer, settings.base_model, settings.local_isolation) == (
         "local", "tiny", "inline")
     assert settings.min_photos == 2
+
+
+def test_a_demo_run_again_while_its_serve_runs_is_refused_and_changes_nothing(
+        tmp_path: Path) -> None:
+    # The README's path: demo, then the serve it prints (which holds home/.in-use shared), then
+    # demo again. Deleting home/ would leave that server answering from deleted files.
+    from selfie_lora.adapters.home_lock import using_home
+
+    out = tmp_path / "demo-output"
+    prepare_demo_folder(out)
+    what_a_demo_leaves(out)
+    with using_home(out / "home"):  # the running serve
+        before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+        result = CliRunner().invoke(app, ["demo", "--out", str(out)])
+        assert result.exit_code == 1, result.output  # as restore's refusal
+        assert "a server or worker runs on" in result.output
+        assert "stop it first" in result.output
+        assert "nothing was changed" in result.output
+        assert "Traceback" not in result.output
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before
+        assert (out / "home" / "selfie-lora.db").read_bytes() == b"demo"
+    prepare_demo_folder(out)  # the serve stopped: the demo replaces its folder again
+    assert sorted(p.name for p in out.iterdir()) == [DEMO_MARKER]

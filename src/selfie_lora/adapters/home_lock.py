@@ -69,6 +69,19 @@ def restoring_home(home: Path) -> Iterator[None]:
 
 
 @contextmanager
+def clearing_home(home: Path, *, refused: str) -> Iterator[None]:
+    """Held by ``demo`` while it deletes the HOME an earlier demo made: a ``serve`` still
+    running on it (the command the demo printed) would go on answering from deleted files, so
+    the demo is refused (``refused``) while one runs, as ``restore`` is. A HOME that is no
+    folder is left to the caller."""
+    if not home.is_dir() or home.is_symlink():
+        yield
+        return
+    with _locked(home, fcntl.LOCK_EX, refused):
+        yield
+
+
+@contextmanager
 def holding(folder: Path) -> Iterator[None]:
     """``folder``'s ``.in-use`` locked exclusive: a restore's new HOME, from before it takes
     HOME's name, so that a serve or worker starting after the exchange waits for the restore's
