@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from selfie_lora.wiring import Services
 from tests.conftest import auth, wait_terminal
-from tests.support.photos import photo_zip
+from tests.support.photos import photo_zip, synthetic_photo
 
 ERROR = {"$ref": "#/components/schemas/ErrorAnswer"}
 EVERY_ROUTE = {"401", "403", "500", "503"}
@@ -75,17 +75,32 @@ def test_the_codes_the_routes_answer_are_in_their_declared_descriptions(
         ("get", "/api/generations/{generation_id}/images/{index}",
          "/api/generations/g/images/abc", ann, None),
         ("post", "/api/keys", "/api/keys", ann, {"name": "   "}),
+        ("post", "/api/generate", "/api/generate", ann, {"prompt": "   "}),
     ]
     seen = set()
-    for method, template, url, headers, body in asked:
-        r = client.request(method.upper(), url, headers=headers, json=body)
+
+    def declares(method: str, template: str, url: str, r: Any) -> None:
         code = r.json()["error"]["code"]
         seen.add(code)
         declared = doc["paths"][template][method]["responses"]
         assert str(r.status_code) in declared, (method, url, r.status_code, code)
         assert code in declared[str(r.status_code)]["description"], (method, url, code)
+
+    for method, template, url, headers, body in asked:
+        declares(method, template, url, client.request(method.upper(), url, headers=headers,
+                                                       json=body))
+    photo = synthetic_photo(1, size=32)
+    sent = [  # photos sent one by one, refused as a whole before any is read
+        [("files", ("a.jpg", photo, "image/jpeg")), ("files", ("a.jpg", photo, "image/jpeg"))],
+        [("files", ("x" * 300 + ".jpg", photo, "image/jpeg"))],
+        [("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(201)],
+    ]
+    for files in sent:
+        declares("post", "/api/training/upload", "/api/training/upload",
+                 client.post("/api/training/upload", headers=ann, files=files))
     assert {"forbidden", "no_dataset", "body_too_large", "empty_patch", "invalid_request",
-            "invalid_name"} <= seen
+            "invalid_name", "empty_prompt", "duplicate_member", "name_too_long",
+            "too_many_members"} <= seen
 
 
 def test_a_key_name_empty_or_too_long_is_invalid_name_as_documented(

@@ -147,6 +147,10 @@ ARCHIVE_CODES = (E.ARCHIVE_TOO_LARGE, E.BAD_ARCHIVE, E.COMPRESSION_RATIO, E.DUPL
                  E.OVERLAPPING_ENTRIES, E.SIZE_MISMATCH, E.SPECIAL_FILE,
                  E.SYMLINK_IN_ARCHIVE, E.TOO_MANY_MEMBERS, E.UNSAFE_PATH,
                  E.UNSUPPORTED_COMPRESSION)
+# Photos sent one by one (dataset.archive.read_uploaded_files) refused as a whole: the same
+# refusals as a zip's members that apply to separate files (an archive among them, or a file
+# too large for a photo, is that file's finding).
+SENT_FILES_CODES = (E.DUPLICATE_MEMBER, E.NAME_TOO_LONG, E.TOO_MANY_MEMBERS)
 _SAYS = {E.FORBIDDEN: "forbidden (this account is disabled)"}
 
 

@@ -14,6 +14,7 @@ from selfie_lora.api.schemas import (
     ARCHIVE_CODES,
     NOT_FOUND,
     NOT_FOUND_OR_INVALID,
+    SENT_FILES_CODES,
     STARTS_CONFLICTS,
     UPLOAD_ERRORS,
     CancelBody,
@@ -86,7 +87,7 @@ async def upload_zip(
 
 
 @router.post("/upload", status_code=202, responses=errors(
-    {**UPLOAD_ERRORS, 422: (E.INVALID_REQUEST, E.DATASET_REJECTED)}))
+    {**UPLOAD_ERRORS, 422: (E.INVALID_REQUEST, E.DATASET_REJECTED, *SENT_FILES_CODES)}))
 async def upload_files(
     user: UserDep, svc: ServicesDep, request: Request,
     files: Annotated[list[UploadFile], File(description="Photos, one part each.")],
