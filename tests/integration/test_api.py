@@ -452,6 +452,21 @@ def test_a_patch_of_the_trainer_version_and_the_scale_is_applied_whole_or_not_at
                   ("lora_scale_set", 1.0, 0.6), ("lora_scale_set", 0.6, 0.6)]
 
 
+def test_a_repin_without_a_reason_answers_reason_required_with_the_services_words(
+        client: TestClient, services: Services) -> None:
+    h = auth(services, "ann")
+    upload(client, h, start=False)
+    pinned = client.get("/api/model", headers=h).json()["trainer_version"]
+    for body in ({"trainer_version": "local-tiny-v1"},
+                 {"trainer_version": "local-tiny-v1", "reason": ""},
+                 {"trainer_version": "local-tiny-v1", "reason": "   "}):
+        r = client.patch("/api/model", headers=h, json=body)
+        assert r.status_code == 422, (body, r.text)
+        assert r.json()["error"]["code"] == "reason_required", (body, r.text)
+        assert r.json()["error"]["message"] == "say why the trainer version changes (reason)"
+    assert client.get("/api/model", headers=h).json()["trainer_version"] == pinned
+
+
 def test_a_weights_download_resumes_with_a_range_and_answers_head(
         client: TestClient, services: Services) -> None:
     """curl -C - failed ('HTTP server doesn't seem to support byte ranges'): a Range got 200

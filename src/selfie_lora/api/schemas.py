@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
 from selfie_lora.errors import ErrorCode
@@ -49,13 +49,10 @@ class ModelPatch(_Body):
         default=None, min_length=1, max_length=300,
         description="Re-pin the trainer version (explicit and logged; needs a reason).",
     )
-    reason: str | None = Field(default=None, min_length=1, max_length=500)
-
-    @model_validator(mode="after")
-    def _reason_for_repin(self) -> ModelPatch:
-        if self.trainer_version is not None and not (self.reason or "").strip():
-            raise ValueError("re-pinning the trainer version needs a reason")
-        return self
+    # No "needs a reason" rule here: the service's 422 reason_required (with its message) is
+    # the answer as documented; a validator here answered invalid_request first, with
+    # pydantic's "Value error, ..." text.
+    reason: str | None = Field(default=None, max_length=500)
 
 
 class GenerateBody(_Body):
