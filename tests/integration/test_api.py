@@ -16,10 +16,12 @@ from typing import Any, TypeVar
 
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.replicate.session import GENERATOR_FAILURES
 from selfie_lora.api.app import create_app
+from selfie_lora.config import Settings
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.errors import GenerationError, StorageError
 from selfie_lora.services.generation import MAX_SEED
@@ -744,7 +746,39 @@ def test_generate_before_a_version_is_422(client: TestClient, services: Services
     r = client.post("/api/generate", headers=h, json={"prompt": "x"})
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "no_version"
+    assert r.json()["error"]["message"].endswith("wait for it to finish")
     fake_trainer.gate.set()
+
+
+def test_no_version_says_to_train_when_no_training_is_queued_or_running(
+        client: TestClient, services: Services, settings: Settings,
+        fake_trainer: FakeTrainer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # carol uploaded with start=false: waiting would never help; then erin's training failed.
+    import selfie_lora.wiring as wiring
+    from selfie_lora import cli
+
+    train_it = ("your model has no trained version yet: train it (the Train page, POST "
+                "/api/training/start or selfie-lora train)")
+    carol = auth(services, "carol")
+    upload(client, carol, start=False)
+    r = client.post("/api/generate", headers=carol, json={"prompt": "x"})
+    assert r.status_code == 422
+    assert r.json()["error"] == {"code": "no_version", "message": train_it, "details": []}
+    erin = auth(services, "erin")
+    fake_trainer.outcomes.append("failed")
+    done = wait_terminal(client, erin, upload(client, erin)["training"]["id"])
+    assert done["training"]["status"] == "failed"
+    r = client.post("/api/generate", headers=erin, json={"prompt": "x"})
+    assert r.json()["error"]["message"] == train_it
+    # The CLI prints the service's words.
+    real = wiring.build_services
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    monkeypatch.setattr(wiring, "build_services",
+                        lambda s, **kw: real(s, **{"trainers": {"local": fake_trainer}, **kw}))
+    result = CliRunner().invoke(cli.app, ["generate", "x", "--user", "carol"])
+    assert result.exit_code == 1, result.output
+    assert train_it in result.output.replace("\n", "")
+    assert "wait" not in result.output
 
 
 def test_numbers_are_numbers_not_booleans_nor_strings(client: TestClient, services: Services,

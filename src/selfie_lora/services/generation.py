@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfie_lora.domain.entities import Generation, Model, User, Version
+from selfie_lora.domain.entities import Generation, Model, TrainingStatus, User, Version
 from selfie_lora.domain.plan import (
     check_version_fits_base_model,
     ensure_trigger_word,
@@ -232,6 +232,20 @@ class GenerationService:
         with self._in_flight.hold(user.id):
             return self._generate_timed(user=user, request=request)
 
+    def _no_version(self, model_id: str) -> str:
+        """What to do about a model with no active version: waiting helps only while a training
+        is queued or running; after none, or a failed or canceled one, it never would."""
+        active = [t for t in self._repo.list_trainings(model_id) if t.status.is_active]
+        if active:
+            state = "queued" if active[0].status is TrainingStatus.QUEUED else "running"
+            return (f"your model has no trained version yet: its training is {state}; wait "
+                    "for it to finish")
+        if self._repo.list_versions(model_id):  # each one held back (the likeness gate, a cancel)
+            return ("your model has no active version: activate one (the Versions page or POST "
+                    "/api/model/versions/{id}/activate) or train again")
+        return ("your model has no trained version yet: train it (the Train page, POST "
+                "/api/training/start or selfie-lora train)")
+
     def _generate(self, *, user: User, request: GenerationRequest) -> Generation:
         if not request.prompt.strip():
             raise InvalidInputError("the prompt is empty", code=ErrorCode.EMPTY_PROMPT)
@@ -253,8 +267,7 @@ class GenerationService:
             raise NotFoundError("you have no model yet: upload photos to start one")
         ref = request.version_id or model.active_version_id
         if ref is None:
-            raise InvalidInputError("your model has no trained version yet; wait for the "
-                                    "training to finish", code=ErrorCode.NO_VERSION)
+            raise InvalidInputError(self._no_version(model.id), code=ErrorCode.NO_VERSION)
         version = find_version(self._repo.list_versions(model.id), ref)
         if version is None:
             raise NotFoundError(f"no such version: {ref[:64]}")
