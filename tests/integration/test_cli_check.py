@@ -135,3 +135,14 @@ def test_a_crash_exits_2_not_1(cli: CliRunner, photos: Path,
     result = cli.invoke(app, ["check", str(photos)])
     assert result.exit_code == 2, result.output
     assert "could not run" in result.output
+
+
+def test_a_zip_over_the_upload_limit_states_the_configured_limit(
+        cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The API's guard and upload routes state it in the same words (test_hostile_uploads).
+    monkeypatch.setenv("SELFIE_LORA_MAX_UPLOAD_BYTES", str(3 * 512 * 1024))  # 1.5 MB
+    path = tmp_path / "selfies.zip"
+    path.write_bytes(bytes(2 * 1024 * 1024))
+    result = cli.invoke(app, ["check", str(path)])
+    assert result.exit_code == 1, result.output  # not trainable, as the API's 413 refuses it
+    assert one_line(result) == "not trainable: selfies.zip is larger than 1.5 MB"

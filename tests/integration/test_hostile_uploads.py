@@ -23,7 +23,7 @@ from PIL import Image
 from selfie_lora.api.app import create_app
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
-from tests.conftest import auth, make_settings, one_person_analyzer
+from tests.conftest import auth, make_settings, one_person_analyzer, serving
 from tests.support.hostile import CASES, MB, Case, encode, jpeg, zip_of
 from tests.support.photos import synthetic_photo
 
@@ -200,3 +200,28 @@ def test_an_oversized_photo_and_a_nested_zip_are_left_out_and_the_rest_stored(
     assert dataset["images_accepted"] == 5
     assert [(f["photo"], f["code"]) for f in dataset["findings"] if f["severity"] == "reject"] \
         == [("x.zip", "nested_archive")]
+
+
+def test_the_413_states_the_configured_upload_limit_in_the_guard_and_the_routes(
+        tmp_path: Path) -> None:
+    """With SELFIE_LORA_MAX_UPLOAD_BYTES at 1.5 MB, a 3 MB upload read 'the request body is
+    larger than 2 MB' (the guard's padded limit, rounded) and a 2 MB one 'the upload is larger
+    than 1 MB' (the route's, rounded down to whole MB; 0 MB below 1 MB): each now states the
+    configured limit, as `selfie-lora check` does."""
+    limit = 3 * 512 * 1024  # 1.5 MB
+    with serving(make_settings(tmp_path, max_upload_bytes=limit)) as (client, services):
+        headers = auth(services, "mallory")
+        said = "the upload is larger than 1.5 MB"
+        for size in (3 * 1024 * 1024, 2 * 1024 * 1024):  # refused by the guard, by the route
+            r = client.post("/api/training/upload-zip", headers=headers,
+                            files={"file": ("p.zip", bytes(size), "application/zip")})
+            assert r.status_code == 413, (size, r.text)
+            assert r.json()["error"] == {"code": "upload_too_large", "message": said,
+                                         "details": []}, size
+        # Photos sent one by one: the second one goes past what the first left.
+        r = client.post("/api/training/upload", headers=headers, files=[
+            ("files", ("a.jpg", bytes(1024 * 1024), "image/jpeg")),
+            ("files", ("b.jpg", bytes(1024 * 1024), "image/jpeg"))])
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["message"] == said
+        assert_nothing_stored(client, headers, services)

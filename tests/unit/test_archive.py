@@ -26,7 +26,7 @@ from selfie_lora.dataset.archive import (
     read_uploaded_files,
     read_zip,
 )
-from selfie_lora.dataset.limits import MIB, UploadedFile, UploadLimits
+from selfie_lora.dataset.limits import MIB, UploadedFile, UploadLimits, byte_size
 from selfie_lora.domain.entities import Finding
 from selfie_lora.errors import InvalidInputError, ServerShortOfMemoryError
 from tests.support.hostile import (
@@ -671,3 +671,13 @@ def test_a_folder_keeps_its_good_photos_beside_an_oversized_file_and_a_zip(tmp_p
         "IMG_0042.DNG is 10240 MB, over the 50 MB a photo may be"
     assert _refusal(files, "x.zip").message == "x.zip is an archive in the folder (a zip archive)"
     assert peak < 2 * LIMITS.max_member_bytes + MIB
+
+
+def test_an_upload_limit_reads_in_mb_with_a_decimal_where_needed_or_in_bytes() -> None:
+    # One wording for the API's guard, the upload routes and `selfie-lora check`.
+    assert byte_size(200 * MIB) == "200 MB"
+    assert byte_size(3 * MIB // 2) == "1.5 MB"
+    assert byte_size(MIB) == "1 MB"
+    assert byte_size(150_000_000) == "143 MB"  # 143.05: down, never above the real limit
+    assert byte_size(2 * MIB - 1) == "1.9 MB"  # not "2 MB" beside a 1.99 MB file refused
+    assert byte_size(100_000) == "100000 bytes"

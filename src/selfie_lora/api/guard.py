@@ -28,6 +28,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from selfie_lora.dataset.limits import byte_size
 from selfie_lora.domain.entities import User
 from selfie_lora.errors import AuthError, ErrorCode, ForbiddenError
 
@@ -93,11 +94,15 @@ class Guard:
                 await _answer(send, exc.http_status, exc.code, exc.message, bearer=False)
                 return
         limit = self._limit_for(path)
-        too_large = (ErrorCode.UPLOAD_TOO_LARGE if path in UPLOAD_PATHS | WEB_UPLOAD_PATHS
-                     else ErrorCode.BODY_TOO_LARGE)
+        upload = path in UPLOAD_PATHS | WEB_UPLOAD_PATHS
+        too_large = ErrorCode.UPLOAD_TOO_LARGE if upload else ErrorCode.BODY_TOO_LARGE
+        # An upload's limit states SELFIE_LORA_MAX_UPLOAD_BYTES, as the upload routes and
+        # `selfie-lora check` do; the room for multipart framing is not the user's to count.
+        refusal = (f"the upload is larger than {byte_size(self._limits.max_upload_bytes)}"
+                   if upload else _too_large(limit))
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _answer(send, 413, too_large, _too_large(limit))
+            await _answer(send, 413, too_large, refusal)
             return
         answered = False
 
@@ -113,7 +118,7 @@ class Guard:
             raise _Stop
 
         guarded = _BodyMeter(receive, limit=limit, limits=self._limits, answer=answer,
-                             too_large=too_large)
+                             too_large=too_large, refusal=refusal)
         try:
             await self._app(scope, guarded.receive, guarded_send)
         except _Stop:
@@ -135,9 +140,11 @@ class _BodyMeter:
     """``receive`` with the body counted and timed."""
 
     def __init__(self, receive: Receive, *, limit: int, limits: Limits,
-                 answer: Callable[[int, ErrorCode, str], Awaitable[None]], too_large: ErrorCode) -> None:
+                 answer: Callable[[int, ErrorCode, str], Awaitable[None]], too_large: ErrorCode,
+                 refusal: str) -> None:
         self._receive = receive
         self._too_large = too_large
+        self._refusal = refusal
         self._limit = limit
         self._limits = limits
         self._answer = answer
@@ -158,7 +165,7 @@ class _BodyMeter:
             return message
         self._received += len(message.get("body", b""))
         if self._received > self._limit:
-            await self._answer(413, self._too_large, _too_large(self._limit))
+            await self._answer(413, self._too_large, self._refusal)
         elapsed = time.monotonic() - self._started
         rate = self._limits.min_body_rate
         if (rate and elapsed > self._limits.body_timeout

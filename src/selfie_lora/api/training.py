@@ -25,6 +25,7 @@ from selfie_lora.api.schemas import (
     errors,
 )
 from selfie_lora.api.serializers import dataset_json, model_json, training_json
+from selfie_lora.dataset.limits import byte_size
 from selfie_lora.errors import PayloadTooLargeError
 from selfie_lora.services.training import StartResult, TrainingView, UploadResult
 from selfie_lora.wiring import Services
@@ -60,14 +61,15 @@ def nameless_part(path: str, part: str) -> str:
             f"it as a file part with its name (curl: -F {example})")
 
 
-async def read_capped(file: UploadFile, *, limit: int) -> bytes:
+async def read_capped(file: UploadFile, *, limit: int, allowed: int) -> bytes:
+    """``file`` read whole, refused past ``limit`` (what is left of the upload's ``allowed``,
+    SELFIE_LORA_MAX_UPLOAD_BYTES, which the refusal states)."""
     chunks: list[bytes] = []
     size = 0
     while chunk := await file.read(1024 * 1024):
         size += len(chunk)
         if size > limit or limit <= 0:
-            raise PayloadTooLargeError(
-                f"the upload is larger than {max(limit, 0) // (1024 * 1024)} MB")
+            raise PayloadTooLargeError(f"the upload is larger than {byte_size(allowed)}")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -80,7 +82,8 @@ async def upload_zip(
     start: Annotated[bool, Form(description="Also start a training on them.")] = True,
 ) -> dict[str, Any]:
     with upload_slot(request, user):  # before the spooled body is read into memory
-        data = await read_capped(file, limit=svc.settings.max_upload_bytes)
+        allowed = svc.settings.max_upload_bytes
+        data = await read_capped(file, limit=allowed, allowed=allowed)
         # The answer in the same trip off the event loop: it reads the database and the storage.
         return await in_intake(request, lambda: upload_json(
             svc, svc.training.upload_zip(user=user, data=data, start=start)))
@@ -99,7 +102,7 @@ async def upload_files(
     total = 0
     with upload_slot(request, user):  # before the spooled bodies are read into memory
         for upload in files:
-            data = await read_capped(upload, limit=limit - total)
+            data = await read_capped(upload, limit=limit - total, allowed=limit)
             total += len(data)
             # An empty filename (filename="", as curl and browsers send it): the intake names
             # the photo by its place ("photo3").

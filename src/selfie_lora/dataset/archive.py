@@ -45,7 +45,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfie_lora.dataset.limits import UploadedFile, UploadLimits
+from selfie_lora.dataset.limits import UploadedFile, UploadLimits, byte_size
 from selfie_lora.domain.entities import Finding
 from selfie_lora.errors import ErrorCode, InvalidInputError, ServerShortOfMemoryError
 
@@ -146,7 +146,7 @@ def read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
     """
     if len(data) > limits.max_upload_bytes:
         raise _refuse(ErrorCode.UPLOAD_TOO_LARGE,
-                      f"the upload is larger than {limits.mib(limits.max_upload_bytes)}")
+                      f"the upload is larger than {byte_size(limits.max_upload_bytes)}")
     try:
         return _read_zip(data, limits=limits)
     except InvalidInputError:
@@ -178,7 +178,7 @@ def read_uploaded_files(
     total = sum(len(blob) for _name, blob in files)
     if total > limits.max_upload_bytes:
         raise _refuse(ErrorCode.UPLOAD_TOO_LARGE,
-                      f"the upload is larger than {limits.mib(limits.max_upload_bytes)}")
+                      f"the upload is larger than {byte_size(limits.max_upload_bytes)}")
     out: list[UploadedFile] = []
     findings: list[Finding] = []
     seen: dict[str, str] = {}
@@ -213,7 +213,7 @@ def read_path(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
     if path.is_file():
         if path.stat().st_size > limits.max_upload_bytes:
             raise _refuse(ErrorCode.UPLOAD_TOO_LARGE,
-                          f"{path.name} is larger than {limits.mib(limits.max_upload_bytes)}")
+                          f"{path.name} is larger than {byte_size(limits.max_upload_bytes)}")
         return read_zip(path.read_bytes(), limits=limits)
     raise _refuse(ErrorCode.NO_SUCH_PATH, f"{path} is neither a folder nor a zip file")
 

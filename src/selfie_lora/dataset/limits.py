@@ -13,6 +13,17 @@ from selfie_lora.domain.entities import Finding
 MIB = 1024 * 1024
 
 
+def byte_size(value: int) -> str:
+    """A size limit as users read it in a refusal (SELFIE_LORA_MAX_UPLOAD_BYTES: the API's
+    guard, the upload routes, ``selfie-lora check``): MB (of 1024 x 1024 bytes) with one decimal
+    where it is not whole, or bytes below 1 MB. Rounded down: what is refused is truly larger
+    than the size stated (rounded, 1.96 MB read "2 MB" beside a 1.97 MB file it refused)."""
+    if value < MIB:
+        return f"{value} bytes"
+    whole, tenth = divmod(value * 10 // MIB, 10)
+    return f"{whole} MB" if tenth == 0 else f"{whole}.{tenth} MB"
+
+
 @dataclass(frozen=True)
 class UploadLimits:
     """Upper bounds on one upload. The defaults fit 200 phone photos with room to spare."""
