@@ -280,7 +280,7 @@ def test_forms_without_their_csrf_token_are_refused(ann: TestClient, svc: Servic
         assert r.status_code in (403, 422), (path, r.status_code)
         if r.status_code == 403:
             assert 'data-code="csrf_rejected"' in r.text
-    # The upload (sent by the page's script) needs the header.
+    # The upload needs its token too (the script's header, or the form's field without scripts).
     r = ann.post("/photos/upload", files=[("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))])
     assert r.status_code == 403
     # Nothing happened: no training, no key, still signed in.
@@ -290,6 +290,29 @@ def test_forms_without_their_csrf_token_are_refused(ann: TestClient, svc: Servic
     # The sign-in form has its own token (there is no session yet).
     r = ann.post("/signin", data={"name": "ann", "password": PASSWORD, "form_token": "x"})
     assert r.status_code == 403
+
+
+def test_the_upload_form_works_without_scripts_and_offers_avif(
+        ann: TestClient, svc: Services) -> None:
+    """The upload form had no csrf_token field and the route read the token only from the
+    script's header: without scripts every upload was 403 'reload the page and try again',
+    which never helped. And the picker greyed out a phone's .avif, which the service takes."""
+    page = ann.get("/photos").text
+    form = page[page.index('<form id="upload"'):]
+    form = form[:form.index("</form>")]
+    token = re.search(r'name="csrf_token" value="([^"]+)"', form)
+    assert token, form
+    accept = re.search(r'accept="([^"]+)"', form)
+    assert accept
+    assert {"image/avif", ".avif"} <= set(accept.group(1).split(","))
+    photos = [("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg")) for i in range(4)]
+    # What the browser sends from the form alone: the field among the files, no header.
+    r = ann.post("/photos/upload", data={"csrf_token": "forged"}, files=photos)
+    assert r.status_code == 403
+    assert svc.models.find(user=svc.users.get_by_name(name="ann")) is None
+    r = ann.post("/photos/upload", data={"csrf_token": token.group(1)}, files=photos)
+    assert r.status_code == 200, r.text
+    assert report_rows(r.text) == {f"p{i}.jpg": "kept" for i in range(4)}
 
 
 def test_sign_out_ends_the_session(ann: TestClient) -> None:

@@ -241,12 +241,15 @@ def _stored_advice(dataset: Any, photos: Sequence[Any]) -> dict[str, Any]:
 
 @router.post("/photos/upload")
 async def photos_upload(request: Request, viewer: PageViewer,
-                        files: Annotated[list[UploadFile], File()]) -> HTMLResponse:
+                        files: Annotated[list[UploadFile], File()],
+                        csrf_token: OptionalFormStr = None) -> HTMLResponse:
     """The upload form's photos (several files, or one zip), sent by the page's script with
-    the CSRF token in a header; answers the report as an HTML fragment for the page."""
+    the CSRF token in a header, or without scripts by the form itself with its hidden
+    ``csrf_token`` field, as every other form sends it; answers the report as an HTML
+    fragment for the page."""
     web = _web(request)
     try:
-        web.check_csrf(request, viewer, None)
+        web.check_csrf(request, viewer, csrf_token)
     except ForbiddenError as exc:
         # The page puts the answer in its report: a report saying why (a tab's token gone
         # stale), not the whole error page nested in this one.
