@@ -563,6 +563,16 @@ def train(
                       f"{t.destination}, trainer {t.trainer_version}")
         if wait:
             _follow(services, owner=owner, user=user, training_id=t.id)
+        else:
+            _queued_hint()
+
+
+def _queued_hint() -> None:
+    """After ``--no-wait``: this command runs nothing, and a HOME where no server or worker runs
+    would keep the training queued for ever, with nothing said."""
+    console.print("queued: it trains once a `selfie-lora serve` or `selfie-lora worker` runs on "
+                  "these settings; follow it on the Train page or with GET "
+                  "/api/training/progress", markup=False, highlight=False)
 
 
 @app.command()
@@ -586,6 +596,8 @@ def resume(
                       f"trigger word [bold]{t.trigger_word}[/bold], trainer {t.trainer_version}")
         if wait:
             _follow(services, owner=owner, user=user, training_id=t.id)
+        else:
+            _queued_hint()
 
 
 def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> None:

@@ -150,6 +150,22 @@ def test_a_setting_set_to_nothing_is_unset(tmp_path: Path,
     assert get_settings().trainer_version is None
 
 
+def test_train_no_wait_says_a_serve_or_worker_must_run_for_it_to_train(
+        tmp_path: Path, env: Callable[[dict[str, str]], None]) -> None:
+    # It printed only "first training ...": on a HOME where nothing runs it stays queued.
+    from tests.support.photos import copy_person_photos
+
+    env({"SELFIE_LORA_MIN_PHOTOS": "3"})
+    assert CliRunner().invoke(app, ["users", "create", "bob"]).exit_code == 0
+    photos = copy_person_photos(tmp_path / "photos")
+    result = CliRunner().invoke(app, ["train", str(photos), "--user", "bob", "--no-wait"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "first training" in said
+    assert ("queued: it trains once a `selfie-lora serve` or `selfie-lora worker` runs on these "
+            "settings; follow it on the Train page or with GET /api/training/progress") in said
+
+
 ANOTHERS = "error: refusing to start: the storage (deployment.json) belongs to deployment " \
            "someone-else, this database's is "
 

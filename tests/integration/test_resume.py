@@ -427,6 +427,7 @@ def test_selfie_lora_resume_queues_the_canceled_training(home: Path) -> None:
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # rich wraps long lines
     assert f"resumes {canceled.id} at step 2/" in said
+    assert "queued: it trains once a `selfie-lora serve` or `selfie-lora worker` runs" in said
 
     services = build_services(Settings(home=home, min_photos=1), trainers={"local": trainer},
                               face_analyzer=one_person_analyzer(),
