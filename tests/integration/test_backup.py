@@ -746,3 +746,123 @@ def test_a_leftover_that_is_no_file_a_backup_makes_is_left_alone(
     assert code == 0, said
     assert stat.S_ISFIFO(fifo.lstat().st_mode)
     assert (out / "bk.tar").is_file()
+
+
+# Another local account, for the tests that plant its files (chown needs root).
+NOBODY = 65534
+as_root_only = pytest.mark.skipif(
+    os.geteuid() != 0, reason="planting another account's folder needs chown, so root: run the "
+                              "tests as root to check it")
+
+
+def foreign(path: Path, mode: int) -> Path:
+    """``path`` made another account's (nobody's), as if it had made it, with ``mode``."""
+    os.chown(path, NOBODY, NOBODY)
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("owner", ["another account", "group-writable", "world-writable"])
+def test_an_empty_dest_folder_others_own_or_can_write_is_refused_with_nothing_written(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, owner: str) -> None:
+    """README says DEST may be an empty folder: one another account made (in /tmp, a shared
+    /backups) was taken and chmod'ed 0700, but stayed its owner's, who planted secret_key in it
+    once it saw 0700 and read what the backup wrote there (security2 review folder_repro.sh)."""
+    if owner == "another account" and os.geteuid() != 0:
+        pytest.skip("planting another account's folder needs chown, so root: run the tests as "
+                    "root to check it")
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    dest = tmp_path / "daily"
+    dest.mkdir()
+    if owner == "another account":
+        foreign(dest, 0o755)
+        why = f"belongs to another account (uid {NOBODY})"
+    else:
+        dest.chmod(0o770 if owner == "group-writable" else 0o777)
+        why = f"can be written by other accounts (mode {'770' if owner == 'group-writable' else '777'})"
+    before = stat.S_IMODE(dest.stat().st_mode)
+    code, said = run("backup", str(dest))
+    assert code == 1, said
+    assert " ".join(said.split()) == (
+        f"error: {dest} {why}: a backup holds secret_key and every password hash, and whoever "
+        "owns or can write to its folder can read and change them; name a new folder, or an "
+        "empty one of your own that no other account can write to")
+    assert list(dest.iterdir()) == []
+    assert stat.S_IMODE(dest.stat().st_mode) == before  # not even chmod'ed
+
+
+@as_root_only
+def test_a_planted_scratch_folder_of_another_account_is_never_written_into(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another account made the ``.bk.tar.<pid>.partial`` folders of the pids to come, 0777,
+    with its own empty secret_key and selfie-lora.db in them, held a lock on each so that the
+    leftover clean-up took them for a running backup's, then let go: the backup wrote the
+    database and secret_key into its files (security2 review partial_repro.sh). Now refused in
+    one line, and the planted folder is neither written into nor deleted."""
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o1777)  # a shared folder, as /tmp
+    planted = out / f".bk.tar.{os.getpid()}.partial"  # the pid this backup runs as
+    planted.mkdir()
+    foreign(planted, 0o777)
+    for name in ("secret_key", "selfie-lora.db"):
+        (planted / name).touch()
+        foreign(planted / name, 0o666)
+    # Its lock, let go after a while: the old backup waited on it, then wrote into its files.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import fcntl, os, time
+            fd = os.open({str(planted)!r}, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            print("held", flush=True)
+            time.sleep(2)
+        """)], stdout=subprocess.PIPE, text=True)
+    with holder:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        code, said = run("backup", str(out / "bk.tar"))
+    assert code == 1, said
+    assert " ".join(said.split()) == (
+        f"error: {planted} belongs to another account (uid {NOBODY}): a backup holds "
+        "secret_key and every password hash, and whoever owns or can write to its folder can "
+        "read and change them; move it away, or back up to a folder no other account can "
+        f"write to (another can write to {out})")
+    assert {p.name: p.stat().st_size for p in planted.iterdir()} == {
+        "secret_key": 0, "selfie-lora.db": 0}
+    assert planted.stat().st_uid == NOBODY
+    assert sorted(p.name for p in out.iterdir()) == [planted.name]
+
+
+@as_root_only
+def test_a_planted_restore_scratch_folder_of_another_account_is_refused_untouched(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for a restore's folders beside HOME: another account's ``.NAME.restore-unpacked``
+    was deleted and made again, its ``.NAME.restore-new`` taken for a killed restore's."""
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    code, said = run("backup", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    target = tmp_path / "target"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
+    for name in ("restore-unpacked", "restore-new"):
+        planted = tmp_path / f".target.{name}"
+        planted.mkdir()
+        (planted / "mine").write_text("mine")
+        foreign(planted, 0o777)
+        code, said = run("restore", str(tmp_path / "bk.tar"))
+        assert code == 1, said
+        assert " ".join(said.split()) == (
+            f"error: {planted} is in the way of a restore and belongs to another account "
+            f"(uid {NOBODY}): move it away first")
+        assert [p.name for p in planted.iterdir()] == ["mine"]
+        assert not (target / "selfie-lora.db").exists()
+        planted.chmod(0o700)
+        os.chown(planted, os.geteuid(), os.getegid())
+        (planted / "mine").unlink()
+        planted.rmdir()

@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath
 from selfie_lora.adapters.db.migrate import known_revisions
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.home_lock import holding, only_the_lock, restoring_home
-from selfie_lora.adapters.sqlite_files import PRIVATE_MODE, keep_private
+from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, held
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
 from selfie_lora.errors import ConfigError, InvalidInputError, StorageError
@@ -78,7 +78,7 @@ def _copy_private(source: Path, target: Path) -> str:
     manifest needs it, and reading each copy again doubled the reads of the blobs)."""
     _private_folders(target.parent)
     digest = hashlib.sha256()
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
+    fd = _new_file(target)
     with os.fdopen(fd, "wb") as out, source.open("rb") as src:
         while chunk := src.read(_CHUNK):
             digest.update(chunk)
@@ -88,15 +88,71 @@ def _copy_private(source: Path, target: Path) -> str:
     return digest.hexdigest()
 
 
+def _new_file(path: Path) -> int:
+    """``path`` made new, 0600, open for writing. Never a file that is already there, nor a
+    link: one another account made first (in a folder it could write to) is refused, else it
+    kept a handle on it and read what the backup wrote (security2 review: secret_key and the
+    database)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE)
+
+
 def _private_folders(folder: Path) -> None:
     """``folder`` and each missing folder above it made 0700 (``mkdir(parents=True)`` gives the
-    ones above the umask's mode: 0755 for blobs/photos)."""
+    ones above the umask's mode: 0755 for blobs/photos). Only inside a folder this backup or
+    restore made 0700: one found there (a link is none) was made by it. Each is made new, never
+    taken as it is: one that appears meanwhile is an error."""
     missing = []
-    while not folder.is_dir():
+    while not stat.S_ISDIR(_lstat_mode(folder)):
         missing.append(folder)
         folder = folder.parent
     for each in reversed(missing):
-        each.mkdir(mode=0o700, exist_ok=True)
+        each.mkdir(mode=0o700)
+
+
+def _lstat_mode(path: Path) -> int:
+    try:
+        return path.lstat().st_mode
+    except FileNotFoundError:
+        return 0
+
+
+_ANOTHER_ACCOUNTS = ("a backup holds secret_key and every password hash, and whoever owns or "
+                     "can write to its folder can read and change them")
+
+
+def _refuse_unless_mine(path: Path, found: os.stat_result, *, instead: str) -> None:
+    """A folder or file a backup (or restore) found where it writes: refused, with one line,
+    unless this account owns it and no other account can write to it."""
+    if found.st_uid != os.geteuid():
+        raise ConfigError(f"{path} belongs to another account (uid {found.st_uid}): "
+                          f"{_ANOTHER_ACCOUNTS}; {instead}")
+    if stat.S_IMODE(found.st_mode) & 0o022:
+        raise ConfigError(f"{path} can be written by other accounts (mode "
+                          f"{stat.S_IMODE(found.st_mode):o}): {_ANOTHER_ACCOUNTS}; {instead}")
+
+
+def _make_dest_folder(dest: Path) -> None:
+    """The backup folder ``dest`` made new, 0700; or an empty folder already there taken, made
+    0700, only when it is this account's and no other can write to it (another's stayed its
+    owner's after the chmod, who then planted files in it: security2 review). Checked on the
+    folder opened, so it cannot be swapped between the check and the chmod."""
+    try:
+        dest.mkdir(mode=0o700)
+        return
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        raise ConfigError(f"{dest} already exists: name a new folder or .tar file") from None
+    try:
+        _refuse_unless_mine(dest, os.fstat(fd), instead="name a new folder, or an empty one "
+                            "of your own that no other account can write to")
+        if os.listdir(fd):
+            raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
+        os.fchmod(fd, 0o700)  # it holds secret_key
+    finally:
+        os.close(fd)
 
 
 @contextmanager
@@ -116,13 +172,17 @@ def _writing(path: Path) -> Iterator[None]:
 def _in_use(path: Path) -> bool:
     """Whether a running backup holds ``path`` (``_writing``)."""
     try:
-        kind = path.lstat().st_mode
+        found = path.lstat()
     except FileNotFoundError:
         return False
+    kind = found.st_mode
     if stat.S_ISLNK(kind):
         return False  # no backup's
     if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
         # No backup makes one; left alone, as held() would open a FIFO and wait for ever.
+        return True
+    if found.st_uid != os.geteuid():
+        # Another account's: not ours to delete (root could; nor is it a backup of ours).
         return True
     try:
         return held(path)
@@ -134,8 +194,9 @@ def _in_use(path: Path) -> bool:
 
 def _clear_leftovers(dest: Path) -> None:
     """The ``.DEST.<pid>.part`` tar and ``.partial`` folder of a backup to DEST that was killed
-    (or hit a full disk): the database and secret_key sat there for good. Those that no running
-    backup holds locked are deleted."""
+    (or hit a full disk): the database and secret_key sat there for good. Those of this account
+    that no running backup holds locked are deleted; another account's are left alone (and
+    refused by ``_scratch`` when this backup's own name is one of them)."""
     for left in dest.parent.glob(f".{glob.escape(dest.name)}.*.part*"):
         pid, _, kind = left.name[len(dest.name) + 2:].partition(".")
         if kind not in ("part", "partial") or not pid.isdigit() or _in_use(left):
@@ -147,10 +208,27 @@ def _clear_leftovers(dest: Path) -> None:
             left.unlink(missing_ok=True)
 
 
-def _write_tar(folder: Path, part: Path, dest: Path) -> None:
+def _scratch(path: Path, dest: Path) -> None:
+    """This backup's own ``.part``/``.partial`` name, found taken after ``_clear_leftovers``:
+    another account's (made in advance for the pids to come, held locked so that it looked
+    like a running backup's: security2 review) or one a backup of this account holds. Refused
+    in one line; never written into, nor deleted."""
+    found = path.lstat()
+    _refuse_unless_mine(path, found, instead=f"move it away, or back up to a folder no other "
+                        f"account can write to (another can write to {dest.parent})")
+    raise ConfigError(f"{path} is in the way of this backup (a running backup holds it): "
+                      "try again, or name another DEST")
+
+
+def _write_tar(folder: Path, part: Path, dest: Path, made: list[Path]) -> None:
     """``folder`` as the tar ``dest``: written to ``part``, 0600 from its first byte whatever
     the umask (it holds the database and secret_key), synced, then renamed."""
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_MODE)
+    try:
+        fd = _new_file(part)
+    except FileExistsError:
+        _scratch(part, dest)
+        raise
+    made.append(part)
     with os.fdopen(fd, "wb") as out:
         fcntl.flock(out.fileno(), fcntl.LOCK_EX)  # ours until it is DEST (``_writing``)
         with tarfile.open(fileobj=out, mode="w") as tar:
@@ -164,7 +242,7 @@ def _write_tar(folder: Path, part: Path, dest: Path) -> None:
 def _snapshot(source: Path, target: Path) -> None:
     """A consistent copy of the live SQLite database ``source`` (WAL and writers included), as
     one self-contained file (rollback journal, no -wal to go with it)."""
-    keep_private(target)
+    os.close(_new_file(target))  # 0600 before SQLite opens it, which then keeps that mode
     src = sqlite3.connect(source, timeout=30)
     try:
         dst = sqlite3.connect(target)
@@ -244,32 +322,42 @@ class HomeBackups:
             raise ConfigError(f"nothing to back up: no database in {self._home} "
                               "(SELFIE_LORA_HOME)")
         as_tar = dest.name.endswith(".tar")
-        if dest.exists() and (as_tar or not dest.is_dir() or any(dest.iterdir())):
+        if dest.is_symlink() or (dest.exists() and (as_tar or not dest.is_dir()
+                                                    or any(dest.iterdir()))):
             raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
         folder = dest.with_name(f".{dest.name}.{os.getpid()}.partial") if as_tar else dest
+        part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        made: list[Path] = []  # deleted if it fails: what this backup made, nothing else
         try:
             with ExitStack() as stack:
-                return self._backup(dest, folder, stack, as_tar=as_tar)
+                return self._backup(dest, folder, part, stack, made, as_tar=as_tar)
         except OSError as exc:
             raise StorageError(f"cannot write the backup to {dest}: "
                                f"{exc.strerror or exc}") from exc
         finally:
-            if as_tar:
+            if as_tar and folder in made:
                 shutil.rmtree(folder, ignore_errors=True)
-                dest.with_name(f".{dest.name}.{os.getpid()}.part").unlink(missing_ok=True)
+            if as_tar and part in made:
+                part.unlink(missing_ok=True)
 
-    def _backup(self, dest: Path, folder: Path, stack: ExitStack, *,
-                as_tar: bool) -> BackupSummary:
+    def _backup(self, dest: Path, folder: Path, part: Path, stack: ExitStack,
+                made: list[Path], *, as_tar: bool) -> BackupSummary:
         if as_tar:
             _clear_leftovers(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _private_folders(folder)
         if as_tar:
+            try:
+                folder.mkdir(mode=0o700)  # new, never one found there (a link neither)
+            except FileExistsError:
+                _scratch(folder, dest)
+                raise
+            made.append(folder)
             stack.enter_context(_writing(folder))
-        os.chmod(folder, 0o700)  # an empty folder named as DEST too: it holds secret_key
+        else:
+            _make_dest_folder(dest)
         summary = self._write(folder)
         if as_tar:
-            _write_tar(folder, dest.with_name(f".{dest.name}.{os.getpid()}.part"), dest)
+            _write_tar(folder, part, dest, made)
         return replace(summary, path=dest)
 
     def _write(self, folder: Path) -> BackupSummary:
@@ -305,7 +393,7 @@ class HomeBackups:
                     "created_at": created_at, "counts": counts, "files": files,
                     "blobs": blobs, "missing": list(missing)}
         tmp = folder / f".{MANIFEST_NAME}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
+        fd = _new_file(tmp)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=1, sort_keys=True)
             fh.flush()
@@ -335,6 +423,7 @@ class HomeBackups:
         restore that made it did not finish)."""
         old = home.with_name(f".{home.name}.restore-old")
         if old.is_dir() and not home.exists() and not home.is_symlink():
+            _restore_scratch(old)
             os.rename(old, home)
             logger.warning("put back %s, which a restore killed midway had set aside", home)
 
@@ -367,6 +456,7 @@ class HomeBackups:
                     # target and left there (rmtree skips a link).
                     raise ConfigError(f"{unpacked} is in the way of a restore: move it away "
                                       "first")
+                _restore_scratch(unpacked)
                 shutil.rmtree(unpacked, ignore_errors=True)  # a killed restore's
                 try:
                     self._unpack(source, unpacked)
@@ -410,6 +500,8 @@ class HomeBackups:
         ``_put_back`` before ``restoring_home`` made a HOME to lock, so HOME is there now.)"""
         old = home.with_name(f".{home.name}.restore-old")
         new = home.with_name(f".{home.name}.restore-new")
+        _restore_scratch(old)
+        _restore_scratch(new)
         if old.is_dir() and (home / RESTORED).is_file():
             # Killed after the swap, before the old one was kept aside.
             _carry_cache(old, home)
@@ -652,6 +744,20 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(code, os.strerror(code), str(b))
+
+
+def _restore_scratch(path: Path) -> None:
+    """A restore's folder beside HOME (``.NAME.restore-new``, ``-old``, ``-unpacked``) found
+    there: a killed restore's is this account's, and is deleted or put back; another account's
+    (made in advance by one that can write beside HOME) is refused, never deleted, renamed into
+    HOME nor written into."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return
+    if found.st_uid != os.geteuid():
+        raise ConfigError(f"{path} is in the way of a restore and belongs to another account "
+                          f"(uid {found.st_uid}): move it away first")
 
 
 def _carry_cache(old: Path, home: Path) -> list[str]:
