@@ -357,6 +357,9 @@ def test_a_checkpoint_or_sample_the_disk_cannot_take_is_skipped_and_the_training
     opened: list[int] = []
 
     def full_at_8(handle: int, mode: str) -> Any:
+        # The checkpoints' only: samples are written through os.fdopen too (0600, mkstemp).
+        if not Path(os.readlink(f"/proc/self/fd/{handle}")).name.startswith(".ckpt-"):
+            return fdopen(handle, mode)
         opened.append(handle)
         if len(opened) == 2:  # the checkpoint of step 8
             os.close(handle)
@@ -386,14 +389,19 @@ def test_a_lora_the_disk_cannot_take_is_a_storage_error_not_a_failed_training(
     StorageError naming the LoRA and the disk's error (the worker steps away with the stored
     checkpoints kept), not a TrainingFailedError telling the user to contact the operator
     (safetensors' own file writer raised SafetensorError there)."""
-    from selfie_lora.adapters.flux import train_loop
+    from selfie_lora.services import private_files
 
-    def on_a_full_disk(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        if Path(path).name == "lora.safetensors" and "w" in mode:
+    real_fdopen = os.fdopen
+
+    def on_a_full_disk(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        # The LoRA is staged 0600 as .lora.safetensors.<random>.tmp (private_replacement).
+        if "w" in mode and Path(os.readlink(f"/proc/self/fd/{fd}")).name.startswith(
+                ".lora.safetensors."):
+            os.close(fd)
             return io.BufferedWriter(_FullAfter(room=1000))
-        return open(path, mode, *args, **kwargs)
+        return real_fdopen(fd, mode, *args, **kwargs)
 
-    monkeypatch.setattr(train_loop, "open", on_a_full_disk, raising=False)
+    monkeypatch.setattr(private_files.os, "fdopen", on_a_full_disk)
     kept = KeptCheckpoints(tmp_path / "kept")
     with pytest.raises(StorageError) as raised:
         _trainer(shared_model_cache, "inline").train(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,60 @@ def test_an_existing_install_s_databases_are_made_private_when_opened(tmp_path: 
         assert mode(settings.home) == 0o755  # an existing folder may be the operator's own
     finally:
         services.close()
+
+
+@dataclass
+class Modes:
+    """A ``CheckpointStore`` and ``SampleStore`` that keep each file's mode as it is handed over
+    (the file may go once ``save`` returns)."""
+
+    seen: dict[str, int] = field(default_factory=dict)
+
+    def save(self, path: Path, *, step: int) -> None:
+        self.seen[f"{path.parent.name}/{path.name}"] = mode(path)
+
+
+@pytest.mark.slow
+def test_a_training_s_lora_samples_and_checkpoints_are_private_in_a_home_made_0755(
+        tmp_path: Path, shared_model_cache: Path) -> None:
+    """systemd's ``StateDirectory=`` makes HOME 0755 before the service starts, and a HOME that
+    is there keeps its mode: the work folders were then 0755 and lora.safetensors and the
+    samples 0644, so any local account read a running training's LoRA and the pictures of a
+    face (security2 review workperm.sh). Now every file under work/ is 0600, every folder 0700,
+    whatever the umask (022 here) and HOME's mode."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from selfie_lora.adapters.flux.trainer import LocalTrainer
+    from selfie_lora.services.training import _attempt_folder
+    from tests.integration.test_local_backend import RECIPE, FakeSink, _job
+
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o755)
+    # The folder the training service makes for an attempt, as it makes it.
+    work_dir = _attempt_folder(home / "work" / "tr_1", 1)
+    kept_checkpoints, kept_samples = Modes(), Modes()
+    recipe = replace(RECIPE, steps=8, sample_every=4, checkpoint_every=4)
+    job = replace(_job(tmp_path, recipe), work_dir=work_dir, checkpoints=kept_checkpoints,
+                  samples=kept_samples)
+    trainer = LocalTrainer(base_model="tiny", cache_dir=shared_model_cache, isolation="inline",
+                           device="cpu", num_threads=1, progress_interval_s=0.0)
+    result = trainer.train(job, sink=FakeSink())
+
+    assert result.weights_path == work_dir / "lora.safetensors"
+    assert kept_samples.seen
+    assert set(kept_samples.seen.values()) == {0o600}, kept_samples.seen
+    assert kept_checkpoints.seen
+    assert set(kept_checkpoints.seen.values()) == {0o600}, kept_checkpoints.seen
+    files = {p.relative_to(home).as_posix(): oct(mode(p))
+             for p in (home / "work").rglob("*") if p.is_file()}
+    folders = {p.relative_to(home).as_posix(): oct(mode(p))
+               for p in [home / "work", *(home / "work").rglob("*")] if p.is_dir()}
+    assert "work/tr_1/attempt-1/lora.safetensors" in files
+    assert any("/samples/" in name for name in files), files
+    assert files == dict.fromkeys(files, "0o600")
+    assert {"work", "work/tr_1", "work/tr_1/attempt-1", "work/tr_1/attempt-1/samples"} <= set(
+        folders), folders
+    assert folders == dict.fromkeys(folders, "0o700")
+    assert mode(home) == 0o755  # an existing folder may be the operator's own

@@ -142,6 +142,14 @@ def test_systemd_units_run_real_commands_with_homes_of_their_own() -> None:
     assert len(homes) == 2
 
 
+def test_systemd_makes_each_home_its_owner_s_only() -> None:
+    # StateDirectory= alone makes /var/lib/<name> 0755, and selfie-lora keeps the mode of a HOME
+    # that is there: a worker's work/ (a training's LoRA, its sample pictures) sat in a folder
+    # any local account could enter (security2 review workperm.sh).
+    for path in sorted((DEPLOY / "systemd").glob("*.service")):
+        assert unit(path)["StateDirectoryMode"] == ["0700"], path.name
+
+
 def test_systemd_stops_signal_only_the_main_process() -> None:
     # systemd's default KillMode (control-group) sent the SIGTERM to the worker's training child
     # too, which died of it and failed the training the worker meant to hand back; the main

@@ -18,6 +18,7 @@ from selfie_lora.errors import BlobMissingError, StorageError
 from selfie_lora.logs import training_context
 from selfie_lora.services.layout import checkpoint_key, checkpoint_prefix, checkpoint_step
 from selfie_lora.services.ports import BlobStore
+from selfie_lora.services.private_files import private_folders, private_replacement
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +82,11 @@ class TrainingCheckpoints:
         if newest is None:
             return None
         try:
-            into.parent.mkdir(parents=True, exist_ok=True)
+            private_folders(into.parent)
             # The stream is closed however the copy ends: a write that fails would otherwise
             # leave the blob's file (or S3 response) open for as long as the error's traceback
             # keeps the stream alive.
-            with into.open("wb") as fh, closing(self._blobs.open(newest.key)) as stream:
+            with private_replacement(into) as fh, closing(self._blobs.open(newest.key)) as stream:
                 for chunk in stream.chunks:
                     fh.write(chunk)
         except OSError as exc:

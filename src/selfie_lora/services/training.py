@@ -131,6 +131,7 @@ from selfie_lora.services.ports import (
     WebhookVerifier,
     training_progress,
 )
+from selfie_lora.services.private_files import private_folders
 from selfie_lora.services.samples import TrainingSamples
 from selfie_lora.services.telemetry import NullTelemetry
 
@@ -618,7 +619,7 @@ class TrainingService:
                                 "there is nothing left to train", code=ErrorCode.NOT_RESUMABLE)
         new_training_id = new_id()
         scratch = self._work_dir / f"resume-{new_training_id}"
-        scratch.mkdir(parents=True, exist_ok=True)
+        private_folders(scratch)
         try:
             # Copied before the training exists: a queued resumed training always finds it.
             copied = self._checkpoints.copy(origin.id, new_training_id, scratch=scratch)
@@ -1377,10 +1378,8 @@ def _attempt_folder(root: Path, attempt: int) -> Path:
     folder = root / f"attempt-{attempt}"
     for _ in range(2):
         with suppress(FileNotFoundError):
-            folder.mkdir(parents=True, exist_ok=True)
-            return folder
-    folder.mkdir(parents=True, exist_ok=True)  # a third race is no race: raise what it meets
-    return folder
+            return private_folders(folder)  # 0700: the LoRA and samples are the user's face
+    return private_folders(folder)  # a third race is no race: raise what it meets
 
 
 def _backend_name(backend: str) -> str:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfie_lora.adapters.flux.tiny import TINY, TINY_CACHE_NAME
 from selfie_lora.domain.entities import Recipe
+from selfie_lora.services.private_files import private_folders
 
 if TYPE_CHECKING:
     import torch
@@ -170,7 +171,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint of ``state`` into ``directory`` atomically; older ones beyond
     :data:`KEEP` are removed. Returns the file written."""
-    directory.mkdir(parents=True, exist_ok=True)
+    private_folders(directory)
     payload = {
         "format": FORMAT,
         "made_for": made_for,

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from selfie_lora.services.private_files import private_folders, private_replacement
+
 if TYPE_CHECKING:
     import torch
 
@@ -136,16 +138,11 @@ class Sampler:
     def write(self, transformer: Any, step: int) -> Path:
         """The sample after ``step`` steps, as a JPEG in the run's folder (written whole, then
         renamed into place: the parent may read it as soon as it hears of it)."""
-        import os
-
         image = self.decode(self.latents(transformer))
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_folders(self.folder)
         path = sample_file(self.folder, step)
-        staged = path.with_name(f".{path.name}.tmp")
-        try:
-            image.save(staged, format="JPEG", quality=JPEG_QUALITY)
-            os.replace(staged, path)
-        except OSError:
-            staged.unlink(missing_ok=True)  # a full disk: not a half file left taking room
-            raise
+        # A picture of the person's face: 0600, whatever the umask and HOME's mode. A full disk
+        # leaves no half file taking room.
+        with private_replacement(path) as fh:
+            image.save(fh, format="JPEG", quality=JPEG_QUALITY)
         return path

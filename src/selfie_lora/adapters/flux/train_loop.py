@@ -31,8 +31,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -70,6 +68,7 @@ from selfie_lora.errors import (
     TrainingFailedError,
     describe,
 )
+from selfie_lora.services.private_files import private_folders, private_replacement
 
 if TYPE_CHECKING:
     import torch
@@ -620,15 +619,13 @@ def save_lora(
     metadata = {"format": "pt"}
     for key, value in (extra_metadata or {}).items():
         metadata[METADATA_PREFIX + key] = str(value)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".lora-") as tmp:
-        staged = Path(tmp) / "lora.safetensors"
-        # Serialized in memory (a LoRA is megabytes) and written by Python: a full disk is then
-        # an OSError, where safetensors' own file writer raises its SafetensorError.
-        data = save(tensors, metadata=metadata)
-        with open(staged, "wb") as fh:
-            fh.write(data)
-        os.replace(staged, out_path)
+    private_folders(out_path.parent)
+    # Serialized in memory (a LoRA is megabytes) and written by Python: a full disk is then
+    # an OSError, where safetensors' own file writer raises its SafetensorError.
+    data = save(tensors, metadata=metadata)
+    # 0600 (the user's likeness), whatever the umask and HOME's mode.
+    with private_replacement(out_path) as fh:
+        fh.write(data)
 
 
 def read_lora_metadata(path: Path) -> dict[str, str]:

@@ -49,6 +49,7 @@ from selfie_lora.services.ports import (
     TrainingPhoto,
     TrainingResult,
 )
+from selfie_lora.services.private_files import private_folders
 
 logger = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ class LocalTrainer:
         return None
 
     def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
-        job.work_dir.mkdir(parents=True, exist_ok=True)
+        private_folders(job.work_dir)
         out_path = job.work_dir / WEIGHTS_FILE
         checkpoint_dir = job.work_dir / CHECKPOINT_DIR
         request = _TrainRequest(
