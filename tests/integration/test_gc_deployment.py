@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -280,8 +281,20 @@ def test_a_worker_without_the_storage_url_does_not_bind_its_empty_folder(
         assert deployment_id is not None
         user, _key = api.users.create(name="ann")
         api.training.upload_zip(user=user, data=photo_zip(3))
+        # The deployment was bound to the api's store: the worker's refuses (old code: bound).
+        with pytest.raises(DeploymentMismatchError) as refused:
+            worker.operations.bind_deployment()
+        assert not worker.blobs.exists(DEPLOYMENT_KEY)
+        assert "is SELFIE_LORA_STORAGE_URL set for this process" in refused.value.message
+        # A deployment bound before the database recorded its storage: the worker's empty
+        # folder is left unbound with a warning, as before (and its worker refuses to start).
+        db = sqlite3.connect(api.settings.home / "selfie-lora.db")
+        with db:
+            db.execute("UPDATE deployment SET storage_id = NULL")
+        db.close()
+        worker.operations._decided = None
         with caplog.at_level("WARNING", logger="selfie_lora.services.deployment"):
-            assert worker.operations.bind_deployment() is None  # old code: bound
+            assert worker.operations.bind_deployment() is None
         assert not worker.blobs.exists(DEPLOYMENT_KEY)
         assert "is SELFIE_LORA_STORAGE_URL set for this process?" in caplog.text
         assert "names 1 upload(s) and 0 version(s), none of which is in it" in caplog.text
@@ -318,8 +331,8 @@ def test_a_worker_without_the_storage_url_takes_no_training_and_names_the_settin
             run_worker(worker, threads=1)
         stop.cancel()
         assert refused.value.message.startswith("refusing to start: ")
-        assert "is SELFIE_LORA_STORAGE_URL set for this worker" in refused.value.message
-        assert "names 1 upload(s) and 0 version(s)" in refused.value.message
+        assert "is SELFIE_LORA_STORAGE_URL set for this process" in refused.value.message
+        assert "this process's storage is not the deployment's" in refused.value.message
         after = api.repo.get_training(training.id)
         assert after is not None
         assert after.status == TrainingStatus.QUEUED

@@ -111,6 +111,30 @@ def test_the_deployment_id_is_made_once_and_racing_makers_agree(repo: SqlReposit
     assert repo.ensure_deployment_id("another", now=NOW) == got[0]
 
 
+def test_the_deployment_s_storage_is_recorded_once_and_racing_binders_agree(
+        repo: SqlRepository) -> None:
+    # The storage id (services.deployment): processes that bind their stores at once agree on
+    # the first one's; only ``replace`` (the store holds the database's own blobs) changes it.
+    repo.ensure_deployment_id("d-1", now=NOW)
+    assert repo.get_deployment_storage_id() is None
+    barrier = threading.Barrier(4)
+    got: list[str] = []
+
+    def bind(candidate: str) -> None:
+        barrier.wait()
+        got.append(repo.bind_deployment_storage(candidate))
+
+    threads = [threading.Thread(target=bind, args=(f"s-{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 1
+    assert repo.get_deployment_storage_id() == got[0]
+    assert repo.bind_deployment_storage("other") == got[0]
+    assert repo.bind_deployment_storage("other", replace=True) == "other"
+
+
 def test_round_trips(repo: SqlRepository) -> None:
     user, model, dataset = seed(repo)
     assert repo.get_user_by_name("ann") == user

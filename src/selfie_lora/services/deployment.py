@@ -12,6 +12,15 @@ that start at once agree on the first one's). An upgraded deployment binds at it
 with this release. ``bind`` refuses when the marker names another id: two deployments would
 share the store, and a collector of either would delete the other's blobs.
 
+The marker also holds the store's own random id (``storage_id``), which the database's row
+records at the first binding: a process whose store carries another one, or no marker and none
+of the deployment's blobs, was given another storage (on the scale path without
+SELFIE_LORA_STORAGE_URL each process falls back to its own empty HOME/blobs, and an API
+server's photos would never reach a worker), and refuses to start, naming the setting. One
+folder mounted at different paths, or one bucket reached through another endpoint, keeps its
+marker and so its id. A deployment bound before the database recorded it adopts the marker the
+first start finds (one from before ``storage_id`` is known by its bytes).
+
 A store with no marker is bound only on evidence that it is this database's (``doubt``): it
 holds no photo and no weights while the database names none either (a new deployment: nothing a
 mistaken collector could take), or it holds one of
@@ -31,13 +40,14 @@ another id than its database's (or a database with none) stops it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
 from selfie_lora.domain.gc import References
-from selfie_lora.errors import BlobMissingError, DeploymentMismatchError
+from selfie_lora.errors import BlobMissingError, DeploymentMismatchError, StorageError
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.layout import DEPLOYMENT_KEY, manifest_key
 from selfie_lora.services.ports import BlobStore, Repository
@@ -120,31 +130,79 @@ class DeploymentBinding:
         """Binds the store to this database (a server or worker starting); the deployment's id.
         None, with a warning logged, when the store has no marker and does not look like this
         database's (module docstring): it stays unbound. ``DeploymentMismatchError`` when the
-        store is another deployment's; ``StorageError`` when it cannot be reached."""
+        store is another deployment's, or not the storage this deployment was bound to;
+        ``StorageError`` when it cannot be reached."""
         # Read before writing: a put-if-absent that finds the marker rewrites it (it makes an
         # existing blob fresh), which every start of every process would do for nothing.
-        store_id = self.store_id()
-        if store_id is None:
-            doubt, elsewhere = self._judge()
+        marker = self._marker()
+        if marker is None:
+            doubt, elsewhere, empty, evidence = self._judge()
+            bound_storage = (self._repo.get_deployment_storage_id() if empty and not evidence
+                             else None)
+            if bound_storage is not None:
+                # Nothing of the deployment's here, and the deployment was bound to a store
+                # whose marker was written before the database recorded it: this is another
+                # store (a process without SELFIE_LORA_STORAGE_URL: its own HOME/blobs), and
+                # marking it too would send each process's photos where no other one looks.
+                raise self._storage_elsewhere(bound_storage, here=None)
             if doubt is not None:
                 logger.warning("%s", doubt)
                 self.storage_elsewhere = elsewhere
                 return None
             database_id = self._repo.ensure_deployment_id(new_id(), now=self._clock())
-            marker = {"deployment_id": database_id, "created_at": self._clock().isoformat(),
-                      "about": "the selfie-lora deployment this storage belongs to: the id its "
-                               "database holds (README, 'Garbage collection')"}
-            if self._blobs.put(DEPLOYMENT_KEY, json.dumps(marker, indent=1).encode(),
+            # The store's own id: two empty folders (each process's HOME/blobs) get two, while
+            # one folder shared at different paths, or a bucket reached through another
+            # endpoint, keeps the one its marker holds.
+            storage_id = new_id()
+            content = {"deployment_id": database_id, "storage_id": storage_id,
+                       "created_at": self._clock().isoformat(),
+                       "about": "the selfie-lora deployment this storage belongs to: the id its "
+                                "database holds (README, 'Garbage collection')"}
+            if self._blobs.put(DEPLOYMENT_KEY, json.dumps(content, indent=1).encode(),
                                if_absent=True):
                 # Bound on a start's evidence only: the collector's next collection checks
                 # again, against the whole listing (``services.gc``).
                 self.wrote_marker = True
+                self._bind_storage(storage_id, wrote=True, replace=evidence)
                 return database_id
-            store_id = self.store_id()  # another process wrote it meanwhile
+            marker = self._marker()  # another process wrote it meanwhile
+            if marker is None:  # pragma: no cover - the marker that refused ours is there
+                raise StorageError(f"the storage's {DEPLOYMENT_KEY} vanished while binding")
+        store_id, storage_id = marker
         database_id = self._repo.ensure_deployment_id(new_id(), now=self._clock())
         if store_id != database_id:
             raise self._mismatch(database_id=database_id, store_id=store_id, action="start")
+        # A deployment bound before the database recorded its storage adopts this one's.
+        self._bind_storage(storage_id, wrote=False, replace=False)
         return database_id
+
+    def _bind_storage(self, storage_id: str, *, wrote: bool, replace: bool) -> None:
+        """Records ``storage_id`` as the deployment's storage when the database names none
+        (or ``replace``: the store holds this database's own blobs); refuses when it names
+        another."""
+        bound = self._repo.bind_deployment_storage(storage_id, replace=replace)
+        if bound == storage_id:
+            return
+        if wrote:
+            # The marker this start wrote was never the deployment's (another process bound
+            # its own store first): the store is left as it was found.
+            self._blobs.delete(DEPLOYMENT_KEY)
+            self.wrote_marker = False
+        raise self._storage_elsewhere(bound, here=None if wrote else storage_id)
+
+    def _storage_elsewhere(self, bound: str, *, here: str | None) -> DeploymentMismatchError:
+        this = (f"this process's storage carries another marker ({here})" if here is not None
+                else f"this process's storage has no {DEPLOYMENT_KEY} and holds none of this "
+                     "database's photos or weights")
+        return DeploymentMismatchError(
+            f"refusing to start: this process's storage is not the deployment's: the "
+            f"deployment was bound to the storage whose {DEPLOYMENT_KEY} has storage_id "
+            f"{bound}, and {this}: is SELFIE_LORA_STORAGE_URL set for this process as for the "
+            "deployment's other servers and workers? Without it each process uses its own "
+            "folder (HOME/blobs), which no other one sees: a worker would find none of the "
+            "photos an API server stored, and every training would fail. Give every process "
+            "the same SELFIE_LORA_STORAGE_URL; to make a new storage the deployment's, copy "
+            f"the deployment's storage into it, {DEPLOYMENT_KEY} included.")
 
     def doubt(self) -> str | None:
         """Why this unmarked store may not be bound to this database, as one line; None when
@@ -157,25 +215,26 @@ class DeploymentBinding:
         deployment's storage."""
         return self._judge()[0]
 
-    def _judge(self) -> tuple[str | None, str | None]:
-        """``doubt``'s line, and when the store is empty while the database names uploads or
-        versions, what a worker on it is told (``storage_elsewhere``)."""
+    def _judge(self) -> tuple[str | None, str | None, bool, bool]:
+        """``doubt``'s line; when the store is empty while the database names uploads or
+        versions, what a worker on it is told (``storage_elsewhere``); whether the store holds
+        no photo and no weights; whether it holds one of this database's own blobs."""
         empty = not any(self._holds(prefix) for prefix in PRECIOUS_PREFIXES)
         refs = self._repo.gc_references()
         keys = own_keys(refs)
         if empty and not keys:
-            return None, None
+            return None, None, True, False
         found = next((key for key in keys[:EVIDENCE_LOOKUPS] if self._blobs.exists(key)), None)
         doubt = unbound_doubt(refs, found=() if found is None else (found,), empty=empty)
         if doubt is None or not empty:
-            return doubt, None
+            return doubt, None, empty, found is not None
         return doubt, (
             f"this worker's storage holds no photo and no weights, yet this database names "
             f"{len(refs.datasets)} upload(s) and {len(refs.version_ids)} version(s): is "
             "SELFIE_LORA_STORAGE_URL set for this worker as for the API servers? Without it a "
             "worker uses its own folder (HOME/blobs), where no training finds its photos. It "
             "takes no training until it is given the deployment's storage; the trainings stay "
-            "queued for a worker that has it")
+            "queued for a worker that has it"), True, False
 
     def _holds(self, prefix: str) -> bool:
         listing = self._blobs.list(prefix)
@@ -202,20 +261,31 @@ class DeploymentBinding:
 
     def store_id(self) -> str | None:
         """The id the store's marker names; None when it has none."""
+        marker = self._marker()
+        return None if marker is None else marker[0]
+
+    def _marker(self) -> tuple[str, str] | None:
+        """The deployment id the store's marker names, and the store's own id; None when it
+        has none. A marker written before it held a storage_id is known by its bytes (its
+        creation time differs between two stores)."""
         try:
             raw = self._blobs.get(DEPLOYMENT_KEY)
         except BlobMissingError:
             return None
         try:
-            value = json.loads(raw)["deployment_id"]
-        except (ValueError, KeyError, TypeError):
-            value = None
+            content = json.loads(raw)
+            value = content["deployment_id"]
+            storage = content.get("storage_id")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            value = storage = None
         if not isinstance(value, str) or not value:
             # Not ours to judge, and not to be replaced: whoever wrote it may rely on it.
             raise DeploymentMismatchError(
                 f"the storage's {DEPLOYMENT_KEY} names no deployment id: it is not one this "
                 f"service wrote; {SETTINGS_HINT}")
-        return value
+        if not isinstance(storage, str) or not storage:
+            storage = "marker-sha256-" + hashlib.sha256(raw).hexdigest()[:32]
+        return value, storage
 
     def _mismatch(self, *, database_id: str | None, store_id: str | None,
                   action: str) -> DeploymentMismatchError:

@@ -598,6 +598,16 @@ class Repository(Protocol):
         that race to store theirs, the first wins and all return its id. Not inside
         ``atomic()``."""
         ...
+    def get_deployment_storage_id(self) -> str | None:
+        """The id of the storage marker the deployment was bound to; None until
+        ``bind_deployment_storage`` stored one (a deployment bound before it existed)."""
+        ...
+    def bind_deployment_storage(self, candidate: str, *, replace: bool = False) -> str:
+        """The storage marker id the deployment is bound to, ``candidate`` stored as it when
+        there is none yet (or always, ``replace``): of racing processes the first wins and all
+        return its id. Needs the deployment's row (``ensure_deployment_id``). Not inside
+        ``atomic()``."""
+        ...
 
 
 # --------------------------------------------------------------------------- queue

@@ -116,7 +116,7 @@ from selfie_lora.logs import training_context
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.intake import IntakeService, PreparedDataset
-from selfie_lora.services.layout import photo_key, weights_key
+from selfie_lora.services.layout import manifest_key, photo_key, weights_key
 from selfie_lora.services.likeness import GateVerdict, LikenessService
 from selfie_lora.services.ports import (
     BlobStore,
@@ -1316,6 +1316,15 @@ class TrainingService:
                 for i, sha in enumerate(dataset.photo_hashes)
             )
         except BlobMissingError as exc:
+            if not self._holds_any_of(dataset):
+                # Not one file of the upload here, its manifest neither: this process's storage
+                # is not the one the upload went to, which uploading again cannot change.
+                raise NotFoundError(
+                    f"a photo of this training is not in this worker's storage ({exc.message}), "
+                    "nor any other file of its upload: the worker's storage is not the one the "
+                    "photos were uploaded to. Set SELFIE_LORA_STORAGE_URL to the same storage on "
+                    "every server and worker (the operator's setting), then train again; "
+                    "uploading the photos again does not help until then") from exc
             raise NotFoundError(f"a photo of this training is gone from storage ({exc.message}); "
                                 "upload the photos again") from exc
         return TrainingJob(
@@ -1325,6 +1334,14 @@ class TrainingService:
             remote_id=training.remote_id, remote_marker=training.remote_marker,
             webhook_url=self._webhook_url,
         )
+
+    def _holds_any_of(self, dataset: Dataset) -> bool:
+        """Whether the store holds the upload's manifest or any of its photos (a few lookups)."""
+        keys = [manifest_key(dataset.id), *(photo_key(sha) for sha in dataset.photo_hashes[:8])]
+        try:
+            return any(self._blobs.exists(key) for key in keys)
+        except StorageError:
+            return True  # not known: the photo's own message stands
 
     def _update(self, training_id: str, fn: Callable[[Training], Training]) -> Training:
         with self._repo.atomic() as tx:

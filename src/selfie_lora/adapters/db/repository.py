@@ -1245,6 +1245,23 @@ class SqlRepository:
             raise StorageError("database error: the deployment's row is missing")
         return stored
 
+    def get_deployment_storage_id(self) -> str | None:
+        with self._read() as s:
+            return s.scalar(select(DeploymentRow.storage_id)
+                            .where(DeploymentRow.singleton == 1))
+
+    def bind_deployment_storage(self, candidate: str, *, replace: bool = False) -> str:
+        with self._tx() as s:
+            # One statement: of processes that race to bind theirs, the first one's stays.
+            cond = [DeploymentRow.singleton == 1]
+            if not replace:
+                cond.append(DeploymentRow.storage_id.is_(None))
+            s.execute(update(DeploymentRow).where(*cond).values(storage_id=candidate))
+        stored = self.get_deployment_storage_id()
+        if stored is None:
+            raise StorageError("database error: the deployment's row is missing")
+        return stored
+
 
 def _model_values(m: Model) -> dict[str, Any]:
     return {

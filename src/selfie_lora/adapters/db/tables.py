@@ -297,3 +297,7 @@ class DeploymentRow(Base):
     singleton: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     id: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    # The id of the marker of the store the deployment was bound to (``services.deployment``):
+    # a process whose store carries another marker, or none, is given another storage. NULL
+    # until the first start that binds a store (or, on a deployment bound before, adopts one).
+    storage_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
