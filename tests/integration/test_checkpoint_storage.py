@@ -4,6 +4,7 @@ kept, it reads back whole, it moves to the training that resumes a canceled one,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.errors import StorageError
+from selfie_lora.services import private_files
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.layout import checkpoint_key, checkpoint_prefix
 from selfie_lora.services.ports import BlobStream
@@ -103,8 +105,8 @@ class _WatchedStore:
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
-def test_a_checkpoint_that_cannot_be_written_here_is_a_storage_error(store: Any,
-                                                                      tmp_path: Path) -> None:
+def test_a_checkpoint_that_cannot_be_written_here_is_a_storage_error(
+        store: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk on the worker: a StorageError (the worker steps away, the next attempt
     resumes), not a raw OSError (failed as an internal error); and the blob's stream is
     closed at once, not whenever the error's traceback goes."""
@@ -114,8 +116,19 @@ def test_a_checkpoint_that_cannot_be_written_here_is_a_storage_error(store: Any,
     checkpoints = TrainingCheckpoints(watched)
     checkpoints.keep("t1", written, step=10)
 
-    with pytest.raises(StorageError, match="cannot be written to /dev/full") as raised:
-        checkpoints.fetch("t1", Path("/dev/full"))  # every write: ENOSPC
+    def on_a_full_disk(fd: int, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        # The fetch stages the file 0600 (mkstemp) and renames it into place: its writes go
+        # to /dev/full instead (every write: ENOSPC). Never /dev/full as the target itself,
+        # which the rename would replace with a plain file.
+        os.close(fd)
+        return open("/dev/full", mode, *args, **kwargs)
+
+    monkeypatch.setattr(private_files.os, "fdopen", on_a_full_disk)
+    into = tmp_path / "fetched" / "resume.ckpt"
+    with pytest.raises(StorageError, match=r"cannot be written to .*resume\.ckpt") as raised:
+        checkpoints.fetch("t1", into)
+    assert not into.exists()
+    assert [p.name for p in into.parent.iterdir()] == []  # the staged file went too
     assert raised.value.__traceback__ is not None  # still held, and the stream with it
     assert watched.opened == [checkpoint_key("t1", 10)]
     assert watched.closed == watched.opened
