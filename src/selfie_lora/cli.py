@@ -680,6 +680,7 @@ def generate(
 ) -> None:
     """Generate with the user's active LoRA version."""
     from selfie_lora.services.generation import GenerationRequest, withheld_pictures
+    from selfie_lora.services.ports import MAX_SEED
 
     # Before generating: a generation is stored (and, on Replicate, paid for) whether or not
     # its images can be written here afterwards.
@@ -693,8 +694,12 @@ def generate(
         # pictures again.
         pictures = generation.pictures()
         # Numbered from 1, as the API and the web page number them.
-        each = (" (picture n: that + n - 1)" if len(pictures) + len(generation.withheld) > 1
-                else "")
+        count = len(pictures) + len(generation.withheld)
+        each = " (picture n: that + n - 1)" if count > 1 else ""
+        if count > 1 and generation.seed is not None and generation.seed + count - 1 > MAX_SEED:
+            # Seeds wrap (image_seed): "that + n - 1" alone named a seed past MAX_SEED, one
+            # --seed refuses, so the hint could not make that picture again.
+            each = f" (picture n: that + n - 1, wrapping to 0 after {MAX_SEED})"
         console.print(f"generation {generation.id}: version {version.number}, LoRA scale "
                       f"{generation.lora_scale:g}, seed {generation.seed}{each}", markup=False,
                       highlight=False, soft_wrap=True)

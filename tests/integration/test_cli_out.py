@@ -216,6 +216,21 @@ def test_generate_says_the_seed_it_drew(trained: Services, tmp_path: Path) -> No
             f"seed {generation.seed} (picture n: that + n - 1)") in done.stdout.replace("\n", "")
 
 
+def test_the_seed_line_says_the_batch_wraps_past_the_largest_seed(
+        trained: Services, tmp_path: Path) -> None:
+    """-n 2 --seed 4294967295 said 'picture n: that + n - 1': picture 2 is seed 0, not
+    4294967296, which --seed refuses (found in review)."""
+    done = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann", "-n", "2",
+                                        "--seed", "4294967295", "--out", str(tmp_path / "i")])
+    assert done.exit_code == 0, done.output
+    assert ("seed 4294967295 (picture n: that + n - 1, wrapping to 0 after 4294967295)"
+            in done.stdout.replace("\n", ""))
+    below = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann", "-n", "2",
+                                         "--seed", "4294967294", "--out", str(tmp_path / "j")])
+    assert below.exit_code == 0, below.output
+    assert "seed 4294967294 (picture n: that + n - 1)" in below.stdout.replace("\n", "")
+
+
 def test_a_withheld_picture_is_numbered_from_1_as_the_api_and_the_page_number_it(
         trained: Services, fake_generator: FakeGenerator, tmp_path: Path) -> None:
     """The CLI said 'picture 1 (seed 41) was withheld' where POST /api/generate answers
