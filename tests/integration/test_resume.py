@@ -371,6 +371,33 @@ def test_the_resume_route_continues_a_canceled_training(
     assert done["step"] == done["total_steps"] == trainer.steps
 
 
+def test_a_training_resumed_already_names_the_training_it_was_resumed_as(
+        fake_served: tuple[TestClient, Services, CheckpointingFake]) -> None:
+    """Resuming a training resumed already said it "was canceled before its first [checkpoint];
+    start a new training", sending the user away from the training that carries its steps
+    (found in review)."""
+    client, services, trainer = fake_served
+    headers = auth(services, "ann")
+    user = services.users.get_by_name(name="ann")
+    canceled = _canceled_at_step_3(services, trainer, user)
+    first = services.training.resume(user=user, training_id=canceled.id).training
+    services.training.cancel(user=user, training_id=first.id)  # canceled while queued
+
+    r = client.post("/api/training/resume", headers=headers, json={"training_id": canceled.id})
+    assert r.status_code == 409
+    assert r.json()["error"]["code"] == "not_resumable"
+    assert r.json()["error"]["message"] == (
+        f"this training was resumed already as training {first.id}; resume that one")
+
+    # That one resumes; asked of the first again, the answer follows the chain to the last.
+    second = services.training.resume(user=user, training_id=first.id).training
+    assert second.step == 2
+    with pytest.raises(ConflictError) as refused:
+        services.training.resume(user=user, training_id=canceled.id)
+    assert refused.value.message == (
+        f"this training was resumed already as training {second.id} (now queued)")
+
+
 def test_a_training_canceled_before_its_first_checkpoint_cannot_be_resumed(
         fake_served: tuple[TestClient, Services, CheckpointingFake]) -> None:
     client, services, trainer = fake_served
@@ -446,7 +473,8 @@ def test_selfie_lora_resume_queues_the_canceled_training(home: Path) -> None:
 
     refused = CliRunner().invoke(cli_app, ["resume", "--user", "ann", canceled.id, "--no-wait"])
     assert refused.exit_code == 1
-    assert "no checkpoint" in " ".join(refused.output.split())  # resumed once already
+    assert f"resumed already as training {latest.id} (now succeeded)" in " ".join(
+        refused.output.split())
 
 
 def _signing_in(settings: Settings, trainer: CheckpointingFake) -> Services:

@@ -626,9 +626,7 @@ class TrainingService:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         if copied is None:
-            raise ConflictError("this training left no checkpoint to resume from (it was "
-                                "canceled before its first one); start a new training",
-                                code=ErrorCode.NOT_RESUMABLE)
+            raise ConflictError(self._no_checkpoint_message(origin), code=ErrorCode.NOT_RESUMABLE)
         try:
             # The new training shows the samples of the steps it starts after (it makes the
             # later ones itself), copied before it exists for the same reason.
@@ -644,6 +642,30 @@ class TrainingService:
         logger.info("training %s resumes canceled training %s from step %d",
                     new_training_id, origin.id, copied.step)
         return started
+
+    def _no_checkpoint_message(self, origin: Training) -> str:
+        """Why ``origin`` has no checkpoint to resume. A resume drops the origin's checkpoints,
+        so "canceled before its first one" was false for a training resumed already, and sent
+        its user to a new training, throwing away the steps the resumed one carries."""
+        latest: Training | None = None
+        seen = {origin.id}
+        resumed = {e["data"].get("resumed_from"): e["data"].get("training_id")
+                   for e in self._repo.list_events(origin.model_id)
+                   if e["kind"] == "training_queued" and e["data"].get("resumed_from")}
+        # Followed to the end of the chain: a resumed training resumed again dropped its own.
+        while (next_id := resumed.get((latest or origin).id)) and next_id not in seen:
+            seen.add(next_id)
+            found = self._repo.get_training(next_id)
+            if found is None:
+                break
+            latest = found
+        if latest is None:
+            return ("this training left no checkpoint to resume from (it was canceled before "
+                    "its first one); start a new training")
+        if latest.status is TrainingStatus.CANCELED:
+            return (f"this training was resumed already as training {latest.id}; resume that "
+                    "one")
+        return f"this training was resumed already as training {latest.id} (now {latest.status})"
 
     def resume_point(self, training: Training) -> int | None:
         """The step ``resume`` would continue ``training`` from; None when it cannot."""
