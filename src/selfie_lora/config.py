@@ -54,6 +54,10 @@ from selfie_lora.errors import InvalidInputError
 # The queue's name in its storage unless SELFIE_LORA_QUEUE_NAME says another.
 DEFAULT_QUEUE_NAME = "selfie-lora"
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
+# SELFIE_LORA_DEVICE's form, checked without torch (importing it costs seconds, and every
+# command loads the settings); whether torch sees that device is asked where it is used
+# (flux.loader.resolve_device).
+_DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]{1,3}|mps")
 # The default's name in huey's Redis keys (huey's RedisStorage.clean_name keeps [A-Za-z0-9_]).
 _DEFAULT_QUEUE_KEY_NAME = re.sub(r"[^A-Za-z0-9_]", "", DEFAULT_QUEUE_NAME)
 
@@ -303,6 +307,16 @@ class Settings(BaseSettings):
         if value == _DEFAULT_QUEUE_KEY_NAME:
             raise ValueError(f"is the default {DEFAULT_QUEUE_NAME!r} in Redis, where '-' is "
                              "dropped: leave it unset for that queue, or choose another name")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_is_one_torch_names(cls, value: str) -> str:
+        # Unchecked, a typo failed the user's training ("local training failed: RuntimeError")
+        # and answered generations with a 500 and a traceback.
+        if not _DEVICE.fullmatch(value):
+            raise ValueError("must be auto, cpu, cuda, cuda:N (N the GPU's index) or mps, "
+                             f"not {value!r}")
         return value
 
     @field_validator("public_url")

@@ -71,6 +71,10 @@ CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
     ("an alert URL without a scheme", lambda _: {
         "SELFIE_LORA_ALERT_URL": f"hooks.example.com/services/{PASSWORD}"},
      "invalid setting: SELFIE_LORA_ALERT_URL: must be where alerts are POSTed"),
+    # Old code: accepted; a typo failed trainings and answered generations with a 500.
+    ("a device torch names no such", lambda _: {"SELFIE_LORA_DEVICE": "bogus"},
+     "invalid setting: SELFIE_LORA_DEVICE: must be auto, cpu, cuda, cuda:N (N the GPU's index) "
+     "or mps, not 'bogus'"),
     ("HOME's database file is not one", garbage_database, "file is not a database"),
     # Not the raw strerror ('File exists', 'Not a directory'), which said the opposite.
     ("HOME is a file", home_is_a_file,

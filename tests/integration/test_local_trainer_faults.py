@@ -117,6 +117,21 @@ def test_a_malformed_model_index_tells_the_user_the_server_is_misconfigured(
     assert error.message.startswith("local trainer misconfigured: ")
 
 
+@pytest.mark.parametrize("isolation", ["inline", "process"])
+def test_a_gpu_torch_does_not_see_tells_the_user_the_server_is_misconfigured(
+        tmp_path: Path, shared_model_cache: Path, isolation: Isolation) -> None:
+    """SELFIE_LORA_DEVICE=cuda:7 on a machine without that GPU failed the training as any
+    error of the run ('Training failed on this server; try again'; found in review): it is
+    the operator's setting, and the message says so."""
+    trainer = LocalTrainer(base_model="tiny", cache_dir=shared_model_cache, isolation=isolation,
+                           device="cuda:999", num_threads=1)
+    error = _train_error(trainer, _job(tmp_path / "w"))
+    assert isinstance(error, TrainerUnavailableError)
+    assert error.user_message == MISCONFIGURED
+    assert error.message.startswith("local trainer misconfigured: SELFIE_LORA_DEVICE is "
+                                    "cuda:999, but torch sees ")
+
+
 def test_a_childs_error_reads_as_the_same_error_inline(tmp_path: Path,
                                                       shared_model_cache: Path) -> None:
     """The child sends its error's class and text: the parent's error must not say the class

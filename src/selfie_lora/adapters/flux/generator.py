@@ -35,6 +35,7 @@ from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.runtime import loading_models
 from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.errors import (
+    ConfigError,
     ErrorCode,
     GenerationError,
     InvalidInputError,
@@ -175,18 +176,37 @@ class LocalGenerator:
             )
         if job.weights_path is not None and not job.weights_path.is_file():
             raise StorageError(f"LoRA weights not found at {job.weights_path}")
-        device = resolve_device(self.device)
+        device = self._device()
         seed = job.seed if job.seed is not None else secrets.randbelow(2**32)
         with torch_threads(self.num_threads if device == "cpu" else None):
             while True:
-                shared = _shared_pipeline(
-                    source=self.base_model, cache_dir=self.cache_dir, device=device,
-                    memory_mode=self.memory_mode,
-                )
+                shared = self._pipeline(device)
                 with shared.lock:
                     # None: released for a training meanwhile (release_device_pipelines); reload.
                     if shared.pipe is not None:
                         return self._generate_locked(shared.pipe, job, seed=seed)
+
+    def _device(self) -> str:
+        try:
+            return resolve_device(self.device)
+        except ConfigError as exc:
+            raise _misconfigured(exc) from exc
+
+    def _pipeline(self, device: str) -> _SharedPipeline:
+        """The shared base pipeline, its load's failures mapped as the generation's are: it
+        ran outside that mapping, so a device torch refused was a 500 with a traceback."""
+        try:
+            return _shared_pipeline(source=self.base_model, cache_dir=self.cache_dir,
+                                    device=device, memory_mode=self.memory_mode)
+        except ConfigError as exc:
+            raise _misconfigured(exc) from exc
+        except SelfieLoraError:
+            raise
+        except (RuntimeError, ValueError) as exc:
+            # Out of memory or a device error while the base loads: the server's, and a retry
+            # (once a training has freed the GPU) may succeed.
+            raise GenerationError(f"loading the base pipeline {self.base_model} on {device} "
+                                  f"failed: {type(exc).__name__}: {exc}") from exc
 
     def _size(self, pipe: Any, value: int | None) -> int:
         # FLUX packs 2x2 latent patches, so sides must be multiples of 2x the VAE factor; round
@@ -270,6 +290,15 @@ class LocalGenerator:
                 # FLUX's nested ones): _lora_misfit refuses such a LoRA before it loads.
                 with loading_models():
                     pipe.unload_lora_weights()
+
+
+def _misconfigured(exc: ConfigError) -> GenerationError:
+    """The operator's setting (SELFIE_LORA_DEVICE naming a GPU torch does not see, a base model
+    folder that does not load) as the trainer maps it (``contact the operator``): a 502 whose
+    sentence says so, neither a 500 nor a failure the user could mend by retrying or training."""
+    return GenerationError(f"local generator misconfigured: {exc.message}",
+                           user_message="Generating is not set up correctly on this server; "
+                                        "contact the operator.")
 
 
 def _lora_misfit(pipe: Any, weights_path: Path) -> str | None:

@@ -26,12 +26,30 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` means CUDA when there is one, else the CPU."""
-    if device != "auto":
+    """``auto`` means CUDA when there is one, else the CPU. ``ConfigError`` for a named
+    accelerator torch does not see (``cuda:7`` on a machine with one GPU, ``cuda`` on a torch
+    built without CUDA): torch's own error there was an AssertionError or a RuntimeError, which
+    failed the user's training as if it were theirs and answered a generation with a 500. The
+    operator's setting is at fault, so it is the misconfiguration error the trainer and the
+    generator already map for a base model folder that cannot load (``contact the operator``).
+    Asked here, where torch is imported anyway, and not when a command starts: ``serve`` and the
+    worker do not import torch until something is trained or generated."""
+    if device == "cpu":
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(index or 0) >= count:
+            seen = ("no CUDA device" if count == 0 else "1 CUDA device (cuda:0)" if count == 1
+                    else f"{count} CUDA devices (cuda:0 to cuda:{count - 1})")
+            raise ConfigError(f"SELFIE_LORA_DEVICE is {device}, but torch sees {seen}")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"SELFIE_LORA_DEVICE is {device}, but torch sees no MPS device")
+    return device
 
 
 def default_dtype(device: str) -> torch.dtype:
