@@ -6,10 +6,12 @@ import dataclasses
 import io
 import json
 import re
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -27,6 +29,7 @@ from selfie_lora.adapters.replicate.trainer import (
 )
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.errors import (
+    ClientGoneError,
     GenerationError,
     InvalidInputError,
     TrainerUnavailableError,
@@ -937,3 +940,36 @@ def test_the_weights_are_stored_normalised_or_as_written_when_unreadable(
     assert result.weights_path.read_bytes() == replicate_standin.weights_for(
         list(replicate_standin.trainings)[-1])
     assert "stored as the trainer wrote it: not a FLUX LoRA" in caplog.text
+
+
+def test_generator_creates_no_prediction_once_the_client_has_gone(
+    replicate_standin: ReplicateStandIn, replicate_generator: ReplicateGenerator,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The port's contract (``GenerationJob.client_gone``): a job nobody waits for any more is
+    dropped before it starts and between pictures, ``ClientGoneError`` and nothing returned."""
+    version = replicate_standin.create_model_version("selfie-lora/lora-g")
+    gone = threading.Event()
+
+    def job(count: int) -> GenerationJob:
+        return GenerationJob(prompt="at the beach", num_outputs=count, seed=3, lora_scale=1.0,
+                             trainer_version="t", remote_version=version, client_gone=gone)
+
+    gone.set()
+    with pytest.raises(ClientGoneError):
+        replicate_generator.generate(job(2))
+    assert not replicate_standin.predictions
+    # Six pictures, four at a time: the client goes as the first of them is made, so the last
+    # two, waiting their turn, are never created.
+    gone.clear()
+    picture = replicate_generator._picture
+
+    def made_then_gone(*args: Any, **kwargs: Any) -> bytes:
+        png = picture(*args, **kwargs)
+        gone.set()
+        return png
+
+    monkeypatch.setattr(replicate_generator, "_picture", made_then_gone)
+    with pytest.raises(ClientGoneError):
+        replicate_generator.generate(job(6))
+    assert len(replicate_standin.predictions) == 4

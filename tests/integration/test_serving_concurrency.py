@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +22,16 @@ from urllib.parse import urlencode
 import httpx
 import pytest
 
+from selfie_lora.adapters.flux.generator import LocalGenerator
 from selfie_lora.api.app import create_app
 from selfie_lora.api.guard import UPLOAD_PATHS
 from selfie_lora.domain.entities import Generation
+from selfie_lora.errors import ClientGoneError
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services, default_blob_store
 from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
 from tests.support.photos import photo_zip, synthetic_photo
+from tests.support.pipes import GatedPipe, pipeline_of
 from tests.support.served import Served, served
 
 PASSWORD = "a long password"
@@ -608,3 +611,69 @@ def test_metrics_answer_while_readiness_probes_hang_on_the_storage(tmp_path: Pat
         blobs.release.set()
         svc.close()
     assert answer == 200  # old code: no answer in 2 s
+
+
+@pytest.mark.parametrize("route", ["api", "page"])
+def test_a_generation_waiting_for_the_local_pipeline_is_dropped_when_its_client_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, route: str) -> None:
+    """With the local generator, the generation threads (8 by default) take the work from the
+    queue, where dropping it works, and then wait for the process's one pipeline: found in
+    review, 8 generations whose clients had given up were each made in turn and stored, and
+    their users were refused 429 too_many_generations all along. Now a generation waiting for
+    the pipeline when its client goes is dropped: not made, not stored, its slot free at once."""
+    settings = make_settings(tmp_path, generation_threads=4, max_generations_per_user=2)
+    local = LocalGenerator(base_model="tiny", cache_dir=tmp_path / "pipeline", device="cpu")
+    svc = build_services(settings, trainers={"local": FakeTrainer()},
+                         face_analyzer=one_person_analyzer(), generators={"local": local})
+    submissions = Submissions()
+    monkeypatch.setattr(svc.generation, "submit", submissions.wrap(svc.generation.submit))
+    _user, key = svc.users.create(name="ann", password=PASSWORD)
+    pipe = GatedPipe()
+    pipe.gate.set()  # the training's likeness probes
+    with (closing(svc), pipeline_of(local, pipe, monkeypatch),
+          served(create_app(settings, services=svc, run_worker=True)) as server,
+          httpx.Client(base_url=server.base_url, timeout=30) as client):
+        g = Generating(server=server, client=client, svc=svc, generator=FakeGenerator(),
+                       submissions=submissions, api_headers={"Authorization": f"Bearer {key}"},
+                       csrf="")
+        r = client.post("/api/training/upload-zip", headers=g.api_headers,
+                        files={"file": ("photos.zip", photo_zip(4), "application/zip")})
+        assert r.status_code == 202, r.text
+        wait_terminal(client, g.api_headers, r.json()["training"]["id"])  # type: ignore[arg-type]
+        g.csrf = sign_in(client, "ann", next_path="/generate")
+        pipe.gate.clear()
+        answers: list[int] = []
+        retry: list[int] = []
+        first = threading.Thread(target=lambda: answers.append(g.send(route, "a-first")))
+        second = threading.Thread(target=lambda: retry.append(g.send(route, "c-retry")))
+        first.start()
+        try:
+            g.submissions.wait_for(1)
+            wait_until(lambda: pipe.waiting == 1, "the first generation never reached the pipe")
+            abandoned = g.send_raw(route, "b-abandoned")
+            waiting = g.submissions.wait_for(2)
+            wait_until(waiting.running, "the second generation was never taken by a thread")
+            abandoned.close()
+            dropped = threading.Event()
+            waiting.add_done_callback(lambda _f: dropped.set())
+            # Old code: it waited for the pipeline (here, for ever: the gate is closed).
+            assert dropped.wait(10), "a generation waiting for the pipeline for nobody stayed"
+            assert isinstance(waiting.exception(), ClientGoneError)
+            assert pipe.waiting == 1  # dropped while the first still held the pipeline
+            second.start()
+            g.submissions.wait_for(3)  # its slot is free: taken, not refused
+        finally:
+            pipe.gate.set()
+            first.join(10)
+            if second.ident is not None:
+                second.join(10)
+        ok = 200 if route == "api" else 303
+        assert answers == [ok]
+        assert retry == [ok]
+        made = [p.rsplit(", ", 1)[-1] for p in pipe.prompts]
+        assert [p for p in made if p.endswith(("-first", "-abandoned", "-retry"))] == [
+            "a-first", "c-retry"], made
+        user = svc.users.get_by_name(name="ann")
+        stored = [gen.prompt for gen in svc.generation.history(user=user)]
+        assert len(stored) == 2
+        assert not any("b-abandoned" in p for p in stored), stored

@@ -27,7 +27,8 @@ def test_an_interrupt_in_the_work_of_generate_reaches_its_caller_and_frees_the_s
     svc = _service()
     ran_in: list[threading.Thread] = []
 
-    def interrupted(*, user: User, request: GenerationRequest) -> object:
+    def interrupted(*, user: User, request: GenerationRequest,
+            client_gone: threading.Event | None = None) -> object:
         ran_in.append(threading.current_thread())
         raise KeyboardInterrupt
 
@@ -47,7 +48,8 @@ def test_generate_holds_the_user_s_slot_while_it_runs() -> None:
     svc = _service()
     refused: list[BaseException] = []
 
-    def work(*, user: User, request: GenerationRequest) -> object:
+    def work(*, user: User, request: GenerationRequest,
+            client_gone: threading.Event | None = None) -> object:
         try:
             svc.submit(user=user, request=request).result()
         except RateLimitedError as exc:
@@ -69,7 +71,8 @@ def test_sigint_during_generate_stops_the_work_at_once() -> None:
     running = threading.Event()
     stopped_early = threading.Event()
 
-    def slow(*, user: User, request: GenerationRequest) -> object:
+    def slow(*, user: User, request: GenerationRequest,
+            client_gone: threading.Event | None = None) -> object:
         running.set()
         try:
             deadline = time.monotonic() + 10

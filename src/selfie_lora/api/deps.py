@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
@@ -119,14 +120,18 @@ async def in_intake(request: Request, fn: Callable[[], T]) -> T:
     return await anyio.to_thread.run_sync(run, limiter=limiter)
 
 
-async def finished(future: Future[T], request: Request) -> T:
+async def finished(future: Future[T], request: Request, *,
+                   client_gone: threading.Event | None = None) -> T:
     """The result of work a service runs on its own threads (generations), awaited without
     holding a thread of the shared pool. A client that goes away while the work is still queued
     cancels it (``ClientGoneError``): nobody would receive the pictures, and a generation queued
-    for nobody held one of its user's slots, so the retry was refused. Work already running
-    ends, and is stored (the user finds it in the generate page's gallery): so does work
-    running when a stopping server cancels the request, whose answer says so
-    (``api.stopping.Work``)."""
+    for nobody held one of its user's slots, so the retry was refused. Work a thread has taken
+    is told through ``client_gone`` (set then), the event the work was submitted with: a local
+    generation waiting for the one pipeline, or between pictures, is dropped then, its slot
+    freed (taken by one of the 8 threads, it had left the queue, and was made and stored for
+    nobody while holding its slot; found in review). Work that ends anyway is stored (the user
+    finds it in the generate page's gallery): so does work running when a stopping server
+    cancels the request, whose answer says so (``api.stopping.Work``)."""
     work = track(request.scope, check=GENERATION_CHECK)
     result = asyncio.wrap_future(future)
     # uvicorn never cancels a request whose client disconnected: it only says so to the next
@@ -144,6 +149,8 @@ async def finished(future: Future[T], request: Request) -> T:
     finally:
         gone.cancel()
     went_away = gone.done() and not gone.cancelled() and gone.exception() is None
+    if went_away and client_gone is not None:
+        client_gone.set()
     if went_away and future.cancel():  # False once it runs
         logger.info("%s %s: the client went away; its queued work was dropped", request.method,
                     request.url.path)

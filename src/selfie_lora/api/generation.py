@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -30,7 +31,10 @@ async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
     request = GenerationRequest(prompt=body.prompt, num_outputs=body.num_outputs, seed=body.seed,
                                 lora_scale=body.lora_scale, version_id=version)
     # On the generation service's own threads: other routes never wait behind a generation.
-    generation = await finished(svc.generation.submit(user=user, request=request), http)
+    gone = threading.Event()  # set by ``finished`` if the client goes away first
+    generation = await finished(
+        svc.generation.submit(user=user, request=request, client_gone=gone), http,
+        client_gone=gone)
     return {"generation": generation_json(generation)}
 
 

@@ -6,6 +6,7 @@ import logging
 import math
 import re
 import secrets
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -134,13 +135,17 @@ class GenerationService:
         """Drop the queued generations and let the running ones end (a process shutting down)."""
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def submit(self, *, user: User, request: GenerationRequest) -> Future[Generation]:
+    def submit(self, *, user: User, request: GenerationRequest,
+               client_gone: threading.Event | None = None) -> Future[Generation]:
         """``generate`` on the service's threads: its future. Refused at once, before anything
         queues, with a 429 ``too_many_generations`` when the user has ``max_per_user``
-        generations in flight here."""
+        generations in flight here. Once ``client_gone`` is set, a generation not yet made
+        (taken by a thread but waiting for the local pipeline, or between pictures) is dropped:
+        ``ClientGoneError``, nothing stored, and its slot is free as it ends."""
         self._in_flight.take(user.id)
         try:
-            future = self._executor.submit(self._generate_timed, user=user, request=request)
+            future = self._executor.submit(self._generate_timed, user=user, request=request,
+                                           client_gone=client_gone)
         except BaseException:
             self._in_flight.release(user.id)
             raise
@@ -155,9 +160,10 @@ class GenerationService:
             f"progress, the most at once; wait for one to finish, then retry (in about "
             f"{wait} s)", retry_after=wait, code=ErrorCode.TOO_MANY_GENERATIONS)
 
-    def _generate_timed(self, *, user: User, request: GenerationRequest) -> Generation:
+    def _generate_timed(self, *, user: User, request: GenerationRequest,
+                        client_gone: threading.Event | None = None) -> Generation:
         started = time.monotonic()
-        generation = self._generate(user=user, request=request)
+        generation = self._generate(user=user, request=request, client_gone=client_gone)
         self._last_seconds = time.monotonic() - started
         return generation
 
@@ -171,6 +177,7 @@ class GenerationService:
         num_outputs: int = 1,
         lora_scale: float | None = None,
         size: int | None = None,
+        client_gone: threading.Event | None = None,
     ) -> Rendered:
         """Images of ``version`` through the model's generator, at the model's LoRA scale unless
         one is given. The one code path of user generations and likeness probes."""
@@ -211,6 +218,7 @@ class GenerationService:
                 prompt=final_prompt, num_outputs=num_outputs, seed=seed, lora_scale=scale,
                 trainer_version=version.trainer_version, weights_path=weights_path,
                 remote_version=version.remote_version, width=size, height=size,
+                client_gone=client_gone,
             )
             pictures = generator.generate(job)
         if all(png is None for png in pictures):
@@ -246,7 +254,8 @@ class GenerationService:
         return ("your model has no trained version yet: train it (the Train page, POST "
                 "/api/training/start or selfie-lora train)")
 
-    def _generate(self, *, user: User, request: GenerationRequest) -> Generation:
+    def _generate(self, *, user: User, request: GenerationRequest,
+                  client_gone: threading.Event | None = None) -> Generation:
         if not request.prompt.strip():
             raise InvalidInputError("the prompt is empty", code=ErrorCode.EMPTY_PROMPT)
         if len(request.prompt) > MAX_PROMPT_CHARS:
@@ -275,7 +284,8 @@ class GenerationService:
         # that made its pictures (the answer, the stored row, the gallery) and can be made again.
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         rendered = self.render(model=model, version=version, prompt=request.prompt, seed=seed,
-                               num_outputs=request.num_outputs, lora_scale=request.lora_scale)
+                               num_outputs=request.num_outputs, lora_scale=request.lora_scale,
+                               client_gone=client_gone)
         generation_id = new_id()
         places = [i for i in range(len(rendered.images) + len(rendered.withheld))
                   if i not in rendered.withheld]

@@ -6,6 +6,7 @@ the same contract tests.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -186,6 +187,15 @@ class GenerationJob:
     remote_version: str | None = None  # the Replicate backend runs a prediction on this
     width: int | None = None
     height: int | None = None
+    # Set once nobody waits for the pictures (the HTTP client went away): a generator checks it
+    # before it starts (a local one once it has the pipeline, which it may have waited minutes
+    # for behind others) and between pictures, and then raises ``ClientGoneError`` with nothing
+    # returned. None: never (the CLI, likeness probes).
+    client_gone: threading.Event | None = field(default=None, compare=False, repr=False)
+
+    def abandoned(self) -> bool:
+        """Whether the client this job is made for has gone (``client_gone`` is set)."""
+        return self.client_gone is not None and self.client_gone.is_set()
 
 
 # Seeds are unsigned 32-bit, as FLUX pipelines and Replicate take them (the API's bound).
@@ -205,7 +215,8 @@ class Generator(Protocol):
     def generate(self, job: GenerationJob) -> Sequence[bytes | None]:
         """PNG bytes, one per output, in the batch's order; None at the place of a picture the
         backend withheld (Replicate's safety checker), so that every other picture keeps its
-        place, hence its seed. Raises when every picture is withheld."""
+        place, hence its seed. Raises when every picture is withheld, and ``ClientGoneError``
+        when ``job.abandoned()`` before it starts or between pictures (nothing is returned)."""
         ...
 
 

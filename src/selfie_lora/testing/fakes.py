@@ -20,6 +20,7 @@ from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.domain.faces import Face
 from selfie_lora.errors import (
     AlertDeliveryError,
+    ClientGoneError,
     TrainingCanceledError,
     TrainingFailedError,
     TrainingInterruptedError,
@@ -145,6 +146,8 @@ class FakeGenerator:
     def generate(self, job: GenerationJob) -> list[bytes | None]:
         if self.fail_with is not None:
             raise self.fail_with
+        if job.abandoned():  # the port's contract; the gate stands for pictures being made
+            raise ClientGoneError("the client went away before its pictures were made")
         if self.gate is not None:
             with self._waiting_lock:
                 self.waiting += 1

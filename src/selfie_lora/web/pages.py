@@ -5,6 +5,7 @@ they are given."""
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -654,10 +655,11 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
     # The slider's scale is this request's (the API's per-request lora_scale): it was in a form
     # of its own, so Generate quietly used the saved scale whatever the slider showed. Saving
     # it as the default stays "Save the scale"'s; without one, the saved scale.
+    gone = threading.Event()  # set by ``finished`` if the browser goes away first
     await finished(web.services.generation.submit(
         user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=num_outputs,
-                                                    seed=seed_value, lora_scale=lora_scale)),
-        request)
+                                                    seed=seed_value, lora_scale=lora_scale),
+        client_gone=gone), request, client_gone=gone)
     return _see("/generate" if lora_scale is None else f"/generate?lora_scale={lora_scale:g}")
 
 

@@ -35,6 +35,7 @@ from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.runtime import loading_models
 from selfie_lora.adapters.flux.tiny import TINY
 from selfie_lora.errors import (
+    ClientGoneError,
     ConfigError,
     ErrorCode,
     GenerationError,
@@ -181,10 +182,13 @@ class LocalGenerator:
         with torch_threads(self.num_threads if device == "cpu" else None):
             while True:
                 shared = self._pipeline(device)
-                with shared.lock:
+                _acquire(shared.lock, job)
+                try:
                     # None: released for a training meanwhile (release_device_pipelines); reload.
                     if shared.pipe is not None:
                         return self._generate_locked(shared.pipe, job, seed=seed)
+                finally:
+                    shared.lock.release()
 
     def _device(self) -> str:
         try:
@@ -259,6 +263,8 @@ class LocalGenerator:
             prompt_embeds, pooled = _encode_prompt(pipe, job.prompt)
             images: list[bytes] = []
             for index in range(job.num_outputs):
+                if job.abandoned():  # the pictures so far are dropped with the rest
+                    raise _client_gone(f"after {index} of {job.num_outputs} picture(s)")
                 # One seed per image (seed, seed + 1, ..., wrapped at 2**32): image i of a batch
                 # can be reproduced on its own with a seed the API accepts, and memory stays that
                 # of one image on a real FLUX.1.
@@ -299,6 +305,30 @@ def _misconfigured(exc: ConfigError) -> GenerationError:
     return GenerationError(f"local generator misconfigured: {exc.message}",
                            user_message="Generating is not set up correctly on this server; "
                                         "contact the operator.")
+
+
+# How often a generation waiting for the pipeline looks whether its client is still there.
+_CLIENT_CHECK_S = 0.1
+
+
+def _acquire(lock: threading.Lock, job: GenerationJob) -> None:
+    """``lock`` (the process's one pipeline) taken for ``job``, or ``ClientGoneError`` (not
+    held) once its client has gone: waiting here is waiting one's turn (minutes each on a GPU),
+    and a job nobody waits for any more gives its turn, and its user's slot, back at once."""
+    if job.client_gone is None:
+        lock.acquire()
+        return
+    while not lock.acquire(timeout=_CLIENT_CHECK_S):
+        if job.abandoned():
+            raise _client_gone("while it waited for the pipeline")
+    if job.abandoned():
+        lock.release()
+        raise _client_gone("as it got the pipeline")
+
+
+def _client_gone(when: str) -> ClientGoneError:
+    logger.info("generation dropped %s: its client went away", when)
+    return ClientGoneError("the client went away before its pictures were made")
 
 
 def _lora_misfit(pipe: Any, weights_path: Path) -> str | None:

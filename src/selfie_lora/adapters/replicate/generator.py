@@ -29,7 +29,13 @@ from selfie_lora.adapters.replicate.session import (
     parse_time,
     parse_version_ref,
 )
-from selfie_lora.errors import ErrorCode, GenerationError, InvalidInputError, SelfieLoraError
+from selfie_lora.errors import (
+    ClientGoneError,
+    ErrorCode,
+    GenerationError,
+    InvalidInputError,
+    SelfieLoraError,
+)
 from selfie_lora.services.ports import MAX_SEED, GenerationJob, image_seed
 
 logger = logging.getLogger(__name__)
@@ -90,6 +96,7 @@ class ReplicateGenerator:
         # lost create is never matched to its sibling's identical prediction.
         seed = job.seed if job.seed is not None else secrets.randbelow(MAX_SEED + 1)
         seeds = [image_seed(seed=seed, index=i) for i in range(job.num_outputs)]
+        _check_client(job)
         if len(seeds) == 1:
             try:
                 return [self._picture(job, version_id, seed=seeds[0])]
@@ -107,7 +114,10 @@ class ReplicateGenerator:
         return [None if i in withheld else f.result() for i, f in enumerate(futures)]
 
     def _picture(self, job: GenerationJob, version_id: str, *, seed: int) -> bytes:
-        """One picture: a prediction of one image with ``seed``."""
+        """One picture: a prediction of one image with ``seed``; none is created once the
+        client has gone (a picture beyond the first few waits for its turn: the batch is then
+        dropped, and nothing more is paid for)."""
+        _check_client(job)
         inputs: dict[str, Any] = {
             "prompt": job.prompt,
             "lora_scale": job.lora_scale,
@@ -171,6 +181,13 @@ class ReplicateGenerator:
                 session.download(urls[0], max_bytes=_MAX_IMAGE_BYTES, what="download the image"),
                 urls[0],
             )
+
+
+def _check_client(job: GenerationJob) -> None:
+    """``ClientGoneError`` once nobody waits for ``job``'s pictures (the port's contract)."""
+    if job.abandoned():
+        logger.info("generation dropped: its client went away")
+        raise ClientGoneError("the client went away before its pictures were made")
 
 
 class _WithheldError(GenerationError):
