@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,7 +18,7 @@ from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.domain.accounts import SignInPolicy
 from selfie_lora.errors import AuthError, RateLimitedError
-from selfie_lora.services.users import UserService
+from selfie_lora.services.users import PENDING, PENDING_RETRY_AFTER_S, UserService
 from tests.support.clock import Clock
 
 PASSWORD = "correct horse battery"
@@ -125,3 +126,74 @@ def test_a_correct_password_signs_in_and_is_not_counted(repo: SqlRepository) -> 
     with pytest.raises(RateLimitedError):
         svc.sign_in(name="ann", password=PASSWORD, client="10.0.0.1")
     assert hasher.verified == 2 * POLICY.max_failures + 1
+
+
+def outcomes_of(svc: UserService, attempts: list[tuple[str, str, str]]
+                ) -> list[tuple[str, int | None, str]]:
+    """As ``burst``: each attempt's (outcome, Retry-After, message)."""
+    start = threading.Barrier(len(attempts))
+
+    def attempt(args: tuple[str, str, str]) -> tuple[str, int | None, str]:
+        name, password, client = args
+        start.wait(10)
+        try:
+            svc.sign_in(name=name, password=password, client=client)
+        except RateLimitedError as exc:
+            return "429", exc.retry_after, exc.message
+        except AuthError as exc:
+            return "401", None, exc.message
+        return "200", None, ""
+
+    with ThreadPoolExecutor(len(attempts)) as pool:
+        return list(pool.map(attempt, attempts))
+
+
+def test_correct_passwords_sent_at_once_after_failures_are_never_told_to_wait_the_window(
+        repo: SqlRepository) -> None:
+    """Found in review: after 4 wrong passwords (a limit of 5), the right one sent twice at once
+    (a double click, two tabs) signed in once and answered the other "too many failed sign-ins:
+    try again in 15 minutes" (Retry-After 900), the page a browser shows for the last
+    submission: the first attempt's reservation counted as a fifth failure while it was
+    checked. Now an attempt refused only by attempts still being checked waits a few seconds."""
+    policy = replace(POLICY, max_failures=5, max_failures_per_client=20)
+    svc = UserService(repo=repo, hasher=CountingHasher(), policy=policy,
+                      clock=Clock(datetime(2026, 1, 1, tzinfo=UTC)))
+    svc.create(name="alice", password=PASSWORD)
+    for i in range(4):
+        with pytest.raises(AuthError):
+            svc.sign_in(name="alice", password=f"a typo {i}", client="10.6.0.1")
+    outcomes = outcomes_of(svc, [("alice", PASSWORD, "10.6.0.1")] * 2)
+    assert "200" in [outcome for outcome, _, _ in outcomes], outcomes
+    for outcome, retry_after, message in outcomes:
+        if outcome == "429":  # old code: Retry-After 900, "try again in 15 minutes"
+            assert retry_after == PENDING_RETRY_AFTER_S, outcomes
+            assert "still being checked" in message
+            assert "minute" not in message
+        else:
+            assert outcome == "200", outcomes
+    # Taken back: her four typos are still all that counts.
+    since = datetime(2025, 1, 1, tzinfo=UTC)
+    assert len(repo.sign_in_failures("name:alice", since=since)) == 4
+    assert svc.sign_in(name="alice", password=PASSWORD, client="10.6.0.1").user.name == "alice"
+
+
+def test_thirty_wrong_passwords_at_once_record_no_more_than_the_limit(
+        repo: SqlRepository) -> None:
+    """The reservation's purpose stands: 30 wrong passwords for 30 names from one address at
+    once (a limit of 20 per address) get 20 checks and 20 failures, no more; the others are
+    refused, and once the failures are recorded the next attempt waits out the window."""
+    policy = replace(POLICY, max_failures_per_client=20)
+    hasher = CountingHasher()
+    svc = UserService(repo=repo, hasher=hasher, policy=policy, hash_slots=threading.Semaphore(30),
+                      clock=Clock(datetime(2026, 1, 1, tzinfo=UTC)))
+    outcomes = outcomes_of(svc, [(f"user{i}", f"wrong guess {i}", "10.7.0.1")
+                                 for i in range(30)])
+    assert hasher.verified == 20
+    assert sorted(outcome for outcome, _, _ in outcomes) == ["401"] * 20 + ["429"] * 10
+    since = datetime(2025, 1, 1, tzinfo=UTC)
+    assert len(repo.sign_in_failures("client:10.7.0.1", since=since)) == 20
+    assert repo.sign_in_failures(f"{PENDING}client:10.7.0.1", since=since) == []
+    with pytest.raises(RateLimitedError) as refused:
+        svc.sign_in(name="user0", password="one more", client="10.7.0.1")
+    assert refused.value.retry_after == 15 * 60
+    assert hasher.verified == 20

@@ -18,7 +18,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -80,6 +80,12 @@ KEY_ROTATION_GRACE = timedelta(minutes=10)
 # 0.77 to 2.92 GB, /readyz took 4 s); more at once than there are CPUs is no faster anyway.
 HASH_SLOTS = max(1, os.cpu_count() or 1)
 HASH_WAIT = timedelta(seconds=5)
+# The prefix of a sign-in attempt's rows while its password is checked (``_reserve_attempt``);
+# how long a check may take (the hashing wait, then Argon2) before its rows count as failures
+# (its process died); and what an attempt refused only by attempts still being checked is told.
+PENDING = "pending:"
+PENDING_LEASE = timedelta(seconds=60)
+PENDING_RETRY_AFTER_S = 5
 _PROCESS_HASH_SLOTS = threading.BoundedSemaphore(HASH_SLOTS)
 
 
@@ -203,7 +209,7 @@ class UserService:
         """A session for ``name`` if ``password`` is its password. ``client`` is the address
         the attempt came from (counted for the rate limit, never stored with a success)."""
         hasher = self._require_hasher()
-        pending = self._reserve_attempt(name=name, client=client)
+        reserved = self._reserve_attempt(name=name, client=client)
         user = self._repo.get_user_by_name(name) if len(name) <= 100 else None
         stored = self._repo.get_password_hash(user.id) if user is not None else None
         try:
@@ -215,12 +221,12 @@ class UserService:
                 ok = hasher.verify(stored, password)
         except _HashingBusyError:
             # No password was checked: the attempt is not a failure (nor a guess).
-            self._repo.delete_sign_in_failures(pending)
+            self._repo.delete_sign_in_failures(reserved.ids)
             raise
         if not ok or user is None:
-            # The reserved attempt stays: it is this failure.
+            self._record_failure(reserved)
             raise AuthError(WRONG_CREDENTIALS, code=ErrorCode.WRONG_CREDENTIALS)
-        self._repo.delete_sign_in_failures(pending)
+        self._repo.delete_sign_in_failures(reserved.ids)
         _refuse_disabled(user)  # after the password: the refusal tells no guesser the name
         if stored is not None and hasher.needs_rehash(stored):
             # When no hash slot is free, the old hash still works: upgraded at a later sign-in.
@@ -267,22 +273,35 @@ class UserService:
         self._repo.add_session(session)
         return SignedIn(user=user, session=session, token=token)
 
-    def _reserve_attempt(self, *, name: str, client: str) -> Sequence[int]:
+    def _reserve_attempt(self, *, name: str, client: str) -> _Reservation:
         """Count this attempt as a failure before its password is checked, in one transaction
-        with the count that lets it go ahead (or ``RateLimitedError``); the ids of the rows,
-        which a correct password deletes.
+        with the count that lets it go ahead (or ``RateLimitedError``): rows under its keys
+        marked pending (``PENDING``), which a correct password (or a busy hasher) deletes and a
+        wrong one turns into failures (``_record_failure``).
 
         Why before: the check is slow (Argon2), so when the failure was recorded after it, any
         number of attempts sent at once all found the count under the limit and were all checked.
         Why locked: two attempts must not both count the same rows and both add theirs (the
-        keys' locks on PostgreSQL, the write transaction on SQLite). Anything that ends the
-        attempt other than a correct password leaves it counted."""
+        keys' locks on PostgreSQL, the write transaction on SQLite). Why pending: an attempt
+        refused only because others are still being checked is told to retry in a few seconds,
+        not to wait out the window (two correct passwords sent at once, a double click, got
+        "try again in 15 minutes" for the second). Anything that ends the attempt other than a
+        correct password leaves it counted: pending, then a failure after ``PENDING_LEASE``."""
         keys = self._throttle_keys(name, client)
         with self._repo.atomic() as tx:
             tx.lock_sign_in_keys(keys)
             now = self._clock()
             self._throttle(tx, name=name, client=client, now=now)
-            return tx.add_sign_in_failure(keys, at=now)
+            ids = tx.add_sign_in_failure([PENDING + key for key in keys], at=now)
+            return _Reservation(keys=keys, ids=tuple(ids), at=now)
+
+    def _record_failure(self, reserved: _Reservation) -> None:
+        """A wrong password: the attempt's pending rows become failures (at the attempt's time),
+        under the keys' locks, so that a count never sees the attempt in neither or both."""
+        with self._repo.atomic() as tx:
+            tx.lock_sign_in_keys(reserved.keys)
+            tx.delete_sign_in_failures(reserved.ids)
+            tx.add_sign_in_failure(reserved.keys, at=reserved.at)
 
     def _reserve_sign_up(self, *, client: str) -> None:
         """Count this sign-up attempt under the client's address, in one transaction with the
@@ -304,13 +323,36 @@ class UserService:
 
     def _throttle(self, repo: Repository, *, name: str, client: str,
                   now: datetime | None = None) -> None:
+        """``RateLimitedError`` when the attempt may not go ahead: until the window frees one
+        when the failures reach a limit, a few seconds when it is reached only with attempts
+        still being checked (which end as failures or not at all)."""
         now = now or self._clock()
         since = now - self._policy.window
-        pair_key, address_key, name_key, net_key = self._throttle_keys(name, client)
-        pair_failures = repo.sign_in_failures(pair_key, since=since)
+        keys = self._throttle_keys(name, client)
+        failed: dict[str, list[datetime]] = {}
+        counted: dict[str, list[datetime]] = {}
+        for key in keys:
+            done = list(repo.sign_in_failures(key, since=since))
+            checking = repo.sign_in_failures(PENDING + key, since=since)
+            # A check longer than the lease ended with its process: a failure, as it was counted.
+            failed[key] = done + [t for t in checking if now - t >= PENDING_LEASE]
+            counted[key] = [*done, *checking]
+        longest = self._longest_wait(failed, keys, now=now)
+        if longest is not None:
+            raise _rate_limited("too many failed sign-ins", longest)
+        if self._longest_wait(counted, keys, now=now) is not None:
+            raise RateLimitedError(
+                "other sign-in attempts with this name or from your address are still being "
+                f"checked: try again in {PENDING_RETRY_AFTER_S} seconds",
+                retry_after=PENDING_RETRY_AFTER_S)
+
+    def _longest_wait(self, failures: Mapping[str, Sequence[datetime]],
+                      keys: tuple[str, str, str, str], *, now: datetime) -> timedelta | None:
+        """How long an attempt counted under ``keys`` waits given ``failures`` (by key)."""
+        pair_key, address_key, name_key, net_key = keys
+        pair_failures = failures[pair_key]
         limits = [(pair_failures, self._policy.max_failures),
-                  (repo.sign_in_failures(address_key, since=since),
-                   self._policy.max_failures_per_client)]
+                  (failures[address_key], self._policy.max_failures_per_client)]
         waits = [wait_before_next_attempt(failures, limit=limit, window=self._policy.window,
                                           now=now)
                  for failures, limit in limits]
@@ -319,19 +361,17 @@ class UserService:
         # kept the owner out from her own address; exempting every address that had not failed
         # itself gave a /48 65,536 guesses a window. A stranger past it gets one guess per new
         # network.
-        net_failures = [*repo.sign_in_failures(net_key, since=since), *pair_failures]
+        net_failures = [*failures[net_key], *pair_failures]
         if net_failures:
             name_wait = wait_before_next_attempt(
-                repo.sign_in_failures(name_key, since=since),
+                failures[name_key],
                 limit=self._policy.max_failures_per_name, window=self._policy.window, now=now)
             if name_wait is not None:
                 # Free once the name's failures thin out, or once this network's own newest
                 # failure (her one typo) leaves the window, whichever comes first.
                 own = max(net_failures) + self._policy.window - now
                 waits.append(min(name_wait, max(own, timedelta(seconds=1))))
-        longest = max((w for w in waits if w is not None), default=None)
-        if longest is not None:
-            raise _rate_limited("too many failed sign-ins", longest)
+        return max((w for w in waits if w is not None), default=None)
 
     @staticmethod
     def _throttle_keys(name: str, client: str) -> tuple[str, str, str, str]:
@@ -532,6 +572,15 @@ class UserService:
         secret = "sl_" + secrets.token_urlsafe(32)
         return ApiKey(id=new_id(), user_id=user.id, name=name, key_hash=hash_api_key(secret),
                       prefix=secret[:PREFIX_LENGTH], created_at=self._clock()), secret
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    """A sign-in attempt counted before its check: its keys, its pending rows, its time."""
+
+    keys: tuple[str, str, str, str]
+    ids: tuple[int, ...]
+    at: datetime
 
 
 class _HashingBusyError(RateLimitedError):
