@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -100,6 +101,34 @@ def _database_shown(settings: Settings) -> str:
     except Exception:  # the settings checked it parses; never print it raw
         return "SELFIE_LORA_DATABASE_URL"
     return f"SELFIE_LORA_DATABASE_URL {shown}"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (``_terminate_as_interrupt``)."""
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (what ``timeout``, a cron or systemd time limit, ``docker stop``, an IDE's stop
+    button send) stops the command as Ctrl-C does: its ``except KeyboardInterrupt`` and
+    ``finally`` run (a garbage collection releases its lease, a training is handed back)
+    instead of the process dying on the spot. ``_interrupted_status`` says its exit status."""
+    import signal
+
+    def terminate(_signum: int, _frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted_status(exc: KeyboardInterrupt) -> int:
+    """128 + the signal, as a shell reports a process that signal ended: 130 for Ctrl-C, 143
+    for SIGTERM."""
+    return 143 if isinstance(exc, _Terminated) else 130
 
 
 def _reason(exc: BaseException | None) -> str:
@@ -486,7 +515,15 @@ def gc_cmd(
     of ended trainings, orphaned blobs. Never a version's weights, nor the photos of a dataset
     any training used."""
     with opened(label="gc", trainers={}, generators={}) as services:
-        summary = services.gc.collect(dry_run=dry_run, force=force)
+        try:
+            with _terminate_as_interrupt():
+                summary = services.gc.collect(dry_run=dry_run, force=force)
+        except KeyboardInterrupt as exc:
+            # The collection's own ``finally`` has released its lease: the next one can start
+            # at once, and deletes what this one did not get to.
+            err_console.print("interrupted: what was deleted stays deleted; run gc again to "
+                              "go on", highlight=False)
+            raise typer.Exit(_interrupted_status(exc)) from None
     for line in summary.lines(verbose=verbose):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 

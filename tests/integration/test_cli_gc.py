@@ -77,5 +77,8 @@ def test_a_collection_already_running_is_refused(home: Path) -> None:
         services.close()
     result = CliRunner().invoke(app, ["gc"])
     assert result.exit_code == 1
-    assert "another garbage collection is running by host/w0" in result.output
+    said = " ".join(result.output.split())
+    assert "another garbage collection is running by host/w0 until " in said
+    assert "UTC unless it renews its lease (if that collector was killed, its lease lapses " \
+        "then); try again when it has ended" in said
     assert CliRunner().invoke(app, ["gc", "--dry-run"]).exit_code == 0  # a dry run needs none

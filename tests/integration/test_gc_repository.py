@@ -138,6 +138,20 @@ def test_one_holder_of_a_job_lease_at_a_time(repo: SqlRepository) -> None:
     assert (job.owner, job.expires_at, job.last_finished_at) == (None, None, NOW + 5 * minute)
 
 
+def test_a_job_lease_of_a_dead_owner_is_taken_over_only_while_it_holds_it(
+        repo: SqlRepository) -> None:
+    minute = timedelta(minutes=1)
+    assert repo.claim_job("gc", owner="dead", now=NOW, expires_at=NOW + 10 * minute)
+    # Named as the dead owner: taken although unexpired.
+    assert repo.claim_job("gc", owner="b", now=NOW, expires_at=NOW + minute, take_over="dead")
+    # The dead owner no longer holds it: naming it takes nothing from b.
+    assert not repo.claim_job("gc", owner="c", now=NOW, expires_at=NOW + minute,
+                              take_over="dead")
+    job = repo.get_job("gc")
+    assert job is not None
+    assert (job.owner, job.expires_at) == ("b", NOW + minute)
+
+
 def test_a_job_is_due_only_an_interval_after_its_last_start(repo: SqlRepository) -> None:
     hour = timedelta(hours=1)
     assert repo.claim_job("gc", owner="a", now=NOW, expires_at=NOW + hour, due_before=NOW)

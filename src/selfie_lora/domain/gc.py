@@ -39,8 +39,11 @@ from datetime import datetime, timedelta
 
 # The job name of the garbage collection in the job leases (one collector at a time).
 GC_JOB = "gc"
-# How long a collector's lease lasts without a renewal; it renews it between steps.
-GC_LEASE = timedelta(minutes=10)
+# How long a collector's lease lasts without a renewal; it renews it between steps and every
+# few hundred deletions. Short: a collector killed on another machine (where this one cannot
+# see that its process is gone) blocks the next collection only this long. One that runs past it
+# unrenewed (a long listing) keeps it unless another collector took it meanwhile; then it stops.
+GC_LEASE = timedelta(minutes=2)
 # How long a webhook's id is kept to refuse a replay. A webhook whose signed timestamp is more
 # than 5 minutes off is refused before its id is looked at, so an older id can never be
 # accepted again anyway; a day leaves room for clocks that disagree.

@@ -89,8 +89,8 @@ from selfie_lora.services.layout import (
     manifest_key,
     owner_of,
 )
+from selfie_lora.services.owners import default_owner, owner_is_gone
 from selfie_lora.services.ports import BlobStore, Repository
-from selfie_lora.services.training import default_owner
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +137,37 @@ class GarbageCollector:
             return dataclasses.replace(GcSummary.of_plan(plan, dry_run=True),
                                        notes=_refused(listing))
         now = self._clock()
-        if not self._repo.claim_job(GC_JOB, owner=self.owner, now=now,
-                                    expires_at=now + self._lease):
+        if not self._claim(now):
             job = self._repo.get_job(GC_JOB)
-            holder = (f" by {job.owner} until {job.expires_at:%Y-%m-%d %H:%M:%S} UTC"
-                      if job is not None and job.owner and job.expires_at else "")
+            if job is None or not job.owner or job.expires_at is None:
+                holder = ""
+            else:
+                # A holder on another machine cannot be seen from here: it may have been killed
+                # (kill -9, a machine that went away), and then only its lease's end frees it.
+                holder = (f" by {job.owner} until {job.expires_at:%Y-%m-%d %H:%M:%S} UTC "
+                          "unless it renews its lease (if that collector was killed, its lease "
+                          "lapses then)")
             raise ConflictError(f"another garbage collection is running{holder}; try again "
                                 "when it has ended", code=ErrorCode.GC_IN_PROGRESS)
         return self._run_claimed(work=True, force=force)
+
+    def _claim(self, now: datetime, *, due_before: datetime | None = None) -> bool:
+        """Take the lease, also from a collector of this machine whose process is gone (killed
+        with ``kill -9``, or by the OOM killer): its lease would block every collection until
+        it lapses."""
+        expires_at = now + self._lease
+        if self._repo.claim_job(GC_JOB, owner=self.owner, now=now, expires_at=expires_at,
+                                due_before=due_before):
+            return True
+        job = self._repo.get_job(GC_JOB)
+        if job is None or not owner_is_gone(job.owner):
+            return False
+        logger.warning("garbage collection: taking the lease over from %s, whose process is "
+                       "gone", job.owner)
+        # Only while the dead owner still holds it: another collector that took it meanwhile
+        # keeps it.
+        return self._repo.claim_job(GC_JOB, owner=self.owner, now=now, expires_at=expires_at,
+                                    due_before=due_before, take_over=job.owner)
 
     def run_due(self, *, stopping: threading.Event | None = None) -> GcSummary | None:
         """The workers' periodic call (often: it does nothing until a collection is due).
@@ -156,8 +179,7 @@ class GarbageCollector:
             return None
         now = self._clock()
         work_due = self._work_due_at is None or now >= self._work_due_at
-        if self._repo.claim_job(GC_JOB, owner=self.owner, now=now, expires_at=now + self._lease,
-                                due_before=now - self.interval):
+        if self._claim(now, due_before=now - self.interval):
             self._work_due_at = now + self.interval
             summary: GcSummary | None = self._run_claimed(work=True, stopping=stopping,
                                                           bind=True)

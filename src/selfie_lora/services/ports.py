@@ -587,10 +587,12 @@ class Repository(Protocol):
 
     # job leases: a periodic job that one process at a time runs
     def claim_job(self, name: str, *, owner: str, now: datetime, expires_at: datetime,
-                  due_before: datetime | None = None) -> bool:
+                  due_before: datetime | None = None, take_over: str | None = None) -> bool:
         """Takes the job's lease until ``expires_at`` unless another owner holds an unexpired
         one, or (``due_before`` given) the job last started after ``due_before``. True when
-        taken (``now`` is recorded as its start). Not inside ``atomic()``."""
+        taken (``now`` is recorded as its start). ``take_over``: an owner known to be dead,
+        whose unexpired lease is taken as if it had expired (only if it still holds it). Not
+        inside ``atomic()``."""
         ...
     def renew_job(self, name: str, *, owner: str, expires_at: datetime) -> bool:
         """Pushes the lease's expiry while ``owner`` still holds it (nobody took it over)."""

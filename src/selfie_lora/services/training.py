@@ -40,13 +40,10 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
 import random
 import shutil
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -118,6 +115,7 @@ from selfie_lora.services.common import new_id, utcnow
 from selfie_lora.services.intake import IntakeService, PreparedDataset
 from selfie_lora.services.layout import manifest_key, photo_key, weights_key
 from selfie_lora.services.likeness import GateVerdict, LikenessService
+from selfie_lora.services.owners import default_owner
 from selfie_lora.services.ports import (
     BlobStore,
     JobQueue,
@@ -171,11 +169,6 @@ def caption_for(trigger_word: str) -> str:
     # Written by us for every photo: the trainer's autocaption prefix is often missing.
     return f"a photo of {trigger_word}"
 
-
-
-def default_owner() -> str:
-    """A lease owner name unique to this process (workers pass a stable one of their own)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 @dataclass(frozen=True)

@@ -1179,7 +1179,7 @@ class SqlRepository:
 
     # job leases -------------------------------------------------------------------------
     def claim_job(self, name: str, *, owner: str, now: datetime, expires_at: datetime,
-                  due_before: datetime | None = None) -> bool:
+                  due_before: datetime | None = None, take_over: str | None = None) -> bool:
         try:
             with self._tx() as s:
                 row = s.scalars(select(JobLeaseRow).where(JobLeaseRow.name == name)
@@ -1189,7 +1189,8 @@ class SqlRepository:
                                       last_started_at=now))
                     return True
                 expiry = _utc(row.expires_at)
-                if row.owner not in (None, owner) and expiry is not None and expiry > now:
+                if (row.owner not in (None, owner, take_over) and expiry is not None
+                        and expiry > now):
                     return False
                 started = _utc(row.last_started_at)
                 if due_before is not None and started is not None and started > due_before:

@@ -1,0 +1,59 @@
+"""Lease owner names of one process, and whether the process a name names is gone.
+
+A name is ``host:pid:uuid:space``. ``space`` says which processes ``pid`` is counted among: a
+hash of this kernel's boot id and this process's pid namespace. Two containers may share a
+hostname (and a database) while their pids are counted apart, so ``host`` and ``pid`` alone
+could name a live process of another container as one that is gone here; with ``space`` a
+process is only ever judged by one that sees the same pids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import uuid
+from functools import cache
+from pathlib import Path
+
+
+@cache
+def process_space() -> str:
+    """This kernel boot's and pid namespace's mark, "" where it cannot be read (not Linux): an
+    owner without one is never judged gone."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return hashlib.sha256(f"{boot}/{namespace}".encode()).hexdigest()[:8]
+
+
+def default_owner() -> str:
+    """A lease owner name unique to this process (workers pass a stable one of their own)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}:{process_space()}"
+
+
+def owner_is_gone(owner: str | None) -> bool:
+    """Whether ``owner`` (``default_owner``'s form) names a process of this host and pid space
+    that no longer exists: its lease is a dead process's, to take over now rather than when it
+    lapses. False whenever that cannot be told: another host or container, an older name
+    without a space, a worker's name (``host/tag/wN``), a pid that exists (perhaps reused by
+    another process: then the lease lapses in its own time)."""
+    if not owner:
+        return False
+    parts = owner.split(":")
+    space = process_space()
+    if (len(parts) != 4 or not space or parts[3] != space
+            or parts[0] != socket.gethostname() or not parts[1].isdigit()):
+        return False
+    pid = int(parts[1])
+    if pid == os.getpid():
+        return False  # this process: alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, run by another user
+        return False
+    return False

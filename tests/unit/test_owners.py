@@ -1,0 +1,43 @@
+"""Lease owner names: a process of this machine and pid space that is gone is told apart from
+one that runs, and nothing else is ever judged gone (another container sharing the hostname
+counts its pids apart)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from selfie_lora.services.owners import default_owner, owner_is_gone, process_space
+
+pytestmark = pytest.mark.skipif(not process_space(), reason="needs /proc (Linux)")
+
+
+def ended_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_process_of_this_space_that_ended_is_gone_and_a_live_one_is_not() -> None:
+    host, space = socket.gethostname(), process_space()
+    pid = ended_pid()
+    assert owner_is_gone(f"{host}:{pid}:0123abcd:{space}")
+    assert not owner_is_gone(default_owner())  # this process
+    assert not owner_is_gone(f"{host}:{os.getppid()}:0123abcd:{space}")  # alive
+
+
+def test_nothing_it_cannot_judge_is_gone() -> None:
+    host, space = socket.gethostname(), process_space()
+    pid = ended_pid()
+    other = "0" * 8 if space != "0" * 8 else "1" * 8
+    # Another container with this hostname: its pids are not ours to look up.
+    assert not owner_is_gone(f"{host}:{pid}:0123abcd:{other}")
+    assert not owner_is_gone(f"{host}-other:{pid}:0123abcd:{space}")  # another host
+    assert not owner_is_gone(f"{host}:{pid}:0123abcd")  # a name from before the space
+    assert not owner_is_gone(f"{host}/0a1b2c3d/w0")  # a worker's name
+    assert not owner_is_gone(None)
+    assert not owner_is_gone("")
