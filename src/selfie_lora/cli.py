@@ -583,17 +583,17 @@ def train(
     """Upload a folder or zip of photos and (re)train the user's model."""
     if wait:
         _hold_home(ctx)
-    with opened() as services:
+    with _terminate_as_interrupt(), opened() as services:
         owner = services.users.get_by_name(name=user)
         # Before the photos go into the storage and a training is queued: not into another
         # deployment's storage (the training's own worker would refuse only after both).
         services.operations.bind_deployment()
         try:
             t = services.training.upload_path(user=owner, path=path).training
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             err_console.print("interrupted while uploading the photos: no training was "
                               "started here; run the command again", highlight=False)
-            raise typer.Exit(130) from None
+            raise typer.Exit(_interrupted_status(exc)) from None
         assert t is not None
         kind = "retraining" if t.is_retraining else "first training"
         console.print(f"{kind} {t.id}: trigger word [bold]{t.trigger_word}[/bold], destination "
@@ -623,7 +623,7 @@ def resume(
     """Continue a canceled local training from its last checkpoint (as a new training)."""
     if wait:
         _hold_home(ctx)
-    with opened() as services:
+    with _terminate_as_interrupt(), opened() as services:
         owner = services.users.get_by_name(name=user)
         services.operations.bind_deployment()  # as train: before a training is queued
         if training_id is None:
@@ -645,9 +645,9 @@ def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> N
     try:
         final = follow_training(
             lambda: services.training.progress(user=owner, training_id=training_id).training)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (``_terminate_as_interrupt``)
         _hand_back_on_interrupt(services, worker, owner=owner, training_id=training_id)
-        raise typer.Exit(130) from None
+        raise typer.Exit(_interrupted_status(exc)) from None
     finally:
         worker.stop()  # a second call (after the hand-back) does nothing
     if final.status != "succeeded":
@@ -671,21 +671,23 @@ def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> N
 
 def _hand_back_on_interrupt(services: Services, worker: Worker, *, owner: Any,
                             training_id: str) -> None:
-    """Ctrl-C while a training runs here: stop this worker the way a worker's SIGTERM does (the
-    training is checkpointed, handed back and queued again) and say how it goes on; never a
-    training failed by the interrupt, nor a traceback."""
+    """Ctrl-C or SIGTERM while a training runs here: stop this worker the way a worker's
+    SIGTERM does (the training is checkpointed, handed back and queued again) and say how it
+    goes on; never a training failed by the interrupt, nor a traceback."""
     import signal
 
-    # A second Ctrl-C during the hand-back (a checkpoint is being written) would break it off
-    # half-way; it takes seconds.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A second Ctrl-C or SIGTERM during the hand-back (a checkpoint is being written) would
+    # break it off half-way; it takes seconds.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     err_console.print("interrupted: handing the training back (saving a checkpoint) ...",
                       highlight=False)
     try:
         worker.stop()
         t = services.training.progress(user=owner, training_id=training_id).training
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if t.status.is_terminal:
         err_console.print(f"training {t.id} {t.status} before it could be handed back",
                           highlight=False)

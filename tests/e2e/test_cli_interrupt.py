@@ -5,6 +5,7 @@ to the whole foreground group (it would fail the training and delete its checkpo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -24,7 +25,12 @@ pytestmark = pytest.mark.slow
 CLI = str(Path(sys.executable).parent / "selfie-lora")
 
 
-def test_ctrl_c_mid_training_hands_it_back_with_its_checkpoints(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_ctrl_c_or_sigterm_mid_training_hands_it_back_with_its_checkpoints(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM (``timeout``, an IDE's stop button, a CI job's cancellation) goes to the command
+    alone and hands the training back as Ctrl-C does, with exit status 143; a second ``train``
+    is then refused, saying that nobody runs the training and what continues it."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")}
     env.update({"SELFIE_LORA_HOME": str(home), "SELFIE_LORA_LOCAL_ISOLATION": "process",
@@ -88,8 +94,12 @@ def test_ctrl_c_mid_training_hands_it_back_with_its_checkpoints(tmp_path: Path) 
                     break
             assert step >= 12, "the training did not get going"
             # The child and the intake's processes are frozen, the command runs: the SIGINT is
-            # pending in the child (which ignores it) and the command takes it in.
-            os.killpg(train.pid, signal.SIGINT)
+            # pending in the child (which ignores it) and the command takes it in. A SIGTERM is
+            # sent to the command alone, as ``timeout`` and ``kill`` send it.
+            if sig is signal.SIGINT:
+                os.killpg(train.pid, signal.SIGINT)
+            else:
+                os.kill(train.pid, signal.SIGTERM)
             assert winding_down.wait(timeout=120), "".join(err_lines)
             os.killpg(train.pid, signal.SIGCONT)  # the child now finds the stop at its next step
             train.wait(timeout=120)
@@ -97,16 +107,20 @@ def test_ctrl_c_mid_training_hands_it_back_with_its_checkpoints(tmp_path: Path) 
                 reader.join(timeout=10)
             out, err = "".join(out_chunks), "".join(err_lines)
         finally:
-            if train.poll() is None:
+            # The whole group, even once the command has gone: a frozen child or intake process
+            # (killed without a hand-back) would hold the pipes open for ever.
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(train.pid, signal.SIGKILL)
-                train.wait(timeout=60)
+            train.wait(timeout=60)
             for reader in readers:
                 reader.join(timeout=10)
             for pipe in (train.stdout, train.stderr):
                 if pipe is not None:
                     pipe.close()
         t = services.training.progress(user=ann).training
-        assert train.returncode == 130, out + err
+        # Old code, SIGTERM: -15, killed with no hand-back, the training left 'processing'
+        # under a lease that lapsed.
+        assert train.returncode == (130 if sig is signal.SIGINT else 143), out + err
         assert "Traceback" not in err
         assert "KeyboardInterrupt" not in err
         assert f"training {t.id} is queued" in " ".join(err.split())
@@ -115,5 +129,12 @@ def test_ctrl_c_mid_training_hands_it_back_with_its_checkpoints(tmp_path: Path) 
         assert 10 <= t.step < 40, t  # stopped mid-way, not at the end
         assert services.queue.pending() == 1  # any worker continues it
         assert list((home / "blobs" / "checkpoints" / t.id).glob("step-*.ckpt")), err
+        again = subprocess.run([CLI, "train", str(photos), "--user", "ann"], env=env,
+                               capture_output=True, text=True, timeout=120, check=False)
+        said = " ".join(again.stderr.split())
+        assert again.returncode == 1, again.stdout + again.stderr
+        assert f"a training of this model is already queued or running (training {t.id}" in said
+        assert ("nobody is running it: start `selfie-lora serve` or `selfie-lora worker` to "
+                "continue it") in said
     finally:
         services.close()

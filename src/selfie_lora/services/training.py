@@ -74,6 +74,7 @@ from selfie_lora.domain.lease import (
     holder_is_silent,
     holds,
     is_held_back,
+    lease_is_live,
     recovery_action,
     release,
     scoring_exhausted,
@@ -289,7 +290,7 @@ class TrainingService:
             # active and writes the pin under the same lock, so this start plans on the pin it
             # left, or the re-pin finds this training and is refused.
             model = tx.get_model_for_user(user.id, for_update=True)
-            _refuse_if_busy(tx, model)
+            _refuse_if_busy(tx, model, now=self._clock())
             if model is not None:
                 check_fits_base_model(model, defaults)
             plan = plan_training(
@@ -379,7 +380,7 @@ class TrainingService:
             # Locked as a start locks it: a start still open (PostgreSQL runs them side by side)
             # commits its training first, and this upload is refused before it reads a photo.
             model = tx.get_model_for_user(user.id, for_update=True)
-            _refuse_if_busy(tx, model)
+            _refuse_if_busy(tx, model, now=self._clock())
             if model is not None:  # refused before its photos are read and cropped for it
                 check_fits_base_model(model, self._defaults())
             now = self._clock()
@@ -1599,9 +1600,22 @@ class _HeldStore:
                 self._service._progressed(self._held)
 
 
-def _refuse_if_busy(repo: Repository, model: Model | None) -> None:
-    if model is not None and any(t.status.is_active for t in repo.list_trainings(model.id)):
-        raise ConflictError("a training of this model is already queued or running")
+def _refuse_if_busy(repo: Repository, model: Model | None, *, now: datetime) -> None:
+    if model is None:
+        return
+    active = [t for t in repo.list_trainings(model.id) if t.status.is_active]
+    if not active:
+        return
+    message = "a training of this model is already queued or running"
+    # One that ran (an attempt) and that nobody holds now: its process was stopped or died
+    # and no worker took it back. Someone who uses only the command line has none running.
+    idle = [t for t in active if t.attempt > 0 and not lease_is_live(t, now)]
+    if idle:
+        t = idle[0]
+        message += (f" (training {t.id}, {t.status} at step {t.step}/{t.total_steps}); "
+                    "nobody is running it: start `selfie-lora serve` or `selfie-lora worker` "
+                    "to continue it")
+    raise ConflictError(message)
 
 
 class _Sink:
