@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
-from urllib.parse import urlsplit
 
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, BlobCache
 from selfie_lora.adapters.storage.fs import check_key
+from selfie_lora.domain.storage_url import parse_storage_url
 from selfie_lora.errors import BlobMissingError, ConfigError, StorageError, describe
 from selfie_lora.services.ports import BlobInfo, BlobStream
 
@@ -58,11 +58,12 @@ class S3Location:
 
     @classmethod
     def parse(cls, url: str) -> S3Location:
-        parts = urlsplit(url)
-        if parts.scheme != "s3" or not parts.netloc:
-            raise ConfigError(f"SELFIE_LORA_STORAGE_URL must look like s3://bucket/prefix, "
-                              f"not {url!r}")
-        return cls(bucket=parts.netloc, prefix=parts.path.strip("/"))
+        try:
+            bucket, prefix = parse_storage_url(url)
+        except ValueError as exc:
+            # Never the URL itself: it may hold a key (s3://KEY:SECRET@bucket).
+            raise ConfigError(f"SELFIE_LORA_STORAGE_URL: {exc}") from None
+        return cls(bucket=bucket, prefix=prefix)
 
 
 def _error(action: str, key: str, exc: Exception) -> StorageError:
