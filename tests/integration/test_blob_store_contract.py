@@ -390,9 +390,9 @@ def test_a_store_that_answers_passes_its_check(store: Any) -> None:
 def test_object_storage_without_its_bucket_fails_its_check(s3_server: S3Server,
                                                            tmp_path: Path) -> None:
     missing = s3_server.store("s3://no-such-bucket-here/x", tmp_path)
-    with pytest.raises(StorageError, match="object storage could not list"):
+    with pytest.raises(StorageError, match="has no bucket 'no-such-bucket-here'"):
         missing.check()
-    with pytest.raises(StorageError, match="object storage could not write"):
+    with pytest.raises(StorageError, match="has no bucket 'no-such-bucket-here'"):
         missing.put("photos/a.jpg", b"a")
     # A read answers 404 as for a missing blob: still the settings' fault, said as such.
     for read in (missing.get, missing.open):
@@ -476,3 +476,86 @@ def test_a_large_upload_to_object_storage_is_never_whole_in_memory(
     assert grew_mb < size_mb / 2, f"the upload process grew by {grew_mb} MB"
     stored = s3_server.store(location, tmp_path / "c2").open("weights/huge.safetensors")
     assert stored.size == size_mb * 1024 * 1024
+
+
+@contextmanager
+def s3_answering(status: int, code: str) -> Iterator[str]:
+    """An endpoint that answers every request with one S3 error, as AWS words it (an XML
+    declaration, a newline, then the <Error>)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+            f"<Message>It said &quot;{code}&quot;\nat length.</Message>"
+            "<RequestId>r1</RequestId></Error>").encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            if length := int(self.headers.get("content-length") or 0):
+                self.rfile.read(length)
+            self.send_response(status)
+            self.send_header("content-type", "application/xml")
+            self.send_header("content-length", "0" if self.command == "HEAD" else str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = answer  # noqa: N815
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize(("status", "code", "hint"), [
+    (403, "InvalidAccessKeyId", "check AWS_ACCESS_KEY_ID"),
+    (403, "SignatureDoesNotMatch", "check AWS_SECRET_ACCESS_KEY"),
+    (403, "AccessDenied", "the keys may not do this"),
+    (403, "RequestTimeTooSkewed", "this machine's clock is off"),
+    (503, "SlowDown", "throttled"),
+])
+def test_an_object_storage_error_keeps_s3_s_code_and_message_in_one_line(
+        tmp_path: Path, status: int, code: str, hint: str) -> None:
+    from selfie_lora.adapters.storage.s3 import S3BlobStore
+
+    with s3_answering(status, code) as endpoint:
+        store = S3BlobStore(url="s3://selfie-test/p", cache_dir=tmp_path, endpoint=endpoint,
+                            region="us-east-1", access_key_id="a", secret_access_key="b",
+                            retry_timeout=1, max_retries=1)
+        calls: list[Callable[[], object]] = [
+            store.check, lambda: store.get("photos/a.jpg"), lambda: store.put("photos/a.jpg", b"x"),
+            lambda: list(store.list("photos")), lambda: store.delete("photos/a.jpg")]
+        for call in calls:
+            with pytest.raises(StorageError) as caught:
+                call()
+            said = str(caught.value)
+            assert "\n" not in said
+            # Old code: '... 403 Forbidden: <?xml version="1.0" encoding="UTF-8"?>', no code.
+            assert f"{status} {code}: It said \"{code}\" at length. ({hint}" in said, said
+            assert "<?xml" not in said
+
+
+def test_a_missing_bucket_is_named_by_every_call(s3_server: S3Server, tmp_path: Path) -> None:
+    missing = s3_server.store("s3://no-such-bucket-here/x", tmp_path)
+    calls: list[Callable[[], object]] = [
+        missing.check, lambda: missing.put("photos/a.jpg", b"a"),
+        lambda: missing.put("photos/a.jpg", b"a", if_absent=True),
+        lambda: list(missing.list("photos")), lambda: missing.delete("photos/a.jpg")]
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"w" * (s3_module.MULTIPART_THRESHOLD + 1))
+    calls.append(lambda: missing.put_file("weights/w.safetensors", big))
+    calls.append(lambda: missing.put_file("weights/w.safetensors", big, if_absent=True))
+    for call in calls:
+        # Old code: put 'could not write ...: FileNotFoundError: Object at location ... not
+        # found', list/check '404 Not Found: <?xml ...?>', delete nothing at all.
+        with pytest.raises(StorageError, match="has no bucket 'no-such-bucket-here': check "
+                                               "SELFIE_LORA_STORAGE_URL"):
+            call()

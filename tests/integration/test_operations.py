@@ -122,7 +122,7 @@ def test_a_dependency_that_does_not_answer_is_not_ready_but_alive(
     if down == "storage":
         s3_server: S3Server = request.getfixturevalue("s3_server")
         overrides = s3_server.settings("s3://no-such-bucket-here/x")
-        why = "object storage could not list"
+        why = "object storage has no bucket 'no-such-bucket-here'"
     else:
         # A Redis URL where nothing listens (port 9, as the database's below): the scale
         # path's queue down, so a training started here could not be queued.

@@ -21,6 +21,7 @@ identical to stored ones), and never a rewrite with other bytes.
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 import re
@@ -66,9 +67,50 @@ class S3Location:
         return cls(bucket=bucket, prefix=prefix)
 
 
-def _error(action: str, key: str, exc: Exception) -> StorageError:
-    # Vendor errors stop here: the services see StorageError only.
-    return StorageError(f"object storage could not {action} {key!r}: {describe(exc)}")
+# What S3 says went wrong is in the error's XML body, which obstore puts after the status line:
+# AWS, MinIO and moto all start that body with an XML declaration and a newline, so the first
+# line alone ("403 Forbidden: <?xml ...?>") never held it.
+_STATUS = re.compile(r"status code: (\d{3})")
+_CODE = re.compile(r"<Code>\s*([^<]*?)\s*</Code>")
+_MESSAGE = re.compile(r"<Message>\s*([^<]*?)\s*</Message>", re.DOTALL)
+_RETRIES = re.compile(r"after (\d+) retr(?:y|ies)")
+# What an operator does about the codes that are theirs to fix.
+_HINTS = {
+    "InvalidAccessKeyId": "check AWS_ACCESS_KEY_ID or SELFIE_LORA_STORAGE_ACCESS_KEY_ID",
+    "SignatureDoesNotMatch": ("check AWS_SECRET_ACCESS_KEY or "
+                              "SELFIE_LORA_STORAGE_SECRET_ACCESS_KEY (and the region)"),
+    "AccessDenied": "the keys may not do this in this bucket",
+    "RequestTimeTooSkewed": "this machine's clock is off",
+    "SlowDown": "throttled: the storage asks for fewer requests",
+    "NoSuchBucket": "check SELFIE_LORA_STORAGE_URL",
+}
+_MAX_MESSAGE = 300
+
+
+def s3_reason(exc: BaseException) -> str:
+    """What S3 answered, in one line: ``403 InvalidAccessKeyId: <its message> (hint)``; the
+    error's first line (``describe``) when its text holds no S3 error code."""
+    text = str(exc)
+    code = _CODE.search(text)
+    if code is None:
+        return describe(exc)
+    status = _STATUS.search(text)
+    message = _MESSAGE.search(text)
+    retries = _RETRIES.search(text)
+    said = " ".join(html.unescape(message[1]).split())[:_MAX_MESSAGE] if message else ""
+    reason = " ".join(part for part in (status[1] if status else "", code[1]) if part)
+    if said:
+        reason = f"{reason}: {said}"
+    if (hint := _HINTS.get(code[1])) is not None:
+        reason = f"{reason} ({hint})"
+    if retries is not None:
+        reason = f"{reason} (after {retries[1]} retries)"
+    return reason
+
+
+def _no_such_bucket(exc: BaseException) -> bool:
+    code = _CODE.search(str(exc))
+    return code is not None and code[1] == "NoSuchBucket"
 
 
 def _modified(value: object) -> datetime:
@@ -153,7 +195,7 @@ class S3BlobStore:
                 return False
             return self.put(key, data, if_absent=True)  # deleted since: written again
         except Exception as exc:
-            raise _error("write", key, exc) from exc
+            raise self._error("write", key, exc) from exc
         return True
 
     def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> bool:
@@ -170,7 +212,7 @@ class S3BlobStore:
             obstore.put(self._store, key, path, use_multipart=True, chunk_size=PART_SIZE,
                         max_concurrency=MAX_PARTS_IN_FLIGHT)
         except Exception as exc:
-            raise _error("write", key, exc) from exc
+            raise self._error("write", key, exc) from exc
         return True
 
     def _refresh(self, key: str) -> bool:
@@ -180,10 +222,12 @@ class S3BlobStore:
 
         try:
             result = obstore.get(self._store, key)
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
+            if _no_such_bucket(exc):
+                raise self._no_bucket() from None
             return False
         except Exception as exc:
-            raise _error("read", key, exc) from exc
+            raise self._error("read", key, exc) from exc
         try:
             if int(result.meta["size"]) <= MULTIPART_THRESHOLD:
                 obstore.put(self._store, key, result.bytes().to_bytes(), use_multipart=False)
@@ -202,7 +246,7 @@ class S3BlobStore:
                 finally:
                     Path(name).unlink(missing_ok=True)
         except Exception as exc:
-            raise _error("make fresh", key, exc) from exc
+            raise self._error("make fresh", key, exc) from exc
         return True
 
     def delete(self, key: str) -> None:
@@ -211,10 +255,11 @@ class S3BlobStore:
         check_key(key)
         try:
             obstore.delete(self._store, key)
-        except FileNotFoundError:
-            pass
+        except FileNotFoundError as exc:
+            if _no_such_bucket(exc):
+                raise self._no_bucket() from None
         except Exception as exc:
-            raise _error("delete", key, exc) from exc
+            raise self._error("delete", key, exc) from exc
 
     def remove_leftovers(self) -> int:
         # A multipart upload killed midway leaves its parts, billed and invisible to listings.
@@ -233,7 +278,7 @@ class S3BlobStore:
         except FileNotFoundError as exc:
             raise self._not_found(key, exc) from None
         except Exception as exc:
-            raise _error("read", key, exc) from exc
+            raise self._error("read", key, exc) from exc
 
     def open(self, key: str) -> BlobStream:
         import obstore
@@ -244,14 +289,14 @@ class S3BlobStore:
         except FileNotFoundError as exc:
             raise self._not_found(key, exc) from None
         except Exception as exc:
-            raise _error("read", key, exc) from exc
+            raise self._error("read", key, exc) from exc
 
         def chunks() -> Iterator[bytes]:
             try:
                 for chunk in result.stream(min_chunk_size=READ_CHUNK):
                     yield bytes(chunk)
             except Exception as exc:
-                raise _error("read", key, exc) from exc
+                raise self._error("read", key, exc) from exc
 
         return BlobStream(size=int(result.meta["size"]), chunks=chunks())
 
@@ -259,7 +304,7 @@ class S3BlobStore:
         # S3 answers 404 to a GET of a bucket that is not there too: that is the settings'
         # fault, not a blob gone, and a training must not be failed as if its photos were
         # (a HEAD's 404 has no body to tell them apart, so exists() cannot).
-        if "<Code>NoSuchBucket</Code>" in str(exc):
+        if _no_such_bucket(exc):
             return self._no_bucket()
         return BlobMissingError(f"blob {key!r} is missing")
 
@@ -276,10 +321,15 @@ class S3BlobStore:
         except InvalidPathError:
             pass  # a key obstore cannot name (``list``): the bucket answered all the same
         except Exception as exc:
-            if "NoSuchBucket" in str(exc):
-                raise self._no_bucket() from None
-            raise _error("list", self.description, exc) from exc
+            raise self._error("list", self.description, exc) from exc
         self._bucket_seen = True
+
+    def _error(self, action: str, key: str, exc: Exception) -> StorageError:
+        # Vendor errors stop here: the services see StorageError only. A missing bucket is said
+        # as the settings' fault whatever the call (a put's 404 read as a missing object).
+        if _no_such_bucket(exc):
+            return self._no_bucket()
+        return StorageError(f"object storage could not {action} {key!r}: {s3_reason(exc)}")
 
     def _no_bucket(self) -> StorageError:
         return StorageError(f"object storage has no bucket {self.location.bucket!r}: check "
@@ -318,13 +368,13 @@ class S3BlobStore:
             except InvalidPathError as exc:
                 refused = exc
             except Exception as exc:
-                raise _error("list", prefix, exc) from exc
+                raise self._error("list", prefix, exc) from exc
             if refused is None:
                 return
             foreign = self._unnamed_key(refused)
             resume = _resume_after(foreign) if foreign is not None else None
             if foreign is None or resume is None or (offset is not None and resume <= offset):
-                raise _error("list", prefix, refused) from refused
+                raise self._error("list", prefix, refused) from refused
             # Never deleted whatever its date: its key is one no store takes.
             yield BlobInfo(key=foreign, size=0, modified=datetime.now(UTC))
             # StartAfter skips the resume key itself: a blob of that very name is looked up.
@@ -358,7 +408,7 @@ class S3BlobStore:
             self._confirm_bucket()
             return None
         except Exception as exc:
-            raise _error("look up", key, exc) from exc
+            raise self._error("look up", key, exc) from exc
         return BlobInfo(key=key, size=int(meta["size"]), modified=_modified(meta["last_modified"]))
 
     def local_copy(self, key: str) -> AbstractContextManager[Path]:
@@ -389,7 +439,7 @@ class S3BlobStore:
         try:
             return obstore.sign(self._store, "GET", key, expires)
         except Exception as exc:
-            raise _error("sign a URL for", key, exc) from exc
+            raise self._error("sign a URL for", key, exc) from exc
 
     def check(self) -> None:
         import obstore
@@ -399,4 +449,4 @@ class S3BlobStore:
             # bucket are all right.
             next(iter(obstore.list(self._store, chunk_size=1)), None)
         except Exception as exc:
-            raise _error("list", self.description, exc) from exc
+            raise self._error("list", self.description, exc) from exc
