@@ -339,7 +339,7 @@ def build_services(
         alerter=alerter if alerter is not None else default_alerter(settings),
         tolerance=settings.gate_tolerance, probe_count=settings.probe_count,
         probe_size=settings.probe_size, gate_enabled=settings.quality_gate,
-        telemetry=telemetry,
+        telemetry=telemetry, public_url=settings.public_url,
     )
     intake = _intake(settings, repo=repo, blobs=blobs, face_analyzer=face_analyzer,
                      telemetry=telemetry)

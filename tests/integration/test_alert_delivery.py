@@ -555,3 +555,37 @@ def test_a_name_lookup_that_hangs_is_cut_at_the_overall_deadline(
     with pytest.raises(AlertDeliveryError, match=r"took more than 0\.5 s"):
         call()
     assert time.monotonic() - started < 2.0
+
+
+@pytest.mark.parametrize("public_url", ["https://lora.example.com/", None])
+def test_an_alert_carries_chat_text_with_the_user_versions_scores_and_link(
+        tmp_path: Path, public_url: str | None) -> None:
+    """Slack's incoming webhooks refuse a body without "text", Discord's one without "content":
+    both get the alert as a person reads it (old code: neither field, every delivery a 400)."""
+    endpoint = RecordingAlerter()
+    rig = Rig(root=tmp_path, generator=photo_generator(same_person()), alerter=endpoint,
+              public_url=public_url)
+    try:
+        version = held_version(rig, name="ann")
+    finally:
+        rig.close()
+    assert len(endpoint.sent) == 1
+    alert = endpoint.sent[0]
+    assert alert["user_name"] == "ann"
+    text = alert["text"]
+    assert alert["content"] == text
+    assert text.startswith("selfie-lora held back ann's version 2 (likeness ")
+    assert f"{alert['after']['identity']:.3f} against version 1's " in text
+    assert f"{alert['before']['identity']:.3f}, tolerance 0.02). " in text
+    assert alert["message"] in text
+    assert "\n" not in text
+    if public_url is None:
+        assert alert["url"] is None
+        assert "http" not in text
+    else:
+        # The web app's versions page (web/pages.py GET /versions).
+        assert alert["url"] == "https://lora.example.com/versions"
+        assert text.endswith(" Versions: https://lora.example.com/versions")
+    assert json.loads(json.dumps(alert)) == alert  # posted as it is
+    assert version.alert is not None
+    assert version.alert["text"] == text  # recorded with the version too

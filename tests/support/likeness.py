@@ -140,6 +140,7 @@ class Rig:
     gate_enabled: bool = True
     clock: Callable[[], datetime] = utcnow
     database: str = "sqlite"  # or "postgres" (tests.support.backends.DATABASES)
+    public_url: str | None = None
 
     def __post_init__(self) -> None:
         if self.database == "sqlite":
@@ -158,7 +159,7 @@ class Rig:
         self.likeness = LikenessService(
             repo=self.repo, blobs=self.blobs, generation=self.generation, faces=self.faces,
             alerter=self.alerter, tolerance=self.tolerance, probe_count=self.probe_count,
-            gate_enabled=self.gate_enabled, clock=self.clock,
+            gate_enabled=self.gate_enabled, clock=self.clock, public_url=self.public_url,
         )
         self.training = TrainingService(
             repo=self.repo, blobs=self.blobs, queue=self.queue, trainers={"local": self.trainer},

@@ -147,6 +147,26 @@ class Comparison:
     stale_b: str | None = None
 
 
+DISCORD_CONTENT_MAX = 2000
+
+
+def _identity(scores: object) -> str:
+    value = scores.get("identity") if isinstance(scores, dict) else None
+    return f"{value:.3f}" if isinstance(value, int | float) else "not scored"
+
+
+def alert_text(*, user_name: str, version_number: int, baseline_number: int | None,
+               before: object, after: object, tolerance: float, message: str,
+               url: str | None) -> str:
+    """A held-back version's alert as a person reads it in a chat: whose, which versions, the
+    likeness before and after, why, and where to look."""
+    against = (f" against version {baseline_number}'s {_identity(before)}"
+               if baseline_number is not None else "")
+    line = (f"selfie-lora held back {user_name}'s version {version_number} (likeness "
+            f"{_identity(after)}{against}, tolerance {tolerance:g}). {message.rstrip('.')}.")
+    return f"{line} Versions: {url}" if url else line
+
+
 class LikenessService:
     def __init__(
         self,
@@ -162,6 +182,7 @@ class LikenessService:
         gate_enabled: bool = True,
         telemetry: Telemetry | None = None,
         clock: Callable[[], datetime] = utcnow,
+        public_url: str | None = None,
     ) -> None:
         if not 0.0 <= tolerance <= 1.0:
             raise ValueError("the gate tolerance is a similarity difference, 0..1")
@@ -177,6 +198,8 @@ class LikenessService:
         # Off: every new version passes at once (it is still scored).
         self.gate_enabled = gate_enabled
         self._clock = clock
+        # The web app's versions page, linked from each alert (None: no public address known).
+        self._versions_url = f"{public_url.rstrip('/')}/versions" if public_url else None
 
     # ------------------------------------------------------------------ worker side
     def judge(self, version_id: str, *, checkpoint: Callable[[], None] | None = None,
@@ -300,7 +323,9 @@ class LikenessService:
         tx.set_version_gate(current.id, status=verdict.status, reason=reason, details=details)
         claimed = None
         if verdict.status is GateStatus.HELD:
-            alert = self._alert(model, current, verdict, message=reason, at=now)
+            owner = tx.get_user(model.user_id)
+            alert = self._alert(model, current, verdict, message=reason, at=now,
+                                user_name=owner.name if owner is not None else None)
             if self._alerter is None:
                 tx.set_version_alert(current.id, alert, due_at=None)  # recorded, never sent
             else:
@@ -718,21 +743,30 @@ class LikenessService:
 
     # ------------------------------------------------------------------ the gate
     def _alert(self, model: Model, version: Version, verdict: GateVerdict, *, message: str,
-               at: datetime) -> dict[str, Any]:
+               at: datetime, user_name: str | None) -> dict[str, Any]:
         baseline = verdict.baseline
+        before, after = verdict.details.get("before"), verdict.details.get("after")
         # Scores on both sides: a drop; otherwise the version or its baseline was not scored.
-        kind = ("likeness_drop" if verdict.details.get("after") and verdict.details.get("before")
-                else "not_scored")
+        kind = "likeness_drop" if after and before else "not_scored"
+        text = alert_text(
+            user_name=user_name or model.user_id, version_number=version.number,
+            baseline_number=baseline.number if baseline else None, before=before, after=after,
+            tolerance=self.tolerance, message=message, url=self._versions_url)
         return {
             # The same in every delivery of this alert: a receiver drops what it has seen.
             "alert_id": f"{kind}:{version.id}",
             "kind": kind, "message": message, "at": at.isoformat(), "user_id": model.user_id,
+            "user_name": user_name,
             "model_id": model.id, "destination": model.destination,
             "version_id": version.id, "version_number": version.number,
             "baseline_version_id": baseline.id if baseline else None,
             "baseline_version_number": baseline.number if baseline else None,
-            "before": verdict.details.get("before"), "after": verdict.details.get("after"),
-            "tolerance": self.tolerance, "delivery": None,
+            "before": before, "after": after,
+            "tolerance": self.tolerance, "url": self._versions_url,
+            # What a chat hook shows: Slack's incoming webhooks need "text", Discord's
+            # "content" (at most 2000 characters); both refused this body without them.
+            "text": text, "content": text[:DISCORD_CONTENT_MAX],
+            "delivery": None,
         }
 
     # ------------------------------------------------------------------ internals
