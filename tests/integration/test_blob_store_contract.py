@@ -559,3 +559,41 @@ def test_a_missing_bucket_is_named_by_every_call(s3_server: S3Server, tmp_path: 
         with pytest.raises(StorageError, match="has no bucket 'no-such-bucket-here': check "
                                                "SELFIE_LORA_STORAGE_URL"):
             call()
+
+
+@pytest.mark.parametrize(("start", "end"), [
+    (0, 1), (10, None), (-100, 0), (1, 0), (1024 * 1024 - 1, 1024 * 1024 + 1), (0, None)])
+def test_a_range_reads_back_those_bytes_and_says_the_whole_size(
+        store: Any, tmp_path: Path, start: int, end: int | None) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    source = tmp_path / "w.safetensors"
+    source.write_bytes(data)
+    store.put_file("weights/w.safetensors", source)
+    # Negative numbers count from the end (0: the end itself).
+    first = start if start >= 0 else len(data) + start
+    last = None if end is None else (end if end > 0 else len(data) + end)
+    # Old code: open() took no range.
+    stream = store.open("weights/w.safetensors", start=first, end=last)
+    assert stream.size == len(data)  # the whole blob's: a Content-Range needs it
+    assert b"".join(stream.chunks) == data[first:last]
+
+
+def test_a_range_of_an_object_pulls_only_that_range_from_the_bucket(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    from tests.support.counting_proxy import counting_proxy
+
+    location = s3_server.new_location()
+    data = os.urandom(16 * 1024 * 1024)
+    source = tmp_path / "w.safetensors"
+    source.write_bytes(data)
+    s3_server.store(location, tmp_path / "writer").put_file("weights/w.safetensors", source)
+    with counting_proxy(s3_server.endpoint) as proxy:
+        from selfie_lora.adapters.storage.s3 import S3BlobStore
+
+        store = S3BlobStore(url=location, cache_dir=tmp_path / "reader",
+                            endpoint=proxy.endpoint, region="us-east-1",
+                            access_key_id="testing", secret_access_key="testing-secret")
+        stream = store.open("weights/w.safetensors", start=len(data) - 100, end=len(data))
+        assert b"".join(stream.chunks) == data[-100:]
+        # Old code: every byte before the range came from the bucket (16 MiB).
+        assert proxy.received < 64 * 1024, proxy.received

@@ -4,6 +4,7 @@ the process's HOME keeps only caches, and downloads are streamed or presigned.""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,3 +115,31 @@ def test_a_download_of_weights_gone_from_the_bucket_is_refused_not_redirected(
     assert answer.json()["error"]["message"].startswith(
         f"version {version['number']}'s weights are missing from the storage, so they cannot "
         "be downloaded")
+
+
+def test_a_resumed_download_pulls_only_its_range_from_the_bucket(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    """curl -C - near the end of a large LoRA: the route read the whole object from the bucket
+    and dropped all but the end (adapters review: 64 MiB pulled for the last 100 bytes)."""
+    from tests.support.counting_proxy import counting_proxy
+
+    location = s3_server.new_location()
+    with counting_proxy(s3_server.endpoint) as proxy:
+        settings = make_settings(tmp_path, **(s3_server.settings(location)
+                                              | {"storage_endpoint": proxy.endpoint}))
+        with serving(settings, run_worker=True) as (client, svc):
+            h = auth(svc, "dee")
+            done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+            version = done["model"]["active_version"]
+            # A LoRA of a real size in its place (the route streams what the bucket holds).
+            data = os.urandom(16 * 1024 * 1024)
+            big = tmp_path / "big.safetensors"
+            big.write_bytes(data)
+            svc.blobs.put_file(svc.repo.get_version(version["id"]).weights_key, big)
+            before = proxy.received
+            answer = client.get(version["weights_url"], headers={**h, "Range": "bytes=-100"})
+            pulled = proxy.received - before
+    assert answer.status_code == 206
+    assert answer.content == data[-100:]
+    assert answer.headers["content-range"] == f"bytes {len(data) - 100}-{len(data) - 1}/{len(data)}"
+    assert pulled < 64 * 1024, pulled  # old code: the whole 16 MiB

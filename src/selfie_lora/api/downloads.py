@@ -49,7 +49,15 @@ def weights_response(download: WeightsDownload, *, range_header: str | None = No
         stream.close()
         return Response(status_code=status, headers=headers,
                         media_type="application/octet-stream")
-    chunks = stream.chunks if status == 200 else _between(stream, start, end)
+    if download.open_range is not None and (status == 206 or download.probe):
+        # Only the range is read from the store (a seek, an S3 ranged GET); the stream opened
+        # first held the first byte only (``for_range``), or is closed unread.
+        stream.close()
+        chunks = download.open_range(start, end).chunks if end > start else iter(())
+    elif status == 200:
+        chunks = stream.chunks
+    else:
+        chunks = _between(stream, start, end)
     return StreamingResponse(chunks, status_code=status, media_type="application/octet-stream",
                              headers=headers)
 
@@ -76,9 +84,9 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | str | None:
 
 
 def _between(stream: BlobStream, start: int, end: int) -> Iterator[bytes]:
-    """The stream's bytes [start, end). The stores stream from the beginning, so the bytes
-    before ``start`` are read and dropped: a resumed download costs a read of the file, never
-    a second transfer of it."""
+    """The stream's bytes [start, end), for a stream with no ranged read of its own (a file
+    converted in memory, which holds all its bytes already): the bytes before ``start`` are
+    dropped. A stored file is read from ``start`` instead (``WeightsDownload.open_range``)."""
     position = 0
     try:
         for chunk in stream.chunks:

@@ -85,7 +85,8 @@ def weights(user: UserDep, svc: ServicesDep, version_id: str, http: Request,
     convert). A streamed file answers one ``Range`` with 206 (ETag: its SHA-256, honoured in
     ``If-Range``) and HEAD with the headers GET would send."""
     return weights_response(
-        svc.models.download_weights(user=user, version_id=version_id, weights_format=format),
+        svc.models.download_weights(user=user, version_id=version_id, weights_format=format,
+                                    for_range=http.headers.get("range") is not None),
         range_header=http.headers.get("range"), if_range=http.headers.get("if-range"),
         head=http.method == "HEAD")
 

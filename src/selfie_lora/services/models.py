@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -65,6 +65,12 @@ class WeightsDownload:
     stream: BlobStream | None
     weights_format: WeightsFormat = WeightsFormat.DIFFUSERS
     digest: str | None = None
+    # The stored file's bytes [start, end) read on their own (a resumed download), instead of
+    # the stream's from its first byte; None for a stream held in memory (an export).
+    open_range: Callable[[int, int], BlobStream] | None = None
+    # ``stream`` holds the file's first byte only (``for_range``): its size, for the answer to
+    # choose the range, whose bytes ``open_range`` then reads.
+    probe: bool = False
 
     @property
     def filename(self) -> str:
@@ -325,9 +331,13 @@ class ModelService:
         return WeightsExport(version=version, weights_format=weights_format, data=data)
 
     def download_weights(self, *, user: User, version_id: str,
-                         weights_format: WeightsFormat = WeightsFormat.DIFFUSERS) -> WeightsDownload:
+                         weights_format: WeightsFormat = WeightsFormat.DIFFUSERS,
+                         for_range: bool = False) -> WeightsDownload:
         """The version's LoRA file for a download: the stored layout is never read whole into
-        memory; another layout is converted in memory (see :meth:`export_weights`)."""
+        memory; another layout is converted in memory (see :meth:`export_weights`).
+        ``for_range`` (the client asked for a byte range): the stored file's stream is opened on
+        its first byte only (``WeightsDownload.probe``), so that no more than the range is read:
+        a whole GET closed unread still pulled megabytes of a large file from S3."""
         if weights_format is not WeightsFormat.DIFFUSERS:
             export = self.export_weights(user=user, version_id=version_id,
                                          weights_format=weights_format)
@@ -350,10 +360,19 @@ class ModelService:
         try:
             # The stores fail here, before the first byte, when the blob is gone: the answer can
             # still be a 409 rather than a broken stream.
-            stream = self._blobs.open(version.weights_key)
+            stream = (self._blobs.open(version.weights_key, start=0, end=1) if for_range
+                      else self._blobs.open(version.weights_key))
         except BlobMissingError as exc:
             raise self._weights_missing(version, exc) from exc
-        return WeightsDownload(version=version, url=None, stream=stream)
+
+        def open_range(start: int, end: int) -> BlobStream:
+            try:
+                return self._blobs.open(version.weights_key, start=start, end=end)
+            except BlobMissingError as exc:  # deleted since the first look
+                raise self._weights_missing(version, exc) from exc
+
+        return WeightsDownload(version=version, url=None, stream=stream, open_range=open_range,
+                               probe=for_range)
 
     @staticmethod
     def _weights_missing(version: Version, exc: BlobMissingError) -> ConflictError:

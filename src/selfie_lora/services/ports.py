@@ -257,8 +257,13 @@ class BlobStore(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
-    def open(self, key: str) -> BlobStream:
-        """The blob in chunks, for answers that stream it; raises at once when it is missing."""
+    def open(self, key: str, *, start: int = 0, end: int | None = None) -> BlobStream:
+        """The blob's bytes ``[start, end)`` in chunks (``end`` None: to its end), for answers
+        that stream it; raises at once when it is missing. Only that range is read (a seek, an
+        S3 ranged GET): a resumed download near the end of a large file must not pull the file
+        again. ``size`` is the whole blob's, whatever the range; ``start``
+        must be inside the blob (``0 <= start < size``, the caller's to ensure; an empty blob
+        is read whole), and an ``end`` past its end reads to its end."""
         ...
 
     def exists(self, key: str) -> bool: ...

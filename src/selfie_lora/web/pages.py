@@ -590,7 +590,9 @@ def version_weights(request: Request, viewer: PageViewer, version_id: str) -> Re
     # sends Range and If-Range, and checks it with HEAD.
     web = _web(request)
     return weights_response(
-        web.services.models.download_weights(user=viewer.user, version_id=version_id),
+        web.services.models.download_weights(
+            user=viewer.user, version_id=version_id,
+            for_range=request.headers.get("range") is not None),
         range_header=request.headers.get("range"), if_range=request.headers.get("if-range"),
         head=request.method == "HEAD")
 

@@ -47,16 +47,17 @@ class _Chunks:
     the first chunk: a generator closed unstarted would leave the file open, as a HEAD or a
     416 answer of a download does)."""
 
-    def __init__(self, key: str, fh: BinaryIO) -> None:
+    def __init__(self, key: str, fh: BinaryIO, *, length: int | None = None) -> None:
         self._key = key
         self._fh = fh
+        self._left = length  # None: to the end of the file
 
     def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
         try:
-            chunk = self._fh.read(CHUNK)
+            chunk = self._fh.read(CHUNK if self._left is None else min(CHUNK, self._left))
         except OSError as exc:  # a disk error midway: the answer is cut, as on object storage
             self.close()
             raise _read_error(self._key, exc) from exc
@@ -65,6 +66,8 @@ class _Chunks:
         if not chunk:
             self.close()
             raise StopIteration
+        if self._left is not None:
+            self._left -= len(chunk)
         return chunk
 
     def close(self) -> None:
@@ -161,14 +164,22 @@ class FileSystemBlobStore:
         except OSError as exc:
             raise _read_error(key, exc) from exc
 
-    def open(self, key: str) -> BlobStream:
+    def open(self, key: str, *, start: int = 0, end: int | None = None) -> BlobStream:
         try:
             fh = self._path(key).open("rb")
         except NOT_A_BLOB:
             raise BlobMissingError(f"blob {key!r} is missing") from None
         except OSError as exc:
             raise _read_error(key, exc) from exc
-        return BlobStream(size=os.fstat(fh.fileno()).st_size, chunks=_Chunks(key, fh))
+        try:
+            size = os.fstat(fh.fileno()).st_size
+            if start:
+                fh.seek(start)
+        except OSError as exc:
+            fh.close()
+            raise _read_error(key, exc) from exc
+        length = None if end is None else max(0, end - start)
+        return BlobStream(size=size, chunks=_Chunks(key, fh, length=length))
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()

@@ -40,6 +40,7 @@ from selfie_lora.errors import BlobMissingError, ConfigError, StorageError, desc
 from selfie_lora.services.ports import BlobInfo, BlobStream
 
 if TYPE_CHECKING:
+    from obstore import GetOptions
     from obstore.store import S3Config, S3Store
 
 logger = logging.getLogger(__name__)
@@ -280,12 +281,19 @@ class S3BlobStore:
         except Exception as exc:
             raise self._error("read", key, exc) from exc
 
-    def open(self, key: str) -> BlobStream:
+    def open(self, key: str, *, start: int = 0, end: int | None = None) -> BlobStream:
         import obstore
 
         check_key(key)
+        options: GetOptions = {}
+        if end is not None:
+            # A ranged GET: only these bytes leave the bucket (a resumed download of a large
+            # LoRA pulled the whole file to drop all but its end).
+            options["range"] = (start, end)
+        elif start:
+            options["range"] = {"offset": start}
         try:
-            result = obstore.get(self._store, key)
+            result = obstore.get(self._store, key, options=options)
         except FileNotFoundError as exc:
             raise self._not_found(key, exc) from None
         except Exception as exc:
