@@ -366,9 +366,17 @@ class Settings(BaseSettings):
             url = httpx.URL(value.get_secret_value())
         except (httpx.InvalidURL, TypeError, ValueError):
             url = None
+        form = "must be where alerts are POSTed: https://host[:port]/path (or http://)"
         if url is None or url.scheme not in ("http", "https") or not url.host:
-            raise ValueError("must be where alerts are POSTed: https://host[:port]/path "
-                             "(or http://)")
+            raise ValueError(form)
+        # httpx takes these and every delivery then fails (a connect error, ten times over four
+        # hours) instead of the settings saying so: never the URL, which is a secret.
+        if any(char.isspace() for char in value.get_secret_value()):
+            raise ValueError(f"{form}; it holds a space or other whitespace")
+        if url.port is not None and not 1 <= url.port <= 65535:
+            raise ValueError(f"{form}; its port is not 1-65535")
+        if not _is_host(url.raw_host.decode("ascii", "replace")):
+            raise ValueError(f"{form}; its host is not a host name or IP address")
         return value
 
     @field_validator("allowed_trainers", mode="before")
@@ -574,6 +582,19 @@ class EmbeddedSettings(Settings):
         file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings,)
+
+
+# A DNS name as httpx sends it (IDNA-encoded): labels of letters, digits, '-' (and '_', which
+# internal names use), dot-separated.
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def _is_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return len(host) <= 253 and _HOST_NAME.fullmatch(host) is not None
+    return True
 
 
 def settings_errors(exc: ValidationError) -> list[str]:

@@ -447,6 +447,10 @@ def test_the_alert_url_setting_is_a_secret(tmp_path: Path) -> None:
     "hooks.slack.com" + SECRET_PATH,  # the scheme forgotten
     "ftp://hooks.example.com" + SECRET_PATH, "https://" + SECRET_PATH, "not a url",
     "https://hooks.example.com:port" + SECRET_PATH,
+    # Taken by httpx, then every delivery failed to connect (old code: accepted).
+    "https://hooks.example.com:99999" + SECRET_PATH, "https://hooks.example.com:0" + SECRET_PATH,
+    "https://hooks.exa mple.com" + SECRET_PATH, "https://hooks.example.com" + SECRET_PATH + " ",
+    "https://hooks%41.example.com" + SECRET_PATH, "https://-hooks.example.com" + SECRET_PATH,
 ])
 def test_an_alert_url_that_cannot_be_posted_to_stops_the_settings(tmp_path: Path,
                                                                    url: str) -> None:
@@ -459,7 +463,10 @@ def test_an_alert_url_that_cannot_be_posted_to_stops_the_settings(tmp_path: Path
 
 
 @pytest.mark.parametrize("url", ["https://hooks.slack.com" + SECRET_PATH,
-                                 "http://127.0.0.1:8080/alerts", ""])
+                                 "http://127.0.0.1:8080/alerts", "", "http://[::1]:65535/a",
+                                 "https://discord.com/api/webhooks/1/" + SECRET_PATH,
+                                 "https://bücher.example/hook", "http://alerts_relay:8080/x",
+                                 "https://user:pass@relay.example.com/x"])
 def test_an_http_alert_url_or_none_is_accepted(tmp_path: Path, url: str) -> None:
     settings = Settings(home=tmp_path, alert_url=url)
     assert settings.alert_url is not None
