@@ -105,3 +105,24 @@ def test_a_bind_that_met_an_unreachable_storage_is_not_tried_again(tmp_path: Pat
     finally:
         svc.close()
     assert blobs.reads == 1  # old code: 2
+
+
+@pytest.mark.parametrize(("retry_timeout", "max_retries"), [(2, 10), (30, 2)],
+                         ids=["retry-timeout-bounds", "max-retries-bounds"])
+def test_a_hung_endpoint_fails_a_call_within_the_bound_readme_states(
+        tmp_path: Path, hung_endpoint: str, retry_timeout: int, max_retries: int) -> None:
+    """README: at most about the smaller of RETRY_TIMEOUT + TIMEOUT and (MAX_RETRIES + 1) x
+    TIMEOUT, plus the short waits between tries. It said 'about SELFIE_LORA_STORAGE_TIMEOUT',
+    which holds only when the retry time is shorter than one try (the defaults, 15 s and 30 s);
+    with TIMEOUT lowered under it a call took up to 4 x TIMEOUT (adapters review: 12.5 s for 3)."""
+    timeout = 1
+    store = S3BlobStore(url="s3://bucket/prefix", cache_dir=tmp_path, endpoint=hung_endpoint,
+                        region="us-east-1", access_key_id="k", secret_access_key="s",
+                        timeout=timeout, retry_timeout=retry_timeout, max_retries=max_retries)
+    bound = min(retry_timeout + timeout, (max_retries + 1) * timeout)
+    started = time.monotonic()
+    with pytest.raises(StorageError):
+        store.exists("photos/a.jpg")
+    took = time.monotonic() - started
+    assert took > 1.5 * timeout  # more than one TIMEOUT: the retries run
+    assert took < bound + 1.5, took  # the waits between tries: 0.1 s, doubling
