@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -53,6 +54,29 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
         return None
     text = collection_path.read_text(encoding="utf-8")
     return True if "\npytestmark = pytest.mark.slow\n" in text else None
+
+
+# What a command run in this process (CliRunner) may change for the rest of it: the demo quiets
+# these loggers and sets these variables, as a process of its own may. Put back after each test,
+# so that a later test in the same worker sees logging as it would alone (the demo tests before
+# test_operations.py's left "selfie_lora" at WARNING: its INFO lines were never written). The
+# root logger's handlers are pytest's own to add and remove around each phase: left alone.
+_PROCESS_LOGGERS = ("selfie_lora", "transformers", "diffusers")
+_PROCESS_VARIABLES = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
+
+
+@pytest.fixture(autouse=True)
+def _process_state_put_back() -> Iterator[None]:
+    levels = {name: logging.getLogger(name).level for name in _PROCESS_LOGGERS}
+    variables = {name: os.environ.get(name) for name in _PROCESS_VARIABLES}
+    yield
+    for name, was in levels.items():
+        logging.getLogger(name).setLevel(was)
+    for name, value in variables.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session", autouse=True)
