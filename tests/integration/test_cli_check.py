@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
+from selfie_lora import console as printing
 from selfie_lora import wiring
 from selfie_lora.cli import app
 from selfie_lora.config import get_settings
@@ -92,16 +93,19 @@ def test_one_oversized_file_and_one_zip_in_the_folder_are_their_own_findings(
     its finding and what to do."""
     with open(photos / "IMG_0042.DNG", "wb") as fh:
         fh.truncate(51 * 1024 * 1024)  # sparse: nothing to write
-    monkeypatch.setenv("COLUMNS", "400")  # the findings table unwrapped
+    # The findings table unwrapped: COLUMNS alone is read by a console made without a width,
+    # and in a full run another test's console settings may be there first.
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setattr(printing.console, "_width", 400)
     (photos / "x.zip").write_bytes(zip_of({"more.jpg": synthetic_photo(9, size=256)}))
     result = cli.invoke(app, ["check", str(photos)])
     said = " ".join(result.output.split())
     assert result.exit_code == 0, result.output
     assert "4 of 6 photos usable" in said
-    assert "IMG_0042.DNG is 51 MB, over the 50 MB a photo may be" in said
-    assert "export it as JPEG" in said
-    assert "x.zip is an archive in the folder (a zip archive)" in said
-    assert "unpack it and upload its photos" in said
+    assert "IMG_0042.DNG is 51 MB, over the 50 MB a photo may be" in said, result.output
+    assert "export it as JPEG" in said, result.output
+    assert "x.zip is an archive in the folder (a zip archive)" in said, result.output
+    assert "unpack it and upload its photos" in said, result.output
 
 
 @pytest.mark.parametrize("where", ["missing", "under-a-file"])
