@@ -33,6 +33,7 @@ from selfie_lora.domain.plan import DEFAULT_LORA_SCALE, LORA_SCALE_MAX, LORA_SCA
 from selfie_lora.errors import StorageError
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.web.app import WEB_ROOT
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.clock import Clock
@@ -527,6 +528,38 @@ def test_every_page_is_served_with_a_policy_that_forbids_inline_scripts(ann: Tes
     assert ann.get("/static/vendor/htmx-2.0.11/htmx.min.js").status_code == 200
     # The API keeps answering JSON.
     assert ann.get("/api/model").json()["error"]["code"] == "unauthorized"
+
+
+def page_title(page: str) -> str:
+    found = re.findall(r"<title>(.*?)</title>", page, re.S)
+    assert len(found) == 1, page
+    return found[0]
+
+
+TEMPLATES = WEB_ROOT / "templates"
+
+
+def test_no_page_has_markup_in_its_title(tmp_path: Path, ann: TestClient) -> None:
+    """A <title> is shown as text (the tab, the window list, history and bookmarks): markup
+    pasted into a template's title block showed as is, a form's CSRF token with it."""
+    blocks = {path.name: re.findall(r"\{%-?\s*block title\s*-?%\}(.*?)\{%-?\s*endblock",
+                                    path.read_text(), re.S)
+              for path in sorted(TEMPLATES.glob("*.html"))}
+    titled = {name: found for name, found in blocks.items() if found}
+    assert {"settings.html", "photos.html", "error.html", "signin.html"} <= set(titled)
+    for name, found in titled.items():
+        assert len(found) == 1, name
+        assert not re.search("[<>]", found[0]), (name, found[0])
+    # And as served, signed in and out (the error page included).
+    settings = make_settings(tmp_path / "open", signup=True)
+    with closing(fake_services(settings)) as services, browser(settings, services) as anon:
+        served = [ann.get(path) for path in ("/photos", "/train", "/versions", "/generate",
+                                             "/model", "/settings", "/no-such-page")]
+        served += [anon.get(path) for path in ("/signin", "/signup")]
+    for r in served:
+        title = page_title(r.text)
+        assert not re.search("[<>]", title), (r.url, title)
+        assert title.endswith(" · selfie-lora"), (r.url, title)
 
 
 def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
@@ -1525,7 +1558,11 @@ def test_the_settings_page_deletes_the_account_once_its_name_is_typed(
     """The page's button: a wrong name deletes nothing (422, said beside the form); the name
     typed deletes the account, ends the session and leads to the sign-in page."""
     page = ann.get("/settings").text
-    assert 'action="/settings/delete"' in page
+    # Once, in the page's main: a copy in the <title> showed its markup and CSRF token as the
+    # tab's title and wrote them into the browser's history.
+    assert page.count('action="/settings/delete"') == 1
+    assert page.count('name="confirm"') == 1
+    assert page_title(page) == "Settings · selfie-lora"
     assert 'class="confirm inline"' in page
     r = ann.post("/settings/delete", data={"csrf_token": csrf(ann), "confirm": "bob"},
                  follow_redirects=False)
