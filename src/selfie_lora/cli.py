@@ -30,7 +30,7 @@ from selfie_lora.console import (
 from selfie_lora.domain.entities import Finding, GateStatus, Training
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
-from selfie_lora.errors import InvalidInputError, SelfieLoraError
+from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, SelfieLoraError
 from selfie_lora.logs import setup_logging
 from selfie_lora.outputs import write_whole
 
@@ -590,6 +590,8 @@ def train(
         services.operations.bind_deployment()
         try:
             t = services.training.upload_path(user=owner, path=path).training
+        except ConflictError as exc:
+            raise _said_what_queued_waits_for(services, owner=owner, refused=exc) from None
         except KeyboardInterrupt as exc:
             err_console.print("interrupted while uploading the photos: no training was "
                               "started here; run the command again", highlight=False)
@@ -604,12 +606,37 @@ def train(
             _queued_hint()
 
 
+QUEUED_WAITS_FOR = ("it trains once a `selfie-lora serve` or `selfie-lora worker` runs on "
+                    "these settings")
+
+
 def _queued_hint() -> None:
     """After ``--no-wait``: this command runs nothing, and a HOME where no server or worker runs
     would keep the training queued for ever, with nothing said."""
-    console.print("queued: it trains once a `selfie-lora serve` or `selfie-lora worker` runs on "
-                  "these settings; follow it on the Train page or with GET "
+    console.print(f"queued: {QUEUED_WAITS_FOR}; follow it on the Train page or with GET "
                   "/api/training/progress", markup=False, highlight=False)
+
+
+def _said_what_queued_waits_for(services: Services, *, owner: Any,
+                                refused: ConflictError) -> ConflictError:
+    """A ``train`` or ``resume`` refused because a training of the model is queued (one this
+    command's Ctrl-C or SIGTERM handed back, or a ``--no-wait``'s), or a ``resume`` of it: it
+    waits for a serve or worker, which someone who uses only the command line may not run. The
+    service cannot say so (its message is the API's and the web's too, where workers run), so
+    the command adds it, as ``--no-wait`` does."""
+    # Busy, or (``resume`` of the latest training) not canceled but queued.
+    if refused.code not in (ErrorCode.TRAINING_IN_PROGRESS, ErrorCode.NOT_RESUMABLE):
+        return refused
+    try:
+        latest = services.training.progress(user=owner).training
+    except SelfieLoraError:
+        return refused
+    # Queued, or handed back (its lease released): waiting for a worker's turn. One still held,
+    # or lost by a process that is gone, is the service's to describe.
+    if not latest.status.is_active or latest.lease_owner is not None:
+        return refused
+    return ConflictError(f"{refused.message}; training {latest.id} waits in the queue: "
+                         f"{QUEUED_WAITS_FOR}", details=refused.details)
 
 
 @app.command()
@@ -628,7 +655,10 @@ def resume(
         services.operations.bind_deployment()  # as train: before a training is queued
         if training_id is None:
             training_id = services.training.progress(user=owner).training.id
-        t = services.training.resume(user=owner, training_id=training_id).training
+        try:
+            t = services.training.resume(user=owner, training_id=training_id).training
+        except ConflictError as exc:
+            raise _said_what_queued_waits_for(services, owner=owner, refused=exc) from None
         console.print(f"training {t.id} resumes {training_id} at step {t.step}/{t.total_steps}: "
                       f"trigger word [bold]{t.trigger_word}[/bold], trainer {t.trainer_version}")
         if wait:

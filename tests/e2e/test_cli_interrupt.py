@@ -30,7 +30,7 @@ def test_ctrl_c_or_sigterm_mid_training_hands_it_back_with_its_checkpoints(
         tmp_path: Path, sig: signal.Signals) -> None:
     """SIGTERM (``timeout``, an IDE's stop button, a CI job's cancellation) goes to the command
     alone and hands the training back as Ctrl-C does, with exit status 143; a second ``train``
-    is then refused, saying that nobody runs the training and what continues it."""
+    is then refused, saying that the training is queued and what trains it."""
     home = tmp_path / "home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")}
     env.update({"SELFIE_LORA_HOME": str(home), "SELFIE_LORA_LOCAL_ISOLATION": "process",
@@ -133,8 +133,11 @@ def test_ctrl_c_or_sigterm_mid_training_hands_it_back_with_its_checkpoints(
                                capture_output=True, text=True, timeout=120, check=False)
         said = " ".join(again.stderr.split())
         assert again.returncode == 1, again.stdout + again.stderr
-        assert f"a training of this model is already queued or running (training {t.id}" in said
-        assert ("nobody is running it: start `selfie-lora serve` or `selfie-lora worker` to "
-                "continue it") in said
+        # Queued, as a worker's hand-back leaves it: the command (not the service, whose
+        # message API users see too) says that a serve or worker trains it.
+        assert (f"a training of this model is already queued or running; training {t.id} "
+                "waits in the queue: it trains once a `selfie-lora serve` or `selfie-lora "
+                "worker` runs on these settings") in said
+        assert "nobody is running it" not in said
     finally:
         services.close()

@@ -1607,14 +1607,19 @@ def _refuse_if_busy(repo: Repository, model: Model | None, *, now: datetime) -> 
     if not active:
         return
     message = "a training of this model is already queued or running"
-    # One that ran (an attempt) and that nobody holds now: its process was stopped or died
-    # and no worker took it back. Someone who uses only the command line has none running.
-    idle = [t for t in active if t.attempt > 0 and not lease_is_live(t, now)]
+    # One a process took and lost without handing it back (killed, crashed): its holder is
+    # still named and its lease lapsed, and no worker took it over since. Never one that waits
+    # for a worker: queued, or handed back (a worker's SIGTERM on every deploy, a Ctrl-C'd
+    # CLI run: its lease released, its message queued), which has no lease by design while
+    # workers run, so a missing lease says nothing about them. API and web users see this
+    # message too; the CLI says itself what a waiting one waits for.
+    idle = [t for t in active if t.status is not TrainingStatus.QUEUED
+            and t.lease_owner is not None and not lease_is_live(t, now)]
     if idle:
         t = idle[0]
-        message += (f" (training {t.id}, {t.status} at step {t.step}/{t.total_steps}); "
-                    "nobody is running it: start `selfie-lora serve` or `selfie-lora worker` "
-                    "to continue it")
+        at = f" at step {t.step}/{t.total_steps}" if t.total_steps > 0 else ""
+        message += (f" (training {t.id}, {t.status}{at}); nobody is running it: start "
+                    "`selfie-lora serve` or `selfie-lora worker` to continue it")
     raise ConflictError(message)
 
 
