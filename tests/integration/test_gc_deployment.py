@@ -305,6 +305,67 @@ def test_a_worker_without_the_storage_url_does_not_bind_its_empty_folder(
         worker.close()
 
 
+def test_an_upgraded_deployment_adopts_the_store_that_holds_its_photos_whichever_starts_first(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A deployment with the 'two folders' mistake from before migration 0021: the API server
+    and a worker without SELFIE_LORA_STORAGE_URL each marked their own HOME/blobs with the
+    deployment's id, and the database records no storage. After the upgrade the worker starts
+    first: its empty folder is not adopted (old code: adopted, and the API server holding every
+    photo then refused to start); it is warned, as before 0021, and its worker refuses. The API
+    server's store, which holds the photos, is adopted when it starts."""
+    api = build_services(make_settings(tmp_path / "api", intake_workers=1),
+                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()})
+    shared_db = f"sqlite:///{(api.settings.home / 'selfie-lora.db').resolve()}"
+    worker = build_services(make_settings(tmp_path / "worker", database_url=shared_db),
+                            trainers={"local": FakeTrainer()},
+                            face_analyzer=one_person_analyzer(),
+                            generators={"local": FakeGenerator()})
+    try:
+        deployment_id = api.operations.bind_deployment()
+        assert deployment_id is not None
+        user, _key = api.users.create(name="ann")
+        api.training.upload_zip(user=user, data=photo_zip(3))
+        markers = {}
+        for name, services, when in (("api", api, "2026-11-01T00:00:00+00:00"),
+                                     ("worker", worker, "2026-11-01T00:00:01+00:00")):
+            # The release before wrote markers without a storage_id.
+            markers[name] = json.dumps({"deployment_id": deployment_id,
+                                        "created_at": when}).encode()
+            services.blobs.delete(DEPLOYMENT_KEY)
+            services.blobs.put(DEPLOYMENT_KEY, markers[name])
+        db = sqlite3.connect(api.settings.home / "selfie-lora.db")
+        with db:
+            db.execute("UPDATE deployment SET storage_id = NULL")
+        db.close()
+        for services in (api, worker):
+            services.operations._decided = None
+
+        with caplog.at_level("WARNING", logger="selfie_lora.services.deployment"):
+            assert worker.operations.bind_deployment() == deployment_id
+        assert worker.repo.get_deployment_storage_id() is None  # not adopted
+        assert "not recording this storage as the deployment's" in caplog.text
+        assert "holds none of the 1 upload(s) and 0 version(s)" in caplog.text
+        assert "is SELFIE_LORA_STORAGE_URL set for this process?" in caplog.text
+        with pytest.raises(ConfigError, match="is SELFIE_LORA_STORAGE_URL set for this worker"):
+            worker.operations.check_worker_storage()
+        assert worker.blobs.get(DEPLOYMENT_KEY) == markers["worker"]  # left as it was
+
+        # The API server holding the photos starts: its store is adopted, marker unchanged.
+        assert api.operations.bind_deployment() == deployment_id
+        adopted = api.repo.get_deployment_storage_id()
+        assert adopted is not None
+        assert api.blobs.get(DEPLOYMENT_KEY) == markers["api"]
+        # The worker's next start now refuses: its folder is not the deployment's storage.
+        worker.operations._decided = None
+        with pytest.raises(DeploymentMismatchError, match="SELFIE_LORA_STORAGE_URL"):
+            worker.operations.bind_deployment()
+        assert api.repo.get_deployment_storage_id() == adopted
+    finally:
+        api.close()
+        worker.close()
+
+
 def test_a_worker_without_the_storage_url_takes_no_training_and_names_the_setting(
         tmp_path: Path) -> None:
     # Left unbound, the worker still took the queued training, which failed telling the user

@@ -111,6 +111,30 @@ def unbound_doubt(refs: References, *, found: Iterable[str], photos: int | None 
             "'selfie-lora gc --force'.")
 
 
+def adoption_doubt(refs: References) -> str:
+    """Why a store marked by a release before migration 0021 is not recorded as the deployment's
+    storage, as one line: it holds none of the photos or weights the database names."""
+    return (f"not recording this storage as the deployment's: its {DEPLOYMENT_KEY} names this "
+            f"deployment, yet it holds none of the {len(refs.datasets)} upload(s) and "
+            f"{len(refs.version_ids)} version(s) this database names: is "
+            "SELFIE_LORA_STORAGE_URL set for this process? Without it a process uses its own "
+            "folder (HOME/blobs), which no other server or worker sees; "
+            f"{SETTINGS_HINT}. Trainings and generations on this process will not find their "
+            "photos or weights; the storage that holds them becomes the deployment's when a "
+            "server or worker on it starts.")
+
+
+def worker_elsewhere(refs: References) -> str:
+    """What a worker whose storage holds no photo and no weights, while the database names
+    uploads or versions, refuses to start with (``storage_elsewhere``)."""
+    return (f"this worker's storage holds no photo and no weights, yet this database names "
+            f"{len(refs.datasets)} upload(s) and {len(refs.version_ids)} version(s): is "
+            "SELFIE_LORA_STORAGE_URL set for this worker as for the API servers? Without it a "
+            "worker uses its own folder (HOME/blobs), where no training finds its photos. It "
+            "takes no training until it is given the deployment's storage; the trainings stay "
+            "queued for a worker that has it")
+
+
 class DeploymentBinding:
     def __init__(self, *, repo: Repository, blobs: BlobStore,
                  clock: Callable[[], datetime] = utcnow) -> None:
@@ -129,9 +153,12 @@ class DeploymentBinding:
     def bind(self) -> str | None:
         """Binds the store to this database (a server or worker starting); the deployment's id.
         None, with a warning logged, when the store has no marker and does not look like this
-        database's (module docstring): it stays unbound. ``DeploymentMismatchError`` when the
-        store is another deployment's, or not the storage this deployment was bound to;
-        ``StorageError`` when it cannot be reached."""
+        database's (module docstring): it stays unbound. A store a release before migration
+        0021 marked for this deployment is recorded as its storage only when it holds one of
+        the database's own blobs, or the database names none (else warned, left unrecorded,
+        the id returned). ``DeploymentMismatchError`` when the store is another deployment's,
+        or not the storage this deployment was bound to; ``StorageError`` when it cannot be
+        reached."""
         # Read before writing: a put-if-absent that finds the marker rewrites it (it makes an
         # existing blob fresh), which every start of every process would do for nothing.
         marker = self._marker()
@@ -172,7 +199,22 @@ class DeploymentBinding:
         database_id = self._repo.ensure_deployment_id(new_id(), now=self._clock())
         if store_id != database_id:
             raise self._mismatch(database_id=database_id, store_id=store_id, action="start")
-        # A deployment bound before the database recorded its storage adopts this one's.
+        if self._repo.get_deployment_storage_id() is None:
+            # A deployment bound before the database recorded its storage (migration 0021)
+            # adopts this store's marker, but only a store that holds the data, or when the
+            # database names none: the release before marked every process's store, its own
+            # empty HOME/blobs too when SELFIE_LORA_STORAGE_URL was missing, and adopting the
+            # first one to start (a worker's) would refuse the API server holding every photo.
+            refs = self._repo.gc_references()
+            keys = own_keys(refs)
+            if keys and not any(self._blobs.exists(key) for key in keys[:EVIDENCE_LOOKUPS]):
+                # Left unadopted, as before 0021: warned, and a worker refuses to start on it
+                # when it is empty; the store that holds the data is adopted when its own
+                # process starts.
+                logger.warning("%s", adoption_doubt(refs))
+                if not any(self._holds(prefix) for prefix in PRECIOUS_PREFIXES):
+                    self.storage_elsewhere = worker_elsewhere(refs)
+                return database_id
         self._bind_storage(storage_id, wrote=False, replace=False)
         return database_id
 
@@ -228,13 +270,7 @@ class DeploymentBinding:
         doubt = unbound_doubt(refs, found=() if found is None else (found,), empty=empty)
         if doubt is None or not empty:
             return doubt, None, empty, found is not None
-        return doubt, (
-            f"this worker's storage holds no photo and no weights, yet this database names "
-            f"{len(refs.datasets)} upload(s) and {len(refs.version_ids)} version(s): is "
-            "SELFIE_LORA_STORAGE_URL set for this worker as for the API servers? Without it a "
-            "worker uses its own folder (HOME/blobs), where no training finds its photos. It "
-            "takes no training until it is given the deployment's storage; the trainings stay "
-            "queued for a worker that has it"), True, False
+        return doubt, worker_elsewhere(refs), True, False
 
     def _holds(self, prefix: str) -> bool:
         listing = self._blobs.list(prefix)
