@@ -23,7 +23,7 @@ from selfie_lora.adapters.replicate.session import GENERATOR_FAILURES
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
 from selfie_lora.dataset.limits import UploadedFile
-from selfie_lora.errors import GenerationError, StorageError
+from selfie_lora.errors import GenerationError, InvalidInputError, StorageError
 from selfie_lora.services.generation import MAX_SEED
 from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -779,6 +779,43 @@ def test_no_version_says_to_train_when_no_training_is_queued_or_running(
     assert result.exit_code == 1, result.output
     assert train_it in result.output.replace("\n", "")
     assert "wait" not in result.output
+
+
+def test_no_version_says_to_activate_one_while_versions_exist_whatever_the_trainings_do(
+        settings: Settings, services: Services) -> None:
+    """Each version held back (the likeness gate) and a retraining queued or running: the old
+    message said 'no trained version yet: its training is running; wait for it to finish',
+    while activating a version (the Versions page) lets the user generate at once."""
+    from selfie_lora.domain.entities import TrainingStatus
+    from selfie_lora.services.generation import GenerationRequest
+
+    with TestClient(create_app(settings, services=services, run_worker=True),
+                    raise_server_exceptions=False) as c:
+        owner = own_model(c, services, "ann")
+    # The app and its worker stopped: the trainings added below stay as they are.
+    user = services.users.get_by_name(name="ann")
+    model = services.repo.get_model_for_user(user.id)
+    assert model is not None
+    services.repo.set_model_active_version(model.id, None)
+    activate = ("your model has no active version: activate one (the Versions page or POST "
+                "/api/model/versions/{id}/activate)")
+
+    def said() -> str:
+        with pytest.raises(InvalidInputError) as refused:
+            services.generation.generate(user=user, request=GenerationRequest(prompt="x"))
+        assert refused.value.code == "no_version"
+        return refused.value.message
+
+    assert said() == f"{activate} or train again"
+    done = services.repo.get_training(owner.training["id"])
+    assert done is not None
+    retraining = dataclasses.replace(done, id="retraining", status=TrainingStatus.QUEUED,
+                                     version_id=None, is_retraining=True)
+    services.repo.add_training(retraining)
+    assert said() == f"{activate}; a training is queued too"
+    services.repo.save_training(dataclasses.replace(retraining,
+                                                    status=TrainingStatus.PROCESSING))
+    assert said() == f"{activate}; a training is running too"
 
 
 def test_numbers_are_numbers_not_booleans_nor_strings(client: TestClient, services: Services,

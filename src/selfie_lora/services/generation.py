@@ -241,16 +241,21 @@ class GenerationService:
             return self._generate_timed(user=user, request=request)
 
     def _no_version(self, model_id: str) -> str:
-        """What to do about a model with no active version: waiting helps only while a training
-        is queued or running; after none, or a failed or canceled one, it never would."""
+        """What to do about a model with no active version: with versions (each held back: the
+        likeness gate, a cancel), activating one helps at once, whatever its trainings do;
+        without, waiting helps only while a training is queued or running; after none, or a
+        failed or canceled one, it never would."""
         active = [t for t in self._repo.list_trainings(model_id) if t.status.is_active]
+        state = None
         if active:
             state = "queued" if active[0].status is TrainingStatus.QUEUED else "running"
+        if self._repo.list_versions(model_id):
+            activate = ("your model has no active version: activate one (the Versions page or "
+                        "POST /api/model/versions/{id}/activate)")
+            return f"{activate}; a training is {state} too" if state else f"{activate} or train again"
+        if state:
             return (f"your model has no trained version yet: its training is {state}; wait "
                     "for it to finish")
-        if self._repo.list_versions(model_id):  # each one held back (the likeness gate, a cancel)
-            return ("your model has no active version: activate one (the Versions page or POST "
-                    "/api/model/versions/{id}/activate) or train again")
         return ("your model has no trained version yet: train it (the Train page, POST "
                 "/api/training/start or selfie-lora train)")
 
