@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -500,6 +501,47 @@ def test_a_backup_is_never_readable_by_others_and_one_killed_is_cleared_next_tim
     assert len(folders) > 2
     assert {p.relative_to(tmp_path).as_posix(): oct(stat.S_IMODE(p.stat().st_mode))
             for p in folders} == {p.relative_to(tmp_path).as_posix(): "0o700" for p in folders}
+
+
+def test_a_blob_collected_while_it_is_backed_up_leaves_no_file_in_the_backup(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The garbage collection deletes an orphan between the backup's listing and its copy. The
+    old code made the copy's file (O_EXCL) before opening the blob, so an empty file was left
+    in the backup that its manifest does not name, and a tar with it was refused on restore
+    ('... is not in its manifest.json')."""
+    from selfie_lora.adapters import backup
+
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    orphan = photo_key("b" * 64)
+    services.blobs.put(orphan, b"an orphan the collection deletes")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    real = backup._blob_files
+
+    def listed_then_collected(root: Path) -> Iterator[tuple[str, Path]]:
+        for key, path in real(root):
+            if key == orphan:
+                path.unlink()  # the collection deletes it after the listing, before the copy
+            yield key, path
+
+    monkeypatch.setattr(backup, "_blob_files", listed_then_collected)
+    code, said = run("backup", str(tmp_path / "bf"))
+    assert code == 0, said
+    manifest = json.loads((tmp_path / "bf" / "manifest.json").read_text())
+    written = {p.relative_to(tmp_path / "bf" / "blobs").as_posix()
+               for p in (tmp_path / "bf" / "blobs").rglob("*") if p.is_file()}
+    assert written == set(manifest["blobs"]) == {photo_key("a" * 64)}
+
+    services.blobs.put(orphan, b"an orphan the collection deletes")
+    code, said = run("backup", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(
+        update={"home": tmp_path / "restored"}))
+    code, said = run("restore", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    assert (tmp_path / "restored" / "blobs" / photo_key("a" * 64)).read_bytes() == b"a photo"
+    assert not (tmp_path / "restored" / "blobs" / orphan).exists()
 
 
 def test_a_tar_is_restored_without_extractall_s_filter_and_its_links_refused(

@@ -75,16 +75,20 @@ def _sha256(path: Path) -> str:
 def _copy_private(source: Path, target: Path) -> str:
     """``source`` to ``target`` (mode 0600, made first so no byte is ever readable by others),
     synced to the disk; the sha256 of the bytes written, summed as they pass (a backup's
-    manifest needs it, and reading each copy again doubled the reads of the blobs)."""
-    _private_folders(target.parent)
-    digest = hashlib.sha256()
-    fd = _new_file(target)
-    with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-        while chunk := src.read(_CHUNK):
-            digest.update(chunk)
-            out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
+    manifest needs it, and reading each copy again doubled the reads of the blobs).
+    ``FileNotFoundError`` when ``source`` is gone, with nothing made: the source is opened
+    first, as a blob the garbage collection deleted since it was listed left an empty file
+    (made O_EXCL before) that the backup's manifest does not name, which a restore refuses."""
+    with source.open("rb") as src:
+        _private_folders(target.parent)
+        digest = hashlib.sha256()
+        fd = _new_file(target)
+        with os.fdopen(fd, "wb") as out:
+            while chunk := src.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
     return digest.hexdigest()
 
 
