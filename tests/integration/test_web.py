@@ -28,9 +28,10 @@ from fastapi.testclient import TestClient
 from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
-from selfie_lora.domain.entities import GateStatus
+from selfie_lora.domain.entities import GateStatus, Recipe, Training, TrainingStatus
 from selfie_lora.domain.plan import DEFAULT_LORA_SCALE, LORA_SCALE_MAX, LORA_SCALE_MIN
 from selfie_lora.errors import StorageError
+from selfie_lora.services.common import utcnow
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.web.app import WEB_ROOT
@@ -1576,3 +1577,32 @@ def test_the_settings_page_deletes_the_account_once_its_name_is_typed(
     assert svc.repo.get_user_by_name("ann") is None
     assert svc.repo.get_user_by_name("bob") is not None
     assert ann.get("/settings", follow_redirects=False).status_code in (302, 303)
+
+
+def test_the_generate_page_says_what_the_generation_service_says_while_it_cannot_generate(
+        ann: TestClient, svc: Services) -> None:
+    """The page had one fixed sentence, "No trained version yet: train your model first",
+    while a training was queued (wait) or every version was held (activate one); it now shows
+    the service's own reason, the API's no_version message."""
+    user = svc.users.get_by_name(name="ann")
+    page = html.unescape(ann.get("/generate").text)
+    assert "You have no model yet: upload photos to start one." in page
+    assert upload(ann)[0] == 200
+    model = svc.repo.get_model_for_user(user.id)
+    dataset = svc.repo.latest_accepted_dataset(user.id)
+    assert model is not None
+    assert dataset is not None
+    # Queued in the database only (no worker is sent it), as a training waiting its turn is.
+    svc.repo.add_training(Training(
+        id="queued-one", model_id=model.id, dataset_id=dataset.id, backend="local",
+        status=TrainingStatus.QUEUED, is_retraining=False, trigger_word=model.trigger_word,
+        destination=model.destination, trainer_version=model.trainer_version,
+        recipe=Recipe(name="local-tiny-v1", steps=4, lora_rank=4, learning_rate=1e-2,
+                      resolution=64),
+        preserved={}, created_at=utcnow()))
+    said = svc.generation.not_ready(user=user)
+    assert said is not None
+    assert "queued" in said
+    page = html.unescape(ann.get("/generate").text)
+    assert said[1:] in page
+    assert "train your model first" not in page

@@ -52,6 +52,7 @@ DEFAULT_THREADS = 8
 _FIRST_RETRY_AFTER = 10
 _MAX_RETRY_AFTER = 300
 MAX_PROMPT_CHARS = 2000
+NO_MODEL = "you have no model yet: upload photos to start one"
 # Control characters but tab and line ends (a prompt typed in a text area has those): a NUL
 # cannot be stored on PostgreSQL, and none of them means anything to the text encoder.
 _PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -278,7 +279,7 @@ class GenerationService:
                                     code=ErrorCode.INVALID_NUM_OUTPUTS)
         model = self._repo.get_model_for_user(user.id)
         if model is None:
-            raise NotFoundError("you have no model yet: upload photos to start one")
+            raise NotFoundError(NO_MODEL)
         ref = request.version_id or model.active_version_id
         if ref is None:
             raise InvalidInputError(self._no_version(model.id), code=ErrorCode.NO_VERSION)
@@ -332,6 +333,16 @@ class GenerationService:
                          generation.id, index, key)
             raise NotFoundError(f"picture {index} of this generation is no longer stored; "
                                 "generate it again to have it") from exc
+
+    def not_ready(self, *, user: User) -> str | None:
+        """Why the user cannot generate now, in the words ``generate`` would refuse with (the
+        Generate page shows this, so page and API never disagree), or None when they can."""
+        model = self._repo.get_model_for_user(user.id)
+        if model is None:
+            return NO_MODEL
+        if model.active_version_id is None:
+            return self._no_version(model.id)
+        return None
 
     def history(self, *, user: User, limit: int = 50) -> Sequence[Generation]:
         """The user's generations, newest first (the gallery)."""

@@ -629,6 +629,7 @@ def generate_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     # at the scale that picture used (?lora_scale=), not the saved one.
     withheld = {g.id: withheld_pictures(g) for g in history if g.withheld}
     return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
+                      not_ready=svc.generation.not_ready(user=viewer.user),
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       scale=_chosen_scale(request.query_params.get("lora_scale")))
