@@ -1573,7 +1573,11 @@ def test_the_settings_page_deletes_the_account_once_its_name_is_typed(
     r = ann.post("/settings/delete", data={"csrf_token": csrf(ann, "/settings"),
                                            "confirm": "ann"}, follow_redirects=False)
     assert r.status_code == 303, r.text
-    assert r.headers["location"] == "/signin"
+    assert r.headers["location"] == "/signin?deleted=1"
+    # Said there, or a deletion would look like a session that merely ended.
+    landed = ann.get(r.headers["location"]).text
+    assert "Your account and everything it held were deleted." in landed
+    assert "were deleted" not in ann.get("/signin").text
     assert svc.repo.get_user_by_name("ann") is None
     assert svc.repo.get_user_by_name("bob") is not None
     assert ann.get("/settings", follow_redirects=False).status_code in (302, 303)

@@ -143,11 +143,16 @@ async def _replace_session(web: Web, request: Request, response: Response, token
 
 
 @router.get("/signin")
-def signin_page(request: Request, next: str | None = None) -> Response:
+def signin_page(request: Request, next: str | None = None,
+                deleted: str | None = None) -> Response:
     if _signed_in(request) is not None:
         # Signed in already (Back after signing in, a bookmark): where the form would lead.
         return _see(_local_target(next))
-    return _signin_form(request, "signin.html", next=_local_target(next))
+    # ?deleted=1 is where deleting one's account leads (settings_delete_account): without a
+    # word there a deletion looks like a session that merely expired. Only a fixed sentence is
+    # shown, so a crafted address can say nothing else.
+    return _signin_form(request, "signin.html", next=_local_target(next),
+                        deleted=deleted == "1")
 
 
 @router.post("/signin")
@@ -776,6 +781,6 @@ def settings_delete_account(request: Request, viewer: FormViewer,
         web.services.erasure.erase(name=viewer.user.name)
     except ConflictError as error:
         return _settings(request, viewer, status_code=409, delete_error=error.message)
-    response = _see("/signin")
+    response = _see("/signin?deleted=1")
     web.clear_session_cookie(response, request)
     return response
