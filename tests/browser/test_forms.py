@@ -35,3 +35,31 @@ def test_back_from_a_refused_form_returns_to_the_form_with_what_was_typed(
     page.wait_for_load_state()
     assert page.get_by_label("Why", exact=True).input_value() == \
         "a reason I took a while to write"
+
+
+def test_a_wrong_name_on_the_delete_form_asks_nothing_and_puts_the_focus_back(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """A mistyped name got the "cannot be undone" question first, and the refusal left the
+    focus on the page's body, 13 Tabs from the field (web3 review finding 5): now a name that is
+    not the account's is sent without the question (it deletes nothing), and the answer puts
+    the focus in the field."""
+    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
+    create(env, "erin")
+    server = serve(env, args=("--no-worker",))
+    page = chromium.new_context().new_page()
+    asked: list[str] = []
+    page.on("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+    sign_in(page, server.base_url, "erin", "/settings")
+    page.get_by_label("Type your name, erin, to confirm").fill("erinx")
+    page.get_by_label("Type your name, erin, to confirm").press("Enter")
+    page.wait_for_load_state()
+    page.get_by_text("type your name to confirm: nothing was deleted").wait_for()
+    assert asked == []
+    assert page.evaluate("document.activeElement.id") == "delete-confirm"
+    # The right name still asks before anything is deleted.
+    page.get_by_label("Type your name, erin, to confirm").fill("erin")
+    page.get_by_label("Type your name, erin, to confirm").press("Enter")
+    page.wait_for_timeout(300)
+    assert len(asked) == 1
+    assert "cannot be undone" in asked[0]
+    assert page.url.endswith("/settings/delete")  # dismissed: still the refused form's page

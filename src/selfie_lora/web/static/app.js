@@ -227,6 +227,11 @@
   document.addEventListener("submit", (e) => {
     const target = e.target;
     if (target instanceof HTMLFormElement && target.classList.contains("confirm")) {
+      // A field that must hold a known value (the account's name on the delete form): when it
+      // does not, the form is sent without the "cannot be undone" question, as it deletes
+      // nothing; the server's answer says why and puts the focus back in the field.
+      const expect = target.querySelector("[data-expect]");
+      if (expect instanceof HTMLInputElement && expect.value !== expect.dataset.expect) return;
       if (!window.confirm(target.dataset.confirm)) e.preventDefault();
     }
   });
