@@ -1095,6 +1095,15 @@ def users_enable(name: str) -> None:
     console.print(f"enabled {user.name}", markup=False, highlight=False, soft_wrap=True)
 
 
+# How to go on after a training stopped ``users delete``, in this command's words (the service's
+# message says what happened; the API and the web page say it in theirs).
+_ERASURE_REMEDY = {
+    "active": "; cancel it first, or pass --force to cancel it and delete",
+    "started": ": run again with --force to cancel it and delete",
+    "stopping": ": run the command again once it has (the account stays disabled)",
+}
+
+
 @users_app.command("delete")
 def users_delete(
     name: str,
@@ -1109,6 +1118,8 @@ def users_delete(
     """Delete a user and everything they own, in the database and in storage: model, versions,
     trainings, photos, weights, checkpoints, generated pictures, likeness records, API keys,
     sessions. Cannot be undone; run it again to finish one that was stopped."""
+    from selfie_lora.services.erasure import ErasureBlockedError
+
     if not yes and not sys.stdin.isatty():
         _fail(f"users delete {name} deletes the account and all its data: confirm at a "
               "terminal, or pass --yes; nothing was deleted", code=2)
@@ -1124,7 +1135,10 @@ def users_delete(
             if typer.prompt("type the user's name to confirm", default="",
                             show_default=False) != user.name:
                 _fail("not confirmed: nothing was deleted")
-        summary = services.erasure.erase(name=name, force=force)
+        try:
+            summary = services.erasure.erase(name=name, force=force)
+        except ErasureBlockedError as exc:
+            _fail(exc.message + _ERASURE_REMEDY[exc.stage])
     if as_json:
         sys.stdout.write(json.dumps(summary.as_json()) + "\n")
         return

@@ -170,7 +170,7 @@ def test_no_confirmation_at_a_pipe_exits_2_and_an_unknown_name_deletes_nothing(
 def test_a_training_running_refuses_without_force_and_force_cancels_it(
         on_services: Services, client: TestClient) -> None:
     services = on_services
-    own_model(client, services, "ann", photos=photo_zip(4), versions=0)
+    ann = own_model(client, services, "ann", photos=photo_zip(4), versions=0)
     user = services.users.get_by_name(name="ann")
     model = services.repo.get_model_for_user(user.id)
     dataset = services.repo.latest_accepted_dataset(user.id)
@@ -191,6 +191,14 @@ def test_a_training_running_refuses_without_force_and_force_cancels_it(
     assert "training queued or running" in said
     assert "--force" in said
     assert rows_of(services) == rows  # nothing changed, not even disabled
+    # The API's own words: its parameter is "force": true, not the CLI's --force.
+    r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "ann"})
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "training_in_progress"
+    said_api = r.json()["error"]["message"]
+    assert '"force": true' in said_api
+    assert "--force" not in said_api
+    assert rows_of(services) == rows
     code, said = run("users", "delete", "ann", "--yes", "--force")
     assert code == 0, said
     assert f"canceled training {training_id}" in said

@@ -142,6 +142,23 @@ def train(client: TestClient) -> str:
         time.sleep(0.05)
 
 
+def queue_a_training(services: Services, name: str) -> None:
+    """A training of the user's latest photos queued in the database only (no worker is sent
+    it), as one waiting its turn is."""
+    user = services.users.get_by_name(name=name)
+    model = services.repo.get_model_for_user(user.id)
+    dataset = services.repo.latest_accepted_dataset(user.id)
+    assert model is not None
+    assert dataset is not None
+    services.repo.add_training(Training(
+        id="queued-one", model_id=model.id, dataset_id=dataset.id, backend="local",
+        status=TrainingStatus.QUEUED, is_retraining=False, trigger_word=model.trigger_word,
+        destination=model.destination, trainer_version=model.trainer_version,
+        recipe=Recipe(name="local-tiny-v1", steps=4, lora_rank=4, learning_rate=1e-2,
+                      resolution=64),
+        preserved={}, created_at=utcnow()))
+
+
 # ---------------------------------------------------------------------------- signing in
 
 
@@ -1598,21 +1615,28 @@ def test_the_generate_page_says_what_the_generation_service_says_while_it_cannot
     page = html.unescape(ann.get("/generate").text)
     assert "You have no model yet: upload photos to start one." in page
     assert upload(ann)[0] == 200
-    model = svc.repo.get_model_for_user(user.id)
-    dataset = svc.repo.latest_accepted_dataset(user.id)
-    assert model is not None
-    assert dataset is not None
-    # Queued in the database only (no worker is sent it), as a training waiting its turn is.
-    svc.repo.add_training(Training(
-        id="queued-one", model_id=model.id, dataset_id=dataset.id, backend="local",
-        status=TrainingStatus.QUEUED, is_retraining=False, trigger_word=model.trigger_word,
-        destination=model.destination, trainer_version=model.trainer_version,
-        recipe=Recipe(name="local-tiny-v1", steps=4, lora_rank=4, learning_rate=1e-2,
-                      resolution=64),
-        preserved={}, created_at=utcnow()))
+    queue_a_training(svc, "ann")
     said = svc.generation.not_ready(user=user)
     assert said is not None
     assert "queued" in said
     page = html.unescape(ann.get("/generate").text)
     assert said[1:] in page
     assert "train your model first" not in page
+
+
+def test_deleting_the_account_while_a_training_is_queued_says_what_to_do_on_the_page(
+        ann: TestClient, svc: Services) -> None:
+    """The page said "pass --force to cancel it and delete", which the form has no way to do
+    (web3 review finding 2): it says to cancel the training on the Train page, linked."""
+    assert upload(ann)[0] == 200
+    queue_a_training(svc, "ann")
+    r = ann.post("/settings/delete", data={"csrf_token": csrf(ann, "/settings"),
+                                           "confirm": "ann"}, follow_redirects=False)
+    assert r.status_code == 409, r.text
+    error = re.search(r'<p class="error" role="alert" id="delete-error">(.*?)</p>',
+                      r.text[r.text.index("<main"):])
+    assert error, r.text
+    assert "nothing was deleted; cancel it on the Train page first" in error.group(1)
+    assert '<a href="/train">' in error.group(1)
+    assert "--force" not in r.text
+    assert svc.repo.get_user_by_name("ann") is not None

@@ -9,7 +9,8 @@ from fastapi import APIRouter
 
 from selfie_lora.api.deps import ServicesDep, UserDep
 from selfie_lora.api.schemas import DeleteAccountBody, E, errors
-from selfie_lora.errors import InvalidInputError
+from selfie_lora.errors import ConflictError, InvalidInputError
+from selfie_lora.services.erasure import ErasureBlockedError
 
 router = APIRouter(prefix="/api/me", tags=["account"])
 
@@ -21,4 +22,19 @@ def delete_me(user: UserDep, svc: ServicesDep, body: DeleteAccountBody) -> dict[
     photos, weights, generated pictures, likeness records, API keys and sessions."""
     if body.confirm != user.name:
         raise InvalidInputError("confirm must be this account's name: nothing was deleted")
-    return {"deleted": svc.erasure.erase(name=user.name, force=body.force).as_json()}
+    try:
+        return {"deleted": svc.erasure.erase(name=user.name, force=body.force).as_json()}
+    except ErasureBlockedError as error:
+        # How to go on in this API's words (the service's message says what happened): once
+        # the account is disabled its key is refused, so only the operator can finish.
+        raise ConflictError(error.message + _REMEDY[error.stage].format(name=user.name),
+                            code=error.code) from error
+
+
+_REMEDY = {
+    "active": '; cancel it first (POST /api/training/cancel), or send "force": true to '
+              "cancel it and delete",
+    "started": ": the operator finishes the deletion (selfie-lora users delete {name} --force)",
+    "stopping": "; the account stays disabled: the operator finishes the deletion "
+                "(selfie-lora users delete {name} --force)",
+}

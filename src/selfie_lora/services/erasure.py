@@ -26,9 +26,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Literal
 
 from selfie_lora.domain.accounts import UserHoldings
 from selfie_lora.domain.entities import User
@@ -48,6 +49,22 @@ logger = logging.getLogger(__name__)
 # How long ``force`` waits for a worker to stop a training it was asked to cancel (it checks
 # every second or two).
 STOP_WAIT = timedelta(seconds=30)
+
+
+class ErasureBlockedError(ConflictError):
+    """A training of the user's stopped the deletion. The message says what happened and what
+    was (not) deleted, never how to go on: that is each front end's to add in its own words
+    (the CLI's ``--force``, the API's ``"force": true``, the web page's Train page), from
+    ``stage``: ``"active"`` (one queued or running: nothing changed), ``"started"`` (one
+    started while the account was being disabled: it is disabled, nothing else deleted) or
+    ``"stopping"`` (``force`` asked it to stop and it has not yet: the account stays
+    disabled)."""
+
+    def __init__(self, message: str, *, stage: Literal["active", "started", "stopping"],
+                 training_ids: Sequence[str]) -> None:
+        super().__init__(message, code=ErrorCode.TRAINING_IN_PROGRESS)
+        self.stage = stage
+        self.training_ids = tuple(training_ids)
 
 
 @dataclass(frozen=True)
@@ -103,15 +120,14 @@ class AccountEraser:
 
     def erase(self, *, name: str, force: bool = False) -> ErasureSummary:
         """Delete the user ``name`` and everything they own (module docstring). ``NotFound``
-        for no such user; ``ConflictError`` (nothing changed) while a training of theirs is
+        for no such user; ``ErasureBlockedError`` (nothing changed) while a training of theirs is
         queued or running, unless ``force``, which cancels it."""
         user, held = self.holdings(name=name)
         if held.active_training_ids and not force:
-            raise ConflictError(
+            raise ErasureBlockedError(
                 f"{user.name} has a training queued or running "
-                f"({', '.join(held.active_training_ids)}): nothing was deleted; cancel it "
-                "first, or pass --force to cancel it and delete",
-                code=ErrorCode.TRAINING_IN_PROGRESS)
+                f"({', '.join(held.active_training_ids)}): nothing was deleted",
+                stage="active", training_ids=held.active_training_ids)
         self._users.disable(name=user.name)  # step 2: refused everywhere from here on
         # Other API servers remember a key they found valid for API_KEY_CACHE_TTL: a request
         # let in by one would answer as a user whose rows are going (404s, or a row written
@@ -133,19 +149,17 @@ class AccountEraser:
         training started between the first check and the disabling is one too."""
         active = self._repo.user_holdings(user.id).active_training_ids
         if active and not force:
-            raise ConflictError(
+            raise ErasureBlockedError(
                 f"{user.name} started a training meanwhile ({', '.join(active)}); the account "
-                "is disabled: run again with --force to cancel it and delete",
-                code=ErrorCode.TRAINING_IN_PROGRESS)
+                "is disabled", stage="started", training_ids=active)
         for training_id in active:
             self._training.cancel(user=user, training_id=training_id)
         waited = 0.0
         while (still := self._repo.user_holdings(user.id).active_training_ids):
             if waited >= self._stop_wait.total_seconds():
-                raise ConflictError(
+                raise ErasureBlockedError(
                     f"asked the worker running {', '.join(still)} to stop; it has not yet "
-                    f"after {waited:.0f} s: run the command again once it has (the account "
-                    "stays disabled)", code=ErrorCode.TRAINING_IN_PROGRESS)
+                    f"after {waited:.0f} s", stage="stopping", training_ids=still)
             self._sleep(1.0)
             waited += 1.0
         return active

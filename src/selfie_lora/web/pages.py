@@ -35,6 +35,7 @@ from selfie_lora.errors import (
     UploadInProgressError,
 )
 from selfie_lora.services.common import utcnow
+from selfie_lora.services.erasure import ErasureBlockedError
 from selfie_lora.services.generation import GenerationRequest, withheld_pictures
 from selfie_lora.services.training import UploadResult
 from selfie_lora.web.app import SignInRequired, Viewer, Web
@@ -779,8 +780,15 @@ def settings_delete_account(request: Request, viewer: FormViewer,
                          delete_error="type your name to confirm: nothing was deleted")
     try:
         web.services.erasure.erase(name=viewer.user.name)
-    except ConflictError as error:
-        return _settings(request, viewer, status_code=409, delete_error=error.message)
+    except ErasureBlockedError as error:
+        # How to go on in this page's words (the service's message says what happened): the
+        # form has no force, so a training is canceled on the Train page (linked beside it).
+        # Once the account is disabled this browser is signed out: only the operator finishes.
+        remedy = ("; cancel it on the Train page first, then delete your account"
+                  if error.stage == "active" else
+                  ": ask the operator to finish deleting it")
+        return _settings(request, viewer, status_code=409, delete_error=error.message + remedy,
+                         delete_busy=error.stage == "active")
     response = _see("/signin?deleted=1")
     web.clear_session_cookie(response, request)
     return response
