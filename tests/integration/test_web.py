@@ -1640,3 +1640,43 @@ def test_deleting_the_account_while_a_training_is_queued_says_what_to_do_on_the_
     assert '<a href="/train">' in error.group(1)
     assert "--force" not in r.text
     assert svc.repo.get_user_by_name("ann") is not None
+
+
+def test_an_upload_sent_without_scripts_is_answered_with_the_whole_photos_page(
+        ann: TestClient, svc: Services) -> None:
+    """Without scripts the form's answer was the report fragment alone: no title, styles or
+    navigation, empty picture boxes (the script fills them) and, for a refused set, no way back
+    (web3 review finding 4). It is the photos page now, the report in #report, each kept
+    photo's stored crop as its picture; the script still gets the fragment."""
+    page = ann.get("/photos").text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert token
+    photos = [("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg")) for i in range(4)]
+    r = ann.post("/photos/upload", data={"csrf_token": token.group(1)}, files=photos)
+    assert r.status_code == 200, r.text
+    assert "<title>Photos · selfie-lora</title>" in r.text
+    assert 'href="/static/' in r.text  # styled
+    assert '<nav aria-label="main">' in r.text
+    assert '<form id="upload"' in r.text  # the next upload from here
+    report = r.text[r.text.index('<section id="report"'):r.text.index('<section id="current-set"')]
+    assert "These photos can be trained on" in report
+    pictures = re.findall(r'<img ([^>]*)>', report)
+    assert len(pictures) == 4
+    for picture in pictures:
+        src = re.search(r'src="([^"]+)"', picture)
+        assert src, picture
+        assert ann.get(src.group(1)).headers["content-type"] == "image/jpeg"
+    assert report_rows(r.text) == {f"p{i}.jpg": "kept" for i in range(4)}
+    # A set refused as a whole: the page too, with the status, and no empty picture boxes.
+    r = ann.post("/photos/upload", data={"csrf_token": token.group(1)},
+                 files=[("files", ("a.jpg", b"not a photo", "image/jpeg"))])
+    assert r.status_code == 422, r.text
+    assert "<title>Photos · selfie-lora</title>" in r.text
+    report = r.text[r.text.index('<section id="report"'):r.text.index('<section id="current-set"')]
+    assert "cannot be trained" in report
+    assert "<img" not in report
+    # The page's script still gets the fragment it puts in its #report.
+    status, fragment = upload(ann)
+    assert status == 200
+    assert "<html" not in fragment
+    assert "data-stored=" in fragment

@@ -226,13 +226,33 @@ def signout(request: Request, _viewer: FormViewer) -> Response:
 @router.get("/photos")
 def photos_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     web = _web(request)
+    return web.render(request, "photos.html", viewer=viewer, **_photos_context(web, viewer))
+
+
+def _photos_context(web: Web, viewer: Viewer) -> dict[str, Any]:
+    """What the photos page shows besides an upload's report: the current set and its advice."""
     svc = web.services
     dataset = svc.intake.latest(user=viewer.user)
     photos = svc.intake.photos(user=viewer.user, dataset_id=dataset.id) if dataset else []
     training = _latest_training(web, viewer)
-    return web.render(request, "photos.html", viewer=viewer, dataset=dataset, photos=photos,
-                      busy=training is not None and not training.training.status.is_terminal,
-                      advice=_stored_advice(dataset, photos) if dataset else None)
+    return {"dataset": dataset, "photos": photos,
+            "busy": training is not None and not training.training.status.is_terminal,
+            "advice": _stored_advice(dataset, photos) if dataset else None}
+
+
+def _upload_answer(web: Web, request: Request, viewer: Viewer, template: str, *,
+                   status_code: int = 200, **context: Any) -> HTMLResponse:
+    """An upload's report: the fragment ``template`` for the page's script (which sends the
+    X-CSRF-Token header and puts it in #report), or, for the form sent without scripts, the
+    whole photos page with the report in #report: the fragment alone was an untitled,
+    unstyled page with no way back and empty picture boxes (app.js fills them)."""
+    if "x-csrf-token" in request.headers:
+        return web.render(request, template, viewer=viewer, status_code=status_code, **context)
+    page = _photos_context(web, viewer)
+    # The report says what the checks found: the stored advice would say it twice.
+    page["advice"] = None
+    return web.render(request, "photos.html", viewer=viewer, status_code=status_code,
+                      **(page | context), upload_report=True)
 
 
 def _stored_advice(dataset: Any, photos: Sequence[Any]) -> dict[str, Any]:
@@ -295,8 +315,8 @@ async def _take_in(web: Web, request: Request, viewer: Viewer,
         return await in_intake(request, lambda: _upload_report(web, request, viewer, intake(),
                                                                originals=originals))
     except DatasetRejectedError as exc:
-        return web.render(request, "_report.html", viewer=viewer, status_code=422,
-                          trainable=False, message=exc.message,
+        return _upload_answer(web, request, viewer, "_report.html", status_code=422,
+                              trainable=False, message=exc.message,
                           # A zip's photos are those the findings name (nothing says
                           # which others it held).
                           report=_report_rows(list(originals), exc.details, exc.boxes,
@@ -324,16 +344,16 @@ def _upload_report(web: Web, request: Request, viewer: Viewer, result: UploadRes
     for row in rows:
         row["stored"] = stored.get(row["name"])
     # With the set now current, which the page puts in place of the one it showed.
-    return web.render(request, "_uploaded.html", viewer=viewer, trainable=True, dataset=dataset,
-                      photos=photos, report=rows,
-                      set_findings=[d for d in findings if not d.get("photo")])
+    return _upload_answer(web, request, viewer, "_uploaded.html", trainable=True,
+                          dataset=dataset, photos=photos, report=rows,
+                          set_findings=[d for d in findings if not d.get("photo")])
 
 
 def _upload_refused(web: Web, request: Request, viewer: Viewer,
                     exc: SelfieLoraError) -> HTMLResponse:
     """An upload refused as a whole: the report fragment, with the error's status."""
-    response = web.render(request, "_report.html", viewer=viewer, status_code=exc.http_status,
-                          trainable=False, message=exc.message, report=[], set_findings=[])
+    response = _upload_answer(web, request, viewer, "_report.html", status_code=exc.http_status,
+                              trainable=False, message=exc.message, report=[], set_findings=[])
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
