@@ -16,14 +16,17 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
 
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import get_settings
 from selfie_lora.domain.entities import TrainingStatus
-from selfie_lora.errors import DeploymentMismatchError
+from selfie_lora.errors import BlobMissingError, DeploymentMismatchError
 from selfie_lora.services.common import utcnow
+from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.layout import DEPLOYMENT_KEY, manifest_key, photo_key
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
@@ -212,3 +215,40 @@ def test_a_training_that_finds_none_of_its_upload_names_the_storage_setting(
         assert "uploading the photos again does not help" in final.error
     finally:
         svc.close()
+
+
+class _MarkedMeanwhile:
+    """A store whose first read of the marker finds none, while another process of the
+    deployment marks it and records it in the database at that very moment (processes of one
+    deployment started at once on one bucket)."""
+
+    def __init__(self, store: Any, other: DeploymentBinding) -> None:
+        self._store = store
+        self._other = other
+        self.first_read = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def get(self, key: str) -> bytes:
+        if key == DEPLOYMENT_KEY and self.first_read:
+            self.first_read = False
+            assert self._other.bind() is not None  # the other process, between two lines
+            raise BlobMissingError(key)
+        data: bytes = self._store.get(key)
+        return data
+
+
+def test_a_process_whose_store_is_marked_while_it_starts_binds_to_it(
+        services: Services, tmp_path: Path) -> None:
+    """The scale path's end-to-end test saw a worker refuse to start ('this process's storage
+    is not the deployment's') when the API server marked the shared bucket, and recorded it,
+    between the worker's read of the marker and its look at the database."""
+    assert services.repo.get_deployment_storage_id() is None
+    shared = FileSystemBlobStore(tmp_path / "bucket")
+    first = DeploymentBinding(repo=services.repo, blobs=shared)
+    store = _MarkedMeanwhile(shared, first)
+    second = DeploymentBinding(repo=services.repo, blobs=store)
+    assert second.bind() == services.repo.get_deployment_id()
+    assert not store.first_read  # the marker appeared meanwhile, as in the failing run
+    assert not second.wrote_marker

@@ -167,34 +167,40 @@ class DeploymentBinding:
             bound_storage = (self._repo.get_deployment_storage_id() if empty and not evidence
                              else None)
             if bound_storage is not None:
-                # Nothing of the deployment's here, and the deployment was bound to a store
-                # whose marker was written before the database recorded it: this is another
-                # store (a process without SELFIE_LORA_STORAGE_URL: its own HOME/blobs), and
-                # marking it too would send each process's photos where no other one looks.
-                raise self._storage_elsewhere(bound_storage, here=None)
-            if doubt is not None:
-                logger.warning("%s", doubt)
-                self.storage_elsewhere = elsewhere
-                return None
-            database_id = self._repo.ensure_deployment_id(new_id(), now=self._clock())
-            # The store's own id: two empty folders (each process's HOME/blobs) get two, while
-            # one folder shared at different paths, or a bucket reached through another
-            # endpoint, keeps the one its marker holds.
-            storage_id = new_id()
-            content = {"deployment_id": database_id, "storage_id": storage_id,
-                       "created_at": self._clock().isoformat(),
-                       "about": "the selfie-lora deployment this storage belongs to: the id its "
-                                "database holds (README, 'Garbage collection')"}
-            if self._blobs.put(DEPLOYMENT_KEY, json.dumps(content, indent=1).encode(),
-                               if_absent=True):
-                # Bound on a start's evidence only: the collector's next collection checks
-                # again, against the whole listing (``services.gc``).
-                self.wrote_marker = True
-                self._bind_storage(storage_id, wrote=True, replace=evidence)
-                return database_id
-            marker = self._marker()  # another process wrote it meanwhile
-            if marker is None:  # pragma: no cover - the marker that refused ours is there
-                raise StorageError(f"the storage's {DEPLOYMENT_KEY} vanished while binding")
+                # Read again first: a process of this deployment starting beside this one (one
+                # bucket, processes started at once) may have marked this very store, and
+                # recorded it, between the first read and the database's answer.
+                marker = self._marker()
+                if marker is None:
+                    # Nothing of the deployment's here, and the deployment was bound to a store
+                    # whose marker was written before the database recorded it: this is another
+                    # store (a process without SELFIE_LORA_STORAGE_URL: its own HOME/blobs), and
+                    # marking it too would send each process's photos where no other one looks.
+                    raise self._storage_elsewhere(bound_storage, here=None)
+            else:
+                if doubt is not None:
+                    logger.warning("%s", doubt)
+                    self.storage_elsewhere = elsewhere
+                    return None
+                database_id = self._repo.ensure_deployment_id(new_id(), now=self._clock())
+                # The store's own id: two empty folders (each process's HOME/blobs) get two, while
+                # one folder shared at different paths, or a bucket reached through another
+                # endpoint, keeps the one its marker holds.
+                storage_id = new_id()
+                content = {"deployment_id": database_id, "storage_id": storage_id,
+                           "created_at": self._clock().isoformat(),
+                           "about": "the selfie-lora deployment this storage belongs to: the id its "
+                                    "database holds (README, 'Garbage collection')"}
+                if self._blobs.put(DEPLOYMENT_KEY, json.dumps(content, indent=1).encode(),
+                                   if_absent=True):
+                    # Bound on a start's evidence only: the collector's next collection checks
+                    # again, against the whole listing (``services.gc``).
+                    self.wrote_marker = True
+                    self._bind_storage(storage_id, wrote=True, replace=evidence)
+                    return database_id
+                marker = self._marker()  # another process wrote it meanwhile
+                if marker is None:  # pragma: no cover - the marker that refused ours is there
+                    raise StorageError(f"the storage's {DEPLOYMENT_KEY} vanished while binding")
         store_id, storage_id = marker
         database_id = self._repo.ensure_deployment_id(new_id(), now=self._clock())
         if store_id != database_id:
