@@ -28,6 +28,7 @@ from selfie_lora.console import (
     print_report,
 )
 from selfie_lora.domain.entities import Finding, GateStatus, Training
+from selfie_lora.domain.lease import lease_is_live
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, SelfieLoraError
@@ -624,6 +625,8 @@ def _said_what_queued_waits_for(services: Services, *, owner: Any,
     waits for a serve or worker, which someone who uses only the command line may not run. The
     service cannot say so (its message is the API's and the web's too, where workers run), so
     the command adds it, as ``--no-wait`` does."""
+    from selfie_lora.services.common import utcnow
+
     # Busy, or (``resume`` of the latest training) not canceled but queued.
     if refused.code not in (ErrorCode.TRAINING_IN_PROGRESS, ErrorCode.NOT_RESUMABLE):
         return refused
@@ -631,12 +634,18 @@ def _said_what_queued_waits_for(services: Services, *, owner: Any,
         latest = services.training.progress(user=owner).training
     except SelfieLoraError:
         return refused
-    # Queued, or handed back (its lease released): waiting for a worker's turn. One still held,
-    # or lost by a process that is gone, is the service's to describe.
-    if not latest.status.is_active or latest.lease_owner is not None:
-        return refused
-    return ConflictError(f"{refused.message}; training {latest.id} waits in the queue: "
-                         f"{QUEUED_WAITS_FOR}", details=refused.details)
+    if not latest.status.is_active or lease_is_live(latest, utcnow()):
+        return refused  # a live process holds it: it is running
+    if latest.lease_owner is None:
+        # Queued, or handed back (its lease released): waiting for a worker's turn.
+        return ConflictError(f"{refused.message}; training {latest.id} waits in the queue: "
+                             f"{QUEUED_WAITS_FOR}", details=refused.details)
+    # Its holder's lease lapsed: a process that stepped away (its message queued again) or
+    # one that is gone (a serve's or worker's reconciler queues it again); either way a
+    # serve or worker continues it.
+    return ConflictError(f"{refused.message}; training {latest.id} is held by no running "
+                         f"process: it continues once a `selfie-lora serve` or `selfie-lora "
+                         f"worker` runs on these settings", details=refused.details)
 
 
 @app.command()

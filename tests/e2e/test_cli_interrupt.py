@@ -135,9 +135,10 @@ def test_ctrl_c_or_sigterm_mid_training_hands_it_back_with_its_checkpoints(
         assert again.returncode == 1, again.stdout + again.stderr
         # Queued, as a worker's hand-back leaves it: the command (not the service, whose
         # message API users see too) says that a serve or worker trains it.
-        assert (f"a training of this model is already queued or running; training {t.id} "
-                "waits in the queue: it trains once a `selfie-lora serve` or `selfie-lora "
-                "worker` runs on these settings") in said
+        at = f" at step {t.step}/{t.total_steps}" if t.total_steps > 0 else ""
+        assert (f"a training of this model is already queued or running (training {t.id}, "
+                f"{t.status}{at}); training {t.id} waits in the queue: it trains once a "
+                "`selfie-lora serve` or `selfie-lora worker` runs on these settings") in said
         assert "nobody is running it" not in said
     finally:
         services.close()

@@ -1,7 +1,7 @@
 """A start refused because a training of the model is queued or running: what the API, the web
-and the CLI say. A training that waits for a worker (queued, or handed back by a worker's
-SIGTERM on a deploy: its lease released) is never said to have nobody running it; one left
-processing by a process that is gone (its holder named, its lease lapsed) is."""
+and the CLI say. The service names the training and its status and never gives operator
+advice (it cannot know whether workers run); only the CLI says what a training that no live
+process holds waits for."""
 
 from __future__ import annotations
 
@@ -59,62 +59,67 @@ def api(settings: Settings, services: Services) -> Iterator[TestClient]:
         yield client
 
 
-# Waiting for a worker: queued again after an attempt (the review's repro), or handed back as
-# ``domain.lease.release`` leaves it (status kept, no lease owner, its message queued).
-WAITING = {"queued-again": {"attempt": 1, "step": 0, "total_steps": 0},
-           "handed-back": {"status": TrainingStatus.PROCESSING, "attempt": 1, "step": 12,
-                           "total_steps": 40}}
+BUSY = "a training of this model is already queued or running"
+
+# Waiting for a worker: queued again after an attempt (the review's repro), handed back as
+# ``domain.lease.release`` leaves it (status kept, no lease owner, its message queued), or
+# stepped away from as ``domain.lease.step_away`` leaves it (a fenced write or the storage
+# failed: its holder still named, its lease lapsed now, its message queued again at once; the
+# daydiff2 review's repro), or lost by a process that is gone (a serve's or worker's
+# reconciler queues it again). The service cannot tell which, nor whether workers run.
+WAITING: dict[str, dict[str, object]] = {
+    "queued-again": {"attempt": 1, "step": 0, "total_steps": 0},
+    "handed-back": {"status": TrainingStatus.PROCESSING, "attempt": 1, "step": 12,
+                    "total_steps": 40},
+    "stepped-away": {"status": TrainingStatus.PROCESSING, "attempt": 1, "step": 12,
+                     "total_steps": 40, "lease_owner": "worker-1"},
+    "lost": {"status": TrainingStatus.PROCESSING, "attempt": 1, "step": 0, "total_steps": 0,
+             "lease_owner": "gone"},
+}
+SAID = {"queued-again": "queued", "handed-back": "processing at step 12/40",
+        "stepped-away": "processing at step 12/40", "lost": "processing"}
+
+
+def add_waiting(services: Services, user: User, state: str) -> Training:
+    fields = dict(WAITING[state])
+    if "lease_owner" in fields:  # lapsed now (step_away) or long ago (a process gone)
+        fields["lease_expires_at"] = utcnow() - timedelta(
+            minutes=5 if state == "lost" else 0)
+    return add_training(services, user, **fields)
 
 
 @pytest.mark.parametrize("state", list(WAITING))
-def test_a_training_that_waits_for_a_worker_refuses_a_start_without_operator_advice(
+def test_a_busy_model_refuses_a_start_with_the_training_and_no_operator_advice(
         services: Services, ann: User, api: TestClient, state: str) -> None:
-    """The old message told API and web users that nobody ran it and to start `selfie-lora
-    serve`, at 'step 0/0' for the queued one, while workers were running."""
-    add_training(services, ann, **WAITING[state])
+    """The old message told API and web users that nobody ran a training whose holder's lease
+    lapsed, and to start `selfie-lora serve`, while its message waited in the queue for the
+    workers that run (old code: 'nobody is running it' for stepped-away and lost). It names
+    the training and its status, with the step only when the number of steps is known."""
+    add_waiting(services, ann, state)
     _key, secret = services.users.create_key(user=ann, name="api")
     headers = {"Authorization": f"Bearer {secret}"}
+    expected = f"{BUSY} (training t-busy, {SAID[state]})"
     r = api.post("/api/training/start", headers=headers, json={})
     assert r.status_code == 409, r.text
     error = r.json()["error"]
     assert error["code"] == "training_in_progress"
-    assert error["message"] == "a training of this model is already queued or running"
+    assert error["message"] == expected
+    assert NOBODY not in error["message"]
     # The upload route (the web Train page's too) refuses with the same message.
     r = api.post("/api/training/upload-zip", headers=headers,
                  files={"file": ("photos.zip", photo_zip(4), "application/zip")},
                  data={"start": "true"})
     assert r.status_code == 409, r.text
-    assert r.json()["error"]["message"] == "a training of this model is already queued or running"
+    assert r.json()["error"]["message"] == expected
 
 
-@pytest.mark.parametrize(("step", "total", "at"), [(0, 0, ""), (7, 40, " at step 7/40")])
-def test_a_processing_training_whose_lease_lapsed_is_said_to_have_nobody_running_it(
-        services: Services, ann: User, step: int, total: int, at: str) -> None:
-    """Its process is gone and no worker took it back. The step is said only when the number
-    of steps is known (never 'step 0/0')."""
-    lapsed = utcnow() - timedelta(minutes=5)
-    add_training(services, ann, status=TrainingStatus.PROCESSING, attempt=1, step=step,
-                 total_steps=total, lease_owner="gone", lease_expires_at=lapsed)
+def test_a_live_lease_gets_the_same_message(services: Services, ann: User) -> None:
+    add_training(services, ann, status=TrainingStatus.PROCESSING, attempt=1, step=3,
+                 total_steps=40, lease_owner="worker-1",
+                 lease_expires_at=utcnow() + timedelta(minutes=5))
     with pytest.raises(ConflictError) as refused:
         services.training.start(user=ann)
-    assert refused.value.message == (
-        f"a training of this model is already queued or running (training t-busy, "
-        f"processing{at}); {NOBODY}: start `selfie-lora serve` or `selfie-lora worker` to "
-        "continue it")
-
-
-def test_a_live_lease_or_a_queued_training_gets_no_hint(services: Services, ann: User) -> None:
-    training = add_training(services, ann, status=TrainingStatus.PROCESSING, attempt=1,
-                            step=3, total_steps=40, lease_owner="worker-1",
-                            lease_expires_at=utcnow() + timedelta(minutes=5))
-    with pytest.raises(ConflictError) as refused:
-        services.training.start(user=ann)
-    assert refused.value.message == "a training of this model is already queued or running"
-    services.repo.save_training(dataclasses.replace(
-        training, status=TrainingStatus.QUEUED, lease_owner=None, lease_expires_at=None))
-    with pytest.raises(ConflictError) as refused:
-        services.training.start(user=ann)
-    assert refused.value.message == "a training of this model is already queued or running"
+    assert refused.value.message == f"{BUSY} (training t-busy, processing at step 3/40)"
 
 
 @pytest.mark.parametrize("state", list(WAITING))
@@ -124,9 +129,10 @@ def test_the_cli_says_what_a_waiting_training_waits_for(
     """After a CLI hand-back (Ctrl-C or SIGTERM) the training waits for a worker: another
     ``train`` or ``resume`` is refused, and the command (not the service, whose message API
     users see too) says that a serve or worker on these settings trains it, as ``train
-    --no-wait`` does."""
+    --no-wait`` does; for one whose holder's lease lapsed, that a serve or worker continues
+    it."""
     monkeypatch.setattr(cli, "_settings", lambda: settings)
-    training = add_training(services, ann, **WAITING[state])
+    training = add_waiting(services, ann, state)
     photos = tmp_path / "photos.zip"
     photos.write_bytes(photo_zip(4))
     said = {}
@@ -136,10 +142,28 @@ def test_the_cli_says_what_a_waiting_training_waits_for(
         assert result.exit_code == 1, result.output
         assert "Traceback" not in said[command]
         assert NOBODY not in said[command]
-    waits = f"training t-busy waits in the queue: {cli.QUEUED_WAITS_FOR}"
-    assert said["train"] == (
-        f"error: a training of this model is already queued or running; {waits}")
+    if "lease_owner" in WAITING[state]:
+        waits = ("training t-busy is held by no running process: it continues once a "
+                 "`selfie-lora serve` or `selfie-lora worker` runs on these settings")
+    else:
+        waits = f"training t-busy waits in the queue: {cli.QUEUED_WAITS_FOR}"
+    assert said["train"] == f"error: {BUSY} (training t-busy, {SAID[state]}); {waits}"
     # ``resume`` after a hand-back, of the latest training: it waits, it is not canceled.
     assert said["resume"] == (
         "error: only a canceled training can be resumed; this one is "
         f"{training.status}; {waits}")
+
+
+def test_the_cli_adds_nothing_for_a_training_a_live_process_holds(
+        services: Services, settings: Settings, ann: User, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    add_training(services, ann, status=TrainingStatus.PROCESSING, attempt=1, step=3,
+                 total_steps=40, lease_owner="worker-1",
+                 lease_expires_at=utcnow() + timedelta(minutes=5))
+    photos = tmp_path / "photos.zip"
+    photos.write_bytes(photo_zip(4))
+    result = CliRunner().invoke(cli.app, ["train", str(photos), "--user", "ann"])
+    assert result.exit_code == 1, result.output
+    assert " ".join(result.output.split()) == (
+        f"error: {BUSY} (training t-busy, processing at step 3/40)")

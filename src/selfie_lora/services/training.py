@@ -74,7 +74,6 @@ from selfie_lora.domain.lease import (
     holder_is_silent,
     holds,
     is_held_back,
-    lease_is_live,
     recovery_action,
     release,
     scoring_exhausted,
@@ -290,7 +289,7 @@ class TrainingService:
             # active and writes the pin under the same lock, so this start plans on the pin it
             # left, or the re-pin finds this training and is refused.
             model = tx.get_model_for_user(user.id, for_update=True)
-            _refuse_if_busy(tx, model, now=self._clock())
+            _refuse_if_busy(tx, model)
             if model is not None:
                 check_fits_base_model(model, defaults)
             plan = plan_training(
@@ -380,7 +379,7 @@ class TrainingService:
             # Locked as a start locks it: a start still open (PostgreSQL runs them side by side)
             # commits its training first, and this upload is refused before it reads a photo.
             model = tx.get_model_for_user(user.id, for_update=True)
-            _refuse_if_busy(tx, model, now=self._clock())
+            _refuse_if_busy(tx, model)
             if model is not None:  # refused before its photos are read and cropped for it
                 check_fits_base_model(model, self._defaults())
             now = self._clock()
@@ -1600,27 +1599,20 @@ class _HeldStore:
                 self._service._progressed(self._held)
 
 
-def _refuse_if_busy(repo: Repository, model: Model | None, *, now: datetime) -> None:
+def _refuse_if_busy(repo: Repository, model: Model | None) -> None:
     if model is None:
         return
     active = [t for t in repo.list_trainings(model.id) if t.status.is_active]
     if not active:
         return
-    message = "a training of this model is already queued or running"
-    # One a process took and lost without handing it back (killed, crashed): its holder is
-    # still named and its lease lapsed, and no worker took it over since. Never one that waits
-    # for a worker: queued, or handed back (a worker's SIGTERM on every deploy, a Ctrl-C'd
-    # CLI run: its lease released, its message queued), which has no lease by design while
-    # workers run, so a missing lease says nothing about them. API and web users see this
-    # message too; the CLI says itself what a waiting one waits for.
-    idle = [t for t in active if t.status is not TrainingStatus.QUEUED
-            and t.lease_owner is not None and not lease_is_live(t, now)]
-    if idle:
-        t = idle[0]
-        at = f" at step {t.step}/{t.total_steps}" if t.total_steps > 0 else ""
-        message += (f" (training {t.id}, {t.status}{at}); nobody is running it: start "
-                    "`selfie-lora serve` or `selfie-lora worker` to continue it")
-    raise ConflictError(message)
+    t = active[0]
+    # Which training and where it stands, never what an operator should do: this message is
+    # the API's and the web's too, and the service cannot know whether workers run (a training
+    # a worker stepped away from, or the reconciler queued again, still names its lapsed
+    # holder while it waits its turn). The CLI adds what a training waits for.
+    at = f" at step {t.step}/{t.total_steps}" if t.total_steps > 0 else ""
+    raise ConflictError(f"a training of this model is already queued or running (training "
+                        f"{t.id}, {t.status}{at})")
 
 
 class _Sink:
