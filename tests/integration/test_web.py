@@ -4,6 +4,7 @@ versions, generation, API keys, the security headers, and another user's objects
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -1680,3 +1682,36 @@ def test_an_upload_sent_without_scripts_is_answered_with_the_whole_photos_page(
     assert status == 200
     assert "<html" not in fragment
     assert "data-stored=" in fragment
+
+
+def test_a_refused_upload_without_scripts_reads_the_current_set_off_the_event_loop(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused upload's page without scripts (a set refused as a whole, a stale token) reads
+    the current set: the database and the storage's manifest (an S3 GET). It did so on the
+    event loop, stalling every request of the server meanwhile (daydiff2 review finding 2);
+    it runs in the thread pool now, as a kept set's report does."""
+    assert upload(ann)[0] == 200  # a current set, whose manifest the page reads
+    on_loop: list[bool] = []
+    real = svc.intake.photos
+
+    def photos(**kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            on_loop.append(False)
+        else:
+            on_loop.append(True)
+        return real(**kwargs)
+
+    monkeypatch.setattr(svc.intake, "photos", photos)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', ann.get("/photos").text)
+    assert token
+    on_loop.clear()
+    refused = [("files", ("a.jpg", b"not a photo", "image/jpeg"))]
+    for csrf_token, status in ((token.group(1), 422), ("stale", 403)):
+        r = ann.post("/photos/upload", data={"csrf_token": csrf_token}, files=refused)
+        assert r.status_code == status, r.text
+        assert "<title>Photos · selfie-lora</title>" in r.text
+        # Old code: [True], on the event loop.
+        assert on_loop == [False], (status, on_loop)
+        on_loop.clear()

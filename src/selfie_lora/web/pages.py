@@ -280,14 +280,14 @@ async def photos_upload(request: Request, viewer: PageViewer,
     except ForbiddenError as exc:
         # The page puts the answer in its report: a report saying why (a tab's token gone
         # stale), not the whole error page nested in this one.
-        return _upload_refused(web, request, viewer, exc)
+        return await _upload_refused(web, request, viewer, exc)
     try:
         # The user's upload slot (as the API's uploads take) before the spooled bodies are read
         # into memory, held until the intake is done.
         with upload_slot(request, viewer.user):
             return await _take_in(web, request, viewer, files)
     except UploadInProgressError as exc:
-        return _upload_refused(web, request, viewer, exc)
+        return await _upload_refused(web, request, viewer, exc)
 
 
 async def _take_in(web: Web, request: Request, viewer: Viewer,
@@ -315,16 +315,18 @@ async def _take_in(web: Web, request: Request, viewer: Viewer,
         return await in_intake(request, lambda: _upload_report(web, request, viewer, intake(),
                                                                originals=originals))
     except DatasetRejectedError as exc:
-        return _upload_answer(web, request, viewer, "_report.html", status_code=422,
-                              trainable=False, message=exc.message,
-                          # A zip's photos are those the findings name (nothing says
-                          # which others it held).
-                          report=_report_rows(list(originals), exc.details, exc.boxes,
-                                              kept=None, originals=originals),
-                          set_refused=True,
-                          set_findings=[d for d in exc.details if not d.get("photo")])
+        rejected = exc
     except (InvalidInputError, ConflictError, PayloadTooLargeError) as exc:
-        return _upload_refused(web, request, viewer, exc)
+        return await _upload_refused(web, request, viewer, exc)
+    # Off the event loop as the kept set's report: the page without scripts reads the current
+    # set (the database, the storage's manifest).
+    return await in_thread(lambda: _upload_answer(
+        web, request, viewer, "_report.html", status_code=422, trainable=False,
+        message=rejected.message,
+        # A zip's photos are those the findings name (nothing says which others it held).
+        report=_report_rows(list(originals), rejected.details, rejected.boxes, kept=None,
+                            originals=originals),
+        set_refused=True, set_findings=[d for d in rejected.details if not d.get("photo")]))
 
 
 def _upload_report(web: Web, request: Request, viewer: Viewer, result: UploadResult, *,
@@ -349,11 +351,14 @@ def _upload_report(web: Web, request: Request, viewer: Viewer, result: UploadRes
                           set_findings=[d for d in findings if not d.get("photo")])
 
 
-def _upload_refused(web: Web, request: Request, viewer: Viewer,
-                    exc: SelfieLoraError) -> HTMLResponse:
-    """An upload refused as a whole: the report fragment, with the error's status."""
-    response = _upload_answer(web, request, viewer, "_report.html", status_code=exc.http_status,
-                              trainable=False, message=exc.message, report=[], set_findings=[])
+async def _upload_refused(web: Web, request: Request, viewer: Viewer,
+                          exc: SelfieLoraError) -> HTMLResponse:
+    """An upload refused as a whole: the report, with the error's status. Off the event loop:
+    the page without scripts reads the current set (the database, the storage's manifest: an
+    S3 GET), which on the loop stalled every request of the server."""
+    response = await in_thread(lambda: _upload_answer(
+        web, request, viewer, "_report.html", status_code=exc.http_status, trainable=False,
+        message=exc.message, report=[], set_findings=[]))
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
