@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from selfie_lora.domain.entities import Generation, Model, TrainingStatus, User, Version
 from selfie_lora.domain.plan import (
@@ -53,6 +54,19 @@ _FIRST_RETRY_AFTER = 10
 _MAX_RETRY_AFTER = 300
 MAX_PROMPT_CHARS = 2000
 NO_MODEL = "you have no model yet: upload photos to start one"
+
+
+@dataclass(frozen=True)
+class NotReady:
+    """Why a user cannot generate. ``reason``: ``"no_model"``, ``"activate"`` (versions, none
+    active), ``"wait"`` (none yet, a training queued or running: ``training``) or ``"train"``
+    (none, and nothing training). ``message`` is the API's and the CLI's words (API paths, the
+    command); each other front end words ``reason`` itself, as for ``ErasureBlockedError``:
+    the Generate page showed 'POST /api/model/versions/{id}/activate' to web users."""
+
+    reason: Literal["no_model", "activate", "wait", "train"]
+    training: Literal["queued", "running"] | None
+    message: str
 # Control characters but tab and line ends (a prompt typed in a text area has those): a NUL
 # cannot be stored on PostgreSQL, and none of them means anything to the text encoder.
 _PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -241,24 +255,28 @@ class GenerationService:
         with self._in_flight.hold(user.id):
             return self._generate_timed(user=user, request=request)
 
-    def _no_version(self, model_id: str) -> str:
+    def _no_version(self, model_id: str) -> NotReady:
         """What to do about a model with no active version: with versions (each held back: the
         likeness gate, a cancel), activating one helps at once, whatever its trainings do;
         without, waiting helps only while a training is queued or running; after none, or a
         failed or canceled one, it never would."""
         active = [t for t in self._repo.list_trainings(model_id) if t.status.is_active]
-        state = None
+        state: Literal["queued", "running"] | None = None
         if active:
             state = "queued" if active[0].status is TrainingStatus.QUEUED else "running"
         if self._repo.list_versions(model_id):
             activate = ("your model has no active version: activate one (the Versions page or "
                         "POST /api/model/versions/{id}/activate)")
-            return f"{activate}; a training is {state} too" if state else f"{activate} or train again"
+            return NotReady(reason="activate", training=state,
+                            message=f"{activate}; a training is {state} too" if state
+                            else f"{activate} or train again")
         if state:
-            return (f"your model has no trained version yet: its training is {state}; wait "
-                    "for it to finish")
-        return ("your model has no trained version yet: train it (the Train page, POST "
-                "/api/training/start or selfie-lora train)")
+            return NotReady(reason="wait", training=state,
+                            message=f"your model has no trained version yet: its training is "
+                                    f"{state}; wait for it to finish")
+        return NotReady(reason="train", training=None,
+                        message="your model has no trained version yet: train it (the Train "
+                                "page, POST /api/training/start or selfie-lora train)")
 
     def _generate(self, *, user: User, request: GenerationRequest,
                   client_gone: threading.Event | None = None) -> Generation:
@@ -282,7 +300,7 @@ class GenerationService:
             raise NotFoundError(NO_MODEL)
         ref = request.version_id or model.active_version_id
         if ref is None:
-            raise InvalidInputError(self._no_version(model.id), code=ErrorCode.NO_VERSION)
+            raise InvalidInputError(self._no_version(model.id).message, code=ErrorCode.NO_VERSION)
         version = find_version(self._repo.list_versions(model.id), ref)
         if version is None:
             raise NotFoundError(f"no such version: {ref[:64]}")
@@ -334,12 +352,13 @@ class GenerationService:
             raise NotFoundError(f"picture {index} of this generation is no longer stored; "
                                 "generate it again to have it") from exc
 
-    def not_ready(self, *, user: User) -> str | None:
-        """Why the user cannot generate now, in the words ``generate`` would refuse with (the
-        Generate page shows this, so page and API never disagree), or None when they can."""
+    def not_ready(self, *, user: User) -> NotReady | None:
+        """Why the user cannot generate now (the reason ``generate`` would refuse for, with its
+        words for the API and the CLI; the Generate page words the reason itself), or None
+        when they can."""
         model = self._repo.get_model_for_user(user.id)
         if model is None:
-            return NO_MODEL
+            return NotReady(reason="no_model", training=None, message=NO_MODEL)
         if model.active_version_id is None:
             return self._no_version(model.id)
         return None
