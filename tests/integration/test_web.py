@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import itsdangerous
 import pytest
 from fastapi.testclient import TestClient
 
@@ -1598,14 +1599,40 @@ def test_the_settings_page_deletes_the_account_once_its_name_is_typed(
     r = ann.post("/settings/delete", data={"csrf_token": csrf(ann, "/settings"),
                                            "confirm": "ann"}, follow_redirects=False)
     assert r.status_code == 303, r.text
-    assert r.headers["location"] == "/signin?deleted=1"
-    # Said there, or a deletion would look like a session that merely ended.
+    assert r.headers["location"] == "/signin"
+    # Said there, or a deletion would look like a session that merely ended; once.
     landed = ann.get(r.headers["location"]).text
     assert "Your account and everything it held were deleted." in landed
     assert "were deleted" not in ann.get("/signin").text
     assert svc.repo.get_user_by_name("ann") is None
     assert svc.repo.get_user_by_name("bob") is not None
     assert ann.get("/settings", follow_redirects=False).status_code in (302, 303)
+
+
+def test_the_sign_in_page_says_an_account_was_deleted_only_to_the_browser_that_deleted_it(
+        web_settings: Settings, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """/signin?deleted=1 told anyone who opened it (a link in a phishing mail) that their
+    account and everything it held were deleted (daydiff2 review finding 4). The notice is a
+    signed one-time cookie now, set by the deletion itself."""
+    deleted = "were deleted"
+    with browser(web_settings, svc) as stranger:
+        assert deleted not in stranger.get("/signin?deleted=1").text  # old code: said
+        stranger.cookies.set("sl_notice", "account-deleted")  # forged: not signed
+        assert deleted not in stranger.get("/signin").text
+    with browser(web_settings, svc) as bob:
+        sign_in(bob, "bob")
+        r = bob.post("/settings/delete", data={"csrf_token": csrf(bob, "/settings"),
+                                               "confirm": "bob"}, follow_redirects=False)
+        assert r.status_code == 303, r.text
+        notice = bob.cookies.get("sl_notice")
+        assert notice
+        assert deleted in bob.get("/signin").text
+        assert deleted not in bob.get("/signin").text  # once
+        # Too old: two minutes after the deletion (by the signatures' clock) it says nothing.
+        later = int(time.time()) + 120
+        monkeypatch.setattr(itsdangerous.TimestampSigner, "get_timestamp", lambda _self: later)
+        bob.cookies.set("sl_notice", notice)
+        assert deleted not in bob.get("/signin").text
 
 
 def test_the_generate_page_says_in_its_own_words_why_it_cannot_generate(

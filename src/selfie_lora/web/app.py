@@ -26,7 +26,13 @@ from selfie_lora.errors import (
     ForbiddenError,
     SelfieLoraError,
 )
-from selfie_lora.web.cookies import FORM_COOKIE, SESSION_COOKIE, CookieSigner
+from selfie_lora.web.cookies import (
+    FORM_COOKIE,
+    NOTICE_COOKIE,
+    NOTICE_MAX_AGE_SECONDS,
+    SESSION_COOKIE,
+    CookieSigner,
+)
 from selfie_lora.wiring import Services, session_secret
 
 WEB_ROOT = Path(str(files("selfie_lora.web")))
@@ -152,6 +158,24 @@ class Web:
     def clear_session_cookie(self, response: Response, request: Request) -> None:
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax",
                                secure=self.cookie_secure(request))
+
+    def set_notice_cookie(self, response: Response, request: Request, notice: str) -> None:
+        """``notice`` for the page ``response`` leads to, which shows it once
+        (``take_notice``)."""
+        response.set_cookie(NOTICE_COOKIE, self.signer.notice_value(notice),
+                            max_age=NOTICE_MAX_AGE_SECONDS, httponly=True, samesite="lax",
+                            secure=self.cookie_secure(request), path="/")
+
+    def notice(self, request: Request) -> str | None:
+        """The notice this browser was sent on with (``set_notice_cookie``), or None (none,
+        forged, too old)."""
+        return self.signer.notice(request.cookies.get(NOTICE_COOKIE))
+
+    def clear_notice_cookie(self, response: Response, request: Request) -> None:
+        """Shown once: not again on a reload."""
+        if NOTICE_COOKIE in request.cookies:
+            response.delete_cookie(NOTICE_COOKIE, path="/", httponly=True, samesite="lax",
+                                   secure=self.cookie_secure(request))
 
     # ------------------------------------------------------------------ rendering
     def render(self, request: Request, template: str, *, viewer: Viewer | None = None,

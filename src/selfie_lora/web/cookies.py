@@ -12,6 +12,10 @@ SESSION_COOKIE = "sl_session"
 FORM_COOKIE = "sl_form"
 # How long a sign-in or sign-up form may stay open and still be sent.
 FORM_MAX_AGE_SECONDS = 24 * 3600
+# A notice for the next page this browser opens (the sign-in page's "your account was
+# deleted"), shown once: a query string (/signin?deleted=1) said so to anyone sent the link.
+NOTICE_COOKIE = "sl_notice"
+NOTICE_MAX_AGE_SECONDS = 60
 
 class CookieSigner:
     def __init__(self, secret: str, *, max_age_seconds: int) -> None:
@@ -20,6 +24,7 @@ class CookieSigner:
         # dated copy (another salt: neither can stand for the other).
         self._form = URLSafeTimedSerializer(secret, salt="selfie-lora/form")
         self._form_page = URLSafeTimedSerializer(secret, salt="selfie-lora/form-page")
+        self._notice = URLSafeTimedSerializer(secret, salt="selfie-lora/notice")
         self.max_age_seconds = max_age_seconds
 
     def session_value(self, token: str) -> str:
@@ -35,6 +40,14 @@ class CookieSigner:
         except BadSignature:  # SignatureExpired is one too
             return None
         return token if isinstance(token, str) else None
+
+    def notice_value(self, notice: str) -> str:
+        return self._notice.dumps(notice)
+
+    def notice(self, value: str | None) -> str | None:
+        """The notice in a notice cookie, or None when it is missing, forged or older than
+        NOTICE_MAX_AGE_SECONDS (a redirect's next page comes at once)."""
+        return _loads(self._notice, value, max_age=NOTICE_MAX_AGE_SECONDS)
 
     def form_tokens(self, cookie_value: str | None) -> tuple[str, str]:
         """For a form shown before signing in: (its token, the form cookie's new value). The
@@ -54,11 +67,12 @@ class CookieSigner:
                 and hmac.compare_digest(nonce.encode(), sent.encode()))
 
 
-def _loads(serializer: URLSafeTimedSerializer, value: str | None) -> str | None:
+def _loads(serializer: URLSafeTimedSerializer, value: str | None, *,
+           max_age: int = FORM_MAX_AGE_SECONDS) -> str | None:
     if not value:
         return None
     try:
-        loaded = serializer.loads(value, max_age=FORM_MAX_AGE_SECONDS)
+        loaded = serializer.loads(value, max_age=max_age)
     except BadSignature:  # SignatureExpired is one too
         return None
     return loaded if isinstance(loaded, str) else None

@@ -143,17 +143,22 @@ async def _replace_session(web: Web, request: Request, response: Response, token
     web.set_session_cookie(response, request, token)
 
 
+ACCOUNT_DELETED = "account-deleted"
+
+
 @router.get("/signin")
-def signin_page(request: Request, next: str | None = None,
-                deleted: str | None = None) -> Response:
+def signin_page(request: Request, next: str | None = None) -> Response:
     if _signed_in(request) is not None:
         # Signed in already (Back after signing in, a bookmark): where the form would lead.
         return _see(_local_target(next))
-    # ?deleted=1 is where deleting one's account leads (settings_delete_account): without a
-    # word there a deletion looks like a session that merely expired. Only a fixed sentence is
-    # shown, so a crafted address can say nothing else.
-    return _signin_form(request, "signin.html", next=_local_target(next),
-                        deleted=deleted == "1")
+    web = _web(request)
+    # Deleting one's account leads here (settings_delete_account): without a word a deletion
+    # looks like a session that merely expired. Said only to the browser that deleted it, by
+    # its signed, short-lived notice cookie, once: ?deleted=1 said it to anyone sent the link.
+    page = _signin_form(request, "signin.html", next=_local_target(next),
+                        deleted=web.notice(request) == ACCOUNT_DELETED)
+    web.clear_notice_cookie(page, request)
+    return page
 
 
 @router.post("/signin")
@@ -814,6 +819,7 @@ def settings_delete_account(request: Request, viewer: FormViewer,
                   ": ask the operator to finish deleting it")
         return _settings(request, viewer, status_code=409, delete_error=error.message + remedy,
                          delete_busy=error.stage == "active")
-    response = _see("/signin?deleted=1")
+    response = _see("/signin")
     web.clear_session_cookie(response, request)
+    web.set_notice_cookie(response, request, ACCOUNT_DELETED)
     return response
