@@ -358,7 +358,8 @@ def test_a_checkpoint_or_sample_the_disk_cannot_take_is_skipped_and_the_training
 
     def full_at_8(handle: int, mode: str) -> Any:
         # The checkpoints' only: samples are written through os.fdopen too (0600, mkstemp).
-        if not Path(os.readlink(f"/proc/self/fd/{handle}")).name.startswith(".ckpt-"):
+        # Staged as .step-NNNNNNNN.ckpt.<random>.tmp (private_replacement).
+        if ".ckpt." not in Path(os.readlink(f"/proc/self/fd/{handle}")).name:
             return fdopen(handle, mode)
         opened.append(handle)
         if len(opened) == 2:  # the checkpoint of step 8

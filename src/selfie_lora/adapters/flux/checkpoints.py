@@ -23,7 +23,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfie_lora.adapters.flux.tiny import TINY, TINY_CACHE_NAME
 from selfie_lora.domain.entities import Recipe
-from selfie_lora.services.private_files import private_folders
+from selfie_lora.services.private_files import private_folders, private_replacement
 
 if TYPE_CHECKING:
     import torch
@@ -184,16 +183,10 @@ def save_checkpoint(
         "generator": generator.get_state(),
     }
     final = directory / checkpoint_name(state.step)
-    handle, staged = tempfile.mkstemp(dir=directory, prefix=".ckpt-")
-    try:
-        with os.fdopen(handle, "wb") as fh:
-            write_payload(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(staged, final)
-    except BaseException:
-        Path(staged).unlink(missing_ok=True)
-        raise
+    with private_replacement(final) as fh:  # 0600, renamed into place whole
+        write_payload(payload, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
     for old in sorted((p for p in directory.iterdir() if step_of(p) is not None),
                       key=lambda p: step_of(p) or 0)[:-KEEP]:
         old.unlink(missing_ok=True)
