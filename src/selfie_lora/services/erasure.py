@@ -37,8 +37,15 @@ from selfie_lora.domain.gc import GcSummary, format_bytes
 from selfie_lora.errors import ConflictError, ErrorCode, SelfieLoraError
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.layout import (
+    checkpoint_prefix,
+    dataset_prefix,
+    dataset_quality_prefix,
+    generation_prefix,
     manifest_key,
+    model_quality_prefix,
     photo_key,
+    sample_prefix,
+    version_quality_prefix,
 )
 from selfie_lora.services.ports import BlobStore, Repository
 from selfie_lora.services.training import TrainingService
@@ -172,13 +179,14 @@ class AccountEraser:
         keys.extend(held.image_keys)
         for dataset_id in held.dataset_ids:
             keys.extend(self._originals(dataset_id))
-        prefixes = [p for d in held.dataset_ids for p in (f"datasets/{d}", f"quality/datasets/{d}")]
-        prefixes.extend(f"generations/{g}" for g in held.generation_ids)
-        prefixes.extend(f"quality/versions/{v}" for v in held.version_ids)
+        prefixes = [p for d in held.dataset_ids
+                    for p in (dataset_prefix(d), dataset_quality_prefix(d))]
+        prefixes.extend(generation_prefix(g) for g in held.generation_ids)
+        prefixes.extend(version_quality_prefix(v) for v in held.version_ids)
         for t in held.training_ids:
-            prefixes.extend((f"samples/{t}", f"checkpoints/{t}"))
+            prefixes.extend((sample_prefix(t), checkpoint_prefix(t)))
         if held.model_id is not None:
-            prefixes.append(f"quality/models/{held.model_id}")
+            prefixes.append(model_quality_prefix(held.model_id))
         # A comparison grid is keyed by two versions: of one model, so both the user's.
         mine = set(held.version_ids)
         if mine:

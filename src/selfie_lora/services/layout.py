@@ -72,21 +72,38 @@ def original_key(sha256: str) -> str:
     return f"originals/{sha256}"
 
 
+def dataset_prefix(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}"
+
+
 def manifest_key(dataset_id: str) -> str:
-    return f"datasets/{dataset_id}/manifest.json"
+    return f"{dataset_prefix(dataset_id)}/manifest.json"
 
 
 def weights_key(sha256: str) -> str:
     return f"weights/{sha256}.safetensors"
 
 
+def generation_prefix(generation_id: str) -> str:
+    return f"generations/{generation_id}"
+
+
 def generation_image_key(generation_id: str, index: int) -> str:
-    return f"generations/{generation_id}/{index}.png"
+    return f"{generation_prefix(generation_id)}/{index}.png"
+
+
+def dataset_quality_prefix(dataset_id: str) -> str:
+    return f"quality/datasets/{dataset_id}"
 
 
 def reference_key(dataset_id: str, embedding_model: str) -> str:
     """The training photos' face embeddings (likeness scoring compares probes with them)."""
-    return f"quality/datasets/{dataset_id}/{re.sub(r'[^A-Za-z0-9_.-]', '_', embedding_model)}.json"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", embedding_model)
+    return f"{dataset_quality_prefix(dataset_id)}/{name}.json"
+
+
+def version_quality_prefix(version_id: str) -> str:
+    return f"quality/versions/{version_id}"
 
 
 def probe_image_key(version_id: str, index: int, lora_scale: float,
@@ -94,15 +111,19 @@ def probe_image_key(version_id: str, index: int, lora_scale: float,
     """A probe image of a version; ``size``: the side asked for (None: the generator's own),
     so a probe made at another size is never taken for this one."""
     side = f"-{size}px" if size is not None else ""
-    return f"quality/versions/{version_id}/probe-{index}-scale-{lora_scale:g}{side}.png"
+    return f"{version_quality_prefix(version_id)}/probe-{index}-scale-{lora_scale:g}{side}.png"
 
 
 def grid_key(a_id: str, b_id: str) -> str:
     return f"quality/compare/{a_id}-{b_id}/grid.png"
 
 
+def model_quality_prefix(model_id: str) -> str:
+    return f"quality/models/{model_id}"
+
+
 def chart_key(model_id: str) -> str:
-    return f"quality/models/{model_id}/chart.png"
+    return f"{model_quality_prefix(model_id)}/chart.png"
 
 
 _OWNERS: tuple[tuple[re.Pattern[str], Owner], ...] = tuple(
