@@ -67,6 +67,8 @@ class NotReady:
     reason: Literal["no_model", "activate", "wait", "train"]
     training: Literal["queued", "running"] | None
     message: str
+
+
 # Control characters but tab and line ends (a prompt typed in a text area has those): a NUL
 # cannot be stored on PostgreSQL, and none of them means anything to the text encoder.
 _PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
