@@ -263,19 +263,29 @@ def test_a_database_of_its_own_does_not_bind_an_unmarked_store_holding_none_of_i
         b.close()
 
 
+def api_and_worker_without_storage_url(tmp_path: Path,
+                                       **worker_settings: Any) -> tuple[Services, Services]:
+    """An API server and a worker of one deployment (one database) whose worker lacks
+    SELFIE_LORA_STORAGE_URL: each keeps its blobs in its own HOME/blobs. The caller closes
+    both."""
+    api = build_services(make_settings(tmp_path / "api", intake_workers=1),
+                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()})
+    shared_db = f"sqlite:///{(api.settings.home / 'selfie-lora.db').resolve()}"
+    worker = build_services(make_settings(tmp_path / "worker", database_url=shared_db,
+                                          **worker_settings),
+                            trainers={"local": FakeTrainer()},
+                            face_analyzer=one_person_analyzer(),
+                            generators={"local": FakeGenerator()})
+    return api, worker
+
+
 def test_a_worker_without_the_storage_url_does_not_bind_its_empty_folder(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A worker of the scale path whose env lacks SELFIE_LORA_STORAGE_URL: it shares the
     # database but falls back to HOME/blobs, empty. Marking that folder would approve the
     # mismatch (and every training there then fails with "upload the photos again").
-    api = build_services(make_settings(tmp_path / "api", intake_workers=1),
-                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
-                         generators={"local": FakeGenerator()})
-    shared_db = f"sqlite:///{(api.settings.home / 'selfie-lora.db').resolve()}"
-    worker = build_services(make_settings(tmp_path / "worker", database_url=shared_db),
-                            trainers={"local": FakeTrainer()},
-                            face_analyzer=one_person_analyzer(),
-                            generators={"local": FakeGenerator()})
+    api, worker = api_and_worker_without_storage_url(tmp_path)
     try:
         deployment_id = api.operations.bind_deployment()
         assert deployment_id is not None
@@ -313,14 +323,7 @@ def test_an_upgraded_deployment_adopts_the_store_that_holds_its_photos_whichever
     first: its empty folder is not adopted (old code: adopted, and the API server holding every
     photo then refused to start); it is warned, as before 0021, and its worker refuses. The API
     server's store, which holds the photos, is adopted when it starts."""
-    api = build_services(make_settings(tmp_path / "api", intake_workers=1),
-                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
-                         generators={"local": FakeGenerator()})
-    shared_db = f"sqlite:///{(api.settings.home / 'selfie-lora.db').resolve()}"
-    worker = build_services(make_settings(tmp_path / "worker", database_url=shared_db),
-                            trainers={"local": FakeTrainer()},
-                            face_analyzer=one_person_analyzer(),
-                            generators={"local": FakeGenerator()})
+    api, worker = api_and_worker_without_storage_url(tmp_path)
     try:
         deployment_id = api.operations.bind_deployment()
         assert deployment_id is not None
@@ -371,15 +374,7 @@ def test_a_worker_without_the_storage_url_takes_no_training_and_names_the_settin
     # Left unbound, the worker still took the queued training, which failed telling the user
     # to upload the photos again: the operator's missing setting blamed on the user. It
     # refuses to start, naming the setting, and the training stays queued, untouched.
-    api = build_services(make_settings(tmp_path / "api", intake_workers=1),
-                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
-                         generators={"local": FakeGenerator()})
-    shared_db = f"sqlite:///{(api.settings.home / 'selfie-lora.db').resolve()}"
-    worker = build_services(make_settings(tmp_path / "worker", database_url=shared_db,
-                                          reconcile_seconds=0.2),
-                            trainers={"local": FakeTrainer()},
-                            face_analyzer=one_person_analyzer(),
-                            generators={"local": FakeGenerator()})
+    api, worker = api_and_worker_without_storage_url(tmp_path, reconcile_seconds=0.2)
     # Old code: the worker runs until a signal; this one ends it, after it had its chance.
     stop = threading.Timer(8.0, os.kill, (os.getpid(), signal.SIGTERM))
     try:
