@@ -122,7 +122,6 @@ class ErrorCode(enum.StrEnum):
     BAD_ARCHIVE = "bad_archive"
     COMPRESSION_RATIO = "compression_ratio"
     DUPLICATE_MEMBER = "duplicate_member"
-    ENCRYPTED_MEMBER = "encrypted_member"
     NAME_TOO_LONG = "name_too_long"
     OVERLAPPING_ENTRIES = "overlapping_entries"
     NO_SUCH_PATH = "no_such_path"
@@ -131,7 +130,6 @@ class ErrorCode(enum.StrEnum):
     SYMLINK_IN_ARCHIVE = "symlink_in_archive"
     TOO_MANY_MEMBERS = "too_many_members"
     UNSAFE_PATH = "unsafe_path"
-    UNSUPPORTED_COMPRESSION = "unsupported_compression"
     # 500, 502, 503
     INVALID_TRANSITION = "invalid_transition"
     SERVER_SHORT_OF_MEMORY = "server_short_of_memory"

@@ -192,6 +192,19 @@ def test_an_oversized_photo_and_a_nested_zip_are_left_out_and_the_rest_stored(
     assert by_photo["x.zip"]["code"] == "nested_archive"
     assert by_photo["x.zip"]["advice"] == "unpack it and upload its photos"
 
+    # A member with a password was the whole upload's 422 encrypted_member: now its finding.
+    locked = stored("locked.jpg", synthetic_photo(8, size=160), flags=0x1)
+    data = raw_zip([*(stored(n, b) for n, b in good.items()), locked])
+    r = client.post("/api/training/upload-zip", headers=headers, data={"start": "false"},
+                    files={"file": ("p.zip", data, "application/zip")})
+    assert r.status_code == 202, r.text
+    dataset = r.json()["dataset"]
+    assert (dataset["images_total"], dataset["images_accepted"]) == (6, 5)
+    assert [(f["photo"], f["code"], f["advice"]) for f in dataset["findings"]
+            if f["severity"] == "reject"] == [
+        ("locked.jpg", "password_protected",
+         "make the zip again without a password, or upload the photo itself")]
+
     sent = [*good.items(), ("x.zip", nested)]
     r = client.post("/api/training/upload", headers=headers, data={"start": "false"},
                     files=[("files", (n, b, "image/jpeg")) for n, b in sent])

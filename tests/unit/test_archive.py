@@ -639,6 +639,29 @@ def test_corpus_members_are_refused_on_their_own(key: str) -> None:
     assert _refusal(files, "bad.jpg").code == code
 
 
+@pytest.mark.parametrize(("bad", "code"), [
+    (stored("bad.jpg", jpeg(), flags=0x1), "password_protected"),  # traditional PKWARE
+    (stored("bad.jpg", jpeg(), method=99), "password_protected"),  # WinZip AES
+    # LZMA (14): the payload is never decompressed, so it need not be LZMA at all.
+    (stored("bad.jpg", jpeg(), method=14), "unsupported_compression"),
+], ids=["pkware", "aes", "lzma"])
+def test_a_member_that_cannot_be_decompressed_is_refused_alone(bad: Raw, code: str) -> None:
+    """A password-protected member or one of an unknown compression method beside good photos
+    refused the whole upload (encrypted_member, unsupported_compression); it is now that
+    member's finding, known from its header, and the good photos are read."""
+    files, _ = read_zip(raw_zip([*_good_raws(), bad]), limits=LIMITS)
+    assert [f.data for f in files if f.refused is None] == [jpeg(seed=i) for i in range(3)]
+    found = _refusal(files, "bad.jpg")
+    assert found.code == code
+    if code == "password_protected":
+        assert found.message == "bad.jpg is password-protected in the archive"
+        assert found.advice == "make the zip again without a password, or upload the photo itself"
+    else:
+        assert found.message == "bad.jpg is compressed with method 14, which cannot be read"
+        assert found.advice == ('make the zip with your system\'s "Compress" command, or upload '
+                                "the photo itself")
+
+
 def test_uploaded_files_keep_the_good_photos_beside_an_oversized_one_and_a_zip() -> None:
     sent = [("good.jpg", jpeg()), ("IMG_0042.DNG", bytes(100_000)),
             ("x.zip", zip_of({"b.jpg": jpeg()}))]

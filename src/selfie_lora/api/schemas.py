@@ -137,13 +137,13 @@ UPLOAD_ERRORS: dict[int, tuple[ErrorCode, ...]] = {
     408: (E.REQUEST_TIMEOUT,), 409: (*STARTS_CONFLICTS, E.WRITE_CONFLICT),
     413: (E.UPLOAD_TOO_LARGE,), 503: (E.SERVER_SHORT_OF_MEMORY,)}
 # A zip refused as a whole before any photo is read (dataset.archive). A file too large for
-# a photo, or an archive inside the upload, is that file's finding instead (``file_too_large``,
-# ``nested_archive``), among those of a ``dataset_rejected`` or a stored set.
+# a photo, a member with a password or an unknown compression, or an archive inside the upload,
+# is that file's finding instead (``file_too_large``, ``password_protected``,
+# ``unsupported_compression``, ``nested_archive``), among those of a ``dataset_rejected`` or a
+# stored set.
 ARCHIVE_CODES = (E.ARCHIVE_TOO_LARGE, E.BAD_ARCHIVE, E.COMPRESSION_RATIO, E.DUPLICATE_MEMBER,
-                 E.ENCRYPTED_MEMBER, E.NAME_TOO_LONG,
-                 E.OVERLAPPING_ENTRIES, E.SIZE_MISMATCH, E.SPECIAL_FILE,
-                 E.SYMLINK_IN_ARCHIVE, E.TOO_MANY_MEMBERS, E.UNSAFE_PATH,
-                 E.UNSUPPORTED_COMPRESSION)
+                 E.NAME_TOO_LONG, E.OVERLAPPING_ENTRIES, E.SIZE_MISMATCH, E.SPECIAL_FILE,
+                 E.SYMLINK_IN_ARCHIVE, E.TOO_MANY_MEMBERS, E.UNSAFE_PATH)
 # Photos sent one by one (dataset.archive.read_uploaded_files) refused as a whole: the same
 # refusals as a zip's members that apply to separate files (an archive among them, or a file
 # too large for a photo, is that file's finding).

@@ -9,8 +9,7 @@ and a check made on one parser's view of an archive while another parser reads i
 2. every central directory entry and its local header, which must agree, with member data that
    never overlaps another member's (overlap = a bomb that reuses bytes);
 3. names (their length first, while parsing the directory: Unicode normalisation, which the
-   checks below need, is quadratic in a run of combining marks), links, duplicates, encryption,
-   compression methods;
+   checks below need, is quadratic in a run of combining marks), links, duplicates;
 4. the declared sizes and compression ratios, against the limits;
 5. then members are decompressed, each capped at its declared size (a member producing more
    than it declared is refused the moment it does), with the CRC checked;
@@ -18,15 +17,16 @@ and a check made on one parser's view of an archive while another parser reads i
 
 Whole-upload problems raise :class:`InvalidInputError` (HTTP 422, nothing stored); the server
 running out of memory while reading raises :class:`ServerShortOfMemoryError` (HTTP 503), which
-blames no file. Two problems of one file are that file's alone, and the rest of the upload is
+blames no file. Three problems of one file are that file's alone, and the rest of the upload is
 read: a file larger than a photo may be (a 51 MB ProRAW DNG beside good JPEGs; known from the
-declared size, so never decompressed; a folder's file is read no further than the limit) and an
-archive inside the upload (known from its first bytes, so decompressed no further; a zip
-appended to a photo only from its end). Each comes back as an :class:`UploadedFile` with no data
-and its ``refused`` finding, which the intake reports as it reports a photo it cannot decode.
-Every limit that protects the machine (sizes in all, counts, ratios, sizes that lie) still
-refuses the whole upload. System files
-(``__MACOSX/``, ``._*``, ``.DS_Store``...) and folder entries are skipped with an ``info`` finding.
+declared size, so never decompressed; a folder's file is read no further than the limit), a
+zip member this reader cannot decompress (password-protected, or an unknown compression
+method: known from its header) and an archive inside the upload (known from its first bytes, so
+decompressed no further; a zip appended to a photo only from its end). Each comes back as an
+:class:`UploadedFile` with no data and its ``refused`` finding, which the intake reports as it
+reports a photo it cannot decode. Every limit that protects the machine (sizes in all, counts,
+ratios, sizes that lie) still refuses the whole upload. System files (``__MACOSX/``, ``._*``,
+``.DS_Store``...) and folder entries are skipped with an ``info`` finding.
 Archive names are only ever shown to the user (sanitized); nothing is written under them.
 """
 
@@ -280,14 +280,17 @@ def _read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile],
         raise _refuse(ErrorCode.TOO_MANY_MEMBERS,
                       f"the archive holds {len(wanted)} files; at most {limits.max_members} "
                       "are accepted")
-    for span in wanted:
-        _check_readable(span.entry)
     _check_declared_sizes([s.entry for s in wanted], archive_bytes=len(data), limits=limits)
 
     names = _display_names([s.entry.name for s in wanted])
     files: list[UploadedFile] = []
     for span, name in zip(wanted, names, strict=True):
-        if span.entry.size > limits.max_member_bytes:
+        unreadable = _unreadable(name, span.entry)
+        if unreadable is not None:
+            # One member with a password (or made by a tool with an exotic method) is that
+            # photo's problem: the others are read, as for a file too large.
+            files.append(unreadable)
+        elif span.entry.size > limits.max_member_bytes:
             # Known from the declared size: not one byte of it is decompressed.
             files.append(_too_large(name, span.entry.size, limits=limits))
         else:
@@ -513,15 +516,19 @@ def _check_file_type(entry: _Entry) -> None:
                       f"the archive entry {_clean(entry.name)!r} is not a regular file")
 
 
-def _check_readable(entry: _Entry) -> None:
+def _unreadable(name: str, entry: _Entry) -> UploadedFile | None:
+    """A member this reader cannot decompress, as its finding (none of its bytes), or None."""
     if entry.flags & (_FLAG_ENCRYPTED | _FLAG_STRONG_ENCRYPTION) or entry.method == _METHOD_AES:
-        raise _refuse(ErrorCode.ENCRYPTED_MEMBER,
-                      f"{_clean(entry.name)} is password-protected; upload a zip without a "
-                      "password")
+        return UploadedFile(name=name, data=b"", refused=Finding(
+            "reject", "password_protected", f"{name} is password-protected in the archive",
+            "make the zip again without a password, or upload the photo itself", photo=name))
     if entry.method not in _METHOD_NAMES:
-        raise _refuse(ErrorCode.UNSUPPORTED_COMPRESSION,
-                      f"{_clean(entry.name)} is compressed with method {entry.method}, which is "
-                      "not supported; make the zip with your system's \"Compress\" command")
+        return UploadedFile(name=name, data=b"", refused=Finding(
+            "reject", "unsupported_compression",
+            f"{name} is compressed with method {entry.method}, which cannot be read",
+            "make the zip with your system's \"Compress\" command, or upload the photo itself",
+            photo=name))
+    return None
 
 
 def _check_declared_sizes(entries: list[_Entry], *, archive_bytes: int,
