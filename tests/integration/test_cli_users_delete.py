@@ -1,13 +1,11 @@
 """``selfie-lora users delete NAME``: an account and everything it owns goes, in the database
 and in storage; another account's data stays; a run stopped at any step is finished by running
-it again (and, for blobs whose rows were already gone, by the garbage collection); a queued or
-running training refuses it unless ``--force``."""
+it again (blobs whose rows were already gone included: the plan stored with the rows' deletion
+names them); a queued or running training refuses it unless ``--force``."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ from selfie_lora.adapters.db import tables
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Recipe, Training, TrainingStatus
 from selfie_lora.services.common import utcnow
-from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.layout import PREFIXES, checkpoint_key, sample_key
 from selfie_lora.wiring import Services
 from tests.conftest import make_settings, serving
@@ -211,8 +208,8 @@ STEPS = ("disable", "delete_user_data", "erase", "delete_user")
 
 @pytest.mark.parametrize("step", STEPS)
 def test_a_delete_stopped_at_any_step_is_finished_by_running_it_again(
-        on_services: Services, client: TestClient, settings: Settings,
-        monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+        step: str) -> None:
     services = on_services
     furnish(client, services, "bob", photos=photo_zip(3, offset=10))
     bob_rows = rows_of(services)
@@ -238,15 +235,55 @@ def test_a_delete_stopped_at_any_step_is_finished_by_running_it_again(
     assert code == 0, said
     assert services.repo.get_user_by_name("ann") is None
     assert rows_of(services) == bob_rows
-    if step == "erase":
-        # Its rows went before the kill: her blobs are orphans, which the collection deletes
-        # once past the grace period.
-        later: Callable[[], Any] = lambda: utcnow() + timedelta(days=2)  # noqa: E731
-        GarbageCollector(repo=services.repo, blobs=services.blobs, work_dir=settings.work_dir,
-                         policy=settings.gc_policy, clock=later).collect(force=True)
-        # The collection deletes his checkpoint too: his training ended, nothing resumes it.
-        bob_blobs_before = {k for k in bob_blobs_before if not k.startswith("checkpoints/")}
+    # Killed after her rows went ("erase", "delete_user"): the plan stored with that deletion
+    # names her blobs, so the run again deletes them at once, not a gc a day later.
     assert blob_keys(services) == bob_blobs_before
+
+
+class DiesMidway:
+    """The blob store of the collection, killed (KeyboardInterrupt) at its ``after``-th delete:
+    a process stopped while deleting her blobs, some gone and some not."""
+
+    def __init__(self, blobs: Any, *, after: int) -> None:
+        self._blobs = blobs
+        self._left = after
+
+    def delete(self, key: str) -> None:
+        self._left -= 1
+        if self._left == 0:
+            raise KeyboardInterrupt(f"killed deleting {key}")
+        self._blobs.delete(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._blobs, name)
+
+
+def test_a_delete_killed_while_deleting_her_blobs_deletes_the_rest_when_run_again(
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Her rows are gone, some of her blobs too: the run again deletes her photos, weights and
+    the rest at once, from the plan stored with her rows' deletion (her rows no longer name
+    them; a gc would wait out its 24 h grace), and then her user row."""
+    services = on_services
+    furnish(client, services, "bob", photos=photo_zip(3, offset=10))
+    bob_rows, bob_blobs = rows_of(services), blob_keys(services)
+    furnish(client, services, "ann", photos=photo_zip(4))
+    hers = blob_keys(services) - bob_blobs
+    assert {k.split("/", 1)[0] for k in hers} >= {"photos", "weights", "generations"}
+    with monkeypatch.context() as m:
+        m.setattr(services.gc, "_blobs", DiesMidway(services.blobs, after=2))
+        with pytest.raises(KeyboardInterrupt):
+            services.erasure.erase(name="ann")
+    left = blob_keys(services) - bob_blobs
+    assert len(left) == len(hers) - 1  # one deleted, then killed
+    assert services.repo.erasure_plan(services.users.get_by_name(name="ann").id) is not None
+    assert row_counts(services)["users"] == 2  # hers, disabled, and his
+
+    summary = services.erasure.erase(name="ann")
+    assert summary.rows == {}  # nothing of hers was left but the user row
+    assert {p.key for p in summary.blobs.deleted} >= left
+    assert blob_keys(services) == bob_blobs  # her photos, weights, pictures: gone now
+    assert rows_of(services) == bob_rows
+    assert services.repo.get_user_by_name("ann") is None
 
 
 def test_a_deleted_users_queued_training_is_not_left_in_the_count(

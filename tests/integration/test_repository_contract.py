@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, inspect, text
 
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.domain.accounts import ErasurePlan
 from selfie_lora.domain.entities import (
     ApiKey,
     Dataset,
@@ -694,12 +695,20 @@ def test_a_users_rows_are_read_and_deleted_and_no_one_elses(repo: SqlRepository)
     assert (held.generation_ids, held.image_keys) == (("g-ann",), ("generations/g-ann/0.png",))
 
     bobs = repo.user_holdings(bob.id)
-    rows = repo.delete_user_data(ann.id)
+    assert repo.erasure_plan(ann.id) is None
+    plan = ErasurePlan(keys=("photos/aa", "weights/1"), prefixes=("generations/g-ann",),
+                       work_folders=("t1", "t2"))
+    rows = repo.delete_user_data(ann.id, plan=plan)
     assert rows == {"generations": 1, "versions": 1, "trainings": 2, "events": 1,
                     "models": 1, "datasets": 1, "api keys": 1, "browser sessions": 1}
     assert repo.user_holdings(ann.id).empty
-    assert repo.delete_user_data(ann.id) == {}  # again: nothing left, no error
+    # Stored with the rows' deletion: a run killed now finds what the blobs were.
+    assert repo.erasure_plan(ann.id) == plan
+    assert repo.erasure_plan(bob.id) is None
+    assert repo.delete_user_data(ann.id, plan=plan) == {}  # again: nothing left, no error
+    assert repo.erasure_plan(ann.id) == plan
     assert repo.delete_user(ann.id)
+    assert repo.erasure_plan(ann.id) is None
     assert not repo.delete_user(ann.id)
     assert repo.get_user_by_name("ann") is None
     assert repo.user_holdings(bob.id) == bobs

@@ -102,3 +102,23 @@ class UserHoldings:
     def empty(self) -> bool:
         return not (self.model_id or self.dataset_ids or self.training_ids
                     or self.generation_ids)
+
+
+@dataclass(frozen=True)
+class ErasurePlan:
+    """What ``users delete`` deletes in storage for a user whose rows it deletes: blob keys,
+    prefixes (every blob under each) and training work folders. Stored with the deletion of the
+    rows, which are what it was computed from: a run killed after that finds it again."""
+
+    keys: tuple[str, ...] = ()
+    prefixes: tuple[str, ...] = ()
+    work_folders: tuple[str, ...] = ()
+
+    def merged(self, other: ErasurePlan | None) -> ErasurePlan:
+        """Both plans' keys, prefixes and folders, each once, sorted."""
+        if other is None:
+            return self
+        return ErasurePlan(keys=tuple(sorted({*self.keys, *other.keys})),
+                           prefixes=tuple(sorted({*self.prefixes, *other.prefixes})),
+                           work_folders=tuple(sorted({*self.work_folders,
+                                                      *other.work_folders})))

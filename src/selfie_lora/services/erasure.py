@@ -9,16 +9,19 @@ again (or the garbage collector) finishes, each thing deleted once:
 2. disable the account in one transaction (``UserService.disable``): from here sign-in, API
    keys and sessions are refused everywhere, and no new upload, training or generation starts;
 3. read what the user owns and the keys of their blobs (photos, originals from the datasets'
-   manifests, weights, generated pictures, probes, samples, checkpoints, charts, grids);
-4. delete every row the user owns but the user's own, in one transaction;
+   manifests, weights, generated pictures, probes, samples, checkpoints, charts, grids), the
+   prefixes holding them and the trainings' work folders: the erasure plan, joined to the one
+   an earlier run stored (step 4) if it was killed after that;
+4. delete every row the user owns but the user's own, and store the plan on the user's row
+   (``erasure_plan``), in one transaction: from here only the plan says what the blobs were;
 5. delete those blobs through the collector (``GarbageCollector.erase``): planned against the
    references as they are now, so a photo or weights another account names too is kept;
-6. delete the user's row.
+6. delete the user's row, and the plan with it.
 
 Killed before 4: the account stays disabled and the command run again does it all. Killed
-between 4 and 6: the rows are gone, the user's row (disabled) is left, and the blobs not yet
-deleted are orphans: the command run again deletes the user's row, and the next ``gc`` (or a
-worker's periodic one) deletes those blobs, as it deletes any orphan.
+between 4 and 6: the rows are gone and the user's row (disabled) is left holding the plan: the
+command run again reads it back, deletes the blobs it names that are still there (at once, not
+left to a ``gc`` and its grace period) and then the user's row.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
-from selfie_lora.domain.accounts import UserHoldings
+from selfie_lora.domain.accounts import ErasurePlan, UserHoldings
 from selfie_lora.domain.entities import User
 from selfie_lora.domain.gc import GcSummary, format_bytes
 from selfie_lora.errors import ConflictError, ErrorCode, SelfieLoraError
@@ -142,10 +145,17 @@ class AccountEraser:
         self._sleep(API_KEY_CACHE_TTL.total_seconds())
         canceled = self._stop_trainings(user, force=force)
         held = self._repo.user_holdings(user.id)
-        keys, prefixes = self._blob_keys(held)
-        rows = self._repo.delete_user_data(user.id)
+        # A run killed after step 4 left its plan: the rows it was read from are gone, so it
+        # alone names those blobs (the rows read now are none, or only what came after).
+        stored = self._repo.erasure_plan(user.id)
+        if stored is not None:
+            logger.info("user %s: finishing an earlier deletion's %d key(s) and %d prefix(es)",
+                        user.name, len(stored.keys), len(stored.prefixes))
+        plan = self._erasure_plan(held).merged(stored)
+        rows = self._repo.delete_user_data(user.id, plan=plan)
         logger.info("user %s: rows deleted: %s", user.name, rows)
-        blobs = self._gc.erase(keys=keys, prefixes=prefixes, work_folders=held.training_ids)
+        blobs = self._gc.erase(keys=plan.keys, prefixes=plan.prefixes,
+                               work_folders=plan.work_folders)
         gone = self._repo.delete_user(user.id)
         logger.info("user %s deleted: %d blob(s) or folder(s)", user.name, len(blobs.deleted))
         return ErasureSummary(name=user.name, rows=rows, blobs=blobs, canceled=canceled,
@@ -171,9 +181,9 @@ class AccountEraser:
             waited += 1.0
         return active
 
-    def _blob_keys(self, held: UserHoldings) -> tuple[list[str], list[str]]:
-        """The keys the user's rows name, and the prefixes holding the blobs their ids key
-        (``services.layout``)."""
+    def _erasure_plan(self, held: UserHoldings) -> ErasurePlan:
+        """The keys the user's rows name, the prefixes holding the blobs their ids key
+        (``services.layout``) and their trainings' work folders."""
         keys = [photo_key(h) for h in held.photo_hashes]
         keys.extend(held.weights_keys)
         keys.extend(held.image_keys)
@@ -193,7 +203,8 @@ class AccountEraser:
             prefixes.extend(
                 info.key.rsplit("/", 1)[0] for info in self._blobs.list("quality/compare")
                 if any(info.key.startswith(f"quality/compare/{v}-") for v in mine))
-        return keys, sorted(set(prefixes))
+        return ErasurePlan(keys=tuple(sorted(set(keys))), prefixes=tuple(sorted(set(prefixes))),
+                           work_folders=tuple(sorted(set(held.training_ids))))
 
     def _originals(self, dataset_id: str) -> list[str]:
         """The originals a dataset's manifest names (the row does not)."""

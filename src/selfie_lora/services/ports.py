@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from selfie_lora.domain.accounts import UserHoldings
+from selfie_lora.domain.accounts import ErasurePlan, UserHoldings
 from selfie_lora.domain.backup import BackupSummary
 from selfie_lora.domain.entities import (
     ApiKey,
@@ -406,10 +406,15 @@ class Repository(Protocol):
     def user_holdings(self, user_id: str) -> UserHoldings:
         """The rows the user owns (``users delete``): ids and the blob keys they name."""
         ...
-    def delete_user_data(self, user_id: str) -> dict[str, int]:
+    def delete_user_data(self, user_id: str, *, plan: ErasurePlan) -> dict[str, int]:
         """Delete, in one transaction, every row the user owns but the user's own: generations,
         likeness records, versions, trainings, events, the model, datasets, upload claims, API
-        keys and browser sessions. Rows deleted per table (none: nothing was left)."""
+        keys and browser sessions; and store ``plan`` on the user's row in that transaction
+        (``erasure_plan``), so that a run killed before the blobs are deleted finds what they
+        were. Rows deleted per table (none: nothing was left)."""
+        ...
+    def erasure_plan(self, user_id: str) -> ErasurePlan | None:
+        """The plan ``delete_user_data`` stored for the user; None: none (or no such user)."""
         ...
     def delete_user(self, user_id: str) -> bool:
         """Delete the user's row (``delete_user_data`` first); False when it was gone."""

@@ -56,7 +56,7 @@ from selfie_lora.adapters.db.tables import (
     WebSessionRow,
 )
 from selfie_lora.adapters.sqlite_files import keep_private
-from selfie_lora.domain.accounts import UserHoldings, fold_name
+from selfie_lora.domain.accounts import ErasurePlan, UserHoldings, fold_name
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
     ApiKey,
@@ -576,7 +576,7 @@ class SqlRepository:
             generation_ids=tuple(g.id for g in generations),
             image_keys=tuple(k for g in generations for k in g.image_keys))
 
-    def delete_user_data(self, user_id: str) -> dict[str, int]:
+    def delete_user_data(self, user_id: str, *, plan: ErasurePlan) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self._tx() as s:
             model_id = s.scalar(select(ModelRow.id).where(ModelRow.user_id == user_id))
@@ -602,7 +602,20 @@ class SqlRepository:
             gone("api keys", delete(ApiKeyRow).where(ApiKeyRow.user_id == user_id))
             gone("browser sessions", delete(WebSessionRow)
                  .where(WebSessionRow.user_id == user_id))
+            # In the same transaction: once the rows are gone, nothing else names the blobs.
+            s.execute(update(UserRow).where(UserRow.id == user_id).values(erasure_plan={
+                "keys": list(plan.keys), "prefixes": list(plan.prefixes),
+                "work_folders": list(plan.work_folders)}))
         return {name: n for name, n in counts.items() if n}
+
+    def erasure_plan(self, user_id: str) -> ErasurePlan | None:
+        with self._tx() as s:
+            stored = s.scalar(select(UserRow.erasure_plan).where(UserRow.id == user_id))
+        if stored is None:
+            return None
+        return ErasurePlan(keys=tuple(stored.get("keys", ())),
+                           prefixes=tuple(stored.get("prefixes", ())),
+                           work_folders=tuple(stored.get("work_folders", ())))
 
     def delete_user(self, user_id: str) -> bool:
         with self._tx() as s:

@@ -55,6 +55,10 @@ class UserRow(Base):
     # When the operator disabled the account (``users disable``); None: it may sign in.
     disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True,
                                                          default=None)
+    # What ``users delete`` has yet to delete in storage once it deleted the user's rows
+    # (domain.accounts.ErasurePlan as JSON), stored with that deletion so a rerun finishes it.
+    erasure_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True,
+                                                                default=None)
     __table_args__ = (Index("ux_users_name_folded", "name_folded", unique=True),)
 
 
