@@ -1017,3 +1017,61 @@ def test_a_held_version_s_alert_names_the_version_active_now_after_a_rollback(ri
     assert ("for version 2, active when this one was stored (version 1 is active now: you chose "
             "it meanwhile)") in reason
     assert [a["message"] for a in alerts_of(rig)] == [reason]
+
+
+def test_a_plain_rollback_while_a_version_is_scored_leaves_its_baseline_alone(rig: Rig) -> None:
+    """As above, but the user only rolls back to v1 (never tries v3) while the worker that scored
+    v3 is dead. The gate judged v3 against v1, active when the new worker took over: v3 passed
+    with no alert although it is far below v2, the version it was stored to replace. It is judged
+    against v2 whatever was clicked meanwhile: held, with one alert naming v2."""
+    same, other = same_person(), other_person()
+    generator = generator_of(rig)
+    ann = rig.user()
+    generator.photos = [same[0], other[0], other[0], other[0]]
+    v1 = rig.train(ann)
+    generator.photos = same
+    v2 = rig.train(ann)
+    generator.photos = [same[0], same[1], other[0], other[0]]
+    v3 = rig.train_until_scoring(ann).version_id
+    assert v3 is not None
+    rig.models.activate(user=ann, version_id=v1.id)  # rolls back to v1, v3 not tried
+    rig.restart()
+    judged = rig.repo.get_version(v3)
+    assert judged is not None
+    assert judged.gate_status is GateStatus.HELD
+    assert judged.gate_details["baseline_version_id"] == v2.id
+    assert judged.gate_details["baseline_version_number"] == 2
+    assert rig.model(ann).active_version_id == v1.id
+    reason = judged.gate_reason or ""
+    assert ("for version 2, active when this one was stored (version 1 is active now: you chose "
+            "it meanwhile)") in reason
+    assert [a["message"] for a in alerts_of(rig)] == [reason]
+
+
+def test_trying_a_version_twice_around_a_rollback_keeps_its_baseline(rig: Rig) -> None:
+    """v3 is tried early (its override records v2 as replaced), the user rolls back to v1 and
+    tries v3 again: the override now says it replaced v1. The gate still judges v3 against v2,
+    active when v3 was stored, and holds it."""
+    same, other = same_person(), other_person()
+    generator = generator_of(rig)
+    ann = rig.user()
+    generator.photos = [same[0], other[0], other[0], other[0]]
+    v1 = rig.train(ann)
+    generator.photos = same
+    v2 = rig.train(ann)
+    generator.photos = [same[0], same[1], other[0], other[0]]
+    v3 = rig.train_until_scoring(ann).version_id
+    assert v3 is not None
+    rig.models.activate(user=ann, version_id=v3)
+    rig.models.activate(user=ann, version_id=v1.id)
+    rig.models.activate(user=ann, version_id=v3)
+    stored = rig.repo.get_version(v3)
+    assert stored is not None
+    assert stored.gate_details["override"]["replaced_version_id"] == v1.id
+    rig.restart()
+    judged = rig.repo.get_version(v3)
+    assert judged is not None
+    assert judged.gate_status is GateStatus.HELD
+    assert judged.gate_details["baseline_version_id"] == v2.id
+    assert rig.model(ann).active_version_id == v3  # the user's last choice stands
+    assert len(alerts_of(rig)) == 1

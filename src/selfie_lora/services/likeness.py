@@ -150,6 +150,23 @@ class Comparison:
 DISCORD_CONTENT_MAX = 2000
 
 
+def _replaced_version_id(version: Version, *, active: str | None) -> str | None:
+    """The version ``version`` was stored to replace, which the gate judges it against: the one
+    active when it was stored, whatever its user activated since (trying it early, rolling back:
+    the verdict must not depend on which buttons were clicked meanwhile, nor on when a dead
+    worker's scoring was taken over). Versions stored before that was recorded: the one its
+    user's override replaced, or else ``active`` (the model's active version now)."""
+    details = version.gate_details
+    if "active_when_stored" in details:
+        stored = details["active_when_stored"]
+        return str(stored) if stored else None  # None: nothing was active, nothing to beat
+    override = details.get("override")
+    if isinstance(override, dict):
+        replaced = override.get("replaced_version_id")
+        return str(replaced) if replaced else None
+    return active
+
+
 def _identity(scores: object) -> str:
     value = scores.get("identity") if isinstance(scores, dict) else None
     return f"{value:.3f}" if isinstance(value, int | float) else "not scored"
@@ -223,9 +240,7 @@ class LikenessService:
                 version_id=version.id, model_id=model.id, status=version.gate_status,
                 reason=version.gate_reason or "", details=dict(version.gate_details),
                 baseline=None, reference_id=None, record=record)
-        override = version.gate_details.get("override")
-        baseline_id = (override.get("replaced_version_id") if isinstance(override, dict)
-                       else model.active_version_id)
+        baseline_id = _replaced_version_id(version, active=model.active_version_id)
         baseline = (self._repo.get_version(baseline_id)
                     if baseline_id and baseline_id != version.id else None)
         reference = self._reference_for(version) if _scored(record) else None
