@@ -568,6 +568,34 @@ def test_a_training_canceled_while_its_version_is_scored_never_activates_it(rig:
     assert rig.model(ann).active_version_id == v1.id
 
 
+def test_a_version_canceled_while_scored_is_compared_with_the_one_it_would_replace(
+    rig: Rig,
+) -> None:
+    """v1 active, v2 held (another person), v3's training canceled while v3 is scored: v3 is held
+    unjudged. Its default comparison and the quality API's baseline were v2 (the previous number,
+    rejected by the gate) instead of v1, which v3 would replace."""
+    ann = rig.user()
+    v1 = rig.train(ann)
+    generator_of(rig).photos = other_person()
+    v2 = rig.train(ann)
+    assert v2.gate_status is GateStatus.HELD
+    generator_of(rig).photos = same_person()
+    training = rig.train_until_scoring(ann)
+    assert training.version_id is not None
+    rig.training.cancel(user=ann, training_id=training.id)
+    rig.restart()
+    v3 = rig.repo.get_version(training.version_id)
+    assert v3 is not None
+    assert v3.gate_status is GateStatus.HELD
+    assert "baseline_version_id" not in v3.gate_details  # never judged
+    assert rig.model(ann).active_version_id == v1.id
+    comparison = rig.likeness.compare(user=ann)
+    assert (comparison.a.id, comparison.b.id) == (v1.id, v3.id)
+    report = rig.likeness.report(user=ann, version_id=v3.id)
+    assert report.baseline is not None
+    assert report.baseline.id == v1.id
+
+
 def test_a_later_version_with_no_active_version_is_not_called_the_first(rig: Rig) -> None:
     """Version 1's training is canceled while it is scored: it is held and nothing is active.
     Version 2 then passes with nothing to compare it with, and says so, not that it is the first

@@ -842,14 +842,21 @@ class LikenessService:
         return score_probes(record.probes, reference.embeddings)
 
     def _baseline_of(self, model: Model, version: Version) -> Version | None:
-        """What ``version`` was compared with by the gate; for a version not judged yet, the
-        active version; for a first version, none. Else the previous version by number."""
+        """What ``version`` was compared with by the gate; for a version not judged yet, or held
+        unjudged (its training canceled while it was scored), the one the gate compares it with:
+        the version it was stored to replace (``_replaced_version_id``); for a first version,
+        none. Else the previous version by number, which may be a held one the gate never
+        compares with: only for versions that have nothing better recorded."""
         baseline_id = version.gate_details.get("baseline_version_id")
         if baseline_id:
             return self._repo.get_version(str(baseline_id))
-        if version.gate_status is GateStatus.PENDING and model.active_version_id not in (
-                None, version.id):
-            return self._repo.get_version(str(model.active_version_id))
+        pending = version.gate_status is GateStatus.PENDING
+        replaced = _replaced_version_id(version,
+                                        active=model.active_version_id if pending else None)
+        if replaced and replaced != version.id:
+            found = self._repo.get_version(replaced)
+            if found is not None:
+                return found
         older = [v for v in self._repo.list_versions(model.id) if v.number < version.number]
         return older[0] if older else None
 
