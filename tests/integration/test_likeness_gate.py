@@ -23,7 +23,7 @@ from selfie_lora.api.serializers import comparison_json
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, User
 from selfie_lora.domain.likeness import PROBE_LORA_SCALE, LikenessStatus
 from selfie_lora.errors import AlertDeliveryError, GenerationError
-from selfie_lora.likeness.chart import CHART_SIZE
+from selfie_lora.likeness.chart import CHART_SIZE, HELD_NOT_SCORED, chart_figure
 from selfie_lora.likeness.grid import grid_size
 from selfie_lora.services import training as training_module
 from selfie_lora.services.generation import GenerationRequest, GenerationService
@@ -188,6 +188,34 @@ def test_a_first_version_without_faces_is_active_and_two_faceless_versions_pass(
         assert rig.model(ann).active_version_id == v2.id
     finally:
         rig.close()
+
+
+def test_a_drop_in_face_share_without_reference_faces_is_worded_and_drawn_as_scored(
+    rig: Rig,
+) -> None:
+    """Training photos without a face: the gate compares the face share, and holds v2 (faces in
+    none of its probes, in all of v1's). Its alert text said "likeness not scored against version
+    1's not scored" and the chart crossed v2 as "held, not scored" although both were scored."""
+    faceless = no_face()
+    ann = rig.user()
+    v1 = rig.train(ann, photos=faceless)
+    generator_of(rig).photos = no_face()
+    v2 = rig.train(ann, photos=faceless)
+    assert v2.gate_status is GateStatus.HELD
+    [alert] = alerts_of(rig)
+    assert alert["kind"] == "likeness_drop"
+    assert alert["after"]["identity"] is None
+    assert alert["after"]["face_share"] == 0.0
+    assert alert["before"]["face_share"] == 1.0
+    assert "not scored" not in alert["text"]
+    assert alert["text"].startswith(f"selfie-lora held back {ann.name}'s version 2 (faces in 0% "
+                                    "of probes against version 1's 100%, tolerance 0.02). ")
+    points = rig.likeness.chart_points(rig.model(ann))
+    ax = chart_figure(points, title="likeness", tolerance=0.02).axes[0]
+    assert not [c for c in ax.collections if c.get_label() == HELD_NOT_SCORED]
+    [ring] = [c for c in ax.collections if c.get_label().startswith("held by the gate")]
+    assert np.asarray(ring.get_offsets()).tolist() == [[2.0, 0.0]]  # at its face share
+    assert rig.model(ann).active_version_id == v1.id
 
 
 def test_the_probe_set_is_fixed_per_model_and_each_model_has_its_own(rig: Rig) -> None:

@@ -39,6 +39,16 @@ MAX_X_LABELS = 15
 HELD_NOT_SCORED = "held, not scored (no score to draw)"
 
 
+def held_at(point: ChartPoint) -> float | None:
+    """Where a held version's ring goes: at its identity, or, when the training photos have no
+    face (no identity, the gate compared the face share), at its face share; None only when it
+    has no scores at all (it gets the cross instead)."""
+    for value in (point.identity, point.face_share, point.identity_nearest, point.sane_share):
+        if value is not None:
+            return value
+    return None
+
+
 def render_chart(points: Sequence[ChartPoint], *, title: str, tolerance: float) -> bytes:
     """The chart as PNG bytes. Versions without scores show as gaps."""
     fig = chart_figure(points, title=title, tolerance=tolerance)
@@ -70,12 +80,13 @@ def chart_figure(points: Sequence[ChartPoint], *, title: str, tolerance: float) 
     for label, values, colour, marker in series:
         ax.plot(xs, [_nan(v) for v in values], label=label, color=colour, marker=marker,
                 linewidth=1.5, markersize=5)
-    scored_held = [p for p in points if p.gate_status == "held" and p.identity is not None]
+    held = [p for p in points if p.gate_status == "held"]
+    scored_held = [p for p in held if held_at(p) is not None]
     if scored_held:
-        ax.scatter([p.number for p in scored_held], [_nan(p.identity) for p in scored_held],
+        ax.scatter([p.number for p in scored_held], [_nan(held_at(p)) for p in scored_held],
                    s=140, facecolors="none", edgecolors="tab:red", linewidths=2,
                    label=f"held by the gate (tolerance {tolerance:g})", zorder=3)
-    unscored_held = [p for p in points if p.gate_status == "held" and p.identity is None]
+    unscored_held = [p for p in held if held_at(p) is None]
     if unscored_held:
         # No identity to ring: a ring at 0 would read as a total loss of likeness. A cross on
         # the x axis itself (x in data, y in axes coordinates), below every score, says which

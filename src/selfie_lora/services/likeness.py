@@ -167,9 +167,9 @@ def _replaced_version_id(version: Version, *, active: str | None) -> str | None:
     return active
 
 
-def _identity(scores: object) -> str:
-    value = scores.get("identity") if isinstance(scores, dict) else None
-    return f"{value:.3f}" if isinstance(value, int | float) else "not scored"
+def _score(scores: object, name: str) -> float | None:
+    value = scores.get(name) if isinstance(scores, dict) else None
+    return float(value) if isinstance(value, int | float) else None
 
 
 def alert_text(*, user_name: str, version_number: int, baseline_number: int | None,
@@ -177,10 +177,29 @@ def alert_text(*, user_name: str, version_number: int, baseline_number: int | No
                url: str | None) -> str:
     """A held-back version's alert as a person reads it in a chat: whose, which versions, the
     likeness before and after, why, and where to look."""
-    against = (f" against version {baseline_number}'s {_identity(before)}"
+    if (_score(after, "identity") is None and _score(before, "identity") is None
+            and (_score(after, "face_share") is not None
+                 or _score(before, "face_share") is not None)):
+        # Training photos without a face: no identity on either side, the gate compared the
+        # face share. Scored versions are worded by it, never as "not scored".
+        measure, unit = "faces in", " of probes"
+
+        def shown(scores: object) -> str:
+            share = _score(scores, "face_share")
+            return f"{share:.0%}" if share is not None else "not scored"
+    else:
+        measure, unit = "likeness", ""
+
+        def shown(scores: object) -> str:
+            identity = _score(scores, "identity")
+            return f"{identity:.3f}" if identity is not None else "not scored"
+    after_text = shown(after)
+    headline = (f"{measure} {after_text}{unit}" if after_text != "not scored"
+                else "likeness not scored")
+    against = (f" against version {baseline_number}'s {shown(before)}"
                if baseline_number is not None else "")
-    line = (f"selfie-lora held back {user_name}'s version {version_number} (likeness "
-            f"{_identity(after)}{against}, tolerance {tolerance:g}). {message.rstrip('.')}.")
+    line = (f"selfie-lora held back {user_name}'s version {version_number} ({headline}"
+            f"{against}, tolerance {tolerance:g}). {message.rstrip('.')}.")
     return f"{line} Versions: {url}" if url else line
 
 
