@@ -785,6 +785,28 @@ def test_the_versions_page_shows_the_gates_change_not_scores_on_other_photos(
         r.close()
 
 
+def test_the_versions_page_names_the_version_each_change_is_against(rig: Rig) -> None:
+    """v1 good, v2 held (another person), v3 good: v3's change is against v1, which the gate
+    judged it against, not v2, the row below it. The cell said "-0.015" beside v2's 0.319, and
+    nothing said it was relative to v1."""
+    ann = rig.user()
+    rig.train(ann)
+    generator_of(rig).photos = other_person()
+    v2 = rig.train(ann)
+    assert v2.gate_status is GateStatus.HELD
+    generator_of(rig).photos = same_person()
+    v3 = rig.train(ann)
+    assert v3.gate_status is GateStatus.PASSED
+    rows = version_rows(rig.models.versions_with_likeness(user=ann),
+                        active_version_id=rig.model(ann).active_version_id, photos={})
+    changes = {row["version"].number: row["change"] for row in rows}
+    deltas = {row["version"].number: row["delta"] for row in rows}
+    assert changes[3] == f"{deltas[3]:+.3f} vs v1"
+    assert changes[2] == f"{deltas[2]:+.3f} vs v1"
+    assert deltas[2] < -0.3  # the held drop, against v1 too
+    assert changes[1] is None  # nothing to beat
+
+
 def test_scores_of_another_face_model_are_never_compared(tmp_path: Path) -> None:
     """The operator switches the face model (the 68-point setting, say): a comparison of two
     versions scored with the old one shows no scores until they are scored again, then the same

@@ -553,13 +553,20 @@ def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
     """The Versions table, newest first. "Change" is the gate's measure: this version's identity
     minus the one it was judged against, both scored on this version's photos. Each version's
     own score is against its own training photos, so two versions trained on different photo
-    sets do not subtract: that difference would show a drop the gate did not see, or hide one."""
+    sets do not subtract: that difference would show a drop the gate did not see, or hide one.
+    That version is not always the row below (after a held version, a rollback), so the change
+    names it: "-0.015 vs v1"."""
     rows = []
     for version, record in versions:
         identity = (record.scores.headline().get("identity")
                     if record is not None and record.scores is not None else None)
+        delta = _gate_change(version.gate_details)
+        against = version.gate_details.get("baseline_version_number")
+        change = (None if delta is None
+                  else f"{delta:+.3f} vs v{against}" if isinstance(against, int)
+                  else f"{delta:+.3f}")
         rows.append({"version": version, "record": record, "identity": identity,
-                     "delta": _gate_change(version.gate_details),
+                     "delta": delta, "change": change,
                      "active": active_version_id == version.id,
                      "photos": photos.get(version.id)})
     return rows
