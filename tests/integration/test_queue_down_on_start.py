@@ -119,3 +119,46 @@ def test_one_training_the_queue_refuses_does_not_keep_the_others_waiting(
     assert queue.pending == list(report.enqueued)
     assert set(services.training.reconcile().enqueued) == {t.id for t in trainings} - set(
         report.enqueued)
+
+
+@pytest.mark.parametrize("leaving", ["hand_back", "step_away"])
+def test_a_worker_leaving_a_training_while_the_queue_is_down_logs_no_error(
+    services: Services, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    leaving: str,
+) -> None:
+    """A worker stopped (SIGTERM, a deploy) or stepping away from an outage while Redis is down
+    released the training and then raised the queue's ConnectionError from its ring again, which
+    the worker logged as 'the worker failed to run it' with a traceback, its own line never
+    written (scale review). The training is released either way; the reconciler rings it once
+    the queue is back."""
+    from selfie_lora.services.training import _UnreachableError
+
+    queue = DownQueue(down=False)
+    monkeypatch.setattr(services.training, "_queue", queue)
+    training, _ann = started(services, "ann")
+    queue.pending.clear()  # the worker below took the message
+    held = services.training._claim(training.id, owner="worker-a", stopping=threading.Event())
+    assert held is not None
+
+    queue.down = True
+    with caplog.at_level(logging.INFO, logger="selfie_lora.services.training"):
+        if leaving == "hand_back":
+            services.training._hand_back(held)
+        else:
+            services.training._step_away(held, _UnreachableError(
+                "the database could not be reached", remote_id=None,
+                reason="the database could not be reached"))
+
+    released = services.repo.get_training(training.id)
+    assert released is not None
+    # Nobody holds it: handed back (no owner) or stepped away from (its lease over).
+    assert released.lease_owner is None or (
+        released.lease_expires_at is not None
+        and released.lease_expires_at <= services.training._clock())
+    assert any("could not be queued now" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records)
+    said = "handed back" if leaving == "hand_back" else "the next attempt continues it"
+    assert any(said in r.getMessage() for r in caplog.records)
+
+    queue.down = False
+    assert services.training.reconcile().enqueued == (training.id,)

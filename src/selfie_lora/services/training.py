@@ -340,12 +340,18 @@ class TrainingService:
         # message, which the reconciler finds and queues. So does a queue that cannot be
         # reached now (Redis down): the training exists, and answering an error would have the
         # client retry into "a training is already running".
+        self._ring(training.id)
+        return StartResult(training=training, model=plan.model)
+
+    def _ring(self, training_id: str) -> None:
+        """Put a message for a training on the queue, its row already committed: a queue that
+        cannot be reached now (Redis down) is logged, not raised, since the reconciler queues
+        any training left queued without a message."""
         try:
-            self._queue.enqueue_training(training.id)
+            self._queue.enqueue_training(training_id)
         except Exception as exc:
             logger.warning("training %s: could not be queued now (%s: %s); the reconciler "
-                           "queues it", training.id, type(exc).__name__, exc)
-        return StartResult(training=training, model=plan.model)
+                           "queues it", training_id, type(exc).__name__, exc)
 
     def upload(
         self, *, user: User, read: Callable[[], tuple[Sequence[UploadedFile], Sequence[Finding]]],
@@ -920,8 +926,9 @@ class TrainingService:
         # The database away: the lease runs out on its own and the reconciler rings.
         if self._try_update_held(held, release, doing="hand it back") is None:
             return
-        # Ring again at once: a worker that is still up (or this one, restarted) resumes it.
-        self._queue.enqueue_training(held.training_id)
+        # Ring again at once: a worker that is still up (or this one, restarted) resumes it;
+        # with the queue away, the reconciler rings once it is back.
+        self._ring(held.training_id)
         logger.info("training %s handed back (attempt %d): this worker is stopping",
                     held.training_id, held.attempt)
 
@@ -963,7 +970,7 @@ class TrainingService:
                            held.attempt, exc.remote_id or "(its id not known yet)",
                            left.lease_expires_at.isoformat())
             return
-        self._queue.enqueue_training(held.training_id)
+        self._ring(held.training_id)
         if exc.remote_id is None:
             logger.warning("training %s: %s (attempt %d); the next attempt continues it",
                            held.training_id, exc.message, held.attempt)
