@@ -327,7 +327,9 @@ def test_a_remote_cancel_that_does_not_get_through_is_asked_again_until_it_does(
     marks the cancel as owed; every reconcile asks again until Replicate has it, then never
     again."""
     rig.standin.fail_next("GET", POLLS, status=422)  # the training fails (a refusal)
-    rig.standin.fail_next("POST", "/v1/trainings/*/cancel", status=503, times=6)
+    # One try each (the cancel is never retried on the spot): the ending's, then the first
+    # reconcile's.
+    rig.standin.fail_next("POST", "/v1/trainings/*/cancel", status=503, times=2)
     rig.services.training.run(rig.training_id)
 
     t = rig.training()
@@ -337,7 +339,7 @@ def test_a_remote_cancel_that_does_not_get_through_is_asked_again_until_it_does(
     assert remote.status != "canceled"  # still running, for now
     assert t.remote_cancel_pending
 
-    first = rig.services.training.reconcile()  # Replicate still refuses (3 more 503s)
+    first = rig.services.training.reconcile()  # Replicate still refuses (one more 503)
     assert first.remote_cancels_tried == 1
     assert rig.training().remote_cancel_pending
     assert remote.status != "canceled"
@@ -351,6 +353,74 @@ def test_a_remote_cancel_that_does_not_get_through_is_asked_again_until_it_does(
 
 
 CANCELS = "/v1/trainings/*/cancel"
+
+
+def test_a_cancel_and_a_reconcile_pass_do_not_wait_out_a_replicate_outage(rig: Rig) -> None:
+    """README: a cancel ends the training "at once when nobody runs it (its Replicate run's
+    cancel is asked once, without retries, each request waiting at most 5 s, so the answer never
+    waits out a Replicate outage; if Replicate does not take it, the reconciler asks again)", and
+    "neither a user's cancel nor a reconcile pass waits out a Replicate outage". A worker stepped
+    away from a training whose run exists, its hold ran out, and Replicate answers 503 to
+    everything: the user's cancel and then a reconcile pass each ask once, sleeping no backoff
+    (the rig's clock is the session's sleep), and the cancel stays owed until Replicate is
+    back."""
+    rig.standin.fail_next("GET", POLLS, status=503, times=3)  # one attempt's worth of retries
+    rig.services.training.run(rig.training_id)  # steps away: the remote run goes on
+    remote_id = rig.training().remote_id
+    assert remote_id is not None
+    rig.later()  # nobody holds it now
+    down = True
+    rig.standin.fail_while("GET", "/v1/", lambda: down, status=503)
+    rig.standin.fail_while("POST", "/v1/", lambda: down, status=503)
+    before = rig.clock.now()
+
+    t = rig.services.training.cancel(user=rig.user, training_id=rig.training_id)
+
+    assert t.status is TrainingStatus.CANCELED
+    assert t.remote_cancel_pending  # owed: Replicate did not take it
+    assert rig.clock.now() == before  # no backoff slept (was 1+2 s per request, twice)
+    assert rig.standin.count("POST", CANCELS) == 1
+    report = rig.services.training.reconcile()
+    assert report.remote_cancels_tried == 1
+    assert rig.clock.now() == before
+    assert rig.standin.count("POST", CANCELS) == 2
+    assert rig.training().remote_cancel_pending
+
+    down = False
+    rig.services.training.reconcile()
+    assert not rig.training().remote_cancel_pending
+    assert rig.standin.trainings[remote_id].status == "canceled"
+
+
+def test_a_reconcile_pass_asks_no_more_cancels_once_replicate_did_not_take_one(
+    rig: Rig,
+) -> None:
+    """README: "a pass asks Replicate no more cancels once one did not get through (the others
+    stay owed for the next pass)". Two trainings (two users) owe their run's cancel while
+    Replicate is down: a pass asks one of them, the next pass once Replicate is back both."""
+    services = rig.services
+    bob, _ = services.users.create(name="bob")
+    other = services.training.upload_zip(user=bob, data=photo_zip(3, offset=10, size=1100))
+    assert other.training is not None
+    for tid in (rig.training_id, other.training.id):
+        rig.standin.fail_next("GET", POLLS, status=503, times=3)
+        services.training.run(tid)  # steps away: the remote run goes on
+        assert services.repo.get_training(tid).remote_id is not None  # type: ignore[union-attr]
+    rig.clock.sleep(3600)  # both holds ran out
+    down = True
+    rig.standin.fail_while("GET", "/v1/", lambda: down, status=503)
+    rig.standin.fail_while("POST", "/v1/", lambda: down, status=503)
+    services.training.cancel(user=rig.user, training_id=rig.training_id)
+    services.training.cancel(user=bob, training_id=other.training.id)
+    assert rig.standin.count("POST", CANCELS) == 2
+
+    report = services.training.reconcile()
+
+    assert report.remote_cancels_tried == 1
+    assert rig.standin.count("POST", CANCELS) == 3  # the second waits for the next pass
+    down = False
+    assert services.training.reconcile().remote_cancels_tried == 2
+    assert services.repo.remote_cancels_pending() == []
 
 
 def test_a_remote_cancel_refused_for_good_is_not_asked_again(rig: Rig) -> None:

@@ -734,6 +734,11 @@ class TrainingService:
                            "runs are queued again if it takes them", type(exc).__name__, exc)
             queued = ()
         enqueued, canceled = [], []
+        # The backends that did not take a remote call this pass: the other owed cancels of
+        # theirs wait for the next pass (they stay owed) instead of each waiting out an
+        # unreachable Replicate, which held the pass (and so the queuing of dead workers'
+        # trainings) for minutes.
+        unreachable: set[str] = set()
         for t in active:
             action = recovery_action(t, now=now, queued_ids=queued, policy=self.lease)
             with training_context(t.id):  # the lines about it carry its id, like a worker's
@@ -759,12 +764,12 @@ class TrainingService:
                                                 policy=self.lease) is Recovery.CANCEL
                                 else None)
                     if done is not None:
-                        self._cancel_remote(done)
+                        self._cancel_remote(done, unreachable=unreachable)
                         canceled.append(t.id)
         # The alerts of held versions whose sender died, or whose delivery is due again.
         alerts_tried = self._likeness.deliver_due_alerts()
         # The remote runs of ended trainings whose cancel did not get through.
-        remote_cancels = self._cancel_pending_remotes()
+        remote_cancels = self._cancel_pending_remotes(unreachable=unreachable)
         return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled),
                                alerts_tried=alerts_tried, remote_cancels_tried=remote_cancels)
 
@@ -1265,24 +1270,33 @@ class TrainingService:
         logger.info("training %s canceled (%s)", t.id, reason)
         return canceled
 
-    def _cancel_pending_remotes(self) -> int:
+    def _cancel_pending_remotes(self, *, unreachable: set[str]) -> int:
         """Ask again for the cancels of remote runs that an ending could not get through (the
-        backend was down, or the process died after the commit). How many were asked."""
-        pending = self._repo.remote_cancels_pending()
-        for t in pending:
-            self._cancel_remote(t)
-        return len(pending)
+        backend was down, or the process died after the commit), but none of a backend in
+        ``unreachable`` (one that failed a call this pass). How many were asked."""
+        asked = 0
+        for t in self._repo.remote_cancels_pending():
+            if t.backend in unreachable:
+                continue  # still owed: the next pass asks
+            asked += 1
+            self._cancel_remote(t, unreachable=unreachable)
+        return asked
 
-    def _cancel_remote(self, t: Training) -> None:
+    def _cancel_remote(self, t: Training, *, unreachable: set[str] | None = None) -> None:
         """A training ended (failed, or canceled by anyone but the trainer itself) before its
         version was stored: its remote twin, if any, is canceled too. Once a version is stored
-        the remote run has ended (its output was copied): nothing to cancel."""
+        the remote run has ended (its output was copied): nothing to cancel. The trainer asks
+        once (briefly, on a user's request too); when it could not, the cancel stays owed and
+        ``t.backend`` is added to ``unreachable``, the reconcile pass's backends not to ask
+        again this pass."""
         trainer = self._trainers.get(t.backend)
         if not t.remote_cancel_pending or trainer is None:
             return
+        if unreachable is not None and t.backend in unreachable:
+            return  # still owed: the next reconcile pass asks
         remote_id = t.remote_id
         if remote_id is None:
-            remote_id = self._find_lost_remote(trainer, t)
+            remote_id = self._find_lost_remote(trainer, t, unreachable=unreachable)
             if remote_id is None:
                 return
         try:
@@ -1290,13 +1304,16 @@ class TrainingService:
         except Exception:  # the training is ended either way; the reconciler asks again
             logger.warning("could not cancel remote training %s of %s now; asked again later",
                            remote_id, t.id, exc_info=True)
+            if unreachable is not None:
+                unreachable.add(t.backend)
             return
         try:
             self._repo.clear_remote_cancel(t.id)
         except SelfieLoraError as exc:  # asked once more later: a second cancel is harmless
             logger.warning("training %s: remote cancel sent, not recorded (%s)", t.id, exc)
 
-    def _find_lost_remote(self, trainer: Trainer, t: Training) -> str | None:
+    def _find_lost_remote(self, trainer: Trainer, t: Training, *,
+                          unreachable: set[str] | None) -> str | None:
         """The remote run of ``t``, ended with a create begun and no remote id stored (its
         worker died with the create's answer), looked for by the create's marker. Found, its id is
         stored (the next round cancels it by id, never looks again); not found, there is nothing to
@@ -1308,6 +1325,8 @@ class TrainingService:
             logger.warning("training %s: could not look for the remote run its lost create may "
                            "have started (%s: %s); asked again later", t.id,
                            type(exc).__name__, exc)
+            if unreachable is not None:
+                unreachable.add(t.backend)
             return None
         try:
             if found is None:

@@ -24,6 +24,7 @@ generator.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import re
@@ -82,6 +83,11 @@ _LOOKUP_WINDOW = timedelta(hours=6)
 _MAX_LIST_PAGES = 3
 # A training in one of these has nothing left to cancel.
 _ENDED = frozenset({"succeeded", "failed", "canceled"})
+# A cancel (and the look for a run whose create's answer was lost) is asked once, each request
+# waiting this long at most: it runs on a user's cancel request and in every reconcile pass,
+# and the owed cancel (``remote_cancel_pending``) is asked again by the next pass. The full
+# retry policy held them 62 s with fast 503s, about 7 minutes when Replicate did not answer.
+CANCEL_TIMEOUT_S = 5.0
 
 def build_training_zip(photos: Iterable[TrainingPhoto]) -> bytes:
     """The ``input_images`` zip: ``NNN.jpg`` plus ``NNN.txt`` holding the caption.
@@ -176,8 +182,17 @@ class ReplicateTrainer:
     def session(self) -> ReplicateSession:
         return self._connection.session(TRAINER_FAILURES)
 
+    def _one_try_session(self) -> ReplicateSession:
+        """A session that asks once, briefly: for calls whose failure is asked again later."""
+        return dataclasses.replace(
+            self._connection, max_retries=0,
+            timeout=min(self._connection.timeout, CANCEL_TIMEOUT_S),
+        ).session(TRAINER_FAILURES)
+
     def cancel_remote(self, remote_id: str) -> None:
-        with self.session() as session:
+        # One try (a read and the cancel, at most CANCEL_TIMEOUT_S each): the service keeps
+        # the cancel owed when this raises, and its reconciler asks again.
+        with self._one_try_session() as session:
             try:
                 raw = session.get_json(f"/v1/trainings/{remote_id}", what="read the training")
             except TrainerUnavailableError:
@@ -205,7 +220,8 @@ class ReplicateTrainer:
         without one, the upload's metadata), in the newest pages of the list; None when there
         is none."""
         uploads = {marker} if marker else set()
-        with self.session() as session:
+        # Asked only to cancel what it finds, which the reconciler asks again: one try.
+        with self._one_try_session() as session:
             found = self._find_existing(session, training_id, self._destination(destination), uploads)
         return None if found is None else found.id
 
