@@ -566,6 +566,47 @@ def test_a_training_canceled_on_replicate_raises_canceled(
     assert "canceled on Replicate" in caught.value.user_message
 
 
+def test_a_training_replicate_aborted_fails_saying_so_not_as_an_outage(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sink: RecordingSink,
+    replicate_sleeps: list[float],
+) -> None:
+    """Replicate's documented "aborted" status (the run's deadline passed before it started),
+    which the official client refuses to parse, read as "Replicate cannot be reached" for every
+    attempt. It ends the training as failed, saying what happened, with no retries and no
+    cancel sent (the run has ended)."""
+    replicate_standin.training_outcome = "aborted"
+
+    with pytest.raises(TrainingFailedError) as caught:
+        replicate_trainer.train(replicate_job_factory(), sink=replicate_sink)
+
+    assert "aborted the training before it started" in caught.value.user_message
+    assert "cannot be reached" not in caught.value.user_message
+    assert set(replicate_sleeps) == {2.0}  # the poll interval only, no backoff
+    remote_id = _only_training(replicate_standin)
+    replicate_trainer.cancel_remote(remote_id)  # it has ended: nothing to cancel
+    assert replicate_standin.count("POST", "/v1/trainings/*/cancel") == 0
+
+
+def test_a_generation_replicate_aborted_says_so_not_as_an_outage(
+    replicate_standin: ReplicateStandIn, replicate_generator: ReplicateGenerator,
+) -> None:
+    """An "aborted" prediction read as "Replicate cannot be reached right now"."""
+    version = replicate_standin.create_model_version("selfie-lora/lora-g")
+    replicate_standin.prediction_outcome = "aborted"
+    job = GenerationJob(prompt=f"a portrait of {REPLICATE_TRIGGER}", num_outputs=1, seed=1,
+                        lora_scale=1.0, trainer_version="ostris/flux-dev-lora-trainer:x",
+                        remote_version=version)
+
+    with pytest.raises(GenerationError) as caught:
+        replicate_generator.generate(job)
+
+    assert "aborted the generation before it started" in caught.value.user_message
+    assert "cannot be reached" not in str(caught.value)
+
+
 def test_a_cancel_requested_through_the_sink_cancels_remotely(
     replicate_standin: ReplicateStandIn,
     replicate_trainer: ReplicateTrainer,

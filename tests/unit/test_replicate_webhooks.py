@@ -168,6 +168,14 @@ def test_parse_training_webhook() -> None:
     assert done["step"] is None
 
 
+def test_an_aborted_training_webhook_is_accepted() -> None:
+    """Replicate's documented "aborted" (the run's deadline passed before it started) was
+    answered 422, which Replicate retries for nothing: it is read like any other status (the
+    worker's poll ends the training)."""
+    parsed = parse_training_webhook(json.dumps({"id": "r8id", "status": "aborted"}).encode())
+    assert (parsed["id"], parsed["status"]) == ("r8id", "aborted")
+
+
 @pytest.mark.parametrize(
     "body",
     [b"", b"[]", b"{}", b'{"id": "x"}', b'{"id": "x", "status": "exploded"}', b"\xff"],

@@ -55,7 +55,12 @@ _CONCURRENT_PICTURES = 4
 _FAILED = "Generating the images failed on Replicate: {error}. Try again, or change the prompt."
 
 
-_ENDED = frozenset({"succeeded", "failed", "canceled"})
+# Replicate's documented status of a prediction whose deadline passed before it started; the
+# official client (1.0.7) refuses to parse it, which read as "Replicate cannot be reached".
+_ABORTED = "aborted"
+_ABORTED_MESSAGE = ("Replicate aborted the generation before it started (it waited too long for "
+                    "a machine). Try again.")
+_ENDED = frozenset({"succeeded", "failed", "canceled", _ABORTED})
 
 class ReplicateGenerator:
     """The ``Generator`` port on Replicate predictions."""
@@ -129,7 +134,6 @@ class ReplicateGenerator:
             inputs.update({"aspect_ratio": "custom", "width": job.width, "height": job.height})
 
         with self._session() as session:
-            client = session.client
             since = datetime.now(UTC) - _CLOCK_SLACK
 
             def find_made() -> dict[str, Any] | None:
@@ -150,7 +154,7 @@ class ReplicateGenerator:
                 "/v1/predictions", {"version": version_id, "input": inputs},
                 what="start generating", reconcile=find_made,
             )
-            prediction = Prediction(**created)
+            prediction = _prediction_from_json(created)
             prediction_id = prediction.id
             with self._used_lock:
                 self._used.append(prediction_id)
@@ -166,9 +170,14 @@ class ReplicateGenerator:
                         details=[f"prediction {prediction_id} still {prediction.status} after "
                                  f"{polls} polls"])
                 self._sleep(self._poll_interval)
-                prediction = session.call(
-                    "check on the generation", lambda: client.predictions.get(prediction_id)
-                )
+                # Raw JSON, parsed here: the client's own read refuses an "aborted" status.
+                prediction = session.get_json(f"/v1/predictions/{prediction_id}",
+                                              what="check on the generation",
+                                              parse=_prediction_from_json)
+            if prediction.status == _ABORTED:
+                raise GenerationError(
+                    _ABORTED_MESSAGE, user_message=_ABORTED_MESSAGE,
+                    details=[f"prediction {prediction_id} aborted"])
             if prediction.status != "succeeded":
                 error = str(prediction.error or prediction.status)
                 failed = _FAILED.format(error=error.strip().splitlines()[-1][:200].rstrip("."))
@@ -292,3 +301,16 @@ def _as_png(data: bytes, source: str) -> bytes:
     ) as exc:
         raise GenerationError("Replicate returned something that is not an image. Try again.",
                               details=[f"{source} is not an image: {exc}"]) from exc
+
+
+def _prediction_from_json(raw: object) -> Prediction:
+    """A ``Prediction`` from the API's JSON, ``aborted`` included (the client's status Literal
+    lacks it: validated as "failed", then given its own back). Not an object: ValueError
+    (mapped as an unexpected answer)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"a prediction answered as a {type(raw).__name__}, not an object")
+    aborted = raw.get("status") == _ABORTED
+    prediction = Prediction(**({**raw, "status": "failed"} if aborted else raw))
+    if aborted:
+        prediction.status = _ABORTED  # type: ignore[assignment]
+    return prediction

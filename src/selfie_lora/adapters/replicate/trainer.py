@@ -81,8 +81,12 @@ MARKER_METADATA_KEY = "selfie_lora_training_id"
 _MAX_FILE_LOOKUPS = 10
 _LOOKUP_WINDOW = timedelta(hours=6)
 _MAX_LIST_PAGES = 3
+# Replicate's documented status of a run whose deadline passed before it could start. The
+# official client (1.0.7) knows only the other five and refuses to parse it, which read as an
+# outage ("Replicate could not be reached") for every attempt.
+ABORTED = "aborted"
 # A training in one of these has nothing left to cancel.
-_ENDED = frozenset({"succeeded", "failed", "canceled"})
+_ENDED = frozenset({"succeeded", "failed", "canceled", ABORTED})
 # A cancel (and the look for a run whose create's answer was lost) is asked once, each request
 # waiting this long at most: it runs on a user's cancel request and in every reconcile pass,
 # and the owed cancel (``remote_cancel_pending``) is asked again by the next pass. The full
@@ -508,6 +512,18 @@ class ReplicateTrainer:
                         "Start it again when you are ready."
                     ),
                 )
+            elif status == ABORTED:
+                logger.warning("training %s: Replicate aborted training %s before it started",
+                               job.training_id, remote_id)
+                raise TrainingFailedError(
+                    f"Replicate training {remote_id} was aborted (its deadline passed before it "
+                    "started)",
+                    user_message=(
+                        "Replicate aborted the training before it started (it waited too long "
+                        f"for a machine). {REMOTE_FAULT_ADVICE}"
+                    ),
+                    details=[{"remote_id": remote_id}],
+                )
             else:
                 logger.warning("training %s: unknown Replicate status %r", job.training_id, status)
 
@@ -692,7 +708,14 @@ def _training_from_json(raw: object) -> Training:
             logger.warning("Replicate training %s names an unreadable output version %r: "
                            "read as none", data.get("id"), version)
             data["output"] = {k: v for k, v in output.items() if k != "version"}
+    aborted = data.get("status") == ABORTED
+    if aborted:
+        # Validated as an ended status the client knows, then given its own back: the rest
+        # of the body is read as for any training.
+        data["status"] = "failed"
     training = Training(**data)
+    if aborted:
+        training.status = ABORTED  # type: ignore[assignment]  # the client's Literal lacks it
     if destination is not None:
         training.destination = destination
     return training

@@ -174,7 +174,9 @@ def parse_training_webhook(body: bytes) -> dict[str, Any]:
     remote_id, status = data.get("id"), data.get("status")
     if not isinstance(remote_id, str) or not remote_id or not isinstance(status, str):
         raise InvalidInputError("webhook body lacks id or status", code=ErrorCode.BAD_WEBHOOK)
-    if status not in {"starting", "processing", "succeeded", "failed", "canceled"}:
+    # "aborted": Replicate's run whose deadline passed before it started. Accepted (a 4xx is
+    # retried by Replicate for nothing); the worker's poll ends the training.
+    if status not in {"starting", "processing", "succeeded", "failed", "canceled", "aborted"}:
         raise InvalidInputError(f"unknown training status {status!r}", code=ErrorCode.BAD_WEBHOOK)
     logs = data.get("logs") if isinstance(data.get("logs"), str) else None
     progress = parse_log_progress(logs)

@@ -23,7 +23,8 @@ import numpy as np
 
 OutputShape = Literal["dict", "url", "list", "safetensors", "tar_in_list", "wrong_version", "nested", "zip",
                       "null_version", "bare_version"]
-Outcome = Literal["succeeded", "failed", "canceled"]
+# "aborted": Replicate ends a run whose deadline passed before it started with this status.
+Outcome = Literal["succeeded", "failed", "canceled", "aborted"]
 OUTPUT_SHAPES: tuple[OutputShape, ...] = (
     "dict",
     "url",
@@ -37,7 +38,7 @@ OUTPUT_SHAPES: tuple[OutputShape, ...] = (
     "null_version",
     "bare_version",
 )
-_TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+_TERMINAL = frozenset({"succeeded", "failed", "canceled", "aborted"})
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,99}$")
 _VERSION_ID = re.compile(r"^[0-9a-f]{64}$")
 _LORA_MODULES = (
@@ -362,6 +363,9 @@ class StandInState:
             self._finish(rec, "failed", error=rec.input_error)
             return
         if rec.polls <= rec.starting_polls:
+            return
+        if rec.outcome == "aborted":  # never started: no logs, no started_at
+            self._finish(rec, "aborted")
             return
         processing_poll = rec.polls - rec.starting_polls
         if processing_poll <= rec.processing_polls:
