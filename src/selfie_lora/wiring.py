@@ -137,6 +137,28 @@ def default_webhooks(settings: Settings) -> WebhookVerifier | None:
     return ReplicateWebhooks(secret=settings.webhook_secret.get_secret_value())
 
 
+_unsigned_webhooks_said = threading.Event()
+
+
+def default_webhook_url(settings: Settings) -> str | None:
+    """Where Replicate sends a training's webhooks: only with both ``SELFIE_LORA_PUBLIC_URL``
+    and ``SELFIE_LORA_WEBHOOK_SECRET``. The public URL alone (set for the alerts' links) gave
+    every training a webhook this server answers 401 (nothing to verify it with), retried by
+    Replicate for a minute: the access log filled with what looks like an attack. Without the
+    secret the worker polls alone, and a Replicate backend says why once per process."""
+    if not settings.public_url:
+        return None
+    if settings.webhook_secret is None:
+        if settings.trainer == "replicate" and not _unsigned_webhooks_said.is_set():
+            _unsigned_webhooks_said.set()
+            logger.warning("SELFIE_LORA_PUBLIC_URL is set but SELFIE_LORA_WEBHOOK_SECRET is not: "
+                           "Replicate trainings are sent no webhook (this server could not "
+                           "verify one) and their progress is polled; set the secret to use "
+                           "webhooks")
+        return None
+    return f"{settings.public_url.rstrip('/')}/api/webhooks/replicate"
+
+
 def default_alerter(settings: Settings) -> Alerter | None:
     url = settings.alert_url.get_secret_value() if settings.alert_url is not None else ""
     if not url:
@@ -322,8 +344,7 @@ def build_services(
     chosen_trainers = dict(trainers) if trainers is not None else default_trainers(settings)
     chosen_generators = (dict(generators) if generators is not None
                          else default_generators(settings))
-    webhook_url = (f"{settings.public_url.rstrip('/')}/api/webhooks/replicate"
-                   if settings.public_url else None)
+    webhook_url = default_webhook_url(settings)
     faces = face_analyzer or default_face_analyzer(settings)
     if telemetry is None:
         from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry

@@ -21,7 +21,7 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.testing.replicate_standin import sign_webhook
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
-from tests.support.photos import synthetic_photo
+from tests.support.photos import photo_zip, synthetic_photo
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 
@@ -214,3 +214,48 @@ def test_a_webhook_whose_update_failed_is_applied_when_it_comes_again(
 
 def test_malformed_but_signed_body_is_422(svc: Services, webhook_client: TestClient) -> None:
     assert post(webhook_client, {"status": "processing"}) == 422
+
+
+@pytest.mark.parametrize("secret", [SECRET, None], ids=["with-secret", "url-alone"])
+def test_a_replicate_training_gets_a_webhook_only_when_this_server_can_verify_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    secret: str | None,
+) -> None:
+    """SELFIE_LORA_PUBLIC_URL set for the alerts' links without SELFIE_LORA_WEBHOOK_SECRET gave
+    every Replicate training a webhook this server answered 401 (nothing to verify it with),
+    retried by Replicate. Without the secret none is registered (the worker polls), and the
+    wiring says why once; with it, the webhook is sent as before."""
+    import threading
+
+    from selfie_lora import wiring
+    from selfie_lora.testing.replicate_standin import ReplicateStandIn
+
+    # A fresh "said once" for this test (the flag is the process's).
+    monkeypatch.setattr(wiring, "_unsigned_webhooks_said", threading.Event(), raising=False)
+    with ReplicateStandIn() as standin:
+        settings = make_settings(
+            tmp_path, trainer="replicate", replicate_api_token=standin.token,
+            replicate_base_url=standin.base_url, replicate_owner="acme",
+            replicate_poll_interval=0.01, public_url="https://lora.example.com",
+            webhook_secret=secret)
+        services = build_services(settings, face_analyzer=one_person_analyzer())
+        try:
+            build_services(settings, face_analyzer=one_person_analyzer()).close()  # a second
+            user, _ = services.users.create(name="ann")
+            started = services.training.upload_zip(
+                user=user, data=photo_zip(3, size=1100))
+            assert started.training is not None
+            services.training.run(started.training.id)
+            t = services.repo.get_training(started.training.id)
+            assert t is not None
+            assert t.remote_id is not None
+            sent = standin.trainings[t.remote_id].webhook
+        finally:
+            services.close()
+    said = [r for r in caplog.records if "SELFIE_LORA_WEBHOOK_SECRET is not" in r.getMessage()]
+    if secret is None:
+        assert sent is None
+        assert len(said) == 1  # once, however many times the services are built
+    else:
+        assert sent == "https://lora.example.com/api/webhooks/replicate"
+        assert said == []
