@@ -649,3 +649,48 @@ def test_the_training_page_estimates_the_time_left_from_this_attempts_steps(
         assert all(re.fullmatch(r"[0-2] s", left[step] or "") for step in range(5, 12)), left
     finally:
         services.close()
+
+
+def test_a_canceled_replicate_training_is_refused_saying_replicate_keeps_no_checkpoints(
+        tmp_path: Path) -> None:
+    """A Replicate training canceled well into its steps was refused with "it was canceled
+    before its first one", which was false (found in review, s2_resume.py): Replicate keeps no
+    checkpoints, so the refusal says that, and that a resume would start from step 0."""
+    import threading
+
+    from selfie_lora.testing.replicate_standin import ReplicateStandIn
+    from tests.support.photos import photo_zip
+
+    with ReplicateStandIn() as standin:
+        standin.processing_polls = 400
+        services = build_services(
+            make_settings(tmp_path, trainer="replicate", replicate_api_token=standin.token,
+                          replicate_base_url=standin.base_url, replicate_owner="acme",
+                          replicate_poll_interval=0.01),
+            face_analyzer=one_person_analyzer())
+        try:
+            user, _ = services.users.create(name="ann")
+            started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+            assert started.training is not None
+            tid = started.training.id
+            runner = threading.Thread(target=services.training.run, args=(tid,))
+            runner.start()
+            deadline = time.monotonic() + 30
+            while (t := services.repo.get_training(tid)) is None or t.step < 10:
+                assert time.monotonic() < deadline, "the Replicate training made no progress"
+                time.sleep(0.02)
+            services.training.cancel(user=user, training_id=tid)
+            runner.join(30)
+            canceled = services.repo.get_training(tid)
+            assert canceled is not None
+            assert canceled.status is TrainingStatus.CANCELED
+            assert canceled.step >= 10
+
+            with pytest.raises(ConflictError) as refused:
+                services.training.resume(user=user, training_id=tid)
+        finally:
+            services.close()
+    assert refused.value.message == (
+        "a training on Replicate cannot be resumed: Replicate keeps no checkpoints of its "
+        "trainings, so it would start again from step 0; start a new training")
+    assert "canceled before its first one" not in refused.value.message

@@ -658,6 +658,13 @@ class TrainingService:
             if found is None:
                 break
             latest = found
+        if latest is None and origin.backend != "local":
+            # A remote run keeps no checkpoint for us (on Replicate, none at all): "canceled
+            # before its first one" told a user who canceled at step 301 of 1000 that the
+            # cancel was early.
+            name = "Replicate" if origin.backend == "replicate" else origin.backend
+            return (f"a training on {name} cannot be resumed: {name} keeps no checkpoints of "
+                    "its trainings, so it would start again from step 0; start a new training")
         if latest is None:
             return ("this training left no checkpoint to resume from (it was canceled before "
                     "its first one); start a new training")
