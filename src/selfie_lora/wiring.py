@@ -377,7 +377,7 @@ def build_services(
                         rotation_grace=settings.key_rotation_grace)
     gc = GarbageCollector(repo=repo, blobs=blobs, work_dir=settings.work_dir,
                           policy=settings.gc_policy, interval=settings.gc_interval,
-                          deployment=deployment)
+                          deployment=deployment, forget_sign_ins=users.forget_expired)
     return Services(
         settings=settings, engine=engine, repo=repo, blobs=blobs, queue=queue,
         users=users,

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from selfie_lora.cli import app
 from selfie_lora.config import Settings
+from selfie_lora.domain.entities import WebSession
 from selfie_lora.services.common import utcnow
 from selfie_lora.wiring import build_services
 
@@ -82,3 +83,53 @@ def test_a_collection_already_running_is_refused(home: Path) -> None:
     assert "UTC unless it renews its lease (if that collector was killed, its lease lapses " \
         "then); try again when it has ended" in said
     assert CliRunner().invoke(app, ["gc", "--dry-run"]).exit_code == 0  # a dry run needs none
+
+
+def test_a_collection_forgets_sign_in_records_past_the_window_and_expired_sessions(
+        home: Path) -> None:
+    """Failed sign-ins (client addresses, names as typed), sign-up attempts and expired
+    sessions were never deleted: nothing but a test called ``forget_expired``. A collection,
+    the command's and the workers' alike, deletes what counts for no limit and keeps the rest."""
+    services = build_services(Settings(home=home), trainers={}, generators={})
+    try:
+        now = utcnow()
+        window = services.settings.sign_in_policy.window
+        user, _key = services.users.create(name="ann")
+        repo = services.repo
+        old = now - timedelta(days=3)
+        repo.add_sign_in_failure(["client:10.9.2.1", "name:my password"], at=old)
+        repo.add_sign_in_failure(["signup:10.9.2.1"], at=old)
+        repo.add_sign_in_failure(["client:10.9.2.2", "signup:10.9.2.2"],
+                                 at=now - window + timedelta(minutes=2))  # still counted
+        for sid, expires in (("expired", now - timedelta(days=1)),
+                             ("live", now + timedelta(days=1))):
+            repo.add_session(WebSession(id=sid, user_id=user.id, csrf_token="c",
+                                        created_at=now - timedelta(days=3), expires_at=expires))
+    finally:
+        services.close()
+
+    done = CliRunner().invoke(app, ["gc"])
+    assert done.exit_code == 0, done.output
+    assert ("sign-ins     forgot 4 expired session(s) and sign-in or sign-up record(s) older "
+            "than the rate limit's window") in done.output
+
+    # A worker's, due again at once (the command's collection just ran).
+    services = build_services(Settings(home=home, gc_interval_hours=1e-9), trainers={},
+                              generators={})
+    try:
+        repo = services.repo
+        long_ago = utcnow() - timedelta(days=30)
+        for key in ("client:10.9.2.1", "name:my password", "signup:10.9.2.1"):
+            assert list(repo.sign_in_failures(key, since=long_ago)) == [], key
+        for key in ("client:10.9.2.2", "signup:10.9.2.2"):
+            assert len(repo.sign_in_failures(key, since=long_ago)) == 1, key
+        assert repo.get_session("expired") is None
+        assert repo.get_session("live") is not None
+        # The workers' periodic collection runs the same: a new old failure goes too.
+        repo.add_sign_in_failure(["client:10.9.2.3"], at=old)
+        summary = services.gc.run_due()
+        assert summary is not None
+        assert summary.sign_in_rows == 1
+        assert list(repo.sign_in_failures("client:10.9.2.3", since=long_ago)) == []
+    finally:
+        services.close()

@@ -318,6 +318,9 @@ class GcSummary:
     notes: tuple[str, ...] = field(default=())
     # Ids of webhooks received more than WEBHOOK_MEMORY ago, forgotten (rows of their own).
     webhook_ids: int = 0
+    # Expired browser sessions and sign-in/sign-up records older than the rate limit's window
+    # (they count for no limit any more), deleted.
+    sign_in_rows: int = 0
 
     @classmethod
     def of_plan(cls, plan: GcPlan, *, dry_run: bool) -> GcSummary:
@@ -358,6 +361,9 @@ class GcSummary:
         if self.webhook_ids:
             out.append(f"  {'webhooks':<12} forgot {self.webhook_ids} id(s) received over "
                        f"{WEBHOOK_MEMORY.days} day(s) ago")
+        if self.sign_in_rows:
+            out.append(f"  {'sign-ins':<12} forgot {self.sign_in_rows} expired session(s) and "
+                       "sign-in or sign-up record(s) older than the rate limit's window")
         out.extend(f"  note: {note}" for note in self.notes)
         if verbose:
             out.extend(f"  {verb} dataset row {d}" for d in self.datasets)

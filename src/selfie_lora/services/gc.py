@@ -110,8 +110,14 @@ class GarbageCollector:
         interval: timedelta | None = None, clock: Callable[[], datetime] = utcnow,
         lease: timedelta = GC_LEASE, owner: str | None = None,
         deployment: DeploymentBinding | None = None,
+        forget_sign_ins: Callable[[], int] | None = None,
     ) -> None:
         self._repo = repo
+        # ``UserService.forget_expired`` (wiring): expired browser sessions and sign-in/sign-up
+        # records past the rate limit's window. Here because a collection is what runs
+        # periodically on every deployment (SQLite and PostgreSQL, every worker and
+        # ``selfie-lora gc``); the user service keeps the window it is judged by.
+        self._forget_sign_ins = forget_sign_ins
         self._blobs = blobs
         self._work_dir = work_dir
         self.policy = policy
@@ -300,6 +306,7 @@ class GarbageCollector:
         generations: tuple[str, ...] = ()
         kept: list[str] = []
         webhook_ids = 0
+        sign_in_rows = 0
         try:
             self._renew()
             age = self.policy.dataset_age
@@ -319,6 +326,8 @@ class GarbageCollector:
                     notes.append(f"{len(plan.generations) - count} generation row(s) were "
                                  "already gone")
             webhook_ids = self._repo.forget_webhooks(received_before=now - WEBHOOK_MEMORY)
+            if self._forget_sign_ins is not None:
+                sign_in_rows = self._forget_sign_ins()
             self._renew()
             # Checked again against the references as they are now, just before deleting.
             again, _, _ = self._plan(listing, folders)
@@ -350,7 +359,7 @@ class GarbageCollector:
             notes.append(f"stopped: {stop}; the next collection goes on from here")
         return GcSummary(dry_run=False, datasets=tuple(datasets), generations=generations,
                          deleted=tuple(deleted), kept=tuple(kept), notes=tuple(notes),
-                         webhook_ids=webhook_ids)
+                         webhook_ids=webhook_ids, sign_in_rows=sign_in_rows)
 
     def _collect_work_only(self) -> GcSummary | None:
         folders = self._work_folders()
@@ -487,7 +496,8 @@ def _log(summary: GcSummary | None) -> None:
     """The periodic collection's summary, in the worker's log (the command prints its own)."""
     if summary is None:
         return
-    if summary.empty and not summary.notes and not summary.webhook_ids:
+    if (summary.empty and not summary.notes and not summary.webhook_ids
+            and not summary.sign_in_rows):
         logger.info("garbage collection: nothing to delete")
         return
     for line in summary.lines():

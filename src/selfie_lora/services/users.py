@@ -259,7 +259,10 @@ class UserService:
             self._repo.delete_session(hash_session_token(token))
 
     def forget_expired(self) -> int:
-        """Delete expired sessions and failures older than the rate limit's window."""
+        """Delete expired sessions, and failed sign-ins, sign-up attempts and pending rows older
+        than the rate limit's window: exactly the rows no limit counts any more (the counts read
+        rows newer than ``now - window``). Run by every garbage collection (wiring): without it
+        they, client addresses and whatever was typed as a name, were kept forever."""
         now = self._clock()
         removed = self._repo.delete_sessions(expired_before=now)
         return removed + self._repo.prune_sign_in_failures(before=now - self._policy.window)
