@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -662,3 +662,57 @@ def test_a_clock_that_goes_back_forgets_what_it_remembered(repo: SqlRepository,
     clock.now -= timedelta(hours=1)
     assert svc.remembered(api_key=key) is None
 
+
+
+class HookedHasher(Argon2Hasher):
+    """Argon2 at a test cost that runs ``during_verify`` while a password is being checked:
+    what another process does in the ~0.25 s of a real check, made deterministic."""
+
+    def __init__(self) -> None:
+        super().__init__(time_cost=1, memory_cost_kib=1024)
+        self.during_verify: Callable[[], None] = lambda: None
+
+    def verify(self, password_hash: str, password: str) -> bool:
+        ok = super().verify(password_hash, password)
+        self.during_verify()
+        return ok
+
+
+def test_a_sign_in_whose_check_a_disable_overtakes_leaves_no_session(
+        repo: SqlRepository, clock: Clock) -> None:
+    """The disabled check read the user from before the password check, and the session was
+    stored after it whatever had happened meanwhile: a session of a disabled account (every
+    page a 500), alive again after ``enable``."""
+    hasher = HookedHasher()
+    svc = UserService(repo=repo, hasher=hasher, policy=POLICY, clock=clock)
+    ann, _key = svc.create(name="ann", password=PASSWORD)
+
+    def disable() -> None:
+        svc.disable(name="ann")  # the operator's `users disable`, committed mid-check
+
+    hasher.during_verify = disable
+    with pytest.raises(ForbiddenError, match="this account is disabled"):
+        svc.sign_in(name="ann", password=PASSWORD, client="c")
+    hasher.during_verify = lambda: None
+    svc.enable(name="ann")
+    # No session of hers was stored: nothing for a browser to come back with after enable.
+    assert svc.forget_expired() == 0
+    clock.now += POLICY.session_lifetime
+    assert svc.forget_expired() == 0
+    assert svc.sign_in(name="ann", password=PASSWORD, client="c").user.id == ann.id
+
+
+def test_a_sign_in_whose_user_is_deleted_during_the_check_is_refused(
+        repo: SqlRepository, clock: Clock) -> None:
+    hasher = HookedHasher()
+    svc = UserService(repo=repo, hasher=hasher, policy=POLICY, clock=clock)
+    ann, _key = svc.create(name="ann", password=PASSWORD)
+
+    def delete() -> None:  # the rows, then the user: what `users delete` does last
+        repo.delete_user_data(ann.id)
+        repo.delete_user(ann.id)
+
+    hasher.during_verify = delete
+    with pytest.raises(AuthError) as caught:
+        svc.sign_in(name="ann", password=PASSWORD, client="c")
+    assert str(caught.value) == WRONG_CREDENTIALS

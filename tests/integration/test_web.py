@@ -40,6 +40,7 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.web.app import WEB_ROOT
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
+from tests.integration.test_accounts import HookedHasher
 from tests.support.clock import Clock
 from tests.support.generations import held_generations
 from tests.support.owners import own_model
@@ -55,13 +56,14 @@ def web_settings(tmp_path: Path) -> Settings:
 
 
 def fake_services(settings: Settings, *, trainer: FakeTrainer | None = None,
-                  generator: FakeGenerator | None = None) -> Services:
+                  generator: FakeGenerator | None = None,
+                  password_hasher: Argon2Hasher = FAST_HASHER) -> Services:
     """The services the pages run on here: fakes for the trainer and the generator, one person's
     faces, a fast password hash."""
     return build_services(settings,
                           trainers={"local": FakeTrainer() if trainer is None else trainer},
                           generators={"local": FakeGenerator() if generator is None else generator},
-                          face_analyzer=one_person_analyzer(), password_hasher=FAST_HASHER)
+                          face_analyzer=one_person_analyzer(), password_hasher=password_hasher)
 
 
 @pytest.fixture
@@ -1572,6 +1574,47 @@ def test_a_disabled_user_s_browser_is_signed_out_and_its_sign_in_refused(
         assert "sl_session" not in r.cookies  # no new session
         svc.users.enable(name="ann")
         sign_in(client, "ann")
+
+
+def test_a_sign_in_overtaken_by_a_disable_leaves_the_browser_signed_out(
+        web_settings: Settings) -> None:
+    """``users disable`` committed while the password was checked: the session was stored all
+    the same, every page then a bare 500, and the browser signed in again after ``enable``."""
+    hasher = HookedHasher()
+    services = fake_services(web_settings, password_hasher=hasher)
+    try:
+        services.users.create(name="ann", password=PASSWORD)
+
+        def disable() -> None:
+            services.users.disable(name="ann")
+
+        hasher.during_verify = disable
+        with browser(web_settings, services) as client:
+            r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
+                                             "form_token": form_token(client)},
+                            follow_redirects=False)
+            assert r.status_code == 403
+            assert "this account is disabled" in r.text
+            assert "sl_session" not in r.cookies
+            assert client.get("/photos", follow_redirects=False).status_code == 303
+            hasher.during_verify = lambda: None
+            services.users.enable(name="ann")
+            assert client.get("/photos", follow_redirects=False).status_code == 303
+    finally:
+        services.close()
+
+
+def test_a_disabled_account_s_session_gets_the_403_page_not_a_500(
+        web_settings: Settings, svc: Services, ann: TestClient) -> None:
+    """A session of a disabled account (one a sign-in racing ``users disable`` left before
+    this release): finding the viewer is refused (403), and the error page, which looked for the
+    viewer again, let that refusal escape as a bare 500."""
+    user = svc.users.get_by_name(name="ann")
+    svc.repo.set_user_disabled(user.id, at=utcnow())  # the row only: her session is kept
+    r = ann.get("/photos", follow_redirects=False)
+    assert r.status_code == 403
+    assert "this account is disabled" in r.text
+    assert 'action="/signout"' not in r.text  # rendered signed out
 
 
 def test_the_settings_page_deletes_the_account_once_its_name_is_typed(

@@ -268,13 +268,24 @@ class UserService:
         return removed + self._repo.prune_sign_in_failures(before=now - self._policy.window)
 
     def _open_session(self, user: User) -> SignedIn:
+        """A session for ``user``, stored only if the user, read again and locked in the same
+        transaction, still exists and is not disabled. Why: ``user`` was read before the
+        password check (~0.25 s of Argon2); a ``users disable`` that committed meanwhile ended
+        the sessions there were and then this one was stored: a live session of a disabled
+        account, which came back with ``users enable``. Locked, the disable waits for this
+        transaction (and ends the session stored) or this one sees it disabled."""
         token = secrets.token_urlsafe(32)
-        now = self._clock()
-        session = WebSession(id=hash_session_token(token), user_id=user.id,
-                             csrf_token=secrets.token_urlsafe(32), created_at=now,
-                             expires_at=now + self._policy.session_lifetime)
-        self._repo.add_session(session)
-        return SignedIn(user=user, session=session, token=token)
+        with self._repo.atomic() as tx:
+            current = tx.get_user(user.id, for_update=True)
+            if current is None:  # deleted meanwhile (``users delete``): no such name now
+                raise AuthError(WRONG_CREDENTIALS, code=ErrorCode.WRONG_CREDENTIALS)
+            _refuse_disabled(current)
+            now = self._clock()
+            session = WebSession(id=hash_session_token(token), user_id=current.id,
+                                 csrf_token=secrets.token_urlsafe(32), created_at=now,
+                                 expires_at=now + self._policy.session_lifetime)
+            tx.add_session(session)
+        return SignedIn(user=current, session=session, token=token)
 
     def _reserve_attempt(self, *, name: str, client: str) -> _Reservation:
         """Count this attempt as a failure before its password is checked, in one transaction

@@ -195,7 +195,9 @@ class Web:
                    code: str = "error", *, reference: str | None = None) -> HTMLResponse:
         """``reference``: a server-side error's, which its log line carries (server_errors)."""
         viewer = None
-        with contextlib.suppress(SignInRequired):
+        # Any refusal finding the viewer (a disabled account's session: ForbiddenError) renders
+        # this page signed out: escaping here, it turned every page into a bare 500.
+        with contextlib.suppress(SignInRequired, SelfieLoraError):
             viewer = self.viewer(request)
         return self.render(request, "error.html", viewer=viewer, status_code=status,
                            status=status, message=message, code=code, reference=reference,

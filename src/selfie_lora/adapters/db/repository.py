@@ -515,9 +515,12 @@ class SqlRepository:
             s.add(UserRow(id=user.id, name=user.name, name_folded=fold_name(user.name),
                           api_key_hash=f"unused:{user.id}", created_at=user.created_at))
 
-    def get_user(self, user_id: str) -> User | None:
-        with self._read() as s:
-            row = s.get(UserRow, user_id)
+    def get_user(self, user_id: str, *, for_update: bool = False) -> User | None:
+        with self._tx() if for_update else self._read() as s:
+            stmt = select(UserRow).where(UserRow.id == user_id)
+            if for_update:
+                stmt = stmt.with_for_update()
+            row = s.scalars(stmt).first()
             return _user(row) if row else None
 
     def get_user_by_name(self, name: str) -> User | None:
