@@ -86,6 +86,37 @@ def test_metrics_count_what_happened(client: TestClient, services: Services,
     assert value(found, "selfie_lora_api_errors_total", code="not_found") == 1
 
 
+def test_the_guard_s_own_refusals_are_counted_by_code_and_route(client: TestClient,
+                                                                services: Services) -> None:
+    """The guard answers before the app's handlers and before routing: its 401s, 403s and 413s
+    were missing from the error counter and filed under route "(unmatched)"."""
+    for guess in ("sl_guess1", "sl_guess2"):
+        assert client.get("/api/model", headers={"Authorization": f"Bearer {guess}"}
+                          ).status_code == 401
+    assert client.get("/api/keys").status_code == 401  # no key at all
+    h = auth(services, "ann")
+    services.users.disable(name="ann")
+    assert client.get("/api/model", headers=h).status_code == 403
+    services.users.enable(name="ann")
+    big = client.post("/api/keys", headers={**h, "Content-Type": "application/json"},
+                      content=b"{" + b" " * (services.settings.max_json_bytes + 10) + b"}")
+    assert big.status_code == 413
+    # A page's refusal (the web upload without a session) is a page's: not an API error.
+    assert client.post("/photos/upload").status_code == 401
+
+    found = samples(client.get("/metrics").text)
+    assert value(found, "selfie_lora_api_errors_total", code="unauthorized") == 3
+    assert value(found, "selfie_lora_api_errors_total", code="forbidden") == 1
+    assert value(found, "selfie_lora_api_errors_total", code="body_too_large") == 1
+    histogram = "selfie_lora_http_request_duration_seconds_count"
+    assert value(found, histogram, method="GET", route="/api/model", status="401") == 2
+    assert value(found, histogram, method="GET", route="/api/model", status="403") == 1
+    assert value(found, histogram, method="GET", route="/api/keys", status="401") == 1
+    assert value(found, histogram, method="POST", route="/api/keys", status="413") == 1
+    assert value(found, histogram, method="POST", route="/photos/upload", status="401") == 1
+    assert value(found, histogram, method="GET", route="(unmatched)", status="401") == 0
+
+
 def test_a_made_up_method_is_counted_as_other(client: TestClient) -> None:
     """The method is the client's to choose: each made-up one would be a new series for ever."""
     for i in range(20):

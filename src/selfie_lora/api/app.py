@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +34,7 @@ from selfie_lora.api.stopping import ServerStopping
 from selfie_lora.config import Settings
 from selfie_lora.errors import ClientGoneError, ErrorCode, SelfieLoraError
 from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED
+from selfie_lora.web import pages
 from selfie_lora.web.app import (
     SignInRequired,
     is_page,
@@ -134,8 +136,10 @@ def create_app(
 
     # Before the pages: a request is matched against the routes in order, and the API's reads
     # are the requests that come by the hundred.
-    for module in (training, model, likeness, generation, keys, account, webhooks):
-        app.include_router(module.router)
+    api_routers = [module.router for module in (training, model, likeness, generation, keys,
+                                                 account, webhooks)]
+    for router in api_routers:
+        app.include_router(router)
     # Inside the pages' security headers: its error page gets them too (Web.stopping_page).
     app.add_middleware(
         ServerStopping, operations=svc.operations, is_page=is_page,
@@ -152,9 +156,16 @@ def create_app(
         authenticate=lambda key: svc.users.authenticate(api_key=key),
         remembered=lambda key: svc.users.remembered(api_key=key),
         authenticate_cookie=web.cookie_user,
+        # API answers only, as the exception handlers count them: a page's refusal is a page's.
+        record_error=lambda path, code: (None if is_page(path)
+                                         else svc.operations.record_error(code=code)),
     )
-    # Outermost: the time of every answer, the guard's refusals included.
-    app.add_middleware(HttpMetrics, operations=svc.operations)
+    # Outermost: the time of every answer, the guard's refusals included. The routes in the
+    # router's order (the app's own, the API's, the pages'), to name the route of an answer
+    # sent before routing.
+    app.add_middleware(HttpMetrics, operations=svc.operations, routes=[
+        *(route for route in app.router.routes if isinstance(route, APIRoute)),
+        *(route for router in (*api_routers, pages.router) for route in router.routes)])
 
     @app.exception_handler(SignInRequired)
     async def _sign_in(request: Request, exc: SignInRequired) -> Response:

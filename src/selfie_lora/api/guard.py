@@ -12,6 +12,9 @@ spools to disk) before any dependency runs:
 - A body that stalls for ``body_timeout`` seconds, or averages less than ``min_body_rate``
   bytes/s after its first ``body_timeout`` seconds, gets 408.
 
+Each of these answers is counted by its code (``record_error``), as the app's own error answers
+are: answered here, they never reach the app's exception handlers.
+
 Slow request *headers* never reach an ASGI app; ``api.server`` times those out.
 """
 
@@ -60,8 +63,13 @@ class Guard:
     def __init__(self, app: ASGIApp, *, limits: Limits,
                  authenticate: Callable[[str | None], User],
                  remembered: Callable[[str | None], User | None] | None = None,
-                 authenticate_cookie: Callable[[str | None], User] | None = None) -> None:
+                 authenticate_cookie: Callable[[str | None], User] | None = None,
+                 record_error: Callable[[str, ErrorCode], None] | None = None) -> None:
         self._app = app
+        # Called with the path and the code of every answer the guard sends itself (the app's
+        # decides which count: ``selfie_lora_api_errors_total``). Without it, key guessing
+        # and a disabled account's script were missing from that counter.
+        self._record_error = record_error
         self._limits = limits
         # Blocking (a database lookup): run off the event loop.
         self._authenticate = authenticate
@@ -84,6 +92,7 @@ class Guard:
                 try:
                     user = await run_in_threadpool(self._authenticate, key)
                 except (AuthError, ForbiddenError) as exc:  # a disabled account's key: 403
+                    self._count(path, exc.code)
                     await _answer(send, exc.http_status, exc.code, exc.message)
                     return
             scope.setdefault("state", {})["user"] = user
@@ -91,6 +100,7 @@ class Guard:
             try:
                 await run_in_threadpool(self._authenticate_cookie, _header(scope, b"cookie"))
             except (AuthError, ForbiddenError) as exc:
+                self._count(path, exc.code)
                 await _answer(send, exc.http_status, exc.code, exc.message, bearer=False)
                 return
         limit = self._limit_for(path)
@@ -102,6 +112,7 @@ class Guard:
                    if upload else _too_large(limit))
         declared = _content_length(scope)
         if declared is not None and declared > limit:
+            self._count(path, too_large)
             await _answer(send, 413, too_large, refusal)
             return
         answered = False
@@ -114,6 +125,7 @@ class Guard:
             nonlocal answered
             if not answered:
                 answered = True
+                self._count(path, code)
                 await _answer(send, status, code, message)
             raise _Stop
 
@@ -127,6 +139,10 @@ class Guard:
             if answered:  # the app failed because its body was cut off: already answered
                 return
             raise
+
+    def _count(self, path: str, code: ErrorCode) -> None:
+        if self._record_error is not None:
+            self._record_error(path, code)
 
     def _limit_for(self, path: str) -> int:
         if path in UPLOAD_PATHS or path in WEB_UPLOAD_PATHS:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.services.operations import OperationsService
@@ -21,9 +23,13 @@ class HttpMetrics:
     the ids) and status. Outermost, so the
     time includes the guard's and every error handler's."""
 
-    def __init__(self, app: ASGIApp, *, operations: OperationsService) -> None:
+    def __init__(self, app: ASGIApp, *, operations: OperationsService,
+                 routes: Sequence[BaseRoute] = ()) -> None:
         self._app = app
         self._operations = operations
+        # The app's routes, in the router's order, to name the route of an answer sent before
+        # routing (``_route_of``).
+        self._routes = tuple(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,7 +48,26 @@ class HttpMetrics:
             await self._app(scope, receive, timed_send)
         finally:
             # The router writes the matched route into the scope it was given (this one).
-            route = getattr(scope.get("route"), "path", None) or UNMATCHED
+            route = getattr(scope.get("route"), "path", None) or _route_of(scope, self._routes)
             method = scope["method"] if scope["method"] in METHODS else OTHER_METHOD
             self._operations.record_http(method=method, route=route, status=status,
                                          seconds=time.perf_counter() - started)
+
+
+def _route_of(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The template of the route a request that never reached the router was for, as the router
+    would have matched it (a full match, else one of another method), or ``UNMATCHED``. Why:
+    the guard answers before routing (a bad key's 401, a disabled account's 403, 413, 408), and
+    all of them were filed under "(unmatched)", even for ``/api/model``. Only for requests
+    without a route (those and 404s): a loop over the routes' patterns."""
+    partial: str | None = None
+    for route in routes:
+        path = getattr(route, "path", None)
+        if not isinstance(path, str):
+            continue
+        match, _child = route.matches(scope)
+        if match is Match.FULL:
+            return path
+        if match is Match.PARTIAL and partial is None:
+            partial = path
+    return partial or UNMATCHED
