@@ -482,6 +482,28 @@ def test_sign_up_is_closed_unless_the_setting_opens_it(tmp_path: Path) -> None:
             services.close()
 
 
+def test_a_web_sign_up_makes_no_api_key(tmp_path: Path) -> None:
+    """Sign-up made the first key ``users create`` makes and threw its secret away: a working
+    key nobody held, listed in Settings as one the user never made. Keys are made there."""
+    settings = make_settings(tmp_path, signup=True)
+    services = fake_services(settings)
+    try:
+        with browser(settings, services) as client:
+            data = {"name": "cat", "password": PASSWORD, "password_again": PASSWORD,
+                    "form_token": form_token(client)}
+            assert client.post("/signup", data=data, follow_redirects=False).status_code == 303
+            user = services.users.get_by_name(name="cat")
+            assert list(services.users.keys(user=user)) == []
+            page = client.get("/settings").text
+            assert "No keys." in page
+            assert ">default<" not in page
+            made = client.post("/settings/keys", data=key_form(client, "laptop"))
+            assert made.status_code == 200
+            assert [k.name for k in services.users.keys(user=user)] == ["laptop"]
+    finally:
+        services.close()
+
+
 def test_sign_up_is_rate_limited_per_client(tmp_path: Path) -> None:
     """One client made 60 accounts in a row, and asked about a taken name as often as it
     liked (found in review): past SIGN_UP_MAX_ATTEMPTS the form answers 429."""

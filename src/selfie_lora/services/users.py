@@ -165,6 +165,14 @@ class UserService:
     def create(self, *, name: str, password: str | None = None) -> tuple[User, str]:
         """A new user and its first API key, which is not stored and cannot be shown again;
         with ``password``, the user can also sign in from a browser."""
+        user, password_hash = self._new_user(name=name, password=password)
+        key, secret = self._new_key(user, "default")
+        self._store_user(user, password_hash=password_hash, key=key)
+        return user, secret
+
+    def _new_user(self, *, name: str, password: str | None) -> tuple[User, str | None]:
+        """A user named ``name`` (not stored yet) and the hash of ``password``, once both are
+        found acceptable."""
         if not _NAME.fullmatch(name):
             raise InvalidInputError(
                 "a user name is 1-100 letters, digits, '_', '.', '@' or '-', and starts and ends "
@@ -178,14 +186,15 @@ class UserService:
                                    if existing.name != name else ""),
                                 code=ErrorCode.USER_EXISTS)
         password_hash = self._password_hash(password, name=name) if password is not None else None
-        user = User(id=new_id(), name=name, created_at=self._clock())
-        key, secret = self._new_key(user, "default")
+        return User(id=new_id(), name=name, created_at=self._clock()), password_hash
+
+    def _store_user(self, user: User, *, password_hash: str | None, key: ApiKey | None) -> None:
         with self._repo.atomic() as tx:
             tx.add_user(user)
-            tx.add_api_key(key)
+            if key is not None:
+                tx.add_api_key(key)
             if password_hash is not None:
                 tx.set_user_password(user.id, password_hash)
-        return user, secret
 
     # ------------------------------------------------------------------ passwords, sessions
     def set_password(self, *, user: User, password: str) -> None:
@@ -197,12 +206,17 @@ class UserService:
         logger.info("user %s: password set; sessions ended", user.name)
 
     def sign_up(self, *, name: str, password: str, client: str) -> SignedIn:
-        """A new account from the sign-up page (when the setting allows it), signed in."""
+        """A new account from the sign-up page (when the setting allows it), signed in, with no
+        API key (made on the Settings page)."""
         if not self.signup_enabled:
             raise ForbiddenError("sign-up is closed on this service: ask its operator for an "
                                  "account", code=ErrorCode.SIGNUP_CLOSED)
         self._reserve_sign_up(client=client)
-        user, _key = self.create(name=name, password=password)
+        # No API key: ``create``'s first key has its secret in the answer only, and the sign-up
+        # page shows none, so it was a working key nobody held, listed in Settings as one the
+        # user never made. The user makes keys on the Settings page.
+        user, password_hash = self._new_user(name=name, password=password)
+        self._store_user(user, password_hash=password_hash, key=None)
         return self._open_session(user)
 
     def sign_in(self, *, name: str, password: str, client: str) -> SignedIn:
