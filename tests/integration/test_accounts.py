@@ -20,7 +20,7 @@ import pytest
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
-from selfie_lora.domain.accounts import WRONG_CREDENTIALS, SignInPolicy
+from selfie_lora.domain.accounts import WRONG_CREDENTIALS, ErasurePlan, SignInPolicy
 from selfie_lora.domain.entities import User
 from selfie_lora.errors import (
     AuthError,
@@ -709,7 +709,7 @@ def test_a_sign_in_whose_user_is_deleted_during_the_check_is_refused(
     ann, _key = svc.create(name="ann", password=PASSWORD)
 
     def delete() -> None:  # the rows, then the user: what `users delete` does last
-        repo.delete_user_data(ann.id)
+        repo.delete_user_data(ann.id, plan=ErasurePlan())
         repo.delete_user(ann.id)
 
     hasher.during_verify = delete
