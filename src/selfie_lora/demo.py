@@ -8,7 +8,9 @@ import io
 import logging
 import os
 import secrets
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -195,6 +197,35 @@ def _upload_and_train(console: Console, services: Services, user: User,
     _print_training(console, services, user, done.id)
 
 
+def running_executable(argv0: str | None = None) -> str:
+    """The absolute path of the ``selfie-lora`` that runs now, for a command line the user pastes
+    from any folder: ``sys.argv[0]`` when it is that executable (run as ``.venv/bin/selfie-lora``,
+    or found on PATH), else the one beside this Python (``python -m``, tests), else on PATH."""
+    name = sys.argv[0] if argv0 is None else argv0
+    candidates = [Path(name)] if name and not name.endswith(".py") else []
+    candidates.append(Path(sys.executable).parent / "selfie-lora")
+    on_path = shutil.which("selfie-lora")
+    if on_path:
+        candidates.append(Path(on_path))
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            # abspath, not resolve: a venv's bin/ may be a symlink the user knows by its name.
+            return os.path.abspath(candidate)
+    return "selfie-lora"
+
+
+def serve_command(home: Path, *, argv0: str | None = None) -> str:
+    """The shell line that serves the demo's data: every part quoted, so a home with a space or
+    a quote in it pastes as one argument."""
+    return (f"SELFIE_LORA_HOME={shlex.quote(str(home))} "
+            f"{shlex.quote(running_executable(argv0))} serve")
+
+
+def print_serve_command(console: Console, home: Path, *, argv0: str | None = None) -> None:
+    # soft_wrap: one line however narrow the terminal, or the pasted command breaks at the wrap.
+    console.print(serve_command(home, argv0=argv0), markup=False, highlight=False, soft_wrap=True)
+
+
 def demo_settings(out: Path) -> Settings:
     """The demo's settings: the embedded defaults (local backend, tiny FLUX) with its HOME under
     ``out``, none of them read from the environment (``EmbeddedSettings``)."""
@@ -306,8 +337,7 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
             console.print(f"{label:32} {path}", markup=False)  # --out is the user's
         console.print(f"demo finished in {time.monotonic() - started:.1f} s")
         console.rule("see it in your browser")
-        console.print(f"SELFIE_LORA_HOME={settings.home} .venv/bin/selfie-lora serve",
-                      markup=False)
+        print_serve_command(console, settings.home)
         console.print("then open http://127.0.0.1:8000 and sign in as [bold]demo[/bold]")
         console.print(f"password: [bold]{password}[/bold]")
     finally:

@@ -5,13 +5,24 @@ embedded defaults, whatever the environment says."""
 
 from __future__ import annotations
 
+import io
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from selfie_lora.cli import app
-from selfie_lora.demo import DEMO_MARKER, DemoFolderError, demo_settings, prepare_demo_folder
+from selfie_lora.demo import (
+    DEMO_MARKER,
+    DemoFolderError,
+    demo_settings,
+    prepare_demo_folder,
+    print_serve_command,
+    running_executable,
+)
 
 
 def what_a_demo_leaves(out: Path) -> None:
@@ -118,3 +129,40 @@ def test_a_demo_run_again_while_its_serve_runs_is_refused_and_changes_nothing(
         assert (out / "home" / "selfie-lora.db").read_bytes() == b"demo"
     prepare_demo_folder(out)  # the serve stopped: the demo replaces its folder again
     assert sorted(p.name for p in out.iterdir()) == [DEMO_MARKER]
+
+
+def _fake_selfie_lora(folder: Path) -> Path:
+    """An executable that prints the SELFIE_LORA_HOME it got and its arguments, one a line."""
+    folder.mkdir(parents=True)
+    exe = folder / "selfie-lora"
+    exe.write_text('#!/bin/sh\nprintf "%s\\n" "$SELFIE_LORA_HOME" "$@"\n')
+    exe.chmod(0o755)
+    return exe
+
+
+def test_the_serve_line_pastes_into_a_shell_with_a_space_and_an_accent_in_the_paths(
+        tmp_path: Path) -> None:
+    home = tmp_path / "demo out ü" / "home"
+    exe = _fake_selfie_lora(tmp_path / "my bin é")
+    text = io.StringIO()
+    # A narrow terminal: the line must not be wrapped either.
+    print_serve_command(Console(file=text, width=30), home, argv0=str(exe))
+    line = text.getvalue().strip()
+    assert "\n" not in line
+    assert shlex.split(line) == [f"SELFIE_LORA_HOME={home}", str(exe), "serve"]
+    assert subprocess.run(["bash", "-n", "-c", line], check=False).returncode == 0
+    # Pasted from another folder: the executable is found and gets the home as one value.
+    ran = subprocess.run(["bash", "-c", line], cwd=tmp_path, capture_output=True, text=True,
+                         check=True)
+    assert ran.stdout.splitlines() == [str(home), "serve"]
+
+
+def test_the_serve_line_names_an_absolute_executable_even_when_run_by_a_relative_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    exe = _fake_selfie_lora(tmp_path / "venv" / "bin")
+    monkeypatch.chdir(tmp_path)
+    named = running_executable("venv/bin/selfie-lora")
+    assert named == str(exe)
+    # Run as `python -m` (argv[0] is a .py file): still an executable that exists.
+    fallback = running_executable(str(tmp_path / "cli.py"))
+    assert fallback == "selfie-lora" or (Path(fallback).is_absolute() and Path(fallback).is_file())
