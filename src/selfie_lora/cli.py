@@ -680,7 +680,9 @@ def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> N
     """Run the training here until it ends and say how it ended (exit 1 unless it succeeded)."""
     from selfie_lora.worker import start_embedded
 
-    worker = start_embedded(services, threads=1)
+    # Its own training only: other users' queued trainings wait for a serve or worker, not
+    # for this command (which would otherwise take N trainings' time and hand theirs back).
+    worker = start_embedded(services, threads=1, only=training_id)
     try:
         final = follow_training(
             lambda: services.training.progress(user=owner, training_id=training_id).training)

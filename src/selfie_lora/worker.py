@@ -68,6 +68,27 @@ class MessageSource(Protocol):
     def next_training(self) -> str | None: ...
 
 
+class OneTraining:
+    """A message source that rings for one training only: the worker inside
+    ``selfie-lora train`` runs the training that command queued, never another user's training
+    waiting in the shared queue (which a ``serve`` or ``worker`` takes). It rings at most once
+    every ``every`` seconds: a message is only a doorbell, so a ring for a training that another
+    worker holds, or that has ended, does nothing, and one its holder stepped away from is
+    claimed again. The queue's own message for it stays, and does nothing once it has ended."""
+
+    def __init__(self, training_id: str, *, every: float = 1.0) -> None:
+        self.training_id = training_id
+        self._every = every
+        self._last: float | None = None
+
+    def next_training(self) -> str | None:
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self._every:
+            return None
+        self._last = now
+        return self.training_id
+
+
 @dataclass
 class Identity:
     """A worker's stable name, and the lock that makes it this process's alone."""
@@ -248,11 +269,12 @@ class Worker:
 
 
 def start_embedded(services: Services, *, consume: bool = True, threads: int | None = None,
-                   collect_garbage: bool = False) -> Worker:
+                   collect_garbage: bool = False, only: str | None = None) -> Worker:
     """A worker inside another process (``serve``, ``train``): its consumer threads and
     reconciler, started. ``consume=False``: the reconciler only (``serve --no-worker``).
     ``collect_garbage``: also the garbage collection thread (``serve``'s worker; not the
-    short-lived ones of ``train`` and the demo)."""
+    short-lived ones of ``train`` and the demo). ``only``: run that training alone, not the
+    queue (``train``: one training's time, and a Ctrl-C hands back only its own)."""
     # Every process that serves or works on the data starts here or in run_worker: the store is
     # bound to its database before any collection could run with another one.
     services.operations.bind_deployment()
@@ -260,7 +282,8 @@ def start_embedded(services: Services, *, consume: bool = True, threads: int | N
     if consume:
         services.training.owner = identity.name
         services.gc.owner = identity.name
-    worker = Worker(training=services.training, queue=services.queue, identity=identity,
+    queue: MessageSource = services.queue if only is None else OneTraining(only)
+    worker = Worker(training=services.training, queue=queue, identity=identity,
                     threads=(threads or services.settings.worker_threads) if consume else 0,
                     reconcile_seconds=services.settings.reconcile_seconds,
                     gc=services.gc if collect_garbage else None)
