@@ -196,14 +196,22 @@ def _start_failure(settings: Settings, exc: Exception) -> str | None:
 
 
 @contextmanager
-def opened(*, label: str = "error", **build: Any) -> Iterator[Services]:
+def opened(*, label: str = "error", existing: str | None = None,
+           **build: Any) -> Iterator[Services]:
     """The services for one command, closed after it; what stops them being built is one line
     (``_starting``), and an error of ours in the command becomes its message on stderr (with its
-    details) and exit status 1."""
+    details) and exit status 1. ``existing``: a command that only reads (``gc --dry-run``,
+    ``users list``) refuses a HOME with no database, in one line starting with that text and
+    exit status 1, as ``backup`` does, instead of making a new, empty one there that a later
+    ``serve`` from that folder would use."""
     from selfie_lora.wiring import build_services
 
     settings = _settings()
-    fresh = settings.database_url is None and not (settings.home / "selfie-lora.db").exists()
+    missing = settings.missing_database()
+    # A file where HOME should be is said by ``_starting``, more precisely.
+    if existing is not None and missing is not None and _file_in_the_way(settings.home) is None:
+        _fail(f"{existing}: {missing}")
+    fresh = missing is not None
     with _starting(settings):
         services = build_services(settings, **build)
     if fresh:
@@ -426,7 +434,7 @@ def keys_list(
     from selfie_lora.api.serializers import api_key_json
     from selfie_lora.services.common import utcnow
 
-    with opened(trainers={}, generators={}) as services:
+    with opened(existing="no keys to list", trainers={}, generators={}) as services:
         owner = services.users.get_by_name(name=user)
         keys = services.users.keys(user=owner)
     now = utcnow()
@@ -515,7 +523,8 @@ def gc_cmd(
     SELFIE_LORA_GC_DATASET_DAYS), generations past SELFIE_LORA_GC_GENERATION_DAYS, work folders
     of ended trainings, orphaned blobs. Never a version's weights, nor the photos of a dataset
     any training used."""
-    with opened(label="gc", trainers={}, generators={}) as services:
+    with opened(label="gc", existing="nothing to collect" if dry_run else None,
+                trainers={}, generators={}) as services:
         try:
             with _terminate_as_interrupt():
                 summary = services.gc.collect(dry_run=dry_run, force=force)
@@ -1070,7 +1079,7 @@ def users_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Every user: created, working API keys, web password, disabled."""
-    with opened(trainers={}, generators={}) as services:
+    with opened(existing="no users to list", trainers={}, generators={}) as services:
         found = services.users.list_users()
     if as_json:
         sys.stdout.write(json.dumps([

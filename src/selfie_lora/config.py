@@ -54,6 +54,8 @@ from selfie_lora.errors import InvalidInputError
 
 # The queue's name in its storage unless SELFIE_LORA_QUEUE_NAME says another.
 DEFAULT_QUEUE_NAME = "selfie-lora"
+# The SQLite database in HOME (the default deployment's).
+DATABASE_FILE = "selfie-lora.db"
 _QUEUE_NAME = re.compile(r"[A-Za-z0-9_]{1,64}")
 # SELFIE_LORA_DEVICE's form, checked without torch (importing it costs seconds, and every
 # command loads the settings); whether torch sees that device is asked where it is used
@@ -518,7 +520,15 @@ class Settings(BaseSettings):
 
     @property
     def effective_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.home / 'selfie-lora.db').resolve()}"
+        return self.database_url or f"sqlite:///{(self.home / DATABASE_FILE).resolve()}"
+
+    def missing_database(self) -> str | None:
+        """Why there is no data here to read: the SQLite database in HOME is not there (a
+        mistyped SELFIE_LORA_HOME, a command run from another folder). None when it is, or with
+        SELFIE_LORA_DATABASE_URL (a server's database is never made by a command)."""
+        if self.database_url is None and not (self.home / DATABASE_FILE).exists():
+            return f"no database in {self.home} (SELFIE_LORA_HOME)"
+        return None
 
     @property
     def effective_queue_url(self) -> str:

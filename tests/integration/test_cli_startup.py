@@ -148,7 +148,8 @@ def test_a_setting_set_to_nothing_is_unset(tmp_path: Path,
     # An env file's `SELFIE_LORA_SECRET_KEY=` (or `=${UNSET}`) stopped every command once the
     # key's length was checked, though only the web app uses it.
     env({"SELFIE_LORA_SECRET_KEY": "", "SELFIE_LORA_TRAINER_VERSION": ""})
-    result = CliRunner().invoke(app, ["gc", "--dry-run"])
+    # A command that makes the database (gc --dry-run refuses a HOME without one).
+    result = CliRunner().invoke(app, ["users", "create", "ann"])
     assert result.exit_code == 0, result.output
     assert get_settings().secret_key is None
     assert get_settings().trainer_version is None
@@ -234,3 +235,18 @@ def test_a_storage_that_does_not_look_like_this_database_s_is_left_unbound_in_on
         "not binding the storage to this database: this database names no upload and no "
         "version, yet it holds photos or weights"), result.output
     assert not (tmp_path / "home" / "blobs" / "deployment.json").exists()
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["gc", "--dry-run"], "nothing to collect"),
+    (["users", "list", "--json"], "no users to list"),
+    (["users", "keys", "list", "ann"], "no keys to list"),
+], ids=["gc-dry-run", "users-list", "keys-list"])
+def test_a_command_that_only_reads_makes_no_data_folder_where_there_is_none(
+        home: Path, argv: list[str], said: str) -> None:
+    """A mistyped SELFIE_LORA_HOME, or the wrong folder: one line and exit status 1, as backup
+    says it, and nothing made there (which a later serve from that folder would use)."""
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == f"error: {said}: no database in {home} (SELFIE_LORA_HOME)"
+    assert not home.exists()
