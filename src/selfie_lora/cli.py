@@ -742,20 +742,35 @@ def _hand_back_on_interrupt(services: Services, worker: Worker, *, owner: Any,
         err_console.print(f"training {t.id} {t.status} before it could be handed back",
                           highlight=False)
         return
-    err_console.print(handed_back_message(t), highlight=False, soft_wrap=True)
+    try:
+        kept = services.training.checkpoint_step(training_id=t.id)
+    except SelfieLoraError:  # the storage cannot be listed now: say nothing of checkpoints
+        kept = -1
+    err_console.print(handed_back_message(t, checkpoint_step=kept), highlight=False,
+                      soft_wrap=True)
 
 
-def handed_back_message(t: Training) -> str:
-    """What a training handed back by Ctrl-C waits for, and who goes on with it."""
+def handed_back_message(t: Training, *, checkpoint_step: int | None) -> str:
+    """What a training handed back by Ctrl-C waits for, and who goes on with it.
+    ``checkpoint_step``: its newest kept checkpoint's step, None with none, -1 when unknown."""
+    # Its status as a refusal of 'train' or 'resume' names it afterwards ("starting at step
+    # 0/40"), and "waits in the queue" as they say it: one training, one word for its state.
+    at = f" at step {t.step}/{t.total_steps}" if t.total_steps > 0 else ""
     # Its child can finish the last steps while the command winds down: then the new version is
     # stored and only its scoring is left, with no checkpoint to continue from.
     if t.version_id is not None:
-        where, goes_on = "its version stored, to be scored", "scores it and ends it"
+        where, goes_on = ", its version stored, to be scored", "scores it and ends it"
+    elif checkpoint_step is None:
+        # Stopped before its first checkpoint: nothing was kept, the next run starts over.
+        where, goes_on = ", no checkpoint yet", "starts it over from step 0"
+    elif checkpoint_step < 0:
+        where, goes_on = "", "continues it"
     else:
-        where = f"at step {t.step}/{t.total_steps}, its checkpoints kept"
-        goes_on = "continues it from its last checkpoint"
-    return (f"training {t.id} is queued {where}: any 'selfie-lora worker' or 'selfie-lora serve' "
-            f"on this data {goes_on} (follow it in the web app or GET /api/training/progress)")
+        where = f", its checkpoint of step {checkpoint_step} kept"
+        goes_on = "continues it from that checkpoint"
+    return (f"training {t.id} ({t.status}{at}{where}) waits in the queue: any 'selfie-lora "
+            f"worker' or 'selfie-lora serve' on this data {goes_on} (follow it in the web app "
+            "or GET /api/training/progress)")
 
 
 @app.command()

@@ -123,7 +123,9 @@ def test_ctrl_c_or_sigterm_mid_training_hands_it_back_with_its_checkpoints(
         assert train.returncode == (130 if sig is signal.SIGINT else 143), out + err
         assert "Traceback" not in err
         assert "KeyboardInterrupt" not in err
-        assert f"training {t.id} is queued" in " ".join(err.split())
+        said_back = " ".join(err.split())
+        assert f"training {t.id} ({t.status} at step " in said_back
+        assert "kept) waits in the queue" in said_back
         assert t.status in (TrainingStatus.STARTING, TrainingStatus.PROCESSING), t
         assert t.lease_owner is None
         assert 10 <= t.step < 40, t  # stopped mid-way, not at the end

@@ -18,13 +18,25 @@ _TRAINING = Training(
 
 
 def test_a_training_handed_back_mid_way_continues_from_its_checkpoint() -> None:
-    message = handed_back_message(_TRAINING)
-    assert "at step 20/40, its checkpoints kept" in message
-    assert "continues it from its last checkpoint" in message
+    message = handed_back_message(_TRAINING, checkpoint_step=20)
+    assert "(processing at step 20/40, its checkpoint of step 20 kept) waits in the queue" \
+        in message
+    assert "continues it from that checkpoint" in message
+
+
+def test_a_training_handed_back_before_its_first_checkpoint_claims_none() -> None:
+    # The status as the refusals of train and resume name it afterwards ("starting at step
+    # 0/40"), and no checkpoint claimed where none was written.
+    starting = dataclasses.replace(_TRAINING, status=TrainingStatus.STARTING, step=0)
+    message = handed_back_message(starting, checkpoint_step=None)
+    assert "(starting at step 0/40, no checkpoint yet) waits in the queue" in message
+    assert "starts it over from step 0" in message
+    assert "kept" not in message
+    assert "is queued" not in message
 
 
 def test_a_training_whose_child_finished_while_handed_back_is_only_scored() -> None:
     done = dataclasses.replace(_TRAINING, step=40, version_id="v1")
-    message = handed_back_message(done)
+    message = handed_back_message(done, checkpoint_step=40)
     assert "its version stored, to be scored" in message
     assert "checkpoint" not in message

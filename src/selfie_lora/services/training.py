@@ -534,6 +534,12 @@ class TrainingService:
                            "%s", dataset.id, exc.message)
             return None
 
+    def checkpoint_step(self, *, training_id: str) -> int | None:
+        """The step of the newest checkpoint kept for the training, None when none is (it has
+        not reached its first one): what a hand-back can truthfully say it continues from."""
+        latest = self._checkpoints.latest(training_id)
+        return None if latest is None else latest.step
+
     def progress(self, *, user: User, training_id: str | None = None) -> TrainingView:
         """The user's training (default: the latest) with its version once stored."""
         found = self._repo.get_user_training(user.id, training_id)
