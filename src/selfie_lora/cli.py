@@ -31,7 +31,13 @@ from selfie_lora.domain.entities import Finding, GateStatus, Training
 from selfie_lora.domain.lease import lease_is_live
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
-from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, SelfieLoraError
+from selfie_lora.errors import (
+    ConflictError,
+    ErrorCode,
+    InvalidInputError,
+    NoModelError,
+    SelfieLoraError,
+)
 from selfie_lora.logs import setup_logging
 from selfie_lora.outputs import write_whole
 
@@ -218,6 +224,11 @@ def opened(*, label: str = "error", existing: str | None = None,
         _say_new_home(settings)
     try:
         yield services
+    except NoModelError as exc:
+        # The service's words are the user's ("upload photos", in the web app); here an operator
+        # reads them, and the command line's way to start a model is `train`.
+        _fail(f"{exc.user} has no model yet: run 'selfie-lora train PATH --user {exc.user}' "
+              "to start one", label=label)
     except SelfieLoraError as exc:
         _fail(exc.message, label=label, details=exc.details)
     finally:
@@ -1133,7 +1144,8 @@ def users_enable(name: str) -> None:
 # How to go on after a training stopped ``users delete``, in this command's words (the service's
 # message says what happened; the API and the web page say it in theirs).
 _ERASURE_REMEDY = {
-    "active": "; cancel it first, or pass --force to cancel it and delete",
+    # The command line has no cancel of its own: --force is how it cancels.
+    "active": "; pass --force to cancel it and delete",
     "started": ": run again with --force to cancel it and delete",
     "stopping": ": run the command again once it has (the account stays disabled)",
 }

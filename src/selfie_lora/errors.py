@@ -180,6 +180,19 @@ class NotFoundError(SelfieLoraError):
     http_status = 404
 
 
+NO_MODEL = "you have no model yet: upload photos to start one"
+
+
+class NoModelError(NotFoundError):
+    """The user has no model (before their first upload). The message speaks to the user, as
+    the API and the web do; ``user``, the account's name, lets the command line say it to an
+    operator and name its own command instead."""
+
+    def __init__(self, *, user: str) -> None:
+        super().__init__(NO_MODEL)
+        self.user = user
+
+
 class AuthError(SelfieLoraError):
     code = ErrorCode.UNAUTHORIZED
     http_status = 401

@@ -110,3 +110,18 @@ def test_piped_lines_a_script_reads_are_never_wrapped(tmp_path: Path) -> None:
     lines = run("users", "keys", "create", "ann", "--name", "ci")
     [key_line] = [line for line in lines if line.startswith("API key")]
     assert "sl_" in key_line, lines
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "hi", "--user", "bob", "--out", "{out}"], ["export", "--user", "bob"],
+    ["compare", "--user", "bob"], ["resume", "--user", "bob"]],
+    ids=["generate", "export", "compare", "resume"])
+def test_a_user_with_no_model_is_told_to_the_operator_with_the_train_command(
+        cli: CliRunner, tmp_path: Path, argv: list[str]) -> None:
+    """The service's words are the user's ('upload photos', as the web app says them); the
+    command line names whose model is missing and its own command to start one."""
+    assert cli.invoke(app, ["users", "create", "bob"]).exit_code == 0
+    result = cli.invoke(app, [a.replace("{out}", str(tmp_path)) for a in argv])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == ("error: bob has no model yet: run 'selfie-lora train PATH "
+                                     "--user bob' to start one")

@@ -187,6 +187,8 @@ def test_a_training_running_refuses_without_force_and_force_cancels_it(
     assert code == 1, said
     assert "training queued or running" in said
     assert "--force" in said
+    # Only what the command line offers: it has no command that cancels a training.
+    assert "cancel it first" not in said
     assert rows_of(services) == rows  # nothing changed, not even disabled
     # The API's own words: its parameter is "force": true, not the CLI's --force.
     r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "ann"})

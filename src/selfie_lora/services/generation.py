@@ -23,12 +23,14 @@ from selfie_lora.domain.plan import (
 )
 from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import (
+    NO_MODEL,
     BlobMissingError,
     ConfigError,
     ConflictError,
     ErrorCode,
     GenerationError,
     InvalidInputError,
+    NoModelError,
     NotFoundError,
     RateLimitedError,
 )
@@ -53,7 +55,6 @@ DEFAULT_THREADS = 8
 _FIRST_RETRY_AFTER = 10
 _MAX_RETRY_AFTER = 300
 MAX_PROMPT_CHARS = 2000
-NO_MODEL = "you have no model yet: upload photos to start one"
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,7 @@ class GenerationService:
                                     code=ErrorCode.INVALID_NUM_OUTPUTS)
         model = self._repo.get_model_for_user(user.id)
         if model is None:
-            raise NotFoundError(NO_MODEL)
+            raise NoModelError(user=user.name)
         ref = request.version_id or model.active_version_id
         if ref is None:
             raise InvalidInputError(self._no_version(model.id).message, code=ErrorCode.NO_VERSION)

@@ -62,6 +62,7 @@ from selfie_lora.errors import (
     AlertDeliveryError,
     ErrorCode,
     InvalidInputError,
+    NoModelError,
     NotFoundError,
     SelfieLoraError,
     TrainingInterruptedError,
@@ -911,7 +912,7 @@ class LikenessService:
     def _model(self, user: User) -> Model:
         model = self._repo.get_model_for_user(user.id)
         if model is None:
-            raise NotFoundError("you have no model yet: upload photos to start one")
+            raise NoModelError(user=user.name)
         return model
 
     def _owned(self, user: User, version_id: str) -> tuple[Model, Version]:

@@ -25,6 +25,7 @@ from selfie_lora.errors import (
     ConflictError,
     ErrorCode,
     InvalidInputError,
+    NoModelError,
     NotFoundError,
 )
 from selfie_lora.services.common import utcnow
@@ -123,7 +124,7 @@ class ModelService:
         """``GET /api/model``: 404 before the first upload. One read of the database."""
         found = self._repo.get_model_overview(user.id)
         if found is None:
-            raise NotFoundError("you have no model yet: upload photos to start one")
+            raise NoModelError(user=user.name)
         model, active, record = found
         return ModelOverview(model=model, active=active, active_record=record)
 
@@ -390,7 +391,7 @@ def _users_model(repo: Repository, user: User, *, for_update: bool = False) -> M
     """The user's model (its row locked with ``for_update``, inside a transaction)."""
     model = repo.get_model_for_user(user.id, for_update=for_update)
     if model is None:
-        raise NotFoundError("you have no model yet: upload photos to start one")
+        raise NoModelError(user=user.name)
     return model
 
 

@@ -100,6 +100,7 @@ from selfie_lora.errors import (
     ErrorCode,
     InvalidInputError,
     LeaseLostError,
+    NoModelError,
     NotFoundError,
     SelfieLoraError,
     StorageError,
@@ -569,7 +570,7 @@ class TrainingService:
     def get(self, *, user: User, training_id: str | None) -> tuple[Training, Model]:
         model = self._repo.get_model_for_user(user.id)
         if model is None:
-            raise NotFoundError("you have no model yet: upload photos to start one")
+            raise NoModelError(user=user.name)
         if training_id is None:
             trainings = self._repo.list_trainings(model.id)
             if not trainings:
