@@ -118,6 +118,17 @@ def test_a_new_name_starts_and_ends_with_a_letter_or_digit(repo: SqlRepository, 
     assert "ends with a letter or digit" in refused.value.message
 
 
+@pytest.mark.parametrize("name", ["zoë", "jürgen", "ольга"])
+def test_a_name_with_a_letter_outside_ascii_is_refused_saying_ascii(
+        repo: SqlRepository, clock: Clock, name: str) -> None:
+    """'zoë' was refused by a message saying a name is letters, which ë is."""
+    svc = users(repo, clock)
+    with pytest.raises(InvalidInputError) as refused:
+        svc.create(name=name)
+    assert refused.value.code is ErrorCode.INVALID_NAME
+    assert "ASCII letters (a-z, A-Z)" in refused.value.message
+
+
 def test_names_with_punctuation_inside_and_names_made_before_keep_working(
         repo: SqlRepository, clock: Clock) -> None:
     svc = users(repo, clock)

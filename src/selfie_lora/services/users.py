@@ -175,8 +175,9 @@ class UserService:
         found acceptable."""
         if not _NAME.fullmatch(name):
             raise InvalidInputError(
-                "a user name is 1-100 letters, digits, '_', '.', '@' or '-', and starts and ends "
-                "with a letter or digit", code=ErrorCode.INVALID_NAME)
+                # "ASCII": 'zoë' was refused by a message that said letters were allowed.
+                "a user name is 1-100 ASCII letters (a-z, A-Z), digits, '_', '.', '@' or '-', "
+                "and starts and ends with a letter or digit", code=ErrorCode.INVALID_NAME)
         # The name before the password: a taken name is one cheap query, and hashing first cost
         # every such attempt a full Argon2 hash (its time and memory) for nothing.
         existing = self._repo.get_user_by_name(name)  # whatever its case
