@@ -129,7 +129,10 @@ def test_ctrl_c_or_sigterm_mid_training_hands_it_back_with_its_checkpoints(
         assert t.status in (TrainingStatus.STARTING, TrainingStatus.PROCESSING), t
         assert t.lease_owner is None
         assert 10 <= t.step < 40, t  # stopped mid-way, not at the end
-        assert services.queue.pending() == 1  # any worker continues it
+        # Any worker continues it: the command's own worker never took the message the
+        # training was queued with (it runs only its own training), and the hand-back rings
+        # again; a ring for a training already held or ended does nothing.
+        assert services.queue.queued_training_ids() == {t.id}
         assert list((home / "blobs" / "checkpoints" / t.id).glob("step-*.ckpt")), err
         again = subprocess.run([CLI, "train", str(photos), "--user", "ann"], env=env,
                                capture_output=True, text=True, timeout=120, check=False)
