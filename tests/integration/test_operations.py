@@ -117,6 +117,30 @@ def test_the_guard_s_own_refusals_are_counted_by_code_and_route(client: TestClie
     assert value(found, histogram, method="GET", route="(unmatched)", status="401") == 0
 
 
+def test_a_body_cut_off_mid_stream_is_counted_once_by_its_code(client: TestClient,
+                                                                services: Services) -> None:
+    """A chunked body (no Content-Length) over the limit is refused by the guard while it
+    streams; the app's body reading then fails with an answer that is never sent, and was
+    counted as an ``http_error`` besides the guard's ``body_too_large``."""
+    h = auth(services, "ann")
+    size = services.settings.max_json_bytes + 10
+
+    def chunks() -> Iterator[bytes]:
+        yield b"{"
+        for _ in range(size // 1000 + 1):
+            yield b" " * 1000
+        yield b"}"
+
+    big = client.post("/api/keys", headers={**h, "Content-Type": "application/json"},
+                      content=chunks())
+    assert big.status_code == 413
+    assert big.json()["error"]["code"] == "body_too_large"
+    found = samples(client.get("/metrics").text)
+    errors = {labels: count for (name, labels), count in found.items()
+              if name == "selfie_lora_api_errors_total" and count}
+    assert errors == {(("code", "body_too_large"),): 1}
+
+
 def test_a_made_up_method_is_counted_as_other(client: TestClient) -> None:
     """The method is the client's to choose: each made-up one would be a new series for ever."""
     for i in range(20):

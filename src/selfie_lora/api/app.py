@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from selfie_lora.api import account, generation, keys, likeness, model, training, webhooks
 from selfie_lora.api.deps import in_thread, intake_limiter, upload_slots
 from selfie_lora.api.error_body import error_response
-from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits
+from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits, guard_answered
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.api.stopping import ServerStopping
@@ -167,6 +167,13 @@ def create_app(
         *(route for route in app.router.routes if isinstance(route, APIRoute)),
         *(route for router in (*api_routers, pages.router) for route in router.routes)])
 
+    def count(request: Request, code: ErrorCode) -> None:
+        """Counts an error answer of the app's handlers, but not one to a request the guard
+        already answered mid-body (a 413 or 408): the guard counted that answer, and this one
+        is dropped (without this, each such 413 was counted again as an ``http_error``)."""
+        if not guard_answered(request.scope.get("state", {})):
+            svc.operations.record_error(code=code)
+
     @app.exception_handler(SignInRequired)
     async def _sign_in(request: Request, exc: SignInRequired) -> Response:
         return page_error_response(web, request, exc)
@@ -177,7 +184,7 @@ def create_app(
             return Response(status_code=exc.http_status)
         if is_page(request.url.path):
             return await in_thread(lambda: page_error_response(web, request, exc))
-        svc.operations.record_error(code=exc.code)
+        count(request, exc.code)
         if exc.http_status >= 500:
             # The error's words name the server's paths or the storage's endpoint: the log has
             # them, the client a fixed sentence and the reference of that log line.
@@ -201,7 +208,7 @@ def create_app(
                 loc = nameless[0]
                 part = (f"part {loc[2] + 1} of 'files'" if len(loc) > 2
                         and isinstance(loc[2], int) else f"the '{loc[1]}' part")
-                svc.operations.record_error(code=ErrorCode.INVALID_REQUEST)
+                count(request, ErrorCode.INVALID_REQUEST)
                 return error_response(422, ErrorCode.INVALID_REQUEST,
                               training.nameless_part(request.url.path, part), details)
         if is_page(request.url.path):
@@ -210,7 +217,7 @@ def create_app(
                 for d in details)
             return await in_thread(lambda: web.error_page(request, 422, message,
                                                           ErrorCode.INVALID_REQUEST))
-        svc.operations.record_error(code=ErrorCode.INVALID_REQUEST)
+        count(request, ErrorCode.INVALID_REQUEST)
         return error_response(422, ErrorCode.INVALID_REQUEST, "the request is not valid", details)
 
     @app.exception_handler(StarletteHTTPException)
@@ -219,7 +226,7 @@ def create_app(
                 and str(exc.detail).startswith("Part exceeded maximum size")):
             # The form parser's refusal of a text field over 1 MB: on the upload routes the
             # only text field is ``start``, so this is a photo sent without a filename.
-            svc.operations.record_error(code=ErrorCode.INVALID_REQUEST)
+            count(request, ErrorCode.INVALID_REQUEST)
             return error_response(422, ErrorCode.INVALID_REQUEST,
                           training.nameless_part(request.url.path, "a part of the upload"), [])
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
@@ -232,7 +239,7 @@ def create_app(
             return await in_thread(lambda: web.error_page(
                 request, exc.status_code, message, code,
                 reference=server.reference if server is not None else None))
-        svc.operations.record_error(code=code)
+        count(request, code)
         if server is not None:
             return error_response(exc.status_code, code, server.message, server.details)
         return error_response(exc.status_code, code, str(exc.detail))
@@ -242,7 +249,7 @@ def create_app(
         if is_page(request.url.path):
             return await in_thread(lambda: unexpected_page_error(web, request, exc))
         answer = report_server_error(exc, method=request.method, path=request.url.path)
-        svc.operations.record_error(code=ErrorCode.INTERNAL_ERROR)
+        count(request, ErrorCode.INTERNAL_ERROR)
         return error_response(500, ErrorCode.INTERNAL_ERROR, answer.message, answer.details)
 
     def openapi() -> dict[str, Any]:

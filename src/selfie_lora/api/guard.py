@@ -55,6 +55,10 @@ class Limits:
     min_body_rate: int
 
 
+# The key in ``scope["state"]`` set once the guard has answered a request mid-body.
+GUARD_ANSWERED = "guard_answered"
+
+
 class _Stop(Exception):  # noqa: N818 - a control-flow signal inside one request, never surfaced
     """The guard already answered this request; the app must stop reading its body."""
 
@@ -125,6 +129,10 @@ class Guard:
             nonlocal answered
             if not answered:
                 answered = True
+                # Before ``_Stop``: the app's body reading turns it into an error of its own
+                # (FastAPI's 400 "error parsing the body"), whose answer is dropped below and
+                # must not be counted by the app's handlers as well (``guard_answered``).
+                scope.setdefault("state", {})[GUARD_ANSWERED] = True
                 self._count(path, code)
                 await _answer(send, status, code, message)
             raise _Stop
@@ -235,6 +243,12 @@ async def _answer(send: Send, status: int, code: ErrorCode, message: str, *,
         headers.append((b"www-authenticate", b"Bearer"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def guard_answered(scope_state: dict[str, Any]) -> bool:
+    """Whether the guard already answered this request (and counted its answer): whatever the
+    app answers after that is dropped, so it is not an answer to count."""
+    return scope_state.get(GUARD_ANSWERED) is True
 
 
 def user_of(scope_state: dict[str, Any]) -> User | None:
