@@ -218,6 +218,22 @@ def test_a_drop_in_face_share_without_reference_faces_is_worded_and_drawn_as_sco
     assert rig.model(ann).active_version_id == v1.id
 
 
+def test_a_version_held_on_face_share_shows_its_change_on_the_versions_page(rig: Rig) -> None:
+    """The Versions page keyed the change on the identity alone: a version the gate held on
+    the face share (training photos without a face) showed "-" and its score as "scored"."""
+    faceless = no_face()
+    ann = rig.user()
+    rig.train(ann, photos=faceless)
+    generator_of(rig).photos = no_face()
+    v2 = rig.train(ann, photos=faceless)
+    assert v2.gate_status is GateStatus.HELD
+    rows = version_rows(rig.models.versions_with_likeness(user=ann),
+                        active_version_id=rig.model(ann).active_version_id, photos={})
+    changes = {row["version"].number: row["change"] for row in rows}
+    assert changes == {2: "-100% faces vs v1", 1: None}
+    assert {row["version"].number: row["faces"] for row in rows} == {2: 0.0, 1: 1.0}
+
+
 def test_the_probe_set_is_fixed_per_model_and_each_model_has_its_own(rig: Rig) -> None:
     ann, bob = rig.user("ann"), rig.user("bob")
     generator = generator_of(rig)

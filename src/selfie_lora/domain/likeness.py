@@ -29,7 +29,7 @@ import enum
 import math
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -407,6 +407,30 @@ def decide_gate(
         f"the training photos have no face to measure identity against; faces appear in "
         f"{candidate.face_share:.0%} of {v}'s probe images against {baseline.face_share:.0%} for "
         f"{active}: it is active"), details)
+
+
+class GateMeasure(enum.StrEnum):
+    """The score the gate compares, named as in ``IdentityScores.headline``."""
+
+    IDENTITY = "identity"
+    FACE_SHARE = "face_share"
+
+
+def gate_measure(*scores: Mapping[str, Any] | None) -> GateMeasure:
+    """Which score the gate compared for versions with these headline scores (one version's,
+    or the two sides of a verdict): the identity, or the face share when none has an identity
+    and one has a face share (training photos without a face, as ``decide_gate`` falls back).
+    The one rule for everything that shows the gate's measure (the alert, the chart, the
+    Versions page), so that none keys on the identity alone and calls a scored version "not
+    scored"."""
+    def has(score: Mapping[str, Any] | None, name: str) -> bool:
+        value = score.get(name) if score is not None else None
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    if (not any(has(score, GateMeasure.IDENTITY) for score in scores)
+            and any(has(score, GateMeasure.FACE_SHARE) for score in scores)):
+        return GateMeasure.FACE_SHARE
+    return GateMeasure.IDENTITY
 
 
 # --------------------------------------------------------------------------- the record

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from selfie_lora.domain.likeness import GateMeasure, gate_measure
 from selfie_lora.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -43,7 +44,9 @@ def held_at(point: ChartPoint) -> float | None:
     """Where a held version's ring goes: at its identity, or, when the training photos have no
     face (no identity, the gate compared the face share), at its face share; None only when it
     has no scores at all (it gets the cross instead)."""
-    for value in (point.identity, point.face_share, point.identity_nearest, point.sane_share):
+    measured: dict[str, float | None] = {GateMeasure.IDENTITY: point.identity,
+                                         GateMeasure.FACE_SHARE: point.face_share}
+    for value in (measured[gate_measure(measured)], point.identity_nearest, point.sane_share):
         if value is not None:
             return value
     return None

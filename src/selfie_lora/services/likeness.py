@@ -30,7 +30,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,12 +45,14 @@ from selfie_lora.domain.likeness import (
     KEPT_NOT_ACTIVATED,
     PROBE_LORA_SCALE,
     Embedding,
+    GateMeasure,
     IdentityScores,
     LikenessStatus,
     ProbeResult,
     VersionLikeness,
     baseline_no_longer_active,
     decide_gate,
+    gate_measure,
     held_but_user_activated,
     nothing_to_beat_reason,
     probes_for_existing_model,
@@ -173,14 +175,16 @@ def _score(scores: object, name: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def _headline(scores: object) -> Mapping[str, Any] | None:
+    return scores if isinstance(scores, dict) else None
+
+
 def alert_text(*, user_name: str, version_number: int, baseline_number: int | None,
                before: object, after: object, tolerance: float, message: str,
                url: str | None) -> str:
     """A held-back version's alert as a person reads it in a chat: whose, which versions, the
     likeness before and after, why, and where to look."""
-    if (_score(after, "identity") is None and _score(before, "identity") is None
-            and (_score(after, "face_share") is not None
-                 or _score(before, "face_share") is not None)):
+    if gate_measure(_headline(before), _headline(after)) is GateMeasure.FACE_SHARE:
         # Training photos without a face: no identity on either side, the gate compared the
         # face share. Scored versions are worded by it, never as "not scored".
         measure, unit = "faces in", " of probes"

@@ -17,7 +17,7 @@ from selfie_lora.api.deps import finished, in_intake, in_thread, upload_slot
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
-from selfie_lora.domain.likeness import VersionLikeness
+from selfie_lora.domain.likeness import GateMeasure, VersionLikeness, gate_measure
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN, validate_lora_scale
 from selfie_lora.domain.progress import time_left
 from selfie_lora.domain.versions import find_version
@@ -558,27 +558,37 @@ def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
     names it: "-0.015 vs v1"."""
     rows = []
     for version, record in versions:
-        identity = (record.scores.headline().get("identity")
+        headline = (record.scores.headline()
                     if record is not None and record.scores is not None else None)
-        delta = _gate_change(version.gate_details)
+        identity = headline.get("identity") if headline is not None else None
+        # Training photos without a face: no identity, the version is shown by its face share.
+        faces = (headline.get("face_share") if headline is not None
+                 and gate_measure(headline) is GateMeasure.FACE_SHARE else None)
+        gate = _gate_change(version.gate_details)
+        delta = gate[1] if gate is not None else None
         against = version.gate_details.get("baseline_version_number")
-        change = (None if delta is None
-                  else f"{delta:+.3f} vs v{against}" if isinstance(against, int)
-                  else f"{delta:+.3f}")
+        shown = (None if gate is None
+                 else f"{gate[1]:+.0%} faces" if gate[0] is GateMeasure.FACE_SHARE
+                 else f"{gate[1]:+.3f}")
+        change = (None if shown is None
+                  else f"{shown} vs v{against}" if isinstance(against, int) else shown)
         rows.append({"version": version, "record": record, "identity": identity,
-                     "delta": delta, "change": change,
+                     "faces": faces, "delta": delta, "change": change,
                      "active": active_version_id == version.id,
                      "photos": photos.get(version.id)})
     return rows
 
 
-def _gate_change(details: Mapping[str, Any]) -> float | None:
+def _gate_change(details: Mapping[str, Any]) -> tuple[GateMeasure, float] | None:
+    """The gate's measure and this version's change in it: the identity, or the face share when
+    the training photos have no face (a version held on that showed no change at all)."""
     before, after = details.get("before"), details.get("after")
     if not isinstance(before, dict) or not isinstance(after, dict):
         return None  # nothing to beat (a first version), or not scored
-    old, new = before.get("identity"), after.get("identity")
+    measure = gate_measure(before, after)
+    old, new = before.get(measure), after.get(measure)
     if isinstance(old, int | float) and isinstance(new, int | float):
-        return float(new) - float(old)
+        return measure, float(new) - float(old)
     return None
 
 
