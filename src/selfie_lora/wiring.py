@@ -140,16 +140,20 @@ def default_webhooks(settings: Settings) -> WebhookVerifier | None:
 _unsigned_webhooks_said = threading.Event()
 
 
-def default_webhook_url(settings: Settings) -> str | None:
+def default_webhook_url(settings: Settings, *, replicate_trainer: bool) -> str | None:
     """Where Replicate sends a training's webhooks: only with both ``SELFIE_LORA_PUBLIC_URL``
     and ``SELFIE_LORA_WEBHOOK_SECRET``. The public URL alone (set for the alerts' links) gave
     every training a webhook this server answers 401 (nothing to verify it with), retried by
     Replicate for a minute: the access log filled with what looks like an attack. Without the
-    secret the worker polls alone, and a Replicate backend says why once per process."""
+    secret the worker polls alone, and a Replicate backend says why once per process, only
+    where a Replicate trainer was built (``replicate_trainer``: serve, worker, train): the URL
+    alone is a normal setup, and every other command (users, gc, backup: no trainer) printing
+    a warning on stderr had cron mail it each run."""
     if not settings.public_url:
         return None
     if settings.webhook_secret is None:
-        if settings.trainer == "replicate" and not _unsigned_webhooks_said.is_set():
+        if (replicate_trainer and settings.trainer == "replicate"
+                and not _unsigned_webhooks_said.is_set()):
             _unsigned_webhooks_said.set()
             logger.warning("SELFIE_LORA_PUBLIC_URL is set but SELFIE_LORA_WEBHOOK_SECRET is not: "
                            "Replicate trainings are sent no webhook (this server could not "
@@ -344,7 +348,8 @@ def build_services(
     chosen_trainers = dict(trainers) if trainers is not None else default_trainers(settings)
     chosen_generators = (dict(generators) if generators is not None
                          else default_generators(settings))
-    webhook_url = default_webhook_url(settings)
+    webhook_url = default_webhook_url(
+        settings, replicate_trainer="replicate" in chosen_trainers)
     faces = face_analyzer or default_face_analyzer(settings)
     if telemetry is None:
         from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry

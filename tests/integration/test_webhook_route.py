@@ -259,3 +259,48 @@ def test_a_replicate_training_gets_a_webhook_only_when_this_server_can_verify_it
     else:
         assert sent == "https://lora.example.com/api/webhooks/replicate"
         assert said == []
+
+
+def test_the_url_alone_warns_only_where_a_replicate_trainer_is_built(
+    home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SELFIE_LORA_PUBLIC_URL without a secret is a normal setup (the alerts' links, the worker
+    polls), yet every command warned about webhooks, 'users list' and 'gc' included (cron
+    mailed it): only building a Replicate trainer (serve, worker, train) says it, once."""
+    import logging
+    import threading
+
+    from typer.testing import CliRunner
+
+    from selfie_lora import wiring
+    from selfie_lora.cli import app
+    from selfie_lora.config import get_settings
+
+    monkeypatch.setattr(wiring, "_unsigned_webhooks_said", threading.Event(), raising=False)
+    for name, value in (("TRAINER", "replicate"), ("REPLICATE_API_TOKEN", "r8_dummytoken"),
+                        ("REPLICATE_OWNER", "acme"), ("PUBLIC_URL", "https://lora.example.com")):
+        monkeypatch.setenv(f"SELFIE_LORA_{name}", value)
+    monkeypatch.delenv("SELFIE_LORA_WEBHOOK_SECRET", raising=False)
+    get_settings.cache_clear()
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if "SELFIE_LORA_WEBHOOK_SECRET is not" in r.getMessage()]
+
+    caplog.set_level("WARNING", logger="selfie_lora.wiring")
+    root = logging.getLogger()
+    # The CLI puts its own handler (on the runner's stderr) in place of the root's, caplog's too.
+    monkeypatch.setattr(root, "handlers", list(root.handlers))
+    kept = list(root.handlers)
+    try:
+        for command in (["users", "list"], ["gc"]):
+            result = CliRunner().invoke(app, command)
+            assert result.exit_code == 0, result.output
+            assert "WEBHOOK_SECRET" not in result.output  # its stderr's warnings included
+    finally:
+        root.handlers[:] = kept
+    assert said() == []
+    settings = get_settings()
+    for _ in range(2):
+        build_services(settings, generators={}, face_analyzer=one_person_analyzer()).close()
+    assert len(said()) == 1  # the trainer's process says it, once
