@@ -29,6 +29,7 @@ from selfie_lora.adapters.replicate.session import (
     parse_time,
     parse_version_ref,
 )
+from selfie_lora.adapters.replicate.statuses import ABORTED, ENDED, validated
 from selfie_lora.errors import (
     ClientGoneError,
     ErrorCode,
@@ -55,12 +56,10 @@ _CONCURRENT_PICTURES = 4
 _FAILED = "Generating the images failed on Replicate: {error}. Try again, or change the prompt."
 
 
-# Replicate's documented status of a prediction whose deadline passed before it started; the
-# official client (1.0.7) refuses to parse it, which read as "Replicate cannot be reached".
-_ABORTED = "aborted"
+# A prediction ``ABORTED``: its deadline passed before it started.
 _ABORTED_MESSAGE = ("Replicate aborted the generation before it started (it waited too long for "
                     "a machine). Try again.")
-_ENDED = frozenset({"succeeded", "failed", "canceled", _ABORTED})
+
 
 class ReplicateGenerator:
     """The ``Generator`` port on Replicate predictions."""
@@ -159,7 +158,7 @@ class ReplicateGenerator:
             with self._used_lock:
                 self._used.append(prediction_id)
             polls = 0
-            while prediction.status not in _ENDED:
+            while prediction.status not in ENDED:
                 polls += 1
                 if polls > self._max_polls:
                     # Given up on: it would run on, billed, for images nobody collects.
@@ -174,7 +173,7 @@ class ReplicateGenerator:
                 prediction = session.get_json(f"/v1/predictions/{prediction_id}",
                                               what="check on the generation",
                                               parse=_prediction_from_json)
-            if prediction.status == _ABORTED:
+            if prediction.status == ABORTED:
                 raise GenerationError(
                     _ABORTED_MESSAGE, user_message=_ABORTED_MESSAGE,
                     details=[f"prediction {prediction_id} aborted"])
@@ -309,8 +308,4 @@ def _prediction_from_json(raw: object) -> Prediction:
     (mapped as an unexpected answer)."""
     if not isinstance(raw, dict):
         raise ValueError(f"a prediction answered as a {type(raw).__name__}, not an object")
-    aborted = raw.get("status") == _ABORTED
-    prediction = Prediction(**({**raw, "status": "failed"} if aborted else raw))
-    if aborted:
-        prediction.status = _ABORTED  # type: ignore[assignment]
-    return prediction
+    return validated(Prediction, raw)

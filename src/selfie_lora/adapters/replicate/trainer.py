@@ -54,6 +54,7 @@ from selfie_lora.adapters.replicate.session import (
     same_origin,
     shorten,
 )
+from selfie_lora.adapters.replicate.statuses import ABORTED, ENDED, validated
 from selfie_lora.adapters.replicate.webhooks import parse_log_progress
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.errors import (
@@ -81,12 +82,6 @@ MARKER_METADATA_KEY = "selfie_lora_training_id"
 _MAX_FILE_LOOKUPS = 10
 _LOOKUP_WINDOW = timedelta(hours=6)
 _MAX_LIST_PAGES = 3
-# Replicate's documented status of a run whose deadline passed before it could start. The
-# official client (1.0.7) knows only the other five and refuses to parse it, which read as an
-# outage ("Replicate could not be reached") for every attempt.
-ABORTED = "aborted"
-# A training in one of these has nothing left to cancel.
-_ENDED = frozenset({"succeeded", "failed", "canceled", ABORTED})
 # A cancel (and the look for a run whose create's answer was lost) is asked once, each request
 # waiting this long at most: it runs on a user's cancel request and in every reconcile pass,
 # and the owed cancel (``remote_cancel_pending``) is asked again by the next pass. The full
@@ -208,7 +203,7 @@ class ReplicateTrainer:
                                remote_id, exc)
                 return
             status = raw.get("status") if isinstance(raw, dict) else None
-            if status in _ENDED:
+            if status in ENDED:
                 logger.info("Replicate training %s has ended (%s): nothing to cancel",
                             remote_id, status)
                 return
@@ -708,14 +703,7 @@ def _training_from_json(raw: object) -> Training:
             logger.warning("Replicate training %s names an unreadable output version %r: "
                            "read as none", data.get("id"), version)
             data["output"] = {k: v for k, v in output.items() if k != "version"}
-    aborted = data.get("status") == ABORTED
-    if aborted:
-        # Validated as an ended status the client knows, then given its own back: the rest
-        # of the body is read as for any training.
-        data["status"] = "failed"
-    training = Training(**data)
-    if aborted:
-        training.status = ABORTED  # type: ignore[assignment]  # the client's Literal lacks it
+    training = validated(Training, data)
     if destination is not None:
         training.destination = destination
     return training

@@ -20,6 +20,7 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook
 
+from selfie_lora.adapters.replicate.statuses import STATUSES
 from selfie_lora.domain.webhook_secrets import webhook_secret_problem
 from selfie_lora.errors import AuthError, ConfigError, ErrorCode, InvalidInputError
 from selfie_lora.services.ports import ProgressBar, RemoteTrainingEvent
@@ -176,7 +177,7 @@ def parse_training_webhook(body: bytes) -> dict[str, Any]:
         raise InvalidInputError("webhook body lacks id or status", code=ErrorCode.BAD_WEBHOOK)
     # "aborted": Replicate's run whose deadline passed before it started. Accepted (a 4xx is
     # retried by Replicate for nothing); the worker's poll ends the training.
-    if status not in {"starting", "processing", "succeeded", "failed", "canceled", "aborted"}:
+    if status not in STATUSES:
         raise InvalidInputError(f"unknown training status {status!r}", code=ErrorCode.BAD_WEBHOOK)
     logs = data.get("logs") if isinstance(data.get("logs"), str) else None
     progress = parse_log_progress(logs)
