@@ -141,25 +141,22 @@ _unsigned_webhooks_said = threading.Event()
 
 
 def default_webhook_url(settings: Settings, *, replicate_trainer: bool) -> str | None:
-    """Where Replicate sends a training's webhooks: only with both ``SELFIE_LORA_PUBLIC_URL``
-    and ``SELFIE_LORA_WEBHOOK_SECRET``. The public URL alone (set for the alerts' links) gave
-    every training a webhook this server answers 401 (nothing to verify it with), retried by
-    Replicate for a minute: the access log filled with what looks like an attack. Without the
-    secret the worker polls alone, and a Replicate backend says why once per process, only
-    where a Replicate trainer was built (``replicate_trainer``: serve, worker, train): the URL
-    alone is a normal setup, and every other command (users, gc, backup: no trainer) printing
+    """Where Replicate sends a training's webhooks: ``{SELFIE_LORA_PUBLIC_URL}/api/webhooks/
+    replicate`` whenever the URL is set, as the contract says. Without
+    ``SELFIE_LORA_WEBHOOK_SECRET`` this server cannot verify a delivery and answers each 401
+    (the worker polls and ends the training all the same), so a process that built a Replicate
+    trainer (``replicate_trainer``: serve, worker, train) says so once: the URL alone is also
+    the alerts' links setting, and every other command (users, gc, backup: no trainer) printing
     a warning on stderr had cron mail it each run."""
     if not settings.public_url:
         return None
-    if settings.webhook_secret is None:
-        if (replicate_trainer and settings.trainer == "replicate"
-                and not _unsigned_webhooks_said.is_set()):
-            _unsigned_webhooks_said.set()
-            logger.warning("SELFIE_LORA_PUBLIC_URL is set but SELFIE_LORA_WEBHOOK_SECRET is not: "
-                           "Replicate trainings are sent no webhook (this server could not "
-                           "verify one) and their progress is polled; set the secret to use "
-                           "webhooks")
-        return None
+    if (settings.webhook_secret is None and replicate_trainer and settings.trainer == "replicate"
+            and not _unsigned_webhooks_said.is_set()):
+        _unsigned_webhooks_said.set()
+        logger.warning("SELFIE_LORA_PUBLIC_URL is set but SELFIE_LORA_WEBHOOK_SECRET is not: "
+                       "Replicate's webhooks to this server are answered 401 (nothing to verify "
+                       "them with) and trainings are followed by polling; set the secret to use "
+                       "webhooks")
     return f"{settings.public_url.rstrip('/')}/api/webhooks/replicate"
 
 
