@@ -32,6 +32,12 @@ class Generated(BaseModel):
     generation: GenerationAnswer
 
 
+class GenerationsPage(BaseModel):
+    generations: list[GenerationAnswer] = Field(description="Newest first.")
+    older: str | None = Field(
+        description="The id to send as ``before`` for the next (older) page; null: none.")
+
+
 class VersionAnswer(BaseModel):
     id: str
     number: int

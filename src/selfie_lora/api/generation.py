@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from selfie_lora.api.answers import Generated, answers
+from selfie_lora.api.answers import Generated, GenerationsPage, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, finished
 from selfie_lora.api.schemas import NOT_FOUND_OR_INVALID, E, GenerateBody, binary, errors
 from selfie_lora.api.serializers import generation_json
-from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.services.generation import HISTORY_PAGE, GenerationRequest
 
 router = APIRouter(prefix="/api", tags=["generation"])
 
@@ -36,6 +36,16 @@ async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
         svc.generation.submit(user=user, request=request, client_gone=gone), http,
         client_gone=gone)
     return {"generation": generation_json(generation)}
+
+
+@router.get("/generations", responses=errors({
+    404: (E.NOT_FOUND,), 422: (E.INVALID_REQUEST, E.INVALID_INPUT)}) | answers(GenerationsPage))
+def generations(user: UserDep, svc: ServicesDep, limit: int = HISTORY_PAGE,
+                before: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+    """The user's generations, newest first, a page at a time: ``older`` is the next page's
+    ``before``. The gallery was the only list and showed the 50 newest, whatever was stored."""
+    page = svc.generation.page(user=user, limit=limit, before=before)
+    return {"generations": [generation_json(g) for g in page.generations], "older": page.older}
 
 
 @router.get("/generations/{generation_id}/images/{index}",

@@ -107,6 +107,21 @@ def withheld_pictures(generation: Generation) -> list[Picture]:
             for i in generation.withheld]
 
 
+# The gallery's page (the Generate page, GET /api/generations), and the most one page holds.
+HISTORY_PAGE = 50
+HISTORY_MAX_PAGE = 200
+
+
+@dataclass(frozen=True)
+class GenerationPage:
+    """A page of a user's generations, newest first. ``older``: the id to ask the next page
+    ``before`` (None: this page holds the oldest). Before pages, only the 50 newest were ever
+    listed and the older pictures, still stored, could not be found."""
+
+    generations: Sequence[Generation]
+    older: str | None
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str
@@ -367,5 +382,23 @@ class GenerationService:
         return None
 
     def history(self, *, user: User, limit: int = 50) -> Sequence[Generation]:
-        """The user's generations, newest first (the gallery)."""
-        return self._repo.list_generations(user.id, limit=max(1, min(limit, 200)))
+        """The user's generations, newest first (the gallery's first page)."""
+        return self.page(user=user, limit=max(1, min(limit, HISTORY_MAX_PAGE))).generations
+
+    def page(self, *, user: User, limit: int = HISTORY_PAGE,
+             before: str | None = None) -> GenerationPage:
+        """A page of the user's generations, newest first: the ``limit`` (1 to
+        ``HISTORY_MAX_PAGE``) after generation ``before`` (its id: the ``older`` of the page
+        before), or the newest. A 404 for a ``before`` that is not one of the user's."""
+        if not 1 <= limit <= HISTORY_MAX_PAGE:
+            raise InvalidInputError(f"limit must be 1 to {HISTORY_MAX_PAGE}")
+        cursor = None
+        if before is not None:
+            cursor = self._repo.get_generation(before)
+            if cursor is None or cursor.user_id != user.id:
+                raise NotFoundError("no such generation")
+        # One more than shown: whether there are older ones, without counting them all.
+        rows = list(self._repo.list_generations(user.id, limit=limit + 1, before=cursor))
+        shown = rows[:limit]
+        return GenerationPage(generations=shown,
+                              older=shown[-1].id if len(rows) > limit else None)

@@ -572,8 +572,10 @@ class Repository(Protocol):
     # generations
     def add_generation(self, generation: Generation) -> None: ...
     def get_generation(self, generation_id: str) -> Generation | None: ...
-    def list_generations(self, user_id: str, *, limit: int = 50) -> Sequence[Generation]:
-        """The user's newest first."""
+    def list_generations(self, user_id: str, *, limit: int = 50,
+                         before: Generation | None = None) -> Sequence[Generation]:
+        """The user's newest first (then by id, for those of the same instant); with
+        ``before``, only those older than it (the next page after it)."""
         ...
 
     # the retraining log and other audit events

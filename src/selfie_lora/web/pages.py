@@ -671,11 +671,14 @@ async def versions_chart(request: Request, viewer: PageViewer) -> Response:
 
 
 @router.get("/generate")
-def generate_page(request: Request, viewer: PageViewer) -> HTMLResponse:
+def generate_page(request: Request, viewer: PageViewer, before: str | None = None) -> HTMLResponse:
     web = _web(request)
     svc = web.services
     model = svc.models.find(user=viewer.user)
-    history = svc.generation.history(user=viewer.user)
+    # A page of the gallery: ?before= is the last one shown ("Older pictures"); without paging
+    # only the 50 newest were ever listed.
+    page = svc.generation.page(user=viewer.user, before=before or None)
+    history = page.generations
     numbers = {v.id: v.number for v, _ in svc.models.versions_with_likeness(user=viewer.user)}
     # The slider spans the range the model allows (the API's too), or a stored scale outside
     # it would show clamped and "Save the scale" would overwrite it. After a Generate it stays
@@ -685,6 +688,7 @@ def generate_page(request: Request, viewer: PageViewer) -> HTMLResponse:
                       not_ready=svc.generation.not_ready(user=viewer.user),
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
+                      older=page.older, paged=bool(before),
                       scale=_chosen_scale(request.query_params.get("lora_scale")))
 
 

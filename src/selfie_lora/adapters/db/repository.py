@@ -1105,10 +1105,19 @@ class SqlRepository:
             row = s.get(GenerationRow, generation_id)
             return _generation(row) if row else None
 
-    def list_generations(self, user_id: str, *, limit: int = 50) -> Sequence[Generation]:
+    def list_generations(self, user_id: str, *, limit: int = 50,
+                         before: Generation | None = None) -> Sequence[Generation]:
         with self._read() as s:
-            rows = s.scalars(select(GenerationRow).where(GenerationRow.user_id == user_id)
-                             .order_by(GenerationRow.created_at.desc()).limit(limit)).all()
+            query = select(GenerationRow).where(GenerationRow.user_id == user_id)
+            if before is not None:
+                # (created_at, id) below the cursor's: two generations of the same instant
+                # are neither skipped nor shown twice across pages.
+                query = query.where(or_(
+                    GenerationRow.created_at < before.created_at,
+                    and_(GenerationRow.created_at == before.created_at,
+                         GenerationRow.id < before.id)))
+            rows = s.scalars(query.order_by(GenerationRow.created_at.desc(),
+                                            GenerationRow.id.desc()).limit(limit)).all()
             return [_generation(r) for r in rows]
 
     # events -----------------------------------------------------------------------------

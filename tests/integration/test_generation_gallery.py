@@ -1,0 +1,68 @@
+"""A user's generations past the gallery's first page: the Generate page's "Older pictures"
+link and ``GET /api/generations``, both paged by the last generation shown."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi.testclient import TestClient
+
+from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.wiring import Services
+from tests.integration.test_web import PASSWORD, sign_in
+from tests.support.owners import own_model
+
+
+def _generations(services: Services, name: str, count: int) -> list[str]:
+    """``count`` generations of ``name``'s, oldest first (their ids)."""
+    user = services.users.get_by_name(name=name)
+    return [services.generation.generate(
+        user=user, request=GenerationRequest(prompt=f"picture {i}", seed=i)).id
+        for i in range(count)]
+
+
+def test_the_oldest_of_51_generations_is_reachable_on_the_page_and_through_the_api(
+        client: TestClient, services: Services) -> None:
+    # Only the 50 newest were ever listed (the page had no paging, GET /api/generations was a
+    # 404): the first generation's pictures were stored but could not be found.
+    services.users.create(name="ann", password=PASSWORD)
+    owner = own_model(client, services, "ann")
+    made = _generations(services, "ann", 51)
+    sign_in(client, "ann")
+
+    page = client.get("/generate").text
+    shown = re.findall(r'<img src="/generations/([^/]+)/0\.png"', page)
+    assert shown == made[::-1][:50]
+    assert "50 generations shown" in page
+    older = re.search(r'<a href="(/generate\?before=[^"]+)" id="older">Older pictures</a>', page)
+    assert older, page
+    page = client.get(older.group(1)).text
+    assert re.findall(r'<img src="/generations/([^/]+)/0\.png"', page) == [made[0]]
+    assert "1 generation shown" in page
+    assert 'id="older"' not in page
+
+    r = client.get("/api/generations", headers=owner.headers, params={"limit": 30})
+    assert r.status_code == 200, r.text
+    first = r.json()
+    assert [g["id"] for g in first["generations"]] == made[::-1][:30]
+    r = client.get("/api/generations", headers=owner.headers,
+                   params={"limit": 30, "before": first["older"]})
+    second = r.json()
+    assert [g["id"] for g in second["generations"]] == made[::-1][30:]
+    assert second["older"] is None
+    assert second["generations"][-1]["images"] == [f"/api/generations/{made[0]}/images/0"]
+
+
+def test_generations_of_another_user_are_neither_listed_nor_a_cursor(
+        client: TestClient, services: Services) -> None:
+    ann = own_model(client, services, "ann")
+    bob = own_model(client, services, "bob")
+    [anns] = _generations(services, "ann", 1)
+    r = client.get("/api/generations", headers=bob.headers)
+    assert r.json() == {"generations": [], "older": None}
+    r = client.get("/api/generations", headers=bob.headers, params={"before": anns})
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+    for limit in (0, 201):
+        r = client.get("/api/generations", headers=ann.headers, params={"limit": limit})
+        assert r.status_code == 422, r.text
+    assert client.get("/api/generations").status_code == 401
