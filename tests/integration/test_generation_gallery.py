@@ -8,8 +8,9 @@ import re
 from fastapi.testclient import TestClient
 
 from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.testing.fakes import FakeGenerator
 from selfie_lora.wiring import Services
-from tests.integration.test_web import PASSWORD, sign_in
+from tests.integration.test_web import PASSWORD, csrf, sign_in
 from tests.support.owners import own_model
 
 
@@ -66,3 +67,26 @@ def test_generations_of_another_user_are_neither_listed_nor_a_cursor(
         r = client.get("/api/generations", headers=ann.headers, params={"limit": limit})
         assert r.status_code == 422, r.text
     assert client.get("/api/generations").status_code == 401
+
+
+def test_the_gallery_shows_each_picture_s_own_seed(client: TestClient, services: Services,
+                                                   fake_generator: FakeGenerator) -> None:
+    # One "seed 10" stood under a whole batch: picture 3, made with seed 12, could not be made
+    # again alone from the page. A withheld picture keeps its place's seed from the others.
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann")
+    sign_in(client, "ann")
+    r = client.post("/generate", data={"csrf_token": csrf(client, "/generate"),
+                                       "prompt": "a hike", "num_outputs": "3", "seed": "10"},
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text
+    fake_generator.withhold = frozenset({1})
+    r = client.post("/generate", data={"csrf_token": csrf(client, "/generate"), "prompt": "a lake",
+                                       "num_outputs": "3", "seed": "4294967294"},
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text
+    page = client.get("/generate").text
+    captions = re.findall(r"<figcaption[^>]*>([^<]+)</figcaption>", page)
+    assert captions == ["picture 1 · seed 4294967294", "picture 3 · seed 0",
+                        "picture 1 · seed 10", "picture 2 · seed 11", "picture 3 · seed 12"]
+    assert 'title="picture 3 · seed 12"' in page

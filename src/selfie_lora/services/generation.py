@@ -100,6 +100,14 @@ class Picture:
     seed: int | None
 
 
+def stored_pictures(generation: Generation) -> list[Picture]:
+    """The pictures of ``generation`` that came, ``image_keys``' order: each with its place's
+    seed, the one that makes it again alone (the batch's seed makes only the first)."""
+    return [Picture(number=place + 1, seed=None if generation.seed is None
+                    else image_seed(seed=generation.seed, index=place))
+            for place in generation.pictures()]
+
+
 def withheld_pictures(generation: Generation) -> list[Picture]:
     """The pictures of ``generation`` its generator withheld (Replicate's safety checker)."""
     return [Picture(number=i + 1, seed=None if generation.seed is None

@@ -36,7 +36,7 @@ from selfie_lora.errors import (
 )
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.erasure import ErasureBlockedError
-from selfie_lora.services.generation import GenerationRequest, withheld_pictures
+from selfie_lora.services.generation import GenerationRequest, stored_pictures, withheld_pictures
 from selfie_lora.services.training import UploadResult
 from selfie_lora.web.app import SignInRequired, Viewer, Web
 from selfie_lora.web.cookies import (
@@ -684,11 +684,12 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
     # it would show clamped and "Save the scale" would overwrite it. After a Generate it stays
     # at the scale that picture used (?lora_scale=), not the saved one.
     withheld = {g.id: withheld_pictures(g) for g in history if g.withheld}
+    pictures = {g.id: stored_pictures(g) for g in history}
     return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
                       not_ready=svc.generation.not_ready(user=viewer.user),
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
-                      older=page.older, paged=bool(before),
+                      older=page.older, paged=bool(before), pictures=pictures,
                       scale=_chosen_scale(request.query_params.get("lora_scale")))
 
 
