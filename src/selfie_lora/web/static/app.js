@@ -223,6 +223,28 @@
     });
   }
 
+  // ---------------------------------------------------------------- the Generate form
+  // One POST a click, as for the upload's #send: a double click sent two, the browser dropped
+  // the first one's answer, but its generation ran on and was stored (two batches, both of
+  // the user's in-flight slots). Once the form is sent, another submit (Generate or "Save the
+  // scale") is ignored and its buttons are disabled until the next page.
+  const generateForm = document.querySelector("form.generate");
+  if (generateForm) {
+    const buttons = () => generateForm.querySelectorAll("button[type=submit]");
+    let submitted = false;
+    generateForm.addEventListener("submit", (e) => {
+      if (submitted) { e.preventDefault(); return; }
+      submitted = true;
+      // Next turn: the browser has read the form by then.
+      setTimeout(() => { for (const b of buttons()) b.disabled = true; }, 0);
+    });
+    // Back to this page from the browser's cache (or a stopped load): it can be sent again.
+    window.addEventListener("pageshow", () => {
+      submitted = false;
+      for (const b of buttons()) b.disabled = false;
+    });
+  }
+
   // ---------------------------------------------------------------- small helpers
   document.addEventListener("submit", (e) => {
     const target = e.target;

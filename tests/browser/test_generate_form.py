@@ -1,0 +1,57 @@
+"""The Generate form in Chromium, clicked twice: one POST. The page is the server's own (an
+in-process app on fakes) served to the browser through Playwright's routing, so no model is
+trained for it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from selfie_lora.web.app import WEB_ROOT
+from selfie_lora.wiring import Services
+from tests.integration.test_web import PASSWORD, sign_in
+from tests.support.owners import own_model
+
+BASE = "http://selfie.test"
+
+
+def test_a_double_clicked_generate_sends_one_post(chromium: Any, client: TestClient,
+                                                  services: Services) -> None:
+    """A double click on Generate sent two POSTs: the first, cut off by the second, still
+    made and stored its pictures (review dbl.py: two generations for one click). The form is
+    sent once."""
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann")
+    sign_in(client, "ann")
+    html = client.get("/generate").text
+    assert 'class="generate"' in html
+    posts: list[str] = []
+
+    def answer(route: Any) -> None:
+        request = route.request
+        path = request.url.removeprefix(BASE)
+        if request.method == "POST":
+            posts.append(path)  # never answered: a generation still being made
+        elif path.split("?")[0] == "/generate":
+            route.fulfill(status=200, content_type="text/html", body=html)
+        elif path.startswith("/static/"):
+            file = WEB_ROOT / path.split("?")[0].lstrip("/")
+            route.fulfill(status=200, body=file.read_bytes(), content_type=(
+                "text/javascript" if file.suffix == ".js" else "text/css"))
+        else:
+            route.abort()
+
+    page = chromium.new_context().new_page()
+    page.route(f"{BASE}/**", answer)
+    page.goto(f"{BASE}/generate")
+    page.get_by_label("What should the picture show?").fill("a hike")
+    # The second click 0.2 s after the first, once its POST is on its way (Chromium merges
+    # two submits of one task into one): the browser cuts the first off and sends another.
+    box = page.locator("#generate").bounding_box()
+    page.mouse.click(box["x"] + 5, box["y"] + 5)
+    page.wait_for_timeout(200)
+    page.mouse.click(box["x"] + 5, box["y"] + 5)
+    page.wait_for_timeout(1000)  # a second POST, had one been sent, has been seen by now
+    assert posts == ["/generate"]
+    page.close()
