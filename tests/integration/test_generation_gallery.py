@@ -90,3 +90,29 @@ def test_the_gallery_shows_each_picture_s_own_seed(client: TestClient, services:
     assert captions == ["picture 1 · seed 4294967294", "picture 3 · seed 0",
                         "picture 1 · seed 10", "picture 2 · seed 11", "picture 3 · seed 12"]
     assert 'title="picture 3 · seed 12"' in page
+
+
+def test_a_1999_character_prompt_of_crlf_lines_is_accepted_and_stored_with_lf(
+        client: TestClient, services: Services) -> None:
+    # The text area (maxlength 2000) counts a line break as 1; the browser sends it as CRLF, and
+    # the server counted 2: five lines of 399 (1999 as typed) were refused as longer than 2000.
+    services.users.create(name="ann", password=PASSWORD)
+    owner = own_model(client, services, "ann")
+    sign_in(client, "ann")
+    lines = [f"{i}" + "x" * 398 for i in range(5)]
+    typed = "\n".join(lines)
+    assert len(typed) == 1999
+    r = client.post("/generate", data={"csrf_token": csrf(client, "/generate"),
+                                       "prompt": "\r\n".join(lines)}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    r = client.post("/api/generate", headers=owner.headers, json={"prompt": "\r\n".join(lines)})
+    assert r.status_code == 200, r.text
+    user = services.users.get_by_name(name="ann")
+    trigger = services.models.get(user=user).trigger_word
+    stored = [g.prompt for g in services.generation.history(user=user)]
+    assert len(stored) == 2
+    assert all("\r" not in p and typed in p and trigger in p for p in stored), stored
+    r = client.post("/api/generate", headers=owner.headers,
+                    json={"prompt": "\r\n".join([*lines, "x"])})  # 2001 as counted now
+    assert r.status_code == 422, r.text
+    assert "2000" in r.text

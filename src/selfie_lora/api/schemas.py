@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
 from selfie_lora.errors import ErrorCode
-from selfie_lora.services.generation import MAX_OUTPUTS, MAX_PROMPT_CHARS
+from selfie_lora.services.generation import MAX_OUTPUTS, MAX_PROMPT_CHARS, one_line_break
 from selfie_lora.services.ports import MAX_SEED
 
 # Ids are uuids (a version may also be named by its number); anything longer is not ours, nor
@@ -55,8 +55,15 @@ class ModelPatch(_Body):
     reason: str | None = Field(default=None, max_length=500)
 
 
+def _one_line_break(value: Any) -> Any:
+    return one_line_break(value) if isinstance(value, str) else value
+
+
 class GenerateBody(_Body):
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    # Counted as the service counts it, a CRLF line break as one character (as the Generate
+    # page's text area counts it).
+    prompt: Annotated[str, BeforeValidator(_one_line_break)] = Field(
+        min_length=1, max_length=MAX_PROMPT_CHARS)
     num_outputs: int = Field(default=1, ge=1, le=MAX_OUTPUTS, strict=True)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
     lora_scale: float | None = Field(default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX,

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -89,6 +89,11 @@ def weights_missing_error(version: Version, *, so: str = "it cannot make picture
     return ConflictError(
         f"version {version.number}'s weights are missing from the storage, so {so}; "
         f"{instead} (or train again)", code=ErrorCode.WEIGHTS_MISSING)
+
+
+def one_line_break(text: str) -> str:
+    """``text`` with its CRLF and lone CR line breaks as LF."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 @dataclass(frozen=True)
@@ -306,6 +311,11 @@ class GenerationService:
 
     def _generate(self, *, user: User, request: GenerationRequest,
                   client_gone: threading.Event | None = None) -> Generation:
+        # One line break is one character, as a text area counts it (its maxlength is the
+        # limit's): a browser sends each as CRLF, and a 1999-character prompt of five lines
+        # was refused as longer than 2000 (and stored with its CRs). The API's and the CLI's
+        # prompts are counted the same way.
+        request = replace(request, prompt=one_line_break(request.prompt))
         if not request.prompt.strip():
             raise InvalidInputError("the prompt is empty", code=ErrorCode.EMPTY_PROMPT)
         if len(request.prompt) > MAX_PROMPT_CHARS:
