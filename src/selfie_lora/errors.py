@@ -83,6 +83,7 @@ class ErrorCode(enum.StrEnum):
     GC_IN_PROGRESS = "gc_in_progress"
     NOT_RESUMABLE = "not_resumable"
     WEIGHTS_MISSING = "weights_missing"
+    WEIGHTS_DAMAGED = "weights_damaged"
     PHOTOS_NEED_UPLOAD_AGAIN = "photos_need_upload_again"
     BASE_MODEL_MISMATCH = "base_model_mismatch"
     # 499: what the figures count for a request whose client went away (nobody receives it)
@@ -215,6 +216,13 @@ class RateLimitedError(SelfieLoraError):
 class ConflictError(SelfieLoraError):
     code = ErrorCode.TRAINING_IN_PROGRESS
     http_status = 409
+
+
+class WeightsDamagedError(ConflictError):
+    """A version's LoRA file is there but cannot be read (not safetensors, cut short) or is not
+    the file the version stored (its sha256 differs): no retry mends it, another version does."""
+
+    code = ErrorCode.WEIGHTS_DAMAGED
 
 
 class UploadInProgressError(ConflictError):

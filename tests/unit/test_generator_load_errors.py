@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from selfie_lora.adapters.flux.generator import LocalGenerator
-from selfie_lora.errors import GenerationError, InvalidInputError
+from selfie_lora.errors import GenerationError, InvalidInputError, WeightsDamagedError
 from selfie_lora.services.ports import GenerationJob
 
 
@@ -64,3 +65,26 @@ def test_a_lora_whose_layers_do_not_load_is_still_refused_as_unsupported(
     with pytest.raises(InvalidInputError) as refused:
         _generate(tmp_path, error)
     assert refused.value.code == "unsupported_weights"
+
+
+@pytest.mark.parametrize("cut", [0, 8, 40, -4])  # -4: the header whole, the tensors not
+def test_a_lora_file_cut_short_is_damaged_weights_not_a_retry(tmp_path: Path, cut: int) -> None:
+    # safetensors' SafetensorError is neither a RuntimeError nor a ValueError: it escaped every
+    # mapping as a 500 "please retry" (review corrupt.sh), though no retry reads the file.
+    weights = tmp_path / "w.safetensors"
+    save_file({"transformer.x.lora_A.weight": torch.zeros(2, 2)}, str(weights))
+    data = weights.read_bytes()
+    weights.write_bytes(data[:cut] if cut else b"not a safetensors file at all")
+    generator = LocalGenerator(base_model="tiny", cache_dir=tmp_path)
+    job = GenerationJob(prompt="p", num_outputs=1, seed=1, lora_scale=1.0,
+                        trainer_version="local-tiny-v2", weights_path=weights)
+    with pytest.raises(WeightsDamagedError) as damaged:
+        generator._generate_locked(_Pipe(RuntimeError("never loaded")), job, seed=1)
+    assert (damaged.value.http_status, damaged.value.code) == (409, "weights_damaged")
+
+
+def test_a_lora_whose_tensors_do_not_read_is_damaged_weights(tmp_path: Path) -> None:
+    # The header reads (the layers fit), the load does not.
+    with pytest.raises(WeightsDamagedError):
+        _generate(tmp_path, SafetensorError("Error while deserializing header: "
+                                            "MetadataIncompleteBuffer"))

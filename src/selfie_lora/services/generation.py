@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -33,6 +34,7 @@ from selfie_lora.errors import (
     NoModelError,
     NotFoundError,
     RateLimitedError,
+    WeightsDamagedError,
 )
 from selfie_lora.services.common import PerUserSlots, new_id, utcnow
 from selfie_lora.services.layout import generation_image_key
@@ -94,6 +96,14 @@ def weights_missing_error(version: Version, *, so: str = "it cannot make picture
 def one_line_break(text: str) -> str:
     """``text`` with its CRLF and lone CR line breaks as LF."""
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def weights_damaged_error(version: Version) -> WeightsDamagedError:
+    """What a user is told when ``version``'s weights file is in the storage but cannot be read
+    or is not the file the version stored: as for a missing one, no retry mends it."""
+    return WeightsDamagedError(
+        f"version {version.number}'s weights file is damaged in the storage, so it cannot make "
+        "pictures and retrying will not help; activate another version (or train again)")
 
 
 @dataclass(frozen=True)
@@ -176,6 +186,9 @@ class GenerationService:
         self._last_seconds = float(_FIRST_RETRY_AFTER)
         self._executor = ThreadPoolExecutor(max_workers=threads,
                                             thread_name_prefix="generation")
+        # The local copies of weights whose sha256 was found to be their version's: (path,
+        # sha256, size, mtime) once, not hashed again for every picture of a gallery.
+        self._sound: set[tuple[str, str, int, int]] = set()
 
     def close(self) -> None:
         """Drop the queued generations and let the running ones end (a process shutting down)."""
@@ -260,13 +273,22 @@ class GenerationService:
                 logger.error("version %s (model %s) cannot generate: %s", version.id, model.id,
                              exc.message)
                 raise weights_missing_error(version) from exc
+            if weights_path is not None:
+                self._check_weights(model=model, version=version, path=weights_path)
             job = GenerationJob(
                 prompt=final_prompt, num_outputs=num_outputs, seed=seed, lora_scale=scale,
                 trainer_version=version.trainer_version, weights_path=weights_path,
                 remote_version=version.remote_version, width=size, height=size,
                 client_gone=client_gone,
             )
-            pictures = generator.generate(job)
+            try:
+                pictures = generator.generate(job)
+            except WeightsDamagedError as exc:
+                # The generator could not read the file (its sha256 matched, or was not known):
+                # the version's, so the user is told which and what to do, the operator the key.
+                logger.error("version %s (model %s, weights %s) cannot generate: %s",
+                             version.id, model.id, version.weights_key, exc.message)
+                raise weights_damaged_error(version) from exc
         if all(png is None for png in pictures):
             # The generator's contract is to raise then (naming what was withheld); a batch of
             # nothing is never stored as a generation.
@@ -278,6 +300,25 @@ class GenerationService:
         return Rendered(prompt=final_prompt, lora_scale=scale,
                         images=[png for png in pictures if png is not None],
                         withheld=tuple(i for i, png in enumerate(pictures) if png is None))
+
+    def _check_weights(self, *, model: Model, version: Version, path: Path) -> None:
+        """A 409 ``weights_damaged`` when the local copy of ``version``'s weights is not the
+        file it stored (its sha256, the content-addressed key's): a cut-short or garbled blob
+        was a 500 "please retry" on every generation. Each copy is hashed once (streamed)."""
+        if not version.weights_sha256:
+            return  # no hash was recorded: nothing to compare with
+        stat = path.stat()
+        seen = (str(path), version.weights_sha256, stat.st_size, stat.st_mtime_ns)
+        if seen in self._sound:
+            return
+        with path.open("rb") as fh:
+            found = hashlib.file_digest(fh, "sha256").hexdigest()
+        if found != version.weights_sha256:
+            logger.error("version %s (model %s) cannot generate: its weights %s hash to %s, "
+                         "not the stored %s", version.id, model.id, version.weights_key, found,
+                         version.weights_sha256)
+            raise weights_damaged_error(version)
+        self._sound.add(seen)
 
     def generate(self, *, user: User, request: GenerationRequest) -> Generation:
         """A user's pictures, made and stored in the caller's thread, under ``submit``'s limit.

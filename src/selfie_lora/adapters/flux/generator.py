@@ -42,6 +42,7 @@ from selfie_lora.errors import (
     InvalidInputError,
     SelfieLoraError,
     StorageError,
+    WeightsDamagedError,
 )
 from selfie_lora.services.ports import GenerationJob, image_seed
 
@@ -228,6 +229,7 @@ class LocalGenerator:
 
     def _generate_locked(self, pipe: Any, job: GenerationJob, *, seed: int) -> list[bytes]:
         import torch
+        from safetensors import SafetensorError
 
         adapter = f"gen_{uuid.uuid4().hex[:12]}"
         loaded = False
@@ -243,6 +245,8 @@ class LocalGenerator:
                     loaded = True
                     try:
                         pipe.load_lora_weights(str(job.weights_path), adapter_name=adapter)
+                    except SafetensorError as exc:
+                        raise _damaged(job.weights_path, exc) from exc
                     except OSError as exc:
                         raise StorageError(
                             f"cannot read LoRA weights {job.weights_path}: {exc}") from exc
@@ -298,6 +302,13 @@ class LocalGenerator:
                     pipe.unload_lora_weights()
 
 
+def _damaged(weights_path: Path, exc: Exception) -> WeightsDamagedError:
+    """The LoRA file is not a readable safetensors file: the version's, not the server's (the
+    generation service names the version and what to do)."""
+    return WeightsDamagedError(f"the LoRA weights file {weights_path} cannot be read: "
+                               f"{type(exc).__name__}: {exc}")
+
+
 def _misconfigured(exc: ConfigError) -> GenerationError:
     """The operator's setting (SELFIE_LORA_DEVICE naming a GPU torch does not see, a base model
     folder that does not load) as the trainer maps it (``contact the operator``): a 502 whose
@@ -336,12 +347,16 @@ def _lora_misfit(pipe: Any, weights_path: Path) -> str | None:
     does): a layer it names that the transformer lacks, or one of another width. Read from the
     file's header before anything is loaded, because diffusers widens a base layer narrower than
     the LoRA in place, and that layer is shared by every generation of the process."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     transformer = pipe.transformer
     try:
         with safe_open(str(weights_path), framework="pt") as weights:
             shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}  # noqa: SIM118
+    except SafetensorError as exc:
+        # Neither a RuntimeError nor a ValueError: it escaped every mapping as a 500 "please
+        # retry", though no retry reads a cut-short or garbled file.
+        raise _damaged(weights_path, exc) from exc
     except (OSError, ValueError, RuntimeError):
         return None  # not a readable safetensors file: the load says what is wrong with it
     for key, shape in shapes.items():
