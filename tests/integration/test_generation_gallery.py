@@ -116,3 +116,35 @@ def test_a_1999_character_prompt_of_crlf_lines_is_accepted_and_stored_with_lf(
                     json={"prompt": "\r\n".join([*lines, "x"])})  # 2001 as counted now
     assert r.status_code == 422, r.text
     assert "2000" in r.text
+
+
+def test_a_generation_is_deleted_with_its_pictures_by_its_owner_only(
+        client: TestClient, services: Services) -> None:
+    # There was no way to delete one generation (API, page or CLI): only the operator's
+    # retention or deleting the whole account.
+    services.users.create(name="ann", password=PASSWORD)
+    ann = own_model(client, services, "ann")
+    bob = own_model(client, services, "bob")
+    first, second = _generations(services, "ann", 2)
+    keys = services.repo.get_generation(first).image_keys
+    assert all(services.blobs.exists(key) for key in keys)
+    r = client.delete(f"/api/generations/{first}", headers=bob.headers)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+    r = client.delete(f"/api/generations/{first}", headers=ann.headers)
+    assert (r.status_code, r.json()) == (200, {"deleted": first})  # old code: no such route
+    assert not any(services.blobs.exists(key) for key in keys)
+    assert client.get(f"/api/generations/{first}/images/0", headers=ann.headers).status_code == 404
+    assert client.delete(f"/api/generations/{first}", headers=ann.headers).status_code == 404
+    r = client.get("/api/generations", headers=ann.headers)
+    assert [g["id"] for g in r.json()["generations"]] == [second]
+
+    sign_in(client, "ann")
+    page = client.get("/generate").text
+    assert f'action="/generations/{second}/delete"' in page
+    r = client.post(f"/generations/{second}/delete", data={"csrf_token": "forged"},
+                    follow_redirects=False)
+    assert r.status_code == 403
+    r = client.post(f"/generations/{second}/delete",
+                    data={"csrf_token": csrf(client, "/generate")}, follow_redirects=False)
+    assert (r.status_code, r.headers["location"]) == (303, "/generate")
+    assert "No pictures yet." in client.get("/generate").text

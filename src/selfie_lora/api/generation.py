@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from selfie_lora.api.answers import Generated, GenerationsPage, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, finished
-from selfie_lora.api.schemas import NOT_FOUND_OR_INVALID, E, GenerateBody, binary, errors
+from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, GenerateBody, binary, errors
 from selfie_lora.api.serializers import generation_json
 from selfie_lora.services.generation import HISTORY_PAGE, GenerationRequest
 
@@ -46,6 +46,13 @@ def generations(user: UserDep, svc: ServicesDep, limit: int = HISTORY_PAGE,
     ``before``. The gallery was the only list and showed the 50 newest, whatever was stored."""
     page = svc.generation.page(user=user, limit=limit, before=before)
     return {"generations": [generation_json(g) for g in page.generations], "older": page.older}
+
+
+@router.delete("/generations/{generation_id}", responses=errors(NOT_FOUND, body=True))
+def delete_generation(user: UserDep, svc: ServicesDep, generation_id: str) -> dict[str, Any]:
+    """Delete one of the user's generations and its pictures, for good."""
+    generation = svc.generation.delete(user=user, generation_id=generation_id)
+    return {"deleted": generation.id}
 
 
 @router.get("/generations/{generation_id}/images/{index}",

@@ -34,6 +34,7 @@ from selfie_lora.errors import (
     NoModelError,
     NotFoundError,
     RateLimitedError,
+    SelfieLoraError,
     WeightsDamagedError,
 )
 from selfie_lora.services.common import PerUserSlots, new_id, utcnow
@@ -428,6 +429,24 @@ class GenerationService:
                          generation.id, index, key)
             raise NotFoundError(f"picture {index} of this generation is no longer stored; "
                                 "generate it again to have it") from exc
+
+    def delete(self, *, user: User, generation_id: str) -> Generation:
+        """Delete one of the user's generations: its row first (gone from every list and its
+        pictures 404 at once), then its pictures. A picture whose delete fails is an orphan
+        under generations/, which the garbage collection removes (as after a crash). A 404
+        for a generation that is not the user's."""
+        generation = self._repo.delete_generation(generation_id, user_id=user.id)
+        if generation is None:
+            raise NotFoundError("no such generation")
+        for key in generation.image_keys:
+            try:
+                self._blobs.delete(key)
+            except SelfieLoraError:
+                logger.warning("generation %s: picture %s not deleted, left to the garbage "
+                               "collection", generation.id, key, exc_info=True)
+        logger.info("generation %s deleted by its owner (%d picture(s))", generation.id,
+                    len(generation.image_keys))
+        return generation
 
     def not_ready(self, *, user: User) -> NotReady | None:
         """Why the user cannot generate now (the reason ``generate`` would refuse for, with its

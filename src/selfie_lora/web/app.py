@@ -81,6 +81,7 @@ FORM_PAGES = (
     ("/train/", "/train"),
     ("/versions/", "/versions"),
     ("/generate", "/generate"),
+    ("/generations/", "/generate"),  # a picture's Delete is on the generate page
     ("/settings/", "/settings"),
     ("/photos/", "/photos"),
 )

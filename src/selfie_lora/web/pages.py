@@ -724,6 +724,13 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
     return _see("/generate" if lora_scale is None else f"/generate?lora_scale={lora_scale:g}")
 
 
+@router.post("/generations/{generation_id}/delete")
+def generation_delete(request: Request, viewer: FormViewer, generation_id: str) -> Response:
+    web = _web(request)
+    web.services.generation.delete(user=viewer.user, generation_id=generation_id)
+    return _see("/generate")
+
+
 @router.get("/generations/{generation_id}/{index}.png")
 def generation_image(request: Request, viewer: PageViewer, generation_id: str, index: int) -> Response:
     web = _web(request)

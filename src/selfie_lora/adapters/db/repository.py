@@ -1190,6 +1190,17 @@ class SqlRepository:
         except ConflictError:
             return False
 
+    def delete_generation(self, generation_id: str, *, user_id: str) -> Generation | None:
+        with self._tx() as s:
+            row = s.get(GenerationRow, generation_id)
+            if row is None or row.user_id != user_id:
+                return None
+            generation = _generation(row)
+            # By id and owner: a concurrent delete of the same one deletes it once.
+            result = s.execute(delete(GenerationRow).where(GenerationRow.id == generation_id,
+                                                           GenerationRow.user_id == user_id))
+            return generation if int(getattr(result, "rowcount", 0) or 0) else None
+
     def delete_generations(self, generation_ids: Sequence[str], *,
                            created_before: datetime) -> int:
         ids = list(generation_ids)
