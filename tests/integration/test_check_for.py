@@ -91,11 +91,16 @@ def test_an_unknown_target_is_a_usage_error(cli: CliRunner, photos: Path) -> Non
 
 
 def pin_model(services: Services, user_name: str, *, backend: str, trainer_version: str) -> None:
+    """A model its user re-pinned to ``trainer_version``: pinned, though it has not trained (a
+    model that has neither takes the configured version at its first training)."""
     user = services.users.get_by_name(name=user_name)
+    model_id = new_id()
     services.repo.add_model(Model(
-        id=new_id(), user_id=user.id, backend=backend, trigger_word="zkr47v",
+        id=model_id, user_id=user.id, backend=backend, trigger_word="zkr47v",
         destination=f"local/{user_name}", trainer_version=trainer_version, lora_scale=1.0,
         lora_scale_is_custom=False, active_version_id=None, created_at=utcnow()))
+    services.repo.add_event(model_id=model_id, kind="trainer_version_changed", data={
+        "from": "local-tiny-v2", "to": trainer_version, "reason": "the test's pin"})
 
 
 def test_the_service_judges_for_the_target_else_the_pinned_model_else_the_default(

@@ -145,20 +145,60 @@ def test_a_dataset_stored_before_its_resolution_was_recorded_is_judged_by_its_ph
         assert r.status_code == 202, r.text
 
 
-def test_the_version_is_pinned_by_the_upload_that_made_the_model_not_its_first_training(
+def test_the_version_is_pinned_by_the_first_training_not_the_upload_that_made_the_model(
         tmp_path: Path) -> None:
-    """As the README says: an upload that starts nothing makes the model and pins the version
-    configured then; a change of SELFIE_LORA_TRAINER_VERSION before its first training does not
-    move it (its photos were cropped for the pinned one)."""
+    """Contract invariant 3: an upload that starts nothing makes the model, and its first
+    training pins the version configured then, even when SELFIE_LORA_TRAINER_VERSION changed
+    after the upload (the old code trained on the upload's); a retraining keeps that pin."""
     settings = make_settings(tmp_path, trainer_version="local-tiny-v1")
     with serving(settings) as (client, svc):
         h = auth(svc, "ann")
         made = upload(client, h, start=False)
         assert made["model"]["trainer_version"] == "local-tiny-v1"
-        settings.trainer_version = "local-tiny-v2"  # the operator's new default
+    # The operator restarts the service on a new default before ann's first training.
+    with serving(settings.model_copy(update={"trainer_version": "local-tiny-v2"}),
+                 run_worker=True) as (client, svc):
         r = client.post("/api/training/start", headers=h, json={})
         assert r.status_code == 202, r.text
         first = r.json()["training"]
-        assert (first["is_retraining"], first["trainer_version"]) == (False, "local-tiny-v1")
-        assert first["preserved"]["configured_default_ignored"]["trainer_version"] == (
-            "local-tiny-v2")
+        # Old code: local-tiny-v1, with the configured local-tiny-v2 logged as ignored.
+        assert (first["is_retraining"], first["trainer_version"]) == (False, "local-tiny-v2")
+        assert first["recipe"]["name"] == "local-tiny-v2"
+        assert "configured_default_ignored" not in first["preserved"]
+        assert first["preserved"]["pinned_at_first_training"]["replaces"] == {
+            "backend": "local", "trainer_version": "local-tiny-v1"}
+        assert r.json()["model"]["trainer_version"] == "local-tiny-v2"
+        assert wait_terminal(client, h, first["id"])["training"]["status"] == "succeeded"
+        model_id = made["model"]["id"]
+        pinned = [e for e in svc.repo.list_events(model_id)
+                  if e["kind"] == "trainer_version_pinned"]
+        assert [(e["data"]["from"]["trainer_version"], e["data"]["to"]["trainer_version"])
+                for e in pinned] == [("local-tiny-v1", "local-tiny-v2")]
+    # Back on the old default: the model has trained, so its pin is kept.
+    with serving(settings, run_worker=True) as (client, svc):
+        r = client.post("/api/training/start", headers=h, json={})
+        assert r.status_code == 202, r.text
+        again = r.json()["training"]
+        assert (again["is_retraining"], again["trainer_version"]) == (True, "local-tiny-v2")
+        assert again["preserved"]["configured_default_ignored"]["trainer_version"] == (
+            "local-tiny-v1")
+        assert "pinned_at_first_training" not in again["preserved"]
+        assert client.get("/api/model", headers=h).json()["trainer_version"] == "local-tiny-v2"
+
+
+def test_a_first_training_on_a_default_of_more_pixels_asks_for_the_photos_again(
+        tmp_path: Path) -> None:
+    """The photos an upload stored were cropped for the version configured then; a first
+    training that pins a default of more pixels refuses them as a re-pin does."""
+    with uploaded(tmp_path, "local-flux-v1") as pinned:  # 512 px crops
+        client, h, trainer = pinned.client, pinned.headers, pinned.trainer
+        pinned.services.settings.trainer_version = "local-flux-v2"  # the new default: 1024 px
+        r = client.post("/api/training/start", headers=h, json={})
+        assert r.status_code == 409, r.text  # old code: 202 on local-flux-v1
+        assert r.json()["error"]["code"] == "photos_need_upload_again"
+        assert "local-flux-v2 at 1024 px" in r.json()["error"]["message"]
+        again = upload(client, h, start=True)  # prepared for the version it will train
+        assert again["dataset"]["verdict"]["resolution"] == 1024
+        done = wait_terminal(client, h, again["training"]["id"])
+        assert done["training"]["status"] == "succeeded"
+        assert trainer.jobs[-1].recipe.name == "local-flux-v2"

@@ -182,6 +182,12 @@ class Retraining(RuleBasedStateMachine):
             return
         assert not had_active, "a second training was queued while one was active"
         self._remember_first(result.model)
+        if not trained_before:
+            # Contract invariant 3: the first training pins the configured version, whatever
+            # the upload that made the model was pinned to (this machine never re-pins).
+            assert self.first is not None
+            assert result.model.trainer_version == self.default_version
+            self.first["trainer_version"] = result.model.trainer_version
         # A model an upload made is not trained yet: its first training is no retraining.
         assert result.training.is_retraining is trained_before
         if not trained_before:
@@ -440,12 +446,14 @@ class Retraining(RuleBasedStateMachine):
             assert self.first is None
             return
         assert self.first is not None
-        # 1-3: trigger word, destination and trainer version fixed at the first training.
+        # 1-3: trigger word, destination and trainer version fixed at the first training
+        # (trigger word and destination by the upload or start that made the model).
         assert model.trigger_word == self.first["trigger_word"]
         assert TRIGGER.match(model.trigger_word)
         assert model.destination == self.first["destination"]
-        assert model.trainer_version == self.first["trainer_version"]
         trainings = self.repo.list_trainings(model.id)
+        if trainings:  # pinned by the first training, not by the upload that made the model
+            assert model.trainer_version == self.first["trainer_version"]
         for t in trainings:
             assert (t.trigger_word, t.destination, t.trainer_version) == (
                 model.trigger_word, model.destination, model.trainer_version)

@@ -60,9 +60,9 @@ def destination_for(*, owner: str, model_id: str) -> str:
 
 @dataclass(frozen=True)
 class TrainingDefaults:
-    """What the configuration says now. Only a new model (``new_model``: its user's first
-    upload or start) takes the backend, trainer version and owner from here; the Replicate
-    recipe applies to every Replicate training."""
+    """What the configuration says now. A new model (``new_model``: its user's first upload or
+    start) takes the owner from here, and a model's first training its backend and trainer
+    version (``pin_for_training``); the Replicate recipe applies to every Replicate training."""
 
     backend: str
     trainer_version: str
@@ -104,7 +104,8 @@ def new_model(*, user_id: str, model_id: str, defaults: TrainingDefaults, rng: r
               now: datetime) -> Model:
     """A user's model, made once (by the first accepted upload or the first start, whichever
     comes first): a fresh trigger word, a destination derived from its id, the configured
-    trainer version and backend pinned, the default scale (not custom) and its fixed probe set
+    trainer version and backend (pinned by its first training: ``pin_for_training``), the
+    default scale (not custom) and its fixed probe set
     for likeness tracking."""
     trigger_word = new_trigger_word(rng)
     return Model(
@@ -131,13 +132,17 @@ def plan_training(
     rng: random.Random,
     now: datetime,
     trained_before: bool,
+    repinned_by_user: bool = False,
 ) -> TrainingPlan:
     """Decide everything a training needs.
 
     With no model: a new one (``new_model``). With a model: all of that is taken from the
-    model, whatever the configuration says now. ``trained_before`` says whether the model has
-    had a training (of any outcome): a model an upload made has not, and its first training is
-    not a retraining, though what the model fixed is preserved all the same.
+    model, whatever the configuration says now, except the trainer version and backend of its
+    first training (``pin_for_training``). ``trained_before`` says whether the model has had a
+    training (of any outcome): a model an upload made has not, and its first training is not a
+    retraining, though its trigger word, destination and scale are preserved all the same.
+    ``repinned_by_user``: the user moved its trainer version explicitly (PATCH) before it ever
+    trained, which is the pin then.
     """
     if model is None:
         created = new_model(user_id=user_id, model_id=new_model_id, defaults=defaults, rng=rng,
@@ -148,6 +153,9 @@ def plan_training(
         )
     if model.user_id != user_id:
         raise InvalidInputError("model belongs to another user")
+    made_with = model
+    model = pin_for_training(model, defaults, trained_before=trained_before,
+                             repinned_by_user=repinned_by_user)
     preserved: dict[str, Any] = {
         "trigger_word": model.trigger_word,
         "destination": model.destination,
@@ -156,6 +164,14 @@ def plan_training(
         "lora_scale": model.lora_scale,
         "lora_scale_is_custom": model.lora_scale_is_custom,
     }
+    if model is not made_with:
+        # Contract invariant 3: pinned at the first training, so logged as pinned now (the
+        # model an upload made held the configuration of then, never trained on).
+        preserved["pinned_at_first_training"] = {
+            "backend": model.backend, "trainer_version": model.trainer_version,
+            "replaces": {"backend": made_with.backend,
+                         "trainer_version": made_with.trainer_version},
+        }
     if defaults.trainer_version != model.trainer_version or defaults.backend != model.backend:
         # Not an error: the pin wins. Recorded so the log shows the configuration moved on.
         preserved["configured_default_ignored"] = {
@@ -166,6 +182,20 @@ def plan_training(
         model=model, is_new_model=False, is_retraining=trained_before,
         recipe=_recipe(model, defaults), preserved=preserved,
     )
+
+
+def pin_for_training(model: Model, defaults: TrainingDefaults, *, trained_before: bool,
+                     repinned_by_user: bool = False) -> Model:
+    """``model`` with the trainer version and backend its next training uses (contract
+    invariant 3: pinned at the first training). A model that has trained, or that its user
+    re-pinned explicitly, keeps its pin; one never trained (an upload that started nothing made
+    it) takes the configured ones, which may have changed since that upload. The same object
+    when nothing changes."""
+    if trained_before or repinned_by_user or (
+            model.backend, model.trainer_version) == (defaults.backend, defaults.trainer_version):
+        return model
+    return dataclasses.replace(model, backend=defaults.backend,
+                               trainer_version=defaults.trainer_version)
 
 
 def _recipe(model: Model, defaults: TrainingDefaults) -> Recipe:

@@ -6,9 +6,19 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
+from selfie_lora.domain.plan import TrainingDefaults, pin_for_training
 from selfie_lora.errors import SelfieLoraError
+
+if TYPE_CHECKING:
+    from selfie_lora.domain.entities import Model
+    from selfie_lora.services.ports import Repository
+
+# The audit event of an explicit re-pin (ModelService.change): the user's pin from then on.
+REPINNED_EVENT = "trainer_version_changed"
 
 
 def utcnow() -> datetime:
@@ -17,6 +27,31 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class PinFacts:
+    """What ``plan_training`` needs to know of a model's past to decide its pin."""
+
+    trained_before: bool
+    repinned_by_user: bool
+
+
+def pin_facts(repo: Repository, model: Model) -> PinFacts:
+    """Whether ``model`` has had a training (of any outcome), and else whether its user re-pinned
+    it explicitly: either fixes its trainer version; otherwise its first training takes the
+    configured one (contract invariant 3)."""
+    trained_before = bool(repo.list_trainings(model.id))
+    return PinFacts(trained_before=trained_before, repinned_by_user=not trained_before and (
+        repo.count_events(model.id, kind=REPINNED_EVENT) > 0))
+
+
+def next_training_pin(repo: Repository, model: Model, defaults: TrainingDefaults) -> Model:
+    """``model`` as its next training is pinned: what its photos are prepared and checked for,
+    and what a start refuses (``TrainingService.start_refusal``)."""
+    facts = pin_facts(repo, model)
+    return pin_for_training(model, defaults, trained_before=facts.trained_before,
+                            repinned_by_user=facts.repinned_by_user)
 
 
 class PerUserSlots:

@@ -41,7 +41,7 @@ from selfie_lora.errors import (
     NotFoundError,
     StorageError,
 )
-from selfie_lora.services.common import new_id, utcnow
+from selfie_lora.services.common import new_id, next_training_pin, utcnow
 from selfie_lora.services.layout import manifest_key, original_key, photo_key, reference_key
 from selfie_lora.services.ports import (
     AnalyzerFactory,
@@ -190,8 +190,9 @@ class IntakeService:
     def judged_for(self, user: User | None = None, *, target: CheckTarget | None = None
                    ) -> tuple[CheckTarget, int]:
         """The training photos are judged for, and its trainer's resolution: ``target``'s, else
-        the user's pinned model's, else a new model's (the configured default). Photos are
-        cropped to the resolution, and judged against it (is the face sharp enough for it?)."""
+        the one the user's model trains with next (``next_training_pin``), else a new model's
+        (the configured default). Photos are cropped to the resolution, and judged against it
+        (is the face sharp enough for it?)."""
         target, recipe = self._judged_recipe(user, target=target)
         return target, recipe.resolution
 
@@ -203,6 +204,8 @@ class IntakeService:
                                          backend=defaults.backend,
                                          trainer_version=defaults.trainer_version)
         model = self._repo.get_model_for_user(user.id) if user is not None else None
+        if model is not None:  # cropped for the version its next training takes
+            model = next_training_pin(self._repo, model, defaults)
         backend = model.backend if model else defaults.backend
         version = model.trainer_version if model else defaults.trainer_version
         recipe = recipe_for(backend=backend, trainer_version=version,

@@ -28,7 +28,7 @@ from selfie_lora.errors import (
     NoModelError,
     NotFoundError,
 )
-from selfie_lora.services.common import utcnow
+from selfie_lora.services.common import REPINNED_EVENT, utcnow
 from selfie_lora.services.generation import generates_from_stored_weights, weights_missing_error
 from selfie_lora.services.ports import BlobStore, BlobStream, Repository, WeightsConverter
 
@@ -203,7 +203,7 @@ class ModelService:
                         raise ConflictError("wait for the running training to end before "
                                             "re-pinning")
                     tx.set_model_trainer_version(model.id, changed.trainer_version)
-                    tx.add_event(model_id=model.id, kind="trainer_version_changed", data={
+                    tx.add_event(model_id=model.id, kind=REPINNED_EVENT, data={
                         "from": model.trainer_version, "to": changed.trainer_version,
                         "reason": reason,
                     })

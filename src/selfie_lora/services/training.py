@@ -112,7 +112,7 @@ from selfie_lora.errors import (
 )
 from selfie_lora.logs import training_context
 from selfie_lora.services.checkpoints import TrainingCheckpoints
-from selfie_lora.services.common import new_id, utcnow
+from selfie_lora.services.common import new_id, next_training_pin, pin_facts, utcnow
 from selfie_lora.services.intake import IntakeService, PreparedDataset
 from selfie_lora.services.layout import manifest_key, photo_key, weights_key
 from selfie_lora.services.likeness import GateVerdict, LikenessService
@@ -291,13 +291,16 @@ class TrainingService:
             # left, or the re-pin finds this training and is refused.
             model = tx.get_model_for_user(user.id, for_update=True)
             _refuse_if_busy(tx, model)
-            if model is not None:
-                check_fits_base_model(model, defaults)
+            facts = pin_facts(tx, model) if model is not None else None
             plan = plan_training(
                 model, user_id=user.id, new_model_id=new_id(), defaults=defaults, rng=self._rng,
                 now=self._clock(),
-                trained_before=model is not None and bool(tx.list_trainings(model.id)),
+                trained_before=facts is not None and facts.trained_before,
+                repinned_by_user=facts is not None and facts.repinned_by_user,
             )
+            if model is not None:
+                # On the pin this training takes: a first training's is the configured one.
+                check_fits_base_model(plan.model, defaults)
             if _resume is not None:
                 _resume.check(plan)
             # After a re-pin to a recipe of more pixels (local-flux-v1's 512 px to v2's 1024),
@@ -306,10 +309,20 @@ class TrainingService:
                                       trainer_version=plan.trainer_version)
             if refused is not None:
                 raise refused
+            training_id = _resume.training_id if _resume else new_id()
             if plan.is_new_model:
                 tx.add_model(plan.model)
+            elif model is not None and plan.model is not model:
+                # The first training pins the configured version (contract invariant 3), which
+                # moved since the upload that made the model: stored and logged as the pin.
+                tx.set_model_pin(model.id, backend=plan.backend,
+                                 trainer_version=plan.trainer_version)
+                tx.add_event(model_id=model.id, kind="trainer_version_pinned", data={
+                    "by": "first_training", "training_id": training_id,
+                    "from": {"backend": model.backend, "trainer_version": model.trainer_version},
+                    "to": {"backend": plan.backend, "trainer_version": plan.trainer_version}})
             training = Training(
-                id=_resume.training_id if _resume else new_id(), model_id=plan.model.id,
+                id=training_id, model_id=plan.model.id,
                 dataset_id=dataset.id,
                 backend=plan.backend, status=TrainingStatus.QUEUED,
                 is_retraining=plan.is_retraining, trigger_word=plan.trigger_word,
@@ -388,7 +401,8 @@ class TrainingService:
             model = tx.get_model_for_user(user.id, for_update=True)
             _refuse_if_busy(tx, model)
             if model is not None:  # refused before its photos are read and cropped for it
-                check_fits_base_model(model, self._defaults())
+                defaults = self._defaults()
+                check_fits_base_model(next_training_pin(tx, model, defaults), defaults)
             now = self._clock()
             try:
                 claimed_until = tx.claim_upload(user.id, token=token, now=now,
@@ -487,6 +501,7 @@ class TrainingService:
         dataset = self._repo.latest_accepted_dataset(user.id)
         if model is None or dataset is None:
             return None
+        model = next_training_pin(self._repo, model, self._defaults())
         recipe = recipe_for(backend=model.backend, trainer_version=model.trainer_version,
                             replicate_recipe=self._defaults().replicate_recipe)
         prepared = self._prepared_resolution(dataset)
@@ -509,6 +524,7 @@ class TrainingService:
         if model is None or dataset is None:
             return None
         defaults = self._defaults()
+        model = next_training_pin(self._repo, model, defaults)
         try:
             check_fits_base_model(model, defaults)
         except ConflictError as exc:

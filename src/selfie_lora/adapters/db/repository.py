@@ -762,6 +762,9 @@ class SqlRepository:
     def set_model_trainer_version(self, model_id: str, trainer_version: str) -> None:
         self._update_model(model_id, {"trainer_version": trainer_version})
 
+    def set_model_pin(self, model_id: str, *, backend: str, trainer_version: str) -> None:
+        self._update_model(model_id, {"backend": backend, "trainer_version": trainer_version})
+
     def set_model_probes(self, model_id: str, probes: Sequence[Probe]) -> None:
         with self._tx() as s:
             row = s.scalars(select(ModelRow).where(ModelRow.id == model_id).with_for_update()).first()

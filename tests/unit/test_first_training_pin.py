@@ -1,0 +1,54 @@
+"""Contract invariant 3: the trainer version is pinned at a model's first training. A model an
+upload made (``start=false``) holds the configuration of its upload until then; its first
+training takes the configured one, and every later training keeps that pin."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from datetime import UTC, datetime
+
+from selfie_lora.domain.plan import TrainingDefaults, new_model, plan_training
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+V2 = TrainingDefaults(backend="local", trainer_version="local-tiny-v2", owner="local",
+                      replicate_recipe="replicate-person-v1")
+V1 = dataclasses.replace(V2, trainer_version="local-tiny-v1")
+
+
+def test_a_first_training_takes_the_configured_version_not_the_upload_s() -> None:
+    model = new_model(user_id="u", model_id="m", defaults=V2, rng=random.Random(0), now=NOW)
+    plan = plan_training(model, user_id="u", new_model_id="x", defaults=V1,
+                         rng=random.Random(1), now=NOW, trained_before=False)
+    # Old code: local-tiny-v2 (the upload's), with the configured v1 logged as ignored.
+    assert (plan.trainer_version, plan.model.trainer_version) == ("local-tiny-v1",) * 2
+    assert plan.recipe.name == "local-tiny-v1"
+    assert not plan.is_new_model
+    assert not plan.is_retraining
+    assert "configured_default_ignored" not in plan.preserved
+    assert plan.preserved["trainer_version"] == "local-tiny-v1"
+    assert plan.preserved["pinned_at_first_training"] == {
+        "backend": "local", "trainer_version": "local-tiny-v1",
+        "replaces": {"backend": "local", "trainer_version": "local-tiny-v2"}}
+    # What the upload fixed is kept.
+    assert (plan.trigger_word, plan.destination) == (model.trigger_word, model.destination)
+
+
+def test_a_model_that_trained_or_was_re_pinned_keeps_its_pin() -> None:
+    model = new_model(user_id="u", model_id="m", defaults=V2, rng=random.Random(0), now=NOW)
+    for trained_before, repinned in ((True, False), (False, True)):
+        plan = plan_training(model, user_id="u", new_model_id="x", defaults=V1,
+                             rng=random.Random(1), now=NOW, trained_before=trained_before,
+                             repinned_by_user=repinned)
+        assert plan.model is model
+        assert plan.trainer_version == "local-tiny-v2"
+        assert plan.preserved["configured_default_ignored"]["trainer_version"] == "local-tiny-v1"
+        assert "pinned_at_first_training" not in plan.preserved
+
+
+def test_a_first_training_on_the_unchanged_default_logs_no_new_pin() -> None:
+    model = new_model(user_id="u", model_id="m", defaults=V2, rng=random.Random(0), now=NOW)
+    plan = plan_training(model, user_id="u", new_model_id="x", defaults=V2,
+                         rng=random.Random(1), now=NOW, trained_before=False)
+    assert plan.model is model
+    assert "pinned_at_first_training" not in plan.preserved
