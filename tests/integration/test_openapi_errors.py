@@ -176,3 +176,69 @@ def test_the_most_used_answers_declare_the_fields_they_answer(
     assert declared_fields(doc, got) == set(compared)
     assert declared_fields(doc, sub(doc, got, "scores")) == set(compared["scores"])
     assert {"stale_a", "stale_b"} <= set(compared["scores"])
+
+
+def test_the_training_and_version_routes_declare_their_success_answers(
+        client: TestClient, services: Services) -> None:
+    """Upload, start, resume, cancel, the versions and activate name their answer's schema for
+    their success code (the old document: an untyped object, and no Dataset at all), with the
+    fields the routes answer."""
+    doc = client.app.openapi()  # type: ignore[attr-defined]
+    paths = doc["paths"]
+
+    def schema(path: str, status: str) -> dict[str, Any]:
+        content = paths[path]["post" if path != "/api/model/versions" else "get"][
+            "responses"][status]["content"]["application/json"]
+        return content["schema"]  # type: ignore[no-any-return]
+
+    expected = {"/api/training/upload-zip": ("202", "Uploaded"),
+                "/api/training/upload": ("202", "Uploaded"),
+                "/api/training/start": ("202", "Started"),
+                "/api/training/resume": ("202", "Started"),
+                "/api/training/cancel": ("200", "Started"),
+                "/api/model/versions": ("200", "Versions"),
+                "/api/model/versions/{version_id}/activate": ("200", "ModelAnswer")}
+    for path, (status, name) in expected.items():
+        # Old code: {"type": "object", "additionalProperties": true} and no $ref.
+        assert schema(path, status).get("$ref") == f"#/components/schemas/{name}", path
+    dataset = doc["components"]["schemas"]["DatasetAnswer"]["properties"]
+    assert {"id", "images_total", "images_accepted", "findings"} <= set(dataset)
+    assert set(doc["components"]["schemas"]["FindingAnswer"]["properties"]) >= {
+        "severity", "code", "message", "advice", "photo"}
+
+    # The real answers have the declared fields, no more and no fewer.
+    ann = auth(services, "ann")
+    r = client.post("/api/training/upload-zip", headers=ann,
+                    files={"file": ("p.zip", photo_zip(4), "application/zip")})
+    assert r.status_code == 202, r.text
+    uploaded = r.json()
+    got = schema("/api/training/upload-zip", "202")
+    assert declared_fields(doc, got) == set(uploaded)
+    assert declared_fields(doc, sub(doc, got, "dataset")) == set(uploaded["dataset"])
+    assert declared_fields(doc, sub(doc, got, "training")) == set(uploaded["training"])
+    assert declared_fields(doc, sub(doc, got, "model")) == set(uploaded["model"])
+    wait_terminal(client, ann, uploaded["training"]["id"])
+    r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
+                    files=[("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg"))
+                           for i in range(4)])
+    assert r.status_code == 202, r.text
+    assert declared_fields(doc, schema("/api/training/upload", "202")) == set(r.json())
+    r = client.post("/api/training/start", headers=ann, json={})
+    assert r.status_code == 202, r.text
+    started = r.json()
+    got = schema("/api/training/start", "202")
+    assert declared_fields(doc, got) == set(started)
+    assert declared_fields(doc, sub(doc, got, "training")) == set(started["training"])
+    r = client.post("/api/training/cancel", headers=ann,
+                    json={"training_id": started["training"]["id"]})
+    assert r.status_code == 200, r.text
+    assert declared_fields(doc, schema("/api/training/cancel", "200")) == set(r.json())
+    versions = client.get("/api/model/versions", headers=ann).json()
+    got = schema("/api/model/versions", "200")
+    assert declared_fields(doc, got) == set(versions)
+    item = doc["components"]["schemas"]["Versions"]["properties"]["versions"]["items"]
+    assert declared_fields(doc, item) == set(versions["versions"][0])
+    r = client.post("/api/model/versions/v1/activate", headers=ann)
+    assert r.status_code == 200, r.text
+    got = schema("/api/model/versions/{version_id}/activate", "200")
+    assert declared_fields(doc, got) == set(r.json())

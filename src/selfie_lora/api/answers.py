@@ -120,6 +120,43 @@ class Progress(BaseModel):
     model: ModelAnswer
 
 
+class FindingAnswer(BaseModel):
+    severity: str = Field(description="reject, warn or info.")
+    code: str
+    message: str = Field(description="What is wrong or weak.")
+    advice: str = Field(description="What to do about it.")
+    photo: str | None = Field(description="The photo it is about; null: about the whole set.")
+
+
+class DatasetAnswer(BaseModel):
+    id: str
+    images_total: int
+    images_accepted: int
+    accepted: bool = Field(description="Whether the set is trainable.")
+    sha256: str
+    findings: list[FindingAnswer] = Field(
+        description="Per photo and for the set: what is wrong or weak and what to do about it.")
+    verdict: dict[str, Any] = Field(
+        description="The set's verdict, with the training it was judged for (target, "
+                    "resolution).")
+    created_at: str
+
+
+class Uploaded(BaseModel):
+    dataset: DatasetAnswer
+    training: TrainingAnswer | None = Field(description="Null for an upload with start=false.")
+    model: ModelAnswer | None = Field(description="The user's model (made by the first upload).")
+
+
+class Started(BaseModel):
+    training: TrainingAnswer
+    model: ModelAnswer
+
+
+class Versions(BaseModel):
+    versions: list[VersionAnswer] = Field(description="Newest first.")
+
+
 class ComparedSide(BaseModel):
     image_url: str
     face_found: bool
@@ -157,7 +194,8 @@ class Comparison(BaseModel):
     chart_url: str
 
 
-def answers(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
-    """The ``responses=`` entry of a route whose 200 answers ``model``'s fields (and may answer
-    more: it is not a ``response_model``)."""
-    return {200: {"model": model, "description": "Successful Response"}}
+def answers(model: type[BaseModel], status: int = 200) -> dict[int | str, dict[str, Any]]:
+    """The ``responses=`` entry of a route whose ``status`` (200, or 202 for a route that
+    queues work) answers ``model``'s fields (and may answer more: it is not a
+    ``response_model``)."""
+    return {status: {"model": model, "description": "Successful Response"}}

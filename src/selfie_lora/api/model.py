@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from selfie_lora.api.answers import ModelAnswer, PatchedModelAnswer, answers
+from selfie_lora.api.answers import ModelAnswer, PatchedModelAnswer, Versions, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.api.schemas import NOT_FOUND, WEIGHTS_ANSWERS, E, ModelPatch, errors
@@ -59,14 +59,15 @@ def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, 
             "notice": notice}
 
 
-@router.get("/versions", responses=errors())
+@router.get("/versions", responses=errors() | answers(Versions))
 def versions(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
     return {"versions": [version_json(v, record)
                          for v, record in svc.models.versions_with_likeness(user=user)]}
 
 
 @router.post("/versions/{version_id}/activate", responses=errors(
-    {**NOT_FOUND, 409: (E.WEIGHTS_MISSING, E.BASE_MODEL_MISMATCH)}, body=True))
+    {**NOT_FOUND, 409: (E.WEIGHTS_MISSING, E.BASE_MODEL_MISMATCH)}, body=True)
+    | answers(ModelAnswer))
 def activate(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]:
     """Rollback or roll forward; ``version_id`` is an id or a number (``2``, ``v2``)."""
     svc.models.activate(user=user, version_id=version_id)

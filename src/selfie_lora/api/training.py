@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
-from selfie_lora.api.answers import Progress, answers
+from selfie_lora.api.answers import Progress, Started, Uploaded, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_intake, in_thread, upload_slot
 from selfie_lora.api.model import model_of
 from selfie_lora.api.schemas import (
@@ -75,7 +75,8 @@ async def read_capped(file: UploadFile, *, limit: int, allowed: int) -> bytes:
 
 
 @router.post("/upload-zip", status_code=202, responses=errors(
-    {**UPLOAD_ERRORS, 422: (E.INVALID_REQUEST, E.DATASET_REJECTED, *ARCHIVE_CODES)}))
+    {**UPLOAD_ERRORS, 422: (E.INVALID_REQUEST, E.DATASET_REJECTED, *ARCHIVE_CODES)})
+    | answers(Uploaded, 202))
 async def upload_zip(
     user: UserDep, svc: ServicesDep, request: Request,
     file: Annotated[UploadFile, File(description="A zip of photos.")],
@@ -90,7 +91,8 @@ async def upload_zip(
 
 
 @router.post("/upload", status_code=202, responses=errors(
-    {**UPLOAD_ERRORS, 422: (E.INVALID_REQUEST, E.DATASET_REJECTED, *SENT_FILES_CODES)}))
+    {**UPLOAD_ERRORS, 422: (E.INVALID_REQUEST, E.DATASET_REJECTED, *SENT_FILES_CODES)})
+    | answers(Uploaded, 202))
 async def upload_files(
     user: UserDep, svc: ServicesDep, request: Request,
     files: Annotated[list[UploadFile], File(description="Photos, one part each.")],
@@ -117,7 +119,8 @@ def started_json(svc: Services, user: Any, result: StartResult) -> dict[str, Any
 
 
 @router.post("/start", status_code=202, responses=errors(
-    {**NOT_FOUND, 409: STARTS_CONFLICTS, 422: (E.INVALID_REQUEST, E.NO_DATASET)}, body=True))
+    {**NOT_FOUND, 409: STARTS_CONFLICTS, 422: (E.INVALID_REQUEST, E.NO_DATASET)}, body=True)
+    | answers(Started, 202))
 def start_training(user: UserDep, svc: ServicesDep,
                    body: StartBody | None = None) -> dict[str, Any]:
     result = svc.training.start(user=user, dataset_id=body.dataset_id if body else None)
@@ -126,7 +129,7 @@ def start_training(user: UserDep, svc: ServicesDep,
 
 @router.post("/resume", status_code=202, responses=errors(
     {**NOT_FOUND, 409: (E.NOT_RESUMABLE, *STARTS_CONFLICTS), 422: (E.INVALID_REQUEST,)},
-    body=True))
+    body=True) | answers(Started, 202))
 def resume_training(user: UserDep, svc: ServicesDep, body: ResumeBody) -> dict[str, Any]:
     """A canceled training continues from its last checkpoint, as a new training."""
     result = svc.training.resume(user=user, training_id=body.training_id)
@@ -146,7 +149,7 @@ async def progress(user: UserDep, svc: ServicesDep,
 
 
 @router.post("/cancel", responses=errors(
-    {**NOT_FOUND, 422: (E.INVALID_REQUEST,)}, body=True))
+    {**NOT_FOUND, 422: (E.INVALID_REQUEST,)}, body=True) | answers(Started))
 def cancel(user: UserDep, svc: ServicesDep, body: CancelBody) -> dict[str, Any]:
     training = svc.training.cancel(user=user, training_id=body.training_id)
     return {"training": view_json(svc.training.view(training)), "model": model_of(svc, user)}
