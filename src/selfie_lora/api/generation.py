@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from selfie_lora.api.answers import Generated, GenerationsPage, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, finished
 from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, GenerateBody, binary, errors
-from selfie_lora.api.serializers import generation_json
+from selfie_lora.api.serializers import generation_json, url_base
 from selfie_lora.services.generation import HISTORY_PAGE, GenerationRequest
 
 router = APIRouter(prefix="/api", tags=["generation"])
@@ -35,7 +35,7 @@ async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
     generation = await finished(
         svc.generation.submit(user=user, request=request, client_gone=gone), http,
         client_gone=gone)
-    return {"generation": generation_json(generation)}
+    return {"generation": generation_json(generation, base=url_base(svc.settings.public_url))}
 
 
 @router.get("/generations", responses=errors({
@@ -45,7 +45,9 @@ def generations(user: UserDep, svc: ServicesDep, limit: int = HISTORY_PAGE,
     """The user's generations, newest first, a page at a time: ``older`` is the next page's
     ``before``. The gallery was the only list and showed the 50 newest, whatever was stored."""
     page = svc.generation.page(user=user, limit=limit, before=before)
-    return {"generations": [generation_json(g) for g in page.generations], "older": page.older}
+    base = url_base(svc.settings.public_url)
+    return {"generations": [generation_json(g, base=base) for g in page.generations],
+            "older": page.older}
 
 
 @router.delete("/generations/{generation_id}", responses=errors(NOT_FOUND, body=True))

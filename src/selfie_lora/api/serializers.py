@@ -15,6 +15,14 @@ from selfie_lora.services.likeness import Comparison
 
 CHART_URL = "/api/model/quality/chart.png"
 
+
+def url_base(public_url: str | None) -> str:
+    """What the URLs of answers start with: SELFIE_LORA_PUBLIC_URL (the service's address as
+    clients reach it), so they are absolute; unset, nothing, and they are paths on this
+    service. Never the request's Host header: anyone can send one, and a forged Host would
+    make the answer point clients (and their API key) elsewhere."""
+    return public_url.rstrip("/") if public_url else ""
+
 # Any URL in a stored delivery error. Records written before the alerter named only the host kept
 # httpx's text, which quotes the operator's alert URL (for a chat hook, its credential).
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]*")
@@ -66,13 +74,15 @@ def likeness_summary_json(q: VersionLikeness | None) -> dict[str, Any] | None:
     }
 
 
-def version_json(v: Version, quality: VersionLikeness | None = None) -> dict[str, Any]:
+def version_json(v: Version, quality: VersionLikeness | None = None, *,
+                 base: str = "") -> dict[str, Any]:
+    """A version; its URLs start with ``base`` (``url_base``)."""
     return {
         "id": v.id,
         "number": v.number,
         "training_id": v.training_id,
         "trainer_version": v.trainer_version,
-        "weights_url": f"/api/model/versions/{v.id}/weights",
+        "weights_url": f"{base}/api/model/versions/{v.id}/weights",
         "weights_sha256": v.weights_sha256,
         "weights_method": v.weights_method,
         "remote_version": v.remote_version,
@@ -80,7 +90,7 @@ def version_json(v: Version, quality: VersionLikeness | None = None) -> dict[str
         "created_at": v.created_at.isoformat(),
         "gate": gate_json(v),
         "quality": likeness_summary_json(quality),
-        "quality_url": f"/api/model/versions/{v.id}/quality",
+        "quality_url": f"{base}/api/model/versions/{v.id}/quality",
         "alert": alert_json(v),
         # Every value of the recipe the version was trained with (kept in its likeness record;
         # null for a version recorded before recipes were).
@@ -88,14 +98,15 @@ def version_json(v: Version, quality: VersionLikeness | None = None) -> dict[str
     }
 
 
-def compare_urls(a_id: str, b_id: str) -> dict[str, str]:
+def compare_urls(a_id: str, b_id: str, *, base: str = "") -> dict[str, str]:
     query = urlencode({"a": a_id, "b": b_id})
-    return {"compare_url": f"/api/model/compare?{query}",
-            "grid_url": f"/api/model/compare/grid.png?{query}", "chart_url": CHART_URL}
+    return {"compare_url": f"{base}/api/model/compare?{query}",
+            "grid_url": f"{base}/api/model/compare/grid.png?{query}",
+            "chart_url": f"{base}{CHART_URL}"}
 
 
 def likeness_json(
-    v: Version, q: VersionLikeness | None, baseline: Version | None
+    v: Version, q: VersionLikeness | None, baseline: Version | None, *, base: str = ""
 ) -> dict[str, Any]:
     """``GET /api/model/versions/{id}/quality``: every score, every probe, and where the images are."""
     per_probe = {p.index: p for p in (q.scores.per_probe if q and q.scores else ())}
@@ -104,14 +115,14 @@ def likeness_json(
         score = per_probe.get(r.index)
         probes.append({
             "index": r.index, "prompt": r.prompt, "seed": r.seed,
-            "image_url": f"/api/model/versions/{v.id}/quality/probes/{r.index}",
+            "image_url": f"{base}/api/model/versions/{v.id}/quality/probes/{r.index}",
             "faces": r.faces, "face_found": r.face_found, "face_box": r.face_box,
             "similarity": score.similarity if score else None,
             "similarity_nearest": score.similarity_nearest if score else None,
             "sanity": r.sanity.as_dict() if r.sanity else None, "error": r.error,
         })
     body: dict[str, Any] = {
-        "version": version_json(v, q),
+        "version": version_json(v, q, base=base),
         "gate": gate_json(v),
         "alert": alert_json(v),
         "quality": likeness_summary_json(q),
@@ -120,17 +131,17 @@ def likeness_json(
         "training": q.training if q else None,
         "probes": probes,
         "compared_with": baseline.id if baseline else None,
-        "chart_url": CHART_URL,
+        "chart_url": f"{base}{CHART_URL}",
         "grid_url": None,
         "compare_url": None,
     }
     if baseline is not None:
-        body.update(compare_urls(baseline.id, v.id))
+        body.update(compare_urls(baseline.id, v.id, base=base))
     return body
 
 
 def model_json(m: Model, active: Version | None,
-               active_quality: VersionLikeness | None = None) -> dict[str, Any]:
+               active_quality: VersionLikeness | None = None, *, base: str = "") -> dict[str, Any]:
     return {
         "id": m.id,
         "backend": m.backend,
@@ -139,7 +150,7 @@ def model_json(m: Model, active: Version | None,
         "trainer_version": m.trainer_version,
         "lora_scale": m.lora_scale,
         "lora_scale_is_custom": m.lora_scale_is_custom,
-        "active_version": version_json(active, active_quality) if active else None,
+        "active_version": version_json(active, active_quality, base=base) if active else None,
         "created_at": m.created_at.isoformat(),
         "probes": [p.as_dict() for p in m.probes],
     }
@@ -155,12 +166,12 @@ def training_phase(t: Training) -> str:
     return "queued" if str(t.status) == "queued" else "training"
 
 
-def sample_url(training_id: str, step: int) -> str:
-    return f"/api/training/{training_id}/samples/{step}"
+def sample_url(training_id: str, step: int, *, base: str = "") -> str:
+    return f"{base}/api/training/{training_id}/samples/{step}"
 
 
 def training_json(t: Training, version: Version | None = None,
-                  samples: Sequence[int] = ()) -> dict[str, Any]:
+                  samples: Sequence[int] = (), *, base: str = "") -> dict[str, Any]:
     """A training; with its version (once stored), the gate's state and reason: ``pending``
     while it is scored, then ``passed`` (the version is active) or ``held`` (it is not, and
     ``gate.reason`` says why); and its sample images so far (steps in order)."""
@@ -200,7 +211,7 @@ def training_json(t: Training, version: Version | None = None,
         "heartbeat_at": t.heartbeat_at.isoformat() if t.heartbeat_at else None,
         "lease_expires_at": t.lease_expires_at.isoformat() if t.lease_expires_at else None,
         "cancel_requested": t.cancel_requested,
-        "samples": [{"step": step, "url": sample_url(t.id, step)} for step in samples],
+        "samples": [{"step": step, "url": sample_url(t.id, step, base=base)} for step in samples],
     }
 
 
@@ -217,14 +228,14 @@ def dataset_json(d: Dataset) -> dict[str, Any]:
     }
 
 
-def generation_json(g: Generation) -> dict[str, Any]:
+def generation_json(g: Generation, *, base: str = "") -> dict[str, Any]:
     return {
         "id": g.id,
         "prompt": g.prompt,
         "lora_scale": g.lora_scale,
         "version_id": g.version_id,
         "seed": g.seed,
-        "images": [f"/api/generations/{g.id}/images/{i}" for i in range(len(g.image_keys))],
+        "images": [f"{base}/api/generations/{g.id}/images/{i}" for i in range(len(g.image_keys))],
         # The pictures of the batch the generator withheld (Replicate's safety checker): the
         # images are the others, in the batch's order.
         "withheld": [{"picture": p.number, "seed": p.seed} for p in withheld_pictures(g)],
@@ -232,7 +243,7 @@ def generation_json(g: Generation) -> dict[str, Any]:
     }
 
 
-def comparison_json(c: Comparison) -> dict[str, Any]:
+def comparison_json(c: Comparison, *, base: str = "") -> dict[str, Any]:
     """``GET /api/model/compare``: both versions' scores against the same training photos (the
     newer version's), probe by probe, and the grid and chart URLs."""
 
@@ -241,7 +252,7 @@ def comparison_json(c: Comparison) -> dict[str, Any]:
         if result is None:
             return None
         return {
-            "image_url": f"/api/model/versions/{version.id}/quality/probes/{result.index}",
+            "image_url": f"{base}/api/model/versions/{version.id}/quality/probes/{result.index}",
             "face_found": result.face_found,
             "similarity": score.get("similarity") if score else None,
             "similarity_nearest": score.get("similarity_nearest") if score else None,
@@ -263,15 +274,15 @@ def comparison_json(c: Comparison) -> dict[str, Any]:
     if sa and sb and sa["identity"] is not None and sb["identity"] is not None:
         delta_identity = round(sb["identity"] - sa["identity"], 4)
     return {
-        "a": version_json(c.a, c.record_a),
-        "b": version_json(c.b, c.record_b),
+        "a": version_json(c.a, c.record_a, base=base),
+        "b": version_json(c.b, c.record_b, base=base),
         "reference_dataset_id": c.reference_dataset_id,
         # ``stale_a``/``stale_b``: why that side's scores are null although it was scored (at
         # another probe size, or with another face model: ``selfie-lora compare`` scores it again).
         "scores": {"a": sa, "b": sb, "delta_identity": delta_identity,
                    "stale_a": c.stale_a, "stale_b": c.stale_b},
         "probes": probes,
-        **compare_urls(c.a.id, c.b.id),
+        **compare_urls(c.a.id, c.b.id, base=base),
     }
 
 

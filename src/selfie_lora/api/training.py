@@ -24,7 +24,7 @@ from selfie_lora.api.schemas import (
     binary,
     errors,
 )
-from selfie_lora.api.serializers import dataset_json, model_json, training_json
+from selfie_lora.api.serializers import dataset_json, model_json, training_json, url_base
 from selfie_lora.dataset.limits import byte_size
 from selfie_lora.errors import PayloadTooLargeError
 from selfie_lora.services.training import StartResult, TrainingView, UploadResult
@@ -33,9 +33,10 @@ from selfie_lora.wiring import Services
 router = APIRouter(prefix="/api/training", tags=["training"])
 
 
-def view_json(view: TrainingView) -> dict[str, Any]:
+def view_json(svc: Services, view: TrainingView) -> dict[str, Any]:
     # With its version once stored: the answer carries the likeness gate's state and reason.
-    return training_json(view.training, view.version, view.samples)
+    return training_json(view.training, view.version, view.samples,
+                         base=url_base(svc.settings.public_url))
 
 
 def upload_json(svc: Services, result: UploadResult) -> dict[str, Any]:
@@ -43,8 +44,10 @@ def upload_json(svc: Services, result: UploadResult) -> dict[str, Any]:
     overview = svc.models.overview_of(result.model) if result.model else None
     return {
         "dataset": dataset_json(result.dataset),
-        "training": view_json(svc.training.view(result.training)) if result.training else None,
-        "model": (model_json(overview.model, overview.active, overview.active_record)
+        "training": (view_json(svc, svc.training.view(result.training)) if result.training
+                     else None),
+        "model": (model_json(overview.model, overview.active, overview.active_record,
+                             base=url_base(svc.settings.public_url))
                   if overview else None),
     }
 
@@ -114,7 +117,7 @@ async def upload_files(
 
 
 def started_json(svc: Services, user: Any, result: StartResult) -> dict[str, Any]:
-    return {"training": view_json(svc.training.view(result.training)),
+    return {"training": view_json(svc, svc.training.view(result.training)),
             "model": model_of(svc, user)}
 
 
@@ -144,7 +147,7 @@ async def progress(user: UserDep, svc: ServicesDep,
     # leaves it) is the default, the latest training, not a training with no id.
     wanted = training_id or None
     return await in_thread(lambda: {
-        "training": view_json(svc.training.progress(user=user, training_id=wanted)),
+        "training": view_json(svc, svc.training.progress(user=user, training_id=wanted)),
         "model": model_of(svc, user)})
 
 
@@ -152,7 +155,8 @@ async def progress(user: UserDep, svc: ServicesDep,
     {**NOT_FOUND, 422: (E.INVALID_REQUEST,)}, body=True) | answers(Started))
 def cancel(user: UserDep, svc: ServicesDep, body: CancelBody) -> dict[str, Any]:
     training = svc.training.cancel(user=user, training_id=body.training_id)
-    return {"training": view_json(svc.training.view(training)), "model": model_of(svc, user)}
+    return {"training": view_json(svc, svc.training.view(training)),
+            "model": model_of(svc, user)}
 
 
 @router.get("/{training_id}/samples/{step}",
