@@ -30,8 +30,10 @@ def answered_urls(client: TestClient, h: dict[str, str]) -> list[str]:
     r = client.post("/api/generate", headers=h, json={"prompt": "on a hike"})
     assert r.status_code == 200, r.text
     quality = client.get(f"/api/model/versions/{versions[0]['id']}/quality", headers=h).json()
+    listed = client.get("/api/generations", headers=h).json()["generations"]
     return [versions[0]["weights_url"], versions[0]["quality_url"],
             model["active_version"]["weights_url"], *r.json()["generation"]["images"],
+            *(url for g in listed for url in g["images"]),
             quality["chart_url"], *(p["image_url"] for p in quality["probes"])]
 
 
