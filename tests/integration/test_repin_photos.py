@@ -19,9 +19,12 @@ from PIL import Image
 from sqlalchemy import update
 
 from selfie_lora.adapters.db.tables import DatasetRow
+from selfie_lora.api.app import create_app
+from selfie_lora.config import Settings
 from selfie_lora.testing.fakes import FakeTrainer
-from selfie_lora.wiring import Services
-from tests.conftest import auth, make_settings, serving, wait_terminal
+from selfie_lora.testing.replicate_standin import ReplicateStandIn
+from selfie_lora.wiring import Services, build_services, default_trainers
+from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
 from tests.support.photos import photo_zip
 
 # Large enough for a face judged at 1024 px (local-flux-v2, Replicate's size).
@@ -166,7 +169,8 @@ def test_the_version_is_pinned_by_the_first_training_not_the_upload_that_made_th
         assert first["recipe"]["name"] == "local-tiny-v2"
         assert "configured_default_ignored" not in first["preserved"]
         assert first["preserved"]["pinned_at_first_training"]["replaces"] == {
-            "backend": "local", "trainer_version": "local-tiny-v1"}
+            "backend": "local", "trainer_version": "local-tiny-v1",
+            "destination": made["model"]["destination"]}
         assert r.json()["model"]["trainer_version"] == "local-tiny-v2"
         assert wait_terminal(client, h, first["id"])["training"]["status"] == "succeeded"
         model_id = made["model"]["id"]
@@ -202,3 +206,53 @@ def test_a_first_training_on_a_default_of_more_pixels_asks_for_the_photos_again(
         done = wait_terminal(client, h, again["training"]["id"])
         assert done["training"]["status"] == "succeeded"
         assert trainer.jobs[-1].recipe.name == "local-flux-v2"
+
+
+def test_a_first_training_on_another_backend_takes_that_backend_s_destination(
+        tmp_path: Path) -> None:
+    """Contract invariant 2: the destination is created once, at the first training. A model an
+    upload made under the local backend held ``local/selfie-lora-…``; when the operator moved
+    to Replicate before its first training, that training used to create (or fail to create) a
+    Replicate model under the owner ``local``. It now takes the Replicate owner's destination,
+    derived from the model id as a new model's is, and pins and logs it."""
+    with uploaded(tmp_path, "local-flux-v2") as pinned:  # 1024 px crops, as Replicate trains
+        h, made = pinned.headers, pinned.made["model"]
+    assert made["destination"].startswith("local/")
+    suffix = made["destination"].split("/", 1)[1]
+    with ReplicateStandIn() as standin:
+        # The same home (its database is kept), now on Replicate.
+        moved = make_settings(tmp_path, trainer="replicate", replicate_owner="acme",
+                              replicate_api_token=standin.token,
+                              replicate_base_url=standin.base_url)
+        with on_replicate(moved) as (client, svc):
+            r = client.post("/api/training/start", headers=h, json={})
+            assert r.status_code == 202, r.text
+            first = r.json()["training"]
+            # Old code: local/selfie-lora-…, on the Replicate backend.
+            assert first["destination"] == f"acme/{suffix}"
+            assert first["preserved"]["pinned_at_first_training"]["destination"] == (
+                f"acme/{suffix}")
+            assert first["preserved"]["pinned_at_first_training"]["replaces"]["destination"] == (
+                made["destination"])
+            done = wait_terminal(client, h, first["id"], timeout=180)
+            assert done["training"]["status"] == "succeeded", done["training"]["error"]
+            assert done["model"]["destination"] == f"acme/{suffix}"
+            assert client.get("/api/model", headers=h).json()["destination"] == f"acme/{suffix}"
+            assert [c["owner"] for c in standin.model_creations] == ["acme"]
+            pinned_events = [e for e in svc.repo.list_events(made["id"])
+                             if e["kind"] == "trainer_version_pinned"]
+            assert [e["data"]["to"]["destination"] for e in pinned_events] == [f"acme/{suffix}"]
+
+
+@contextmanager
+def on_replicate(settings: Settings) -> Iterator[tuple[TestClient, Services]]:
+    """The app with the Replicate trainer the settings name (``serving`` runs a fake local
+    trainer only)."""
+    svc = build_services(settings, trainers={"replicate": default_trainers(settings)["replicate"]},
+                         face_analyzer=one_person_analyzer())
+    try:
+        with TestClient(create_app(settings, services=svc, run_worker=True),
+                        raise_server_exceptions=False) as client:
+            yield client, svc
+    finally:
+        svc.close()

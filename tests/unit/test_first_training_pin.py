@@ -28,8 +28,9 @@ def test_a_first_training_takes_the_configured_version_not_the_upload_s() -> Non
     assert "configured_default_ignored" not in plan.preserved
     assert plan.preserved["trainer_version"] == "local-tiny-v1"
     assert plan.preserved["pinned_at_first_training"] == {
-        "backend": "local", "trainer_version": "local-tiny-v1",
-        "replaces": {"backend": "local", "trainer_version": "local-tiny-v2"}}
+        "backend": "local", "trainer_version": "local-tiny-v1", "destination": model.destination,
+        "replaces": {"backend": "local", "trainer_version": "local-tiny-v2",
+                     "destination": model.destination}}
     # What the upload fixed is kept.
     assert (plan.trigger_word, plan.destination) == (model.trigger_word, model.destination)
 
@@ -52,3 +53,31 @@ def test_a_first_training_on_the_unchanged_default_logs_no_new_pin() -> None:
                          rng=random.Random(1), now=NOW, trained_before=False)
     assert plan.model is model
     assert "pinned_at_first_training" not in plan.preserved
+
+
+def test_a_first_training_on_another_backend_derives_that_backend_s_destination() -> None:
+    """Contract invariant 2: nothing was created under the upload's destination (the local
+    backend's owner is the literal "local"), so a first training that moves the model to
+    Replicate takes the destination a new model would get there."""
+    replicate = TrainingDefaults(backend="replicate", owner="acme",
+                                 trainer_version="ostris/flux-dev-lora-trainer:" + "a" * 64,
+                                 replicate_recipe="replicate-person-v1")
+    model = new_model(user_id="u", model_id="0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", defaults=V2,
+                      rng=random.Random(0), now=NOW)
+    assert model.destination == "local/selfie-lora-0f1e2d3c4b5a6978"
+    plan = plan_training(model, user_id="u", new_model_id="x", defaults=replicate,
+                         rng=random.Random(1), now=NOW, trained_before=False)
+    # Old code: local/selfie-lora-0f1e2d3c4b5a6978 on the Replicate backend.
+    assert (plan.backend, plan.destination) == ("replicate", "acme/selfie-lora-0f1e2d3c4b5a6978")
+    assert plan.trigger_word == model.trigger_word
+    fresh = plan_training(None, user_id="u", new_model_id=model.id, defaults=replicate,
+                          rng=random.Random(0), now=NOW, trained_before=False)
+    assert plan.destination == fresh.destination
+    assert plan.preserved["destination"] == plan.destination
+    pin = plan.preserved["pinned_at_first_training"]
+    assert (pin["destination"], pin["replaces"]["destination"]) == (
+        plan.destination, model.destination)
+    # Once trained, the pin (destination included) is kept whatever is configured.
+    again = plan_training(plan.model, user_id="u", new_model_id="x", defaults=V2,
+                          rng=random.Random(1), now=NOW, trained_before=True)
+    assert (again.backend, again.destination) == ("replicate", plan.destination)

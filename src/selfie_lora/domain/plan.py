@@ -138,7 +138,8 @@ def plan_training(
 
     With no model: a new one (``new_model``). With a model: all of that is taken from the
     model, whatever the configuration says now, except the trainer version and backend of its
-    first training (``pin_for_training``). ``trained_before`` says whether the model has had a
+    first training, and the destination when that moves it to another backend
+    (``pin_for_training``). ``trained_before`` says whether the model has had a
     training (of any outcome): a model an upload made has not, and its first training is not a
     retraining, though its trigger word, destination and scale are preserved all the same.
     ``repinned_by_user``: the user moved its trainer version explicitly (PATCH) before it ever
@@ -169,8 +170,10 @@ def plan_training(
         # model an upload made held the configuration of then, never trained on).
         preserved["pinned_at_first_training"] = {
             "backend": model.backend, "trainer_version": model.trainer_version,
+            "destination": model.destination,
             "replaces": {"backend": made_with.backend,
-                         "trainer_version": made_with.trainer_version},
+                         "trainer_version": made_with.trainer_version,
+                         "destination": made_with.destination},
         }
     if defaults.trainer_version != model.trainer_version or defaults.backend != model.backend:
         # Not an error: the pin wins. Recorded so the log shows the configuration moved on.
@@ -189,13 +192,21 @@ def pin_for_training(model: Model, defaults: TrainingDefaults, *, trained_before
     """``model`` with the trainer version and backend its next training uses (contract
     invariant 3: pinned at the first training). A model that has trained, or that its user
     re-pinned explicitly, keeps its pin; one never trained (an upload that started nothing made
-    it) takes the configured ones, which may have changed since that upload. The same object
-    when nothing changes."""
+    it) takes the configured ones, which may have changed since that upload, and with another
+    backend that backend's destination. The same object when nothing changes."""
     if trained_before or repinned_by_user or (
             model.backend, model.trainer_version) == (defaults.backend, defaults.trainer_version):
         return model
+    if defaults.backend == model.backend:
+        return dataclasses.replace(model, trainer_version=defaults.trainer_version)
+    # Another backend: the destination derived at the upload names that backend's owner (the
+    # local backend's is the literal "local"), which the new one cannot train into. It is
+    # derived again as a new model's would be; a never-trained model has no remote destination
+    # created yet, so this is still before it is made (contract invariant 2).
     return dataclasses.replace(model, backend=defaults.backend,
-                               trainer_version=defaults.trainer_version)
+                               trainer_version=defaults.trainer_version,
+                               destination=destination_for(owner=defaults.owner,
+                                                           model_id=model.id))
 
 
 def _recipe(model: Model, defaults: TrainingDefaults) -> Recipe:

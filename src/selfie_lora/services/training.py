@@ -315,12 +315,16 @@ class TrainingService:
             elif model is not None and plan.model is not model:
                 # The first training pins the configured version (contract invariant 3), which
                 # moved since the upload that made the model: stored and logged as the pin.
+                # With another backend its destination too, still never created remotely.
                 tx.set_model_pin(model.id, backend=plan.backend,
-                                 trainer_version=plan.trainer_version)
+                                 trainer_version=plan.trainer_version,
+                                 destination=plan.destination)
                 tx.add_event(model_id=model.id, kind="trainer_version_pinned", data={
                     "by": "first_training", "training_id": training_id,
-                    "from": {"backend": model.backend, "trainer_version": model.trainer_version},
-                    "to": {"backend": plan.backend, "trainer_version": plan.trainer_version}})
+                    "from": {"backend": model.backend, "trainer_version": model.trainer_version,
+                             "destination": model.destination},
+                    "to": {"backend": plan.backend, "trainer_version": plan.trainer_version,
+                           "destination": plan.destination}})
             training = Training(
                 id=training_id, model_id=plan.model.id,
                 dataset_id=dataset.id,

@@ -762,8 +762,10 @@ class SqlRepository:
     def set_model_trainer_version(self, model_id: str, trainer_version: str) -> None:
         self._update_model(model_id, {"trainer_version": trainer_version})
 
-    def set_model_pin(self, model_id: str, *, backend: str, trainer_version: str) -> None:
-        self._update_model(model_id, {"backend": backend, "trainer_version": trainer_version})
+    def set_model_pin(self, model_id: str, *, backend: str, trainer_version: str,
+                      destination: str) -> None:
+        self._update_model(model_id, {"backend": backend, "trainer_version": trainer_version,
+                                      "destination": destination})
 
     def set_model_probes(self, model_id: str, probes: Sequence[Probe]) -> None:
         with self._tx() as s:
