@@ -5,6 +5,7 @@ missing file, not a 500 "please retry" that no retry mends."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,8 +13,10 @@ from fastapi.testclient import TestClient
 from selfie_lora.errors import WeightsDamagedError
 from selfie_lora.testing.fakes import FakeGenerator
 from selfie_lora.wiring import Services
+from tests.conftest import make_settings, serving
 from tests.integration.test_web import PASSWORD, csrf, sign_in
 from tests.support.owners import own_model
+from tests.support.s3 import S3Server
 
 
 def test_a_cut_short_weights_file_is_a_409_naming_the_version_until_it_is_restored(
@@ -59,3 +62,39 @@ def test_weights_the_generator_cannot_read_are_a_409_naming_the_version(
     assert error["code"] == "weights_damaged"
     assert error["message"].startswith("version 1's weights file is damaged")
     assert "/x.safetensors" not in error["message"]
+
+
+def test_on_object_storage_a_damaged_copy_is_fetched_again_and_a_restored_object_heals(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    """On S3 storage the generator reads this machine's cached copy, fetched once. A copy that
+    fails its hash was kept, so after the operator restored the object every generation on this
+    host was still a 409, and a copy garbled on this disk over a sound object was reported as
+    damaged in the storage for ever. A damaged copy is now dropped and fetched once more."""
+    settings = make_settings(tmp_path, **s3_server.settings(s3_server.new_location()))
+    with serving(settings, run_worker=True) as (client, services):
+        owner = own_model(client, services, "ann")
+        user = services.users.get_by_name(name="ann")
+        [version] = services.models.versions(user=user)
+        key = version.weights_key
+        stored = services.blobs.get(key)
+        ok = client.post("/api/generate", headers=owner.headers, json={"prompt": "p"})
+        assert ok.status_code == 200, ok.text
+        with services.blobs.local_copy(key) as path:
+            copy = Path(path)  # this machine's cached copy
+
+        # The object cut short in the bucket, and this machine's copy fetched from it.
+        services.blobs.put(key, stored[: len(stored) // 2])
+        copy.write_bytes(stored[: len(stored) // 2])
+        r = client.post("/api/generate", headers=owner.headers, json={"prompt": "p"})
+        assert r.status_code == 409, r.text  # the fresh copy is wrong too
+        assert r.json()["error"]["code"] == "weights_damaged"
+        services.blobs.put(key, stored)  # the operator restores it
+        r = client.post("/api/generate", headers=owner.headers, json={"prompt": "p"})
+        assert r.status_code == 200, r.text  # old code: 409, the cut copy served for ever
+        assert copy.read_bytes() == stored
+
+        # Garbled on this disk only: the object is sound, so it generates.
+        copy.write_bytes(b"x" * len(stored))
+        r = client.post("/api/generate", headers=owner.headers, json={"prompt": "p"})
+        assert r.status_code == 200, r.text  # old code: 409 "damaged in the storage"
+        assert copy.read_bytes() == stored

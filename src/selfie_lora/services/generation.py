@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -258,38 +258,40 @@ class GenerationService:
         if generator is None:
             raise ConfigError(f"no '{model.backend}' generator is configured on this server")
         final_prompt = ensure_trigger_word(prompt, model.trigger_word)
-        # The weights stay on this machine until the generation ends: a local generator may
-        # wait behind others (minutes each) before it loads them, and meanwhile another
-        # process's fetch may evict whatever copy nobody holds.
-        weights: AbstractContextManager[Path | None] = (
-            self._blobs.local_copy(version.weights_key)
-            if generates_from_stored_weights(model.backend) else nullcontext())
-        with ExitStack() as stack:
-            try:
-                weights_path = stack.enter_context(weights)
-            except BlobMissingError as exc:
-                # Not the server failing (a 500 the user can only retry): this version cannot
-                # generate until its file is restored, and another version can. The operator
-                # gets the key to look for.
-                logger.error("version %s (model %s) cannot generate: %s", version.id, model.id,
-                             exc.message)
-                raise weights_missing_error(version) from exc
-            if weights_path is not None:
-                self._check_weights(model=model, version=version, path=weights_path)
-            job = GenerationJob(
-                prompt=final_prompt, num_outputs=num_outputs, seed=seed, lora_scale=scale,
-                trainer_version=version.trainer_version, weights_path=weights_path,
-                remote_version=version.remote_version, width=size, height=size,
-                client_gone=client_gone,
-            )
-            try:
-                pictures = generator.generate(job)
-            except WeightsDamagedError as exc:
-                # The generator could not read the file (its sha256 matched, or was not known):
-                # the version's, so the user is told which and what to do, the operator the key.
-                logger.error("version %s (model %s, weights %s) cannot generate: %s",
-                             version.id, model.id, version.weights_key, exc.message)
-                raise weights_damaged_error(version) from exc
+        stored = generates_from_stored_weights(model.backend)
+        # A copy found damaged (its hash, or the generator unable to read it) may be only this
+        # machine's cached copy of a sound object, or one fetched before the operator restored
+        # it: dropped and fetched once more, and refused only if the fresh copy is wrong too.
+        refetched = False
+        while True:
+            with ExitStack() as stack:
+                weights_path = (self._sound_weights(stack, model=model, version=version)
+                                if stored else None)
+                job = GenerationJob(
+                    prompt=final_prompt, num_outputs=num_outputs, seed=seed, lora_scale=scale,
+                    trainer_version=version.trainer_version, weights_path=weights_path,
+                    remote_version=version.remote_version, width=size, height=size,
+                    client_gone=client_gone,
+                )
+                damaged: WeightsDamagedError | None = None
+                try:
+                    pictures = generator.generate(job)
+                except WeightsDamagedError as exc:
+                    damaged = exc
+            if damaged is None:
+                break
+            if (weights_path is not None and not refetched
+                    and self._blobs.forget_local_copy(version.weights_key)):
+                logger.warning("version %s (model %s): the generator could not read this "
+                               "machine's copy of %s (%s); fetched again", version.id, model.id,
+                               version.weights_key, damaged.message)
+                refetched = True
+                continue
+            # The generator could not read the file (its sha256 matched, or was not known):
+            # the version's, so the user is told which and what to do, the operator the key.
+            logger.error("version %s (model %s, weights %s) cannot generate: %s",
+                         version.id, model.id, version.weights_key, damaged.message)
+            raise weights_damaged_error(version) from damaged
         if all(png is None for png in pictures):
             # The generator's contract is to raise then (naming what was withheld); a batch of
             # nothing is never stored as a generation.
@@ -302,24 +304,56 @@ class GenerationService:
                         images=[png for png in pictures if png is not None],
                         withheld=tuple(i for i, png in enumerate(pictures) if png is None))
 
-    def _check_weights(self, *, model: Model, version: Version, path: Path) -> None:
-        """A 409 ``weights_damaged`` when the local copy of ``version``'s weights is not the
-        file it stored (its sha256, the content-addressed key's): a cut-short or garbled blob
-        was a 500 "please retry" on every generation. Each copy is hashed once (streamed)."""
+    def _sound_weights(self, stack: ExitStack, *, model: Model, version: Version) -> Path:
+        """A local copy of ``version``'s weights, held until ``stack`` closes: the file stays on
+        this machine until the generation ends (a local generator may wait behind others,
+        minutes each, before it loads it, and meanwhile another process's fetch may evict
+        whatever copy nobody holds). A cached copy that is not the stored file is dropped and
+        fetched once more: it may be a copy damaged on this disk, or one fetched before the
+        operator restored the object, which would otherwise be served for ever."""
+        for fresh in (False, True):
+            held = stack.enter_context(ExitStack())
+            try:
+                path = held.enter_context(self._blobs.local_copy(version.weights_key))
+            except BlobMissingError as exc:
+                # Not the server failing (a 500 the user can only retry): this version cannot
+                # generate until its file is restored, and another version can. The operator
+                # gets the key to look for.
+                logger.error("version %s (model %s) cannot generate: %s", version.id, model.id,
+                             exc.message)
+                raise weights_missing_error(version) from exc
+            found = self._weights_hash(version=version, path=path)
+            if found is None:
+                return path
+            held.close()
+            if not fresh and self._blobs.forget_local_copy(version.weights_key):
+                logger.warning("version %s (model %s): this machine's copy of %s hashes to %s, "
+                               "not the stored %s; fetched again", version.id, model.id,
+                               version.weights_key, found, version.weights_sha256)
+                continue
+            logger.error("version %s (model %s) cannot generate: its weights %s hash to %s, "
+                         "not the stored %s (%s)", version.id, model.id, version.weights_key,
+                         found, version.weights_sha256,
+                         "fetched again from the storage" if fresh else "the stored file")
+            raise weights_damaged_error(version)
+        raise AssertionError("unreachable: the second copy returns or raises")
+
+    def _weights_hash(self, *, version: Version, path: Path) -> str | None:
+        """None when the copy at ``path`` is the file ``version`` stored (its sha256, the
+        content-addressed key's), else the hash it has: a cut-short or garbled blob was a 500
+        "please retry" on every generation. Each copy is hashed once (streamed)."""
         if not version.weights_sha256:
-            return  # no hash was recorded: nothing to compare with
+            return None  # no hash was recorded: nothing to compare with
         stat = path.stat()
         seen = (str(path), version.weights_sha256, stat.st_size, stat.st_mtime_ns)
         if seen in self._sound:
-            return
+            return None
         with path.open("rb") as fh:
             found = hashlib.file_digest(fh, "sha256").hexdigest()
         if found != version.weights_sha256:
-            logger.error("version %s (model %s) cannot generate: its weights %s hash to %s, "
-                         "not the stored %s", version.id, model.id, version.weights_key, found,
-                         version.weights_sha256)
-            raise weights_damaged_error(version)
+            return found
         self._sound.add(seen)
+        return None
 
     def generate(self, *, user: User, request: GenerationRequest) -> Generation:
         """A user's pictures, made and stored in the caller's thread, under ``submit``'s limit.

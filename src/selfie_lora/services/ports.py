@@ -293,6 +293,12 @@ class BlobStore(Protocol):
         such as content-addressed weights)."""
         ...
 
+    def forget_local_copy(self, key: str) -> bool:
+        """Drops this machine's cached copy of ``key`` (one found damaged), so the next
+        ``local_copy`` fetches it again; whether there was one. The file system store has no
+        copies (``local_copy`` is the blob itself): False."""
+        ...
+
     def download_url(self, key: str, *, expires: timedelta) -> str | None:
         """A short-lived URL that serves the blob without this service (presigned), or None
         where the store has none (the local file system)."""

@@ -96,6 +96,20 @@ class BlobCache:
         finally:
             os.close(pin)  # releases the shared lock: the copy may be evicted from now on
 
+    def forget(self, key: str) -> bool:
+        """Removes the copy of ``key`` (found damaged: fetched once, it would be served for
+        ever, whatever the store holds now), so the next ``copy`` fetches it again; whether
+        there was one. Removed even while held: a process holding it keeps its open file, and
+        the copy is wrong for everyone."""
+        target = self.root / key
+        with self._locked(fcntl.LOCK_EX):
+            try:
+                target.unlink()
+            except FileNotFoundError:
+                return False
+        logger.warning("blob cache %s: the damaged copy of %s removed", self.root, key)
+        return True
+
     def _hit(self, target: Path) -> int | None:
         with self._locked(fcntl.LOCK_SH):
             return _hold(target)

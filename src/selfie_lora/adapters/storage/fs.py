@@ -259,6 +259,9 @@ class FileSystemBlobStore:
             raise BlobMissingError(f"blob {key!r} is missing")
         yield path
 
+    def forget_local_copy(self, key: str) -> bool:  # noqa: ARG002
+        return False  # no copy: a damaged file here is the blob itself
+
     def download_url(self, key: str, *, expires: timedelta) -> str | None:  # noqa: ARG002
         # Files on this machine have no URL of their own: the service streams them.
         return None

@@ -440,6 +440,10 @@ class S3BlobStore:
 
         return self._cache.copy(key, fetch)
 
+    def forget_local_copy(self, key: str) -> bool:
+        check_key(key)
+        return self._cache.forget(key)
+
     def download_url(self, key: str, *, expires: timedelta) -> str | None:
         import obstore
 
