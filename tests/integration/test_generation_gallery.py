@@ -4,6 +4,7 @@ link and ``GET /api/generations``, both paged by the last generation shown."""
 from __future__ import annotations
 
 import re
+from urllib.parse import quote
 
 from fastapi.testclient import TestClient
 
@@ -148,3 +149,45 @@ def test_a_generation_is_deleted_with_its_pictures_by_its_owner_only(
                     data={"csrf_token": csrf(client, "/generate")}, follow_redirects=False)
     assert (r.status_code, r.headers["location"]) == (303, "/generate")
     assert "No pictures yet." in client.get("/generate").text
+
+
+def test_the_next_page_comes_when_the_cursor_generation_was_deleted_in_between(
+        client: TestClient, services: Services) -> None:
+    # The cursor was the last generation of the page before, looked up as a row: deleted in
+    # between (this route, another tab, the retention), every older one was out of reach.
+    services.users.create(name="ann", password=PASSWORD)
+    owner = own_model(client, services, "ann")
+    made = _generations(services, "ann", 4)
+    r = client.get("/api/generations", headers=owner.headers, params={"limit": 1})
+    first = r.json()
+    assert [g["id"] for g in first["generations"]] == [made[3]]
+    r = client.get("/api/generations", headers=owner.headers,
+                   params={"limit": 1, "before": first["older"]})
+    older = r.json()["older"]
+    assert [g["id"] for g in r.json()["generations"]] == [made[2]]
+    assert client.delete(f"/api/generations/{made[2]}", headers=owner.headers).status_code == 200
+    r = client.get("/api/generations", headers=owner.headers,
+                   params={"limit": 5, "before": older})
+    assert r.status_code == 200, r.text  # old code: 404 "no such generation"
+    assert [g["id"] for g in r.json()["generations"]] == [made[1], made[0]]
+    assert r.json()["older"] is None
+    # A generation's id (the cursor before positions) still pages from it while it exists.
+    r = client.get("/api/generations", headers=owner.headers, params={"before": made[1]})
+    assert [g["id"] for g in r.json()["generations"]] == [made[0]]
+    r = client.get("/api/generations", headers=owner.headers, params={"before": made[2]})
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found")
+
+    # The page: "Older pictures" after its cursor's generation is deleted, and a Delete on
+    # an older page comes back to that page, not to the newest.
+    sign_in(client, "ann")
+    page = client.get("/generate", params={"before": older})
+    assert page.status_code == 200
+    assert re.findall(r'<img src="/generations/([^/]+)/0\.png"', page.text) == [made[1], made[0]]
+    r = client.post(f"/generations/{made[1]}/delete",
+                    data={"csrf_token": csrf(client, "/generate"), "before": older},
+                    follow_redirects=False)
+    assert r.status_code == 303
+    assert r.headers["location"] == f"/generate?before={quote(older, safe='')}"
+    page = client.get(r.headers["location"])
+    assert re.findall(r'<img src="/generations/([^/]+)/0\.png"', page.text) == [made[0]]
+    assert 'name="before"' in page.text

@@ -35,7 +35,9 @@ class Generated(BaseModel):
 class GenerationsPage(BaseModel):
     generations: list[GenerationAnswer] = Field(description="Newest first.")
     older: str | None = Field(
-        description="The id to send as ``before`` for the next (older) page; null: none.")
+        description="The cursor to send as ``before`` for the next (older) page (the last "
+                    "one's position, opaque: it holds even if that generation is deleted); "
+                    "null: none.")
 
 
 class VersionAnswer(BaseModel):

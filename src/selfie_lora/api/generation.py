@@ -43,7 +43,8 @@ async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
 def generations(user: UserDep, svc: ServicesDep, limit: int = HISTORY_PAGE,
                 before: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
     """The user's generations, newest first, a page at a time: ``older`` is the next page's
-    ``before``. The gallery was the only list and showed the 50 newest, whatever was stored."""
+    ``before`` (a position, which holds when that generation is deleted between pages). The
+    gallery was the only list and showed the 50 newest, whatever was stored."""
     page = svc.generation.page(user=user, limit=limit, before=before)
     base = url_base(svc.settings.public_url)
     return {"generations": [generation_json(g, base=base) for g in page.generations],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 
@@ -119,6 +119,9 @@ class WebSession:
 
 
 # The quality knobs' values (see Recipe). The first of each is what the v1 recipes did.
+# The origin of a gallery cursor's microseconds (``GenerationPosition.cursor``).
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 TIMESTEP_SAMPLINGS = ("sigmoid", "flux_shift")
 LORA_TARGET_SETS = ("attention", "all_linear")
 
@@ -424,6 +427,41 @@ class Version:
     gate_details: dict[str, Any] = field(default_factory=dict)
     alert: dict[str, Any] | None = None
 
+
+
+@dataclass(frozen=True)
+class GenerationPosition:
+    """A place in a user's gallery (newest first, then by id, for those of the same instant):
+    the page after it holds the generations below it. A position, not a row that must still
+    exist: the generation it was taken from may be deleted between two pages (the Delete
+    button, ``DELETE /api/generations/{id}``, the retention of the garbage collection), and
+    every older one stays reachable. As a cursor (``older``, ``?before=``) it is
+    ``<microseconds since 1970 UTC>~<id>``: opaque to clients, short, and safe in a URL."""
+
+    created_at: datetime
+    id: str
+
+    @classmethod
+    def of(cls, generation: Generation) -> GenerationPosition:
+        return cls(created_at=generation.created_at, id=generation.id)
+
+    def cursor(self) -> str:
+        # Integer microseconds: exact, so the page after it neither skips nor repeats one.
+        micros = (self.created_at - _EPOCH) // timedelta(microseconds=1)
+        return f"{micros}~{self.id}"
+
+    @classmethod
+    def parse(cls, cursor: str) -> GenerationPosition | None:
+        """The position a ``cursor`` names; None when it is not one (a bare generation id,
+        the cursor of before positions, is looked up by the caller)."""
+        micros, sep, generation_id = cursor.partition("~")
+        if not sep or not generation_id or not micros.isdigit() or len(micros) > 20:
+            return None
+        try:
+            created_at = _EPOCH + timedelta(microseconds=int(micros))
+        except OverflowError:
+            return None
+        return cls(created_at=created_at, id=generation_id)
 
 @dataclass(frozen=True)
 class Generation:

@@ -16,7 +16,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from selfie_lora.domain.entities import Generation, Model, TrainingStatus, User, Version
+from selfie_lora.domain.entities import (
+    Generation,
+    GenerationPosition,
+    Model,
+    TrainingStatus,
+    User,
+    Version,
+)
 from selfie_lora.domain.plan import (
     check_version_fits_base_model,
     ensure_trigger_word,
@@ -138,9 +145,10 @@ HISTORY_MAX_PAGE = 200
 
 @dataclass(frozen=True)
 class GenerationPage:
-    """A page of a user's generations, newest first. ``older``: the id to ask the next page
-    ``before`` (None: this page holds the oldest). Before pages, only the 50 newest were ever
-    listed and the older pictures, still stored, could not be found."""
+    """A page of a user's generations, newest first. ``older``: the cursor (the last one's
+    position) to ask the next page ``before`` (None: this page holds the oldest). Before
+    pages, only the 50 newest were ever listed and the older pictures, still stored, could
+    not be found."""
 
     generations: Sequence[Generation]
     older: str | None
@@ -500,17 +508,25 @@ class GenerationService:
     def page(self, *, user: User, limit: int = HISTORY_PAGE,
              before: str | None = None) -> GenerationPage:
         """A page of the user's generations, newest first: the ``limit`` (1 to
-        ``HISTORY_MAX_PAGE``) after generation ``before`` (its id: the ``older`` of the page
-        before), or the newest. A 404 for a ``before`` that is not one of the user's."""
+        ``HISTORY_MAX_PAGE``) below the position ``before`` (the ``older`` of the page before:
+        ``GenerationPosition.cursor``), or the newest. The position holds even when the
+        generation it was taken from has been deleted since. A bare generation id (the cursor
+        before positions, a bookmarked page) is looked up: a 404 for one that is not the
+        user's (now or any more), as for a cursor that is neither."""
         if not 1 <= limit <= HISTORY_MAX_PAGE:
             raise InvalidInputError(f"limit must be 1 to {HISTORY_MAX_PAGE}")
         cursor = None
         if before is not None:
-            cursor = self._repo.get_generation(before)
-            if cursor is None or cursor.user_id != user.id:
-                raise NotFoundError("no such generation")
-        # One more than shown: whether there are older ones, without counting them all.
+            cursor = GenerationPosition.parse(before)
+            if cursor is None:
+                found = self._repo.get_generation(before)
+                if found is None or found.user_id != user.id:
+                    raise NotFoundError("no such generation")
+                cursor = GenerationPosition.of(found)
+        # One more than shown: whether there are older ones, without counting them all. The
+        # listing is the user's only, so another user's position reveals nothing.
         rows = list(self._repo.list_generations(user.id, limit=limit + 1, before=cursor))
         shown = rows[:limit]
-        return GenerationPage(generations=shown,
-                              older=shown[-1].id if len(rows) > limit else None)
+        return GenerationPage(
+            generations=shown,
+            older=GenerationPosition.of(shown[-1]).cursor() if len(rows) > limit else None)

@@ -22,6 +22,7 @@ from selfie_lora.domain.entities import (
     FaceBox,
     GateStatus,
     Generation,
+    GenerationPosition,
     JobLease,
     Model,
     Probe,
@@ -584,9 +585,9 @@ class Repository(Protocol):
     def add_generation(self, generation: Generation) -> None: ...
     def get_generation(self, generation_id: str) -> Generation | None: ...
     def list_generations(self, user_id: str, *, limit: int = 50,
-                         before: Generation | None = None) -> Sequence[Generation]:
+                         before: GenerationPosition | None = None) -> Sequence[Generation]:
         """The user's newest first (then by id, for those of the same instant); with
-        ``before``, only those older than it (the next page after it)."""
+        ``before``, only those below that position (the next page after it)."""
         ...
 
     def delete_generation(self, generation_id: str, *, user_id: str) -> Generation | None:

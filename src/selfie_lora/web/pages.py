@@ -8,7 +8,7 @@ import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -689,7 +689,8 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
                       not_ready=svc.generation.not_ready(user=viewer.user),
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
-                      older=page.older, paged=bool(before), pictures=pictures,
+                      older=page.older, paged=bool(before), before=before or None,
+                      pictures=pictures,
                       scale=_chosen_scale(request.query_params.get("lora_scale")))
 
 
@@ -725,10 +726,13 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
 
 
 @router.post("/generations/{generation_id}/delete")
-def generation_delete(request: Request, viewer: FormViewer, generation_id: str) -> Response:
+def generation_delete(request: Request, viewer: FormViewer, generation_id: str,
+                      before: OptionalFormStr = None) -> Response:
     web = _web(request)
     web.services.generation.delete(user=viewer.user, generation_id=generation_id)
-    return _see("/generate")
+    # Back to the page the button was on (its ?before=, a position that holds without the
+    # generation just deleted), not to the newest page, where the user lost their place.
+    return _see(f"/generate?before={quote(before, safe='')}" if before else "/generate")
 
 
 @router.get("/generations/{generation_id}/{index}.png")

@@ -64,6 +64,7 @@ from selfie_lora.domain.entities import (
     Finding,
     GateStatus,
     Generation,
+    GenerationPosition,
     JobLease,
     Model,
     Probe,
@@ -1111,7 +1112,7 @@ class SqlRepository:
             return _generation(row) if row else None
 
     def list_generations(self, user_id: str, *, limit: int = 50,
-                         before: Generation | None = None) -> Sequence[Generation]:
+                         before: GenerationPosition | None = None) -> Sequence[Generation]:
         with self._read() as s:
             query = select(GenerationRow).where(GenerationRow.user_id == user_id)
             if before is not None:
