@@ -771,6 +771,12 @@ def handed_back_message(t: Training, *, checkpoint_step: int | None) -> str:
     # stored and only its scoring is left, with no checkpoint to continue from.
     if t.version_id is not None:
         where, goes_on = ", its version stored, to be scored", "scores it and ends it"
+    elif t.remote_id is not None:
+        # A Replicate run: it has no local checkpoints, and Ctrl-C stops only this command's
+        # polling; the run goes on remotely and the next worker adopts it (the trainer's
+        # "resuming Replicate training"), so nothing is started over.
+        where = f", its Replicate run {t.remote_id} going on"
+        goes_on = "follows that run from where it is"
     elif checkpoint_step is None:
         # Stopped before its first checkpoint: nothing was kept, the next run starts over.
         where, goes_on = ", no checkpoint yet", "starts it over from step 0"

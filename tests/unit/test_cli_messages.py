@@ -40,3 +40,16 @@ def test_a_training_whose_child_finished_while_handed_back_is_only_scored() -> N
     message = handed_back_message(done, checkpoint_step=40)
     assert "its version stored, to be scored" in message
     assert "checkpoint" not in message
+
+
+def test_a_replicate_training_handed_back_says_its_run_goes_on() -> None:
+    # Replicate trainings keep no local checkpoint, but the remote run goes on and the next
+    # worker adopts it: the operator was told it "starts it over from step 0".
+    remote = dataclasses.replace(_TRAINING, backend="replicate", remote_id="r-abc",
+                                 destination="acme/x", step=300, total_steps=1000)
+    message = handed_back_message(remote, checkpoint_step=None)
+    assert "starts it over" not in message  # old code: "... starts it over from step 0"
+    assert "no checkpoint yet" not in message
+    assert "(processing at step 300/1000, its Replicate run r-abc going on) waits in the " \
+        "queue" in message
+    assert "follows that run from where it is" in message
