@@ -803,6 +803,9 @@ def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Servic
     made = svc.models.get(user=svc.users.get_by_name(name="ann"))
     assert "Your first training: it trains your model" in train_page
     assert made.trigger_word in train_page
+    # The destination is pinned by the first training (it moves with the backend until then),
+    # not "fixed when you uploaded your first photos".
+    assert "pins its destination and the trainer version configured now" in train_page
     assert "A retraining keeps" not in train_page
     assert ">Train</button>" in train_page
     status = train(ann)
