@@ -209,7 +209,9 @@ def opened(*, label: str = "error", existing: str | None = None,
     details) and exit status 1. ``existing``: a command that only reads (``gc --dry-run``,
     ``users list``) refuses a HOME with no database, in one line starting with that text and
     exit status 1, as ``backup`` does, instead of making a new, empty one there that a later
-    ``serve`` from that folder would use."""
+    ``serve`` from that folder would use; and it refuses a database whose schema is behind this
+    release's instead of upgrading it (for good: the older release's processes would then
+    refuse to start on it), as ``backup`` leaves it."""
     from selfie_lora.wiring import build_services
 
     settings = _settings()
@@ -218,6 +220,8 @@ def opened(*, label: str = "error", existing: str | None = None,
     if existing is not None and missing is not None and _file_in_the_way(settings.home) is None:
         _fail(f"{existing}: {missing}")
     fresh = missing is not None
+    if existing is not None:
+        build["migrate"] = "require"
     with _starting(settings):
         services = build_services(settings, **build)
     if fresh:

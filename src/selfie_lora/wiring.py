@@ -16,14 +16,14 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy import Engine
 
 if TYPE_CHECKING:
     from selfie_lora.adapters.replicate.session import ReplicateConnection
 
-from selfie_lora.adapters.db.migrate import upgrade
+from selfie_lora.adapters.db.migrate import require_head, upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter, normalize_lora
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
@@ -326,7 +326,7 @@ def build_services(
     trainers: Mapping[str, Trainer] | None = None,
     generators: Mapping[str, Generator] | None = None,
     rng: random.Random | None = None,
-    migrate: bool = True,
+    migrate: bool | Literal["require"] = True,
     face_analyzer: FaceAnalyzer | None = None,
     alerter: Alerter | None = None,
     password_hasher: PasswordHasher | None = None,
@@ -334,10 +334,14 @@ def build_services(
     telemetry: Telemetry | None = None,
     clock: Callable[[], datetime] | None = None,
 ) -> Services:
-    """``clock``: the training service's (tests: a fake one, to let a wait pass)."""
+    """``clock``: the training service's (tests: a fake one, to let a wait pass).
+    ``migrate``: True brings the schema to this release's; ``"require"`` (a command that only
+    reads) refuses one that is not at it, changing nothing (``migrate.require_head``)."""
     make_home(settings)
     engine = make_engine(settings.effective_database_url)
-    if migrate:
+    if migrate == "require":
+        require_head(engine)
+    elif migrate:
         upgrade(engine)
     repo = SqlRepository(engine)
     blobs = blobs if blobs is not None else default_blob_store(settings)

@@ -12,8 +12,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from alembic import command
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
+from selfie_lora.adapters.db.migrate import alembic_config, head_revision
 from selfie_lora.cli import app
 from selfie_lora.config import get_settings
 
@@ -250,3 +254,45 @@ def test_a_command_that_only_reads_makes_no_data_folder_where_there_is_none(
     assert result.exit_code == 1, result.output
     assert result.output.strip() == f"error: {said}: no database in {home} (SELFIE_LORA_HOME)"
     assert not home.exists()
+
+
+def schema_of(url: str) -> list[str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [r[0] for r in connection.execute(text("SELECT version_num FROM alembic_version"))]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("argv", [
+    ["gc", "--dry-run"], ["users", "list"], ["users", "keys", "list", "ann"],
+], ids=["gc-dry-run", "users-list", "keys-list"])
+def test_a_command_that_only_reads_leaves_an_older_schema_as_it_is(
+        home: Path, argv: list[str]) -> None:
+    """A release installed beside the running one, asked to look: upgrading the database would
+    be for good (the older release's processes then refuse to start on it), so it says, in one
+    line, which schema it found, which it needs and what upgrades it, and changes nothing."""
+    assert CliRunner().invoke(app, ["users", "create", "ann"]).exit_code == 0
+    url = get_settings().effective_database_url
+    head = head_revision()
+    assert head is not None
+    cfg = alembic_config(url)
+    revision = ScriptDirectory.from_config(cfg).get_revision(head)
+    assert revision is not None
+    previous = revision.down_revision
+    assert isinstance(previous, str)
+    command.downgrade(cfg, previous)  # as the release before this one left it
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (
+        f"error: the database's schema ({previous}) is older than this release's ({head}), and "
+        "this command only reads: 'selfie-lora serve' or 'selfie-lora worker' of this release "
+        "upgrades it, as does any command that changes data (the older release then no longer "
+        "starts on it); nothing was changed")
+    assert schema_of(url) == [previous]
+    # At this release's schema it reads as before.
+    command.upgrade(cfg, "head")
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert schema_of(url) == [head]

@@ -77,6 +77,23 @@ def at_head(engine: Engine) -> bool:
     return revisions == [head_revision()]
 
 
+def require_head(engine: Engine) -> None:
+    """Refuses (``ConfigError``) a database that is not at this release's schema, migrating
+    nothing: for the commands that only read (``gc --dry-run``, ``users list``). Upgrading is for
+    good: once a newly installed release has upgraded it, the older release's processes refuse
+    to start on it, so a look at the data must not do it behind the operator's back."""
+    with engine.connect() as connection:
+        revisions = _schema_revisions(connection) or []
+    _refuse_unknown(revisions)
+    if revisions == [head_revision()]:
+        return
+    raise ConfigError(
+        f"the database's schema ({', '.join(revisions) or 'none'}) is older than this "
+        f"release's ({head_revision()}), and this command only reads: 'selfie-lora serve' or "
+        "'selfie-lora worker' of this release upgrades it, as does any command that changes "
+        "data (the older release then no longer starts on it); nothing was changed")
+
+
 @contextmanager
 def _unbounded(connection: Connection) -> Iterator[None]:
     if connection.dialect.driver != "psycopg":
