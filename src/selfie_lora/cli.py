@@ -873,7 +873,8 @@ def export_cmd(
         # to be no such version.
         raise typer.BadParameter(f"{chosen!r} is not a version (a number or an id); --force "
                                  "takes no value", param_hint="VERSION")
-    with opened() as services:
+    # It only reads (a version's weights, written outside HOME): never the one to upgrade.
+    with opened(existing="nothing to export") as services:
         if user is not None:
             owner = services.users.get_by_name(name=user)
         else:
