@@ -259,7 +259,7 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
 
         # A password, so that the person running the demo can sign in to the web app on it.
         password = secrets.token_urlsafe(12)
-        user, _key = services.users.create(name="demo", password=password)
+        user, api_key = services.users.create(name="demo", password=password)
         # The first training uses all but the last photo; the retraining adds it, as a user
         # who found one more good photo would: a real retraining, on other data.
         first_files = [f for f in files if f.name != files[-1].name]
@@ -340,5 +340,8 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
         print_serve_command(console, settings.home)
         console.print("then open http://127.0.0.1:8000 and sign in as [bold]demo[/bold]")
         console.print(f"password: [bold]{password}[/bold]")
+        # Its first API key, shown here as `users create` shows one: made and never shown, it
+        # was a working key nobody could use, listed on the Settings page all the same.
+        console.print(f"API key (for the HTTP API): [bold]{api_key}[/bold]", soft_wrap=True)
     finally:
         services.close()

@@ -45,5 +45,9 @@ def test_the_demo_trains_then_really_retrains_and_says_what_changed(tmp_path: Pa
     try:
         signed = services.users.sign_in(name="demo", password=found.group(1), client="test")
         assert signed.user.name == "demo"
+        # Its API key too: made by the demo, it was never shown (a working key nobody had).
+        key = re.search(r"API key \(for the HTTP API\): (\S+)", text)
+        assert key, text[-1500:]
+        assert services.users.authenticate(api_key=key.group(1)).name == "demo"
     finally:
         services.close()
