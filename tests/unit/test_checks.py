@@ -794,3 +794,27 @@ def test_an_analysis_failure_is_a_finding_not_a_crash(workers: int,
     assert result.prepared == ()
     assert not result.report.trainable
     assert "analysing p0.jpg failed" in caplog.text
+
+
+def test_the_camera_original_is_kept_over_an_upscaled_copy_or_a_screenshot() -> None:
+    """An "enhanced" 2x copy (no EXIF, twice the face pixels) and a PNG screenshot of the photo
+    were kept and the camera original told to go: copies were ranked by face pixels first."""
+    photos = _hashes_far_apart(_varied(6))
+    photos[1] = replace(photos[1], had_exif=True)
+    big = replace(photos[1].metrics, face_px=photos[1].metrics.face_px * 2)  # type: ignore[union-attr]
+    photos[4] = replace(photos[4], name="p1_enhanced.jpg", whole_phash=photos[1].whole_phash,
+                        whole_dhash=photos[1].whole_dhash, had_exif=False, metrics=big,
+                        image_size=(2000, 2000))
+    photos[5] = replace(photos[5], name="Screenshot.png", whole_phash=photos[1].whole_phash,
+                        whole_dhash=photos[1].whole_dhash, had_exif=False, metrics=big,
+                        image_size=(2000, 2000))
+    report = check_set(photos, policy=POLICY)
+    dups = {f.photo: f for f in report.findings if f.code == "near_duplicate"}
+    assert set(dups) == {"p1_enhanced.jpg", "Screenshot.png"}
+    assert all(f.advice.startswith("keep only p1.jpg") for f in dups.values())
+    # Without EXIF on either side, a JPEG is still kept over the PNG screenshot.
+    photos[1] = replace(photos[1], had_exif=False)
+    report = check_set([photos[i] for i in (0, 1, 2, 3, 5)], policy=POLICY)
+    (dup,) = [f for f in report.findings if f.code == "near_duplicate"]
+    assert dup.photo == "Screenshot.png"
+

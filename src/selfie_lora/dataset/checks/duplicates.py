@@ -199,12 +199,18 @@ def patch_distance(a: FacePatch, b: FacePatch, *, policy: CheckPolicy,
 # --------------------------------------------------------------------------- the set
 
 
-def _keeper_rank(a: PhotoAnalysis) -> tuple[int, float, int, int, int]:
-    # Which copy of a photo to keep: one that passes its own checks, with the most face pixels,
-    # the largest frame, then an original (copies lose their EXIF), then the first uploaded.
+def _keeper_rank(a: PhotoAnalysis) -> tuple[int, int, int, int, int, int]:
+    # Which copy of a photo to keep: one that passes its own checks, then the camera's own file
+    # (EXIF: copies, downloads and "enhanced" upscales lose it), not a PNG (a screenshot: a camera
+    # never writes one), then the most face pixels, the largest frame, the first uploaded. Pixels
+    # come after the signs of a camera original because upscaling adds pixels without detail:
+    # ranked by pixels first, a 2x "enhanced" copy or a screenshot was kept and the original
+    # dropped, against what face_resolution_low tells the user about it.
     face_px = a.metrics.face_px if a.metrics else 0.0
     area = round(a.image_size[0] * a.image_size[1] * a.scale * a.scale)
-    return (0 if a.rejected else 1, round(face_px), area, 1 if a.had_exif else 0, -a.order)
+    png = a.name.lower().endswith(".png")
+    return (0 if a.rejected else 1, 1 if a.had_exif else 0, 0 if png else 1, round(face_px),
+            area, -a.order)
 
 
 def pair_duplicate(a: PhotoAnalysis, b: PhotoAnalysis, *, policy: CheckPolicy,
