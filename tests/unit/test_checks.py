@@ -818,3 +818,28 @@ def test_the_camera_original_is_kept_over_an_upscaled_copy_or_a_screenshot() -> 
     (dup,) = [f for f in report.findings if f.code == "near_duplicate"]
     assert dup.photo == "Screenshot.png"
 
+
+@pytest.mark.parametrize("severity", ["reject", "warn"])
+def test_a_photo_refused_by_its_own_checks_is_not_called_someone_else(severity: str) -> None:
+    """The user's own blurred photo (embedding 0.54-0.6 away) was rejected as blurry AND as
+    "someone else", or warned "check that this is the same person; if it is, keep it"."""
+    from selfie_lora.domain.entities import Finding
+
+    photos = _hashes_far_apart(_varied(6))
+    blurry = Finding("reject", "blurry", "blurry", "use a sharp photo", photo="p5.jpg")
+    far = 0.9 if severity == "reject" else 0.49
+    photos[5] = replace(photos[5], findings=(blurry,), main_face=Face(
+        box=(0, 0, 100, 100), score=1.0, embedding=tuple([far] + [0.0] * 127)))
+    report = check_set(photos, policy=POLICY)
+    assert [f.code for f in report.findings if f.photo == "p5.jpg"] == ["blurry"]
+    # Passing its own checks, the same face is still compared.
+    report = check_set([*photos[:5], replace(photos[5], findings=())], policy=POLICY)
+    assert [(f.code, f.severity) for f in report.findings if f.photo == "p5.jpg"] == [
+        ("different_person", severity)]
+    # Refused for a reason that leaves the face comparable (cut off): compared, but never told
+    # "if it is, keep it".
+    cut = Finding("reject", "face_cut_off", "cut off", "use an uncut photo", photo="p5.jpg")
+    report = check_set([*photos[:5], replace(photos[5], findings=(cut,))], policy=POLICY)
+    (found,) = [f for f in report.findings if f.code == "different_person"]
+    assert found.severity == severity
+    assert "keep it" not in found.advice

@@ -86,6 +86,13 @@ def _crowd(photo: PhotoAnalysis, centre: FloatArray, distance: float, *,
         "photo to your face alone, or leave it out", photo=photo.name)
 
 
+# Rejections that leave a face's embedding unreliable: such a photo is not compared (see
+# check_set). A face too small for the training resolution is not among them: its embedding
+# (taken from a 150 px chip) still tells people apart, and leaving such strangers out lowered
+# the recall of bench/checks_eval.py.
+_UNRELIABLE_FACE = frozenset({"blurry", "underexposed", "overexposed"})
+
+
 def _identity(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[Finding]:
     with_id = [p for p in photos if p.embedding is not None]
     n = len(with_id)
@@ -127,6 +134,8 @@ def _identity(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[F
                     "warn", "different_person",
                     f"the face in {photo.name} looks less like the other photos "
                     f"(distance {distance:.2f})",
+                    # "keep it" contradicted a photo's own rejection (cut off, say).
+                    "check that this is the same person" if photo.rejected else
                     "check that this is the same person; if it is, keep it", photo=photo.name,
                 ))
         return findings
@@ -277,7 +286,14 @@ def check_set(analyses: Sequence[PhotoAnalysis], *, policy: CheckPolicy,
     findings: list[Finding] = [f for a in photos for f in a.findings]
     cross = near_duplicates(photos, policy=policy)
     copies = {f.photo for f in cross}
-    cross += _identity([p for p in photos if p.name not in copies], policy=policy)
+    # A face refused as blurred or badly exposed is not compared: its embedding is
+    # unreliable (the user's own blurred photo measured 0.54 from the others, "someone else"),
+    # it would pull the centre the others are judged against, and "someone else" on top of its
+    # real reason misled. Photos refused for other reasons (cut off, too small) keep the
+    # comparison: a stranger's photo is still named as one (bench/checks_eval.py's recall).
+    cross += _identity([p for p in photos if p.name not in copies and not any(
+        f.severity == "reject" and f.code in _UNRELIABLE_FACE for f in p.findings)],
+                       policy=policy)
     findings.extend(f for f in cross if f.photo is not None)
     rejected_names = {f.photo for f in findings if f.severity == "reject" and f.photo}
     kept = [p for p in photos if p.name not in rejected_names]
