@@ -843,3 +843,20 @@ def test_a_photo_refused_by_its_own_checks_is_not_called_someone_else(severity: 
     (found,) = [f for f in report.findings if f.code == "different_person"]
     assert found.severity == severity
     assert "keep it" not in found.advice
+
+
+def test_keep_only_never_names_a_photo_of_someone_else() -> None:
+    """A stranger's photo sent twice (the original and a half-size copy): the copy was told
+    "keep only IMG_0100.jpg", which the identity check then rejected as someone else."""
+    photos = _hashes_far_apart(_varied(7))
+    stranger = Face(box=(0, 0, 100, 100), score=1.0, embedding=tuple([0.9] + [0.0] * 127))
+    photos[5] = replace(photos[5], main_face=stranger)
+    photos[6] = replace(photos[6], main_face=stranger, whole_phash=photos[5].whole_phash,
+                        whole_dhash=photos[5].whole_dhash, had_exif=False)
+    report = check_set(photos, policy=POLICY)
+    (dup,) = [f for f in report.findings if f.code == "near_duplicate"]
+    assert dup.photo == "p6.jpg"
+    assert dup.message == "p6.jpg is a copy of p5.jpg (which cannot be used either)"
+    assert dup.advice == "use a different photo instead of both"
+    assert {(f.photo, f.severity) for f in report.findings if f.code == "different_person"} == {
+        ("p5.jpg", "reject")}

@@ -12,7 +12,7 @@ both ways round.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Literal
 
 import numpy as np
@@ -244,7 +244,10 @@ def _mirrored(patch: FacePatch) -> FacePatch:
                      inside=(side - x1, y0, side - x0, y1))
 
 
-def near_duplicates(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[Finding]:
+def near_duplicate_pairs(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy
+                         ) -> list[tuple[int, int, str]]:
+    """The copies in ``photos`` as (copy, photo kept, how it copies it) indices: one photo of
+    each group of near-duplicates stays."""
     n = len(photos)
     # Union-find over "is a near-duplicate of": one photo of each group stays.
     parent = list(range(n))
@@ -271,7 +274,7 @@ def near_duplicates(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> 
     groups: dict[int, list[int]] = {}
     for i in range(n):
         groups.setdefault(root(i), []).append(i)
-    findings: list[Finding] = []
+    pairs: list[tuple[int, int, str]] = []
     for members in groups.values():
         if len(members) < 2:
             continue
@@ -283,16 +286,30 @@ def near_duplicates(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> 
                 lo, hi = min(i, keep), max(i, keep)
                 found = pair_duplicate(photos[lo], photos[hi], policy=policy, cache=cache)
                 how[(i, keep)] = found or "a crop or a copy"  # None: only through others
-            reason = how[(i, keep)]
-            if photos[keep].rejected:
-                # Every copy fails its own checks: "keep only X" would name a photo that is
-                # left out too.
-                message = (f"{photos[i].name} is {reason} of {photos[keep].name} (which cannot "
-                           "be used either)")
-                advice = "use a different photo instead of both"
-            else:
-                message = f"{photos[i].name} is {reason} of {photos[keep].name}"
-                advice = f"keep only {photos[keep].name} and add a different photo instead"
-            findings.append(Finding("reject", "near_duplicate", message, advice,
-                                    photo=photos[i].name))
+            pairs.append((i, keep, how[(i, keep)]))
+    return pairs
+
+
+def duplicate_findings(photos: Sequence[PhotoAnalysis], pairs: Sequence[tuple[int, int, str]],
+                       *, refused: Collection[str] = ()) -> list[Finding]:
+    """One finding for each copy of :func:`near_duplicate_pairs`. ``refused``: photos the set's
+    checks reject (someone else): "keep only X" must not name one of them, which it did when
+    only the photo's own checks were looked at."""
+    findings: list[Finding] = []
+    for i, keep, reason in pairs:
+        if photos[keep].rejected or photos[keep].name in refused:
+            # Every copy is left out: "keep only X" would name a photo that is left out too.
+            message = (f"{photos[i].name} is {reason} of {photos[keep].name} (which cannot "
+                       "be used either)")
+            advice = "use a different photo instead of both"
+        else:
+            message = f"{photos[i].name} is {reason} of {photos[keep].name}"
+            advice = f"keep only {photos[keep].name} and add a different photo instead"
+        findings.append(Finding("reject", "near_duplicate", message, advice,
+                                photo=photos[i].name))
     return findings
+
+
+def near_duplicates(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[Finding]:
+    """The near-duplicate findings of ``photos`` judged on their own checks alone."""
+    return duplicate_findings(photos, near_duplicate_pairs(photos, policy=policy))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from selfie_lora.dataset.checks.analysis import FloatArray, PhotoAnalysis, Quality, SetReport, SetStats
-from selfie_lora.dataset.checks.duplicates import near_duplicates
+from selfie_lora.dataset.checks.duplicates import duplicate_findings, near_duplicate_pairs
 from selfie_lora.dataset.checks.policy import CheckPolicy
 from selfie_lora.domain.entities import Finding
 
@@ -284,16 +284,20 @@ def check_set(analyses: Sequence[PhotoAnalysis], *, policy: CheckPolicy,
     be decoded (they count as left out in the score)."""
     photos = sorted(analyses, key=lambda a: a.order)
     findings: list[Finding] = [f for a in photos for f in a.findings]
-    cross = near_duplicates(photos, policy=policy)
-    copies = {f.photo for f in cross}
+    pairs = near_duplicate_pairs(photos, policy=policy)
+    copies = {photos[i].name for i, _, _ in pairs}
     # A face refused as blurred or badly exposed is not compared: its embedding is
     # unreliable (the user's own blurred photo measured 0.54 from the others, "someone else"),
     # it would pull the centre the others are judged against, and "someone else" on top of its
     # real reason misled. Photos refused for other reasons (cut off, too small) keep the
     # comparison: a stranger's photo is still named as one (bench/checks_eval.py's recall).
-    cross += _identity([p for p in photos if p.name not in copies and not any(
+    identity = _identity([p for p in photos if p.name not in copies and not any(
         f.severity == "reject" and f.code in _UNRELIABLE_FACE for f in p.findings)],
-                       policy=policy)
+                         policy=policy)
+    # The duplicates are worded once identity is known: "keep only X" named a stranger's photo
+    # that the identity check then rejected.
+    strangers = {f.photo for f in identity if f.severity == "reject" and f.photo}
+    cross = [*duplicate_findings(photos, pairs, refused=strangers), *identity]
     findings.extend(f for f in cross if f.photo is not None)
     rejected_names = {f.photo for f in findings if f.severity == "reject" and f.photo}
     kept = [p for p in photos if p.name not in rejected_names]
