@@ -704,3 +704,28 @@ def test_an_upload_limit_reads_in_mb_with_a_decimal_where_needed_or_in_bytes() -
     assert byte_size(150_000_000) == "143 MB"  # 143.05: down, never above the real limit
     assert byte_size(2 * MIB - 1) == "1.9 MB"  # not "2 MB" beside a 1.99 MB file refused
     assert byte_size(100_000) == "100000 bytes"
+
+
+def test_google_takeout_json_side_files_are_skipped_not_counted(tmp_path: Path) -> None:
+    """Takeout's IMG_0001.jpg.json beside each photo was refused as not_an_image and counted as
+    a photo left out: eight metadata files took a set of eight photos from "fair" to "poor"."""
+    meta = b'{"title": "IMG_0001.jpg", "photoTakenTime": {"timestamp": "1"}}'
+    members = {"IMG_0001.jpg": jpeg(seed=1), "IMG_0001.jpg.json": meta,
+               "IMG_0002.JPG": jpeg(seed=2), "IMG_0002.json": meta,
+               "IMG_0003.jpg": jpeg(seed=3), "IMG_0003.jpg.supplemental-metadata.json": meta,
+               "settings.json": meta}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, blob in members.items():
+            zf.writestr(name, blob)
+    for name, blob in members.items():
+        (tmp_path / name).write_bytes(blob)
+    for files, findings in (read_zip(buf.getvalue(), limits=LIMITS),
+                            read_uploaded_files(list(members.items()), limits=LIMITS),
+                            read_path(tmp_path, limits=LIMITS)):
+        # A .json named after no photo is the user's own upload: left to be refused.
+        assert sorted(f.name for f in files) == ["IMG_0001.jpg", "IMG_0002.JPG", "IMG_0003.jpg",
+                                                 "settings.json"]
+        assert sorted((f.photo, f.severity, f.code) for f in findings) == [
+            ("IMG_0001.jpg.json", "info", "ignored_file"), ("IMG_0002.json", "info", "ignored_file"),
+            ("IMG_0003.jpg.supplemental-metadata.json", "info", "ignored_file")]
