@@ -70,8 +70,8 @@ def print_report(report: IntakeReport, *, title: str, out: Console = console) ->
     # A set refused as a whole (two people, too few photos) trains none of the photos that
     # passed their own checks: "6 of 6 photos usable" beside "not trainable" misled.
     counted = (f"{kept} of {report.images_total} photos usable" if report.trainable or not kept
-               else f"{kept} of {report.images_total} photos pass their own checks, but the set "
-                    "is refused, so none is usable")
+               else f"{report.passed_own_checks} of {report.images_total} photos pass their own "
+                    "checks, but the set is refused, so none is usable")
     out.print(
         f"{counted}: {label} - quality "
         f"[bold]{verdict.get('quality', '?')}[/bold] ({verdict.get('score', '?')}/100, judged "

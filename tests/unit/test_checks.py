@@ -860,3 +860,20 @@ def test_keep_only_never_names_a_photo_of_someone_else() -> None:
     assert dup.advice == "use a different photo instead of both"
     assert {(f.photo, f.severity) for f in report.findings if f.code == "different_person"} == {
         ("p5.jpg", "reject")}
+
+
+def test_a_set_of_two_people_gets_no_count_or_variety_advice() -> None:
+    """A couple's folder, 8 photos of one and 6 of the other: beside "these photos show 2
+    different people" it was told "14 usable photos; 15-25 work best | add 1 or more" (7 are
+    missing once the partner's go) and a pose spread measured over two people's faces."""
+    photos = _hashes_far_apart(_varied(14, yaw=0.0, pitch=0.0))
+    photos = [replace(p, main_face=Face(box=(0, 0, 100, 100), score=1.0,
+                                        embedding=tuple([0.9, *list(p.embedding or ())[1:]])))
+              if i >= 8 else p for i, p in enumerate(photos)]
+    report = check_set(photos, policy=POLICY)
+    assert not report.trainable
+    assert [f.code for f in report.findings if f.photo is None] == ["several_people"]
+    assert not any("usable" in r for r in report.reasons)
+    # One person's 8 alike photos are still told the count and the pose.
+    alone = {f.code for f in check_set(photos[:8], policy=POLICY).findings if f.photo is None}
+    assert {"few_photos", "little_pose_variety"} <= alone

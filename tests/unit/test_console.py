@@ -39,3 +39,17 @@ def test_a_set_refused_as_a_whole_does_not_call_its_photos_usable() -> None:
     assert "4 of 5 photos usable: trainable" in _printed(_report(trainable=True, kept=4, total=5))
     assert "0 of 4 photos usable: not trainable" in _printed(
         _report(trainable=False, kept=0, total=4))
+
+
+def test_photos_rejected_only_against_the_set_still_pass_their_own_checks() -> None:
+    """10 photos: 4 refused for their own faults, 2 only as someone else, 4 usable and the set
+    refused for too few: the summary said "4 of 10 photos pass their own checks" (the accepted
+    ones) where 6 did."""
+    own = tuple(Finding("reject", "blurry", "blurry", "use a sharp photo", photo=f"b{i}.jpg")
+                for i in range(4))
+    other = tuple(Finding("reject", "different_person", "someone else", "use only yours",
+                          photo=f"s{i}.jpg") for i in range(2))
+    few = Finding("reject", "too_few_photos", "4 usable photos; at least 5 are needed", "add")
+    report = _report(trainable=False, kept=4, total=10, findings=(*own, *other, few))
+    assert report.passed_own_checks == 6
+    assert "6 of 10 photos pass their own checks, but the set is refused" in _printed(report)

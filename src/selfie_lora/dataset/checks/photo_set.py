@@ -234,7 +234,11 @@ def _verdict(*, kept: int, total: int, photo_warned: int, set_findings: Sequence
     """A 0-100 score from the deductions below, its quality word and the main reasons."""
     deductions: list[tuple[float, str]] = []
     too_few = [f.message for f in set_findings if f.code == "too_few_photos"]
-    if kept < policy.recommended_min:
+    # With several people the count mixes their photos: its reason would contradict the refusal.
+    several = any(f.code == "several_people" for f in set_findings)
+    if several:
+        pass  # the refusal is the reason; the photos to count are the one person's
+    elif kept < policy.recommended_min:
         # Below the minimum the set is refused for it: the reason says so, not what works best.
         deductions.append((45.0 * (policy.recommended_min - kept) / policy.recommended_min,
                            too_few[0] if too_few else
@@ -304,31 +308,37 @@ def check_set(analyses: Sequence[PhotoAnalysis], *, policy: CheckPolicy,
     # Findings of the whole set from the identity check (several people in it).
     set_findings: list[Finding] = [f for f in cross if f.photo is None]
     count = len(kept)
-    if count < policy.min_photos:
-        set_findings.append(Finding(
-            "reject", "too_few_photos",
-            f"{_usable(count)}; at least {policy.min_photos} "
-            f"{'is' if policy.min_photos == 1 else 'are'} needed",
-            f"add more clear photos of your face ({policy.recommended_min}-"
-            f"{policy.recommended_max} work best)"))
-    elif count < policy.recommended_min:
-        set_findings.append(Finding(
-            "warn", "few_photos",
-            f"{_usable(count)}; {policy.recommended_min}-{policy.recommended_max} work best",
-            f"add {policy.recommended_min - count} or more photos in different places, "
-            "light and poses"))
-    if count > policy.max_photos:
-        set_findings.append(Finding(
-            "reject", "too_many_photos",
-            f"{count} usable photos; at most {policy.max_photos} are accepted",
-            f"keep your best {policy.recommended_max}"))
-    elif count > policy.recommended_max:
-        set_findings.append(Finding(
-            "info", "many_photos",
-            f"{count} usable photos; more than {policy.recommended_max} rarely helps",
-            f"keep your {policy.recommended_max} best and most varied photos"))
+    # A set refused for showing several people: its count and variety mix two people's photos,
+    # and "14 usable photos ... add 1 or more" beside "none is usable" contradicted the refusal
+    # (8 are left once the other person's go). They are judged again on the set sent without.
+    several = any(f.code == "several_people" for f in set_findings)
+    if not several:
+        if count < policy.min_photos:
+            set_findings.append(Finding(
+                "reject", "too_few_photos",
+                f"{_usable(count)}; at least {policy.min_photos} "
+                f"{'is' if policy.min_photos == 1 else 'are'} needed",
+                f"add more clear photos of your face ({policy.recommended_min}-"
+                f"{policy.recommended_max} work best)"))
+        elif count < policy.recommended_min:
+            set_findings.append(Finding(
+                "warn", "few_photos",
+                f"{_usable(count)}; {policy.recommended_min}-{policy.recommended_max} work best",
+                f"add {policy.recommended_min - count} or more photos in different places, "
+                "light and poses"))
+        if count > policy.max_photos:
+            set_findings.append(Finding(
+                "reject", "too_many_photos",
+                f"{count} usable photos; at most {policy.max_photos} are accepted",
+                f"keep your best {policy.recommended_max}"))
+        elif count > policy.recommended_max:
+            set_findings.append(Finding(
+                "info", "many_photos",
+                f"{count} usable photos; more than {policy.recommended_max} rarely helps",
+                f"keep your {policy.recommended_max} best and most varied photos"))
     variety, stats = _variety(kept, policy=policy)
-    set_findings.extend(variety)
+    if not several:
+        set_findings.extend(variety)
     findings.extend(set_findings)
     trainable = not any(f.severity == "reject" for f in set_findings)
     warned = sum(1 for p in kept if any(f.severity == "warn" and f.photo == p.name
