@@ -53,3 +53,35 @@ def test_photos_rejected_only_against_the_set_still_pass_their_own_checks() -> N
     report = _report(trainable=False, kept=4, total=10, findings=(*own, *other, few))
     assert report.passed_own_checks == 6
     assert "6 of 10 photos pass their own checks, but the set is refused" in _printed(report)
+
+
+def _intake(*, trainable: bool, prepared: int, total: int,
+            findings: tuple[Finding, ...]) -> IntakeReport:
+    from selfie_lora.dataset.checks import SetReport
+    from selfie_lora.dataset.pipeline import IntakeResult
+    from selfie_lora.domain.recipes import CheckTarget
+
+    photos = tuple(PreparedPhoto(name=f"p{i}.jpg", sha256="0" * 64, data=b"", width=64,
+                                 height=64) for i in range(prepared))
+    rejected = tuple(sorted({f.photo for f in findings if f.photo and f.severity == "reject"
+                             and f.code != "not_an_image"}))
+    report = SetReport(trainable=trainable, quality="fair" if trainable else "poor", score=60,
+                       reasons=(), findings=findings, accepted=tuple(p.name for p in photos),
+                       rejected=rejected)
+    result = IntakeResult(images_total=total, prepared=photos, findings=findings, report=report)
+    return IntakeReport.from_result(result, notes=(), target=CheckTarget.TINY, resolution=64)
+
+
+def test_the_verdicts_counts_add_up_to_the_upload_and_say_what_the_text_says() -> None:
+    """A text file among 8 photos: the verdict said accepted 8, rejected 0 of images_total 9
+    (undecodable files were left out of "rejected"); a set of two people said accepted 14 where
+    the text said "none is usable"."""
+    text = Finding("reject", "not_an_image", "notes.txt is not a photo", "upload photos",
+                   photo="notes.txt")
+    one_text = _intake(trainable=True, prepared=8, total=9, findings=(text,)).verdict
+    assert (one_text["accepted"], one_text["rejected"]) == (8, 1)
+    several = Finding("reject", "several_people", "2 different people", "upload one person's")
+    refused = _intake(trainable=False, prepared=14, total=14, findings=(several,))
+    assert (refused.verdict["accepted"], refused.verdict["rejected"]) == (0, 14)
+    assert refused.verdict["passed_own_checks"] == 14
+    assert "14 of 14 photos pass their own checks, but the set is refused" in _printed(refused)

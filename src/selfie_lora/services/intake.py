@@ -109,13 +109,20 @@ class IntakeReport:
     def from_result(cls, result: IntakeResult, *, notes: Sequence[Finding],
                     target: CheckTarget, resolution: int) -> IntakeReport:
         report = result.report
+        findings = (*notes, *result.findings)
+        # The counts say what the text says: a refused set trains none of its photos ("none is
+        # usable"), and every photo not trained on is rejected, undecodable files included (they
+        # are photos left out). "accepted" counted the prepared photos of a refused set and
+        # "rejected" left the unreadable files out, so the two did not add up to images_total.
+        accepted = len(result.prepared) if report.trainable else 0
         return cls(
             images_total=result.images_total, accepted=result.prepared,
-            findings=(*notes, *result.findings), trainable=report.trainable,
+            findings=findings, trainable=report.trainable,
             verdict={
                 "trainable": report.trainable, "quality": report.quality,
                 "score": report.score, "reasons": list(report.reasons),
-                "accepted": len(result.prepared), "rejected": len(report.rejected),
+                "accepted": accepted, "rejected": result.images_total - accepted,
+                "passed_own_checks": _passed_own_checks(result.images_total, findings),
                 "seconds": round(result.seconds, 3),
                 "target": target.value, "resolution": resolution,
             },
