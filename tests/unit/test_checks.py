@@ -877,3 +877,25 @@ def test_a_set_of_two_people_gets_no_count_or_variety_advice() -> None:
     # One person's 8 alike photos are still told the count and the pose.
     alone = {f.code for f in check_set(photos[:8], policy=POLICY).findings if f.photo is None}
     assert {"few_photos", "little_pose_variety"} <= alone
+
+
+def test_a_washed_out_colour_photo_is_not_called_black_and_white() -> None:
+    """A colour photo brightened 2x measures a face saturation of 0.06: it was rejected as
+    overexposed and also warned "looks black-and-white ... use the colour original"."""
+    from selfie_lora.dataset.checks.photo import _judge
+
+    def metrics(*, luma: float, low: float, high: float) -> PhotoMetrics:
+        return PhotoMetrics(
+            face_fraction=0.3, face_px=800.0, upscale=1.0, cut_off=0.0, sharpness=300.0,
+            face_luma=luma, face_luma_low=low, face_luma_high=high, face_clipped=0.0,
+            frame_clipped=0.0, skin_saturation=0.06, garish_fraction=0.0, skin_texture=0.8,
+            yaw=0.0, pitch=0.0, roll=0.0, light_asymmetry=0.0, background=(100.0, 128.0, 128.0))
+
+    washed = {f.code for f in _judge("a.jpg", metrics(luma=230.0, low=200.0, high=250.0),
+                                     policy=POLICY)}
+    assert "overexposed" in washed
+    assert "black_and_white" not in washed
+    # A well exposed face with as little colour is still warned about.
+    grey = {f.code for f in _judge("a.jpg", metrics(luma=120.0, low=80.0, high=160.0),
+                                   policy=POLICY)}
+    assert grey == {"black_and_white"}

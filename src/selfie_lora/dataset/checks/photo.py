@@ -332,8 +332,11 @@ def _judge(name: str, m: PhotoMetrics, *, policy: CheckPolicy) -> list[Finding]:
             f"{m.skin_saturation:.2f}, {m.garish_fraction:.0%} of the photo at extreme colours)",
             "use the photo without a colour filter or saturation boost")
     # Only a face with visible pixels has a saturation (a black face measures 0): one whose
-    # brightest tenth reaches past the 0.15 of value the measure counts.
-    elif m.face_luma_high > 0.15 * 255 and m.skin_saturation < policy.grey_skin_saturation:
+    # brightest tenth reaches past the 0.15 of value the measure counts. Not on a washed-out
+    # face either: overexposure drains the colour of a colour photo (0.06 at 2x brightness),
+    # and "use the colour original" beside "overexposed" told the user to find one they had.
+    elif (not bright and m.face_luma_high > 0.15 * 255
+          and m.skin_saturation < policy.grey_skin_saturation):
         add("warn", "black_and_white",
             f"{name} looks black-and-white (face saturation {m.skin_saturation:.2f})",
             "use the colour original: a model trained on black-and-white photos learns grey "
