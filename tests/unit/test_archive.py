@@ -713,6 +713,10 @@ def test_google_takeout_json_side_files_are_skipped_not_counted(tmp_path: Path) 
     members = {"IMG_0001.jpg": jpeg(seed=1), "IMG_0001.jpg.json": meta,
                "IMG_0002.JPG": jpeg(seed=2), "IMG_0002.json": meta,
                "IMG_0003.jpg": jpeg(seed=3), "IMG_0003.jpg.supplemental-metadata.json": meta,
+               # The second IMG_0001's, as Takeout names it, and the album's own (premerge
+               # review: both were still counted as photos left out).
+               "IMG_0001(1).jpg": jpeg(seed=4), "IMG_0001.jpg(1).json": meta,
+               "metadata.json": b'{"title": "Holiday"}',
                "settings.json": meta}
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -724,8 +728,10 @@ def test_google_takeout_json_side_files_are_skipped_not_counted(tmp_path: Path) 
                             read_uploaded_files(list(members.items()), limits=LIMITS),
                             read_path(tmp_path, limits=LIMITS)):
         # A .json named after no photo is the user's own upload: left to be refused.
-        assert sorted(f.name for f in files) == ["IMG_0001.jpg", "IMG_0002.JPG", "IMG_0003.jpg",
-                                                 "settings.json"]
+        assert sorted(f.name for f in files) == ["IMG_0001(1).jpg", "IMG_0001.jpg",
+                                                 "IMG_0002.JPG", "IMG_0003.jpg", "settings.json"]
         assert sorted((f.photo, f.severity, f.code) for f in findings) == [
+            ("IMG_0001.jpg(1).json", "info", "ignored_file"),
             ("IMG_0001.jpg.json", "info", "ignored_file"), ("IMG_0002.json", "info", "ignored_file"),
-            ("IMG_0003.jpg.supplemental-metadata.json", "info", "ignored_file")]
+            ("IMG_0003.jpg.supplemental-metadata.json", "info", "ignored_file"),
+            ("metadata.json", "info", "ignored_file")]

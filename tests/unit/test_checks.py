@@ -899,3 +899,9 @@ def test_a_washed_out_colour_photo_is_not_called_black_and_white() -> None:
     grey = {f.code for f in _judge("a.jpg", metrics(luma=120.0, low=80.0, high=160.0),
                                    policy=POLICY)}
     assert grey == {"black_and_white"}
+    # So is one only warned as bright (it is still trained on): a high-key black-and-white
+    # portrait lost its warning when every bright face was skipped (premerge review).
+    high_key = [f for f in _judge("a.jpg", metrics(luma=200.0, low=160.0, high=240.0),
+                                  policy=POLICY)]
+    assert {(f.severity, f.code) for f in high_key} == {("warn", "overexposed"),
+                                                        ("warn", "black_and_white")}

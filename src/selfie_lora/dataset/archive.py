@@ -76,6 +76,9 @@ _IPHONE_NAME = re.compile(r"IMG_E?\d{4}", re.IGNORECASE)
 # exports IMG_0001.jpg.supplemental-metadata.json, cut short in long names) or IMG_0001.json.
 # Refused as "not a photo", eight of them took a set of eight photos from "fair" to "poor".
 _TAKEOUT_SIDECAR = ".json"
+# Takeout names the side file of IMG_0001(1).jpg "IMG_0001.jpg(1).json": the number after the
+# photo's whole name.
+_TAKEOUT_NUMBERED = re.compile(r"(?P<name>.+)(?P<ext>\.[^.()/]+)\((?P<n>\d+)\)")
 _PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".heic", ".heif", ".png", ".avif", ".webp"})
 
 _EOCD = struct.Struct("<4s4H2IH")  # end of central directory record (22 bytes)
@@ -841,9 +844,17 @@ def _without_sidecars(files: list[UploadedFile], findings: list[Finding]) -> lis
 def _describes_a_photo(stem: str, photos: set[str], stems: set[str]) -> bool:
     """Whether a .json file's name (less .json, folded) is a Takeout side file of a photo of the
     upload: the photo's name, its stem, or the photo's name and a (possibly cut) suffix such as
-    ".supplemental-metadata". Only beside a photo: a lone .json is the user's own upload."""
+    ".supplemental-metadata"; Takeout's name for the second IMG_0001(1).jpg's,
+    IMG_0001.jpg(1).json; and an album folder's metadata.json. Only beside a photo: a lone
+    .json is the user's own upload."""
+    if not photos:
+        return False
+    numbered = _TAKEOUT_NUMBERED.fullmatch(stem)
     return (stem in photos or stem in stems
-            or any(stem.startswith(photo + ".") for photo in photos))
+            or any(stem.startswith(photo + ".") for photo in photos)
+            or (numbered is not None
+                and f"{numbered['name']}({numbered['n']}){numbered['ext']}" in photos)
+            or stem.replace("\\", "/").rsplit("/", 1)[-1] == "metadata")
 
 
 def _fold(name: str) -> str:

@@ -317,9 +317,10 @@ def _judge(name: str, m: PhotoMetrics, *, policy: CheckPolicy) -> list[Finding]:
             f"the face in {name} is too dark (its brightest parts reach {m.face_luma_high:.0f} "
             f"of 255, {m.face_clipped:.0%} is pure black)",
             "use a photo taken in more light, facing a window or outdoors in the shade")
-    elif bright:
-        severe = m.face_luma_low > policy.bright_shadows_reject or badly_clipped
-        add("reject" if severe else "warn", "overexposed",
+    washed_out = False  # overexposed past the reject line
+    if bright and not dark:
+        washed_out = m.face_luma_low > policy.bright_shadows_reject or badly_clipped
+        add("reject" if washed_out else "warn", "overexposed",
             f"the face in {name} is washed out (even its shadows are at {m.face_luma_low:.0f} "
             f"of 255, {m.face_clipped:.0%} is pure white)",
             "use a photo without harsh sun or flash on your face")
@@ -332,10 +333,12 @@ def _judge(name: str, m: PhotoMetrics, *, policy: CheckPolicy) -> list[Finding]:
             f"{m.skin_saturation:.2f}, {m.garish_fraction:.0%} of the photo at extreme colours)",
             "use the photo without a colour filter or saturation boost")
     # Only a face with visible pixels has a saturation (a black face measures 0): one whose
-    # brightest tenth reaches past the 0.15 of value the measure counts. Not on a washed-out
-    # face either: overexposure drains the colour of a colour photo (0.06 at 2x brightness),
-    # and "use the colour original" beside "overexposed" told the user to find one they had.
-    elif (not bright and m.face_luma_high > 0.15 * 255
+    # brightest tenth reaches past the 0.15 of value the measure counts. Not on a face refused
+    # as washed out either: overexposure drains the colour of a colour photo (0.06 at 2x
+    # brightness), and "use the colour original" beside "overexposed" told the user to find one
+    # they had; a face only warned as bright is still trained on, so a black-and-white one
+    # keeps its warning.
+    elif (not washed_out and m.face_luma_high > 0.15 * 255
           and m.skin_saturation < policy.grey_skin_saturation):
         add("warn", "black_and_white",
             f"{name} looks black-and-white (face saturation {m.skin_saturation:.2f})",
