@@ -682,7 +682,37 @@ def html_escape(text: str) -> str:
 
 def report_rows(html: str) -> dict[str, str]:
     return {name: state for state, name in re.findall(
-        r'class="photo (kept|left-out|not-stored)" data-photo-name="([^"]+)"', html)}
+        r'class="photo (kept|left-out|not-stored|skipped)" data-photo-name="([^"]+)"', html)}
+
+
+def test_takeout_side_files_the_intake_skipped_are_notes_not_photos(tmp_path: Path) -> None:
+    """A Takeout .json the intake skipped (an info ignored_file note, not counted) was a photo
+    row: "left out" with an empty red-outlined picture box under "4 of 4 photos kept", or
+    "usable, but not stored with the set" in a refused set, and first in the stored advice
+    (browser review 1). Now it is "skipped: not a photo", with no picture box, after the
+    photos, in the report, the refused set's report and the stored advice alike."""
+    settings = make_settings(tmp_path, min_photos=3)
+    services = fake_services(settings)
+    services.users.create(name="ann", password=PASSWORD)
+    side = [("p0.jpg.json", b'{"title": "p0.jpg"}'), ("metadata.json", b'{"title": "x"}')]
+    with closing(services), browser(settings, services) as client:
+        sign_in(client, "ann")
+        status, html = upload(client, 4, extra=side)
+        assert status == 200, html
+        page = client.get("/photos").text
+        status, refused = upload(client, 2, extra=side)
+    assert status == 422, refused
+    for text in (html, page.split('id="set-advice"', 1)[1], refused):
+        rows = report_rows(text)
+        assert rows["p0.jpg.json"] == rows["metadata.json"] == "skipped", rows
+        assert "<strong>metadata.json</strong>: skipped: not a photo" in text
+        assert "was skipped: a Google Takeout metadata file" in text
+        # After the photos, and no empty picture box for a file that is no photo.
+        photo_rows = [name for name, state in rows.items() if state != "skipped"]
+        assert list(rows)[:len(photo_rows)] == photo_rows, rows
+        for chunk in text.split('<li class="photo ')[1:]:
+            if chunk.startswith("skipped"):
+                assert 'class="thumb"' not in chunk.split("</li>", 1)[0]
 
 
 def test_a_set_refused_as_a_whole_marks_only_its_bad_photos_left_out(tmp_path: Path) -> None:

@@ -377,7 +377,10 @@ def _report_rows(names: list[str], findings: list[dict[str, Any]],
     (``originals``, by stored name; a zip's photos have none). The state is "kept",
     "left-out" (a finding rejected it, or it is not among ``kept``) or, where the set as a
     whole was refused (``kept`` None), "not-stored" for a photo that could have been kept: it
-    is not one to change, and is not shown as one."""
+    is not one to change, and is not shown as one. A file the intake skipped as no photo at
+    all (its only findings ``ignored_file`` notes: a Takeout .json, an iPhone .AAE) is
+    "skipped", after the photos: it was never a photo, so neither "left out" (with an empty,
+    red-outlined picture box) nor "usable, but not stored"."""
     order: list[str] = []
     for name in [*names, *(str(f["photo"]) for f in findings if f.get("photo"))]:
         if name not in order:
@@ -387,13 +390,16 @@ def _report_rows(names: list[str], findings: list[dict[str, Any]],
         mine = [f for f in findings if f.get("photo") == name]
         rejected = any(f.get("severity") == "reject" for f in mine)
         box = boxes.get(name)
-        state = ("left-out" if rejected else "not-stored" if kept is None
+        skipped = bool(mine) and all(f.get("code") == "ignored_file" for f in mine)
+        state = ("skipped" if skipped else "left-out" if rejected
+                 else "not-stored" if kept is None
                  else "kept" if name in kept else "left-out")
         rows.append({
             "name": name, "original": originals.get(name), "state": state, "findings": mine,
             "box": [round(v * 100, 2) for v in box] if box else None,
         })
-    return rows
+    # Stable: the photos in their order, then the skipped files in theirs.
+    return sorted(rows, key=lambda row: row["state"] == "skipped")
 
 
 @router.get("/photos/{dataset_id}/{index}.jpg")

@@ -124,6 +124,8 @@
         const name = row.dataset.originalName ?? row.dataset.photoName;
         const file = files[names.indexOf(name)];
         const img = row.querySelector("img");
+        // A skipped file (a Takeout .json) has no picture box: nothing to fill.
+        if (!img) continue;
         if (file && isImage(file)) img.src = urlFor(file);
         else if (img.dataset.stored) img.src = img.dataset.stored;  // from a zip: the stored crop
         else img.remove();
