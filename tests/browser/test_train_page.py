@@ -79,14 +79,19 @@ def test_the_cancel_button_keeps_the_keyboard_focus_while_the_status_updates(
 def test_a_training_that_ends_while_the_page_watches_shows_how_it_ended_and_retrain(
         chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
     """Only the figures are polled: the answer that finds the training ended swaps the page's
-    whole panel, so the Cancel button goes, how it ended shows, and the Retrain button is
-    back, without a reload (it came only with one: found in review)."""
+    whole panel, so the Cancel button goes, how it ended shows, and the start button is
+    back, without a reload (it came only with one: found in review). This first training made
+    no version, so the next is still a first training: "Train", not "Retrain" (browser review
+    2: "Retrain" and "the version you use now stays active" beside "No version is active
+    yet")."""
     page, server, key = watching(chromium, tmp_path, serve)
     cancel_elsewhere(page, server, key)
     page.locator("#ended").wait_for(timeout=20_000)
     assert "was canceled" in page.locator("#ended").inner_text()
     assert page.get_by_role("button", name="Cancel the training").count() == 0
-    assert page.get_by_role("button", name="Retrain").is_visible()
+    assert page.get_by_role("button", name="Train", exact=True).is_visible()
+    assert page.get_by_role("button", name="Retrain").count() == 0
+    assert "stays active" not in page.locator("#train-panel").inner_text()
     assert page.locator("[hx-get]").count() == 0  # polling has stopped
     assert page.evaluate("() => window.swaps") >= 1  # the same document: no reload
 

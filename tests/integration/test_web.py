@@ -1009,6 +1009,43 @@ def test_the_cancel_form_asks_first_and_a_canceled_training_is_told_once(
         assert "Start a new training when you are ready." in ended
 
 
+def test_after_a_canceled_first_training_the_next_is_still_the_first(tmp_path: Path) -> None:
+    """After a first training was canceled (no version made), the page offered to "Retrain",
+    said "the version you use now stays active" beside "No version is active yet", and the
+    next training, which made v1, was headed and logged "Retraining" (browser review 2): any
+    ended training counted. A training is a retraining once the model has a version."""
+    with held_training(tmp_path) as (client, trainer):
+        running = client.get("/train").text
+        training_id = re.search(r'name="training_id" value="([^"]+)"', running)
+        assert training_id
+        r = client.post("/train/cancel", data={"csrf_token": csrf(client),
+                                               "training_id": training_id.group(1)},
+                        follow_redirects=False)
+        assert r.status_code == 303, r.text
+        train_ended(client)
+        page = client.get("/train").text
+        assert ">Train</button>" in page
+        assert ">Retrain</button>" not in page
+        assert "A retraining keeps" not in page
+        assert "stays active" not in page
+        # The pin was taken by the canceled start: the page does not promise a new one.
+        assert "Your first training (the one before made no version)" in page
+        r = client.post("/train/start", data={"csrf_token": csrf(client)},
+                        follow_redirects=False)
+        assert r.status_code == 303, r.text
+        second = client.get("/train").text
+        assert "<h2>First training</h2>" in second, second
+        assert "<h2>Retraining</h2>" not in second
+        trainer.gate.set()
+        train_ended(client)
+        # v1 exists now: the next one is a retraining, of the version now active.
+        after = client.get("/train").text
+        assert ">Retrain</button>" in after
+        log = client.get("/versions").text
+        assert "retraining succeeded" not in log, log
+        assert "first training succeeded: v1" in log, log
+
+
 def train_ended(client: TestClient) -> str:
     """The #ended text of the training page, once the training has ended (spaces folded)."""
     deadline = time.monotonic() + 60

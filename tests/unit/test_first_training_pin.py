@@ -19,7 +19,8 @@ V1 = dataclasses.replace(V2, trainer_version="local-tiny-v1")
 def test_a_first_training_takes_the_configured_version_not_the_upload_s() -> None:
     model = new_model(user_id="u", model_id="m", defaults=V2, rng=random.Random(0), now=NOW)
     plan = plan_training(model, user_id="u", new_model_id="x", defaults=V1,
-                         rng=random.Random(1), now=NOW, trained_before=False)
+                         rng=random.Random(1), now=NOW, trained_before=False,
+                         has_version=False)
     # Old code: local-tiny-v2 (the upload's), with the configured v1 logged as ignored.
     assert (plan.trainer_version, plan.model.trainer_version) == ("local-tiny-v1",) * 2
     assert plan.recipe.name == "local-tiny-v1"
@@ -40,6 +41,7 @@ def test_a_model_that_trained_or_was_re_pinned_keeps_its_pin() -> None:
     for trained_before, repinned in ((True, False), (False, True)):
         plan = plan_training(model, user_id="u", new_model_id="x", defaults=V1,
                              rng=random.Random(1), now=NOW, trained_before=trained_before,
+                             has_version=trained_before,
                              repinned_by_user=repinned)
         assert plan.model is model
         assert plan.trainer_version == "local-tiny-v2"
@@ -50,7 +52,8 @@ def test_a_model_that_trained_or_was_re_pinned_keeps_its_pin() -> None:
 def test_a_first_training_on_the_unchanged_default_logs_no_new_pin() -> None:
     model = new_model(user_id="u", model_id="m", defaults=V2, rng=random.Random(0), now=NOW)
     plan = plan_training(model, user_id="u", new_model_id="x", defaults=V2,
-                         rng=random.Random(1), now=NOW, trained_before=False)
+                         rng=random.Random(1), now=NOW, trained_before=False,
+                         has_version=False)
     assert plan.model is model
     assert "pinned_at_first_training" not in plan.preserved
 
@@ -66,12 +69,14 @@ def test_a_first_training_on_another_backend_derives_that_backend_s_destination(
                       rng=random.Random(0), now=NOW)
     assert model.destination == "local/selfie-lora-0f1e2d3c4b5a6978"
     plan = plan_training(model, user_id="u", new_model_id="x", defaults=replicate,
-                         rng=random.Random(1), now=NOW, trained_before=False)
+                         rng=random.Random(1), now=NOW, trained_before=False,
+                         has_version=False)
     # Old code: local/selfie-lora-0f1e2d3c4b5a6978 on the Replicate backend.
     assert (plan.backend, plan.destination) == ("replicate", "acme/selfie-lora-0f1e2d3c4b5a6978")
     assert plan.trigger_word == model.trigger_word
     fresh = plan_training(None, user_id="u", new_model_id=model.id, defaults=replicate,
-                          rng=random.Random(0), now=NOW, trained_before=False)
+                          rng=random.Random(0), now=NOW, trained_before=False,
+                         has_version=False)
     assert plan.destination == fresh.destination
     assert plan.preserved["destination"] == plan.destination
     pin = plan.preserved["pinned_at_first_training"]
@@ -79,5 +84,18 @@ def test_a_first_training_on_another_backend_derives_that_backend_s_destination(
         plan.destination, model.destination)
     # Once trained, the pin (destination included) is kept whatever is configured.
     again = plan_training(plan.model, user_id="u", new_model_id="x", defaults=V2,
-                          rng=random.Random(1), now=NOW, trained_before=True)
+                          rng=random.Random(1), now=NOW, trained_before=True,
+                          has_version=True)
     assert (again.backend, again.destination) == ("replicate", plan.destination)
+
+
+def test_after_a_first_training_made_no_version_the_next_is_first_but_keeps_its_pin() -> None:
+    """A first training canceled (or failed) before any version took the pin; the next training
+    keeps that pin but is no retraining: there is no version to retrain (browser review 2; old
+    code: is_retraining True, from trained_before)."""
+    model = new_model(user_id="u", model_id="m", defaults=V2, rng=random.Random(0), now=NOW)
+    plan = plan_training(model, user_id="u", new_model_id="x", defaults=V1,
+                         rng=random.Random(1), now=NOW, trained_before=True, has_version=False)
+    assert not plan.is_retraining
+    assert plan.model is model
+    assert plan.trainer_version == "local-tiny-v2"

@@ -66,12 +66,14 @@ def test_the_first_training_fixes_the_probe_set_and_retraining_keeps_it() -> Non
                                 replicate_recipe="replicate-person-v1", probe_count=3)
     now = datetime(2026, 1, 1, tzinfo=UTC)
     first = plan_training(None, user_id="u", new_model_id="m", defaults=defaults,
-                          rng=random.Random(1), now=now, trained_before=False)
+                          rng=random.Random(1), now=now, trained_before=False,
+                         has_version=False)
     assert len(first.model.probes) == 3
     assert all(first.model.trigger_word in p.prompt for p in first.model.probes)
     again = plan_training(first.model, user_id="u", new_model_id="x",
                           defaults=TrainingDefaults(**{**defaults.__dict__, "probe_count": 5}),
-                          rng=random.Random(2), now=now, trained_before=True)
+                          rng=random.Random(2), now=now, trained_before=True,
+                          has_version=True)
     assert again.model.probes == first.model.probes
 
 

@@ -175,6 +175,7 @@ class Retraining(RuleBasedStateMachine):
         had_active = self._active_training() is not None
         model = self.repo.get_model_for_user(self.user.id)
         trained_before = model is not None and bool(self.repo.list_trainings(model.id))
+        has_version = model is not None and bool(self.repo.list_versions(model.id))
         try:
             result = self.training.start(user=self.user, dataset_id=None)
         except ConflictError:
@@ -188,8 +189,9 @@ class Retraining(RuleBasedStateMachine):
             assert self.first is not None
             assert result.model.trainer_version == self.default_version
             self.first["trainer_version"] = result.model.trainer_version
-        # A model an upload made is not trained yet: its first training is no retraining.
-        assert result.training.is_retraining is trained_before
+        # A model an upload made is not trained yet: its first training is no retraining; nor
+        # is one after a first training that failed or was canceled (no version to retrain).
+        assert result.training.is_retraining is has_version
         if not trained_before:
             event("first training of a model " + ("an upload made" if model else "it made"))
 
@@ -512,8 +514,12 @@ class Retraining(RuleBasedStateMachine):
         queued = [e for e in self.repo.list_events(model.id) if e["kind"] == "training_queued"]
         assert len(queued) == len(trainings)
         kinds = [e["data"]["kind"] for e in queued]
-        # (A model an upload made has no training yet.)
-        assert kinds == ["first_training"] * min(1, len(kinds)) + ["retraining"] * (len(kinds) - 1)
+        # (A model an upload made has no training yet.) A retraining once an earlier training
+        # made a version: one after a first training that failed or was canceled is still the
+        # first (one training at a time, so an earlier one ended before the next was queued).
+        made = [e["data"]["training_id"] in self.published for e in queued]
+        assert kinds == ["retraining" if any(made[:i]) else "first_training"
+                         for i in range(len(queued))]
         for e in queued[1:]:
             assert e["data"]["preserved"]["trigger_word"] == model.trigger_word
 

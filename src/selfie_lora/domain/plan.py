@@ -132,6 +132,7 @@ def plan_training(
     rng: random.Random,
     now: datetime,
     trained_before: bool,
+    has_version: bool,
     repinned_by_user: bool = False,
 ) -> TrainingPlan:
     """Decide everything a training needs.
@@ -140,8 +141,12 @@ def plan_training(
     model, whatever the configuration says now, except the trainer version and backend of its
     first training, and the destination when that moves it to another backend
     (``pin_for_training``). ``trained_before`` says whether the model has had a
-    training (of any outcome): a model an upload made has not, and its first training is not a
-    retraining, though its trigger word, destination and scale are preserved all the same.
+    training (of any outcome): the first training that started pinned it, a canceled or failed
+    one included, so a later start keeps that pin. ``has_version`` says whether it has a
+    version to retrain: only then is the training a retraining (contract invariant 6's log,
+    the pages' words). A model an upload made has neither, nor has one whose first training
+    was canceled or failed: its next training is still its first, though its trigger word,
+    destination and scale are preserved all the same.
     ``repinned_by_user``: the user moved its trainer version explicitly (PATCH) before it ever
     trained, which is the pin then.
     """
@@ -182,7 +187,7 @@ def plan_training(
             "trainer_version": defaults.trainer_version,
         }
     return TrainingPlan(
-        model=model, is_new_model=False, is_retraining=trained_before,
+        model=model, is_new_model=False, is_retraining=has_version,
         recipe=_recipe(model, defaults), preserved=preserved,
     )
 

@@ -35,6 +35,9 @@ class PinFacts:
 
     trained_before: bool
     repinned_by_user: bool
+    # Whether it has a version to retrain: a first training canceled or failed made none, and
+    # the next one is still the first (is_retraining), under the pin the first start took.
+    has_version: bool
 
 
 def pin_facts(repo: Repository, model: Model) -> PinFacts:
@@ -43,7 +46,8 @@ def pin_facts(repo: Repository, model: Model) -> PinFacts:
     configured one (contract invariant 3)."""
     trained_before = bool(repo.list_trainings(model.id))
     return PinFacts(trained_before=trained_before, repinned_by_user=not trained_before and (
-        repo.count_events(model.id, kind=REPINNED_EVENT) > 0))
+        repo.count_events(model.id, kind=REPINNED_EVENT) > 0),
+        has_version=trained_before and bool(repo.list_versions(model.id)))
 
 
 def next_training_pin(repo: Repository, model: Model, defaults: TrainingDefaults) -> Model:

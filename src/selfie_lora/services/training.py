@@ -296,6 +296,7 @@ class TrainingService:
                 model, user_id=user.id, new_model_id=new_id(), defaults=defaults, rng=self._rng,
                 now=self._clock(),
                 trained_before=facts is not None and facts.trained_before,
+                has_version=facts is not None and facts.has_version,
                 repinned_by_user=facts is not None and facts.repinned_by_user,
             )
             if model is not None:

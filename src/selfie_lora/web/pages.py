@@ -481,16 +481,19 @@ def _train_page(request: Request, web: Web, viewer: Viewer, view: Any) -> HTMLRe
     model = svc.models.find(user=viewer.user)
     dataset = svc.intake.latest(user=viewer.user)
     # The page speaks of a retraining (what it keeps, the Retrain button) as the domain does
-    # (is_retraining: the model has had a training before): for the one under way, or, once
-    # the latest has ended, for the next. A model an upload made has had none, and its first
-    # training, queued or running, is not a retraining though a training now exists.
-    retraining = view is not None and (view.training.is_retraining
-                                       or view.training.status.is_terminal)
+    # (is_retraining: the model has a version to retrain). Any ended training counted, so a
+    # first training canceled or failed before it made a version offered to "Retrain", and
+    # said that "the version you use now stays active" beside "No version is active yet".
+    retraining = model is not None and bool(svc.models.versions(user=viewer.user))
+    # Whether the next first training finds its pin taken: by a first training that started
+    # and ended without a version (domain.plan.plan_training's trained_before), so the text
+    # does not promise to pin the version configured now.
+    pinned = view is not None and view.training.status.is_terminal
     # What the start would be refused with (the 409 page stays for a change meanwhile): said
     # before the user submits, with the same advice.
     refusal = svc.training.start_refusal(user=viewer.user) if dataset is not None else None
     return web.render(request, "train.html", viewer=viewer, model=model, dataset=dataset,
-                      retraining=retraining, refusal=refusal,
+                      retraining=retraining, pinned=pinned, refusal=refusal,
                       **_status_context(web, viewer, view))
 
 
