@@ -1204,6 +1204,40 @@ def test_generate_uses_the_slider_s_scale_for_its_pictures_only(ann: TestClient,
         assert re.search(rf'<input id="lora_scale"[^>]* value="{DEFAULT_LORA_SCALE}"', page)
 
 
+def test_a_delete_and_the_paging_links_keep_the_scale_chosen(ann: TestClient) -> None:
+    """After a Generate at 0.5 (/generate?lora_scale=0.5), a Delete or Older/Newest pictures
+    went to /generate without it: the slider and the next picture went back to the saved
+    scale (browser review 3). The scale chosen is carried with them."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    for _ in range(2):
+        r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p",
+                                        "num_outputs": "1", "lora_scale": "0.5"},
+                     follow_redirects=False)
+        assert r.headers["location"] == "/generate?lora_scale=0.5"
+    page = ann.get("/generate?lora_scale=0.5").text
+    forms = re.findall(r'<form method="post" action="/generations/([^"/]+)/delete".*?</form>',
+                       page, re.S)
+    assert len(forms) == 2, page
+    assert page.count('<input type="hidden" name="lora_scale" value="0.5">') == 2
+    newest, older = re.findall(r'action="/generations/([^"/]+)/delete"', page)
+    r = ann.post(f"/generations/{newest}/delete",
+                 data={"csrf_token": csrf(ann), "lora_scale": "0.5", "before": older},
+                 follow_redirects=False)
+    assert r.status_code == 303, r.text
+    # Old code: /generate?before=<id>, the scale dropped.
+    assert r.headers["location"] == f"/generate?before={older}&lora_scale=0.5"
+    paged = ann.get(r.headers["location"]).text
+    assert '<a href="/generate?lora_scale=0.5" id="newest">' in paged
+    assert re.search(r'<input id="lora_scale"[^>]* value="0.5"', paged)
+    # Without a scale chosen the saved one stays the default: nothing added.
+    plain = ann.get("/generate?before=" + older).text
+    assert '<a href="/generate" id="newest">' in plain
+    r = ann.post(f"/generations/{older}/delete", data={"csrf_token": csrf(ann)},
+                 follow_redirects=False)
+    assert r.headers["location"] == "/generate"
+
+
 def test_the_page_s_weights_download_answers_a_range_and_head(ann: TestClient,
                                                              svc: Services) -> None:
     """The Versions page's download said Accept-Ranges and ETag, as the API's does, but answered

@@ -694,13 +694,26 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
     # at the scale that picture used (?lora_scale=), not the saved one.
     withheld = {g.id: withheld_pictures(g) for g in history if g.withheld}
     pictures = {g.id: stored_pictures(g) for g in history}
+    scale = _chosen_scale(request.query_params.get("lora_scale"))
     return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
                       not_ready=svc.generation.not_ready(user=viewer.user),
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       older=page.older, paged=bool(before), before=before or None,
-                      pictures=pictures,
-                      scale=_chosen_scale(request.query_params.get("lora_scale")))
+                      pictures=pictures, scale=scale,
+                      # The paging links keep the scale chosen (a Delete's form too): without
+                      # it the slider went back to the saved scale, and so did the next picture.
+                      older_url=_generate_url(before=page.older, scale=scale),
+                      newest_url=_generate_url(before=None, scale=scale))
+
+
+def _generate_url(*, before: str | None, scale: float | None) -> str:
+    """The Generate page at the gallery's position ``before`` (None: the newest) with the scale
+    chosen on it (None: the saved one)."""
+    query = [f"before={quote(before, safe='')}"] if before else []
+    if scale is not None:
+        query.append(f"lora_scale={scale:g}")
+    return "/generate" + ("?" + "&".join(query) if query else "")
 
 
 def _chosen_scale(value: str | None) -> float | None:
@@ -736,12 +749,14 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
 
 @router.post("/generations/{generation_id}/delete")
 def generation_delete(request: Request, viewer: FormViewer, generation_id: str,
-                      before: OptionalFormStr = None) -> Response:
+                      before: OptionalFormStr = None,
+                      lora_scale: OptionalFormStr = None) -> Response:
     web = _web(request)
     web.services.generation.delete(user=viewer.user, generation_id=generation_id)
     # Back to the page the button was on (its ?before=, a position that holds without the
-    # generation just deleted), not to the newest page, where the user lost their place.
-    return _see(f"/generate?before={quote(before, safe='')}" if before else "/generate")
+    # generation just deleted), not to the newest page, where the user lost their place; with
+    # the scale chosen there, which the next Generate uses (not the saved one).
+    return _see(_generate_url(before=before or None, scale=_chosen_scale(lora_scale)))
 
 
 @router.get("/generations/{generation_id}/{index}.png")
