@@ -4,13 +4,14 @@ trained for it."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi.testclient import TestClient
 
 from selfie_lora.web.app import WEB_ROOT
 from selfie_lora.wiring import Services
-from tests.integration.test_web import PASSWORD, sign_in
+from tests.integration.test_web import PASSWORD, csrf, sign_in
 from tests.support.owners import own_model
 
 BASE = "http://selfie.test"
@@ -54,4 +55,45 @@ def test_a_double_clicked_generate_sends_one_post(chromium: Any, client: TestCli
     page.mouse.click(box["x"] + 5, box["y"] + 5)
     page.wait_for_timeout(1000)  # a second POST, had one been sent, has been seen by now
     assert posts == ["/generate"]
+    page.close()
+
+
+def test_back_from_a_delete_the_next_generation_has_the_focus(chromium: Any, client: TestClient,
+                                                              services: Services) -> None:
+    """Back from a Delete the focus was on the body at the top of the page: a keyboard user
+    tabbed through the nav, the form and the gallery to get back (browser review 4,
+    delscroll.py). The generation after the deleted one (the address's #g-<id>) has it."""
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann")
+    sign_in(client, "ann")
+    for _ in range(3):
+        client.post("/generate", data={"csrf_token": csrf(client), "prompt": "p",
+                                       "num_outputs": "1"})
+    html = client.get("/generate").text
+    ids = re.findall(r'<li id="g-([^"]+)"', html)
+    assert len(ids) == 3, html
+    r = client.post(f"/generations/{ids[1]}/delete",
+                    data={"csrf_token": csrf(client), "focus": f"g-{ids[2]}"},
+                    follow_redirects=False)
+    location = r.headers["location"]
+    assert location.endswith(f"#g-{ids[2]}")
+    html = client.get(location).text
+
+    def answer(route: Any) -> None:
+        path = route.request.url.removeprefix(BASE)
+        if path.split("?")[0].split("#")[0] == "/generate":
+            route.fulfill(status=200, content_type="text/html", body=html)
+        elif path.startswith("/static/"):
+            file = WEB_ROOT / path.split("?")[0].lstrip("/")
+            route.fulfill(status=200, body=file.read_bytes(), content_type=(
+                "text/javascript" if file.suffix == ".js" else "text/css"))
+        else:
+            route.abort()
+
+    page = chromium.new_context().new_page()
+    page.route(f"{BASE}/**", answer)
+    page.goto(f"{BASE}{location}")
+    page.wait_for_function("document.activeElement !== document.body")
+    assert page.evaluate("document.activeElement.id") == f"g-{ids[2]}"
+    assert page.locator("#deleted-note[role=status]").inner_text() == "Generation deleted."
     page.close()

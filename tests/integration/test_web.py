@@ -1226,7 +1226,7 @@ def test_a_delete_and_the_paging_links_keep_the_scale_chosen(ann: TestClient) ->
                  follow_redirects=False)
     assert r.status_code == 303, r.text
     # Old code: /generate?before=<id>, the scale dropped.
-    assert r.headers["location"] == f"/generate?before={older}&lora_scale=0.5"
+    assert r.headers["location"] == f"/generate?before={older}&lora_scale=0.5&deleted=1#pictures"
     paged = ann.get(r.headers["location"]).text
     assert '<a href="/generate?lora_scale=0.5" id="newest">' in paged
     assert re.search(r'<input id="lora_scale"[^>]* value="0.5"', paged)
@@ -1235,7 +1235,37 @@ def test_a_delete_and_the_paging_links_keep_the_scale_chosen(ann: TestClient) ->
     assert '<a href="/generate" id="newest">' in plain
     r = ann.post(f"/generations/{older}/delete", data={"csrf_token": csrf(ann)},
                  follow_redirects=False)
-    assert r.headers["location"] == "/generate"
+    assert r.headers["location"] == "/generate?deleted=1#pictures"
+
+
+def test_a_delete_comes_back_at_the_next_generation_and_says_so(ann: TestClient) -> None:
+    """A Delete came back to the top of /generate, focus on the body, and nothing said the
+    generation was deleted (browser review 4). It comes back at the generation after it (or
+    before it, or the gallery's heading), which takes the focus (app.js), with "Generation
+    deleted" in a status line."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    for _ in range(3):
+        ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1"})
+    page = ann.get("/generate").text
+    assert "Generation deleted" not in page
+    ids = re.findall(r'<li id="g-([^"]+)" tabindex="-1">', page)
+    assert len(ids) == 3, page
+    assert '<h2 id="pictures" tabindex="-1">' in page
+    focus = re.findall(r'name="focus" value="([^"]+)"', page)
+    assert focus == [f"g-{ids[1]}", f"g-{ids[2]}", f"g-{ids[1]}"]
+    r = ann.post(f"/generations/{ids[1]}/delete",
+                 data={"csrf_token": csrf(ann), "focus": focus[1]}, follow_redirects=False)
+    # Old code: /generate, no fragment, no word of the deletion.
+    assert r.headers["location"] == f"/generate?deleted=1#g-{ids[2]}"
+    after = ann.get(r.headers["location"]).text
+    assert '<p class="notice" role="status" id="deleted-note">Generation deleted.</p>' in after
+    assert f'id="g-{ids[2]}"' in after
+    # A fragment that is no gallery item's (a forged form) goes to the heading.
+    r = ann.post(f"/generations/{ids[0]}/delete",
+                 data={"csrf_token": csrf(ann), "focus": "x\r\nSet-Cookie: a=b"},
+                 follow_redirects=False)
+    assert r.headers["location"] == "/generate?deleted=1#pictures"
 
 
 def test_the_page_s_weights_download_answers_a_range_and_head(ann: TestClient,

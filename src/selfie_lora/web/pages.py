@@ -4,6 +4,7 @@ they are given."""
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
@@ -701,19 +702,26 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       older=page.older, paged=bool(before), before=before or None,
                       pictures=pictures, scale=scale,
+                      deleted=request.query_params.get("deleted") == "1",
                       # The paging links keep the scale chosen (a Delete's form too): without
                       # it the slider went back to the saved scale, and so did the next picture.
                       older_url=_generate_url(before=page.older, scale=scale),
                       newest_url=_generate_url(before=None, scale=scale))
 
 
-def _generate_url(*, before: str | None, scale: float | None) -> str:
+def _generate_url(*, before: str | None, scale: float | None, deleted: bool = False) -> str:
     """The Generate page at the gallery's position ``before`` (None: the newest) with the scale
-    chosen on it (None: the saved one)."""
+    chosen on it (None: the saved one); ``deleted``: saying a generation was deleted."""
     query = [f"before={quote(before, safe='')}"] if before else []
     if scale is not None:
         query.append(f"lora_scale={scale:g}")
+    if deleted:
+        query.append("deleted=1")
     return "/generate" + ("?" + "&".join(query) if query else "")
+
+
+# Where a Delete puts the page back: a gallery item's id (g-<generation id>) or its heading.
+_GALLERY_ANCHOR = re.compile(r"g-[0-9A-Za-z-]{1,64}|pictures")
 
 
 def _chosen_scale(value: str | None) -> float | None:
@@ -750,13 +758,18 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
 @router.post("/generations/{generation_id}/delete")
 def generation_delete(request: Request, viewer: FormViewer, generation_id: str,
                       before: OptionalFormStr = None,
-                      lora_scale: OptionalFormStr = None) -> Response:
+                      lora_scale: OptionalFormStr = None,
+                      focus: OptionalFormStr = None) -> Response:
     web = _web(request)
     web.services.generation.delete(user=viewer.user, generation_id=generation_id)
     # Back to the page the button was on (its ?before=, a position that holds without the
     # generation just deleted), not to the newest page, where the user lost their place; with
-    # the scale chosen there, which the next Generate uses (not the saved one).
-    return _see(_generate_url(before=before or None, scale=_chosen_scale(lora_scale)))
+    # the scale chosen there, which the next Generate uses (not the saved one); at the
+    # generation next to the deleted one (the form's ``focus``), which takes the focus, with
+    # "Generation deleted" said: it went to the top, focus on the body, and said nothing.
+    anchor = focus if focus and _GALLERY_ANCHOR.fullmatch(focus) else "pictures"
+    return _see(_generate_url(before=before or None, scale=_chosen_scale(lora_scale),
+                              deleted=True) + "#" + anchor)
 
 
 @router.get("/generations/{generation_id}/{index}.png")

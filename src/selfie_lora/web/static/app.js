@@ -328,6 +328,12 @@
       ended.focus();
     }
   });
+  // Back from a Delete (the gallery's "Generation deleted"): the focus to the generation next
+  // to the one deleted (the address's #g-<id>, or the gallery's heading), not the page's top.
+  if (document.getElementById("deleted-note") && window.location.hash) {
+    const target = document.getElementById(decodeURIComponent(window.location.hash.slice(1)));
+    if (target) target.focus();
+  }
   const scale = document.getElementById("lora_scale");
   const scaleValue = document.getElementById("scale-value");
   // step="any" so that any stored scale shows as it is; a scale the user drags to is kept to
