@@ -97,3 +97,36 @@ def test_back_from_a_delete_the_next_generation_has_the_focus(chromium: Any, cli
     assert page.evaluate("document.activeElement.id") == f"g-{ids[2]}"
     assert page.locator("#deleted-note[role=status]").inner_text() == "Generation deleted."
     page.close()
+
+
+def test_a_long_unbroken_prompt_does_not_widen_the_page(chromium: Any, client: TestClient,
+                                                        services: Services) -> None:
+    """A prompt of one long word made the Generate page 2785 px wide in a 1200 px window, and a
+    long one's cell thousands of pixels high (browser review 5, dbl.py/realistic.py): it wraps
+    and is clamped to a few lines."""
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann")
+    sign_in(client, "ann")
+    client.post("/generate", data={"csrf_token": csrf(client), "prompt": "x" * 1900,
+                                   "num_outputs": "1"})
+    html = client.get("/generate").text
+
+    def answer(route: Any) -> None:
+        path = route.request.url.removeprefix(BASE)
+        if path.split("?")[0] == "/generate":
+            route.fulfill(status=200, content_type="text/html", body=html)
+        elif path.startswith("/static/"):
+            file = WEB_ROOT / path.split("?")[0].lstrip("/")
+            route.fulfill(status=200, body=file.read_bytes(), content_type=(
+                "text/javascript" if file.suffix == ".js" else "text/css"))
+        else:
+            route.abort()
+
+    page = chromium.new_context(viewport={"width": 1200, "height": 800}).new_page()
+    page.route(f"{BASE}/**", answer)
+    page.goto(f"{BASE}/generate")
+    widths = page.evaluate("[document.documentElement.scrollWidth,"
+                           " document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1], widths
+    assert page.locator(".gallery .prompt").bounding_box()["height"] < 100
+    page.close()

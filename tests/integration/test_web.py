@@ -1238,6 +1238,32 @@ def test_a_delete_and_the_paging_links_keep_the_scale_chosen(ann: TestClient) ->
     assert r.headers["location"] == "/generate?deleted=1#pictures"
 
 
+def test_a_long_prompt_is_clamped_in_the_gallery_with_a_short_alt(ann: TestClient) -> None:
+    """The gallery printed the whole 2000-character prompt in its cell and as every picture's
+    alt text, read out for each picture (browser review 5). The cell shows it clamped
+    (style.css) with the whole of it under "Whole prompt", and the alt is "picture N of" its
+    first 100 characters."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    prompt = "word " * 399 + "end"
+    ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": prompt, "num_outputs": "2"})
+    page = ann.get("/generate").text
+    shown = re.search(r'<p class="prompt">([^<]*)</p>', page)
+    assert shown, page
+    assert shown.group(1).endswith(prompt)  # the trigger word added before it
+    stored = shown.group(1)
+    alts = re.findall(r'<img src="/generations/[^"]+" alt="([^"]*)"', page)
+    # Old code: the whole prompt, for each picture.
+    assert alts == [f"picture {n} of {stored[:100]}…" for n in (1, 2)], alts
+    assert f"<summary>Whole prompt</summary><p>{stored}</p>" in page
+    ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "short", "num_outputs": "1"})
+    page = ann.get("/generate").text
+    assert re.search(r'alt="picture 1 of [^"]*short"', page)
+    assert page.count("Whole prompt") == 1  # only the long one's
+    css = ann.get("/static/style.css").text
+    assert re.search(r"\.gallery \.prompt[^{]*\{[^}]*overflow-wrap: anywhere", css)
+
+
 def test_a_delete_comes_back_at_the_next_generation_and_says_so(ann: TestClient) -> None:
     """A Delete came back to the top of /generate, focus on the body, and nothing said the
     generation was deleted (browser review 4). It comes back at the generation after it (or
