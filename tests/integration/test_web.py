@@ -1264,6 +1264,22 @@ def test_a_long_prompt_is_clamped_in_the_gallery_with_a_short_alt(ann: TestClien
     assert re.search(r"\.gallery \.prompt[^{]*\{[^}]*overflow-wrap: anywhere", css)
 
 
+def test_the_seed_rule_under_a_batch_says_it_wraps_when_it_does(ann: TestClient) -> None:
+    """At seed 4294967295 a batch of 2 read "picture 2 · seed 0" over "seed 4294967295
+    (picture n: seed + n - 1)", which gives 4294967296, no seed at all (browser review 6). The
+    rule says it counts on from 0 where the batch wraps, and only there."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    for seed in ("4294967295", "7"):
+        ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "2",
+                                    "seed": seed})
+    page = ann.get("/generate").text
+    assert "picture 2 · seed 0" in page
+    rule = "picture n: seed + n \N{MINUS SIGN} 1"
+    assert f"seed 4294967295 ({rule}, counting on from 0 after 4294967295)" in page
+    assert f"seed 7 ({rule}) ·" in page
+
+
 def test_a_delete_comes_back_at_the_next_generation_and_says_so(ann: TestClient) -> None:
     """A Delete came back to the top of /generate, focus on the body, and nothing said the
     generation was deleted (browser review 4). It comes back at the generation after it (or

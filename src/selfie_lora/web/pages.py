@@ -38,6 +38,7 @@ from selfie_lora.errors import (
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.erasure import ErasureBlockedError
 from selfie_lora.services.generation import GenerationRequest, stored_pictures, withheld_pictures
+from selfie_lora.services.ports import MAX_SEED
 from selfie_lora.services.training import UploadResult
 from selfie_lora.web.app import SignInRequired, Viewer, Web
 from selfie_lora.web.cookies import (
@@ -701,7 +702,7 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       older=page.older, paged=bool(before), before=before or None,
-                      pictures=pictures, scale=scale,
+                      pictures=pictures, scale=scale, seed_max=MAX_SEED,
                       deleted=request.query_params.get("deleted") == "1",
                       # The paging links keep the scale chosen (a Delete's form too): without
                       # it the slider went back to the saved scale, and so did the next picture.
