@@ -34,7 +34,7 @@ from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.domain.entities import GateStatus, Model, TrainingStatus
 from selfie_lora.domain.lease import INTERRUPTED_MESSAGE, LeasePolicy
 from selfie_lora.domain.plan import TrainingDefaults
-from selfie_lora.errors import ConflictError, InvalidInputError
+from selfie_lora.errors import ConflictError, DatasetRejectedError, ErrorCode, InvalidInputError
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.intake import IntakeService
 from selfie_lora.services.likeness import LikenessService
@@ -144,12 +144,24 @@ class Retraining(RuleBasedStateMachine):
     def first_upload(self) -> None:
         self.upload()
 
+    def _first_training_takes_flux(self) -> bool:
+        """The next training is the model's first and takes the configured default (invariant
+        3), a FLUX.1 recipe at 512 px: the synthetic photos' 62 px faces are judged for it."""
+        model = self.repo.get_model_for_user(self.user.id)
+        untrained = model is None or not self.repo.list_trainings(model.id)
+        return untrained and self.default_version == "local-flux-v1"
+
     @rule()
     def upload(self) -> None:
         self.uploads += 1
         files = [UploadedFile(name=f"p{i}.jpg", data=synthetic_photo(self.uploads * 10 + i))
                  for i in range(2)]
-        self.intake.ingest_files(user=self.user, files=files)
+        try:
+            self.intake.ingest_files(user=self.user, files=files)
+        except DatasetRejectedError:
+            # Judged for the training that will happen: only that one refuses these faces.
+            assert self._first_training_takes_flux(), "photos refused for the pinned recipe"
+            event("upload refused for the first training's configured recipe")
 
     @rule()
     def upload_without_start(self) -> None:
@@ -158,7 +170,11 @@ class Retraining(RuleBasedStateMachine):
         self.uploads += 1
         files = [UploadedFile(name=f"p{i}.jpg", data=synthetic_photo(self.uploads * 10 + i))
                  for i in range(2)]
-        result = self.training.upload(user=self.user, read=lambda: (files, ()), start=False)
+        try:
+            result = self.training.upload(user=self.user, read=lambda: (files, ()), start=False)
+        except DatasetRejectedError:
+            assert self._first_training_takes_flux(), "photos refused for the pinned recipe"
+            return
         assert result.training is None
         assert result.model is not None
         self._remember_first(result.model)
@@ -176,9 +192,21 @@ class Retraining(RuleBasedStateMachine):
         model = self.repo.get_model_for_user(self.user.id)
         trained_before = model is not None and bool(self.repo.list_trainings(model.id))
         has_version = model is not None and bool(self.repo.list_versions(model.id))
+        takes_flux = self._first_training_takes_flux()
         try:
             result = self.training.start(user=self.user, dataset_id=None)
-        except ConflictError:
+        except ConflictError as exc:
+            again = exc.code == ErrorCode.PHOTOS_NEED_UPLOAD_AGAIN
+        else:
+            again = None
+        if again is not None:
+            if again:
+                # The first training pins the configured FLUX.1 recipe; the photos were
+                # prepared at 64 px for the tiny one the upload judged them for.
+                assert takes_flux, "photos asked for again although the recipe is the same"
+                assert not had_active
+                event("first training asks for the photos again at the pinned recipe")
+                return
             assert had_active, "409 although no training was queued or running"
             return
         assert not had_active, "a second training was queued while one was active"
