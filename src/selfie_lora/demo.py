@@ -216,8 +216,10 @@ def running_executable(argv0: str | None = None) -> str:
 
 def serve_command(home: Path, *, argv0: str | None = None) -> str:
     """The shell line that serves the demo's data: every part quoted, so a home with a space or
-    a quote in it pastes as one argument."""
-    return (f"SELFIE_LORA_HOME={shlex.quote(str(home))} "
+    a quote in it pastes as one argument, and absolute, so it pastes from any folder (`make
+    demo`'s --out is the relative demo-output: pasted elsewhere, the line served a new, empty
+    HOME)."""
+    return (f"SELFIE_LORA_HOME={shlex.quote(str(home.absolute()))} "
             f"{shlex.quote(running_executable(argv0))} serve")
 
 

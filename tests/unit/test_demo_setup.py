@@ -22,6 +22,7 @@ from selfie_lora.demo import (
     prepare_demo_folder,
     print_serve_command,
     running_executable,
+    serve_command,
 )
 
 
@@ -166,3 +167,13 @@ def test_the_serve_line_names_an_absolute_executable_even_when_run_by_a_relative
     # Run as `python -m` (argv[0] is a .py file): still an executable that exists.
     fallback = running_executable(str(tmp_path / "cli.py"))
     assert fallback == "selfie-lora" or (Path(fallback).is_absolute() and Path(fallback).is_file())
+
+
+def test_the_serve_line_names_an_absolute_home_even_when_out_is_relative(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make demo` runs the demo with --out demo-output: the line said
+    SELFIE_LORA_HOME=demo-output/home, which pasted from another folder served an empty HOME."""
+    monkeypatch.chdir(tmp_path)
+    line = serve_command(Path("demo-output") / "home",
+                         argv0=str(_fake_selfie_lora(tmp_path / "bin")))
+    assert shlex.split(line)[0] == f"SELFIE_LORA_HOME={tmp_path / 'demo-output' / 'home'}"
