@@ -17,6 +17,28 @@ from tests.support.owners import own_model
 BASE = "http://selfie.test"
 
 
+def serving(html: str, *, posts: list[str] | None = None) -> Any:
+    """A Playwright route handler playing the server: ``html`` for /generate (whatever its query
+    or fragment), the files under /static, a POST noted in ``posts`` and never answered (a
+    generation still being made), anything else aborted."""
+
+    def answer(route: Any) -> None:
+        request = route.request
+        path = request.url.removeprefix(BASE)
+        if posts is not None and request.method == "POST":
+            posts.append(path)
+        elif path.split("?")[0].split("#")[0] == "/generate":
+            route.fulfill(status=200, content_type="text/html", body=html)
+        elif path.startswith("/static/"):
+            file = WEB_ROOT / path.split("?")[0].lstrip("/")
+            route.fulfill(status=200, body=file.read_bytes(), content_type=(
+                "text/javascript" if file.suffix == ".js" else "text/css"))
+        else:
+            route.abort()
+
+    return answer
+
+
 def test_a_double_clicked_generate_sends_one_post(chromium: Any, client: TestClient,
                                                   services: Services) -> None:
     """A double click on Generate sent two POSTs: the first, cut off by the second, still
@@ -28,23 +50,8 @@ def test_a_double_clicked_generate_sends_one_post(chromium: Any, client: TestCli
     html = client.get("/generate").text
     assert 'class="generate"' in html
     posts: list[str] = []
-
-    def answer(route: Any) -> None:
-        request = route.request
-        path = request.url.removeprefix(BASE)
-        if request.method == "POST":
-            posts.append(path)  # never answered: a generation still being made
-        elif path.split("?")[0] == "/generate":
-            route.fulfill(status=200, content_type="text/html", body=html)
-        elif path.startswith("/static/"):
-            file = WEB_ROOT / path.split("?")[0].lstrip("/")
-            route.fulfill(status=200, body=file.read_bytes(), content_type=(
-                "text/javascript" if file.suffix == ".js" else "text/css"))
-        else:
-            route.abort()
-
     page = chromium.new_context().new_page()
-    page.route(f"{BASE}/**", answer)
+    page.route(f"{BASE}/**", serving(html, posts=posts))
     page.goto(f"{BASE}/generate")
     page.get_by_label("What should the picture show?").fill("a hike")
     # The second click 0.2 s after the first, once its POST is on its way (Chromium merges
@@ -78,20 +85,8 @@ def test_back_from_a_delete_the_next_generation_has_the_focus(chromium: Any, cli
     location = r.headers["location"]
     assert location.endswith(f"#g-{ids[2]}")
     html = client.get(location).text
-
-    def answer(route: Any) -> None:
-        path = route.request.url.removeprefix(BASE)
-        if path.split("?")[0].split("#")[0] == "/generate":
-            route.fulfill(status=200, content_type="text/html", body=html)
-        elif path.startswith("/static/"):
-            file = WEB_ROOT / path.split("?")[0].lstrip("/")
-            route.fulfill(status=200, body=file.read_bytes(), content_type=(
-                "text/javascript" if file.suffix == ".js" else "text/css"))
-        else:
-            route.abort()
-
     page = chromium.new_context().new_page()
-    page.route(f"{BASE}/**", answer)
+    page.route(f"{BASE}/**", serving(html))
     page.goto(f"{BASE}{location}")
     page.wait_for_function("document.activeElement !== document.body")
     assert page.evaluate("document.activeElement.id") == f"g-{ids[2]}"
@@ -110,20 +105,8 @@ def test_a_long_unbroken_prompt_does_not_widen_the_page(chromium: Any, client: T
     client.post("/generate", data={"csrf_token": csrf(client), "prompt": "x" * 1900,
                                    "num_outputs": "1"})
     html = client.get("/generate").text
-
-    def answer(route: Any) -> None:
-        path = route.request.url.removeprefix(BASE)
-        if path.split("?")[0] == "/generate":
-            route.fulfill(status=200, content_type="text/html", body=html)
-        elif path.startswith("/static/"):
-            file = WEB_ROOT / path.split("?")[0].lstrip("/")
-            route.fulfill(status=200, body=file.read_bytes(), content_type=(
-                "text/javascript" if file.suffix == ".js" else "text/css"))
-        else:
-            route.abort()
-
     page = chromium.new_context(viewport={"width": 1200, "height": 800}).new_page()
-    page.route(f"{BASE}/**", answer)
+    page.route(f"{BASE}/**", serving(html))
     page.goto(f"{BASE}/generate")
     widths = page.evaluate("[document.documentElement.scrollWidth,"
                            " document.documentElement.clientWidth]")
