@@ -20,7 +20,7 @@ from PIL import Image
 
 from selfie_lora.adapters.alerts.http import HttpAlerter
 from selfie_lora.api.serializers import comparison_json
-from selfie_lora.domain.entities import GateStatus, TrainingStatus, User
+from selfie_lora.domain.entities import GateStatus, TrainingStatus, User, Version
 from selfie_lora.domain.likeness import PROBE_LORA_SCALE, LikenessStatus
 from selfie_lora.errors import AlertDeliveryError, GenerationError
 from selfie_lora.likeness.chart import CHART_SIZE, HELD_NOT_SCORED, chart_figure
@@ -1083,21 +1083,29 @@ def test_a_record_made_at_another_probe_size_is_not_compared(tmp_path: Path) -> 
         r.close()
 
 
-def test_a_held_version_s_alert_names_the_version_active_now_after_a_rollback(rig: Rig) -> None:
-    """v1 (weak) and v2 (strong) passed, v2 active; while v3 is scored its user tries it and
-    rolls back to v1. The gate judges v3 against v2 and holds it: its reason and alert said
-    "for the active version 2" while v1 was active (and v3 beats v1). They now name v2 as the
-    version active when v3 was stored, and v1 as the one active now."""
+def weak_strong_then_one_being_scored(rig: Rig) -> tuple[User, Version, Version, str]:
+    """ann's v1 (weak: one probe of four shows her) and v2 (strong), both passed and v2 active,
+    then v3 (two probes of four) stored and left being scored by a worker that died: ann, v1,
+    v2 and v3's id."""
     same, other = same_person(), other_person()
     generator = generator_of(rig)
     ann = rig.user()
     generator.photos = [same[0], other[0], other[0], other[0]]
     v1 = rig.train(ann)
     generator.photos = same
-    rig.train(ann)
+    v2 = rig.train(ann)
     generator.photos = [same[0], same[1], other[0], other[0]]
     v3 = rig.train_until_scoring(ann).version_id
     assert v3 is not None
+    return ann, v1, v2, v3
+
+
+def test_a_held_version_s_alert_names_the_version_active_now_after_a_rollback(rig: Rig) -> None:
+    """v1 (weak) and v2 (strong) passed, v2 active; while v3 is scored its user tries it and
+    rolls back to v1. The gate judges v3 against v2 and holds it: its reason and alert said
+    "for the active version 2" while v1 was active (and v3 beats v1). They now name v2 as the
+    version active when v3 was stored, and v1 as the one active now."""
+    ann, v1, _v2, v3 = weak_strong_then_one_being_scored(rig)
     rig.models.activate(user=ann, version_id=v3)  # tries v3 early
     rig.models.activate(user=ann, version_id=v1.id)  # rolls back to v1
     rig.restart()
@@ -1118,16 +1126,7 @@ def test_a_plain_rollback_while_a_version_is_scored_leaves_its_baseline_alone(ri
     v3 is dead. The gate judged v3 against v1, active when the new worker took over: v3 passed
     with no alert although it is far below v2, the version it was stored to replace. It is judged
     against v2 whatever was clicked meanwhile: held, with one alert naming v2."""
-    same, other = same_person(), other_person()
-    generator = generator_of(rig)
-    ann = rig.user()
-    generator.photos = [same[0], other[0], other[0], other[0]]
-    v1 = rig.train(ann)
-    generator.photos = same
-    v2 = rig.train(ann)
-    generator.photos = [same[0], same[1], other[0], other[0]]
-    v3 = rig.train_until_scoring(ann).version_id
-    assert v3 is not None
+    ann, v1, v2, v3 = weak_strong_then_one_being_scored(rig)
     rig.models.activate(user=ann, version_id=v1.id)  # rolls back to v1, v3 not tried
     rig.restart()
     judged = rig.repo.get_version(v3)
@@ -1146,16 +1145,7 @@ def test_trying_a_version_twice_around_a_rollback_keeps_its_baseline(rig: Rig) -
     """v3 is tried early (its override records v2 as replaced), the user rolls back to v1 and
     tries v3 again: the override now says it replaced v1. The gate still judges v3 against v2,
     active when v3 was stored, and holds it."""
-    same, other = same_person(), other_person()
-    generator = generator_of(rig)
-    ann = rig.user()
-    generator.photos = [same[0], other[0], other[0], other[0]]
-    v1 = rig.train(ann)
-    generator.photos = same
-    v2 = rig.train(ann)
-    generator.photos = [same[0], same[1], other[0], other[0]]
-    v3 = rig.train_until_scoring(ann).version_id
-    assert v3 is not None
+    ann, v1, v2, v3 = weak_strong_then_one_being_scored(rig)
     rig.models.activate(user=ann, version_id=v3)
     rig.models.activate(user=ann, version_id=v1.id)
     rig.models.activate(user=ann, version_id=v3)
