@@ -147,6 +147,17 @@ def test_a_mac_zip_skips_system_files_with_info_findings() -> None:
     assert {f.code for f in findings} == {"ignored_file"}
 
 
+def read_every_way(members: dict[str, bytes], folder: Path
+                   ) -> list[tuple[list[UploadedFile], list[Finding]]]:
+    """``members`` read as a zip, as files sent one by one and as a folder (written into
+    ``folder``): what each of the three readers gives."""
+    for name, blob in members.items():
+        (folder / name).write_bytes(blob)
+    return [read_zip(zip_of(members), limits=LIMITS),
+            read_uploaded_files(list(members.items()), limits=LIMITS),
+            read_path(folder, limits=LIMITS)]
+
+
 # The start of a QuickTime movie, as an iPhone writes a Live Photo's video.
 _MOV = b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  " + bytes(64)
 
@@ -157,15 +168,7 @@ def test_an_iphone_export_skips_its_side_files_with_info_findings(tmp_path: Path
     members = {"IMG_0002.JPG": jpeg(seed=1), "IMG_0002.AAE": b"<?xml version='1.0'?><plist/>",
                "IMG_0002.MOV": _MOV, "IMG_0004.MOV": _MOV, "holiday.mov": _MOV,
                "notes.aae.jpg": jpeg(seed=2)}
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, blob in members.items():
-            zf.writestr(name, blob)
-    for name, blob in members.items():
-        (tmp_path / name).write_bytes(blob)
-    for files, findings in (read_zip(buf.getvalue(), limits=LIMITS),
-                            read_uploaded_files(list(members.items()), limits=LIMITS),
-                            read_path(tmp_path, limits=LIMITS)):
+    for files, findings in read_every_way(members, tmp_path):
         # A video neither beside a photo of its name nor named by the iPhone camera is the
         # user's own upload: left to be refused as not a photo.
         assert sorted(f.name for f in files) == ["IMG_0002.JPG", "holiday.mov", "notes.aae.jpg"]
@@ -718,15 +721,7 @@ def test_google_takeout_json_side_files_are_skipped_not_counted(tmp_path: Path) 
                "IMG_0001(1).jpg": jpeg(seed=4), "IMG_0001.jpg(1).json": meta,
                "metadata.json": b'{"title": "Holiday"}',
                "settings.json": meta}
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, blob in members.items():
-            zf.writestr(name, blob)
-    for name, blob in members.items():
-        (tmp_path / name).write_bytes(blob)
-    for files, findings in (read_zip(buf.getvalue(), limits=LIMITS),
-                            read_uploaded_files(list(members.items()), limits=LIMITS),
-                            read_path(tmp_path, limits=LIMITS)):
+    for files, findings in read_every_way(members, tmp_path):
         # A .json named after no photo is the user's own upload: left to be refused.
         assert sorted(f.name for f in files) == ["IMG_0001(1).jpg", "IMG_0001.jpg",
                                                  "IMG_0002.JPG", "IMG_0003.jpg", "settings.json"]
