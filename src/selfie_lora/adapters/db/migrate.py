@@ -66,15 +66,20 @@ def _refuse_unknown(revisions: list[str]) -> None:
             "database (every process of a deployment runs the same one); nothing was changed")
 
 
+def _known_revisions(engine: Engine) -> list[str] | None:
+    """The database's schema revisions (None: no schema yet), one query; ``ConfigError`` when
+    it is at one newer than this release knows."""
+    with engine.connect() as connection:
+        revisions = _schema_revisions(connection)
+    if revisions is not None:
+        _refuse_unknown(revisions)
+    return revisions
+
+
 def at_head(engine: Engine) -> bool:
     """Whether the database is already at the newest schema (one query, no Alembic run).
     Raises ``ConfigError`` when it is at one newer than this release knows."""
-    with engine.connect() as connection:
-        revisions = _schema_revisions(connection)
-    if revisions is None:
-        return False
-    _refuse_unknown(revisions)
-    return revisions == [head_revision()]
+    return _known_revisions(engine) == [head_revision()]
 
 
 def require_head(engine: Engine) -> None:
@@ -82,9 +87,7 @@ def require_head(engine: Engine) -> None:
     nothing: for the commands that only read (``gc --dry-run``, ``users list``). Upgrading is for
     good: once a newly installed release has upgraded it, the older release's processes refuse
     to start on it, so a look at the data must not do it behind the operator's back."""
-    with engine.connect() as connection:
-        revisions = _schema_revisions(connection) or []
-    _refuse_unknown(revisions)
+    revisions = _known_revisions(engine) or []
     if revisions == [head_revision()]:
         return
     raise ConfigError(
