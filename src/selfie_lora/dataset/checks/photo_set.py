@@ -230,12 +230,13 @@ def _usable(count: int) -> str:
 
 
 def _verdict(*, kept: int, total: int, photo_warned: int, set_findings: Sequence[Finding],
-             trainable: bool, policy: CheckPolicy) -> tuple[Quality, int, tuple[str, ...]]:
-    """A 0-100 score from the deductions below, its quality word and the main reasons."""
+             several: bool, trainable: bool, policy: CheckPolicy
+             ) -> tuple[Quality, int, tuple[str, ...]]:
+    """A 0-100 score from the deductions below, its quality word and the main reasons
+    (``several``: the set was refused for showing several people)."""
     deductions: list[tuple[float, str]] = []
     too_few = [f.message for f in set_findings if f.code == "too_few_photos"]
     # With several people the count mixes their photos: its reason would contradict the refusal.
-    several = any(f.code == "several_people" for f in set_findings)
     if several:
         pass  # the refusal is the reason; the photos to count are the one person's
     elif kept < policy.recommended_min:
@@ -343,7 +344,7 @@ def check_set(analyses: Sequence[PhotoAnalysis], *, policy: CheckPolicy,
     trainable = not any(f.severity == "reject" for f in set_findings)
     warned = sum(1 for p in kept if any(f.severity == "warn" and f.photo == p.name
                                         for f in findings))
-    quality, score, reasons = _verdict(kept=count, total=len(photos) + unreadable,
+    quality, score, reasons = _verdict(kept=count, total=len(photos) + unreadable, several=several,
                                        photo_warned=warned,
                                        set_findings=set_findings, trainable=trainable,
                                        policy=policy)
