@@ -270,31 +270,53 @@ class GenerationService:
         # A copy found damaged (its hash, or the generator unable to read it) may be only this
         # machine's cached copy of a sound object, or one fetched before the operator restored
         # it: dropped and fetched once more, and refused only if the fresh copy is wrong too.
-        refetched = False
+        # Each check fetches again once; the copy fetched again for the generator is a new
+        # one, so its hash check has its once again.
+        refetched: set[Literal["hash", "generator"]] = set()
         while True:
+            found: str | None = None  # the hash of a copy that is not the stored file
+            damaged: WeightsDamagedError | None = None
             with ExitStack() as stack:
-                weights_path = (self._sound_weights(stack, model=model, version=version)
+                weights_path = (self._local_weights(stack, model=model, version=version)
                                 if stored else None)
-                job = GenerationJob(
-                    prompt=final_prompt, num_outputs=num_outputs, seed=seed, lora_scale=scale,
-                    trainer_version=version.trainer_version, weights_path=weights_path,
-                    remote_version=version.remote_version, width=size, height=size,
-                    client_gone=client_gone,
-                )
-                damaged: WeightsDamagedError | None = None
-                try:
-                    pictures = generator.generate(job)
-                except WeightsDamagedError as exc:
-                    damaged = exc
-            if damaged is None:
+                if weights_path is not None:
+                    found = self._weights_hash(version=version, path=weights_path)
+                if found is None:
+                    job = GenerationJob(
+                        prompt=final_prompt, num_outputs=num_outputs, seed=seed,
+                        lora_scale=scale, trainer_version=version.trainer_version,
+                        weights_path=weights_path, remote_version=version.remote_version,
+                        width=size, height=size, client_gone=client_gone,
+                    )
+                    try:
+                        pictures = generator.generate(job)
+                    except WeightsDamagedError as exc:
+                        damaged = exc
+            # The copy is released (the stack closed) before it is dropped.
+            if found is None and damaged is None:
                 break
-            if (weights_path is not None and not refetched
+            # ``damaged`` is None when the hash check found the copy wrong (no generation ran).
+            check: Literal["hash", "generator"] = "hash" if damaged is None else "generator"
+            if (weights_path is not None and check not in refetched
                     and self._blobs.forget_local_copy(version.weights_key)):
-                logger.warning("version %s (model %s): the generator could not read this "
-                               "machine's copy of %s (%s); fetched again", version.id, model.id,
-                               version.weights_key, damaged.message)
-                refetched = True
+                if damaged is None:
+                    logger.warning("version %s (model %s): this machine's copy of %s hashes to "
+                                   "%s, not the stored %s; fetched again", version.id, model.id,
+                                   version.weights_key, found, version.weights_sha256)
+                    refetched.add("hash")
+                else:
+                    logger.warning("version %s (model %s): the generator could not read this "
+                                   "machine's copy of %s (%s); fetched again", version.id,
+                                   model.id, version.weights_key, damaged.message)
+                    refetched = {"generator"}
                 continue
+            if damaged is None:
+                logger.error("version %s (model %s) cannot generate: its weights %s hash to %s, "
+                             "not the stored %s (%s)", version.id, model.id, version.weights_key,
+                             found, version.weights_sha256,
+                             "fetched again from the storage" if "hash" in refetched
+                             else "the stored file")
+                raise weights_damaged_error(version)
             # The generator could not read the file (its sha256 matched, or was not known):
             # the version's, so the user is told which and what to do, the operator the key.
             logger.error("version %s (model %s, weights %s) cannot generate: %s",
@@ -312,39 +334,20 @@ class GenerationService:
                         images=[png for png in pictures if png is not None],
                         withheld=tuple(i for i, png in enumerate(pictures) if png is None))
 
-    def _sound_weights(self, stack: ExitStack, *, model: Model, version: Version) -> Path:
+    def _local_weights(self, stack: ExitStack, *, model: Model, version: Version) -> Path:
         """A local copy of ``version``'s weights, held until ``stack`` closes: the file stays on
         this machine until the generation ends (a local generator may wait behind others,
         minutes each, before it loads it, and meanwhile another process's fetch may evict
-        whatever copy nobody holds). A cached copy that is not the stored file is dropped and
-        fetched once more: it may be a copy damaged on this disk, or one fetched before the
-        operator restored the object, which would otherwise be served for ever."""
-        for fresh in (False, True):
-            held = stack.enter_context(ExitStack())
-            try:
-                path = held.enter_context(self._blobs.local_copy(version.weights_key))
-            except BlobMissingError as exc:
-                # Not the server failing (a 500 the user can only retry): this version cannot
-                # generate until its file is restored, and another version can. The operator
-                # gets the key to look for.
-                logger.error("version %s (model %s) cannot generate: %s", version.id, model.id,
-                             exc.message)
-                raise weights_missing_error(version) from exc
-            found = self._weights_hash(version=version, path=path)
-            if found is None:
-                return path
-            held.close()
-            if not fresh and self._blobs.forget_local_copy(version.weights_key):
-                logger.warning("version %s (model %s): this machine's copy of %s hashes to %s, "
-                               "not the stored %s; fetched again", version.id, model.id,
-                               version.weights_key, found, version.weights_sha256)
-                continue
-            logger.error("version %s (model %s) cannot generate: its weights %s hash to %s, "
-                         "not the stored %s (%s)", version.id, model.id, version.weights_key,
-                         found, version.weights_sha256,
-                         "fetched again from the storage" if fresh else "the stored file")
-            raise weights_damaged_error(version)
-        raise AssertionError("unreachable: the second copy returns or raises")
+        whatever copy nobody holds). ``render`` checks it is the stored file."""
+        try:
+            return stack.enter_context(self._blobs.local_copy(version.weights_key))
+        except BlobMissingError as exc:
+            # Not the server failing (a 500 the user can only retry): this version cannot
+            # generate until its file is restored, and another version can. The operator
+            # gets the key to look for.
+            logger.error("version %s (model %s) cannot generate: %s", version.id, model.id,
+                         exc.message)
+            raise weights_missing_error(version) from exc
 
     def _weights_hash(self, *, version: Version, path: Path) -> str | None:
         """None when the copy at ``path`` is the file ``version`` stored (its sha256, the
