@@ -320,12 +320,12 @@ class TrainingService:
                 tx.set_model_pin(model.id, backend=plan.backend,
                                  trainer_version=plan.trainer_version,
                                  destination=plan.destination)
+                # The plan recorded this pin (and what it replaces) in its preserved facts.
+                pin = plan.preserved["pinned_at_first_training"]
                 tx.add_event(model_id=model.id, kind="trainer_version_pinned", data={
                     "by": "first_training", "training_id": training_id,
-                    "from": {"backend": model.backend, "trainer_version": model.trainer_version,
-                             "destination": model.destination},
-                    "to": {"backend": plan.backend, "trainer_version": plan.trainer_version,
-                           "destination": plan.destination}})
+                    "from": dict(pin["replaces"]),
+                    "to": {key: value for key, value in pin.items() if key != "replaces"}})
             training = Training(
                 id=training_id, model_id=plan.model.id,
                 dataset_id=dataset.id,
