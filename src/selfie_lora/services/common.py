@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -14,7 +14,7 @@ from selfie_lora.domain.plan import TrainingDefaults, pin_for_training
 from selfie_lora.errors import SelfieLoraError
 
 if TYPE_CHECKING:
-    from selfie_lora.domain.entities import Model
+    from selfie_lora.domain.entities import Model, Training
     from selfie_lora.services.ports import Repository
 
 # The audit event of an explicit re-pin (ModelService.change): the user's pin from then on.
@@ -35,25 +35,27 @@ class PinFacts:
 
     trained_before: bool
     repinned_by_user: bool
-    # Whether it has a version to retrain: a first training canceled or failed made none, and
-    # the next one is still the first (is_retraining), under the pin the first start took.
-    has_version: bool
 
 
-def pin_facts(repo: Repository, model: Model) -> PinFacts:
+def pin_facts(repo: Repository, model: Model, *,
+              trainings: Sequence[Training] | None = None) -> PinFacts:
     """Whether ``model`` has had a training (of any outcome), and else whether its user re-pinned
     it explicitly: either fixes its trainer version; otherwise its first training takes the
-    configured one (contract invariant 3)."""
-    trained_before = bool(repo.list_trainings(model.id))
+    configured one (contract invariant 3). ``trainings``: the model's, where the caller has
+    read them in this transaction already (a start's busy check), else read here."""
+    if trainings is None:
+        trainings = repo.list_trainings(model.id)
+    trained_before = bool(trainings)
     return PinFacts(trained_before=trained_before, repinned_by_user=not trained_before and (
-        repo.count_events(model.id, kind=REPINNED_EVENT) > 0),
-        has_version=trained_before and bool(repo.list_versions(model.id)))
+        repo.count_events(model.id, kind=REPINNED_EVENT) > 0))
 
 
-def next_training_pin(repo: Repository, model: Model, defaults: TrainingDefaults) -> Model:
+def next_training_pin(repo: Repository, model: Model, defaults: TrainingDefaults, *,
+                      trainings: Sequence[Training] | None = None) -> Model:
     """``model`` as its next training is pinned: what its photos are prepared and checked for,
-    and what a start refuses (``TrainingService.start_refusal``)."""
-    facts = pin_facts(repo, model)
+    and what a start refuses (``TrainingService.start_refusal``). ``trainings`` as for
+    ``pin_facts``."""
+    facts = pin_facts(repo, model, trainings=trainings)
     return pin_for_training(model, defaults, trained_before=facts.trained_before,
                             repinned_by_user=facts.repinned_by_user)
 

@@ -290,13 +290,13 @@ class TrainingService:
             # active and writes the pin under the same lock, so this start plans on the pin it
             # left, or the re-pin finds this training and is refused.
             model = tx.get_model_for_user(user.id, for_update=True)
-            _refuse_if_busy(tx, model)
-            facts = pin_facts(tx, model) if model is not None else None
+            trainings = _refuse_if_busy(tx, model)
+            facts = pin_facts(tx, model, trainings=trainings) if model is not None else None
             plan = plan_training(
                 model, user_id=user.id, new_model_id=new_id(), defaults=defaults, rng=self._rng,
                 now=self._clock(),
                 trained_before=facts is not None and facts.trained_before,
-                has_version=facts is not None and facts.has_version,
+                has_version=model is not None and _has_version(tx, model, trainings=trainings),
                 repinned_by_user=facts is not None and facts.repinned_by_user,
             )
             if model is not None:
@@ -404,10 +404,11 @@ class TrainingService:
             # Locked as a start locks it: a start still open (PostgreSQL runs them side by side)
             # commits its training first, and this upload is refused before it reads a photo.
             model = tx.get_model_for_user(user.id, for_update=True)
-            _refuse_if_busy(tx, model)
+            trainings = _refuse_if_busy(tx, model)
             if model is not None:  # refused before its photos are read and cropped for it
                 defaults = self._defaults()
-                check_fits_base_model(next_training_pin(tx, model, defaults), defaults)
+                check_fits_base_model(next_training_pin(tx, model, defaults, trainings=trainings),
+                                      defaults)
             now = self._clock()
             try:
                 claimed_until = tx.claim_upload(user.id, token=token, now=now,
@@ -1660,12 +1661,22 @@ class _HeldStore:
                 self._service._progressed(self._held)
 
 
-def _refuse_if_busy(repo: Repository, model: Model | None) -> None:
+def _has_version(repo: Repository, model: Model, *, trainings: Sequence[Training]) -> bool:
+    """Whether ``model`` (whose ``trainings`` these are) has a version to retrain: a first
+    training canceled or failed made none, and the next one is still the first
+    (is_retraining), under the pin the first start took."""
+    return bool(trainings) and bool(repo.list_versions(model.id))
+
+
+def _refuse_if_busy(repo: Repository, model: Model | None) -> Sequence[Training]:
+    """Refuses while a training of ``model`` is queued or running; else its trainings, read
+    for that (none without a model), which the caller's pin facts use again."""
     if model is None:
-        return
-    active = [t for t in repo.list_trainings(model.id) if t.status.is_active]
+        return ()
+    trainings = repo.list_trainings(model.id)
+    active = [t for t in trainings if t.status.is_active]
     if not active:
-        return
+        return trainings
     t = active[0]
     # Which training and where it stands, never what an operator should do: this message is
     # the API's and the web's too, and the service cannot know whether workers run (a training
