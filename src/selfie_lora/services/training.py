@@ -507,9 +507,10 @@ class TrainingService:
         dataset = self._repo.latest_accepted_dataset(user.id)
         if model is None or dataset is None:
             return None
-        model = next_training_pin(self._repo, model, self._defaults())
+        defaults = self._defaults()  # one reading for the pin and its recipe
+        model = next_training_pin(self._repo, model, defaults)
         recipe = recipe_for(backend=model.backend, trainer_version=model.trainer_version,
-                            replicate_recipe=self._defaults().replicate_recipe)
+                            replicate_recipe=defaults.replicate_recipe)
         prepared = self._prepared_resolution(dataset)
         if prepared is None or photos_fit(prepared_resolution=prepared, recipe=recipe):
             return None
