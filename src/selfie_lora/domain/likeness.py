@@ -424,13 +424,21 @@ def gate_measure(*scores: Mapping[str, Any] | None) -> GateMeasure:
     Versions page), so that none keys on the identity alone and calls a scored version "not
     scored"."""
     def has(score: Mapping[str, Any] | None, name: str) -> bool:
-        value = score.get(name) if score is not None else None
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return headline_score(score, name) is not None
 
     if (not any(has(score, GateMeasure.IDENTITY) for score in scores)
             and any(has(score, GateMeasure.FACE_SHARE) for score in scores)):
         return GateMeasure.FACE_SHARE
     return GateMeasure.IDENTITY
+
+
+def headline_score(scores: object, name: str) -> float | None:
+    """The ``name`` score of a version's headline ``scores`` (``IdentityScores.headline``, as
+    stored in a verdict); None where there is none: not scored, or not a number (a bool is not
+    one)."""
+    value = scores.get(name) if isinstance(scores, Mapping) else None
+    return (float(value) if isinstance(value, int | float) and not isinstance(value, bool)
+            else None)
 
 
 # --------------------------------------------------------------------------- the record

@@ -53,6 +53,7 @@ from selfie_lora.domain.likeness import (
     baseline_no_longer_active,
     decide_gate,
     gate_measure,
+    headline_score,
     held_but_user_activated,
     nothing_to_beat_reason,
     probes_for_existing_model,
@@ -170,11 +171,6 @@ def _replaced_version_id(version: Version, *, active: str | None) -> str | None:
     return active
 
 
-def _score(scores: object, name: str) -> float | None:
-    value = scores.get(name) if isinstance(scores, dict) else None
-    return float(value) if isinstance(value, int | float) else None
-
-
 def _headline(scores: object) -> Mapping[str, Any] | None:
     return scores if isinstance(scores, dict) else None
 
@@ -184,20 +180,17 @@ def alert_text(*, user_name: str, version_number: int, baseline_number: int | No
                url: str | None) -> str:
     """A held-back version's alert as a person reads it in a chat: whose, which versions, the
     likeness before and after, why, and where to look."""
-    if gate_measure(_headline(before), _headline(after)) is GateMeasure.FACE_SHARE:
+    compared = gate_measure(_headline(before), _headline(after))
+    if compared is GateMeasure.FACE_SHARE:
         # Training photos without a face: no identity on either side, the gate compared the
         # face share. Scored versions are worded by it, never as "not scored".
-        measure, unit = "faces in", " of probes"
-
-        def shown(scores: object) -> str:
-            share = _score(scores, "face_share")
-            return f"{share:.0%}" if share is not None else "not scored"
+        measure, unit, form = "faces in", " of probes", "{:.0%}"
     else:
-        measure, unit = "likeness", ""
+        measure, unit, form = "likeness", "", "{:.3f}"
 
-        def shown(scores: object) -> str:
-            identity = _score(scores, "identity")
-            return f"{identity:.3f}" if identity is not None else "not scored"
+    def shown(scores: object) -> str:
+        value = headline_score(scores, compared)
+        return form.format(value) if value is not None else "not scored"
     after_text = shown(after)
     headline = (f"{measure} {after_text}{unit}" if after_text != "not scored"
                 else "likeness not scored")
