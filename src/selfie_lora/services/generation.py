@@ -9,7 +9,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -126,16 +126,19 @@ class Picture:
 def stored_pictures(generation: Generation) -> list[Picture]:
     """The pictures of ``generation`` that came, ``image_keys``' order: each with its place's
     seed, the one that makes it again alone (the batch's seed makes only the first)."""
-    return [Picture(number=place + 1, seed=None if generation.seed is None
-                    else image_seed(seed=generation.seed, index=place))
-            for place in generation.pictures()]
+    return _pictures(generation, generation.pictures())
 
 
 def withheld_pictures(generation: Generation) -> list[Picture]:
     """The pictures of ``generation`` its generator withheld (Replicate's safety checker)."""
-    return [Picture(number=i + 1, seed=None if generation.seed is None
-                    else image_seed(seed=generation.seed, index=i))
-            for i in generation.withheld]
+    return _pictures(generation, generation.withheld)
+
+
+def _pictures(generation: Generation, places: Iterable[int]) -> list[Picture]:
+    """The pictures at ``places`` (0-based) of ``generation``'s batch, each with its seed."""
+    return [Picture(number=place + 1, seed=None if generation.seed is None
+                    else image_seed(seed=generation.seed, index=place))
+            for place in places]
 
 
 # The gallery's page (the Generate page, GET /api/generations), and the most one page holds.
