@@ -4,8 +4,8 @@ the stored attempts and the hashing."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
 MIN_PASSWORD_LENGTH = 10
@@ -113,6 +113,15 @@ class ErasurePlan:
     keys: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
     work_folders: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, list[str]]:
+        """The plan as stored (``users.erasure_plan``): a list per field, named as the field."""
+        return {f.name: list(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, stored: Mapping[str, Sequence[str]]) -> ErasurePlan:
+        """The plan ``as_json`` stored; a field missing from it is empty."""
+        return cls(**{f.name: tuple(stored.get(f.name, ())) for f in fields(cls)})
 
     def merged(self, other: ErasurePlan | None) -> ErasurePlan:
         """Both plans' keys, prefixes and folders, each once, sorted."""

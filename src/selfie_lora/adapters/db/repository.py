@@ -607,19 +607,14 @@ class SqlRepository:
             gone("browser sessions", delete(WebSessionRow)
                  .where(WebSessionRow.user_id == user_id))
             # In the same transaction: once the rows are gone, nothing else names the blobs.
-            s.execute(update(UserRow).where(UserRow.id == user_id).values(erasure_plan={
-                "keys": list(plan.keys), "prefixes": list(plan.prefixes),
-                "work_folders": list(plan.work_folders)}))
+            s.execute(update(UserRow).where(UserRow.id == user_id).values(
+                erasure_plan=plan.as_json()))
         return {name: n for name, n in counts.items() if n}
 
     def erasure_plan(self, user_id: str) -> ErasurePlan | None:
-        with self._tx() as s:
+        with self._read() as s:
             stored = s.scalar(select(UserRow.erasure_plan).where(UserRow.id == user_id))
-        if stored is None:
-            return None
-        return ErasurePlan(keys=tuple(stored.get("keys", ())),
-                           prefixes=tuple(stored.get("prefixes", ())),
-                           work_folders=tuple(stored.get("work_folders", ())))
+        return None if stored is None else ErasurePlan.from_json(stored)
 
     def delete_user(self, user_id: str) -> bool:
         with self._tx() as s:
