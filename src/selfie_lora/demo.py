@@ -18,7 +18,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from selfie_lora.config import EmbeddedSettings, Settings
+from selfie_lora.config import DATABASE_FILE, EmbeddedSettings, Settings
 from selfie_lora.console import console as default_console
 from selfie_lora.console import follow_training, print_report
 from selfie_lora.dataset.limits import UploadedFile
@@ -71,7 +71,7 @@ def _take_folder(out: Path) -> None:
         entries = {entry.name for entry in out.iterdir()}
         # `make demo` before the marker existed left exactly this layout: still the demo's.
         legacy = (bool(entries) and entries <= set(DEMO_ENTRIES)
-                  and (out / "home" / "selfie-lora.db").is_file())
+                  and (out / "home" / DATABASE_FILE).is_file())
         if entries and DEMO_MARKER not in entries and not legacy:
             raise DemoFolderError(
                 f"--out {out} is a folder the demo did not make and it is not empty; nothing "

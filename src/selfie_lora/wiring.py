@@ -28,7 +28,7 @@ from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter, normalize_lora
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
-from selfie_lora.config import Settings
+from selfie_lora.config import DATABASE_FILE, Settings
 from selfie_lora.dataset.checks import CheckPolicy
 from selfie_lora.dataset.limits import UploadLimits
 from selfie_lora.domain.plan import TrainingDefaults
@@ -436,7 +436,7 @@ def build_backups(settings: Settings) -> BackupService:
         if not url.drivername.startswith("sqlite"):
             database = "postgres"
         elif Path(url.database or ":memory:").resolve() != (
-                settings.home / "selfie-lora.db").resolve():
+                settings.home / DATABASE_FILE).resolve():
             database = "sqlite"
     return BackupService(backups=HomeBackups(home=settings.home), database=database,
                          storage_elsewhere=settings.storage_url is not None)

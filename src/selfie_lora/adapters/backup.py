@@ -41,13 +41,13 @@ from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.home_lock import holding, only_the_lock, restoring_home
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, held
+from selfie_lora.config import DATABASE_FILE
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
 from selfie_lora.errors import ConfigError, InvalidInputError, StorageError
 from selfie_lora.services.layout import manifest_key, photo_key
 
 logger = logging.getLogger(__name__)
 
-DATABASE = "selfie-lora.db"
 QUEUE = "queue.db"
 SECRET_KEY = "secret_key"
 BLOBS = "blobs"
@@ -321,7 +321,7 @@ class HomeBackups:
     # -- backup ------------------------------------------------------------------------------
 
     def backup(self, *, dest: Path) -> BackupSummary:
-        database = self._home / DATABASE
+        database = self._home / DATABASE_FILE
         if not database.is_file():
             raise ConfigError(f"nothing to back up: no database in {self._home} "
                               "(SELFIE_LORA_HOME)")
@@ -367,12 +367,12 @@ class HomeBackups:
     def _write(self, folder: Path) -> BackupSummary:
         created_at = datetime.now(UTC).isoformat()
         # The database first, the blobs after: every blob it names is written by then.
-        _snapshot(self._home / DATABASE, folder / DATABASE)
-        named = _named_keys(folder / DATABASE)
-        counts, revision = _counts_and_revision(folder / DATABASE)
+        _snapshot(self._home / DATABASE_FILE, folder / DATABASE_FILE)
+        named = _named_keys(folder / DATABASE_FILE)
+        counts, revision = _counts_and_revision(folder / DATABASE_FILE)
         # Reading it switched it to WAL (the engine's setting): one file again, then summed.
-        _single_file(folder / DATABASE)
-        files = {DATABASE: _sha256(folder / DATABASE)}
+        _single_file(folder / DATABASE_FILE)
+        files = {DATABASE_FILE: _sha256(folder / DATABASE_FILE)}
         if (self._home / QUEUE).is_file():
             _snapshot(self._home / QUEUE, folder / QUEUE)
             files[QUEUE] = _sha256(folder / QUEUE)
@@ -568,7 +568,7 @@ class HomeBackups:
                               "restore it with the release that made it")
         files: dict[str, str] = manifest.get("files", {})
         blobs: dict[str, dict[str, object]] = manifest.get("blobs", {})
-        if DATABASE not in files:
+        if DATABASE_FILE not in files:
             raise InvalidInputError(f"{backup} is not a backup: its manifest names no database")
         entries: list[tuple[str, str, int | None]] = [
             (name, digest, None) for name, digest in files.items()]
