@@ -152,20 +152,17 @@ class Web:
         return self.https_only or request.url.scheme == "https"
 
     def set_session_cookie(self, response: Response, request: Request, token: str) -> None:
-        response.set_cookie(SESSION_COOKIE, self.signer.session_value(token),
-                            max_age=self.signer.max_age_seconds, httponly=True, samesite="lax",
-                            secure=self.cookie_secure(request), path="/")
+        self._set_cookie(response, request, SESSION_COOKIE, self.signer.session_value(token),
+                         max_age=self.signer.max_age_seconds)
 
     def clear_session_cookie(self, response: Response, request: Request) -> None:
-        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax",
-                               secure=self.cookie_secure(request))
+        self._clear_cookie(response, request, SESSION_COOKIE)
 
     def set_notice_cookie(self, response: Response, request: Request, notice: str) -> None:
         """``notice`` for the page ``response`` leads to, which shows it once
         (``take_notice``)."""
-        response.set_cookie(NOTICE_COOKIE, self.signer.notice_value(notice),
-                            max_age=NOTICE_MAX_AGE_SECONDS, httponly=True, samesite="lax",
-                            secure=self.cookie_secure(request), path="/")
+        self._set_cookie(response, request, NOTICE_COOKIE, self.signer.notice_value(notice),
+                         max_age=NOTICE_MAX_AGE_SECONDS)
 
     def notice(self, request: Request) -> str | None:
         """The notice this browser was sent on with (``set_notice_cookie``), or None (none,
@@ -175,8 +172,19 @@ class Web:
     def clear_notice_cookie(self, response: Response, request: Request) -> None:
         """Shown once: not again on a reload."""
         if NOTICE_COOKIE in request.cookies:
-            response.delete_cookie(NOTICE_COOKIE, path="/", httponly=True, samesite="lax",
-                                   secure=self.cookie_secure(request))
+            self._clear_cookie(response, request, NOTICE_COOKIE)
+
+    def _set_cookie(self, response: Response, request: Request, name: str, value: str, *,
+                    max_age: int) -> None:
+        # The session and the notice cookies alike: scripts never read them, they go with a
+        # link from another site but not with its forms, and Secure wherever https is.
+        response.set_cookie(name, value, max_age=max_age, httponly=True, samesite="lax",
+                            secure=self.cookie_secure(request), path="/")
+
+    def _clear_cookie(self, response: Response, request: Request, name: str) -> None:
+        # The attributes it was set with (``_set_cookie``).
+        response.delete_cookie(name, path="/", httponly=True, samesite="lax",
+                               secure=self.cookie_secure(request))
 
     # ------------------------------------------------------------------ rendering
     def render(self, request: Request, template: str, *, viewer: Viewer | None = None,
