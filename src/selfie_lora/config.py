@@ -519,6 +519,14 @@ class Settings(BaseSettings):
                             session_lifetime=timedelta(days=self.session_days))
 
     @property
+    def public_url_base(self) -> str:
+        """What the URLs of answers start with: SELFIE_LORA_PUBLIC_URL (the service's address as
+        clients reach it) without its trailing slash, so they are absolute; unset, nothing, and
+        they are paths on this service. Never the request's Host header: anyone can send one,
+        and a forged Host would make the answer point clients (and their API key) elsewhere."""
+        return self.public_url.rstrip("/") if self.public_url else ""
+
+    @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / DATABASE_FILE).resolve()}"
 

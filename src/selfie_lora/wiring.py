@@ -157,7 +157,7 @@ def default_webhook_url(settings: Settings, *, replicate_trainer: bool) -> str |
                        "Replicate's webhooks to this server are answered 401 (nothing to verify "
                        "them with) and trainings are followed by polling; set the secret to use "
                        "webhooks")
-    return f"{settings.public_url.rstrip('/')}/api/webhooks/replicate"
+    return f"{settings.public_url_base}/api/webhooks/replicate"
 
 
 def default_alerter(settings: Settings) -> Alerter | None:

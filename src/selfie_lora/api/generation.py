@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from selfie_lora.api.answers import Generated, GenerationsPage, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, finished
 from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, GenerateBody, binary, errors
-from selfie_lora.api.serializers import generation_json, url_base
+from selfie_lora.api.serializers import generation_json
 from selfie_lora.services.generation import HISTORY_PAGE, GenerationRequest
 
 router = APIRouter(prefix="/api", tags=["generation"])
@@ -35,7 +35,7 @@ async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
     generation = await finished(
         svc.generation.submit(user=user, request=request, client_gone=gone), http,
         client_gone=gone)
-    return {"generation": generation_json(generation, base=url_base(svc.settings.public_url))}
+    return {"generation": generation_json(generation, base=svc.settings.public_url_base)}
 
 
 @router.get("/generations", responses=errors({
@@ -46,7 +46,7 @@ def generations(user: UserDep, svc: ServicesDep, limit: int = HISTORY_PAGE,
     ``before`` (a position, which holds when that generation is deleted between pages). The
     gallery was the only list and showed the 50 newest, whatever was stored."""
     page = svc.generation.page(user=user, limit=limit, before=before)
-    base = url_base(svc.settings.public_url)
+    base = svc.settings.public_url_base
     return {"generations": [generation_json(g, base=base) for g in page.generations],
             "older": page.older}
 

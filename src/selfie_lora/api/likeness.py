@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from selfie_lora.api.answers import Comparison, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, binary, errors
-from selfie_lora.api.serializers import comparison_json, likeness_json, url_base
+from selfie_lora.api.serializers import comparison_json, likeness_json
 
 router = APIRouter(prefix="/api/model", tags=["likeness"])
 
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/api/model", tags=["likeness"])
 def version_likeness(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]:
     report = svc.likeness.report(user=user, version_id=version_id)
     return likeness_json(report.version, report.record, report.baseline,
-                         base=url_base(svc.settings.public_url))
+                         base=svc.settings.public_url_base)
 
 
 @router.get("/versions/{version_id}/quality/probes/{index}",
@@ -37,7 +37,7 @@ def compare(user: UserDep, svc: ServicesDep, a: str | None = None,
     """Version ``a`` against ``b`` probe by probe (ids or numbers; defaults: the newest version
     against the one the gate compared it with)."""
     return comparison_json(svc.likeness.compare(user=user, a=a, b=b),
-                           base=url_base(svc.settings.public_url))
+                           base=svc.settings.public_url_base)
 
 
 @router.get("/compare/grid.png", responses=errors(

@@ -12,7 +12,7 @@ from selfie_lora.api.answers import ModelAnswer, PatchedModelAnswer, Versions, a
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.api.schemas import NOT_FOUND, WEIGHTS_ANSWERS, E, ModelPatch, errors
-from selfie_lora.api.serializers import model_json, url_base, version_json
+from selfie_lora.api.serializers import model_json, version_json
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import ErrorCode, InvalidInputError
 from selfie_lora.wiring import Services
@@ -25,7 +25,7 @@ WEIGHTS_ERRORS = errors({**NOT_FOUND, 409: (E.WEIGHTS_MISSING,),
 def model_of(svc: Services, user: Any) -> dict[str, Any]:
     overview = svc.models.overview(user=user)
     return model_json(overview.model, overview.active, overview.active_record,
-                      base=url_base(svc.settings.public_url))
+                      base=svc.settings.public_url_base)
 
 
 @router.get("", responses=errors(NOT_FOUND) | answers(ModelAnswer))
@@ -62,7 +62,7 @@ def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, 
 
 @router.get("/versions", responses=errors() | answers(Versions))
 def versions(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
-    base = url_base(svc.settings.public_url)
+    base = svc.settings.public_url_base
     return {"versions": [version_json(v, record, base=base)
                          for v, record in svc.models.versions_with_likeness(user=user)]}
 

@@ -16,13 +16,6 @@ from selfie_lora.services.likeness import Comparison
 CHART_URL = "/api/model/quality/chart.png"
 
 
-def url_base(public_url: str | None) -> str:
-    """What the URLs of answers start with: SELFIE_LORA_PUBLIC_URL (the service's address as
-    clients reach it), so they are absolute; unset, nothing, and they are paths on this
-    service. Never the request's Host header: anyone can send one, and a forged Host would
-    make the answer point clients (and their API key) elsewhere."""
-    return public_url.rstrip("/") if public_url else ""
-
 # Any URL in a stored delivery error. Records written before the alerter named only the host kept
 # httpx's text, which quotes the operator's alert URL (for a chat hook, its credential).
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]*")
@@ -76,7 +69,7 @@ def likeness_summary_json(q: VersionLikeness | None) -> dict[str, Any] | None:
 
 def version_json(v: Version, quality: VersionLikeness | None = None, *,
                  base: str = "") -> dict[str, Any]:
-    """A version; its URLs start with ``base`` (``url_base``)."""
+    """A version; its URLs start with ``base`` (``Settings.public_url_base``)."""
     return {
         "id": v.id,
         "number": v.number,

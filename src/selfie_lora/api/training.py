@@ -24,7 +24,7 @@ from selfie_lora.api.schemas import (
     binary,
     errors,
 )
-from selfie_lora.api.serializers import dataset_json, model_json, training_json, url_base
+from selfie_lora.api.serializers import dataset_json, model_json, training_json
 from selfie_lora.dataset.limits import byte_size
 from selfie_lora.errors import PayloadTooLargeError
 from selfie_lora.services.training import StartResult, TrainingView, UploadResult
@@ -36,7 +36,7 @@ router = APIRouter(prefix="/api/training", tags=["training"])
 def view_json(svc: Services, view: TrainingView) -> dict[str, Any]:
     # With its version once stored: the answer carries the likeness gate's state and reason.
     return training_json(view.training, view.version, view.samples,
-                         base=url_base(svc.settings.public_url))
+                         base=svc.settings.public_url_base)
 
 
 def upload_json(svc: Services, result: UploadResult) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def upload_json(svc: Services, result: UploadResult) -> dict[str, Any]:
         "training": (view_json(svc, svc.training.view(result.training)) if result.training
                      else None),
         "model": (model_json(overview.model, overview.active, overview.active_record,
-                             base=url_base(svc.settings.public_url))
+                             base=svc.settings.public_url_base)
                   if overview else None),
     }
 
