@@ -819,10 +819,10 @@ def _is_ignored(name: str) -> bool:
 
 def _without_sidecars(files: list[UploadedFile], findings: list[Finding]) -> list[UploadedFile]:
     """``files`` less the side files of a phone export, each noted in ``findings``."""
-    stems = {_fold(os.path.splitext(f.name)[0]) for f in files
-             if os.path.splitext(f.name)[1].casefold() in _PHOTO_SUFFIXES}
-    photos = {_fold(f.name) for f in files
-              if os.path.splitext(f.name)[1].casefold() in _PHOTO_SUFFIXES}
+    photo_names = [f.name for f in files
+                   if os.path.splitext(f.name)[1].casefold() in _PHOTO_SUFFIXES]
+    stems = {_fold(os.path.splitext(name)[0]) for name in photo_names}
+    photos = {_fold(name) for name in photo_names}
     out: list[UploadedFile] = []
     for f in files:
         stem, suffix = os.path.splitext(f.name)
