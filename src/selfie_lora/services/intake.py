@@ -22,7 +22,7 @@ from selfie_lora.dataset.archive import (
     read_zip,
     uploaded_name,
 )
-from selfie_lora.dataset.checks import CheckPolicy
+from selfie_lora.dataset.checks import AGAINST_THE_SET, CheckPolicy
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.dataset.pipeline import (
     IntakeResult,
@@ -66,13 +66,9 @@ class PreparedDataset:
     shared: dict[str, bytes] = dataclasses.field(default_factory=dict, repr=False)
 
 
-# Rejections of a photo judged against the rest of the set, not on its own.
-_AGAINST_THE_SET = frozenset({"near_duplicate", "different_person"})
-
-
 def _passed_own_checks(total: int, findings: Sequence[Finding]) -> int:
     failed = {f.photo for f in findings
-              if f.severity == "reject" and f.photo and f.code not in _AGAINST_THE_SET}
+              if f.severity == "reject" and f.photo and f.code not in AGAINST_THE_SET}
     return max(0, total - len(failed))
 
 

@@ -49,10 +49,11 @@ from selfie_lora.dataset.checks.analysis import (
 )
 from selfie_lora.dataset.checks.measures import gaussian_blur, laplacian_variance, normalized_sharpness
 from selfie_lora.dataset.checks.photo import analyze_photo, classify_software
-from selfie_lora.dataset.checks.photo_set import check_set, describe
+from selfie_lora.dataset.checks.photo_set import AGAINST_THE_SET, check_set, describe
 from selfie_lora.dataset.checks.policy import CROP_FACE_FRACTION, CheckPolicy
 
 __all__ = [
+    "AGAINST_THE_SET",
     "CROP_FACE_FRACTION",
     "BoxDescriber",
     "CheckPolicy",

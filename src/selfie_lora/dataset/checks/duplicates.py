@@ -31,6 +31,9 @@ from selfie_lora.domain.faces import Face
 # median. imagehash imports SciPy for the DCT, ~0.1-0.2 s at the start of every intake worker
 # process (the cold intake waits for it); the same transform as a 32 x 32 matrix product in
 # numpy gives the same hashes (tests/unit/test_duplicates_hash.py compares the two).
+# The code of the finding on each copy but one of a photo (``duplicate_findings``).
+NEAR_DUPLICATE = "near_duplicate"
+
 _PHASH_SIDE = 32
 _PHASH_BITS = 8
 _n = np.arange(_PHASH_SIDE)
@@ -305,7 +308,7 @@ def duplicate_findings(photos: Sequence[PhotoAnalysis], pairs: Sequence[tuple[in
         else:
             message = f"{photos[i].name} is {reason} of {photos[keep].name}"
             advice = f"keep only {photos[keep].name} and add a different photo instead"
-        findings.append(Finding("reject", "near_duplicate", message, advice,
+        findings.append(Finding("reject", NEAR_DUPLICATE, message, advice,
                                 photo=photos[i].name))
     return findings
 

@@ -12,11 +12,21 @@ from collections.abc import Sequence
 import numpy as np
 
 from selfie_lora.dataset.checks.analysis import FloatArray, PhotoAnalysis, Quality, SetReport, SetStats
-from selfie_lora.dataset.checks.duplicates import duplicate_findings, near_duplicate_pairs
+from selfie_lora.dataset.checks.duplicates import (
+    NEAR_DUPLICATE,
+    duplicate_findings,
+    near_duplicate_pairs,
+)
 from selfie_lora.dataset.checks.policy import CheckPolicy
 from selfie_lora.domain.entities import Finding
 
 logger = logging.getLogger(__name__)
+
+# The code of the finding on a photo of someone other than the set's person (``_identity``).
+DIFFERENT_PERSON = "different_person"
+# The codes of the findings ``check_set`` gives a photo by judging it against the rest of the
+# set, not on its own: a near-duplicate of another photo, a photo of someone else.
+AGAINST_THE_SET = frozenset({NEAR_DUPLICATE, DIFFERENT_PERSON})
 
 
 def _distances(vectors: FloatArray) -> FloatArray:
@@ -72,14 +82,14 @@ def _crowd(photo: PhotoAnalysis, centre: FloatArray, distance: float, *,
         return None
     if min(others) <= policy.identity_centre_warn:
         return Finding(
-            "reject", "different_person",
+            "reject", DIFFERENT_PERSON,
             f"the largest face in {photo.name} is someone else's (distance {distance:.2f}); you "
             f"seem to be a smaller face in it (distance {min(others):.2f}): the photo would "
             "train the other person's face",
             "crop the photo to your face alone and upload the crop, or use another photo",
             photo=photo.name)
     return Finding(
-        "reject" if distance > policy.identity_centre_distance else "warn", "different_person",
+        "reject" if distance > policy.identity_centre_distance else "warn", DIFFERENT_PERSON,
         f"the largest face in {photo.name}, the one used for training, looks less like the "
         f"other photos (distance {distance:.2f})",
         "if that face is not yours, the photo would train the other person's face: crop the "
@@ -125,13 +135,13 @@ def _identity(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[F
             elif distance > policy.identity_centre_distance or (
                     repeated and distance > policy.identity_centre_warn):
                 findings.append(Finding(
-                    "reject", "different_person",
+                    "reject", DIFFERENT_PERSON,
                     f"{photo.name} seems to show someone else than the other photos "
                     f"(distance {distance:.2f})", advice, photo=photo.name,
                 ))
             elif distance > policy.identity_centre_warn:
                 findings.append(Finding(
-                    "warn", "different_person",
+                    "warn", DIFFERENT_PERSON,
                     f"the face in {photo.name} looks less like the other photos "
                     f"(distance {distance:.2f})",
                     # "keep it" contradicted a photo's own rejection (cut off, say).
@@ -143,7 +153,7 @@ def _identity(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[F
         if pair[0, 1] > policy.identity_pair_distance:
             # Two photos, two faces: there is no telling which one is the user.
             findings.extend(Finding(
-                "warn", "different_person",
+                "warn", DIFFERENT_PERSON,
                 f"{with_id[0].name} and {with_id[1].name} seem to show different people "
                 f"(distance {pair[0, 1]:.2f})", advice, photo=p.name,
             ) for p in with_id)
@@ -156,7 +166,7 @@ def _identity(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[F
                          for a in rest for b in rest if a < b)
         if len(far) * 2 > n - 1 and rest_agree:
             findings.append(Finding(
-                "reject", "different_person",
+                "reject", DIFFERENT_PERSON,
                 f"{photo.name} seems to show someone else than the other photos "
                 f"(distance {min(pair[i, j] for j in far):.2f} or more)", advice, photo=photo.name,
             ))
