@@ -701,7 +701,7 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
                       not_ready=svc.generation.not_ready(user=viewer.user),
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
-                      older=page.older, paged=bool(before), before=before or None,
+                      older=page.older, before=before or None,
                       pictures=pictures, scale=scale, seed_max=MAX_SEED,
                       deleted=request.query_params.get("deleted") == "1",
                       # The paging links keep the scale chosen (a Delete's form too): without
