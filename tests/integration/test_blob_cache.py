@@ -345,6 +345,39 @@ def test_a_download_cut_short_is_refused_and_leaves_no_copy(
         assert path.read_bytes() == b"a" * 1000
 
 
+def test_a_copy_in_use_when_its_blob_is_deleted_goes_once_released(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    location = s3_server.new_location()
+    store = s3_server.store(location, tmp_path / "cache")
+    store.put("weights/a.safetensors", b"a" * 1000)
+    with store.local_copy("weights/a.safetensors") as path:
+        store.delete("weights/a.safetensors")
+        # A generation loads it from its path: it stays while held.
+        assert path.read_bytes() == b"a" * 1000
+        assert store.forget_deleted_local_copies() == 0
+    assert store.forget_deleted_local_copies() == 1
+    assert copies(tmp_path / "cache") == set()
+
+
+def test_a_copy_fetched_while_its_blob_is_deleted_goes_at_the_next_sweep(
+        tmp_path: Path) -> None:
+    # The fetch began before the deletion and lands after the deleter dropped the copy.
+    cache = BlobCache(tmp_path, max_bytes=10**6)
+    remote = Remote({"weights/b.safetensors": b"b"})
+    stored = {"weights/a.safetensors", "weights/b.safetensors"}
+
+    def fetch_across_the_deletion(fh: BinaryIO) -> None:
+        fh.write(b"a")
+        stored.discard("weights/a.safetensors")
+        assert cache.drop("weights/a.safetensors") is False  # nothing there yet
+
+    with cache.copy("weights/a.safetensors", fetch_across_the_deletion):
+        pass
+    fetched(cache, remote, "weights/b.safetensors")
+    assert cache.drop_missing(stored.__contains__) == 1
+    assert copies(tmp_path) == {"weights/b.safetensors"}
+
+
 def test_a_cache_needs_a_positive_bound(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="positive"):
         BlobCache(tmp_path, max_bytes=0)

@@ -279,6 +279,39 @@ def test_a_local_copy_holds_the_bytes(store: Any) -> None:
         assert again == path  # fetched once
 
 
+def machines(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Any, Any]:
+    """One store as two machines see it: the same blobs, each machine its own cached copies."""
+    if kind == "fs":
+        return FileSystemBlobStore(tmp_path / "blobs"), FileSystemBlobStore(tmp_path / "blobs")
+    server: S3Server = request.getfixturevalue("s3_server")
+    location = server.new_location()
+    return server.store(location, tmp_path / "here"), server.store(location, tmp_path / "there")
+
+
+def test_a_deleted_blob_leaves_no_copy_on_any_machine(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    # A user's erasure deletes their weights "in storage": a cached copy, on the machine that
+    # deletes or on any other, is a copy all the same.
+    here, there = machines(kind, tmp_path, request)
+    here.put("weights/w.safetensors", b"weights")
+    here.put("weights/kept.safetensors", b"kept")
+    with here.local_copy("weights/w.safetensors") as mine, \
+            there.local_copy("weights/w.safetensors") as theirs, \
+            there.local_copy("weights/kept.safetensors") as kept:
+        assert mine.read_bytes() == theirs.read_bytes() == b"weights"
+    here.delete("weights/w.safetensors")
+    assert not mine.exists()  # the deleting machine's own, at once
+    assert here.forget_deleted_local_copies() == 0
+    # Every other machine's at its next collection; a blob still stored keeps its copy.
+    assert there.forget_deleted_local_copies() == (1 if kind == "s3" else 0)
+    assert not theirs.exists()
+    assert kept.read_bytes() == b"kept"
+    assert there.forget_deleted_local_copies() == 0
+    with pytest.raises(BlobMissingError, match="missing"), \
+            there.local_copy("weights/w.safetensors"):
+        pass
+
+
 def test_download_urls_serve_the_blob_where_the_store_has_them(store: Any, kind: str) -> None:
     from datetime import timedelta
 

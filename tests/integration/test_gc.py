@@ -497,3 +497,52 @@ def test_a_collection_removes_what_a_killed_write_left(on_disk: OnDisk) -> None:
     done = on_disk.collector.collect()
     assert not left.exists()
     assert "removed 1 temporary file(s) left by writes killed midway" in done.notes
+
+
+def test_every_machine_drops_its_cached_copies_of_deleted_blobs(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    # A user's erasure (or a collection) deleted weights from the bucket, but every machine's
+    # blob cache kept its copy for ever (evicted only past its bound).
+    location = s3_server.new_location()
+    svc = build_services(make_settings(tmp_path, **s3_server.settings(location)), trainers={},
+                         face_analyzer=one_person_analyzer(), generators={})
+    try:
+        there = s3_server.store(location, tmp_path / "there" / "blob-cache")
+        later = utcnow() + LATER
+
+        def collector(blobs: BlobStore, owner: str, work_dir: Path) -> GarbageCollector:
+            return GarbageCollector(repo=svc.repo, blobs=blobs, work_dir=work_dir,
+                                    policy=POLICY, interval=timedelta(hours=6), owner=owner,
+                                    clock=lambda: later)
+
+        def cached_everywhere(key: str) -> list[Path]:
+            svc.blobs.put(key, b"weights")
+            s3_server.set_modified(location, key, utcnow() - timedelta(days=3))
+            paths = []
+            for blobs in (svc.blobs, there):
+                with blobs.local_copy(key) as path:
+                    paths.append(path)
+            assert all(p.exists() for p in paths)
+            return paths
+
+        mine, theirs = cached_everywhere(f"weights/{'0' * 64}.safetensors")
+        assert collector(svc.blobs, "here", svc.settings.work_dir).collect(force=True).keys == (
+            f"weights/{'0' * 64}.safetensors",)
+        assert not mine.exists()
+        # The other machine lost the lease to this collection: its own pass drops its copy.
+        other = collector(there, "there", tmp_path / "there" / "work")
+        done = other.run_due()
+        assert done is not None
+        assert "removed 1 cached copy(ies) of deleted blobs from this machine" in done.notes
+        assert not theirs.exists()
+        # An erasure deletes without a collection; the next one, wherever it runs, drops the
+        # copies it left on other machines.
+        mine, theirs = cached_everywhere(f"weights/{'1' * 64}.safetensors")
+        svc.blobs.delete(f"weights/{'1' * 64}.safetensors")
+        assert not mine.exists()
+        assert theirs.exists()
+        assert "removed 1 cached copy(ies) of deleted blobs from this machine" in (
+            collector(there, "cli", tmp_path / "there" / "work").collect().notes)
+        assert not theirs.exists()
+    finally:
+        svc.close()

@@ -352,6 +352,8 @@ class GarbageCollector:
             if leftovers := self._blobs.remove_leftovers():
                 notes.append(f"removed {leftovers} temporary file(s) left by writes killed "
                              "midway")
+            if work:
+                notes.extend(self._forget_deleted_copies())
             for item in intersect(plan.work_folders, again.work_folders):
                 if self._remove_folder(item):
                     deleted.append(item)
@@ -362,14 +364,22 @@ class GarbageCollector:
                          webhook_ids=webhook_ids, sign_in_rows=sign_in_rows)
 
     def _collect_work_only(self) -> GcSummary | None:
-        folders = self._work_folders()
-        if not folders:
-            return None
-        refs = self._repo.gc_references()
-        plan = plan_collection(refs=refs, blobs=(), work_folders=folders, now=self._clock(),
-                               policy=self.policy, originals={})
-        deleted = tuple(item for item in plan.work_folders if self._remove_folder(item))
-        return GcSummary(dry_run=False, deleted=deleted) if deleted else None
+        deleted: tuple[Planned, ...] = ()
+        if folders := self._work_folders():
+            refs = self._repo.gc_references()
+            plan = plan_collection(refs=refs, blobs=(), work_folders=folders, now=self._clock(),
+                                   policy=self.policy, originals={})
+            deleted = tuple(item for item in plan.work_folders if self._remove_folder(item))
+        notes = self._forget_deleted_copies()
+        return GcSummary(dry_run=False, deleted=deleted, notes=notes) if deleted or notes else None
+
+    def _forget_deleted_copies(self) -> tuple[str, ...]:
+        """This machine's cached copies of blobs deleted from the store, by this machine or
+        another (a user's erasure, a collection): per machine, as the work folders are, so
+        every worker drops its own whoever holds the lease."""
+        if dropped := self._blobs.forget_deleted_local_copies():
+            return (f"removed {dropped} cached copy(ies) of deleted blobs from this machine",)
+        return ()
 
     def _plan(self, listing: list[Blob], folders: list[WorkFolder]
               ) -> tuple[GcPlan, datetime, References]:

@@ -300,6 +300,13 @@ class BlobStore(Protocol):
         copies (``local_copy`` is the blob itself): False."""
         ...
 
+    def forget_deleted_local_copies(self) -> int:
+        """Drops this machine's cached copies of blobs the store no longer holds (``delete``
+        drops the deleting machine's own; this is for every other machine's, and for a copy
+        held or still being fetched when its blob went); how many. One cheap look per cached
+        copy: the garbage collector asks it on every machine. The file system store: 0."""
+        ...
+
     def download_url(self, key: str, *, expires: timedelta) -> str | None:
         """A short-lived URL that serves the blob without this service (presigned), or None
         where the store has none (the local file system)."""

@@ -110,6 +110,37 @@ class BlobCache:
         logger.warning("blob cache %s: the damaged copy of %s removed", self.root, key)
         return True
 
+    def drop(self, key: str) -> bool:
+        """Removes the copy of ``key``, whose blob the store deleted (a user's erasure promises
+        no copy is left on any machine); whether it went. A copy a process holds stays (a
+        generation loading it from its path would fail): ``drop_missing`` at the next
+        collection removes it, and a copy whose fetch began before the deletion and lands
+        after this too."""
+        target = self.root / key
+        with self._locked(fcntl.LOCK_EX):
+            try:
+                if _held(target):
+                    return False
+                target.unlink()
+            except FileNotFoundError:
+                return False
+        return True
+
+    def drop_missing(self, stored: Callable[[str], bool]) -> int:
+        """Removes the copies whose key ``stored(key)`` says the store no longer holds (deleted
+        by another machine, or while a process here held the copy); how many. One look per
+        copy, outside the folder lock: the folder holds a few copies, and a look is a request.
+        A copy whose blob is written again after its look went only needs fetching again."""
+        removed = 0
+        for _mtime, path, _size in self._entries(time.time())[0]:
+            key = path.relative_to(self.root).as_posix()
+            if not stored(key) and self.drop(key):
+                removed += 1
+        if removed:
+            logger.info("blob cache %s: %d copies of blobs the store deleted removed",
+                        self.root, removed)
+        return removed
+
     def _hit(self, target: Path) -> int | None:
         with self._locked(fcntl.LOCK_SH):
             return _hold(target)

@@ -262,6 +262,9 @@ class FileSystemBlobStore:
     def forget_local_copy(self, key: str) -> bool:  # noqa: ARG002
         return False  # no copy: a damaged file here is the blob itself
 
+    def forget_deleted_local_copies(self) -> int:
+        return 0  # no copies: a deleted blob's file is gone with it
+
     def download_url(self, key: str, *, expires: timedelta) -> str | None:  # noqa: ARG002
         # Files on this machine have no URL of their own: the service streams them.
         return None

@@ -37,6 +37,7 @@ from selfie_lora.adapters.storage.cache import TMP_PREFIX, BlobCache
 from selfie_lora.adapters.storage.fs import check_key
 from selfie_lora.domain.storage_url import parse_storage_url
 from selfie_lora.errors import BlobMissingError, ConfigError, StorageError, describe
+from selfie_lora.services.layout import is_valid_key
 from selfie_lora.services.ports import BlobInfo, BlobStream
 
 if TYPE_CHECKING:
@@ -261,6 +262,13 @@ class S3BlobStore:
                 raise self._no_bucket() from None
         except Exception as exc:
             raise self._error("delete", key, exc) from exc
+        # A deleted blob (a user's erasure) keeps no copy on this machine either.
+        self._cache.drop(key)
+
+    def forget_deleted_local_copies(self) -> int:
+        # A file there under a key we never write is not ours to judge: eviction's.
+        return self._cache.drop_missing(
+            lambda key: not is_valid_key(key) or self._info(key) is not None)
 
     def remove_leftovers(self) -> int:
         # A multipart upload killed midway leaves its parts, billed and invisible to listings.
