@@ -1313,8 +1313,8 @@ class TrainingService:
         ``unreachable`` (one that failed a call this pass). How many were asked."""
         asked = 0
         for t in self._repo.remote_cancels_pending():
-            if t.backend in unreachable:
-                continue  # still owed: the next pass asks
+            if _asked_later(t, unreachable):
+                continue
             asked += 1
             self._cancel_remote(t, unreachable=unreachable)
         return asked
@@ -1329,8 +1329,8 @@ class TrainingService:
         trainer = self._trainers.get(t.backend)
         if not t.remote_cancel_pending or trainer is None:
             return
-        if unreachable is not None and t.backend in unreachable:
-            return  # still owed: the next reconcile pass asks
+        if _asked_later(t, unreachable):
+            return
         remote_id = t.remote_id
         if remote_id is None:
             remote_id = self._find_lost_remote(trainer, t, unreachable=unreachable)
@@ -1808,6 +1808,12 @@ def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
     for k, v in data.items():
         out[k] = v if isinstance(v, str | int | float | bool | type(None)) else str(v)
     return out
+
+
+def _asked_later(t: Training, unreachable: set[str] | None) -> bool:
+    """Whether the remote cancel ``t`` owes waits for the next reconcile pass: its backend
+    failed a call this pass (``unreachable``), so it is not asked again now."""
+    return unreachable is not None and t.backend in unreachable
 
 
 def _remote_run_to_cancel(t: Training) -> bool:
