@@ -542,6 +542,9 @@ def gc_cmd(
                 trainers={}, generators={}) as services:
         try:
             with _terminate_as_interrupt():
+                # First the account deletions whose process died (a server killed while
+                # deleting one through the API): their blobs are then deleted at once.
+                finished = [] if dry_run else services.erasure.finish_pending()
                 summary = services.gc.collect(dry_run=dry_run, force=force)
         except KeyboardInterrupt as exc:
             # The collection's own ``finally`` has released its lease: the next one can start
@@ -549,7 +552,8 @@ def gc_cmd(
             err_console.print("interrupted: what was deleted stays deleted; run gc again to "
                               "go on", highlight=False)
             raise typer.Exit(_interrupted_status(exc)) from None
-    for line in summary.lines(verbose=verbose):
+    for line in [*(line for erased in finished for line in erased.lines()),
+                 *summary.lines(verbose=verbose)]:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
@@ -1115,23 +1119,29 @@ def restore_cmd(
 def users_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
-    """Every user: created, working API keys, web password, disabled."""
+    """Every user: created, working API keys, web password, disabled, deletion pending."""
     with opened(existing="no users to list", trainers={}, generators={}) as services:
         found = services.users.list_users()
     if as_json:
         sys.stdout.write(json.dumps([
             {"name": u.user.name, "created_at": u.user.created_at.isoformat(), "keys": u.keys,
              "password_set": u.has_password,
-             "disabled_at": u.user.disabled_at.isoformat() if u.user.disabled_at else None}
+             "disabled_at": u.user.disabled_at.isoformat() if u.user.disabled_at else None,
+             "deletion_requested_at": (u.user.erasure_requested_at.isoformat()
+                                       if u.user.erasure_requested_at else None)}
             for u in found]) + "\n")
         return
     table = Table(title="users")
     for column in ("name", "created (UTC)", "keys", "password", "disabled (UTC)"):
         table.add_column(column)
     for u in found:
+        disabled = f"{u.user.disabled_at:%Y-%m-%d %H:%M}" if u.user.disabled_at else "-"
+        if u.user.erasure_requested_at is not None:
+            # Not an account merely locked out: its deletion is under way, or its process died
+            # and the next collection (or 'users delete NAME' run again) finishes it.
+            disabled += ", deletion pending"
         table.add_row(escape(u.user.name), f"{u.user.created_at:%Y-%m-%d %H:%M}", str(u.keys),
-                      "yes" if u.has_password else "no",
-                      f"{u.user.disabled_at:%Y-%m-%d %H:%M}" if u.user.disabled_at else "-")
+                      "yes" if u.has_password else "no", disabled)
     console.print(table)
 
 
@@ -1158,7 +1168,8 @@ _ERASURE_REMEDY = {
     # The command line has no cancel of its own: --force is how it cancels.
     "active": "; pass --force to cancel it and delete",
     "started": ": run again with --force to cancel it and delete",
-    "stopping": ": run the command again once it has (the account stays disabled)",
+    "stopping": ": run the command again once it has (the account stays disabled; the next "
+                "collection finishes the deletion otherwise)",
 }
 
 

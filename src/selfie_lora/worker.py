@@ -22,6 +22,10 @@ and runs it when this worker wins the database's lease, so one worker collects a
 own thread, not the reconciler's: listing a large bucket must not delay the recovery of a
 training.
 
+A fourth thread, in every worker that collects and in ``serve --no-worker``'s reconciler-only
+worker, finishes every ``erase_check_seconds`` the account deletions whose process died
+(``AccountEraser.finish_pending``: a server killed while answering ``DELETE /api/me``).
+
 Stopping (SIGTERM or SIGINT for ``selfie-lora worker``; the server's shutdown for ``serve``):
 no new message is taken, every running training is handed back at its next safe point (lease
 released, message queued again: another worker, or this one restarted, resumes it) and the
@@ -49,6 +53,7 @@ from typing import IO, Protocol
 
 from selfie_lora.errors import ConfigError, DeploymentMismatchError, ErrorCode
 from selfie_lora.logs import training_context
+from selfie_lora.services.erasure import AccountEraser
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED, OperationsService
 from selfie_lora.services.training import TrainingService
@@ -62,6 +67,9 @@ _IDLE_MIN_S = 0.05
 _IDLE_MAX_S = 1.0
 # How often a worker asks whether a garbage collection is due (collections are hours apart).
 GC_CHECK_SECONDS = 60.0
+# How often a worker looks for account deletions whose process died (they are due minutes after
+# they were asked for: AccountEraser.resume_after).
+ERASE_CHECK_SECONDS = 60.0
 
 
 class MessageSource(Protocol):
@@ -127,6 +135,7 @@ class Worker:
         self, *, training: TrainingService, queue: MessageSource, identity: Identity,
         threads: int = 2, reconcile_seconds: float = 10.0,
         gc: GarbageCollector | None = None, gc_check_seconds: float = GC_CHECK_SECONDS,
+        erasure: AccountEraser | None = None, erase_check_seconds: float = ERASE_CHECK_SECONDS,
     ) -> None:
         self._training = training
         self._queue = queue
@@ -138,6 +147,8 @@ class Worker:
         # Only workers that consume collect: ``serve --no-worker`` API servers do not.
         self._gc = gc if self._threads_wanted else None
         self._gc_check_seconds = gc_check_seconds
+        self._erasure = erasure
+        self._erase_check_seconds = erase_check_seconds
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._busy = 0
@@ -154,6 +165,11 @@ class Worker:
                                               daemon=True))
         if self._gc is not None:
             self._threads.append(threading.Thread(target=self._gc_loop, name="gc", daemon=True))
+        if self._erasure is not None:
+            # Its own thread: a deletion waits for a training to stop and deletes GBs of blobs,
+            # which must delay neither the recovery of a training nor a collection.
+            self._threads.append(threading.Thread(target=self._erase_loop, name="erasures",
+                                                  daemon=True))
         for thread in self._threads:
             thread.start()
         if self._threads_wanted:
@@ -244,6 +260,21 @@ class Worker:
         while not self._stop.wait(self._gc_check_seconds):
             self.collect_garbage()
 
+    def _erase_loop(self) -> None:
+        while not self._stop.wait(self._erase_check_seconds):
+            self.finish_erasures()
+
+    def finish_erasures(self) -> None:
+        """Finish the account deletions whose process died (``AccountEraser.finish_pending``
+        logs each); a failure is logged, and tried again at the next check."""
+        if self._erasure is None:
+            return
+        try:
+            self._erasure.finish_pending()
+        except Exception:
+            logger.exception("finishing interrupted account deletions failed; tried again in "
+                             "%.0f s", self._erase_check_seconds)
+
     def collect_garbage(self) -> None:
         """Collect if a collection is due and this worker wins the lease (it logs what it
         deleted); a failure is logged, and tried again when the next collection is due."""
@@ -286,7 +317,10 @@ def start_embedded(services: Services, *, consume: bool = True, threads: int | N
     worker = Worker(training=services.training, queue=queue, identity=identity,
                     threads=(threads or services.settings.worker_threads) if consume else 0,
                     reconcile_seconds=services.settings.reconcile_seconds,
-                    gc=services.gc if collect_garbage else None)
+                    gc=services.gc if collect_garbage else None,
+                    # Where collections run, and in ``serve --no-worker`` (which may be all
+                    # that runs); not in ``train``'s and the demo's short-lived ones.
+                    erasure=services.erasure if collect_garbage or not consume else None)
     worker.start()
     return worker
 
@@ -383,7 +417,8 @@ def run_worker(services: Services, *, threads: int | None = None) -> None:
     services.gc.owner = identity.name
     worker = Worker(training=services.training, queue=services.queue, identity=identity,
                     threads=threads or settings.worker_threads,
-                    reconcile_seconds=settings.reconcile_seconds, gc=services.gc)
+                    reconcile_seconds=settings.reconcile_seconds, gc=services.gc,
+                    erasure=services.erasure)
     try:
         worker.run_until_signal()
     finally:

@@ -6,6 +6,8 @@ names them); a queued or running training refuses it unless ``--force``."""
 from __future__ import annotations
 
 import json
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,12 @@ from selfie_lora import cli
 from selfie_lora.adapters.db import tables
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Recipe, Training, TrainingStatus
+from selfie_lora.errors import ConflictError, ForbiddenError
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import PREFIXES, checkpoint_key, sample_key
+from selfie_lora.services.users import ERASURE_PENDING
 from selfie_lora.wiring import Services
+from selfie_lora.worker import Identity, Worker
 from tests.conftest import make_settings, serving
 from tests.support.owners import Owner, own_model
 from tests.support.photos import photo_zip
@@ -315,6 +320,99 @@ def test_a_user_deletes_their_own_account_through_the_api(
     assert (rows_of(services), blob_keys(services)) == (bob_rows, bob_blobs)
     assert client.get("/api/model", headers=ann.headers).status_code == 401
     assert client.get("/api/model", headers=bob.headers).status_code == 200
+
+
+def interrupt_her_api_delete(services: Services, client: TestClient, ann: Owner,
+                             monkeypatch: pytest.MonkeyPatch, *, step: str) -> str:
+    """``DELETE /api/me`` of ann's, its server dying (an exception) at ``step``: before her
+    rows are deleted (``delete_user_data``) or after (``erase``). Her id."""
+    obj: object = services.repo if step == "delete_user_data" else services.gc
+
+    def crash(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError(f"the server died at {step}")
+
+    with monkeypatch.context() as m:
+        m.setattr(obj, step, crash)
+        r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "ann"})
+    assert r.status_code == 500, r.text
+    return services.users.get_by_name(name="ann").id
+
+
+def backdate_her_request(services: Services, user_id: str) -> None:
+    """As if her deletion had been asked for an hour ago (past ``resume_after``)."""
+    assert services.erasure.resume_after < timedelta(hours=1)
+    assert services.repo.request_erasure(user_id, at=utcnow() - timedelta(hours=1))
+
+
+@pytest.mark.parametrize("step", ["delete_user_data", "erase"])
+def test_an_api_delete_whose_server_died_is_finished_by_the_workers_reconciler(
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+        step: str) -> None:
+    """She cannot run it again (her account is disabled, her keys perhaps gone): she is told
+    the deletion finishes on its own, the operator sees it pending, and ``serve --no-worker``'s
+    reconciler-only worker (as every collecting worker) finishes it once it is overdue."""
+    services = on_services
+    furnish(client, services, "bob", photos=photo_zip(3, offset=10))
+    bob_rows, bob_blobs = rows_of(services), blob_keys(services)
+    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    ann_id = interrupt_her_api_delete(services, client, ann, monkeypatch, step=step)
+
+    r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "ann"})
+    if step == "delete_user_data":  # her key still there: refused, and told why
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["message"] == ERASURE_PENDING
+    else:  # her keys went with her rows
+        assert r.status_code == 401, r.text
+    with pytest.raises(ForbiddenError) as refused:
+        services.users.sign_in(name="ann", password="a long enough password",
+                               client="10.0.0.1")
+    assert refused.value.message == ERASURE_PENDING
+    listed = {u["name"]: u for u in json.loads(run("users", "list", "--json")[1])}
+    assert listed["ann"]["deletion_requested_at"]
+    assert listed["bob"]["deletion_requested_at"] is None
+    table = run("users", "list")[1]
+    assert "deletion" in table
+    assert "pending" in table
+    with pytest.raises(ConflictError):
+        services.users.enable(name="ann")  # the operator cannot undo it halfway
+
+    assert services.erasure.finish_pending() == []  # a live deletion may still be running
+    assert services.repo.get_user_by_name("ann") is not None
+    backdate_her_request(services, ann_id)
+    worker = Worker(training=services.training, queue=services.queue,
+                    identity=Identity(name="api"), threads=0, erasure=services.erasure,
+                    erase_check_seconds=0.05)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while services.repo.get_user(ann_id) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert services.repo.get_user(ann_id) is None
+    assert rows_of(services) == bob_rows
+    assert blob_keys(services) == bob_blobs  # at once: not left to a gc's 24 h grace
+    assert services.erasure.finish_pending() == []  # finished once
+
+
+def test_gc_finishes_an_api_delete_whose_server_died(
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    services = on_services
+    furnish(client, services, "bob", photos=photo_zip(3, offset=10))
+    bob_rows, bob_blobs = rows_of(services), blob_keys(services)
+    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    ann_id = interrupt_her_api_delete(services, client, ann, monkeypatch,
+                                      step="delete_user_data")
+    backdate_her_request(services, ann_id)
+    code, said = run("gc", "--dry-run")
+    assert code == 0, said
+    assert services.repo.get_user(ann_id) is not None  # a dry run deletes nothing
+    code, said = run("gc")
+    assert code == 0, said
+    assert "deleted user ann" in said
+    assert (rows_of(services), blob_keys(services)) == (bob_rows, bob_blobs)
+    code, said = run("gc")
+    assert "deleted user" not in said
 
 
 def test_on_object_storage_every_blob_of_hers_goes_and_his_stay(

@@ -428,3 +428,21 @@ def test_0013_s_suggested_name_fits_the_column(engine: Engine) -> None:
         conn.execute(text(update.group(0)))
     upgrade(engine)
     assert SqlRepository(engine).get_user_by_name(update.group(1)) is not None
+
+
+def test_0023_adds_when_a_deletion_was_asked_for_null_on_every_user_so_far(
+        engine: Engine) -> None:
+    """No account is taken for a deletion under way by the upgrade; one marked afterwards is
+    found pending; down and up again."""
+    migrate(engine, "0022")
+    insert_users(engine, "ann", "bob")
+    migrate(engine, "head")
+    repo = SqlRepository(engine)
+    assert [u.erasure_requested_at for u in map(repo.get_user, ("u0", "u1"))] == [None, None]
+    assert repo.pending_erasures(requested_before=NOW.replace(year=2100)) == []
+    assert repo.request_erasure("u0", at=NOW)
+    assert [u.name for u in repo.pending_erasures(requested_before=NOW)] == ["ann"]
+    migrate(engine, "0022", down=True)
+    assert "erasure_requested_at" not in {c["name"] for c in inspect(engine).get_columns("users")}
+    migrate(engine, "head")
+    assert SqlRepository(engine).pending_erasures(requested_before=NOW.replace(year=2100)) == []

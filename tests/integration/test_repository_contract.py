@@ -664,6 +664,28 @@ def test_users_are_listed_with_their_working_keys_and_disabled_and_enabled(
         repo.set_user_disabled("nobody", at=NOW)
 
 
+def test_a_deletion_asked_for_is_found_pending_once_due_and_claimed_by_one_alone(
+        repo: SqlRepository) -> None:
+    """``AccountEraser.finish_pending``'s claim: the first of two finishers moves the time on,
+    the second (its view of the row older) changes nothing."""
+    ann, _m, _d = seed(repo)
+    bob, _m2, _d2 = seed(repo, "bob")
+    assert repo.pending_erasures(requested_before=NOW + timedelta(days=1)) == []
+    assert repo.request_erasure(ann.id, at=NOW)
+    assert not repo.request_erasure("nobody", at=NOW)
+    assert repo.get_user(ann.id) == dataclasses.replace(ann, erasure_requested_at=NOW)
+    assert repo.list_users(at=NOW)[0].user.erasure_requested_at == NOW
+    assert repo.pending_erasures(requested_before=NOW - timedelta(seconds=1)) == []
+    due = NOW + timedelta(minutes=1)
+    assert [u.name for u in repo.pending_erasures(requested_before=due)] == ["ann"]
+    later = NOW + timedelta(minutes=2)
+    assert repo.request_erasure(ann.id, at=later, requested_before=due)
+    assert not repo.request_erasure(ann.id, at=later, requested_before=due)  # claimed
+    assert not repo.request_erasure(bob.id, at=later, requested_before=due)  # never asked
+    assert repo.pending_erasures(requested_before=due) == []
+    assert [u.name for u in repo.pending_erasures(requested_before=later)] == ["ann"]
+
+
 def test_a_users_rows_are_read_and_deleted_and_no_one_elses(repo: SqlRepository) -> None:
     """``users delete``: what a user owns, then every row of theirs in one transaction (the
     foreign keys never refuse: children first), then the user; another user's rows stay."""

@@ -26,7 +26,8 @@ def delete_me(user: UserDep, svc: ServicesDep, body: DeleteAccountBody) -> dict[
         return {"deleted": svc.erasure.erase(name=user.name, force=body.force).as_json()}
     except ErasureBlockedError as error:
         # How to go on in this API's words (the service's message says what happened): once
-        # the account is disabled its key is refused, so only the operator can finish.
+        # the account is disabled its key is refused, and the deletion is finished by the
+        # service's periodic collection (AccountEraser.finish_pending), forced.
         raise ConflictError(error.message + _REMEDY[error.stage].format(name=user.name),
                             code=error.code) from error
 
@@ -34,7 +35,7 @@ def delete_me(user: UserDep, svc: ServicesDep, body: DeleteAccountBody) -> dict[
 _REMEDY = {
     "active": '; cancel it first (POST /api/training/cancel), or send "force": true to '
               "cancel it and delete",
-    "started": ": the operator finishes the deletion (selfie-lora users delete {name} --force)",
-    "stopping": "; the account stays disabled: the operator finishes the deletion "
-                "(selfie-lora users delete {name} --force)",
+    "started": ": the deletion finishes on its own within minutes (nothing more to do)",
+    "stopping": "; the account stays disabled and the deletion finishes on its own within "
+                "minutes (nothing more to do)",
 }

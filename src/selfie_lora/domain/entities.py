@@ -67,6 +67,9 @@ class User:
     created_at: datetime
     # When the operator disabled it: its keys and sessions are refused, its data kept.
     disabled_at: datetime | None = None
+    # When its deletion was asked for (it is disabled too): finished by a later collection if
+    # the process that began it died.
+    erasure_requested_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,12 @@ Killed before 4: the account stays disabled and the command run again does it al
 between 4 and 6: the rows are gone and the user's row (disabled) is left holding the plan: the
 command run again reads it back, deletes the blobs it names that are still there (at once, not
 left to a ``gc`` and its grace period) and then the user's row.
+
+Step 2 also records when the deletion was asked for (``erasure_requested_at``): the owner of an
+account deleted through the API or the web page cannot run it again (step 2 locked them out), so
+``finish_pending`` (a thread of every collecting worker and of ``serve --no-worker``, and
+``selfie-lora gc``) finishes a deletion asked for longer ago than a live one takes
+(``resume_after``), as the command run again would.
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Literal
 
 from selfie_lora.domain.accounts import ErasurePlan, UserHoldings
 from selfie_lora.domain.entities import User
 from selfie_lora.domain.gc import GcSummary, format_bytes
 from selfie_lora.errors import ConflictError, ErrorCode, SelfieLoraError
+from selfie_lora.services.common import utcnow
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.layout import (
     checkpoint_prefix,
@@ -59,6 +66,11 @@ logger = logging.getLogger(__name__)
 # How long ``force`` waits for a worker to stop a training it was asked to cancel (it checks
 # every second or two).
 STOP_WAIT = timedelta(seconds=30)
+# How much longer than its two waits (API_KEY_CACHE_TTL and the stop wait) a live deletion may
+# take (its rows, then its blobs: weights of GBs held and deleted) before ``finish_pending``
+# takes it for one whose process died. Two runs at once would be harmless (each step is
+# idempotent), only wasted work.
+RESUME_MARGIN = timedelta(minutes=10)
 
 
 class ErasureBlockedError(ConflictError):
@@ -114,7 +126,8 @@ class AccountEraser:
     def __init__(self, *, repo: Repository, blobs: BlobStore, users: UserService,
                  training: TrainingService, gc: GarbageCollector,
                  stop_wait: timedelta = STOP_WAIT,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], datetime] = utcnow) -> None:
         self._repo = repo
         self._blobs = blobs
         self._users = users
@@ -122,6 +135,9 @@ class AccountEraser:
         self._gc = gc
         self._stop_wait = stop_wait
         self._sleep = sleep
+        self._clock = clock
+        # A deletion asked for longer ago than this is one whose process stopped.
+        self.resume_after = API_KEY_CACHE_TTL + stop_wait + RESUME_MARGIN
 
     def holdings(self, *, name: str) -> tuple[User, UserHoldings]:
         """The user and what they own (what the command asks confirmation for)."""
@@ -138,11 +154,39 @@ class AccountEraser:
                 f"{user.name} has a training queued or running "
                 f"({', '.join(held.active_training_ids)}): nothing was deleted",
                 stage="active", training_ids=held.active_training_ids)
-        self._users.disable(name=user.name)  # step 2: refused everywhere from here on
+        # Step 2: refused everywhere from here on, and known as a deletion under way.
+        self._users.disable(name=user.name, for_erasure=True)
         # Other API servers remember a key they found valid for API_KEY_CACHE_TTL: a request
         # let in by one would answer as a user whose rows are going (404s, or a row written
         # after the delete). Waited out once, before anything is deleted.
         self._sleep(API_KEY_CACHE_TTL.total_seconds())
+        return self._finish(user, force=force)
+
+    def finish_pending(self) -> list[ErasureSummary]:
+        """Finish every deletion asked for more than ``resume_after`` ago: its process died
+        (a server killed while answering ``DELETE /api/me``), and its owner, locked out, cannot
+        ask again. Each is claimed first (its time moved to now, by one process alone), so two
+        processes never finish one together; one that fails now (a training that does not
+        stop) is tried again ``resume_after`` later. What was finished."""
+        now = self._clock()
+        due = now - self.resume_after
+        finished: list[ErasureSummary] = []
+        for user in self._repo.pending_erasures(requested_before=due):
+            if not self._repo.request_erasure(user.id, at=now, requested_before=due):
+                continue  # another process claimed it meanwhile
+            logger.warning("user %s: finishing the deletion asked for at %s, whose process "
+                           "stopped", user.name, user.erasure_requested_at)
+            try:
+                # Forced: its owner asked for the deletion, and a training started since (the
+                # only one a disabled account can have) must not hold it up for ever.
+                finished.append(self._finish(user, force=True))
+            except Exception:  # one account must not hold up the others: tried again later
+                logger.exception("user %s: the deletion could not be finished now; tried "
+                                 "again in %s", user.name, self.resume_after)
+        return finished
+
+    def _finish(self, user: User, *, force: bool) -> ErasureSummary:
+        """Steps 3 to 6 (and the stop of step 1's trainings), the account disabled."""
         canceled = self._stop_trainings(user, force=force)
         held = self._repo.user_holdings(user.id)
         # A run killed after step 4 left its plan: the rows it was read from are gone, so it

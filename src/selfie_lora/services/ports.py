@@ -419,6 +419,15 @@ class Repository(Protocol):
     def set_user_disabled(self, user_id: str, *, at: datetime | None) -> None:
         """Disable the user from ``at`` (None: enable it); ``StorageError`` for no such user."""
         ...
+    def request_erasure(self, user_id: str, *, at: datetime,
+                        requested_before: datetime | None = None) -> bool:
+        """Record that the user's deletion was asked for ``at`` (``erasure_requested_at``).
+        With ``requested_before``, only when it was asked for by then: a finisher's claim, which
+        one process alone wins. False when nothing changed (no such user, or not due)."""
+        ...
+    def pending_erasures(self, *, requested_before: datetime) -> Sequence[User]:
+        """The users whose deletion was asked for by ``requested_before``, oldest first."""
+        ...
     def user_holdings(self, user_id: str) -> UserHoldings:
         """The rows the user owns (``users delete``): ids and the blob keys they name."""
         ...

@@ -66,6 +66,10 @@ PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
 API_KEY_CACHE_TTL = timedelta(seconds=1)
 # What a disabled user's key, session or sign-in is told (a 403: who they are is known).
 DISABLED = "this account is disabled: ask the service's operator"
+# What the account of a deletion under way is told: a retried ``DELETE /api/me`` or sign-in of
+# one whose process died must not send its owner to the operator; the collection finishes it.
+ERASURE_PENDING = ("this account is being deleted: the deletion finishes on its own, nothing "
+                   "more to do")
 # Enough for every client of a busy server; past it the cache starts over rather than grow.
 API_KEY_CACHE_SIZE = 10_000
 # How long a rotated key keeps working (SELFIE_LORA_KEY_ROTATION_GRACE_MINUTES). Why at all: the
@@ -463,13 +467,18 @@ class UserService:
         web password (``selfie-lora users list``)."""
         return self._repo.list_users(at=self._clock())
 
-    def disable(self, *, name: str) -> User:
+    def disable(self, *, name: str, for_erasure: bool = False) -> User:
         """The user can no longer sign in: their keys and browser sessions are refused (403)
         at once in this process and within ``API_KEY_CACHE_TTL`` in the others; their sessions
-        end; their data, keys and password are kept for ``enable``."""
+        end; their data, keys and password are kept for ``enable``. ``for_erasure`` (the
+        deletion's step 2): also records, in the same transaction, that its deletion was asked
+        for now, so that one whose process dies is finished by a later collection."""
         user = self.get_by_name(name=name)
+        now = self._clock()
         with self._repo.atomic() as tx:
-            tx.set_user_disabled(user.id, at=user.disabled_at or self._clock())
+            tx.set_user_disabled(user.id, at=user.disabled_at or now)
+            if for_erasure:
+                tx.request_erasure(user.id, at=now)
             tx.delete_sessions(user_id=user.id)
         self._keys.forget_all()
         logger.info("user %s disabled; sessions ended", user.name)
@@ -479,6 +488,11 @@ class UserService:
         """A disabled user's keys and password work again (sessions ended by ``disable`` stay
         ended)."""
         user = self.get_by_name(name=name)
+        if user.erasure_requested_at is not None:
+            # Its rows may be gone already, and the collection would delete it all the same.
+            raise ConflictError(f"{user.name} is being deleted: it cannot be enabled (the "
+                                f"deletion finishes on its own, or with 'selfie-lora users "
+                                f"delete {user.name}')")
         self._repo.set_user_disabled(user.id, at=None)
         logger.info("user %s enabled", user.name)
         return self.get_by_name(name=name)
@@ -652,6 +666,8 @@ class _Hashing:
 
 
 def _refuse_disabled(user: User) -> None:
+    if user.erasure_requested_at is not None:
+        raise ForbiddenError(ERASURE_PENDING)
     if user.disabled_at is not None:
         raise ForbiddenError(DISABLED)
 

@@ -884,10 +884,11 @@ def settings_delete_account(request: Request, viewer: FormViewer,
     except ErasureBlockedError as error:
         # How to go on in this page's words (the service's message says what happened): the
         # form has no force, so a training is canceled on the Train page (linked beside it).
-        # Once the account is disabled this browser is signed out: only the operator finishes.
+        # Once the account is disabled this browser is signed out: the service's periodic
+        # collection finishes the deletion (AccountEraser.finish_pending).
         remedy = ("; cancel it on the Train page first, then delete your account"
                   if error.stage == "active" else
-                  ": ask the operator to finish deleting it")
+                  ": the deletion finishes on its own within minutes")
         return _settings(request, viewer, status_code=409, delete_error=error.message + remedy,
                          delete_busy=error.stage == "active")
     response = _see("/signin")

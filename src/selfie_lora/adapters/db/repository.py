@@ -237,7 +237,8 @@ def _req_utc(value: datetime) -> datetime:
 
 def _user(row: UserRow) -> User:
     return User(id=row.id, name=row.name, created_at=_req_utc(row.created_at),
-                disabled_at=_utc(row.disabled_at))
+                disabled_at=_utc(row.disabled_at),
+                erasure_requested_at=_utc(row.erasure_requested_at))
 
 
 def _api_key(row: ApiKeyRow) -> ApiKey:
@@ -557,6 +558,24 @@ class SqlRepository:
                                .values(disabled_at=at))
             if getattr(result, "rowcount", 1) == 0:
                 raise StorageError(f"no user {user_id}")
+
+    def request_erasure(self, user_id: str, *, at: datetime,
+                        requested_before: datetime | None = None) -> bool:
+        where = UserRow.id == user_id
+        if requested_before is not None:
+            # A compare-and-set in one statement: of two finishers, the second finds the time
+            # moved on (PostgreSQL re-reads the row once the first commits) and changes nothing.
+            where = where & (UserRow.erasure_requested_at <= requested_before)
+        with self._tx() as s:
+            result = s.execute(update(UserRow).where(where).values(erasure_requested_at=at))
+            return bool(getattr(result, "rowcount", 0))
+
+    def pending_erasures(self, *, requested_before: datetime) -> Sequence[User]:
+        with self._read() as s:
+            rows = s.scalars(select(UserRow)
+                             .where(UserRow.erasure_requested_at <= requested_before)
+                             .order_by(UserRow.erasure_requested_at, UserRow.id)).all()
+            return [_user(row) for row in rows]
 
     def user_holdings(self, user_id: str) -> UserHoldings:
         with self._tx() as s:

@@ -59,6 +59,10 @@ class UserRow(Base):
     # (domain.accounts.ErasurePlan as JSON), stored with that deletion so a rerun finishes it.
     erasure_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True,
                                                                 default=None)
+    # When a deletion of the account was asked for, set with its disabling: one whose process
+    # died is finished by the periodic collection (services.erasure.AccountEraser.finish_pending).
+    erasure_requested_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True, default=None)
     __table_args__ = (Index("ux_users_name_folded", "name_folded", unique=True),)
 
 
