@@ -1205,9 +1205,17 @@ def users_delete(
                             show_default=False) != user.name:
                 _fail("not confirmed: nothing was deleted")
         try:
-            summary = services.erasure.erase(name=name, force=force)
+            with _terminate_as_interrupt():
+                summary = services.erasure.erase(name=name, force=force)
         except ErasureBlockedError as exc:
             _fail(exc.message + _ERASURE_REMEDY[exc.stage])
+        except KeyboardInterrupt as exc:
+            # SIGTERM too: the erase's ``finally`` settles what it held aside (photos and
+            # weights copied while deleted) rather than the process dying with them on disk.
+            err_console.print(f"interrupted: what was deleted stays deleted; run `selfie-lora "
+                              f"users delete {name} --yes` again to finish", highlight=False,
+                              markup=False)
+            raise typer.Exit(_interrupted_status(exc)) from None
     if as_json:
         sys.stdout.write(json.dumps(summary.as_json()) + "\n")
         return

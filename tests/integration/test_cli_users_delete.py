@@ -6,7 +6,11 @@ names them); a queued or running training refuses it unless ``--force``."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Recipe, Training, TrainingStatus
 from selfie_lora.errors import ConflictError, ForbiddenError
 from selfie_lora.services.common import utcnow
-from selfie_lora.services.layout import PREFIXES, checkpoint_key, sample_key
+from selfie_lora.services.layout import PREFIXES, checkpoint_key, photo_key, sample_key
 from selfie_lora.services.users import ERASURE_PENDING
 from selfie_lora.wiring import Services
 from selfie_lora.worker import Identity, Worker
@@ -291,6 +295,155 @@ def test_a_delete_killed_while_deleting_her_blobs_deletes_the_rest_when_run_agai
     assert blob_keys(services) == bob_blobs  # her photos, weights, pictures: gone now
     assert rows_of(services) == bob_rows
     assert services.repo.get_user_by_name("ann") is None
+
+
+def in_a_child(act: Callable[[], int], *, services: Services, blob_class: type,
+               after_delete: Callable[[str], None],
+               before_delete: Callable[[str], None] = lambda _key: None) -> int:
+    """``act`` in a child process, with ``before_delete`` and ``after_delete`` run around each
+    delete of ``blob_class`` (the store's: the command builds a store of its own); the child's
+    exit status, as a shell says it (-15: ended by SIGTERM)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child, which never returns into pytest
+        code = 1
+        try:
+            services.engine.dispose(close=False)  # the parent's connections stay the parent's
+            real_delete = blob_class.delete
+
+            def delete(self: object, key: str) -> None:
+                before_delete(key)
+                real_delete(self, key)
+                after_delete(key)
+
+            blob_class.delete = delete
+            code = act()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def erase_killed(services: Services, *, dies_after: Callable[[str], bool],
+                 before_delete: Callable[[str], None] = lambda _key: None) -> None:
+    """``erase("ann")`` in a child process that dies as under ``kill -9`` (``os._exit``: no
+    ``finally``, no ``with`` block's exit) right after deleting the blob ``dies_after`` picks;
+    ``before_delete`` runs before each delete (an upload racing it)."""
+    def die(key: str) -> None:
+        if dies_after(key):
+            os._exit(137)
+
+    def act() -> int:
+        services.erasure.erase(name="ann")
+        return 0
+
+    assert in_a_child(act, services=services, blob_class=type(services.blobs),
+                      after_delete=die, before_delete=before_delete) == 137
+
+
+def nth_photo(n: int) -> Callable[[str], bool]:
+    seen: list[str] = []
+
+    def pick(key: str) -> bool:
+        if key.startswith("photos/"):
+            seen.append(key)
+        return len(seen) == n and seen[-1] == key
+
+    return pick
+
+
+def copies_of(contents: set[bytes], tmp_path: Path, store: Path) -> list[Path]:
+    """The files under ``tmp_path`` (HOME and the temporary folder) but outside the store that
+    hold one of ``contents``."""
+    return [p for p in tmp_path.rglob("*")
+            if p.is_file() and store not in p.parents and p.read_bytes() in contents]
+
+
+def bob_and_ann(services: Services, client: TestClient, tmp_path: Path,
+                monkeypatch: pytest.MonkeyPatch) -> tuple[set[str], set[bytes]]:
+    """Bob's blob keys, then the bytes of ann's photos and weights, both furnished; the system's
+    temporary folder moved under ``tmp_path``, where ``copies_of`` looks."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    furnish(client, services, "bob", photos=photo_zip(3, offset=10))
+    bob_blobs = blob_keys(services)
+    furnish(client, services, "ann", photos=photo_zip(4))
+    return bob_blobs, {services.blobs.get(k) for k in blob_keys(services) - bob_blobs
+                       if k.startswith(("photos/", "weights/"))}
+
+
+@pytest.mark.parametrize("settled_by", ["users delete", "gc"])
+def test_a_delete_killed_while_holding_her_photos_leaves_no_copy_once_settled(
+        on_services: Services, client: TestClient, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, settled_by: str) -> None:
+    """Her young photos and weights are copied aside while deleted (an upload of the same bytes
+    may name them meanwhile). Killed with ``kill -9`` while holding them, the copies stayed in
+    the system's temporary folder for ever; they are in HOME/work now, where the command run
+    again, or a collection, settles them: no copy of her face is left anywhere."""
+    services = on_services
+    bob_blobs, hers = bob_and_ann(services, client, tmp_path, monkeypatch)
+    erase_killed(services, dies_after=nth_photo(2))
+    assert copies_of(hers, tmp_path, settings.blob_dir)  # held while she was being deleted
+
+    if settled_by == "gc":
+        code, said = run("gc")
+        assert code == 0, said
+        assert "settled 1 hold(s)" in said
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 0, said
+    assert blob_keys(services) == bob_blobs
+    assert copies_of(hers, tmp_path, settings.blob_dir) == []
+    assert not list(settings.work_dir.glob("*erase-hold-*"))
+
+
+def test_users_delete_stopped_by_sigterm_settles_what_it_held_and_exits_143(
+        on_services: Services, client: TestClient, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (``timeout``, systemd, ``docker stop``) ended the command on the spot, its
+    copies of her photos left behind; it stops as Ctrl-C does now: the hold is settled on the
+    way out, and the command run again finishes."""
+    services = on_services
+    bob_blobs, hers = bob_and_ann(services, client, tmp_path, monkeypatch)
+    pick = nth_photo(2)
+
+    def terminate(key: str) -> None:
+        if pick(key):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    code = in_a_child(lambda: run("users", "delete", "ann", "--yes")[0], services=services,
+                      blob_class=type(services.blobs), after_delete=terminate)
+    assert code == 143
+    assert copies_of(hers, tmp_path, settings.blob_dir) == []
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 0, said
+    assert blob_keys(services) == bob_blobs
+
+
+def test_a_photo_uploaded_by_another_user_while_a_killed_delete_held_it_is_written_back(
+        on_services: Services, client: TestClient, settings: Settings) -> None:
+    """As above, with bob uploading the same photos while hers are deleted, and the delete
+    killed before it wrote them back: the run again writes back each one his rows name from
+    the copies held, and his dataset is whole."""
+    services = on_services
+    furnish(client, services, "ann", photos=photo_zip(4))
+    bob, _secret = services.users.create(name="bob")
+    uploaded: list[str] = []
+
+    def racing_upload(key: str) -> None:
+        if key.startswith("photos/") and not uploaded:
+            result = services.training.upload_zip(user=bob, data=photo_zip(4), start=False)
+            uploaded.append(result.dataset.id)  # in the child: the parent reads the rows
+
+    erase_killed(services, dies_after=nth_photo(4), before_delete=racing_upload)
+    assert not {k for k in blob_keys(services) if k.startswith("photos/")}  # all four deleted
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 0, said
+    named = {photo_key(sha) for d in services.repo.gc_references().datasets
+             for sha in d.photo_hashes}
+    assert len(named) == 4  # his upload committed, in the killed child
+    photos = {k for k in blob_keys(services) if k.startswith("photos/")}
+    assert photos == named
+    assert len(photos) == 4, photos  # every photo his upload names is there
+    assert not list(settings.work_dir.glob("*erase-hold-*"))
 
 
 def test_a_deleted_users_queued_training_is_not_left_in_the_count(

@@ -11,7 +11,8 @@ deleted blob:
 4. read the references again and plan again: a blob is deleted only if both plans have it (a
    dataset trained meanwhile, or an upload that brought the same photo again, keeps it);
 5. delete those blobs, each only if it is still older than the grace period when it comes to
-   it (written again since the listing: kept), then the work folders.
+   it (written again since the listing: kept), settle the holds a ``users delete`` killed
+   midway left (``erase``), then the work folders.
 
 A writer whose row commits after step 4 is covered by step 5 and by itself: every write of a
 blob (``if_absent`` ones included) makes it young, and once its row has committed the writer
@@ -49,15 +50,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from stat import S_ISREG
+from typing import BinaryIO
 
 from selfie_lora.domain.gc import (
     GC_JOB,
@@ -91,6 +95,7 @@ from selfie_lora.services.layout import (
 )
 from selfie_lora.services.owners import default_owner, owner_is_gone
 from selfie_lora.services.ports import BlobStore, Repository
+from selfie_lora.services.private_files import private_folders, private_replacement
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +103,102 @@ logger = logging.getLogger(__name__)
 RENEW_EVERY = 200
 # Keyed by their content: another user's upload or training may name the same key.
 _BY_CONTENT = frozenset({Owner.PHOTO, Owner.ORIGINAL, Owner.WEIGHTS})
+# The folders in HOME/work where ``erase`` holds copies of what it deletes (``_Hold``): settled,
+# never removed as a stale training's work folder.
+HOLD_PREFIX = "erase-hold-"
+_HOLD_MANIFEST = "held.json"
+_HOLD_LOCK = ".lock"
 
 
 class _InterruptedError(Exception):
     """Stop collecting (what is done stays done; the next collection goes on from there)."""
+
+
+class _Hold:
+    """Copies of the content-keyed blobs an ``erase`` deletes, kept until a third reading of the
+    references says whether a row named one meanwhile (another user's upload of the same bytes):
+    the folder HOME/work/erase-hold-*, private (0700, files 0600), with its manifest (copy name
+    to blob key), written before each delete, and a lock (``flock`` on ``.lock``) held by its
+    process until it is settled; a process's death releases the lock, and the hold stays for
+    the command run again or the next collection (``GarbageCollector._settle_holds``)."""
+
+    def __init__(self, folder: Path, lock: int, held: dict[str, str]) -> None:
+        self.folder = folder
+        self._lock = lock
+        self.held = held  # copy name -> blob key
+
+    @classmethod
+    def create(cls, work_dir: Path) -> _Hold:
+        private_folders(work_dir)
+        # Made and locked under a name no settler looks at, then renamed into view: a settler
+        # never finds it unlocked. One killed before the rename holds no copy: a stale work
+        # folder, removed as one.
+        staging = Path(tempfile.mkdtemp(prefix=f".{HOLD_PREFIX}", dir=work_dir))  # 0700
+        lock = os.open(staging / _HOLD_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        folder = staging.with_name(staging.name.removeprefix("."))
+        staging.rename(folder)
+        return cls(folder, lock, {})
+
+    @classmethod
+    def found(cls, folder: Path) -> _Hold | None:
+        """The hold in ``folder``, locked, when no living process holds it; None while its erase
+        (or another settler) still does, or once it is settled."""
+        try:
+            lock = os.open(folder / _HOLD_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        except FileNotFoundError:
+            return None  # settled meanwhile
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            return None
+        if not folder.is_dir():  # settled between the open and the lock
+            os.close(lock)
+            return None
+        try:
+            held = json.loads((folder / _HOLD_MANIFEST).read_bytes())
+        except FileNotFoundError:
+            held = {}  # killed before its first delete: its copies' blobs are all stored
+        except ValueError:
+            held = None
+        if not isinstance(held, dict):
+            # Written whole (renamed into place): only a hand could have made it so.
+            logger.warning("users delete: the manifest of %s cannot be read; it is kept for "
+                           "the operator", folder)
+            os.close(lock)
+            return None
+        return cls(folder, lock, {str(name): str(key) for name, key in held.items()})
+
+    def keep(self, key: str, blobs: BlobStore) -> bool:
+        """Copies ``key`` here and names it in the manifest, before it is deleted; False when
+        it is gone already."""
+        try:
+            stream = blobs.open(key)
+        except BlobMissingError:
+            return False
+        name = str(len(self.held))
+        fd = os.open(self.folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        with contextlib.closing(stream), os.fdopen(fd, "wb") as out:
+            for chunk in stream.chunks:
+                out.write(chunk)
+            _sync(out)
+        self.held[name] = key
+        with private_replacement(self.folder / _HOLD_MANIFEST) as fh:
+            fh.write(json.dumps(self.held).encode())
+            _sync(fh)
+        return True
+
+    def copies(self) -> dict[str, Path]:
+        """Each held key's copy (one a removal cut short already took is not)."""
+        return {key: self.folder / name for name, key in self.held.items()
+                if (self.folder / name).is_file()}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def release(self) -> None:
+        os.close(self._lock)
 
 
 class GarbageCollector:
@@ -205,10 +302,16 @@ class GarbageCollector:
         (the rows are gone: the grace period, which spares a blob whose row is coming, does not
         apply). A photo, an original or weights is keyed by its content: another upload may be
         storing the same bytes right now, its row committing after the second plan; so one
-        written within the grace period is copied to a private temporary folder while deleted
+        written within the grace period is held aside (copied to a private folder) while deleted
         and written back if a third reading of the references finds a row naming it.
         Deleting a missing blob is no error and counts nothing. Takes no lease: every deletion
-        checks the references itself, as two overlapping collections do."""
+        checks the references itself, as two overlapping collections do.
+
+        The hold lies in this machine's work folders (``_Hold``), so a process killed while
+        holding leaves it to be settled, exactly once, by this command run again (first thing)
+        or by the next collection's pass over the work folders: each copy whose key a row names
+        and the store lacks is written back, then the hold is removed."""
+        self._settle_holds()
         listing: dict[str, Blob] = {}
         for prefix in prefixes:
             for info in self._blobs.list(prefix):
@@ -231,41 +334,91 @@ class GarbageCollector:
         chosen = intersect(plan.blobs, again.blobs)
         kept = sorted({b.key for b in blobs} - {p.key for p in chosen})
         deleted: list[Planned] = []
-        # Held on disk, not in memory: weights can be GBs. The folder is private (0700) and
-        # goes with the call; a process killed while holding loses only what no row named.
-        with tempfile.TemporaryDirectory(prefix="selfie-lora-erase-") as spool:
-            held: dict[str, Path] = {}
+        # Held on disk, not in memory: weights can be GBs. In this machine's work folders
+        # (HOME/work), not the system's temporary folder: a process killed while holding leaves
+        # the hold where the command run again, and every collection's pass over the work
+        # folders, finds it and settles it (``_settle_holds``).
+        with self._holding() as hold:
             for item in chosen:
                 modified = self._blobs.modified(item.key)
                 if modified is None:
                     continue  # gone already: counts nothing
                 owner = owner_of(item.key)
                 if (owner is not None and owner[0] in _BY_CONTENT
-                        and modified >= self._clock() - self.policy.grace):
-                    copy = Path(spool) / str(len(held))
-                    try:
-                        stream = self._blobs.open(item.key)
-                    except BlobMissingError:
-                        continue  # gone meanwhile
-                    with contextlib.closing(stream), copy.open("wb") as out:
-                        for chunk in stream.chunks:
-                            out.write(chunk)
-                    held[item.key] = copy
+                        and modified >= self._clock() - self.policy.grace
+                        and not hold.keep(item.key, self._blobs)):
+                    continue  # gone meanwhile
                 self._blobs.delete(item.key)
                 deleted.append(item)
-            if held:
-                third, _, _ = self._plan(blobs, [])
-                gone = {p.key for p in third.blobs}
-                for key, copy in held.items():
-                    if key not in gone:  # a row named it meanwhile: written back
-                        self._blobs.put_file(key, copy)
-                        kept.append(key)
-                        deleted = [p for p in deleted if p.key != key]
-                        logger.info("users delete: %s was stored again meanwhile; kept", key)
+            named = self._settle(hold)
+        for key in sorted(named):  # a row named it meanwhile: written back, or there again
+            kept.append(key)
+            deleted = [p for p in deleted if p.key != key]
+            logger.info("users delete: %s was stored again meanwhile; kept", key)
         for item in intersect(plan.work_folders, again.work_folders):
             if self._remove_folder(item):
                 deleted.append(item)
         return GcSummary(dry_run=False, deleted=tuple(deleted), kept=tuple(kept))
+
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[_Hold]:
+        """A new hold for ``erase``, which settles it; one whose erase raised (Ctrl-C, SIGTERM
+        through the command's ``_terminate_as_interrupt``, a store or database that failed) is
+        settled on the way out if it can be, else left to the next erase or collection."""
+        hold = _Hold.create(self._work_dir)
+        try:
+            yield hold
+        except BaseException:
+            try:
+                self._settle(hold)
+            except Exception:
+                logger.warning("users delete: %s is left for the next run or collection to "
+                               "settle", hold.folder, exc_info=True)
+            raise
+        finally:
+            hold.release()
+
+    def _settle(self, hold: _Hold) -> frozenset[str]:
+        """Writes back each held copy whose key a row names (another user's upload of the same
+        bytes) and the store lacks, then removes the hold. Returns the keys a row names. Run
+        twice (killed before the removal), it writes back nothing twice: the store has them."""
+        copies = hold.copies()
+        named: frozenset[str] = frozenset()
+        if copies:
+            blobs = [self._owned(key, path.stat().st_size) for key, path in copies.items()]
+            third, _, _ = self._plan(blobs, [])
+            named = frozenset(copies) - {p.key for p in third.blobs}
+            for key in sorted(named):
+                if self._blobs.modified(key) is None:
+                    self._blobs.put_file(key, copies[key])
+                    logger.info("users delete: %s, which a row names, was written back", key)
+        hold.remove()
+        return named
+
+    def _settle_holds(self) -> int:
+        """Settles the holds ``erase`` runs killed midway left (kill -9, the OOM killer, a
+        machine that went down) in this machine's work folders; how many. A hold whose erase
+        still runs is locked and skipped. Only this machine's: with a database and storage that
+        several machines share (PostgreSQL and S3), a hold lies on the machine whose erase was
+        killed, and only that machine's own later erase or collection settles it; until then a
+        photo another user's upload named meanwhile is missing from the store (their training
+        says so), and should that machine never come back, its copies went with it."""
+        if not self._work_dir.is_dir():
+            return 0
+        settled = 0
+        for folder in sorted(self._work_dir.glob(f"{HOLD_PREFIX}*")):
+            if folder.is_symlink() or not folder.is_dir():
+                continue
+            hold = _Hold.found(folder)
+            if hold is None:
+                continue
+            try:
+                self._settle(hold)
+            finally:
+                hold.release()
+            settled += 1
+            logger.info("users delete: settled %s, left by a run killed midway", folder)
+        return settled
 
     def _owned(self, key: str, size: int) -> Blob:
         """A blob of deleted rows, as the plan sees it: old, so only references keep it."""
@@ -354,6 +507,7 @@ class GarbageCollector:
                              "midway")
             if work:
                 notes.extend(self._forget_deleted_copies())
+                notes.extend(_settled_note(self._settle_holds()))
             for item in intersect(plan.work_folders, again.work_folders):
                 if self._remove_folder(item):
                     deleted.append(item)
@@ -364,13 +518,14 @@ class GarbageCollector:
                          webhook_ids=webhook_ids, sign_in_rows=sign_in_rows)
 
     def _collect_work_only(self) -> GcSummary | None:
+        notes = _settled_note(self._settle_holds())
         deleted: tuple[Planned, ...] = ()
         if folders := self._work_folders():
             refs = self._repo.gc_references()
             plan = plan_collection(refs=refs, blobs=(), work_folders=folders, now=self._clock(),
                                    policy=self.policy, originals={})
             deleted = tuple(item for item in plan.work_folders if self._remove_folder(item))
-        notes = self._forget_deleted_copies()
+        notes = (*notes, *self._forget_deleted_copies())
         return GcSummary(dry_run=False, deleted=deleted, notes=notes) if deleted or notes else None
 
     def _forget_deleted_copies(self) -> tuple[str, ...]:
@@ -451,7 +606,8 @@ class GarbageCollector:
             return []
         out = []
         for entry in self._work_dir.iterdir():
-            if entry.is_symlink() or not entry.is_dir():
+            if (entry.is_symlink() or not entry.is_dir()
+                    or entry.name.startswith(HOLD_PREFIX)):  # an erase's hold: settled instead
                 continue
             try:
                 size, newest = _measure(entry)
@@ -480,6 +636,19 @@ def _refused(listing: list[Blob]) -> tuple[str, ...]:
     shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
     return (f"kept {len(keys)} blob(s) whose key the store refuses (renamed by hand?): "
             f"{shown}",)
+
+
+def _settled_note(settled: int) -> tuple[str, ...]:
+    if not settled:
+        return ()
+    return (f"settled {settled} hold(s) of photos or weights left by a users delete killed "
+            "midway (each copy a row names written back, the rest deleted)",)
+
+
+def _sync(out: BinaryIO) -> None:
+    """On disk before the blob it copies is deleted: a machine that goes down then keeps it."""
+    out.flush()
+    os.fsync(out.fileno())
 
 
 def _check(stopping: threading.Event) -> None:
