@@ -20,11 +20,14 @@ A third thread collects garbage (``services.gc``): it asks every ``gc_check_seco
 collection is due (the last one, by any process, started ``SELFIE_LORA_GC_INTERVAL_HOURS`` ago)
 and runs it when this worker wins the database's lease, so one worker collects at a time. Its
 own thread, not the reconciler's: listing a large bucket must not delay the recovery of a
-training.
+training. In ``serve --no-worker``'s reconciler-only worker it runs only this machine's part,
+once per interval (``GarbageCollector.run_machine_due``: the holds of erasures killed midway,
+the cached copies of deleted weights, stale work folders): an API server erases and caches too.
 
 A fourth thread, in every worker that collects and in ``serve --no-worker``'s reconciler-only
-worker, finishes every ``erase_check_seconds`` the account deletions whose process died
-(``AccountEraser.finish_pending``: a server killed while answering ``DELETE /api/me``).
+worker, settles every ``erase_check_seconds`` this machine's holds of erasures killed midway and
+finishes the account deletions whose process died (``AccountEraser.finish_pending``: a server
+killed while answering ``DELETE /api/me``).
 
 Stopping (SIGTERM or SIGINT for ``selfie-lora worker``; the server's shutdown for ``serve``):
 no new message is taken, every running training is handed back at its next safe point (lease
@@ -144,8 +147,9 @@ class Worker:
         # worker died end even while no worker runs).
         self._threads_wanted = max(0, threads)
         self._reconcile_seconds = reconcile_seconds
-        # Only workers that consume collect: ``serve --no-worker`` API servers do not.
-        self._gc = gc if self._threads_wanted else None
+        # Only workers that consume collect; ``serve --no-worker`` API servers run only this
+        # machine's part (``GarbageCollector.run_machine_due``): they erase and cache weights.
+        self._gc = gc
         self._gc_check_seconds = gc_check_seconds
         self._erasure = erasure
         self._erase_check_seconds = erase_check_seconds
@@ -265,10 +269,22 @@ class Worker:
             self.finish_erasures()
 
     def finish_erasures(self) -> None:
-        """Finish the account deletions whose process died (``AccountEraser.finish_pending``
-        logs each); a failure is logged, and tried again at the next check."""
+        """Settle this machine's holds of erasures killed midway, then finish the account
+        deletions whose process died (``AccountEraser.finish_pending`` logs each); a failure
+        is logged, and tried again at the next check."""
         if self._erasure is None:
             return
+        if self._gc is not None:
+            # Whatever is claimed below: a hold lies on the machine whose erase was killed, and
+            # only it can settle it, while the deletion itself is usually claimed and finished
+            # by another machine (every worker tries). Without this a killed API server's hold
+            # (it answers ``DELETE /api/me``) kept her photos until its next collection pass.
+            # A glob of HOME/work when there is none.
+            try:
+                self._gc.settle_holds()
+            except Exception:  # the deletions below must not wait on it
+                logger.exception("settling this machine's erasure holds failed; tried again "
+                                 "in %.0f s", self._erase_check_seconds)
         try:
             self._erasure.finish_pending()
         except Exception:
@@ -276,12 +292,16 @@ class Worker:
                              "%.0f s", self._erase_check_seconds)
 
     def collect_garbage(self) -> None:
-        """Collect if a collection is due and this worker wins the lease (it logs what it
-        deleted); a failure is logged, and tried again when the next collection is due."""
+        """Collect if a collection is due and this worker wins the lease, or (an API server,
+        which consumes nothing) run this machine's part only (it logs what it deleted); a
+        failure is logged, and tried again when the next collection is due."""
         if self._gc is None:
             return
         try:
-            self._gc.run_due(stopping=self._stop)
+            if self._threads_wanted:
+                self._gc.run_due(stopping=self._stop)
+            else:
+                self._gc.run_machine_due()
         except DeploymentMismatchError as exc:
             # A refusal, not a failure: its message says what to check; no traceback.
             logger.warning("garbage collection: %s", exc.message)
@@ -302,7 +322,8 @@ class Worker:
 def start_embedded(services: Services, *, consume: bool = True, threads: int | None = None,
                    collect_garbage: bool = False, only: str | None = None) -> Worker:
     """A worker inside another process (``serve``, ``train``): its consumer threads and
-    reconciler, started. ``consume=False``: the reconciler only (``serve --no-worker``).
+    reconciler, started. ``consume=False``: the reconciler, and this machine's part of the
+    collection and the interrupted deletions' finishing (``serve --no-worker``).
     ``collect_garbage``: also the garbage collection thread (``serve``'s worker; not the
     short-lived ones of ``train`` and the demo). ``only``: run that training alone, not the
     queue (``train``: one training's time, and a Ctrl-C hands back only its own)."""
@@ -314,13 +335,15 @@ def start_embedded(services: Services, *, consume: bool = True, threads: int | N
         services.training.owner = identity.name
         services.gc.owner = identity.name
     queue: MessageSource = services.queue if only is None else OneTraining(only)
+    # Where collections run, and in ``serve --no-worker`` (which may be all that runs, and
+    # erases and caches weights on its machine: its part of the collection only); not in
+    # ``train``'s and the demo's short-lived ones.
+    periodic = collect_garbage or not consume
     worker = Worker(training=services.training, queue=queue, identity=identity,
                     threads=(threads or services.settings.worker_threads) if consume else 0,
                     reconcile_seconds=services.settings.reconcile_seconds,
-                    gc=services.gc if collect_garbage else None,
-                    # Where collections run, and in ``serve --no-worker`` (which may be all
-                    # that runs); not in ``train``'s and the demo's short-lived ones.
-                    erasure=services.erasure if collect_garbage or not consume else None)
+                    gc=services.gc if periodic else None,
+                    erasure=services.erasure if periodic else None)
     worker.start()
     return worker
 

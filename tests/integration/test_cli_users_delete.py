@@ -29,7 +29,7 @@ from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import PREFIXES, checkpoint_key, photo_key, sample_key
 from selfie_lora.services.users import ERASURE_PENDING
 from selfie_lora.wiring import Services
-from selfie_lora.worker import Identity, Worker
+from selfie_lora.worker import Identity, Worker, start_embedded
 from tests.conftest import make_settings, serving
 from tests.support.owners import Owner, own_model
 from tests.support.photos import photo_zip
@@ -391,6 +391,30 @@ def test_a_delete_killed_while_holding_her_photos_leaves_no_copy_once_settled(
     code, said = run("users", "delete", "ann", "--yes")
     assert code == 0, said
     assert blob_keys(services) == bob_blobs
+    assert copies_of(hers, tmp_path, settings.blob_dir) == []
+    assert not list(settings.work_dir.glob("*erase-hold-*"))
+
+
+@pytest.mark.parametrize("check", ["finish_erasures", "collect_garbage"])
+def test_an_api_server_settles_the_hold_its_killed_delete_left_though_it_claims_nothing(
+        on_services: Services, client: TestClient, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, check: str) -> None:
+    """``DELETE /api/me`` is answered by the API servers (``serve --no-worker``), so a killed
+    one's hold lies on its machine. It was settled only by a deletion that server claimed
+    itself (a worker usually claims it first, and finishes her rows and blobs without seeing
+    the hold) or a ``gc`` run by hand there: her face photos stayed in its HOME/work. Now the
+    API server's every check settles its machine's holds, a deletion claimed or not, and its
+    periodic pass over the machine (no collection: no lease, no listing) does too."""
+    services = on_services
+    _bob_blobs, hers = bob_and_ann(services, client, tmp_path, monkeypatch)
+    erase_killed(services, dies_after=nth_photo(2))
+    assert copies_of(hers, tmp_path, settings.blob_dir)
+    worker = start_embedded(services, consume=False)  # as serve --no-worker starts it
+    try:
+        # Her deletion is not due (asked for a moment ago): nothing is claimed.
+        getattr(worker, check)()
+    finally:
+        worker.stop()
     assert copies_of(hers, tmp_path, settings.blob_dir) == []
     assert not list(settings.work_dir.glob("*erase-hold-*"))
 

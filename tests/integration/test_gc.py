@@ -39,6 +39,7 @@ from selfie_lora.services.layout import (
 from selfie_lora.services.ports import BlobStore
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, SimulatedCrash
 from selfie_lora.wiring import Services, build_services
+from selfie_lora.worker import Identity, Worker
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.photos import photo_zip
 from tests.support.s3 import S3Server
@@ -544,5 +545,33 @@ def test_every_machine_drops_its_cached_copies_of_deleted_blobs(
         assert "removed 1 cached copy(ies) of deleted blobs from this machine" in (
             collector(there, "cli", tmp_path / "there" / "work").collect().notes)
         assert not theirs.exists()
+    finally:
+        svc.close()
+
+
+def test_an_api_server_drops_its_cached_copies_of_deleted_blobs(
+        s3_server: S3Server, tmp_path: Path) -> None:
+    # An API server (serve --no-worker) caches the weights its generations use, but had no
+    # collection: a deleted user's weights stayed in its blob cache, the LRU bound aside.
+    location = s3_server.new_location()
+    svc = build_services(make_settings(tmp_path, **s3_server.settings(location)), trainers={},
+                         face_analyzer=one_person_analyzer(), generators={})
+    try:
+        api_cache = s3_server.store(location, tmp_path / "api" / "blob-cache")
+        key = f"weights/{'2' * 64}.safetensors"
+        svc.blobs.put(key, b"weights")
+        with api_cache.local_copy(key) as cached:
+            pass
+        svc.blobs.delete(key)  # a worker's erasure, or another machine's users delete
+        assert cached.exists()
+        gc = GarbageCollector(repo=svc.repo, blobs=api_cache, work_dir=tmp_path / "api" / "work",
+                              policy=POLICY, interval=timedelta(hours=6), owner="api")
+        api = Worker(training=svc.training, queue=svc.queue, identity=Identity(name="api"),
+                     threads=0, gc=gc)
+        api.collect_garbage()
+        assert not cached.exists()
+        assert svc.repo.get_job("gc") is None  # its machine's part only: no lease taken
+        # Once per interval, as a worker's pass over its machine.
+        assert gc.run_machine_due() is None
     finally:
         svc.close()

@@ -120,7 +120,7 @@ class _Hold:
     the folder HOME/work/erase-hold-*, private (0700, files 0600), with its manifest (copy name
     to blob key), written before each delete, and a lock (``flock`` on ``.lock``) held by its
     process until it is settled; a process's death releases the lock, and the hold stays for
-    the command run again or the next collection (``GarbageCollector._settle_holds``)."""
+    the command run again or the next collection (``GarbageCollector.settle_holds``)."""
 
     def __init__(self, folder: Path, lock: int, held: dict[str, str]) -> None:
         self.folder = folder
@@ -281,16 +281,27 @@ class GarbageCollector:
         if self.interval is None:
             return None
         now = self._clock()
-        work_due = self._work_due_at is None or now >= self._work_due_at
-        if self._claim(now, due_before=now - self.interval):
-            self._work_due_at = now + self.interval
-            summary: GcSummary | None = self._run_claimed(work=True, stopping=stopping,
-                                                          bind=True)
-        elif work_due:
-            self._work_due_at = now + self.interval
-            summary = self._collect_work_only()
-        else:
+        if not self._claim(now, due_before=now - self.interval):
+            return self.run_machine_due()
+        self._work_due_at = now + self.interval
+        summary = self._run_claimed(work=True, stopping=stopping, bind=True)
+        _log(summary)
+        return summary
+
+    def run_machine_due(self) -> GcSummary | None:
+        """This machine's part of a collection alone, once per ``interval`` (the first call
+        runs it): settle the holds of erasures killed midway, drop the cached copies of deleted
+        blobs, remove stale work folders. Never the lease, never the store's listing: every
+        process that erases or caches weights runs it, ``serve --no-worker`` included (it
+        answers ``DELETE /api/me`` and its generations cache weights, and its machine may run
+        no worker). None when not due or there was nothing to do."""
+        if self.interval is None:
             return None
+        now = self._clock()
+        if self._work_due_at is not None and now < self._work_due_at:
+            return None
+        self._work_due_at = now + self.interval
+        summary = self._collect_work_only()
         _log(summary)
         return summary
 
@@ -311,7 +322,7 @@ class GarbageCollector:
         holding leaves it to be settled, exactly once, by this command run again (first thing)
         or by the next collection's pass over the work folders: each copy whose key a row names
         and the store lacks is written back, then the hold is removed."""
-        self._settle_holds()
+        self.settle_holds()
         listing: dict[str, Blob] = {}
         for prefix in prefixes:
             for info in self._blobs.list(prefix):
@@ -337,7 +348,7 @@ class GarbageCollector:
         # Held on disk, not in memory: weights can be GBs. In this machine's work folders
         # (HOME/work), not the system's temporary folder: a process killed while holding leaves
         # the hold where the command run again, and every collection's pass over the work
-        # folders, finds it and settles it (``_settle_holds``).
+        # folders, finds it and settles it (``settle_holds``).
         with self._holding() as hold:
             for item in chosen:
                 modified = self._blobs.modified(item.key)
@@ -395,12 +406,14 @@ class GarbageCollector:
         hold.remove()
         return named
 
-    def _settle_holds(self) -> int:
+    def settle_holds(self) -> int:
         """Settles the holds ``erase`` runs killed midway left (kill -9, the OOM killer, a
         machine that went down) in this machine's work folders; how many. A hold whose erase
         still runs is locked and skipped. Only this machine's: with a database and storage that
         several machines share (PostgreSQL and S3), a hold lies on the machine whose erase was
-        killed, and only that machine's own later erase or collection settles it; until then a
+        killed, and only that machine settles it: its next erase, its next pass over its work
+        folders (a collection, ``run_machine_due``), or its next check of interrupted deletions
+        (``Worker.finish_erasures``, every minute in every worker and ``serve``); until then a
         photo another user's upload named meanwhile is missing from the store (their training
         says so), and should that machine never come back, its copies went with it."""
         if not self._work_dir.is_dir():
@@ -507,7 +520,7 @@ class GarbageCollector:
                              "midway")
             if work:
                 notes.extend(self._forget_deleted_copies())
-                notes.extend(_settled_note(self._settle_holds()))
+                notes.extend(_settled_note(self.settle_holds()))
             for item in intersect(plan.work_folders, again.work_folders):
                 if self._remove_folder(item):
                     deleted.append(item)
@@ -518,7 +531,7 @@ class GarbageCollector:
                          webhook_ids=webhook_ids, sign_in_rows=sign_in_rows)
 
     def _collect_work_only(self) -> GcSummary | None:
-        notes = _settled_note(self._settle_holds())
+        notes = _settled_note(self.settle_holds())
         deleted: tuple[Planned, ...] = ()
         if folders := self._work_folders():
             refs = self._repo.gc_references()
