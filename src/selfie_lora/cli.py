@@ -412,6 +412,7 @@ def users_password(name: str) -> None:
         # The account first: a name that is none was said only after the password was typed
         # twice.
         user = services.users.get_by_name(name=name)
+        services.users.check_password_settable(user=user)
         secret = _read_new_password(command="users password")
         services.users.set_password(user=user, password=secret)
     # The account's own name: 'ALICE' finds alice, and it is alice's password that was set.

@@ -572,6 +572,43 @@ def test_an_api_delete_whose_server_died_is_finished_by_the_workers_reconciler(
     assert services.erasure.finish_pending() == []  # finished once
 
 
+def test_an_account_being_deleted_gets_no_key_nor_password_and_is_not_said_kept(
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its deletion under way (its process died), ``users disable`` said 'data kept' (an
+    operator hoping to stop the deletion so was told it worked), and ``users keys create``,
+    ``keys rotate`` and ``users password`` printed a key or set a password that every request
+    refuses (403 'being deleted'). Each is refused now, as ``users enable`` is, in the service:
+    the API's and the Settings page's routes too."""
+    services = on_services
+    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    interrupt_her_api_delete(services, client, ann, monkeypatch, step="delete_user_data")
+    her_keys = services.users.keys(user=services.users.get_by_name(name="ann"))
+    her_key = her_keys[0].id
+    for args, stdin in ((("users", "disable", "ann"), None),
+                        (("users", "keys", "create", "ann"), None),
+                        (("users", "keys", "rotate", "ann", her_key), None),
+                        (("users", "password", "ann"), "a long enough password\n" * 2)):
+        code, said = run(*args, stdin=stdin)
+        assert code == 1, (args, said)
+        assert "ann is being deleted" in said, (args, said)
+        assert "finishes on its own" in said, (args, said)
+        assert "data kept" not in said
+        assert "sl_" not in said  # no secret shown
+    her = services.users.get_by_name(name="ann")
+    with pytest.raises(ConflictError):
+        services.users.create_key(user=her, name="web")
+    with pytest.raises(ConflictError):
+        services.users.rotate_key(user=her, key_id=her_key)
+    with pytest.raises(ConflictError):
+        services.users.set_password(user=her, password="a long enough password")
+    assert services.users.keys(user=her) == her_keys  # none made, none rotated
+    assert services.users.get_by_name(name="ann").erasure_requested_at is not None
+    # The deletion itself still disables her again on its way (``users delete`` run again).
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 0, said
+    assert services.repo.get_user_by_name("ann") is None
+
+
 def test_gc_finishes_an_api_delete_whose_server_died(
         on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     services = on_services

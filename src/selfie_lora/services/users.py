@@ -204,11 +204,18 @@ class UserService:
     # ------------------------------------------------------------------ passwords, sessions
     def set_password(self, *, user: User, password: str) -> None:
         """Set or change the user's password; every browser session of the user ends."""
+        self.check_password_settable(user=user)
         password_hash = self._password_hash(password, name=user.name)
         with self._repo.atomic() as tx:
             tx.set_user_password(user.id, password_hash)
             tx.delete_sessions(user_id=user.id)
         logger.info("user %s: password set; sessions ended", user.name)
+
+    def check_password_settable(self, *, user: User) -> None:
+        """ConflictError when ``set_password`` would refuse the user (asked before a password is
+        typed twice): one whose deletion is under way, whose every sign-in is refused (403
+        'being deleted'), would get it for nothing."""
+        _refuse_erasing(user, "its password cannot be set")
 
     def sign_up(self, *, name: str, password: str, client: str) -> SignedIn:
         """A new account from the sign-up page (when the setting allows it), signed in, with no
@@ -474,6 +481,10 @@ class UserService:
         deletion's step 2): also records, in the same transaction, that its deletion was asked
         for now, so that one whose process dies is finished by a later collection."""
         user = self.get_by_name(name=name)
+        if not for_erasure:
+            # Disabled already, and its data going, not kept: an operator hoping to stop the
+            # deletion this way must not be told it worked.
+            _refuse_erasing(user, "it is disabled already, and its data is not kept")
         now = self._clock()
         with self._repo.atomic() as tx:
             tx.set_user_disabled(user.id, at=user.disabled_at or now)
@@ -488,11 +499,8 @@ class UserService:
         """A disabled user's keys and password work again (sessions ended by ``disable`` stay
         ended)."""
         user = self.get_by_name(name=name)
-        if user.erasure_requested_at is not None:
-            # Its rows may be gone already, and the collection would delete it all the same.
-            raise ConflictError(f"{user.name} is being deleted: it cannot be enabled (the "
-                                f"deletion finishes on its own, or with 'selfie-lora users "
-                                f"delete {user.name}')")
+        # Its rows may be gone already, and the collection would delete it all the same.
+        _refuse_erasing(user, "it cannot be enabled")
         self._repo.set_user_disabled(user.id, at=None)
         logger.info("user %s enabled", user.name)
         return self.get_by_name(name=name)
@@ -513,6 +521,7 @@ class UserService:
         # whatever it is): such a key showed a blank name, and "Revoke the key    ?".
         if not name.strip():
             raise InvalidInputError(_KEY_NAME_RULE, code=ErrorCode.INVALID_NAME)
+        _refuse_erasing(user, _NO_KEY)
         key, secret = self._new_key(user, name)
         if form_nonce is not None:
             key = replace(key, form_nonce_hash=hashlib.sha256(form_nonce.encode()).hexdigest())
@@ -549,6 +558,7 @@ class UserService:
         first rotation's did (asking again never lengthens it). Asked by anyone else (another
         key of the user, the operator), it is refused: that caller did not lose the answer, and
         the successor may be in use."""
+        _refuse_erasing(user, _NO_KEY)
         now = self._clock()
         lost: ApiKey | None = None
         with self._repo.atomic() as tx:
@@ -663,6 +673,18 @@ class _Hashing:
             yield
         finally:
             self._slots.release()
+
+
+# A key every request refuses (403 'being deleted'), shown once as if it worked.
+_NO_KEY = "no API key can be made for it"
+
+
+def _refuse_erasing(user: User, refusal: str) -> None:
+    """ConflictError when the user's deletion is under way (``erasure_requested_at``): what
+    an operator or the user asks for now would be undone by it, or never work."""
+    if user.erasure_requested_at is not None:
+        raise ConflictError(f"{user.name} is being deleted: {refusal} (the deletion finishes "
+                            f"on its own, or with 'selfie-lora users delete {user.name}')")
 
 
 def _refuse_disabled(user: User) -> None:
