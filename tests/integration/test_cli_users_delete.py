@@ -25,6 +25,7 @@ from selfie_lora.adapters.db import tables
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Recipe, Training, TrainingStatus
 from selfie_lora.errors import ConflictError, ForbiddenError
+from selfie_lora.services import gc as gc_module
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import PREFIXES, checkpoint_key, photo_key, sample_key
 from selfie_lora.services.users import ERASURE_PENDING
@@ -417,6 +418,41 @@ def test_an_api_server_settles_the_hold_its_killed_delete_left_though_it_claims_
         worker.stop()
     assert copies_of(hers, tmp_path, settings.blob_dir) == []
     assert not list(settings.work_dir.glob("*erase-hold-*"))
+
+
+def test_the_holds_folder_entries_are_on_disk_before_each_held_blob_is_deleted(
+        on_services: Services, client: TestClient, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held copies and the manifest were fsynced, but not their folder: a power cut after
+    the store's delete could leave a manifest naming a copy whose name never reached the disk
+    (or the manifest before it, or the hold under its staging name). Now the work folder once
+    the hold is in view, and the hold after each copy and manifest, are fsynced before the
+    blob it holds is deleted."""
+    services = on_services
+    bob_and_ann(services, client, tmp_path, monkeypatch)
+    events: list[tuple[str, str]] = []
+    # Recorded, not done: the order is what is checked (raising=False: old code had none).
+    monkeypatch.setattr(gc_module, "fsync_dir",
+                        lambda folder: events.append(("fsync_dir", str(folder))),
+                        raising=False)
+    delete = services.blobs.delete
+
+    def recorded_delete(key: str) -> None:
+        events.append(("delete", key))
+        delete(key)
+
+    monkeypatch.setattr(services.blobs, "delete", recorded_delete)
+    services.erasure.erase(name="ann")
+    held = [i for i, (what, key) in enumerate(events)
+            if what == "delete" and key.startswith(("photos/", "originals/", "weights/"))]
+    assert held  # her young photos and weights were held while deleted
+    work = str(settings.work_dir)
+    assert ("fsync_dir", work) in events[:held[0]]  # the hold in view, on disk
+    for i in held:
+        what, folder = events[i - 1]
+        assert what == "fsync_dir", events[i - 1]
+        assert Path(folder).parent == settings.work_dir, folder
+        assert Path(folder).name.startswith(gc_module.HOLD_PREFIX), folder
 
 
 def test_users_delete_stopped_by_sigterm_settles_what_it_held_and_exits_143(

@@ -95,7 +95,11 @@ from selfie_lora.services.layout import (
 )
 from selfie_lora.services.owners import default_owner, owner_is_gone
 from selfie_lora.services.ports import BlobStore, Repository
-from selfie_lora.services.private_files import private_folders, private_replacement
+from selfie_lora.services.private_files import (
+    fsync_dir,
+    private_folders,
+    private_replacement,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +142,9 @@ class _Hold:
         fcntl.flock(lock, fcntl.LOCK_EX)
         folder = staging.with_name(staging.name.removeprefix("."))
         staging.rename(folder)
+        # Its name on disk before any blob is deleted: after a power cut the settler finds the
+        # hold under it, not a staging folder it removes as a stale work folder.
+        fsync_dir(work_dir)
         return cls(folder, lock, {})
 
     @classmethod
@@ -187,6 +194,10 @@ class _Hold:
         with private_replacement(self.folder / _HOLD_MANIFEST) as fh:
             fh.write(json.dumps(self.held).encode())
             _sync(fh)
+        # The copy's name and the manifest's rename, both entries of this folder, on disk
+        # before the blob is deleted: the files' own fsync does not write them, and a power cut
+        # could leave a manifest naming a copy that has no name, or the manifest before it.
+        fsync_dir(self.folder)
         return True
 
     def copies(self) -> dict[str, Path]:

@@ -32,6 +32,17 @@ def private_folders(folder: Path) -> Path:
     return missing[0] if missing else folder
 
 
+def fsync_dir(folder: Path) -> None:
+    """Makes a rename in ``folder``, or a file made there, durable (one small write of the
+    directory's own data). Here, not in the storage adapters that use it too: the erase's hold
+    (``services.gc``) needs it, and services import no adapter."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def private_replacement(path: Path) -> Iterator[BinaryIO]:
     """A file to write that becomes ``path`` whole once the block ends (renamed into place: a

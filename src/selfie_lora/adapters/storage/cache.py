@@ -42,6 +42,7 @@ from typing import BinaryIO
 
 from selfie_lora.errors import StorageError
 from selfie_lora.services.layout import TEMPORARY_PREFIX
+from selfie_lora.services.private_files import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -289,15 +290,6 @@ def held(path: Path) -> bool:
 
 
 _held = held  # BlobCache's name for it (its tests replace it)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Makes a rename in ``folder`` durable (one small write of the directory's own data)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 __all__ = ["IN_USE_SECONDS", "STALE_FETCH_SECONDS", "TMP_PREFIX", "BlobCache", "fsync_dir",
