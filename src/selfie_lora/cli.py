@@ -1168,7 +1168,11 @@ def users_enable(name: str) -> None:
 _ERASURE_REMEDY = {
     # The command line has no cancel of its own: --force is how it cancels.
     "active": "; pass --force to cancel it and delete",
-    "started": ": run again with --force to cancel it and delete",
+    # The disabling marked the deletion as asked for: the next collection finishes it,
+    # canceling the training, whether or not anyone runs the command again.
+    "started": ": run again with --force to cancel it and delete now; otherwise a worker or "
+               "gc finishes the deletion within minutes, canceling it (the account stays "
+               "disabled)",
     "stopping": ": run the command again once it has (the account stays disabled; the next "
                 "collection finishes the deletion otherwise)",
 }

@@ -28,7 +28,7 @@ from selfie_lora.errors import ConflictError, ForbiddenError
 from selfie_lora.services import gc as gc_module
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import PREFIXES, checkpoint_key, photo_key, sample_key
-from selfie_lora.services.users import ERASURE_PENDING
+from selfie_lora.services.users import ERASURE_PENDING, UserService
 from selfie_lora.wiring import Services
 from selfie_lora.worker import Identity, Worker, start_embedded
 from tests.conftest import make_settings, serving
@@ -213,6 +213,43 @@ def test_a_training_running_refuses_without_force_and_force_cancels_it(
     assert f"canceled training {training_id}" in said
     assert services.repo.get_user_by_name("ann") is None
     assert row_counts(services)["trainings"] == 0
+
+
+def test_a_training_started_while_the_delete_disabled_her_says_the_deletion_will_finish(
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training started between the command's check and the disabling stops it at "started".
+    The disabling recorded the deletion as asked for, so a worker or gc finishes it, forced,
+    without anyone acting: the command said only "run again with --force", as if nothing would
+    happen otherwise (erasure review 2)."""
+    services = on_services
+    own_model(client, services, "ann", photos=photo_zip(4), versions=0)
+    user = services.users.get_by_name(name="ann")
+    model = services.repo.get_model_for_user(user.id)
+    dataset = services.repo.latest_accepted_dataset(user.id)
+    assert model is not None
+    assert dataset is not None
+    disable = UserService.disable
+
+    def disable_while_one_starts(self: UserService, **kwargs: Any) -> Any:
+        services.repo.add_training(Training(
+            id="started-meanwhile", model_id=model.id, dataset_id=dataset.id,
+            backend="local", status=TrainingStatus.QUEUED, is_retraining=False,
+            trigger_word=model.trigger_word, destination=model.destination,
+            trainer_version=model.trainer_version,
+            recipe=Recipe(name="local-tiny-v1", steps=4, lora_rank=4, learning_rate=1e-2,
+                          resolution=64),
+            preserved={}, created_at=utcnow()))
+        return disable(self, **kwargs)
+
+    monkeypatch.setattr(UserService, "disable", disable_while_one_starts)
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 1, said
+    assert "started a training meanwhile (started-meanwhile)" in said
+    assert "--force" in said
+    assert "gc finishes the deletion within minutes" in said
+    gone = services.repo.get_user_by_name("ann")
+    assert gone is not None
+    assert gone.erasure_requested_at is not None  # what finishes it
 
 
 STEPS = ("disable", "delete_user_data", "erase", "delete_user")
