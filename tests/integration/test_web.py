@@ -660,6 +660,21 @@ def test_the_photos_page_keeps_the_stored_set_s_advice_after_the_upload(ann: Tes
     assert report_rows(advice) == {"tiny.jpg": "left-out"}
 
 
+def test_a_finding_says_in_words_whether_it_must_change_or_is_advice(ann: TestClient) -> None:
+    """The finding that left a photo out and one that is only advice differed by their colour
+    alone, two colours 1.1:1 apart, and a screen reader heard nothing of it (a11y review 1).
+    Each finding now starts with "Must change:" or "Advice:", in the upload's report and in the
+    advice stored with the set."""
+    status, html = upload(ann, 4, extra=[("tiny.jpg", synthetic_photo(99, size=24))])
+    assert status == 200, html
+    page = ann.get("/photos").text
+    for where in (html.split('id="current-set"', 1)[0], page.split('id="set-advice"', 1)[1]):
+        assert '<li class="reject"><span class="severity">Must change:</span>' in where, where
+        assert '<li class="warn"><span class="severity">Advice:</span>' in where, where
+        tiny = where.split('data-photo-name="tiny.jpg"', 1)[1].split("</ul>", 1)[0]
+        assert "Must change:" in tiny, tiny
+
+
 def test_the_upload_report_says_each_finding_of_the_set_once(ann: TestClient) -> None:
     """Each set finding was printed twice: as a verdict reason and in the findings list ("4
     usable photos: 15-25 work best" above "4 usable photos; 15-25 work best"); a refused set's
