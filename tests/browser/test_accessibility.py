@@ -38,12 +38,12 @@ def _rgb(css: str) -> tuple[int, int, int]:
 
 
 def _ann_on(chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess],
-            path: str) -> Any:
+            path: str, *, javascript: bool = True) -> Any:
     """A page of Chromium's, ann signed in and on ``path`` (a server with no worker)."""
     env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
     create(env, "ann")
     server = serve(env, args=("--no-worker",))
-    page = chromium.new_context().new_page()
+    page = chromium.new_context(java_script_enabled=javascript).new_page()
     sign_in(page, server.base_url, "ann", path)
     return page
 
@@ -70,3 +70,20 @@ def test_the_focus_ring_stands_out_against_the_page_and_the_buttons(
         for background in (WHITE, SOFT, ACCENT):
             assert contrast(ring, background) >= 3, (stop, background)
     assert any(what.startswith("BUTTON#send") for what in seen), seen  # a blue button too
+
+
+def test_without_scripts_revoke_asks_for_a_tick_before_it_revokes(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """Without JavaScript, one press of Revoke revoked the key at once: its window.confirm
+    never ran (a11y review 4). The browser now refuses to send the form until its "Yes,
+    revoke" box is ticked."""
+    page = _ann_on(chromium, tmp_path, serve, "/settings", javascript=False)
+    revoke = page.get_by_role("button", name="Revoke")
+    revoke.click()
+    page.wait_for_timeout(500)  # a sent form has been answered by now
+    assert page.locator("table.keys").inner_text().count("active") == 1  # not revoked
+    page.get_by_label(re.compile("Yes, revoke")).check()
+    revoke.click()
+    page.wait_for_load_state()
+    assert "revoked" in page.locator("table.keys").inner_text()
+

@@ -1024,6 +1024,63 @@ def test_the_cancel_form_asks_first_and_a_canceled_training_is_told_once(
         assert "Start a new training when you are ready." in ended
 
 
+def test_a_running_training_s_page_says_how_to_update_it_without_scripts(
+        tmp_path: Path) -> None:
+    """Without JavaScript nothing polls: the page said "queued" long after the training ended,
+    and nothing said to reload it (a11y review 3). While a training is active, a <noscript>
+    line says so and links to the Train page; an ended one's page has no such line."""
+    with held_training(tmp_path) as (client, trainer):
+        running = client.get("/train").text
+        noscript = re.search(r"<noscript>(.*?)</noscript>", running, re.S)
+        assert noscript, running
+        assert "does not update by itself without JavaScript" in noscript.group(1)
+        assert '<a href="/train">refresh the status</a>' in noscript.group(1)
+        assert trainer.gate is not None
+        trainer.gate.set()
+        assert "<noscript>" not in train_ended(client)
+        assert "<noscript>" not in client.get("/train").text
+
+
+def _asks_without_scripts(page: str, action: str) -> str:
+    """The label of the required tick box that the form posting to ``action`` has for a
+    browser without scripts (its window.confirm never runs there)."""
+    form = re.search(rf'<form method="post" action="{re.escape(action)}"[^>]*>(.*?)</form>',
+                     page, re.S)
+    assert form, (action, page)
+    noscript = re.search(r"<noscript>(.*?)</noscript>", form.group(1), re.S)
+    assert noscript, form.group(0)
+    assert re.search(r'<input type="checkbox" id="[^"]+" name="sure" value="1" required>',
+                     noscript.group(1)), noscript.group(1)
+    return re.sub(r"<[^>]+>", "", noscript.group(1)).strip()
+
+
+def test_destructive_forms_ask_before_they_act_without_scripts(ann: TestClient, svc: Services,
+                                                               tmp_path: Path) -> None:
+    """Their confirmation was window.confirm alone: without JavaScript one Enter revoked a key,
+    deleted a generation, switched the version or ended a training at once (a11y review 4).
+    Each one now has, for a browser without scripts, a required box to tick first."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    train(ann)
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1"},
+                 follow_redirects=False)
+    assert r.status_code == 303, r.text
+    user = svc.users.get_by_name(name="ann")
+    key = svc.users.keys(user=user)[0]
+    assert _asks_without_scripts(ann.get("/settings").text,
+                                 f"/settings/keys/{key.id}/revoke").startswith("Yes, revoke")
+    generation = svc.generation.history(user=user)[0]
+    assert _asks_without_scripts(ann.get("/generate").text,
+                                 f"/generations/{generation.id}/delete") == (
+        "Yes, delete it for good")
+    v1 = svc.models.version(user=user, version_id="1")
+    assert _asks_without_scripts(ann.get("/versions").text,
+                                 f"/versions/{v1.id}/activate") == "Yes, use version 1"
+    with held_training(tmp_path / "held") as (client, _trainer):
+        assert _asks_without_scripts(client.get("/train").text, "/train/cancel") == (
+            "Yes, cancel it: it stops now")
+
+
 def test_after_a_canceled_first_training_the_next_is_still_the_first(tmp_path: Path) -> None:
     """After a first training was canceled (no version made), the page offered to "Retrain",
     said "the version you use now stays active" beside "No version is active yet", and the
