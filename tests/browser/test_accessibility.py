@@ -37,12 +37,17 @@ def _rgb(css: str) -> tuple[int, int, int]:
     return int(found[1]), int(found[2]), int(found[3])
 
 
-def _ann_on(chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess],
-            path: str, *, javascript: bool = True) -> Any:
-    """A page of Chromium's, ann signed in and on ``path`` (a server with no worker)."""
+def _server_of_ann(tmp_path: Path, serve: Callable[..., ServeProcess]) -> ServeProcess:
+    """A server with no worker, and ann's account on it."""
     env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
     create(env, "ann")
-    server = serve(env, args=("--no-worker",))
+    return serve(env, args=("--no-worker",))
+
+
+def _ann_on(chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess],
+            path: str, *, javascript: bool = True) -> Any:
+    """A page of Chromium's, ann signed in and on ``path``."""
+    server = _server_of_ann(tmp_path, serve)
     page = chromium.new_context(java_script_enabled=javascript).new_page()
     sign_in(page, server.base_url, "ann", path)
     return page
@@ -87,3 +92,19 @@ def test_without_scripts_revoke_asks_for_a_tick_before_it_revokes(
     page.wait_for_load_state()
     assert "revoked" in page.locator("table.keys").inner_text()
 
+
+def test_a_failed_sign_in_puts_the_focus_on_the_password_that_was_wrong(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """A failed sign-in put the focus in Name, which reads "Name, edit, ann": nothing said that
+    it failed (a11y review 5). The focus is in the emptied password field, described by the
+    message."""
+    server = _server_of_ann(tmp_path, serve)
+    page = chromium.new_context().new_page()
+    page.goto(f"{server.base_url}/signin")
+    page.get_by_label("Name").fill("ann")
+    page.get_by_label("Password").fill("not her password")
+    page.get_by_role("button", name="Sign in").click()
+    page.locator("p.error[role=alert]").wait_for()
+    focused = page.evaluate("() => [document.activeElement.id, "
+                            "document.activeElement.getAttribute('aria-describedby')]")
+    assert focused == ["password", "form-error"], focused

@@ -504,6 +504,56 @@ def test_a_web_sign_up_makes_no_api_key(tmp_path: Path) -> None:
         services.close()
 
 
+def _field(page: str, field_id: str) -> str:
+    found = re.search(rf'<input id="{field_id}"[^>]*>', page)
+    assert found, (field_id, page)
+    return found.group(0)
+
+
+def _at_fault(page: str, field_id: str) -> bool:
+    """Whether the field is marked invalid and described by the form's message."""
+    field = _field(page, field_id)
+    return 'aria-invalid="true"' in field and 'aria-describedby="form-error"' in field
+
+
+def test_a_refused_sign_in_or_sign_up_marks_the_field_at_fault_and_focuses_it(
+        tmp_path: Path) -> None:
+    """A failed sign-in put the focus in Name ("Name, edit, ann": nothing said it failed), and
+    a sign-up whose passwords differed emptied them unmarked; the message was a role=alert
+    present at load, which screen readers often do not read (a11y review 5). The field at fault
+    is now aria-invalid, described by the message, and focused, as on the settings page."""
+    settings = make_settings(tmp_path, signup=True)
+    services = fake_services(settings)
+    try:
+        services.users.create(name="ann", password=PASSWORD)
+        with browser(settings, services) as client:
+            failed = client.post("/signin", data={"name": "ann", "password": "wrong one!",
+                                                  "form_token": form_token(client)}).text
+            assert 'id="form-error"' in failed
+            assert _at_fault(failed, "password")
+            assert " autofocus" in _field(failed, "password")
+            assert not _at_fault(failed, "name")
+            assert " autofocus" not in _field(failed, "name")
+            assert " autofocus" in _field(client.get("/signin").text, "name")  # a fresh form
+
+            data = {"name": "carl", "password": PASSWORD, "password_again": PASSWORD + "x",
+                    "form_token": form_token(client)}
+            differ = client.post("/signup", data=data).text
+            assert _at_fault(differ, "password")
+            assert _at_fault(differ, "password_again")
+            assert " autofocus" in _field(differ, "password")
+            assert " autofocus" not in _field(differ, "password_again") + _field(differ, "name")
+
+            data.update(name="Ann", password_again=PASSWORD, form_token=form_token(client))
+            taken = client.post("/signup", data=data).text
+            assert "already exists" in taken
+            assert _at_fault(taken, "name")
+            assert " autofocus" in _field(taken, "name")
+            assert not _at_fault(taken, "password")
+    finally:
+        services.close()
+
+
 def test_sign_up_is_rate_limited_per_client(tmp_path: Path) -> None:
     """One client made 60 accounts in a row, and asked about a taken name as often as it
     liked (found in review): past SIGN_UP_MAX_ATTEMPTS the form answers 429."""

@@ -175,8 +175,10 @@ async def signin(request: Request, name: FormStr, password: FormStr, form_token:
         signed = await in_thread(lambda: web.services.users.sign_in(
             name=name, password=password, client=_client(request)))
     except (AuthError, ForbiddenError, RateLimitedError) as exc:  # Forbidden: disabled
+        # A wrong name or password: the password field, emptied, is the one to type again.
         failed = _signin_form(request, "signin.html", status_code=exc.http_status, next=target,
-                                name=name, message=exc.message)
+                              name=name, message=exc.message,
+                              field=("password",) if isinstance(exc, AuthError) else None)
         if exc.retry_after is not None:  # as every error answer does (api.app, web.app)
             failed.headers["Retry-After"] = str(exc.retry_after)
         return failed
@@ -202,19 +204,29 @@ async def signup(request: Request, name: FormStr, password: FormStr, password_ag
                             message=FORM_EXPIRED.format(what="create the account"))
     if password != password_again:
         return _signin_form(request, "signup.html", status_code=422, name=name,
-                            message="the two passwords differ")
+                            message="the two passwords differ",
+                            field=("password", "password_again"))
     try:
         signed = await in_thread(lambda: web.services.users.sign_up(
             name=name, password=password, client=_client(request)))
     except (InvalidInputError, ConflictError, RateLimitedError) as exc:
         failed = _signin_form(request, "signup.html", status_code=exc.http_status, name=name,
-                              message=exc.message)
+                              message=exc.message, field=_signup_field(exc))
         if exc.retry_after is not None:  # as every error answer does (api.app, web.app)
             failed.headers["Retry-After"] = str(exc.retry_after)
         return failed
     response = _see("/photos")
     await _replace_session(web, request, response, signed.token)
     return response
+
+
+def _signup_field(exc: SelfieLoraError) -> tuple[str, ...] | None:
+    """The sign-up fields a refusal is about (None: no field's, a rate limit)."""
+    if exc.code == ErrorCode.INVALID_PASSWORD:
+        return ("password", "password_again")
+    if isinstance(exc, InvalidInputError | ConflictError):
+        return ("name",)  # an unusable or taken name
+    return None
 
 
 @router.post("/signout")
