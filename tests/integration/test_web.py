@@ -977,6 +977,38 @@ def test_choosing_one_version_twice_keeps_the_compare_form_and_says_so(ann: Test
     assert 'id="grid"' in ann.get("/versions?a=1&b=2").text
 
 
+def test_the_grid_and_the_chart_say_in_words_what_their_pictures_show(
+        ann: TestClient, svc: Services) -> None:
+    """The grid's alt was "the probes of v1 and v2, side by side" and the chart's "identity
+    score of every version": which version was in which column, each probe's result and the
+    chart's other lines were in the pictures alone (a11y review 6). The grid's alt names each
+    column's version, a list under it gives each probe's prompt and results, and the chart's
+    alt names every line it draws."""
+    assert upload(ann)[0] == 200
+    assert 'data-status="succeeded"' in train(ann)
+    assert 'data-status="succeeded"' in train(ann)
+    page = ann.get("/versions?a=1&b=2").text
+    alt = re.search(r'id="grid" src="[^"]+" alt="([^"]+)"', page)
+    assert alt, page
+    assert "column A: version 1 (" in alt.group(1)
+    assert "column B: version 2 (" in alt.group(1)
+    user = svc.users.get_by_name(name="ann")
+    comparison = svc.likeness.compare(user=user, a="1", b="2")
+    assert comparison.probes
+    listed = page.split('id="grid-text"', 1)[1].split("</ol>", 1)[0]
+    rows = re.findall(r'<li><strong class="probe">([^<]+)</strong>: <span class="prompt">'
+                      r'([^<]*)</span>. A \(v1\): <span class="a">[^<]+</span>; B \(v2\): '
+                      r'<span class="b">[^<]+</span></li>', listed)
+    assert [(label, html.unescape(prompt)) for label, prompt in rows] == [
+        (f"probe {row.probe.index}, seed {row.probe.seed}", row.probe.prompt)
+        for row in comparison.probes]
+    chart = re.search(r'id="chart" src="[^"]+" alt="([^"]+)"', page)
+    assert chart, page
+    for line in ("identity (mean of the photos)", "identity (nearest photo)",
+                 "share of probes with a face", "share of sane images", "active version"):
+        assert line in chart.group(1), chart.group(1)
+
+
 def test_an_error_page_s_back_link_leads_to_the_refused_form_s_page(ann: TestClient) -> None:
     """Every error page's Back led to /photos: a refused prompt or trainer version was left
     behind on another page (found in review). With scripts, Back goes back in the history

@@ -61,6 +61,11 @@ def render_chart(points: Sequence[ChartPoint], *, title: str, tolerance: float) 
     return out.getvalue()
 
 
+# The chart's lines, as its legend names them (and the versions page's text for its alt).
+SERIES = ("identity (mean of the photos)", "identity (nearest photo)",
+          "share of probes with a face", "share of sane images")
+
+
 def chart_figure(points: Sequence[ChartPoint], *, title: str, tolerance: float) -> Figure:
     """The chart's matplotlib figure (``render_chart`` saves it), ``CHART_SIZE`` pixels."""
     try:
@@ -74,11 +79,12 @@ def chart_figure(points: Sequence[ChartPoint], *, title: str, tolerance: float) 
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     xs = [p.number for p in points]
+    mean, nearest, faces, sane = SERIES
     series = (
-        ("identity (mean of the photos)", [p.identity for p in points], "tab:blue", "o"),
-        ("identity (nearest photo)", [p.identity_nearest for p in points], "tab:cyan", "s"),
-        ("share of probes with a face", [p.face_share for p in points], "tab:green", "^"),
-        ("share of sane images", [p.sane_share for p in points], "tab:gray", "v"),
+        (mean, [p.identity for p in points], "tab:blue", "o"),
+        (nearest, [p.identity_nearest for p in points], "tab:cyan", "s"),
+        (faces, [p.face_share for p in points], "tab:green", "^"),
+        (sane, [p.sane_share for p in points], "tab:gray", "v"),
     )
     for label, values, colour, marker in series:
         ax.plot(xs, [_nan(v) for v in values], label=label, color=colour, marker=marker,

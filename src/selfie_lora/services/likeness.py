@@ -691,22 +691,14 @@ class LikenessService:
 
     def grid_png(self, comparison: Comparison) -> bytes:
         """The side-by-side grid of a comparison (stored under ``quality/compare/``)."""
-        rows = []
-        for row in comparison.probes:
-            rows.append(GridRow(
-                # The API's numbering (probes[].index, .../quality/probes/{n}), from 0.
-                label=[f"probe {row.probe.index}, seed {row.probe.seed}", row.probe.prompt,
-                       f"A: {_probe_label(row.a, row.a_score)}",
-                       f"B: {_probe_label(row.b, row.b_score)}"],
-                left=self._image_or_none(row.a), right=self._image_or_none(row.b),
-            ))
+        text = grid_text(comparison)
+        rows = [GridRow(label=[probe.label, probe.prompt, f"A: {probe.a}", f"B: {probe.b}"],
+                        left=self._image_or_none(row.a), right=self._image_or_none(row.b))
+                for probe, row in zip(text.probes, comparison.probes, strict=True)]
         if not rows:
             raise InvalidInputError("the model has no probes yet: wait for its first scoring",
                                     code=ErrorCode.NOT_SCORED)
-        png = render_grid(
-            left_title=_column_title("A", comparison.a, comparison.scores_a, comparison.stale_a),
-            right_title=_column_title("B", comparison.b, comparison.scores_b, comparison.stale_b),
-            rows=rows)
+        png = render_grid(left_title=text.a, right_title=text.b, rows=rows)
         self._blobs.put(grid_key(comparison.a.id, comparison.b.id), png)
         return png
 
@@ -962,6 +954,35 @@ def _probe_score(scores: IdentityScores | None, index: int) -> dict[str, Any] | 
         if p.index == index:
             return p.as_dict()
     return None
+
+
+@dataclass(frozen=True)
+class ProbeText:
+    label: str  # "probe 0, seed 7"
+    prompt: str
+    a: str  # "identity 0.812", "no face", "not scored"
+    b: str
+
+
+@dataclass(frozen=True)
+class GridText:
+    """The words of a comparison's grid: the same in the picture and beside it, for those who
+    cannot see the picture (the versions page)."""
+
+    a: str  # "A: version 1 (passed) identity 0.800"
+    b: str
+    probes: tuple[ProbeText, ...]
+
+
+def grid_text(comparison: Comparison) -> GridText:
+    return GridText(
+        a=_column_title("A", comparison.a, comparison.scores_a, comparison.stale_a),
+        b=_column_title("B", comparison.b, comparison.scores_b, comparison.stale_b),
+        # The API's numbering (probes[].index, .../quality/probes/{n}), from 0.
+        probes=tuple(ProbeText(label=f"probe {row.probe.index}, seed {row.probe.seed}",
+                               prompt=row.probe.prompt, a=_probe_label(row.a, row.a_score),
+                               b=_probe_label(row.b, row.b_score))
+                     for row in comparison.probes))
 
 
 def _probe_label(result: ProbeResult | None, score: dict[str, Any] | None) -> str:

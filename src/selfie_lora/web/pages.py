@@ -35,9 +35,11 @@ from selfie_lora.errors import (
     SelfieLoraError,
     UploadInProgressError,
 )
+from selfie_lora.likeness.chart import SERIES as CHART_SERIES
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.erasure import ErasureBlockedError
 from selfie_lora.services.generation import GenerationRequest, stored_pictures, withheld_pictures
+from selfie_lora.services.likeness import grid_text
 from selfie_lora.services.ports import MAX_SEED
 from selfie_lora.services.training import UploadResult
 from selfie_lora.web.app import SignInRequired, Viewer, Web
@@ -642,9 +644,12 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
     chosen = ((comparison.a.id, comparison.b.id) if comparison is not None
               else tuple(v.id if v else None for v in (_named_version(rows, a),
                                                         _named_version(rows, b))))
+    # The grid's and the chart's words beside them: only their picture said which version was
+    # in which column, each probe's result, and what the chart plots besides the likeness.
     return web.render(request, "versions.html", viewer=viewer, model=model, rows=rows,
                       comparison=comparison, compare_error=compare_error, log=log,
-                      chosen=chosen)
+                      chosen=chosen, chart_series=CHART_SERIES,
+                      grid=grid_text(comparison) if comparison is not None else None)
 
 
 def _named_version(rows: Sequence[Mapping[str, Any]], ref: str | None) -> Version | None:
