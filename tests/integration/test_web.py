@@ -657,6 +657,25 @@ def test_no_page_has_markup_in_its_title(tmp_path: Path, ann: TestClient) -> Non
         assert title.endswith(" · selfie-lora"), (r.url, title)
 
 
+def test_an_upload_sent_without_photos_is_stopped_and_error_titles_say_what_failed(
+        ann: TestClient) -> None:
+    """Without scripts, "Check and upload" with no file chosen was sent, and answered by a page
+    titled "422 · selfie-lora" saying "files: Field required"; every error page's title was its
+    status number alone (a11y review 8). The file input is required (the browser stops the
+    form), and an error page's title names what was refused, or else what went wrong."""
+    page = ann.get("/photos").text
+    files = re.search(r'<input id="files"[^>]*>', page)
+    assert files, page
+    assert " required" in files.group(0)
+    r = ann.post("/photos/upload", data={"csrf_token": csrf(ann)})
+    assert r.status_code == 422
+    assert page_title(r.text) == "Upload refused · selfie-lora"
+    assert page_title(ann.get("/no-such-page").text) == "Not found · selfie-lora"
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "seed": "x"})
+    assert r.status_code == 422
+    assert page_title(r.text) == "Generate refused · selfie-lora"
+
+
 def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
                                                                 svc: Services) -> None:
     tiny = synthetic_photo(99, size=24)

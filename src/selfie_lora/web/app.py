@@ -210,7 +210,8 @@ class Web:
             viewer = self.viewer(request)
         return self.render(request, "error.html", viewer=viewer, status_code=status,
                            status=status, message=message, code=code, reference=reference,
-                           back=_back_to(request, viewer))
+                           back=_back_to(request, viewer),
+                           words=_error_words(request, status, code))
 
 
     def stopping_page(self, request: Request, status: int, message: str,
@@ -221,8 +222,46 @@ class Web:
         load again once the server is back), never to the POST URL a bare link would GET."""
         return self.render(request, "error.html", status_code=status, status=status,
                            message=message, code=code, reference=None,
+                           words=_error_words(request, status, code),
                            back=after_sign_in(request.method, request.url.path, "")
                            or "/photos")
+
+
+# What a form of the pages does, by the path it posts to (the first that starts it), for the
+# title of the error page that refuses it: the title was the status alone ("422 · selfie-lora"),
+# the same for every kind of failure.
+_FORM_ACTIONS = (
+    ("/photos/upload", "Upload"), ("/train/start", "Training"), ("/train/cancel", "Cancel"),
+    ("/train/resume", "Resume"), ("/generate", "Generate"), ("/generations/", "Delete"),
+    ("/versions/", "Version switch"), ("/model/", "Model change"),
+    ("/settings/delete", "Account deletion"), ("/settings/", "Key change"),
+)
+
+
+def _heading(status: int, code: str) -> str:
+    """The error page's heading: what kind of failure it is."""
+    if status == 404:
+        return "Not found"
+    if status == 403:
+        return "Not allowed"
+    if code == "too_many_generations":
+        return "Pictures in progress"
+    if status == 429:
+        return "Too many attempts"
+    return "Something went wrong" if status >= 500 else "That did not work"
+
+
+def _error_words(request: Request, status: int, code: str) -> dict[str, str]:
+    """The error page's heading, and its title: the refused form's action ("Upload refused"),
+    else the heading."""
+    heading = _heading(status, code)
+    title = heading
+    if request.method == "POST" and status < 500:
+        path = request.url.path
+        action = next((name for prefix, name in _FORM_ACTIONS if path.startswith(prefix)), None)
+        if action is not None:
+            title = f"{action} refused"
+    return {"heading": heading, "title": title}
 
 
 def _back_to(request: Request, viewer: Viewer | None) -> str:

@@ -152,6 +152,9 @@
 
     const send = document.getElementById("send");
     let sending = false;
+    // The input's "required" is for a browser without scripts: here the files chosen may have
+    // been dropped (the input stays empty), and the submit below says "Choose some photos first".
+    form.noValidate = true;
     form.addEventListener("submit", (e) => {
       e.preventDefault();
       // One upload at a time: a double click sent two, and the server checked and stored the
