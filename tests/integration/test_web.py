@@ -978,22 +978,51 @@ def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Servic
     assert ann.get(images[0]).headers["content-type"] == "image/png"
 
 
+def two_versions(client: TestClient) -> None:
+    """Photos uploaded and two trainings: v1 and v2."""
+    assert upload(client)[0] == 200
+    assert 'data-status="succeeded"' in train(client)
+    assert 'data-status="succeeded"' in train(client)
+
+
+def select_tag(page: str, select: str) -> str:
+    tag = re.search(rf'<select id="{select}" name="{select}"[^>]*>', page)
+    assert tag, page
+    return tag.group(0)
+
+
 def test_choosing_one_version_twice_keeps_the_compare_form_and_says_so(ann: TestClient) -> None:
     """v1 with v1 took the Compare form and the grid away, leaving "compare two different
     versions" and no way to choose again (found in review)."""
-    assert upload(ann)[0] == 200
-    assert 'data-status="succeeded"' in train(ann)
-    assert 'data-status="succeeded"' in train(ann)
+    two_versions(ann)
     page = ann.get("/versions?a=1&b=1").text
     assert "you chose v1 twice: choose two different versions to compare" in page
     for select in ("a", "b"):
-        chosen = re.search(rf'<select id="{select}" name="{select}">(.*?)</select>', page)
+        chosen = re.search(rf'<select id="{select}" name="{select}"[^>]*>(.*?)</select>', page)
         assert chosen, page
         assert re.findall(r'<option value="(\d)"( selected)?>', chosen.group(1)) == [
             ("2", ""), ("1", " selected")]
     assert 'id="grid"' not in page
     # The form compares again from there.
     assert 'id="grid"' in ann.get("/versions?a=1&b=2").text
+
+
+def test_a_refused_comparison_marks_the_choice_and_focuses_it(ann: TestClient) -> None:
+    """v2 with v2: the page came back with a role=alert present at load, the focus on the body
+    and the selects unmarked, so a screen reader said nothing (a11y review 9). Both selects are
+    now aria-invalid, described by the message, and the second has the focus, as on the
+    settings page; a comparison that works marks neither."""
+    two_versions(ann)
+    page = ann.get("/versions?a=2&b=2").text
+    assert 'id="compare-error"' in page
+    for select in ("a", "b"):
+        tag = select_tag(page, select)
+        assert 'aria-invalid="true"' in tag
+        assert 'aria-describedby="compare-error"' in tag
+        assert (" autofocus" in tag) == (select == "b"), tag
+    fine = ann.get("/versions?a=1&b=2").text
+    assert "aria-invalid" not in fine
+    assert "autofocus" not in fine
 
 
 def test_the_grid_and_the_chart_say_in_words_what_their_pictures_show(
@@ -1003,9 +1032,7 @@ def test_the_grid_and_the_chart_say_in_words_what_their_pictures_show(
     chart's other lines were in the pictures alone (a11y review 6). The grid's alt names each
     column's version, a list under it gives each probe's prompt and results, and the chart's
     alt names every line it draws."""
-    assert upload(ann)[0] == 200
-    assert 'data-status="succeeded"' in train(ann)
-    assert 'data-status="succeeded"' in train(ann)
+    two_versions(ann)
     page = ann.get("/versions?a=1&b=2").text
     alt = re.search(r'id="grid" src="[^"]+" alt="([^"]+)"', page)
     assert alt, page
