@@ -12,6 +12,7 @@ import pytest
 
 from tests.browser.support import create, sign_in
 from tests.e2e.conftest import ServeProcess, clean_env
+from tests.support.photos import FIXTURES
 
 pytestmark = pytest.mark.slow
 
@@ -108,3 +109,19 @@ def test_a_failed_sign_in_puts_the_focus_on_the_password_that_was_wrong(
     focused = page.evaluate("() => [document.activeElement.id, "
                             "document.activeElement.getAttribute('aria-describedby')]")
     assert focused == ["password", "form-error"], focused
+
+
+def test_an_upload_sent_from_the_keyboard_gives_the_focus_back_to_its_button(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """Enter on "Check and upload" disabled the focused button, which dropped the focus to
+    <body> for good (a11y review 7). Once the answer is in, the focus is on the button again."""
+    page = _ann_on(chromium, tmp_path, serve, "/photos")
+    page.set_input_files("#files", [str(FIXTURES / name)
+                                    for name in ("obama.jpg", "obama2.jpg", "obama3.jpg")])
+    page.locator("#send").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => ['Done.', 'Some photos need changes.'].includes("
+                           "document.getElementById('upload-status').textContent)",
+                           timeout=90_000)
+    page.wait_for_timeout(200)  # loadend, after load
+    assert page.evaluate("() => document.activeElement.id") == "send"

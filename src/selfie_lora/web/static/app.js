@@ -218,9 +218,13 @@
       xhr.addEventListener("error", () => { status.textContent = "The upload failed: check your connection and try again."; });
       // loadend comes after load, error, abort and timeout alike: the button is back whatever
       // the answer.
+      // Disabling the focused button dropped the focus to <body>, where a screen reader loses
+      // its place: it goes back to the button once the answer is in.
+      const refocus = document.activeElement === send;
       xhr.addEventListener("loadend", () => {
         sending = false;
         if (send) send.disabled = false;
+        if (refocus && (!document.activeElement || document.activeElement === document.body)) send.focus();
       });
       sending = true;
       if (send) send.disabled = true;
