@@ -1023,6 +1023,14 @@ def test_a_refused_comparison_marks_the_choice_and_focuses_it(ann: TestClient) -
     fine = ann.get("/versions?a=1&b=2").text
     assert "aria-invalid" not in fine
     assert "autofocus" not in fine
+    # A version there is none of (an edited or stale link): that select alone is marked and
+    # focused, not v1, which exists (a11y pre-merge review 2).
+    page = ann.get("/versions?a=9&b=1").text
+    assert 'id="compare-error"' in page
+    assert 'aria-invalid="true"' in select_tag(page, "a")
+    assert " autofocus" in select_tag(page, "a")
+    assert "aria-invalid" not in select_tag(page, "b")
+    assert "autofocus" not in select_tag(page, "b")
 
 
 def test_the_grid_and_the_chart_say_in_words_what_their_pictures_show(
@@ -1038,6 +1046,7 @@ def test_the_grid_and_the_chart_say_in_words_what_their_pictures_show(
     assert alt, page
     assert "column A: version 1 (" in alt.group(1)
     assert "column B: version 2 (" in alt.group(1)
+    assert alt.group(1).endswith("each probe's result is listed below the picture")  # no table
     user = svc.users.get_by_name(name="ann")
     comparison = svc.likeness.compare(user=user, a="1", b="2")
     assert comparison.probes
@@ -1577,8 +1586,16 @@ def test_using_a_held_or_pending_version_says_which_it_is(ann: TestClient,
         assert found
         return html.unescape(found.group(1))
 
+    def tick_box() -> str:
+        """The words of the box that stands for the dialog without scripts."""
+        found = re.search(r'id="sure-use-2"[^>]*> ([^<]*)</label>', ann.get("/versions").text)
+        assert found
+        return html.unescape(found.group(1))
+
     svc.repo.set_version_gate(v2.id, status=GateStatus.PENDING, reason=None, details={})
     assert "still being scored" in confirm()
+    # Without scripts too (a11y pre-merge review 4: the box warned of held versions alone).
+    assert tick_box() == "Yes, use version 2 although its likeness is still being scored"
     assert "held" not in confirm()
     assert "None" not in confirm()
     svc.repo.set_version_gate(v2.id, status=GateStatus.HELD, reason=None, details={})
@@ -1586,6 +1603,7 @@ def test_using_a_held_or_pending_version_says_which_it_is(ann: TestClient,
     svc.repo.set_version_gate(v2.id, status=GateStatus.HELD, reason="likeness dropped",
                               details={})
     assert "held it back (likeness dropped)" in confirm()
+    assert tick_box() == "Yes, use version 2 although the gate held it back"
     svc.repo.set_version_gate(v2.id, status=GateStatus.PASSED, reason=None, details={})
     assert "although" not in confirm()
 

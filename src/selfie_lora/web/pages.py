@@ -629,11 +629,16 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
                         photos=photos)
     comparison = None
     compare_error = None
+    compare_invalid: tuple[str, ...] = ()
     if len(versions) >= 2:
         try:
             comparison = svc.likeness.compare(user=viewer.user, a=a, b=b)
         except (InvalidInputError, NotFoundError) as exc:
             compare_error = exc.message
+            # The select at fault is marked: the one naming no version (an edited or stale
+            # link), or both for one version chosen twice.
+            compare_invalid = tuple(name for name, ref in (("a", a), ("b", b))
+                                    if ref and _named_version(rows, ref) is None) or ("a", "b")
             same = _named_version(rows, b)
             if exc.code == ErrorCode.SAME_VERSION and same is not None:
                 compare_error = (f"you chose v{same.number} twice: choose two different "
@@ -647,7 +652,8 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
     # The grid's and the chart's words beside them: only their picture said which version was
     # in which column, each probe's result, and what the chart plots besides the likeness.
     return web.render(request, "versions.html", viewer=viewer, model=model, rows=rows,
-                      comparison=comparison, compare_error=compare_error, log=log,
+                      comparison=comparison, compare_error=compare_error,
+                      compare_invalid=compare_invalid, log=log,
                       chosen=chosen, chart_series=CHART_SERIES,
                       grid=grid_text(comparison) if comparison is not None else None)
 
