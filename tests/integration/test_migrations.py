@@ -446,3 +446,30 @@ def test_0023_adds_when_a_deletion_was_asked_for_null_on_every_user_so_far(
     assert "erasure_requested_at" not in {c["name"] for c in inspect(engine).get_columns("users")}
     migrate(engine, "head")
     assert SqlRepository(engine).pending_erasures(requested_before=NOW.replace(year=2100)) == []
+
+
+def test_0023_marks_a_user_the_previous_release_left_half_deleted_as_pending(
+        engine: Engine) -> None:
+    """A user whose row holds 0022's erasure plan (a deletion killed after her rows went) is a
+    deletion asked for when she was disabled (now if unknown): due at once, so the next
+    collection finishes it and ``users enable`` refuses it; the others stay NULL."""
+    migrate(engine, "0022")
+    insert_users(engine, "ann", "bob", "carol")
+    disabled = NOW.replace(hour=5)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE users SET disabled_at = :t, erasure_plan = :plan "
+                          "WHERE id = 'u0'"),
+                     {"t": disabled, "plan": '{"keys": ["photos/x.jpg"], "prefixes": [], '
+                                             '"work_folders": []}'})
+        conn.execute(text("UPDATE users SET erasure_plan = :plan WHERE id = 'u1'"),
+                     {"plan": '{"keys": [], "prefixes": [], "work_folders": []}'})
+    before = datetime.now(UTC)
+    migrate(engine, "head")
+    repo = SqlRepository(engine)
+    ann, bob, carol = map(repo.get_user, ("u0", "u1", "u2"))
+    assert ann.erasure_requested_at == disabled
+    assert bob.erasure_requested_at is not None
+    assert bob.erasure_requested_at >= before
+    assert carol.erasure_requested_at is None
+    assert [u.name for u in repo.pending_erasures(requested_before=datetime.now(UTC))] == [
+        "ann", "bob"]
