@@ -29,9 +29,10 @@ from selfie_lora.services import gc as gc_module
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import PREFIXES, checkpoint_key, photo_key, sample_key
 from selfie_lora.services.users import ERASURE_PENDING, UserService
-from selfie_lora.wiring import Services
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import Services, build_services
 from selfie_lora.worker import Identity, Worker, start_embedded
-from tests.conftest import make_settings, serving
+from tests.conftest import make_settings, one_person_analyzer, serving
 from tests.support.owners import Owner, own_model
 from tests.support.photos import photo_zip
 from tests.support.s3 import S3Server
@@ -174,24 +175,32 @@ def test_no_confirmation_at_a_pipe_exits_2_and_an_unknown_name_deletes_nothing(
     assert (rows_of(services), blob_keys(services)) == (rows, blobs)
 
 
-def test_a_training_running_refuses_without_force_and_force_cancels_it(
-        on_services: Services, client: TestClient) -> None:
-    services = on_services
-    ann = own_model(client, services, "ann", photos=photo_zip(4), versions=0)
-    user = services.users.get_by_name(name="ann")
+def a_training_of(services: Services, name: str, training_id: str, **fields: Any) -> Training:
+    """A training of the user's model on her latest photos (queued, local, unless ``fields``
+    say otherwise), not yet stored."""
+    user = services.users.get_by_name(name=name)
     model = services.repo.get_model_for_user(user.id)
     dataset = services.repo.latest_accepted_dataset(user.id)
     assert model is not None
     assert dataset is not None
-    # Queued in the database only: no worker is sent it, so it stays queued.
-    training_id = "queued-one"
-    services.repo.add_training(Training(
-        id=training_id, model_id=model.id, dataset_id=dataset.id, backend="local",
-        status=TrainingStatus.QUEUED, is_retraining=False, trigger_word=model.trigger_word,
-        destination=model.destination, trainer_version=model.trainer_version,
+    chosen: dict[str, Any] = {"backend": "local", "status": TrainingStatus.QUEUED,
+                              "created_at": utcnow(), **fields}
+    return Training(
+        id=training_id, model_id=model.id, dataset_id=dataset.id, is_retraining=False,
+        trigger_word=model.trigger_word, destination=model.destination,
+        trainer_version=model.trainer_version,
         recipe=Recipe(name="local-tiny-v1", steps=4, lora_rank=4, learning_rate=1e-2,
                       resolution=64),
-        preserved={}, created_at=utcnow()))
+        preserved={}, **chosen)
+
+
+def test_a_training_running_refuses_without_force_and_force_cancels_it(
+        on_services: Services, client: TestClient) -> None:
+    services = on_services
+    ann = own_model(client, services, "ann", photos=photo_zip(4), versions=0)
+    # Queued in the database only: no worker is sent it, so it stays queued.
+    training_id = "queued-one"
+    services.repo.add_training(a_training_of(services, "ann", training_id))
     rows = rows_of(services)
     code, said = run("users", "delete", "ann", "--yes")
     assert code == 1, said
@@ -223,22 +232,11 @@ def test_a_training_started_while_the_delete_disabled_her_says_the_deletion_will
     happen otherwise (erasure review 2)."""
     services = on_services
     own_model(client, services, "ann", photos=photo_zip(4), versions=0)
-    user = services.users.get_by_name(name="ann")
-    model = services.repo.get_model_for_user(user.id)
-    dataset = services.repo.latest_accepted_dataset(user.id)
-    assert model is not None
-    assert dataset is not None
+    started = a_training_of(services, "ann", "started-meanwhile")
     disable = UserService.disable
 
     def disable_while_one_starts(self: UserService, **kwargs: Any) -> Any:
-        services.repo.add_training(Training(
-            id="started-meanwhile", model_id=model.id, dataset_id=dataset.id,
-            backend="local", status=TrainingStatus.QUEUED, is_retraining=False,
-            trigger_word=model.trigger_word, destination=model.destination,
-            trainer_version=model.trainer_version,
-            recipe=Recipe(name="local-tiny-v1", steps=4, lora_rank=4, learning_rate=1e-2,
-                          resolution=64),
-            preserved={}, created_at=utcnow()))
+        services.repo.add_training(started)
         return disable(self, **kwargs)
 
     monkeypatch.setattr(UserService, "disable", disable_while_one_starts)
@@ -700,6 +698,48 @@ def test_gc_finishes_an_api_delete_whose_server_died(
     assert (rows_of(services), blob_keys(services)) == (bob_rows, bob_blobs)
     code, said = run("gc")
     assert "deleted user" not in said
+
+
+def test_gc_leaves_a_deletion_whose_replicate_run_it_cannot_cancel_to_a_worker(
+        on_services: Services, client: TestClient, settings: Settings) -> None:
+    """gc has no trainers: finishing her deletion, it canceled her Replicate training (its
+    worker gone) on the row alone, then deleted the row that owed the remote cancel, so the run
+    went on, billed, training on her face (ops review 2). Now gc leaves the deletion to a
+    worker, whose trainer sends the cancel before the row goes."""
+    services = on_services
+    own_model(client, services, "ann", photos=photo_zip(4), versions=0)
+    user = services.users.get_by_name(name="ann")
+    long_ago = utcnow() - timedelta(hours=2)
+    services.repo.add_training(a_training_of(
+        services, "ann", "on-replicate", backend="replicate", status=TrainingStatus.PROCESSING,
+        created_at=long_ago, started_at=long_ago, remote_id="remote-xyz-123",
+        lease_owner="deadworker", lease_expires_at=long_ago, heartbeat_at=long_ago))
+    services.users.disable(name="ann", for_erasure=True)
+    backdate_her_request(services, user.id)
+
+    code, said = run("gc")
+    assert code == 0, said
+    assert "deleted user ann" not in said
+    assert "remote-xyz-123" in said
+    assert "left to a worker" in said
+    owed = services.repo.get_training("on-replicate")
+    assert owed is not None  # the row that owes the cancel is kept
+    assert owed.status is TrainingStatus.CANCELED
+    assert owed.remote_cancel_pending
+    assert services.repo.get_user(user.id) is not None
+
+    replicate = FakeTrainer(backend="replicate")
+    worker = build_services(settings, trainers={"local": FakeTrainer(), "replicate": replicate},
+                            face_analyzer=one_person_analyzer(),
+                            generators={"local": FakeGenerator()})
+    try:
+        backdate_her_request(worker, user.id)
+        assert [s.name for s in worker.erasure.finish_pending()] == ["ann"]
+    finally:
+        worker.close()
+    assert replicate.remote_canceled == ["remote-xyz-123"]
+    assert services.repo.get_user(user.id) is None
+    assert services.repo.get_training("on-replicate") is None
 
 
 def test_on_object_storage_every_blob_of_hers_goes_and_his_stay(

@@ -180,6 +180,9 @@ class AccountEraser:
                 # Forced: its owner asked for the deletion, and a training started since (the
                 # only one a disabled account can have) must not hold it up for ever.
                 finished.append(self._finish(user, force=True))
+            except ErasureBlockedError as exc:  # expected (a training that does not stop yet)
+                logger.warning("user %s: the deletion could not be finished now: %s; tried "
+                               "again in %s", user.name, exc.message, self.resume_after)
             except Exception:  # one account must not hold up the others: tried again later
                 logger.exception("user %s: the deletion could not be finished now; tried "
                                  "again in %s", user.name, self.resume_after)
@@ -223,6 +226,19 @@ class AccountEraser:
                     f"after {waited:.0f} s", stage="stopping", training_ids=still)
             self._sleep(1.0)
             waited += 1.0
+        # A remote run (Replicate) a cancel here ended is canceled by its backend's trainer:
+        # a process without it (``gc``), or a backend that does not answer, leaves the cancel
+        # owed on the training's row. Deleting that row would leave the run going, billed, and
+        # storing a LoRA of her face: the deletion waits for a worker to send it.
+        owed = self._training.send_owed_remote_cancels(
+            training_ids=self._repo.user_holdings(user.id).training_ids)
+        if owed:
+            runs = ", ".join(f"{t.backend} run {t.remote_id or '(id not known yet)'} of "
+                             f"training {t.id}" for t in owed)
+            raise ErasureBlockedError(
+                f"the {runs} could not be canceled from this process (no trainer for it here, "
+                "or it did not answer): the deletion is left to a worker, which cancels it "
+                "first", stage="stopping", training_ids=[t.id for t in owed])
         return active
 
     def _erasure_plan(self, held: UserHoldings) -> ErasurePlan:

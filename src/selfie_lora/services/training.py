@@ -628,6 +628,17 @@ class TrainingService:
         assert final is not None
         return final
 
+    def send_owed_remote_cancels(self, *, training_ids: Collection[str]) -> tuple[Training, ...]:
+        """Ask now for the owed cancels of the remote runs of these trainings (ended, their run
+        not yet canceled), those this process can: it has their backend's trainer (``gc`` has
+        none), and the backend answers. Those still owed: their rows are what makes a worker's
+        reconcile pass ask again, so a deletion must keep them."""
+        wanted = set(training_ids)
+        for t in self._repo.remote_cancels_pending():
+            if t.id in wanted:
+                self._cancel_remote(t)
+        return tuple(t for t in self._repo.remote_cancels_pending() if t.id in wanted)
+
     # ------------------------------------------------------------------ resume
     def resume(self, *, user: User, training_id: str) -> StartResult:
         """Continue a canceled local training from its last checkpoint, as a new training that
