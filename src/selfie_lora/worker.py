@@ -286,7 +286,8 @@ class Worker:
                 logger.exception("settling this machine's erasure holds failed; tried again "
                                  "in %.0f s", self._erase_check_seconds)
         try:
-            self._erasure.finish_pending()
+            # Stopped with the worker: it may be waiting on another worker's training.
+            self._erasure.finish_pending(stopping=self._stop)
         except Exception:
             logger.exception("finishing interrupted account deletions failed; tried again in "
                              "%.0f s", self._erase_check_seconds)

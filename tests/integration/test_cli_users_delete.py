@@ -592,6 +592,14 @@ def backdate_her_request(services: Services, user_id: str) -> None:
     assert services.repo.request_erasure(user_id, at=utcnow() - timedelta(hours=1))
 
 
+def erasures_worker(services: Services) -> Worker:
+    """A worker that only finishes pending deletions, as ``serve --no-worker``'s does, checking
+    every 50 ms; not started."""
+    return Worker(training=services.training, queue=services.queue,
+                  identity=Identity(name="api"), threads=0, erasure=services.erasure,
+                  erase_check_seconds=0.05)
+
+
 @pytest.mark.parametrize("step", ["delete_user_data", "erase"])
 def test_an_api_delete_whose_server_died_is_finished_by_the_workers_reconciler(
         on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
@@ -627,9 +635,7 @@ def test_an_api_delete_whose_server_died_is_finished_by_the_workers_reconciler(
     assert services.erasure.finish_pending() == []  # a live deletion may still be running
     assert services.repo.get_user_by_name("ann") is not None
     backdate_her_request(services, ann_id)
-    worker = Worker(training=services.training, queue=services.queue,
-                    identity=Identity(name="api"), threads=0, erasure=services.erasure,
-                    erase_check_seconds=0.05)
+    worker = erasures_worker(services)
     worker.start()
     try:
         deadline = time.monotonic() + 20
@@ -641,6 +647,40 @@ def test_an_api_delete_whose_server_died_is_finished_by_the_workers_reconciler(
     assert rows_of(services) == bob_rows
     assert blob_keys(services) == bob_blobs  # at once: not left to a gc's 24 h grace
     assert services.erasure.finish_pending() == []  # finished once
+
+
+def test_a_worker_waiting_on_another_workers_training_to_finish_a_deletion_stops_at_once(
+        on_services: Services, client: TestClient) -> None:
+    """The erasures thread waited up to 30 s for another worker to stop her training, deaf to
+    its own worker's stop: SIGTERM of serve took 22.6 s, a worker's SIGINT 29 s (ops review 3).
+    Now the wait ends with the stop, and the deletion stays pending for the next check."""
+    services = on_services
+    own_model(client, services, "ann", photos=photo_zip(4), versions=0)
+    user = services.users.get_by_name(name="ann")
+    alive = utcnow() + timedelta(days=1)
+    services.repo.add_training(a_training_of(
+        services, "ann", "held-elsewhere", status=TrainingStatus.PROCESSING,
+        started_at=utcnow(), lease_owner="otherhost/w9", lease_expires_at=alive,
+        heartbeat_at=alive))
+    services.users.disable(name="ann", for_erasure=True)
+    backdate_her_request(services, user.id)
+    worker = erasures_worker(services)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the thread asked the other worker, and waits
+            held = services.repo.get_training("held-elsewhere")
+            if held is not None and held.cancel_requested:
+                break
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        began = time.monotonic()
+        stopped = worker.stop(grace=10)
+        took = time.monotonic() - began
+    assert stopped
+    assert took < 3, took
+    assert services.repo.get_user(user.id) is not None  # pending still, for the next check
 
 
 def test_an_account_being_deleted_gets_no_key_nor_password_and_is_not_said_kept(

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +72,11 @@ STOP_WAIT = timedelta(seconds=30)
 # takes it for one whose process died. Two runs at once would be harmless (each step is
 # idempotent), only wasted work.
 RESUME_MARGIN = timedelta(minutes=10)
+
+
+class _StoppedError(Exception):
+    """The process stops (``finish_pending``'s ``stopping``): the deletion waits for the next
+    check, of this or another process."""
 
 
 class ErasureBlockedError(ConflictError):
@@ -162,16 +168,20 @@ class AccountEraser:
         self._sleep(API_KEY_CACHE_TTL.total_seconds())
         return self._finish(user, force=force)
 
-    def finish_pending(self) -> list[ErasureSummary]:
+    def finish_pending(self, *,
+                       stopping: threading.Event | None = None) -> list[ErasureSummary]:
         """Finish every deletion asked for more than ``resume_after`` ago: its process died
         (a server killed while answering ``DELETE /api/me``), and its owner, locked out, cannot
         ask again. Each is claimed first (its time moved to now, by one process alone), so two
         processes never finish one together; one that fails now (a training that does not
-        stop) is tried again ``resume_after`` later. What was finished."""
+        stop) is tried again ``resume_after`` later. ``stopping`` set (a worker's stop): it
+        takes no further account, and leaves the one it is waiting on. What was finished."""
         now = self._clock()
         due = now - self.resume_after
         finished: list[ErasureSummary] = []
         for user in self._repo.pending_erasures(requested_before=due):
+            if stopping is not None and stopping.is_set():
+                break
             if not self._repo.request_erasure(user.id, at=now, requested_before=due):
                 continue  # another process claimed it meanwhile
             logger.warning("user %s: finishing the deletion asked for at %s, whose process "
@@ -179,7 +189,11 @@ class AccountEraser:
             try:
                 # Forced: its owner asked for the deletion, and a training started since (the
                 # only one a disabled account can have) must not hold it up for ever.
-                finished.append(self._finish(user, force=True))
+                finished.append(self._finish(user, force=True, stopping=stopping))
+            except _StoppedError:
+                logger.info("user %s: the deletion is left as this process stops; tried again "
+                            "in %s", user.name, self.resume_after)
+                break
             except ErasureBlockedError as exc:  # expected (a training that does not stop yet)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
                                "again in %s", user.name, exc.message, self.resume_after)
@@ -188,9 +202,10 @@ class AccountEraser:
                                  "again in %s", user.name, self.resume_after)
         return finished
 
-    def _finish(self, user: User, *, force: bool) -> ErasureSummary:
+    def _finish(self, user: User, *, force: bool,
+                stopping: threading.Event | None = None) -> ErasureSummary:
         """Steps 3 to 6 (and the stop of step 1's trainings), the account disabled."""
-        canceled = self._stop_trainings(user, force=force)
+        canceled = self._stop_trainings(user, force=force, stopping=stopping)
         held = self._repo.user_holdings(user.id)
         # A run killed after step 4 left its plan: the rows it was read from are gone, so it
         # alone names those blobs (the rows read now are none, or only what came after).
@@ -208,9 +223,12 @@ class AccountEraser:
         return ErasureSummary(name=user.name, rows=rows, blobs=blobs, canceled=canceled,
                               user_row=gone)
 
-    def _stop_trainings(self, user: User, *, force: bool) -> tuple[str, ...]:
+    def _stop_trainings(self, user: User, *, force: bool,
+                        stopping: threading.Event | None = None) -> tuple[str, ...]:
         """Cancel the user's unfinished trainings and wait for their workers to stop them. A
-        training started between the first check and the disabling is one too."""
+        training started between the first check and the disabling is one too. ``stopping``
+        set ends the wait (``_StoppedError``): a worker's stop must not wait up to
+        ``stop_wait`` on another worker's training."""
         active = self._repo.user_holdings(user.id).active_training_ids
         if active and not force:
             raise ErasureBlockedError(
@@ -224,7 +242,10 @@ class AccountEraser:
                 raise ErasureBlockedError(
                     f"asked the worker running {', '.join(still)} to stop; it has not yet "
                     f"after {waited:.0f} s", stage="stopping", training_ids=still)
-            self._sleep(1.0)
+            if stopping is None:
+                self._sleep(1.0)
+            elif stopping.wait(1.0):
+                raise _StoppedError
             waited += 1.0
         # A remote run (Replicate) a cancel here ended is canceled by its backend's trainer:
         # a process without it (``gc``), or a backend that does not answer, leaves the cancel
