@@ -547,13 +547,19 @@ def gc_cmd(
                 # deleting one through the API): their blobs are then deleted at once.
                 finished = [] if dry_run else services.erasure.finish_pending()
                 summary = services.gc.collect(dry_run=dry_run, force=force)
+            # Those not finished (not yet due, or refused: a training that does not stop):
+            # else gc says nothing of them until they are due again.
+            pending = [
+                f"deletion of user {name} pending: finished by the check of a worker, serve or "
+                f"gc from {when:%Y-%m-%d %H:%M} UTC, or now by `selfie-lora users delete "
+                f"{name} --yes --force`" for name, when in services.erasure.pending()]
         except KeyboardInterrupt as exc:
-            # The collection's own ``finally`` has released its lease: the next one can start
-            # at once, and deletes what this one did not get to.
+            # The collection's own ``finally`` has released its lease, and ``finish_pending``
+            # its claim of a deletion: the next one can start at once, and goes on with them.
             err_console.print("interrupted: what was deleted stays deleted; run gc again to "
                               "go on", highlight=False)
             raise typer.Exit(_interrupted_status(exc)) from None
-    for line in [*(line for erased in finished for line in erased.lines()),
+    for line in [*(line for erased in finished for line in erased.lines()), *pending,
                  *summary.lines(verbose=verbose)]:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 

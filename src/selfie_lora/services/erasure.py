@@ -175,7 +175,9 @@ class AccountEraser:
         ask again. Each is claimed first (its time moved to now, by one process alone), so two
         processes never finish one together; one that fails now (a training that does not
         stop) is tried again ``resume_after`` later. ``stopping`` set (a worker's stop): it
-        takes no further account, and leaves the one it is waiting on. What was finished."""
+        takes no further account, and leaves the one it is waiting on. One left so, or
+        interrupted (Ctrl-C, SIGTERM of ``gc``), gets its earlier time back: due at once again,
+        as ``gc``'s "run gc again" says. What was finished."""
         now = self._clock()
         due = now - self.resume_after
         finished: list[ErasureSummary] = []
@@ -191,8 +193,9 @@ class AccountEraser:
                 # only one a disabled account can have) must not hold it up for ever.
                 finished.append(self._finish(user, force=True, stopping=stopping))
             except _StoppedError:
-                logger.info("user %s: the deletion is left as this process stops; tried again "
-                            "in %s", user.name, self.resume_after)
+                self._unclaim(user, claimed_at=now)
+                logger.info("user %s: the deletion is left as this process stops; the next "
+                            "check goes on with it", user.name)
                 break
             except ErasureBlockedError as exc:  # expected (a training that does not stop yet)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
@@ -200,7 +203,31 @@ class AccountEraser:
             except Exception:  # one account must not hold up the others: tried again later
                 logger.exception("user %s: the deletion could not be finished now; tried "
                                  "again in %s", user.name, self.resume_after)
+            except BaseException:  # KeyboardInterrupt, SystemExit: the claim is let go
+                self._unclaim(user, claimed_at=now)
+                raise
         return finished
+
+    def pending(self) -> list[tuple[str, datetime]]:
+        """Every deletion still pending (its account disabled): the user's name, and when the
+        next check of a worker, ``serve`` or ``gc`` may finish it."""
+        return [(user.name, user.erasure_requested_at + self.resume_after)
+                for user in self._repo.pending_erasures(
+                    requested_before=self._clock() + timedelta(days=365))
+                if user.erasure_requested_at is not None]
+
+    def _unclaim(self, user: User, *, claimed_at: datetime) -> None:
+        """Give back the claim ``finish_pending`` took (the time it moved to ``claimed_at``):
+        the deletion's earlier time, compared and set, so that another process's later claim is
+        kept. Best effort: left claimed, it is only tried ``resume_after`` later."""
+        if user.erasure_requested_at is None:
+            return
+        try:
+            self._repo.request_erasure(user.id, at=user.erasure_requested_at,
+                                       requested_before=claimed_at)
+        except Exception:  # the database gone: what the claim did stays, and is said
+            logger.warning("user %s: the deletion stays claimed; tried again in %s",
+                           user.name, self.resume_after, exc_info=True)
 
     def _finish(self, user: User, *, force: bool,
                 stopping: threading.Event | None = None) -> ErasureSummary:
