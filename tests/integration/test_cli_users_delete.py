@@ -6,6 +6,7 @@ names them); a queued or running training refuses it unless ``--force``."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import tempfile
@@ -681,6 +682,20 @@ def test_a_worker_waiting_on_another_workers_training_to_finish_a_deletion_stops
     assert stopped
     assert took < 3, took
     assert services.repo.get_user(user.id) is not None  # pending still, for the next check
+
+
+def test_a_deletion_finished_by_a_worker_logs_the_line_readme_quotes(
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """README: workers and gc "print and log `deleted user NAME`"; the log said `user NAME
+    deleted: ...` (ops review 5)."""
+    services = on_services
+    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    ann_id = interrupt_her_api_delete(services, client, ann, monkeypatch, step="erase")
+    backdate_her_request(services, ann_id)
+    caplog.set_level(logging.INFO, logger="selfie_lora.services.erasure")
+    assert [s.name for s in services.erasure.finish_pending()] == ["ann"]
+    assert any(m.startswith("deleted user ann:") for m in caplog.messages), caplog.messages
 
 
 def test_an_account_being_deleted_gets_no_key_nor_password_and_is_not_said_kept(

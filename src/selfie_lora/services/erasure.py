@@ -246,7 +246,8 @@ class AccountEraser:
         blobs = self._gc.erase(keys=plan.keys, prefixes=plan.prefixes,
                                work_folders=plan.work_folders)
         gone = self._repo.delete_user(user.id)
-        logger.info("user %s deleted: %d blob(s) or folder(s)", user.name, len(blobs.deleted))
+        # The words README quotes, as gc and users delete print them: what an operator greps for.
+        logger.info("deleted user %s: %d blob(s) or folder(s)", user.name, len(blobs.deleted))
         return ErasureSummary(name=user.name, rows=rows, blobs=blobs, canceled=canceled,
                               user_row=gone)
 
