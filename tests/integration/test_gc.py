@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from selfie_lora.services.layout import (
     reference_key,
     sample_key,
 )
-from selfie_lora.services.ports import BlobStore
+from selfie_lora.services.ports import BlobStore, Repository
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, SimulatedCrash
 from selfie_lora.wiring import Services, build_services
 from selfie_lora.worker import Identity, Worker
@@ -422,6 +423,7 @@ class OnDisk:
 
     blobs: FileSystemBlobStore
     collector: GarbageCollector
+    repo: Repository
 
     def plant(self, rel: str, *, days: int) -> Path:
         """A file at ``rel`` under the store's folder, ``days`` old, put there by hand."""
@@ -440,7 +442,8 @@ def on_disk(tmp_path: Path) -> Iterator[OnDisk]:
     try:
         assert isinstance(svc.blobs, FileSystemBlobStore)
         yield OnDisk(blobs=svc.blobs, collector=GarbageCollector(
-            repo=svc.repo, blobs=svc.blobs, work_dir=svc.settings.work_dir, policy=POLICY))
+            repo=svc.repo, blobs=svc.blobs, work_dir=svc.settings.work_dir, policy=POLICY),
+            repo=svc.repo)
     finally:
         svc.close()
 
@@ -498,6 +501,37 @@ def test_a_collection_removes_what_a_killed_write_left(on_disk: OnDisk) -> None:
     done = on_disk.collector.collect()
     assert not left.exists()
     assert "removed 1 temporary file(s) left by writes killed midway" in done.notes
+
+
+def test_a_collection_removes_the_photos_an_earlier_releases_killed_delete_left_in_tmp(
+        on_disk: OnDisk, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The release before held a users delete's photos in /tmp/selfie-lora-erase-*, with no
+    # manifest: one its kill left there (a deleted user's faces) stayed for ever (ops review 6).
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    old, young = tmp / "selfie-lora-erase-old1", tmp / "selfie-lora-erase-young"
+    other = tmp / "someone-elses"
+    for folder in (old, young, other):
+        folder.mkdir()
+        (folder / "0").write_bytes(b"her photo")
+    long_ago = (utcnow() - timedelta(days=2)).timestamp()
+    for path in (old / "0", old, other / "0", other):
+        os.utime(path, (long_ago, long_ago))
+    done = on_disk.collector.collect()
+    assert not old.exists()
+    assert young.exists()  # perhaps a live erase of that release's
+    assert other.exists()
+    assert any(note.startswith("removed 1 folder(s) selfie-lora-erase-*") for note in done.notes)
+    young_made = (utcnow() - timedelta(days=2)).timestamp()
+    for path in (young / "0", young):
+        os.utime(path, (young_made, young_made))
+    machine = GarbageCollector(repo=on_disk.repo, blobs=on_disk.blobs,
+                               work_dir=tmp_path / "work", policy=POLICY,
+                               interval=timedelta(hours=6))
+    summary = machine.run_machine_due()  # a worker's or API server's pass over its machine
+    assert summary is not None
+    assert not young.exists()
 
 
 def test_every_machine_drops_its_cached_copies_of_deleted_blobs(

@@ -111,6 +111,11 @@ _BY_CONTENT = frozenset({Owner.PHOTO, Owner.ORIGINAL, Owner.WEIGHTS})
 # never removed as a stale training's work folder.
 HOLD_PREFIX = "erase-hold-"
 _HOLD_MANIFEST = "held.json"
+# The release before the holds moved to HOME/work held a users delete's photos in the system's
+# temporary folder, with no manifest: one its kill left there is a deleted user's photos, which
+# nothing settles. Removed by every machine's pass once surely not a live erase's (a day old).
+_OLD_HOLD_PREFIX = "selfie-lora-erase-"
+_OLD_HOLD_AGE = timedelta(days=1)
 _HOLD_LOCK = ".lock"
 
 
@@ -532,6 +537,7 @@ class GarbageCollector:
             if work:
                 notes.extend(self._forget_deleted_copies())
                 notes.extend(_settled_note(self.settle_holds()))
+                notes.extend(self._remove_old_temp_holds())
             for item in intersect(plan.work_folders, again.work_folders):
                 if self._remove_folder(item):
                     deleted.append(item)
@@ -549,8 +555,31 @@ class GarbageCollector:
             plan = plan_collection(refs=refs, blobs=(), work_folders=folders, now=self._clock(),
                                    policy=self.policy, originals={})
             deleted = tuple(item for item in plan.work_folders if self._remove_folder(item))
-        notes = (*notes, *self._forget_deleted_copies())
+        notes = (*notes, *self._forget_deleted_copies(), *self._remove_old_temp_holds())
         return GcSummary(dry_run=False, deleted=deleted, notes=notes) if deleted or notes else None
+
+    def _remove_old_temp_holds(self) -> tuple[str, ...]:
+        """This machine's ``selfie-lora-erase-*`` folders in the system's temporary folder
+        (``_OLD_HOLD_PREFIX``), this user's and older than ``_OLD_HOLD_AGE``: removed, and
+        counted in a note (logged by a worker's pass)."""
+        before = (self._clock() - _OLD_HOLD_AGE).timestamp()
+        removed = 0
+        for folder in Path(tempfile.gettempdir()).glob(f"{_OLD_HOLD_PREFIX}*"):
+            try:
+                if (folder.is_symlink() or not folder.is_dir()
+                        or folder.stat().st_uid != os.getuid()
+                        or _measure(folder)[1] >= before):
+                    continue
+                shutil.rmtree(folder)
+            except OSError as exc:  # another process's, or gone meanwhile: tried next pass
+                logger.warning("garbage collection: could not remove %s: %s", folder, exc)
+                continue
+            removed += 1
+        if not removed:
+            return ()
+        return (f"removed {removed} folder(s) {_OLD_HOLD_PREFIX}* from "
+                f"{tempfile.gettempdir()} that a users delete of an earlier release killed "
+                "midway left (copies of a deleted user's photos)",)
 
     def _forget_deleted_copies(self) -> tuple[str, ...]:
         """This machine's cached copies of blobs deleted from the store, by this machine or
