@@ -831,6 +831,29 @@ def test_gc_leaves_a_deletion_whose_replicate_run_it_cannot_cancel_to_a_worker(
     assert services.repo.get_training("on-replicate") is None
 
 
+def test_a_replicate_run_no_process_can_cancel_does_not_block_her_deletion_for_ever(
+        on_services: Services, client: TestClient) -> None:
+    """A deployment with no Replicate trainer any more (no token: it moved to local training)
+    and an old Replicate training of hers still owing its remote cancel: every users delete
+    --force, DELETE /api/me and worker refused her deletion for ever, each saying it would
+    finish (e4 pre-merge review 1). A process built with the deployment's trainers deletes her,
+    the run named in a warning; only gc, built with none, leaves it to a worker."""
+    services = on_services
+    own_model(client, services, "ann", photos=photo_zip(4), versions=0)
+    long_ago = utcnow() - timedelta(days=30)
+    services.repo.add_training(a_training_of(
+        services, "ann", "old-replicate", backend="replicate", status=TrainingStatus.CANCELED,
+        created_at=long_ago, started_at=long_ago, completed_at=long_ago,
+        remote_id="r-old-123", remote_cancel_pending=True))
+    assert "replicate" not in services.trainers  # as the CLI builds it: no token
+    code, said = run("users", "delete", "ann", "--yes", "--force")
+    assert code == 0, said
+    assert "deleted user ann" in said
+    assert services.repo.get_user_by_name("ann") is None
+    assert services.repo.get_training("old-replicate") is None
+    assert "r-old-123 is left uncanceled: this deployment has no replicate trainer" in said
+
+
 def test_on_object_storage_every_blob_of_hers_goes_and_his_stay(
         s3_server: S3Server, tmp_path: Path) -> None:
     """The same on S3-compatible storage: the blobs are listed and deleted in the bucket."""

@@ -285,7 +285,7 @@ class AccountEraser:
             runs = ", ".join(f"{t.backend} run {t.remote_id or '(id not known yet)'} of "
                              f"training {t.id}" for t in owed)
             raise ErasureBlockedError(
-                f"the {runs} could not be canceled from this process (no trainer for it here, "
+                f"the {runs} could not be canceled from this process (it has no trainers, as gc, "
                 "or it did not answer): the deletion is left to a worker, which cancels it "
                 "first", stage="stopping", training_ids=[t.id for t in owed])
         return active

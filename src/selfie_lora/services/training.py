@@ -630,14 +630,27 @@ class TrainingService:
 
     def send_owed_remote_cancels(self, *, training_ids: Collection[str]) -> tuple[Training, ...]:
         """Ask now for the owed cancels of the remote runs of these trainings (ended, their run
-        not yet canceled), those this process can: it has their backend's trainer (``gc`` has
-        none), and the backend answers. Those still owed: their rows are what makes a worker's
-        reconcile pass ask again, so a deletion must keep them."""
+        not yet canceled), those this process can: it has their backend's trainer, and the
+        backend answers. Those still owed that a worker could still send: their rows are what
+        makes a worker's reconcile pass ask again, so a deletion must keep them. A process
+        built with no trainer at all (``gc``) returns every one owed, for a worker to send; one
+        built with the deployment's trainers but none for that backend (no Replicate token any
+        more) returns it not: no process of this deployment ever could send it, and keeping
+        the rows for it would block the deletion for ever (its run is named in a warning)."""
         wanted = set(training_ids)
         for t in self._repo.remote_cancels_pending():
             if t.id in wanted:
                 self._cancel_remote(t)
-        return tuple(t for t in self._repo.remote_cancels_pending() if t.id in wanted)
+        owed = tuple(t for t in self._repo.remote_cancels_pending() if t.id in wanted)
+        if not self._trainers:
+            return owed
+        for t in owed:
+            if t.backend not in self._trainers:
+                logger.warning(
+                    "training %s: its %s run %s is left uncanceled: this deployment has no "
+                    "%s trainer (cancel it on %s's site)", t.id, t.backend,
+                    t.remote_id or "(id not known)", t.backend, t.backend)
+        return tuple(t for t in owed if t.backend in self._trainers)
 
     # ------------------------------------------------------------------ resume
     def resume(self, *, user: User, training_id: str) -> StartResult:
