@@ -543,10 +543,13 @@ def gc_cmd(
                 trainers={}, generators={}) as services:
         try:
             with _terminate_as_interrupt():
-                # First the account deletions whose process died (a server killed while
-                # deleting one through the API): their blobs are then deleted at once.
-                finished = [] if dry_run else services.erasure.finish_pending()
+                # The collection first: it refuses a storage bound to another database (or
+                # none, or a lease held elsewhere) before it deletes anything. Only then the
+                # account deletions whose process died (a server killed while deleting one
+                # through the API), which delete blobs with no guard of their own: run before
+                # it, they deleted another deployment's photos and then gc refused.
                 summary = services.gc.collect(dry_run=dry_run, force=force)
+                finished = [] if dry_run else services.erasure.finish_pending()
             # Those not finished (not yet due, or refused: a training that does not stop):
             # else gc says nothing of them until they are due again.
             pending = [

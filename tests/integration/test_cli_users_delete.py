@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -852,6 +853,41 @@ def test_a_replicate_run_no_process_can_cancel_does_not_block_her_deletion_for_e
     assert services.repo.get_user_by_name("ann") is None
     assert services.repo.get_training("old-replicate") is None
     assert "r-old-123 is left uncanceled: this deployment has no replicate trainer" in said
+
+
+def test_gc_given_another_deployments_storage_finishes_no_deletion_there(
+        on_services: Services, settings: Settings, client: TestClient, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc finished the pending account deletions before its collection, whose guard refuses a
+    storage bound to another database: given another deployment's storage (same photos, same
+    keys) it deleted 14 of that deployment's blobs and only then refused (day review 1). The
+    collection goes first now: refused, it deletes nothing anywhere, and her deletion waits."""
+    services = on_services
+    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    ann_id = interrupt_her_api_delete(services, client, ann, monkeypatch,
+                                      step="delete_user_data")
+    backdate_her_request(services, ann_id)
+    other = make_settings(tmp_path / "elsewhere",
+                          database_url=f"sqlite:///{settings.home / 'selfie-lora.db'}")
+    theirs = other.home / "blobs"
+    shutil.rmtree(theirs, ignore_errors=True)
+    shutil.copytree(settings.home / "blobs", theirs)
+    marker = json.loads((theirs / "deployment.json").read_text())
+    marker.update(deployment_id="another-deployment", storage_id="another-storage")
+    (theirs / "deployment.json").write_text(json.dumps(marker))
+    before = {p for p in theirs.rglob("*") if p.is_file()}
+    monkeypatch.setattr(cli, "_settings", lambda: other)
+    code, said = run("gc")
+    assert code == 1, said
+    assert "refusing to collect garbage" in said
+    assert "deleted user ann" not in said
+    assert {p for p in theirs.rglob("*") if p.is_file()} == before  # not one of theirs gone
+    assert services.repo.get_user(ann_id) is not None  # her deletion waits for a right gc
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    code, said = run("gc")
+    assert code == 0, said
+    assert "deleted user ann" in said
+    assert services.repo.get_user(ann_id) is None
 
 
 def test_on_object_storage_every_blob_of_hers_goes_and_his_stay(
