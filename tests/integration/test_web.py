@@ -2053,6 +2053,7 @@ def test_the_settings_page_deletes_the_account_once_its_name_is_typed(
     field = re.search(r'<input id="delete-confirm"[^>]*>', r.text[r.text.index("<main"):])
     assert field
     assert "autofocus" in field.group(0)
+    assert 'aria-invalid="true"' in field.group(0)
     assert 'data-expect="ann"' in field.group(0)
     assert svc.repo.get_user_by_name("ann") is not None
     r = ann.post("/settings/delete", data={"csrf_token": csrf(ann, "/settings"),
@@ -2150,6 +2151,16 @@ def test_deleting_the_account_while_a_training_is_queued_says_what_to_do_on_the_
     assert error, r.text
     assert "nothing was deleted; cancel it on the Train page first" in error.group(1)
     assert '<a href="/train">' in error.group(1)
+    # The name typed was right: the message has the focus, the field is not called invalid
+    # (day review 2: "invalid entry" read out for her right name).
+    page = r.text[r.text.index("<main"):]
+    message = re.search(r'<p class="error" role="alert" id="delete-error"[^>]*>', page)
+    assert message
+    assert 'tabindex="-1" autofocus' in message.group(0)
+    field = re.search(r'<input id="delete-confirm"[^>]*>', page)
+    assert field
+    assert "aria-invalid" not in field.group(0)
+    assert "autofocus" not in field.group(0)
     assert "--force" not in r.text
     assert svc.repo.get_user_by_name("ann") is not None
 

@@ -901,7 +901,8 @@ def settings_delete_account(request: Request, viewer: FormViewer,
     web = _web(request)
     if confirm != viewer.user.name:
         return _settings(request, viewer, status_code=422,
-                         delete_error="type your name to confirm: nothing was deleted")
+                         delete_error="type your name to confirm: nothing was deleted",
+                         delete_name_wrong=True)
     try:
         web.services.erasure.erase(name=viewer.user.name)
     except ErasureBlockedError as error:
