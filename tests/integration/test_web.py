@@ -2146,7 +2146,7 @@ def test_deleting_the_account_while_a_training_is_queued_says_what_to_do_on_the_
     r = ann.post("/settings/delete", data={"csrf_token": csrf(ann, "/settings"),
                                            "confirm": "ann"}, follow_redirects=False)
     assert r.status_code == 409, r.text
-    error = re.search(r'<p class="error" role="alert" id="delete-error">(.*?)</p>',
+    error = re.search(r'<p class="error" role="alert" id="delete-error"[^>]*>(.*?)</p>',
                       r.text[r.text.index("<main"):])
     assert error, r.text
     assert "nothing was deleted; cancel it on the Train page first" in error.group(1)
