@@ -535,9 +535,7 @@ class GarbageCollector:
                 notes.append(f"removed {leftovers} temporary file(s) left by writes killed "
                              "midway")
             if work:
-                notes.extend(self._forget_deleted_copies())
-                notes.extend(_settled_note(self.settle_holds()))
-                notes.extend(self._remove_old_temp_holds())
+                notes.extend(self._machine_chores())
             for item in intersect(plan.work_folders, again.work_folders):
                 if self._remove_folder(item):
                     deleted.append(item)
@@ -548,15 +546,22 @@ class GarbageCollector:
                          webhook_ids=webhook_ids, sign_in_rows=sign_in_rows)
 
     def _collect_work_only(self) -> GcSummary | None:
-        notes = _settled_note(self.settle_holds())
+        notes = self._machine_chores()
         deleted: tuple[Planned, ...] = ()
         if folders := self._work_folders():
             refs = self._repo.gc_references()
             plan = plan_collection(refs=refs, blobs=(), work_folders=folders, now=self._clock(),
                                    policy=self.policy, originals={})
             deleted = tuple(item for item in plan.work_folders if self._remove_folder(item))
-        notes = (*notes, *self._forget_deleted_copies(), *self._remove_old_temp_holds())
         return GcSummary(dry_run=False, deleted=deleted, notes=notes) if deleted or notes else None
+
+    def _machine_chores(self) -> tuple[str, ...]:
+        """What every collection does on its own machine besides the work folders, the lease
+        winner's and ``selfie-lora gc``'s as well as each worker's or API server's pass:
+        settle the holds of erasures killed midway, drop the cached copies of deleted blobs,
+        remove the earlier release's holds left in the system's temporary folder."""
+        return (*_settled_note(self.settle_holds()), *self._forget_deleted_copies(),
+                *self._remove_old_temp_holds())
 
     def _remove_old_temp_holds(self) -> tuple[str, ...]:
         """This machine's ``selfie-lora-erase-*`` folders in the system's temporary folder
