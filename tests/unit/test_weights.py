@@ -108,6 +108,33 @@ def test_the_weights_key_wins_with_or_without_an_extension(
         assert find_weights_url(output)[0] == weights
 
 
+@pytest.mark.parametrize("final_key", ["trained_model", "lora", "output", "result"])
+@pytest.mark.parametrize(
+    "intermediate",
+    [
+        {"lora_checkpoints": ["https://x.test/lora_000000500.safetensors",
+                              "https://x.test/lora_000000750.safetensors"]},
+        {"checkpoint_weights": "https://x.test/step500.safetensors"},
+        {"lora_steps": ["https://x.test/step500.safetensors"]},
+        {"intermediateLora": "https://x.test/step500.safetensors"},
+        {"samples": "https://x.test/samples.safetensors"},
+    ],
+)
+def test_an_intermediate_checkpoint_never_beats_the_final_weights_under_any_key(
+    final_key: str, intermediate: dict[str, Any]
+) -> None:
+    # "lora_checkpoints" says "lora", but it names a half-trained step's file: ranked by its
+    # word "lora" its .safetensors beat the final .tar on kind, and it holds LoRA tensors.
+    for output in ({final_key: "https://x.test/trained_model.tar", **intermediate},
+                   {**intermediate, final_key: "https://x.test/trained_model.tar"}):
+        assert find_weights_url(output)[0] == "https://x.test/trained_model.tar"
+
+
+def test_an_intermediate_checkpoint_is_taken_when_it_is_all_there_is() -> None:
+    output = {"lora_checkpoints": ["https://x.test/lora_000000500.safetensors"]}
+    assert find_weights_url(output)[0] == "https://x.test/lora_000000500.safetensors"
+
+
 @pytest.mark.parametrize(
     ("key", "weights_like"),
     [("lora", True), ("LoRA", True), ("loraWeights", True), ("lora_weights", True),

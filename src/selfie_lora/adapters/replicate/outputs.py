@@ -52,6 +52,15 @@ _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".tx
 # ``vae_model`` name the model the LoRA was trained on, whose file is not the user's LoRA.
 _WEIGHT_KEY_WORDS = frozenset({"weights", "weight", "lora", "safetensors"})
 _WEIGHT_KEY_PHRASES = (("trained", "model"),)
+# A key with one of these words names files written on the way (``lora_checkpoints``,
+# ``step_500``, ``samples``, ``training_logs``), not the final LoRA. It ranks after every other
+# key, even one that is weights-like by its other words: ``lora_checkpoints`` says "lora", and an
+# intermediate step's ``.safetensors`` (which holds LoRA tensors and passes the check) would
+# otherwise beat the final ``.tar`` under ``trained_model`` or ``lora`` on kind.
+_INTERMEDIATE_KEY_WORDS = frozenset(
+    {"checkpoint", "checkpoints", "ckpt", "ckpts", "step", "steps", "intermediate",
+     "sample", "samples", "log", "logs"}
+)
 
 _USER_MESSAGE = (
     "The training finished, but no LoRA file was found in its output. "
@@ -141,10 +150,13 @@ def _snake(key: str) -> str:
 
 
 def _key_rank(key: str) -> int:
-    """0 for the ``weights`` key itself, 1 for another weights-like key, 2 for any other."""
+    """0 for the ``weights`` key itself, 1 for another weights-like key, 2 for any other, 3 for
+    a key naming intermediate files (checkpoints, steps, samples, logs)."""
     if key == "weights":
         return 0
     words = tuple(w for w in re.split(r"[^a-z0-9]+", key) if w)
+    if _INTERMEDIATE_KEY_WORDS.intersection(words):
+        return 3
     if _WEIGHT_KEY_WORDS.intersection(words):
         return 1
     for phrase in _WEIGHT_KEY_PHRASES:
@@ -164,14 +176,17 @@ def find_weights_url(output: object) -> tuple[str, str]:
 
     1. its key: the ``weights`` key itself, then another weights-like key (one whose words
        include ``weights``, ``lora`` or ``safetensors``, or ``trained_model``; ``base_model`` is
-       not one), then any other key;
+       not one), then any other key, then last a key naming intermediate files (one whose
+       words include ``checkpoints``, ``steps``, ``intermediate``, ``samples`` or ``logs``:
+       ``lora_checkpoints`` is not weights-like although it says ``lora``);
     2. its kind: ``.safetensors``, tar, zip, then a URL without a known extension;
     3. the order it was found in (breadth first).
 
     Else, when the output is a lone URL, that URL. Raises :class:`WeightsNotFoundError` when
     nothing fits. (The key wins over the kind: an output that also names, say, the base model's
     ``ae.safetensors`` or a ``samples.zip`` must not have that stored as the user's LoRA, and a
-    ``lora_checkpoints`` list of intermediate files does not beat the final ``weights``.)
+    ``lora_checkpoints`` list of intermediate files does not beat the final weights under any
+    key.)
     """
     candidates = _walk(output)
     if not candidates:
