@@ -454,6 +454,30 @@ def test_a_patch_of_the_trainer_version_and_the_scale_is_applied_whole_or_not_at
                   ("lora_scale_set", 1.0, 0.6), ("lora_scale_set", 0.6, 0.6)]
 
 
+def test_an_explicit_repin_to_the_version_shown_before_the_first_training_is_kept(
+        tmp_path: Path) -> None:
+    """The model showed local-tiny-v2 (configured at its upload); the operator then moved the
+    default to local-tiny-v1, and its user explicitly re-pinned it to local-tiny-v2: 200, but
+    nothing was recorded (the version was the one stored), so the first training took the
+    configured local-tiny-v1 and the user's choice was lost without a word."""
+    with serving(make_settings(tmp_path, trainer_version="local-tiny-v2")) as (client, svc):
+        h = auth(svc, "ann")
+        assert upload(client, h, start=False)["model"]["trainer_version"] == "local-tiny-v2"
+    with serving(make_settings(tmp_path, trainer_version="local-tiny-v1")) as (client, svc):
+        for _sent in range(2):  # sent again (its answer lost): recorded once
+            r = client.patch("/api/model", headers=h, json={
+                "trainer_version": "local-tiny-v2", "reason": "I want v2, keep it"})
+            assert r.status_code == 200, r.text
+            assert r.json()["trainer_version"] == "local-tiny-v2"
+        assert [(e["kind"], e["data"]["to"], e["data"]["reason"])
+                for e in changes_logged(client, h)] == [
+            ("trainer_version_changed", "local-tiny-v2", "I want v2, keep it")]
+        r = client.post("/api/training/start", headers=h, json={"dataset_id": None})
+        assert r.status_code == 202, r.text
+        assert r.json()["training"]["trainer_version"] == "local-tiny-v2"
+        assert r.json()["model"]["trainer_version"] == "local-tiny-v2"
+
+
 def test_a_repin_without_a_reason_answers_reason_required_with_the_services_words(
         client: TestClient, services: Services) -> None:
     h = auth(services, "ann")

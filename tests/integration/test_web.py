@@ -1322,6 +1322,46 @@ def _repin_to_flux_v2(client: TestClient) -> str:
     return r.headers["location"]
 
 
+def test_the_model_page_shows_the_trainer_version_the_first_training_uses(
+        tmp_path: Path) -> None:
+    # The page said the version was "fixed when the model was made, by your first upload of
+    # photos", showing the one configured at that upload: the first training pins it, and until
+    # then it takes the configured one, so a user had no reason to re-pin; and the page's re-pin
+    # to the version shown was recorded nowhere, so the first training took the configured one.
+    made = make_settings(tmp_path, trainer_version="local-tiny-v2")
+    services = fake_services(made)
+    services.users.create(name="ann", password=PASSWORD)
+    try:
+        with browser(made, services) as client:
+            sign_in(client, "ann")
+            assert upload(client)[0] == 200  # makes the model, trains nothing
+    finally:
+        services.close()
+    settings = make_settings(tmp_path, trainer_version="local-tiny-v1")  # the default moved
+    services = fake_services(settings)
+    try:
+        with browser(settings, services) as client:
+            sign_in(client, "ann")
+            page = client.get("/model").text
+            assert "fixed when" not in page
+            assert '<code>local-tiny-v1</code>' in page
+            assert "(what your first training uses: the server's trainer version" in page
+            assert "Your first training pins the trainer version" in page
+            r = client.post("/model/trainer-version", follow_redirects=False, data={
+                "csrf_token": csrf(client), "reason": "keep v2",
+                "trainer_version": "local-tiny-v2"})
+            assert r.status_code == 303, r.text
+            page = client.get("/model").text
+            assert '<code>local-tiny-v2</code>' in page
+            assert "(your choice: your first training uses it)" in page
+            assert 'data-status="succeeded"' in train(client)
+            page = client.get("/model").text
+            assert '<code>local-tiny-v2</code>' in page
+            assert "(pinned by your first training)" in page
+    finally:
+        services.close()
+
+
 def test_a_repin_to_more_pixels_says_on_the_model_page_to_upload_the_photos_again(
         tmp_path: Path) -> None:
     # The re-pin form came back to the model page without a word: the stored photos, cropped

@@ -8,7 +8,7 @@ import dataclasses
 import random
 from datetime import UTC, datetime
 
-from selfie_lora.domain.plan import TrainingDefaults, new_model, plan_training
+from selfie_lora.domain.plan import TrainingDefaults, new_model, plan_training, repin_is_recorded
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 V2 = TrainingDefaults(backend="local", trainer_version="local-tiny-v2", owner="local",
@@ -99,3 +99,16 @@ def test_after_a_first_training_made_no_version_the_next_is_first_but_keeps_its_
     assert not plan.is_retraining
     assert plan.model is model
     assert plan.trainer_version == "local-tiny-v2"
+
+
+def test_an_explicit_re_pin_of_a_model_never_trained_is_recorded_even_to_the_version_shown() -> None:
+    # Old code: a re-pin to the stored version recorded nothing, so the first training took the
+    # configured version instead of the user's choice.
+    assert repin_is_recorded(pinned="v2", requested="v2", trained_before=False,
+                             repinned_before=False)
+    # Sent again, or on a model whose pin is its own already: only a move is recorded.
+    for trained_before, repinned_before in ((False, True), (True, False)):
+        assert not repin_is_recorded(pinned="v2", requested="v2", trained_before=trained_before,
+                                     repinned_before=repinned_before)
+        assert repin_is_recorded(pinned="v2", requested="v1", trained_before=trained_before,
+                                 repinned_before=repinned_before)

@@ -214,6 +214,20 @@ def pin_for_training(model: Model, defaults: TrainingDefaults, *, trained_before
                                                            model_id=model.id))
 
 
+def repin_is_recorded(*, pinned: str, requested: str, trained_before: bool,
+                      repinned_before: bool) -> bool:
+    """Whether an explicit re-pin of a model pinned to ``pinned`` to ``requested`` is recorded
+    (its ``trainer_version_changed`` event written): when it moves the pin, and on a model never
+    trained nor re-pinned yet, always, even to the version it shows. Until its first training
+    such a model's version follows the configured one (``pin_for_training``), so the version it
+    shows is only what it would take today: the event is what makes the user's choice its pin.
+    Always rather than only when the request differs from what the next training would take:
+    a choice equal to today's configuration must survive the configuration changing before the
+    first training too, and the rule needs no configuration. Sent again (its answer lost), the
+    model is re-pinned already and nothing more is recorded."""
+    return requested != pinned or not (trained_before or repinned_before)
+
+
 def _recipe(model: Model, defaults: TrainingDefaults) -> Recipe:
     # For the local backend the pinned trainer version names the recipe, so it is pinned too.
     return recipe_for(

@@ -14,6 +14,7 @@ from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.domain.plan import (
     DEFAULT_LORA_SCALE,
     check_version_fits_base_model,
+    repin_is_recorded,
     validate_lora_scale,
     with_trainer_version,
 )
@@ -28,7 +29,7 @@ from selfie_lora.errors import (
     NoModelError,
     NotFoundError,
 )
-from selfie_lora.services.common import REPINNED_EVENT, utcnow
+from selfie_lora.services.common import REPINNED_EVENT, pin_facts, utcnow
 from selfie_lora.services.generation import generates_from_stored_weights, weights_missing_error
 from selfie_lora.services.ports import BlobStore, BlobStream, Repository, WeightsConverter
 
@@ -175,7 +176,9 @@ class ModelService:
         nothing (a crash, a bad scale, a refused re-pin). The trainer version must be one its
         backend can train with (422) and that the operator allows (403, ``RepinPolicy``), and
         needs a reason; moving to the version already pinned changes nothing and logs nothing,
-        so a PATCH sent again (its answer lost) leaves the log as the first one did.
+        so a PATCH sent again (its answer lost) leaves the log as the first one did, except on
+        a model never trained nor re-pinned yet, whose first explicit choice is logged even
+        when it is the version shown (``repin_is_recorded``), so that it becomes the pin.
         ``lora_scale_to_default`` (``{"lora_scale": null}``) gives the model back the default
         scale, no longer custom (``lora_scale_reset``); on a model not custom it changes and
         logs nothing."""
@@ -198,8 +201,15 @@ class ModelService:
                 version = self._repin_policy.check(backend=model.backend,
                                                    trainer_version=trainer_version)
                 changed = with_trainer_version(model, version)
-                if changed.trainer_version != model.trainer_version:
-                    if any(t.status.is_active for t in tx.list_trainings(model.id)):
+                trainings = tx.list_trainings(model.id)
+                facts = pin_facts(tx, model, trainings=trainings)
+                # On a model never trained, a re-pin to the version it shows is recorded too:
+                # without its event the first training would take the configured version.
+                if repin_is_recorded(pinned=model.trainer_version,
+                                     requested=changed.trainer_version,
+                                     trained_before=facts.trained_before,
+                                     repinned_before=facts.repinned_by_user):
+                    if any(t.status.is_active for t in trainings):
                         raise ConflictError("wait for the running training to end before "
                                             "re-pinning")
                     tx.set_model_trainer_version(model.id, changed.trainer_version)

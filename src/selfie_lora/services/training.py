@@ -196,6 +196,17 @@ class UploadResult:
 
 
 @dataclass(frozen=True)
+class NextPin:
+    """A model as its next training pins it (``model``: backend, trainer version, destination),
+    and whether that pin is its own already (``fixed``: it has had a training, or its user
+    re-pinned it) or still follows the configuration until its first training."""
+
+    model: Model
+    fixed: bool
+    trained_before: bool
+
+
+@dataclass(frozen=True)
 class ReconcileReport:
     enqueued: tuple[str, ...] = ()
     canceled: tuple[str, ...] = ()
@@ -518,6 +529,20 @@ class TrainingService:
                 f"{model.trainer_version} trains at {recipe.resolution} px: upload your "
                 "photos again before you train (a training on the stored ones is refused, "
                 "since every photo would be upscaled).")
+
+    def next_pin(self, *, user: User) -> NextPin | None:
+        """What the model page says of the user's trainer version: the one their next training
+        uses (the first one takes the configured version, unless they chose one), not the one
+        stored at the upload. None before the model is made."""
+        model = self._repo.get_model_for_user(user.id)
+        if model is None:
+            return None
+        trainings = self._repo.list_trainings(model.id)
+        facts = pin_facts(self._repo, model, trainings=trainings)
+        return NextPin(model=next_training_pin(self._repo, model, self._defaults(),
+                                               trainings=trainings),
+                       fixed=facts.trained_before or facts.repinned_by_user,
+                       trained_before=facts.trained_before)
 
     def start_refusal(self, *, user: User) -> ConflictError | None:
         """What ``start`` would refuse the user's next training on their latest accepted photos

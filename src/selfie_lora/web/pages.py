@@ -832,7 +832,10 @@ def model_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     # here), and for as long as they are the latest.
     photos_notice = (web.services.training.photos_to_upload_again(user=viewer.user)
                      if model is not None else None)
-    return web.render(request, "model.html", viewer=viewer, overview=overview,
+    # The trainer version shown is the one the next training uses: a model never trained
+    # takes the configured one at its first training, unless its user chose one.
+    pin = web.services.training.next_pin(user=viewer.user) if model is not None else None
+    return web.render(request, "model.html", viewer=viewer, overview=overview, pin=pin,
                       backend=web.services.settings.trainer, photos_notice=photos_notice)
 
 
