@@ -546,8 +546,8 @@ def gc_cmd(
                 # The collection first: it refuses a storage bound to another database (or
                 # none, or a lease held elsewhere) before it deletes anything. Only then the
                 # account deletions whose process died (a server killed while deleting one
-                # through the API), which delete blobs with no guard of their own: run before
-                # it, they deleted another deployment's photos and then gc refused.
+                # through the API): they check the marker themselves, but not the collection's
+                # other refusals, and a refused gc must finish no deletion.
                 summary = services.gc.collect(dry_run=dry_run, force=force)
                 finished = [] if dry_run else services.erasure.finish_pending()
             # Those not finished (not yet due, or refused: a training that does not stop):

@@ -25,11 +25,17 @@ from typer.testing import CliRunner
 from selfie_lora import cli
 from selfie_lora.adapters.db import tables
 from selfie_lora.config import Settings
-from selfie_lora.domain.entities import Recipe, Training, TrainingStatus
-from selfie_lora.errors import ConflictError, ForbiddenError
+from selfie_lora.domain.entities import Recipe, Training, TrainingStatus, User
+from selfie_lora.errors import ConflictError, DeploymentMismatchError, ForbiddenError
 from selfie_lora.services import gc as gc_module
 from selfie_lora.services.common import utcnow
-from selfie_lora.services.layout import PREFIXES, checkpoint_key, photo_key, sample_key
+from selfie_lora.services.layout import (
+    DEPLOYMENT_KEY,
+    PREFIXES,
+    checkpoint_key,
+    photo_key,
+    sample_key,
+)
 from selfie_lora.services.users import ERASURE_PENDING, UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
@@ -594,6 +600,19 @@ def backdate_her_request(services: Services, user_id: str) -> None:
     assert services.repo.request_erasure(user_id, at=utcnow() - timedelta(hours=1))
 
 
+def her_deletion_due(services: Services, client: TestClient,
+                     monkeypatch: pytest.MonkeyPatch) -> User:
+    """ann's account with its data, whose ``DELETE /api/me`` died before her rows went, asked
+    for an hour ago: due for ``finish_pending``. Her user row as it is then."""
+    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    ann_id = interrupt_her_api_delete(services, client, ann, monkeypatch,
+                                      step="delete_user_data")
+    backdate_her_request(services, ann_id)
+    asked = services.repo.get_user(ann_id)
+    assert asked is not None
+    return asked
+
+
 def erasures_worker(services: Services) -> Worker:
     """A worker that only finishes pending deletions, as ``serve --no-worker``'s does, checking
     every 50 ms; not started."""
@@ -762,12 +781,8 @@ def test_gc_interrupted_while_finishing_a_deletion_lets_the_next_gc_go_on(
     time to now: the next gc skipped it, silently, for 10 min 31 s (ops review 4). Now the
     claim is given back: the next gc finishes it."""
     services = on_services
-    ann = furnish(client, services, "ann", photos=photo_zip(4))
-    ann_id = interrupt_her_api_delete(services, client, ann, monkeypatch,
-                                      step="delete_user_data")
-    backdate_her_request(services, ann_id)
-    asked = services.repo.get_user(ann_id)
-    assert asked is not None
+    asked = her_deletion_due(services, client, monkeypatch)
+    ann_id = asked.id
 
     def interrupted(*_args: object, **_kwargs: object) -> None:
         raise KeyboardInterrupt
@@ -887,6 +902,85 @@ def test_gc_given_another_deployments_storage_finishes_no_deletion_there(
     code, said = run("gc")
     assert code == 0, said
     assert "deleted user ann" in said
+    assert services.repo.get_user(ann_id) is None
+
+
+def mark_as_another_deployments(services: Services) -> bytes:
+    """The store's marker rewritten to name another deployment: this deployment given a
+    storage that another one (staging, production) was bound to first, with the same keys.
+    The marker as it was."""
+    was = services.blobs.get(DEPLOYMENT_KEY)
+    marker = json.loads(was)
+    marker.update(deployment_id="another-deployment", storage_id="another-storage")
+    services.blobs.put(DEPLOYMENT_KEY, json.dumps(marker).encode())
+    return was
+
+
+def test_a_deletion_on_another_deployments_storage_is_refused_and_changes_nothing(
+        on_services: Services, client: TestClient) -> None:
+    """Account deletion deleted by key and prefix with no look at the store's marker, which
+    ``gc`` refuses on: given another deployment's storage it deleted that deployment's blobs
+    under her keys (day review). Now it refuses first, the account as it was."""
+    services = on_services
+    furnish(client, services, "ann", photos=photo_zip(4))
+    mark_as_another_deployments(services)
+    rows, blobs = rows_of(services), blob_keys(services)
+    with pytest.raises(DeploymentMismatchError) as refused:
+        services.erasure.erase(name="ann")
+    assert "refusing to delete user ann" in refused.value.message
+    assert "SELFIE_LORA_STORAGE_URL" in refused.value.message
+    assert (rows_of(services), blob_keys(services)) == (rows, blobs)
+    ann = services.users.get_by_name(name="ann")
+    assert ann.disabled_at is None
+    assert ann.erasure_requested_at is None
+
+
+def test_a_storage_with_no_marker_yet_does_not_hold_up_a_deletion(
+        on_services: Services, client: TestClient) -> None:
+    """Unbound (no server or worker of this release started on it): only this database's rows
+    name her keys, and the store gets its marker at the first start (``check_deployment``)."""
+    services = on_services
+    furnish(client, services, "ann", photos=photo_zip(4))
+    services.blobs.delete(DEPLOYMENT_KEY)
+    assert services.erasure.erase(name="ann").blobs.deleted
+    assert services.repo.get_user_by_name("ann") is None
+
+
+def test_users_delete_on_another_deployments_storage_exits_1_and_deletes_nothing(
+        on_services: Services, client: TestClient) -> None:
+    services = on_services
+    furnish(client, services, "ann", photos=photo_zip(4))
+    mark_as_another_deployments(services)
+    rows, blobs = rows_of(services), blob_keys(services)
+    code, said = run("users", "delete", "ann", "--yes", "--force")
+    assert code == 1, said
+    assert "refusing to delete user ann" in said
+    assert "SELFIE_LORA_DATABASE_URL and SELFIE_LORA_STORAGE_URL" in said
+    assert "deleted user ann" not in said
+    assert (rows_of(services), blob_keys(services)) == (rows, blobs)
+
+
+def test_a_pending_deletion_on_another_deployments_storage_stays_pending(
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``finish_pending`` (workers, ``serve``, ``gc``) refuses as the deletion itself does:
+    nothing of hers goes, nothing is claimed, the refusal is logged; with the right storage
+    back the deletion is finished."""
+    services = on_services
+    asked = her_deletion_due(services, client, monkeypatch)
+    ann_id = asked.id
+    was = mark_as_another_deployments(services)
+    rows, blobs = rows_of(services), blob_keys(services)
+    caplog.set_level(logging.WARNING, logger="selfie_lora.services.erasure")
+    assert services.erasure.finish_pending() == []
+    assert (rows_of(services), blob_keys(services)) == (rows, blobs)
+    still = services.repo.get_user(ann_id)
+    assert still is not None
+    assert still.erasure_requested_at == asked.erasure_requested_at
+    assert any("refusing to finish 1 pending account deletion(s)" in m
+               for m in caplog.messages), caplog.messages
+    services.blobs.put(DEPLOYMENT_KEY, was)
+    assert [s.name for s in services.erasure.finish_pending()] == ["ann"]
     assert services.repo.get_user(ann_id) is None
 
 

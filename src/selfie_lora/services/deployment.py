@@ -34,8 +34,9 @@ left unbound with a warning; collections keep to the collector's guard for unbou
 
 Only a process that serves or works on the data binds; ``selfie-lora gc`` and the other commands
 never do, since a mistaken command binding a store to the wrong database is the very failure this
-guards against. The collector checks (``check``) before it deletes anything: a marker naming
-another id than its database's (or a database with none) stops it.
+guards against. The collector checks (``check``) before it deletes anything, and so does an
+account's deletion (``services.erasure``): a marker naming another id than its database's (or a
+database with none) stops it.
 """
 
 from __future__ import annotations
@@ -287,18 +288,18 @@ class DeploymentBinding:
             if (close := getattr(listing, "close", None)) is not None:
                 close()
 
-    def check(self) -> str | None:
-        """Before a collection: the deployment's id when the store is bound to this database,
-        None when the store has no marker yet (nothing started with this release binds it:
-        the collector's own guard applies). ``DeploymentMismatchError`` when the marker names
-        another deployment, or this database has none."""
+    def check(self, *, action: str = "collect garbage") -> str | None:
+        """Before a collection, or an account's deletion (``action``, said in the refusal): the
+        deployment's id when the store is bound to this database, None when the store has no
+        marker yet (nothing started with this release binds it: the caller's own rule applies).
+        ``DeploymentMismatchError`` when the marker names another deployment, or this database
+        has none."""
         store_id = self.store_id()
         if store_id is None:
             return None
         database_id = self._repo.get_deployment_id()
         if database_id != store_id:
-            raise self._mismatch(database_id=database_id, store_id=store_id,
-                                 action="collect garbage")
+            raise self._mismatch(database_id=database_id, store_id=store_id, action=action)
         return store_id
 
     def store_id(self) -> str | None:

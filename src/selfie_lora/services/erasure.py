@@ -4,8 +4,10 @@ that holds people's faces must be able to forget a person.
 The steps, in this order, so that a process killed at any line leaves what the same command run
 again (or the garbage collector) finishes, each thing deleted once:
 
-1. refuse, changing nothing, while a training of the user is queued or running (``force``:
-   cancel it through ``TrainingService.cancel`` first, and wait for its worker to stop);
+1. refuse, changing nothing, when the store's deployment marker names another deployment than
+   this database's (``GarbageCollector.check_deployment``: that deployment's blobs lie under the
+   same keys), and while a training of the user is queued or running (``force``: cancel it
+   through ``TrainingService.cancel`` first, and wait for its worker to stop);
 2. disable the account in one transaction (``UserService.disable``): from here sign-in, API
    keys and sessions are refused everywhere, and no new upload, training or generation starts;
 3. read what the user owns and the keys of their blobs (photos, originals from the datasets'
@@ -27,7 +29,8 @@ Step 2 also records when the deletion was asked for (``erasure_requested_at``): 
 account deleted through the API or the web page cannot run it again (step 2 locked them out), so
 ``finish_pending`` (a thread of every collecting worker and of ``serve --no-worker``, and
 ``selfie-lora gc``) finishes a deletion asked for longer ago than a live one takes
-(``resume_after``), as the command run again would.
+(``resume_after``), as the command run again would, after the same check of the store's marker:
+refused, every one stays pending and due, and the refusal is logged.
 """
 
 from __future__ import annotations
@@ -44,7 +47,12 @@ from typing import Literal
 from selfie_lora.domain.accounts import ErasurePlan, UserHoldings
 from selfie_lora.domain.entities import User
 from selfie_lora.domain.gc import GcSummary, format_bytes
-from selfie_lora.errors import ConflictError, ErrorCode, SelfieLoraError
+from selfie_lora.errors import (
+    ConflictError,
+    DeploymentMismatchError,
+    ErrorCode,
+    SelfieLoraError,
+)
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.layout import (
@@ -153,8 +161,13 @@ class AccountEraser:
     def erase(self, *, name: str, force: bool = False) -> ErasureSummary:
         """Delete the user ``name`` and everything they own (module docstring). ``NotFound``
         for no such user; ``ErasureBlockedError`` (nothing changed) while a training of theirs is
-        queued or running, unless ``force``, which cancels it."""
+        queued or running, unless ``force``, which cancels it; ``DeploymentMismatchError``
+        (nothing changed) when the store is another deployment's."""
         user, held = self.holdings(name=name)
+        # Before anything changes: a store another deployment's marker names holds that
+        # deployment's blobs under the same keys (``GarbageCollector.check_deployment``).
+        self._gc.check_deployment(
+            action=f"delete user {user.name} (nothing of theirs was deleted or disabled)")
         if held.active_training_ids and not force:
             raise ErasureBlockedError(
                 f"{user.name} has a training queued or running "
@@ -180,8 +193,20 @@ class AccountEraser:
         as ``gc``'s "run gc again" says. What was finished."""
         now = self._clock()
         due = now - self.resume_after
+        pending = self._repo.pending_erasures(requested_before=due)
+        if pending:
+            try:
+                # Before any is claimed: refused, each stays pending, due as it was, and is
+                # finished by a process given the right storage (or this one, once fixed).
+                self._gc.check_deployment(
+                    action=f"finish {len(pending)} pending account deletion(s) (they stay "
+                           "pending)")
+            except DeploymentMismatchError as exc:
+                # A refusal, not a failure: its message says what to check; no traceback.
+                logger.warning("%s", exc.message)
+                return []
         finished: list[ErasureSummary] = []
-        for user in self._repo.pending_erasures(requested_before=due):
+        for user in pending:
             if stopping is not None and stopping.is_set():
                 break
             if not self._repo.request_erasure(user.id, at=now, requested_before=due):

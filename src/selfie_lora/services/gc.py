@@ -321,6 +321,22 @@ class GarbageCollector:
         _log(summary)
         return summary
 
+    def check_deployment(self, *, action: str) -> None:
+        """Before an account's deletion (``services.erasure``), which deletes blobs by the keys
+        and prefixes its rows name: ``DeploymentMismatchError`` when the store's marker names
+        another deployment than this database's, as before a collection. Another deployment's
+        store holds blobs under the same keys (a staging database restored from production's
+        backup has the same user, dataset and training ids, and photos are keyed by content),
+        and deleting them there is the very failure the marker guards against.
+
+        A store with no marker passes: the collector's rule for it (``_guard``) judges a whole
+        listing, where every blob no row names is an orphan, while a deletion takes only what
+        this database's own rows name for one account. Refusing it would hold a person's
+        deletion hostage to a start that may never come (``users delete`` on a deployment no
+        server of this release has started on, or one whose store stayed unbound), and the
+        store gets its marker, and this check its teeth, at the first server or worker start."""
+        self._deployment.check(action=action)
+
     def erase(self, *, keys: Sequence[str], prefixes: Sequence[str],
               work_folders: Sequence[str]) -> GcSummary:
         """Delete the blobs of rows just deleted (``users delete``): ``keys`` and every blob
