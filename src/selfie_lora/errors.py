@@ -6,6 +6,8 @@ entry points never see them.
 
     SelfieLoraError
     ├── ConfigError                 settings that cannot work (missing token, bad URL)
+    │   └── DeploymentMismatchError the storage is another deployment's (HTTP 503 where a
+    │                               request meets it: an account's deletion)
     ├── NotFoundError               no such object for this user (HTTP 404)
     ├── AuthError                   no key or a wrong key, a wrong password, no session (HTTP 401)
     ├── ForbiddenError              signed in, but not allowed: sign-up closed, a form without
@@ -59,6 +61,7 @@ class ErrorCode(enum.StrEnum):
     ERROR = "error"
     INTERNAL_ERROR = "internal_error"
     CONFIG_ERROR = "config_error"
+    DEPLOYMENT_MISMATCH = "deployment_mismatch"
     HTTP_ERROR = "http_error"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     # 401, 404
@@ -173,7 +176,12 @@ class ConfigError(SelfieLoraError):
 
 class DeploymentMismatchError(ConfigError):
     """The blob store belongs to another deployment than the database (``services.deployment``):
-    two deployments share one storage prefix, or a process was given the wrong database."""
+    two deployments share one storage prefix, or a process was given the wrong database. A 503
+    where a request meets it (``DELETE /api/me``, refused before anything changed): nothing is
+    wrong with the request, and the operator's fix of the settings makes it work."""
+
+    code = ErrorCode.DEPLOYMENT_MISMATCH
+    http_status = 503
 
 
 class NotFoundError(SelfieLoraError):

@@ -960,6 +960,22 @@ def test_users_delete_on_another_deployments_storage_exits_1_and_deletes_nothing
     assert (rows_of(services), blob_keys(services)) == (rows, blobs)
 
 
+def test_delete_me_on_another_deployments_storage_is_a_503_and_her_account_stays(
+        on_services: Services, client: TestClient) -> None:
+    services = on_services
+    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    mark_as_another_deployments(services)
+    rows, blobs = rows_of(services), blob_keys(services)
+    r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "ann"})
+    assert r.status_code == 503, r.text
+    error = r.json()["error"]
+    assert error["code"] == "deployment_mismatch"
+    assert "nothing was changed" in error["message"]
+    assert "another-deployment" not in error["message"]  # the operator's words are logged
+    assert (rows_of(services), blob_keys(services)) == (rows, blobs)
+    assert client.get("/api/model", headers=ann.headers).status_code == 200
+
+
 def test_a_pending_deletion_on_another_deployments_storage_stays_pending(
         on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:

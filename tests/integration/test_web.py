@@ -35,6 +35,7 @@ from selfie_lora.domain.entities import GateStatus, Recipe, Training, TrainingSt
 from selfie_lora.domain.plan import DEFAULT_LORA_SCALE, LORA_SCALE_MAX, LORA_SCALE_MIN
 from selfie_lora.errors import StorageError
 from selfie_lora.services.common import utcnow
+from selfie_lora.services.layout import DEPLOYMENT_KEY
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.web.app import WEB_ROOT
@@ -2107,6 +2108,22 @@ def test_the_settings_page_deletes_the_account_once_its_name_is_typed(
     assert svc.repo.get_user_by_name("ann") is None
     assert svc.repo.get_user_by_name("bob") is not None
     assert ann.get("/settings", follow_redirects=False).status_code in (302, 303)
+
+
+def test_the_settings_page_refuses_a_deletion_on_another_deployments_storage(
+        ann: TestClient, svc: Services) -> None:
+    """The page's deletion deleted her blobs by key from a storage whose marker names another
+    deployment, where that deployment's lie under the same keys; now a 503 that says nothing
+    was changed, the account as it was (the operator's words are in the log)."""
+    svc.blobs.put(DEPLOYMENT_KEY, b'{"deployment_id": "another-deployment"}')
+    r = ann.post("/settings/delete", data={"csrf_token": csrf(ann, "/settings"),
+                                           "confirm": "ann"}, follow_redirects=False)
+    assert r.status_code == 503, r.text
+    assert "nothing was changed" in r.text
+    assert "another-deployment" not in r.text
+    user = svc.repo.get_user_by_name("ann")
+    assert user is not None
+    assert user.disabled_at is None
 
 
 def test_the_sign_in_page_says_an_account_was_deleted_only_to_the_browser_that_deleted_it(

@@ -33,6 +33,9 @@ _SENTENCES: dict[str, str] = {
                                       "nothing is wrong with it: upload it again in a few "
                                       "minutes",
     ErrorCode.CONFIG_ERROR: "this service is not set up for that yet; please tell the operator",
+    ErrorCode.DEPLOYMENT_MISMATCH: "this service's storage is not set up right just now, so "
+                                   "nothing was changed; please tell the operator, and try "
+                                   "again once it is fixed",
 }
 
 
