@@ -17,7 +17,11 @@ does not. Then times, in the same run:
       checks, set checks and the 1024 px training crops. Cold (the first call starts the worker
       processes and loads the models in them) and warm (the next calls);
   (c) the same photos sent again with one more, the others remembered (``OutcomeCache``, as the
-      service keeps them): only the new photo is analysed, the set checks run on all.
+      service keeps them): only the new photo is analysed, the set checks run on all;
+  (d) the set checks alone (``check_set``, in the service's process after the workers) on 25,
+      100 and 200 photos (200: the most one upload may hold), made from the run's analyses with
+      other keypoints and embeddings near one face's: one person, no two photos copies of each
+      other, so every pair is looked at. Against the baseline decode of as many photos.
 
 Goal (issue 11): warm intake <= 1.2x the baseline, cold <= 2x, on 2 cores. ``--profile`` also
 runs one intake inline under cProfile and prints where its CPU goes (JPEG decoding, face
@@ -177,6 +181,42 @@ def profile_stages(files: list, *, policy: object, analyzer: object, limits: obj
     return out
 
 
+def set_check_seconds(analyses: list, *, policy: object, counts: tuple[int, ...] = (25, 100, 200)
+                      ) -> list[tuple[int, float]]:
+    """CPU seconds of ``check_set`` on ``counts`` photos made from ``analyses`` (see (d))."""
+    import dataclasses
+
+    from selfie_lora.dataset.checks import check_set
+
+    rng = np.random.default_rng(5)
+    with_face = [a for a in analyses if a.main_face is not None and a.embedding is not None]
+    if not with_face:
+        return []
+    centre = np.asarray(with_face[0].embedding)
+
+    def scrambled(data: bytes) -> bytes:
+        return (np.frombuffer(data, np.uint8)
+                ^ rng.integers(0, 256, len(data), dtype=np.uint8)).tobytes()
+
+    def photo(k: int) -> object:
+        a = with_face[k % len(with_face)]
+        points = a.keypoints and dataclasses.replace(
+            a.keypoints, descriptors=scrambled(a.keypoints.descriptors),
+            mirror_descriptors=scrambled(a.keypoints.mirror_descriptors))
+        face = dataclasses.replace(a.main_face, embedding=tuple(
+            float(v) for v in centre + rng.normal(0.0, 0.02, centre.shape)))
+        return dataclasses.replace(a, name=f"{k}-{a.name}", main_face=face, faces=(face,),
+                                   keypoints=points, order=k)
+
+    out = []
+    for count in counts:
+        photos = [photo(k) for k in range(count)]
+        started = time.process_time()
+        check_set(photos, policy=policy)  # type: ignore[arg-type]
+        out.append((count, time.process_time() - started))
+    return out
+
+
 def load_average() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -263,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         again = run_intake(files, limits=limits, policy=policy, analyzer=analyzer,
                            factory=factory, workers=args.workers, cache=cache)
         shutdown_pools()
+        set_checks = set_check_seconds(list(result.analyses), policy=policy)
         stages = (profile_stages(files, policy=policy, analyzer=analyzer, limits=limits,
                                  run_intake=run_intake) if args.profile else [])
 
@@ -302,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(c) the same photos again with one more, the others remembered: {again.seconds:6.2f} s "
           f"wall ({again.seconds / base:4.2f}x the baseline; the set checks run on all "
           f"{again.images_total})")
+    for count, seconds in set_checks:
+        print(f"(d) set checks alone on {count:3d} photos: {seconds:6.2f} s CPU "
+              f"({seconds / (base / len(files) * count):4.2f}x the baseline decode of as many)")
     if stages:
         per_photo_decode = base_cpu / len(files) * 1000
         print()
