@@ -60,18 +60,37 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 # these loggers and sets these variables, as a process of its own may. Put back after each test,
 # so that a later test in the same worker sees logging as it would alone (the demo tests before
 # test_operations.py's left "selfie_lora" at WARNING: its INFO lines were never written). The
-# root logger's handlers are pytest's own to add and remove around each phase: left alone.
+# root logger too: a command's setup_logging() puts a handler there on CliRunner's stderr, which
+# is closed when the command returns, and sets the root's level and captureWarnings; left there,
+# every later log line in that worker printed "--- Logging error --- ValueError: I/O operation
+# on closed file" instead of reaching pytest. pytest adds and removes its own handlers around
+# each phase: those are left to it.
 _PROCESS_LOGGERS = ("selfie_lora", "transformers", "diffusers")
 _PROCESS_VARIABLES = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
+
+
+def _pytests(handler: logging.Handler) -> bool:
+    return type(handler).__module__.startswith("_pytest.")
 
 
 @pytest.fixture(autouse=True)
 def _process_state_put_back() -> Iterator[None]:
     levels = {name: logging.getLogger(name).level for name in _PROCESS_LOGGERS}
     variables = {name: os.environ.get(name) for name in _PROCESS_VARIABLES}
+    root = logging.getLogger()
+    root_level, root_handlers = root.level, [h for h in root.handlers if not _pytests(h)]
+    warnings_captured = logging._warnings_showwarning is not None  # type: ignore[attr-defined]
     yield
     for name, was in levels.items():
         logging.getLogger(name).setLevel(was)
+    for handler in [h for h in root.handlers if not _pytests(h) and h not in root_handlers]:
+        root.removeHandler(handler)
+        handler.close()
+    for handler in root_handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(root_level)
+    logging.captureWarnings(warnings_captured)
     for name, value in variables.items():
         if value is None:
             os.environ.pop(name, None)
