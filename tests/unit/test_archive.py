@@ -730,3 +730,17 @@ def test_google_takeout_json_side_files_are_skipped_not_counted(tmp_path: Path) 
             ("IMG_0001.jpg.json", "info", "ignored_file"), ("IMG_0002.json", "info", "ignored_file"),
             ("IMG_0003.jpg.supplemental-metadata.json", "info", "ignored_file"),
             ("metadata.json", "info", "ignored_file")]
+
+
+def test_documents_beside_the_photos_are_skipped_not_counted_as_photos_left_out(
+        tmp_path: Path) -> None:
+    """A README.md or notes.txt in the upload was refused as not_an_image and counted as a
+    photo left out, which read as photos lost. A photo named like a document is still read."""
+    members = {"01.jpg": jpeg(seed=1), "README.md": b"# My selfies\n", "notes.txt": b"shot in May",
+               "Guide.PDF": b"%PDF-1.7\n", "renamed.txt": jpeg(seed=2)}
+    for files, findings in read_every_way(members, tmp_path):
+        assert sorted(f.name for f in files) == ["01.jpg", "renamed.txt"]
+        assert sorted((f.photo, f.severity, f.code, f.message) for f in findings) == [
+            ("Guide.PDF", "info", "ignored_file", "Guide.PDF was skipped: a document (.pdf), not a photo"),
+            ("README.md", "info", "ignored_file", "README.md was skipped: a document (.md), not a photo"),
+            ("notes.txt", "info", "ignored_file", "notes.txt was skipped: a document (.txt), not a photo")]

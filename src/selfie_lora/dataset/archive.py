@@ -26,7 +26,8 @@ decompressed no further; a zip appended to a photo only from its end). Each come
 :class:`UploadedFile` with no data and its ``refused`` finding, which the intake reports as it
 reports a photo it cannot decode. Every limit that protects the machine (sizes in all, counts,
 ratios, sizes that lie) still refuses the whole upload. System files (``__MACOSX/``, ``._*``,
-``.DS_Store``...) and folder entries are skipped with an ``info`` finding.
+``.DS_Store``...), folder entries, a phone export's side files and documents (``.txt``,
+``.md``, ``.pdf``...) are skipped with an ``info`` finding.
 Archive names are only ever shown to the user (sanitized); nothing is written under them.
 """
 
@@ -45,6 +46,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfie_lora.dataset.decode import sniff_image
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits, byte_size
 from selfie_lora.domain.entities import Finding
 from selfie_lora.errors import ErrorCode, InvalidInputError, ServerShortOfMemoryError
@@ -80,6 +82,12 @@ _TAKEOUT_SIDECAR = ".json"
 # photo's whole name.
 _TAKEOUT_NUMBERED = re.compile(r"(?P<name>.+)(?P<ext>\.[^.()/]+)\((?P<n>\d+)\)")
 _PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".heic", ".heif", ".png", ".avif", ".webp"})
+# Documents people keep beside their photos (a README.md or notes.txt in the zip, a PDF sent
+# with the files): refused as "not a photo", each was counted as a photo left out, which reads
+# as photos lost. Skipped like the side files, but only when the content is no image format
+# either: a JPEG named notes.txt is still read (and judged) as the photo it is. (No .docx or
+# .odt: those are zips, refused as archives inside the upload before this sees them.)
+_DOCUMENTS = frozenset({".txt", ".md", ".markdown", ".rtf", ".pdf", ".doc", ".csv"})
 
 _EOCD = struct.Struct("<4s4H2IH")  # end of central directory record (22 bytes)
 _Z64_LOCATOR = struct.Struct("<4sIQI")  # zip64 end of central directory locator (20 bytes)
@@ -836,6 +844,9 @@ def _without_sidecars(files: list[UploadedFile], findings: list[Finding]) -> lis
               and (_fold(stem) in stems
                    or (f.data[8:12] == b"qt  " and _IPHONE_NAME.fullmatch(stem)))):
             findings.append(_ignored(f.name, "the video of a Live Photo, not a photo"))
+        elif (suffix in _DOCUMENTS and f.refused is None
+              and not sniff_image(f.data).is_image):
+            findings.append(_ignored(f.name, f"a document ({suffix}), not a photo"))
         else:
             out.append(f)
     return out
