@@ -435,6 +435,10 @@ def test_too_few_photos_is_said_in_plain_english(kept: int, minimum: int, messag
     report = check_set(_hashes_far_apart(_varied(kept)),
                        policy=replace(POLICY, min_photos=minimum))
     assert [f.message for f in report.findings if f.code == "too_few_photos"] == [message]
+    # The advice says how many to add, as few_photos' does ("add more" gave no number).
+    assert [f.advice for f in report.findings if f.code == "too_few_photos"] == [
+        f"add {minimum - kept} or more clear photos of your face "
+        f"({POLICY.recommended_min}-{POLICY.recommended_max} work best)"]
     assert not any("(s)" in reason for reason in report.reasons)
     few = check_set(_hashes_far_apart(_varied(minimum)), policy=replace(POLICY, min_photos=1))
     assert [f.message for f in few.findings if f.code == "few_photos"] == [

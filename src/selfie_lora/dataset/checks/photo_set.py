@@ -336,8 +336,10 @@ def check_set(analyses: Sequence[PhotoAnalysis], *, policy: CheckPolicy,
                 "reject", "too_few_photos",
                 f"{_usable(count)}; at least {policy.min_photos} "
                 f"{'is' if policy.min_photos == 1 else 'are'} needed",
-                f"add more clear photos of your face ({policy.recommended_min}-"
-                f"{policy.recommended_max} work best)"))
+                # A number to act on, as few_photos gives: "add more" left the user to work
+                # out how many the minimum still needs.
+                f"add {policy.min_photos - count} or more clear photos of your face "
+                f"({policy.recommended_min}-{policy.recommended_max} work best)"))
         elif count < policy.recommended_min:
             set_findings.append(Finding(
                 "warn", "few_photos",
