@@ -298,3 +298,24 @@ def test_a_command_that_only_reads_leaves_an_older_schema_as_it_is(
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == at_head, result.output
     assert schema_of(url) == [head]
+
+
+@pytest.mark.parametrize("argv", [["gc", "--dry-run"], ["users", "list"]],
+                         ids=["gc-dry-run", "users-list"])
+def test_a_command_that_only_reads_says_a_new_database_is_empty_and_what_creates_its_schema(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    """A new SELFIE_LORA_DATABASE_URL with no tables read "the database's schema (none) is
+    older than this release's (...)", as if some release had made it."""
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    monkeypatch.setenv("SELFIE_LORA_DATABASE_URL", url)
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == (
+        "error: the database has no selfie-lora schema yet (a new or empty database), and this "
+        "command only reads: 'selfie-lora serve' or 'selfie-lora worker' creates it, as does "
+        "any command that changes data (such as 'selfie-lora users create NAME'); nothing was "
+        "changed")
+    # And so it does.
+    assert CliRunner().invoke(app, ["users", "create", "ann"]).exit_code == 0
+    assert schema_of(url) == [head_revision()]

@@ -90,8 +90,16 @@ def require_head(engine: Engine) -> None:
     revisions = _known_revisions(engine) or []
     if revisions == [head_revision()]:
         return
+    if not revisions:
+        # A new SELFIE_LORA_DATABASE_URL (or a database downgraded to nothing) read as "the
+        # database's schema (none) is older than ...": say it is empty and what creates it.
+        raise ConfigError(
+            "the database has no selfie-lora schema yet (a new or empty database), and this "
+            "command only reads: 'selfie-lora serve' or 'selfie-lora worker' creates it, as "
+            "does any command that changes data (such as 'selfie-lora users create NAME'); "
+            "nothing was changed")
     raise ConfigError(
-        f"the database's schema ({', '.join(revisions) or 'none'}) is older than this "
+        f"the database's schema ({', '.join(revisions)}) is older than this "
         f"release's ({head_revision()}), and this command only reads: 'selfie-lora serve' or "
         "'selfie-lora worker' of this release upgrades it, as does any command that changes "
         "data (the older release then no longer starts on it); nothing was changed")
