@@ -589,8 +589,11 @@ def test_a_missing_bucket_is_named_by_every_call(s3_server: S3Server, tmp_path: 
     for call in calls:
         # Old code: put 'could not write ...: FileNotFoundError: Object at location ... not
         # found', list/check '404 Not Found: <?xml ...?>', delete nothing at all.
-        with pytest.raises(StorageError, match="has no bucket 'no-such-bucket-here': check "
-                                               "SELFIE_LORA_STORAGE_URL"):
+        # And what to do: make the bucket, or fix the setting (old code: only "check
+        # SELFIE_LORA_STORAGE_URL", though the setting may be right and the bucket not made).
+        with pytest.raises(StorageError, match=r"has no bucket 'no-such-bucket-here': create it, "
+                                               r"or set SELFIE_LORA_STORAGE_URL to the bucket "
+                                               r"meant$"):
             call()
 
 

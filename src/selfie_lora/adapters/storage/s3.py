@@ -84,7 +84,7 @@ _HINTS = {
     "AccessDenied": "the keys may not do this in this bucket",
     "RequestTimeTooSkewed": "this machine's clock is off",
     "SlowDown": "throttled: the storage asks for fewer requests",
-    "NoSuchBucket": "check SELFIE_LORA_STORAGE_URL",
+    "NoSuchBucket": "create it, or set SELFIE_LORA_STORAGE_URL to the bucket meant",
 }
 _MAX_MESSAGE = 300
 
@@ -348,8 +348,10 @@ class S3BlobStore:
         return StorageError(f"object storage could not {action} {key!r}: {s3_reason(exc)}")
 
     def _no_bucket(self) -> StorageError:
-        return StorageError(f"object storage has no bucket {self.location.bucket!r}: check "
-                            "SELFIE_LORA_STORAGE_URL")
+        # What to do either way: "check the setting" alone left an operator who had set it
+        # right (a new deployment, the bucket never made) looking for a typo.
+        return StorageError(f"object storage has no bucket {self.location.bucket!r}: create it, "
+                            "or set SELFIE_LORA_STORAGE_URL to the bucket meant")
 
     def exists(self, key: str) -> bool:
         check_key(key)
