@@ -1358,7 +1358,7 @@ def test_the_model_page_shows_the_trainer_version_the_first_training_uses(
             assert 'data-status="succeeded"' in train(client)
             page = client.get("/model").text
             assert '<code>local-tiny-v2</code>' in page
-            assert "(pinned by your first training)" in page
+            assert "(pinned: every training uses it)" in page
     finally:
         services.close()
 
