@@ -86,6 +86,28 @@ def test_out_of_range_fields_are_422_never_500(client: TestClient, services: Ser
     assert r.json()["error"]["code"] == "invalid_request"
 
 
+def test_a_body_that_cannot_be_parsed_is_422_as_documented_not_400(
+        client: TestClient, services: Services) -> None:
+    """Bytes that are not UTF-8 sent as JSON, and a form whose multipart framing is broken, were
+    answered 400 http_error, a status no route's OpenAPI entry declares; a JSON syntax error
+    was already 422 invalid_request."""
+    h = auth(services, "ann")
+    json_type = {**h, "Content-Type": "application/json"}
+    for method, path in (("POST", "/api/generate"), ("PATCH", "/api/model"),
+                         ("POST", "/api/keys"), ("POST", "/api/training/start")):
+        r = client.request(method, path, headers=json_type, content=b"\xff\xfe{")
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["error"]["code"] == "invalid_request", path
+        assert "body" in r.json()["error"]["message"], path
+    boundary = "b164b3aec9cfc4f09329a9a4bee94365"
+    r = client.post("/api/training/upload-zip",
+                    headers={**h, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+                    content=f"--{boundary}\r\n-0.5--{boundary}--\r\n".encode())
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "multipart" in r.json()["error"]["message"]
+
+
 @pytest.fixture(params=DATABASES)
 def on_each_database(request: pytest.FixtureRequest,
                      tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:

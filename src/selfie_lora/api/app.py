@@ -229,6 +229,14 @@ def create_app(
             count(request, ErrorCode.INVALID_REQUEST)
             return error_response(422, ErrorCode.INVALID_REQUEST,
                           training.nameless_part(request.url.path, "a part of the upload"), [])
+        if exc.status_code == 400 and not is_page(request.url.path):
+            # FastAPI's and Starlette's one 400: a body that could not be parsed at all (JSON
+            # that is not UTF-8, broken multipart framing). A JSON syntax error is already 422
+            # invalid_request, the status every route with a body declares; 400 is declared by
+            # none, so these are answered the same way.
+            count(request, ErrorCode.INVALID_REQUEST)
+            return error_response(422, ErrorCode.INVALID_REQUEST,
+                                  f"the request's body could not be read: {exc.detail}", [])
         code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(
             exc.status_code, ErrorCode.HTTP_ERROR)
         server = (report_server_error(exc, method=request.method, path=request.url.path)
