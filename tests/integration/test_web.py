@@ -1530,6 +1530,43 @@ def test_the_seed_rule_under_a_batch_says_it_wraps_when_it_does(ann: TestClient)
     assert f"seed 7 ({rule}) ·" in page
 
 
+def _button_names(page: str, text: str) -> list[str]:
+    """The accessible names of the page's buttons and links that read ``text``: the
+    aria-label where there is one, else the text."""
+    names = []
+    for attrs, inner in re.findall(r'<(?:button|a)\b([^>]*)>([^<]*)</(?:button|a)>', page):
+        if inner.strip() == text:
+            label = re.search(r'aria-label="([^"]*)"', attrs)
+            names.append(html.unescape(label.group(1)) if label else inner.strip())
+    return names
+
+
+def test_each_row_s_delete_revoke_use_and_download_says_what_it_acts_on(
+        ann: TestClient) -> None:
+    """Every generation's button was named "Delete", every key's "Revoke", every version's
+    "Use this version" and "Download LoRA": a screen reader's list of buttons said "Delete,
+    Delete, Delete" (a11y review). Each is named for its row now, the visible word first."""
+    two_versions(ann)
+    for prompt in ("a red hat", "a blue coat"):
+        ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": prompt,
+                                    "num_outputs": "1"})
+    deletes = _button_names(ann.get("/generate").text, "Delete")
+    assert len(deletes) == 2
+    assert all(name.startswith("Delete the 1 picture of") for name in deletes), deletes
+    assert "a blue coat" in deletes[0], deletes
+    assert "a red hat" in deletes[1], deletes
+    for name in ("laptop", "phone"):
+        assert ann.post("/settings/keys", data=key_form(ann, name)).status_code == 200
+    revokes = _button_names(ann.get("/settings").text, "Revoke")
+    assert len(revokes) >= 2
+    assert len(set(revokes)) == len(revokes), revokes
+    assert any(name.startswith("Revoke the key laptop (") for name in revokes), revokes
+    versions = ann.get("/versions").text
+    assert _button_names(versions, "Use this version") == ["Use this version, v1"]
+    assert _button_names(versions, "Download LoRA") == ["Download LoRA of v2",
+                                                        "Download LoRA of v1"]
+
+
 def test_a_delete_comes_back_at_the_next_generation_and_says_so(ann: TestClient) -> None:
     """A Delete came back to the top of /generate, focus on the body, and nothing said the
     generation was deleted (browser review 4). It comes back at the generation after it (or
