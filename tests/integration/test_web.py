@@ -1872,6 +1872,19 @@ def test_api_keys_from_the_settings_page_work_and_can_be_revoked(ann: TestClient
     assert ann.get("/api/keys", headers=headers).status_code == 401
 
 
+def test_every_column_of_the_keys_table_has_a_header(ann: TestClient) -> None:
+    """The column of Revoke buttons had an empty header cell, so a screen reader moving
+    through the table read those cells under no column name (a11y review). It is "Actions",
+    visually hidden as the page showed it."""
+    page = ann.get("/settings").text
+    head = re.search(r'<table class="keys">\s*<thead>(.*?)</thead>', page, re.S)
+    assert head, page
+    cells = re.findall(r'<th scope="col">(.*?)</th>', head.group(1))
+    assert len(cells) == 5, cells
+    assert all(re.sub(r"<[^>]+>", "", cell).strip() for cell in cells), cells
+    assert cells[-1] == '<span class="visually-hidden">Actions</span>'
+
+
 def _decoded(value: str) -> str:
     """A cookie value as anyone who sees it reads it: each "."-separated part base64-decoded,
     and inflated where it is zlib (what an itsdangerous value is: signed, not encrypted)."""
