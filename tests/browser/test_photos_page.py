@@ -168,3 +168,20 @@ def test_an_upload_after_the_session_ended_says_so_with_a_way_to_sign_in(
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(f"{server.base_url}/photos")  # back on the page
+
+
+def test_a_photo_s_name_is_read_once_not_again_as_its_picture(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """The thumbnails of the files chosen, of the report and of the current set each had the
+    photo's name as alt beside a caption or line saying the same name: a screen reader read
+    every name twice (a11y review). The pictures are no images to the accessibility tree now;
+    the names are still there, once each."""
+    page, _ = photos_page(chromium, tmp_path, serve)
+    page.set_input_files("#files", [photo("me.jpg", "obama.jpg"), photo("me2.jpg", "obama2.jpg")])
+    previews = page.locator("#previews")
+    assert previews.locator("img").count() == 2  # the pictures are shown
+    assert previews.get_by_role("img").count() == 0
+    assert previews.locator("figcaption").all_inner_texts() == ["me.jpg", "me2.jpg"]
+    send(page)
+    for where in ("#report", "#current-set"):
+        assert page.locator(where).get_by_role("img").count() == 0, where

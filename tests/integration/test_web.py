@@ -2048,6 +2048,8 @@ def test_the_training_status_shows_the_newest_sample_to_its_owner_only(tmp_path:
             newest = f"/train/{training.id}/samples/3.jpg"
             assert f'src="{newest}"' in status
             assert "Sample at step 3" in status
+            # The caption says what it is: the alt repeated it (a11y review).
+            assert f'<img src="{newest}" alt=""' in status
             assert "samples/2.jpg" not in status  # the newest only
             image = client.get(newest)
             assert image.status_code == 200
@@ -2310,6 +2312,32 @@ def test_an_upload_sent_without_scripts_is_answered_with_the_whole_photos_page(
     assert status == 200
     assert "<html" not in fragment
     assert "data-stored=" in fragment
+
+
+def test_a_photo_s_picture_does_not_repeat_the_name_beside_it(ann: TestClient) -> None:
+    """Each thumbnail's alt was the photo's name, and its caption (the current set) or the
+    report's line beside it said the name again: a screen reader read every name twice (a11y
+    review). The pictures' alt is empty in the report, the page's and the script's, and in
+    the current set."""
+    def pictures(page: str, start: str, end: str) -> list[str]:
+        begin = page.index(start)
+        part = page[begin:page.index(end, begin)]
+        return re.findall(r"<img ([^>]*)>", part)
+
+    status, fragment = upload(ann)
+    assert status == 200
+    for where, found in (("report", pictures(fragment, '<ul class="photo-report">', "</ul>")),
+                         ("set", pictures(ann.get("/photos").text, '<section id="current-set"',
+                                          "</section>"))):
+        assert len(found) == 4, (where, found)
+        assert all(' alt=""' in f" {tag}" for tag in found), (where, found)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', ann.get("/photos").text)
+    assert token
+    photos = [("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg")) for i in range(4)]
+    page = ann.post("/photos/upload", data={"csrf_token": token.group(1)}, files=photos).text
+    found = pictures(page, '<section id="report"', '<section id="current-set"')
+    assert len(found) == 4, found
+    assert all(' alt=""' in f" {tag}" for tag in found), found
 
 
 def test_a_refused_upload_without_scripts_reads_the_current_set_off_the_event_loop(

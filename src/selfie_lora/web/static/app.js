@@ -72,7 +72,7 @@
         if (isImage(file)) {
           const img = document.createElement("img");
           img.src = urlFor(file);
-          img.alt = names[index];
+          img.alt = "";  // the caption names it: an alt of the name was read out twice
           img.width = 96;
           img.height = 96;
           figure.appendChild(img);
