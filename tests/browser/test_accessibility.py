@@ -125,3 +125,29 @@ def test_an_upload_sent_from_the_keyboard_gives_the_focus_back_to_its_button(
                            timeout=90_000)
     page.wait_for_timeout(200)  # loadend, after load
     assert page.evaluate("() => document.activeElement.id") == "send"
+
+
+@pytest.mark.parametrize("javascript", [True, False])
+def test_a_refused_upload_s_message_is_said_once(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess],
+        javascript: bool) -> None:
+    """A refused upload's message was an alert in the report and, with scripts, written in the
+    #upload-status live region too: a screen reader said it twice (a11y review). With
+    scripts the live region alone says it; without, the page's message has the focus and is
+    no alert."""
+    page = _ann_on(chromium, tmp_path, serve, "/photos", javascript=javascript)
+    page.set_input_files("#files", [{"name": "a.jpg", "mimeType": "image/jpeg",
+                                     "buffer": b"not a photo"}])
+    page.get_by_role("button", name="Check and upload").click()
+    if javascript:
+        page.wait_for_function("() => !['Sending…', 'Checking your photos…', '1 file(s) chosen']"
+                               ".includes(document.getElementById('upload-status').textContent)",
+                               timeout=90_000)
+        assert page.locator("#upload-status").inner_text() == "Some photos need changes."
+    else:
+        page.locator("#report p.error").wait_for()  # the page the form's answer is
+    message = page.locator("#report p.error")
+    assert message.inner_text().startswith("This set cannot be trained")
+    assert page.get_by_role("alert").count() == 0
+    focused = page.evaluate("() => document.activeElement.id")
+    assert focused == ("send" if javascript else "upload-refused"), focused

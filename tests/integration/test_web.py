@@ -2340,6 +2340,34 @@ def test_a_photo_s_picture_does_not_repeat_the_name_beside_it(ann: TestClient) -
     assert all(' alt=""' in f" {tag}" for tag in found), found
 
 
+def test_a_refused_upload_s_message_is_said_once(ann: TestClient) -> None:
+    """A refused upload's message was a role=alert in the report, and the page's script wrote
+    it (or "Some photos need changes.") in the #upload-status live region too: a screen
+    reader said both (a11y review). The report's message is no live region now; the script
+    finds it by its id. Without scripts, the page's message takes the focus instead (nothing
+    else said it), once."""
+    refused = [("files", ("a.jpg", b"not a photo", "image/jpeg"))]
+    # The script's fragment: a set refused, and a form gone stale.
+    r = ann.post("/photos/upload", headers={"X-CSRF-Token": csrf(ann)}, files=refused)
+    assert r.status_code == 422, r.text
+    assert 'role="alert"' not in r.text
+    assert '<p class="error" id="upload-refused">' in r.text
+    r = ann.post("/photos/upload", headers={"X-CSRF-Token": "stale"}, files=refused)
+    assert r.status_code == 403, r.text
+    assert 'role="alert"' not in r.text
+    assert re.search(r'<p class="error" id="upload-refused">[^<]*this form has expired', r.text)
+    # The whole page, for a form sent without scripts.
+    token = re.search(r'name="csrf_token" value="([^"]+)"', ann.get("/photos").text)
+    assert token
+    for csrf_token, status in ((token.group(1), 422), ("stale", 403)):
+        r = ann.post("/photos/upload", data={"csrf_token": csrf_token}, files=refused)
+        assert r.status_code == status, r.text
+        report = r.text[r.text.index('<section id="report"'):]
+        assert 'role="alert"' not in report
+        assert '<p class="error" id="upload-refused" tabindex="-1" autofocus>' in report
+        assert r.text.count("autofocus") == 1
+
+
 def test_a_refused_upload_without_scripts_reads_the_current_set_off_the_event_loop(
         ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     """A refused upload's page without scripts (a set refused as a whole, a stale token) reads

@@ -196,13 +196,13 @@
             // An upload stored is the current set now: it is shown in place of the old one.
             const current = parsed.querySelector("body > #current-set");
             if (current) document.getElementById("current-set")?.replaceWith(document.adoptNode(current));
-            const alert = fragment.querySelector('[role="alert"]');
+            const refused = fragment.querySelector("#upload-refused");
             // "Some photos need changes" only where the report names photos: a refusal of the
             // whole upload (two files of one name in a zip, too many files) says why.
             status.textContent = xhr.status === 200 ? "Done."
               : xhr.status === 422 && fragment.querySelector("[data-photo-name]")
                 ? "Some photos need changes."
-              : alert?.textContent ?? `The upload failed (${xhr.status}).`;
+              : refused?.textContent ?? `The upload failed (${xhr.status}).`;
           } else if (xhr.responseURL && new URL(xhr.responseURL).pathname === "/signin") {
             sessionEnded();
           } else {
