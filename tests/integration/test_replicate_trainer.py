@@ -322,9 +322,9 @@ def test_429_then_success_honours_retry_after(
     assert result.weights_path.exists()
     assert len(replicate_standin.trainings) == 1
     assert replicate_standin.count("POST", TRAININGS_POST) == 2
-    # The create's 7 s, the poll interval, then the poll's 3 s in 1 s slices (each one asks
-    # whether the training was canceled meanwhile).
-    assert replicate_sleeps[:5] == [7.0, 2.0, 1.0, 1.0, 1.0]
+    # The create's 7 s, the poll interval, then the poll's 3 s, the backoffs in 1 s slices
+    # (each one asks whether the training was canceled meanwhile).
+    assert replicate_sleeps[:11] == [1.0] * 7 + [2.0, 1.0, 1.0, 1.0]
 
 
 def test_500_on_create_is_retried_into_exactly_one_training(
@@ -340,8 +340,8 @@ def test_500_on_create_is_retried_into_exactly_one_training(
 
     assert len(replicate_standin.trainings) == 1
     assert replicate_standin.count("POST", TRAININGS_POST) == 3
-    # exponential backoff: 1 s, then 2 s (before the polls' 2 s interval)
-    assert replicate_sleeps[:2] == [1.0, 2.0]
+    # exponential backoff: 1 s, then 2 s (in 1 s slices; before the polls' 2 s interval)
+    assert replicate_sleeps[:4] == [1.0, 1.0, 1.0, 2.0]
     assert len(replicate_sink.started_ids) == 1
 
 
@@ -645,13 +645,75 @@ def test_a_worker_that_stops_leaves_the_remote_training_running_for_the_next_att
     assert list(replicate_standin.trainings) == [remote_id]
 
 
+def test_a_cancel_asked_before_the_create_creates_no_run(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+) -> None:
+    """The cancel is read once right before the run is made: a run created (and billed) after
+    the user asked to cancel, to be canceled at its first poll, was the old way."""
+    sink = RecordingSink(cancel_after=1)
+
+    with pytest.raises(TrainingCanceledError) as caught:
+        replicate_trainer.train(replicate_job_factory(), sink=sink)
+
+    assert replicate_standin.trainings == {}  # old code: one run, created then canceled
+    assert replicate_standin.count("POST", TRAININGS_POST) == 0
+    # No run id: the service looks for a run whose create's answer was lost, if one began.
+    assert caught.value.remote_ended is False
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/files"),  # the photos' upload
+    ("POST", TRAININGS_POST),  # the create
+    ("GET", "/files/trainings/"),  # the weights' download
+], ids=["upload", "create", "download"])
+@pytest.mark.parametrize("asked", ["cancel", "stop"])
+def test_a_cancel_or_a_stop_during_any_call_s_backoff_is_seen_within_a_second(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer_factory: TrainerFactory,
+    replicate_job_factory: JobFactory,
+    method: str,
+    path: str,
+    asked: str,
+) -> None:
+    """Replicate answers 503 with Retry-After: 60 as the user cancels (or the worker stops):
+    every call's backoff asks every second, not only the polls' (old code: the upload's, the
+    create's and the download's waited out 5 x 60 s, and the create made a run all the same)."""
+    sink = RecordingSink()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        if seconds > 0:  # a backoff (the polls' interval is 0 here): asked during it
+            if asked == "cancel":
+                sink.cancel_after = sink.cancel_checks + 1
+            else:
+                sink.interrupt_after = sink.interrupt_checks + 1
+
+    trainer = replicate_trainer_factory(sleep=sleep, max_retries=5, poll_interval=0.0)
+    replicate_standin.fail_next(method, path, status=503, times=5, retry_after=60)
+
+    expected = TrainingCanceledError if asked == "cancel" else TrainingInterruptedError
+    with pytest.raises(expected):
+        trainer.train(replicate_job_factory(), sink=sink)
+
+    assert sum(slept) <= 1.0, slept  # old code: 300 s (and no error: the call got through)
+    if path != "/files/trainings/":
+        assert replicate_standin.trainings == {}  # nothing created after the ask
+    else:
+        record = replicate_standin.trainings[_only_training(replicate_standin)]
+        assert record.status == "succeeded"  # a stop leaves it for the next attempt
+
+
 def test_cancel_remote_cancels_a_training_nobody_polls(
     replicate_standin: ReplicateStandIn,
     replicate_trainer: ReplicateTrainer,
     replicate_job_factory: JobFactory,
 ) -> None:
+    # Asked once before the create (nothing to stop then), then at the first poll.
     with pytest.raises(TrainingInterruptedError):
-        replicate_trainer.train(replicate_job_factory(), sink=RecordingSink(interrupt_after=1))
+        replicate_trainer.train(replicate_job_factory(), sink=RecordingSink(interrupt_after=2))
     remote_id = _only_training(replicate_standin)
     replicate_trainer.cancel_remote(remote_id)
     assert replicate_standin.trainings[remote_id].cancel_requests == 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -630,6 +630,14 @@ def test_a_lost_create_on_a_busy_account_is_adopted_or_canceled_never_made_twice
             services.close()
 
 
+def _ann_s_training(services: Services) -> tuple[User, str]:
+    """A user and the training her first upload started."""
+    user, _ = services.users.create(name="ann")
+    started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+    assert started.training is not None
+    return user, started.training.id
+
+
 def test_a_cancel_during_a_poll_s_backoff_ends_the_training_within_seconds(
     tmp_path: Path,
 ) -> None:
@@ -640,10 +648,7 @@ def test_a_cancel_during_a_poll_s_backoff_ends_the_training_within_seconds(
         standin.processing_polls = 10_000  # runs until canceled
         services, _ = _services(tmp_path, standin, real_time=True)
         try:
-            user, _ = services.users.create(name="ann")
-            started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
-            assert started.training is not None
-            training_id = started.training.id
+            user, training_id = _ann_s_training(services)
             worker = threading.Thread(target=services.training.run, args=(training_id,))
             worker.start()
             deadline = time.monotonic() + 30
@@ -667,6 +672,53 @@ def test_a_cancel_during_a_poll_s_backoff_ends_the_training_within_seconds(
             assert standin.trainings[t.remote_id].cancel_requests == 1
         finally:
             services.close()
+
+
+def test_a_cancel_during_the_create_s_backoff_ends_the_training_and_creates_no_run(
+    tmp_path: Path,
+) -> None:
+    """Replicate answers the create 503 with Retry-After: 60 just as the user cancels: the
+    create's backoff asks about the cancel every second, as a poll's does, and no run is made
+    (old code: the whole backoff waited out, 2 x 60 s here, 5 minutes with the defaults, then a
+    run created and billed, to be canceled at its first poll)."""
+    with ReplicateStandIn() as standin:
+        clock = _AskingClock()
+        services, _ = _services(tmp_path, standin, clock=clock)
+        try:
+            user, training_id = _ann_s_training(services)
+            standin.fail_next("POST", "/v1/models/*/trainings", status=503, times=2,
+                              retry_after=60)
+            # The user cancels in the first second of the backoff (the worker holds the
+            # training, its heartbeat live: the cancel only sets the flag).
+            clock.on_first_sleep = lambda: services.training.cancel(user=user,
+                                                                    training_id=training_id)
+
+            services.training.run(training_id)
+
+            t = services.repo.get_training(training_id)
+            assert t is not None
+            assert t.status is TrainingStatus.CANCELED, t.error
+            assert clock.slept <= 1.0, clock.slept  # old code: 120 s
+            assert standin.trainings == {}  # old code: one run, created after the cancel
+            assert t.remote_id is None
+        finally:
+            services.close()
+
+
+class _AskingClock(FakeClock):
+    """A fake clock that runs ``on_first_sleep`` once, in the first sleep that passes time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_first_sleep: Callable[[], object] | None = None
+        self.slept = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        self.slept += seconds
+        if seconds > 0 and self.on_first_sleep is not None:
+            asked, self.on_first_sleep = self.on_first_sleep, None
+            asked()
 
 
 def test_a_lost_create_while_the_list_fails_too_steps_away_and_is_adopted(tmp_path: Path) -> None:

@@ -433,7 +433,8 @@ class ReplicateSession:
         return {}
 
     def upload(
-        self, data: bytes, *, filename: str, content_type: str, metadata: dict[str, Any]
+        self, data: bytes, *, filename: str, content_type: str, metadata: dict[str, Any],
+        stop: Callable[[], bool] | None = None,
     ) -> dict[str, Any]:
         """``POST /v1/files`` as the official client does it, but with a timeout (the client
         uploads with none, which can hang a worker for ever). Returns the file object."""
@@ -453,7 +454,7 @@ class ReplicateSession:
                 raise ValueError("file upload answer has no urls")
             return body
 
-        return self.call("upload the photos", send)
+        return self.call("upload the photos", send, stop=stop)
 
     def get_json(self, path: str, *, what: str, parse: Callable[[Any], T] | None = None,
                  stop: Callable[[], bool] | None = None) -> Any:
@@ -499,7 +500,8 @@ class ReplicateSession:
 
         return self.call(what, send, reconcile=reconcile)
 
-    def download(self, url: str, *, max_bytes: int, what: str) -> bytes:
+    def download(self, url: str, *, max_bytes: int, what: str,
+                 stop: Callable[[], bool] | None = None) -> bytes:
         """GET ``url`` (retrying), refusing more than ``max_bytes``; a ``data:`` URL (the client's
         form of a small output) is decoded, under the same cap. A URL that cannot be read is
         refused (Replicate's answer is at fault; trying again fetches the same), and so is one,
@@ -539,7 +541,7 @@ class ReplicateSession:
                 return b"".join(chunks)
 
         try:
-            return self.call(what, fetch)
+            return self.call(what, fetch, stop=stop)
         except _OutputRefusedError as exc:
             raise self._failures.refused(
                 f"HTTP {exc.status} when trying to {what} (an expired or withdrawn output)",

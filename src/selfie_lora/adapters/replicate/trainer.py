@@ -33,7 +33,7 @@ import zipfile
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 from replicate.exceptions import ReplicateError
@@ -238,14 +238,28 @@ class ReplicateTrainer:
                 ),
             ) from exc
         destination = self._destination(job.destination)
+
+        # Every retried call's backoff asks this every second, not only the polls': a cancel or
+        # a worker stop waited out the create's, the upload's or the download's whole backoff
+        # (up to 5 minutes with Retry-After), and a run was created (billed) after the cancel.
+        def stop() -> bool:
+            return sink.interrupted() or sink.cancel_requested()
+
         with self.session() as session:
             if job.remote_id:
                 remote_id = job.remote_id
                 logger.info("training %s: resuming Replicate training %s", job.training_id, remote_id)
-                training = _get_training(session, remote_id, what="read the training")
+                try:
+                    training = _get_training(session, remote_id, what="read the training",
+                                             stop=stop)
+                except CallStoppedError:
+                    self._stopped(session, job, remote_id, sink)
             else:
-                self._ensure_destination(session, destination)
-                training = self._create(session, job, destination, sink)
+                try:
+                    self._ensure_destination(session, destination, stop=stop)
+                    training = self._create(session, job, destination, sink, stop=stop)
+                except CallStoppedError:
+                    self._stopped(session, job, None, sink)
                 logger.info(
                     "training %s: Replicate training %s of %s into %s",
                     job.training_id,
@@ -255,7 +269,10 @@ class ReplicateTrainer:
                 )
                 sink.started(remote_id=training.id)
             finished = self._wait(session, job, training, sink)
-            return self._collect(session, job, finished, destination)
+            try:
+                return self._collect(session, job, finished, destination, stop=stop)
+            except CallStoppedError:
+                self._stopped(session, job, finished.id, sink)
 
     def _destination(self, destination: str) -> str:
         if "/" not in destination:
@@ -267,7 +284,8 @@ class ReplicateTrainer:
 
     # ----------------------------------------------------------------- destination
 
-    def _ensure_destination(self, session: ReplicateSession, destination: str) -> None:
+    def _ensure_destination(self, session: ReplicateSession, destination: str, *,
+                            stop: Callable[[], bool] | None = None) -> None:
         with self._ensured_lock:
             if destination in self._ensured:
                 return
@@ -292,8 +310,8 @@ class ReplicateTrainer:
                 raise
             return True
 
-        if not session.call("look up the destination model", lookup):
-            if session.call("create the destination model", create):
+        if not session.call("look up the destination model", lookup, stop=stop):
+            if session.call("create the destination model", create, stop=stop):
                 logger.info("created Replicate model %s (private)", destination)
             else:
                 logger.info("Replicate model %s already existed", destination)
@@ -308,12 +326,15 @@ class ReplicateTrainer:
         job: TrainingJob,
         destination: str,
         sink: ProgressSink,
+        *,
+        stop: Callable[[], bool],
     ) -> Training:
         # The upload an earlier attempt stored before its create: its run is matched exactly.
         uploads: set[str] = {job.remote_marker} if job.remote_marker else set()
 
         def find_existing() -> Training | None:
-            found = self._find_existing(session, job.training_id, destination, uploads)
+            found = self._find_existing(session, job.training_id, destination, uploads,
+                                        stop=stop)
             if found is not None:
                 logger.warning(
                     "training %s: adopting Replicate training %s created by an earlier attempt",
@@ -335,6 +356,7 @@ class ReplicateTrainer:
             filename=f"selfie-lora-{job.training_id}.zip",
             content_type="application/zip",
             metadata={MARKER_METADATA_KEY: job.training_id},
+            stop=stop,
         )
         input_url = str(uploaded["urls"]["get"])
         # Stored before the create (fenced: a worker that lost the training creates nothing), so
@@ -371,7 +393,10 @@ class ReplicateTrainer:
                 webhook_events_filter=self._webhook_events,
             )
 
-        return session.call("create the training", create, reconcile=find_existing)
+        # Asked once more right before the run is made: a cancel asked by now creates none.
+        if stop():
+            raise CallStoppedError("stopped before creating the training")
+        return session.call("create the training", create, reconcile=find_existing, stop=stop)
 
     def _find_existing(
         self,
@@ -379,6 +404,8 @@ class ReplicateTrainer:
         training_id: str,
         destination: str,
         uploads: set[str],
+        *,
+        stop: Callable[[], bool] | None = None,
     ) -> Training | None:
         """A training already created for this job, from the newest pages of the list.
 
@@ -396,7 +423,7 @@ class ReplicateTrainer:
         lookups = 0
         path = "/v1/trainings"
         for _ in range(_MAX_LIST_PAGES):
-            page = session.get_json(path, what="list recent trainings")
+            page = session.get_json(path, what="list recent trainings", stop=stop)
             results = page.get("results") if isinstance(page, dict) else None
             for item in results if isinstance(results, list) else []:
                 remote_id = item.get("id") if isinstance(item, dict) else None
@@ -409,24 +436,21 @@ class ReplicateTrainer:
                 if not isinstance(images, str):
                     continue
                 if images in uploads:
-                    return self._read_training(session, remote_id)
+                    return _get_training(session, remote_id, what="read the training", stop=stop)
                 # With a stored upload URL the match is exact; only a row from before it was
                 # stored (no marker) is looked for by its uploads' metadata, within a budget.
                 if not uploads and lookups < _MAX_FILE_LOOKUPS and _recent(item):
                     file_id = self._own_file_id(session, images)
                     if file_id is not None:
                         lookups += 1
-                        if self._file_marker(session, file_id) == training_id:
-                            return self._read_training(session, remote_id)
+                        if self._file_marker(session, file_id, stop=stop) == training_id:
+                            return _get_training(session, remote_id, what="read the training",
+                                                 stop=stop)
             following = _next_page(page)
             if following is None:
                 break
             path = following
         return None
-
-    @staticmethod
-    def _read_training(session: ReplicateSession, remote_id: str) -> Training:
-        return _get_training(session, remote_id, what="read the training")
 
     @staticmethod
     def _own_file_id(session: ReplicateSession, url: str) -> str | None:
@@ -436,7 +460,8 @@ class ReplicateTrainer:
         return match.group(1) if match else None
 
     @staticmethod
-    def _file_marker(session: ReplicateSession, file_id: str) -> str | None:
+    def _file_marker(session: ReplicateSession, file_id: str, *,
+                     stop: Callable[[], bool] | None) -> str | None:
         def read() -> str | None:
             try:
                 found = session.client.files.get(file_id)
@@ -447,7 +472,7 @@ class ReplicateTrainer:
             value = (found.metadata or {}).get(MARKER_METADATA_KEY)
             return value if isinstance(value, str) else None
 
-        return session.call("read an uploaded file", read)
+        return session.call("read an uploaded file", read, stop=stop)
 
     # ----------------------------------------------------------------- wait
 
@@ -529,10 +554,28 @@ class ReplicateTrainer:
                 training = _get_training(session, remote_id, what="check on the training",
                                          stop=lambda: sink.interrupted() or sink.cancel_requested())
             except CallStoppedError:
-                self._stop_if_asked(session, job, remote_id, sink)
-                raise TrainingInterruptedError(  # asked, then no longer (the row was reread)
-                    f"training {job.training_id}: a poll was stopped; Replicate training "
-                    f"{remote_id} keeps running") from None
+                self._stopped(session, job, remote_id, sink)
+
+    def _stopped(self, session: ReplicateSession, job: TrainingJob, remote_id: str | None,
+                 sink: ProgressSink) -> NoReturn:
+        """After a call's backoff was stopped (``CallStoppedError``): the worker stops, or the
+        user canceled (the run, ``remote_id``, is canceled; with none yet, the service looks
+        for one whose create's answer was lost, if a create began)."""
+        if remote_id is not None:
+            self._stop_if_asked(session, job, remote_id, sink)
+        elif sink.interrupted():
+            raise TrainingInterruptedError(
+                f"training {job.training_id}: the worker stops before its Replicate training "
+                "was created")
+        elif sink.cancel_requested():
+            raise TrainingCanceledError(
+                f"training {job.training_id} canceled by request before its Replicate training "
+                "was created",
+                user_message="The training was canceled.", remote_ended=False,
+            )
+        raise TrainingInterruptedError(  # asked, then no longer (the row was reread)
+            f"training {job.training_id}: a call to Replicate was stopped"
+            + (f"; Replicate training {remote_id} keeps running" if remote_id else ""))
 
     def _stop_if_asked(self, session: ReplicateSession, job: TrainingJob, remote_id: str,
                        sink: ProgressSink) -> None:
@@ -580,10 +623,13 @@ class ReplicateTrainer:
         job: TrainingJob,
         training: Training,
         destination: str,
+        *,
+        stop: Callable[[], bool],
     ) -> TrainingResult:
         url, where = find_weights_url(training.output)
         try:
-            data = session.download(url, max_bytes=self._max_weights_bytes, what="download the LoRA weights")
+            data = session.download(url, max_bytes=self._max_weights_bytes,
+                                    what="download the LoRA weights", stop=stop)
         except TrainingFailedError as exc:  # a 4xx: the output is gone (they expire in ~1 h)
             raise WeightsNotFoundError(
                 f"could not download the weights of Replicate training {training.id}: {exc}",
@@ -605,7 +651,7 @@ class ReplicateTrainer:
         output = training.output
         remote_version = output.get("version") if isinstance(output, dict) else None
         if not isinstance(remote_version, str) or not remote_version:
-            remote_version = self._latest_version(session, destination)
+            remote_version = self._latest_version(session, destination, stop=stop)
         mismatch = False
         if remote_version is not None:
             model = remote_version.split(":", 1)[0]
@@ -632,7 +678,7 @@ class ReplicateTrainer:
                 job.trainer_version,
             )
             metrics["trainer_version_ran"] = ran
-        predict_time = _predict_time(session, training)
+        predict_time = _predict_time(session, training, stop=stop)
         if predict_time is not None:
             metrics["predict_time"] = predict_time
         return TrainingResult(
@@ -658,10 +704,12 @@ class ReplicateTrainer:
             return weights
 
     @staticmethod
-    def _latest_version(session: ReplicateSession, destination: str) -> str | None:
+    def _latest_version(session: ReplicateSession, destination: str, *,
+                        stop: Callable[[], bool]) -> str | None:
         """The destination's newest version, for outputs that carry no ``version``."""
         try:
-            model = session.call("read the destination model", lambda: session.client.models.get(destination))
+            model = session.call("read the destination model",
+                                 lambda: session.client.models.get(destination), stop=stop)
         except TrainerError as exc:
             logger.warning("could not read %s's latest version: %s", destination, exc)
             return None
@@ -749,10 +797,12 @@ def _trainer_version_ran(training: Training, pinned: str) -> str | None:
     return None if ran == pinned else ran
 
 
-def _predict_time(session: ReplicateSession, training: Training) -> float | None:
+def _predict_time(session: ReplicateSession, training: Training, *,
+                  stop: Callable[[], bool]) -> float | None:
     """Replicate's ``metrics.predict_time`` (billed seconds), else the timestamps' difference."""
     try:
-        raw = session.get_json(f"/v1/trainings/{training.id}", what="read the training's metrics")
+        raw = session.get_json(f"/v1/trainings/{training.id}", what="read the training's metrics",
+                               stop=stop)
     except TrainerError as exc:
         logger.info("no metrics for Replicate training %s: %s", training.id, exc)
         raw = None
