@@ -6,6 +6,7 @@ attempts and cancels the remote run. On the Replicate stand-in, with the real ad
 
 from __future__ import annotations
 
+import errno
 import io
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from replicate.client import Client
 
+from selfie_lora.adapters.replicate import trainer as trainer_module
 from selfie_lora.adapters.replicate.session import ReplicateConnection
 from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
@@ -226,6 +228,39 @@ def test_a_storage_outage_while_the_weights_are_copied_is_survived(rig: Rig) -> 
     version = rig.services.repo.get_version(t.version_id)
     assert version is not None
     assert rig.services.blobs.get(version.weights_key) == rig.standin.weights_for(t.remote_id)
+
+
+def test_a_full_disk_while_the_weights_are_written_steps_away_and_the_next_attempt_stores_them(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's disk refuses the downloaded LoRA (full): that machine's fault, not the
+    training's, as for the local backend. The worker steps away, the run kept, and the next
+    attempt downloads its output again (old code: failed for good, 'internal error')."""
+    real = trainer_module._write_atomically
+    refusals = [1]
+
+    def full_once(path: Path, data: bytes) -> None:
+        if refusals[0] > 0:
+            refusals[0] -= 1
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(trainer_module, "_write_atomically", full_once)
+    rig.services.training.run(rig.training_id)
+
+    t = rig.training()
+    assert not t.status.is_terminal, t.error  # old code: failed
+    assert t.error == "the trained LoRA could not be written on the worker's disk"
+    assert t.remote_id is not None
+    assert rig.standin.trainings[t.remote_id].cancel_requests == 0
+
+    rig.later()
+    rig.services.training.run(rig.training_id)
+
+    t = rig.training()
+    assert t.status is TrainingStatus.SUCCEEDED, t.error
+    assert t.version_id is not None
+    assert rig.remote_runs() == 1
 
 
 def test_an_outage_that_never_ends_fails_after_the_attempts_and_cancels_the_remote_run(

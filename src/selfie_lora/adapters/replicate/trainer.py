@@ -60,6 +60,7 @@ from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
     InvalidInputError,
+    StorageError,
     TrainerError,
     TrainerUnavailableError,
     TrainingCanceledError,
@@ -640,9 +641,18 @@ class ReplicateTrainer:
             ) from exc
         weights, detail = extract_safetensors(data, source_name=url, max_bytes=self._max_weights_bytes)
         weights = self._normalized(weights, training_id=job.training_id)
-        job.work_dir.mkdir(parents=True, exist_ok=True)
         path = job.work_dir / "lora.safetensors"
-        _write_atomically(path, weights)
+        try:
+            job.work_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomically(path, weights)
+        except OSError as exc:
+            # This machine's disk (full, read-only), not the training: a StorageError, as the
+            # local backend raises, so the worker steps away and the next attempt (with room, or
+            # on another machine) adopts the run by its id and downloads its output again
+            # (Replicate keeps it about an hour). A bare OSError failed the paid training for
+            # good, as an internal error.
+            raise StorageError(f"the trained LoRA cannot be written to {path}: "
+                               f"{exc.strerror or exc}") from exc
         method = f"replicate {where}: {detail}"
         logger.info(
             "training %s: LoRA weights found via %s (%d bytes)", job.training_id, method, len(weights)
