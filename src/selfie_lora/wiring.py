@@ -392,6 +392,7 @@ def build_services(
         models=ModelService(
             repo=repo, blobs=blobs, converter=FluxLoraConverter(),
             repin_policy=settings.repin_policy,
+            defaults=lambda: training_defaults(settings),
             download_url_expiry=(timedelta(seconds=settings.download_url_seconds)
                                  if settings.download_urls else None)),
         generation=generation,

@@ -23,6 +23,7 @@ from selfie_lora.adapters.replicate.session import GENERATOR_FAILURES
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
 from selfie_lora.dataset.limits import UploadedFile
+from selfie_lora.domain.recipes import DEFAULT_REPLICATE_TRAINER_VERSION
 from selfie_lora.errors import GenerationError, InvalidInputError, StorageError
 from selfie_lora.services.generation import MAX_SEED
 from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
@@ -476,6 +477,42 @@ def test_an_explicit_repin_to_the_version_shown_before_the_first_training_is_kep
         assert r.status_code == 202, r.text
         assert r.json()["training"]["trainer_version"] == "local-tiny-v2"
         assert r.json()["model"]["trainer_version"] == "local-tiny-v2"
+
+
+def test_a_repin_before_the_first_training_follows_the_configured_backend(
+        tmp_path: Path) -> None:
+    """Made under the local backend (an upload that started nothing), served with Replicate:
+    the model page showed the Replicate default version, but a PATCH to it answered 422 "not a
+    local trainer version" (checked against the upload's row), and a PATCH back to the upload's
+    local-tiny-v2 was recorded as the user's pin, so the first training went to the local
+    backend on a server configured for Replicate. The re-pin is now relative to the pin the
+    first training would take: the version shown is kept with its backend and destination,
+    and the other backend's version is refused, nothing recorded."""
+    with serving(make_settings(tmp_path, trainer_version="local-tiny-v2")) as (client, svc):
+        h = auth(svc, "ann")
+        assert upload(client, h, start=False)["model"]["backend"] == "local"
+    replicate = make_settings(tmp_path, trainer="replicate", replicate_owner="acme",
+                              replicate_api_token="r8_dummy")
+    with serving(replicate) as (client, svc):
+        r = client.patch("/api/model", headers=h, json={
+            "trainer_version": "local-tiny-v2", "reason": "the one GET /api/model said"})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "invalid_trainer_version"
+        assert changes_logged(client, h) == []
+        assert client.get("/api/model", headers=h).json()["backend"] == "local"  # untouched
+        r = client.patch("/api/model", headers=h, json={
+            "trainer_version": DEFAULT_REPLICATE_TRAINER_VERSION, "reason": "the one shown"})
+        assert r.status_code == 200, r.text
+        assert (r.json()["backend"], r.json()["trainer_version"]) == (
+            "replicate", DEFAULT_REPLICATE_TRAINER_VERSION)
+        assert r.json()["destination"].startswith("acme/")
+        assert [(e["data"]["to"], e["data"]["reason"]) for e in changes_logged(client, h)] == [
+            (DEFAULT_REPLICATE_TRAINER_VERSION, "the one shown")]
+        # Replicate trains at 1024 px: photos whose faces are large enough.
+        started = upload(client, h, photo_zip(4, size=1024))
+        assert started["training"]["backend"] == "replicate"
+        assert started["training"]["trainer_version"] == DEFAULT_REPLICATE_TRAINER_VERSION
+        assert started["model"]["destination"] == r.json()["destination"]
 
 
 def test_a_repin_without_a_reason_answers_reason_required_with_the_services_words(

@@ -13,7 +13,9 @@ from selfie_lora.domain.entities import GateStatus, Model, User, Version
 from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.domain.plan import (
     DEFAULT_LORA_SCALE,
+    TrainingDefaults,
     check_version_fits_base_model,
+    pin_for_training,
     repin_is_recorded,
     validate_lora_scale,
     with_trainer_version,
@@ -104,8 +106,14 @@ class ModelService:
     def __init__(self, *, repo: Repository, blobs: BlobStore,
                  download_url_expiry: timedelta | None = None,
                  converter: WeightsConverter | None = None,
-                 repin_policy: RepinPolicy | None = None) -> None:
+                 repin_policy: RepinPolicy | None = None,
+                 defaults: Callable[[], TrainingDefaults] | None = None) -> None:
         self._repo = repo
+        # What the configuration says now (a callable, as TrainingService's): a model never
+        # trained nor re-pinned is re-pinned relative to the pin its first training would take
+        # (the model page's), not to the row stored at its upload. None: the stored row is that
+        # pin (tests that never reconfigure).
+        self._defaults = defaults
         # Which trainer versions a user may re-pin to (default: the built-in Replicate trainer's
         # versions and every local recipe).
         self._repin_policy = repin_policy or RepinPolicy()
@@ -198,26 +206,39 @@ class ModelService:
         with self._repo.atomic() as tx:
             model = _users_model(tx, user, for_update=True)
             if trainer_version is not None:
-                version = self._repin_policy.check(backend=model.backend,
-                                                   trainer_version=trainer_version)
-                changed = with_trainer_version(model, version)
                 trainings = tx.list_trainings(model.id)
                 facts = pin_facts(tx, model, trainings=trainings)
+                # The pin the re-pin moves: before the first training and any re-pin, the one
+                # that training would take (the configured backend, its destination and
+                # version: what the model page shows), not the upload's row. Against the row,
+                # a server moved from local to Replicate refused the Replicate version the
+                # page showed, and a PATCH back to the upload's local version was recorded as
+                # the user's pin, sending the first training to the old backend.
+                base = model if self._defaults is None else pin_for_training(
+                    model, self._defaults(), trained_before=facts.trained_before,
+                    repinned_by_user=facts.repinned_by_user)
+                version = self._repin_policy.check(backend=base.backend,
+                                                   trainer_version=trainer_version)
+                changed = with_trainer_version(base, version)
                 # On a model never trained, a re-pin to the version it shows is recorded too:
                 # without its event the first training would take the configured version.
-                if repin_is_recorded(pinned=model.trainer_version,
+                if repin_is_recorded(pinned=base.trainer_version,
                                      requested=changed.trainer_version,
                                      trained_before=facts.trained_before,
                                      repinned_before=facts.repinned_by_user):
                     if any(t.status.is_active for t in trainings):
                         raise ConflictError("wait for the running training to end before "
                                             "re-pinning")
-                    tx.set_model_trainer_version(model.id, changed.trainer_version)
+                    # The backend and destination with the version: the event makes this the
+                    # pin (pin_for_training keeps the row), so the row must be the whole pin.
+                    tx.set_model_pin(model.id, backend=changed.backend,
+                                     trainer_version=changed.trainer_version,
+                                     destination=changed.destination)
                     tx.add_event(model_id=model.id, kind=REPINNED_EVENT, data={
-                        "from": model.trainer_version, "to": changed.trainer_version,
+                        "from": base.trainer_version, "to": changed.trainer_version,
                         "reason": reason,
                     })
-                    repinned = (model.trainer_version, changed.trainer_version)
+                    repinned = (base.trainer_version, changed.trainer_version)
             if scale is not None:
                 tx.set_model_lora_scale(model.id, scale, is_custom=True)
                 tx.add_event(model_id=model.id, kind="lora_scale_set",
