@@ -108,6 +108,25 @@ def test_a_body_that_cannot_be_parsed_is_422_as_documented_not_400(
     assert "multipart" in r.json()["error"]["message"]
 
 
+def test_more_files_than_the_form_parser_takes_are_too_many_members(
+        client: TestClient, services: Services) -> None:
+    """1001 files (past Starlette's 1000 files or fields) were answered 422 invalid_request
+    "the request's body could not be read: Too many files...", though the form was well made
+    and 999 files got too_many_members: a client branching on that code missed it."""
+    h = auth(services, "ann")
+    limit = services.intake.limits.max_members
+    for files, data, sent in (
+            ([("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(1001)], None,
+             "more than 1000 files sent"),
+            ([("files", ("0.jpg", b"x", "image/jpeg"))], {f"f{i}": "x" for i in range(1001)},
+             "more than 1000 form fields sent")):
+        r = client.post("/api/training/upload", headers=h, files=files, data=data)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"] == {
+            "code": "too_many_members", "details": [],
+            "message": f"{sent}; at most {limit} files are accepted"}
+
+
 @pytest.fixture(params=DATABASES)
 def on_each_database(request: pytest.FixtureRequest,
                      tmp_path: Path) -> Iterator[tuple[TestClient, Services]]:

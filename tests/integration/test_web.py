@@ -677,6 +677,17 @@ def test_an_upload_sent_without_photos_is_stopped_and_error_titles_say_what_fail
     assert page_title(r.text) == "Generate refused · selfie-lora"
 
 
+def test_more_files_than_the_form_parser_takes_get_the_refused_upload_page(
+        ann: TestClient) -> None:
+    """1001 files on the photos page (past Starlette's 1000): a page saying too many files, as
+    201 get, not one saying the form parser's "Too many files. Maximum number..." with 400."""
+    files = [("files", (f"{i}.jpg", b"x", "image/jpeg")) for i in range(1001)]
+    r = ann.post("/photos/upload", files=files, headers={"X-CSRF-Token": csrf(ann)})
+    assert r.status_code == 422, r.text
+    assert page_title(r.text) == "Upload refused · selfie-lora"
+    assert "more than 1000 files sent; at most 200 files are accepted" in r.text
+
+
 def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
                                                                 svc: Services) -> None:
     tiny = synthetic_photo(99, size=24)

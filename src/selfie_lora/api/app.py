@@ -27,11 +27,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from selfie_lora.api import account, generation, keys, likeness, model, training, webhooks
 from selfie_lora.api.deps import in_thread, intake_limiter, upload_slots
 from selfie_lora.api.error_body import error_response
-from selfie_lora.api.guard import UPLOAD_PATHS, Guard, Limits, guard_answered
+from selfie_lora.api.guard import UPLOAD_PATHS, WEB_UPLOAD_PATHS, Guard, Limits, guard_answered
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.api.stopping import ServerStopping
 from selfie_lora.config import Settings
+from selfie_lora.dataset.archive import too_many_parts
 from selfie_lora.errors import ClientGoneError, ErrorCode, SelfieLoraError
 from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED
 from selfie_lora.web import pages
@@ -229,6 +230,12 @@ def create_app(
             count(request, ErrorCode.INVALID_REQUEST)
             return error_response(422, ErrorCode.INVALID_REQUEST,
                           training.nameless_part(request.url.path, "a part of the upload"), [])
+        if exc.status_code == 400 and request.url.path in UPLOAD_PATHS | WEB_UPLOAD_PATHS:
+            # The form parser's limit of 1000 files or fields: a well-made upload of too many
+            # files, refused as the intake refuses 201 (422 too_many_members, or its page).
+            refused = too_many_parts(str(exc.detail), limits=svc.intake.limits)
+            if refused is not None:
+                return await _domain_error(request, refused)
         if exc.status_code == 400 and not is_page(request.url.path):
             # FastAPI's and Starlette's one 400: a body that could not be parsed at all (JSON
             # that is not UTF-8, broken multipart framing). A JSON syntax error is already 422

@@ -916,5 +916,22 @@ def _too_many(count: int, limits: UploadLimits, *, at_least: bool = False) -> In
                    f"({limits.max_entries} entries in all) are accepted")
 
 
+def too_many_parts(detail: str, *, limits: UploadLimits) -> InvalidInputError | None:
+    """The intake's ``too_many_members`` refusal of a multipart upload the form parser stopped
+    before the intake counted its files: Starlette refuses a form of more than 1000 files or
+    fields (its ``max_files``/``max_fields``) with a 400 whose ``detail`` is "Too many files.
+    Maximum number of files is 1000." (or fields). That form is well made, only too big, so it
+    gets the answer 201 files get, not "the body could not be read". None for any other
+    detail."""
+    found = re.fullmatch(r"Too many (files|fields)\. Maximum number of \1 is (\d+)\.", detail)
+    if found is None:
+        return None
+    kind, most = found.groups()
+    sent = "files" if kind == "files" else "form fields"
+    return _refuse(ErrorCode.TOO_MANY_MEMBERS,
+                   f"more than {most} {sent} sent; at most {limits.max_members} files are "
+                   "accepted")
+
+
 def _refuse(code: ErrorCode, message: str, *, details: list[str] | None = None) -> InvalidInputError:
     return InvalidInputError(message, code=code, details=details or [])
