@@ -22,11 +22,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from selfie_lora import cli
+from selfie_lora import cli, wiring
 from selfie_lora.adapters.db import tables
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Recipe, Training, TrainingStatus, User
-from selfie_lora.errors import ConflictError, DeploymentMismatchError, ForbiddenError
+from selfie_lora.errors import (
+    ConflictError,
+    DeploymentMismatchError,
+    ForbiddenError,
+    StorageError,
+)
 from selfie_lora.services import gc as gc_module
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import (
@@ -998,6 +1003,64 @@ def test_a_pending_deletion_on_another_deployments_storage_stays_pending(
     services.blobs.put(DEPLOYMENT_KEY, was)
     assert [s.name for s in services.erasure.finish_pending()] == ["ann"]
     assert services.repo.get_user(ann_id) is None
+
+
+class MarkerUnreachable:
+    """A blob store whose marker cannot be read once ``unreachable`` is set: the object
+    storage timing out at that moment."""
+
+    def __init__(self, blobs: Any) -> None:
+        self._blobs = blobs
+        self.unreachable = False
+
+    def get(self, key: str) -> bytes:
+        if self.unreachable and key == DEPLOYMENT_KEY:
+            raise StorageError(f"the storage timed out reading {key}")
+        return self._blobs.get(key)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._blobs, name)
+
+
+def test_a_pending_deletion_whose_storage_cannot_be_read_stays_pending_and_gc_says_its_summary(
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``finish_pending`` caught only the marker naming another deployment: a StorageError
+    reading it (the store unreachable) escaped, so ``gc``, which calls it after its
+    collection, exited 1 with the storage's words alone, its summary never said. Now it is
+    logged, nothing is claimed, and gc ends as it would with the deletion not yet due."""
+    services = on_services
+    asked = her_deletion_due(services, client, monkeypatch)
+    store = MarkerUnreachable(services.blobs)
+    store.unreachable = True
+    caplog.set_level(logging.WARNING, logger="selfie_lora.services.erasure")
+    on_it = build_services(services.settings, blobs=store, trainers={}, generators={})
+    try:
+        assert on_it.erasure.finish_pending() == []
+    finally:
+        on_it.close()
+    assert any("stay pending and are tried again" in m for m in caplog.messages), caplog.messages
+    still = services.repo.get_user(asked.id)
+    assert still is not None
+    assert still.erasure_requested_at == asked.erasure_requested_at  # not claimed
+
+    gc_store = MarkerUnreachable(wiring.default_blob_store(services.settings))
+    monkeypatch.setattr(wiring, "default_blob_store", lambda _settings: gc_store)
+    collect = gc_module.GarbageCollector.collect
+
+    def collect_then_lose_the_store(self: gc_module.GarbageCollector, **kwargs: Any) -> Any:
+        summary = collect(self, **kwargs)
+        gc_store.unreachable = True  # after the collection, before the pending deletions
+        return summary
+
+    monkeypatch.setattr(gc_module.GarbageCollector, "collect", collect_then_lose_the_store)
+    code, said = run("gc")
+    assert gc_store.unreachable
+    assert code == 0, said
+    assert "deletion of user ann pending" in said
+    assert "garbage collection:" in said
+    assert "deleted user ann" not in said
+    assert services.repo.get_user(asked.id) is not None
 
 
 def test_on_object_storage_every_blob_of_hers_goes_and_his_stay(

@@ -52,6 +52,7 @@ from selfie_lora.errors import (
     DeploymentMismatchError,
     ErrorCode,
     SelfieLoraError,
+    StorageError,
 )
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.gc import GarbageCollector
@@ -204,6 +205,15 @@ class AccountEraser:
             except DeploymentMismatchError as exc:
                 # A refusal, not a failure: its message says what to check; no traceback.
                 logger.warning("%s", exc.message)
+                return []
+            except StorageError as exc:
+                # The marker could not be read (the store unreachable, timing out): nothing is
+                # claimed, so each stays due as it was. Not raised: ``gc`` calls this after its
+                # collection, which must still say what it deleted, and a worker's next check
+                # tries again.
+                logger.warning("the storage could not be read to finish %d pending account "
+                               "deletion(s): %s; they stay pending and are tried again at the "
+                               "next check of a worker, serve or gc", len(pending), exc.message)
                 return []
         finished: list[ErasureSummary] = []
         for user in pending:
