@@ -233,10 +233,11 @@ def test_targeted_model_updates_do_not_clobber_each_other(repo: SqlRepository) -
     now = repo.get_model(model.id)
     assert now is not None
     assert (now.lora_scale, now.lora_scale_is_custom, now.active_version_id) == (0.6, True, "v1")
-    repo.set_model_trainer_version(model.id, "local-flux-v1")
+    repo.set_model_pin(model.id, backend="local", trainer_version="local-flux-v1",
+                       destination=model.destination)
     now = repo.get_model(model.id)
     assert now is not None
-    assert now.trainer_version == "local-flux-v1"
+    assert (now.backend, now.trainer_version) == ("local", "local-flux-v1")
     assert now.lora_scale == 0.6
 
 

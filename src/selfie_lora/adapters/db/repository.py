@@ -774,9 +774,6 @@ class SqlRepository:
     def set_model_lora_scale(self, model_id: str, scale: float, *, is_custom: bool) -> None:
         self._update_model(model_id, {"lora_scale": scale, "lora_scale_is_custom": is_custom})
 
-    def set_model_trainer_version(self, model_id: str, trainer_version: str) -> None:
-        self._update_model(model_id, {"trainer_version": trainer_version})
-
     def set_model_pin(self, model_id: str, *, backend: str, trainer_version: str,
                       destination: str) -> None:
         self._update_model(model_id, {"backend": backend, "trainer_version": trainer_version,
