@@ -64,6 +64,10 @@ _DEVICE = re.compile(r"auto|cpu|cuda|cuda:[0-9]{1,3}|mps")
 # The default's name in huey's Redis keys (huey's RedisStorage.clean_name keeps [A-Za-z0-9_]).
 _DEFAULT_QUEUE_KEY_NAME = re.sub(r"[^A-Za-z0-9_]", "", DEFAULT_QUEUE_NAME)
 
+# The GC_* settings' upper bounds (README's settings table says them).
+GC_MAX_DAYS = 36500
+GC_MAX_INTERVAL_HOURS = 8760
+
 # How to make a SELFIE_LORA_SECRET_KEY, said where one is refused.
 MAKE_SECRET_KEY = ("set it to 32 or more random characters, the same on every API server "
                    "(python -c 'import secrets; print(secrets.token_urlsafe(48))'), or leave it "
@@ -78,9 +82,12 @@ class Settings(BaseSettings):
     # env_ignore_empty: a variable set to nothing (an env file's `SELFIE_LORA_SECRET_KEY=` or
     # `=${UNSET}`) is unset, as a shell user means it, not a value to refuse (a worker does not
     # use the secret key, and an empty one stopped it) or to use (an empty trainer version).
+    # allow_inf_nan=False: "inf" (a natural way to type "forever") passed every ge= bound and
+    # overflowed the first timedelta or int built from it, with a traceback, after HOME and the
+    # databases were made; every number here has a finite upper bound instead.
     model_config = SettingsConfigDict(env_prefix="SELFIE_LORA_", extra="ignore",
                                       populate_by_name=True, hide_input_in_errors=True,
-                                      env_ignore_empty=True)
+                                      env_ignore_empty=True, allow_inf_nan=False)
 
     home: Path = Path("./.selfie-lora")
     database_url: str | None = None
@@ -130,7 +137,7 @@ class Settings(BaseSettings):
     storage_max_retries: int = Field(default=3, ge=0, le=20)
     # Each machine keeps copies of the weights it generates with in HOME/blob-cache, the most
     # recently used first, within this many GB (object storage only).
-    blob_cache_gb: float = Field(default=20.0, gt=0)
+    blob_cache_gb: float = Field(default=20.0, gt=0, le=1_000_000)
     # Weights downloads answer 307 to a presigned URL valid DOWNLOAD_URL_SECONDS (object storage
     # only), so gigabytes do not pass through the API servers.
     download_urls: bool = False
@@ -143,8 +150,8 @@ class Settings(BaseSettings):
     replicate_owner: str | None = None
     replicate_base_url: str = "https://api.replicate.com"
     replicate_recipe: str = DEFAULT_REPLICATE_RECIPE
-    replicate_poll_interval: float = Field(default=5.0, gt=0)
-    replicate_max_retries: int = Field(default=5, ge=0)
+    replicate_poll_interval: float = Field(default=5.0, gt=0, le=3600)
+    replicate_max_retries: int = Field(default=5, ge=0, le=100)
     replicate_hardware: str = "cpu"
     # Replicate models (owner/name, comma-separated) whose versions a user may re-pin their model
     # to, besides the configured default trainer's: a trainer runs on this account and bills it.
@@ -162,7 +169,7 @@ class Settings(BaseSettings):
     # Seconds a training child may send nothing (no step, checkpoint or sample) before it is
     # taken as stuck, stopped and its training failed. Generous: loading FLUX.1 from a slow disk
     # and its first step send nothing for minutes. Process isolation only.
-    local_stall_seconds: float = Field(default=1800.0, gt=0)
+    local_stall_seconds: float = Field(default=1800.0, gt=0, le=7 * 24 * 3600)
     device: str = "auto"
 
     # Generations (services/generation.py) run on GENERATION_THREADS threads of their own, never
@@ -214,7 +221,7 @@ class Settings(BaseSettings):
     # its first BODY_TIMEOUT seconds). JSON bodies are at most MAX_JSON_BYTES.
     header_timeout: float = Field(default=10.0, gt=0, le=600)
     body_timeout: float = Field(default=30.0, gt=0, le=3600)
-    min_body_rate: int = Field(default=1024, ge=0)
+    min_body_rate: int = Field(default=1024, ge=0, le=1024**3)
     max_json_bytes: int = Field(default=16 * 1024, ge=1024, le=1024 * 1024)
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
     # The addresses (IPs or networks, comma-separated; "*" for any) whose X-Forwarded-For and
@@ -259,10 +266,12 @@ class Settings(BaseSettings):
     # A blob no row refers to is deleted only once GC_GRACE_HOURS old, because uploads, trainings
     # and generations write their blobs before the rows that refer to them (at least an hour:
     # the slowest of those writes must have committed its row by then).
-    gc_dataset_days: float = Field(default=7.0, ge=0)
-    gc_generation_days: float | None = Field(default=None, ge=0)
-    gc_grace_hours: float = Field(default=24.0, ge=1)
-    gc_interval_hours: float = Field(default=6.0, ge=0)
+    # At most a century (days) or a year between collections: beyond, timedelta overflowed; 0
+    # is how "forever" / "never" is said.
+    gc_dataset_days: float = Field(default=7.0, ge=0, le=GC_MAX_DAYS)
+    gc_generation_days: float | None = Field(default=None, ge=0, le=GC_MAX_DAYS)
+    gc_grace_hours: float = Field(default=24.0, ge=1, le=GC_MAX_DAYS * 24)
+    gc_interval_hours: float = Field(default=6.0, ge=0, le=GC_MAX_INTERVAL_HOURS)
 
     @field_validator("alert_timeout")
     @classmethod

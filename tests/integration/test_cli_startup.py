@@ -79,6 +79,11 @@ CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
     ("a device torch names no such", lambda _: {"SELFIE_LORA_DEVICE": "bogus"},
      "invalid setting: SELFIE_LORA_DEVICE: must be auto, cpu, cuda, cuda:N (N the GPU's index) "
      "or mps, not 'bogus'"),
+    # Old code: accepted; every command then stopped with an OverflowError traceback.
+    ("a GC grace of a trillion hours", lambda _: {"SELFIE_LORA_GC_GRACE_HOURS": "1e12"},
+     "invalid setting: SELFIE_LORA_GC_GRACE_HOURS: Input should be less than or equal to 876000"),
+    ("datasets kept for ever as inf", lambda _: {"SELFIE_LORA_GC_DATASET_DAYS": "inf"},
+     "invalid setting: SELFIE_LORA_GC_DATASET_DAYS: Input should be a finite number"),
     ("HOME's database file is not one", garbage_database, "file is not a database"),
     # Not the raw strerror ('File exists', 'Not a directory'), which said the opposite.
     ("HOME is a file", home_is_a_file,
@@ -319,3 +324,15 @@ def test_a_command_that_only_reads_says_a_new_database_is_empty_and_what_creates
     # And so it does.
     assert CliRunner().invoke(app, ["users", "create", "ann"]).exit_code == 0
     assert schema_of(url) == [head_revision()]
+
+
+@pytest.mark.timeout(60)
+def test_an_infinite_gc_setting_stops_the_worker_before_home_is_made(
+        tmp_path: Path, env: Callable[[dict[str, str]], None]) -> None:
+    # Old code: HOME, selfie-lora.db, queue.db and blobs/ were made, then an OverflowError.
+    env({"SELFIE_LORA_GC_GRACE_HOURS": "1e12"})
+    result = CliRunner().invoke(app, ["worker"])
+    assert result.exit_code == 1, result.output
+    assert "invalid setting: SELFIE_LORA_GC_GRACE_HOURS" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "home").exists()
