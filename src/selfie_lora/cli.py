@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from selfie_lora.config import Settings, get_settings, settings_errors
+from selfie_lora.config import MAX_WORKER_THREADS, Settings, get_settings, settings_errors
 from selfie_lora.console import (
     console,
     err_console,
@@ -364,7 +364,8 @@ def _bind_deployment(settings: Settings) -> None:
 def worker_cmd(
     ctx: typer.Context,
     threads: Annotated[int | None, typer.Option(
-        min=1, help="Trainings run at once (default: SELFIE_LORA_WORKER_THREADS).")] = None,
+        min=1, max=MAX_WORKER_THREADS,
+        help="Trainings run at once (default: SELFIE_LORA_WORKER_THREADS).")] = None,
 ) -> None:
     """A queue worker only (the scale path)."""
     from selfie_lora.wiring import build_services, using_home

@@ -68,6 +68,13 @@ _DEFAULT_QUEUE_KEY_NAME = re.sub(r"[^A-Za-z0-9_]", "", DEFAULT_QUEUE_NAME)
 GC_MAX_DAYS = 36500
 GC_MAX_INTERVAL_HOURS = 8760
 
+# The most trainings one worker runs at once (SELFIE_LORA_WORKER_THREADS, `worker --threads`):
+# each is a thread started at once, and an unbounded count (a stray digit, 1e20) held serve and
+# worker starting threads for ever, gigabytes deep, deaf to SIGTERM.
+MAX_WORKER_THREADS = 256
+# The most photos a photo-count limit may name (an upload holds at most 200 files).
+MAX_PHOTO_LIMIT = 1000
+
 # How to make a SELFIE_LORA_SECRET_KEY, said where one is refused.
 MAKE_SECRET_KEY = ("set it to 32 or more random characters, the same on every API server "
                    "(python -c 'import secrets; print(secrets.token_urlsafe(48))'), or leave it "
@@ -206,7 +213,7 @@ class Settings(BaseSettings):
     # side of the proxy).
     metrics_token: SecretStr | None = None
 
-    worker_threads: int = Field(default=2, ge=1)
+    worker_threads: int = Field(default=2, ge=1, le=MAX_WORKER_THREADS)
     # Leases (domain/lease.py): a running training's worker renews its lease every
     # HEARTBEAT_SECONDS; another worker may take the training over once LEASE_SECONDS pass
     # without one. Shorter means faster recovery from a dead worker, at one database write per
@@ -230,8 +237,8 @@ class Settings(BaseSettings):
     # load balancer) left out made every browser the proxy's address for the sign-in limits.
     forwarded_allow_ips: str | None = None
     # Hard limits on usable photos (15-25 is best; fewer or more only warn within these).
-    min_photos: int = Field(default=5, ge=1)
-    max_photos: int = Field(default=50, ge=1)
+    min_photos: int = Field(default=5, ge=1, le=MAX_PHOTO_LIMIT)
+    max_photos: int = Field(default=50, ge=1, le=MAX_PHOTO_LIMIT)
     # Uploads are judged on two processes (dlib holds the GIL); 1 runs inline.
     intake_workers: int = Field(default=2, ge=1, le=16)
     # Originals (with their metadata) are kept only when the operator asks for it.

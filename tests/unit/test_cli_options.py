@@ -17,6 +17,9 @@ from selfie_lora.cli import app
 @pytest.mark.parametrize(("args", "said"), [
     (["worker", "--threads", "0"], "greater than or equal to 1"),
     (["worker", "--threads", "-1"], "greater than or equal to 1"),
+    # Old code: started threads for ever, gigabytes deep, deaf to SIGTERM.
+    (["worker", "--threads", "99999999999999999999"], "less than or equal to 256"),
+    (["worker", "--threads", "257"], "less than or equal to 256"),
     (["serve", "--port", "99999"], "less than or equal to 65535"),
     (["serve", "--port", "-1"], "greater than or equal to 0")])
 def test_an_option_out_of_range_is_a_usage_error(args: list[str], said: str,

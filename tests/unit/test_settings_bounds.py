@@ -27,6 +27,10 @@ def errors_of(tmp_path: Path, **values: object) -> list[str]:
     ("local_stall_seconds", "inf"), ("local_stall_seconds", "1e12"),
     ("replicate_max_retries", 10**9), ("min_body_rate", 10**23), ("alert_timeout", "inf"),
     ("session_days", "inf"),
+    # Old code: accepted; serve and worker started threads for ever, gigabytes deep, deaf to
+    # SIGTERM.
+    ("worker_threads", "99999999999999999999"), ("worker_threads", 257),
+    ("min_photos", 10**6), ("max_photos", 10**6),
 ])
 def test_an_infinite_or_huge_number_is_a_settings_error(tmp_path: Path, name: str,
                                                         value: object) -> None:
