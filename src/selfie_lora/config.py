@@ -307,10 +307,36 @@ class Settings(BaseSettings):
     @field_validator("queue_url")
     @classmethod
     def _queue_url_is_known(cls, value: str | None) -> str | None:
-        # The schemes adapters.queue builds a queue for.
-        if value and urlsplit(value).scheme not in ("sqlite", "redis", "rediss"):
-            raise ValueError("must be unset (a SQLite file in HOME), sqlite:///path or "
-                             "redis://host:port/db (rediss:// with TLS)")
+        # The schemes adapters.queue builds a queue for, in the forms it reads. The scheme alone
+        # let through redis://host/abc (redis-py then uses database 0, which another deployment
+        # may use), redis:/host (refused only once HOME and its database were made),
+        # sqlite:///:memory: (a queue of its own in each process: no training ever reached a
+        # worker) and sqlite:// (a folder named 'sqlite:' in the current one).
+        if not value:
+            return value
+        form = ("must be unset (a SQLite file in HOME), sqlite:///path or "
+                "redis://host[:port]/db (rediss:// with TLS)")
+        parts = urlsplit(value)
+        if parts.scheme == "sqlite":
+            path = value.removeprefix("sqlite:///") if value.startswith("sqlite:///") else ""
+            if not path:
+                raise ValueError(f"{form}; a sqlite URL names no file (sqlite:///path)")
+            if path == ":memory:" or path.startswith("file::memory:"):
+                raise ValueError(f"{form}; an in-memory SQLite queue is one per process, which "
+                                 "no worker sees")
+            return value
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(form)
+        try:
+            parts.port  # noqa: B018 - raises ValueError when the port is not 0-65535
+        except ValueError:
+            raise ValueError(f"{form}; its port is not a number 0-65535") from None
+        if not parts.hostname:
+            raise ValueError(f"{form}; it names no host")
+        database = parts.path.removeprefix("/")
+        if database and not database.isdecimal():
+            raise ValueError(f"{form}; its database is not a number (redis://host:6379/0), and "
+                             "Redis would use database 0 instead")
         return value
 
     @field_validator("queue_name")

@@ -44,6 +44,12 @@ def home_under_a_file(tmp_path: Path) -> dict[str, str]:
 CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
     ("queue URL of no known scheme", lambda _: {"SELFIE_LORA_QUEUE_URL": "garbage"},
      "invalid setting: SELFIE_LORA_QUEUE_URL"),
+    # Old code: accepted, and Redis used database 0 (refused by the queue, after HOME was made).
+    ("a Redis database that is not a number", lambda _: {
+        "SELFIE_LORA_QUEUE_URL": f"redis://:{PASSWORD}@127.0.0.1:6379/abc"},
+     "invalid setting: SELFIE_LORA_QUEUE_URL: must be unset"),
+    ("a queue in memory", lambda _: {"SELFIE_LORA_QUEUE_URL": "sqlite:///:memory:"},
+     "invalid setting: SELFIE_LORA_QUEUE_URL: must be unset"),
     ("s3:// without a bucket", lambda _: {"SELFIE_LORA_STORAGE_URL": "s3://"},
      "invalid setting: SELFIE_LORA_STORAGE_URL"),
     ("more photos at least than at most", lambda _: {
