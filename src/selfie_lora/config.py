@@ -46,11 +46,12 @@ from selfie_lora.domain.recipes import (
     default_local_trainer_version,
     local_versions_for,
     validate_replicate_model,
+    validate_replicate_owner,
     validate_trainer_version,
 )
 from selfie_lora.domain.storage_url import parse_storage_url
 from selfie_lora.domain.webhook_secrets import webhook_secret_problem
-from selfie_lora.errors import InvalidInputError
+from selfie_lora.errors import ConfigError, InvalidInputError
 
 # The queue's name in its storage unless SELFIE_LORA_QUEUE_NAME says another.
 DEFAULT_QUEUE_NAME = "selfie-lora"
@@ -441,6 +442,19 @@ class Settings(BaseSettings):
             except InvalidInputError as exc:
                 raise ValueError(f"{exc.message} (a comma-separated list of owner/name)") from None
         return tuple(models)
+
+    @field_validator("replicate_owner")
+    @classmethod
+    def _replicate_owner_is_an_account(cls, value: str | None) -> str | None:
+        # Formatted as it is into each new model's destination (domain.plan.destination_for),
+        # pinned for good: 'My Org', 'me/you' or an env file's trailing space made destinations
+        # Replicate refuses, failing every training of those models for ever.
+        if value is None:
+            return value
+        try:
+            return validate_replicate_owner(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("secret_key")
     @classmethod

@@ -237,6 +237,23 @@ def replicate_connection(settings: Settings) -> ReplicateConnection:
                                max_retries=settings.replicate_max_retries)
 
 
+_no_token_said = threading.Event()
+
+
+def _say_replicate_has_no_token(settings: Settings) -> None:
+    """Warned, not refused: every process that builds trainers (serve, worker, train) gets here,
+    and only the ones that train or generate on Replicate need the token. But left unsaid, such a
+    process started in silence and each training of a new model (made with backend replicate)
+    failed 'This server has no replicate trainer configured'."""
+    if settings.trainer != "replicate" or _no_token_said.is_set():
+        return
+    _no_token_said.set()
+    logger.warning("SELFIE_LORA_TRAINER is replicate but REPLICATE_API_TOKEN is not set: this "
+                   "process has no Replicate trainer, so every training it takes fails and "
+                   "Replicate versions cannot generate here; set REPLICATE_API_TOKEN (or "
+                   "SELFIE_LORA_REPLICATE_API_TOKEN) on every API server and worker")
+
+
 def default_trainers(settings: Settings) -> dict[str, Trainer]:
     from selfie_lora.adapters.flux.trainer import LocalTrainer
 
@@ -248,7 +265,9 @@ def default_trainers(settings: Settings) -> dict[str, Trainer]:
             stall_timeout_s=settings.local_stall_seconds,
         )
     }
-    if settings.replicate_api_token is not None:
+    if settings.replicate_api_token is None:
+        _say_replicate_has_no_token(settings)
+    else:
         from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
 
         trainers["replicate"] = ReplicateTrainer(

@@ -50,6 +50,10 @@ CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
      "invalid setting: SELFIE_LORA_QUEUE_URL: must be unset"),
     ("a queue in memory", lambda _: {"SELFIE_LORA_QUEUE_URL": "sqlite:///:memory:"},
      "invalid setting: SELFIE_LORA_QUEUE_URL: must be unset"),
+    # Old code: accepted, and pinned into every new model's destination, which Replicate refuses.
+    ("a Replicate owner with a space", lambda _: {
+        "SELFIE_LORA_TRAINER": "replicate", "SELFIE_LORA_REPLICATE_OWNER": "My Org"},
+     "invalid setting: SELFIE_LORA_REPLICATE_OWNER: is not a Replicate account name"),
     ("s3:// without a bucket", lambda _: {"SELFIE_LORA_STORAGE_URL": "s3://"},
      "invalid setting: SELFIE_LORA_STORAGE_URL"),
     ("more photos at least than at most", lambda _: {

@@ -15,7 +15,9 @@ from selfie_lora.domain.entities import Recipe
 from selfie_lora.errors import ConfigError, ErrorCode, ForbiddenError, InvalidInputError
 
 # owner/name, as Replicate names a model; owner/name:<64 hex>, as it names one of its versions.
-_REPLICATE_MODEL_PATTERN = r"[a-z0-9][a-z0-9_.-]{0,99}/[a-z0-9][a-z0-9_.-]{0,99}"
+_REPLICATE_NAME_PATTERN = r"[a-z0-9][a-z0-9_.-]{0,99}"
+_REPLICATE_MODEL_PATTERN = rf"{_REPLICATE_NAME_PATTERN}/{_REPLICATE_NAME_PATTERN}"
+_REPLICATE_OWNER = re.compile(_REPLICATE_NAME_PATTERN)
 _REPLICATE_MODEL = re.compile(_REPLICATE_MODEL_PATTERN)
 _REPLICATE_VERSION = re.compile(rf"{_REPLICATE_MODEL_PATTERN}:[0-9a-f]{{64}}")
 
@@ -178,6 +180,17 @@ def validate_replicate_model(name: str) -> str:
         raise InvalidInputError(f"{name[:100]!r} is not a Replicate model: expected owner/name "
                                 "(lowercase, no version)", code=ErrorCode.INVALID_TRAINER_VERSION)
     return model
+
+
+def validate_replicate_owner(owner: str) -> str:
+    """``owner`` stripped when it is a Replicate account name, the owner part of ``owner/name``
+    (ConfigError otherwise): every new model's destination is ``<owner>/selfie-lora-...``."""
+    name = owner.strip()
+    if not _REPLICATE_OWNER.fullmatch(name):
+        raise ConfigError("is not a Replicate account name: lowercase letters, digits, '-', "
+                          "'_' or '.', no '/' or space (the user or organisation alone, not "
+                          "owner/model)")
+    return name
 
 
 def replicate_model_of(trainer_version: str) -> str:
