@@ -365,6 +365,18 @@ class Settings(BaseSettings):
                              f"not {value!r}")
         return value
 
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_is_not_a_tiny_look_alike(cls, value: str) -> str:
+        # Anything but exactly 'tiny' is taken as a FLUX.1 folder, and every model made then is
+        # pinned to a FLUX.1 recipe: 'Tiny' or 'tiny ' (an env file's space) did that in
+        # silence. Whether a folder is there is asked where trainers are built (a warning: API
+        # servers may share GPU workers' settings without their folder).
+        if value != "tiny" and value.strip().lower() in ("tiny", ""):
+            raise ValueError("must be exactly tiny (lowercase, no spaces) or the path of a "
+                             "FLUX.1 diffusers folder")
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _public_url_is_absolute(cls, value: str | None) -> str | None:

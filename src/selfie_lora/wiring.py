@@ -254,9 +254,29 @@ def _say_replicate_has_no_token(settings: Settings) -> None:
                    "SELFIE_LORA_REPLICATE_API_TOKEN) on every API server and worker")
 
 
+_base_model_said = threading.Event()
+
+
+def _say_the_base_model_is_missing(settings: Settings) -> None:
+    """Warned, not refused: API servers may share the GPU workers' settings without their
+    FLUX.1 folder. But a mistyped path started every process in silence while each model made
+    meanwhile was pinned to a FLUX.1 recipe (anything but 'tiny' is FLUX.1), which the operator's
+    fix then answered with 409 base_model_mismatch."""
+    from selfie_lora.adapters.flux.loader import base_model_problem
+
+    problem = base_model_problem(settings.base_model)
+    if settings.trainer != "local" or problem is None or _base_model_said.is_set():
+        return
+    _base_model_said.set()
+    logger.warning("SELFIE_LORA_BASE_MODEL: %s: this process cannot train or generate locally, "
+                   "and each model made meanwhile is pinned to a FLUX.1 recipe (%s)", problem,
+                   settings.effective_trainer_version)
+
+
 def default_trainers(settings: Settings) -> dict[str, Trainer]:
     from selfie_lora.adapters.flux.trainer import LocalTrainer
 
+    _say_the_base_model_is_missing(settings)
     trainers: dict[str, Trainer] = {
         "local": LocalTrainer(
             base_model=settings.base_model, cache_dir=settings.model_cache_dir,

@@ -54,6 +54,9 @@ CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
     ("a Replicate owner with a space", lambda _: {
         "SELFIE_LORA_TRAINER": "replicate", "SELFIE_LORA_REPLICATE_OWNER": "My Org"},
      "invalid setting: SELFIE_LORA_REPLICATE_OWNER: is not a Replicate account name"),
+    # Old code: accepted, and each model made was pinned to a FLUX.1 recipe.
+    ("a base model that is tiny mistyped", lambda _: {"SELFIE_LORA_BASE_MODEL": "Tiny"},
+     "invalid setting: SELFIE_LORA_BASE_MODEL: must be exactly tiny"),
     ("s3:// without a bucket", lambda _: {"SELFIE_LORA_STORAGE_URL": "s3://"},
      "invalid setting: SELFIE_LORA_STORAGE_URL"),
     ("more photos at least than at most", lambda _: {

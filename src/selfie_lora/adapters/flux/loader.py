@@ -74,17 +74,24 @@ def load_pipeline(
                               dtype=dtype)
 
 
+def base_model_problem(source: str) -> str | None:
+    """Why ``source`` (SELFIE_LORA_BASE_MODEL) cannot be loaded, without loading it (a file
+    check: no torch), or None."""
+    if source == TINY or (Path(source).expanduser() / "model_index.json").is_file():
+        return None
+    return (f"base model {source!r} is neither 'tiny' nor a diffusers FLUX.1 folder "
+            "(no model_index.json there)")
+
+
 def _load_pipeline(pipeline_class: Any, source: str, *, cache_dir: Path, device: str,
                    dtype: torch.dtype | None) -> Any:
     if source == TINY:
         path = tiny_pipeline_dir(cache_dir)
     else:
         path = Path(source).expanduser()
-        if not (path / "model_index.json").is_file():
-            raise ConfigError(
-                f"base model {source!r} is neither 'tiny' nor a diffusers FLUX.1 folder "
-                "(no model_index.json there)"
-            )
+        problem = base_model_problem(source)
+        if problem is not None:
+            raise ConfigError(problem)
         _check_model_index(path / "model_index.json")
     torch_dtype = dtype if dtype is not None else default_dtype(device)
     try:
