@@ -41,6 +41,7 @@ from selfie_lora.domain.likeness import DEFAULT_GATE_TOLERANCE, DEFAULT_PROBE_CO
 from selfie_lora.domain.recipes import (
     DEFAULT_REPLICATE_RECIPE,
     DEFAULT_REPLICATE_TRAINER_VERSION,
+    RECIPES,
     RepinPolicy,
     base_model_mismatch,
     default_local_trainer_version,
@@ -454,6 +455,16 @@ class Settings(BaseSettings):
             except InvalidInputError as exc:
                 raise ValueError(f"{exc.message} (a comma-separated list of owner/name)") from None
         return tuple(models)
+
+    @field_validator("replicate_recipe")
+    @classmethod
+    def _replicate_recipe_is_known(cls, value: str) -> str:
+        # Read at every Replicate upload and training (recipe_for): an unknown name failed each
+        # of them, and a local recipe's steps and resolution were sent to Replicate's trainer.
+        known = sorted(name for name in RECIPES if name.startswith("replicate-"))
+        if value not in known:
+            raise ValueError(f"must be a Replicate recipe: {', '.join(known)}")
+        return value
 
     @field_validator("replicate_owner")
     @classmethod

@@ -40,6 +40,18 @@ def test_an_owner_makes_destinations_replicate_takes(tmp_path: Path, owner: str,
     assert validate_replicate_model(destination) == destination
 
 
+@pytest.mark.parametrize("recipe", ["nope", "local-tiny-v2", "local-flux-v2", " replicate-person-v1"])
+def test_a_replicate_recipe_that_is_not_one_is_a_settings_error(tmp_path: Path,
+                                                                 recipe: str) -> None:
+    # Old code: accepted; every Replicate upload and training then failed on get_recipe, or a
+    # local recipe's steps were sent to Replicate.
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path, replicate_recipe=recipe)
+    assert settings_errors(caught.value) == [
+        "SELFIE_LORA_REPLICATE_RECIPE: must be a Replicate recipe: replicate-person-v1"]
+    assert Settings(home=tmp_path).replicate_recipe == "replicate-person-v1"
+
+
 def test_replicate_without_a_token_is_said_once_naming_both_settings(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
