@@ -383,11 +383,23 @@ class Settings(BaseSettings):
     def _public_url_is_absolute(cls, value: str | None) -> str | None:
         # Replicate is sent <PUBLIC_URL>/api/webhooks/replicate: one without a scheme or host
         # (example.com) made every training's create fail at Replicate, not here.
+        # Nor one with a port out of range, a space or a host that is none; and a query,
+        # fragment or user:password would have the webhook path appended after them.
         if value:
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError("must be the service's address as others reach it: "
-                                 "https://host[:port][/path]")
+            form = "must be the service's address as others reach it: https://host[:port][/path]"
+            url = _http_url(value, form=form)
+            if url.query or url.fragment or url.userinfo:
+                raise ValueError(f"{form}; it holds a query (?...), a fragment (#...) or "
+                                 "user:password@")
+        return value
+
+    @field_validator("replicate_base_url")
+    @classmethod
+    def _replicate_base_url_is_http(cls, value: str) -> str:
+        # Every Replicate call goes there: one without a scheme (api.replicate.com), of another
+        # scheme or with a port out of range started serve and worker and failed each call.
+        _http_url(value, form="must be Replicate's API address: https://api.replicate.com (or "
+                              "a stand-in's http(s)://host[:port])")
         return value
 
     @field_validator("forwarded_allow_ips")
@@ -420,21 +432,8 @@ class Settings(BaseSettings):
         # hours, seen only in warnings and in the users' "could not be sent".
         if value is None or not value.get_secret_value():
             return value  # unset: alerts are recorded and logged only
-        try:
-            url = httpx.URL(value.get_secret_value())
-        except (httpx.InvalidURL, TypeError, ValueError):
-            url = None
-        form = "must be where alerts are POSTed: https://host[:port]/path (or http://)"
-        if url is None or url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(form)
-        # httpx takes these and every delivery then fails (a connect error, ten times over four
-        # hours) instead of the settings saying so: never the URL, which is a secret.
-        if any(char.isspace() for char in value.get_secret_value()):
-            raise ValueError(f"{form}; it holds a space or other whitespace")
-        if url.port is not None and not 1 <= url.port <= 65535:
-            raise ValueError(f"{form}; its port is not 1-65535")
-        if not _is_host(url.raw_host.decode("ascii", "replace")):
-            raise ValueError(f"{form}; its host is not a host name or IP address")
+        _http_url(value.get_secret_value(),
+                  form="must be where alerts are POSTed: https://host[:port]/path (or http://)")
         return value
 
     @field_validator("allowed_trainers", mode="before")
@@ -684,6 +683,26 @@ class EmbeddedSettings(Settings):
 # A DNS name as httpx sends it (IDNA-encoded): labels of letters, digits, '-' (and '_', which
 # internal names use), dot-separated.
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def _http_url(value: str, *, form: str) -> httpx.URL:
+    """``value`` as httpx reads it, when it is an http(s) URL that can be reached: ValueError
+    saying ``form`` (and what is wrong, never the URL, which may hold a secret) otherwise."""
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, TypeError, ValueError):
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(form)
+    # httpx takes these and every call then fails (a connect error) instead of the settings
+    # saying so.
+    if any(char.isspace() for char in value):
+        raise ValueError(f"{form}; it holds a space or other whitespace")
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise ValueError(f"{form}; its port is not 1-65535")
+    if not _is_host(url.raw_host.decode("ascii", "replace")):
+        raise ValueError(f"{form}; its host is not a host name or IP address")
+    return url
 
 
 def _is_host(host: str) -> bool:
