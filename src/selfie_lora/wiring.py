@@ -149,6 +149,15 @@ def default_webhook_url(settings: Settings, *, replicate_trainer: bool) -> str |
     the alerts' links setting, and every other command (users, gc, backup: no trainer) printing
     a warning on stderr had cron mail it each run."""
     if not settings.public_url:
+        # The reverse (a secret, no URL) is as sure a sign of a setup half done, and was silent:
+        # no training is sent a webhook, so the secret verifies nothing.
+        if (settings.webhook_secret is not None and replicate_trainer
+                and settings.trainer == "replicate" and not _unsigned_webhooks_said.is_set()):
+            _unsigned_webhooks_said.set()
+            logger.warning("SELFIE_LORA_WEBHOOK_SECRET is set but SELFIE_LORA_PUBLIC_URL is "
+                           "not: trainings are created without a webhook (Replicate has no "
+                           "address to send it to) and followed by polling; set the URL to use "
+                           "webhooks")
         return None
     if (settings.webhook_secret is None and replicate_trainer and settings.trainer == "replicate"
             and not _unsigned_webhooks_said.is_set()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -183,3 +184,30 @@ def test_an_aborted_training_webhook_is_accepted() -> None:
 def test_bad_webhook_bodies_are_invalid_input(body: bytes) -> None:
     with pytest.raises(InvalidInputError):
         parse_training_webhook(body)
+
+
+def test_a_webhook_secret_without_a_public_url_is_said_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: the secret without the URL (no training is sent a webhook, so it
+    verifies nothing) said nothing, while the URL without the secret warned."""
+    import threading
+
+    from selfie_lora import wiring
+
+    monkeypatch.setattr(wiring, "_unsigned_webhooks_said", threading.Event())
+    caplog.set_level("WARNING", logger="selfie_lora.wiring")
+    settings = Settings(home=tmp_path, trainer="replicate", replicate_owner="acme",
+                        webhook_secret=SECRET, public_url=None)
+    for _ in range(2):
+        assert wiring.default_webhook_url(settings, replicate_trainer=True) is None
+    said = [r.getMessage() for r in caplog.records if "SELFIE_LORA_PUBLIC_URL is not" in
+            r.getMessage()]
+    assert len(said) == 1, said
+    assert said[0].startswith("SELFIE_LORA_WEBHOOK_SECRET is set but SELFIE_LORA_PUBLIC_URL is "
+                              "not: trainings are created without a webhook")
+    caplog.clear()
+    local = Settings(home=tmp_path, trainer="local", webhook_secret=SECRET)
+    monkeypatch.setattr(wiring, "_unsigned_webhooks_said", threading.Event())
+    assert wiring.default_webhook_url(local, replicate_trainer=False) is None
+    assert not caplog.records
