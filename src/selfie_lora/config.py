@@ -237,7 +237,11 @@ class Settings(BaseSettings):
     # X-Forwarded-Proto the API server believes: its TLS proxy's. Unset: uvicorn's own
     # FORWARDED_ALLOW_IPS, else 127.0.0.1 and ::1 only. A proxy elsewhere (Docker's gateway, a
     # load balancer) left out made every browser the proxy's address for the sign-in limits.
-    forwarded_allow_ips: str | None = None
+    # uvicorn's own FORWARDED_ALLOW_IPS is read here too (the README named it first), so that a
+    # typo there is refused as one here is, not taken as a literal no client address equals.
+    forwarded_allow_ips: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SELFIE_LORA_FORWARDED_ALLOW_IPS", "FORWARDED_ALLOW_IPS"))
     # Hard limits on usable photos (15-25 is best; fewer or more only warn within these).
     min_photos: int = Field(default=5, ge=1, le=MAX_PHOTO_LIMIT)
     max_photos: int = Field(default=50, ge=1, le=MAX_PHOTO_LIMIT)
@@ -421,7 +425,8 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError(f"{entry!r} is not an IP address or network: the addresses "
                                  "the TLS proxy connects from, comma-separated "
-                                 "(10.0.0.5,172.16.0.0/12), or * for any") from None
+                                 "(10.0.0.5,172.16.0.0/12), or * for any (read from this "
+                                 "variable, else from uvicorn's FORWARDED_ALLOW_IPS)") from None
         return ",".join(entries)
 
     @field_validator("alert_url")

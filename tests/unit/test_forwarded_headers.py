@@ -15,7 +15,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from selfie_lora.api.server import uvicorn_options
-from selfie_lora.config import Settings
+from selfie_lora.config import Settings, settings_errors
 
 PROXY = "172.17.0.1"  # Docker's gateway: a proxy on the Docker host connects from it
 
@@ -56,3 +56,20 @@ def test_a_proxy_address_uvicorn_would_not_read_is_a_settings_error(tmp_path: Pa
     # uvicorn takes a malformed entry as a literal no client address equals: nobody trusted.
     with pytest.raises(ValidationError, match="is not an IP address or network"):
         Settings(home=tmp_path, forwarded_allow_ips=value)
+
+
+def test_uvicorn_s_own_variable_is_checked_as_the_setting_is(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found in review: FORWARDED_ALLOW_IPS=proxy.local (the documented fallback) started serve,
+    # trusting nobody, silently.
+    monkeypatch.delenv("SELFIE_LORA_FORWARDED_ALLOW_IPS", raising=False)
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "proxy.local")
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path)
+    assert settings_errors(caught.value) == [
+        "SELFIE_LORA_FORWARDED_ALLOW_IPS: 'proxy.local' is not an IP address or network: the "
+        "addresses the TLS proxy connects from, comma-separated (10.0.0.5,172.16.0.0/12), or * "
+        "for any (read from this variable, else from uvicorn's FORWARDED_ALLOW_IPS)"]
+    # The setting, when set, is the one read.
+    monkeypatch.setenv("SELFIE_LORA_FORWARDED_ALLOW_IPS", "10.0.0.5")
+    assert Settings(home=tmp_path).forwarded_allow_ips == "10.0.0.5"
