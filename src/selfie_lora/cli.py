@@ -19,7 +19,13 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
-from selfie_lora.config import MAX_WORKER_THREADS, Settings, get_settings, settings_errors
+from selfie_lora.config import (
+    MAX_WORKER_THREADS,
+    Settings,
+    file_in_the_way,
+    get_settings,
+    settings_errors,
+)
 from selfie_lora.console import (
     console,
     err_console,
@@ -186,7 +192,7 @@ def _start_failure(settings: Settings, exc: Exception) -> str | None:
         return f"the queue in SELFIE_LORA_HOME ({settings.home}) cannot be used: {_reason(exc)}"
     if isinstance(exc, OSError):  # HOME a file, on a read-only disk, not permitted
         # The raw strerror said the opposite of the problem ('File exists').
-        in_the_way = _file_in_the_way(settings.home)
+        in_the_way = file_in_the_way(settings.home)
         if in_the_way is not None:
             return (f"SELFIE_LORA_HOME ({settings.home}) cannot be used: "
                     f"{_is_a_file(in_the_way, settings.home)}; name a folder")
@@ -217,7 +223,7 @@ def opened(*, label: str = "error", existing: str | None = None,
     settings = _settings()
     missing = settings.missing_database()
     # A file where HOME should be is said by ``_starting``, more precisely.
-    if existing is not None and missing is not None and _file_in_the_way(settings.home) is None:
+    if existing is not None and missing is not None and file_in_the_way(settings.home) is None:
         _fail(f"{existing}: {missing}")
     fresh = missing is not None
     if existing is not None:
@@ -251,14 +257,6 @@ def _say_new_home(settings: Settings) -> None:
                       "(SELFIE_LORA_HOME, default ./.selfie-lora of the current folder); "
                       "'serve' and other commands see what is in it only when run from the same "
                       "folder or with the same SELFIE_LORA_HOME", highlight=False, soft_wrap=True)
-
-
-def _file_in_the_way(path: Path) -> Path | None:
-    """``path`` or the nearest of its parents that exists, when that is not a folder."""
-    for candidate in (path, *path.parents):
-        if candidate.exists() or candidate.is_symlink():
-            return None if candidate.is_dir() else candidate
-    return None
 
 
 def _is_a_file(found: Path, path: Path) -> str:
@@ -908,7 +906,7 @@ def export_cmd(
             # A LoRA is often exported again with the same name: never lose one silently.
             _fail(f"{target} exists; nothing was written (pass --force to replace it, or --out "
                   "another file)")
-        in_the_way = _file_in_the_way(target.parent)
+        in_the_way = file_in_the_way(target.parent)
         if in_the_way is not None:  # mkdir's own words were 'File exists' / 'Not a directory'
             _fail(f"cannot write {target}: {in_the_way} is a file, not a folder")
         try:
@@ -941,7 +939,7 @@ def _write(path: Path, data: bytes, *, also: str | None = None) -> None:
 def _writable_folder(folder: Path) -> None:
     """Makes ``folder`` (--out) if need be, or says in one line why it cannot hold the files, so a
     command fails before its work rather than after it."""
-    in_the_way = _file_in_the_way(folder)
+    in_the_way = file_in_the_way(folder)
     if in_the_way is not None:  # mkdir's own words were 'File exists' / 'Not a directory'
         _fail(f"cannot write {folder}: {_is_a_file(in_the_way, folder)} (--out names a folder)")
     try:

@@ -382,6 +382,16 @@ class Settings(BaseSettings):
                              "FLUX.1 diffusers folder")
         return value
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _cache_dir_can_be_a_folder(cls, value: Path | None) -> Path | None:
+        # A file there (or above) started serve, and each model and face-model download then
+        # warned 'Not a directory' without naming this setting.
+        in_the_way = file_in_the_way(value) if value is not None else None
+        if in_the_way is not None:
+            raise ValueError(f"{in_the_way} is a file, not a folder; name a folder")
+        return value
+
     @field_validator("public_url")
     @classmethod
     def _public_url_is_absolute(cls, value: str | None) -> str | None:
@@ -688,6 +698,14 @@ class EmbeddedSettings(Settings):
 # A DNS name as httpx sends it (IDNA-encoded): labels of letters, digits, '-' (and '_', which
 # internal names use), dot-separated.
 _HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """``path`` or the nearest of its parents that exists, when that is not a folder."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
 
 
 def _http_url(value: str, *, form: str) -> httpx.URL:

@@ -45,3 +45,13 @@ def test_the_largest_values_still_build_what_uses_them(tmp_path: Path) -> None:
     assert settings.gc_policy.dataset_age is not None
     assert settings.gc_interval is not None
     assert Settings(home=tmp_path, gc_dataset_days=0).gc_policy.dataset_age is None  # forever
+
+
+@pytest.mark.parametrize("where", ["a-file", "a-file/cache"])
+def test_a_cache_dir_where_a_file_is_is_a_settings_error(tmp_path: Path, where: str) -> None:
+    # Found in review: serve started, and each download warned 'Not a directory' without
+    # naming SELFIE_LORA_CACHE_DIR.
+    (tmp_path / "a-file").write_text("not a folder")
+    assert errors_of(tmp_path, cache_dir=tmp_path / where) == [
+        f"SELFIE_LORA_CACHE_DIR: {tmp_path / 'a-file'} is a file, not a folder; name a folder"]
+    assert Settings(home=tmp_path, cache_dir=tmp_path / "new" / "cache").cache_dir is not None
