@@ -349,29 +349,3 @@ def test_an_infinite_gc_setting_stops_the_worker_before_home_is_made(
     assert "invalid setting: SELFIE_LORA_GC_GRACE_HOURS" in result.output
     assert "Traceback" not in result.output
     assert not (tmp_path / "home").exists()
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("command", [["worker"], ["serve", "--no-worker", "--port", "{port}"]],
-                         ids=["worker", "serve"])
-@pytest.mark.parametrize("url", ["sqlite:///:memory:", f"nosuchdb://u:{PASSWORD}@127.0.0.1/x"],
-                         ids=["in-memory", "unknown-kind"])
-def test_a_start_refused_for_its_database_leaves_no_home_where_there_was_none(
-        tmp_path: Path, env: Callable[[dict[str, str]], None], command: list[str],
-        url: str) -> None:
-    # Found in review: HOME was made, holding only its lock (.in-use), by a start refused once
-    # the lock was taken.
-    env({"SELFIE_LORA_DATABASE_URL": url})
-    args = [arg.replace("{port}", str(free_port())) for arg in command]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1, result.output
-    assert not (tmp_path / "home").exists()
-
-
-@pytest.mark.timeout(60)
-def test_a_refused_start_leaves_a_home_that_was_there(
-        tmp_path: Path, env: Callable[[dict[str, str]], None]) -> None:
-    (tmp_path / "home").mkdir()
-    env({"SELFIE_LORA_DATABASE_URL": "sqlite:///:memory:"})
-    assert CliRunner().invoke(app, ["worker"]).exit_code == 1
-    assert (tmp_path / "home").is_dir()

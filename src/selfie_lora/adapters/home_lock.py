@@ -24,14 +24,14 @@ IN_USE = ".in-use"
 
 
 @contextmanager
-def _locked(home: Path, how: int, refused: str) -> Iterator[int]:
+def _locked(home: Path, how: int, refused: str) -> Iterator[None]:
     fd = os.open(home / IN_USE, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
     try:
         try:
             fcntl.flock(fd, how | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConfigError(refused) from None
-        yield fd
+        yield
     finally:
         os.close(fd)  # and the lock with it
 
@@ -39,21 +39,10 @@ def _locked(home: Path, how: int, refused: str) -> Iterator[int]:
 @contextmanager
 def using_home(home: Path) -> Iterator[None]:
     """Held by a server or worker for as long as it runs on ``home``."""
-    made = not home.exists() and not home.is_symlink()
     home.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds every user's photos
     with _locked(home, fcntl.LOCK_SH, f"SELFIE_LORA_HOME ({home}) is being restored: start "
-                                      "this once the restore ends") as fd:
-        try:
-            yield
-        finally:
-            # A start refused after this (a database that cannot be reached, of no known kind)
-            # left a HOME holding only the lock where there was none. Removed only while no other
-            # process holds the lock (one that started on it meanwhile keeps it).
-            if made and home.is_dir() and only_the_lock(home):
-                with suppress(OSError):
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    (home / IN_USE).unlink(missing_ok=True)
-                    home.rmdir()
+                                      "this once the restore ends"):
+        yield
 
 
 @contextmanager
