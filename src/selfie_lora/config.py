@@ -387,7 +387,11 @@ class Settings(BaseSettings):
     def _cache_dir_can_be_a_folder(cls, value: Path | None) -> Path | None:
         # A file there (or above) started serve, and each model and face-model download then
         # warned 'Not a directory' without naming this setting.
-        in_the_way = file_in_the_way(value) if value is not None else None
+        try:
+            in_the_way = file_in_the_way(value) if value is not None else None
+        except OSError as exc:  # a folder above it this user may not read, a name too long
+            raise ValueError(f"cannot be checked ({exc.strerror or exc}); name a folder this "
+                             "user can write") from None
         if in_the_way is not None:
             raise ValueError(f"{in_the_way} is a file, not a folder; name a folder")
         return value
@@ -402,7 +406,9 @@ class Settings(BaseSettings):
         if value:
             form = "must be the service's address as others reach it: https://host[:port][/path]"
             url = _http_url(value, form=form)
-            if url.query or url.fragment or url.userinfo:
+            # The raw text too: httpx reads a bare trailing "?" or "#" as an empty query or
+            # fragment, and the webhook path was then appended after it.
+            if url.query or url.fragment or url.userinfo or "?" in value or "#" in value:
                 raise ValueError(f"{form}; it holds a query (?...), a fragment (#...) or "
                                  "user:password@")
         return value

@@ -273,8 +273,10 @@ def _say_the_base_model_is_missing(settings: Settings) -> None:
     fix then answered with 409 base_model_mismatch."""
     from selfie_lora.adapters.flux.loader import base_model_problem
 
+    if settings.trainer != "local" or _base_model_said.is_set():
+        return  # the folder is not even looked at: a Replicate deployment need not have it
     problem = base_model_problem(settings.base_model)
-    if settings.trainer != "local" or problem is None or _base_model_said.is_set():
+    if problem is None:
         return
     _base_model_said.set()
     logger.warning("SELFIE_LORA_BASE_MODEL: %s: this process cannot train or generate locally, "

@@ -59,3 +59,31 @@ def test_tiny_or_a_flux_folder_says_nothing(tmp_path: Path, monkeypatch: pytest.
     for source in ("tiny", str(flux)):
         assert said_about_the_base_model(Settings(home=tmp_path, base_model=source),
                                          monkeypatch, caplog) == []
+
+
+# A name no file system takes (over 255 bytes): is_file() raises instead of answering, as it does
+# for a folder this user may not read (which root, running the suite, always may).
+UNREADABLE = "/" + "x" * 300 + "/FLUX.1-dev"
+
+
+def test_a_base_model_that_cannot_be_read_is_said_not_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Review setrev 1: Python 3.11's is_file() raised for it, and every command that builds the
+    # trainers stopped with one line blaming SELFIE_LORA_HOME.
+    said = said_about_the_base_model(Settings(home=tmp_path, base_model=UNREADABLE),
+                                     monkeypatch, caplog)
+    assert len(said) == 1
+    assert f"base model {UNREADABLE!r} cannot be read (File name too long)" in said[0]
+
+
+def test_a_replicate_deployment_does_not_look_at_the_base_model_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(home=tmp_path, base_model=UNREADABLE, trainer="replicate",
+                        replicate_owner="acme", replicate_api_token="r8_dummy")
+    looked = []
+    monkeypatch.setattr("selfie_lora.adapters.flux.loader.base_model_problem",
+                        lambda source: looked.append(source))
+    assert said_about_the_base_model(settings, monkeypatch, caplog) == []
+    assert looked == []

@@ -48,3 +48,27 @@ def test_a_url_that_cannot_be_reached_is_a_settings_error(tmp_path: Path, name: 
 ])
 def test_the_forms_in_use_are_settings(tmp_path: Path, name: str, value: str) -> None:
     assert getattr(Settings(home=tmp_path, **{name: value}), name) == value  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["https://example.com/?", "https://example.com/#",
+                                   "https://example.com/app?#"])
+def test_a_public_url_ending_in_a_bare_question_mark_or_hash_is_refused(
+        tmp_path: Path, value: str) -> None:
+    # Review setrev 3: httpx reads a bare "?" or "#" as an empty query or fragment, so the
+    # check passed, and Replicate was sent https://example.com/?/api/webhooks/replicate.
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path, public_url=value)
+    assert settings_errors(caught.value) == [
+        f"{PUBLIC}https://host[:port][/path]; it holds a query (?...), a fragment (#...) or "
+        "user:password@"]
+
+
+def test_a_cache_dir_that_cannot_be_checked_is_a_settings_error_not_a_traceback(
+        tmp_path: Path) -> None:
+    # Review setrev 2: an OSError from the check (a name too long, a folder above it this user
+    # may not read) was a traceback in every command, users list included.
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path, cache_dir=tmp_path / ("x" * 300) / "cache")
+    assert settings_errors(caught.value) == [
+        "SELFIE_LORA_CACHE_DIR: cannot be checked (File name too long); name a folder this "
+        "user can write"]

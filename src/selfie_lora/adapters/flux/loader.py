@@ -77,8 +77,15 @@ def load_pipeline(
 def base_model_problem(source: str) -> str | None:
     """Why ``source`` (SELFIE_LORA_BASE_MODEL) cannot be loaded, without loading it (a file
     check: no torch), or None."""
-    if source == TINY or (Path(source).expanduser() / "model_index.json").is_file():
+    if source == TINY:
         return None
+    try:
+        if (Path(source).expanduser() / "model_index.json").is_file():
+            return None
+    except OSError as exc:
+        # Python 3.11's is_file() raises for a folder this user may not read (or a name too
+        # long): a problem to say, not a traceback that stopped every command.
+        return f"base model {source!r} cannot be read ({exc.strerror or exc})"
     return (f"base model {source!r} is neither 'tiny' nor a diffusers FLUX.1 folder "
             "(no model_index.json there)")
 
