@@ -243,9 +243,7 @@ class ReplicateTrainer:
         # Every retried call's backoff asks this every second, not only the polls': a cancel or
         # a worker stop waited out the create's, the upload's or the download's whole backoff
         # (up to 5 minutes with Retry-After), and a run was created (billed) after the cancel.
-        def stop() -> bool:
-            return sink.interrupted() or sink.cancel_requested()
-
+        stop = _stop_check(sink)
         with self.session() as session:
             if job.remote_id:
                 remote_id = job.remote_id
@@ -553,7 +551,7 @@ class ReplicateTrainer:
             try:
                 # A poll's retries ask too: a cancel must not wait out an outage's backoff.
                 training = _get_training(session, remote_id, what="check on the training",
-                                         stop=lambda: sink.interrupted() or sink.cancel_requested())
+                                         stop=_stop_check(sink))
             except CallStoppedError:
                 self._stopped(session, job, remote_id, sink)
 
@@ -729,6 +727,12 @@ class ReplicateTrainer:
             return None
         logger.info("the output names no version; using %s's latest (%s)", destination, latest.id)
         return f"{destination}:{latest.id}"
+
+
+def _stop_check(sink: ProgressSink) -> Callable[[], bool]:
+    """What a retried call's backoff asks each second: stop waiting, the worker stops or the
+    user canceled (the poll's and every other call's the same)."""
+    return lambda: sink.interrupted() or sink.cancel_requested()
 
 
 def _get_training(session: ReplicateSession, remote_id: str, *, what: str,
