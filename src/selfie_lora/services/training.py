@@ -87,6 +87,7 @@ from selfie_lora.domain.plan import (
     new_model,
     photos_fit,
     photos_too_small,
+    pin_for_training,
     plan_training,
 )
 from selfie_lora.domain.progress import add_loss_point, mark_pace
@@ -202,8 +203,12 @@ class NextPin:
     re-pinned it) or still follows the configuration until its first training."""
 
     model: Model
-    fixed: bool
     trained_before: bool
+    repinned_by_user: bool
+
+    @property
+    def fixed(self) -> bool:
+        return self.trained_before or self.repinned_by_user
 
 
 @dataclass(frozen=True)
@@ -537,12 +542,13 @@ class TrainingService:
         model = self._repo.get_model_for_user(user.id)
         if model is None:
             return None
-        trainings = self._repo.list_trainings(model.id)
-        facts = pin_facts(self._repo, model, trainings=trainings)
-        return NextPin(model=next_training_pin(self._repo, model, self._defaults(),
-                                               trainings=trainings),
-                       fixed=facts.trained_before or facts.repinned_by_user,
-                       trained_before=facts.trained_before)
+        # One read of the facts serves both the pin and the page's words about it.
+        facts = pin_facts(self._repo, model)
+        return NextPin(model=pin_for_training(model, self._defaults(),
+                                              trained_before=facts.trained_before,
+                                              repinned_by_user=facts.repinned_by_user),
+                       trained_before=facts.trained_before,
+                       repinned_by_user=facts.repinned_by_user)
 
     def start_refusal(self, *, user: User) -> ConflictError | None:
         """What ``start`` would refuse the user's next training on their latest accepted photos
