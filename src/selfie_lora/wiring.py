@@ -250,10 +250,11 @@ _no_token_said = threading.Event()
 
 
 def _say_replicate_has_no_token(settings: Settings) -> None:
-    """Warned, not refused: every process that builds trainers (serve, worker, train) gets here,
-    and only the ones that train or generate on Replicate need the token. But left unsaid, such a
-    process started in silence and each training of a new model (made with backend replicate)
-    failed 'This server has no replicate trainer configured'."""
+    """Warned, not refused: every process that builds trainers (serve, worker, train, generate,
+    export, users delete) gets here, and only the ones that train or generate on Replicate need
+    the token. But left unsaid, such a process started in silence and each training of a new
+    model (made with backend replicate) failed 'This server has no replicate trainer
+    configured'."""
     if settings.trainer != "replicate" or _no_token_said.is_set():
         return
     _no_token_said.set()
