@@ -54,7 +54,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Protocol
 
-from selfie_lora.errors import ConfigError, DeploymentMismatchError, ErrorCode
+from selfie_lora.errors import ConfigError, DeploymentMismatchError, ErrorCode, describe
 from selfie_lora.logs import training_context
 from selfie_lora.services.erasure import AccountEraser
 from selfie_lora.services.gc import GarbageCollector
@@ -157,6 +157,11 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._busy = 0
         self._busy_lock = threading.Lock()
+        # Whether the queue was found unreachable and has not answered since: an outage is said
+        # once (a WARNING) and its end once (INFO), whichever consumer thread meets them,
+        # instead of a traceback from every thread every second while Redis is down.
+        self._queue_down = False
+        self._queue_down_lock = threading.Lock()
 
     def start(self) -> None:
         self._stop.clear()
@@ -229,10 +234,11 @@ class Worker:
         while not self._stop.is_set():
             try:
                 training_id = self._queue.next_training()
-            except Exception:
-                logger.exception("could not read the queue; retrying")
+            except Exception as exc:
+                self._queue_unreachable(exc)
                 self._stop.wait(_IDLE_MAX_S)
                 continue
+            self._queue_answers()
             if training_id is None:
                 self._stop.wait(idle)
                 idle = min(idle * 1.5, _IDLE_MAX_S)
@@ -255,6 +261,27 @@ class Worker:
             finally:
                 with self._busy_lock:
                     self._busy -= 1
+
+    def _queue_unreachable(self, exc: Exception) -> None:
+        with self._queue_down_lock:
+            first = not self._queue_down
+            self._queue_down = True
+        if first:
+            logger.warning("worker %s: the queue cannot be reached (%s); no training is taken "
+                           "from it until it answers, asked again every %.0f s (its end is "
+                           "logged)", self.identity.name, describe(exc), _IDLE_MAX_S)
+        # The traceback only for whoever debugs: every second of an outage would repeat it.
+        logger.debug("reading the queue failed", exc_info=True)
+
+    def _queue_answers(self) -> None:
+        if not self._queue_down:  # read without the lock: the usual case, every message
+            return
+        with self._queue_down_lock:
+            was_down = self._queue_down
+            self._queue_down = False
+        if was_down:
+            logger.info("worker %s: the queue answers again; taking trainings from it",
+                        self.identity.name)
 
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self._reconcile_seconds):

@@ -5,6 +5,8 @@ which ids wait."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -242,3 +244,69 @@ def test_no_name_the_settings_accept_shares_the_default_s_redis_keys() -> None:
         except ValidationError:
             continue
         assert make_huey("redis://127.0.0.1:6379/0", name=accepted).storage.queue_key != default_key
+
+
+def _worker_lines(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "selfie_lora.worker" and r.levelno == level]
+
+
+# Old code: an ERROR with the driver's whole traceback from every consumer thread every second.
+def test_a_worker_whose_redis_is_down_says_so_once_not_a_traceback_a_second(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Port 9 (discard): nothing listens, so every read is refused, as with Redis down.
+    queue = HueyJobQueue.from_url("redis://127.0.0.1:9/0")
+    worker = Worker(training=StubTraining(), queue=queue, identity=Identity(name="w"),  # type: ignore[arg-type]
+                    threads=2, reconcile_seconds=60)
+    with caplog.at_level(logging.DEBUG, logger="selfie_lora.worker"):
+        worker.start()
+        try:
+            time.sleep(2.5)  # both threads retry twice or more
+        finally:
+            assert worker.stop()
+    [warning] = _worker_lines(caplog, logging.WARNING)
+    said = warning.getMessage()
+    assert "the queue cannot be reached" in said
+    assert "127.0.0.1:9" in said
+    assert "asked again every 1 s" in said
+    assert warning.exc_info is None
+    assert _worker_lines(caplog, logging.ERROR) == []
+    assert len(_worker_lines(caplog, logging.DEBUG)) >= 4  # the tracebacks, for whoever debugs
+
+
+@dataclasses.dataclass
+class OutageQueue(InMemoryQueue):
+    """The in-memory queue with its server away while ``down``."""
+
+    down: bool = False
+
+    def next_training(self) -> str | None:
+        if self.down:
+            raise ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+        return super().next_training()
+
+
+def test_a_worker_says_when_its_queue_answers_again_and_each_outage_once(
+        caplog: pytest.LogCaptureFixture) -> None:
+    queue = OutageQueue(down=True)
+    training = StubTraining()
+    worker = Worker(training=training, queue=queue, identity=Identity(name="w"),  # type: ignore[arg-type]
+                    threads=2, reconcile_seconds=60)
+    with caplog.at_level(logging.INFO, logger="selfie_lora.worker"):
+        worker.start()
+        try:
+            for outage in (1, 2):
+                wait_until(lambda n=outage: len(_worker_lines(caplog, logging.WARNING)) == n)
+                time.sleep(1.5)  # both threads failed again meanwhile: nothing more said
+                assert len(_worker_lines(caplog, logging.WARNING)) == outage
+                queue.down = False
+                queue.enqueue_training(f"t{outage}")
+                wait_until(lambda n=outage: len(training.ran) == n)
+                assert len(_worker_lines(caplog, logging.INFO)) >= outage + 1  # started + back
+                queue.down = True
+        finally:
+            assert worker.stop()
+    back = [r.getMessage() for r in _worker_lines(caplog, logging.INFO)
+            if "answers again" in r.getMessage()]
+    assert len(back) == 2
+    assert "redis:6379" in _worker_lines(caplog, logging.WARNING)[0].getMessage()
+    assert _worker_lines(caplog, logging.ERROR) == []
