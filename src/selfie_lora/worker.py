@@ -56,6 +56,7 @@ from typing import IO, Protocol
 
 from selfie_lora.errors import ConfigError, DeploymentMismatchError, ErrorCode, describe
 from selfie_lora.logs import training_context
+from selfie_lora.services.common import Outage
 from selfie_lora.services.erasure import AccountEraser
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED, OperationsService
@@ -157,11 +158,10 @@ class Worker:
         self._threads: list[threading.Thread] = []
         self._busy = 0
         self._busy_lock = threading.Lock()
-        # Whether the queue was found unreachable and has not answered since: an outage is said
-        # once (a WARNING) and its end once (INFO), whichever consumer thread meets them,
-        # instead of a traceback from every thread every second while Redis is down.
-        self._queue_down = False
-        self._queue_down_lock = threading.Lock()
+        # An outage of the queue is said once (a WARNING) and its end once (INFO), whichever
+        # consumer thread meets them, instead of a traceback from every thread every second
+        # while Redis is down.
+        self._queue_outage = Outage()
 
     def start(self) -> None:
         self._stop.clear()
@@ -263,10 +263,7 @@ class Worker:
                     self._busy -= 1
 
     def _queue_unreachable(self, exc: Exception) -> None:
-        with self._queue_down_lock:
-            first = not self._queue_down
-            self._queue_down = True
-        if first:
+        if self._queue_outage.begins():
             logger.warning("worker %s: the queue cannot be reached (%s); no training is taken "
                            "from it until it answers, asked again every %.0f s (its end is "
                            "logged)", self.identity.name, describe(exc), _IDLE_MAX_S)
@@ -274,12 +271,7 @@ class Worker:
         logger.debug("reading the queue failed", exc_info=True)
 
     def _queue_answers(self) -> None:
-        if not self._queue_down:  # read without the lock: the usual case, every message
-            return
-        with self._queue_down_lock:
-            was_down = self._queue_down
-            self._queue_down = False
-        if was_down:
+        if self._queue_outage.ends():
             logger.info("worker %s: the queue answers again; taking trainings from it",
                         self.identity.name)
 

@@ -162,3 +162,34 @@ def test_a_worker_leaving_a_training_while_the_queue_is_down_logs_no_error(
 
     queue.down = False
     assert services.training.reconcile().enqueued == (training.id,)
+
+
+# Old code: both lines again at every round (every SELFIE_LORA_RECONCILE_SECONDS) of the outage,
+# and nothing said when it ended.
+def test_the_reconciler_says_a_queue_outage_once_and_its_end(
+    services: Services, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    queue = DownQueue(down=False)
+    monkeypatch.setattr(services.training, "_queue", queue)
+    lost, _ann = started(services, "ann")
+    queue.pending.clear()  # its message was taken by a worker that died before it ran
+
+    def said(text: str, level: int) -> int:
+        return sum(text in r.getMessage() and r.levelno == level for r in caplog.records)
+
+    queue.down = True
+    with caplog.at_level(logging.INFO, logger="selfie_lora.services.training"):
+        for _round in range(3):
+            assert services.training.reconcile().enqueued == ()
+        assert said("the queue cannot be read", logging.WARNING) == 1
+        assert said(f"training {lost.id} has nobody running it and could not be queued",
+                    logging.WARNING) == 1
+
+        queue.down = False
+        assert services.training.reconcile().enqueued == (lost.id,)
+        assert services.training.reconcile().enqueued == ()
+        assert said("the queue can be read again", logging.INFO) == 1
+
+        queue.down = True  # another outage: said again
+        services.training.reconcile()
+        assert said("the queue cannot be read", logging.WARNING) == 2

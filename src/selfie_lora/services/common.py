@@ -98,3 +98,29 @@ class PerUserSlots:
             yield
         finally:
             self.release(user_id)
+
+
+class Outage:
+    """Whether a dependency (the queue) is in an outage that was already logged: a loop that
+    retries it every second says its start once and its end once, instead of a line (or a
+    traceback) at every retry. Shared by threads."""
+
+    def __init__(self) -> None:
+        self._down = False
+        self._lock = threading.Lock()
+
+    def begins(self) -> bool:
+        """A call failed: True when this starts the outage (say it), False while it lasts."""
+        with self._lock:
+            began = not self._down
+            self._down = True
+            return began
+
+    def ends(self) -> bool:
+        """A call succeeded: True when it ends an outage (say so)."""
+        if not self._down:  # read without the lock: the usual case, at every call
+            return False
+        with self._lock:
+            ended = self._down
+            self._down = False
+            return ended

@@ -110,10 +110,11 @@ from selfie_lora.errors import (
     TrainingCanceledError,
     TrainingInterruptedError,
     UploadInProgressError,
+    describe,
 )
 from selfie_lora.logs import training_context
 from selfie_lora.services.checkpoints import TrainingCheckpoints
-from selfie_lora.services.common import new_id, next_training_pin, pin_facts, utcnow
+from selfie_lora.services.common import Outage, new_id, next_training_pin, pin_facts, utcnow
 from selfie_lora.services.intake import IntakeService, PreparedDataset
 from selfie_lora.services.layout import manifest_key, photo_key, weights_key
 from selfie_lora.services.likeness import GateVerdict, LikenessService
@@ -262,6 +263,8 @@ class TrainingService:
         self.lease = lease or LeasePolicy()
         self._clock = clock
         self.owner = owner or default_owner()
+        # The reconciler's rounds while the queue is down say so once, not every round.
+        self._queue_outage = Outage()
 
     # ------------------------------------------------------------------ start (every entry point)
     def start(self, *, user: User, dataset_id: str | None = None,
@@ -822,9 +825,19 @@ class TrainingService:
             # holds is rung again below (a duplicate message is claimed once, the other does
             # nothing). The rest of the pass needs only the database and goes on: a cancel of
             # a training whose worker died must not wait for Redis.
-            logger.warning("reconcile: the queue cannot be read (%s: %s); trainings nobody "
-                           "runs are queued again if it takes them", type(exc).__name__, exc)
+            began = self._queue_outage.begins()
+            logger.log(logging.WARNING if began else logging.DEBUG,
+                       "reconcile: the queue cannot be read (%s); trainings nobody runs are "
+                       "queued again if it takes them, tried every round (its end is logged)",
+                       describe(exc))
             queued = ()
+            # Its trainings' own lines too: the round that finds the outage names each one it
+            # could not queue, later rounds of the same outage repeat nothing.
+            quiet = not began
+        else:
+            quiet = False
+            if self._queue_outage.ends():
+                logger.info("reconcile: the queue can be read again")
         enqueued, canceled = [], []
         # The backends that did not take a remote call this pass: the other owed cancels of
         # theirs wait for the next pass (they stay owed) instead of each waiting out an
@@ -840,9 +853,10 @@ class TrainingService:
                     except Exception as exc:
                         # Stays unqueued, and the next round tries again; the trainings after
                         # it (and their cancels) are not kept waiting.
-                        logger.warning("training %s has nobody running it and could not be "
-                                       "queued again now (%s: %s); the next round tries again",
-                                       t.id, type(exc).__name__, exc)
+                        logger.log(logging.DEBUG if quiet else logging.WARNING,
+                                   "training %s has nobody running it and could not be "
+                                   "queued again now (%s: %s); the next round tries again",
+                                   t.id, type(exc).__name__, exc)
                         continue
                     logger.info("training %s (%s, attempt %d) has nobody running it: queued "
                                 "again", t.id, t.status, t.attempt)
