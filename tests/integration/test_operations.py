@@ -195,6 +195,28 @@ def test_a_dependency_that_does_not_answer_is_not_ready_but_alive(
         assert client.get("/healthz").status_code == 200  # alive: no restart would help
 
 
+class OutageQueue:
+    """The queue as readiness reads it, its server away while ``down``."""
+
+    down = True
+
+    def pending(self) -> int:
+        if self.down:
+            raise ConnectionError("Error 111 connecting to redis:6379. Connection refused.")
+        return 0
+
+
+def test_readyz_asks_the_queue_at_every_probe_so_it_is_ready_again_once_the_queue_is_back(
+        client: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    queue = OutageQueue()
+    monkeypatch.setattr(services.operations, "_queue", queue)
+    down = client.get("/readyz")
+    assert down.status_code == 503
+    assert down.json()["checks"]["queue"] == "unavailable"
+    queue.down = False
+    assert client.get("/readyz").status_code == 200  # no restart, no remembered failure
+
+
 def test_readyz_tells_why_a_check_failed_only_to_the_operator(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """/readyz needs no sign-in, and answered the error's own words: the blob folder's absolute
