@@ -469,7 +469,8 @@ def test_an_explicit_repin_to_the_version_shown_before_the_first_training_is_kep
             r = client.patch("/api/model", headers=h, json={
                 "trainer_version": "local-tiny-v2", "reason": "I want v2, keep it"})
             assert r.status_code == 200, r.text
-            assert r.json()["trainer_version"] == "local-tiny-v2"
+            assert (r.json()["trainer_version"], r.json()["pin_fixed"]) == (
+                "local-tiny-v2", True)
         assert [(e["kind"], e["data"]["to"], e["data"]["reason"])
                 for e in changes_logged(client, h)] == [
             ("trainer_version_changed", "local-tiny-v2", "I want v2, keep it")]
@@ -477,6 +478,39 @@ def test_an_explicit_repin_to_the_version_shown_before_the_first_training_is_kep
         assert r.status_code == 202, r.text
         assert r.json()["training"]["trainer_version"] == "local-tiny-v2"
         assert r.json()["model"]["trainer_version"] == "local-tiny-v2"
+
+
+def test_the_models_pin_before_its_first_training_is_the_one_that_training_takes(
+        tmp_path: Path) -> None:
+    """Made under local-tiny-v2 (an upload that started nothing), served with local-tiny-v1:
+    the model page showed local-tiny-v1, which the first training took, but GET /api/model
+    (and the start's answer before it) said local-tiny-v2, the upload's row. The API now shows
+    the page's pin, with ``pin_fixed`` false until the first training fixes it."""
+    with serving(make_settings(tmp_path, trainer_version="local-tiny-v2")) as (client, svc):
+        user, key = svc.users.create(name="ann")
+        h = {"Authorization": f"Bearer {key}"}
+        made = upload(client, h, start=False)["model"]
+        assert (made["trainer_version"], made["pin_fixed"]) == ("local-tiny-v2", False)
+    with serving(make_settings(tmp_path, trainer_version="local-tiny-v1")) as (client, svc):
+        model = client.get("/api/model", headers=h).json()
+        page = svc.training.next_pin(user=user)  # what the model page shows
+        assert page is not None
+        assert not page.fixed
+        assert page.model.trainer_version == "local-tiny-v1"
+        assert (model["backend"], model["destination"], model["trainer_version"],
+                model["pin_fixed"]) == (page.model.backend, page.model.destination,
+                                        "local-tiny-v1", False)
+        r = client.post("/api/training/start", headers=h, json={"dataset_id": None})
+        assert r.status_code == 202, r.text
+        assert r.json()["training"]["trainer_version"] == "local-tiny-v1"
+        assert (r.json()["model"]["trainer_version"], r.json()["model"]["pin_fixed"]) == (
+            "local-tiny-v1", True)
+    # Trained: the pin is fixed, whatever the configuration says now.
+    with serving(make_settings(tmp_path, trainer_version="local-tiny-v2")) as (client, svc):
+        model = client.get("/api/model", headers=h).json()
+        assert (model["trainer_version"], model["pin_fixed"]) == ("local-tiny-v1", True)
+    schema = client.app.openapi()["components"]["schemas"]  # type: ignore[attr-defined]
+    assert "pin_fixed" in schema["ModelAnswer"]["required"]
 
 
 def test_a_repin_before_the_first_training_follows_the_configured_backend(
@@ -499,7 +533,9 @@ def test_a_repin_before_the_first_training_follows_the_configured_backend(
         assert r.status_code == 422, r.text
         assert r.json()["error"]["code"] == "invalid_trainer_version"
         assert changes_logged(client, h) == []
-        assert client.get("/api/model", headers=h).json()["backend"] == "local"  # untouched
+        # Untouched: still the configured backend's pin, which the first training would take.
+        model = client.get("/api/model", headers=h).json()
+        assert (model["backend"], model["pin_fixed"]) == ("replicate", False)
         r = client.patch("/api/model", headers=h, json={
             "trainer_version": DEFAULT_REPLICATE_TRAINER_VERSION, "reason": "the one shown"})
         assert r.status_code == 200, r.text

@@ -60,10 +60,15 @@ class VersionAnswer(BaseModel):
 
 class ModelAnswer(BaseModel):
     id: str
-    backend: str
+    backend: str = Field(description="The backend the next training uses.")
     trigger_word: str
-    destination: str
-    trainer_version: str
+    destination: str = Field(description="The destination the next training trains into.")
+    trainer_version: str = Field(description="The trainer version the next training uses.")
+    pin_fixed: bool = Field(
+        description="Whether backend, destination and trainer_version are the model's own: "
+                    "true once it has had a training (they never change on their own again) "
+                    "or its user re-pinned it; false before, while they follow the server's "
+                    "configuration, which the first training takes.")
     lora_scale: float
     lora_scale_is_custom: bool
     active_version: VersionAnswer | None

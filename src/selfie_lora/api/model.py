@@ -12,7 +12,7 @@ from selfie_lora.api.answers import ModelAnswer, PatchedModelAnswer, Versions, a
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.api.schemas import NOT_FOUND, WEIGHTS_ANSWERS, E, ModelPatch, errors
-from selfie_lora.api.serializers import model_json, version_json
+from selfie_lora.api.serializers import overview_json, version_json
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import ErrorCode, InvalidInputError
 from selfie_lora.wiring import Services
@@ -23,9 +23,7 @@ WEIGHTS_ERRORS = errors({**NOT_FOUND, 409: (E.WEIGHTS_MISSING,),
 
 
 def model_of(svc: Services, user: Any) -> dict[str, Any]:
-    overview = svc.models.overview(user=user)
-    return model_json(overview.model, overview.active, overview.active_record,
-                      base=svc.settings.public_url_base)
+    return overview_json(svc.models.overview(user=user), base=svc.settings.public_url_base)
 
 
 @router.get("", responses=errors(NOT_FOUND) | answers(ModelAnswer))

@@ -12,6 +12,7 @@ from selfie_lora.domain.entities import ApiKey, Dataset, Generation, Model, Trai
 from selfie_lora.domain.likeness import ProbeResult, VersionLikeness
 from selfie_lora.services.generation import withheld_pictures
 from selfie_lora.services.likeness import Comparison
+from selfie_lora.services.models import ModelOverview
 
 CHART_URL = "/api/model/quality/chart.png"
 
@@ -134,19 +135,27 @@ def likeness_json(
 
 
 def model_json(m: Model, active: Version | None,
-               active_quality: VersionLikeness | None = None, *, base: str = "") -> dict[str, Any]:
+               active_quality: VersionLikeness | None = None, *, pin_fixed: bool = True,
+               base: str = "") -> dict[str, Any]:
+    """The model; ``m`` pinned as its next training will be, and ``pin_fixed`` false while that
+    pin still follows the configuration (no training yet, no re-pin by its user)."""
     return {
         "id": m.id,
         "backend": m.backend,
         "trigger_word": m.trigger_word,
         "destination": m.destination,
         "trainer_version": m.trainer_version,
+        "pin_fixed": pin_fixed,
         "lora_scale": m.lora_scale,
         "lora_scale_is_custom": m.lora_scale_is_custom,
         "active_version": version_json(active, active_quality, base=base) if active else None,
         "created_at": m.created_at.isoformat(),
         "probes": [p.as_dict() for p in m.probes],
     }
+
+
+def overview_json(o: ModelOverview, *, base: str = "") -> dict[str, Any]:
+    return model_json(o.model, o.active, o.active_record, pin_fixed=o.pin_fixed, base=base)
 
 
 def training_phase(t: Training) -> str:

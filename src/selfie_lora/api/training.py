@@ -24,7 +24,7 @@ from selfie_lora.api.schemas import (
     binary,
     errors,
 )
-from selfie_lora.api.serializers import dataset_json, model_json, training_json
+from selfie_lora.api.serializers import dataset_json, overview_json, training_json
 from selfie_lora.dataset.limits import byte_size
 from selfie_lora.errors import PayloadTooLargeError
 from selfie_lora.services.training import StartResult, TrainingView, UploadResult
@@ -46,8 +46,7 @@ def upload_json(svc: Services, result: UploadResult) -> dict[str, Any]:
         "dataset": dataset_json(result.dataset),
         "training": (view_json(svc, svc.training.view(result.training)) if result.training
                      else None),
-        "model": (model_json(overview.model, overview.active, overview.active_record,
-                             base=svc.settings.public_url_base)
+        "model": (overview_json(overview, base=svc.settings.public_url_base)
                   if overview else None),
     }
 

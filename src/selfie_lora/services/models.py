@@ -40,11 +40,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelOverview:
-    """The model with its active version and that version's likeness record."""
+    """The model with its active version and that version's likeness record. ``model`` is
+    pinned as its next training will be (backend, trainer version, destination); ``pin_fixed``
+    says whether that pin is its own already (it has had a training, or its user re-pinned it)
+    or, false, still follows the configuration until its first training."""
 
     model: Model
     active: Version | None
     active_record: VersionLikeness | None
+    pin_fixed: bool = True
 
 
 def weights_missing_for_download(version: Version) -> ConflictError:
@@ -135,12 +139,28 @@ class ModelService:
         if found is None:
             raise NoModelError(user=user.name)
         model, active, record = found
-        return ModelOverview(model=model, active=active, active_record=record)
+        return self._pinned_overview(model, active, record)
 
     def overview_of(self, model: Model) -> ModelOverview:
         active = self.active_version(model=model)
         record = self._repo.get_likeness(active.id) if active else None
-        return ModelOverview(model=model, active=active, active_record=record)
+        return self._pinned_overview(model, active, record)
+
+    def _pinned_overview(self, model: Model, active: Version | None,
+                         record: VersionLikeness | None) -> ModelOverview:
+        """The overview with the pin the next training takes (the model page's,
+        ``TrainingService.next_pin``), not the row stored at the upload: before the first
+        training that row may name a trainer version, backend and destination the training
+        will not use (the configuration changed since the upload)."""
+        if active is not None:
+            # Every version comes of a training, so the pin is fixed: the hot read of a
+            # trained model (GET /api/model, the progress polls) stays one query.
+            return ModelOverview(model=model, active=active, active_record=record)
+        facts = pin_facts(self._repo, model)
+        fixed = facts.trained_before or facts.repinned_by_user
+        if not fixed and self._defaults is not None:
+            model = pin_for_training(model, self._defaults(), trained_before=False)
+        return ModelOverview(model=model, active=active, active_record=record, pin_fixed=fixed)
 
     def versions_with_likeness(self, *, user: User
                                ) -> list[tuple[Version, VersionLikeness | None]]:
