@@ -2177,12 +2177,20 @@ def test_the_settings_page_refuses_a_deletion_on_another_deployments_storage(
         ann: TestClient, svc: Services) -> None:
     """The page's deletion deleted her blobs by key from a storage whose marker names another
     deployment, where that deployment's lie under the same keys; now a 503 that says nothing
-    was changed, the account as it was (the operator's words are in the log)."""
+    was deleted, the account as it was (the operator's words are in the log). On the Settings
+    page, beside its form, as its other refusals are: it was the general error page, which
+    said neither that it was the deletion that was refused nor who must act."""
     svc.blobs.put(DEPLOYMENT_KEY, b'{"deployment_id": "another-deployment"}')
     r = ann.post("/settings/delete", data={"csrf_token": csrf(ann, "/settings"),
                                            "confirm": "ann"}, follow_redirects=False)
     assert r.status_code == 503, r.text
-    assert "nothing was changed" in r.text
+    assert page_title(r.text) == "Settings · selfie-lora"
+    refusal = re.search(r'<p class="error" role="alert" id="delete-error"[^>]*>([^<]*)</p>',
+                        r.text)
+    assert refusal, r.text
+    assert "nothing was deleted" in refusal.group(1)
+    assert "The operator must fix the storage configuration" in refusal.group(1)
+    assert "reference " in refusal.group(1)
     assert "another-deployment" not in r.text
     user = svc.repo.get_user_by_name("ann")
     assert user is not None

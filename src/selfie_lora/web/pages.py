@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 
 from selfie_lora.api.deps import finished, in_intake, in_thread, upload_slot
 from selfie_lora.api.downloads import weights_response
+from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import GateMeasure, VersionLikeness, gate_measure
@@ -26,6 +27,7 @@ from selfie_lora.errors import (
     AuthError,
     ConflictError,
     DatasetRejectedError,
+    DeploymentMismatchError,
     ErrorCode,
     ForbiddenError,
     InvalidInputError,
@@ -918,6 +920,15 @@ def settings_delete_account(request: Request, viewer: FormViewer,
                   ": the deletion finishes on its own within minutes")
         return _settings(request, viewer, status_code=409, delete_error=error.message + remedy,
                          delete_busy=error.stage == "active")
+    except DeploymentMismatchError as error:
+        # Refused before anything changed (``GarbageCollector.check_deployment``): the storage
+        # is another deployment's. Its words name the storage and the settings, for the
+        # operator: they are logged under the reference the page gives, as the API's 503 does.
+        server = report_server_error(error, method=request.method, path=request.url.path)
+        return _settings(request, viewer, status_code=error.http_status, delete_error=(
+            "Your account cannot be deleted just now: this service's storage is not set up "
+            "right, so nothing was deleted. The operator must fix the storage configuration: "
+            f"please tell them (reference {server.reference}), then try again."))
     response = _see("/signin")
     web.clear_session_cookie(response, request)
     web.set_notice_cookie(response, request, ACCOUNT_DELETED)
