@@ -1034,6 +1034,115 @@ def _yardstick(comparison: Comparison) -> str:
     return f"identity against version {used.number}'s ({side}'s) training photos"
 
 
+# --- model, versions, activate (the model page and the versions list, as the API has them) -----
+
+
+def _pin_words(trained_before: bool, fixed: bool) -> str:
+    """Whose trainer version it is, in the model page's words."""
+    if trained_before:
+        return "pinned: every training uses it"
+    if fixed:
+        return "your choice: the first training uses it"
+    return ("what the first training uses: the server's trainer version, until that training "
+            "pins it")
+
+
+@app.command("model")
+def model_cmd(
+    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print JSON on stdout: what GET /api/model answers, with the pin the "
+                       "next training takes (next_training).")] = False,
+) -> None:
+    """The user's model: trigger word, destination and trainer version (those the next
+    training uses), LoRA scale, active version."""
+    from selfie_lora.api.serializers import model_json
+
+    # Only reading, it neither makes a database in a new HOME nor upgrades an older one.
+    with opened(existing="no model to show", trainers={}, generators={}) as services:
+        owner = services.users.get_by_name(name=user)
+        overview = services.models.overview(user=owner)
+        # What the model page shows: before the first training, the pin that training takes
+        # (the configured one unless the user chose one), not the row stored at the upload.
+        pin = services.training.next_pin(user=owner)
+        base = services.settings.public_url_base
+    assert pin is not None  # the overview found the model
+    model, active = overview.model, overview.active
+    if as_json:
+        sys.stdout.write(json.dumps({
+            **model_json(model, active, overview.active_record, base=base),
+            "next_training": {"backend": pin.model.backend,
+                              "trainer_version": pin.model.trainer_version,
+                              "destination": pin.model.destination,
+                              "pinned": pin.trained_before, "chosen": pin.repinned_by_user},
+        }) + "\n")
+        return
+    scale = "custom" if model.lora_scale_is_custom else "the default"
+    shown = (f"version {active.number} (sha256 {active.weights_sha256})" if active is not None
+             else "none yet")
+    for name, value in (
+            ("trigger word", model.trigger_word),
+            ("destination", pin.model.destination),
+            ("backend", pin.model.backend),
+            ("trainer version", f"{pin.model.trainer_version} "
+                                f"({_pin_words(pin.trained_before, pin.fixed)})"),
+            ("LoRA scale", f"{model.lora_scale:g} ({scale})"),
+            ("active version", shown)):
+        console.print(f"{name}: {value}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _likeness_cell(quality: dict[str, Any] | None) -> str:
+    """A version's likeness as the Versions page shows it: its identity, its face share when its
+    training photos have no face, or its scoring's state."""
+    from selfie_lora.domain.likeness import GateMeasure, gate_measure
+
+    if quality is None:
+        return "-"
+    if quality["identity"] is not None:
+        return f"{quality['identity']:.3f}"
+    if quality["face_share"] is not None and gate_measure(quality) is GateMeasure.FACE_SHARE:
+        return f"{quality['face_share']:.0%} faces"
+    return str(quality["status"])
+
+
+@app.command("versions")
+def versions_cmd(
+    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print JSON on stdout: what GET /api/model/versions answers.")] = False,
+) -> None:
+    """The versions of the user's model, newest first: when each was made, its likeness, the
+    likeness gate's decision, and which is active."""
+    from selfie_lora.api.serializers import version_json
+
+    with opened(existing="no versions to list", trainers={}, generators={}) as services:
+        owner = services.users.get_by_name(name=user)
+        active_id = services.models.get(user=owner).active_version_id  # no model: said
+        base = services.settings.public_url_base
+        found = [version_json(v, record, base=base)
+                 for v, record in services.models.versions_with_likeness(user=owner)]
+    if as_json:
+        sys.stdout.write(json.dumps({"versions": found}) + "\n")
+        return
+    if not found:
+        console.print(f"{owner.name}'s model has no version yet: each training that succeeds "
+                      "adds one", markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(title=escape(f"versions of {owner.name}'s model, newest first"))
+    for column in ("version", "made (UTC)", "likeness", "gate", "active"):
+        table.add_column(column)
+    for v in found:
+        table.add_row(str(v["number"]), _minute(datetime.fromisoformat(v["created_at"])),
+                      _likeness_cell(v["quality"]), v["gate"]["status"],
+                      "active" if v["id"] == active_id else "")
+    console.print(table)
+    # Why a version is not active although newer: the gate's reason, too long for a column.
+    for v in found:
+        if v["gate"]["status"] == str(GateStatus.HELD) and v["gate"]["reason"]:
+            console.print(f"version {v['number']} held back: {v['gate']['reason']}",
+                          markup=False, highlight=False, soft_wrap=True)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(
