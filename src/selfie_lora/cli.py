@@ -741,7 +741,8 @@ def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> N
                       f"{escape(new.gate_reason or '')}")
         console.print(f"version {active.number if active else '?'} stays active; compare "
                       f"them with 'selfie-lora compare --user {escape(user)}', or activate version "
-                      f"{new.number} yourself (POST /api/model/versions/{new.number}/activate)")
+                      f"{new.number} yourself ('selfie-lora activate {new.number} --user "
+                      f"{escape(user)}')")
     else:
         console.print(f"[green]succeeded[/green]: version {active.number if active else '?'} "
                       f"is active (LoRA scale {model.lora_scale})")
@@ -1112,7 +1113,7 @@ def versions_cmd(
         "--json", help="Print JSON on stdout: what GET /api/model/versions answers.")] = False,
 ) -> None:
     """The versions of the user's model, newest first: when each was made, its likeness, the
-    likeness gate's decision, and which is active."""
+    likeness gate's decision, and which is active ('selfie-lora activate N' rolls back)."""
     from selfie_lora.api.serializers import version_json
 
     with opened(existing="no versions to list", trainers={}, generators={}) as services:
@@ -1141,6 +1142,35 @@ def versions_cmd(
         if v["gate"]["status"] == str(GateStatus.HELD) and v["gate"]["reason"]:
             console.print(f"version {v['number']} held back: {v['gate']['reason']}",
                           markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("activate")
+def activate_cmd(
+    number: Annotated[str, typer.Argument(
+        help="The version to make active: its number as 'versions' lists it (2 or v2), or its "
+             "id.", show_default=False)],
+    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+) -> None:
+    """Roll the user's model back (or forward) to another version: generations that name no
+    version use it from now on. A version the likeness gate held back can be activated too
+    (recorded); one whose weights are missing from the storage, or trained for another base
+    model than this server's, is refused and nothing changes."""
+    with opened(trainers={}, generators={}) as services:
+        owner = services.users.get_by_name(name=user)
+        before = services.models.overview(user=owner).active
+        model = services.models.activate(user=owner, version_id=number)
+        now = services.models.overview_of(model).active
+    assert now is not None  # activate made one active
+    was = f" (was version {before.number})" if before is not None else ""
+    if before is not None and before.id == now.id:
+        was = " (it was already)"
+    # The gate's decision stays on record: activating against it is said, as the web app asks.
+    against = {GateStatus.HELD: ", although the likeness gate held it back",
+               GateStatus.PENDING: ", although its likeness is still being scored"}.get(
+        now.gate_status, "")
+    console.print(f"version {now.number} of {owner.name}'s model is active{was}{against}; "
+                  "generations that name no version use it", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()

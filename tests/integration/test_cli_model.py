@@ -6,16 +6,32 @@ refuse with their words."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+import selfie_lora.wiring as wiring
 from selfie_lora import cli
+from selfie_lora.config import Settings
+from selfie_lora.errors import GenerationError
+from selfie_lora.services.ports import GenerationJob
 from selfie_lora.wiring import Services
 from tests.conftest import auth
 from tests.integration.test_api import upload
 from tests.integration.test_cli_out import trained as trained  # the fixture, re-exported
+from tests.support.photos import photo_zip
+
+
+class Broken:
+    """A local generator that always fails (out of memory): no version can be scored."""
+
+    backend = "local"
+
+    def generate(self, job: GenerationJob) -> list[bytes]:
+        raise GenerationError("the generator is out of memory")
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -99,3 +115,81 @@ def test_an_unknown_user_or_no_model_is_one_line(trained: Services) -> None:
         assert code == 1, said
         assert said.strip() == ("error: cy has no model yet: run 'selfie-lora train PATH "
                                 "--user cy' to start one")
+
+
+def active_number() -> int:
+    return int(as_json("model", "--user", "ann")["active_version"]["number"])
+
+
+def test_activate_rolls_back_and_forward(trained: Services, client: TestClient) -> None:
+    code, said = run("activate", "1", "--user", "ann")
+    assert code == 0, said
+    assert said.strip() == ("version 1 of ann's model is active (was version 2); generations "
+                            "that name no version use it")
+    assert active_number() == 1
+    h = ann_headers(trained)
+    assert client.get("/api/model", headers=h).json()["active_version"]["number"] == 1
+    code, said = run("versions", "--user", "ann")
+    assert [line.split("│")[5].strip() for line in said.splitlines()
+            if line.startswith("│")] == ["", "active"], said
+    code, said = run("activate", "v2", "--user", "ann")  # the API's spelling too
+    assert code == 0, said
+    assert "version 2 of ann's model is active (was version 1)" in said
+    assert active_number() == 2
+    code, said = run("activate", "2", "--user", "ann")
+    assert code == 0, said
+    assert "version 2 of ann's model is active (it was already)" in said
+
+
+def test_activate_refuses_what_the_api_refuses_with_its_words(trained: Services,
+                                                              client: TestClient) -> None:
+    code, said = run("activate", "9", "--user", "ann")
+    assert code == 1, said
+    api = client.post("/api/model/versions/9/activate", headers=ann_headers(trained)).json()
+    assert said.strip() == f"error: {api['error']['message']}" == "error: no such version: 9"
+    ann = trained.users.get_by_name(name="ann")
+    v1 = trained.models.version(user=ann, version_id="1")
+    trained.blobs.delete(v1.weights_key)
+    code, said = run("activate", "1", "--user", "ann")
+    assert code == 1, said
+    api = client.post("/api/model/versions/1/activate", headers=ann_headers(trained)).json()
+    assert api["error"]["code"] == "weights_missing"
+    # The operator's log line (which key is missing) comes before it on stderr.
+    assert said.strip().splitlines()[-1] == f"error: {api['error']['message']}"
+    assert active_number() == 2  # nothing changed
+    trained.users.create(name="cy")
+    code, said = run("activate", "1", "--user", "cy")
+    assert code == 1, said
+    assert said.strip() == ("error: cy has no model yet: run 'selfie-lora train PATH --user "
+                            "cy' to start one")
+    code, said = run("activate", "1", "--user", "nobody")
+    assert code == 1, said
+    assert said.strip() == ("error: no user named 'nobody'; create one with 'selfie-lora "
+                            "users create'")
+
+
+def test_train_names_the_activate_command_for_a_held_version(
+        trained: Services, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # A generator that fails: the new version cannot be scored, so the gate holds it back.
+    real = wiring.build_services
+
+    def build(s: Settings, **kw: Any) -> Services:
+        return real(s, **{**kw, "generators": {"local": Broken()}})
+
+    monkeypatch.setattr(wiring, "build_services", build)
+    photos = tmp_path / "photos.zip"
+    photos.write_bytes(photo_zip(4))
+    code, said = run("train", str(photos), "--user", "ann")
+    assert code == 0, said
+    said = " ".join(said.split())
+    assert "version 3 is held back" in said
+    assert ("version 2 stays active; compare them with 'selfie-lora compare --user ann', or "
+            "activate version 3 yourself ('selfie-lora activate 3 --user ann')") in said
+    code, said = run("versions", "--user", "ann")
+    assert "version 3 held back: " in said
+    code, said = run("activate", "3", "--user", "ann")
+    assert code == 0, said
+    # After the service's log line of the override.
+    assert said.strip().splitlines()[-1] == ("version 3 of ann's model is active (was version "
+                                             "2), although the likeness gate held it "
+                                             "back; generations that name no version use it")
