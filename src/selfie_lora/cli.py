@@ -1051,17 +1051,32 @@ def _pin_words(trained_before: bool, fixed: bool) -> str:
 @app.command("model")
 def model_cmd(
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
+    lora_scale: Annotated[float | None, typer.Option(
+        "--lora-scale", help="Set the model's own LoRA scale first, as PATCH /api/model does: "
+                             "generations that name none use it, and retraining keeps it.",
+        show_default=False)] = None,
+    default_scale: Annotated[bool, typer.Option(
+        "--default-lora-scale", help="Give the model back the default LoRA scale (PATCH "
+                                     "/api/model with lora_scale null).")] = False,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print JSON on stdout: what GET /api/model answers, with the pin the "
                        "next training takes (next_training).")] = False,
 ) -> None:
     """The user's model: trigger word, destination and trainer version (those the next
-    training uses), LoRA scale, active version."""
+    training uses), LoRA scale, active version; --lora-scale sets its own LoRA scale."""
     from selfie_lora.api.serializers import model_json
 
-    # Only reading, it neither makes a database in a new HOME nor upgrades an older one.
-    with opened(existing="no model to show", trainers={}, generators={}) as services:
+    changing = lora_scale is not None or default_scale
+    # Only reading (no scale given), it neither makes a database in a new HOME nor upgrades an
+    # older one; a change is a write, as 'users disable' is.
+    with opened(existing=None if changing else "no model to show", trainers={},
+                generators={}) as services:
         owner = services.users.get_by_name(name=user)
+        if changing:
+            # The PATCH's own checks and audit events: a scale out of range, or both asked for,
+            # is refused with its message.
+            services.models.change(user=owner, lora_scale=lora_scale,
+                                   lora_scale_to_default=default_scale)
         overview = services.models.overview(user=owner)
         # What the model page shows: before the first training, the pin that training takes
         # (the configured one unless the user chose one), not the row stored at the upload.
@@ -1079,6 +1094,11 @@ def model_cmd(
         }) + "\n")
         return
     scale = "custom" if model.lora_scale_is_custom else "the default"
+    if changing:
+        console.print(f"LoRA scale of {owner.name}'s model set to {model.lora_scale:g} ({scale})"
+                      + (": generations that name none use it, and retraining keeps it"
+                         if model.lora_scale_is_custom else ""),
+                      markup=False, highlight=False, soft_wrap=True)
     shown = (f"version {active.number} (sha256 {active.weights_sha256})" if active is not None
              else "none yet")
     for name, value in (

@@ -19,7 +19,7 @@ from selfie_lora.config import Settings
 from selfie_lora.errors import GenerationError
 from selfie_lora.services.ports import GenerationJob
 from selfie_lora.wiring import Services
-from tests.conftest import auth
+from tests.conftest import auth, wait_terminal
 from tests.integration.test_api import upload
 from tests.integration.test_cli_out import trained as trained  # the fixture, re-exported
 from tests.support.photos import photo_zip
@@ -193,3 +193,46 @@ def test_train_names_the_activate_command_for_a_held_version(
     assert said.strip().splitlines()[-1] == ("version 3 of ann's model is active (was version "
                                              "2), although the likeness gate held it "
                                              "back; generations that name no version use it")
+
+
+def test_a_custom_lora_scale_is_set_and_survives_retraining(trained: Services,
+                                                           client: TestClient) -> None:
+    code, said = run("model", "--user", "ann", "--lora-scale", "0.8")
+    assert code == 0, said
+    assert said.splitlines()[0] == ("LoRA scale of ann's model set to 0.8 (custom): generations "
+                                    "that name none use it, and retraining keeps it")
+    assert "LoRA scale: 0.8 (custom)" in said
+    shown = as_json("model", "--user", "ann")
+    assert (shown["lora_scale"], shown["lora_scale_is_custom"]) == (0.8, True)
+    h = ann_headers(trained)
+    done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+    assert done["training"]["status"] == "succeeded"
+    shown = as_json("model", "--user", "ann")
+    assert shown["active_version"]["number"] == 3
+    assert (shown["lora_scale"], shown["lora_scale_is_custom"]) == (0.8, True)
+    code, said = run("model", "--user", "ann", "--default-lora-scale")
+    assert code == 0, said
+    assert said.splitlines()[0] == "LoRA scale of ann's model set to 1 (the default)"
+    assert as_json("model", "--user", "ann")["lora_scale_is_custom"] is False
+
+
+def test_a_lora_scale_the_api_refuses_is_refused(trained: Services,
+                                                 client: TestClient) -> None:
+    """The same rule as PATCH /api/model (the service's, whose message the CLI prints; the API's
+    body schema answers the same range as invalid_request first)."""
+    h = ann_headers(trained)
+    for value, said_as in (("5", "must be between -1.0 and 3.0"),
+                           ("-3", "must be between -1.0 and 3.0"),
+                           ("nan", "must be a finite number"), ("inf", "must be a finite number")):
+        sent = {"nan": "NaN", "inf": "Infinity"}.get(value, value)  # as Python's json reads
+        api = client.patch("/api/model", content=f'{{"lora_scale": {sent}}}',
+                           headers={**h, "Content-Type": "application/json"})
+        assert api.status_code == 422, api.text
+        assert api.json()["error"]["code"] == "invalid_request"
+        code, said = run("model", "--user", "ann", "--lora-scale", value)
+        assert code == 1, said
+        assert said.strip() == f"error: lora_scale {said_as}"
+    assert as_json("model", "--user", "ann")["lora_scale_is_custom"] is False
+    code, said = run("model", "--user", "nobody", "--lora-scale", "0.8")
+    assert code == 1, said
+    assert said.startswith("error: no user named 'nobody'")
