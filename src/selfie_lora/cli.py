@@ -116,6 +116,16 @@ def _database_shown(settings: Settings) -> str:
     return f"SELFIE_LORA_DATABASE_URL {shown}"
 
 
+def _data_shown(settings: Settings) -> str:
+    """Where a server's data is, for its start line. On the scale path HOME holds only this
+    machine's caches: naming it alone sent operators to back up the wrong folder."""
+    if settings.database_url is None and settings.storage_url is None:
+        return f"data in {settings.home}"
+    files = settings.storage_url or f"{settings.home} (files)"
+    return (f"data in {_database_shown(settings)} and {files}; this machine's caches in "
+            f"{settings.home}")
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (``_terminate_as_interrupt``)."""
 
@@ -328,8 +338,8 @@ def serve(
             _bind_deployment(settings)
     if processes > 1:
         # The address is logged once they serve (port 0: the one chosen for them all).
-        logger.info("starting %d API processes on %s; data in %s", processes,
-                    f"{host}:{port}" if port else f"{host}, any free port", settings.home)
+        logger.info("starting %d API processes on %s; %s", processes,
+                    f"{host}:{port}" if port else f"{host}, any free port", _data_shown(settings))
         try:
             run_server_processes(settings, host=host, port=port, processes=processes,
                                  worker=worker)
@@ -338,11 +348,11 @@ def serve(
         return
     shown = f"[{host}]" if ":" in host else host
     if settings.log_format == "json":  # a log collector reads this output: lines of JSON only
-        logger.info("serving on http://%s:%d/ (API docs at /docs); data in %s", shown, port,
-                    settings.home)
+        logger.info("serving on http://%s:%d/ (API docs at /docs); %s", shown, port,
+                    _data_shown(settings))
     else:
         console.print(f"selfie-lora: open [bold]http://{shown}:{port}/[/bold] in a browser "
-                      f"(API docs at /docs); data in {settings.home}")
+                      f"(API docs at /docs); {escape(_data_shown(settings))}")
     run_server(application, settings, sock=sock)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime
+from pathlib import Path
 
-from selfie_lora.cli import handed_back_message
+from selfie_lora.cli import _data_shown, handed_back_message
+from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.domain.recipes import get_recipe
 
@@ -53,3 +55,19 @@ def test_a_replicate_training_handed_back_says_its_run_goes_on() -> None:
     assert "(processing at step 300/1000, its Replicate run r-abc going on) waits in the " \
         "queue" in message
     assert "follows that run from where it is" in message
+
+
+def test_a_server_on_the_scale_path_says_where_its_data_is_not_only_home(tmp_path: Path) -> None:
+    # HOME holds only caches there: a start line naming it alone sent an operator to back up
+    # the wrong folder (the scale-path review).
+    scaled = Settings(home=tmp_path, database_url="postgresql+psycopg://app:pw@db:5432/prod",
+                      storage_url="s3://selfie-prod/photos")
+    shown = _data_shown(scaled)
+    assert "postgresql+psycopg://app:***@db:5432/prod" in shown
+    assert "s3://selfie-prod/photos" in shown
+    assert f"caches in {tmp_path}" in shown
+    assert ":pw@" not in shown
+    assert _data_shown(Settings(home=tmp_path)) == f"data in {tmp_path}"
+    files_at_home = _data_shown(Settings(home=tmp_path, storage_url=None,
+                                         database_url="postgresql+psycopg://db/prod"))
+    assert f"{tmp_path} (files)" in files_at_home
