@@ -190,8 +190,13 @@ class Worker:
         within ``grace`` seconds."""
         if self._stop.is_set() and not self._threads:
             return True
-        logger.info("worker %s stopping (%d training(s) running)", self.identity.name,
-                    self._busy)
+        if self._threads_wanted:
+            logger.info("worker %s stopping (%d training(s) running)", self.identity.name,
+                        self._busy)
+        else:
+            # serve --no-worker: no worker runs here, only the reconciler and the upkeep; a
+            # "worker stopping" line read as if one had been started against the operator's ask.
+            logger.info("background upkeep (reconciler, garbage collection) stopping")
         self._stop.set()  # running trainings see it at their next safe point
         deadline = time.monotonic() + grace
         for thread in self._threads:
@@ -207,7 +212,8 @@ class Worker:
                            len(self._threads), grace)
             return False
         self.identity.close()
-        logger.info("worker %s stopped", self.identity.name)
+        if self._threads_wanted:
+            logger.info("worker %s stopped", self.identity.name)
         return True
 
     def run_until_signal(self) -> None:

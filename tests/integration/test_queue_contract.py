@@ -310,3 +310,17 @@ def test_a_worker_says_when_its_queue_answers_again_and_each_outage_once(
     assert len(back) == 2
     assert "redis:6379" in _worker_lines(caplog, logging.WARNING)[0].getMessage()
     assert _worker_lines(caplog, logging.ERROR) == []
+
+
+def test_a_process_that_runs_no_worker_does_not_say_a_worker_stops(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # serve --no-worker runs only the reconciler (and the upkeep): its shutdown said
+    # "worker api stopping (0 training(s) running)" to an operator who had asked for none.
+    worker = Worker(training=StubTraining(), queue=InMemoryQueue(), identity=Identity(name="api"),  # type: ignore[arg-type]
+                    threads=0, reconcile_seconds=60)
+    with caplog.at_level(logging.INFO, logger="selfie_lora.worker"):
+        worker.start()
+        assert worker.stop()
+    said = [r.getMessage() for r in _worker_lines(caplog, logging.INFO)]
+    assert "background upkeep (reconciler, garbage collection) stopping" in said
+    assert not [line for line in said if "worker" in line]
