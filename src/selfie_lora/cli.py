@@ -63,8 +63,11 @@ users_app = typer.Typer(help="Manage users and API keys.", no_args_is_help=True,
                         rich_markup_mode=None)
 keys_app = typer.Typer(help="A user's API keys: list, create, revoke, rotate.",
                        no_args_is_help=True, rich_markup_mode=None)
+generations_app = typer.Typer(help="A user's generations: list, delete.", no_args_is_help=True,
+                              rich_markup_mode=None)
 app.add_typer(users_app, name="users")
 users_app.add_typer(keys_app, name="keys")
+app.add_typer(generations_app, name="generations")
 
 
 @app.callback()
@@ -1201,6 +1204,87 @@ def activate_cmd(
     console.print(f"version {now.number} of {owner.name}'s model is active{was}{against}; "
                   "generations that name no version use it", markup=False, highlight=False,
                   soft_wrap=True)
+
+
+# --- generations list, delete (the gallery and its Delete button, as the API has them) ------------
+
+# A prompt as the list shows it: its start, on one line (the whole is in --json).
+_PROMPT_SHOWN = 60
+
+
+def _short_prompt(prompt: str) -> str:
+    line = " ".join(prompt.split())
+    return line if len(line) <= _PROMPT_SHOWN else line[:_PROMPT_SHOWN - 3] + "..."
+
+
+@generations_app.command("list")
+def generations_list(
+    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+    limit: Annotated[int, typer.Option(
+        "--limit", help="How many, newest first (1 to 200), as GET /api/generations' "
+                        "limit.")] = 50,
+    before: Annotated[str | None, typer.Option(
+        "--before", help="The next page: the cursor the previous page named ('older').",
+        show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print JSON on stdout: what GET /api/generations answers.")] = False,
+) -> None:
+    """The user's generations, newest first, a page at a time: id, when made, prompt, version,
+    LoRA scale and number of pictures (the pictures are in the storage; 'generate' wrote its
+    own copies to its --out)."""
+    from selfie_lora.api.serializers import generation_json
+
+    with opened(existing="no generations to list", trainers={}, generators={}) as services:
+        owner = services.users.get_by_name(name=user)
+        page = services.generation.page(user=owner, limit=limit, before=before)
+        # As the Generate page numbers them: a user with no model has no generations either.
+        numbers = {v.id: v.number for v in services.models.versions(user=owner)}
+        base = services.settings.public_url_base
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "generations": [generation_json(g, base=base) for g in page.generations],
+            "older": page.older}) + "\n")
+        return
+    if not page.generations:
+        console.print(f"{owner.name} has no generations" + (" older than that" if before
+                                                            else ""),
+                      markup=False, highlight=False, soft_wrap=True)
+        return
+    table = Table(title=escape(f"generations of {owner.name}, newest first"))
+    # The id whole, whatever the terminal's width: 'generations delete' takes nothing less.
+    table.add_column("id", no_wrap=True,
+                     min_width=max(len(g.id) for g in page.generations))
+    for column in ("made (UTC)", "prompt", "version", "LoRA scale", "pictures"):
+        table.add_column(column, overflow="fold")
+    for g in page.generations:
+        number = numbers.get(g.version_id)
+        table.add_row(g.id, _minute(g.created_at), escape(_short_prompt(g.prompt)),
+                      "?" if number is None else str(number), f"{g.lora_scale:g}",
+                      str(len(g.image_keys)))
+    console.print(table)
+    if page.older is not None:
+        console.print(f"older ones: add --before {page.older}", markup=False, highlight=False,
+                      soft_wrap=True)
+
+
+@generations_app.command("delete")
+def generations_delete(
+    generation_id: Annotated[str, typer.Argument(
+        metavar="ID", help="The generation's id, as 'generations list' shows it.",
+        show_default=False)],
+    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+) -> None:
+    """Delete one of the user's generations and its pictures in the storage, for good (as
+    DELETE /api/generations/{id}); the files 'generate' wrote to its --out are left."""
+    with opened(trainers={}, generators={}) as services:
+        owner = services.users.get_by_name(name=user)
+        generation = services.generation.delete(user=owner, generation_id=generation_id)
+    console.print(f"deleted generation {generation.id} of {owner.name} and its "
+                  f"{len(generation.image_keys)} picture(s)", markup=False, highlight=False,
+                  soft_wrap=True)
+
+
+# --- end of generations list, delete ----------------------------------------------------------
 
 
 @app.command()
