@@ -49,6 +49,7 @@ from selfie_lora.outputs import write_whole
 
 if TYPE_CHECKING:
     from selfie_lora.services.backup import BackupService
+    from selfie_lora.services.generation import NoVersionError
     from selfie_lora.services.likeness import Comparison
     from selfie_lora.wiring import Services
     from selfie_lora.worker import Worker
@@ -831,7 +832,11 @@ def generate(
     lora_scale: Annotated[float | None, typer.Option("--lora-scale")] = None,
 ) -> None:
     """Generate with the user's active LoRA version."""
-    from selfie_lora.services.generation import GenerationRequest, withheld_pictures
+    from selfie_lora.services.generation import (
+        GenerationRequest,
+        NoVersionError,
+        withheld_pictures,
+    )
     from selfie_lora.services.ports import MAX_SEED
 
     # Before generating: a generation is stored (and, on Replicate, paid for) whether or not
@@ -839,8 +844,11 @@ def generate(
     _writable_folder(out)
     with opened() as services:
         owner = services.users.get_by_name(name=user)
-        generation = services.generation.generate(user=owner, request=GenerationRequest(
-            prompt=prompt, num_outputs=num_outputs, seed=seed, lora_scale=lora_scale))
+        try:
+            generation = services.generation.generate(user=owner, request=GenerationRequest(
+                prompt=prompt, num_outputs=num_outputs, seed=seed, lora_scale=lora_scale))
+        except NoVersionError as exc:
+            _fail(_no_version_words(exc))
         version = services.models.version(user=owner, version_id=generation.version_id)
         # The seed drawn when none was given was only in a log line: it is what makes the
         # pictures again.
@@ -869,6 +877,20 @@ def generate(
                 f"generation {generation.id} is stored: its images are at "
                 f"GET /api/generations/{generation.id}/images/<n>"))
             console.print(f"wrote {target}", markup=False, highlight=False)
+
+
+def _no_version_words(exc: NoVersionError) -> str:
+    """Why ``generate`` was refused, in the command line's words: the service's (the API's)
+    name the Versions page and the activate route, where an operator at a shell has
+    'selfie-lora activate'. Waiting or training is said as the service says it."""
+    ready = exc.not_ready
+    if ready.reason != "activate":
+        return exc.message
+    name = exc.user
+    activate = (f"{name}'s model has no active version: activate one with 'selfie-lora "
+                f"activate N --user {name}' ('selfie-lora versions --user {name}' lists them)")
+    return (f"{activate}; a training is {ready.training} too" if ready.training
+            else f"{activate} or train again")
 
 
 @app.command("export")

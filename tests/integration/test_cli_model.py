@@ -236,3 +236,25 @@ def test_a_lora_scale_the_api_refuses_is_refused(trained: Services,
     code, said = run("model", "--user", "nobody", "--lora-scale", "0.8")
     assert code == 1, said
     assert said.startswith("error: no user named 'nobody'")
+
+
+def test_generate_without_an_active_version_names_the_activate_command(
+        trained: Services, client: TestClient, tmp_path: Path) -> None:
+    """The service's message (the API's) names the Versions page and the activate route; the
+    command line names its own command, as it does for a held-back version after 'train'."""
+    ann = trained.users.get_by_name(name="ann")
+    model = trained.models.get(user=ann)
+    trained.repo.set_model_active_version(model.id, None)  # each version held back, say
+    api = client.post("/api/generate", headers=ann_headers(trained), json={"prompt": "x"})
+    assert api.status_code == 422
+    assert api.json()["error"]["code"] == "no_version"
+    assert "POST /api/model/versions/{id}/activate" in api.json()["error"]["message"]
+    code, said = run("generate", "x", "--user", "ann", "--out", str(tmp_path))
+    assert code == 1, said
+    assert " ".join(said.split()) == (
+        "error: ann's model has no active version: activate one with 'selfie-lora activate N "
+        "--user ann' ('selfie-lora versions --user ann' lists them) or train again")
+    code, said = run("activate", "2", "--user", "ann")
+    assert code == 0, said
+    code, said = run("generate", "x", "--user", "ann", "--out", str(tmp_path))
+    assert code == 0, said

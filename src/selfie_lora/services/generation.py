@@ -71,13 +71,26 @@ MAX_PROMPT_CHARS = 2000
 class NotReady:
     """Why a user cannot generate. ``reason``: ``"no_model"``, ``"activate"`` (versions, none
     active), ``"wait"`` (none yet, a training queued or running: ``training``) or ``"train"``
-    (none, and nothing training). ``message`` is the API's and the CLI's words (API paths, the
-    command); each other front end words ``reason`` itself, as for ``ErasureBlockedError``:
-    the Generate page showed 'POST /api/model/versions/{id}/activate' to web users."""
+    (none, and nothing training). ``message`` is the API's words (API paths, the command that
+    trains); each other front end words ``reason`` itself, as for ``ErasureBlockedError``:
+    the Generate page showed 'POST /api/model/versions/{id}/activate' to web users, and the
+    CLI names its own 'activate' command (``NoVersionError``)."""
 
     reason: Literal["no_model", "activate", "wait", "train"]
     training: Literal["queued", "running"] | None
     message: str
+
+
+class NoVersionError(InvalidInputError):
+    """``generate`` refused: the user's model has no active version (422 ``no_version``). The
+    message is the API's words (``NotReady.message``); ``not_ready`` and ``user`` (the account's
+    name) are the facts, so that a front end with commands of its own words it in them, as for
+    ``NoModelError``: the CLI names 'selfie-lora activate', where the API names its route."""
+
+    def __init__(self, not_ready: NotReady, *, user: str) -> None:
+        super().__init__(not_ready.message, code=ErrorCode.NO_VERSION)
+        self.not_ready = not_ready
+        self.user = user
 
 
 # Control characters but tab and line ends (a prompt typed in a text area has those): a NUL
@@ -426,7 +439,7 @@ class GenerationService:
             raise NoModelError(user=user.name)
         ref = request.version_id or model.active_version_id
         if ref is None:
-            raise InvalidInputError(self._no_version(model.id).message, code=ErrorCode.NO_VERSION)
+            raise NoVersionError(self._no_version(model.id), user=user.name)
         version = find_version(self._repo.list_versions(model.id), ref)
         if version is None:
             raise NotFoundError(f"no such version: {ref[:64]}")
