@@ -1099,7 +1099,7 @@ def model_cmd(
 ) -> None:
     """The user's model: trigger word, destination and trainer version (those the next
     training uses), LoRA scale, active version; --lora-scale sets its own LoRA scale."""
-    from selfie_lora.api.serializers import model_json
+    from selfie_lora.api.serializers import overview_json
 
     changing = lora_scale is not None or default_scale
     # Only reading (no scale given), it neither makes a database in a new HOME nor upgrades an
@@ -1121,7 +1121,8 @@ def model_cmd(
     model, active = overview.model, overview.active
     if as_json:
         sys.stdout.write(json.dumps({
-            **model_json(model, active, overview.active_record, base=base),
+            # The API's own answer: its pin_fixed too (false before the first training).
+            **overview_json(overview, base=base),
             "next_training": {"backend": pin.model.backend,
                               "trainer_version": pin.model.trainer_version,
                               "destination": pin.model.destination,

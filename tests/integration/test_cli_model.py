@@ -46,10 +46,14 @@ def as_json(*args: str) -> Any:
     return json.loads(said)
 
 
-def ann_headers(services: Services) -> dict[str, str]:
-    _key, secret = services.users.create_key(user=services.users.get_by_name(name="ann"),
+def auth_of(services: Services, name: str) -> dict[str, str]:
+    _key, secret = services.users.create_key(user=services.users.get_by_name(name=name),
                                              name="test")
     return {"Authorization": f"Bearer {secret}"}
+
+
+def ann_headers(services: Services) -> dict[str, str]:
+    return auth_of(services, "ann")
 
 
 def test_versions_lists_newest_first_with_the_active_one(trained: Services) -> None:
@@ -98,7 +102,12 @@ def test_model_before_the_first_training_shows_the_pin_it_will_take(
             "the server's trainer version, until that training pins it)") in said.replace(
         "\n", " ")
     assert "active version: none yet" in said
-    assert as_json("model", "--user", "bob")["next_training"]["pinned"] is False
+    shown = as_json("model", "--user", "bob")
+    assert shown.pop("next_training")["pinned"] is False
+    # The API's answer whole, its pin_fixed (false: the pin still follows the settings) too.
+    api = client.get("/api/model", headers=auth_of(trained, "bob")).json()
+    assert api["pin_fixed"] is False
+    assert shown == api
     code, said = run("versions", "--user", "bob")
     assert code == 0, said
     assert "bob's model has no version yet" in said
