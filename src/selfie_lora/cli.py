@@ -1093,44 +1093,79 @@ def model_cmd(
     default_scale: Annotated[bool, typer.Option(
         "--default-lora-scale", help="Give the model back the default LoRA scale (PATCH "
                                      "/api/model with lora_scale null).")] = False,
+    trainer_version: Annotated[str | None, typer.Option(
+        "--trainer-version", help="Re-pin the model to another trainer version first (with "
+                                  "--reason), as PATCH /api/model and the Model page's form "
+                                  "do: every later training uses it.",
+        show_default=False)] = None,
+    reason: Annotated[str, typer.Option(
+        "--reason", help="Why the trainer version changes (recorded with the re-pin).",
+        show_default=False)] = "",
     as_json: Annotated[bool, typer.Option(
-        "--json", help="Print JSON on stdout: what GET /api/model answers, with the pin the "
-                       "next training takes (next_training).")] = False,
+        "--json", help="Print JSON on stdout: what GET /api/model answers (PATCH /api/model's "
+                       "answer after --trainer-version), with the pin the next training takes "
+                       "(next_training).")] = False,
 ) -> None:
     """The user's model: trigger word, destination and trainer version (those the next
-    training uses), LoRA scale, active version; --lora-scale sets its own LoRA scale."""
+    training uses), LoRA scale, active version; --lora-scale sets its own LoRA scale,
+    --trainer-version re-pins it."""
     from selfie_lora.api.serializers import overview_json
 
-    changing = lora_scale is not None or default_scale
-    # Only reading (no scale given), it neither makes a database in a new HOME nor upgrades an
-    # older one; a change is a write, as 'users disable' is.
+    changing = lora_scale is not None or default_scale or trainer_version is not None
+    # Only reading (nothing to change given), it neither makes a database in a new HOME nor
+    # upgrades an older one; a change is a write, as 'users disable' is.
     with opened(existing=None if changing else "no model to show", trainers={},
                 generators={}) as services:
         owner = services.users.get_by_name(name=user)
+        before = (services.training.next_pin(user=owner) if trainer_version is not None
+                  else None)
         if changing:
-            # The PATCH's own checks and audit events: a scale out of range, or both asked for,
-            # is refused with its message.
-            services.models.change(user=owner, lora_scale=lora_scale,
-                                   lora_scale_to_default=default_scale)
+            # The PATCH's own checks and audit events, all in one transaction: a scale out of
+            # range, both scales asked for, a trainer version the backend cannot train with or
+            # the operator does not allow, a re-pin while a training runs, is refused with its
+            # message and nothing changes.
+            try:
+                services.models.change(user=owner, lora_scale=lora_scale,
+                                       lora_scale_to_default=default_scale,
+                                       trainer_version=trainer_version, reason=reason)
+            except InvalidInputError as exc:
+                if exc.code != ErrorCode.REASON_REQUIRED:
+                    raise
+                _fail(f"{exc.message}: pass --reason TEXT")
         overview = services.models.overview(user=owner)
         # What the model page shows: before the first training, the pin that training takes
         # (the configured one unless the user chose one), not the row stored at the upload.
         pin = services.training.next_pin(user=owner)
+        # As PATCH answers: a recipe of more pixels than the stored photos were prepared at.
+        notice = (services.training.photos_to_upload_again(user=owner)
+                  if trainer_version is not None else None)
         base = services.settings.public_url_base
     assert pin is not None  # the overview found the model
     model, active = overview.model, overview.active
     if as_json:
+        # The API's own answer: its pin_fixed too (false before the first training).
+        answer = overview_json(overview, base=base)
+        if trainer_version is not None:
+            answer |= {"photos_need_upload_again": notice is not None, "notice": notice}
         sys.stdout.write(json.dumps({
-            # The API's own answer: its pin_fixed too (false before the first training).
-            **overview_json(overview, base=base),
+            **answer,
             "next_training": {"backend": pin.model.backend,
                               "trainer_version": pin.model.trainer_version,
                               "destination": pin.model.destination,
                               "pinned": pin.trained_before, "chosen": pin.repinned_by_user},
         }) + "\n")
         return
+    if before is not None:  # a re-pin asked for
+        was = before.model.trainer_version
+        now = pin.model.trainer_version
+        console.print(f"trainer version of {owner.name}'s model: {now} "
+                      + (f"(was {was})" if now != was else "(unchanged)")
+                      + "; every later training uses it", markup=False, highlight=False,
+                      soft_wrap=True)
+        if notice is not None:
+            console.print(notice, markup=False, highlight=False, soft_wrap=True)
     scale = "custom" if model.lora_scale_is_custom else "the default"
-    if changing:
+    if lora_scale is not None or default_scale:
         console.print(f"LoRA scale of {owner.name}'s model set to {model.lora_scale:g} ({scale})"
                       + (": generations that name none use it, and retraining keeps it"
                          if model.lora_scale_is_custom else ""),

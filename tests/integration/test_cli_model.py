@@ -267,3 +267,69 @@ def test_generate_without_an_active_version_names_the_activate_command(
     assert code == 0, said
     code, said = run("generate", "x", "--user", "ann", "--out", str(tmp_path))
     assert code == 0, said
+
+
+def test_a_repin_is_applied_and_logged_as_the_api_does(trained: Services,
+                                                       client: TestClient) -> None:
+    code, said = run("model", "--user", "ann", "--trainer-version", "local-tiny-v1",
+                     "--reason", "the v1 recipe")
+    assert code == 0, said
+    # After the service's log line of the re-pin, before the model.
+    assert said.splitlines()[-7] == ("trainer version of ann's model: local-tiny-v1 (was "
+                                     "local-tiny-v2); every later training uses it"), said
+    assert "trainer version: local-tiny-v1 (pinned: every training uses it)" in said
+    h = ann_headers(trained)
+    assert client.get("/api/model", headers=h).json()["trainer_version"] == "local-tiny-v1"
+    changed = [e for e in client.get("/api/model/log", headers=h).json()["events"]
+               if e["kind"] == "trainer_version_changed"]
+    assert [(e["data"]["from"], e["data"]["to"], e["data"]["reason"]) for e in changed] == [
+        ("local-tiny-v2", "local-tiny-v1", "the v1 recipe")]
+    # Again: nothing changes and nothing more is logged, as a PATCH sent again.
+    shown = as_json("model", "--user", "ann", "--trainer-version", "local-tiny-v1",
+                    "--reason", "again")
+    assert shown["trainer_version"] == "local-tiny-v1"
+    assert (shown["photos_need_upload_again"], shown["notice"]) == (False, None)
+    assert len([e for e in client.get("/api/model/log", headers=h).json()["events"]
+                if e["kind"] == "trainer_version_changed"]) == 1
+
+
+def test_a_repin_the_api_refuses_is_refused_with_its_words(
+        trained: Services, client: TestClient) -> None:
+    import dataclasses
+
+    from selfie_lora.domain.entities import TrainingStatus
+
+    h = ann_headers(trained)
+    for version, reason in (("local-nope-v9", "try"), ("local-flux-v1", "flux"),
+                            ("local-tiny-v1", ""), ("local-tiny-v1", "  ")):
+        api = client.patch("/api/model", headers=h,
+                           json={"trainer_version": version, "reason": reason})
+        assert api.status_code == 422, api.text
+        message = api.json()["error"]["message"]
+        code, said = run("model", "--user", "ann", "--trainer-version", version,
+                         "--reason", reason)
+        assert code == 1, said
+        if api.json()["error"]["code"] == "reason_required":
+            # The API names its field; the command names its option.
+            message += ": pass --reason TEXT"
+        assert " ".join(said.split()) == f"error: {message}"
+    code, said = run("model", "--user", "ann", "--trainer-version", "local-tiny-v1")
+    assert code == 1, said
+    assert " ".join(said.split()) == ("error: say why the trainer version changes (reason): "
+                                      "pass --reason TEXT")
+    # A training queued: the re-pin waits for it, as the API's 409.
+    ann = trained.users.get_by_name(name="ann")
+    done = trained.training.progress(user=ann).training
+    trained.repo.add_training(dataclasses.replace(
+        done, id="queued", status=TrainingStatus.QUEUED, version_id=None, is_retraining=True))
+    api = client.patch("/api/model", headers=h,
+                       json={"trainer_version": "local-tiny-v1", "reason": "now"})
+    assert api.status_code == 409, api.text
+    code, said = run("model", "--user", "ann", "--trainer-version", "local-tiny-v1",
+                     "--reason", "now", "--lora-scale", "0.5")
+    assert code == 1, said
+    assert said.strip() == f"error: {api.json()['error']['message']}" == (
+        "error: wait for the running training to end before re-pinning")
+    shown = as_json("model", "--user", "ann")
+    # Nothing changed, the scale given with it neither (one transaction, as the PATCH).
+    assert (shown["trainer_version"], shown["lora_scale_is_custom"]) == ("local-tiny-v2", False)
