@@ -1999,9 +1999,40 @@ def test_the_page_upload_is_guarded_like_the_api_upload(tmp_path: Path) -> None:
             big = [("files", ("big.jpg", b"\xff" * (1_200_000 + 64 * 1024), "image/jpeg"))]
             r = client.post("/photos/upload", files=big, headers={"X-CSRF-Token": csrf(client)})
             assert r.status_code == 413
-            assert r.json()["error"]["code"] == "upload_too_large"
+            # A page, not the API's JSON: without scripts the browser shows the answer itself.
+            assert r.headers["content-type"].startswith("text/html")
+            assert 'data-code="upload_too_large"' in r.text
+            assert "the upload is larger than" in r.text
     finally:
         services.close()
+
+
+SECURITY_HEADER_NAMES = ("content-security-policy", "x-frame-options", "x-content-type-options",
+                         "referrer-policy")
+
+
+def test_a_form_of_the_longest_allowed_text_fits_and_one_over_the_cap_gets_a_page(
+        ann: TestClient) -> None:
+    """A 2000-character prompt of CJK or emoji (allowed: 2000 characters) is 18-24 KB once
+    urlencoded: the guard refused it 413 with the API's JSON body, over its 16 KB JSON cap, and
+    the browser showed that JSON (webhostile review 1). The pages' forms have a cap their longest
+    fields fit, and a form over it, a slow one or an oversized upload, gets an HTML page with
+    the pages' security headers."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    for letter in ("猫", "😀"):
+        r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": letter * 2000,
+                                        "num_outputs": "1"}, follow_redirects=False)
+        assert r.status_code == 303, r.text[:300]  # old code: 413 application/json
+    normal = ann.get("/generate")
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "😀" * 4000})
+    assert r.status_code == 413
+    assert r.headers["content-type"].startswith("text/html")
+    assert 'data-code="body_too_large"' in r.text
+    assert "shorten what you typed" in r.text
+    assert "<title>Generate refused" in r.text
+    assert {n: r.headers.get_list(n) for n in SECURITY_HEADER_NAMES} == {
+        n: normal.headers.get_list(n) for n in SECURITY_HEADER_NAMES}
 
 
 @pytest.mark.parametrize("other", ["theme=dark mode", 'prefs={"a":1,"b":2}', 'q="quoted"',

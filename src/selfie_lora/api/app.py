@@ -38,6 +38,7 @@ from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED
 from selfie_lora.web import pages
 from selfie_lora.web.app import (
     SignInRequired,
+    guard_page,
     is_page,
     mount_web,
     page_error_response,
@@ -160,6 +161,9 @@ def create_app(
         # API answers only, as the exception handlers count them: a page's refusal is a page's.
         record_error=lambda path, code: (None if is_page(path)
                                          else svc.operations.record_error(code=code)),
+        is_page=is_page,
+        page=lambda request, status, code, message: guard_page(web, request, status, code,
+                                                               message),
     )
     # Outermost: the time of every answer, the guard's refusals included. The routes in the
     # router's order (the app's own, the API's, the pages'), to name the route of an answer

@@ -7,10 +7,14 @@ spools to disk) before any dependency runs:
   read**: a request without a valid API key gets 401 at once. The user found is handed to the
   routes in ``scope["state"]["user"]``.
 - Every body is **capped while it streams** (``Content-Length`` is checked first, then the bytes
-  actually received): uploads at the upload limit, the webhook at ``WEBHOOK_MAX_BYTES``,
-  everything else at ``max_json_bytes``. Over the cap: 413, whatever the route would do.
+  actually received): uploads at the upload limit, the webhook at ``WEBHOOK_MAX_BYTES``, the
+  pages' forms at ``MAX_FORM_BYTES`` (or ``max_json_bytes`` if larger), everything else at
+  ``max_json_bytes``. Over the cap: 413, whatever the route would do.
 - A body that stalls for ``body_timeout`` seconds, or averages less than ``min_body_rate``
   bytes/s after its first ``body_timeout`` seconds, gets 408.
+
+On a page's path (``is_page``) each of these answers is ``page``'s HTML page, never the API's
+JSON error: a browser without scripts showed the JSON itself in place of a page.
 
 Each of these answers is counted by its code (``record_error``), as the app's own error answers
 are: answered here, they never reach the app's exception handlers.
@@ -29,6 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.dataset.limits import byte_size
@@ -45,6 +51,15 @@ WEB_UPLOAD_PATHS = frozenset({"/photos/upload"})
 WEBHOOK_MAX_BYTES = 2 * 1024 * 1024
 # Room for multipart boundaries and part headers around the photos themselves.
 MULTIPART_OVERHEAD = 1024 * 1024
+# The pages' forms are urlencoded: a character of 4 UTF-8 bytes is 12 bytes sent (%XX four
+# times), so the Generate form's longest allowed prompt alone is 24,000 bytes. Under the JSON
+# cap (16 KB) a legal 2000-character prompt in Chinese or Hindi was refused 413. The rest is
+# room for the form's other fields (the CSRF token, the numbers), each far shorter.
+MAX_FORM_BYTES = 32 * 1024  # MAX_PROMPT_CHARS (2000) x 12 and room: test_web sends 2000 emoji
+
+# A page's answer to a refusal of the guard: (request, status, code, message) -> the page.
+# Blocking (it may find the session's user): run off the event loop.
+PageAnswer = Callable[[Request, int, ErrorCode, str], Response]
 
 
 @dataclass(frozen=True)
@@ -68,8 +83,13 @@ class Guard:
                  authenticate: Callable[[str | None], User],
                  remembered: Callable[[str | None], User | None] | None = None,
                  authenticate_cookie: Callable[[str | None], User] | None = None,
-                 record_error: Callable[[str, ErrorCode], None] | None = None) -> None:
+                 record_error: Callable[[str, ErrorCode], None] | None = None,
+                 is_page: Callable[[str], bool] | None = None,
+                 page: PageAnswer | None = None) -> None:
         self._app = app
+        # A page path's refusals are ``page``'s HTML (without it, or off the pages: JSON).
+        self._is_page = is_page
+        self._page = page
         # Called with the path and the code of every answer the guard sends itself (the app's
         # decides which count: ``selfie_lora_api_errors_total``). Without it, key guessing
         # and a disabled account's script were missing from that counter.
@@ -97,7 +117,7 @@ class Guard:
                     user = await run_in_threadpool(self._authenticate, key)
                 except (AuthError, ForbiddenError) as exc:  # a disabled account's key: 403
                     self._count(path, exc.code)
-                    await _answer(send, exc.http_status, exc.code, exc.message)
+                    await self._refuse(scope, send, exc.http_status, exc.code, exc.message)
                     return
             scope.setdefault("state", {})["user"] = user
         elif path in WEB_UPLOAD_PATHS and self._authenticate_cookie is not None:
@@ -105,7 +125,8 @@ class Guard:
                 await run_in_threadpool(self._authenticate_cookie, _header(scope, b"cookie"))
             except (AuthError, ForbiddenError) as exc:
                 self._count(path, exc.code)
-                await _answer(send, exc.http_status, exc.code, exc.message, bearer=False)
+                await self._refuse(scope, send, exc.http_status, exc.code, exc.message,
+                                   bearer=False)
                 return
         limit = self._limit_for(path)
         upload = path in UPLOAD_PATHS | WEB_UPLOAD_PATHS
@@ -117,7 +138,7 @@ class Guard:
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             self._count(path, too_large)
-            await _answer(send, 413, too_large, refusal)
+            await self._refuse(scope, send, 413, too_large, refusal)
             return
         answered = False
 
@@ -134,7 +155,7 @@ class Guard:
                 # must not be counted by the app's handlers as well (``guard_answered``).
                 scope.setdefault("state", {})[GUARD_ANSWERED] = True
                 self._count(path, code)
-                await _answer(send, status, code, message)
+                await self._refuse(scope, send, status, code, message)
             raise _Stop
 
         guarded = _BodyMeter(receive, limit=limit, limits=self._limits, answer=answer,
@@ -148,6 +169,25 @@ class Guard:
                 return
             raise
 
+    async def _refuse(self, scope: Scope, send: Send, status: int, code: ErrorCode, message: str,
+                      *, bearer: bool = True) -> None:
+        """The guard's answer: a page on a page's path, else the API's JSON error."""
+        if self._page is None or not self._on_page(scope["path"]):
+            await _answer(send, status, code, message, bearer=bearer)
+            return
+        response = await run_in_threadpool(self._page, Request(scope), status, code,
+                                           _page_words(code, message))
+        # The rest of the body will not be read: the connection cannot serve another request.
+        response.headers["connection"] = "close"
+
+        async def nothing_more() -> Message:  # the body is not read (a Response never asks)
+            return {"type": "http.disconnect"}
+
+        await response(scope, nothing_more, send)
+
+    def _on_page(self, path: str) -> bool:
+        return self._is_page is not None and self._is_page(path)
+
     def _count(self, path: str, code: ErrorCode) -> None:
         if self._record_error is not None:
             self._record_error(path, code)
@@ -157,6 +197,8 @@ class Guard:
             return self._limits.max_upload_bytes + MULTIPART_OVERHEAD
         if path.startswith(WEBHOOK_PATH):
             return WEBHOOK_MAX_BYTES
+        if self._on_page(path):
+            return max(MAX_FORM_BYTES, self._limits.max_json_bytes)
         return self._limits.max_json_bytes
 
 
@@ -223,6 +265,18 @@ def _content_length(scope: Scope) -> int | None:
         return int(_header(scope, b"content-length") or "")
     except ValueError:
         return None
+
+
+def _page_words(code: ErrorCode, message: str) -> str:
+    """A refusal's words on a page: a form's user is told what to do about it."""
+    if code is ErrorCode.BODY_TOO_LARGE:
+        return f"{message.replace('the request body', 'the form sent')}: shorten what you typed"
+    if code is ErrorCode.UPLOAD_TOO_LARGE:
+        return f"{message}: send fewer or smaller photos"
+    if code is ErrorCode.REQUEST_TIMEOUT:
+        return (f"{message.replace('the request body', 'the form')}: check your connection and "
+                "send it again")
+    return message
 
 
 def _too_large(limit: int) -> str:

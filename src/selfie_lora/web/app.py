@@ -300,7 +300,17 @@ def unexpected_page_error(web: Web, request: Request, exc: Exception) -> Respons
     """The error page of an unexpected exception. Its response is sent by Starlette's
     ServerErrorMiddleware, the outermost of all, so SecurityHeaders never sees it: the headers
     are set here (the page was framable, and sniffable, without a CSP)."""
-    response = page_error_response(web, request, exc)
+    return _with_security_headers(page_error_response(web, request, exc))
+
+
+def guard_page(web: Web, request: Request, status: int, code: str, message: str) -> Response:
+    """The error page of a page request the guard refused (a form over its cap, a body that
+    stalled, an upload without a session). The guard answers outside SecurityHeaders: the
+    headers are set here."""
+    return _with_security_headers(web.error_page(request, status, message, code))
+
+
+def _with_security_headers(response: Response) -> Response:
     for name, value in SECURITY_HEADERS:
         response.headers[name] = value
     return response
