@@ -1082,8 +1082,8 @@ def test_an_error_page_s_back_link_leads_to_the_refused_form_s_page(ann: TestCli
     (data-back, tests/browser/test_forms.py)."""
     assert upload(ann)[0] == 200
     token = csrf(ann)
-    refused = [  # (the form's path, what it sent, its page)
-        ("/model/trainer-version", {"trainer_version": "garbage", "reason": "why"}, "/model"),
+    refused = [  # (the form's path, what it sent, its page); the trainer-version form's
+        # refusals are the Model page itself (test_a_refused_trainer_version_form_comes_back...)
         ("/generate", {"prompt": "a portrait", "seed": "not a number"}, "/generate"),
         ("/model/scale", {"lora_scale": "99"}, "/generate"),  # the slider is on /generate
     ]
@@ -1296,7 +1296,7 @@ def test_the_trainer_version_form_refuses_a_replicate_model_the_operator_did_not
                 "trainer_version": "attacker/anything-expensive:" + "ab" * 32})
             assert r.status_code == 403
             assert 'data-code="trainer_not_allowed"' in r.text
-            assert "Not allowed" in r.text
+            assert page_title(r.text) == "Model · selfie-lora"  # the form's page, not an error's
             assert "ostris/flux-dev-lora-trainer" in html.unescape(r.text)
             assert f"<code>{pinned}</code>" in client.get("/model").text  # unchanged
             newer = "ostris/flux-dev-lora-trainer:" + "ab" * 32
@@ -1306,6 +1306,41 @@ def test_the_trainer_version_form_refuses_a_replicate_model_the_operator_did_not
             assert f"<code>{newer}</code>" in client.get("/model").text
     finally:
         services.close()
+
+
+def test_a_refused_trainer_version_form_comes_back_on_the_model_page_with_what_was_typed(
+        ann: TestClient) -> None:
+    """A typo in the trainer version (or no reason) went to the general error page: without
+    scripts Back led to an empty form, both values lost (webhostile review 3). Now the Model
+    page comes back with the message beside the form, the values kept, the field at fault
+    marked and focused, as the Settings key form does."""
+    assert upload(ann)[0] == 200
+    before = ann.get("/model").text
+    for sent, status, field in (
+            ({"trainer_version": "local", "reason": "try the new one"}, 422, "trainer_version"),
+            ({"trainer_version": "local-tiny-v1", "reason": "  "}, 422, "reason"),
+            ({"trainer_version": "  ", "reason": "try the new one"}, 422, "trainer_version")):
+        r = ann.post("/model/trainer-version", data={"csrf_token": csrf(ann), **sent},
+                     follow_redirects=False)
+        # Old code: the error page ("Model change refused"), or FastAPI's "Field required".
+        assert r.status_code == status, r.text
+        assert page_title(r.text) == "Model · selfie-lora", r.text
+        assert '<details open>' in r.text
+        assert re.search(r'<p class="error" role="alert" id="repin-error"[^>]*>[^<]+</p>',
+                         r.text)
+        typed = _field(r.text, field)
+        assert 'aria-invalid="true"' in typed
+        assert 'aria-describedby="repin-error"' in typed
+        assert "autofocus" in typed
+        assert r.text.count("autofocus") == 1
+        for name in ("trainer_version", "reason"):
+            assert f'value="{html.escape(sent[name])}"' in _field(r.text, name)
+    assert "not a local trainer version" in ann.post(
+        "/model/trainer-version", data={"csrf_token": csrf(ann), "trainer_version": "local",
+                                        "reason": "x"}).text
+    # Nothing changed.
+    assert re.search(r"<dt>Trainer version</dt><dd><code>[^<]+", before).group(0) in ann.get(
+        "/model").text
 
 
 @contextlib.contextmanager

@@ -827,6 +827,12 @@ def model_scale_default(request: Request, viewer: FormViewer) -> Response:
 
 @router.get("/model")
 def model_page(request: Request, viewer: PageViewer) -> HTMLResponse:
+    return _model(request, viewer)
+
+
+def _model(request: Request, viewer: Viewer, *, status_code: int = 200,
+           **context: Any) -> HTMLResponse:
+    """The model page; ``context``: the trainer-version form's refusal and the values typed."""
     web = _web(request)
     model = web.services.models.find(user=viewer.user)
     overview = web.services.models.overview_of(model) if model is not None else None
@@ -838,15 +844,35 @@ def model_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     # takes the configured one at its first training, unless its user chose one.
     pin = web.services.training.next_pin(user=viewer.user) if model is not None else None
     return web.render(request, "model.html", viewer=viewer, overview=overview, pin=pin,
-                      backend=web.services.settings.trainer, photos_notice=photos_notice)
+                      backend=web.services.settings.trainer, photos_notice=photos_notice,
+                      status_code=status_code, **context)
 
 
 @router.post("/model/trainer-version")
-def model_trainer_version(request: Request, viewer: FormViewer, trainer_version: FormStr,
-                          reason: FormStr) -> Response:
+def model_trainer_version(request: Request, viewer: FormViewer,
+                          trainer_version: OptionalFormStr = None,
+                          reason: OptionalFormStr = None) -> Response:
+    """A refusal (a version typed wrong, no reason, one the operator does not allow, a running
+    training) comes back to the Model page beside the form, what was typed kept, as the
+    Settings key form does: on the general error page, Back without scripts lost both fields.
+    Nothing was changed, so sending it again is safe."""
     web = _web(request)
-    web.services.models.change_trainer_version(user=viewer.user,
-                                               trainer_version=trainer_version, reason=reason)
+    typed = {"typed_version": trainer_version or "", "typed_reason": reason or ""}
+    if not (trainer_version or "").strip():
+        return _model(request, viewer, status_code=422, repin_field="trainer_version",
+                      repin_error="type the trainer version to move to",
+                      repin_code=ErrorCode.INVALID_INPUT, **typed)
+    try:
+        web.services.models.change_trainer_version(user=viewer.user,
+                                                   trainer_version=trainer_version or "",
+                                                   reason=reason or "")
+    except (InvalidInputError, ForbiddenError, ConflictError) as error:
+        # The reason's refusal is the reason field's; a running training is no field's (the
+        # message takes the focus); any other is the version typed.
+        field = ("reason" if error.code == ErrorCode.REASON_REQUIRED
+                 else None if isinstance(error, ConflictError) else "trainer_version")
+        return _model(request, viewer, status_code=error.http_status, repin_field=field,
+                      repin_error=error.message, repin_code=str(error.code), **typed)
     return _see("/model")
 
 
