@@ -1944,6 +1944,13 @@ def _decoded(value: str) -> str:
     return "\n".join(seen)
 
 
+def _focused_notice(page: str) -> bool:
+    """Whether the settings page's key notice is the one thing focused on the page."""
+    notice = re.search(r'<p class="error" role="alert" id="key-notice"[^>]*>', page)
+    return (notice is not None and 'tabindex="-1"' in notice.group(0)
+            and "autofocus" in notice.group(0) and page.count("autofocus") == 1)
+
+
 def test_a_new_key_s_secret_is_in_its_page_alone_and_the_form_sent_again_makes_no_key(
         ann: TestClient, svc: Services) -> None:
     """The secret went from the POST to the GET it redirected to in a signed cookie with a
@@ -1964,6 +1971,8 @@ def test_a_new_key_s_secret_is_in_its_page_alone_and_the_form_sent_again_makes_n
     again = ann.post("/settings/keys", data=form)  # a reload of that page, or Back to it
     assert again.status_code == 409
     assert "this key was already made; its secret was shown once" in again.text
+    # The message takes the focus (webhostile review 5; old code: an alert nothing focused).
+    assert _focused_notice(again.text)
     assert secret.group(1) not in again.text
     assert 'id="new-key"' not in again.text
     ann_user = svc.users.get_by_name(name="ann")
@@ -1980,6 +1989,7 @@ def test_a_new_key_s_secret_is_in_its_page_alone_and_the_form_sent_again_makes_n
     r = ann.post("/settings/keys", data={"csrf_token": csrf(ann), "name": "deploy"})
     assert (r.status_code, 'id="new-key"' in r.text) == (422, False)
     assert "this page was out of date" in r.text
+    assert _focused_notice(r.text)
     assert [key.name for key in svc.users.keys(user=ann_user)].count("deploy") == 2
 
 
