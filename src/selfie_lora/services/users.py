@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import threading
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -55,6 +56,14 @@ logger = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.@-]{0,98}[A-Za-z0-9])?")
 _KEY_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,100}")
 _KEY_NAME_RULE = "a key name is 1-100 printable characters, not only spaces"
+# A key name is refused with any of these: controls (C0 and C1), surrogates, line and paragraph
+# separators, and format characters (the bidi overrides and isolates, zero-width spaces, the
+# BOM), but for the zero-width joiner and non-joiner, which some scripts and emoji need.
+_KEY_NAME_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_KEY_NAME_JOINERS = frozenset({"\u200c", "\u200d"})
+# Characters that draw nothing though Unicode calls them letters or symbols: with only these
+# (and spaces, joiners, marks) a name looks empty.
+_BLANK_LOOKING = frozenset({"\u2800", "\u3164", "\u115f", "\u1160", "\uffa0"})
 KEY_ALREADY_MADE = ("this key was already made; its secret was shown once — revoke it and make "
                     "another if you lost it")
 PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
@@ -517,9 +526,10 @@ class UserService:
         ``form_nonce``: the one-time nonce of the form that asked (the settings page), stored
         as its SHA-256 with the key. The same form sent again (a reload or Back of the page that
         showed the secret) makes no other key: ConflictError ``key_already_made``."""
-        # Not spaces alone (checked here, not in _new_key: a rotation keeps an older key's name,
-        # whatever it is): such a key showed a blank name, and "Revoke the key    ?".
-        if not name.strip():
+        # Not blank, and nothing that hides or reorders text (checked here, not in _new_key: a
+        # rotation keeps an older key's name, whatever it is): such a key showed a blank name,
+        # and "Revoke the key    ?", or an RLO reversed the rest of that sentence.
+        if not _key_name_readable(name):
             raise InvalidInputError(_KEY_NAME_RULE, code=ErrorCode.INVALID_NAME)
         _refuse_erasing(user, _NO_KEY)
         key, secret = self._new_key(user, name)
@@ -733,3 +743,16 @@ class _KeyCache:
         with self._lock:
             self.epoch += 1
             self._found.clear()
+
+
+def _key_name_readable(name: str) -> bool:
+    """Whether a new key's name shows at least one visible character and nothing that hides or
+    reorders text (``str.isprintable`` is False for all of these; the refusal promises
+    printable characters)."""
+    for ch in name:
+        category = unicodedata.category(ch)
+        if category in _KEY_NAME_REFUSED_CATEGORIES or (
+                category == "Cf" and ch not in _KEY_NAME_JOINERS):
+            return False
+    return any(unicodedata.category(ch)[0] not in "ZCM" and ch not in _BLANK_LOOKING
+               for ch in name)
