@@ -677,6 +677,36 @@ def test_an_upload_sent_without_photos_is_stopped_and_error_titles_say_what_fail
     assert page_title(r.text) == "Generate refused · selfie-lora"
 
 
+def test_error_pages_say_in_plain_words_what_a_form_lacks_and_what_a_form_address_is(
+        ann: TestClient, svc: Services) -> None:
+    """The general error page said FastAPI's words with the form's field names ("the form is
+    not complete: lora_scale: Input should be a valid number, unable to parse string as a
+    number"), Starlette's "Method Not Allowed" for a form's address opened as a page, and "this
+    one is succeeded" for a resume of a finished training (webhostile review 6)."""
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "lora_scale": "x",
+                                    "num_outputs": "many"})
+    assert r.status_code == 422
+    said = html.unescape(r.text)
+    assert ("Pictures must be a whole number; the LoRA scale must be a number: go back to the "
+            "page, fill the form in and send it again") in said
+    assert "lora_scale" not in said.split("<main", 1)[1].split("<form", 1)[0]
+    r = ann.post("/signin", data={"name": "ann"})
+    assert "Password is missing" in html.unescape(r.text)
+    r = ann.get("/train/start")
+    assert r.status_code == 405
+    assert "Method Not Allowed" not in r.text
+    assert "only takes what a form of the site sends" in r.text
+    assert 'href="/train"' in r.text.split("<main", 1)[1]  # Back: the form's page
+    assert upload(ann)[0] == 200
+    train(ann)
+    model = svc.repo.get_model_for_user(svc.users.get_by_name(name="ann").id)
+    assert model is not None
+    succeeded = svc.repo.list_trainings(model.id)[0]
+    r = ann.post("/train/resume", data={"csrf_token": csrf(ann), "training_id": succeeded.id})
+    assert r.status_code == 409
+    assert "only a canceled training can be resumed; this one succeeded" in html.unescape(r.text)
+
+
 def test_more_files_than_the_form_parser_takes_get_the_refused_upload_page(
         ann: TestClient) -> None:
     """1001 files on the photos page (past Starlette's 1000): a page saying too many files, as

@@ -38,6 +38,7 @@ from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED
 from selfie_lora.web import pages
 from selfie_lora.web.app import (
     SignInRequired,
+    form_problem,
     guard_page,
     is_page,
     mount_web,
@@ -47,6 +48,10 @@ from selfie_lora.web.app import (
 from selfie_lora.wiring import Services, build_services
 
 logger = logging.getLogger(__name__)
+# A page's 405: a form's address opened as a page (a bookmark, the address bar); Starlette's
+# "Method Not Allowed" is HTTP's word, not the user's.
+WRONG_METHOD = ("this address only takes what a form of the site sends: open the page the form "
+                "is on and use it there")
 
 # Threads of /readyz (and, separately, of /metrics), theirs alone: a probe never waits behind user work for a
 # thread of the shared pool (its timeout is a second or so; a failed readiness probe takes the
@@ -217,9 +222,7 @@ def create_app(
                 return error_response(422, ErrorCode.INVALID_REQUEST,
                               training.nameless_part(request.url.path, part), details)
         if is_page(request.url.path):
-            message = "the form is not complete: " + "; ".join(
-                f"{'.'.join(str(p) for p in d['loc'][1:]) or 'form'}: {d['msg']}"
-                for d in details)
+            message = form_problem(list(exc.errors()))
             return await in_thread(lambda: web.error_page(request, 422, message,
                                                           ErrorCode.INVALID_REQUEST))
         count(request, ErrorCode.INVALID_REQUEST)
@@ -254,6 +257,7 @@ def create_app(
                   if exc.status_code >= 500 else None)
         if is_page(request.url.path) and not request.url.path.startswith("/static/"):
             message = ("there is no such page" if exc.status_code == 404
+                       else WRONG_METHOD if exc.status_code == 405
                        else server.message if server is not None else str(exc.detail))
             return await in_thread(lambda: web.error_page(
                 request, exc.status_code, message, code,

@@ -699,8 +699,12 @@ class TrainingService:
         another trainer version since; and as ``start`` when the model is busy."""
         origin, _ = self.get(user=user, training_id=training_id)
         if origin.status is not TrainingStatus.CANCELED:
-            raise ConflictError(f"only a canceled training can be resumed; this one is "
-                                f"{origin.status}", code=ErrorCode.NOT_RESUMABLE)
+            # "this one succeeded", not "this one is succeeded": an ended training's status is
+            # a verb; a waiting or running one's ("queued", "processing") follows "is".
+            state = (str(origin.status) if origin.status.is_terminal
+                     else f"is {origin.status}")
+            raise ConflictError(f"only a canceled training can be resumed; this one {state}",
+                                code=ErrorCode.NOT_RESUMABLE)
         if origin.version_id is not None:
             raise ConflictError("this training was canceled after its version was stored: "
                                 "there is nothing left to train", code=ErrorCode.NOT_RESUMABLE)

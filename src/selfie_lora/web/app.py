@@ -210,7 +210,7 @@ class Web:
             viewer = self.viewer(request)
         return self.render(request, "error.html", viewer=viewer, status_code=status,
                            status=status, message=message, code=code, reference=reference,
-                           back=_back_to(request, viewer),
+                           back=_back_to(request, viewer, status),
                            words=_error_words(request, status, code))
 
 
@@ -264,15 +264,52 @@ def _error_words(request: Request, status: int, code: str) -> dict[str, str]:
     return {"heading": heading, "title": title}
 
 
-def _back_to(request: Request, viewer: Viewer | None) -> str:
+# The pages' labels of their forms' fields, for a form FastAPI could not read: its own words
+# named the fields as the code does ("lora_scale: Input should be a valid number").
+_FIELD_LABELS = {
+    "prompt": "the prompt", "num_outputs": "Pictures", "seed": "Seed",
+    "lora_scale": "the LoRA scale", "name": "Name", "password": "Password",
+    "password_again": "Password again", "training_id": "the training",
+    "form_token": "the form's token", "files": "the photos",
+}
+# What a value of the wrong kind must be, by FastAPI's error type.
+_KIND = {"float_parsing": "a number", "float_type": "a number", "finite_number": "a number",
+         "int_parsing": "a whole number", "int_type": "a whole number",
+         "int_from_float": "a whole number"}
+
+
+def form_problem(errors: list[dict[str, Any]]) -> str:
+    """A page's sentence for a form FastAPI refused before the page ran (a field missing, a
+    number that is not one): only a hand-made request or an old page sends one."""
+    said: list[str] = []
+    for error in errors:
+        loc = [str(part) for part in error.get("loc", ())[1:]]
+        field = loc[0] if loc else ""
+        label = _FIELD_LABELS.get(field, f"the field {field}" if field else "the form")
+        kind = _KIND.get(str(error.get("type", "")))
+        if error.get("type") == "missing":
+            sentence = f"{label} is missing"
+        elif kind is not None:
+            sentence = f"{label} must be {kind}"
+        else:
+            sentence = f"{label} is not valid"
+        if sentence not in said:
+            said.append(sentence)
+    joined = "; ".join(said) or "the form is not valid"
+    return f"{joined[0].upper()}{joined[1:]}: go back to the page, fill the form in and send it again"
+
+
+def _back_to(request: Request, viewer: Viewer | None, status: int) -> str:
     """Where an error page's Back link leads without scripts (with them it goes back in the
-    browser's history, which keeps what the form held): a refused form's own page, else the
-    photos (or, signed out, the sign-in page)."""
+    browser's history, which keeps what the form held): a refused form's own page (also for a
+    form's address opened as a page: 405), else the photos (or, signed out, the sign-in
+    page)."""
     if viewer is None:
         return "/signin"
-    if request.method in ("GET", "HEAD"):
+    if request.method in ("GET", "HEAD") and status != 405:
         return "/photos"
-    return after_sign_in(request.method, request.url.path, "") or "/photos"
+    # As for a form sent: its address is no page to go back to.
+    return after_sign_in("POST", request.url.path, "") or "/photos"
 
 
 class SecurityHeaders:
