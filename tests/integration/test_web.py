@@ -468,8 +468,11 @@ def test_sign_up_is_closed_unless_the_setting_opens_it(tmp_path: Path) -> None:
         services = fake_services(settings)
         try:
             with browser(settings, services) as client:
-                token = re.search(r'name="form_token" value="([^"]+)"',
-                                  client.get("/signup").text)
+                page = client.get("/signup").text
+                # Closed is the page's standing state, not an event: no role=alert.
+                assert ('id="signup-closed"' in page) is not open_
+                assert 'role="alert"' not in page
+                token = re.search(r'name="form_token" value="([^"]+)"', page)
                 data = {"name": "cat", "password": PASSWORD, "password_again": PASSWORD,
                         "form_token": token.group(1) if token else form_token(client)}
                 r = client.post("/signup", data=data, follow_redirects=False)
@@ -1470,6 +1473,10 @@ def test_the_train_page_says_before_the_submit_what_the_start_would_refuse(
         said = re.search(r'data-code="photos_need_upload_again">([^<]+)<', refused.text)
         assert said, refused.text
         assert 'id="start-refused" data-code="photos_need_upload_again"' in page
+        # A standing state, shown at every visit, not an event: no role=alert (which some
+        # screen readers read out at each load, others never); the button points at it.
+        assert 'role="alert" id="start-refused"' not in page
+        assert 'id="start" aria-describedby="start-refused"' in page
         message = html.unescape(said.group(1)).strip()
         assert message[:1].upper() + message[1:] in page
         assert '<a href="/photos">Upload photos</a>' in page
