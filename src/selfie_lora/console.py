@@ -68,10 +68,13 @@ def print_report(report: IntakeReport, *, title: str, out: Console = console) ->
     label = "[green]trainable[/green]" if report.trainable else "[red]not trainable[/red]"
     kept = len(report.accepted)
     # A set refused as a whole (two people, too few photos) trains none of the photos that
-    # passed their own checks: "6 of 6 photos usable" beside "not trainable" misled.
+    # passed their own checks: "6 of 6 photos usable" beside "not trainable" misled. "None is
+    # usable" is said only of a set of several people, whose photos count as rejected: of a set
+    # too small it sat beside its reason "3 usable photos; at least 5 are needed".
+    several = any(f.code == "several_people" for f in report.findings)
     counted = (f"{kept} of {report.images_total} photos usable" if report.trainable or not kept
                else f"{report.passed_own_checks} of {report.images_total} photos pass their own "
-                    "checks, but the set is refused, so none is usable")
+                    f"checks, but the set is refused{', so none is usable' if several else ''}")
     out.print(
         f"{counted}: {label} - quality "
         f"[bold]{verdict.get('quality', '?')}[/bold] ({verdict.get('score', '?')}/100, judged "

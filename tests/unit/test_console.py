@@ -11,13 +11,13 @@ from selfie_lora.services.intake import IntakeReport
 
 
 def _report(*, trainable: bool, kept: int, total: int,
-            findings: tuple[Finding, ...] = ()) -> IntakeReport:
+            findings: tuple[Finding, ...] = (), reasons: tuple[str, ...] = ()) -> IntakeReport:
     photos = tuple(PreparedPhoto(name=f"p{i}.jpg", sha256="0" * 64, data=b"", width=64,
                                  height=64) for i in range(kept))
     return IntakeReport(images_total=total, accepted=photos, findings=findings,
                         trainable=trainable,
                         verdict={"quality": "good" if trainable else "poor",
-                                 "score": 80 if trainable else 25, "reasons": []},
+                                 "score": 80 if trainable else 25, "reasons": list(reasons)},
                         target="tiny", resolution=64)
 
 
@@ -53,6 +53,19 @@ def test_photos_rejected_only_against_the_set_still_pass_their_own_checks() -> N
     report = _report(trainable=False, kept=4, total=10, findings=(*own, *other, few))
     assert report.passed_own_checks == 6
     assert "6 of 10 photos pass their own checks, but the set is refused" in _printed(report)
+
+
+def test_a_set_refused_as_too_small_does_not_say_none_is_usable() -> None:
+    """3 good photos, 5 needed: "3 of 3 photos pass their own checks, but the set is refused, so
+    none is usable" was followed by its reason "3 usable photos; at least 5 are needed"."""
+    few = Finding("reject", "too_few_photos", "3 usable photos; at least 5 are needed",
+                  "add 2 or more clear photos of your face")
+    report = _report(trainable=False, kept=3, total=3, findings=(few,), reasons=(few.message,))
+    said = _printed(report)
+    assert "none is usable" not in said
+    assert ("3 of 3 photos pass their own checks, but the set is refused: not trainable"
+            in said), said
+    assert "- 3 usable photos; at least 5 are needed" in said
 
 
 def _intake(*, trainable: bool, prepared: int, total: int,
