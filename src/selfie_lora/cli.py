@@ -29,6 +29,7 @@ from selfie_lora.config import (
 from selfie_lora.console import (
     console,
     err_console,
+    fewer_photos_hint,
     follow_training,
     print_findings,
     print_report,
@@ -282,8 +283,11 @@ def _print_details(details: Sequence[Any]) -> None:
     prints, anything else a line each."""
     if details and all(isinstance(d, dict) and {"severity", "code", "message"} <= d.keys()
                        for d in details):
-        print_findings([Finding.from_dict(d) for d in details], title="Findings",
-                       out=err_console)
+        findings = [Finding.from_dict(d) for d in details]
+        print_findings(findings, title="Findings", out=err_console)
+        hint = fewer_photos_hint(findings, min_photos=_settings().min_photos)
+        if hint:
+            err_console.print(hint, markup=False, highlight=False)
         return
     for detail in details:
         # A dict (the API's structured details, e.g. a rotated key's successor) as words, not
@@ -611,7 +615,7 @@ def check(
     except Exception:
         logger.exception("the check of %s could not run", path)
         raise typer.Exit(2) from None
-    print_report(report, title=f"Findings for {path}")
+    print_report(report, title=f"Findings for {path}", min_photos=settings.min_photos)
     raise typer.Exit(0 if report.trainable else 1)
 
 

@@ -60,8 +60,24 @@ def print_findings(findings: Sequence[Finding], *, title: str, out: Console = co
     out.print(findings_table(ordered, title))
 
 
-def print_report(report: IntakeReport, *, title: str, out: Console = console) -> None:
-    """The findings (rejects first) and the verdict, as a person reads them."""
+def fewer_photos_hint(findings: Sequence[Finding], *, min_photos: int) -> str | None:
+    """For a set refused as too small, the setting that lets one try selfie-lora with fewer
+    photos (``min_photos``: its value now). Said on the command line only, whose user runs
+    selfie-lora: the finding's own advice ("add 2 or more clear photos") is also the web app's
+    and the API's, whose users cannot change a setting. Without it a newcomer who ran the demo
+    (it accepts 2 photos) and then `train` on its photos was refused with no way on."""
+    if not any(f.code == "too_few_photos" and f.severity == "reject" for f in findings):
+        return None
+    # Where the set is checked: this command, or the serve that takes an upload.
+    return (f"to try selfie-lora with fewer photos anyway, set SELFIE_LORA_MIN_PHOTOS (now "
+            f"{min_photos}) to how many you have, for this command and for serve")
+
+
+def print_report(report: IntakeReport, *, title: str, out: Console = console,
+                 min_photos: int | None = None) -> None:
+    """The findings (rejects first) and the verdict, as a person reads them. ``min_photos``:
+    the minimum of the settings, where they are the reader's to change (see
+    ``fewer_photos_hint``)."""
     if report.findings:
         print_findings(report.findings, title=title, out=out)
     verdict = report.verdict
@@ -82,6 +98,10 @@ def print_report(report: IntakeReport, *, title: str, out: Console = console) ->
     )
     for reason in verdict.get("reasons", []):
         out.print(f"  - {reason}", markup=False, highlight=False)
+    hint = None if min_photos is None else fewer_photos_hint(report.findings,
+                                                             min_photos=min_photos)
+    if hint:
+        out.print(hint, markup=False, highlight=False)
 
 
 def follow_training(current: Callable[[], Training], *, quiet: bool = False,

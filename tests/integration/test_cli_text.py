@@ -89,6 +89,23 @@ def test_train_prints_a_rejected_sets_findings_as_check_does(cli: CliRunner,
     assert "few_photos" in table
 
 
+def test_a_set_too_small_names_the_setting_to_try_with_fewer_photos(cli: CliRunner,
+                                                                     tmp_path: Path) -> None:
+    """4 photos, 5 needed: `check` and `train` said only "add 1 or more clear photos", and a
+    newcomer trying the tool (the demo accepts 2) did not learn of SELFIE_LORA_MIN_PHOTOS."""
+    folder = four_photos(tmp_path / "photos")
+    hint = ("to try selfie-lora with fewer photos anyway, set SELFIE_LORA_MIN_PHOTOS (now 5) to "
+            "how many you have")
+    checked = cli.invoke(app, ["check", str(folder)])
+    assert checked.exit_code == 1, checked.output
+    assert "add 1 or more clear photos" in " ".join(checked.output.split())
+    assert hint in checked.output
+    assert cli.invoke(app, ["users", "create", "ann"]).exit_code == 0
+    trained = cli.invoke(app, ["train", str(folder), "--user", "ann"])
+    assert trained.exit_code == 1, trained.output
+    assert hint in trained.output
+
+
 def test_piped_lines_a_script_reads_are_never_wrapped(tmp_path: Path) -> None:
     # Off a terminal rich wrapped at 80 columns: a long --out path was cut in the middle of a
     # file's name, and the one-time API key went to a line of its own.
