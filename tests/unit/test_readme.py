@@ -166,3 +166,18 @@ def test_the_upload_row_says_a_refused_upload_was_received_not_refused_before_it
     assert "before its body is read" not in row
     assert "refused before it is read into memory" in row
     assert "spooled to a temporary file" in row
+
+
+def test_the_curl_examples_run_in_order() -> None:
+    """Run as written, the retrain's start came right after the upload that starts the first
+    training and answered 409 training_in_progress (found by the new-user review); the rollback
+    named a literal '<id>'."""
+    text = README.read_text()
+    block = text[text.index("KEY=sl_..."):]
+    block = block[:block.index("```")]
+    upload = block.index("/api/training/upload-zip")
+    start = block.index("/api/training/start")
+    between = block[upload:start]
+    assert "/api/training/progress" in between, between
+    assert "until" in between, between
+    assert "<id>" not in block
