@@ -181,3 +181,15 @@ def test_the_curl_examples_run_in_order() -> None:
     assert "/api/training/progress" in between, between
     assert "until" in between, between
     assert "<id>" not in block
+
+
+def test_the_404_of_a_user_with_no_model_is_said() -> None:
+    """POST /api/generate of a user with no model yet answers 404 not_found, which the README
+    never said (its generate row names only 422 no_version; found by the new-user review)."""
+    text = readme_text()
+    said = text[text.index("A user's model is made by their first upload."):]
+    said = said[:said.index("| route | what |")]
+    assert "404 `not_found`" in said
+    for route in ("POST /api/generate", "GET /api/training/progress", "GET /api/model/log",
+                  "GET /api/model/compare", "GET /api/model/quality/chart.png"):
+        assert route in said, route
