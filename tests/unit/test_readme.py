@@ -193,3 +193,18 @@ def test_the_404_of_a_user_with_no_model_is_said() -> None:
     for route in ("POST /api/generate", "GET /api/training/progress", "GET /api/model/log",
                   "GET /api/model/compare", "GET /api/model/quality/chart.png"):
         assert route in said, route
+
+
+def test_a_newcomer_finds_the_first_steps_before_the_long_sections() -> None:
+    """The steps from an account to a picture were spread over a long command table, after
+    the design's Why, and nothing near the start named SELFIE_LORA_MIN_PHOTOS: a newcomer who
+    ran `train` on the demo's 3 photos was refused with no pointer (new-user review)."""
+    text = README.read_text()
+    steps = text[text.index("## First steps"):text.index("## Why")]
+    assert text.index("make demo") < text.index("## First steps")
+    commands = re.search(r"```sh\n(.*?)```", steps, re.S)
+    assert commands is not None
+    for command in ("users create ann --password", "check demo-output/photos",
+                    "SELFIE_LORA_MIN_PHOTOS=", "train demo-output/photos --user ann",
+                    "versions --user ann", "generate ", "serve"):
+        assert command in commands.group(1), command
