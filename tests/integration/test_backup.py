@@ -157,6 +157,38 @@ def test_a_home_with_data_is_replaced_only_with_force(
     assert (settings.home / "cache" / "model").read_text() == "kept"
 
 
+def test_an_older_schema_is_backed_up_and_restored_as_it_is_never_upgraded(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """README "Rolling back": a HOME the previous release left (here at 0018) is backed up and
+    restored by this release without an upgrade, so the previous release still starts on it."""
+    from alembic import command
+
+    from selfie_lora.adapters.db.migrate import alembic_config
+
+    services.users.create(name="ann")
+    services.close()
+    database = settings.home / "selfie-lora.db"
+    command.downgrade(alembic_config(f"sqlite:///{database}"), "0018")
+
+    def revision(db: Path) -> list[str]:
+        with sqlite3.connect(db) as conn:
+            return [r[0] for r in conn.execute("SELECT version_num FROM alembic_version")]
+
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    code, said = run("backup", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    assert revision(database) == ["0018"]
+    target = tmp_path / "other"
+    target.mkdir()
+    (target / "made-after-the-upgrade").write_text("kept")
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
+    code, said = run("restore", "--force", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    assert revision(target / "selfie-lora.db") == ["0018"]
+    assert [(p / "made-after-the-upgrade").read_text() for p in kept_homes(target)] == ["kept"]
+
+
 @pytest.mark.parametrize("url", ["postgresql+psycopg://app@db.example/selfie", None])
 def test_a_deployment_on_postgres_or_object_storage_is_told_what_to_use(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str | None) -> None:
