@@ -272,6 +272,39 @@ def test_upgrade_runs_what_is_pending_and_knows_when_nothing_is(engine: Engine) 
     assert at_head(engine)
 
 
+def test_an_upgrade_says_from_which_schema_to_which_and_nothing_when_none_ran(
+        engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """The upgrade is for good: the operator learns from the log which process ran it, when,
+    and from which revision (old code: one debug line, also when nothing was migrated)."""
+    import logging
+
+    from selfie_lora.adapters.db import migrate as migrate_module
+
+    caplog.set_level(logging.DEBUG, logger=migrate_module.__name__)
+    where = engine.url.render_as_string(hide_password=True)
+    head = head_revision()
+
+    def said() -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records
+                if r.name == migrate_module.__name__]
+
+    upgrade(engine)  # a new, empty database: its schema is made, nothing is upgraded
+    assert said() == [(logging.INFO, f"created the database schema at {head}: {where}")]
+    migrate(engine, "0018", down=True)
+    caplog.clear()
+    upgrade(engine)
+    assert said() == [(logging.WARNING, (
+        f"database schema upgraded from 0018 to {head}: {where}; a release older than this one "
+        "refuses it from now on: see README 'Rolling back to the previous release'"))]
+    caplog.clear()
+    upgrade(engine)  # at head: nothing ran, nothing is said
+    assert said() == []
+    # Another process upgraded it while this one waited for the lock: it says so, in debug only.
+    migrate_module._migrate(engine)
+    assert said() == [(logging.DEBUG,
+                       f"database already at {head} (upgraded by another process): {where}")]
+
+
 @pytest.mark.postgres
 @pytest.mark.timeout(90)  # without the lock the racing upgrades deadlock rather than fail
 def test_processes_starting_together_upgrade_one_at_a_time(tmp_path: Path) -> None:

@@ -181,7 +181,27 @@ def _migrate(engine: Engine) -> None:
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
                                {"key": MIGRATION_LOCK_KEY})
         # Again under the lock: a newer release may have upgraded it since ``at_head``.
-        _refuse_unknown(_schema_revisions(connection) or [])
+        before = _schema_revisions(connection)
+        _refuse_unknown(before or [])
         cfg.attributes["connection"] = connection
         command.upgrade(cfg, "head")
-    logger.debug("database at head: %s", engine.url.render_as_string(hide_password=True))
+        after = _schema_revisions(connection) or []
+    _log_migration(engine, before=before, after=after)
+
+
+def _log_migration(engine: Engine, *, before: list[str] | None, after: list[str]) -> None:
+    where = engine.url.render_as_string(hide_password=True)
+    if before == after:
+        # Another process of the deployment upgraded it while this one waited for the lock.
+        logger.debug("database already at %s (upgraded by another process): %s",
+                     ", ".join(after), where)
+    elif not before:
+        logger.info("created the database schema at %s: %s", ", ".join(after), where)
+    else:
+        # WARNING, not INFO: the upgrade is for good (the older release refuses the database
+        # from now on), so it must reach an operator whose log pipeline keeps warnings only;
+        # it comes once per deployment and release, from the one process that ran it.
+        logger.warning(
+            "database schema upgraded from %s to %s: %s; a release older than this one refuses "
+            "it from now on: see README 'Rolling back to the previous release'",
+            ", ".join(before), ", ".join(after), where)
