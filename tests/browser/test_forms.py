@@ -14,10 +14,12 @@ from tests.e2e.conftest import ServeProcess, clean_env
 pytestmark = pytest.mark.slow
 
 
-def test_back_from_a_refused_form_returns_to_the_form_with_what_was_typed(
+def test_a_refused_trainer_version_form_comes_back_with_what_was_typed(
         chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
     """The error page's Back led to /photos, and what was typed in the form was lost (found in
-    review): it goes back in the history now, to the form as it was left."""
+    review); then Back went back in the history, where a browser may show the form empty. Now
+    the refusal is the Model page itself, the form open, both values kept and the field at
+    fault focused (webhostile review 3)."""
     env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
     key = create(env, "ann")
     server = serve(env, args=("--no-worker",))
@@ -29,12 +31,12 @@ def test_back_from_a_refused_form_returns_to_the_form_with_what_was_typed(
     page.get_by_label("Why").fill("a reason I took a while to write")
     page.get_by_role("button", name="Move").click()
     page.wait_for_load_state()
-    assert page.locator("h1").inner_text() == "That did not work"
-    page.get_by_role("link", name="Back").click()
-    page.wait_for_url(f"{server.base_url}/model", timeout=10_000)
-    page.wait_for_load_state()
+    assert page.locator("h1").inner_text() != "That did not work"
+    assert page.locator("#repin-error").is_visible()
+    assert page.get_by_label("New trainer version").input_value() == "garbage"
     assert page.get_by_label("Why", exact=True).input_value() == \
         "a reason I took a while to write"
+    assert page.evaluate("document.activeElement.id") == "trainer_version"
 
 
 def test_a_wrong_name_on_the_delete_form_asks_nothing_and_puts_the_focus_back(
