@@ -98,7 +98,9 @@ def test_a_set_too_small_names_the_setting_to_try_with_fewer_photos(cli: CliRunn
             "how many you have")
     checked = cli.invoke(app, ["check", str(folder)])
     assert checked.exit_code == 1, checked.output
-    assert "add 1 or more clear photos" in " ".join(checked.output.split())
+    # The finding's own advice is a table cell, which wraps with the terminal's width (the
+    # advice's words are tested in the set checks' tests): the refusal itself is what counts.
+    assert "too_few_photos" in checked.output
     assert hint in checked.output
     assert cli.invoke(app, ["users", "create", "ann"]).exit_code == 0
     trained = cli.invoke(app, ["train", str(folder), "--user", "ann"])
