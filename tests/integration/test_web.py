@@ -33,7 +33,7 @@ from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import GateStatus, Recipe, Training, TrainingStatus
 from selfie_lora.domain.plan import DEFAULT_LORA_SCALE, LORA_SCALE_MAX, LORA_SCALE_MIN
-from selfie_lora.errors import StorageError
+from selfie_lora.errors import ErrorCode, InvalidInputError, StorageError
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import DEPLOYMENT_KEY
 from selfie_lora.services.users import UserService
@@ -2070,10 +2070,60 @@ def test_a_key_name_that_is_invisible_or_reorders_text_is_refused(ann: TestClien
 @pytest.mark.parametrize("name", [
     "deploy 🚀", "👩\u200d💻 laptop", "猫", "café", "a\u0301",
     "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian, its zero-width non-joiner
+    "مفتاح 1", "מפתח", "कुंजी", "சாவி", "กุญแจ", "열쇠", "ключ", "κλειδί", "🇫🇷", "🏳️\u200d🌈",
 ])
 def test_a_key_name_in_any_script_or_with_emoji_is_taken(svc: Services, name: str) -> None:
     key, _secret = svc.users.create_key(user=svc.users.get_by_name(name="ann"), name=name)
     assert key.name == name
+
+
+ENGLAND = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+SCOTLAND = "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f"
+WALES = "\U0001f3f4\U000e0067\U000e0062\U000e0077\U000e006c\U000e0073\U000e007f"
+
+
+@pytest.mark.parametrize("name", [
+    ENGLAND, f"{SCOTLAND} scotland", f"{WALES} Wales {ENGLAND}",
+    "\u0645\u0641\u062a\u0627\u062d\u061c 1",  # Arabic with the Arabic letter mark
+    "\u05de\u05e4\u05ea\u05d7\u200f 2", "key \u200eA",  # right-to-left and left-to-right marks
+])
+def test_a_key_name_with_a_subdivision_flag_or_a_direction_mark_is_taken(
+        svc: Services, name: str) -> None:
+    """The England, Scotland and Wales flags (tag characters after the black flag) and the
+    direction marks pasted Hebrew or Arabic carries were refused as format characters, with a
+    message promising printable characters (diffweb review 1)."""
+    key, _secret = svc.users.create_key(user=svc.users.get_by_name(name="ann"), name=name)
+    assert key.name == name  # old code: InvalidInputError invalid_name
+
+
+@pytest.mark.parametrize(("name", "said"), [
+    ("\u202eyek-ruoy", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+    ("a\u202ab", "U+202A (LEFT-TO-RIGHT EMBEDDING)"),
+    ("ci\u2066x", "U+2066 (LEFT-TO-RIGHT ISOLATE)"),
+    ("ci\u2069", "U+2069 (POP DIRECTIONAL ISOLATE)"),
+    ("a\u200bb", "U+200B (ZERO WIDTH SPACE)"),
+    ("\x9b31m", "U+009B (a control character)"),
+    ("tag \U000e0067\U000e007f", "U+E0067 (TAG LATIN SMALL LETTER G)"),  # tags with no flag
+    ("\U0001f3f4\U000e0067\U000e0062 open", "U+E0067 (TAG LATIN SMALL LETTER G)"),  # no end
+])
+def test_a_refused_key_name_says_which_character_is_refused(
+        svc: Services, name: str, said: str) -> None:
+    """The refusal said only "1-100 printable characters" of a name that looked printable
+    (diffweb review 1): it names the character at fault."""
+    with pytest.raises(InvalidInputError) as refused:
+        svc.users.create_key(user=svc.users.get_by_name(name="ann"), name=name)
+    assert refused.value.code is ErrorCode.INVALID_NAME
+    assert f"{said} is not taken" in str(refused.value)  # old code: the rule alone
+
+
+def test_a_key_name_of_the_invisible_null_notehead_is_refused(svc: Services) -> None:
+    """U+1D159 (MUSICAL SYMBOL NULL NOTEHEAD) is a symbol that fonts draw blank: a name of it
+    alone looked empty and was taken (diffweb review 1)."""
+    with pytest.raises(InvalidInputError):
+        svc.users.create_key(user=svc.users.get_by_name(name="ann"), name="\U0001d159 ")
+    key, _secret = svc.users.create_key(user=svc.users.get_by_name(name="ann"),
+                                        name="\U0001d159 a")
+    assert key.name == "\U0001d159 a"
 
 
 def test_a_key_rotated_through_the_api_shows_its_grace_and_can_be_revoked_at_once(

@@ -57,13 +57,26 @@ _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_.@-]{0,98}[A-Za-z0-9])?")
 _KEY_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,100}")
 _KEY_NAME_RULE = "a key name is 1-100 printable characters, not only spaces"
 # A key name is refused with any of these: controls (C0 and C1), surrogates, line and paragraph
-# separators, and format characters (the bidi overrides and isolates, zero-width spaces, the
-# BOM), but for the zero-width joiner and non-joiner, which some scripts and emoji need.
+# separators, and format characters (the bidi embeddings, overrides and isolates, which reorder
+# the text after them, zero-width spaces, the BOM), but for those scripts and emoji need: the
+# zero-width joiner and non-joiner, and the left-to-right, right-to-left and Arabic letter marks,
+# which pasted Hebrew or Arabic carries (a mark sets the direction of the characters beside it;
+# unlike an override it reorders nothing after it).
 _KEY_NAME_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
-_KEY_NAME_JOINERS = frozenset({"\u200c", "\u200d"})
+_KEY_NAME_FORMAT_TAKEN = frozenset({"\u200c", "\u200d", "\u200e", "\u200f", "\u061c"})
+# An emoji tag sequence (UTS #51 ED-14a, as the RGI flags of England, Scotland and Wales): the
+# black flag, tag characters (format characters, so refused alone) and the cancel tag. Phones'
+# emoji keyboards offer these flags.
+_EMOJI_TAG_SEQUENCE = re.compile("\U0001f3f4[\U000e0020-\U000e007e]+\U000e007f")
 # Characters that draw nothing though Unicode calls them letters or symbols: with only these
-# (and spaces, joiners, marks) a name looks empty.
-_BLANK_LOOKING = frozenset({"\u2800", "\u3164", "\u115f", "\u1160", "\uffa0"})
+# (and spaces, joiners, marks) a name looks empty. Those of them that Unicode lists as
+# Default_Ignorable_Code_Point (DerivedCoreProperties.txt: the Hangul fillers) and others that
+# fonts draw blank (the braille blank, the musical null notehead U+1D159); unicodedata has no
+# property for either.
+_BLANK_LOOKING = frozenset({"\u2800", "\u3164", "\u115f", "\u1160", "\uffa0", "\U0001d159"})
+# How a refused character without a Unicode name is told (controls, surrogates, unassigned).
+_UNNAMED = {"Cc": "a control character", "Cs": "a surrogate", "Cn": "unassigned",
+            "Co": "private use"}
 KEY_ALREADY_MADE = ("this key was already made; its secret was shown once — revoke it and make "
                     "another if you lost it")
 PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
@@ -529,8 +542,9 @@ class UserService:
         # Not blank, and nothing that hides or reorders text (checked here, not in _new_key: a
         # rotation keeps an older key's name, whatever it is): such a key showed a blank name,
         # and "Revoke the key    ?", or an RLO reversed the rest of that sentence.
-        if not _key_name_readable(name):
-            raise InvalidInputError(_KEY_NAME_RULE, code=ErrorCode.INVALID_NAME)
+        refused = _key_name_refusal(name)
+        if refused is not None:
+            raise InvalidInputError(refused, code=ErrorCode.INVALID_NAME)
         _refuse_erasing(user, _NO_KEY)
         key, secret = self._new_key(user, name)
         if form_nonce is not None:
@@ -745,14 +759,22 @@ class _KeyCache:
             self._found.clear()
 
 
-def _key_name_readable(name: str) -> bool:
-    """Whether a new key's name shows at least one visible character and nothing that hides or
-    reorders text (``str.isprintable`` is False for all of these; the refusal promises
-    printable characters)."""
-    for ch in name:
+def _key_name_refusal(name: str) -> str | None:
+    """Why a new key's name is refused (None: taken): it must show at least one visible
+    character and nothing that hides or reorders text. The refusal names the character at
+    fault: it is invisible, or looks printable, in the name the user typed."""
+    for ch in _EMOJI_TAG_SEQUENCE.sub("\U0001f3f4", name):
         category = unicodedata.category(ch)
         if category in _KEY_NAME_REFUSED_CATEGORIES or (
-                category == "Cf" and ch not in _KEY_NAME_JOINERS):
-            return False
-    return any(unicodedata.category(ch)[0] not in "ZCM" and ch not in _BLANK_LOOKING
-               for ch in name)
+                category == "Cf" and ch not in _KEY_NAME_FORMAT_TAKEN):
+            return f"{_KEY_NAME_RULE}: {_character(ch)} is not taken"
+    if not any(unicodedata.category(ch)[0] not in "ZCM" and ch not in _BLANK_LOOKING
+               for ch in name):
+        return _KEY_NAME_RULE
+    return None
+
+
+def _character(ch: str) -> str:
+    """A character as a message names it: "U+202E (RIGHT-TO-LEFT OVERRIDE)"."""
+    fallback = _UNNAMED.get(unicodedata.category(ch), "no name")
+    return f"U+{ord(ch):04X} ({unicodedata.name(ch, fallback)})"
