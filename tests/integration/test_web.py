@@ -698,7 +698,7 @@ def test_error_pages_say_in_plain_words_what_a_form_lacks_and_what_a_form_addres
     r = ann.get("/train/start")
     assert r.status_code == 405
     assert "Method Not Allowed" not in r.text
-    assert "only takes what a form of the site sends" in r.text
+    assert "this address only takes what its form sends" in r.text
     assert 'href="/train"' in r.text.split("<main", 1)[1]  # Back: the form's page
     assert upload(ann)[0] == 200
     train(ann)
@@ -708,6 +708,27 @@ def test_error_pages_say_in_plain_words_what_a_form_lacks_and_what_a_form_addres
     r = ann.post("/train/resume", data={"csrf_token": csrf(ann), "training_id": succeeded.id})
     assert r.status_code == 409
     assert "only a canceled training can be resumed; this one succeeded" in html.unescape(r.text)
+
+
+@pytest.mark.parametrize(("method", "path", "said"), [
+    ("POST", "/photos", "this page is only opened, not sent to: open it again"),
+    ("POST", "/model", "this page is only opened, not sent to: open it again"),
+    ("POST", "/settings", "this page is only opened, not sent to: open it again"),
+    ("PUT", "/generate", "this page is opened, or takes what its own form sends"),
+    ("GET", "/settings/keys", "this address only takes what its form sends"),
+])
+def test_a_wrong_method_page_says_what_its_address_takes(
+        ann: TestClient, method: str, path: str, said: str) -> None:
+    """POST to a page that takes only GET was told "this address only takes what a form of the
+    site sends", the reverse of what is true for a page (diffweb review 2): the 405 page is
+    worded by the route's Allow header, which it now sends, and its Back link leads to the page
+    itself."""
+    r = ann.request(method, path, data={"csrf_token": csrf(ann)})
+    assert r.status_code == 405
+    assert said in html.unescape(r.text)  # old code: "what a form of the site sends"
+    assert "GET" in r.headers["allow"] or path == "/settings/keys"
+    page = path if "GET" in r.headers["allow"] else "/settings"
+    assert f'href="{page}"' in r.text.split("<main", 1)[1]
 
 
 def test_more_files_than_the_form_parser_takes_get_the_refused_upload_page(

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from selfie_lora.api import account, generation, keys, likeness, model, training, webhooks
 from selfie_lora.api.deps import in_thread, intake_limiter, upload_slots
@@ -48,10 +49,35 @@ from selfie_lora.web.app import (
 from selfie_lora.wiring import Services, build_services
 
 logger = logging.getLogger(__name__)
-# A page's 405: a form's address opened as a page (a bookmark, the address bar); Starlette's
-# "Method Not Allowed" is HTTP's word, not the user's.
-WRONG_METHOD = ("this address only takes what a form of the site sends: open the page the form "
-                "is on and use it there")
+# A page's 405, worded by what its address takes (the route's Allow header): a form's address
+# opened as a page (a bookmark, the address bar), or a page that takes only GET sent a form (a
+# hand-made request, a stale form); Starlette's "Method Not Allowed" is HTTP's word, not the
+# user's, and one sentence for both said the reverse of what is true for a page.
+WRONG_METHOD = ("this address only takes what its form sends: open the page the form is on and "
+                "use it there")
+WRONG_METHOD_PAGE = "this page is only opened, not sent to: open it again"
+WRONG_METHOD_FORM_PAGE = ("this page is opened, or takes what its own form sends: open it again "
+                          "and use its form")
+
+
+def allowed_methods(routes: list[BaseRoute], scope: Any, allow: str) -> str:
+    """The methods a page's path takes, of all its ``routes`` (the pages'): Starlette's Allow
+    names the first route's alone ("GET" for /generate, whose form POSTs to a second route)."""
+    allowed = {method.strip().upper() for method in allow.split(",") if method.strip()}
+    for route in routes:
+        methods = getattr(route, "methods", None)
+        if methods and route.matches(scope)[0] is not Match.NONE:
+            allowed |= methods
+    return ", ".join(sorted(allowed))
+
+
+def wrong_method(allow: str) -> tuple[str, bool]:
+    """A page's 405 message, by the methods its address allows (the Allow header), and whether
+    the address is a page to open again (its Back link leads to it)."""
+    allowed = {method.strip().upper() for method in allow.split(",")}
+    if "GET" not in allowed:
+        return WRONG_METHOD, False
+    return (WRONG_METHOD_FORM_PAGE if allowed - {"GET", "HEAD"} else WRONG_METHOD_PAGE), True
 
 # Threads of /readyz (and, separately, of /metrics), theirs alone: a probe never waits behind user work for a
 # thread of the shared pool (its timeout is a second or so; a failed readiness probe takes the
@@ -256,12 +282,21 @@ def create_app(
         server = (report_server_error(exc, method=request.method, path=request.url.path)
                   if exc.status_code >= 500 else None)
         if is_page(request.url.path) and not request.url.path.startswith("/static/"):
-            message = ("there is no such page" if exc.status_code == 404
-                       else WRONG_METHOD if exc.status_code == 405
-                       else server.message if server is not None else str(exc.detail))
-            return await in_thread(lambda: web.error_page(
-                request, exc.status_code, message, code,
+            allow = (exc.headers or {}).get("Allow", "")
+            back = None
+            if exc.status_code == 405:
+                allow = allowed_methods(web.routes, request.scope, allow)
+                message, opened = wrong_method(allow)
+                back = request.url.path if opened else None
+            else:
+                message = ("there is no such page" if exc.status_code == 404
+                           else server.message if server is not None else str(exc.detail))
+            page = await in_thread(lambda: web.error_page(
+                request, exc.status_code, message, code, back=back,
                 reference=server.reference if server is not None else None))
+            if allow:  # HTTP's 405 names what the address allows
+                page.headers["Allow"] = allow
+            return page
         count(request, code)
         if server is not None:
             return error_response(exc.status_code, code, server.message, server.details)

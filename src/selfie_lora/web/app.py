@@ -16,6 +16,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.requests import cookie_parser
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.api.server_errors import report_server_error
@@ -103,6 +104,8 @@ class Web:
 
     def __init__(self, services: Services) -> None:
         self.services = services
+        # The page routes (mount_web sets them): what a page's address takes, for its 405.
+        self.routes: list[BaseRoute] = []
         settings = services.settings
         self.signer = CookieSigner(session_secret(settings),
                                    max_age_seconds=int(settings.session_days * 86400))
@@ -201,8 +204,11 @@ class Web:
         return response
 
     def error_page(self, request: Request, status: int, message: str,
-                   code: str = "error", *, reference: str | None = None) -> HTMLResponse:
-        """``reference``: a server-side error's, which its log line carries (server_errors)."""
+                   code: str = "error", *, reference: str | None = None,
+                   back: str | None = None) -> HTMLResponse:
+        """``reference``: a server-side error's, which its log line carries (server_errors).
+        ``back``: where its Back link leads, when the caller knows better than ``_back_to`` (a
+        page sent a form: the page itself)."""
         viewer = None
         # Any refusal finding the viewer (a disabled account's session: ForbiddenError) renders
         # this page signed out: escaping here, it turned every page into a bare 500.
@@ -210,7 +216,7 @@ class Web:
             viewer = self.viewer(request)
         return self.render(request, "error.html", viewer=viewer, status_code=status,
                            status=status, message=message, code=code, reference=reference,
-                           back=_back_to(request, viewer, status),
+                           back=back if back and viewer else _back_to(request, viewer, status),
                            words=_error_words(request, status, code))
 
 
@@ -392,6 +398,7 @@ def mount_web(app: FastAPI, services: Services) -> Web:
     from selfie_lora.web import pages
 
     web = Web(services)
+    web.routes = pages.router.routes
     app.state.web = web
     app.mount("/static", StaticFiles(directory=str(WEB_ROOT / "static")), name="static")
     app.include_router(pages.router)
