@@ -238,13 +238,14 @@ class Worker:
     def _consume(self) -> None:
         idle = _IDLE_MIN_S
         while not self._stop.is_set():
+            ticket = self._queue_outage.attempt()
             try:
                 training_id = self._queue.next_training()
             except Exception as exc:
-                self._queue_unreachable(exc)
+                self._queue_unreachable(exc, ticket=ticket)
                 self._stop.wait(_IDLE_MAX_S)
                 continue
-            self._queue_answers()
+            self._queue_answers(ticket=ticket)
             if training_id is None:
                 self._stop.wait(idle)
                 idle = min(idle * 1.5, _IDLE_MAX_S)
@@ -268,16 +269,16 @@ class Worker:
                 with self._busy_lock:
                     self._busy -= 1
 
-    def _queue_unreachable(self, exc: Exception) -> None:
-        if self._queue_outage.begins():
+    def _queue_unreachable(self, exc: Exception, *, ticket: int) -> None:
+        if self._queue_outage.begins(ticket=ticket):
             logger.warning("worker %s: the queue cannot be reached (%s); no training is taken "
                            "from it until it answers, asked again every %.0f s (its end is "
                            "logged)", self.identity.name, describe(exc), _IDLE_MAX_S)
         # The traceback only for whoever debugs: every second of an outage would repeat it.
         logger.debug("reading the queue failed", exc_info=True)
 
-    def _queue_answers(self) -> None:
-        if self._queue_outage.ends():
+    def _queue_answers(self, *, ticket: int) -> None:
+        if self._queue_outage.ends(ticket=ticket):
             logger.info("worker %s: the queue answers again; taking trainings from it",
                         self.identity.name)
 

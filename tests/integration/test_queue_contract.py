@@ -9,13 +9,15 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import pytest
 
+from selfie_lora import worker as worker_module
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
+from selfie_lora.services.common import Outage
 from selfie_lora.services.training import ReconcileReport
 from selfie_lora.testing.fakes import InMemoryQueue
 from selfie_lora.worker import Identity, Worker, claim_identity
@@ -310,6 +312,84 @@ def test_a_worker_says_when_its_queue_answers_again_and_each_outage_once(
     assert len(back) == 2
     assert "redis:6379" in _worker_lines(caplog, logging.WARNING)[0].getMessage()
     assert _worker_lines(caplog, logging.ERROR) == []
+
+
+class ScriptedQueue(InMemoryQueue):
+    """A queue whose reads follow a script per consumer thread, the first thread to read
+    playing ``first``, the other ``second``: each step raises (down), returns None (up), or
+    first waits for an event. Once a script is spent, reads answer None."""
+
+    def __init__(self, first: list[Callable[[], None]], second: list[Callable[[], None]]) -> None:
+        super().__init__()
+        self._scripts = [first, second]
+        self._roles: dict[int, list[Callable[[], None]]] = {}
+        self._lock = threading.Lock()
+
+    def next_training(self) -> str | None:
+        with self._lock:
+            me = threading.get_ident()
+            if me not in self._roles:
+                self._roles[me] = self._scripts[len(self._roles)]
+            script = self._roles[me]
+            step = script.pop(0) if script else None
+        if step is not None:
+            step()  # raises while the queue is down
+        return None
+
+
+def _down() -> None:
+    raise ConnectionError("Error 110 connecting to redis:6379. Timeout connecting to server.")
+
+
+def _after(event: threading.Event, then: Callable[[], None]) -> Callable[[], None]:
+    def step() -> None:
+        assert event.wait(10)
+        then()
+    return step
+
+
+def test_a_slow_read_failing_after_another_thread_found_the_queue_back_says_nothing_more(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read that started during an outage and failed (a connect timeout) after another
+    thread's read had found the queue back began the outage again: a second warning and a
+    second 'answers again' for one outage (diffweb review 3). The order is set by events: the
+    first thread's failure begins the outage; its next read hangs; the second thread fails,
+    then reads the queue back; then the hung read fails."""
+    monkeypatch.setattr(worker_module, "_IDLE_MAX_S", 0.01)
+    warned, answered, release, done = (threading.Event() for _ in range(4))
+    queue = ScriptedQueue(
+        first=[_down, _after(release, _down), done.set],
+        second=[_after(warned, _down), answered.set])
+    worker = Worker(training=StubTraining(), queue=queue, identity=Identity(name="w"),  # type: ignore[arg-type]
+                    threads=2, reconcile_seconds=60)
+    with caplog.at_level(logging.INFO, logger="selfie_lora.worker"):
+        worker.start()
+        try:
+            wait_until(lambda: len(_worker_lines(caplog, logging.WARNING)) == 1)
+            warned.set()
+            assert answered.wait(10)
+            wait_until(lambda: any("answers again" in r.getMessage()
+                                   for r in _worker_lines(caplog, logging.INFO)))
+            release.set()
+            assert done.wait(10)  # the hung read failed and its thread read again since
+        finally:
+            assert worker.stop()
+    assert len(_worker_lines(caplog, logging.WARNING)) == 1  # old code: 2
+    back = [r for r in _worker_lines(caplog, logging.INFO) if "answers again" in r.getMessage()]
+    assert len(back) == 1
+
+
+def test_an_outage_counts_a_call_only_if_it_started_since_the_last_change() -> None:
+    """The tickets alone, in the order two threads' calls can end (diffweb review 3)."""
+    outage = Outage()
+    slow = outage.attempt()  # starts before the outage, answers after it began
+    assert outage.begins(ticket=outage.attempt())
+    hung = outage.attempt()  # starts during the outage
+    assert not outage.ends(ticket=slow)  # it says nothing of the queue since it went down
+    assert outage.ends(ticket=outage.attempt())
+    assert not outage.begins(ticket=hung)  # failed after the recovery: not a new outage
+    assert outage.begins(ticket=outage.attempt())  # a new outage
+    assert not outage.begins(ticket=outage.attempt())  # said once
 
 
 def test_a_process_that_runs_no_worker_does_not_say_a_worker_stops(

@@ -103,24 +103,42 @@ class PerUserSlots:
 class Outage:
     """Whether a dependency (the queue) is in an outage that was already logged: a loop that
     retries it every second says its start once and its end once, instead of a line (or a
-    traceback) at every retry. Shared by threads."""
+    traceback) at every retry. Shared by threads.
+
+    Each call takes a ticket (``attempt``) before it tries, and its result counts only if the
+    outage neither began nor ended since: a slow read (a connect timeout) that started during an
+    outage and failed after another thread's read had ended it began that outage again, a second
+    warning and recovery for one outage (diffweb review 3); the same for a success that started
+    before the outage began."""
 
     def __init__(self) -> None:
         self._down = False
+        self._changes = 0  # how many times an outage began or ended: a call's ticket
         self._lock = threading.Lock()
 
-    def begins(self) -> bool:
-        """A call failed: True when this starts the outage (say it), False while it lasts."""
+    def attempt(self) -> int:
+        """Before a call: its ticket, for ``begins`` or ``ends`` after it."""
         with self._lock:
-            began = not self._down
-            self._down = True
-            return began
+            return self._changes
 
-    def ends(self) -> bool:
-        """A call succeeded: True when it ends an outage (say so)."""
+    def begins(self, *, ticket: int) -> bool:
+        """A call failed: True when this starts the outage (say it), False while it lasts or
+        when the call started before the last recovery (it says nothing of the queue since)."""
+        with self._lock:
+            if self._down or ticket != self._changes:
+                return False
+            self._down = True
+            self._changes += 1
+            return True
+
+    def ends(self, *, ticket: int) -> bool:
+        """A call succeeded: True when it ends an outage (say so); False when there is none, or
+        the call started before the outage began (the next one, started since, ends it)."""
         if not self._down:  # read without the lock: the usual case, at every call
             return False
         with self._lock:
-            ended = self._down
+            if not self._down or ticket != self._changes:
+                return False
             self._down = False
-            return ended
+            self._changes += 1
+            return True

@@ -822,6 +822,7 @@ class TrainingService:
                 # counts a recovery like any other take-over. A hold is nobody's run: it waits
                 # out an outage whatever became of the worker that set it.
                 active[i] = self._update(t.id, lambda c: expire_lease(c, now, dead_owners))
+        ticket = self._queue_outage.attempt()
         try:
             queued: Collection[str] = self._queue.queued_training_ids()
         except Exception as exc:
@@ -829,7 +830,7 @@ class TrainingService:
             # holds is rung again below (a duplicate message is claimed once, the other does
             # nothing). The rest of the pass needs only the database and goes on: a cancel of
             # a training whose worker died must not wait for Redis.
-            began = self._queue_outage.begins()
+            began = self._queue_outage.begins(ticket=ticket)
             logger.log(logging.WARNING if began else logging.DEBUG,
                        "reconcile: the queue cannot be read (%s); trainings nobody runs are "
                        "queued again if it takes them, tried every round (its end is logged)",
@@ -840,7 +841,7 @@ class TrainingService:
             quiet = not began
         else:
             quiet = False
-            if self._queue_outage.ends():
+            if self._queue_outage.ends(ticket=ticket):
                 logger.info("reconcile: the queue can be read again")
         enqueued, canceled = [], []
         # The backends that did not take a remote call this pass: the other owed cancels of
