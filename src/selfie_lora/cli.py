@@ -108,14 +108,14 @@ def _fail(message: str, *, label: str = "error", code: int = 1,
 
 
 def _database_shown(settings: Settings) -> str:
-    """Which database a message is about: the variable and its URL, password masked, or the
-    SQLite file in HOME."""
-    from sqlalchemy.engine import make_url
+    """Which database a message is about: the variable and its URL, every secret in it masked
+    (``database_url_shown``), or the SQLite file in HOME."""
+    from selfie_lora.database_url import database_url_shown
 
     if settings.database_url is None:
         return f"{settings.effective_database_url.removeprefix('sqlite:///')} in SELFIE_LORA_HOME"
     try:
-        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+        shown = database_url_shown(settings.database_url)
     except Exception:  # the settings checked it parses; never print it raw
         return "SELFIE_LORA_DATABASE_URL"
     return f"SELFIE_LORA_DATABASE_URL {shown}"

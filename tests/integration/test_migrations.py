@@ -506,3 +506,27 @@ def test_0023_marks_a_user_the_previous_release_left_half_deleted_as_pending(
     assert carol.erasure_requested_at is None
     assert [u.name for u in repo.pending_erasures(requested_before=datetime.now(UTC))] == [
         "ann", "bob"]
+
+
+def test_the_migration_log_line_masks_a_password_given_as_a_query_parameter(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The socket form has no other place for a password than the query; it was logged."""
+    import logging
+
+    from sqlalchemy import create_engine
+
+    from selfie_lora.adapters.db import migrate as migrate_module
+
+    caplog.set_level(logging.DEBUG, logger=migrate_module.__name__)
+    for url, where in [
+        ("postgresql+psycopg://u@db:5432/prod?password=s3cret",
+         "postgresql+psycopg://u@db:5432/prod?password=***"),
+        ("postgresql+psycopg:///prod?host=/run/pg&password=s3cret",
+         "postgresql+psycopg:///prod?host=/run/pg&password=***"),
+    ]:
+        caplog.clear()
+        unconnected = create_engine(url)  # the line is made from its URL alone
+        migrate_module._log_migration(unconnected, before=["0018"], after=["0023"])
+        [record] = [r for r in caplog.records if r.name == migrate_module.__name__]
+        assert "s3cret" not in record.getMessage()
+        assert record.getMessage().startswith(f"database schema upgraded from 0018 to 0023: {where};")

@@ -14,6 +14,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, inspect, text
 
+from selfie_lora.database_url import database_url_shown
 from selfie_lora.domain.accounts import fold_name
 from selfie_lora.errors import ConfigError
 
@@ -190,7 +191,7 @@ def _migrate(engine: Engine) -> None:
 
 
 def _log_migration(engine: Engine, *, before: list[str] | None, after: list[str]) -> None:
-    where = engine.url.render_as_string(hide_password=True)
+    where = database_url_shown(engine.url)
     if before == after:
         # Another process of the deployment upgraded it while this one waited for the lock.
         logger.debug("database already at %s (upgraded by another process): %s",

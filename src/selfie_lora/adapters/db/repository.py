@@ -56,6 +56,7 @@ from selfie_lora.adapters.db.tables import (
     WebSessionRow,
 )
 from selfie_lora.adapters.sqlite_files import keep_private
+from selfie_lora.database_url import database_url_shown
 from selfie_lora.domain.accounts import ErasurePlan, UserHoldings, fold_name
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
@@ -144,18 +145,13 @@ def make_engine(url: str, *, statement_timeout_s: float | None = None,
         return _make_engine(url, statement_timeout_s=statement_timeout_s,
                             answer_timeout_s=answer_timeout_s)
     except NoSuchModuleError:  # before ArgumentError: it is one
-        raise ConfigError(f"SELFIE_LORA_DATABASE_URL ({_shown(url)}) names a database this "
-                          "cannot use: postgresql+psycopg://... or sqlite:///...") from None
+        raise ConfigError(f"SELFIE_LORA_DATABASE_URL ({database_url_shown(url)}) names a "
+                          "database this cannot use: postgresql+psycopg://... or sqlite:///...") from None
     except ImportError as exc:  # create_engine imports the URL's driver
-        raise ConfigError(f"SELFIE_LORA_DATABASE_URL ({_shown(url)}) needs a driver that is not "
-                          f"installed: {exc}") from None
+        raise ConfigError(f"SELFIE_LORA_DATABASE_URL ({database_url_shown(url)}) needs a "
+                          f"driver that is not installed: {exc}") from None
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError("SELFIE_LORA_DATABASE_URL is not a database URL") from None
-
-
-def _shown(url: str) -> str:
-    """``url`` as it may be printed: its password masked (only what parses is shown)."""
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def _make_engine(url: str, *, statement_timeout_s: float | None,
