@@ -319,3 +319,27 @@ def test_a_repin_the_api_refuses_is_refused_with_its_words(
     shown = as_json("model", "--user", "ann")
     # Nothing changed, the scale given with it neither (one transaction, as the PATCH).
     assert (shown["trainer_version"], shown["lora_scale_is_custom"]) == ("local-tiny-v2", False)
+
+
+def test_a_reason_or_trainer_version_over_the_api_s_cap_is_refused_alike(
+        trained: Services, client: TestClient) -> None:
+    # The caps lived only in the API's schema: the CLI re-pinned with a 5000-character reason
+    # and logged it (diffcli review 2).
+    h = ann_headers(trained)
+    for version, reason, api_code in (
+            ("local-tiny-v1", "x" * 501, "invalid_request"),
+            ("local-tiny-v1" + "1" * 300, "why", "invalid_trainer_version")):
+        api = client.patch("/api/model", headers=h,
+                           json={"trainer_version": version, "reason": reason})
+        assert api.status_code == 422, api.text
+        error = api.json()["error"]
+        assert error["code"] == api_code
+        code, said = run("model", "--user", "ann", "--trainer-version", version,
+                         "--reason", reason)
+        assert code == 1, said
+        assert " ".join(said.split()) == f"error: {error['message']}"
+        assert "at most" in error["message"]
+    code, _ = run("model", "--user", "ann", "--trainer-version", "local-tiny-v1",
+                  "--reason", "x" * 500)
+    assert code == 0  # the cap itself is taken
+    assert as_json("model", "--user", "ann")["trainer_version"] == "local-tiny-v1"

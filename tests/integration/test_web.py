@@ -1373,7 +1373,9 @@ def test_a_refused_trainer_version_form_comes_back_on_the_model_page_with_what_w
     for sent, status, field in (
             ({"trainer_version": "local", "reason": "try the new one"}, 422, "trainer_version"),
             ({"trainer_version": "local-tiny-v1", "reason": "  "}, 422, "reason"),
-            ({"trainer_version": "  ", "reason": "try the new one"}, 422, "trainer_version")):
+            ({"trainer_version": "  ", "reason": "try the new one"}, 422, "trainer_version"),
+            # Over the API's cap: refused by the service for the page too, at the reason.
+            ({"trainer_version": "local-tiny-v1", "reason": "x" * 501}, 422, "reason")):
         r = ann.post("/model/trainer-version", data={"csrf_token": csrf(ann), **sent},
                      follow_redirects=False)
         # Old code: the error page ("Model change refused"), or FastAPI's "Field required".

@@ -45,14 +45,18 @@ class ModelPatch(_Body):
     lora_scale: float | None = Field(
         default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX, allow_inf_nan=False, strict=True,
         description="Set the LoRA scale (kept through retraining); null: back to the default.")
+    # No length caps here: ModelService.change refuses a trainer version over 300 characters
+    # and a reason over 500 (domain.plan.check_repin_lengths) with the same message for the
+    # API, the Model page and the CLI; capped only here, the CLI took a 5000-character reason.
     trainer_version: str | None = Field(
-        default=None, min_length=1, max_length=300,
-        description="Re-pin the trainer version (explicit and logged; needs a reason).",
+        default=None, min_length=1,
+        description="Re-pin the trainer version (explicit and logged; needs a reason; at most "
+                    "300 characters).",
     )
     # No "needs a reason" rule here: the service's 422 reason_required (with its message) is
     # the answer as documented; a validator here answered invalid_request first, with
     # pydantic's "Value error, ..." text.
-    reason: str | None = Field(default=None, max_length=500)
+    reason: str | None = Field(default=None, description="At most 500 characters.")
 
 
 def _one_line_break(value: Any) -> Any:

@@ -31,6 +31,10 @@ from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError
 DEFAULT_LORA_SCALE = 1.0
 LORA_SCALE_MIN = -1.0
 LORA_SCALE_MAX = 3.0
+# A re-pin's longest trainer version and reason, for PATCH /api/model, the Model page and the
+# CLI alike (ModelService.change checks them; the API's schema says them too).
+TRAINER_VERSION_MAX_CHARS = 300
+REASON_MAX_CHARS = 500
 
 # Consonants only: with digits mixed in, a trigger word can never be an English word or a name
 # the base model already knows, which is what makes it a "rare token".
@@ -304,6 +308,21 @@ def validate_lora_scale(scale: float) -> float:
             code=ErrorCode.INVALID_LORA_SCALE,
         )
     return float(scale)
+
+
+def check_repin_lengths(*, trainer_version: str, reason: str) -> None:
+    """A trainer version or a reason over its length is refused, by every entry point alike
+    (only the API's schema capped them: the CLI logged a 5000-character reason). The reason's
+    is invalid_request, as the API's schema answered it; the trainer version's
+    invalid_trainer_version, as any other version it cannot take."""
+    if len(trainer_version) > TRAINER_VERSION_MAX_CHARS:
+        raise InvalidInputError(
+            f"the trainer version is at most {TRAINER_VERSION_MAX_CHARS} characters (this one "
+            f"has {len(trainer_version)})", code=ErrorCode.INVALID_TRAINER_VERSION)
+    if len(reason) > REASON_MAX_CHARS:
+        raise InvalidInputError(
+            f"the reason is at most {REASON_MAX_CHARS} characters (this one has {len(reason)})",
+            code=ErrorCode.INVALID_REQUEST)
 
 
 def with_lora_scale(model: Model, scale: float) -> Model:

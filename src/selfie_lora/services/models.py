@@ -14,6 +14,7 @@ from selfie_lora.domain.likeness import VersionLikeness
 from selfie_lora.domain.plan import (
     DEFAULT_LORA_SCALE,
     TrainingDefaults,
+    check_repin_lengths,
     check_version_fits_base_model,
     pin_for_training,
     repin_is_recorded,
@@ -217,6 +218,7 @@ class ModelService:
         if trainer_version is not None and not reason.strip():
             raise InvalidInputError("say why the trainer version changes (reason)",
                                     code=ErrorCode.REASON_REQUIRED)
+        check_repin_lengths(trainer_version=trainer_version or "", reason=reason)
         repinned: tuple[str, str] | None = None
         # The checks and the writes in one transaction, the model row locked (PostgreSQL; on
         # SQLite the transaction holds the database's write lock from its start): a start takes

@@ -867,9 +867,10 @@ def model_trainer_version(request: Request, viewer: FormViewer,
                                                    trainer_version=trainer_version or "",
                                                    reason=reason or "")
     except (InvalidInputError, ForbiddenError, ConflictError) as error:
-        # The reason's refusal is the reason field's; a running training is no field's (the
-        # message takes the focus); any other is the version typed.
-        field = ("reason" if error.code == ErrorCode.REASON_REQUIRED
+        # The reason's refusals (none; over its length: invalid_request) are the reason
+        # field's; a running training is no field's (the message takes the focus); any other
+        # is the version typed.
+        field = ("reason" if error.code in (ErrorCode.REASON_REQUIRED, ErrorCode.INVALID_REQUEST)
                  else None if isinstance(error, ConflictError) else "trainer_version")
         return _model(request, viewer, status_code=error.http_status, repin_field=field,
                       repin_error=error.message, repin_code=str(error.code), **typed)
