@@ -1162,10 +1162,15 @@ def model_cmd(
     if before is not None:  # a re-pin asked for
         was = before.model.trainer_version
         now = pin.model.trainer_version
-        console.print(f"trainer version of {owner.name}'s model: {now} "
-                      + (f"(was {was})" if now != was else "(unchanged)")
-                      + "; every later training uses it", markup=False, highlight=False,
-                      soft_wrap=True)
+        # The version it showed, on a model never trained nor re-pinned: the re-pin was
+        # recorded and is the pin now (the server's setting no longer moves it), not
+        # 'unchanged'.
+        what = (f"(was {was})" if now != was
+                else "(the one it showed, now chosen by you rather than following the "
+                     "server's setting)" if pin.fixed and not before.fixed
+                else "(unchanged)")
+        console.print(f"trainer version of {owner.name}'s model: {now} {what}; every later "
+                      "training uses it", markup=False, highlight=False, soft_wrap=True)
         if notice is not None:
             console.print(notice, markup=False, highlight=False, soft_wrap=True)
     scale = "custom" if model.lora_scale_is_custom else "the default"

@@ -101,6 +101,27 @@ def test_model_before_the_first_training_shows_the_pin_it_will_take(
     assert "bob's model has no version yet" in said
 
 
+def test_a_repin_to_the_version_shown_before_the_first_training_says_it_is_now_chosen(
+        trained: Services, client: TestClient) -> None:
+    # Recorded and fixing the pin, it was printed '(unchanged)' (diffcli review 3).
+    upload(client, auth(trained, "bob"), start=False)
+    bob = trained.users.get_by_name(name="bob")
+    pin = trained.training.next_pin(user=bob)
+    assert pin is not None
+    assert not pin.fixed
+    shown = pin.model.trainer_version
+    code, said = run("model", "--user", "bob", "--trainer-version", shown, "--reason", "keep")
+    assert code == 0, said
+    assert (f"trainer version of bob's model: {shown} (the one it showed, now chosen by you "
+            "rather than following the server's setting); every later training uses it") in \
+        " ".join(said.split())
+    assert "your choice: the first training uses it" in said
+    # Again: now it is unchanged, and said so.
+    code, said = run("model", "--user", "bob", "--trainer-version", shown, "--reason", "keep")
+    assert code == 0, said
+    assert f"trainer version of bob's model: {shown} (unchanged)" in said
+
+
 def test_an_unknown_user_or_no_model_is_one_line(trained: Services) -> None:
     trained.users.create(name="cy")
     for command in ("model", "versions"):
