@@ -1115,6 +1115,11 @@ def model_cmd(
     --trainer-version re-pins it."""
     from selfie_lora.api.serializers import overview_json
 
+    if reason and trainer_version is None:
+        # Ignored without a word, a reason looked recorded; a usage error as --yes's (exit 2),
+        # before anything is opened or changed.
+        _fail("--reason goes with --trainer-version (it is recorded with a re-pin); nothing "
+              "was changed", code=2)
     changing = lora_scale is not None or default_scale or trainer_version is not None
     # Only reading (nothing to change given), it neither makes a database in a new HOME nor
     # upgrades an older one; a change is a write, as 'users disable' is.

@@ -364,3 +364,13 @@ def test_a_reason_or_trainer_version_over_the_api_s_cap_is_refused_alike(
                   "--reason", "x" * 500)
     assert code == 0  # the cap itself is taken
     assert as_json("model", "--user", "ann")["trainer_version"] == "local-tiny-v1"
+
+
+def test_a_reason_without_a_trainer_version_is_a_usage_error(trained: Services) -> None:
+    # It was silently ignored (exit 0, the scale given with it applied; diffcli review 4).
+    for extra in ((), ("--lora-scale", "0.5")):
+        code, said = run("model", "--user", "ann", "--reason", "no version given", *extra)
+        assert code == 2, said
+        assert said.strip() == ("error: --reason goes with --trainer-version (it is recorded "
+                                "with a re-pin); nothing was changed")
+    assert as_json("model", "--user", "ann")["lora_scale_is_custom"] is False
