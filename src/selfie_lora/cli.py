@@ -1077,6 +1077,10 @@ def _yardstick(comparison: Comparison) -> str:
 # --- model, versions, activate (the model page and the versions list, as the API has them) -----
 
 
+def _versions_count(count: int) -> str:
+    return f"{count} version" + ("" if count == 1 else "s")
+
+
 def _pin_words(trained_before: bool, fixed: bool) -> str:
     """Whose trainer version it is, in the model page's words."""
     if trained_before:
@@ -1148,6 +1152,9 @@ def model_cmd(
         # As PATCH answers: a recipe of more pixels than the stored photos were prepared at.
         notice = (services.training.photos_to_upload_again(user=owner)
                   if trainer_version is not None else None)
+        # None active: 'none yet' read as no version at all when some were there.
+        inactive = (len(services.models.versions(user=owner)) if overview.active is None
+                    else 0)
         base = services.settings.public_url_base
     assert pin is not None  # the overview found the model
     model, active = overview.model, overview.active
@@ -1185,6 +1192,8 @@ def model_cmd(
                          if model.lora_scale_is_custom else ""),
                       markup=False, highlight=False, soft_wrap=True)
     shown = (f"version {active.number} (sha256 {active.weights_sha256})" if active is not None
+             else f"none active ({_versions_count(inactive)}: activate one with 'selfie-lora "
+                  f"activate N --user {owner.name}')" if inactive
              else "none yet")
     for name, value in (
             ("trigger word", model.trigger_word),

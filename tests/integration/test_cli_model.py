@@ -270,6 +270,12 @@ def test_generate_without_an_active_version_names_the_activate_command(
     assert " ".join(said.split()) == (
         "error: ann's model has no active version: activate one with 'selfie-lora activate N "
         "--user ann' ('selfie-lora versions --user ann' lists them) or train again")
+    # 'model' said 'none yet', as if there were no version (diffcli review 5).
+    count = len(trained.models.versions(user=ann))
+    code, said = run("model", "--user", "ann")
+    assert code == 0, said
+    assert (f"active version: none active ({count} versions: activate one with 'selfie-lora "
+            "activate N --user ann')") in " ".join(said.split())
     code, said = run("activate", "2", "--user", "ann")
     assert code == 0, said
     code, said = run("generate", "x", "--user", "ann", "--out", str(tmp_path))

@@ -2485,6 +2485,9 @@ def test_the_generate_page_says_in_its_own_words_why_it_cannot_generate(
                              '"/versions">Versions</a> page, or train again on the <a href='
                              '"/train">Train</a> page.')
         assert "/api/" not in bob.get("/generate").text
+        # The Model page said 'none yet', as if there were no version (diffcli review 5).
+        assert ('<dt>Active version</dt><dd>none active (1 version: activate one on the <a '
+                'href="/versions">Versions</a> page)</dd>') in bob.get("/model").text
 
 
 def test_deleting_the_account_while_a_training_is_queued_says_what_to_do_on_the_page(

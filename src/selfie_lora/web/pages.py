@@ -843,7 +843,11 @@ def _model(request: Request, viewer: Viewer, *, status_code: int = 200,
     # The trainer version shown is the one the next training uses: a model never trained
     # takes the configured one at its first training, unless its user chose one.
     pin = web.services.training.next_pin(user=viewer.user) if model is not None else None
+    # None active: 'none yet' read as no version at all when some were there.
+    inactive = (len(web.services.models.versions(user=viewer.user))
+                if overview is not None and overview.active is None else 0)
     return web.render(request, "model.html", viewer=viewer, overview=overview, pin=pin,
+                      inactive_versions=inactive,
                       backend=web.services.settings.trainer, photos_notice=photos_notice,
                       status_code=status_code, **context)
 
