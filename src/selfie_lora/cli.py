@@ -126,6 +126,11 @@ def _data_shown(settings: Settings) -> str:
     machine's caches: naming it alone sent operators to back up the wrong folder."""
     if settings.database_url is None and settings.storage_url is None:
         return f"data in {settings.home}"
+    if settings.database_url is None:
+        # The SQLite file is in HOME: calling HOME 'caches' only there sent an operator to
+        # back up the bucket alone.
+        return (f"data in {settings.home} (the database, and this machine's caches) and "
+                f"{settings.storage_url} (files)")
     files = settings.storage_url or f"{settings.home} (files)"
     return (f"data in {_database_shown(settings)} and {files}; this machine's caches in "
             f"{settings.home}")

@@ -89,3 +89,10 @@ def test_a_database_password_given_as_a_query_parameter_is_masked_in_the_start_l
                                      storage_url="s3://selfie-prod/photos"))
         assert "s3cret" not in shown
         assert f"data in SELFIE_LORA_DATABASE_URL {masked} and " in shown
+
+
+def test_sqlite_with_s3_does_not_call_home_caches_only(tmp_path: Path) -> None:
+    # The SQLite file is in HOME: 'this machine's caches in HOME' (diffcli review 5b).
+    shown = _data_shown(Settings(home=tmp_path, storage_url="s3://selfie-prod/photos"))
+    assert shown == (f"data in {tmp_path} (the database, and this machine's caches) and "
+                     "s3://selfie-prod/photos (files)")
