@@ -1253,14 +1253,23 @@ def versions_cmd(
         table.add_column(column)
     for v in found:
         table.add_row(str(v["number"]), _minute(datetime.fromisoformat(v["created_at"])),
-                      _likeness_cell(v["quality"]), v["gate"]["status"],
+                      _likeness_cell(v["quality"]), _gate_cell(v["gate"]),
                       "active" if v["id"] == active_id else "")
     console.print(table)
     # Why a version is not active although newer: the gate's reason, too long for a column.
     for v in found:
         if v["gate"]["status"] == str(GateStatus.HELD) and v["gate"]["reason"]:
-            console.print(f"version {v['number']} held back: {v['gate']['reason']}",
+            # One activated against the gate is no longer held back: 'held back' alone read
+            # as if it were not in use.
+            held = ("held back by the likeness gate, then activated anyway"
+                    if v["gate"]["overridden"] else "held back")
+            console.print(f"version {v['number']} {held}: {v['gate']['reason']}",
                           markup=False, highlight=False, soft_wrap=True)
+
+
+def _gate_cell(gate: dict[str, Any]) -> str:
+    """The gate's decision, and whether its user's activation overrode it."""
+    return f"{gate['status']}, activated anyway" if gate["overridden"] else str(gate["status"])
 
 
 @app.command("activate")

@@ -209,6 +209,13 @@ def test_train_names_the_activate_command_for_a_held_version(
     assert said.strip().splitlines()[-1] == ("version 3 of ann's model is active (was version "
                                              "2), although the likeness gate held it "
                                              "back; generations that name no version use it")
+    # Activated, it was still listed as 'held back' alone (diffcli review 5c).
+    code, said = run("versions", "--user", "ann")
+    assert code == 0, said
+    assert "version 3 held back by the likeness gate, then activated anyway: " in " ".join(
+        said.split())
+    row = next(line for line in said.splitlines() if line.startswith("│ 3 "))
+    assert "│ held, activated anyway │ active │" in row
 
 
 def test_a_custom_lora_scale_is_set_and_survives_retraining(trained: Services,

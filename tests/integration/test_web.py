@@ -1788,6 +1788,13 @@ def test_using_a_held_or_pending_version_says_which_it_is(ann: TestClient,
                               details={})
     assert "held it back (likeness dropped)" in confirm()
     assert tick_box() == "Yes, use version 2 although the gate held it back"
+    # Activated against the gate: its cell said 'held' alone, as if it were not in use
+    # (diffcli review 5c).
+    assert "held, activated anyway" not in ann.get("/versions").text
+    svc.models.activate(user=user, version_id=v2.id)
+    assert ('<td>held, activated anyway: <span class="muted">likeness dropped</span></td>'
+            in ann.get("/versions").text)
+    svc.models.activate(user=user, version_id=v1.id)
     svc.repo.set_version_gate(v2.id, status=GateStatus.PASSED, reason=None, details={})
     assert "although" not in confirm()
 
