@@ -738,3 +738,15 @@ def test_a_users_rows_are_read_and_deleted_and_no_one_elses(repo: SqlRepository)
     assert repo.get_user_by_name("bob") is not None
     assert repo.get_session("s-bob") is not None
     assert len(repo.list_api_keys(bob.id)) == 1
+
+
+def test_dataset_sizes_are_the_accepted_counts_of_those_that_exist_in_one_read(
+        repo: SqlRepository) -> None:
+    _user, _model, dataset = seed(repo)
+    many = [dataclasses.replace(dataset, id=f"d{i}", images_accepted=i) for i in range(1000)]
+    for d in many:
+        repo.add_dataset(d)
+    assert repo.dataset_sizes([]) == {}
+    assert repo.dataset_sizes([dataset.id, "d7", "gone"]) == {dataset.id: 2, "d7": 7}
+    # More ids than one IN (...) binds.
+    assert repo.dataset_sizes([d.id for d in many]) == {d.id: d.images_accepted for d in many}

@@ -14,7 +14,8 @@ from selfie_lora.domain.plan import TrainingDefaults, pin_for_training
 from selfie_lora.errors import SelfieLoraError
 
 if TYPE_CHECKING:
-    from selfie_lora.domain.entities import Model, Training
+    from selfie_lora.domain.entities import Model, Training, Version
+    from selfie_lora.domain.likeness import VersionLikeness
     from selfie_lora.services.ports import Repository
 
 # The audit event of an explicit re-pin (ModelService.change): the user's pin from then on.
@@ -27,6 +28,18 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+@dataclass(frozen=True)
+class ModelHistory:
+    """A model's versions (newest first), their likeness records by version id and its
+    trainings, read once: the Versions page shows them in four ways (table, photo counts,
+    comparison, training log), and reading them again for each cost the same rows four times."""
+
+    model: Model
+    versions: Sequence[Version]
+    records: dict[str, VersionLikeness]
+    trainings: Sequence[Training]
 
 
 @dataclass(frozen=True)

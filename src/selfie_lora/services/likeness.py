@@ -73,7 +73,7 @@ from selfie_lora.errors import (
 from selfie_lora.likeness.chart import ChartPoint, render_chart
 from selfie_lora.likeness.grid import GridRow, render_grid
 from selfie_lora.likeness.images import analysis_array, image_sanity
-from selfie_lora.services.common import utcnow
+from selfie_lora.services.common import ModelHistory, utcnow
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.layout import chart_key, grid_key, photo_key, probe_image_key, reference_key
 from selfie_lora.services.ports import Alerter, BlobStore, FaceAnalyzer, Repository, Telemetry
@@ -626,23 +626,26 @@ class LikenessService:
                 return self._blobs.get(probe.image_key)
         raise NotFoundError("no such probe image")
 
-    def compare(self, *, user: User, a: str | None = None, b: str | None = None) -> Comparison:
+    def compare(self, *, user: User, a: str | None = None, b: str | None = None,
+                history: ModelHistory | None = None) -> Comparison:
         """Version ``a`` against version ``b``, probe by probe. ``b`` defaults to the newest
-        version, ``a`` to the version ``b`` was (or would be) compared with by the gate."""
-        model = self._model(user)
-        versions = self._repo.list_versions(model.id)
+        version, ``a`` to the version ``b`` was (or would be) compared with by the gate.
+        ``history``: the user's model and versions, already read (``ModelService.history``)."""
+        model = history.model if history is not None else self._model(user)
+        versions = history.versions if history is not None else self._repo.list_versions(model.id)
         if not versions:
             raise NotFoundError("your model has no version yet")
         vb = self._resolve(versions, b) if b else versions[0]
         # A: what the gate compared B with; for a first version, the newest other one.
-        va = (self._resolve(versions, a) if a else self._baseline_of(model, vb)
+        va = (self._resolve(versions, a) if a else self._baseline_of(model, vb, versions=versions)
               or next((v for v in versions if v.id != vb.id), None))
         if va is None:
             raise InvalidInputError("there is no other version to compare with yet",
                                     code=ErrorCode.NOTHING_TO_COMPARE)
         if va.id == vb.id:
             raise InvalidInputError("compare two different versions", code=ErrorCode.SAME_VERSION)
-        qa, qb = self._repo.get_likeness(va.id), self._repo.get_likeness(vb.id)
+        qa, qb = ((history.records.get(va.id), history.records.get(vb.id)) if history is not None
+                  else (self._repo.get_likeness(va.id), self._repo.get_likeness(vb.id)))
         newer = vb if vb.number > va.number else va
         reference = self._reference_for(newer)
         # A record made another way than ``score`` makes one now (after SELFIE_LORA_PROBE_SIZE
@@ -733,14 +736,20 @@ class LikenessService:
         self._blobs.put(chart_key(model.id), png)
         return png
 
-    def training_log(self, *, user: User) -> list[dict[str, Any]]:
+    def training_log(self, *, user: User, history: ModelHistory | None = None
+                     ) -> list[dict[str, Any]]:
         """One entry per training, newest first: first training or retraining, what it kept, the
-        version it made, the gate's decision and the scores before and after."""
-        model = self._model(user)
-        versions = {v.id: v for v in self._repo.list_versions(model.id)}
-        records = self.summaries(model)
+        version it made, the gate's decision and the scores before and after. ``history``: the
+        user's model, versions, records and trainings, already read."""
+        if history is None:
+            model = self._model(user)
+            history = ModelHistory(model=model, versions=self._repo.list_versions(model.id),
+                                   records=self.summaries(model),
+                                   trainings=self._repo.list_trainings(model.id))
+        versions = {v.id: v for v in history.versions}
+        records = history.records
         entries = []
-        for t in self._repo.list_trainings(model.id):
+        for t in history.trainings:
             version = versions.get(t.version_id) if t.version_id else None
             record = records.get(version.id) if version else None
             details = version.gate_details if version else {}
@@ -850,7 +859,8 @@ class LikenessService:
             return record.scores
         return score_probes(record.probes, reference.embeddings)
 
-    def _baseline_of(self, model: Model, version: Version) -> Version | None:
+    def _baseline_of(self, model: Model, version: Version, *,
+                     versions: Sequence[Version] | None = None) -> Version | None:
         """What ``version`` was compared with by the gate; for a version not judged yet, or held
         unjudged (its training canceled while it was scored), the one the gate compares it with:
         the version it was stored to replace (``_replaced_version_id``); for a first version,
@@ -866,7 +876,9 @@ class LikenessService:
             found = self._repo.get_version(replaced)
             if found is not None:
                 return found
-        older = [v for v in self._repo.list_versions(model.id) if v.number < version.number]
+        if versions is None:
+            versions = self._repo.list_versions(model.id)
+        older = [v for v in versions if v.number < version.number]
         return older[0] if older else None
 
     def _new_record(self, version: Version, training: Training) -> VersionLikeness:

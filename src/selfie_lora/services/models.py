@@ -32,7 +32,7 @@ from selfie_lora.errors import (
     NoModelError,
     NotFoundError,
 )
-from selfie_lora.services.common import REPINNED_EVENT, pin_facts, utcnow
+from selfie_lora.services.common import REPINNED_EVENT, ModelHistory, pin_facts, utcnow
 from selfie_lora.services.generation import generates_from_stored_weights, weights_missing_error
 from selfie_lora.services.ports import BlobStore, BlobStream, Repository, WeightsConverter
 
@@ -163,32 +163,40 @@ class ModelService:
             model = pin_for_training(model, self._defaults(), trained_before=False)
         return ModelOverview(model=model, active=active, active_record=record, pin_fixed=fixed)
 
-    def versions_with_likeness(self, *, user: User
+    def history(self, *, user: User) -> ModelHistory | None:
+        """The user's model with its versions, likeness records and trainings, each read once
+        (None before the first upload), for a page that shows them in several ways."""
+        model = self._repo.get_model_for_user(user.id)
+        if model is None:
+            return None
+        return ModelHistory(model=model, versions=self._repo.list_versions(model.id),
+                            records={r.version_id: r for r in self._repo.list_likeness(model.id)},
+                            trainings=self._repo.list_trainings(model.id))
+
+    def versions_with_likeness(self, *, user: User, history: ModelHistory | None = None
                                ) -> list[tuple[Version, VersionLikeness | None]]:
         """Every version, newest first, each with its likeness record."""
-        model = self._repo.get_model_for_user(user.id)
-        if model is None:
-            return []
-        records = {r.version_id: r for r in self._repo.list_likeness(model.id)}
-        return [(v, records.get(v.id)) for v in self._repo.list_versions(model.id)]
+        if history is None:
+            model = self._repo.get_model_for_user(user.id)
+            if model is None:
+                return []
+            records = {r.version_id: r for r in self._repo.list_likeness(model.id)}
+            return [(v, records.get(v.id)) for v in self._repo.list_versions(model.id)]
+        return [(v, history.records.get(v.id)) for v in history.versions]
 
-    def photos_used(self, *, user: User) -> dict[str, int]:
+    def photos_used(self, *, user: User, history: ModelHistory | None = None) -> dict[str, int]:
         """How many photos each version was trained on (version id -> count)."""
-        model = self._repo.get_model_for_user(user.id)
-        if model is None:
-            return {}
-        by_training = {t.id: t.dataset_id for t in self._repo.list_trainings(model.id)}
-        counts: dict[str, int] = {}
-        sizes: dict[str, int] = {}
-        for version in self._repo.list_versions(model.id):
-            dataset_id = by_training.get(version.training_id)
-            if dataset_id is None:
-                continue
-            if dataset_id not in sizes:
-                dataset = self._repo.get_dataset(dataset_id)
-                sizes[dataset_id] = dataset.images_accepted if dataset else 0
-            counts[version.id] = sizes[dataset_id]
-        return counts
+        if history is None:
+            history = self.history(user=user)
+            if history is None:
+                return {}
+        by_training = {t.id: t.dataset_id for t in history.trainings}
+        used = {v.id: by_training[v.training_id] for v in history.versions
+                if v.training_id in by_training}
+        # One read for every photo set: reading each dataset row cost a query per upload on
+        # every view of the Versions page.
+        sizes = self._repo.dataset_sizes(set(used.values()))
+        return {version_id: sizes.get(dataset_id, 0) for version_id, dataset_id in used.items()}
 
     def set_lora_scale(self, *, user: User, lora_scale: float) -> Model:
         return self.change(user=user, lora_scale=lora_scale)

@@ -7,7 +7,7 @@ the same contract tests.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -498,6 +498,9 @@ class Repository(Protocol):
     # datasets
     def add_dataset(self, dataset: Dataset) -> None: ...
     def get_dataset(self, dataset_id: str) -> Dataset | None: ...
+    def dataset_sizes(self, dataset_ids: Collection[str]) -> dict[str, int]:
+        """The accepted photo count of each of these datasets that exists, in one read."""
+        ...
     def latest_accepted_dataset(self, user_id: str) -> Dataset | None: ...
 
     # trainings

@@ -624,9 +624,13 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
                   b: str | None = None) -> HTMLResponse:
     web = _web(request)
     svc = web.services
-    model = svc.models.find(user=viewer.user)
-    versions = svc.models.versions_with_likeness(user=viewer.user)
-    photos = svc.models.photos_used(user=viewer.user)
+    # Read once and shown four ways (table, photo counts, comparison, log): each of them
+    # reading the versions, records and trainings again cost the same rows several times.
+    history = svc.models.history(user=viewer.user)
+    model = history.model if history is not None else None
+    versions = (svc.models.versions_with_likeness(user=viewer.user, history=history)
+                if history is not None else [])
+    photos = svc.models.photos_used(user=viewer.user, history=history) if history else {}
     rows = version_rows(versions, active_version_id=model.active_version_id if model else None,
                         photos=photos)
     comparison = None
@@ -634,7 +638,7 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
     compare_invalid: tuple[str, ...] = ()
     if len(versions) >= 2:
         try:
-            comparison = svc.likeness.compare(user=viewer.user, a=a, b=b)
+            comparison = svc.likeness.compare(user=viewer.user, a=a, b=b, history=history)
         except (InvalidInputError, NotFoundError) as exc:
             compare_error = exc.message
             # The select at fault is marked: the one naming no version (an edited or stale
@@ -645,7 +649,8 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
             if exc.code == ErrorCode.SAME_VERSION and same is not None:
                 compare_error = (f"you chose v{same.number} twice: choose two different "
                                  "versions to compare")
-    log = svc.likeness.training_log(user=viewer.user) if model is not None else []
+    log = (svc.likeness.training_log(user=viewer.user, history=history)
+           if history is not None else [])
     # The comparison's versions are chosen in its form; when there is none (an error), the
     # ones the user chose, so that the form shows what was asked.
     chosen = ((comparison.a.id, comparison.b.id) if comparison is not None

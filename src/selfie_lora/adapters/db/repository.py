@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -386,6 +386,9 @@ def _held_engines() -> set[int]:
 
 
 # SQLSTATEs of text PostgreSQL cannot hold in its encoding (a NUL sent as bytes among them).
+# Ids bound in one ``IN (...)``: under SQLite's oldest limit (999) on a statement's parameters.
+_IN_CHUNK = 900
+
 _UNSTORABLE_TEXT_STATES = frozenset({"22021", "22P05"})
 
 
@@ -834,6 +837,20 @@ class SqlRepository:
         with self._read() as s:
             row = s.get(DatasetRow, dataset_id)
             return _dataset(row) if row else None
+
+    def dataset_sizes(self, dataset_ids: Collection[str]) -> dict[str, int]:
+        ids = sorted(set(dataset_ids))
+        sizes: dict[str, int] = {}
+        with self._read() as s:
+            # Only the count, not the rows' JSON columns (hashes, findings, face boxes); in
+            # chunks below any database's limit on bound parameters.
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start:start + _IN_CHUNK]
+                for dataset_id, accepted in s.execute(
+                        select(DatasetRow.id, DatasetRow.images_accepted)
+                        .where(DatasetRow.id.in_(chunk))):
+                    sizes[dataset_id] = accepted
+        return sizes
 
     def latest_accepted_dataset(self, user_id: str) -> Dataset | None:
         with self._read() as s:
