@@ -25,9 +25,10 @@ from selfie_lora.domain.likeness import PROBE_LORA_SCALE, LikenessStatus
 from selfie_lora.errors import AlertDeliveryError, GenerationError
 from selfie_lora.likeness.chart import CHART_SIZE, HELD_NOT_SCORED, chart_figure
 from selfie_lora.likeness.grid import grid_size
+from selfie_lora.services import likeness as likeness_module
 from selfie_lora.services import training as training_module
 from selfie_lora.services.generation import GenerationRequest, GenerationService
-from selfie_lora.services.layout import probe_image_key
+from selfie_lora.services.layout import chart_key, probe_image_key
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.ports import GenerationJob, Generator, ProgressBar
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, PhotoGenerator, RecordingAlerter, SimulatedCrash
@@ -517,6 +518,51 @@ def test_comparison_grid_and_chart(rig: Rig) -> None:
         (1, "passed", True), (2, "held", False)]
     by_number = rig.likeness.compare(user=ann, a="2", b="v1")
     assert (by_number.a.id, by_number.b.id) == (v2.id, v1.id)
+
+
+class CountedWrites:
+    """The rig's blob store, counting the writes of each key."""
+
+    def __init__(self, blobs: Any) -> None:
+        self._blobs = blobs
+        self.puts: list[str] = []
+
+    def put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        self.puts.append(key)
+        return bool(self._blobs.put(key, data, if_absent=if_absent))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._blobs, name)
+
+
+def test_the_chart_is_drawn_and_stored_again_only_when_what_it_shows_changed(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    ann = rig.user()
+    v1 = rig.train(ann)
+    rig.train(ann)
+    drawn: list[int] = []
+    real = likeness_module.render_chart
+
+    def counted(points: Any, **kwargs: Any) -> bytes:
+        drawn.append(len(points))
+        return real(points, **kwargs)
+
+    monkeypatch.setattr(likeness_module, "render_chart", counted)
+    blobs = CountedWrites(rig.blobs)
+    viewer = LikenessService(repo=rig.repo, blobs=blobs, faces=rig.faces,  # type: ignore[arg-type]
+                             probe_count=rig.probe_count, generation=rig.generation)
+    first = viewer.chart_png(user=ann)
+    assert viewer.chart_png(user=ann) == first
+    assert viewer.chart_png(user=ann) == first
+    # Each view drew it again and wrote it back (an upload per view of the Versions page).
+    assert (drawn, blobs.puts) == ([2], [chart_key(rig.model(ann).id)])
+    # What it shows changed (another version is active): drawn and stored once more.
+    rig.models.activate(user=ann, version_id=v1.id)
+    changed = viewer.chart_png(user=ann)
+    assert changed != first
+    assert viewer.chart_png(user=ann) == changed
+    assert drawn == [2, 2]
+    assert len(blobs.puts) == 2
 
 
 def test_a_model_from_before_likeness_tracking_gets_a_fixed_probe_set(rig: Rig) -> None:

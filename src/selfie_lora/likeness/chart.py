@@ -6,8 +6,12 @@ predict it. matplotlib is the ``quality`` extra; it is imported only here, when 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import json
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -53,12 +57,49 @@ def held_at(point: ChartPoint) -> float | None:
 
 
 def render_chart(points: Sequence[ChartPoint], *, title: str, tolerance: float) -> bytes:
-    """The chart as PNG bytes. Versions without scores show as gaps."""
+    """The chart as PNG bytes. Versions without scores show as gaps. The PNG carries
+    ``chart_inputs(points, ...)`` (a text chunk, ``drawn_from`` reads it back), so a stored chart
+    tells whether it still shows what would be drawn now."""
     fig = chart_figure(points, title=title, tolerance=tolerance)
     out = io.BytesIO()
     # No bbox_inches="tight": it would change the size from CHART_SIZE.
-    fig.savefig(out, format="png", dpi=DPI)
+    fig.savefig(out, format="png", dpi=DPI,
+                metadata={_INPUTS_KEY: chart_inputs(points, title=title, tolerance=tolerance)})
     return out.getvalue()
+
+
+# Part of every chart's inputs: a change to how the chart is drawn makes the stored ones old.
+_CHART_STYLE = "1"
+_INPUTS_KEY = "selfie-lora-chart-inputs"
+
+
+def chart_inputs(points: Sequence[ChartPoint], *, title: str, tolerance: float) -> str:
+    """A digest of everything the chart shows: equal digests, the same picture."""
+    shown = json.dumps([_CHART_STYLE, title, tolerance, [dataclasses.astuple(p) for p in points]],
+                       sort_keys=True)
+    return hashlib.sha256(shown.encode()).hexdigest()
+
+
+def drawn_from(png: bytes) -> str | None:
+    """The ``chart_inputs`` a chart made by ``render_chart`` was drawn from (None for a PNG
+    without them: one stored by an older release, or not a chart)."""
+    if not png.startswith(_PNG_SIGNATURE):
+        return None
+    at = len(_PNG_SIGNATURE)
+    while at + 8 <= len(png):
+        length, kind = struct.unpack(">I4s", png[at:at + 8])
+        data = png[at + 8:at + 8 + length]
+        if kind == b"tEXt":
+            key, _, value = data.partition(b"\0")
+            if key == _INPUTS_KEY.encode("latin-1"):
+                return value.decode("latin-1")
+        if kind in (b"IDAT", b"IEND"):
+            return None  # matplotlib writes its text before the image data
+        at += 12 + length
+    return None
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 # The chart's lines, as its legend names them (and the versions page's text for its alt).

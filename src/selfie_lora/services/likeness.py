@@ -63,6 +63,7 @@ from selfie_lora.domain.likeness import (
 from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
 from selfie_lora.errors import (
     AlertDeliveryError,
+    BlobMissingError,
     ErrorCode,
     InvalidInputError,
     NoModelError,
@@ -70,7 +71,7 @@ from selfie_lora.errors import (
     SelfieLoraError,
     TrainingInterruptedError,
 )
-from selfie_lora.likeness.chart import ChartPoint, render_chart
+from selfie_lora.likeness.chart import ChartPoint, chart_inputs, drawn_from, render_chart
 from selfie_lora.likeness.grid import GridRow, render_grid
 from selfie_lora.likeness.images import analysis_array, image_sanity
 from selfie_lora.services.common import ModelHistory, utcnow
@@ -726,14 +727,24 @@ class LikenessService:
         return points
 
     def chart_png(self, *, user: User) -> bytes:
-        """The chart of scores across all versions (stored under ``quality/models/``)."""
+        """The chart of scores across all versions (stored under ``quality/models/``), drawn
+        only when what it shows changed: drawing took 150-300 ms at 300 versions, and writing
+        it back on every view of the Versions page was an upload per view on S3."""
         model = self._model(user)
         points = self.chart_points(model)
         if not points:
             raise NotFoundError("your model has no version yet")
-        png = render_chart(points, title=f"likeness of {model.trigger_word} across versions",
-                           tolerance=self.tolerance)
-        self._blobs.put(chart_key(model.id), png)
+        title = f"likeness of {model.trigger_word} across versions"
+        key = chart_key(model.id)
+        try:
+            stored = self._blobs.get(key)
+        except BlobMissingError:
+            stored = None
+        if stored is not None and drawn_from(stored) == chart_inputs(
+                points, title=title, tolerance=self.tolerance):
+            return stored
+        png = render_chart(points, title=title, tolerance=self.tolerance)
+        self._blobs.put(key, png)
         return png
 
     def training_log(self, *, user: User, history: ModelHistory | None = None
