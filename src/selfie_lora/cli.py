@@ -1242,7 +1242,7 @@ def versions_cmd(
         found = [version_json(v, record, base=base)
                  for v, record in services.models.versions_with_likeness(user=owner)]
     if as_json:
-        sys.stdout.write(json.dumps({"versions": found}) + "\n")
+        sys.stdout.write(json.dumps({"versions": found, "older": None}) + "\n")
         return
     if not found:
         console.print(f"{owner.name}'s model has no version yet: each training that succeeds "

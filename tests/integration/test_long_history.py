@@ -4,6 +4,7 @@ costs must not grow with it, and lists that grow with every training are paged."
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
@@ -12,8 +13,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event
+from sqlalchemy import event, insert
 
+from selfie_lora.adapters.db.tables import EventRow
 from selfie_lora.config import Settings
 from selfie_lora.wiring import Services
 from tests.conftest import make_settings
@@ -94,6 +96,11 @@ def grow_history(svc: Services, name: str, count: int) -> None:
                                                   version_id=f"{name}-v{n}"))
         svc.repo.add_version(dataclasses.replace(first, id=f"{name}-v{n}", number=n,
                                                  training_id=f"{name}-t{n}", created_at=at))
+        with svc.engine.begin() as db:
+            # Stamped at the training's time (add_event stamps now), as the flow writes them.
+            db.execute(insert(EventRow).values(model_id=model.id, kind="training_queued",
+                                               data={"training_id": f"{name}-t{n}"},
+                                               created_at=at))
 
 
 def test_the_versions_page_reads_as_many_times_whatever_the_number_of_photo_sets(
@@ -109,3 +116,77 @@ def test_the_versions_page_reads_as_many_times_whatever_the_number_of_photo_sets
     for table in ("versions", "trainings", "version_quality"):
         lists = [s for s in many if f"\nFROM {table} \nWHERE {table}.model_id" in s]
         assert len(lists) == 1, (table, lists)
+
+
+def walk(client: TestClient, url: str, limit: int, **headers: str) -> list[dict[str, Any]]:
+    """Every page of ``url`` at ``limit`` a page, following ``older``."""
+    pages: list[dict[str, Any]] = []
+    before: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": limit} | ({"before": before} if before else {})
+        r = client.get(url, params=params, headers=headers)
+        assert r.status_code == 200, r.text
+        pages.append(r.json())
+        before = pages[-1]["older"]
+        if before is None:
+            return pages
+        assert len(pages) < 100, "no last page"
+
+
+@pytest.fixture
+def key(svc: Services) -> str:
+    _key, secret = svc.users.create_key(user=svc.users.get_by_name(name="ann"), name="pages")
+    return f"Bearer {secret}"
+
+
+def test_versions_walk_page_by_page_without_gaps_or_repeats(
+        trained: TestClient, svc: Services, key: str) -> None:
+    grow_history(svc, "ann", 11)
+    whole = trained.get("/api/model/versions", headers={"Authorization": key}).json()
+    # No limit: every version, as the contract says.
+    assert [v["number"] for v in whole["versions"]] == list(range(12, 0, -1))
+    assert whole["older"] is None
+    pages = walk(trained, "/api/model/versions", 5, Authorization=key)
+    assert [len(p["versions"]) for p in pages] == [5, 5, 2]
+    assert [v for p in pages for v in p["versions"]] == whole["versions"]
+    for bad in ({"limit": 0}, {"limit": 201}, {"limit": 5, "before": "newest"}):
+        r = trained.get("/api/model/versions", params=bad, headers={"Authorization": key})
+        assert r.status_code == 422, (bad, r.text)
+
+
+def test_the_log_walks_page_by_page_without_gaps_or_repeats(
+        trained: TestClient, svc: Services, key: str) -> None:
+    grow_history(svc, "ann", 11)
+    whole = trained.get("/api/model/log", params={"limit": 200},
+                        headers={"Authorization": key}).json()
+    assert len(whole["trainings"]) == 12
+    assert whole["older"] is None
+    default = trained.get("/api/model/log", headers={"Authorization": key}).json()
+    assert default == whole  # 12 trainings: under the default page of 50
+    pages = walk(trained, "/api/model/log", 5, Authorization=key)
+    assert [len(p["trainings"]) for p in pages] == [5, 5, 2]
+    assert [t for p in pages for t in p["trainings"]] == whole["trainings"]
+    # Each page has the events of its trainings' time; the pages go back in time.
+    assert [e for p in reversed(pages) for e in p["events"]] == whole["events"]
+    assert all(p["events"] for p in pages)
+    r = trained.get("/api/model/log", params={"before": "nope"}, headers={"Authorization": key})
+    assert r.status_code == 404, r.text
+
+
+def test_the_versions_page_shows_the_newest_and_links_to_older_ones(
+        trained: TestClient, svc: Services) -> None:
+    grow_history(svc, "ann", 59)
+    newest = trained.get("/versions").text
+    shown = re.findall(r'<tr id="v(\d+)"', newest)
+    assert shown == [str(n) for n in range(60, 10, -1)]
+    assert 'href="/versions?before=11"' in newest
+    older = trained.get("/versions", params={"before": "11"}).text
+    assert re.findall(r'<tr id="v(\d+)"', older) == [str(n) for n in range(10, 0, -1)]
+    assert "Older versions" not in older
+    assert 'href="/versions" class="newest"' in older
+    # The compare form still offers every version, and the log splits with the table.
+    assert older.count("<option value=") == 2 * 60
+    log = [len(re.findall(r"<li>", page.split('<ol class="log">')[1].split("</ol>")[0]))
+           for page in (newest, older)]
+    assert sum(log) == 60
+    assert log[1] == 10

@@ -161,7 +161,12 @@ class Started(BaseModel):
 
 
 class Versions(BaseModel):
-    versions: list[VersionAnswer] = Field(description="Newest first.")
+    versions: list[VersionAnswer] = Field(
+        description="Newest first: every version, or with ``limit`` a page of them.")
+    older: str | None = Field(
+        default=None,
+        description="With ``limit``: the ``before`` of the next (older) page (the last "
+                    "version's number); null: this page holds the oldest, or no ``limit``.")
 
 
 class ComparedSide(BaseModel):

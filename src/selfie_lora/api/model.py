@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.answers import ModelAnswer, PatchedModelAnswer, Versions, answers
@@ -15,6 +15,7 @@ from selfie_lora.api.schemas import NOT_FOUND, WEIGHTS_ANSWERS, E, ModelPatch, e
 from selfie_lora.api.serializers import overview_json, version_json
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import ErrorCode, InvalidInputError
+from selfie_lora.services.likeness import LOG_PAGE
 from selfie_lora.wiring import Services
 
 router = APIRouter(prefix="/api/model", tags=["model"])
@@ -58,11 +59,16 @@ def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, 
             "notice": notice}
 
 
-@router.get("/versions", responses=errors() | answers(Versions))
-def versions(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
+@router.get("/versions", responses=errors({422: (E.INVALID_REQUEST, E.INVALID_INPUT)})
+            | answers(Versions))
+def versions(user: UserDep, svc: ServicesDep, limit: int | None = None,
+             before: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+    """Every version, newest first; ``limit`` (optional, 1 to 200): a page of them, those
+    numbered below ``before`` (the ``older`` of the page before)."""
+    page = svc.models.versions_page(user=user, limit=limit, before=before)
     base = svc.settings.public_url_base
-    return {"versions": [version_json(v, record, base=base)
-                         for v, record in svc.models.versions_with_likeness(user=user)]}
+    return {"versions": [version_json(v, record, base=base) for v, record in page.versions],
+            "older": page.older}
 
 
 @router.post("/versions/{version_id}/activate", responses=errors(
@@ -92,9 +98,13 @@ def weights(user: UserDep, svc: ServicesDep, version_id: str, http: Request,
         head=http.method == "HEAD")
 
 
-@router.get("/log", responses=errors(NOT_FOUND))
-def model_log(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
-    """The audit events, and the retraining log: one entry per training with what it kept,
-    the gate's decision and the likeness scores before and after."""
-    return {"events": list(svc.models.log(user=user)),
-            "trainings": svc.likeness.training_log(user=user)}
+@router.get("/log", responses=errors({**NOT_FOUND, 422: (E.INVALID_REQUEST, E.INVALID_INPUT)}))
+def model_log(user: UserDep, svc: ServicesDep, limit: int = LOG_PAGE,
+              before: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+    """The retraining log, a page at a time: the ``limit`` (1 to 200, default 50) newest
+    trainings older than training ``before`` (the ``older`` of the page before), each with
+    what it kept, the gate's decision and the likeness scores before and after, and the audit
+    events of the same stretch of time, oldest first; ``older``: null on the page reaching back
+    to the first upload."""
+    page = svc.likeness.log_page(user=user, limit=limit, before=before)
+    return {"events": list(page.events), "trainings": page.trainings, "older": page.older}

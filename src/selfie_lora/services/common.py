@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from selfie_lora.domain.plan import TrainingDefaults, pin_for_training
-from selfie_lora.errors import SelfieLoraError
+from selfie_lora.errors import InvalidInputError, SelfieLoraError
 
 if TYPE_CHECKING:
     from selfie_lora.domain.entities import Model, Training, Version
@@ -28,6 +28,17 @@ def utcnow() -> datetime:
 
 def new_id() -> str:
     return str(uuid.uuid4())
+
+
+# A page of a list that grows with every training (versions, the training log): at most this
+# many, as the generations gallery's pages.
+PAGE_MAX = 200
+
+
+def page_limit(limit: int) -> int:
+    if not 1 <= limit <= PAGE_MAX:
+        raise InvalidInputError(f"limit must be 1 to {PAGE_MAX}")
+    return limit
 
 
 @dataclass(frozen=True)

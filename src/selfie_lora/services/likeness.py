@@ -74,7 +74,7 @@ from selfie_lora.errors import (
 from selfie_lora.likeness.chart import ChartPoint, chart_inputs, drawn_from, render_chart
 from selfie_lora.likeness.grid import GridRow, render_grid
 from selfie_lora.likeness.images import analysis_array, image_sanity
-from selfie_lora.services.common import ModelHistory, utcnow
+from selfie_lora.services.common import ModelHistory, page_limit, utcnow
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.layout import chart_key, grid_key, photo_key, probe_image_key, reference_key
 from selfie_lora.services.ports import Alerter, BlobStore, FaceAnalyzer, Repository, Telemetry
@@ -200,6 +200,20 @@ def alert_text(*, user_name: str, version_number: int, baseline_number: int | No
     line = (f"selfie-lora held back {user_name}'s version {version_number} ({headline}"
             f"{against}, tolerance {tolerance:g}). {message.rstrip('.')}.")
     return f"{line} Versions: {url}" if url else line
+
+
+# The training log's page (GET /api/model/log) when no limit is asked for.
+LOG_PAGE = 50
+
+
+@dataclass(frozen=True)
+class LogPage:
+    """A page of a model's log: ``trainings`` newest first, the ``events`` of their time oldest
+    first; ``older``: the next page's ``before`` (None: this page reaches back to the start)."""
+
+    events: Sequence[dict[str, Any]]
+    trainings: list[dict[str, Any]]
+    older: str | None
 
 
 class LikenessService:
@@ -784,6 +798,34 @@ class LikenessService:
                 "completed_at": t.completed_at.isoformat() if t.completed_at else None,
             })
         return entries
+
+    def log_page(self, *, user: User, limit: int = LOG_PAGE, before: str | None = None
+                 ) -> LogPage:
+        """``GET /api/model/log``, a page at a time: the ``limit`` (1 to ``PAGE_MAX``) newest
+        trainings older than training ``before`` (the ``older`` of the page before), newest
+        first, with the audit events of the same stretch of time, oldest first (the first
+        page's reach to now, the last page's back to the upload). Whole, the log was about
+        4 KB per training, and grew with every one."""
+        model = self._model(user)
+        # By time, then id: the order holds between requests for trainings of one instant.
+        trainings = sorted(self._repo.list_trainings(model.id), key=lambda t: (t.created_at, t.id),
+                           reverse=True)
+        start, until = 0, None
+        if before is not None:
+            index = next((i for i, t in enumerate(trainings) if t.id == before), None)
+            if index is None:
+                raise NotFoundError("no such training")
+            start, until = index + 1, trainings[index].created_at
+        shown = trainings[start:start + page_limit(limit)]
+        more = len(trainings) > start + limit
+        # An event at a boundary's very instant is on the newer page only: since is inclusive,
+        # until exclusive, and the next page's until is this page's since.
+        events = self._repo.list_events(model.id, since=shown[-1].created_at if more else None,
+                                        until=until)
+        history = ModelHistory(model=model, versions=self._repo.list_versions(model.id),
+                               records=self.summaries(model), trainings=shown)
+        return LogPage(events=events, trainings=self.training_log(user=user, history=history),
+                       older=shown[-1].id if more else None)
 
     # ------------------------------------------------------------------ the gate
     def _alert(self, model: Model, version: Version, verdict: GateVerdict, *, message: str,

@@ -32,7 +32,13 @@ from selfie_lora.errors import (
     NoModelError,
     NotFoundError,
 )
-from selfie_lora.services.common import REPINNED_EVENT, ModelHistory, pin_facts, utcnow
+from selfie_lora.services.common import (
+    REPINNED_EVENT,
+    ModelHistory,
+    page_limit,
+    pin_facts,
+    utcnow,
+)
 from selfie_lora.services.generation import generates_from_stored_weights, weights_missing_error
 from selfie_lora.services.ports import BlobStore, BlobStream, Repository, WeightsConverter
 
@@ -183,6 +189,24 @@ class ModelService:
             records = {r.version_id: r for r in self._repo.list_likeness(model.id)}
             return [(v, records.get(v.id)) for v in self._repo.list_versions(model.id)]
         return [(v, history.records.get(v.id)) for v in history.versions]
+
+    def versions_page(self, *, user: User, limit: int | None = None, before: str | None = None
+                      ) -> VersionsPage:
+        """``GET /api/model/versions``: every version, newest first (the contract's answer),
+        or with ``limit`` (1 to ``PAGE_MAX``) a page of them: those numbered below ``before``
+        (``older`` of the page before: a version number, ``12`` or ``v12``; it need not exist
+        any more). ``older`` is None on the page holding version 1."""
+        below = _version_number(before) if before is not None else None
+        model = self._repo.get_model_for_user(user.id)
+        if model is None:
+            return VersionsPage(versions=[], older=None)
+        # One more than shown: whether there are older ones, without counting them all.
+        rows = self._repo.list_versions(
+            model.id, below=below, limit=page_limit(limit) + 1 if limit is not None else None)
+        shown = rows[:limit] if limit is not None else rows
+        records = {r.version_id: r for r in self._repo.list_likeness(model.id)}
+        older = str(shown[-1].number) if limit is not None and len(rows) > limit else None
+        return VersionsPage(versions=[(v, records.get(v.id)) for v in shown], older=older)
 
     def photos_used(self, *, user: User, history: ModelHistory | None = None) -> dict[str, int]:
         """How many photos each version was trained on (version id -> count)."""
@@ -446,6 +470,23 @@ class ModelService:
     def log(self, *, user: User) -> Sequence[dict[str, Any]]:
         model = self.get(user=user)
         return self._repo.list_events(model.id)
+
+
+def _version_number(ref: str) -> int:
+    """A page's ``before``: a version number (``12``, or ``v12`` as the pages write it)."""
+    digits = ref.strip().removeprefix("v")
+    if not digits.isdecimal() or int(digits) < 1:
+        raise InvalidInputError(f"before must be a version number, not {ref!r}")
+    return int(digits)
+
+
+@dataclass(frozen=True)
+class VersionsPage:
+    """A page of a model's versions with their likeness records, newest first; ``older``: the
+    next page's ``before`` (None: this page holds the oldest)."""
+
+    versions: list[tuple[Version, VersionLikeness | None]]
+    older: str | None
 
 
 def _users_model(repo: Repository, user: User, *, for_update: bool = False) -> Model:

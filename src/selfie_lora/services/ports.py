@@ -566,8 +566,10 @@ class Repository(Protocol):
     # versions
     def add_version(self, version: Version) -> None: ...
     def get_version(self, version_id: str) -> Version | None: ...
-    def list_versions(self, model_id: str) -> Sequence[Version]:
-        """Newest first."""
+    def list_versions(self, model_id: str, *, limit: int | None = None,
+                      below: int | None = None) -> Sequence[Version]:
+        """Newest first; with ``below``, only the versions numbered under it; with ``limit``,
+        at most that many (a page of ``GET /api/model/versions``)."""
         ...
 
     def set_version_gate(self, version_id: str, *, status: GateStatus, reason: str | None,
@@ -615,7 +617,11 @@ class Repository(Protocol):
 
     # the retraining log and other audit events
     def add_event(self, *, model_id: str, kind: str, data: dict[str, Any]) -> None: ...
-    def list_events(self, model_id: str) -> Sequence[dict[str, Any]]: ...
+    def list_events(self, model_id: str, *, since: datetime | None = None,
+                    until: datetime | None = None) -> Sequence[dict[str, Any]]:
+        """Oldest first; with ``since``/``until``, those made at or after ``since`` and before
+        ``until`` (a page of the log)."""
+        ...
     def count_events(self, model_id: str, *, kind: str) -> int: ...
 
     # garbage collection (services/gc.py)

@@ -38,7 +38,7 @@ from selfie_lora.errors import (
     UploadInProgressError,
 )
 from selfie_lora.likeness.chart import SERIES as CHART_SERIES
-from selfie_lora.services.common import utcnow
+from selfie_lora.services.common import ModelHistory, utcnow
 from selfie_lora.services.erasure import ErasureBlockedError
 from selfie_lora.services.generation import GenerationRequest, stored_pictures, withheld_pictures
 from selfie_lora.services.likeness import grid_text
@@ -619,9 +619,45 @@ def _gate_change(details: Mapping[str, Any]) -> tuple[GateMeasure, float] | None
     return None
 
 
+# Rows of the Versions page's table (and its log's trainings of their time): every version
+# made the page grow by a row, a form and a log entry with each training, 371 KB at 300.
+VERSIONS_PAGE = 50
+
+
+def _page_of(rows: Sequence[Mapping[str, Any]], before: str | None
+             ) -> tuple[list[Mapping[str, Any]], int | None]:
+    """The page's rows: the ``VERSIONS_PAGE`` newest numbered below ``before`` (a version
+    number; anything else: the newest), and the number to ask the next page before."""
+    below = before.removeprefix("v") if before else ""
+    limit = int(below) if below.isdecimal() else None
+    below_rows = [r for r in rows if limit is None or r["version"].number < limit]
+    shown = below_rows[:VERSIONS_PAGE]
+    older = shown[-1]["version"].number if len(below_rows) > VERSIONS_PAGE else None
+    return shown, older
+
+
+def _log_of_page(log: Sequence[Mapping[str, Any]], history: ModelHistory,
+                 shown: Sequence[Mapping[str, Any]], *, first: bool, last: bool
+                 ) -> list[Mapping[str, Any]]:
+    """The log entries of the trainings made in the time of the page's versions: from the
+    training of its oldest version (back to the first on the last page) up to that of the
+    version above the page (to now on the first)."""
+    if not shown:
+        return list(log) if first else []
+    made = {t.id: t.created_at.isoformat() for t in history.trainings}
+    numbers = {v.number: v for v in history.versions}
+    newest, oldest = shown[0]["version"], shown[-1]["version"]
+    above = next((numbers[n] for n in sorted(numbers) if n > newest.number), None)
+    until = None if first or above is None else made.get(above.training_id)
+    since = None if last else made.get(oldest.training_id)
+    # ISO strings of one time zone (UTC) sort as the times do.
+    return [e for e in log if (since is None or str(e["created_at"]) >= since)
+            and (until is None or str(e["created_at"]) < until)]
+
+
 @router.get("/versions")
 def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
-                  b: str | None = None) -> HTMLResponse:
+                  b: str | None = None, before: str | None = None) -> HTMLResponse:
     web = _web(request)
     svc = web.services
     # Read once and shown four ways (table, photo counts, comparison, log): each of them
@@ -649,7 +685,10 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
             if exc.code == ErrorCode.SAME_VERSION and same is not None:
                 compare_error = (f"you chose v{same.number} twice: choose two different "
                                  "versions to compare")
-    log = (svc.likeness.training_log(user=viewer.user, history=history)
+    shown, older = _page_of(rows, before)
+    first = not rows or (bool(shown) and shown[0] is rows[0])
+    log = (_log_of_page(svc.likeness.training_log(user=viewer.user, history=history), history,
+                        shown, first=first, last=older is None)
            if history is not None else [])
     # The comparison's versions are chosen in its form; when there is none (an error), the
     # ones the user chose, so that the form shows what was asked.
@@ -658,7 +697,8 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
                                                         _named_version(rows, b))))
     # The grid's and the chart's words beside them: only their picture said which version was
     # in which column, each probe's result, and what the chart plots besides the likeness.
-    return web.render(request, "versions.html", viewer=viewer, model=model, rows=rows,
+    return web.render(request, "versions.html", viewer=viewer, model=model, rows=shown,
+                      all_rows=rows, older=older, newest=not first,
                       comparison=comparison, compare_error=compare_error,
                       compare_invalid=compare_invalid, log=log,
                       chosen=chosen, chart_series=CHART_SERIES,

@@ -1086,12 +1086,13 @@ class SqlRepository:
             row = s.get(VersionRow, version_id)
             return _version(row) if row else None
 
-    def list_versions(self, model_id: str) -> Sequence[Version]:
+    def list_versions(self, model_id: str, *, limit: int | None = None,
+                      below: int | None = None) -> Sequence[Version]:
+        query = select(VersionRow).where(VersionRow.model_id == model_id)
+        if below is not None:
+            query = query.where(VersionRow.number < below)
         with self._read() as s:
-            rows = s.scalars(
-                select(VersionRow).where(VersionRow.model_id == model_id)
-                .order_by(VersionRow.number.desc())
-            ).all()
+            rows = s.scalars(query.order_by(VersionRow.number.desc()).limit(limit)).all()
             return [_version(r) for r in rows]
 
     # quality ----------------------------------------------------------------------------
@@ -1155,11 +1156,15 @@ class SqlRepository:
         with self._tx() as s:
             s.add(EventRow(model_id=model_id, kind=kind, data=data, created_at=datetime.now(UTC)))
 
-    def list_events(self, model_id: str) -> Sequence[dict[str, Any]]:
+    def list_events(self, model_id: str, *, since: datetime | None = None,
+                    until: datetime | None = None) -> Sequence[dict[str, Any]]:
+        query = select(EventRow).where(EventRow.model_id == model_id)
+        if since is not None:
+            query = query.where(EventRow.created_at >= since)
+        if until is not None:
+            query = query.where(EventRow.created_at < until)
         with self._read() as s:
-            rows = s.scalars(
-                select(EventRow).where(EventRow.model_id == model_id).order_by(EventRow.id)
-            ).all()
+            rows = s.scalars(query.order_by(EventRow.id)).all()
             return [
                 {"kind": r.kind, "data": r.data, "created_at": _req_utc(r.created_at).isoformat()}
                 for r in rows
