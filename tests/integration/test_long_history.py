@@ -190,3 +190,24 @@ def test_the_versions_page_shows_the_newest_and_links_to_older_ones(
            for page in (newest, older)]
     assert sum(log) == 60
     assert log[1] == 10
+
+
+def test_keys_that_work_come_first_newest_first_and_revoked_ones_are_folded(
+        trained: TestClient, svc: Services, key: str) -> None:
+    ann = svc.users.get_by_name(name="ann")
+    made = [svc.users.create_key(user=ann, name=f"k{n}")[0] for n in range(25)]
+    for old in made[:-1]:
+        svc.users.revoke_key(user=ann, key_id=old.id)
+    listed = [k["name"] for k in trained.get("/api/keys", headers={"Authorization": key})
+              .json()["keys"]]
+    # The API's order stays the stable one, oldest first, each key saying whether it works.
+    assert listed == ["default", "pages"] + [f"k{n}" for n in range(25)]
+    page = trained.get("/settings").text
+    # The page's: working first, newest first ("pages" was made before the 25, "default" with
+    # the user), then the most recently revoked, folded; oldest first, the key just made came
+    # below every key ever revoked.
+    working, folded = page.split('<details class="revoked-keys">')
+    assert re.findall(r"<tr><td>(\w+)</td>", working) == ["k24", "pages", "default"]
+    assert "Revoked keys (24)" in folded
+    assert re.findall(r"<tr><td>(k\d+)</td>", folded) == [f"k{n}" for n in range(23, 3, -1)]
+    assert "The 20 most recently revoked are shown" in folded

@@ -602,7 +602,7 @@ def test_an_unexpected_error_s_page_has_every_page_s_security_headers(
     def broken(**_kwargs: object) -> None:
         raise RuntimeError("a bug in a service a page calls")
 
-    monkeypatch.setattr(svc.users, "keys", broken)
+    monkeypatch.setattr(svc.users, "keys_by_state", broken)
     failed = ann.get("/settings")
     assert failed.status_code == 500
     assert 'data-code="internal_error"' in failed.text
@@ -1978,7 +1978,7 @@ def test_api_keys_from_the_settings_page_work_and_can_be_revoked(ann: TestClient
     assert ann.get("/settings").text.count(key) == 0  # shown once
     headers = {"Authorization": f"Bearer {key}"}
     assert ann.get("/api/keys", headers=headers).status_code == 200
-    key_id = re.findall(r'action="/settings/keys/([^"/]+)/revoke"', r.text)[-1]
+    key_id = re.findall(r'action="/settings/keys/([^"/]+)/revoke"', r.text)[0]  # newest first
     r = ann.post(f"/settings/keys/{key_id}/revoke", data={"csrf_token": csrf(ann)},
                  follow_redirects=False)
     assert r.status_code == 303
@@ -2162,7 +2162,7 @@ def test_a_key_rotated_through_the_api_shows_its_grace_and_can_be_revoked_at_onc
     secret = re.search(r'id="new-key">([^<]+)<', r.text)
     assert secret
     headers = {"Authorization": f"Bearer {secret.group(1)}"}
-    key_id = re.findall(r'action="/settings/keys/([^"/]+)/revoke"', r.text)[-1]
+    key_id = re.findall(r'action="/settings/keys/([^"/]+)/revoke"', r.text)[0]  # newest first
     assert ann.post(f"/api/keys/{key_id}/rotate", headers=headers).status_code == 201
     page = ann.get("/settings").text
     assert "rotated: works until" in page

@@ -529,8 +529,20 @@ class UserService:
 
     # ------------------------------------------------------------------ keys
     def keys(self, *, user: User) -> Sequence[ApiKey]:
-        """Every key of the user, oldest first, revoked ones included."""
+        """Every key of the user, oldest first, revoked ones included (``GET /api/keys``, ``users
+        keys list``: a stable order for scripts, each key saying whether it works)."""
         return self._repo.list_api_keys(user.id)
+
+    def keys_by_state(self, *, user: User, now: datetime
+                      ) -> tuple[list[ApiKey], list[ApiKey]]:
+        """The Settings page's: the keys working at ``now``, newest first, and the others, the
+        most recently stopped first. Oldest first, a user who rotates keys found the key just
+        made below every revoked one ever made."""
+        keys = sorted(self._repo.list_api_keys(user.id), key=lambda k: (k.created_at, k.id),
+                      reverse=True)
+        stopped = sorted((k for k in keys if not k.works_at(now)),
+                         key=lambda k: (k.revoked_at or k.created_at, k.id), reverse=True)
+        return [k for k in keys if k.works_at(now)], stopped
 
     def create_key(self, *, user: User, name: str = "api",
                    form_nonce: str | None = None) -> tuple[ApiKey, str]:

@@ -926,13 +926,23 @@ def model_trainer_version(request: Request, viewer: FormViewer,
     return _see("/model")
 
 
+# The revoked keys the Settings page lists (the most recently revoked); GET /api/keys has all.
+REVOKED_KEYS_SHOWN = 20
+
+
 def _settings(request: Request, viewer: Viewer, *, status_code: int = 200,
               **context: Any) -> HTMLResponse:
     """The settings page. Its create form carries a new one-time nonce, stored (hashed) with
     the key it makes: the form sent again makes no other key."""
     web = _web(request)
+    now = utcnow()
+    working, stopped = web.services.users.keys_by_state(user=viewer.user, now=now)
+    # Revoked keys are kept for good (their names and prefixes tell a user what a log line's
+    # key was): folded away, and only the latest, so the keys that work stay at the top of a
+    # page that grew by a row with every rotation.
     return web.render(request, "settings.html", viewer=viewer, status_code=status_code,
-                      keys=web.services.users.keys(user=viewer.user), now=utcnow(),
+                      keys=working, revoked=stopped[:REVOKED_KEYS_SHOWN],
+                      revoked_count=len(stopped), now=now,
                       key_form_nonce=secrets.token_urlsafe(24), **context)
 
 
