@@ -225,6 +225,12 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(default=DEFAULT_LEASE_SECONDS, gt=0, le=3600)
     reconcile_seconds: float = Field(default=DEFAULT_RECONCILE_SECONDS, gt=0, le=3600)
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
+    # The most this machine's clock may differ from the database's (services/clock.py): the
+    # times shared across machines are each written on one machine's clock and compared on
+    # another's. Checked at the start of every command that opens a PostgreSQL database and at
+    # every reconciler round; 0 turns the check off. Under the lease's and three heartbeats'
+    # margins (15 s by default), so a skew is caught before it takes a live training over.
+    max_clock_skew_seconds: float = Field(default=10.0, ge=0, le=3600)
     # HTTP clients: the request headers must arrive within HEADER_TIMEOUT seconds, and a body
     # must not stall for BODY_TIMEOUT seconds nor average less than MIN_BODY_RATE bytes/s (after
     # its first BODY_TIMEOUT seconds). JSON bodies are at most MAX_JSON_BYTES.

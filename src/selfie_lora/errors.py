@@ -184,6 +184,13 @@ class DeploymentMismatchError(ConfigError):
     http_status = 503
 
 
+class ClockSkewError(ConfigError):
+    """This machine's clock is further from the database's than SELFIE_LORA_MAX_CLOCK_SKEW_SECONDS
+    (``services.clock``): the times it writes (leases, key revocations, ``created_at``) would be
+    compared on other machines' clocks and mean something else there. A process refuses to start
+    with it; nothing is wrong with the settings, the machine's time is."""
+
+
 class NotFoundError(SelfieLoraError):
     code = ErrorCode.NOT_FOUND
     http_status = 404

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from selfie_lora.adapters.replicate.session import ReplicateConnection
 
 from selfie_lora.adapters.db.migrate import require_head, upgrade
-from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.adapters.db.repository import SqlRepository, make_engine, server_clock
 from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter, normalize_lora
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
@@ -34,6 +34,7 @@ from selfie_lora.dataset.limits import UploadLimits
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.errors import ConfigError
 from selfie_lora.services.backup import BackupService
+from selfie_lora.services.clock import ClockGuard
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.erasure import AccountEraser
@@ -83,6 +84,7 @@ class Services:
     telemetry: Telemetry
     gc: GarbageCollector
     erasure: AccountEraser
+    clock: ClockGuard
     trainers: dict[str, Trainer] = field(default_factory=dict)
 
     def close(self) -> None:
@@ -384,16 +386,33 @@ def build_services(
     blobs: BlobStore | None = None,
     telemetry: Telemetry | None = None,
     clock: Callable[[], datetime] | None = None,
+    database_clock: Callable[[], datetime] | None = None,
 ) -> Services:
-    """``clock``: the training service's (tests: a fake one, to let a wait pass).
+    """``clock``: the training service's (tests: a fake one, to let a wait pass), which the
+    clock check compares with ``database_clock``: the database server's (tests: a fake one, a
+    machine whose clock drifted; by default PostgreSQL's own, and none on SQLite).
     ``migrate``: True brings the schema to this release's; ``"require"`` (a command that only
-    reads) refuses one that is not at it, changing nothing (``migrate.require_head``)."""
+    reads) refuses one that is not at it, changing nothing (``migrate.require_head``); either
+    then checks this machine's clock against the database's (``services.clock``).
+    False touches neither."""
     make_home(settings)
     engine = make_engine(settings.effective_database_url)
     if migrate == "require":
         require_head(engine)
     elif migrate:
         upgrade(engine)
+    # Before anything is written or compared: every shared time is this machine's clock's.
+    # A process whose clock is too far from the database's refuses to start (ClockSkewError).
+    # ``migrate=False`` (a library user's: the database is not touched while building) leaves
+    # it to the reconciler's rounds and /readyz.
+    clock_guard = ClockGuard(database_clock=database_clock or server_clock(engine),
+                             max_skew=settings.max_clock_skew_seconds, clock=clock or utcnow)
+    if migrate:
+        try:
+            clock_guard.require()
+        except BaseException:
+            engine.dispose()
+            raise
     repo = SqlRepository(engine)
     blobs = blobs if blobs is not None else default_blob_store(settings)
     queue = HueyJobQueue.from_url(settings.effective_queue_url, name=settings.queue_name)
@@ -451,10 +470,12 @@ def build_services(
         operations=OperationsService(
             repo=repo, queue=queue, blobs=blobs, telemetry=telemetry, deployment=deployment,
             metrics_token=(settings.metrics_token.get_secret_value()
-                           if settings.metrics_token is not None else None)),
+                           if settings.metrics_token is not None else None),
+            clock=clock_guard),
         telemetry=telemetry,
         gc=gc,
         erasure=AccountEraser(repo=repo, blobs=blobs, users=users, training=training, gc=gc),
+        clock=clock_guard,
         trainers=chosen_trainers,
     )
 

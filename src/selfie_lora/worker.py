@@ -56,6 +56,7 @@ from typing import IO, Protocol
 
 from selfie_lora.errors import ConfigError, DeploymentMismatchError, ErrorCode, describe
 from selfie_lora.logs import training_context
+from selfie_lora.services.clock import ClockGuard
 from selfie_lora.services.common import Outage
 from selfie_lora.services.erasure import AccountEraser
 from selfie_lora.services.gc import GarbageCollector
@@ -140,8 +141,15 @@ class Worker:
         threads: int = 2, reconcile_seconds: float = 10.0,
         gc: GarbageCollector | None = None, gc_check_seconds: float = GC_CHECK_SECONDS,
         erasure: AccountEraser | None = None, erase_check_seconds: float = ERASE_CHECK_SECONDS,
+        clock: ClockGuard | None = None,
     ) -> None:
         self._training = training
+        # Checked at each reconciler round: while this machine's clock is too far from the
+        # database's, every lease it reads or writes means something else to the other
+        # workers, so it takes no training from the queue and re-queues none (a clock ahead saw
+        # every live training as abandoned and took them all over). What it runs goes on: its
+        # heartbeats are fenced by owner and attempt, not by the clock.
+        self._clock = clock
         self._queue = queue
         self.identity = identity
         # 0: no consumer, only the reconciler (``serve --no-worker``: cancels of trainings whose
@@ -238,6 +246,10 @@ class Worker:
     def _consume(self) -> None:
         idle = _IDLE_MIN_S
         while not self._stop.is_set():
+            if self.clock_skewed:
+                # The message stays in the queue for a worker whose clock is right.
+                self._stop.wait(_IDLE_MAX_S)
+                continue
             ticket = self._queue_outage.attempt()
             try:
                 training_id = self._queue.next_training()
@@ -298,7 +310,8 @@ class Worker:
         """Settle this machine's holds of erasures killed midway, then finish the account
         deletions whose process died (``AccountEraser.finish_pending`` logs each); a failure
         is logged, and tried again at the next check."""
-        if self._erasure is None:
+        if self._erasure is None or self.clock_skewed:
+            # A clock ahead took a deletion another process was still doing for abandoned.
             return
         if self._gc is not None:
             # Whatever is claimed below: a hold lies on the machine whose erase was killed, and
@@ -322,7 +335,8 @@ class Worker:
         """Collect if a collection is due and this worker wins the lease, or (an API server,
         which consumes nothing) run this machine's part only (it logs what it deleted); a
         failure is logged, and tried again when the next collection is due."""
-        if self._gc is None:
+        if self._gc is None or self.clock_skewed:
+            # A clock ahead saw fresh blobs past their grace and deleted them.
             return
         try:
             if self._threads_wanted:
@@ -335,7 +349,14 @@ class Worker:
         except Exception:
             logger.exception("garbage collection failed; it is tried again when next due")
 
+    @property
+    def clock_skewed(self) -> bool:
+        """Whether the last clock check found this machine too far from the database's."""
+        return self._clock is not None and self._clock.skewed
+
     def _reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> None:
+        if self._clock is not None and not self._clock.check():
+            return  # logged by the check, once per episode
         try:
             report = self._training.reconcile(dead_owners=dead_owners)
         except Exception:
@@ -370,7 +391,7 @@ def start_embedded(services: Services, *, consume: bool = True, threads: int | N
                     threads=(threads or services.settings.worker_threads) if consume else 0,
                     reconcile_seconds=services.settings.reconcile_seconds,
                     gc=services.gc if periodic else None,
-                    erasure=services.erasure if periodic else None)
+                    erasure=services.erasure if periodic else None, clock=services.clock)
     worker.start()
     return worker
 
@@ -468,7 +489,7 @@ def run_worker(services: Services, *, threads: int | None = None) -> None:
     worker = Worker(training=services.training, queue=services.queue, identity=identity,
                     threads=threads or settings.worker_threads,
                     reconcile_seconds=settings.reconcile_seconds, gc=services.gc,
-                    erasure=services.erasure)
+                    erasure=services.erasure, clock=services.clock)
     try:
         worker.run_until_signal()
     finally:

@@ -31,6 +31,7 @@ def errors_of(tmp_path: Path, **values: object) -> list[str]:
     # SIGTERM.
     ("worker_threads", "99999999999999999999"), ("worker_threads", 257),
     ("min_photos", 10**6), ("max_photos", 10**6),
+    ("max_clock_skew_seconds", "inf"), ("max_clock_skew_seconds", -1),
 ])
 def test_an_infinite_or_huge_number_is_a_settings_error(tmp_path: Path, name: str,
                                                         value: object) -> None:

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from selfie_lora.errors import ConfigError, SelfieLoraError, StorageError, describe
+from selfie_lora.services.clock import SKEWED, ClockGuard
 from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.ports import BlobStore, Repository, Telemetry, WorkQueue
 
@@ -38,7 +39,7 @@ class Readiness:
         """The answer of ``/readyz`` (the API's and a worker's alike): each check "ok" or
         ``UNAVAILABLE``, or with ``detailed`` (the operator's) why it failed."""
         checks = (self.checks if detailed else
-                  {name: "ok" if answer == "ok" else UNAVAILABLE
+                  {name: "ok" if answer == "ok" else SKEWED if name == "clock" else UNAVAILABLE
                    for name, answer in self.checks.items()})
         return {"status": "ready" if self.ready else "not ready", "checks": checks}
 
@@ -46,8 +47,9 @@ class Readiness:
 class OperationsService:
     def __init__(self, *, repo: Repository, queue: WorkQueue, blobs: BlobStore,
                  telemetry: Telemetry, deployment: DeploymentBinding | None = None,
-                 metrics_token: str | None = None) -> None:
+                 metrics_token: str | None = None, clock: ClockGuard | None = None) -> None:
         self._repo = repo
+        self._clock = clock
         self._metrics_token = metrics_token
         self._queue = queue
         self._blobs = blobs
@@ -107,7 +109,9 @@ class OperationsService:
         return self._metrics_token is None or self.is_operator(authorization=authorization)
 
     def readiness(self) -> Readiness:
-        """The database, the queue and the storage, each asked once (``GET /readyz``)."""
+        """The database, the queue and the storage, each asked once (``GET /readyz``), and on
+        PostgreSQL this machine's clock against the database's ("skewed": past
+        SELFIE_LORA_MAX_CLOCK_SKEW_SECONDS, ``services.clock``)."""
         checks = {}
         for name, probe in (("database", self._repo.count_trainings_by_status),
                             ("queue", self._queue.pending),
@@ -119,6 +123,10 @@ class OperationsService:
                 checks[name] = exc.message
             except Exception as exc:  # a driver's own error: the answer names it, never raises
                 checks[name] = describe(exc)
+        if self._clock is not None and self._clock.enabled:
+            # Asked again here: a load balancer takes a server whose clock drifted out of its
+            # pool (its sessions and key checks compare times other machines wrote).
+            checks["clock"] = "ok" if self._clock.check() else SKEWED
         readiness = Readiness(checks=checks)
         if not readiness.ready:
             logger.warning("not ready: %s", checks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -152,6 +152,22 @@ def make_engine(url: str, *, statement_timeout_s: float | None = None,
                           f"driver that is not installed: {exc}") from None
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise ConfigError("SELFIE_LORA_DATABASE_URL is not a database URL") from None
+
+
+def server_clock(engine: Engine) -> Callable[[], datetime] | None:
+    """The database server's clock, read by one short statement (``services.clock``), for
+    PostgreSQL, which every machine of a deployment shares; None for SQLite, whose only clock is
+    this machine's. ``clock_timestamp()``, not ``now()``: the time of the answer, not of the
+    transaction's start."""
+    if engine.dialect.name != "postgresql":
+        return None
+
+    def read() -> datetime:
+        with engine.connect() as conn:
+            value = conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+        return _req_utc(value)
+
+    return read
 
 
 def _make_engine(url: str, *, statement_timeout_s: float | None,

@@ -1,0 +1,125 @@
+"""Whether this machine's clock agrees with the database's.
+
+Every time the services share across machines (a lease's expiry, a key's revocation and its
+rotation grace, the ``created_at`` that picks the latest dataset or training, the collector's
+grace, a deletion's claim) is written from the writing process's clock (``common.utcnow``) and
+compared with another process's. Those are only right while the machines' clocks agree; this
+guard makes a disagreement past ``max_skew`` seconds impossible to miss instead of silently
+revoking a key minutes late or taking live trainings over. The database's clock is the yardstick
+(one clock every machine reaches); on SQLite (one machine, one clock) there is nothing to check.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from selfie_lora.errors import ClockSkewError
+from selfie_lora.services.common import Outage, utcnow
+
+logger = logging.getLogger(__name__)
+
+# What /readyz says of the clock check while it fails: safe to tell anyone (no host, no path).
+SKEWED = "skewed"
+SETTING = "SELFIE_LORA_MAX_CLOCK_SKEW_SECONDS"
+
+
+@dataclass(frozen=True)
+class ClockReading:
+    """One comparison: this process's clock halfway through the database's answer, the
+    database's time, and how long the question took (the reading is uncertain by half of it)."""
+
+    local: datetime
+    database: datetime
+    round_trip: float
+
+    @property
+    def skew(self) -> float:
+        """Seconds this machine's clock is ahead of the database's (negative: behind)."""
+        return (self.local - self.database).total_seconds()
+
+    def beyond(self, limit: float) -> bool:
+        """Whether the skew is past ``limit`` whatever the round trip hid: a slow answer never
+        makes a machine whose clock is right look skewed."""
+        return abs(self.skew) - self.round_trip / 2 > limit
+
+    def describe(self, limit: float) -> str:
+        way = "ahead of" if self.skew > 0 else "behind"
+        return (f"this machine's clock is {abs(self.skew):.1f} s {way} the database's (this "
+                f"machine {self.local:%Y-%m-%d %H:%M:%S} UTC, database "
+                f"{self.database:%Y-%m-%d %H:%M:%S} UTC, ±{self.round_trip / 2:.1f} s), more "
+                f"than {SETTING} ({limit:g})")
+
+
+class ClockGuard:
+    """Compares this process's clock (``clock``, the services' ``utcnow``) with the database's
+    (``database_clock``: None where there is no other clock, SQLite). ``max_skew`` seconds: 0
+    turns the check off."""
+
+    def __init__(self, *, database_clock: Callable[[], datetime] | None, max_skew: float,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self._database_clock = database_clock
+        self._max_skew = max_skew
+        self._clock = clock
+        self._skewed = False
+        # A skew lasts as long as nobody fixes the machine: said once when it starts and once
+        # when it ends, not every round.
+        self._episode = Outage()
+
+    @property
+    def enabled(self) -> bool:
+        return self._database_clock is not None and self._max_skew > 0
+
+    @property
+    def skewed(self) -> bool:
+        """What the last check found (False before any, and whenever the check is off)."""
+        return self._skewed
+
+    def read(self) -> ClockReading | None:
+        """One reading, None when the check is off. The database's errors propagate."""
+        if self._database_clock is None or self._max_skew <= 0:
+            return None
+        before = self._clock()
+        database = self._database_clock()
+        after = self._clock()
+        return ClockReading(local=before + (after - before) / 2, database=database,
+                            round_trip=max(0.0, (after - before).total_seconds()))
+
+    def require(self) -> None:
+        """A process starting: ``ClockSkewError`` when this machine's clock is too far off, with
+        what to do about it."""
+        reading = self.read()
+        if reading is not None and reading.beyond(self._max_skew):
+            self._skewed = True
+            raise ClockSkewError(
+                f"refusing to start: {reading.describe(self._max_skew)}; leases, key revocations "
+                "and 'latest' would be wrong across machines. Fix this machine's time (NTP: "
+                "chrony or systemd-timesyncd; 'chronyc tracking' or 'timedatectl "
+                "timesync-status' shows its offset), then start again")
+
+    def check(self) -> bool:
+        """A running process's periodic check: True while the clocks agree (or the check is off),
+        False while skewed. The start and the end of a skewed episode are logged once each
+        (a WARNING, then INFO). A database that does not answer keeps the last verdict: that
+        is the database's outage, said by whoever meets it."""
+        ticket = self._episode.attempt()  # before the read: see Outage
+        try:
+            reading = self.read()
+        except Exception:
+            logger.debug("the database's clock could not be read", exc_info=True)
+            return not self._skewed
+        if reading is None:
+            return True
+        skewed = reading.beyond(self._max_skew)
+        self._skewed = skewed
+        if skewed and self._episode.begins(ticket=ticket):
+            logger.warning("%s: this process takes no new training and takes none over, and "
+                           "/readyz answers 503, until it is back within; fix this machine's "
+                           "time (NTP: chrony or systemd-timesyncd)",
+                           reading.describe(self._max_skew))
+        elif not skewed and self._episode.ends(ticket=ticket):
+            logger.info("this machine's clock is back within %s of the database's (%.1f s): "
+                        "taking trainings again", SETTING, reading.skew)
+        return not skewed
