@@ -154,6 +154,27 @@ def test_versions_walk_page_by_page_without_gaps_or_repeats(
         assert r.status_code == 422, (bad, r.text)
 
 
+def test_a_before_past_any_version_number_is_the_newest_page(
+        trained: TestClient, svc: Services, key: str) -> None:
+    # Bound as is, 2**31 was out of PostgreSQL's INTEGER range and 2**63 out of SQLite's
+    # (a 500 that told the client to retry); 9999 was the newest page.
+    grow_history(svc, "ann", 6)
+    newest = trained.get("/api/model/versions", params={"limit": 5},
+                         headers={"Authorization": key}).json()
+    for before in ("9999", str(2**31), f"v{2**63}", "9" * 60):
+        r = trained.get("/api/model/versions", params={"limit": 5, "before": before},
+                        headers={"Authorization": key})
+        assert r.status_code == 200, (before[:30], r.text[:300])
+        assert r.json() == newest
+        page = trained.get("/versions", params={"before": before})
+        assert page.status_code == 200
+        assert re.findall(r'<tr id="v(\d+)"', page.text) == [str(n) for n in range(7, 0, -1)]
+    for bad in ("0", "v0", "\u0660"):
+        r = trained.get("/api/model/versions", params={"limit": 5, "before": bad},
+                        headers={"Authorization": key})
+        assert r.status_code == 422, (bad, r.text)
+
+
 def test_the_log_walks_page_by_page_without_gaps_or_repeats(
         trained: TestClient, svc: Services, key: str) -> None:
     grow_history(svc, "ann", 11)

@@ -472,12 +472,29 @@ class ModelService:
         return self._repo.list_events(model.id)
 
 
-def _version_number(ref: str) -> int:
-    """A page's ``before``: a version number (``12``, or ``v12`` as the pages write it)."""
+# Version numbers are an INTEGER column: no version is numbered past it.
+VERSION_NUMBER_MAX = 2**31 - 1
+
+
+def _version_number(ref: str) -> int | None:
+    """A page's ``before``: a version number (``12``, or ``v12`` as the pages write it); None
+    for one past any version's (no version is older: the newest page, as ``before=9999``
+    gives). Bound as it was, ``2147483648`` was out of PostgreSQL's INTEGER range (a 500
+    telling the client to retry) and a number past 2**63 SQLite's (an OverflowError)."""
     digits = ref.strip().removeprefix("v")
-    if not digits.isdecimal() or int(digits) < 1:
+    number = version_number_below(digits) if digits.isdecimal() else 0
+    if number is not None and number < 1:
         raise InvalidInputError(f"before must be a version number, not {ref!r}")
-    return int(digits)
+    return number
+
+
+def version_number_below(digits: str) -> int | None:
+    """Decimal ``digits`` as a number below which to list versions; None past any version's
+    number (int() refuses over 4300 digits: those too)."""
+    if len(digits.lstrip("0")) > len(str(VERSION_NUMBER_MAX)):
+        return None
+    number = int(digits)
+    return number if number <= VERSION_NUMBER_MAX else None
 
 
 @dataclass(frozen=True)

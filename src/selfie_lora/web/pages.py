@@ -42,6 +42,7 @@ from selfie_lora.services.common import ModelHistory, utcnow
 from selfie_lora.services.erasure import ErasureBlockedError
 from selfie_lora.services.generation import GenerationRequest, stored_pictures, withheld_pictures
 from selfie_lora.services.likeness import grid_text
+from selfie_lora.services.models import version_number_below
 from selfie_lora.services.ports import MAX_SEED
 from selfie_lora.services.training import UploadResult
 from selfie_lora.web.app import SignInRequired, Viewer, Web
@@ -629,7 +630,8 @@ def _page_of(rows: Sequence[Mapping[str, Any]], before: str | None
     """The page's rows: the ``VERSIONS_PAGE`` newest numbered below ``before`` (a version
     number; anything else: the newest), and the number to ask the next page before."""
     below = before.removeprefix("v") if before else ""
-    limit = int(below) if below.isdecimal() else None
+    # As the API's ``before``: a number past any version's is the newest page.
+    limit = version_number_below(below) if below.isdecimal() else None
     below_rows = [r for r in rows if limit is None or r["version"].number < limit]
     shown = below_rows[:VERSIONS_PAGE]
     older = shown[-1]["version"].number if len(below_rows) > VERSIONS_PAGE else None
