@@ -19,7 +19,15 @@ from selfie_lora.adapters.db.tables import EventRow
 from selfie_lora.config import Settings
 from selfie_lora.wiring import Services
 from tests.conftest import make_settings
-from tests.integration.test_web import PASSWORD, browser, fake_services, sign_in, train, upload
+from tests.integration.test_web import (
+    PASSWORD,
+    browser,
+    csrf,
+    fake_services,
+    sign_in,
+    train,
+    upload,
+)
 
 
 class Statements:
@@ -211,6 +219,37 @@ def test_the_versions_page_shows_the_newest_and_links_to_older_ones(
            for page in (newest, older)]
     assert sum(log) == 60
     assert log[1] == 10
+
+
+def test_activating_on_an_older_page_comes_back_to_that_page_at_the_version(
+        trained: TestClient, svc: Services) -> None:
+    # It went to /versions, the 50 newest: the version just activated was on none of its rows.
+    grow_history(svc, "ann", 59)
+    older = trained.get("/versions", params={"before": "11"}).text
+    v2 = svc.models.version(user=svc.users.get_by_name(name="ann"), version_id="2")
+    form = older.split(f'action="/versions/{v2.id}/activate"')[1].split("</form>")[0]
+    assert '<input type="hidden" name="before" value="11">' in form
+    r = trained.post(f"/versions/{v2.id}/activate",
+                     data={"csrf_token": csrf(trained, "/versions"), "before": "11"},
+                     follow_redirects=False)
+    assert r.status_code == 303
+    assert r.headers["location"] == "/versions?before=11#v2"
+    page = trained.get(r.headers["location"]).text
+    assert '<tr id="v2" data-version-id="' + v2.id + '" class="active">' in page
+    # A before that is no version number (an edited form): the newest page.
+    v3 = svc.models.version(user=svc.users.get_by_name(name="ann"), version_id="3")
+    r = trained.post(f"/versions/{v3.id}/activate",
+                     data={"csrf_token": csrf(trained, "/versions"), "before": "x/../y"},
+                     follow_redirects=False)
+    assert r.headers["location"] == "/versions#v3"
+    # Compare keeps the page: the form sends its before back.
+    compare = older.split('<form method="get" action="/versions"')[1].split("</form>")[0]
+    assert '<input type="hidden" name="before" value="11">' in compare
+    shown = trained.get("/versions", params={"a": "1", "b": "2", "before": "11"}).text
+    assert re.findall(r'<tr id="v(\d+)"', shown) == [str(n) for n in range(10, 0, -1)]
+    assert "v1 and v2 side by side" in shown
+    # The newest page carries none.
+    assert 'name="before"' not in trained.get("/versions").text
 
 
 def test_keys_that_work_come_first_newest_first_and_revoked_ones_are_folded(

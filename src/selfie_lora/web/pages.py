@@ -625,13 +625,22 @@ def _gate_change(details: Mapping[str, Any]) -> tuple[GateMeasure, float] | None
 VERSIONS_PAGE = 50
 
 
+def _page_before(before: str | None) -> int | None:
+    """The Versions page's ``?before=`` (or its forms' hidden ``before``) as a version number;
+    None (the newest page) for anything else, as the API's: a number past any version's too."""
+    below = before.strip().removeprefix("v") if before else ""
+    return version_number_below(below) if below.isdecimal() else None
+
+
+def _versions_url(before: int | None) -> str:
+    return "/versions" if before is None else f"/versions?before={before}"
+
+
 def _page_of(rows: Sequence[Mapping[str, Any]], before: str | None
              ) -> tuple[list[Mapping[str, Any]], int | None]:
     """The page's rows: the ``VERSIONS_PAGE`` newest numbered below ``before`` (a version
     number; anything else: the newest), and the number to ask the next page before."""
-    below = before.removeprefix("v") if before else ""
-    # As the API's ``before``: a number past any version's is the newest page.
-    limit = version_number_below(below) if below.isdecimal() else None
+    limit = _page_before(before)
     below_rows = [r for r in rows if limit is None or r["version"].number < limit]
     shown = below_rows[:VERSIONS_PAGE]
     older = shown[-1]["version"].number if len(below_rows) > VERSIONS_PAGE else None
@@ -701,6 +710,7 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
     # in which column, each probe's result, and what the chart plots besides the likeness.
     return web.render(request, "versions.html", viewer=viewer, model=model, rows=shown,
                       all_rows=rows, older=older, newest=not first,
+                      before=_page_before(before) if not first else None,
                       comparison=comparison, compare_error=compare_error,
                       compare_invalid=compare_invalid, log=log,
                       chosen=chosen, chart_series=CHART_SERIES,
@@ -713,10 +723,16 @@ def _named_version(rows: Sequence[Mapping[str, Any]], ref: str | None) -> Versio
 
 
 @router.post("/versions/{version_id}/activate")
-def version_activate(request: Request, version_id: str, viewer: FormViewer) -> Response:
+def version_activate(request: Request, version_id: str, viewer: FormViewer,
+                     before: OptionalFormStr = None) -> Response:
     web = _web(request)
-    web.services.models.activate(user=viewer.user, version_id=version_id)
-    return _see("/versions")
+    models = web.services.models
+    models.activate(user=viewer.user, version_id=version_id)
+    # Back to the page the form was on (its hidden ``before``), at the version now active:
+    # the newest page, where it went, does not show a version from an older page, so the
+    # user who rolled back saw neither the row nor its "active" badge.
+    number = models.version(user=viewer.user, version_id=version_id).number
+    return _see(f"{_versions_url(_page_before(before))}#v{number}")
 
 
 @router.get("/versions/{version_id}/weights")
