@@ -213,6 +213,11 @@ def test_the_versions_page_shows_the_newest_and_links_to_older_ones(
     assert re.findall(r'<tr id="v(\d+)"', older) == [str(n) for n in range(10, 0, -1)]
     assert "Older versions" not in older
     assert 'href="/versions" class="newest"' in older
+    # No version below: the newest page (it was an empty table, "Versions v to v").
+    for none_below in ("1", "0", "v0"):
+        page = trained.get("/versions", params={"before": none_below}).text
+        assert re.findall(r'<tr id="v(\d+)"', page) == shown, none_below
+        assert "Versions v60 to v11 of your model" in page
     # The compare form still offers every version, and the log splits with the table.
     assert older.count("<option value=") == 2 * 60
     log = [len(re.findall(r"<li>", page.split('<ol class="log">')[1].split("</ol>")[0]))

@@ -639,9 +639,13 @@ def _versions_url(before: int | None) -> str:
 def _page_of(rows: Sequence[Mapping[str, Any]], before: str | None
              ) -> tuple[list[Mapping[str, Any]], int | None]:
     """The page's rows: the ``VERSIONS_PAGE`` newest numbered below ``before`` (a version
-    number; anything else: the newest), and the number to ask the next page before."""
+    number; anything else, or one with none below it: the newest), and the number to ask the
+    next page before."""
     limit = _page_before(before)
     below_rows = [r for r in rows if limit is None or r["version"].number < limit]
+    # None older (?before=1, a hand-made link): the newest page, not an empty table captioned
+    # "Versions v to v".
+    below_rows = below_rows or list(rows)
     shown = below_rows[:VERSIONS_PAGE]
     older = shown[-1]["version"].number if len(below_rows) > VERSIONS_PAGE else None
     return shown, older
