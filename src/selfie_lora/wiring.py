@@ -393,23 +393,25 @@ def build_services(
     machine whose clock drifted; by default PostgreSQL's own, and none on SQLite).
     ``migrate``: True brings the schema to this release's; ``"require"`` (a command that only
     reads) refuses one that is not at it, changing nothing (``migrate.require_head``); either
-    then checks this machine's clock against the database's (``services.clock``).
-    False touches neither."""
+    first checks this machine's clock against the database's (``services.clock``), so that a
+    refused start changes nothing. False touches neither."""
     make_home(settings)
     engine = make_engine(settings.effective_database_url)
-    if migrate == "require":
-        require_head(engine)
-    elif migrate:
-        upgrade(engine)
-    # Before anything is written or compared: every shared time is this machine's clock's.
-    # A process whose clock is too far from the database's refuses to start (ClockSkewError).
-    # ``migrate=False`` (a library user's: the database is not touched while building) leaves
-    # it to the reconciler's rounds and /readyz.
+    # Before anything is written or compared, the migrations too: every shared time is this
+    # machine's clock's. A process whose clock is too far from the database's refuses to start
+    # (ClockSkewError) having written nothing: checked after them, a skewed machine's
+    # 'users create' created the whole schema, then refused. ``migrate=False`` (a library
+    # user's: the database is not touched while building) leaves it to the reconciler's rounds
+    # and /readyz.
     clock_guard = ClockGuard(database_clock=database_clock or server_clock(engine),
                              max_skew=settings.max_clock_skew_seconds, clock=clock or utcnow)
     if migrate:
         try:
             clock_guard.require()
+            if migrate == "require":
+                require_head(engine)
+            else:
+                upgrade(engine)
         except BaseException:
             engine.dispose()
             raise

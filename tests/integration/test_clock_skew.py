@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine, inspect
 from typer.testing import CliRunner
 
 from selfie_lora import cli, wiring
@@ -62,8 +62,16 @@ def build(tmp_path: Path, drift: Drift, **settings: object) -> Services:
 @pytest.mark.parametrize("ahead", [FIVE_MINUTES, -FIVE_MINUTES])
 def test_a_process_5_minutes_off_the_database_s_clock_is_refused_at_start(
         tmp_path: Path, ahead: timedelta) -> None:
+    # An empty database: refused before the migrations, it is left so (they created the whole
+    # schema, then it refused).
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
     with pytest.raises(ClockSkewError) as refused:
-        build(tmp_path, Drift(ahead))
+        build(tmp_path, Drift(ahead), database_url=url)
+    engine = create_engine(url)
+    try:
+        assert inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
     message = refused.value.message
     assert message.startswith("refusing to start: this machine's clock is 300.0 s "
                               + ("ahead of" if ahead > timedelta(0) else "behind"))
