@@ -25,8 +25,16 @@ SHOWN_PARAMETERS = frozenset({
     "connect_timeout", "client_encoding", "options", "sslmode", "sslrootcert", "sslcert", "sslkey",
     "sslcrl", "sslcrldir", "sslsni", "gssencmode", "target_session_attrs", "load_balance_hosts",
     "passfile", "channel_binding", "keepalives", "keepalives_idle", "keepalives_interval",
-    "keepalives_count", "tcp_user_timeout", "mode", "timeout", "uri", "cache",
+    "keepalives_count", "tcp_user_timeout", "mode", "timeout", "uri", "cache", "service",
 })
+# SQLite's ``uri`` is a flag: any other value (a whole URL, with its password) is masked.
+_FLAGS = {"uri": frozenset({"true", "false"})}
+
+
+def _shown_value(name: str, value: str) -> str:
+    if name not in SHOWN_PARAMETERS or value.lower() not in _FLAGS.get(name, {value.lower()}):
+        return MASK
+    return value
 
 
 def database_url_shown(url: str | URL) -> str:
@@ -43,7 +51,7 @@ def database_url_shown(url: str | URL) -> str:
         host = host.rpartition("@")[2]
     shown = parsed.set(host=host, query={}).render_as_string(hide_password=True)
     # Unescaped, as the operator wrote them ('host=/run/pg', not 'host=%2Frun%2Fpg').
-    query = [f"{name}={value if name in SHOWN_PARAMETERS else MASK}"
+    query = [f"{name}={_shown_value(name, value)}"
              for name, values in parsed.query.items()
              for value in ((values,) if isinstance(values, str) else values)]
     return f"{shown}?{'&'.join(query)}" if query else shown

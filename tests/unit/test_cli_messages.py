@@ -96,3 +96,17 @@ def test_sqlite_with_s3_does_not_call_home_caches_only(tmp_path: Path) -> None:
     shown = _data_shown(Settings(home=tmp_path, storage_url="s3://selfie-prod/photos"))
     assert shown == (f"data in {tmp_path} (the database, and this machine's caches) and "
                      "s3://selfie-prod/photos (files)")
+
+
+def test_a_database_url_shows_which_service_and_masks_a_url_hidden_in_a_flag() -> None:
+    # diff2 review 5: 'service' (a pg_service.conf entry's name) was masked though it only says
+    # which database, and SQLite's 'uri' flag was shown whatever it held, a whole URL included.
+    from selfie_lora.database_url import database_url_shown
+
+    assert database_url_shown("postgresql+psycopg:///?service=prod") == \
+        "postgresql+psycopg:///?service=prod"
+    assert database_url_shown("sqlite:///db.sqlite?mode=ro&uri=true") == \
+        "sqlite:///db.sqlite?mode=ro&uri=true"
+    hidden = database_url_shown("postgresql+psycopg://h/db?uri=postgresql://u:s3cret@h/db")
+    assert "s3cret" not in hidden
+    assert hidden.endswith("?uri=***")
