@@ -208,3 +208,15 @@ def test_missing_face_tools_are_one_setup_error_not_a_finding_per_photo(
     assert error["message"] == "this service is not set up for that yet; please tell the operator"
     assert [set(d) for d in error["details"]] == [{"reference"}]  # no per-photo findings
     assert "pip install" in caplog.text
+
+
+def test_an_api_405_names_every_method_its_address_takes(client: TestClient,
+                                                          services: Services) -> None:
+    # HTTP's 405 must carry Allow; the JSON answer had none (the pages' had), and Starlette's
+    # own names the first route's methods alone (GET for /api/model, whose PATCH is another).
+    h = auth(services, "ann")
+    wrong = client.delete("/api/model", headers=h)
+    assert wrong.status_code == 405
+    assert wrong.json()["error"]["code"] == "method_not_allowed"
+    assert set(wrong.headers["Allow"].split(", ")) >= {"GET", "PATCH"}
+    assert client.put("/api/keys", headers=h).headers["Allow"] == "GET, POST"

@@ -61,7 +61,7 @@ WRONG_METHOD_FORM_PAGE = ("this page is opened, or takes what its own form sends
 
 
 def allowed_methods(routes: list[BaseRoute], scope: Any, allow: str) -> str:
-    """The methods a page's path takes, of all its ``routes`` (the pages'): Starlette's Allow
+    """The methods a path takes, of all its ``routes`` (the pages', or the app's): Starlette's Allow
     names the first route's alone ("GET" for /generate, whose form POSTs to a second route)."""
     allowed = {method.strip().upper() for method in allow.split(",") if method.strip()}
     for route in routes:
@@ -173,6 +173,9 @@ def create_app(
                                                  account, webhooks)]
     for router in api_routers:
         app.include_router(router)
+    # For a 405's Allow: the routes as declared (the app's own list holds the included routers
+    # as opaque entries whose methods it does not show).
+    api_routes: list[BaseRoute] = [route for router in api_routers for route in router.routes]
     # Inside the pages' security headers: its error page gets them too (Web.stopping_page).
     app.add_middleware(
         ServerStopping, operations=svc.operations, is_page=is_page,
@@ -300,7 +303,14 @@ def create_app(
         count(request, code)
         if server is not None:
             return error_response(exc.status_code, code, server.message, server.details)
-        return error_response(exc.status_code, code, str(exc.detail))
+        headers = None
+        if exc.status_code == 405:
+            # HTTP's 405 must name what the address takes, and of all its routes: Starlette's
+            # names the first's alone (GET for /api/model, whose PATCH is another route).
+            allow = allowed_methods(api_routes, request.scope,
+                                    (exc.headers or {}).get("Allow", ""))
+            headers = {"Allow": allow} if allow else None
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
