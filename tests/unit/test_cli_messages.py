@@ -110,3 +110,21 @@ def test_a_database_url_shows_which_service_and_masks_a_url_hidden_in_a_flag() -
     hidden = database_url_shown("postgresql+psycopg://h/db?uri=postgresql://u:s3cret@h/db")
     assert "s3cret" not in hidden
     assert hidden.endswith("?uri=***")
+
+
+def test_generate_without_an_active_version_while_a_training_runs_says_both() -> None:
+    # The CLI's words for each reason the service gives; "a training is queued/running too" had
+    # no test of its own (cligens).
+    from selfie_lora.cli import _no_version_words
+    from selfie_lora.services.generation import NotReady, NoVersionError
+
+    def words(reason: str, training: str | None) -> str:
+        ready = NotReady(reason=reason, training=training, message="the API's words")  # type: ignore[arg-type]
+        return _no_version_words(NoVersionError(ready, user="ann"))
+
+    held = ("ann's model has no active version: activate one with 'selfie-lora activate N "
+            "--user ann' ('selfie-lora versions --user ann' lists them)")
+    assert words("activate", "running") == f"{held}; a training is running too"
+    assert words("activate", "queued") == f"{held}; a training is queued too"
+    assert words("activate", None) == f"{held} or train again"
+    assert words("wait", "queued") == "the API's words"
