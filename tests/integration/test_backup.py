@@ -298,6 +298,26 @@ def test_a_forced_restore_keeps_the_home_it_replaced_with_the_backup_kept_in_it(
         again.close()
 
 
+def test_the_next_restore_says_where_it_kept_the_home_a_killed_restore_had_hidden(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    assert run("backup", str(tmp_path / "bk"))[0] == 0
+    services.close()
+    # As a restore killed just after its exchange leaves it: the HOME it replaced, hidden, with
+    # no .restore-pending (that one is a copy of a backup, not a HOME).
+    hidden = settings.home.with_name(f".{settings.home.name}.restore-new")
+    hidden.mkdir(mode=0o700)
+    (hidden / "NOTES.txt").write_text("the operator's")
+    code, said = run("restore", "--force", str(tmp_path / "bk"))
+    assert code == 0, said
+    assert not hidden.exists()
+    [earlier] = [p for p in kept_homes(settings.home) if (p / "NOTES.txt").is_file()]
+    assert (f"warning: kept {earlier}, the SELFIE_LORA_HOME a restore killed midway replaced "
+            f"(it waited hidden as {hidden.name})") in " ".join(said.split())
+
+
 def test_an_error_after_the_swap_is_a_warning_and_deletes_nothing(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

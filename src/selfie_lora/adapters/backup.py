@@ -432,7 +432,7 @@ class HomeBackups:
             logger.warning("put back %s, which a restore killed midway had set aside", home)
 
     def _restore(self, home: Path, *, source: Path, force: bool) -> BackupSummary:
-        self._recover(home)
+        recovered = self._recover(home)
         if not source.exists():
             raise InvalidInputError(f"no such backup: {source}")
         if home.exists() and not home.is_dir():
@@ -443,7 +443,10 @@ class HomeBackups:
                               "workers, then restore with --force to replace what is in it")
         new = home.with_name(f".{home.name}.restore-new")
         with ExitStack() as stack:
-            return self._replace(home, new, stack, source=source)
+            summary = self._replace(home, new, stack, source=source)
+        # Said with this restore's own output too, not only logged: until now that HOME waited
+        # under a hidden name that nothing pointed at.
+        return replace(summary, warnings=(*recovered, *summary.warnings))
 
     def _replace(self, home: Path, new: Path, stack: ExitStack, *,
                  source: Path) -> BackupSummary:
@@ -498,10 +501,12 @@ class HomeBackups:
         return replace(summary, path=home, replaced=kept, warnings=tuple(warnings))
 
     @staticmethod
-    def _recover(home: Path) -> None:
+    def _recover(home: Path) -> list[str]:
         """One restore killed after its swap left the old HOME aside: keep it as a restore that
-        ends does. (One killed between its two renames, with no HOME left, was put back by
-        ``_put_back`` before ``restoring_home`` made a HOME to lock, so HOME is there now.)"""
+        ends does, and say where. (One killed between its two renames, with no HOME left, was
+        put back by ``_put_back`` before ``restoring_home`` made a HOME to lock, so HOME is
+        there now.)"""
+        said: list[str] = []
         old = home.with_name(f".{home.name}.restore-old")
         new = home.with_name(f".{home.name}.restore-new")
         _restore_scratch(old)
@@ -509,7 +514,7 @@ class HomeBackups:
         if old.is_dir() and (home / RESTORED).is_file():
             # Killed after the swap, before the old one was kept aside.
             _carry_cache(old, home)
-            _recovered(old, home)
+            said.append(_recovered(old, home))
         elif old.is_dir():
             raise ConfigError(f"{old} is a SELFIE_LORA_HOME a restore killed midway set aside, "
                               f"and {home} was made since: move one of them away first")
@@ -520,9 +525,10 @@ class HomeBackups:
         elif new.is_dir():
             # Killed after its exchange: this is the HOME it replaced.
             _carry_cache(new, home)
-            _recovered(new, home)
+            said.append(_recovered(new, home))
         if home.is_dir():
             (home / PENDING).unlink(missing_ok=True)
+        return said
 
     @staticmethod
     def _unpack(source: Path, folder: Path) -> None:
@@ -800,8 +806,11 @@ def _keep_aside(previous: Path, home: Path) -> tuple[Path, str | None]:
     return kept, None
 
 
-def _recovered(previous: Path, home: Path) -> None:
+def _recovered(previous: Path, home: Path) -> str:
     kept, problem = _keep_aside(previous, home)
     if problem:
         raise ConfigError(problem)
-    logger.warning("kept %s, the SELFIE_LORA_HOME a restore killed midway replaced", kept)
+    said = (f"kept {kept}, the SELFIE_LORA_HOME a restore killed midway replaced (it waited "
+            f"hidden as {previous.name}): delete it once you no longer need it")
+    logger.warning("%s", said)
+    return said
