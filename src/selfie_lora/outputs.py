@@ -19,6 +19,10 @@ def write_whole(path: Path, data: bytes) -> None:
     removed; the ``OSError`` is the caller's to report."""
     partial = partial_path(path)
     try:
+        # One found there is what an earlier write of the same name left when it was killed:
+        # ours by its name. Removed, not written into: a link there had its target overwritten,
+        # then took the final name itself.
+        partial.unlink(missing_ok=True)
         partial.write_bytes(data)
         partial.replace(path)
     except OSError:

@@ -156,6 +156,28 @@ def test_export_under_a_file_is_refused_in_one_line(trained: Services, tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "home"]  # no partial file
 
 
+def test_export_replaces_what_a_killed_export_of_the_same_name_left(trained: Services,
+                                                                    tmp_path: Path) -> None:
+    target = tmp_path / "lora-v1.safetensors"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("not the LoRA's")
+    # A killed export's .part, and one that is a link to another file (made in a shared folder).
+    for leftover in ("short", "link"):
+        if leftover == "short":
+            partial_path(target).write_bytes(b"cut short")
+        else:
+            partial_path(target).symlink_to(elsewhere)
+        done = CliRunner().invoke(cli.app, ["export", "1", "--user", "ann", "--out",
+                                            str(target), "--force"])
+        assert done.exit_code == 0, done.output
+        assert not target.is_symlink()
+        sha = hashlib.sha256(target.read_bytes()).hexdigest()
+        assert f"sha256 {sha}" in " ".join(done.output.split())
+        assert not partial_path(target).is_symlink()
+        assert not partial_path(target).exists()
+    assert elsewhere.read_text() == "not the LoRA's"
+
+
 def test_export_to_a_path_ending_in_a_slash_makes_that_folder(trained: Services,
                                                                tmp_path: Path) -> None:
     folder = tmp_path / "newdir" / "loras"
