@@ -7,7 +7,7 @@ import dataclasses
 import re
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from sqlalchemy import event, insert
 
 from selfie_lora.adapters.db.tables import EventRow
 from selfie_lora.config import Settings
+from selfie_lora.domain.entities import Generation
 from selfie_lora.wiring import Services
 from tests.conftest import make_settings
 from tests.integration.test_web import (
@@ -200,6 +201,30 @@ def test_the_log_walks_page_by_page_without_gaps_or_repeats(
     assert all(p["events"] for p in pages)
     r = trained.get("/api/model/log", params={"before": "nope"}, headers={"Authorization": key})
     assert r.status_code == 404, r.text
+
+
+def test_the_generate_page_reads_only_the_versions_its_pictures_name(
+        trained: TestClient, svc: Services, statements: Statements) -> None:
+    user = svc.users.get_by_name(name="ann")
+    model = svc.repo.get_model_for_user(user.id)
+    assert model is not None
+    grow_history(svc, "ann", 2)
+    for n, vid in enumerate(["ann-v3", "ann-v2", "ann-v3"]):
+        svc.repo.add_generation(Generation(
+            id=f"g{n}", user_id=user.id, model_id=model.id, version_id=vid, prompt="a hat",
+            lora_scale=1.0, seed=n, image_keys=(f"generations/g{n}-0.png",),
+            created_at=datetime.now(UTC) + timedelta(seconds=n)))
+    few = statements.during(trained, "/generate")
+    page = trained.get("/generate").text
+    assert "· v3 ·" in page
+    assert "· v2 ·" in page
+    grow_history(svc, "ann", 30)
+    many = statements.during(trained, "/generate")
+    assert len(many) == len(few)
+    # Every version and likeness record of the model was read to number the pictures shown.
+    assert not [s for s in many if "FROM version_quality" in s]
+    assert not [s for s in many if "\nFROM versions \nWHERE versions.model_id" in s
+                and "IN (" not in s]
 
 
 def test_the_versions_page_shows_the_newest_and_links_to_older_ones(

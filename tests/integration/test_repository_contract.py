@@ -469,6 +469,15 @@ def test_versions_newest_first_and_numbers_unique(repo: SqlRepository) -> None:
         repo.add_version(version(model, 2, vid="v3", training_id="t3"))
 
 
+def test_versions_are_read_by_id_within_their_model_only(repo: SqlRepository) -> None:
+    model, _dataset = with_two_versions(repo)
+    _bob, bobs, _ = seed(repo, "bob")
+    assert {v.number for v in repo.versions_by_ids(model.id, ["v2", "gone"])} == {2}
+    assert {v.id for v in repo.versions_by_ids(model.id, {"v1", "v2"})} == {"v1", "v2"}
+    assert repo.versions_by_ids(bobs.id, ["v1"]) == []  # ann's
+    assert repo.versions_by_ids(model.id, []) == []
+
+
 def test_remote_id_lookup_and_events(repo: SqlRepository) -> None:
     _user, model, dataset = seed(repo)
     t = dataclasses.replace(training(model, dataset, "t1"), remote_id="r-123")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -189,6 +189,15 @@ class ModelService:
             records = {r.version_id: r for r in self._repo.list_likeness(model.id)}
             return [(v, records.get(v.id)) for v in self._repo.list_versions(model.id)]
         return [(v, history.records.get(v.id)) for v in history.versions]
+
+    def version_numbers(self, *, user: User, version_ids: Collection[str]) -> dict[str, int]:
+        """The numbers of the user's versions among ``version_ids`` (a page of generations'),
+        by id; one gone since is left out. Only those are read: the Generate page read every
+        version and likeness record of the model to number its 50 pictures."""
+        model = self._repo.get_model_for_user(user.id)
+        if model is None or not version_ids:
+            return {}
+        return {v.id: v.number for v in self._repo.versions_by_ids(model.id, version_ids)}
 
     def versions_page(self, *, user: User, limit: int | None = None, before: str | None = None
                       ) -> VersionsPage:

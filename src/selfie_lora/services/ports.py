@@ -572,6 +572,11 @@ class Repository(Protocol):
         at most that many (a page of ``GET /api/model/versions``)."""
         ...
 
+    def versions_by_ids(self, model_id: str, version_ids: Collection[str]) -> Sequence[Version]:
+        """The versions of ``model_id`` among ``version_ids`` (those gone or another model's
+        left out), in no set order: what a page of generations names, read without the rest."""
+        ...
+
     def set_version_gate(self, version_id: str, *, status: GateStatus, reason: str | None,
                          details: dict[str, Any]) -> None: ...
     def set_version_override(self, version_id: str, override: dict[str, Any]) -> None:

@@ -782,7 +782,8 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
     # only the 50 newest were ever listed.
     page = svc.generation.page(user=viewer.user, before=before or None)
     history = page.generations
-    numbers = {v.id: v.number for v, _ in svc.models.versions_with_likeness(user=viewer.user)}
+    numbers = svc.models.version_numbers(
+        user=viewer.user, version_ids={g.version_id for g in history})
     # The slider spans the range the model allows (the API's too), or a stored scale outside
     # it would show clamped and "Save the scale" would overwrite it. After a Generate it stays
     # at the scale that picture used (?lora_scale=), not the saved one.

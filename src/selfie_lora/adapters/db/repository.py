@@ -1111,6 +1111,14 @@ class SqlRepository:
             rows = s.scalars(query.order_by(VersionRow.number.desc()).limit(limit)).all()
             return [_version(r) for r in rows]
 
+    def versions_by_ids(self, model_id: str, version_ids: Collection[str]) -> Sequence[Version]:
+        if not version_ids:
+            return []
+        query = select(VersionRow).where(VersionRow.model_id == model_id,
+                                         VersionRow.id.in_(sorted(set(version_ids))))
+        with self._read() as s:
+            return [_version(r) for r in s.scalars(query).all()]
+
     # quality ----------------------------------------------------------------------------
     def save_likeness(self, quality: VersionLikeness) -> None:
         values = _likeness_values(quality)
