@@ -490,16 +490,19 @@ def _version_number(ref: str) -> int | None:
     for one past any version's (no version is older: the newest page, as ``before=9999``
     gives). Bound as it was, ``2147483648`` was out of PostgreSQL's INTEGER range (a 500
     telling the client to retry) and a number past 2**63 SQLite's (an OverflowError)."""
-    digits = ref.strip().removeprefix("v")
-    number = version_number_below(digits) if digits.isdecimal() else 0
+    number = version_number_below(ref)
     if number is not None and number < 1:
         raise InvalidInputError(f"before must be a version number, not {ref!r}")
     return number
 
 
-def version_number_below(digits: str) -> int | None:
-    """Decimal ``digits`` as a number below which to list versions; None past any version's
-    number (int() refuses over 4300 digits: those too)."""
+def version_number_below(ref: str) -> int | None:
+    """``ref`` (``12`` or ``v12``) as a number below which to list versions: 0 when it is not
+    a number, None past any version's number (int() refuses over 4300 digits: those too).
+    The API refuses what is below 1; the Versions page shows its newest page for it."""
+    digits = ref.strip().removeprefix("v")
+    if not digits.isdecimal():
+        return 0
     if len(digits.lstrip("0")) > len(str(VERSION_NUMBER_MAX)):
         return None
     number = int(digits)

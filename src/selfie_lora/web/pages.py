@@ -628,8 +628,8 @@ VERSIONS_PAGE = 50
 def _page_before(before: str | None) -> int | None:
     """The Versions page's ``?before=`` (or its forms' hidden ``before``) as a version number;
     None (the newest page) for anything else, as the API's: a number past any version's too."""
-    below = before.strip().removeprefix("v") if before else ""
-    return version_number_below(below) if below.isdecimal() else None
+    # Below 1 (not a number, 0): the newest page, where the API refuses it.
+    return (version_number_below(before) or None) if before else None
 
 
 def _versions_url(before: int | None) -> str:
