@@ -1333,7 +1333,8 @@ def generations_list(
         owner = services.users.get_by_name(name=user)
         page = services.generation.page(user=owner, limit=limit, before=before)
         # As the Generate page numbers them: a user with no model has no generations either.
-        numbers = {v.id: v.number for v in services.models.versions(user=owner)}
+        numbers = services.models.version_numbers(
+            user=owner, version_ids={g.version_id for g in page.generations})
         base = services.settings.public_url_base
     if as_json:
         sys.stdout.write(json.dumps({
