@@ -30,8 +30,8 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-# A page of a list that grows with every training (versions, the training log): at most this
-# many, as the generations gallery's pages.
+# A page of a list that grows with use (versions, the training log, the generations gallery):
+# at most this many.
 PAGE_MAX = 200
 
 

@@ -44,7 +44,7 @@ from selfie_lora.errors import (
     SelfieLoraError,
     WeightsDamagedError,
 )
-from selfie_lora.services.common import PerUserSlots, new_id, utcnow
+from selfie_lora.services.common import PAGE_MAX, PerUserSlots, new_id, page_limit, utcnow
 from selfie_lora.services.layout import generation_image_key
 from selfie_lora.services.ports import (
     MAX_SEED,
@@ -156,7 +156,7 @@ def _pictures(generation: Generation, places: Iterable[int]) -> list[Picture]:
 
 # The gallery's page (the Generate page, GET /api/generations), and the most one page holds.
 HISTORY_PAGE = 50
-HISTORY_MAX_PAGE = 200
+HISTORY_MAX_PAGE = PAGE_MAX  # as every paged list's
 
 
 @dataclass(frozen=True)
@@ -532,8 +532,7 @@ class GenerationService:
         generation it was taken from has been deleted since. A bare generation id (the cursor
         before positions, a bookmarked page) is looked up: a 404 for one that is not the
         user's (now or any more), as for a cursor that is neither."""
-        if not 1 <= limit <= HISTORY_MAX_PAGE:
-            raise InvalidInputError(f"limit must be 1 to {HISTORY_MAX_PAGE}")
+        page_limit(limit)
         cursor = None
         if before is not None:
             cursor = GenerationPosition.parse(before)
