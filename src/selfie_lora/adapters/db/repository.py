@@ -401,10 +401,10 @@ def _held_engines() -> set[int]:
     return engines
 
 
-# SQLSTATEs of text PostgreSQL cannot hold in its encoding (a NUL sent as bytes among them).
 # Ids bound in one ``IN (...)``: under SQLite's oldest limit (999) on a statement's parameters.
 _IN_CHUNK = 900
 
+# SQLSTATEs of text PostgreSQL cannot hold in its encoding (a NUL sent as bytes among them).
 _UNSTORABLE_TEXT_STATES = frozenset({"22021", "22P05"})
 
 
