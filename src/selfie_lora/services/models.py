@@ -183,11 +183,7 @@ class ModelService:
                                ) -> list[tuple[Version, VersionLikeness | None]]:
         """Every version, newest first, each with its likeness record."""
         if history is None:
-            model = self._repo.get_model_for_user(user.id)
-            if model is None:
-                return []
-            records = {r.version_id: r for r in self._repo.list_likeness(model.id)}
-            return [(v, records.get(v.id)) for v in self._repo.list_versions(model.id)]
+            return self.versions_page(user=user).versions
         return [(v, history.records.get(v.id)) for v in history.versions]
 
     def version_numbers(self, *, user: User, version_ids: Collection[str]) -> dict[str, int]:
