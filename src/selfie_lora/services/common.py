@@ -60,6 +60,12 @@ class PinFacts:
     trained_before: bool
     repinned_by_user: bool
 
+    @property
+    def fixed(self) -> bool:
+        """Whether the pin is the model's own already: else its first training takes the
+        configured one."""
+        return self.trained_before or self.repinned_by_user
+
 
 def pin_facts(repo: Repository, model: Model, *,
               trainings: Sequence[Training] | None = None) -> PinFacts:

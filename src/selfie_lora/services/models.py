@@ -163,8 +163,7 @@ class ModelService:
             # Every version comes of a training, so the pin is fixed: the hot read of a
             # trained model (GET /api/model, the progress polls) stays one query.
             return ModelOverview(model=model, active=active, active_record=record)
-        facts = pin_facts(self._repo, model)
-        fixed = facts.trained_before or facts.repinned_by_user
+        fixed = pin_facts(self._repo, model).fixed
         if not fixed and self._defaults is not None:
             model = pin_for_training(model, self._defaults(), trained_before=False)
         return ModelOverview(model=model, active=active, active_record=record, pin_fixed=fixed)

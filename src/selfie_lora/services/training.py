@@ -114,7 +114,14 @@ from selfie_lora.errors import (
 )
 from selfie_lora.logs import training_context
 from selfie_lora.services.checkpoints import TrainingCheckpoints
-from selfie_lora.services.common import Outage, new_id, next_training_pin, pin_facts, utcnow
+from selfie_lora.services.common import (
+    Outage,
+    PinFacts,
+    new_id,
+    next_training_pin,
+    pin_facts,
+    utcnow,
+)
 from selfie_lora.services.intake import IntakeService, PreparedDataset
 from selfie_lora.services.layout import manifest_key, photo_key, weights_key
 from selfie_lora.services.likeness import GateVerdict, LikenessService
@@ -198,18 +205,13 @@ class UploadResult:
 
 
 @dataclass(frozen=True)
-class NextPin:
+class NextPin(PinFacts):
     """A model as its next training pins it (``model``: backend, trainer version, destination),
-    and whether that pin is its own already (``fixed``: it has had a training, or its user
-    re-pinned it) or still follows the configuration until its first training."""
+    and the facts that say whether that pin is its own already (``fixed``: it has had a
+    training, or its user re-pinned it) or still follows the configuration until its first
+    training."""
 
     model: Model
-    trained_before: bool
-    repinned_by_user: bool
-
-    @property
-    def fixed(self) -> bool:
-        return self.trained_before or self.repinned_by_user
 
 
 @dataclass(frozen=True)
