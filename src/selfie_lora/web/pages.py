@@ -4,6 +4,7 @@ they are given."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import secrets
 import threading
@@ -651,23 +652,23 @@ def _page_of(rows: Sequence[Mapping[str, Any]], before: str | None
     return shown, older
 
 
-def _log_of_page(log: Sequence[Mapping[str, Any]], history: ModelHistory,
-                 shown: Sequence[Mapping[str, Any]], *, first: bool, last: bool
-                 ) -> list[Mapping[str, Any]]:
-    """The log entries of the trainings made in the time of the page's versions: from the
+def _history_of_page(history: ModelHistory, shown: Sequence[Mapping[str, Any]], *,
+                     first: bool, last: bool) -> ModelHistory:
+    """``history`` with the trainings made in the time of the page's versions only: from the
     training of its oldest version (back to the first on the last page) up to that of the
-    version above the page (to now on the first)."""
+    version above the page (to now on the first). Cut before the log is made of them: making
+    every training's entry to keep a page's cost a full log per view."""
     if not shown:
-        return list(log) if first else []
-    made = {t.id: t.created_at.isoformat() for t in history.trainings}
-    numbers = {v.number: v for v in history.versions}
+        return history if first else dataclasses.replace(history, trainings=[])
+    made = {t.id: t.created_at for t in history.trainings}
     newest, oldest = shown[0]["version"], shown[-1]["version"]
-    above = next((numbers[n] for n in sorted(numbers) if n > newest.number), None)
+    above = min((v for v in history.versions if v.number > newest.number),
+                key=lambda v: v.number, default=None)
     until = None if first or above is None else made.get(above.training_id)
     since = None if last else made.get(oldest.training_id)
-    # ISO strings of one time zone (UTC) sort as the times do.
-    return [e for e in log if (since is None or str(e["created_at"]) >= since)
-            and (until is None or str(e["created_at"]) < until)]
+    return dataclasses.replace(history, trainings=[
+        t for t in history.trainings
+        if (since is None or t.created_at >= since) and (until is None or t.created_at < until)])
 
 
 @router.get("/versions")
@@ -702,8 +703,8 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
                                  "versions to compare")
     shown, older = _page_of(rows, before)
     first = not rows or (bool(shown) and shown[0] is rows[0])
-    log = (_log_of_page(svc.likeness.training_log(user=viewer.user, history=history), history,
-                        shown, first=first, last=older is None)
+    log = (svc.likeness.training_log(user=viewer.user, history=_history_of_page(
+               history, shown, first=first, last=older is None))
            if history is not None else [])
     # The comparison's versions are chosen in its form; when there is none (an error), the
     # ones the user chose, so that the form shows what was asked.
