@@ -53,6 +53,13 @@ class ModelHistory:
     trainings: Sequence[Training]
 
 
+def read_history(repo: Repository, model: Model) -> ModelHistory:
+    """``model`` with its versions, likeness records and trainings, each read once."""
+    return ModelHistory(model=model, versions=repo.list_versions(model.id),
+                        records={r.version_id: r for r in repo.list_likeness(model.id)},
+                        trainings=repo.list_trainings(model.id))
+
+
 @dataclass(frozen=True)
 class PinFacts:
     """What ``plan_training`` needs to know of a model's past to decide its pin."""

@@ -74,7 +74,7 @@ from selfie_lora.errors import (
 from selfie_lora.likeness.chart import ChartPoint, chart_inputs, drawn_from, render_chart
 from selfie_lora.likeness.grid import GridRow, render_grid
 from selfie_lora.likeness.images import analysis_array, image_sanity
-from selfie_lora.services.common import ModelHistory, page_limit, utcnow
+from selfie_lora.services.common import ModelHistory, page_limit, read_history, utcnow
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.layout import chart_key, grid_key, photo_key, probe_image_key, reference_key
 from selfie_lora.services.ports import Alerter, BlobStore, FaceAnalyzer, Repository, Telemetry
@@ -767,10 +767,7 @@ class LikenessService:
         version it made, the gate's decision and the scores before and after. ``history``: the
         user's model, versions, records and trainings, already read."""
         if history is None:
-            model = self._model(user)
-            history = ModelHistory(model=model, versions=self._repo.list_versions(model.id),
-                                   records=self.summaries(model),
-                                   trainings=self._repo.list_trainings(model.id))
+            history = read_history(self._repo, self._model(user))
         versions = {v.id: v for v in history.versions}
         records = history.records
         entries = []

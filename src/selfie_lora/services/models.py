@@ -37,6 +37,7 @@ from selfie_lora.services.common import (
     ModelHistory,
     page_limit,
     pin_facts,
+    read_history,
     utcnow,
 )
 from selfie_lora.services.generation import generates_from_stored_weights, weights_missing_error
@@ -172,11 +173,7 @@ class ModelService:
         """The user's model with its versions, likeness records and trainings, each read once
         (None before the first upload), for a page that shows them in several ways."""
         model = self._repo.get_model_for_user(user.id)
-        if model is None:
-            return None
-        return ModelHistory(model=model, versions=self._repo.list_versions(model.id),
-                            records={r.version_id: r for r in self._repo.list_likeness(model.id)},
-                            trainings=self._repo.list_trainings(model.id))
+        return None if model is None else read_history(self._repo, model)
 
     def versions_with_likeness(self, *, user: User, history: ModelHistory | None = None
                                ) -> list[tuple[Version, VersionLikeness | None]]:
