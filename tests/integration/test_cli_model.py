@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from selfie_lora import cli
 from selfie_lora.errors import GenerationError
+from selfie_lora.services.training import NextPin
 from selfie_lora.testing.fakes import FakeGenerator
 from selfie_lora.wiring import Services
 from tests.conftest import auth, wait_terminal
@@ -77,13 +78,18 @@ def test_model_shows_the_model_and_its_active_version(trained: Services,
     assert shown == api
 
 
-def test_model_before_the_first_training_shows_the_pin_it_will_take(
-        trained: Services, client: TestClient) -> None:
-    upload(client, auth(trained, "bob"), start=False)
-    bob = trained.users.get_by_name(name="bob")
-    pin = trained.training.next_pin(user=bob)
+def untrained_pin(services: Services, client: TestClient) -> NextPin:
+    """bob's model, made by an upload and never trained: its pin still follows the settings."""
+    upload(client, auth(services, "bob"), start=False)
+    pin = services.training.next_pin(user=services.users.get_by_name(name="bob"))
     assert pin is not None
     assert not pin.fixed
+    return pin
+
+
+def test_model_before_the_first_training_shows_the_pin_it_will_take(
+        trained: Services, client: TestClient) -> None:
+    pin = untrained_pin(trained, client)
     code, said = run("model", "--user", "bob")
     assert code == 0, said
     assert (f"trainer version: {pin.model.trainer_version} (what the first training uses: "
@@ -104,11 +110,7 @@ def test_model_before_the_first_training_shows_the_pin_it_will_take(
 def test_a_repin_to_the_version_shown_before_the_first_training_says_it_is_now_chosen(
         trained: Services, client: TestClient) -> None:
     # Recorded and fixing the pin, it was printed '(unchanged)' (diffcli review 3).
-    upload(client, auth(trained, "bob"), start=False)
-    bob = trained.users.get_by_name(name="bob")
-    pin = trained.training.next_pin(user=bob)
-    assert pin is not None
-    assert not pin.fixed
+    pin = untrained_pin(trained, client)
     shown = pin.model.trainer_version
     code, said = run("model", "--user", "bob", "--trainer-version", shown, "--reason", "keep")
     assert code == 0, said
