@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -83,23 +82,16 @@ def chart_inputs(points: Sequence[ChartPoint], *, title: str, tolerance: float) 
 def drawn_from(png: bytes) -> str | None:
     """The ``chart_inputs`` a chart made by ``render_chart`` was drawn from (None for a PNG
     without them: one stored by an older release, or not a chart)."""
-    if not png.startswith(_PNG_SIGNATURE):
+    from PIL import Image
+
+    try:
+        # Opening reads the text chunks before the image data (where matplotlib writes its
+        # own), without decoding the image.
+        with Image.open(io.BytesIO(png), formats=("PNG",)) as image:
+            value = image.info.get(_INPUTS_KEY)
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    at = len(_PNG_SIGNATURE)
-    while at + 8 <= len(png):
-        length, kind = struct.unpack(">I4s", png[at:at + 8])
-        data = png[at + 8:at + 8 + length]
-        if kind == b"tEXt":
-            key, _, value = data.partition(b"\0")
-            if key == _INPUTS_KEY.encode("latin-1"):
-                return value.decode("latin-1")
-        if kind in (b"IDAT", b"IEND"):
-            return None  # matplotlib writes its text before the image data
-        at += 12 + length
-    return None
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+    return value if isinstance(value, str) else None
 
 
 # The chart's lines, as its legend names them (and the versions page's text for its alt).
