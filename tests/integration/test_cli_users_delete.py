@@ -173,6 +173,42 @@ def test_a_photo_uploaded_by_another_user_while_hers_are_deleted_is_written_back
     assert photos <= set(summary.blobs.kept)
 
 
+def test_the_deletion_answer_says_nothing_of_photos_another_account_holds_too(
+        on_services: Services, client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    """Photos are stored once per content: ann's, uploaded by bob too, stay in the storage. Her
+    answer (``DELETE /api/me``, ``users delete``) once listed them as "kept", telling her that
+    another account holds the same photo. From her side they are deleted (her reference is
+    gone): the answer counts what she had, whoever else holds it; the log keeps the detail."""
+    services = on_services
+    ann = own_model(client, services, "ann", photos=photo_zip(4), versions=0)
+    ann_blobs = {i.key: i.size for p in PREFIXES for i in services.blobs.list(p)}
+    ann_photos = {k for k in ann_blobs if k.startswith("photos/")}
+    assert ann_photos
+    for name in ("bob", "cat"):  # the same photos
+        own_model(client, services, name, photos=photo_zip(4), versions=0)
+    with caplog.at_level(logging.INFO, logger="selfie_lora"):
+        r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "ann"})
+    assert r.status_code == 200, r.text
+    # As if no one else had them: every blob of hers, photos included, and their bytes.
+    assert r.json()["deleted"] == {"name": "ann", "rows": r.json()["deleted"]["rows"],
+                                   "canceled": [], "blobs": len(ann_blobs),
+                                   "bytes": sum(ann_blobs.values())}
+    assert ann_photos <= blob_keys(services)  # still there: bob's and cat's
+    said = "\n".join(rec.getMessage() for rec in caplog.records)
+    assert f"kept {len(ann_photos)} blob(s)" in said  # the operator's detail, in the log
+    assert "bob" not in said
+    assert "cat" not in said
+    # The command's own lines (stdout) as the answer; its log (stderr) is the operator's.
+    result = CliRunner().invoke(cli.app, ["users", "delete", "cat", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert "deleted user cat" in result.stdout
+    assert "another account" not in result.stdout
+    assert "kept" not in result.stdout
+    result = CliRunner().invoke(cli.app, ["users", "delete", "bob", "--yes", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "kept" not in json.loads(result.stdout.splitlines()[-1])
+
+
 def test_no_confirmation_at_a_pipe_exits_2_and_an_unknown_name_deletes_nothing(
         on_services: Services, client: TestClient) -> None:
     services = on_services

@@ -315,6 +315,8 @@ class GcSummary:
     # Planned, then found referenced again, or written again, when it came to deleting it (a
     # dataset trained meanwhile, a photo uploaded again): kept.
     kept: tuple[str, ...] = ()
+    # Their bytes (``users delete`` only): the deleted account's answer counts them as deleted.
+    kept_size: int = 0
     notes: tuple[str, ...] = field(default=())
     # Ids of webhooks received more than WEBHOOK_MEMORY ago, forgotten (rows of their own).
     webhook_ids: int = 0

@@ -115,26 +115,31 @@ class ErasureSummary:
     canceled: tuple[str, ...] = ()
     user_row: bool = True
 
+    # What the account had in storage, as its owner (and an operator who forwards the answer)
+    # is told: a photo or weights kept because another account stores the same bytes is,
+    # from this account's side, deleted (its reference is gone). Told apart, it would tell one
+    # user that someone else uploaded that photo; the log says how many were kept.
+    @property
+    def blob_count(self) -> int:
+        return len(self.blobs.deleted) + len(self.blobs.kept)
+
+    @property
+    def blob_bytes(self) -> int:
+        return sum(p.size for p in self.blobs.deleted) + self.blobs.kept_size
+
     def lines(self) -> list[str]:
         out = [f"deleted user {self.name}"]
         out.extend(f"  canceled training {t}" for t in self.canceled)
         rows = ", ".join(f"{n} {table}" for table, n in self.rows.items()) or "none left"
         out.append(f"  rows: {rows}; the account itself"
                    + ("" if self.user_row else " (already gone)"))
-        size = sum(p.size for p in self.blobs.deleted)
-        out.append(f"  blobs and work folders: {len(self.blobs.deleted)}, "
-                   f"{format_bytes(size)}")
-        if self.blobs.kept:
-            out.append(f"  kept {len(self.blobs.kept)} blob(s) another account names too, or "
-                       "written within the grace period (the next gc deletes those no row "
-                       "names)")
+        out.append(f"  blobs and work folders: {self.blob_count}, "
+                   f"{format_bytes(self.blob_bytes)}")
         return out
 
     def as_json(self) -> dict[str, object]:
         return {"name": self.name, "rows": self.rows, "canceled": list(self.canceled),
-                "blobs": len(self.blobs.deleted),
-                "bytes": sum(p.size for p in self.blobs.deleted),
-                "kept": list(self.blobs.kept)}
+                "blobs": self.blob_count, "bytes": self.blob_bytes}
 
 
 class AccountEraser:
@@ -283,6 +288,11 @@ class AccountEraser:
         gone = self._repo.delete_user(user.id)
         # The words README quotes, as gc and users delete print them: what an operator greps for.
         logger.info("deleted user %s: %d blob(s) or folder(s)", user.name, len(blobs.deleted))
+        if blobs.kept:
+            # The operator's detail, never the user's answer (``ErasureSummary``): content keys
+            # only, no other account named.
+            logger.info("user %s: kept %d blob(s) another account names too, or stored again "
+                        "meanwhile: %s", user.name, len(blobs.kept), ", ".join(blobs.kept))
         return ErasureSummary(name=user.name, rows=rows, blobs=blobs, canceled=canceled,
                               user_row=gone)
 

@@ -401,7 +401,8 @@ class GarbageCollector:
         for item in intersect(plan.work_folders, again.work_folders):
             if self._remove_folder(item):
                 deleted.append(item)
-        return GcSummary(dry_run=False, deleted=tuple(deleted), kept=tuple(kept))
+        return GcSummary(dry_run=False, deleted=tuple(deleted), kept=tuple(kept),
+                         kept_size=sum(listing[k].size for k in set(kept) if k in listing))
 
     @contextlib.contextmanager
     def _holding(self) -> Iterator[_Hold]:
