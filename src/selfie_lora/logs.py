@@ -9,8 +9,10 @@ their arguments only are not parsed.
 
 from __future__ import annotations
 
+import ast
 import contextvars
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -57,6 +59,41 @@ class MisleadingLinesFilter(logging.Filter):
         return True
 
 
+# diffusers reports a prompt cut to its text encoder's window (CLIP's 77 tokens, T5's
+# ``max_sequence_length``) by logging the cut-off text itself, at WARNING: a user's prompt in the
+# operator's log, where this service logs only a generation's id, count, scale and seed.
+_PROMPT_CUT = re.compile(
+    r"^The following part of your input was truncated because (?P<why>.*?)\s*(?P<limit>\d+) "
+    r"tokens: (?P<text>.*)$", re.DOTALL)
+
+
+class PromptTextFilter(logging.Filter):
+    """Rewrites diffusers' "The following part of your input was truncated because ... N
+    tokens: [TEXT]" lines, whatever the pipeline, to say only that a prompt was cut, by which
+    encoder's window, and how many characters went: never the text (with ``-v`` too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("diffusers"):
+            return True
+        try:
+            found = _PROMPT_CUT.match(record.getMessage())
+        except Exception:  # a record whose arguments do not fit: not this line
+            return True
+        if found is None:
+            return True
+        encoder = "CLIP" if "CLIP" in found["why"] else "max_sequence_length, T5's on FLUX.1"
+        try:
+            cut = ast.literal_eval(found["text"])
+            size = (f"{sum(len(str(p)) for p in cut)} character(s) dropped"
+                    if isinstance(cut, list) else "its end dropped")
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            size = "its end dropped"
+        # In place: every handler after this one sees the rewritten line too.
+        record.msg = "a prompt was cut to %s tokens (%s): %s; its text is not logged"
+        record.args = (found["limit"], encoder, size)
+        return True
+
+
 @contextmanager
 def training_context(training_id: str | None) -> Iterator[None]:
     """Lines logged inside carry ``training_id`` (this thread, and what it calls)."""
@@ -98,6 +135,8 @@ def setup_logging(*, log_format: LogFormat = "text", verbose: bool = False) -> N
     handler.addFilter(TrainingIdFilter())
     if not verbose:
         handler.addFilter(MisleadingLinesFilter())
+    # After the filter above, which drops the cut of nothing (``: ['']``) by its words.
+    handler.addFilter(PromptTextFilter())
     handler.setFormatter(json_formatter() if log_format == "json"
                          else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()

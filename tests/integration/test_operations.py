@@ -383,6 +383,41 @@ def test_the_ml_libraries_import_warnings_show_only_with_verbose(restore_logging
             logging.getLogger(name).setLevel(logging.NOTSET)
 
 
+def test_a_prompt_cut_to_the_text_encoders_window_is_logged_without_its_text(
+        restore_logging: None) -> None:
+    # A prompt past CLIP's 77 tokens (or T5's max_sequence_length) made diffusers log the part
+    # it cut off at WARNING: the user's prompt text ("... my diagnosis is LEAKPLANT") in the
+    # server's log, -v or not. Now a line says the cut and its size, never the text.
+    del restore_logging
+    cuts = [
+        ("diffusers.pipelines.flux.pipeline_flux",
+         "The following part of your input was truncated because CLIP can only handle "
+         "sequences up to 77 tokens: ['coat , smiling widely , my diagnosis is leakplant']",
+         "a prompt was cut to 77 tokens (CLIP): 49 character(s) dropped; its text is not "
+         "logged"),
+        ("diffusers.pipelines.flux.pipeline_flux",
+         "The following part of your input was truncated because `max_sequence_length` is set "
+         "to  32 tokens: ['aring a blue coat, my diagnosis is LEAKPLANT']",
+         "a prompt was cut to 32 tokens (max_sequence_length, T5's on FLUX.1): 44 "
+         "character(s) dropped; its text is not logged"),
+        ("diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3",
+         "The following part of your input was truncated because CLIP can only handle "
+         "sequences up to 77 tokens: ['LEAKPLANT', 'and another LEAKPLANT']",
+         "a prompt was cut to 77 tokens (CLIP): 30 character(s) dropped"),
+    ]
+    for verbose in (False, True):
+        setup_logging(log_format="text", verbose=verbose)
+        stream = io.StringIO()
+        logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        for name, message, _said in cuts:
+            logging.getLogger(name).warning(message)
+        shown = stream.getvalue()
+        assert "LEAKPLANT" not in shown.upper(), (verbose, shown)
+        assert "diagnosis" not in shown, (verbose, shown)
+        for _name, _message, said in cuts:
+            assert said in shown, (verbose, shown)
+
+
 def test_library_lines_that_read_as_failures_show_only_with_verbose(
         restore_logging: None) -> None:
     # 'selfie-lora train' printed, while a version was scored, that a prompt "will result in
@@ -399,10 +434,11 @@ def test_library_lines_that_read_as_failures_show_only_with_verbose(
          "to  32 tokens: ['']"),
         ("matplotlib.font_manager", logging.INFO, "generated new fontManager"),
     ]
-    kept = [  # the same loggers' other lines, a real cut among them
-        ("diffusers.pipelines.flux.pipeline_flux", logging.WARNING,
-         "The following part of your input was truncated because CLIP can only handle "
-         "sequences up to 77 tokens: ['on a beach at sunset']"),
+    # As -v shows them: a prompt's cut in words of its own, without the text (the next test).
+    as_shown = {misleading[1][2]: "a prompt was cut to 32 tokens (max_sequence_length, T5's "
+                                  "on FLUX.1): 0 character(s) dropped"}
+    kept = [  # the same loggers' other lines (a real cut: see the test below)
+        ("diffusers.pipelines.flux.pipeline_flux", logging.WARNING, "another diffusers line"),
         ("transformers.tokenization_utils_base", logging.WARNING, "another warning"),
         ("matplotlib.font_manager", logging.WARNING, "findfont: Font family not found"),
     ]
@@ -416,5 +452,5 @@ def test_library_lines_that_read_as_failures_show_only_with_verbose(
         for _name, _level, message in kept:
             assert message in shown
         for _name, _level, message in misleading:
-            assert (message in shown) is verbose, (verbose, message)
+            assert (as_shown.get(message, message) in shown) is verbose, (verbose, message)
 
