@@ -191,3 +191,28 @@ def test_photos_uploaded_again_are_not_analysed_again(real: tuple[TestClient, Se
     assert (dataset["images_total"], dataset["images_accepted"]) == (4, 3)
     assert ("biden.jpg", "different_person") in {(f["photo"], f["code"])
                                                   for f in dataset["findings"]}
+
+
+def test_another_users_photos_are_analysed_again_not_answered_from_their_cache(
+        real: tuple[TestClient, Services]) -> None:
+    """The remembered analyses were shared by every user: bob sending ann's exact files (same
+    names and bytes) was answered from her entries, in milliseconds where an analysis takes
+    half a second (``verdict.seconds`` said so): he learned that another account had uploaded
+    those photos. Each user now hits only their own entries."""
+    client, services = real
+    members = {n: (FIXTURES / n).read_bytes() for n in ("obama.jpg", "obama2.jpg", "obama3.jpg")}
+    ann, bob = auth(services, "ann"), auth(services, "bob")
+
+    def upload(headers: dict[str, str]) -> None:
+        r = client.post("/api/training/upload-zip", headers=headers, data={"start": "false"},
+                        files={"file": ("me.zip", zip_of(members), "application/zip")})
+        assert r.status_code == 202, r.text
+
+    upload(ann)
+    assert services.intake.outcomes.hits == 0
+    upload(bob)  # her files: analysed again, as any photo he never sent
+    assert services.intake.outcomes.hits == 0
+    upload(ann)  # her own again: remembered
+    assert services.intake.outcomes.hits == 3
+    upload(bob)
+    assert services.intake.outcomes.hits == 6

@@ -235,7 +235,12 @@ class OutcomeCache:
     same photos with one more, or a check followed by the upload, analyses each photo once.
     A photo's outcome depends on nothing else (the set checks, which compare photos, always run
     again), its name included: findings name the photo. Failures that may not happen again (a
-    worker that died, a decode short of memory) are not kept. Thread-safe: request threads share one."""
+    worker that died, a decode short of memory) are not kept. Thread-safe: request threads share one.
+
+    Each entry is one user's (``scope``, the user's id): shared, a user sending another
+    account's exact file got its answer from the cache, in milliseconds where an analysis takes
+    half a second (and ``verdict.seconds`` said so), which told them that someone else had
+    uploaded that photo. Scoped, one user's uploads never change how another's is answered."""
 
     def __init__(self, *, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
@@ -245,9 +250,10 @@ class OutcomeCache:
         self.hits = 0
 
     @staticmethod
-    def key(upload: UploadedFile, *, policy: CheckPolicy, limits: UploadLimits,
-            analyzer: FaceAnalyzer) -> tuple[object, ...]:
-        return (upload.name, hashlib.sha256(upload.data).digest(), policy, limits,
+    def key(upload: UploadedFile, *, scope: str | None, policy: CheckPolicy,
+            limits: UploadLimits, analyzer: FaceAnalyzer) -> tuple[object, ...]:
+        """``scope``: whose intake it is (a user's id; None: no user's, ``selfie-lora check``)."""
+        return (scope, upload.name, hashlib.sha256(upload.data).digest(), policy, limits,
                 analyzer.model_name, id(analyzer))
 
     def get(self, key: tuple[object, ...], *, order: int) -> PhotoOutcome | None:
@@ -413,12 +419,15 @@ def _each_alone(jobs: Sequence[tuple[int, UploadedFile]], *, factory: AnalyzerFa
 
 def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: CheckPolicy,
                analyzer: FaceAnalyzer, factory: AnalyzerFactory | None = None,
-               workers: int = 2, cache: OutcomeCache | None = None) -> IntakeResult:
+               workers: int = 2, cache: OutcomeCache | None = None,
+               cache_scope: str | None = None) -> IntakeResult:
     """Judge and prepare a set of uploaded photos. Nothing is stored: the caller stores
     ``prepared`` when ``report.trainable``. With a ``factory`` the photos are analysed in
     worker processes, each with the analyzer it builds; else in threads with ``analyzer``.
     With a ``cache``, a photo analysed before (same name, bytes, policy, limits and analyzer)
-    is not analysed again; the set checks always run. ``ConfigError`` (the face tools are not
+    is not analysed again, if it was analysed for the same ``cache_scope`` (the user's id:
+    one user never gets another's answer, see ``OutcomeCache``); the set checks always run.
+    ``ConfigError`` (the face tools are not
     installed, say) stops the whole intake."""
     analyzer.ready()
     started = time.perf_counter()
@@ -431,7 +440,8 @@ def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: C
         for i, f in enumerate(files)]
     keys: list[tuple[object, ...]] = []
     if cache is not None:
-        keys = [cache.key(f, policy=policy, limits=limits, analyzer=analyzer) for f in files]
+        keys = [cache.key(f, scope=cache_scope, policy=policy, limits=limits,
+                          analyzer=analyzer) for f in files]
         known = [known[i] or cache.get(key, order=i) for i, key in enumerate(keys)]
     todo = [(i, f) for i, f in enumerate(files) if known[i] is None]
     fresh = _analyse_all(todo, limits=limits, policy=policy, analyzer=analyzer,

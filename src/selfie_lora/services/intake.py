@@ -246,7 +246,8 @@ class IntakeService:
                                      aspect_buckets=recipe.aspect_buckets)
         result = run_intake(files, limits=self.limits, policy=policy, analyzer=self._analyzer,
                             factory=self._analyzer_factory, workers=self._workers,
-                            cache=self.outcomes)
+                            cache=self.outcomes,
+                            cache_scope=user.id if user is not None else None)
         report = IntakeReport.from_result(result, notes=findings, target=target,
                                           resolution=resolution)
         self._telemetry.intake_done(seconds=result.seconds, photos=result.images_total,
