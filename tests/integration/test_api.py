@@ -189,6 +189,45 @@ def test_a_version_published_to_another_model_is_not_generated_with(tmp_path: Pa
     assert svc.repo.list_generations(svc.users.get_by_name(name="ann").id, limit=10) == []
 
 
+@dataclass
+class SameRemoteVersionTrainer(FakeTrainer):
+    """A backend that names the same remote version for every training: the destination's
+    latest taken for an output that named none, while Replicate had added none for the run."""
+
+    backend: str = "replicate"
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        return dataclasses.replace(super().train(job, sink=sink),
+                                   remote_version=f"{job.destination}:" + "c" * 64)
+
+
+def test_a_retrain_is_never_stored_on_an_earlier_version_s_remote_version(
+        tmp_path: Path) -> None:
+    """Review repro: version 2 was stored with version 1's Replicate version, so it was scored
+    and generated with version 1's weights."""
+    settings = make_settings(tmp_path, trainer="replicate", replicate_owner="acme",
+                             quality_gate=False)
+    svc = build_services(settings, trainers={"replicate": SameRemoteVersionTrainer()},
+                         face_analyzer=one_person_analyzer(),
+                         generators={"replicate": FakeGenerator(backend="replicate")})
+    try:
+        with TestClient(create_app(settings, services=svc, run_worker=True)) as client:
+            h = auth(svc, "ann")
+            first = wait_terminal(client, h, upload(client, h, photo_zip(4, size=1024))
+                                  ["training"]["id"])
+            assert first["training"]["status"] == "succeeded"
+            again = client.post("/api/training/start", headers=h, json={}).json()["training"]
+            done = wait_terminal(client, h, again["id"])
+            versions = client.get("/api/model/versions", headers=h).json()["versions"]
+    finally:
+        svc.close()
+    assert done["training"]["status"] == "failed", done
+    assert "version 1's" in done["training"]["error"]
+    assert "Start the training again" in done["training"]["error"]
+    assert [v["number"] for v in versions] == [1]
+    assert done["model"]["active_version"]["number"] == 1
+
+
 def test_other_users_objects_are_404(client: TestClient, services: Services,
                                      fake_generator: FakeGenerator) -> None:
     ann = auth(services, "ann")

@@ -195,6 +195,59 @@ def test_output_methods_name_where_the_weights_were(
     assert "output[1] (tar)" in methods["list"]
 
 
+@pytest.mark.parametrize("shape", ["url", "null_version"])
+def test_a_retrain_whose_output_names_no_version_never_takes_the_previous_one(
+    shape: str,
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    replicate_sleeps: list[float],
+) -> None:
+    """Review repro: a retrain's output named no version and Replicate had added none yet; it
+    was stored with the destination's latest, the first training's, so its scoring and every
+    generation ran the old weights."""
+    first = replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
+    assert first.remote_version is not None
+    replicate_standin.output_shape = shape
+    replicate_standin.publish_versions = False
+    replicate_sleeps.clear()
+
+    with pytest.raises(TrainingFailedError) as caught:
+        replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
+
+    message = caught.value.user_message
+    assert "did not say which version" in message
+    assert "Start the training again" in message
+    # looked again, a bounded number of times, poll_interval apart
+    assert replicate_sleeps.count(2.0) >= 2
+    assert len(replicate_standin.versions["selfie-lora/lora-u1"]) == 1
+
+
+def test_a_version_replicate_adds_a_moment_after_the_run_ended_is_taken(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer_factory: TrainerFactory,
+    replicate_job_factory: JobFactory,
+) -> None:
+    added: list[str] = []
+
+    def sleep(seconds: float) -> None:
+        # the first look found only the earlier training's version; Replicate adds this one's now
+        if not replicate_standin.publish_versions and not added and any(
+                t.status == "succeeded" for t in replicate_standin.trainings.values()
+                if t.output_shape == "url"):
+            added.append(replicate_standin.create_model_version("selfie-lora/lora-u1"))
+
+    trainer = replicate_trainer_factory(sleep=sleep)
+    first = trainer.train(replicate_job_factory(), sink=RecordingSink())
+    replicate_standin.output_shape = "url"
+    replicate_standin.publish_versions = False
+
+    result = trainer.train(replicate_job_factory(), sink=RecordingSink())
+
+    assert added
+    assert result.remote_version == added[0] != first.remote_version
+
+
 def test_a_version_of_another_model_is_flagged(
     replicate_standin: ReplicateStandIn,
     replicate_trainer: ReplicateTrainer,

@@ -23,3 +23,13 @@ def find_version(versions: Sequence[Version], ref: str) -> Version | None:
         if version.id == wanted or (numeric and version.number == int(number)):
             return version
     return None
+
+
+def holder_of_remote_version(versions: Sequence[Version], remote_version: str | None) -> Version | None:
+    """The version among ``versions`` (one model's) already stored with ``remote_version`` (the
+    hosted backend's version its generations run on); None when none is, or there is none.
+    Two versions on one remote version would run the same weights whichever is chosen: a new
+    training's must be its own."""
+    if not remote_version:
+        return None
+    return next((v for v in versions if v.remote_version == remote_version), None)

@@ -93,7 +93,7 @@ from selfie_lora.domain.plan import (
 from selfie_lora.domain.progress import add_loss_point, mark_pace
 from selfie_lora.domain.recipes import recipe_for
 from selfie_lora.domain.states import can_transition, transition
-from selfie_lora.domain.versions import VERSION_ACTIVATED
+from selfie_lora.domain.versions import VERSION_ACTIVATED, holder_of_remote_version
 from selfie_lora.errors import (
     AuthError,
     BlobMissingError,
@@ -108,6 +108,7 @@ from selfie_lora.errors import (
     TrainerError,
     TrainerUnavailableError,
     TrainingCanceledError,
+    TrainingFailedError,
     TrainingInterruptedError,
     UploadInProgressError,
     describe,
@@ -1224,6 +1225,21 @@ class TrainingService:
             model = tx.get_model(training.model_id)
             assert model is not None
             versions = tx.list_versions(training.model_id)
+            holder = holder_of_remote_version(versions, result.remote_version)
+            if holder is not None:
+                # The backend named a remote version an earlier version already runs on: stored,
+                # this one's scoring and every generation "with" it would run that one's weights.
+                # Nothing is written (the transaction rolls back); the training fails saying so.
+                raise TrainingFailedError(
+                    f"the trainer named remote version {result.remote_version}, which version "
+                    f"{holder.number} already has",
+                    user_message=(
+                        f"The training finished, but the hosted model version it named is version "
+                        f"{holder.number}'s, not one made from this training's weights. Nothing "
+                        "was stored. Start the training again; if it happens again, tell the "
+                        "operator."
+                    ),
+                )
             version = Version(
                 id=new_id(), model_id=training.model_id,
                 number=(versions[0].number + 1) if versions else 1,

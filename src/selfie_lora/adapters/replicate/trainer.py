@@ -88,6 +88,9 @@ _MAX_LIST_PAGES = 3
 # and the owed cancel (``remote_cancel_pending``) is asked again by the next pass. The full
 # retry policy held them 62 s with fast 503s, about 7 minutes when Replicate did not answer.
 CANCEL_TIMEOUT_S = 5.0
+# How many times the destination is read for the version an output that names none was
+# published as (``poll_interval`` apart): Replicate may add it a moment after the run ends.
+_VERSION_LOOKS = 3
 
 def build_training_zip(photos: Iterable[TrainingPhoto]) -> bytes:
     """The ``input_images`` zip: ``NNN.jpg`` plus ``NNN.txt`` holding the caption.
@@ -659,7 +662,8 @@ class ReplicateTrainer:
         output = training.output
         remote_version = output.get("version") if isinstance(output, dict) else None
         if not isinstance(remote_version, str) or not remote_version:
-            remote_version = self._latest_version(session, destination, stop=stop)
+            remote_version = self._own_latest_version(session, job, training, destination,
+                                                      stop=stop)
         mismatch = False
         if remote_version is not None:
             model = remote_version.split(":", 1)[0]
@@ -711,22 +715,60 @@ class ReplicateTrainer:
                            training_id, exc.message)
             return weights
 
-    @staticmethod
-    def _latest_version(session: ReplicateSession, destination: str, *,
-                        stop: Callable[[], bool]) -> str | None:
-        """The destination's newest version, for outputs that carry no ``version``."""
-        try:
-            model = session.call("read the destination model",
-                                 lambda: session.client.models.get(destination), stop=stop)
-        except TrainerError as exc:
-            logger.warning("could not read %s's latest version: %s", destination, exc)
-            return None
-        latest = model.latest_version
-        if latest is None:
-            logger.warning("the output names no version and %s has none", destination)
-            return None
-        logger.info("the output names no version; using %s's latest (%s)", destination, latest.id)
-        return f"{destination}:{latest.id}"
+    def _own_latest_version(self, session: ReplicateSession, job: TrainingJob,
+                            training: Training, destination: str, *,
+                            stop: Callable[[], bool]) -> str:
+        """For an output that names no version: the destination's newest version, only when
+        Replicate made it for this run (created at or after the run was). An older one is
+        another training's (the previous retrain's, or a run canceled here after it had
+        succeeded there): stored as this one's, its scoring and every generation "with" the
+        new version would run the old weights. Replicate may add the version a moment after
+        the run ends, so it is looked for a few times, ``poll_interval`` apart; then the
+        training fails saying so, rather than pointing at weights that are not its own."""
+        since = parse_time(training.created_at)
+        latest: str | None = None
+        for look in range(_VERSION_LOOKS):
+            if look:
+                if stop():
+                    raise CallStoppedError("stopped while looking for the training's version")
+                self._sleep(self._poll_interval)
+            try:
+                model = session.call("read the destination model",
+                                     lambda: session.client.models.get(destination), stop=stop)
+            except TrainerUnavailableError:
+                raise  # the worker steps away; the next attempt adopts the run and looks again
+            except TrainerError as exc:
+                logger.warning("training %s: could not read %s's latest version: %s",
+                               job.training_id, destination, exc)
+                break
+            version = model.latest_version
+            if version is None:
+                continue
+            latest = version.id
+            created = version.created_at
+            made = (parse_time(created) if isinstance(created, str)
+                    else created if isinstance(created, datetime) else None)
+            if made is not None and made.tzinfo is None:
+                made = made.replace(tzinfo=UTC)
+            if since is not None and made is not None and made >= since:
+                logger.info("training %s: the output names no version; using %s's latest (%s), "
+                            "made by this run", job.training_id, destination, version.id)
+                return f"{destination}:{version.id}"
+        logger.warning("training %s: Replicate training %s names no version in its output and "
+                       "%s has none made since it began (latest: %s)", job.training_id,
+                       training.id, destination, latest)
+        raise TrainingFailedError(
+            f"Replicate training {training.id} names no version in its output, and "
+            f"{destination} has no version made since the training began (latest: {latest})",
+            user_message=(
+                "The training finished on Replicate, but Replicate did not say which version "
+                f"of {destination} holds the new weights, and none made by this training "
+                "appeared there. Nothing was stored, so no version runs another training's "
+                "weights. Start the training again; if it happens again, tell the operator."
+            ),
+            details=[{"remote_id": training.id, "destination": destination,
+                      "latest_version": latest}],
+        )
 
 
 def _stop_check(sink: ProgressSink) -> Callable[[], bool]:
