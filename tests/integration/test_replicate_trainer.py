@@ -119,6 +119,52 @@ def test_three_trainings_share_one_model_destination_version_and_trigger_word(
     assert len({r.remote_version for r in results}) == 3
 
 
+def test_a_destination_deleted_on_replicate_is_made_again_by_the_next_training(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review repro: once checked, the destination was cached for the process's life; deleted
+    on Replicate, every retrain failed "The specified training destination does not exist"
+    until a restart."""
+    replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
+    with replicate_standin.lock:  # an operator deletes the model on replicate.com
+        del replicate_standin.models["selfie-lora/lora-u1"]
+        del replicate_standin.versions["selfie-lora/lora-u1"]
+
+    result = replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
+
+    assert result.remote_version is not None
+    assert result.remote_version.startswith("selfie-lora/lora-u1:")
+    assert len(replicate_standin.model_creations) == 2
+    assert replicate_standin.count("POST", TRAININGS_POST) == 3  # the refused one, then one more
+    assert len(replicate_standin.trainings) == 2
+    assert "creating it again" in caplog.text
+
+
+def test_a_destination_that_cannot_be_made_again_fails_saying_what_to_do(
+    replicate_standin: ReplicateStandIn,
+    replicate_trainer: ReplicateTrainer,
+    replicate_job_factory: JobFactory,
+) -> None:
+    replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
+    with replicate_standin.lock:
+        del replicate_standin.models["selfie-lora/lora-u1"]
+    # its create answered "already exists", yet it still does not
+    replicate_standin.fail_next("POST", "/v1/model[s]", status=409)
+
+    with pytest.raises(TrainingFailedError) as caught:
+        replicate_trainer.train(replicate_job_factory(), sink=RecordingSink())
+
+    message = caught.value.user_message
+    assert "selfie-lora/lora-u1 does not exist" in message
+    assert "Tell the operator" in message
+    assert "SELFIE_LORA_REPLICATE_OWNER" in message
+    assert replicate_standin.count("POST", TRAININGS_POST) == 3  # once more, not for ever
+    assert len(replicate_standin.trainings) == 1
+
+
 def test_input_zip_has_one_caption_per_photo_with_the_trigger_word(
     replicate_standin: ReplicateStandIn,
     replicate_trainer: ReplicateTrainer,

@@ -5,7 +5,8 @@ model's one destination, polls it to the end, and copies the LoRA out of the out
 Replicate deletes it (outputs live about an hour). What it guarantees:
 
 * The destination model is created once (GET, then create on 404; a 409 means someone else won
-  the race, which is fine).
+  the race, which is fine), and checked once per process; a create refused because it no longer
+  exists (deleted on Replicate since) makes it again and creates once more.
 * A training is created at most once per job, even when a create POST times out after Replicate
   acted on it: before every create attempt (the first too, for a worker that died between create
   and ``sink.started``) it lists recent trainings and adopts the one made for this job. The marker
@@ -91,6 +92,10 @@ CANCEL_TIMEOUT_S = 5.0
 # How many times the destination is read for the version an output that names none was
 # published as (``poll_interval`` apart): Replicate may add it a moment after the run ends.
 _VERSION_LOOKS = 3
+
+class _DestinationMissingError(Exception):
+    """A training's create refused with 404 because its destination model does not exist."""
+
 
 def build_training_zip(photos: Iterable[TrainingPhoto]) -> bytes:
     """The ``input_images`` zip: ``NNN.jpg`` plus ``NNN.txt`` holding the caption.
@@ -395,10 +400,44 @@ class ReplicateTrainer:
                 webhook_events_filter=self._webhook_events,
             )
 
-        # Asked once more right before the run is made: a cancel asked by now creates none.
-        if stop():
-            raise CallStoppedError("stopped before creating the training")
-        return session.call("create the training", create, reconcile=find_existing, stop=stop)
+        def create_or_missing() -> Training:
+            try:
+                return create()
+            except ReplicateError as exc:
+                if exc.status == 404 and "destination" in str(exc.detail or "").lower():
+                    raise _DestinationMissingError(str(exc.detail)) from exc
+                raise
+
+        for again in (False, True):
+            # Asked once more right before the run is made: a cancel asked by now creates none.
+            if stop():
+                raise CallStoppedError("stopped before creating the training")
+            try:
+                return session.call("create the training", create_or_missing,
+                                    reconcile=find_existing, stop=stop)
+            except _DestinationMissingError as exc:
+                if again:
+                    raise TrainingFailedError(
+                        f"Replicate refused to create the training: {exc}, after {destination} "
+                        "was created again",
+                        user_message=(
+                            f"Replicate refused to create the training: its destination model "
+                            f"{destination} does not exist, and creating it again did not help. "
+                            "Nothing was trained or billed. Tell the operator: the account of "
+                            "REPLICATE_API_TOKEN must be able to create and train models of "
+                            f"{destination.split('/', 1)[0]} (SELFIE_LORA_REPLICATE_OWNER)."
+                        ),
+                    ) from exc
+                # Checked once by this process and cached for its life: deleted on Replicate
+                # since (on replicate.com, by an operator). Made again as a first training does,
+                # rather than fail every retrain until the workers restart.
+                logger.warning("training %s: Replicate says the destination %s does not exist "
+                               "(deleted since this process checked it); creating it again",
+                               job.training_id, destination)
+                with self._ensured_lock:
+                    self._ensured.discard(destination)
+                self._ensure_destination(session, destination, stop=stop)
+        raise AssertionError("unreachable")  # the second pass returns or raises
 
     def _find_existing(
         self,
