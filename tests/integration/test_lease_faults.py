@@ -7,6 +7,7 @@ likeness gate's decision (the training then succeeds with no error)."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -226,6 +227,62 @@ def test_a_heartbeat_goes_on_after_an_error_nobody_expected(
     failures = [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
     assert len(failures) == 2
     assert all(r.exc_info is not None for r in failures)  # a bug shows its traceback
+
+
+class CountedRenewals(SqlRepository):
+    """The database, counting the renewals of a lease and what they answered."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.answers: list[bool] = []
+
+    def renew_lease(self, training_id: str, **lease: Any) -> bool:
+        kept = super().renew_lease(training_id, **lease)
+        self.answers.append(kept)
+        return kept
+
+
+def test_a_heartbeat_after_its_training_ended_warns_of_no_lost_lease(
+        beating: Machine, caplog: pytest.LogCaptureFixture) -> None:
+    """Review repro: "lease lost (attempt 1)" was logged as a WARNING right after "training ...
+    succeeded": the training's end released the lease before its heartbeat stopped."""
+    svc = beating.worker(FakeTrainer())
+    repo = CountedRenewals(svc.engine)
+    worker = beating.training_service(svc, repo)
+    training_id = queued_for_ann(svc)
+    held = worker._claim(training_id, owner="A", stopping=threading.Event())
+    assert held is not None
+    caplog.set_level("DEBUG", logger="selfie_lora.services.training")
+    with held.heartbeat():
+        _until(lambda: len(repo.answers) >= 2, timeout=5)
+        # the training's own end releases the lease while this worker is still in it
+        worker._finish_failed(held, user_message="x", reason="x", code="training_failed")
+        _until(lambda: False in repo.answers, timeout=5)
+    assert row(svc, training_id).status is TrainingStatus.FAILED
+    assert not [r for r in caplog.records
+                if r.levelname == "WARNING" and "lease lost" in r.getMessage()]
+    assert any("has ended; its heartbeat stops" in r.getMessage() for r in caplog.records)
+
+
+def test_a_heartbeat_that_really_lost_its_lease_still_warns(
+        beating: Machine, caplog: pytest.LogCaptureFixture) -> None:
+    svc = beating.worker(FakeTrainer())
+    repo = CountedRenewals(svc.engine)
+    worker = beating.training_service(svc, repo)
+    training_id = queued_for_ann(svc)
+    held = worker._claim(training_id, owner="A", stopping=threading.Event())
+    assert held is not None
+    with held.heartbeat():
+        _until(lambda: len(repo.answers) >= 1, timeout=5)
+        # another worker's attempt holds it now
+        with svc.repo.atomic() as tx:
+            current = tx.get_training(training_id, for_update=True)
+            assert current is not None
+            tx.save_training(dataclasses.replace(current, lease_owner="B",
+                                                 attempt=current.attempt + 1))
+        _until(held.lost.is_set, timeout=5)
+    assert any(r.levelname == "WARNING" and "lease lost" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_a_database_that_blinks_interrupts_a_training_and_does_not_fail_it(

@@ -1658,10 +1658,25 @@ class _Held:
                 logger.exception("training %s: heartbeat failed", self.training_id)
                 continue
             if not kept:
-                logger.warning("training %s: lease lost (attempt %d)", self.training_id,
-                               self.attempt)
                 self.lost.set()
+                if self._ended():
+                    # Released by the training's own end (its last transaction ends the lease
+                    # before this worker is done: alerts, the remote run's cancel): not a loss.
+                    logger.debug("training %s: it has ended; its heartbeat stops",
+                                 self.training_id)
+                else:
+                    logger.warning("training %s: lease lost (attempt %d)", self.training_id,
+                                   self.attempt)
                 return
+
+    def _ended(self) -> bool:
+        """Whether the training has ended (the renewal refused because its end released the
+        lease); False when that cannot be read (warned as a loss, which it may be)."""
+        try:
+            current = self._service._repo.get_training(self.training_id)
+        except SelfieLoraError:
+            return False
+        return current is not None and current.status.is_terminal
 
     def interrupted(self) -> bool:
         return self.lost.is_set() or self._stopping.is_set()
