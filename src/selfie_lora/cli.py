@@ -1143,14 +1143,17 @@ def model_cmd(
             # the operator does not allow, a re-pin while a training runs, is refused with its
             # message and nothing changes.
             try:
-                services.models.change(user=owner, lora_scale=lora_scale,
-                                       lora_scale_to_default=default_scale,
-                                       trainer_version=trainer_version, reason=reason)
+                changed = services.models.change(user=owner, lora_scale=lora_scale,
+                                                 lora_scale_to_default=default_scale,
+                                                 trainer_version=trainer_version,
+                                                 reason=reason)
             except InvalidInputError as exc:
                 if exc.code != ErrorCode.REASON_REQUIRED:
                     raise
                 _fail(f"{exc.message}: pass --reason TEXT")
-        overview = services.models.overview(user=owner)
+        # A change shows the model as it left it: read again, a request of the server's
+        # committed meanwhile (the user's scale reset on the web) was shown as this change.
+        overview = changed if changing else services.models.overview(user=owner)
         # What the model page shows: before the first training, the pin that training takes
         # (the configured one unless the user chose one), not the row stored at the upload.
         pin = services.training.next_pin(user=owner)
@@ -1286,8 +1289,8 @@ def activate_cmd(
     with opened(trainers={}, generators={}) as services:
         owner = services.users.get_by_name(name=user)
         before = services.models.overview(user=owner).active
-        model = services.models.activate(user=owner, version_id=number)
-        now = services.models.overview_of(model).active
+        # The model as the activation left it, not read again (another activation may follow).
+        now = services.models.activate(user=owner, version_id=number).active
     assert now is not None  # activate made one active
     was = f" (was version {before.number})" if before is not None else ""
     if before is not None and before.id == now.id:

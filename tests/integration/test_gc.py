@@ -227,7 +227,7 @@ def check_everything_used_reads_back(w: World) -> None:
                 assert hashlib.sha256(b"".join(stream.chunks)).hexdigest() == photo.sha256
     # Rollback to ann's first version, and generating with it; the comparison of her two.
     first = svc.models.version(user=w.ann, version_id="1")
-    assert svc.models.activate(user=w.ann, version_id="1").active_version_id == first.id
+    assert svc.models.activate(user=w.ann, version_id="1").model.active_version_id == first.id
     made = svc.generation.generate(user=w.ann, request=GenerationRequest(prompt="rolled back"))
     assert made.version_id == first.id
     assert svc.likeness.compare(user=w.ann, a="1", b="2").a.id == first.id

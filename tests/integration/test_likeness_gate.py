@@ -269,7 +269,7 @@ def test_explicit_activation_of_a_held_version_works_and_is_recorded(rig: Rig) -
     generator_of(rig).photos = other_person()
     v2 = rig.train(ann)
     assert v2.gate_status is GateStatus.HELD
-    model = rig.models.activate(user=ann, version_id=v2.id)
+    model = rig.models.activate(user=ann, version_id=v2.id).model
     assert model.active_version_id == v2.id
     after = rig.repo.get_version(v2.id)
     assert after is not None

@@ -48,15 +48,18 @@ def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, 
     if body.lora_scale is None and not to_default and body.trainer_version is None:
         raise InvalidInputError("nothing to change: send lora_scale (a number, or null for the "
                                 "default) or trainer_version", code=ErrorCode.EMPTY_PATCH)
-    # Both in one transaction: a PATCH is applied whole or not at all.
-    svc.models.change(user=user, lora_scale=body.lora_scale, lora_scale_to_default=to_default,
-                      trainer_version=body.trainer_version, reason=body.reason or "")
+    # Both in one transaction: a PATCH is applied whole or not at all. The answer is the model
+    # as that transaction left it: read again here, it showed another request's change
+    # committed meanwhile (the same user's scale reset) as this one's.
+    changed = svc.models.change(user=user, lora_scale=body.lora_scale,
+                                lora_scale_to_default=to_default,
+                                trainer_version=body.trainer_version, reason=body.reason or "")
     # A recipe of more pixels than the stored photos were prepared at: said now, not only
     # when the next start is refused.
     notice = (svc.training.photos_to_upload_again(user=user)
               if body.trainer_version is not None else None)
-    return {**model_of(svc, user), "photos_need_upload_again": notice is not None,
-            "notice": notice}
+    return {**overview_json(changed, base=svc.settings.public_url_base),
+            "photos_need_upload_again": notice is not None, "notice": notice}
 
 
 @router.get("/versions", responses=errors({422: (E.INVALID_REQUEST, E.INVALID_INPUT)})
@@ -76,8 +79,9 @@ def versions(user: UserDep, svc: ServicesDep, limit: int | None = None,
     | answers(ModelAnswer))
 def activate(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]:
     """Rollback or roll forward; ``version_id`` is an id or a number (``2``, ``v2``)."""
-    svc.models.activate(user=user, version_id=version_id)
-    return model_of(svc, user)
+    # The model as the activation left it, not read again (another activation may follow).
+    return overview_json(svc.models.activate(user=user, version_id=version_id),
+                         base=svc.settings.public_url_base)
 
 
 @router.get("/versions/{version_id}/weights", responses=WEIGHTS_ERRORS,

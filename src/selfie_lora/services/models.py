@@ -155,19 +155,30 @@ class ModelService:
         return self._pinned_overview(model, active, record)
 
     def _pinned_overview(self, model: Model, active: Version | None,
-                         record: VersionLikeness | None) -> ModelOverview:
+                         record: VersionLikeness | None, *,
+                         repo: Repository | None = None) -> ModelOverview:
         """The overview with the pin the next training takes (the model page's,
         ``TrainingService.next_pin``), not the row stored at the upload: before the first
         training that row may name a trainer version, backend and destination the training
-        will not use (the configuration changed since the upload)."""
+        will not use (the configuration changed since the upload). ``repo``: the transaction
+        the model was read in (a write's answer), else the service's repository."""
         if active is not None:
             # Every version comes of a training, so the pin is fixed: the hot read of a
             # trained model (GET /api/model, the progress polls) stays one query.
             return ModelOverview(model=model, active=active, active_record=record)
-        fixed = pin_facts(self._repo, model).fixed
+        fixed = pin_facts(repo or self._repo, model).fixed
         if not fixed and self._defaults is not None:
             model = pin_for_training(model, self._defaults(), trained_before=False)
         return ModelOverview(model=model, active=active, active_record=record, pin_fixed=fixed)
+
+    def _written_overview(self, tx: Repository, user: User) -> ModelOverview:
+        """A write's answer: the overview as the write's own transaction ``tx`` leaves it, read
+        before it commits. Read after the commit, another request's write committed in between
+        (the same user's scale reset, another activation) was answered as this one's."""
+        found = tx.get_model_overview(user.id)
+        if found is None:  # the model's row is locked by the write: it cannot be gone
+            raise NoModelError(user=user.name)
+        return self._pinned_overview(*found, repo=tx)
 
     def history(self, *, user: User) -> ModelHistory | None:
         """The user's model with its versions, likeness records and trainings, each read once
@@ -223,16 +234,17 @@ class ModelService:
         sizes = self._repo.dataset_sizes(set(used.values()))
         return {version_id: sizes.get(dataset_id, 0) for version_id, dataset_id in used.items()}
 
-    def set_lora_scale(self, *, user: User, lora_scale: float) -> Model:
+    def set_lora_scale(self, *, user: User, lora_scale: float) -> ModelOverview:
         return self.change(user=user, lora_scale=lora_scale)
 
-    def change_trainer_version(self, *, user: User, trainer_version: str, reason: str) -> Model:
+    def change_trainer_version(self, *, user: User, trainer_version: str,
+                               reason: str) -> ModelOverview:
         """The one explicit, logged way to move a model to another trainer version (``change``)."""
         return self.change(user=user, trainer_version=trainer_version, reason=reason)
 
     def change(self, *, user: User, lora_scale: float | None = None,
                lora_scale_to_default: bool = False,
-               trainer_version: str | None = None, reason: str = "") -> Model:
+               trainer_version: str | None = None, reason: str = "") -> ModelOverview:
         """``PATCH /api/model``: the LoRA scale, the trainer version, or both, each change with
         its event in the audit log, all in one transaction: the whole of it is applied, or
         nothing (a crash, a bad scale, a refused re-pin). The trainer version must be one its
@@ -243,7 +255,7 @@ class ModelService:
         when it is the version shown (``repin_is_recorded``), so that it becomes the pin.
         ``lora_scale_to_default`` (``{"lora_scale": null}``) gives the model back the default
         scale, no longer custom (``lora_scale_reset``); on a model not custom it changes and
-        logs nothing."""
+        logs nothing. The answer is the model as this change left it (``_written_overview``)."""
         if lora_scale is not None and lora_scale_to_default:
             raise InvalidInputError("send a lora_scale or go back to the default, not both",
                                     code=ErrorCode.INVALID_LORA_SCALE)
@@ -304,9 +316,10 @@ class ModelService:
                 tx.set_model_lora_scale(model.id, DEFAULT_LORA_SCALE, is_custom=False)
                 tx.add_event(model_id=model.id, kind="lora_scale_reset",
                              data={"from": model.lora_scale, "to": DEFAULT_LORA_SCALE})
+            changed_overview = self._written_overview(tx, user)
         if repinned is not None:
             logger.warning("model %s re-pinned from %s to %s (%s)", model.id, *repinned, reason)
-        return self.get(user=user)
+        return changed_overview
 
     def versions(self, *, user: User) -> Sequence[Version]:
         model = self._repo.get_model_for_user(user.id)
@@ -321,12 +334,13 @@ class ModelService:
             return None
         return self._repo.get_version(model.active_version_id)
 
-    def activate(self, *, user: User, version_id: str) -> Model:
+    def activate(self, *, user: User, version_id: str) -> ModelOverview:
         """Rollback or roll forward, the gate notwithstanding: a version the likeness gate held
         back (or has not judged yet) can be activated; the override is recorded on the version
         and in the log. A version whose weights are gone from the storage, on a backend that
         generates from them, is refused (409 ``weights_missing``), as is a local version trained
-        for another base model than the server's (409 ``base_model_mismatch``)."""
+        for another base model than the server's (409 ``base_model_mismatch``). The answer is
+        the model as this activation left it (``_written_overview``): that version active."""
         found = self.get(user=user)
         wanted = _models_version(self._repo, found, version_id)
         if (generates_from_stored_weights(found.backend)
@@ -360,10 +374,11 @@ class ModelService:
                 "gate": str(version.gate_status), "gate_reason": version.gate_reason,
                 "overrides_gate": overrides,
             })
+            activated = self._written_overview(tx, user)
         if overrides:
             logger.info("model %s: version %d activated by its user against the gate (%s)",
                         model.id, version.number, version.gate_status)
-        return self.get(user=user)
+        return activated
 
     def weights(self, *, user: User, version_id: str) -> bytes:
         return self._blobs.get(self.version(user=user, version_id=version_id).weights_key)

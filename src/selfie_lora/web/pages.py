@@ -732,12 +732,13 @@ def version_activate(request: Request, version_id: str, viewer: FormViewer,
                      before: OptionalFormStr = None) -> Response:
     web = _web(request)
     models = web.services.models
-    models.activate(user=viewer.user, version_id=version_id)
+    activated = models.activate(user=viewer.user, version_id=version_id).active
+    # The activation made it active; its number comes of the activation's own answer.
+    assert activated is not None
     # Back to the page the form was on (its hidden ``before``), at the version now active:
     # the newest page, where it went, does not show a version from an older page, so the
     # user who rolled back saw neither the row nor its "active" badge.
-    number = models.version(user=viewer.user, version_id=version_id).number
-    return _see(f"{_versions_url(_page_before(before))}#v{number}")
+    return _see(f"{_versions_url(_page_before(before))}#v{activated.number}")
 
 
 @router.get("/versions/{version_id}/weights")
