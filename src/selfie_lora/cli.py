@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
-from rich.markup import escape
 from rich.table import Table
 
 from selfie_lora.config import (
@@ -31,6 +30,7 @@ from selfie_lora.console import (
     err_console,
     fewer_photos_hint,
     follow_training,
+    literal,
     print_findings,
     print_report,
 )
@@ -92,7 +92,7 @@ def _settings(*, code: int = 1) -> Settings:
 
 def _invalid_settings(exc: ValidationError, *, code: int) -> NoReturn:
     for line in settings_errors(exc):
-        err_console.print(f"[red]invalid setting:[/red] {escape(line)}", highlight=False,
+        err_console.print(f"[red]invalid setting:[/red] {literal(line)}", highlight=False,
                           soft_wrap=True)
     raise typer.Exit(code) from None
 
@@ -102,7 +102,7 @@ def _fail(message: str, *, label: str = "error", code: int = 1,
     """``label: message`` as one line on stderr (then ``details``, see ``_print_details``), and
     exit status ``code``. The message is printed as it is: a path or a name such as
     'Pictures/[me]' is text, not rich markup."""
-    err_console.print(f"[red]{label}:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]{label}:[/red] {literal(message)}", highlight=False, soft_wrap=True)
     _print_details(details)
     raise typer.Exit(code) from None
 
@@ -273,7 +273,7 @@ def _say_new_home(settings: Settings) -> None:
     if settings.log_format == "json":  # stderr is a log collector's: lines of JSON only
         logger.info("new data folder %s (SELFIE_LORA_HOME)", home)
         return
-    err_console.print(f"selfie-lora: made a new data folder, {escape(str(home))} "
+    err_console.print(f"selfie-lora: made a new data folder, {literal(str(home))} "
                       "(SELFIE_LORA_HOME, default ./.selfie-lora of the current folder); "
                       "'serve' and other commands see what is in it only when run from the same "
                       "folder or with the same SELFIE_LORA_HOME", highlight=False, soft_wrap=True)
@@ -299,7 +299,7 @@ def _print_details(details: Sequence[Any]) -> None:
         # as Python's repr.
         shown = (", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in detail.items())
                  if isinstance(detail, dict) else str(detail))
-        err_console.print(f"  - {escape(shown)}", highlight=False, soft_wrap=True)
+        err_console.print(f"  - {literal(shown)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -365,7 +365,7 @@ def serve(
                     _data_shown(settings))
     else:
         console.print(f"selfie-lora: open [bold]http://{shown}:{port}/[/bold] in a browser "
-                      f"(API docs at /docs); {escape(_data_shown(settings))}")
+                      f"(API docs at /docs); {literal(_data_shown(settings))}")
     run_server(application, settings, sock=sock)
 
 
@@ -421,7 +421,7 @@ def users_create(
         sys.stdout.write(json.dumps({"user": user.name, "api_key": key,
                                      "password_set": secret is not None}) + "\n")
     else:
-        console.print(f"created user [bold]{escape(user.name)}[/bold]")
+        console.print(f"created user [bold]{literal(user.name)}[/bold]")
         console.print(f"API key (shown once, keep it safe): [bold]{key}[/bold]")
         if secret is not None:
             console.print("password set: sign in at the address `selfie-lora serve` prints")
@@ -438,7 +438,7 @@ def users_password(name: str) -> None:
         secret = _read_new_password(command="users password")
         services.users.set_password(user=user, password=secret)
     # The account's own name: 'ALICE' finds alice, and it is alice's password that was set.
-    console.print(f"password of [bold]{escape(user.name)}[/bold] set; their browser sessions "
+    console.print(f"password of [bold]{literal(user.name)}[/bold] set; their browser sessions "
                   "have ended")
 
 
@@ -479,7 +479,7 @@ def keys_list(
     if as_json:
         sys.stdout.write(json.dumps({"keys": [api_key_json(k, now=now) for k in keys]}) + "\n")
         return
-    table = Table(title=escape(f"API keys of {owner.name}"))
+    table = Table(title=literal(f"API keys of {owner.name}"))
     # The id whole, whatever the terminal's width: revoke and rotate take nothing less, and a
     # cut one ('679bdd9f-d184-4e2…') was 'no such API key'. The other columns wrap instead,
     # the times at their space.
@@ -490,7 +490,7 @@ def keys_list(
         revoked = _minute(key.revoked_at) if key.revoked_at else "-"
         if key.in_grace_at(now):
             revoked = f"rotated: works until {revoked}"
-        table.add_row(key.id, escape(key.name), key.prefix + "...", _minute(key.created_at),
+        table.add_row(key.id, literal(key.name), key.prefix + "...", _minute(key.created_at),
                       revoked)
     console.print(table)
 
@@ -507,7 +507,7 @@ def _print_key(key: object, secret: str, *, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps({"id": key.id, "name": key.name, "api_key": secret}) + "\n")
     else:
-        console.print(f"API key {key.id} ({escape(key.name)}); shown once, keep it safe: "
+        console.print(f"API key {key.id} ({literal(key.name)}); shown once, keep it safe: "
                       f"[bold]{secret}[/bold]")
 
 
@@ -752,7 +752,7 @@ def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> N
     finally:
         worker.stop()  # a second call (after the hand-back) does nothing
     if final.status != "succeeded":
-        err_console.print(f"[red]training {final.status}:[/red] {escape(final.error or '')}",
+        err_console.print(f"[red]training {final.status}:[/red] {literal(final.error or '')}",
                           highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     overview = services.models.overview(user=owner)
@@ -761,11 +761,11 @@ def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> N
     if new is not None and new.gate_status is GateStatus.HELD:
         # The training worked; the likeness gate kept the previous version active.
         console.print(f"[yellow]succeeded, but version {new.number} is held back[/yellow]: "
-                      f"{escape(new.gate_reason or '')}")
+                      f"{literal(new.gate_reason or '')}")
         console.print(f"version {active.number if active else '?'} stays active; compare "
-                      f"them with 'selfie-lora compare --user {escape(user)}', or activate version "
+                      f"them with 'selfie-lora compare --user {literal(user)}', or activate version "
                       f"{new.number} yourself ('selfie-lora activate {new.number} --user "
-                      f"{escape(user)}')")
+                      f"{literal(user)}')")
     else:
         console.print(f"[green]succeeded[/green]: version {active.number if active else '?'} "
                       f"is active (LoRA scale {model.lora_scale})")
@@ -966,11 +966,11 @@ def export_cmd(
 
 def _cannot_write(path: Path, exc: OSError, *, also: str | None = None) -> NoReturn:
     """A file or folder that cannot be written is one line and exit status 1, not a traceback."""
-    err_console.print(f"[red]error:[/red] cannot write {escape(str(path))}: "
-                      f"{escape(str(exc.strerror or exc))}",
+    err_console.print(f"[red]error:[/red] cannot write {literal(str(path))}: "
+                      f"{literal(str(exc.strerror or exc))}",
                       highlight=False, soft_wrap=True)
     if also:
-        err_console.print(f"  {escape(also)}", highlight=False, soft_wrap=True)
+        err_console.print(f"  {literal(also)}", highlight=False, soft_wrap=True)
     raise typer.Exit(1) from None
 
 
@@ -1251,7 +1251,7 @@ def versions_cmd(
         console.print(f"{owner.name}'s model has no version yet: each training that succeeds "
                       "adds one", markup=False, highlight=False, soft_wrap=True)
         return
-    table = Table(title=escape(f"versions of {owner.name}'s model, newest first"))
+    table = Table(title=literal(f"versions of {owner.name}'s model, newest first"))
     for column in ("version", "made (UTC)", "likeness", "gate", "active"):
         table.add_column(column)
     for v in found:
@@ -1349,7 +1349,7 @@ def generations_list(
                                                             else ""),
                       markup=False, highlight=False, soft_wrap=True)
         return
-    table = Table(title=escape(f"generations of {owner.name}, newest first"))
+    table = Table(title=literal(f"generations of {owner.name}, newest first"))
     # The id whole, whatever the terminal's width: 'generations delete' takes nothing less.
     table.add_column("id", no_wrap=True,
                      min_width=max(len(g.id) for g in page.generations))
@@ -1357,7 +1357,7 @@ def generations_list(
         table.add_column(column, overflow="fold")
     for g in page.generations:
         number = numbers.get(g.version_id)
-        table.add_row(g.id, _minute(g.created_at), escape(_short_prompt(g.prompt)),
+        table.add_row(g.id, _minute(g.created_at), literal(_short_prompt(g.prompt)),
                       "?" if number is None else str(number), f"{g.lora_scale:g}",
                       str(len(g.image_keys)))
     console.print(table)
@@ -1501,7 +1501,7 @@ def users_list(
             # Not an account merely locked out: its deletion is under way, or its process died
             # and the next collection (or 'users delete NAME' run again) finishes it.
             disabled += ", deletion pending"
-        table.add_row(escape(u.user.name), f"{u.user.created_at:%Y-%m-%d %H:%M}", str(u.keys),
+        table.add_row(literal(u.user.name), f"{u.user.created_at:%Y-%m-%d %H:%M}", str(u.keys),
                       "yes" if u.has_password else "no", disabled)
     console.print(table)
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as _rich_escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -35,6 +35,22 @@ class _Console(Console):
         super().print(*objects, soft_wrap=soft_wrap, **options)
 
 
+def literal(text: str) -> str:
+    """``text`` (a path, a name, a message) as rich markup that prints exactly ``text``.
+
+    Every user text that goes into markup goes through here. rich's own ``escape`` doubles a
+    final backslash, right only where a tag follows it: elsewhere rich prints both, so a folder
+    named '/tmp/photos\\' was shown as '/tmp/photos\\\\' and could not be pasted back into a
+    shell (and a text ending in two backslashes lost one before a tag). Here the final
+    backslashes are doubled and an empty no-op tag always follows them, so rich reads each pair
+    as one backslash whatever the caller puts after the text."""
+    body = text.rstrip("\\")
+    trailing = len(text) - len(body)
+    if not trailing:
+        return _rich_escape(text)
+    return _rich_escape(body) + "\\" * (2 * trailing) + "[none][/none]"
+
+
 console = _Console()
 err_console = _Console(stderr=True)
 
@@ -44,13 +60,13 @@ _SEVERITY_ORDER = {"reject": 0, "warn": 1, "info": 2}
 def findings_table(findings: Sequence[Finding], title: str) -> Table:
     # Escaped: a title holds the user's path, and a photo's name, a message or advice may hold
     # '[...]', which rich would read as markup (and drop, or fail on).
-    table = Table(title=escape(title))
+    table = Table(title=literal(title))
     for column in ("severity", "photo", "code", "message", "advice"):
         table.add_column(column)
     for f in findings:
         colour = {"reject": "red", "warn": "yellow"}.get(f.severity, "cyan")
-        table.add_row(f"[{colour}]{f.severity}[/{colour}]", escape(f.photo or "(set)"),
-                      escape(f.code), escape(f.message), escape(f.advice))
+        table.add_row(f"[{colour}]{f.severity}[/{colour}]", literal(f.photo or "(set)"),
+                      literal(f.code), literal(f.message), literal(f.advice))
     return table
 
 

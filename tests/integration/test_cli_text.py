@@ -66,6 +66,18 @@ def test_a_folder_with_brackets_in_its_name_is_named_whole(cli: CliRunner,
     assert "few_photos" in result.output
 
 
+def test_a_folder_ending_in_a_backslash_is_named_as_it_is(cli: CliRunner,
+                                                          tmp_path: Path) -> None:
+    """rich's escape doubled the final backslash and rich printed both: the title named
+    '.../photos\\\\', a folder that does not exist, and the path did not paste back."""
+    folder = four_photos(tmp_path / "photos \\")
+    result = cli.invoke(app, ["check", str(folder)])
+    assert result.exit_code == 1, result.output
+    said = "".join(result.output.split())
+    assert "".join(f"Findings for {folder}".split()) in said, result.output
+    assert "\\\\" not in said, result.output
+
+
 def test_a_path_that_looks_like_markup_is_no_crash(cli: CliRunner, tmp_path: Path) -> None:
     path = tmp_path / "no[/such]"
     result = cli.invoke(app, ["check", str(path)])

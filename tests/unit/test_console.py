@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 from rich.console import Console
 
-from selfie_lora.console import print_report
+from selfie_lora.console import literal, print_report
 from selfie_lora.dataset.prepare import PreparedPhoto
 from selfie_lora.domain.entities import Finding
 from selfie_lora.services.intake import IntakeReport
@@ -98,3 +101,14 @@ def test_the_verdicts_counts_add_up_to_the_upload_and_say_what_the_text_says() -
     assert (refused.verdict["accepted"], refused.verdict["rejected"]) == (0, 14)
     assert refused.verdict["passed_own_checks"] == 14
     assert "14 of 14 photos pass their own checks, but the set is refused" in _printed(refused)
+
+
+@pytest.mark.parametrize("text", ["/tmp/photos\\", "/tmp/photos\\\\", "C:\\a\\", "\\",
+                                  "no[/such]\\", "[bold]x\\[/bold]\\", "plain", ""])
+@pytest.mark.parametrize("around", ["{} (after)", "[bold]{}[/bold] after", "{}", "[red]{}[/red]"])
+def test_a_text_is_printed_as_it_is_whatever_it_ends_in(text: str, around: str) -> None:
+    """rich's escape doubled a final backslash, and rich printed both where no tag followed:
+    a folder '/tmp/photos\\' was shown as '/tmp/photos\\\\', which does not paste back."""
+    out = Console(record=True, width=400)
+    out.print(around.format(literal(text)), highlight=False)
+    assert out.export_text() == re.sub(r"\[/?(bold|red)\]", "", around).format(text) + "\n"
