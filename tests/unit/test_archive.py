@@ -454,6 +454,24 @@ def test_a_folder_is_read_without_following_links(tmp_path: Path) -> None:
     assert sorted(f.photo or "" for f in findings) == [".hidden.jpg", "link.jpg", "sub"]
 
 
+def test_folder_names_alike_but_for_case_or_form_are_shown_as_they_are(tmp_path: Path) -> None:
+    """A Linux folder may hold café.JPG twice (composed and decomposed), Photo.Jpg and
+    photo.jpg: they were shown as 'café.JPG (2)' and 'photo.jpg (2)', names of no file on disk,
+    and the two café.JPG could not be told apart."""
+    for i, name in enumerate(["caf\u00e9.JPG", "cafe\u0301.JPG", "Photo.Jpg", "photo.jpg",
+                              "noext"]):
+        (tmp_path / name).write_bytes(jpeg(seed=i))
+    files, _ = read_path(tmp_path, limits=LIMITS)
+    assert sorted(f.name for f in files) == [
+        "Photo.Jpg (1 of 2 names that differ only in case)",
+        "café.JPG (as written: caf\\u00e9.JPG)",
+        "café.JPG (as written: cafe\\u0301.JPG)",
+        "noext",
+        "photo.jpg (2 of 2 names that differ only in case)",
+    ]
+    assert len({f.name.casefold() for f in files}) == 5  # still unique, as findings need
+
+
 def test_a_zip_path_is_read(tmp_path: Path) -> None:
     path = tmp_path / "p.zip"
     path.write_bytes(zip_of({"a.jpg": jpeg()}))

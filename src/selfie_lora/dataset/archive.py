@@ -42,6 +42,7 @@ import stat
 import struct
 import unicodedata
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -886,22 +887,48 @@ def _clean(text: str) -> str:
 
 def _display_names(raw_names: list[str]) -> list[str]:
     """Basenames for display; where two collide, the cleaned path tells them apart (findings
-    are matched to photos by name, so names must be unique)."""
+    are matched to photos by name, so names must be unique, whatever their case or form).
+
+    A folder (Linux allows it) or a cleaned path can still hold names that fold alike. Each is
+    shown as it is, with a note the user can act on, never an invented name ('café.JPG (2)' named
+    no file on disk): names that still look the same (one é composed, NFC, one decomposed, NFD,
+    as macOS writes it; or a name holding an invisible character that cleaning took out) are
+    shown with their code points; names that differ only in case are numbered in their group."""
     bases = [display_name(n) or "photo" for n in raw_names]
-    counts: dict[str, int] = {}
-    for base in bases:
-        counts[_fold(base)] = counts.get(_fold(base), 0) + 1
-    names: list[str] = []
+    counts = Counter(_fold(base) for base in bases)
+    names = [base if counts[_fold(base)] == 1 else _clean(raw.strip("/")) or base
+             for raw, base in zip(raw_names, bases, strict=True)]
+    looks = Counter(names)
+    names = [f"{name} (as written: {_code_points(raw.strip('/'))})" if looks[name] > 1 else name
+             for raw, name in zip(raw_names, names, strict=True)]
+    alike = Counter(_fold(name) for name in names)
+    nth: Counter[str] = Counter()
+    shown: list[str] = []
     used: set[str] = set()
-    for raw, base in zip(raw_names, bases, strict=True):
-        name = base if counts[_fold(base)] == 1 else _clean(raw.strip("/")) or base
+    for name in names:
+        key = _fold(name)
+        if alike[key] > 1:
+            nth[key] += 1
+            name = f"{name} ({nth[key]} of {alike[key]} names that differ only in case)"
         candidate, n = name, 2
-        while _fold(candidate) in used:  # only reachable through cleaning collapsing names
+        # Names unique whatever comes (no name known to need it): the notes above tell apart
+        # every set of names a folder or an archive can hold.
+        while _fold(candidate) in used:
             candidate = f"{name} ({n})"
             n += 1
         used.add(_fold(candidate))
-        names.append(candidate)
-    return names
+        shown.append(candidate)
+    return shown
+
+
+def _code_points(text: str) -> str:
+    """``text`` in printable ASCII: a backslash or a quote after a backslash, and each other
+    character as \\u or \\U and its code point, as bash's $'...' and Python read it
+    ('cafe\\u0301.JPG'), so the user can tell the names apart and rename one."""
+    out = "".join("\\" + ch if ch in "\\'" else ch if " " <= ch <= "~"
+                  else f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}"
+                  for ch in text)
+    return out if len(out) <= 200 else out[:120] + "..." + out[-77:]
 
 
 def _ignored(name: str, what: str) -> Finding:
