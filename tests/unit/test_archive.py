@@ -25,6 +25,7 @@ from selfie_lora.dataset.archive import (
     read_path,
     read_uploaded_files,
     read_zip,
+    uploaded_name,
 )
 from selfie_lora.dataset.limits import MIB, UploadedFile, UploadLimits, byte_size
 from selfie_lora.domain.entities import Finding
@@ -413,6 +414,22 @@ def test_uploaded_files_are_named_safely_and_system_files_skipped() -> None:
          (".DS_Store", b"Bud1"), ("", jpeg(seed=3))], limits=LIMITS)
     assert [f.name for f in files] == ["me.jpg", "you.jpg", "photo4"]
     assert [f.code for f in findings] == ["ignored_file"]
+
+
+def test_a_sent_name_is_read_as_the_browser_had_it() -> None:
+    """Browsers send '"' as %22 (CR, LF as %0D, %0A) in a part's filename: it was shown as
+    'say %22cheese%22.jpg'. And 'back\\slash.JPG', a whole name on Linux and macOS, was cut to
+    'slash.JPG', so 'a\\x.jpg' beside 'b\\x.jpg' was refused as two files of one name."""
+    files, _ = read_uploaded_files(
+        [("say %22cheese%22.jpg", jpeg(seed=1)), ("back\\slash.JPG", jpeg(seed=2)),
+         ("a\\x.jpg", jpeg(seed=3)), ("b\\x.jpg", jpeg(seed=4)),
+         ("line%0Abreak.jpg", jpeg(seed=5)), ("100%25.jpg", jpeg(seed=6))], limits=LIMITS)
+    assert [f.name for f in files] == ['say "cheese".jpg', "back\\slash.JPG", "a\\x.jpg",
+                                       "b\\x.jpg", "linebreak.jpg", "100%25.jpg"]
+    # A Windows path still gives its base name alone, and a script's folders are still cut.
+    for sent in ("C:\\fakepath\\me.jpg", "C:\\Users\\José\\me.jpg", "\\\\nas\\share\\me.jpg",
+                 "..\\..\\me.jpg", "x\\..\\me.jpg", "../../me.jpg", "c:/x/me.jpg"):
+        assert uploaded_name(sent, 0) == "me.jpg", sent
 
 
 def test_two_files_of_one_name_are_refused_with_the_name_and_what_to_do() -> None:

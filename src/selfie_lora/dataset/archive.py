@@ -59,6 +59,7 @@ __all__ = [
     "UploadedFile",
     "archive_kind",
     "display_name",
+    "form_filename",
     "read_path",
     "read_uploaded_files",
     "read_zip",
@@ -236,8 +237,33 @@ def read_path(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
 
 def uploaded_name(raw: str, index: int) -> str:
     """The name the photo sent ``index``-th (from 0) as ``raw`` is read and stored under. The
-    web page's report matches the files on the device to their rows by it."""
-    return display_name(raw) or f"photo{index + 1}"
+    web page's report matches the files on the device to their rows by it.
+
+    ``raw`` is a multipart part's filename. Browsers write a '"' in it as %22, a CR as %0D and
+    a LF as %0A, and escape nothing else (the HTML standard's multipart/form-data encoding), so
+    exactly those are read back: 'say "cheese".jpg' was shown as 'say %22cheese%22.jpg'.
+
+    A '/' always ends a folder's name. A backslash does only in a Windows path (a drive letter,
+    as in old browsers' 'C:\\Users\\me\\x.jpg' or 'C:\\fakepath\\x.jpg', a '\\\\server' share,
+    or a '.' or '..' folder): a browser on Windows sends the base name alone, and on Linux and
+    macOS 'back\\slash.JPG' is a file's whole name, which was cut to 'slash.JPG' (and
+    'a\\x.jpg' beside 'b\\x.jpg' refused as two files of one name). The name is only ever
+    shown, never used as a path, so a backslash kept in it is harmless."""
+    name = form_filename(raw)
+    if _WINDOWS_PATH.search(name):
+        name = name.replace("\\", "/")
+    return _clean(name.rstrip("/").rsplit("/", 1)[-1]) or f"photo{index + 1}"
+
+
+def form_filename(raw: str) -> str:
+    """A multipart part's filename as the browser had it: %22, %0D and %0A read back (see
+    ``uploaded_name``)."""
+    return _FORM_ESCAPE.sub(lambda found: _FORM_ESCAPES[found[0]], raw)
+
+
+_FORM_ESCAPES = {"%22": '"', "%0D": "\r", "%0A": "\n"}
+_FORM_ESCAPE = re.compile("|".join(_FORM_ESCAPES))
+_WINDOWS_PATH = re.compile(r"^(?:[A-Za-z]:\\|\\\\)|(?:^|\\)\.\.?\\")
 
 
 def display_name(raw: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from selfie_lora.dataset.archive import (
+    form_filename,
     read_path,
     read_uploaded_files,
     read_zip,
@@ -267,6 +268,11 @@ class IntakeService:
         """The names ``read_files`` reads these photos under, in order: cleaned for display
         (NFC, bounded, no control characters), so not always the names the browser sent."""
         return [uploaded_name(raw, index) for index, raw in enumerate(raw_names)]
+
+    def sent_names(self, raw_names: Sequence[str]) -> list[str]:
+        """The names the browser had for these files, in order: a part's filename carries a '"'
+        as %22 (and CR, LF as %0D, %0A), which the page's script never sees."""
+        return [form_filename(raw) for raw in raw_names]
 
     def read_path(self, path: Path) -> tuple[list[UploadedFile], list[Finding]]:
         """A folder of photos or a zip on this machine (the command line)."""

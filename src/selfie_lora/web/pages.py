@@ -326,8 +326,9 @@ async def _take_in(web: Web, request: Request, viewer: Viewer,
     # The intake keeps each photo under a cleaned name (NFC, bounded, no control characters):
     # rows are keyed by it, and carry the name the browser sent so that the page finds the
     # file on the device for its thumbnail. A zip's own name is no photo: none of it here.
-    originals = {} if is_zip else dict(zip(svc.intake.stored_names([n for n, _ in named]),
-                                           (n for n, _ in named), strict=True))
+    raw_names = [n for n, _ in named]
+    originals = {} if is_zip else dict(zip(svc.intake.stored_names(raw_names),
+                                           svc.intake.sent_names(raw_names), strict=True))
 
     def intake() -> UploadResult:
         if is_zip:
