@@ -156,3 +156,11 @@ def test_a_user_with_no_model_is_told_to_the_operator_with_the_train_command(
     assert result.exit_code == 1, result.output
     assert result.output.strip() == ("error: bob has no model yet: run 'selfie-lora train PATH "
                                      "--user bob' to start one")
+
+
+def test_a_prompt_with_a_right_to_left_override_is_refused_naming_it(cli: CliRunner) -> None:
+    """'generations list' printed a stored U+202E raw, reversing the rest of its row."""
+    assert cli.invoke(app, ["users", "create", "bob"]).exit_code == 0
+    result = cli.invoke(app, ["generate", "hi \u202eevil", "--user", "bob"])
+    assert result.exit_code == 1, result.output
+    assert "U+202E (RIGHT-TO-LEFT OVERRIDE)" in result.output, result.output

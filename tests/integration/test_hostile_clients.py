@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.api.app import create_app
+from selfie_lora.domain.text import BIDI_CONTROLS
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, serving, wait_terminal
@@ -146,6 +148,29 @@ def test_the_largest_seed_is_accepted(on_each_database: tuple[TestClient, Servic
     r = client.post("/api/generate", headers=h, json={"prompt": "x", "seed": 2**32 - 1})
     assert r.status_code == 200, r.text
     assert r.json()["generation"]["seed"] == 2**32 - 1
+
+
+@pytest.mark.parametrize("bidi", sorted(BIDI_CONTROLS))
+def test_a_prompt_with_a_bidi_override_or_isolate_is_refused_naming_it(
+        client: TestClient, services: Services, bidi: str) -> None:
+    """'in the alps \u202eevil' was taken: the Generate page showed it raw (text, alt text, the
+    Delete button's label, whose date then read backwards) and so did 'generations list'.
+    Refused as a key name refuses it, naming the character, before anything is generated."""
+    h = auth(services, "ann")
+    trained(client, h)
+    r = client.post("/api/generate", headers=h, json={"prompt": f"in the alps {bidi}evil"})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_prompt"), r.text
+    named = f"U+{ord(bidi):04X} ({unicodedata.name(bidi)})"
+    assert r.json()["error"]["message"] == (f"the prompt holds {named}, which reorders the text "
+                                            "after it; remove it")
+    assert client.get("/api/generations", headers=h).json()["generations"] == []
+    # Key names refuse the same characters, named the same way.
+    key = client.post("/api/keys", headers=h, json={"name": f"ci{bidi}"})
+    assert key.status_code == 422, key.text
+    assert named in key.json()["error"]["message"], key.text
+    # The marks pasted Hebrew or Arabic carries reorder nothing after them: taken.
+    ok = client.post("/api/generate", headers=h, json={"prompt": "שלום\u200f world"})
+    assert ok.status_code == 200, ok.text
 
 
 def test_a_nul_in_an_id_or_a_prompt_is_422_never_500(

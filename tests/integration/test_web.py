@@ -1594,6 +1594,17 @@ def test_a_delete_and_the_paging_links_keep_the_scale_chosen(ann: TestClient) ->
     assert r.headers["location"] == "/generate?deleted=1#pictures"
 
 
+def test_the_generate_form_refuses_a_prompt_with_a_bidi_isolate(ann: TestClient) -> None:
+    """Taken and shown raw in the gallery, its alt text and the Delete button's label, where it
+    reordered what followed it (the date too)."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "hi \u2067evil",
+                                    "num_outputs": "1"})
+    assert "U+2067 (RIGHT-TO-LEFT ISOLATE)" in r.text, r.text
+    assert '<p class="prompt">' not in ann.get("/generate").text  # nothing generated
+
+
 def test_a_long_prompt_is_clamped_in_the_gallery_with_a_short_alt(ann: TestClient) -> None:
     """The gallery printed the whole 2000-character prompt in its cell and as every picture's
     alt text, read out for each picture (browser review 5). The cell shows it clamped

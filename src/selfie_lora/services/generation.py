@@ -29,6 +29,7 @@ from selfie_lora.domain.plan import (
     ensure_trigger_word,
     validate_lora_scale,
 )
+from selfie_lora.domain.text import bidi_control_in, character_name
 from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import (
     NO_MODEL,
@@ -429,6 +430,11 @@ class GenerationService:
         if _PROMPT_CONTROL.search(request.prompt):
             raise InvalidInputError("the prompt holds a control character (such as NUL, 0x00); "
                                     "remove it", code=ErrorCode.INVALID_PROMPT)
+        # Shown again on the Generate page (as text, alt text, a button's label) and in
+        # 'generations list': an override reversed what came after it there, the date too.
+        if (bidi := bidi_control_in(request.prompt)) is not None:
+            raise InvalidInputError(f"the prompt holds {character_name(bidi)}, which reorders "
+                                    "the text after it; remove it", code=ErrorCode.INVALID_PROMPT)
         if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
             raise InvalidInputError(f"the seed must be 0 to {MAX_SEED}", code=ErrorCode.INVALID_SEED)
         if not 1 <= request.num_outputs <= MAX_OUTPUTS:

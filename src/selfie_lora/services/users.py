@@ -33,6 +33,7 @@ from selfie_lora.domain.accounts import (
     wait_before_next_attempt,
 )
 from selfie_lora.domain.entities import ApiKey, User, UserSummary, WebSession
+from selfie_lora.domain.text import character_name
 from selfie_lora.errors import (
     AuthError,
     ConfigError,
@@ -58,7 +59,8 @@ _KEY_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,100}")
 _KEY_NAME_RULE = "a key name is 1-100 printable characters, not only spaces"
 # A key name is refused with any of these: controls (C0 and C1), surrogates, line and paragraph
 # separators, and format characters (the bidi embeddings, overrides and isolates, which reorder
-# the text after them, zero-width spaces, the BOM), but for those scripts and emoji need: the
+# the text after them: domain.text.BIDI_CONTROLS, refused in prompts too; zero-width spaces, the
+# BOM), but for those scripts and emoji need: the
 # zero-width joiner and non-joiner, and the left-to-right, right-to-left and Arabic letter marks,
 # which pasted Hebrew or Arabic carries (a mark sets the direction of the characters beside it;
 # unlike an override it reorders nothing after it).
@@ -74,9 +76,6 @@ _EMOJI_TAG_SEQUENCE = re.compile("\U0001f3f4[\U000e0020-\U000e007e]+\U000e007f")
 # fonts draw blank (the braille blank, the musical null notehead U+1D159); unicodedata has no
 # property for either.
 _BLANK_LOOKING = frozenset({"\u2800", "\u3164", "\u115f", "\u1160", "\uffa0", "\U0001d159"})
-# How a refused character without a Unicode name is told (controls, surrogates, unassigned).
-_UNNAMED = {"Cc": "a control character", "Cs": "a surrogate", "Cn": "unassigned",
-            "Co": "private use"}
 KEY_ALREADY_MADE = ("this key was already made; its secret was shown once — revoke it and make "
                     "another if you lost it")
 PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
@@ -779,14 +778,8 @@ def _key_name_refusal(name: str) -> str | None:
         category = unicodedata.category(ch)
         if category in _KEY_NAME_REFUSED_CATEGORIES or (
                 category == "Cf" and ch not in _KEY_NAME_FORMAT_TAKEN):
-            return f"{_KEY_NAME_RULE}: {_character(ch)} is not taken"
+            return f"{_KEY_NAME_RULE}: {character_name(ch)} is not taken"
     if not any(unicodedata.category(ch)[0] not in "ZCM" and ch not in _BLANK_LOOKING
                for ch in name):
         return _KEY_NAME_RULE
     return None
-
-
-def _character(ch: str) -> str:
-    """A character as a message names it: "U+202E (RIGHT-TO-LEFT OVERRIDE)"."""
-    fallback = _UNNAMED.get(unicodedata.category(ch), "no name")
-    return f"U+{ord(ch):04X} ({unicodedata.name(ch, fallback)})"
