@@ -679,6 +679,8 @@ def test_a_tar_is_checked_against_its_manifest_before_a_byte_is_written(
         monkeypatch: pytest.MonkeyPatch, crafted: str) -> None:
     import shutil
 
+    from selfie_lora.adapters import backup
+
     services.users.create(name="ann")
     services.blobs.put(photo_key("a" * 64), b"a photo")
     monkeypatch.setattr(cli, "_settings", lambda: settings)
@@ -699,13 +701,13 @@ def test_a_tar_is_checked_against_its_manifest_before_a_byte_is_written(
     tar = tmp_path / "crafted.tar"
     subprocess.run(["tar", "--sparse", "-cf", str(tar), "-C", str(folder), "."], check=True)
     written: list[tuple[str, int]] = []
-    real = shutil.copyfileobj
+    real = backup._write_all
 
-    def copyfileobj(src: object, out: object, *args: object) -> None:
-        real(src, out, *args)  # type: ignore[arg-type]
-        written.append((str(getattr(out, "name", "?")), os.fstat(out.fileno()).st_size))  # type: ignore[attr-defined]
+    def write_all(fd: int, data: bytes) -> None:
+        real(fd, data)
+        written.append((str(fd), os.fstat(fd).st_size))
 
-    monkeypatch.setattr(shutil, "copyfileobj", copyfileobj)
+    monkeypatch.setattr(backup, "_write_all", write_all)
     target = tmp_path / "target"
     monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
     code, said = run("restore", str(tar))
@@ -960,3 +962,47 @@ def test_a_planted_restore_scratch_folder_of_another_account_is_refused_untouche
         os.chown(planted, os.geteuid(), os.getegid())
         (planted / "mine").unlink()
         planted.rmdir()
+
+
+def full_disk_under(monkeypatch: pytest.MonkeyPatch, prefix: Path) -> None:
+    """Each file made under ``prefix`` (a path's start) is opened on /dev/full instead: its
+    first write fails with the kernel's own ENOSPC, as on a disk with no space left."""
+    real = os.open
+
+    def open_(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_CREAT and str(path).startswith(str(prefix)):
+            return real("/dev/full", os.O_WRONLY)
+        return real(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", open_)
+
+
+@pytest.mark.parametrize("kind", ["tar", "folder"])
+def test_a_restore_onto_a_full_disk_says_so_and_never_that_the_backup_is_bad(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    source = tmp_path / ("bk.tar" if kind == "tar" else "bk")
+    assert run("backup", str(source))[0] == 0
+    target = tmp_path / "target"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
+    with monkeypatch.context() as full:
+        # The disk beside HOME is full: the tar's unpacking (or the folder's copy) cannot write.
+        full_disk_under(full, tmp_path / ".target.restore-")
+        code, said = run("restore", str(source))
+    assert code == 1, said
+    line = " ".join(said.split())
+    assert "not a backup" not in line, line
+    assert line.startswith(f"error: cannot restore into {target}: the disk of {tmp_path} is "
+                           "full ("), line
+    assert " MB free; it needs about " in line, line
+    assert line.endswith("the backup is not at fault and nothing was changed: free some space "
+                         "there and restore again"), line
+    assert not target.exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".target")]
+    # With space again, the same backup restores.
+    code, said = run("restore", str(source))
+    assert code == 0, said
+    assert (target / "blobs" / photo_key("a" * 64)).read_bytes() == b"a photo"

@@ -83,13 +83,75 @@ def _copy_private(source: Path, target: Path) -> str:
         _private_folders(target.parent)
         digest = hashlib.sha256()
         fd = _new_file(target)
-        with os.fdopen(fd, "wb") as out:
+        try:
             while chunk := src.read(_CHUNK):
                 digest.update(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+                _write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     return digest.hexdigest()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """``data`` written whole to ``fd``, unbuffered: an error (a full disk) is raised by this
+    call, never later by a buffer's flush on close, so the caller knows it was a write."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _UnwritableError(Exception):
+    """A write of a restore beside HOME failed (``error``): the destination's fault, which
+    ``_unpack`` must not take for a tar that is not a backup."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+# What a write says when the disk written to, not the backup read, is at fault.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_UNWRITABLE = (*_FULL, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+
+
+@contextmanager
+def _writing_beside_home() -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _UNWRITABLE:
+            raise _UnwritableError(exc) from exc
+        raise
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _no_space(exc: OSError, *, where: Path, needs: int | None) -> str | None:
+    """A full disk (or quota) said as one: which folder's disk, how much is free there and
+    about how much the work needs. None for any other error."""
+    if exc.errno not in _FULL:
+        return None
+    try:
+        free = f"{_megabytes(shutil.disk_usage(where).free)} free"
+    except OSError:
+        free = "free space unknown"
+    need = f"; it needs about {_megabytes(needs)}" if needs else ""
+    what = "full" if exc.errno == errno.ENOSPC else "over your quota"
+    return f"the disk of {where} is {what} ({free}{need})"
+
+
+def _restore_needs(source: Path) -> int | None:
+    """About what restoring ``source`` writes beside HOME: a tar is unpacked there, then
+    copied, so twice its size; a folder is copied once."""
+    try:
+        if source.is_file():
+            return 2 * source.stat().st_size
+        return sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
+    except OSError:
+        return None
 
 
 def _new_file(path: Path) -> int:
@@ -476,6 +538,12 @@ class HomeBackups:
             previous = self._swap(home, new)
         except OSError as exc:
             shutil.rmtree(new, ignore_errors=True)
+            full = _no_space(exc, where=home.parent, needs=_restore_needs(source))
+            if full:
+                # Never "not a backup": a user told so may throw a good backup away.
+                raise StorageError(f"cannot restore into {home}: {full}; the backup is not at "
+                                   "fault and nothing was changed: free some space there and "
+                                   "restore again") from exc
             raise StorageError(f"cannot restore into {home}: {exc.strerror or exc}") from exc
         except Exception:
             shutil.rmtree(new, ignore_errors=True)
@@ -549,10 +617,14 @@ class HomeBackups:
                 for member in members:
                     _check_kind(member, source=source)
                 sizes = _manifest_sizes(tar, members, source=source)
-                folder.mkdir(mode=0o700)  # new: never one made meanwhile (or a link)
+                with _writing_beside_home():
+                    folder.mkdir(mode=0o700)  # new: never one made meanwhile (or a link)
                 for member in members:
                     if member.isreg():
                         _extract(tar, member, folder, sizes, source=source)
+        except _UnwritableError as exc:
+            # The disk beside HOME (full, read-only, not ours), not the tar: said as such.
+            raise exc.error from None
         except (tarfile.TarError, OSError) as exc:
             raise InvalidInputError(f"{source} is not a backup: {exc}") from exc
 
@@ -721,10 +793,17 @@ def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, folder: Path,
     if data is None:
         raise InvalidInputError(f"{source} is not a backup: {member.name} cannot be read")
     target = folder / name
-    _private_folders(target.parent)
-    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE)
-    with os.fdopen(fd, "wb") as out, data:
-        shutil.copyfileobj(data, out, _CHUNK)
+    with _writing_beside_home():
+        _private_folders(target.parent)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE)
+    try:
+        with data:
+            # Read (the tar's fault when it fails) apart from written (the disk's).
+            while chunk := data.read(_CHUNK):
+                with _writing_beside_home():
+                    _write_all(fd, chunk)
+    finally:
+        os.close(fd)
 
 
 def _links_in(backup: Path, relative: str) -> bool:
