@@ -1006,3 +1006,51 @@ def test_a_restore_onto_a_full_disk_says_so_and_never_that_the_backup_is_bad(
     code, said = run("restore", str(source))
     assert code == 0, said
     assert (target / "blobs" / photo_key("a" * 64)).read_bytes() == b"a photo"
+
+
+@pytest.mark.parametrize("full", ["database", "blob", "database-in-an-empty-folder", "tar"])
+def test_a_backup_onto_a_full_disk_names_that_disk_and_leaves_nothing_in_the_way(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, full: str) -> None:
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "mine.txt"
+    mine.write_text("there before")
+    dest = out / ("bk.tar" if full == "tar" else "bk")
+    if full == "database-in-an-empty-folder":
+        dest.mkdir(mode=0o700)
+    with monkeypatch.context() as disk:
+        if full == "blob":
+            full_disk_under(disk, dest / "blobs")
+        else:
+            # SQLite's online backup fills the disk of DEST: its own "database or disk is
+            # full", from a copy that may grow to one page only.
+            real = sqlite3.connect
+
+            def connect(database: object, *args: object, **kwargs: object) -> sqlite3.Connection:
+                db = real(database, *args, **kwargs)  # type: ignore[arg-type]
+                if str(database).startswith(str(out)):
+                    db.execute("PRAGMA max_page_count = 1")
+                return db
+
+            disk.setattr(sqlite3, "connect", connect)
+        code, said = run("backup", str(dest))
+    assert code == 1, said
+    line = " ".join(said.split())
+    assert line.startswith(f"error: cannot write the backup to {dest}: the disk of {out} is "
+                           "full ("), line
+    assert " MB free; it needs about " in line, line
+    assert line.endswith("nothing of it was left there: free some space and back up again"), line
+    assert str(settings.home) not in line, line
+    if full == "database-in-an-empty-folder":
+        assert sorted(p.name for p in out.iterdir()) == ["bk", "mine.txt"]
+        assert list(dest.iterdir()) == []  # the folder given stays, emptied again
+    else:
+        assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    assert mine.read_text() == "there before"
+    # Space again: the same name takes the next backup.
+    code, said = run("backup", str(dest))
+    assert code == 0, said

@@ -197,14 +197,15 @@ def _refuse_unless_mine(path: Path, found: os.stat_result, *, instead: str) -> N
                           f"{stat.S_IMODE(found.st_mode):o}): {_ANOTHER_ACCOUNTS}; {instead}")
 
 
-def _make_dest_folder(dest: Path) -> None:
-    """The backup folder ``dest`` made new, 0700; or an empty folder already there taken, made
-    0700, only when it is this account's and no other can write to it (another's stayed its
-    owner's after the chmod, who then planted files in it: security2 review). Checked on the
-    folder opened, so it cannot be swapped between the check and the chmod."""
+def _make_dest_folder(dest: Path) -> bool:
+    """The backup folder ``dest`` made new, 0700 (True); or an empty folder already there
+    taken, made 0700 (False), only when it is this account's and no other can write to it
+    (another's stayed its owner's after the chmod, who then planted files in it: security2
+    review). Checked on the folder opened, so it cannot be swapped between the check and the
+    chmod."""
     try:
         dest.mkdir(mode=0o700)
-        return
+        return True
     except FileExistsError:
         pass
     try:
@@ -219,6 +220,46 @@ def _make_dest_folder(dest: Path) -> None:
         os.fchmod(fd, 0o700)  # it holds secret_key
     finally:
         os.close(fd)
+    return False
+
+
+def _empty(folder: Path) -> None:
+    """What a failed backup wrote into the empty folder it was given: all that is in it (0700,
+    this account's), the folder itself kept, as it was there before."""
+    try:
+        children = list(folder.iterdir())
+    except OSError:
+        return  # gone, or unreadable: nothing of this backup's to remove
+    for child in children:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+@contextmanager
+def _sqlite_writing(target: Path) -> Iterator[None]:
+    """SQLite's "database or disk is full" while it writes ``target`` in the backup: the
+    disk of the backup is full, said as the OSError a file's write gives (it is no error of
+    HOME's database, which is only read)."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from exc
+        raise
+
+
+def _backup_needs(home: Path, *, as_tar: bool) -> int | None:
+    """About what a backup of ``home`` writes: its database, queue, key and blobs; twice
+    that for a tar, built from a folder beside it."""
+    try:
+        size = sum(p.stat().st_size for p in (home / DATABASE_FILE, home / QUEUE,
+                                              home / SECRET_KEY) if p.is_file())
+        size += sum(p.stat().st_size for _key, p in _blob_files(home / BLOBS))
+    except OSError:
+        return None
+    return 2 * size if as_tar else size
 
 
 @contextmanager
@@ -313,12 +354,14 @@ def _snapshot(source: Path, target: Path) -> None:
     try:
         dst = sqlite3.connect(target)
         try:
-            src.backup(dst)
+            with _sqlite_writing(target):
+                src.backup(dst)
         finally:
             dst.close()
     finally:
         src.close()
-    _single_file(target)
+    with _sqlite_writing(target):
+        _single_file(target)
 
 
 def _single_file(database: Path) -> None:
@@ -394,10 +437,19 @@ class HomeBackups:
         folder = dest.with_name(f".{dest.name}.{os.getpid()}.partial") if as_tar else dest
         part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
         made: list[Path] = []  # deleted if it fails: what this backup made, nothing else
+        taken: list[Path] = []  # the empty DEST it was given: emptied again if it fails
+        done = False
         try:
             with ExitStack() as stack:
-                return self._backup(dest, folder, part, stack, made, as_tar=as_tar)
+                summary = self._backup(dest, folder, part, stack, made, taken, as_tar=as_tar)
+            done = True
+            return summary
         except OSError as exc:
+            full = _no_space(exc, where=dest.parent, needs=_backup_needs(self._home,
+                                                                         as_tar=as_tar))
+            if full:
+                raise StorageError(f"cannot write the backup to {dest}: {full}; nothing of it "
+                                   "was left there: free some space and back up again") from exc
             raise StorageError(f"cannot write the backup to {dest}: "
                                f"{exc.strerror or exc}") from exc
         finally:
@@ -405,9 +457,15 @@ class HomeBackups:
                 shutil.rmtree(folder, ignore_errors=True)
             if as_tar and part in made:
                 part.unlink(missing_ok=True)
+            # A folder cut short blocked the next backup to its name ("already exists") until
+            # deleted by hand: removed as the tar's scratch is, never a folder found there.
+            if not done and dest in made:
+                shutil.rmtree(dest, ignore_errors=True)
+            if not done and dest in taken:
+                _empty(dest)
 
     def _backup(self, dest: Path, folder: Path, part: Path, stack: ExitStack,
-                made: list[Path], *, as_tar: bool) -> BackupSummary:
+                made: list[Path], taken: list[Path], *, as_tar: bool) -> BackupSummary:
         if as_tar:
             _clear_leftovers(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -420,7 +478,7 @@ class HomeBackups:
             made.append(folder)
             stack.enter_context(_writing(folder))
         else:
-            _make_dest_folder(dest)
+            (made if _make_dest_folder(dest) else taken).append(dest)
         summary = self._write(folder)
         if as_tar:
             _write_tar(folder, part, dest, made)
@@ -433,7 +491,8 @@ class HomeBackups:
         named = _named_keys(folder / DATABASE_FILE)
         counts, revision = _counts_and_revision(folder / DATABASE_FILE)
         # Reading it switched it to WAL (the engine's setting): one file again, then summed.
-        _single_file(folder / DATABASE_FILE)
+        with _sqlite_writing(folder / DATABASE_FILE):
+            _single_file(folder / DATABASE_FILE)
         files = {DATABASE_FILE: _sha256(folder / DATABASE_FILE)}
         if (self._home / QUEUE).is_file():
             _snapshot(self._home / QUEUE, folder / QUEUE)
