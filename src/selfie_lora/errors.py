@@ -33,7 +33,9 @@ entry points never see them.
     │                               waited for was dropped (HTTP 499, which nobody receives)
     ├── StorageError                a blob cannot be read or written (storage unreachable,
     │   │                           a full disk, a refused write)
-    │   └── BlobMissingError        the blob is not there: retrying will not bring it back
+    │   ├── BlobMissingError        the blob is not there: retrying will not bring it back
+    │   └── StorageFullError        the disk (of the blobs or the database) is full: an
+    │                               expected outage, said in one line, over once space is freed
     ├── GenerationError             the image generator failed
     ├── AlertDeliveryError          the operator's alert endpoint did not take an alert; says
     │                               the endpoint's host and HTTP status at most, never its URL
@@ -307,6 +309,13 @@ class ClientGoneError(SelfieLoraError):
 class StorageError(SelfieLoraError):
     code = ErrorCode.STORAGE_ERROR
     http_status = 500
+
+
+class StorageFullError(StorageError):
+    """A write found the disk full (ENOSPC, a quota; SQLite's "database or disk is full",
+    PostgreSQL's disk_full). Its message names the disk's folder. Nothing is wrong with what was
+    written, and no retry helps until the operator frees space: the worker says it once and
+    waits, where another storage error of a training's claim would be a bug to trace."""
 
 
 class BlobMissingError(StorageError):

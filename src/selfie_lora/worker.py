@@ -54,7 +54,13 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Protocol
 
-from selfie_lora.errors import ConfigError, DeploymentMismatchError, ErrorCode, describe
+from selfie_lora.errors import (
+    ConfigError,
+    DeploymentMismatchError,
+    ErrorCode,
+    StorageError,
+    describe,
+)
 from selfie_lora.logs import training_context
 from selfie_lora.services.clock import ClockGuard
 from selfie_lora.services.common import Outage
@@ -170,6 +176,9 @@ class Worker:
         # consumer thread meets them, instead of a traceback from every thread every second
         # while Redis is down.
         self._queue_outage = Outage()
+        # The same for the database refusing a training's claim (a full disk, a lock past its
+        # timeout): the claim is the only write of ``run`` it does not step away from.
+        self._claim_outage = Outage()
 
     def start(self) -> None:
         self._stop.clear()
@@ -269,17 +278,36 @@ class Worker:
                 return
             with self._busy_lock:
                 self._busy += 1
+            claim_ticket = self._claim_outage.attempt()
             try:
                 self._training.run(training_id, owner=self.identity.name, stopping=self._stop)
+            except StorageError as exc:
+                # The claim's transaction failed: an outage, not a bug. Nothing was claimed,
+                # so the reconciler queues the training again, and this thread waits as for a
+                # queue outage instead of taking that message back at once (a traceback a
+                # second on a full disk).
+                self._claim_failed(exc, ticket=claim_ticket)
+                self._stop.wait(_IDLE_MAX_S)
             except Exception:
                 # ``run`` ends trainings itself, and steps away from one on any error of ours
                 # (the database going away): this is a bug. The lease expires and the
                 # reconciler retries.
                 with training_context(training_id):
                     logger.exception("training %s: the worker failed to run it", training_id)
+            else:
+                if self._claim_outage.ends(ticket=claim_ticket):
+                    logger.info("worker %s: the database takes trainings' claims again",
+                                self.identity.name)
             finally:
                 with self._busy_lock:
                     self._busy -= 1
+
+    def _claim_failed(self, exc: StorageError, *, ticket: int) -> None:
+        if self._claim_outage.begins(ticket=ticket):
+            logger.warning("worker %s: a training cannot be claimed: %s; trainings wait and are "
+                           "tried again every %.0f s (its end is logged)", self.identity.name,
+                           exc.message, _IDLE_MAX_S)
+        logger.debug("claiming a training failed", exc_info=True)
 
     def _queue_unreachable(self, exc: Exception, *, ticket: int) -> None:
         if self._queue_outage.begins(ticket=ticket):

@@ -57,6 +57,7 @@ from selfie_lora.adapters.db.tables import (
 )
 from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.database_url import database_url_shown
+from selfie_lora.disk_space import free_bytes, is_full_error, shown
 from selfie_lora.domain.accounts import ErasurePlan, UserHoldings, fold_name
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
@@ -91,6 +92,7 @@ from selfie_lora.errors import (
     ErrorCode,
     InvalidInputError,
     StorageError,
+    StorageFullError,
 )
 
 logger = logging.getLogger(__name__)
@@ -510,6 +512,11 @@ class SqlRepository:
             # code failed to check: a defect to see as one, not the client's fault.
             raise StorageError(f"database error: {exc.orig}") from exc
         except DBAPIError as exc:
+            if is_full_error(exc.orig):
+                # An outage the operator ends by freeing space, not a failing database: the
+                # worker says it once and waits (``StorageFullError``), naming the disk.
+                raise StorageFullError(f"database error: {self._full_disk()}: {exc.orig}"
+                                       ) from exc
             # Whatever the driver raised (a lost connection, a fail-over, "database is locked"):
             # its own words, not the statement and parameters sqlalchemy adds to them.
             raise StorageError(f"database error: {exc.orig}") from exc
@@ -518,6 +525,15 @@ class SqlRepository:
             # invalidated under a session): callers see one error for a database that failed.
             reason = exc.args[0] if exc.args else type(exc).__name__
             raise StorageError(f"database error: {reason}") from exc
+
+    def _full_disk(self) -> str:
+        """The disk a full-disk error of this database is about, as the operator finds it."""
+        url = self._engine.url
+        if url.get_backend_name() == "sqlite" and url.database:
+            free = free_bytes(url.database)
+            left = f" ({shown(free)} free)" if free is not None else ""
+            return f"the disk holding {url.database} is full{left}"
+        return "the database server's disk is full"
 
     # users ------------------------------------------------------------------------------
     def add_user(self, user: User) -> None:

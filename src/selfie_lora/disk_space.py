@@ -1,0 +1,76 @@
+"""Whether an error means a full disk, and how much room the disk holding a path has left: what
+turns SQLite's "database or disk is full" (and its "disk I/O error" when it cannot even make its
+``-wal``/``-shm`` files), or an ``OSError`` ENOSPC, into a sentence that says the disk is full.
+
+Shared by the adapters (which map such an error to ``StorageFullError``), the readiness check and
+the command line's start failures. It reads only the file system's figures (``statvfs``)."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import sqlite3
+from pathlib import Path
+
+# Below this much free space the disk holding SELFIE_LORA_HOME counts as full: ``/readyz`` says
+# its storage is not ok (README "Health"). An upload of photos, a training's checkpoint or a
+# generation's pictures take several MB each, so with less than this the next write fails.
+LOW_SPACE_BYTES = 16 * 1024 * 1024
+
+# SQLite's primary result codes (the low byte of an extended one): SQLITE_IOERR is what it says
+# when it cannot make or grow its WAL and shared-memory files on a full disk, SQLITE_FULL when a
+# write of the database itself finds no room.
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
+# PostgreSQL's SQLSTATE disk_full (class 53, insufficient resources).
+_PG_DISK_FULL = "53100"
+
+
+def is_full_error(exc: BaseException | None) -> bool:
+    """True for an error that says the disk (or a quota) is full, whatever raised it."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, sqlite3.Error):
+        code: int | None = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return code & 0xFF == _SQLITE_FULL
+        return "database or disk is full" in str(exc)
+    # psycopg names it ``sqlstate``, psycopg2 ``pgcode``.
+    return _PG_DISK_FULL in (getattr(exc, "sqlstate", None), getattr(exc, "pgcode", None))
+
+
+def is_io_error(exc: BaseException | None) -> bool:
+    """SQLite's "disk I/O error": on a full disk, what it says when it cannot make its files."""
+    if not isinstance(exc, sqlite3.Error):
+        return False
+    code: int | None = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == _SQLITE_IOERR
+    return "disk i/o error" in str(exc).lower()
+
+
+def free_bytes(path: Path | str) -> int | None:
+    """The bytes free to this user on the disk holding ``path`` (its nearest existing folder);
+    None when that cannot be read."""
+    here = Path(path)
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    try:
+        return shutil.disk_usage(here).free
+    except OSError:
+        return None
+
+
+def is_low(path: Path | str) -> bool:
+    """Whether the disk holding ``path`` has less than ``LOW_SPACE_BYTES`` free."""
+    free = free_bytes(path)
+    return free is not None and free < LOW_SPACE_BYTES
+
+
+def shown(size: int) -> str:
+    """``size`` bytes as a person reads them: 0 KB, 40 KB, 3.2 MB, 1.5 GB."""
+    if size < 1024 * 1024:
+        return f"{size // 1024} KB"
+    if size < 1024 ** 3:
+        return f"{size / 1024 ** 2:.1f} MB"
+    return f"{size / 1024 ** 3:.1f} GB"

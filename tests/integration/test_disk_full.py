@@ -1,0 +1,120 @@
+"""A full disk (ENOSPC, SQLite's "database or disk is full") is an outage the operator ends by
+freeing space, said as one: the worker says it once and waits, instead of a traceback a second.
+No real full disk: the database's driver and the file system raise their real errors through
+fakes."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, event
+
+from selfie_lora.adapters.db.migrate import upgrade
+from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.errors import StorageFullError
+from selfie_lora.services.training import ReconcileReport
+from selfie_lora.testing.fakes import InMemoryQueue
+from selfie_lora.worker import Identity, Worker
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+class FullDisk:
+    """SQLite on a disk that fills up: while ``full``, every statement fails as SQLite's does
+    when its file cannot grow."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.full = False
+
+        @event.listens_for(engine, "do_execute")
+        def _execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+            if self.full:
+                raise sqlite3.OperationalError("database or disk is full")
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> tuple[SqlRepository, FullDisk, Path]:
+    path = tmp_path / "selfie-lora.db"
+    engine = make_engine(f"sqlite:///{path}")
+    upgrade(engine)
+    return SqlRepository(engine), FullDisk(engine), path
+
+
+def test_the_database_says_a_full_disk_as_one_naming_its_file(
+        database: tuple[SqlRepository, FullDisk, Path]) -> None:
+    repo, disk, path = database
+    disk.full = True
+    with pytest.raises(StorageFullError) as caught:
+        repo.get_training("t1", for_update=True)
+    assert f"the disk holding {path} is full (" in caught.value.message
+    assert "free): database or disk is full" in caught.value.message
+
+
+class ClaimingTraining:
+    """``TrainingService`` at the worker's boundary: its ``run`` claims the training in the
+    database first, as the real one does (``_claim``)."""
+
+    def __init__(self, repo: SqlRepository) -> None:
+        self.repo = repo
+        self.runs = 0
+        self.claimed: list[str] = []
+        self._lock = threading.Lock()
+
+    def run(self, training_id: str, *, owner: str | None = None,
+            stopping: threading.Event | None = None) -> None:
+        with self._lock:
+            self.runs += 1
+        with self.repo.atomic() as tx:
+            tx.get_training(training_id, for_update=True)
+        with self._lock:
+            self.claimed.append(training_id)
+
+    def reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> ReconcileReport:
+        return ReconcileReport()
+
+
+# Old code: an ERROR with a ~70-line traceback ("the worker failed to run it") for every take of
+# the message, about one a second (90 in a minute), until space was freed.
+def test_a_worker_whose_database_disk_is_full_says_so_once_and_waits(
+        database: tuple[SqlRepository, FullDisk, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    repo, disk, path = database
+    disk.full = True
+    queue = InMemoryQueue()
+    training = ClaimingTraining(repo)
+    worker = Worker(training=training, queue=queue, identity=Identity(name="w"),  # type: ignore[arg-type]
+                    threads=1, reconcile_seconds=60)
+    with caplog.at_level(logging.DEBUG, logger="selfie_lora.worker"):
+        worker.start()
+        try:
+            for _ in range(20):  # the reconciler rings it again and again while it waits
+                queue.enqueue_training("t1")
+            time.sleep(2.5)
+            # Waited between tries (as for a queue outage), not one try per 50 ms.
+            assert 2 <= training.runs <= 4
+            disk.full = False  # space freed: the next take claims it, with no restart
+            _until(lambda: "t1" in training.claimed)
+        finally:
+            assert worker.stop()
+    lines = [r for r in caplog.records if r.name == "selfie_lora.worker"]
+    assert [r for r in lines if r.levelno >= logging.ERROR] == []
+    [warning] = [r for r in lines if r.levelno == logging.WARNING]
+    said = warning.getMessage()
+    assert f"the disk holding {path} is full" in said
+    assert "tried again every 1 s" in said
+    assert "\n" not in said
+    assert warning.exc_info is None
+    [back] = [r for r in lines if r.levelno == logging.INFO and "again" in r.getMessage()]
+    assert "claims again" in back.getMessage()
