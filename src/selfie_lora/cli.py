@@ -197,6 +197,10 @@ def _start_failure(settings: Settings, exc: Exception) -> str | None:
 
     if isinstance(exc, SelfieLoraError):
         return exc.message
+    full = _full_disk(settings, exc.orig if isinstance(exc, DBAPIError) else exc,
+                      database=isinstance(exc, DBAPIError))
+    if full is not None:
+        return full
     if isinstance(exc, OperationalError):
         # The driver's first line says why without the URL (which may hold a password).
         # A SQLite file is not reached but opened: read-only, locked, not permitted.
@@ -225,6 +229,37 @@ def _start_failure(settings: Settings, exc: Exception) -> str | None:
     if isinstance(exc, ValueError):
         return f"cannot start: {_reason(exc)}"
     return None
+
+
+def _full_disk(settings: Settings, exc: BaseException | None, *, database: bool) -> str | None:
+    """The line for a start that failed because the disk of HOME (or of the SQLite database) is
+    full; None otherwise. SQLite says "disk I/O error" when it cannot make its ``-wal`` and
+    ``-shm`` files, which sounds like failing hardware: with that little room left, the disk's
+    free space says what it is."""
+    from sqlalchemy.engine import make_url
+
+    from selfie_lora.disk_space import (
+        LOW_SPACE_BYTES,
+        free_bytes,
+        is_full_error,
+        is_io_error,
+        shown,
+    )
+
+    if not (is_full_error(exc) or is_io_error(exc)):
+        return None
+    where, named = settings.home, f"SELFIE_LORA_HOME ({settings.home})"
+    if database and settings.database_url is not None:
+        url = make_url(settings.database_url)
+        if url.get_backend_name() != "sqlite" or not url.database:
+            return None  # the server's disk: its own words say so, this machine's cannot
+        where = Path(url.database)
+        named = f"the database {url.database}"
+    free = free_bytes(where)
+    if free is None or (not is_full_error(exc) and free >= LOW_SPACE_BYTES):
+        return None  # an I/O error with room to spare is not a full disk
+    return (f"the disk holding {named} is full ({shown(free)} free): free some space on it, "
+            "or move SELFIE_LORA_HOME to a disk with room, and run the command again")
 
 
 @contextmanager

@@ -118,3 +118,87 @@ def test_a_worker_whose_database_disk_is_full_says_so_once_and_waits(
     assert warning.exc_info is None
     [back] = [r for r in lines if r.levelno == logging.INFO and "again" in r.getMessage()]
     assert "claims again" in back.getMessage()
+
+
+class _NoRoomCursor(sqlite3.Cursor):
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if "journal_mode" in sql.lower():
+            # What SQLite says when a full disk leaves no room for its -wal and -shm files.
+            raise sqlite3.OperationalError("disk I/O error")
+        return super().execute(sql, *args)
+
+
+class _NoRoomConnection(sqlite3.Connection):
+    def cursor(self, factory: Any = _NoRoomCursor) -> Any:
+        return super().cursor(factory)
+
+
+def _no_room_for_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SQLite file opened from now on (the database, the queue) fails as on a full disk.
+    SQLAlchemy connects through ``sqlite3.dbapi2``, huey through ``sqlite3``."""
+    real_connect = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        return real_connect(*args, **{**kwargs, "factory": _NoRoomConnection})
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    monkeypatch.setattr(sqlite3.dbapi2, "connect", connect)
+
+
+def _disk_with(free: int) -> Callable[[Any], Any]:
+    def usage(_path: Any) -> Any:
+        import shutil
+
+        return shutil._ntuple_diskusage(30 * 1024 * 1024, 30 * 1024 * 1024 - free, free)  # type: ignore[attr-defined]
+    return usage
+
+
+# Old code: "error: the database (HOME/selfie-lora.db in SELFIE_LORA_HOME) cannot be used: disk
+# I/O error", which sounds like failing hardware.
+@pytest.mark.parametrize("argv", [["users", "list"], ["versions", "--user", "ann"]],
+                         ids=["users-list", "versions"])
+def test_a_command_on_a_full_disk_says_the_disk_is_full_and_what_to_do(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from selfie_lora import disk_space
+    from selfie_lora.cli import app
+    from selfie_lora.config import get_settings
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("SELFIE_LORA_HOME", str(home))
+    get_settings.cache_clear()
+    try:
+        made = CliRunner().invoke(app, ["users", "create", "ann"])
+        assert made.exit_code == 0, made.output
+        _no_room_for_sqlite(monkeypatch)
+        monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(40 * 1024))
+        result = CliRunner().invoke(app, argv)
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.output.replace("\n", " ").strip() == (
+        f"error: the disk holding SELFIE_LORA_HOME ({home}) is full (40 KB free): free some "
+        "space on it, or move SELFIE_LORA_HOME to a disk with room, and run the command again")
+
+
+def test_a_disk_i_o_error_with_room_to_spare_is_not_called_a_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from selfie_lora import disk_space
+    from selfie_lora.cli import app
+    from selfie_lora.config import get_settings
+
+    monkeypatch.setenv("SELFIE_LORA_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    try:
+        assert CliRunner().invoke(app, ["users", "create", "ann"]).exit_code == 0
+        _no_room_for_sqlite(monkeypatch)
+        monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(20 * 1024 * 1024))
+        result = CliRunner().invoke(app, ["users", "list"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1, result.output
+    assert "cannot be used: disk I/O error" in result.output
