@@ -35,7 +35,8 @@ entry points never see them.
     │   │                           a full disk, a refused write)
     │   ├── BlobMissingError        the blob is not there: retrying will not bring it back
     │   └── StorageFullError        the disk (of the blobs or the database) is full: an
-    │                               expected outage, said in one line, over once space is freed
+    │                               expected outage, said in one line, over once space is
+    │                               freed (HTTP 507)
     ├── GenerationError             the image generator failed
     ├── AlertDeliveryError          the operator's alert endpoint did not take an alert; says
     │                               the endpoint's host and HTTP status at most, never its URL
@@ -142,6 +143,8 @@ class ErrorCode(enum.StrEnum):
     SERVER_STOPPING = "server_stopping"
     SERVER_STOPPED_DURING_WORK = "server_stopped_during_work"
     STORAGE_ERROR = "storage_error"
+    # 507
+    STORAGE_FULL = "storage_full"
     GENERATION_FAILED = "generation_failed"
     TRAINING_INTERRUPTED = "training_interrupted"
     LEASE_LOST = "lease_lost"
@@ -315,7 +318,12 @@ class StorageFullError(StorageError):
     """A write found the disk full (ENOSPC, a quota; SQLite's "database or disk is full",
     PostgreSQL's disk_full). Its message names the disk's folder. Nothing is wrong with what was
     written, and no retry helps until the operator frees space: the worker says it once and
-    waits, where another storage error of a training's claim would be a bug to trace."""
+    waits, where another storage error of a training's claim would be a bug to trace. A request
+    that meets it is answered 507 Insufficient Storage (``storage_full``): the server's fault, not
+    the request's, and a retry "in a moment" does not help."""
+
+    code = ErrorCode.STORAGE_FULL
+    http_status = 507
 
 
 class BlobMissingError(StorageError):

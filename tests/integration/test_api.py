@@ -24,7 +24,12 @@ from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.domain.recipes import DEFAULT_REPLICATE_TRAINER_VERSION
-from selfie_lora.errors import GenerationError, InvalidInputError, StorageError
+from selfie_lora.errors import (
+    GenerationError,
+    InvalidInputError,
+    StorageError,
+    StorageFullError,
+)
 from selfie_lora.services.generation import MAX_SEED
 from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -714,6 +719,12 @@ LEAKY_WORDS = ("/srv/selfie/blobs/weights/0f.safetensors",
     (StorageError(f"cannot load LoRA weights {LEAKY_WORDS[0]}: Error performing GET "
                   f"{LEAKY_WORDS[1]} - HTTP error"), 500, "storage_error",
      "the files or records could not be read or written just now; please retry in a moment"),
+    # Old code: that same 500 storage_error, whose "retry in a moment" does not help.
+    (StorageFullError(f"the blob cache cannot hold {LEAKY_WORDS[1]} at {LEAKY_WORDS[0]}: the "
+                      "disk holding it is full (0 KB free): No space left on device"),
+     507, "storage_full", "the server's disk is full, so this could not be saved; nothing is "
+     "wrong with your request: please tell the operator, and try again once they have freed "
+     "space"),
     (GenerationError(f"local generation failed: RuntimeError: {LEAKY_WORDS[0]}",
                      details=[LEAKY_WORDS[1]]), 502, "generation_failed",
      "the pictures could not be made; please retry, or change the prompt"),

@@ -5,6 +5,7 @@ fakes."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 import threading
@@ -18,6 +19,7 @@ from sqlalchemy import Engine, event
 
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.errors import StorageFullError
 from selfie_lora.services.training import ReconcileReport
 from selfie_lora.testing.fakes import InMemoryQueue
@@ -202,3 +204,72 @@ def test_a_disk_i_o_error_with_room_to_spare_is_not_called_a_full_disk(
         get_settings.cache_clear()
     assert result.exit_code == 1, result.output
     assert "cannot be used: disk I/O error" in result.output
+
+
+class FullDiskStore(FileSystemBlobStore):
+    """The blob folder on a disk that fills up: while ``full``, every write fails as the file
+    system's does (ENOSPC)."""
+
+    full = False
+
+    def _write(self, key: str, fill: Any, *, if_absent: bool) -> bool:
+        def no_room(fh: Any) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return super()._write(key, no_room if self.full else fill, if_absent=if_absent)
+
+
+TOKEN = "m" * 32
+
+
+# Old code: 500 storage_error "the files or records could not be read or written just now;
+# please retry in a moment", and /readyz 200 "ready" the whole time.
+def test_the_api_answers_a_full_disk_507_storage_full_and_readyz_says_so(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfie_lora import disk_space
+    from selfie_lora.api.server_errors import server_error_sentence
+    from selfie_lora.errors import ErrorCode
+    from tests.conftest import auth, make_settings, serving
+    from tests.support.photos import synthetic_photo
+
+    settings = make_settings(tmp_path, metrics_token=TOKEN)
+    store = FullDiskStore(settings.home / "blobs")
+    with serving(settings, blobs=store) as (client, services):
+        ann = auth(services, "ann")
+        assert client.get("/readyz").status_code == 200
+        store.full = True
+        monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(40 * 1024))
+        r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
+                        files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
+        assert r.status_code == 507, r.text
+        error = r.json()["error"]
+        assert error["code"] == "storage_full"
+        assert error["message"] == server_error_sentence(ErrorCode.STORAGE_FULL)
+        assert "disk is full" in error["message"]
+        assert "retry in a moment" not in error["message"]
+        assert str(tmp_path) not in r.text  # the operator's words stay in the log
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json() == {"status": "not ready", "checks": {
+            "database": "ok", "queue": "ok", "storage": "full"}}
+        operator = client.get("/readyz", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert "is full (40 KB free, under the 16.0 MB a ready server keeps)" in (
+            operator.json()["checks"]["storage"])
+        # Space freed: ready again, and the same upload is taken, with no restart.
+        store.full = False
+        monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(20 * 1024 * 1024))
+        assert client.get("/readyz").status_code == 200
+        again = client.post("/api/training/upload", headers=ann, data={"start": "false"},
+                            files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
+        assert again.status_code == 202, again.text
+        assert "507" in client.app.openapi()["paths"]["/api/generate"]["post"]["responses"]  # type: ignore[attr-defined]
+
+
+def test_a_blob_write_on_a_full_disk_is_storage_full_naming_the_folder(tmp_path: Path) -> None:
+    store = FullDiskStore(tmp_path / "blobs")
+    store.full = True
+    with pytest.raises(StorageFullError) as caught:
+        store.put("photos/a.jpg", b"x")
+    assert caught.value.http_status == 507
+    assert f"the disk holding {tmp_path / 'blobs'} is full" in caught.value.message
+    assert "No space left on device" in caught.value.message

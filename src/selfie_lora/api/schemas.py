@@ -120,6 +120,8 @@ _WHY = {
          "server's log line carries",
     502: "the generator or the training backend failed",
     503: "the server cannot take it now; ask again in a moment",
+    507: "the server's disk is full: nothing is wrong with the request, which works again once "
+         "the operator has freed space (a fixed sentence and a reference, as for a 500)",
 }
 # What every /api route but the webhook can answer, whatever it does: the guard's answers
 # (before any route runs) and the server's own.
@@ -128,6 +130,7 @@ _EVERY_ROUTE: dict[int, tuple[ErrorCode, ...]] = {
     403: (E.FORBIDDEN,),  # the key's account is disabled
     500: (E.INTERNAL_ERROR, E.STORAGE_ERROR, E.CONFIG_ERROR),
     503: (E.SERVER_STOPPING,),
+    507: (E.STORAGE_FULL,),  # any write (a row, a file) can find the disk full
 }
 # What a route that reads a body (every POST, PATCH and DELETE) can answer besides: the guard
 # caps and times the body, and a write can meet another one.

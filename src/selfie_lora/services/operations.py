@@ -6,7 +6,13 @@ import hmac
 import logging
 from dataclasses import dataclass
 
-from selfie_lora.errors import ConfigError, SelfieLoraError, StorageError, describe
+from selfie_lora.errors import (
+    ConfigError,
+    SelfieLoraError,
+    StorageError,
+    StorageFullError,
+    describe,
+)
 from selfie_lora.services.clock import SKEWED, ClockGuard
 from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.ports import BlobStore, Repository, Telemetry, WorkQueue
@@ -17,6 +23,8 @@ logger = logging.getLogger(__name__)
 # What /readyz says of a check that failed, to anyone: why it failed (an error's own words) may
 # name the storage's absolute path, a database host or a bucket, and /readyz needs no sign-in.
 UNAVAILABLE = "unavailable"
+# ... and of a storage that answers but whose disk is full (``StorageFullError``): no path in it.
+FULL = "full"
 # What a /metrics request without the token is told (a 401), by the API servers and a worker alike.
 METRICS_TOKEN_REQUIRED = "send the metrics token as a bearer token"
 
@@ -26,6 +34,8 @@ class Readiness:
     """Each dependency's answer: "ok", or why it failed."""
 
     checks: dict[str, str]
+    # The checks that failed for a full disk: said as FULL, not UNAVAILABLE, to anyone.
+    full: frozenset[str] = frozenset()
 
     @property
     def ready(self) -> bool:
@@ -39,7 +49,8 @@ class Readiness:
         """The answer of ``/readyz`` (the API's and a worker's alike): each check "ok" or
         ``UNAVAILABLE``, or with ``detailed`` (the operator's) why it failed."""
         checks = (self.checks if detailed else
-                  {name: "ok" if answer == "ok" else SKEWED if name == "clock" else UNAVAILABLE
+                  {name: "ok" if answer == "ok" else SKEWED if name == "clock"
+                   else FULL if name in self.full else UNAVAILABLE
                    for name, answer in self.checks.items()})
         return {"status": "ready" if self.ready else "not ready", "checks": checks}
 
@@ -112,13 +123,16 @@ class OperationsService:
         """The database, the queue and the storage, each asked once (``GET /readyz``), and on
         PostgreSQL this machine's clock against the database's ("skewed": past
         SELFIE_LORA_MAX_CLOCK_SKEW_SECONDS, ``services.clock``)."""
-        checks = {}
+        checks, full = {}, set()
         for name, probe in (("database", self._repo.count_trainings_by_status),
                             ("queue", self._queue.pending),
                             ("storage", self._blobs.check)):
             try:
                 probe()
                 checks[name] = "ok"
+            except StorageFullError as exc:
+                checks[name] = exc.message
+                full.add(name)
             except SelfieLoraError as exc:
                 checks[name] = exc.message
             except Exception as exc:  # a driver's own error: the answer names it, never raises
@@ -127,7 +141,7 @@ class OperationsService:
             # Asked again here: a load balancer takes a server whose clock drifted out of its
             # pool (its sessions and key checks compare times other machines wrote).
             checks["clock"] = "ok" if self._clock.check() else SKEWED
-        readiness = Readiness(checks=checks)
+        readiness = Readiness(checks=checks, full=frozenset(full))
         if not readiness.ready:
             logger.warning("not ready: %s", checks)
         return readiness

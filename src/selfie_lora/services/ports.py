@@ -313,7 +313,9 @@ class BlobStore(Protocol):
         ...
 
     def check(self) -> None:
-        """Raises ``StorageError`` unless the store answers (readiness)."""
+        """Raises ``StorageError`` unless the store answers (readiness); ``StorageFullError``
+        where its disk has less than ``disk_space.LOW_SPACE_BYTES`` free (the next upload would
+        not fit)."""
         ...
 
 

@@ -14,7 +14,8 @@ from stat import S_ISREG
 from typing import BinaryIO
 
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, remove_if_stale
-from selfie_lora.errors import BlobMissingError, StorageError
+from selfie_lora.disk_space import LOW_SPACE_BYTES, free_bytes, is_full_error, shown
+from selfie_lora.errors import BlobMissingError, StorageError, StorageFullError
 from selfie_lora.services.layout import is_valid_key
 from selfie_lora.services.ports import BlobInfo, BlobStream
 
@@ -34,7 +35,13 @@ def check_key(key: str) -> str:
     return key
 
 
-def _write_error(key: str, exc: OSError) -> StorageError:
+def _write_error(key: str, exc: OSError, *, root: Path) -> StorageError:
+    if is_full_error(exc):
+        # An outage the operator ends by freeing space: said as one, naming the disk.
+        free = free_bytes(root)
+        left = f" ({shown(free)} free)" if free is not None else ""
+        return StorageFullError(f"blob {key!r} cannot be written: the disk holding {root} is "
+                                f"full{left}: {exc.strerror or exc}")
     return StorageError(f"blob {key!r} cannot be written: {exc.strerror or exc}")
 
 
@@ -114,7 +121,7 @@ class FileSystemBlobStore:
             # leaves one.
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
         except OSError as exc:
-            raise _write_error(key, exc) from exc
+            raise _write_error(key, exc, root=self.root) from exc
         try:
             with os.fdopen(fd, "wb") as fh:
                 fill(fh)
@@ -142,7 +149,7 @@ class FileSystemBlobStore:
         except OSError as exc:
             # A full disk, a quota, a folder where the blob belongs: the services expect
             # StorageError (a lost sample costs a picture), not an OSError that fails the job.
-            raise _write_error(key, exc) from exc
+            raise _write_error(key, exc, root=self.root) from exc
         finally:
             Path(tmp).unlink(missing_ok=True)
 
@@ -272,4 +279,11 @@ class FileSystemBlobStore:
     def check(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise StorageError(f"the blob folder {self.root} is not writable")
+        # Writable but full answers every upload and generation with a 507: a load balancer
+        # and the operator hear it here, before the users do.
+        free = free_bytes(self.root)
+        if free is not None and free < LOW_SPACE_BYTES:
+            raise StorageFullError(f"the disk holding the blob folder {self.root} is full "
+                                   f"({shown(free)} free, under the {shown(LOW_SPACE_BYTES)} "
+                                   "a ready server keeps)")
 
