@@ -249,17 +249,20 @@ def _full_disk(settings: Settings, exc: BaseException | None, *, database: bool)
     if not (is_full_error(exc) or is_io_error(exc)):
         return None
     where, named = settings.home, f"SELFIE_LORA_HOME ({settings.home})"
+    move = "move SELFIE_LORA_HOME to a disk with room"
     if database and settings.database_url is not None:
         url = make_url(settings.database_url)
         if url.get_backend_name() != "sqlite" or not url.database:
             return None  # the server's disk: its own words say so, this machine's cannot
         where = Path(url.database)
         named = f"the database {url.database}"
+        # Moving HOME does not move a database that SELFIE_LORA_DATABASE_URL names elsewhere.
+        move = "move the database to a disk with room (SELFIE_LORA_DATABASE_URL)"
     free = free_bytes(where)
     if free is None or (not is_full_error(exc) and free >= LOW_SPACE_BYTES):
         return None  # an I/O error with room to spare is not a full disk
     return (f"the disk holding {named} is full ({shown(free)} free): free some space on it, "
-            "or move SELFIE_LORA_HOME to a disk with room, and run the command again")
+            f"or {move}, and run the command again")
 
 
 @contextmanager

@@ -185,6 +185,36 @@ def test_a_command_on_a_full_disk_says_the_disk_is_full_and_what_to_do(
         "space on it, or move SELFIE_LORA_HOME to a disk with room, and run the command again")
 
 
+# Old code: "... or move SELFIE_LORA_HOME to a disk with room", which leaves a database that
+# SELFIE_LORA_DATABASE_URL names on another disk where it is.
+def test_a_full_disk_under_a_database_outside_home_says_to_move_the_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from selfie_lora import disk_space
+    from selfie_lora.cli import app
+    from selfie_lora.config import get_settings
+
+    database = tmp_path / "elsewhere" / "app.db"
+    database.parent.mkdir()
+    monkeypatch.setenv("SELFIE_LORA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SELFIE_LORA_DATABASE_URL", f"sqlite:///{database}")
+    get_settings.cache_clear()
+    try:
+        made = CliRunner().invoke(app, ["users", "create", "ann"])
+        assert made.exit_code == 0, made.output
+        _no_room_for_sqlite(monkeypatch)
+        monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(40 * 1024))
+        result = CliRunner().invoke(app, ["users", "list"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1, result.output
+    assert result.output.replace("\n", " ").strip() == (
+        f"error: the disk holding the database {database} is full (40 KB free): free some space "
+        "on it, or move the database to a disk with room (SELFIE_LORA_DATABASE_URL), and run the "
+        "command again")
+
+
 def test_a_disk_i_o_error_with_room_to_spare_is_not_called_a_full_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
