@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -15,6 +16,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from selfie_lora.domain.entities import Finding, Training
+from selfie_lora.domain.lease import is_held_back
 
 if TYPE_CHECKING:
     from selfie_lora.services.intake import IntakeReport
@@ -127,8 +129,17 @@ def follow_training(current: Callable[[], Training], *, quiet: bool = False,
                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
                   console=out, disable=quiet) as bar:
         task = bar.add_task("training", total=1.0, status="queued")
+        said: str | None = None  # the wait last said, once each
         while True:
             training = current()
+            if (training.error and training.error != said and not training.status.is_terminal
+                    and is_held_back(training, datetime.now(UTC))):
+                # Waiting out an outage (a full disk): nothing moves for minutes, so the bar
+                # alone would look stuck; said once, with how to stop.
+                said = training.error
+                bar.console.print(f"waiting: {literal(training.error)}. Ctrl-C stops this "
+                                  "command and hands the training back.", highlight=False,
+                                  soft_wrap=True)
             phase = " (scoring likeness)" if training.is_scoring else ""
             bar.update(task, completed=training.progress,
                        status=f"{training.status} {training.step}/{training.total_steps}{phase}")

@@ -5,12 +5,15 @@ fakes."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import io
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,16 @@ from sqlalchemy import Engine, event
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+from selfie_lora.domain.entities import Training, TrainingStatus
+from selfie_lora.domain.recipes import get_recipe
 from selfie_lora.errors import StorageFullError
+from selfie_lora.services.ports import TrainingJob
 from selfie_lora.services.training import ReconcileReport
-from selfie_lora.testing.fakes import InMemoryQueue
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, InMemoryQueue
+from selfie_lora.wiring import build_services
 from selfie_lora.worker import Identity, Worker
+from tests.conftest import make_settings, one_person_analyzer
+from tests.support.photos import photo_zip
 
 
 def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -303,3 +312,155 @@ def test_a_blob_write_on_a_full_disk_is_storage_full_naming_the_folder(tmp_path:
     assert caught.value.http_status == 507
     assert f"the disk holding {tmp_path / 'blobs'} is full" in caught.value.message
     assert "No space left on device" in caught.value.message
+
+
+class _Clock:
+    """The training service's clock: a hold passes when the test says so."""
+
+    def __init__(self) -> None:
+        self.now_at = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self.now_at
+
+    def past(self, t: Training) -> None:
+        assert t.lease_expires_at is not None
+        self.now_at = t.lease_expires_at + timedelta(seconds=1)
+
+
+class _WeightsDisk(FullDiskStore):
+    """Only the weights' writes find the disk full (the checkpoints were stored before)."""
+
+    def _write(self, key: str, fill: Any, *, if_absent: bool) -> bool:
+        if not key.startswith("weights/"):
+            return FileSystemBlobStore._write(self, key, fill, if_absent=if_absent)
+        return super()._write(key, fill, if_absent=if_absent)
+
+
+# Old code: each try stepped away at once and counted, so the 4th run failed the training
+# ("stopped after 3 interrupted attempts") and dropped its checkpoint.
+@pytest.mark.parametrize("where", ["weights blob", "LoRA write", "worker's own write"])
+def test_a_local_training_on_a_full_disk_waits_without_spending_its_attempts_and_finishes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str) -> None:
+    settings = make_settings(tmp_path)
+    blobs = _WeightsDisk(settings.blob_dir)
+    full = {"now": False}
+
+    def train(job: TrainingJob) -> None:
+        assert job.checkpoints is not None
+        if job.resume_from is None:  # the first attempt stores a checkpoint
+            ckpt = job.work_dir / "step-2.ckpt"
+            ckpt.write_bytes(b"checkpoint at step 2")
+            job.checkpoints.save(ckpt, step=2)
+        if full["now"] and where == "LoRA write":
+            # What the local trainer raises for the child's ENOSPC (``_child_error``).
+            raise StorageFullError(f"the trained LoRA cannot be written to {job.work_dir}: "
+                                   "No space left on device")
+        if full["now"] and where == "worker's own write":
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer = FakeTrainer(on_train=train)
+    clock = _Clock()
+    services = build_services(settings, trainers={"local": trainer}, blobs=blobs,
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer(), clock=clock.now)
+    try:
+        user, _ = services.users.create(name="ann")
+        started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+        assert started.training is not None
+        training_id = started.training.id
+
+        def training() -> Training:
+            t = services.repo.get_training(training_id)
+            assert t is not None
+            return t
+
+        blobs.full = where == "weights blob"
+        full["now"] = True
+        caplog.set_level(logging.DEBUG, logger="selfie_lora")
+        gaps = []
+        for _ in range(6):
+            services.training.run(training_id)
+            t = training()
+            assert not t.status.is_terminal, t.error  # old code: counted, failed at the 4th
+            assert t.recoveries == 0
+            assert t.error is not None
+            assert "is full" in t.error
+            assert t.lease_expires_at is not None
+            gaps.append((t.lease_expires_at - clock.now()).total_seconds())
+            # Waiting: a ring meanwhile claims nothing.
+            services.training.run(training_id)
+            assert training().attempt == t.attempt
+            clock.past(t)
+        assert gaps == [5, 15, 30, 60, 60, 60]
+        assert services.training.checkpoint_step(training_id=training_id) == 2
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [r.getMessage() for r in warnings]
+        assert "waits without spending its attempts" in warnings[0].getMessage()
+
+        caplog.clear()
+        blobs.full = False
+        full["now"] = False
+        services.training.run(training_id)
+        t = training()
+        assert t.status is TrainingStatus.SUCCEEDED, t.error
+        assert trainer.jobs[-1].resume_from is not None  # from the checkpoint kept
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO
+                and "room again" in r.getMessage()]
+        assert len(said) == 1
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        services.close()
+
+
+# Old code: the child sent its traceback, logged as a WARNING at every try, and the worker got a
+# plain StorageError (counted) for the LoRA write, a failed training for any other ENOSPC.
+@pytest.mark.parametrize("raised", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    StorageFullError("the trained LoRA cannot be written to /w/lora.safetensors: No space left "
+                     "on device")])
+def test_the_training_child_says_a_full_disk_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        raised: Exception) -> None:
+    import queue
+
+    from selfie_lora.adapters.flux import trainer as local
+
+    def run(*_args: Any, **_kwargs: Any) -> dict[str, Any]:
+        raise raised
+
+    monkeypatch.setattr(local, "_run", run)
+    events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    with pytest.raises(SystemExit):
+        local._child_train(Any, events, threading.Event())  # type: ignore[arg-type]
+    message = events.get_nowait()
+    assert message[0] == "error"
+    assert message[1] == "StorageFullError"
+    assert "No space left on device" in message[2]
+    assert "\n" not in message[2]
+    assert message[4] == ""  # no traceback
+    caplog.set_level(logging.DEBUG, logger="selfie_lora")
+    mapped = local.LocalTrainer._child_error(message)
+    assert isinstance(mapped, StorageFullError)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_train_in_the_terminal_says_once_that_it_waits_for_room() -> None:
+    from rich.console import Console
+
+    from selfie_lora.console import follow_training
+
+    now = datetime.now(UTC)
+    base = Training(id="t1", model_id="m", dataset_id="d", backend="local",
+                    status=TrainingStatus.PROCESSING, is_retraining=False, trigger_word="x",
+                    destination="", trainer_version="", recipe=get_recipe("local-tiny-v1"),
+                    preserved={}, created_at=now)
+    waiting = dataclasses.replace(base, error="a disk of the server is full (no room)",
+                                  lease_expires_at=now + timedelta(minutes=1))
+    rows = iter([waiting, waiting, waiting,
+                 dataclasses.replace(base, status=TrainingStatus.SUCCEEDED)])
+    out = Console(file=io.StringIO(), width=300)
+    follow_training(lambda: next(rows), out=out, interval=0.0)
+    text = out.file.getvalue()  # type: ignore[attr-defined]
+    assert text.count("waiting: a disk of the server is full (no room)") == 1
+    assert "Ctrl-C" in text

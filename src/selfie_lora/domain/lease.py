@@ -10,7 +10,10 @@ take-overs in a row from dead holders that made no progress the training is fail
 with a sentence a user can act on.
 A worker that cannot reach what a remote run needs (the trainer's API, the storage the weights go
 to) steps away from it (``step_away``) rather than failing it: that counts as such a take-over, so
-an outage that never ends still fails the training after ``max_attempts``.
+an outage that never ends still fails the training after ``max_attempts``. A full disk is not
+such an outage of what the training needs but of the machine: the worker leaves the training to
+wait for room (``wait_for_room``) without counting it, so a disk freed an hour later still finds
+the training waiting, its checkpoints kept.
 
 Pure functions only: the service calls them inside its transactions.
 """
@@ -34,6 +37,11 @@ DEFAULT_MAX_ATTEMPTS = 3
 # after that). Back to back, the attempts spanned about 2 minutes of outage (3 x 31 s of retries)
 # before a healthy, paid run was failed and canceled.
 DEFAULT_OUTAGE_GAPS = (timedelta(minutes=1), timedelta(minutes=5), timedelta(minutes=15))
+# How long a training left for a full disk waits before it is tried again: the first gap after the
+# first wait of an outage, and so on (the last one after that). Back to back, a local training
+# spent its attempts in 20 s and failed, where freeing space takes a person minutes.
+DEFAULT_FULL_DISK_GAPS = (timedelta(seconds=5), timedelta(seconds=15), timedelta(seconds=30),
+                          timedelta(minutes=1))
 
 INTERRUPTED_MESSAGE = (
     "The training was interrupted {count} times because the worker running it stopped "
@@ -57,6 +65,7 @@ class LeasePolicy:
     heartbeat: timedelta = timedelta(seconds=DEFAULT_HEARTBEAT_SECONDS)
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     outage_gaps: tuple[timedelta, ...] = DEFAULT_OUTAGE_GAPS
+    full_disk_gaps: tuple[timedelta, ...] = DEFAULT_FULL_DISK_GAPS
 
     def __post_init__(self) -> None:
         if self.heartbeat <= timedelta(0):
@@ -77,6 +86,13 @@ class LeasePolicy:
             return timedelta(0)
         return self.outage_gaps[min(in_a_row, len(self.outage_gaps) - 1)]
 
+    def full_disk_gap(self, waits: int) -> timedelta:
+        """How long a training waits for room after the ``waits``-th wait in a row (0: the
+        first) of an outage of the disk."""
+        if not self.full_disk_gaps:
+            return timedelta(0)
+        return self.full_disk_gaps[min(waits, len(self.full_disk_gaps) - 1)]
+
     @property
     def stale_after(self) -> timedelta:
         """A holder silent for this long is presumed dead when a user cancels (the lease itself
@@ -92,8 +108,9 @@ class ClaimOutcome(enum.Enum):
 
 
 def lease_is_live(t: Training, now: datetime) -> bool:
-    return (t.lease_owner is not None and t.lease_expires_at is not None
-            and t.lease_expires_at > now)
+    """Somebody holds ``t`` until its expiry: a worker, or a wait (a hold, ``step_away``; a wait
+    for room with no owner, ``wait_for_room``), which nobody may claim before it ends."""
+    return t.lease_expires_at is not None and t.lease_expires_at > now
 
 
 def holder_is_silent(t: Training, now: datetime, policy: LeasePolicy) -> bool:
@@ -189,6 +206,17 @@ def step_away(t: Training, now: datetime, *, reason: str,
     if hold <= timedelta(0):
         return dataclasses.replace(t, lease_expires_at=now, error=reason)
     return dataclasses.replace(t, lease_expires_at=now + hold, heartbeat_at=None, error=reason)
+
+
+def wait_for_room(t: Training, now: datetime, *, reason: str, hold: timedelta) -> Training:
+    """``t`` left by a worker whose disk is full (``reason``, a sentence, on ``error``): it
+    waits out ``hold`` (nobody claims it before: the reconciler rings once it is over) and is
+    claimed then with no recovery counted, as after ``release``: the owner goes, since the
+    machine's disk, not the training nor its worker, failed. An attempt that made progress keeps
+    that (``progressed``), so the count of the take-overs before it starts again as usual. With
+    no heartbeat, a cancel meanwhile ends it at once (``holder_is_silent``)."""
+    return dataclasses.replace(t, lease_owner=None, lease_expires_at=now + hold,
+                               heartbeat_at=None, error=reason)
 
 
 def exhausted_error(t: Training) -> str:

@@ -32,6 +32,11 @@ the run nor the version it adds to the destination; one that outlasts ``max_atte
 training and cancels the remote run, as every real failure of a training with a remote run does.
 A database that fails one of the worker's fenced writes (``_holding``) makes it step away the
 same way, whatever the backend: a local training continues from its last checkpoint.
+A full disk (the worker's, the blob store's or the database's: ENOSPC, a quota,
+``StorageFullError``) is an outage of the machine, not a fault of the training nor of its worker:
+the worker leaves the training to wait for room (``wait_for_room``) without spending one of its
+attempts, tried again after a growing gap (up to a minute), said once per outage
+(``_wait_for_room``), so that space freed an hour later still finds it waiting.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from typing import Any
 
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.dataset.prepare import prepared_square_side
+from selfie_lora.disk_space import is_full_error
 from selfie_lora.domain.entities import (
     Dataset,
     Finding,
@@ -74,11 +80,13 @@ from selfie_lora.domain.lease import (
     holder_is_silent,
     holds,
     is_held_back,
+    lease_is_live,
     recovery_action,
     release,
     scoring_exhausted,
     scoring_stops,
     step_away,
+    wait_for_room,
 )
 from selfie_lora.domain.plan import (
     TrainingDefaults,
@@ -105,6 +113,7 @@ from selfie_lora.errors import (
     NotFoundError,
     SelfieLoraError,
     StorageError,
+    StorageFullError,
     TrainerError,
     TrainerUnavailableError,
     TrainingCanceledError,
@@ -159,6 +168,9 @@ INTERRUPTED_BY_ERROR = "the worker running it met an error"
 # this machine's disk full).
 STORAGE_UNREACHABLE = "the stored photos or checkpoint could not be fetched"
 LOCAL_DISK_FAILED = "the trained LoRA could not be written on the worker's disk"
+# ... and one whose worker found a disk full: it waits for room, its attempts not spent.
+DISK_FULL = ("a disk of the server is full ({detail}): the training waits for space to be "
+             "freed and goes on by itself then, from its last checkpoint")
 # An upload that starts a training holds the user's slot while its photos are checked: for
 # UPLOAD_CLAIM_TTL at a time, renewed every UPLOAD_CLAIM_RENEWAL while the upload runs, so a
 # process that dies holding it blocks its user for UPLOAD_CLAIM_TTL at most. (It was one claim of
@@ -268,6 +280,13 @@ class TrainingService:
         self.owner = owner or default_owner()
         # The reconciler's rounds while the queue is down say so once, not every round.
         self._queue_outage = Outage()
+        # A full disk: one WARNING when trainings start waiting for room, one INFO when a
+        # write goes through again; ``_room_waits`` counts the waits of this outage (the gap).
+        self._disk_outage = Outage()
+        self._room_waits = 0
+        # The trainings this worker left for a full disk while the database could not record
+        # it (its disk full too): their next claim here counts no recovery either.
+        self._left_for_room: set[str] = set()
 
     # ------------------------------------------------------------------ start (every entry point)
     def start(self, *, user: User, dataset_id: str | None = None,
@@ -800,6 +819,11 @@ class TrainingService:
                 self._step_away(held, exc)
             except TrainingInterruptedError:
                 self._hand_back(held)
+            except StorageFullError as exc:
+                # A full disk met outside the fences (a read that needed a temporary file):
+                # the machine's outage, waited out like the others, with no traceback.
+                self._step_away(held, _UnreachableError(exc.message, remote_id=held.remote_id,
+                                                        reason=DATABASE_UNREACHABLE, full=True))
             except SelfieLoraError as exc:
                 # What escaped the work after the claim (a read outside the fence, a bug): the
                 # worker steps away now, lease ended and message queued, where the lease was left
@@ -957,7 +981,13 @@ class TrainingService:
             if current is None:
                 logger.warning("training %s vanished before it ran", training_id)
                 return None
-            outcome, updated = claim(current, owner=owner, now=self._clock(), policy=self.lease)
+            claimed = current
+            if (training_id in self._left_for_room and current.lease_owner == owner
+                    and not lease_is_live(current, self._clock())):
+                # Left here for a full disk that the database could not record: not counted.
+                claimed = dataclasses.replace(current, lease_owner=None)
+            outcome, updated = claim(claimed, owner=owner, now=self._clock(), policy=self.lease)
+            self._left_for_room.discard(training_id)
             if outcome is ClaimOutcome.ENDED:
                 logger.debug("training %s is already %s", training_id, current.status)
                 return None
@@ -1018,7 +1048,8 @@ class TrainingService:
                 yield tx, current
         except StorageError as exc:
             raise _UnreachableError(exc.message, remote_id=held.remote_id,
-                                    reason=DATABASE_UNREACHABLE) from exc
+                                    reason=DATABASE_UNREACHABLE,
+                                    full=isinstance(exc, StorageFullError)) from exc
 
     def _update_held(self, held: _Held, fn: Callable[[Training], Training]) -> Training:
         """``fn`` applied to the training while ``held`` still holds it."""
@@ -1060,11 +1091,45 @@ class TrainingService:
         if self._try_update_held(held, lambda t: dataclasses.replace(t, progressed=True),
                                  doing="record its progress") is not None:
             held.progressed = True
+            self._room_again(held)
+
+    def _room_again(self, held: _Held) -> None:
+        """A write of ``held``'s went through (a checkpoint stored, its version): a full disk's
+        outage, if there was one, is over."""
+        if self._disk_outage.ends(ticket=held.disk_ticket):
+            self._room_waits = 0
+            logger.info("training %s: the disk has room again; the trainings that waited for it "
+                        "go on", held.training_id)
+
+    def _wait_for_room(self, held: _Held, exc: _UnreachableError) -> None:
+        """Leave a training whose worker found a disk full: it waits (``wait_for_room``, not
+        counted as an attempt) and is tried again after a gap that grows to a minute. Said once
+        an outage (its end too, ``_room_again``): its tries would repeat it every few seconds."""
+        gap = self.lease.full_disk_gap(self._room_waits)
+        self._room_waits += 1
+        reason = DISK_FULL.format(detail=exc.message)
+        left = self._try_update_held(
+            held, lambda t: wait_for_room(t, self._clock(), reason=reason, hold=gap),
+            doing="leave it to wait for room")
+        if left is None:
+            # The database's disk is full too: the lease runs out, the reconciler rings, and
+            # this worker's next claim of it counts nothing (``_claim``).
+            self._left_for_room.add(held.training_id)
+        began = self._disk_outage.begins(ticket=held.disk_ticket)
+        logger.log(logging.WARNING if began else logging.DEBUG,
+                   "training %s: %s (attempt %d); it waits without spending its attempts, tried "
+                   "again every %.0f s or more (up to a minute): free space on that disk and it "
+                   "goes on by itself (the end of the outage is logged)", held.training_id,
+                   exc.message, held.attempt, gap.total_seconds())
 
     def _step_away(self, held: _Held, exc: _UnreachableError) -> None:
         """Leave a training while what it needs is unreachable (the database; for a remote run
         that goes on, the trainer's API or the storage of its weights): the next attempt
-        continues it (``step_away`` counts it, so an endless outage ends)."""
+        continues it (``step_away`` counts it, so an endless outage ends). A full disk waits
+        instead (``_wait_for_room``)."""
+        if exc.full:
+            self._wait_for_room(held, exc)
+            return
         # A remote run goes on: the next attempts are spaced (``LeasePolicy.outage_gap``), so
         # that the attempts span an outage of minutes, not the seconds of their retries, before
         # the run is failed and canceled.
@@ -1140,7 +1205,8 @@ class TrainingService:
                 # The store is away (or misconfigured), not the photos gone: the next attempt
                 # reads them, and an outage that lasts ends the training all the same.
                 raise _UnreachableError(exc.message, remote_id=training.remote_id,
-                                        reason=STORAGE_UNREACHABLE) from exc
+                                        reason=STORAGE_UNREACHABLE,
+                                        full=isinstance(exc, StorageFullError)) from exc
             if stored is not None:
                 logger.info("training %s continues from its checkpoint at step %d",
                             training.id, stored.step)
@@ -1158,7 +1224,8 @@ class TrainingService:
                 # it steps away with its checkpoints kept, and the next attempt (with room, or
                 # on another machine) resumes from the newest; an outage that lasts ends it.
                 raise _UnreachableError(exc.message, remote_id=sink.remote_id,
-                                        reason=LOCAL_DISK_FAILED) from exc
+                                        reason=LOCAL_DISK_FAILED,
+                                        full=isinstance(exc, StorageFullError)) from exc
             except TrainerUnavailableError as exc:
                 if sink.remote_id is None and not (sink.create_begun
                                                    or training.remote_create_started):
@@ -1178,7 +1245,9 @@ class TrainingService:
                 # local one resumes from its last checkpoint. An outage that lasts ends the
                 # training after the configured attempts all the same.
                 raise _UnreachableError(exc.message, remote_id=sink.remote_id,
-                                        reason="the trained LoRA could not be stored") from exc
+                                        reason="the trained LoRA could not be stored",
+                                        full=isinstance(exc, StorageFullError)) from exc
+            self._room_again(held)
             self._checkpoints.drop(training.id)
             return True
         except TrainingInterruptedError:
@@ -1193,7 +1262,13 @@ class TrainingService:
             logger.warning("training %s failed: %s", training.id, exc.message)
             self._finish_failed(held, user_message=f"The training could not run: {exc.message}",
                                 reason=exc.message, code=exc.code)
-        except Exception:
+        except Exception as exc:
+            if is_full_error(exc):
+                # This machine's disk, met by the worker itself (the attempt's folder): waited
+                # out, as the same error of the trainer or the stores is.
+                raise _UnreachableError(f"this machine's disk is full: {describe(exc)}",
+                                        remote_id=None, reason=LOCAL_DISK_FAILED,
+                                        full=True) from exc
             logger.exception("training %s crashed", training.id)
             self._finish_failed(held, user_message=INTERNAL_ERROR_MESSAGE,
                                 reason="internal error", code=ErrorCode.INTERNAL_ERROR)
@@ -1535,10 +1610,13 @@ class _UnreachableError(TrainingInterruptedError):
     instead of failing it. ``remote_id``: the remote run, if any, the next attempt adopts;
     ``reason``: a sentence for the training's row."""
 
-    def __init__(self, message: str, *, remote_id: str | None, reason: str) -> None:
+    def __init__(self, message: str, *, remote_id: str | None, reason: str,
+                 full: bool = False) -> None:
         super().__init__(message)
         self.remote_id = remote_id
         self.reason = reason
+        # A full disk, not an outage of what the training needs: it waits, not counted.
+        self.full = full
 
 
 def _attempt_number(folder: Path) -> int | None:
@@ -1617,6 +1695,8 @@ class _Held:
         self.remote_id = training.remote_id
         # This attempt's progress is on the row (``TrainingService._progressed``): written once.
         self.progressed = False
+        # The full-disk outage as this attempt found it (``Outage.attempt``).
+        self.disk_ticket = service._disk_outage.attempt()
         self.lost = threading.Event()
         self._done = threading.Event()
         self._cancel_read_at: float | None = None  # time.monotonic() of the last read

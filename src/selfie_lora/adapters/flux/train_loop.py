@@ -59,11 +59,13 @@ from selfie_lora.adapters.flux.runtime import (
     require_torch,
 )
 from selfie_lora.adapters.flux.tiny import TINY
+from selfie_lora.disk_space import is_full_error
 from selfie_lora.domain.buckets import FLUX_MULTIPLE, Bucket, bucket_sizes, nearest_bucket
 from selfie_lora.domain.entities import FaceBox, Recipe
 from selfie_lora.errors import (
     SelfieLoraError,
     StorageError,
+    StorageFullError,
     TrainingCanceledError,
     TrainingFailedError,
     describe,
@@ -954,11 +956,16 @@ def train_flux_lora(
                 # This machine's disk (full, read-only), not the training: a StorageError, so
                 # the worker steps away with the stored checkpoints kept (as for a full disk
                 # while fetching one), and the next attempt resumes from the newest.
-                raise StorageError(f"the trained LoRA cannot be written to {out_path}: "
-                                   f"{exc.strerror or exc}") from exc
+                error = StorageFullError if is_full_error(exc) else StorageError
+                raise error(f"the trained LoRA cannot be written to {out_path}: "
+                            f"{exc.strerror or exc}") from exc
         except SelfieLoraError:
             raise
         except OSError as exc:
+            if is_full_error(exc):
+                # A scratch file of this machine's (the photos' cache, say) on a full disk: an
+                # outage the worker waits out, not a fault of the training.
+                raise StorageFullError(f"this machine's disk is full: {describe(exc)}") from exc
             # Reading the base model or the photos' cache, say: named as what it is.
             raise TrainingFailedError(
                 f"local training failed: {describe(exc)}", user_message=FAILED_MESSAGE,

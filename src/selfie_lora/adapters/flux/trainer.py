@@ -27,11 +27,13 @@ from selfie_lora.adapters.flux.checkpoints import latest_checkpoint
 from selfie_lora.adapters.flux.generator import release_device_pipelines
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.runtime import FAILED_MESSAGE, missing_module_error
+from selfie_lora.disk_space import is_full_error
 from selfie_lora.domain.entities import Recipe, TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
     SelfieLoraError,
     StorageError,
+    StorageFullError,
     TrainerError,
     TrainerUnavailableError,
     TrainingCanceledError,
@@ -190,6 +192,12 @@ def _child_train(request: _TrainRequest, events: Any, stop: Any) -> None:
     try:
         metrics = _run(request, on_step, on_checkpoint, on_sample)
     except BaseException as exc:
+        if isinstance(exc, StorageFullError) or is_full_error(exc):
+            # A full disk: the worker waits for room and says so once; a traceback of it at
+            # every try said nothing more, so one line, with no traceback.
+            text = exc.message if isinstance(exc, StorageFullError) else describe(exc)
+            events.put(("error", "StorageFullError", text, None, ""))
+            raise SystemExit(1) from None
         user_message = exc.user_message if isinstance(exc, TrainerError) else None
         events.put(("error", type(exc).__name__, str(exc), user_message, traceback.format_exc()))
         raise SystemExit(1) from None
@@ -204,9 +212,11 @@ _ERRORS: dict[str, type[TrainerError]] = {
 }
 
 
-def _unmapped_error(exc: BaseException) -> TrainerError:
+def _unmapped_error(exc: BaseException) -> TrainerError | StorageFullError:
     """A vendor error that reached the trainer's boundary in inline isolation, mapped as
     ``_child_error`` maps the one a child reports."""
+    if is_full_error(exc):
+        return StorageFullError(f"this machine's disk is full: {describe(exc)}")
     if isinstance(exc, ImportError):
         return _config_error(missing_module_error(describe(exc)))
     return TrainingFailedError(f"local training failed: {describe(exc)}",
@@ -646,6 +656,10 @@ class LocalTrainer:
     @staticmethod
     def _child_error(message: tuple[Any, ...]) -> TrainerError | StorageError:
         _, name, text, user_message, child_traceback = message
+        if name == "StorageFullError":
+            # The worker says a full disk once an outage, not at every try: one line here.
+            logger.debug("training child stopped: the disk is full: %s", text)
+            return StorageFullError(text)
         logger.warning("training child failed: %s: %s\n%s", name, text, child_traceback)
         if name == "StorageError":
             # This machine's disk (the LoRA could not be written): raised as it is inline, so
