@@ -987,7 +987,8 @@ class TrainingService:
                 # Left here for a full disk that the database could not record: not counted.
                 claimed = dataclasses.replace(current, lease_owner=None)
             outcome, updated = claim(claimed, owner=owner, now=self._clock(), policy=self.lease)
-            self._left_for_room.discard(training_id)
+            if outcome is not ClaimOutcome.BUSY:  # still waiting: its next claim counts nothing
+                self._left_for_room.discard(training_id)
             if outcome is ClaimOutcome.ENDED:
                 logger.debug("training %s is already %s", training_id, current.status)
                 return None
@@ -1019,7 +1020,7 @@ class TrainingService:
             self._cancel_remote(failed)
             self._checkpoints.drop(training_id)  # failed: it will never be resumed
             return None
-        if current.lease_owner is not None:
+        if claimed.lease_owner is not None:  # not one that waited for room here
             logger.warning("training %s: %s takes it over from %s, which stopped holding it "
                            "(attempt %d, %s)", training_id, owner, current.lease_owner,
                            updated.attempt, updated.status)
@@ -1060,16 +1061,18 @@ class TrainingService:
             return updated
 
     def _try_update_held(self, held: _Held, fn: Callable[[Training], Training], *,
-                         doing: str) -> Training | None:
+                         doing: str, quiet_if_full: bool = False) -> Training | None:
         """``_update_held``, or None: the lease is lost, or the database is away (logged, as
-        could not ``doing``)."""
+        could not ``doing``; at DEBUG with ``quiet_if_full`` for a full disk, which the caller
+        says once an outage)."""
         try:
             return self._update_held(held, fn)
         except LeaseLostError:
             return None
         except SelfieLoraError as exc:
-            logger.warning("training %s: could not %s: %s", held.training_id, doing,
-                           exc.message)
+            full = isinstance(exc, _UnreachableError) and exc.full
+            logger.log(logging.DEBUG if quiet_if_full and full else logging.WARNING,
+                       "training %s: could not %s: %s", held.training_id, doing, exc.message)
             return None
 
     def _hand_back(self, held: _Held) -> None:
@@ -1110,7 +1113,7 @@ class TrainingService:
         reason = DISK_FULL.format(detail=exc.message)
         left = self._try_update_held(
             held, lambda t: wait_for_room(t, self._clock(), reason=reason, hold=gap),
-            doing="leave it to wait for room")
+            doing="leave it to wait for room", quiet_if_full=True)
         if left is None:
             # The database's disk is full too: the lease runs out, the reconciler rings, and
             # this worker's next claim of it counts nothing (``_claim``).
