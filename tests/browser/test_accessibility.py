@@ -152,3 +152,21 @@ def test_a_refused_upload_s_message_is_said_once(
     assert page.get_by_role("alert").count() == 0
     focused = page.evaluate("() => document.activeElement.id")
     assert focused == ("send" if javascript else "upload-refused"), focused
+
+
+def test_every_field_s_border_is_3_to_1_against_the_page(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """Text fields, textareas and selects had a #d9d9de border, 1.41:1 on white: the one thing
+    that shows where a field is, under the 3:1 a control's edge needs (a11y review 5). It is
+    3:1 or more against white and the grey of the drop zone now."""
+    page = _ann_on(chromium, tmp_path, serve, "/settings")
+    borders = page.evaluate("""() => [...document.querySelectorAll('input, textarea, select')]
+        .filter(e => !['hidden', 'checkbox', 'radio', 'file', 'range'].includes(e.type))
+        .map(e => [e.id, getComputedStyle(e).borderTopColor,
+                   parseFloat(getComputedStyle(e).borderTopWidth)])""")
+    assert {field for field, _color, _width in borders} >= {"key-name", "delete-confirm"}
+    for field, color, width in borders:
+        assert width >= 1, field
+        for background in (WHITE, SOFT):
+            assert contrast(_rgb(color), background) >= 3, (field, color, background)
+
