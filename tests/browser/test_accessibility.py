@@ -170,3 +170,24 @@ def test_every_field_s_border_is_3_to_1_against_the_page(
         for background in (WHITE, SOFT):
             assert contrast(_rgb(color), background) >= 3, (field, color, background)
 
+
+def test_the_first_tab_stop_skips_to_the_page_s_content(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """Eight Tab stops (the brand, six pages, Sign out) came before every page's content and
+    nothing skipped them; the nav was named "main", read as "main navigation" next to the main
+    landmark (a11y review 6). The first Tab stop is a "Skip to content" link, shown when
+    focused, and the next Tab after it is in <main>; the nav is "Site"."""
+    page = _ann_on(chromium, tmp_path, serve, "/settings")
+    assert page.get_by_role("navigation", name="Site", exact=True).count() == 1
+    hidden = page.locator("a.skip").bounding_box()
+    assert hidden["y"] + hidden["height"] <= 0, hidden  # out of sight until focused
+    page.keyboard.press("Tab")
+    skip = page.evaluate("""() => { const e = document.activeElement, r = e.getBoundingClientRect();
+        return [e.textContent.trim(), e.getAttribute('href'), r.top, r.bottom, r.width]; }""")
+    assert skip[:2] == ["Skip to content", "#main"], skip
+    assert skip[2] >= 0, skip  # on screen while focused
+    assert skip[4] > 20, skip
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.closest('main') !== null"), \
+        page.evaluate("() => document.activeElement.outerHTML")

@@ -2550,7 +2550,7 @@ def test_an_upload_sent_without_scripts_is_answered_with_the_whole_photos_page(
     assert r.status_code == 200, r.text
     assert "<title>Photos · selfie-lora</title>" in r.text
     assert 'href="/static/' in r.text  # styled
-    assert '<nav aria-label="main">' in r.text
+    assert '<nav aria-label="Site">' in r.text
     assert '<form id="upload"' in r.text  # the next upload from here
     report = r.text[r.text.index('<section id="report"'):r.text.index('<section id="current-set"')]
     assert "These photos can be trained on" in report
