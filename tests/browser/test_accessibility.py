@@ -9,14 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
+from selfie_lora.web.app import WEB_ROOT
+from selfie_lora.wiring import Services
 from tests.browser.support import create, sign_in
 from tests.e2e.conftest import ServeProcess, clean_env
+from tests.integration import test_web
+from tests.support.owners import own_model
 from tests.support.photos import FIXTURES
 
 pytestmark = pytest.mark.slow
 
 WHITE, SOFT, ACCENT = (255, 255, 255), (244, 245, 248), (36, 86, 201)
+BASE = "http://selfie.test"  # the in-process app's pages, served through Playwright's routing
+PASSWORD = test_web.PASSWORD
 
 
 def _luminance(rgb: tuple[int, int, int]) -> float:
@@ -191,3 +198,53 @@ def test_the_first_tab_stop_skips_to_the_page_s_content(
     page.keyboard.press("Tab")
     assert page.evaluate("() => document.activeElement.closest('main') !== null"), \
         page.evaluate("() => document.activeElement.outerHTML")
+
+
+def _serving(pages: dict[str, str]) -> Callable[[Any], None]:
+    """A Playwright route handler playing the server: each of ``pages`` (path: its HTML, the
+    server's own, rendered in process), the files under /static; anything else aborted."""
+
+    def answer(route: Any) -> None:
+        path = route.request.url.removeprefix(BASE).split("#")[0]
+        if path in pages:
+            route.fulfill(status=200, content_type="text/html", body=pages[path])
+        elif path.startswith("/static/"):
+            file = WEB_ROOT / path.split("?")[0].lstrip("/")
+            route.fulfill(status=200, body=file.read_bytes(), content_type=(
+                "text/javascript" if file.suffix == ".js" else "text/css"))
+        else:
+            route.abort()
+
+    return answer
+
+
+def test_a_wide_table_scrolls_in_a_named_region_under_a_whole_caption(
+        chromium: Any, client: TestClient, services: Services) -> None:
+    """At 320 px the tables themselves scrolled (display: block), the caption with them: it read
+    "Every version of yo", cut off, and nothing said the table scrolled (a11y review 7). Each
+    table is in a region named by its caption that the keyboard can reach and scroll; the
+    caption stays whole and in place, and the page itself does not scroll sideways."""
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann")
+    test_web.sign_in(client, "ann")
+    pages = {path: client.get(path).text for path in ("/versions", "/settings")}
+    page = chromium.new_context(viewport={"width": 320, "height": 640}).new_page()
+    page.route(f"{BASE}/**", _serving(pages))
+    for path, caption in (("/versions", "Every version of your model, newest first"),
+                          ("/settings", "Your API keys that work")):
+        page.goto(f"{BASE}{path}")
+        region = page.get_by_role("region", name=caption, exact=True)
+        assert region.count() == 1, path
+        assert region.get_attribute("tabindex") == "0"
+        found = region.evaluate("""r => { const c = r.querySelector('caption').getBoundingClientRect();
+            return {scroll: r.scrollWidth, width: r.clientWidth, left: c.left, right: c.right,
+                    page: document.documentElement.scrollWidth}; }""")
+        assert found["page"] <= 320, found
+        assert found["scroll"] > found["width"], found  # the table is wider: it scrolls
+        assert found["right"] <= 320, found
+        region.focus()
+        page.keyboard.press("ArrowRight")  # the keyboard scrolls the focused region
+        page.wait_for_function("r => r.scrollLeft > 0", arg=region.element_handle())
+        moved = region.evaluate("r => r.querySelector('caption').getBoundingClientRect().left")
+        assert moved == found["left"], (moved, found)  # the caption stays where it was
+    page.close()
