@@ -200,13 +200,18 @@ def test_the_first_tab_stop_skips_to_the_page_s_content(
         page.evaluate("() => document.activeElement.outerHTML")
 
 
-def _serving(pages: dict[str, str]) -> Callable[[Any], None]:
+def _serving(pages: dict[str, str], *,
+             posts: list[tuple[str, str]] | None = None) -> Callable[[Any], None]:
     """A Playwright route handler playing the server: each of ``pages`` (path: its HTML, the
-    server's own, rendered in process), the files under /static; anything else aborted."""
+    server's own, rendered in process), the files under /static; a POST noted in ``posts``
+    (its path and body); anything else aborted."""
 
     def answer(route: Any) -> None:
         path = route.request.url.removeprefix(BASE).split("#")[0]
-        if path in pages:
+        if posts is not None and route.request.method == "POST":
+            posts.append((path, route.request.post_data or ""))
+            route.abort()
+        elif path in pages:
             route.fulfill(status=200, content_type="text/html", body=pages[path])
         elif path.startswith("/static/"):
             file = WEB_ROOT / path.split("?")[0].lstrip("/")
@@ -247,4 +252,72 @@ def test_a_wide_table_scrolls_in_a_named_region_under_a_whole_caption(
         page.wait_for_function("r => r.scrollLeft > 0", arg=region.element_handle())
         moved = region.evaluate("r => r.querySelector('caption').getBoundingClientRect().left")
         assert moved == found["left"], (moved, found)  # the caption stays where it was
+    page.close()
+
+
+SCALE_NAME = "LoRA scale of these pictures: how strongly your model shapes them"
+
+
+def _generate_page(chromium: Any, client: TestClient, services: Services, *, scale: float,
+                   posts: list[tuple[str, str]] | None = None) -> Any:
+    """ann's Generate page, her saved scale ``scale``, in a page of Chromium's."""
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann")
+    user = services.users.get_by_name(name="ann")
+    services.models.set_lora_scale(user=user, lora_scale=scale)
+    test_web.sign_in(client, "ann")
+    page = chromium.new_context().new_page()
+    page.route(f"{BASE}/**", _serving({"/generate": client.get("/generate").text}, posts=posts))
+    page.goto(f"{BASE}/generate")
+    return page
+
+
+def test_the_keyboard_sets_the_lora_scale_to_any_value_and_a_stored_one_is_kept(
+        chromium: Any, client: TestClient, services: Services) -> None:
+    """The slider had step="any": an arrow key moved it by (max - min) / 100 = 0.04 from where
+    it was, so from 1.0 the keyboard could never reach 0.9, 0.7 or 0.5, and nothing else took a
+    typed value (a11y review 1, slider.py). The scale is a number field (any value typed, a
+    stored 0.73 shown and sent as it is) and the slider beside it moves in steps of 0.05."""
+    posts: list[tuple[str, str]] = []
+    page = _generate_page(chromium, client, services, scale=0.73, posts=posts)
+    field = page.get_by_role("spinbutton", name=SCALE_NAME, exact=True)
+    slider = page.get_by_role("slider", name=SCALE_NAME, exact=True)
+    assert field.input_value() == "0.73"
+    slider.focus()
+    values = []
+    for key in ("ArrowLeft", "ArrowLeft", "ArrowLeft", "ArrowLeft", "ArrowLeft"):
+        page.keyboard.press(key)
+        values.append(field.input_value())
+    assert values == ["0.7", "0.65", "0.6", "0.55", "0.5"], values
+    page.keyboard.press("Home")
+    page.keyboard.press("ArrowRight")
+    assert field.input_value() == "-0.95"
+    field.fill("0.9")  # typed: the slider follows
+    assert slider.input_value() == "0.9"
+    # Untouched, the stored scale off the slider's steps is sent as it is, not snapped to 0.75.
+    page.goto(f"{BASE}/generate")
+    page.get_by_label("What should the picture show?").fill("a hike")
+    page.get_by_role("button", name="Generate").click()
+    page.wait_for_timeout(500)
+    assert [path for path, _body in posts] == ["/generate"], posts
+    assert "lora_scale=0.73&" in posts[0][1] + "&", posts
+    page.close()
+
+
+def test_the_lora_scale_s_name_is_clean_and_its_value_said_once(
+        chromium: Any, client: TestClient, services: Services) -> None:
+    """The slider's label held an <output> with the value: the name read "... shapes them ()",
+    and the output, a status (live) region app.js wrote each value into, said every value the
+    slider already says a second time (a11y review 2). The field and the slider are named by
+    the label alone, and no live region in the form repeats the value."""
+    page = _generate_page(chromium, client, services, scale=0.8)
+    snapshot = page.locator("form.generate").aria_snapshot()
+    assert "()" not in snapshot, snapshot
+    assert "status" not in snapshot, snapshot
+    assert f'spinbutton "{SCALE_NAME}"\': "0.8"' in snapshot, snapshot
+    assert f'slider "{SCALE_NAME}"\': "0.8"' in snapshot, snapshot
+    page.get_by_role("slider", name=SCALE_NAME).focus()
+    page.keyboard.press("ArrowRight")
+    assert page.locator("form.generate [role=status], form.generate output, "
+                        "form.generate [aria-live]").count() == 0
     page.close()

@@ -115,7 +115,7 @@ def test_the_whole_journey_in_a_browser(chromium: Any, tmp_path: Path,
     # ---- the scale, saved with the slider; then a retraining that keeps it
     go(page, "Generate")
     page.locator("#lora_scale").fill("0.8")
-    assert page.locator("#scale-value").inner_text() == "0.8"
+    assert page.locator("#scale-slider").input_value() == "0.8"  # the slider follows
     page.get_by_role("button", name="Save the scale").click()
     go(page, "Train")
     kept_panel = page.locator(".kept").inner_text()

@@ -1538,6 +1538,11 @@ def test_the_scale_slider_shows_every_scale_the_model_allows(ann: TestClient,
         assert float(found["max"]) == LORA_SCALE_MAX
         assert found["step"] == "any"  # a browser snaps a value off the step to it
         assert float(found["value"]) == scale
+        # The slider beside the field (steps of 0.05 the keyboard reaches) sends nothing.
+        slider = re.search(r'<input id="scale-slider"[^>]*>', ann.get("/generate").text)
+        assert slider
+        assert 'step="0.05"' in slider.group(0)
+        assert "name=" not in slider.group(0)
 
 
 def test_generate_uses_the_slider_s_scale_for_its_pictures_only(ann: TestClient,
