@@ -36,6 +36,7 @@ from selfie_lora.console import (
 )
 from selfie_lora.domain.entities import Finding, GateStatus, Training
 from selfie_lora.domain.lease import lease_is_live
+from selfie_lora.domain.plan import lora_scale_text
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import (
@@ -908,7 +909,7 @@ def generate(
             # --seed refuses, so the hint could not make that picture again.
             each = f" (picture n: that + n - 1, wrapping to 0 after {MAX_SEED})"
         console.print(f"generation {generation.id}: version {version.number}, LoRA scale "
-                      f"{generation.lora_scale:g}, seed {generation.seed}{each}", markup=False,
+                      f"{lora_scale_text(generation.lora_scale)}, seed {generation.seed}{each}", markup=False,
                       highlight=False, soft_wrap=True)
         for picture in withheld_pictures(generation):
             # The files are named by the place in the batch (from 0): the one it would have had.
@@ -1233,7 +1234,8 @@ def model_cmd(
             console.print(notice, markup=False, highlight=False, soft_wrap=True)
     scale = "custom" if model.lora_scale_is_custom else "the default"
     if lora_scale is not None or default_scale:
-        console.print(f"LoRA scale of {owner.name}'s model set to {model.lora_scale:g} ({scale})"
+        console.print(f"LoRA scale of {owner.name}'s model set to "
+                      f"{lora_scale_text(model.lora_scale)} ({scale})"
                       + (": generations that name none use it, and retraining keeps it"
                          if model.lora_scale_is_custom else ""),
                       markup=False, highlight=False, soft_wrap=True)
@@ -1247,7 +1249,7 @@ def model_cmd(
             ("backend", pin.model.backend),
             ("trainer version", f"{pin.model.trainer_version} "
                                 f"({_pin_words(pin.trained_before, pin.fixed)})"),
-            ("LoRA scale", f"{model.lora_scale:g} ({scale})"),
+            ("LoRA scale", f"{lora_scale_text(model.lora_scale)} ({scale})"),
             ("active version", shown)):
         console.print(f"{name}: {value}", markup=False, highlight=False, soft_wrap=True)
 
@@ -1396,7 +1398,7 @@ def generations_list(
     for g in page.generations:
         number = numbers.get(g.version_id)
         table.add_row(g.id, _minute(g.created_at), literal(_short_prompt(g.prompt)),
-                      "?" if number is None else str(number), f"{g.lora_scale:g}",
+                      "?" if number is None else str(number), lora_scale_text(g.lora_scale),
                       str(len(g.image_keys)))
     console.print(table)
     if page.older is not None:

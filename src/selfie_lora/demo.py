@@ -23,6 +23,7 @@ from selfie_lora.console import console as default_console
 from selfie_lora.console import follow_training, print_report
 from selfie_lora.dataset.limits import UploadedFile
 from selfie_lora.domain.entities import Finding, Model, TrainingStatus, User
+from selfie_lora.domain.plan import lora_scale_text
 from selfie_lora.errors import ConfigError, InvalidInputError, SelfieLoraError
 from selfie_lora.outputs import write_whole
 from selfie_lora.services.generation import GenerationRequest
@@ -124,7 +125,7 @@ def _snapshot(services: Services, model: Model) -> dict[str, str]:
         "trigger word": model.trigger_word,
         "destination": model.destination,
         "trainer version": model.trainer_version,
-        "LoRA scale": f"{model.lora_scale:g}" + (" (custom)" if model.lora_scale_is_custom else ""),
+        "LoRA scale": lora_scale_text(model.lora_scale) + (" (custom)" if model.lora_scale_is_custom else ""),
         "active version": f"v{version.number}" if version else "-",
         "versions": ", ".join(f"v{v.number}" for v in reversed(services.models.versions(
             user=services.users.get_by_name(name="demo")))),
@@ -308,7 +309,7 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
             write_whole(path, png)
             tiles.append(Image.open(io.BytesIO(png)).convert("RGB"))
             console.print(f"v{version.number}: {path} (prompt: {g.prompt!r}, "
-                          f"scale {g.lora_scale:g})", markup=False)
+                          f"scale {lora_scale_text(g.lora_scale)})", markup=False)
         compare = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)))
         x = 0
         for tile in tiles:

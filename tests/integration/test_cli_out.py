@@ -287,3 +287,17 @@ def test_the_wrote_lines_are_whole_when_piped(trained: Services, tmp_path: Path)
     assert wrote.startswith(f"wrote {target}: version 2, ")
     sha = hashlib.sha256(target.read_bytes()).hexdigest()
     assert wrote.endswith(f"sha256 {sha}"), wrote
+
+
+def test_a_scale_is_shown_exactly_as_used_so_that_it_makes_the_picture_again(
+        trained: Services, tmp_path: Path) -> None:
+    """--lora-scale 0.123456789 was said as 'LoRA scale 0.123457' (here, in 'generations list'
+    and in the PNG), and generating again at 0.123457 made another picture (found in review)."""
+    done = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann", "--seed", "7",
+                                        "--lora-scale", "0.123456789", "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    assert "LoRA scale 0.123456789, seed 7" in done.stdout.replace("\n", "")
+    listed = CliRunner().invoke(cli.app, ["generations", "list", "--user", "ann"],
+                                env={"COLUMNS": "200"})
+    assert listed.exit_code == 0, listed.output
+    assert "│ 0.123456789 " in listed.stdout, listed.stdout

@@ -1563,6 +1563,11 @@ def test_generate_uses_the_slider_s_scale_for_its_pictures_only(ann: TestClient,
     for wrong in ("99", "nan", "x", ""):  # an address edited by hand: the saved scale
         page = ann.get(f"/generate?lora_scale={wrong}").text
         assert re.search(rf'<input id="lora_scale"[^>]* value="{DEFAULT_LORA_SCALE}"', page)
+    # The scale exactly, not ':g''s 0.123457, which makes another picture (found in review).
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1",
+                                    "lora_scale": "0.123456789"}, follow_redirects=False)
+    assert r.headers["location"] == "/generate?lora_scale=0.123456789"
+    assert 'name="lora_scale" value="0.123456789"' in ann.get(r.headers["location"]).text
 
 
 def test_a_delete_and_the_paging_links_keep_the_scale_chosen(ann: TestClient) -> None:

@@ -310,6 +310,14 @@ def validate_lora_scale(scale: float) -> float:
     return float(scale)
 
 
+def lora_scale_text(scale: float) -> str:
+    """``scale`` as every front end shows it (and a PNG stores it): the shortest text that reads
+    back as exactly this float, "1" for 1.0. Rounded to 6 digits (``:g``), 0.123456789 was shown
+    as 0.123457, and generating again with the scale shown made a different picture."""
+    text = repr(float(scale))
+    return text[:-2] if text.endswith(".0") else text
+
+
 def check_repin_lengths(*, trainer_version: str, reason: str) -> None:
     """A trainer version or a reason over its length is refused, by every entry point alike
     (only the API's schema capped them: the CLI logged a 5000-character reason). The reason's

@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.domain.entities import User, WebSession
+from selfie_lora.domain.plan import lora_scale_text
 from selfie_lora.errors import (
     AuthError,
     ErrorCode,
@@ -117,6 +118,8 @@ class Web:
             loader=FileSystemLoader(str(WEB_ROOT / "templates")),
             autoescape=select_autoescape(default=True, default_for_string=True),
         )
+        # A LoRA scale in a page's form or address, exactly as stored (see lora_scale_text).
+        self.env.filters["lora_scale"] = lora_scale_text
 
     # ------------------------------------------------------------------ sessions
     def viewer(self, request: Request) -> Viewer:

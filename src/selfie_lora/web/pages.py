@@ -21,7 +21,12 @@ from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import GateMeasure, VersionLikeness, gate_measure
-from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN, validate_lora_scale
+from selfie_lora.domain.plan import (
+    LORA_SCALE_MAX,
+    LORA_SCALE_MIN,
+    lora_scale_text,
+    validate_lora_scale,
+)
 from selfie_lora.domain.progress import time_left
 from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import (
@@ -811,7 +816,7 @@ def _generate_url(*, before: str | None, scale: float | None, deleted: bool = Fa
     chosen on it (None: the saved one); ``deleted``: saying a generation was deleted."""
     query = [f"before={quote(before, safe='')}"] if before else []
     if scale is not None:
-        query.append(f"lora_scale={scale:g}")
+        query.append(f"lora_scale={lora_scale_text(scale)}")
     if deleted:
         query.append("deleted=1")
     return "/generate" + ("?" + "&".join(query) if query else "")
@@ -849,7 +854,7 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
         user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=num_outputs,
                                                     seed=seed_value, lora_scale=lora_scale),
         client_gone=gone), request, client_gone=gone)
-    return _see("/generate" if lora_scale is None else f"/generate?lora_scale={lora_scale:g}")
+    return _see("/generate" if lora_scale is None else f"/generate?lora_scale={lora_scale_text(lora_scale)}")
 
 
 @router.post("/generations/{generation_id}/delete")

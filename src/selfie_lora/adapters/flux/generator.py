@@ -34,6 +34,7 @@ from selfie_lora.adapters.flux.loader import (
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.runtime import loading_models
 from selfie_lora.adapters.flux.tiny import TINY
+from selfie_lora.domain.plan import lora_scale_text
 from selfie_lora.errors import (
     ClientGoneError,
     ConfigError,
@@ -426,7 +427,7 @@ def _png(image: Any, *, seed: int, lora_scale: float) -> bytes:
 
     info = PngImagePlugin.PngInfo()
     info.add_text("seed", str(seed))
-    info.add_text("lora_scale", f"{lora_scale:g}")
+    info.add_text("lora_scale", lora_scale_text(lora_scale))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
