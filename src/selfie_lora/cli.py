@@ -1368,9 +1368,10 @@ def generations_list(
         "--json", help="Print JSON on stdout: what GET /api/generations answers.")] = False,
 ) -> None:
     """The user's generations, newest first, a page at a time: id, when made, prompt, version,
-    LoRA scale and number of pictures (the pictures are in the storage; 'generate' wrote its
+    LoRA scale, seed and number of pictures (the pictures are in the storage; 'generate' wrote its
     own copies to its --out)."""
     from selfie_lora.api.serializers import generation_json
+    from selfie_lora.services.ports import MAX_SEED
 
     with opened(existing="no generations to list", trainers={}, generators={}) as services:
         owner = services.users.get_by_name(name=user)
@@ -1393,13 +1394,17 @@ def generations_list(
     # The id whole, whatever the terminal's width: 'generations delete' takes nothing less.
     table.add_column("id", no_wrap=True,
                      min_width=max(len(g.id) for g in page.generations))
-    for column in ("made (UTC)", "prompt", "version", "LoRA scale", "pictures"):
-        table.add_column(column, overflow="fold")
+    # The seed too (the batch's, as the Generate page shows it): with the scale and the
+    # version, what makes the pictures again; one drawn was shown only by --json.
+    for column in ("made (UTC)", "prompt", "version", "LoRA scale", "seed", "pictures"):
+        # The seed whole, as the id: a number cut over two lines is copied wrong.
+        table.add_column(column, overflow="fold", no_wrap=column == "seed",
+                         min_width=len(str(MAX_SEED)) if column == "seed" else None)
     for g in page.generations:
         number = numbers.get(g.version_id)
         table.add_row(g.id, _minute(g.created_at), literal(_short_prompt(g.prompt)),
                       "?" if number is None else str(number), lora_scale_text(g.lora_scale),
-                      str(len(g.image_keys)))
+                      "?" if g.seed is None else str(g.seed), str(len(g.image_keys)))
     console.print(table)
     if page.older is not None:
         console.print(f"older ones: add --before {page.older}", markup=False, highlight=False,

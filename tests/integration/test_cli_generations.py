@@ -50,7 +50,9 @@ def test_generations_lists_newest_first_as_the_api(trained: Services,
     assert [row[0] for row in found] == [second["id"], first["id"]], said
     assert [row[3] for row in found] == ["2", "1"]  # version numbers, as the Generate page
     assert [row[4] for row in found] == ["0.7", "0.7"]
-    assert [row[5] for row in found] == ["1", "2"]  # pictures
+    # The batch's seed (a drawn one was only in --json), as the Generate page shows it.
+    assert [row[5] for row in found] == [str(second["seed"]), str(first["seed"])]
+    assert [row[6] for row in found] == ["1", "2"]  # pictures
     # The trigger word comes first; a long prompt is shortened (a word may wrap inside).
     assert found[1][2].replace(" ", "").endswith("onabeachatdawn")
     assert found[0][2].endswith("...")
