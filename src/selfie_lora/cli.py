@@ -878,8 +878,12 @@ def generate(
     num_outputs: Annotated[int, typer.Option("--num-outputs", "-n")] = 1,
     seed: Annotated[int | None, typer.Option()] = None,
     lora_scale: Annotated[float | None, typer.Option("--lora-scale")] = None,
+    version_ref: Annotated[str | None, typer.Option(
+        "--version", help="The version to generate with: its number as 'versions' lists it (2 "
+                          "or v2), or its id; default: the active one, which stays active.",
+        show_default=False)] = None,
 ) -> None:
-    """Generate with the user's active LoRA version."""
+    """Generate with the user's active LoRA version (or the one --version names)."""
     from selfie_lora.services.generation import (
         GenerationRequest,
         NoVersionError,
@@ -894,7 +898,10 @@ def generate(
         owner = services.users.get_by_name(name=user)
         try:
             generation = services.generation.generate(user=owner, request=GenerationRequest(
-                prompt=prompt, num_outputs=num_outputs, seed=seed, lora_scale=lora_scale))
+                prompt=prompt, num_outputs=num_outputs, seed=seed, lora_scale=lora_scale,
+                # As the API's version_id: another version's pictures without activating it,
+                # which changed every client's default (and the model's log) to make one.
+                version_id=version_ref))
         except NoVersionError as exc:
             _fail(_no_version_words(exc))
         version = services.models.version(user=owner, version_id=generation.version_id)

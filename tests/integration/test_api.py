@@ -183,8 +183,11 @@ def test_a_version_published_to_another_model_is_not_generated_with(tmp_path: Pa
             done = wait_terminal(client, h, started["training"]["id"])
             assert done["model"]["active_version"]["version_mismatch"] is True
             r = client.post("/api/generate", headers=h, json={"prompt": "x", "seed": 1})
+            # Nor offered by the Generate page's version choice.
+            offered = svc.generation.versions(user=svc.users.get_by_name(name="ann"))
     finally:
         svc.close()
+    assert offered == []
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert error["code"] == "version_mismatch"

@@ -301,3 +301,22 @@ def test_a_scale_is_shown_exactly_as_used_so_that_it_makes_the_picture_again(
                                 env={"COLUMNS": "200"})
     assert listed.exit_code == 0, listed.output
     assert "│ 0.123456789 " in listed.stdout, listed.stdout
+
+
+def test_generate_makes_another_version_s_pictures_without_activating_it(
+        trained: Services, tmp_path: Path) -> None:
+    """generate had no --version (the API's version_id): a v1 picture while v2 was active took
+    'activate 1', every client's default, and back (found in review)."""
+    ann = trained.users.get_by_name(name="ann")
+    v1 = trained.models.version(user=ann, version_id="1")
+    done = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann", "--version", "v1",
+                                        "--seed", "7", "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    [generation] = trained.generation.history(user=ann)
+    assert generation.version_id == v1.id
+    assert f"generation {generation.id}: version 1," in done.stdout
+    assert trained.models.get(user=ann).active_version_id != v1.id  # still v2
+    unknown = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann", "--version",
+                                           "3", "--out", str(tmp_path)])
+    assert unknown.exit_code == 1
+    assert "no such version: 3" in unknown.output

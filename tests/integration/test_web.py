@@ -2671,3 +2671,29 @@ def test_a_refused_upload_without_scripts_reads_the_current_set_off_the_event_lo
         # Old code: [True], on the event loop.
         assert on_loop == [False], (status, on_loop)
         on_loop.clear()
+
+
+def test_the_generate_form_makes_another_version_s_pictures_without_activating_it(
+        ann: TestClient, svc: Services) -> None:
+    """The API's version_id had no form field: remaking a v1 picture while v2 was active took
+    activating v1, every client's default, and back (found in review). The form offers each
+    version the API takes, the active one chosen."""
+    two_versions(ann)
+    user = svc.users.get_by_name(name="ann")
+    v1, v2 = (svc.models.version(user=user, version_id=n) for n in ("1", "2"))
+    page = ann.get("/generate").text
+    select_tag(page, "version")
+    assert '<option value="" selected>v2 (active)</option>' in page
+    assert '<option value="1">v1</option>' in page
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1",
+                                    "seed": "7", "version": "1"}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1",
+                                    "seed": "7", "version": ""}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    assert [g.version_id for g in svc.generation.history(user=user)] == [v2.id, v1.id]
+    assert svc.models.get(user=user).active_version_id == v2.id
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1",
+                                    "version": "3"}, follow_redirects=False)
+    assert r.status_code == 404
+    assert "no such version: 3" in r.text

@@ -526,6 +526,26 @@ class GenerationService:
             return self._no_version(model.id)
         return None
 
+    def versions(self, *, user: User) -> Sequence[Version]:
+        """The versions of the user's model ``generate`` takes as ``version_id`` (the Generate
+        page's choice), newest first: any of them, not active or held back by the likeness gate
+        included, as the API takes them, but those it refuses whatever is retried (published to
+        another model, trained for another base model than this server's)."""
+        model = self._repo.get_model_for_user(user.id)
+        if model is None:
+            return []
+        usable = []
+        for version in self._repo.list_versions(model.id):
+            if version.version_mismatch:
+                continue
+            try:
+                check_version_fits_base_model(backend=model.backend, version=version,
+                                              base_model=self._base_model)
+            except ConflictError:
+                continue
+            usable.append(version)
+        return usable
+
     def history(self, *, user: User, limit: int = 50) -> Sequence[Generation]:
         """The user's generations, newest first (the gallery's first page)."""
         return self.page(user=user, limit=max(1, min(limit, HISTORY_MAX_PAGE))).generations

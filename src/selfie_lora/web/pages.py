@@ -800,6 +800,7 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
     scale = _chosen_scale(request.query_params.get("lora_scale"))
     return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
                       not_ready=svc.generation.not_ready(user=viewer.user),
+                      versions=svc.generation.versions(user=viewer.user),
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       older=page.older, before=before or None,
@@ -839,7 +840,8 @@ def _chosen_scale(value: str | None) -> float | None:
 async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
                    num_outputs: Annotated[int, Form()] = 1,
                    seed: OptionalFormStr = None,
-                   lora_scale: Annotated[float | None, Form()] = None) -> Response:
+                   lora_scale: Annotated[float | None, Form()] = None,
+                   version: OptionalFormStr = None) -> Response:
     web = _web(request)
     try:
         seed_value = int(seed) if seed not in (None, "") else None
@@ -852,7 +854,9 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
     gone = threading.Event()  # set by ``finished`` if the browser goes away first
     await finished(web.services.generation.submit(
         user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=num_outputs,
-                                                    seed=seed_value, lora_scale=lora_scale),
+                                                    seed=seed_value, lora_scale=lora_scale,
+                                                    # The API's version_id; empty: the active.
+                                                    version_id=version or None),
         client_gone=gone), request, client_gone=gone)
     return _see("/generate" if lora_scale is None else f"/generate?lora_scale={lora_scale_text(lora_scale)}")
 
