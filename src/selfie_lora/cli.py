@@ -875,8 +875,10 @@ def generate(
     prompt: str,
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the images.")] = Path("."),
-    num_outputs: Annotated[int, typer.Option("--num-outputs", "-n")] = 1,
-    seed: Annotated[int | None, typer.Option()] = None,
+    # Text, read by the Generate form's parser: the option parser took "1.0" and "1_0".
+    num_outputs: Annotated[str, typer.Option(
+        "--num-outputs", "-n", metavar="INTEGER", help="1 to 4.")] = "1",
+    seed: Annotated[str | None, typer.Option(metavar="INTEGER", help="0 to 4294967295.")] = None,
     lora_scale: Annotated[float | None, typer.Option("--lora-scale")] = None,
     version_ref: Annotated[str | None, typer.Option(
         "--version", help="The version to generate with: its number as 'versions' lists it (2 "
@@ -887,10 +889,17 @@ def generate(
     from selfie_lora.services.generation import (
         GenerationRequest,
         NoVersionError,
+        num_outputs_from_text,
+        seed_from_text,
         withheld_pictures,
     )
     from selfie_lora.services.ports import MAX_SEED
 
+    try:
+        seed_value = seed_from_text(seed)
+        outputs = num_outputs_from_text(num_outputs)
+    except InvalidInputError as exc:
+        _fail(exc.message)
     # Before generating: a generation is stored (and, on Replicate, paid for) whether or not
     # its images can be written here afterwards.
     _writable_folder(out)
@@ -898,7 +907,8 @@ def generate(
         owner = services.users.get_by_name(name=user)
         try:
             generation = services.generation.generate(user=owner, request=GenerationRequest(
-                prompt=prompt, num_outputs=num_outputs, seed=seed, lora_scale=lora_scale,
+                prompt=prompt, num_outputs=1 if outputs is None else outputs, seed=seed_value,
+                lora_scale=lora_scale,
                 # As the API's version_id: another version's pictures without activating it,
                 # which changed every client's default (and the model's log) to make one.
                 version_id=version_ref))

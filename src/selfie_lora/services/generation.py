@@ -99,6 +99,42 @@ class NoVersionError(InvalidInputError):
 _PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
+# A whole number as the text fronts (the Generate form, the CLI) take it, by the API's rules for
+# its JSON numbers: ASCII digits only. Python's int() also took "1_0" (10), "+5" and other
+# scripts' digits ("٣"), and the CLI's option parser "1.0", so each front took its own set.
+_WHOLE_NUMBER = re.compile(r"[0-9]+")
+# More digits than any bound here has, however many leading zeros: too large, said as the
+# service says it, before int() is asked (it refuses more than 4300 digits).
+_MOST_DIGITS = 20
+
+
+def _whole_number(text: str | None, *, name: str, code: ErrorCode, low: int,
+                  high: int) -> int | None:
+    if text is None or not text.strip():
+        return None
+    digits = text.strip()
+    if not _WHOLE_NUMBER.fullmatch(digits):
+        raise InvalidInputError(f"{name} must be a whole number {low} to {high}, written with "
+                                f"the digits 0-9 only (not {text[:40]!r})", code=code)
+    if len(digits.lstrip("0")) > _MOST_DIGITS:
+        raise InvalidInputError(f"{name} must be {low} to {high}", code=code)
+    return int(digits)
+
+
+def seed_from_text(text: str | None) -> int | None:
+    """The seed a text front was given (None: empty, a seed is drawn), by the API's rules; one
+    out of range is refused by ``generate`` with the API's words."""
+    return _whole_number(text, name="the seed", code=ErrorCode.INVALID_SEED, low=0,
+                         high=MAX_SEED)
+
+
+def num_outputs_from_text(text: str | None) -> int | None:
+    """The number of pictures a text front was given (None: empty, the default), as
+    ``seed_from_text`` reads a seed."""
+    return _whole_number(text, name="num_outputs", code=ErrorCode.INVALID_NUM_OUTPUTS, low=1,
+                         high=MAX_OUTPUTS)
+
+
 def generates_from_stored_weights(backend: str) -> bool:
     """Whether ``backend``'s generator loads a version's stored weights file (the local one);
     Replicate's generates with the version it published, whatever the storage holds."""

@@ -46,7 +46,13 @@ from selfie_lora.errors import (
 from selfie_lora.likeness.chart import SERIES as CHART_SERIES
 from selfie_lora.services.common import ModelHistory, utcnow
 from selfie_lora.services.erasure import ErasureBlockedError
-from selfie_lora.services.generation import GenerationRequest, stored_pictures, withheld_pictures
+from selfie_lora.services.generation import (
+    GenerationRequest,
+    num_outputs_from_text,
+    seed_from_text,
+    stored_pictures,
+    withheld_pictures,
+)
 from selfie_lora.services.likeness import grid_text
 from selfie_lora.services.models import version_number_below
 from selfie_lora.services.ports import MAX_SEED
@@ -838,22 +844,21 @@ def _chosen_scale(value: str | None) -> float | None:
 
 @router.post("/generate")
 async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
-                   num_outputs: Annotated[int, Form()] = 1,
+                   num_outputs: OptionalFormStr = None,
                    seed: OptionalFormStr = None,
                    lora_scale: Annotated[float | None, Form()] = None,
                    version: OptionalFormStr = None) -> Response:
     web = _web(request)
-    try:
-        seed_value = int(seed) if seed not in (None, "") else None
-    except ValueError:
-        raise InvalidInputError("the seed is a whole number") from None
+    # The CLI's parser (and the API's rules): int() took "1_0" and "٣" here, which it refused.
+    seed_value = seed_from_text(seed)
+    count = num_outputs_from_text(num_outputs)
     # As the API's: on the generation service's threads, within the per-user limit (a 429 page).
     # The slider's scale is this request's (the API's per-request lora_scale): it was in a form
     # of its own, so Generate quietly used the saved scale whatever the slider showed. Saving
     # it as the default stays "Save the scale"'s; without one, the saved scale.
     gone = threading.Event()  # set by ``finished`` if the browser goes away first
     await finished(web.services.generation.submit(
-        user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=num_outputs,
+        user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=1 if count is None else count,
                                                     seed=seed_value, lora_scale=lora_scale,
                                                     # The API's version_id; empty: the active.
                                                     version_id=version or None),

@@ -1,0 +1,34 @@
+"""The seed and the number of pictures as the text fronts (the Generate form, the CLI) read them:
+one parser, the API's rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from selfie_lora.errors import ErrorCode, InvalidInputError
+from selfie_lora.services.generation import num_outputs_from_text, seed_from_text
+
+
+@pytest.mark.parametrize(("text", "seed"), [
+    (None, None), ("", None), ("  ", None), ("0", 0), (" 7 ", 7), ("007", 7),
+    ("4294967295", 4294967295), ("4294967296", 4294967296)])  # the range is generate's
+def test_a_seed_is_ascii_digits(text: str | None, seed: int | None) -> None:
+    assert seed_from_text(text) == seed
+
+
+@pytest.mark.parametrize("text", ["1.0", "1_0", "\u0663", "+5", "-1", "1e2", "x", "0x10"])
+def test_anything_else_is_refused_as_the_api_refuses_it(text: str) -> None:
+    with pytest.raises(InvalidInputError) as refused:
+        seed_from_text(text)
+    assert refused.value.code == ErrorCode.INVALID_SEED
+    assert refused.value.message.startswith("the seed must be a whole number 0 to 4294967295")
+    with pytest.raises(InvalidInputError) as refused:
+        num_outputs_from_text(text)
+    assert refused.value.code == ErrorCode.INVALID_NUM_OUTPUTS
+
+
+def test_a_seed_of_5000_digits_is_said_to_be_too_large_not_no_number() -> None:
+    # int() refuses more than 4300 digits: the form said "the seed is a whole number".
+    with pytest.raises(InvalidInputError) as refused:
+        seed_from_text("9" * 5000)
+    assert refused.value.message == "the seed must be 0 to 4294967295"
