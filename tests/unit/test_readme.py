@@ -208,3 +208,24 @@ def test_a_newcomer_finds_the_first_steps_before_the_long_sections() -> None:
                     "SELFIE_LORA_MIN_PHOTOS=", "train demo-output/photos --user ann",
                     "versions --user ann", "generate ", "serve"):
         assert command in commands.group(1), command
+
+
+def test_the_readme_names_the_text_a_generated_png_carries() -> None:
+    """Each stored PNG holds its seed and LoRA scale as PNG text, and no prompt: the README
+    never said so (generation review #5)."""
+    import io
+
+    import pytest
+
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    from selfie_lora.adapters.flux.generator import _png
+
+    with Image.open(io.BytesIO(_png(Image.new("RGB", (4, 4)), seed=7, lora_scale=0.5))) as png:
+        keys = set(png.text)  # type: ignore[attr-defined]
+    assert keys == {"seed", "lora_scale"}
+    said = readme_text()
+    assert ("holds two PNG text chunks, `seed` (that picture's own seed) and `lora_scale`"
+            in said)
+    assert "it holds no prompt, no version and no trigger word" in said
