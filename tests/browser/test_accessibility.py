@@ -3,6 +3,7 @@ where the focus lands after a form is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from selfie_lora.web.app import WEB_ROOT
 from selfie_lora.wiring import Services
-from tests.browser.support import create, sign_in
+from tests.browser.support import create, sign_in, upload_photos
 from tests.e2e.conftest import ServeProcess, clean_env
 from tests.integration import test_web
 from tests.support.owners import own_model
@@ -321,3 +322,55 @@ def test_the_lora_scale_s_name_is_clean_and_its_value_said_once(
     assert page.locator("form.generate [role=status], form.generate output, "
                         "form.generate [aria-live]").count() == 0
     page.close()
+
+
+@pytest.mark.parametrize("javascript", [True, False], ids=["js", "no-js"])
+def test_a_form_that_succeeded_says_what_it_did_and_that_takes_the_focus(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess],
+        javascript: bool) -> None:
+    """Train, Cancel, Create a key, Revoke (and Generate, Save the scale, Use this version...)
+    led back to their page with the focus on <body> and no word of what they did; the new key's
+    secret sat in a role=status present at load, often not read out (a11y review 3, finding
+    3). Each now says it in a notice that takes the focus, once, with or without scripts."""
+    playwright_timeout = pytest.importorskip("playwright.sync_api").TimeoutError
+    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
+    key = create(env, "ann")
+    server = serve(env, args=("--no-worker",))
+    upload_photos(server.base_url, key)
+    page = chromium.new_context(java_script_enabled=javascript).new_page()
+    page.on("dialog", lambda dialog: dialog.accept())
+    sign_in(page, server.base_url, "ann", "/train")
+
+    def focused(expected: str = "done-notice") -> tuple[Any, ...]:
+        # Autofocus is applied as the page is first rendered, which can come after "load".
+        with contextlib.suppress(playwright_timeout):
+            page.wait_for_function("id => document.activeElement.id === id", arg=expected,
+                                   timeout=5_000)
+        return tuple(page.evaluate("() => [document.activeElement.id, "
+                                   "document.activeElement.textContent.trim()]"))
+
+    page.get_by_role("button", name="Train", exact=True).click()
+    page.wait_for_load_state()
+    assert focused() == ("done-notice", "Training started: this page follows it."), \
+        server.why(str(focused()))
+    if not javascript:
+        page.get_by_label("Yes, cancel it: it stops now").check()
+    page.get_by_role("button", name="Cancel the training").click()
+    page.wait_for_load_state()
+    assert focused() == ("done-notice", "Training canceled."), server.why(str(focused()))
+    page.reload()  # said once: not again
+    assert page.locator("#done-notice").count() == 0
+    page.goto(f"{server.base_url}/settings")
+    page.get_by_label("New key's name").fill("laptop")
+    page.get_by_role("button", name="Create a key").click()
+    page.wait_for_load_state()
+    element, text = focused("new-key-notice")
+    assert element == "new-key-notice"
+    assert text.startswith("Your new key laptop, shown this once")
+    assert page.locator("#new-key-notice").get_attribute("role") is None  # focus tells, once
+    if not javascript:
+        page.get_by_label("Yes, revoke laptop: scripts using it stop working").check()
+    page.get_by_role("button", name="Revoke the key laptop").click()
+    page.wait_for_load_state()
+    assert focused() == ("done-notice", "The key laptop was revoked: scripts using it stop "
+                                        "working.")

@@ -1011,6 +1011,11 @@ def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Servic
     r = ann.post("/model/scale", data={"csrf_token": csrf(ann), "lora_scale": "0.8"},
                  follow_redirects=False)
     assert r.status_code == 303
+    # What it did is said where it leads, focused, once (a11y review 3, finding 3).
+    said = ann.get(r.headers["location"]).text
+    assert re.search(r'<p class="notice done" id="done-notice" tabindex="-1" autofocus>'
+                     r'Scale 0.8 saved', said), said
+    assert 'id="done-notice"' not in ann.get(r.headers["location"]).text
     assert "0.8 (yours)" in ann.get("/train").text
     assert 'data-status="succeeded"' in train(ann)
 
@@ -1029,6 +1034,7 @@ def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Servic
     r = ann.post(f"/versions/{v1.id}/activate", data={"csrf_token": csrf(ann)},
                  follow_redirects=False)
     assert r.status_code == 303
+    assert "Version 1 is now active" in ann.get(r.headers["location"]).text
     assert svc.models.get(user=svc.users.get_by_name(name="ann")).active_version_id == v1.id
     weights = ann.get(f"/versions/{v1.id}/weights")
     assert hashlib.sha256(weights.content).hexdigest() == v1.weights_sha256
@@ -1038,6 +1044,7 @@ def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Servic
                                     "num_outputs": "2", "seed": "7"}, follow_redirects=False)
     assert r.status_code == 303
     gallery = ann.get("/generate").text
+    assert "2 pictures made: the newest under Your pictures." in gallery
     images = re.findall(r'<img src="(/generations/[^"]+\.png)"', gallery)
     assert len(images) == 2
     for shown in ("seed 7", "v1", "scale 0.8"):

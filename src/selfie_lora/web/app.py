@@ -37,6 +37,10 @@ from selfie_lora.web.cookies import (
 )
 from selfie_lora.wiring import Services, session_secret
 
+# The notice cookie's value for a form that succeeded: this prefix, then what it did
+# (``Web.say_done``); the sign-in page's account-deleted notice is another value.
+DONE_NOTICE = "done:"
+
 WEB_ROOT = Path(str(files("selfie_lora.web")))
 # No inline script or style anywhere: every script and stylesheet is a file of ours.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
@@ -170,6 +174,13 @@ class Web:
         self._set_cookie(response, request, NOTICE_COOKIE, self.signer.notice_value(notice),
                          max_age=NOTICE_MAX_AGE_SECONDS)
 
+    def say_done(self, response: Response, request: Request, sentence: str) -> None:
+        """What a form that succeeded did (``sentence``), said by the page ``response`` leads
+        to (``render``): a redirect after a POST otherwise landed with the focus on <body> and
+        no word of what happened. A signed cookie, not the address: a reload or a shared link
+        does not say it again."""
+        self.set_notice_cookie(response, request, DONE_NOTICE + sentence)
+
     def notice(self, request: Request) -> str | None:
         """The notice this browser was sent on with (``set_notice_cookie``), or None (none,
         forged, too old)."""
@@ -195,11 +206,21 @@ class Web:
     # ------------------------------------------------------------------ rendering
     def render(self, request: Request, template: str, *, viewer: Viewer | None = None,
                status_code: int = 200, **context: Any) -> HTMLResponse:
+        # A page loaded after a form that succeeded says what it did (``say_done``), once: the
+        # notice takes the focus (base.html). Not an htmx poll's fragment nor a form's answer.
+        done = None
+        if (viewer is not None and request.method == "GET"
+                and request.headers.get("hx-request") != "true"):
+            notice = self.notice(request)
+            if notice is not None and notice.startswith(DONE_NOTICE):
+                done = notice[len(DONE_NOTICE):]
         html = self.env.get_template(template).render(
             request=request, viewer=viewer, path=request.url.path,
             csrf_token=viewer.session.csrf_token if viewer else None,
-            signup=self.services.users.signup_enabled, **context)
+            signup=self.services.users.signup_enabled, done_notice=done, **context)
         response = HTMLResponse(html, status_code=status_code)
+        if done is not None:
+            self.clear_notice_cookie(response, request)
         if viewer is not None:
             # A signed-in page is its user's (a new API key's secret is on one, once): no cache
             # may keep it, nor show it again from history after signing out.

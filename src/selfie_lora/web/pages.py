@@ -118,6 +118,18 @@ def _see(path: str) -> RedirectResponse:
     return RedirectResponse(path, status_code=303)
 
 
+def _done(request: Request, path: str, sentence: str) -> RedirectResponse:
+    """To ``path`` after a form that succeeded, which says ``sentence`` there (focused, once:
+    ``Web.say_done``), as a Delete says "Generation deleted"."""
+    response = _see(path)
+    _web(request).say_done(response, request, sentence)
+    return response
+
+
+def _pictures(count: int) -> str:
+    return f"{count} picture{'s' if count != 1 else ''}"
+
+
 # ---------------------------------------------------------------------------- signing in
 
 
@@ -568,21 +580,24 @@ def _private(data: bytes, *, media_type: str) -> Response:
 async def train_start(request: Request, viewer: FormViewer) -> Response:
     web = _web(request)
     await in_thread(lambda: web.services.training.start(user=viewer.user))
-    return _see("/train")
+    return _done(request, "/train", "Training started: this page follows it.")
 
 
 @router.post("/train/cancel")
 def train_cancel(request: Request, viewer: FormViewer, training_id: FormStr) -> Response:
     web = _web(request)
-    web.services.training.cancel(user=viewer.user, training_id=training_id)
-    return _see("/train")
+    canceled = web.services.training.cancel(user=viewer.user, training_id=training_id)
+    # A worker that holds it stops within a second or two: the page then says how it ended.
+    return _done(request, "/train", "Training canceled." if canceled.status.is_terminal
+                 else "Canceling the training: it stops within a few seconds.")
 
 
 @router.post("/train/resume")
 def train_resume(request: Request, viewer: FormViewer, training_id: FormStr) -> Response:
     web = _web(request)
     web.services.training.resume(user=viewer.user, training_id=training_id)
-    return _see("/train")
+    return _done(request, "/train",
+                 "Training resumed from its last checkpoint: this page follows it.")
 
 
 # ---------------------------------------------------------------------------- versions
@@ -750,7 +765,8 @@ def version_activate(request: Request, version_id: str, viewer: FormViewer,
     # Back to the page the form was on (its hidden ``before``), at the version now active:
     # the newest page, where it went, does not show a version from an older page, so the
     # user who rolled back saw neither the row nor its "active" badge.
-    return _see(f"{_versions_url(_page_before(before))}#v{activated.number}")
+    return _done(request, f"{_versions_url(_page_before(before))}#v{activated.number}",
+                 f"Version {activated.number} is now active: new pictures use it.")
 
 
 @router.get("/versions/{version_id}/weights")
@@ -857,13 +873,19 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
     # of its own, so Generate quietly used the saved scale whatever the slider showed. Saving
     # it as the default stays "Save the scale"'s; without one, the saved scale.
     gone = threading.Event()  # set by ``finished`` if the browser goes away first
-    await finished(web.services.generation.submit(
+    made = await finished(web.services.generation.submit(
         user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=1 if count is None else count,
                                                     seed=seed_value, lora_scale=lora_scale,
                                                     # The API's version_id; empty: the active.
                                                     version_id=version or None),
         client_gone=gone), request, client_gone=gone)
-    return _see("/generate" if lora_scale is None else f"/generate?lora_scale={lora_scale_text(lora_scale)}")
+    # The pictures are at the top of the gallery: said, as a failure's page says why.
+    sentence = f"{_pictures(len(made.image_keys))} made"
+    if made.withheld:
+        sentence += f"; {_pictures(len(made.withheld))} withheld by the safety checker"
+    return _done(request, "/generate" if lora_scale is None
+                 else f"/generate?lora_scale={lora_scale_text(lora_scale)}",
+                 sentence + ": the newest under Your pictures.")
 
 
 @router.post("/generations/{generation_id}/delete")
@@ -894,8 +916,9 @@ def generation_image(request: Request, viewer: PageViewer, generation_id: str, i
 def model_scale(request: Request, viewer: FormViewer,
                 lora_scale: Annotated[float, Form()]) -> Response:
     web = _web(request)
-    web.services.models.set_lora_scale(user=viewer.user, lora_scale=lora_scale)
-    return _see("/generate")
+    saved = web.services.models.set_lora_scale(user=viewer.user, lora_scale=lora_scale)
+    return _done(request, "/generate", f"Scale {saved.model.lora_scale:g} saved: Generate and "
+                 "the API use it from now on.")
 
 
 @router.post("/model/scale/default")
@@ -903,8 +926,9 @@ def model_scale_default(request: Request, viewer: FormViewer) -> Response:
     """Back to the default scale, no longer custom (the API's ``{"lora_scale": null}``): a
     later change of the default reaches the model again."""
     web = _web(request)
-    web.services.models.change(user=viewer.user, lora_scale_to_default=True)
-    return _see("/generate")
+    saved = web.services.models.change(user=viewer.user, lora_scale_to_default=True)
+    return _done(request, "/generate",
+                 f"Back to the default scale, {saved.model.lora_scale:g}.")
 
 
 # ---------------------------------------------------------------------------- model, settings
@@ -952,7 +976,7 @@ def model_trainer_version(request: Request, viewer: FormViewer,
                       repin_error="type the trainer version to move to",
                       repin_code=ErrorCode.INVALID_INPUT, **typed)
     try:
-        web.services.models.change_trainer_version(user=viewer.user,
+        changed = web.services.models.change_trainer_version(user=viewer.user,
                                                    trainer_version=trainer_version or "",
                                                    reason=reason or "")
     except (InvalidInputError, ForbiddenError, ConflictError) as error:
@@ -963,7 +987,8 @@ def model_trainer_version(request: Request, viewer: FormViewer,
                  else None if isinstance(error, ConflictError) else "trainer_version")
         return _model(request, viewer, status_code=error.http_status, repin_field=field,
                       repin_error=error.message, repin_code=str(error.code), **typed)
-    return _see("/model")
+    return _done(request, "/model", f"Trainer version {changed.model.trainer_version} pinned: "
+                 "the next training uses it.")
 
 
 # The revoked keys the Settings page lists (the most recently revoked); GET /api/keys has all.
@@ -1020,8 +1045,9 @@ def settings_create_key(request: Request, viewer: FormViewer, name: FormStr,
 @router.post("/settings/keys/{key_id}/revoke")
 def settings_revoke_key(request: Request, key_id: str, viewer: FormViewer) -> Response:
     web = _web(request)
-    web.services.users.revoke_key(user=viewer.user, key_id=key_id)
-    return _see("/settings")
+    key = web.services.users.revoke_key(user=viewer.user, key_id=key_id)
+    return _done(request, "/settings",
+                 f"The key {key.name} was revoked: scripts using it stop working.")
 
 
 @router.post("/settings/delete")

@@ -330,8 +330,10 @@
       spoken = words;
       live.textContent = words;
     }
-    // The end swap took the Cancel button, and the focus with it: to how the training ended.
-    if (ended && (document.activeElement === null || document.activeElement === document.body)) {
+    // The end swap took the Cancel button, and the focus with it (or the focus was on the
+    // notice of the form just sent, "Training started"): to how the training ended.
+    const focused = document.activeElement;
+    if (ended && (focused === null || focused === document.body || focused.id === "done-notice")) {
       ended.focus();
     }
   });
