@@ -322,21 +322,25 @@
     return `Training ${status}, ${tens}% done.`;
   };
   let spoken = live ? progressWords() : "";  // what the page showed when it loaded: not read out
-  document.addEventListener("htmx:afterSettle", () => {
+  const speak = () => {
     if (!live) return;
     const ended = document.getElementById("ended");
     const words = ended ? ended.textContent.replace(/\s+/g, " ").trim() : progressWords();
+    // The end swap took the Cancel button, and the focus with it (or the focus was on the
+    // notice of the form just sent, "Training started"): to how the training ended. The focus
+    // says it: written into the live region as well, it was read out twice.
+    const focused = document.activeElement;
+    if (ended && (focused === null || focused === document.body || focused.id === "done-notice")) {
+      spoken = words;
+      ended.focus();
+      return;
+    }
     if (words && words !== spoken) {
       spoken = words;
       live.textContent = words;
     }
-    // The end swap took the Cancel button, and the focus with it (or the focus was on the
-    // notice of the form just sent, "Training started"): to how the training ended.
-    const focused = document.activeElement;
-    if (ended && (focused === null || focused === document.body || focused.id === "done-notice")) {
-      ended.focus();
-    }
-  });
+  };
+  document.addEventListener("htmx:afterSettle", speak);
   // Back from a Delete (the gallery's "Generation deleted"): the focus to the generation next
   // to the one deleted (the address's #g-<id>, or the gallery's heading), not the page's top.
   if (document.getElementById("deleted-note") && window.location.hash) {
