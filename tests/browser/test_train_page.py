@@ -4,6 +4,7 @@ needs, whatever the machine's speed."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,10 @@ def watching(chromium: Any, tmp_path: Path,
     page.get_by_role("button", name="Train", exact=True).click()
     page.wait_for_load_state()
     page.get_by_role("button", name="Cancel the training").wait_for()
-    # Every swap htmx makes, counted (its events bubble to the body).
+    # Every status poll answered, counted (htmx's events bubble to the body): an answer whose
+    # figures did not change swaps nothing.
     page.evaluate("""() => { window.swaps = 0;
-        document.body.addEventListener('htmx:afterSettle', () => { window.swaps += 1; }); }""")
+        document.body.addEventListener('htmx:afterRequest', () => { window.swaps += 1; }); }""")
     return page, server, key
 
 
@@ -152,3 +154,33 @@ def test_the_end_is_said_by_the_live_region_when_the_focus_is_elsewhere(
         "() => document.getElementById('training-live').textContent.includes('was canceled')",
         timeout=20_000)
     assert page.evaluate("() => document.activeElement.getAttribute('href')") == "/versions"
+
+
+def test_the_figures_are_redrawn_only_where_they_changed(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """htmx swapped the whole figures every second, "Status: queued" unchanged too: a screen
+    reader reading them had its place reset each second (a11y review 3, finding 8). A poll's
+    answer now changes only the parts that differ; a change still shows."""
+    page, server, _key = watching(chromium, tmp_path, serve)
+    page.evaluate("""() => { window.kept = document.querySelector('#status-figures p');
+        window.figureChanges = 0;
+        const figures = document.getElementById('status-figures');
+        // (htmx marks the polling element itself with its htmx-request class.)
+        new MutationObserver((changes) => { window.figureChanges += changes.filter(
+            (c) => c.target !== figures || c.type !== 'attributes').length; }).observe(
+            document.getElementById('status-figures'),
+            {childList: true, characterData: true, subtree: true, attributes: true}); }""")
+    start = page.evaluate("() => window.swaps")
+    page.wait_for_function(f"() => window.swaps >= {start + 3}", timeout=20_000)
+    assert page.evaluate("() => window.kept.isConnected"), server.why("the figures were redrawn")
+    assert page.evaluate("() => window.figureChanges") == 0
+
+    def later_step(route: Any) -> None:
+        answer = route.fetch()
+        route.fulfill(response=answer, body=re.sub(r"Step \d+", "Step 7", answer.text()))
+
+    page.route("**/train/status", later_step)
+    page.wait_for_function("() => document.getElementById('status-figures').textContent"
+                           ".includes('Step 7')", timeout=20_000)
+    assert page.evaluate("() => window.kept.isConnected")  # the status line, unchanged, stays
+    assert page.locator("#status-figures [data-status]").count() == 1

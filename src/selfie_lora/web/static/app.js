@@ -341,6 +341,29 @@
     }
   };
   document.addEventListener("htmx:afterSettle", speak);
+  // A poll's figures go into the page piece by piece, only those that changed: swapped whole
+  // every second (the same "Status: queued" too), a screen reader reading them lost its place.
+  // The answer that finds the training ended (HX-Retarget: the whole panel) is htmx's to swap.
+  const refreshFigures = (html) => {
+    const current = document.getElementById("status-figures");
+    const fresh = new DOMParser().parseFromString(html, "text/html").getElementById("status-figures");
+    if (!current || !fresh) return false;
+    const old = Array.from(current.children);
+    const now = Array.from(fresh.children);
+    if (old.length === now.length && old.every((el, i) => el.tagName === now[i].tagName)) {
+      old.forEach((el, i) => { if (!el.isEqualNode(now[i])) el.replaceWith(document.adoptNode(now[i])); });
+    } else {  // a part came or went (the loss chart, a sample): the figures' parts all anew
+      current.replaceChildren(...now.map((el) => document.adoptNode(el)));
+    }
+    return true;
+  };
+  document.addEventListener("htmx:beforeSwap", (e) => {
+    if (!statusPoll(e) || e.detail.isError || e.detail.xhr?.getResponseHeader("HX-Retarget")) return;
+    if (refreshFigures(e.detail.serverResponse ?? "")) {
+      e.detail.shouldSwap = false;
+      speak();
+    }
+  });
   // Back from a Delete (the gallery's "Generation deleted"): the focus to the generation next
   // to the one deleted (the address's #g-<id>, or the gallery's heading), not the page's top.
   if (document.getElementById("deleted-note") && window.location.hash) {
