@@ -917,8 +917,8 @@ def model_scale(request: Request, viewer: FormViewer,
                 lora_scale: Annotated[float, Form()]) -> Response:
     web = _web(request)
     saved = web.services.models.set_lora_scale(user=viewer.user, lora_scale=lora_scale)
-    return _done(request, "/generate", f"Scale {saved.model.lora_scale:g} saved: Generate and "
-                 "the API use it from now on.")
+    return _done(request, "/generate", f"Scale {lora_scale_text(saved.model.lora_scale)} saved: "
+                 "Generate and the API use it from now on.")
 
 
 @router.post("/model/scale/default")
@@ -928,7 +928,7 @@ def model_scale_default(request: Request, viewer: FormViewer) -> Response:
     web = _web(request)
     saved = web.services.models.change(user=viewer.user, lora_scale_to_default=True)
     return _done(request, "/generate",
-                 f"Back to the default scale, {saved.model.lora_scale:g}.")
+                 f"Back to the default scale, {lora_scale_text(saved.model.lora_scale)}.")
 
 
 # ---------------------------------------------------------------------------- model, settings

@@ -1,5 +1,5 @@
 // selfie-lora's pages: the upload (drag and drop, thumbnails, progress, the per-photo report),
-// confirmations, copy buttons, prompt presets and the scale slider. No inline scripts (CSP).
+// confirmations, copy buttons and prompt presets (the scale slider: scale.js). No inline scripts (CSP).
 "use strict";
 
 (function () {
@@ -369,15 +369,5 @@
   if (document.getElementById("deleted-note") && window.location.hash) {
     const target = document.getElementById(decodeURIComponent(window.location.hash.slice(1)));
     if (target) target.focus();
-  }
-  const scale = document.getElementById("lora_scale");
-  const scaleValue = document.getElementById("scale-value");
-  // step="any" so that any stored scale shows as it is; a scale the user drags to is kept to
-  // hundredths.
-  if (scale && scaleValue) {
-    scale.addEventListener("input", () => {
-      scale.value = String(Math.round(Number(scale.value) * 100) / 100);
-      scaleValue.textContent = scale.value;
-    });
   }
 })();
