@@ -472,3 +472,74 @@ def test_train_in_the_terminal_says_once_that_it_waits_for_room() -> None:
     text = out.file.getvalue()  # type: ignore[attr-defined]
     assert text.count("waiting: a disk of the server is full (no room)") == 1
     assert "Ctrl-C" in text
+
+
+class _WritesRefused:
+    """A full database disk as PostgreSQL has one (SQLSTATE 53100 on a write), and SQLite when
+    only the commit needs new room: while ``full``, reads go through and every write fails."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.full = False
+
+        @event.listens_for(engine, "do_execute")
+        def _execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+            if self.full and not statement.lstrip().upper().startswith(("SELECT", "BEGIN")):
+                raise sqlite3.OperationalError("database or disk is full")
+
+
+# Old code: the claim tried while the disk was still full dropped the worker's mark before its
+# own write was refused, so the claim after space was freed counted a take-over from itself
+# ("takes it over from <itself>") and the 3rd outage failed it ("its worker stopped 3 times").
+def test_claims_refused_by_a_still_full_database_disk_keep_the_wait_uncounted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(tmp_path)
+    full = {"now": False}
+
+    def train(job: TrainingJob) -> None:
+        assert job.checkpoints is not None
+        if job.resume_from is None:
+            ckpt = job.work_dir / "step-2.ckpt"
+            ckpt.write_bytes(b"checkpoint at step 2")
+            job.checkpoints.save(ckpt, step=2)
+        # The database's disk fills during the attempt: its next write (the progress) is
+        # refused, and so is the write that would record the wait.
+        database.full = full["now"]
+
+    trainer = FakeTrainer(on_train=train)
+    clock = _Clock()
+    services = build_services(settings, trainers={"local": trainer},
+                              blobs=FileSystemBlobStore(settings.blob_dir),
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer(), clock=clock.now)
+    database = _WritesRefused(services.repo._engine)  # type: ignore[attr-defined]
+    try:
+        user, _ = services.users.create(name="ann")
+        started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+        assert started.training is not None
+        training_id = started.training.id
+
+        def training() -> Training:
+            t = services.repo.get_training(training_id)  # a read: it goes through
+            assert t is not None
+            return t
+
+        caplog.set_level(logging.DEBUG, logger="selfie_lora")
+        full["now"] = True
+        for _ in range(4):  # outages: more than the 3 attempts a training may spend
+            services.training.run(training_id)  # claimed, then left: the wait is not written
+            assert database.full
+            t = training()
+            assert t.recoveries == 0
+            clock.past(t)  # its lease runs out while the disk is still full
+            for _ in range(2):  # the worker retries the message while the database is full
+                with pytest.raises(StorageFullError):
+                    services.training.run(training_id)
+            database.full = False  # space freed: the next claim goes through
+        full["now"] = False
+        services.training.run(training_id)
+        t = training()
+        assert t.status is TrainingStatus.SUCCEEDED, t.error  # old code: failed, 3 take-overs
+        assert t.recoveries == 0
+        assert not [r for r in caplog.records if "takes it over" in r.getMessage()]
+    finally:
+        services.close()

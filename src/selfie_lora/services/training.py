@@ -987,9 +987,8 @@ class TrainingService:
                 # Left here for a full disk that the database could not record: not counted.
                 claimed = dataclasses.replace(current, lease_owner=None)
             outcome, updated = claim(claimed, owner=owner, now=self._clock(), policy=self.lease)
-            if outcome is not ClaimOutcome.BUSY:  # still waiting: its next claim counts nothing
-                self._left_for_room.discard(training_id)
             if outcome is ClaimOutcome.ENDED:
+                self._left_for_room.discard(training_id)  # nothing left to claim
                 logger.debug("training %s is already %s", training_id, current.status)
                 return None
             if outcome is ClaimOutcome.BUSY:
@@ -1011,6 +1010,11 @@ class TrainingService:
                     "training_id": updated.id, "attempt": updated.attempt, "owner": owner,
                     "status": str(updated.status), "taken_over_from": current.lease_owner,
                     "phase": "scoring" if updated.is_scoring else "training"})
+        # Dropped only once the claim is written: a claim whose write the still-full disk
+        # refused (an error out of the block above) keeps it, so that the claim that goes
+        # through once space is freed counts nothing either. A busy one kept it too (returned
+        # above): still waiting.
+        self._left_for_room.discard(training_id)
         if updated.recoveries > current.recoveries:  # a take-over from a worker that stopped
             self._telemetry.lease_recovered(phase="scoring" if updated.is_scoring else "training")
         if outcome is ClaimOutcome.EXHAUSTED:
