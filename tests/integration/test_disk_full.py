@@ -543,3 +543,83 @@ def test_claims_refused_by_a_still_full_database_disk_keep_the_wait_uncounted(
         assert not [r for r in caplog.records if "takes it over" in r.getMessage()]
     finally:
         services.close()
+
+
+# Old code: the row said it went on "from its last checkpoint" (a remote run has none); the LoRA
+# write's ENOSPC was a plain StorageError, counted (failed after 3 attempts, "could not be
+# written on the worker's disk"); and the blob write's wait ended, once Replicate's output had
+# expired, in Replicate's sentence ("could no longer be downloaded from Replicate"), the full
+# disk never named.
+@pytest.mark.parametrize("where", ["weights blob", "LoRA write"])
+def test_a_replicate_training_on_a_full_disk_waits_and_names_the_disk_when_its_output_expired(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    from selfie_lora.adapters.replicate import trainer as replicate_trainer
+    from selfie_lora.adapters.replicate.session import ReplicateConnection
+    from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
+    from selfie_lora.testing.replicate_standin import ReplicateStandIn
+    from tests.integration.test_trainer_outage import OWNER, FakeClock
+
+    real_write = replicate_trainer._write_atomically
+
+    def write(path: Path, data: bytes) -> None:
+        if where == "LoRA write":  # the worker's disk stays full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(replicate_trainer, "_write_atomically", write)
+    clock = FakeClock()
+    with ReplicateStandIn() as standin:
+        settings = make_settings(tmp_path, trainer="replicate", replicate_owner=OWNER,
+                                 replicate_api_token=standin.token,
+                                 replicate_base_url=standin.base_url)
+        trainer = ReplicateTrainer(connection=ReplicateConnection(
+            api_token=standin.token, base_url=standin.base_url, max_retries=2,
+            sleep=clock.sleep), owner=OWNER, poll_interval=0.0)
+        blobs = _WeightsDisk(settings.blob_dir)
+        blobs.full = where == "weights blob"
+        services = build_services(settings, trainers={"replicate": trainer}, blobs=blobs,
+                                  generators={"replicate": FakeGenerator(backend="replicate")},
+                                  face_analyzer=one_person_analyzer(), clock=clock.now)
+        try:
+            user, _ = services.users.create(name="ann")
+            started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+            assert started.training is not None
+            training_id = started.training.id
+
+            def training() -> Training:
+                t = services.repo.get_training(training_id)
+                assert t is not None
+                return t
+
+            began = clock.now()
+            for _ in range(3):
+                services.training.run(training_id)
+                t = training()
+                assert not t.status.is_terminal, t.error  # old code (LoRA write): counted
+                assert t.recoveries == 0
+                assert t.error is not None
+                assert t.error.startswith("a disk of the server is full (")
+                assert "checkpoint" not in t.error  # old code: "from its last checkpoint"
+                assert ("downloading its trained LoRA from Replicate again (Replicate keeps a "
+                        "finished run's output about an hour, so free space before then)"
+                        in t.error)
+                clock.past_the_hold(t)
+            # Nobody freed space within the hour: Replicate has dropped the run's output.
+            expired_at = began + timedelta(hours=1)
+            standin.fail_while("GET", "/files/trainings/*", lambda: clock.now() > expired_at,
+                               status=404)
+            clock.sleep(3600)
+            services.training.run(training_id)
+            t = training()
+            assert t.status is TrainingStatus.FAILED, t.error
+            assert t.recoveries == 0
+            assert t.error is not None
+            assert "could no longer be downloaded from Replicate" not in t.error
+            assert t.error.startswith("The training finished, but a disk of the server was full "
+                                      "for 1 h")
+            assert ("so its LoRA file could not be stored, and meanwhile Replicate let the "
+                    "trained output expire (it keeps it about an hour). Free space on the "
+                    "server's disk (or ask its operator to) and start the training again."
+                    in t.error)
+        finally:
+            services.close()

@@ -13,7 +13,10 @@ to) steps away from it (``step_away``) rather than failing it: that counts as su
 an outage that never ends still fails the training after ``max_attempts``. A full disk is not
 such an outage of what the training needs but of the machine: the worker leaves the training to
 wait for room (``wait_for_room``) without counting it, so a disk freed an hour later still finds
-the training waiting, its checkpoints kept.
+a local training waiting, its checkpoints kept. A remote run's output outlives the wait only as
+long as its backend keeps it (Replicate: about an hour); the row remembers when the wait began
+(``waited_for_room_since``), so a training whose output expired meanwhile is failed naming the
+full disk, not the backend.
 
 Pure functions only: the service calls them inside its transactions.
 """
@@ -25,6 +28,7 @@ import enum
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from selfie_lora.domain.entities import Training
 
@@ -214,9 +218,49 @@ def wait_for_room(t: Training, now: datetime, *, reason: str, hold: timedelta) -
     claimed then with no recovery counted, as after ``release``: the owner goes, since the
     machine's disk, not the training nor its worker, failed. An attempt that made progress keeps
     that (``progressed``), so the count of the take-overs before it starts again as usual. With
-    no heartbeat, a cancel meanwhile ends it at once (``holder_is_silent``)."""
+    no heartbeat, a cancel meanwhile ends it at once (``holder_is_silent``). The first wait of
+    an outage is noted (``waited_for_room_since``)."""
+    metrics = t.metrics
+    if waited_for_room_since(t) is None:
+        metrics = {**t.metrics, ROOM_WAIT_KEY: {"since": now.isoformat(),
+                                                "remote_id": t.remote_id}}
     return dataclasses.replace(t, lease_owner=None, lease_expires_at=now + hold,
-                               heartbeat_at=None, error=reason)
+                               heartbeat_at=None, error=reason, metrics=metrics)
+
+
+# The key of ``Training.metrics`` that holds when the training's current wait for room began, and
+# for which remote run: a run created after it is not one whose output that wait outlasted.
+ROOM_WAIT_KEY = "waits_for_room"
+
+
+def waited_for_room_since(t: Training) -> datetime | None:
+    """When ``t``'s wait for room (``wait_for_room``) began, if its current run (``remote_id``)
+    waited and has not moved since (``room_wait_over``)."""
+    wait = t.metrics.get(ROOM_WAIT_KEY)
+    if not isinstance(wait, dict) or wait.get("remote_id") != t.remote_id:
+        return None
+    try:
+        return datetime.fromisoformat(str(wait["since"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def room_wait_over(metrics: dict[str, Any]) -> dict[str, Any]:
+    """``metrics`` without the note of a wait for room: the training moved on since."""
+    if ROOM_WAIT_KEY not in metrics:
+        return metrics
+    return {k: v for k, v in metrics.items() if k != ROOM_WAIT_KEY}
+
+
+def wait_text(waited: timedelta) -> str:
+    """A wait in words: ``45 s``, ``12 min``, ``1 h 5 min``."""
+    seconds = max(0, int(waited.total_seconds()))
+    if seconds < 60:
+        return f"{seconds} s"
+    hours, minutes = divmod(seconds // 60, 60)
+    if not hours:
+        return f"{minutes} min"
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 def exhausted_error(t: Training) -> str:

@@ -83,10 +83,13 @@ from selfie_lora.domain.lease import (
     lease_is_live,
     recovery_action,
     release,
+    room_wait_over,
     scoring_exhausted,
     scoring_stops,
     step_away,
     wait_for_room,
+    wait_text,
+    waited_for_room_since,
 )
 from selfie_lora.domain.plan import (
     TrainingDefaults,
@@ -120,6 +123,7 @@ from selfie_lora.errors import (
     TrainingFailedError,
     TrainingInterruptedError,
     UploadInProgressError,
+    WeightsNotFoundError,
     describe,
 )
 from selfie_lora.logs import training_context
@@ -170,7 +174,20 @@ STORAGE_UNREACHABLE = "the stored photos or checkpoint could not be fetched"
 LOCAL_DISK_FAILED = "the trained LoRA could not be written on the worker's disk"
 # ... and one whose worker found a disk full: it waits for room, its attempts not spent.
 DISK_FULL = ("a disk of the server is full ({detail}): the training waits for space to be "
-             "freed and goes on by itself then, from its last checkpoint")
+             "freed and goes on by itself then")
+# ... how, as its backend keeps what it made: a local training's checkpoints are stored; a remote
+# run's output only as long as its backend keeps it (Replicate: about an hour after the run ends).
+DISK_FULL_LOCAL = ", from its last checkpoint"
+DISK_FULL_REMOTE = (", downloading its trained LoRA from {backend} again ({backend} keeps a "
+                    "finished run's output about an hour, so free space before then)")
+# The user's sentence for a remote training whose output expired while it waited for room: the
+# full disk is why, and freeing space is what to do, where the backend's own sentence
+# ("could no longer be downloaded from Replicate") named neither.
+ROOM_EXPIRED_MESSAGE = (
+    "The training finished, but a disk of the server was full for {waited}, so its LoRA file "
+    "could not be stored, and meanwhile {backend} let the trained output expire (it keeps it "
+    "about an hour). Free space on the server's disk (or ask its operator to) and start the "
+    "training again.")
 # An upload that starts a training holds the user's slot while its photos are checked: for
 # UPLOAD_CLAIM_TTL at a time, renewed every UPLOAD_CLAIM_RENEWAL while the upload runs, so a
 # process that dies holding it blocks its user for UPLOAD_CLAIM_TTL at most. (It was one claim of
@@ -1114,10 +1131,13 @@ class TrainingService:
         an outage (its end too, ``_room_again``): its tries would repeat it every few seconds."""
         gap = self.lease.full_disk_gap(self._room_waits)
         self._room_waits += 1
-        reason = DISK_FULL.format(detail=exc.message)
-        left = self._try_update_held(
-            held, lambda t: wait_for_room(t, self._clock(), reason=reason, hold=gap),
-            doing="leave it to wait for room", quiet_if_full=True)
+
+        def leave(t: Training) -> Training:
+            return wait_for_room(t, self._clock(), reason=_disk_full_reason(t, exc.message),
+                                 hold=gap)
+
+        left = self._try_update_held(held, leave, doing="leave it to wait for room",
+                                     quiet_if_full=True)
         if left is None:
             # The database's disk is full too: the lease runs out, the reconciler rings, and
             # this worker's next claim of it counts nothing (``_claim``).
@@ -1262,6 +1282,8 @@ class TrainingService:
         except TrainingCanceledError as exc:
             self._finish_canceled(held, reason=exc.message, remote_ended=exc.remote_ended)
         except TrainerError as exc:
+            if isinstance(exc, WeightsNotFoundError):
+                exc = self._expired_while_waiting(held, exc)
             logger.warning("training %s failed: %s", training.id, exc.message)
             self._finish_failed(held, user_message=exc.user_message, reason=exc.message,
                                 code=exc.code)
@@ -1286,6 +1308,27 @@ class TrainingService:
             with suppress(OSError):
                 root.rmdir()  # refused while another attempt's folder is in it
         return False
+
+    def _expired_while_waiting(self, held: _Held,
+                               exc: WeightsNotFoundError) -> WeightsNotFoundError:
+        """``exc`` (a remote run's output that can no longer be downloaded) said as what it is
+        when the training waited for room meanwhile: the full disk, for how long, and what to do.
+        The backend's own sentence blamed the backend, and a user would just try again into the
+        same full disk."""
+        try:
+            current = self._repo.get_training(held.training_id) or held.training
+        except SelfieLoraError:
+            current = held.training  # the wait noted at the claim is as good
+        since = waited_for_room_since(current)
+        if since is None:
+            return exc
+        waited = wait_text(self._clock() - since)
+        return WeightsNotFoundError(
+            f"{exc.message} (a disk of the server was full for {waited}, since "
+            f"{since.isoformat(timespec='seconds')}: the output expired while the training "
+            "waited for room)",
+            user_message=ROOM_EXPIRED_MESSAGE.format(
+                waited=waited, backend=_backend_name(current.backend)))
 
     def _store_version(self, held: _Held, result: TrainingResult) -> None:
         """Publish the trainer's weights as the model's next version: once per training (the
@@ -1654,6 +1697,16 @@ def _attempt_folder(root: Path, attempt: int) -> Path:
     return private_folders(folder)  # a third race is no race: raise what it meets
 
 
+def _disk_full_reason(t: Training, detail: str) -> str:
+    """The row's sentence of ``t`` waiting for room: how it goes on depends on what is kept."""
+    if t.backend == "local":
+        return DISK_FULL.format(detail=detail) + DISK_FULL_LOCAL
+    if t.remote_id is not None:
+        return DISK_FULL.format(detail=detail) + DISK_FULL_REMOTE.format(
+            backend=_backend_name(t.backend))
+    return DISK_FULL.format(detail=detail)  # nothing made yet: it starts when there is room
+
+
 def _backend_name(backend: str) -> str:
     return "Replicate" if backend == "replicate" else f"the {backend} trainer"
 
@@ -1936,12 +1989,17 @@ class _Sink:
             t = transition(t, status, at=self._service._clock(), reason="trainer progress")
             curve = (add_loss_point(t.loss_curve, step=step, loss=loss) if loss is not None
                      else t.loss_curve)
+            # The time left is estimated from this attempt's pace (``time_left``).
+            metrics = mark_pace(t, step=max(0, step), at=self._service._clock())
+            if step > t.step:
+                # The run went on after any wait for room: that wait is not why its output
+                # could expire (``_expired_while_waiting``).
+                metrics = room_wait_over(metrics)
             # error=None: the trainer answers again, so an earlier attempt's outage is over.
             return dataclasses.replace(
                 t, step=max(0, step), total_steps=total if total > 0 else t.total_steps,
                 loss=loss if loss is not None else t.loss, loss_curve=curve, error=None,
-                # The time left is estimated from this attempt's pace (``time_left``).
-                metrics=mark_pace(t, step=max(0, step), at=self._service._clock()),
+                metrics=metrics,
                 # A remote run whose step went past the row's goes on without us: the next
                 # attempt adopts it where it is. A poll alone is not progress: an adopted run
                 # that had finished (or stood still) answers every attempt, and counting it

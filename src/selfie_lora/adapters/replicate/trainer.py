@@ -57,11 +57,13 @@ from selfie_lora.adapters.replicate.session import (
 )
 from selfie_lora.adapters.replicate.statuses import ABORTED, ENDED, validated
 from selfie_lora.adapters.replicate.webhooks import parse_log_progress
+from selfie_lora.disk_space import is_full_error
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
     InvalidInputError,
     StorageError,
+    StorageFullError,
     TrainerError,
     TrainerUnavailableError,
     TrainingCanceledError,
@@ -690,9 +692,11 @@ class ReplicateTrainer:
             # local backend raises, so the worker steps away and the next attempt (with room, or
             # on another machine) adopts the run by its id and downloads its output again
             # (Replicate keeps it about an hour). A bare OSError failed the paid training for
-            # good, as an internal error.
-            raise StorageError(f"the trained LoRA cannot be written to {path}: "
-                               f"{exc.strerror or exc}") from exc
+            # good, as an internal error. A full disk is StorageFullError, as the local one's
+            # and the blob store's are: waited out, not counted.
+            error = StorageFullError if is_full_error(exc) else StorageError
+            raise error(f"the trained LoRA cannot be written to {path}: "
+                        f"{exc.strerror or exc}") from exc
         method = f"replicate {where}: {detail}"
         logger.info(
             "training %s: LoRA weights found via %s (%d bytes)", job.training_id, method, len(weights)
