@@ -154,6 +154,26 @@ def test_a_made_up_method_is_counted_as_other(client: TestClient) -> None:
                  method="other", route="/healthz", status="405") == 20
 
 
+def test_static_files_and_the_schema_are_counted_under_their_route(client: TestClient) -> None:
+    """A static file's 200 and the OpenAPI schema's were filed under "(unmatched)" with the
+    real 404s (only FastAPI's own routes were looked up): each now has its route template,
+    one series for every static file; a miss, under /static or not, stays "(unmatched)"."""
+    assert client.get("/static/style.css").status_code == 200
+    assert client.get("/static/app.js").status_code == 200
+    assert client.get("/openapi.json").status_code == 200
+    assert client.get("/docs").status_code == 200
+    assert client.get("/static/no-such.css").status_code == 404
+    assert client.get("/favicon.ico").status_code == 404
+    found = samples(client.get("/metrics").text)
+    histogram = "selfie_lora_http_request_duration_seconds_count"
+    assert value(found, histogram, method="GET", route="/static/{path}", status="200") == 2
+    assert value(found, histogram, method="GET", route="/openapi.json", status="200") == 1
+    assert value(found, histogram, method="GET", route="/docs", status="200") == 1
+    assert value(found, histogram, method="GET", route="(unmatched)", status="200") == 0
+    assert value(found, histogram, method="GET", route="(unmatched)", status="404") == 2
+    assert not any("style.css" in dict(labels).get("route", "") for _n, labels in found)
+
+
 def test_a_metrics_token_keeps_the_figures_private(tmp_path: Path) -> None:
     settings = make_settings(tmp_path, metrics_token="t" * 32)
     with serving(settings) as (client, _svc):

@@ -20,7 +20,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
@@ -201,9 +200,10 @@ def create_app(
     )
     # Outermost: the time of every answer, the guard's refusals included. The routes in the
     # router's order (the app's own, the API's, the pages'), to name the route of an answer
-    # sent before routing.
+    # sent before routing, or by a route that does not name itself: every one with a path,
+    # not only the APIRoutes (the schema, the docs and the /static mount were "(unmatched)").
     app.add_middleware(HttpMetrics, operations=svc.operations, routes=[
-        *(route for route in app.router.routes if isinstance(route, APIRoute)),
+        *(route for route in app.router.routes if isinstance(getattr(route, "path", None), str)),
         *(route for router in (*api_routers, pages.router) for route in router.routes)])
 
     def count(request: Request, code: ErrorCode) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.services.operations import OperationsService
@@ -44,22 +44,30 @@ class HttpMetrics:
                 status = int(message["status"])
             await send(message)
 
+        # The request as it came: a mount rewrites the scope's root_path on its way in, and
+        # matching the rewritten one found no route for a static file.
+        arrived = {key: scope[key] for key in ("type", "path", "root_path", "method")
+                   if key in scope}
         try:
             await self._app(scope, receive, timed_send)
         finally:
             # The router writes the matched route into the scope it was given (this one).
-            route = getattr(scope.get("route"), "path", None) or _route_of(scope, self._routes)
+            route = getattr(scope.get("route"), "path", None) or _route_of(arrived, self._routes,
+                                                                             status=status)
             method = scope["method"] if scope["method"] in METHODS else OTHER_METHOD
             self._operations.record_http(method=method, route=route, status=status,
                                          seconds=time.perf_counter() - started)
 
 
-def _route_of(scope: Scope, routes: Sequence[BaseRoute]) -> str:
-    """The template of the route a request that never reached the router was for, as the router
+def _route_of(scope: Scope, routes: Sequence[BaseRoute], *, status: int) -> str:
+    """The template of the route a request without ``scope["route"]`` was for, as the router
     would have matched it (a full match, else one of another method), or ``UNMATCHED``. Why:
     the guard answers before routing (a bad key's 401, a disabled account's 403, 413, 408), and
-    all of them were filed under "(unmatched)", even for ``/api/model``. Only for requests
-    without a route (those and 404s): a loop over the routes' patterns."""
+    all of them were filed under "(unmatched)", even for ``/api/model``; and only FastAPI's own
+    routes set ``scope["route"]``, so the schema and docs (Starlette routes) and the static
+    files (a mount) were too. A mount is one template (``/static/{path}``: one series whatever
+    the file), and its 404 stays ``UNMATCHED`` with the other misses. Only for requests without
+    a route (those, 404s, static files and docs): a loop over the routes' patterns."""
     partial: str | None = None
     for route in routes:
         path = getattr(route, "path", None)
@@ -67,6 +75,8 @@ def _route_of(scope: Scope, routes: Sequence[BaseRoute]) -> str:
             continue
         match, _child = route.matches(scope)
         if match is Match.FULL:
+            if isinstance(route, Mount):
+                return UNMATCHED if status == 404 else f"{path}/{{path}}"
             return path
         if match is Match.PARTIAL and partial is None:
             partial = path
