@@ -69,6 +69,10 @@ def test_metrics_count_what_happened(client: TestClient, services: Services,
     assert value(found, "selfie_lora_training_duration_seconds_count",
                  backend="local", status="succeeded") == 1
     assert value(found, "selfie_lora_training_failures_total", code="training_failed") == 1
+    assert value(found, "selfie_lora_trainings_ended_total", backend="local",
+                 status="succeeded") == 1
+    assert value(found, "selfie_lora_trainings_ended_total", backend="local",
+                 status="failed") == 1
     assert value(found, "selfie_lora_scoring_duration_seconds_count", status="scored") + \
         value(found, "selfie_lora_scoring_duration_seconds_count", status="failed") >= 1
     assert value(found, "selfie_lora_intake_duration_seconds_count", trainable="true") == 1
@@ -172,6 +176,24 @@ def test_static_files_and_the_schema_are_counted_under_their_route(client: TestC
     assert value(found, histogram, method="GET", route="(unmatched)", status="200") == 0
     assert value(found, histogram, method="GET", route="(unmatched)", status="404") == 2
     assert not any("style.css" in dict(labels).get("route", "") for _n, labels in found)
+
+
+def test_a_training_canceled_while_queued_is_counted_by_its_outcome(tmp_path: Path) -> None:
+    """A training canceled before it started moved no series: the duration histogram (from
+    the start) had its only per-outcome count. Every ending is counted by outcome; the
+    histogram still times only trainings that started."""
+    with serving(make_settings(tmp_path)) as (client, svc):  # no worker: it stays queued
+        h = auth(svc, "ann")
+        training_id = upload(client, h)["training"]["id"]
+        canceled = client.post("/api/training/cancel", headers=h,
+                               json={"training_id": training_id})
+        assert canceled.status_code == 200, canceled.text
+        assert canceled.json()["training"]["status"] == "canceled"
+        found = samples(client.get("/metrics").text)
+    assert value(found, "selfie_lora_trainings_ended_total",
+                 backend="local", status="canceled") == 1
+    assert value(found, "selfie_lora_training_duration_seconds_count",
+                 backend="local", status="canceled") == 0
 
 
 def test_a_metrics_token_keeps_the_figures_private(tmp_path: Path) -> None:

@@ -357,8 +357,9 @@ class Telemetry(Protocol):
 
     def training_ended(self, *, backend: str, status: str, seconds: float | None,
                        error_code: str | None = None) -> None:
-        """A training reached ``status``; ``seconds`` from its start (None: it never started);
-        ``error_code`` why it failed."""
+        """A training reached ``status`` (counted whether it started or not); ``seconds`` from
+        its start (None: it never started, and its time is not observed); ``error_code`` why it
+        failed."""
         ...
 
     def scoring_done(self, *, seconds: float, status: str) -> None: ...

@@ -40,6 +40,12 @@ class PrometheusTelemetry:
             "selfie_lora_training_duration_seconds",
             "From a training's start to its end, by backend and outcome (this process).",
             ["backend", "status"], buckets=TRAINING_BUCKETS, registry=r)
+        # Every ending, started or not: the histogram above times only trainings that started,
+        # so a training canceled (or failed) while queued was in no per-outcome series.
+        self._trainings_ended = Counter(
+            "selfie_lora_trainings_ended",
+            "Trainings that ended, by backend and outcome, whether they started or not "
+            "(this process).", ["backend", "status"], registry=r)
         self._training_failures = Counter(
             "selfie_lora_training_failures", "Trainings that failed, by error code.",
             ["code"], registry=r)
@@ -65,6 +71,7 @@ class PrometheusTelemetry:
 
     def training_ended(self, *, backend: str, status: str, seconds: float | None,
                        error_code: str | None = None) -> None:
+        self._trainings_ended.labels(backend=backend, status=status).inc()
         if seconds is not None:
             self._training_seconds.labels(backend=backend, status=status).observe(seconds)
         if error_code is not None:
