@@ -287,7 +287,9 @@ def _say_the_base_model_is_missing(settings: Settings) -> None:
                    settings.effective_trainer_version)
 
 
-def default_trainers(settings: Settings) -> dict[str, Trainer]:
+def default_trainers(settings: Settings, *,
+                     telemetry: Telemetry | None = None) -> dict[str, Trainer]:
+    """``telemetry``: where the local trainer counts the restarts of its training processes."""
     from selfie_lora.adapters.flux.trainer import LocalTrainer
 
     _say_the_base_model_is_missing(settings)
@@ -296,7 +298,7 @@ def default_trainers(settings: Settings) -> dict[str, Trainer]:
             base_model=settings.base_model, cache_dir=settings.model_cache_dir,
             isolation=settings.local_isolation, device=settings.device,
             log_format=settings.log_format, memory_mode=settings.local_memory_mode,
-            stall_timeout_s=settings.local_stall_seconds,
+            stall_timeout_s=settings.local_stall_seconds, telemetry=telemetry,
         )
     }
     if settings.replicate_api_token is None:
@@ -418,20 +420,21 @@ def build_services(
     repo = SqlRepository(engine)
     blobs = blobs if blobs is not None else default_blob_store(settings)
     queue = HueyJobQueue.from_url(settings.effective_queue_url, name=settings.queue_name)
-    chosen_trainers = dict(trainers) if trainers is not None else default_trainers(settings)
+    if telemetry is None:
+        from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
+
+        telemetry = PrometheusTelemetry()
+    chosen_trainers = (dict(trainers) if trainers is not None
+                       else default_trainers(settings, telemetry=telemetry))
     chosen_generators = (dict(generators) if generators is not None
                          else default_generators(settings))
     webhook_url = default_webhook_url(
         settings, replicate_trainer="replicate" in chosen_trainers)
     faces = face_analyzer or default_face_analyzer(settings)
-    if telemetry is None:
-        from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
-
-        telemetry = PrometheusTelemetry()
     generation = GenerationService(repo=repo, blobs=blobs, generators=chosen_generators,
                                    max_per_user=settings.max_generations_per_user,
                                    threads=settings.generation_threads,
-                                   base_model=settings.base_model)
+                                   base_model=settings.base_model, telemetry=telemetry)
     likeness = LikenessService(
         repo=repo, blobs=blobs, generation=generation,
         faces=faces,

@@ -319,6 +319,39 @@ def test_a_child_that_dies_of_a_signal_while_nothing_stops_still_fails(tmp_path:
     assert "exited with code -15" in str(error)
 
 
+class _ChildDiesAfterEachCheckpoint(LocalTrainer):
+    """A child that writes a newer checkpoint each time, then dies without a word (killed)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.children = 0
+
+    def _train_in_child(self, request: Any, reporter: Any, keep: Any, *,
+                        job_id: str) -> dict[str, Any]:
+        from selfie_lora.adapters.flux.checkpoints import checkpoint_name
+        from selfie_lora.adapters.flux.trainer import _ChildDiedError
+
+        self.children += 1
+        assert request.checkpoint_dir is not None
+        request.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (request.checkpoint_dir / checkpoint_name(10 * self.children)).write_bytes(b"checkpoint")
+        raise _ChildDiedError(-9)
+
+
+def test_each_restart_of_a_dead_child_is_counted(tmp_path: Path) -> None:
+    """A child's death and restart moved no figure: only a log line said it, until the
+    restarts ran out and the training failed."""
+    from selfie_lora.testing.fakes import RecordingTelemetry
+
+    telemetry = RecordingTelemetry()
+    trainer = _ChildDiesAfterEachCheckpoint(base_model="tiny", cache_dir=tmp_path / "cache",
+                                            device="cpu", max_restarts=2, telemetry=telemetry)
+    error = _train_error(trainer, _job(tmp_path / "work"))
+    assert isinstance(error, TrainingFailedError)
+    assert trainer.children == 3
+    assert telemetry.trainer_restarts == ["local", "local"]
+
+
 class _StopsAfter(Sink):
     """Asks to cancel (or, as a stopping worker, to hand back) ``after_s`` after it was made."""
 

@@ -16,8 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from selfie_lora.errors import GenerationError
 from selfie_lora.logs import NOISY_IMPORT_LOGGERS, setup_logging, training_context
-from selfie_lora.testing.fakes import FakeTrainer
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services
 from selfie_lora.worker import serve_operator_endpoints
 from tests.conftest import auth, make_settings, serving, wait_terminal
@@ -194,6 +195,48 @@ def test_a_training_canceled_while_queued_is_counted_by_its_outcome(tmp_path: Pa
                  backend="local", status="canceled") == 1
     assert value(found, "selfie_lora_training_duration_seconds_count",
                  backend="local", status="canceled") == 0
+
+
+def test_generations_are_counted_and_timed_by_outcome(client: TestClient, services: Services,
+                                                     fake_generator: FakeGenerator) -> None:
+    """A generation moved only the HTTP histogram (whose buckets stopped at 30 s, below a
+    FLUX.1 batch): now each is counted by backend and outcome, and timed unless refused.
+    The likeness gate's probe pictures are not users' generations."""
+    h = auth(services, "ann")
+    assert client.post("/api/generate", headers=h, json={"prompt": "x"}).status_code == 404
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    assert client.post("/api/generate", headers=h, json={"prompt": "on a beach"}
+                       ).status_code == 200
+    assert client.post("/api/generate", headers=h, json={"prompt": " "}).status_code == 422
+    fake_generator.withhold = frozenset({1})
+    assert client.post("/api/generate", headers=h,
+                       json={"prompt": "on a beach", "num_outputs": 2}).status_code == 200
+    fake_generator.withhold = frozenset()
+    fake_generator.fail_with = GenerationError("the generator broke")
+    assert client.post("/api/generate", headers=h, json={"prompt": "on a beach"}
+                       ).status_code >= 500
+
+    found = samples(client.get("/metrics").text)
+    counted = {tuple(dict(labels)[k] for k in ("backend", "status")): n
+               for (name, labels), n in found.items() if name == "selfie_lora_generations_total"}
+    assert counted == {("local", "made"): 1, ("local", "withheld"): 1, ("local", "failed"): 1,
+                       ("none", "refused"): 2}
+    timed = "selfie_lora_generation_duration_seconds_count"
+    assert value(found, timed, backend="local", status="made") == 1
+    assert value(found, timed, backend="local", status="withheld") == 1
+    assert value(found, timed, backend="local", status="failed") == 1
+    assert value(found, timed, backend="none", status="refused") == 0
+    assert value(found, "selfie_lora_generation_duration_seconds_bucket", backend="local",
+                 status="made", le="300.0") == 1
+    # Slow answers (a batch of FLUX.1 pictures, a big upload) land in a bucket, not +Inf.
+    assert value(found, "selfie_lora_http_request_duration_seconds_bucket", method="POST",
+                 route="/api/generate", status="200", le="300.0") == 2
+
+
+def test_trainer_restarts_are_exported(client: TestClient, services: Services) -> None:
+    services.telemetry.trainer_restarted(backend="local")
+    found = samples(client.get("/metrics").text)
+    assert value(found, "selfie_lora_trainer_restarts_total", backend="local") == 1
 
 
 def test_a_metrics_token_keeps_the_figures_private(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -34,6 +34,7 @@ from selfie_lora.domain.versions import find_version
 from selfie_lora.errors import (
     NO_MODEL,
     BlobMissingError,
+    ClientGoneError,
     ConfigError,
     ConflictError,
     ErrorCode,
@@ -53,8 +54,10 @@ from selfie_lora.services.ports import (
     GenerationJob,
     Generator,
     Repository,
+    Telemetry,
     image_seed,
 )
+from selfie_lora.services.telemetry import NullTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +229,18 @@ class Rendered:
     withheld: tuple[int, ...] = ()
 
 
+# The backend label of a generation refused before its model was found.
+_NO_BACKEND = "none"
+
+
+@dataclass
+class _Attempt:
+    """What ``_make`` tells ``_generate``: the model's backend, once the request was accepted
+    and the generator is about to be asked."""
+
+    backend: str | None = None
+
+
 class GenerationService:
     """Generations run on the service's own threads (``threads`` of them; those beyond wait in
     its queue, holding no thread), so a server's other routes never wait behind them, and a user
@@ -235,9 +250,10 @@ class GenerationService:
     def __init__(
         self, *, repo: Repository, blobs: BlobStore, generators: Mapping[str, Generator],
         max_per_user: int = DEFAULT_MAX_PER_USER, threads: int = DEFAULT_THREADS,
-        base_model: str | None = None,
+        base_model: str | None = None, telemetry: Telemetry | None = None,
     ) -> None:
         self._repo = repo
+        self._telemetry: Telemetry = telemetry or NullTelemetry()
         # The local generator's base model (SELFIE_LORA_BASE_MODEL): a local version trained for
         # another is refused before its weights are loaded. None: not checked.
         self._base_model = base_model
@@ -263,7 +279,7 @@ class GenerationService:
         generations in flight here. Once ``client_gone`` is set, a generation not yet made
         (taken by a thread but waiting for the local pipeline, or between pictures) is dropped:
         ``ClientGoneError``, nothing stored, and its slot is free as it ends."""
-        self._in_flight.take(user.id)
+        self._take(lambda: self._in_flight.take(user.id))
         try:
             future = self._executor.submit(self._generate_timed, user=user, request=request,
                                            client_gone=client_gone)
@@ -281,11 +297,49 @@ class GenerationService:
             f"progress, the most at once; wait for one to finish, then retry (in about "
             f"{wait} s)", retry_after=wait, code=ErrorCode.TOO_MANY_GENERATIONS)
 
+    def _take(self, take: Callable[[], object]) -> None:
+        """A slot of ``_in_flight``; a user over the limit is a refused generation."""
+        try:
+            take()
+        except RateLimitedError:
+            self._telemetry.generation_ended(backend=_NO_BACKEND, status="refused",
+                                             seconds=None)
+            raise
+
     def _generate_timed(self, *, user: User, request: GenerationRequest,
                         client_gone: threading.Event | None = None) -> Generation:
         started = time.monotonic()
         generation = self._generate(user=user, request=request, client_gone=client_gone)
         self._last_seconds = time.monotonic() - started
+        return generation
+
+    def _generate(self, *, user: User, request: GenerationRequest,
+                  client_gone: threading.Event | None = None) -> Generation:
+        """``_make``, counted and timed by how it ended (``Telemetry.generation_ended``)."""
+        started = time.monotonic()
+        attempt = _Attempt()
+        try:
+            generation = self._make(user=user, request=request, client_gone=client_gone,
+                                    attempt=attempt)
+        except BaseException as exc:
+            # Counted by how it ended (``ports.GENERATION_OUTCOMES``): a refusal before the
+            # generator was asked is not timed, every other ending is.
+            seconds = time.monotonic() - started
+            if isinstance(exc, ClientGoneError):
+                status = "abandoned"
+            elif attempt.backend is None and isinstance(exc, SelfieLoraError) \
+                    and exc.http_status < 500:
+                status = "refused"
+            else:
+                status = "failed"
+            self._telemetry.generation_ended(
+                backend=attempt.backend or _NO_BACKEND, status=status,
+                seconds=None if status == "refused" else seconds)
+            raise
+        self._telemetry.generation_ended(
+            backend=attempt.backend or _NO_BACKEND,
+            status="withheld" if generation.withheld else "made",
+            seconds=time.monotonic() - started)
         return generation
 
     def render(
@@ -423,7 +477,8 @@ class GenerationService:
         """A user's pictures, made and stored in the caller's thread, under ``submit``'s limit.
         Not ``submit`` waited for: Ctrl-C (the CLI, the demo) would interrupt only the wait,
         and the generation would run on in the executor's thread until the process exits."""
-        with self._in_flight.hold(user.id):
+        with ExitStack() as slot:
+            self._take(lambda: slot.enter_context(self._in_flight.hold(user.id)))
             return self._generate_timed(user=user, request=request)
 
     def _no_version(self, model_id: str) -> NotReady:
@@ -449,8 +504,9 @@ class GenerationService:
                         message="your model has no trained version yet: train it (the Train "
                                 "page, POST /api/training/start or selfie-lora train)")
 
-    def _generate(self, *, user: User, request: GenerationRequest,
-                  client_gone: threading.Event | None = None) -> Generation:
+    def _make(self, *, user: User, request: GenerationRequest,
+              client_gone: threading.Event | None = None,
+              attempt: _Attempt | None = None) -> Generation:
         # One line break is one character, as a text area counts it (its maxlength is the
         # limit's): a browser sends each as CRLF, and a 1999-character prompt of five lines
         # was refused as longer than 2000 (and stored with its CRs). The API's and the CLI's
@@ -488,6 +544,8 @@ class GenerationService:
         # A seed is drawn here, not by the generator, so that the generation records the seed
         # that made its pictures (the answer, the stored row, the gallery) and can be made again.
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        if attempt is not None:  # from here, what goes wrong is a failure, not a refusal
+            attempt.backend = model.backend
         rendered = self.render(model=model, version=version, prompt=request.prompt, seed=seed,
                                num_outputs=request.num_outputs, lora_scale=request.lora_scale,
                                client_gone=client_gone)

@@ -351,6 +351,14 @@ class WeightsConverter(Protocol):
 # --------------------------------------------------------------------------- telemetry
 
 
+# How a user's generation ended, for ``Telemetry.generation_ended``: its pictures stored
+# ("made"), stored with some withheld by the generator's safety checker ("withheld"), refused
+# before the generator was asked (bad input, no model or version, too many in flight:
+# "refused"), the generator asked and no picture stored ("failed", a batch withheld whole
+# included), or dropped because its client went away ("abandoned").
+GENERATION_OUTCOMES = ("made", "withheld", "refused", "failed", "abandoned")
+
+
 class Telemetry(Protocol):
     """The figures an operator watches (``GET /metrics``). Each process records its own; the
     gauges of the whole service (trainings by status, queue depth) are set when read."""
@@ -363,6 +371,17 @@ class Telemetry(Protocol):
         ...
 
     def scoring_done(self, *, seconds: float, status: str) -> None: ...
+
+    def generation_ended(self, *, backend: str, status: str, seconds: float | None) -> None:
+        """A user's generation ended: ``status`` one of ``GENERATION_OUTCOMES``; ``backend`` the
+        model's (``none`` when refused before the model was found); ``seconds`` from its
+        start, None for a refusal (never timed: it would drown the generations' times)."""
+        ...
+
+    def trainer_restarted(self, *, backend: str) -> None:
+        """A trainer started its training's process again after it died (the local trainer's
+        child, from its newest checkpoint)."""
+        ...
 
     def lease_recovered(self, *, phase: str) -> None:
         """A worker took over a training whose holder stopped."""

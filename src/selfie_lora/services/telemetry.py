@@ -14,6 +14,12 @@ class NullTelemetry:
     def lease_recovered(self, *, phase: str) -> None:
         pass
 
+    def generation_ended(self, *, backend: str, status: str, seconds: float | None) -> None:
+        pass
+
+    def trainer_restarted(self, *, backend: str) -> None:
+        pass
+
     def intake_done(self, *, seconds: float, photos: int, trainable: bool) -> None:
         pass
 

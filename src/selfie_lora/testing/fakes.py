@@ -295,7 +295,17 @@ class RecordingTelemetry(NullTelemetry):
         self.recoveries: list[str] = []
         self.scorings: list[tuple[str, float]] = []
         self.intakes: list[tuple[float, int, bool]] = []
+        self.generations: list[tuple[str, str, float | None]] = []
+        self.trainer_restarts: list[str] = []
         self._lock = threading.Lock()
+
+    def generation_ended(self, *, backend: str, status: str, seconds: float | None) -> None:
+        with self._lock:
+            self.generations.append((backend, status, seconds))
+
+    def trainer_restarted(self, *, backend: str) -> None:
+        with self._lock:
+            self.trainer_restarts.append(backend)
 
     def training_ended(self, *, backend: str, status: str, seconds: float | None,
                        error_code: str | None = None) -> None:

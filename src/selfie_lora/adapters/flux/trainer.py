@@ -47,11 +47,13 @@ from selfie_lora.services.ports import (
     CheckpointStore,
     ProgressSink,
     SampleStore,
+    Telemetry,
     TrainingJob,
     TrainingPhoto,
     TrainingResult,
 )
 from selfie_lora.services.private_files import private_folders
+from selfie_lora.services.telemetry import NullTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +326,7 @@ class LocalTrainer:
         max_restarts: int = 3,
         stop_grace_s: float = 30.0,
         stall_timeout_s: float = 1800.0,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if isolation not in ("process", "inline"):
             raise ConfigError(f"isolation must be 'process' or 'inline', not {isolation!r}")
@@ -339,6 +342,9 @@ class LocalTrainer:
         self.max_restarts = max_restarts
         self.stop_grace_s = stop_grace_s
         self.stall_timeout_s = stall_timeout_s
+        # Counts each child started again (an operator's alert on children dying, before
+        # trainings fail of it).
+        self._telemetry: Telemetry = telemetry or NullTelemetry()
 
     def cancel_remote(self, remote_id: str) -> None:
         """Nothing runs remotely: a training's child process ends with its worker."""
@@ -480,6 +486,7 @@ class LocalTrainer:
                         "run out of memory); try again.",
                     ) from None
                 restarts += 1
+                self._telemetry.trainer_restarted(backend=self.backend)
                 logger.warning("training %s: its process died (exit code %s); restarting it "
                                "from %s (restart %d of %d)", job_id, died.exitcode, newest.name,
                                restarts, self.max_restarts)

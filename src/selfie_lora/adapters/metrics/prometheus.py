@@ -1,8 +1,10 @@
 """``Telemetry`` in the Prometheus text format, with prometheus-client.
 
 Each instance has a registry of its own (several apps in one test process must not clash). The
-histogram buckets are chosen for what they measure: HTTP answers in milliseconds to seconds,
-intakes in seconds, trainings from seconds (the tiny model) to hours (FLUX.1 on a GPU).
+histogram buckets are chosen for what they measure: HTTP answers in milliseconds to minutes (a
+generation of several FLUX.1 pictures, a 200 MB upload), intakes in seconds, generations from a
+second (the tiny model) to minutes, trainings from seconds (the tiny model) to hours (FLUX.1 on
+a GPU).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from selfie_lora.domain.entities import TrainingStatus
 
-HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                120.0, 300.0)
+GENERATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 INTAKE_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 TRAINING_BUCKETS = (5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400)
 SCORING_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -52,6 +56,17 @@ class PrometheusTelemetry:
         self._scoring_seconds = Histogram(
             "selfie_lora_scoring_duration_seconds", "Scoring a version's likeness, by outcome.",
             ["status"], buckets=SCORING_BUCKETS, registry=r)
+        self._generations = Counter(
+            "selfie_lora_generations", "Users' generations that ended, by backend and outcome.",
+            ["backend", "status"], registry=r)
+        self._generation_seconds = Histogram(
+            "selfie_lora_generation_duration_seconds",
+            "From a generation's start to its end, refusals left out, by backend and outcome.",
+            ["backend", "status"], buckets=GENERATION_BUCKETS, registry=r)
+        self._trainer_restarts = Counter(
+            "selfie_lora_trainer_restarts",
+            "Training processes started again after they died, by backend.",
+            ["backend"], registry=r)
         self._recoveries = Counter(
             "selfie_lora_lease_recoveries", "Trainings taken over after their worker stopped.",
             ["phase"], registry=r)
@@ -79,6 +94,14 @@ class PrometheusTelemetry:
 
     def scoring_done(self, *, seconds: float, status: str) -> None:
         self._scoring_seconds.labels(status=status).observe(seconds)
+
+    def generation_ended(self, *, backend: str, status: str, seconds: float | None) -> None:
+        self._generations.labels(backend=backend, status=status).inc()
+        if seconds is not None:
+            self._generation_seconds.labels(backend=backend, status=status).observe(seconds)
+
+    def trainer_restarted(self, *, backend: str) -> None:
+        self._trainer_restarts.labels(backend=backend).inc()
 
     def lease_recovered(self, *, phase: str) -> None:
         self._recoveries.labels(phase=phase).inc()
