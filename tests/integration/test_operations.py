@@ -539,3 +539,16 @@ def test_library_lines_that_read_as_failures_show_only_with_verbose(
         for _name, _level, message in misleading:
             assert (as_shown.get(message, message) in shown) is verbose, (verbose, message)
 
+
+
+def test_a_failed_training_is_logged_once_at_warning(
+        client: TestClient, services: Services, fake_trainer: FakeTrainer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    h = auth(services, "ann")
+    fake_trainer.outcomes.append("failed")
+    with caplog.at_level(logging.INFO, logger="selfie_lora"):
+        training_id = upload(client, h)["training"]["id"]
+        assert wait_terminal(client, h, training_id)["training"]["status"] == "failed"
+    failed = [r for r in caplog.records
+              if r.getMessage().startswith(f"training {training_id} failed")]
+    assert [r.levelname for r in failed] == ["WARNING"], [r.getMessage() for r in failed]

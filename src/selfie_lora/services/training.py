@@ -1284,11 +1284,9 @@ class TrainingService:
         except TrainerError as exc:
             if isinstance(exc, WeightsNotFoundError):
                 exc = self._expired_while_waiting(held, exc)
-            logger.warning("training %s failed: %s", training.id, exc.message)
             self._finish_failed(held, user_message=exc.user_message, reason=exc.message,
                                 code=exc.code)
         except SelfieLoraError as exc:
-            logger.warning("training %s failed: %s", training.id, exc.message)
             self._finish_failed(held, user_message=f"The training could not run: {exc.message}",
                                 reason=exc.message, code=exc.code)
         except Exception as exc:
@@ -1488,7 +1486,9 @@ class TrainingService:
         self._ended(t, error_code=code)
         self._repo.add_event(model_id=t.model_id, kind="training_failed",
                              data={"training_id": t.id, "error": user_message})
-        logger.info("training %s failed: %s", t.id, reason)
+        # The one line of a failure (at WARNING: an alert counting "training ... failed" lines
+        # counts each failure once), whichever way the training got here.
+        logger.warning("training %s failed: %s", t.id, reason)
         # A remote run of a failed training would go on, billed, and add a version to the
         # destination that nothing records.
         self._cancel_remote(t)
