@@ -14,6 +14,7 @@ nobody reaped can keep an orphan alive; elsewhere the child polls ``os.getppid()
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import select
@@ -52,4 +53,7 @@ def exit_with(pid: int) -> None:
         logger.warning("process %d is gone; exiting", pid)
         os._exit(1)
 
-    threading.Thread(target=watch, name="lifeline", daemon=True).start()
+    # In this thread's context (a copy): a thread starts with an empty one, and its line (why a
+    # training's child vanished) must carry the training id that the child set.
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(watch,), name="lifeline", daemon=True).start()

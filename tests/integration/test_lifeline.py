@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -119,3 +120,28 @@ def test_the_pid_to_watch_is_given_by_the_parent() -> None:
 
     with pytest.raises(TypeError):
         exit_with()  # type: ignore[call-arg]
+
+
+# A training's child: its lifeline's line, logged from the watcher thread, names the training.
+WITH_TRAINING = r"""
+import subprocess, sys, time
+from selfie_lora.lifeline import exit_with
+from selfie_lora.logs import setup_logging, training_context
+
+watched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+with training_context("t-lifeline"):
+    exit_with(watched.pid)
+    setup_logging(log_format="json")
+    time.sleep(30)
+"""
+
+
+def test_the_lifeline_line_carries_the_training_id() -> None:
+    done = subprocess.run([sys.executable, "-c", WITH_TRAINING], capture_output=True, text=True,
+                          timeout=25, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 1, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    gone = [line for line in lines if line["logger"] == "selfie_lora.lifeline"]
+    assert len(gone) == 1, done.stderr
+    assert gone[0]["message"].endswith("is gone; exiting")
+    assert gone[0]["training_id"] == "t-lifeline"

@@ -170,11 +170,13 @@ def _child_main(request: _TrainRequest, events: Any, stop: Any, parent_pid: int)
     # of the worker, this child too, and a child that died of it failed the training for good
     # where the worker meant to hand it back; the worker's unit sets KillMode=mixed as well.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # A worker killed with -9 cannot stop its child: the child stops itself.
-    exit_with(parent_pid)
-    # The worker's log format, and the training's id on every line (as in the worker itself).
-    setup_logging(log_format=request.log_format)
+    # The training's id on every line (as in the worker itself), the lifeline's too: its
+    # thread starts with a copy of this context.
     with training_context(request.extra_metadata.get("training_id")):
+        # A worker killed with -9 cannot stop its child: the child stops itself.
+        exit_with(parent_pid)
+        # The worker's log format.
+        setup_logging(log_format=request.log_format)
         _child_train(request, events, stop)
 
 
