@@ -15,6 +15,7 @@ import logging
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Literal
 
 LogFormat = Literal["text", "json"]
@@ -117,15 +118,33 @@ class TrainingIdFilter(logging.Filter):
         return True
 
 
+# Extras that are no part of a line: uvicorn's ``color_message``, its message's template with
+# terminal colour codes (ANSI escapes in a JSON log).
+JSON_DROPPED_EXTRAS = ("color_message",)
+
+
+def iso_time(created: float) -> str:
+    """ISO 8601 local time with milliseconds and the offset (``2026-12-06T04:11:29.123+00:00``):
+    a training's lines within one second, and several processes' lines, sort by it."""
+    return datetime.fromtimestamp(created).astimezone().isoformat(timespec="milliseconds")
+
+
 def json_formatter() -> logging.Formatter:
+    from pythonjsonlogger.core import RESERVED_ATTRS
     from pythonjsonlogger.json import JsonFormatter
 
-    return JsonFormatter(
+    class _Formatter(JsonFormatter):
+        def formatTime(self, record: logging.LogRecord,  # noqa: N802 - logging's name
+                       datefmt: str | None = None) -> str:
+            del datefmt  # one format, whatever a caller asks
+            return iso_time(record.created)
+
+    return _Formatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s %(training_id)s %(process)d "
         "%(threadName)s",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger",
                        "threadName": "thread"},
-        datefmt="%Y-%m-%dT%H:%M:%S%z",
+        reserved_attrs=[*RESERVED_ATTRS, *JSON_DROPPED_EXTRAS],
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -433,6 +434,22 @@ def test_json_logs_carry_the_training_id_on_every_line_about_it(
     assert "RuntimeError: boom" in lines[2]["exc_info"]
     assert {"time", "process", "thread"} <= set(lines[0])
     del services
+
+
+def test_json_log_times_have_milliseconds_and_uvicorn_s_colour_template_is_dropped(
+        restore_logging: None, capsys: pytest.CaptureFixture[str]) -> None:
+    del restore_logging
+    setup_logging(log_format="json")
+    # As uvicorn logs its start line: the coloured template as an extra.
+    logging.getLogger("uvicorn.error").info(
+        "Started server process [%d]", 42,
+        extra={"color_message": "Started server process [\x1b[36m%d\x1b[0m]"})
+    [line] = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert line["message"] == "Started server process [42]"
+    assert "color_message" not in line
+    # ISO 8601 with milliseconds and the offset: 2026-12-06T04:11:29.123+00:00
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d", line["time"]), \
+        line["time"]
 
 
 def test_text_logs_stay_text(restore_logging: None) -> None:
