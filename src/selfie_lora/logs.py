@@ -169,9 +169,9 @@ def setup_logging(*, log_format: LogFormat = "text", verbose: bool = False) -> N
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
     # Warnings (a library's deprecation notice) become log lines too, not bare stderr text.
     logging.captureWarnings(True)
-    if log_format == "json":
-        # uvicorn's loggers have handlers of their own (text): send their lines here instead.
-        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-            logger = logging.getLogger(name)
-            logger.handlers.clear()
-            logger.propagate = True
+    # uvicorn's loggers may have handlers of their own (its default config: a format with no
+    # time nor logger name): send their lines here instead, in this format (text or JSON).
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True

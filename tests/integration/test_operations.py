@@ -9,14 +9,17 @@ import json
 import logging
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from selfie_lora.api.server import uvicorn_options
 from selfie_lora.errors import GenerationError
 from selfie_lora.logs import NOISY_IMPORT_LOGGERS, setup_logging, training_context
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -461,6 +464,34 @@ def test_text_logs_stay_text(restore_logging: None) -> None:
     assert stream.getvalue().rstrip().endswith("INFO selfie_lora.x: plain")
 
 
+def test_uvicorn_s_lines_have_the_text_format_too(restore_logging: None, tmp_path: Path) -> None:
+    del restore_logging
+    uvicorn_loggers = [logging.getLogger(name)
+                       for name in ("uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg, list(lg.handlers), lg.propagate, lg.level) for lg in uvicorn_loggers]
+    try:
+        setup_logging(log_format="text")
+        stream = io.StringIO()
+        logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        # As a serving process does: its logging set up, then uvicorn's config made.
+        uvicorn.Config(lambda *_: None, **uvicorn_options(make_settings(tmp_path)))
+        logging.getLogger("uvicorn.error").info("Application startup complete.")
+        logging.getLogger("uvicorn.access").info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1",
+                                                 "GET", "/metrics", "1.1", 401)
+        lines = [line for line in stream.getvalue().splitlines() if " uvicorn" in line]
+        assert len(lines) == 2, stream.getvalue()
+        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+        assert re.fullmatch(stamp + r" INFO uvicorn\.error: Application startup complete\.",
+                            lines[0]), lines
+        assert re.fullmatch(stamp + r' INFO uvicorn\.access: 127\.0\.0\.1:1 - "GET /metrics '
+                            r'HTTP/1\.1" 401', lines[1]), lines
+    finally:
+        for lg, handlers, propagate, level in saved:
+            lg.handlers[:] = handlers
+            lg.propagate = propagate
+            lg.setLevel(level)
+
+
 def test_the_ml_libraries_import_warnings_show_only_with_verbose(restore_logging: None) -> None:
     # torchao warned of CUDA kernels and triton it could not load on a CPU machine, transformers
     # of torchvision, torch of an enum registration: eight lines atop every local training.
@@ -566,6 +597,15 @@ def test_a_failed_training_is_logged_once_at_warning(
     with caplog.at_level(logging.INFO, logger="selfie_lora"):
         training_id = upload(client, h)["training"]["id"]
         assert wait_terminal(client, h, training_id)["training"]["status"] == "failed"
-    failed = [r for r in caplog.records
-              if r.getMessage().startswith(f"training {training_id} failed")]
+
+        def failed_lines() -> list[logging.LogRecord]:
+            return [r for r in caplog.records
+                    if r.getMessage().startswith(f"training {training_id} failed")]
+
+        # The worker logs after the failure is stored, which the client may see first.
+        deadline = time.monotonic() + 10
+        while not failed_lines() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # and any second line
+    failed = failed_lines()
     assert [r.levelname for r in failed] == ["WARNING"], [r.getMessage() for r in failed]

@@ -116,8 +116,10 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     port aside."""
     return {
         "log_level": "info",
-        # JSON logs: uvicorn keeps the handler setup_logging made (its own config is text).
-        "log_config": None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
+        # uvicorn's lines go through the handler setup_logging made, in the service's format
+        # (text or JSON): uvicorn's own config has its own handlers and format, with neither
+        # the time nor the logger's name.
+        "log_config": None,
         "http": guarded_protocol(settings.header_timeout),
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
         # Whose X-Forwarded-For/-Proto are believed (None: uvicorn's FORWARDED_ALLOW_IPS, else
