@@ -3,8 +3,9 @@ with the id of the training a line is about.
 
 The training id travels in a context variable that ``TrainingService.run`` sets for the thread
 running a training (and the local trainer's child process for its own lines), so every line
-logged while a training runs carries it, whichever module logs it; lines that name a training in
-their arguments only are not parsed.
+logged while a training runs carries it, whichever module logs it (JSON: ``training_id``; text:
+a ``[training <id8>]`` tag before the message); lines that name a training in their arguments
+only are not parsed.
 """
 
 from __future__ import annotations
@@ -129,6 +130,24 @@ def iso_time(created: float) -> str:
     return datetime.fromtimestamp(created).astimezone().isoformat(timespec="milliseconds")
 
 
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``, with ``[training <first 8 characters of its id>] `` before the message
+    of a line logged while a training runs (``training_id`` set), unless the message names the
+    id already: a training's lines (its losses, scores, the likeness gate's decision) are found
+    by grepping its id in the default format too, as in JSON."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        training_id = getattr(record, "training_id", None)
+        if not training_id or str(training_id) in record.message:
+            return super().formatMessage(record)
+        tagged = logging.makeLogRecord(record.__dict__)
+        tagged.message = f"[training {str(training_id)[:8]}] {record.message}"
+        return super().formatMessage(tagged)
+
+
 def json_formatter() -> logging.Formatter:
     from pythonjsonlogger.core import RESERVED_ATTRS
     from pythonjsonlogger.json import JsonFormatter
@@ -157,7 +176,7 @@ def setup_logging(*, log_format: LogFormat = "text", verbose: bool = False) -> N
     # After the filter above, which drops the cut of nothing (``: ['']``) by its words.
     handler.addFilter(PromptTextFilter())
     handler.setFormatter(json_formatter() if log_format == "json"
-                         else logging.Formatter(TEXT_FORMAT))
+                         else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

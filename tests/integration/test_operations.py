@@ -464,6 +464,25 @@ def test_text_logs_stay_text(restore_logging: None) -> None:
     assert stream.getvalue().rstrip().endswith("INFO selfie_lora.x: plain")
 
 
+def test_text_logs_name_the_training_a_line_was_logged_in(restore_logging: None) -> None:
+    del restore_logging
+    setup_logging(log_format="text")
+    stream = io.StringIO()
+    logging.getLogger().handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    log = logging.getLogger("selfie_lora.x")
+    training_id = "c4002ea1-0000-4000-8000-000000000000"
+    log.info("outside any training")
+    with training_context(training_id):
+        log.info("trained a LoRA on %d photos", 3)
+        log.warning("training %s failed: %s", training_id, "why")  # names it already
+    lines = stream.getvalue().splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == [
+        "outside any training",
+        "[training c4002ea1] trained a LoRA on 3 photos",
+        f"training {training_id} failed: why"]
+    assert all("c4002ea1" in line for line in lines[1:])
+
+
 def test_uvicorn_s_lines_have_the_text_format_too(restore_logging: None, tmp_path: Path) -> None:
     del restore_logging
     uvicorn_loggers = [logging.getLogger(name)
