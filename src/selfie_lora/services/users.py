@@ -155,6 +155,32 @@ def wide_key(client: str) -> str:
     return str(network.supernet(new_prefix=prefix)) if network.prefixlen > prefix else str(network)
 
 
+# How many (name, address) pairs the rate limit's WARNING is remembered for (per process).
+_MAX_REFUSALS_REMEMBERED = 1000
+# The most characters of a typed name or an address a log line shows.
+_LOGGED_TEXT_MAX = 64
+
+
+def _printable(text: str) -> str:
+    """``text`` as a log line may show it: control and other unprintable characters escaped
+    (a typed name cannot forge a line break nor a terminal escape), at most
+    ``_LOGGED_TEXT_MAX`` characters (and ``...``)."""
+    cut = text[:_LOGGED_TEXT_MAX]
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                    for c in cut)
+    return shown + ("..." if len(text) > _LOGGED_TEXT_MAX else "")
+
+
+def _logged_name(name: str, user: User | None) -> str:
+    """A typed sign-in name for the log: as typed when it is an account's (escaped, cut),
+    otherwise only a short hash of it, which repeats for the same name: what is typed into
+    the name field of a sign-in that names no account is often a password."""
+    if user is not None:
+        return f"user '{_printable(name)}'"
+    digest = hashlib.sha256(fold_name(name).encode()).hexdigest()[:12]
+    return f"an unknown name (sha256 {digest})"
+
+
 def hash_session_token(token: str) -> str:
     # Like API keys: a 256-bit random token needs no slow hash.
     return hashlib.sha256(token.encode()).hexdigest()
@@ -186,6 +212,10 @@ class UserService:
         self._clock = clock
         self._dummy_hash: str | None = None
         self._keys = _KeyCache(clock=clock)
+        # When a WARNING last said that a name from an address was refused by the rate limit:
+        # once per window, not once per refused attempt (a brute force sends thousands).
+        self._refusals_warned: dict[tuple[str, str], datetime] = {}
+        self._refusals_lock = threading.Lock()
 
     def create(self, *, name: str, password: str | None = None) -> tuple[User, str]:
         """A new user and its first API key, which is not stored and cannot be shown again;
@@ -256,7 +286,11 @@ class UserService:
         """A session for ``name`` if ``password`` is its password. ``client`` is the address
         the attempt came from (counted for the rate limit, never stored with a success)."""
         hasher = self._require_hasher()
-        reserved = self._reserve_attempt(name=name, client=client)
+        try:
+            reserved = self._reserve_attempt(name=name, client=client)
+        except RateLimitedError as exc:
+            self._log_refused(name=name, client=client, why=exc.message)
+            raise
         user = self._repo.get_user_by_name(name) if len(name) <= 100 else None
         stored = self._repo.get_password_hash(user.id) if user is not None else None
         try:
@@ -272,6 +306,8 @@ class UserService:
             raise
         if not ok or user is None:
             self._record_failure(reserved)
+            logger.info("sign-in failed for %s from %s: %s", _logged_name(name, user),
+                        _printable(client), "wrong password" if user else "no such user")
             raise AuthError(WRONG_CREDENTIALS, code=ErrorCode.WRONG_CREDENTIALS)
         self._repo.delete_sign_in_failures(reserved.ids)
         _refuse_disabled(user)  # after the password: the refusal tells no guesser the name
@@ -355,6 +391,25 @@ class UserService:
             self._throttle(tx, name=name, client=client, now=now)
             ids = tx.add_sign_in_failure([PENDING + key for key in keys], at=now)
             return _Reservation(keys=keys, ids=tuple(ids), at=now)
+
+    def _log_refused(self, *, name: str, client: str, why: str) -> None:
+        """The log line of an attempt the rate limit refused: WARNING for the first refusal of
+        a name from an address in a window (a brute force or a lockout, for the operator to
+        see), INFO for the others."""
+        user = self._repo.get_user_by_name(name) if len(name) <= 100 else None
+        key, now = (fold_name(name)[:150], client_key(client)), self._clock()
+        with self._refusals_lock:
+            last = self._refusals_warned.get(key)
+            first = last is None or now - last >= self._policy.window
+            if first:
+                if len(self._refusals_warned) >= _MAX_REFUSALS_REMEMBERED:
+                    # Bounded: forget the oldest (a new one warns again, which is harmless).
+                    del self._refusals_warned[min(self._refusals_warned,
+                                                  key=self._refusals_warned.__getitem__)]
+                self._refusals_warned[key] = now
+        logger.log(logging.WARNING if first else logging.INFO,
+                   "sign-in refused for %s from %s by the rate limit: %s",
+                   _logged_name(name, user), _printable(client), why)
 
     def _record_failure(self, reserved: _Reservation) -> None:
         """A wrong password: the attempt's pending rows become failures (at the attempt's time),
