@@ -167,8 +167,20 @@ def json_formatter() -> logging.Formatter:
     )
 
 
+# What ``setup_logging`` was last asked for in this process (None: never): handed to the
+# processes this one starts whose logging nothing else sets up (the photo-analysis workers).
+_configured: tuple[LogFormat, bool] | None = None
+
+
+def logging_setup() -> tuple[LogFormat, bool] | None:
+    """The ``(log_format, verbose)`` this process's logging was set up with, if it was."""
+    return _configured
+
+
 def setup_logging(*, log_format: LogFormat = "text", verbose: bool = False) -> None:
     """One handler on the root logger, on standard error; replaces what was there."""
+    global _configured
+    _configured = (log_format, verbose)
     handler = logging.StreamHandler()
     handler.addFilter(TrainingIdFilter())
     if not verbose:

@@ -374,6 +374,27 @@ class Supervisor:
         wait([c.sentinel for c in self._children if c is not None], timeout=timeout)
 
 
+# The warning multiprocessing's resource tracker prints at its exit for semaphores whose process
+# never released them: an API process killed outright (kill -9, the OOM killer) leaves its
+# photo-analysis pool's and a running training's queues (the tracker unlinks them all the same).
+# Printed by the tracker's own process, as plain text on the service's standard error: two
+# lines a JSON log shipper cannot parse, which read as a leak where the Supervisor already
+# logged (ERROR) the process that was killed.
+TRACKER_WARNING_FILTER = "ignore:resource_tracker:UserWarning"
+
+
+def quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker, if it is not running yet, with its warning
+    about semaphores left by killed processes silenced (``TRACKER_WARNING_FILTER``): the
+    tracker reads its warning filters from the environment it is started with."""
+    from multiprocessing import resource_tracker
+
+    filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
+    if TRACKER_WARNING_FILTER not in filters:
+        os.environ["PYTHONWARNINGS"] = ",".join([*filters, TRACKER_WARNING_FILTER])
+    resource_tracker.ensure_running()
+
+
 def run_server_processes(settings: Settings, *, host: str, port: int, processes: int,
                          worker: bool, policy: RestartPolicy | None = None) -> None:
     """``serve --processes N``: N processes on one port, so a machine's cores all serve
@@ -393,6 +414,8 @@ def run_server_processes(settings: Settings, *, host: str, port: int, processes:
         port = probe.getsockname()[1]
     context = multiprocessing.get_context("spawn")
     parent = os.getpid()
+    # Before any child or flag: they all share the tracker started here.
+    quiet_resource_tracker()
 
     def start(index: int) -> tuple[ServingProcess, ReadyFlag]:
         ready = context.Event()

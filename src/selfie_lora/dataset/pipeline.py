@@ -50,6 +50,7 @@ from selfie_lora.domain.entities import Finding
 from selfie_lora.domain.faces import AnalyzerFactory, FaceAnalyzer
 from selfie_lora.errors import ConfigError
 from selfie_lora.lifeline import exit_with
+from selfie_lora.logs import LogFormat, logging_setup, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -133,10 +134,15 @@ def _failed(order: int, name: str) -> PhotoOutcome:
 _worker_analyzer: FaceAnalyzer | None = None
 
 
-def _init_worker(factory: AnalyzerFactory, service_pid: int) -> None:
+def _init_worker(factory: AnalyzerFactory, service_pid: int,
+                 log_setup: tuple[LogFormat, bool] | None = None) -> None:
     # Ctrl-C at a terminal reaches these processes too: the service decides what stops (a
     # KeyboardInterrupt here only printed a traceback per process and broke the pool).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if log_setup is not None:
+        # The service's log format: a line of this process (the lifeline's, after the service
+        # was killed) was logging's bare fallback, plain text in a JSON log.
+        setup_logging(log_format=log_setup[0], verbose=log_setup[1])
     # Forked by the fork server, which lives as long as its children do: watch the service
     # itself, and end with it, even after kill -9.
     exit_with(service_pid)
@@ -181,7 +187,8 @@ def _new_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
         preload = list(getattr(factory, "preload", ()))
         context.set_forkserver_preload([__name__, "imagehash", "cv2", *preload])
     return ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                               initializer=_init_worker, initargs=(factory, os.getpid()))
+                               initializer=_init_worker,
+                               initargs=(factory, os.getpid(), logging_setup()))
 
 
 def _process_pool(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
