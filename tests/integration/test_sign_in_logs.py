@@ -5,6 +5,7 @@ never the password; the first refusal of a name from an address in a window at W
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from datetime import UTC, datetime, timedelta
 
@@ -12,7 +13,7 @@ import pytest
 
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
-from selfie_lora.domain.accounts import SignInPolicy
+from selfie_lora.domain.accounts import SignInPolicy, fold_name
 from selfie_lora.errors import AuthError, RateLimitedError
 from selfie_lora.services.users import UserService
 from tests.support.clock import Clock
@@ -48,7 +49,12 @@ def test_failed_sign_ins_and_refusals_are_logged_with_the_name_and_address(
     assert found[3][1].startswith("sign-in refused for user 'ann' from 10.0.0.7 by the rate "
                                   "limit: too many failed sign-ins: try again in ")
     assert found[5][0] == "INFO"
-    assert found[5][1].startswith("sign-in failed for an unknown name (sha256 ")
+    assert found[5][1].startswith("sign-in failed for an unknown name (tag ")
+    # Keyed: not a plain sha256 of the name, which a table of hashed passwords would undo.
+    typed = "my secret pw\n2026-01-01 INFO forged"
+    for plain in (typed, fold_name(typed)):
+        assert hashlib.sha256(plain.encode()).hexdigest()[:12] not in found[5][1]
+
     assert found[5][1].endswith(" from 10.0.0.8: no such user")
     text = "\n".join(message for _, message in found)
     for secret in ("wrong guess", "secret", "forged"):  # no password, no unknown name

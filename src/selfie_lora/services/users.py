@@ -12,6 +12,7 @@ stored the same way, every one of them, per client address. An IPv6 client is co
 from __future__ import annotations
 
 import hashlib
+import hmac
 import ipaddress
 import logging
 import os
@@ -171,14 +172,22 @@ def _printable(text: str) -> str:
     return shown + ("..." if len(text) > _LOGGED_TEXT_MAX else "")
 
 
+# The key of the tags that stand for unknown sign-in names in this process's log: random and
+# kept in memory only, so a tag cannot be looked up in a table of hashed passwords (a plain
+# sha256 of "hunter2" is the same on every install), while the same name still gets the same
+# tag within the process (a burst of attempts reads as one).
+_NAME_TAG_KEY = secrets.token_bytes(32)
+
+
 def _logged_name(name: str, user: User | None) -> str:
     """A typed sign-in name for the log: as typed when it is an account's (escaped, cut),
-    otherwise only a short hash of it, which repeats for the same name: what is typed into
-    the name field of a sign-in that names no account is often a password."""
+    otherwise only a keyed tag of it (``_NAME_TAG_KEY``), which repeats for the same name in
+    this process: what is typed into the name field of a sign-in that names no account is
+    often a password."""
     if user is not None:
         return f"user '{_printable(name)}'"
-    digest = hashlib.sha256(fold_name(name).encode()).hexdigest()[:12]
-    return f"an unknown name (sha256 {digest})"
+    tag = hmac.new(_NAME_TAG_KEY, fold_name(name).encode(), hashlib.sha256).hexdigest()[:12]
+    return f"an unknown name (tag {tag})"
 
 
 def hash_session_token(token: str) -> str:
