@@ -163,6 +163,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "quiet":
         from selfie_lora.api.server import quiet_resource_tracker
         quiet_resource_tracker()
+        # Only the tracker got the filter: the processes started after it keep their warnings.
+        assert "PYTHONWARNINGS" not in os.environ, os.environ["PYTHONWARNINGS"]
     context = multiprocessing.get_context("spawn")
     ready = context.Event()
     p = context.Process(target=child, args=(ready,))

@@ -386,13 +386,24 @@ TRACKER_WARNING_FILTER = "ignore:resource_tracker:UserWarning"
 def quiet_resource_tracker() -> None:
     """Start multiprocessing's resource tracker, if it is not running yet, with its warning
     about semaphores left by killed processes silenced (``TRACKER_WARNING_FILTER``): the
-    tracker reads its warning filters from the environment it is started with."""
+    tracker reads its warning filters from the environment it is started with. The filter is
+    in the environment only while the tracker starts: the processes started after it (API
+    processes, trainer children, photo-analysis pools) keep their warnings, the tracker's
+    "relaunching" one of a parent included. (The filter cannot be narrower than the tracker's
+    prefix: PYTHONWARNINGS splits on the colon that follows it.)"""
     from multiprocessing import resource_tracker
 
-    filters = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
+    before = os.environ.get("PYTHONWARNINGS")
+    filters = [f for f in (before or "").split(",") if f]
     if TRACKER_WARNING_FILTER not in filters:
         os.environ["PYTHONWARNINGS"] = ",".join([*filters, TRACKER_WARNING_FILTER])
-    resource_tracker.ensure_running()
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if before is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = before
 
 
 def run_server_processes(settings: Settings, *, host: str, port: int, processes: int,
