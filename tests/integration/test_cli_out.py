@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import selfie_lora.wiring as wiring
 from selfie_lora import cli
+from selfie_lora import console as console_module
 from selfie_lora.config import Settings
 from selfie_lora.outputs import partial_path
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, SimulatedCrash
@@ -290,9 +291,12 @@ def test_the_wrote_lines_are_whole_when_piped(trained: Services, tmp_path: Path)
 
 
 def test_a_scale_is_shown_exactly_as_used_so_that_it_makes_the_picture_again(
-        trained: Services, tmp_path: Path) -> None:
+        trained: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--lora-scale 0.123456789 was said as 'LoRA scale 0.123457' (here, in 'generations list'
     and in the PNG), and generating again at 0.123457 made another picture (found in review)."""
+    # The table unwrapped: COLUMNS alone is read by a console made without a width, and in a
+    # full run another test's console settings may be there first (as in test_cli_check).
+    monkeypatch.setattr(console_module.console, "_width", 200)
     done = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann", "--seed", "7",
                                         "--lora-scale", "0.123456789", "--out", str(tmp_path)])
     assert done.exit_code == 0, done.output
