@@ -1044,7 +1044,7 @@ def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Servic
                                     "num_outputs": "2", "seed": "7"}, follow_redirects=False)
     assert r.status_code == 303
     gallery = ann.get("/generate").text
-    assert "2 pictures made: the newest under Your pictures." in gallery
+    assert "2 pictures made with version 1: the newest under Your pictures." in gallery
     images = re.findall(r'<img src="(/generations/[^"]+\.png)"', gallery)
     assert len(images) == 2
     for shown in ("seed 7", "v1", "scale 0.8"):
@@ -2691,7 +2691,7 @@ def test_the_generate_form_makes_another_version_s_pictures_without_activating_i
     v1, v2 = (svc.models.version(user=user, version_id=n) for n in ("1", "2"))
     page = ann.get("/generate").text
     select_tag(page, "version")
-    assert '<option value="" selected>v2 (active)</option>' in page
+    assert '<option value="2" selected>v2 (active)</option>' in page
     assert '<option value="1">v1</option>' in page
     r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1",
                                     "seed": "7", "version": "1"}, follow_redirects=False)
@@ -2705,6 +2705,43 @@ def test_the_generate_form_makes_another_version_s_pictures_without_activating_i
                                     "version": "3"}, follow_redirects=False)
     assert r.status_code == 404
     assert "no such version: 3" in r.text
+
+
+def test_the_generate_form_makes_the_version_it_showed_though_another_was_activated_since(
+        ann: TestClient, svc: Services) -> None:
+    """The active version's option sent "" (whatever is active when the form arrives): a page
+    showing "v2 (active)", v1 activated elsewhere meanwhile, and Generate made v1's pictures,
+    its notice naming no version (diff2 review finding 1). The form sends the version it
+    showed, the only one too (unseen), and the notice names the version that made them."""
+    assert upload(ann)[0] == 200
+    assert 'data-status="succeeded"' in train(ann)
+    user = svc.users.get_by_name(name="ann")
+    page = ann.get("/generate").text
+    assert 'id="version"' not in page  # one version: no choice, but it is sent
+    only = re.search(r'<input type="hidden" name="version" value="([^"]*)">', page)
+    assert only, page
+    assert only.group(1) == "1"
+    assert 'data-status="succeeded"' in train(ann)  # v2, made active meanwhile
+    v1, v2 = (svc.models.version(user=user, version_id=n) for n in ("1", "2"))
+    assert svc.models.get(user=user).active_version_id == v2.id
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1",
+                                    "version": only.group(1)}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    assert ("1 picture made with version 1: the newest under Your pictures."
+            in ann.get(r.headers["location"]).text)
+
+    page = ann.get("/generate").text  # v2 active, so shown
+    chosen = re.search(r'<option value="([^"]*)" selected>v2 \(active\)</option>', page)
+    assert chosen, page
+    svc.models.activate(user=user, version_id=v1.id)  # elsewhere, the page still open
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "2",
+                                    "version": chosen.group(1)}, follow_redirects=False)
+    assert r.status_code == 303, r.text
+    # Old code: v1's pictures, "2 pictures made: the newest under Your pictures."
+    assert [g.version_id for g in svc.generation.history(user=user)] == [v2.id, v1.id]
+    assert ("2 pictures made with version 2: the newest under Your pictures."
+            in ann.get(r.headers["location"]).text)
+    assert svc.models.get(user=user).active_version_id == v1.id
 
 
 @pytest.mark.parametrize(("field", "value"), [

@@ -876,11 +876,15 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
     made = await finished(web.services.generation.submit(
         user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=1 if count is None else count,
                                                     seed=seed_value, lora_scale=lora_scale,
-                                                    # The API's version_id; empty: the active.
+                                                    # The API's version_id; none: the active.
                                                     version_id=version or None),
         client_gone=gone), request, client_gone=gone)
-    # The pictures are at the top of the gallery: said, as a failure's page says why.
-    sentence = f"{_pictures(len(made.image_keys))} made"
+    # The pictures are at the top of the gallery: said, as a failure's page says why, with the
+    # version that made them (the form names it; a request without one takes the active).
+    number = web.services.models.version_numbers(user=viewer.user,
+                                                 version_ids={made.version_id}).get(made.version_id)
+    sentence = f"{_pictures(len(made.image_keys))} made" + (
+        f" with version {number}" if number is not None else "")
     if made.withheld:
         sentence += f"; {_pictures(len(made.withheld))} withheld by the safety checker"
     return _done(request, "/generate" if lora_scale is None
