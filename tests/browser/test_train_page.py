@@ -4,14 +4,20 @@ needs, whatever the machine's speed."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from selfie_lora.config import Settings
+from selfie_lora.domain.entities import TrainingStatus
+from selfie_lora.domain.states import transition
+from selfie_lora.wiring import build_services
 from tests.browser.support import create, sign_in, upload_photos
 from tests.e2e.conftest import ServeProcess, clean_env
 
@@ -160,7 +166,9 @@ def test_the_figures_are_redrawn_only_where_they_changed(
         chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
     """htmx swapped the whole figures every second, "Status: queued" unchanged too: a screen
     reader reading them had its place reset each second (a11y review 3, finding 8). A poll's
-    answer now changes only the parts that differ; a change still shows."""
+    answer now changes only the parts that differ; a change still shows. While the training
+    runs too: the step line held the elapsed seconds, so it was replaced on every poll all
+    the same (diff2 review finding 2); the times are a line of their own."""
     page, server, _key = watching(chromium, tmp_path, serve)
     page.evaluate("""() => { window.kept = document.querySelector('#status-figures p');
         window.figureChanges = 0;
@@ -184,3 +192,30 @@ def test_the_figures_are_redrawn_only_where_they_changed(
                            ".includes('Step 7')", timeout=20_000)
     assert page.evaluate("() => window.kept.isConnected")  # the status line, unchanged, stays
     assert page.locator("#status-figures [data-status]").count() == 1
+    page.unroute_all(behavior="wait")
+
+    # Running, as a worker's claim leaves it (none takes it here: the page's figures only).
+    services = build_services(Settings(home=tmp_path / "home"), trainers={}, generators={})
+    try:
+        training_id = page.locator('input[name="training_id"]').get_attribute("value")
+        queued = services.repo.get_training(training_id)
+        assert queued is not None
+        services.repo.save_training(dataclasses.replace(
+            transition(queued, TrainingStatus.PROCESSING, at=datetime.now(UTC), reason="test"),
+            step=3, loss=0.5))
+    finally:
+        services.close()
+    page.wait_for_function("() => document.getElementById('status-figures').textContent"
+                           ".includes('elapsed')", timeout=20_000)
+    page.evaluate("""() => { window.stepLine = Array.from(document.querySelectorAll(
+            '#status-figures p')).find((p) => p.textContent.includes('Step 3'));
+        window.timeWas = document.getElementById('status-figures').textContent
+            .match(/\\d+ s elapsed/)[0]; }""")
+    assert "loss 0.5000" in page.evaluate("() => window.stepLine.textContent")
+    page.wait_for_function("""() => document.getElementById('status-figures').textContent
+        .match(/\\d+ s elapsed/)[0] !== window.timeWas""", timeout=20_000)
+    start = page.evaluate("() => window.swaps")
+    page.wait_for_function(f"() => window.swaps >= {start + 2}", timeout=20_000)
+    # Old code: the line "Step 3 of ... · 2 s elapsed · loss 0.5000", replaced each second.
+    assert page.evaluate("() => window.stepLine.isConnected"), server.why("step line redrawn")
+    assert "elapsed" not in page.evaluate("() => window.stepLine.textContent")
