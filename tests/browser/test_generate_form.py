@@ -113,3 +113,39 @@ def test_a_long_unbroken_prompt_does_not_widen_the_page(chromium: Any, client: T
     assert widths[0] <= widths[1], widths
     assert page.locator(".gallery .prompt").bounding_box()["height"] < 100
     page.close()
+
+
+def test_save_the_scale_checks_the_scale_but_not_the_prompt(chromium: Any, client: TestClient,
+                                                            services: Services) -> None:
+    """"Save the scale" skips the form's checks (formnovalidate: an empty prompt must not block
+    it), the scale's range too: an empty scale or 5 was sent, and the answer was an error page
+    (diff2 review finding 3). The button checks the scale field alone: refused beside it, not
+    sent; a scale in the range is sent without a prompt."""
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann")
+    sign_in(client, "ann")
+    html = client.get("/generate").text
+    posts: list[str] = []
+    page = chromium.new_context().new_page()
+    page.route(f"{BASE}/**", serving(html, posts=posts))
+    page.goto(f"{BASE}/generate")
+    field = page.locator("#lora_scale")
+    for typed, said in (("5", ""), ("", "Type the scale to save: a number from -1.0 to 3.0.")):
+        field.fill(typed)
+        # (Not waiting for a navigation: a POST is never answered here.)
+        page.get_by_role("button", name="Save the scale").click(no_wait_after=True)
+        page.wait_for_timeout(500)  # a POST, had one been sent, has been seen by now
+        assert posts == [], typed  # old code: ['/model/scale']
+        message = field.evaluate("e => e.validationMessage")
+        assert message, typed
+        if said:
+            assert message == said
+        assert page.evaluate("() => document.activeElement.id") == "lora_scale"
+    # Typed in again, the message is gone: Generate is not blocked by an empty scale (the
+    # saved one), only Save was.
+    field.fill("0.5")
+    assert field.evaluate("e => e.validity.valid")
+    page.get_by_role("button", name="Save the scale").click(no_wait_after=True)
+    page.wait_for_timeout(500)
+    assert posts == ["/model/scale"]  # with no prompt
+    page.close()

@@ -1407,6 +1407,49 @@ def test_a_refused_trainer_version_form_comes_back_on_the_model_page_with_what_w
         "/model").text
 
 
+def test_a_refused_scale_comes_back_on_the_generate_page_with_what_was_typed(
+        ann: TestClient, svc: Services) -> None:
+    """"Save the scale" skips the browser's checks (formnovalidate, so that an empty prompt does
+    not block it), the number field's range too: an empty or out-of-range scale led to the
+    general error page, a dead end whose Back without scripts lost the form (diff2 review
+    finding 3). Now the Generate page comes back with the message beside the field, marked
+    and focused, what was typed kept, as the Model page's re-pin does; nothing is saved."""
+    two_versions(ann)
+    user = svc.users.get_by_name(name="ann")
+    saved = svc.models.get(user=user).lora_scale
+    for scale, said in (("", "type the scale to save: a number from -1.0 to 3.0"),
+                        ("5", "the LoRA scale must be a number from -1.0 to 3.0 (not '5')"),
+                        ("-1.5", "(not '-1.5')"), ("abc", "(not 'abc')"), ("inf", "(not 'inf')"),
+                        ("0_1", "(not '0_1')"), ("1e999", "(not '1e999')")):
+        sent = {"prompt": "a <hike> & more", "num_outputs": "3", "seed": "42", "version": "1",
+                "lora_scale": scale}
+        r = ann.post("/model/scale", data={"csrf_token": csrf(ann), **sent},
+                     follow_redirects=False)
+        # Old code: the error page ("That did not work"), or FastAPI's "is missing".
+        assert r.status_code == 422, r.text
+        assert page_title(r.text) == "Generate · selfie-lora", r.text
+        error = re.search(r'<p class="error" role="alert" id="scale-error">([^<]+)</p>', r.text)
+        assert error, r.text
+        assert said in html.unescape(error.group(1))
+        field = _field(r.text, "lora_scale")
+        assert 'aria-invalid="true"' in field
+        assert 'aria-describedby="scale-error"' in field
+        assert "autofocus" in field
+        assert r.text.count("autofocus") == 1
+        assert f'value="{scale}"' in field
+        assert 'value="3"' in _field(r.text, "num_outputs")
+        assert 'value="42"' in _field(r.text, "seed")
+        assert ">a &lt;hike&gt; &amp; more</textarea>" in r.text
+        assert '<option value="1" selected>v1</option>' in r.text
+        assert '<option value="2">v2 (active)</option>' in r.text
+        assert svc.models.get(user=user).lora_scale == saved
+    # Sent again right, it is saved (the prompt may be empty: Save needs none).
+    r = ann.post("/model/scale", data={"csrf_token": csrf(ann), "prompt": "", "lora_scale": "0.5"},
+                 follow_redirects=False)
+    assert r.status_code == 303, r.text
+    assert svc.models.get(user=user).lora_scale == 0.5
+
+
 @contextlib.contextmanager
 def _on_flux_v1_with_photos(tmp_path: Path) -> Iterator[TestClient]:
     """Ann signed in on a FLUX.1 server, her model pinned to local-flux-v1 (512 px), her photos

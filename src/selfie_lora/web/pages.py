@@ -805,6 +805,14 @@ async def versions_chart(request: Request, viewer: PageViewer) -> Response:
 
 @router.get("/generate")
 def generate_page(request: Request, viewer: PageViewer, before: str | None = None) -> HTMLResponse:
+    return _generate(request, viewer, before=before,
+                     scale=_chosen_scale(request.query_params.get("lora_scale")))
+
+
+def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: float | None,
+              status_code: int = 200, **context: Any) -> HTMLResponse:
+    """The Generate page; ``context``: the scale form's refusal (``scale_error``) and the values
+    typed in the form (``typed``: its fields by name), shown again as they were."""
     web = _web(request)
     svc = web.services
     model = svc.models.find(user=viewer.user)
@@ -819,7 +827,8 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
     # at the scale that picture used (?lora_scale=), not the saved one.
     withheld = {g.id: withheld_pictures(g) for g in history if g.withheld}
     pictures = {g.id: stored_pictures(g) for g in history}
-    scale = _chosen_scale(request.query_params.get("lora_scale"))
+    context.setdefault("typed", None)
+    context.setdefault("scale_error", None)
     return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
                       not_ready=svc.generation.not_ready(user=viewer.user),
                       versions=svc.generation.versions(user=viewer.user),
@@ -831,7 +840,8 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
                       # The paging links keep the scale chosen (a Delete's form too): without
                       # it the slider went back to the saved scale, and so did the next picture.
                       older_url=_generate_url(before=page.older, scale=scale),
-                      newest_url=_generate_url(before=None, scale=scale))
+                      newest_url=_generate_url(before=None, scale=scale),
+                      status_code=status_code, **context)
 
 
 def _generate_url(*, before: str | None, scale: float | None, deleted: bool = False) -> str:
@@ -916,11 +926,44 @@ def generation_image(request: Request, viewer: PageViewer, generation_id: str, i
                                                   index=index), media_type="image/png")
 
 
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
 @router.post("/model/scale")
-def model_scale(request: Request, viewer: FormViewer,
-                lora_scale: Annotated[float, Form()]) -> Response:
+def model_scale(request: Request, viewer: FormViewer, lora_scale: OptionalFormStr = None,
+                prompt: OptionalFormStr = None, num_outputs: OptionalFormStr = None,
+                seed: OptionalFormStr = None, version: OptionalFormStr = None) -> Response:
+    """A refused scale (none, not a number, out of the range) comes back to the Generate page
+    beside the field, what was typed in the form kept, as the Model page's re-pin does: "Save
+    the scale" skips the browser's checks (formnovalidate, so that an empty prompt does not
+    block it), and the general error page was a dead end. Nothing was changed."""
     web = _web(request)
-    saved = web.services.models.set_lora_scale(user=viewer.user, lora_scale=lora_scale)
+    text = (lora_scale or "").strip()
+
+    def refused(why: str) -> HTMLResponse:
+        if web.services.generation.not_ready(user=viewer.user) is not None:
+            # The page shows no form then (a stale page's Save): the error page says it.
+            raise InvalidInputError(why, code=ErrorCode.INVALID_LORA_SCALE)
+        typed = {"lora_scale": lora_scale or "", "prompt": prompt or "",
+                 "num_outputs": num_outputs or "", "seed": seed or "", "version": version or ""}
+        return _generate(request, viewer, before=None, scale=None, status_code=422,
+                         scale_error=why, typed=typed)
+
+    if not text:
+        return refused(f"type the scale to save: a number from {LORA_SCALE_MIN} "
+                       f"to {LORA_SCALE_MAX}")
+    # The service's words name the API's field (lora_scale): the page's name its label.
+    out_of_range = (f"the LoRA scale must be a number from {LORA_SCALE_MIN} to "
+                    f"{LORA_SCALE_MAX} (not {text[:40]!r})")
+    # A decimal number as the field sends one: float() took "1_0", "٣" and "inf" too.
+    if not _DECIMAL.fullmatch(text):
+        return refused(out_of_range)
+    try:
+        saved = web.services.models.set_lora_scale(user=viewer.user, lora_scale=float(text))
+    except InvalidInputError as error:
+        if error.code != ErrorCode.INVALID_LORA_SCALE:
+            raise
+        return refused(out_of_range)
     return _done(request, "/generate", f"Scale {lora_scale_text(saved.model.lora_scale)} saved: "
                  "Generate and the API use it from now on.")
 

@@ -15,4 +15,22 @@
     // Only a value the field takes: half-typed ("0.", "-") or out of range, the slider waits.
     if (field.value !== "" && field.checkValidity()) slider.value = field.value;
   });
+  // "Save the scale" skips the form's checks (formnovalidate: an empty prompt must not block
+  // it), this field's range too, so it checks this field alone: an empty or out-of-range scale
+  // is said beside it, as Generate's check does, instead of the server's refusal. Empty is no
+  // error for Generate (the saved scale), so that message is this button's only, cleared as
+  // soon as the field is typed in or left.
+  const save = document.getElementById("save-scale");
+  const clear = () => field.setCustomValidity("");
+  field.addEventListener("input", clear);
+  field.addEventListener("blur", clear);
+  save?.addEventListener("click", (e) => {
+    if (field.value === "") {
+      field.setCustomValidity(`Type the scale to save: a number from ${field.min} to ${field.max}.`);
+    }
+    if (!field.checkValidity()) {
+      e.preventDefault();
+      field.reportValidity();
+    }
+  });
 })();
