@@ -42,6 +42,7 @@ from selfie_lora.adapters.home_lock import holding, only_the_lock, restoring_hom
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, held
 from selfie_lora.config import DATABASE_FILE
+from selfie_lora.disk_space import free_bytes, is_full_error
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
 from selfie_lora.errors import ConfigError, InvalidInputError, StorageError
 from selfie_lora.services.layout import manifest_key, photo_key
@@ -132,12 +133,10 @@ def _megabytes(size: int) -> str:
 def _no_space(exc: OSError, *, where: Path, needs: int | None) -> str | None:
     """A full disk (or quota) said as one: which folder's disk, how much is free there and
     about how much the work needs. None for any other error."""
-    if exc.errno not in _FULL:
+    if not is_full_error(exc):
         return None
-    try:
-        free = f"{_megabytes(shutil.disk_usage(where).free)} free"
-    except OSError:
-        free = "free space unknown"
+    room = free_bytes(where)
+    free = "free space unknown" if room is None else f"{_megabytes(room)} free"
     need = f"; it needs about {_megabytes(needs)}" if needs else ""
     what = "full" if exc.errno == errno.ENOSPC else "over your quota"
     return f"the disk of {where} is {what} ({free}{need})"
@@ -245,7 +244,7 @@ def _sqlite_writing(target: Path) -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as exc:
-        if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL:
+        if is_full_error(exc):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from exc
         raise
 
