@@ -61,12 +61,6 @@ def free_bytes(path: Path | str) -> int | None:
         return None
 
 
-def is_low(path: Path | str) -> bool:
-    """Whether the disk holding ``path`` has less than ``LOW_SPACE_BYTES`` free."""
-    free = free_bytes(path)
-    return free is not None and free < LOW_SPACE_BYTES
-
-
 def shown(size: int) -> str:
     """``size`` bytes as a person reads them: 0 KB, 40 KB, 3.2 MB, 1.5 GB."""
     if size < 1024 * 1024:
