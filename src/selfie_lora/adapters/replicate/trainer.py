@@ -707,18 +707,15 @@ class ReplicateTrainer:
         if not isinstance(remote_version, str) or not remote_version:
             remote_version = self._own_latest_version(session, job, training, destination,
                                                       stop=stop)
-        mismatch = False
-        if remote_version is not None:
-            model = remote_version.split(":", 1)[0]
-            mismatch = model != destination
-            if mismatch:
-                # replicate-python #419: a pinned trainer version was once ignored
-                logger.warning(
-                    "training %s: output version %s does not belong to destination %s",
-                    job.training_id,
-                    remote_version,
-                    destination,
-                )
+        mismatch = remote_version.split(":", 1)[0] != destination
+        if mismatch:
+            # replicate-python #419: a pinned trainer version was once ignored
+            logger.warning(
+                "training %s: output version %s does not belong to destination %s",
+                job.training_id,
+                remote_version,
+                destination,
+            )
         metrics: dict[str, Any] = {"remote_id": training.id}
         ran = _trainer_version_ran(training, job.trainer_version)
         if ran is not None:
