@@ -907,7 +907,7 @@ def generate(
         owner = services.users.get_by_name(name=user)
         try:
             generation = services.generation.generate(user=owner, request=GenerationRequest(
-                prompt=prompt, num_outputs=1 if outputs is None else outputs, seed=seed_value,
+                prompt=prompt, num_outputs=outputs, seed=seed_value,
                 lora_scale=lora_scale,
                 # As the API's version_id: another version's pictures without activating it,
                 # which changed every client's default (and the model's log) to make one.

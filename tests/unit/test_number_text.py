@@ -32,3 +32,9 @@ def test_a_seed_of_5000_digits_is_said_to_be_too_large_not_no_number() -> None:
     with pytest.raises(InvalidInputError) as refused:
         seed_from_text("9" * 5000)
     assert refused.value.message == "the seed must be 0 to 4294967295"
+
+
+@pytest.mark.parametrize(("text", "count"), [(None, 1), ("", 1), ("  ", 1), (" 3 ", 3)])
+def test_a_picture_count_left_empty_is_one_as_the_api_s_default(text: str | None,
+                                                                 count: int) -> None:
+    assert num_outputs_from_text(text) == count

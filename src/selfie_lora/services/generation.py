@@ -131,11 +131,12 @@ def seed_from_text(text: str | None) -> int | None:
                          high=MAX_SEED)
 
 
-def num_outputs_from_text(text: str | None) -> int | None:
-    """The number of pictures a text front was given (None: empty, the default), as
-    ``seed_from_text`` reads a seed."""
-    return _whole_number(text, name="num_outputs", code=ErrorCode.INVALID_NUM_OUTPUTS, low=1,
-                         high=MAX_OUTPUTS)
+def num_outputs_from_text(text: str | None) -> int:
+    """The number of pictures a text front was given (empty: 1, ``GenerationRequest``'s and the
+    API's default), as ``seed_from_text`` reads a seed."""
+    count = _whole_number(text, name="num_outputs", code=ErrorCode.INVALID_NUM_OUTPUTS, low=1,
+                          high=MAX_OUTPUTS)
+    return 1 if count is None else count
 
 
 def generates_from_stored_weights(backend: str) -> bool:
@@ -506,7 +507,7 @@ class GenerationService:
 
     def _make(self, *, user: User, request: GenerationRequest,
               client_gone: threading.Event | None = None,
-              attempt: _Attempt | None = None) -> Generation:
+              attempt: _Attempt) -> Generation:
         # One line break is one character, as a text area counts it (its maxlength is the
         # limit's): a browser sends each as CRLF, and a 1999-character prompt of five lines
         # was refused as longer than 2000 (and stored with its CRs). The API's and the CLI's
@@ -544,8 +545,7 @@ class GenerationService:
         # A seed is drawn here, not by the generator, so that the generation records the seed
         # that made its pictures (the answer, the stored row, the gallery) and can be made again.
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
-        if attempt is not None:  # from here, what goes wrong is a failure, not a refusal
-            attempt.backend = model.backend
+        attempt.backend = model.backend  # from here, what goes wrong is a failure, not a refusal
         rendered = self.render(model=model, version=version, prompt=request.prompt, seed=seed,
                                num_outputs=request.num_outputs, lora_scale=request.lora_scale,
                                client_gone=client_gone)

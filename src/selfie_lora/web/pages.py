@@ -884,7 +884,7 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
     # it as the default stays "Save the scale"'s; without one, the saved scale.
     gone = threading.Event()  # set by ``finished`` if the browser goes away first
     made = await finished(web.services.generation.submit(
-        user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=1 if count is None else count,
+        user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=count,
                                                     seed=seed_value, lora_scale=lora_scale,
                                                     # The API's version_id; none: the active.
                                                     version_id=version or None),
