@@ -61,6 +61,14 @@ def free_bytes(path: Path | str) -> int | None:
         return None
 
 
+def full_disk_words(path: Path | str) -> str:
+    """"the disk holding PATH is full (N free)", the free space left out when it cannot be read:
+    how an adapter names the disk a full-disk error is about, for the operator."""
+    free = free_bytes(path)
+    left = f" ({shown(free)} free)" if free is not None else ""
+    return f"the disk holding {path} is full{left}"
+
+
 def shown(size: int) -> str:
     """``size`` bytes as a person reads them: 0 KB, 40 KB, 3.2 MB, 1.5 GB."""
     if size < 1024 * 1024:

@@ -57,7 +57,7 @@ from selfie_lora.adapters.db.tables import (
 )
 from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.database_url import database_url_shown
-from selfie_lora.disk_space import free_bytes, is_full_error, shown
+from selfie_lora.disk_space import full_disk_words, is_full_error
 from selfie_lora.domain.accounts import ErasurePlan, UserHoldings, fold_name
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
@@ -530,9 +530,7 @@ class SqlRepository:
         """The disk a full-disk error of this database is about, as the operator finds it."""
         url = self._engine.url
         if url.get_backend_name() == "sqlite" and url.database:
-            free = free_bytes(url.database)
-            left = f" ({shown(free)} free)" if free is not None else ""
-            return f"the disk holding {url.database} is full{left}"
+            return full_disk_words(url.database)
         return "the database server's disk is full"
 
     # users ------------------------------------------------------------------------------

@@ -14,7 +14,13 @@ from stat import S_ISREG
 from typing import BinaryIO
 
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, remove_if_stale
-from selfie_lora.disk_space import LOW_SPACE_BYTES, free_bytes, is_full_error, shown
+from selfie_lora.disk_space import (
+    LOW_SPACE_BYTES,
+    free_bytes,
+    full_disk_words,
+    is_full_error,
+    shown,
+)
 from selfie_lora.errors import BlobMissingError, StorageError, StorageFullError
 from selfie_lora.services.layout import is_valid_key
 from selfie_lora.services.ports import BlobInfo, BlobStream
@@ -38,10 +44,8 @@ def check_key(key: str) -> str:
 def _write_error(key: str, exc: OSError, *, root: Path) -> StorageError:
     if is_full_error(exc):
         # An outage the operator ends by freeing space: said as one, naming the disk.
-        free = free_bytes(root)
-        left = f" ({shown(free)} free)" if free is not None else ""
-        return StorageFullError(f"blob {key!r} cannot be written: the disk holding {root} is "
-                                f"full{left}: {exc.strerror or exc}")
+        return StorageFullError(f"blob {key!r} cannot be written: {full_disk_words(root)}: "
+                                f"{exc.strerror or exc}")
     return StorageError(f"blob {key!r} cannot be written: {exc.strerror or exc}")
 
 
