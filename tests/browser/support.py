@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 
+from selfie_lora.web.app import WEB_ROOT
 from tests.e2e.conftest import selfie_lora_exe
 from tests.support.photos import FIXTURES
 
@@ -45,3 +46,11 @@ def upload_photos(base: str, key: str,
                      data={"start": "true" if start else "false"},
                      headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 202, r.text
+
+
+def fulfil_static(route: Any, path: str) -> None:
+    """Answer a routed request for ``/static/...`` with the app's own file (its query left
+    out), for tests that serve a page of their own around the real scripts and styles."""
+    file = WEB_ROOT / path.split("?")[0].lstrip("/")
+    route.fulfill(status=200, body=file.read_bytes(), content_type=(
+        "text/javascript" if file.suffix == ".js" else "text/css"))

@@ -12,9 +12,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from selfie_lora.web.app import WEB_ROOT
 from selfie_lora.wiring import Services
-from tests.browser.support import create, sign_in, upload_photos
+from tests.browser.support import create, fulfil_static, sign_in, upload_photos
 from tests.e2e.conftest import ServeProcess, clean_env
 from tests.integration import test_web
 from tests.support.owners import own_model
@@ -215,9 +214,7 @@ def _serving(pages: dict[str, str], *,
         elif path in pages:
             route.fulfill(status=200, content_type="text/html", body=pages[path])
         elif path.startswith("/static/"):
-            file = WEB_ROOT / path.split("?")[0].lstrip("/")
-            route.fulfill(status=200, body=file.read_bytes(), content_type=(
-                "text/javascript" if file.suffix == ".js" else "text/css"))
+            fulfil_static(route, path)
         else:
             route.abort()
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from selfie_lora.web.app import WEB_ROOT
 from selfie_lora.wiring import Services
+from tests.browser.support import fulfil_static
 from tests.integration.test_web import PASSWORD, csrf, sign_in
 from tests.support.owners import own_model
 
@@ -30,9 +30,7 @@ def serving(html: str, *, posts: list[str] | None = None) -> Any:
         elif path.split("?")[0].split("#")[0] == "/generate":
             route.fulfill(status=200, content_type="text/html", body=html)
         elif path.startswith("/static/"):
-            file = WEB_ROOT / path.split("?")[0].lstrip("/")
-            route.fulfill(status=200, body=file.read_bytes(), content_type=(
-                "text/javascript" if file.suffix == ".js" else "text/css"))
+            fulfil_static(route, path)
         else:
             route.abort()
 
