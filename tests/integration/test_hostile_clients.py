@@ -88,6 +88,18 @@ def test_out_of_range_fields_are_422_never_500(client: TestClient, services: Ser
     assert r.json()["error"]["code"] == "invalid_request"
 
 
+@pytest.mark.parametrize("force", ["yes", 1, "1", "on", "no", 0, "0", "false", 0.0])
+def test_delete_me_force_takes_only_json_true_or_false(client: TestClient, services: Services,
+                                                        force: Any) -> None:
+    """``force`` was the one lax field: "yes", 1, "1" and "on" were read as true (an account
+    deleted and its training canceled by a string), "no", 0 and "0" as false."""
+    h = auth(services, "ann")
+    r = client.request("DELETE", "/api/me", headers=h, json={"confirm": "ann", "force": force})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert client.get("/api/model", headers=h).status_code != 401  # nothing deleted
+
+
 def test_a_body_that_cannot_be_parsed_is_422_as_documented_not_400(
         client: TestClient, services: Services) -> None:
     """Bytes that are not UTF-8 sent as JSON, and a form whose multipart framing is broken, were

@@ -1,8 +1,9 @@
 """Request bodies, and the error answer as the OpenAPI document declares it.
 
-Every field is bounded: a value out of range is a 422, never a 500 deeper down. Numbers are
-strict (``strict=True``): pydantic's lax mode took ``true`` for 1 and ``"0.8"`` for 0.8, and
-``2.0`` for the integer 2; an integer is still a number where a float is asked for.
+Every field is bounded: a value out of range is a 422, never a 500 deeper down. Numbers and
+booleans are strict (``strict=True``): pydantic's lax mode took ``true`` for 1 and ``"0.8"`` for
+0.8, ``2.0`` for the integer 2, and ``"yes"``, 1 or ``"on"`` for true; an integer is still a
+number where a float is asked for.
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ class KeyBody(_Body):
 class DeleteAccountBody(_Body):
     confirm: str = Field(description="The account's name, typed again: without it nothing is "
                          "deleted (422 invalid_input).")
-    force: bool = Field(default=False, description="Cancel a queued or running training "
-                        "first (without it: 409 training_in_progress, nothing deleted).")
+    # Strict: lax, "yes", 1 or "on" read as true deleted an account and canceled its training.
+    force: bool = Field(default=False, strict=True, description="Cancel a queued or running "
+                        "training first (without it: 409 training_in_progress, nothing "
+                        "deleted); JSON true or false only.")
 
 
 class ErrorDetail(BaseModel):
