@@ -122,6 +122,49 @@ def test_a_body_that_cannot_be_parsed_is_422_as_documented_not_400(
     assert "multipart" in r.json()["error"]["message"]
 
 
+def test_a_json_body_with_a_duplicate_key_is_422_naming_it(client: TestClient,
+                                                           services: Services) -> None:
+    """json.loads kept the last of two equal keys: {"lora_scale": 0.5, "lora_scale": 2.5} set 2.5
+    (a proxy reading the first saw 0.5); now refused on every JSON route, at any depth."""
+    h = auth(services, "ann")
+    json_type = {**h, "Content-Type": "application/json"}
+    for method, path, body in (
+            ("PATCH", "/api/model", b'{"lora_scale": 0.5, "lora_scale": 2.5}'),
+            ("POST", "/api/generate", b'{"prompt": "a", "prompt": "b"}'),
+            ("POST", "/api/keys", b'{"name": "a", "name": "b"}'),
+            ("POST", "/api/training/start", b'{"dataset_id": "x", "dataset_id": "y"}'),
+            ("DELETE", "/api/me", b'{"confirm": "ann", "confirm": "ann"}'),
+            ("PATCH", "/api/model", b'{"reason": "r", "x": {"k": 1, "k": 2}}')):
+        r = client.request(method, path, headers=json_type, content=body)
+        assert r.status_code == 422, (path, r.text)
+        assert r.json()["error"]["code"] == "invalid_request", path
+        assert "appears twice" in r.json()["error"]["message"], path
+    assert '"lora_scale"' in client.patch(
+        "/api/model", headers=json_type,
+        content=b'{"lora_scale": 0.5, "lora_scale": 2.5}').json()["error"]["message"]
+    assert client.get("/api/keys", headers=h).json()["keys"][0]["name"] != "b"
+    assert client.get("/api/model", headers=h).status_code != 401  # not deleted
+
+
+def test_every_json_route_of_the_api_parses_its_body_strictly() -> None:
+    """A router made without JsonBodyRoute would take duplicate keys again."""
+    import importlib
+    import pkgutil
+
+    from fastapi.routing import APIRoute
+
+    import selfie_lora.api
+    from selfie_lora.api.json_body import JsonBodyRoute
+    modules = [importlib.import_module(f"selfie_lora.api.{info.name}")
+               for info in pkgutil.iter_modules(selfie_lora.api.__path__)]
+    api = [route for module in modules if hasattr(module, "router")
+           for route in module.router.routes
+           if isinstance(route, APIRoute) and route.path.startswith("/api/")
+           and not route.path.startswith("/api/webhooks/")]
+    assert len(api) > 20
+    assert [r.path for r in api if not isinstance(r, JsonBodyRoute)] == []
+
+
 def test_more_files_than_the_form_parser_takes_are_too_many_members(
         client: TestClient, services: Services) -> None:
     """1001 files (past Starlette's 1000 files or fields) were answered 422 invalid_request

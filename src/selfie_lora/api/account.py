@@ -8,11 +8,12 @@ from typing import Any
 from fastapi import APIRouter
 
 from selfie_lora.api.deps import ServicesDep, UserDep
+from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import DeleteAccountBody, E, errors
 from selfie_lora.errors import ConflictError, InvalidInputError
 from selfie_lora.services.erasure import ErasureBlockedError
 
-router = APIRouter(prefix="/api/me", tags=["account"])
+router = APIRouter(prefix="/api/me", tags=["account"], route_class=JsonBodyRoute)
 
 
 @router.delete("", responses=errors({409: (E.TRAINING_IN_PROGRESS,),

@@ -10,11 +10,12 @@ from fastapi.responses import Response
 
 from selfie_lora.api.answers import Generated, GenerationsPage, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, finished
+from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, GenerateBody, binary, errors
 from selfie_lora.api.serializers import generation_json
 from selfie_lora.services.generation import HISTORY_PAGE, GenerationRequest
 
-router = APIRouter(prefix="/api", tags=["generation"])
+router = APIRouter(prefix="/api", tags=["generation"], route_class=JsonBodyRoute)
 
 
 @router.post("/generate", responses=errors({

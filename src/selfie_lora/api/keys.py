@@ -9,11 +9,12 @@ from typing import Any
 from fastapi import APIRouter
 
 from selfie_lora.api.deps import ApiKeyDep, ServicesDep, UserDep
+from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import NOT_FOUND, E, KeyBody, errors
 from selfie_lora.api.serializers import api_key_json
 from selfie_lora.services.common import utcnow
 
-router = APIRouter(prefix="/api/keys", tags=["keys"])
+router = APIRouter(prefix="/api/keys", tags=["keys"], route_class=JsonBodyRoute)
 
 
 @router.get("", responses=errors())

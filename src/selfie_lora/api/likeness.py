@@ -9,10 +9,11 @@ from fastapi.responses import Response
 
 from selfie_lora.api.answers import Comparison, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
+from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, binary, errors
 from selfie_lora.api.serializers import comparison_json, likeness_json
 
-router = APIRouter(prefix="/api/model", tags=["likeness"])
+router = APIRouter(prefix="/api/model", tags=["likeness"], route_class=JsonBodyRoute)
 
 
 @router.get("/versions/{version_id}/quality", responses=errors(NOT_FOUND))

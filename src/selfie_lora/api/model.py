@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from selfie_lora.api.answers import ModelAnswer, PatchedModelAnswer, Versions, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.downloads import weights_response
+from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import NOT_FOUND, WEIGHTS_ANSWERS, E, ModelPatch, errors
 from selfie_lora.api.serializers import overview_json, version_json
 from selfie_lora.domain.weights import WeightsFormat
@@ -18,7 +19,7 @@ from selfie_lora.errors import ErrorCode, InvalidInputError
 from selfie_lora.services.likeness import LOG_PAGE
 from selfie_lora.wiring import Services
 
-router = APIRouter(prefix="/api/model", tags=["model"])
+router = APIRouter(prefix="/api/model", tags=["model"], route_class=JsonBodyRoute)
 WEIGHTS_ERRORS = errors({**NOT_FOUND, 409: (E.WEIGHTS_MISSING,),
                          422: (E.INVALID_REQUEST, E.UNSUPPORTED_WEIGHTS)}) | WEIGHTS_ANSWERS
 

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from selfie_lora.api.answers import Progress, Started, Uploaded, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_intake, in_thread, upload_slot
+from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.model import model_of
 from selfie_lora.api.schemas import (
     ARCHIVE_CODES,
@@ -30,7 +31,7 @@ from selfie_lora.errors import PayloadTooLargeError
 from selfie_lora.services.training import StartResult, TrainingView, UploadResult
 from selfie_lora.wiring import Services
 
-router = APIRouter(prefix="/api/training", tags=["training"])
+router = APIRouter(prefix="/api/training", tags=["training"], route_class=JsonBodyRoute)
 
 
 def view_json(svc: Services, view: TrainingView) -> dict[str, Any]:
