@@ -6,6 +6,9 @@ dependency runs; its routers here use ``JsonBodyRoute``, whose requests parse it
 - A **duplicate key** in any object is refused, naming the key: ``json.loads`` kept the last
   one, so ``{"lora_scale": 0.5, "lora_scale": 2.5}`` set 2.5 while a proxy or a log that reads
   the first saw 0.5.
+- A body that is **not UTF-8** is refused (RFC 8259: JSON between systems is UTF-8):
+  ``json.loads`` on bytes also read UTF-16 and UTF-32, so a UTF-16 body with its BOM was taken.
+  A UTF-8 BOM is skipped (the RFC lets a parser ignore it, and Windows tools write one).
 
 A refusal is FastAPI's 400 for a body it could not parse, which the app answers as every such
 body: 422 ``invalid_request``, "the request's body could not be read: ...".
@@ -40,7 +43,12 @@ def parse_json_body(body: bytes) -> Any:
     """``body`` as JSON, or an HTTPException 400 saying why not; a syntax error stays
     ``json.JSONDecodeError`` (FastAPI's 422 with its position)."""
     try:
-        return json.loads(body, object_pairs_hook=_no_duplicate_keys)
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise HTTPException(400, f"JSON must be UTF-8: byte {exc.start} is not (a UTF-16 or "
+                                 "Latin-1 body is refused)") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKeyError as exc:
         # json.dumps: a key with a lone surrogate or a control character, quoted as JSON does.
         raise HTTPException(400, f"the key {json.dumps(exc.key)} appears twice in a JSON "
