@@ -178,10 +178,14 @@ def test_a_before_past_any_version_number_is_the_newest_page(
         page = trained.get("/versions", params={"before": before})
         assert page.status_code == 200
         assert re.findall(r'<tr id="v(\d+)"', page.text) == [str(n) for n in range(7, 0, -1)]
-    for bad in ("0", "v0", "\u0660"):
+    # Digits other than ASCII's (fullwidth, Arabic-Indic, Devanagari) were read as numbers
+    # (str.isdecimal): U+FF11 listed the versions below 1, where activate's 404 said no such
+    # version.
+    for bad in ("0", "v0", "\u0660", "\uff11", "\u0661", "v\u0967", "1\uff10"):
         r = trained.get("/api/model/versions", params={"limit": 5, "before": bad},
                         headers={"Authorization": key})
         assert r.status_code == 422, (bad, r.text)
+        assert r.json()["error"]["code"] == "invalid_input", (bad, r.text)
 
 
 def test_the_log_walks_page_by_page_without_gaps_or_repeats(

@@ -508,7 +508,9 @@ def version_number_below(ref: str) -> int | None:
     a number, None past any version's number (int() refuses over 4300 digits: those too).
     The API refuses what is below 1; the Versions page shows its newest page for it."""
     digits = ref.strip().removeprefix("v")
-    if not digits.isdecimal():
+    # ASCII digits only: isdecimal() and int() take any script's (U+FF11, fullwidth 1; U+0661,
+    # Arabic-Indic 1), which activate and every other version reference refuse.
+    if not (digits.isascii() and digits.isdecimal()):
         return 0
     if len(digits.lstrip("0")) > len(str(VERSION_NUMBER_MAX)):
         return None
