@@ -421,6 +421,23 @@ def test_patch_scale_validation_and_rollback(client: TestClient, services: Servi
     assert gen["lora_scale"] == 0.7
 
 
+def test_activating_the_active_version_changes_and_logs_nothing(
+        client: TestClient, services: Services) -> None:
+    """Each activation of the version already active wrote another version_activated event: a
+    client retrying after a lost answer filled the model's log. As a re-pin to the same version,
+    it now changes and logs nothing, and answers as before."""
+    h = auth(services, "ann")
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    v1 = client.get("/api/model", headers=h).json()["active_version"]
+    before = client.get("/api/model/log", headers=h).json()["events"]
+    answers = [client.post(f"/api/model/versions/{ref}/activate", headers=h)
+               for ref in (v1["id"], "v1", "1", "1%20")]
+    assert [r.status_code for r in answers] == [200] * 4, answers[-1].text
+    assert all(r.json() == answers[0].json() for r in answers)
+    assert answers[0].json()["active_version"]["id"] == v1["id"]
+    assert client.get("/api/model/log", headers=h).json()["events"] == before
+
+
 def fail_on(monkeypatch: pytest.MonkeyPatch, method: str, *, kind: str | None = None) -> None:
     """The repository's ``method`` (for an event: of ``kind``) fails, as the database failing
     that write or the process dying there would: nothing after it runs. (A ``SimulatedCrash``

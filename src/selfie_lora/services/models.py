@@ -340,7 +340,8 @@ class ModelService:
         and in the log. A version whose weights are gone from the storage, on a backend that
         generates from them, is refused (409 ``weights_missing``), as is a local version trained
         for another base model than the server's (409 ``base_model_mismatch``). The answer is
-        the model as this activation left it (``_written_overview``): that version active."""
+        the model as this activation left it (``_written_overview``): that version active.
+        The version already active changes and logs nothing (the same answer)."""
         found = self.get(user=user)
         wanted = _models_version(self._repo, found, version_id)
         if (generates_from_stored_weights(found.backend)
@@ -362,20 +363,25 @@ class ModelService:
             model = _users_model(tx, user, for_update=True)
             version = _models_version(tx, model, version_id)
             overrides = version.gate_status is not GateStatus.PASSED
-            tx.set_model_active_version(model.id, version.id)
-            if overrides and version.id != model.active_version_id:
-                # Only the marker: the gate's status, reason and scores are the gate's to write.
-                tx.set_version_override(version.id, {
-                    "at": utcnow().isoformat(), "by": "user",
-                    "gate_status": str(version.gate_status),
-                    "replaced_version_id": model.active_version_id})
-            tx.add_event(model_id=model.id, kind=VERSION_ACTIVATED, data={
-                "from": model.active_version_id, "to": version.id, "number": version.number,
-                "gate": str(version.gate_status), "gate_reason": version.gate_reason,
-                "overrides_gate": overrides,
-            })
+            # The version already active: nothing changes and nothing is logged (as a re-pin to
+            # the same trainer version), so a client retrying after a lost answer adds no
+            # second version_activated event; the answer is the same.
+            changes = version.id != model.active_version_id
+            if changes:
+                tx.set_model_active_version(model.id, version.id)
+                if overrides:
+                    # Only the marker: the gate's status, reason and scores are the gate's.
+                    tx.set_version_override(version.id, {
+                        "at": utcnow().isoformat(), "by": "user",
+                        "gate_status": str(version.gate_status),
+                        "replaced_version_id": model.active_version_id})
+                tx.add_event(model_id=model.id, kind=VERSION_ACTIVATED, data={
+                    "from": model.active_version_id, "to": version.id,
+                    "number": version.number, "gate": str(version.gate_status),
+                    "gate_reason": version.gate_reason, "overrides_gate": overrides,
+                })
             activated = self._written_overview(tx, user)
-        if overrides:
+        if overrides and changes:
             logger.info("model %s: version %d activated by its user against the gate (%s)",
                         model.id, version.number, version.gate_status)
         return activated
