@@ -439,6 +439,15 @@ class _OperatorHandler(BaseHTTPRequestHandler):
     """``GET /metrics``, ``/healthz`` and ``/readyz`` of a worker, which has no web app."""
 
     operations: OperationsService  # set on the subclass made for one server
+    _head = False  # answering a HEAD: the headers GET would send, no body
+
+    def do_HEAD(self) -> None:
+        # The probes only, as the API servers answer them: load balancers probe with HEAD.
+        if self.path.split("?", 1)[0] not in ("/healthz", "/readyz"):
+            self.send_error(501, f"Unsupported method ({self.command!r})")
+            return
+        self._head = True
+        self.do_GET()
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
@@ -473,7 +482,8 @@ class _OperatorHandler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not self._head:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:
         logger.debug("metrics: " + format, *args)

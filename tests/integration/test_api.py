@@ -55,6 +55,16 @@ def test_healthz(client: TestClient) -> None:
     assert client.get("/healthz").status_code == 200
 
 
+def test_the_probes_answer_head_as_get_without_a_body(client: TestClient) -> None:
+    """Load balancers and uptime checkers probe with HEAD: /healthz and /readyz answered 405."""
+    for path in ("/healthz", "/readyz"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200, (path, head.text)
+        assert head.content == b""
+        assert head.headers["content-type"] == got.headers["content-type"]
+    assert client.post("/healthz").headers["allow"] == "GET, HEAD"
+
+
 def test_no_key_or_wrong_key_is_401_with_error_shape(client: TestClient) -> None:
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic x"}):
         r = client.get("/api/model", headers=headers)

@@ -374,6 +374,25 @@ def test_a_worker_s_metrics_need_the_token_as_the_api_s_do(tmp_path: Path) -> No
             worker.server_close()
 
 
+def test_a_worker_s_probes_answer_head_as_get_without_a_body(tmp_path: Path) -> None:
+    """Load balancers probe with HEAD: the worker's /healthz and /readyz answered 501 (the API
+    servers' 405, test_api.py). Its /metrics is left as it was."""
+    with serving(make_settings(tmp_path)) as (_client, svc):
+        worker = serve_operator_endpoints(svc.operations, host="127.0.0.1", port=0)
+        try:
+            base = f"http://127.0.0.1:{worker.server_address[1]}"
+            for path in ("/healthz", "/readyz"):
+                got = httpx.get(base + path, timeout=10)
+                head = httpx.head(base + path, timeout=10)
+                assert head.status_code == got.status_code == 200, path
+                assert head.content == b""
+                assert head.headers["content-length"] == got.headers["content-length"]
+            assert httpx.head(base + "/metrics", timeout=10).status_code == 501
+        finally:
+            worker.shutdown()
+            worker.server_close()
+
+
 def test_a_database_that_does_not_answer_is_not_ready(tmp_path: Path) -> None:
     # A PostgreSQL URL where nothing listens (port 9 is "discard"; nothing runs there).
     settings = make_settings(

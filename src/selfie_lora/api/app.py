@@ -138,13 +138,17 @@ def create_app(
     # needs (monitoring would go dark during the very outage it should show).
     scrapes = CapacityLimiter(PROBE_THREADS)
 
+    # HEAD as GET (uvicorn sends no body): load balancers and uptime checkers probe with HEAD,
+    # and got 405. Only the probes: the other routes are left as they are.
     @app.get("/healthz", tags=["service"])
+    @app.head("/healthz", tags=["service"])
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers (it checks nothing else, so a broken database does not
         get the process restarted; see /readyz)."""
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["service"], responses={503: {"description": "not ready"}})
+    @app.head("/readyz", tags=["service"], responses={503: {"description": "not ready"}})
     async def readyz(request: Request) -> JSONResponse:
         """Readiness: 200 when the database, the queue and the storage answer, 503 otherwise
         (each check "ok" or "unavailable" in ``checks``; why, in the log, and here to a caller
@@ -173,8 +177,10 @@ def create_app(
     for router in api_routers:
         app.include_router(router)
     # For a 405's Allow: the routes as declared (the app's own list holds the included routers
-    # as opaque entries whose methods it does not show).
-    api_routes: list[BaseRoute] = [route for router in api_routers for route in router.routes]
+    # as opaque entries whose methods it does not show), and the app's own (the probes' GET
+    # and HEAD are two routes).
+    api_routes: list[BaseRoute] = [*app.router.routes,
+                                   *(route for router in api_routers for route in router.routes)]
     # Inside the pages' security headers: its error page gets them too (Web.stopping_page).
     app.add_middleware(
         ServerStopping, operations=svc.operations, is_page=is_page,
