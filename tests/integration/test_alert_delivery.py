@@ -583,7 +583,8 @@ def test_an_alert_carries_chat_text_with_the_user_versions_scores_and_link(
     assert alert["content"] == text
     assert text.startswith("selfie-lora held back ann's version 2 (likeness ")
     assert f"{alert['after']['identity']:.3f} against version 1's " in text
-    assert f"{alert['before']['identity']:.3f}, tolerance 0.02). " in text
+    assert (f"{alert['before']['identity']:.3f} on version 2's training photos, "
+            "tolerance 0.02). ") in text
     assert alert["message"] in text
     assert "\n" not in text
     if public_url is None:

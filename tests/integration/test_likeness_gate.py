@@ -156,6 +156,45 @@ def test_another_person_scores_low_is_held_back_and_raises_an_alert(rig: Rig,
     assert events[-1]["data"]["scores"]["after"]["identity"] < 0.45
 
 
+def test_a_retraining_on_another_person_s_photos_is_held_on_the_active_version_s_photos(
+    rig: Rig,
+) -> None:
+    """v1 trained on the user's photos and drawing them; v2 trained on another person's photos and
+    drawing that person. Measured only on v2's own photos, v2 (1.0) beat v1 (0.3) and replaced
+    the user's likeness with no alert: the yardstick moved with the person. On v1's photos it
+    drops from ~0.75 to ~0.3: held, v1 stays active, one likeness_drop alert saying so."""
+    ann = rig.user()
+    v1 = rig.train(ann)
+    generator_of(rig).photos = other_person()
+    v2 = rig.train(ann, photos=other_person())
+    assert v2.gate_status is GateStatus.HELD, v2.gate_reason
+    assert rig.model(ann).active_version_id == v1.id
+    reason = v2.gate_reason or ""
+    assert "likeness dropped" in reason
+    assert "on the training photos of the active version 1" in reason
+    # On its own photos it did not drop; both comparisons are stored, each naming its photos.
+    assert v2.gate_details["after"]["identity"] > v2.gate_details["before"]["identity"]
+    on_active = v2.gate_details["on_baseline_photos"]
+    assert on_active["after"]["identity"] < on_active["before"]["identity"] - 0.2
+    assert on_active["reference_dataset_id"] == rig.repo.get_training(v1.training_id).dataset_id
+    assert v2.gate_details["measured_on"] == "baseline_photos"
+    [alert] = alerts_of(rig)
+    assert alert["kind"] == "likeness_drop"
+    assert alert["measured_on"] == "baseline_photos"
+    assert alert["after"] == on_active["after"]
+    assert alert["before"] == on_active["before"]
+    assert "on version 1's training photos" in alert["text"]
+
+
+def test_versions_trained_on_the_same_photos_are_compared_once(rig: Rig) -> None:
+    ann = rig.user()
+    rig.train(ann)
+    v2 = rig.train(ann)
+    assert v2.gate_status is GateStatus.PASSED, v2.gate_reason
+    assert v2.gate_details.get("on_baseline_photos") is None
+    assert v2.gate_details["measured_on"] == "new_photos"
+
+
 def test_probes_without_a_face_score_as_such_not_as_an_error(rig: Rig) -> None:
     ann = rig.user()
     rig.train(ann)

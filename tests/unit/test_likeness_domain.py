@@ -147,6 +147,33 @@ def test_a_drop_of_exactly_the_tolerance_passes(before: float, after: float,
         assert decision.details["drop"] == tolerance
 
 
+def test_the_gate_also_measures_on_the_active_version_s_own_photos() -> None:
+    """A retraining on another person's photos: on its own photos it beats the active version
+    (0.95 against 0.30), on the active version's photos it falls from 0.75 to 0.30. Held, and the
+    reason says on whose photos; within the tolerance on both, it passes saying both."""
+    held = decide_gate(candidate=scores_of(0.95), baseline=scores_of(0.30), tolerance=0.02,
+                       candidate_number=2, baseline_number=1,
+                       on_baseline_photos=(scores_of(0.30), scores_of(0.75)))
+    assert held.status is GateStatus.HELD
+    assert held.details["measured_on"] == "baseline_photos"
+    assert held.details["on_baseline_photos"]["drop"] == 0.45
+    assert ("identity 0.300 against 0.750 for the active version 1 on the training photos of "
+            "the active version 1, more than the tolerance 0.02") in held.reason
+    passed = decide_gate(candidate=scores_of(0.80), baseline=scores_of(0.79), tolerance=0.02,
+                         candidate_number=2, baseline_number=1,
+                         on_baseline_photos=(scores_of(0.74), scores_of(0.75)))
+    assert passed.status is GateStatus.PASSED
+    assert passed.details["measured_on"] == "new_photos"
+    assert "on the training photos of version 2" in passed.reason
+    assert "on the training photos of the active version 1" in passed.reason
+    # A drop on the new photos holds it whatever the active version's photos say.
+    dropped = decide_gate(candidate=scores_of(0.30), baseline=scores_of(0.80), tolerance=0.02,
+                          candidate_number=2, baseline_number=1,
+                          on_baseline_photos=(scores_of(0.80), scores_of(0.80)))
+    assert dropped.status is GateStatus.HELD
+    assert "on the training photos of version 2" in dropped.reason
+
+
 def test_the_gate_without_a_baseline_or_a_score() -> None:
     nothing = decide_gate(candidate=scores_of(0.1), baseline=None, tolerance=0.02,
                           candidate_number=1, baseline_number=None)

@@ -44,6 +44,10 @@ def gate_json(v: Version) -> dict[str, Any]:
         "tolerance": details.get("tolerance"),
         "before": details.get("before"),
         "after": details.get("after"),
+        # Whose training photos "before"/"after" are on (the new version's); a drop on the
+        # active version's own photos, when they are others, is in "on_baseline_photos".
+        "measured_on": details.get("measured_on"),
+        "on_baseline_photos": details.get("on_baseline_photos"),
         "decided_at": details.get("decided_at"),
         "overridden": override is not None,
         "override": override,

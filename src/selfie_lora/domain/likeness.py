@@ -341,6 +341,7 @@ def decide_gate(
     baseline_number: int | None,
     candidate_error: str | None = None,
     baseline_error: str | None = None,
+    on_baseline_photos: tuple[IdentityScores, IdentityScores] | None = None,
 ) -> GateDecision:
     """Whether a new version replaces the active one. Both scores must have been computed against
     the same reference photos (the service sees to it).
@@ -354,6 +355,14 @@ def decide_gate(
     baseline's by more than ``tolerance``. When the reference has no face (``identity`` None on
     either side) the face share is compared instead, with the same tolerance; when neither
     version shows any face (the offline tiny model) there is nothing to lose and it passes.
+
+    ``on_baseline_photos``: the candidate's and the baseline's scores (in that order) against the
+    *baseline's* training photos, when those are not the candidate's. Measured only on the new
+    photos, the yardstick moves with the person: a retraining on someone else's photos beats the
+    active version at resembling that someone. So a candidate that passes on its own photos is
+    also held when its identity there falls more than ``tolerance`` below the baseline's.
+    ``details["measured_on"]`` says which photos decided (``NEW_PHOTOS`` or
+    ``BASELINE_PHOTOS``), ``details["on_baseline_photos"]`` holds that second comparison.
     """
     if not 0.0 <= tolerance <= 1.0:
         raise ValueError("the gate tolerance is a similarity difference, 0..1")
@@ -375,6 +384,40 @@ def decide_gate(
         return GateDecision(GateStatus.HELD, (
             f"{active} could not be scored ({why}), so {v} could not be compared with it: "
             f"{KEPT_NOT_ACTIVATED}{ACTIVATE_HINT}"), details)
+    details["measured_on"] = NEW_PHOTOS
+    first = _compare(candidate=candidate, baseline=baseline, tolerance=tolerance, v=v,
+                     active=active, details=details)
+    if first.status is GateStatus.HELD or on_baseline_photos is None:
+        return first
+    cand_there, base_there = on_baseline_photos
+    if cand_there.identity is None or base_there.identity is None:
+        return first  # no face in the active version's photos: nothing more to measure there
+    drop = round(base_there.identity - cand_there.identity, 4)
+    details["on_baseline_photos"] = {"after": cand_there.headline(),
+                                     "before": base_there.headline(), "drop": drop}
+    theirs = f"the training photos of {active}"
+    if drop > tolerance:
+        details["measured_on"] = BASELINE_PHOTOS
+        return GateDecision(GateStatus.HELD, (
+            f"likeness dropped: identity {cand_there.identity:.3f} against "
+            f"{base_there.identity:.3f} for {active} on {theirs}, more than the tolerance "
+            f"{tolerance:g} ({v}'s own training photos may show another person); "
+            f"{KEPT_NOT_ACTIVATED}"), details)
+    return GateDecision(GateStatus.PASSED, (
+        f"{first.reason.removesuffix(': it is active')}; on {theirs}, identity "
+        f"{cand_there.identity:.3f} against {base_there.identity:.3f}, within the tolerance "
+        f"{tolerance:g}: it is active"), details)
+
+
+# Which training photos a gate's drop was measured on (``details["measured_on"]``).
+NEW_PHOTOS = "new_photos"
+BASELINE_PHOTOS = "baseline_photos"
+
+
+def _compare(*, candidate: IdentityScores, baseline: IdentityScores, tolerance: float, v: str,
+             active: str, details: dict[str, Any]) -> GateDecision:
+    """``decide_gate`` on the candidate's own training photos."""
+    ours = f"the training photos of {v}"
     if candidate.identity is not None and baseline.identity is not None:
         # Decided on the drop as shown (4 decimals): 0.52 against 0.50 is a drop of 0.02, not
         # of 0.020000000000000018, and is within a tolerance of 0.02.
@@ -386,16 +429,17 @@ def decide_gate(
                     f"probe images ({active} had faces in {baseline.faces} of {baseline.probes}); "
                     f"{KEPT_NOT_ACTIVATED}"), details)
             return GateDecision(GateStatus.HELD, (
-                f"likeness dropped: identity {candidate.identity:.3f} against {baseline.identity:.3f}"
-                f" for {active}, more than the tolerance {tolerance:g}; {KEPT_NOT_ACTIVATED}"),
+                f"likeness dropped: identity {candidate.identity:.3f} against "
+                f"{baseline.identity:.3f} for {active} on {ours}, more than the tolerance "
+                f"{tolerance:g}; {KEPT_NOT_ACTIVATED}"),
                 details)
         if candidate.faces == 0 and baseline.faces == 0:
             return GateDecision(GateStatus.PASSED, (
                 f"no face in the probe images of {v} or {active} (expected with an untrained or "
                 "tiny model): nothing to lose, it is active"), details)
         return GateDecision(GateStatus.PASSED, (
-            f"identity {candidate.identity:.3f} against {baseline.identity:.3f} for {active}, "
-            f"within the tolerance {tolerance:g}: it is active"), details)
+            f"identity {candidate.identity:.3f} against {baseline.identity:.3f} for {active} on "
+            f"{ours}, within the tolerance {tolerance:g}: it is active"), details)
     # No reference face to measure identity against: fall back to whether faces appear at all.
     drop = details["drop"] = round(baseline.face_share - candidate.face_share, 4)
     if drop > tolerance:

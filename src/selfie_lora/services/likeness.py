@@ -39,6 +39,7 @@ from selfie_lora.domain import alerts
 from selfie_lora.domain.entities import GateStatus, Model, Probe, Training, User, Version
 from selfie_lora.domain.likeness import (
     ACTIVATE_HINT,
+    BASELINE_PHOTOS,
     DEFAULT_GATE_TOLERANCE,
     DEFAULT_PROBE_COUNT,
     GATE_OFF_REASON,
@@ -178,7 +179,7 @@ def _headline(scores: object) -> Mapping[str, Any] | None:
 
 def alert_text(*, user_name: str, version_number: int, baseline_number: int | None,
                before: object, after: object, tolerance: float, message: str,
-               url: str | None) -> str:
+               url: str | None, photos_of: int | None = None) -> str:
     """A held-back version's alert as a person reads it in a chat: whose, which versions, the
     likeness before and after, why, and where to look."""
     compared = gate_measure(_headline(before), _headline(after))
@@ -197,6 +198,10 @@ def alert_text(*, user_name: str, version_number: int, baseline_number: int | No
                 else "likeness not scored")
     against = (f" against version {baseline_number}'s {shown(before)}"
                if baseline_number is not None else "")
+    if (photos_of is not None and compared is GateMeasure.IDENTITY
+            and after_text != "not scored"):
+        # The identity depends on the photos it is measured on (the face share does not).
+        against += f" on version {photos_of}'s training photos"
     line = (f"selfie-lora held back {user_name}'s version {version_number} ({headline}"
             f"{against}, tolerance {tolerance:g}). {message.rstrip('.')}.")
     return f"{line} Versions: {url}" if url else line
@@ -306,11 +311,25 @@ class LikenessService:
                                   else "it has no scores with the current face model and probe size")
                 if unscorable is not None:
                     baseline_error += f"; it was not scored again: {unscorable}"
+        # Also on the active version's own photos, when the new ones are others: measured on the
+        # new photos alone, a retraining on someone else's photos beats the active version at
+        # resembling that someone (decide_gate).
+        theirs = (self._reference_for(baseline)
+                  if before is not None and reference is not None else None)
+        on_theirs = None
+        if theirs is not None and reference is not None and not _same_photos(reference, theirs):
+            cand_there = self._scores_against(record, theirs)
+            base_there = self._scores_against(baseline_record, theirs)
+            if cand_there is not None and base_there is not None:
+                on_theirs = (cand_there, base_there)
         decision = decide_gate(
             candidate=after, baseline=before, tolerance=self.tolerance,
             candidate_number=version.number, baseline_number=baseline.number,
             candidate_error=record.error or "no likeness record", baseline_error=baseline_error,
+            on_baseline_photos=on_theirs,
         )
+        if theirs is not None and "on_baseline_photos" in decision.details:
+            decision.details["on_baseline_photos"]["reference_dataset_id"] = theirs.dataset_id
         return GateVerdict(
             version_id=version.id, model_id=model.id, status=decision.status,
             reason=decision.reason,
@@ -829,12 +848,20 @@ class LikenessService:
                at: datetime, user_name: str | None) -> dict[str, Any]:
         baseline = verdict.baseline
         before, after = verdict.details.get("before"), verdict.details.get("after")
+        measured_on = verdict.details.get("measured_on")
+        on_theirs = verdict.details.get("on_baseline_photos")
+        if measured_on == BASELINE_PHOTOS and isinstance(on_theirs, dict):
+            # Held on the active version's photos: the numbers that decided, on those photos.
+            before, after = on_theirs.get("before"), on_theirs.get("after")
+        photos_of = (baseline.number if measured_on == BASELINE_PHOTOS and baseline
+                     else version.number)
         # Scores on both sides: a drop; otherwise the version or its baseline was not scored.
         kind = "likeness_drop" if after and before else "not_scored"
         text = alert_text(
             user_name=user_name or model.user_id, version_number=version.number,
             baseline_number=baseline.number if baseline else None, before=before, after=after,
-            tolerance=self.tolerance, message=message, url=self._versions_url)
+            tolerance=self.tolerance, message=message, url=self._versions_url,
+            photos_of=photos_of)
         return {
             # The same in every delivery of this alert: a receiver drops what it has seen.
             "alert_id": f"{kind}:{version.id}",
@@ -845,6 +872,9 @@ class LikenessService:
             "baseline_version_id": baseline.id if baseline else None,
             "baseline_version_number": baseline.number if baseline else None,
             "before": before, "after": after,
+            # Whose training photos ``before`` and ``after`` were measured on: the new
+            # version's ("new_photos") or the active version's ("baseline_photos").
+            "measured_on": measured_on,
             "tolerance": self.tolerance, "url": self._versions_url,
             # What a chat hook shows: Slack's incoming webhooks need "text", Discord's
             # "content" (at most 2000 characters); both refused this body without them.
@@ -1003,6 +1033,13 @@ def _stamp(record: VersionLikeness | None) -> tuple[object, ...] | None:
     if record is None:
         return None
     return (record.status, record.scored_at, record.embedding_model, record.error)
+
+
+def _same_photos(a: Reference, b: Reference) -> bool:
+    """Whether two references measure against the same faces: one dataset, or the same photos
+    uploaded again (a new dataset, the same embeddings): then one comparison is enough."""
+    return a.dataset_id == b.dataset_id or (a.embedding_model == b.embedding_model
+                                            and a.embeddings == b.embeddings)
 
 
 def _scored(record: VersionLikeness | None) -> bool:
