@@ -230,6 +230,30 @@ def test_a_first_version_without_faces_is_active_and_two_faceless_versions_pass(
         rig.close()
 
 
+def test_a_version_whose_probes_are_all_broken_is_held_when_neither_shows_a_face(
+    rig: Rig,
+) -> None:
+    """v1's probes are noise (sane, no face), v2's all black (what NaN output becomes): sane
+    images went from 100% to 0%, yet v2 passed "nothing to lose" and replaced v1."""
+    def png(arr: Any) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        return buf.getvalue()
+    noise = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    ann = rig.user()
+    generator_of(rig).photos = [png(noise)]
+    v1 = rig.train(ann)
+    generator_of(rig).photos = [png(np.zeros((256, 256, 3), dtype=np.uint8))]
+    v2 = rig.train(ann)
+    assert v2.gate_details["before"]["sane_share"] == 1.0
+    assert v2.gate_details["after"]["sane_share"] == 0.0
+    assert v2.gate_status is GateStatus.HELD, v2.gate_reason
+    assert "nothing to lose" not in (v2.gate_reason or "")
+    assert "sane" in (v2.gate_reason or "")
+    assert rig.model(ann).active_version_id == v1.id
+    assert len(alerts_of(rig)) == 1
+
+
 def test_a_drop_in_face_share_without_reference_faces_is_worded_and_drawn_as_scored(
     rig: Rig,
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -172,6 +173,26 @@ def test_the_gate_also_measures_on_the_active_version_s_own_photos() -> None:
                           on_baseline_photos=(scores_of(0.80), scores_of(0.80)))
     assert dropped.status is GateStatus.HELD
     assert "on the training photos of version 2" in dropped.reason
+
+
+def test_a_version_whose_probe_images_went_bad_is_held_even_without_faces() -> None:
+    """No face on either side, but every probe image of the new version is broken or blank
+    (sane 100% -> 0%): there is something to lose. It passed "nothing to lose"."""
+    sane = dataclasses.replace(scores_of(0.0, 0.0, 0), sane_share=1.0)
+    broken = dataclasses.replace(scores_of(0.0, 0.0, 0), sane_share=0.0)
+    for candidate, baseline in ((broken, sane), (dataclasses.replace(scores_of(0.8),
+                                                                     sane_share=0.25),
+                                                 scores_of(0.8))):
+        held = decide_gate(candidate=candidate, baseline=baseline, tolerance=0.02,
+                           candidate_number=2, baseline_number=1)
+        assert held.status is GateStatus.HELD, held.reason
+        assert "nothing to lose" not in held.reason
+        assert "sane" in held.reason
+        assert held.details["sane_drop"] == baseline.sane_share - candidate.sane_share
+    # Equally broken on both sides: nothing more to lose.
+    both = decide_gate(candidate=broken, baseline=broken, tolerance=0.02, candidate_number=2,
+                       baseline_number=1)
+    assert both.status is GateStatus.PASSED
 
 
 def test_the_gate_without_a_baseline_or_a_score() -> None:

@@ -351,10 +351,12 @@ def decide_gate(
     (``baseline`` None: its re-scoring failed, ``baseline_error`` says why) holds the candidate:
     a drop cannot be ruled out, and passing would replace the active version unjudged.
 
-    Held when the candidate could not be scored, or when its identity is lower than the
-    baseline's by more than ``tolerance``. When the reference has no face (``identity`` None on
+    Held when the candidate could not be scored, when its identity is lower than the
+    baseline's by more than ``tolerance``, or when its share of sane probe images is (not blank,
+    saturated or broken: ``sane_share``). When the reference has no face (``identity`` None on
     either side) the face share is compared instead, with the same tolerance; when neither
-    version shows any face (the offline tiny model) there is nothing to lose and it passes.
+    version shows any face (the offline tiny model) and its images are as sane, there is nothing
+    to lose and it passes.
 
     ``on_baseline_photos``: the candidate's and the baseline's scores (in that order) against the
     *baseline's* training photos, when those are not the candidate's. Measured only on the new
@@ -387,7 +389,17 @@ def decide_gate(
     details["measured_on"] = NEW_PHOTOS
     first = _compare(candidate=candidate, baseline=baseline, tolerance=tolerance, v=v,
                      active=active, details=details)
-    if first.status is GateStatus.HELD or on_baseline_photos is None:
+    if first.status is GateStatus.HELD:
+        return first
+    # Images that went bad are a loss whatever the faces say: with no face on either side (the
+    # tiny model) the identity cannot tell all-black or blank probes from sane ones.
+    sane_drop = details["sane_drop"] = round(baseline.sane_share - candidate.sane_share, 4)
+    if sane_drop > tolerance:
+        return GateDecision(GateStatus.HELD, (
+            f"the probe images got worse: {candidate.sane_share:.0%} of {v}'s are sane (not "
+            f"blank, saturated or broken) against {baseline.sane_share:.0%} for {active}, a drop "
+            f"of more than the tolerance {tolerance:g}; {KEPT_NOT_ACTIVATED}"), details)
+    if on_baseline_photos is None:
         return first
     cand_there, base_there = on_baseline_photos
     if cand_there.identity is None or base_there.identity is None:
