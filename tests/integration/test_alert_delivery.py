@@ -29,7 +29,7 @@ from selfie_lora.config import Settings
 from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.errors import AlertDeliveryError
-from selfie_lora.services.likeness import LikenessService
+from selfie_lora.services.likeness import LikenessService, alert_text
 from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter, SimulatedCrash
 from tests.support.alerts import alert_inbox
 from tests.support.clock import Clock
@@ -597,3 +597,16 @@ def test_an_alert_carries_chat_text_with_the_user_versions_scores_and_link(
     assert json.loads(json.dumps(alert)) == alert  # posted as it is
     assert version.alert is not None
     assert version.alert["text"] == text  # recorded with the version too
+
+
+def test_the_alert_shows_the_digits_that_make_its_drop_read_as_decided() -> None:
+    """Stored 0.8004 and 0.7802: held (a drop of 0.0202), but "0.780 against 0.800" reads as a
+    drop of exactly the tolerance 0.02."""
+    text = alert_text(user_name="ann", version_number=2, baseline_number=1,
+                      before={"identity": 0.8004}, after={"identity": 0.7802}, tolerance=0.02,
+                      message="held", url=None)
+    assert "(likeness 0.7802 against version 1's 0.8004, tolerance 0.02)" in text
+    text = alert_text(user_name="ann", version_number=2, baseline_number=1,
+                      before={"identity": 0.8}, after={"identity": 0.3}, tolerance=0.02,
+                      message="held", url=None)
+    assert "(likeness 0.300 against version 1's 0.800, tolerance 0.02)" in text

@@ -124,10 +124,11 @@ def test_the_gate_holds_exactly_the_drops_beyond_the_tolerance(before: float, af
                                                                tolerance: float) -> None:
     decision = decide_gate(candidate=scores_of(after), baseline=scores_of(before),
                            tolerance=tolerance, candidate_number=2, baseline_number=1)
-    # The drop as shown (4 decimals) decides: what the user reads is what was judged.
-    held = round(before - after, 4) > tolerance
+    # The scores as stored and shown (4 decimals) decide: what the user reads is what was judged.
+    drop = round(round(before, 4) - round(after, 4), 4)
+    held = drop > tolerance
     assert decision.status is (GateStatus.HELD if held else GateStatus.PASSED)
-    assert decision.details["drop"] == round(before - after, 4)
+    assert decision.details["drop"] == drop
     assert decision.details["before"]["identity"] == round(before, 4)
     assert decision.details["after"]["identity"] == round(after, 4)
     assert decision.reason
@@ -193,6 +194,26 @@ def test_a_version_whose_probe_images_went_bad_is_held_even_without_faces() -> N
     both = decide_gate(candidate=broken, baseline=broken, tolerance=0.02, candidate_number=2,
                        baseline_number=1)
     assert both.status is GateStatus.PASSED
+
+
+@pytest.mark.parametrize(("before", "after", "tolerance", "held", "shown"), [
+    # Stored 0.8 and 0.78: a drop of 0.02, within the tolerance (it was held on 0.02008).
+    (0.80004, 0.77996, 0.02, False, "identity 0.780 against 0.800"),
+    # Stored 0.5 and 0.4999: a drop of 0.0001, more than 0; 3 decimals would show 0.500 twice.
+    (0.5, 0.49994, 0.0, True, "identity 0.4999 against 0.5000"),
+    (0.8004, 0.7802, 0.02, True, "identity 0.7802 against 0.8004"),
+    (0.8004, 0.7806, 0.02, False, "identity 0.781 against 0.800"),
+])
+def test_the_gate_decides_on_the_scores_it_stores_and_shows(
+    before: float, after: float, tolerance: float, held: bool, shown: str,
+) -> None:
+    decision = decide_gate(candidate=scores_of(after), baseline=scores_of(before),
+                           tolerance=tolerance, candidate_number=2, baseline_number=1)
+    assert decision.status is (GateStatus.HELD if held else GateStatus.PASSED), decision.reason
+    stored_before = decision.details["before"]["identity"]
+    stored_after = decision.details["after"]["identity"]
+    assert (round(stored_before - stored_after, 4) > tolerance) is held
+    assert shown in decision.reason
 
 
 def test_the_gate_without_a_baseline_or_a_score() -> None:

@@ -393,7 +393,7 @@ def decide_gate(
         return first
     # Images that went bad are a loss whatever the faces say: with no face on either side (the
     # tiny model) the identity cannot tell all-black or blank probes from sane ones.
-    sane_drop = details["sane_drop"] = round(baseline.sane_share - candidate.sane_share, 4)
+    sane_drop = details["sane_drop"] = stored_drop(baseline.sane_share, candidate.sane_share)
     if sane_drop > tolerance:
         return GateDecision(GateStatus.HELD, (
             f"the probe images got worse: {candidate.sane_share:.0%} of {v}'s are sane (not "
@@ -404,20 +404,22 @@ def decide_gate(
     cand_there, base_there = on_baseline_photos
     if cand_there.identity is None or base_there.identity is None:
         return first  # no face in the active version's photos: nothing more to measure there
-    drop = round(base_there.identity - cand_there.identity, 4)
+    drop = stored_drop(base_there.identity, cand_there.identity)
+    after_text, before_text = shown_scores(cand_there.identity, base_there.identity,
+                                           tolerance=tolerance)
     details["on_baseline_photos"] = {"after": cand_there.headline(),
                                      "before": base_there.headline(), "drop": drop}
     theirs = f"the training photos of {active}"
     if drop > tolerance:
         details["measured_on"] = BASELINE_PHOTOS
         return GateDecision(GateStatus.HELD, (
-            f"likeness dropped: identity {cand_there.identity:.3f} against "
-            f"{base_there.identity:.3f} for {active} on {theirs}, more than the tolerance "
+            f"likeness dropped: identity {after_text} against "
+            f"{before_text} for {active} on {theirs}, more than the tolerance "
             f"{tolerance:g} ({v}'s own training photos may show another person); "
             f"{KEPT_NOT_ACTIVATED}"), details)
     return GateDecision(GateStatus.PASSED, (
         f"{first.reason.removesuffix(': it is active')}; on {theirs}, identity "
-        f"{cand_there.identity:.3f} against {base_there.identity:.3f}, within the tolerance "
+        f"{after_text} against {before_text}, within the tolerance "
         f"{tolerance:g}: it is active"), details)
 
 
@@ -431,9 +433,11 @@ def _compare(*, candidate: IdentityScores, baseline: IdentityScores, tolerance: 
     """``decide_gate`` on the candidate's own training photos."""
     ours = f"the training photos of {v}"
     if candidate.identity is not None and baseline.identity is not None:
-        # Decided on the drop as shown (4 decimals): 0.52 against 0.50 is a drop of 0.02, not
-        # of 0.020000000000000018, and is within a tolerance of 0.02.
-        drop = details["drop"] = round(baseline.identity - candidate.identity, 4)
+        # Decided on the scores as stored (4 decimals): 0.52 against 0.50 is a drop of 0.02, not
+        # of 0.020000000000000018, and is within a tolerance of 0.02 (stored_drop).
+        drop = details["drop"] = stored_drop(baseline.identity, candidate.identity)
+        after_text, before_text = shown_scores(candidate.identity, baseline.identity,
+                                               tolerance=tolerance)
         if drop > tolerance:
             if candidate.faces == 0 and baseline.faces > 0:
                 return GateDecision(GateStatus.HELD, (
@@ -441,8 +445,8 @@ def _compare(*, candidate: IdentityScores, baseline: IdentityScores, tolerance: 
                     f"probe images ({active} had faces in {baseline.faces} of {baseline.probes}); "
                     f"{KEPT_NOT_ACTIVATED}"), details)
             return GateDecision(GateStatus.HELD, (
-                f"likeness dropped: identity {candidate.identity:.3f} against "
-                f"{baseline.identity:.3f} for {active} on {ours}, more than the tolerance "
+                f"likeness dropped: identity {after_text} against "
+                f"{before_text} for {active} on {ours}, more than the tolerance "
                 f"{tolerance:g}; {KEPT_NOT_ACTIVATED}"),
                 details)
         if candidate.faces == 0 and baseline.faces == 0:
@@ -450,10 +454,10 @@ def _compare(*, candidate: IdentityScores, baseline: IdentityScores, tolerance: 
                 f"no face in the probe images of {v} or {active} (expected with an untrained or "
                 "tiny model): nothing to lose, it is active"), details)
         return GateDecision(GateStatus.PASSED, (
-            f"identity {candidate.identity:.3f} against {baseline.identity:.3f} for {active} on "
+            f"identity {after_text} against {before_text} for {active} on "
             f"{ours}, within the tolerance {tolerance:g}: it is active"), details)
     # No reference face to measure identity against: fall back to whether faces appear at all.
-    drop = details["drop"] = round(baseline.face_share - candidate.face_share, 4)
+    drop = details["drop"] = stored_drop(baseline.face_share, candidate.face_share)
     if drop > tolerance:
         return GateDecision(GateStatus.HELD, (
             f"faces appear in {candidate.face_share:.0%} of {v}'s probe images against "
@@ -463,6 +467,24 @@ def _compare(*, candidate: IdentityScores, baseline: IdentityScores, tolerance: 
         f"the training photos have no face to measure identity against; faces appear in "
         f"{candidate.face_share:.0%} of {v}'s probe images against {baseline.face_share:.0%} for "
         f"{active}: it is active"), details)
+
+
+def stored_drop(before: float, after: float) -> float:
+    """How much lower ``after`` is than ``before``, from the scores as stored and shown (4
+    decimals, ``IdentityScores.headline``): the gate decides on what the user reads, so 0.80004
+    against 0.77996 is 0.8 against 0.78, a drop of 0.02, within a tolerance of 0.02."""
+    return round(round(before, 4) - round(after, 4), 4)
+
+
+def shown_scores(after: float, before: float, *, tolerance: float) -> tuple[str, str]:
+    """``after`` and ``before`` as a reason or an alert writes them: 3 decimals, or the 4 that
+    are stored where 3 would make the drop look on the other side of the tolerance (0.8004
+    against 0.7802 is held, but "0.780 against 0.800" reads as a drop of exactly 0.02)."""
+    drop = stored_drop(before, after)
+    a3, b3 = round(round(after, 4), 3), round(round(before, 4), 3)
+    if (round(b3 - a3, 4) > tolerance) == (drop > tolerance):
+        return f"{a3:.3f}", f"{b3:.3f}"
+    return f"{round(after, 4):.4f}", f"{round(before, 4):.4f}"
 
 
 class GateMeasure(enum.StrEnum):

@@ -59,6 +59,7 @@ from selfie_lora.domain.likeness import (
     nothing_to_beat_reason,
     probes_for_existing_model,
     score_probes,
+    shown_scores,
     training_figures,
 )
 from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
@@ -193,10 +194,15 @@ def alert_text(*, user_name: str, version_number: int, baseline_number: int | No
     def shown(scores: object) -> str:
         value = headline_score(scores, compared)
         return form.format(value) if value is not None else "not scored"
-    after_text = shown(after)
+    after_text, before_text = shown(after), shown(before)
+    after_value, before_value = headline_score(after, compared), headline_score(before, compared)
+    if (compared is GateMeasure.IDENTITY and after_value is not None
+            and before_value is not None):
+        # The digits the gate's reason shows, so that the drop reads as it was decided.
+        after_text, before_text = shown_scores(after_value, before_value, tolerance=tolerance)
     headline = (f"{measure} {after_text}{unit}" if after_text != "not scored"
                 else "likeness not scored")
-    against = (f" against version {baseline_number}'s {shown(before)}"
+    against = (f" against version {baseline_number}'s {before_text}"
                if baseline_number is not None else "")
     if (photos_of is not None and compared is GateMeasure.IDENTITY
             and after_text != "not scored"):
