@@ -1271,13 +1271,15 @@ def model_cmd(
         console.print(f"{name}: {value}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _likeness_cell(quality: dict[str, Any] | None) -> str:
+def _likeness_cell(quality: dict[str, Any] | None, gate: dict[str, Any]) -> str:
     """A version's likeness as the Versions page shows it: its identity, its face share when its
     training photos have no face, or its scoring's state."""
-    from selfie_lora.domain.likeness import GateMeasure, gate_measure
+    from selfie_lora.domain.likeness import GateMeasure, LikenessStatus, gate_measure
 
     if quality is None:
-        return "-"
+        # No likeness record yet: a version whose scoring has not begun (or was interrupted
+        # before its record was stored) is pending, as its gate; "-" is for versions never scored.
+        return str(LikenessStatus.PENDING) if gate["status"] == str(GateStatus.PENDING) else "-"
     if quality["identity"] is not None:
         return f"{quality['identity']:.3f}"
     if quality["face_share"] is not None and gate_measure(quality) is GateMeasure.FACE_SHARE:
@@ -1313,7 +1315,7 @@ def versions_cmd(
         table.add_column(column)
     for v in found:
         table.add_row(str(v["number"]), _minute(datetime.fromisoformat(v["created_at"])),
-                      _likeness_cell(v["quality"]), _gate_cell(v["gate"]),
+                      _likeness_cell(v["quality"], v["gate"]), _gate_cell(v["gate"]),
                       "active" if v["id"] == active_id else "")
     console.print(table)
     # Why a version is not active although newer: the gate's reason, too long for a column.

@@ -55,6 +55,17 @@ def test_versions_lists_newest_first_with_the_active_one(trained: Services) -> N
     assert [row[4] for row in rows] == ["active", ""]
 
 
+def test_versions_shows_a_version_being_scored_as_pending() -> None:
+    """A version stored and not scored yet (its training interrupted in phase scoring) has no
+    likeness record: its likeness read "-", not its scoring's state as README says."""
+    pending = {"status": "pending", "overridden": False}
+    assert cli._likeness_cell(None, pending) == "pending"
+    # Decided without a likeness record (a version from before likeness tracking): nothing.
+    assert cli._likeness_cell(None, {"status": "passed", "overridden": False}) == "-"
+    scored = {"status": "scored", "identity": 0.8, "face_share": 1.0}
+    assert cli._likeness_cell(scored, pending) == "0.800"
+
+
 def test_versions_json_is_what_the_api_answers(trained: Services, client: TestClient) -> None:
     api = client.get("/api/model/versions", headers=ann_headers(trained))
     assert api.status_code == 200
