@@ -1235,6 +1235,23 @@ def test_the_cancel_form_asks_first_and_a_canceled_training_is_told_once(
         assert "Start a new training when you are ready." in ended
 
 
+def test_a_cancel_sent_after_the_training_ended_says_it_had_already_ended(
+        ann: TestClient, svc: Services) -> None:
+    """Without scripts the Train page does not update: a Cancel sent from the page loaded while
+    the training ran, once it had succeeded, said "Training canceled." above "The training
+    succeeded" (nojs review 1)."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    model = svc.repo.get_model_for_user(svc.users.get_by_name(name="ann").id)
+    assert model is not None
+    succeeded = svc.repo.list_trainings(model.id)[0]
+    r = ann.post("/train/cancel", data={"csrf_token": csrf(ann), "training_id": succeeded.id,
+                                         "sure": "1"})
+    page = html.unescape(r.text)
+    assert "Training canceled." not in page
+    assert "The training had already ended (succeeded): nothing to cancel." in page
+
+
 def test_a_running_training_s_page_says_how_to_update_it_without_scripts(
         tmp_path: Path) -> None:
     """Without JavaScript nothing polls: the page said "queued" long after the training ended,
