@@ -770,11 +770,13 @@ def version_activate(request: Request, version_id: str, viewer: FormViewer,
     activated = models.activate(user=viewer.user, version_id=version_id).active
     # The activation made it active; its number comes of the activation's own answer.
     assert activated is not None
-    # Back to the page the form was on (its hidden ``before``), at the version now active:
-    # the newest page, where it went, does not show a version from an older page, so the
-    # user who rolled back saw neither the row nor its "active" badge.
-    return _done(request, f"{_versions_url(_page_before(before))}#v{activated.number}",
-                 f"Version {activated.number} is now active: new pictures use it.")
+    # Back to the page the form was on (its hidden ``before``): the newest page, where it went,
+    # does not show a version from an older page, so the user who rolled back saw neither the
+    # row nor its "active" badge. No #vN fragment: the browser scrolled to the row, the notice
+    # out of sight and not focused (autofocus is skipped then), so the notice says where it is.
+    return _done(request, _versions_url(_page_before(before)),
+                 f"Version {activated.number} is now active: new pictures use it. "
+                 "Its row below is marked active.")
 
 
 @router.get("/versions/{version_id}/weights")
