@@ -1725,6 +1725,34 @@ def test_the_seed_rule_under_a_batch_says_it_wraps_when_it_does(ann: TestClient)
     assert f"seed 7 ({rule}) ·" in page
 
 
+def test_save_the_scale_keeps_what_was_typed_and_generate_keeps_the_version_chosen(
+        ann: TestClient) -> None:
+    """"Save the scale", a button of the Generate form, came back with the prompt, the seed and
+    the count empty (nojs review 5); a Generate with another version than the active one came
+    back with the active one chosen, and so the next Generate used it. Both come back as sent,
+    the version through the paging links and a Delete too."""
+    two_versions(ann)
+    r = ann.post("/model/scale", data={"csrf_token": csrf(ann, "/generate"), "lora_scale": "0.9",
+                                       "prompt": "a hat & a coat", "seed": "7",
+                                       "num_outputs": "3", "version": "1"})
+    page = r.text
+    assert "Scale 0.9 saved" in page
+    assert '>a hat &amp; a coat</textarea>' in page
+    assert re.search(r'<input id="seed" name="seed" type="number"[^>]* value="7">', page)
+    assert re.search(r'<input id="num_outputs"[^>]* value="3">', page)
+    assert '<option value="1" selected>v1</option>' in page
+    r = ann.post("/generate", data={"csrf_token": csrf(ann, "/generate"), "prompt": "p",
+                                    "num_outputs": "1", "version": "1"},
+                 follow_redirects=False)
+    assert r.headers["location"] == "/generate?version=1"
+    page = ann.get(r.headers["location"]).text
+    assert '<option value="1" selected>v1</option>' in page
+    assert '<input type="hidden" name="version" value="1">' in page  # the Delete's form
+    # An address edited by hand to a version there is not: the active one.
+    assert '<option value="2" selected>v2 (active)</option>' in ann.get(
+        "/generate?version=9").text
+
+
 def _button_names(page: str, text: str) -> list[str]:
     """The accessible names of the page's buttons and links that read ``text``: the
     aria-label where there is one, else the text."""

@@ -815,8 +815,12 @@ async def versions_chart(request: Request, viewer: PageViewer) -> Response:
 
 @router.get("/generate")
 def generate_page(request: Request, viewer: PageViewer, before: str | None = None) -> HTMLResponse:
-    return _generate(request, viewer, before=before,
-                     scale=_chosen_scale(request.query_params.get("lora_scale")))
+    query = request.query_params
+    # What the form had after "Save the scale" (?prompt=, ?seed=, ?num_outputs=) and the
+    # version chosen in it (?version=, after a Generate too): shown again as they were.
+    typed = {field: query.get(field, "") for field in _KEPT_FIELDS}
+    return _generate(request, viewer, before=before, scale=_chosen_scale(query.get("lora_scale")),
+                     typed={**typed, "lora_scale": None} if any(typed.values()) else None)
 
 
 def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: float | None,
@@ -839,9 +843,14 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
     pictures = {g.id: stored_pictures(g) for g in history}
     context.setdefault("typed", None)
     context.setdefault("scale_error", None)
+    versions = svc.generation.versions(user=viewer.user)
+    typed = context["typed"]
+    if typed is not None and typed["version"] not in {str(v.number) for v in versions}:
+        typed["version"] = ""  # none (an address edited by hand, a version deleted): the active
+    version = typed["version"] if typed is not None else None
     return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
                       not_ready=svc.generation.not_ready(user=viewer.user),
-                      versions=svc.generation.versions(user=viewer.user),
+                      versions=versions, version=version or None,
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       older=page.older, before=before or None,
@@ -849,17 +858,30 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
                       deleted=request.query_params.get("deleted") == "1",
                       # The paging links keep the scale chosen (a Delete's form too): without
                       # it the slider went back to the saved scale, and so did the next picture.
-                      older_url=_generate_url(before=page.older, scale=scale),
-                      newest_url=_generate_url(before=None, scale=scale),
+                      older_url=_generate_url(before=page.older, scale=scale,
+                                              version=version or None),
+                      newest_url=_generate_url(before=None, scale=scale,
+                                               version=version or None),
                       status_code=status_code, **context)
 
 
-def _generate_url(*, before: str | None, scale: float | None, deleted: bool = False) -> str:
+# The Generate form's fields an address carries back to it (``generate_page``).
+_KEPT_FIELDS = ("prompt", "num_outputs", "seed", "version")
+
+
+def _generate_url(*, before: str | None, scale: float | None, version: str | None = None,
+                  kept: Mapping[str, str | None] | None = None, deleted: bool = False) -> str:
     """The Generate page at the gallery's position ``before`` (None: the newest) with the scale
-    chosen on it (None: the saved one); ``deleted``: saying a generation was deleted."""
+    and the version chosen on it (None: the saved one, the active one) and the form's fields
+    ``kept`` as typed; ``deleted``: saying a generation was deleted."""
     query = [f"before={quote(before, safe='')}"] if before else []
     if scale is not None:
         query.append(f"lora_scale={lora_scale_text(scale)}")
+    if version:
+        query.append(f"version={quote(version, safe='')}")
+    for field, value in (kept or {}).items():
+        if value:
+            query.append(f"{field}={quote(value, safe='')}")
     if deleted:
         query.append("deleted=1")
     return "/generate" + ("?" + "&".join(query) if query else "")
@@ -907,15 +929,15 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
         f" with version {number}" if number is not None else "")
     if made.withheld:
         sentence += f"; {_pictures(len(made.withheld))} withheld by the safety checker"
-    return _done(request, "/generate" if lora_scale is None
-                 else f"/generate?lora_scale={lora_scale_text(lora_scale)}",
+    # With the scale and the version it used: the next Generate uses them again.
+    return _done(request, _generate_url(before=None, scale=lora_scale, version=version),
                  sentence + ": the newest under Your pictures.")
 
 
 @router.post("/generations/{generation_id}/delete")
 def generation_delete(request: Request, viewer: FormViewer, generation_id: str,
                       before: OptionalFormStr = None,
-                      lora_scale: OptionalFormStr = None,
+                      lora_scale: OptionalFormStr = None, version: OptionalFormStr = None,
                       focus: OptionalFormStr = None) -> Response:
     web = _web(request)
     web.services.generation.delete(user=viewer.user, generation_id=generation_id)
@@ -926,7 +948,7 @@ def generation_delete(request: Request, viewer: FormViewer, generation_id: str,
     # "Generation deleted" said: it went to the top, focus on the body, and said nothing.
     anchor = focus if focus and _GALLERY_ANCHOR.fullmatch(focus) else "pictures"
     return _see(_generate_url(before=before or None, scale=_chosen_scale(lora_scale),
-                              deleted=True) + "#" + anchor)
+                              version=version, deleted=True) + "#" + anchor)
 
 
 @router.get("/generations/{generation_id}/{index}.png")
@@ -974,7 +996,10 @@ def model_scale(request: Request, viewer: FormViewer, lora_scale: OptionalFormSt
         if error.code != ErrorCode.INVALID_LORA_SCALE:
             raise
         return refused(out_of_range)
-    return _done(request, "/generate", f"Scale {lora_scale_text(saved.model.lora_scale)} saved: "
+    # The button is in the Generate form: what was typed there is kept, not thrown away.
+    kept = {"prompt": prompt, "num_outputs": num_outputs, "seed": seed}
+    return _done(request, _generate_url(before=None, scale=None, version=version, kept=kept),
+                 f"Scale {lora_scale_text(saved.model.lora_scale)} saved: "
                  "Generate and the API use it from now on.")
 
 
