@@ -147,3 +147,24 @@ def test_save_the_scale_checks_the_scale_but_not_the_prompt(chromium: Any, clien
     page.wait_for_timeout(500)
     assert posts == ["/model/scale"]  # with no prompt
     page.close()
+
+
+def test_the_presets_are_shown_with_scripts_only(chromium: Any, client: TestClient,
+                                                 services: Services) -> None:
+    """Without JavaScript the presets were shown and a click on one did nothing (nojs review
+    3): hidden then; with scripts they are shown and fill the prompt."""
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann")
+    sign_in(client, "ann")
+    html = client.get("/generate").text
+    for scripts in (False, True):
+        page = chromium.new_context(java_script_enabled=scripts).new_page()
+        page.route(f"{BASE}/**", serving(html))
+        page.goto(f"{BASE}/generate")
+        preset = page.get_by_role("button", name="Studio portrait")
+        assert preset.is_visible() is scripts
+        if scripts:
+            preset.click()
+            assert page.get_by_label("What should the picture show?").input_value().startswith(
+                "a studio portrait")
+        page.context.close()

@@ -2864,3 +2864,16 @@ def test_the_form_and_the_cli_read_a_number_alike_by_the_api_s_rules(
                                         "--out", str(tmp_path)])
     assert done.exit_code == 1, done.output
     assert " ".join(done.output.split()) == f"error: {said}"
+
+
+def test_buttons_only_a_script_works_are_hidden_without_scripts(ann: TestClient) -> None:
+    """The presets and the Copy buttons were shown without JavaScript and did nothing (nojs
+    review 3): they are hidden until app.js shows them."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    assert '<fieldset class="presets" data-needs-script hidden>' in ann.get("/generate").text
+    assert ('<button type="button" class="copy secondary" data-needs-script hidden data-copy='
+            in ann.get("/model").text)
+    r = ann.post("/settings/keys", data=key_form(ann, "laptop"))
+    assert ('<button type="button" class="copy secondary" data-needs-script hidden data-copy='
+            in r.text)

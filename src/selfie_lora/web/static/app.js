@@ -266,6 +266,8 @@
       if (!window.confirm(target.dataset.confirm)) e.preventDefault();
     }
   });
+  // The presets and Copy buttons work only here: without scripts they are hidden, dead.
+  document.querySelectorAll("[data-needs-script]").forEach((el) => { el.hidden = false; });
   document.addEventListener("click", (e) => {
     const button = e.target instanceof Element ? e.target.closest("button") : null;
     if (!button) return;
