@@ -2496,8 +2496,12 @@ def test_the_settings_page_deletes_the_account_once_its_name_is_typed(
     assert 'aria-invalid="true"' in field.group(0)
     assert 'data-expect="ann"' in field.group(0)
     assert svc.repo.get_user_by_name("ann") is not None
+    # Without scripts a box to tick, as every other destructive button has (nojs review 9).
+    assert _asks_without_scripts(ann.get("/settings").text, "/settings/delete").startswith(
+        "Yes, delete my account")
+    # The name in another case is the name, as it is to sign in (nojs review 10).
     r = ann.post("/settings/delete", data={"csrf_token": csrf(ann, "/settings"),
-                                           "confirm": "ann"}, follow_redirects=False)
+                                           "confirm": "ANN", "sure": "1"}, follow_redirects=False)
     assert r.status_code == 303, r.text
     assert r.headers["location"] == "/signin"
     # Said there, or a deletion would look like a session that merely ended; once.

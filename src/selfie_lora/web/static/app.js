@@ -262,7 +262,9 @@
       // does not, the form is sent without the "cannot be undone" question, as it deletes
       // nothing; the server's answer says why and puts the focus back in the field.
       const expect = target.querySelector("[data-expect]");
-      if (expect instanceof HTMLInputElement && expect.value !== expect.dataset.expect) return;
+      // In any case, as the server compares it (names are ASCII).
+      if (expect instanceof HTMLInputElement
+          && expect.value.toLowerCase() !== expect.dataset.expect.toLowerCase()) return;
       if (!window.confirm(target.dataset.confirm)) e.preventDefault();
     }
   });
