@@ -2299,6 +2299,11 @@ def test_the_page_upload_is_guarded_like_the_api_upload(tmp_path: Path) -> None:
             r = client.post("/photos/upload", files=photo)
             assert r.status_code == 401  # no session: refused before the body is read
             assert "www-authenticate" not in r.headers
+            # Said as the script says it, with the way back (nojs review 4): it said "sign in
+            # first", its Back to a bare /signin.
+            assert ("Your session has ended: nothing was stored. Sign in again, then send the "
+                    "photos.") in r.text
+            assert '<a href="/signin?next=/photos">Sign in again</a>' in r.text
             sign_in(client, "ann")
             # Over the limit (and the room left for multipart headers): 413, as on the API.
             big = [("files", ("big.jpg", b"\xff" * (1_200_000 + 64 * 1024), "image/jpeg"))]

@@ -335,7 +335,8 @@ def _back_to(request: Request, viewer: Viewer | None, status: int) -> str:
     form's address opened as a page: 405), else the photos (or, signed out, the sign-in
     page)."""
     if viewer is None:
-        return "/signin"
+        # Signed in again, back to the page (a form's: its page).
+        return _signin_url(after_sign_in(request.method, request.url.path, request.url.query))
     if request.method in ("GET", "HEAD") and status != 405:
         return "/photos"
     # As for a form sent: its address is no page to go back to.
@@ -374,6 +375,11 @@ def guard_page(web: Web, request: Request, status: int, code: str, message: str)
     """The error page of a page request the guard refused (a form over its cap, a body that
     stalled, an upload without a session). The guard answers outside SecurityHeaders: the
     headers are set here."""
+    if status == 401:
+        # An upload whose session ended (signed out in another tab): said as the page's script
+        # says it, with the sign-in that comes back to the form's page (the bare "sign in
+        # first" and a Back to /signin did not say the photos were not stored).
+        message = "Your session has ended: nothing was stored. Sign in again, then send the photos."
     return _with_security_headers(web.error_page(request, status, message, code))
 
 
