@@ -348,7 +348,7 @@ def test_a_form_that_succeeded_says_what_it_did_and_that_takes_the_focus(
 
     page.get_by_role("button", name="Train", exact=True).click()
     page.wait_for_load_state()
-    assert focused() == ("done-notice", "Training started: this page follows it."), \
+    assert focused() == ("done-notice", "Training started: its status is below."), \
         server.why(str(focused()))
     if not javascript:
         page.get_by_label("Yes, cancel it: it stops now").check()

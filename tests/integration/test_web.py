@@ -1252,6 +1252,16 @@ def test_a_cancel_sent_after_the_training_ended_says_it_had_already_ended(
     assert "The training had already ended (succeeded): nothing to cancel." in page
 
 
+def test_the_started_notice_does_not_say_the_page_follows_the_training(
+        tmp_path: Path) -> None:
+    """"Training started: this page follows it." stood above the no-script note saying the page
+    does not update by itself (nojs review 8): worded so it is true for both."""
+    with held_training(tmp_path) as (client, _trainer):
+        page = client.get("/train").text  # the page the Start led to, its notice once
+        assert "Training started: its status is below." in page
+        assert "follows it" not in page
+
+
 def test_a_running_training_s_page_says_how_to_update_it_without_scripts(
         tmp_path: Path) -> None:
     """Without JavaScript nothing polls: the page said "queued" long after the training ended,

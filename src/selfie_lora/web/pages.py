@@ -581,7 +581,8 @@ def _private(data: bytes, *, media_type: str) -> Response:
 async def train_start(request: Request, viewer: FormViewer) -> Response:
     web = _web(request)
     await in_thread(lambda: web.services.training.start(user=viewer.user))
-    return _done(request, "/train", "Training started: this page follows it.")
+    # True with scripts (the status updates) and without (it does not: a note says to refresh).
+    return _done(request, "/train", "Training started: its status is below.")
 
 
 @router.post("/train/cancel")
@@ -606,7 +607,7 @@ def train_resume(request: Request, viewer: FormViewer, training_id: FormStr) -> 
     web = _web(request)
     web.services.training.resume(user=viewer.user, training_id=training_id)
     return _done(request, "/train",
-                 "Training resumed from its last checkpoint: this page follows it.")
+                 "Training resumed from its last checkpoint: its status is below.")
 
 
 # ---------------------------------------------------------------------------- versions
