@@ -145,3 +145,20 @@ def test_a_held_version_without_a_score_is_not_drawn_at_likeness_0() -> None:
     legend = ax.get_legend()
     assert legend is not None
     assert HELD_NOT_SCORED in [t.get_text() for t in legend.get_texts()]
+
+
+def test_the_chart_s_legend_covers_no_point() -> None:
+    """The legend sat at lower left in the plot: the points of versions scored 0 were under it
+    (nojs review 11). It is outside the plot area."""
+    points = [ChartPoint(1, 0.0, 0.0, 0.0, 0.0, "held", False),
+              ChartPoint(2, 0.0, 0.0, 0.0, 0.0, "held", False),
+              ChartPoint(3, 0.8, 0.85, 1.0, 1.0, "passed", True)]
+    fig = chart_figure(points, title="likeness", tolerance=0.02)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    legend = ax.get_legend()
+    assert legend is not None
+    box = legend.get_window_extent()
+    plot = ax.get_window_extent()
+    assert box.y1 <= plot.y0 or box.x0 >= plot.x1, (box, plot)
+    assert png_size(render_chart(points, title="likeness", tolerance=0.02)) == CHART_SIZE

@@ -108,7 +108,8 @@ def chart_figure(points: Sequence[ChartPoint], *, title: str, tolerance: float) 
     except ImportError as exc:  # pragma: no cover - the quality extra is part of every install
         raise ConfigError("charts need matplotlib: pip install 'selfie-lora[quality]'") from exc
 
-    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    # Constrained: the legend below the plot (see there) gets its room within the fixed size.
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     xs = [p.number for p in points]
@@ -152,7 +153,8 @@ def chart_figure(points: Sequence[ChartPoint], *, title: str, tolerance: float) 
                                                    steps=[1, 2, 5, 10]))
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    # Below the plot, not in it: at lower left it hid the low scores, the held versions'.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, fontsize=8)
     return fig
 
 
