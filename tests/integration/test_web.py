@@ -1670,7 +1670,7 @@ def test_a_delete_and_the_paging_links_keep_the_scale_chosen(ann: TestClient) ->
                  follow_redirects=False)
     assert r.status_code == 303, r.text
     # Old code: /generate?before=<id>, the scale dropped.
-    assert r.headers["location"] == f"/generate?before={older}&lora_scale=0.5&deleted=1#pictures"
+    assert r.headers["location"] == f"/generate?before={older}&lora_scale=0.5#pictures"
     paged = ann.get(r.headers["location"]).text
     assert '<a href="/generate?lora_scale=0.5" id="newest">' in paged
     assert re.search(r'<input id="lora_scale"[^>]* value="0.5"', paged)
@@ -1679,7 +1679,7 @@ def test_a_delete_and_the_paging_links_keep_the_scale_chosen(ann: TestClient) ->
     assert '<a href="/generate" id="newest">' in plain
     r = ann.post(f"/generations/{older}/delete", data={"csrf_token": csrf(ann)},
                  follow_redirects=False)
-    assert r.headers["location"] == "/generate?deleted=1#pictures"
+    assert r.headers["location"] == "/generate#pictures"
 
 
 def test_the_generate_form_refuses_a_prompt_with_a_bidi_isolate(ann: TestClient) -> None:
@@ -1819,15 +1819,19 @@ def test_a_delete_comes_back_at_the_next_generation_and_says_so(ann: TestClient)
     r = ann.post(f"/generations/{ids[1]}/delete",
                  data={"csrf_token": csrf(ann), "focus": focus[1]}, follow_redirects=False)
     # Old code: /generate, no fragment, no word of the deletion.
-    assert r.headers["location"] == f"/generate?deleted=1#g-{ids[2]}"
+    assert r.headers["location"] == f"/generate#g-{ids[2]}"
     after = ann.get(r.headers["location"]).text
     assert '<p class="notice" role="status" id="deleted-note">Generation deleted.</p>' in after
+    # Once, as every form's notice: it was in the address (&deleted=1), said again on a reload
+    # (nojs review 7); and at the gallery, not again at the top.
+    assert "Generation deleted" not in after.split('id="pictures"')[0]
+    assert "Generation deleted" not in ann.get(r.headers["location"]).text
     assert f'id="g-{ids[2]}"' in after
     # A fragment that is no gallery item's (a forged form) goes to the heading.
     r = ann.post(f"/generations/{ids[0]}/delete",
                  data={"csrf_token": csrf(ann), "focus": "x\r\nSet-Cookie: a=b"},
                  follow_redirects=False)
-    assert r.headers["location"] == "/generate?deleted=1#pictures"
+    assert r.headers["location"] == "/generate#pictures"
 
 
 def test_the_page_s_weights_download_answers_a_range_and_head(ann: TestClient,

@@ -857,7 +857,7 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       older=page.older, before=before or None,
                       pictures=pictures, scale=scale, seed_max=MAX_SEED,
-                      deleted=request.query_params.get("deleted") == "1",
+                      generation_deleted=GENERATION_DELETED,
                       # The paging links keep the scale chosen (a Delete's form too): without
                       # it the slider went back to the saved scale, and so did the next picture.
                       older_url=_generate_url(before=page.older, scale=scale,
@@ -872,10 +872,10 @@ _KEPT_FIELDS = ("prompt", "num_outputs", "seed", "version")
 
 
 def _generate_url(*, before: str | None, scale: float | None, version: str | None = None,
-                  kept: Mapping[str, str | None] | None = None, deleted: bool = False) -> str:
+                  kept: Mapping[str, str | None] | None = None) -> str:
     """The Generate page at the gallery's position ``before`` (None: the newest) with the scale
     and the version chosen on it (None: the saved one, the active one) and the form's fields
-    ``kept`` as typed; ``deleted``: saying a generation was deleted."""
+    ``kept`` as typed."""
     query = [f"before={quote(before, safe='')}"] if before else []
     if scale is not None:
         query.append(f"lora_scale={lora_scale_text(scale)}")
@@ -884,11 +884,11 @@ def _generate_url(*, before: str | None, scale: float | None, version: str | Non
     for field, value in (kept or {}).items():
         if value:
             query.append(f"{field}={quote(value, safe='')}")
-    if deleted:
-        query.append("deleted=1")
     return "/generate" + ("?" + "&".join(query) if query else "")
 
 
+# A Delete's notice (say_done): generate.html shows it at the gallery, where the page lands.
+GENERATION_DELETED = "Generation deleted."
 # Where a Delete puts the page back: a gallery item's id (g-<generation id>) or its heading.
 _GALLERY_ANCHOR = re.compile(r"g-[0-9A-Za-z-]{1,64}|pictures")
 
@@ -947,10 +947,12 @@ def generation_delete(request: Request, viewer: FormViewer, generation_id: str,
     # generation just deleted), not to the newest page, where the user lost their place; with
     # the scale chosen there, which the next Generate uses (not the saved one); at the
     # generation next to the deleted one (the form's ``focus``), which takes the focus, with
-    # "Generation deleted" said: it went to the top, focus on the body, and said nothing.
+    # "Generation deleted" said: it went to the top, focus on the body, and said nothing. Said
+    # once (say_done; generate.html shows it at the gallery), not by the address (&deleted=1),
+    # which said it again on a reload.
     anchor = focus if focus and _GALLERY_ANCHOR.fullmatch(focus) else "pictures"
-    return _see(_generate_url(before=before or None, scale=_chosen_scale(lora_scale),
-                              version=version, deleted=True) + "#" + anchor)
+    return _done(request, _generate_url(before=before or None, scale=_chosen_scale(lora_scale),
+                                        version=version) + "#" + anchor, GENERATION_DELETED)
 
 
 @router.get("/generations/{generation_id}/{index}.png")
