@@ -390,6 +390,10 @@ def test_a_form_posted_after_its_session_ended_leads_back_to_its_page(
         r = client.post(path, data={"csrf_token": "any"}, follow_redirects=False)
         assert r.status_code == 303
         assert r.headers["location"] == (f"/signin?next={page}" if page else "/signin")
+        # Said there, once (nojs review 6): the sign-in page said nothing of why.
+        said = "Your session had ended, so what you sent was not done"
+        assert (said in client.get(r.headers["location"]).text) is (page is not None)
+        assert said not in client.get(r.headers["location"]).text
         r = client.post("/signin", data={"name": "ann", "password": PASSWORD,
                                          "form_token": form_token(client),
                                          **({"next": page} if page else {})},

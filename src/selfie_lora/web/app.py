@@ -40,6 +40,9 @@ from selfie_lora.wiring import Services, session_secret
 # The notice cookie's value for a form that succeeded: this prefix, then what it did
 # (``Web.say_done``); the sign-in page's account-deleted notice is another value.
 DONE_NOTICE = "done:"
+# The notice cookie's value for a form sent after its session ended: the sign-in page says why
+# it is there and that the form was not carried out.
+FORM_NOT_DONE = "form-not-done"
 
 WEB_ROOT = Path(str(files("selfie_lora.web")))
 # No inline script or style anywhere: every script and stylesheet is a file of ours.
@@ -407,7 +410,12 @@ def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
             back = (current.path + (f"?{current.query}" if current.query else "")
                     if current.path.startswith("/") else exc.next_path)
             return Response(status_code=200, headers={"HX-Redirect": _signin_url(back)})
-        return RedirectResponse(_signin_url(exc.next_path), status_code=303)
+        response = RedirectResponse(_signin_url(exc.next_path), status_code=303)
+        if request.method == "POST" and request.url.path != "/signout":
+            # A form whose session ended (signed out in another tab): the sign-in page said
+            # nothing of why it was there, nor that the form was not carried out.
+            web.set_notice_cookie(response, request, FORM_NOT_DONE)
+        return response
     if isinstance(exc, SelfieLoraError) and exc.http_status < 500:
         page = web.error_page(request, exc.http_status, exc.message, str(exc.code))
         if exc.retry_after is not None:

@@ -58,7 +58,7 @@ from selfie_lora.services.likeness import grid_text
 from selfie_lora.services.models import version_number_below
 from selfie_lora.services.ports import MAX_SEED
 from selfie_lora.services.training import UploadResult
-from selfie_lora.web.app import SignInRequired, Viewer, Web
+from selfie_lora.web.app import FORM_NOT_DONE, SignInRequired, Viewer, Web
 from selfie_lora.web.cookies import (
     FORM_COOKIE,
     FORM_MAX_AGE_SECONDS,
@@ -187,8 +187,9 @@ def signin_page(request: Request, next: str | None = None) -> Response:
     # Deleting one's account leads here (settings_delete_account): without a word a deletion
     # looks like a session that merely expired. Said only to the browser that deleted it, by
     # its signed, short-lived notice cookie, once: ?deleted=1 said it to anyone sent the link.
+    notice = web.notice(request)
     page = _signin_form(request, "signin.html", next=_local_target(next),
-                        deleted=web.notice(request) == ACCOUNT_DELETED)
+                        deleted=notice == ACCOUNT_DELETED, not_done=notice == FORM_NOT_DONE)
     web.clear_notice_cookie(page, request)
     return page
 
