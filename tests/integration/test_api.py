@@ -1231,3 +1231,28 @@ def test_version_id_is_set_on_success_and_a_stored_version_shows_as_stored_versi
     done = wait_terminal(client, h, upload(client, h)["training"]["id"])["training"]
     assert done["status"] == "succeeded"
     assert done["version_id"] == done["stored_version_id"] is not None
+
+
+def test_a_database_down_while_the_key_is_checked_is_answered_as_a_route_s_storage_error(
+        settings: Settings, services: Services, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The key is checked by the guard, outside FastAPI's handlers: with the database down every
+    request with a key was answered 500 ``internal_error`` and its StorageError went on up to
+    uvicorn, which logged its ~180-line traceback each time (found in review: a PostgreSQL
+    outage). It is answered as a route's own StorageError is, with one log line."""
+    h = auth(services, "ann")  # a key this process has not seen valid: it is looked up
+    fail_on(monkeypatch, "get_user_by_key_hash")
+    # Raising: an error that escapes the app's handlers fails the request here.
+    with TestClient(create_app(settings, services=services)) as client, \
+            caplog.at_level(logging.ERROR):
+        r = client.get("/api/training/progress", headers=h)
+    assert r.status_code == 500, r.text
+    body = r.json()["error"]
+    assert body["code"] == "storage_error"
+    assert body["message"] == ("the files or records could not be read or written just now; "
+                               "please retry in a moment")
+    [detail] = body["details"]
+    logged = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert len(logged) == 1
+    assert detail["reference"] in logged[0].getMessage()
+    assert "GET /api/training/progress: storage_error" in logged[0].getMessage()

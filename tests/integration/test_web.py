@@ -28,6 +28,7 @@ import itsdangerous
 import pytest
 from fastapi.testclient import TestClient
 
+from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
@@ -2904,3 +2905,29 @@ def test_buttons_only_a_script_works_are_hidden_without_scripts(ann: TestClient)
     r = ann.post("/settings/keys", data=key_form(ann, "laptop"))
     assert ('<button type="button" class="copy secondary" data-needs-script hidden data-copy='
             in r.text)
+
+
+
+def test_a_database_down_while_an_upload_s_session_is_checked_is_an_error_page(
+        web_settings: Settings, svc: Services, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The upload's session is checked by the guard, outside FastAPI's handlers: with the
+    database down the StorageError went on up to uvicorn (a traceback per request) and the
+    page said ``internal_error``. It is the storage error's page, with every page's headers."""
+    with TestClient(create_app(web_settings, services=svc)) as client:
+        sign_in(client, "ann")
+        token = csrf(client)
+        normal = client.get("/photos")
+
+        def down(self: object, *_args: object, **_kwargs: object) -> None:
+            raise StorageError("database error: connection failed: Connection refused")
+
+        monkeypatch.setattr(SqlRepository, "get_session", down)
+        with caplog.at_level(logging.ERROR):
+            r = client.post("/photos/upload", headers={"X-CSRF-Token": token},
+                            files=[("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))])
+    assert r.status_code == 500
+    assert 'data-code="storage_error"' in r.text
+    assert "Connection refused" not in r.text
+    assert r.headers["content-security-policy"] == normal.headers["content-security-policy"]
+    assert len([rec for rec in caplog.records if rec.levelno >= logging.ERROR]) == 1

@@ -203,6 +203,7 @@ def create_app(
         is_page=is_page,
         page=lambda request, status, code, message: guard_page(web, request, status, code,
                                                                message),
+        answer_error=lambda request, exc: _guard_error(request, exc),
     )
     # Outermost: the time of every answer, the guard's refusals included. The routes in the
     # router's order (the app's own, the API's, the pages'), to name the route of an answer
@@ -239,6 +240,12 @@ def create_app(
         if exc.retry_after is not None:
             headers = {"Retry-After": str(exc.retry_after)}
         return error_response(exc.http_status, exc.code, exc.message, exc.details, headers)
+
+    async def _guard_error(request: Request, exc: SelfieLoraError) -> Response:
+        """The guard's lookup failed (the database down): answered as a route's error."""
+        if is_page(request.url.path):  # outside SecurityHeaders: this sets them
+            return await in_thread(lambda: unexpected_page_error(web, request, exc))
+        return await _domain_error(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:

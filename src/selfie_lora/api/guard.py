@@ -19,6 +19,10 @@ JSON error: a browser without scripts showed the JSON itself in place of a page.
 Each of these answers is counted by its code (``record_error``), as the app's own error answers
 are: answered here, they never reach the app's exception handlers.
 
+Any other error of the key's or the cookie's lookup (the database down: ``StorageError``) is
+answered by ``answer_error``, the app's own handler: raised here, outside FastAPI's handlers, it
+was answered 500 ``internal_error`` and uvicorn logged its whole traceback for every request.
+
 Slow request *headers* never reach an ASGI app; ``api.server`` times those out.
 """
 
@@ -39,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.dataset.limits import byte_size
 from selfie_lora.domain.entities import User
-from selfie_lora.errors import AuthError, ErrorCode, ForbiddenError
+from selfie_lora.errors import AuthError, ErrorCode, ForbiddenError, SelfieLoraError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,8 @@ MAX_FORM_BYTES = 32 * 1024  # MAX_PROMPT_CHARS (2000) x 12 and room: test_web se
 # A page's answer to a refusal of the guard: (request, status, code, message) -> the page.
 # Blocking (it may find the session's user): run off the event loop.
 PageAnswer = Callable[[Request, int, ErrorCode, str], Response]
+# The app's answer to an error of the lookup that is not a refusal (the database down).
+ErrorAnswer = Callable[[Request, SelfieLoraError], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,10 @@ class Guard:
                  authenticate_cookie: Callable[[str | None], User] | None = None,
                  record_error: Callable[[str, ErrorCode], None] | None = None,
                  is_page: Callable[[str], bool] | None = None,
-                 page: PageAnswer | None = None) -> None:
+                 page: PageAnswer | None = None,
+                 answer_error: ErrorAnswer | None = None) -> None:
         self._app = app
+        self._answer_error = answer_error
         # A page path's refusals are ``page``'s HTML (without it, or off the pages: JSON).
         self._is_page = is_page
         self._page = page
@@ -119,6 +127,9 @@ class Guard:
                     self._count(path, exc.code)
                     await self._refuse(scope, send, exc.http_status, exc.code, exc.message)
                     return
+                except SelfieLoraError as exc:
+                    await self._fail(scope, send, exc)
+                    return
             scope.setdefault("state", {})["user"] = user
         elif path in WEB_UPLOAD_PATHS and self._authenticate_cookie is not None:
             try:
@@ -127,6 +138,9 @@ class Guard:
                 self._count(path, exc.code)
                 await self._refuse(scope, send, exc.http_status, exc.code, exc.message,
                                    bearer=False)
+                return
+            except SelfieLoraError as exc:
+                await self._fail(scope, send, exc)
                 return
         limit = self._limit_for(path)
         upload = path in UPLOAD_PATHS | WEB_UPLOAD_PATHS
@@ -181,6 +195,19 @@ class Guard:
         response.headers["connection"] = "close"
 
         async def nothing_more() -> Message:  # the body is not read (a Response never asks)
+            return {"type": "http.disconnect"}
+
+        await response(scope, nothing_more, send)
+
+    async def _fail(self, scope: Scope, send: Send, exc: SelfieLoraError) -> None:
+        """The app's answer to an error of the lookup (it logs and counts it, as for a route)."""
+        if self._answer_error is None:
+            raise exc
+        response = await self._answer_error(Request(scope), exc)
+        # The body will not be read: the connection cannot serve another request.
+        response.headers["connection"] = "close"
+
+        async def nothing_more() -> Message:
             return {"type": "http.disconnect"}
 
         await response(scope, nothing_more, send)
