@@ -34,6 +34,8 @@ entry points never see them.
     ├── StorageError                a blob cannot be read or written (storage unreachable,
     │   │                           a full disk, a refused write)
     │   ├── BlobMissingError        the blob is not there: retrying will not bring it back
+    │   ├── DatabaseUnreachableError the database server cannot be reached (down, restarting,
+    │   │                           its connection lost): an outage, waited out
     │   └── StorageFullError        the disk (of the blobs or the database) is full: an
     │                               expected outage, said in one line, over once space is
     │                               freed (HTTP 507)
@@ -330,6 +332,13 @@ class BlobMissingError(StorageError):
     """The store answered, and the blob is not in it. Told apart from the store being away
     because a worker steps away from an outage (the next attempt reads it) but not from a
     photo that is gone (no attempt ever will)."""
+
+
+class DatabaseUnreachableError(StorageError):
+    """The database server could not be reached, or dropped the connection (a restart, a
+    fail-over): an outage, over once it answers again, not a statement it refused. Told apart
+    because a worker waits such an outage out without spending a training's attempts, and says
+    it once, where another database error may be a defect that must still end a training."""
 
 
 class GenerationError(SelfieLoraError):

@@ -24,7 +24,7 @@ from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
-from selfie_lora.errors import StorageError
+from selfie_lora.errors import DatabaseUnreachableError, StorageError
 from selfie_lora.services.layout import photo_key
 from selfie_lora.services.ports import (
     GenerationJob,
@@ -313,6 +313,64 @@ def test_a_database_that_blinks_interrupts_a_training_and_does_not_fail_it(
     assert (final.status, final.attempt, final.recoveries, final.error) == (
         TrainingStatus.SUCCEEDED, 2, 1, None)
     assert len(trainer.jobs) == 2
+
+
+class DatabaseDown(SqlRepository):
+    """The database, but once armed (``fail_in``), from the ``fail_in``-th transaction on the
+    next ``down_for`` transactions fail as with PostgreSQL stopped (refused connections)."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.fail_in = 0
+        self.down_for = 0
+
+    @contextmanager
+    def atomic(self) -> Iterator[SqlRepository]:
+        if self.fail_in > 0:
+            self.fail_in -= 1
+        if self.fail_in == 0 and self.down_for > 0:
+            self.down_for -= 1
+            raise DatabaseUnreachableError("database error: connection failed: Connection "
+                                           "refused")
+        with super().atomic() as tx:
+            yield tx
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["step-away-written", "database-away"])
+def test_database_outages_spend_none_of_a_training_s_attempts(
+        beating: Machine, recorded: bool) -> None:
+    """A PostgreSQL restart made the worker step away, counted as a take-over from a dead worker
+    (the step-away's own write failing too, the worker took it over "from itself"): two routine
+    restarts failed every running training, "interrupted 3 times because the worker running it
+    stopped unexpectedly" (found in review). Outages of the database spend no attempt, whether
+    the step-away could be written or not."""
+    trainer = FakeTrainer(steps=3)
+    svc = beating.worker(trainer)
+    repo = DatabaseDown(svc.engine)
+    worker = beating.training_service(svc, repo)
+    outages = 4  # more than SELFIE_LORA_MAX_ATTEMPTS (3), each before any progress
+
+    def arm(job: TrainingJob) -> None:
+        if len(trainer.jobs) <= outages:
+            # Its start is written, its first step is not (and with the database away, neither
+            # is the step-away).
+            repo.fail_in, repo.down_for = 2, (1 if recorded else 1000)
+    trainer.on_train = arm
+    training_id = queued_for_ann(svc)
+
+    for attempt in range(1, outages + 1):
+        worker.run(training_id, owner="A")
+        repo.down_for = 0  # the database is back
+        waiting = row(svc, training_id)
+        assert (waiting.status, waiting.attempt) == (TrainingStatus.STARTING, attempt)
+        if recorded:
+            assert (waiting.lease_owner, waiting.error) == (None, DATABASE_UNREACHABLE)
+        else:  # its lease runs out (here: ended at once), and the reconciler rings
+            worker.reconcile(dead_owners=("A",))
+    worker.run(training_id, owner="A")
+    final = row(svc, training_id)
+    assert (final.status, final.attempt, final.recoveries, final.error) == (
+        TrainingStatus.SUCCEEDED, outages + 1, 0, None)
 
 
 class ArmingGenerator(FakeGenerator):

@@ -21,7 +21,7 @@ from selfie_lora.adapters.db.migrate import alembic_config, upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.cli import app
 from selfie_lora.config import get_settings
-from selfie_lora.errors import StorageError
+from selfie_lora.errors import DatabaseUnreachableError, StorageError
 from tests.support.backends import POSTGRES_ENV, database_url, fresh_engine
 
 pytest.importorskip("psycopg")
@@ -123,6 +123,19 @@ def test_a_server_that_never_answers_stops_a_command_in_one_line_in_bounded_time
         f"{silent.port}/x) cannot be reached: "), lines
     assert "pw_SECRET" not in result.output
     assert took < 30, took  # the connect timeout (10 s), and not much more
+
+
+def test_a_server_that_refuses_connections_is_an_outage_not_a_refused_statement() -> None:
+    """PostgreSQL stopped: the repository says the database cannot be reached
+    (``DatabaseUnreachableError``), which a worker waits out without spending a training's
+    attempts; it was a StorageError like any statement the database refused."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    repo = SqlRepository(make_engine(f"postgresql+psycopg://u@127.0.0.1:{port}/x"
+                                     "?connect_timeout=2"))
+    with pytest.raises(DatabaseUnreachableError, match="database error: "):
+        repo.get_training("any")
 
 
 def test_a_url_s_own_connect_timeout_wins(silent: SilentServer) -> None:

@@ -31,7 +31,10 @@ counted as a take-over) and the next attempt adopts the remote run, so an outage
 the run nor the version it adds to the destination; one that outlasts ``max_attempts`` fails the
 training and cancels the remote run, as every real failure of a training with a remote run does.
 A database that fails one of the worker's fenced writes (``_holding``) makes it step away the
-same way, whatever the backend: a local training continues from its last checkpoint.
+same way, whatever the backend: a local training continues from its last checkpoint. When the
+database server itself could not be reached (``DatabaseUnreachableError``: down, restarting) that
+step-away spends none of its attempts: the owner is let go (``_leave_for_outage``), or, when the
+database cannot record even that, this worker's next claim counts nothing (``_left_for_room``).
 A full disk (the worker's, the blob store's or the database's: ENOSPC, a quota,
 ``StorageFullError``) is an outage of the machine, not a fault of the training nor of its worker:
 the worker leaves the training to wait for room (``wait_for_room``) without spending one of its
@@ -109,6 +112,7 @@ from selfie_lora.errors import (
     AuthError,
     BlobMissingError,
     ConflictError,
+    DatabaseUnreachableError,
     ErrorCode,
     InvalidInputError,
     LeaseLostError,
@@ -845,6 +849,11 @@ class TrainingService:
                 # What escaped the work after the claim (a read outside the fence, a bug): the
                 # worker steps away now, lease ended and message queued, where the lease was left
                 # to run out with no heartbeat and no message, for the reconciler to find.
+                if isinstance(exc, DatabaseUnreachableError):  # an outage: no traceback
+                    self._step_away(held, _UnreachableError(
+                        exc.message, remote_id=held.remote_id, reason=DATABASE_UNREACHABLE,
+                        outage=True))
+                    return
                 logger.exception("training %s: the worker could not go on with it (%s); "
                                  "stepping away", training_id, type(exc).__name__)
                 reason = (DATABASE_UNREACHABLE if isinstance(exc, StorageError)
@@ -1001,7 +1010,8 @@ class TrainingService:
             claimed = current
             if (training_id in self._left_for_room and current.lease_owner == owner
                     and not lease_is_live(current, self._clock())):
-                # Left here for a full disk that the database could not record: not counted.
+                # Left here for a full disk, or a database outage, that the database could not
+                # record: not counted.
                 claimed = dataclasses.replace(current, lease_owner=None)
             outcome, updated = claim(claimed, owner=owner, now=self._clock(), policy=self.lease)
             if outcome is ClaimOutcome.ENDED:
@@ -1071,7 +1081,8 @@ class TrainingService:
         except StorageError as exc:
             raise _UnreachableError(exc.message, remote_id=held.remote_id,
                                     reason=DATABASE_UNREACHABLE,
-                                    full=isinstance(exc, StorageFullError)) from exc
+                                    full=isinstance(exc, StorageFullError),
+                                    outage=isinstance(exc, DatabaseUnreachableError)) from exc
 
     def _update_held(self, held: _Held, fn: Callable[[Training], Training]) -> Training:
         """``fn`` applied to the training while ``held`` still holds it."""
@@ -1149,6 +1160,26 @@ class TrainingService:
                    "goes on by itself (the end of the outage is logged)", held.training_id,
                    exc.message, held.attempt, gap.total_seconds())
 
+    def _leave_for_outage(self, held: _Held, exc: _UnreachableError) -> None:
+        """Leave a training whose database could not be reached: the next attempt continues it
+        (from its last checkpoint, or adopting its remote run) without spending one of its
+        attempts, the owner let go as a full disk's wait lets it go. Two PostgreSQL restarts
+        failed every training running through them, "interrupted 3 times because the worker
+        running it stopped". Nobody could claim it while the database was away."""
+        def leave(t: Training) -> Training:
+            return dataclasses.replace(step_away(t, self._clock(), reason=exc.reason),
+                                       lease_owner=None)
+
+        if self._try_update_held(held, leave, doing="step away") is None:
+            # Not even that written (the database still away): the lease runs out, the
+            # reconciler rings, and this worker's next claim of it counts nothing (``_claim``).
+            self._left_for_room.add(held.training_id)
+        else:
+            self._ring(held.training_id)
+        logger.warning("training %s: %s (attempt %d); the next attempt continues it without "
+                       "spending one of its attempts", held.training_id, exc.message,
+                       held.attempt)
+
     def _step_away(self, held: _Held, exc: _UnreachableError) -> None:
         """Leave a training while what it needs is unreachable (the database; for a remote run
         that goes on, the trainer's API or the storage of its weights): the next attempt
@@ -1156,6 +1187,9 @@ class TrainingService:
         instead (``_wait_for_room``)."""
         if exc.full:
             self._wait_for_room(held, exc)
+            return
+        if exc.outage:
+            self._leave_for_outage(held, exc)
             return
         # A remote run goes on: the next attempts are spaced (``LeasePolicy.outage_gap``), so
         # that the attempts span an outage of minutes, not the seconds of their retries, before
@@ -1661,12 +1695,14 @@ class _UnreachableError(TrainingInterruptedError):
     ``reason``: a sentence for the training's row."""
 
     def __init__(self, message: str, *, remote_id: str | None, reason: str,
-                 full: bool = False) -> None:
+                 full: bool = False, outage: bool = False) -> None:
         super().__init__(message)
         self.remote_id = remote_id
         self.reason = reason
         # A full disk, not an outage of what the training needs: it waits, not counted.
         self.full = full
+        # The database server could not be reached: not counted either (``_leave_for_outage``).
+        self.outage = outage
 
 
 def _attempt_number(folder: Path) -> int | None:

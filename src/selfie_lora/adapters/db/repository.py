@@ -32,7 +32,9 @@ from sqlalchemy.exc import (
     DataError,
     DBAPIError,
     IntegrityError,
+    InterfaceError,
     NoSuchModuleError,
+    OperationalError,
     SQLAlchemyError,
 )
 from sqlalchemy.orm import Session, sessionmaker
@@ -89,6 +91,7 @@ from selfie_lora.domain.likeness import (
 from selfie_lora.errors import (
     ConfigError,
     ConflictError,
+    DatabaseUnreachableError,
     ErrorCode,
     InvalidInputError,
     StorageError,
@@ -517,6 +520,8 @@ class SqlRepository:
                 # worker says it once and waits (``StorageFullError``), naming the disk.
                 raise StorageFullError(f"database error: {self._full_disk()}: {exc.orig}"
                                        ) from exc
+            if _unreachable(exc):
+                raise DatabaseUnreachableError(f"database error: {exc.orig}") from exc
             # Whatever the driver raised (a lost connection, a fail-over, "database is locked"):
             # its own words, not the statement and parameters sqlalchemy adds to them.
             raise StorageError(f"database error: {exc.orig}") from exc
@@ -1381,3 +1386,18 @@ def _model_values(m: Model) -> dict[str, Any]:
         "active_version_id": m.active_version_id, "created_at": m.created_at,
         "probes": [p.as_dict() for p in m.probes] if m.probes else None,
     }
+
+
+def _unreachable(exc: DBAPIError) -> bool:
+    """Whether ``exc`` says the database server could not be reached or dropped the connection
+    (PostgreSQL down or restarting: refused, reset, "terminating connection due to administrator
+    command"), not that it refused a statement. psycopg's errors carry a SQLSTATE: none for the
+    client's own (a connect that failed, a connection lost), class 08 (connection exception) or
+    57P (the server shutting down). SQLite's ("database is locked") are not outages."""
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, (OperationalError, InterfaceError)) or not hasattr(exc.orig,
+                                                                               "sqlstate"):
+        return False
+    state = getattr(exc.orig, "sqlstate", None)
+    return state is None or str(state).startswith(("08", "57P"))
