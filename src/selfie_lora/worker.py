@@ -63,7 +63,7 @@ from selfie_lora.errors import (
 )
 from selfie_lora.logs import training_context
 from selfie_lora.services.clock import ClockGuard
-from selfie_lora.services.common import Outage
+from selfie_lora.services.common import DatabaseOutages, Outage
 from selfie_lora.services.erasure import AccountEraser
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED, OperationsService
@@ -179,6 +179,18 @@ class Worker:
         # The same for the database refusing a training's claim (a full disk, a lock past its
         # timeout): the claim is the only write of ``run`` it does not step away from.
         self._claim_outage = Outage()
+        # A database outage, said once per loop (its start and its end) where each round
+        # logged a traceback while PostgreSQL was down.
+        self._reconcile_outage = DatabaseOutages("reconciling trainings",
+                                                 retried="retrying later")
+        self._gc_outage = DatabaseOutages("garbage collection",
+                                          retried="it is tried again when next due")
+        self._holds_outage = DatabaseOutages(
+            "settling this machine's erasure holds", retried=f"tried again in "
+            f"{erase_check_seconds:.0f} s")
+        self._erasures_outage = DatabaseOutages(
+            "finishing interrupted account deletions", retried=f"tried again in "
+            f"{erase_check_seconds:.0f} s")
 
     def start(self) -> None:
         self._stop.clear()
@@ -347,17 +359,14 @@ class Worker:
             # by another machine (every worker tries). Without this a killed API server's hold
             # (it answers ``DELETE /api/me``) kept her photos until its next collection pass.
             # A glob of HOME/work when there is none.
-            try:
+            # Logged, not raised: the deletions below must not wait on it.
+            with self._holds_outage.watch(failed="settling this machine's erasure holds "
+                                                 "failed"):
                 self._gc.settle_holds()
-            except Exception:  # the deletions below must not wait on it
-                logger.exception("settling this machine's erasure holds failed; tried again "
-                                 "in %.0f s", self._erase_check_seconds)
-        try:
+        with self._erasures_outage.watch(failed="finishing interrupted account deletions "
+                                                "failed"):
             # Stopped with the worker: it may be waiting on another worker's training.
             self._erasure.finish_pending(stopping=self._stop)
-        except Exception:
-            logger.exception("finishing interrupted account deletions failed; tried again in "
-                             "%.0f s", self._erase_check_seconds)
 
     def collect_garbage(self) -> None:
         """Collect if a collection is due and this worker wins the lease, or (an API server,
@@ -366,16 +375,15 @@ class Worker:
         if self._gc is None or self.clock_skewed:
             # A clock ahead saw fresh blobs past their grace and deleted them.
             return
-        try:
-            if self._threads_wanted:
-                self._gc.run_due(stopping=self._stop)
-            else:
-                self._gc.run_machine_due()
-        except DeploymentMismatchError as exc:
-            # A refusal, not a failure: its message says what to check; no traceback.
-            logger.warning("garbage collection: %s", exc.message)
-        except Exception:
-            logger.exception("garbage collection failed; it is tried again when next due")
+        with self._gc_outage.watch(failed="garbage collection failed"):
+            try:
+                if self._threads_wanted:
+                    self._gc.run_due(stopping=self._stop)
+                else:
+                    self._gc.run_machine_due()
+            except DeploymentMismatchError as exc:
+                # A refusal, not a failure: its message says what to check; no traceback.
+                logger.warning("garbage collection: %s", exc.message)
 
     @property
     def clock_skewed(self) -> bool:
@@ -385,10 +393,10 @@ class Worker:
     def _reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> None:
         if self._clock is not None and not self._clock.check():
             return  # logged by the check, once per episode
-        try:
+        report = None
+        with self._reconcile_outage.watch(failed="reconciling trainings failed"):
             report = self._training.reconcile(dead_owners=dead_owners)
-        except Exception:
-            logger.exception("reconciling trainings failed; retrying later")
+        if report is None:
             return
         if report.enqueued or report.canceled:
             logger.info("reconciled: %d training(s) queued again, %d canceled",

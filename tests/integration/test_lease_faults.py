@@ -8,6 +8,7 @@ likeness gate's decision (the training then succeeds with no error)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ from selfie_lora.services.training import (
     DATABASE_UNREACHABLE,
     STORAGE_UNREACHABLE,
     TrainingService,
+    _Sink,
 )
 from selfie_lora.testing.fakes import (
     FakeGenerator,
@@ -44,6 +46,7 @@ from selfie_lora.testing.fakes import (
     SimulatedCrash,
 )
 from selfie_lora.wiring import Services, build_services, training_defaults
+from selfie_lora.worker import Identity, Worker
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.photos import photo_zip
 
@@ -648,3 +651,56 @@ def test_attempts_in_a_row_that_get_nowhere_still_fail_the_training(machine: Mac
     assert failed.status is TrainingStatus.FAILED
     assert failed.recoveries == 3
     assert len(trainer.jobs) == 3
+
+
+class ReadsDown(SqlRepository):
+    """The database, but while ``down`` its reads of a training and its lease renewals fail
+    as with PostgreSQL stopped."""
+
+    down = False
+
+    def get_training(self, training_id: str, *, for_update: bool = False) -> Training | None:
+        if self.down:
+            raise DatabaseUnreachableError("database error: connection failed: refused")
+        return super().get_training(training_id, for_update=for_update)
+
+    def active_trainings(self) -> Any:
+        if self.down:
+            raise DatabaseUnreachableError("database error: connection failed: refused")
+        return super().active_trainings()
+
+
+def test_a_database_outage_is_said_once_per_loop_and_its_end_once(
+        machine: Machine, caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL down: each reconciler round logged an ERROR with a 140-line traceback, and each
+    running training's cancel check (several a second) a WARNING (found in review: ~870 lines
+    per idle worker in a 40 s outage). Now one WARNING when it begins and one INFO when it ends
+    per loop, the rounds between at DEBUG; an error that is not an outage keeps its traceback."""
+    svc = machine.worker(FakeTrainer())
+    repo = ReadsDown(svc.engine)
+    service = machine.training_service(svc, repo)
+    worker = Worker(training=service, queue=svc.queue, identity=Identity(name="w-test"),
+                    threads=0)
+    training_id = queued_for_ann(svc)
+    held = service._claim(training_id, owner="A", stopping=threading.Event())
+    assert held is not None
+    sink = _Sink(service, held)
+
+    def said(text: str, level: int) -> int:
+        return sum(text in r.getMessage() and r.levelno == level for r in caplog.records)
+
+    with caplog.at_level(logging.DEBUG):
+        repo.down = True
+        for _round in range(3):
+            worker._reconcile()
+            assert sink.cancel_requested() is False
+        repo.down = False
+        worker._reconcile()
+        assert sink.cancel_requested() is False
+    assert said("reconciling trainings: the database cannot be reached", logging.WARNING) == 1
+    assert said("reconciling trainings: the database cannot be reached", logging.DEBUG) == 2
+    assert said("reconciling trainings: the database answers again", logging.INFO) == 1
+    assert said("could not read whether it was canceled", logging.WARNING) == 1
+    assert said("could not read whether it was canceled", logging.DEBUG) == 2
+    assert said(f"training {training_id}: the database answers again", logging.INFO) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -11,12 +12,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from selfie_lora.domain.plan import TrainingDefaults, pin_for_training
-from selfie_lora.errors import InvalidInputError, SelfieLoraError
+from selfie_lora.errors import DatabaseUnreachableError, InvalidInputError, SelfieLoraError
 
 if TYPE_CHECKING:
     from selfie_lora.domain.entities import Model, Training, Version
     from selfie_lora.domain.likeness import VersionLikeness
     from selfie_lora.services.ports import Repository
+
+logger = logging.getLogger(__name__)
 
 # The audit event of an explicit re-pin (ModelService.change): the user's pin from then on.
 REPINNED_EVENT = "trainer_version_changed"
@@ -179,3 +182,34 @@ class Outage:
             self._down = False
             self._changes += 1
             return True
+
+
+class DatabaseOutages:
+    """A loop's failures of the database, said as an outage (``Outage``): the database
+    unreachable (``DatabaseUnreachableError``) is said once at WARNING when it begins, at DEBUG
+    at each retry, and its end once at INFO, where every round logged a traceback while
+    PostgreSQL was down. Any other error keeps its traceback (a defect to see)."""
+
+    def __init__(self, loop: str, *, retried: str) -> None:
+        self._loop = loop  # "reconciling trainings", ...
+        self._retried = retried  # "tried again in 10 s", ...
+        self._outage = Outage()
+
+    @contextmanager
+    def watch(self, *, failed: str) -> Iterator[None]:
+        """Runs the block; an error of it is logged (``failed``: its words when it is not an
+        outage) and not raised."""
+        ticket = self._outage.attempt()
+        try:
+            yield
+        except DatabaseUnreachableError as exc:
+            began = self._outage.begins(ticket=ticket)
+            logger.log(logging.WARNING if began else logging.DEBUG,
+                       "%s: the database cannot be reached (%s); %s (its end is logged)",
+                       self._loop, exc.message, self._retried)
+            return
+        except Exception:
+            logger.exception("%s; %s", failed, self._retried)
+            return
+        if self._outage.ends(ticket=ticket):
+            logger.info("%s: the database answers again", self._loop)

@@ -1705,6 +1705,13 @@ class _UnreachableError(TrainingInterruptedError):
         self.outage = outage
 
 
+def _database_back(outage: Outage, ticket: int, training_id: str) -> None:
+    """A read or a beat of a running training went through: the database outage it said, if
+    any, is over (said once)."""
+    if outage.ends(ticket=ticket):
+        logger.info("training %s: the database answers again", training_id)
+
+
 def _attempt_number(folder: Path) -> int | None:
     prefix, _, number = folder.name.partition("-")
     return int(number) if prefix == "attempt" and number.isdecimal() else None
@@ -1796,6 +1803,9 @@ class _Held:
         self.lost = threading.Event()
         self._done = threading.Event()
         self._cancel_read_at: float | None = None  # time.monotonic() of the last read
+        # The database unreachable while it runs: its cancel checks (several a second) and
+        # heartbeats say so once, and once when it answers again, not at every read.
+        self.database_outage = Outage()
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
@@ -1818,6 +1828,7 @@ class _Held:
         policy = self._service.lease
         while not self._done.wait(policy.heartbeat.total_seconds()):
             now = self._service._clock()
+            ticket = self.database_outage.attempt()
             try:
                 kept = self._service._repo.renew_lease(
                     self.training_id, owner=self.owner, attempt=self.attempt, now=now,
@@ -1825,7 +1836,10 @@ class _Held:
             except SelfieLoraError as exc:
                 # The database is unreachable: try again at the next beat. If it stays away the
                 # lease expires, another worker takes over and this one's writes are refused.
-                logger.warning("training %s: heartbeat failed: %s", self.training_id, exc.message)
+                quiet = (isinstance(exc, DatabaseUnreachableError)
+                         and not self.database_outage.begins(ticket=ticket))
+                logger.log(logging.DEBUG if quiet else logging.WARNING,
+                           "training %s: heartbeat failed: %s", self.training_id, exc.message)
                 continue
             except Exception:
                 # Anything else (a bug, an error nobody translated) is tried again too: a
@@ -1833,6 +1847,7 @@ class _Held:
                 # nobody renews, for another worker to take over while this one still runs it.
                 logger.exception("training %s: heartbeat failed", self.training_id)
                 continue
+            _database_back(self.database_outage, ticket, self.training_id)
             if not kept:
                 self.lost.set()
                 if self._ended():
@@ -2052,14 +2067,20 @@ class _Sink:
                         step, total)
 
     def cancel_requested(self) -> bool:
+        outage = self._held.database_outage
+        ticket = outage.attempt()
         try:
             current = self._service._repo.get_training(self._held.training_id)
         except StorageError as exc:
             # A read that failed loses nothing: the trainer goes on and asks again at its next
             # poll (a database away for longer fails the next write, which steps away).
-            logger.warning("training %s: could not read whether it was canceled: %s",
-                           self._held.training_id, exc.message)
+            quiet = (isinstance(exc, DatabaseUnreachableError)
+                     and not outage.begins(ticket=ticket))
+            logger.log(logging.DEBUG if quiet else logging.WARNING,
+                       "training %s: could not read whether it was canceled: %s",
+                       self._held.training_id, exc.message)
             return False
+        _database_back(outage, ticket, self._held.training_id)
         return current is None or current.cancel_requested or current.status.is_terminal
 
     def interrupted(self) -> bool:
