@@ -647,3 +647,30 @@ def test_a_failed_training_is_logged_once_at_warning(
         time.sleep(0.3)  # and any second line
     failed = failed_lines()
     assert [r.levelname for r in failed] == ["WARNING"], [r.getMessage() for r in failed]
+
+
+def test_readyz_says_each_check_s_outage_once_and_its_end_once(
+        client: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every failed probe logged a WARNING: a load balancer probing every few seconds made each
+    outage a stream of them per process (found in review: 21 lines in a 45 s PostgreSQL outage
+    at a 2 s probe). Now one WARNING per check when it fails, one INFO when it is ok again."""
+    queue = OutageQueue()
+    monkeypatch.setattr(services.operations, "_queue", queue)
+    with caplog.at_level(logging.DEBUG, logger="selfie_lora.services.operations"):
+        for _probe in range(3):
+            assert client.get("/readyz").status_code == 503
+        queue.down = False
+        for _probe in range(2):
+            assert client.get("/readyz").status_code == 200
+        queue.down = True  # another outage: said again
+        assert client.get("/readyz").status_code == 503
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records
+             if r.name == "selfie_lora.services.operations" and r.levelno >= logging.INFO]
+    assert [(level, text.split(" (")[0]) for level, text in lines] == [
+        (logging.WARNING, "not ready: queue: ConnectionError: Error 111 connecting to "
+                          "redis:6379. Connection refused."),
+        (logging.INFO, "ready again: queue ok"),
+        (logging.WARNING, "not ready: queue: ConnectionError: Error 111 connecting to "
+                          "redis:6379. Connection refused."),
+    ]

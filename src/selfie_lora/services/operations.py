@@ -14,6 +14,7 @@ from selfie_lora.errors import (
     describe,
 )
 from selfie_lora.services.clock import SKEWED, ClockGuard
+from selfie_lora.services.common import Outage
 from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.ports import BlobStore, Repository, Telemetry, WorkQueue
 
@@ -72,6 +73,9 @@ class OperationsService:
         # starts (to refuse in one line), and what it starts binds again for library users;
         # the second start is the first one's answer, not a second warning.
         self._decided: tuple[str | None] | None = None
+        # Each check's failures, said once an outage (and its end once): a load balancer
+        # probing every few seconds made every outage a WARNING per probe per process.
+        self._outages = {name: Outage() for name in ("database", "queue", "storage", "clock")}
 
     def bind_deployment(self) -> str | None:
         """A server or worker starting: binds the blob store to this database
@@ -124,6 +128,7 @@ class OperationsService:
         PostgreSQL this machine's clock against the database's ("skewed": past
         SELFIE_LORA_MAX_CLOCK_SKEW_SECONDS, ``services.clock``)."""
         checks, full = {}, set()
+        tickets = {name: outage.attempt() for name, outage in self._outages.items()}
         for name, probe in (("database", self._repo.count_trainings_by_status),
                             ("queue", self._queue.pending),
                             ("storage", self._blobs.check)):
@@ -142,8 +147,14 @@ class OperationsService:
             # pool (its sessions and key checks compare times other machines wrote).
             checks["clock"] = "ok" if self._clock.check() else SKEWED
         readiness = Readiness(checks=checks, full=frozenset(full))
-        if not readiness.ready:
-            logger.warning("not ready: %s", checks)
+        for name, result in checks.items():
+            outage = self._outages[name]
+            if result != "ok":
+                began = outage.begins(ticket=tickets[name])
+                logger.log(logging.WARNING if began else logging.DEBUG,
+                           "not ready: %s: %s (said once until it is ready again)", name, result)
+            elif outage.ends(ticket=tickets[name]):
+                logger.info("ready again: %s ok", name)
         return readiness
 
     def metrics(self) -> tuple[bytes, str]:
