@@ -26,7 +26,8 @@ from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.errors import DatabaseUnreachableError, StorageError
-from selfie_lora.services.layout import photo_key
+from selfie_lora.services.checkpoints import TrainingCheckpoints
+from selfie_lora.services.layout import checkpoint_step, photo_key
 from selfie_lora.services.ports import (
     GenerationJob,
     ProgressSink,
@@ -704,3 +705,58 @@ def test_a_database_outage_is_said_once_per_loop_and_its_end_once(
     assert said("could not read whether it was canceled", logging.DEBUG) == 2
     assert said(f"training {training_id}: the database answers again", logging.INFO) == 1
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+class TakenOverDuringUpload(FileSystemBlobStore):
+    """Blobs on disk, but while a checkpoint of step ``at`` is uploaded its worker is paused
+    (SIGSTOP) past its lease: ``meanwhile`` runs (another worker takes the training over)."""
+
+    at = 30
+    meanwhile: Callable[[], None] | None = None
+
+    def put_file(self, key: str, path: Path) -> None:
+        super().put_file(key, path)
+        if self.meanwhile is not None and checkpoint_step(key) == self.at:
+            run, self.meanwhile = self.meanwhile, None
+            run()
+
+
+class SavesOnceThenCrashes(FakeTrainer):
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        self.jobs.append(job)
+        sink.started(remote_id=None)
+        assert job.checkpoints is not None
+        checkpoint = job.work_dir / "checkpoint"
+        checkpoint.write_bytes(b"the paused attempt's")
+        job.checkpoints.save(checkpoint, step=30)
+        raise SimulatedCrash("stops")
+
+
+def test_a_worker_paused_past_its_lease_deletes_no_checkpoint_of_the_one_that_took_over(
+        machine: Machine, tmp_path: Path) -> None:
+    """A worker stopped (SIGSTOP) while it uploaded a checkpoint went on, once resumed, to delete
+    the training's other checkpoints before it noticed the lease was lost (found in review):
+    every other one, later steps too, so the newer checkpoint of the worker that took over went.
+    The lease is checked again once the upload is done, before anything is deleted."""
+    svc = machine.worker(SavesOnceThenCrashes())
+    blobs = TakenOverDuringUpload(svc.blobs.root)  # type: ignore[attr-defined]
+    paused = TrainingService(repo=svc.repo, blobs=blobs, queue=svc.queue, trainers=svc.trainers,
+                             defaults=lambda: training_defaults(machine.settings),
+                             work_dir=machine.settings.work_dir, likeness=svc.likeness,
+                             lease=machine.settings.lease_policy)
+    training_id = queued_for_ann(svc)
+    newer = tmp_path / "newer"
+    newer.write_bytes(b"the new owner's")
+
+    def taken_over() -> None:
+        svc.training.reconcile(dead_owners=("A",))  # its lease ran out
+        assert svc.training._claim(training_id, owner="B", stopping=threading.Event())
+        TrainingCheckpoints(svc.blobs).keep(training_id, newer, step=40)  # B's checkpoint
+    blobs.meanwhile = taken_over
+
+    with pytest.raises(SimulatedCrash):
+        paused.run(training_id, owner="A")
+    assert blobs.meanwhile is None  # it was paused
+    latest = TrainingCheckpoints(svc.blobs).latest(training_id)
+    assert latest is not None
+    assert latest.step == 40

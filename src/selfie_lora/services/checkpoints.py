@@ -10,6 +10,7 @@ kept: each blob write is atomic, so the other one is deleted only once the new o
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +50,21 @@ class TrainingCheckpoints:
         stored = self._stored(training_id)
         return stored[-1] if stored else None
 
-    def keep(self, training_id: str, path: Path, *, step: int) -> None:
+    def keep(self, training_id: str, path: Path, *, step: int,
+             still_held: Callable[[], None] | None = None) -> None:
         """Store the checkpoint file at ``path`` as the training's newest; every other one goes.
 
         Those of later steps too: an attempt that started over (its checkpoint was unreadable or
         made for another run) stores lower steps than the one it found, and a stale later one
         left behind would stay "latest", so every later attempt would fetch it and start over
-        again until the run got past its step."""
+        again until the run got past its step. ``still_held`` raises, once the new one is stored
+        and before any goes, when the worker no longer holds the training: one stopped (SIGSTOP,
+        a long pause) during the upload past its lease would delete the newer checkpoint of the
+        attempt that took over from it."""
         key = checkpoint_key(training_id, step)
         self._blobs.put_file(key, path)
+        if still_held is not None:
+            still_held()
         for other in self._stored(training_id):
             if other.step != step:
                 self._blobs.delete(other.key)

@@ -1060,6 +1060,17 @@ class TrainingService:
                         updated.attempt, updated.status)
         return _Held(self, updated, owner=owner, stopping=stopping)
 
+    def _keep_checkpoint(self, held: _Held) -> Callable[..., None]:
+        """``TrainingCheckpoints.keep`` for ``held``, its lease checked again between storing the
+        new checkpoint and deleting the others (the upload may take minutes)."""
+        def still_held() -> None:
+            with self._holding(held):
+                pass
+
+        def keep(training_id: str, path: Path, *, step: int) -> None:
+            self._checkpoints.keep(training_id, path, step=step, still_held=still_held)
+        return keep
+
     @contextmanager
     def _holding(self, held: _Held) -> Iterator[tuple[Repository, Training]]:
         """A transaction with the training's row locked, while ``held`` still holds it: the
@@ -1273,7 +1284,7 @@ class TrainingService:
                             training.id, stored.step)
             job = dataclasses.replace(
                 job, resume_from=work_dir / "resume.ckpt" if stored is not None else None,
-                checkpoints=_HeldStore(self, held, keep=self._checkpoints.keep,
+                checkpoints=_HeldStore(self, held, keep=self._keep_checkpoint(held),
                                        what="checkpoint",
                                        resumed_at=stored.step if stored is not None else -1),
                 samples=_HeldStore(self, held, keep=self._samples.keep, what="sample"))
