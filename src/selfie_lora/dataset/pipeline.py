@@ -40,6 +40,7 @@ from selfie_lora.dataset.checks import (
     CheckPolicy,
     PhotoAnalysis,
     SetReport,
+    TrainedPerson,
     analyze_photo,
     check_set,
 )
@@ -427,13 +428,15 @@ def _each_alone(jobs: Sequence[tuple[int, UploadedFile]], *, factory: AnalyzerFa
 def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: CheckPolicy,
                analyzer: FaceAnalyzer, factory: AnalyzerFactory | None = None,
                workers: int = 2, cache: OutcomeCache | None = None,
-               cache_scope: str | None = None) -> IntakeResult:
+               cache_scope: str | None = None,
+               trained: TrainedPerson | None = None) -> IntakeResult:
     """Judge and prepare a set of uploaded photos. Nothing is stored: the caller stores
     ``prepared`` when ``report.trainable``. With a ``factory`` the photos are analysed in
     worker processes, each with the analyzer it builds; else in threads with ``analyzer``.
     With a ``cache``, a photo analysed before (same name, bytes, policy, limits and analyzer)
     is not analysed again, if it was analysed for the same ``cache_scope`` (the user's id:
     one user never gets another's answer, see ``OutcomeCache``); the set checks always run.
+    ``trained``: the person the user's model was trained on, whom the set is compared with.
     ``ConfigError`` (the face tools are not
     installed, say) stops the whole intake."""
     analyzer.ready()
@@ -459,7 +462,7 @@ def run_intake(files: Sequence[UploadedFile], *, limits: UploadLimits, policy: C
     outcomes = sorted([*fresh, *(o for o in known if o is not None)], key=lambda o: o.order)
     failed = [o.finding for o in outcomes if o.finding is not None]
     analyses = [o.analysis for o in outcomes if o.analysis is not None]
-    report = check_set(analyses, policy=policy, unreadable=len(failed))
+    report = check_set(analyses, policy=policy, unreadable=len(failed), trained=trained)
     accepted = set(report.accepted)
     prepared = tuple(o.prepared for o in outcomes
                      if o.analysis is not None and o.analysis.name in accepted

@@ -23,7 +23,7 @@ from selfie_lora.dataset.archive import (
     read_zip,
     uploaded_name,
 )
-from selfie_lora.dataset.checks import AGAINST_THE_SET, CheckPolicy
+from selfie_lora.dataset.checks import AGAINST_THE_SET, CheckPolicy, TrainedPerson
 from selfie_lora.dataset.limits import UploadedFile, UploadLimits
 from selfie_lora.dataset.pipeline import (
     IntakeResult,
@@ -248,12 +248,54 @@ class IntakeService:
         result = run_intake(files, limits=self.limits, policy=policy, analyzer=self._analyzer,
                             factory=self._analyzer_factory, workers=self._workers,
                             cache=self.outcomes,
-                            cache_scope=user.id if user is not None else None)
+                            cache_scope=user.id if user is not None else None,
+                            trained=self._trained_person(user) if user is not None else None)
         report = IntakeReport.from_result(result, notes=findings, target=target,
                                           resolution=resolution)
         self._telemetry.intake_done(seconds=result.seconds, photos=result.images_total,
                                     trainable=report.trainable)
         return report
+
+    def _trained_person(self, user: User) -> TrainedPerson | None:
+        """The person the user's model was trained on: the training photos' faces of its active
+        version (else of its newest version, when none is active), read from the faces the
+        intake stored with that dataset (``reference_key``; the likeness scoring writes the same
+        file for a dataset stored without it). None when the user has no version yet, when the
+        file is not there (a dataset stored before the intake kept the faces, never scored) or
+        cannot be read: the comparison is then skipped rather than decoding every old photo on
+        each upload."""
+        if self._repo_or_none is None or self._blobs_or_none is None:
+            return None
+        model = self._repo.get_model_for_user(user.id)
+        if model is None:
+            return None
+        version = (self._repo.get_version(model.active_version_id)
+                   if model.active_version_id else None)
+        active = version is not None
+        if version is None:
+            newest = self._repo.list_versions(model.id, limit=1)
+            version = newest[0] if newest else None
+        if version is None:
+            return None
+        training = self._repo.get_training(version.training_id)
+        if training is None:
+            return None
+        key = reference_key(training.dataset_id, self._analyzer.model_name)
+        try:
+            if not self._blobs.exists(key):
+                return None
+            stored = json.loads(self._blobs.get(key))
+            embeddings = tuple(tuple(float(v) for v in p["embedding"])
+                               for p in stored["photos"] if p.get("embedding"))
+        except (StorageError, ValueError, KeyError, TypeError) as exc:
+            # Only a comparison more: the upload is judged without it, never refused for it.
+            logger.warning("version %s: its training photos' faces could not be read (%s: %s); "
+                           "the new photos are not compared with them", version.id,
+                           type(exc).__name__, exc)
+            return None
+        if not embeddings:
+            return None
+        return TrainedPerson(version=version.number, embeddings=embeddings, active=active)
 
     # Reading an upload: every file checked for what it is before a photo is decoded (see
     # ``dataset.archive``); the notes are findings about skipped entries.

@@ -7,7 +7,8 @@ alone can tell (no face, several faces, a small, cut-off or low-resolution face,
 exposure, edits, filters).
 
 ``check_set`` judges what only the set can tell: near-duplicates, a different person, how many
-photos there are, how varied they are (pose, framing, lighting, background), and gives one verdict
+photos there are, how varied they are (pose, framing, lighting, background), whether they show
+the person the user's model was trained on (given a :class:`TrainedPerson`), and gives one verdict
 (trainable, a quality word, a 0-100 score and its main reasons).
 
 Every threshold lives in :class:`CheckPolicy`, with what it means and why it has its value. All
@@ -20,7 +21,7 @@ The modules, each importing only from those above it:
 - ``analysis``: the input protocols (:class:`DecodedInput`, :class:`Pixels`,
   :class:`BoxDescriber`) and the result types (:class:`PhotoMetrics`, :class:`FacePatch`,
   :class:`Keypoints`, :class:`PhotoAnalysis`, :class:`SetStats`, :class:`SetReport`,
-  ``Quality``).
+  :class:`TrainedPerson`, ``Quality``).
 - ``measures``: the pixel measurements (sharpness, exposure, colour, skin texture, pose, cut-off,
   background) that make a photo's :class:`PhotoMetrics`.
 - ``duplicates``: perceptual hashes of the photo and of the face patch, and the near-duplicate
@@ -46,15 +47,22 @@ from selfie_lora.dataset.checks.analysis import (
     Quality,
     SetReport,
     SetStats,
+    TrainedPerson,
 )
 from selfie_lora.dataset.checks.measures import gaussian_blur, laplacian_variance, normalized_sharpness
 from selfie_lora.dataset.checks.photo import analyze_photo, classify_software
-from selfie_lora.dataset.checks.photo_set import AGAINST_THE_SET, check_set, describe
+from selfie_lora.dataset.checks.photo_set import (
+    AGAINST_THE_SET,
+    NOT_THE_TRAINED_PERSON,
+    check_set,
+    describe,
+)
 from selfie_lora.dataset.checks.policy import CROP_FACE_FRACTION, CheckPolicy
 
 __all__ = [
     "AGAINST_THE_SET",
     "CROP_FACE_FRACTION",
+    "NOT_THE_TRAINED_PERSON",
     "BoxDescriber",
     "CheckPolicy",
     "DecodedInput",
@@ -66,6 +74,7 @@ __all__ = [
     "Quality",
     "SetReport",
     "SetStats",
+    "TrainedPerson",
     "analyze_photo",
     "check_set",
     "classify_software",

@@ -1,7 +1,7 @@
 """What the checks read and what they give: the input protocols (:class:`DecodedInput`,
 :class:`Pixels`, :class:`BoxDescriber`) and the result types of one photo (:class:`PhotoMetrics`,
 :class:`FacePatch`, :class:`PhotoAnalysis`) and of the set (:class:`SetStats`,
-:class:`SetReport`).
+:class:`SetReport`), and the person a model was trained on (:class:`TrainedPerson`).
 """
 
 from __future__ import annotations
@@ -161,6 +161,19 @@ class PhotoAnalysis:
     @property
     def rejected(self) -> bool:
         return any(f.severity == "reject" for f in self.findings)
+
+
+@dataclass(frozen=True)
+class TrainedPerson:
+    """The person a user's model was trained on, for a retraining's set to be compared with:
+    the version (its number, as the user sees it) and the face embeddings of its training
+    photos (those without a face left out), as the intake stored them."""
+
+    version: int
+    embeddings: tuple[tuple[float, ...], ...]
+    # Whether that version is the active one, which the likeness gate measures a retraining
+    # against (else it is the newest of versions none of which is active).
+    active: bool = True
 
 
 @dataclass(frozen=True)

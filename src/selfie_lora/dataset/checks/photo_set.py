@@ -11,7 +11,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from selfie_lora.dataset.checks.analysis import FloatArray, PhotoAnalysis, Quality, SetReport, SetStats
+from selfie_lora.dataset.checks.analysis import (
+    FloatArray,
+    PhotoAnalysis,
+    Quality,
+    SetReport,
+    SetStats,
+    TrainedPerson,
+)
 from selfie_lora.dataset.checks.duplicates import (
     NEAR_DUPLICATE,
     duplicate_findings,
@@ -27,6 +34,9 @@ DIFFERENT_PERSON = "different_person"
 # The codes of the findings ``check_set`` gives a photo by judging it against the rest of the
 # set, not on its own: a near-duplicate of another photo, a photo of someone else.
 AGAINST_THE_SET = frozenset({NEAR_DUPLICATE, DIFFERENT_PERSON})
+# The code of the finding on a set whose person is not the one the user's model was trained on
+# (``_trained_person``).
+NOT_THE_TRAINED_PERSON = "not_the_trained_person"
 
 
 def _distances(vectors: FloatArray) -> FloatArray:
@@ -180,6 +190,38 @@ def _identity(photos: Sequence[PhotoAnalysis], *, policy: CheckPolicy) -> list[F
     return findings
 
 
+def _trained_person(kept: Sequence[PhotoAnalysis], trained: TrainedPerson, *,
+                    policy: CheckPolicy) -> Finding | None:
+    """The finding of a set whose person is not the one the model was trained on: the median
+    face of the kept photos against the median face of that version's training photos, over
+    the distance at which the set check calls a photo someone else's
+    (``identity_centre_distance``). Medians on both sides, as ``_identity`` takes them: one odd
+    photo on either side does not move them. A warning, not a refusal: the set itself can be
+    trained on, and a user who means the model for this person now (the first training was on
+    the wrong photos) must be able to train it; the likeness gate holds such a version back
+    until the user activates it."""
+    faces = [p.embedding for p in kept if p.embedding is not None]
+    if not faces or not trained.embeddings:
+        return None
+    here = np.median(np.asarray(faces, dtype=np.float64), axis=0)
+    there = np.median(np.asarray(trained.embeddings, dtype=np.float64), axis=0)
+    if here.shape != there.shape:  # another face model's embeddings: not comparable
+        return None
+    distance = float(np.linalg.norm(here - there))
+    if distance <= policy.identity_centre_distance:
+        return None
+    held = ("a retraining on them would be held back by the likeness gate, your model staying "
+            f"at version {trained.version}" if trained.active else
+            "a retraining on them would learn another face")
+    return Finding(
+        "warn", NOT_THE_TRAINED_PERSON,
+        f"these photos do not look like the person your model was trained on (version "
+        f"{trained.version}; distance {distance:.2f}): {held}",
+        "upload photos of the same person; if the model is now meant for this person, train "
+        "anyway and make the new version the active one on the Versions page "
+        "(or selfie-lora activate)")
+
+
 def _spread(values: Sequence[float]) -> float:
     return float(np.std(np.asarray(values, dtype=np.float64)))
 
@@ -300,10 +342,11 @@ def _verdict(*, kept: int, total: int, photo_warned: int, set_findings: Sequence
 
 
 def check_set(analyses: Sequence[PhotoAnalysis], *, policy: CheckPolicy,
-              unreadable: int = 0) -> SetReport:
+              unreadable: int = 0, trained: TrainedPerson | None = None) -> SetReport:
     """Judge the set: near-duplicates and strangers first (they leave the set), then count,
-    variety and the verdict on what is left. ``unreadable``: photos of the upload that could not
-    be decoded (they count as left out in the score)."""
+    variety, whether it shows the person ``trained`` (the user's model, if any) and the verdict
+    on what is left. ``unreadable``: photos of the upload that could not be decoded (they count
+    as left out in the score)."""
     photos = sorted(analyses, key=lambda a: a.order)
     findings: list[Finding] = [f for a in photos for f in a.findings]
     pairs = near_duplicate_pairs(photos, policy=policy)
@@ -359,6 +402,10 @@ def check_set(analyses: Sequence[PhotoAnalysis], *, policy: CheckPolicy,
     variety, stats = _variety(kept, policy=policy)
     if not several:
         set_findings.extend(variety)
+        # With several people there is no one person to compare: the refusal says so first.
+        other = _trained_person(kept, trained, policy=policy) if trained is not None else None
+        if other is not None:
+            set_findings.append(other)
     findings.extend(set_findings)
     trainable = not any(f.severity == "reject" for f in set_findings)
     warned = sum(1 for p in kept if any(f.severity == "warn" and f.photo == p.name
