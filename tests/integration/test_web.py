@@ -1768,6 +1768,56 @@ def test_save_the_scale_keeps_what_was_typed_and_generate_keeps_the_version_chos
         "/generate?version=9").text
 
 
+def test_save_the_scale_keeps_what_was_typed_out_of_the_address_and_the_logs(
+        ann: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    """"Save the scale" carried the prompt, seed and count back in the address
+    (/generate?prompt=...): the access log and the browser's history kept the prompt (review:
+    "No prompt text in the logs"). They come back in a signed one-time cookie, shown once as
+    the notice is; the version, not private, stays in the address. A prompt too long for a
+    cookie is not kept, and the notice says so."""
+    two_versions(ann)
+    prompt = "my secret birthday wish 8d1f"
+    with caplog.at_level(logging.DEBUG):
+        r = ann.post("/model/scale", data={"csrf_token": csrf(ann, "/generate"),
+                                           "lora_scale": "0.9", "prompt": prompt, "seed": "7",
+                                           "num_outputs": "3", "version": "1"},
+                     follow_redirects=False)
+        assert r.status_code == 303
+        location = r.headers["location"]
+        assert location == "/generate?version=1"
+        cookie = r.headers.get_list("set-cookie")
+        assert all(len(c) <= 4096 for c in cookie)
+        assert not any("secret" in c for c in cookie)  # signed and encoded, not plain
+        page = ann.get(location).text
+    assert f">{prompt}</textarea>" in page
+    assert re.search(r'<input id="seed" name="seed" type="number"[^>]* value="7">', page)
+    assert re.search(r'<input id="num_outputs"[^>]* value="3">', page)
+    assert '<option value="1" selected>v1</option>' in page
+    logged = [rec.getMessage() + repr(rec.args) for rec in caplog.records]
+    assert logged  # the capture works: the requests log something
+    assert not [line for line in logged if "secret birthday" in line]
+    # Once: a reload shows the form empty (the version still chosen), as the notice is gone.
+    again = ann.get(location).text
+    assert prompt not in again
+    assert "Scale 0.9 saved" not in again
+    assert re.search(r'<input id="seed" name="seed" type="number"[^>]*>', again)
+    assert not re.search(r'<input id="seed" name="seed" type="number"[^>]* value="7">', again)
+    assert '<option value="1" selected>v1</option>' in again
+    # An address that says a prompt (an old bookmark) is not a way in either.
+    assert "bookmarked" not in ann.get("/generate?prompt=bookmarked").text
+    # 2,000 letters of CJK (the API's limit) do not fit a cookie: the seed is kept, the prompt
+    # not, and the notice says to type it again.
+    long_prompt = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(2000))
+    r = ann.post("/model/scale", data={"csrf_token": csrf(ann, "/generate"),
+                                       "lora_scale": "0.8", "prompt": long_prompt, "seed": "9",
+                                       "num_outputs": "1"}, follow_redirects=False)
+    assert all(len(c) <= 4096 for c in r.headers.get_list("set-cookie"))
+    page = ann.get(r.headers["location"]).text
+    assert "Your prompt was too long to keep here: type or paste it again." in page
+    assert long_prompt not in page
+    assert re.search(r'<input id="seed" name="seed" type="number"[^>]* value="9">', page)
+
+
 def _button_names(page: str, text: str) -> list[str]:
     """The accessible names of the page's buttons and links that read ``text``: the
     aria-label where there is one, else the text."""

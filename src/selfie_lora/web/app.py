@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -33,6 +34,7 @@ from selfie_lora.web.cookies import (
     NOTICE_COOKIE,
     NOTICE_MAX_AGE_SECONDS,
     SESSION_COOKIE,
+    TYPED_COOKIE,
     CookieSigner,
 )
 from selfie_lora.wiring import Services, session_secret
@@ -193,6 +195,27 @@ class Web:
         """Shown once: not again on a reload."""
         if NOTICE_COOKIE in request.cookies:
             self._clear_cookie(response, request, NOTICE_COOKIE)
+
+    def keep_typed(self, response: Response, request: Request, viewer: Viewer,
+                   fields: Mapping[str, str]) -> bool:
+        """``fields`` of a form, as typed, for the page ``response`` leads to, which shows them
+        once (``take_typed``): a signed cookie, as a notice, not the address, which the access
+        log and the browser's history keep. False (nothing kept) when they do not fit one."""
+        value = self.signer.typed_value(viewer.user.id, fields)
+        if value is None:
+            return False
+        self._set_cookie(response, request, TYPED_COOKIE, value, max_age=NOTICE_MAX_AGE_SECONDS)
+        return True
+
+    def take_typed(self, request: Request, viewer: Viewer) -> dict[str, str] | None:
+        """The fields kept by ``keep_typed`` for this viewer, or None (none, forged, too old);
+        ``clear_typed`` on the page that shows them."""
+        return self.signer.typed(request.cookies.get(TYPED_COOKIE), user_id=viewer.user.id)
+
+    def clear_typed(self, response: Response, request: Request) -> None:
+        """Shown once: a reload shows the form empty, as after a Generate."""
+        if TYPED_COOKIE in request.cookies:
+            self._clear_cookie(response, request, TYPED_COOKIE)
 
     def _set_cookie(self, response: Response, request: Request, name: str, value: str, *,
                     max_age: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Mapping
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
@@ -16,6 +17,13 @@ FORM_MAX_AGE_SECONDS = 24 * 3600
 # deleted"), shown once: a query string (/signin?deleted=1) said so to anyone sent the link.
 NOTICE_COOKIE = "sl_notice"
 NOTICE_MAX_AGE_SECONDS = 60
+# What was typed in the Generate form when "Save the scale" was pressed (the prompt, seed and
+# picture count), for the page it leads to, once, as a notice: in the address (?prompt=) it
+# went into the access log and the browser's history.
+TYPED_COOKIE = "sl_typed"
+# Its signed value at most: a browser keeps a cookie of up to 4096 bytes, name and value
+# together (RFC 6265), and drops a bigger one whole.
+TYPED_MAX_CHARS = 3800
 
 class CookieSigner:
     def __init__(self, secret: str, *, max_age_seconds: int) -> None:
@@ -25,6 +33,7 @@ class CookieSigner:
         self._form = URLSafeTimedSerializer(secret, salt="selfie-lora/form")
         self._form_page = URLSafeTimedSerializer(secret, salt="selfie-lora/form-page")
         self._notice = URLSafeTimedSerializer(secret, salt="selfie-lora/notice")
+        self._typed = URLSafeTimedSerializer(secret, salt="selfie-lora/typed")
         self.max_age_seconds = max_age_seconds
 
     def session_value(self, token: str) -> str:
@@ -48,6 +57,28 @@ class CookieSigner:
         """The notice in a notice cookie, or None when it is missing, forged or older than
         NOTICE_MAX_AGE_SECONDS (a redirect's next page comes at once)."""
         return _loads(self._notice, value, max_age=NOTICE_MAX_AGE_SECONDS)
+
+    def typed_value(self, user_id: str, fields: Mapping[str, str]) -> str | None:
+        """A typed cookie's value: ``fields`` for ``user_id`` alone; None when it is longer
+        than TYPED_MAX_CHARS (a long prompt of non-Latin letters: about 1,300 of them)."""
+        value = self._typed.dumps({"user": user_id, "fields": dict(fields)})
+        return value if len(value) <= TYPED_MAX_CHARS else None
+
+    def typed(self, value: str | None, *, user_id: str) -> dict[str, str] | None:
+        """The fields of a typed cookie, or None when it is missing, forged, another user's
+        (a sign-out and in at once) or older than NOTICE_MAX_AGE_SECONDS."""
+        if not value:
+            return None
+        try:
+            loaded = self._typed.loads(value, max_age=NOTICE_MAX_AGE_SECONDS)
+        except BadSignature:  # SignatureExpired is one too
+            return None
+        if not isinstance(loaded, dict) or loaded.get("user") != user_id:
+            return None
+        fields = loaded.get("fields")
+        if not isinstance(fields, dict):
+            return None
+        return {str(k): v for k, v in fields.items() if isinstance(v, str)}
 
     def form_tokens(self, cookie_value: str | None) -> tuple[str, str]:
         """For a form shown before signing in: (its token, the form cookie's new value). The

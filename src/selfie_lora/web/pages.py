@@ -818,12 +818,17 @@ async def versions_chart(request: Request, viewer: PageViewer) -> Response:
 
 @router.get("/generate")
 def generate_page(request: Request, viewer: PageViewer, before: str | None = None) -> HTMLResponse:
+    web = _web(request)
     query = request.query_params
-    # What the form had after "Save the scale" (?prompt=, ?seed=, ?num_outputs=) and the
+    # What the form had after "Save the scale" (its one-time cookie: model_scale) and the
     # version chosen in it (?version=, after a Generate too): shown again as they were.
-    typed = {field: query.get(field, "") for field in _KEPT_FIELDS}
-    return _generate(request, viewer, before=before, scale=_chosen_scale(query.get("lora_scale")),
+    kept = web.take_typed(request, viewer) or {}
+    typed = {field: kept.get(field, "") for field in _KEPT_FIELDS}
+    typed["version"] = query.get("version", "")
+    page = _generate(request, viewer, before=before, scale=_chosen_scale(query.get("lora_scale")),
                      typed={**typed, "lora_scale": None} if any(typed.values()) else None)
+    web.clear_typed(page, request)
+    return page
 
 
 def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: float | None,
@@ -868,23 +873,20 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
                       status_code=status_code, **context)
 
 
-# The Generate form's fields an address carries back to it (``generate_page``).
-_KEPT_FIELDS = ("prompt", "num_outputs", "seed", "version")
+# The Generate form's fields "Save the scale" keeps for the page it leads to, in a one-time
+# cookie (``Web.keep_typed``), never in the address: the access log and the browser's history
+# keep an address, and a prompt is the user's own.
+_KEPT_FIELDS = ("prompt", "num_outputs", "seed")
 
 
-def _generate_url(*, before: str | None, scale: float | None, version: str | None = None,
-                  kept: Mapping[str, str | None] | None = None) -> str:
+def _generate_url(*, before: str | None, scale: float | None, version: str | None = None) -> str:
     """The Generate page at the gallery's position ``before`` (None: the newest) with the scale
-    and the version chosen on it (None: the saved one, the active one) and the form's fields
-    ``kept`` as typed."""
+    and the version chosen on it (None: the saved one, the active one)."""
     query = [f"before={quote(before, safe='')}"] if before else []
     if scale is not None:
         query.append(f"lora_scale={lora_scale_text(scale)}")
     if version:
         query.append(f"version={quote(version, safe='')}")
-    for field, value in (kept or {}).items():
-        if value:
-            query.append(f"{field}={quote(value, safe='')}")
     return "/generate" + ("?" + "&".join(query) if query else "")
 
 
@@ -1001,11 +1003,18 @@ def model_scale(request: Request, viewer: FormViewer, lora_scale: OptionalFormSt
         if error.code != ErrorCode.INVALID_LORA_SCALE:
             raise
         return refused(out_of_range)
-    # The button is in the Generate form: what was typed there is kept, not thrown away.
-    kept = {"prompt": prompt, "num_outputs": num_outputs, "seed": seed}
-    return _done(request, _generate_url(before=None, scale=None, version=version, kept=kept),
-                 f"Scale {lora_scale_text(saved.model.lora_scale)} saved: "
-                 "Generate and the API use it from now on.")
+    sentence = (f"Scale {lora_scale_text(saved.model.lora_scale)} saved: "
+                "Generate and the API use it from now on.")
+    response = _see(_generate_url(before=None, scale=None, version=version))
+    # The button is in the Generate form: what was typed there is kept, not thrown away, in a
+    # one-time cookie (the address put the prompt into the access log and the history).
+    kept = {"prompt": prompt or "", "num_outputs": num_outputs or "", "seed": seed or ""}
+    if any(kept.values()) and not web.keep_typed(response, request, viewer, kept):
+        # Too long for a cookie (a long prompt of non-Latin letters): the rest is kept.
+        web.keep_typed(response, request, viewer, {**kept, "prompt": ""})
+        sentence += " Your prompt was too long to keep here: type or paste it again."
+    web.say_done(response, request, sentence)
+    return response
 
 
 @router.post("/model/scale/default")
