@@ -36,6 +36,7 @@ from selfie_lora.console import (
 )
 from selfie_lora.domain.entities import Finding, GateStatus, Training
 from selfie_lora.domain.lease import lease_is_live
+from selfie_lora.domain.likeness import gate_reason_now
 from selfie_lora.domain.plan import lora_scale_text
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
@@ -1088,6 +1089,7 @@ def compare(
         chart_path = out / "likeness-chart.png"
         _write(grid_path, services.likeness.grid_png(comparison))
         _write(chart_path, services.likeness.chart_png(user=owner))
+        active = services.models.active_version(model=comparison.model)
     va, vb = comparison.a, comparison.b
     table = Table(title=f"version {va.number} (A) against version {vb.number} (B), "
                         f"{_yardstick(comparison)}")
@@ -1119,7 +1121,12 @@ def compare(
         scores.add_row(key, _fmt(ha.get(key)), _fmt(hb.get(key)))
     console.print(scores)
     if vb.gate_reason:
-        console.print(f"gate on version {vb.number}: {vb.gate_status}: {vb.gate_reason}",
+        # The reason is the verdict when B was judged ("... it is active"): after a rollback
+        # it says which version is active now.
+        reason = gate_reason_now(
+            vb.gate_reason, active=active is not None and active.id == vb.id,
+            active_number=active.number if active is not None else None)
+        console.print(f"gate on version {vb.number}: {vb.gate_status}: {reason}",
                       markup=False)
     console.print(f"wrote {grid_path}", markup=False, highlight=False)
     console.print(f"wrote {chart_path}", markup=False, highlight=False)
@@ -1319,13 +1326,16 @@ def versions_cmd(
                       "active" if v["id"] == active_id else "")
     console.print(table)
     # Why a version is not active although newer: the gate's reason, too long for a column.
+    active_number = next((v["number"] for v in found if v["id"] == active_id), None)
     for v in found:
         if v["gate"]["status"] == str(GateStatus.HELD) and v["gate"]["reason"]:
             # One activated against the gate is no longer held back: 'held back' alone read
             # as if it were not in use.
             held = ("held back by the likeness gate, then activated anyway"
                     if v["gate"]["overridden"] else "held back")
-            console.print(f"version {v['number']} {held}: {v['gate']['reason']}",
+            reason = gate_reason_now(v["gate"]["reason"], active=v["id"] == active_id,
+                                     active_number=active_number)
+            console.print(f"version {v['number']} {held}: {reason}",
                           markup=False, highlight=False, soft_wrap=True)
 
 

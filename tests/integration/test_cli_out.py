@@ -324,3 +324,32 @@ def test_generate_makes_another_version_s_pictures_without_activating_it(
                                            "3", "--out", str(tmp_path)])
     assert unknown.exit_code == 1
     assert "no such version: 3" in unknown.output
+
+
+def test_compare_after_a_rollback_does_not_call_version_b_active(trained: Services,
+                                                                 tmp_path: Path) -> None:
+    """The gate's stored reason for version 2 ends 'it is active' (true when it was judged);
+    after a rollback to version 1, compare (and the Versions page) printed it as if it still
+    were. The stored reason is kept; what is shown says which version is active now."""
+    from selfie_lora.web.pages import version_rows
+
+    ann = trained.users.get_by_name(name="ann")
+    stored = trained.models.version(user=ann, version_id="2").gate_reason
+    assert stored is not None
+    assert stored.endswith("it is active"), stored
+    rolled = CliRunner().invoke(cli.app, ["activate", "1", "--user", "ann"])
+    assert rolled.exit_code == 0, rolled.output
+
+    done = CliRunner().invoke(cli.app, ["compare", "--user", "ann", "--out", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    printed = " ".join(done.output.split())
+    assert (f"gate on version 2: passed: {stored} (when it was judged; version 1 is active "
+            "now)") in printed
+    assert trained.models.version(user=ann, version_id="2").gate_reason == stored
+
+    rows = version_rows(trained.models.versions_with_likeness(user=ann),
+                        active_version_id=trained.models.get(user=ann).active_version_id,
+                        photos={})
+    shown = {row["version"].number: row["gate_reason"] for row in rows}
+    assert shown[2] == f"{stored} (when it was judged; version 1 is active now)"
+    assert shown[1] == trained.models.version(user=ann, version_id="1").gate_reason

@@ -332,6 +332,18 @@ def baseline_no_longer_active(reason: str, *, baseline_number: int, active_numbe
         "is active now: you chose it meanwhile)")
 
 
+def gate_reason_now(reason: str, *, active: bool, active_number: int | None) -> str:
+    """A stored gate reason as a page or command shows it today: the reason is the gate's
+    verdict when it judged the version, so one that says the version is (or stays) active reads
+    as now once another version is active (a rollback) or none; it then says so after it. The
+    stored reason itself is kept as the record of the decision."""
+    if active or not reason.endswith(("it is active", "stays active")):
+        return reason
+    now = ("no version is active now" if active_number is None
+           else f"version {active_number} is active now")
+    return f"{reason} (when it was judged; {now})"
+
+
 def decide_gate(
     *,
     candidate: IdentityScores | None,

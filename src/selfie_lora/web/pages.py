@@ -21,7 +21,12 @@ from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.accounts import fold_name
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
-from selfie_lora.domain.likeness import GateMeasure, VersionLikeness, gate_measure
+from selfie_lora.domain.likeness import (
+    GateMeasure,
+    VersionLikeness,
+    gate_measure,
+    gate_reason_now,
+)
 from selfie_lora.domain.plan import (
     LORA_SCALE_MAX,
     LORA_SCALE_MIN,
@@ -624,6 +629,7 @@ def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
     That version is not always the row below (after a held version, a rollback), so the change
     names it: "-0.015 vs v1"."""
     rows = []
+    active_number = next((v.number for v, _ in versions if v.id == active_version_id), None)
     for version, record in versions:
         headline = (record.scores.headline()
                     if record is not None and record.scores is not None else None)
@@ -642,6 +648,11 @@ def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
         rows.append({"version": version, "record": record, "identity": identity,
                      "faces": faces, "delta": delta, "change": change,
                      "active": active_version_id == version.id,
+                     # The gate's reason as of now: "it is active" on a rolled-back version
+                     # says which one is active now.
+                     "gate_reason": gate_reason_now(
+                         version.gate_reason, active=active_version_id == version.id,
+                         active_number=active_number) if version.gate_reason else None,
                      "photos": photos.get(version.id)})
     return rows
 
