@@ -579,7 +579,7 @@ def keys_rotate(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Replace one of the user's API keys: a new one with its name; the old one works for
-    SELFIE_LORA_KEY_ROTATION_GRACE_MINUTES more (revoke it to stop it at once). A key rotated
+    SELFIE_LORA_KEY_ROTATION_GRACE_MINUTES more (revoke it to stop it within a second). A key rotated
     already is refused: only its holder asks again, through the API, with the key itself."""
     with opened(trainers={}, generators={}) as services:
         key, secret = services.users.rotate_key(user=services.users.get_by_name(name=user),
