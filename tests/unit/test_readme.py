@@ -208,6 +208,9 @@ def test_a_newcomer_finds_the_first_steps_before_the_long_sections() -> None:
                     "SELFIE_LORA_MIN_PHOTOS=", "train demo-output/photos --user ann",
                     "versions --user ann", "generate ", "serve"):
         assert command in commands.group(1), command
+    # Each step succeeds in order: the demo's 3 photos pass 'check' only once the minimum is 3.
+    block = commands.group(1)
+    assert block.index("SELFIE_LORA_MIN_PHOTOS=") < block.index("check demo-output/photos")
 
 
 def test_the_readme_names_the_text_a_generated_png_carries() -> None:
