@@ -9,9 +9,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from selfie_lora.dataset.checks.policy import CheckPolicy
 from selfie_lora.domain.entities import GateStatus
 from selfie_lora.domain.likeness import (
     MAX_PROBES,
+    SAME_PERSON_IDENTITY,
     IdentityScores,
     ImageSanity,
     ProbeResult,
@@ -159,8 +161,8 @@ def test_the_gate_also_measures_on_the_active_version_s_own_photos() -> None:
     assert held.status is GateStatus.HELD
     assert held.details["measured_on"] == "baseline_photos"
     assert held.details["on_baseline_photos"]["drop"] == 0.45
-    assert ("identity 0.300 against 0.750 for the active version 1 on the training photos of "
-            "the active version 1, more than the tolerance 0.02") in held.reason
+    assert ("likeness dropped on the training photos of the active version 1: identity 0.300 "
+            "against 0.750 for the active version 1 there, under 0.567") in held.reason
     passed = decide_gate(candidate=scores_of(0.80), baseline=scores_of(0.79), tolerance=0.02,
                          candidate_number=2, baseline_number=1,
                          on_baseline_photos=(scores_of(0.74), scores_of(0.75)))
@@ -174,6 +176,38 @@ def test_the_gate_also_measures_on_the_active_version_s_own_photos() -> None:
                           on_baseline_photos=(scores_of(0.80), scores_of(0.80)))
     assert dropped.status is GateStatus.HELD
     assert "on the training photos of version 2" in dropped.reason
+
+
+def test_on_the_active_version_s_photos_only_losing_the_person_holds() -> None:
+    """The check on the active version's photos asks whether the new version still shows that
+    person, not whether it drifted: a change of look (new photos of the same person) that falls
+    0.18 there passed nowhere before (any drop over 0.02 held it). It holds only when the new
+    version falls under the photo checks' "someone else" line (0.52 apart: 0.567) while the
+    active version is at or above it, and then says the photo sets disagree, not which is wrong
+    (the user may have activated another person's version by hand and be back on their own)."""
+    assert SAME_PERSON_IDENTITY == round(
+        similarity(CheckPolicy().identity_centre_distance), 4) == 0.5667
+    drift = decide_gate(candidate=scores_of(0.85), baseline=scores_of(0.60), tolerance=0.02,
+                        candidate_number=3, baseline_number=2,
+                        on_baseline_photos=(scores_of(0.62), scores_of(0.80)))
+    assert drift.status is GateStatus.PASSED, drift.reason
+    assert drift.details["measured_on"] == "new_photos"
+    assert "still the same person (0.567 or more)" in drift.reason
+    # Neither shows the active version's person well: nothing lost there.
+    both_low = decide_gate(candidate=scores_of(0.85), baseline=scores_of(0.60), tolerance=0.02,
+                           candidate_number=3, baseline_number=2,
+                           on_baseline_photos=(scores_of(0.30), scores_of(0.55)))
+    assert both_low.status is GateStatus.PASSED, both_low.reason
+    held = decide_gate(candidate=scores_of(0.80), baseline=scores_of(0.33), tolerance=0.02,
+                       candidate_number=3, baseline_number=2,
+                       on_baseline_photos=(scores_of(0.301), scores_of(1.0)))
+    assert held.status is GateStatus.HELD
+    assert held.details["measured_on"] == "baseline_photos"
+    assert "may show another person" not in held.reason
+    assert ("identity 0.301 against 1.000 for the active version 2 there, under 0.567"
+            in held.reason)
+    assert "on its own training photos version 3 has 0.800 against 0.330" in held.reason
+    assert "the two photo sets seem to show different people" in held.reason
 
 
 def test_a_version_whose_probe_images_went_bad_is_held_even_without_faces() -> None:

@@ -43,6 +43,15 @@ Embedding = tuple[float, ...]
 SIMILARITY_SCALE = 1.2
 DEFAULT_PROBE_COUNT = 4
 DEFAULT_GATE_TOLERANCE = 0.02
+# "Still the same person", in the gate's similarity units. The photo checks call a face someone
+# else's when it is more than 0.52 from the centre of the set's other faces (``CheckPolicy.
+# identity_centre_distance``, README "Photo checks, measured": no stranger got through, no photo
+# of the person was refused). The gate's identity is the same measure, a probe face's distance to
+# the centre (mean) of the training photos' faces, turned into a similarity: 1 - 0.52 / 1.2 =
+# 0.5667. (A probe without a face counts 0 in the mean, so a version that draws faces half the
+# time falls under it too: it does not show that person either.)
+SAME_PERSON_DISTANCE = 0.52
+SAME_PERSON_IDENTITY = round(1.0 - SAME_PERSON_DISTANCE / SIMILARITY_SCALE, 4)
 
 # Portrait prompts: the face must be visible for an identity score to mean anything.
 PROBE_PROMPTS: tuple[str, ...] = (
@@ -374,7 +383,10 @@ def decide_gate(
     *baseline's* training photos, when those are not the candidate's. Measured only on the new
     photos, the yardstick moves with the person: a retraining on someone else's photos beats the
     active version at resembling that someone. So a candidate that passes on its own photos is
-    also held when its identity there falls more than ``tolerance`` below the baseline's.
+    also held when, on the baseline's photos, it no longer shows the person the baseline shows:
+    its identity there is under ``SAME_PERSON_IDENTITY`` while the baseline's is not, and lower
+    by more than ``tolerance``. A smaller drift there (a change of look, new photos of the same
+    person) does not hold it: those photos are no longer what the user trains on.
     ``details["measured_on"]`` says which photos decided (``NEW_PHOTOS`` or
     ``BASELINE_PHOTOS``), ``details["on_baseline_photos"]`` holds that second comparison.
     """
@@ -422,13 +434,28 @@ def decide_gate(
     details["on_baseline_photos"] = {"after": cand_there.headline(),
                                      "before": base_there.headline(), "drop": drop}
     theirs = f"the training photos of {active}"
-    if drop > tolerance:
+    details["on_baseline_photos"]["same_person_identity"] = SAME_PERSON_IDENTITY
+    if (drop > tolerance and round(cand_there.identity, 4) < SAME_PERSON_IDENTITY
+            <= round(base_there.identity, 4)):
         details["measured_on"] = BASELINE_PHOTOS
+        ours = ""
+        if candidate.identity is not None and baseline.identity is not None:
+            ours_after, ours_before = shown_scores(candidate.identity, baseline.identity,
+                                                   tolerance=tolerance)
+            ours = f"; on its own training photos {v} has {ours_after} against {ours_before}"
+        # Neither set is said to be the wrong one: the user may have activated a version
+        # trained on someone else's photos by hand, and be back on their own now.
         return GateDecision(GateStatus.HELD, (
-            f"likeness dropped: identity {after_text} against "
-            f"{before_text} for {active} on {theirs}, more than the tolerance "
-            f"{tolerance:g} ({v}'s own training photos may show another person); "
-            f"{KEPT_NOT_ACTIVATED}"), details)
+            f"likeness dropped on {theirs}: identity {after_text} against {before_text} for "
+            f"{active} there, under {SAME_PERSON_IDENTITY:.3f}, where the photo checks call a "
+            f"face someone else's, while {active} is at or above it{ours}: the two photo sets "
+            f"seem to show different people; {KEPT_NOT_ACTIVATED}"), details)
+    if drop > tolerance:
+        return GateDecision(GateStatus.PASSED, (
+            f"{first.reason.removesuffix(': it is active')}; on {theirs}, identity "
+            f"{after_text} against {before_text}, lower by more than the tolerance "
+            f"{tolerance:g} but still the same person ({SAME_PERSON_IDENTITY:.3f} or more): "
+            "it is active"), details)
     return GateDecision(GateStatus.PASSED, (
         f"{first.reason.removesuffix(': it is active')}; on {theirs}, identity "
         f"{after_text} against {before_text}, within the tolerance "
