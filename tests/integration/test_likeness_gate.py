@@ -23,7 +23,13 @@ from selfie_lora.api.serializers import comparison_json
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, User, Version
 from selfie_lora.domain.likeness import PROBE_LORA_SCALE, LikenessStatus
 from selfie_lora.errors import AlertDeliveryError, GenerationError
-from selfie_lora.likeness.chart import CHART_SIZE, HELD_NOT_SCORED, chart_figure
+from selfie_lora.likeness.chart import (
+    CHART_SIZE,
+    HELD_NOT_SCORED,
+    chart_figure,
+    chart_inputs,
+    drawn_from,
+)
 from selfie_lora.likeness.grid import grid_size
 from selfie_lora.services import likeness as likeness_module
 from selfie_lora.services import training as training_module
@@ -184,6 +190,33 @@ def test_a_retraining_on_another_person_s_photos_is_held_on_the_active_version_s
     assert alert["after"] == on_active["after"]
     assert alert["before"] == on_active["before"]
     assert "on version 1's training photos" in alert["text"]
+
+
+def test_a_version_held_on_the_active_version_s_photos_shows_that_drop(rig: Rig) -> None:
+    """v2 on another person's photos, held on v1's photos: the Versions page showed "+0.698 vs
+    v1" (its gain on its own photos) beside "held: likeness dropped", and the chart, measured on
+    the newest version's photos, plotted v1 at 0.30 and v2 at 1.00. Both now show the drop the
+    gate decided on, on v1's photos, and say so."""
+    ann = rig.user()
+    rig.train(ann)
+    generator_of(rig).photos = other_person()
+    v2 = rig.train(ann, photos=other_person())
+    assert v2.gate_details["measured_on"] == "baseline_photos"
+    on_active = v2.gate_details["on_baseline_photos"]
+    drop = on_active["after"]["identity"] - on_active["before"]["identity"]
+    rows = version_rows(rig.models.versions_with_likeness(user=ann),
+                        active_version_id=rig.model(ann).active_version_id, photos={})
+    changes = {row["version"].number: row["change"] for row in rows}
+    assert changes == {2: f"{drop:+.3f} vs v1 on v1's photos", 1: None}
+    assert drop < -0.2
+    model = rig.model(ann)
+    points = rig.likeness.chart_points(model)
+    assert points[0].identity is not None
+    assert points[1].identity is not None
+    assert points[1].identity < points[0].identity - 0.2
+    title = f"likeness of {model.trigger_word} across versions, on version 1's training photos"
+    assert drawn_from(rig.likeness.chart_png(user=ann)) == chart_inputs(
+        points, title=title, tolerance=rig.likeness.tolerance)
 
 
 def test_versions_trained_on_the_same_photos_are_compared_once(rig: Rig) -> None:

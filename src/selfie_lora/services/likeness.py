@@ -746,12 +746,20 @@ class LikenessService:
         return png
 
     def chart_points(self, model: Model) -> list[ChartPoint]:
-        """Every version's scores against one yardstick: the training photos of the newest
-        scored version."""
+        """Every version's scores against one yardstick (``_chart``)."""
+        return self._chart(model)[0]
+
+    def _chart(self, model: Model) -> tuple[list[ChartPoint], Version | None]:
+        """Every version's scores against one yardstick, and whose training photos it is: the
+        active version's when it is scored (the likeness the user has: a version held because
+        it no longer shows that person is plotted as the drop the gate saw, not as a gain on
+        its own photos), else the newest scored version's."""
         versions = sorted(self._repo.list_versions(model.id), key=lambda v: v.number)
         records = self.summaries(model)
-        newest = next((v for v in reversed(versions) if _scored(records.get(v.id))), None)
-        reference = self._reference_for(newest) if newest else None
+        scored = [v for v in versions if _scored(records.get(v.id))]
+        yardstick = next((v for v in scored if v.id == model.active_version_id),
+                         scored[-1] if scored else None)
+        reference = self._reference_for(yardstick) if yardstick else None
         points = []
         for v in versions:
             record = records.get(v.id)
@@ -763,17 +771,19 @@ class LikenessService:
                 face_share=s.face_share if s else None, sane_share=s.sane_share if s else None,
                 gate_status=str(v.gate_status), active=v.id == model.active_version_id,
             ))
-        return points
+        return points, yardstick if reference is not None else None
 
     def chart_png(self, *, user: User) -> bytes:
         """The chart of scores across all versions (stored under ``quality/models/``), drawn
         only when what it shows changed: drawing took 150-300 ms at 300 versions, and writing
         it back on every view of the Versions page was an upload per view on S3."""
         model = self._model(user)
-        points = self.chart_points(model)
+        points, yardstick = self._chart(model)
         if not points:
             raise NotFoundError("your model has no version yet")
         title = f"likeness of {model.trigger_word} across versions"
+        if yardstick is not None:
+            title += f", on version {yardstick.number}'s training photos"
         key = chart_key(model.id)
         try:
             stored = self._blobs.get(key)

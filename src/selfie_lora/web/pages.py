@@ -22,6 +22,7 @@ from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.accounts import fold_name
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import (
+    BASELINE_PHOTOS,
     GateMeasure,
     VersionLikeness,
     gate_measure,
@@ -623,11 +624,14 @@ def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
                  active_version_id: str | None,
                  photos: Mapping[str, int]) -> list[dict[str, Any]]:
     """The Versions table, newest first. "Change" is the gate's measure: this version's identity
-    minus the one it was judged against, both scored on this version's photos. Each version's
-    own score is against its own training photos, so two versions trained on different photo
-    sets do not subtract: that difference would show a drop the gate did not see, or hide one.
-    That version is not always the row below (after a held version, a rollback), so the change
-    names it: "-0.015 vs v1"."""
+    minus the one it was judged against, both scored on the photos the gate decided on: this
+    version's, or, when it was held on them (``measured_on`` "baseline_photos"), the training
+    photos of the version it was judged against, which the change then names ("-0.482 vs v1 on
+    v1's photos": on its own photos it may have gained). Each version's own score is against
+    its own training photos, so two versions trained on different photo sets do not subtract:
+    that difference would show a drop the gate did not see, or hide one. That version is not
+    always the row below (after a held version, a rollback), so the change names it: "-0.015 vs
+    v1"."""
     rows = []
     active_number = next((v.number for v, _ in versions if v.id == active_version_id), None)
     for version, record in versions:
@@ -645,6 +649,9 @@ def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
                  else f"{gate[1]:+.3f}")
         change = (None if shown is None
                   else f"{shown} vs v{against}" if isinstance(against, int) else shown)
+        if change is not None and _on_baseline_photos(version.gate_details) is not None:
+            change += f" on v{against}'s photos" if isinstance(against, int) else (
+                " on the photos of the version it was judged against")
         rows.append({"version": version, "record": record, "identity": identity,
                      "faces": faces, "delta": delta, "change": change,
                      "active": active_version_id == version.id,
@@ -657,10 +664,21 @@ def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
     return rows
 
 
+def _on_baseline_photos(details: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The comparison on the judged-against version's training photos, when the gate decided on
+    it (``measured_on`` "baseline_photos"); None otherwise, and for records from before it
+    existed (no ``measured_on``)."""
+    there = details.get("on_baseline_photos")
+    return (there if details.get("measured_on") == BASELINE_PHOTOS and isinstance(there, dict)
+            else None)
+
+
 def _gate_change(details: Mapping[str, Any]) -> tuple[GateMeasure, float] | None:
     """The gate's measure and this version's change in it: the identity, or the face share when
-    the training photos have no face (a version held on that showed no change at all)."""
-    before, after = details.get("before"), details.get("after")
+    the training photos have no face (a version held on that showed no change at all), on the
+    photos the gate decided on."""
+    decided_on = _on_baseline_photos(details) or details
+    before, after = decided_on.get("before"), decided_on.get("after")
     if not isinstance(before, dict) or not isinstance(after, dict):
         return None  # nothing to beat (a first version), or not scored
     measure = gate_measure(before, after)
