@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 from selfie_lora.adapters.alerts.http import HttpAlerter
-from selfie_lora.api.serializers import comparison_json
+from selfie_lora.api.serializers import comparison_json, gate_json
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, User, Version
 from selfie_lora.domain.likeness import PROBE_LORA_SCALE, LikenessStatus
-from selfie_lora.errors import AlertDeliveryError, GenerationError
+from selfie_lora.errors import AlertDeliveryError, GenerationError, StorageError
 from selfie_lora.likeness.chart import (
     CHART_SIZE,
     HELD_NOT_SCORED,
@@ -34,7 +34,7 @@ from selfie_lora.likeness.grid import grid_size
 from selfie_lora.services import likeness as likeness_module
 from selfie_lora.services import training as training_module
 from selfie_lora.services.generation import GenerationRequest, GenerationService
-from selfie_lora.services.layout import chart_key, probe_image_key
+from selfie_lora.services.layout import chart_key, photo_key, probe_image_key
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.ports import GenerationJob, Generator, ProgressBar
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, PhotoGenerator, RecordingAlerter, SimulatedCrash
@@ -217,6 +217,72 @@ def test_a_version_held_on_the_active_version_s_photos_shows_that_drop(rig: Rig)
     title = f"likeness of {model.trigger_word} across versions, on version 1's training photos"
     assert drawn_from(rig.likeness.chart_png(user=ann)) == chart_inputs(
         points, title=title, tolerance=rig.likeness.tolerance)
+
+
+def forget_photos_of(rig: Rig, version: Version) -> tuple[str, ...]:
+    """The keys of ``version``'s training photos, with its analysed reference deleted (so that
+    judging the next version reads the photos again)."""
+    training = rig.repo.get_training(version.training_id)
+    assert training is not None
+    dataset = rig.repo.get_dataset(training.dataset_id)
+    assert dataset is not None
+    for path in (rig.root / "blobs").rglob("*"):
+        if path.is_file() and f"quality/datasets/{dataset.id}" in path.as_posix():
+            path.unlink()
+    return tuple(photo_key(sha) for sha in dataset.photo_hashes)
+
+
+def test_photos_of_the_active_version_that_are_gone_are_said_not_passed_silently(
+        rig: Rig) -> None:
+    """v1's photos deleted for good, v2 trained on another person's: the check on v1's photos
+    was skipped with a warning in the log alone, and v2 passed ("identity 1.000 against 0.302
+    ... on the training photos of version 2") as if it had been made. It still passes on its
+    own photos (no attempt will ever read v1's), but the reason and the gate record say so."""
+    ann = rig.user()
+    v1 = rig.train(ann)
+    for key in forget_photos_of(rig, v1):
+        rig.blobs.delete(key)
+    generator_of(rig).photos = other_person()
+    v2 = rig.train(ann, photos=other_person())
+    assert v2.gate_status is GateStatus.PASSED, v2.gate_reason
+    assert ("not measured on the training photos of the active version 1: the training photos "
+            "of version 1 are gone") in (v2.gate_reason or "")
+    assert "judged on version 2's own training photos alone" in (v2.gate_reason or "")
+    assert "are gone" in gate_json(v2)["baseline_photos_unmeasured"]
+    assert v2.gate_details.get("on_baseline_photos") is None
+
+
+def test_an_outage_reading_the_active_version_s_photos_is_tried_again_never_passed(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The storage fails while v1's photos are read to judge v2 (trained on another person's
+    photos): the gate judged v2 on its own photos alone and it passed. Now the worker steps
+    away and the scoring is tried again: once the storage answers, v2 is held on v1's photos;
+    an outage that outlasts every attempt holds it too."""
+    ann = rig.user()
+    v1 = rig.train(ann)
+    keys = set(forget_photos_of(rig, v1))
+    get = rig.blobs.get
+    failures = {"left": 1}
+
+    def flaky(key: str) -> bytes:
+        if key in keys and failures["left"] > 0:
+            failures["left"] -= 1
+            raise StorageError("the storage did not answer")
+        return get(key)
+
+    monkeypatch.setattr(rig.blobs, "get", flaky)
+    generator_of(rig).photos = other_person()
+    v2 = rig.train(ann, photos=other_person())
+    assert failures["left"] == 0
+    assert v2.gate_status is GateStatus.HELD, v2.gate_reason
+    assert v2.gate_details["measured_on"] == "baseline_photos"
+    assert rig.model(ann).active_version_id == v1.id
+    forget_photos_of(rig, v1)  # analysed while v2 was judged: read again for v3
+    failures["left"] = 10**6  # for good
+    v3 = rig.train(ann, photos=other_person())
+    assert v3.gate_status is GateStatus.HELD, v3.gate_reason
+    assert "its training photos could not be read" in (v3.gate_reason or "")
+    assert rig.model(ann).active_version_id == v1.id
 
 
 def test_versions_trained_on_the_same_photos_are_compared_once(rig: Rig) -> None:

@@ -48,6 +48,8 @@ def gate_json(v: Version) -> dict[str, Any]:
         # active version's own photos, when they are others, is in "on_baseline_photos".
         "measured_on": details.get("measured_on"),
         "on_baseline_photos": details.get("on_baseline_photos"),
+        # Why that second comparison was not made (the active version's photos are gone).
+        "baseline_photos_unmeasured": details.get("baseline_photos_unmeasured"),
         "decided_at": details.get("decided_at"),
         "overridden": override is not None,
         "override": override,

@@ -363,6 +363,7 @@ def decide_gate(
     candidate_error: str | None = None,
     baseline_error: str | None = None,
     on_baseline_photos: tuple[IdentityScores, IdentityScores] | None = None,
+    baseline_photos_unmeasured: str | None = None,
 ) -> GateDecision:
     """Whether a new version replaces the active one. Both scores must have been computed against
     the same reference photos (the service sees to it).
@@ -389,6 +390,9 @@ def decide_gate(
     person) does not hold it: those photos are no longer what the user trains on.
     ``details["measured_on"]`` says which photos decided (``NEW_PHOTOS`` or
     ``BASELINE_PHOTOS``), ``details["on_baseline_photos"]`` holds that second comparison.
+    ``baseline_photos_unmeasured``: why that second comparison could not be made (the
+    baseline's photos are gone for good); the candidate is judged on its own photos alone and
+    the reason and ``details["baseline_photos_unmeasured"]`` say so.
     """
     if not 0.0 <= tolerance <= 1.0:
         raise ValueError("the gate tolerance is a similarity difference, 0..1")
@@ -423,6 +427,12 @@ def decide_gate(
             f"the probe images got worse: {candidate.sane_share:.0%} of {v}'s are sane (not "
             f"blank, saturated or broken) against {baseline.sane_share:.0%} for {active}, a drop "
             f"of more than the tolerance {tolerance:g}; {KEPT_NOT_ACTIVATED}"), details)
+    if baseline_photos_unmeasured is not None:
+        details["baseline_photos_unmeasured"] = baseline_photos_unmeasured
+        return GateDecision(GateStatus.PASSED, (
+            f"{first.reason.removesuffix(': it is active')}; not measured on the training "
+            f"photos of {active}: {baseline_photos_unmeasured}, so judged on {v}'s own "
+            "training photos alone: it is active"), details)
     if on_baseline_photos is None:
         return first
     cand_there, base_there = on_baseline_photos

@@ -71,6 +71,7 @@ from selfie_lora.errors import (
     NoModelError,
     NotFoundError,
     SelfieLoraError,
+    StorageError,
     TrainingInterruptedError,
 )
 from selfie_lora.likeness.chart import ChartPoint, chart_inputs, drawn_from, render_chart
@@ -91,6 +92,17 @@ logger = logging.getLogger(__name__)
 
 CANCELED_REASON = ("version {number}'s training was canceled before the likeness gate decided, "
                    f"so {KEPT_NOT_ACTIVATED}{ACTIVATE_HINT}")
+
+
+class BaselinePhotosUnreadableError(StorageError):
+    """The active version's training photos could not be read while a new version was judged
+    (the storage is away, not the photos gone): the caller tries the scoring again later."""
+
+
+class _PhotosGoneError(Exception):
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
 
 
 @dataclass(frozen=True)
@@ -320,8 +332,26 @@ class LikenessService:
         # Also on the active version's own photos, when the new ones are others: measured on the
         # new photos alone, a retraining on someone else's photos beats the active version at
         # resembling that someone (decide_gate).
-        theirs = (self._reference_for(baseline)
-                  if before is not None and reference is not None else None)
+        theirs = unmeasured = None
+        if before is not None and reference is not None:
+            try:
+                theirs = self._baseline_photos(baseline)
+            except _PhotosGoneError as exc:
+                # Deleted for good, not an outage: no attempt will read them. Judged on the new
+                # photos alone, and the reason says so (decide_gate): never silently.
+                unmeasured = exc.why
+                logger.warning("version %s: %s", version.id, exc.why)
+            except StorageError as exc:
+                if unscorable is None:
+                    # An outage: the scoring is tried again (the training service steps away),
+                    # never judged as if the check had passed.
+                    raise BaselinePhotosUnreadableError(
+                        f"the training photos of version {baseline.number} could not be read "
+                        f"({exc.message})") from exc
+                # Nothing is tried again any more: a drop cannot be ruled out, so it is held.
+                before = None
+                baseline_error = (f"its training photos could not be read ({exc.message}); "
+                                  f"they were not read again: {unscorable}")
         on_theirs = None
         if theirs is not None and reference is not None and not _same_photos(reference, theirs):
             cand_there = self._scores_against(record, theirs)
@@ -332,7 +362,7 @@ class LikenessService:
             candidate=after, baseline=before, tolerance=self.tolerance,
             candidate_number=version.number, baseline_number=baseline.number,
             candidate_error=record.error or "no likeness record", baseline_error=baseline_error,
-            on_baseline_photos=on_theirs,
+            on_baseline_photos=on_theirs, baseline_photos_unmeasured=unmeasured,
         )
         if theirs is not None and "on_baseline_photos" in decision.details:
             decision.details["on_baseline_photos"]["reference_dataset_id"] = theirs.dataset_id
@@ -941,6 +971,26 @@ class LikenessService:
         except SelfieLoraError as exc:
             logger.warning("no reference photos for version %s: %s", version.id, exc.message)
             return None
+
+    def _baseline_photos(self, version: Version) -> Reference:
+        """The face embeddings of ``version``'s training photos, for the gate. Unlike
+        ``_reference_for`` it tells photos gone for good (``_PhotosGoneError``: the training, its
+        dataset or a photo deleted, or not analysable) from an outage (``StorageError``,
+        raised)."""
+        training = self._repo.get_training(version.training_id)
+        if training is None:
+            raise _PhotosGoneError(f"the training of version {version.number} is gone")
+        try:
+            return self.reference(training.dataset_id)
+        except (BlobMissingError, NotFoundError) as exc:
+            raise _PhotosGoneError(f"the training photos of version {version.number} are gone "
+                                   f"({exc.message})") from exc
+        except StorageError:
+            raise
+        except SelfieLoraError as exc:
+            # Photos that cannot be analysed (a damaged file): no attempt will do better.
+            raise _PhotosGoneError(f"the training photos of version {version.number} could "
+                                   f"not be analysed ({exc.message})") from exc
 
     def _scores_against(self, record: VersionLikeness | None,
                         reference: Reference | None) -> IdentityScores | None:

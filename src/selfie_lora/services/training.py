@@ -142,7 +142,11 @@ from selfie_lora.services.common import (
 )
 from selfie_lora.services.intake import IntakeService, PreparedDataset
 from selfie_lora.services.layout import manifest_key, photo_key, weights_key
-from selfie_lora.services.likeness import GateVerdict, LikenessService
+from selfie_lora.services.likeness import (
+    BaselinePhotosUnreadableError,
+    GateVerdict,
+    LikenessService,
+)
 from selfie_lora.services.owners import default_owner
 from selfie_lora.services.ports import (
     BlobStore,
@@ -1493,6 +1497,11 @@ class TrainingService:
             # As a cancel found after the last probe (below): the version is kept, held.
             self._finish_canceled(held, reason="canceled while its version was scored")
             return
+        except BaselinePhotosUnreadableError as exc:
+            # The storage is away: the worker steps away and the next attempt scores it
+            # again (counted, so an endless outage ends in a judging without scores, held).
+            raise _UnreachableError(exc.message, remote_id=None,
+                                    reason=STORAGE_UNREACHABLE) from exc
         alert = None
         with self._holding(held) as (tx, current):
             if current.cancel_requested:
