@@ -285,6 +285,28 @@ def test_an_outage_reading_the_active_version_s_photos_is_tried_again_never_pass
     assert rig.model(ann).active_version_id == v1.id
 
 
+def test_measured_on_is_null_where_nothing_was_compared_and_in_old_records(rig: Rig) -> None:
+    """README's versions row said measured_on is new_photos or baseline_photos; it is null for a
+    first version and for gate records written before it existed, which every reader takes."""
+    ann = rig.user()
+    v1 = rig.train(ann)
+    v2 = rig.train(ann)
+    assert gate_json(v1)["measured_on"] is None
+    assert gate_json(v1)["on_baseline_photos"] is None
+    old = {k: v for k, v in v2.gate_details.items()
+           if k not in ("measured_on", "on_baseline_photos")}
+    rig.repo.set_version_gate(v2.id, status=v2.gate_status, reason=v2.gate_reason or "",
+                              details=old)
+    stored = rig.repo.get_version(v2.id)
+    assert stored is not None
+    assert (gate_json(stored)["measured_on"], gate_json(stored)["on_baseline_photos"]) == (
+        None, None)
+    rows = version_rows(rig.models.versions_with_likeness(user=ann),
+                        active_version_id=rig.model(ann).active_version_id, photos={})
+    drop = old["after"]["identity"] - old["before"]["identity"]
+    assert {r["version"].number: r["change"] for r in rows} == {2: f"{drop:+.3f} vs v1", 1: None}
+
+
 def test_versions_trained_on_the_same_photos_are_compared_once(rig: Rig) -> None:
     ann = rig.user()
     rig.train(ann)
