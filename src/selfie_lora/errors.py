@@ -36,6 +36,8 @@ entry points never see them.
     │   ├── BlobMissingError        the blob is not there: retrying will not bring it back
     │   ├── DatabaseUnreachableError the database server cannot be reached (down, restarting,
     │   │                           its connection lost): an outage, waited out
+    │   ├── BlobStoreUnreachableError the object storage cannot be reached, timed out or
+    │   │                           answered 5xx: an outage, waited out
     │   └── StorageFullError        the disk (of the blobs or the database) is full: an
     │                               expected outage, said in one line, over once space is
     │                               freed (HTTP 507)
@@ -339,6 +341,14 @@ class DatabaseUnreachableError(StorageError):
     fail-over): an outage, over once it answers again, not a statement it refused. Told apart
     because a worker waits such an outage out without spending a training's attempts, and says
     it once, where another database error may be a defect that must still end a training."""
+
+
+class BlobStoreUnreachableError(StorageError):
+    """The object storage could not be reached, did not answer in time, or answered 5xx: an
+    outage, over once it answers again, not a blob missing, a missing bucket or refused keys
+    (those stay plain ``StorageError``s: a setting to fix, which no wait mends). Told apart
+    because a worker waits such an outage out without spending a training's attempts: a blip
+    of seconds used all three of them up in under a second, throwing a finished LoRA away."""
 
 
 class GenerationError(SelfieLoraError):

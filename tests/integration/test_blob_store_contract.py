@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from selfie_lora.adapters.storage import s3 as s3_module
 from selfie_lora.adapters.storage.cache import STALE_FETCH_SECONDS
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
-from selfie_lora.errors import BlobMissingError, StorageError
+from selfie_lora.errors import BlobMissingError, BlobStoreUnreachableError, StorageError
 from selfie_lora.services.layout import is_valid_key
 from tests.support.s3 import S3Server
 
@@ -458,6 +458,9 @@ def test_object_storage_out_of_reach_is_no_missing_blob(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="could not read") as caught:
         away.get("photos/a.jpg")
     assert not isinstance(caught.value, BlobMissingError)
+    # An outage, which a training waits out without spending its attempts (old code: a plain
+    # StorageError, counted like a refused key).
+    assert isinstance(caught.value, BlobStoreUnreachableError)
 
 
 @settings(max_examples=25, deadline=None,
@@ -574,6 +577,8 @@ def test_an_object_storage_error_keeps_s3_s_code_and_message_in_one_line(
             # Old code: '... 403 Forbidden: <?xml version="1.0" encoding="UTF-8"?>', no code.
             assert f"{status} {code}: It said \"{code}\" at length. ({hint}" in said, said
             assert "<?xml" not in said
+            # A 5xx is the storage away (waited out), a 403 a setting to fix (not waited for).
+            assert isinstance(caught.value, BlobStoreUnreachableError) == (status >= 500), said
 
 
 def test_a_missing_bucket_is_named_by_every_call(s3_server: S3Server, tmp_path: Path) -> None:

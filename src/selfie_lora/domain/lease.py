@@ -90,6 +90,13 @@ class LeasePolicy:
             return timedelta(0)
         return self.outage_gaps[min(in_a_row, len(self.outage_gaps) - 1)]
 
+    def storage_outage_gap(self, waits: int) -> timedelta:
+        """How long a local training waits for the object storage after the ``waits``-th wait
+        in a row (0: the first) of its outage (``wait_out``): the outage gaps, never counted."""
+        if not self.outage_gaps:
+            return timedelta(0)
+        return self.outage_gaps[min(waits, len(self.outage_gaps) - 1)]
+
     def full_disk_gap(self, waits: int) -> timedelta:
         """How long a training waits for room after the ``waits``-th wait in a row (0: the
         first) of an outage of the disk."""
@@ -226,6 +233,15 @@ def wait_for_room(t: Training, now: datetime, *, reason: str, hold: timedelta) -
                                                 "remote_id": t.remote_id}}
     return dataclasses.replace(t, lease_owner=None, lease_expires_at=now + hold,
                                heartbeat_at=None, error=reason, metrics=metrics)
+
+
+def wait_out(t: Training, now: datetime, *, reason: str, hold: timedelta) -> Training:
+    """``t`` left by a worker whose object storage could not be reached (``reason``, on
+    ``error``): as ``wait_for_room``, it waits out ``hold`` and is claimed then with no recovery
+    counted (the owner goes: the storage, not the training nor its worker, failed), so an outage
+    of seconds no longer spends its attempts back to back."""
+    return dataclasses.replace(t, lease_owner=None, lease_expires_at=now + hold,
+                               heartbeat_at=None, error=reason)
 
 
 # The key of ``Training.metrics`` that holds when the training's current wait for room began, and

@@ -91,6 +91,7 @@ from selfie_lora.domain.lease import (
     scoring_stops,
     step_away,
     wait_for_room,
+    wait_out,
     wait_text,
     waited_for_room_since,
 )
@@ -111,6 +112,7 @@ from selfie_lora.domain.versions import VERSION_ACTIVATED, holder_of_remote_vers
 from selfie_lora.errors import (
     AuthError,
     BlobMissingError,
+    BlobStoreUnreachableError,
     ConflictError,
     DatabaseUnreachableError,
     ErrorCode,
@@ -179,6 +181,7 @@ INTERRUPTED_BY_ERROR = "the worker running it met an error"
 # ... and one whose worker could not fetch its photos or checkpoint (the blob store away, or
 # this machine's disk full).
 STORAGE_UNREACHABLE = "the stored photos or checkpoint could not be fetched"
+WEIGHTS_NOT_STORED = "the trained LoRA could not be stored"
 LOCAL_DISK_FAILED = "the trained LoRA could not be written on the worker's disk"
 # ... and one whose worker found a disk full: it waits for room, its attempts not spent.
 DISK_FULL = ("a disk of the server is full ({detail}): the training waits for space to be "
@@ -309,6 +312,10 @@ class TrainingService:
         # write goes through again; ``_room_waits`` counts the waits of this outage (the gap).
         self._disk_outage = Outage()
         self._room_waits = 0
+        # The object storage away (``BlobStoreUnreachableError``) for a local training: the
+        # same, its waits spaced by ``LeasePolicy.storage_outage_gap``.
+        self._storage_outage = Outage()
+        self._storage_waits = 0
         # The trainings this worker left for a full disk while the database could not record
         # it (its disk full too): their next claim here counts no recovery either.
         self._left_for_room: set[str] = set()
@@ -1175,6 +1182,37 @@ class TrainingService:
                    "goes on by itself (the end of the outage is logged)", held.training_id,
                    exc.message, held.attempt, gap.total_seconds())
 
+    def _storage_again(self, held: _Held) -> None:
+        """The object storage answered ``held``'s read or write: its outage, if there was one,
+        is over."""
+        if self._storage_outage.ends(ticket=held.storage_ticket):
+            self._storage_waits = 0
+            logger.info("training %s: the object storage answers again; the trainings that "
+                        "waited for it go on", held.training_id)
+
+    def _wait_for_storage(self, held: _Held, exc: _UnreachableError) -> None:
+        """Leave a local training whose object storage could not be reached (its photos or
+        checkpoint not read, its trained LoRA not stored): it waits out a gap that grows
+        (``storage_outage_gap``) and is tried again then, not counted, as a full disk's wait.
+        Re-queued at once and counted, a blip of seconds spent all three attempts in under a
+        second and threw the finished LoRA away. Said once an outage, its end too."""
+        gap = self.lease.storage_outage_gap(self._storage_waits)
+        self._storage_waits += 1
+        reason = f"{exc.reason} (the object storage could not be reached; tried again by itself)"
+
+        def leave(t: Training) -> Training:
+            return wait_out(t, self._clock(), reason=reason, hold=gap)
+
+        if self._try_update_held(held, leave, doing="leave it to wait for the storage") is None:
+            # The database away too: the lease runs out, the reconciler rings, and this
+            # worker's next claim of it counts nothing (``_claim``).
+            self._left_for_room.add(held.training_id)
+        began = self._storage_outage.begins(ticket=held.storage_ticket)
+        logger.log(logging.WARNING if began else logging.DEBUG,
+                   "training %s: %s: %s (attempt %d); it waits without spending its attempts, "
+                   "tried again in %.0f s (the end of the outage is logged)", held.training_id,
+                   exc.reason, exc.message, held.attempt, gap.total_seconds())
+
     def _leave_for_outage(self, held: _Held, exc: _UnreachableError) -> None:
         """Leave a training whose database could not be reached: the next attempt continues it
         (from its last checkpoint, or adopting its remote run) without spending one of its
@@ -1205,6 +1243,10 @@ class TrainingService:
             return
         if exc.outage:
             self._leave_for_outage(held, exc)
+            return
+        if exc.blob_outage and exc.remote_id is None and not held.training.remote_create_started:
+            # A local training (a remote run's output expires: its outage stays counted).
+            self._wait_for_storage(held, exc)
             return
         # A remote run goes on: the next attempts are spaced (``LeasePolicy.outage_gap``), so
         # that the attempts span an outage of minutes, not the seconds of their retries, before
@@ -1282,7 +1324,10 @@ class TrainingService:
                 # reads them, and an outage that lasts ends the training all the same.
                 raise _UnreachableError(exc.message, remote_id=training.remote_id,
                                         reason=STORAGE_UNREACHABLE,
-                                        full=isinstance(exc, StorageFullError)) from exc
+                                        full=isinstance(exc, StorageFullError),
+                                        blob_outage=isinstance(exc, BlobStoreUnreachableError)
+                                        ) from exc
+            self._storage_again(held)
             if stored is not None:
                 logger.info("training %s continues from its checkpoint at step %d",
                             training.id, stored.step)
@@ -1321,9 +1366,12 @@ class TrainingService:
                 # local one resumes from its last checkpoint. An outage that lasts ends the
                 # training after the configured attempts all the same.
                 raise _UnreachableError(exc.message, remote_id=sink.remote_id,
-                                        reason="the trained LoRA could not be stored",
-                                        full=isinstance(exc, StorageFullError)) from exc
+                                        reason=WEIGHTS_NOT_STORED,
+                                        full=isinstance(exc, StorageFullError),
+                                        blob_outage=isinstance(exc, BlobStoreUnreachableError)
+                                        ) from exc
             self._room_again(held)
+            self._storage_again(held)
             self._checkpoints.drop(training.id)
             return True
         except TrainingInterruptedError:
@@ -1715,7 +1763,7 @@ class _UnreachableError(TrainingInterruptedError):
     ``reason``: a sentence for the training's row."""
 
     def __init__(self, message: str, *, remote_id: str | None, reason: str,
-                 full: bool = False, outage: bool = False) -> None:
+                 full: bool = False, outage: bool = False, blob_outage: bool = False) -> None:
         super().__init__(message)
         self.remote_id = remote_id
         self.reason = reason
@@ -1723,6 +1771,9 @@ class _UnreachableError(TrainingInterruptedError):
         self.full = full
         # The database server could not be reached: not counted either (``_leave_for_outage``).
         self.outage = outage
+        # The object storage could not be reached: a local training waits, not counted
+        # (``_wait_for_storage``).
+        self.blob_outage = blob_outage
 
 
 def _database_back(outage: Outage, ticket: int, training_id: str) -> None:
@@ -1820,6 +1871,7 @@ class _Held:
         self.progressed = False
         # The full-disk outage as this attempt found it (``Outage.attempt``).
         self.disk_ticket = service._disk_outage.attempt()
+        self.storage_ticket = service._storage_outage.attempt()
         self.lost = threading.Event()
         self._done = threading.Event()
         self._cancel_read_at: float | None = None  # time.monotonic() of the last read

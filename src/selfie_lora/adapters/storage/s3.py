@@ -36,7 +36,13 @@ from typing import TYPE_CHECKING, BinaryIO
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, BlobCache
 from selfie_lora.adapters.storage.fs import check_key
 from selfie_lora.domain.storage_url import parse_storage_url
-from selfie_lora.errors import BlobMissingError, ConfigError, StorageError, describe
+from selfie_lora.errors import (
+    BlobMissingError,
+    BlobStoreUnreachableError,
+    ConfigError,
+    StorageError,
+    describe,
+)
 from selfie_lora.services.layout import is_valid_key
 from selfie_lora.services.ports import BlobInfo, BlobStream
 
@@ -113,6 +119,18 @@ def s3_reason(exc: BaseException) -> str:
 def _no_such_bucket(exc: BaseException) -> bool:
     code = _CODE.search(str(exc))
     return code is not None and code[1] == "NoSuchBucket"
+
+
+def _outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the storage is away (no answer: refused, reset, timed out; or a 5xx,
+    SlowDown included), not that it refused the request (403 keys, 404, 400): obstore says both
+    as a ``GenericError``, an answer with its ``status code``."""
+    from obstore.exceptions import GenericError
+
+    if type(exc) is not GenericError:  # NotFound, PermissionDenied, Unauthenticated, ...
+        return False
+    status = _STATUS.search(str(exc))
+    return status is None or int(status[1]) >= 500
 
 
 def _modified(value: object) -> datetime:
@@ -345,7 +363,10 @@ class S3BlobStore:
         # as the settings' fault whatever the call (a put's 404 read as a missing object).
         if _no_such_bucket(exc):
             return self._no_bucket()
-        return StorageError(f"object storage could not {action} {key!r}: {s3_reason(exc)}")
+        said = f"object storage could not {action} {key!r}: {s3_reason(exc)}"
+        if _outage(exc):
+            return BlobStoreUnreachableError(said)
+        return StorageError(said)
 
     def _no_bucket(self) -> StorageError:
         # What to do either way: "check the setting" alone left an operator who had set it

@@ -1,0 +1,143 @@
+"""The object storage away for seconds or minutes (unreachable, timing out, answering 5xx:
+``BlobStoreUnreachableError``) is an outage a local training waits out without spending its
+attempts. No network: a file-system store raises what the S3 store raises for an outage."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+from selfie_lora.domain.entities import Training, TrainingStatus
+from selfie_lora.errors import BlobStoreUnreachableError
+from selfie_lora.services.ports import TrainingJob
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.wiring import build_services
+from tests.conftest import make_settings, one_person_analyzer
+from tests.support.photos import photo_zip
+
+
+class AwayStore(FileSystemBlobStore):
+    """The blob store whose storage goes away while ``away``: every read and write fails as
+    the S3 store's do when the endpoint cannot be reached."""
+
+    away = False
+
+    def _out(self, action: str, key: str) -> None:
+        if self.away:
+            raise BlobStoreUnreachableError(
+                f"object storage could not {action} {key!r}: Generic S3 error: error sending "
+                "request")
+
+    def _write(self, key: str, fill: Any, *, if_absent: bool) -> bool:
+        self._out("write", key)
+        return super()._write(key, fill, if_absent=if_absent)
+
+    def get(self, key: str) -> bytes:
+        self._out("read", key)
+        return super().get(key)
+
+    def open(self, key: str, *, start: int = 0, end: int | None = None) -> Any:
+        self._out("read", key)
+        return super().open(key, start=start, end=end)
+
+    def exists(self, key: str) -> bool:
+        self._out("look up", key)
+        return super().exists(key)
+
+    @contextmanager
+    def local_copy(self, key: str) -> Iterator[Path]:
+        self._out("read", key)
+        with super().local_copy(key) as path:
+            yield path
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now_at = datetime.now(UTC)
+
+    def now(self) -> datetime:
+        return self.now_at
+
+    def past(self, t: Training) -> None:
+        assert t.lease_expires_at is not None
+        self.now_at = t.lease_expires_at + timedelta(seconds=1)
+
+
+# Old code: the weights write stepped away and re-queued at once, counted; the next two attempts
+# failed their photo reads within a second and the training failed "after 3 interrupted attempts
+# (the last one: the stored photos or checkpoint could not be fetched)", its LoRA thrown away.
+def test_a_local_training_waits_out_an_object_storage_outage_without_spending_its_attempts(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(tmp_path)
+    blobs = AwayStore(settings.blob_dir)
+
+    def train(job: TrainingJob) -> None:
+        assert job.checkpoints is not None
+        if job.resume_from is None:  # the first attempt stores a checkpoint, then S3 goes
+            ckpt = job.work_dir / "step-2.ckpt"
+            ckpt.write_bytes(b"checkpoint at step 2")
+            job.checkpoints.save(ckpt, step=2)
+            blobs.away = True
+
+    trainer = FakeTrainer(on_train=train)
+    clock = _Clock()
+    services = build_services(settings, trainers={"local": trainer}, blobs=blobs,
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer(), clock=clock.now)
+    try:
+        user, _ = services.users.create(name="ann")
+        started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+        assert started.training is not None
+        training_id = started.training.id
+
+        def training() -> Training:
+            t = services.repo.get_training(training_id)
+            assert t is not None
+            return t
+
+        caplog.set_level(logging.DEBUG, logger="selfie_lora")
+        gaps = []
+        errors = []
+        for _ in range(5):
+            services.training.run(training_id)
+            t = training()
+            assert not t.status.is_terminal, t.error
+            assert t.recoveries == 0
+            assert t.lease_owner is None
+            assert t.lease_expires_at is not None
+            assert t.error is not None
+            errors.append(t.error)
+            gaps.append((t.lease_expires_at - clock.now()).total_seconds())
+            # Waiting: a ring meanwhile claims nothing.
+            services.training.run(training_id)
+            assert training().attempt == t.attempt
+            clock.past(t)
+        assert gaps == [60, 300, 900, 900, 900]
+        # The real cause: the trained LoRA not stored, then the photos not read.
+        assert errors[0].startswith("the trained LoRA could not be stored (the object storage "
+                                    "could not be reached"), errors[0]
+        assert "photos or checkpoint could not be fetched" in errors[1]
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert "waits without spending its attempts" in warnings[0]
+        assert "error sending request" in warnings[0]
+
+        caplog.clear()
+        blobs.away = False
+        services.training.run(training_id)
+        t = training()
+        assert t.status is TrainingStatus.SUCCEEDED, t.error
+        assert t.error is None
+        assert trainer.jobs[-1].resume_from is not None  # from the checkpoint kept
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO
+                and "object storage answers again" in r.getMessage()]
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        services.close()
