@@ -16,10 +16,14 @@ import pytest
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.errors import BlobStoreUnreachableError
+from selfie_lora.services.checkpoints import TrainingCheckpoints
+from selfie_lora.services.common import DatabaseOutages
 from selfie_lora.services.ports import TrainingJob
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
-from selfie_lora.wiring import build_services
+from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
+from tests.integration.test_generation_gallery import _generations
+from tests.support.owners import own_model
 from tests.support.photos import photo_zip
 
 
@@ -50,6 +54,14 @@ class AwayStore(FileSystemBlobStore):
     def exists(self, key: str) -> bool:
         self._out("look up", key)
         return super().exists(key)
+
+    def delete(self, key: str) -> None:
+        self._out("delete", key)
+        super().delete(key)
+
+    def list(self, prefix: str) -> Iterator[Any]:
+        self._out("list", prefix)
+        return super().list(prefix)
 
     @contextmanager
     def local_copy(self, key: str) -> Iterator[Path]:
@@ -141,3 +153,51 @@ def test_a_local_training_waits_out_an_object_storage_outage_without_spending_it
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     finally:
         services.close()
+
+
+def _one_line(caplog: pytest.LogCaptureFixture, text: str) -> None:
+    said = [r for r in caplog.records if text in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    assert said[0].levelno == logging.WARNING
+    assert "error sending request" in said[0].getMessage()  # the storage's own words
+    assert not said[0].exc_info  # old code: a traceback (~45 lines with obstore's)
+
+
+def test_the_garbage_collection_says_an_object_storage_outage_in_one_line(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    # The worker's gc loop (``Worker.collect_garbage``) runs in this watch.
+    loop = DatabaseOutages("garbage collection", retried="tried again when next due")
+    store = AwayStore(tmp_path)
+    store.away = True
+    with caplog.at_level(logging.DEBUG), loop.watch(failed="garbage collection failed"):
+        store.exists("weights/a.safetensors")
+    _one_line(caplog, "garbage collection failed")
+    caplog.clear()
+    # Anything else keeps its traceback: a defect.
+    with caplog.at_level(logging.DEBUG), loop.watch(failed="garbage collection failed"):
+        raise RuntimeError("a bug")
+    assert [r.exc_info for r in caplog.records if r.levelno == logging.ERROR]
+
+
+def test_checkpoints_not_deleted_in_an_object_storage_outage_say_so_in_one_line(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    store = AwayStore(tmp_path)
+    store.put("checkpoints/t1/step-00000002.ckpt", b"c")
+    store.away = True
+    with caplog.at_level(logging.DEBUG):
+        TrainingCheckpoints(store).drop("t1")
+    _one_line(caplog, "could not delete its checkpoints")
+
+
+def test_a_picture_not_deleted_in_an_object_storage_outage_says_so_in_one_line(
+        client: Any, services: Services, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    own_model(client, services, "ann")
+    [generation_id] = _generations(services, "ann", 1)
+    store = AwayStore(Path("/nonexistent"))
+    store.away = True
+    monkeypatch.setattr(services.generation, "_blobs", store)
+    with caplog.at_level(logging.DEBUG):
+        services.generation.delete(user=services.users.get_by_name(name="ann"),
+                                   generation_id=generation_id)
+    _one_line(caplog, "not deleted, left to the garbage collection")

@@ -15,7 +15,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfie_lora.errors import BlobMissingError, StorageError
+from selfie_lora.errors import BlobMissingError, StorageError, describe
 from selfie_lora.logs import training_context
 from selfie_lora.services.layout import checkpoint_key, checkpoint_prefix, checkpoint_step
 from selfie_lora.services.ports import BlobStore
@@ -122,7 +122,9 @@ class TrainingCheckpoints:
         try:
             for stored in self._stored(training_id):
                 self._blobs.delete(stored.key)
-        except Exception:
+        except Exception as exc:
             with training_context(training_id):  # the collector runs outside any training
-                logger.warning("training %s: could not delete its checkpoints", training_id,
-                               exc_info=True)
+                # The storage's error in its one line; a traceback only for what was not one.
+                logger.warning("training %s: could not delete its checkpoints: %s", training_id,
+                               exc.message if isinstance(exc, StorageError) else describe(exc),
+                               exc_info=not isinstance(exc, StorageError))

@@ -12,7 +12,12 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from selfie_lora.domain.plan import TrainingDefaults, pin_for_training
-from selfie_lora.errors import DatabaseUnreachableError, InvalidInputError, SelfieLoraError
+from selfie_lora.errors import (
+    BlobStoreUnreachableError,
+    DatabaseUnreachableError,
+    InvalidInputError,
+    SelfieLoraError,
+)
 
 if TYPE_CHECKING:
     from selfie_lora.domain.entities import Model, Training, Version
@@ -207,6 +212,11 @@ class DatabaseOutages:
             logger.log(logging.WARNING if began else logging.DEBUG,
                        "%s: the database cannot be reached (%s); %s (its end is logged)",
                        self._loop, exc.message, self._retried)
+            return
+        except BlobStoreUnreachableError as exc:
+            # The object storage away: expected, its own words in one line (a traceback of ~45
+            # lines, obstore's debug dump in it, said nothing more).
+            logger.warning("%s: %s; %s", failed, exc.message, self._retried)
             return
         except Exception:
             logger.exception("%s; %s", failed, self._retried)

@@ -44,6 +44,7 @@ from selfie_lora.errors import (
     NotFoundError,
     RateLimitedError,
     SelfieLoraError,
+    StorageError,
     WeightsDamagedError,
 )
 from selfie_lora.services.common import PAGE_MAX, PerUserSlots, new_id, page_limit, utcnow
@@ -602,9 +603,11 @@ class GenerationService:
         for key in generation.image_keys:
             try:
                 self._blobs.delete(key)
-            except SelfieLoraError:
+            except SelfieLoraError as exc:
+                # The storage's error in its one line; a traceback only for what was not one.
                 logger.warning("generation %s: picture %s not deleted, left to the garbage "
-                               "collection", generation.id, key, exc_info=True)
+                               "collection: %s", generation.id, key, exc.message,
+                               exc_info=not isinstance(exc, StorageError))
         logger.info("generation %s deleted by its owner (%d picture(s))", generation.id,
                     len(generation.image_keys))
         return generation
