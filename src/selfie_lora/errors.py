@@ -35,9 +35,11 @@ entry points never see them.
     │   │                           a full disk, a refused write)
     │   ├── BlobMissingError        the blob is not there: retrying will not bring it back
     │   ├── DatabaseUnreachableError the database server cannot be reached (down, restarting,
-    │   │                           its connection lost): an outage, waited out
+    │   │                           its connection lost): an outage, waited out (HTTP 503)
     │   ├── BlobStoreUnreachableError the object storage cannot be reached, timed out or
-    │   │                           answered 5xx: an outage, waited out
+    │   │                           answered 5xx: an outage, waited out (HTTP 503)
+    │   ├── StorageSettingsError    the object storage has no such bucket (HTTP 500
+    │   │                           config_error: tell the operator)
     │   └── StorageFullError        the disk (of the blobs or the database) is full: an
     │                               expected outage, said in one line, over once space is
     │                               freed (HTTP 507)
@@ -149,6 +151,7 @@ class ErrorCode(enum.StrEnum):
     STORAGE_ERROR = "storage_error"
     # 507
     STORAGE_FULL = "storage_full"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
     GENERATION_FAILED = "generation_failed"
     TRAINING_INTERRUPTED = "training_interrupted"
     LEASE_LOST = "lease_lost"
@@ -313,6 +316,10 @@ class ClientGoneError(SelfieLoraError):
     http_status = 499
 
 
+# Seconds a client is told to wait (``Retry-After``) when the storage is away for a moment.
+STORAGE_RETRY_AFTER = 30
+
+
 class StorageError(SelfieLoraError):
     code = ErrorCode.STORAGE_ERROR
     http_status = 500
@@ -340,7 +347,12 @@ class DatabaseUnreachableError(StorageError):
     """The database server could not be reached, or dropped the connection (a restart, a
     fail-over): an outage, over once it answers again, not a statement it refused. Told apart
     because a worker waits such an outage out without spending a training's attempts, and says
-    it once, where another database error may be a defect that must still end a training."""
+    it once, where another database error may be a defect that must still end a training.
+    A request that meets it is answered 503 ``storage_unavailable`` with ``Retry-After``."""
+
+    code = ErrorCode.STORAGE_UNAVAILABLE
+    http_status = 503
+    retry_after = STORAGE_RETRY_AFTER
 
 
 class BlobStoreUnreachableError(StorageError):
@@ -348,7 +360,20 @@ class BlobStoreUnreachableError(StorageError):
     outage, over once it answers again, not a blob missing, a missing bucket or refused keys
     (those stay plain ``StorageError``s: a setting to fix, which no wait mends). Told apart
     because a worker waits such an outage out without spending a training's attempts: a blip
-    of seconds used all three of them up in under a second, throwing a finished LoRA away."""
+    of seconds used all three of them up in under a second, throwing a finished LoRA away.
+    A request that meets it is answered 503 ``storage_unavailable`` with ``Retry-After``."""
+
+    code = ErrorCode.STORAGE_UNAVAILABLE
+    http_status = 503
+    retry_after = STORAGE_RETRY_AFTER
+
+
+class StorageSettingsError(StorageError):
+    """The object storage answered, and its settings are wrong: the bucket does not exist. No
+    retry mends it: a request that meets it is answered as a ``config_error`` (tell the
+    operator), not "retry in a moment"; a training still steps away from it (counted)."""
+
+    code = ErrorCode.CONFIG_ERROR
 
 
 class GenerationError(SelfieLoraError):

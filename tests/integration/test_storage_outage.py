@@ -15,7 +15,7 @@ import pytest
 
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import Training, TrainingStatus
-from selfie_lora.errors import BlobStoreUnreachableError
+from selfie_lora.errors import BlobStoreUnreachableError, StorageSettingsError
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import DatabaseOutages
 from selfie_lora.services.ports import TrainingJob
@@ -201,3 +201,43 @@ def test_a_picture_not_deleted_in_an_object_storage_outage_says_so_in_one_line(
         services.generation.delete(user=services.users.get_by_name(name="ann"),
                                    generation_id=generation_id)
     _one_line(caplog, "not deleted, left to the garbage collection")
+
+
+class NoBucketStore(FileSystemBlobStore):
+    """Every write meets a bucket that does not exist (what the S3 store raises for it)."""
+
+    def _write(self, key: str, fill: Any, *, if_absent: bool) -> bool:
+        raise StorageSettingsError("object storage has no bucket 'b': create it, or set "
+                                   "SELFIE_LORA_STORAGE_URL to the bucket meant")
+
+
+# Old code: both 500 storage_error "... please retry in a moment", with no Retry-After.
+def test_the_api_answers_a_storage_outage_503_with_retry_after_and_a_missing_bucket_as_settings(
+        tmp_path: Path) -> None:
+    from tests.conftest import auth, serving
+    from tests.support.photos import synthetic_photo
+
+    settings = make_settings(tmp_path)
+    away = AwayStore(settings.home / "blobs")
+    with serving(settings, blobs=away) as (client, services):
+        ann = auth(services, "ann")
+        away.away = True
+        r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
+                        files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
+        assert r.status_code == 503, r.text
+        assert r.headers["Retry-After"] == "30"
+        error = r.json()["error"]
+        assert error["code"] == "storage_unavailable"
+        assert "Retry-After" in error["message"]
+        assert "error sending request" not in r.text  # the storage's words stay in the log
+        assert "storage_unavailable" in str(
+            client.app.openapi()["paths"]["/api/generate"]["post"]["responses"]["503"])  # type: ignore[attr-defined]
+    settings = make_settings(tmp_path / "b")
+    with serving(settings, blobs=NoBucketStore(settings.home / "blobs")) as (client, services):
+        ann = auth(services, "ann")
+        r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
+                        files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["code"] == "config_error"
+        assert "retry in a moment" not in r.text
+        assert "Retry-After" not in r.headers

@@ -235,7 +235,10 @@ def create_app(
             # The error's words name the server's paths or the storage's endpoint: the log has
             # them, the client a fixed sentence and the reference of that log line.
             answer = report_server_error(exc, method=request.method, path=request.url.path)
-            return error_response(exc.http_status, exc.code, answer.message, answer.details)
+            retry = ({"Retry-After": str(exc.retry_after)} if exc.retry_after is not None
+                     else None)
+            return error_response(exc.http_status, exc.code, answer.message, answer.details,
+                                  retry)
         headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
         if exc.retry_after is not None:
             headers = {"Retry-After": str(exc.retry_after)}

@@ -132,7 +132,7 @@ _EVERY_ROUTE: dict[int, tuple[ErrorCode, ...]] = {
     401: (E.UNAUTHORIZED,),
     403: (E.FORBIDDEN,),  # the key's account is disabled
     500: (E.INTERNAL_ERROR, E.STORAGE_ERROR, E.CONFIG_ERROR),
-    503: (E.SERVER_STOPPING,),
+    503: (E.SERVER_STOPPING, E.STORAGE_UNAVAILABLE),  # the storage or database away
     507: (E.STORAGE_FULL,),  # any write (a row, a file) can find the disk full
 }
 # What a route that reads a body (every POST, PATCH and DELETE) can answer besides: the guard

@@ -25,6 +25,9 @@ SERVER_ERROR_MESSAGE = "something went wrong on our side; please retry"
 _SENTENCES: dict[str, str] = {
     ErrorCode.STORAGE_ERROR: "the files or records could not be read or written just now; "
                              "please retry in a moment",
+    ErrorCode.STORAGE_UNAVAILABLE: "the files or records cannot be reached just now; nothing "
+                                   "is wrong with your request: please retry after the "
+                                   "Retry-After header's seconds",
     ErrorCode.STORAGE_FULL: "the server's disk is full, so this could not be saved; nothing is "
                             "wrong with your request: please tell the operator, and try again "
                             "once they have freed space",

@@ -41,6 +41,7 @@ from selfie_lora.errors import (
     BlobStoreUnreachableError,
     ConfigError,
     StorageError,
+    StorageSettingsError,
     describe,
 )
 from selfie_lora.services.layout import is_valid_key
@@ -371,7 +372,7 @@ class S3BlobStore:
     def _no_bucket(self) -> StorageError:
         # What to do either way: "check the setting" alone left an operator who had set it
         # right (a new deployment, the bucket never made) looking for a typo.
-        return StorageError(f"object storage has no bucket {self.location.bucket!r}: create it, "
+        return StorageSettingsError(f"object storage has no bucket {self.location.bucket!r}: create it, "
                             "or set SELFIE_LORA_STORAGE_URL to the bucket meant")
 
     def exists(self, key: str) -> bool:
