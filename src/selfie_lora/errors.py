@@ -152,6 +152,7 @@ class ErrorCode(enum.StrEnum):
     # 507
     STORAGE_FULL = "storage_full"
     STORAGE_UNAVAILABLE = "storage_unavailable"
+    DELETION_PENDING = "deletion_pending"
     GENERATION_FAILED = "generation_failed"
     TRAINING_INTERRUPTED = "training_interrupted"
     LEASE_LOST = "lease_lost"

@@ -241,3 +241,37 @@ def test_the_api_answers_a_storage_outage_503_with_retry_after_and_a_missing_buc
         assert r.json()["error"]["code"] == "config_error"
         assert "retry in a moment" not in r.text
         assert "Retry-After" not in r.headers
+
+
+# Old code: 500 storage_error "please retry in a moment" (a retry: 403, the account disabled), and
+# the rest waited resume_after (10 min 31 s), meant for a dead process.
+def test_an_account_deletion_cut_by_the_storage_says_it_finishes_and_is_due_again_soon(
+        tmp_path: Path) -> None:
+    from tests.conftest import auth, serving
+    from tests.support.photos import synthetic_photo
+
+    settings = make_settings(tmp_path)
+    away = AwayStore(settings.home / "blobs")
+    with serving(settings, blobs=away) as (client, services):
+        ann = auth(services, "ann")
+        r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
+                        files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
+        assert r.status_code == 202, r.text
+        erasure = services.erasure
+        # The storage goes once the account is disabled (the wait for other servers' caches).
+        erasure._sleep = lambda _s: setattr(away, "away", True)  # type: ignore[attr-defined]
+        r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "deletion_pending"
+        assert "finishes on its own" in error["message"]
+        assert "retry" not in error["message"]
+        assert "Retry-After" not in r.headers
+        [(name, due)] = erasure.pending()
+        assert name == "ann"
+        assert due - datetime.now(UTC) < timedelta(seconds=60)  # old code: ~10 min 31 s
+        away.away = False
+        erasure._clock = lambda: due + timedelta(seconds=1)  # type: ignore[attr-defined]
+        [done] = erasure.finish_pending()
+        assert done.name == "ann"
+        assert erasure.pending() == []

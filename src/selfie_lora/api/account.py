@@ -18,7 +18,8 @@ router = APIRouter(prefix="/api/me", tags=["account"], route_class=JsonBodyRoute
 
 @router.delete("", responses=errors({409: (E.TRAINING_IN_PROGRESS,),
                                      422: (E.INVALID_INPUT,),
-                                     503: (E.DEPLOYMENT_MISMATCH,)}, body=True))
+                                     503: (E.DEPLOYMENT_MISMATCH, E.DELETION_PENDING)},
+                                    body=True))
 def delete_me(user: UserDep, svc: ServicesDep, body: DeleteAccountBody) -> dict[str, Any]:
     """Delete this account and everything it owns, for good: model, versions, trainings,
     photos, weights, generated pictures, likeness records, API keys and sessions."""

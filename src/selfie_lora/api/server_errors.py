@@ -28,6 +28,9 @@ _SENTENCES: dict[str, str] = {
     ErrorCode.STORAGE_UNAVAILABLE: "the files or records cannot be reached just now; nothing "
                                    "is wrong with your request: please retry after the "
                                    "Retry-After header's seconds",
+    ErrorCode.DELETION_PENDING: "your account is disabled and its deletion was cut short by a "
+                                "storage error; it finishes on its own within minutes: nothing "
+                                "more to do",
     ErrorCode.STORAGE_FULL: "the server's disk is full, so this could not be saved; nothing is "
                             "wrong with your request: please tell the operator, and try again "
                             "once they have freed space",

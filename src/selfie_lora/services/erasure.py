@@ -88,6 +88,19 @@ class _StoppedError(Exception):
     check, of this or another process."""
 
 
+# How soon a deletion cut short by a storage error in a live process is tried again.
+ERASURE_RETRY = timedelta(seconds=30)
+
+
+class ErasureContinuesError(StorageError):
+    """A storage error cut the deletion short after the account was disabled: it is finished
+    by the next check (``finish_pending``), soon. Answered 503 ``deletion_pending`` ("finishes
+    on its own"), with no Retry-After: a retry is refused, the account being disabled."""
+
+    code = ErrorCode.DELETION_PENDING
+    http_status = 503
+
+
 class ErasureBlockedError(ConflictError):
     """A training of the user's stopped the deletion. The message says what happened and what
     was (not) deleted, never how to go on: that is each front end's to add in its own words
@@ -185,7 +198,16 @@ class AccountEraser:
         # let in by one would answer as a user whose rows are going (404s, or a row written
         # after the delete). Waited out once, before anything is deleted.
         self._sleep(API_KEY_CACHE_TTL.total_seconds())
-        return self._finish(user, force=force)
+        try:
+            return self._finish(user, force=force)
+        except StorageError as exc:
+            # The account is disabled: a retry is refused (403), so "retry in a moment" was
+            # false, and the rest waited ``resume_after`` (10 min), meant for a dead process,
+            # though this one is alive. Due again soon instead, at the next check.
+            self._due_soon(user)
+            raise ErasureContinuesError(
+                f"user {user.name}: the deletion was cut short ({exc.message}); the account is "
+                f"disabled, and the deletion is tried again in {ERASURE_RETRY}") from exc
 
     def finish_pending(self, *,
                        stopping: threading.Event | None = None) -> list[ErasureSummary]:
@@ -247,6 +269,16 @@ class AccountEraser:
                 self._unclaim(user, claimed_at=now)
                 raise
         return finished
+
+    def _due_soon(self, user: User) -> None:
+        """Make ``user``'s deletion due ``ERASURE_RETRY`` from now (best effort: the database
+        away too, it stays due ``resume_after`` later)."""
+        try:
+            self._repo.request_erasure(
+                user.id, at=self._clock() - self.resume_after + ERASURE_RETRY)
+        except StorageError as exc:
+            logger.warning("user %s: the deletion stays due in %s: %s", user.name,
+                           self.resume_after, exc.message)
 
     def pending(self) -> list[tuple[str, datetime]]:
         """Every deletion still pending (its account disabled): the user's name, and when the
