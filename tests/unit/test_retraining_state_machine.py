@@ -463,10 +463,17 @@ class Retraining(RuleBasedStateMachine):
         assert model is not None
         if chosen.gate_status is not GateStatus.PASSED and chosen.id != model.active_version_id:
             self.replaced[chosen.id] = model.active_version_id
+        logged = [e for e in self.repo.list_events(model.id) if e["kind"] == "version_activated"]
         self.models.activate(user=self.user, version_id=chosen.id)
         self.activations += 1
         self.expected_active = chosen.id
         activated = [e for e in self.repo.list_events(model.id) if e["kind"] == "version_activated"]
+        if chosen.id == model.active_version_id:
+            # The version already active: nothing changes and nothing is logged (an
+            # activation sent again after a lost answer logs it once).
+            assert len(activated) == len(logged)
+            return
+        assert len(activated) == len(logged) + 1
         assert activated[-1]["data"]["overrides_gate"] is (chosen.gate_status is not GateStatus.PASSED)
     # ------------------------------------------------------------------------ invariants
     @invariant()
