@@ -1388,16 +1388,53 @@ def _model_values(m: Model) -> dict[str, Any]:
     }
 
 
+# SQLSTATEs of a server that cannot be reached or went away: a connection that failed or was
+# lost (class 08, less 08004's rejected start and 08P01's protocol violation, which are a
+# client's fault) and a server shutting down, crashed or starting (57P01-57P03).
+_OUTAGE_STATES = frozenset({"08000", "08001", "08003", "08006", "08007",
+                            "57P01", "57P02", "57P03"})
+
+# What psycopg says, with no SQLSTATE, of a connection it could not make or keep for want of a
+# server: libpq's network errors, and the FATALs of a server that takes no connection now
+# (57P03: starting up, shutting down, in recovery; 53300: at its connection limit). A server
+# that answered with another FATAL (a database or role that does not exist, a refused login,
+# a pg_hba.conf rule) or a client that refused a statement (over 65,535 parameters) is a
+# defect that comes back every time: counted, not waited out. These are libpq's and the
+# server's English words; translated ones are counted too, which costs an attempt, never a
+# training retried for ever.
+_NETWORK_WORDS = (
+    "connection refused", "connection reset", "connection timed out", "timeout expired",
+    "no route to host", "network is unreachable", "host is unreachable",
+    "server closed the connection unexpectedly", "could not receive data from server",
+    "could not send data to server", "failed to resolve host", "could not translate host name",
+    "no answer from the server", "the connection is lost", "the connection is closed",
+)
+_BUSY_SERVER_WORDS = (
+    "the database system is starting up", "the database system is shutting down",
+    "the database system is in recovery mode", "the database system is not yet accepting",
+    "the database system is not accepting", "terminating connection due to administrator",
+    "sorry, too many clients already", "remaining connection slots are reserved",
+)
+
+
 def _unreachable(exc: DBAPIError) -> bool:
     """Whether ``exc`` says the database server could not be reached or dropped the connection
     (PostgreSQL down or restarting: refused, reset, "terminating connection due to administrator
-    command"), not that it refused a statement. psycopg's errors carry a SQLSTATE: none for the
-    client's own (a connect that failed, a connection lost), class 08 (connection exception) or
-    57P (the server shutting down). SQLite's ("database is locked") are not outages."""
+    command"), not that it refused a statement or a login. A connection lost under a statement
+    is one SQLAlchemy invalidated; psycopg's other errors carry a SQLSTATE (``_OUTAGE_STATES``)
+    or, for the client's own (every failed connect among them), none: those are told by their
+    words (``_NETWORK_WORDS``, ``_BUSY_SERVER_WORDS``). SQLite's ("database is locked") are not
+    outages."""
     if exc.connection_invalidated:
         return True
     if not isinstance(exc, (OperationalError, InterfaceError)) or not hasattr(exc.orig,
                                                                                "sqlstate"):
         return False
     state = getattr(exc.orig, "sqlstate", None)
-    return state is None or str(state).startswith(("08", "57P"))
+    if state is not None:
+        return str(state) in _OUTAGE_STATES
+    said = str(exc.orig).lower()
+    if any(word in said for word in _BUSY_SERVER_WORDS):
+        return True
+    # A server that answered with a FATAL of its own (of several hosts, any one) is reached.
+    return "fatal:" not in said and any(word in said for word in _NETWORK_WORDS)
