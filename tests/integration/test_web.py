@@ -2981,3 +2981,27 @@ def test_a_database_down_while_an_upload_s_session_is_checked_is_an_error_page(
     assert "Connection refused" not in r.text
     assert r.headers["content-security-policy"] == normal.headers["content-security-policy"]
     assert len([rec for rec in caplog.records if rec.levelno >= logging.ERROR]) == 1
+
+
+# Old code: both pages said "Sign in again" (-> /signin?next=/train, /signin?next=/photos): the
+# viewer the database could not look up was taken for one signed out.
+def test_a_database_down_s_error_pages_do_not_say_the_session_ended(
+        web_settings: Settings, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    with TestClient(create_app(web_settings, services=svc)) as client:
+        sign_in(client, "ann")
+        token = csrf(client)
+
+        def down(self: object, *_args: object, **_kwargs: object) -> None:
+            raise StorageError("database error: connection failed: Connection refused")
+
+        monkeypatch.setattr(SqlRepository, "get_session", down)
+        page = client.get("/train")
+        upload = client.post("/photos/upload", headers={"X-CSRF-Token": token},
+                             files=[("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))])
+        monkeypatch.undo()
+        assert client.get("/train").status_code == 200  # still signed in, once it answers
+    for r, back in ((page, "/photos"), (upload, "/photos")):
+        assert r.status_code == 500
+        assert 'data-code="storage_error"' in r.text
+        assert "Sign in again" not in r.text
+        assert f'<a href="{back}" data-back>Back</a>' in r.text

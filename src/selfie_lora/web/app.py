@@ -3,7 +3,6 @@ CSRF, security headers and HTML error pages. The pages themselves are in ``web/p
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from selfie_lora.errors import (
     ErrorCode,
     ForbiddenError,
     SelfieLoraError,
+    StorageError,
 )
 from selfie_lora.web.cookies import (
     FORM_COOKIE,
@@ -260,13 +260,23 @@ class Web:
         ``back``: where its Back link leads, when the caller knows better than ``_back_to`` (a
         page sent a form: the page itself)."""
         viewer = None
-        # Any refusal finding the viewer (a disabled account's session: ForbiddenError) renders
-        # this page signed out: escaping here, it turned every page into a bare 500.
-        with contextlib.suppress(SignInRequired, SelfieLoraError):
+        signed_out = False
+        try:
             viewer = self.viewer(request)
+        except StorageError:
+            # The database could not say whose session it is (an outage): not signed out, as
+            # far as anyone knows, so the usual way back. Read as signed out, every page of an
+            # outage said "Sign in again".
+            pass
+        except (SignInRequired, SelfieLoraError):
+            # Any refusal finding the viewer (a disabled account's session: ForbiddenError)
+            # renders this page signed out: escaping here, it turned every page into a bare 500.
+            signed_out = True
         return self.render(request, "error.html", viewer=viewer, status_code=status,
                            status=status, message=message, code=code, reference=reference,
-                           back=back if back and viewer else _back_to(request, viewer, status),
+                           back=back if back and not signed_out
+                           else _back_to(request, status, signed_out=signed_out),
+                           signed_out=signed_out,
                            words=_error_words(request, status, code))
 
 
@@ -355,12 +365,12 @@ def form_problem(errors: list[dict[str, Any]]) -> str:
     return f"{joined[0].upper()}{joined[1:]}: go back to the page, fill the form in and send it again"
 
 
-def _back_to(request: Request, viewer: Viewer | None, status: int) -> str:
+def _back_to(request: Request, status: int, *, signed_out: bool) -> str:
     """Where an error page's Back link leads without scripts (with them it goes back in the
     browser's history, which keeps what the form held): a refused form's own page (also for a
     form's address opened as a page: 405), else the photos (or, signed out, the sign-in
     page)."""
-    if viewer is None:
+    if signed_out:
         # Signed in again, back to the page (a form's: its page).
         return _signin_url(after_sign_in(request.method, request.url.path, request.url.query))
     if request.method in ("GET", "HEAD") and status != 405:
