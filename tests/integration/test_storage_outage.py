@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
-from selfie_lora.domain.entities import Training, TrainingStatus
+from selfie_lora.domain.entities import GateStatus, Training, TrainingStatus
+from selfie_lora.domain.likeness import LikenessStatus
 from selfie_lora.errors import BlobStoreUnreachableError, StorageSettingsError
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import DatabaseOutages
 from selfie_lora.services.ports import TrainingJob
-from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
+from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
 from tests.integration.test_generation_gallery import _generations
@@ -151,6 +152,87 @@ def test_a_local_training_waits_out_an_object_storage_outage_without_spending_it
         assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO
                 and "object storage answers again" in r.getMessage()]
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        services.close()
+
+
+class ProbeOutageStore(AwayStore):
+    """Away for the next ``probe_writes`` writes of a probe image (S3 gone for a moment while a
+    version is scored), answering everything else."""
+
+    probe_writes = 0
+    failed: list[str]
+
+    def _write(self, key: str, fill: Any, *, if_absent: bool) -> bool:
+        if "/probe-" in key and self.probe_writes > 0:
+            self.probe_writes -= 1
+            self.failed.append(key)
+            self.away = True
+            try:
+                self._out("write", key)
+            finally:
+                self.away = False
+        return super()._write(key, fill, if_absent=if_absent)
+
+
+# Old code: the write of v2's first probe image failed, the scoring was recorded as failed
+# ("could not be scored"), the gate held v2 for good and sent a not_scored alert.
+def test_an_object_storage_outage_while_a_version_is_scored_is_waited_out_not_held(
+        tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    blobs = ProbeOutageStore(settings.blob_dir)
+    blobs.failed = []
+    alerter = RecordingAlerter()
+    clock = _Clock()
+    services = build_services(settings, trainers={"local": FakeTrainer()}, blobs=blobs,
+                              generators={"local": FakeGenerator()}, alerter=alerter,
+                              face_analyzer=one_person_analyzer(), clock=clock.now)
+    try:
+        user, _ = services.users.create(name="ann")
+
+        def train(offset: int) -> Training:
+            started = services.training.upload_zip(
+                user=user, data=photo_zip(3, offset=offset, size=1100))
+            assert started.training is not None
+            services.training.run(started.training.id)
+            t = services.repo.get_training(started.training.id)
+            assert t is not None
+            return t
+
+        first = train(0)
+        assert first.status is TrainingStatus.SUCCEEDED, first.error
+        blobs.probe_writes = 1
+        second = train(3)
+        assert blobs.failed
+        assert f"quality/versions/{second.version_id}/" in blobs.failed[0]
+        # Stepped away to wait the outage out: not ended, not counted, its version pending.
+        assert not second.status.is_terminal, second.error
+        assert second.recoveries == 0
+        assert second.error is not None
+        assert second.error.startswith(
+            "its version could not be scored (the object storage could not be reached"), \
+            second.error
+        assert second.version_id is not None
+        version = services.repo.get_version(second.version_id)
+        assert version is not None
+        assert version.gate_status is GateStatus.PENDING
+        record = services.repo.get_likeness(second.version_id)
+        assert record is None or record.status is not LikenessStatus.FAILED, record
+        assert not alerter.sent
+
+        clock.past(second)
+        services.training.run(second.id)
+        done = services.repo.get_training(second.id)
+        assert done is not None
+        assert done.status is TrainingStatus.SUCCEEDED, done.error
+        version = services.repo.get_version(second.version_id)
+        assert version is not None
+        assert version.gate_status is GateStatus.PASSED, version.gate_reason
+        assert "could not be scored" not in (version.gate_reason or "")
+        record = services.repo.get_likeness(second.version_id)
+        assert record is not None
+        assert record.status is LikenessStatus.SCORED, record.error
+        assert not [a for a in alerter.sent if a.get("kind") == "not_scored"], alerter.sent
     finally:
         services.close()
 

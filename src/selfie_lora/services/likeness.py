@@ -66,6 +66,8 @@ from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
 from selfie_lora.errors import (
     AlertDeliveryError,
     BlobMissingError,
+    BlobStoreUnreachableError,
+    DatabaseUnreachableError,
     ErrorCode,
     InvalidInputError,
     NoModelError,
@@ -92,6 +94,13 @@ logger = logging.getLogger(__name__)
 
 CANCELED_REASON = ("version {number}'s training was canceled before the likeness gate decided, "
                    f"so {KEPT_NOT_ACTIVATED}{ACTIVATE_HINT}")
+
+
+# The object storage or the database out of reach (no answer, a timeout, a 5xx, a restart): an
+# interruption of a scoring, raised to its caller (the training steps away and scores it again
+# later, the probe images already made kept), never recorded as a version that could not be
+# scored: the gate held a version for good, and alerted, for a storage blip of seconds.
+OUTAGES = (BlobStoreUnreachableError, DatabaseUnreachableError)
 
 
 class BaselinePhotosUnreadableError(StorageError):
@@ -298,7 +307,8 @@ class LikenessService:
         baseline_id = _replaced_version_id(version, active=model.active_version_id)
         baseline = (self._repo.get_version(baseline_id)
                     if baseline_id and baseline_id != version.id else None)
-        reference = self._reference_for(version) if _scored(record) else None
+        reference = (self._reference_for(version, outage_raises=True) if _scored(record)
+                     else None)
         after = self._scores_against(record, reference)
         if baseline is None or not self.gate_enabled:
             # Nothing to beat (a first version, or none is active), or no gate: it passes,
@@ -541,7 +551,8 @@ class LikenessService:
         embedding model, the fixed probe scale and the current probe size). Expected failures
         (no generator, a generator error, face tools missing) are recorded on the record as
         ``failed``, never raised; a ``checkpoint`` that raises stops the scoring (and is
-        raised)."""
+        raised), and so does an outage (``OUTAGES``): the next scoring goes on from the probe
+        images stored."""
         version, model, training = self._load(version_id)
         existing = self._repo.get_likeness(version.id)
         if existing is not None and not force and self._is_current(existing):
@@ -562,7 +573,7 @@ class LikenessService:
                 reference_dataset_id=reference.dataset_id, scores=scores, probes=tuple(results),
                 error=None, scored_at=utcnow(),
             )
-        except TrainingInterruptedError:
+        except (TrainingInterruptedError, *OUTAGES):
             raise
         except SelfieLoraError as exc:
             logger.warning("version %s could not be scored: %s", version.id, exc.message)
@@ -962,13 +973,18 @@ class LikenessService:
         assert refreshed.probes
         return refreshed.probes
 
-    def _reference_for(self, version: Version) -> Reference | None:
+    def _reference_for(self, version: Version, *,
+                       outage_raises: bool = False) -> Reference | None:
+        """``outage_raises``: an outage (``OUTAGES``) is raised, not taken for photos that have
+        no reference (the gate would hold a version scored a moment before as unscored)."""
         training = self._repo.get_training(version.training_id)
         if training is None:
             return None
         try:
             return self.reference(training.dataset_id)
         except SelfieLoraError as exc:
+            if outage_raises and isinstance(exc, OUTAGES):
+                raise
             logger.warning("no reference photos for version %s: %s", version.id, exc.message)
             return None
 

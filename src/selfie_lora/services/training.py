@@ -182,6 +182,7 @@ INTERRUPTED_BY_ERROR = "the worker running it met an error"
 # this machine's disk full).
 STORAGE_UNREACHABLE = "the stored photos or checkpoint could not be fetched"
 WEIGHTS_NOT_STORED = "the trained LoRA could not be stored"
+SCORING_UNREACHABLE = "its version could not be scored"
 LOCAL_DISK_FAILED = "the trained LoRA could not be written on the worker's disk"
 # ... and one whose worker found a disk full: it waits for room, its attempts not spent.
 DISK_FULL = ("a disk of the server is full ({detail}): the training waits for space to be "
@@ -1244,8 +1245,10 @@ class TrainingService:
         if exc.outage:
             self._leave_for_outage(held, exc)
             return
-        if exc.blob_outage and exc.remote_id is None and not held.training.remote_create_started:
-            # A local training (a remote run's output expires: its outage stays counted).
+        if exc.blob_outage and exc.remote_id is None and (
+                exc.scoring or not held.training.remote_create_started):
+            # A local training, or any while its version is scored (a remote run's output
+            # expires: its outage stays counted until its version is stored).
             self._wait_for_storage(held, exc)
             return
         # A remote run goes on: the next attempts are spaced (``LeasePolicy.outage_gap``), so
@@ -1547,9 +1550,23 @@ class TrainingService:
             return
         except BaselinePhotosUnreadableError as exc:
             # The storage is away: the worker steps away and the next attempt scores it
-            # again (counted, so an endless outage ends in a judging without scores, held).
-            raise _UnreachableError(exc.message, remote_id=None,
-                                    reason=STORAGE_UNREACHABLE) from exc
+            # again (counted, so a storage that keeps failing ends in a judging without scores,
+            # held); one out of reach is waited out without spending attempts, as below.
+            cause = exc.__cause__
+            raise _UnreachableError(exc.message, remote_id=None, reason=STORAGE_UNREACHABLE,
+                                    outage=isinstance(cause, DatabaseUnreachableError),
+                                    blob_outage=isinstance(cause, BlobStoreUnreachableError),
+                                    scoring=True) from exc
+        except (BlobStoreUnreachableError, DatabaseUnreachableError) as exc:
+            # An outage while it was scored (a probe image not stored, its record not
+            # written): an interruption, as the training's own, not a version that could not
+            # be scored (held for good, and alerted, for a blip). The next attempt goes on from
+            # the probe images stored, without spending one of the scoring's attempts.
+            raise _UnreachableError(exc.message, remote_id=None, reason=SCORING_UNREACHABLE,
+                                    outage=isinstance(exc, DatabaseUnreachableError),
+                                    blob_outage=isinstance(exc, BlobStoreUnreachableError),
+                                    scoring=True) from exc
+        self._storage_again(held)
         alert = None
         with self._holding(held) as (tx, current):
             if current.cancel_requested:
@@ -1763,7 +1780,8 @@ class _UnreachableError(TrainingInterruptedError):
     ``reason``: a sentence for the training's row."""
 
     def __init__(self, message: str, *, remote_id: str | None, reason: str,
-                 full: bool = False, outage: bool = False, blob_outage: bool = False) -> None:
+                 full: bool = False, outage: bool = False, blob_outage: bool = False,
+                 scoring: bool = False) -> None:
         super().__init__(message)
         self.remote_id = remote_id
         self.reason = reason
@@ -1774,6 +1792,9 @@ class _UnreachableError(TrainingInterruptedError):
         # The object storage could not be reached: a local training waits, not counted
         # (``_wait_for_storage``).
         self.blob_outage = blob_outage
+        # Met while its stored version was scored: a remote run has ended by then (its weights
+        # are ours), so its outage is waited out as a local training's.
+        self.scoring = scoring
 
 
 def _database_back(outage: Outage, ticket: int, training_id: str) -> None:
