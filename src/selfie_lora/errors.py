@@ -357,9 +357,9 @@ class DatabaseUnreachableError(StorageError):
 
 
 class BlobStoreUnreachableError(StorageError):
-    """The object storage could not be reached, did not answer in time, or answered 5xx: an
-    outage, over once it answers again, not a blob missing, a missing bucket or refused keys
-    (those stay plain ``StorageError``s: a setting to fix, which no wait mends). Told apart
+    """The object storage could not be reached, did not answer in time, or answered 500, 502,
+    503, 504 or 429: an outage, over once it answers again, not a blob missing, refused keys
+    (plain ``StorageError``s) or wrong settings (``StorageSettingsError``), which no wait mends. Told apart
     because a worker waits such an outage out without spending a training's attempts: a blip
     of seconds used all three of them up in under a second, throwing a finished LoRA away.
     A request that meets it is answered 503 ``storage_unavailable`` with ``Retry-After``."""
@@ -370,7 +370,9 @@ class BlobStoreUnreachableError(StorageError):
 
 
 class StorageSettingsError(StorageError):
-    """The object storage answered, and its settings are wrong: the bucket does not exist. No
+    """The object storage's settings are wrong: the bucket does not exist, the endpoint's host
+    does not resolve, its scheme or region is not the server's, it is not S3, or it answers 501
+    to a conditional PUT. No
     retry mends it: a request that meets it is answered as a ``config_error`` (tell the
     operator), not "retry in a moment"; a training still steps away from it (counted)."""
 

@@ -122,16 +122,49 @@ def _no_such_bucket(exc: BaseException) -> bool:
     return code is not None and code[1] == "NoSuchBucket"
 
 
+# The statuses of a store that is away for now (a 5xx but 501, which says it will never do what
+# was asked; 429, throttled: SlowDown as many S3-compatible stores send it).
+_OUTAGE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# With no status: the network failures that pass (refused, reset, closed, timed out). Not "dns
+# error" (a host that does not resolve), a TLS failure (https against http), a redirect (the
+# wrong region) nor an answer that is not S3's: settings to fix, which no wait mends.
+_PASSING = re.compile(r"ConnectionRefused|ConnectionReset|ConnectionAborted|BrokenPipe|"
+                      r"UnexpectedEof|TimedOut|kind: Timeout|kind: Interrupted|timed out|"
+                      r"connection closed|IncompleteMessage|Temporary failure in name resolution")
+_SETTINGS = re.compile(r"dns error|InvalidContentType|InvalidCertificate|certificate|"
+                       r"BareRedirect|incorrectly configured region|MissingEtag|"
+                       r"Unable to extract metadata")
+
+
 def _outage(exc: BaseException) -> bool:
-    """Whether ``exc`` says the storage is away (no answer: refused, reset, timed out; or a 5xx,
-    SlowDown included), not that it refused the request (403 keys, 404, 400): obstore says both
-    as a ``GenericError``, an answer with its ``status code``."""
+    """Whether ``exc`` says the storage is away for now (no answer: refused, reset, timed out;
+    a 500, 502, 503 or 504; a 429, throttled), not that it refused the request (403 keys, 404,
+    400, 501) nor that the settings point at no S3 (``_settings_fault``): obstore says all of
+    them as a ``GenericError``."""
     from obstore.exceptions import GenericError
 
     if type(exc) is not GenericError:  # NotFound, PermissionDenied, Unauthenticated, ...
         return False
-    status = _STATUS.search(str(exc))
-    return status is None or int(status[1]) >= 500
+    text = str(exc)
+    status = _STATUS.search(text)
+    if status is not None:
+        return int(status[1]) in _OUTAGE_STATUSES
+    return _PASSING.search(text) is not None and _SETTINGS.search(text) is None
+
+
+def _settings_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` says the settings are wrong (SELFIE_LORA_STORAGE_ENDPOINT's host does not
+    resolve, its scheme is not the server's, AWS_REGION is not the bucket's, the endpoint is not
+    S3, a store without conditional puts): a ``config_error``, never waited out."""
+    from obstore.exceptions import GenericError
+
+    if type(exc) is not GenericError:
+        return False
+    text = str(exc)
+    status = _STATUS.search(text)
+    if status is not None:
+        return int(status[1]) in (301, 501)
+    return _SETTINGS.search(text) is not None and _PASSING.search(text) is None
 
 
 def _modified(value: object) -> datetime:
@@ -365,6 +398,10 @@ class S3BlobStore:
         if _no_such_bucket(exc):
             return self._no_bucket()
         said = f"object storage could not {action} {key!r}: {s3_reason(exc)}"
+        if _settings_fault(exc):
+            return StorageSettingsError(
+                f"{said} (check SELFIE_LORA_STORAGE_ENDPOINT, its http/https, AWS_REGION, and "
+                "that the endpoint is S3 with conditional puts)")
         if _outage(exc):
             return BlobStoreUnreachableError(said)
         return StorageError(said)
