@@ -15,10 +15,12 @@ from selfie_lora.domain.lease import (
     ClaimOutcome,
     LeasePolicy,
     claim,
+    exhausted_error,
     expire_lease,
     lease_is_live,
     release,
     step_away,
+    wait_out,
 )
 from selfie_lora.domain.recipes import get_recipe
 
@@ -122,3 +124,32 @@ def test_a_worker_restarting_under_its_name_leaves_a_hold_alone() -> None:
     # An ordinary lease of the same owner (a training it ran when it died) is still recovered.
     outcome, running = claim(_queued(), owner="w0", now=NOW, policy=POLICY)
     assert not lease_is_live(expire_lease(running, restart, ("w0",)), restart)
+
+
+_STORAGE_AWAY = "the trained LoRA could not be stored (the object storage could not be reached)"
+
+
+def test_an_object_storage_outage_that_never_ends_still_fails_the_training() -> None:
+    # Old code: wait_out never counted, 200 waits (2 days) later still claimed, recoveries 0.
+    t, now, waited, outcome = _queued(), NOW, timedelta(0), ClaimOutcome.CLAIMED
+    for waits in range(200):
+        outcome, t = claim(t, owner="w1", now=now, policy=POLICY)
+        if outcome is not ClaimOutcome.CLAIMED:
+            break
+        gap = POLICY.storage_outage_gap(waits)
+        t = wait_out(t, now, reason=_STORAGE_AWAY, hold=gap, limit=POLICY.storage_wait_limit)
+        now, waited = now + gap, waited + gap
+    assert outcome is ClaimOutcome.EXHAUSTED
+    assert POLICY.storage_wait_limit <= waited < POLICY.storage_wait_limit + timedelta(hours=1)
+    assert "could not be stored" in exhausted_error(t)
+
+
+def test_object_storage_outages_far_apart_are_each_waited_out_anew() -> None:
+    t, now = _queued(), NOW
+    for _ in range(30):  # a short outage a day for a month: never counted
+        outcome, t = claim(t, owner="w1", now=now, policy=POLICY)
+        assert outcome is ClaimOutcome.CLAIMED
+        t = wait_out(t, now, reason=_STORAGE_AWAY, hold=timedelta(minutes=15),
+                     limit=POLICY.storage_wait_limit)
+        now += timedelta(days=1)
+    assert t.recoveries == 0

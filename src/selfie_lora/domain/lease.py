@@ -46,6 +46,14 @@ DEFAULT_OUTAGE_GAPS = (timedelta(minutes=1), timedelta(minutes=5), timedelta(min
 # spent its attempts in 20 s and failed, where freeing space takes a person minutes.
 DEFAULT_FULL_DISK_GAPS = (timedelta(seconds=5), timedelta(seconds=15), timedelta(seconds=30),
                           timedelta(minutes=1))
+# How long a training waits out an object storage outage uncounted (``wait_out``): past it, each
+# further wait is counted as a step-away, so an outage that never ends (or a storage that keeps
+# failing, a broken proxy's endless 502) still fails the training, after ``max_attempts`` more
+# tries, naming the outage. A day: an S3 region's worst outages were hours.
+DEFAULT_STORAGE_WAIT_LIMIT = timedelta(hours=24)
+# A wait that begins this long after the last one ended begins a new outage: the training ran
+# in between (the storage answered, or an hour of training went by before its LoRA was stored).
+STORAGE_WAIT_BREAK = timedelta(hours=1)
 
 INTERRUPTED_MESSAGE = (
     "The training was interrupted {count} times because the worker running it stopped "
@@ -70,6 +78,7 @@ class LeasePolicy:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     outage_gaps: tuple[timedelta, ...] = DEFAULT_OUTAGE_GAPS
     full_disk_gaps: tuple[timedelta, ...] = DEFAULT_FULL_DISK_GAPS
+    storage_wait_limit: timedelta = DEFAULT_STORAGE_WAIT_LIMIT
 
     def __post_init__(self) -> None:
         if self.heartbeat <= timedelta(0):
@@ -235,13 +244,37 @@ def wait_for_room(t: Training, now: datetime, *, reason: str, hold: timedelta) -
                                heartbeat_at=None, error=reason, metrics=metrics)
 
 
-def wait_out(t: Training, now: datetime, *, reason: str, hold: timedelta) -> Training:
+def wait_out(t: Training, now: datetime, *, reason: str, hold: timedelta,
+             limit: timedelta = DEFAULT_STORAGE_WAIT_LIMIT) -> Training:
     """``t`` left by a worker whose object storage could not be reached (``reason``, on
     ``error``): as ``wait_for_room``, it waits out ``hold`` and is claimed then with no recovery
     counted (the owner goes: the storage, not the training nor its worker, failed), so an outage
-    of seconds no longer spends its attempts back to back."""
+    of seconds no longer spends its attempts back to back. The row notes when the outage's
+    waits began (``STORAGE_WAIT_KEY``); once they have lasted ``limit``, the wait is a
+    ``step_away`` instead, counted, so an outage that never ends still fails the training
+    (``exhausted_error``, naming it) after ``max_attempts``."""
+    note = t.metrics.get(STORAGE_WAIT_KEY)
+    since = now
+    if isinstance(note, dict):
+        try:
+            began = datetime.fromisoformat(str(note["since"]))
+            ended = datetime.fromisoformat(str(note["until"]))
+        except (KeyError, ValueError):
+            pass
+        else:
+            if now - ended <= STORAGE_WAIT_BREAK:
+                since = began
+    metrics = {**t.metrics, STORAGE_WAIT_KEY: {"since": since.isoformat(),
+                                               "until": (now + hold).isoformat()}}
+    if now - since >= limit:
+        return dataclasses.replace(step_away(t, now, reason=reason, hold=hold), metrics=metrics)
     return dataclasses.replace(t, lease_owner=None, lease_expires_at=now + hold,
-                               heartbeat_at=None, error=reason)
+                               heartbeat_at=None, error=reason, metrics=metrics)
+
+
+# The key of ``Training.metrics`` that holds when the training's waits for the object storage
+# began and when the last one ends (``wait_out``).
+STORAGE_WAIT_KEY = "waits_for_storage"
 
 
 # The key of ``Training.metrics`` that holds when the training's current wait for room began, and

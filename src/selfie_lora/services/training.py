@@ -1202,7 +1202,8 @@ class TrainingService:
         reason = f"{exc.reason} (the object storage could not be reached; tried again by itself)"
 
         def leave(t: Training) -> Training:
-            return wait_out(t, self._clock(), reason=reason, hold=gap)
+            return wait_out(t, self._clock(), reason=reason, hold=gap,
+                            limit=self.lease.storage_wait_limit)
 
         if self._try_update_held(held, leave, doing="leave it to wait for the storage") is None:
             # The database away too: the lease runs out, the reconciler rings, and this
