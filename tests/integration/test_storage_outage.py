@@ -16,7 +16,7 @@ import pytest
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import GateStatus, Training, TrainingStatus
 from selfie_lora.domain.likeness import LikenessStatus
-from selfie_lora.errors import BlobStoreUnreachableError, StorageSettingsError
+from selfie_lora.errors import BlobStoreUnreachableError, StorageError, StorageSettingsError
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import DatabaseOutages
 from selfie_lora.services.ports import TrainingJob
@@ -357,3 +357,35 @@ def test_an_account_deletion_cut_by_the_storage_says_it_finishes_and_is_due_agai
         [done] = erasure.finish_pending()
         assert done.name == "ann"
         assert erasure.pending() == []
+
+
+class _NoDeleteStore(FileSystemBlobStore):
+    """Keys that may put and get but not delete (a common IAM setup): S3's 403 AccessDenied."""
+
+    refuse = False
+
+    def delete(self, key: str) -> None:
+        if self.refuse:
+            raise StorageError(f"object storage could not delete {key!r}: 403 AccessDenied: "
+                               "Access Denied (the keys may not do this in this bucket)")
+        super().delete(key)
+
+
+def test_an_account_deletion_cut_by_a_refusal_says_what_is_wrong_not_that_it_finishes(
+        tmp_path: Path) -> None:
+    # Old code: 503 deletion_pending "finishes on its own", for a refusal no wait mends.
+    from tests.conftest import auth, serving
+    from tests.support.photos import synthetic_photo
+
+    settings = make_settings(tmp_path)
+    store = _NoDeleteStore(settings.home / "blobs")
+    with serving(settings, blobs=store) as (client, services):
+        ann = auth(services, "ann")
+        r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
+                        files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
+        assert r.status_code == 202, r.text
+        services.erasure._sleep = (  # type: ignore[attr-defined]
+            lambda _s: setattr(store, "refuse", True))
+        r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["code"] == "storage_error"

@@ -48,7 +48,9 @@ from selfie_lora.domain.accounts import ErasurePlan, UserHoldings
 from selfie_lora.domain.entities import User
 from selfie_lora.domain.gc import GcSummary, format_bytes
 from selfie_lora.errors import (
+    BlobStoreUnreachableError,
     ConflictError,
+    DatabaseUnreachableError,
     DeploymentMismatchError,
     ErrorCode,
     SelfieLoraError,
@@ -200,10 +202,12 @@ class AccountEraser:
         self._sleep(API_KEY_CACHE_TTL.total_seconds())
         try:
             return self._finish(user, force=force)
-        except StorageError as exc:
+        except (BlobStoreUnreachableError, DatabaseUnreachableError) as exc:
             # The account is disabled: a retry is refused (403), so "retry in a moment" was
             # false, and the rest waited ``resume_after`` (10 min), meant for a dead process,
-            # though this one is alive. Due again soon instead, at the next check.
+            # though this one is alive. Due again soon instead, at the next check. Only an
+            # outage, which passes: another storage error (refused keys, a missing bucket, a
+            # full disk) never finishes on its own, and its 500 says what is wrong.
             self._due_soon(user)
             raise ErasureContinuesError(
                 f"user {user.name}: the deletion was cut short ({exc.message}); the account is "
