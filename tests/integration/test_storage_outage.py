@@ -389,3 +389,50 @@ def test_an_account_deletion_cut_by_a_refusal_says_what_is_wrong_not_that_it_fin
         r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
         assert r.status_code == 500, r.text
         assert r.json()["error"]["code"] == "storage_error"
+
+
+class _DeletesAwayStore(FileSystemBlobStore):
+    """The storage away for deletes only (so the deployment marker still reads): the outage
+    meets the erasure itself, not the check before it."""
+
+    away = False
+
+    def delete(self, key: str) -> None:
+        if self.away:
+            raise BlobStoreUnreachableError(
+                f"object storage could not delete {key!r}: Generic S3 error: error sending "
+                "request")
+        super().delete(key)
+
+
+def test_an_account_deletion_still_cut_by_the_outage_is_tried_again_soon_in_one_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Old code: the check met the outage again: an ERROR with its traceback, due again only
+    # 10 min 31 s later, and "whose process stopped" said of a live server's retry.
+    from tests.conftest import auth, serving
+    from tests.support.photos import synthetic_photo
+
+    settings = make_settings(tmp_path)
+    away = _DeletesAwayStore(settings.home / "blobs")
+    with serving(settings, blobs=away) as (client, services):
+        ann = auth(services, "ann")
+        r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
+                        files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
+        assert r.status_code == 202, r.text
+        erasure = services.erasure
+        erasure._sleep = lambda _s: setattr(away, "away", True)  # type: ignore[attr-defined]
+        r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
+        assert r.json()["error"]["code"] == "deletion_pending"
+        for _ in range(2):  # the outage lasts: each check tries again in 30 s
+            [(_name, due)] = erasure.pending()
+            now = due + timedelta(seconds=1)
+            erasure._clock = lambda now=now: now  # type: ignore[attr-defined]
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="selfie_lora.services.erasure"):
+                assert erasure.finish_pending() == []
+            [(_name, due)] = erasure.pending()
+            assert due - now <= timedelta(seconds=30)  # old code: 10 min 31 s
+            assert all(record.levelno == logging.WARNING and record.exc_info is None
+                       for record in caplog.records), caplog.text
+            assert "whose process stopped" not in caplog.text
+            assert "tried again in 30 s" in caplog.text

@@ -47,6 +47,7 @@ from typing import Literal
 from selfie_lora.domain.accounts import ErasurePlan, UserHoldings
 from selfie_lora.domain.entities import User
 from selfie_lora.domain.gc import GcSummary, format_bytes
+from selfie_lora.domain.lease import wait_text
 from selfie_lora.errors import (
     BlobStoreUnreachableError,
     ConflictError,
@@ -252,8 +253,9 @@ class AccountEraser:
                 break
             if not self._repo.request_erasure(user.id, at=now, requested_before=due):
                 continue  # another process claimed it meanwhile
-            logger.warning("user %s: finishing the deletion asked for at %s, whose process "
-                           "stopped", user.name, user.erasure_requested_at)
+            # Not "whose process stopped": one cut short by an outage is due again on purpose.
+            logger.warning("user %s: finishing the pending deletion (cut short by an outage, or "
+                           "its process stopped)", user.name)
             try:
                 # Forced: its owner asked for the deletion, and a training started since (the
                 # only one a disabled account can have) must not hold it up for ever.
@@ -263,6 +265,12 @@ class AccountEraser:
                 logger.info("user %s: the deletion is left as this process stops; the next "
                             "check goes on with it", user.name)
                 break
+            except (BlobStoreUnreachableError, DatabaseUnreachableError) as exc:
+                # An outage, which passes: due again soon, as when it first cut the deletion
+                # short, and said in one line (no traceback) each time it is met.
+                self._due_soon(user)
+                logger.warning("user %s: the deletion could not be finished now: %s; tried "
+                               "again in %s", user.name, exc.message, wait_text(ERASURE_RETRY))
             except ErasureBlockedError as exc:  # expected (a training that does not stop yet)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
                                "again in %s", user.name, exc.message, self.resume_after)
