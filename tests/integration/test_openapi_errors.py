@@ -37,6 +37,8 @@ def test_every_api_operation_declares_the_errors_every_route_can_give(
         assert wanted <= set(responses), (method, path, sorted(responses))
         assert "disabled" in responses["403"]["description"], (method, path)
         assert "server_stopping" in responses["503"]["description"], (method, path)
+        # Old code: no Retry-After declared on any 503.
+        assert "Retry-After" in responses["503"]["headers"], (method, path)
         assert "reference" in responses["500"]["description"], (method, path)
         for status, answer in responses.items():
             if status[0] in "45" and status != "416":  # a Range past the end: no body
@@ -55,6 +57,8 @@ def test_every_api_operation_declares_the_errors_every_route_can_give(
         assert code in conflicts
     assert "not_resumable" in paths["/api/training/resume"]["post"]["responses"]["409"][
         "description"]
+    # Old code: "ask again in a moment", which deletion_pending's own sentence refuses.
+    assert "do not ask again" in paths["/api/me"]["delete"]["responses"]["503"]["description"]
 
 
 def test_the_codes_the_routes_answer_are_in_their_declared_descriptions(

@@ -122,7 +122,8 @@ _WHY = {
     500: "a server-side error: a fixed sentence, and details [{\"reference\"}] that the "
          "server's log line carries",
     502: "the generator or the training backend failed",
-    503: "the server cannot take it now; ask again in a moment",
+    503: "the server cannot take it now; ask again after the Retry-After header's seconds when "
+         "it sends one",
     507: "the server's disk is full: nothing is wrong with the request, which works again once "
          "the operator has freed space (a fixed sentence and a reference, as for a 500)",
 }
@@ -178,9 +179,23 @@ def errors(codes: Mapping[int, Sequence[ErrorCode]] | None = None, *,
         for status, listed in table.items():
             merged.setdefault(status, [])
             merged[status] += [c for c in listed if c not in merged[status]]
-    return {status: {"model": ErrorAnswer, "description": f"{_WHY[status]} (codes: "
-                     f"{', '.join(_SAYS.get(c, c.value) for c in merged[status])})"}
-            for status in sorted(merged)}
+    answers: dict[int | str, dict[str, Any]] = {
+        status: {"model": ErrorAnswer, "description": f"{_WHY[status]} (codes: "
+                 f"{', '.join(_SAYS.get(c, c.value) for c in merged[status])})"}
+        for status in sorted(merged)}
+    if E.DELETION_PENDING in merged.get(503, ()):
+        # Not "ask again": the account is disabled, a retry refused, and it finishes by itself.
+        answers[503]["description"] += (
+            "; deletion_pending: no Retry-After, do not ask again: the deletion finishes by "
+            "itself")
+    if 503 in answers:
+        answers[503]["headers"] = _RETRY_AFTER
+    return answers
+
+
+# Sent with storage_unavailable (30) and server_stopping; not with deletion_pending.
+_RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"},
+                                "description": "seconds to wait before asking again"}}
 
 
 def binary(media_type: str) -> dict[int | str, dict[str, Any]]:
