@@ -436,3 +436,23 @@ def test_an_account_deletion_still_cut_by_the_outage_is_tried_again_soon_in_one_
                        for record in caplog.records), caplog.text
             assert "whose process stopped" not in caplog.text
             assert "tried again in 30 s" in caplog.text
+
+
+def test_an_account_deletion_cut_short_says_when_in_the_cli_s_words(tmp_path: Path) -> None:
+    # Old code: "tried again in 0:00:30", a raw timedelta (the CLI's users delete prints it).
+    from selfie_lora.services.erasure import ErasureContinuesError
+    from tests.conftest import auth, serving
+    from tests.support.photos import synthetic_photo
+
+    settings = make_settings(tmp_path)
+    away = _DeletesAwayStore(settings.home / "blobs")
+    with serving(settings, blobs=away) as (client, services):
+        ann = auth(services, "ann")
+        r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
+                        files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
+        assert r.status_code == 202, r.text
+        erasure = services.erasure
+        erasure._sleep = lambda _s: setattr(away, "away", True)  # type: ignore[attr-defined]
+        with pytest.raises(ErasureContinuesError) as cut:
+            erasure.erase(name="ann")
+        assert cut.value.message.endswith("the deletion is tried again in 30 s")

@@ -212,7 +212,7 @@ class AccountEraser:
             self._due_soon(user)
             raise ErasureContinuesError(
                 f"user {user.name}: the deletion was cut short ({exc.message}); the account is "
-                f"disabled, and the deletion is tried again in {ERASURE_RETRY}") from exc
+                f"disabled, and the deletion is tried again in {wait_text(ERASURE_RETRY)}") from exc
 
     def finish_pending(self, *,
                        stopping: threading.Event | None = None) -> list[ErasureSummary]:
@@ -273,10 +273,10 @@ class AccountEraser:
                                "again in %s", user.name, exc.message, wait_text(ERASURE_RETRY))
             except ErasureBlockedError as exc:  # expected (a training that does not stop yet)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
-                               "again in %s", user.name, exc.message, self.resume_after)
+                               "again in %s", user.name, exc.message, wait_text(self.resume_after))
             except Exception:  # one account must not hold up the others: tried again later
                 logger.exception("user %s: the deletion could not be finished now; tried "
-                                 "again in %s", user.name, self.resume_after)
+                                 "again in %s", user.name, wait_text(self.resume_after))
             except BaseException:  # KeyboardInterrupt, SystemExit: the claim is let go
                 self._unclaim(user, claimed_at=now)
                 raise
@@ -290,7 +290,7 @@ class AccountEraser:
                 user.id, at=self._clock() - self.resume_after + ERASURE_RETRY)
         except StorageError as exc:
             logger.warning("user %s: the deletion stays due in %s: %s", user.name,
-                           self.resume_after, exc.message)
+                           wait_text(self.resume_after), exc.message)
 
     def pending(self) -> list[tuple[str, datetime]]:
         """Every deletion still pending (its account disabled): the user's name, and when the
