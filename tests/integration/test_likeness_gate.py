@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,7 @@ def test_a_version_held_on_the_active_version_s_photos_shows_that_drop(rig: Rig)
     v2 = rig.train(ann, photos=other_person())
     assert v2.gate_details["measured_on"] == "baseline_photos"
     on_active = v2.gate_details["on_baseline_photos"]
-    drop = on_active["after"]["identity"] - on_active["before"]["identity"]
+    drop = -on_active["drop"]
     rows = version_rows(rig.models.versions_with_likeness(user=ann),
                         active_version_id=rig.model(ann).active_version_id, photos={})
     changes = {row["version"].number: row["change"] for row in rows}
@@ -303,8 +304,32 @@ def test_measured_on_is_null_where_nothing_was_compared_and_in_old_records(rig: 
         None, None)
     rows = version_rows(rig.models.versions_with_likeness(user=ann),
                         active_version_id=rig.model(ann).active_version_id, photos={})
-    drop = old["after"]["identity"] - old["before"]["identity"]
-    assert {r["version"].number: r["change"] for r in rows} == {2: f"{drop:+.3f} vs v1", 1: None}
+    # The drop the gate stored, as it decided (not a float subtraction of the two scores).
+    assert {r["version"].number: r["change"] for r in rows} == {
+        2: f"{-old['drop']:+.3f} vs v1", 1: None}
+
+
+@pytest.mark.parametrize(("before", "after", "change"), [
+    (0.8004, 0.7802, "-0.0202 vs v1"),  # held: "-0.020" read as within the tolerance 0.02
+    (0.8001, 0.78, "-0.0201 vs v1"),  # held: "-0.020" too
+    (0.8, 0.7795, "-0.021 vs v1"),  # 3 decimals where they read as decided
+    (0.52, 0.50, "-0.020 vs v1"),  # passed: a drop of exactly the tolerance
+    (0.8, 0.775, "-0.025 vs v1"),
+    (0.7, 0.75, "+0.050 vs v1"),
+])
+def test_the_change_column_reads_on_the_side_of_the_tolerance_the_gate_decided(
+        before: float, after: float, change: str) -> None:
+    """As the gate's reason and alert (shown_scores): 3 decimals, or 4 where 3 would put a
+    held drop within the tolerance."""
+    held = Version(id="v2", model_id="m", number=2, training_id="t2",
+                   trainer_version="local-tiny-v1", weights_key="k", weights_sha256="s",
+                   weights_method="output", remote_version=None, version_mismatch=False,
+                   created_at=datetime(2026, 1, 1, tzinfo=UTC), gate_details={
+                       "before": {"identity": before}, "after": {"identity": after},
+                       "tolerance": 0.02, "baseline_version_number": 1,
+                       "measured_on": "new_photos"})
+    rows = version_rows([(held, None)], active_version_id=None, photos={})
+    assert rows[0]["change"] == change
 
 
 def test_versions_trained_on_the_same_photos_are_compared_once(rig: Rig) -> None:

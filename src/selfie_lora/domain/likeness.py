@@ -536,6 +536,16 @@ def shown_scores(after: float, before: float, *, tolerance: float) -> tuple[str,
     return f"{round(after, 4):.4f}", f"{round(before, 4):.4f}"
 
 
+def shown_change(before: float, after: float, *, tolerance: float) -> str:
+    """``after``'s change from ``before`` as the Versions page writes it ("+0.015"): the drop the
+    gate decided on (``stored_drop``) with 3 decimals, or 4 where 3 would put it on the other
+    side of the tolerance, as ``shown_scores`` does for the two scores (a held drop of 0.0202 is
+    "-0.0202", never "-0.020")."""
+    drop = stored_drop(before, after)
+    places = 3 if (round(drop, 3) > tolerance) == (drop > tolerance) else 4
+    return f"{0.0 - drop:+.{places}f}"  # 0.0 - 0.0: "+0.000", not "-0.000"
+
+
 class GateMeasure(enum.StrEnum):
     """The score the gate compares, named as in ``IdentityScores.headline``."""
 

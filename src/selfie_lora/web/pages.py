@@ -23,10 +23,13 @@ from selfie_lora.domain.accounts import fold_name
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import (
     BASELINE_PHOTOS,
+    DEFAULT_GATE_TOLERANCE,
     GateMeasure,
     VersionLikeness,
     gate_measure,
     gate_reason_now,
+    headline_score,
+    shown_change,
 )
 from selfie_lora.domain.plan import (
     LORA_SCALE_MAX,
@@ -642,11 +645,14 @@ def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
         faces = (headline.get("face_share") if headline is not None
                  and gate_measure(headline) is GateMeasure.FACE_SHARE else None)
         gate = _gate_change(version.gate_details)
-        delta = gate[1] if gate is not None else None
+        delta = gate[2] - gate[1] if gate is not None else None
         against = version.gate_details.get("baseline_version_number")
+        tolerance = headline_score(version.gate_details, "tolerance")
         shown = (None if gate is None
-                 else f"{gate[1]:+.0%} faces" if gate[0] is GateMeasure.FACE_SHARE
-                 else f"{gate[1]:+.3f}")
+                 else f"{delta:+.0%} faces" if gate[0] is GateMeasure.FACE_SHARE
+                 # The digits that read on the side of the tolerance the gate decided.
+                 else shown_change(gate[1], gate[2], tolerance=DEFAULT_GATE_TOLERANCE
+                                   if tolerance is None else tolerance))
         change = (None if shown is None
                   else f"{shown} vs v{against}" if isinstance(against, int) else shown)
         if change is not None and _on_baseline_photos(version.gate_details) is not None:
@@ -673,10 +679,10 @@ def _on_baseline_photos(details: Mapping[str, Any]) -> Mapping[str, Any] | None:
             else None)
 
 
-def _gate_change(details: Mapping[str, Any]) -> tuple[GateMeasure, float] | None:
-    """The gate's measure and this version's change in it: the identity, or the face share when
-    the training photos have no face (a version held on that showed no change at all), on the
-    photos the gate decided on."""
+def _gate_change(details: Mapping[str, Any]) -> tuple[GateMeasure, float, float] | None:
+    """The gate's measure and this version's scores in it, before and after: the identity, or
+    the face share when the training photos have no face (a version held on that showed no
+    change at all), on the photos the gate decided on."""
     decided_on = _on_baseline_photos(details) or details
     before, after = decided_on.get("before"), decided_on.get("after")
     if not isinstance(before, dict) or not isinstance(after, dict):
@@ -684,7 +690,7 @@ def _gate_change(details: Mapping[str, Any]) -> tuple[GateMeasure, float] | None
     measure = gate_measure(before, after)
     old, new = before.get(measure), after.get(measure)
     if isinstance(old, int | float) and isinstance(new, int | float):
-        return measure, float(new) - float(old)
+        return measure, float(old), float(new)
     return None
 
 
