@@ -10,6 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+# The embedding distance beyond which a face is someone else's: the photo checks refuse a photo
+# this far from the centre of the set's other faces (``CheckPolicy.identity_centre_distance``;
+# README "Photo checks, measured": no stranger got through, no photo of the person was refused),
+# and the likeness gate's "still the same person" line is this distance as a similarity
+# (``likeness.SAME_PERSON_IDENTITY``). Set here once, for both.
+SAME_PERSON_DISTANCE = 0.52
+
 
 @dataclass(frozen=True)
 class Face:

@@ -35,6 +35,7 @@ from datetime import datetime
 from typing import Any
 
 from selfie_lora.domain.entities import GateStatus, Probe
+from selfie_lora.domain.faces import SAME_PERSON_DISTANCE
 from selfie_lora.errors import ErrorCode, InvalidInputError
 
 Embedding = tuple[float, ...]
@@ -43,15 +44,6 @@ Embedding = tuple[float, ...]
 SIMILARITY_SCALE = 1.2
 DEFAULT_PROBE_COUNT = 4
 DEFAULT_GATE_TOLERANCE = 0.02
-# "Still the same person", in the gate's similarity units. The photo checks call a face someone
-# else's when it is more than 0.52 from the centre of the set's other faces (``CheckPolicy.
-# identity_centre_distance``, README "Photo checks, measured": no stranger got through, no photo
-# of the person was refused). The gate's identity is the same measure, a probe face's distance to
-# the centre (mean) of the training photos' faces, turned into a similarity: 1 - 0.52 / 1.2 =
-# 0.5667. (A probe without a face counts 0 in the mean, so a version that draws faces half the
-# time falls under it too: it does not show that person either.)
-SAME_PERSON_DISTANCE = 0.52
-SAME_PERSON_IDENTITY = round(1.0 - SAME_PERSON_DISTANCE / SIMILARITY_SCALE, 4)
 
 # Portrait prompts: the face must be visible for an identity score to mean anything.
 PROBE_PROMPTS: tuple[str, ...] = (
@@ -186,6 +178,15 @@ def similarity(distance: float) -> float:
     if not math.isfinite(distance):
         return 0.0
     return max(0.0, min(1.0, 1.0 - distance / SIMILARITY_SCALE))
+
+
+# "Still the same person", in the gate's similarity units: the photo checks' "someone else" line
+# (``SAME_PERSON_DISTANCE``, 0.52 from the centre of the set's faces) as a similarity, 1 - 0.52 /
+# 1.2 = 0.5667. The gate's identity is the same measure, a probe face's distance to the centre
+# (mean) of the training photos' faces. (A probe without a face counts 0 in the mean, so a
+# version that draws faces half the time falls under it too: it does not show that person
+# either.)
+SAME_PERSON_IDENTITY = round(similarity(SAME_PERSON_DISTANCE), 4)
 
 
 def centroid(embeddings: Sequence[Embedding]) -> Embedding:

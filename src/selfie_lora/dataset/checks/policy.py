@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from selfie_lora.domain.faces import SAME_PERSON_DISTANCE
+
 # The face box (dlib's: brows to chin) as a share of the training crop's side: 0.42 keeps the
 # hair, the neck and the top of the shoulders in the square (``prepare`` crops with it).
 CROP_FACE_FRACTION = 0.42
@@ -161,7 +163,8 @@ class CheckPolicy:
     # Fixtures: the same person 0.22-0.32 from the others' centre, another person 0.79. Over the
     # warn value the photo is kept but flagged (a sibling, or the user at a hard angle).
     identity_centre_warn: float = 0.45
-    identity_centre_distance: float = 0.52
+    # Also the likeness gate's "same person" line: set once, in the domain.
+    identity_centre_distance: float = SAME_PERSON_DISTANCE
     # Pairwise distance for small sets (majority vote).
     identity_pair_distance: float = 0.6
     centre_min_photos: int = 5
