@@ -478,6 +478,17 @@ NEW_PHOTOS = "new_photos"
 BASELINE_PHOTOS = "baseline_photos"
 
 
+def decided_on_baseline_photos(details: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A gate record's comparison on the baseline's own training photos when the gate decided on
+    it (``measured_on`` ``BASELINE_PHOTOS``): its "before", "after" and "drop" are what decided.
+    None when the decision was on the new version's photos (the record's own "before" and
+    "after"), and for records from before ``measured_on`` existed. The one reading of it for
+    the alert and the Versions page."""
+    there = details.get("on_baseline_photos")
+    return (there if details.get("measured_on") == BASELINE_PHOTOS and isinstance(there, Mapping)
+            else None)
+
+
 def _compare(*, candidate: IdentityScores, baseline: IdentityScores, tolerance: float, v: str,
              active: str, details: dict[str, Any]) -> GateDecision:
     """``decide_gate`` on the candidate's own training photos."""

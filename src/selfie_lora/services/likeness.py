@@ -39,7 +39,6 @@ from selfie_lora.domain import alerts
 from selfie_lora.domain.entities import GateStatus, Model, Probe, Training, User, Version
 from selfie_lora.domain.likeness import (
     ACTIVATE_HINT,
-    BASELINE_PHOTOS,
     DEFAULT_GATE_TOLERANCE,
     DEFAULT_PROBE_COUNT,
     GATE_OFF_REASON,
@@ -53,6 +52,7 @@ from selfie_lora.domain.likeness import (
     VersionLikeness,
     baseline_no_longer_active,
     decide_gate,
+    decided_on_baseline_photos,
     gate_measure,
     headline_score,
     held_but_user_activated,
@@ -904,14 +904,11 @@ class LikenessService:
     def _alert(self, model: Model, version: Version, verdict: GateVerdict, *, message: str,
                at: datetime, user_name: str | None) -> dict[str, Any]:
         baseline = verdict.baseline
-        before, after = verdict.details.get("before"), verdict.details.get("after")
-        measured_on = verdict.details.get("measured_on")
-        on_theirs = verdict.details.get("on_baseline_photos")
-        if measured_on == BASELINE_PHOTOS and isinstance(on_theirs, dict):
-            # Held on the active version's photos: the numbers that decided, on those photos.
-            before, after = on_theirs.get("before"), on_theirs.get("after")
-        photos_of = (baseline.number if measured_on == BASELINE_PHOTOS and baseline
-                     else version.number)
+        # Held on the active version's photos: the numbers that decided, on those photos.
+        there = decided_on_baseline_photos(verdict.details)
+        decided = there if there is not None else verdict.details
+        before, after = decided.get("before"), decided.get("after")
+        photos_of = baseline.number if there is not None and baseline else version.number
         # Scores on both sides: a drop; otherwise the version or its baseline was not scored.
         kind = "likeness_drop" if after and before else "not_scored"
         text = alert_text(
@@ -931,7 +928,7 @@ class LikenessService:
             "before": before, "after": after,
             # Whose training photos ``before`` and ``after`` were measured on: the new
             # version's ("new_photos") or the active version's ("baseline_photos").
-            "measured_on": measured_on,
+            "measured_on": verdict.details.get("measured_on"),
             "tolerance": self.tolerance, "url": self._versions_url,
             # What a chat hook shows: Slack's incoming webhooks need "text", Discord's
             # "content" (at most 2000 characters); both refused this body without them.

@@ -22,10 +22,10 @@ from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.domain.accounts import fold_name
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import (
-    BASELINE_PHOTOS,
     DEFAULT_GATE_TOLERANCE,
     GateMeasure,
     VersionLikeness,
+    decided_on_baseline_photos,
     gate_measure,
     gate_reason_now,
     headline_score,
@@ -655,7 +655,7 @@ def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
                                    if tolerance is None else tolerance))
         change = (None if shown is None
                   else f"{shown} vs v{against}" if isinstance(against, int) else shown)
-        if change is not None and _on_baseline_photos(version.gate_details) is not None:
+        if change is not None and decided_on_baseline_photos(version.gate_details) is not None:
             change += f" on v{against}'s photos" if isinstance(against, int) else (
                 " on the photos of the version it was judged against")
         rows.append({"version": version, "record": record, "identity": identity,
@@ -670,20 +670,11 @@ def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
     return rows
 
 
-def _on_baseline_photos(details: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The comparison on the judged-against version's training photos, when the gate decided on
-    it (``measured_on`` "baseline_photos"); None otherwise, and for records from before it
-    existed (no ``measured_on``)."""
-    there = details.get("on_baseline_photos")
-    return (there if details.get("measured_on") == BASELINE_PHOTOS and isinstance(there, dict)
-            else None)
-
-
 def _gate_change(details: Mapping[str, Any]) -> tuple[GateMeasure, float, float] | None:
     """The gate's measure and this version's scores in it, before and after: the identity, or
     the face share when the training photos have no face (a version held on that showed no
     change at all), on the photos the gate decided on."""
-    decided_on = _on_baseline_photos(details) or details
+    decided_on = decided_on_baseline_photos(details) or details
     before, after = decided_on.get("before"), decided_on.get("after")
     if not isinstance(before, dict) or not isinstance(after, dict):
         return None  # nothing to beat (a first version), or not scored
