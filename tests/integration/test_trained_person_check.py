@@ -46,14 +46,7 @@ def train_on(rig: Rig, intake: IntakeService, user: User, *names: str) -> Versio
     """Upload ``names`` through the intake (which stores their faces) and train on them."""
     dataset = intake.ingest_files(user=user, files=files(*names))
     assert rig.blobs.exists(reference_key(dataset.id, rig.faces.model_name))
-    started = rig.training.start(user=user, dataset_id=dataset.id)
-    rig.queue.drain(rig.training.run)
-    training = rig.repo.get_training(started.training.id)
-    assert training is not None
-    assert training.version_id is not None, training
-    version = rig.repo.get_version(training.version_id)
-    assert version is not None
-    return version
+    return rig.train_dataset(user, dataset.id)
 
 
 def trained_person_findings(report: IntakeReport) -> list[str]:

@@ -183,7 +183,12 @@ class Rig:
         its version is scored and judged. Returns the new version as the gate left it."""
         dataset = store_dataset(self.repo, self.blobs, user,
                                 photos or [fixture_photo(n) for n in OBAMA])
-        started = self.training.start(user=user, dataset_id=dataset.id)
+        return self.train_dataset(user, dataset.id)
+
+    def train_dataset(self, user: User, dataset_id: str) -> Version:
+        """Train on a stored dataset: the training ends once its version is scored and judged.
+        Returns the new version as the gate left it."""
+        started = self.training.start(user=user, dataset_id=dataset_id)
         self.queue.drain(self.training.run)
         training = self.repo.get_training(started.training.id)
         assert training is not None
