@@ -362,7 +362,7 @@ def _intake(settings: Settings, *, repo: Repository | None, blobs: BlobStore | N
         # Worker processes build dlib's analyzer themselves; a given one (tests) runs in threads.
         analyzer_factory=default_analyzer_factory(settings) if face_analyzer is None else None,
         workers=settings.intake_workers, keep_originals=settings.keep_originals,
-        telemetry=telemetry,
+        telemetry=telemetry, gate_enabled=settings.quality_gate,
     )
 
 

@@ -27,14 +27,14 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     r.close()
 
 
-def intake_of(rig: Rig) -> IntakeService:
+def intake_of(rig: Rig, *, gate_enabled: bool = True) -> IntakeService:
     return IntakeService(
         repo=rig.repo, blobs=rig.blobs, limits=UploadLimits(),
         policy=CheckPolicy(min_photos=1, max_photos=50), analyzer=rig.faces,
         defaults=lambda: TrainingDefaults(backend="local", trainer_version="local-tiny-v1",
                                           owner="local", replicate_recipe="replicate-person-v1",
                                           probe_count=rig.probe_count),
-        workers=1,
+        workers=1, gate_enabled=gate_enabled,
     )
 
 
@@ -75,6 +75,17 @@ def test_another_person_s_photos_after_a_version_are_warned_about(rig: Rig) -> N
     dataset = intake.ingest_files(user=ann, files=files("biden.jpg"))
     assert [f.code for f in dataset.findings if f.code == NOT_THE_TRAINED_PERSON] == [
         NOT_THE_TRAINED_PERSON]
+
+
+def test_without_the_gate_the_warning_does_not_say_the_gate_holds_the_version(rig: Rig) -> None:
+    """SELFIE_LORA_QUALITY_GATE=false: the new version is activated at once, held by nothing."""
+    ann = rig.user()
+    train_on(rig, intake_of(rig), ann, "obama.jpg", "obama2.jpg")
+    report = intake_of(rig, gate_enabled=False).check_files(
+        files=files("people/p07-01.jpg", "people/p07-02.jpg"), user=ann)
+    [message] = trained_person_findings(report)
+    assert "held back" not in message
+    assert message.endswith("a retraining on them would learn another face")
 
 
 def test_the_same_person_s_new_photos_are_not_warned_about(rig: Rig) -> None:

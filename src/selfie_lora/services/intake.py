@@ -168,6 +168,7 @@ class IntakeService:
         workers: int = 2,
         keep_originals: bool = False,
         telemetry: Telemetry | None = None,
+        gate_enabled: bool = True,
     ) -> None:
         # None: the photo checks alone (`selfie-lora check`), which store nothing and so need
         # neither a database nor a HOME; storing or reading a dataset is then a bug.
@@ -181,6 +182,9 @@ class IntakeService:
         self._analyzer_factory = analyzer_factory
         self._defaults = defaults
         self._workers = workers
+        # SELFIE_LORA_QUALITY_GATE: whether a retraining on another person's photos would be
+        # held back, as the warning about such photos says (``_trained_person``).
+        self._gate_enabled = gate_enabled
         self._keep_originals = keep_originals
         # Photos analysed before in this process: a check followed by its upload, or a
         # retraining with the same photos and one more, analyses each photo once.
@@ -295,7 +299,8 @@ class IntakeService:
             return None
         if not embeddings:
             return None
-        return TrainedPerson(version=version.number, embeddings=embeddings, active=active)
+        return TrainedPerson(version=version.number, embeddings=embeddings,
+                             gated=active and self._gate_enabled)
 
     # Reading an upload: every file checked for what it is before a photo is decoded (see
     # ``dataset.archive``); the notes are findings about skipped entries.

@@ -171,9 +171,10 @@ class TrainedPerson:
 
     version: int
     embeddings: tuple[tuple[float, ...], ...]
-    # Whether that version is the active one, which the likeness gate measures a retraining
-    # against (else it is the newest of versions none of which is active).
-    active: bool = True
+    # Whether the likeness gate judges a retraining against that version: it is the active one
+    # and the gate is on. Else (the newest of versions none of which is active, or
+    # SELFIE_LORA_QUALITY_GATE=false) the new version is activated at once, held by nothing.
+    gated: bool = True
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,7 @@ def _trained_person(kept: Sequence[PhotoAnalysis], trained: TrainedPerson, *,
     if distance <= policy.identity_centre_distance:
         return None
     held = ("a retraining on them would be held back by the likeness gate, your model staying "
-            f"at version {trained.version}" if trained.active else
+            f"at version {trained.version}" if trained.gated else
             "a retraining on them would learn another face")
     return Finding(
         "warn", NOT_THE_TRAINED_PERSON,
