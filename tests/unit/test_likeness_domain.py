@@ -268,6 +268,27 @@ def test_the_gate_without_a_baseline_or_a_score() -> None:
                     baseline_number=None)
 
 
+def test_a_faceless_pass_measured_on_other_photos_says_it_is_active_once() -> None:
+    """The tiny model retrained on new photos: no face on either side, also measured on the
+    active version's photos (or not, those gone). The reason said "nothing to lose, it is
+    active; on the training photos of ...: it is active": the ending decide_gate strips before
+    adding the second comparison was ": it is active", and this reason's was ", it is active"."""
+    none = scores_of(0.0, 0.0, 0)
+    there = decide_gate(candidate=none, baseline=none, tolerance=0.02, candidate_number=2,
+                        baseline_number=1, on_baseline_photos=(none, none))
+    gone = decide_gate(candidate=none, baseline=none, tolerance=0.02, candidate_number=2,
+                       baseline_number=1,
+                       baseline_photos_unmeasured="the training photos of version 1 are gone")
+    for passed in (there, gone):
+        assert passed.status is GateStatus.PASSED
+        assert passed.reason.count("it is active") == 1, passed.reason
+        assert passed.reason.endswith(": it is active")
+        assert "nothing to lose" in passed.reason
+    alone = decide_gate(candidate=none, baseline=none, tolerance=0.02, candidate_number=2,
+                        baseline_number=1)
+    assert alone.reason.count("it is active") == 1, alone.reason
+
+
 def test_the_gate_on_faceless_versions() -> None:
     # Faces before, none now: a drop, said plainly.
     lost = decide_gate(candidate=scores_of(0.0, 0.0, 0), baseline=scores_of(0.8),

@@ -431,14 +431,15 @@ def decide_gate(
     if baseline_photos_unmeasured is not None:
         details["baseline_photos_unmeasured"] = baseline_photos_unmeasured
         return GateDecision(GateStatus.PASSED, (
-            f"{first.reason.removesuffix(': it is active')}; not measured on the training "
-            f"photos of {active}: {baseline_photos_unmeasured}, so judged on {v}'s own "
-            "training photos alone: it is active"), details)
+            f"{first.reason}; not measured on the training photos of {active}: "
+            f"{baseline_photos_unmeasured}, so judged on {v}'s own training photos alone"
+            f"{IT_IS_ACTIVE}"), details)
     if on_baseline_photos is None:
-        return first
+        return GateDecision(GateStatus.PASSED, f"{first.reason}{IT_IS_ACTIVE}", details)
     cand_there, base_there = on_baseline_photos
     if cand_there.identity is None or base_there.identity is None:
-        return first  # no face in the active version's photos: nothing more to measure there
+        # No face in the active version's photos: nothing more to measure there.
+        return GateDecision(GateStatus.PASSED, f"{first.reason}{IT_IS_ACTIVE}", details)
     drop = stored_drop(base_there.identity, cand_there.identity)
     after_text, before_text = shown_scores(cand_there.identity, base_there.identity,
                                            tolerance=tolerance)
@@ -463,15 +464,17 @@ def decide_gate(
             f"seem to show different people; {KEPT_NOT_ACTIVATED}"), details)
     if drop > tolerance:
         return GateDecision(GateStatus.PASSED, (
-            f"{first.reason.removesuffix(': it is active')}; on {theirs}, identity "
-            f"{after_text} against {before_text}, lower by more than the tolerance "
-            f"{tolerance:g} but still the same person ({SAME_PERSON_IDENTITY:.3f} or more): "
-            "it is active"), details)
+            f"{first.reason}; on {theirs}, identity {after_text} against {before_text}, lower "
+            f"by more than the tolerance {tolerance:g} but still the same person "
+            f"({SAME_PERSON_IDENTITY:.3f} or more){IT_IS_ACTIVE}"), details)
     return GateDecision(GateStatus.PASSED, (
-        f"{first.reason.removesuffix(': it is active')}; on {theirs}, identity "
-        f"{after_text} against {before_text}, within the tolerance "
-        f"{tolerance:g}: it is active"), details)
+        f"{first.reason}; on {theirs}, identity {after_text} against {before_text}, within the "
+        f"tolerance {tolerance:g}{IT_IS_ACTIVE}"), details)
 
+
+# How a passed reason ends. Said once, after every comparison made: ``_compare``'s passed
+# reasons leave it out, so that ``decide_gate`` can add the comparison on the baseline's photos.
+IT_IS_ACTIVE = ": it is active"
 
 # Which training photos a gate's drop was measured on (``details["measured_on"]``).
 NEW_PHOTOS = "new_photos"
@@ -491,7 +494,8 @@ def decided_on_baseline_photos(details: Mapping[str, Any]) -> Mapping[str, Any] 
 
 def _compare(*, candidate: IdentityScores, baseline: IdentityScores, tolerance: float, v: str,
              active: str, details: dict[str, Any]) -> GateDecision:
-    """``decide_gate`` on the candidate's own training photos."""
+    """``decide_gate`` on the candidate's own training photos: held, or passed with a reason
+    that does not say yet that it is active (``IT_IS_ACTIVE``: ``decide_gate`` ends it)."""
     ours = f"the training photos of {v}"
     if candidate.identity is not None and baseline.identity is not None:
         # Decided on the scores as stored (4 decimals): 0.52 against 0.50 is a drop of 0.02, not
@@ -513,10 +517,10 @@ def _compare(*, candidate: IdentityScores, baseline: IdentityScores, tolerance: 
         if candidate.faces == 0 and baseline.faces == 0:
             return GateDecision(GateStatus.PASSED, (
                 f"no face in the probe images of {v} or {active} (expected with an untrained or "
-                "tiny model): nothing to lose, it is active"), details)
+                "tiny model), nothing to lose"), details)
         return GateDecision(GateStatus.PASSED, (
             f"identity {after_text} against {before_text} for {active} on "
-            f"{ours}, within the tolerance {tolerance:g}: it is active"), details)
+            f"{ours}, within the tolerance {tolerance:g}"), details)
     # No reference face to measure identity against: fall back to whether faces appear at all.
     drop = details["drop"] = stored_drop(baseline.face_share, candidate.face_share)
     if drop > tolerance:
@@ -527,7 +531,7 @@ def _compare(*, candidate: IdentityScores, baseline: IdentityScores, tolerance: 
     return GateDecision(GateStatus.PASSED, (
         f"the training photos have no face to measure identity against; faces appear in "
         f"{candidate.face_share:.0%} of {v}'s probe images against {baseline.face_share:.0%} for "
-        f"{active}: it is active"), details)
+        f"{active}"), details)
 
 
 def stored_drop(before: float, after: float) -> float:
