@@ -375,8 +375,8 @@ def decide_gate(
     a drop cannot be ruled out, and passing would replace the active version unjudged.
 
     Held when the candidate could not be scored, when its identity is lower than the
-    baseline's by more than ``tolerance``, or when its share of sane probe images is (not blank,
-    saturated or broken: ``sane_share``). When the reference has no face (``identity`` None on
+    baseline's by more than ``tolerance``, or when its share of sane probe images (not blank,
+    saturated or broken: ``sane_share``) is. When the reference has no face (``identity`` None on
     either side) the face share is compared instead, with the same tolerance; when neither
     version shows any face (the offline tiny model) and its images are as sane, there is nothing
     to lose and it passes.
@@ -444,9 +444,9 @@ def decide_gate(
     after_text, before_text = shown_scores(cand_there.identity, base_there.identity,
                                            tolerance=tolerance)
     details["on_baseline_photos"] = {"after": cand_there.headline(),
-                                     "before": base_there.headline(), "drop": drop}
+                                     "before": base_there.headline(), "drop": drop,
+                                     "same_person_identity": SAME_PERSON_IDENTITY}
     theirs = f"the training photos of {active}"
-    details["on_baseline_photos"]["same_person_identity"] = SAME_PERSON_IDENTITY
     if (drop > tolerance and round(cand_there.identity, 4) < SAME_PERSON_IDENTITY
             <= round(base_there.identity, 4)):
         details["measured_on"] = BASELINE_PHOTOS
