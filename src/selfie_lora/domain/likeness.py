@@ -189,6 +189,14 @@ def similarity(distance: float) -> float:
 SAME_PERSON_IDENTITY = round(similarity(SAME_PERSON_DISTANCE), 4)
 
 
+def stored_embeddings(stored: Mapping[str, Any]) -> tuple[Embedding, ...]:
+    """The face embeddings of a dataset's stored faces file (``layout.reference_key``, written
+    by the intake or the likeness scoring), photos without a face left out. Raises KeyError,
+    TypeError or ValueError for a file that is not one."""
+    return tuple(tuple(float(v) for v in p["embedding"]) for p in stored["photos"]
+                 if p.get("embedding"))
+
+
 def centroid(embeddings: Sequence[Embedding]) -> Embedding:
     if not embeddings:
         raise ValueError("the centroid of no embeddings")

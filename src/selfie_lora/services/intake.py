@@ -34,6 +34,7 @@ from selfie_lora.dataset.pipeline import (
 )
 from selfie_lora.dataset.prepare import PreparedPhoto, dataset_sha256
 from selfie_lora.domain.entities import Dataset, Finding, Recipe, User
+from selfie_lora.domain.likeness import stored_embeddings
 from selfie_lora.domain.plan import TrainingDefaults
 from selfie_lora.domain.recipes import CheckTarget, recipe_for
 from selfie_lora.errors import (
@@ -288,9 +289,7 @@ class IntakeService:
         try:
             if not self._blobs.exists(key):
                 return None
-            stored = json.loads(self._blobs.get(key))
-            embeddings = tuple(tuple(float(v) for v in p["embedding"])
-                               for p in stored["photos"] if p.get("embedding"))
+            embeddings = stored_embeddings(json.loads(self._blobs.get(key)))
         except (StorageError, ValueError, KeyError, TypeError) as exc:
             # Only a comparison more: the upload is judged without it, never refused for it.
             logger.warning("version %s: its training photos' faces could not be read (%s: %s); "

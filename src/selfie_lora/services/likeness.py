@@ -60,6 +60,7 @@ from selfie_lora.domain.likeness import (
     probes_for_existing_model,
     score_probes,
     shown_scores,
+    stored_embeddings,
     training_figures,
 )
 from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
@@ -683,10 +684,8 @@ class LikenessService:
             stored = {"dataset_id": dataset_id, "embedding_model": self._faces.model_name,
                       "photos": photos}
             self._blobs.put(key, json.dumps(stored).encode())
-        embeddings = tuple(tuple(float(v) for v in p["embedding"]) for p in stored["photos"]
-                           if p.get("embedding"))
         return Reference(dataset_id=dataset_id, embedding_model=str(stored["embedding_model"]),
-                         photos=len(stored["photos"]), embeddings=embeddings)
+                         photos=len(stored["photos"]), embeddings=stored_embeddings(stored))
 
     # ------------------------------------------------------------------ read side
     def report(self, *, user: User, version_id: str) -> LikenessReport:
