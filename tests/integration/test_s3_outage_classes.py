@@ -112,3 +112,29 @@ def test_a_refused_or_silent_endpoint_is_an_outage(
     assert type(error) is BlobStoreUnreachableError, error
     error = _raised(lambda: _store(tmp_path, hung_endpoint).get("photos/x"))
     assert type(error) is BlobStoreUnreachableError, error
+
+
+def _generic(source: str) -> Exception:
+    """An obstore ``GenericError`` with no status, its source as reqwest words it (the text of
+    a host that does not resolve here, with ``source`` for libc's words)."""
+    from obstore.exceptions import GenericError
+
+    return GenericError(
+        "Generic S3 error: Error performing GET http://s3.internal:9000/bucket/photos/x in "
+        "4.6ms - HTTP error: error sending request\n\nDebug source:\nGeneric { source: "
+        "reqwest::Error { kind: Request, source: hyper_util::client::legacy::Error(Connect, "
+        f'ConnectError("dns error", Custom {{ kind: Uncategorized, error: "{source}" }})) }} }}')
+
+
+def test_a_resolver_that_fails_for_now_is_an_outage_and_a_name_it_does_not_know_is_settings(
+        tmp_path: Path) -> None:
+    # Old code: "Temporary failure in name resolution" (EAI_AGAIN: the resolver away for a
+    # moment) was a plain StorageError, a training's attempt spent on a blip: the "dns error"
+    # beside it made it settings and passing at once, so neither.
+    store = _store(tmp_path, "http://127.0.0.1:9")
+    again = store._error("read", "photos/x", _generic(
+        "failed to lookup address information: Temporary failure in name resolution"))
+    assert type(again) is BlobStoreUnreachableError, again
+    unknown = store._error("read", "photos/x", _generic(
+        "failed to lookup address information: Name or service not known"))
+    assert type(unknown) is StorageSettingsError, unknown

@@ -31,7 +31,7 @@ from contextlib import AbstractContextManager, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, BlobCache
 from selfie_lora.adapters.storage.fs import check_key
@@ -123,48 +123,49 @@ def _no_such_bucket(exc: BaseException) -> bool:
 
 
 # The statuses of a store that is away for now (a 5xx but 501, which says it will never do what
-# was asked; 429, throttled: SlowDown as many S3-compatible stores send it).
+# was asked; 429, throttled: SlowDown as many S3-compatible stores send it), and those of
+# settings to fix (301: the wrong region; 501: a store without conditional puts).
 _OUTAGE_STATUSES = frozenset({429, 500, 502, 503, 504})
+_SETTINGS_STATUSES = frozenset({301, 501})
 # With no status: the network failures that pass (refused, reset, closed, timed out). Not "dns
 # error" (a host that does not resolve), a TLS failure (https against http), a redirect (the
-# wrong region) nor an answer that is not S3's: settings to fix, which no wait mends.
+# wrong region) nor an answer that is not S3's: settings to fix, which no wait mends. A text
+# with words of both is neither (a plain ``StorageError``, counted).
 _PASSING = re.compile(r"ConnectionRefused|ConnectionReset|ConnectionAborted|BrokenPipe|"
                       r"UnexpectedEof|TimedOut|kind: Timeout|kind: Interrupted|timed out|"
-                      r"connection closed|IncompleteMessage|Temporary failure in name resolution")
+                      r"connection closed|IncompleteMessage")
 _SETTINGS = re.compile(r"dns error|InvalidContentType|InvalidCertificate|certificate|"
                        r"BareRedirect|incorrectly configured region|MissingEtag|"
                        r"Unable to extract metadata")
+# libc's EAI_AGAIN: the resolver is away for a moment, a "dns error" that passes.
+_RESOLVER_AWAY = "Temporary failure in name resolution"
 
 
-def _outage(exc: BaseException) -> bool:
-    """Whether ``exc`` says the storage is away for now (no answer: refused, reset, timed out;
-    a 500, 502, 503 or 504; a 429, throttled), not that it refused the request (403 keys, 404,
-    400, 501) nor that the settings point at no S3 (``_settings_fault``): obstore says all of
-    them as a ``GenericError``."""
+def _fault(exc: BaseException) -> Literal["outage", "settings"] | None:
+    """What ``exc`` says of the storage: ``"outage"``, it is away for now (no answer: refused,
+    reset, timed out, its resolver away; a 500, 502, 503 or 504; a 429, throttled);
+    ``"settings"``, they are wrong (SELFIE_LORA_STORAGE_ENDPOINT's host does not resolve, its
+    scheme is not the server's, AWS_REGION is not the bucket's, the endpoint is not S3, a store
+    without conditional puts: a ``config_error``, never waited out); None, it refused the
+    request (403 keys, 404, 400) or said nothing we know. obstore says all of them as a
+    ``GenericError``."""
     from obstore.exceptions import GenericError
 
     if type(exc) is not GenericError:  # NotFound, PermissionDenied, Unauthenticated, ...
-        return False
+        return None
     text = str(exc)
     status = _STATUS.search(text)
     if status is not None:
-        return int(status[1]) in _OUTAGE_STATUSES
-    return _PASSING.search(text) is not None and _SETTINGS.search(text) is None
-
-
-def _settings_fault(exc: BaseException) -> bool:
-    """Whether ``exc`` says the settings are wrong (SELFIE_LORA_STORAGE_ENDPOINT's host does not
-    resolve, its scheme is not the server's, AWS_REGION is not the bucket's, the endpoint is not
-    S3, a store without conditional puts): a ``config_error``, never waited out."""
-    from obstore.exceptions import GenericError
-
-    if type(exc) is not GenericError:
-        return False
-    text = str(exc)
-    status = _STATUS.search(text)
-    if status is not None:
-        return int(status[1]) in (301, 501)
-    return _SETTINGS.search(text) is not None and _PASSING.search(text) is None
+        code = int(status[1])
+        return ("outage" if code in _OUTAGE_STATUSES
+                else "settings" if code in _SETTINGS_STATUSES else None)
+    if _RESOLVER_AWAY in text:
+        return "outage"
+    passing = _PASSING.search(text) is not None
+    settings = _SETTINGS.search(text) is not None
+    if passing == settings:  # neither, or words of both
+        return None
+    return "outage" if passing else "settings"
 
 
 def _modified(value: object) -> datetime:
@@ -398,11 +399,12 @@ class S3BlobStore:
         if _no_such_bucket(exc):
             return self._no_bucket()
         said = f"object storage could not {action} {key!r}: {s3_reason(exc)}"
-        if _settings_fault(exc):
+        fault = _fault(exc)
+        if fault == "settings":
             return StorageSettingsError(
                 f"{said} (check SELFIE_LORA_STORAGE_ENDPOINT, its http/https, AWS_REGION, and "
                 "that the endpoint is S3 with conditional puts)")
-        if _outage(exc):
+        if fault == "outage":
             return BlobStoreUnreachableError(said)
         return StorageError(said)
 
