@@ -34,7 +34,7 @@ A database that fails one of the worker's fenced writes (``_holding``) makes it 
 same way, whatever the backend: a local training continues from its last checkpoint. When the
 database server itself could not be reached (``DatabaseUnreachableError``: down, restarting) that
 step-away spends none of its attempts: the owner is let go (``_leave_for_outage``), or, when the
-database cannot record even that, this worker's next claim counts nothing (``_left_for_room``).
+database cannot record even that, this worker's next claim counts nothing (``_left_uncounted``).
 A full disk (the worker's, the blob store's or the database's: ENOSPC, a quota,
 ``StorageFullError``) is an outage of the machine, not a fault of the training nor of its worker:
 the worker leaves the training to wait for room (``wait_for_room``) without spending one of its
@@ -309,17 +309,15 @@ class TrainingService:
         self.owner = owner or default_owner()
         # The reconciler's rounds while the queue is down say so once, not every round.
         self._queue_outage = Outage()
-        # A full disk: one WARNING when trainings start waiting for room, one INFO when a
-        # write goes through again; ``_room_waits`` counts the waits of this outage (the gap).
-        self._disk_outage = Outage()
-        self._room_waits = 0
-        # The object storage away (``BlobStoreUnreachableError``) for a local training: the
-        # same, its waits spaced by ``LeasePolicy.storage_outage_gap``.
-        self._storage_outage = Outage()
-        self._storage_waits = 0
-        # The trainings this worker left for a full disk while the database could not record
-        # it (its disk full too): their next claim here counts no recovery either.
-        self._left_for_room: set[str] = set()
+        # A full disk (``_wait_for_room``) and, for a local training, the object storage away
+        # (``BlobStoreUnreachableError``, ``_wait_for_storage``): outages waited out uncounted,
+        # each said once, its waits spaced by its own gaps (read from ``self.lease`` when
+        # used).
+        self._room = _Waits(lambda waits: self.lease.full_disk_gap(waits))
+        self._storage = _Waits(lambda waits: self.lease.storage_outage_gap(waits))
+        # The trainings this worker left uncounted (a wait above, a database outage) while the
+        # database could not record it: their next claim here counts no recovery either.
+        self._left_uncounted: set[str] = set()
 
     # ------------------------------------------------------------------ start (every entry point)
     def start(self, *, user: User, dataset_id: str | None = None,
@@ -1020,14 +1018,14 @@ class TrainingService:
                 logger.warning("training %s vanished before it ran", training_id)
                 return None
             claimed = current
-            if (training_id in self._left_for_room and current.lease_owner == owner
+            if (training_id in self._left_uncounted and current.lease_owner == owner
                     and not lease_is_live(current, self._clock())):
-                # Left here for a full disk, or a database outage, that the database could not
-                # record: not counted.
+                # Left here uncounted (a full disk, the object storage or the database away)
+                # and the database could not record it: not counted either.
                 claimed = dataclasses.replace(current, lease_owner=None)
             outcome, updated = claim(claimed, owner=owner, now=self._clock(), policy=self.lease)
             if outcome is ClaimOutcome.ENDED:
-                self._left_for_room.discard(training_id)  # nothing left to claim
+                self._left_uncounted.discard(training_id)  # nothing left to claim
                 logger.debug("training %s is already %s", training_id, current.status)
                 return None
             if outcome is ClaimOutcome.BUSY:
@@ -1053,7 +1051,7 @@ class TrainingService:
         # refused (an error out of the block above) keeps it, so that the claim that goes
         # through once space is freed counts nothing either. A busy one kept it too (returned
         # above): still waiting.
-        self._left_for_room.discard(training_id)
+        self._left_uncounted.discard(training_id)
         if updated.recoveries > current.recoveries:  # a take-over from a worker that stopped
             self._telemetry.lease_recovered(phase="scoring" if updated.is_scoring else "training")
         if outcome is ClaimOutcome.EXHAUSTED:
@@ -1154,8 +1152,7 @@ class TrainingService:
     def _room_again(self, held: _Held) -> None:
         """A write of ``held``'s went through (a checkpoint stored, its version): a full disk's
         outage, if there was one, is over."""
-        if self._disk_outage.ends(ticket=held.disk_ticket):
-            self._room_waits = 0
+        if self._room.ends(ticket=held.room_ticket):
             logger.info("training %s: the disk has room again; the trainings that waited for it "
                         "go on", held.training_id)
 
@@ -1163,20 +1160,12 @@ class TrainingService:
         """Leave a training whose worker found a disk full: it waits (``wait_for_room``, not
         counted as an attempt) and is tried again after a gap that grows to a minute. Said once
         an outage (its end too, ``_room_again``): its tries would repeat it every few seconds."""
-        gap = self.lease.full_disk_gap(self._room_waits)
-        self._room_waits += 1
-
-        def leave(t: Training) -> Training:
+        def leave(t: Training, gap: timedelta) -> Training:
             return wait_for_room(t, self._clock(), reason=_disk_full_reason(t, exc.message),
                                  hold=gap)
 
-        left = self._try_update_held(held, leave, doing="leave it to wait for room",
-                                     quiet_if_full=True)
-        if left is None:
-            # The database's disk is full too: the lease runs out, the reconciler rings, and
-            # this worker's next claim of it counts nothing (``_claim``).
-            self._left_for_room.add(held.training_id)
-        began = self._disk_outage.begins(ticket=held.disk_ticket)
+        gap, began = self._wait(held, self._room, ticket=held.room_ticket, leave=leave,
+                                doing="leave it to wait for room", quiet_if_full=True)
         logger.log(logging.WARNING if began else logging.DEBUG,
                    "training %s: %s (attempt %d); it waits without spending its attempts, tried "
                    "again every %.0f s or more (up to a minute): free space on that disk and it "
@@ -1186,8 +1175,7 @@ class TrainingService:
     def _storage_again(self, held: _Held) -> None:
         """The object storage answered ``held``'s read or write: its outage, if there was one,
         is over."""
-        if self._storage_outage.ends(ticket=held.storage_ticket):
-            self._storage_waits = 0
+        if self._storage.ends(ticket=held.storage_ticket):
             logger.info("training %s: the object storage answers again; the trainings that "
                         "waited for it go on", held.training_id)
 
@@ -1197,23 +1185,32 @@ class TrainingService:
         (``storage_outage_gap``) and is tried again then, not counted, as a full disk's wait.
         Re-queued at once and counted, a blip of seconds spent all three attempts in under a
         second and threw the finished LoRA away. Said once an outage, its end too."""
-        gap = self.lease.storage_outage_gap(self._storage_waits)
-        self._storage_waits += 1
         reason = f"{exc.reason} (the object storage could not be reached; tried again by itself)"
 
-        def leave(t: Training) -> Training:
+        def leave(t: Training, gap: timedelta) -> Training:
             return wait_out(t, self._clock(), reason=reason, hold=gap,
                             limit=self.lease.storage_wait_limit)
 
-        if self._try_update_held(held, leave, doing="leave it to wait for the storage") is None:
-            # The database away too: the lease runs out, the reconciler rings, and this
-            # worker's next claim of it counts nothing (``_claim``).
-            self._left_for_room.add(held.training_id)
-        began = self._storage_outage.begins(ticket=held.storage_ticket)
+        gap, began = self._wait(held, self._storage, ticket=held.storage_ticket, leave=leave,
+                                doing="leave it to wait for the storage")
         logger.log(logging.WARNING if began else logging.DEBUG,
                    "training %s: %s: %s (attempt %d); it waits without spending its attempts, "
                    "tried again in %.0f s (the end of the outage is logged)", held.training_id,
                    exc.reason, exc.message, held.attempt, gap.total_seconds())
+
+    def _wait(self, held: _Held, waits: _Waits, *, ticket: int,
+              leave: Callable[[Training, timedelta], Training], doing: str,
+              quiet_if_full: bool = False) -> tuple[timedelta, bool]:
+        """Leave ``held`` to wait out the outage of ``waits`` (``leave``: its row, given the
+        gap): the gap, and whether this wait begins the outage (said at WARNING, the others at
+        DEBUG). ``doing`` and ``quiet_if_full``: as ``_try_update_held``'s."""
+        gap = waits.next_gap()
+        if self._try_update_held(held, lambda t: leave(t, gap), doing=doing,
+                                 quiet_if_full=quiet_if_full) is None:
+            # The database away too (or its disk full): the lease runs out, the reconciler
+            # rings, and this worker's next claim of it counts nothing (``_claim``).
+            self._left_uncounted.add(held.training_id)
+        return gap, waits.outage.begins(ticket=ticket)
 
     def _leave_for_outage(self, held: _Held, exc: _UnreachableError) -> None:
         """Leave a training whose database could not be reached: the next attempt continues it
@@ -1228,7 +1225,7 @@ class TrainingService:
         if self._try_update_held(held, leave, doing="step away") is None:
             # Not even that written (the database still away): the lease runs out, the
             # reconciler rings, and this worker's next claim of it counts nothing (``_claim``).
-            self._left_for_room.add(held.training_id)
+            self._left_uncounted.add(held.training_id)
         else:
             self._ring(held.training_id)
         logger.warning("training %s: %s (attempt %d); the next attempt continues it without "
@@ -1238,8 +1235,10 @@ class TrainingService:
     def _step_away(self, held: _Held, exc: _UnreachableError) -> None:
         """Leave a training while what it needs is unreachable (the database; for a remote run
         that goes on, the trainer's API or the storage of its weights): the next attempt
-        continues it (``step_away`` counts it, so an endless outage ends). A full disk waits
-        instead (``_wait_for_room``)."""
+        continues it (``step_away`` counts it, so an endless outage ends). A full disk
+        (``_wait_for_room``), the database server away (``_leave_for_outage``) and, for a local
+        training or a scoring, the object storage away (``_wait_for_storage``) are waited out
+        uncounted instead."""
         if exc.full:
             self._wait_for_room(held, exc)
             return
@@ -1798,6 +1797,31 @@ class _UnreachableError(TrainingInterruptedError):
         self.scoring = scoring
 
 
+class _Waits:
+    """An outage trainings wait out without spending their attempts (a full disk, the object
+    storage away): said once (``outage``: a WARNING when the first wait begins, an INFO when a
+    read or write goes through again), its waits spaced by ``gap``, of the n-th wait of the
+    outage (0: the first), counted anew once it ends."""
+
+    def __init__(self, gap: Callable[[int], timedelta]) -> None:
+        self.outage = Outage()
+        self._gap = gap
+        self._waits = 0
+
+    def next_gap(self) -> timedelta:
+        """The gap of the wait that begins now."""
+        gap = self._gap(self._waits)
+        self._waits += 1
+        return gap
+
+    def ends(self, *, ticket: int) -> bool:
+        """A read or write went through: whether that ends the outage (say so)."""
+        if not self.outage.ends(ticket=ticket):
+            return False
+        self._waits = 0
+        return True
+
+
 def _database_back(outage: Outage, ticket: int, training_id: str) -> None:
     """A read or a beat of a running training went through: the database outage it said, if
     any, is over (said once)."""
@@ -1891,9 +1915,10 @@ class _Held:
         self.remote_id = training.remote_id
         # This attempt's progress is on the row (``TrainingService._progressed``): written once.
         self.progressed = False
-        # The full-disk outage as this attempt found it (``Outage.attempt``).
-        self.disk_ticket = service._disk_outage.attempt()
-        self.storage_ticket = service._storage_outage.attempt()
+        # The full-disk and object storage outages as this attempt found them
+        # (``Outage.attempt``).
+        self.room_ticket = service._room.outage.attempt()
+        self.storage_ticket = service._storage.outage.attempt()
         self.lost = threading.Event()
         self._done = threading.Event()
         self._cancel_read_at: float | None = None  # time.monotonic() of the last read
