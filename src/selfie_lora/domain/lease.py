@@ -95,29 +95,31 @@ class LeasePolicy:
         ``claim`` counts them); none when that claim ends it (``EXHAUSTED``), which a wait would
         only delay."""
         in_a_row = 0 if t.progressed and t.version_id is None else t.recoveries
-        if not self.outage_gaps or in_a_row + 1 >= self.max_attempts:
+        if in_a_row + 1 >= self.max_attempts:
             return timedelta(0)
-        return self.outage_gaps[min(in_a_row, len(self.outage_gaps) - 1)]
+        return _nth_gap(self.outage_gaps, in_a_row)
 
     def storage_outage_gap(self, waits: int) -> timedelta:
         """How long a local training waits for the object storage after the ``waits``-th wait
-        in a row (0: the first) of its outage (``wait_out``): the outage gaps, never counted."""
-        if not self.outage_gaps:
-            return timedelta(0)
-        return self.outage_gaps[min(waits, len(self.outage_gaps) - 1)]
+        in a row (0: the first) of its outage (``wait_out``): the outage gaps, uncounted until
+        the waits have lasted ``storage_wait_limit``."""
+        return _nth_gap(self.outage_gaps, waits)
 
     def full_disk_gap(self, waits: int) -> timedelta:
         """How long a training waits for room after the ``waits``-th wait in a row (0: the
         first) of an outage of the disk."""
-        if not self.full_disk_gaps:
-            return timedelta(0)
-        return self.full_disk_gaps[min(waits, len(self.full_disk_gaps) - 1)]
+        return _nth_gap(self.full_disk_gaps, waits)
 
     @property
     def stale_after(self) -> timedelta:
         """A holder silent for this long is presumed dead when a user cancels (the lease itself
         lasts longer, so that a slow but live worker keeps its training)."""
         return min(self.ttl, 3 * self.heartbeat)
+
+
+def _nth_gap(gaps: tuple[timedelta, ...], n: int) -> timedelta:
+    """``gaps[n]``, the last one past the end; none without gaps."""
+    return gaps[min(n, len(gaps) - 1)] if gaps else timedelta(0)
 
 
 class ClaimOutcome(enum.Enum):
@@ -240,12 +242,24 @@ def wait_for_room(t: Training, now: datetime, *, reason: str, hold: timedelta) -
     if waited_for_room_since(t) is None:
         metrics = {**t.metrics, ROOM_WAIT_KEY: {"since": now.isoformat(),
                                                 "remote_id": t.remote_id}}
+    return _waiting(t, now, reason=reason, hold=hold, metrics=metrics)
+
+
+def _waiting(t: Training, now: datetime, *, reason: str, hold: timedelta,
+             metrics: dict[str, Any]) -> Training:
+    """``t`` let go to wait out ``hold`` uncounted (``wait_for_room``, ``wait_out``): no owner
+    (its next claim counts no recovery), no heartbeat (a cancel ends it at once)."""
     return dataclasses.replace(t, lease_owner=None, lease_expires_at=now + hold,
                                heartbeat_at=None, error=reason, metrics=metrics)
 
 
+# The key of ``Training.metrics`` that holds when the training's waits for the object storage
+# began and when the last one ends (``wait_out``).
+STORAGE_WAIT_KEY = "waits_for_storage"
+
+
 def wait_out(t: Training, now: datetime, *, reason: str, hold: timedelta,
-             limit: timedelta = DEFAULT_STORAGE_WAIT_LIMIT) -> Training:
+             limit: timedelta) -> Training:
     """``t`` left by a worker whose object storage could not be reached (``reason``, on
     ``error``): as ``wait_for_room``, it waits out ``hold`` and is claimed then with no recovery
     counted (the owner goes: the storage, not the training nor its worker, failed), so an outage
@@ -268,13 +282,7 @@ def wait_out(t: Training, now: datetime, *, reason: str, hold: timedelta,
                                                "until": (now + hold).isoformat()}}
     if now - since >= limit:
         return dataclasses.replace(step_away(t, now, reason=reason, hold=hold), metrics=metrics)
-    return dataclasses.replace(t, lease_owner=None, lease_expires_at=now + hold,
-                               heartbeat_at=None, error=reason, metrics=metrics)
-
-
-# The key of ``Training.metrics`` that holds when the training's waits for the object storage
-# began and when the last one ends (``wait_out``).
-STORAGE_WAIT_KEY = "waits_for_storage"
+    return _waiting(t, now, reason=reason, hold=hold, metrics=metrics)
 
 
 # The key of ``Training.metrics`` that holds when the training's current wait for room began, and
