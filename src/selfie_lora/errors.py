@@ -31,15 +31,19 @@ entry points never see them.
     │                               began: that work does not begin (HTTP 503)
     ├── ClientGoneError             the client went away while its request waited: the work it
     │                               waited for was dropped (HTTP 499, which nobody receives)
-    ├── StorageError                a blob cannot be read or written (storage unreachable,
-    │   │                           a full disk, a refused write)
+    ├── StorageError                a blob or a record cannot be read or written (a refused
+    │   │                           write, a lost connection: HTTP 500 storage_error)
     │   ├── BlobMissingError        the blob is not there: retrying will not bring it back
     │   ├── DatabaseUnreachableError the database server cannot be reached (down, restarting,
-    │   │                           its connection lost): an outage, waited out (HTTP 503)
-    │   ├── BlobStoreUnreachableError the object storage cannot be reached, timed out or
-    │   │                           answered 5xx: an outage, waited out (HTTP 503)
-    │   ├── StorageSettingsError    the object storage has no such bucket (HTTP 500
-    │   │                           config_error: tell the operator)
+    │   │                           its connection lost): an outage, waited out (HTTP 503
+    │   │                           storage_unavailable, with Retry-After)
+    │   ├── BlobStoreUnreachableError the object storage cannot be reached, timed out, answered
+    │   │                           5xx or 429: an outage, waited out (HTTP 503
+    │   │                           storage_unavailable, with Retry-After)
+    │   ├── StorageSettingsError    the object storage's settings are wrong: no such bucket,
+    │   │                           a host that does not resolve, http/https or the region
+    │   │                           not the server's, not S3 (HTTP 500 config_error: tell
+    │   │                           the operator)
     │   └── StorageFullError        the disk (of the blobs or the database) is full: an
     │                               expected outage, said in one line, over once space is
     │                               freed (HTTP 507)
@@ -358,10 +362,11 @@ class DatabaseUnreachableError(StorageError):
 
 class BlobStoreUnreachableError(StorageError):
     """The object storage could not be reached, did not answer in time, or answered 500, 502,
-    503, 504 or 429: an outage, over once it answers again, not a blob missing, refused keys
-    (plain ``StorageError``s) or wrong settings (``StorageSettingsError``), which no wait mends. Told apart
-    because a worker waits such an outage out without spending a training's attempts: a blip
-    of seconds used all three of them up in under a second, throwing a finished LoRA away.
+    503, 504 or 429, or its name could not be resolved for now: an outage, over once it
+    answers again, not a blob missing, refused keys (plain ``StorageError``s) or wrong settings
+    (``StorageSettingsError``), which no wait mends. Told apart because a worker waits such an
+    outage out without spending a training's attempts: a blip of seconds used all three of them
+    up in under a second, throwing a finished LoRA away.
     A request that meets it is answered 503 ``storage_unavailable`` with ``Retry-After``."""
 
     code = ErrorCode.STORAGE_UNAVAILABLE
@@ -372,9 +377,9 @@ class BlobStoreUnreachableError(StorageError):
 class StorageSettingsError(StorageError):
     """The object storage's settings are wrong: the bucket does not exist, the endpoint's host
     does not resolve, its scheme or region is not the server's, it is not S3, or it answers 501
-    to a conditional PUT. No
-    retry mends it: a request that meets it is answered as a ``config_error`` (tell the
-    operator), not "retry in a moment"; a training still steps away from it (counted)."""
+    to a conditional PUT. No retry mends it: a request that meets it is answered as a
+    ``config_error`` (tell the operator), not "retry in a moment"; a training still steps away
+    from it (counted)."""
 
     code = ErrorCode.CONFIG_ERROR
 
