@@ -4,6 +4,7 @@ attempts. No network: a file-system store raises what the S3 store raises for an
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -152,6 +153,49 @@ def test_a_local_training_waits_out_an_object_storage_outage_without_spending_it
         assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO
                 and "object storage answers again" in r.getMessage()]
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        services.close()
+
+
+# Old code: past storage_wait_limit each wait is counted (wait_out steps away), yet its line
+# still said "it waits without spending its attempts", at DEBUG: nothing told the operator that
+# the training now spends its attempts until it fails.
+def test_a_storage_wait_past_the_limit_says_it_is_counted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(tmp_path)
+    blobs = AwayStore(settings.blob_dir)
+    blobs.away = True  # from the start: the photos cannot be fetched
+    clock = _Clock()
+    services = build_services(settings, trainers={"local": FakeTrainer()}, blobs=blobs,
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer(), clock=clock.now)
+    services.training.lease = dataclasses.replace(services.training.lease,
+                                                  storage_wait_limit=timedelta(minutes=2))
+    try:
+        user, _ = services.users.create(name="ann")
+        blobs.away = False
+        started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
+        blobs.away = True
+        assert started.training is not None
+        training_id = started.training.id
+        said = []
+        for _ in range(3):  # waits of 60 s and 300 s: the third begins past the 2 min
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="selfie_lora"):
+                services.training.run(training_id)
+            said.append([r for r in caplog.records if "error sending request (attempt"
+                         in r.getMessage()])
+            t = services.repo.get_training(training_id)
+            assert t is not None
+            assert not t.status.is_terminal, t.error
+            clock.past(t)
+        assert [r.levelno for r in said[1]] == [logging.DEBUG]
+        assert "without spending its attempts" in said[1][0].getMessage()
+        [counted] = said[2]
+        assert counted.levelno == logging.WARNING
+        assert "without spending its attempts" not in counted.getMessage()
+        assert "counted" in counted.getMessage()
+        assert "2 min" in counted.getMessage()
     finally:
         services.close()
 

@@ -1164,8 +1164,8 @@ class TrainingService:
             return wait_for_room(t, self._clock(), reason=_disk_full_reason(t, exc.message),
                                  hold=gap)
 
-        gap, began = self._wait(held, self._room, ticket=held.room_ticket, leave=leave,
-                                doing="leave it to wait for room", quiet_if_full=True)
+        _, gap, began = self._wait(held, self._room, ticket=held.room_ticket, leave=leave,
+                                   doing="leave it to wait for room", quiet_if_full=True)
         logger.log(logging.WARNING if began else logging.DEBUG,
                    "training %s: %s (attempt %d); it waits without spending its attempts, tried "
                    "again every %.0f s or more (up to a minute): free space on that disk and it "
@@ -1184,15 +1184,26 @@ class TrainingService:
         checkpoint not read, its trained LoRA not stored): it waits out a gap that grows
         (``storage_outage_gap``) and is tried again then, not counted, as a full disk's wait.
         Re-queued at once and counted, a blip of seconds spent all three attempts in under a
-        second and threw the finished LoRA away. Said once an outage, its end too."""
+        second and threw the finished LoRA away. Said once an outage, its end too; past
+        ``storage_wait_limit`` each wait is counted (``wait_out``), and said each time."""
         reason = f"{exc.reason} (the object storage could not be reached; tried again by itself)"
 
         def leave(t: Training, gap: timedelta) -> Training:
             return wait_out(t, self._clock(), reason=reason, hold=gap,
                             limit=self.lease.storage_wait_limit)
 
-        gap, began = self._wait(held, self._storage, ticket=held.storage_ticket, leave=leave,
-                                doing="leave it to wait for the storage")
+        left, gap, began = self._wait(held, self._storage, ticket=held.storage_ticket,
+                                      leave=leave, doing="leave it to wait for the storage")
+        if left is not None and left.lease_owner is not None:
+            # Past ``storage_wait_limit`` ``wait_out`` steps away, the owner kept: its next
+            # claim counts. Said at each such wait (``max_attempts`` of them at most): the
+            # training now spends its attempts, and fails once they are spent.
+            logger.warning("training %s: %s: %s (attempt %d); the object storage has been away "
+                           "for over %s: this wait is counted as an interrupted attempt (the "
+                           "training fails once they are spent), tried again in %.0f s",
+                           held.training_id, exc.reason, exc.message, held.attempt,
+                           wait_text(self.lease.storage_wait_limit), gap.total_seconds())
+            return
         logger.log(logging.WARNING if began else logging.DEBUG,
                    "training %s: %s: %s (attempt %d); it waits without spending its attempts, "
                    "tried again in %.0f s (the end of the outage is logged)", held.training_id,
@@ -1200,17 +1211,19 @@ class TrainingService:
 
     def _wait(self, held: _Held, waits: _Waits, *, ticket: int,
               leave: Callable[[Training, timedelta], Training], doing: str,
-              quiet_if_full: bool = False) -> tuple[timedelta, bool]:
+              quiet_if_full: bool = False) -> tuple[Training | None, timedelta, bool]:
         """Leave ``held`` to wait out the outage of ``waits`` (``leave``: its row, given the
-        gap): the gap, and whether this wait begins the outage (said at WARNING, the others at
-        DEBUG). ``doing`` and ``quiet_if_full``: as ``_try_update_held``'s."""
+        gap): the row written (None: not written), the gap, and whether this wait begins the
+        outage (said at WARNING, the others at DEBUG). ``doing`` and ``quiet_if_full``: as
+        ``_try_update_held``'s."""
         gap = waits.next_gap()
-        if self._try_update_held(held, lambda t: leave(t, gap), doing=doing,
-                                 quiet_if_full=quiet_if_full) is None:
+        left = self._try_update_held(held, lambda t: leave(t, gap), doing=doing,
+                                     quiet_if_full=quiet_if_full)
+        if left is None:
             # The database away too (or its disk full): the lease runs out, the reconciler
             # rings, and this worker's next claim of it counts nothing (``_claim``).
             self._left_uncounted.add(held.training_id)
-        return gap, waits.outage.begins(ticket=ticket)
+        return left, gap, waits.outage.begins(ticket=ticket)
 
     def _leave_for_outage(self, held: _Held, exc: _UnreachableError) -> None:
         """Leave a training whose database could not be reached: the next attempt continues it
