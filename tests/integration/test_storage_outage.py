@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -23,10 +23,10 @@ from selfie_lora.services.common import DatabaseOutages
 from selfie_lora.services.ports import TrainingJob
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter
 from selfie_lora.wiring import Services, build_services
-from tests.conftest import make_settings, one_person_analyzer
+from tests.conftest import auth, make_settings, one_person_analyzer, serving
 from tests.integration.test_generation_gallery import _generations
 from tests.support.owners import own_model
-from tests.support.photos import photo_zip
+from tests.support.photos import photo_zip, synthetic_photo
 
 
 class AwayStore(FileSystemBlobStore):
@@ -340,9 +340,6 @@ class NoBucketStore(FileSystemBlobStore):
 # Old code: both 500 storage_error "... please retry in a moment", with no Retry-After.
 def test_the_api_answers_a_storage_outage_503_with_retry_after_and_a_missing_bucket_as_settings(
         tmp_path: Path) -> None:
-    from tests.conftest import auth, serving
-    from tests.support.photos import synthetic_photo
-
     settings = make_settings(tmp_path)
     away = AwayStore(settings.home / "blobs")
     with serving(settings, blobs=away) as (client, services):
@@ -369,23 +366,33 @@ def test_the_api_answers_a_storage_outage_503_with_retry_after_and_a_missing_buc
         assert "Retry-After" not in r.headers
 
 
-# Old code: 500 storage_error "please retry in a moment" (a retry: 403, the account disabled), and
-# the rest waited resume_after (10 min 31 s), meant for a dead process.
-def test_an_account_deletion_cut_by_the_storage_says_it_finishes_and_is_due_again_soon(
-        tmp_path: Path) -> None:
-    from tests.conftest import auth, serving
-    from tests.support.photos import synthetic_photo
+_Store = TypeVar("_Store", bound=FileSystemBlobStore)
 
+
+@contextmanager
+def _ann_deleting(tmp_path: Path, make_store: Callable[[Path], _Store], *,
+                  then: str) -> Iterator[tuple[Any, Services, dict[str, str], _Store]]:
+    """A server on ``make_store``'s store where ann has uploaded a photo: the client, the
+    services, her key's headers and the store, whose attribute ``then`` is set once a deletion
+    has disabled her account (the wait for other servers' caches), the store going then."""
     settings = make_settings(tmp_path)
-    away = AwayStore(settings.home / "blobs")
-    with serving(settings, blobs=away) as (client, services):
+    store = make_store(settings.home / "blobs")
+    with serving(settings, blobs=store) as (client, services):
         ann = auth(services, "ann")
         r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
                         files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
         assert r.status_code == 202, r.text
+        services.erasure._sleep = (  # type: ignore[attr-defined]
+            lambda _s: setattr(store, then, True))
+        yield client, services, ann, store
+
+
+# Old code: 500 storage_error "please retry in a moment" (a retry: 403, the account disabled), and
+# the rest waited resume_after (10 min 31 s), meant for a dead process.
+def test_an_account_deletion_cut_by_the_storage_says_it_finishes_and_is_due_again_soon(
+        tmp_path: Path) -> None:
+    with _ann_deleting(tmp_path, AwayStore, then="away") as (client, services, ann, away):
         erasure = services.erasure
-        # The storage goes once the account is disabled (the wait for other servers' caches).
-        erasure._sleep = lambda _s: setattr(away, "away", True)  # type: ignore[attr-defined]
         r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
         assert r.status_code == 503, r.text
         error = r.json()["error"]
@@ -418,18 +425,7 @@ class _NoDeleteStore(FileSystemBlobStore):
 def test_an_account_deletion_cut_by_a_refusal_says_what_is_wrong_not_that_it_finishes(
         tmp_path: Path) -> None:
     # Old code: 503 deletion_pending "finishes on its own", for a refusal no wait mends.
-    from tests.conftest import auth, serving
-    from tests.support.photos import synthetic_photo
-
-    settings = make_settings(tmp_path)
-    store = _NoDeleteStore(settings.home / "blobs")
-    with serving(settings, blobs=store) as (client, services):
-        ann = auth(services, "ann")
-        r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
-                        files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
-        assert r.status_code == 202, r.text
-        services.erasure._sleep = (  # type: ignore[attr-defined]
-            lambda _s: setattr(store, "refuse", True))
+    with _ann_deleting(tmp_path, _NoDeleteStore, then="refuse") as (client, _, ann, _store):
         r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
         assert r.status_code == 500, r.text
         assert r.json()["error"]["code"] == "storage_error"
@@ -453,18 +449,8 @@ def test_an_account_deletion_still_cut_by_the_outage_is_tried_again_soon_in_one_
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Old code: the check met the outage again: an ERROR with its traceback, due again only
     # 10 min 31 s later, and "whose process stopped" said of a live server's retry.
-    from tests.conftest import auth, serving
-    from tests.support.photos import synthetic_photo
-
-    settings = make_settings(tmp_path)
-    away = _DeletesAwayStore(settings.home / "blobs")
-    with serving(settings, blobs=away) as (client, services):
-        ann = auth(services, "ann")
-        r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
-                        files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
-        assert r.status_code == 202, r.text
+    with _ann_deleting(tmp_path, _DeletesAwayStore, then="away") as (client, services, ann, _):
         erasure = services.erasure
-        erasure._sleep = lambda _s: setattr(away, "away", True)  # type: ignore[attr-defined]
         r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
         assert r.json()["error"]["code"] == "deletion_pending"
         for _ in range(2):  # the outage lasts: each check tries again in 30 s
@@ -485,18 +471,8 @@ def test_an_account_deletion_still_cut_by_the_outage_is_tried_again_soon_in_one_
 def test_an_account_deletion_cut_short_says_when_in_the_cli_s_words(tmp_path: Path) -> None:
     # Old code: "tried again in 0:00:30", a raw timedelta (the CLI's users delete prints it).
     from selfie_lora.services.erasure import ErasureContinuesError
-    from tests.conftest import auth, serving
-    from tests.support.photos import synthetic_photo
 
-    settings = make_settings(tmp_path)
-    away = _DeletesAwayStore(settings.home / "blobs")
-    with serving(settings, blobs=away) as (client, services):
-        ann = auth(services, "ann")
-        r = client.post("/api/training/upload", headers=ann, data={"start": "false"},
-                        files=[("files", ("a.jpg", synthetic_photo(1), "image/jpeg"))])
-        assert r.status_code == 202, r.text
-        erasure = services.erasure
-        erasure._sleep = lambda _s: setattr(away, "away", True)  # type: ignore[attr-defined]
+    with _ann_deleting(tmp_path, _DeletesAwayStore, then="away") as (_client, services, _, _):
         with pytest.raises(ErasureContinuesError) as cut:
-            erasure.erase(name="ann")
+            services.erasure.erase(name="ann")
         assert cut.value.message.endswith("the deletion is tried again in 30 s")
