@@ -32,7 +32,7 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, InMemoryQueue
 from selfie_lora.wiring import build_services
 from selfie_lora.worker import Identity, Worker
 from tests.conftest import make_settings, one_person_analyzer
-from tests.support.photos import photo_zip
+from tests.support.trainings import HoldClock, uploaded_training
 
 
 def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -314,20 +314,6 @@ def test_a_blob_write_on_a_full_disk_is_storage_full_naming_the_folder(tmp_path:
     assert "No space left on device" in caught.value.message
 
 
-class _Clock:
-    """The training service's clock: a hold passes when the test says so."""
-
-    def __init__(self) -> None:
-        self.now_at = datetime.now(UTC)
-
-    def now(self) -> datetime:
-        return self.now_at
-
-    def past(self, t: Training) -> None:
-        assert t.lease_expires_at is not None
-        self.now_at = t.lease_expires_at + timedelta(seconds=1)
-
-
 class _WeightsDisk(FullDiskStore):
     """Only the weights' writes find the disk full (the checkpoints were stored before)."""
 
@@ -365,21 +351,13 @@ def test_a_local_training_on_a_full_disk_waits_without_spending_its_attempts_and
             database.full = full["now"]
 
     trainer = FakeTrainer(on_train=train)
-    clock = _Clock()
+    clock = HoldClock()
     services = build_services(settings, trainers={"local": trainer}, blobs=blobs,
                               generators={"local": FakeGenerator()},
                               face_analyzer=one_person_analyzer(), clock=clock.now)
     database = FullDisk(services.repo._engine)  # type: ignore[attr-defined]
     try:
-        user, _ = services.users.create(name="ann")
-        started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
-        assert started.training is not None
-        training_id = started.training.id
-
-        def training() -> Training:
-            t = services.repo.get_training(training_id)
-            assert t is not None
-            return t
+        training_id, training = uploaded_training(services)
 
         blobs.full = where == "weights blob"
         full["now"] = True
@@ -506,22 +484,14 @@ def test_claims_refused_by_a_still_full_database_disk_keep_the_wait_uncounted(
         database.full = full["now"]
 
     trainer = FakeTrainer(on_train=train)
-    clock = _Clock()
+    clock = HoldClock()
     services = build_services(settings, trainers={"local": trainer},
                               blobs=FileSystemBlobStore(settings.blob_dir),
                               generators={"local": FakeGenerator()},
                               face_analyzer=one_person_analyzer(), clock=clock.now)
     database = _WritesRefused(services.repo._engine)  # type: ignore[attr-defined]
     try:
-        user, _ = services.users.create(name="ann")
-        started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
-        assert started.training is not None
-        training_id = started.training.id
-
-        def training() -> Training:
-            t = services.repo.get_training(training_id)  # a read: it goes through
-            assert t is not None
-            return t
+        training_id, training = uploaded_training(services)  # its reads go through: writes fail
 
         caplog.set_level(logging.DEBUG, logger="selfie_lora")
         full["now"] = True
@@ -581,15 +551,7 @@ def test_a_replicate_training_on_a_full_disk_waits_and_names_the_disk_when_its_o
                                   generators={"replicate": FakeGenerator(backend="replicate")},
                                   face_analyzer=one_person_analyzer(), clock=clock.now)
         try:
-            user, _ = services.users.create(name="ann")
-            started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
-            assert started.training is not None
-            training_id = started.training.id
-
-            def training() -> Training:
-                t = services.repo.get_training(training_id)
-                assert t is not None
-                return t
+            training_id, training = uploaded_training(services)
 
             began = clock.now()
             for _ in range(3):

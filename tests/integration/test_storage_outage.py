@@ -27,6 +27,7 @@ from tests.conftest import auth, make_settings, one_person_analyzer, serving
 from tests.integration.test_generation_gallery import _generations
 from tests.support.owners import own_model
 from tests.support.photos import photo_zip, synthetic_photo
+from tests.support.trainings import HoldClock, uploaded_training
 
 
 class AwayStore(FileSystemBlobStore):
@@ -72,18 +73,6 @@ class AwayStore(FileSystemBlobStore):
             yield path
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now_at = datetime.now(UTC)
-
-    def now(self) -> datetime:
-        return self.now_at
-
-    def past(self, t: Training) -> None:
-        assert t.lease_expires_at is not None
-        self.now_at = t.lease_expires_at + timedelta(seconds=1)
-
-
 # Old code: the weights write stepped away and re-queued at once, counted; the next two attempts
 # failed their photo reads within a second and the training failed "after 3 interrupted attempts
 # (the last one: the stored photos or checkpoint could not be fetched)", its LoRA thrown away.
@@ -101,20 +90,12 @@ def test_a_local_training_waits_out_an_object_storage_outage_without_spending_it
             blobs.away = True
 
     trainer = FakeTrainer(on_train=train)
-    clock = _Clock()
+    clock = HoldClock()
     services = build_services(settings, trainers={"local": trainer}, blobs=blobs,
                               generators={"local": FakeGenerator()},
                               face_analyzer=one_person_analyzer(), clock=clock.now)
     try:
-        user, _ = services.users.create(name="ann")
-        started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
-        assert started.training is not None
-        training_id = started.training.id
-
-        def training() -> Training:
-            t = services.repo.get_training(training_id)
-            assert t is not None
-            return t
+        training_id, training = uploaded_training(services)
 
         caplog.set_level(logging.DEBUG, logger="selfie_lora")
         gaps = []
@@ -164,20 +145,15 @@ def test_a_storage_wait_past_the_limit_says_it_is_counted(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     settings = make_settings(tmp_path)
     blobs = AwayStore(settings.blob_dir)
-    blobs.away = True  # from the start: the photos cannot be fetched
-    clock = _Clock()
+    clock = HoldClock()
     services = build_services(settings, trainers={"local": FakeTrainer()}, blobs=blobs,
                               generators={"local": FakeGenerator()},
                               face_analyzer=one_person_analyzer(), clock=clock.now)
     services.training.lease = dataclasses.replace(services.training.lease,
                                                   storage_wait_limit=timedelta(minutes=2))
     try:
-        user, _ = services.users.create(name="ann")
-        blobs.away = False
-        started = services.training.upload_zip(user=user, data=photo_zip(3, size=1100))
-        blobs.away = True
-        assert started.training is not None
-        training_id = started.training.id
+        training_id, training = uploaded_training(services)
+        blobs.away = True  # from its first attempt: its photos cannot be fetched
         said = []
         for _ in range(3):  # waits of 60 s and 300 s: the third begins past the 2 min
             caplog.clear()
@@ -185,8 +161,7 @@ def test_a_storage_wait_past_the_limit_says_it_is_counted(
                 services.training.run(training_id)
             said.append([r for r in caplog.records if "error sending request (attempt"
                          in r.getMessage()])
-            t = services.repo.get_training(training_id)
-            assert t is not None
+            t = training()
             assert not t.status.is_terminal, t.error
             clock.past(t)
         assert [r.levelno for r in said[1]] == [logging.DEBUG]
@@ -227,7 +202,7 @@ def test_an_object_storage_outage_while_a_version_is_scored_is_waited_out_not_he
     blobs = ProbeOutageStore(settings.blob_dir)
     blobs.failed = []
     alerter = RecordingAlerter()
-    clock = _Clock()
+    clock = HoldClock()
     services = build_services(settings, trainers={"local": FakeTrainer()}, blobs=blobs,
                               generators={"local": FakeGenerator()}, alerter=alerter,
                               face_analyzer=one_person_analyzer(), clock=clock.now)
