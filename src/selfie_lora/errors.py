@@ -34,12 +34,13 @@ entry points never see them.
     ├── StorageError                a blob or a record cannot be read or written (a refused
     │   │                           write, a lost connection: HTTP 500 storage_error)
     │   ├── BlobMissingError        the blob is not there: retrying will not bring it back
-    │   ├── DatabaseUnreachableError the database server cannot be reached (down, restarting,
-    │   │                           its connection lost): an outage, waited out (HTTP 503
-    │   │                           storage_unavailable, with Retry-After)
-    │   ├── BlobStoreUnreachableError the object storage cannot be reached, timed out, answered
-    │   │                           5xx or 429: an outage, waited out (HTTP 503
-    │   │                           storage_unavailable, with Retry-After)
+    │   ├── StorageUnavailableError an outage of what stores the data, waited out, over once
+    │   │   │                       it answers again (HTTP 503 storage_unavailable, with
+    │   │   │                       Retry-After)
+    │   │   ├── DatabaseUnreachableError the database server cannot be reached (down,
+    │   │   │                       restarting, its connection lost)
+    │   │   └── BlobStoreUnreachableError the object storage cannot be reached, timed out,
+    │   │                           answered 5xx or 429
     │   ├── StorageSettingsError    the object storage's settings are wrong: no such bucket,
     │   │                           a host that does not resolve, http/https or the region
     │   │                           not the server's, not S3 (HTTP 500 config_error: tell
@@ -348,30 +349,31 @@ class BlobMissingError(StorageError):
     photo that is gone (no attempt ever will)."""
 
 
-class DatabaseUnreachableError(StorageError):
-    """The database server could not be reached, or dropped the connection (a restart, a
-    fail-over): an outage, over once it answers again, not a statement it refused. Told apart
-    because a worker waits such an outage out without spending a training's attempts, and says
-    it once, where another database error may be a defect that must still end a training.
-    A request that meets it is answered 503 ``storage_unavailable`` with ``Retry-After``."""
+class StorageUnavailableError(StorageError):
+    """The database server or the object storage is away for now (``DatabaseUnreachableError``,
+    ``BlobStoreUnreachableError``): an outage, over once it answers again, which a worker waits
+    out and a deletion or a scoring tries again soon. A request that meets it is answered 503
+    ``storage_unavailable`` with ``Retry-After``. Raised as one of its two subclasses."""
 
     code = ErrorCode.STORAGE_UNAVAILABLE
     http_status = 503
     retry_after = STORAGE_RETRY_AFTER
 
 
-class BlobStoreUnreachableError(StorageError):
+class DatabaseUnreachableError(StorageUnavailableError):
+    """The database server could not be reached, or dropped the connection (a restart, a
+    fail-over): an outage, over once it answers again, not a statement it refused. Told apart
+    because a worker waits such an outage out without spending a training's attempts, and says
+    it once, where another database error may be a defect that must still end a training."""
+
+
+class BlobStoreUnreachableError(StorageUnavailableError):
     """The object storage could not be reached, did not answer in time, or answered 500, 502,
     503, 504 or 429, or its name could not be resolved for now: an outage, over once it
     answers again, not a blob missing, refused keys (plain ``StorageError``s) or wrong settings
     (``StorageSettingsError``), which no wait mends. Told apart because a worker waits such an
     outage out without spending a training's attempts: a blip of seconds used all three of them
-    up in under a second, throwing a finished LoRA away.
-    A request that meets it is answered 503 ``storage_unavailable`` with ``Retry-After``."""
-
-    code = ErrorCode.STORAGE_UNAVAILABLE
-    http_status = 503
-    retry_after = STORAGE_RETRY_AFTER
+    up in under a second, throwing a finished LoRA away."""
 
 
 class StorageSettingsError(StorageError):

@@ -49,13 +49,12 @@ from selfie_lora.domain.entities import User
 from selfie_lora.domain.gc import GcSummary, format_bytes
 from selfie_lora.domain.lease import wait_text
 from selfie_lora.errors import (
-    BlobStoreUnreachableError,
     ConflictError,
-    DatabaseUnreachableError,
     DeploymentMismatchError,
     ErrorCode,
     SelfieLoraError,
     StorageError,
+    StorageUnavailableError,
 )
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.gc import GarbageCollector
@@ -203,7 +202,7 @@ class AccountEraser:
         self._sleep(API_KEY_CACHE_TTL.total_seconds())
         try:
             return self._finish(user, force=force)
-        except (BlobStoreUnreachableError, DatabaseUnreachableError) as exc:
+        except StorageUnavailableError as exc:
             # The account is disabled: a retry is refused (403), so "retry in a moment" was
             # false, and the rest waited ``resume_after`` (10 min), meant for a dead process,
             # though this one is alive. Due again soon instead, at the next check. Only an
@@ -265,7 +264,7 @@ class AccountEraser:
                 logger.info("user %s: the deletion is left as this process stops; the next "
                             "check goes on with it", user.name)
                 break
-            except (BlobStoreUnreachableError, DatabaseUnreachableError) as exc:
+            except StorageUnavailableError as exc:
                 # An outage, which passes: due again soon, as when it first cut the deletion
                 # short, and said in one line (no traceback) each time it is met.
                 self._due_soon(user)

@@ -67,14 +67,13 @@ from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
 from selfie_lora.errors import (
     AlertDeliveryError,
     BlobMissingError,
-    BlobStoreUnreachableError,
-    DatabaseUnreachableError,
     ErrorCode,
     InvalidInputError,
     NoModelError,
     NotFoundError,
     SelfieLoraError,
     StorageError,
+    StorageUnavailableError,
     TrainingInterruptedError,
 )
 from selfie_lora.likeness.chart import ChartPoint, chart_inputs, drawn_from, render_chart
@@ -95,13 +94,6 @@ logger = logging.getLogger(__name__)
 
 CANCELED_REASON = ("version {number}'s training was canceled before the likeness gate decided, "
                    f"so {KEPT_NOT_ACTIVATED}{ACTIVATE_HINT}")
-
-
-# The object storage or the database out of reach (no answer, a timeout, a 5xx, a restart): an
-# interruption of a scoring, raised to its caller (the training steps away and scores it again
-# later, the probe images already made kept), never recorded as a version that could not be
-# scored: the gate held a version for good, and alerted, for a storage blip of seconds.
-OUTAGES = (BlobStoreUnreachableError, DatabaseUnreachableError)
 
 
 class BaselinePhotosUnreadableError(StorageError):
@@ -552,8 +544,10 @@ class LikenessService:
         embedding model, the fixed probe scale and the current probe size). Expected failures
         (no generator, a generator error, face tools missing) are recorded on the record as
         ``failed``, never raised; a ``checkpoint`` that raises stops the scoring (and is
-        raised), and so does an outage (``OUTAGES``): the next scoring goes on from the probe
-        images stored."""
+        raised), and so does an outage (``StorageUnavailableError``: the object storage or the
+        database out of reach, a blip): the next scoring goes on from the probe images stored,
+        never a version recorded as one that could not be scored (the gate held a version for
+        good, and alerted, for a storage blip of seconds)."""
         version, model, training = self._load(version_id)
         existing = self._repo.get_likeness(version.id)
         if existing is not None and not force and self._is_current(existing):
@@ -574,7 +568,7 @@ class LikenessService:
                 reference_dataset_id=reference.dataset_id, scores=scores, probes=tuple(results),
                 error=None, scored_at=utcnow(),
             )
-        except (TrainingInterruptedError, *OUTAGES):
+        except (TrainingInterruptedError, StorageUnavailableError):
             raise
         except SelfieLoraError as exc:
             logger.warning("version %s could not be scored: %s", version.id, exc.message)
@@ -971,15 +965,15 @@ class LikenessService:
 
     def _reference_for(self, version: Version, *,
                        outage_raises: bool = False) -> Reference | None:
-        """``outage_raises``: an outage (``OUTAGES``) is raised, not taken for photos that have
-        no reference (the gate would hold a version scored a moment before as unscored)."""
+        """``outage_raises``: an outage (``StorageUnavailableError``) is raised, not taken for
+        photos that have no reference (the gate would hold a version scored a moment before as unscored)."""
         training = self._repo.get_training(version.training_id)
         if training is None:
             return None
         try:
             return self.reference(training.dataset_id)
         except SelfieLoraError as exc:
-            if outage_raises and isinstance(exc, OUTAGES):
+            if outage_raises and isinstance(exc, StorageUnavailableError):
                 raise
             logger.warning("no reference photos for version %s: %s", version.id, exc.message)
             return None

@@ -123,6 +123,7 @@ from selfie_lora.errors import (
     SelfieLoraError,
     StorageError,
     StorageFullError,
+    StorageUnavailableError,
     TrainerError,
     TrainerUnavailableError,
     TrainingCanceledError,
@@ -1570,7 +1571,7 @@ class TrainingService:
                                     outage=isinstance(cause, DatabaseUnreachableError),
                                     blob_outage=isinstance(cause, BlobStoreUnreachableError),
                                     scoring=True) from exc
-        except (BlobStoreUnreachableError, DatabaseUnreachableError) as exc:
+        except StorageUnavailableError as exc:
             # An outage while it was scored (a probe image not stored, its record not
             # written): an interruption, as the training's own, not a version that could not
             # be scored (held for good, and alerted, for a blip). The next attempt goes on from
