@@ -1836,6 +1836,14 @@ class _Waits:
         return True
 
 
+def _database_failed(outage: Outage, ticket: int, exc: SelfieLoraError) -> int:
+    """The level at which to say that a read or a beat of a running training failed: DEBUG
+    while the database outage it met lasts (said once, when it began), else WARNING."""
+    if isinstance(exc, DatabaseUnreachableError) and not outage.begins(ticket=ticket):
+        return logging.DEBUG
+    return logging.WARNING
+
+
 def _database_back(outage: Outage, ticket: int, training_id: str) -> None:
     """A read or a beat of a running training went through: the database outage it said, if
     any, is over (said once)."""
@@ -1969,9 +1977,7 @@ class _Held:
             except SelfieLoraError as exc:
                 # The database is unreachable: try again at the next beat. If it stays away the
                 # lease expires, another worker takes over and this one's writes are refused.
-                quiet = (isinstance(exc, DatabaseUnreachableError)
-                         and not self.database_outage.begins(ticket=ticket))
-                logger.log(logging.DEBUG if quiet else logging.WARNING,
+                logger.log(_database_failed(self.database_outage, ticket, exc),
                            "training %s: heartbeat failed: %s", self.training_id, exc.message)
                 continue
             except Exception:
@@ -2207,9 +2213,7 @@ class _Sink:
         except StorageError as exc:
             # A read that failed loses nothing: the trainer goes on and asks again at its next
             # poll (a database away for longer fails the next write, which steps away).
-            quiet = (isinstance(exc, DatabaseUnreachableError)
-                     and not outage.begins(ticket=ticket))
-            logger.log(logging.DEBUG if quiet else logging.WARNING,
+            logger.log(_database_failed(outage, ticket, exc),
                        "training %s: could not read whether it was canceled: %s",
                        self._held.training_id, exc.message)
             return False
