@@ -63,7 +63,7 @@ from selfie_lora.errors import (
 )
 from selfie_lora.logs import training_context
 from selfie_lora.services.clock import ClockGuard
-from selfie_lora.services.common import DatabaseOutages, Outage
+from selfie_lora.services.common import LoopOutages, Outage
 from selfie_lora.services.erasure import AccountEraser
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED, OperationsService
@@ -181,14 +181,14 @@ class Worker:
         self._claim_outage = Outage()
         # A database outage, said once per loop (its start and its end) where each round
         # logged a traceback while PostgreSQL was down.
-        self._reconcile_outage = DatabaseOutages("reconciling trainings",
+        self._reconcile_outage = LoopOutages("reconciling trainings",
                                                  retried="retrying later")
-        self._gc_outage = DatabaseOutages("garbage collection",
+        self._gc_outage = LoopOutages("garbage collection",
                                           retried="it is tried again when next due")
-        self._holds_outage = DatabaseOutages(
+        self._holds_outage = LoopOutages(
             "settling this machine's erasure holds", retried=f"tried again in "
             f"{erase_check_seconds:.0f} s")
-        self._erasures_outage = DatabaseOutages(
+        self._erasures_outage = LoopOutages(
             "finishing interrupted account deletions", retried=f"tried again in "
             f"{erase_check_seconds:.0f} s")
 

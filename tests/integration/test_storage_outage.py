@@ -19,7 +19,7 @@ from selfie_lora.domain.entities import GateStatus, Training, TrainingStatus
 from selfie_lora.domain.likeness import LikenessStatus
 from selfie_lora.errors import BlobStoreUnreachableError, StorageError, StorageSettingsError
 from selfie_lora.services.checkpoints import TrainingCheckpoints
-from selfie_lora.services.common import DatabaseOutages
+from selfie_lora.services.common import LoopOutages
 from selfie_lora.services.ports import TrainingJob
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter
 from selfie_lora.wiring import Services, build_services
@@ -267,7 +267,7 @@ def _one_line(caplog: pytest.LogCaptureFixture, text: str) -> None:
 def test_the_garbage_collection_says_an_object_storage_outage_in_one_line(
         caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     # The worker's gc loop (``Worker.collect_garbage``) runs in this watch.
-    loop = DatabaseOutages("garbage collection", retried="tried again when next due")
+    loop = LoopOutages("garbage collection", retried="tried again when next due")
     store = AwayStore(tmp_path)
     store.away = True
     with caplog.at_level(logging.DEBUG), loop.watch(failed="garbage collection failed"):

@@ -189,11 +189,13 @@ class Outage:
             return True
 
 
-class DatabaseOutages:
-    """A loop's failures of the database, said as an outage (``Outage``): the database
-    unreachable (``DatabaseUnreachableError``) is said once at WARNING when it begins, at DEBUG
-    at each retry, and its end once at INFO, where every round logged a traceback while
-    PostgreSQL was down. Any other error keeps its traceback (a defect to see)."""
+class LoopOutages:
+    """A loop's failures, an outage said as one: the database unreachable
+    (``DatabaseUnreachableError``) is said once at WARNING when it begins (``Outage``), at
+    DEBUG at each retry, and its end once at INFO, where every round logged a traceback while
+    PostgreSQL was down; the object storage unreachable (``BlobStoreUnreachableError``) in one
+    WARNING line each round, its own words and no traceback. Any other error keeps its
+    traceback (a defect to see)."""
 
     def __init__(self, loop: str, *, retried: str) -> None:
         self._loop = loop  # "reconciling trainings", ...

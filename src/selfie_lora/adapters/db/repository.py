@@ -522,8 +522,9 @@ class SqlRepository:
                                        ) from exc
             if _unreachable(exc):
                 raise DatabaseUnreachableError(f"database error: {exc.orig}") from exc
-            # Whatever the driver raised (a lost connection, a fail-over, "database is locked"):
-            # its own words, not the statement and parameters sqlalchemy adds to them.
+            # Whatever else the driver raised ("database is locked", a refused login, a
+            # statement refused): its own words, not the statement and parameters sqlalchemy
+            # adds to them. A lost connection or a fail-over is an outage (above).
             raise StorageError(f"database error: {exc.orig}") from exc
         except SQLAlchemyError as exc:
             # sqlalchemy's own (a pool that stayed exhausted past its timeout, a connection
