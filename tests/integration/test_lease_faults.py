@@ -509,35 +509,57 @@ def test_a_photo_gone_from_the_store_fails_the_training_and_says_so(machine: Mac
 
 
 class DatasetReadFails(SqlRepository):
-    """The database, but the next read of a dataset fails as an outage would."""
+    """The database, but the next ``fails`` reads of a dataset raise ``error`` (by default a
+    plain database error, as a lost connection was before outages were told apart)."""
 
-    fail = False
+    fails = 0
+    error: StorageError = StorageError(
+        "database error: server closed the connection unexpectedly")
 
     def get_dataset(self, dataset_id: str) -> Any:
-        if self.fail:
-            self.fail = False
-            raise StorageError("database error: server closed the connection unexpectedly")
+        if self.fails > 0:
+            self.fails -= 1
+            raise self.error
         return super().get_dataset(dataset_id)
+
+
+def _failing_dataset_reads(machine: Machine) -> tuple[Services, DatasetReadFails,
+                                                      TrainingService, str]:
+    """A worker whose database fails the reads of a dataset when told, its training service
+    on that database, and ann's training queued."""
+    svc = machine.worker(FakeTrainer(steps=2))
+    repo = DatasetReadFails(svc.engine)
+    return svc, repo, machine.training_service(svc, repo), queued_for_ann(svc)
 
 
 def test_a_database_failing_the_read_of_the_photos_list_is_said_as_the_databases(
         machine: Machine) -> None:
-    trainer = FakeTrainer(steps=2)
-    svc = machine.worker(trainer)
-    repo = DatasetReadFails(svc.engine)
-    worker = machine.training_service(svc, repo)
-    user, _ = svc.users.create(name="ann")
-    started = svc.training.upload_zip(user=user, data=photo_zip(3))
-    assert started.training is not None
-    repo.fail = True
-    worker.run(started.training.id, owner="A")
-    waiting = svc.repo.get_training(started.training.id)
-    assert waiting is not None
+    svc, repo, worker, training_id = _failing_dataset_reads(machine)
+    repo.fails = 1
+    worker.run(training_id, owner="A")
+    waiting = row(svc, training_id)
     assert (waiting.status, waiting.error) == (TrainingStatus.STARTING, DATABASE_UNREACHABLE)
-    worker.run(started.training.id, owner="A")
-    final = svc.repo.get_training(started.training.id)
-    assert final is not None
-    assert final.status is TrainingStatus.SUCCEEDED
+    worker.run(training_id, owner="A")
+    assert row(svc, training_id).status is TrainingStatus.SUCCEEDED
+
+
+def test_a_database_outage_at_the_read_of_the_photos_list_spends_no_attempt(
+        machine: Machine) -> None:
+    # Old code: the _UnreachableError of that read (``_job``) did not say it was an outage, as
+    # those of the fenced writes do: each was a counted step-away, and the fourth PostgreSQL
+    # restart in a row failed the training ("interrupted 3 times").
+    svc, repo, worker, training_id = _failing_dataset_reads(machine)
+    # PostgreSQL restarting (refused connections), more times than SELFIE_LORA_MAX_ATTEMPTS (3).
+    repo.error = DatabaseUnreachableError("database error: connection failed: Connection refused")
+    repo.fails = 4
+    for _ in range(4):
+        worker.run(training_id, owner="A")
+        waiting = row(svc, training_id)
+        assert not waiting.status.is_terminal, waiting.error
+        assert (waiting.lease_owner, waiting.error) == (None, DATABASE_UNREACHABLE)
+    worker.run(training_id, owner="A")
+    final = row(svc, training_id)
+    assert (final.status, final.recoveries, final.error) == (TrainingStatus.SUCCEEDED, 0, None)
 
 
 class FailsOnceTheVersionIsStored(SqlRepository):

@@ -855,7 +855,7 @@ class TrainingService:
                 # A full disk met outside the fences (a read that needed a temporary file):
                 # the machine's outage, waited out like the others, with no traceback.
                 self._step_away(held, _UnreachableError(exc.message, remote_id=held.remote_id,
-                                                        reason=DATABASE_UNREACHABLE, full=True))
+                                                        reason=DATABASE_UNREACHABLE, cause=exc))
             except SelfieLoraError as exc:
                 # What escaped the work after the claim (a read outside the fence, a bug): the
                 # worker steps away now, lease ended and message queued, where the lease was left
@@ -863,7 +863,7 @@ class TrainingService:
                 if isinstance(exc, DatabaseUnreachableError):  # an outage: no traceback
                     self._step_away(held, _UnreachableError(
                         exc.message, remote_id=held.remote_id, reason=DATABASE_UNREACHABLE,
-                        outage=True))
+                        cause=exc))
                     return
                 logger.exception("training %s: the worker could not go on with it (%s); "
                                  "stepping away", training_id, type(exc).__name__)
@@ -1102,9 +1102,7 @@ class TrainingService:
                 yield tx, current
         except StorageError as exc:
             raise _UnreachableError(exc.message, remote_id=held.remote_id,
-                                    reason=DATABASE_UNREACHABLE,
-                                    full=isinstance(exc, StorageFullError),
-                                    outage=isinstance(exc, DatabaseUnreachableError)) from exc
+                                    reason=DATABASE_UNREACHABLE, cause=exc) from exc
 
     def _update_held(self, held: _Held, fn: Callable[[Training], Training]) -> Training:
         """``fn`` applied to the training while ``held`` still holds it."""
@@ -1340,10 +1338,7 @@ class TrainingService:
                 # The store is away (or misconfigured), not the photos gone: the next attempt
                 # reads them, and an outage that lasts ends the training all the same.
                 raise _UnreachableError(exc.message, remote_id=training.remote_id,
-                                        reason=STORAGE_UNREACHABLE,
-                                        full=isinstance(exc, StorageFullError),
-                                        blob_outage=isinstance(exc, BlobStoreUnreachableError)
-                                        ) from exc
+                                        reason=STORAGE_UNREACHABLE, cause=exc) from exc
             self._storage_again(held)
             if stored is not None:
                 logger.info("training %s continues from its checkpoint at step %d",
@@ -1362,8 +1357,7 @@ class TrainingService:
                 # it steps away with its checkpoints kept, and the next attempt (with room, or
                 # on another machine) resumes from the newest; an outage that lasts ends it.
                 raise _UnreachableError(exc.message, remote_id=sink.remote_id,
-                                        reason=LOCAL_DISK_FAILED,
-                                        full=isinstance(exc, StorageFullError)) from exc
+                                        reason=LOCAL_DISK_FAILED, cause=exc) from exc
             except TrainerUnavailableError as exc:
                 if sink.remote_id is None and not (sink.create_begun
                                                    or training.remote_create_started):
@@ -1383,10 +1377,7 @@ class TrainingService:
                 # local one resumes from its last checkpoint. An outage that lasts ends the
                 # training after the configured attempts all the same.
                 raise _UnreachableError(exc.message, remote_id=sink.remote_id,
-                                        reason=WEIGHTS_NOT_STORED,
-                                        full=isinstance(exc, StorageFullError),
-                                        blob_outage=isinstance(exc, BlobStoreUnreachableError)
-                                        ) from exc
+                                        reason=WEIGHTS_NOT_STORED, cause=exc) from exc
             self._room_again(held)
             self._storage_again(held)
             self._checkpoints.drop(training.id)
@@ -1566,20 +1557,15 @@ class TrainingService:
             # The storage is away: the worker steps away and the next attempt scores it
             # again (counted, so a storage that keeps failing ends in a judging without scores,
             # held); one out of reach is waited out without spending attempts, as below.
-            cause = exc.__cause__
             raise _UnreachableError(exc.message, remote_id=None, reason=STORAGE_UNREACHABLE,
-                                    outage=isinstance(cause, DatabaseUnreachableError),
-                                    blob_outage=isinstance(cause, BlobStoreUnreachableError),
-                                    scoring=True) from exc
+                                    cause=exc.__cause__, scoring=True) from exc
         except StorageUnavailableError as exc:
             # An outage while it was scored (a probe image not stored, its record not
             # written): an interruption, as the training's own, not a version that could not
             # be scored (held for good, and alerted, for a blip). The next attempt goes on from
             # the probe images stored, without spending one of the scoring's attempts.
             raise _UnreachableError(exc.message, remote_id=None, reason=SCORING_UNREACHABLE,
-                                    outage=isinstance(exc, DatabaseUnreachableError),
-                                    blob_outage=isinstance(exc, BlobStoreUnreachableError),
-                                    scoring=True) from exc
+                                    cause=exc, scoring=True) from exc
         self._storage_again(held)
         alert = None
         with self._holding(held) as (tx, current):
@@ -1733,7 +1719,7 @@ class TrainingService:
             dataset = self._repo.get_dataset(training.dataset_id)
         except StorageError as exc:  # the database's, said as such (not the blob store's)
             raise _UnreachableError(exc.message, remote_id=training.remote_id,
-                                    reason=DATABASE_UNREACHABLE) from exc
+                                    reason=DATABASE_UNREACHABLE, cause=exc) from exc
         if dataset is None:
             raise NotFoundError("the training's photos are gone")
         caption = caption_for(training.trigger_word)
@@ -1791,21 +1777,24 @@ class _UnreachableError(TrainingInterruptedError):
     """The database, or what a remote run needs (the trainer's API, the storage of its weights),
     cannot be reached: the worker steps away from the training (``TrainingService._step_away``)
     instead of failing it. ``remote_id``: the remote run, if any, the next attempt adopts;
-    ``reason``: a sentence for the training's row."""
+    ``reason``: a sentence for the training's row; ``cause``: the storage error met, which
+    says which outage it is (each site passing its own flags, one read left them out and
+    counted a database restart as a dead worker); ``full``: a full disk met as another error
+    (an ``OSError``)."""
 
     def __init__(self, message: str, *, remote_id: str | None, reason: str,
-                 full: bool = False, outage: bool = False, blob_outage: bool = False,
+                 cause: BaseException | None = None, full: bool = False,
                  scoring: bool = False) -> None:
         super().__init__(message)
         self.remote_id = remote_id
         self.reason = reason
         # A full disk, not an outage of what the training needs: it waits, not counted.
-        self.full = full
+        self.full = full or isinstance(cause, StorageFullError)
         # The database server could not be reached: not counted either (``_leave_for_outage``).
-        self.outage = outage
+        self.outage = isinstance(cause, DatabaseUnreachableError)
         # The object storage could not be reached: a local training waits, not counted
         # (``_wait_for_storage``).
-        self.blob_outage = blob_outage
+        self.blob_outage = isinstance(cause, BlobStoreUnreachableError)
         # Met while its stored version was scored: a remote run has ended by then (its weights
         # are ours), so its outage is waited out as a local training's.
         self.scoring = scoring
