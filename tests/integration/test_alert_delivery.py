@@ -610,3 +610,69 @@ def test_the_alert_shows_the_digits_that_make_its_drop_read_as_decided() -> None
                       before={"identity": 0.8}, after={"identity": 0.3}, tolerance=0.02,
                       message="held", url=None)
     assert "(likeness 0.300 against version 1's 0.800, tolerance 0.02)" in text
+
+
+class SlackLikeHook:
+    """A Slack incoming webhook: 400 ``no_text`` for a body without "text" (Discord's refuses
+    one without "content"); ``down`` while the operator's endpoint cannot be reached."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.sent: list[dict[str, Any]] = []
+
+    def send(self, alert: dict[str, Any]) -> None:
+        if self.down:
+            raise AlertDeliveryError("hooks.slack.example could not be reached")
+        if not alert.get("text") or not alert.get("content"):
+            raise AlertDeliveryError("hooks.slack.example answered the alert with HTTP 400")
+        self.sent.append(alert)
+
+
+# The fields of an alert recorded by releases before the chat text (8e9cdaf) and measured_on.
+OLD_ALERT_FIELDS = ("after", "alert_id", "at", "baseline_version_id", "baseline_version_number",
+                    "before", "destination", "kind", "message", "model_id", "tolerance",
+                    "user_id", "version_id", "version_number", "delivery")
+
+
+def test_an_alert_an_older_release_left_undelivered_is_sent_in_today_s_shape(
+        tmp_path: Path, clock: Clock) -> None:
+    """An alert still due at an upgrade was recorded without text, content, user_name, url and
+    measured_on: sent as recorded, a Slack hook refused it until it was given up (old code:
+    every attempt a 400). It is sent with them filled in; an alert that has them goes as it is."""
+    hook = SlackLikeHook()
+    rig = Rig(root=tmp_path, generator=photo_generator(same_person()), alerter=hook,
+              clock=clock, public_url="https://lora.example.com/")
+    try:
+        hook.down = True  # the old release's first attempt failed: due again later
+        v2 = held_version(rig, name="ann")
+        assert v2.alert is not None
+        old = {key: v2.alert[key] for key in OLD_ALERT_FIELDS}
+        rig.repo.set_version_alert(v2.id, old, due_at=clock.now)  # as the old release left it
+        hook.down = False
+        clock.advance(minutes=1, seconds=1)
+        assert rig.training.reconcile().alerts_tried == 1
+
+        assert len(hook.sent) == 1
+        sent = hook.sent[0]
+        # Everything recorded goes as it was (alert_id too: a receiver still drops a repeat).
+        assert {key: sent[key] for key in OLD_ALERT_FIELDS if key != "delivery"} == {
+            key: value for key, value in old.items() if key != "delivery"}
+        assert "delivery" not in sent
+        assert sent["user_name"] == "ann"
+        assert sent["url"] == "https://lora.example.com/versions"
+        # Older releases measured both versions on the new version's photos only.
+        assert sent["measured_on"] == "new_photos"
+        assert sent["text"] == alert_text(
+            user_name="ann", version_number=2, baseline_number=1, before=old["before"],
+            after=old["after"], tolerance=old["tolerance"], message=old["message"],
+            url="https://lora.example.com/versions", photos_of=2)
+        assert sent["content"] == sent["text"]
+        assert delivery(rig, v2)["delivered"] is True
+
+        # Today's alert is sent exactly as it was made.
+        v2_bob = held_version(rig, name="bob")
+        assert v2_bob.alert is not None
+        assert hook.sent[-1] == {key: value for key, value in v2_bob.alert.items()
+                                 if key != "delivery"}
+    finally:
+        rig.close()

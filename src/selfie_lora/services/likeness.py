@@ -39,10 +39,12 @@ from selfie_lora.domain import alerts
 from selfie_lora.domain.entities import GateStatus, Model, Probe, Training, User, Version
 from selfie_lora.domain.likeness import (
     ACTIVATE_HINT,
+    BASELINE_PHOTOS,
     DEFAULT_GATE_TOLERANCE,
     DEFAULT_PROBE_COUNT,
     GATE_OFF_REASON,
     KEPT_NOT_ACTIVATED,
+    NEW_PHOTOS,
     PROBE_LORA_SCALE,
     Embedding,
     GateMeasure,
@@ -481,8 +483,9 @@ class LikenessService:
         previous = alert.get("delivery") or {}
         attempts = int(previous.get("attempts", 0)) + 1
         # What the receiver gets: the alert as ``_alert`` made it (its ``alert_id`` included),
-        # without the record of earlier attempts.
-        payload = {key: value for key, value in alert.items() if key != "delivery"}
+        # without the record of earlier attempts; one an older release recorded, in today's shape.
+        payload = self._in_todays_shape(
+            {key: value for key, value in alert.items() if key != "delivery"})
         due_at = None
         try:
             self._alerter.send(payload)
@@ -928,6 +931,33 @@ class LikenessService:
             "text": text, "content": text[:DISCORD_CONTENT_MAX],
             "delivery": None,
         }
+
+    def _in_todays_shape(self, alert: dict[str, Any]) -> dict[str, Any]:
+        """``alert`` with the fields ``_alert`` makes today that it lacks, what it has unchanged.
+        One recorded by an older release and still due at the upgrade (its hook was down, a
+        retry pending) has no "text"/"content": a Slack or Discord hook refuses it until it is
+        given up."""
+        missing = {"user_name", "url", "measured_on", "text", "content"} - alert.keys()
+        if not missing:
+            return alert
+        filled = dict(alert)
+        if "user_name" in missing:
+            owner = self._repo.get_user(str(alert["user_id"]))
+            filled["user_name"] = owner.name if owner is not None else None
+        filled.setdefault("url", self._versions_url)
+        # Releases before measured_on measured both versions on the new version's photos only.
+        filled.setdefault("measured_on", NEW_PHOTOS if alert["before"] and alert["after"] else None)
+        baseline_number = alert["baseline_version_number"]
+        text = filled.get("text") or alert_text(
+            user_name=filled["user_name"] or str(alert["user_id"]),
+            version_number=int(alert["version_number"]), baseline_number=baseline_number,
+            before=alert["before"], after=alert["after"], tolerance=float(alert["tolerance"]),
+            message=str(alert["message"]), url=filled["url"],
+            photos_of=(baseline_number if filled["measured_on"] == BASELINE_PHOTOS
+                       else int(alert["version_number"])))
+        filled.setdefault("text", text)
+        filled.setdefault("content", str(text)[:DISCORD_CONTENT_MAX])
+        return filled
 
     # ------------------------------------------------------------------ internals
     def _probe(self, model: Model, version: Version, probe: Probe) -> ProbeResult:
