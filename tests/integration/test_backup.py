@@ -16,6 +16,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -204,6 +205,32 @@ def test_a_deployment_on_postgres_or_object_storage_is_told_what_to_use(
         assert said.startswith("error: selfie-lora backup and restore cover SQLite and the "
                                "files in SELFIE_LORA_HOME only; ")
         assert ("pg_dump" in said) if url else ("versioning or replication" in said)
+    assert not (tmp_path / "bk").exists()
+
+
+@pytest.mark.parametrize(("database_url", "storage"), [
+    ("postgresql+psycopg://app@db.example/selfie", False),
+    ("sqlite:////srv/db/selfie.db", False),
+    ("postgresql+psycopg://app@db.example/selfie", True),
+], ids=["postgres-files-in-home", "sqlite-elsewhere-files-in-home", "postgres-and-a-bucket"])
+def test_a_refused_backup_says_the_files_in_home_are_to_be_copied_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database_url: str, storage: bool) -> None:
+    """PostgreSQL (or a SQLite file elsewhere) with the photos and weights in HOME/blobs: the
+    refusal named pg_dump alone, and an upgrade backed up that way had rows naming files the
+    restored HOME lacked, and no secret_key (every web session ended)."""
+    overrides: dict[str, Any] = {"database_url": database_url}
+    if storage:
+        overrides |= {"storage_url": "s3://bucket/selfies", "storage_access_key_id": "k",
+                      "storage_secret_access_key": "s"}
+    settings = make_settings(tmp_path, **overrides)
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    code, said = run("backup", str(tmp_path / "bk"))
+    assert code == 1
+    assert len(said.strip().splitlines()) == 1
+    files = ("its photos and weights are files in SELFIE_LORA_HOME/blobs (its deployment.json "
+             "too): copy that folder after the database, and SELFIE_LORA_HOME/secret_key (the "
+             "web sessions' key) unless SELFIE_LORA_SECRET_KEY is set")
+    assert (files in said) is not storage, said  # with a bucket, the bucket holds them
     assert not (tmp_path / "bk").exists()
 
 

@@ -21,6 +21,11 @@ _INSTEAD = {
               "(SELFIE_LORA_DATABASE_URL): back it up with sqlite3's .backup command",
     "storage": "its photos and weights are in object storage (SELFIE_LORA_STORAGE_URL): keep "
                "them with the bucket's own versioning or replication",
+    # The database elsewhere, the files still in HOME: a dump alone restores rows naming blobs
+    # the HOME may not have, and a lost secret_key ends every web session.
+    "files": "its photos and weights are files in SELFIE_LORA_HOME/blobs (its deployment.json "
+             "too): copy that folder after the database, and SELFIE_LORA_HOME/secret_key (the "
+             "web sessions' key) unless SELFIE_LORA_SECRET_KEY is set",
 }
 
 
@@ -31,7 +36,8 @@ class BackupService:
         "postgres"."""
         self._backups = backups
         self._instead = [_INSTEAD[what] for what, yes in (
-            (database, database != "home"), ("storage", storage_elsewhere)) if yes]
+            (database, database != "home"), ("storage", storage_elsewhere),
+            ("files", database != "home" and not storage_elsewhere)) if yes]
 
     def _refuse_elsewhere(self) -> None:
         if self._instead:
