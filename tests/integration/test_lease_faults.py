@@ -782,3 +782,31 @@ def test_a_worker_paused_past_its_lease_deletes_no_checkpoint_of_the_one_that_to
     latest = TrainingCheckpoints(svc.blobs).latest(training_id)
     assert latest is not None
     assert latest.step == 40
+
+
+@pytest.mark.parametrize(("before", "said"), [
+    ("vm/9a22e5f0/w0", "training {id}: vm/9a22e5f0/w0 continues it after this worker's "
+                       "restart: its previous process stopped holding it (attempt 2, queued)"),
+    ("vm/1b2c3d4e/w0", "training {id}: vm/9a22e5f0/w0 takes it over from vm/1b2c3d4e/w0, which "
+                       "stopped holding it (attempt 2, queued)"),
+], ids=["same-name", "another-worker"])
+def test_a_take_over_from_this_worker_s_own_name_says_it_restarted(
+        machine: Machine, caplog: pytest.LogCaptureFixture, before: str, said: str) -> None:
+    """A worker's name is its machine and index: a serve killed mid-training and started again
+    on the same machine logged "vm/9a22e5f0/w0 takes it over from vm/9a22e5f0/w0" (upgrade
+    review aside), as if it took the training from itself."""
+    svc = machine.worker(FakeTrainer())
+    training_id = queued_for_ann(svc)
+    assert svc.training._claim(training_id, owner=before, stopping=threading.Event()) is not None
+    with svc.repo.atomic() as tx:  # its process was killed: the lease ran out
+        current = tx.get_training(training_id, for_update=True)
+        assert current is not None
+        tx.save_training(dataclasses.replace(
+            current, lease_expires_at=datetime(2020, 1, 1, tzinfo=UTC)))
+    restarted = machine.worker(FakeTrainer())
+    caplog.set_level(logging.INFO, logger="selfie_lora.services.training")
+    assert restarted.training._claim(training_id, owner="vm/9a22e5f0/w0",
+                                     stopping=threading.Event()) is not None
+    assert [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith(f"training {training_id}: ")] == [
+        said.format(id=training_id)]

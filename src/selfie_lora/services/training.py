@@ -1063,8 +1063,11 @@ class TrainingService:
             self._checkpoints.drop(training_id)  # failed: it will never be resumed
             return None
         if claimed.lease_owner is not None:  # not one that waited for room here
-            logger.warning("training %s: %s takes it over from %s, which stopped holding it "
-                           "(attempt %d, %s)", training_id, owner, current.lease_owner,
+            # A worker is named by its machine and index: its own name is this worker restarted.
+            logger.warning("training %s: %s %s (attempt %d, %s)", training_id, owner,
+                           f"takes it over from {current.lease_owner}, which stopped holding it"
+                           if current.lease_owner != owner else "continues it after this "
+                           "worker's restart: its previous process stopped holding it",
                            updated.attempt, updated.status)
         else:
             logger.info("training %s: %s runs attempt %d (%s)", training_id, owner,
