@@ -1640,8 +1640,8 @@ def users_delete(
                 f"{len(held.dataset_ids)} photo set(s) ({len(held.photo_hashes)} photo(s)), "
                 f"{len(held.generation_ids)} generation(s), and their API keys and sessions "
                 "will be deleted for good", markup=False, highlight=False, soft_wrap=True)
-            if typer.prompt("type the user's name to confirm", default="",
-                            show_default=False) != user.name:
+            if not services.erasure.confirmed(name=user.name, typed=typer.prompt(
+                    "type the user's name to confirm", default="", show_default=False)):
                 _fail("not confirmed: nothing was deleted")
         try:
             with _terminate_as_interrupt():

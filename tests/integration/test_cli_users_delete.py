@@ -619,6 +619,46 @@ def test_a_user_deletes_their_own_account_through_the_api(
     assert client.get("/api/model", headers=bob.headers).status_code == 200
 
 
+class _AtATerminal:
+    """``sys`` as the CLI sees it, its standard input a terminal (CliRunner's is not)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import sys
+
+        if name == "stdin":
+            return _TerminalStdin(sys.stdin)
+        return getattr(sys, name)
+
+
+class _TerminalStdin:
+    def __init__(self, stdin: Any) -> None:
+        self._stdin = stdin
+
+    def isatty(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stdin, name)
+
+
+def test_the_name_typed_to_confirm_a_deletion_is_taken_in_any_case_everywhere(
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name is one whatever its case (signing in, the Settings page's Delete): DELETE /api/me
+    refused {"confirm": "ANN"} for ann (422 invalid_input) and ``users delete`` at a terminal
+    refused "ANN" typed, while the Settings page took it."""
+    services = on_services
+    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "ANN"})
+    assert r.status_code == 200, r.text
+    assert services.repo.get_user_by_name("ann") is None
+    furnish(client, services, "bob", photos=photo_zip(3, offset=10))
+    # At a terminal (CliRunner's stdin is none): the command asks for the name.
+    monkeypatch.setattr(cli, "sys", _AtATerminal())
+    code, said = run("users", "delete", "bob", stdin="Bob\n")
+    assert code == 0, said
+    assert services.repo.get_user_by_name("bob") is None
+
+
 def interrupt_her_api_delete(services: Services, client: TestClient, ann: Owner,
                              monkeypatch: pytest.MonkeyPatch, *, step: str) -> str:
     """``DELETE /api/me`` of ann's, its server dying (an exception) at ``step``: before her

@@ -23,7 +23,7 @@ router = APIRouter(prefix="/api/me", tags=["account"], route_class=JsonBodyRoute
 def delete_me(user: UserDep, svc: ServicesDep, body: DeleteAccountBody) -> dict[str, Any]:
     """Delete this account and everything it owns, for good: model, versions, trainings,
     photos, weights, generated pictures, likeness records, API keys and sessions."""
-    if body.confirm != user.name:
+    if not svc.erasure.confirmed(name=user.name, typed=body.confirm):
         raise InvalidInputError("confirm must be this account's name: nothing was deleted")
     try:
         return {"deleted": svc.erasure.erase(name=user.name, force=body.force).as_json()}

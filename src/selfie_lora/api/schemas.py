@@ -86,8 +86,8 @@ class KeyBody(_Body):
 
 
 class DeleteAccountBody(_Body):
-    confirm: str = Field(description="The account's name, typed again: without it nothing is "
-                         "deleted (422 invalid_input).")
+    confirm: str = Field(description="The account's name, typed again (in any case): without it "
+                         "nothing is deleted (422 invalid_input).")
     # Strict: lax, "yes", 1 or "on" read as true deleted an account and canceled its training.
     force: bool = Field(default=False, strict=True, description="Cancel a queued or running "
                         "training first (without it: 409 training_in_progress, nothing "

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from selfie_lora.domain.accounts import ErasurePlan, UserHoldings
+from selfie_lora.domain.accounts import ErasurePlan, UserHoldings, fold_name
 from selfie_lora.domain.entities import User
 from selfie_lora.domain.gc import GcSummary, format_bytes
 from selfie_lora.domain.lease import wait_text
@@ -173,6 +173,13 @@ class AccountEraser:
         self._clock = clock
         # A deletion asked for longer ago than this is one whose process stopped.
         self.resume_after = API_KEY_CACHE_TTL + stop_wait + RESUME_MARGIN
+
+    def confirmed(self, *, name: str, typed: str | None) -> bool:
+        """Whether ``typed`` (the name typed again to confirm: the API's ``confirm``, the
+        Settings page's field, ``users delete``'s prompt) confirms the deletion of the account
+        ``name``: its name in any case, a name being one whatever its case (``fold_name``), as
+        it is to sign in. Each entry point compared on its own, the API and the CLI exactly."""
+        return typed is not None and fold_name(typed) == fold_name(name)
 
     def holdings(self, *, name: str) -> tuple[User, UserHoldings]:
         """The user and what they own (what the command asks confirmation for)."""

@@ -19,7 +19,6 @@ from selfie_lora.api.deps import finished, in_intake, in_thread, upload_slot
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.dataset.archive import archive_kind
-from selfie_lora.domain.accounts import fold_name
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import (
     DEFAULT_GATE_TOLERANCE,
@@ -1178,8 +1177,7 @@ def settings_delete_account(request: Request, viewer: FormViewer,
     """Delete the signed-in account and everything it owns (``services.erasure``): the name
     typed again confirms it; a training queued or running refuses it (cancel it first)."""
     web = _web(request)
-    # In any case: a name is one whatever its case, as it is to sign in.
-    if confirm is None or fold_name(confirm) != fold_name(viewer.user.name):
+    if not web.services.erasure.confirmed(name=viewer.user.name, typed=confirm):
         return _settings(request, viewer, status_code=422,
                          delete_error="type your name to confirm: nothing was deleted",
                          delete_name_wrong=True)
