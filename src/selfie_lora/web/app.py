@@ -186,15 +186,11 @@ class Web:
         does not say it again."""
         self.set_notice_cookie(response, request, DONE_NOTICE + sentence)
 
-    def notice(self, request: Request) -> str | None:
+    def take_notice(self, request: Request) -> str | None:
         """The notice this browser was sent on with (``set_notice_cookie``), or None (none,
-        forged, too old)."""
+        forged, too old); shown once: the page ``render`` makes of this request clears it."""
+        _shown_once(request, NOTICE_COOKIE)
         return self.signer.notice(request.cookies.get(NOTICE_COOKIE))
-
-    def clear_notice_cookie(self, response: Response, request: Request) -> None:
-        """Shown once: not again on a reload."""
-        if NOTICE_COOKIE in request.cookies:
-            self._clear_cookie(response, request, NOTICE_COOKIE)
 
     def keep_typed(self, response: Response, request: Request, viewer: Viewer,
                    fields: Mapping[str, str]) -> bool:
@@ -209,13 +205,9 @@ class Web:
 
     def take_typed(self, request: Request, viewer: Viewer) -> dict[str, str] | None:
         """The fields kept by ``keep_typed`` for this viewer, or None (none, forged, too old);
-        ``clear_typed`` on the page that shows them."""
+        shown once, as a notice: a reload shows the form empty, as after a Generate."""
+        _shown_once(request, TYPED_COOKIE)
         return self.signer.typed(request.cookies.get(TYPED_COOKIE), user_id=viewer.user.id)
-
-    def clear_typed(self, response: Response, request: Request) -> None:
-        """Shown once: a reload shows the form empty, as after a Generate."""
-        if TYPED_COOKIE in request.cookies:
-            self._clear_cookie(response, request, TYPED_COOKIE)
 
     def _set_cookie(self, response: Response, request: Request, name: str, value: str, *,
                     max_age: int) -> None:
@@ -237,16 +229,20 @@ class Web:
         done = None
         if (viewer is not None and request.method == "GET"
                 and request.headers.get("hx-request") != "true"):
-            notice = self.notice(request)
+            notice = self.signer.notice(request.cookies.get(NOTICE_COOKIE))
             if notice is not None and notice.startswith(DONE_NOTICE):
                 done = notice[len(DONE_NOTICE):]
+                _shown_once(request, NOTICE_COOKIE)
         html = self.env.get_template(template).render(
             request=request, viewer=viewer, path=request.url.path,
             csrf_token=viewer.session.csrf_token if viewer else None,
             signup=self.services.users.signup_enabled, done_notice=done, **context)
         response = HTMLResponse(html, status_code=status_code)
-        if done is not None:
-            self.clear_notice_cookie(response, request)
+        # The one-time cookies this page showed (``take_notice``, ``take_typed``, the done
+        # notice above): not again on a reload. One place, not each page clearing its own.
+        for name in sorted(_shown_cookies(request)):
+            if name in request.cookies:
+                self._clear_cookie(response, request, name)
         if viewer is not None:
             # A signed-in page is its user's (a new API key's secret is on one, once): no cache
             # may keep it, nor show it again from history after signing out.
@@ -291,6 +287,20 @@ class Web:
                            words=_error_words(request, status, code),
                            back=after_sign_in(request.method, request.url.path, "")
                            or "/photos")
+
+
+def _shown_once(request: Request, cookie: str) -> None:
+    """``cookie`` (a notice, typed fields) is shown by the page of ``request``: ``Web.render``
+    clears it on that page."""
+    shown: set[str] | None = getattr(request.state, "shown_once", None)
+    if shown is None:
+        shown = request.state.shown_once = set()
+    shown.add(cookie)
+
+
+def _shown_cookies(request: Request) -> set[str]:
+    shown: set[str] = getattr(request.state, "shown_once", set())
+    return shown
 
 
 # What a form of the pages does, by the path it posts to (the first that starts it), for the

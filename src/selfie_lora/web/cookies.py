@@ -6,6 +6,7 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Mapping
+from typing import Any
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
@@ -67,12 +68,7 @@ class CookieSigner:
     def typed(self, value: str | None, *, user_id: str) -> dict[str, str] | None:
         """The fields of a typed cookie, or None when it is missing, forged, another user's
         (a sign-out and in at once) or older than NOTICE_MAX_AGE_SECONDS."""
-        if not value:
-            return None
-        try:
-            loaded = self._typed.loads(value, max_age=NOTICE_MAX_AGE_SECONDS)
-        except BadSignature:  # SignatureExpired is one too
-            return None
+        loaded = _loaded(self._typed, value, max_age=NOTICE_MAX_AGE_SECONDS)
         if not isinstance(loaded, dict) or loaded.get("user") != user_id:
             return None
         fields = loaded.get("fields")
@@ -100,10 +96,15 @@ class CookieSigner:
 
 def _loads(serializer: URLSafeTimedSerializer, value: str | None, *,
            max_age: int = FORM_MAX_AGE_SECONDS) -> str | None:
+    loaded = _loaded(serializer, value, max_age=max_age)
+    return loaded if isinstance(loaded, str) else None
+
+
+def _loaded(serializer: URLSafeTimedSerializer, value: str | None, *, max_age: int) -> Any:
+    """What a cookie's ``value`` holds, or None: missing, forged, older than ``max_age``."""
     if not value:
         return None
     try:
-        loaded = serializer.loads(value, max_age=max_age)
+        return serializer.loads(value, max_age=max_age)
     except BadSignature:  # SignatureExpired is one too
         return None
-    return loaded if isinstance(loaded, str) else None

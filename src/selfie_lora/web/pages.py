@@ -195,11 +195,9 @@ def signin_page(request: Request, next: str | None = None) -> Response:
     # Deleting one's account leads here (settings_delete_account): without a word a deletion
     # looks like a session that merely expired. Said only to the browser that deleted it, by
     # its signed, short-lived notice cookie, once: ?deleted=1 said it to anyone sent the link.
-    notice = web.notice(request)
-    page = _signin_form(request, "signin.html", next=_local_target(next),
+    notice = web.take_notice(request)
+    return _signin_form(request, "signin.html", next=_local_target(next),
                         deleted=notice == ACCOUNT_DELETED, not_done=notice == FORM_NOT_DONE)
-    web.clear_notice_cookie(page, request)
-    return page
 
 
 @router.post("/signin")
@@ -850,10 +848,8 @@ def generate_page(request: Request, viewer: PageViewer, before: str | None = Non
     kept = web.take_typed(request, viewer) or {}
     typed = {field: kept.get(field, "") for field in _KEPT_FIELDS}
     typed["version"] = query.get("version", "")
-    page = _generate(request, viewer, before=before, scale=_chosen_scale(query.get("lora_scale")),
+    return _generate(request, viewer, before=before, scale=_chosen_scale(query.get("lora_scale")),
                      typed={**typed, "lora_scale": None} if any(typed.values()) else None)
-    web.clear_typed(page, request)
-    return page
 
 
 def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: float | None,
