@@ -290,9 +290,9 @@ def create_app(
                 return await _domain_error(request, refused)
         if exc.status_code == 400 and not is_page(request.url.path):
             # FastAPI's and Starlette's one 400: a body that could not be parsed at all (JSON
-            # that is not UTF-8, broken multipart framing). A JSON syntax error is already 422
-            # invalid_request, the status every route with a body declares; 400 is declared by
-            # none, so these are answered the same way.
+            # that is not UTF-8 or repeats a key, api.json_body; broken multipart framing). A
+            # JSON syntax error is already 422 invalid_request, the status every route with a
+            # body declares; 400 is declared by none, so these are answered the same way.
             count(request, ErrorCode.INVALID_REQUEST)
             return error_response(422, ErrorCode.INVALID_REQUEST,
                                   f"the request's body could not be read: {exc.detail}", [])

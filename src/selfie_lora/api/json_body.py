@@ -1,4 +1,5 @@
-"""How the API reads a JSON body: the one place it is parsed, for every route of the API.
+"""How the API reads a JSON body: the one place it is parsed, for every route of the API but
+the webhooks' (their signed bytes are the training service's to check and read).
 
 FastAPI parses a JSON body with ``Request.json()`` (Python's ``json.loads``) before any route or
 dependency runs; its routers here use ``JsonBodyRoute``, whose requests parse it stricter:

@@ -211,8 +211,8 @@ class Web:
 
     def _set_cookie(self, response: Response, request: Request, name: str, value: str, *,
                     max_age: int) -> None:
-        # The session and the notice cookies alike: scripts never read them, they go with a
-        # link from another site but not with its forms, and Secure wherever https is.
+        # The session, the notice and the typed cookies alike: scripts never read them, they go
+        # with a link from another site but not with its forms, and Secure wherever https is.
         response.set_cookie(name, value, max_age=max_age, httponly=True, samesite="lax",
                             secure=self.cookie_secure(request), path="/")
 
@@ -274,7 +274,6 @@ class Web:
                            else _back_to(request, status, signed_out=signed_out),
                            signed_out=signed_out,
                            words=_error_words(request, status, code))
-
 
     def stopping_page(self, request: Request, status: int, message: str,
                       code: str) -> HTMLResponse:
@@ -378,8 +377,8 @@ def form_problem(errors: list[dict[str, Any]]) -> str:
 def _back_to(request: Request, status: int, *, signed_out: bool) -> str:
     """Where an error page's Back link leads without scripts (with them it goes back in the
     browser's history, which keeps what the form held): a refused form's own page (also for a
-    form's address opened as a page: 405), else the photos (or, signed out, the sign-in
-    page)."""
+    form's address opened as a page: 405), else the photos; signed out, the sign-in page,
+    which leads back to that page."""
     if signed_out:
         # Signed in again, back to the page (a form's: its page).
         return _signin_url(after_sign_in(request.method, request.url.path, request.url.query))
