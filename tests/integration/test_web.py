@@ -403,6 +403,26 @@ def test_a_form_posted_after_its_session_ended_leads_back_to_its_page(
         assert client.get(r.headers["location"], follow_redirects=False).status_code == 200
 
 
+@pytest.mark.parametrize(("method", "path", "page"), [
+    ("GET", "/train/start", "/train"),  # a form's address opened as a page: 405
+    ("GET", "/generations/g1/delete", "/generate"),
+    ("GET", "/no-such-page", None),  # 404: the default page after signing in
+    ("POST", "/photos", "/photos"),  # a page sent a form: 405, the page itself
+])
+def test_a_signed_out_error_page_signs_in_to_a_page_not_back_to_the_error(
+        web_settings: Settings, svc: Services, method: str, path: str,
+        page: str | None) -> None:
+    """Signed out, GET /train/start (a form's address opened as a page) answered its 405 page,
+    whose "Sign in again" led to /signin?next=/train/start: signed in, the same 405 again (and
+    a 404's, the same 404). Signed in, their Back leads to the form's page and to /photos."""
+    with browser(web_settings, svc) as client:
+        r = client.request(method, path, follow_redirects=False)
+        assert r.status_code in (404, 405), r.text
+        link = re.search(r'<a href="([^"]*)">Sign in again</a>', r.text)
+        assert link is not None, r.text
+        assert html.unescape(link.group(1)) == (f"/signin?next={page}" if page else "/signin")
+
+
 def test_htmx_is_told_to_load_the_sign_in_page_once_the_session_ends(ann: TestClient) -> None:
     # The training status htmx polls answered a 303 to the sign-in page, which htmx follows
     # and would put inside the status section (found in review).

@@ -377,15 +377,16 @@ def form_problem(errors: list[dict[str, Any]]) -> str:
 def _back_to(request: Request, status: int, *, signed_out: bool) -> str:
     """Where an error page's Back link leads without scripts (with them it goes back in the
     browser's history, which keeps what the form held): a refused form's own page (also for a
-    form's address opened as a page: 405), else the photos; signed out, the sign-in page,
-    which leads back to that page."""
-    if signed_out:
-        # Signed in again, back to the page (a form's: its page).
-        return _signin_url(after_sign_in(request.method, request.url.path, request.url.query))
+    form's address opened as a page: 405), else the photos. Signed out, the sign-in page, which
+    leads there: to the page the error came from, its 405 or 404 came again."""
     if request.method in ("GET", "HEAD") and status != 405:
-        return "/photos"
-    # As for a form sent: its address is no page to go back to.
-    return after_sign_in("POST", request.url.path, "") or "/photos"
+        page = None  # the default page: /photos
+    else:
+        # As for a form sent: its address is no page to go back to.
+        page = after_sign_in("POST", request.url.path, "")
+    if signed_out:
+        return _signin_url(page)
+    return page or "/photos"
 
 
 class SecurityHeaders:
