@@ -1838,6 +1838,27 @@ def test_save_the_scale_keeps_what_was_typed_out_of_the_address_and_the_logs(
     assert re.search(r'<input id="seed" name="seed" type="number"[^>]* value="9">', page)
 
 
+def test_what_save_the_scale_kept_outlives_a_generate_page_that_failed(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The typed fields are shown once by the page that shows them: an error page in its place
+    (the storage away) does not use them up, and the reload once it is back shows them."""
+    two_versions(ann)
+    r = ann.post("/model/scale", data={"csrf_token": csrf(ann, "/generate"), "lora_scale": "0.9",
+                                       "prompt": "a hat and a coat", "seed": "7"},
+                 follow_redirects=False)
+    assert r.status_code == 303
+
+    def away(**_kwargs: object) -> None:
+        raise StorageError("database error: connection failed: Connection refused")
+
+    monkeypatch.setattr(svc.generation, "page", away)
+    failed = ann.get(r.headers["location"])
+    assert failed.status_code == 500
+    assert "sl_typed" not in failed.headers.get("set-cookie", "")
+    monkeypatch.undo()
+    assert ">a hat and a coat</textarea>" in ann.get(r.headers["location"]).text
+
+
 def _button_names(page: str, text: str) -> list[str]:
     """The accessible names of the page's buttons and links that read ``text``: the
     aria-label where there is one, else the text."""

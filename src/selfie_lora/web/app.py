@@ -255,6 +255,9 @@ class Web:
         """``reference``: a server-side error's, which its log line carries (server_errors).
         ``back``: where its Back link leads, when the caller knows better than ``_back_to`` (a
         page sent a form: the page itself)."""
+        # What the failed page took to show once (``take_typed``) is kept for a reload: this
+        # page shows none of it.
+        _shown_cookies(request).clear()
         viewer = None
         signed_out = False
         try:
