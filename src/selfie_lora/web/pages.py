@@ -876,10 +876,11 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
     typed = context["typed"]
     if typed is not None and typed["version"] not in {str(v.number) for v in versions}:
         typed["version"] = ""  # none (an address edited by hand, a version deleted): the active
-    version = typed["version"] if typed is not None else None
+    # The version chosen in the form (None: the active one), kept by its links and forms.
+    version = (typed["version"] if typed is not None else None) or None
     return web.render(request, "generate.html", viewer=viewer, model=model, history=history,
                       not_ready=svc.generation.not_ready(user=viewer.user),
-                      versions=versions, version=version or None,
+                      versions=versions, version=version,
                       numbers=numbers, presets=PRESETS, scale_min=LORA_SCALE_MIN,
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       older=page.older, before=before or None,
@@ -887,10 +888,8 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
                       generation_deleted=GENERATION_DELETED,
                       # The paging links keep the scale chosen (a Delete's form too): without
                       # it the slider went back to the saved scale, and so did the next picture.
-                      older_url=_generate_url(before=page.older, scale=scale,
-                                              version=version or None),
-                      newest_url=_generate_url(before=None, scale=scale,
-                                               version=version or None),
+                      older_url=_generate_url(before=page.older, scale=scale, version=version),
+                      newest_url=_generate_url(before=None, scale=scale, version=version),
                       status_code=status_code, **context)
 
 
@@ -900,7 +899,7 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
 _KEPT_FIELDS = ("prompt", "num_outputs", "seed")
 
 
-def _generate_url(*, before: str | None, scale: float | None, version: str | None = None) -> str:
+def _generate_url(*, before: str | None, scale: float | None, version: str | None) -> str:
     """The Generate page at the gallery's position ``before`` (None: the newest) with the scale
     and the version chosen on it (None: the saved one, the active one)."""
     query = [f"before={quote(before, safe='')}"] if before else []
