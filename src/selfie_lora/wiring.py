@@ -476,7 +476,7 @@ def build_services(
             repo=repo, queue=queue, blobs=blobs, telemetry=telemetry, deployment=deployment,
             metrics_token=(settings.metrics_token.get_secret_value()
                            if settings.metrics_token is not None else None),
-            clock=clock_guard),
+            clock=clock_guard, now=clock or utcnow),
         telemetry=telemetry,
         gc=gc,
         erasure=AccountEraser(repo=repo, blobs=blobs, users=users, training=training, gc=gc),

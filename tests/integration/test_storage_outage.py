@@ -25,6 +25,7 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlert
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, one_person_analyzer, serving
 from tests.integration.test_generation_gallery import _generations
+from tests.integration.test_operations import samples, value
 from tests.support.owners import own_model
 from tests.support.photos import photo_zip, synthetic_photo
 from tests.support.trainings import HoldClock, uploaded_training
@@ -451,3 +452,27 @@ def test_an_account_deletion_cut_short_says_when_in_the_cli_s_words(tmp_path: Pa
         with pytest.raises(ErasureContinuesError) as cut:
             services.erasure.erase(name="ann")
         assert cut.value.message.endswith("the deletion is tried again in 30 s")
+
+
+# Old code: no such gauge: a training waiting out the outage was one more `processing` in
+# selfie_lora_trainings, its wait only in its row's error sentence.
+def test_metrics_count_the_trainings_waiting_out_a_storage_outage(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    blobs = AwayStore(settings.blob_dir)
+    clock = HoldClock()
+    with serving(settings, blobs=blobs, clock=clock.now) as (client, services):
+        found = samples(client.get("/metrics").text)  # every reason there from the start
+        for reason in ("object_storage", "full_disk"):
+            assert ("selfie_lora_trainings_waiting", (("reason", reason),)) in found
+        training_id, training = uploaded_training(services)
+        blobs.away = True  # its photos cannot be fetched: it waits
+        services.training.run(training_id)
+        t = training()
+        assert t.lease_owner is None
+        assert not t.status.is_terminal, t.error
+        found = samples(client.get("/metrics").text)
+        assert value(found, "selfie_lora_trainings_waiting", reason="object_storage") == 1
+        assert value(found, "selfie_lora_trainings_waiting", reason="full_disk") == 0
+        clock.past(t)  # its hold is over: nobody claimed it yet, but it no longer waits
+        found = samples(client.get("/metrics").text)
+        assert value(found, "selfie_lora_trainings_waiting", reason="object_storage") == 0

@@ -18,8 +18,10 @@ from selfie_lora.domain.lease import (
     exhausted_error,
     expire_lease,
     lease_is_live,
+    outage_waited,
     release,
     step_away,
+    wait_for_room,
     wait_out,
 )
 from selfie_lora.domain.recipes import get_recipe
@@ -153,3 +155,21 @@ def test_object_storage_outages_far_apart_are_each_waited_out_anew() -> None:
                      limit=POLICY.storage_wait_limit)
         now += timedelta(days=1)
     assert t.recoveries == 0
+
+
+def test_the_waits_gauge_names_each_outage_wait_while_its_hold_lasts() -> None:
+    _, t = claim(_queued(), owner="w", now=NOW, policy=POLICY)
+    hold, limit = timedelta(minutes=1), timedelta(minutes=2)
+    stored = wait_out(t, NOW, reason="S3 away", hold=hold, limit=limit)
+    assert outage_waited(stored, NOW) == "object_storage"
+    assert outage_waited(stored, NOW + hold) is None  # its hold is over: free to claim
+    # Past the limit the wait is counted (the owner stays) but is still the storage's.
+    _, again = claim(stored, owner="w", now=NOW + hold, policy=POLICY)
+    counted = wait_out(again, NOW + 3 * hold, reason="S3 away", hold=hold, limit=limit)
+    assert counted.lease_owner == "w"
+    assert outage_waited(counted, NOW + 3 * hold) == "object_storage"
+    room = wait_for_room(t, NOW, reason="the disk is full", hold=hold)
+    assert outage_waited(room, NOW) == "full_disk"
+    # Neither a running training nor a step-away for a remote backend waits out an outage.
+    assert outage_waited(t, NOW) is None
+    assert outage_waited(step_away(t, NOW, reason="Replicate away", hold=hold), NOW) is None

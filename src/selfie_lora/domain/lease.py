@@ -309,6 +309,34 @@ def room_wait_over(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k != ROOM_WAIT_KEY}
 
 
+# What a training waits out uncounted or not (``outage_waited``): the reasons of the
+# ``selfie_lora_trainings_waiting`` gauge, each one there from the start.
+OUTAGE_WAITS = ("full_disk", "object_storage")
+
+
+def outage_waited(t: Training, now: datetime) -> str | None:
+    """Which outage ``t`` waits out now, of ``OUTAGE_WAITS``: held back (a live lease nobody
+    runs, ``is_held_back``) by the wait its row notes. A wait for the object storage
+    (``wait_out``) notes when its hold ends, so a hold ending then is that wait's, counted or
+    not; a wait for room (``wait_for_room``) lets the owner go. None when it runs, is free to
+    claim, or is held back for another reason (a ``step_away`` for a remote backend)."""
+    if t.status.is_terminal or not is_held_back(t, now) or t.lease_expires_at is None:
+        return None
+    note = t.metrics.get(STORAGE_WAIT_KEY)
+    if isinstance(note, dict):
+        try:
+            until = datetime.fromisoformat(str(note["until"]))
+        except (KeyError, ValueError):
+            pass
+        else:
+            # The same instant; a database may round it below a millisecond.
+            if abs(until - t.lease_expires_at) < timedelta(milliseconds=1):
+                return "object_storage"
+    if t.lease_owner is None and waited_for_room_since(t) is not None:
+        return "full_disk"
+    return None
+
+
 def wait_text(waited: timedelta) -> str:
     """A wait in words: ``45 s``, ``12 min``, ``1 h 5 min``."""
     seconds = max(0, int(waited.total_seconds()))

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 
+from selfie_lora.domain.lease import OUTAGE_WAITS, outage_waited
 from selfie_lora.errors import (
     ConfigError,
     SelfieLoraError,
@@ -14,7 +18,7 @@ from selfie_lora.errors import (
     describe,
 )
 from selfie_lora.services.clock import SKEWED, ClockGuard
-from selfie_lora.services.common import Outage
+from selfie_lora.services.common import Outage, utcnow
 from selfie_lora.services.deployment import DeploymentBinding
 from selfie_lora.services.ports import BlobStore, Repository, Telemetry, WorkQueue
 
@@ -59,8 +63,11 @@ class Readiness:
 class OperationsService:
     def __init__(self, *, repo: Repository, queue: WorkQueue, blobs: BlobStore,
                  telemetry: Telemetry, deployment: DeploymentBinding | None = None,
-                 metrics_token: str | None = None, clock: ClockGuard | None = None) -> None:
+                 metrics_token: str | None = None, clock: ClockGuard | None = None,
+                 now: Callable[[], datetime] = utcnow) -> None:
         self._repo = repo
+        # The training service's clock: whether a wait's hold is over is its to say.
+        self._now = now
         self._clock = clock
         self._metrics_token = metrics_token
         self._queue = queue
@@ -164,10 +171,17 @@ class OperationsService:
         try:
             self._telemetry.set_service_gauges(
                 trainings=self._repo.count_trainings_by_status(),
-                queue_depth=self._queue.pending())
+                queue_depth=self._queue.pending(), waiting=self._waiting())
         except Exception:
             logger.warning("could not read the service's gauges", exc_info=True)
         return self._telemetry.exposition()
+
+    def _waiting(self) -> dict[str, int]:
+        """Trainings waiting out an outage now, by reason (``lease.outage_waited``): each is one
+        more ``processing`` (or ``queued``) in the count by status, its wait only in its row."""
+        now = self._now()
+        reasons = Counter(outage_waited(t, now) for t in self._repo.held_trainings(now=now))
+        return {reason: reasons[reason] for reason in OUTAGE_WAITS}
 
     def record_http(self, *, method: str, route: str, status: int, seconds: float) -> None:
         """One HTTP answer (the app's middleware calls this for every request)."""

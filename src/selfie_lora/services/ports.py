@@ -393,7 +393,10 @@ class Telemetry(Protocol):
 
     def api_error(self, *, code: str) -> None: ...
 
-    def set_service_gauges(self, *, trainings: dict[str, int], queue_depth: int) -> None: ...
+    def set_service_gauges(self, *, trainings: dict[str, int], queue_depth: int,
+                           waiting: dict[str, int]) -> None:
+        """``waiting``: trainings waiting out an outage, by reason (``lease.OUTAGE_WAITS``)."""
+        ...
 
     def exposition(self) -> tuple[bytes, str]:
         """The figures in the Prometheus text format, and its content type."""
@@ -559,6 +562,11 @@ class Repository(Protocol):
 
     def count_trainings_by_status(self) -> dict[str, int]:
         """How many trainings have each status (statuses with none are left out)."""
+        ...
+
+    def held_trainings(self, *, now: datetime) -> Sequence[Training]:
+        """Unfinished trainings held back at ``now``: a live lease with no heartbeat, which only
+        a wait or a step-away leaves (``lease.is_held_back``)."""
         ...
 
     # upload claims: one upload that starts a training per user at a time

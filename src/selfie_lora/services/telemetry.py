@@ -29,7 +29,8 @@ class NullTelemetry:
     def api_error(self, *, code: str) -> None:
         pass
 
-    def set_service_gauges(self, *, trainings: dict[str, int], queue_depth: int) -> None:
+    def set_service_gauges(self, *, trainings: dict[str, int], queue_depth: int,
+                           waiting: dict[str, int]) -> None:
         pass
 
     def exposition(self) -> tuple[bytes, str]:

@@ -999,6 +999,15 @@ class SqlRepository:
                              .group_by(TrainingRow.status)).all()
             return {str(status): int(count) for status, count in rows}
 
+    def held_trainings(self, *, now: datetime) -> Sequence[Training]:
+        with self._read() as s:
+            rows = s.scalars(
+                select(TrainingRow).where(
+                    TrainingRow.status.in_([str(x) for x in ACTIVE_STATUSES]),
+                    TrainingRow.lease_expires_at > now, TrainingRow.heartbeat_at.is_(None))
+            ).all()
+            return [_training(r) for r in rows]
+
     # upload claims ----------------------------------------------------------------------
     def claim_upload(self, user_id: str, *, token: str, now: datetime,
                      expires_at: datetime) -> datetime | None:

@@ -17,6 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from selfie_lora.domain.entities import TrainingStatus
+from selfie_lora.domain.lease import OUTAGE_WAITS
 
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 120.0, 300.0)
@@ -37,6 +38,10 @@ class PrometheusTelemetry:
         # Read from the database at each scrape: the newest value is the right one.
         self._trainings = Gauge("selfie_lora_trainings", "Trainings by status (whole service).",
                                 ["status"], registry=r, multiprocess_mode="mostrecent")
+        self._waiting = Gauge(
+            "selfie_lora_trainings_waiting",
+            "Unfinished trainings waiting out an outage, by reason (whole service).",
+            ["reason"], registry=r, multiprocess_mode="mostrecent")
         self._queue_depth = Gauge("selfie_lora_queue_depth",
                                   "Messages waiting in the work queue (whole service).",
                                   registry=r, multiprocess_mode="mostrecent")
@@ -83,6 +88,8 @@ class PrometheusTelemetry:
         # Every status from the start, so a dashboard sees zeros rather than missing series.
         for status in TrainingStatus:
             self._trainings.labels(status=str(status)).set(0)
+        for reason in OUTAGE_WAITS:
+            self._waiting.labels(reason=reason).set(0)
 
     def training_ended(self, *, backend: str, status: str, seconds: float | None,
                        error_code: str | None = None) -> None:
@@ -116,10 +123,13 @@ class PrometheusTelemetry:
     def api_error(self, *, code: str) -> None:
         self._api_errors.labels(code=code).inc()
 
-    def set_service_gauges(self, *, trainings: dict[str, int], queue_depth: int) -> None:
+    def set_service_gauges(self, *, trainings: dict[str, int], queue_depth: int,
+                           waiting: dict[str, int]) -> None:
         with self._lock:  # two scrapes at once must not interleave their statuses
             for status in TrainingStatus:
                 self._trainings.labels(status=str(status)).set(trainings.get(str(status), 0))
+            for reason in OUTAGE_WAITS:
+                self._waiting.labels(reason=reason).set(waiting.get(reason, 0))
             self._queue_depth.set(queue_depth)
 
     def exposition(self) -> tuple[bytes, str]:
