@@ -281,6 +281,32 @@ def test_the_garbage_collection_says_an_object_storage_outage_in_one_line(
     assert [r.exc_info for r in caplog.records if r.levelno == logging.ERROR]
 
 
+# Old code: a WARNING each round while the storage was away (the reconciler's every 10 s), where
+# the database's outage was said once, and nothing said it was over.
+def test_a_loop_says_an_object_storage_outage_once_and_its_end_once(
+        caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    loop = LoopOutages("garbage collection", retried="tried again when next due")
+    store = AwayStore(tmp_path)
+
+    def said(text: str, level: int) -> int:
+        return sum(text in r.getMessage() and r.levelno == level for r in caplog.records)
+
+    with caplog.at_level(logging.DEBUG):
+        store.away = True
+        for _round in range(3):
+            with loop.watch(failed="garbage collection failed"):
+                store.exists("weights/a.safetensors")
+        store.away = False
+        for _round in range(2):
+            with loop.watch(failed="garbage collection failed"):
+                store.exists("weights/a.safetensors")
+    assert said("garbage collection failed: object storage could not", logging.WARNING) == 1
+    assert said("garbage collection failed: object storage could not", logging.DEBUG) == 2
+    assert said("garbage collection: goes through again after the object storage outage",
+                logging.INFO) == 1
+    assert not [r for r in caplog.records if r.exc_info]
+
+
 def test_checkpoints_not_deleted_in_an_object_storage_outage_say_so_in_one_line(
         caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     store = AwayStore(tmp_path)

@@ -191,22 +191,24 @@ class Outage:
 
 class LoopOutages:
     """A loop's failures, an outage said as one: the database unreachable
-    (``DatabaseUnreachableError``) is said once at WARNING when it begins (``Outage``), at
-    DEBUG at each retry, and its end once at INFO, where every round logged a traceback while
-    PostgreSQL was down; the object storage unreachable (``BlobStoreUnreachableError``) in one
-    WARNING line each round, its own words and no traceback. Any other error keeps its
-    traceback (a defect to see)."""
+    (``DatabaseUnreachableError``) and the object storage unreachable
+    (``BlobStoreUnreachableError``) are each said once at WARNING when they begin (``Outage``),
+    their own words and no traceback, at DEBUG at each retry, and their end once at INFO, where
+    every round logged a traceback while PostgreSQL was down (and a WARNING while S3 was). Any
+    other error keeps its traceback (a defect to see)."""
 
     def __init__(self, loop: str, *, retried: str) -> None:
         self._loop = loop  # "reconciling trainings", ...
         self._retried = retried  # "tried again in 10 s", ...
         self._outage = Outage()
+        self._storage = Outage()
 
     @contextmanager
     def watch(self, *, failed: str) -> Iterator[None]:
         """Runs the block; an error of it is logged (``failed``: its words when it is not an
         outage) and not raised."""
         ticket = self._outage.attempt()
+        storage_ticket = self._storage.attempt()
         try:
             yield
         except DatabaseUnreachableError as exc:
@@ -217,11 +219,17 @@ class LoopOutages:
             return
         except BlobStoreUnreachableError as exc:
             # The object storage away: expected, its own words in one line (a traceback of ~45
-            # lines, obstore's debug dump in it, said nothing more).
-            logger.warning("%s: %s; %s", failed, exc.message, self._retried)
+            # lines, obstore's debug dump in it, said nothing more), once an outage.
+            began = self._storage.begins(ticket=storage_ticket)
+            logger.log(logging.WARNING if began else logging.DEBUG,
+                       "%s: %s; %s (its end is logged)", failed, exc.message, self._retried)
             return
         except Exception:
             logger.exception("%s; %s", failed, self._retried)
             return
         if self._outage.ends(ticket=ticket):
             logger.info("%s: the database answers again", self._loop)
+        # A round that went through: the storage is back, or this round did not need it (one
+        # with nothing to do); either way the loop is no longer held up by it.
+        if self._storage.ends(ticket=storage_ticket):
+            logger.info("%s: goes through again after the object storage outage", self._loop)
