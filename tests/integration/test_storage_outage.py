@@ -176,6 +176,45 @@ def test_a_storage_wait_past_the_limit_says_it_is_counted(
         services.close()
 
 
+# Old code: one WARNING per checkpoint while S3 was away (a checkpoint interval apart for as long
+# as the outage lasted), and nothing said when they were stored again.
+def test_checkpoints_not_stored_in_an_outage_say_so_once_and_when_they_are_stored_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(tmp_path)
+    blobs = AwayStore(settings.blob_dir)
+
+    def train(job: TrainingJob) -> None:
+        assert job.checkpoints is not None
+        for step in range(1, 6):
+            blobs.away = step <= 3
+            ckpt = job.work_dir / f"step-{step}.ckpt"
+            ckpt.write_bytes(b"checkpoint")
+            job.checkpoints.save(ckpt, step=step)
+        blobs.away = False
+
+    services = build_services(settings, trainers={"local": FakeTrainer(on_train=train)},
+                              blobs=blobs, generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer())
+    try:
+        training_id, training = uploaded_training(services)
+        with caplog.at_level(logging.DEBUG, logger="selfie_lora"):
+            services.training.run(training_id)
+        assert training().status is TrainingStatus.SUCCEEDED, training().error
+
+        def said(text: str, level: int) -> list[str]:
+            return [r.getMessage() for r in caplog.records
+                    if text in r.getMessage() and r.levelno == level]
+
+        [first] = said("not stored", logging.WARNING)
+        assert "checkpoint 1 not stored" in first
+        assert "error sending request" in first
+        assert len(said("not stored", logging.DEBUG)) == 2
+        [back] = said("stored again", logging.INFO)
+        assert "checkpoint 4" in back
+    finally:
+        services.close()
+
+
 class ProbeOutageStore(AwayStore):
     """Away for the next ``probe_writes`` writes of a probe image (S3 gone for a moment while a
     version is scored), answering everything else."""

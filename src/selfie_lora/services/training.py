@@ -2071,8 +2071,12 @@ class _HeldStore:
         self._resumed_at = resumed_at
         self._keep = keep
         self._what = what
+        # A storage outage (S3 or the database away) said once, not once per checkpoint
+        # interval while it lasts, and its end once (the first file stored again).
+        self._outage = Outage()
 
     def save(self, path: Path, *, step: int) -> None:
+        ticket = self._outage.attempt()
         try:
             with self._service._holding(self._held):
                 pass  # a worker that lost the training stores nothing (and stops soon)
@@ -2083,9 +2087,16 @@ class _HeldStore:
         except SelfieLoraError as exc:
             # Training goes on; a lost checkpoint only costs steps after a crash, a lost
             # sample only a picture.
-            logger.warning("training %s: %s %d not stored: %s", self._held.training_id,
-                           self._what, step, exc.message)
+            outage = isinstance(exc, StorageUnavailableError)
+            quiet = outage and not self._outage.begins(ticket=ticket)
+            logger.log(logging.DEBUG if quiet else logging.WARNING,
+                       "training %s: %s %d not stored: %s%s", self._held.training_id,
+                       self._what, step, exc.message,
+                       " (said once until one is stored again)" if outage else "")
         else:
+            if self._outage.ends(ticket=ticket):
+                logger.info("training %s: %s %d stored again after the storage outage",
+                            self._held.training_id, self._what, step)
             # One at or before it (a run that started over) is no progress.
             if self._resumed_at is not None and step > self._resumed_at:
                 self._service._progressed(self._held)
