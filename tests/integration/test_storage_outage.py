@@ -215,6 +215,47 @@ def test_checkpoints_not_stored_in_an_outage_say_so_once_and_when_they_are_store
         services.close()
 
 
+class WeightsCheckFails(AwayStore):
+    """The look-up of stored weights fails with ``error`` (the put before it went through)."""
+
+    error: StorageError
+
+    def exists(self, key: str) -> bool:
+        if key.startswith("weights/"):
+            raise self.error
+        return super().exists(key)
+
+
+# Old code: the best-effort check that the weights are stored logged a full traceback
+# (logger.exception, ~45 lines with obstore's) for an S3 blip, as for a defect.
+@pytest.mark.parametrize("error", [
+    BlobStoreUnreachableError("object storage could not look up 'weights/x': Generic S3 error: "
+                              "error sending request"),
+    StorageError("object storage could not look up 'weights/x': 403 AccessDenied")])
+def test_the_check_that_the_weights_are_stored_says_an_outage_in_one_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, error: StorageError) -> None:
+    settings = make_settings(tmp_path)
+    blobs = WeightsCheckFails(settings.blob_dir)
+    blobs.error = error
+    services = build_services(settings, trainers={"local": FakeTrainer()}, blobs=blobs,
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer())
+    try:
+        training_id, training = uploaded_training(services)
+        with caplog.at_level(logging.DEBUG, logger="selfie_lora"):
+            services.training.run(training_id)
+        assert training().status is TrainingStatus.SUCCEEDED, training().error
+        [said] = [r for r in caplog.records
+                  if "could not check that the weights" in r.getMessage()]
+        outage = isinstance(error, BlobStoreUnreachableError)
+        assert said.levelno == (logging.WARNING if outage else logging.ERROR)
+        assert error.message in said.getMessage()
+        # A storage outage is expected: no traceback; anything else may be a defect: one.
+        assert bool(said.exc_info) is not outage
+    finally:
+        services.close()
+
+
 class ProbeOutageStore(AwayStore):
     """Away for the next ``probe_writes`` writes of a probe image (S3 gone for a moment while a
     version is scored), answering everything else."""

@@ -1516,9 +1516,14 @@ class TrainingService:
                                "stored (a garbage collection); written again",
                                held.training_id, key)
                 self._blobs.put_file(key, result.weights_path, if_absent=True)
-        except StorageError:
-            logger.exception("training %s: could not check that the weights %s are stored",
-                             held.training_id, key)
+        except StorageUnavailableError as exc:
+            # S3 (or the database) away for a moment: expected, in its own words, where a
+            # traceback (~45 lines, obstore's debug dump in it) said nothing more.
+            logger.warning("training %s: could not check that the weights %s are stored: %s "
+                           "(the version is stored)", held.training_id, key, exc.message)
+        except StorageError as exc:
+            logger.exception("training %s: could not check that the weights %s are stored: %s",
+                             held.training_id, key, exc.message)
         if result.trainer_version_ran is not None:
             logger.warning("training %s: the trainer ran %s, not the pinned %s; version %d "
                            "records the one that ran", held.training_id,
