@@ -267,22 +267,27 @@ def wait_out(t: Training, now: datetime, *, reason: str, hold: timedelta,
     waits began (``STORAGE_WAIT_KEY``); once they have lasted ``limit``, the wait is a
     ``step_away`` instead, counted, so an outage that never ends still fails the training
     (``exhausted_error``, naming it) after ``max_attempts``."""
-    note = t.metrics.get(STORAGE_WAIT_KEY)
-    since = now
-    if isinstance(note, dict):
-        try:
-            began = datetime.fromisoformat(str(note["since"]))
-            ended = datetime.fromisoformat(str(note["until"]))
-        except (KeyError, ValueError):
-            pass
-        else:
-            if now - ended <= STORAGE_WAIT_BREAK:
-                since = began
+    since = now - storage_waited(t, now)
     metrics = {**t.metrics, STORAGE_WAIT_KEY: {"since": since.isoformat(),
                                                "until": (now + hold).isoformat()}}
     if now - since >= limit:
         return dataclasses.replace(step_away(t, now, reason=reason, hold=hold), metrics=metrics)
     return _waiting(t, now, reason=reason, hold=hold, metrics=metrics)
+
+
+def storage_waited(t: Training, now: datetime) -> timedelta:
+    """How long ``t``'s waits for the object storage (``wait_out``) have lasted at ``now`` in
+    the outage they wait out: zero when it has none, or its last wait ended over
+    ``STORAGE_WAIT_BREAK`` ago (a new outage)."""
+    note = t.metrics.get(STORAGE_WAIT_KEY)
+    if not isinstance(note, dict):
+        return timedelta(0)
+    try:
+        began = datetime.fromisoformat(str(note["since"]))
+        ended = datetime.fromisoformat(str(note["until"]))
+    except (KeyError, ValueError):
+        return timedelta(0)
+    return now - began if now - ended <= STORAGE_WAIT_BREAK else timedelta(0)
 
 
 # The key of ``Training.metrics`` that holds when the training's current wait for room began, and

@@ -90,6 +90,7 @@ from selfie_lora.domain.lease import (
     scoring_exhausted,
     scoring_stops,
     step_away,
+    storage_waited,
     wait_for_room,
     wait_out,
     wait_text,
@@ -193,6 +194,11 @@ DISK_FULL = ("a disk of the server is full ({detail}): the training waits for sp
 DISK_FULL_LOCAL = ", from its last checkpoint"
 DISK_FULL_REMOTE = (", downloading its trained LoRA from {backend} again ({backend} keeps a "
                     "finished run's output about an hour, so free space before then)")
+# How long a remote run's downloaded output, not stored for an object storage outage, waits
+# for the storage uncounted (``wait_out``): Replicate keeps a finished run's output about an
+# hour, so well inside that; then its attempts are spent as before (spaced 1 min, then 5), and
+# the training fails naming the outage while the output is still there to start again from.
+REMOTE_STORAGE_WAIT_LIMIT = timedelta(minutes=20)
 # The user's sentence for a remote training whose output expired while it waited for room: the
 # full disk is why, and freeing space is what to do, where the backend's own sentence
 # ("could no longer be downloaded from Replicate") named neither.
@@ -1181,18 +1187,20 @@ class TrainingService:
             logger.info("training %s: the object storage answers again; the trainings that "
                         "waited for it go on", held.training_id)
 
-    def _wait_for_storage(self, held: _Held, exc: _UnreachableError) -> None:
+    def _wait_for_storage(self, held: _Held, exc: _UnreachableError, *,
+                          limit: timedelta | None = None) -> None:
         """Leave a local training whose object storage could not be reached (its photos or
         checkpoint not read, its trained LoRA not stored): it waits out a gap that grows
         (``storage_outage_gap``) and is tried again then, not counted, as a full disk's wait.
         Re-queued at once and counted, a blip of seconds spent all three attempts in under a
         second and threw the finished LoRA away. Said once an outage, its end too; past
-        ``storage_wait_limit`` each wait is counted (``wait_out``), and said each time."""
+        ``limit`` (by default ``storage_wait_limit``) each wait is counted (``wait_out``), and
+        said each time."""
         reason = f"{exc.reason} (the object storage could not be reached; tried again by itself)"
+        limit = limit or self.lease.storage_wait_limit
 
         def leave(t: Training, gap: timedelta) -> Training:
-            return wait_out(t, self._clock(), reason=reason, hold=gap,
-                            limit=self.lease.storage_wait_limit)
+            return wait_out(t, self._clock(), reason=reason, hold=gap, limit=limit)
 
         left, gap, began = self._wait(held, self._storage, ticket=held.storage_ticket,
                                       leave=leave, doing="leave it to wait for the storage")
@@ -1204,7 +1212,7 @@ class TrainingService:
                            "for over %s: this wait is counted as an interrupted attempt (the "
                            "training fails once they are spent), tried again in %.0f s",
                            held.training_id, exc.reason, exc.message, held.attempt,
-                           wait_text(self.lease.storage_wait_limit), gap.total_seconds())
+                           wait_text(limit), gap.total_seconds())
             return
         logger.log(logging.WARNING if began else logging.DEBUG,
                    "training %s: %s: %s (attempt %d); it waits without spending its attempts, "
@@ -1251,9 +1259,9 @@ class TrainingService:
         """Leave a training while what it needs is unreachable (the database; for a remote run
         that goes on, the trainer's API or the storage of its weights): the next attempt
         continues it (``step_away`` counts it, so an endless outage ends). A full disk
-        (``_wait_for_room``), the database server away (``_leave_for_outage``) and, for a local
-        training or a scoring, the object storage away (``_wait_for_storage``) are waited out
-        uncounted instead."""
+        (``_wait_for_room``), the database server away (``_leave_for_outage``) and the object
+        storage away (``_wait_for_storage``; a remote run's for ``REMOTE_STORAGE_WAIT_LIMIT``
+        only) are waited out uncounted instead."""
         if exc.full:
             self._wait_for_room(held, exc)
             return
@@ -1263,8 +1271,16 @@ class TrainingService:
         if exc.blob_outage and exc.remote_id is None and (
                 exc.scoring or not held.training.remote_create_started):
             # A local training, or any while its version is scored (a remote run's output
-            # expires: its outage stays counted until its version is stored).
+            # expires: its outage is waited out uncounted only for a while, below).
             self._wait_for_storage(held, exc)
+            return
+        if (exc.blob_outage and held.training.version_id is None
+                and storage_waited(held.training, self._clock()) < REMOTE_STORAGE_WAIT_LIMIT):
+            # A remote run, the storage away (its output downloaded but not stored, or the
+            # photos not read at its adoption): waited out uncounted as a local training's, but
+            # only for a while (its output expires on the backend); then counted below.
+            # Counted from the first failure, an outage of 6 min failed it.
+            self._wait_for_storage(held, exc, limit=REMOTE_STORAGE_WAIT_LIMIT)
             return
         # A remote run goes on: the next attempts are spaced (``LeasePolicy.outage_gap``), so
         # that the attempts span an outage of minutes, not the seconds of their retries, before
