@@ -37,7 +37,7 @@ from selfie_lora.console import (
 from selfie_lora.domain.entities import Finding, GateStatus, Training
 from selfie_lora.domain.lease import lease_is_live
 from selfie_lora.domain.likeness import gate_reason_now
-from selfie_lora.domain.plan import lora_scale_text
+from selfie_lora.domain.plan import lora_scale_from_text, lora_scale_text
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import (
@@ -880,7 +880,8 @@ def generate(
     num_outputs: Annotated[str, typer.Option(
         "--num-outputs", "-n", metavar="INTEGER", help="1 to 4.")] = "1",
     seed: Annotated[str | None, typer.Option(metavar="INTEGER", help="0 to 4294967295.")] = None,
-    lora_scale: Annotated[float | None, typer.Option("--lora-scale")] = None,
+    # Text too, read by the web's parser: the option parser's float() took "0.2_5" and "٣".
+    lora_scale: Annotated[str | None, typer.Option("--lora-scale", metavar="FLOAT")] = None,
     version_ref: Annotated[str | None, typer.Option(
         "--version", help="The version to generate with: its number as 'versions' lists it (2 "
                           "or v2), or its id; default: the active one, which stays active.",
@@ -899,6 +900,7 @@ def generate(
     try:
         seed_value = seed_from_text(seed)
         outputs = num_outputs_from_text(num_outputs)
+        scale = lora_scale_from_text(lora_scale)
     except InvalidInputError as exc:
         _fail(exc.message)
     # Before generating: a generation is stored (and, on Replicate, paid for) whether or not
@@ -909,7 +911,7 @@ def generate(
         try:
             generation = services.generation.generate(user=owner, request=GenerationRequest(
                 prompt=prompt, num_outputs=outputs, seed=seed_value,
-                lora_scale=lora_scale,
+                lora_scale=scale,
                 # As the API's version_id: another version's pictures without activating it,
                 # which changed every client's default (and the model's log) to make one.
                 version_id=version_ref))
@@ -1162,9 +1164,10 @@ def _pin_words(trained_before: bool, fixed: bool) -> str:
 @app.command("model")
 def model_cmd(
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
-    lora_scale: Annotated[float | None, typer.Option(
-        "--lora-scale", help="Set the model's own LoRA scale first, as PATCH /api/model does: "
-                             "generations that name none use it, and retraining keeps it.",
+    lora_scale: Annotated[str | None, typer.Option(
+        "--lora-scale", metavar="FLOAT",
+        help="Set the model's own LoRA scale first, as PATCH /api/model does: generations that "
+             "name none use it, and retraining keeps it.",
         show_default=False)] = None,
     default_scale: Annotated[bool, typer.Option(
         "--default-lora-scale", help="Give the model back the default LoRA scale (PATCH "
@@ -1192,7 +1195,13 @@ def model_cmd(
         # before anything is opened or changed.
         _fail("--reason goes with --trainer-version (it is recorded with a re-pin); nothing "
               "was changed", code=2)
-    changing = lora_scale is not None or default_scale or trainer_version is not None
+    # Read as the web's form reads it (the option parser's float() took "0.2_5" and "٣"),
+    # before anything is opened or changed.
+    try:
+        new_scale = lora_scale_from_text(lora_scale)
+    except InvalidInputError as exc:
+        _fail(exc.message)
+    changing = new_scale is not None or default_scale or trainer_version is not None
     # Only reading (nothing to change given), it neither makes a database in a new HOME nor
     # upgrades an older one; a change is a write, as 'users disable' is.
     with opened(existing=None if changing else "no model to show", trainers={},
@@ -1206,7 +1215,7 @@ def model_cmd(
             # the operator does not allow, a re-pin while a training runs, is refused with its
             # message and nothing changes.
             try:
-                changed = services.models.change(user=owner, lora_scale=lora_scale,
+                changed = services.models.change(user=owner, lora_scale=new_scale,
                                                  lora_scale_to_default=default_scale,
                                                  trainer_version=trainer_version,
                                                  reason=reason)
@@ -1257,7 +1266,7 @@ def model_cmd(
         if notice is not None:
             console.print(notice, markup=False, highlight=False, soft_wrap=True)
     scale = "custom" if model.lora_scale_is_custom else "the default"
-    if lora_scale is not None or default_scale:
+    if new_scale is not None or default_scale:
         console.print(f"LoRA scale of {owner.name}'s model set to "
                       f"{lora_scale_text(model.lora_scale)} ({scale})"
                       + (": generations that name none use it, and retraining keeps it"

@@ -257,21 +257,35 @@ def test_a_lora_scale_the_api_refuses_is_refused(trained: Services,
     """The same rule as PATCH /api/model (the service's, whose message the CLI prints; the API's
     body schema answers the same range as invalid_request first)."""
     h = ann_headers(trained)
-    for value, said_as in (("5", "must be between -1.0 and 3.0"),
-                           ("-3", "must be between -1.0 and 3.0"),
-                           ("nan", "must be a finite number"), ("inf", "must be a finite number")):
+    for value in ("5", "-3", "nan", "inf", "0.2_5", "\u0660.\u0665"):
         sent = {"nan": "NaN", "inf": "Infinity"}.get(value, value)  # as Python's json reads
+        if not value.isascii() or "_" in value:
+            sent = json.dumps(value)  # a string: refused by the API's strict float
         api = client.patch("/api/model", content=f'{{"lora_scale": {sent}}}',
                            headers={**h, "Content-Type": "application/json"})
         assert api.status_code == 422, api.text
         assert api.json()["error"]["code"] == "invalid_request"
         code, said = run("model", "--user", "ann", "--lora-scale", value)
         assert code == 1, said
-        assert said.strip() == f"error: lora_scale {said_as}"
+        # The option parser took "0.2_5" (0.25) and "٣": read as the web's Save the scale reads.
+        assert said.strip() == f"error: the LoRA scale must be a number from -1.0 to 3.0 (not {value!r})"
     assert as_json("model", "--user", "ann")["lora_scale_is_custom"] is False
     code, said = run("model", "--user", "nobody", "--lora-scale", "0.8")
     assert code == 1, said
     assert said.startswith("error: no user named 'nobody'")
+
+
+def test_generate_reads_its_lora_scale_as_model_does(trained: Services, tmp_path: Path) -> None:
+    """generate --lora-scale went through the option parser's float(), which took "0.2_5" (0.25)
+    and "٣" and made the pictures; refused now as 'model --lora-scale' and the web refuse it,
+    before anything is generated."""
+    for value in ("0.2_5", "\u0660.\u0665", "nan", "7"):
+        code, said = run("generate", "a hat", "--user", "ann", "--lora-scale", value,
+                         "--out", str(tmp_path))
+        assert code == 1, said
+        assert said.strip() == ("error: the LoRA scale must be a number from -1.0 to 3.0 "
+                                f"(not {value!r})")
+    assert trained.generation.history(user=trained.users.get_by_name(name="ann")) == []
 
 
 def test_generate_without_an_active_version_names_the_activate_command(

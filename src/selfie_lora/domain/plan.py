@@ -310,6 +310,31 @@ def validate_lora_scale(scale: float) -> float:
     return float(scale)
 
 
+# A scale as the text fronts (the Generate page's form and address, the CLI) take it, by the
+# API's rules for its JSON numbers: ASCII digits, a sign, a decimal point, an exponent (a number
+# field may send "1e-7", and lora_scale_text writes a tiny scale so). Python's float() also took
+# "0.2_5" (0.25), other scripts' digits ("٣") and "inf", and each front read its own set.
+_SCALE_TEXT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def lora_scale_from_text(text: str | None) -> float | None:
+    """The scale a text front was given (None: empty, the saved one), refused with one message
+    whatever is wrong with it (not a number, out of the range, not finite), which names the
+    range and what was typed (its start)."""
+    if text is None or not text.strip():
+        return None
+    written = text.strip()
+    refused = InvalidInputError(f"the LoRA scale must be a number from {LORA_SCALE_MIN} to "
+                                f"{LORA_SCALE_MAX} (not {text[:40]!r})",
+                                code=ErrorCode.INVALID_LORA_SCALE)
+    if not _SCALE_TEXT.fullmatch(written):
+        raise refused
+    try:
+        return validate_lora_scale(float(written))
+    except InvalidInputError:
+        raise refused from None
+
+
 def lora_scale_text(scale: float) -> str:
     """``scale`` as every front end shows it (and a PNG stores it): the shortest text that reads
     back as exactly this float, "1" for 1.0. Rounded to 6 digits (``:g``), 0.123456789 was shown

@@ -33,8 +33,8 @@ from selfie_lora.domain.likeness import (
 from selfie_lora.domain.plan import (
     LORA_SCALE_MAX,
     LORA_SCALE_MIN,
+    lora_scale_from_text,
     lora_scale_text,
-    validate_lora_scale,
 )
 from selfie_lora.domain.progress import time_left
 from selfie_lora.domain.versions import find_version
@@ -920,8 +920,8 @@ def _chosen_scale(value: str | None) -> float | None:
     """The scale of the address (the one the last Generate used), or None (then the saved
     one): an address edited by hand to a wrong one is ignored."""
     try:
-        return validate_lora_scale(float(value)) if value else None
-    except (ValueError, InvalidInputError):
+        return lora_scale_from_text(value)
+    except InvalidInputError:
         return None
 
 
@@ -929,12 +929,14 @@ def _chosen_scale(value: str | None) -> float | None:
 async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
                    num_outputs: OptionalFormStr = None,
                    seed: OptionalFormStr = None,
-                   lora_scale: Annotated[float | None, Form()] = None,
+                   lora_scale: OptionalFormStr = None,
                    version: OptionalFormStr = None) -> Response:
     web = _web(request)
-    # The CLI's parser (and the API's rules): int() took "1_0" and "٣" here, which it refused.
+    # The CLI's parser (and the API's rules): int() took "1_0" and "٣" here, which it refused;
+    # the scale's as Save the scale reads it (pydantic's float took "0.2_5" and "infinity").
     seed_value = seed_from_text(seed)
     count = num_outputs_from_text(num_outputs)
+    scale = lora_scale_from_text(lora_scale)
     # As the API's: on the generation service's threads, within the per-user limit (a 429 page).
     # The slider's scale is this request's (the API's per-request lora_scale): it was in a form
     # of its own, so Generate quietly used the saved scale whatever the slider showed. Saving
@@ -942,7 +944,7 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
     gone = threading.Event()  # set by ``finished`` if the browser goes away first
     made = await finished(web.services.generation.submit(
         user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=count,
-                                                    seed=seed_value, lora_scale=lora_scale,
+                                                    seed=seed_value, lora_scale=scale,
                                                     # The API's version_id; none: the active.
                                                     version_id=version or None),
         client_gone=gone), request, client_gone=gone)
@@ -955,7 +957,7 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
     if made.withheld:
         sentence += f"; {_pictures(len(made.withheld))} withheld by the safety checker"
     # With the scale and the version it used: the next Generate uses them again.
-    return _done(request, _generate_url(before=None, scale=lora_scale, version=version),
+    return _done(request, _generate_url(before=None, scale=scale, version=version),
                  sentence + ": the newest under Your pictures.")
 
 
@@ -985,9 +987,6 @@ def generation_image(request: Request, viewer: PageViewer, generation_id: str, i
                                                   index=index), media_type="image/png")
 
 
-_DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
-
-
 @router.post("/model/scale")
 def model_scale(request: Request, viewer: FormViewer, lora_scale: OptionalFormStr = None,
                 prompt: OptionalFormStr = None, num_outputs: OptionalFormStr = None,
@@ -1011,18 +1010,14 @@ def model_scale(request: Request, viewer: FormViewer, lora_scale: OptionalFormSt
     if not text:
         return refused(f"type the scale to save: a number from {LORA_SCALE_MIN} "
                        f"to {LORA_SCALE_MAX}")
-    # The service's words name the API's field (lora_scale): the page's name its label.
-    out_of_range = (f"the LoRA scale must be a number from {LORA_SCALE_MIN} to "
-                    f"{LORA_SCALE_MAX} (not {text[:40]!r})")
-    # A decimal number as the field sends one: float() took "1_0", "٣" and "inf" too.
-    if not _DECIMAL.fullmatch(text):
-        return refused(out_of_range)
+    # The text fronts' parser (Generate's, the CLI's): its words name the page's label, where
+    # the service's name the API's field (lora_scale). float() took "1_0", "٣" and "inf".
     try:
-        saved = web.services.models.set_lora_scale(user=viewer.user, lora_scale=float(text))
+        scale = lora_scale_from_text(text)
     except InvalidInputError as error:
-        if error.code != ErrorCode.INVALID_LORA_SCALE:
-            raise
-        return refused(out_of_range)
+        return refused(error.message)
+    assert scale is not None  # ``text`` is not empty
+    saved = web.services.models.set_lora_scale(user=viewer.user, lora_scale=scale)
     sentence = (f"Scale {lora_scale_text(saved.model.lora_scale)} saved: "
                 "Generate and the API use it from now on.")
     response = _see(_generate_url(before=None, scale=None, version=version))
