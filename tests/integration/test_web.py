@@ -1693,6 +1693,17 @@ def test_generate_reads_its_scale_as_save_the_scale_and_the_cli_do(ann: TestClie
     assert svc.generation.history(user=svc.users.get_by_name(name="ann")) == []
 
 
+def test_a_scale_of_minus_zero_is_used_and_shown_as_zero(ann: TestClient, svc: Services) -> None:
+    """Generate at "-0" led to /generate?lora_scale=-0 and stored the pictures' scale as -0.0."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1",
+                                    "lora_scale": "-0"}, follow_redirects=False)
+    assert r.headers["location"] == "/generate?lora_scale=0"
+    [made] = svc.generation.history(user=svc.users.get_by_name(name="ann"))
+    assert repr(made.lora_scale) == "0.0"
+
+
 def test_a_delete_and_the_paging_links_keep_the_scale_chosen(ann: TestClient) -> None:
     """After a Generate at 0.5 (/generate?lora_scale=0.5), a Delete or Older/Newest pictures
     went to /generate without it: the slider and the next picture went back to the saved

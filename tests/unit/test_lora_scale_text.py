@@ -6,7 +6,7 @@ import io
 
 import pytest
 
-from selfie_lora.domain.plan import lora_scale_text
+from selfie_lora.domain.plan import lora_scale_from_text, lora_scale_text, validate_lora_scale
 
 
 @pytest.mark.parametrize(("scale", "shown"), [
@@ -28,3 +28,12 @@ def test_a_generated_png_stores_its_scale_exactly() -> None:
     png = _png(Image.new("RGB", (4, 4)), seed=7, lora_scale=0.123456789)
     with Image.open(io.BytesIO(png)) as image:
         assert image.text == {"seed": "7", "lora_scale": "0.123456789"}  # type: ignore[attr-defined]
+
+
+def test_a_scale_of_minus_zero_is_zero_at_every_entry_point() -> None:
+    # -0.0 passed the range and was stored and shown as "-0.0" (the CLI's and the notices' "-0").
+    for scale in (validate_lora_scale(-0.0), lora_scale_from_text("-0"),
+                  lora_scale_from_text("-0.0e5")):
+        assert scale is not None
+        assert repr(scale) == "0.0"
+        assert lora_scale_text(scale) == "0"

@@ -307,7 +307,9 @@ def validate_lora_scale(scale: float) -> float:
             f"lora_scale must be between {LORA_SCALE_MIN} and {LORA_SCALE_MAX}",
             code=ErrorCode.INVALID_LORA_SCALE,
         )
-    return float(scale)
+    # + 0.0: -0.0 is 0.0 (-0.0 + 0.0 == +0.0), the same scale, which was kept and shown as "-0"
+    # ("?lora_scale=-0", a -0.0 in PostgreSQL; SQLite stores it as 0).
+    return float(scale) + 0.0
 
 
 # A scale as the text fronts (the Generate page's form and address, the CLI) take it, by the
