@@ -46,6 +46,7 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from selfie_lora.worker import Identity, Worker, start_embedded
 from tests.conftest import make_settings, one_person_analyzer, serving
+from tests.support.legacy import legacy_user
 from tests.support.owners import Owner, own_model
 from tests.support.photos import photo_zip
 from tests.support.s3 import S3Server
@@ -282,13 +283,13 @@ def test_a_training_started_while_the_delete_disabled_her_says_the_deletion_will
     services = on_services
     own_model(client, services, "ann", photos=photo_zip(4), versions=0)
     started = a_training_of(services, "ann", "started-meanwhile")
-    disable = UserService.disable
+    disable = UserService.disable_by_id
 
     def disable_while_one_starts(self: UserService, **kwargs: Any) -> Any:
         services.repo.add_training(started)
         return disable(self, **kwargs)
 
-    monkeypatch.setattr(UserService, "disable", disable_while_one_starts)
+    monkeypatch.setattr(UserService, "disable_by_id", disable_while_one_starts)
     code, said = run("users", "delete", "ann", "--yes")
     assert code == 1, said
     assert "started a training meanwhile (started-meanwhile)" in said
@@ -316,7 +317,7 @@ def test_a_delete_stopped_at_any_step_is_finished_by_running_it_again(
         raise KeyboardInterrupt(f"killed at {step}")
 
     targets: dict[str, tuple[object, str]] = {
-        "disable": (services.users, "disable"),
+        "disable": (services.users, "disable_by_id"),
         "delete_user_data": (services.repo, "delete_user_data"),
         "erase": (services.gc, "erase"),
         "delete_user": (services.repo, "delete_user"),
@@ -1151,3 +1152,25 @@ def test_on_object_storage_every_blob_of_hers_goes_and_his_stay(
         summary = services.erasure.erase(name="ann")
         assert summary.blobs.deleted
         assert (rows_of(services), blob_keys(services)) == (bob_rows, bob_blobs)
+
+
+def test_deleting_ones_own_account_deletes_that_account_not_another_of_the_same_name(
+        on_services: Services, client: TestClient) -> None:
+    """During a rolling upgrade from a release before 0013 an older process can make "Erin"
+    beside "erin". ``DELETE /api/me`` of Erin's looked her account up by name, which finds the
+    first made of the two: it deleted erin's (keys, sessions, model...), answered with her name,
+    and left Erin's as it was (sec review finding 1). Now it deletes the caller's account, by
+    its id."""
+    services = on_services
+    erin, erin_secret = services.users.create(name="erin")
+    clash_id, clash_secret = legacy_user(services, "Erin",
+                                         created_at=erin.created_at + timedelta(seconds=1))
+    assert services.repo.get_user_by_name("Erin") == erin  # the name finds the first made
+    r = client.request("DELETE", "/api/me", headers={"Authorization": f"Bearer {clash_secret}"},
+                       json={"confirm": "Erin"})
+    assert r.status_code == 200, r.text
+    assert r.json()["deleted"]["name"] == "Erin"  # old code: "erin"
+    assert services.repo.get_user(clash_id) is None
+    assert services.repo.get_user(erin.id) is not None
+    assert client.get("/api/keys",
+                      headers={"Authorization": f"Bearer {erin_secret}"}).status_code == 200

@@ -45,6 +45,7 @@ from tests.conftest import make_settings, one_person_analyzer
 from tests.integration.test_accounts import HookedHasher
 from tests.support.clock import Clock
 from tests.support.generations import held_generations
+from tests.support.legacy import legacy_user
 from tests.support.owners import own_model
 from tests.support.photos import synthetic_photo
 
@@ -3077,3 +3078,20 @@ def test_a_database_down_s_error_pages_do_not_say_the_session_ended(
         assert 'data-code="storage_error"' in r.text
         assert "Sign in again" not in r.text
         assert f'<a href="{back}" data-back>Back</a>' in r.text
+
+
+def test_the_settings_page_deletes_the_signed_in_account_not_another_of_the_same_name(
+        ann: TestClient, svc: Services) -> None:
+    """An older process of a rolling upgrade from a release before 0013 made "ANN" before
+    ann's account was made here. The page's deletion looked the account up by name, which
+    finds the first made: ann deleted ANN's account and kept her own (sec review finding 1).
+    Now it deletes the signed-in account, by its id."""
+    own = svc.repo.get_user_by_name("ann")
+    assert own is not None
+    other_id, _secret = legacy_user(svc, "ANN", created_at=own.created_at - timedelta(days=1))
+    r = ann.post("/settings/delete", data={"csrf_token": csrf(ann, "/settings"),
+                                           "confirm": "ann", "sure": "1"},
+                 follow_redirects=False)
+    assert r.status_code == 303, r.text
+    assert svc.repo.get_user(own.id) is None
+    assert svc.repo.get_user(other_id) is not None  # old code: deleted

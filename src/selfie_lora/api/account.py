@@ -26,7 +26,7 @@ def delete_me(user: UserDep, svc: ServicesDep, body: DeleteAccountBody) -> dict[
     if not svc.erasure.confirmed(name=user.name, typed=body.confirm):
         raise InvalidInputError("confirm must be this account's name: nothing was deleted")
     try:
-        return {"deleted": svc.erasure.erase(name=user.name, force=body.force).as_json()}
+        return {"deleted": svc.erasure.erase_by_id(user_id=user.id, force=body.force).as_json()}
     except ErasureBlockedError as error:
         # How to go on in this API's words (the service's message says what happened): once
         # the account is disabled its key is refused, and the deletion is finished by the

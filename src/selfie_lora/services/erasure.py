@@ -187,11 +187,20 @@ class AccountEraser:
         return user, self._repo.user_holdings(user.id)
 
     def erase(self, *, name: str, force: bool = False) -> ErasureSummary:
-        """Delete the user ``name`` and everything they own (module docstring). ``NotFound``
-        for no such user; ``ErasureBlockedError`` (nothing changed) while a training of theirs is
-        queued or running, unless ``force``, which cancels it; ``DeploymentMismatchError``
-        (nothing changed) when the store is another deployment's."""
-        user, held = self.holdings(name=name)
+        """Delete the user ``name`` and everything they own: the operator's ``users delete
+        NAME`` (``erase_by_id`` otherwise)."""
+        return self.erase_by_id(user_id=self._users.get_by_name(name=name).id, force=force)
+
+    def erase_by_id(self, *, user_id: str, force: bool = False) -> ErasureSummary:
+        """Delete the user whose id is ``user_id`` and everything they own (module docstring).
+        By id, for a signed-in caller's own account (``DELETE /api/me``, the Settings page): by
+        name, which finds the first made of two an older release let share it in another case
+        (``migrate.fill_folded_names``), "Erin" deleted "erin". ``NotFound`` for no such user;
+        ``ErasureBlockedError`` (nothing changed) while a training of theirs is queued or
+        running, unless ``force``, which cancels it; ``DeploymentMismatchError`` (nothing
+        changed) when the store is another deployment's."""
+        user = self._users.get(user_id=user_id)
+        held = self._repo.user_holdings(user.id)
         # Before anything changes: a store another deployment's marker names holds that
         # deployment's blobs under the same keys (``GarbageCollector.check_deployment``).
         self._gc.check_deployment(
@@ -202,7 +211,7 @@ class AccountEraser:
                 f"({', '.join(held.active_training_ids)}): nothing was deleted",
                 stage="active", training_ids=held.active_training_ids)
         # Step 2: refused everywhere from here on, and known as a deletion under way.
-        self._users.disable(name=user.name, for_erasure=True)
+        self._users.disable_by_id(user_id=user.id, for_erasure=True)
         # Other API servers remember a key they found valid for API_KEY_CACHE_TTL: a request
         # let in by one would answer as a user whose rows are going (404s, or a row written
         # after the delete). Waited out once, before anything is deleted.

@@ -559,13 +559,26 @@ class UserService:
         web password (``selfie-lora users list``)."""
         return self._repo.list_users(at=self._clock())
 
+    def get(self, *, user_id: str) -> User:
+        """The user whose id is ``user_id`` (a signed-in caller's own account: by its id, as
+        two users an older release made can share a name in another case, ``get_by_name``)."""
+        user = self._repo.get_user(user_id)
+        if user is None:
+            raise NotFoundError("no such user")
+        return user
+
     def disable(self, *, name: str, for_erasure: bool = False) -> User:
         """The user can no longer sign in: their keys and browser sessions are refused (403)
         at once in this process and within ``API_KEY_CACHE_TTL`` in the others; their sessions
         end; their data, keys and password are kept for ``enable``. ``for_erasure`` (the
         deletion's step 2): also records, in the same transaction, that its deletion was asked
         for now, so that one whose process dies is finished by a later collection."""
-        user = self.get_by_name(name=name)
+        return self.disable_by_id(user_id=self.get_by_name(name=name).id,
+                                  for_erasure=for_erasure)
+
+    def disable_by_id(self, *, user_id: str, for_erasure: bool = False) -> User:
+        """``disable`` of the user whose id is ``user_id``."""
+        user = self.get(user_id=user_id)
         if not for_erasure:
             # Disabled already, and its data going, not kept: an operator hoping to stop the
             # deletion this way must not be told it worked.
@@ -578,7 +591,7 @@ class UserService:
             tx.delete_sessions(user_id=user.id)
         self._keys.forget_all()
         logger.info("user %s disabled; sessions ended", user.name)
-        return self.get_by_name(name=name)
+        return self.get(user_id=user.id)
 
     def enable(self, *, name: str) -> User:
         """A disabled user's keys and password work again (sessions ended by ``disable`` stay

@@ -1172,7 +1172,7 @@ def settings_delete_account(request: Request, viewer: FormViewer,
                          delete_error="type your name to confirm: nothing was deleted",
                          delete_name_wrong=True)
     try:
-        web.services.erasure.erase(name=viewer.user.name)
+        web.services.erasure.erase_by_id(user_id=viewer.user.id)
     except ErasureBlockedError as error:
         # How to go on in this page's words (the service's message says what happened): the
         # form has no force, so a training is canceled on the Train page (linked beside it).
