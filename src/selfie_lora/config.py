@@ -82,6 +82,20 @@ MAKE_SECRET_KEY = ("set it to 32 or more random characters, the same on every AP
                    "(python -c 'import secrets; print(secrets.token_urlsafe(48))'), or leave it "
                    "unset on a single server to keep a random one in HOME/secret_key")
 
+# The example settings file's placeholders all hold this (CHANGE-ME-TO-32-..., CHANGE-ME-TOO,
+# CHANGE-ME-METRICS-TOKEN, the database URL's password CHANGE-ME): a secret that holds it is one
+# anyone who read that public file knows, refused as the settings are read.
+PLACEHOLDER = "change-me"
+# A metrics token shorter than this is one a client could guess (it opens /metrics and /readyz's
+# reasons); token_urlsafe(32) gives 43 characters.
+MIN_METRICS_TOKEN = 16
+MAKE_TOKEN = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def is_placeholder(secret: str) -> bool:
+    """``secret`` holds the example settings file's placeholder (``PLACEHOLDER``), any case."""
+    return PLACEHOLDER in secret.lower()
+
 
 class Settings(BaseSettings):
     # populate_by_name: code (and tests) pass fields by name even where the environment uses
@@ -314,6 +328,11 @@ class Settings(BaseSettings):
             except (ArgumentError, ValueError):  # ValueError: a port that is not a number
                 raise ValueError("is not a database URL: dialect+driver://user:password@host:"
                                  "port/database, e.g. postgresql+psycopg://...") from None
+            # The example file's password (CHANGE-ME), which compose.yaml gave PostgreSQL too.
+            password = make_url(value).password
+            if password is not None and is_placeholder(str(password)):
+                raise ValueError("its password is a placeholder: set one of your own (with "
+                                 f"deploy/compose.yaml, before the first start: {MAKE_TOKEN})")
         return value
 
     @field_validator("queue_url")
@@ -516,8 +535,35 @@ class Settings(BaseSettings):
             raise ValueError(f"must be at least 32 characters: {MAKE_SECRET_KEY}")
         # The settings file's example (CHANGE-ME-TO-32-OR-MORE-RANDOM-CHARACTERS) is long
         # enough, and every copy of it signed cookies with a key anyone can read.
-        if "change-me" in value.get_secret_value().lower():
+        if is_placeholder(value.get_secret_value()):
             raise ValueError(f"is a placeholder, not a key: {MAKE_SECRET_KEY}")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token_is_a_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # The example file's CHANGE-ME-METRICS-TOKEN, or "x", opened /metrics and /readyz's
+        # reasons to anyone who read that file or tried a few (the secret key's rule, and a
+        # length a client cannot guess).
+        if value is None:
+            return value
+        if is_placeholder(value.get_secret_value()):
+            raise ValueError(f"is a placeholder, not a token: set it to {MIN_METRICS_TOKEN} or "
+                             f"more random characters ({MAKE_TOKEN})")
+        if len(value.get_secret_value()) < MIN_METRICS_TOKEN:
+            raise ValueError(f"must be at least {MIN_METRICS_TOKEN} characters: {MAKE_TOKEN}")
+        return value
+
+    @field_validator("storage_secret_access_key")
+    @classmethod
+    def _storage_secret_is_not_the_placeholder(cls, value: SecretStr | None) -> SecretStr | None:
+        # The example file's CHANGE-ME-TOO was the secret of the Admin identity deploy/ shipped:
+        # storage published for downloads gave every face and weights to anyone.
+        if value is not None and is_placeholder(value.get_secret_value()):
+            # Named as the file sets it too: the line names the setting, not its alias.
+            raise ValueError("is a placeholder, not a key (AWS_SECRET_ACCESS_KEY in the example "
+                             "settings file): set it to the storage's own secret "
+                             f"(for deploy/compose.yaml's SeaweedFS, one you choose: {MAKE_TOKEN})")
         return value
 
     @field_validator("webhook_secret")

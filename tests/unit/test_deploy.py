@@ -6,8 +6,10 @@ run in ``tests/e2e/test_scale_out.py``."""
 from __future__ import annotations
 
 import base64
+import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -71,20 +73,26 @@ def test_the_settings_file_names_only_settings_and_loads(tmp_path: Path) -> None
     example = DEPLOY / "selfie-lora.env.example"
     unknown = set(env_file(example)) - setting_names()
     assert unknown == set(), f"not settings of selfie-lora: {unknown}"
-    # Its webhook secret and secret key are placeholders that must be filled in: as shipped
-    # each stops every command in one line (the webhook's was taken as a key, and every
-    # delivery failed its signature; the secret key's, 41 characters, signed every copy's
-    # cookies with a key anyone can read).
+    # Its secrets are placeholders that must be filled in: as shipped each stops every command
+    # in one line (the webhook's was taken as a key, and every delivery failed its signature;
+    # the secret key's, 41 characters, signed every copy's cookies with a key anyone can read;
+    # the metrics token, the storage secret and the database password were accepted: /metrics
+    # open to anyone who read this file, and the storage's Admin identity, deploy/s3.json's,
+    # known to all: sec review finding 2).
     with pytest.raises(ValidationError) as caught:
         Settings(_env_file=example, home=tmp_path)  # type: ignore[call-arg]
     errors = settings_errors(caught.value)
     assert sorted(line.split(":")[0] for line in errors) == [
-        "SELFIE_LORA_SECRET_KEY", "SELFIE_LORA_WEBHOOK_SECRET"]
+        "SELFIE_LORA_DATABASE_URL", "SELFIE_LORA_METRICS_TOKEN", "SELFIE_LORA_SECRET_KEY",
+        "SELFIE_LORA_STORAGE_SECRET_ACCESS_KEY", "SELFIE_LORA_WEBHOOK_SECRET"]
     assert any("is a placeholder, not a key" in line and "token_urlsafe" in line
                for line in errors), errors
+    assert not any("CHANGE-ME" in line for line in errors), errors  # values never printed
     filled = "whsec_" + base64.b64encode(bytes(32)).decode()
     settings = Settings(_env_file=example, home=tmp_path,  # type: ignore[call-arg]
-                        webhook_secret=filled, secret_key="k" * 43)
+                        webhook_secret=filled, secret_key="k" * 43, metrics_token="m" * 16,
+                        storage_secret_access_key="s" * 40,
+                        database_url="postgresql+psycopg://selfie:pw-of-mine@postgres:5432/selfie")
     assert settings.storage_url == "s3://selfie-lora/prod"
     assert settings.storage_endpoint == "http://s3:8333"
     assert settings.log_format == "json"
@@ -100,6 +108,89 @@ def test_a_placeholder_secret_key_is_a_settings_error(tmp_path: Path, key: str) 
     [line] = settings_errors(caught.value)
     assert line.startswith("SELFIE_LORA_SECRET_KEY: is a placeholder, not a key"), line
     assert key not in line  # a setting's value is never printed
+
+
+@pytest.mark.parametrize("token", ["CHANGE-ME-METRICS-TOKEN", "x", "fifteen-chars-1"])
+def test_a_placeholder_or_short_metrics_token_is_a_settings_error(tmp_path: Path,
+                                                                  token: str) -> None:
+    """The example file's placeholder, or a token short enough to guess, left /metrics and
+    /readyz's reasons open (sec review finding 2)."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path, metrics_token=token)
+    [line] = settings_errors(caught.value)
+    assert line.startswith("SELFIE_LORA_METRICS_TOKEN: "), line
+    assert token not in line
+    assert Settings(home=tmp_path, metrics_token="s" * 16).metrics_token is not None
+
+
+@pytest.mark.parametrize(("setting", "value", "variable"), [
+    ("storage_secret_access_key", "CHANGE-ME-TOO", "SELFIE_LORA_STORAGE_SECRET_ACCESS_KEY"),
+    ("database_url", "postgresql+psycopg://selfie:CHANGE-ME@postgres:5432/selfie",
+     "SELFIE_LORA_DATABASE_URL"),
+])
+def test_the_storage_and_database_placeholders_are_settings_errors(
+        tmp_path: Path, setting: str, value: str, variable: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path, **{setting: value})
+    [line] = settings_errors(caught.value)
+    assert line.startswith(f"{variable}: "), line
+    assert "placeholder" in line, line
+    assert "CHANGE-ME" not in line
+
+
+def _compose_shell(command: list[str]) -> str:
+    """A service's ``sh -c`` script as the container runs it (Compose's ``$$`` is ``$``)."""
+    return " ".join(command).replace("$$", "$")
+
+
+def test_compose_holds_no_secret_and_takes_them_from_the_settings_file(
+        compose: dict[str, Any], tmp_path: Path) -> None:
+    """compose.yaml wrote the PostgreSQL password CHANGE-ME, and deploy/s3.json the storage's
+    Admin identity CHANGE-ME-TOO, the example file's AWS secret: published for downloads, every
+    face and weights were one printed credential away (sec review finding 2). Now PostgreSQL
+    and SeaweedFS take theirs from selfie-lora.env (the database URL's password, the AWS keys),
+    and refuse to start while they are the placeholders."""
+    text = (DEPLOY / "compose.yaml").read_text()
+    assert "CHANGE-ME" not in text
+    assert not (DEPLOY / "s3.json").exists()
+    services = compose["services"]
+    assert "POSTGRES_PASSWORD" not in services["postgres"].get("environment", {})
+    for name in ("postgres", "s3"):
+        assert services[name]["env_file"] == "selfie-lora.env", name
+    # Each start script, run as the container would, with its program replaced by one that
+    # prints what it was given.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program in ("docker-entrypoint.sh", "weed"):
+        fake = bin_dir / program
+        fake.write_text('#!/bin/sh\necho "$POSTGRES_PASSWORD" "$@"; '
+                        'cat "$(echo "$@" | sed -n "s/.*-s3.config=\\([^ ]*\\).*/\\1/p")" '
+                        '2>/dev/null; exit 0\n')
+        fake.chmod(0o755)
+
+    def start(service: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        script = _compose_shell(services[service]["command"])
+        return subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True,
+                              env={"PATH": f"{bin_dir}:/usr/bin:/bin", "TMPDIR": str(tmp_path),
+                                   **env}, check=False)
+
+    example = env_file(DEPLOY / "selfie-lora.env.example")
+    refused = start("postgres", example)
+    assert refused.returncode != 0, refused
+    assert "SELFIE_LORA_DATABASE_URL" in refused.stderr, refused
+    ran = start("postgres", {**example, "SELFIE_LORA_DATABASE_URL":
+                             "postgresql+psycopg://selfie:Pw_of-mine9@postgres:5432/selfie"})
+    assert ran.returncode == 0, ran
+    assert ran.stdout.split()[:2] == ["Pw_of-mine9", "postgres"], ran.stdout
+    refused = start("s3", example)
+    assert refused.returncode != 0, refused
+    assert "AWS_SECRET_ACCESS_KEY" in refused.stderr, refused
+    ran = start("s3", {**example, "AWS_SECRET_ACCESS_KEY": "s3-secret-of-mine"})
+    assert ran.returncode == 0, ran
+    config = json.loads(ran.stdout[ran.stdout.index("{"):])
+    [identity] = config["identities"]
+    assert identity["credentials"] == [{"accessKey": "selfie",
+                                        "secretKey": "s3-secret-of-mine"}]
 
 
 def test_compose_runs_real_commands_each_with_a_home_of_its_own(compose: dict[str, Any]) -> None:
