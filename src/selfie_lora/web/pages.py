@@ -113,6 +113,10 @@ def _local_target(next_path: str | None) -> str:
     """Where to go after signing in: a path on this site only (never another host)."""
     if not next_path:
         return "/photos"
+    # A browser reads "\" as "/" ("/\evil.com" is "//evil.com", another host) and drops tabs
+    # and newlines: refused here rather than left to how the response quotes its Location.
+    if any(c == "\\" or ord(c) < 0x20 or ord(c) == 0x7F for c in next_path):
+        return "/photos"
     parts = urlsplit(next_path)
     if parts.scheme or parts.netloc or not next_path.startswith("/") or next_path.startswith("//"):
         return "/photos"
