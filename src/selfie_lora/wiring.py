@@ -27,6 +27,7 @@ from selfie_lora.adapters.db.migrate import require_head, upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine, server_clock
 from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter, normalize_lora
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
+from selfie_lora.adapters.sqlite_files import tighten
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import DATABASE_FILE, Settings
 from selfie_lora.dataset.checks import CheckPolicy
@@ -200,9 +201,23 @@ def session_secret(settings: Settings) -> str:
         return value
     path = settings.home / "secret_key"
     try:
-        return path.read_text(encoding="ascii").strip()
+        existing = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
         pass
+    else:
+        # Made 0644 by hand or copied in, it was used as it was while the database beside it is
+        # made 0600 when opened: any local account could sign cookies as any user.
+        before = tighten(path)
+        if before is not None:
+            logger.warning("%s was readable by other local accounts (mode %o): made 0600; "
+                           "anyone who read it could sign in as any user, so delete it to make "
+                           "a new one (every session ends) if that may have happened",
+                           path, before)
+        if not existing:
+            raise ConfigError(f"{path} is empty (it would sign every cookie with an empty key): "
+                              "delete it, and a new one is made at the next start (every "
+                              "session ends), or set SELFIE_LORA_SECRET_KEY")
+        return existing
     make_home(settings)
     candidate = secrets.token_urlsafe(48)
     tmp = path.with_name(f".secret_key.{os.getpid()}.tmp")

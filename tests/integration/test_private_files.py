@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from selfie_lora.config import Settings
+from selfie_lora.errors import ConfigError
 from selfie_lora.wiring import build_services, open_database, session_secret, using_home
 from tests.conftest import make_settings
 
@@ -135,3 +136,30 @@ def test_a_training_s_lora_samples_and_checkpoints_are_private_in_a_home_made_07
         folders), folders
     assert folders == dict.fromkeys(folders, "0o700")
     assert mode(home) == 0o755  # an existing folder may be the operator's own
+
+
+def test_an_existing_secret_key_readable_by_others_is_made_private_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A HOME/secret_key left 0644 (copied in, or made by hand) was used as it was, while the
+    database beside it was made 0600 when opened: any local account could read the key that
+    signs every session cookie (sec review hardening 3). Now it is made 0600, said once."""
+    settings = Settings(home=tmp_path / "home", database_url=None, queue_url=None)
+    settings.home.mkdir(mode=0o700)
+    key = settings.home / "secret_key"
+    key.write_text("k" * 64, encoding="ascii")
+    key.chmod(0o644)
+    with caplog.at_level("WARNING"):
+        assert session_secret(settings) == "k" * 64
+        assert session_secret(settings) == "k" * 64
+    assert mode(key) == 0o600  # old code: 0o644
+    said = [r.getMessage() for r in caplog.records if "secret_key" in r.getMessage()]
+    assert len(said) == 1, said
+
+
+def test_an_empty_secret_key_file_is_refused(tmp_path: Path) -> None:
+    """An empty HOME/secret_key signed every cookie with an empty key."""
+    settings = Settings(home=tmp_path / "home", database_url=None, queue_url=None)
+    settings.home.mkdir(mode=0o700)
+    (settings.home / "secret_key").write_text("\n", encoding="ascii")
+    with pytest.raises(ConfigError, match="secret_key"):
+        session_secret(settings)

@@ -46,3 +46,18 @@ def keep_private(database: str | os.PathLike[str] | None) -> None:
         except OSError as exc:
             logger.warning("could not make %s readable by its owner only (%s): other local "
                            "accounts may read it", file, exc)
+
+
+def tighten(path: Path) -> int | None:
+    """Take every permission of the group and others from ``path`` (a file of HOME an earlier
+    release or an operator made 0644). Its mode before when it changed it, else None; a file
+    this process may not change is left as it is, with a warning."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+            return mode
+    except OSError as exc:
+        logger.warning("could not make %s readable by its owner only (%s): other local "
+                       "accounts may read it", path, exc)
+    return None
