@@ -3095,3 +3095,24 @@ def test_the_settings_page_deletes_the_signed_in_account_not_another_of_the_same
     assert r.status_code == 303, r.text
     assert svc.repo.get_user(own.id) is None
     assert svc.repo.get_user(other_id) is not None  # old code: deleted
+
+
+def test_a_done_notice_is_shown_only_to_the_session_that_did_it(
+        ann: TestClient, web_settings: Settings, svc: Services) -> None:
+    """The notice cookie of a form that succeeded ("The key ... was revoked") was bound to no
+    one: sent with bob's session (a shared browser where the redirect was not followed), bob's
+    page said what ann had done (sec review hardening 1). Now it is bound to the session that
+    did it, as the typed cookie is to its user."""
+    user = svc.repo.get_user_by_name("ann")
+    assert user is not None
+    key, _secret = svc.users.create_key(user=user, name="ann-laptop")
+    r = ann.post(f"/settings/keys/{key.id}/revoke", data={"csrf_token": csrf(ann, "/settings")},
+                 follow_redirects=False)
+    assert r.status_code == 303, r.text
+    notice = ann.cookies.get("sl_notice")
+    assert notice
+    with browser(web_settings, svc) as bob:
+        sign_in(bob, "bob")
+        bob.cookies.set("sl_notice", notice)
+        assert "ann-laptop" not in bob.get("/settings").text  # old code: shown
+    assert "The key ann-laptop was revoked" in ann.get("/settings").text

@@ -29,6 +29,7 @@ from selfie_lora.errors import (
     SelfieLoraError,
     StorageError,
 )
+from selfie_lora.services.users import hash_session_token
 from selfie_lora.web.cookies import (
     FORM_COOKIE,
     NOTICE_COOKIE,
@@ -39,8 +40,9 @@ from selfie_lora.web.cookies import (
 )
 from selfie_lora.wiring import Services, session_secret
 
-# The notice cookie's value for a form that succeeded: this prefix, then what it did
-# (``Web.say_done``); the sign-in page's account-deleted notice is another value.
+# The notice cookie's value for a form that succeeded: this prefix, the id of the session that
+# sent it, ":", then what it did (``Web.say_done``); the sign-in page's account-deleted notice is
+# another value.
 DONE_NOTICE = "done:"
 # The notice cookie's value for a form sent after its session ended: the sign-in page says why
 # it is there and that the form was not carried out.
@@ -184,7 +186,16 @@ class Web:
         to (``render``): a redirect after a POST otherwise landed with the focus on <body> and
         no word of what happened. A signed cookie, not the address: a reload or a shared link
         does not say it again."""
-        self.set_notice_cookie(response, request, DONE_NOTICE + sentence)
+        # Bound to the session that sent the form, as the typed cookie is to its user: sent
+        # with another session (a shared browser, the redirect not followed, someone else
+        # signing in), it showed that user what this one did ("The key NAME was revoked").
+        self.set_notice_cookie(response, request,
+                               f"{DONE_NOTICE}{self._session_id(request)}:{sentence}")
+
+    def _session_id(self, request: Request) -> str:
+        """The id of the session (``WebSession.id``) of the request's cookie, or "" (none)."""
+        token = self.signer.session_token(request.cookies.get(SESSION_COOKIE))
+        return hash_session_token(token) if token else ""
 
     def take_notice(self, request: Request) -> str | None:
         """The notice this browser was sent on with (``set_notice_cookie``), or None (none,
@@ -231,8 +242,11 @@ class Web:
                 and request.headers.get("hx-request") != "true"):
             notice = self.signer.notice(request.cookies.get(NOTICE_COOKIE))
             if notice is not None and notice.startswith(DONE_NOTICE):
-                done = notice[len(DONE_NOTICE):]
-                _shown_once(request, NOTICE_COOKIE)
+                session_id, _, sentence = notice[len(DONE_NOTICE):].partition(":")
+                # Another session's is not this viewer's to read (``say_done``); left to expire.
+                if hmac.compare_digest(session_id.encode(), viewer.session.id.encode()):
+                    done = sentence
+                    _shown_once(request, NOTICE_COOKIE)
         html = self.env.get_template(template).render(
             request=request, viewer=viewer, path=request.url.path,
             csrf_token=viewer.session.csrf_token if viewer else None,
