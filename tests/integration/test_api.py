@@ -1256,3 +1256,19 @@ def test_a_database_down_while_the_key_is_checked_is_answered_as_a_route_s_stora
     assert len(logged) == 1
     assert detail["reference"] in logged[0].getMessage()
     assert "GET /api/training/progress: storage_error" in logged[0].getMessage()
+
+
+def test_the_apis_pictures_are_not_sniffed_nor_shared_by_caches(
+        client: TestClient, services: Services) -> None:
+    """A generated picture (and a probe image, a sample, a chart, a grid) came with no
+    X-Content-Type-Options and, but for samples, no Cache-Control, where the web pages' copies
+    send both: a browser could sniff it as another type, a shared cache could keep one user's
+    picture (sec review hardening 4). Now each binary answer of the API is nosniff and
+    private."""
+    owner = own_model(client, services, "ann")
+    r = client.post("/api/generate", headers=owner.headers, json={"prompt": "on a beach"})
+    assert r.status_code == 200, r.text
+    image = client.get(r.json()["generation"]["images"][0], headers=owner.headers)
+    assert image.status_code == 200
+    assert image.headers.get("x-content-type-options") == "nosniff"  # old code: None
+    assert image.headers.get("cache-control") == "private"

@@ -11,7 +11,15 @@ from fastapi.responses import Response
 from selfie_lora.api.answers import Generated, GenerationsPage, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, finished
 from selfie_lora.api.json_body import JsonBodyRoute
-from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, GenerateBody, binary, errors
+from selfie_lora.api.schemas import (
+    NOT_FOUND,
+    NOT_FOUND_OR_INVALID,
+    E,
+    GenerateBody,
+    binary,
+    errors,
+    picture,
+)
 from selfie_lora.api.serializers import generation_json
 from selfie_lora.services.generation import HISTORY_PAGE, GenerationRequest
 
@@ -64,4 +72,4 @@ def delete_generation(user: UserDep, svc: ServicesDep, generation_id: str) -> di
             response_class=Response)
 def generation_image(user: UserDep, svc: ServicesDep, generation_id: str, index: int) -> Response:
     data = svc.generation.image(user=user, generation_id=generation_id, index=index)
-    return Response(content=data, media_type="image/png")
+    return picture(data, media_type="image/png")

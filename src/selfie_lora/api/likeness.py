@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from selfie_lora.api.answers import Comparison, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
 from selfie_lora.api.json_body import JsonBodyRoute
-from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, binary, errors
+from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, binary, errors, picture
 from selfie_lora.api.serializers import comparison_json, likeness_json
 
 router = APIRouter(prefix="/api/model", tags=["likeness"], route_class=JsonBodyRoute)
@@ -28,7 +28,7 @@ def version_likeness(user: UserDep, svc: ServicesDep, version_id: str) -> dict[s
             response_class=Response)
 def probe_image(user: UserDep, svc: ServicesDep, version_id: str, index: int) -> Response:
     data = svc.likeness.probe_image(user=user, version_id=version_id, index=index)
-    return Response(content=data, media_type="image/png")
+    return picture(data, media_type="image/png")
 
 
 @router.get("/compare", responses=errors(
@@ -50,11 +50,11 @@ async def compare_grid(user: UserDep, svc: ServicesDep, a: str | None = None,
     # which would hold every other request on the event loop meanwhile.
     png = await in_thread(lambda: svc.likeness.grid_png(svc.likeness.compare(user=user, a=a,
                                                                              b=b)))
-    return Response(content=png, media_type="image/png")
+    return picture(png, media_type="image/png")
 
 
 @router.get("/quality/chart.png", responses=errors(NOT_FOUND) | binary("image/png"),
             response_class=Response)
 async def likeness_chart(user: UserDep, svc: ServicesDep) -> Response:
     png = await in_thread(lambda: svc.likeness.chart_png(user=user))
-    return Response(content=png, media_type="image/png")
+    return picture(png, media_type="image/png")

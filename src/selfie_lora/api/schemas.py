@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
+from fastapi import Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
@@ -196,6 +197,13 @@ def errors(codes: Mapping[int, Sequence[ErrorCode]] | None = None, *,
 # Sent with storage_unavailable (30) and server_stopping; not with deletion_pending.
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "integer"},
                                 "description": "seconds to wait before asking again"}}
+
+
+def picture(data: bytes, *, media_type: str) -> Response:
+    """A picture the API answers (a generated one, a probe, a sample, a chart, a grid): one
+    user's, so no shared cache keeps it, and never sniffed as another type than it says."""
+    return Response(content=data, media_type=media_type,
+                    headers={"Cache-Control": "private", "X-Content-Type-Options": "nosniff"})
 
 
 def binary(media_type: str) -> dict[int | str, dict[str, Any]]:

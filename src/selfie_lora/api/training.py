@@ -24,6 +24,7 @@ from selfie_lora.api.schemas import (
     StartBody,
     binary,
     errors,
+    picture,
 )
 from selfie_lora.api.serializers import dataset_json, overview_json, training_json
 from selfie_lora.dataset.limits import byte_size
@@ -165,5 +166,4 @@ def cancel(user: UserDep, svc: ServicesDep, body: CancelBody) -> dict[str, Any]:
 def sample_image(user: UserDep, svc: ServicesDep, training_id: str, step: int) -> Response:
     """A sample image the training made with its LoRA after ``step`` steps (JPEG)."""
     data = svc.training.sample_image(user=user, training_id=training_id, step=step)
-    return Response(content=data, media_type="image/jpeg",
-                    headers={"Cache-Control": "private"})
+    return picture(data, media_type="image/jpeg")
