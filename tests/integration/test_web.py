@@ -3116,3 +3116,17 @@ def test_a_done_notice_is_shown_only_to_the_session_that_did_it(
         bob.cookies.set("sl_notice", notice)
         assert "ann-laptop" not in bob.get("/settings").text  # old code: shown
     assert "The key ann-laptop was revoked" in ann.get("/settings").text
+
+
+def test_a_face_photo_is_not_kept_by_the_browser(ann: TestClient, svc: Services) -> None:
+    """The Photos page is no-store, but its face photos were sent ``Cache-Control: private``,
+    which lets the browser keep them on disk after sign-out on a shared computer (sec review
+    hardening 5). Now ``private, no-store``, as the page that shows them."""
+    assert upload(ann)[0] == 200
+    user = svc.users.get_by_name(name="ann")
+    dataset = svc.intake.latest(user=user)
+    assert dataset is not None
+    r = ann.get(f"/photos/{dataset.id}/0.jpg")
+    assert r.status_code == 200
+    assert r.headers["cache-control"] == "private, no-store"  # old code: private
+    assert r.headers["x-content-type-options"] == "nosniff"

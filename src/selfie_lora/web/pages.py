@@ -462,8 +462,10 @@ def _report_rows(names: list[str], findings: list[dict[str, Any]],
 def photo_file(request: Request, viewer: PageViewer, dataset_id: str, index: int) -> Response:
     web = _web(request)
     photo = web.services.intake.photo(user=viewer.user, dataset_id=dataset_id, index=index)
+    # no-store as the Photos page that shows it: a face kept in the browser's disk cache
+    # outlived the sign-out on a shared computer. A small crop, fetched again at each view.
     return StreamingResponse(photo.chunks, media_type="image/jpeg", headers={
-        "Cache-Control": "private", "Content-Length": str(photo.size)})
+        "Cache-Control": "private, no-store", "Content-Length": str(photo.size)})
 
 
 # ---------------------------------------------------------------------------- training
