@@ -168,3 +168,35 @@ def test_the_presets_are_shown_with_scripts_only(chromium: Any, client: TestClie
             assert page.get_by_label("What should the picture show?").input_value().startswith(
                 "a studio portrait")
         page.context.close()
+
+
+def test_generate_in_flight_keeps_the_focus_and_says_it_is_generating(
+        chromium: Any, client: TestClient, services: Services) -> None:
+    """Once Generate was sent, both buttons were disabled: the focused one dropped the focus to
+    <body> and nothing said a generation was running, for tens of seconds on a real model (a11y
+    review 1, f10_generate_in_flight.py). The focus stays on the button, a status says what is
+    being made, and a second submit is still ignored."""
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann")
+    sign_in(client, "ann")
+    html = client.get("/generate").text
+    page = chromium.new_context().new_page()
+    page.route(f"{BASE}/**", serving(html))
+    page.goto(f"{BASE}/generate")
+    # The page stays as it is once sent (a generation still being made): the browser's own
+    # submit is stopped after app.js has seen it, and those app.js let through are counted.
+    page.evaluate("""window.sent = 0; window.addEventListener("submit", (e) => {
+        if (!e.defaultPrevented) window.sent += 1; e.preventDefault(); })""")
+    page.get_by_label("What should the picture show?").fill("a hike")
+    page.locator("#num_outputs").fill("2")
+    # (Not waiting for a navigation: the POST is never answered here.)
+    page.locator("#generate").press("Enter", no_wait_after=True)
+    page.wait_for_timeout(300)
+    assert page.evaluate("document.activeElement.id") == "generate"  # old code: '' (body)
+    status = page.locator("#generate-status[role=status]")
+    assert status.inner_text().startswith("Generating 2 pictures…")
+    assert page.locator("#generate").get_attribute("aria-disabled") == "true"
+    page.locator("#generate").press("Enter", no_wait_after=True)
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.sent") == 1
+    page.close()

@@ -237,20 +237,31 @@
   // the first one's answer, but its generation ran on and was stored (two batches, both of
   // the user's in-flight slots). Once the form is sent, another submit (Generate or "Save the
   // scale") is ignored and its buttons are disabled until the next page.
+  // The buttons are marked aria-disabled, not disabled: a disabled button loses the focus to
+  // <body>, where a screen reader loses its place, and nothing said a generation was running
+  // (tens of seconds on a real model). The form's status says what is being made.
   const generateForm = document.querySelector("form.generate");
   if (generateForm) {
     const buttons = () => generateForm.querySelectorAll("button[type=submit]");
+    const said = document.getElementById("generate-status");
     let submitted = false;
     generateForm.addEventListener("submit", (e) => {
       if (submitted) { e.preventDefault(); return; }
       submitted = true;
-      // Next turn: the browser has read the form by then.
-      setTimeout(() => { for (const b of buttons()) b.disabled = true; }, 0);
+      for (const b of buttons()) b.setAttribute("aria-disabled", "true");
+      generateForm.setAttribute("aria-busy", "true");
+      if (said) {
+        const count = Number(document.getElementById("num_outputs")?.value) || 1;
+        said.textContent = e.submitter?.id === "save-scale" ? "Saving the scale…"
+          : `Generating ${count} picture${count === 1 ? "" : "s"}… this can take a minute.`;
+      }
     });
     // Back to this page from the browser's cache (or a stopped load): it can be sent again.
     window.addEventListener("pageshow", () => {
       submitted = false;
-      for (const b of buttons()) b.disabled = false;
+      for (const b of buttons()) b.removeAttribute("aria-disabled");
+      generateForm.removeAttribute("aria-busy");
+      if (said) said.textContent = "";
     });
   }
 
