@@ -199,7 +199,14 @@
             const refused = fragment.querySelector("#upload-refused");
             // "Some photos need changes" only where the report names photos: a refusal of the
             // whole upload (two files of one name in a zip, too many files) says why.
-            status.textContent = xhr.status === 200 ? "Done."
+            // Photos left out: the focus to the notice saying how many, kept and left out
+            // ("Done." alone left the list of them unread), said once (not in the live
+            // region too). All kept: the live region says so, the focus stays on the button.
+            const kept = fragment.querySelector("#upload-kept");
+            const leftOut = xhr.status === 200 && kept && Number(kept.dataset.leftOut) > 0;
+            if (leftOut) kept.focus();
+            status.textContent = leftOut ? ""
+              : xhr.status === 200 ? `Done: ${kept?.textContent ?? ""}`.replace(/: $/, ".")
               : xhr.status === 422 && fragment.querySelector("[data-photo-name]")
                 ? "Some photos need changes."
               : refused?.textContent ?? `The upload failed (${xhr.status}).`;
