@@ -1460,6 +1460,40 @@ def test_a_refused_trainer_version_form_comes_back_on_the_model_page_with_what_w
         "/model").text
 
 
+def test_a_refused_generate_comes_back_on_the_generate_page_with_the_field_marked(
+        ann: TestClient, svc: Services) -> None:
+    """A Generate the server refused (a prompt of spaces passes the textarea's required) went to
+    the general error page, focus on <body>, no field marked, and its Back without scripts
+    lost the prompt, seed and count (a11y review 3, f02_generate_refused.py). Now the Generate
+    page comes back, 422, the field at fault marked, described and focused, what was typed
+    kept, as "Save the scale" does; nothing is made."""
+    two_versions(ann)
+    for sent, at_fault, said in (
+            ({"prompt": "   ", "seed": "42", "num_outputs": "3"}, "prompt", "the prompt is empty"),
+            ({"prompt": "a hike", "seed": "1.5", "num_outputs": "2"}, "seed", "(not '1.5')"),
+            ({"prompt": "a hike", "seed": "", "num_outputs": "9"}, "num_outputs", "1 to 4")):
+        r = ann.post("/generate", data={"csrf_token": csrf(ann), "version": "1",
+                                        "lora_scale": "0.7", **sent}, follow_redirects=False)
+        assert r.status_code == 422, r.text
+        assert page_title(r.text) == "Generate · selfie-lora", r.text  # old: the error page
+        error = re.search(rf'<p class="error" role="alert" id="{at_fault}-error">([^<]+)</p>',
+                          r.text)
+        assert error, r.text
+        assert said in html.unescape(error.group(1))
+        field = (re.search(r'<textarea id="prompt"[^>]*>', r.text).group(0)  # type: ignore[union-attr]
+                 if at_fault == "prompt" else _field(r.text, at_fault))
+        assert 'aria-invalid="true"' in field
+        assert f'aria-describedby="{at_fault}-error"' in field
+        assert "autofocus" in field
+        assert r.text.count("autofocus") == 1
+        assert f'>{html.escape(sent["prompt"])}</textarea>' in r.text
+        assert f'value="{sent["num_outputs"]}"' in _field(r.text, "num_outputs")
+        assert f'value="{sent["seed"]}"' in _field(r.text, "seed")
+        assert 'value="0.7"' in _field(r.text, "lora_scale")
+        assert '<option value="1" selected>v1</option>' in r.text
+        assert "No pictures yet." in r.text  # nothing was made
+
+
 def test_a_refused_scale_comes_back_on_the_generate_page_with_what_was_typed(
         ann: TestClient, svc: Services) -> None:
     """"Save the scale" skips the browser's checks (formnovalidate, so that an empty prompt does

@@ -125,6 +125,19 @@ def _whole_number(text: str | None, *, name: str, code: ErrorCode, low: int,
     return int(digits)
 
 
+# The request field each refusal of its values is about: a form marks that field, its
+# message beside it (the Generate page), rather than a page of its own.
+_FIELD_AT_FAULT = {ErrorCode.EMPTY_PROMPT: "prompt", ErrorCode.PROMPT_TOO_LONG: "prompt",
+                   ErrorCode.INVALID_PROMPT: "prompt", ErrorCode.INVALID_SEED: "seed",
+                   ErrorCode.INVALID_NUM_OUTPUTS: "num_outputs"}
+
+
+def field_at_fault(error: InvalidInputError) -> str | None:
+    """The field (``prompt``, ``seed``, ``num_outputs``) a refused generation's ``error`` is
+    about; None for another refusal (a version, ...)."""
+    return _FIELD_AT_FAULT.get(error.code)
+
+
 def seed_from_text(text: str | None) -> int | None:
     """The seed a text front was given (None: empty, a seed is drawn), by the API's rules; one
     out of range is refused by ``generate`` with the API's words."""

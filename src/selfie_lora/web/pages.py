@@ -57,6 +57,7 @@ from selfie_lora.services.common import ModelHistory, utcnow
 from selfie_lora.services.erasure import ErasureBlockedError
 from selfie_lora.services.generation import (
     GenerationRequest,
+    field_at_fault,
     num_outputs_from_text,
     seed_from_text,
     stored_pictures,
@@ -878,6 +879,7 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
     pictures = {g.id: stored_pictures(g) for g in history}
     context.setdefault("typed", None)
     context.setdefault("scale_error", None)
+    context.setdefault("field_error", None)
     versions = svc.generation.versions(user=viewer.user)
     typed = context["typed"]
     if typed is not None and typed["version"] not in {str(v.number) for v in versions}:
@@ -938,22 +940,40 @@ async def generate(request: Request, viewer: FormViewer, prompt: FormStr,
                    lora_scale: OptionalFormStr = None,
                    version: OptionalFormStr = None) -> Response:
     web = _web(request)
-    # The CLI's parser (and the API's rules): int() took "1_0" and "٣" here, which it refused;
-    # the scale's as Save the scale reads it (pydantic's float took "0.2_5" and "infinity").
-    seed_value = seed_from_text(seed)
-    count = num_outputs_from_text(num_outputs)
-    scale = lora_scale_from_text(lora_scale)
-    # As the API's: on the generation service's threads, within the per-user limit (a 429 page).
-    # The slider's scale is this request's (the API's per-request lora_scale): it was in a form
-    # of its own, so Generate quietly used the saved scale whatever the slider showed. Saving
-    # it as the default stays "Save the scale"'s; without one, the saved scale.
-    gone = threading.Event()  # set by ``finished`` if the browser goes away first
-    made = await finished(web.services.generation.submit(
-        user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=count,
-                                                    seed=seed_value, lora_scale=scale,
-                                                    # The API's version_id; none: the active.
-                                                    version_id=version or None),
-        client_gone=gone), request, client_gone=gone)
+    try:
+        # The CLI's parser (and the API's rules): int() took "1_0" and "٣" here, which it
+        # refused; the scale's as Save the scale reads it (pydantic's float took "0.2_5" and
+        # "infinity").
+        # The scale first: a refused one goes to the error page (no field of this form's), and
+        # a field refused after it is answered with the scale as parsed.
+        scale = lora_scale_from_text(lora_scale)
+        seed_value = seed_from_text(seed)
+        count = num_outputs_from_text(num_outputs)
+        # As the API's: on the generation service's threads, within the per-user limit (a 429
+        # page). The slider's scale is this request's (the API's per-request lora_scale): it
+        # was in a form of its own, so Generate quietly used the saved scale whatever the
+        # slider showed. Saving it as the default stays "Save the scale"'s; without one, the
+        # saved scale.
+        gone = threading.Event()  # set by ``finished`` if the browser goes away first
+        made = await finished(web.services.generation.submit(
+            user=viewer.user, request=GenerationRequest(prompt=prompt, num_outputs=count,
+                                                        seed=seed_value, lora_scale=scale,
+                                                        # The API's version_id; none: the active.
+                                                        version_id=version or None),
+            client_gone=gone), request, client_gone=gone)
+    except InvalidInputError as error:
+        # A prompt of spaces (which passes the textarea's required), a seed or count the
+        # browser let through: the page again with the field marked and what was typed, as
+        # "Save the scale" answers; the error page lost them without scripts. A scale refused
+        # is no field of this form's (the slider): the error page, as before.
+        field = field_at_fault(error)
+        if field is None or web.services.generation.not_ready(user=viewer.user) is not None:
+            raise
+        typed = {"prompt": prompt, "num_outputs": num_outputs or "", "seed": seed or "",
+                 "version": version or "", "lora_scale": (lora_scale_text(scale)
+                                                           if scale is not None else None)}
+        return _generate(request, viewer, before=None, scale=None, status_code=422,
+                         field_error={"field": field, "why": error.message}, typed=typed)
     # The pictures are at the top of the gallery: said, as a failure's page says why, with the
     # version that made them (the form names it; a request without one takes the active).
     number = web.services.models.version_numbers(user=viewer.user,
