@@ -126,7 +126,7 @@ def test_the_whole_journey_in_a_browser(chromium: Any, tmp_path: Path,
 
     # ---- versions, the grid, rollback
     go(page, "Versions")
-    assert page.locator("tbody tr").count() == 2
+    assert page.locator("table.versions tbody tr").count() == 2
     grid = page.locator("#grid")
     grid.wait_for()
     assert page.evaluate("() => document.getElementById('grid').naturalWidth") > 0

@@ -1164,6 +1164,35 @@ def test_the_grid_and_the_chart_say_in_words_what_their_pictures_show(
         assert line in chart.group(1), chart.group(1)
 
 
+def test_the_chart_s_values_are_in_a_table_its_alt_points_to(
+        ann: TestClient, svc: Services) -> None:
+    """The chart's alt pointed to the versions table for each version's likeness, but that
+    table had only the mean identity (or the face share): the nearest-photo identity and the
+    share of sane images were in the picture alone (a11y review 4, f07_chart.py). A table
+    under the chart gives its four series for each version, on the chart's photos."""
+    two_versions(ann)
+    page = ann.get("/versions").text
+    chart = re.search(r'id="chart" src="[^"]+" alt="([^"]+)"', page)
+    assert chart, page
+    assert "the chart's values are in the table under it" in chart.group(1)
+    values = page.split('<details class="chart-values">', 1)[1].split("</details>", 1)[0]
+    heads = re.findall(r'<th scope="col">([^<]+)</th>', values)
+    assert heads == ["Version", "identity (mean of the photos)", "identity (nearest photo)",
+                     "share of probes with a face", "share of sane images", "Gate"]
+    user = svc.users.get_by_name(name="ann")
+    points = svc.likeness.chart_points(svc.models.get(user=user))
+
+    def shown(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = re.findall(r'<tr><th scope="row">([^<]+)</th>((?:<td>[^<]*</td>)+)</tr>', values)
+    assert [(head, re.findall(r"<td>([^<]*)</td>", cells)) for head, cells in rows] == [
+        (f"v{p.number}" + (" (active)" if p.active else ""),
+         [shown(p.identity), shown(p.identity_nearest), shown(p.face_share),
+          shown(p.sane_share), p.gate_status]) for p in points]
+    assert any(p.identity_nearest is not None and p.sane_share is not None for p in points)
+
+
 def test_an_error_page_s_back_link_leads_to_the_refused_form_s_page(ann: TestClient) -> None:
     """Every error page's Back led to /photos: a refused prompt or trainer version was left
     behind on another page (found in review). With scripts, Back goes back in the history

@@ -162,3 +162,30 @@ def test_the_chart_s_legend_covers_no_point() -> None:
     plot = ax.get_window_extent()
     assert box.y1 <= plot.y0 or box.x0 >= plot.x1, (box, plot)
     assert png_size(render_chart(points, title="likeness", tolerance=0.02)) == CHART_SIZE
+
+
+def _contrast_on_white(colour: tuple[float, float, float]) -> float:
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (linear(c) for c in colour)
+    return 1.05 / (0.2126 * r + 0.7152 * g + 0.0722 * b + 0.05)
+
+
+def test_the_chart_s_lines_are_3_to_1_against_the_plot_and_not_told_apart_by_colour_alone(
+        ) -> None:
+    """The nearest-photo line (tab:cyan, 2.26:1) and the active version's dashed line
+    (tab:orange, 2.53:1) were under the 3:1 a graphic needs against the white plot (a11y review
+    4, f07_chart.py). Every line is 3:1 or more, and each series differs from the others by
+    its marker or its line style too."""
+    from matplotlib.colors import to_rgb
+
+    points = [ChartPoint(1, 0.7, 0.8, 0.9, 1.0, "passed", False),
+              ChartPoint(2, 0.75, 0.85, 1.0, 1.0, "passed", True)]
+    ax = chart_figure(points, title="likeness", tolerance=0.02).axes[0]
+    lines = ax.get_lines()
+    assert len(lines) == 5  # four series and the active version's line
+    for line in lines:
+        ratio = _contrast_on_white(to_rgb(line.get_color()))
+        assert ratio >= 3.0, (line.get_label(), line.get_color(), round(ratio, 2))
+    looks = {(line.get_marker(), line.get_linestyle()) for line in lines}
+    assert len(looks) == 5

@@ -782,17 +782,21 @@ class LikenessService:
         self._blobs.put(grid_key(comparison.a.id, comparison.b.id), png)
         return png
 
-    def chart_points(self, model: Model) -> list[ChartPoint]:
-        """Every version's scores against one yardstick (``_chart``)."""
-        return self._chart(model)[0]
+    def chart_points(self, model: Model, *,
+                     history: ModelHistory | None = None) -> list[ChartPoint]:
+        """Every version's scores against one yardstick (``_chart``). ``history``: the model's
+        versions and records, already read (the Versions page reads them once)."""
+        return self._chart(model, history=history)[0]
 
-    def _chart(self, model: Model) -> tuple[list[ChartPoint], Version | None]:
+    def _chart(self, model: Model, *,
+               history: ModelHistory | None = None) -> tuple[list[ChartPoint], Version | None]:
         """Every version's scores against one yardstick, and whose training photos it is: the
         active version's when it is scored (the likeness the user has: a version held because
         it no longer shows that person is plotted as the drop the gate saw, not as a gain on
         its own photos), else the newest scored version's."""
-        versions = sorted(self._repo.list_versions(model.id), key=lambda v: v.number)
-        records = self.summaries(model)
+        versions = sorted(history.versions if history is not None
+                          else self._repo.list_versions(model.id), key=lambda v: v.number)
+        records = history.records if history is not None else self.summaries(model)
         scored = [v for v in versions if _scored(records.get(v.id))]
         yardstick = next((v for v in scored if v.id == model.active_version_id),
                          scored[-1] if scored else None)

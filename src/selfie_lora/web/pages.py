@@ -787,6 +787,10 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
                       comparison=comparison, compare_error=compare_error,
                       compare_invalid=compare_invalid, log=log,
                       chosen=chosen, chart_series=CHART_SERIES,
+                      # The chart's values as text (its alt points to them): the nearest-photo
+                      # identity and the sane share were in the picture alone.
+                      chart_points=(svc.likeness.chart_points(model, history=history)
+                                    if model is not None else []),
                       grid=grid_text(comparison) if comparison is not None else None)
 
 
