@@ -3193,3 +3193,22 @@ def test_a_face_photo_is_not_kept_by_the_browser(ann: TestClient, svc: Services)
     assert r.status_code == 200
     assert r.headers["cache-control"] == "private, no-store"  # old code: private
     assert r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_session_ending_while_the_train_page_polls_says_so_on_the_sign_in_page(
+        ann: TestClient) -> None:
+    """The Train page's poll of a session that ended (signed out in another tab) was answered
+    HX-Redirect to the sign-in page, which said nothing of why it was there (a11y review 5,
+    f05_session_ends_while_polling.py); a form's post said "Your session had ended". The
+    sign-in page says the session ended, that notice taking the focus, once."""
+    r = ann.post("/signout", data={"csrf_token": csrf(ann)}, follow_redirects=False)
+    assert r.status_code == 303
+    r = ann.get("/train/status", headers={"hx-request": "true",
+                                          "hx-current-url": "http://testserver/train"})
+    assert r.headers["HX-Redirect"] == "/signin?next=/train"
+    page = ann.get("/signin?next=/train").text
+    note = re.search(r'<p class="notice" id="not-done-note"[^>]*>([^<]+)</p>', page)
+    assert note, page  # old code: no notice
+    assert "autofocus" in note.group(0)
+    assert note.group(1) == "Your session had ended: sign in to follow the training again."
+    assert "not-done-note" not in ann.get("/signin?next=/train").text  # said once

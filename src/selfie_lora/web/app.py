@@ -47,6 +47,8 @@ DONE_NOTICE = "done:"
 # The notice cookie's value for a form sent after its session ended: the sign-in page says why
 # it is there and that the form was not carried out.
 FORM_NOT_DONE = "form-not-done"
+# The Train page's poll found the session ended: the sign-in page says so (it said nothing).
+POLL_SESSION_ENDED = "poll-session-ended"
 
 WEB_ROOT = Path(str(files("selfie_lora.web")))
 # No inline script or style anywhere: every script and stylesheet is a file of ours.
@@ -469,7 +471,9 @@ def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
             current = urlsplit(request.headers.get("hx-current-url", ""))
             back = (current.path + (f"?{current.query}" if current.query else "")
                     if current.path.startswith("/") else exc.next_path)
-            return Response(status_code=200, headers={"HX-Redirect": _signin_url(back)})
+            redirect = Response(status_code=200, headers={"HX-Redirect": _signin_url(back)})
+            web.set_notice_cookie(redirect, request, POLL_SESSION_ENDED)
+            return redirect
         response = RedirectResponse(_signin_url(exc.next_path), status_code=303)
         if request.method == "POST" and request.url.path != "/signout":
             # A form whose session ended (signed out in another tab): the sign-in page said

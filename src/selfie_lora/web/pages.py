@@ -67,7 +67,13 @@ from selfie_lora.services.likeness import grid_text
 from selfie_lora.services.models import version_number_below
 from selfie_lora.services.ports import MAX_SEED
 from selfie_lora.services.training import UploadResult
-from selfie_lora.web.app import FORM_NOT_DONE, SignInRequired, Viewer, Web
+from selfie_lora.web.app import (
+    FORM_NOT_DONE,
+    POLL_SESSION_ENDED,
+    SignInRequired,
+    Viewer,
+    Web,
+)
 from selfie_lora.web.cookies import (
     FORM_COOKIE,
     FORM_MAX_AGE_SECONDS,
@@ -202,7 +208,8 @@ def signin_page(request: Request, next: str | None = None) -> Response:
     # its signed, short-lived notice cookie, once: ?deleted=1 said it to anyone sent the link.
     notice = web.take_notice(request)
     return _signin_form(request, "signin.html", next=_local_target(next),
-                        deleted=notice == ACCOUNT_DELETED, not_done=notice == FORM_NOT_DONE)
+                        deleted=notice == ACCOUNT_DELETED, not_done=notice == FORM_NOT_DONE,
+                        poll_ended=notice == POLL_SESSION_ENDED)
 
 
 @router.post("/signin")
