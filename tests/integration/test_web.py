@@ -3212,3 +3212,27 @@ def test_a_session_ending_while_the_train_page_polls_says_so_on_the_sign_in_page
     assert "autofocus" in note.group(0)
     assert note.group(1) == "Your session had ended: sign in to follow the training again."
     assert "not-done-note" not in ann.get("/signin?next=/train").text  # said once
+
+
+def test_the_generation_that_takes_the_focus_after_a_delete_is_described_by_the_notice(
+        ann: TestClient) -> None:
+    """Back from a Delete the next generation takes the focus, but "Generation deleted." was
+    only a status region present as the page loaded, often not read out: the user heard the
+    next generation and nothing of the deletion (a11y review 6, f04_delete_notice.py). The
+    gallery's items are described by the notice on that page (whichever takes the focus), and
+    not on a reload, which no longer says it."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    for _ in range(2):
+        ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1"})
+    ids = re.findall(r'<li id="g-([^"]+)"', ann.get("/generate").text)
+    r = ann.post(f"/generations/{ids[0]}/delete",
+                 data={"csrf_token": csrf(ann), "focus": f"g-{ids[1]}"}, follow_redirects=False)
+    page = ann.get(r.headers["location"]).text
+    assert 'id="deleted-note"' in page
+    item = re.search(rf'<li id="g-{ids[1]}"[^>]*>', page)
+    assert item, page
+    assert 'aria-describedby="deleted-note"' in item.group(0)  # old code: none
+    again = ann.get(r.headers["location"]).text
+    assert 'id="deleted-note"' not in again
+    assert "aria-describedby=\"deleted-note\"" not in again
