@@ -3236,3 +3236,23 @@ def test_the_generation_that_takes_the_focus_after_a_delete_is_described_by_the_
     again = ann.get(r.headers["location"]).text
     assert 'id="deleted-note"' not in again
     assert "aria-describedby=\"deleted-note\"" not in again
+
+
+def test_a_prompt_the_gallery_s_three_lines_can_cut_offers_the_whole_prompt(
+        ann: TestClient) -> None:
+    """"Whole prompt" was offered only past 120 characters, but the gallery's cell (about 170 px
+    wide) clamps a prompt to 3 lines, about 45 characters: one of 117 was shown cut off at
+    "…golden hour…" with no way to read the rest (a11y review 7, f13_prompt_clamped.py). It
+    is offered wherever the three lines can cut (past 40 characters, or over several lines);
+    a short prompt still has none."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    prompts = ("a portrait by the lake at golden hour, soft light, wearing a blue jacket",
+               "one\ntwo", "short")
+    for prompt in prompts:
+        ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": prompt,
+                                    "num_outputs": "1"})
+    page = ann.get("/generate").text
+    items = re.findall(r'<li id="g-.*?</li>', page, re.S)
+    offered = ["<summary>Whole prompt</summary>" in item for item in items]
+    assert offered == [False, True, True], offered  # newest first; old: [False, False, False]
