@@ -393,3 +393,48 @@ def test_an_upload_that_left_photos_out_says_how_many_where_the_focus_is(
     assert page.evaluate("() => document.activeElement.id") == "upload-kept"
     if javascript:  # said once: by the focus, not the live region too
         assert page.locator("#upload-status").inner_text() == ""
+
+
+def test_the_copy_button_says_what_it_copies_and_whether_it_did(
+        chromium: Any, client: TestClient, services: Services) -> None:
+    """The Model page's Copy button was named just "Copy", a success only changed its text to
+    "Copied" (not reliably read out, and left so for good), and on a plain-HTTP address that is
+    not localhost (no navigator.clipboard) it did nothing at all (a11y review 8, f06_copy.py).
+    Its name says what it copies; a status beside it says it was copied, or, where the
+    clipboard cannot be used, to copy the text (selected for it) with Ctrl+C."""
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann")
+    test_web.sign_in(client, "ann")
+    html = client.get("/model").text
+    # http://selfie.test is no secure context: no navigator.clipboard.
+    page = chromium.new_context().new_page()
+    page.route(f"{BASE}/**", _serving({"/model": html}))
+    page.goto(f"{BASE}/model")
+    button = page.get_by_role("button", name="Copy the trigger word")  # old code: "Copy"
+    button.click()
+    said = page.locator("#trigger-copied[role=status]")
+    assert said.inner_text().startswith("Could not copy here: the text is selected")
+    assert page.evaluate("String(window.getSelection())") == page.locator("#trigger").inner_text()
+    page.context.close()
+    # localhost is a secure context: copied, and said so.
+    local = "http://localhost"
+    context = chromium.new_context()
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=local)
+    page = context.new_page()
+
+    def answer(route: Any) -> None:
+        path = route.request.url.removeprefix(local).split("#")[0]
+        if path == "/model":
+            route.fulfill(status=200, content_type="text/html", body=html)
+        elif path.startswith("/static/"):
+            fulfil_static(route, path)
+        else:
+            route.abort()
+
+    page.route(f"{local}/**", answer)
+    page.goto(f"{local}/model")
+    page.get_by_role("button", name="Copy the trigger word").click()
+    page.wait_for_function("document.getElementById('trigger-copied').textContent !== ''")
+    assert page.locator("#trigger-copied").inner_text() == "Copied the trigger word."
+    assert page.evaluate("navigator.clipboard.readText()") == page.locator("#trigger").inner_text()
+    context.close()

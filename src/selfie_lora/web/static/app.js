@@ -292,7 +292,25 @@
     const button = e.target instanceof Element ? e.target.closest("button") : null;
     if (!button) return;
     if (button.classList.contains("copy")) {
-      navigator.clipboard?.writeText(button.dataset.copy).then(() => { button.textContent = "Copied"; });
+      // Said in the status beside the button (a focused button's new text was not reliably
+      // read out); where the clipboard cannot be used (an http:// address other than
+      // localhost is no secure context: no navigator.clipboard) the text is selected for
+      // Ctrl+C: the button did nothing and said nothing.
+      const said = document.getElementById(button.dataset.copied ?? "");
+      const what = button.dataset.what ?? "the text";
+      const say = (words) => { if (said) said.textContent = words; };
+      const selectIt = () => {
+        const code = button.previousElementSibling;
+        if (code) window.getSelection()?.selectAllChildren(code);
+      };
+      if (!navigator.clipboard) {
+        selectIt();
+        say(`Could not copy here: the text is selected, press Ctrl+C (or ⌘C) to copy ${what}.`);
+      } else {
+        navigator.clipboard.writeText(button.dataset.copy).then(
+          () => say(`Copied ${what}.`),
+          () => { selectIt(); say(`Could not copy: the text is selected, press Ctrl+C (or ⌘C) to copy ${what}.`); });
+      }
     } else if (button.classList.contains("preset")) {
       const prompt = document.getElementById("prompt");
       if (prompt) { prompt.value = button.dataset.prompt; prompt.focus(); }
