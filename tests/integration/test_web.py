@@ -3256,3 +3256,14 @@ def test_a_prompt_the_gallery_s_three_lines_can_cut_offers_the_whole_prompt(
     items = re.findall(r'<li id="g-.*?</li>', page, re.S)
     offered = ["<summary>Whole prompt</summary>" in item for item in items]
     assert offered == [False, True, True], offered  # newest first; old: [False, False, False]
+
+
+def test_the_compare_selects_are_named_for_the_versions_they_choose(ann: TestClient) -> None:
+    """The second Compare select was named just "with" (a screen reader: "with, combobox, v1";
+    a11y review 13, f15_with_label.py). Each label keeps its visible word and says the
+    version it chooses."""
+    two_versions(ann)
+    page = ann.get("/versions").text
+    labels = {f: html.unescape(re.sub(r"<[^>]+>", "", m)) for f, m in
+              re.findall(r'<label for="(a|b)">(.*?)</label>', page)}
+    assert labels == {"a": "Compare version", "b": "with version"}, labels
