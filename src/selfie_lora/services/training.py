@@ -1849,10 +1849,11 @@ class _Waits:
         return True
 
 
-def _database_failed(outage: Outage, ticket: int, exc: SelfieLoraError) -> int:
-    """The level at which to say that a read or a beat of a running training failed: DEBUG
-    while the database outage it met lasts (said once, when it began), else WARNING."""
-    if isinstance(exc, DatabaseUnreachableError) and not outage.begins(ticket=ticket):
+def _failure_level(outage: Outage, ticket: int, exc: SelfieLoraError, *,
+                   kind: type[SelfieLoraError] = DatabaseUnreachableError) -> int:
+    """The level at which to say that a read, a beat or a store of a running training failed:
+    DEBUG while the outage of ``kind`` it met lasts (said once, when it began), else WARNING."""
+    if isinstance(exc, kind) and not outage.begins(ticket=ticket):
         return logging.DEBUG
     return logging.WARNING
 
@@ -1990,7 +1991,7 @@ class _Held:
             except SelfieLoraError as exc:
                 # The database is unreachable: try again at the next beat. If it stays away the
                 # lease expires, another worker takes over and this one's writes are refused.
-                logger.log(_database_failed(self.database_outage, ticket, exc),
+                logger.log(_failure_level(self.database_outage, ticket, exc),
                            "training %s: heartbeat failed: %s", self.training_id, exc.message)
                 continue
             except Exception:
@@ -2109,8 +2110,7 @@ class _HeldStore:
             # Training goes on; a lost checkpoint only costs steps after a crash, a lost
             # sample only a picture.
             outage = isinstance(exc, StorageUnavailableError)
-            quiet = outage and not self._outage.begins(ticket=ticket)
-            logger.log(logging.DEBUG if quiet else logging.WARNING,
+            logger.log(_failure_level(self._outage, ticket, exc, kind=StorageUnavailableError),
                        "training %s: %s %d not stored: %s%s", self._held.training_id,
                        self._what, step, exc.message,
                        " (said once until one is stored again)" if outage else "")
@@ -2237,7 +2237,7 @@ class _Sink:
         except StorageError as exc:
             # A read that failed loses nothing: the trainer goes on and asks again at its next
             # poll (a database away for longer fails the next write, which steps away).
-            logger.log(_database_failed(outage, ticket, exc),
+            logger.log(_failure_level(outage, ticket, exc),
                        "training %s: could not read whether it was canceled: %s",
                        self._held.training_id, exc.message)
             return False
