@@ -550,6 +550,62 @@ def test_an_account_deletion_still_cut_by_the_outage_is_tried_again_soon_in_one_
             assert "tried again in 30 s" in caplog.text
 
 
+class _BrokenDeleteStore(FileSystemBlobStore):
+    """A store whose deletes fail with what no wait mends: a blob file the service may not
+    remove (a raw ``PermissionError``, as a store with a bug would let through) or a bug."""
+
+    broken: BaseException | None = None
+    broken_since = False
+
+    def delete(self, key: str) -> None:
+        if self.broken_since and self.broken is not None:
+            raise self.broken
+        super().delete(key)
+
+
+@pytest.mark.parametrize("error", [
+    PermissionError(13, "Permission denied"),
+    StorageError("blob 'photos/x' cannot be deleted: Permission denied"),
+    ValueError("a bug"),
+], ids=["permission", "storage-error", "bug"])
+def test_an_account_deletion_failing_on_a_non_outage_is_parked_in_one_error_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, error: BaseException) -> None:
+    # Old code: each check past the dead-process wait tried it again and logged "the deletion
+    # could not be finished now; tried again in 10 min 31 s" with a full traceback, for ever,
+    # as if it were an outage.
+    with _ann_deleting(tmp_path, _BrokenDeleteStore, then="broken_since") as (
+            _client, services, _ann, store):
+        store.broken = error
+        erasure = services.erasure
+        with pytest.raises(type(error)):
+            erasure.erase(name="ann")
+        [(_name, due)] = erasure.pending()
+        now = due + timedelta(seconds=1)
+        erasure._clock = lambda: now  # type: ignore[attr-defined]
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="selfie_lora.services.erasure"):
+            assert erasure.finish_pending() == []
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, caplog.text
+        [line] = errors
+        assert "parked" in line.getMessage()
+        assert "selfie-lora users delete ann" in line.getMessage()
+        assert (line.exc_info is None) == isinstance(error, StorageError | OSError)
+        [(_name, parked_until)] = erasure.pending()
+        assert parked_until - now >= timedelta(hours=1)  # old code: 10 min 31 s
+        later = now + timedelta(minutes=11)
+        erasure._clock = lambda: later  # type: ignore[attr-defined]
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="selfie_lora.services.erasure"):
+            assert erasure.finish_pending() == []  # not tried again meanwhile
+        assert caplog.records == []
+        # The operator fixes the cause and finishes it at once, as the line says.
+        store.broken = None
+        erasure._clock = lambda: datetime.now(UTC)  # type: ignore[attr-defined]
+        assert erasure.erase(name="ann").name == "ann"
+        assert erasure.pending() == []
+
+
 def test_an_account_deletion_cut_short_says_when_in_the_cli_s_words(tmp_path: Path) -> None:
     # Old code: "tried again in 0:00:30", a raw timedelta (the CLI's users delete prints it).
     from selfie_lora.services.erasure import ErasureContinuesError

@@ -30,7 +30,9 @@ account deleted through the API or the web page cannot run it again (step 2 lock
 ``finish_pending`` (a thread of every collecting worker and of ``serve --no-worker``, and
 ``selfie-lora gc``) finishes a deletion asked for longer ago than a live one takes
 (``resume_after``), as the command run again would, after the same check of the store's marker:
-refused, every one stays pending and due, and the refusal is logged.
+refused, every one stays pending and due, and the refusal is logged. One that fails there on an
+outage is due again soon (``ERASURE_RETRY``); on anything else, which no wait mends, it is parked
+(``ERASURE_PARKED``) in one ERROR line naming ``users delete``, which finishes it at once.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from selfie_lora.errors import (
     SelfieLoraError,
     StorageError,
     StorageUnavailableError,
+    describe,
 )
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.gc import GarbageCollector
@@ -92,6 +95,9 @@ class _StoppedError(Exception):
 
 # How soon a deletion cut short by a storage error in a live process is tried again.
 ERASURE_RETRY = timedelta(seconds=30)
+# How long a deletion that failed on what is not an outage waits before it is tried again on
+# its own (``AccountEraser._park``): the operator's to fix, and to finish with ``users delete``.
+ERASURE_PARKED = timedelta(hours=24)
 
 
 class ErasureContinuesError(StorageError):
@@ -289,9 +295,8 @@ class AccountEraser:
             except ErasureBlockedError as exc:  # expected (a training that does not stop yet)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
                                "again in %s", user.name, exc.message, wait_text(self.resume_after))
-            except Exception:  # one account must not hold up the others: tried again later
-                logger.exception("user %s: the deletion could not be finished now; tried "
-                                 "again in %s", user.name, wait_text(self.resume_after))
+            except Exception as exc:  # not an outage: parked, said once (see ``_park``)
+                self._park(user, exc)
             except BaseException:  # KeyboardInterrupt, SystemExit: the claim is let go
                 self._unclaim(user, claimed_at=now)
                 raise
@@ -306,6 +311,26 @@ class AccountEraser:
         except StorageError as exc:
             logger.warning("user %s: the deletion stays due in %s: %s", user.name,
                            wait_text(self.resume_after), exc.message)
+
+    def _park(self, user: User, exc: Exception) -> None:
+        """A deletion that failed on what is not an outage (refused keys, a blob file it may not
+        remove, a full disk, a bug): no wait mends it, so it is not tried again at each
+        dead-process wait (10 min 31 s, a traceback each time, for ever) but parked:
+        due ``ERASURE_PARKED`` from now (its owner asked for it: it must not be dropped should
+        the operator miss the line), said in one ERROR line naming the command that finishes it
+        at once once the cause is fixed. A traceback only for what is neither ours nor the
+        system's (a defect to trace). One account must not hold up the others: not raised."""
+        what = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
+        logger.error("user %s: the deletion failed: %s; this is not an outage, so it is parked: "
+                     "tried again in %s, or at once by `selfie-lora users delete %s --yes` once "
+                     "the cause is fixed", user.name, what, wait_text(ERASURE_PARKED), user.name,
+                     exc_info=None if isinstance(exc, SelfieLoraError | OSError) else exc)
+        try:
+            self._repo.request_erasure(
+                user.id, at=self._clock() - self.resume_after + ERASURE_PARKED)
+        except StorageError as failed:
+            logger.warning("user %s: the deletion stays due in %s: %s", user.name,
+                           wait_text(self.resume_after), failed.message)
 
     def pending(self) -> list[tuple[str, datetime]]:
         """Every deletion still pending (its account disabled): the user's name, and when the
