@@ -377,6 +377,66 @@ def test_database_outages_spend_none_of_a_training_s_attempts(
         TrainingStatus.SUCCEEDED, outages + 1, 0, None)
 
 
+class AwayForReads(SqlRepository):
+    """The database, but while ``away`` its reads of the active trainings (the reconciler's
+    first) fail as with PostgreSQL stopped."""
+
+    away = False
+
+    def active_trainings(self) -> Any:
+        if self.away:
+            raise DatabaseUnreachableError("database error: connection failed: Connection "
+                                           "refused")
+        return super().active_trainings()
+
+
+@pytest.mark.parametrize("seen", [True, False], ids=["outage-seen", "holder-died"])
+def test_a_take_over_by_another_worker_after_a_database_outage_spends_no_attempt(
+        beating: Machine, seen: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """Worker A met a database outage and could not write even its step-away: its lease ran
+    out while the database was away. Only A's own next claim counted nothing
+    (``_left_uncounted``): worker B's reconciler rang, B took it over "from A, which stopped
+    holding it" and counted an attempt, so three outages with a take-over each failed a healthy
+    training. A take-over of a lease that ran out while this worker saw the database away now
+    counts none; one whose holder died with no outage seen still counts."""
+    trainer = FakeTrainer(steps=3)
+    svc = beating.worker(trainer)
+    repo_a = DatabaseDown(svc.engine)
+    worker_a = beating.training_service(svc, repo_a)
+    repo_b = AwayForReads(svc.engine)
+    worker_b = beating.training_service(svc, repo_b)
+
+    def arm(job: TrainingJob) -> None:
+        if len(trainer.jobs) == 1:  # its start is written; then the database goes away
+            repo_a.fail_in, repo_a.down_for = 2, 1000
+    trainer.on_train = arm
+    training_id = queued_for_ann(svc)
+
+    worker_a.run(training_id, owner="A")
+    if seen:  # B's reconciler meets the same outage
+        repo_b.away = True
+        with pytest.raises(DatabaseUnreachableError):
+            worker_b.reconcile()
+        repo_b.away = False
+    repo_a.down_for = 0  # the database is back
+    left = row(svc, training_id)
+    assert (left.lease_owner, left.attempt, left.recoveries) == ("A", 1, 0)
+    # A's lease runs out (its heartbeats could not renew it).
+    with svc.repo.atomic() as tx:
+        tx.save_training(dataclasses.replace(left, lease_expires_at=datetime.now(UTC)))
+
+    caplog.set_level(logging.INFO, logger="selfie_lora.services.training")
+    worker_b.run(training_id, owner="B")
+    final = row(svc, training_id)
+    assert (final.status, final.attempt) == (TrainingStatus.SUCCEEDED, 2)
+    if seen:
+        assert final.recoveries == 0  # old code: 1
+        assert "not counted" in caplog.text
+    else:
+        assert final.recoveries == 1
+        assert "takes it over from A, which stopped holding it" in caplog.text
+
+
 class ArmingGenerator(FakeGenerator):
     """The fake generator, which arms ``repo`` (its next transaction fails) at the first probe
     of a scoring: the next transaction the worker makes is the gate's decision."""

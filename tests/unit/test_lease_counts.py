@@ -18,6 +18,7 @@ from selfie_lora.domain.lease import (
     exhausted_error,
     expire_lease,
     lease_is_live,
+    lost_to_database_outage,
     outage_waited,
     release,
     step_away,
@@ -173,3 +174,25 @@ def test_the_waits_gauge_names_each_outage_wait_while_its_hold_lasts() -> None:
     # Neither a running training nor a step-away for a remote backend waits out an outage.
     assert outage_waited(t, NOW) is None
     assert outage_waited(step_away(t, NOW, reason="Replicate away", hold=hold), NOW) is None
+
+
+def test_a_lease_lost_to_a_database_outage_is_told_by_the_outage_over_its_expiry() -> None:
+    """``lost_to_database_outage``: the outage seen by the claimer must cover the lease's expiry
+    (from two heartbeats before it to a lease's length after); an outage over well before (a
+    live holder would have renewed since), none at all, or a hold (no heartbeat) is a dead
+    holder's or the hold's, counted."""
+    _, held = claim(_queued(), owner="A", now=NOW, policy=POLICY)
+    expiry = held.lease_expires_at
+    assert expiry is not None
+
+    def lost(began: timedelta, ended: timedelta, t: Training = held) -> bool:
+        return lost_to_database_outage(t, [(expiry + began, expiry + ended)], policy=POLICY)
+
+    assert lost(-POLICY.ttl, timedelta(seconds=1))  # away over the expiry
+    assert lost(-POLICY.heartbeat, -POLICY.heartbeat)  # back just before it: no beat since
+    assert lost(POLICY.ttl, POLICY.ttl * 2)  # first met by the claimer's reconciler, late
+    assert not lost(-POLICY.ttl * 3, -POLICY.heartbeat * 3)  # over well before: a dead holder
+    assert not lost(POLICY.ttl * 2, POLICY.ttl * 3)  # began long after it
+    assert not lost_to_database_outage(held, [], policy=POLICY)
+    hold = step_away(held, NOW, reason="r", hold=timedelta(minutes=1))
+    assert not lost(-POLICY.ttl, POLICY.ttl, hold)  # a hold: nobody heartbeat it

@@ -34,7 +34,9 @@ A database that fails one of the worker's fenced writes (``_holding``) makes it 
 same way, whatever the backend: a local training continues from its last checkpoint. When the
 database server itself could not be reached (``DatabaseUnreachableError``: down, restarting) that
 step-away spends none of its attempts: the owner is let go (``_leave_for_outage``), or, when the
-database cannot record even that, this worker's next claim counts nothing (``_left_uncounted``).
+database cannot record even that, this worker's next claim counts nothing (``_left_uncounted``),
+and another worker's take-over counts nothing when that worker saw the database away itself
+over the lease's expiry (``lost_to_database_outage``).
 A full disk (the worker's, the blob store's or the database's: ENOSPC, a quota,
 ``StorageFullError``) is an outage of the machine, not a fault of the training nor of its worker:
 the worker leaves the training to wait for room (``wait_for_room``) without spending one of its
@@ -84,6 +86,7 @@ from selfie_lora.domain.lease import (
     holds,
     is_held_back,
     lease_is_live,
+    lost_to_database_outage,
     recovery_action,
     release,
     room_wait_over,
@@ -325,6 +328,9 @@ class TrainingService:
         # The trainings this worker left uncounted (a wait above, a database outage) while the
         # database could not record it: their next claim here counts no recovery either.
         self._left_uncounted: set[str] = set()
+        # When this worker saw the database away: a lease that ran out meanwhile was lost to
+        # the outage, and its take-over here counts no recovery (``lost_to_database_outage``).
+        self._database_away = _SeenAway()
 
     # ------------------------------------------------------------------ start (every entry point)
     def start(self, *, user: User, dataset_id: str | None = None,
@@ -883,6 +889,10 @@ class TrainingService:
         reach, and cancel those whose user asked for it while nobody held them. ``dead_owners``:
         lease owners known to be gone (a worker restarting under its old name). A queue that
         cannot be reached stops only the queuing: cancels and alerts need the database alone."""
+        with self._database_away.watch(self._clock):
+            return self._reconcile(dead_owners=dead_owners)
+
+    def _reconcile(self, *, dead_owners: Sequence[str]) -> ReconcileReport:
         now = self._clock()
         active = list(self._repo.active_trainings())
         for i, t in enumerate(active):
@@ -1019,6 +1029,12 @@ class TrainingService:
     # ------------------------------------------------------------------ claiming and holding
     def _claim(self, training_id: str, *, owner: str,
                stopping: threading.Event) -> _Held | None:
+        with self._database_away.watch(self._clock):
+            return self._claim_now(training_id, owner=owner, stopping=stopping)
+
+    def _claim_now(self, training_id: str, *, owner: str,
+                   stopping: threading.Event) -> _Held | None:
+        outage_lost = False
         with self._repo.atomic() as tx:
             current = tx.get_training(training_id, for_update=True)
             if current is None:
@@ -1030,6 +1046,12 @@ class TrainingService:
                 # Left here uncounted (a full disk, the object storage or the database away)
                 # and the database could not record it: not counted either.
                 claimed = dataclasses.replace(current, lease_owner=None)
+            elif (not lease_is_live(current, self._clock()) and lost_to_database_outage(
+                    current, self._database_away.spans(self._clock()), policy=self.lease)):
+                # Its lease ran out while this worker saw the database away: its holder could
+                # not renew it (nor write its step-away), whoever takes it over.
+                claimed = dataclasses.replace(current, lease_owner=None)
+                outage_lost = True
             outcome, updated = claim(claimed, owner=owner, now=self._clock(), policy=self.lease)
             if outcome is ClaimOutcome.ENDED:
                 self._left_uncounted.discard(training_id)  # nothing left to claim
@@ -1068,7 +1090,12 @@ class TrainingService:
             self._cancel_remote(failed)
             self._checkpoints.drop(training_id)  # failed: it will never be resumed
             return None
-        if claimed.lease_owner is not None:  # not one that waited for room here
+        if outage_lost:
+            logger.warning("training %s: %s takes it over from %s, whose lease ran out while the "
+                           "database could not be reached (attempt %d, %s): not counted as one "
+                           "of its attempts", training_id, owner, current.lease_owner,
+                           updated.attempt, updated.status)
+        elif claimed.lease_owner is not None:  # not one that waited for room here
             # A worker is named by its machine and index: its own name is this worker restarted.
             logger.warning("training %s: %s %s (attempt %d, %s)", training_id, owner,
                            f"takes it over from {current.lease_owner}, which stopped holding it"
@@ -1849,6 +1876,45 @@ class _Waits:
         return True
 
 
+class _SeenAway:
+    """When this process saw the database away (``DatabaseUnreachableError``): spans from the
+    first failure to the first success after (an open span ends now), the last few kept.
+    Shared by threads."""
+
+    _KEPT = 16
+
+    def __init__(self) -> None:
+        self._spans: list[tuple[datetime, datetime | None]] = []
+        self._lock = threading.Lock()
+
+    def away(self, at: datetime) -> None:
+        with self._lock:
+            if self._spans and self._spans[-1][1] is None:
+                return  # the outage goes on
+            self._spans = [*self._spans[-(self._KEPT - 1):], (at, None)]
+
+    def back(self, at: datetime) -> None:
+        if not self._spans or self._spans[-1][1] is not None:  # the usual case: no lock
+            return
+        with self._lock:
+            if self._spans and self._spans[-1][1] is None:
+                self._spans[-1] = (self._spans[-1][0], at)
+
+    def spans(self, now: datetime) -> list[tuple[datetime, datetime]]:
+        with self._lock:
+            return [(began, ended or now) for began, ended in self._spans]
+
+    @contextmanager
+    def watch(self, clock: Callable[[], datetime]) -> Iterator[None]:
+        """Notes the block's ``DatabaseUnreachableError`` (raised on) or its success."""
+        try:
+            yield
+        except DatabaseUnreachableError:
+            self.away(clock())
+            raise
+        self.back(clock())
+
+
 def _failure_level(outage: Outage, ticket: int, exc: SelfieLoraError, *,
                    kind: type[SelfieLoraError] = DatabaseUnreachableError) -> int:
     """The level at which to say that a read, a beat or a store of a running training failed:
@@ -1993,6 +2059,8 @@ class _Held:
                 # lease expires, another worker takes over and this one's writes are refused.
                 logger.log(_failure_level(self.database_outage, ticket, exc),
                            "training %s: heartbeat failed: %s", self.training_id, exc.message)
+                if isinstance(exc, DatabaseUnreachableError):
+                    self._service._database_away.away(now)
                 continue
             except Exception:
                 # Anything else (a bug, an error nobody translated) is tried again too: a
@@ -2001,6 +2069,7 @@ class _Held:
                 logger.exception("training %s: heartbeat failed", self.training_id)
                 continue
             _database_back(self.database_outage, ticket, self.training_id)
+            self._service._database_away.back(now)
             if not kept:
                 self.lost.set()
                 if self._ended():
