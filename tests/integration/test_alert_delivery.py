@@ -399,6 +399,53 @@ def test_an_alert_due_is_sent_from_code_running_inside_an_event_loop(
         rig.close()
 
 
+class DiesAfterTheAnswer:
+    """An ``HttpAlerter`` whose process dies right after the endpoint's 2xx, before the delivery
+    is recorded: the first send only."""
+
+    def __init__(self, inner: HttpAlerter) -> None:
+        self._inner = inner
+        self.died = False
+
+    def send(self, alert: dict[str, Any]) -> None:
+        self._inner.send(alert)
+        if not self.died:
+            self.died = True
+            raise SimulatedCrash("the worker died between the 2xx and its record")
+
+
+def test_an_alert_sent_again_after_its_sender_died_carries_the_same_dedupe_id(
+        tmp_path: Path, clock: Clock) -> None:
+    """Delivery is at least once: a sender that dies between the endpoint's 2xx and recording
+    it leaves the alert due, and a reconciler sends it again once the claim has run out. Both
+    POSTs carry the same ``alert_id`` and ``Idempotency-Key`` header, so the receiver drops
+    the repeat (README, "Likeness tracking")."""
+    requests: list[httpx.Request] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(204)
+
+    alerter = DiesAfterTheAnswer(HttpAlerter("https://hooks.example.com" + SECRET_PATH,
+                                             transport=httpx.MockTransport(endpoint)))
+    rig = Rig(root=tmp_path, generator=photo_generator(same_person()), clock=clock,
+              alerter=alerter)
+    try:
+        v2 = held_version(rig, dies=True)
+        assert len(requests) == 1  # the endpoint took it
+        assert delivery(rig, v2) == {}  # not recorded: the process died first
+        clock.advance(seconds=CLAIM.total_seconds() + 1)
+        assert rig.training.reconcile().alerts_tried == 1
+        assert len(requests) == 2  # sent again
+        ids = [json.loads(r.content)["alert_id"] for r in requests]
+        keys = [r.headers.get("idempotency-key") for r in requests]
+        assert ids == [f"likeness_drop:{v2.id}"] * 2
+        assert keys == ids
+        assert delivery(rig, v2)["delivered"] is True
+    finally:
+        rig.close()
+
+
 def test_a_server_s_start_up_reconcile_runs_off_the_event_loop(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``serve`` reconciles once as it starts (the alerts due are sent then): blocking work,
