@@ -25,7 +25,7 @@ from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
-from selfie_lora.errors import DatabaseUnreachableError, StorageError
+from selfie_lora.errors import DatabaseUnreachableError, StorageError, StorageFullError
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.layout import checkpoint_step, photo_key
 from selfie_lora.services.ports import (
@@ -231,6 +231,53 @@ def test_a_heartbeat_goes_on_after_an_error_nobody_expected(
     failures = [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
     assert len(failures) == 2
     assert all(r.exc_info is not None for r in failures)  # a bug shows its traceback
+
+
+class FullDiskRenewals(SqlRepository):
+    """The database, but while ``full`` its renewals of a lease fail as on a full disk
+    (SQLite's "database or disk is full", PostgreSQL's disk_full)."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.full = False
+        self.failed = 0
+        self.renewed = 0
+
+    def renew_lease(self, training_id: str, **lease: Any) -> bool:
+        if self.full:
+            self.failed += 1
+            raise StorageFullError("database error: the disk holding /srv/selfie-lora.db is "
+                                   "full (0 KB free): database or disk is full")
+        kept = super().renew_lease(training_id, **lease)
+        self.renewed += 1
+        return kept
+
+
+def test_a_heartbeat_on_a_full_database_disk_says_it_once_and_its_end_once(
+        beating: Machine, caplog: pytest.LogCaptureFixture) -> None:
+    """Every beat (every 5 s per running training) logged a WARNING "heartbeat failed: ...
+    database or disk is full" while the database's disk stayed full. Now its start is said
+    once (WARNING), the beats between at DEBUG, and its end once (INFO), as an outage of the
+    database server is."""
+    svc = beating.worker(FakeTrainer())
+    repo = FullDiskRenewals(svc.engine)
+    worker = beating.training_service(svc, repo)
+    training_id = queued_for_ann(svc)
+    held = worker._claim(training_id, owner="A", stopping=threading.Event())
+    assert held is not None
+    caplog.set_level(logging.DEBUG, logger="selfie_lora.services.training")
+    with held.heartbeat():
+        repo.full = True
+        _until(lambda: repo.failed >= 6, timeout=5)
+        repo.full = False
+        _until(lambda: repo.renewed >= 3, timeout=5)
+    assert not held.lost.is_set()
+    beats = [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
+    assert len(beats) >= 6
+    assert [r.levelno for r in beats if r.levelno >= logging.WARNING] == [logging.WARNING]
+    assert all(r.exc_info is None for r in beats)
+    ends = [r for r in caplog.records if "takes writes again" in r.getMessage()]
+    assert [r.levelno for r in ends] == [logging.INFO]
 
 
 class CountedRenewals(SqlRepository):

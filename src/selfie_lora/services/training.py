@@ -2027,6 +2027,31 @@ class _Held:
         # The database unreachable while it runs: its cancel checks (several a second) and
         # heartbeats say so once, and once when it answers again, not at every read.
         self.database_outage = Outage()
+        # Its disk full: said once likewise, where each beat (every 5 s) logged a WARNING.
+        self.database_full = Outage()
+
+    def tickets(self) -> tuple[int, int]:
+        """Before a read or a beat: its tickets for ``failed`` or ``answered``."""
+        return self.database_outage.attempt(), self.database_full.attempt()
+
+    def failed(self, exc: SelfieLoraError, tickets: tuple[int, int], *, what: str) -> None:
+        """Say that a beat or a read of the training failed (``what``): an outage of the
+        database, unreachable or its disk full, once when it begins (WARNING), at DEBUG while it
+        lasts; another error at WARNING each time."""
+        if isinstance(exc, StorageFullError):
+            began = self.database_full.begins(ticket=tickets[1])
+            logger.log(logging.WARNING if began else logging.DEBUG,
+                       "training %s: %s: %s (said once while the disk stays full; its end is "
+                       "logged)", self.training_id, what, exc.message)
+            return
+        logger.log(_failure_level(self.database_outage, tickets[0], exc),
+                   "training %s: %s: %s", self.training_id, what, exc.message)
+
+    def answered(self, tickets: tuple[int, int]) -> None:
+        """A beat or a read went through: the outage it ends, if any, is said over (once)."""
+        _database_back(self.database_outage, tickets[0], self.training_id)
+        if self.database_full.ends(ticket=tickets[1]):
+            logger.info("training %s: the database's disk takes writes again", self.training_id)
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
@@ -2049,7 +2074,7 @@ class _Held:
         policy = self._service.lease
         while not self._done.wait(policy.heartbeat.total_seconds()):
             now = self._service._clock()
-            ticket = self.database_outage.attempt()
+            tickets = self.tickets()
             try:
                 kept = self._service._repo.renew_lease(
                     self.training_id, owner=self.owner, attempt=self.attempt, now=now,
@@ -2057,8 +2082,7 @@ class _Held:
             except SelfieLoraError as exc:
                 # The database is unreachable: try again at the next beat. If it stays away the
                 # lease expires, another worker takes over and this one's writes are refused.
-                logger.log(_failure_level(self.database_outage, ticket, exc),
-                           "training %s: heartbeat failed: %s", self.training_id, exc.message)
+                self.failed(exc, tickets, what="heartbeat failed")
                 if isinstance(exc, DatabaseUnreachableError):
                     self._service._database_away.away(now)
                 continue
@@ -2068,7 +2092,7 @@ class _Held:
                 # nobody renews, for another worker to take over while this one still runs it.
                 logger.exception("training %s: heartbeat failed", self.training_id)
                 continue
-            _database_back(self.database_outage, ticket, self.training_id)
+            self.answered(tickets)
             self._service._database_away.back(now)
             if not kept:
                 self.lost.set()
@@ -2299,18 +2323,15 @@ class _Sink:
                         step, total)
 
     def cancel_requested(self) -> bool:
-        outage = self._held.database_outage
-        ticket = outage.attempt()
+        tickets = self._held.tickets()
         try:
             current = self._service._repo.get_training(self._held.training_id)
         except StorageError as exc:
             # A read that failed loses nothing: the trainer goes on and asks again at its next
             # poll (a database away for longer fails the next write, which steps away).
-            logger.log(_failure_level(outage, ticket, exc),
-                       "training %s: could not read whether it was canceled: %s",
-                       self._held.training_id, exc.message)
+            self._held.failed(exc, tickets, what="could not read whether it was canceled")
             return False
-        _database_back(outage, ticket, self._held.training_id)
+        self._held.answered(tickets)
         return current is None or current.cancel_requested or current.status.is_terminal
 
     def interrupted(self) -> bool:
