@@ -1156,6 +1156,35 @@ def test_canceling_a_queued_training_ends_it_at_once_and_logs_it(services: Servi
         "training_canceled") == 1
 
 
+def test_a_cancel_after_the_end_is_answered_as_the_train_page_says_it(
+        client: TestClient, services: Services) -> None:
+    """The Train page decided by itself whether a Cancel came after the training ended ("The
+    training had already ended (succeeded): nothing to cancel."); the API's cancel answered such
+    a cancel 200 with the training as it was and said nothing of it. Both now say the service's
+    outcome."""
+    h = auth(services, "ann")
+    tid = upload(client, h)["training"]["id"]
+    assert wait_terminal(client, h, tid)["training"]["status"] == "succeeded"
+    r = client.post("/api/training/cancel", headers=h, json={"training_id": tid})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["training"]["status"] == "succeeded"
+    assert answer["already_ended"] is True
+    assert answer["message"] == "The training had already ended (succeeded): nothing to cancel."
+
+
+def test_a_cancel_says_whether_it_canceled_or_came_after_the_end(services: Services) -> None:
+    user, _ = services.users.create(name="ann")
+    dataset = services.intake.ingest_files(
+        user=user, files=[UploadedFile(name="a.jpg", data=synthetic_photo(1))])
+    queued = services.training.start(user=user, dataset_id=dataset.id).training
+    first = services.training.cancel_with_outcome(user=user, training_id=queued.id)
+    assert (first.already_ended, first.message) == (False, "Training canceled.")
+    again = services.training.cancel_with_outcome(user=user, training_id=queued.id)
+    assert (again.already_ended, again.message) == (
+        True, "The training had already ended (canceled): nothing to cancel.")
+
+
 def test_reconcile_names_the_training_it_queues_again_in_its_log_lines(
         services: Services, caplog: pytest.LogCaptureFixture) -> None:
     """A queued training whose message was taken by a worker that then died is queued again;

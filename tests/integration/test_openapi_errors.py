@@ -199,7 +199,7 @@ def test_the_training_and_version_routes_declare_their_success_answers(
                 "/api/training/upload": ("202", "Uploaded"),
                 "/api/training/start": ("202", "Started"),
                 "/api/training/resume": ("202", "Started"),
-                "/api/training/cancel": ("200", "Started"),
+                "/api/training/cancel": ("200", "Canceled"),
                 "/api/model/versions": ("200", "Versions"),
                 "/api/model/versions/{version_id}/activate": ("200", "ModelAnswer")}
     for path, (status, name) in expected.items():

@@ -160,6 +160,16 @@ class Started(BaseModel):
     model: ModelAnswer
 
 
+class Canceled(Started):
+    already_ended: bool = Field(
+        description="True when the training had ended (succeeded, failed, or canceled by an "
+                    "earlier request) before this cancel could act: nothing was canceled.")
+    message: str = Field(
+        description="What the cancel did, the sentence the Train page says: \"Training "
+                    "canceled.\", \"Canceling the training: it stops within a few seconds.\" "
+                    "or \"The training had already ended (succeeded): nothing to cancel.\"")
+
+
 class Versions(BaseModel):
     versions: list[VersionAnswer] = Field(
         description="Newest first: every version, or with ``limit`` a page of them.")

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
-from selfie_lora.api.answers import Progress, Started, Uploaded, answers
+from selfie_lora.api.answers import Canceled, Progress, Started, Uploaded, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_intake, in_thread, upload_slot
 from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.model import model_of
@@ -153,11 +153,12 @@ async def progress(user: UserDep, svc: ServicesDep,
 
 
 @router.post("/cancel", responses=errors(
-    {**NOT_FOUND, 422: (E.INVALID_REQUEST,)}, body=True) | answers(Started))
+    {**NOT_FOUND, 422: (E.INVALID_REQUEST,)}, body=True) | answers(Canceled))
 def cancel(user: UserDep, svc: ServicesDep, body: CancelBody) -> dict[str, Any]:
-    training = svc.training.cancel(user=user, training_id=body.training_id)
-    return {"training": view_json(svc, svc.training.view(training)),
-            "model": model_of(svc, user)}
+    outcome = svc.training.cancel_with_outcome(user=user, training_id=body.training_id)
+    return {"training": view_json(svc, svc.training.view(outcome.training)),
+            "model": model_of(svc, user),
+            "already_ended": outcome.already_ended, "message": outcome.message}
 
 
 @router.get("/{training_id}/samples/{step}",

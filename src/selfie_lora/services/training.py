@@ -240,6 +240,25 @@ class StartResult:
 
 
 @dataclass(frozen=True)
+class CancelOutcome:
+    """What a user's cancel did: ``already_ended`` when the training had ended (succeeded, failed,
+    or canceled by an earlier request) before this one could act, so nothing was canceled.
+    ``message`` is the one sentence every front (web page, API answer) says about it."""
+
+    training: Training
+    already_ended: bool
+
+    @property
+    def message(self) -> str:
+        if self.already_ended:
+            return f"The training had already ended ({self.training.status}): nothing to cancel."
+        if self.training.status.is_terminal:
+            return "Training canceled."
+        # A worker that holds it stops within a second or two: its status then says how it ended.
+        return "Canceling the training: it stops within a few seconds."
+
+
+@dataclass(frozen=True)
 class TrainingView:
     """A training and, once stored, its version (with the likeness gate's state and reason)."""
 
@@ -709,14 +728,22 @@ class TrainingService:
         """End a training as ``canceled``, whatever its state. A worker holding it (alive: its
         heartbeat is recent) is asked to, and does so within a second or two; a training nobody
         runs (queued, or its worker is gone) is canceled here and now."""
+        return self.cancel_with_outcome(user=user, training_id=training_id).training
+
+    def cancel_with_outcome(self, *, user: User, training_id: str) -> CancelOutcome:
+        """``cancel``, saying whether the training had already ended: a page loaded while it
+        ran (it does not update without scripts) or a client's stale view may send a cancel
+        after the end, which all fronts then answer the same way (``CancelOutcome.message``)."""
         training, _ = self.get(user=user, training_id=training_id)
         if training.status.is_terminal:
-            return training
+            return CancelOutcome(training=training, already_ended=True)
         canceled: Training | None = None
+        ended_before = False
         with self._repo.atomic() as tx:
             current = tx.get_training(training.id, for_update=True)
             assert current is not None
-            if not current.status.is_terminal:
+            ended_before = current.status.is_terminal
+            if not ended_before:
                 tx.request_cancel(current.id)
                 if holder_is_silent(current, self._clock(), self.lease):
                     canceled = self._cancel_in(tx, current, reason="canceled by its user")
@@ -726,7 +753,10 @@ class TrainingService:
             logger.info("training %s: cancel requested of its worker", training.id)
         final = self._repo.get_training(training.id)
         assert final is not None
-        return final
+        # Asked of its worker, which finished the training its own way first (succeeded or
+        # failed before its next look at the cancel): that too was over before the cancel acted.
+        ran_out = final.status.is_terminal and final.status is not TrainingStatus.CANCELED
+        return CancelOutcome(training=final, already_ended=ended_before or ran_out)
 
     def send_owed_remote_cancels(self, *, training_ids: Collection[str]) -> tuple[Training, ...]:
         """Ask now for the owed cancels of the remote runs of these trainings (ended, their run

@@ -609,18 +609,11 @@ async def train_start(request: Request, viewer: FormViewer) -> Response:
 @router.post("/train/cancel")
 def train_cancel(request: Request, viewer: FormViewer, training_id: FormStr) -> Response:
     web = _web(request)
-    # Without scripts the page does not update: its Cancel may be sent after the training ended.
-    before, _ = web.services.training.get(user=viewer.user, training_id=training_id)
-    if before.status.is_terminal:
-        return _done(request, "/train", f"The training had already ended ({before.status}): "
-                     "nothing to cancel.")
-    canceled = web.services.training.cancel(user=viewer.user, training_id=training_id)
-    # A worker that holds it stops within a second or two: the page then says how it ended.
-    if canceled.status.is_terminal and canceled.status is not TrainingStatus.CANCELED:
-        return _done(request, "/train", f"The training had already ended ({canceled.status}): "
-                     "nothing to cancel.")
-    return _done(request, "/train", "Training canceled." if canceled.status.is_terminal
-                 else "Canceling the training: it stops within a few seconds.")
+    # Without scripts the page does not update: its Cancel may be sent after the training ended,
+    # which the outcome's message says, as the API's answer does.
+    outcome = web.services.training.cancel_with_outcome(user=viewer.user,
+                                                        training_id=training_id)
+    return _done(request, "/train", outcome.message)
 
 
 @router.post("/train/resume")
