@@ -1287,22 +1287,6 @@ def model_cmd(
         console.print(f"{name}: {value}", markup=False, highlight=False, soft_wrap=True)
 
 
-def _likeness_cell(quality: dict[str, Any] | None, gate: dict[str, Any]) -> str:
-    """A version's likeness as the Versions page shows it: its identity, its face share when its
-    training photos have no face, or its scoring's state."""
-    from selfie_lora.domain.likeness import GateMeasure, LikenessStatus, gate_measure
-
-    if quality is None:
-        # No likeness record yet: a version whose scoring has not begun (or was interrupted
-        # before its record was stored) is pending, as its gate; "-" is for versions never scored.
-        return str(LikenessStatus.PENDING) if gate["status"] == str(GateStatus.PENDING) else "-"
-    if quality["identity"] is not None:
-        return f"{quality['identity']:.3f}"
-    if quality["face_share"] is not None and gate_measure(quality) is GateMeasure.FACE_SHARE:
-        return f"{quality['face_share']:.0%} faces"
-    return str(quality["status"])
-
-
 @app.command("versions")
 def versions_cmd(
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
@@ -1312,13 +1296,16 @@ def versions_cmd(
     """The versions of the user's model, newest first: when each was made, its likeness, the
     likeness gate's decision, and which is active ('selfie-lora activate N' rolls back)."""
     from selfie_lora.api.serializers import version_json
+    from selfie_lora.domain.likeness import gate_cell, likeness_cell
 
     with opened(existing="no versions to list", trainers={}, generators={}) as services:
         owner = services.users.get_by_name(name=user)
         active_id = services.models.get(user=owner).active_version_id  # no model: said
         base = services.settings.public_url_base
-        found = [version_json(v, record, base=base)
-                 for v, record in services.models.versions_with_likeness(user=owner)]
+        listed = services.models.versions_with_likeness(user=owner)
+        found = [version_json(v, record, base=base) for v, record in listed]
+        # The cells as the Versions page words them (domain.likeness), by version id.
+        cells = {v.id: (likeness_cell(v, record), gate_cell(v)) for v, record in listed}
     if as_json:
         sys.stdout.write(json.dumps({"versions": found, "older": None}) + "\n")
         return
@@ -1331,7 +1318,7 @@ def versions_cmd(
         table.add_column(column)
     for v in found:
         table.add_row(str(v["number"]), _minute(datetime.fromisoformat(v["created_at"])),
-                      _likeness_cell(v["quality"], v["gate"]), _gate_cell(v["gate"]),
+                      *cells[v["id"]],
                       "active" if v["id"] == active_id else "")
     console.print(table)
     # Why a version is not active although newer: the gate's reason, too long for a column.
@@ -1346,11 +1333,6 @@ def versions_cmd(
                                      active_number=active_number)
             console.print(f"version {v['number']} {held}: {reason}",
                           markup=False, highlight=False, soft_wrap=True)
-
-
-def _gate_cell(gate: dict[str, Any]) -> str:
-    """The gate's decision, and whether its user's activation overrode it."""
-    return f"{gate['status']}, activated anyway" if gate["overridden"] else str(gate["status"])
 
 
 @app.command("activate")

@@ -5,7 +5,11 @@ refuse with their words."""
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import json
+import re
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,14 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from selfie_lora import cli
+from selfie_lora.domain.entities import GateStatus, Version
+from selfie_lora.domain.likeness import (
+    IdentityScores,
+    LikenessStatus,
+    VersionLikeness,
+    gate_cell,
+    likeness_cell,
+)
 from selfie_lora.errors import GenerationError
 from selfie_lora.services.training import NextPin
 from selfie_lora.testing.fakes import FakeGenerator
@@ -55,15 +67,67 @@ def test_versions_lists_newest_first_with_the_active_one(trained: Services) -> N
     assert [row[4] for row in rows] == ["active", ""]
 
 
+def _version(**kw: Any) -> Version:
+    return Version(id="id-1", model_id="m", number=1, training_id="t1", trainer_version="tv",
+                   weights_key="k", weights_sha256="0" * 64, weights_method="stored",
+                   remote_version=None, version_mismatch=False,
+                   created_at=datetime(2026, 1, 1, tzinfo=UTC), **kw)
+
+
+def _record(identity: float | None, face_share: float) -> VersionLikeness:
+    scores = IdentityScores(identity=identity, identity_nearest=identity,
+                            face_share=face_share, sane_share=1.0, sharpness=None, probes=4,
+                            faces=4, reference_faces=4 if identity is not None else 0)
+    return VersionLikeness(version_id="id-1", model_id="m", status=LikenessStatus.SCORED,
+                           created_at=datetime(2026, 1, 1, tzinfo=UTC), scores=scores)
+
+
 def test_versions_shows_a_version_being_scored_as_pending() -> None:
     """A version stored and not scored yet (its training interrupted in phase scoring) has no
     likeness record: its likeness read "-", not its scoring's state as README says."""
-    pending = {"status": "pending", "overridden": False}
-    assert cli._likeness_cell(None, pending) == "pending"
+    pending = _version(gate_status=GateStatus.PENDING)
+    assert likeness_cell(pending, None) == "pending"
     # Decided without a likeness record (a version from before likeness tracking): nothing.
-    assert cli._likeness_cell(None, {"status": "passed", "overridden": False}) == "-"
-    scored = {"status": "scored", "identity": 0.8, "face_share": 1.0}
-    assert cli._likeness_cell(scored, pending) == "0.800"
+    assert likeness_cell(_version(), None) == "-"
+    assert likeness_cell(pending, _record(0.8, 1.0)) == "0.800"
+    # Training photos without a face: the face share, the gate's measure then.
+    assert likeness_cell(_version(), _record(None, 0.25)) == "25% faces"
+    failed = dataclasses.replace(_record(None, 0.0), status=LikenessStatus.FAILED, scores=None)
+    assert likeness_cell(_version(), failed) == "failed"
+    held = _version(gate_status=GateStatus.HELD, gate_details={"override": {"at": "now"}})
+    assert gate_cell(held) == "held, activated anyway"
+    assert gate_cell(_version(gate_status=GateStatus.HELD)) == "held"
+
+
+def _page_cells(page: str) -> dict[str, tuple[str, str]]:
+    """The Versions page's Likeness and Gate cells (the gate's reason left out), by number."""
+    cells = {}
+    for number, row in re.findall(r'<tr id="v(\d+)"[^>]*>(.*?)</tr>', page, re.S):
+        tds = re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)
+        cells[number] = (html.unescape(tds[2]).strip(),
+                         html.unescape(re.sub(r":\s*<span.*", "", tds[4], flags=re.S)).strip())
+    return cells
+
+
+def test_the_versions_page_and_the_cli_word_the_likeness_and_gate_alike(
+        trained: Services, client: TestClient) -> None:
+    """The Likeness cell (and the Gate's) was worked out twice, in versions.html and in
+    ``selfie-lora versions``: both now show domain.likeness.likeness_cell and gate_cell."""
+    ann = trained.users.get_by_name(name="ann")
+    trained.users.set_password(user=ann, password="a long enough password 1")
+    token = re.search(r'name="form_token" value="([^"]+)"', client.get("/signin").text)
+    assert token
+    r = client.post("/signin", data={"name": "ann", "password": "a long enough password 1",
+                                     "form_token": token.group(1), "next": "/versions"})
+    assert r.status_code == 200, r.text
+    page = _page_cells(r.text)
+    code, said = run("versions", "--user", "ann")
+    assert code == 0, said
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in said.splitlines()
+            if line.startswith("│")]
+    assert {row[0]: (row[2], row[3]) for row in rows} == page
+    assert sorted(page) == ["1", "2"]
+    assert all(re.fullmatch(r"\d\.\d{3}", likeness) for likeness, _gate in page.values())
 
 
 def test_versions_json_is_what_the_api_answers(trained: Services, client: TestClient) -> None:

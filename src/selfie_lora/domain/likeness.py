@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from selfie_lora.domain.entities import GateStatus, Probe
+from selfie_lora.domain.entities import GateStatus, Probe, Version
 from selfie_lora.domain.faces import SAME_PERSON_DISTANCE
 from selfie_lora.errors import ErrorCode, InvalidInputError
 
@@ -629,6 +629,35 @@ class VersionLikeness:
     training: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     scored_at: datetime | None = None
+
+
+def likeness_cell(version: Version, record: VersionLikeness | None) -> str:
+    """A version's Likeness as the Versions page and ``selfie-lora versions`` both show it: its
+    identity against its own training photos, its face share when those have no face (the
+    gate's measure then), else its scoring's state: ``pending`` for a version stored and not
+    scored yet (no record, its gate pending: its training was stopped in phase scoring), ``-``
+    for one never scored (from before likeness tracking). One function, so that the page and
+    the command line cannot word one history two ways."""
+    headline = (record.scores.headline()
+                if record is not None and record.scores is not None else None)
+    identity = headline_score(headline, GateMeasure.IDENTITY)
+    if identity is not None:
+        return f"{identity:.3f}"
+    faces = headline_score(headline, GateMeasure.FACE_SHARE)
+    if faces is not None and headline is not None and (
+            gate_measure(headline) is GateMeasure.FACE_SHARE):
+        return f"{faces:.0%} faces"
+    if record is not None:
+        return str(record.status)
+    return str(LikenessStatus.PENDING) if version.gate_status is GateStatus.PENDING else "-"
+
+
+def gate_cell(version: Version) -> str:
+    """The gate's decision on a version as the Versions page and ``selfie-lora versions`` show
+    it, and whether its user's activation overrode it: "held, activated anyway" (held alone read
+    as if it were not in use)."""
+    overridden = version.gate_details.get("override") is not None
+    return f"{version.gate_status}, activated anyway" if overridden else str(version.gate_status)
 
 
 def training_figures(

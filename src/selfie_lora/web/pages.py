@@ -25,9 +25,11 @@ from selfie_lora.domain.likeness import (
     GateMeasure,
     VersionLikeness,
     decided_on_baseline_photos,
+    gate_cell,
     gate_measure,
     gate_reason_now,
     headline_score,
+    likeness_cell,
     shown_change,
 )
 from selfie_lora.domain.plan import (
@@ -664,6 +666,7 @@ def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
                 " on the photos of the version it was judged against")
         rows.append({"version": version, "record": record, "identity": identity,
                      "faces": faces, "delta": delta, "change": change,
+                     "likeness": likeness_cell(version, record), "gate": gate_cell(version),
                      "active": active_version_id == version.id,
                      # The gate's reason as of now: "it is active" on a rolled-back version
                      # says which one is active now.
