@@ -219,4 +219,4 @@ def test_an_api_405_names_every_method_its_address_takes(client: TestClient,
     assert wrong.status_code == 405
     assert wrong.json()["error"]["code"] == "method_not_allowed"
     assert set(wrong.headers["Allow"].split(", ")) >= {"GET", "PATCH"}
-    assert client.put("/api/keys", headers=h).headers["Allow"] == "GET, POST"
+    assert client.put("/api/keys", headers=h).headers["Allow"] == "GET, HEAD, POST"

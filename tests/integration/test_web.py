@@ -3267,3 +3267,33 @@ def test_the_compare_selects_are_named_for_the_versions_they_choose(ann: TestCli
     labels = {f: html.unescape(re.sub(r"<[^>]+>", "", m)) for f, m in
               re.findall(r'<label for="(a|b)">(.*?)</label>', page)}
     assert labels == {"a": "Compare version", "b": "with version"}, labels
+
+
+def test_head_answers_as_get_on_pages_api_reads_and_file_downloads(
+        ann: TestClient, svc: Services, web_settings: Settings) -> None:
+    """RFC 9110 wants HEAD wherever GET works: a page, an API read and a photo file answered
+    405 (only the probes and the weights took it). Now each answers GET's status and headers,
+    the pages' security headers and a stream's Content-Length included, without the body."""
+    assert upload(ann)[0] == 200
+    photo = re.search(r'/photos/[^/"]+/0\.jpg', ann.get("/photos").text)
+    assert photo
+    _key, secret = svc.users.create_key(user=svc.users.get_by_name(name="ann"), name="head")
+    api = {"Authorization": f"Bearer {secret}"}
+    for path, headers in (("/model", {}), ("/api/keys", api), (photo.group(0), {})):
+        got, head = ann.get(path, headers=headers), ann.head(path, headers=headers)
+        assert got.status_code == 200, (path, got.text)
+        assert head.status_code == 200, (path, head.status_code)  # old code: 405
+        assert head.content == b""
+        for name in ("content-type", "content-length", "cache-control",
+                     "content-security-policy", "x-content-type-options"):
+            assert head.headers.get(name) == got.headers.get(name), (path, name)
+    assert ann.head("/model").headers["content-security-policy"]
+    # Signed out: the GET's redirect to the sign-in page, as GET; a form's address: still 405.
+    with browser(web_settings, svc) as anonymous:
+        r = anonymous.head("/model", follow_redirects=False)
+        assert r.status_code == anonymous.get("/model", follow_redirects=False).status_code
+        assert r.headers["location"] == anonymous.get("/model", follow_redirects=False
+                                                      ).headers["location"]
+    r = ann.head("/train/start")
+    assert r.status_code == 405
+    assert ann.post("/photos", data={"csrf_token": csrf(ann)}).headers["allow"] == "GET, HEAD"

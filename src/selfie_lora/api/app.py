@@ -28,6 +28,7 @@ from selfie_lora.api import account, generation, keys, likeness, model, training
 from selfie_lora.api.deps import in_thread, intake_limiter, upload_slots
 from selfie_lora.api.error_body import error_response
 from selfie_lora.api.guard import UPLOAD_PATHS, WEB_UPLOAD_PATHS, Guard, Limits, guard_answered
+from selfie_lora.api.head import HeadAsGet, allow_with_head
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.api.stopping import ServerStopping
@@ -67,7 +68,7 @@ def allowed_methods(routes: list[BaseRoute], scope: Any, allow: str) -> str:
         methods = getattr(route, "methods", None)
         if methods and route.matches(scope)[0] is not Match.NONE:
             allowed |= methods
-    return ", ".join(sorted(allowed))
+    return ", ".join(sorted(allow_with_head(allowed)))
 
 
 def wrong_method(allow: str) -> tuple[str, bool]:
@@ -138,8 +139,8 @@ def create_app(
     # needs (monitoring would go dark during the very outage it should show).
     scrapes = CapacityLimiter(PROBE_THREADS)
 
-    # HEAD as GET (uvicorn sends no body): load balancers and uptime checkers probe with HEAD,
-    # and got 405. Only the probes: the other routes are left as they are.
+    # HEAD as GET (uvicorn sends no body): load balancers and uptime checkers probe with HEAD.
+    # Routes of their own, so the schema lists them; every other GET takes HEAD too (HeadAsGet).
     @app.get("/healthz", tags=["service"])
     @app.head("/healthz", tags=["service"])
     async def healthz() -> dict[str, str]:
@@ -181,6 +182,8 @@ def create_app(
     # and HEAD are two routes).
     api_routes: list[BaseRoute] = [*app.router.routes,
                                    *(route for router in api_routers for route in router.routes)]
+    # Innermost: every middleware outside sees the HEAD, and adds its headers to the answer.
+    app.add_middleware(HeadAsGet, routes=app.router.routes)
     # Inside the pages' security headers: its error page gets them too (Web.stopping_page).
     app.add_middleware(
         ServerStopping, operations=svc.operations, is_page=is_page,

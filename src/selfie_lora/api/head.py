@@ -1,0 +1,57 @@
+"""HEAD wherever GET works (RFC 9110 9.3.2: the same status and headers, no content).
+
+FastAPI registers only the methods a route names, so every page and API read answered a HEAD
+with 405 (link checkers, uptime monitors and ``curl -I`` all send one). One middleware answers it
+for every GET route instead of a second decorator on each: a route with a HEAD of its own (the
+probes, the weights downloads, which then skip opening the file) keeps it, and the static files
+answer HEAD themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+def allow_with_head(allowed: set[str]) -> set[str]:
+    """The methods an address takes, HEAD added where GET is (a 405's Allow says so)."""
+    return allowed | {"HEAD"} if "GET" in allowed else allowed
+
+
+class HeadAsGet:
+    """Runs a HEAD that no route takes as the GET its path has, and sends its status and headers
+    alone. Inside the other middleware: the guard, the metrics and the security headers see the
+    HEAD, and the headers the GET's answer is given (Content-Length, Set-Cookie, the pages' CSP)
+    are all sent."""
+
+    def __init__(self, app: ASGIApp, *, routes: Sequence[BaseRoute]) -> None:
+        self._app = app
+        # The app's own list, read at each request: the pages are added to it after this.
+        self._routes = routes
+
+    def _matches(self, scope: Scope) -> bool:
+        return any(route.matches(scope)[0] is Match.FULL for route in self._routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" or self._matches(scope):
+            await self._app(scope, receive, send)
+            return
+        as_get = {**scope, "method": "GET"}
+        if not self._matches(as_get):
+            await self._app(scope, receive, send)  # no GET either: its 404 or 405 as before
+            return
+        sent = False
+
+        async def headers_only(message: Message) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.body":
+                if sent:
+                    # The rest of a streamed answer (a photo): read and dropped, never sent.
+                    return
+                sent = True
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self._app(as_get, receive, headers_only)
