@@ -484,8 +484,19 @@ def test_cookies_are_secure_when_the_service_is_served_over_https(tmp_path: Path
                 assert session_cookie.startswith("sl_session=")
                 for cookie in (form_cookie, session_cookie):
                     assert ("; secure" in cookie.lower()) is secure, cookie
+                # The sign-in form's cookie was set by hand in its route, the session's by the
+                # pages' one helper: both now by the helper, with the same flags.
+                flags = [_cookie_flags(c) for c in (form_cookie, session_cookie)]
+                assert flags[0] == flags[1], flags
+                assert {"httponly", "path=/", "samesite=lax"} <= flags[0], flags
         finally:
             services.close()
+
+
+def _cookie_flags(set_cookie: str) -> set[str]:
+    """A Set-Cookie's attributes but its value and lifetime (each cookie has its own)."""
+    return {part.strip().lower() for part in set_cookie.split(";")[1:]
+            if not part.strip().lower().startswith(("max-age=", "expires="))}
 
 
 def test_sign_up_is_closed_unless_the_setting_opens_it(tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from selfie_lora.errors import (
 from selfie_lora.services.users import hash_session_token
 from selfie_lora.web.cookies import (
     FORM_COOKIE,
+    FORM_MAX_AGE_SECONDS,
     NOTICE_COOKIE,
     NOTICE_MAX_AGE_SECONDS,
     SESSION_COOKIE,
@@ -174,6 +175,10 @@ class Web:
         self._set_cookie(response, request, SESSION_COOKIE, self.signer.session_value(token),
                          max_age=self.signer.max_age_seconds)
 
+    def set_form_cookie(self, response: Response, request: Request, value: str) -> None:
+        """The sign-in and sign-up forms' nonce cookie (``CookieSigner.form_tokens``)."""
+        self._set_cookie(response, request, FORM_COOKIE, value, max_age=FORM_MAX_AGE_SECONDS)
+
     def clear_session_cookie(self, response: Response, request: Request) -> None:
         self._clear_cookie(response, request, SESSION_COOKIE)
 
@@ -224,8 +229,9 @@ class Web:
 
     def _set_cookie(self, response: Response, request: Request, name: str, value: str, *,
                     max_age: int) -> None:
-        # The session, the notice and the typed cookies alike: scripts never read them, they go
-        # with a link from another site but not with its forms, and Secure wherever https is.
+        # Every cookie of the pages alike (the session, the sign-in form's, the notice, the
+        # typed fields): scripts never read them, they go with a link from another site but
+        # not with its forms, and Secure wherever https is. Set nowhere else, so none differs.
         response.set_cookie(name, value, max_age=max_age, httponly=True, samesite="lax",
                             secure=self.cookie_secure(request), path="/")
 

@@ -78,7 +78,6 @@ from selfie_lora.web.app import (
 )
 from selfie_lora.web.cookies import (
     FORM_COOKIE,
-    FORM_MAX_AGE_SECONDS,
     SESSION_COOKIE,
 )
 
@@ -168,8 +167,7 @@ def _signin_form(request: Request, template: str, *, status_code: int = 200,
     token, cookie = web.signer.form_tokens(request.cookies.get(FORM_COOKIE))
     response = web.render(request, template, form_token=token, status_code=status_code,
                           **context)
-    response.set_cookie(FORM_COOKIE, cookie, max_age=FORM_MAX_AGE_SECONDS, httponly=True,
-                        samesite="lax", secure=web.cookie_secure(request), path="/")
+    web.set_form_cookie(response, request, cookie)
     return response
 
 
