@@ -251,6 +251,39 @@ def test_utf_8_names_without_the_utf_8_flag_are_read_as_utf_8() -> None:
                                        "café crème.jpg"]
 
 
+def test_shift_jis_names_without_the_utf_8_flag_are_read_as_cp932() -> None:
+    """Windows in Japanese writes names in its code page (Shift-JIS, cp932) without the flag:
+    read as cp437, 写真.jpg showed as "Ä╩É^.jpg", and 表紙.jpg (95 5C 8E 86: a backslash as
+    the second byte) as "Äå.jpg", cut at the backslash. UTF-8 is still tried first, and a name
+    cp932 cannot read is still cp437."""
+    members = [
+        _member(b"\x8e\xca\x90^.jpg", jpeg(seed=1)),  # 写真.jpg in cp932
+        _member(b"\x95\\\x8e\x86.jpg", jpeg(seed=2)),  # 表紙.jpg: 5C as a trail byte
+        _member(b"\x8e\xa9\x8eB\x82\xe8 01.jpg", jpeg(seed=3)),  # 自撮り 01.jpg
+        _member("Zoë.jpg".encode(), jpeg(seed=4)),  # macOS: UTF-8, unflagged
+        _member(b"caf\x82.jpg", jpeg(seed=5)),  # cp437: 82 then "." is no cp932
+    ]
+    files, _ = read_zip(raw_zip(members), limits=LIMITS)
+    assert [f.name for f in files] == ["写真.jpg", "表紙.jpg", "自撮り 01.jpg", "Zoë.jpg",
+                                       "café.jpg"]
+
+
+@pytest.mark.parametrize("raw_name", [
+    b"..\\\x8e\xca\x90^.jpg",  # ..\写真.jpg
+    b"\x95\\..\\x.jpg",  # 表..\x.jpg in cp932, ò\..\x.jpg (out of the folder) in cp437
+    b"\x8e\xca\x00\x90^.jpg",  # a NUL inside
+])
+def test_a_cp932_name_is_held_to_the_path_checks(raw_name: bytes) -> None:
+    member = _member(raw_name, jpeg())
+    assert _refused(lambda: read_zip(raw_zip([member]), limits=LIMITS)) == "unsafe_path"
+
+
+def test_control_characters_of_a_cp932_name_are_not_shown() -> None:
+    files, _ = read_zip(raw_zip([_member(b"\x8e\xca\x1b[2J\x90^.jpg", jpeg())]),
+                        limits=LIMITS)
+    assert [f.name for f in files] == ["写[2J真.jpg"]
+
+
 def test_the_info_zip_unicode_path_is_the_name_shown_when_its_crc_matches() -> None:
     """Windows tools write what the code page can hold ("??.jpg") and the real name in an
     Info-ZIP Unicode Path field; one whose CRC no longer matches the plain name is stale (a

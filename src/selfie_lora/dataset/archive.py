@@ -414,10 +414,13 @@ def _parse_central_directory(
         # Windows PowerShell's Compress-Archive writes folder\01.jpg: a backslash separates, as
         # Info-ZIP and libarchive read it. Normalised before any check, so ..\x, \x and C:\x
         # are refused as the paths they are.
-        name = _decode_name(raw_name, flags).replace("\\", "/")
+        decoded, dos_name = _decode_name(raw_name, flags)
+        name = decoded.replace("\\", "/")
         _check_name_length(name, len(raw_name))
         alt_name = _unicode_path(extra, raw_name)
-        if alt_name is not None:
+        if alt_name is None and dos_name is not None:
+            alt_name = dos_name.replace("\\", "/")
+        elif alt_name is not None:
             # The name its maker meant, where the plain one holds only what a code page could
             # (Windows tools write "??.jpg" for 写真.jpg): shown. The plain one is what other
             # extractors show: both are held to the same bounds and paths.
@@ -463,16 +466,29 @@ def _zip64_sizes(extra: bytes, usize: int, csize: int, offset: int) -> tuple[int
     raise _refuse(ErrorCode.BAD_ARCHIVE, "a zip entry's zip64 field is missing")
 
 
-def _decode_name(raw: bytes, flags: int) -> str:
+def _decode_name(raw: bytes, flags: int) -> tuple[str, str | None]:
+    """The name as its maker meant it, and the plain cp437 reading when that is another path
+    (a Shift-JIS name whose second byte is a backslash), which other extractors may use."""
     if flags & _FLAG_UTF8:
-        return raw.decode("utf-8", "replace")
+        return raw.decode("utf-8", "replace"), None
     try:
         # Info-ZIP's zip (Linux, macOS) and macOS's Archive Utility write UTF-8 without the
         # flag: read as cp437, Zoë.jpg showed as Zo├½.jpg. Names in a DOS code page are
         # almost never valid UTF-8 (an accented letter would have to follow a box-drawing one).
-        return raw.decode("utf-8")
+        return raw.decode("utf-8"), None
     except UnicodeDecodeError:
-        return raw.decode("cp437")
+        pass
+    dos = raw.decode("cp437")
+    try:
+        # Windows in Japanese writes its code page, Shift-JIS (cp932), unflagged: read as
+        # cp437, 写真.jpg showed as ╝╩É^.jpg. A cp437 name with an accent rarely reads as
+        # cp932 (a lead byte needs a trail byte from 0x40 on: "café.jpg" does not).
+        japanese = raw.decode("cp932")
+    except UnicodeDecodeError:
+        return dos, None
+    # 0x5C, the backslash, is a trail byte in cp932 (表 is 95 5C): read as cp437 it splits the
+    # name into a folder and a file, so that reading is held to the same path checks.
+    return japanese, (dos if b"\\" in raw else None)
 
 
 def _unicode_path(extra: bytes, raw_name: bytes) -> str | None:
