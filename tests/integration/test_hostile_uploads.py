@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
+import json
 import random
 import re
 import resource
@@ -17,7 +18,6 @@ import tracemalloc
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -27,6 +27,7 @@ from selfie_lora.api.app import create_app
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, one_person_analyzer, serving
+from tests.support.asgi import multipart, post_in_messages
 from tests.support.hostile import CASES, MB, Case, encode, jpeg, zip_of
 from tests.support.photos import synthetic_photo
 
@@ -243,44 +244,6 @@ def test_the_413_states_the_configured_upload_limit_in_the_guard_and_the_routes(
         assert_nothing_stored(client, headers, services)
 
 
-def _post_in_messages(client: TestClient, path: str, headers: dict[str, str], body: bytes,
-                      content_type: str) -> tuple[int, bytes]:
-    """POST ``body`` to the app as a server hands it over, 64 KB a message. (The test client
-    sends a body as one message, of which the form parser holds each part whole.)"""
-    app = client.app
-    answer: dict[str, Any] = {"body": b""}
-    sent = 0
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if sent >= len(body):
-            return {"type": "http.disconnect"}
-        chunk = body[sent:sent + 65536]
-        sent += len(chunk)
-        return {"type": "http.request", "body": chunk, "more_body": sent < len(body)}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            answer["status"] = message["status"]
-        elif message["type"] == "http.response.body":
-            answer["body"] += message.get("body", b"")
-
-    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    raw += [(b"content-type", content_type.encode()),
-            (b"content-length", str(len(body)).encode()), (b"host", b"testserver")]
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(),
-             "query_string": b"", "root_path": "", "headers": raw,
-             "client": ("127.0.0.1", 1234), "server": ("testserver", 80), "state": {}}
-
-    async def call() -> None:
-        await app(scope, receive, send)  # type: ignore[arg-type]
-
-    assert client.portal is not None
-    client.portal.call(call)
-    return answer["status"], answer["body"]
-
-
 def test_a_file_sent_one_by_one_is_held_once_while_the_upload_is_read(
         client: TestClient, services: Services) -> None:
     """Each file of POST /api/training/upload was read as 1 MB chunks then joined, so a big
@@ -289,20 +252,42 @@ def test_a_file_sent_one_by_one_is_held_once_while_the_upload_is_read(
     headers = auth(services, "ann")
     sent = [(f"selfie{i}.jpg", synthetic_photo(i, size=160)) for i in range(3)]
     sent.append(("big.jpg", random.Random(0).randbytes(20 * MB)))
-    boundary = "upload-boundary-7d1f"
-    body = b"".join(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-        f"Content-Type: image/jpeg\r\n\r\n".encode() + data + b"\r\n" for name, data in sent)
-    body += (f'--{boundary}\r\nContent-Disposition: form-data; name="start"\r\n\r\nfalse\r\n'
-             f"--{boundary}--\r\n").encode()
+    body, content_type = multipart(sent, {"start": "false"})
     del sent
     gc.collect()
     tracemalloc.start()
     try:
-        status, answer = _post_in_messages(client, "/api/training/upload", headers, body,
-                                           f"multipart/form-data; boundary={boundary}")
+        status, answer = post_in_messages(client, "/api/training/upload", headers, body,
+                                          content_type)
         _current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
     assert status == 202, answer
     assert peak < 1.7 * len(body), f"peak {peak / MB:.1f} MB for {len(body) / MB:.1f} MB"
+
+
+def test_a_file_larger_than_a_photo_may_be_is_refused_unread_among_the_files_sent(
+        client: TestClient, services: Services) -> None:
+    """A 51 MB camera raw file sent to POST /api/training/upload beside three photos was read
+    whole into memory (the upload's peak: 51 MB and more) before it got its finding. Now its
+    size, which the form parser counted, decides: file_too_large, and none of it is read."""
+    headers = auth(services, "ann")
+    sent = [(f"selfie{i}.jpg", synthetic_photo(i, size=160)) for i in range(3)]
+    sent.append(("IMG_0042.DNG", bytes(51 * MB)))
+    body, content_type = multipart(sent, {"start": "false"})
+    del sent
+    gc.collect()
+    tracemalloc.start()
+    try:
+        status, answer = post_in_messages(client, "/api/training/upload", headers, body,
+                                          content_type)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert status == 202, answer
+    dataset = json.loads(answer)["dataset"]
+    assert dataset["images_accepted"] == 3
+    (refused,) = [f for f in dataset["findings"] if f["severity"] == "reject"]
+    assert (refused["photo"], refused["code"], refused["message"]) == (
+        "IMG_0042.DNG", "file_too_large", "IMG_0042.DNG is 51 MB, over the 50 MB a photo may be")
+    assert peak < 10 * MB, f"peak {peak / MB:.1f} MB"

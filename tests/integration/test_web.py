@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import hashlib
 import html
 import io
@@ -14,6 +15,7 @@ import logging
 import re
 import threading
 import time
+import tracemalloc
 import unicodedata
 import zipfile
 import zlib
@@ -43,6 +45,7 @@ from selfie_lora.web.app import WEB_ROOT
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
 from tests.integration.test_accounts import HookedHasher
+from tests.support.asgi import multipart, post_in_messages
 from tests.support.clock import Clock
 from tests.support.generations import held_generations
 from tests.support.legacy import legacy_user
@@ -967,6 +970,32 @@ def test_an_oversized_photo_and_a_zip_inside_are_rows_left_out_with_advice(
     assert "IMG_0042.DNG is 51 MB, over the 50 MB a photo may be" in page
     assert "x.zip is an archive inside the archive" in page
     assert "unpack it and upload its photos" in page
+
+
+def test_a_photo_sent_larger_than_a_photo_may_be_is_a_row_left_out_unread(
+        ann: TestClient) -> None:
+    """A 51 MB DNG picked beside photos in the upload form was read whole into memory (the
+    upload's peak: 51 MB and more) before it got its finding. Now its size, which the form
+    parser counted, decides: a row left out saying why, and none of it is read."""
+    sent = [(f"p{i}.jpg", synthetic_photo(i)) for i in range(3)]
+    sent.append(("IMG_0042.DNG", bytes(51 * 1024 * 1024)))
+    body, content_type = multipart(sent, {})
+    del sent
+    token = csrf(ann)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        status, answer = post_in_messages(ann, "/photos/upload", {"X-CSRF-Token": token},
+                                          body, content_type)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    page = answer.decode()
+    assert status == 200, page
+    assert report_rows(page) == {"p0.jpg": "kept", "p1.jpg": "kept", "p2.jpg": "kept",
+                                 "IMG_0042.DNG": "left-out"}
+    assert "IMG_0042.DNG is 51 MB, over the 50 MB a photo may be" in html.unescape(page)
+    assert peak < 10 * 1024 * 1024, f"peak {peak / 2**20:.1f} MB"
 
 
 @pytest.mark.parametrize("name", ["selfies", "selfies.ZIP", "Selfies (1).zip.download"])

@@ -748,6 +748,23 @@ def test_uploaded_files_keep_the_good_photos_beside_an_oversized_one_and_a_zip()
         max_member_bytes=65_536, max_upload_bytes=100_000))) == "upload_too_large"
 
 
+def test_a_sent_file_is_read_once_and_not_at_all_when_larger_than_a_photo_may_be() -> None:
+    """Files handed over as the spooled files holding them (the web page's and the API's
+    uploads): each read from where it stands, and one over the limit never read."""
+    class Unreadable(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            raise AssertionError("an oversized file was read")
+
+    good = io.BytesIO(b"xx" + jpeg())
+    good.seek(2)
+    sent: list[tuple[str, bytes | io.BytesIO]] = [
+        ("good.jpg", good), ("IMG_0042.DNG", Unreadable(bytes(100_000))), ("b.jpg", jpeg(seed=2))]
+    files, _ = read_uploaded_files(sent, limits=UploadLimits(max_member_bytes=65_536))
+    assert [f.data for f in files if f.refused is None] == [jpeg(), jpeg(seed=2)]
+    assert _refusal(files, "IMG_0042.DNG").message == \
+        "IMG_0042.DNG is 100000 bytes, over the 65536 bytes a photo may be"
+
+
 def test_a_folder_keeps_its_good_photos_beside_an_oversized_file_and_a_zip(tmp_path: Path) -> None:
     for i in range(3):
         (tmp_path / f"good{i}.jpg").write_bytes(jpeg(seed=i))

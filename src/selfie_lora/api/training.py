@@ -27,7 +27,7 @@ from selfie_lora.api.schemas import (
     picture,
 )
 from selfie_lora.api.serializers import dataset_json, overview_json, training_json
-from selfie_lora.dataset.limits import byte_size
+from selfie_lora.dataset.limits import SentFile, byte_size
 from selfie_lora.errors import PayloadTooLargeError
 from selfie_lora.services.training import StartResult, TrainingView, UploadResult
 from selfie_lora.wiring import Services
@@ -115,15 +115,16 @@ async def upload_files(
 ) -> dict[str, Any]:
     """The same as upload-zip, for photos sent as several multipart ``files``."""
     limit = svc.settings.max_upload_bytes
-    named: list[tuple[str, bytes]] = []
     total = 0
     with upload_slot(request, user):  # before the spooled bodies are read into memory
         for upload in files:
-            data = await read_capped(upload, limit=limit - total, allowed=limit)
-            total += len(data)
-            # An empty filename (filename="", as curl and browsers send it): the intake names
-            # the photo by its place ("photo3").
-            named.append((upload.filename or "", data))
+            total += await spooled_size(upload)
+            if total > limit:
+                raise PayloadTooLargeError(f"the upload is larger than {byte_size(limit)}")
+        # The spooled files themselves: the intake reads each once, and not at all one larger
+        # than a photo may be (its finding, file_too_large). An empty filename (filename="",
+        # as curl and browsers send it): the intake names the photo by its place ("photo3").
+        named: list[SentFile] = [(upload.filename or "", upload.file) for upload in files]
         return await in_intake(request, lambda: upload_json(
             svc, svc.training.upload_files(user=user, files=named, start=start)))
 

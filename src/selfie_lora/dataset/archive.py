@@ -43,12 +43,13 @@ import struct
 import unicodedata
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from selfie_lora.dataset.decode import sniff_image
-from selfie_lora.dataset.limits import UploadedFile, UploadLimits, byte_size
+from selfie_lora.dataset.limits import SentFile, UploadedFile, UploadLimits, byte_size
 from selfie_lora.domain.entities import Finding
 from selfie_lora.errors import ErrorCode, InvalidInputError, ServerShortOfMemoryError
 
@@ -185,21 +186,23 @@ def read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
 
 
 def read_uploaded_files(
-    files: list[tuple[str, bytes]], *, limits: UploadLimits
+    files: Sequence[SentFile], *, limits: UploadLimits
 ) -> tuple[list[UploadedFile], list[Finding]]:
     """Photos sent one by one (multipart ``files``): the same refusals as a zip's members.
-    Archives among them are refused: a zip goes to upload-zip."""
+    Archives among them are refused: a zip goes to upload-zip. A file sent as the spooled file
+    that holds it is read here, once, and not at all when it is larger than a photo may be."""
     if len(files) > limits.max_members:
         raise _refuse(ErrorCode.TOO_MANY_MEMBERS,
                       f"{len(files)} files sent; at most {limits.max_members} are accepted")
-    total = sum(len(blob) for _name, blob in files)
+    sizes = [_sent_size(sent) for _name, sent in files]
+    total = sum(sizes)
     if total > limits.max_upload_bytes:
         raise _refuse(ErrorCode.UPLOAD_TOO_LARGE,
                       f"the upload is larger than {byte_size(limits.max_upload_bytes)}")
     out: list[UploadedFile] = []
     findings: list[Finding] = []
     seen: dict[str, str] = {}
-    for index, (raw_name, blob) in enumerate(files):
+    for index, ((raw_name, sent), size) in enumerate(zip(files, sizes, strict=True)):
         # Browsers send a basename, scripts may send anything: it is only ever displayed, and
         # bounded before it is normalised for display.
         _check_name_length(raw_name, len(raw_name.encode("utf-8", "surrogatepass")),
@@ -214,13 +217,26 @@ def read_uploaded_files(
                           f"two files are named {name!r}: rename one of them (or leave one "
                           "out) and send them again", details=[seen[key], name])
         seen[key] = name
-        if len(blob) > limits.max_member_bytes:
-            out.append(_too_large(name, len(blob), limits=limits))
+        if size > limits.max_member_bytes:
+            # Known from its size: a 60 MB camera raw file was read whole on the web and the
+            # API before it got this finding.
+            out.append(_too_large(name, size, limits=limits))
             continue
+        blob = sent if isinstance(sent, bytes) else sent.read(size)
         kind = archive_kind(blob)
         out.append(UploadedFile(name=name, data=blob) if kind is None
                    else _nested(name, kind, inside="among the photos sent"))
     return _without_sidecars(out, findings), findings
+
+
+def _sent_size(sent: bytes | BinaryIO) -> int:
+    """The bytes of a sent file: its length, or what is left of the file from where it stands."""
+    if isinstance(sent, bytes):
+        return len(sent)
+    at = sent.tell()
+    end = sent.seek(0, os.SEEK_END)
+    sent.seek(at)
+    return end - at
 
 
 def read_path(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile], list[Finding]]:

@@ -7,6 +7,7 @@ object states how much work a single upload can cause.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from selfie_lora.domain.entities import Finding
 
@@ -74,3 +75,9 @@ class UploadedFile:
     # archive inside the upload): its finding, as a photo that cannot be decoded gets one, and
     # no ``data`` (it was never decompressed or read in full). The rest of the upload is read.
     refused: Finding | None = None
+
+
+# A file sent in a multipart upload as the intake is handed it: the name as sent, and its bytes
+# or the (spooled) file holding them from where it stands, of which nothing is read when it is
+# larger than a photo may be (``UploadLimits.max_member_bytes``).
+SentFile = tuple[str, bytes | BinaryIO]

@@ -24,7 +24,7 @@ from selfie_lora.dataset.archive import (
     uploaded_name,
 )
 from selfie_lora.dataset.checks import AGAINST_THE_SET, CheckPolicy, TrainedPerson
-from selfie_lora.dataset.limits import UploadedFile, UploadLimits
+from selfie_lora.dataset.limits import SentFile, UploadedFile, UploadLimits
 from selfie_lora.dataset.pipeline import (
     IntakeResult,
     OutcomeCache,
@@ -306,9 +306,9 @@ class IntakeService:
     def read_zip(self, data: bytes) -> tuple[list[UploadedFile], list[Finding]]:
         return read_zip(data, limits=self.limits)
 
-    def read_files(self, named: Sequence[tuple[str, bytes]]
+    def read_files(self, named: Sequence[SentFile]
                    ) -> tuple[list[UploadedFile], list[Finding]]:
-        return read_uploaded_files(list(named), limits=self.limits)
+        return read_uploaded_files(named, limits=self.limits)
 
     def stored_names(self, raw_names: Sequence[str]) -> list[str]:
         """The names ``read_files`` reads these photos under, in order: cleaned for display

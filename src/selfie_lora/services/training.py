@@ -61,7 +61,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from selfie_lora.dataset.limits import UploadedFile
+from selfie_lora.dataset.limits import SentFile, UploadedFile
 from selfie_lora.dataset.prepare import prepared_square_side
 from selfie_lora.disk_space import is_full_error
 from selfie_lora.domain.entities import (
@@ -590,9 +590,10 @@ class TrainingService:
         intake = self._require_intake()
         return self.upload(user=user, read=lambda: intake.read_zip(data), start=start)
 
-    def upload_files(self, *, user: User, files: Sequence[tuple[str, bytes]],
+    def upload_files(self, *, user: User, files: Sequence[SentFile],
                      start: bool = True) -> UploadResult:
-        """``POST /api/training/upload``: photos sent one by one (name, bytes)."""
+        """``POST /api/training/upload``: photos sent one by one (name, and bytes or the
+        spooled file holding them, read no further than a photo may be)."""
         intake = self._require_intake()
         return self.upload(user=user, read=lambda: intake.read_files(files), start=start)
 

@@ -19,6 +19,7 @@ from selfie_lora.api.deps import finished, in_intake, in_thread, upload_slot
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.dataset.archive import archive_kind
+from selfie_lora.dataset.limits import SentFile
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import (
     DEFAULT_GATE_TOLERANCE,
@@ -361,11 +362,19 @@ async def photos_upload(request: Request, viewer: PageViewer,
 async def _take_in(web: Web, request: Request, viewer: Viewer,
                    files: list[UploadFile]) -> HTMLResponse:
     """The upload's photos read, taken in, and its report (or why it was refused)."""
-    named = [(f.filename or f"photo-{i + 1}", await f.read()) for i, f in enumerate(files)]
+    # The spooled files themselves: the intake reads each once, and not at all one larger than
+    # a photo may be (its finding, file_too_large): a 60 MB camera raw file was read whole.
+    named: list[SentFile] = [(f.filename or f"photo-{i + 1}", f.file)
+                             for i, f in enumerate(files)]
     svc = web.services
     # By content, as everything sent is judged: a zip whose name lost its ".zip" (a phone's
-    # share sheet, a renamed download) was refused as an archive among the photos.
-    is_zip = len(named) == 1 and archive_kind(named[0][1]) == "zip archive"
+    # share sheet, a renamed download) was refused as an archive among the photos. Its first
+    # bytes tell (archive_kind reads a leading archive from the first 512).
+    is_zip = False
+    if len(files) == 1:
+        is_zip = archive_kind(await files[0].read(512)) == "zip archive"
+        await files[0].seek(0)
+    zip_data = await files[0].read() if is_zip else b""
     # The intake keeps each photo under a cleaned name (NFC, bounded, no control characters):
     # rows are keyed by it, and carry the name the browser sent so that the page finds the
     # file on the device for its thumbnail. A zip's own name is no photo: none of it here.
@@ -375,7 +384,7 @@ async def _take_in(web: Web, request: Request, viewer: Viewer,
 
     def intake() -> UploadResult:
         if is_zip:
-            return svc.training.upload_zip(user=viewer.user, data=named[0][1], start=False)
+            return svc.training.upload_zip(user=viewer.user, data=zip_data, start=False)
         return svc.training.upload_files(user=viewer.user, files=named, start=False)
 
     try:
