@@ -190,15 +190,19 @@ def test_a_photo_s_name_is_read_once_not_again_as_its_picture(
 def test_a_name_with_a_quote_or_a_backslash_is_shown_and_found_as_it_is(
         chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
     """Chromium sends a '"' in a file's name as %22: the report named 'say %22cheese%22.jpg'
-    and found no picture for it on the device; and 'back\\slash.JPG', a whole name on Linux
-    and macOS, was cut to 'slash.JPG'."""
+    and found no picture for it on the device; 'back\\slash.JPG', a whole name on Linux
+    and macOS, was cut to 'slash.JPG'; and '100%22off.jpg' (its '%' sent as it is) was read
+    back as '100"off.jpg', with no picture either."""
     page, server = photos_page(chromium, tmp_path, serve)
     page.set_input_files("#files", [photo('say "cheese".jpg', "obama.jpg"),
-                                    photo("back\\slash.JPG", "biden.jpg")])
+                                    photo("back\\slash.JPG", "biden.jpg"),
+                                    photo("100%22off.jpg", "obama2.jpg")])
     send(page)
     rows = page.locator("#report [data-photo-name]")
     rows.first.wait_for(timeout=5000)
     names = [rows.nth(i).get_attribute("data-photo-name") for i in range(rows.count())]
-    assert names == ['say "cheese".jpg', "back\\slash.JPG"], server.why(page.content())
+    assert names == ['say "cheese".jpg', "back\\slash.JPG", "100%22off.jpg"], \
+        server.why(page.content())
     assert shown(page, rows.nth(0).locator("img")) == size_of("obama.jpg")
     assert shown(page, rows.nth(1).locator("img")) == size_of("biden.jpg")
+    assert shown(page, rows.nth(2).locator("img")) == size_of("obama2.jpg")

@@ -1043,6 +1043,35 @@ def test_photos_stored_under_a_cleaned_name_are_reported_by_it(ann: TestClient) 
         unicodedata.normalize("NFC", "José.jpg")}
 
 
+def test_a_name_with_a_percent_sign_is_shown_as_the_file_is_named(ann: TestClient) -> None:
+    """Browsers send a '"' in a filename as %22 but leave a '%' as it is, so a photo named
+    '100%22off.jpg' arrived as '100"off.jpg' does, and was read back as that: its row named
+    another file, and the page found no picture for it on the device. The page's script now
+    sends each file's name beside it as a field (sent as it is), taken where it is what the
+    filename says."""
+    sent = ["100%22off.jpg", 'say "cheese".jpg', "p2.jpg", "p3.jpg"]
+    # As Chromium writes the filenames: a '"' as %22.
+    files = [("files", (name.replace('"', "%22"), synthetic_photo(i), "image/jpeg"))
+             for i, name in enumerate(sent)]
+    r = ann.post("/photos/upload", files=files, data={"names": sent},
+                 headers={"X-CSRF-Token": csrf(ann)})
+    assert r.status_code == 200, r.text
+    assert {html.unescape(n): state for n, state in report_rows(r.text).items()} == \
+        dict.fromkeys(sent, "kept")
+    originals = [html.unescape(n) for n in re.findall(r'data-original-name="([^"]+)"', r.text)]
+    assert sorted(originals) == sorted(sent)
+    # The form without scripts (no names) reads a filename's %22 back, as before; names that
+    # are not what the filenames say are not taken.
+    for names in ([], ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]):
+        files = [("files", (name.replace('"', "%22"), synthetic_photo(10 + i), "image/jpeg"))
+                 for i, name in enumerate(['say "cheese".jpg', "x2.jpg", "x3.jpg", "x4.jpg"])]
+        r = ann.post("/photos/upload", files=files, data={"names": names},
+                     headers={"X-CSRF-Token": csrf(ann)})
+        assert r.status_code == 200, r.text
+        assert {html.unescape(n) for n in report_rows(r.text)} == {
+            'say "cheese".jpg', "x2.jpg", "x3.jpg", "x4.jpg"}, names
+
+
 def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Services) -> None:
     assert upload(ann)[0] == 200
     train_page = ann.get("/train").text

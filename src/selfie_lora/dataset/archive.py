@@ -60,6 +60,7 @@ __all__ = [
     "UploadedFile",
     "archive_kind",
     "display_name",
+    "form_escape",
     "form_filename",
     "read_path",
     "read_uploaded_files",
@@ -186,11 +187,13 @@ def read_zip(data: bytes, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
 
 
 def read_uploaded_files(
-    files: Sequence[SentFile], *, limits: UploadLimits
+    files: Sequence[SentFile], *, limits: UploadLimits, form_escaped: bool = True
 ) -> tuple[list[UploadedFile], list[Finding]]:
     """Photos sent one by one (multipart ``files``): the same refusals as a zip's members.
     Archives among them are refused: a zip goes to upload-zip. A file sent as the spooled file
-    that holds it is read here, once, and not at all when it is larger than a photo may be."""
+    that holds it is read here, once, and not at all when it is larger than a photo may be.
+    ``form_escaped``: the names are multipart filenames (see ``uploaded_name``); False, they
+    are the names as the device has them."""
     if len(files) > limits.max_members:
         raise _refuse(ErrorCode.TOO_MANY_MEMBERS,
                       f"{len(files)} files sent; at most {limits.max_members} are accepted")
@@ -207,7 +210,7 @@ def read_uploaded_files(
         # bounded before it is normalised for display.
         _check_name_length(raw_name, len(raw_name.encode("utf-8", "surrogatepass")),
                            what="the file", redo="send it again")
-        name = uploaded_name(raw_name, index)
+        name = uploaded_name(raw_name, index, form_escaped=form_escaped)
         if _is_ignored(name):
             findings.append(_ignored(name, "a system file"))
             continue
@@ -251,7 +254,7 @@ def read_path(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
     raise _refuse(ErrorCode.NO_SUCH_PATH, f"{path} is neither a folder nor a zip file")
 
 
-def uploaded_name(raw: str, index: int) -> str:
+def uploaded_name(raw: str, index: int, *, form_escaped: bool = True) -> str:
     """The name the photo sent ``index``-th (from 0) as ``raw`` is read and stored under. The
     web page's report matches the files on the device to their rows by it.
 
@@ -264,8 +267,12 @@ def uploaded_name(raw: str, index: int) -> str:
     or a '.' or '..' folder): a browser on Windows sends the base name alone, and on Linux and
     macOS 'back\\slash.JPG' is a file's whole name, which was cut to 'slash.JPG' (and
     'a\\x.jpg' beside 'b\\x.jpg' refused as two files of one name). The name is only ever
-    shown, never used as a path, so a backslash kept in it is harmless."""
-    name = form_filename(raw)
+    shown, never used as a path, so a backslash kept in it is harmless.
+
+    A '%' is not escaped, so a file named '100%22off.jpg' arrives as one named '100"off.jpg'
+    does: where the sender says the name as it is (``form_escaped`` False: the web page's
+    script sends each name beside its file), nothing is read back."""
+    name = form_filename(raw) if form_escaped else raw
     if _WINDOWS_PATH.search(name):
         name = name.replace("\\", "/")
     return _clean(name.rstrip("/").rsplit("/", 1)[-1]) or f"photo{index + 1}"
@@ -275,6 +282,12 @@ def form_filename(raw: str) -> str:
     """A multipart part's filename as the browser had it: %22, %0D and %0A read back (see
     ``uploaded_name``)."""
     return _FORM_ESCAPE.sub(lambda found: _FORM_ESCAPES[found[0]], raw)
+
+
+def form_escape(name: str) -> str:
+    """``name`` as a browser writes it as a multipart part's filename (the inverse of
+    ``form_filename``)."""
+    return name.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
 
 
 _FORM_ESCAPES = {"%22": '"', "%0D": "\r", "%0A": "\n"}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from selfie_lora.dataset.archive import (
+    form_escape,
     form_filename,
     read_path,
     read_uploaded_files,
@@ -306,19 +307,29 @@ class IntakeService:
     def read_zip(self, data: bytes) -> tuple[list[UploadedFile], list[Finding]]:
         return read_zip(data, limits=self.limits)
 
-    def read_files(self, named: Sequence[SentFile]
+    def read_files(self, named: Sequence[SentFile], *, form_escaped: bool = True
                    ) -> tuple[list[UploadedFile], list[Finding]]:
-        return read_uploaded_files(named, limits=self.limits)
+        return read_uploaded_files(named, limits=self.limits, form_escaped=form_escaped)
 
-    def stored_names(self, raw_names: Sequence[str]) -> list[str]:
+    def stored_names(self, raw_names: Sequence[str], *, form_escaped: bool = True) -> list[str]:
         """The names ``read_files`` reads these photos under, in order: cleaned for display
         (NFC, bounded, no control characters), so not always the names the browser sent."""
-        return [uploaded_name(raw, index) for index, raw in enumerate(raw_names)]
+        return [uploaded_name(raw, index, form_escaped=form_escaped)
+                for index, raw in enumerate(raw_names)]
 
-    def sent_names(self, raw_names: Sequence[str]) -> list[str]:
+    def sent_names(self, raw_names: Sequence[str], *, form_escaped: bool = True) -> list[str]:
         """The names the browser had for these files, in order: a part's filename carries a '"'
-        as %22 (and CR, LF as %0D, %0A), which the page's script never sees."""
-        return [form_filename(raw) for raw in raw_names]
+        as %22 (and CR, LF as %0D, %0A), which the page's script never sees. (Names that are
+        not multipart filenames, ``form_escaped`` False, are the names.)"""
+        return [form_filename(raw) if form_escaped else raw for raw in raw_names]
+
+    def exact_names(self, filenames: Sequence[str], names: Sequence[str]) -> bool:
+        """Whether ``names`` (sent beside the files, as the web page's script sends them) are
+        the files' own names: each is what its multipart filename says, once escaped as a
+        browser escapes it (a '%' is not, so only the script's names tell '100%22off.jpg'
+        from '100"off.jpg')."""
+        return len(names) == len(filenames) and all(
+            form_escape(name) == filename for name, filename in zip(names, filenames, strict=True))
 
     def read_path(self, path: Path) -> tuple[list[UploadedFile], list[Finding]]:
         """A folder of photos or a zip on this machine (the command line)."""

@@ -591,11 +591,13 @@ class TrainingService:
         return self.upload(user=user, read=lambda: intake.read_zip(data), start=start)
 
     def upload_files(self, *, user: User, files: Sequence[SentFile],
-                     start: bool = True) -> UploadResult:
+                     start: bool = True, form_escaped: bool = True) -> UploadResult:
         """``POST /api/training/upload``: photos sent one by one (name, and bytes or the
-        spooled file holding them, read no further than a photo may be)."""
+        spooled file holding them, read no further than a photo may be). ``form_escaped``:
+        the names are multipart filenames (a '"' sent as %22); False, the names as they are."""
         intake = self._require_intake()
-        return self.upload(user=user, read=lambda: intake.read_files(files), start=start)
+        return self.upload(user=user, read=lambda: intake.read_files(
+            files, form_escaped=form_escaped), start=start)
 
     def upload_path(self, *, user: User, path: Path, start: bool = True) -> UploadResult:
         """``selfie-lora train PATH``: a folder or zip of photos on this machine."""

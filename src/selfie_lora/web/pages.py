@@ -338,7 +338,8 @@ def _stored_advice(dataset: Any, photos: Sequence[Any]) -> dict[str, Any]:
 @router.post("/photos/upload")
 async def photos_upload(request: Request, viewer: PageViewer,
                         files: Annotated[list[UploadFile], File()],
-                        csrf_token: OptionalFormStr = None) -> HTMLResponse:
+                        csrf_token: OptionalFormStr = None,
+                        names: Annotated[list[str] | None, Form()] = None) -> HTMLResponse:
     """The upload form's photos (several files, or one zip), sent by the page's script with
     the CSRF token in a header, or without scripts by the form itself with its hidden
     ``csrf_token`` field, as every other form sends it; answers the report as an HTML
@@ -354,19 +355,26 @@ async def photos_upload(request: Request, viewer: PageViewer,
         # The user's upload slot (as the API's uploads take) before the spooled bodies are read
         # into memory, held until the intake is done.
         with upload_slot(request, viewer.user):
-            return await _take_in(web, request, viewer, files)
+            return await _take_in(web, request, viewer, files, names or [])
     except UploadInProgressError as exc:
         return await _upload_refused(web, request, viewer, exc)
 
 
 async def _take_in(web: Web, request: Request, viewer: Viewer,
-                   files: list[UploadFile]) -> HTMLResponse:
+                   files: list[UploadFile], names: list[str]) -> HTMLResponse:
     """The upload's photos read, taken in, and its report (or why it was refused)."""
+    svc = web.services
+    # The page's script sends each file's own name beside it, as a field (sent as it is): a
+    # filename carries a '"' as %22 but a '%' as it is, so '100%22off.jpg' was read back as
+    # '100"off.jpg' (and its row found no picture on the device). Taken where each is what
+    # its filename says; else (the form without scripts) the filenames are read back.
+    filenames = [f.filename or f"photo-{i + 1}" for i, f in enumerate(files)]
+    exact = svc.intake.exact_names(filenames, names)
     # The spooled files themselves: the intake reads each once, and not at all one larger than
     # a photo may be (its finding, file_too_large): a 60 MB camera raw file was read whole.
-    named: list[SentFile] = [(f.filename or f"photo-{i + 1}", f.file)
-                             for i, f in enumerate(files)]
-    svc = web.services
+    named: list[SentFile] = [(name, f.file)
+                             for name, f in zip(names if exact else filenames, files, strict=True)]
+    escaped = not exact
     # By content, as everything sent is judged: a zip whose name lost its ".zip" (a phone's
     # share sheet, a renamed download) was refused as an archive among the photos. Its first
     # bytes tell (archive_kind reads a leading archive from the first 512).
@@ -379,13 +387,15 @@ async def _take_in(web: Web, request: Request, viewer: Viewer,
     # rows are keyed by it, and carry the name the browser sent so that the page finds the
     # file on the device for its thumbnail. A zip's own name is no photo: none of it here.
     raw_names = [n for n, _ in named]
-    originals = {} if is_zip else dict(zip(svc.intake.stored_names(raw_names),
-                                           svc.intake.sent_names(raw_names), strict=True))
+    originals = {} if is_zip else dict(zip(
+        svc.intake.stored_names(raw_names, form_escaped=escaped),
+        svc.intake.sent_names(raw_names, form_escaped=escaped), strict=True))
 
     def intake() -> UploadResult:
         if is_zip:
             return svc.training.upload_zip(user=viewer.user, data=zip_data, start=False)
-        return svc.training.upload_files(user=viewer.user, files=named, start=False)
+        return svc.training.upload_files(user=viewer.user, files=named, start=False,
+                                         form_escaped=escaped)
 
     try:
         # The report in the same trip off the event loop: it reads the stored photos (the
