@@ -438,3 +438,32 @@ def test_the_copy_button_says_what_it_copies_and_whether_it_did(
     assert page.locator("#trigger-copied").inner_text() == "Copied the trigger word."
     assert page.evaluate("navigator.clipboard.readText()") == page.locator("#trigger").inner_text()
     context.close()
+
+
+def test_compare_lands_on_the_comparison_it_asked_for(
+        chromium: Any, client: TestClient, services: Services) -> None:
+    """Compare (a GET form) reloaded the Versions page at its top: the comparison asked for was
+    some fourteen Tabs away, past the nav and every version's row (a11y review). Its address
+    ends in #compare: the page lands on the comparison, a section named by its heading, and
+    the next Tab is in it."""
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann", versions=2)
+    test_web.sign_in(client, "ann")
+    pages = {path: client.get(path).text for path in ("/versions", "/versions?a=1&b=2")}
+    page = chromium.new_context(viewport={"width": 800, "height": 500}).new_page()
+    page.route(f"{BASE}/**", _serving(pages))
+    page.goto(f"{BASE}/versions")
+    page.get_by_label("Compare version").select_option("1")
+    page.get_by_label("with version").select_option("2")
+    page.get_by_role("button", name="Compare", exact=True).focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"{BASE}/versions?a=1&b=2#compare")  # old code: no #compare
+    section = page.get_by_role("region", name="v1 and v2 side by side", exact=True)
+    assert section.get_attribute("id") == "compare"
+    page.wait_for_function("() => window.scrollY > 0")  # not at the top any more
+    top = section.evaluate("s => s.getBoundingClientRect().top")
+    assert abs(top) < 2, top  # the comparison at the top of the window
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.closest('#compare') !== null"), \
+        page.evaluate("() => document.activeElement.outerHTML")
+    page.close()

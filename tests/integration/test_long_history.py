@@ -283,7 +283,7 @@ def test_activating_on_an_older_page_comes_back_to_that_page_at_the_version(
                      follow_redirects=False)
     assert r.headers["location"] == "/versions"
     # Compare keeps the page: the form sends its before back.
-    compare = older.split('<form method="get" action="/versions"')[1].split("</form>")[0]
+    compare = older.split('<form method="get" action="/versions#compare"')[1].split("</form>")[0]
     assert '<input type="hidden" name="before" value="11">' in compare
     shown = trained.get("/versions", params={"a": "1", "b": "2", "before": "11"}).text
     assert re.findall(r'<tr id="v(\d+)"', shown) == [str(n) for n in range(10, 0, -1)]
