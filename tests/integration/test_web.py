@@ -851,6 +851,39 @@ def test_a_finding_says_in_words_whether_it_must_change_or_is_advice(ann: TestCl
         assert "Must change:" in tiny, tiny
 
 
+def finding_texts(page: str) -> list[str]:
+    """Each finding of ``page`` as a screen reader reads it: its text, tags gone."""
+    return [" ".join(html.unescape(re.sub(r"<[^>]+>", "", item)).split())
+            for item in re.findall(r'<li class="(?:reject|warn|info)">(.*?)</li>', page, re.S)]
+
+
+def test_a_finding_s_problem_and_its_advice_are_two_sentences(ann: TestClient,
+                                                              svc: Services) -> None:
+    """A finding's problem and its advice were read as one run-on sentence ("no face was found
+    in a.jpg use a photo where your face...": nothing between them but a space; a11y review).
+    The problem ends with a full stop and the advice is its own sentence, in its own element,
+    on every page that lists findings: the upload's report, the photos page, a refused
+    upload."""
+    status, report = upload(ann, 4, extra=[("tiny.jpg", synthetic_photo(99, size=24))])
+    assert status == 200, report
+    dataset = svc.intake.latest(user=svc.users.get_by_name(name="ann"))
+    assert dataset is not None
+    assert dataset.findings
+    status, refused = upload(ann, 0, extra=[("tiny.jpg", synthetic_photo(99, size=24))])
+    assert status == 422, refused
+    for page in (report, ann.get("/photos").text, refused):
+        said = finding_texts(page)
+        assert said, page
+        for text in said:
+            # "Must change: PROBLEM. ADVICE." (old code: "Must change: PROBLEM ADVICE")
+            assert re.fullmatch(r"(Must change|Advice|Note): [^ ].*[.!?] [^ ].*[.!?]", text), text
+        assert page.count('<span class="advice">') == len(said)
+    for page in (report, ann.get("/photos").text):  # the stored set's findings, each said
+        said = finding_texts(page)
+        for finding in dataset.findings:
+            assert any(f"{finding.message}. {finding.advice}." in text for text in said), said
+
+
 def test_the_upload_report_says_each_finding_of_the_set_once(ann: TestClient) -> None:
     """Each set finding was printed twice: as a verdict reason and in the findings list ("4
     usable photos: 15-25 work best" above "4 usable photos; 15-25 work best"); a refused set's
