@@ -148,6 +148,39 @@ def test_one_stable_live_region_speaks_for_the_training_and_its_end(
     assert "was canceled" not in live.inner_text()
 
 
+def start_processing(page: Any, tmp_path: Path, *, step: int = 3) -> None:
+    """The training the page watches, running (as a worker's claim leaves it; none takes it
+    here), at ``step``."""
+    services = build_services(Settings(home=tmp_path / "home"), trainers={}, generators={})
+    try:
+        training_id = page.locator('input[name="training_id"]').get_attribute("value")
+        queued = services.repo.get_training(training_id)
+        assert queued is not None
+        services.repo.save_training(dataclasses.replace(
+            transition(queued, TrainingStatus.PROCESSING, at=datetime.now(UTC), reason="test"),
+            step=step, loss=0.5))
+    finally:
+        services.close()
+
+
+def test_the_live_region_does_not_go_on_saying_the_progress_once_it_ended(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """The hidden live region said "Training processing, 0% done." and, the training ended
+    with the focus moved to how it ended, went on saying it: a screen reader's reading cursor
+    found the progress of a training that was over (a11y review). It is cleared then (the
+    focus says the end)."""
+    page, server, key = watching(chromium, tmp_path, serve)
+    start_processing(page, tmp_path)
+    page.wait_for_function("() => document.getElementById('training-live').textContent"
+                           ".includes('Training processing')", timeout=20_000)
+    cancel_elsewhere(page, server, key)
+    page.locator("#ended").wait_for(timeout=20_000)
+    page.wait_for_function("() => document.activeElement.id === 'ended'", timeout=20_000)
+    page.wait_for_timeout(500)
+    said = page.locator("#training-live").inner_text()
+    assert "% done" not in said, server.why(said)  # old code: "Training processing, 0% done."
+
+
 def test_the_end_is_said_by_the_live_region_when_the_focus_is_elsewhere(
         chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
     """Focus on a control of the user's is left there; the live region says how the training
@@ -195,16 +228,7 @@ def test_the_figures_are_redrawn_only_where_they_changed(
     page.unroute_all(behavior="wait")
 
     # Running, as a worker's claim leaves it (none takes it here: the page's figures only).
-    services = build_services(Settings(home=tmp_path / "home"), trainers={}, generators={})
-    try:
-        training_id = page.locator('input[name="training_id"]').get_attribute("value")
-        queued = services.repo.get_training(training_id)
-        assert queued is not None
-        services.repo.save_training(dataclasses.replace(
-            transition(queued, TrainingStatus.PROCESSING, at=datetime.now(UTC), reason="test"),
-            step=3, loss=0.5))
-    finally:
-        services.close()
+    start_processing(page, tmp_path)
     page.wait_for_function("() => document.getElementById('status-figures').textContent"
                            ".includes('elapsed')", timeout=20_000)
     page.evaluate("""() => { window.stepLine = Array.from(document.querySelectorAll(

@@ -375,6 +375,9 @@
     const focused = document.activeElement;
     if (ended && (focused === null || focused === document.body || focused.id === "done-notice")) {
       spoken = words;
+      // Cleared, not left saying "Training processing, 90% done.": a screen reader's reading
+      // cursor still found that in the region after the training had ended.
+      live.textContent = "";
       ended.focus();
       return;
     }
