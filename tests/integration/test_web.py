@@ -548,6 +548,50 @@ def test_a_web_sign_up_makes_no_api_key(tmp_path: Path) -> None:
         services.close()
 
 
+def visible_text(page: str) -> str:
+    """``page``'s text as a screen reader reads it (hidden text too): tags gone, spaces one."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+
+
+def test_sign_up_and_sign_out_say_they_were_done_and_the_header_says_who_is_signed_in(
+        tmp_path: Path) -> None:
+    """Signing up led to the photos page and signing out to the sign-in page without a word
+    (the sign-in page looked as after a session that merely expired), and the header's name
+    was read as a bare word beside "Sign out" (a11y review). Each says what it did once, in a
+    notice that takes the focus, as the other forms do; the header says "Signed in as NAME"."""
+    settings = make_settings(tmp_path, signup=True)
+    services = fake_services(settings)
+    try:
+        with browser(settings, services) as client:
+            data = {"name": "cat", "password": PASSWORD, "password_again": PASSWORD,
+                    "form_token": form_token(client)}
+            made = client.post("/signup", data=data, follow_redirects=False)
+            assert made.status_code == 303
+            page = client.get(made.headers["location"]).text
+            notice = re.search(r'<p class="notice done" id="done-notice"[^>]*>(.*?)</p>', page)
+            assert notice, page  # old code: no notice
+            assert " autofocus" in notice.group(0)
+            assert notice.group(1) == "Your account cat was created and you are signed in."
+            header = page.split("<header", 1)[1].split("</header>", 1)[0]
+            assert "Signed in as cat Sign out" in visible_text(header), header
+            assert 'id="done-notice"' not in client.get("/photos").text  # once
+
+            gone = client.post("/signout", data={"csrf_token": csrf(client)},
+                               follow_redirects=False)
+            assert gone.headers["location"] == "/signin"
+            page = client.get("/signin").text
+            note = re.search(r'<p class="notice" id="signed-out-note"[^>]*>(.*?)</p>', page)
+            assert note, page  # old code: nothing said
+            assert " autofocus" in note.group(0)
+            assert note.group(1) == "You signed out."
+            assert "autofocus" not in _field(page, "name")  # the notice has the focus
+            again = client.get("/signin").text
+            assert 'id="signed-out-note"' not in again  # once
+            assert "autofocus" in _field(again, "name")
+    finally:
+        services.close()
+
+
 def _field(page: str, field_id: str) -> str:
     found = re.search(rf'<input id="{field_id}"[^>]*>', page)
     assert found, (field_id, page)

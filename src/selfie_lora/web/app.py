@@ -50,6 +50,9 @@ DONE_NOTICE = "done:"
 FORM_NOT_DONE = "form-not-done"
 # The Train page's poll found the session ended: the sign-in page says so (it said nothing).
 POLL_SESSION_ENDED = "poll-session-ended"
+# Signing out leads to the sign-in page, which says it was done (it said nothing: the same
+# page as a session that merely expired).
+SIGNED_OUT = "signed-out"
 
 WEB_ROOT = Path(str(files("selfie_lora.web")))
 # No inline script or style anywhere: every script and stylesheet is a file of ours.
@@ -188,16 +191,19 @@ class Web:
         self._set_cookie(response, request, NOTICE_COOKIE, self.signer.notice_value(notice),
                          max_age=NOTICE_MAX_AGE_SECONDS)
 
-    def say_done(self, response: Response, request: Request, sentence: str) -> None:
+    def say_done(self, response: Response, request: Request, sentence: str, *,
+                 new_session_token: str | None = None) -> None:
         """What a form that succeeded did (``sentence``), said by the page ``response`` leads
         to (``render``): a redirect after a POST otherwise landed with the focus on <body> and
         no word of what happened. A signed cookie, not the address: a reload or a shared link
-        does not say it again."""
+        does not say it again. ``new_session_token``: the session the form itself started
+        (signing up), which the page it leads to is read with."""
         # Bound to the session that sent the form, as the typed cookie is to its user: sent
         # with another session (a shared browser, the redirect not followed, someone else
         # signing in), it showed that user what this one did ("The key NAME was revoked").
-        self.set_notice_cookie(response, request,
-                               f"{DONE_NOTICE}{self._session_id(request)}:{sentence}")
+        session_id = (hash_session_token(new_session_token) if new_session_token is not None
+                      else self._session_id(request))
+        self.set_notice_cookie(response, request, f"{DONE_NOTICE}{session_id}:{sentence}")
 
     def _session_id(self, request: Request) -> str:
         """The id of the session (``WebSession.id``) of the request's cookie, or "" (none)."""

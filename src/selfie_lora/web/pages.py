@@ -73,6 +73,7 @@ from selfie_lora.services.training import UploadResult
 from selfie_lora.web.app import (
     FORM_NOT_DONE,
     POLL_SESSION_ENDED,
+    SIGNED_OUT,
     SignInRequired,
     Viewer,
     Web,
@@ -210,7 +211,8 @@ def signin_page(request: Request, next: str | None = None) -> Response:
     notice = web.take_notice(request)
     return _signin_form(request, "signin.html", next=_local_target(next),
                         deleted=notice == ACCOUNT_DELETED, not_done=notice == FORM_NOT_DONE,
-                        poll_ended=notice == POLL_SESSION_ENDED)
+                        poll_ended=notice == POLL_SESSION_ENDED,
+                        signed_out=notice == SIGNED_OUT)
 
 
 @router.post("/signin")
@@ -267,6 +269,10 @@ async def signup(request: Request, name: FormStr, password: FormStr, password_ag
         return failed
     response = _see("/photos")
     await _replace_session(web, request, response, signed.token)
+    # Said on the page it leads to, as every other form's success is (it said nothing).
+    web.say_done(response, request,
+                 f"Your account {signed.user.name} was created and you are signed in.",
+                 new_session_token=signed.token)
     return response
 
 
@@ -286,6 +292,7 @@ def signout(request: Request, _viewer: FormViewer) -> Response:
         token=web.signer.session_token(request.cookies.get(SESSION_COOKIE)))
     response = _see("/signin")
     web.clear_session_cookie(response, request)
+    web.set_notice_cookie(response, request, SIGNED_OUT)
     return response
 
 
