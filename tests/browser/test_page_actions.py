@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from selfie_lora.domain.plan import lora_scale_text
 from tests.browser.support import create, sign_in, upload_photos
 from tests.e2e.conftest import ServeProcess, clean_env, wait_training
 from tests.support.photos import FIXTURES
@@ -67,7 +68,9 @@ def test_generate_uses_the_scale_the_slider_shows_without_saving_it(
     assert "scale 2.5" in page.locator(".gallery li").first.inner_text(), server.why("")
     assert page.locator("#lora_scale").input_value() == "2.5"  # kept for the next picture
     # The page says which scale Generate uses, and which one is saved.
-    assert f"Your saved scale is {saved}" in page.locator("#scale-note").inner_text()
+    # As every page writes a scale ("1", not the JSON's 1.0).
+    note = page.locator("#scale-note").inner_text()
+    assert f"Your saved scale is {lora_scale_text(saved)}" in note
     with httpx.Client(base_url=server.base_url, timeout=30) as api:
         assert api.get("/api/model", headers=headers).json()["lora_scale"] == saved
         page.get_by_role("button", name="Save the scale").click()

@@ -35,7 +35,12 @@ from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import GateStatus, Recipe, Training, TrainingStatus
-from selfie_lora.domain.plan import DEFAULT_LORA_SCALE, LORA_SCALE_MAX, LORA_SCALE_MIN
+from selfie_lora.domain.plan import (
+    DEFAULT_LORA_SCALE,
+    LORA_SCALE_MAX,
+    LORA_SCALE_MIN,
+    lora_scale_text,
+)
 from selfie_lora.errors import ErrorCode, InvalidInputError, StorageError
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import DEPLOYMENT_KEY
@@ -1858,6 +1863,36 @@ def test_the_scale_slider_shows_every_scale_the_model_allows(ann: TestClient,
         assert "name=" not in slider.group(0)
 
 
+def test_every_page_writes_the_model_s_lora_scale_as_the_others_do(ann: TestClient,
+                                                                    svc: Services) -> None:
+    """The Generate page (its field, slider, note and each picture's line), the Model page and
+    the Train page showed the stored scale as Python writes it, "1.0", where the CLI, the
+    notices ("Scale 1 saved") and the pictures' own data write "1" (a11y review). Each page
+    now writes it with lora_scale_text, as they do."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    user = svc.users.get_by_name(name="ann")
+    for scale in (1.0, 2.0, -1.0, 0.25):
+        svc.models.set_lora_scale(user=user, lora_scale=scale)
+        r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p",
+                                        "num_outputs": "1"}, follow_redirects=False)
+        assert r.status_code == 303, r.text
+        written = lora_scale_text(scale)
+        generate = ann.get("/generate").text
+        assert f'value="{written}"' in _field(generate, "lora_scale")  # old code: "1.0"
+        slider = re.search(r'<input id="scale-slider"[^>]*>', generate)
+        assert slider
+        assert f'value="{written}"' in slider.group(0)
+        assert f"Your saved scale is {written};" in generate
+        newest = re.search(r'<li id="g-.*?</li>', generate, re.S)
+        assert newest
+        assert f"· scale {written} ·" in newest.group(0)
+        for page in ("/model", "/train"):
+            shown = re.search(r"<dt>LoRA scale</dt><dd>([^<]*)</dd>", ann.get(page).text)
+            assert shown, page
+            assert shown.group(1).split(" (")[0] == written, (page, shown.group(1))
+
+
 def test_generate_uses_the_slider_s_scale_for_its_pictures_only(ann: TestClient,
                                                                  svc: Services) -> None:
     """The slider was in a form of its own, so Generate used the saved scale whatever it showed
@@ -1875,7 +1910,7 @@ def test_generate_uses_the_slider_s_scale_for_its_pictures_only(ann: TestClient,
         DEFAULT_LORA_SCALE
     for wrong in ("99", "nan", "x", ""):  # an address edited by hand: the saved scale
         page = ann.get(f"/generate?lora_scale={wrong}").text
-        assert re.search(rf'<input id="lora_scale"[^>]* value="{DEFAULT_LORA_SCALE}"', page)
+        assert re.search(rf'<input id="lora_scale"[^>]* value="{lora_scale_text(DEFAULT_LORA_SCALE)}"', page)
     # The scale exactly, not ':g''s 0.123457, which makes another picture (found in review).
     r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1",
                                     "lora_scale": "0.123456789"}, follow_redirects=False)
@@ -1899,7 +1934,7 @@ def test_generate_reads_its_scale_as_save_the_scale_and_the_cli_do(ann: TestClie
         assert (f"the LoRA scale must be a number from -1.0 to 3.0 (not {wrong!r})"
                 in html.unescape(r.text))
         page = ann.get("/generate", params={"lora_scale": wrong}).text
-        assert re.search(rf'<input id="lora_scale"[^>]* value="{DEFAULT_LORA_SCALE}"', page)
+        assert re.search(rf'<input id="lora_scale"[^>]* value="{lora_scale_text(DEFAULT_LORA_SCALE)}"', page)
     assert svc.generation.history(user=svc.users.get_by_name(name="ann")) == []
 
 

@@ -135,7 +135,8 @@ class Web:
             loader=FileSystemLoader(str(WEB_ROOT / "templates")),
             autoescape=select_autoescape(default=True, default_for_string=True),
         )
-        # A LoRA scale in a page's form or address, exactly as stored (see lora_scale_text).
+        # A LoRA scale in a page's text, form or address, exactly as stored and as every front
+        # end writes it ("1", not Python's "1.0": see lora_scale_text).
         self.env.filters["lora_scale"] = lora_scale_text
 
     # ------------------------------------------------------------------ sessions
