@@ -41,7 +41,12 @@ from selfie_lora.domain.plan import (
     LORA_SCALE_MIN,
     lora_scale_text,
 )
-from selfie_lora.errors import ErrorCode, InvalidInputError, StorageError
+from selfie_lora.errors import (
+    DatabaseUnreachableError,
+    ErrorCode,
+    InvalidInputError,
+    StorageError,
+)
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import DEPLOYMENT_KEY
 from selfie_lora.services.users import UserService
@@ -3298,6 +3303,33 @@ def test_a_database_down_while_an_upload_s_session_is_checked_is_an_error_page(
     assert "Connection refused" not in r.text
     assert r.headers["content-security-policy"] == normal.headers["content-security-policy"]
     assert len([rec for rec in caplog.records if rec.levelno >= logging.ERROR]) == 1
+
+
+def test_a_page_s_503_sends_the_api_s_retry_after_for_the_same_outage(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database or the object storage away (StorageUnavailableError): the API's 503 said
+    when to ask again (Retry-After), the page's 503 for the same error sent none (a11y and
+    headers review). Both now send the same seconds, decided in one place; a page whose session
+    the guard could not look up too."""
+    _key, secret = svc.users.create_key(user=svc.users.get_by_name(name="ann"), name="t")
+    token = csrf(ann)
+
+    def away(*_args: object, **_kwargs: object) -> None:
+        raise DatabaseUnreachableError("database error: connection failed: Connection refused")
+
+    monkeypatch.setattr(svc.generation, "page", away)
+    api = ann.get("/api/generations", headers={"Authorization": f"Bearer {secret}"})
+    page = ann.get("/generate")
+    monkeypatch.setattr(SqlRepository, "get_session", away)
+    upload = ann.post("/photos/upload", headers={"X-CSRF-Token": token},
+                      files=[("files", ("p.jpg", synthetic_photo(1), "image/jpeg"))])
+    monkeypatch.undo()
+    assert api.status_code == 503, api.text
+    assert api.headers["Retry-After"] == str(DatabaseUnreachableError.retry_after)
+    for r in (page, upload):
+        assert r.status_code == 503, r.text
+        assert 'data-code="storage_unavailable"' in r.text
+        assert r.headers.get("Retry-After") == api.headers["Retry-After"]  # old code: None
 
 
 # Old code: both pages said "Sign in again" (-> /signin?next=/train, /signin?next=/photos): the

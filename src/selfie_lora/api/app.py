@@ -30,7 +30,7 @@ from selfie_lora.api.error_body import error_response
 from selfie_lora.api.guard import UPLOAD_PATHS, WEB_UPLOAD_PATHS, Guard, Limits, guard_answered
 from selfie_lora.api.head import HeadAsGet, allow_with_head
 from selfie_lora.api.observe import HttpMetrics
-from selfie_lora.api.server_errors import report_server_error
+from selfie_lora.api.server_errors import report_server_error, retry_after_header
 from selfie_lora.api.stopping import ServerStopping
 from selfie_lora.config import Settings
 from selfie_lora.dataset.archive import too_many_parts
@@ -238,13 +238,10 @@ def create_app(
             # The error's words name the server's paths or the storage's endpoint: the log has
             # them, the client a fixed sentence and the reference of that log line.
             answer = report_server_error(exc, method=request.method, path=request.url.path)
-            retry = ({"Retry-After": str(exc.retry_after)} if exc.retry_after is not None
-                     else None)
             return error_response(exc.http_status, exc.code, answer.message, answer.details,
-                                  retry)
-        headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
-        if exc.retry_after is not None:
-            headers = {"Retry-After": str(exc.retry_after)}
+                                  retry_after_header(exc) or None)
+        headers = retry_after_header(exc) or (
+            {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None)
         return error_response(exc.http_status, exc.code, exc.message, exc.details, headers)
 
     async def _guard_error(request: Request, exc: SelfieLoraError) -> Response:

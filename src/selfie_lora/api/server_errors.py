@@ -60,6 +60,14 @@ class ServerError:
         return [{"reference": self.reference}]
 
 
+def retry_after_header(exc: SelfieLoraError) -> dict[str, str]:
+    """The ``Retry-After`` of an error's answer, the API's and a page's alike: the seconds the
+    error says (``SelfieLoraError.retry_after``: a storage outage's ``STORAGE_RETRY_AFTER``, a
+    rate limit's wait), or none. One place, so a page's 503 cannot say another wait than the
+    API's (it said none)."""
+    return {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+
+
 def server_error_sentence(code: str) -> str:
     return _SENTENCES.get(code, SERVER_ERROR_MESSAGE)
 

@@ -19,7 +19,7 @@ from starlette.requests import cookie_parser
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from selfie_lora.api.server_errors import report_server_error
+from selfie_lora.api.server_errors import report_server_error, retry_after_header
 from selfie_lora.domain.entities import User, WebSession
 from selfie_lora.domain.plan import lora_scale_text
 from selfie_lora.errors import (
@@ -495,15 +495,17 @@ def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
         return response
     if isinstance(exc, SelfieLoraError) and exc.http_status < 500:
         page = web.error_page(request, exc.http_status, exc.message, str(exc.code))
-        if exc.retry_after is not None:
-            page.headers["Retry-After"] = str(exc.retry_after)
+        page.headers.update(retry_after_header(exc))
         return page
     # A server-side error's words name the server's paths or the storage's endpoint: the log
     # has them, the page a fixed sentence and the reference of that log line.
     server = report_server_error(exc, method=request.method, path=request.url.path)
     if isinstance(exc, SelfieLoraError):
-        return web.error_page(request, exc.http_status, server.message, str(exc.code),
+        page = web.error_page(request, exc.http_status, server.message, str(exc.code),
                               reference=server.reference)
+        # The API's wait for the same error (a storage outage's 503): the page sent none.
+        page.headers.update(retry_after_header(exc))
+        return page
     return web.error_page(request, 500, server.message, ErrorCode.INTERNAL_ERROR,
                           reference=server.reference)
 
