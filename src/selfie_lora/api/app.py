@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Match
 
 from selfie_lora.api import account, generation, keys, likeness, model, training, webhooks
 from selfie_lora.api.deps import in_thread, intake_limiter, upload_slots
+from selfie_lora.api.docs import add_docs
 from selfie_lora.api.error_body import error_response
 from selfie_lora.api.guard import UPLOAD_PATHS, WEB_UPLOAD_PATHS, Guard, Limits, guard_answered
 from selfie_lora.api.head import HeadAsGet, allow_with_head
@@ -129,8 +130,11 @@ def create_app(
                 # Its generation threads (queued generations dropped) and database connections.
                 await in_thread(svc.close)
 
+    # fastapi_offline's files (no CDN), but its pages' routes are ours (api/docs.py): they sent
+    # no CSP, frame or nosniff header.
     app = FastAPIOffline(title="selfie-lora", version="0.1.0", description=DESCRIPTION,
-                         lifespan=lifespan)
+                         lifespan=lifespan, docs_url=None, redoc_url=None)
+    add_docs(app)
     app.state.services = svc
     app.state.intake_limiter = intake_limiter(svc.settings.intake_workers)
     app.state.upload_slots = upload_slots()
