@@ -10,8 +10,10 @@ import pytest
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.domain.entities import GateStatus, Probe, TrainingStatus, Version
 from selfie_lora.domain.likeness import (
+    MAX_PROBES,
     ImageSanity,
     LikenessStatus,
+    LikenessSummary,
     ProbeResult,
     VersionLikeness,
     score_probes,
@@ -85,6 +87,34 @@ def test_quality_records_round_trip_and_update(repo: SqlRepository) -> None:
     assert repo.list_likeness(version.model_id) == [scored]
     assert repo.list_likeness("other") == []
     assert repo.get_likeness("nope") is None
+    assert repo.list_likeness(version.model_id, version_ids=[version.id]) == [scored]
+    assert repo.list_likeness(version.model_id, version_ids=[]) == []
+    # The summary: the record but its probes' results, each probe's scale and key kept.
+    [summary] = repo.list_likeness_summaries(version.model_id)
+    assert summary == LikenessSummary(
+        version_id=scored.version_id, model_id=scored.model_id, status=scored.status,
+        created_at=scored.created_at, embedding_model=scored.embedding_model,
+        reference_dataset_id=scored.reference_dataset_id, scores=scored.scores,
+        training=scored.training, error=scored.error, scored_at=scored.scored_at,
+        probe_marks=scored.probe_marks)
+    assert [m.image_key for m in summary.probe_marks] == ["quality/x.png", None]
+    assert repo.list_likeness_summaries("other") == []
+
+
+def test_a_summary_of_a_record_with_more_probes_than_a_set_has_keeps_them_all(
+        repo: SqlRepository) -> None:
+    # Records are made of a probe set (MAX_PROBES at most), but a summary that dropped probes
+    # past the ones taken apart in the database would call a stale record current.
+    version = version_of(repo)
+    probes = tuple(ProbeResult(index=i, prompt="p", seed=i, image_key=f"quality/{i}.png",
+                               embedding=(0.1, 0.2), lora_scale=1.0)
+                   for i in range(MAX_PROBES + 2))
+    record = VersionLikeness(version_id=version.id, model_id=version.model_id,
+                             status=LikenessStatus.SCORED, created_at=NOW, probes=probes)
+    repo.save_likeness(record)
+    [summary] = repo.list_likeness_summaries(version.model_id)
+    assert summary.probe_marks == record.probe_marks
+    assert len(summary.probe_marks) == MAX_PROBES + 2
 
 
 def test_two_scorers_storing_a_version_s_first_record_at_once_both_store_it(

@@ -44,10 +44,10 @@ class Statements:
             with self._lock:
                 self.seen.append(sql)
 
-    def during(self, client: TestClient, url: str) -> list[str]:
+    def during(self, client: TestClient, url: str, **headers: str) -> list[str]:
         with self._lock:
             self.seen.clear()
-        r = client.get(url)
+        r = client.get(url, headers=headers)
         assert r.status_code == 200, r.text
         with self._lock:
             return list(self.seen)
@@ -125,6 +125,47 @@ def test_the_versions_page_reads_as_many_times_whatever_the_number_of_photo_sets
     for table in ("versions", "trainings", "version_quality"):
         lists = [s for s in many if f"\nFROM {table} \nWHERE {table}.model_id" in s]
         assert len(lists) == 1, (table, lists)
+
+
+# A statement that brings a likeness record's probes (their face embeddings, ~3 KB a probe)
+# whole, not taken apart in the database (json_extract(version_quality.probes, ...)).
+WHOLE_PROBES = re.compile(r"(?<![(])version_quality\.probes\b")
+
+
+def scored_history(svc: Services, name: str, count: int) -> None:
+    """``grow_history``, each new version scored as the worker leaves it (v1's record)."""
+    grow_history(svc, name, count)
+    model = svc.repo.get_model_for_user(svc.users.get_by_name(name=name).id)
+    assert model is not None
+    records = {r.version_id: r for r in svc.repo.list_likeness(model.id)}
+    first = next(r for r in records.values() if r.probes)
+    for version in svc.repo.list_versions(model.id):
+        if version.id not in records:
+            svc.repo.save_likeness(dataclasses.replace(first, version_id=version.id))
+
+
+def test_the_versions_page_chart_and_lists_read_no_version_s_probes_whatever_their_number(
+        trained: TestClient, svc: Services, statements: Statements, key: str) -> None:
+    urls = ("/versions", "/versions/chart.png", "/api/model/versions", "/api/model/log")
+    scored_history(svc, "ann", 2)
+    # Each seen once first: the key's first check reads its user, the comparison's first view
+    # of a photo set finds its faces (not costs of the history).
+    for url in urls:
+        statements.during(trained, url, Authorization=key)
+    few = {url: statements.during(trained, url, Authorization=key) for url in urls}
+    scored_history(svc, "ann", 30)
+    for url in urls:
+        statements.during(trained, url, Authorization=key)
+        many = statements.during(trained, url, Authorization=key)
+        assert len(many) == len(few[url]), url
+        # Every version's probes were read (and their JSON decoded) to show its headline
+        # scores, the chart's points and the log's entries: ~12 KB a version, each view.
+        assert not [s for s in many if WHOLE_PROBES.search(s)
+                    and "WHERE version_quality.model_id" in s], url
+    # The comparison the page shows reads the two versions it compares, probes and all.
+    page = statements.during(trained, "/versions", Authorization=key)
+    assert len([s for s in page if WHOLE_PROBES.search(s)]) == 2
+    assert "v32 and v33 side by side" in trained.get("/versions").text
 
 
 def walk(client: TestClient, url: str, limit: int, **headers: str) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from selfie_lora.domain.entities import ApiKey, Dataset, Generation, Model, Training, TrainingStatus, Version
-from selfie_lora.domain.likeness import ProbeResult, VersionLikeness
+from selfie_lora.domain.likeness import LikenessFacts, ProbeResult, VersionLikeness
 from selfie_lora.services.generation import withheld_pictures
 from selfie_lora.services.likeness import Comparison
 from selfie_lora.services.models import ModelOverview
@@ -56,7 +56,7 @@ def gate_json(v: Version) -> dict[str, Any]:
     }
 
 
-def likeness_summary_json(q: VersionLikeness | None) -> dict[str, Any] | None:
+def likeness_summary_json(q: LikenessFacts | None) -> dict[str, Any] | None:
     """A version's headline likeness scores (against its own training photos)."""
     if q is None:
         return None
@@ -74,7 +74,7 @@ def likeness_summary_json(q: VersionLikeness | None) -> dict[str, Any] | None:
     }
 
 
-def version_json(v: Version, quality: VersionLikeness | None = None, *,
+def version_json(v: Version, quality: LikenessFacts | None = None, *,
                  base: str = "") -> dict[str, Any]:
     """A version; its URLs start with ``base`` (``Settings.public_url_base``)."""
     return {

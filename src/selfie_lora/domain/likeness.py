@@ -630,8 +630,47 @@ class VersionLikeness:
     error: str | None = None
     scored_at: datetime | None = None
 
+    @property
+    def probe_marks(self) -> tuple[ProbeMark, ...]:
+        return tuple(ProbeMark(index=p.index, lora_scale=p.lora_scale, image_key=p.image_key)
+                     for p in self.probes)
 
-def likeness_cell(version: Version, record: VersionLikeness | None) -> str:
+
+@dataclass(frozen=True)
+class ProbeMark:
+    """How one probe image was made (its LoRA scale and stored key): whether a record is
+    current, without the face embeddings measured on it."""
+
+    index: int
+    lora_scale: float | None
+    image_key: str | None
+
+
+@dataclass(frozen=True)
+class LikenessSummary:
+    """A version's likeness record without its probes' results (their embeddings, about 3 KB a
+    probe): what a list of versions, the training log and the chart show of it. A page that read
+    every version's whole record read ~12 KB of JSON per version per view; the probes are read
+    only for the version(s) whose probes a view scores again (``VersionLikeness``)."""
+
+    version_id: str
+    model_id: str
+    status: LikenessStatus
+    created_at: datetime
+    embedding_model: str | None = None
+    reference_dataset_id: str | None = None
+    scores: IdentityScores | None = None
+    training: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    scored_at: datetime | None = None
+    probe_marks: tuple[ProbeMark, ...] = ()
+
+
+# What a view of a version's likeness reads: the whole record or its summary.
+LikenessFacts = VersionLikeness | LikenessSummary
+
+
+def likeness_cell(version: Version, record: LikenessFacts | None) -> str:
     """A version's Likeness as the Versions page and ``selfie-lora versions`` both show it: its
     identity against its own training photos, its face share when those have no face (the
     gate's measure then), else its scoring's state: ``pending`` for a version stored and not

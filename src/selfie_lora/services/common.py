@@ -21,7 +21,7 @@ from selfie_lora.errors import (
 
 if TYPE_CHECKING:
     from selfie_lora.domain.entities import Model, Training, Version
-    from selfie_lora.domain.likeness import VersionLikeness
+    from selfie_lora.domain.likeness import LikenessSummary
     from selfie_lora.services.ports import Repository
 
 logger = logging.getLogger(__name__)
@@ -51,20 +51,21 @@ def page_limit(limit: int) -> int:
 
 @dataclass(frozen=True)
 class ModelHistory:
-    """A model's versions (newest first), their likeness records by version id and its
-    trainings, read once: the Versions page shows them in four ways (table, photo counts,
-    comparison, training log), and reading them again for each cost the same rows four times."""
+    """A model's versions (newest first), their likeness records by version id (summaries: no
+    probe results) and its trainings, read once: the Versions page shows them in four ways
+    (table, photo counts, comparison, training log), and reading them again for each cost the
+    same rows four times."""
 
     model: Model
     versions: Sequence[Version]
-    records: dict[str, VersionLikeness]
+    records: dict[str, LikenessSummary]
     trainings: Sequence[Training]
 
 
 def read_history(repo: Repository, model: Model) -> ModelHistory:
-    """``model`` with its versions, likeness records and trainings, each read once."""
+    """``model`` with its versions, likeness summaries and trainings, each read once."""
     return ModelHistory(model=model, versions=repo.list_versions(model.id),
-                        records={r.version_id: r for r in repo.list_likeness(model.id)},
+                        records={r.version_id: r for r in repo.list_likeness_summaries(model.id)},
                         trainings=repo.list_trainings(model.id))
 
 

@@ -49,7 +49,9 @@ from selfie_lora.domain.likeness import (
     Embedding,
     GateMeasure,
     IdentityScores,
+    LikenessFacts,
     LikenessStatus,
+    LikenessSummary,
     ProbeResult,
     VersionLikeness,
     baseline_no_longer_active,
@@ -619,7 +621,7 @@ class LikenessService:
                         record.scores.headline())
         return record
 
-    def _stale_reason(self, record: VersionLikeness | None) -> str | None:
+    def _stale_reason(self, record: LikenessFacts | None) -> str | None:
         """Why a scored record is not compared with others: it was made another way than
         ``score`` makes one now (``_is_current``). None for a current record or an unscored one."""
         if record is None or not _scored(record) or self._is_current(record):
@@ -636,7 +638,7 @@ class LikenessService:
         training = self._repo.get_training(version.training_id)
         return training is not None and training.is_scoring
 
-    def _is_current(self, record: VersionLikeness) -> bool:
+    def _is_current(self, record: LikenessFacts) -> bool:
         """Scored as ``score`` would score it now: with the current embedding model (scores of
         two models are never compared) and every probe image made at the fixed scale and at
         the current SELFIE_LORA_PROBE_SIZE. The gate and ``compare`` put two versions' records
@@ -649,7 +651,7 @@ class LikenessService:
                         # The key names the size the image was asked at (layout.probe_image_key).
                         and p.image_key == probe_image_key(record.version_id, p.index,
                                                            PROBE_LORA_SCALE, self._probe_size)
-                        for p in record.probes))
+                        for p in record.probe_marks))
 
     def _unscored(self, version: Version, training: Training, *, why: str) -> VersionLikeness:
         existing = self._repo.get_likeness(version.id)
@@ -691,9 +693,9 @@ class LikenessService:
                              record=self._repo.get_likeness(version.id),
                              baseline=self._baseline_of(model, version))
 
-    def summaries(self, model: Model) -> dict[str, VersionLikeness]:
-        """Every version's likeness record, by version id."""
-        return {q.version_id: q for q in self._repo.list_likeness(model.id)}
+    def summaries(self, model: Model) -> dict[str, LikenessSummary]:
+        """Every version's likeness record, by version id, without its probes' results."""
+        return {q.version_id: q for q in self._repo.list_likeness_summaries(model.id)}
 
     def probe_image(self, *, user: User, version_id: str, index: int) -> bytes:
         _model, version = self._owned(user, version_id)
@@ -721,8 +723,8 @@ class LikenessService:
                                     code=ErrorCode.NOTHING_TO_COMPARE)
         if va.id == vb.id:
             raise InvalidInputError("compare two different versions", code=ErrorCode.SAME_VERSION)
-        qa, qb = ((history.records.get(va.id), history.records.get(vb.id)) if history is not None
-                  else (self._repo.get_likeness(va.id), self._repo.get_likeness(vb.id)))
+        # The two whole records, probes and all (``history`` has summaries only).
+        qa, qb = self._repo.get_likeness(va.id), self._repo.get_likeness(vb.id)
         newer = vb if vb.number > va.number else va
         reference = self._reference_for(newer)
         # A record made another way than ``score`` makes one now (after SELFIE_LORA_PROBE_SIZE
@@ -796,14 +798,22 @@ class LikenessService:
         its own photos), else the newest scored version's."""
         versions = sorted(history.versions if history is not None
                           else self._repo.list_versions(model.id), key=lambda v: v.number)
-        records = history.records if history is not None else self.summaries(model)
-        scored = [v for v in versions if _scored(records.get(v.id))]
+        summaries = history.records if history is not None else self.summaries(model)
+        scored = [v for v in versions if _scored(summaries.get(v.id))]
         yardstick = next((v for v in scored if v.id == model.active_version_id),
                          scored[-1] if scored else None)
         reference = self._reference_for(yardstick) if yardstick else None
+        # Only the versions scored against other photos than the yardstick's are scored again,
+        # from their probes: those records alone are read whole.
+        again = {v.id for v in scored if reference is not None
+                 and summaries[v.id].embedding_model == reference.embedding_model
+                 and not self._stale_reason(summaries[v.id])
+                 and _needs_probes(summaries[v.id], reference)}
+        whole = {q.version_id: q for q in self._repo.list_likeness(model.id, version_ids=again)
+                 } if again else {}
         points = []
         for v in versions:
-            record = records.get(v.id)
+            record: LikenessFacts | None = whole.get(v.id) or summaries.get(v.id)
             # A gap for a record made at another probe size (``compare``): not its likeness.
             s = None if self._stale_reason(record) else self._scores_against(record, reference)
             points.append(ChartPoint(
@@ -1032,7 +1042,7 @@ class LikenessService:
             raise _PhotosGoneError(f"the training photos of version {version.number} could "
                                    f"not be analysed ({exc.message})") from exc
 
-    def _scores_against(self, record: VersionLikeness | None,
+    def _scores_against(self, record: LikenessFacts | None,
                         reference: Reference | None) -> IdentityScores | None:
         if not _scored(record) or reference is None:
             return None
@@ -1041,8 +1051,10 @@ class LikenessService:
             # Its probes were embedded by another face model (the operator switched it): their
             # distances to this reference mean nothing until the version is scored again.
             return None
-        if record.reference_dataset_id == reference.dataset_id and record.scores is not None:
+        if not _needs_probes(record, reference):
             return record.scores
+        # A summary has no probes to score again (the caller reads those records whole).
+        assert isinstance(record, VersionLikeness), record.version_id
         return score_probes(record.probes, reference.embeddings)
 
     def _baseline_of(self, model: Model, version: Version, *,
@@ -1148,8 +1160,15 @@ def _same_photos(a: Reference, b: Reference) -> bool:
                                             and a.embeddings == b.embeddings)
 
 
-def _scored(record: VersionLikeness | None) -> bool:
-    return record is not None and record.status is LikenessStatus.SCORED and bool(record.probes)
+def _scored(record: LikenessFacts | None) -> bool:
+    return (record is not None and record.status is LikenessStatus.SCORED
+            and bool(record.probe_marks))
+
+
+def _needs_probes(record: LikenessFacts, reference: Reference) -> bool:
+    """Whether ``record`` is scored against ``reference`` from its probes: its stored scores
+    are against other photos (or it has none)."""
+    return record.reference_dataset_id != reference.dataset_id or record.scores is None
 
 
 def _probe_score(scores: IdentityScores | None, index: int) -> dict[str, Any] | None:

@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 from selfie_lora.domain.entities import GateStatus, Model, User, Version
-from selfie_lora.domain.likeness import VersionLikeness
+from selfie_lora.domain.likeness import LikenessFacts, VersionLikeness
 from selfie_lora.domain.plan import (
     DEFAULT_LORA_SCALE,
     TrainingDefaults,
@@ -187,7 +187,7 @@ class ModelService:
         return None if model is None else read_history(self._repo, model)
 
     def versions_with_likeness(self, *, user: User, history: ModelHistory | None = None
-                               ) -> list[tuple[Version, VersionLikeness | None]]:
+                               ) -> list[tuple[Version, LikenessFacts | None]]:
         """Every version, newest first, each with its likeness record."""
         if history is None:
             return self.versions_page(user=user).versions
@@ -216,7 +216,8 @@ class ModelService:
         rows = self._repo.list_versions(
             model.id, below=below, limit=page_limit(limit) + 1 if limit is not None else None)
         shown = rows[:limit] if limit is not None else rows
-        records = {r.version_id: r for r in self._repo.list_likeness(model.id)}
+        # The summaries: the answer has each version's headline scores, not its probes.
+        records = {r.version_id: r for r in self._repo.list_likeness_summaries(model.id)}
         older = str(shown[-1].number) if limit is not None and len(rows) > limit else None
         return VersionsPage(versions=[(v, records.get(v.id)) for v in shown], older=older)
 
@@ -529,7 +530,7 @@ class VersionsPage:
     """A page of a model's versions with their likeness records, newest first; ``older``: the
     next page's ``before`` (None: this page holds the oldest)."""
 
-    versions: list[tuple[Version, VersionLikeness | None]]
+    versions: list[tuple[Version, LikenessFacts | None]]
     older: str | None
 
 

@@ -36,7 +36,7 @@ from selfie_lora.domain.entities import (
 )
 from selfie_lora.domain.faces import AnalyzerFactory, Face, FaceAnalyzer
 from selfie_lora.domain.gc import References
-from selfie_lora.domain.likeness import VersionLikeness
+from selfie_lora.domain.likeness import LikenessSummary, VersionLikeness
 from selfie_lora.domain.weights import WeightsFormat
 
 __all__ = ["AnalyzerFactory", "Face", "FaceAnalyzer"]  # re-exported: adapters implement them here
@@ -634,7 +634,16 @@ class Repository(Protocol):
     # likeness records, one per version
     def save_likeness(self, quality: VersionLikeness) -> None: ...
     def get_likeness(self, version_id: str) -> VersionLikeness | None: ...
-    def list_likeness(self, model_id: str) -> Sequence[VersionLikeness]: ...
+    def list_likeness(self, model_id: str, *, version_ids: Collection[str] | None = None
+                      ) -> Sequence[VersionLikeness]:
+        """The model's likeness records, whole (probes and their embeddings); ``version_ids``:
+        those of these versions only."""
+        ...
+
+    def list_likeness_summaries(self, model_id: str) -> Sequence[LikenessSummary]:
+        """Every likeness record of the model without its probes' results: one query, whose
+        rows do not carry the probes' embeddings."""
+        ...
 
     # generations
     def add_generation(self, generation: Generation) -> None: ...

@@ -24,7 +24,7 @@ from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.likeness import (
     DEFAULT_GATE_TOLERANCE,
     GateMeasure,
-    VersionLikeness,
+    LikenessFacts,
     decided_on_baseline_photos,
     gate_cell,
     gate_measure,
@@ -653,7 +653,7 @@ def train_resume(request: Request, viewer: FormViewer, training_id: FormStr) -> 
 # ---------------------------------------------------------------------------- versions
 
 
-def version_rows(versions: Sequence[tuple[Version, VersionLikeness | None]], *,
+def version_rows(versions: Sequence[tuple[Version, LikenessFacts | None]], *,
                  active_version_id: str | None,
                  photos: Mapping[str, int]) -> list[dict[str, Any]]:
     """The Versions table, newest first. "Change" is the gate's measure: this version's identity

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Engine,
     and_,
     bindparam,
@@ -19,9 +20,11 @@ from sqlalchemy import (
     event,
     exists,
     func,
+    literal_column,
     or_,
     select,
     text,
+    type_coerce,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -85,6 +88,8 @@ from selfie_lora.domain.gc import DatasetRef, GenerationRef, References, Trainin
 from selfie_lora.domain.likeness import (
     IdentityScores,
     LikenessStatus,
+    LikenessSummary,
+    ProbeMark,
     ProbeResult,
     VersionLikeness,
 )
@@ -336,6 +341,22 @@ def _version(row: VersionRow) -> Version:
         gate_reason=row.gate_reason, gate_details=dict(row.gate_details or {}),
         alert=dict(row.alert) if row.alert else None,
     )
+
+
+# A likeness record's probes as [[index, lora_scale, image_key], ...] (``ProbeMark``), made in
+# the database from the probes' JSON: a summary reads these, not the embeddings.
+_PROBE_MARKS_SQLITE = (
+    "(SELECT json_group_array(json_array(json_extract(p.value, '$.index'), "
+    "json_extract(p.value, '$.lora_scale'), json_extract(p.value, '$.image_key'))) "
+    "FROM json_each(version_quality.probes) AS p)")
+_PROBE_MARKS_PG = (
+    "(SELECT coalesce(json_agg(json_build_array(e.p -> 'index', e.p -> 'lora_scale', "
+    "e.p ->> 'image_key') ORDER BY e.n), '[]'::json) "
+    "FROM json_array_elements(version_quality.probes) WITH ORDINALITY AS e(p, n))")
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _likeness(row: VersionLikenessRow) -> VersionLikeness:
@@ -1166,12 +1187,36 @@ class SqlRepository:
             row = s.get(VersionLikenessRow, version_id)
             return _likeness(row) if row else None
 
-    def list_likeness(self, model_id: str) -> Sequence[VersionLikeness]:
+    def list_likeness(self, model_id: str, *, version_ids: Collection[str] | None = None
+                      ) -> Sequence[VersionLikeness]:
+        query = select(VersionLikenessRow).where(VersionLikenessRow.model_id == model_id)
+        if version_ids is not None:
+            if not version_ids:
+                return []
+            query = query.where(VersionLikenessRow.version_id.in_(sorted(version_ids)))
         with self._read() as s:
-            rows = s.scalars(
-                select(VersionLikenessRow).where(VersionLikenessRow.model_id == model_id)
-            ).all()
-            return [_likeness(r) for r in rows]
+            return [_likeness(r) for r in s.scalars(query).all()]
+
+    def list_likeness_summaries(self, model_id: str) -> Sequence[LikenessSummary]:
+        row = VersionLikenessRow
+        # Each probe's [index, scale, key], taken out of the probes' JSON in the database (one
+        # parse of it a row): their embeddings, ~3 KB a probe, never come to Python.
+        marks = type_coerce(literal_column(
+            _PROBE_MARKS_PG if self._engine.dialect.name == "postgresql" else _PROBE_MARKS_SQLITE),
+            JSON)
+        query = select(row.version_id, row.model_id, row.status, row.created_at,
+                       row.embedding_model, row.reference_dataset_id, row.scores, row.training,
+                       row.error, row.scored_at, marks).where(row.model_id == model_id)
+        with self._read() as s:
+            found = s.execute(query).all()
+        return [LikenessSummary(
+            version_id=r[0], model_id=r[1], status=LikenessStatus(r[2]),
+            created_at=_req_utc(r[3]), embedding_model=r[4], reference_dataset_id=r[5],
+            scores=IdentityScores.from_dict(r[6]) if r[6] else None, training=dict(r[7]),
+            error=r[8], scored_at=_utc(r[9]),
+            probe_marks=tuple(ProbeMark(index=int(index), lora_scale=_opt_float(scale),
+                                        image_key=key) for index, scale, key in r[10] or ()))
+            for r in found]
 
     # generations ------------------------------------------------------------------------
     def add_generation(self, generation: Generation) -> None:
