@@ -759,3 +759,22 @@ def test_dataset_sizes_are_the_accepted_counts_of_those_that_exist_in_one_read(
     assert repo.dataset_sizes([dataset.id, "d7", "gone"]) == {dataset.id: 2, "d7": 7}
     # More ids than one IN (...) binds.
     assert repo.dataset_sizes([d.id for d in many]) == {d.id: d.images_accepted for d in many}
+
+
+def test_trainings_page_newest_first_by_time_then_id_through_ties(repo: SqlRepository) -> None:
+    # The training log's pages: trainings made at one instant are ordered by id, so a page
+    # boundary between two of them neither repeats nor drops one.
+    _user, model, dataset = seed(repo)
+    for tid, offset in (("t1", 0), ("t2", 5), ("t3", 5), ("t4", 5), ("t5", 9)):
+        repo.add_training(training(model, dataset, tid, offset=offset,
+                                   status=TrainingStatus.SUCCEEDED))
+    pages: list[list[str]] = []
+    before = None
+    while True:
+        page = repo.list_trainings_page(model.id, limit=2, before=before)
+        pages.append([t.id for t in page])
+        if len(page) < 2:
+            break
+        before = page[-1]
+    assert pages == [["t5", "t4"], ["t3", "t2"], ["t1"]]
+    assert repo.list_trainings_page("other", limit=2) == []

@@ -888,25 +888,30 @@ class LikenessService:
         trainings older than training ``before`` (the ``older`` of the page before), newest
         first, with the audit events of the same stretch of time, oldest first (the first
         page's reach to now, the last page's back to the upload). Whole, the log was about
-        4 KB per training, and grew with every one."""
+        4 KB per training, and grew with every one. A page reads its own trainings, their
+        versions and likeness summaries: every page read the model's every training, version
+        and likeness record, so each got slower as the history grew."""
         model = self._model(user)
-        # By time, then id: the order holds between requests for trainings of one instant.
-        trainings = sorted(self._repo.list_trainings(model.id), key=lambda t: (t.created_at, t.id),
-                           reverse=True)
-        start, until = 0, None
+        limit = page_limit(limit)
+        after = None
         if before is not None:
-            index = next((i for i, t in enumerate(trainings) if t.id == before), None)
-            if index is None:
+            after = self._repo.get_training(before)
+            if after is None or after.model_id != model.id:
                 raise NotFoundError("no such training")
-            start, until = index + 1, trainings[index].created_at
-        shown = trainings[start:start + page_limit(limit)]
-        more = len(trainings) > start + limit
+        # By time, then id: the order holds between requests for trainings of one instant.
+        # One more than shown: whether there are older ones, without reading them all.
+        found = self._repo.list_trainings_page(model.id, limit=limit + 1, before=after)
+        shown, more = found[:limit], len(found) > limit
+        until = after.created_at if after is not None else None
         # An event at a boundary's very instant is on the newer page only: since is inclusive,
         # until exclusive, and the next page's until is this page's since.
         events = self._repo.list_events(model.id, since=shown[-1].created_at if more else None,
                                         until=until)
-        history = ModelHistory(model=model, versions=self._repo.list_versions(model.id),
-                               records=self.summaries(model), trainings=shown)
+        version_ids = {t.version_id for t in shown if t.version_id}
+        history = ModelHistory(
+            model=model, versions=self._repo.versions_by_ids(model.id, version_ids),
+            records={r.version_id: r for r in self._repo.list_likeness_summaries(
+                model.id, version_ids=version_ids)}, trainings=shown)
         return LogPage(events=events, trainings=self.training_log(user=user, history=history),
                        older=shown[-1].id if more else None)
 

@@ -545,6 +545,13 @@ class Repository(Protocol):
     def get_training(self, training_id: str, *, for_update: bool = False) -> Training | None: ...
     def get_training_by_remote_id(self, remote_id: str) -> Training | None: ...
     def list_trainings(self, model_id: str) -> Sequence[Training]: ...
+
+    def list_trainings_page(self, model_id: str, *, limit: int,
+                            before: Training | None = None) -> Sequence[Training]:
+        """At most ``limit`` of the model's trainings, newest first (by time, then id), those
+        after ``before`` in that order."""
+        ...
+
     def get_user_training(self, user_id: str, training_id: str | None
                           ) -> tuple[Training, Version | None] | None:
         """A training of the user's model (``training_id``, or the latest) and the version it
@@ -640,9 +647,11 @@ class Repository(Protocol):
         those of these versions only."""
         ...
 
-    def list_likeness_summaries(self, model_id: str) -> Sequence[LikenessSummary]:
-        """Every likeness record of the model without its probes' results: one query, whose
-        rows do not carry the probes' embeddings."""
+    def list_likeness_summaries(self, model_id: str, *,
+                                version_ids: Collection[str] | None = None
+                                ) -> Sequence[LikenessSummary]:
+        """Every likeness record of the model (``version_ids``: of these versions) without its
+        probes' results: one query, whose rows do not carry the probes' embeddings."""
         ...
 
     # generations

@@ -975,6 +975,18 @@ class SqlRepository:
             ).all()
             return [_training(r) for r in rows]
 
+    def list_trainings_page(self, model_id: str, *, limit: int,
+                            before: Training | None = None) -> Sequence[Training]:
+        row = TrainingRow
+        query = select(row).where(row.model_id == model_id)
+        if before is not None:
+            query = query.where(or_(row.created_at < before.created_at,
+                                    and_(row.created_at == before.created_at,
+                                         row.id < before.id)))
+        with self._read() as s:
+            return [_training(r) for r in s.scalars(
+                query.order_by(row.created_at.desc(), row.id.desc()).limit(limit)).all()]
+
     def get_user_training(self, user_id: str, training_id: str | None
                           ) -> tuple[Training, Version | None] | None:
         # One query for the progress poll, which every waiting client sends every second or two:
@@ -1197,7 +1209,9 @@ class SqlRepository:
         with self._read() as s:
             return [_likeness(r) for r in s.scalars(query).all()]
 
-    def list_likeness_summaries(self, model_id: str) -> Sequence[LikenessSummary]:
+    def list_likeness_summaries(self, model_id: str, *,
+                                version_ids: Collection[str] | None = None
+                                ) -> Sequence[LikenessSummary]:
         row = VersionLikenessRow
         # Each probe's [index, scale, key], taken out of the probes' JSON in the database (one
         # parse of it a row): their embeddings, ~3 KB a probe, never come to Python.
@@ -1207,6 +1221,10 @@ class SqlRepository:
         query = select(row.version_id, row.model_id, row.status, row.created_at,
                        row.embedding_model, row.reference_dataset_id, row.scores, row.training,
                        row.error, row.scored_at, marks).where(row.model_id == model_id)
+        if version_ids is not None:
+            if not version_ids:
+                return []
+            query = query.where(row.version_id.in_(sorted(version_ids)))
         with self._read() as s:
             found = s.execute(query).all()
         return [LikenessSummary(
