@@ -108,6 +108,33 @@ def test_a_server_that_takes_no_connection_now_is_an_outage(refusing: RefusingSe
         _repo(refusing.port).get_training("any")
 
 
+# A server with another lc_messages says its FATALs in that language, and psycopg gives a failed
+# connect no SQLSTATE. Old code: StorageError (no English words), a restart counted.
+@pytest.mark.parametrize("refusing", [
+    ("57P03", "das Datenbanksystem fährt hoch"),
+    ("57P03", "das Datenbanksystem fährt herunter"),
+    ("57P03", "le système de bases de données est en cours d'arrêt"),
+    ("57P03", "データベースシステムはリカバリモードです"),
+    ("53300", "tut mir leid, schon zu viele Verbindungen"),
+], indirect=True, ids=["de starting up", "de shutting down", "fr shutting down", "ja recovery",
+                       "de too many clients"])
+def test_a_server_that_takes_no_connection_now_is_an_outage_in_any_language(
+        refusing: RefusingServer) -> None:
+    with pytest.raises(DatabaseUnreachableError, match=r"database error: .*FATAL"):
+        _repo(refusing.port).get_training("any")
+
+
+@pytest.mark.parametrize("refusing", [
+    ("3D000", "Datenbank »sl« existiert nicht"),
+    ("28000", "keine pg_hba.conf-Eintrag für Host »127.0.0.1«, Benutzer »ann«, Datenbank »sl«"),
+], indirect=True, ids=["de no database", "de pg_hba"])
+def test_a_login_turned_away_in_another_language_stays_a_database_error(
+        refusing: RefusingServer) -> None:
+    with pytest.raises(StorageError, match=r"database error: .*FATAL") as raised:
+        _repo(refusing.port).get_training("any")
+    assert not isinstance(raised.value, DatabaseUnreachableError)
+
+
 def test_a_server_that_closes_the_connection_at_once_is_an_outage() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

@@ -7,6 +7,8 @@ for ever: libpq has no timeout of its own."""
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -77,9 +79,109 @@ def connect_args(query: dict[str, Any], *, statement_timeout_s: float) -> dict[s
 
 
 def connect(*cargs: Any, answer_timeout: float | None, **cparams: Any) -> BoundedConnection:
-    connection = BoundedConnection.connect(*cargs, **cparams)
+    try:
+        connection = BoundedConnection.connect(*cargs, **cparams)
+    except psycopg.OperationalError as exc:
+        state = _server_state(exc)
+        if state in _NOT_NOW:
+            raise _NOT_NOW[state](str(exc), pgconn=exc.pgconn) from exc
+        raise
     connection.answer_timeout = answer_timeout
     return connection
+
+
+# What a server answers a connection with, before any authentication, while it takes none now:
+# starting up, shutting down or in recovery (57P03), or at max_connections (53300).
+_NOT_NOW: dict[str, type[psycopg.OperationalError]] = {
+    "57P03": psycopg.errors.CannotConnectNow,
+    "53300": psycopg.errors.TooManyConnections,
+}
+# The longest the second look waits for the server's first answer (a server that answered the
+# connect a moment ago answers this at once).
+_LOOK_TIMEOUT_S = 5.0
+_PROTOCOL_3 = 196608
+
+
+def _server_state(exc: psycopg.OperationalError) -> str | None:
+    """The SQLSTATE of the server's refusal of a failed connect, when it refused before any
+    authentication; None when there is none to read (no server answered, it asked for a
+    password, the error already has its SQLSTATE or class).
+
+    psycopg gives a failed connect no SQLSTATE: libpq keeps the server's FATAL only as text, in
+    the server's ``lc_messages`` (``FATAL:  das Datenbanksystem fährt hoch``), so a restart of a
+    server set to another language was read as a refused login (a training's attempt spent, a
+    500 for a 503). The code is on the wire, so the attempt that failed (its host and address)
+    is made once more with a bare start-up message, and the code of the server's first answer
+    read: a server that takes no connection now says so before authentication, whatever its
+    settings (SSL, pg_hba.conf). libpq's ping reads it too, but holds the GIL as it waits."""
+    if exc.sqlstate is not None or isinstance(exc, psycopg.errors.ConnectionTimeout):
+        return None
+    pgconn = exc.pgconn
+    # 57P03 and 53300 come before authentication: a server that asked for a password took it.
+    if pgconn is None or pgconn.needs_password or pgconn.used_password:
+        return None
+    params = {option.keyword.decode(): option.val.decode(errors="replace")
+              for option in pgconn.info if option.val is not None}
+    try:
+        with _open(params) as sock:
+            return _first_answer(sock, user=params.get("user", ""),
+                                 database=params.get("dbname", ""))
+    except (OSError, ValueError, struct.error):
+        return None
+
+
+def _open(params: dict[str, str]) -> socket.socket:
+    host = params.get("hostaddr") or params.get("host") or ""
+    port = int(params.get("port") or 5432)
+    timeout = min(float(params.get("connect_timeout") or _LOOK_TIMEOUT_S), _LOOK_TIMEOUT_S)
+    if host.startswith("/"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(f"{host}/.s.PGSQL.{port}")
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    if not host:
+        raise ValueError("no host to look at")
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+def _first_answer(sock: socket.socket, *, user: str, database: str) -> str | None:
+    """Send a start-up message (protocol 3.0, no SSL) and read the SQLSTATE of an error the
+    server answers before it asks for anything; None for an authentication request or any other
+    message."""
+    body = struct.pack("!I", _PROTOCOL_3) + b"".join(
+        name + b"\0" + value.encode() + b"\0"
+        for name, value in ((b"user", user), (b"database", database)) if value) + b"\0"
+    sock.sendall(struct.pack("!I", len(body) + 4) + body)
+    for _ in range(16):
+        kind = _read(sock, 1)
+        (size,) = struct.unpack("!I", _read(sock, 4))
+        if not 4 <= size <= 65536:
+            return None
+        payload = _read(sock, size - 4)
+        if kind == b"E":
+            for field in payload.split(b"\0"):
+                if field[:1] == b"C":
+                    return field[1:].decode("ascii", errors="replace")
+            return None
+        # AuthenticationOk (trust) is followed by the backend's own errors; any other request
+        # means the server takes connections.
+        if kind != b"R" or payload[:4] != b"\0\0\0\0":
+            return None
+    return None
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise OSError("the server closed the connection")
+        data += chunk
+    return data
 
 
 @contextmanager

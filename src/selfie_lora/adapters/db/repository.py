@@ -1463,18 +1463,21 @@ def _model_values(m: Model) -> dict[str, Any]:
 
 # SQLSTATEs of a server that cannot be reached or went away: a connection that failed or was
 # lost (class 08, less 08004's rejected start and 08P01's protocol violation, which are a
-# client's fault) and a server shutting down, crashed or starting (57P01-57P03).
+# client's fault), a server shutting down, crashed or starting (57P01-57P03) and one at its
+# connection limit (53300: a failed connect, its code read by ``postgres.connect``).
 _OUTAGE_STATES = frozenset({"08000", "08001", "08003", "08006", "08007",
-                            "57P01", "57P02", "57P03"})
+                            "57P01", "57P02", "57P03", "53300"})
 
 # What psycopg says, with no SQLSTATE, of a connection it could not make or keep for want of a
 # server: libpq's network errors, and the FATALs of a server that takes no connection now
 # (57P03: starting up, shutting down, in recovery; 53300: at its connection limit). A server
 # that answered with another FATAL (a database or role that does not exist, a refused login,
 # a pg_hba.conf rule) or a client that refused a statement (over 65,535 parameters) is a
-# defect that comes back every time: counted, not waited out. These are libpq's and the
-# server's English words; translated ones are counted too, which costs an attempt, never a
-# training retried for ever.
+# defect that comes back every time: counted, not waited out. The network words are libpq's
+# own, always English (psycopg[binary]'s libpq is built without translations). The server's
+# words are its lc_messages': a failed connect's 57P03 or 53300 is told by its code instead
+# (``postgres.connect`` reads it), these English ones are only what remains when that second
+# look found no answer (the server gone meanwhile).
 _NETWORK_WORDS = (
     "connection refused", "connection reset", "connection timed out", "timeout expired",
     "no route to host", "network is unreachable", "host is unreachable",
@@ -1495,8 +1498,9 @@ def _unreachable(exc: DBAPIError) -> bool:
     (PostgreSQL down or restarting: refused, reset, "terminating connection due to administrator
     command"), not that it refused a statement or a login. A connection lost under a statement
     is one SQLAlchemy invalidated; psycopg's other errors carry a SQLSTATE (``_OUTAGE_STATES``)
-    or, for the client's own (every failed connect among them), none: those are told by their
-    words (``_NETWORK_WORDS``, ``_BUSY_SERVER_WORDS``). SQLite's ("database is locked") are not
+    or, for the client's own (a failed connect among them, unless ``postgres.connect`` read the
+    server's 57P03 or 53300 and gave it one), none: those are told by their words
+    (``_NETWORK_WORDS``, ``_BUSY_SERVER_WORDS``). SQLite's ("database is locked") are not
     outages."""
     if exc.connection_invalidated:
         return True
