@@ -33,6 +33,7 @@ from fastapi.testclient import TestClient
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.api.app import create_app
+from selfie_lora.api.server_errors import server_error_sentence
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import GateStatus, Recipe, Training, TrainingStatus
 from selfie_lora.domain.plan import (
@@ -3330,6 +3331,29 @@ def test_a_page_s_503_sends_the_api_s_retry_after_for_the_same_outage(
         assert r.status_code == 503, r.text
         assert 'data-code="storage_unavailable"' in r.text
         assert r.headers.get("Retry-After") == api.headers["Retry-After"]  # old code: None
+
+
+def test_a_page_s_503_says_the_wait_in_a_person_s_words_and_the_api_keeps_its_own(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The page's 503 for an outage said the API's sentence, "please retry after the
+    Retry-After header's seconds": a person sees no header. The page now says the wait itself
+    (the error's seconds); the API's sentence, for clients, is unchanged."""
+    _key, secret = svc.users.create_key(user=svc.users.get_by_name(name="ann"), name="t")
+
+    def away(*_args: object, **_kwargs: object) -> None:
+        raise DatabaseUnreachableError("database error: connection failed: Connection refused")
+
+    monkeypatch.setattr(svc.generation, "page", away)
+    api = ann.get("/api/generations", headers={"Authorization": f"Bearer {secret}"})
+    page = ann.get("/generate")
+    monkeypatch.undo()
+    assert page.status_code == 503, page.text
+    said = visible_text(page.text)
+    assert "Retry-After" not in said  # old code: "...after the Retry-After header's seconds"
+    assert f"Try again in about {DatabaseUnreachableError.retry_after} seconds." in said
+    assert "nothing is wrong with what you asked for" in said
+    assert api.json()["error"]["message"] == server_error_sentence("storage_unavailable")
+    assert "Retry-After header's seconds" in api.json()["error"]["message"]
 
 
 # Old code: both pages said "Sign in again" (-> /signin?next=/train, /signin?next=/photos): the

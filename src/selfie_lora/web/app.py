@@ -501,13 +501,23 @@ def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
     # has them, the page a fixed sentence and the reference of that log line.
     server = report_server_error(exc, method=request.method, path=request.url.path)
     if isinstance(exc, SelfieLoraError):
-        page = web.error_page(request, exc.http_status, server.message, str(exc.code),
-                              reference=server.reference)
+        page = web.error_page(request, exc.http_status, _page_sentence(exc, server.message),
+                              str(exc.code), reference=server.reference)
         # The API's wait for the same error (a storage outage's 503): the page sent none.
         page.headers.update(retry_after_header(exc))
         return page
     return web.error_page(request, 500, server.message, ErrorCode.INTERNAL_ERROR,
                           reference=server.reference)
+
+
+def _page_sentence(exc: SelfieLoraError, sentence: str) -> str:
+    """A server-side error's sentence as a page says it. The API's sentence for an outage
+    tells a client to wait "the Retry-After header's seconds": a person sees no header, so the
+    page says the same wait in their words (the API's sentence is unchanged)."""
+    if exc.code == ErrorCode.STORAGE_UNAVAILABLE and exc.retry_after is not None:
+        return ("The files or records cannot be reached just now; nothing is wrong with what "
+                f"you asked for. Try again in about {exc.retry_after} seconds.")
+    return sentence
 
 
 def mount_web(app: FastAPI, services: Services) -> Web:
