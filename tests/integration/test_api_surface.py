@@ -189,6 +189,22 @@ def test_the_docs_pages_are_sent_with_the_pages_security_headers(client: TestCli
         assert '<html lang="en">' in page.text
 
 
+@pytest.mark.parametrize("asset", ["swagger-ui-bundle.js", "swagger-ui.css", "favicon.png",
+                                   "redoc.standalone.js"])
+def test_the_docs_pages_files_are_sent_with_nosniff_as_every_static_file(
+        client: TestClient, asset: str) -> None:
+    """The files of /docs and /redoc (fastapi_offline's, under /static-offline-docs) were the
+    only static files sent without X-Content-Type-Options: nosniff (they live under the API's
+    paths, which SecurityHeaders skipped). Now they have it, and still no page's CSP."""
+    served = client.get(f"/static-offline-docs/{asset}")
+    assert served.status_code == 200
+    assert served.headers.get("x-content-type-options") == "nosniff"  # old code: None
+    assert "content-security-policy" not in served.headers  # a file, not a page
+    ours = client.get("/static/style.css")
+    assert ours.status_code == 200
+    assert ours.headers["x-content-type-options"] == "nosniff"  # as the pages' own files
+
+
 def test_versions_are_named_by_id_or_number_everywhere(client: TestClient,
                                                        services: Services) -> None:
     h = auth(services, "ann")

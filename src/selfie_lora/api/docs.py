@@ -17,10 +17,10 @@ from fastapi.openapi.docs import (
 )
 from fastapi.responses import HTMLResponse
 
-from selfie_lora.web.app import SECURITY_HEADERS
+# DOCS_STATIC: where fastapi_offline mounts Swagger UI's and ReDoc's files (web.app sends them
+# with nosniff, as every other static file).
+from selfie_lora.web.app import DOCS_STATIC, SECURITY_HEADERS
 
-# Where fastapi_offline mounts Swagger UI's and ReDoc's files.
-DOCS_STATIC = "/static-offline-docs"
 # The pages' own CSP, but for what FastAPI's pages need: their one inline script each (allowed
 # by its hash, not by 'unsafe-inline'), the <style> elements ReDoc writes as it draws, the
 # data: images of Swagger UI and the search worker ReDoc starts from a blob.

@@ -66,9 +66,14 @@ SECURITY_HEADERS = (
     ("referrer-policy", "same-origin"),
     ("x-frame-options", "DENY"),
 )
+# Where fastapi_offline mounts the docs pages' files (Swagger UI's and ReDoc's: api.docs).
+DOCS_STATIC = "/static-offline-docs"
 # Paths the web app answers (everything else is the API, the docs or health).
 API_PREFIXES = ("/api/", "/docs", "/redoc", "/openapi.json", "/healthz", "/readyz", "/metrics",
-                "/static-offline-docs")
+                DOCS_STATIC)
+
+
+_NOSNIFF = (("x-content-type-options", "nosniff"),)
 
 
 def is_page(path: str) -> bool:
@@ -422,20 +427,30 @@ def _back_to(request: Request, status: int, *, signed_out: bool) -> str:
 
 
 class SecurityHeaders:
-    """The Content-Security-Policy and friends on every page (not on the API's JSON)."""
+    """The Content-Security-Policy and friends on every page (not on the API's JSON), and
+    nosniff on the docs pages' files too: served under the API's paths, they were the only
+    static files sent without it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_page(scope["path"]):
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        added: tuple[tuple[str, str], ...]
+        if is_page(scope["path"]):
+            added = SECURITY_HEADERS
+        elif scope["path"].startswith(f"{DOCS_STATIC}/"):
+            added = _NOSNIFF
+        else:
             await self._app(scope, receive, send)
             return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                headers += [(name.encode(), value.encode()) for name, value in SECURITY_HEADERS]
+                headers += [(name.encode(), value.encode()) for name, value in added]
                 message = {**message, "headers": headers}
             await send(message)
 
