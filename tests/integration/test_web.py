@@ -2258,7 +2258,7 @@ def test_the_scale_goes_back_to_the_default_from_the_generate_page(ann: TestClie
     model = svc.models.get(user=svc.users.get_by_name(name="ann"))
     assert not model.lora_scale_is_custom
     assert model.lora_scale == DEFAULT_LORA_SCALE
-    assert [e["kind"] for e in svc.models.log(user=svc.users.get_by_name(name="ann"))
+    assert [e["kind"] for e in svc.repo.list_events(model.id)
             if e["kind"].startswith("lora_scale")][-1] == "lora_scale_reset"
     assert 'id="default-scale"' not in ann.get("/generate").text
 

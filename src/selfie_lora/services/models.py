@@ -7,7 +7,6 @@ import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 from selfie_lora.domain.entities import GateStatus, Model, User, Version
 from selfie_lora.domain.likeness import LikenessFacts, VersionLikeness
@@ -489,10 +488,6 @@ class ModelService:
         logger.error("version %s (model %s) cannot be downloaded: %s", version.id,
                      version.model_id, exc.message)
         return weights_missing_for_download(version)
-
-    def log(self, *, user: User) -> Sequence[dict[str, Any]]:
-        model = self.get(user=user)
-        return self._repo.list_events(model.id)
 
 
 # Version numbers are an INTEGER column: no version is numbered past it.
