@@ -547,7 +547,42 @@ def test_an_account_deletion_still_cut_by_the_outage_is_tried_again_soon_in_one_
             assert all(record.levelno == logging.WARNING and record.exc_info is None
                        for record in caplog.records), caplog.text
             assert "whose process stopped" not in caplog.text
-            assert "tried again in 30 s" in caplog.text
+            # One line a retry (old code: "finishing the pending deletion" before it too).
+            [line] = caplog.records
+            assert "tried again in 30 s" in line.getMessage()
+            assert "could not be finished now" in line.getMessage()
+
+
+def test_a_pending_deletion_finished_after_the_outage_is_said_in_one_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each retry during an outage said two WARNING lines ("finishing the pending deletion",
+    then "could not be finished now"); now the second alone, and the deletion that finishes
+    once the storage is back says so once it is done."""
+    with _ann_deleting(tmp_path, _DeletesAwayStore, then="away") as (
+            client, services, ann, store):
+        erasure = services.erasure
+        r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
+        assert r.json()["error"]["code"] == "deletion_pending"
+        [(_name, due)] = erasure.pending()
+        now = due + timedelta(seconds=1)
+        erasure._clock = lambda: now  # type: ignore[attr-defined]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="selfie_lora.services.erasure"):
+            assert erasure.finish_pending() == []
+        assert [r.getMessage().split(":")[1].strip() for r in caplog.records] == [
+            "the deletion could not be finished now"]  # old code: "finishing ..." first
+        store.away = False
+        [(_name, due)] = erasure.pending()
+        later = due + timedelta(seconds=1)
+        erasure._clock = lambda: later  # type: ignore[attr-defined]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="selfie_lora.services.erasure"):
+            [summary] = erasure.finish_pending()
+        assert summary.name == "ann"
+        assert [r.getMessage() for r in caplog.records] == [
+            "user ann: the pending deletion was finished (it was cut short by an outage, or "
+            "its process stopped)"]
+        assert erasure.pending() == []
 
 
 class _BrokenDeleteStore(FileSystemBlobStore):

@@ -274,9 +274,6 @@ class AccountEraser:
                 break
             if not self._repo.request_erasure(user.id, at=now, requested_before=due):
                 continue  # another process claimed it meanwhile
-            # Not "whose process stopped": one cut short by an outage is due again on purpose.
-            logger.warning("user %s: finishing the pending deletion (cut short by an outage, or "
-                           "its process stopped)", user.name)
             try:
                 # Forced: its owner asked for the deletion, and a training started since (the
                 # only one a disabled account can have) must not hold it up for ever.
@@ -300,6 +297,13 @@ class AccountEraser:
             except BaseException:  # KeyboardInterrupt, SystemExit: the claim is let go
                 self._unclaim(user, claimed_at=now)
                 raise
+            else:
+                # Said once it is done, not before: while an outage lasted each retry said
+                # "finishing" and then "could not be finished now", two lines where the second
+                # says it all. Not "whose process stopped": one cut short by an outage is due
+                # again on purpose.
+                logger.warning("user %s: the pending deletion was finished (it was cut short by "
+                               "an outage, or its process stopped)", user.name)
         return finished
 
     def _due_soon(self, user: User) -> None:
