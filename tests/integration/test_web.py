@@ -10,6 +10,7 @@ import contextlib
 import gc
 import hashlib
 import html
+import inspect
 import io
 import logging
 import re
@@ -50,6 +51,7 @@ from selfie_lora.errors import (
 )
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import DEPLOYMENT_KEY
+from selfie_lora.services.ports import BlobStream
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.web.app import WEB_ROOT
@@ -3534,3 +3536,37 @@ def test_head_answers_as_get_on_pages_api_reads_and_file_downloads(
     r = ann.head("/train/start")
     assert r.status_code == 405
     assert ann.post("/photos", data={"csrf_token": csrf(ann)}).headers["allow"] == "GET, HEAD"
+
+
+def test_a_head_of_a_photo_file_does_not_read_the_photo_from_the_storage(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HEAD ran as the path's GET (HeadAsGet): for a streamed answer, a photo from the
+    storage, it read the whole stream and dropped it (found in review). The photo file has its
+    own HEAD now: the headers, the stream closed unread; a GET reads it all."""
+    assert upload(ann)[0] == 200
+    photo = re.search(r'/photos/[^/"]+/0\.jpg', ann.get("/photos").text)
+    assert photo
+    reads: list[int] = []
+    opened: list[Iterator[bytes]] = []
+    chunk, count = b"\xff" * 1024, 20
+
+    def counted() -> Iterator[bytes]:
+        for i in range(count):
+            reads.append(i)
+            yield chunk
+
+    def stream(*_args: object, **_kwargs: object) -> BlobStream:
+        opened.append(counted())
+        return BlobStream(size=len(chunk) * count, chunks=opened[-1])
+
+    monkeypatch.setattr(svc.intake, "photo", stream)
+    got = ann.get(photo.group(0))
+    assert (got.status_code, len(got.content), len(reads)) == (200, len(chunk) * count, count)
+    reads.clear()
+    head = ann.head(photo.group(0))
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(chunk) * count)
+    assert head.headers["content-type"] == got.headers["content-type"]
+    assert reads == []  # old code: all 20 chunks read
+    assert inspect.getgeneratorstate(opened[-1]) == inspect.GEN_CLOSED  # not left open

@@ -3,8 +3,11 @@
 FastAPI registers only the methods a route names, so every page and API read answered a HEAD
 with 405 (link checkers, uptime monitors and ``curl -I`` all send one). One middleware answers it
 for every GET route instead of a second decorator on each: a route with a HEAD of its own (the
-probes, the weights downloads, which then skip opening the file) keeps it, and the static files
-answer HEAD themselves.
+probes, the weights downloads, which then skip opening the file, and the photo files, which close
+theirs unread) keeps it, and the static files answer HEAD themselves. A GET whose answer is
+streamed from the storage needs its own: run as its GET here, a HEAD reads the whole stream and
+drops it (this middleware cannot reach the response's iterator to close it, and leaving its loop
+early leaves the file open until it is collected).
 """
 
 from __future__ import annotations

@@ -493,13 +493,19 @@ def _report_rows(names: list[str], findings: list[dict[str, Any]],
 
 
 @router.get("/photos/{dataset_id}/{index}.jpg")
+@router.head("/photos/{dataset_id}/{index}.jpg")
 def photo_file(request: Request, viewer: PageViewer, dataset_id: str, index: int) -> Response:
     web = _web(request)
     photo = web.services.intake.photo(user=viewer.user, dataset_id=dataset_id, index=index)
     # no-store as the Photos page that shows it: a face kept in the browser's disk cache
     # outlived the sign-out on a shared computer. A small crop, fetched again at each view.
-    return StreamingResponse(photo.chunks, media_type="image/jpeg", headers={
-        "Cache-Control": "private, no-store", "Content-Length": str(photo.size)})
+    headers = {"Cache-Control": "private, no-store", "Content-Length": str(photo.size)}
+    if request.method == "HEAD":
+        # Its own HEAD, as the weights': run as the GET (api.head.HeadAsGet), it read the whole
+        # photo from the storage and dropped it. The headers alone; the stream closed unread.
+        photo.close()
+        return Response(status_code=200, media_type="image/jpeg", headers=headers)
+    return StreamingResponse(photo.chunks, media_type="image/jpeg", headers=headers)
 
 
 # ---------------------------------------------------------------------------- training
