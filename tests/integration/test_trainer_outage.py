@@ -24,7 +24,7 @@ from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import Training, TrainingStatus, User
 from selfie_lora.errors import BlobStoreUnreachableError, StorageError
-from selfie_lora.services.ports import ProgressSink, TrainingJob, TrainingResult
+from selfie_lora.services.ports import BlobStream, ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.services.training import REMOTE_STORAGE_WAIT_LIMIT
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
@@ -44,12 +44,27 @@ class FlakyWeightsStore(FileSystemBlobStore):
     failures = 0
     # What a failed write raises: a plain StorageError, or the S3 store's outage error.
     error: type[StorageError] = StorageError
+    # The whole store away while writes fail (its reads too, the photos an adoption reads): a
+    # read that went through ended the worker's outage, and with it the spacing of its waits.
+    reads_fail = False
 
     def put_file(self, key: str, path: Path, *, if_absent: bool = False) -> bool:
         if key.startswith("weights/") and self.failures > 0:
             self.failures -= 1
             raise self.error(f"blob {key!r} cannot be written: the storage is unreachable")
         return super().put_file(key, path, if_absent=if_absent)
+
+    def _read(self, key: str) -> None:
+        if self.reads_fail and self.failures > 0:
+            raise self.error(f"blob {key!r} cannot be read: the storage is unreachable")
+
+    def get(self, key: str) -> bytes:
+        self._read(key)
+        return super().get(key)
+
+    def open(self, key: str, *, start: int = 0, end: int | None = None) -> BlobStream:
+        self._read(key)
+        return super().open(key, start=start, end=end)
 
 
 class FakeClock:
@@ -325,8 +340,9 @@ def test_a_storage_outage_on_a_finished_remote_run_fails_after_the_attempts(
 
 # Old code: counted from the first failure (holds of 1 and 5 min), an S3 outage of about 6 min
 # failed a Replicate training whose output Replicate keeps about an hour.
+@pytest.mark.parametrize("whole", [True, False], ids=["whole store", "writes only"])
 def test_an_object_storage_outage_on_a_finished_remote_run_is_waited_out_for_a_while(
-    rig: Rig,
+    rig: Rig, whole: bool,
 ) -> None:
     rig.blobs.error = BlobStoreUnreachableError
     rig.blobs.failures = 10_000
@@ -342,10 +358,18 @@ def test_an_object_storage_outage_on_a_finished_remote_run_is_waited_out_for_a_w
         assert "the object storage could not be reached; tried again by itself" in t.error
         assert t.lease_expires_at is not None
         waits.append((t.lease_expires_at - rig.clock.now()).total_seconds())
+        # The run is made and its output downloaded: from now on the store is away as a whole
+        # (or still for writes only).
+        rig.blobs.reads_fail = whole
         rig.later()
-    # Spaced as a local training's waits (here each attempt's photos are read, which may end
-    # the worker's outage and its spacing; the row counts the outage's time all the same).
-    assert set(waits) <= {60, 300, 900}
+    if whole:
+        # Spaced as README says of a local training's waits: 1 min, then 5, then 15 (which
+        # passes the 20 min); each wait counted from the hold it ends.
+        assert waits == [60, 300, 900]
+    else:
+        # Each attempt's photos are read, which ends the worker's outage and its spacing
+        # (the row counts the outage's time all the same).
+        assert set(waits) <= {60, 300, 900}
     # Past the limit, well before the output expires, the attempts are spent as before.
     attempts = rig.services.training.lease.max_attempts
     for _ in range(attempts * 2):
@@ -358,6 +382,46 @@ def test_an_object_storage_outage_on_a_finished_remote_run_is_waited_out_for_a_w
     assert f"after {attempts} interrupted attempts" in (t.error or "")
     assert rig.clock.now() - began < timedelta(minutes=45)  # the output is still there
     assert rig.remote_runs() == 1
+
+
+def test_an_output_that_expired_while_the_storage_was_away_says_so(rig: Rig) -> None:
+    """The run's LoRA downloaded but not stored (the object storage away): the training waits
+    for the storage, and Replicate drops the output meanwhile (a worker away too, say). The
+    training failed in Replicate's sentence, "could no longer be downloaded from Replicate":
+    neither the outage nor that running it again is what to do. Now it says both."""
+    rig.blobs.error = BlobStoreUnreachableError
+    rig.blobs.failures = 10_000
+    began = rig.clock.now()
+    for _ in range(2):
+        rig.services.training.run(rig.training_id)
+        t = rig.training()
+        assert not t.status.is_terminal, t.error
+        rig.later()
+    # Replicate has dropped the run's output (it keeps it about an hour): 404.
+    expired_at = began + timedelta(minutes=30)
+    rig.standin.fail_while("GET", "/files/trainings/*", lambda: rig.clock.now() > expired_at,
+                           status=404)
+    rig.clock.sleep(40 * 60)
+    rig.services.training.run(rig.training_id)
+    t = rig.training()
+    assert t.status is TrainingStatus.FAILED, t.error
+    assert t.error is not None
+    assert "could no longer be downloaded from Replicate" not in t.error  # old code: it was
+    assert t.error == (
+        "The training finished, but the server's storage could not be reached to store its "
+        "LoRA file, and while the training waited for it Replicate let the trained output "
+        "expire (it keeps it about an hour). Nothing is wrong with your photos: start the "
+        "training again.")
+
+
+def test_an_output_that_expired_without_a_storage_wait_keeps_replicate_s_sentence(
+        rig: Rig) -> None:
+    # Not every expiry is the storage's: one met with no wait for it says Replicate's.
+    rig.standin.fail_while("GET", "/files/trainings/*", lambda: True, status=404)
+    rig.services.training.run(rig.training_id)
+    t = rig.training()
+    assert t.status is TrainingStatus.FAILED, t.error
+    assert "could no longer be downloaded from Replicate" in (t.error or "")
 
 
 def test_a_storage_blip_on_a_finished_remote_run_is_not_counted(rig: Rig) -> None:

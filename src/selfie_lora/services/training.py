@@ -210,6 +210,13 @@ ROOM_EXPIRED_MESSAGE = (
     "could not be stored, and meanwhile {backend} let the trained output expire (it keeps it "
     "about an hour). Free space on the server's disk (or ask its operator to) and start the "
     "training again.")
+# The same for an output that expired while the training waited for the object storage (its
+# LoRA downloaded but not stored, ``wait_out``): the outage is why, and running the training
+# again is what to do, where the backend's sentence named neither.
+STORAGE_EXPIRED_MESSAGE = (
+    "The training finished, but the server's storage could not be reached to store its LoRA "
+    "file, and while the training waited for it {backend} let the trained output expire (it "
+    "keeps it about an hour). Nothing is wrong with your photos: start the training again.")
 # An upload that starts a training holds the user's slot while its photos are checked: for
 # UPLOAD_CLAIM_TTL at a time, renewed every UPLOAD_CLAIM_RENEWAL while the upload runs, so a
 # process that dies holding it blocks its user for UPLOAD_CLAIM_TTL at most. (It was one claim of
@@ -1496,14 +1503,15 @@ class TrainingService:
         """``exc`` (a remote run's output that can no longer be downloaded) said as what it is
         when the training waited for room meanwhile: the full disk, for how long, and what to do.
         The backend's own sentence blamed the backend, and a user would just try again into the
-        same full disk."""
+        same full disk. Else when it waited for the object storage (``_expired_while_storage_
+        away``)."""
         try:
             current = self._repo.get_training(held.training_id) or held.training
         except SelfieLoraError:
             current = held.training  # the wait noted at the claim is as good
         since = waited_for_room_since(current)
         if since is None:
-            return exc
+            return self._expired_while_storage_away(current, exc)
         waited = wait_text(self._clock() - since)
         return WeightsNotFoundError(
             f"{exc.message} (a disk of the server was full for {waited}, since "
@@ -1511,6 +1519,24 @@ class TrainingService:
             "waited for room)",
             user_message=ROOM_EXPIRED_MESSAGE.format(
                 waited=waited, backend=_backend_name(current.backend)))
+
+    def _expired_while_storage_away(self, current: Training,
+                                    exc: WeightsNotFoundError) -> WeightsNotFoundError:
+        """``exc`` said as what it is when the training waited for the object storage in the
+        outage still going (``storage_waited``: its waits began, the last one ended under
+        ``STORAGE_WAIT_BREAK`` ago): the output expired while the storage was away, and the
+        training must be run again. The backend's sentence ("could no longer be downloaded")
+        said neither."""
+        now = self._clock()
+        waited = storage_waited(current, now)
+        if waited <= timedelta(0):
+            return exc
+        since = now - waited
+        return WeightsNotFoundError(
+            f"{exc.message} (the object storage could not be reached since "
+            f"{since.isoformat(timespec='seconds')}: the output expired while the training "
+            "waited for it)",
+            user_message=STORAGE_EXPIRED_MESSAGE.format(backend=_backend_name(current.backend)))
 
     def _store_version(self, held: _Held, result: TrainingResult) -> None:
         """Publish the trainer's weights as the model's next version: once per training (the
