@@ -707,8 +707,11 @@ def train(
             _queued_hint()
 
 
-QUEUED_WAITS_FOR = ("it trains once a `selfie-lora serve` or `selfie-lora worker` runs on "
-                    "these settings")
+# True whether or not a serve or worker runs: "it trains once one runs" sent a user whose
+# worker already ran to start another. This command cannot see workers on other machines (the
+# scale path), and HOME's lock is also held by a `train` that runs only its own training.
+QUEUED_WAITS_FOR = ("a `selfie-lora serve` or `selfie-lora worker` running on these settings "
+                    "trains it in its turn (if none runs, start one)")
 
 
 def _queued_hint() -> None:
@@ -744,8 +747,9 @@ def _said_what_queued_waits_for(services: Services, *, owner: Any,
     # one that is gone (a serve's or worker's reconciler queues it again); either way a
     # serve or worker continues it.
     return ConflictError(f"{refused.message}; training {latest.id} is held by no running "
-                         f"process: it continues once a `selfie-lora serve` or `selfie-lora "
-                         f"worker` runs on these settings", details=refused.details)
+                         f"process: a `selfie-lora serve` or `selfie-lora worker` running on "
+                         f"these settings continues it (if none runs, start one)",
+                         details=refused.details)
 
 
 @app.command()

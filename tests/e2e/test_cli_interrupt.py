@@ -142,8 +142,9 @@ def test_ctrl_c_or_sigterm_mid_training_hands_it_back_with_its_checkpoints(
         # message API users see too) says that a serve or worker trains it.
         at = f" at step {t.step}/{t.total_steps}" if t.total_steps > 0 else ""
         assert (f"a training of this model is already queued or running (training {t.id}, "
-                f"{t.status}{at}); training {t.id} waits in the queue: it trains once a "
-                "`selfie-lora serve` or `selfie-lora worker` runs on these settings") in said
+                f"{t.status}{at}); training {t.id} waits in the queue: a `selfie-lora serve` "
+                "or `selfie-lora worker` running on these settings trains it in its turn (if "
+                "none runs, start one)") in said
         assert "nobody is running it" not in said
     finally:
         services.close()

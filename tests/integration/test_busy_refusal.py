@@ -143,8 +143,9 @@ def test_the_cli_says_what_a_waiting_training_waits_for(
         assert "Traceback" not in said[command]
         assert NOBODY not in said[command]
     if "lease_owner" in WAITING[state]:
-        waits = ("training t-busy is held by no running process: it continues once a "
-                 "`selfie-lora serve` or `selfie-lora worker` runs on these settings")
+        waits = ("training t-busy is held by no running process: a `selfie-lora serve` or "
+                 "`selfie-lora worker` running on these settings continues it (if none runs, "
+                 "start one)")
     else:
         waits = f"training t-busy waits in the queue: {cli.QUEUED_WAITS_FOR}"
     assert said["train"] == f"error: {BUSY} (training t-busy, {SAID[state]}); {waits}"

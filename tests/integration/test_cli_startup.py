@@ -190,8 +190,29 @@ def test_train_no_wait_says_a_serve_or_worker_must_run_for_it_to_train(
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # rich wraps long lines
     assert "first training" in said
-    assert ("queued: it trains once a `selfie-lora serve` or `selfie-lora worker` runs on these "
-            "settings; follow it on the Train page or with GET /api/training/progress") in said
+    assert ("queued: a `selfie-lora serve` or `selfie-lora worker` running on these settings "
+            "trains it in its turn (if none runs, start one); follow it on the Train page or "
+            "with GET /api/training/progress") in said
+
+
+def test_train_no_wait_with_a_worker_running_does_not_say_it_waits_for_one(
+        tmp_path: Path, env: Callable[[dict[str, str]], None]) -> None:
+    # It said "it trains once a `selfie-lora serve` or `selfie-lora worker` runs on these
+    # settings" while a worker ran on them (holding HOME, as `worker` does): the user went to
+    # start one. The command cannot see workers on other machines, so it says what is true
+    # either way.
+    from selfie_lora.wiring import using_home
+    from tests.support.photos import copy_person_photos
+
+    env({"SELFIE_LORA_MIN_PHOTOS": "3"})
+    assert CliRunner().invoke(app, ["users", "create", "bob"]).exit_code == 0
+    photos = copy_person_photos(tmp_path / "photos")
+    with using_home(get_settings()):  # a `selfie-lora worker` on this HOME
+        result = CliRunner().invoke(app, ["train", str(photos), "--user", "bob", "--no-wait"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "once a `selfie-lora serve`" not in said
+    assert "running on these settings trains it in its turn" in said
 
 
 ANOTHERS = "error: refusing to start: the storage (deployment.json) belongs to deployment " \

@@ -454,7 +454,8 @@ def test_selfie_lora_resume_queues_the_canceled_training(home: Path) -> None:
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # rich wraps long lines
     assert f"resumes {canceled.id} at step 2/" in said
-    assert "queued: it trains once a `selfie-lora serve` or `selfie-lora worker` runs" in said
+    assert ("queued: a `selfie-lora serve` or `selfie-lora worker` running on these settings "
+            "trains it in its turn") in said
 
     services = build_services(Settings(home=home, min_photos=1), trainers={"local": trainer},
                               face_analyzer=one_person_analyzer(),
