@@ -164,3 +164,19 @@ def test_a_prompt_with_a_right_to_left_override_is_refused_naming_it(cli: CliRun
     result = cli.invoke(app, ["generate", "hi \u202eevil", "--user", "bob"])
     assert result.exit_code == 1, result.output
     assert "U+202E (RIGHT-TO-LEFT OVERRIDE)" in result.output, result.output
+
+
+@pytest.mark.parametrize(("value", "said"), [
+    ("-1", "the number of pictures must be a whole number 1 to 4, written with the digits 0-9 "
+           "only (not '-1')"),
+    ("0", "the number of pictures must be 1 to 4"),
+    ("5", "the number of pictures must be 1 to 4")])
+def test_a_number_of_pictures_out_of_range_is_named_as_the_user_typed_it(
+        cli: CliRunner, tmp_path: Path, value: str, said: str) -> None:
+    """`generate -n 0` said "num_outputs must be 1 to 4", the API's JSON field, which names
+    nothing a command line user typed (nor the Generate page's "Pictures")."""
+    assert cli.invoke(app, ["users", "create", "bob"]).exit_code == 0
+    result = cli.invoke(app, ["generate", "a hat", "--user", "bob", "-n", value,
+                              "--out", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip() == f"error: {said}"

@@ -3253,7 +3253,7 @@ def test_the_form_and_the_cli_read_a_number_alike_by_the_api_s_rules(
     data = {"csrf_token": csrf(ann), "prompt": "p", "num_outputs": "1", field: value}
     r = ann.post("/generate", data=data, follow_redirects=False)
     assert r.status_code == 422, r.text
-    name = "the seed" if field == "seed" else "num_outputs"
+    name = "the seed" if field == "seed" else "the number of pictures"
     high = "4294967295" if field == "seed" else "4"
     said = (f"{name} must be a whole number {'0' if field == 'seed' else '1'} to {high}, "
             f"written with the digits 0-9 only (not {value!r})")

@@ -145,12 +145,23 @@ def seed_from_text(text: str | None) -> int | None:
                          high=MAX_SEED)
 
 
+# What the text fronts call num_outputs: the Generate page's "Pictures", the CLI's -n. The API
+# keeps its JSON field's name; "num_outputs must be 1 to 4" named nothing these users typed.
+_NUMBER_OF_PICTURES = "the number of pictures"
+
+
 def num_outputs_from_text(text: str | None) -> int:
     """The number of pictures a text front was given (empty: 1, ``GenerationRequest``'s and the
-    API's default), as ``seed_from_text`` reads a seed."""
-    count = _whole_number(text, name="num_outputs", code=ErrorCode.INVALID_NUM_OUTPUTS, low=1,
-                          high=MAX_OUTPUTS)
-    return 1 if count is None else count
+    API's default), as ``seed_from_text`` reads a seed; one out of range is refused here, in
+    the fronts' words, not later by ``generate`` in the API's."""
+    count = _whole_number(text, name=_NUMBER_OF_PICTURES, code=ErrorCode.INVALID_NUM_OUTPUTS,
+                          low=1, high=MAX_OUTPUTS)
+    if count is None:
+        return 1
+    if not 1 <= count <= MAX_OUTPUTS:
+        raise InvalidInputError(f"{_NUMBER_OF_PICTURES} must be 1 to {MAX_OUTPUTS}",
+                                code=ErrorCode.INVALID_NUM_OUTPUTS)
+    return count
 
 
 def generates_from_stored_weights(backend: str) -> bool:
