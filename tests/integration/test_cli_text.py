@@ -180,3 +180,16 @@ def test_a_number_of_pictures_out_of_range_is_named_as_the_user_typed_it(
                               "--out", str(tmp_path)])
     assert result.exit_code == 1, result.output
     assert result.output.strip() == f"error: {said}"
+
+
+def test_photos_in_a_subfolder_are_said_to_be_read_only_from_that_folder(
+        cli: CliRunner, tmp_path: Path) -> None:
+    """`check Pictures` with the selfies in Pictures/2024 said "2024 was skipped: a folder (only
+    the top level is read)" with the advice "nothing to do: only photos are read", beside "0
+    usable photos": the user was told to do nothing about the one thing to fix."""
+    four_photos(tmp_path / "Pictures" / "2024")
+    result = cli.invoke(app, ["check", str(tmp_path / "Pictures")])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert "nothing to do" not in said, result.output
+    assert "if your photos are in it, name the folder 2024 itself" in said, result.output

@@ -763,7 +763,12 @@ def _read_folder(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile
                 # Never followed: a link can point anywhere on this machine.
                 findings.append(_ignored(_clean(entry.name), "a symbolic link"))
             elif entry.is_dir():
-                findings.append(_ignored(_clean(entry.name), "a folder (only the top level is read)"))
+                # Selfies kept in Pictures/2024 are the usual case: "nothing to do" beside "0
+                # usable photos" left the user nothing to act on.
+                name = _clean(entry.name)
+                findings.append(_ignored(name, "a folder (only the top level is read)",
+                                         advice=f"if your photos are in it, name the folder "
+                                                f"{name} itself (or move them up)"))
             elif not entry.is_file():
                 findings.append(_ignored(_clean(entry.name), "not a regular file"))
             elif _is_ignored(entry.name) or entry.name.startswith("."):
@@ -1002,9 +1007,9 @@ def _code_points(text: str) -> str:
     return out if len(out) <= 200 else out[:120] + "..." + out[-77:]
 
 
-def _ignored(name: str, what: str) -> Finding:
-    return Finding("info", "ignored_file", f"{name} was skipped: {what}",
-                   "nothing to do: only photos are read", photo=name)
+def _ignored(name: str, what: str, *,
+             advice: str = "nothing to do: only photos are read") -> Finding:
+    return Finding("info", "ignored_file", f"{name} was skipped: {what}", advice, photo=name)
 
 
 def _too_many(count: int, limits: UploadLimits, *, at_least: bool = False) -> InvalidInputError:
