@@ -84,7 +84,13 @@ def fewer_photos_hint(findings: Sequence[Finding], *, min_photos: int) -> str | 
     selfie-lora: the finding's own advice ("add 2 or more clear photos") is also the web app's
     and the API's, whose users cannot change a setting. Without it a newcomer who ran the demo
     (it accepts 2 photos) and then `train` on its photos was refused with no way on."""
-    if not any(f.code == "too_few_photos" and f.severity == "reject" for f in findings):
+    too_few = [f for f in findings if f.code == "too_few_photos" and f.severity == "reject"]
+    if not too_few:
+        return None
+    # None usable (a folder of no photo, every photo rejected): "set it to how many you have"
+    # said 0, which the setting refuses, and no minimum trains on nothing. The message is the
+    # set check's ("0 usable photos; at least 5 are needed", dataset.checks.photo_set).
+    if any(f.message.startswith("0 usable photos") for f in too_few):
         return None
     # Where the set is checked: this command, or the serve that takes an upload.
     return (f"to try selfie-lora with fewer photos anyway, set SELFIE_LORA_MIN_PHOTOS (now "

@@ -193,3 +193,21 @@ def test_photos_in_a_subfolder_are_said_to_be_read_only_from_that_folder(
     said = " ".join(result.output.split())
     assert "nothing to do" not in said, result.output
     assert "if your photos are in it, name the folder 2024 itself" in said, result.output
+
+
+def test_a_folder_with_no_usable_photo_is_not_told_to_lower_the_minimum(
+        cli: CliRunner, tmp_path: Path) -> None:
+    """`check` of a folder with no photo said "set SELFIE_LORA_MIN_PHOTOS (now 5) to how many
+    you have": 0, which the setting refuses (at least 1), and no minimum trains on nothing."""
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("not a photo")
+    checked = cli.invoke(app, ["check", str(folder)])
+    assert checked.exit_code == 1, checked.output
+    assert "too_few_photos" in checked.output
+    assert "SELFIE_LORA_MIN_PHOTOS" not in checked.output
+    assert cli.invoke(app, ["users", "create", "ann"]).exit_code == 0
+    trained = cli.invoke(app, ["train", str(folder), "--user", "ann"])
+    assert trained.exit_code == 1, trained.output
+    assert "too_few_photos" in trained.output
+    assert "SELFIE_LORA_MIN_PHOTOS" not in trained.output
