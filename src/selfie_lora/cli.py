@@ -34,7 +34,7 @@ from selfie_lora.console import (
     print_findings,
     print_report,
 )
-from selfie_lora.domain.entities import Finding, GateStatus, Training
+from selfie_lora.domain.entities import Finding, GateStatus, Training, Version
 from selfie_lora.domain.lease import lease_is_live
 from selfie_lora.domain.likeness import gate_reason_now
 from selfie_lora.domain.plan import lora_scale_from_text, lora_scale_text
@@ -1088,9 +1088,8 @@ def compare(
             on_scoring=lambda v: console.print(f"scoring version {v.number} ..."),
             # The worker scores a new version in phase "scoring": not scored here a second time.
             on_being_scored=lambda v: console.print(
-                f"version {v.number} is being scored by the worker (its training is in phase "
-                "scoring): it shows as not scored; run compare again once its training ended",
-                markup=False, highlight=False))
+                _being_scored_words(services, owner=owner, version=v), markup=False,
+                highlight=False, soft_wrap=True))
         grid_path = out / f"compare-v{comparison.a.number}-v{comparison.b.number}.png"
         chart_path = out / "likeness-chart.png"
         _write(grid_path, services.likeness.grid_png(comparison))
@@ -1136,6 +1135,31 @@ def compare(
                       markup=False)
     console.print(f"wrote {grid_path}", markup=False, highlight=False)
     console.print(f"wrote {chart_path}", markup=False, highlight=False)
+
+
+def _being_scored_words(services: Services, *, owner: Any, version: Version) -> str:
+    from selfie_lora.services.common import utcnow
+
+    try:
+        training = services.training.progress(user=owner,
+                                              training_id=version.training_id).training
+    except SelfieLoraError:
+        return being_scored_message(version.number, None, now=utcnow())
+    return being_scored_message(version.number, training, now=utcnow())
+
+
+def being_scored_message(number: int, training: Training | None, *, now: datetime) -> str:
+    """What ``compare`` says of version ``number``, left unscored because its ``training`` is
+    in phase scoring: "being scored by the worker" was said also of one handed back (Ctrl-C of
+    ``train``) or left by a process that died, which nothing scored until a serve or worker
+    ran."""
+    after = "it shows as not scored; run compare again once its training ended"
+    if training is None or lease_is_live(training, now):
+        of = f" (its training {training.id} is in phase scoring)" if training else ""
+        return f"version {number} is being scored by a worker{of}: {after}"
+    return (f"version {number} waits to be scored: its training {training.id} is held by no "
+            "running process; a `selfie-lora serve` or `selfie-lora worker` running on these "
+            f"settings scores it in its turn (if none runs, start one): {after}")
 
 
 def _yardstick(comparison: Comparison) -> str:

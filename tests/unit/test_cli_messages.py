@@ -6,7 +6,7 @@ import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 
-from selfie_lora.cli import _data_shown, handed_back_message
+from selfie_lora.cli import _data_shown, being_scored_message, handed_back_message
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.domain.recipes import get_recipe
@@ -128,3 +128,21 @@ def test_generate_without_an_active_version_while_a_training_runs_says_both() ->
     assert words("activate", "queued") == f"{held}; a training is queued too"
     assert words("activate", None) == f"{held} or train again"
     assert words("wait", "queued") == "the API's words"
+
+
+def test_compare_says_a_version_waits_to_be_scored_when_no_process_holds_its_training() -> None:
+    """`compare` said "version 3 is being scored by the worker" of a version whose training was
+    handed back in phase scoring (Ctrl-C of `train`) while no serve or worker ran: nothing was
+    scoring it, and nothing would until one started."""
+    now = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    handed_back = dataclasses.replace(_TRAINING, step=40, version_id="v3", lease_owner=None,
+                                      lease_expires_at=None)
+    said = being_scored_message(3, handed_back, now=now)
+    assert "is being scored" not in said
+    assert ("version 3 waits to be scored: its training t1 is held by no running process; a "
+            "`selfie-lora serve` or `selfie-lora worker` running on these settings scores it in "
+            "its turn (if none runs, start one)") in said
+    held = dataclasses.replace(handed_back, lease_owner="host/w0",
+                               lease_expires_at=datetime(2026, 1, 1, 12, 1, tzinfo=UTC))
+    assert being_scored_message(3, held, now=now).startswith(
+        "version 3 is being scored by a worker (its training t1 is in phase scoring)")
