@@ -75,7 +75,10 @@ app.add_typer(generations_app, name="generations")
 
 
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def _main(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Debug-level log lines on standard error, and the import-time "
+                                "notices of torch, transformers and diffusers (before the "
+                                "command's name: selfie-lora -v train ...).")] = False) -> None:
     try:
         log_format = get_settings().log_format
     except ValueError:
@@ -885,7 +888,10 @@ def generate(
         "--num-outputs", "-n", metavar="INTEGER", help="1 to 4.")] = "1",
     seed: Annotated[str | None, typer.Option(metavar="INTEGER", help="0 to 4294967295.")] = None,
     # Text too, read by the web's parser: the option parser's float() took "0.2_5" and "٣".
-    lora_scale: Annotated[str | None, typer.Option("--lora-scale", metavar="FLOAT")] = None,
+    lora_scale: Annotated[str | None, typer.Option(
+        "--lora-scale", metavar="FLOAT",
+        help="The LoRA scale of these pictures, -1 to 3 (default: the model's own, which "
+             "'model --lora-scale' sets); not saved.")] = None,
     version_ref: Annotated[str | None, typer.Option(
         "--version", help="The version to generate with: its number as 'versions' lists it (2 "
                           "or v2), or its id; default: the active one, which stays active.",
