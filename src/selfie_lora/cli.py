@@ -977,7 +977,7 @@ def export_cmd(
         "--user", help="The user's name; needed only when VERSION is not an id and several "
                        "users have a model here.")] = None,
     version_arg: Annotated[str | None, typer.Argument(
-        metavar="[VERSION]", help="A version's number or id; default: the active one.")] = None,
+        metavar="VERSION", help="A version's number or id; default: the active one.")] = None,
     out: Annotated[str | None, typer.Option(
         "--out", help="The file to write; a folder (one that exists, or any path ending in "
                       "'/', made if need be) gets the file under its own name; default: "

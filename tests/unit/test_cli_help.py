@@ -75,3 +75,10 @@ def test_the_verbose_flag_and_the_scale_say_what_they_do() -> None:
     said = " ".join(CliRunner().invoke(app, ["generate", "--help"],
                                        env={"COLUMNS": "80"}).output.split())
     assert "--lora-scale FLOAT The LoRA scale of these pictures, -1 to 3" in said
+
+
+def test_the_usage_line_brackets_an_optional_argument_once() -> None:
+    # 'Usage: selfie-lora export [OPTIONS] [[VERSION]]': its metavar had brackets of its own.
+    said = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "80"}).output
+    assert "[OPTIONS] [VERSION]" in said, said
+    assert "[[" not in said, said
