@@ -485,12 +485,25 @@ def users_password(name: str) -> None:
                   "have ended")
 
 
+def _ask(text: str, *, nothing: str, **prompt: Any) -> str:
+    """``typer.prompt``, with Ctrl-C said as everywhere else in the command line: one line
+    ("interrupted: nothing was <nothing>") and exit status 130, where click printed "Aborted!"
+    and exited 1, the status of a refusal. Ctrl-D (no answer) stays exit status 1."""
+    try:
+        return str(typer.prompt(text, **prompt))
+    except typer.Abort as exc:
+        interrupted = isinstance(exc.__context__, KeyboardInterrupt)
+        err_console.print(f"\n{'interrupted' if interrupted else 'no answer'}: nothing was "
+                          f"{nothing}", markup=False, highlight=False)
+        raise typer.Exit(130 if interrupted else 1) from None
+
+
 def _read_new_password(*, command: str) -> str:
     """A new password, typed twice (hidden) at a terminal, or two lines of standard input;
     ``command`` (the option or command that asked for it) names it in the error."""
     if sys.stdin.isatty():
-        first = typer.prompt("password", hide_input=True)
-        second = typer.prompt("the same password again", hide_input=True)
+        first = _ask("password", nothing="changed", hide_input=True)
+        second = _ask("the same password again", nothing="changed", hide_input=True)
     else:
         lines = sys.stdin.read().splitlines()
         if len(lines) < 2:
@@ -1665,8 +1678,9 @@ def users_delete(
                 f"{len(held.dataset_ids)} photo set(s) ({len(held.photo_hashes)} photo(s)), "
                 f"{len(held.generation_ids)} generation(s), and their API keys and sessions "
                 "will be deleted for good", markup=False, highlight=False, soft_wrap=True)
-            if not services.erasure.confirmed(name=user.name, typed=typer.prompt(
-                    "type the user's name to confirm", default="", show_default=False)):
+            if not services.erasure.confirmed(name=user.name, typed=_ask(
+                    "type the user's name to confirm", nothing="deleted", default="",
+                    show_default=False)):
                 _fail("not confirmed: nothing was deleted")
         try:
             with _terminate_as_interrupt():
