@@ -680,6 +680,11 @@ def check(
     raise typer.Exit(0 if report.trainable else 1)
 
 
+# What --no-wait leaves to others: said in --help too, not only once the training is queued.
+WAIT_HELP = ("Train it here and wait for the end (--no-wait: queue it and return; a "
+             "`selfie-lora serve` or `selfie-lora worker` running on these settings trains it).")
+
+
 def _hold_home(ctx: typer.Context) -> None:
     """``train`` and ``resume`` run a worker here (for hours, with a local training): they hold
     HOME as ``worker`` does, until the command ends, so no restore replaces it meanwhile."""
@@ -695,7 +700,7 @@ def train(
     ctx: typer.Context,
     path: Path,
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the end.")] = True,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help=WAIT_HELP)] = True,
 ) -> None:
     """Upload a folder or zip of photos and (re)train the user's model."""
     if wait:
@@ -774,7 +779,7 @@ def resume(
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
     training_id: Annotated[str | None, typer.Argument(
         help="The canceled training (default: the user's latest training).")] = None,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the end.")] = True,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help=WAIT_HELP)] = True,
 ) -> None:
     """Continue a canceled local training from its last checkpoint (as a new training)."""
     if wait:

@@ -82,3 +82,13 @@ def test_the_usage_line_brackets_an_optional_argument_once() -> None:
     said = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "80"}).output
     assert "[OPTIONS] [VERSION]" in said, said
     assert "[[" not in said, said
+
+
+@pytest.mark.parametrize("command", ["train", "resume"])
+def test_no_wait_says_what_trains_the_queued_training(command: str) -> None:
+    # '--wait / --no-wait  Wait for the end.': nothing said that with --no-wait this command
+    # trains nothing, and that a serve or worker must run for the training to start.
+    said = " ".join(CliRunner().invoke(app, [command, "--help"],
+                                       env={"COLUMNS": "80"}).output.split())
+    assert ("--no-wait: queue it and return; a `selfie-lora serve` or `selfie-lora worker` "
+            "running on these settings trains it") in said, said
