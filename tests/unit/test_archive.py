@@ -268,6 +268,19 @@ def test_shift_jis_names_without_the_utf_8_flag_are_read_as_cp932() -> None:
                                        "café.jpg"]
 
 
+@pytest.mark.parametrize("codec", ["cp437", "cp850"])
+def test_western_names_in_a_dos_code_page_are_not_read_as_cp932(codec: str) -> None:
+    """Windows Explorer and 7-Zip on Windows in a Western language write names in the OEM code
+    page (cp437, cp850) without the flag, and most accented ones also decode as cp932: read
+    that way, Björk.jpg showed as "Bj排k.jpg" and España.jpg as "Espa､a.jpg"."""
+    names = ["Müller.jpg", "España.jpg", "Björk.jpg", "niño.jpg", "canción.jpg", "Ångström.jpg",
+             "Straße.jpg"]
+    members = [_member(n.encode(codec), jpeg(seed=i)) for i, n in enumerate(names)]
+    assert all(m.name.decode("cp932") != n for m, n in zip(members, names, strict=True))
+    files, _ = read_zip(raw_zip(members), limits=LIMITS)
+    assert [f.name for f in files] == names
+
+
 @pytest.mark.parametrize("raw_name", [
     b"..\\\x8e\xca\x90^.jpg",  # ..\写真.jpg
     b"\x95\\..\\x.jpg",  # 表..\x.jpg in cp932, ò\..\x.jpg (out of the folder) in cp437

@@ -510,14 +510,43 @@ def _decode_name(raw: bytes, flags: int) -> tuple[str, str | None]:
     dos = raw.decode("cp437")
     try:
         # Windows in Japanese writes its code page, Shift-JIS (cp932), unflagged: read as
-        # cp437, 写真.jpg showed as ╝╩É^.jpg. A cp437 name with an accent rarely reads as
-        # cp932 (a lead byte needs a trail byte from 0x40 on: "café.jpg" does not).
+        # cp437, 写真.jpg showed as Ä╩É^.jpg. Windows in a Western language writes its OEM code
+        # page (cp437, cp850) the same way, and most accented names read as cp932 too (ü, ö are
+        # lead bytes, ñ is a half-width katakana: Björk.jpg reads Bj排k.jpg), so cp932 is
+        # taken only when the cp437 reading is plainly garbled and the cp932 one is plainly
+        # Japanese.
         japanese = raw.decode("cp932")
     except UnicodeDecodeError:
         return dos, None
     # 0x5C, the backslash, is a trail byte in cp932 (表 is 95 5C): read as cp437 it splits the
-    # name into a folder and a file, so that reading is held to the same path checks.
+    # name into a folder and a file, which is garbling too.
+    split = raw.count(b"\\") > japanese.count("\\")
+    if not (_reads_japanese(japanese) and (split or _garbled_dos(dos))):
+        return dos, None
+    # The cp437 reading is then held to the same path checks, as other extractors may use it.
     return japanese, (dos if b"\\" in raw else None)
+
+
+# What cp437 shows for the bytes no Western name holds: box drawing and blocks (B0-DF), the
+# Greek and math signs (E0-FF, but for ß), and ₧ ⌐ ¬. Shift-JIS's second bytes land there.
+_DOS_GARBLE = frozenset(
+    bytes([*range(0xB0, 0x100), 0x9E, 0xA9, 0xAA]).replace(b"\xe1", b"").decode("cp437"))
+
+
+def _garbled_dos(name: str) -> bool:
+    return any(c in _DOS_GARBLE for c in name)
+
+
+def _reads_japanese(name: str) -> bool:
+    """ASCII and full-width Japanese only (kana, kanji, their punctuation and full-width
+    letters), so not the half-width katakana an accented cp437 letter reads as."""
+    return any(ord(c) >= 0x80 for c in name) and all(
+        ord(c) < 0x80
+        or 0x3000 <= ord(c) <= 0x30FF  # full-width punctuation, hiragana, katakana
+        or 0x3400 <= ord(c) <= 0x4DBF or 0x4E00 <= ord(c) <= 0x9FFF  # kanji
+        or 0xF900 <= ord(c) <= 0xFAFF  # compatibility kanji
+        or 0xFF01 <= ord(c) <= 0xFF5E  # full-width letters and digits
+        for c in name)
 
 
 def _unicode_path(extra: bytes, raw_name: bytes) -> str | None:
