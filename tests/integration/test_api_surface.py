@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.api.app import create_app
+from selfie_lora.config import Settings
 from selfie_lora.errors import ConfigError
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
@@ -159,6 +160,17 @@ def test_the_docs_pages_load_their_assets_from_this_server(client: TestClient) -
         r = client.get(asset)
         assert r.status_code == 200, asset
         assert len(r.content) > 10_000
+
+
+def test_the_docs_page_s_urls_all_carry_the_root_path(settings: Settings, services: Services) -> None:
+    """Behind a proxy that mounts the app under a root_path, /docs prefixed its document and
+    assets but not Swagger UI's OAuth2 redirect URL, which pointed outside the app (FastAPI's
+    own /docs prefixes it too)."""
+    app = create_app(settings, services=services, run_worker=False)
+    with TestClient(app, root_path="/selfie") as c:
+        page = c.get("/docs").text
+    assert "'/selfie/openapi.json'" in page
+    assert "window.location.origin + '/selfie/docs/oauth2-redirect'" in page
 
 
 @pytest.mark.parametrize("path", ["/docs", "/redoc", "/docs/oauth2-redirect"])

@@ -58,7 +58,7 @@ def add_docs(app: FastAPI) -> None:
         root = request.scope.get("root_path", "")
         return _page(get_swagger_ui_html(
             openapi_url=f"{root}{openapi_url}", title=f"{app.title} - Swagger UI",
-            oauth2_redirect_url=redirect_url,
+            oauth2_redirect_url=f"{root}{redirect_url}",
             swagger_js_url=f"{root}{DOCS_STATIC}/swagger-ui-bundle.js",
             swagger_css_url=f"{root}{DOCS_STATIC}/swagger-ui.css",
             swagger_favicon_url=f"{root}{DOCS_STATIC}/favicon.png",
