@@ -1119,6 +1119,33 @@ def test_a_photo_part_with_an_empty_filename_is_named_by_its_place(
     assert sorted(photo.name for photo in stored) == ["p.jpg", "photo1", "photo2"]
 
 
+def test_names_sent_beside_the_files_are_kept_as_they_are(
+    client: TestClient, services: Services,
+) -> None:
+    """A filename carries a '"' as %22 but a '%' as it is, so a file named '100%22off.jpg' was
+    stored as '100"off.jpg' through the API, which had no way to say the name (the web page
+    sends a ``names`` field): the API takes the same field, by the same rule."""
+    h = auth(services, "ann")
+    user = services.users.get_by_name(name="ann")
+
+    def stored(sent: list[str], names: list[str]) -> list[str]:
+        files = [("files", (name.replace('"', "%22"), synthetic_photo(i), "image/jpeg"))
+                 for i, name in enumerate(sent)]
+        r = client.post("/api/training/upload", headers=h, files=files,
+                        data={"start": "false", "names": names})
+        assert r.status_code == 202, r.text
+        photos = services.intake.photos(user=user, dataset_id=r.json()["dataset"]["id"])
+        return sorted(photo.name for photo in photos)
+
+    sent = ["100%22off.jpg", 'say "cheese".jpg', "p2.jpg"]
+    assert stored(sent, sent) == sorted(sent)
+    # Without names, or with names that are not what the filenames say, the filenames are read
+    # back (%22 as '"').
+    assert stored(sent, []) == sorted(['100"off.jpg', 'say "cheese".jpg', "p2.jpg"])
+    assert stored(sent, ["a.jpg", "b.jpg", "c.jpg"]) == sorted(
+        ['100"off.jpg', 'say "cheese".jpg', "p2.jpg"])
+
+
 @pytest.mark.parametrize(("route", "field"), [("upload", "files"), ("upload-zip", "file")])
 @pytest.mark.parametrize("size", [150_000, 2_400_000])
 def test_a_part_without_a_filename_is_refused_in_words(client: TestClient, services: Services,

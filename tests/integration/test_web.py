@@ -1162,6 +1162,20 @@ def test_a_name_with_a_percent_sign_is_shown_as_the_file_is_named(ann: TestClien
             'say "cheese".jpg', "x2.jpg", "x3.jpg", "x4.jpg"}, names
 
 
+def test_a_file_with_an_empty_filename_is_named_as_the_api_names_it(ann: TestClient) -> None:
+    """A part with filename="" was named "photo-1" by the web page but "photo1" by the API
+    (the intake's name for it): one name now, the intake's."""
+    boundary = "selfie-lora-test-boundary"
+    body = b"".join(
+        (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename=""\r\n'
+         "Content-Type: image/jpeg\r\n\r\n").encode() + synthetic_photo(i) + b"\r\n"
+        for i in range(3)) + f"--{boundary}--\r\n".encode()
+    r = ann.post("/photos/upload", content=body, headers={
+        "X-CSRF-Token": csrf(ann), "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code == 200, r.text
+    assert sorted(html.unescape(n) for n in report_rows(r.text)) == ["photo1", "photo2", "photo3"]
+
+
 def test_train_watch_versions_generate_and_download(ann: TestClient, svc: Services) -> None:
     assert upload(ann)[0] == 200
     train_page = ann.get("/train").text

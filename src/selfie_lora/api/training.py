@@ -112,6 +112,10 @@ async def upload_files(
     user: UserDep, svc: ServicesDep, request: Request,
     files: Annotated[list[UploadFile], File(description="Photos, one part each.")],
     start: Annotated[bool, Form(description="Also start a training on them.")] = True,
+    names: Annotated[list[str] | None, Form(description=(
+        "Optional: each file's own name, one field per file in their order, taken where each "
+        "is what its filename says (a '\"' written %22): a filename leaves a '%' as it is, "
+        "so only this tells a file named 100%22off.jpg from one named 100\"off.jpg."))] = None,
 ) -> dict[str, Any]:
     """The same as upload-zip, for photos sent as several multipart ``files``."""
     limit = svc.settings.max_upload_bytes
@@ -124,9 +128,14 @@ async def upload_files(
         # The spooled files themselves: the intake reads each once, and not at all one larger
         # than a photo may be (its finding, file_too_large). An empty filename (filename="",
         # as curl and browsers send it): the intake names the photo by its place ("photo3").
-        named: list[SentFile] = [(upload.filename or "", upload.file) for upload in files]
+        # The names sent beside the files, as the web page's are: the same rule.
+        raw_names, escaped = svc.intake.upload_names(
+            [upload.filename or "" for upload in files], names or [])
+        named: list[SentFile] = [(name, upload.file)
+                                 for name, upload in zip(raw_names, files, strict=True)]
         return await in_intake(request, lambda: upload_json(
-            svc, svc.training.upload_files(user=user, files=named, start=start)))
+            svc, svc.training.upload_files(user=user, files=named, start=start,
+                                           form_escaped=escaped)))
 
 
 def started_json(svc: Services, user: Any, result: StartResult) -> dict[str, Any]:

@@ -323,13 +323,20 @@ class IntakeService:
         not multipart filenames, ``form_escaped`` False, are the names.)"""
         return [form_filename(raw) if form_escaped else raw for raw in raw_names]
 
-    def exact_names(self, filenames: Sequence[str], names: Sequence[str]) -> bool:
-        """Whether ``names`` (sent beside the files, as the web page's script sends them) are
-        the files' own names: each is what its multipart filename says, once escaped as a
-        browser escapes it (a '%' is not, so only the script's names tell '100%22off.jpg'
-        from '100"off.jpg')."""
-        return len(names) == len(filenames) and all(
-            form_escape(name) == filename for name, filename in zip(names, filenames, strict=True))
+    def upload_names(self, filenames: Sequence[str], names: Sequence[str]
+                     ) -> tuple[list[str], bool]:
+        """The names to read the files of an upload under (``read_files``' names), and whether
+        they are form-escaped (its ``form_escaped``), for the web page's upload and the API's
+        alike. ``filenames``: the parts' multipart filenames ("" where a part has none: the
+        intake names it by its place, "photo3"). ``names``: the files' own names, sent beside
+        them (the web page's script sends them; so may an API client), taken where each is
+        what its filename says once escaped as a browser escapes it: a '%' is not, so only
+        these names tell '100%22off.jpg' from '100"off.jpg'. Else the filenames, read back."""
+        if len(names) == len(filenames) and all(
+                form_escape(name) == filename
+                for name, filename in zip(names, filenames, strict=True)):
+            return list(names), False
+        return list(filenames), True
 
     def read_path(self, path: Path) -> tuple[list[UploadedFile], list[Finding]]:
         """A folder of photos or a zip on this machine (the command line)."""

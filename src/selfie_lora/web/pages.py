@@ -374,14 +374,12 @@ async def _take_in(web: Web, request: Request, viewer: Viewer,
     # The page's script sends each file's own name beside it, as a field (sent as it is): a
     # filename carries a '"' as %22 but a '%' as it is, so '100%22off.jpg' was read back as
     # '100"off.jpg' (and its row found no picture on the device). Taken where each is what
-    # its filename says; else (the form without scripts) the filenames are read back.
-    filenames = [f.filename or f"photo-{i + 1}" for i, f in enumerate(files)]
-    exact = svc.intake.exact_names(filenames, names)
+    # its filename says; else (the form without scripts) the filenames are read back. A part
+    # with no filename is named by the intake, as the API's are ("photo1").
+    raw_names, escaped = svc.intake.upload_names([f.filename or "" for f in files], names)
     # The spooled files themselves: the intake reads each once, and not at all one larger than
     # a photo may be (its finding, file_too_large): a 60 MB camera raw file was read whole.
-    named: list[SentFile] = [(name, f.file)
-                             for name, f in zip(names if exact else filenames, files, strict=True)]
-    escaped = not exact
+    named: list[SentFile] = [(name, f.file) for name, f in zip(raw_names, files, strict=True)]
     # By content, as everything sent is judged: a zip whose name lost its ".zip" (a phone's
     # share sheet, a renamed download) was refused as an archive among the photos. Its first
     # bytes tell (archive_kind reads a leading archive from the first 512).
@@ -393,7 +391,6 @@ async def _take_in(web: Web, request: Request, viewer: Viewer,
     # The intake keeps each photo under a cleaned name (NFC, bounded, no control characters):
     # rows are keyed by it, and carry the name the browser sent so that the page finds the
     # file on the device for its thumbnail. A zip's own name is no photo: none of it here.
-    raw_names = [n for n, _ in named]
     originals = {} if is_zip else dict(zip(
         svc.intake.stored_names(raw_names, form_escaped=escaped),
         svc.intake.sent_names(raw_names, form_escaped=escaped), strict=True))
