@@ -5,16 +5,21 @@ database or role that does not exist, a refused login) was taken for one that is
 
 from __future__ import annotations
 
+import shutil
 import socket
 import struct
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from sqlalchemy import bindparam, text
 from sqlalchemy.exc import OperationalError
 
+from selfie_lora.adapters.db.postgres import _server_state
 from selfie_lora.adapters.db.repository import SqlRepository, _unreachable, make_engine
 from selfie_lora.errors import DatabaseUnreachableError, StorageError
 from tests.support.backends import database_url
@@ -27,14 +32,21 @@ class RefusingServer:
     the start-up message with a FATAL ``code``/``message`` of its own, as PostgreSQL does for a
     database that does not exist, a login it refuses or while it starts or stops."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, socket_dir: str | None = None) -> None:
+        """On 127.0.0.1, or with ``socket_dir`` on the Unix socket libpq looks for there (on
+        port 5432)."""
         self._fields = b"".join(
             kind + value.encode() + b"\0"
             for kind, value in ((b"S", "FATAL"), (b"V", "FATAL"), (b"C", code), (b"M", message)))
-        self._listener = socket.socket()
-        self._listener.bind(("127.0.0.1", 0))
+        if socket_dir is None:
+            self._listener = socket.socket()
+            self._listener.bind(("127.0.0.1", 0))
+            self.port: int = self._listener.getsockname()[1]
+        else:
+            self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._listener.bind(f"{socket_dir}/.s.PGSQL.5432")
+            self.port = 5432
         self._listener.listen(16)
-        self.port: int = self._listener.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -133,6 +145,39 @@ def test_a_login_turned_away_in_another_language_stays_a_database_error(
     with pytest.raises(StorageError, match=r"database error: .*FATAL") as raised:
         _repo(refusing.port).get_training("any")
     assert not isinstance(raised.value, DatabaseUnreachableError)
+
+
+class _DefaultSocketAttempt:
+    """What psycopg keeps of a connect whose conninfo named no host (``postgresql:///sl``):
+    its options say no host, and libpq's PQhost the socket folder it tried, its compiled-in
+    default (/var/run/postgresql on Debian), here a folder of the test's."""
+
+    needs_password = False
+    used_password = False
+    hostaddr = b""
+    port = b"5432"
+
+    def __init__(self, socket_dir: str) -> None:
+        self.host = socket_dir.encode()
+        self.info = [SimpleNamespace(keyword=keyword, val=val) for keyword, val in (
+            (b"user", b"ann"), (b"dbname", b"sl"), (b"host", None), (b"hostaddr", None),
+            (b"port", b"5432"))]
+
+
+def test_a_server_on_libpq_s_default_socket_is_looked_at_again_too() -> None:
+    """The second look (which reads the code of a refusal in any language) found no host in a
+    conninfo that names none, libpq's default socket, and gave up: a German server starting up
+    there was a database error. It now takes the host the attempt used, as libpq says it."""
+    socket_dir = tempfile.mkdtemp(prefix="sl-pg-")  # short: a socket's path is bounded
+    server = RefusingServer("57P03", "das Datenbanksystem fährt hoch", socket_dir=socket_dir)
+    try:
+        failed = psycopg.OperationalError(
+            "connection failed: FATAL:  das Datenbanksystem fährt hoch",
+            pgconn=cast(Any, _DefaultSocketAttempt(socket_dir)))
+        assert _server_state(failed) == "57P03"
+    finally:
+        server.close()
+        shutil.rmtree(socket_dir)
 
 
 def test_a_server_that_closes_the_connection_at_once_is_an_outage() -> None:

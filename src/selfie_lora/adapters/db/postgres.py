@@ -122,12 +122,32 @@ def _server_state(exc: psycopg.OperationalError) -> str | None:
         return None
     params = {option.keyword.decode(): option.val.decode(errors="replace")
               for option in pgconn.info if option.val is not None}
+    params.update(_attempt(pgconn))
     try:
         with _open(params) as sock:
             return _first_answer(sock, user=params.get("user", ""),
                                  database=params.get("dbname", ""))
     except (OSError, ValueError, struct.error):
         return None
+
+
+def _attempt(pgconn: psycopg.pq.abc.PGconn) -> dict[str, str]:
+    """The host, address and port the failed attempt used, as libpq has them (PQhost,
+    PQhostaddr, PQport): a conninfo that names no host connects to libpq's compiled-in socket
+    folder (/var/run/postgresql, or /tmp, as libpq was built), which its options leave empty.
+    (psycopg makes one attempt per host of a list, each naming its own.) Empty where libpq
+    does not tell (a closed connection, a libpq before 12 for the address)."""
+    found: dict[str, str] = {}
+    for name in ("host", "hostaddr", "port"):
+        try:
+            value = getattr(pgconn, name)
+        except psycopg.Error:  # a closed connection, or libpq before 12 (hostaddr)
+            continue
+        if value:
+            found[name] = value.decode(errors="replace")
+    if "host" in found:  # the attempt's own address, or none (a socket): not the options'
+        found.setdefault("hostaddr", "")
+    return found
 
 
 def _open(params: dict[str, str]) -> socket.socket:
