@@ -424,6 +424,30 @@ def test_an_output_that_expired_without_a_storage_wait_keeps_replicate_s_sentenc
     assert "could no longer be downloaded from Replicate" in (t.error or "")
 
 
+def test_an_output_refused_after_a_storage_wait_for_the_photos_keeps_replicate_s_sentence(
+        rig: Rig) -> None:
+    """A wait for the object storage while the photos are read, before the Replicate run is
+    made, is not a wait for its LoRA to be stored: a 403 on the download (a rotated token, say)
+    minutes later is Replicate's to say. The old code said the output expired while the training
+    waited for the storage, whenever any wait of the training had ended within the hour."""
+    rig.blobs.error = BlobStoreUnreachableError
+    rig.blobs.reads_fail = True
+    rig.blobs.failures = 10_000
+    rig.services.training.run(rig.training_id)
+    t = rig.training()
+    assert not t.status.is_terminal, t.error
+    assert t.remote_id is None  # the photos not read: no run made yet
+    rig.blobs.failures = 0  # the storage is back
+    rig.later()
+    rig.standin.fail_while("GET", "/files/trainings/*", lambda: True, status=403)
+    rig.services.training.run(rig.training_id)
+    t = rig.training()
+    assert t.status is TrainingStatus.FAILED, t.error
+    assert t.remote_id is not None
+    # Old code: "...the server's storage could not be reached to store its LoRA file...".
+    assert "could no longer be downloaded from Replicate" in (t.error or "")
+
+
 def test_a_storage_blip_on_a_finished_remote_run_is_not_counted(rig: Rig) -> None:
     rig.blobs.error = BlobStoreUnreachableError
     rig.blobs.failures = 2

@@ -274,22 +274,31 @@ def _waiting(t: Training, now: datetime, *, reason: str, hold: timedelta,
 
 
 # The key of ``Training.metrics`` that holds when the training's waits for the object storage
-# began and when the last one ends (``wait_out``).
+# began and when the last one ends (``wait_out``), and which remote run's finished output, if
+# any, waited in them to be stored (``storage_waited_for_weights``).
 STORAGE_WAIT_KEY = "waits_for_storage"
 
 
 def wait_out(t: Training, now: datetime, *, reason: str, hold: timedelta,
-             limit: timedelta) -> Training:
+             limit: timedelta, weights_of: str | None = None) -> Training:
     """``t`` left by a worker whose object storage could not be reached (``reason``, on
     ``error``): as ``wait_for_room``, it waits out ``hold`` and is claimed then with no recovery
     counted (the owner goes: the storage, not the training nor its worker, failed), so an outage
     of seconds no longer spends its attempts back to back. The row notes when the outage's
     waits began (``STORAGE_WAIT_KEY``); once they have lasted ``limit``, the wait is a
     ``step_away`` instead, counted, so an outage that never ends still fails the training
-    (``exhausted_error``, naming it) after ``max_attempts``."""
-    since = now - storage_waited(t, now)
-    metrics = {**t.metrics, STORAGE_WAIT_KEY: {"since": since.isoformat(),
-                                               "until": (now + hold).isoformat()}}
+    (``exhausted_error``, naming it) after ``max_attempts``. ``weights_of``: the remote run
+    whose downloaded output this wait could not store; noted, and kept for the rest of the
+    outage (a later wait of it may be the photos' read at the run's adoption)."""
+    waited = storage_waited(t, now)
+    since = now - waited
+    note: dict[str, Any] = {"since": since.isoformat(), "until": (now + hold).isoformat()}
+    earlier = t.metrics.get(STORAGE_WAIT_KEY)
+    if weights_of is None and waited > timedelta(0) and isinstance(earlier, dict):
+        weights_of = earlier.get("weights_of")
+    if weights_of is not None:
+        note["weights_of"] = weights_of
+    metrics = {**t.metrics, STORAGE_WAIT_KEY: note}
     if now - since >= limit:
         return dataclasses.replace(step_away(t, now, reason=reason, hold=hold), metrics=metrics)
     return _waiting(t, now, reason=reason, hold=hold, metrics=metrics)
@@ -308,6 +317,17 @@ def storage_waited(t: Training, now: datetime) -> timedelta:
     except (KeyError, ValueError):
         return timedelta(0)
     return now - began if now - ended <= STORAGE_WAIT_BREAK else timedelta(0)
+
+
+def storage_waited_for_weights(t: Training, now: datetime) -> timedelta:
+    """``storage_waited``, counted only when the outage's waits held the finished output of
+    ``t``'s current remote run (``wait_out(weights_of=)``): a wait while its photos were read
+    before the run was made is not one its output could expire in."""
+    note = t.metrics.get(STORAGE_WAIT_KEY)
+    if (t.remote_id is None or not isinstance(note, dict)
+            or note.get("weights_of") != t.remote_id):
+        return timedelta(0)
+    return storage_waited(t, now)
 
 
 # The key of ``Training.metrics`` that holds when the training's current wait for room began, and

@@ -94,6 +94,7 @@ from selfie_lora.domain.lease import (
     scoring_stops,
     step_away,
     storage_waited,
+    storage_waited_for_weights,
     wait_for_room,
     wait_out,
     wait_text,
@@ -1266,8 +1267,13 @@ class TrainingService:
         reason = f"{exc.reason} (the object storage could not be reached; tried again by itself)"
         limit = limit or self.lease.storage_wait_limit
 
+        # Only a wait to store a remote run's downloaded output is one that output can expire
+        # in (``_expired_while_storage_away``); the photos' read before the run is not.
+        weights_of = exc.remote_id if exc.reason == WEIGHTS_NOT_STORED else None
+
         def leave(t: Training, gap: timedelta) -> Training:
-            return wait_out(t, self._clock(), reason=reason, hold=gap, limit=limit)
+            return wait_out(t, self._clock(), reason=reason, hold=gap, limit=limit,
+                            weights_of=weights_of)
 
         left, gap, began = self._wait(held, self._storage, ticket=held.storage_ticket,
                                       leave=leave, doing="leave it to wait for the storage")
@@ -1522,13 +1528,15 @@ class TrainingService:
 
     def _expired_while_storage_away(self, current: Training,
                                     exc: WeightsNotFoundError) -> WeightsNotFoundError:
-        """``exc`` said as what it is when the training waited for the object storage in the
-        outage still going (``storage_waited``: its waits began, the last one ended under
-        ``STORAGE_WAIT_BREAK`` ago): the output expired while the storage was away, and the
-        training must be run again. The backend's sentence ("could no longer be downloaded")
-        said neither."""
+        """``exc`` said as what it is when the training waited for the object storage to store
+        this run's output, in the outage still going (``storage_waited_for_weights``: its waits
+        began, the last one ended under ``STORAGE_WAIT_BREAK`` ago): the output expired while
+        the storage was away, and the training must be run again. The backend's sentence
+        ("could no longer be downloaded") said neither. A wait for anything else (the photos
+        read before the run was made) keeps the backend's sentence: a 401/403 on the download
+        then is not the wait's."""
         now = self._clock()
-        waited = storage_waited(current, now)
+        waited = storage_waited_for_weights(current, now)
         if waited <= timedelta(0):
             return exc
         since = now - waited
