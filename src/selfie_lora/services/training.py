@@ -1960,12 +1960,19 @@ class _SeenAway:
                 return  # the outage goes on
             self._spans = [*self._spans[-(self._KEPT - 1):], (at, None)]
 
-    def back(self, at: datetime) -> None:
-        if not self._spans or self._spans[-1][1] is not None:  # the usual case: no lock
-            return
+    def back(self, at: datetime, *, began: datetime | None = None) -> None:
+        """A success, completed ``at``, of a call begun at ``began`` (``at`` if not given):
+        ends the open span, unless the call began before that span did. A slow heartbeat begun
+        before another thread saw the outage says nothing of its end: closing the span then
+        (with the beat's start time, before the span's own) left the outage, still going,
+        uncovered, and a take-over over it was counted."""
         with self._lock:
-            if self._spans and self._spans[-1][1] is None:
-                self._spans[-1] = (self._spans[-1][0], at)
+            if not self._spans or self._spans[-1][1] is not None:
+                return
+            opened = self._spans[-1][0]
+            if (began or at) < opened:
+                return
+            self._spans[-1] = (opened, at)
 
     def spans(self, now: datetime) -> list[tuple[datetime, datetime]]:
         with self._lock:
@@ -1974,12 +1981,13 @@ class _SeenAway:
     @contextmanager
     def watch(self, clock: Callable[[], datetime]) -> Iterator[None]:
         """Notes the block's ``DatabaseUnreachableError`` (raised on) or its success."""
+        began = clock()
         try:
             yield
         except DatabaseUnreachableError:
             self.away(clock())
             raise
-        self.back(clock())
+        self.back(clock(), began=began)
 
 
 def _failure_level(outage: Outage, ticket: int, exc: SelfieLoraError, *,
@@ -2160,7 +2168,9 @@ class _Held:
                 logger.exception("training %s: heartbeat failed", self.training_id)
                 continue
             self.answered(tickets)
-            self._service._database_away.back(now)
+            # When the renewal completed, and only if it began after the outage was seen
+            # (``_SeenAway.back``): ``now`` was read before a renewal that may have been slow.
+            self._service._database_away.back(self._service._clock(), began=now)
             if not kept:
                 self.lost.set()
                 if self._ended():
