@@ -278,6 +278,10 @@ def test_a_heartbeat_on_a_full_database_disk_says_it_once_and_its_end_once(
     assert all(r.exc_info is None for r in beats)
     ends = [r for r in caplog.records if "takes writes again" in r.getMessage()]
     assert [r.levelno for r in ends] == [logging.INFO]
+    # Noted as the database away, ended by the renewals after it: a take-over of a lease that
+    # ran out meanwhile counts no attempt (old code: no span, the full disk not noted).
+    after = datetime.now(UTC)
+    assert [ended < after for _, ended in worker._database_away.spans(after)] == [True]
 
 
 class CountedRenewals(SqlRepository):
@@ -482,6 +486,48 @@ def test_a_take_over_by_another_worker_after_a_database_outage_spends_no_attempt
     else:
         assert final.recoveries == 1
         assert "takes it over from A, which stopped holding it" in caplog.text
+
+
+class DiskFullForReconcile(SqlRepository):
+    """The database, but while ``full`` its reconciler's first write fails as on a full disk
+    (SQLite's "database or disk is full"): here its read of the active trainings."""
+
+    full = False
+
+    def active_trainings(self) -> Any:
+        if self.full:
+            raise StorageFullError("database error: the disk holding /srv/selfie-lora.db is "
+                                   "full: database or disk is full")
+        return super().active_trainings()
+
+
+def test_a_take_over_after_a_full_database_disk_spends_no_attempt(
+        machine: Machine, caplog: pytest.LogCaptureFixture) -> None:
+    """A full database disk refuses every heartbeat's renewal, so the holder's lease runs out as
+    in an outage of the server (README: an outage of the machine). Only an unreachable database
+    was noted by the worker that took it over, so once space was freed its take-over counted an
+    attempt "from A, which stopped holding it". Now a full disk seen over the lease's expiry
+    counts none either."""
+    svc = machine.worker(FakeTrainer(steps=3))
+    repo_b = DiskFullForReconcile(svc.engine)
+    worker_b = machine.training_service(svc, repo_b)
+    training_id = queued_for_ann(svc)
+    assert svc.training._claim(training_id, owner="A", stopping=threading.Event()) is not None
+    repo_b.full = True  # B's reconciler meets the full disk while A's beats fail on it
+    with pytest.raises(StorageFullError):
+        worker_b.reconcile()
+    repo_b.full = False  # space is freed
+    with svc.repo.atomic() as tx:  # A's lease ran out meanwhile (its renewals refused)
+        current = tx.get_training(training_id, for_update=True)
+        assert current is not None
+        tx.save_training(dataclasses.replace(current, lease_expires_at=datetime.now(UTC)))
+
+    caplog.set_level(logging.INFO, logger="selfie_lora.services.training")
+    worker_b.run(training_id, owner="B")
+    final = row(svc, training_id)
+    assert (final.status, final.attempt) == (TrainingStatus.SUCCEEDED, 2)
+    assert final.recoveries == 0  # old code: 1
+    assert "its disk was full (attempt 2, queued): not counted" in caplog.text
 
 
 class ArmingGenerator(FakeGenerator):

@@ -36,7 +36,8 @@ database server itself could not be reached (``DatabaseUnreachableError``: down,
 step-away spends none of its attempts: the owner is let go (``_leave_for_outage``), or, when the
 database cannot record even that, this worker's next claim counts nothing (``_left_uncounted``),
 and another worker's take-over counts nothing when that worker saw the database away itself
-over the lease's expiry (``lost_to_database_outage``).
+(unreachable, or its disk full: a heartbeat fails either way) over the lease's expiry
+(``lost_to_database_outage``).
 A full disk (the worker's, the blob store's or the database's: ENOSPC, a quota,
 ``StorageFullError``) is an outage of the machine, not a fault of the training nor of its worker:
 the worker leaves the training to wait for room (``wait_for_room``) without spending one of its
@@ -355,8 +356,9 @@ class TrainingService:
         # The trainings this worker left uncounted (a wait above, a database outage) while the
         # database could not record it: their next claim here counts no recovery either.
         self._left_uncounted: set[str] = set()
-        # When this worker saw the database away: a lease that ran out meanwhile was lost to
-        # the outage, and its take-over here counts no recovery (``lost_to_database_outage``).
+        # When this worker saw the database away (or its disk full): a lease that ran out
+        # meanwhile was lost to the outage, and its take-over here counts no recovery
+        # (``lost_to_database_outage``).
         self._database_away = _SeenAway()
 
     # ------------------------------------------------------------------ start (every entry point)
@@ -1089,8 +1091,8 @@ class TrainingService:
                 claimed = dataclasses.replace(current, lease_owner=None)
             elif (not lease_is_live(current, self._clock()) and lost_to_database_outage(
                     current, self._database_away.spans(self._clock()), policy=self.lease)):
-                # Its lease ran out while this worker saw the database away: its holder could
-                # not renew it (nor write its step-away), whoever takes it over.
+                # Its lease ran out while this worker saw the database away (or its disk full):
+                # its holder could not renew it (nor write its step-away), whoever takes it over.
                 claimed = dataclasses.replace(current, lease_owner=None)
                 outage_lost = True
             outcome, updated = claim(claimed, owner=owner, now=self._clock(), policy=self.lease)
@@ -1133,8 +1135,9 @@ class TrainingService:
             return None
         if outage_lost:
             logger.warning("training %s: %s takes it over from %s, whose lease ran out while the "
-                           "database could not be reached (attempt %d, %s): not counted as one "
-                           "of its attempts", training_id, owner, current.lease_owner,
+                           "database could not be reached or its disk was full (attempt %d, %s): "
+                           "not counted as one of its attempts", training_id, owner,
+                           current.lease_owner,
                            updated.attempt, updated.status)
         elif claimed.lease_owner is not None:  # not one that waited for room here
             # A worker is named by its machine and index: its own name is this worker restarted.
@@ -1943,10 +1946,20 @@ class _Waits:
         return True
 
 
+# What a heartbeat, a claim or a reconcile meets while the database is away for every worker:
+# the server unreachable, or its disk full (SQLite's "database or disk is full", PostgreSQL's
+# disk_full). Either way no holder renews its lease (a full disk refuses the renewal's write
+# beat after beat), so a lease that ran out meanwhile was lost to the outage
+# (``lost_to_database_outage``). In a reconcile a full disk may be the blob store's too: an
+# outage of the machine all the same, which its trainings wait out.
+_DATABASE_OUTAGES: tuple[type[SelfieLoraError], ...] = (DatabaseUnreachableError,
+                                                        StorageFullError)
+
+
 class _SeenAway:
-    """When this process saw the database away (``DatabaseUnreachableError``): spans from the
-    first failure to the first success after (an open span ends now), the last few kept.
-    Shared by threads."""
+    """When this process saw the database away (``_DATABASE_OUTAGES``: unreachable, or its disk
+    full): spans from the first failure to the first success after (an open span ends now), the
+    last few kept. Shared by threads."""
 
     _KEPT = 16
 
@@ -1980,11 +1993,11 @@ class _SeenAway:
 
     @contextmanager
     def watch(self, clock: Callable[[], datetime]) -> Iterator[None]:
-        """Notes the block's ``DatabaseUnreachableError`` (raised on) or its success."""
+        """Notes the block's ``_DATABASE_OUTAGES`` (raised on) or its success."""
         began = clock()
         try:
             yield
-        except DatabaseUnreachableError:
+        except _DATABASE_OUTAGES:
             self.away(clock())
             raise
         self.back(clock(), began=began)
@@ -2158,7 +2171,7 @@ class _Held:
                 # The database is unreachable: try again at the next beat. If it stays away the
                 # lease expires, another worker takes over and this one's writes are refused.
                 self.failed(exc, tickets, what="heartbeat failed")
-                if isinstance(exc, DatabaseUnreachableError):
+                if isinstance(exc, _DATABASE_OUTAGES):
                     self._service._database_away.away(now)
                 continue
             except Exception:
