@@ -530,6 +530,39 @@ def test_a_take_over_after_a_full_database_disk_spends_no_attempt(
     assert "its disk was full (attempt 2, queued): not counted" in caplog.text
 
 
+@pytest.mark.parametrize(("before", "said"), [
+    ("B", "training {id}: B continues it after this worker's restart: its previous process's "
+          "lease ran out while the database could not be reached or its disk was full (attempt "
+          "2, queued): not counted as one of its attempts"),
+    ("A", "training {id}: B takes it over from A, whose lease ran out while the database could "
+          "not be reached or its disk was full (attempt 2, queued): not counted as one of its "
+          "attempts"),
+], ids=["same-name", "another-worker"])
+def test_a_take_over_after_an_outage_from_this_worker_s_own_name_says_it_restarted(
+        machine: Machine, caplog: pytest.LogCaptureFixture, before: str, said: str) -> None:
+    """Worker B restarted (same name) and saw the database away over its old lease's expiry: the
+    take-over was logged "B takes it over from B", where the one with no outage says it
+    continues after this worker's restart."""
+    svc = machine.worker(FakeTrainer())
+    repo_b = DiskFullForReconcile(svc.engine)
+    worker_b = machine.training_service(svc, repo_b)
+    training_id = queued_for_ann(svc)
+    assert svc.training._claim(training_id, owner=before, stopping=threading.Event()) is not None
+    repo_b.full = True
+    with pytest.raises(StorageFullError):
+        worker_b.reconcile()
+    repo_b.full = False
+    with svc.repo.atomic() as tx:  # the lease ran out in the outage
+        current = tx.get_training(training_id, for_update=True)
+        assert current is not None
+        tx.save_training(dataclasses.replace(current, lease_expires_at=datetime.now(UTC)))
+    caplog.set_level(logging.INFO, logger="selfie_lora.services.training")
+    assert worker_b._claim(training_id, owner="B", stopping=threading.Event()) is not None
+    assert [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith(f"training {training_id}: ")] == [
+        said.format(id=training_id)]
+
+
 class ArmingGenerator(FakeGenerator):
     """The fake generator, which arms ``repo`` (its next transaction fails) at the first probe
     of a scoring: the next transaction the worker makes is the gate's decision."""

@@ -1134,10 +1134,13 @@ class TrainingService:
             self._checkpoints.drop(training_id)  # failed: it will never be resumed
             return None
         if outage_lost:
-            logger.warning("training %s: %s takes it over from %s, whose lease ran out while the "
-                           "database could not be reached or its disk was full (attempt %d, %s): "
-                           "not counted as one of its attempts", training_id, owner,
-                           current.lease_owner,
+            # Worded as the branch below: its own name is this worker restarted.
+            logger.warning("training %s: %s %s lease ran out while the database could not be "
+                           "reached or its disk was full (attempt %d, %s): not counted as one "
+                           "of its attempts", training_id, owner,
+                           f"takes it over from {current.lease_owner}, whose"
+                           if current.lease_owner != owner else "continues it after this "
+                           "worker's restart: its previous process's",
                            updated.attempt, updated.status)
         elif claimed.lease_owner is not None:  # not one that waited for room here
             # A worker is named by its machine and index: its own name is this worker restarted.
