@@ -17,7 +17,12 @@ import pytest
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import GateStatus, Training, TrainingStatus
 from selfie_lora.domain.likeness import LikenessStatus
-from selfie_lora.errors import BlobStoreUnreachableError, StorageError, StorageSettingsError
+from selfie_lora.errors import (
+    BlobStoreUnreachableError,
+    StorageError,
+    StorageFullError,
+    StorageSettingsError,
+)
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import LoopOutages
 from selfie_lora.services.ports import TrainingJob
@@ -596,6 +601,44 @@ class _BrokenDeleteStore(FileSystemBlobStore):
         if self.broken_since and self.broken is not None:
             raise self.broken
         super().delete(key)
+
+
+def test_an_account_deletion_on_a_full_disk_is_tried_again_soon_and_said_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk is an outage of the machine, over once space is freed, as trainings, scoring
+    and gc treat it. The check parked such a deletion for 24 h in an ERROR line: once the
+    operator freed space, a person's data stayed up to a day longer. Now it is tried again at
+    the short wait, said once (WARNING) while the disk stays full, and finishes once freed."""
+    with _ann_deleting(tmp_path, _BrokenDeleteStore, then="broken_since") as (
+            _client, services, _ann, store):
+        store.broken = StorageFullError(
+            "blob 'photos/x' cannot be deleted: the disk holding /srv/blobs is full")
+        erasure = services.erasure
+        with pytest.raises(StorageFullError):
+            erasure.erase(name="ann")
+        [(_name, due)] = erasure.pending()
+        # Tried again at the next check once space is freed (old code: the dead-process wait).
+        assert due - datetime.now(UTC) < timedelta(seconds=60)
+        levels = []
+        for _ in range(3):  # the disk stays full: each check tries again in 30 s
+            [(_name, due)] = erasure.pending()
+            now = due + timedelta(seconds=1)
+            erasure._clock = lambda now=now: now  # type: ignore[attr-defined]
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="selfie_lora.services.erasure"):
+                assert erasure.finish_pending() == []
+            assert all(r.levelno < logging.ERROR for r in caplog.records), caplog.text
+            [(_name, due)] = erasure.pending()
+            assert due - now <= timedelta(seconds=30)  # old code: 24 h (parked)
+            levels += [r.levelno for r in caplog.records if "could not be finished" in r.message]
+        # Said once while the disk stays full, the checks between at DEBUG.
+        assert levels == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+        store.broken = None  # space is freed
+        later = due + timedelta(seconds=1)
+        erasure._clock = lambda: later  # type: ignore[attr-defined]
+        [summary] = erasure.finish_pending()
+        assert summary.name == "ann"
+        assert erasure.pending() == []
 
 
 @pytest.mark.parametrize("error", [

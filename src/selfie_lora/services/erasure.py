@@ -31,8 +31,10 @@ account deleted through the API or the web page cannot run it again (step 2 lock
 ``selfie-lora gc``) finishes a deletion asked for longer ago than a live one takes
 (``resume_after``), as the command run again would, after the same check of the store's marker:
 refused, every one stays pending and due, and the refusal is logged. One that fails there on an
-outage is due again soon (``ERASURE_RETRY``); on anything else, which no wait mends, it is parked
-(``ERASURE_PARKED``) in one ERROR line naming ``users delete``, which finishes it at once.
+outage is due again soon (``ERASURE_RETRY``): the object storage or the database away, or a full
+disk (an outage of the machine, over once space is freed, as trainings and gc wait it out; said
+once while it lasts); on anything else, which no wait mends, it is parked (``ERASURE_PARKED``)
+in one ERROR line naming ``users delete``, which finishes it at once.
 """
 
 from __future__ import annotations
@@ -56,10 +58,11 @@ from selfie_lora.errors import (
     ErrorCode,
     SelfieLoraError,
     StorageError,
+    StorageFullError,
     StorageUnavailableError,
     describe,
 )
-from selfie_lora.services.common import utcnow
+from selfie_lora.services.common import Outage, utcnow
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.layout import (
     checkpoint_prefix,
@@ -179,6 +182,9 @@ class AccountEraser:
         self._clock = clock
         # A deletion asked for longer ago than this is one whose process stopped.
         self.resume_after = API_KEY_CACHE_TTL + stop_wait + RESUME_MARGIN
+        # A full disk met by ``finish_pending``: said once while it lasts, where each check
+        # (30 s apart, for hours until space is freed) said a WARNING.
+        self._full = Outage()
 
     def confirmed(self, *, name: str, typed: str | None) -> bool:
         """Whether ``typed`` (the name typed again to confirm: the API's ``confirm``, the
@@ -228,12 +234,17 @@ class AccountEraser:
             # The account is disabled: a retry is refused (403), so "retry in a moment" was
             # false, and the rest waited ``resume_after`` (10 min), meant for a dead process,
             # though this one is alive. Due again soon instead, at the next check. Only an
-            # outage, which passes: another storage error (refused keys, a missing bucket, a
-            # full disk) never finishes on its own, and its 500 says what is wrong.
+            # outage, which passes: another storage error (refused keys, a missing bucket)
+            # never finishes on its own, and its 500 says what is wrong.
             self._due_soon(user)
             raise ErasureContinuesError(
                 f"user {user.name}: the deletion was cut short ({exc.message}); the account is "
                 f"disabled, and the deletion is tried again in {wait_text(ERASURE_RETRY)}") from exc
+        except StorageFullError:
+            # Its 507 says what to do (free space), which no wait does; but once space is freed
+            # it finishes by itself as the checks' full disk does (``finish_pending``): due soon.
+            self._due_soon(user)
+            raise
 
     def finish_pending(self, *,
                        stopping: threading.Event | None = None) -> list[ErasureSummary]:
@@ -274,6 +285,7 @@ class AccountEraser:
                 break
             if not self._repo.request_erasure(user.id, at=now, requested_before=due):
                 continue  # another process claimed it meanwhile
+            ticket = self._full.attempt()
             try:
                 # Forced: its owner asked for the deletion, and a training started since (the
                 # only one a disabled account can have) must not hold it up for ever.
@@ -289,6 +301,15 @@ class AccountEraser:
                 self._due_soon(user)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
                                "again in %s", user.name, exc.message, wait_text(ERASURE_RETRY))
+            except StorageFullError as exc:
+                # An outage of the machine, over once space is freed (as trainings, scoring and
+                # gc take it), not a fault to park for a day: parked, the person's data stayed
+                # up to 24 h past the freeing. Due again soon, said once while the disk is full.
+                self._due_soon(user)
+                logger.log(logging.WARNING if self._full.begins(ticket=ticket) else logging.DEBUG,
+                           "user %s: the deletion could not be finished now: %s; tried again in "
+                           "%s (said once while the disk stays full: free space and it finishes "
+                           "by itself)", user.name, exc.message, wait_text(ERASURE_RETRY))
             except ErasureBlockedError as exc:  # expected (a training that does not stop yet)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
                                "again in %s", user.name, exc.message, wait_text(self.resume_after))
@@ -298,6 +319,7 @@ class AccountEraser:
                 self._unclaim(user, claimed_at=now)
                 raise
             else:
+                self._full.ends(ticket=ticket)  # the disk takes writes: the next full one is said
                 # Said once it is done, not before: while an outage lasted each retry said
                 # "finishing" and then "could not be finished now", two lines where the second
                 # says it all. Not "whose process stopped": one cut short by an outage is due
@@ -318,7 +340,7 @@ class AccountEraser:
 
     def _park(self, user: User, exc: Exception) -> None:
         """A deletion that failed on what is not an outage (refused keys, a blob file it may not
-        remove, a full disk, a bug): no wait mends it, so it is not tried again at each
+        remove, a bug): no wait mends it, so it is not tried again at each
         dead-process wait (10 min 31 s, a traceback each time, for ever) but parked:
         due ``ERASURE_PARKED`` from now (its owner asked for it: it must not be dropped should
         the operator miss the line), said in one ERROR line naming the command that finishes it
