@@ -441,7 +441,9 @@ def test_a_version_held_on_face_share_shows_its_change_on_the_versions_page(rig:
                         active_version_id=rig.model(ann).active_version_id, photos={})
     changes = {row["version"].number: row["change"] for row in rows}
     assert changes == {2: "-100% faces vs v1", 1: None}
-    assert {row["version"].number: row["faces"] for row in rows} == {2: 0.0, 1: 1.0}
+    # What the Likeness column shows: each version's face share, the gate's measure here.
+    assert {row["version"].number: row["likeness"] for row in rows} == {
+        2: "0% faces", 1: "100% faces"}
 
 
 def test_the_probe_set_is_fixed_per_model_and_each_model_has_its_own(rig: Rig) -> None:
@@ -1050,8 +1052,8 @@ def test_the_versions_page_shows_the_gates_change_not_scores_on_other_photos(
         rows = version_rows(versions, active_version_id=r.model(ann).active_version_id,
                             photos=r.models.photos_used(user=ann))
         assert [row["version"].number for row in rows] == [2, 1]
-        assert rows[0]["delta"] == pytest.approx(0.0)
-        assert rows[1]["delta"] is None  # the first version had nothing to beat
+        assert rows[0]["change"] == "+0.000 vs v1"  # no drop shown: the gate saw none
+        assert rows[1]["change"] is None  # the first version had nothing to beat
     finally:
         r.close()
 
@@ -1071,10 +1073,10 @@ def test_the_versions_page_names_the_version_each_change_is_against(rig: Rig) ->
     rows = version_rows(rig.models.versions_with_likeness(user=ann),
                         active_version_id=rig.model(ann).active_version_id, photos={})
     changes = {row["version"].number: row["change"] for row in rows}
-    deltas = {row["version"].number: row["delta"] for row in rows}
-    assert changes[3] == f"{deltas[3]:+.3f} vs v1"
-    assert changes[2] == f"{deltas[2]:+.3f} vs v1"
-    assert deltas[2] < -0.3  # the held drop, against v1 too
+    # The drops the gate stored against v1, as the column writes them (0.0 - 0.0: "+0.000").
+    assert changes[3] == f"{0.0 - v3.gate_details['drop']:+.3f} vs v1"
+    assert changes[2] == f"{0.0 - v2.gate_details['drop']:+.3f} vs v1"
+    assert v2.gate_details["drop"] > 0.3  # the held drop, against v1 too
     assert changes[1] is None  # nothing to beat
 
 

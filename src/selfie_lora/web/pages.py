@@ -671,12 +671,6 @@ def version_rows(versions: Sequence[tuple[Version, LikenessFacts | None]], *,
     rows = []
     active_number = next((v.number for v, _ in versions if v.id == active_version_id), None)
     for version, record in versions:
-        headline = (record.scores.headline()
-                    if record is not None and record.scores is not None else None)
-        identity = headline.get("identity") if headline is not None else None
-        # Training photos without a face: no identity, the version is shown by its face share.
-        faces = (headline.get("face_share") if headline is not None
-                 and gate_measure(headline) is GateMeasure.FACE_SHARE else None)
         gate = _gate_change(version.gate_details)
         delta = gate[2] - gate[1] if gate is not None else None
         against = version.gate_details.get("baseline_version_number")
@@ -691,8 +685,9 @@ def version_rows(versions: Sequence[tuple[Version, LikenessFacts | None]], *,
         if change is not None and decided_on_baseline_photos(version.gate_details) is not None:
             change += f" on v{against}'s photos" if isinstance(against, int) else (
                 " on the photos of the version it was judged against")
-        rows.append({"version": version, "record": record, "identity": identity,
-                     "faces": faces, "delta": delta, "change": change,
+        # What the page shows, no more: its Likeness worked out once, by likeness_cell, as
+        # ``selfie-lora versions`` prints it.
+        rows.append({"version": version, "change": change,
                      "likeness": likeness_cell(version, record), "gate": gate_cell(version),
                      "active": active_version_id == version.id,
                      # The gate's reason as of now: "it is active" on a rolled-back version
