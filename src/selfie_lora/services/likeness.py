@@ -1058,8 +1058,14 @@ class LikenessService:
             return None
         if not _needs_probes(record, reference):
             return record.scores
-        # A summary has no probes to score again (the caller reads those records whole).
-        assert isinstance(record, VersionLikeness), record.version_id
+        if not isinstance(record, VersionLikeness):
+            # A summary has no probes to score again: the chart reads those records whole, in
+            # a second read, and one rescored or deleted in between (a rescore or a version
+            # deletion at the same time) comes back changed or not at all. A gap in the chart,
+            # not a 500: its next drawing reads it again.
+            logger.debug("version %s: its likeness record changed while it was read; "
+                         "no score", record.version_id)
+            return None
         return score_probes(record.probes, reference.embeddings)
 
     def _baseline_of(self, model: Model, version: Version, *,
