@@ -276,6 +276,26 @@ def test_a_page_of_the_log_reads_its_own_trainings_not_the_whole_history(
         assert not whole, (url, whole)
 
 
+def test_a_page_of_versions_reads_the_likeness_of_its_own_versions_not_the_whole_model(
+        trained: TestClient, svc: Services, statements: Statements, key: str) -> None:
+    """``GET /api/model/versions?limit=5`` read the likeness summary of every version of the
+    model (72 here) to show 5, where the log's pages read only their own."""
+    scored_history(svc, "ann", 71)
+    whole = trained.get("/api/model/versions", headers={"Authorization": key}).json()
+    assert all(v["quality"] is not None for v in whole["versions"])
+    first, older = "/api/model/versions?limit=5", "/api/model/versions?limit=5&before=40"
+    statements.during(trained, first, Authorization=key)  # the key's first check reads its user
+    for url in (first, older):
+        reads = [s for s in history_reads(statements.during(trained, url, Authorization=key))
+                 if "\nFROM version_quality" in s]
+        assert len(reads) == 1, (url, reads)
+        # The five shown versions' records, named: not every record of the model.
+        assert "IN (" in reads[0], (url, reads)
+    pages = walk(trained, "/api/model/versions", 5, Authorization=key)
+    # Each version's scores as the whole list has them.
+    assert [v for p in pages for v in p["versions"]] == whole["versions"]
+
+
 def test_the_generate_page_reads_the_versions_once_and_no_likeness_record(
         trained: TestClient, svc: Services, statements: Statements) -> None:
     user = svc.users.get_by_name(name="ann")

@@ -215,8 +215,12 @@ class ModelService:
         rows = self._repo.list_versions(
             model.id, below=below, limit=page_limit(limit) + 1 if limit is not None else None)
         shown = rows[:limit] if limit is not None else rows
-        # The summaries: the answer has each version's headline scores, not its probes.
-        records = {r.version_id: r for r in self._repo.list_likeness_summaries(model.id)}
+        # The summaries: the answer has each version's headline scores, not its probes. A
+        # page's own versions' only, as the log's pages read theirs: every record of the model
+        # for five versions cost a read that grew with every training. The whole list reads
+        # them all (a filter naming every version would only lengthen the query).
+        records = {r.version_id: r for r in self._repo.list_likeness_summaries(
+            model.id, version_ids={v.id for v in shown} if limit is not None else None)}
         older = str(shown[-1].number) if limit is not None and len(rows) > limit else None
         return VersionsPage(versions=[(v, records.get(v.id)) for v in shown], older=older)
 
