@@ -3552,6 +3552,35 @@ def test_head_answers_as_get_on_pages_api_reads_and_file_downloads(
     assert ann.post("/photos", data={"csrf_token": csrf(ann)}).headers["allow"] == "GET, HEAD"
 
 
+def test_a_head_leaves_a_page_s_one_time_notice_and_typed_fields_to_its_get(
+        ann: TestClient) -> None:
+    """HEAD ran as the page's GET (HeadAsGet), which used up the one-time cookies that GET
+    shows (found in review): a HEAD of the page a form led to (a link checker's, curl -I) sent
+    their clearing Set-Cookie, and the browser's GET then said nothing of what the form did
+    nor showed what was typed. The HEAD clears none; the GET shows them, once."""
+    two_versions(ann)
+    r = ann.post("/model/scale", data={"csrf_token": csrf(ann, "/generate"), "lora_scale": "0.9",
+                                       "prompt": "a hat and a coat", "seed": "7"},
+                 follow_redirects=False)
+    assert r.status_code == 303
+    head = ann.head(r.headers["location"])
+    assert head.status_code == 200
+    assert "set-cookie" not in head.headers  # old code: sl_notice and sl_typed cleared
+    page = ann.get(r.headers["location"]).text
+    assert "Scale 0.9 saved" in page
+    assert ">a hat and a coat</textarea>" in page
+    again = ann.get(r.headers["location"]).text
+    assert "Scale 0.9 saved" not in again  # once, as before
+    assert ">a hat and a coat</textarea>" not in again
+
+    gone = ann.post("/signout", data={"csrf_token": csrf(ann)}, follow_redirects=False)
+    assert gone.headers["location"] == "/signin"
+    head = ann.head("/signin")
+    assert "sl_notice" not in head.headers.get("set-cookie", "")  # the form's cookie alone
+    assert "You signed out." in ann.get("/signin").text
+    assert "You signed out." not in ann.get("/signin").text
+
+
 def test_a_head_of_a_photo_file_does_not_read_the_photo_from_the_storage(
         ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     """HEAD ran as the path's GET (HeadAsGet): for a streamed answer, a photo from the

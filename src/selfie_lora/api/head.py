@@ -8,6 +8,11 @@ theirs unread) keeps it, and the static files answer HEAD themselves. A GET whos
 streamed from the storage needs its own: run as its GET here, a HEAD reads the whole stream and
 drops it (this middleware cannot reach the response's iterator to close it, and leaving its loop
 early leaves the file open until it is collected).
+
+A HEAD run as its GET has the GET's effects, but one: the pages' one-time cookies (a notice, the
+typed fields: ``Web.render``) are not cleared by it, so that a HEAD (a link checker's, ``curl
+-I``) does not use up what the next GET of the page shows. The scope it runs with says so
+(``ran_for_head``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,14 @@ from collections.abc import Sequence
 
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+# Set on the scope a HEAD runs as its GET with (an ASGI scope may carry keys of its own).
+_FOR_HEAD = "selfie_lora.head_as_get"
+
+
+def ran_for_head(scope: Scope) -> bool:
+    """Whether this GET's answer goes to a HEAD (``HeadAsGet``): its body is never sent."""
+    return bool(scope.get(_FOR_HEAD))
 
 
 def allow_with_head(allowed: set[str]) -> set[str]:
@@ -41,7 +54,7 @@ class HeadAsGet:
         if scope["type"] != "http" or scope["method"] != "HEAD" or self._matches(scope):
             await self._app(scope, receive, send)
             return
-        as_get = {**scope, "method": "GET"}
+        as_get = {**scope, "method": "GET", _FOR_HEAD: True}
         if not self._matches(as_get):
             await self._app(scope, receive, send)  # no GET either: its 404 or 405 as before
             return

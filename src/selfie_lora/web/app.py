@@ -19,6 +19,7 @@ from starlette.requests import cookie_parser
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from selfie_lora.api.head import ran_for_head
 from selfie_lora.api.server_errors import report_server_error, retry_after_header
 from selfie_lora.domain.entities import User, WebSession
 from selfie_lora.domain.plan import lora_scale_text
@@ -273,8 +274,11 @@ class Web:
             signup=self.services.users.signup_enabled, done_notice=done, **context)
         response = HTMLResponse(html, status_code=status_code)
         # The one-time cookies this page showed (``take_notice``, ``take_typed``, the done
-        # notice above): not again on a reload. One place, not each page clearing its own.
-        for name in sorted(_shown_cookies(request)):
+        # notice above): not again on a reload. One place, not each page clearing its own. Not
+        # for a HEAD (run as this GET, api.head): it shows nothing, and a link checker's HEAD
+        # used up what the browser's next GET of the page was to show.
+        shown = set() if ran_for_head(request.scope) else _shown_cookies(request)
+        for name in sorted(shown):
             if name in request.cookies:
                 self._clear_cookie(response, request, name)
         if viewer is not None:
