@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from selfie_lora import console as console_module
 from selfie_lora import wiring
 from selfie_lora.cli import app
 from selfie_lora.config import get_settings
@@ -30,6 +31,11 @@ def cli(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[CliRunner]:
     drawings), fake backends, wide enough that rich wraps nothing."""
     monkeypatch.setenv("SELFIE_LORA_MIN_PHOTOS", "5")
     monkeypatch.setenv("COLUMNS", "400")
+    # COLUMNS alone is read by a console made without a width: in a full run another test's
+    # settings may have fixed the shared consoles' width first (as in test_cli_check), and the
+    # findings table then wrapped its advice across lines.
+    monkeypatch.setattr(console_module.console, "_width", 400)
+    monkeypatch.setattr(console_module.err_console, "_width", 400)
     get_settings.cache_clear()
     real, real_checks = wiring.build_services, wiring.build_photo_checks
 
