@@ -8,7 +8,6 @@ stored and memory bounded.
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import json
 import random
@@ -27,7 +26,7 @@ from selfie_lora.api.app import create_app
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, one_person_analyzer, serving
-from tests.support.asgi import multipart, post_in_messages
+from tests.support.asgi import multipart, traced_post_in_messages
 from tests.support.hostile import CASES, MB, Case, encode, jpeg, zip_of
 from tests.support.photos import synthetic_photo
 
@@ -254,14 +253,8 @@ def test_a_file_sent_one_by_one_is_held_once_while_the_upload_is_read(
     sent.append(("big.jpg", random.Random(0).randbytes(20 * MB)))
     body, content_type = multipart(sent, {"start": "false"})
     del sent
-    gc.collect()
-    tracemalloc.start()
-    try:
-        status, answer = post_in_messages(client, "/api/training/upload", headers, body,
-                                          content_type)
-        _current, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    status, answer, peak = traced_post_in_messages(client, "/api/training/upload", headers,
+                                                   body, content_type)
     assert status == 202, answer
     assert peak < 1.7 * len(body), f"peak {peak / MB:.1f} MB for {len(body) / MB:.1f} MB"
 
@@ -276,14 +269,8 @@ def test_a_file_larger_than_a_photo_may_be_is_refused_unread_among_the_files_sen
     sent.append(("IMG_0042.DNG", bytes(51 * MB)))
     body, content_type = multipart(sent, {"start": "false"})
     del sent
-    gc.collect()
-    tracemalloc.start()
-    try:
-        status, answer = post_in_messages(client, "/api/training/upload", headers, body,
-                                          content_type)
-        _current, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    status, answer, peak = traced_post_in_messages(client, "/api/training/upload", headers,
+                                                   body, content_type)
     assert status == 202, answer
     dataset = json.loads(answer)["dataset"]
     assert dataset["images_accepted"] == 3

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import gc
 import hashlib
 import html
 import inspect
@@ -16,7 +15,6 @@ import logging
 import re
 import threading
 import time
-import tracemalloc
 import unicodedata
 import zipfile
 import zlib
@@ -58,7 +56,7 @@ from selfie_lora.web.app import WEB_ROOT
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
 from tests.integration.test_accounts import HookedHasher
-from tests.support.asgi import multipart, post_in_messages
+from tests.support.asgi import multipart, traced_post_in_messages
 from tests.support.clock import Clock
 from tests.support.generations import held_generations
 from tests.support.legacy import legacy_user
@@ -1072,14 +1070,8 @@ def test_a_photo_sent_larger_than_a_photo_may_be_is_a_row_left_out_unread(
     body, content_type = multipart(sent, {})
     del sent
     token = csrf(ann)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        status, answer = post_in_messages(ann, "/photos/upload", {"X-CSRF-Token": token},
-                                          body, content_type)
-        _current, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    status, answer, peak = traced_post_in_messages(ann, "/photos/upload",
+                                                   {"X-CSRF-Token": token}, body, content_type)
     page = answer.decode()
     assert status == 200, page
     assert report_rows(page) == {"p0.jpg": "kept", "p1.jpg": "kept", "p2.jpg": "kept",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import tracemalloc
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -59,3 +61,18 @@ def post_in_messages(client: TestClient, path: str, headers: dict[str, str], bod
     assert client.portal is not None
     client.portal.call(call)
     return answer["status"], answer["body"]
+
+
+def traced_post_in_messages(client: TestClient, path: str, headers: dict[str, str], body: bytes,
+                            content_type: str) -> tuple[int, bytes, int]:
+    """``post_in_messages`` with the memory it takes traced: its status, its answer and the
+    peak of the Python allocations while the app read the body (garbage collected first, so
+    what the test freed before does not count)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        status, answer = post_in_messages(client, path, headers, body, content_type)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return status, answer, peak
