@@ -731,8 +731,14 @@ def train(
 # True whether or not a serve or worker runs: "it trains once one runs" sent a user whose
 # worker already ran to start another. This command cannot see workers on other machines (the
 # scale path), and HOME's lock is also held by a `train` that runs only its own training.
-QUEUED_WAITS_FOR = ("a `selfie-lora serve` or `selfie-lora worker` running on these settings "
-                    "trains it in its turn (if none runs, start one)")
+def _left_to_a_process(does: str) -> str:
+    """Who ``does`` (trains, scores) a training no process of this command holds: one sentence
+    for the queued training and the version left to score, which ``compare`` says too."""
+    return (f"a `selfie-lora serve` or `selfie-lora worker` running on these settings {does} it "
+            "in its turn (if none runs, start one)")
+
+
+QUEUED_WAITS_FOR = _left_to_a_process("trains")
 
 
 def _queued_hint() -> None:
@@ -1182,8 +1188,7 @@ def being_scored_message(number: int, training: Training | None, *, now: datetim
         of = f" (its training {training.id} is in phase scoring)" if training else ""
         return f"version {number} is being scored by a worker{of}: {after}"
     return (f"version {number} waits to be scored: its training {training.id} is held by no "
-            "running process; a `selfie-lora serve` or `selfie-lora worker` running on these "
-            f"settings scores it in its turn (if none runs, start one): {after}")
+            f"running process; {_left_to_a_process('scores')}: {after}")
 
 
 def _yardstick(comparison: Comparison) -> str:
