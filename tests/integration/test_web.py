@@ -126,6 +126,15 @@ def sign_in(client: TestClient, name: str, password: str = PASSWORD) -> None:
     assert r.headers["location"] == "/photos"
 
 
+def sign_up(client: TestClient, name: str) -> httpx.Response:
+    """The sign-up form sent as the page gives it, ``name`` with ``PASSWORD`` twice; its answer
+    not followed."""
+    return client.post("/signup", data={"name": name, "password": PASSWORD,
+                                        "password_again": PASSWORD,
+                                        "form_token": form_token(client)},
+                       follow_redirects=False)
+
+
 def csrf(client: TestClient, page: str = "/photos") -> str:
     found = re.search(r'name="csrf-token" content="([^"]+)"', client.get(page).text)
     assert found
@@ -544,9 +553,7 @@ def test_a_web_sign_up_makes_no_api_key(tmp_path: Path) -> None:
     services = fake_services(settings)
     try:
         with browser(settings, services) as client:
-            data = {"name": "cat", "password": PASSWORD, "password_again": PASSWORD,
-                    "form_token": form_token(client)}
-            assert client.post("/signup", data=data, follow_redirects=False).status_code == 303
+            assert sign_up(client, "cat").status_code == 303
             user = services.users.get_by_name(name="cat")
             assert list(services.users.keys(user=user)) == []
             page = client.get("/settings").text
@@ -574,9 +581,7 @@ def test_sign_up_and_sign_out_say_they_were_done_and_the_header_says_who_is_sign
     services = fake_services(settings)
     try:
         with browser(settings, services) as client:
-            data = {"name": "cat", "password": PASSWORD, "password_again": PASSWORD,
-                    "form_token": form_token(client)}
-            made = client.post("/signup", data=data, follow_redirects=False)
+            made = sign_up(client, "cat")
             assert made.status_code == 303
             page = client.get(made.headers["location"]).text
             notice = re.search(r'<p class="notice done" id="done-notice"[^>]*>(.*?)</p>', page)
