@@ -25,6 +25,7 @@ from selfie_lora.errors import (
 )
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import LoopOutages
+from selfie_lora.services.erasure import AccountEraser
 from selfie_lora.services.ports import TrainingJob
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter
 from selfie_lora.wiring import Services, build_services
@@ -456,6 +457,15 @@ def test_the_api_answers_a_storage_outage_503_with_retry_after_and_a_missing_buc
 _Store = TypeVar("_Store", bound=FileSystemBlobStore)
 
 
+def _past_due(erasure: AccountEraser) -> datetime:
+    """``erasure``'s clock a second past its one pending deletion's due time (the next check
+    finishes it), that time returned."""
+    [(_name, due)] = erasure.pending()
+    now = due + timedelta(seconds=1)
+    erasure._clock = lambda: now  # type: ignore[attr-defined]
+    return now
+
+
 @contextmanager
 def _ann_deleting(tmp_path: Path, make_store: Callable[[Path], _Store], *,
                   then: str) -> Iterator[tuple[Any, Services, dict[str, str], _Store]]:
@@ -541,9 +551,7 @@ def test_an_account_deletion_still_cut_by_the_outage_is_tried_again_soon_in_one_
         r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
         assert r.json()["error"]["code"] == "deletion_pending"
         for _ in range(2):  # the outage lasts: each check tries again in 30 s
-            [(_name, due)] = erasure.pending()
-            now = due + timedelta(seconds=1)
-            erasure._clock = lambda now=now: now  # type: ignore[attr-defined]
+            now = _past_due(erasure)
             caplog.clear()
             with caplog.at_level(logging.WARNING, logger="selfie_lora.services.erasure"):
                 assert erasure.finish_pending() == []
@@ -568,18 +576,14 @@ def test_a_pending_deletion_finished_after_the_outage_is_said_in_one_line(
         erasure = services.erasure
         r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
         assert r.json()["error"]["code"] == "deletion_pending"
-        [(_name, due)] = erasure.pending()
-        now = due + timedelta(seconds=1)
-        erasure._clock = lambda: now  # type: ignore[attr-defined]
+        _past_due(erasure)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="selfie_lora.services.erasure"):
             assert erasure.finish_pending() == []
         assert [r.getMessage().split(":")[1].strip() for r in caplog.records] == [
             "the deletion could not be finished now"]  # old code: "finishing ..." first
         store.away = False
-        [(_name, due)] = erasure.pending()
-        later = due + timedelta(seconds=1)
-        erasure._clock = lambda: later  # type: ignore[attr-defined]
+        _past_due(erasure)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="selfie_lora.services.erasure"):
             [summary] = erasure.finish_pending()
@@ -621,9 +625,7 @@ def test_an_account_deletion_on_a_full_disk_is_tried_again_soon_and_said_once(
         assert due - datetime.now(UTC) < timedelta(seconds=60)
         levels = []
         for _ in range(3):  # the disk stays full: each check tries again in 30 s
-            [(_name, due)] = erasure.pending()
-            now = due + timedelta(seconds=1)
-            erasure._clock = lambda now=now: now  # type: ignore[attr-defined]
+            now = _past_due(erasure)
             caplog.clear()
             with caplog.at_level(logging.DEBUG, logger="selfie_lora.services.erasure"):
                 assert erasure.finish_pending() == []
@@ -657,9 +659,7 @@ def test_an_account_deletion_failing_on_a_non_outage_is_parked_in_one_error_line
         erasure = services.erasure
         with pytest.raises(type(error)):
             erasure.erase(name="ann")
-        [(_name, due)] = erasure.pending()
-        now = due + timedelta(seconds=1)
-        erasure._clock = lambda: now  # type: ignore[attr-defined]
+        now = _past_due(erasure)
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="selfie_lora.services.erasure"):
             assert erasure.finish_pending() == []
