@@ -25,7 +25,12 @@ from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
-from selfie_lora.errors import DatabaseUnreachableError, StorageError, StorageFullError
+from selfie_lora.errors import (
+    DatabaseUnreachableError,
+    SelfieLoraError,
+    StorageError,
+    StorageFullError,
+)
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.layout import checkpoint_step, photo_key
 from selfie_lora.services.ports import (
@@ -428,17 +433,22 @@ def test_database_outages_spend_none_of_a_training_s_attempts(
         TrainingStatus.SUCCEEDED, outages + 1, 0, None)
 
 
-class AwayForReads(SqlRepository):
-    """The database, but while ``away`` its reads of the active trainings (the reconciler's
-    first) fail as with PostgreSQL stopped."""
+class FailingReconcile(SqlRepository):
+    """The database, but while ``failing`` is set its read of the active trainings (the
+    reconciler's first) raises it: PostgreSQL stopped, or a full disk."""
 
-    away = False
+    failing: SelfieLoraError | None = None
 
     def active_trainings(self) -> Any:
-        if self.away:
-            raise DatabaseUnreachableError("database error: connection failed: Connection "
-                                           "refused")
+        if self.failing is not None:
+            raise self.failing
         return super().active_trainings()
+
+
+# The reconciler's outages: the server away, and SQLite's "database or disk is full".
+AWAY = DatabaseUnreachableError("database error: connection failed: Connection refused")
+DISK_FULL = StorageFullError("database error: the disk holding /srv/selfie-lora.db is full: "
+                             "database or disk is full")
 
 
 @pytest.mark.parametrize("seen", [True, False], ids=["outage-seen", "holder-died"])
@@ -454,7 +464,7 @@ def test_a_take_over_by_another_worker_after_a_database_outage_spends_no_attempt
     svc = beating.worker(trainer)
     repo_a = DatabaseDown(svc.engine)
     worker_a = beating.training_service(svc, repo_a)
-    repo_b = AwayForReads(svc.engine)
+    repo_b = FailingReconcile(svc.engine)
     worker_b = beating.training_service(svc, repo_b)
 
     def arm(job: TrainingJob) -> None:
@@ -465,10 +475,10 @@ def test_a_take_over_by_another_worker_after_a_database_outage_spends_no_attempt
 
     worker_a.run(training_id, owner="A")
     if seen:  # B's reconciler meets the same outage
-        repo_b.away = True
+        repo_b.failing = AWAY
         with pytest.raises(DatabaseUnreachableError):
             worker_b.reconcile()
-        repo_b.away = False
+        repo_b.failing = None
     repo_a.down_for = 0  # the database is back
     left = row(svc, training_id)
     assert (left.lease_owner, left.attempt, left.recoveries) == ("A", 1, 0)
@@ -488,19 +498,6 @@ def test_a_take_over_by_another_worker_after_a_database_outage_spends_no_attempt
         assert "takes it over from A, which stopped holding it" in caplog.text
 
 
-class DiskFullForReconcile(SqlRepository):
-    """The database, but while ``full`` its reconciler's first write fails as on a full disk
-    (SQLite's "database or disk is full"): here its read of the active trainings."""
-
-    full = False
-
-    def active_trainings(self) -> Any:
-        if self.full:
-            raise StorageFullError("database error: the disk holding /srv/selfie-lora.db is "
-                                   "full: database or disk is full")
-        return super().active_trainings()
-
-
 def test_a_take_over_after_a_full_database_disk_spends_no_attempt(
         machine: Machine, caplog: pytest.LogCaptureFixture) -> None:
     """A full database disk refuses every heartbeat's renewal, so the holder's lease runs out as
@@ -509,14 +506,14 @@ def test_a_take_over_after_a_full_database_disk_spends_no_attempt(
     attempt "from A, which stopped holding it". Now a full disk seen over the lease's expiry
     counts none either."""
     svc = machine.worker(FakeTrainer(steps=3))
-    repo_b = DiskFullForReconcile(svc.engine)
+    repo_b = FailingReconcile(svc.engine)
     worker_b = machine.training_service(svc, repo_b)
     training_id = queued_for_ann(svc)
     assert svc.training._claim(training_id, owner="A", stopping=threading.Event()) is not None
-    repo_b.full = True  # B's reconciler meets the full disk while A's beats fail on it
+    repo_b.failing = DISK_FULL  # B's reconciler meets the full disk while A's beats fail on it
     with pytest.raises(StorageFullError):
         worker_b.reconcile()
-    repo_b.full = False  # space is freed
+    repo_b.failing = None  # space is freed
     with svc.repo.atomic() as tx:  # A's lease ran out meanwhile (its renewals refused)
         current = tx.get_training(training_id, for_update=True)
         assert current is not None
@@ -544,14 +541,14 @@ def test_a_take_over_after_an_outage_from_this_worker_s_own_name_says_it_restart
     take-over was logged "B takes it over from B", where the one with no outage says it
     continues after this worker's restart."""
     svc = machine.worker(FakeTrainer())
-    repo_b = DiskFullForReconcile(svc.engine)
+    repo_b = FailingReconcile(svc.engine)
     worker_b = machine.training_service(svc, repo_b)
     training_id = queued_for_ann(svc)
     assert svc.training._claim(training_id, owner=before, stopping=threading.Event()) is not None
-    repo_b.full = True
+    repo_b.failing = DISK_FULL
     with pytest.raises(StorageFullError):
         worker_b.reconcile()
-    repo_b.full = False
+    repo_b.failing = None
     with svc.repo.atomic() as tx:  # the lease ran out in the outage
         current = tx.get_training(training_id, for_update=True)
         assert current is not None
