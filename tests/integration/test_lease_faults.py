@@ -55,6 +55,7 @@ from selfie_lora.wiring import Services, build_services, training_defaults
 from selfie_lora.worker import Identity, Worker
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.photos import photo_zip
+from tests.support.processes import run_killed
 
 
 def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -993,3 +994,50 @@ def test_a_take_over_from_this_worker_s_own_name_says_it_restarted(
     assert [r.getMessage() for r in caplog.records
             if r.getMessage().startswith(f"training {training_id}: ")] == [
         said.format(id=training_id)]
+
+
+# Old code: the failure was committed, then its "training_failed" event in a transaction of its
+# own: a worker killed between the two left a failed training that the log never said ended (0
+# end events; the chaos loop's "one end event per training"), and nothing wrote the event later.
+def test_a_worker_killed_as_its_training_fails_leaves_the_failure_logged_once(
+        tmp_path: Path) -> None:
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer\n"
+        "from selfie_lora.wiring import build_services\n"
+        "from tests.conftest import make_settings, one_person_analyzer\n"
+        "from tests.support.photos import photo_zip\n"
+        "svc = build_services(make_settings(Path(sys.argv[1]), intake_workers=1),\n"
+        "                     trainers={'local': FakeTrainer(outcomes=['failed'])},\n"
+        "                     face_analyzer=one_person_analyzer(),\n"
+        "                     generators={'local': FakeGenerator()})\n"
+        "ann, _key = svc.users.create(name='ann')\n"
+        "started = svc.training.upload_zip(user=ann, data=photo_zip(4))\n"
+        "print(started.training.id, flush=True)\n"
+        "def killed(training_id):\n"
+        "    os._exit(9)  # the failure is committed: the worker dies right after\n"
+        "svc.training._checkpoints.drop = killed\n"
+        "svc.training.run(started.training.id, owner='w1')\n"
+    )
+    training_id = run_killed(script, str(tmp_path)).stdout.split()[0]
+
+    home = tmp_path / "home"
+    svc = build_services(make_settings(tmp_path, intake_workers=1,
+                                       database_url=f"sqlite:///{home / 'selfie-lora.db'}"),
+                         trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()})
+    try:
+        svc.training.reconcile()
+        svc.training.run(training_id, owner="w2")
+        training = svc.repo.get_training(training_id)
+        assert training is not None
+        assert training.status is TrainingStatus.FAILED
+        assert training.error is not None
+        assert "ran out of memory" in training.error
+        ends = [e for e in svc.repo.list_events(training.model_id)
+                if e["kind"] in ("training_succeeded", "training_failed", "training_canceled")
+                and e["data"]["training_id"] == training_id]
+        assert [e["kind"] for e in ends] == ["training_failed"], ends
+    finally:
+        svc.close()

@@ -1719,16 +1719,18 @@ class TrainingService:
 
     def _finish_failed(self, held: _Held, *, user_message: str, reason: str,
                        code: str) -> None:
-        def fail(t: Training) -> Training:
-            return dataclasses.replace(
-                transition(t, TrainingStatus.FAILED, at=self._clock(), reason=reason),
-                error=user_message, remote_cancel_pending=_remote_run_to_cancel(t))
-
-        t = self._update_held(held, fail)
+        # The failure and its event in one transaction, as a success's and a cancel's: the
+        # event in one of its own was lost to a worker killed between the two, and the log
+        # never said that training ended (nothing writes it later: the training is over).
+        with self._holding(held) as (tx, current):
+            t = dataclasses.replace(
+                transition(current, TrainingStatus.FAILED, at=self._clock(), reason=reason),
+                error=user_message, remote_cancel_pending=_remote_run_to_cancel(current))
+            tx.save_training(t)
+            tx.add_event(model_id=t.model_id, kind="training_failed",
+                         data={"training_id": t.id, "error": user_message})
         self._checkpoints.drop(t.id)  # only a canceled training can be resumed
         self._ended(t, error_code=code)
-        self._repo.add_event(model_id=t.model_id, kind="training_failed",
-                             data={"training_id": t.id, "error": user_message})
         # The one line of a failure (at WARNING: an alert counting "training ... failed" lines
         # counts each failure once), whichever way the training got here.
         logger.warning("training %s failed: %s", t.id, reason)
