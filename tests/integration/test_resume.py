@@ -36,6 +36,7 @@ from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, one_person_analyzer
 from tests.support.owners import own_model
 from tests.support.photos import synthetic_photo
+from tests.support.processes import run_killed
 
 SEED = int(os.environ.get("SELFIE_LORA_CHECKPOINT_SEED", "20261204"))
 
@@ -396,6 +397,67 @@ def test_a_training_resumed_already_names_the_training_it_was_resumed_as(
         services.training.resume(user=user, training_id=canceled.id)
     assert refused.value.message == (
         f"this training was resumed already as training {second.id} (now queued)")
+
+
+# Old code: a resume committed its new training, then dropped the canceled one's checkpoints: a
+# process killed between the two left them, and the canceled training stayed resumable (the
+# Train page offered it, the collector kept its checkpoints for ever), so once the first resumed
+# training had ended it was resumed a second time, from the same step.
+def test_a_resume_killed_before_it_dropped_the_old_checkpoints_is_not_resumed_twice(
+        tmp_path: Path) -> None:
+    script = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from selfie_lora.testing.fakes import FakeGenerator\n"
+        "from selfie_lora.wiring import build_services\n"
+        "from tests.conftest import make_settings, one_person_analyzer\n"
+        "from tests.integration.test_resume import CheckpointingFake, _canceled_at_step_3\n"
+        "svc = build_services(make_settings(Path(sys.argv[1])),\n"
+        "                     trainers={'local': CheckpointingFake()},\n"
+        "                     face_analyzer=one_person_analyzer(),\n"
+        "                     generators={'local': FakeGenerator()})\n"
+        "ann, _key = svc.users.create(name='ann')\n"
+        "canceled = _canceled_at_step_3(svc, svc.training._trainers['local'], ann)\n"
+        "print(canceled.id, flush=True)\n"
+        "def killed(training_id):\n"
+        "    os._exit(9)  # the new training is committed: the process dies right after\n"
+        "svc.training._checkpoints.drop = killed\n"
+        "svc.training.resume(user=ann, training_id=canceled.id)\n"
+    )
+    canceled_id = run_killed(script, str(tmp_path)).stdout.split()[0]
+
+    home = tmp_path / "home"
+    trainer = CheckpointingFake()
+    services = build_services(make_settings(tmp_path,
+                                            database_url=f"sqlite:///{home / 'selfie-lora.db'}"),
+                              trainers={"local": trainer}, face_analyzer=one_person_analyzer(),
+                              generators={"local": FakeGenerator()})
+    try:
+        user = services.users.get_by_name(name="ann")
+        resumed = services.training.progress(user=user).training
+        assert resumed.id != canceled_id
+        services.training.run(resumed.id)
+        assert trainer.started_from == [2]
+        done = services.repo.get_training(resumed.id)
+        assert done is not None
+        assert done.status is TrainingStatus.SUCCEEDED
+        canceled = services.repo.get_training(canceled_id)
+        assert canceled is not None
+
+        # Nothing resumes it again, the Train page offers no resume, and the collector keeps
+        # its checkpoints no longer (the refusal deletes them too).
+        with pytest.raises(ConflictError) as refused:
+            services.training.resume(user=user, training_id=canceled_id)
+        assert refused.value.code == "not_resumable"
+        assert refused.value.message == (
+            f"this training was resumed already as training {resumed.id} (now succeeded)")
+        assert trainer.started_from == [2]
+        assert services.training.resume_point(canceled) is None
+        assert not next(t.resumable for t in services.repo.gc_references().trainings
+                        if t.id == canceled_id)
+        assert _checkpoints(services, canceled_id) == []
+    finally:
+        services.close()
 
 
 def test_a_training_canceled_before_its_first_checkpoint_cannot_be_resumed(

@@ -676,6 +676,11 @@ class Repository(Protocol):
         ``until`` (a page of the log)."""
         ...
     def count_events(self, model_id: str, *, kind: str) -> int: ...
+    def resumed_as(self, model_id: str, training_id: str) -> str | None:
+        """The id of the training that resumes ``training_id`` (a training of model
+        ``model_id``), as its ``training_queued`` event names it (``resumed_from``); None when
+        no training resumes it."""
+        ...
 
     # garbage collection (services/gc.py)
     def gc_references(self) -> References:

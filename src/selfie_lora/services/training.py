@@ -418,6 +418,11 @@ class TrainingService:
                 check_fits_base_model(plan.model, defaults)
             if _resume is not None:
                 _resume.check(plan)
+                # Under the model's lock: two resumes of one training never both commit.
+                resumed = tx.resumed_as(_resume.origin.model_id, _resume.origin.id)
+                if resumed is not None:
+                    raise ConflictError(f"this training was resumed already as training "
+                                        f"{resumed}", code=ErrorCode.NOT_RESUMABLE)
             # After a re-pin to a recipe of more pixels (local-flux-v1's 512 px to v2's 1024),
             # the stored photos are the crops made for the old one: refused, not upscaled.
             refused = _photos_refusal(self._prepared_resolution(dataset), recipe=plan.recipe,
@@ -817,6 +822,13 @@ class TrainingService:
         if origin.version_id is not None:
             raise ConflictError("this training was canceled after its version was stored: "
                                 "there is nothing left to train", code=ErrorCode.NOT_RESUMABLE)
+        if self._repo.resumed_as(origin.model_id, origin.id) is not None:
+            # Resumed already, its checkpoints still here: that resume was killed between its
+            # commit and their deletion (below). Deleted now, as it would have; never resumed
+            # twice from the same step.
+            self._checkpoints.drop(origin.id)
+            raise ConflictError(self._no_checkpoint_message(origin),
+                                code=ErrorCode.NOT_RESUMABLE)
         new_training_id = new_id()
         scratch = self._work_dir / f"resume-{new_training_id}"
         private_folders(scratch)
@@ -879,7 +891,9 @@ class TrainingService:
         if training.status is not TrainingStatus.CANCELED or training.version_id is not None:
             return None
         stored = self._checkpoints.latest(training.id)
-        return stored.step if stored is not None else None
+        if stored is None or self._repo.resumed_as(training.model_id, training.id) is not None:
+            return None  # resumed already (by a resume killed before it deleted them)
+        return stored.step
 
     # ------------------------------------------------------------------ worker side
     def run(self, training_id: str, *, owner: str | None = None,

@@ -40,7 +40,7 @@ from sqlalchemy.exc import (
     OperationalError,
     SQLAlchemyError,
 )
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
 from selfie_lora.adapters.db.tables import (
@@ -413,6 +413,13 @@ def _named(name: str) -> ColumnElement[bool]:
     folded = fold_name(name)
     return or_(UserRow.name_folded == folded,
                and_(UserRow.name_folded.is_(None), func.lower(UserRow.name) == folded))
+
+
+def _resumes(training_id: str | InstrumentedAttribute[str]) -> ColumnElement[bool]:
+    """The events that queued a training resuming ``training_id`` (its ``resumed_from``): the
+    one record of a resume (``TrainingService.resume``), on SQLite and PostgreSQL alike."""
+    return and_(EventRow.kind == "training_queued",
+                EventRow.data["resumed_from"].as_string() == training_id)
 
 
 # The engines on which this thread holds an ``atomic()`` transaction (by id).
@@ -1291,6 +1298,13 @@ class SqlRepository:
             return int(s.scalar(select(func.count()).select_from(EventRow).where(
                 EventRow.model_id == model_id, EventRow.kind == kind)) or 0)
 
+    def resumed_as(self, model_id: str, training_id: str) -> str | None:
+        with self._read() as s:
+            data = s.scalars(select(EventRow.data).where(
+                EventRow.model_id == model_id, _resumes(training_id)
+            ).order_by(EventRow.id).limit(1)).first()
+            return str(data["training_id"]) if data is not None else None
+
     # garbage collection -------------------------------------------------------------------
     def gc_references(self) -> References:
         used = (exists().where(TrainingRow.dataset_id == DatasetRow.id)
@@ -1309,9 +1323,13 @@ class SqlRepository:
             # Resumable as ``TrainingService.resume`` decides: canceled before its version was
             # stored, and its model still trains as it did (the checkpoint fits only that run).
             # One that can no longer be resumed would otherwise keep its checkpoints for ever.
+            # Not resumed already: a resume killed after it committed its new training, and
+            # before it deleted these checkpoints, left them to this collection.
             same_run = ((ModelRow.trainer_version == TrainingRow.trainer_version)
                         & (ModelRow.trigger_word == TrainingRow.trigger_word)
-                        & (ModelRow.backend == TrainingRow.backend))
+                        & (ModelRow.backend == TrainingRow.backend)
+                        & ~exists().where(EventRow.model_id == TrainingRow.model_id,
+                                          _resumes(TrainingRow.id)))
             trainings = tuple(
                 TrainingRef(id=r.id, created_at=_req_utc(r.created_at),
                             ended=TrainingStatus(r.status).is_terminal,
