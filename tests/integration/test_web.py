@@ -3096,6 +3096,48 @@ def test_an_upload_sent_without_scripts_is_answered_with_the_whole_photos_page(
     assert "data-stored=" in fragment
 
 
+def test_an_upload_sent_without_scripts_redirects_and_its_report_is_shown_once(
+        ann: TestClient, svc: Services) -> None:
+    """Without scripts the upload's answer was the photos page itself, as the POST's answer: a
+    reload asked to send the photos again (webflow review 1). A kept set is now answered with
+    a redirect to /photos (POST-redirect-GET, as every other form), whose page shows that
+    upload's report (from the set stored, by a one-time notice of this session's), once."""
+    token = re.search(r'name="csrf_token" value="([^"]+)"', ann.get("/photos").text)
+    assert token
+    photos = [("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg")) for i in range(4)]
+    photos.append(("files", ("tiny.jpg", synthetic_photo(99, size=24), "image/jpeg")))
+    r = ann.post("/photos/upload", data={"csrf_token": token.group(1)}, files=photos,
+                 follow_redirects=False)
+    assert r.status_code == 303, r.text
+    assert r.headers["location"] == "/photos"
+    page = ann.get("/photos").text
+    report = page[page.index('<section id="report"'):page.index('<section id="current-set"')]
+    assert "These photos can be trained on" in report
+    assert report_rows(report) == {**{f"p{i}.jpg": "kept" for i in range(4)},
+                                   "tiny.jpg": "left-out"}
+    assert re.search(r'<p id="upload-kept"[^>]* autofocus>4 of 5 photos kept; 1 left out',
+                     report), report
+    assert len(re.findall(r'<img src="/photos/[^"]+\.jpg"', report)) == 4  # the stored crops
+    assert 'id="set-advice"' not in page  # the report says it: not twice
+    # Once: a reload shows the page with the stored advice, no report.
+    again = ann.get("/photos").text
+    assert "These photos can be trained on" not in again
+    assert 'id="set-advice"' in again
+    # Another session of the same user is not shown it.
+    with TestClient(ann.app) as other:
+        sign_in(other, "ann")
+        r = ann.post("/photos/upload", data={"csrf_token": token.group(1)}, files=photos,
+                     follow_redirects=False)
+        assert r.status_code == 303
+        for cookie in r.cookies.jar:
+            other.cookies.jar.set_cookie(cookie)
+        assert "These photos can be trained on" not in other.get("/photos").text
+    # The page's script still gets the fragment.
+    status, fragment = upload(ann)
+    assert status == 200
+    assert "<html" not in fragment
+
+
 def test_a_photo_s_picture_does_not_repeat_the_name_beside_it(ann: TestClient) -> None:
     """Each thumbnail's alt was the photo's name, and its caption (the current set) or the
     report's line beside it said the name again: a screen reader read every name twice (a11y

@@ -54,6 +54,9 @@ POLL_SESSION_ENDED = "poll-session-ended"
 # Signing out leads to the sign-in page, which says it was done (it said nothing: the same
 # page as a session that merely expired).
 SIGNED_OUT = "signed-out"
+# The notice cookie's value for an upload sent without scripts: this prefix, the id of the
+# session that sent it, ":", then the id of the photo set it stored (``Web.say_uploaded``).
+UPLOADED_NOTICE = "uploaded:"
 
 WEB_ROOT = Path(str(files("selfie_lora.web")))
 # No inline script or style anywhere: every script and stylesheet is a file of ours.
@@ -211,6 +214,28 @@ class Web:
         session_id = (hash_session_token(new_session_token) if new_session_token is not None
                       else self._session_id(request))
         self.set_notice_cookie(response, request, f"{DONE_NOTICE}{session_id}:{sentence}")
+
+    def say_uploaded(self, response: Response, request: Request, dataset_id: str) -> None:
+        """The photo set an upload sent without scripts stored, for the photos page
+        ``response`` leads to, which shows its report once (``take_uploaded``): the report as
+        the POST's own answer was sent again by a reload (the browser asked to resend the
+        photos). Only the set's id: the report is made again from the set stored, as a
+        cookie could not hold a report of hundreds of photos."""
+        self.set_notice_cookie(response, request,
+                               f"{UPLOADED_NOTICE}{self._session_id(request)}:{dataset_id}")
+
+    def take_uploaded(self, request: Request, viewer: Viewer) -> str | None:
+        """The id of the photo set ``say_uploaded`` named for this session, or None (none,
+        another session's, forged, too old); shown once, as a notice."""
+        notice = self.signer.notice(request.cookies.get(NOTICE_COOKIE))
+        if notice is None or not notice.startswith(UPLOADED_NOTICE):
+            return None
+        session_id, _, dataset_id = notice[len(UPLOADED_NOTICE):].partition(":")
+        # Another session's (a shared browser, someone else signing in): left to expire.
+        if not hmac.compare_digest(session_id.encode(), viewer.session.id.encode()):
+            return None
+        _shown_once(request, NOTICE_COOKIE)
+        return dataset_id
 
     def _session_id(self, request: Request) -> str:
         """The id of the session (``WebSession.id``) of the request's cookie, or "" (none)."""

@@ -302,7 +302,16 @@ def signout(request: Request, _viewer: FormViewer) -> Response:
 @router.get("/photos")
 def photos_page(request: Request, viewer: PageViewer) -> HTMLResponse:
     web = _web(request)
-    return web.render(request, "photos.html", viewer=viewer, **_photos_context(web, viewer))
+    page = _photos_context(web, viewer)
+    # Where an upload sent without scripts led (``_upload_report``): that upload's report,
+    # once, while its set is still the current one.
+    uploaded = web.take_uploaded(request, viewer)
+    dataset = page["dataset"]
+    if uploaded is not None and dataset is not None and dataset.id == uploaded:
+        # The report says what the checks found: the stored advice would say it twice.
+        page |= _report_context(dataset, page["photos"], originals={})
+        page.update(advice=None, upload_report=True)
+    return web.render(request, "photos.html", viewer=viewer, **page)
 
 
 def _photos_context(web: Web, viewer: Viewer) -> dict[str, Any]:
@@ -321,7 +330,8 @@ def _upload_answer(web: Web, request: Request, viewer: Viewer, template: str, *,
     """An upload's report: the fragment ``template`` for the page's script (which sends the
     X-CSRF-Token header and puts it in #report), or, for the form sent without scripts, the
     whole photos page with the report in #report: the fragment alone was an untitled,
-    unstyled page with no way back and empty picture boxes (app.js fills them)."""
+    unstyled page with no way back and empty picture boxes (app.js fills them). (An upload
+    that kept a set is sent there by a redirect instead: ``_upload_report``.)"""
     if "x-csrf-token" in request.headers:
         return web.render(request, template, viewer=viewer, status_code=status_code, **context)
     page = _photos_context(web, viewer)
@@ -346,11 +356,12 @@ def _stored_advice(dataset: Any, photos: Sequence[Any]) -> dict[str, Any]:
 async def photos_upload(request: Request, viewer: PageViewer,
                         files: Annotated[list[UploadFile], File()],
                         csrf_token: OptionalFormStr = None,
-                        names: Annotated[list[str] | None, Form()] = None) -> HTMLResponse:
+                        names: Annotated[list[str] | None, Form()] = None) -> Response:
     """The upload form's photos (several files, or one zip), sent by the page's script with
     the CSRF token in a header, or without scripts by the form itself with its hidden
     ``csrf_token`` field, as every other form sends it; answers the report as an HTML
-    fragment for the page."""
+    fragment for the page's script, or without scripts a redirect to the photos page that
+    shows it (a refusal: that page, with the refusal's status)."""
     web = _web(request)
     try:
         web.check_csrf(request, viewer, csrf_token)
@@ -368,7 +379,7 @@ async def photos_upload(request: Request, viewer: PageViewer,
 
 
 async def _take_in(web: Web, request: Request, viewer: Viewer,
-                   files: list[UploadFile], names: list[str]) -> HTMLResponse:
+                   files: list[UploadFile], names: list[str]) -> Response:
     """The upload's photos read, taken in, and its report (or why it was refused)."""
     svc = web.services
     # The page's script sends each file's own name beside it, as a field (sent as it is): a
@@ -422,10 +433,24 @@ async def _take_in(web: Web, request: Request, viewer: Viewer,
 
 
 def _upload_report(web: Web, request: Request, viewer: Viewer, result: UploadResult, *,
-                   originals: Mapping[str, str]) -> HTMLResponse:
-    """The report of the photos an upload kept (blocking: reads them back)."""
+                   originals: Mapping[str, str]) -> Response:
+    """The report of the photos an upload kept (blocking: reads them back) for the page's
+    script; the form sent without scripts is sent on to the photos page, which shows it
+    (POST-redirect-GET: the page as the POST's answer sent the photos again on a reload)."""
     dataset = result.dataset
+    if "x-csrf-token" not in request.headers:
+        response = _see("/photos")
+        web.say_uploaded(response, request, dataset.id)
+        return response
     photos = web.services.intake.photos(user=viewer.user, dataset_id=dataset.id)
+    # With the set now current, which the page puts in place of the one it showed.
+    return _upload_answer(web, request, viewer, "_uploaded.html", dataset=dataset,
+                          photos=photos, **_report_context(dataset, photos, originals=originals))
+
+
+def _report_context(dataset: Any, photos: Sequence[Any], *,
+                    originals: Mapping[str, str]) -> dict[str, Any]:
+    """What the report of an upload that kept ``dataset`` (its ``photos``) shows."""
     findings = [f.as_dict() for f in dataset.findings]
     boxes = {p.name: list(p.face_box) for p in photos if p.face_box}
     # The photos the intake read, by the names it stored them under: the multipart names
@@ -437,10 +462,8 @@ def _upload_report(web: Web, request: Request, viewer: Viewer, result: UploadRes
     stored = {p.name: f"/photos/{dataset.id}/{p.index}.jpg" for p in photos}
     for row in rows:
         row["stored"] = stored.get(row["name"])
-    # With the set now current, which the page puts in place of the one it showed.
-    return _upload_answer(web, request, viewer, "_uploaded.html", trainable=True,
-                          dataset=dataset, photos=photos, report=rows,
-                          set_findings=[d for d in findings if not d.get("photo")])
+    return {"trainable": True, "report": rows,
+            "set_findings": [d for d in findings if not d.get("photo")]}
 
 
 async def _upload_refused(web: Web, request: Request, viewer: Viewer,
