@@ -104,6 +104,25 @@ def test_a_training_that_ends_while_the_page_watches_shows_how_it_ended_and_retr
     assert page.evaluate("() => window.swaps") >= 1  # the same document: no reload
 
 
+def test_the_started_notice_goes_when_the_training_ends_while_the_page_watches(
+        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+    """"Training started: its status is below." stood above the panel that the end swaps, so
+    it went on saying so under "The training was canceled." (webflow review 2). It is in the
+    panel now: the end takes it, and the focus goes to how the training ended. A reload never
+    showed it again (a one-time notice)."""
+    page, server, key = watching(chromium, tmp_path, serve)
+    notice = page.locator("#done-notice")
+    assert notice.inner_text() == "Training started: its status is below."
+    assert page.evaluate("() => document.activeElement.id") == "done-notice"
+    cancel_elsewhere(page, server, key)
+    page.locator("#ended").wait_for(timeout=20_000)
+    page.wait_for_function("() => document.activeElement.id === 'ended'", timeout=20_000)
+    assert "Training started" not in page.locator("main").inner_text(), server.why("notice")
+    assert notice.count() == 0
+    page.reload()
+    assert "Training started" not in page.locator("main").inner_text()
+
+
 def test_the_page_says_when_it_lost_contact_with_the_server_and_when_it_is_back(
         chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
     """While the status polls failed (the server restarting, the network gone), the figures

@@ -370,8 +370,9 @@
     const ended = document.getElementById("ended");
     const words = ended ? ended.textContent.replace(/\s+/g, " ").trim() : progressWords();
     // The end swap took the Cancel button, and the focus with it (or the focus was on the
-    // notice of the form just sent, "Training started"): to how the training ended. The focus
-    // says it: written into the live region as well, it was read out twice.
+    // notice of the form just sent, "Training started", which the swap takes with the panel):
+    // to how the training ended. The focus says it: written into the live region as well, it
+    // was read out twice.
     const focused = document.activeElement;
     if (ended && (focused === null || focused === document.body || focused.id === "done-notice")) {
       spoken = words;
