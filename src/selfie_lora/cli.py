@@ -807,6 +807,42 @@ def resume(
             _queued_hint()
 
 
+@app.command()
+def cancel(
+    user: Annotated[str, typer.Option("--user", help="The user's name.")],
+    training_id: Annotated[str | None, typer.Argument(
+        help="The training to cancel (default: the user's queued or running one).",
+        show_default=False)] = None,
+) -> None:
+    """Cancel a queued or running training, as the Train page's Cancel and POST
+    /api/training/cancel do: the active version is unchanged. Exit 0 when it is canceled (or
+    its worker was asked to stop it), 1 when nothing was canceled."""
+    from selfie_lora.errors import NotFoundError
+
+    # The deployment's trainers: a Replicate run of a training nobody holds is canceled now,
+    # as the API's cancel does, not left owed to a worker.
+    with opened(trainers=None, generators={}) as services:
+        owner = services.users.get_by_name(name=user)
+        try:
+            outcome = services.training.cancel_with_outcome(user=owner, training_id=training_id)
+        except (NoModelError, NotFoundError):
+            if training_id is not None:
+                raise  # no such training: the service's words, as the API's 404
+            _fail(f"{owner.name} has no training yet", label="nothing to cancel")
+    t = outcome.training
+    if outcome.already_ended and training_id is None:
+        # The user named none: "the training had already ended" would speak of one they did
+        # not ask about.
+        _fail(f"{owner.name} has no training queued or running (the latest, {t.id}, "
+              f"{t.status})", label="nothing to cancel")
+    # The service's sentence, as the Train page and the API's answer say it.
+    line = f"training {t.id} of {owner.name}: {outcome.message}"
+    if outcome.already_ended:
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def _follow(services: Services, *, owner: Any, user: str, training_id: str) -> None:
     """Run the training here until it ends and say how it ended (exit 1 unless it succeeded)."""
     from selfie_lora.worker import start_embedded

@@ -21,8 +21,8 @@ def test_flags_are_shown_as_flags(command: list[str]) -> None:
 
 
 @pytest.mark.parametrize(("command", "names"), [
-    ([], {"serve", "worker", "gc", "check", "train", "resume", "generate", "export", "compare",
-          "demo", "users"}),
+    ([], {"serve", "worker", "gc", "check", "train", "resume", "cancel", "generate", "export",
+          "compare", "demo", "users"}),
     (["users", "keys"], {"list", "create", "revoke", "rotate"}),
 ])
 def test_each_command_is_one_line_of_the_list(command: list[str], names: set[str]) -> None:

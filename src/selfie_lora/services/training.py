@@ -748,10 +748,12 @@ class TrainingService:
         runs (queued, or its worker is gone) is canceled here and now."""
         return self.cancel_with_outcome(user=user, training_id=training_id).training
 
-    def cancel_with_outcome(self, *, user: User, training_id: str) -> CancelOutcome:
+    def cancel_with_outcome(self, *, user: User, training_id: str | None) -> CancelOutcome:
         """``cancel``, saying whether the training had already ended: a page loaded while it
         ran (it does not update without scripts) or a client's stale view may send a cancel
-        after the end, which all fronts then answer the same way (``CancelOutcome.message``)."""
+        after the end, which all fronts then answer the same way (``CancelOutcome.message``).
+        ``training_id`` None: the user's latest training (``selfie-lora cancel`` with no id),
+        the only one that can be queued or running (one at a time per model)."""
         training, _ = self.get(user=user, training_id=training_id)
         if training.status.is_terminal:
             return CancelOutcome(training=training, already_ended=True)
