@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from selfie_lora.domain.accounts import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
 
@@ -232,3 +234,41 @@ def test_the_readme_names_the_text_a_generated_png_carries() -> None:
     assert ("holds two PNG text chunks, `seed` (that picture's own seed) and `lora_scale`"
             in said)
     assert "it holds no prompt, no version and no trigger word" in said
+
+
+def _commands() -> list[tuple[list[str], Any]]:
+    """Every command of ``selfie-lora`` (a group's too) with its words: ``users keys create``."""
+    import typer
+
+    from selfie_lora.cli import app
+
+    def walk(command: Any, path: list[str], ctx: Any) -> Iterator[tuple[list[str], Any]]:
+        if not hasattr(command, "list_commands"):
+            yield path, command
+            return
+        for name in command.list_commands(ctx):
+            sub = command.get_command(ctx, name)
+            yield from walk(sub, [*path, name], sub.context_class(sub, parent=ctx, info_name=name))
+
+    root = typer.main.get_command(app)
+    return list(walk(root, [], root.context_class(root, info_name="selfie-lora")))
+
+
+def test_the_command_table_names_every_option_of_each_command() -> None:
+    """``export --version`` (the same as its VERSION) was in the Exporting section's example
+    only: the table's row, where a user looks a command up, did not name it."""
+    rows = [line for line in README.read_text().splitlines() if line.startswith("| `selfie-lora ")]
+    unnamed = []
+    for path, command in _commands():
+        # The rows whose command cell names each of its words (`users keys list\|create ...`).
+        mine = " ".join(row for row in rows if f"`selfie-lora {path[0]}" in row.split(" | ")[0]
+                        and all(re.search(rf"\b{re.escape(word)}\b", row.split(" | ")[0])
+                                for word in path[1:]))
+        assert mine, f"the command table has no row for selfie-lora {' '.join(path)}"
+        for param in command.params:
+            names = [*param.opts, *param.secondary_opts]
+            if param.param_type_name == "option" and names != ["--help"] and not any(
+                    re.search(rf"`[^`]*(?<![\w-]){re.escape(name)}(?![\w-])", mine)
+                    for name in names):
+                unnamed.append(f"selfie-lora {' '.join(path)} {names[0]}")
+    assert unnamed == []
