@@ -59,23 +59,36 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
+def _help_when_bare(ctx: typer.Context) -> None:
+    # A group run with nothing after it (`selfie-lora`, `selfie-lora users`) prints its help on
+    # stdout and exits 0: typer's no_args_is_help printed it on stderr with exit status 2, a
+    # usage error, so a newcomer's first try looked failed and `selfie-lora | less` paged
+    # nothing. (A comment, not a docstring: a group's callback's docstring is its help.)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(0)
+
+
 # rich_markup_mode None: the help texts are plain text, and in typer's "rich" mode the command
 # lists kept the docstrings' line breaks (entries broke mid-sentence).
 app = typer.Typer(help="Personal FLUX LoRAs from selfies, retrained without losing anything.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
-users_app = typer.Typer(help="Manage users and API keys.", no_args_is_help=True,
-                        rich_markup_mode=None)
+                  pretty_exceptions_enable=False, rich_markup_mode=None)
+users_app = typer.Typer(help="Manage users and API keys.", callback=_help_when_bare,
+                        invoke_without_command=True, rich_markup_mode=None)
 keys_app = typer.Typer(help="A user's API keys: list, create, revoke, rotate.",
-                       no_args_is_help=True, rich_markup_mode=None)
-generations_app = typer.Typer(help="A user's generations: list, delete.", no_args_is_help=True,
+                       callback=_help_when_bare, invoke_without_command=True,
+                       rich_markup_mode=None)
+generations_app = typer.Typer(help="A user's generations: list, delete.",
+                              callback=_help_when_bare, invoke_without_command=True,
                               rich_markup_mode=None)
 app.add_typer(users_app, name="users")
 users_app.add_typer(keys_app, name="keys")
 app.add_typer(generations_app, name="generations")
 
 
-@app.callback()
-def _main(verbose: Annotated[bool, typer.Option(
+@app.callback(invoke_without_command=True)
+def _main(ctx: typer.Context, verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Debug-level log lines on standard error, and the import-time "
                                 "notices of torch, transformers and diffusers (before the "
                                 "command's name: selfie-lora -v train ...).")] = False) -> None:
@@ -84,6 +97,7 @@ def _main(verbose: Annotated[bool, typer.Option(
     except ValueError:
         log_format = "text"  # the settings' own error is reported by the command that reads them
     setup_logging(log_format=log_format, verbose=verbose)
+    _help_when_bare(ctx)
 
 
 def _settings(*, code: int = 1) -> Settings:

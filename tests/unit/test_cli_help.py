@@ -92,3 +92,14 @@ def test_no_wait_says_what_trains_the_queued_training(command: str) -> None:
                                        env={"COLUMNS": "80"}).output.split())
     assert ("--no-wait: queue it and return; a `selfie-lora serve` or `selfie-lora worker` "
             "running on these settings trains it") in said, said
+
+
+@pytest.mark.parametrize("command", [[], ["users"], ["users", "keys"], ["generations"]])
+def test_a_bare_command_prints_its_help_on_stdout_and_exits_0(command: list[str]) -> None:
+    # `selfie-lora` alone printed the help on stderr and exited 2, a usage error: a newcomer's
+    # first try looked failed, and `selfie-lora | less` paged nothing.
+    result = CliRunner().invoke(app, command, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Usage: "), result.output
+    assert "Commands:" in result.stdout
+    assert result.stderr == ""
