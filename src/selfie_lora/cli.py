@@ -464,7 +464,7 @@ def worker_cmd(
 
 @users_app.command("create")
 def users_create(
-    name: str,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The user's name.")],
     password: Annotated[bool, typer.Option(
         "--password", help="Also set a password for the web app: asked twice, or read as two "
                            "lines from standard input when it is not a terminal.")] = False,
@@ -485,7 +485,7 @@ def users_create(
 
 
 @users_app.command("password")
-def users_password(name: str) -> None:
+def users_password(name: Annotated[str, typer.Argument(metavar="NAME", help="The user's name.")]) -> None:
     """Set or change a user's password for the web app (their browser sessions end)."""
     with opened(trainers={}, generators={}) as services:
         # The account first: a name that is none was said only after the password was typed
@@ -532,9 +532,13 @@ def _read_new_password(*, command: str) -> str:
     return str(first)
 
 
+# The id that 'users keys list' shows whole (its prefix is not enough).
+KEY_ID_HELP = "The key's id, as 'users keys list' shows it."
+
+
 @keys_app.command("list")
 def keys_list(
-    user: str,
+    user: Annotated[str, typer.Argument(metavar="NAME", help="The user's name.")],
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print JSON on stdout: what GET /api/keys answers.")] = False,
 ) -> None:
@@ -583,7 +587,7 @@ def _print_key(key: object, secret: str, *, as_json: bool) -> None:
 
 @keys_app.command("create")
 def keys_create(
-    user: str,
+    user: Annotated[str, typer.Argument(metavar="NAME", help="The user's name.")],
     name: Annotated[str, typer.Option("--name", help="What the key is for.")] = "api",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
@@ -595,7 +599,10 @@ def keys_create(
 
 
 @keys_app.command("revoke")
-def keys_revoke(user: str, key_id: str) -> None:
+def keys_revoke(
+    user: Annotated[str, typer.Argument(metavar="NAME", help="The user's name.")],
+    key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help=KEY_ID_HELP)],
+) -> None:
     """Revoke one of the user's API keys: it stops working within a second."""
     with opened(trainers={}, generators={}) as services:
         key = services.users.revoke_key(user=services.users.get_by_name(name=user),
@@ -605,7 +612,8 @@ def keys_revoke(user: str, key_id: str) -> None:
 
 @keys_app.command("rotate")
 def keys_rotate(
-    user: str, key_id: str,
+    user: Annotated[str, typer.Argument(metavar="NAME", help="The user's name.")],
+    key_id: Annotated[str, typer.Argument(metavar="KEY_ID", help=KEY_ID_HELP)],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
 ) -> None:
     """Replace one of the user's API keys: a new one with its name; the old one works for
@@ -661,7 +669,8 @@ def gc_cmd(
 
 @app.command()
 def check(
-    path: Path,
+    path: Annotated[Path, typer.Argument(
+        metavar="PATH", help="A folder of photos, or a zip of them.", show_default=False)],
     target: Annotated[CheckTarget | None, typer.Option(
         "--for", help="The training to judge the photos for (its resolution): by default the "
                       "one a new model would get.")] = None,
@@ -712,7 +721,8 @@ def _hold_home(ctx: typer.Context) -> None:
 @app.command()
 def train(
     ctx: typer.Context,
-    path: Path,
+    path: Annotated[Path, typer.Argument(
+        metavar="PATH", help="A folder of photos, or a zip of them.", show_default=False)],
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help=WAIT_HELP)] = True,
 ) -> None:
@@ -798,7 +808,7 @@ def resume(
     ctx: typer.Context,
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
     training_id: Annotated[str | None, typer.Argument(
-        help="The canceled training (default: the user's latest training).")] = None,
+        metavar="TRAINING_ID", help="The canceled training (default: the user's latest training).")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help=WAIT_HELP)] = True,
 ) -> None:
     """Continue a canceled local training from its last checkpoint (as a new training)."""
@@ -825,7 +835,7 @@ def resume(
 def cancel(
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
     training_id: Annotated[str | None, typer.Argument(
-        help="The training to cancel (default: the user's queued or running one).",
+        metavar="TRAINING_ID", help="The training to cancel (default: the user's queued or running one).",
         show_default=False)] = None,
 ) -> None:
     """Cancel a queued or running training, as the Train page's Cancel and POST
@@ -954,7 +964,7 @@ def handed_back_message(t: Training, *, checkpoint_step: int | None) -> str:
 
 @app.command()
 def generate(
-    prompt: str,
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="What to picture.")],
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the images.")] = Path("."),
     # Text, read by the Generate form's parser: the option parser took "1.0" and "1_0".
@@ -1445,8 +1455,8 @@ def versions_cmd(
 @app.command("activate")
 def activate_cmd(
     number: Annotated[str, typer.Argument(
-        help="The version to make active: its number as 'versions' lists it (2 or v2), or its "
-             "id.", show_default=False)],
+        metavar="NUMBER", help="The version to make active: its number as 'versions' lists "
+                               "it (2 or v2), or its id.", show_default=False)],
     user: Annotated[str, typer.Option("--user", help="The user's name.")],
 ) -> None:
     """Roll the user's model back (or forward) to another version: generations that name no
@@ -1595,7 +1605,7 @@ def _backup_service() -> tuple[Settings, BackupService]:
 @app.command("backup")
 def backup_cmd(
     dest: Annotated[Path, typer.Argument(
-        help="A new (or empty) folder, or a file ending in .tar, to write the backup to.")],
+        metavar="DEST", help="A new (or empty) folder, or a file ending in .tar, to write the backup to.")],
 ) -> None:
     """Copy the database and every photo, weights and picture in SELFIE_LORA_HOME, consistently,
     while the server and workers keep running."""
@@ -1620,7 +1630,8 @@ def backup_cmd(
 
 @app.command("restore")
 def restore_cmd(
-    source: Annotated[Path, typer.Argument(help="A backup folder or .tar that 'backup' wrote.")],
+    source: Annotated[Path, typer.Argument(
+        metavar="SRC", help="A backup folder or .tar that 'backup' wrote.")],
     force: Annotated[bool, typer.Option(
         "--force", help="Replace the data in a SELFIE_LORA_HOME that is not empty.")] = False,
 ) -> None:
@@ -1679,7 +1690,7 @@ def users_list(
 
 
 @users_app.command("disable")
-def users_disable(name: str) -> None:
+def users_disable(name: Annotated[str, typer.Argument(metavar="NAME", help="The user's name.")]) -> None:
     """Refuse a user's sign-in, API keys and sessions (403); their data is kept."""
     with opened(trainers={}, generators={}) as services:
         user = services.users.disable(name=name)
@@ -1688,7 +1699,7 @@ def users_disable(name: str) -> None:
 
 
 @users_app.command("enable")
-def users_enable(name: str) -> None:
+def users_enable(name: Annotated[str, typer.Argument(metavar="NAME", help="The user's name.")]) -> None:
     """Let a disabled user sign in and use their API keys again."""
     with opened(trainers={}, generators={}) as services:
         user = services.users.enable(name=name)
@@ -1712,7 +1723,7 @@ _ERASURE_REMEDY = {
 
 @users_app.command("delete")
 def users_delete(
-    name: str,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The user's name.")],
     yes: Annotated[bool, typer.Option(
         "--yes", help="Do not ask for confirmation (needed when standard input is no "
         "terminal).")] = False,

@@ -272,3 +272,23 @@ def test_the_command_table_names_every_option_of_each_command() -> None:
                     for name in names):
                 unnamed.append(f"selfie-lora {' '.join(path)} {names[0]}")
     assert unnamed == []
+
+
+def test_the_usage_lines_name_each_argument_as_the_command_table_does() -> None:
+    """`check --help` said 'Usage: selfie-lora check [OPTIONS] {path}', `backup` '{dest}',
+    `restore` '{source}' and `users keys revoke` '{user} {key_id}' where the table says PATH,
+    DEST, SRC and NAME [KEY_ID], and `export` and `generations delete` said VERSION and ID: one
+    command's argument in capitals, the next's in lower case, under other names."""
+    rows = [line.split(" | ")[0] for line in README.read_text().splitlines()
+            if line.startswith("| `selfie-lora ")]
+    unnamed = []
+    for path, command in _commands():
+        mine = " ".join(row for row in rows if f"`selfie-lora {path[0]}" in row
+                        and all(re.search(rf"\b{re.escape(word)}\b", row) for word in path[1:]))
+        for param in command.params:
+            if param.param_type_name != "argument":
+                continue
+            shown = param.metavar or param.name
+            if not (shown.isupper() and re.search(rf"(?<![\w-]){shown}(?![\w-])", mine)):
+                unnamed.append(f"selfie-lora {' '.join(path)} {shown}")
+    assert unnamed == []
