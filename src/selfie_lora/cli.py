@@ -1411,7 +1411,8 @@ def versions_cmd(
         "--json", help="Print JSON on stdout: what GET /api/model/versions answers.")] = False,
 ) -> None:
     """The versions of the user's model, newest first: when each was made, its likeness, the
-    likeness gate's decision, and which is active ('selfie-lora activate N' rolls back)."""
+    likeness gate's decision, and which is active ('selfie-lora activate N --user NAME' rolls
+    back)."""
     from selfie_lora.api.serializers import version_json
     from selfie_lora.domain.likeness import gate_cell, likeness_cell
 

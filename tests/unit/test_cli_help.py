@@ -103,3 +103,11 @@ def test_a_bare_command_prints_its_help_on_stdout_and_exits_0(command: list[str]
     assert result.stdout.startswith("Usage: "), result.output
     assert "Commands:" in result.stdout
     assert result.stderr == ""
+
+
+def test_the_versions_help_names_a_rollback_that_runs() -> None:
+    # It said "('selfie-lora activate N' rolls back)": run as written, that is 'Missing option
+    # '--user''.
+    said = " ".join(CliRunner().invoke(app, ["versions", "--help"],
+                                       env={"COLUMNS": "80"}).output.split())
+    assert "'selfie-lora activate N --user NAME' rolls back" in said, said
