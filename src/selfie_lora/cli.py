@@ -969,8 +969,11 @@ def generate(
     out: Annotated[Path, typer.Option("--out", help="Folder for the images.")] = Path("."),
     # Text, read by the Generate form's parser: the option parser took "1.0" and "1_0".
     num_outputs: Annotated[str, typer.Option(
-        "--num-outputs", "-n", metavar="INTEGER", help="1 to 4.")] = "1",
-    seed: Annotated[str | None, typer.Option(metavar="INTEGER", help="0 to 4294967295.")] = None,
+        "--num-outputs", "-n", metavar="INTEGER", help="How many pictures: 1 to 4.")] = "1",
+    seed: Annotated[str | None, typer.Option(
+        metavar="INTEGER", help="The first picture's seed, 0 to 4294967295 (picture n: that + n "
+                                "- 1); default: drawn at random and printed, to make the "
+                                "pictures again.")] = None,
     # Text too, read by the web's parser: the option parser's float() took "0.2_5" and "٣".
     lora_scale: Annotated[str | None, typer.Option(
         "--lora-scale", metavar="FLOAT",

@@ -111,3 +111,13 @@ def test_the_versions_help_names_a_rollback_that_runs() -> None:
     said = " ".join(CliRunner().invoke(app, ["versions", "--help"],
                                        env={"COLUMNS": "80"}).output.split())
     assert "'selfie-lora activate N --user NAME' rolls back" in said, said
+
+
+def test_the_number_of_pictures_and_the_seed_say_what_they_are() -> None:
+    # '-n, --num-outputs INTEGER  1 to 4.' and '--seed INTEGER  0 to 4294967295.': neither said
+    # what it counts or seeds, nor that a seed not given is drawn and printed to reuse.
+    said = " ".join(CliRunner().invoke(app, ["generate", "--help"],
+                                       env={"COLUMNS": "80"}).output.split())
+    assert "-n, --num-outputs INTEGER How many pictures: 1 to 4." in said, said
+    assert ("--seed INTEGER The first picture's seed, 0 to 4294967295 (picture n: that + n - 1); "
+            "default: drawn at random and printed, to make the pictures again.") in said, said
