@@ -292,3 +292,22 @@ def test_the_usage_lines_name_each_argument_as_the_command_table_does() -> None:
             if not (shown.isupper() and re.search(rf"(?<![\w-]){shown}(?![\w-])", mine)):
                 unnamed.append(f"selfie-lora {' '.join(path)} {shown}")
     assert unnamed == []
+
+
+def test_the_first_steps_photos_are_there_after_the_step_they_follow() -> None:
+    """First steps began "After `make demo` (or `make install`)" and then checked and trained
+    `demo-output/photos`, which only the demo makes: after `make install` alone, the first
+    `check` said `error: demo-output/photos is neither a folder nor a zip file` (walk-through)."""
+    from selfie_lora.demo import DEMO_ENTRIES
+
+    text = README.read_text()
+    steps = text[text.index("## First steps"):text.index("## Why")]
+    lead, block = steps.split("```sh", 1)
+    lead = re.sub(r"\s+", " ", lead)
+    named = set(re.findall(r"\bdemo-output/([\w.-]+)", block))
+    assert named, "First steps no longer use the demo's photos: check what this test guards"
+    # What First steps name under demo-output/ is what the demo writes there...
+    assert named <= set(DEMO_ENTRIES), named
+    # ... so they follow the demo, and say what to use where only `make install` ran.
+    assert lead.startswith("## First steps After `make demo`,"), lead[:80]
+    assert "after `make install` alone there is no such folder" in lead, lead
