@@ -311,3 +311,35 @@ def test_the_first_steps_photos_are_there_after_the_step_they_follow() -> None:
     # ... so they follow the demo, and say what to use where only `make install` ran.
     assert lead.startswith("## First steps After `make demo`,"), lead[:80]
     assert "after `make install` alone there is no such folder" in lead, lead
+
+
+def test_the_layout_names_every_api_module_and_service() -> None:
+    """The Layout under Development listed the API's modules as `training`, `model`, `likeness`,
+    `generation`, `webhooks`, `keys` and the use cases as `users` ... `gc`: `api/account.py`
+    (`DELETE /api/me`) and the services `erasure`, `backup` and `operations` were not named,
+    so a newcomer looking for where an account is deleted did not find it (walk-through)."""
+    import dataclasses
+    import typing
+
+    from selfie_lora import api, services, wiring
+
+    text = readme_text()
+    layout = text[text.index("Layout (see"):text.index("Tests: `tests/unit`")]
+    service_part = layout[layout.index("- `services/`:"):layout.index("- `dataset/`:")]
+    api_part = layout[layout.index("`api/` ("):layout.index("`web/` (")]
+    # Every module of api/ that routes requests is named.
+    api_dir = Path(api.__file__).parent
+    routers = {path.stem for path in api_dir.glob("*.py") if "APIRouter(" in path.read_text()}
+    assert routers, "no API module defines a router: check what this test guards"
+    for name in sorted(routers):
+        assert f"`{name}`" in api_part, name
+    # Every service an entry point is handed (wiring.Services), and every *Service class.
+    services_dir = Path(services.__file__).parent
+    hints = typing.get_type_hints(wiring.Services)
+    modules = {hints[f.name].__module__.rsplit(".", 1)[1]
+               for f in dataclasses.fields(wiring.Services)
+               if getattr(hints[f.name], "__module__", "").startswith("selfie_lora.services.")}
+    modules |= {path.stem for path in services_dir.glob("*.py")
+                if re.search(r"^class \w+Service\b", path.read_text(), re.M)}
+    for name in sorted(modules - {"ports", "clock", "telemetry"}):
+        assert f"`{name}`" in service_part, name
