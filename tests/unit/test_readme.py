@@ -7,7 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from selfie_lora.config import Settings
 from selfie_lora.domain.accounts import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
+from selfie_lora.wiring import Services
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -343,3 +345,33 @@ def test_the_layout_names_every_api_module_and_service() -> None:
                 if re.search(r"^class \w+Service\b", path.read_text(), re.M)}
     for name in sorted(modules - {"ports", "clock", "telemetry"}):
         assert f"`{name}`" in service_part, name
+
+
+def test_the_route_table_names_every_route_of_the_api(settings: Settings,
+                                                     services: Services) -> None:
+    """The route table of Using it, which a user reads as the list of routes, had no row for
+    `GET /readyz` and `GET /metrics` (the contract's names): they were only named in a
+    `/healthz` row's aside and, pages later, under Scale path (walk-through)."""
+    from selfie_lora.api.app import create_app
+
+    text = README.read_text()
+    table = text[text.index("| route | what |"):text.index("### Command line")]
+    firsts = " ".join(re.split(r"(?<!\\)\|", line)[1] for line in table.splitlines()
+                      if line.startswith("| `"))
+
+    def shape(path: str) -> str:
+        return re.sub(r"\{[^}]*\}", "{}", path)
+
+    cells = shape(firsts)
+    document = create_app(settings, services=services).openapi()
+    missing = []
+    for path, operations in document["paths"].items():
+        for method in operations:
+            if method == "head":
+                continue
+            # A row names the method then the path, perhaps after other routes of the row.
+            said = re.search(rf"{method.upper()} [^`]*`?[^|]*?{re.escape(shape(path))}(?![\w/{{])",
+                             cells)
+            if f"{method.upper()} {shape(path)}" not in cells and said is None:
+                missing.append(f"{method.upper()} {path}")
+    assert not missing, missing
