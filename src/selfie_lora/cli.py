@@ -142,17 +142,19 @@ def _database_shown(settings: Settings) -> str:
 
 def _data_shown(settings: Settings) -> str:
     """Where a server's data is, for its start line. On the scale path HOME holds only this
-    machine's caches: naming it alone sent operators to back up the wrong folder."""
+    machine's caches: naming it alone sent operators to back up the wrong folder. HOME as an
+    absolute path (links kept as named): the default's 'data in .selfie-lora' did not say which
+    folder's, and a command run from another one makes another HOME there."""
+    home = settings.home.absolute()
     if settings.database_url is None and settings.storage_url is None:
-        return f"data in {settings.home}"
+        return f"data in {home}"
     if settings.database_url is None:
         # The SQLite file is in HOME: calling HOME 'caches' only there sent an operator to
         # back up the bucket alone.
-        return (f"data in {settings.home} (the database, and this machine's caches) and "
+        return (f"data in {home} (the database, and this machine's caches) and "
                 f"{settings.storage_url} (files)")
-    files = settings.storage_url or f"{settings.home} (files)"
-    return (f"data in {_database_shown(settings)} and {files}; this machine's caches in "
-            f"{settings.home}")
+    files = settings.storage_url or f"{home} (files)"
+    return f"data in {_database_shown(settings)} and {files}; this machine's caches in {home}"
 
 
 class _Terminated(KeyboardInterrupt):

@@ -6,6 +6,8 @@ import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from selfie_lora.cli import _data_shown, being_scored_message, handed_back_message
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
@@ -89,6 +91,20 @@ def test_a_database_password_given_as_a_query_parameter_is_masked_in_the_start_l
                                      storage_url="s3://selfie-prod/photos"))
         assert "s3cret" not in shown
         assert f"data in SELFIE_LORA_DATABASE_URL {masked} and " in shown
+
+
+def test_the_start_line_names_the_default_home_by_its_absolute_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The default HOME, ./.selfie-lora, was said as 'data in .selfie-lora': not which folder's,
+    # while 'users create' run from another folder makes a second HOME there, whose key the
+    # server answers 401 (walk-through of the README's "Start the service").
+    monkeypatch.chdir(tmp_path)
+    shown = _data_shown(Settings(home=Path(".selfie-lora")))
+    assert shown == f"data in {tmp_path / '.selfie-lora'}"
+    # A HOME named through a link keeps the name given (a restore keeps the link, README).
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    assert _data_shown(Settings(home=Path("link"))) == f"data in {tmp_path / 'link'}"
 
 
 def test_sqlite_with_s3_does_not_call_home_caches_only(tmp_path: Path) -> None:
