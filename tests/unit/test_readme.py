@@ -375,3 +375,22 @@ def test_the_route_table_names_every_route_of_the_api(settings: Settings,
             if f"{method.upper()} {shape(path)}" not in cells and said is None:
                 missing.append(f"{method.upper()} {path}")
     assert not missing, missing
+
+
+def test_the_readme_says_where_the_benchmarks_real_photos_come_from() -> None:
+    """`bench/ingest.py --profile  # --sources people: 25 different real photos` named no
+    folder: they are read from outside the repository, and where it is missing the script
+    measures the three test photos instead (walk-through, from a checkout without it)."""
+    import importlib.util
+
+    root = README.parent
+    spec = importlib.util.spec_from_file_location("bench_ingest", root / "bench" / "ingest.py")
+    assert spec is not None
+    assert spec.loader is not None
+    ingest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ingest)
+    text = readme_text()
+    said = text[text.index("bench/ingest.py --profile"):text.index("On this project's 2-core")]
+    people = Path("..") / ingest.PEOPLE.relative_to(root.parent)
+    assert f"`--sources people` reads them from `{people.as_posix()}`" in said, said
+    assert "from the three test photos instead" in said
