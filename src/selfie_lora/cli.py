@@ -793,9 +793,11 @@ def _said_what_queued_waits_for(services: Services, *, owner: Any,
     if not latest.status.is_active or lease_is_live(latest, utcnow()):
         return refused  # a live process holds it: it is running
     if latest.lease_owner is None:
-        # Queued, or handed back (its lease released): waiting for a worker's turn.
+        # Queued, or handed back (its lease released): waiting for a worker's turn. One whose
+        # version is stored has only its scoring left, as the hand-back said ("scores it").
+        waits_for = _left_to_a_process("scores") if latest.is_scoring else QUEUED_WAITS_FOR
         return ConflictError(f"{refused.message}; training {latest.id} waits in the queue: "
-                             f"{QUEUED_WAITS_FOR}", details=refused.details)
+                             f"{waits_for}", details=refused.details)
     # Its holder's lease lapsed: a process that stepped away (its message queued again) or
     # one that is gone (a serve's or worker's reconciler queues it again); either way a
     # serve or worker continues it.

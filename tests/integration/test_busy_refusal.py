@@ -17,7 +17,14 @@ from typer.testing import CliRunner
 from selfie_lora import cli
 from selfie_lora.api.app import create_app
 from selfie_lora.config import Settings
-from selfie_lora.domain.entities import Recipe, Training, TrainingStatus, User
+from selfie_lora.domain.entities import (
+    GateStatus,
+    Recipe,
+    Training,
+    TrainingStatus,
+    User,
+    Version,
+)
 from selfie_lora.errors import ConflictError
 from selfie_lora.services.common import utcnow
 from selfie_lora.wiring import Services
@@ -153,6 +160,34 @@ def test_the_cli_says_what_a_waiting_training_waits_for(
     assert said["resume"] == (
         "error: only a canceled training can be resumed; this one is "
         f"{training.status}; {waits}")
+
+
+def test_the_cli_says_a_handed_back_training_with_its_version_stored_waits_to_be_scored(
+        services: Services, settings: Settings, ann: User, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while a `train` scored its version said the training waited for a serve or
+    worker that "scores it and ends it"; the next `train` was then refused saying one "trains
+    it in its turn", of a training with nothing left to train (walk-through)."""
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    model = services.repo.get_model_for_user(ann.id)
+    assert model is not None
+    training = add_training(services, ann, status=TrainingStatus.PROCESSING, attempt=1, step=4,
+                            total_steps=4)
+    services.repo.add_version(Version(
+        id="v-stored", model_id=model.id, number=1, training_id=training.id,
+        trainer_version=training.trainer_version, weights_key="weights/x.safetensors",
+        weights_sha256="0" * 64, weights_method="local:file", remote_version=None,
+        version_mismatch=False, created_at=utcnow(), gate_status=GateStatus.PENDING))
+    services.repo.save_training(dataclasses.replace(training, version_id="v-stored"))
+    photos = tmp_path / "photos.zip"
+    photos.write_bytes(photo_zip(4))
+    result = CliRunner().invoke(cli.app, ["train", str(photos), "--user", "ann"])
+    assert result.exit_code == 1, result.output
+    said = " ".join(result.output.split())
+    assert said.endswith(
+        "training t-busy waits in the queue: a `selfie-lora serve` or `selfie-lora worker` "
+        "running on these settings scores it in its turn (if none runs, start one)"), said
+    assert "trains it" not in said
 
 
 def test_the_cli_adds_nothing_for_a_training_a_live_process_holds(
