@@ -86,6 +86,18 @@ def test_an_upload_refused_as_a_whole_is_not_trainable(cli: CliRunner, tmp_path:
     assert result.output.startswith("not trainable:"), result.output
 
 
+def test_one_photo_named_for_its_folder_says_to_name_the_folder(cli: CliRunner,
+                                                              photos: Path) -> None:
+    """`selfie-lora check selfie0.jpg` answered "not trainable: the upload is not a zip
+    archive": it named neither the file nor what to name (walk-through of First steps). Still
+    exit 1, as any upload refused as a whole; `train` reads the path the same way."""
+    result = cli.invoke(app, ["check", str(photos / "selfie0.jpg")])
+    assert result.exit_code == 1, result.output
+    assert one_line(result) == (
+        "not trainable: selfie0.jpg is a photo (a JPEG image), not a folder or a zip of "
+        "photos: name the folder it is in, or a zip of the photos")
+
+
 def test_one_oversized_file_and_one_zip_in_the_folder_are_their_own_findings(
         cli: CliRunner, photos: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 51 MB ProRAW DNG or a zip among good photos refused the whole folder ("not trainable:

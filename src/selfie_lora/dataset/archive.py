@@ -250,7 +250,15 @@ def read_path(path: Path, *, limits: UploadLimits) -> tuple[list[UploadedFile], 
         if path.stat().st_size > limits.max_upload_bytes:
             raise _refuse(ErrorCode.UPLOAD_TOO_LARGE,
                           f"{path.name} is larger than {byte_size(limits.max_upload_bytes)}")
-        return read_zip(path.read_bytes(), limits=limits)
+        data = path.read_bytes()
+        sniffed = sniff_image(data)
+        if sniffed.is_image:
+            # One photo named where its folder was: "the upload is not a zip archive" named
+            # neither the file nor what to name instead.
+            raise _refuse(ErrorCode.BAD_ARCHIVE,
+                          f"{path.name} is a photo ({sniffed.label}), not a folder or a "
+                          "zip of photos: name the folder it is in, or a zip of the photos")
+        return read_zip(data, limits=limits)
     raise _refuse(ErrorCode.NO_SUCH_PATH, f"{path} is neither a folder nor a zip file")
 
 
