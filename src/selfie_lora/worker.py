@@ -450,10 +450,9 @@ class _OperatorHandler(BaseHTTPRequestHandler):
     _head = False  # answering a HEAD: the headers GET would send, no body
 
     def do_HEAD(self) -> None:
-        # The probes only, as the API servers answer them: load balancers probe with HEAD.
-        if self.path.split("?", 1)[0] not in ("/healthz", "/readyz"):
-            self.send_error(501, f"Unsupported method ({self.command!r})")
-            return
+        # Every path as its GET, as the API servers answer HEAD (api.head.HeadAsGet): load
+        # balancers probe with HEAD, and /metrics (501 here before) answers it there, behind
+        # the same token. The status and headers GET sends, Content-Length included; no body.
         self._head = True
         self.do_GET()
 

@@ -376,7 +376,7 @@ def test_a_worker_s_metrics_need_the_token_as_the_api_s_do(tmp_path: Path) -> No
 
 def test_a_worker_s_probes_answer_head_as_get_without_a_body(tmp_path: Path) -> None:
     """Load balancers probe with HEAD: the worker's /healthz and /readyz answered 501 (the API
-    servers' 405, test_api.py). Its /metrics is left as it was."""
+    servers' 405, test_api.py)."""
     with serving(make_settings(tmp_path)) as (_client, svc):
         worker = serve_operator_endpoints(svc.operations, host="127.0.0.1", port=0)
         try:
@@ -387,7 +387,35 @@ def test_a_worker_s_probes_answer_head_as_get_without_a_body(tmp_path: Path) -> 
                 assert head.status_code == got.status_code == 200, path
                 assert head.content == b""
                 assert head.headers["content-length"] == got.headers["content-length"]
-            assert httpx.head(base + "/metrics", timeout=10).status_code == 501
+        finally:
+            worker.shutdown()
+            worker.server_close()
+
+
+def test_a_worker_s_metrics_answer_head_as_the_api_s_do(tmp_path: Path) -> None:
+    """HEAD /metrics on a worker's operator port answered 501, while the API servers answer it
+    as GET (api.head.HeadAsGet; found in review). Now the same: the token guards it, GET's
+    status and headers, no body; a path the port does not serve is 404, as its GET."""
+    settings = make_settings(tmp_path, metrics_token=TOKEN)
+    with serving(settings) as (client, svc):
+        worker = serve_operator_endpoints(svc.operations, host="127.0.0.1", port=0)
+        try:
+            base = f"http://127.0.0.1:{worker.server_address[1]}"
+            good = {"Authorization": f"Bearer {TOKEN}"}
+            for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                                    (good, 200)):
+                api = client.head("/metrics", headers=headers)
+                head = httpx.head(base + "/metrics", headers=headers, timeout=10)
+                assert head.status_code == api.status_code == status, headers
+                assert head.content == b""
+                assert head.headers["content-type"] == api.headers["content-type"]
+                if status == 401:
+                    assert head.headers["www-authenticate"] == "Bearer"
+                    got = httpx.get(base + "/metrics", headers=headers, timeout=10)
+                    assert head.headers["content-length"] == got.headers["content-length"]
+                else:
+                    assert int(head.headers["content-length"]) > 0
+            assert httpx.head(base + "/other", timeout=10).status_code == 404
         finally:
             worker.shutdown()
             worker.server_close()
