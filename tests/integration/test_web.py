@@ -47,8 +47,9 @@ from selfie_lora.errors import (
     InvalidInputError,
     StorageError,
 )
+from selfie_lora.services import likeness as likeness_module
 from selfie_lora.services.common import utcnow
-from selfie_lora.services.layout import DEPLOYMENT_KEY
+from selfie_lora.services.layout import DEPLOYMENT_KEY, chart_key
 from selfie_lora.services.ports import BlobStream
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -3652,3 +3653,40 @@ def test_a_head_of_a_photo_file_does_not_read_the_photo_from_the_storage(
     assert head.headers["content-type"] == got.headers["content-type"]
     assert reads == []  # old code: all 20 chunks read
     assert inspect.getgeneratorstate(opened[-1]) == inspect.GEN_CLOSED  # not left open
+
+
+def test_a_head_of_the_chart_neither_draws_nor_stores_it(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HEAD /versions/chart.png and HEAD /api/model/quality/chart.png ran as their GET
+    (api.head.HeadAsGet): a chart not stored yet, or stale, was drawn (150-300 ms at 300
+    versions) and written to the storage, to send headers alone (found in review). Now a HEAD
+    reads what the chart shows, draws nothing and stores nothing; its GET draws it once."""
+    assert upload(ann)[0] == 200
+    assert 'data-status="succeeded"' in train(ann)
+    user = svc.users.get_by_name(name="ann")
+    _key, secret = svc.users.create_key(user=user, name="t")
+    api = {"Authorization": f"Bearer {secret}"}
+    key = chart_key(svc.models.get(user=user).id)
+    svc.blobs.delete(key)  # drawn by nobody yet: the first view draws it
+    drawn: list[int] = []
+    real = likeness_module.render_chart
+
+    def counted(points: Any, **kwargs: Any) -> bytes:
+        drawn.append(len(points))
+        return real(points, **kwargs)
+
+    monkeypatch.setattr(likeness_module, "render_chart", counted)
+    for path, headers in (("/versions/chart.png", {}), ("/api/model/quality/chart.png", api)):
+        head = ann.head(path, headers=headers)
+        assert head.status_code == 200, path
+        assert head.content == b""
+        assert head.headers["content-type"] == "image/png"
+        assert head.headers["cache-control"] == "private"
+        assert drawn == [], path  # old code: [1], drawn for the HEAD
+        assert not svc.blobs.exists(key), path  # old code: stored by the HEAD
+    got = ann.get("/versions/chart.png")
+    assert (got.status_code, got.headers["content-type"]) == (200, "image/png")
+    assert drawn == [1]
+    assert svc.blobs.exists(key)
+    assert ann.get("/api/model/quality/chart.png", headers=api).content == got.content
+    assert drawn == [1]  # stored, not drawn again

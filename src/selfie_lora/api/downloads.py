@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
+from selfie_lora.api.schemas import picture
+from selfie_lora.services.likeness import Chart
 from selfie_lora.services.models import WeightsDownload
 from selfie_lora.services.ports import BlobStream
 
@@ -14,6 +16,18 @@ from selfie_lora.services.ports import BlobStream
 # (curl -C -, a browser, wget -c) sends. Several ranges at once are answered with the whole file,
 # as HTTP allows.
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def chart_response(chart: Chart) -> Response:
+    """The likeness chart (the API's and the Versions page's alike). Not drawn (a HEAD,
+    ``LikenessService.chart``): its headers without Content-Length, which only the drawing
+    would tell (RFC 9110 9.3.2 lets a HEAD leave out what only the content determines); a
+    ``Content-Length: 0`` would say the picture is empty."""
+    if chart.png is not None:
+        return picture(chart.png, media_type="image/png")
+    response = picture(b"", media_type="image/png")
+    del response.headers["content-length"]
+    return response
 
 
 def weights_response(download: WeightsDownload, *, range_header: str | None = None,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.answers import Comparison, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
+from selfie_lora.api.downloads import chart_response
+from selfie_lora.api.head import ran_for_head
 from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, binary, errors, picture
 from selfie_lora.api.serializers import comparison_json, likeness_json
@@ -55,6 +57,7 @@ async def compare_grid(user: UserDep, svc: ServicesDep, a: str | None = None,
 
 @router.get("/quality/chart.png", responses=errors(NOT_FOUND) | binary("image/png"),
             response_class=Response)
-async def likeness_chart(user: UserDep, svc: ServicesDep) -> Response:
-    png = await in_thread(lambda: svc.likeness.chart_png(user=user))
-    return picture(png, media_type="image/png")
+async def likeness_chart(user: UserDep, svc: ServicesDep, request: Request) -> Response:
+    # A HEAD (run as this GET, api.head) neither draws the chart nor stores it.
+    draw = not ran_for_head(request.scope)
+    return chart_response(await in_thread(lambda: svc.likeness.chart(user=user, draw=draw)))

@@ -112,6 +112,15 @@ class _PhotosGoneError(Exception):
 
 
 @dataclass(frozen=True)
+class Chart:
+    """The likeness chart (``LikenessService.chart``): ``inputs``, the digest of what it shows
+    (``chart_inputs``: equal digests, the same picture), and the PNG (None: not drawn)."""
+
+    inputs: str
+    png: bytes | None
+
+
+@dataclass(frozen=True)
 class GateVerdict:
     """What the gate decided about a version, before it is recorded."""
 
@@ -825,9 +834,17 @@ class LikenessService:
         return points, yardstick if reference is not None else None
 
     def chart_png(self, *, user: User) -> bytes:
+        """The chart of scores across all versions (``chart``), drawn."""
+        png = self.chart(user=user).png
+        assert png is not None  # drawn unless told not to
+        return png
+
+    def chart(self, *, user: User, draw: bool = True) -> Chart:
         """The chart of scores across all versions (stored under ``quality/models/``), drawn
         only when what it shows changed: drawing took 150-300 ms at 300 versions, and writing
-        it back on every view of the Versions page was an upload per view on S3."""
+        it back on every view of the Versions page was an upload per view on S3. ``draw``
+        False: what it shows alone (the database's rows), the storage neither read nor
+        written (a HEAD sends headers only)."""
         model = self._model(user)
         points, yardstick = self._chart(model)
         if not points:
@@ -835,17 +852,19 @@ class LikenessService:
         title = f"likeness of {model.trigger_word} across versions"
         if yardstick is not None:
             title += f", on version {yardstick.number}'s training photos"
+        inputs = chart_inputs(points, title=title, tolerance=self.tolerance)
+        if not draw:
+            return Chart(inputs=inputs, png=None)
         key = chart_key(model.id)
         try:
             stored = self._blobs.get(key)
         except BlobMissingError:
             stored = None
-        if stored is not None and drawn_from(stored) == chart_inputs(
-                points, title=title, tolerance=self.tolerance):
-            return stored
+        if stored is not None and drawn_from(stored) == inputs:
+            return Chart(inputs=inputs, png=stored)
         png = render_chart(points, title=title, tolerance=self.tolerance)
         self._blobs.put(key, png)
-        return png
+        return Chart(inputs=inputs, png=png)
 
     def training_log(self, *, user: User, history: ModelHistory | None = None
                      ) -> list[dict[str, Any]]:
