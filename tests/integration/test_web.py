@@ -3690,3 +3690,45 @@ def test_a_head_of_the_chart_neither_draws_nor_stores_it(
     assert svc.blobs.exists(key)
     assert ann.get("/api/model/quality/chart.png", headers=api).content == got.content
     assert drawn == [1]  # stored, not drawn again
+
+
+def test_the_chart_has_an_etag_and_a_browser_holding_it_gets_a_304(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart was sent whole at every view of the Versions page (no ETag, no
+    Last-Modified: nothing for the browser to ask again with; found in review). Now its ETag
+    names what it shows (chart_inputs, which every GET works out first), and an If-None-Match
+    that holds it is answered 304, the stored picture neither read nor drawn."""
+    assert upload(ann)[0] == 200
+    assert 'data-status="succeeded"' in train(ann)
+    user = svc.users.get_by_name(name="ann")
+    _key, secret = svc.users.create_key(user=user, name="t")
+    api = {"Authorization": f"Bearer {secret}"}
+    chart = chart_key(svc.models.get(user=user).id)
+    reads: list[str] = []
+    real_get = svc.blobs.get
+
+    def counted(key: str) -> bytes:
+        reads.append(key)
+        return real_get(key)
+
+    monkeypatch.setattr(svc.blobs, "get", counted)
+    for path, headers in (("/versions/chart.png", {}), ("/api/model/quality/chart.png", api)):
+        got = ann.get(path, headers=headers)
+        assert got.status_code == 200, path
+        etag = got.headers.get("etag")
+        assert etag is not None, path  # old code: no ETag
+        assert etag == f'W/"{svc.likeness.chart(user=user, draw=False).inputs}"', path
+        assert ann.head(path, headers=headers).headers["etag"] == etag
+        reads.clear()
+        for held in (etag, f'"other", {etag}', etag.removeprefix("W/"), "*"):
+            again = ann.get(path, headers={**headers, "If-None-Match": held})
+            assert again.status_code == 304, (path, held)
+            assert again.content == b""
+            assert again.headers["etag"] == etag
+            assert again.headers["cache-control"] == "private"
+            assert ann.head(path, headers={**headers, "If-None-Match": held}
+                            ).status_code == 304
+        assert chart not in reads, path  # neither read from the storage nor drawn
+        other = ann.get(path, headers={**headers, "If-None-Match": 'W/"other"'})
+        assert (other.status_code, other.content) == (200, got.content)
+        assert chart in reads  # read for a 200: the count above is of that read

@@ -5,10 +5,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+from fastapi import Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
 
+from selfie_lora.api.deps import in_thread
+from selfie_lora.api.head import ran_for_head
 from selfie_lora.api.schemas import picture
-from selfie_lora.services.likeness import Chart
+from selfie_lora.domain.entities import User
+from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.models import WeightsDownload
 from selfie_lora.services.ports import BlobStream
 
@@ -18,15 +22,34 @@ from selfie_lora.services.ports import BlobStream
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-def chart_response(chart: Chart) -> Response:
-    """The likeness chart (the API's and the Versions page's alike). Not drawn (a HEAD,
-    ``LikenessService.chart``): its headers without Content-Length, which only the drawing
-    would tell (RFC 9110 9.3.2 lets a HEAD leave out what only the content determines); a
-    ``Content-Length: 0`` would say the picture is empty."""
-    if chart.png is not None:
-        return picture(chart.png, media_type="image/png")
-    response = picture(b"", media_type="image/png")
-    del response.headers["content-length"]
+def held_tags(if_none_match: str | None) -> frozenset[str]:
+    """The entity tags an ``If-None-Match`` names, without quotes and ``W/``: its comparison
+    is the weak one (RFC 9110 13.1.2), so a strong and a weak tag of one value match. ``*``
+    stands for any."""
+    if not if_none_match:
+        return frozenset()
+    return frozenset(tag.strip().removeprefix("W/").strip('"')
+                     for tag in if_none_match.split(",") if tag.strip())
+
+
+async def chart_answer(request: Request, likeness: LikenessService, user: User) -> Response:
+    """The likeness chart (the API's and the Versions page's alike). Its ETag is the digest of
+    what it shows (``chart_inputs``, which every GET works out first): a browser holding it
+    (``If-None-Match``) gets a 304, the picture neither read nor drawn. Weak: one chart drawn
+    by two releases' matplotlib is the same picture, not the same bytes. A HEAD (run as this
+    GET, api.head) neither draws the chart nor stores it, and leaves out Content-Length, which
+    only the drawing would tell (RFC 9110 9.3.2 lets it; Starlette's ``Content-Length: 0``
+    would say the picture is empty)."""
+    held = held_tags(request.headers.get("if-none-match"))
+    draw = not ran_for_head(request.scope) and "*" not in held
+    chart = await in_thread(lambda: likeness.chart(user=user, draw=draw, unless=held))
+    headers = {"Cache-Control": "private", "ETag": f'W/"{chart.inputs}"'}
+    if chart.inputs in held or "*" in held:
+        return Response(status_code=304, headers=headers)
+    response = picture(chart.png or b"", media_type="image/png")
+    response.headers.update(headers)
+    if chart.png is None:
+        del response.headers["content-length"]
     return response
 
 

@@ -9,8 +9,7 @@ from fastapi.responses import Response
 
 from selfie_lora.api.answers import Comparison, answers
 from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
-from selfie_lora.api.downloads import chart_response
-from selfie_lora.api.head import ran_for_head
+from selfie_lora.api.downloads import chart_answer
 from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, binary, errors, picture
 from selfie_lora.api.serializers import comparison_json, likeness_json
@@ -55,9 +54,10 @@ async def compare_grid(user: UserDep, svc: ServicesDep, a: str | None = None,
     return picture(png, media_type="image/png")
 
 
-@router.get("/quality/chart.png", responses=errors(NOT_FOUND) | binary("image/png"),
+@router.get("/quality/chart.png", responses=errors(NOT_FOUND) | binary("image/png") | {
+    304: {"description": "the chart an If-None-Match holds (its ETag) is unchanged; no body"}},
             response_class=Response)
 async def likeness_chart(user: UserDep, svc: ServicesDep, request: Request) -> Response:
-    # A HEAD (run as this GET, api.head) neither draws the chart nor stores it.
-    draw = not ran_for_head(request.scope)
-    return chart_response(await in_thread(lambda: svc.likeness.chart(user=user, draw=draw)))
+    """The chart of scores across all versions; ETag (weak), 304 to an If-None-Match that
+    holds it."""
+    return await chart_answer(request, svc.likeness, user)

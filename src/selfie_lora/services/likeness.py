@@ -30,7 +30,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -839,12 +839,13 @@ class LikenessService:
         assert png is not None  # drawn unless told not to
         return png
 
-    def chart(self, *, user: User, draw: bool = True) -> Chart:
+    def chart(self, *, user: User, draw: bool = True, unless: Collection[str] = ()) -> Chart:
         """The chart of scores across all versions (stored under ``quality/models/``), drawn
         only when what it shows changed: drawing took 150-300 ms at 300 versions, and writing
         it back on every view of the Versions page was an upload per view on S3. ``draw``
-        False: what it shows alone (the database's rows), the storage neither read nor
-        written (a HEAD sends headers only)."""
+        False, or its ``inputs`` among ``unless`` (the charts the caller holds already): what
+        it shows alone (the database's rows), the storage neither read nor written (a HEAD
+        sends headers only; a browser holding this chart is told it is unchanged)."""
         model = self._model(user)
         points, yardstick = self._chart(model)
         if not points:
@@ -853,7 +854,7 @@ class LikenessService:
         if yardstick is not None:
             title += f", on version {yardstick.number}'s training photos"
         inputs = chart_inputs(points, title=title, tolerance=self.tolerance)
-        if not draw:
+        if not draw or inputs in unless:
             return Chart(inputs=inputs, png=None)
         key = chart_key(model.id)
         try:

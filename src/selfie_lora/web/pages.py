@@ -16,8 +16,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from selfie_lora.api.deps import finished, in_intake, in_thread, upload_slot
-from selfie_lora.api.downloads import chart_response, weights_response
-from selfie_lora.api.head import ran_for_head
+from selfie_lora.api.downloads import chart_answer, weights_response
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.dataset.limits import SentFile
@@ -891,11 +890,8 @@ async def versions_grid(request: Request, viewer: PageViewer, a: str | None = No
 
 @router.get("/versions/chart.png")
 async def versions_chart(request: Request, viewer: PageViewer) -> Response:
-    web = _web(request)
-    # As the API's: a HEAD (run as this GET, api.head) neither draws the chart nor stores it.
-    draw = not ran_for_head(request.scope)
-    return chart_response(await in_thread(
-        lambda: web.services.likeness.chart(user=viewer.user, draw=draw)))
+    # As the API's: an ETag, a 304 to a browser holding it, a HEAD that draws nothing.
+    return await chart_answer(request, _web(request).services.likeness, viewer.user)
 
 
 # ---------------------------------------------------------------------------- generate
