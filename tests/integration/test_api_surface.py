@@ -279,3 +279,36 @@ def test_an_api_405_names_every_method_its_address_takes(client: TestClient,
     assert wrong.json()["error"]["code"] == "method_not_allowed"
     assert set(wrong.headers["Allow"].split(", ")) >= {"GET", "PATCH"}
     assert client.put("/api/keys", headers=h).headers["Allow"] == "GET, HEAD, POST"
+
+
+@pytest.mark.parametrize("root", ["", "/selfie"])
+def test_a_trailing_slash_is_redirected_to_the_same_host_and_root_path(
+        settings: Settings, services: Services, root: str) -> None:
+    """/api/model/ was answered 307 to an absolute URL made of the request's Host header and
+    the connection's scheme (Starlette's redirect_slashes): behind a proxy sending its upstream's
+    Host, or ending TLS, that led to the internal host, or from https to http, where clients
+    drop the API key (found in review). Now the Location is relative (root path and query
+    kept), for every method (307 keeps a POST's method and body); a path with no route
+    slashless is 404 as before, and a redirect never leads to "//" (another host)."""
+    headers = {**auth(services, "ann"), "Host": "internal:8000"}
+    with TestClient(create_app(settings, services=services, run_worker=False),
+                    root_path=root, base_url="https://selfie.example",
+                    raise_server_exceptions=False) as c:
+        for method, path, query in (("GET", "/api/model/", "?x=1"), ("HEAD", "/api/model//", ""),
+                                    ("PATCH", "/api/model/", ""), ("POST", "/api/keys/", ""),
+                                    ("GET", "/signin/", "?next=/versions"),
+                                    ("GET", "/healthz/", "")):
+            r = c.request(method, f"{root}{path}{query}", headers=headers,
+                          follow_redirects=False)
+            assert r.status_code == 307, (method, path)
+            # old code: https://internal:8000... with a Host of another, http://... behind TLS
+            assert r.headers["location"] == f"{root}{path.rstrip('/')}{query}", (method, path)
+        if not root:  # under a root path the guard takes /selfie/api/... for a page (is_page)
+            created = c.post("/api/keys/", json={"name": "ci"}, headers=headers,
+                             follow_redirects=True)
+            assert created.status_code == 201  # its body went with the POST sent again
+            assert created.url == "https://selfie.example/api/keys"
+        for path in ("//api/model", "/nothing/", "//nothing/", f"/{'%2F'}nothing/"):
+            r = c.get(f"https://selfie.example{root}{path}", headers=headers,
+                      follow_redirects=False)
+            assert r.status_code == 404, path

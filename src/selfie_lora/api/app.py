@@ -32,6 +32,7 @@ from selfie_lora.api.guard import UPLOAD_PATHS, WEB_UPLOAD_PATHS, Guard, Limits,
 from selfie_lora.api.head import HeadAsGet, allow_with_head
 from selfie_lora.api.observe import HttpMetrics
 from selfie_lora.api.server_errors import report_server_error, retry_after_header
+from selfie_lora.api.slashes import SlashRedirect
 from selfie_lora.api.stopping import ServerStopping
 from selfie_lora.config import Settings
 from selfie_lora.dataset.archive import too_many_parts
@@ -186,6 +187,9 @@ def create_app(
     # and HEAD are two routes).
     api_routes: list[BaseRoute] = [*app.router.routes,
                                    *(route for router in api_routers for route in router.routes)]
+    # A trailing slash: a relative 307, never Starlette's, made of the Host header (api.slashes).
+    app.router.redirect_slashes = False
+    app.add_middleware(SlashRedirect, routes=app.router.routes)
     # Innermost: every middleware outside sees the HEAD, and adds its headers to the answer.
     app.add_middleware(HeadAsGet, routes=app.router.routes)
     # Inside the pages' security headers: its error page gets them too (Web.stopping_page).
