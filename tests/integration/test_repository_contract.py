@@ -749,6 +749,50 @@ def test_a_users_rows_are_read_and_deleted_and_no_one_elses(repo: SqlRepository)
     assert len(repo.list_api_keys(bob.id)) == 1
 
 
+def test_a_generation_committed_while_the_users_rows_are_deleted_goes_with_them(
+        repo: SqlRepository) -> None:
+    """A generation of the user committed while ``delete_user_data`` runs (one finishing as its
+    account is deleted): the deletion waits for it and deletes it too (on SQLite the write lock
+    orders them). On PostgreSQL the deletion's statements had not seen it, and its delete of the
+    versions failed on the generation's foreign key (a 409 ``write_conflict``, the deletion
+    parked)."""
+    ann, model, dataset = seed(repo)
+    repo.add_training(training(model, dataset, "t1", status=TrainingStatus.SUCCEEDED))
+    repo.add_version(version(model, 1))
+    written, release = threading.Event(), threading.Event()
+
+    def generate() -> None:
+        with repo.atomic() as tx:
+            tx.add_generation(Generation(
+                id="g1", user_id=ann.id, model_id=model.id, version_id="v1", prompt="p",
+                lora_scale=1.0, seed=1, image_keys=("generations/g1/0.png",), created_at=NOW))
+            written.set()
+            release.wait(10)
+
+    generator = threading.Thread(target=generate)
+    generator.start()
+    assert written.wait(10)
+    outcome: dict[str, object] = {}
+
+    def delete() -> None:
+        try:
+            outcome["rows"] = repo.delete_user_data(ann.id, plan=ErasurePlan(
+                keys=(), prefixes=(), work_folders=()))
+        except Exception as exc:  # shown by the assertion below
+            outcome["error"] = exc
+
+    deleter = threading.Thread(target=delete)
+    deleter.start()
+    deleter.join(0.5)  # it waits for the generation (SQLite's lock, PostgreSQL's row lock)
+    release.set()
+    generator.join(10)
+    deleter.join(30)
+    assert "error" not in outcome, outcome
+    assert outcome["rows"] == {"generations": 1, "versions": 1, "trainings": 1, "models": 1,
+                               "datasets": 1, "api keys": 1}
+    assert repo.user_holdings(ann.id).empty
+    assert repo.delete_user(ann.id)
+
 def test_dataset_sizes_are_the_accepted_counts_of_those_that_exist_in_one_read(
         repo: SqlRepository) -> None:
     _user, _model, dataset = seed(repo)

@@ -665,7 +665,18 @@ class SqlRepository:
     def delete_user_data(self, user_id: str, *, plan: ErasurePlan) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self._tx() as s:
-            model_id = s.scalar(select(ModelRow.id).where(ModelRow.user_id == user_id))
+            # The model's row locked first (PostgreSQL; on SQLite the write lock taken at BEGIN
+            # already orders every writer): a row still being written that names the model (a
+            # generation finishing as the account goes) holds a key-share lock on it until it
+            # commits, so the deletes below begin once it has and see it, and one written later
+            # waits for this transaction and then finds the model gone. Without it, the READ
+            # COMMITTED statements missed such a generation and the versions' delete failed on
+            # it (a write conflict that parked the deletion). Only this one lock: a generation's
+            # insert checks its model before its user, and an upload's start its user (the new
+            # photo set) before it locks the model, so a second lock, in either order, could
+            # deadlock with one of them.
+            model_id = s.scalar(select(ModelRow.id).where(ModelRow.user_id == user_id)
+                                .with_for_update())
 
             def gone(name: str, query: Any) -> None:
                 counts[name] = int(getattr(s.execute(query), "rowcount", 0) or 0)
