@@ -24,6 +24,14 @@ logger = logging.getLogger(__name__)
 _PREFIX = b"training:"
 # How long a Redis worker waits on an empty queue per call (it returns sooner with a message).
 REDIS_READ_TIMEOUT_S = 1
+# How long a Redis client waits to connect, and for any answer (the blocking read's included,
+# which the server gives after REDIS_READ_TIMEOUT_S): a Redis that accepts and never answers (a
+# stopped server, a partition that drops packets) fails the call, which every caller takes as
+# the queue being away. redis-py before 8.0 (``redis>=5`` is allowed) waits for ever by default,
+# and the queue is asked inside requests (a start's message), by /readyz and by the reconciler,
+# whose thread then stopped for good. A URL that names either (``?socket_timeout=...``) keeps it.
+CONNECT_TIMEOUT_S = 5.0
+ANSWER_TIMEOUT_S = 5.0
 
 
 # The name of every release before the queue's name became a setting.
@@ -41,8 +49,13 @@ def make_huey(url: str, *, name: str = DEFAULT_NAME) -> Huey:
         keep_private(path)
         return SqliteHuey(name=name, filename=path, results=False)
     if parsed.scheme in ("redis", "rediss"):
+        from redis import ConnectionPool  # the redis extra, needed only here
+
+        # The URL's own options win over these (redis-py's from_url).
+        pool = ConnectionPool.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S,
+                                       socket_timeout=ANSWER_TIMEOUT_S)
         # Blocking reads: an idle worker waits on Redis instead of polling it.
-        return RedisHuey(name=name, url=url, results=False, blocking=True,
+        return RedisHuey(name=name, connection_pool=pool, results=False, blocking=True,
                          read_timeout=REDIS_READ_TIMEOUT_S)
     raise ConfigError(f"unsupported SELFIE_LORA_QUEUE_URL scheme {parsed.scheme!r}")
 

@@ -1,0 +1,74 @@
+"""A Redis that does not answer is an error in bounded time, never a wait for ever: the queue is
+asked inside API requests (a start's message), by ``/readyz`` and by the worker's threads,
+reconciler included, none of which may hang on it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from selfie_lora.adapters.queue import huey_queue
+from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
+from tests.support.silent import SilentServer
+
+
+@pytest.fixture
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()
+
+
+def _within(seconds: float, call: Callable[[], object]) -> BaseException | None:
+    """What ``call`` raised, if it ended within ``seconds``; fails the test if it still waits."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # shown by the assertions of the caller
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still waiting for a Redis that does not answer after {seconds} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("call", ["enqueue_training", "next_training", "pending",
+                                  "queued_training_ids", "ping"])
+def test_a_redis_that_accepts_and_never_answers_fails_each_call_in_bounded_time(
+        silent: SilentServer, monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+    monkeypatch.setattr(huey_queue, "ANSWER_TIMEOUT_S", 2.0, raising=False)
+    queue = HueyJobQueue.from_url(f"redis://127.0.0.1:{silent.port}/0")
+    method = getattr(queue, call)
+    began = time.monotonic()
+    error = _within(15, lambda: method("t1") if call == "enqueue_training" else method())
+    assert time.monotonic() - began < 4  # the bound set, not redis-py's own (5 s since 8.0)
+    if call == "next_training":
+        # huey reads a blocking read that timed out as an empty queue: the worker asks again.
+        assert error is None
+    else:
+        assert error is not None
+        assert "Timeout" in type(error).__name__, repr(error)
+
+
+def test_the_wait_of_a_blocking_read_is_well_within_the_answer_timeout() -> None:
+    # An idle worker's read waits REDIS_READ_TIMEOUT_S for a message on the server: the
+    # client's own bound must leave it that long, and more for the answer to travel.
+    assert huey_queue.ANSWER_TIMEOUT_S >= huey_queue.REDIS_READ_TIMEOUT_S + 3
+
+
+def test_a_url_that_names_its_own_timeouts_keeps_them() -> None:
+    queue = HueyJobQueue.from_url("redis://127.0.0.1:1/0?socket_timeout=42&socket_connect_timeout=7")
+    kwargs = queue.huey.storage.pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (42.0, 7.0)
+    queue = HueyJobQueue.from_url("redis://127.0.0.1:1/0")
+    kwargs = queue.huey.storage.pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (
+        huey_queue.ANSWER_TIMEOUT_S, huey_queue.CONNECT_TIMEOUT_S)
