@@ -757,3 +757,27 @@ def test_a_canceled_replicate_training_is_refused_saying_replicate_keeps_no_chec
         "a training on Replicate cannot be resumed: Replicate keeps no checkpoints of its "
         "trainings, so it would start again from step 0; start a new training")
     assert "canceled before its first one" not in refused.value.message
+
+
+# Old code: ``start``'s second look under the model's lock (a rival resume committed between
+# ``resume``'s check and this one) said "this training was resumed already as training X" in a
+# wording of its own, without what became of X, where ``resume`` itself says "(now succeeded)".
+def test_a_resume_that_loses_the_race_under_the_lock_is_refused_as_resume_refuses_it(
+        fake_served: tuple[TestClient, Services, CheckpointingFake],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _client, services, trainer = fake_served
+    services.users.create(name="ann")
+    user = services.users.get_by_name(name="ann")
+    canceled = _canceled_at_step_3(services, trainer, user)
+    # The rival: a resume that committed its training and has not yet dropped the checkpoints.
+    monkeypatch.setattr(services.training._checkpoints, "drop", lambda training_id: None)
+    rival = services.training.resume(user=user, training_id=canceled.id).training
+    services.training.run(rival.id)  # ended: the model is not busy, the lock's look decides
+    # This resume's first look happened before the rival committed: only the lock's one sees it.
+    monkeypatch.setattr(services.training._repo, "resumed_as", lambda *args: None)
+
+    with pytest.raises(ConflictError) as refused:
+        services.training.resume(user=user, training_id=canceled.id)
+    assert refused.value.code == "not_resumable"
+    assert refused.value.message == (
+        f"this training was resumed already as training {rival.id} (now succeeded)")

@@ -421,8 +421,8 @@ class TrainingService:
                 # Under the model's lock: two resumes of one training never both commit.
                 resumed = tx.resumed_as(_resume.origin.model_id, _resume.origin.id)
                 if resumed is not None:
-                    raise ConflictError(f"this training was resumed already as training "
-                                        f"{resumed}", code=ErrorCode.NOT_RESUMABLE)
+                    raise ConflictError(_resumed_already(resumed, tx.get_training(resumed)),
+                                        code=ErrorCode.NOT_RESUMABLE)
             # After a re-pin to a recipe of more pixels (local-flux-v1's 512 px to v2's 1024),
             # the stored photos are the crops made for the old one: refused, not upscaled.
             refused = _photos_refusal(self._prepared_resolution(dataset), recipe=plan.recipe,
@@ -863,11 +863,9 @@ class TrainingService:
         its user to a new training, throwing away the steps the resumed one carries."""
         latest: Training | None = None
         seen = {origin.id}
-        resumed = {e["data"].get("resumed_from"): e["data"].get("training_id")
-                   for e in self._repo.list_events(origin.model_id)
-                   if e["kind"] == "training_queued" and e["data"].get("resumed_from")}
         # Followed to the end of the chain: a resumed training resumed again dropped its own.
-        while (next_id := resumed.get((latest or origin).id)) and next_id not in seen:
+        while ((next_id := self._repo.resumed_as(origin.model_id, (latest or origin).id))
+               and next_id not in seen):
             seen.add(next_id)
             found = self._repo.get_training(next_id)
             if found is None:
@@ -883,10 +881,7 @@ class TrainingService:
         if latest is None:
             return ("this training left no checkpoint to resume from (it was canceled before "
                     "its first one); start a new training")
-        if latest.status is TrainingStatus.CANCELED:
-            return (f"this training was resumed already as training {latest.id}; resume that "
-                    "one")
-        return f"this training was resumed already as training {latest.id} (now {latest.status})"
+        return _resumed_already(latest.id, latest)
 
     def resume_point(self, training: Training) -> int | None:
         """The step ``resume`` would continue ``training`` from; None when it cannot."""
@@ -2332,6 +2327,16 @@ def _has_version(repo: Repository, model: Model, *, trainings: Sequence[Training
     training canceled or failed made none, and the next one is still the first
     (is_retraining), under the pin the first start took."""
     return bool(trainings) and bool(repo.list_versions(model.id))
+
+
+def _resumed_already(training_id: str, latest: Training | None) -> str:
+    """The refusal of a resume of a training resumed already as ``training_id`` (``latest``:
+    that training, or the end of its chain), one wording for ``resume`` and for ``start``'s
+    second look under the model's lock."""
+    if latest is not None and latest.status is TrainingStatus.CANCELED:
+        return f"this training was resumed already as training {latest.id}; resume that one"
+    now = f" (now {latest.status})" if latest is not None else ""
+    return f"this training was resumed already as training {training_id}{now}"
 
 
 def _refuse_if_busy(repo: Repository, model: Model | None) -> Sequence[Training]:
