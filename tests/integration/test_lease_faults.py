@@ -55,7 +55,7 @@ from selfie_lora.wiring import Services, build_services, training_defaults
 from selfie_lora.worker import Identity, Worker
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.photos import photo_zip
-from tests.support.processes import run_killed
+from tests.support.processes import run_killed, services_script
 
 
 def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -1002,16 +1002,8 @@ def test_a_take_over_from_this_worker_s_own_name_says_it_restarted(
 def test_a_worker_killed_as_its_training_fails_leaves_the_failure_logged_once(
         tmp_path: Path) -> None:
     script = (
-        "import os, sys\n"
-        "from pathlib import Path\n"
-        "from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer\n"
-        "from selfie_lora.wiring import build_services\n"
-        "from tests.conftest import make_settings, one_person_analyzer\n"
-        "from tests.support.photos import photo_zip\n"
-        "svc = build_services(make_settings(Path(sys.argv[1]), intake_workers=1),\n"
-        "                     trainers={'local': FakeTrainer(outcomes=['failed'])},\n"
-        "                     face_analyzer=one_person_analyzer(),\n"
-        "                     generators={'local': FakeGenerator()})\n"
+        services_script(trainer="FakeTrainer(outcomes=['failed'])",
+                        imports="from tests.support.photos import photo_zip\n") +
         "ann, _key = svc.users.create(name='ann')\n"
         "started = svc.training.upload_zip(user=ann, data=photo_zip(4))\n"
         "print(started.training.id, flush=True)\n"

@@ -36,7 +36,7 @@ from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, one_person_analyzer
 from tests.support.owners import own_model
 from tests.support.photos import synthetic_photo
-from tests.support.processes import run_killed
+from tests.support.processes import run_killed, services_script
 
 SEED = int(os.environ.get("SELFIE_LORA_CHECKPOINT_SEED", "20261204"))
 
@@ -406,16 +406,8 @@ def test_a_training_resumed_already_names_the_training_it_was_resumed_as(
 def test_a_resume_killed_before_it_dropped_the_old_checkpoints_is_not_resumed_twice(
         tmp_path: Path) -> None:
     script = (
-        "import os, sys\n"
-        "from pathlib import Path\n"
-        "from selfie_lora.testing.fakes import FakeGenerator\n"
-        "from selfie_lora.wiring import build_services\n"
-        "from tests.conftest import make_settings, one_person_analyzer\n"
-        "from tests.integration.test_resume import CheckpointingFake, _canceled_at_step_3\n"
-        "svc = build_services(make_settings(Path(sys.argv[1])),\n"
-        "                     trainers={'local': CheckpointingFake()},\n"
-        "                     face_analyzer=one_person_analyzer(),\n"
-        "                     generators={'local': FakeGenerator()})\n"
+        services_script(trainer="CheckpointingFake()", settings="", imports=(
+            "from tests.integration.test_resume import CheckpointingFake, _canceled_at_step_3\n")) +
         "ann, _key = svc.users.create(name='ann')\n"
         "canceled = _canceled_at_step_3(svc, svc.training._trainers['local'], ann)\n"
         "print(canceled.id, flush=True)\n"

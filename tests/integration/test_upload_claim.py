@@ -22,7 +22,7 @@ from selfie_lora.wiring import build_services
 from tests.conftest import fake_services_on, make_settings, one_person_analyzer
 from tests.support.clock import Clock
 from tests.support.photos import photo_zip
-from tests.support.processes import run_killed
+from tests.support.processes import run_killed, services_script
 
 
 # Old code: one claim of 10 minutes, never renewed; after the kill every upload and start
@@ -30,16 +30,7 @@ from tests.support.processes import run_killed
 def test_a_process_killed_mid_upload_holds_its_user_up_a_minute_at_most_and_says_when(
         tmp_path: Path) -> None:
     script = (
-        "import os, sys\n"
-        "from pathlib import Path\n"
-        "from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer\n"
-        "from selfie_lora.wiring import build_services\n"
-        "from tests.conftest import make_settings, one_person_analyzer\n"
-        "from tests.support.photos import photo_zip\n"
-        "svc = build_services(make_settings(Path(sys.argv[1]), intake_workers=1),\n"
-        "                     trainers={'local': FakeTrainer()},\n"
-        "                     face_analyzer=one_person_analyzer(),\n"
-        "                     generators={'local': FakeGenerator()})\n"
+        services_script(imports="from tests.support.photos import photo_zip\n") +
         "ann, key = svc.users.create(name='ann')\n"
         "first = svc.training.upload_zip(user=ann, data=photo_zip(4), start=False)\n"
         "print(key, first.dataset.id, flush=True)\n"
