@@ -33,7 +33,6 @@ from selfie_lora.likeness.chart import (
     drawn_from,
 )
 from selfie_lora.likeness.grid import grid_size
-from selfie_lora.services import likeness as likeness_module
 from selfie_lora.services import training as training_module
 from selfie_lora.services.generation import GenerationRequest, GenerationService
 from selfie_lora.services.layout import chart_key, photo_key, probe_image_key
@@ -45,6 +44,7 @@ from tests.support.alerts import alert_inbox
 from tests.support.likeness import (
     OBAMA,
     Rig,
+    count_charts_drawn,
     fixture_photo,
     no_face,
     other_person,
@@ -782,14 +782,7 @@ def test_the_chart_is_drawn_and_stored_again_only_when_what_it_shows_changed(
     ann = rig.user()
     v1 = rig.train(ann)
     rig.train(ann)
-    drawn: list[int] = []
-    real = likeness_module.render_chart
-
-    def counted(points: Any, **kwargs: Any) -> bytes:
-        drawn.append(len(points))
-        return real(points, **kwargs)
-
-    monkeypatch.setattr(likeness_module, "render_chart", counted)
+    drawn = count_charts_drawn(monkeypatch)
     blobs = CountedWrites(rig.blobs)
     viewer = LikenessService(repo=rig.repo, blobs=blobs, faces=rig.faces,  # type: ignore[arg-type]
                              probe_count=rig.probe_count, generation=rig.generation)

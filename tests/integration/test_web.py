@@ -34,7 +34,7 @@ from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.api.app import create_app
 from selfie_lora.api.server_errors import server_error_sentence
 from selfie_lora.config import Settings
-from selfie_lora.domain.entities import GateStatus, Recipe, Training, TrainingStatus
+from selfie_lora.domain.entities import GateStatus, Recipe, Training, TrainingStatus, User
 from selfie_lora.domain.plan import (
     DEFAULT_LORA_SCALE,
     LORA_SCALE_MAX,
@@ -47,7 +47,6 @@ from selfie_lora.errors import (
     InvalidInputError,
     StorageError,
 )
-from selfie_lora.services import likeness as likeness_module
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import DEPLOYMENT_KEY, chart_key
 from selfie_lora.services.ports import BlobStream
@@ -61,6 +60,7 @@ from tests.support.asgi import multipart, traced_post_in_messages
 from tests.support.clock import Clock
 from tests.support.generations import held_generations
 from tests.support.legacy import legacy_user
+from tests.support.likeness import count_charts_drawn
 from tests.support.owners import own_model
 from tests.support.photos import synthetic_photo
 
@@ -3655,27 +3655,24 @@ def test_a_head_of_a_photo_file_does_not_read_the_photo_from_the_storage(
     assert inspect.getgeneratorstate(opened[-1]) == inspect.GEN_CLOSED  # not left open
 
 
+def _trained_with_an_api_key(ann: TestClient, svc: Services) -> tuple[User, dict[str, str]]:
+    """ann's photos uploaded and trained on the web, and headers with an API key of hers."""
+    assert upload(ann)[0] == 200
+    assert 'data-status="succeeded"' in train(ann)
+    user = svc.users.get_by_name(name="ann")
+    _key, secret = svc.users.create_key(user=user, name="t")
+    return user, {"Authorization": f"Bearer {secret}"}
+
 def test_a_head_of_the_chart_neither_draws_nor_stores_it(
         ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     """HEAD /versions/chart.png and HEAD /api/model/quality/chart.png ran as their GET
     (api.head.HeadAsGet): a chart not stored yet, or stale, was drawn (150-300 ms at 300
     versions) and written to the storage, to send headers alone (found in review). Now a HEAD
     reads what the chart shows, draws nothing and stores nothing; its GET draws it once."""
-    assert upload(ann)[0] == 200
-    assert 'data-status="succeeded"' in train(ann)
-    user = svc.users.get_by_name(name="ann")
-    _key, secret = svc.users.create_key(user=user, name="t")
-    api = {"Authorization": f"Bearer {secret}"}
+    user, api = _trained_with_an_api_key(ann, svc)
     key = chart_key(svc.models.get(user=user).id)
     svc.blobs.delete(key)  # drawn by nobody yet: the first view draws it
-    drawn: list[int] = []
-    real = likeness_module.render_chart
-
-    def counted(points: Any, **kwargs: Any) -> bytes:
-        drawn.append(len(points))
-        return real(points, **kwargs)
-
-    monkeypatch.setattr(likeness_module, "render_chart", counted)
+    drawn = count_charts_drawn(monkeypatch)
     for path, headers in (("/versions/chart.png", {}), ("/api/model/quality/chart.png", api)):
         head = ann.head(path, headers=headers)
         assert head.status_code == 200, path
@@ -3698,11 +3695,7 @@ def test_the_chart_has_an_etag_and_a_browser_holding_it_gets_a_304(
     Last-Modified: nothing for the browser to ask again with; found in review). Now its ETag
     names what it shows (chart_inputs, which every GET works out first), and an If-None-Match
     that holds it is answered 304, the stored picture neither read nor drawn."""
-    assert upload(ann)[0] == 200
-    assert 'data-status="succeeded"' in train(ann)
-    user = svc.users.get_by_name(name="ann")
-    _key, secret = svc.users.create_key(user=user, name="t")
-    api = {"Authorization": f"Bearer {secret}"}
+    user, api = _trained_with_an_api_key(ann, svc)
     chart = chart_key(svc.models.get(user=user).id)
     reads: list[str] = []
     real_get = svc.blobs.get

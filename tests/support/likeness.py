@@ -252,3 +252,19 @@ def png_size(data: bytes) -> tuple[int, int]:
 def rgb(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("RGB"))
+
+
+def count_charts_drawn(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every chart drawn from now on, as the number of points it drew (the real drawing still
+    runs): whether a view drew the chart again or sent the stored one."""
+    from selfie_lora.services import likeness as likeness_module
+
+    drawn: list[int] = []
+    real = likeness_module.render_chart
+
+    def counted(points: Any, **kwargs: Any) -> bytes:
+        drawn.append(len(points))
+        return real(points, **kwargs)
+
+    monkeypatch.setattr(likeness_module, "render_chart", counted)
+    return drawn
