@@ -878,10 +878,23 @@ def test_upload_reports_each_photo_and_a_bad_set_stores_nothing(ann: TestClient,
     assert ann.get(thumbs[0]).headers["content-type"] == "image/jpeg"
 
 
+def test_the_upload_report_s_link_to_the_train_page_says_where_it_goes(ann: TestClient) -> None:
+    """The report of a set that can be trained linked to the Train page as "Train now", which
+    starts nothing (the page's form does): it says what it does, as the current set's link."""
+    status, html = upload(ann, 4)
+    assert status == 200, html
+    report = html.split('data-trainable="true"', 1)[1]
+    assert re.search(r'<a class="button" href="/train">Go to training</a>', report)
+    assert "Train now" not in html
+    page = ann.get("/photos").text  # the current set's link, in the same words
+    assert '<a class="button" href="/train">Go to training</a>' in page
+    assert "Train now" not in page
+
+
 def test_the_photos_page_keeps_the_stored_set_s_advice_after_the_upload(ann: TestClient,
                                                                         svc: Services) -> None:
     """The upload's report (why a photo was left out, what to add) was only in the upload's
-    answer: the photos page, opened again (a reload, back from "Train now"), showed only the
+    answer: the photos page, opened again (a reload, back from "Go to training"), showed only the
     counts and the thumbnails (found in review). It shows the advice stored with the set."""
     status, html = upload(ann, 4, extra=[("tiny.jpg", synthetic_photo(99, size=24))])
     assert status == 200, html

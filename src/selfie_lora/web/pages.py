@@ -344,7 +344,7 @@ def _upload_answer(web: Web, request: Request, viewer: Viewer, template: str, *,
 def _stored_advice(dataset: Any, photos: Sequence[Any]) -> dict[str, Any]:
     """The advice stored with the set (what its upload's report said): the set's findings and,
     per photo named in one, whether it was kept and its findings. The page shows it after the
-    upload's report is gone (a reload, coming back after "Train now")."""
+    upload's report is gone (a reload, coming back after "Go to training")."""
     findings = [f.as_dict() for f in dataset.findings]
     kept = {p.name for p in photos}
     rows = [row for row in _report_rows([], findings, {}, kept=kept, originals={})
