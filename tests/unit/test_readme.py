@@ -9,6 +9,7 @@ from typing import Any
 
 from selfie_lora.config import Settings
 from selfie_lora.domain.accounts import MAX_PASSWORD_LENGTH, MIN_PASSWORD_LENGTH, password_problem
+from selfie_lora.domain.recipes import RECIPES
 from selfie_lora.wiring import Services
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -394,3 +395,39 @@ def test_the_readme_says_where_the_benchmarks_real_photos_come_from() -> None:
     people = Path("..") / ingest.PEOPLE.relative_to(root.parent)
     assert f"`--sources people` reads them from `{people.as_posix()}`" in said, said
     assert "from the three test photos instead" in said
+
+
+def recipe_table() -> dict[str, dict[str, str]]:
+    """The rows of the README's table of local recipes (section "Recipes and their quality
+    knobs"), by recipe name: each column's heading (its backticks dropped) and cell."""
+    section = README.read_text().split("#### Recipes and their quality knobs", 1)[1]
+    lines = [line for line in section.split("\n\n", 3)[2].splitlines() if line.startswith("|")]
+    head = [cell.strip().strip("`") for cell in lines[0].strip("|").split("|")]
+    rows: dict[str, dict[str, str]] = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        name = re.match(r"`([^`]+)`", cells[0])
+        assert name, line
+        rows[name.group(1)] = dict(zip(head, (cell.strip("`") for cell in cells), strict=True))
+    return rows
+
+
+def test_the_recipe_table_says_what_each_local_recipe_is() -> None:
+    rows = recipe_table()
+    local = {name for name in RECIPES if name.startswith("local-")}
+    assert set(rows) == local
+    for name, row in rows.items():
+        recipe = RECIPES[name]
+        assert (int(row["steps"]), int(row["rank"]), float(row["lr"]), int(row["px"])) == (
+            recipe.steps, recipe.lora_rank, recipe.learning_rate, recipe.resolution), name
+        assert row["timestep_sampling"] == recipe.timestep_sampling, name
+        assert row["lora_targets"] == recipe.lora_targets, name
+        assert row["aspect_buckets"] == ("on" if recipe.aspect_buckets else "off"), name
+        assert float(row["face_loss_weight"]) == recipe.face_loss_weight, name
+        assert int(row["sample_every"]) == recipe.sample_every, name
+        assert int(row["checkpoint_every"]) == recipe.checkpoint_every, name
+    # The Replicate recipe, said in words below the table.
+    replicate = RECIPES["replicate-person-v1"]
+    assert (f"`steps: {replicate.steps}, lora_rank: {replicate.lora_rank}, learning_rate: "
+            f"{replicate.learning_rate}, resolution: \"{replicate.resolution}\", batch_size: "
+            f"{replicate.batch_size}`") in readme_text()
