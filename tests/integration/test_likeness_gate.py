@@ -1259,6 +1259,56 @@ def quality_events(rig: Rig, user: User, version_id: str) -> list[str]:
             if e["kind"].startswith("quality_") and e["data"]["version_id"] == version_id]
 
 
+UNSCORABLE = "the worker scoring it stopped 3 times; compare it yourself with 'selfie-lora compare'"
+
+
+def test_a_version_judged_without_scoring_logs_its_failed_record(tmp_path: Path) -> None:
+    """A version judged as it stands (its scoring's workers kept dying) had its failed record
+    saved with no ``quality_failed`` event, the one outcome of a scoring missing from the log."""
+    rig = Rig(root=tmp_path, generator=FailingFor(photos=same_person(), down=True))
+    try:
+        ann = rig.user()
+        v1 = rig.train(ann)  # the generator down: scored as failed, and logged so
+        assert quality_events(rig, ann, v1.id) == ["quality_failed"]
+        rig.likeness.judge(v1.id, unscorable=UNSCORABLE)
+        record = rig.repo.get_likeness(v1.id)
+        assert record is not None
+        assert record.status is LikenessStatus.FAILED
+        assert record.error == UNSCORABLE
+        assert quality_events(rig, ann, v1.id) == ["quality_failed", "quality_failed"]
+        last = [e for e in rig.repo.list_events(rig.model(ann).id)
+                if e["kind"] == "quality_failed"][-1]
+        assert last["data"]["error"] == UNSCORABLE
+        assert last["data"]["version_number"] == v1.number
+    finally:
+        rig.close()
+
+
+def test_a_version_judged_without_scoring_saves_its_record_and_event_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One transaction, as every other scoring outcome: a record saved without its event (the
+    process killed between the two) would never be logged."""
+    rig = Rig(root=tmp_path, generator=FailingFor(photos=same_person(), down=True))
+    try:
+        ann = rig.user()
+        v1 = rig.train(ann)
+        stored = rig.repo.get_likeness(v1.id)
+        add_event = SqlRepository.add_event
+
+        def dying(self: SqlRepository, *, model_id: str, kind: str, data: dict[str, Any]) -> None:
+            if kind == "quality_failed":
+                raise SimulatedCrash("killed as the event was written")
+            add_event(self, model_id=model_id, kind=kind, data=data)
+
+        monkeypatch.setattr(SqlRepository, "add_event", dying)
+        with pytest.raises(SimulatedCrash):
+            rig.likeness.judge(v1.id, unscorable=UNSCORABLE)
+        assert rig.repo.get_likeness(v1.id) == stored  # neither written
+    finally:
+        rig.close()
+
+
 def test_compare_leaves_a_version_being_scored_to_its_worker(rig: Rig) -> None:
     """``selfie-lora compare`` run while the worker scores a new version (phase "scoring", no
     record yet) scored it too: a second pipeline on the worker's GPU, the version logged as

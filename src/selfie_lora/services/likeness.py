@@ -618,13 +618,7 @@ class LikenessService:
                     and stored.status is LikenessStatus.SCORED)
             if not keep:
                 tx.save_likeness(record)
-            tx.add_event(model_id=model.id, kind=f"quality_{record.status}", data={
-                "version_id": version.id, "version_number": version.number,
-                "training_id": version.training_id, "embedding_model": record.embedding_model,
-                "reference_dataset_id": record.reference_dataset_id,
-                "scores": record.scores.headline() if record.scores else None,
-                "error": record.error,
-            })
+            self._log_outcome(tx, version, record)
         if record.scores is not None:
             logger.info("version %d of model %s scored: %s", version.number, model.id,
                         record.scores.headline())
@@ -663,14 +657,32 @@ class LikenessService:
                         for p in record.probe_marks))
 
     def _unscored(self, version: Version, training: Training, *, why: str) -> VersionLikeness:
-        existing = self._repo.get_likeness(version.id)
-        if existing is not None and existing.status is LikenessStatus.SCORED:
-            return existing
-        record = dataclasses.replace(existing or self._new_record(version, training),
-                                      status=LikenessStatus.FAILED, error=why,
-                                      scored_at=utcnow())
-        self._repo.save_likeness(record)
+        """The version's record as it stands, or, when it has no scores, one recorded as failed
+        for ``why``: saved with its ``quality_failed`` event in one transaction, as ``score``
+        saves every other outcome (saved alone, it was the one outcome missing from the log)."""
+        with self._repo.atomic() as tx:
+            # Under the model's lock, as ``score`` decides: another process may have scored it.
+            tx.get_model(version.model_id, for_update=True)
+            existing = tx.get_likeness(version.id)
+            if existing is not None and existing.status is LikenessStatus.SCORED:
+                return existing
+            record = dataclasses.replace(existing or self._new_record(version, training),
+                                          status=LikenessStatus.FAILED, error=why,
+                                          scored_at=utcnow())
+            tx.save_likeness(record)
+            self._log_outcome(tx, version, record)
         return record
+
+    @staticmethod
+    def _log_outcome(tx: Repository, version: Version, record: VersionLikeness) -> None:
+        """The model's log entry of a scoring's outcome (``quality_scored``/``quality_failed``)."""
+        tx.add_event(model_id=version.model_id, kind=f"quality_{record.status}", data={
+            "version_id": version.id, "version_number": version.number,
+            "training_id": version.training_id, "embedding_model": record.embedding_model,
+            "reference_dataset_id": record.reference_dataset_id,
+            "scores": record.scores.headline() if record.scores else None,
+            "error": record.error,
+        })
 
     def reference(self, dataset_id: str) -> Reference:
         """The training photos' faces, analysed once per dataset and embedding model."""
