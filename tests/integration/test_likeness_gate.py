@@ -1000,6 +1000,60 @@ def test_a_cancel_while_a_version_is_scored_stops_at_the_next_probe(
     assert alerts_of(rig) == []
 
 
+@dataclass
+class SteppedProbes:
+    """A generator whose pictures take ``steps`` diffusion steps, each ending in the job's stop
+    hook (as the local generator's ``callback_on_step_end``); ``cancel`` (its user's) comes
+    during the second step of the first probe. Counts the steps run and the probes made."""
+
+    inner: Generator
+    cancel: Callable[[], object]
+    steps: int = 4
+    steps_run: int = 0
+    probes_made: int = 0
+    backend: str = "local"
+
+    def generate(self, job: GenerationJob) -> Sequence[bytes | None]:
+        for step in range(self.steps):
+            self.steps_run += 1
+            if self.probes_made == 0 and step == 1:
+                self.cancel()
+            stop = getattr(job, "stop", None)  # (old code: no such hook)
+            if stop is not None:
+                stop()
+        made = self.inner.generate(job)
+        self.probes_made += 1
+        return made
+
+
+def test_a_cancel_while_a_probe_is_made_stops_it_between_diffusion_steps(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A FLUX.1 probe is 28 steps of seconds each (and the first loads the pipeline): the cancel
+    # must not wait for the probe to be made, let alone the others.
+    monkeypatch.setattr(training_module, "SCORING_CANCEL_POLL_SECONDS", 0.0)
+    ann = rig.user()
+    v1 = rig.train(ann)
+
+    def cancel() -> None:
+        latest, _ = rig.training.get(user=ann, training_id=None)
+        assert rig.training.cancel(user=ann, training_id=latest.id).cancel_requested
+
+    probes = SteppedProbes(inner=rig.dying.inner, cancel=cancel)
+    rig.dying.inner = probes
+    v2 = rig.train(ann)
+
+    assert (probes.probes_made, probes.steps_run) == (0, 2)  # not the probe's 4 steps
+    done = rig.repo.get_training(v2.training_id)
+    assert done is not None
+    assert done.status is TrainingStatus.CANCELED
+    assert v2.gate_status is GateStatus.HELD  # kept, never activated
+    assert rig.model(ann).active_version_id == v1.id
+    record = rig.repo.get_likeness(v2.id)
+    assert record is None or record.status is not LikenessStatus.SCORED
+    assert alerts_of(rig) == []
+
+
 def test_the_scoring_checkpoint_reads_the_cancel_flag_once_a_second_at_most(
     rig: Rig, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

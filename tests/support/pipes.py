@@ -41,6 +41,7 @@ class GatedPipe:
     vae_scale_factor: int = 8
     transformer: _Transformer = field(default_factory=_Transformer)
     after_picture: Any = None  # called after each picture (a test's hook)
+    steps_run: int = 0  # diffusion steps run, each ending in the caller's step hook (if any)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, *, prompt_embeds: str, width: int, height: int, **_: Any) -> Any:
@@ -51,6 +52,11 @@ class GatedPipe:
         finally:
             with self._lock:
                 self.waiting -= 1
+        hook = _.get("callback_on_step_end")
+        for step in range(int(_.get("num_inference_steps", 1))):
+            self.steps_run += 1
+            if hook is not None:
+                hook(self, step, 1000 - step, {})
         self.prompts.append(prompt_embeds)
         if self.after_picture is not None:
             self.after_picture()

@@ -379,9 +379,11 @@ class GenerationService:
         lora_scale: float | None = None,
         size: int | None = None,
         client_gone: threading.Event | None = None,
+        stop: Callable[[], None] | None = None,
     ) -> Rendered:
         """Images of ``version`` through the model's generator, at the model's LoRA scale unless
-        one is given. The one code path of user generations and likeness probes."""
+        one is given. The one code path of user generations and likeness probes. ``stop``
+        (``GenerationJob.stop``) is called while they are made, and raises to stop them."""
         if version.version_mismatch:
             # The trainer published this training's LoRA as another destination's Replicate
             # version (replicate-python #419): generating with it would make that model's
@@ -419,7 +421,7 @@ class GenerationService:
                         prompt=final_prompt, num_outputs=num_outputs, seed=seed,
                         lora_scale=scale, trainer_version=version.trainer_version,
                         weights_path=weights_path, remote_version=version.remote_version,
-                        width=size, height=size, client_gone=client_gone,
+                        width=size, height=size, client_gone=client_gone, stop=stop,
                     )
                     try:
                         pictures = generator.generate(job)

@@ -575,7 +575,7 @@ class LikenessService:
             for probe in probes:
                 if checkpoint is not None:
                     checkpoint()
-                results.append(self._probe(model, version, probe))
+                results.append(self._probe(model, version, probe, checkpoint=checkpoint))
             scores = score_probes(tuple(results), reference.embeddings)
             record = dataclasses.replace(
                 base, status=LikenessStatus.SCORED, embedding_model=self._faces.model_name,
@@ -1011,7 +1011,8 @@ class LikenessService:
         return filled
 
     # ------------------------------------------------------------------ internals
-    def _probe(self, model: Model, version: Version, probe: Probe) -> ProbeResult:
+    def _probe(self, model: Model, version: Version, probe: Probe, *,
+               checkpoint: Callable[[], None] | None = None) -> ProbeResult:
         # Same weights, prompt, seed, scale and size: the same image. The size is in the key, so
         # an image of another size is never taken for this one, and a record scored at another
         # size is not current (``_is_current``): the gate scores the active version again.
@@ -1019,10 +1020,16 @@ class LikenessService:
         if self._blobs.exists(key):
             png = self._blobs.get(key)
         else:
+            # The checkpoint goes with the job: the generator calls it while it loads its
+            # pipeline and between diffusion steps, so a cancel does not wait for the probe (a
+            # cold pipeline's load, or a FLUX.1 image, takes tens of seconds to minutes).
             png = self._generation.render(model=model, version=version, prompt=probe.prompt,
                                           seed=probe.seed, size=self._probe_size,
-                                          lora_scale=PROBE_LORA_SCALE).images[0]
+                                          lora_scale=PROBE_LORA_SCALE,
+                                          stop=checkpoint).images[0]
             self._blobs.put(key, png)
+            if checkpoint is not None:
+                checkpoint()  # stored first: the next attempt goes on from this image
         sanity = image_sanity(png)
         faces = [] if sanity.nan else self._faces.detect(analysis_array(png))
         face = faces[0] if faces else None

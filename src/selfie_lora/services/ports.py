@@ -7,7 +7,7 @@ the same contract tests.
 from __future__ import annotations
 
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -193,10 +193,21 @@ class GenerationJob:
     # for behind others) and between pictures, and then raises ``ClientGoneError`` with nothing
     # returned. None: never (the CLI, likeness probes).
     client_gone: threading.Event | None = field(default=None, compare=False, repr=False)
+    # Called while the pictures are made, and raises to stop them (a likeness probe: the
+    # scoring worker's checkpoint, raising once its training is canceled or handed back): a
+    # generator calls it (``check_stop``) as it waits for and loads its pipeline, before each
+    # picture and, where the backend can, between diffusion steps (a FLUX.1 probe is 28 steps
+    # of seconds each); its exception is raised as is, nothing returned. None: never.
+    stop: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     def abandoned(self) -> bool:
         """Whether the client this job is made for has gone (``client_gone`` is set)."""
         return self.client_gone is not None and self.client_gone.is_set()
+
+    def check_stop(self) -> None:
+        """Raise what ``stop`` raises: the job is no longer wanted."""
+        if self.stop is not None:
+            self.stop()
 
 
 # Seeds are unsigned 32-bit, as FLUX pipelines and Replicate take them (the API's bound).
@@ -216,8 +227,9 @@ class Generator(Protocol):
     def generate(self, job: GenerationJob) -> Sequence[bytes | None]:
         """PNG bytes, one per output, in the batch's order; None at the place of a picture the
         backend withheld (Replicate's safety checker), so that every other picture keeps its
-        place, hence its seed. Raises when every picture is withheld, and ``ClientGoneError``
-        when ``job.abandoned()`` before it starts or between pictures (nothing is returned)."""
+        place, hence its seed. Raises when every picture is withheld, ``ClientGoneError``
+        when ``job.abandoned()`` before it starts or between pictures, and what ``job.stop``
+        raises when it calls it (nothing is returned)."""
         ...
 
 

@@ -148,6 +148,7 @@ class FakeGenerator:
             raise self.fail_with
         if job.abandoned():  # the port's contract; the gate stands for pictures being made
             raise ClientGoneError("the client went away before its pictures were made")
+        job.check_stop()
         if self.gate is not None:
             with self._waiting_lock:
                 self.waiting += 1
@@ -194,6 +195,7 @@ class PhotoGenerator:
         out = []
         with self._lock:
             for _ in range(job.num_outputs):
+                job.check_stop()  # the port's contract: before each picture
                 photo = self.photos[len(self.jobs) % len(self.photos)]
                 self.jobs.append(job)
                 with Image.open(io.BytesIO(photo)) as img:

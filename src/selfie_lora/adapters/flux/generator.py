@@ -19,9 +19,10 @@ import logging
 import secrets
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from selfie_lora.adapters.flux.loader import (
     default_dtype,
@@ -179,11 +180,13 @@ class LocalGenerator:
             )
         if job.weights_path is not None and not job.weights_path.is_file():
             raise StorageError(f"LoRA weights not found at {job.weights_path}")
-        device = self._device()
+        # torch's first import (a worker's first probe) takes seconds on a busy CPU: waited for
+        # as the pipeline's load is.
+        device = _waited(job, self._torch_device)
         seed = job.seed if job.seed is not None else secrets.randbelow(2**32)
         with torch_threads(self.num_threads if device == "cpu" else None):
             while True:
-                shared = self._pipeline(device)
+                shared = _waited(job, lambda: self._pipeline(device))
                 _acquire(shared.lock, job)
                 try:
                     # None: released for a training meanwhile (release_device_pipelines); reload.
@@ -191,6 +194,12 @@ class LocalGenerator:
                         return self._generate_locked(shared.pipe, job, seed=seed)
                 finally:
                     shared.lock.release()
+
+    def _torch_device(self) -> str:
+        """The device, torch imported."""
+        import torch  # noqa: F401
+
+        return self._device()
 
     def _device(self) -> str:
         try:
@@ -266,10 +275,14 @@ class LocalGenerator:
             width = self._size(pipe, job.width)
             height = self._size(pipe, job.height)
             prompt_embeds, pooled = _encode_prompt(pipe, job.prompt)
+            # Only for a job that can be stopped: diffusers then runs its step hook.
+            steps: dict[str, Any] = ({} if job.stop is None
+                                     else {"callback_on_step_end": _stop_hook(job)})
             images: list[bytes] = []
             for index in range(job.num_outputs):
                 if job.abandoned():  # the pictures so far are dropped with the rest
                     raise _client_gone(f"after {index} of {job.num_outputs} picture(s)")
+                job.check_stop()
                 # One seed per image (seed, seed + 1, ..., wrapped at 2**32): image i of a batch
                 # can be reproduced on its own with a seed the API accepts, and memory stays that
                 # of one image on a real FLUX.1.
@@ -286,6 +299,7 @@ class LocalGenerator:
                         generator=generator,
                         max_sequence_length=text_max_length(pipe),
                         output_type="pil",
+                        **steps,
                     )
                 images.append(_png(result.images[0], seed=each_seed, lora_scale=job.lora_scale))
             return images
@@ -319,23 +333,72 @@ def _misconfigured(exc: ConfigError) -> GenerationError:
                                         "contact the operator.")
 
 
+_T = TypeVar("_T")
+
 # How often a generation waiting for the pipeline looks whether its client is still there.
 _CLIENT_CHECK_S = 0.1
 
 
 def _acquire(lock: threading.Lock, job: GenerationJob) -> None:
     """``lock`` (the process's one pipeline) taken for ``job``, or ``ClientGoneError`` (not
-    held) once its client has gone: waiting here is waiting one's turn (minutes each on a GPU),
-    and a job nobody waits for any more gives its turn, and its user's slot, back at once."""
-    if job.client_gone is None:
+    held) once its client has gone, or what ``job.stop`` raises: waiting here is waiting one's
+    turn (minutes each on a GPU), and a job nobody waits for any more gives its turn, and its
+    user's slot, back at once."""
+    if job.client_gone is None and job.stop is None:
         lock.acquire()
         return
     while not lock.acquire(timeout=_CLIENT_CHECK_S):
         if job.abandoned():
             raise _client_gone("while it waited for the pipeline")
-    if job.abandoned():
+        job.check_stop()
+    try:
+        if job.abandoned():
+            raise _client_gone("as it got the pipeline")
+        job.check_stop()
+    except BaseException:
         lock.release()
-        raise _client_gone("as it got the pipeline")
+        raise
+
+
+def _waited(job: GenerationJob, load: Callable[[], _T]) -> _T:
+    """``load()`` (the shared pipeline, loaded on its first use: tens of seconds for the tiny
+    one on a busy CPU, minutes for a FLUX.1) for a job that can be dropped: loaded in a thread
+    of its own while the job's client and its ``stop`` are looked at, so that a job no longer
+    wanted (a probe of a training canceled meanwhile) ends at once. The load goes on then, and
+    the next job finds the pipeline loaded; a GPU's release for a training waits for it
+    (``release_device_pipelines`` takes the same lock), so it never lands under a training."""
+    if job.client_gone is None and job.stop is None:
+        return load()
+    outcome: list[_T] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(load())
+        except BaseException as exc:  # handed to the job's thread, which raises it
+            failure.append(exc)
+
+    loader = threading.Thread(target=run, name="generator-load", daemon=True)
+    loader.start()
+    while True:
+        loader.join(_CLIENT_CHECK_S)
+        if not loader.is_alive():
+            break
+        if job.abandoned():
+            raise _client_gone("while the pipeline loaded")
+        job.check_stop()
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
+def _stop_hook(job: GenerationJob) -> Callable[..., dict[str, Any]]:
+    """diffusers' ``callback_on_step_end``: ``job.stop`` after each diffusion step; what it
+    raises ends the picture there (the pipeline is left as after any failed call)."""
+    def hook(_pipe: Any, _step: int, _timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        job.check_stop()
+        return kwargs
+    return hook
 
 
 def _client_gone(when: str) -> ClientGoneError:

@@ -192,10 +192,13 @@ class ReplicateGenerator:
 
 
 def _check_client(job: GenerationJob) -> None:
-    """``ClientGoneError`` once nobody waits for ``job``'s pictures (the port's contract)."""
+    """``ClientGoneError`` once nobody waits for ``job``'s pictures, and what ``job.stop``
+    raises (the port's contract): before a prediction is created, never while one runs (it is
+    paid for by then, and its picture kept)."""
     if job.abandoned():
         logger.info("generation dropped: its client went away")
         raise ClientGoneError("the client went away before its pictures were made")
+    job.check_stop()
 
 
 class _WithheldError(GenerationError):
