@@ -720,7 +720,7 @@ def test_a_sign_in_whose_user_is_deleted_during_the_check_is_refused(
     ann, _key = svc.create(name="ann", password=PASSWORD)
 
     def delete() -> None:  # the rows, then the user: what `users delete` does last
-        repo.delete_user_data(ann.id, plan=ErasurePlan())
+        repo.delete_user_data(ann.id, plan=ErasurePlan(), held=repo.user_holdings(ann.id))
         repo.delete_user(ann.id)
 
     hasher.during_verify = delete

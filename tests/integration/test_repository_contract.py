@@ -7,11 +7,16 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect, text, update
 
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
-from selfie_lora.domain.accounts import ErasurePlan
+from selfie_lora.adapters.db.tables import GenerationRow
+from selfie_lora.domain.accounts import (
+    ErasurePlan,
+    HoldingsChangedError,
+    UserHoldings,
+)
 from selfie_lora.domain.entities import (
     ApiKey,
     Dataset,
@@ -730,14 +735,15 @@ def test_a_users_rows_are_read_and_deleted_and_no_one_elses(repo: SqlRepository)
     assert repo.erasure_plan(ann.id) is None
     plan = ErasurePlan(keys=("photos/aa", "weights/1"), prefixes=("generations/g-ann",),
                        work_folders=("t1", "t2"))
-    rows = repo.delete_user_data(ann.id, plan=plan)
+    rows = repo.delete_user_data(ann.id, plan=plan, held=held)
     assert rows == {"generations": 1, "versions": 1, "trainings": 2, "events": 1,
                     "models": 1, "datasets": 1, "api keys": 1, "browser sessions": 1}
     assert repo.user_holdings(ann.id).empty
     # Stored with the rows' deletion: a run killed now finds what the blobs were.
     assert repo.erasure_plan(ann.id) == plan
     assert repo.erasure_plan(bob.id) is None
-    assert repo.delete_user_data(ann.id, plan=plan) == {}  # again: nothing left, no error
+    # Again: nothing left, no error.
+    assert repo.delete_user_data(ann.id, plan=plan, held=UserHoldings()) == {}
     assert repo.erasure_plan(ann.id) == plan
     assert repo.delete_user(ann.id)
     assert repo.erasure_plan(ann.id) is None
@@ -749,16 +755,18 @@ def test_a_users_rows_are_read_and_deleted_and_no_one_elses(repo: SqlRepository)
     assert len(repo.list_api_keys(bob.id)) == 1
 
 
-def test_a_generation_committed_while_the_users_rows_are_deleted_goes_with_them(
+def test_a_generation_committed_while_the_users_rows_are_deleted_is_seen_by_the_deletion(
         repo: SqlRepository) -> None:
     """A generation of the user committed while ``delete_user_data`` runs (one finishing as its
-    account is deleted): the deletion waits for it and deletes it too (on SQLite the write lock
-    orders them). On PostgreSQL the deletion's statements had not seen it, and its delete of the
-    versions failed on the generation's foreign key (a 409 ``write_conflict``, the deletion
-    parked)."""
+    account is deleted): the deletion waits for it and sees it (on SQLite the write lock
+    orders them). Not in the holdings its plan was made from, it is refused and deletes
+    nothing, and planned again it goes with the rest. On PostgreSQL the deletion's statements
+    had not seen it, and its delete of the versions failed on the generation's foreign key (a
+    409 ``write_conflict``, the deletion parked)."""
     ann, model, dataset = seed(repo)
     repo.add_training(training(model, dataset, "t1", status=TrainingStatus.SUCCEEDED))
     repo.add_version(version(model, 1))
+    held = repo.user_holdings(ann.id)
     written, release = threading.Event(), threading.Event()
 
     def generate() -> None:
@@ -776,8 +784,7 @@ def test_a_generation_committed_while_the_users_rows_are_deleted_goes_with_them(
 
     def delete() -> None:
         try:
-            outcome["rows"] = repo.delete_user_data(ann.id, plan=ErasurePlan(
-                keys=(), prefixes=(), work_folders=()))
+            outcome["rows"] = repo.delete_user_data(ann.id, plan=ErasurePlan(), held=held)
         except Exception as exc:  # shown by the assertion below
             outcome["error"] = exc
 
@@ -787,11 +794,56 @@ def test_a_generation_committed_while_the_users_rows_are_deleted_goes_with_them(
     release.set()
     generator.join(10)
     deleter.join(30)
-    assert "error" not in outcome, outcome
-    assert outcome["rows"] == {"generations": 1, "versions": 1, "trainings": 1, "models": 1,
-                               "datasets": 1, "api keys": 1}
+    # Not a foreign key's write conflict (a ConflictError too): the generation was seen.
+    assert type(outcome.get("error")) is HoldingsChangedError, outcome
+    assert repo.user_holdings(ann.id).generation_ids == ("g1",)  # nothing deleted
+    assert repo.erasure_plan(ann.id) is None
+    assert repo.delete_user_data(ann.id, plan=ErasurePlan(),
+                                 held=repo.user_holdings(ann.id)) == {
+        "generations": 1, "versions": 1, "trainings": 1, "models": 1, "datasets": 1,
+        "api keys": 1}
     assert repo.user_holdings(ann.id).empty
     assert repo.delete_user(ann.id)
+
+
+@pytest.mark.parametrize("late", ["generation", "photo set", "more pictures"])
+def test_the_users_rows_are_deleted_only_with_the_holdings_their_plan_was_made_from(
+        repo: SqlRepository, late: str) -> None:
+    """A row saved after the holdings were read (a generation finishing, an upload's photo
+    set), or a generation naming a picture they do not: the deletion, given those holdings,
+    deletes nothing (its plan would not name that row's blobs, which would then stay in
+    storage named by nothing) and stores no plan; given the holdings as they are, it goes."""
+    ann, model, dataset = seed(repo)
+    repo.add_training(training(model, dataset, "t1", status=TrainingStatus.SUCCEEDED))
+    repo.add_version(version(model, 1))
+    keys: tuple[str, ...] = ("generations/g1/0.png",)
+    if late == "more pictures":
+        repo.add_generation(Generation(
+            id="g1", user_id=ann.id, model_id=model.id, version_id="v1", prompt="p",
+            lora_scale=1.0, seed=1, image_keys=keys, created_at=NOW))
+        held = repo.user_holdings(ann.id)
+        keys = (*keys, "generations/g1/1.png")
+        with repo.engine.begin() as c:  # as if read before its second picture was named
+            c.execute(update(GenerationRow).where(GenerationRow.id == "g1")
+                      .values(image_keys=list(keys)))
+    else:
+        held = repo.user_holdings(ann.id)
+    if late == "generation":
+        repo.add_generation(Generation(
+            id="g1", user_id=ann.id, model_id=model.id, version_id="v1", prompt="p",
+            lora_scale=1.0, seed=1, image_keys=keys, created_at=NOW))
+    elif late == "photo set":
+        repo.add_dataset(dataclasses.replace(dataset, id="d-late", photo_hashes=("e" * 64,)))
+    now = repo.user_holdings(ann.id)
+    with pytest.raises(HoldingsChangedError):
+        repo.delete_user_data(ann.id, plan=ErasurePlan(keys=("photos/x",)), held=held)
+    assert repo.user_holdings(ann.id) == now
+    assert repo.erasure_plan(ann.id) is None
+    assert len(repo.list_api_keys(ann.id)) == 1
+    assert repo.delete_user_data(ann.id, plan=ErasurePlan(keys=("photos/x",)), held=now)
+    assert repo.user_holdings(ann.id).empty
+    assert repo.erasure_plan(ann.id) == ErasurePlan(keys=("photos/x",))
+
 
 def test_dataset_sizes_are_the_accepted_counts_of_those_that_exist_in_one_read(
         repo: SqlRepository) -> None:

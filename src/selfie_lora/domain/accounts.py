@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
+from selfie_lora.errors import ConflictError
+
 MIN_PASSWORD_LENGTH = 10
 # Argon2 hashes whatever it is given, but a megabyte "password" is a way to make the server
 # spend memory and time: refuse it before hashing.
@@ -15,6 +17,12 @@ MAX_PASSWORD_LENGTH = 256
 
 # One answer for every failed sign-in, so that it never tells whether the name exists.
 WRONG_CREDENTIALS = "wrong name or password"
+
+
+class HoldingsChangedError(ConflictError):
+    """``delete_user_data`` would have deleted a row the plan was not made from (a generation
+    or a photo set saved since the holdings were read): it deleted nothing, and the plan is
+    made again from the rows as they are now."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,15 @@ class UserHoldings:
     def empty(self) -> bool:
         return not (self.model_id or self.dataset_ids or self.training_ids
                     or self.generation_ids)
+
+    def covers(self, other: UserHoldings) -> bool:
+        """Whether every row ``other`` names, and every blob key it names, is one of these:
+        a plan made from these holdings deletes every blob of ``other``'s rows."""
+        return ((other.model_id is None or other.model_id == self.model_id)
+                and all(set(getattr(other, name)) <= set(getattr(self, name))
+                        for name in ("dataset_ids", "photo_hashes", "training_ids",
+                                     "version_ids", "weights_keys", "generation_ids",
+                                     "image_keys")))
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from selfie_lora.domain.accounts import ErasurePlan, UserHoldings, fold_name
+from selfie_lora.domain.accounts import (
+    ErasurePlan,
+    HoldingsChangedError,
+    UserHoldings,
+    fold_name,
+)
 from selfie_lora.domain.entities import User
 from selfie_lora.domain.gc import GcSummary, format_bytes
 from selfie_lora.domain.lease import wait_text
@@ -95,6 +100,11 @@ class _StoppedError(Exception):
     """The process stops (``finish_pending``'s ``stopping``): the deletion waits for the next
     check, of this or another process."""
 
+
+# How many times the rows' deletion is planned again when a row was saved while it was planned
+# (``HoldingsChangedError``): the account disabled, only work under way when it was (a
+# generation, an upload) adds one, so a second try is all but always the last.
+PLAN_ATTEMPTS = 5
 
 # How soon a deletion cut short by a storage error in a live process is tried again.
 ERASURE_RETRY = timedelta(seconds=30)
@@ -383,15 +393,28 @@ class AccountEraser:
                 stopping: threading.Event | None = None) -> ErasureSummary:
         """Steps 3 to 6 (and the stop of step 1's trainings), the account disabled."""
         canceled = self._stop_trainings(user, force=force, stopping=stopping)
-        held = self._repo.user_holdings(user.id)
         # A run killed after step 4 left its plan: the rows it was read from are gone, so it
         # alone names those blobs (the rows read now are none, or only what came after).
         stored = self._repo.erasure_plan(user.id)
         if stored is not None:
             logger.info("user %s: finishing an earlier deletion's %d key(s) and %d prefix(es)",
                         user.name, len(stored.keys), len(stored.prefixes))
-        plan = self._erasure_plan(held).merged(stored)
-        rows = self._repo.delete_user_data(user.id, plan=plan)
+        for attempt in range(1, PLAN_ATTEMPTS + 1):
+            held = self._repo.user_holdings(user.id)
+            plan = self._erasure_plan(held).merged(stored)
+            try:
+                # Refused, deleting nothing, when a row the plan was not made from would go too
+                # (a generation still being made as the account was disabled, saved since
+                # ``held`` was read): its pictures would be named by nothing once its row is
+                # gone. Planned again from the rows as they are now; the account being
+                # disabled, only work already under way adds any, so this ends quickly.
+                rows = self._repo.delete_user_data(user.id, plan=plan, held=held)
+                break
+            except HoldingsChangedError:
+                if attempt == PLAN_ATTEMPTS:
+                    raise
+                logger.info("user %s: a row was saved while the deletion was planned; "
+                            "planning again", user.name)
         logger.info("user %s: rows deleted: %s", user.name, rows)
         blobs = self._gc.erase(keys=plan.keys, prefixes=plan.prefixes,
                                work_folders=plan.work_folders)

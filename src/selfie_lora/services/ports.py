@@ -468,12 +468,15 @@ class Repository(Protocol):
     def user_holdings(self, user_id: str) -> UserHoldings:
         """The rows the user owns (``users delete``): ids and the blob keys they name."""
         ...
-    def delete_user_data(self, user_id: str, *, plan: ErasurePlan) -> dict[str, int]:
+    def delete_user_data(self, user_id: str, *, plan: ErasurePlan,
+                         held: UserHoldings) -> dict[str, int]:
         """Delete, in one transaction, every row the user owns but the user's own: generations,
         likeness records, versions, trainings, events, the model, datasets, upload claims, API
         keys and browser sessions; and store ``plan`` on the user's row in that transaction
         (``erasure_plan``), so that a run killed before the blobs are deleted finds what they
-        were. Rows deleted per table (none: nothing was left)."""
+        were. ``held``: the holdings ``plan`` was made from; ``HoldingsChangedError``, nothing
+        deleted, when a row it would delete (or a blob key such a row names) is not in them
+        (saved since they were read). Rows deleted per table (none: nothing was left)."""
         ...
     def erasure_plan(self, user_id: str) -> ErasurePlan | None:
         """The plan ``delete_user_data`` stored for the user; None: none (or no such user)."""

@@ -63,7 +63,12 @@ from selfie_lora.adapters.db.tables import (
 from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.database_url import database_url_shown
 from selfie_lora.disk_space import full_disk_words, is_full_error
-from selfie_lora.domain.accounts import ErasurePlan, UserHoldings, fold_name
+from selfie_lora.domain.accounts import (
+    ErasurePlan,
+    HoldingsChangedError,
+    UserHoldings,
+    fold_name,
+)
 from selfie_lora.domain.entities import (
     ACTIVE_STATUSES,
     ApiKey,
@@ -662,7 +667,8 @@ class SqlRepository:
             generation_ids=tuple(g.id for g in generations),
             image_keys=tuple(k for g in generations for k in g.image_keys))
 
-    def delete_user_data(self, user_id: str, *, plan: ErasurePlan) -> dict[str, int]:
+    def delete_user_data(self, user_id: str, *, plan: ErasurePlan,
+                         held: UserHoldings) -> dict[str, int]:
         counts: dict[str, int] = {}
         with self._tx() as s:
             # The model's row locked first (PostgreSQL; on SQLite the write lock taken at BEGIN
@@ -677,28 +683,56 @@ class SqlRepository:
             # deadlock with one of them.
             model_id = s.scalar(select(ModelRow.id).where(ModelRow.user_id == user_id)
                                 .with_for_update())
+            # What each delete took (RETURNING), compared with what the plan was made from
+            # (``held``): a generation or photo set saved since it was read would lose its row
+            # here and keep its pictures in storage, named by nothing, until a collection's
+            # grace ran out. Such a deletion is rolled back and the caller plans again.
+            taken: dict[str, list[Any]] = {}
 
             def gone(name: str, query: Any) -> None:
-                counts[name] = int(getattr(s.execute(query), "rowcount", 0) or 0)
+                taken[name] = list(s.execute(query).all())
+                counts[name] = len(taken[name])
 
             # Children before parents, so the foreign keys never refuse (PostgreSQL checks
             # them per statement). Another user's generations never name this user's versions.
             gone("generations", delete(GenerationRow).where(
-                (GenerationRow.user_id == user_id) | (GenerationRow.model_id == model_id)))
+                (GenerationRow.user_id == user_id) | (GenerationRow.model_id == model_id))
+                .returning(GenerationRow.id, GenerationRow.image_keys))
             if model_id is not None:
                 s.execute(update(ModelRow).where(ModelRow.id == model_id)
                           .values(active_version_id=None))
                 gone("likeness records", delete(VersionLikenessRow)
-                     .where(VersionLikenessRow.model_id == model_id))
-                gone("versions", delete(VersionRow).where(VersionRow.model_id == model_id))
-                gone("trainings", delete(TrainingRow).where(TrainingRow.model_id == model_id))
-                gone("events", delete(EventRow).where(EventRow.model_id == model_id))
-                gone("models", delete(ModelRow).where(ModelRow.id == model_id))
-            gone("datasets", delete(DatasetRow).where(DatasetRow.user_id == user_id))
-            gone("upload claims", delete(UploadClaimRow).where(UploadClaimRow.user_id == user_id))
-            gone("api keys", delete(ApiKeyRow).where(ApiKeyRow.user_id == user_id))
+                     .where(VersionLikenessRow.model_id == model_id)
+                     .returning(VersionLikenessRow.version_id))
+                gone("versions", delete(VersionRow).where(VersionRow.model_id == model_id)
+                     .returning(VersionRow.id, VersionRow.weights_key))
+                gone("trainings", delete(TrainingRow).where(TrainingRow.model_id == model_id)
+                     .returning(TrainingRow.id))
+                gone("events", delete(EventRow).where(EventRow.model_id == model_id)
+                     .returning(EventRow.id))
+                gone("models", delete(ModelRow).where(ModelRow.id == model_id)
+                     .returning(ModelRow.id))
+            gone("datasets", delete(DatasetRow).where(DatasetRow.user_id == user_id)
+                 .returning(DatasetRow.id, DatasetRow.photo_hashes))
+            deleted = UserHoldings(
+                model_id=model_id,
+                dataset_ids=tuple(r.id for r in taken["datasets"]),
+                photo_hashes=tuple(h for r in taken["datasets"] for h in r.photo_hashes),
+                training_ids=tuple(r.id for r in taken.get("trainings", ())),
+                version_ids=tuple(r.id for r in taken.get("versions", ())),
+                weights_keys=tuple(r.weights_key for r in taken.get("versions", ())),
+                generation_ids=tuple(r.id for r in taken["generations"]),
+                image_keys=tuple(k for r in taken["generations"] for k in r.image_keys))
+            if not held.covers(deleted):
+                raise HoldingsChangedError(
+                    "the account's rows changed while it was being deleted (a generation or "
+                    "photos saved meanwhile): nothing was deleted; plan again")
+            gone("upload claims", delete(UploadClaimRow).where(UploadClaimRow.user_id == user_id)
+                 .returning(UploadClaimRow.user_id))
+            gone("api keys", delete(ApiKeyRow).where(ApiKeyRow.user_id == user_id)
+                 .returning(ApiKeyRow.id))
             gone("browser sessions", delete(WebSessionRow)
-                 .where(WebSessionRow.user_id == user_id))
+                 .where(WebSessionRow.user_id == user_id).returning(WebSessionRow.id))
             # In the same transaction: once the rows are gone, nothing else names the blobs.
             s.execute(update(UserRow).where(UserRow.id == user_id).values(
                 erasure_plan=plan.as_json()))
