@@ -1,6 +1,7 @@
 """An account's deletion racing the work its owner had under way when it was asked for: a
-generation saved after the deletion read what the account holds. The deletion must still take
-every blob of every row it deletes. On SQLite and, when ``SELFIE_LORA_TEST_POSTGRES_URL`` is set,
+generation saved after the deletion read what the account holds, an upload saved after the
+deletion took the account's rows. The deletion must still take every blob of every row it
+deletes, and finish. On SQLite and, when ``SELFIE_LORA_TEST_POSTGRES_URL`` is set,
 PostgreSQL."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 
 from selfie_lora.adapters.db.repository import SqlRepository
-from selfie_lora.domain.accounts import ErasurePlan
+from selfie_lora.domain.accounts import ERASURE_PENDING, ErasurePlan
 from selfie_lora.domain.entities import (
     Generation,
     Model,
@@ -22,6 +23,7 @@ from selfie_lora.domain.entities import (
     User,
     Version,
 )
+from selfie_lora.errors import ForbiddenError
 from selfie_lora.services.layout import PREFIXES, generation_image_key
 from selfie_lora.wiring import Services
 from tests.conftest import fake_services_on
@@ -96,5 +98,41 @@ def test_a_generation_saved_while_the_deletion_was_planned_loses_its_pictures_to
         assert services.repo.get_user(ann.id) is None
         assert generation_image_key("g-late", 0) not in blob_keys(services)
         assert blob_keys(services) == others  # every blob of hers gone
+    finally:
+        services.close()
+
+
+@pytest.mark.parametrize("start", [False, True], ids=["upload", "upload-and-train"])
+@pytest.mark.parametrize("database", DATABASES)
+def test_an_upload_saved_after_the_deletion_took_the_rows_is_refused_and_the_deletion_ends(
+        tmp_path: Path, database: str, start: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload let in before the account was disabled (its photos still being read) and
+    saved after the deletion took the account's rows: its photo set (and the model it made)
+    named the user, so the removal of the user's row failed on the foreign key, and the
+    deletion failed (409; the background finisher parked it a day). Now the upload is refused
+    (403 'being deleted'), and the deletion ends."""
+    services = fake_services_on(database, tmp_path)
+    try:
+        ann = with_a_generation(services)
+        delete_user_data = SqlRepository.delete_user_data
+        outcome: dict[str, Any] = {}
+
+        def upload_lands_after(self: SqlRepository, user_id: str, *,
+                               plan: ErasurePlan, **kwargs: Any) -> dict[str, int]:
+            rows = delete_user_data(self, user_id, plan=plan, **kwargs)
+            try:  # ``ann`` as the upload's request read her, before she was disabled
+                outcome["upload"] = services.training.upload_zip(
+                    user=ann, data=photo_zip(3, offset=20), start=start)
+            except Exception as exc:  # shown by the assertion below
+                outcome["upload"] = exc
+            return rows
+
+        monkeypatch.setattr(SqlRepository, "delete_user_data", upload_lands_after)
+        services.erasure.erase_by_id(user_id=ann.id)
+        refused = outcome["upload"]
+        assert isinstance(refused, ForbiddenError), refused
+        assert refused.message == ERASURE_PENDING
+        assert services.repo.get_user(ann.id) is None
+        assert services.repo.user_holdings(ann.id).empty
     finally:
         services.close()

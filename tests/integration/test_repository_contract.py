@@ -13,6 +13,8 @@ from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.db.tables import GenerationRow
 from selfie_lora.domain.accounts import (
+    ERASURE_PENDING,
+    AccountErasingError,
     ErasurePlan,
     HoldingsChangedError,
     UserHoldings,
@@ -843,6 +845,66 @@ def test_the_users_rows_are_deleted_only_with_the_holdings_their_plan_was_made_f
     assert repo.delete_user_data(ann.id, plan=ErasurePlan(keys=("photos/x",)), held=now)
     assert repo.user_holdings(ann.id).empty
     assert repo.erasure_plan(ann.id) == ErasurePlan(keys=("photos/x",))
+
+
+def test_no_photo_set_model_or_upload_claim_is_stored_for_a_user_being_deleted(
+        repo: SqlRepository) -> None:
+    """Once a user's deletion was asked for (or the user is gone), their photo set, model or
+    upload claim is refused where it is written (403 'being deleted'): stored after the
+    deletion took the user's rows, it made the removal of the user's row fail on its foreign
+    key."""
+    ann, model, dataset = seed(repo)
+    bob, _bobs_model, _bobs_dataset = seed(repo, "bob")
+    repo.request_erasure(ann.id, at=NOW)
+    late = dataclasses.replace(dataset, id="d-late")
+    with pytest.raises(AccountErasingError) as refused:
+        repo.add_dataset(late)
+    assert refused.value.http_status == 403
+    assert refused.value.message == ERASURE_PENDING
+    with pytest.raises(AccountErasingError):
+        repo.claim_upload(ann.id, token="t", now=NOW, expires_at=NOW + timedelta(minutes=5))
+    repo.delete_user_data(ann.id, plan=ErasurePlan(), held=repo.user_holdings(ann.id))
+    with pytest.raises(AccountErasingError):
+        repo.add_model(dataclasses.replace(model, id="m-late"))
+    with pytest.raises(AccountErasingError):
+        repo.add_dataset(late)
+    assert repo.user_holdings(ann.id).empty
+    assert repo.delete_user(ann.id)  # nothing left naming her
+    with pytest.raises(AccountErasingError):  # gone: refused alike
+        repo.add_dataset(late)
+    # Another user's are stored as before.
+    repo.add_dataset(dataclasses.replace(dataset, id="d-bob-2", user_id=bob.id))
+    assert repo.claim_upload(bob.id, token="t", now=NOW,
+                             expires_at=NOW + timedelta(minutes=5)) is None
+
+
+def test_a_photo_set_being_stored_as_the_deletion_is_asked_for_is_seen_by_the_deletion(
+        repo: SqlRepository) -> None:
+    """A photo set whose transaction is open as the user's deletion is asked for: the marking
+    waits for it (the user's row share-locked; SQLite's write lock), so the holdings the
+    deletion reads after it name the set; one begun after the marking is refused."""
+    ann, _model, dataset = seed(repo)
+    written, release = threading.Event(), threading.Event()
+
+    def upload() -> None:
+        with repo.atomic() as tx:
+            tx.add_dataset(dataclasses.replace(dataset, id="d-open"))
+            written.set()
+            release.wait(10)
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    assert written.wait(10)
+    marker = threading.Thread(target=lambda: repo.request_erasure(ann.id, at=NOW))
+    marker.start()
+    marker.join(0.5)
+    assert marker.is_alive()  # waits for the photo set's transaction
+    release.set()
+    uploader.join(10)
+    marker.join(10)
+    assert "d-open" in repo.user_holdings(ann.id).dataset_ids
+    with pytest.raises(AccountErasingError):
+        repo.add_dataset(dataclasses.replace(dataset, id="d-after"))
 
 
 def test_dataset_sizes_are_the_accepted_counts_of_those_that_exist_in_one_read(

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 
-from selfie_lora.errors import ConflictError
+from selfie_lora.errors import ConflictError, ForbiddenError
 
 MIN_PASSWORD_LENGTH = 10
 # Argon2 hashes whatever it is given, but a megabyte "password" is a way to make the server
@@ -17,6 +17,21 @@ MAX_PASSWORD_LENGTH = 256
 
 # One answer for every failed sign-in, so that it never tells whether the name exists.
 WRONG_CREDENTIALS = "wrong name or password"
+# What the account of a deletion under way is told: a retried ``DELETE /api/me`` or sign-in of
+# the account, and an upload of it still running when the deletion began, whose photos would
+# outlive it (``AccountErasingError``).
+ERASURE_PENDING = ("this account is being deleted: the deletion finishes on its own, nothing "
+                   "more to do")
+
+
+class AccountErasingError(ForbiddenError):
+    """A row for a user whose deletion was asked for (or who is gone): refused where it is
+    written, the user's row share-locked (a photo set, an upload's claim, a model). Stored
+    after the deletion took the user's rows, it outlived the deletion and made the removal of
+    the user's row fail on its foreign key."""
+
+    def __init__(self) -> None:
+        super().__init__(ERASURE_PENDING)
 
 
 class HoldingsChangedError(ConflictError):

@@ -26,6 +26,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from selfie_lora.domain.accounts import (
+    # What the account of a deletion under way is told: a retried ``DELETE /api/me`` or sign-in
+    # of one whose process died must not send its owner to the operator; the collection
+    # finishes it.
+    ERASURE_PENDING,
     WRONG_CREDENTIALS,
     SignInPolicy,
     fold_name,
@@ -88,10 +92,6 @@ PREFIX_LENGTH = 10  # "sl_" and 7 characters: enough to tell a user's keys apart
 API_KEY_CACHE_TTL = timedelta(seconds=1)
 # What a disabled user's key, session or sign-in is told (a 403: who they are is known).
 DISABLED = "this account is disabled: ask the service's operator"
-# What the account of a deletion under way is told: a retried ``DELETE /api/me`` or sign-in of
-# one whose process died must not send its owner to the operator; the collection finishes it.
-ERASURE_PENDING = ("this account is being deleted: the deletion finishes on its own, nothing "
-                   "more to do")
 # Enough for every client of a busy server; past it the cache starts over rather than grow.
 API_KEY_CACHE_SIZE = 10_000
 # How long a rotated key keeps working (SELFIE_LORA_KEY_ROTATION_GRACE_MINUTES). Why at all: the

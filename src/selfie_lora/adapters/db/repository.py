@@ -64,6 +64,7 @@ from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.database_url import database_url_shown
 from selfie_lora.disk_space import full_disk_words, is_full_error
 from selfie_lora.domain.accounts import (
+    AccountErasingError,
     ErasurePlan,
     HoldingsChangedError,
     UserHoldings,
@@ -453,6 +454,21 @@ def _unstorable_text(exc: DataError) -> bool:
     orig = exc.orig
     return ("(0x00)" in str(orig)
             or getattr(orig, "sqlstate", None) in _UNSTORABLE_TEXT_STATES)
+
+
+def _refuse_erasing_owner(s: Session, user_id: str) -> None:
+    """``AccountErasingError`` when the user whose row is about to be written is being deleted
+    (or gone). The user's row is share-locked until the write commits: the deletion's step 2
+    (which marks it) waits for the write, whose row its step 3 then reads; a write after the
+    mark finds it here. Unchecked, an upload still running as its account was deleted stored
+    its photo set after the deletion took the account's rows, and the removal of the user's
+    row failed on that set's foreign key (the deletion parked for a day). The deletion itself
+    holds no lock on the user's row while it waits for another, so this share lock deadlocks
+    with nothing (``delete_user_data``)."""
+    erasing = s.execute(select(UserRow.erasure_requested_at).where(UserRow.id == user_id)
+                        .with_for_update(read=True)).first()
+    if erasing is None or erasing.erasure_requested_at is not None:
+        raise AccountErasingError
 
 
 class SqlRepository:
@@ -868,6 +884,7 @@ class SqlRepository:
     # models -----------------------------------------------------------------------------
     def add_model(self, model: Model) -> None:
         with self._tx() as s:
+            _refuse_erasing_owner(s, model.user_id)
             s.add(ModelRow(**_model_values(model)))
 
     def _update_model(self, model_id: str, values: dict[str, Any]) -> None:
@@ -933,6 +950,7 @@ class SqlRepository:
     # datasets ---------------------------------------------------------------------------
     def add_dataset(self, dataset: Dataset) -> None:
         with self._tx() as s:
+            _refuse_erasing_owner(s, dataset.user_id)
             s.add(DatasetRow(
                 id=dataset.id, user_id=dataset.user_id, images_total=dataset.images_total,
                 images_accepted=dataset.images_accepted, photo_hashes=list(dataset.photo_hashes),
@@ -1097,6 +1115,7 @@ class SqlRepository:
     def claim_upload(self, user_id: str, *, token: str, now: datetime,
                      expires_at: datetime) -> datetime | None:
         with self._tx() as s:
+            _refuse_erasing_owner(s, user_id)
             row = s.scalars(select(UploadClaimRow).where(UploadClaimRow.user_id == user_id)
                             .with_for_update()).first()
             if row is not None and row.token != token and _req_utc(row.expires_at) > now:
