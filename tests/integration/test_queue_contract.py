@@ -22,6 +22,7 @@ from selfie_lora.services.training import ReconcileReport
 from selfie_lora.testing.fakes import InMemoryQueue
 from selfie_lora.worker import Identity, Worker, claim_identity
 from tests.support.backends import QUEUES, queue_url
+from tests.support.silent import SilentServer
 
 
 class Queue(Protocol):
@@ -273,6 +274,32 @@ def test_a_worker_whose_redis_is_down_says_so_once_not_a_traceback_a_second(
     assert warning.exc_info is None
     assert _worker_lines(caplog, logging.ERROR) == []
     assert len(_worker_lines(caplog, logging.DEBUG)) >= 4  # the tracebacks, for whoever debugs
+
+
+def test_a_worker_facing_a_redis_that_never_answers_says_so_once(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A Redis that accepts and never answers: the worker's log said nothing while it lasted
+    (huey took each timed-out read for an empty queue); now one WARNING, as for one that
+    refuses connections (above), and no traceback above DEBUG."""
+    from selfie_lora.adapters.queue import huey_queue
+
+    monkeypatch.setattr(huey_queue, "ANSWER_TIMEOUT_S", 2.0, raising=False)
+    silent = SilentServer()
+    queue = HueyJobQueue.from_url(f"redis://127.0.0.1:{silent.port}/0")
+    worker = Worker(training=StubTraining(), queue=queue, identity=Identity(name="w"),  # type: ignore[arg-type]
+                    threads=2, reconcile_seconds=60)
+    with caplog.at_level(logging.DEBUG, logger="selfie_lora.worker"):
+        worker.start()
+        try:
+            time.sleep(6.5)  # each thread's read times out twice or more
+        finally:
+            assert worker.stop()
+            silent.close()
+    said = [r for r in caplog.records if r.name == "selfie_lora.worker"
+            and r.levelno >= logging.WARNING]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert "the queue cannot be reached" in said[0].getMessage()
+    assert "Timeout" in said[0].getMessage()
 
 
 @dataclasses.dataclass

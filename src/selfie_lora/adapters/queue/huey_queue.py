@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import cast
 from urllib.parse import urlparse
 
 from huey import Huey, RedisHuey, SqliteHuey
+from huey.storage import RedisStorage
 
 from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.errors import ConfigError
@@ -83,13 +85,32 @@ class HueyJobQueue:
         for one). Messages this version does not know (e.g. left by an older one) are dropped:
         the reconciler queues their trainings again."""
         while True:
-            message = self.huey.storage.dequeue()
+            message = self._dequeue()
             if message is None:
                 return None
             training_id = _decode(message)
             if training_id is not None:
                 return training_id
             logger.warning("dropped a queue message of unknown shape (%d bytes)", len(message))
+
+    def _dequeue(self) -> bytes | str | None:
+        """huey's ``dequeue``, but for Redis's blocking read: huey takes that read's timing out
+        as an empty queue, so a worker facing a Redis that accepts and never answers (a
+        stopped server, a partition dropping packets) logged nothing while it lasted (/readyz
+        and the reconciler said it). An empty queue is answered (nil) after the read's wait;
+        only a server that said nothing for ANSWER_TIMEOUT_S times out: raised, the worker
+        says the outage once, and its end once (``Worker._queue_unreachable``)."""
+        storage = self.huey.storage
+        if not (isinstance(storage, RedisStorage) and storage.blocking):
+            return cast("bytes | str | None", storage.dequeue())
+        answer_s = storage.conn.connection_pool.connection_kwargs.get("socket_timeout")
+        wait_s = storage.read_timeout
+        if answer_s:
+            # A URL's own shorter ?socket_timeout=: the wait stays within it, so that an empty
+            # queue's answer is never taken for silence.
+            wait_s = max(min(wait_s, answer_s / 2), 0.01)
+        reply = storage.conn.brpop(storage.queue_key, timeout=wait_s)
+        return None if reply is None else cast("bytes | str", reply[1])
 
     def queued_training_ids(self) -> set[str]:
         return {tid for m in self.huey.storage.enqueued_items() if (tid := _decode(m))}
