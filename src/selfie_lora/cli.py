@@ -631,8 +631,13 @@ def keys_rotate(
 def gc_cmd(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Only say what would be deleted; delete nothing.")] = False,
-    verbose: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="List every row and key.")] = False,
+    listed: Annotated[bool, typer.Option(
+        "--list", help="List every row and key.")] = False,
+    # Its name before --list: hidden, and still taken, so a script's `gc -v` lists as it did.
+    # -v is the global flag (debug log lines) before any command's name: `selfie-lora -v gc`
+    # and `gc -v` meant two things.
+    old_list: Annotated[bool, typer.Option(
+        "--verbose", "-v", hidden=True, help="The same as --list.")] = False,
     force: Annotated[bool, typer.Option(
         "--force", help="Collect from a storage no server or worker has bound to a database "
                         "yet although this database names no upload and no version.")] = False,
@@ -665,7 +670,7 @@ def gc_cmd(
                               "go on", highlight=False)
             raise typer.Exit(_interrupted_status(exc)) from None
     for line in [*(line for erased in finished for line in erased.lines()), *pending,
-                 *summary.lines(verbose=verbose)]:
+                 *summary.lines(verbose=listed or old_list)]:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 

@@ -77,6 +77,15 @@ def test_the_verbose_flag_and_the_scale_say_what_they_do() -> None:
     assert "--lora-scale FLOAT The LoRA scale of these pictures, -1 to 3" in said
 
 
+def test_gc_lists_with_its_own_flag_not_the_global_verbose_one() -> None:
+    # `selfie-lora -v gc` (debug log lines) and `gc -v` (every key) meant two things: -v is the
+    # global flag only, and gc's listing is --list (its old -v/--verbose hidden, still taken).
+    said = " ".join(CliRunner().invoke(app, ["gc", "--help"], env={"COLUMNS": "80"}).output.split())
+    assert "--list List every row and key." in said
+    assert "-v" not in said
+    assert "--verbose" not in said
+
+
 def test_the_usage_line_brackets_an_optional_argument_once() -> None:
     # 'Usage: selfie-lora export [OPTIONS] [[VERSION]]': its metavar had brackets of its own.
     said = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "80"}).output
