@@ -394,9 +394,14 @@ def serve(
         # Until this command ends (the processes' parent holds it for them): no restore
         # meanwhile. First: one started during a restore must not make nor migrate a database.
         ctx.with_resource(using_home(settings))
+        fresh = settings.missing_database() is not None
         # Once, before the server processes start: a database that cannot be reached is one
         # line here rather than a traceback from each of them.
         open_database(settings)
+        # As every other command that makes one says it (``opened``): a server started from
+        # another folder than its users' was made serves an empty new one.
+        if fresh:
+            _say_new_home(settings)
         if processes == 1:
             application = create_app(settings, run_worker=worker, warm_up=True, reconcile=True,
                                      collect_garbage=worker)
@@ -456,7 +461,10 @@ def worker_cmd(
         # Until this command ends: no restore meanwhile. Before the database is opened (and
         # migrated): one started during a restore is refused without touching it.
         ctx.with_resource(using_home(settings))
+        fresh = settings.missing_database() is not None
         services = build_services(settings)
+    if fresh:
+        _say_new_home(settings)
     try:
         run_worker(services, threads=threads)
     # It could not start: the metrics port is taken, or the store is another deployment's.

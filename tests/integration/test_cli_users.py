@@ -144,6 +144,29 @@ def test_a_command_that_makes_a_new_data_folder_says_where(
         get_settings.cache_clear()
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", [["serve", "--no-worker", "--port", "0"], ["worker"]])
+def test_a_server_or_worker_that_makes_a_new_data_folder_says_where(
+        home: Path, monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+    """'serve' and 'worker' made HOME without a word where every other command says it: one
+    started from another folder than its users' served an empty new database."""
+    import selfie_lora.api.server
+    import selfie_lora.worker
+
+    # Started, then back at once: what is said before serving is what is tested.
+    monkeypatch.setattr(selfie_lora.api.server, "run_server", lambda *_a, **_k: None)
+    monkeypatch.setattr(selfie_lora.worker, "run_worker", lambda *_a, **_k: None)
+    runner = CliRunner()
+    first = runner.invoke(app, command)
+    assert first.exit_code == 0, first.output
+    said = first.stderr.replace("\n", "")
+    assert f"selfie-lora: made a new data folder, {home.resolve()}" in said
+    assert "with the same SELFIE_LORA_HOME" in said
+    again = runner.invoke(app, command)
+    assert again.exit_code == 0, again.output
+    assert "new data folder" not in again.output
+
+
 def test_rotating_a_rotated_key_again_is_refused_in_words(home: Path) -> None:
     runner = CliRunner()
     created = runner.invoke(app, ["users", "create", "bob", "--json"])
