@@ -229,6 +229,29 @@ def print_serve_command(console: Console, home: Path, *, argv0: str | None = Non
     console.print(serve_command(home, argv0=argv0), markup=False, highlight=False, soft_wrap=True)
 
 
+# The demo's pictures beside each version's own, in --out's generated/.
+COMPARE_PNG = "compare-v1-v2.png"
+LIKENESS_GRID_PNG = "likeness-v1-v2.png"
+LIKENESS_CHART_PNG = "likeness-chart.png"
+
+
+def where_everything_is(out: Path, settings: Settings) -> list[tuple[str, Path]]:
+    """What the demo's closing table names, each path under ``out`` as the user gave it
+    (relative to the folder the demo ran in, or absolute): the database was the settings' URL,
+    resolved, the one absolute path among relative ones."""
+    generated = out / "generated"
+    return [
+        ("photos used", out / "photos"),
+        ("database", settings.home / DATABASE_FILE),
+        ("stored photos, weights, images", settings.blob_dir),
+        ("LoRA weights", settings.blob_dir / "weights"),
+        ("generated images", generated),
+        ("side-by-side v1 | v2", generated / COMPARE_PNG),
+        ("likeness probes v1 | v2", generated / LIKENESS_GRID_PNG),
+        ("likeness scores chart", generated / LIKENESS_CHART_PNG),
+    ]
+
+
 def demo_settings(out: Path) -> Settings:
     """The demo's settings: the embedded defaults (local backend, tiny FLUX) with its HOME under
     ``out``, none of them read from the environment (``EmbeddedSettings``)."""
@@ -315,28 +338,18 @@ def run_demo(*, out: Path, console: Console = default_console) -> None:
         for tile in tiles:
             compare.paste(tile, (x, 0))
             x += tile.width
-        compare_path = gen_dir / "compare-v1-v2.png"
+        compare_path = gen_dir / COMPARE_PNG
         write_whole(compare_path, _encoded(compare, "PNG"))
         # The likeness tracker's own comparison: the fixed probes of both versions, side by side,
         # and every version's scores (the tiny model draws no faces: its scores say so).
         comparison = services.likeness.compare(user=user)
-        grid_path = gen_dir / "likeness-v1-v2.png"
+        grid_path = gen_dir / LIKENESS_GRID_PNG
         write_whole(grid_path, services.likeness.grid_png(comparison))
-        chart_path = gen_dir / "likeness-chart.png"
+        chart_path = gen_dir / LIKENESS_CHART_PNG
         write_whole(chart_path, services.likeness.chart_png(user=user))
 
         console.rule("where everything is")
-        rows = [
-            ("photos used", photos_dir),
-            ("database", Path(settings.effective_database_url.removeprefix("sqlite:///"))),
-            ("stored photos, weights, images", settings.blob_dir),
-            ("LoRA weights", settings.blob_dir / "weights"),
-            ("generated images", gen_dir),
-            ("side-by-side v1 | v2", compare_path),
-            ("likeness probes v1 | v2", grid_path),
-            ("likeness scores chart", chart_path),
-        ]
-        for label, path in rows:
+        for label, path in where_everything_is(out, settings):
             console.print(f"{label:32} {path}", markup=False)  # --out is the user's
         console.print(f"demo finished in {time.monotonic() - started:.1f} s")
         console.rule("see it in your browser")

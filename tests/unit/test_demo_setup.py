@@ -23,6 +23,7 @@ from selfie_lora.demo import (
     print_serve_command,
     running_executable,
     serve_command,
+    where_everything_is,
 )
 
 
@@ -177,3 +178,14 @@ def test_the_serve_line_names_an_absolute_home_even_when_out_is_relative(
     line = serve_command(Path("demo-output") / "home",
                          argv0=str(_fake_selfie_lora(tmp_path / "bin")))
     assert shlex.split(line)[0] == f"SELFIE_LORA_HOME={tmp_path / 'demo-output' / 'home'}"
+
+
+@pytest.mark.parametrize("out", [Path("demo-output"), Path("/tmp/a demo")])
+def test_where_everything_is_names_each_path_as_out_was_given(out: Path) -> None:
+    # The database was printed absolute (the settings' URL, resolved) among paths relative to
+    # the folder the demo ran in: `make demo`'s table mixed /abs/demo-output/home/selfie-lora.db
+    # with demo-output/generated.
+    rows = dict(where_everything_is(out, demo_settings(out)))
+    assert rows["database"] == out / "home" / "selfie-lora.db"
+    assert all(path.is_relative_to(out) for path in rows.values()), rows
+    assert {path.is_absolute() for path in rows.values()} == {out.is_absolute()}
