@@ -565,17 +565,19 @@ def keys_list(
         return
     table = Table(title=literal(f"API keys of {owner.name}"))
     # The id whole, whatever the terminal's width: revoke and rotate take nothing less, and a
-    # cut one ('679bdd9f-d184-4e2…') was 'no such API key'. The other columns wrap instead,
-    # the times at their space.
+    # cut one ('679bdd9f-d184-4e2…') was 'no such API key'. Three columns, not five: beside a
+    # whole id, five squeezed the times to '2026-12' '-06' '16:51' at 80 columns (a pipe's
+    # width). A time is never cut inside (min_width: one line of 'YYYY-MM-DD HH:MM').
     table.add_column("id", no_wrap=True, min_width=max((len(k.id) for k in keys), default=2))
-    for column in ("name", "prefix", "created (UTC)", "revoked (UTC)"):
-        table.add_column(column, overflow="fold")
+    table.add_column("name, prefix", overflow="fold", min_width=13)
+    table.add_column("created, revoked (UTC)", min_width=len("2026-12-06 16:51"))
     for key in keys:
-        revoked = _minute(key.revoked_at) if key.revoked_at else "-"
-        if key.in_grace_at(now):
-            revoked = f"rotated: works until {revoked}"
-        table.add_row(key.id, literal(key.name), key.prefix + "...", _minute(key.created_at),
-                      revoked)
+        if key.in_grace_at(now) and key.revoked_at:
+            revoked = f"rotated: works until {_minute(key.revoked_at)}"
+        else:
+            revoked = f"revoked {_minute(key.revoked_at)}" if key.revoked_at else ""
+        table.add_row(key.id, f"{literal(key.name)}\n{key.prefix}...",
+                      "\n".join(filter(None, (_minute(key.created_at), revoked))))
     console.print(table)
 
 
@@ -1504,8 +1506,9 @@ def activate_cmd(
 
 # --- generations list, delete (the gallery and its Delete button, as the API has them) ------------
 
-# A prompt as the list shows it: its start, on one line (the whole is in --json).
-_PROMPT_SHOWN = 60
+# A prompt as the list shows it: its start, on the lines beside the generation's facts (four at
+# 80 columns; the whole is in --json).
+_PROMPT_SHOWN = 140
 
 
 def _short_prompt(prompt: str) -> str:
@@ -1529,7 +1532,6 @@ def generations_list(
     LoRA scale, seed and number of pictures (the pictures are in the storage; 'generate' wrote its
     own copies to its --out)."""
     from selfie_lora.api.serializers import generation_json
-    from selfie_lora.services.ports import MAX_SEED
 
     with opened(existing="no generations to list", trainers={}, generators={}) as services:
         owner = services.users.get_by_name(name=user)
@@ -1548,21 +1550,24 @@ def generations_list(
                                                             else ""),
                       markup=False, highlight=False, soft_wrap=True)
         return
-    table = Table(title=literal(f"generations of {owner.name}, newest first"))
-    # The id whole, whatever the terminal's width: 'generations delete' takes nothing less.
-    table.add_column("id", no_wrap=True,
+    table = Table(title=literal(f"generations of {owner.name}, newest first"), show_lines=True)
+    # Two columns, each generation's facts stacked in the first: one column each (id, made,
+    # prompt, version, scale, seed, pictures) did not fit 80 columns (a pipe's width) beside
+    # the whole id and seed, and the prompt was cut into 3-letter pieces. The id whole,
+    # whatever the width: 'generations delete' takes nothing less; the seed (the batch's, as
+    # the Generate page shows it) whole on its line: a number cut over two is copied wrong.
+    table.add_column("generation", no_wrap=True,
                      min_width=max(len(g.id) for g in page.generations))
-    # The seed too (the batch's, as the Generate page shows it): with the scale and the
-    # version, what makes the pictures again; one drawn was shown only by --json.
-    for column in ("made (UTC)", "prompt", "version", "LoRA scale", "seed", "pictures"):
-        # The seed whole, as the id: a number cut over two lines is copied wrong.
-        table.add_column(column, overflow="fold", no_wrap=column == "seed",
-                         min_width=len(str(MAX_SEED)) if column == "seed" else None)
+    table.add_column("prompt", overflow="fold")
     for g in page.generations:
         number = numbers.get(g.version_id)
-        table.add_row(g.id, _minute(g.created_at), literal(_short_prompt(g.prompt)),
-                      "?" if number is None else str(number), lora_scale_text(g.lora_scale),
-                      "?" if g.seed is None else str(g.seed), str(len(g.image_keys)))
+        pictures = len(g.image_keys)
+        facts = [g.id, f"made {_minute(g.created_at)} UTC",
+                 f"version {'?' if number is None else number}, "
+                 f"LoRA scale {lora_scale_text(g.lora_scale)}",
+                 f"seed {'?' if g.seed is None else g.seed}, "
+                 f"{pictures} picture{'' if pictures == 1 else 's'}"]
+        table.add_row(literal("\n".join(facts)), literal(_short_prompt(g.prompt)))
     console.print(table)
     if page.older is not None:
         console.print(f"older ones: add --before {page.older}", markup=False, highlight=False,

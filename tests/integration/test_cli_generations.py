@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
+from selfie_lora import console as console_module
 from selfie_lora.wiring import Services
 from tests.conftest import auth
 from tests.integration.test_cli_model import ann_headers, as_json, run
@@ -24,38 +26,57 @@ def generated(client: TestClient, headers: dict[str, str], prompt: str, *,
     return dict(r.json()["generation"])
 
 
-def rows(said: str) -> list[list[str]]:
-    """The table's rows, each cell's lines joined by a space (the test terminal is 80 wide: a
-    cell wraps, and the id, never wrapped, starts each row)."""
-    found: list[list[str]] = []
+def rows(said: str) -> list[tuple[list[str], str]]:
+    """The table's rows: each generation's facts (its id first), a line each, and its prompt
+    (its lines joined by a space)."""
+    found: list[tuple[list[str], list[str]]] = []
+    fresh = True
     for line in said.splitlines():
+        if line.startswith(("├", "┡")):
+            fresh = True
+            continue
         if not line.startswith("│"):
             continue
-        cells = [cell.strip() for cell in line.split("│")[1:-1]]
-        if cells[0]:
-            found.append(cells)
-        else:
-            found[-1] = [f"{a} {b}".strip() for a, b in zip(found[-1], cells, strict=True)]
-    return found
+        facts, prompt = (cell.strip() for cell in line.split("│")[1:-1])
+        if fresh:
+            found.append(([], []))
+            fresh = False
+        found[-1][0].append(facts)
+        found[-1][1].append(prompt)
+    return [([f for f in facts if f], " ".join(p for p in prompt if p))
+            for facts, prompt in found]
 
 
-def test_generations_lists_newest_first_as_the_api(trained: Services,
-                                                    client: TestClient) -> None:
+@pytest.mark.parametrize("width", [80, 120])
+def test_generations_lists_newest_first_as_the_api(trained: Services, client: TestClient,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    width: int) -> None:
+    # At 80 columns (a pipe's, a script's) the whole id and seed left the prompt 3 letters:
+    # 'a' 'pho' 'to' 'of' ..., and the time 'ma' 'de' over 9 lines; at 120 it wrapped too.
+    # (The consoles' width: COLUMNS is read once, when they are made.)
+    monkeypatch.setattr(console_module.console, "_width", width)
+    monkeypatch.setattr(console_module.err_console, "_width", width)
     h = ann_headers(trained)
     first = generated(client, h, "on a beach at dawn", version=1, n=2)
     second = generated(client, h, "in a forest " + "with tall trees " * 10)
     code, said = run("generations", "list", "--user", "ann")
     assert code == 0, said
+    assert max(len(line) for line in said.splitlines()) <= width, said
+    assert "a photo of" in said, said  # not 'a' 'pho' 'to' 'of'
     found = rows(said)
-    assert [row[0] for row in found] == [second["id"], first["id"]], said
-    assert [row[3] for row in found] == ["2", "1"]  # version numbers, as the Generate page
-    assert [row[4] for row in found] == ["0.7", "0.7"]
-    # The batch's seed (a drawn one was only in --json), as the Generate page shows it.
-    assert [row[5] for row in found] == [str(second["seed"]), str(first["seed"])]
-    assert [row[6] for row in found] == ["1", "2"]  # pictures
-    # The trigger word comes first; a long prompt is shortened (a word may wrap inside).
-    assert found[1][2].replace(" ", "").endswith("onabeachatdawn")
-    assert found[0][2].endswith("...")
+    assert [facts[0] for facts, _ in found] == [second["id"], first["id"]], said
+    made = [f"made {g['created_at'][:10]} {g['created_at'][11:16]} UTC" for g in (second, first)]
+    assert [facts[1] for facts, _ in found] == made, said
+    # The version numbers, as the Generate page; the batch's seed (a drawn one was only in
+    # --json), whole on its line; the pictures.
+    assert [facts[2:] for facts, _ in found] == [
+        ["version 2, LoRA scale 0.7", f"seed {second['seed']}, 1 picture"],
+        ["version 1, LoRA scale 0.7", f"seed {first['seed']}, 2 pictures"]], said
+    # The trigger word comes first; a long prompt is shortened, its words whole.
+    assert found[1][1].endswith(", on a beach at dawn"), said
+    assert found[0][1].startswith("a photo of ")
+    assert ", in a forest with tall trees with tall trees" in found[0][1], said
+    assert found[0][1].endswith("...")
     api = client.get("/api/generations", headers=h)
     assert api.status_code == 200
     assert as_json("generations", "list", "--user", "ann") == api.json()

@@ -304,7 +304,7 @@ def test_a_scale_is_shown_exactly_as_used_so_that_it_makes_the_picture_again(
     listed = CliRunner().invoke(cli.app, ["generations", "list", "--user", "ann"],
                                 env={"COLUMNS": "200"})
     assert listed.exit_code == 0, listed.output
-    assert "│ 0.123456789 " in listed.stdout, listed.stdout
+    assert "LoRA scale 0.123456789 " in listed.stdout, listed.stdout
 
 
 def test_generate_makes_another_version_s_pictures_without_activating_it(

@@ -5,11 +5,13 @@ password changes nothing."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from selfie_lora import console as console_module
 from selfie_lora.cli import app
 from selfie_lora.config import Settings
 from selfie_lora.wiring import build_services
@@ -79,13 +81,22 @@ def test_keys_list_shows_the_whole_id_that_revoke_takes(
     first = listed["keys"][0]["id"]
     assert runner.invoke(app, ["users", "keys", "revoke", "bob", first]).exit_code == 0
 
-    monkeypatch.setenv("COLUMNS", str(columns))
+    # The consoles' width: COLUMNS is read once, when they are made.
+    monkeypatch.setattr(console_module.console, "_width", columns)
+    monkeypatch.setattr(console_module.err_console, "_width", columns)
     table = runner.invoke(app, ["users", "keys", "list", "bob"])
     assert table.exit_code == 0, table.output
     shown = [line.split("│")[1].strip() for line in table.stdout.splitlines()
              if line.startswith("│") and line.split("│")[1].strip()]
     assert shown == [first, ci_key]
     assert max(len(line) for line in table.stdout.splitlines()) <= columns
+    # Each time whole on its line: at 80 columns the created one was '2026-12' '-06' '16:51'.
+    times = [line.split("│")[3].strip() for line in table.stdout.splitlines()
+             if line.startswith("│")]
+    minute = r"\d{4}-\d\d-\d\d \d\d:\d\d"
+    assert len(re.findall(minute, " ".join(times))) == 3, table.stdout  # 2 made, 1 revoked
+    assert all(re.search(minute, t) for t in times if t[:1].isdigit()), table.stdout
+    assert "revoked" in " ".join(times)
     rotated = runner.invoke(app, ["users", "keys", "rotate", "bob", shown[1], "--json"])
     assert rotated.exit_code == 0, rotated.output
     # A rotated key still working says so ('rotated: works until ...'), in the same width.
@@ -93,7 +104,7 @@ def test_keys_list_shows_the_whole_id_that_revoke_takes(
     shown = [line.split("│")[1].strip() for line in table.stdout.splitlines()
              if line.startswith("│") and line.split("│")[1].strip()]
     assert shown == [first, ci_key, json.loads(rotated.stdout)["id"]]
-    revoked = "".join(line.split("│")[5].strip() for line in table.stdout.splitlines()
+    revoked = "".join(line.split("│")[3].strip() for line in table.stdout.splitlines()
                       if line.startswith("│"))
     assert "rotated:worksuntil" in revoked.replace(" ", "")
     assert max(len(line) for line in table.stdout.splitlines()) <= columns
