@@ -47,7 +47,7 @@ from selfie_lora.errors import (
     NoModelError,
     SelfieLoraError,
 )
-from selfie_lora.logs import setup_logging
+from selfie_lora.logs import logging_setup, setup_logging
 from selfie_lora.outputs import write_whole
 
 if TYPE_CHECKING:
@@ -87,6 +87,15 @@ users_app.add_typer(keys_app, name="keys")
 app.add_typer(generations_app, name="generations")
 
 
+# The commands that log their INFO lines on stderr: those that run until stopped (their log is
+# what an operator reads) and those that train or load a model (the lines are their progress:
+# a training's steps, a pipeline loading for minutes). Every other command is one-shot and says
+# what it did in its own words: the services' INFO lines (cancel's 'training X: cancel
+# requested of its worker' before its own line, a migration's) were noise there, shown with -v.
+# A JSON log (SELFIE_LORA_LOG_FORMAT=json) is a collector's, which filters itself: INFO always.
+LOGGING_COMMANDS = frozenset({"serve", "worker", "train", "resume", "generate", "demo"})
+
+
 @app.callback(invoke_without_command=True)
 def _main(ctx: typer.Context, verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="Debug-level log lines on standard error, and the import-time "
@@ -96,8 +105,17 @@ def _main(ctx: typer.Context, verbose: Annotated[bool, typer.Option(
         log_format = get_settings().log_format
     except ValueError:
         log_format = "text"  # the settings' own error is reported by the command that reads them
-    setup_logging(log_format=log_format, verbose=verbose)
+    setup_logging(log_format=log_format, verbose=verbose,
+                  quiet=log_format == "text" and ctx.invoked_subcommand not in LOGGING_COMMANDS)
     _help_when_bare(ctx)
+
+
+def _one_shot() -> None:
+    """A command of ``LOGGING_COMMANDS`` that does not wait this time (``train --no-wait``):
+    its INFO lines quiet, as a one-shot command's are."""
+    configured = logging_setup()
+    if configured is not None and configured[0] == "text":
+        setup_logging(log_format="text", verbose=configured[1], quiet=True)
 
 
 def _settings(*, code: int = 1) -> Settings:
@@ -746,6 +764,8 @@ def train(
     """Upload a folder or zip of photos and (re)train the user's model."""
     if wait:
         _hold_home(ctx)
+    else:
+        _one_shot()
     with _terminate_as_interrupt(), opened() as services:
         owner = services.users.get_by_name(name=user)
         # Before the photos go into the storage and a training is queued: not into another
@@ -833,6 +853,8 @@ def resume(
     """Continue a canceled local training from its last checkpoint (as a new training)."""
     if wait:
         _hold_home(ctx)
+    else:
+        _one_shot()
     with _terminate_as_interrupt(), opened() as services:
         owner = services.users.get_by_name(name=user)
         services.operations.bind_deployment()  # as train: before a training is queued

@@ -169,18 +169,21 @@ def json_formatter() -> logging.Formatter:
 
 # What ``setup_logging`` was last asked for in this process (None: never): handed to the
 # processes this one starts whose logging nothing else sets up (the photo-analysis workers).
-_configured: tuple[LogFormat, bool] | None = None
+_configured: tuple[LogFormat, bool, bool] | None = None
 
 
-def logging_setup() -> tuple[LogFormat, bool] | None:
-    """The ``(log_format, verbose)`` this process's logging was set up with, if it was."""
+def logging_setup() -> tuple[LogFormat, bool, bool] | None:
+    """The ``(log_format, verbose, quiet)`` this process's logging was set up with, if it was."""
     return _configured
 
 
-def setup_logging(*, log_format: LogFormat = "text", verbose: bool = False) -> None:
-    """One handler on the root logger, on standard error; replaces what was there."""
+def setup_logging(*, log_format: LogFormat = "text", verbose: bool = False,
+                  quiet: bool = False) -> None:
+    """One handler on the root logger, on standard error; replaces what was there. Lines from
+    INFO up; from WARNING up when ``quiet`` (a one-shot command, which says what it did in its
+    own words); from DEBUG up when ``verbose``, quiet or not."""
     global _configured
-    _configured = (log_format, verbose)
+    _configured = (log_format, verbose, quiet)
     handler = logging.StreamHandler()
     handler.addFilter(TrainingIdFilter())
     if not verbose:
@@ -193,7 +196,7 @@ def setup_logging(*, log_format: LogFormat = "text", verbose: bool = False) -> N
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in NOISY_IMPORT_LOGGERS:

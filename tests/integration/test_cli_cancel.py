@@ -110,3 +110,21 @@ def test_cancel_refuses_a_training_that_is_not_the_user_s(services: Services, an
     code, said = run("no-such-id", "--user", "ann")
     assert (code, said) == (1, "error: no such training")
     assert run("--user", "nobody")[0] == 1
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_one_shot_command_s_info_lines_are_shown_with_v_only(
+        services: Services, ann: User, verbose: bool) -> None:
+    # `selfie-lora cancel` printed '... INFO ...: training X: cancel requested of its worker'
+    # on stderr before its own line: a service's INFO line, where the command says what it did.
+    training = queued(services, ann)
+    now = utcnow()
+    services.repo.save_training(dataclasses.replace(
+        training, status=TrainingStatus.PROCESSING, started_at=now, lease_owner="otherhost/w1",
+        lease_expires_at=now + timedelta(minutes=5), heartbeat_at=now))
+    result = CliRunner().invoke(cli.app, [*(["-v"] if verbose else []), "cancel", training.id,
+                                          "--user", "ann"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"training {training.id} of ann: Canceling the training")
+    assert ("cancel requested of its worker" in result.stderr) is verbose, result.stderr
+    assert (" INFO " in result.stderr) is verbose, result.stderr

@@ -190,6 +190,8 @@ def test_train_no_wait_says_a_serve_or_worker_must_run_for_it_to_train(
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())  # rich wraps long lines
     assert "first training" in said
+    # It waits for nothing: one-shot, its words only (a waiting train logs its progress).
+    assert " INFO " not in result.stderr, result.stderr
     assert ("queued: a `selfie-lora serve` or `selfie-lora worker` running on these settings "
             "trains it in its turn (if none runs, start one); follow it on the Train page or "
             "with GET /api/training/progress") in said

@@ -148,6 +148,9 @@ def test_a_command_that_makes_a_new_data_folder_says_where(
         said = made.stderr.replace("\n", "")
         assert f"made a new data folder, {tmp_path.resolve() / '.selfie-lora'}" in said
         assert "with the same SELFIE_LORA_HOME" in said
+        # The migration's INFO line ('created the database schema ...') is a server's: a
+        # one-shot command says the new folder in its own words only (-v shows the rest).
+        assert " INFO " not in made.stderr, made.stderr
         again = runner.invoke(app, ["users", "create", "bob"])
         assert again.exit_code == 0, again.output
         assert "new data folder" not in again.output
@@ -173,6 +176,8 @@ def test_a_server_or_worker_that_makes_a_new_data_folder_says_where(
     said = first.stderr.replace("\n", "")
     assert f"selfie-lora: made a new data folder, {home.resolve()}" in said
     assert "with the same SELFIE_LORA_HOME" in said
+    # A server's log is what its operator reads: its INFO lines stay.
+    assert " INFO selfie_lora.adapters.db.migrate: created the database schema" in said
     again = runner.invoke(app, command)
     assert again.exit_code == 0, again.output
     assert "new data folder" not in again.output

@@ -136,14 +136,14 @@ _worker_analyzer: FaceAnalyzer | None = None
 
 
 def _init_worker(factory: AnalyzerFactory, service_pid: int,
-                 log_setup: tuple[LogFormat, bool] | None = None) -> None:
+                 log_setup: tuple[LogFormat, bool, bool] | None = None) -> None:
     # Ctrl-C at a terminal reaches these processes too: the service decides what stops (a
     # KeyboardInterrupt here only printed a traceback per process and broke the pool).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if log_setup is not None:
         # The service's log format: a line of this process (the lifeline's, after the service
         # was killed) was logging's bare fallback, plain text in a JSON log.
-        setup_logging(log_format=log_setup[0], verbose=log_setup[1])
+        setup_logging(log_format=log_setup[0], verbose=log_setup[1], quiet=log_setup[2])
     # Forked by the fork server, which lives as long as its children do: watch the service
     # itself, and end with it, even after kill -9.
     exit_with(service_pid)
