@@ -678,6 +678,13 @@ class Settings(BaseSettings):
         return self.public_url.rstrip("/") if self.public_url else ""
 
     @property
+    def root_path(self) -> str:
+        """The prefix the service is reached under, from SELFIE_LORA_PUBLIC_URL's path
+        (``https://example.com/sl``: ``/sl``; none: nothing): the server's ASGI root path, for a
+        proxy that serves the app under it and strips it on the way in."""
+        return urlsplit(self.public_url).path.rstrip("/") if self.public_url else ""
+
+    @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / DATABASE_FILE).resolve()}"
 

@@ -12,16 +12,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.api.app import create_app
+from selfie_lora.api.server import uvicorn_options
 from selfie_lora.config import Settings
 from selfie_lora.errors import ConfigError
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
-from tests.conftest import auth, make_settings, wait_terminal
+from tests.conftest import auth, make_settings, one_person_analyzer, wait_terminal
 from tests.support.photos import photo_zip
+from tests.support.served import served
 
 
 def trained(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
@@ -303,12 +306,80 @@ def test_a_trailing_slash_is_redirected_to_the_same_host_and_root_path(
             assert r.status_code == 307, (method, path)
             # old code: https://internal:8000... with a Host of another, http://... behind TLS
             assert r.headers["location"] == f"{root}{path.rstrip('/')}{query}", (method, path)
-        if not root:  # under a root path the guard takes /selfie/api/... for a page (is_page)
-            created = c.post("/api/keys/", json={"name": "ci"}, headers=headers,
-                             follow_redirects=True)
-            assert created.status_code == 201  # its body went with the POST sent again
-            assert created.url == "https://selfie.example/api/keys"
+        created = c.post(f"{root}/api/keys/", json={"name": "ci"}, headers=headers,
+                         follow_redirects=True)
+        assert created.status_code == 201  # its body went with the POST sent again
+        assert created.url == f"https://selfie.example{root}/api/keys"
         for path in ("//api/model", "/nothing/", "//nothing/", f"/{'%2F'}nothing/"):
             r = c.get(f"https://selfie.example{root}{path}", headers=headers,
                       follow_redirects=False)
             assert r.status_code == 404, path
+
+
+def test_the_api_answers_under_a_root_path(settings: Settings, services: Services) -> None:
+    """Served under a prefix (uvicorn --root-path /sl), GET /sl/api/keys with a valid key was a
+    401 HTML page: the guard and is_page read the path with the root path on, so every API call
+    was taken for a page and its key never read (found in review). Now every decision by path
+    reads it without the root path (api.paths.app_path), as the router matches it."""
+    headers = auth(services, "ann")
+    with TestClient(create_app(settings, services=services, run_worker=False),
+                    root_path="/sl", raise_server_exceptions=False) as c:
+        keys = c.get("/sl/api/keys", headers=headers)
+        assert keys.status_code == 200, keys.text  # old code: 401 text/html
+        assert [k["name"] for k in keys.json()["keys"]] == ["default"]
+        refused = c.get("/sl/api/keys")
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "unauthorized"
+        assert refused.headers["www-authenticate"] == "Bearer"
+        missing = c.get("/sl/api/model", headers=headers)
+        assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
+        wrong = c.delete("/sl/api/model", headers=headers)
+        assert wrong.status_code == 405
+        assert wrong.headers["allow"] == "GET, HEAD, PATCH"
+        assert wrong.json()["error"]["code"] == "method_not_allowed"
+        assert "content-security-policy" not in keys.headers  # the pages' headers, not JSON's
+        assert c.get("/sl/healthz").json() == {"status": "ok"}
+        assert c.get("/sl/openapi.json").json()["info"]["title"] == "selfie-lora"
+        style = c.get("/sl/static/style.css")
+        assert style.status_code == 200
+        assert style.headers["content-type"].startswith("text/css")
+        assert c.get("/sl/static/nothing.css").status_code == 404
+
+
+def test_the_urls_of_answers_carry_the_root_path(settings: Settings,
+                                                 services: Services) -> None:
+    """Without SELFIE_LORA_PUBLIC_URL the URLs in answers are paths: /api/... led outside an
+    app served under /sl. They start with the root path now, and lead to what they name."""
+    headers = auth(services, "ann")
+    with TestClient(create_app(settings, services=services, run_worker=True),
+                    root_path="/sl", raise_server_exceptions=False) as c:
+        r = c.post("/sl/api/training/upload-zip", headers=headers,
+                   files={"file": ("p.zip", photo_zip(4), "application/zip")})
+        assert r.status_code == 202, r.text
+        wait_terminal(c, headers, r.json()["training"]["id"])
+        active = c.get("/sl/api/model", headers=headers).json()["active_version"]
+        assert active["weights_url"].startswith("/sl/api/model/versions/")  # old code: /api/...
+        assert c.get(active["weights_url"], headers=headers).status_code == 200
+
+
+def test_served_under_the_public_url_s_path_the_api_answers(tmp_path: Path) -> None:
+    """`selfie-lora serve` had no way to be served under a prefix. SELFIE_LORA_PUBLIC_URL's path
+    is uvicorn's root path now (api.server.uvicorn_options): behind a proxy that strips /sl, a
+    request for /api/keys is the app's /sl/api/keys, and is answered as the API."""
+    settings = make_settings(tmp_path, public_url="https://lora.example/sl/")
+    options = uvicorn_options(settings)
+    assert options["root_path"] == "/sl"  # old code: KeyError
+    svc = build_services(settings, trainers={"local": FakeTrainer()},
+                         face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()})
+    try:
+        headers = auth(svc, "ann")
+        app = create_app(settings, services=svc, run_worker=False)
+        with served(app, root_path=options["root_path"]) as running, \
+                httpx.Client(base_url=running.base_url) as http:
+            keys = http.get("/api/keys", headers=headers)  # the proxy took /sl off
+            assert keys.status_code == 200, keys.text
+            assert http.get("/api/keys").json()["error"]["code"] == "unauthorized"
+            assert http.get("/static/style.css").status_code == 200
+    finally:
+        svc.close()

@@ -34,14 +34,16 @@ class Served:
 
 
 @contextmanager
-def served(app: Any, *, graceful_s: float = 10.0) -> Iterator[Served]:
+def served(app: Any, *, graceful_s: float = 10.0, root_path: str = "") -> Iterator[Served]:
     """``app`` served as ``api.server`` serves it (the guarded protocol), with ``graceful_s`` of
-    graceful shutdown; stopped after the block unless the block stopped it."""
+    graceful shutdown, under ``root_path`` (uvicorn's --root-path: the path a proxy stripped);
+    stopped after the block unless the block stopped it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     # log_config None: uvicorn's lines reach the root logger, so pytest's caplog sees them.
     config = uvicorn.Config(app, log_level="warning", log_config=None,
-                            http=guarded_protocol(10.0), timeout_graceful_shutdown=graceful_s)
+                            http=guarded_protocol(10.0), timeout_graceful_shutdown=graceful_s,
+                            root_path=root_path)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -31,6 +31,7 @@ from selfie_lora.api.error_body import error_response
 from selfie_lora.api.guard import UPLOAD_PATHS, WEB_UPLOAD_PATHS, Guard, Limits, guard_answered
 from selfie_lora.api.head import HeadAsGet, allow_with_head
 from selfie_lora.api.observe import HttpMetrics
+from selfie_lora.api.paths import app_path
 from selfie_lora.api.server_errors import report_server_error, retry_after_header
 from selfie_lora.api.slashes import SlashRedirect
 from selfie_lora.api.stopping import ServerStopping
@@ -239,7 +240,7 @@ def create_app(
     async def _domain_error(request: Request, exc: SelfieLoraError) -> Response:
         if isinstance(exc, ClientGoneError):  # nobody receives it: no page, no error counted
             return Response(status_code=exc.http_status)
-        if is_page(request.url.path):
+        if is_page(app_path(request.scope)):
             return await in_thread(lambda: page_error_response(web, request, exc))
         count(request, exc.code)
         if exc.http_status >= 500:
@@ -254,7 +255,7 @@ def create_app(
 
     async def _guard_error(request: Request, exc: SelfieLoraError) -> Response:
         """The guard's lookup failed (the database down): answered as a route's error."""
-        if is_page(request.url.path):  # outside SecurityHeaders: this sets them
+        if is_page(app_path(request.scope)):  # outside SecurityHeaders: this sets them
             return await in_thread(lambda: unexpected_page_error(web, request, exc))
         return await _domain_error(request, exc)
 
@@ -263,7 +264,7 @@ def create_app(
         details = [
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
         ]
-        if request.url.path in UPLOAD_PATHS:
+        if app_path(request.scope) in UPLOAD_PATHS:
             nameless = [d["loc"] for d in details if d["loc"][:2] in (["body", "files"],
                                                                       ["body", "file"])
                         and "Expected UploadFile" in d["msg"]]
@@ -274,7 +275,7 @@ def create_app(
                 count(request, ErrorCode.INVALID_REQUEST)
                 return error_response(422, ErrorCode.INVALID_REQUEST,
                               training.nameless_part(request.url.path, part), details)
-        if is_page(request.url.path):
+        if is_page(app_path(request.scope)):
             message = form_problem(list(exc.errors()))
             return await in_thread(lambda: web.error_page(request, 422, message,
                                                           ErrorCode.INVALID_REQUEST))
@@ -283,20 +284,20 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        if (exc.status_code == 400 and request.url.path in UPLOAD_PATHS
+        if (exc.status_code == 400 and app_path(request.scope) in UPLOAD_PATHS
                 and str(exc.detail).startswith("Part exceeded maximum size")):
             # The form parser's refusal of a text field over 1 MB: on the upload routes the
             # only text field is ``start``, so this is a photo sent without a filename.
             count(request, ErrorCode.INVALID_REQUEST)
             return error_response(422, ErrorCode.INVALID_REQUEST,
                           training.nameless_part(request.url.path, "a part of the upload"), [])
-        if exc.status_code == 400 and request.url.path in UPLOAD_PATHS | WEB_UPLOAD_PATHS:
+        if exc.status_code == 400 and app_path(request.scope) in UPLOAD_PATHS | WEB_UPLOAD_PATHS:
             # The form parser's limit of 1000 files or fields: a well-made upload of too many
             # files, refused as the intake refuses 201 (422 too_many_members, or its page).
             refused = too_many_parts(str(exc.detail), limits=svc.intake.limits)
             if refused is not None:
                 return await _domain_error(request, refused)
-        if exc.status_code == 400 and not is_page(request.url.path):
+        if exc.status_code == 400 and not is_page(app_path(request.scope)):
             # FastAPI's and Starlette's one 400: a body that could not be parsed at all (JSON
             # that is not UTF-8 or repeats a key, api.json_body; broken multipart framing). A
             # JSON syntax error is already 422 invalid_request, the status every route with a
@@ -308,7 +309,8 @@ def create_app(
             exc.status_code, ErrorCode.HTTP_ERROR)
         server = (report_server_error(exc, method=request.method, path=request.url.path)
                   if exc.status_code >= 500 else None)
-        if is_page(request.url.path) and not request.url.path.startswith("/static/"):
+        path = app_path(request.scope)
+        if is_page(path) and not path.startswith("/static/"):
             allow = (exc.headers or {}).get("Allow", "")
             back = None
             if exc.status_code == 405:
@@ -338,7 +340,7 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        if is_page(request.url.path):
+        if is_page(app_path(request.scope)):
             return await in_thread(lambda: unexpected_page_error(web, request, exc))
         answer = report_server_error(exc, method=request.method, path=request.url.path)
         count(request, ErrorCode.INTERNAL_ERROR)

@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from selfie_lora.api.guard import bearer, user_of
+from selfie_lora.api.paths import root_path
 from selfie_lora.api.stopping import GENERATION_CHECK, UPLOAD_CHECK, track
 from selfie_lora.domain.entities import User
 from selfie_lora.errors import (
@@ -65,9 +66,18 @@ async def services(request: Request) -> Services:
     return svc
 
 
+async def url_base(request: Request) -> str:
+    """What the URLs of an answer start with: SELFIE_LORA_PUBLIC_URL, else the root path the
+    app is served under (``/sl``, or nothing), so that a path in an answer leads to this app
+    behind a prefix as well (``/api/...`` alone led outside it)."""
+    svc: Services = request.app.state.services
+    return svc.settings.public_url_base or root_path(request.scope)
+
+
 UserDep = Annotated[User, Depends(current_user)]
 ServicesDep = Annotated[Services, Depends(services)]
 ApiKeyDep = Annotated[str | None, Depends(current_api_key)]
+UrlBaseDep = Annotated[str, Depends(url_base)]
 T = TypeVar("T")
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.answers import Generated, GenerationsPage, answers
-from selfie_lora.api.deps import ServicesDep, UserDep, finished
+from selfie_lora.api.deps import ServicesDep, UrlBaseDep, UserDep, finished
 from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import (
     NOT_FOUND,
@@ -31,7 +31,7 @@ router = APIRouter(prefix="/api", tags=["generation"], route_class=JsonBodyRoute
     422: (E.INVALID_REQUEST, E.NO_VERSION, E.NO_REMOTE_VERSION, E.VERSION_MISMATCH,
           E.INVALID_PROMPT, E.EMPTY_PROMPT, E.UNSTORABLE_TEXT, E.UNSUPPORTED_WEIGHTS),
     429: (E.TOO_MANY_GENERATIONS,), 502: (E.GENERATION_FAILED,)}, body=True) | answers(Generated))
-async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
+async def generate(user: UserDep, svc: ServicesDep, base: UrlBaseDep, body: GenerateBody,
                    http: Request) -> dict[str, Any]:
     """429 ``too_many_generations`` (with Retry-After) when the user already has
     SELFIE_LORA_MAX_GENERATIONS_PER_USER generations in flight on this server process."""
@@ -44,18 +44,17 @@ async def generate(user: UserDep, svc: ServicesDep, body: GenerateBody,
     generation = await finished(
         svc.generation.submit(user=user, request=request, client_gone=gone), http,
         client_gone=gone)
-    return {"generation": generation_json(generation, base=svc.settings.public_url_base)}
+    return {"generation": generation_json(generation, base=base)}
 
 
 @router.get("/generations", responses=errors({
     404: (E.NOT_FOUND,), 422: (E.INVALID_REQUEST, E.INVALID_INPUT)}) | answers(GenerationsPage))
-def generations(user: UserDep, svc: ServicesDep, limit: int = HISTORY_PAGE,
+def generations(user: UserDep, svc: ServicesDep, base: UrlBaseDep, limit: int = HISTORY_PAGE,
                 before: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
     """The user's generations, newest first, a page at a time: ``older`` is the next page's
     ``before`` (a position, which holds when that generation is deleted between pages). The
     gallery was the only list and showed the 50 newest, whatever was stored."""
     page = svc.generation.page(user=user, limit=limit, before=before)
-    base = svc.settings.public_url_base
     return {"generations": [generation_json(g, base=base) for g in page.generations],
             "older": page.older}
 

@@ -41,6 +41,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from selfie_lora.api.paths import app_path
 from selfie_lora.dataset.limits import byte_size
 from selfie_lora.domain.entities import User
 from selfie_lora.errors import AuthError, ErrorCode, ForbiddenError, SelfieLoraError
@@ -116,7 +117,8 @@ class Guard:
         if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        path: str = scope["path"]
+        # Its root path off (``api.paths``): /sl/api/keys is the API's, not a page.
+        path = app_path(scope)
         if path.startswith("/api/") and not path.startswith(WEBHOOK_PATH):
             key = bearer(scope)
             user = self._remembered(key) if self._remembered is not None else None
@@ -186,7 +188,7 @@ class Guard:
     async def _refuse(self, scope: Scope, send: Send, status: int, code: ErrorCode, message: str,
                       *, bearer: bool = True) -> None:
         """The guard's answer: a page on a page's path, else the API's JSON error."""
-        if self._page is None or not self._on_page(scope["path"]):
+        if self._page is None or not self._on_page(app_path(scope)):
             await _answer(send, status, code, message, bearer=bearer)
             return
         response = await run_in_threadpool(self._page, Request(scope), status, code,

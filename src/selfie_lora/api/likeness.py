@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.answers import Comparison, answers
-from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
+from selfie_lora.api.deps import ServicesDep, UrlBaseDep, UserDep, in_thread
 from selfie_lora.api.downloads import chart_answer
 from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, binary, errors, picture
@@ -18,10 +18,10 @@ router = APIRouter(prefix="/api/model", tags=["likeness"], route_class=JsonBodyR
 
 
 @router.get("/versions/{version_id}/quality", responses=errors(NOT_FOUND))
-def version_likeness(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]:
+def version_likeness(user: UserDep, svc: ServicesDep, base: UrlBaseDep, version_id: str) -> dict[str, Any]:
     report = svc.likeness.report(user=user, version_id=version_id)
     return likeness_json(report.version, report.record, report.baseline,
-                         base=svc.settings.public_url_base)
+                         base=base)
 
 
 @router.get("/versions/{version_id}/quality/probes/{index}",
@@ -34,12 +34,12 @@ def probe_image(user: UserDep, svc: ServicesDep, version_id: str, index: int) ->
 
 @router.get("/compare", responses=errors(
     {**NOT_FOUND, 422: (E.NOTHING_TO_COMPARE, E.SAME_VERSION)}) | answers(Comparison))
-def compare(user: UserDep, svc: ServicesDep, a: str | None = None,
+def compare(user: UserDep, svc: ServicesDep, base: UrlBaseDep, a: str | None = None,
             b: str | None = None) -> dict[str, Any]:
     """Version ``a`` against ``b`` probe by probe (ids or numbers; defaults: the newest version
     against the one the gate compared it with)."""
     return comparison_json(svc.likeness.compare(user=user, a=a, b=b),
-                           base=svc.settings.public_url_base)
+                           base=base)
 
 
 @router.get("/compare/grid.png", responses=errors(

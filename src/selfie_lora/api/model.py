@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.answers import ModelAnswer, PatchedModelAnswer, Versions, answers
-from selfie_lora.api.deps import ServicesDep, UserDep, in_thread
+from selfie_lora.api.deps import ServicesDep, UrlBaseDep, UserDep, in_thread
 from selfie_lora.api.downloads import weights_response
 from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import NOT_FOUND, WEIGHTS_ANSWERS, E, ModelPatch, errors
@@ -24,22 +24,22 @@ WEIGHTS_ERRORS = errors({**NOT_FOUND, 409: (E.WEIGHTS_MISSING,),
                          422: (E.INVALID_REQUEST, E.UNSUPPORTED_WEIGHTS)}) | WEIGHTS_ANSWERS
 
 
-def model_of(svc: Services, user: Any) -> dict[str, Any]:
-    return overview_json(svc.models.overview(user=user), base=svc.settings.public_url_base)
+def model_of(svc: Services, user: Any, *, base: str) -> dict[str, Any]:
+    return overview_json(svc.models.overview(user=user), base=base)
 
 
 @router.get("", responses=errors(NOT_FOUND) | answers(ModelAnswer))
-async def get_model(user: UserDep, svc: ServicesDep) -> dict[str, Any]:
+async def get_model(user: UserDep, svc: ServicesDep, base: UrlBaseDep) -> dict[str, Any]:
     # async with one trip to the thread pool: a plain ``def`` route makes two (FastAPI checks
     # the answer of a sync route in the pool too), and this is the API's most frequent read.
-    return await in_thread(lambda: model_of(svc, user))
+    return await in_thread(lambda: model_of(svc, user, base=base))
 
 
 @router.patch("", responses=errors({
     **NOT_FOUND, 403: (E.TRAINER_NOT_ALLOWED,),
     422: (E.INVALID_REQUEST, E.EMPTY_PATCH, E.INVALID_LORA_SCALE, E.INVALID_TRAINER_VERSION,
           E.REASON_REQUIRED)}, body=True) | answers(PatchedModelAnswer))
-def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, Any]:
+def patch_model(user: UserDep, svc: ServicesDep, base: UrlBaseDep, body: ModelPatch) -> dict[str, Any]:
     """Change the LoRA scale (null: back to the default, no longer custom) or (with a reason)
     the trainer version. The answer is the model, with ``photos_need_upload_again`` (and
     ``notice``, the sentence) true when the new trainer version trains at more pixels than the
@@ -59,18 +59,17 @@ def patch_model(user: UserDep, svc: ServicesDep, body: ModelPatch) -> dict[str, 
     # when the next start is refused.
     notice = (svc.training.photos_to_upload_again(user=user)
               if body.trainer_version is not None else None)
-    return {**overview_json(changed, base=svc.settings.public_url_base),
+    return {**overview_json(changed, base=base),
             "photos_need_upload_again": notice is not None, "notice": notice}
 
 
 @router.get("/versions", responses=errors({422: (E.INVALID_REQUEST, E.INVALID_INPUT)})
             | answers(Versions))
-def versions(user: UserDep, svc: ServicesDep, limit: int | None = None,
+def versions(user: UserDep, svc: ServicesDep, base: UrlBaseDep, limit: int | None = None,
              before: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
     """Every version, newest first; ``limit`` (optional, 1 to 200): a page of them, those
     numbered below ``before`` (the ``older`` of the page before)."""
     page = svc.models.versions_page(user=user, limit=limit, before=before)
-    base = svc.settings.public_url_base
     return {"versions": [version_json(v, record, base=base) for v, record in page.versions],
             "older": page.older}
 
@@ -78,11 +77,11 @@ def versions(user: UserDep, svc: ServicesDep, limit: int | None = None,
 @router.post("/versions/{version_id}/activate", responses=errors(
     {**NOT_FOUND, 409: (E.WEIGHTS_MISSING, E.BASE_MODEL_MISMATCH)}, body=True)
     | answers(ModelAnswer))
-def activate(user: UserDep, svc: ServicesDep, version_id: str) -> dict[str, Any]:
+def activate(user: UserDep, svc: ServicesDep, base: UrlBaseDep, version_id: str) -> dict[str, Any]:
     """Rollback or roll forward; ``version_id`` is an id or a number (``2``, ``v2``)."""
     # The model as the activation left it, not read again (another activation may follow).
     return overview_json(svc.models.activate(user=user, version_id=version_id),
-                         base=svc.settings.public_url_base)
+                         base=base)
 
 
 @router.get("/versions/{version_id}/weights", responses=WEIGHTS_ERRORS,

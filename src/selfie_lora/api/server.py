@@ -125,6 +125,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         # Whose X-Forwarded-For/-Proto are believed (None: uvicorn's FORWARDED_ALLOW_IPS, else
         # 127.0.0.1 and ::1): the client address the sign-in limits count, and the scheme.
         "forwarded_allow_ips": settings.forwarded_allow_ips,
+        # Served under SELFIE_LORA_PUBLIC_URL's path (a proxy strips it): uvicorn puts it back
+        # in front of each request's path and in the scope's root_path (api.paths).
+        "root_path": settings.root_path,
     }
 
 

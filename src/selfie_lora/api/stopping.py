@@ -26,6 +26,7 @@ from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.api.error_body import error_response
+from selfie_lora.api.paths import app_path
 from selfie_lora.errors import ErrorCode
 from selfie_lora.services.operations import OperationsService
 
@@ -139,7 +140,7 @@ class ServerStopping:
                                method, path, code)
             self._operations.record_error(code=code)
             response: Response
-            if self._is_page(path):
+            if self._is_page(app_path(scope)):
                 response = self._page(Request(scope), 503, message, code)
             else:
                 response = error_response(503, code, message)

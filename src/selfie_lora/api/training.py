@@ -8,7 +8,14 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
 from selfie_lora.api.answers import Canceled, Progress, Started, Uploaded, answers
-from selfie_lora.api.deps import ServicesDep, UserDep, in_intake, in_thread, upload_slot
+from selfie_lora.api.deps import (
+    ServicesDep,
+    UrlBaseDep,
+    UserDep,
+    in_intake,
+    in_thread,
+    upload_slot,
+)
 from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.model import model_of
 from selfie_lora.api.schemas import (
@@ -35,20 +42,20 @@ from selfie_lora.wiring import Services
 router = APIRouter(prefix="/api/training", tags=["training"], route_class=JsonBodyRoute)
 
 
-def view_json(svc: Services, view: TrainingView) -> dict[str, Any]:
+def view_json(view: TrainingView, *, base: str) -> dict[str, Any]:
     # With its version once stored: the answer carries the likeness gate's state and reason.
     return training_json(view.training, view.version, view.samples,
-                         base=svc.settings.public_url_base)
+                         base=base)
 
 
-def upload_json(svc: Services, result: UploadResult) -> dict[str, Any]:
+def upload_json(svc: Services, result: UploadResult, *, base: str) -> dict[str, Any]:
     """Blocking: the model's and the training's state (the database, the samples' listing)."""
     overview = svc.models.overview_of(result.model) if result.model else None
     return {
         "dataset": dataset_json(result.dataset),
-        "training": (view_json(svc, svc.training.view(result.training)) if result.training
+        "training": (view_json(svc.training.view(result.training), base=base) if result.training
                      else None),
-        "model": (overview_json(overview, base=svc.settings.public_url_base)
+        "model": (overview_json(overview, base=base)
                   if overview else None),
     }
 
@@ -93,7 +100,7 @@ async def spooled_size(file: UploadFile) -> int:
     {**UPLOAD_ERRORS, 422: (E.INVALID_REQUEST, E.DATASET_REJECTED, *ARCHIVE_CODES)})
     | answers(Uploaded, 202))
 async def upload_zip(
-    user: UserDep, svc: ServicesDep, request: Request,
+    user: UserDep, svc: ServicesDep, request: Request, base: UrlBaseDep,
     file: Annotated[UploadFile, File(description="A zip of photos.")],
     start: Annotated[bool, Form(description="Also start a training on them.")] = True,
 ) -> dict[str, Any]:
@@ -102,14 +109,14 @@ async def upload_zip(
         data = await read_capped(file, limit=allowed, allowed=allowed)
         # The answer in the same trip off the event loop: it reads the database and the storage.
         return await in_intake(request, lambda: upload_json(
-            svc, svc.training.upload_zip(user=user, data=data, start=start)))
+            svc, svc.training.upload_zip(user=user, data=data, start=start), base=base))
 
 
 @router.post("/upload", status_code=202, responses=errors(
     {**UPLOAD_ERRORS, 422: (E.INVALID_REQUEST, E.DATASET_REJECTED, *SENT_FILES_CODES)})
     | answers(Uploaded, 202))
 async def upload_files(
-    user: UserDep, svc: ServicesDep, request: Request,
+    user: UserDep, svc: ServicesDep, request: Request, base: UrlBaseDep,
     files: Annotated[list[UploadFile], File(description="Photos, one part each.")],
     start: Annotated[bool, Form(description="Also start a training on them.")] = True,
     names: Annotated[list[str] | None, Form(description=(
@@ -135,50 +142,51 @@ async def upload_files(
                                  for name, upload in zip(raw_names, files, strict=True)]
         return await in_intake(request, lambda: upload_json(
             svc, svc.training.upload_files(user=user, files=named, start=start,
-                                           form_escaped=escaped)))
+                                           form_escaped=escaped), base=base))
 
 
-def started_json(svc: Services, user: Any, result: StartResult) -> dict[str, Any]:
-    return {"training": view_json(svc, svc.training.view(result.training)),
-            "model": model_of(svc, user)}
+def started_json(svc: Services, user: Any, result: StartResult, *,
+                 base: str) -> dict[str, Any]:
+    return {"training": view_json(svc.training.view(result.training), base=base),
+            "model": model_of(svc, user, base=base)}
 
 
 @router.post("/start", status_code=202, responses=errors(
     {**NOT_FOUND, 409: STARTS_CONFLICTS, 422: (E.INVALID_REQUEST, E.NO_DATASET)}, body=True)
     | answers(Started, 202))
-def start_training(user: UserDep, svc: ServicesDep,
+def start_training(user: UserDep, svc: ServicesDep, base: UrlBaseDep,
                    body: StartBody | None = None) -> dict[str, Any]:
     result = svc.training.start(user=user, dataset_id=body.dataset_id if body else None)
-    return started_json(svc, user, result)
+    return started_json(svc, user, result, base=base)
 
 
 @router.post("/resume", status_code=202, responses=errors(
     {**NOT_FOUND, 409: (E.NOT_RESUMABLE, *STARTS_CONFLICTS), 422: (E.INVALID_REQUEST,)},
     body=True) | answers(Started, 202))
-def resume_training(user: UserDep, svc: ServicesDep, body: ResumeBody) -> dict[str, Any]:
+def resume_training(user: UserDep, svc: ServicesDep, base: UrlBaseDep, body: ResumeBody) -> dict[str, Any]:
     """A canceled training continues from its last checkpoint, as a new training."""
     result = svc.training.resume(user=user, training_id=body.training_id)
-    return started_json(svc, user, result)
+    return started_json(svc, user, result, base=base)
 
 
 @router.get("/progress", responses=errors(NOT_FOUND) | answers(Progress))
-async def progress(user: UserDep, svc: ServicesDep,
+async def progress(user: UserDep, svc: ServicesDep, base: UrlBaseDep,
                    training_id: str | None = None) -> dict[str, Any]:
     # Polled by every client that waits for a training: one trip to the thread pool, as
     # GET /api/model (api/model.py). An empty value (`?training_id=`, as a form or a template
     # leaves it) is the default, the latest training, not a training with no id.
     wanted = training_id or None
     return await in_thread(lambda: {
-        "training": view_json(svc, svc.training.progress(user=user, training_id=wanted)),
-        "model": model_of(svc, user)})
+        "training": view_json(svc.training.progress(user=user, training_id=wanted), base=base),
+        "model": model_of(svc, user, base=base)})
 
 
 @router.post("/cancel", responses=errors(
     {**NOT_FOUND, 422: (E.INVALID_REQUEST,)}, body=True) | answers(Canceled))
-def cancel(user: UserDep, svc: ServicesDep, body: CancelBody) -> dict[str, Any]:
+def cancel(user: UserDep, svc: ServicesDep, base: UrlBaseDep, body: CancelBody) -> dict[str, Any]:
     outcome = svc.training.cancel_with_outcome(user=user, training_id=body.training_id)
-    return {"training": view_json(svc, svc.training.view(outcome.training)),
-            "model": model_of(svc, user),
+    return {"training": view_json(svc.training.view(outcome.training), base=base),
+            "model": model_of(svc, user, base=base),
             "already_ended": outcome.already_ended, "message": outcome.message}
 
 

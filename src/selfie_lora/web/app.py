@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.api.head import ran_for_head
+from selfie_lora.api.paths import app_path
 from selfie_lora.api.server_errors import report_server_error, retry_after_header
 from selfie_lora.domain.entities import User, WebSession
 from selfie_lora.domain.plan import lora_scale_text
@@ -81,6 +82,7 @@ _NOSNIFF = (("x-content-type-options", "nosniff"),)
 
 
 def is_page(path: str) -> bool:
+    """Whether ``path`` (without the root path: ``api.paths.app_path``) is the web app's."""
     return not path.startswith(API_PREFIXES)
 
 
@@ -468,9 +470,10 @@ class SecurityHeaders:
             await self._app(scope, receive, send)
             return
         added: tuple[tuple[str, str], ...]
-        if is_page(scope["path"]):
+        path = app_path(scope)
+        if is_page(path):
             added = SECURITY_HEADERS
-        elif scope["path"].startswith(f"{DOCS_STATIC}/"):
+        elif path.startswith(f"{DOCS_STATIC}/"):
             added = _NOSNIFF
         else:
             await self._app(scope, receive, send)
