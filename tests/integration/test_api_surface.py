@@ -362,6 +362,23 @@ def test_the_urls_of_answers_carry_the_root_path(settings: Settings,
         assert c.get(active["weights_url"], headers=headers).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["//api/model", "///api/keys", "//api//model"])
+def test_a_path_under_api_with_doubled_slashes_gets_the_api_s_json_404(
+        client: TestClient, services: Services, path: str) -> None:
+    """//api/model was answered with the pages' HTML 404 (is_page read it as a page: it does
+    not start with /api/), where an API client expects the API's JSON error (found in review).
+    Its runs of slashes are read as one now; no route takes it, so it stays a 404."""
+    for headers in ({}, auth(services, "ann")):
+        r = client.get(f"http://testserver{path}", headers=headers)
+        assert r.status_code == 404
+        assert r.headers["content-type"] == "application/json"  # old code: text/html
+        assert r.json()["error"]["code"] == "not_found"
+        assert "content-security-policy" not in r.headers
+    page = client.get("http://testserver//nothing")
+    assert page.status_code == 404
+    assert page.headers["content-type"].startswith("text/html")
+
+
 def test_served_under_the_public_url_s_path_the_api_answers(tmp_path: Path) -> None:
     """`selfie-lora serve` had no way to be served under a prefix. SELFIE_LORA_PUBLIC_URL's path
     is uvicorn's root path now (api.server.uvicorn_options): behind a proxy that strips /sl, a

@@ -4,6 +4,7 @@ CSRF, security headers and HTML error pages. The pages themselves are in ``web/p
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
@@ -79,11 +80,14 @@ API_PREFIXES = ("/api/", "/docs", "/redoc", "/openapi.json", "/healthz", "/ready
 
 
 _NOSNIFF = (("x-content-type-options", "nosniff"),)
+_SLASHES = re.compile("/{2,}")
 
 
 def is_page(path: str) -> bool:
-    """Whether ``path`` (without the root path: ``api.paths.app_path``) is the web app's."""
-    return not path.startswith(API_PREFIXES)
+    """Whether ``path`` (without the root path: ``api.paths.app_path``) is the web app's. Read
+    with its runs of slashes as one: no route takes ``//api/model``, and its 404 is the API's
+    JSON, as for any other path an API client sends under /api (it was an HTML page)."""
+    return not _SLASHES.sub("/", path).startswith(API_PREFIXES)
 
 
 @dataclass(frozen=True)
