@@ -668,6 +668,31 @@ def test_a_weights_download_resumes_with_a_range_and_answers_head(
     assert (head.headers["Content-Length"], head.headers["ETag"]) == (str(size), f'"{sha}"')
 
 
+def test_a_weights_download_the_client_holds_is_a_304(client: TestClient,
+                                                       services: Services) -> None:
+    """The download sent an ETag but ignored If-None-Match: a client holding the file (a
+    browser, a sync script) fetched the whole LoRA again (found in review). Now an
+    If-None-Match naming it (weakly, in a list, or *) is a 304 with the ETag and no body,
+    before any Range (RFC 9110 13.2.2); another tag: the file, or the range asked."""
+    h = auth(services, "ann")
+    done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+    url = done["model"]["active_version"]["weights_url"]
+    whole = client.get(url, headers=h)
+    etag = whole.headers["ETag"]
+    for held in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+        for extra in ({}, {"Range": "bytes=5-9"}, {"Range": "bytes=5-9", "If-Range": etag}):
+            r = client.get(url, headers={**h, "If-None-Match": held, **extra})
+            assert r.status_code == 304, (held, extra)  # old code: 200 (or 206), the bytes
+            assert r.content == b""
+            assert (r.headers["ETag"], r.headers["Cache-Control"]) == (etag, "private")
+        assert client.head(url, headers={**h, "If-None-Match": held}).status_code == 304
+    other = client.get(url, headers={**h, "If-None-Match": '"other"'})
+    assert (other.status_code, other.content) == (200, whole.content)
+    part = client.get(url, headers={**h, "If-None-Match": '"other"', "Range": "bytes=5-9",
+                                    "If-Range": etag})
+    assert (part.status_code, part.content) == (206, whole.content[5:10])
+
+
 def test_a_generation_picture_whose_file_is_gone_is_a_404_not_a_500(
         client: TestClient, services: Services) -> None:
     """The picture's file is gone from the storage (a restore without the blobs): its URL

@@ -2265,6 +2265,9 @@ def test_the_page_s_weights_download_answers_a_range_and_head(ann: TestClient,
     assert head.content == b""
     assert head.headers["content-length"] == str(len(whole.content))
     assert head.headers["etag"] == etag
+    held = ann.get(url, headers={"If-None-Match": etag})  # the browser holds it
+    assert held.status_code == 304  # before the If-None-Match fix: 200, the whole file
+    assert held.content == b""
 
 
 def test_the_scale_goes_back_to_the_default_from_the_generate_page(ann: TestClient,

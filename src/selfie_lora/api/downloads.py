@@ -53,12 +53,22 @@ async def chart_answer(request: Request, likeness: LikenessService, user: User) 
     return response
 
 
+def reads_a_part(request: Request) -> bool:
+    """Whether a download may send less than the whole file (a Range, or a 304 for an
+    If-None-Match): the stored file is then opened for its size alone, and read only as far as
+    the answer needs (``WeightsDownload.probe``)."""
+    return "range" in request.headers or "if-none-match" in request.headers
+
+
 def weights_response(download: WeightsDownload, *, range_header: str | None = None,
-                     if_range: str | None = None, head: bool = False) -> Response:
+                     if_range: str | None = None, if_none_match: str | None = None,
+                     head: bool = False) -> Response:
     """A version's LoRA file (the API and the web app answer the same way). A streamed file
     answers one byte range with 206 (a download cut off is resumed, not started again), and
     ``head`` the headers alone; its ETag is the file's SHA-256, so a range is never taken from
-    another version's file (``If-Range``)."""
+    another version's file (``If-Range``), and a client holding the file (``If-None-Match``
+    naming it, or ``*``) gets a 304 without its bytes. That comes first, Range or not (RFC 9110
+    13.2.2: a Range is only read once the preconditions hold)."""
     headers = {
         "Content-Disposition": f'attachment; filename="{download.filename}"',
         "X-Weights-SHA256": download.sha256,
@@ -71,6 +81,10 @@ def weights_response(download: WeightsDownload, *, range_header: str | None = No
     assert stream is not None
     etag = f'"{download.sha256}"'
     headers |= {"Accept-Ranges": "bytes", "ETag": etag}
+    held = held_tags(if_none_match)
+    if download.sha256 in held or "*" in held:
+        stream.close()
+        return Response(status_code=304, headers=headers)
     wanted = (_byte_range(range_header, stream.size)
               if range_header is not None and (if_range is None or if_range == etag) else None)
     if wanted == "unsatisfiable":

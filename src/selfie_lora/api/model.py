@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from selfie_lora.api.answers import ModelAnswer, PatchedModelAnswer, Versions, answers
 from selfie_lora.api.deps import ServicesDep, UrlBaseDep, UserDep, in_thread
-from selfie_lora.api.downloads import weights_response
+from selfie_lora.api.downloads import reads_a_part, weights_response
 from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import NOT_FOUND, WEIGHTS_ANSWERS, E, ModelPatch, errors
 from selfie_lora.api.serializers import overview_json, version_json
@@ -97,9 +97,9 @@ def weights(user: UserDep, svc: ServicesDep, version_id: str, http: Request,
     ``If-Range``) and HEAD with the headers GET would send."""
     return weights_response(
         svc.models.download_weights(user=user, version_id=version_id, weights_format=format,
-                                    for_range=http.headers.get("range") is not None),
+                                    for_range=reads_a_part(http)),
         range_header=http.headers.get("range"), if_range=http.headers.get("if-range"),
-        head=http.method == "HEAD")
+        if_none_match=http.headers.get("if-none-match"), head=http.method == "HEAD")
 
 
 @router.get("/log", responses=errors({**NOT_FOUND, 422: (E.INVALID_REQUEST, E.INVALID_INPUT)}))

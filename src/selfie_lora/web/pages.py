@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from selfie_lora.api.deps import finished, in_intake, in_thread, upload_slot
-from selfie_lora.api.downloads import chart_answer, weights_response
+from selfie_lora.api.downloads import chart_answer, reads_a_part, weights_response
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.dataset.limits import SentFile
@@ -873,9 +873,9 @@ def version_weights(request: Request, viewer: PageViewer, version_id: str) -> Re
     return weights_response(
         web.services.models.download_weights(
             user=viewer.user, version_id=version_id,
-            for_range=request.headers.get("range") is not None),
+            for_range=reads_a_part(request)),
         range_header=request.headers.get("range"), if_range=request.headers.get("if-range"),
-        head=request.method == "HEAD")
+        if_none_match=request.headers.get("if-none-match"), head=request.method == "HEAD")
 
 
 @router.get("/versions/compare/grid.png")
