@@ -47,7 +47,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -443,6 +443,10 @@ def embedded_worker(services: Services, *, threads: int = 1) -> Iterator[Worker]
         worker.stop()
 
 
+# What a worker's operator port serves, each to GET and HEAD alone.
+OPERATOR_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+
+
 class _OperatorHandler(BaseHTTPRequestHandler):
     """``GET /metrics``, ``/healthz`` and ``/readyz`` of a worker, which has no web app."""
 
@@ -480,6 +484,24 @@ class _OperatorHandler(BaseHTTPRequestHandler):
                          "application/json")
         else:
             self._answer(404, b'{"error": "not found"}', "application/json")
+
+    def __getattr__(self, name: str) -> Callable[[], None]:
+        # http.server answers a method without its do_<METHOD> with 501 "Unsupported method",
+        # as if the server did not know it; the API servers answer 405 and the methods the
+        # path takes. Every method but GET and HEAD, whatever its name, gets that here too.
+        if name.startswith("do_"):
+            return self._wrong_method
+        raise AttributeError(name)
+
+    def _wrong_method(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path not in OPERATOR_PATHS:
+            self._answer(404, b'{"error": "not found"}', "application/json")
+            return
+        # The body is never read: the connection is not used again (HTTP/1.0, http.server's).
+        self._answer(405, json.dumps({"error": {
+            "code": ErrorCode.METHOD_NOT_ALLOWED, "message": "Method Not Allowed",
+            "details": []}}).encode(), "application/json", headers={"Allow": "GET, HEAD"})
 
     def _answer(self, status: int, body: bytes, content_type: str,
                 headers: dict[str, str] | None = None) -> None:

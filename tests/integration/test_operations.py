@@ -392,6 +392,29 @@ def test_a_worker_s_probes_answer_head_as_get_without_a_body(tmp_path: Path) -> 
             worker.server_close()
 
 
+def test_a_worker_s_port_answers_other_methods_405_as_the_api_s_do(tmp_path: Path) -> None:
+    """POST (and PUT, DELETE, any method but GET and HEAD) to a worker's /metrics, /healthz or
+    /readyz answered http.server's 501 "Unsupported method" HTML, where the API servers answer
+    405 with Allow (found in review). Now the API's 405, JSON and Allow: GET, HEAD; a path the
+    port does not serve stays 404."""
+    with serving(make_settings(tmp_path)) as (client, svc):
+        worker = serve_operator_endpoints(svc.operations, host="127.0.0.1", port=0)
+        try:
+            base = f"http://127.0.0.1:{worker.server_address[1]}"
+            for path in ("/metrics", "/healthz", "/readyz?x=1"):
+                for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS", "BREW"):
+                    api = client.request(method, path)
+                    answer = httpx.request(method, base + path, content=b"{}", timeout=10)
+                    assert answer.status_code == api.status_code == 405, (method, path)
+                    assert answer.headers["allow"] == api.headers["allow"] == "GET, HEAD"
+                    assert answer.json() == api.json()  # old code: 501, an HTML page
+            assert httpx.post(base + "/other", timeout=10).status_code == 404
+            assert httpx.get(base + "/healthz", timeout=10).status_code == 200
+        finally:
+            worker.shutdown()
+            worker.server_close()
+
+
 def test_a_worker_s_metrics_answer_head_as_the_api_s_do(tmp_path: Path) -> None:
     """HEAD /metrics on a worker's operator port answered 501, while the API servers answer it
     as GET (api.head.HeadAsGet; found in review). Now the same: the token guards it, GET's
