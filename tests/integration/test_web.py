@@ -3741,3 +3741,69 @@ def test_the_chart_has_an_etag_and_a_browser_holding_it_gets_a_304(
         other = ann.get(path, headers={**headers, "If-None-Match": 'W/"other"'})
         assert (other.status_code, other.content) == (200, got.content)
         assert chart in reads  # read for a 200: the count above is of that read
+
+
+URL_ATTRIBUTE = re.compile(r'\b(?:href|src|action|formaction|hx-get|data-stored)="([^"#][^"]*)"')
+
+
+def links_of(page: str) -> list[str]:
+    return [html.unescape(url) for url in URL_ATTRIBUTE.findall(page)]
+
+
+def test_the_pages_work_under_a_root_path(web_settings: Settings, svc: Services) -> None:
+    """Served under a prefix (uvicorn --root-path /sl, SELFIE_LORA_PUBLIC_URL's path), the pages
+    linked, redirected and set cookies as if at the host's root: /static/style.css, a sign-in's
+    303 to /photos, forms posting to /signin, all outside the app (found in review). Now every
+    link, form, redirect, htmx address and cookie path starts with the root path."""
+    with TestClient(create_app(web_settings, services=svc, run_worker=True), root_path="/sl",
+                    raise_server_exceptions=False) as c:
+        first = c.get("/sl/photos", follow_redirects=False)
+        assert first.headers["location"] == "/sl/signin?next=/photos"  # old code: /signin?...
+        signin = c.get("/sl/signin?next=/photos")
+        assert signin.status_code == 200
+        assert 'data-root="/sl"' in signin.text
+        assert links_of(signin.text)
+        assert all(url.startswith("/sl/") for url in links_of(signin.text)), links_of(signin.text)
+        assert "Path=/sl/" in signin.headers["set-cookie"]
+        token = re.search(r'name="form_token" value="([^"]+)"', signin.text)
+        assert token
+        signed = c.post("/sl/signin", data={"name": "ann", "password": PASSWORD,
+                                            "form_token": token.group(1), "next": "/photos"},
+                        follow_redirects=False)
+        assert signed.headers["location"] == "/sl/photos"
+        photos = c.get("/sl/photos")
+        assert photos.status_code == 200
+        assert all(url.startswith("/sl/") for url in links_of(photos.text)), links_of(photos.text)
+        for url in links_of(photos.text):
+            if url.startswith("/sl/static/"):
+                assert c.get(url).status_code == 200, url
+        token = re.search(r'name="csrf-token" content="([^"]+)"', photos.text)
+        assert token
+        csrf_token = token.group(1)
+        files = [("files", (f"p{i}.jpg", synthetic_photo(i), "image/jpeg")) for i in range(4)]
+        uploaded = c.post("/sl/photos/upload", files=files, headers={"X-CSRF-Token": csrf_token})
+        assert uploaded.status_code == 200, uploaded.text
+        thumbs = [url for url in links_of(uploaded.text) if url.endswith(".jpg")]
+        assert thumbs
+        assert all(url.startswith("/sl/photos/") for url in thumbs), thumbs
+        assert c.get(thumbs[0]).status_code == 200
+        started = c.post("/sl/train/start", data={"csrf_token": csrf_token},
+                         follow_redirects=False)
+        assert started.headers["location"] == "/sl/train"
+        deadline = time.monotonic() + 60
+        while 'id="ended"' not in (status := c.get("/sl/train/status").text):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        versions = c.get("/sl/versions")
+        assert all(url.startswith("/sl/") for url in links_of(versions.text)), \
+            links_of(versions.text)
+        weights = next(url for url in links_of(versions.text) if url.endswith("/weights"))
+        assert c.get(weights).status_code == 200
+        missing = c.get("/sl/nothing")
+        assert missing.status_code == 404
+        assert all(url.startswith("/sl/") for url in links_of(missing.text))
+        out = c.post("/sl/signout", data={"csrf_token": csrf_token}, follow_redirects=False)
+        assert out.headers["location"] == "/sl/signin"
+        polled = c.get("/sl/train/status", headers={
+            "HX-Request": "true", "HX-Current-URL": "http://testserver/sl/train"})
+        assert polled.headers["hx-redirect"] == "/sl/signin?next=/train"

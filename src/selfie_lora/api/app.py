@@ -316,7 +316,7 @@ def create_app(
             if exc.status_code == 405:
                 allow = allowed_methods(web.routes, request.scope, allow)
                 message, opened = wrong_method(allow)
-                back = request.url.path if opened else None
+                back = path if opened else None
             else:
                 message = ("there is no such page" if exc.status_code == 404
                            else server.message if server is not None else str(exc.detail))

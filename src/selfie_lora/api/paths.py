@@ -23,8 +23,11 @@ def app_path(scope: Scope) -> str:
     """``scope``'s path without the app's root path (as Starlette's router matches it): the
     path as it is when the app is served at ``/``. A path outside the root path is left as it
     came (the router does the same: a proxy that does not strip the prefix)."""
-    path: str = scope["path"]
-    root = root_path(scope)
+    return without_root(scope["path"], root_path(scope))
+
+
+def without_root(path: str, root: str) -> str:
+    """``path`` (a browser's, as it sent it) without ``root``, as ``app_path`` reads a scope."""
     if not root or not path.startswith(root):
         return path
     rest = path[len(root):]

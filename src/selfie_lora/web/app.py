@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from selfie_lora.api.head import ran_for_head
-from selfie_lora.api.paths import app_path
+from selfie_lora.api.paths import app_path, root_path, without_root
 from selfie_lora.api.server_errors import report_server_error, retry_after_header
 from selfie_lora.domain.entities import User, WebSession
 from selfie_lora.domain.plan import lora_scale_text
@@ -161,7 +161,7 @@ class Web:
         try:
             user, session = self.services.users.session(token=token)
         except AuthError:
-            raise SignInRequired(after_sign_in(request.method, request.url.path,
+            raise SignInRequired(after_sign_in(request.method, app_path(request.scope),
                                                request.url.query)) from None
         return Viewer(user=user, session=session)
 
@@ -277,11 +277,11 @@ class Web:
         # typed fields): scripts never read them, they go with a link from another site but
         # not with its forms, and Secure wherever https is. Set nowhere else, so none differs.
         response.set_cookie(name, value, max_age=max_age, httponly=True, samesite="lax",
-                            secure=self.cookie_secure(request), path="/")
+                            secure=self.cookie_secure(request), path=_cookie_path(request))
 
     def _clear_cookie(self, response: Response, request: Request, name: str) -> None:
         # The attributes it was set with (``_set_cookie``).
-        response.delete_cookie(name, path="/", httponly=True, samesite="lax",
+        response.delete_cookie(name, path=_cookie_path(request), httponly=True, samesite="lax",
                                secure=self.cookie_secure(request))
 
     # ------------------------------------------------------------------ rendering
@@ -300,7 +300,8 @@ class Web:
                     done = sentence
                     _shown_once(request, NOTICE_COOKIE)
         html = self.env.get_template(template).render(
-            request=request, viewer=viewer, path=request.url.path,
+            request=request, viewer=viewer, path=app_path(request.scope),
+            root=root_path(request.scope),
             csrf_token=viewer.session.csrf_token if viewer else None,
             signup=self.services.users.signup_enabled, done_notice=done, **context)
         response = HTMLResponse(html, status_code=status_code)
@@ -356,7 +357,7 @@ class Web:
         return self.render(request, "error.html", status_code=status, status=status,
                            message=message, code=code, reference=None,
                            words=_error_words(request, status, code),
-                           back=after_sign_in(request.method, request.url.path, "")
+                           back=after_sign_in(request.method, app_path(request.scope), "")
                            or "/photos")
 
 
@@ -404,7 +405,7 @@ def _error_words(request: Request, status: int, code: str) -> dict[str, str]:
     heading = _heading(status, code)
     title = heading
     if request.method == "POST" and status < 500:
-        path = request.url.path
+        path = app_path(request.scope)
         action = next((name for prefix, name in _FORM_ACTIONS if path.startswith(prefix)), None)
         if action is not None:
             title = f"{action} refused"
@@ -455,7 +456,7 @@ def _back_to(request: Request, status: int, *, signed_out: bool) -> str:
         page = None  # the default page: /photos
     else:
         # As for a form sent: its address is no page to go back to.
-        page = after_sign_in("POST", request.url.path, "")
+        page = after_sign_in("POST", app_path(request.scope), "")
     if signed_out:
         return _signin_url(page)
     return page or "/photos"
@@ -518,6 +519,12 @@ def _with_security_headers(response: Response) -> Response:
     return response
 
 
+def _cookie_path(request: Request) -> str:
+    """The pages' cookies go to the app's paths alone: under a root path, not to the other
+    services of the host."""
+    return root_path(request.scope) + "/"
+
+
 def _signin_url(next_path: str | None) -> str:
     # The whole path and query is one value of "next": its "?", "&" and "=" are encoded, or
     # the sign-in page would read /versions?a=1&b=2 as next=/versions?a=1 and b=2. Where it
@@ -533,13 +540,17 @@ def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
             # whole sign-in page inside its section: it is told to load the sign-in page, and
             # to come back to the page it is on (its HX-Current-URL), not to the fragment.
             current = urlsplit(request.headers.get("hx-current-url", ""))
-            back = (current.path + (f"?{current.query}" if current.query else "")
+            root = root_path(request.scope)
+            back = (without_root(current.path, root) + (f"?{current.query}" if current.query
+                                                        else "")
                     if current.path.startswith("/") else exc.next_path)
-            redirect = Response(status_code=200, headers={"HX-Redirect": _signin_url(back)})
+            redirect = Response(status_code=200,
+                                headers={"HX-Redirect": root + _signin_url(back)})
             web.set_notice_cookie(redirect, request, POLL_SESSION_ENDED)
             return redirect
-        response = RedirectResponse(_signin_url(exc.next_path), status_code=303)
-        if request.method == "POST" and request.url.path != "/signout":
+        response = RedirectResponse(root_path(request.scope) + _signin_url(exc.next_path),
+                                    status_code=303)
+        if request.method == "POST" and app_path(request.scope) != "/signout":
             # A form whose session ended (signed out in another tab): the sign-in page said
             # nothing of why it was there, nor that the form was not carried out.
             web.set_notice_cookie(response, request, FORM_NOT_DONE)

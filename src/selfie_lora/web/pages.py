@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 
 from selfie_lora.api.deps import finished, in_intake, in_thread, upload_slot
 from selfie_lora.api.downloads import chart_answer, reads_a_part, weights_response
+from selfie_lora.api.paths import root_path
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.dataset.limits import SentFile
@@ -137,14 +138,15 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _see(path: str) -> RedirectResponse:
-    return RedirectResponse(path, status_code=303)
+def _see(request: Request, path: str) -> RedirectResponse:
+    """A 303 to ``path`` of the app, after the root path it is served under (api.paths)."""
+    return RedirectResponse(root_path(request.scope) + path, status_code=303)
 
 
 def _done(request: Request, path: str, sentence: str) -> RedirectResponse:
     """To ``path`` after a form that succeeded, which says ``sentence`` there (focused, once:
     ``Web.say_done``), as a Delete says "Generation deleted"."""
-    response = _see(path)
+    response = _see(request, path)
     _web(request).say_done(response, request, sentence)
     return response
 
@@ -160,7 +162,7 @@ def _pictures(count: int) -> str:
 def home(request: Request) -> Response:
     web = _web(request)
     web.viewer(request)  # signed out: the sign-in page
-    return _see("/photos")
+    return _see(request, "/photos")
 
 
 def _signin_form(request: Request, template: str, *, status_code: int = 200,
@@ -203,7 +205,7 @@ ACCOUNT_DELETED = "account-deleted"
 def signin_page(request: Request, next: str | None = None) -> Response:
     if _signed_in(request) is not None:
         # Signed in already (Back after signing in, a bookmark): where the form would lead.
-        return _see(_local_target(next))
+        return _see(request, _local_target(next))
     web = _web(request)
     # Deleting one's account leads here (settings_delete_account): without a word a deletion
     # looks like a session that merely expired. Said only to the browser that deleted it, by
@@ -234,7 +236,7 @@ async def signin(request: Request, name: FormStr, password: FormStr, form_token:
         if exc.retry_after is not None:  # as every error answer does (api.app, web.app)
             failed.headers["Retry-After"] = str(exc.retry_after)
         return failed
-    response = _see(target)
+    response = _see(request, target)
     await _replace_session(web, request, response, signed.token)
     return response
 
@@ -243,7 +245,7 @@ async def signin(request: Request, name: FormStr, password: FormStr, form_token:
 def signup_page(request: Request) -> Response:
     if _signed_in(request) is not None:
         # Back after signing up showed the empty form, which made a second account.
-        return _see("/photos")
+        return _see(request, "/photos")
     return _signin_form(request, "signup.html")
 
 
@@ -267,7 +269,7 @@ async def signup(request: Request, name: FormStr, password: FormStr, password_ag
         if exc.retry_after is not None:  # as every error answer does (api.app, web.app)
             failed.headers["Retry-After"] = str(exc.retry_after)
         return failed
-    response = _see("/photos")
+    response = _see(request, "/photos")
     await _replace_session(web, request, response, signed.token)
     # Said on the page it leads to, as every other form's success is (it said nothing).
     web.say_done(response, request,
@@ -290,7 +292,7 @@ def signout(request: Request, _viewer: FormViewer) -> Response:
     web = _web(request)
     web.services.users.sign_out(
         token=web.signer.session_token(request.cookies.get(SESSION_COOKIE)))
-    response = _see("/signin")
+    response = _see(request, "/signin")
     web.clear_session_cookie(response, request)
     web.set_notice_cookie(response, request, SIGNED_OUT)
     return response
@@ -439,7 +441,7 @@ def _upload_report(web: Web, request: Request, viewer: Viewer, result: UploadRes
     (POST-redirect-GET: the page as the POST's answer sent the photos again on a reload)."""
     dataset = result.dataset
     if "x-csrf-token" not in request.headers:
-        response = _see("/photos")
+        response = _see(request, "/photos")
         web.say_uploaded(response, request, dataset.id)
         return response
     photos = web.services.intake.photos(user=viewer.user, dataset_id=dataset.id)
@@ -1097,7 +1099,7 @@ def model_scale(request: Request, viewer: FormViewer, lora_scale: OptionalFormSt
     saved = web.services.models.set_lora_scale(user=viewer.user, lora_scale=scale)
     sentence = (f"Scale {lora_scale_text(saved.model.lora_scale)} saved: "
                 "Generate and the API use it from now on.")
-    response = _see(_generate_url(before=None, scale=None, version=version))
+    response = _see(request, _generate_url(before=None, scale=None, version=version))
     # The button is in the Generate form: what was typed there is kept, not thrown away, in a
     # one-time cookie (the address put the prompt into the access log and the history).
     kept = {"prompt": prompt or "", "num_outputs": num_outputs or "", "seed": seed or ""}
@@ -1269,7 +1271,7 @@ def settings_delete_account(request: Request, viewer: FormViewer,
             "Your account cannot be deleted just now: this service's storage is not set up "
             "right, so nothing was deleted. The operator must fix the storage configuration: "
             f"please tell them (reference {server.reference}), then try again."))
-    response = _see("/signin")
+    response = _see(request, "/signin")
     web.clear_session_cookie(response, request)
     web.set_notice_cookie(response, request, ACCOUNT_DELETED)
     return response

@@ -3,6 +3,8 @@
 "use strict";
 
 (function () {
+  // The root path the app is served under ("" at a host's root, "/sl" behind a prefix).
+  const root = document.documentElement.dataset.root ?? "";
   const csrf = () => {
     const meta = document.querySelector('meta[name="csrf-token"]');
     return meta ? meta.getAttribute("content") : "";
@@ -145,7 +147,7 @@
 
     const sessionEnded = () => {
       const link = document.createElement("a");
-      link.href = "/signin?next=/photos";  // and back here after
+      link.href = root + "/signin?next=/photos";  // and back here after
       link.textContent = "sign in again";
       status.replaceChildren("Your session has ended: ", link, ", then send the photos.");
     };
@@ -213,7 +215,7 @@
               : xhr.status === 422 && fragment.querySelector("[data-photo-name]")
                 ? "Some photos need changes."
               : refused?.textContent ?? `The upload failed (${xhr.status}).`;
-          } else if (xhr.responseURL && new URL(xhr.responseURL).pathname === "/signin") {
+          } else if (xhr.responseURL && new URL(xhr.responseURL).pathname === root + "/signin") {
             sessionEnded();
           } else {
             const alert = parsed.querySelector('[role="alert"]');
@@ -333,7 +335,7 @@
   // gone, a 5xx, which htmx does not swap) left them frozen, as if the training were stuck: a
   // notice says contact was lost, since when, and the time left (stale) is hidden until a poll
   // succeeds again (htmx keeps polling).
-  const statusPoll = (e) => (e.detail?.pathInfo?.requestPath ?? "").startsWith("/train/status");
+  const statusPoll = (e) => (e.detail?.pathInfo?.requestPath ?? "").startsWith(root + "/train/status");
   let lastUpdate = new Date();
   const lostContact = (e) => {
     const notice = document.getElementById("poll-notice");
