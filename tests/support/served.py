@@ -3,6 +3,7 @@ show (a client that closes its connection, requests in flight when the server st
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -38,6 +39,10 @@ def served(app: Any, *, graceful_s: float = 10.0, root_path: str = "") -> Iterat
     """``app`` served as ``api.server`` serves it (the guarded protocol), with ``graceful_s`` of
     graceful shutdown, under ``root_path`` (uvicorn's --root-path: the path a proxy stripped);
     stopped after the block unless the block stopped it."""
+    # uvicorn.Config sets its loggers' levels (WARNING here) for the whole process: put back
+    # after, or a later test in this process that logs as uvicorn at INFO sees nothing.
+    loggers = [logging.getLogger(name) for name in ("uvicorn", "uvicorn.error", "uvicorn.access")]
+    levels = [logger.level for logger in loggers]
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     # log_config None: uvicorn's lines reach the root logger, so pytest's caplog sees them.
@@ -57,3 +62,5 @@ def served(app: Any, *, graceful_s: float = 10.0, root_path: str = "") -> Iterat
         if thread.is_alive():
             running.stop()
         sock.close()
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
