@@ -972,6 +972,25 @@ class CancelDuringFirstProbe:
         return self.inner.generate(job)
 
 
+def _canceler(rig: Rig, ann: User) -> Callable[[], None]:
+    """A cancel of ann's latest training, asked of its worker (alive and scoring)."""
+    def cancel() -> None:
+        latest, _ = rig.training.get(user=ann, training_id=None)
+        assert rig.training.cancel(user=ann, training_id=latest.id).cancel_requested
+
+    return cancel
+
+
+def _assert_canceled_and_held(rig: Rig, ann: User, *, kept: Version, new: Version) -> None:
+    """``new``'s training ended canceled, ``new`` held and never activated (``kept`` stays
+    active), and no alert."""
+    done = rig.repo.get_training(new.training_id)
+    assert done is not None
+    assert done.status is TrainingStatus.CANCELED
+    assert new.gate_status is GateStatus.HELD  # kept, never activated
+    assert rig.model(ann).active_version_id == kept.id
+    assert alerts_of(rig) == []
+
 def test_a_cancel_while_a_version_is_scored_stops_at_the_next_probe(
     rig: Rig, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -981,23 +1000,13 @@ def test_a_cancel_while_a_version_is_scored_stops_at_the_next_probe(
     ann = rig.user()
     v1 = rig.train(ann)
 
-    def cancel() -> None:
-        latest, _ = rig.training.get(user=ann, training_id=None)
-        # Its worker is alive and scoring: the cancel is asked of it.
-        assert rig.training.cancel(user=ann, training_id=latest.id).cancel_requested
-
-    probes = CancelDuringFirstProbe(inner=rig.dying.inner, cancel=cancel)
+    probes = CancelDuringFirstProbe(inner=rig.dying.inner, cancel=_canceler(rig, ann))
     rig.dying.inner = probes
     v2 = rig.train(ann)
 
     assert probes.calls == 1  # not one per probe (4)
-    done = rig.repo.get_training(v2.training_id)
-    assert done is not None
-    assert done.status is TrainingStatus.CANCELED
-    assert v2.gate_status is GateStatus.HELD  # kept, never activated
+    _assert_canceled_and_held(rig, ann, kept=v1, new=v2)
     assert "canceled" in (v2.gate_reason or "")
-    assert rig.model(ann).active_version_id == v1.id
-    assert alerts_of(rig) == []
 
 
 @dataclass
@@ -1035,23 +1044,14 @@ def test_a_cancel_while_a_probe_is_made_stops_it_between_diffusion_steps(
     ann = rig.user()
     v1 = rig.train(ann)
 
-    def cancel() -> None:
-        latest, _ = rig.training.get(user=ann, training_id=None)
-        assert rig.training.cancel(user=ann, training_id=latest.id).cancel_requested
-
-    probes = SteppedProbes(inner=rig.dying.inner, cancel=cancel)
+    probes = SteppedProbes(inner=rig.dying.inner, cancel=_canceler(rig, ann))
     rig.dying.inner = probes
     v2 = rig.train(ann)
 
     assert (probes.probes_made, probes.steps_run) == (0, 2)  # not the probe's 4 steps
-    done = rig.repo.get_training(v2.training_id)
-    assert done is not None
-    assert done.status is TrainingStatus.CANCELED
-    assert v2.gate_status is GateStatus.HELD  # kept, never activated
-    assert rig.model(ann).active_version_id == v1.id
+    _assert_canceled_and_held(rig, ann, kept=v1, new=v2)
     record = rig.repo.get_likeness(v2.id)
     assert record is None or record.status is not LikenessStatus.SCORED
-    assert alerts_of(rig) == []
 
 
 def test_the_scoring_checkpoint_reads_the_cancel_flag_once_a_second_at_most(
