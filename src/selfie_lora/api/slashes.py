@@ -1,5 +1,5 @@
 """An address with a trailing slash (``/api/model/``, ``/signin/``): a 307 to the address
-without it, whatever the method; and the app's root path without its slash (``/sl``) to ``/sl/``.
+without it, whatever the method.
 
 Starlette's own redirect (``redirect_slashes``) wrote an absolute Location from the request's
 Host header and the connection's scheme: behind a proxy that sends its upstream's Host (nginx's
@@ -27,13 +27,7 @@ def slashless(scope: Scope, routes: Sequence[BaseRoute]) -> str | None:
     """Where a request for an address with trailing slashes that no route takes is sent: the
     same path without them, as a relative URL, when a route takes that; else None."""
     path: str = scope["path"]
-    root = scope.get("root_path", "").rstrip("/")
-    query = scope.get("query_string", b"").decode("latin-1")
-    if root and path == root:
-        # The app's own address without its slash (https://host/sl): its home is /sl/, as
-        # Starlette's redirect_slashes (which added slashes as well as took them off) sent it.
-        return f"{quote(root, safe=_PATH_SAFE)}/" + (f"?{query}" if query else "")
-    if not path.endswith("/") or path == root + "/":
+    if not path.endswith("/") or path == scope.get("root_path", "") + "/":
         return None
     if any(route.matches(scope)[0] is not Match.NONE for route in routes):
         return None  # its own route (a static folder's file): answered as it is
@@ -43,6 +37,7 @@ def slashless(scope: Scope, routes: Sequence[BaseRoute]) -> str | None:
     if not any(route.matches(stripped)[0] is not Match.NONE for route in routes):
         return None
     location = quote(stripped["path"], safe=_PATH_SAFE)
+    query = scope.get("query_string", b"").decode("latin-1")
     return f"{location}?{query}" if query else location
 
 
