@@ -12,7 +12,7 @@ from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httpx
 from pydantic import (
@@ -681,8 +681,12 @@ class Settings(BaseSettings):
     def root_path(self) -> str:
         """The prefix the service is reached under, from SELFIE_LORA_PUBLIC_URL's path
         (``https://example.com/sl``: ``/sl``; none: nothing): the server's ASGI root path, for a
-        proxy that serves the app under it and strips it on the way in."""
-        return urlsplit(self.public_url).path.rstrip("/") if self.public_url else ""
+        proxy that serves the app under it and strips it on the way in. Percent-encoded, as a
+        browser sends it: uvicorn writes the root path in ASCII (``/sélfie`` dropped every
+        request); one encoded already is kept as it is."""
+        if not self.public_url:
+            return ""
+        return quote(urlsplit(self.public_url).path.rstrip("/"), safe="/:@!$&'()*+,;=%")
 
     @property
     def effective_database_url(self) -> str:

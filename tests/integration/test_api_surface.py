@@ -379,20 +379,30 @@ def test_a_path_under_api_with_doubled_slashes_gets_the_api_s_json_404(
     assert page.headers["content-type"].startswith("text/html")
 
 
-def test_served_under_the_public_url_s_path_the_api_answers(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("public_url", "root", "given"), [
+    ("https://lora.example/sl/", "/sl", None),
+    # Another ASGI server's (or uvicorn --root-path's) root path may end in a slash: the
+    # guard read '//api/keys' and refused the key (found in review: 401, the router matched).
+    ("https://lora.example/sl/", "/sl", "/sl/"),
+    # uvicorn writes the root path in ASCII: '/sélfie' dropped every request (UnicodeEncodeError
+    # in h11_impl, the client: 'Server disconnected without sending a response').
+    ("https://lora.example/s\u00e9lfie", "/s%C3%A9lfie", None),
+])
+def test_served_under_the_public_url_s_path_the_api_answers(
+        tmp_path: Path, public_url: str, root: str, given: str | None) -> None:
     """`selfie-lora serve` had no way to be served under a prefix. SELFIE_LORA_PUBLIC_URL's path
     is uvicorn's root path now (api.server.uvicorn_options): behind a proxy that strips /sl, a
     request for /api/keys is the app's /sl/api/keys, and is answered as the API."""
-    settings = make_settings(tmp_path, public_url="https://lora.example/sl/")
+    settings = make_settings(tmp_path, public_url=public_url)
     options = uvicorn_options(settings)
-    assert options["root_path"] == "/sl"  # old code: KeyError
+    assert options["root_path"] == root  # old code: KeyError; then '/s\u00e9lfie'
     svc = build_services(settings, trainers={"local": FakeTrainer()},
                          face_analyzer=one_person_analyzer(),
                          generators={"local": FakeGenerator()})
     try:
         headers = auth(svc, "ann")
         app = create_app(settings, services=svc, run_worker=False)
-        with served(app, root_path=options["root_path"]) as running, \
+        with served(app, root_path=given or options["root_path"]) as running, \
                 httpx.Client(base_url=running.base_url) as http:
             keys = http.get("/api/keys", headers=headers)  # the proxy took /sl off
             assert keys.status_code == 200, keys.text

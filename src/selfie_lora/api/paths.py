@@ -23,7 +23,13 @@ def app_path(scope: Scope) -> str:
     """``scope``'s path without the app's root path (as Starlette's router matches it): the
     path as it is when the app is served at ``/``. A path outside the root path is left as it
     came (the router does the same: a proxy that does not strip the prefix)."""
-    return without_root(scope["path"], root_path(scope))
+    given: str = scope.get("app_root_path", scope.get("root_path", ""))
+    path: str = scope["path"]
+    if given.endswith("/") and path.startswith(given) and path[len(given):].startswith("/"):
+        # A root path given with its slash (--root-path /sl/): uvicorn writes /sl//api/keys,
+        # which the router matches as /api/keys (Starlette's get_route_path), and so must this.
+        return path[len(given):]
+    return without_root(path, root_path(scope))
 
 
 def without_root(path: str, root: str) -> str:
