@@ -93,7 +93,9 @@ app.add_typer(generations_app, name="generations")
 # what it did in its own words: the services' INFO lines (cancel's 'training X: cancel
 # requested of its worker' before its own line, a migration's) were noise there, shown with -v.
 # A JSON log (SELFIE_LORA_LOG_FORMAT=json) is a collector's, which filters itself: INFO always.
-LOGGING_COMMANDS = frozenset({"serve", "worker", "train", "resume", "generate", "demo"})
+LOGGING_COMMANDS = frozenset({"serve", "worker", "train", "resume", "generate", "demo",
+                              # scores the versions not scored yet: probes rendered, minutes
+                              "compare"})
 
 
 @app.callback(invoke_without_command=True)

@@ -128,3 +128,16 @@ def test_a_one_shot_command_s_info_lines_are_shown_with_v_only(
     assert result.stdout.startswith(f"training {training.id} of ann: Canceling the training")
     assert ("cancel requested of its worker" in result.stderr) is verbose, result.stderr
     assert (" INFO " in result.stderr) is verbose, result.stderr
+
+
+@pytest.mark.parametrize(("command", "quiet"), [("compare", False), ("versions", True)])
+def test_compare_which_may_render_probes_for_minutes_logs_its_progress(
+        command: str, quiet: bool) -> None:
+    # `selfie-lora compare` scores the versions not scored yet (probe images rendered, a
+    # pipeline loaded: minutes), and its INFO lines ('loading base pipeline ...', 'version N
+    # scored') were hidden as a one-shot command's (found in review); `versions` stays quiet.
+    from selfie_lora import logs
+
+    result = CliRunner().invoke(cli.app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert logs.logging_setup() == ("text", False, quiet)  # old code: compare quiet
