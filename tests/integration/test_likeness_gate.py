@@ -1334,6 +1334,10 @@ def test_a_version_judged_without_scoring_logs_its_failed_record(tmp_path: Path)
                 if e["kind"] == "quality_failed"][-1]
         assert last["data"]["error"] == UNSCORABLE
         assert last["data"]["version_number"] == v1.number
+        # Judged again (its worker died before the training's end): logged once, not per try
+        # (found in review: a third quality_failed).
+        assert rig.likeness.judge(v1.id, unscorable=UNSCORABLE).record == record
+        assert quality_events(rig, ann, v1.id) == ["quality_failed", "quality_failed"]
     finally:
         rig.close()
 

@@ -666,6 +666,11 @@ class LikenessService:
             existing = tx.get_likeness(version.id)
             if existing is not None and existing.status is LikenessStatus.SCORED:
                 return existing
+            if (existing is not None and existing.status is LikenessStatus.FAILED
+                    and existing.error == why):
+                # Judged so already, by a worker that died before the training's end: its
+                # event is in the log once.
+                return existing
             record = dataclasses.replace(existing or self._new_record(version, training),
                                           status=LikenessStatus.FAILED, error=why,
                                           scored_at=utcnow())
