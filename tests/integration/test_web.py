@@ -3771,6 +3771,11 @@ def test_the_pages_work_under_a_root_path(web_settings: Settings, svc: Services)
                                             "form_token": token.group(1), "next": "/photos"},
                         follow_redirects=False)
         assert signed.headers["location"] == "/sl/photos"
+        # A next= holding the address the browser showed (a bookmark made under the prefix)
+        # leads there, not to /sl/sl/versions (found in review).
+        for next_path in ("/sl/versions", "/versions"):
+            again = c.get(f"/sl/signin?next={next_path}", follow_redirects=False)
+            assert again.headers["location"] == "/sl/versions", next_path
         photos = c.get("/sl/photos")
         assert photos.status_code == 200
         assert all(url.startswith("/sl/") for url in links_of(photos.text)), links_of(photos.text)

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 
 from selfie_lora.api.deps import finished, in_intake, in_thread, upload_slot
 from selfie_lora.api.downloads import chart_answer, reads_a_part, weights_response
-from selfie_lora.api.paths import root_path
+from selfie_lora.api.paths import root_path, without_root
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.dataset.archive import archive_kind
 from selfie_lora.dataset.limits import SentFile
@@ -120,8 +120,10 @@ PageViewer = Annotated[Viewer, Depends(_page_viewer)]
 FormViewer = Annotated[Viewer, Depends(_form_viewer)]
 
 
-def _local_target(next_path: str | None) -> str:
-    """Where to go after signing in: a path on this site only (never another host)."""
+def _local_target(next_path: str | None, *, root: str = "") -> str:
+    """Where to go after signing in: a path on this site only (never another host), inside the
+    app (``root``, the root path it is served under, taken off: a bookmark of an address the
+    browser showed, ``?next=/sl/photos``, led to /sl/sl/photos)."""
     if not next_path:
         return "/photos"
     # A browser reads "\" as "/" ("/\evil.com" is "//evil.com", another host) and drops tabs
@@ -131,7 +133,7 @@ def _local_target(next_path: str | None) -> str:
     parts = urlsplit(next_path)
     if parts.scheme or parts.netloc or not next_path.startswith("/") or next_path.startswith("//"):
         return "/photos"
-    return next_path
+    return without_root(next_path, root)
 
 
 def _client(request: Request) -> str:
@@ -205,13 +207,14 @@ ACCOUNT_DELETED = "account-deleted"
 def signin_page(request: Request, next: str | None = None) -> Response:
     if _signed_in(request) is not None:
         # Signed in already (Back after signing in, a bookmark): where the form would lead.
-        return _see(request, _local_target(next))
+        return _see(request, _local_target(next, root=root_path(request.scope)))
     web = _web(request)
     # Deleting one's account leads here (settings_delete_account): without a word a deletion
     # looks like a session that merely expired. Said only to the browser that deleted it, by
     # its signed, short-lived notice cookie, once: ?deleted=1 said it to anyone sent the link.
     notice = web.take_notice(request)
-    return _signin_form(request, "signin.html", next=_local_target(next),
+    return _signin_form(request, "signin.html",
+                        next=_local_target(next, root=root_path(request.scope)),
                         deleted=notice == ACCOUNT_DELETED, not_done=notice == FORM_NOT_DONE,
                         poll_ended=notice == POLL_SESSION_ENDED,
                         signed_out=notice == SIGNED_OUT)
@@ -221,7 +224,7 @@ def signin_page(request: Request, next: str | None = None) -> Response:
 async def signin(request: Request, name: FormStr, password: FormStr, form_token: FormStr,
                  next: OptionalFormStr = None) -> Response:
     web = _web(request)
-    target = _local_target(next)
+    target = _local_target(next, root=root_path(request.scope))
     if not web.form_token_valid(request, form_token):
         return _signin_form(request, "signin.html", status_code=403, next=target, name=name,
                             message=FORM_EXPIRED.format(what="sign in"))
