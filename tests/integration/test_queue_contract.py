@@ -368,8 +368,11 @@ def _down() -> None:
     raise ConnectionError("Error 110 connecting to redis:6379. Timeout connecting to server.")
 
 
-def _after(event: threading.Event, then: Callable[[], None]) -> Callable[[], None]:
+def _after(event: threading.Event, then: Callable[[], None],
+           entered: threading.Event | None = None) -> Callable[[], None]:
     def step() -> None:
+        if entered is not None:
+            entered.set()  # this read's ticket was taken before it began
         assert event.wait(10)
         then()
     return step
@@ -381,11 +384,13 @@ def test_a_slow_read_failing_after_another_thread_found_the_queue_back_says_noth
     thread's read had found the queue back began the outage again: a second warning and a
     second 'answers again' for one outage (diffweb review 3). The order is set by events: the
     first thread's failure begins the outage; its next read hangs; the second thread fails,
-    then reads the queue back; then the hung read fails."""
+    then reads the queue back; then the hung read fails. The second thread waits until the
+    first one's hung read has begun: a read begun after the recovery that fails is a new
+    outage, rightly warned of (under load that ordering made CI's run see two warnings)."""
     monkeypatch.setattr(worker_module, "_IDLE_MAX_S", 0.01)
-    warned, answered, release, done = (threading.Event() for _ in range(4))
+    warned, answered, release, done, hung = (threading.Event() for _ in range(5))
     queue = ScriptedQueue(
-        first=[_down, _after(release, _down), done.set],
+        first=[_down, _after(release, _down, entered=hung), done.set],
         second=[_after(warned, _down), answered.set])
     worker = Worker(training=StubTraining(), queue=queue, identity=Identity(name="w"),  # type: ignore[arg-type]
                     threads=2, reconcile_seconds=60)
@@ -393,6 +398,7 @@ def test_a_slow_read_failing_after_another_thread_found_the_queue_back_says_noth
         worker.start()
         try:
             wait_until(lambda: len(_worker_lines(caplog, logging.WARNING)) == 1)
+            assert hung.wait(10)
             warned.set()
             assert answered.wait(10)
             wait_until(lambda: any("answers again" in r.getMessage()
