@@ -467,10 +467,8 @@ class _OperatorHandler(BaseHTTPRequestHandler):
             # (a worker's port may be reachable from more than the scraper).
             if not self.operations.may_read_metrics(
                     authorization=self.headers.get("Authorization")):
-                self._answer(401, json.dumps({"error": {
-                    "code": ErrorCode.UNAUTHORIZED, "message": METRICS_TOKEN_REQUIRED,
-                    "details": []}}).encode(), "application/json",
-                    headers={"WWW-Authenticate": "Bearer"})
+                self._error(401, ErrorCode.UNAUTHORIZED, METRICS_TOKEN_REQUIRED,
+                            headers={"WWW-Authenticate": "Bearer"})
                 return
             body, content_type = self.operations.metrics()
             self._answer(200, body, content_type)
@@ -483,7 +481,7 @@ class _OperatorHandler(BaseHTTPRequestHandler):
                          json.dumps(readiness.as_json(detailed=detailed)).encode(),
                          "application/json")
         else:
-            self._answer(404, b'{"error": "not found"}', "application/json")
+            self._not_found()
 
     def __getattr__(self, name: str) -> Callable[[], None]:
         # http.server answers a method without its do_<METHOD> with 501 "Unsupported method",
@@ -496,12 +494,22 @@ class _OperatorHandler(BaseHTTPRequestHandler):
     def _wrong_method(self) -> None:
         path = self.path.split("?", 1)[0]
         if path not in OPERATOR_PATHS:
-            self._answer(404, b'{"error": "not found"}', "application/json")
+            self._not_found()
             return
         # The body is never read: the connection is not used again (HTTP/1.0, http.server's).
-        self._answer(405, json.dumps({"error": {
-            "code": ErrorCode.METHOD_NOT_ALLOWED, "message": "Method Not Allowed",
-            "details": []}}).encode(), "application/json", headers={"Allow": "GET, HEAD"})
+        self._error(405, ErrorCode.METHOD_NOT_ALLOWED, "Method Not Allowed",
+                    headers={"Allow": "GET, HEAD"})
+
+    def _not_found(self) -> None:
+        # The API's JSON 404 (an unknown /api path), not a shape of its own: one parser for
+        # every error answer of the service, whichever process gave it.
+        self._error(404, ErrorCode.NOT_FOUND, "Not Found")
+
+    def _error(self, status: int, code: ErrorCode, message: str,
+               headers: dict[str, str] | None = None) -> None:
+        """The contract's error answer, ``{"error": {"code", "message", "details"}}``."""
+        body = {"error": {"code": code, "message": message, "details": []}}
+        self._answer(status, json.dumps(body).encode(), "application/json", headers=headers)
 
     def _answer(self, status: int, body: bytes, content_type: str,
                 headers: dict[str, str] | None = None) -> None:

@@ -474,6 +474,27 @@ def test_a_worker_serves_its_own_figures(services: Services) -> None:
         server.server_close()
 
 
+def test_a_worker_s_port_answers_an_unknown_path_as_the_api_does(tmp_path: Path) -> None:
+    """A path the worker's port does not serve was answered {"error": "not found"}, a shape
+    of its own beside the contract's {"error": {"code", "message", "details"}} that the
+    API's 404 (and this port's own 401 and 405) carry. Now the API's JSON 404, to any method."""
+    with serving(make_settings(tmp_path)) as (client, svc):
+        server = serve_operator_endpoints(svc.operations, host="127.0.0.1", port=0)
+        try:
+            base = f"http://127.0.0.1:{server.server_address[1]}"
+            api = client.get("/api/other", headers=auth(svc, "ann"))
+            assert api.status_code == 404
+            for method in ("GET", "POST", "DELETE"):
+                answer = httpx.request(method, f"{base}/other", timeout=10)
+                assert answer.status_code == 404, method
+                assert answer.headers["content-type"] == "application/json"
+                assert answer.json() == api.json(), method  # old code: {"error": "not found"}
+        finally:
+            server.shutdown()
+            server.server_close()
+        server.server_close()
+
+
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
