@@ -153,6 +153,20 @@ def test_the_trainings_bar_is_chosen_by_its_total() -> None:
     assert training_progress(shards, expected_total=40) is None
 
 
+def test_a_long_run_of_spaces_in_the_logs_is_read_in_linear_time() -> None:
+    """The bar's pattern let its label and the spaces before the percentage take the same
+    spaces: a line of 30,000 spaces and no bar took tens of seconds to search (old code; 2 MiB, the
+    webhook's cap, hours of a server thread). It is read at once, and bars still are."""
+    padded = "training " + " " * 30_000 + "\n" + LOGS
+    body = json.dumps({"id": "r8id", "status": "processing", "logs": padded}).encode()
+    started = time.monotonic()
+    parsed = parse_training_webhook(body)
+    assert time.monotonic() - started < 1.0
+    assert (parsed["step"], parsed["total"]) == (400, 1000)
+    bar = log_bars("flux_train_replicate:  40%|####      | 400/1000 [02:10<03:15]")
+    assert [(b.step, b.total, b.train) for b in bar] == [(400, 1000, True)]
+
+
 def test_parse_training_webhook() -> None:
     body = json.dumps(
         {"id": "r8id", "status": "processing", "logs": LOGS, "output": None, "error": None}

@@ -40,7 +40,11 @@ __all__ = [
 TOLERANCE_SECONDS = 5 * 60
 
 # A tqdm bar: "label:  40%|████      | 400/1000 [00:10<00:15, 39.5it/s, lr: 4e-04 loss: 0.32]".
-_BAR = re.compile(r"^(?P<label>[^|\r\n]*?)\s*\d{1,3}%\|[^|\r\n]*\|\s*(?P<step>\d+)/(?P<total>\d+)")
+# The label keeps the spaces before the percentage: a ``\s*`` between them could match the same
+# spaces as the label, and a long run of them with no bar after (a padded line of the logs,
+# which the webhook body and the poller both read) took the search quadratic time: a line of
+# 20,000 spaces held a thread for seconds, one a signed 2 MiB body may carry for hours.
+_BAR = re.compile(r"^(?P<label>[^|\r\n]*?)\d{1,3}%\|[^|\r\n]*\|\s*(?P<step>\d+)/(?P<total>\d+)")
 # The same numbers without the bar, as some ai-toolkit versions print them.
 _BARE = re.compile(r"(?:^|\s)(?P<step>\d+)/(?P<total>\d+)\s*\[")
 _LOSS = re.compile(r"loss[:=]\s*(?P<loss>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)")
