@@ -723,3 +723,32 @@ def test_an_alert_an_older_release_left_undelivered_is_sent_in_today_s_shape(
                                  if key != "delivery"}
     finally:
         rig.close()
+
+
+def test_an_alert_pings_nobody_on_discord_whatever_the_user_is_named(
+        tmp_path: Path, clock: Clock) -> None:
+    """A user name may hold "@" (and sign-up may be open): one named x@everyone made every
+    alert about her versions ping the whole Discord server ("content" is parsed for mentions
+    unless the body says otherwise; old code: no ``allowed_mentions``). Every alert says it
+    mentions nobody, the name shown as it is; one recorded before, still due, is sent so too."""
+    hook = SlackLikeHook()
+    rig = Rig(root=tmp_path, generator=photo_generator(same_person()), alerter=hook,
+              clock=clock)
+    try:
+        v2 = held_version(rig, name="x@everyone")
+        sent = hook.sent[-1]
+        assert sent["allowed_mentions"] == {"parse": []}
+        assert sent["content"].startswith("selfie-lora held back x@everyone's version 2 ")
+        assert v2.alert is not None
+        assert v2.alert["allowed_mentions"] == {"parse": []}
+
+        # Recorded by the release before this field, its hook down then: due again.
+        old = {key: value for key, value in v2.alert.items() if key != "allowed_mentions"}
+        rig.repo.set_version_alert(v2.id, old, due_at=clock.now)
+        clock.advance(seconds=1)
+        assert rig.training.reconcile().alerts_tried == 1
+        assert len(hook.sent) == 2
+        assert hook.sent[-1]["allowed_mentions"] == {"parse": []}
+        assert hook.sent[-1]["text"] == old["text"]  # what it had, unchanged
+    finally:
+        rig.close()

@@ -184,6 +184,12 @@ class Comparison:
 DISCORD_CONTENT_MAX = 2000
 
 
+def no_mentions() -> dict[str, list[str]]:
+    """Discord's ``allowed_mentions`` that pings nobody, whatever "content" says (Slack's hooks
+    ignore it); a new one each time, as it is stored with each alert."""
+    return {"parse": []}
+
+
 def _replaced_version_id(version: Version, *, active: str | None) -> str | None:
     """The version ``version`` was stored to replace, which the gate judges it against: the one
     active when it was stored, whatever its user activated since (trying it early, rolling back:
@@ -985,6 +991,9 @@ class LikenessService:
             # What a chat hook shows: Slack's incoming webhooks need "text", Discord's
             # "content" (at most 2000 characters); both refused this body without them.
             "text": text, "content": text[:DISCORD_CONTENT_MAX],
+            # Discord pings whoever "content" names, and a user name may hold "@everyone" or
+            # "@here" (names allow "@", and sign-up may be open): an alert mentions nobody.
+            "allowed_mentions": no_mentions(),
             "delivery": None,
         }
 
@@ -993,7 +1002,8 @@ class LikenessService:
         One recorded by an older release and still due at the upgrade (its hook was down, a
         retry pending) has no "text"/"content": a Slack or Discord hook refuses it until it is
         given up."""
-        missing = {"user_name", "url", "measured_on", "text", "content"} - alert.keys()
+        missing = ({"user_name", "url", "measured_on", "text", "content", "allowed_mentions"}
+                   - alert.keys())
         if not missing:
             return alert
         filled = dict(alert)
@@ -1013,6 +1023,7 @@ class LikenessService:
                        else int(alert["version_number"])))
         filled.setdefault("text", text)
         filled.setdefault("content", str(text)[:DISCORD_CONTENT_MAX])
+        filled.setdefault("allowed_mentions", no_mentions())
         return filled
 
     # ------------------------------------------------------------------ internals
