@@ -28,7 +28,7 @@ from selfie_lora.api.serializers import alert_json, likeness_json, version_json
 from selfie_lora.config import Settings
 from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
-from selfie_lora.errors import AlertDeliveryError
+from selfie_lora.errors import AlertDeliveryError, DatabaseUnreachableError, StorageError
 from selfie_lora.services.likeness import LikenessService, alert_text
 from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter, SimulatedCrash
 from tests.support.alerts import alert_inbox
@@ -752,3 +752,46 @@ def test_an_alert_pings_nobody_on_discord_whatever_the_user_is_named(
         assert hook.sent[-1]["text"] == old["text"]  # what it had, unchanged
     finally:
         rig.close()
+
+
+@pytest.mark.parametrize("failure", [
+    DatabaseUnreachableError("the database could not be reached"),
+    StorageError("database is locked"),
+], ids=["unreachable", "locked"])
+def test_an_alert_whose_outcome_cannot_be_recorded_leaves_its_ended_training_alone(
+        rig_for: Any, clock: Clock, caplog: pytest.LogCaptureFixture,
+        failure: StorageError) -> None:
+    """The alert left, then the database failed its record: that error escaped the worker's
+    run after the training had succeeded, which logged "the next attempt continues it" (or
+    "the worker could not go on with it", a traceback) about a training that was over (old
+    code). The send's outcome is not recorded, said once; the claim runs out and the alert is
+    sent again, with its alert_id, as after a sender that died."""
+    caplog.set_level(logging.INFO)
+    endpoint = RecordingAlerter()
+    rig = rig_for(endpoint)
+    original = rig.repo.record_alert_delivery
+
+    def the_database_fails_the_record() -> None:
+        def failing(*args: Any, **kwargs: Any) -> bool:
+            rig.repo.record_alert_delivery = original  # once
+            raise failure
+        rig.repo.record_alert_delivery = failing
+
+    endpoint.meanwhile = the_database_fails_the_record
+    v2 = held_version(rig)
+    training = rig.repo.get_training(v2.training_id)
+    assert training is not None
+    assert training.status is TrainingStatus.SUCCEEDED
+    assert len(endpoint.sent) == 1
+    assert delivery(rig, v2) == {}  # not recorded: still claimed
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "selfie_lora.services.training" and r.levelno >= logging.WARNING] == []
+    said = [r for r in caplog.records if "could not be recorded" in r.getMessage()]
+    assert len(said) == 1
+    assert said[0].levelno == logging.WARNING
+    assert said[0].exc_info is None
+
+    clock.advance(seconds=CLAIM.total_seconds() + 1)
+    assert rig.training.reconcile().alerts_tried == 1
+    assert [a["alert_id"] for a in endpoint.sent] == [f"likeness_drop:{v2.id}"] * 2
+    assert delivery(rig, v2)["delivered"] is True

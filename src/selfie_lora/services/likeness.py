@@ -524,8 +524,22 @@ class LikenessService:
             delivery = {"delivered": False, "at": now.isoformat(), "error": error,
                         "attempts": attempts,
                         "next_at": due_at.isoformat() if due_at is not None else None}
-        if not self._repo.record_alert_delivery(version_id, {**payload, "delivery": delivery},
-                                                claim=claimed.claim, due_at=due_at):
+        try:
+            recorded = self._repo.record_alert_delivery(
+                version_id, {**payload, "delivery": delivery}, claim=claimed.claim,
+                due_at=due_at)
+        except StorageError as exc:
+            # The send is over, the database failed its record (away, locked, full). Raised, it
+            # reached the worker's run after the training had ended, which then said the
+            # training would be continued (or logged a traceback) about one that was over. Left
+            # as a dead sender leaves it: due again when this claim runs out, and sent again
+            # with its alert_id (delivery is at least once).
+            logger.warning("the outcome of the likeness alert for version %s (%s) could not be "
+                           "recorded (%s): it is sent again after %s", version_id,
+                           "delivered" if delivery["delivered"] else "failed", exc.message,
+                           claimed.claim.isoformat())
+            return bool(delivery["delivered"])
+        if not recorded:
             # This send outlasted its claim and another sender has taken the alert over: its
             # record (delivered, or a later attempt) stands, and this late one would undo it.
             logger.info("the likeness alert for version %s was taken over by another sender "
