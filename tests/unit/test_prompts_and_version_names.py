@@ -75,3 +75,22 @@ def test_a_version_is_named_by_id_or_number() -> None:
     assert find_version(versions, "2") == versions[1]
     assert find_version(versions, "V2 ") == versions[1]
     assert find_version(versions, "id-1") == versions[0]
+
+
+@given(st.integers(min_value=1, max_value=2**31 - 1), st.integers(min_value=0, max_value=3),
+       st.sampled_from(["", "v", "V"]))
+def test_a_version_number_written_any_way_names_that_version(number: int, zeros: int,
+                                                            prefix: str) -> None:
+    versions = [_version(number), _version(number + 1)]
+    assert find_version(versions, f" {prefix}{'0' * zeros}{number} ") == versions[0]
+
+
+@pytest.mark.parametrize("digits", [11, 4301, 10_000])
+def test_a_number_longer_than_any_version_s_names_none(digits: int) -> None:
+    # int() refuses a text of over 4300 digits: it was a ValueError, a 500 for the API's
+    # activate and weights routes, a traceback for the CLI's activate and export.
+    versions = [_version(1), _version(2)]
+    assert find_version(versions, "1" * digits) is None
+    assert find_version(versions, "v" + "1" * digits) is None
+    # Zeros in front make no number longer.
+    assert find_version(versions, "0" * 5000 + "2") == versions[1]

@@ -10,6 +10,9 @@ from selfie_lora.domain.entities import Version
 # The event a user's activation (rollback or roll forward) writes; the likeness gate counts them
 # to know whether the user chose a version while another was being scored.
 VERSION_ACTIVATED = "version_activated"
+# A version's number is an INTEGER column (at most 2**31 - 1, ten digits): a longer number names
+# no version.
+_NUMBER_DIGITS_MAX = len(str(2**31 - 1))
 
 
 def find_version(versions: Sequence[Version], ref: str) -> Version | None:
@@ -19,8 +22,14 @@ def find_version(versions: Sequence[Version], ref: str) -> Version | None:
     number = wanted.lower().removeprefix("v")
     # ASCII digits only: str.isdigit() is true of "²", which int() refuses.
     numeric = number.isascii() and number.isdigit()
+    # Read once, and only when it can be a version's number: int() refuses a text of over
+    # 4300 digits (a ValueError: a 500 for "POST /api/model/versions/111...1/activate").
+    # Zeros in front count towards that limit too, and make no number longer.
+    significant = number.lstrip("0") or "0"
+    as_number = (int(significant) if numeric and len(significant) <= _NUMBER_DIGITS_MAX
+                 else None)
     for version in versions:
-        if version.id == wanted or (numeric and version.number == int(number)):
+        if version.id == wanted or (as_number is not None and version.number == as_number):
             return version
     return None
 
