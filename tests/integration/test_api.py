@@ -208,6 +208,59 @@ def test_a_version_published_to_another_model_is_not_generated_with(tmp_path: Pa
 
 
 @dataclass
+class LaterMismatchTrainer(FakeTrainer):
+    """Replicate publishing a retraining's LoRA as another model's version, once the first
+    training went well (``mismatch`` set between them)."""
+
+    backend: str = "replicate"
+    mismatch: bool = False
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        result = super().train(job, sink=sink)
+        if not self.mismatch:
+            return result
+        return dataclasses.replace(result, version_mismatch=True,
+                                   remote_version="someone/elses-model:" + "c" * 64)
+
+
+def test_a_version_published_to_another_model_is_not_activated_over_one_that_works(
+        tmp_path: Path) -> None:
+    """Activated, every generation with no version named failed (422 version_mismatch) where
+    version 1 made pictures: refused as a version whose weights are gone is, nothing changed."""
+    settings = make_settings(tmp_path, trainer="replicate", replicate_owner="acme")
+    trainer = LaterMismatchTrainer()
+    svc = build_services(settings, trainers={"replicate": trainer},
+                         face_analyzer=one_person_analyzer(),
+                         generators={"replicate": FakeGenerator(backend="replicate")})
+    try:
+        with TestClient(create_app(settings, services=svc, run_worker=True)) as client:
+            h = auth(svc, "ann")
+            first = upload(client, h, photo_zip(4, size=1024))
+            assert wait_terminal(client, h, first["training"]["id"])["training"]["status"] == (
+                "succeeded")
+            trainer.mismatch = True
+            again = upload(client, h, photo_zip(4, size=1024))
+            done = wait_terminal(client, h, again["training"]["id"])
+            # Its probes cannot be made: the gate held it, version 1 stays active.
+            assert done["model"]["active_version"]["number"] == 1
+            events = len(client.get("/api/model/log", headers=h).json()["events"])
+            r = client.post("/api/model/versions/2/activate", headers=h)
+            assert r.status_code == 409, r.text
+            error = r.json()["error"]
+            assert error["code"] == "version_mismatch"
+            assert "another model" in error["message"]
+            model = client.get("/api/model", headers=h).json()
+            assert model["active_version"]["number"] == 1  # nothing changed
+            assert len(client.get("/api/model/log", headers=h).json()["events"]) == events
+            generated = client.post("/api/generate", headers=h, json={"prompt": "x", "seed": 1})
+            assert generated.status_code == 200, generated.text
+            # Version 1 can be activated again (already active: the same answer).
+            assert client.post("/api/model/versions/1/activate", headers=h).status_code == 200
+    finally:
+        svc.close()
+
+
+@dataclass
 class SameRemoteVersionTrainer(FakeTrainer):
     """A backend that names the same remote version for every training: the destination's
     latest taken for an output that named none, while Replicate had added none for the run."""

@@ -75,7 +75,8 @@ def versions(user: UserDep, svc: ServicesDep, base: UrlBaseDep, limit: int | Non
 
 
 @router.post("/versions/{version_id}/activate", responses=errors(
-    {**NOT_FOUND, 409: (E.WEIGHTS_MISSING, E.BASE_MODEL_MISMATCH)}, body=True)
+    {**NOT_FOUND, 409: (E.WEIGHTS_MISSING, E.BASE_MODEL_MISMATCH, E.VERSION_MISMATCH)},
+    body=True)
     | answers(ModelAnswer))
 def activate(user: UserDep, svc: ServicesDep, base: UrlBaseDep, version_id: str) -> dict[str, Any]:
     """Rollback or roll forward; ``version_id`` is an id or a number (``2``, ``v2``)."""

@@ -343,7 +343,8 @@ class ModelService:
         back (or has not judged yet) can be activated; the override is recorded on the version
         and in the log. A version whose weights are gone from the storage, on a backend that
         generates from them, is refused (409 ``weights_missing``), as is a local version trained
-        for another base model than the server's (409 ``base_model_mismatch``). The answer is
+        for another base model than the server's (409 ``base_model_mismatch``) and one Replicate
+        published to another model (409 ``version_mismatch``). The answer is
         the model as this activation left it (``_written_overview``): that version active.
         The version already active changes and logs nothing (the same answer)."""
         found = self.get(user=user)
@@ -356,6 +357,16 @@ class ModelService:
             logger.error("model %s: version %d not activated: its weights %s are missing",
                          wanted.model_id, wanted.number, wanted.weights_key)
             raise weights_missing_error(wanted)
+        if wanted.version_mismatch and wanted.id != found.active_version_id:
+            # Active, a version Replicate published to another model than the user's would fail
+            # every generation too (422 version_mismatch: its pictures would be another
+            # model's), in place of one that worked. Refused, nothing changed; the one active
+            # already (a first version, nothing to beat) is left as it is.
+            raise ConflictError(
+                f"version {wanted.number} cannot become the active version: Replicate "
+                f"published it to another model than yours ({found.destination}), so its "
+                "pictures would not be of you; activate another version, or retrain",
+                code=ErrorCode.VERSION_MISMATCH)
         # Active, a version trained for another base model would fail every generation too.
         check_version_fits_base_model(backend=found.backend, version=wanted,
                                       base_model=self._repin_policy.base_model,
