@@ -112,3 +112,34 @@ def test_an_explicit_re_pin_of_a_model_never_trained_is_recorded_even_to_the_ver
                                      repinned_before=repinned_before)
         assert repin_is_recorded(pinned="v2", requested="v1", trained_before=trained_before,
                                  repinned_before=repinned_before)
+
+
+def test_a_first_training_after_the_replicate_owner_moved_trains_into_the_new_account() -> None:
+    """Contract invariant 2: the destination is created at the first training, so one derived
+    at the upload under the account of then (nothing created there yet) follows the configured
+    owner, as the backend and trainer version do; once trained, it never moves."""
+    acme = TrainingDefaults(backend="replicate", owner="acme",
+                            trainer_version="ostris/flux-dev-lora-trainer:" + "a" * 64,
+                            replicate_recipe="replicate-person-v1")
+    moved = dataclasses.replace(acme, owner="acme-studio")
+    model = new_model(user_id="u", model_id="0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+                      defaults=acme, rng=random.Random(0), now=NOW)
+    plan = plan_training(model, user_id="u", new_model_id="x", defaults=moved,
+                         rng=random.Random(1), now=NOW, trained_before=False, has_version=False)
+    # Old code: acme/selfie-lora-0f1e2d3c4b5a6978, an account the server no longer trains on.
+    assert plan.destination == "acme-studio/selfie-lora-0f1e2d3c4b5a6978"
+    assert (plan.backend, plan.trainer_version, plan.trigger_word) == (
+        "replicate", acme.trainer_version, model.trigger_word)
+    assert plan.preserved["pinned_at_first_training"]["replaces"]["destination"] == (
+        "acme/selfie-lora-0f1e2d3c4b5a6978")
+    # Trained (or re-pinned) once, the destination is the model's for good.
+    for trained_before, repinned in ((True, False), (False, True)):
+        kept = plan_training(model, user_id="u", new_model_id="x", defaults=moved,
+                             rng=random.Random(1), now=NOW, trained_before=trained_before,
+                             has_version=trained_before, repinned_by_user=repinned)
+        assert kept.destination == "acme/selfie-lora-0f1e2d3c4b5a6978"
+    # Unchanged configuration: the same model, no new pin logged.
+    same = plan_training(model, user_id="u", new_model_id="x", defaults=acme,
+                         rng=random.Random(1), now=NOW, trained_before=False, has_version=False)
+    assert same.model is model
+    assert "pinned_at_first_training" not in same.preserved

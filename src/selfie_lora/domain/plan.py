@@ -202,20 +202,24 @@ def pin_for_training(model: Model, defaults: TrainingDefaults, *, trained_before
     invariant 3: pinned at the first training). A model that has trained, or that its user
     re-pinned explicitly, keeps its pin; one never trained (an upload that started nothing made
     it) takes the configured ones, which may have changed since that upload, and with another
-    backend that backend's destination. The same object when nothing changes."""
-    if trained_before or repinned_by_user or (
-            model.backend, model.trainer_version) == (defaults.backend, defaults.trainer_version):
+    backend that backend's destination, and the configured owner's (an operator who moved
+    SELFIE_LORA_REPLICATE_OWNER to another account since the upload). The same object when
+    nothing changes."""
+    if trained_before or repinned_by_user:
         return model
-    if defaults.backend == model.backend:
-        return dataclasses.replace(model, trainer_version=defaults.trainer_version)
-    # Another backend: the destination derived at the upload names that backend's owner (the
-    # local backend's is the literal "local"), which the new one cannot train into. It is
-    # derived again as a new model's would be; a never-trained model has no remote destination
-    # created yet, so this is still before it is made (contract invariant 2).
+    # The destination derived at the upload names the owner of then (the local backend's is
+    # the literal "local"), which another backend, or Replicate on another account, cannot
+    # train into: the training tried to create the old account's model with the new account's
+    # token (refused: the first training failed), or trained there when the token reached
+    # both. It is derived again as a new model's would be; a never-trained model has no remote
+    # destination created yet, so this is still before it is made (contract invariant 2).
+    destination = destination_for(owner=defaults.owner, model_id=model.id)
+    if (model.backend, model.trainer_version, model.destination) == (
+            defaults.backend, defaults.trainer_version, destination):
+        return model
     return dataclasses.replace(model, backend=defaults.backend,
                                trainer_version=defaults.trainer_version,
-                               destination=destination_for(owner=defaults.owner,
-                                                           model_id=model.id))
+                               destination=destination)
 
 
 def repin_is_recorded(*, pinned: str, requested: str, trained_before: bool,
