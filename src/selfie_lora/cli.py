@@ -1144,13 +1144,21 @@ def export_cmd(
         # A str, not a Path: Path drops the trailing '/' that says "a folder" of one that does
         # not exist yet (it wrote a file of that name).
         where = Path(out) if out is not None else Path(".")
-        as_folder = out is None or out.endswith(("/", os.sep)) or where.is_dir()
-        target = where / export.filename if as_folder else where
-        if target.exists() and not force:
+        target = where
+        try:
+            # Looking is an OSError too where the name cannot be (a name over 255 bytes:
+            # ENAMETOOLONG; a folder this user may not look into: EACCES): it was a traceback
+            # from is_dir()/exists(), where a place that cannot be written is one line.
+            as_folder = out is None or out.endswith(("/", os.sep)) or where.is_dir()
+            target = where / export.filename if as_folder else where
+            exists = target.exists()
+            in_the_way = file_in_the_way(target.parent)
+        except OSError as exc:
+            _cannot_write(target, exc)
+        if exists and not force:
             # A LoRA is often exported again with the same name: never lose one silently.
             _fail(f"{target} exists; nothing was written (pass --force to replace it, or --out "
                   "another file)")
-        in_the_way = file_in_the_way(target.parent)
         if in_the_way is not None:  # mkdir's own words were 'File exists' / 'Not a directory'
             _fail(f"cannot write {target}: {in_the_way} is a file, not a folder")
         try:

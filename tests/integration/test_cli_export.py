@@ -74,3 +74,22 @@ def test_nobody_with_a_model_is_said(services: Services) -> None:
     services.users.create(name="ann")
     with pytest.raises(NotFoundError, match="nobody has a model yet"):
         services.models.owner_for_export(version_id="1")
+
+
+@pytest.mark.parametrize("name", ["file", "folder/", "in a folder"])
+def test_an_out_whose_name_is_too_long_is_one_line(trained: Services, tmp_path: Path,
+                                                   name: str) -> None:
+    """Looking at the path was an OSError (ENAMETOOLONG) from is_dir() or exists(): a
+    traceback, where a place that cannot be written is one line and exit status 1."""
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    long = "x" * 300
+    out = {"file": f"{folder / long}.safetensors", "folder/": f"{folder / long}/",
+           "in a folder": str(folder / long / "v1.safetensors")}[name]
+    result = CliRunner().invoke(cli.app, ["export", "1", "--out", out])
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: cannot write ")
+    assert line.endswith(": File name too long")
+    assert list(folder.iterdir()) == []  # nothing written
