@@ -260,6 +260,37 @@ def test_a_version_published_to_another_model_is_not_activated_over_one_that_wor
         svc.close()
 
 
+@pytest.mark.parametrize("gate", [True, False], ids=["gate on", "gate off"])
+def test_a_version_published_to_another_model_never_replaces_the_active_one(
+        tmp_path: Path, gate: bool) -> None:
+    """Gate off, it passed and replaced version 1, which made pictures, with one that makes
+    none; gate on, it was held with the hint to activate it yourself, which is refused."""
+    settings = make_settings(tmp_path, trainer="replicate", replicate_owner="acme",
+                             quality_gate=gate)
+    trainer = LaterMismatchTrainer()
+    svc = build_services(settings, trainers={"replicate": trainer},
+                         face_analyzer=one_person_analyzer(),
+                         generators={"replicate": FakeGenerator(backend="replicate")})
+    try:
+        with TestClient(create_app(settings, services=svc, run_worker=True)) as client:
+            h = auth(svc, "ann")
+            first = upload(client, h, photo_zip(4, size=1024))
+            assert wait_terminal(client, h, first["training"]["id"])["training"]["status"] == (
+                "succeeded")
+            trainer.mismatch = True
+            again = upload(client, h, photo_zip(4, size=1024))
+            done = wait_terminal(client, h, again["training"]["id"])
+            versions = client.get("/api/model/versions", headers=h).json()["versions"]
+    finally:
+        svc.close()
+    assert done["training"]["status"] == "succeeded"
+    assert done["model"]["active_version"]["number"] == 1
+    held = versions[0]
+    assert (held["number"], held["gate"]["status"]) == (2, "held")
+    assert "another model" in held["gate"]["reason"]
+    assert "activate it yourself" not in held["gate"]["reason"]
+
+
 @dataclass
 class SameRemoteVersionTrainer(FakeTrainer):
     """A backend that names the same remote version for every training: the destination's

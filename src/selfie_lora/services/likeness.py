@@ -322,6 +322,21 @@ class LikenessService:
         reference = (self._reference_for(version, outage_raises=True) if _scored(record)
                      else None)
         after = self._scores_against(record, reference)
+        if version.version_mismatch and baseline is not None:
+            # Replicate published it to another model (replicate-python #419): nothing ever
+            # generates with it (GenerationService.render), so it is held over the active version
+            # whether the gate is on or off (off, it passed and replaced a version that made
+            # pictures), and without the hint to activate it, which ModelService.activate
+            # refuses.
+            return GateVerdict(
+                version_id=version.id, model_id=model.id, status=GateStatus.HELD,
+                reason=(f"Replicate published version {version.number} to another model than "
+                        "yours, so it cannot make your pictures (train again for a version of "
+                        f"your own): {KEPT_NOT_ACTIVATED}"),
+                details={"after": after.headline() if after else None, "before": None,
+                         "tolerance": self.tolerance},
+                baseline=baseline, reference_id=reference.dataset_id if reference else None,
+                record=record)
         if baseline is None or not self.gate_enabled:
             # Nothing to beat (a first version, or none is active), or no gate: it passes,
             # scored or not.
