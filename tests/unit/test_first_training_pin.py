@@ -132,12 +132,26 @@ def test_a_first_training_after_the_replicate_owner_moved_trains_into_the_new_ac
         "replicate", acme.trainer_version, model.trigger_word)
     assert plan.preserved["pinned_at_first_training"]["replaces"]["destination"] == (
         "acme/selfie-lora-0f1e2d3c4b5a6978")
-    # Trained (or re-pinned) once, the destination is the model's for good.
-    for trained_before, repinned in ((True, False), (False, True)):
-        kept = plan_training(model, user_id="u", new_model_id="x", defaults=moved,
-                             rng=random.Random(1), now=NOW, trained_before=trained_before,
-                             has_version=trained_before, repinned_by_user=repinned)
-        assert kept.destination == "acme/selfie-lora-0f1e2d3c4b5a6978"
+    # Trained once, the destination is the model's for good.
+    kept = plan_training(model, user_id="u", new_model_id="x", defaults=moved,
+                         rng=random.Random(1), now=NOW, trained_before=True, has_version=True)
+    assert kept.model is model
+    assert kept.destination == "acme/selfie-lora-0f1e2d3c4b5a6978"
+    # Re-pinned by its user and never trained: the trainer version is the user's, the account
+    # is still the server's (old code: the old account's destination).
+    repinned = dataclasses.replace(model, trainer_version="ostris/flux-dev-lora-trainer:"
+                                   + "b" * 64)
+    chosen = plan_training(repinned, user_id="u", new_model_id="x", defaults=moved,
+                           rng=random.Random(1), now=NOW, trained_before=False,
+                           has_version=False, repinned_by_user=True)
+    assert (chosen.trainer_version, chosen.destination) == (
+        repinned.trainer_version, "acme-studio/selfie-lora-0f1e2d3c4b5a6978")
+    # Re-pinned to a backend the server no longer runs: whose account that is, is not known.
+    local = dataclasses.replace(repinned, backend="local", trainer_version="local-tiny-v1",
+                                destination="local/selfie-lora-0f1e2d3c4b5a6978")
+    assert plan_training(local, user_id="u", new_model_id="x", defaults=moved,
+                         rng=random.Random(1), now=NOW, trained_before=False,
+                         has_version=False, repinned_by_user=True).model is local
     # Unchanged configuration: the same model, no new pin logged.
     same = plan_training(model, user_id="u", new_model_id="x", defaults=acme,
                          rng=random.Random(1), now=NOW, trained_before=False, has_version=False)

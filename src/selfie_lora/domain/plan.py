@@ -200,12 +200,14 @@ def pin_for_training(model: Model, defaults: TrainingDefaults, *, trained_before
                      repinned_by_user: bool = False) -> Model:
     """``model`` with the trainer version and backend its next training uses (contract
     invariant 3: pinned at the first training). A model that has trained, or that its user
-    re-pinned explicitly, keeps its pin; one never trained (an upload that started nothing made
-    it) takes the configured ones, which may have changed since that upload, and with another
+    re-pinned explicitly, keeps its pin (a re-pinned one never trained still takes the
+    configured owner's destination on the configured backend); one never trained (an upload
+    that started nothing made it) takes the configured ones, which may have changed since that
+    upload, and with another
     backend that backend's destination, and the configured owner's (an operator who moved
     SELFIE_LORA_REPLICATE_OWNER to another account since the upload). The same object when
     nothing changes."""
-    if trained_before or repinned_by_user:
+    if trained_before:
         return model
     # The destination derived at the upload names the owner of then (the local backend's is
     # the literal "local"), which another backend, or Replicate on another account, cannot
@@ -214,6 +216,13 @@ def pin_for_training(model: Model, defaults: TrainingDefaults, *, trained_before
     # both. It is derived again as a new model's would be; a never-trained model has no remote
     # destination created yet, so this is still before it is made (contract invariant 2).
     destination = destination_for(owner=defaults.owner, model_id=model.id)
+    if repinned_by_user:
+        # The user chose the trainer version (and with it the backend), not the account: on the
+        # configured backend, the destination still follows the configured owner until the
+        # first training creates it. On another backend its owner is not configured here.
+        if model.backend != defaults.backend or model.destination == destination:
+            return model
+        return dataclasses.replace(model, destination=destination)
     if (model.backend, model.trainer_version, model.destination) == (
             defaults.backend, defaults.trainer_version, destination):
         return model
