@@ -34,7 +34,7 @@ from selfie_lora.console import (
     print_findings,
     print_report,
 )
-from selfie_lora.domain.entities import Finding, GateStatus, Training, Version
+from selfie_lora.domain.entities import Finding, GateStatus, Training, User, Version
 from selfie_lora.domain.lease import lease_is_live
 from selfie_lora.domain.likeness import gate_reason_now
 from selfie_lora.domain.plan import lora_scale_from_text, lora_scale_text
@@ -1028,6 +1028,7 @@ def generate(
         show_default=False)] = None,
 ) -> None:
     """Generate with the user's active LoRA version (or the one --version names)."""
+    from selfie_lora.services.common import new_id
     from selfie_lora.services.generation import (
         GenerationRequest,
         NoVersionError,
@@ -1048,15 +1049,23 @@ def generate(
     _writable_folder(out)
     with opened() as services:
         owner = services.users.get_by_name(name=user)
+        # Named here: a Ctrl-C or SIGTERM (a time limit's) that ends the command says whether
+        # the pictures were stored, looked up by it. Both ended it with no word (SIGTERM killing
+        # it outright), the pictures perhaps in the gallery and not in --out.
+        generation_id = new_id()
         try:
-            generation = services.generation.generate(user=owner, request=GenerationRequest(
-                prompt=prompt, num_outputs=outputs, seed=seed_value,
-                lora_scale=scale,
-                # As the API's version_id: another version's pictures without activating it,
-                # which changed every client's default (and the model's log) to make one.
-                version_id=version_ref))
+            with _terminate_as_interrupt():
+                generation = services.generation.generate(user=owner, request=GenerationRequest(
+                    prompt=prompt, num_outputs=outputs, seed=seed_value,
+                    lora_scale=scale,
+                    # As the API's version_id: another version's pictures without activating
+                    # it, which changed every client's default (and the model's log) to make one.
+                    version_id=version_ref, generation_id=generation_id))
         except NoVersionError as exc:
             _fail(_no_version_words(exc))
+        except KeyboardInterrupt as exc:
+            _generate_interrupted(exc, services, owner=owner, generation_id=generation_id,
+                                  out=out)
         version = services.models.version(user=owner, version_id=generation.version_id)
         # The seed drawn when none was given was only in a log line: it is what makes the
         # pictures again.
@@ -1078,13 +1087,45 @@ def generate(
                           "Replicate's safety checker", markup=False, highlight=False,
                           soft_wrap=True)
         # Named by the picture's place in the batch (its seed's offset), not its rank.
-        for i, place in enumerate(pictures):
-            target = out / f"{generation.id}-{place}.png"
-            _write(target, services.generation.image(
-                user=owner, generation_id=generation.id, index=i), also=(
-                f"generation {generation.id} is stored: its images are at "
-                f"GET /api/generations/{generation.id}/images/<n>"))
-            console.print(f"wrote {target}", markup=False, highlight=False)
+        try:
+            with _terminate_as_interrupt():
+                for i, place in enumerate(pictures):
+                    target = out / f"{generation.id}-{place}.png"
+                    _write(target, services.generation.image(
+                        user=owner, generation_id=generation.id, index=i), also=(
+                        f"generation {generation.id} is stored: its images are at "
+                        f"GET /api/generations/{generation.id}/images/<n>"))
+                    console.print(f"wrote {target}", markup=False, highlight=False)
+        except KeyboardInterrupt as exc:
+            _generate_interrupted(exc, services, owner=owner, generation_id=generation.id,
+                                  out=out)
+
+
+def _generate_interrupted(exc: KeyboardInterrupt, services: Services, *, owner: User,
+                          generation_id: str, out: Path) -> NoReturn:
+    """``generate`` stopped by Ctrl-C or SIGTERM: one line saying whether its pictures were
+    stored (a generation is stored whole or not at all: pictures stored before the row are
+    left to the garbage collection's orphan sweep), and exit status 130 or 143."""
+    try:
+        stored = services.generation.find(user=owner, generation_id=generation_id)
+    except SelfieLoraError as error:  # the database out of reach as it was interrupted
+        err_console.print(f"interrupted: whether generation {generation_id} was stored is "
+                          f"unknown ({error.message}); 'selfie-lora generations list --user "
+                          f"{owner.name}' lists it if it was", markup=False, highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(_interrupted_status(exc)) from None
+    if stored is None:
+        err_console.print("interrupted: nothing was stored",
+                          markup=False, highlight=False, soft_wrap=True)
+    else:
+        count = len(stored.image_keys)
+        err_console.print(
+            f"interrupted: generation {stored.id} is stored ({count} picture"
+            f"{'' if count == 1 else 's'}), but not all of them were written to {out}: "
+            f"'selfie-lora generations list --user {owner.name}' lists it, and GET "
+            f"/api/generations/{stored.id}/images/<n> gives them", markup=False,
+            highlight=False, soft_wrap=True)
+    raise typer.Exit(_interrupted_status(exc)) from None
 
 
 def _no_version_words(exc: NoVersionError) -> str:

@@ -19,6 +19,7 @@ from selfie_lora import cli
 from selfie_lora import console as console_module
 from selfie_lora.config import Settings
 from selfie_lora.outputs import partial_path
+from selfie_lora.services.ports import GenerationJob
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, SimulatedCrash
 from selfie_lora.wiring import Services
 from tests.conftest import auth, one_person_analyzer, wait_terminal
@@ -110,6 +111,48 @@ def test_a_generate_killed_while_it_writes_a_picture_leaves_none_of_it_under_its
     (written,) = folder.glob("*.png")
     assert written.read_bytes().startswith(b"\x89PNG")
     assert not partial_path(written).exists()
+
+
+# Old code: a Ctrl-C ended generate with exit status 130 and no word, and a SIGTERM (a time
+# limit's) killed it outright: whether the pictures were in the gallery, though not in --out,
+# was not said.
+@pytest.mark.parametrize(("interrupt", "status"), [(KeyboardInterrupt, 130),
+                                                   (cli._Terminated, 143)])
+def test_an_interrupted_generate_says_whether_its_pictures_were_stored(
+        trained: Services, fake_generator: FakeGenerator, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, interrupt: type[KeyboardInterrupt],
+        status: int) -> None:
+    ann = trained.users.get_by_name(name="ann")
+    folder = tmp_path / "images"
+
+    def rendering(job: GenerationJob) -> list[bytes | None]:
+        raise interrupt
+
+    with monkeypatch.context() as interrupting:
+        interrupting.setattr(fake_generator, "generate", rendering)
+        result = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann",
+                                              "--out", str(folder)])
+    assert (result.exit_code, result.output.strip()) == (status, "interrupted: nothing was stored")
+    assert trained.generation.history(user=ann) == []
+
+    real = Path.write_bytes
+
+    def writing(path: Path, data: Any) -> int:
+        if ".png" in path.name:
+            raise interrupt
+        return real(path, data)
+
+    with monkeypatch.context() as interrupting:
+        interrupting.setattr(Path, "write_bytes", writing)
+        result = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann", "-n", "2",
+                                              "--out", str(folder)])
+    [stored] = trained.generation.history(user=ann)
+    assert result.exit_code == status, result.output
+    said = result.output.strip().splitlines()[-1]
+    assert said == (f"interrupted: generation {stored.id} is stored (2 pictures), but not all of "
+                    f"them were written to {folder}: 'selfie-lora generations list --user ann' "
+                    f"lists it, and GET /api/generations/{stored.id}/images/<n> gives them")
+    assert list(folder.glob("*.png")) == []
 
 
 @pytest.mark.parametrize("command", [["generate", "a hat"], ["compare"]])

@@ -243,6 +243,9 @@ class GenerationRequest:
     seed: int | None = None
     lora_scale: float | None = None
     version_id: str | None = None
+    # The id the generation is stored under (None: a new one). The CLI names it first, so that,
+    # interrupted, it can tell whether the pictures were stored (``find``).
+    generation_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -576,7 +579,7 @@ class GenerationService:
         rendered = self.render(model=model, version=version, prompt=request.prompt, seed=seed,
                                num_outputs=request.num_outputs, lora_scale=request.lora_scale,
                                client_gone=client_gone)
-        generation_id = new_id()
+        generation_id = request.generation_id or new_id()
         places = [i for i in range(len(rendered.images) + len(rendered.withheld))
                   if i not in rendered.withheld]
         keys = []
@@ -599,6 +602,12 @@ class GenerationService:
                            generation_id, [i + 1 for i in rendered.withheld],
                            len(keys) + len(rendered.withheld))
         return generation
+
+    def find(self, *, user: User, generation_id: str) -> Generation | None:
+        """One of the user's generations; None when none is stored under that id (or it is
+        another user's)."""
+        generation = self._repo.get_generation(generation_id)
+        return generation if generation is not None and generation.user_id == user.id else None
 
     def image(self, *, user: User, generation_id: str, index: int) -> bytes:
         generation = self._repo.get_generation(generation_id)
