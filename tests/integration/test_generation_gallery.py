@@ -119,6 +119,28 @@ def test_a_1999_character_prompt_of_crlf_lines_is_accepted_and_stored_with_lf(
     assert "2000" in r.text
 
 
+def test_an_empty_or_too_long_prompt_is_refused_by_the_api_with_the_service_s_codes(
+        client: TestClient, services: Services) -> None:
+    # The body's own bounds answered "" and a 2001-character prompt invalid_request ("the
+    # request is not valid"), where "   " was empty_prompt and the CLI and the Generate page
+    # said "the prompt is empty" / "is longer than 2000 characters" (prompt_too_long).
+    owner = own_model(client, services, "ann")
+    for prompt, code, said in (("", "empty_prompt", "the prompt is empty"),
+                               ("   ", "empty_prompt", "the prompt is empty"),
+                               ("x" * 2001, "prompt_too_long",
+                                "the prompt is longer than 2000 characters")):
+        r = client.post("/api/generate", headers=owner.headers, json={"prompt": prompt})
+        assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["message"]) == (
+            422, code, said), r.text
+    r = client.post("/api/generate", headers=owner.headers, json={"prompt": 5})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_request"), r.text
+    r = client.post("/api/generate", headers=owner.headers, json={"prompt": "x" * 2000})
+    assert r.status_code == 200, r.text
+    declared = client.get("/openapi.json").json()["paths"]["/api/generate"]["post"]["responses"]
+    assert "prompt_too_long" in declared["422"]["description"]
+    assert len(services.generation.history(user=services.users.get_by_name(name="ann"))) == 1
+
+
 def test_a_generation_is_deleted_with_its_pictures_by_its_owner_only(
         client: TestClient, services: Services) -> None:
     # There was no way to delete one generation (API, page or CLI): only the operator's

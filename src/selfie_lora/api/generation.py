@@ -29,7 +29,7 @@ router = APIRouter(prefix="/api", tags=["generation"], route_class=JsonBodyRoute
 @router.post("/generate", responses=errors({
     404: (E.NOT_FOUND,), 409: (E.WEIGHTS_MISSING, E.WEIGHTS_DAMAGED, E.BASE_MODEL_MISMATCH),
     422: (E.INVALID_REQUEST, E.NO_VERSION, E.NO_REMOTE_VERSION, E.VERSION_MISMATCH,
-          E.INVALID_PROMPT, E.EMPTY_PROMPT, E.UNSTORABLE_TEXT, E.UNSUPPORTED_WEIGHTS),
+          E.INVALID_PROMPT, E.EMPTY_PROMPT, E.PROMPT_TOO_LONG, E.UNSTORABLE_TEXT, E.UNSUPPORTED_WEIGHTS),
     429: (E.TOO_MANY_GENERATIONS,), 502: (E.GENERATION_FAILED,)}, body=True) | answers(Generated))
 async def generate(user: UserDep, svc: ServicesDep, base: UrlBaseDep, body: GenerateBody,
                    http: Request) -> dict[str, Any]:

@@ -12,11 +12,11 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 from fastapi import Response
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from selfie_lora.domain.plan import LORA_SCALE_MAX, LORA_SCALE_MIN
 from selfie_lora.errors import ErrorCode
-from selfie_lora.services.generation import MAX_OUTPUTS, MAX_PROMPT_CHARS, one_line_break
+from selfie_lora.services.generation import MAX_OUTPUTS, MAX_PROMPT_CHARS
 from selfie_lora.services.ports import MAX_SEED
 
 # Ids are uuids (a version may also be named by its number); anything longer is not ours, nor
@@ -61,15 +61,14 @@ class ModelPatch(_Body):
     reason: str | None = Field(default=None, description="At most 500 characters.")
 
 
-def _one_line_break(value: Any) -> Any:
-    return one_line_break(value) if isinstance(value, str) else value
-
-
 class GenerateBody(_Body):
-    # Counted as the service counts it, a CRLF line break as one character (as the Generate
-    # page's text area counts it).
-    prompt: Annotated[str, BeforeValidator(_one_line_break)] = Field(
-        min_length=1, max_length=MAX_PROMPT_CHARS)
+    # Unbounded here: the service's rules (a line break counted as one character, as the
+    # Generate page's text area counts it) are the answer, with its codes, as the CLI and the
+    # page get them; bounds here answered an empty or a 2001-character prompt invalid_request
+    # where "   " was empty_prompt. The guard's body cap still bounds it.
+    prompt: str = Field(description=f"1 to {MAX_PROMPT_CHARS} characters, a line break (LF, "
+                        "CRLF or CR) counted as one (422 empty_prompt when empty or only spaces, "
+                        "prompt_too_long when longer).")
     num_outputs: int = Field(default=1, ge=1, le=MAX_OUTPUTS, strict=True)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
     lora_scale: float | None = Field(default=None, ge=LORA_SCALE_MIN, le=LORA_SCALE_MAX,
