@@ -174,6 +174,27 @@ def test_a_generation_is_deleted_with_its_pictures_by_its_owner_only(
     assert "No pictures yet." in client.get("/generate").text
 
 
+def test_a_delete_sent_twice_comes_back_to_the_gallery_saying_it_was_deleted_already(
+        client: TestClient, services: Services) -> None:
+    # The Delete button sent twice (a double click without scripts, another tab's Delete of the
+    # same generation): the second answered a "Not found" page, "no such generation", and the
+    # user could not tell whether the first had deleted it.
+    services.users.create(name="ann", password=PASSWORD)
+    own_model(client, services, "ann")
+    first, second = _generations(services, "ann", 2)
+    sign_in(client, "ann")
+    token = csrf(client, "/generate")
+    for said in ("Generation deleted.", "That generation was deleted already."):
+        r = client.post(f"/generations/{second}/delete",
+                        data={"csrf_token": token, "focus": f"g-{first}"}, follow_redirects=False)
+        assert (r.status_code, r.headers["location"]) == (303, f"/generate#g-{first}"), r.text
+        page = client.get(r.headers["location"]).text
+        assert f'<p class="notice" role="status" id="deleted-note">{said}</p>' in page, page
+        assert re.findall(r'<img src="/generations/([^/]+)/0\.png"', page) == [first]
+    assert [g.id for g in services.generation.history(
+        user=services.users.get_by_name(name="ann"))] == [first]
+
+
 def test_the_next_page_comes_when_the_cursor_generation_was_deleted_in_between(
         client: TestClient, services: Services) -> None:
     # The cursor was the last generation of the page before, looked up as a row: deleted in

@@ -949,7 +949,7 @@ def _generate(request: Request, viewer: Viewer, *, before: str | None, scale: fl
                       scale_max=LORA_SCALE_MAX, withheld=withheld,
                       older=page.older, before=before or None,
                       pictures=pictures, scale=scale, seed_max=MAX_SEED,
-                      generation_deleted=GENERATION_DELETED,
+                      gallery_notices=(GENERATION_DELETED, GENERATION_GONE),
                       # The paging links keep the scale chosen (a Delete's form too): without
                       # it the slider went back to the saved scale, and so did the next picture.
                       older_url=_generate_url(before=page.older, scale=scale, version=version),
@@ -976,6 +976,9 @@ def _generate_url(*, before: str | None, scale: float | None, version: str | Non
 
 # A Delete's notice (say_done): generate.html shows it at the gallery, where the page lands.
 GENERATION_DELETED = "Generation deleted."
+# A Delete of a generation that is gone already: a second click of the button (the page's
+# scripts disable it; without them it is sent twice), another tab's Delete, the retention.
+GENERATION_GONE = "That generation was deleted already."
 # Where a Delete puts the page back: a gallery item's id (g-<generation id>) or its heading.
 _GALLERY_ANCHOR = re.compile(r"g-[0-9A-Za-z-]{1,64}|pictures")
 
@@ -1049,7 +1052,14 @@ def generation_delete(request: Request, viewer: FormViewer, generation_id: str,
                       lora_scale: OptionalFormStr = None, version: OptionalFormStr = None,
                       focus: OptionalFormStr = None) -> Response:
     web = _web(request)
-    web.services.generation.delete(user=viewer.user, generation_id=generation_id)
+    try:
+        web.services.generation.delete(user=viewer.user, generation_id=generation_id)
+        said = GENERATION_DELETED
+    except NotFoundError:
+        # What the user wanted is so: back to the gallery, saying it, not a "Not found" page
+        # that left them wondering whether the first click had deleted it. The same words for
+        # an id never theirs: nothing is told of another user's.
+        said = GENERATION_GONE
     # Back to the page the button was on (its ?before=, a position that holds without the
     # generation just deleted), not to the newest page, where the user lost their place; with
     # the scale chosen there, which the next Generate uses (not the saved one); at the
@@ -1059,7 +1069,7 @@ def generation_delete(request: Request, viewer: FormViewer, generation_id: str,
     # which said it again on a reload.
     anchor = focus if focus and _GALLERY_ANCHOR.fullmatch(focus) else "pictures"
     return _done(request, _generate_url(before=before or None, scale=_chosen_scale(lora_scale),
-                                        version=version) + "#" + anchor, GENERATION_DELETED)
+                                        version=version) + "#" + anchor, said)
 
 
 @router.get("/generations/{generation_id}/{index}.png")
