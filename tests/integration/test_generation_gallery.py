@@ -55,6 +55,20 @@ def test_the_oldest_of_51_generations_is_reachable_on_the_page_and_through_the_a
     assert second["generations"][-1]["images"] == [f"/api/generations/{made[0]}/images/0"]
 
 
+def test_an_empty_before_is_the_first_page_as_on_the_generate_page(
+        client: TestClient, services: Services) -> None:
+    # A script passing the last page's "older" on (curl "...?before=$older", 'generations list
+    # --before "$older"') starts with none: it was told "no such generation" (404, exit 1).
+    owner = own_model(client, services, "ann")
+    made = _generations(services, "ann", 2)
+    r = client.get("/api/generations?limit=1&before=", headers=owner.headers)
+    assert r.status_code == 200, r.text
+    assert [g["id"] for g in r.json()["generations"]] == [made[1]]
+    r = client.get("/api/generations", headers=owner.headers,
+                   params={"limit": 1, "before": r.json()["older"]})
+    assert [g["id"] for g in r.json()["generations"]] == [made[0]]
+
+
 def test_generations_of_another_user_are_neither_listed_nor_a_cursor(
         client: TestClient, services: Services) -> None:
     ann = own_model(client, services, "ann")

@@ -686,13 +686,16 @@ class GenerationService:
              before: str | None = None) -> GenerationPage:
         """A page of the user's generations, newest first: the ``limit`` (1 to
         ``HISTORY_MAX_PAGE``) below the position ``before`` (the ``older`` of the page before:
-        ``GenerationPosition.cursor``), or the newest. The position holds even when the
-        generation it was taken from has been deleted since. A bare generation id (the cursor
-        before positions, a bookmarked page) is looked up: a 404 for one that is not the
-        user's (now or any more), as for a cursor that is neither."""
+        ``GenerationPosition.cursor``), or the newest (``before`` None or empty). The position
+        holds even when the generation it was taken from has been deleted since. A bare
+        generation id (the cursor before positions, a bookmarked page) is looked up: a 404 for
+        one that is not the user's (now or any more), as for a cursor that is neither."""
         page_limit(limit)
         cursor = None
-        if before is not None:
+        # An empty ``before`` is the first page, as the Generate page's ``?before=`` is: a script
+        # passing the last page's ``older`` on (``--before "$older"``, ``?before=$older``)
+        # starts with none, and was told "no such generation".
+        if before:
             cursor = GenerationPosition.parse(before)
             if cursor is None:
                 found = self._repo.get_generation(before)
