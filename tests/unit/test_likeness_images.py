@@ -164,6 +164,30 @@ def test_the_chart_s_legend_covers_no_point() -> None:
     assert png_size(render_chart(points, title="likeness", tolerance=0.02)) == CHART_SIZE
 
 
+@pytest.mark.parametrize("held", [["scored"], ["unscored"], ["scored", "unscored"]])
+def test_the_chart_s_legend_fits_the_picture_when_versions_were_held(held: list[str]) -> None:
+    """With a held version the legend got one or two long entries ("held by the gate (tolerance
+    0.02)", HELD_NOT_SCORED) in three columns: wider than the 800 px picture, it ran off both
+    its sides, cut, and the plot was squeezed to 60% of the width (found in review). It fits,
+    and the plot keeps its width."""
+    points = [ChartPoint(1, 0.8, 0.85, 1.0, 1.0, "passed", False)]
+    if "unscored" in held:
+        points.append(ChartPoint(2, None, None, None, None, "held", False))
+    if "scored" in held:
+        points.append(ChartPoint(3, 0.3, 0.35, 1.0, 1.0, "held", False))
+    points.append(ChartPoint(4, 0.82, 0.86, 1.0, 1.0, "passed", True))
+    fig = chart_figure(points, title="likeness", tolerance=0.02)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    assert legend is not None
+    box, plot = legend.get_window_extent(), ax.get_window_extent()
+    assert box.x0 >= 0, box
+    assert box.x1 <= CHART_SIZE[0], box
+    assert box.y0 >= 0, box
+    assert plot.width >= 0.8 * CHART_SIZE[0], plot
+
+
 def _contrast_on_white(colour: tuple[float, float, float]) -> float:
     def linear(c: float) -> float:
         return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
