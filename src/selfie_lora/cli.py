@@ -36,7 +36,7 @@ from selfie_lora.console import (
 )
 from selfie_lora.domain.entities import Finding, GateStatus, Training, User, Version
 from selfie_lora.domain.lease import lease_is_live
-from selfie_lora.domain.likeness import gate_reason_now
+from selfie_lora.domain.likeness import gate_reason_now, unscored_words
 from selfie_lora.domain.plan import lora_scale_from_text, lora_scale_text
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
@@ -1287,9 +1287,11 @@ def compare(
         table.add_column(column)
     for row in comparison.probes:
         cells = []
-        for result, score in ((row.a, row.a_score), (row.b, row.b_score)):
+        for result, score, version, record in (
+                (row.a, row.a_score, va, comparison.record_a),
+                (row.b, row.b_score, vb, comparison.record_b)):
             if result is None:
-                cells.append("not scored")
+                cells.append(unscored_words(version, record))
             elif not result.face_found:
                 cells.append("no face")
             else:

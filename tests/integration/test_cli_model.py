@@ -24,6 +24,7 @@ from selfie_lora.domain.likeness import (
     VersionLikeness,
     gate_cell,
     likeness_cell,
+    unscored_words,
 )
 from selfie_lora.errors import GenerationError
 from selfie_lora.services.training import NextPin
@@ -97,6 +98,18 @@ def test_versions_shows_a_version_being_scored_as_pending() -> None:
     held = _version(gate_status=GateStatus.HELD, gate_details={"override": {"at": "now"}})
     assert gate_cell(held) == "held, activated anyway"
     assert gate_cell(_version(gate_status=GateStatus.HELD)) == "held"
+
+
+def test_a_comparison_says_why_a_version_has_no_probe_results() -> None:
+    """A comparison (grid, its words on the Versions page, ``selfie-lora compare``'s table)
+    said "not scored" of a version whose scoring failed and of one being scored alike, as of
+    one from before likeness tracking (found in review)."""
+    failed = dataclasses.replace(_record(None, 0.0), status=LikenessStatus.FAILED, scores=None)
+    assert unscored_words(_version(gate_status=GateStatus.HELD), failed) == "scoring failed"
+    assert unscored_words(_version(gate_status=GateStatus.PENDING), None) == "not scored yet"
+    pending = dataclasses.replace(failed, status=LikenessStatus.PENDING)
+    assert unscored_words(_version(gate_status=GateStatus.PENDING), pending) == "not scored yet"
+    assert unscored_words(_version(), None) == "not scored"
 
 
 def _page_cells(page: str) -> dict[str, tuple[str, str]]:

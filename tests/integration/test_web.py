@@ -44,11 +44,13 @@ from selfie_lora.domain.plan import (
 from selfie_lora.errors import (
     DatabaseUnreachableError,
     ErrorCode,
+    GenerationError,
     InvalidInputError,
     StorageError,
 )
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import DEPLOYMENT_KEY, chart_key
+from selfie_lora.services.likeness import grid_text
 from selfie_lora.services.ports import BlobStream
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -1346,6 +1348,31 @@ def test_the_grid_and_the_chart_say_in_words_what_their_pictures_show(
     for line in ("identity (mean of the photos)", "identity (nearest photo)",
                  "share of probes with a face", "share of sane images", "active version"):
         assert line in chart.group(1), chart.group(1)
+
+
+def test_the_grid_says_a_version_s_scoring_failed_not_that_it_is_not_scored(
+        ann: TestClient, svc: Services, fake_generator: FakeGenerator) -> None:
+    """v2's scoring failed (the generator down): the grid's column B, its alt and every probe's
+    words said "not scored", as of a version from before likeness tracking, or said nothing
+    (found in review). They say its scoring failed, in the picture and in words."""
+    assert upload(ann)[0] == 200
+    assert 'data-status="succeeded"' in train(ann)
+    fake_generator.fail_with = GenerationError("the generator is down")
+    try:
+        train(ann)
+    finally:
+        fake_generator.fail_with = None
+    page = ann.get("/versions?a=1&b=2").text
+    alt = re.search(r'id="grid" src="[^"]+" alt="([^"]+)"', page)
+    assert alt, page
+    assert "column B: version 2 (held), scoring failed;" in alt.group(1)
+    listed = page.split('id="grid-text"', 1)[1].split("</ol>", 1)[0]
+    words = re.findall(r'<span class="b">([^<]+)</span>', listed)
+    assert words
+    assert set(words) == {"scoring failed"}
+    user = svc.users.get_by_name(name="ann")
+    assert grid_text(svc.likeness.compare(user=user, a="1", b="2")).b == (
+        "B: version 2 (held)\nscoring failed")
 
 
 def test_the_chart_s_values_are_in_a_table_its_alt_points_to(

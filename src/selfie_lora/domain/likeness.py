@@ -691,6 +691,17 @@ def likeness_cell(version: Version, record: LikenessFacts | None) -> str:
     return str(LikenessStatus.PENDING) if version.gate_status is GateStatus.PENDING else "-"
 
 
+def unscored_words(version: Version, record: LikenessFacts | None) -> str:
+    """What a comparison says of a version's probe that has no result: "not scored" alone was
+    said of a version whose scoring failed (which will not be scored by itself) and of one its
+    worker is scoring now (which will) alike, as of one from before likeness tracking."""
+    if record is not None and record.status is LikenessStatus.FAILED:
+        return "scoring failed"
+    if version.gate_status is GateStatus.PENDING:
+        return "not scored yet"
+    return "not scored"
+
+
 def gate_cell(version: Version) -> str:
     """The gate's decision on a version as the Versions page and ``selfie-lora versions`` show
     it, and whether its user's activation overrode it: "held, activated anyway" (held alone read

@@ -66,6 +66,7 @@ from selfie_lora.domain.likeness import (
     shown_scores,
     stored_embeddings,
     training_figures,
+    unscored_words,
 )
 from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
 from selfie_lora.errors import (
@@ -1294,19 +1295,25 @@ class GridText:
 
 
 def grid_text(comparison: Comparison) -> GridText:
+    unscored_a = unscored_words(comparison.a, comparison.record_a)
+    unscored_b = unscored_words(comparison.b, comparison.record_b)
     return GridText(
-        a=_column_title("A", comparison.a, comparison.scores_a, comparison.stale_a),
-        b=_column_title("B", comparison.b, comparison.scores_b, comparison.stale_b),
+        a=_column_title("A", comparison.a, comparison.scores_a, comparison.stale_a,
+                        unscored=unscored_a),
+        b=_column_title("B", comparison.b, comparison.scores_b, comparison.stale_b,
+                        unscored=unscored_b),
         # The API's numbering (probes[].index, .../quality/probes/{n}), from 0.
         probes=tuple(ProbeText(label=f"probe {row.probe.index}, seed {row.probe.seed}",
-                               prompt=row.probe.prompt, a=_probe_label(row.a, row.a_score),
-                               b=_probe_label(row.b, row.b_score))
+                               prompt=row.probe.prompt,
+                               a=_probe_label(row.a, row.a_score, unscored=unscored_a),
+                               b=_probe_label(row.b, row.b_score, unscored=unscored_b))
                      for row in comparison.probes))
 
 
-def _probe_label(result: ProbeResult | None, score: dict[str, Any] | None) -> str:
+def _probe_label(result: ProbeResult | None, score: dict[str, Any] | None, *,
+                 unscored: str = "not scored") -> str:
     if result is None:
-        return "not scored"
+        return unscored
     if not result.face_found:
         return "no face" + ("" if result.sanity is None or result.sanity.ok else ", bad image")
     sim = score.get("similarity") if score else None
@@ -1314,11 +1321,15 @@ def _probe_label(result: ProbeResult | None, score: dict[str, Any] | None) -> st
 
 
 def _column_title(side: str, version: Version, scores: IdentityScores | None,
-                  stale: str | None = None) -> str:
+                  stale: str | None = None, *, unscored: str = "not scored") -> str:
     title = f"{side}: version {version.number} ({version.gate_status})"
     if stale is not None:
         # On a second line (the header holds two), without its hint: a cell is ~40 characters.
         return f"{title}\n{stale.split(':')[0]}"
+    if scores is None and unscored != "not scored":
+        # Why its column has no scores, on a second line too: its scoring failed (the gate's
+        # reason on the Versions page says why), or its worker is still scoring it.
+        return f"{title}\n{unscored}"
     if scores is not None and scores.identity is not None:
         title += f" identity {scores.identity:.3f}"
     return title
