@@ -1350,6 +1350,27 @@ def test_the_grid_and_the_chart_say_in_words_what_their_pictures_show(
         assert line in chart.group(1), chart.group(1)
 
 
+def test_the_grid_says_whose_training_photos_its_identity_is_measured_on(
+        ann: TestClient, svc: Services) -> None:
+    """The grid's identity (each column's title, each probe's) is measured on the newer
+    version's training photos, the Versions table's Likeness on each version's own: the page
+    showed two numbers for one version (when they were trained on other photos) and said on
+    neither which photos (found in review; ``selfie-lora compare`` says it). The grid's corner,
+    its alt and its caption say it."""
+    two_versions(ann)
+    page = ann.get("/versions?a=1&b=2").text
+    alt = re.search(r'id="grid" src="[^"]+" alt="([^"]+)"', page)
+    assert alt, page
+    assert "; identity on v2's training photos; " in html.unescape(alt.group(1))
+    caption = re.search(r'<p class="muted" id="grid-measured-on">([^<]+)</p>', page)
+    assert caption, page
+    assert "identity on v2's training photos" in html.unescape(caption.group(1))
+    user = svc.users.get_by_name(name="ann")
+    # A before B: still the newer one's photos.
+    assert grid_text(svc.likeness.compare(user=user, a="2", b="1")).measured_on == (
+        "identity on v2's training photos")
+
+
 def test_the_grid_says_a_version_s_scoring_failed_not_that_it_is_not_scored(
         ann: TestClient, svc: Services, fake_generator: FakeGenerator) -> None:
     """v2's scoring failed (the generator down): the grid's column B, its alt and every probe's

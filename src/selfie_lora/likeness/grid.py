@@ -42,8 +42,9 @@ class GridRow:
     right: bytes | None
 
 
-def render_grid(*, left_title: str, right_title: str, rows: Sequence[GridRow]) -> bytes:
-    """The grid as PNG bytes."""
+def render_grid(*, left_title: str, right_title: str, rows: Sequence[GridRow],
+                corner: str = "probe") -> bytes:
+    """The grid as PNG bytes. ``corner``: the label column's header (at most two lines)."""
     if not rows:
         raise ValueError("a comparison grid needs at least one probe")
     width, height = grid_size(len(rows))
@@ -52,7 +53,7 @@ def render_grid(*, left_title: str, right_title: str, rows: Sequence[GridRow]) -
     font = ImageFont.load_default()
     left_x = PAD + LABEL_W + PAD
     right_x = left_x + CELL + PAD
-    draw.text((PAD, PAD), "probe", fill=INK, font=font)
+    draw.text((PAD, PAD), corner, fill=INK, font=font)
     draw.text((left_x, PAD), left_title, fill=INK, font=font)
     draw.text((right_x, PAD), right_title, fill=INK, font=font)
     for i, row in enumerate(rows):

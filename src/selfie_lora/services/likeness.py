@@ -842,7 +842,8 @@ class LikenessService:
         if not rows:
             raise InvalidInputError("the model has no probes yet: wait for its first scoring",
                                     code=ErrorCode.NOT_SCORED)
-        png = render_grid(left_title=text.a, right_title=text.b, rows=rows)
+        png = render_grid(left_title=text.a, right_title=text.b, rows=rows,
+                          corner=f"probe\n{text.measured_on}")
         self._blobs.put(grid_key(comparison.a.id, comparison.b.id), png)
         return png
 
@@ -1292,12 +1293,19 @@ class GridText:
     a: str  # "A: version 1 (passed) identity 0.800"
     b: str
     probes: tuple[ProbeText, ...]
+    # Whose training photos both columns' identity is measured on ("identity on v2's training
+    # photos"): the newer version's, so a version's identity here is not its Likeness in the
+    # Versions table (on its own photos) when the two were trained on other photos.
+    measured_on: str = ""
 
 
 def grid_text(comparison: Comparison) -> GridText:
     unscored_a = unscored_words(comparison.a, comparison.record_a)
     unscored_b = unscored_words(comparison.b, comparison.record_b)
+    used = comparison.reference_version
     return GridText(
+        measured_on=(f"identity on v{used.number}'s training photos" if used is not None
+                     else "no training photos to measure identity on"),
         a=_column_title("A", comparison.a, comparison.scores_a, comparison.stale_a,
                         unscored=unscored_a),
         b=_column_title("B", comparison.b, comparison.scores_b, comparison.stale_b,
