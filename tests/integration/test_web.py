@@ -1371,6 +1371,44 @@ def test_the_grid_says_whose_training_photos_its_identity_is_measured_on(
         "identity on v2's training photos")
 
 
+def test_the_grid_is_drawn_again_only_when_what_it_shows_changed(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every view of the Versions page drew the comparison grid again (its probe images read,
+    decoded, scaled) and wrote it back to the storage, an upload per view on S3 (found in
+    review; the chart was fixed so in 17b3514). The stored grid is sent while it shows what
+    would be drawn now; one that does not (an older release's, or another comparison's
+    words) is drawn again."""
+    import selfie_lora.services.likeness as likeness
+
+    two_versions(ann)
+    drawn: list[int] = []
+    real = likeness.render_grid
+
+    def counted(**kw: Any) -> bytes:
+        drawn.append(len(kw["rows"]))
+        return real(**kw)
+
+    monkeypatch.setattr(likeness, "render_grid", counted)
+    grid = re.search(r'id="grid" src="([^"]+)"', ann.get("/versions?a=1&b=2").text)
+    assert grid
+    url = grid.group(1).replace("&amp;", "&")
+    first = ann.get(url)
+    assert first.status_code == 200
+    assert len(drawn) == 1
+    again = ann.get(url)
+    assert again.content == first.content
+    assert len(drawn) == 1  # sent as stored, not drawn again
+    user = svc.users.get_by_name(name="ann")
+    comparison = svc.likeness.compare(user=user, a="1", b="2")
+    # A grid stored by an older release (no inputs in it) is drawn again, and stored.
+    old = likeness.grid_key(comparison.a.id, comparison.b.id)
+    svc.blobs.put(old, real(left_title="A", right_title="B", rows=[
+        likeness.GridRow(label=["old"], left=None, right=None)]))
+    assert ann.get(url).content == first.content
+    assert len(drawn) == 2
+    assert svc.blobs.get(old) == first.content
+
+
 def test_the_grid_says_a_version_s_scoring_failed_not_that_it_is_not_scored(
         ann: TestClient, svc: Services, fake_generator: FakeGenerator) -> None:
     """v2's scoring failed (the generator down): the grid's column B, its alt and every probe's

@@ -9,12 +9,15 @@ Layout (pixels), fixed so a caller can predict the size (``grid_size``)::
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 from selfie_lora.likeness.images import decode_rgb
 
@@ -42,9 +45,33 @@ class GridRow:
     right: bytes | None
 
 
+# Part of every grid's inputs: a change to how the grid is drawn makes the stored ones old.
+_GRID_STYLE = "1"
+_INPUTS_KEY = "selfie-lora-grid-inputs"
+
+
+def grid_inputs(shown: object) -> str:
+    """A digest of everything a grid shows (its words and which images, JSON-able): equal
+    digests, the same picture."""
+    return hashlib.sha256(json.dumps([_GRID_STYLE, shown], sort_keys=True).encode()).hexdigest()
+
+
+def grid_drawn_from(png: bytes) -> str | None:
+    """The ``inputs`` a grid made by ``render_grid`` was drawn from (None for a PNG without
+    them: one stored by an older release, or not a grid)."""
+    try:
+        # Opening reads the text chunks before the image data, without decoding the image.
+        with Image.open(io.BytesIO(png), formats=("PNG",)) as image:
+            value = image.info.get(_INPUTS_KEY)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def render_grid(*, left_title: str, right_title: str, rows: Sequence[GridRow],
-                corner: str = "probe") -> bytes:
-    """The grid as PNG bytes. ``corner``: the label column's header (at most two lines)."""
+                corner: str = "probe", inputs: str | None = None) -> bytes:
+    """The grid as PNG bytes. ``corner``: the label column's header (at most two lines).
+    ``inputs`` (``grid_inputs``): carried in a text chunk, for ``grid_drawn_from``."""
     if not rows:
         raise ValueError("a comparison grid needs at least one probe")
     width, height = grid_size(len(rows))
@@ -65,7 +92,10 @@ def render_grid(*, left_title: str, right_title: str, rows: Sequence[GridRow],
         for x, png in ((left_x, row.left), (right_x, row.right)):
             canvas.paste(_cell(png), (x, top))
     out = io.BytesIO()
-    canvas.save(out, format="PNG")
+    info = PngInfo()
+    if inputs is not None:
+        info.add_text(_INPUTS_KEY, inputs)
+    canvas.save(out, format="PNG", pnginfo=info)
     return out.getvalue()
 
 

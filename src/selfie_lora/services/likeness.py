@@ -82,7 +82,7 @@ from selfie_lora.errors import (
     TrainingInterruptedError,
 )
 from selfie_lora.likeness.chart import ChartPoint, chart_inputs, drawn_from, render_chart
-from selfie_lora.likeness.grid import GridRow, render_grid
+from selfie_lora.likeness.grid import GridRow, grid_drawn_from, grid_inputs, render_grid
 from selfie_lora.likeness.images import analysis_array, image_sanity
 from selfie_lora.services.common import ModelHistory, page_limit, read_history, utcnow
 from selfie_lora.services.generation import GenerationService
@@ -834,17 +834,34 @@ class LikenessService:
         return self.compare(user=user, a=comparison.a.id, b=comparison.b.id)
 
     def grid_png(self, comparison: Comparison) -> bytes:
-        """The side-by-side grid of a comparison (stored under ``quality/compare/``)."""
+        """The side-by-side grid of a comparison (stored under ``quality/compare/``), drawn
+        only when what it shows changed: every view of the Versions page drew it again (its
+        probe images read, decoded and scaled) and wrote it back, an upload per view on S3."""
         text = grid_text(comparison)
+        if not comparison.probes:
+            raise InvalidInputError("the model has no probes yet: wait for its first scoring",
+                                    code=ErrorCode.NOT_SCORED)
+        corner = f"probe\n{text.measured_on}"
+        # A probe image's key names its version, probe, scale and size, and the image under a
+        # key is written once: the keys stand for the images.
+        inputs = grid_inputs([text.a, text.b, corner,
+                              [dataclasses.astuple(probe) for probe in text.probes],
+                              [[row.a.image_key if row.a else None,
+                                row.b.image_key if row.b else None]
+                               for row in comparison.probes]])
+        key = grid_key(comparison.a.id, comparison.b.id)
+        try:
+            stored: bytes | None = self._blobs.get(key)
+        except BlobMissingError:
+            stored = None
+        if stored is not None and grid_drawn_from(stored) == inputs:
+            return stored
         rows = [GridRow(label=[probe.label, probe.prompt, f"A: {probe.a}", f"B: {probe.b}"],
                         left=self._image_or_none(row.a), right=self._image_or_none(row.b))
                 for probe, row in zip(text.probes, comparison.probes, strict=True)]
-        if not rows:
-            raise InvalidInputError("the model has no probes yet: wait for its first scoring",
-                                    code=ErrorCode.NOT_SCORED)
-        png = render_grid(left_title=text.a, right_title=text.b, rows=rows,
-                          corner=f"probe\n{text.measured_on}")
-        self._blobs.put(grid_key(comparison.a.id, comparison.b.id), png)
+        png = render_grid(left_title=text.a, right_title=text.b, rows=rows, corner=corner,
+                          inputs=inputs)
+        self._blobs.put(key, png)
         return png
 
     def chart_points(self, model: Model, *,
