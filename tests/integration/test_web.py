@@ -1463,6 +1463,26 @@ def test_the_chart_s_values_are_in_a_table_its_alt_points_to(
     assert any(p.identity_nearest is not None and p.sane_share is not None for p in points)
 
 
+def test_the_chart_s_text_says_whose_training_photos_it_is_measured_on(
+        ann: TestClient, svc: Services) -> None:
+    """The chart's photos (the active version's training photos: "..., on version 2's training
+    photos") were in its title, in the picture alone: its alt and the table of its values
+    did not say them, and those values differ from the versions table's Likeness (each version
+    on its own photos) for versions trained on other photos (found in review). Both say them."""
+    two_versions(ann)
+    page = html.unescape(ann.get("/versions").text)
+    chart = re.search(r'id="chart" src="[^"]+" alt="([^"]+)"', page)
+    assert chart, page
+    assert ", measured on version 2's training photos, with the versions" in chart.group(1)
+    caption = re.search(r'<caption id="chart-values-caption">([^<]+)</caption>', page)
+    assert caption, page
+    assert caption.group(1) == "The chart's values, by version, on version 2's training photos"
+    user = svc.users.get_by_name(name="ann")
+    values = svc.likeness.chart_values(svc.models.get(user=user))
+    assert values.photos_of == 2
+    assert values.points == svc.likeness.chart_points(svc.models.get(user=user))
+
+
 def test_an_error_page_s_back_link_leads_to_the_refused_form_s_page(ann: TestClient) -> None:
     """Every error page's Back led to /photos: a refused prompt or trainer version was left
     behind on another page (found in review). With scripts, Back goes back in the history

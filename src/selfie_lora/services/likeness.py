@@ -122,6 +122,15 @@ class Chart:
 
 
 @dataclass(frozen=True)
+class ChartValues:
+    """What the chart plots: every version's point, and the number of the version on whose
+    training photos they are measured (None: none scored, no identity plotted)."""
+
+    points: list[ChartPoint]
+    photos_of: int | None
+
+
+@dataclass(frozen=True)
 class GateVerdict:
     """What the gate decided about a version, before it is recorded."""
 
@@ -869,6 +878,14 @@ class LikenessService:
         """Every version's scores against one yardstick (``_chart``). ``history``: the model's
         versions and records, already read (the Versions page reads them once)."""
         return self._chart(model, history=history)[0]
+
+    def chart_values(self, model: Model, *,
+                     history: ModelHistory | None = None) -> ChartValues:
+        """``chart_points`` and whose training photos they are measured on, which the chart's
+        title says: the Versions page's text for the chart says it too."""
+        points, yardstick = self._chart(model, history=history)
+        return ChartValues(points=points,
+                           photos_of=yardstick.number if yardstick is not None else None)
 
     def _chart(self, model: Model, *,
                history: ModelHistory | None = None) -> tuple[list[ChartPoint], Version | None]:

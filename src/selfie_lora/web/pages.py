@@ -842,8 +842,8 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
                       chosen=chosen, chart_series=CHART_SERIES,
                       # The chart's values as text (its alt points to them): the nearest-photo
                       # identity and the sane share were in the picture alone.
-                      chart_points=(svc.likeness.chart_points(model, history=history)
-                                    if model is not None else []),
+                      chart=(svc.likeness.chart_values(model, history=history)
+                             if model is not None else None),
                       grid=grid_text(comparison) if comparison is not None else None)
 
 
