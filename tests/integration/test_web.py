@@ -1277,6 +1277,18 @@ def select_tag(page: str, select: str) -> str:
     return tag.group(0)
 
 
+def test_with_one_version_the_page_says_where_the_comparison_comes(ann: TestClient) -> None:
+    """With one version the Versions page had no comparison section at all, nothing saying
+    that the next version is shown side by side with this one there (found in review)."""
+    assert upload(ann)[0] == 200
+    assert 'data-status="succeeded"' in train(ann)
+    page = ann.get("/versions").text
+    section = page.split('<section id="compare"', 1)[1].split("</section>", 1)[0]
+    assert "Compare two versions" in section
+    assert "shown here side by side with v1" in html.unescape(section)
+    assert 'id="grid"' not in page
+
+
 def test_choosing_one_version_twice_keeps_the_compare_form_and_says_so(ann: TestClient) -> None:
     """v1 with v1 took the Compare form and the grid away, leaving "compare two different
     versions" and no way to choose again (found in review)."""
