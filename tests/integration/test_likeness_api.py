@@ -149,6 +149,9 @@ def test_a_retraining_that_loses_the_likeness_is_held_and_says_why(
     assert (compare["a"]["id"], compare["b"]["id"]) == (v1["id"], v2_id)
     assert compare["scores"]["delta_identity"] < -0.3
     assert (compare["scores"]["stale_a"], compare["scores"]["stale_b"]) == (None, None)
+    # Whose photos the scores are on, A's or B's: the newer version's (the dataset id alone did
+    # not say which version's).
+    assert (compare["reference_version_id"], compare["reference_version_number"]) == (v2_id, 2)
     assert all(p["delta"] < 0 for p in compare["probes"])
     assert compare["grid_url"] == q2["grid_url"]
     grid = client.get(compare["grid_url"], headers=ann)
@@ -159,6 +162,7 @@ def test_a_retraining_that_loses_the_likeness_is_held_and_says_why(
     assert png_size(chart.content) == CHART_SIZE
     explicit = client.get("/api/model/compare", headers=ann, params={"a": v2_id, "b": v1["id"]})
     assert explicit.json()["scores"]["delta_identity"] > 0.3
+    assert explicit.json()["reference_version_number"] == 2  # B before A: still v2's photos
 
     # ---- owner only. Bob has a scored version of his own: past "you have no model yet", only
     # a version lookup scoped to his model refuses Ann's.

@@ -209,6 +209,10 @@ class Comparison(BaseModel):
     a: VersionAnswer
     b: VersionAnswer
     reference_dataset_id: str | None
+    # The version whose training photos both sides' identity is measured on (the newer one's):
+    # its id and number; null when they could not be read (no scores then).
+    reference_version_id: str | None
+    reference_version_number: int | None
     scores: ComparedScores
     probes: list[ComparedProbe]
     compare_url: str

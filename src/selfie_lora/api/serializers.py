@@ -285,6 +285,12 @@ def comparison_json(c: Comparison, *, base: str = "") -> dict[str, Any]:
         "a": version_json(c.a, c.record_a, base=base),
         "b": version_json(c.b, c.record_b, base=base),
         "reference_dataset_id": c.reference_dataset_id,
+        # Which version's photos those are, A's or B's: the dataset id alone did not say, and a
+        # version's scores here are not its quality answer's (on its own photos) when the two
+        # were trained on other photos.
+        "reference_version_id": c.reference_version.id if c.reference_version else None,
+        "reference_version_number": (c.reference_version.number if c.reference_version
+                                     else None),
         # ``stale_a``/``stale_b``: why that side's scores are null although it was scored (at
         # another probe size, or with another face model: ``selfie-lora compare`` scores it again).
         "scores": {"a": sa, "b": sb, "delta_identity": delta_identity,
