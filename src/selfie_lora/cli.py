@@ -1298,7 +1298,7 @@ def compare(
                 cells.append(_fmt(score.get("similarity") if score else None))
         sa = row.a_score.get("similarity") if row.a_score else None
         sb = row.b_score.get("similarity") if row.b_score else None
-        delta = _fmt(sb - sa) if sa is not None and sb is not None else "-"
+        delta = probe_change(sa, sb)
         # The probe's index, as the API numbers it (probes[].index, .../quality/probes/{n}).
         table.add_row(str(row.probe.index), str(row.probe.seed), row.probe.prompt, *cells,
                       delta)
@@ -1322,6 +1322,15 @@ def compare(
                       markup=False)
     console.print(f"wrote {grid_path}", markup=False, highlight=False)
     console.print(f"wrote {chart_path}", markup=False, highlight=False)
+
+
+def probe_change(a: float | None, b: float | None) -> str:
+    """compare's "B - A" for one probe, signed, 3 decimals as the scores beside it: it was
+    "0.120" for a gain and "-0.000" for a change of 0.0002 (the similarities are stored with 4
+    decimals), a drop where the scores shown were equal."""
+    if a is None or b is None:
+        return "-"
+    return f"{round(b - a, 3) + 0.0:+.3f}"  # + 0.0: -0.0 is "+0.000"
 
 
 def _being_scored_words(services: Services, *, owner: Any, version: Version) -> str:

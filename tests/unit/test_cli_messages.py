@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from selfie_lora.cli import _data_shown, being_scored_message, handed_back_message
+from selfie_lora.cli import _data_shown, being_scored_message, handed_back_message, probe_change
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.domain.recipes import get_recipe
@@ -162,3 +162,13 @@ def test_compare_says_a_version_waits_to_be_scored_when_no_process_holds_its_tra
                                lease_expires_at=datetime(2026, 1, 1, 12, 1, tzinfo=UTC))
     assert being_scored_message(3, held, now=now).startswith(
         "version 3 is being scored by a worker (its training t1 is in phase scoring)")
+
+
+def test_compare_s_change_per_probe_is_signed_and_never_minus_zero() -> None:
+    """``selfie-lora compare``'s "B - A" was "0.120" for a gain and "-0.000" for two probes
+    scored 0.8003 and 0.8001, shown "0.800" and "0.800" beside it (found in review)."""
+    assert probe_change(0.8003, 0.8001) == "+0.000"
+    assert probe_change(0.5, 0.62) == "+0.120"
+    assert probe_change(0.62, 0.5) == "-0.120"
+    assert probe_change(None, 0.5) == "-"
+    assert probe_change(0.5, None) == "-"
