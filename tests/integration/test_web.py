@@ -1421,6 +1421,48 @@ def test_the_grid_is_drawn_again_only_when_what_it_shows_changed(
     assert svc.blobs.get(old) == first.content
 
 
+def test_the_grid_has_an_etag_and_a_browser_holding_it_gets_a_304(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grid was sent whole at every view of the Versions page, with no ETag to revalidate
+    with (found in review; the chart got one in 17b3514). Both grid routes send a weak ETag,
+    the digest of what the grid shows, and answer an If-None-Match holding it with a 304,
+    the grid neither read nor drawn."""
+    import selfie_lora.services.likeness as likeness
+
+    two_versions(ann)
+    user = svc.users.get_by_name(name="ann")
+    _key, secret = svc.users.create_key(user=user, name="t")
+    api = {"Authorization": f"Bearer {secret}"}
+    comparison = svc.likeness.compare(user=user, a="1", b="2")
+    query = f"a={comparison.a.id}&b={comparison.b.id}"
+    drawn: list[int] = []
+    real = likeness.render_grid
+
+    def counted(**kw: Any) -> bytes:
+        drawn.append(1)
+        return real(**kw)
+
+    monkeypatch.setattr(likeness, "render_grid", counted)
+    for path, headers in ((f"/versions/compare/grid.png?{query}", {}),
+                          (f"/api/model/compare/grid.png?{query}", api)):
+        first = ann.get(path, headers=headers)
+        assert first.status_code == 200, path
+        etag = first.headers.get("etag")
+        assert etag is not None, path
+        assert etag.startswith('W/"'), etag
+        before = len(drawn)
+        held = ann.get(path, headers={**headers, "If-None-Match": etag})
+        assert held.status_code == 304, path
+        assert held.content == b""
+        assert held.headers["etag"] == etag
+        assert len(drawn) == before
+    # The other comparison's grid is another picture, another tag.
+    other = ann.get(f"/versions/compare/grid.png?a={comparison.b.id}&b={comparison.a.id}",
+                    headers={"If-None-Match": etag})
+    assert other.status_code == 200
+    assert other.headers["etag"] != etag
+
+
 def test_the_grid_says_a_version_s_scoring_failed_not_that_it_is_not_scored(
         ann: TestClient, svc: Services, fake_generator: FakeGenerator) -> None:
     """v2's scoring failed (the generator down): the grid's column B, its alt and every probe's

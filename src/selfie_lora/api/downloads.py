@@ -53,6 +53,23 @@ async def chart_answer(request: Request, likeness: LikenessService, user: User) 
     return response
 
 
+async def grid_answer(request: Request, likeness: LikenessService, user: User, *,
+                      a: str | None, b: str | None) -> Response:
+    """A comparison's grid (the API's and the Versions page's alike), as the chart: its ETag
+    the digest of what it shows (``grid_inputs``), a 304 to a browser holding it, the grid
+    neither read nor drawn; without one, each view of the Versions page fetched it whole. Both
+    in the pool: the first comparison on a photo set finds the faces of its photos."""
+    held = held_tags(request.headers.get("if-none-match"))
+    grid = await in_thread(lambda: likeness.grid(likeness.compare(user=user, a=a, b=b),
+                                                 unless=held))
+    headers = {"Cache-Control": "private", "ETag": f'W/"{grid.inputs}"'}
+    if grid.inputs in held:
+        return Response(status_code=304, headers=headers)
+    response = picture(grid.png or b"", media_type="image/png")
+    response.headers.update(headers)
+    return response
+
+
 def reads_a_part(request: Request) -> bool:
     """Whether a download may send less than the whole file (a Range, or a 304 for an
     If-None-Match): the stored file is then opened for its size alone, and read only as far as

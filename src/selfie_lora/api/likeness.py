@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.answers import Comparison, answers
-from selfie_lora.api.deps import ServicesDep, UrlBaseDep, UserDep, in_thread
-from selfie_lora.api.downloads import chart_answer
+from selfie_lora.api.deps import ServicesDep, UrlBaseDep, UserDep
+from selfie_lora.api.downloads import chart_answer, grid_answer
 from selfie_lora.api.json_body import JsonBodyRoute
 from selfie_lora.api.schemas import NOT_FOUND, NOT_FOUND_OR_INVALID, E, binary, errors, picture
 from selfie_lora.api.serializers import comparison_json, likeness_json
@@ -43,15 +43,13 @@ def compare(user: UserDep, svc: ServicesDep, base: UrlBaseDep, a: str | None = N
 
 
 @router.get("/compare/grid.png", responses=errors(
-    {**NOT_FOUND, 422: (E.NOTHING_TO_COMPARE, E.SAME_VERSION, E.NOT_SCORED)}) | binary("image/png"),
+    {**NOT_FOUND, 422: (E.NOTHING_TO_COMPARE, E.SAME_VERSION, E.NOT_SCORED)}) | binary("image/png") | {
+    304: {"description": "the grid an If-None-Match holds (its ETag) is unchanged; no body"}},
             response_class=Response)
-async def compare_grid(user: UserDep, svc: ServicesDep, a: str | None = None,
+async def compare_grid(user: UserDep, svc: ServicesDep, request: Request, a: str | None = None,
                        b: str | None = None) -> Response:
-    # Both in the pool: the first comparison on a photo set finds the faces of its photos,
-    # which would hold every other request on the event loop meanwhile.
-    png = await in_thread(lambda: svc.likeness.grid_png(svc.likeness.compare(user=user, a=a,
-                                                                             b=b)))
-    return picture(png, media_type="image/png")
+    """The side-by-side grid; ETag (weak), 304 to an If-None-Match that holds it."""
+    return await grid_answer(request, svc.likeness, user, a=a, b=b)
 
 
 @router.get("/quality/chart.png", responses=errors(NOT_FOUND) | binary("image/png") | {

@@ -114,8 +114,9 @@ class _PhotosGoneError(Exception):
 
 @dataclass(frozen=True)
 class Chart:
-    """The likeness chart (``LikenessService.chart``): ``inputs``, the digest of what it shows
-    (``chart_inputs``: equal digests, the same picture), and the PNG (None: not drawn)."""
+    """The likeness chart (``LikenessService.chart``) or a comparison's grid (``grid``):
+    ``inputs``, the digest of what it shows (``chart_inputs``, ``grid_inputs``: equal digests,
+    the same picture), and the PNG (None: not drawn)."""
 
     inputs: str
     png: bytes | None
@@ -843,9 +844,17 @@ class LikenessService:
         return self.compare(user=user, a=comparison.a.id, b=comparison.b.id)
 
     def grid_png(self, comparison: Comparison) -> bytes:
+        """The side-by-side grid of a comparison (``grid``), drawn or read."""
+        png = self.grid(comparison).png
+        assert png is not None  # drawn unless told not to
+        return png
+
+    def grid(self, comparison: Comparison, *, unless: Collection[str] = ()) -> Chart:
         """The side-by-side grid of a comparison (stored under ``quality/compare/``), drawn
         only when what it shows changed: every view of the Versions page drew it again (its
-        probe images read, decoded and scaled) and wrote it back, an upload per view on S3."""
+        probe images read, decoded and scaled) and wrote it back, an upload per view on S3.
+        Its ``inputs`` among ``unless`` (the grids the caller holds already): neither read,
+        drawn nor stored (png None)."""
         text = grid_text(comparison)
         if not comparison.probes:
             raise InvalidInputError("the model has no probes yet: wait for its first scoring",
@@ -858,20 +867,22 @@ class LikenessService:
                               [[row.a.image_key if row.a else None,
                                 row.b.image_key if row.b else None]
                                for row in comparison.probes]])
+        if inputs in unless:
+            return Chart(inputs=inputs, png=None)
         key = grid_key(comparison.a.id, comparison.b.id)
         try:
             stored: bytes | None = self._blobs.get(key)
         except BlobMissingError:
             stored = None
         if stored is not None and grid_drawn_from(stored) == inputs:
-            return stored
+            return Chart(inputs=inputs, png=stored)
         rows = [GridRow(label=[probe.label, probe.prompt, f"A: {probe.a}", f"B: {probe.b}"],
                         left=self._image_or_none(row.a), right=self._image_or_none(row.b))
                 for probe, row in zip(text.probes, comparison.probes, strict=True)]
         png = render_grid(left_title=text.a, right_title=text.b, rows=rows, corner=corner,
                           inputs=inputs)
         self._blobs.put(key, png)
-        return png
+        return Chart(inputs=inputs, png=png)
 
     def chart_points(self, model: Model, *,
                      history: ModelHistory | None = None) -> list[ChartPoint]:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 
 from selfie_lora.api.deps import finished, in_intake, in_thread, upload_slot
-from selfie_lora.api.downloads import chart_answer, reads_a_part, weights_response
+from selfie_lora.api.downloads import chart_answer, grid_answer, reads_a_part, weights_response
 from selfie_lora.api.paths import root_path, without_root
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.dataset.archive import archive_kind
@@ -886,11 +886,8 @@ def version_weights(request: Request, viewer: PageViewer, version_id: str) -> Re
 @router.get("/versions/compare/grid.png")
 async def versions_grid(request: Request, viewer: PageViewer, a: str | None = None,
                         b: str | None = None) -> Response:
-    web = _web(request)
-    likeness = web.services.likeness
-    # Both in the pool: the first comparison on a photo set finds the faces of its photos.
-    png = await in_thread(lambda: likeness.grid_png(likeness.compare(user=viewer.user, a=a, b=b)))
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private"})
+    # As the API's: an ETag, a 304 to a browser holding it.
+    return await grid_answer(request, _web(request).services.likeness, viewer.user, a=a, b=b)
 
 
 @router.get("/versions/chart.png")
