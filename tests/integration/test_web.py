@@ -1455,6 +1455,7 @@ def test_the_grid_has_an_etag_and_a_browser_holding_it_gets_a_304(
         assert held.status_code == 304, path
         assert held.content == b""
         assert held.headers["etag"] == etag
+        assert ann.get(path, headers={**headers, "If-None-Match": "*"}).status_code == 304
         assert len(drawn) == before
     # The other comparison's grid is another picture, another tag.
     other = ann.get(f"/versions/compare/grid.png?a={comparison.b.id}&b={comparison.a.id}",

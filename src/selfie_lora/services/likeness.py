@@ -853,8 +853,8 @@ class LikenessService:
         """The side-by-side grid of a comparison (stored under ``quality/compare/``), drawn
         only when what it shows changed: every view of the Versions page drew it again (its
         probe images read, decoded and scaled) and wrote it back, an upload per view on S3.
-        Its ``inputs`` among ``unless`` (the grids the caller holds already): neither read,
-        drawn nor stored (png None)."""
+        Its ``inputs`` among ``unless`` (the grids the caller holds already, ``*`` for any):
+        neither read, drawn nor stored (png None)."""
         text = grid_text(comparison)
         if not comparison.probes:
             raise InvalidInputError("the model has no probes yet: wait for its first scoring",
@@ -867,7 +867,7 @@ class LikenessService:
                               [[row.a.image_key if row.a else None,
                                 row.b.image_key if row.b else None]
                                for row in comparison.probes]])
-        if inputs in unless:
+        if inputs in unless or "*" in unless:  # "*": any grid the caller holds
             return Chart(inputs=inputs, png=None)
         key = grid_key(comparison.a.id, comparison.b.id)
         try:
