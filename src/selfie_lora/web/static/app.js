@@ -291,6 +291,23 @@
       if (!window.confirm(target.dataset.confirm)) e.preventDefault();
     }
   });
+  // One POST a page, for every form the browser sends itself (Create the account, Sign in,
+  // Train, Use this version, Create a key, ...), as for the Generate form above: a double click
+  // sent two, the browser cut the first off and showed the second's answer, which the first
+  // had made wrong: "that user name is taken" for the account just made (and left signed out),
+  // "a training of this model is already queued or running" for the one just started. After
+  // the confirmation above (a form it kept back was not sent); the upload's own submit sends
+  // nothing itself.
+  let posted = false;
+  document.addEventListener("submit", (e) => {
+    const target = e.target;
+    if (e.defaultPrevented || !(target instanceof HTMLFormElement)) return;
+    if ((target.getAttribute("method") ?? "get").toLowerCase() !== "post") return;
+    if (posted) { e.preventDefault(); return; }
+    posted = true;
+  });
+  // Back to this page from the browser's cache: its forms can be sent again.
+  window.addEventListener("pageshow", () => { posted = false; });
   // The presets and Copy buttons work only here: without scripts they are hidden, dead.
   document.querySelectorAll("[data-needs-script]").forEach((el) => { el.hidden = false; });
   document.addEventListener("click", (e) => {
