@@ -131,6 +131,59 @@ def test_a_backup_cut_short_or_damaged_is_refused_and_the_home_left_alone(
     assert [p.name for p in tmp_path.iterdir() if "restore" in p.name] == []
 
 
+def _first_blob(manifest: dict[str, Any]) -> dict[str, Any]:
+    return dict(next(iter(manifest["blobs"].values())))
+
+
+@pytest.mark.parametrize(("damage", "said"), [
+    (lambda m: m.update(blobs=[1, 2]), "blobs is not an object"),
+    (lambda m: m["blobs"].update({k: 5 for k in m["blobs"]}), "is not a key with a size"),
+    (lambda m: m["blobs"].update({k: {**v, "size": "abc"} for k, v in m["blobs"].items()}),
+     "is not a key with a size"),
+    (lambda m: m["blobs"].update({k: {"size": v["size"]} for k, v in m["blobs"].items()}),
+     "is not a key with a size"),
+    (lambda m: m["blobs"].update({"": _first_blob(m)}), "blob '' is not a key"),
+    (lambda m: m.update(files=["selfie-lora.db"]), "files is not an object of sha256 sums"),
+    (lambda m: m.update(counts=[1]), "counts is not an object of numbers"),
+    (lambda m: m.update(missing=5), "missing is not a list of keys"),
+    (lambda m: m.update(schema_revision=["0023"]), "schema_revision is not a revision"),
+], ids=["blobs-list", "blob-number", "size-text", "no-sha256", "empty-key", "files-list",
+        "counts-list", "missing-number", "revision-list"])
+@pytest.mark.parametrize("as_tar", [False, True], ids=["folder", "tar"])
+def test_a_damaged_or_foreign_manifest_is_refused_in_one_line(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, damage: Any, said: str, as_tar: bool) -> None:
+    """A manifest.json whose fields are of another kind (damaged, or a foreign tool's) is
+    "not a backup" in one line, nothing made: it ended in a traceback (a TypeError, KeyError
+    or ValueError that no layer turned into an error line)."""
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    backup = tmp_path / "bk"
+    assert run("backup", str(backup))[0] == 0
+    manifest = json.loads((backup / "manifest.json").read_text())
+    damage(manifest)
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    source = backup
+    if as_tar:
+        import tarfile
+
+        source = tmp_path / "bk.tar"
+        with tarfile.open(source, "w") as tar:
+            tar.add(backup, arcname=".")
+    target = tmp_path / "other-home"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
+    result = CliRunner().invoke(cli.app, ["restore", str(source)])
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {source} is not a backup: its manifest.json "
+                                    "cannot be read ("), result.output
+    assert said in result.output
+    assert result.output.count("\n") == 1
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir() if "restore" in p.name] == []
+
+
 def test_a_home_with_data_is_replaced_only_with_force(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

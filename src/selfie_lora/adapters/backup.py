@@ -32,7 +32,7 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
@@ -689,27 +689,18 @@ class HomeBackups:
     def _fill(self, backup: Path, new: Path, *, source: Path) -> BackupSummary:
         """Checks ``backup`` whole and copies it into ``new``."""
         try:
-            manifest = json.loads((backup / MANIFEST_NAME).read_text(encoding="utf-8"))
+            data = json.loads((backup / MANIFEST_NAME).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InvalidInputError(f"{backup} is not a complete backup: it has no "
                                     f"{MANIFEST_NAME} (a backup cut short)") from None
         except (ValueError, OSError) as exc:
             raise InvalidInputError(f"{backup}/{MANIFEST_NAME} cannot be read: {exc}") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != BACKUP_FORMAT:
-            raise InvalidInputError(f"{backup} is a backup in a format this release does not "
-                                    f"know ({manifest.get('format') if isinstance(manifest, dict) else '?'})")
-        revision = manifest.get("schema_revision")
-        if revision is not None and revision not in known_revisions():
-            raise ConfigError(f"the backup's schema ({revision}) is newer than this release's: "
-                              "restore it with the release that made it")
-        files: dict[str, str] = manifest.get("files", {})
-        blobs: dict[str, dict[str, object]] = manifest.get("blobs", {})
-        if DATABASE_FILE not in files:
-            raise InvalidInputError(f"{backup} is not a backup: its manifest names no database")
+        manifest = _Manifest.read(data, where=backup)
+        revision = manifest.schema_revision
+        blobs = manifest.blobs
         entries: list[tuple[str, str, int | None]] = [
-            (name, digest, None) for name, digest in files.items()]
-        entries += [(f"{BLOBS}/{key}", str(meta["sha256"]), int(str(meta["size"])))
-                    for key, meta in blobs.items()]
+            (name, digest, None) for name, digest in manifest.files.items()]
+        entries += [(f"{BLOBS}/{key}", digest, size) for key, (size, digest) in blobs.items()]
         for relative, digest, size in entries:
             path = backup / relative
             if ".." in Path(relative).parts or Path(relative).is_absolute():
@@ -731,15 +722,14 @@ class HomeBackups:
             _copy_private(backup / relative, new / relative)
             _reached("copied")
         (new / RESTORED).write_text(json.dumps(
-            {"backup": str(source.absolute()), "created_at": manifest.get("created_at"),
+            {"backup": str(source.absolute()), "created_at": manifest.created_at,
              "restored_at": datetime.now(UTC).isoformat()}) + "\n", encoding="utf-8")
         for folder, _dirs, _files in os.walk(new):
             fsync_dir(Path(folder))
-        return BackupSummary(path=new, created_at=str(manifest.get("created_at")),
-                             schema_revision=revision, counts=dict(manifest.get("counts", {})),
-                             blobs=len(blobs),
-                             blob_bytes=sum(int(str(m["size"])) for m in blobs.values()),
-                             missing=tuple(manifest.get("missing", ())))
+        return BackupSummary(path=new, created_at=str(manifest.created_at),
+                             schema_revision=revision, counts=manifest.counts,
+                             blobs=len(blobs), blob_bytes=sum(s for s, _d in blobs.values()),
+                             missing=manifest.missing)
 
     @staticmethod
     def _swap(home: Path, new: Path) -> Path | None:
@@ -765,6 +755,80 @@ class HomeBackups:
             raise
         _reached("swapped")
         return old
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    """A backup's manifest.json, its every field checked for its type: one that a damaged or
+    foreign file had otherwise (blobs a list, a size "abc", no sha256) ended a restore in a
+    traceback instead of one line."""
+
+    schema_revision: str | None
+    created_at: str | None
+    files: dict[str, str]  # the database, the queue, secret_key: their sha256
+    blobs: dict[str, tuple[int, str]]  # key: (size, sha256)
+    counts: dict[str, int]
+    missing: tuple[str, ...]
+
+    @classmethod
+    def read(cls, data: object, *, where: Path) -> _Manifest:
+        """``data`` (the parsed JSON) checked: a format this release does not know, a schema
+        newer than its own, or a field of the wrong kind is refused in one line."""
+        if not isinstance(data, dict) or data.get("format") != BACKUP_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else "?"
+            raise InvalidInputError(f"{where} is a backup in a format this release does not "
+                                    f"know ({found})")
+        revision = data.get("schema_revision")
+        if revision is not None and not isinstance(revision, str):
+            raise cls._bad(where, "schema_revision is not a revision")
+        if revision is not None and revision not in known_revisions():
+            raise ConfigError(f"the backup's schema ({revision}) is newer than this release's: "
+                              "restore it with the release that made it")
+        created_at = data.get("created_at")
+        files = data.get("files", {})
+        blobs = data.get("blobs", {})
+        counts = data.get("counts", {})
+        missing = data.get("missing", [])
+        if created_at is not None and not isinstance(created_at, str):
+            raise cls._bad(where, "created_at is not a time")
+        if not isinstance(files, dict) or not all(
+                _is_name(n) and _is_sha256(d) for n, d in files.items()):
+            raise cls._bad(where, "files is not an object of sha256 sums")
+        if DATABASE_FILE not in files:
+            raise InvalidInputError(f"{where} is not a backup: its manifest names no database")
+        if not isinstance(blobs, dict):
+            raise cls._bad(where, "blobs is not an object")
+        checked: dict[str, tuple[int, str]] = {}
+        for key, meta in blobs.items():
+            size = meta.get("size") if isinstance(meta, dict) else None
+            digest = meta.get("sha256") if isinstance(meta, dict) else None
+            if (not _is_name(key) or not isinstance(size, int) or isinstance(size, bool)
+                    or size < 0 or not _is_sha256(digest)):
+                raise cls._bad(where, f"blob {key!r} is not a key with a size and a sha256")
+            assert isinstance(digest, str)
+            checked[key] = (size, digest)
+        if not isinstance(counts, dict) or not all(
+                isinstance(n, int) and not isinstance(n, bool) for n in counts.values()):
+            raise cls._bad(where, "counts is not an object of numbers")
+        if not isinstance(missing, list) or not all(isinstance(k, str) for k in missing):
+            raise cls._bad(where, "missing is not a list of keys")
+        return cls(schema_revision=revision, created_at=created_at, files=dict(files),
+                   blobs=checked, counts={str(t): n for t, n in counts.items()},
+                   missing=tuple(missing))
+
+    @staticmethod
+    def _bad(where: Path, what: str) -> InvalidInputError:
+        return InvalidInputError(f"{where} is not a backup: its {MANIFEST_NAME} cannot be read "
+                                 f"({what})")
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and value != "" and "\0" not in value
+
+
+def _is_sha256(value: object) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
 
 
 # The most a manifest.json may be (about 200 bytes a blob: millions of blobs).
@@ -823,14 +887,13 @@ def _manifest_sizes(tar: tarfile.TarFile, members: list[tarfile.TarInfo], *,
     try:
         assert data is not None  # a regular member
         with data:
-            manifest = json.loads(data.read())
-        files = manifest["files"]
-        blobs = manifest["blobs"]
-        sizes: dict[str, int | None] = {str(name): None for name in files}
-        sizes.update({f"{BLOBS}/{key}": int(meta["size"]) for key, meta in blobs.items()})
-    except (ValueError, TypeError, KeyError, AttributeError, AssertionError) as exc:
+            parsed = json.loads(data.read())
+    except (ValueError, AssertionError) as exc:
         raise InvalidInputError(f"{source} is not a backup: its {MANIFEST_NAME} cannot be "
                                 f"read ({exc})") from exc
+    manifest = _Manifest.read(parsed, where=source)
+    sizes: dict[str, int | None] = {name: None for name in manifest.files}
+    sizes.update({f"{BLOBS}/{key}": size for key, (size, _digest) in manifest.blobs.items()})
     sizes[MANIFEST_NAME] = found[0].size
     return sizes
 
