@@ -1759,6 +1759,13 @@ def restore_cmd(
     if summary.replaced is not None:
         console.print(f"the replaced HOME is kept in {summary.replaced}: delete it once you "
                       "no longer need it", markup=False, highlight=False, soft_wrap=True)
+    if summary.missing:
+        # Said at backup time only, to whoever ran it (a cron job's log): the operator restoring
+        # after a loss must know that these versions' weights or pictures cannot be served.
+        err_console.print(f"warning: {len(summary.missing)} blob(s) the database names were not "
+                          "in the storage when the backup was taken, so are not restored "
+                          f"either: {', '.join(summary.missing[:5])}", markup=False,
+                          highlight=False, soft_wrap=True)
     for warning in summary.warnings:
         err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
 

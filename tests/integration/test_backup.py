@@ -635,6 +635,31 @@ def test_a_backup_is_never_readable_by_others_and_one_killed_is_cleared_next_tim
             for p in folders} == {p.relative_to(tmp_path).as_posix(): "0o700" for p in folders}
 
 
+def test_a_restore_says_which_blobs_the_backup_lacked(
+        trained: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A blob the database names that was gone when the backup was taken (a collection or an
+    erasure meanwhile, a disk error) is said by the restore too, not only by the backup: the
+    operator restoring after a loss learns that a version's weights will be missing."""
+    ann = trained.users.get_by_name(name="ann")
+    version = trained.models.versions(user=ann)[0]
+    lost = next(p for p in (settings.home / "blobs").rglob("*")
+                if p.is_file() and p.name.startswith(version.weights_sha256))
+    lost.unlink()
+    key = lost.relative_to(settings.home / "blobs").as_posix()
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    code, said = run("backup", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    assert "warning: 1 blob(s) the database names were not in the storage" in said
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(
+        update={"home": tmp_path / "restored"}))
+    code, said = run("restore", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    assert said.splitlines()[-1] == (
+        "warning: 1 blob(s) the database names were not in the storage when the backup was "
+        f"taken, so are not restored either: {key}")
+
+
 def test_a_blob_collected_while_it_is_backed_up_leaves_no_file_in_the_backup(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
