@@ -571,6 +571,39 @@ def test_a_serve_worker_or_training_started_during_a_restore_is_refused_untouche
         assert sorted(p.name for p in home.iterdir()) == [".in-use"]
 
 
+def test_a_home_that_is_a_mount_point_is_refused_before_anything_is_written(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """HOME the root of a mounted disk or a container's volume: the swap's rename of that
+    folder failed with EBUSY ('cannot restore into HOME: Device or resource busy') only after
+    the whole backup was checked and copied beside it, onto the disk above the mount."""
+    from selfie_lora.adapters import backup
+
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    assert run("backup", str(tmp_path / "bk.tar"))[0] == 0
+    services.users.create(name="bob")
+    services.close()
+    before = state(settings.home)
+    mounted = settings.home.resolve()
+    monkeypatch.setattr(backup, "_is_mount", lambda path: path == mounted, raising=False)
+    code, said = run("restore", "--force", str(tmp_path / "bk.tar"))
+    assert code == 1
+    assert said.strip() == (
+        f"error: SELFIE_LORA_HOME ({mounted}) is a mount point (a disk or a container volume): "
+        "a restore replaces HOME's folder by another made beside it, which a mount point cannot "
+        f"be; set SELFIE_LORA_HOME to a folder inside it (such as {mounted / 'home'}) for the "
+        "restore and the service, or mount the disk one folder up; nothing was changed")
+    assert state(settings.home) == before
+    assert [p.name for p in settings.home.parent.iterdir() if "restore" in p.name] == []
+    # Inside it, as the line says, the restore works.
+    inside = settings.home / "home"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": inside}))
+    code, said = run("restore", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    assert (inside / "selfie-lora.db").is_file()
+
+
 def test_a_home_that_is_a_link_is_restored_where_it_points_and_stays_a_link(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "datadisk" / "selfie"

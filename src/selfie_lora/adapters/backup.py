@@ -65,6 +65,11 @@ def _reached(step: str) -> None:
     """A step of a restore; tests replace it to kill the process there."""
 
 
+def _is_mount(path: Path) -> bool:
+    """Whether ``path`` is a mount point (tests replace it: mounting needs root)."""
+    return os.path.ismount(path)
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -534,6 +539,16 @@ class HomeBackups:
         # the folders beside it, on its disk, and the link left as it is. Beside the link, the
         # exchange swapped the link itself, and every later restore found its name taken.
         home = self._home.resolve()
+        if _is_mount(home):
+            # The swap renames HOME's folder, which a mount point cannot be (EBUSY): refused
+            # before anything is written, as the copy beside it would also have been on the
+            # disk above the mount (a container's own layer), not on HOME's.
+            raise ConfigError(
+                f"SELFIE_LORA_HOME ({home}) is a mount point (a disk or a container volume): a "
+                "restore replaces HOME's folder by another made beside it, which a mount point "
+                f"cannot be; set SELFIE_LORA_HOME to a folder inside it (such as {home / 'home'}) "
+                "for the restore and the service, or mount the disk one folder up; nothing was "
+                "changed")
         # Never under a running server or worker: it would go on writing into the old HOME's
         # unlinked database, and its blobs into the new HOME.
         self._put_back(home)
