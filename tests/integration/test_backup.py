@@ -184,6 +184,49 @@ def test_a_damaged_or_foreign_manifest_is_refused_in_one_line(
     assert [p.name for p in tmp_path.iterdir() if "restore" in p.name] == []
 
 
+_BACKUP_KILLED = textwrap.dedent("""
+    import os, signal, sys
+    from selfie_lora.adapters import backup
+    from selfie_lora.cli import main
+
+    def killed(*args, **kwargs):  # after the database's snapshot, before the blobs
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    backup._named_keys = killed
+    sys.argv = ["selfie-lora", "backup", sys.argv[1]]
+    main()
+""")
+
+
+def test_a_folder_backup_killed_midway_is_named_as_such_by_the_next_backup(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder backup killed while it wrote leaves DEST with the database but no manifest.json:
+    the next backup to that name (a nightly job's) said only 'DEST already exists', leaving the
+    operator to guess why. It is never deleted (DEST is the operator's)."""
+    services.users.create(name="ann")
+    services.close()
+    backup = tmp_path / "nightly"
+    killed = subprocess.run([sys.executable, "-c", _BACKUP_KILLED, str(backup)], env={
+        **os.environ, "SELFIE_LORA_HOME": str(settings.home)}, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert (backup / "selfie-lora.db").is_file()
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    code, said = run("backup", str(backup))
+    assert (code, said.strip()) == (1, (
+        f"error: {backup} holds a backup cut short (killed while it wrote: it has no "
+        "manifest.json), which restore refuses: delete it and back up again, or name a new "
+        "folder"))
+    assert (backup / "selfie-lora.db").is_file()
+    # A whole backup holds nothing but what its manifest names (and a HOME named as DEST is no
+    # backup cut short, though it has no manifest either).
+    assert run("backup", str(tmp_path / "whole"))[0] == 0
+    assert ".backup-writing" not in {p.name for p in (tmp_path / "whole").iterdir()}
+    code, said = run("backup", str(settings.home))
+    assert code == 1
+    assert "backup cut short" not in said
+
+
 def test_a_home_with_data_is_replaced_only_with_force(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

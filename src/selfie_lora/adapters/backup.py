@@ -58,6 +58,9 @@ RESTORED = "restored.json"
 # In a folder a restore is filling, until it is HOME: a ``.NAME.restore-new`` without it is the
 # old HOME a restore killed after its exchange set aside, kept, never deleted.
 PENDING = ".restore-pending"
+# In a folder backup from its start until its manifest is written: one found with no manifest
+# is a backup killed midway, which the next backup to that name says.
+WRITING = ".backup-writing"
 _CHUNK = 1 << 20
 
 
@@ -435,6 +438,14 @@ class HomeBackups:
             raise ConfigError(f"nothing to back up: no database in {self._home} "
                               "(SELFIE_LORA_HOME)")
         as_tar = dest.name.endswith(".tar")
+        if (not as_tar and dest.is_dir() and not dest.is_symlink()
+                and (dest / WRITING).is_file() and not (dest / MANIFEST_NAME).exists()):
+            # A folder backup killed while it wrote (the tar's scratch is cleared instead: its
+            # own name, locked): never deleted here, as DEST is the operator's, but said as
+            # what it is rather than only "already exists".
+            raise ConfigError(f"{dest} holds a backup cut short (killed while it wrote: it has "
+                              f"no {MANIFEST_NAME}), which restore refuses: delete it and back "
+                              "up again, or name a new folder")
         if dest.is_symlink() or (dest.exists() and (as_tar or not dest.is_dir()
                                                     or any(dest.iterdir()))):
             raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
@@ -483,7 +494,14 @@ class HomeBackups:
             stack.enter_context(_writing(folder))
         else:
             (made if _make_dest_folder(dest) else taken).append(dest)
+            os.close(_new_file(dest / WRITING))
+            fsync_dir(dest)
         summary = self._write(folder)
+        if not as_tar:
+            # The manifest is there: the backup is whole (a copy of the folder, tarred by
+            # hand, must hold nothing a restore does not know).
+            (dest / WRITING).unlink()
+            fsync_dir(dest)
         if as_tar:
             _write_tar(folder, part, dest, made)
         return replace(summary, path=dest)
