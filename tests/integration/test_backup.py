@@ -254,11 +254,13 @@ def test_a_home_with_data_is_replaced_only_with_force(
     assert (settings.home / "cache" / "model").read_text() == "kept"
 
 
+@pytest.mark.parametrize("old", ["0018", "0001"])
 def test_an_older_schema_is_backed_up_and_restored_as_it_is_never_upgraded(
         services: Services, settings: Settings, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """README "Rolling back": a HOME the previous release left (here at 0018) is backed up and
-    restored by this release without an upgrade, so the previous release still starts on it."""
+        monkeypatch: pytest.MonkeyPatch, old: str) -> None:
+    """README "Rolling back": a HOME the previous release left (here at 0018, and at 0001, whose
+    missing tables ended the backup) is backed up and restored by this release without an
+    upgrade, so the previous release still starts on it."""
     from alembic import command
 
     from selfie_lora.adapters.db.migrate import alembic_config
@@ -266,7 +268,7 @@ def test_an_older_schema_is_backed_up_and_restored_as_it_is_never_upgraded(
     services.users.create(name="ann")
     services.close()
     database = settings.home / "selfie-lora.db"
-    command.downgrade(alembic_config(f"sqlite:///{database}"), "0018")
+    command.downgrade(alembic_config(f"sqlite:///{database}"), old)
 
     def revision(db: Path) -> list[str]:
         with sqlite3.connect(db) as conn:
@@ -275,14 +277,14 @@ def test_an_older_schema_is_backed_up_and_restored_as_it_is_never_upgraded(
     monkeypatch.setattr(cli, "_settings", lambda: settings)
     code, said = run("backup", str(tmp_path / "bk.tar"))
     assert code == 0, said
-    assert revision(database) == ["0018"]
+    assert revision(database) == [old]
     target = tmp_path / "other"
     target.mkdir()
     (target / "made-after-the-upgrade").write_text("kept")
     monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
     code, said = run("restore", "--force", str(tmp_path / "bk.tar"))
     assert code == 0, said
-    assert revision(target / "selfie-lora.db") == ["0018"]
+    assert revision(target / "selfie-lora.db") == [old]
     assert [(p / "made-after-the-upgrade").read_text() for p in kept_homes(target)] == ["kept"]
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
-from selfie_lora.adapters.db.migrate import known_revisions
+from selfie_lora.adapters.db.migrate import head_revision, known_revisions
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.home_lock import holding, only_the_lock, restoring_home
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
@@ -44,7 +44,7 @@ from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, held
 from selfie_lora.config import DATABASE_FILE
 from selfie_lora.disk_space import free_bytes, is_full_error
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
-from selfie_lora.errors import ConfigError, InvalidInputError, StorageError
+from selfie_lora.errors import ConfigError, InvalidInputError, StorageError, StorageFullError
 from selfie_lora.services.layout import manifest_key, photo_key
 
 logger = logging.getLogger(__name__)
@@ -413,6 +413,21 @@ def _named_keys(database: Path) -> set[str]:
     return keys
 
 
+def _named_keys_of(database: Path, *, revision: str | None) -> set[str]:
+    """``_named_keys``, or none on an older schema whose tables this release's queries do not
+    find (0001 has no version_quality): the backup copies such a database as it is (README
+    "Rolling back"), and only its check of missing blobs is skipped, said in the log. It ended
+    the backup ('database error: no such table: version_quality')."""
+    try:
+        return _named_keys(database)
+    except StorageError as exc:
+        if isinstance(exc, StorageFullError) or revision == head_revision():
+            raise
+        logger.warning("the backup's database is at an older schema (%s): the blobs it names "
+                       "are not checked for missing ones (%s)", revision, exc.message)
+        return set()
+
+
 def _blob_files(root: Path) -> Iterator[tuple[str, Path]]:
     if not root.is_dir():
         return
@@ -510,8 +525,8 @@ class HomeBackups:
         created_at = datetime.now(UTC).isoformat()
         # The database first, the blobs after: every blob it names is written by then.
         _snapshot(self._home / DATABASE_FILE, folder / DATABASE_FILE)
-        named = _named_keys(folder / DATABASE_FILE)
         counts, revision = _counts_and_revision(folder / DATABASE_FILE)
+        named = _named_keys_of(folder / DATABASE_FILE, revision=revision)
         # Reading it switched it to WAL (the engine's setting): one file again, then summed.
         with _sqlite_writing(folder / DATABASE_FILE):
             _single_file(folder / DATABASE_FILE)
