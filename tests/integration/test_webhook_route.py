@@ -216,6 +216,26 @@ def test_malformed_but_signed_body_is_422(svc: Services, webhook_client: TestCli
     assert post(webhook_client, {"status": "processing"}) == 422
 
 
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"id": ' * 50_000, b"[" * 5_000 + b"]" * 5_000])
+def test_a_deeply_nested_signed_body_is_422_without_a_traceback(
+    svc: Services, webhook_client: TestClient, caplog: pytest.LogCaptureFixture, body: bytes
+) -> None:
+    """Found in review: json.loads raised RecursionError on a signed body nested past the
+    recursion limit, answered 500 with a logged traceback (and retried by Replicate)."""
+    tid = running_remotely(svc, "r-1")
+    headers = sign_webhook(secret=SECRET, body=body)
+    headers["content-type"] = "application/json"
+    caplog.set_level("INFO")
+    r = webhook_client.post("/api/webhooks/replicate", content=body, headers=headers)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["code"] == "bad_webhook"
+    assert "nested too deeply" in r.json()["error"]["message"]
+    assert not [rec for rec in caplog.records if rec.levelno >= 40 or rec.exc_info]
+    t = svc.repo.get_training(tid)
+    assert t is not None
+    assert (str(t.status), t.step) == ("queued", 0)
+
+
 @pytest.mark.parametrize("secret", [SECRET, None], ids=["with-secret", "url-alone"])
 def test_a_replicate_training_gets_the_contract_s_webhook_and_a_warning_without_a_secret(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,

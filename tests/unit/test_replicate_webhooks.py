@@ -193,7 +193,8 @@ def test_an_aborted_training_webhook_is_accepted() -> None:
 
 @pytest.mark.parametrize(
     "body",
-    [b"", b"[]", b"{}", b'{"id": "x"}', b'{"id": "x", "status": "exploded"}', b"\xff"],
+    [b"", b"[]", b"{}", b'{"id": "x"}', b'{"id": "x", "status": "exploded"}', b"\xff",
+     b"[" * 100_000, b'{"a": ' * 50_000],  # nested past the recursion limit: RecursionError
 )
 def test_bad_webhook_bodies_are_invalid_input(body: bytes) -> None:
     with pytest.raises(InvalidInputError):

@@ -174,6 +174,13 @@ def parse_training_webhook(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidInputError("webhook body is not JSON", code=ErrorCode.BAD_WEBHOOK) from exc
+    except RecursionError:
+        # Arrays or objects nested past Python's recursion limit ('[' * 100000, signed): the
+        # parser's RecursionError was answered 500 with a traceback, and Replicate retried it.
+        # Unreadable like any other body that is not a training object. ``from None``: the
+        # chain of thousands of frames says nothing more.
+        raise InvalidInputError("webhook body is nested too deeply to read",
+                                code=ErrorCode.BAD_WEBHOOK) from None
     if not isinstance(data, dict):
         raise InvalidInputError("webhook body is not a JSON object", code=ErrorCode.BAD_WEBHOOK)
     remote_id, status = data.get("id"), data.get("status")
