@@ -14,16 +14,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from replicate.client import Client
 
+from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.replicate import trainer as trainer_module
 from selfie_lora.adapters.replicate.session import ReplicateConnection
 from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import Training, TrainingStatus, User
-from selfie_lora.errors import BlobStoreUnreachableError, StorageError
+from selfie_lora.errors import BlobStoreUnreachableError, DatabaseUnreachableError, StorageError
+from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.ports import BlobStream, ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.services.training import REMOTE_STORAGE_WAIT_LIMIT
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -529,6 +532,74 @@ def test_a_remote_cancel_that_does_not_get_through_is_asked_again_until_it_does(
     assert rig.services.training.reconcile().remote_cancels_tried == 0
     assert remote.cancel_requests == 1  # asked once it got through, never again
 
+
+
+def _owing_a_remote_cancel(rig: Rig) -> str:
+    """The training failed and Replicate did not take its run's cancel: the cancel is owed."""
+    rig.standin.fail_next("GET", POLLS, status=422)  # the training fails (a refusal)
+    rig.standin.fail_next("POST", "/v1/trainings/*/cancel", status=503)
+    rig.services.training.run(rig.training_id)
+    t = rig.training()
+    assert t.status is TrainingStatus.FAILED
+    assert t.remote_id is not None
+    assert t.remote_cancel_pending
+    return t.remote_id
+
+
+def test_a_failing_alert_claim_does_not_keep_an_owed_remote_cancel_waiting(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a database error while the reconcile pass claimed a due alert ended the
+    pass, and the owed remote cancels after it waited for the next round (the run billed on).
+    Each part runs; the error is raised after them, for the loop to say once."""
+    remote_id = _owing_a_remote_cancel(rig)
+
+    def claim_fails(self: LikenessService, *, limit: int = 10) -> int:
+        raise StorageError("database error: the database is locked")
+
+    monkeypatch.setattr(LikenessService, "deliver_due_alerts", claim_fails)
+    with pytest.raises(StorageError, match="locked"):
+        rig.services.training.reconcile()
+    assert rig.standin.trainings[remote_id].status == "canceled"
+    assert not rig.training().remote_cancel_pending
+
+
+def test_a_database_away_for_every_part_of_a_reconcile_pass_is_raised_once_and_said_once(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The trainings' part fails (the database away), the alerts' too: the owed cancel is still
+    asked, and the outage is raised once, the later part's failure said at DEBUG only (the
+    loop says the outage, once); another kind of failure of a later part is a WARNING."""
+    remote_id = _owing_a_remote_cancel(rig)
+    away = DatabaseUnreachableError("database error: connection failed: Connection refused")
+
+    def unreachable(*args: object, **kwargs: object) -> Any:
+        raise away
+
+    monkeypatch.setattr(SqlRepository, "active_trainings", unreachable)
+    monkeypatch.setattr(LikenessService, "deliver_due_alerts", unreachable)
+    caplog.set_level("DEBUG", logger="selfie_lora.services.training")
+    with pytest.raises(DatabaseUnreachableError) as raised:
+        rig.services.training.reconcile()
+    assert raised.value is away
+    assert rig.standin.trainings[remote_id].status == "canceled"
+    said = [(r.levelname, r.getMessage()) for r in caplog.records
+            if "failed too" in r.getMessage()]
+    assert said == [("DEBUG", "reconcile: sending the alerts that are due failed too "
+                              "(DatabaseUnreachableError: database error: connection failed: "
+                              "Connection refused)")], said
+
+    caplog.clear()
+
+    def bug(self: LikenessService, *, limit: int = 10) -> int:
+        raise KeyError("alert")
+
+    monkeypatch.setattr(LikenessService, "deliver_due_alerts", bug)
+    with pytest.raises(DatabaseUnreachableError):
+        rig.services.training.reconcile()
+    warned = [r for r in caplog.records if "failed too" in r.getMessage()]
+    assert [r.levelname for r in warned] == ["WARNING"]
+    assert warned[0].exc_info is not None  # not an outage: a defect, its traceback kept
 
 
 CANCELS = "/v1/trainings/*/cancel"

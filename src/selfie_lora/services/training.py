@@ -942,11 +942,46 @@ class TrainingService:
         """Queue again every unfinished training that nobody holds and no queued message will
         reach, and cancel those whose user asked for it while nobody held them. ``dead_owners``:
         lease owners known to be gone (a worker restarting under its old name). A queue that
-        cannot be reached stops only the queuing: cancels and alerts need the database alone."""
+        cannot be reached stops only the queuing: cancels and alerts need the database alone.
+        Each part (trainings, due alerts, owed remote cancels) runs whatever the others met;
+        the first failure is raised after all have run."""
         with self._database_away.watch(self._clock):
             return self._reconcile(dead_owners=dead_owners)
 
     def _reconcile(self, *, dead_owners: Sequence[str]) -> ReconcileReport:
+        # Three parts, each run whatever became of the others: a database error in one (the
+        # alerts' claim, say) skipped the parts after it until the next round, owed remote
+        # cancels included, a Replicate run billed on for one more round. The first failure is
+        # raised once all have run, for the caller to say as it says any (once an outage).
+        failures: list[Exception] = []
+        enqueued: list[str] = []
+        canceled: list[str] = []
+        # The backends that did not take a remote call this pass: the other owed cancels of
+        # theirs wait for the next pass (they stay owed) instead of each waiting out an
+        # unreachable Replicate, which held the pass (and so the queuing of dead workers'
+        # trainings) for minutes.
+        unreachable: set[str] = set()
+        with _reconcile_part(failures, "queuing or canceling trainings nobody runs"):
+            self._recover_trainings(dead_owners=dead_owners, enqueued=enqueued,
+                                    canceled=canceled, unreachable=unreachable)
+        alerts_tried = 0
+        with _reconcile_part(failures, "sending the alerts that are due"):
+            # The alerts of held versions whose sender died, or whose delivery is due again.
+            alerts_tried = self._likeness.deliver_due_alerts()
+        remote_cancels = 0
+        with _reconcile_part(failures, "asking again for the remote cancels owed"):
+            # The remote runs of ended trainings whose cancel did not get through.
+            remote_cancels = self._cancel_pending_remotes(unreachable=unreachable)
+        if failures:
+            raise failures[0]
+        return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled),
+                               alerts_tried=alerts_tried, remote_cancels_tried=remote_cancels)
+
+    def _recover_trainings(self, *, dead_owners: Sequence[str], enqueued: list[str],
+                           canceled: list[str], unreachable: set[str]) -> None:
+        """The reconcile pass's trainings: those nobody runs queued again, those canceled
+        while nobody held them ended (their ids added to ``enqueued`` and ``canceled`` as
+        they go, so a later failure keeps what was done)."""
         now = self._clock()
         active = list(self._repo.active_trainings())
         for i, t in enumerate(active):
@@ -977,12 +1012,6 @@ class TrainingService:
             quiet = False
             if self._queue_outage.ends(ticket=ticket):
                 logger.info("reconcile: the queue can be read again")
-        enqueued, canceled = [], []
-        # The backends that did not take a remote call this pass: the other owed cancels of
-        # theirs wait for the next pass (they stay owed) instead of each waiting out an
-        # unreachable Replicate, which held the pass (and so the queuing of dead workers'
-        # trainings) for minutes.
-        unreachable: set[str] = set()
         for t in active:
             action = recovery_action(t, now=now, queued_ids=queued, policy=self.lease)
             with training_context(t.id):  # the lines about it carry its id, like a worker's
@@ -1011,12 +1040,6 @@ class TrainingService:
                     if done is not None:
                         self._cancel_remote(done, unreachable=unreachable)
                         canceled.append(t.id)
-        # The alerts of held versions whose sender died, or whose delivery is due again.
-        alerts_tried = self._likeness.deliver_due_alerts()
-        # The remote runs of ended trainings whose cancel did not get through.
-        remote_cancels = self._cancel_pending_remotes(unreachable=unreachable)
-        return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled),
-                               alerts_tried=alerts_tried, remote_cancels_tried=remote_cancels)
 
     def receive_webhook(self, *, headers: dict[str, str], body: bytes) -> Training | None:
         """``POST /api/webhooks/<backend>``: verify it, then apply it (``apply_webhook``)."""
@@ -1970,6 +1993,23 @@ class _Waits:
 # outage of the machine all the same, which its trainings wait out.
 _DATABASE_OUTAGES: tuple[type[SelfieLoraError], ...] = (DatabaseUnreachableError,
                                                         StorageFullError)
+
+
+@contextmanager
+def _reconcile_part(failures: list[Exception], what: str) -> Iterator[None]:
+    """One part of a reconcile pass: its error is kept in ``failures`` (the first is raised
+    after the pass, and its caller says it) instead of ending the pass. A later part's error of
+    the same kind is that failure again (the database away fails every part): said at DEBUG; one
+    of another kind is a failure of its own, said here."""
+    try:
+        yield
+    except Exception as exc:
+        if failures and type(exc) is type(failures[0]):
+            logger.debug("reconcile: %s failed too (%s)", what, describe(exc))
+        elif failures:
+            logger.warning("reconcile: %s failed too (%s); the next round tries again", what,
+                           describe(exc), exc_info=not isinstance(exc, SelfieLoraError))
+        failures.append(exc)
 
 
 class _SeenAway:
