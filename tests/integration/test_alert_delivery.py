@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from selfie_lora.adapters.alerts.http import HttpAlerter
 from selfie_lora.api.serializers import alert_json, likeness_json, version_json
 from selfie_lora.config import Settings
+from selfie_lora.domain.accounts import ErasurePlan
 from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.errors import AlertDeliveryError, DatabaseUnreachableError, StorageError
@@ -233,6 +234,33 @@ def test_a_send_that_outlasts_its_claim_leaves_the_record_of_the_sender_that_too
         clock.advance(hours=2)
         assert rig.training.reconcile().alerts_tried == 0
     assert (slow.calls, len(other.sent)) == (slow_calls, 1)
+
+
+def test_an_alert_whose_version_is_deleted_while_it_is_sent_says_so(
+        rig_for: Any, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: the account (and so the version) deleted while its alert was sent left
+    nothing to record on, and the log said the alert 'was taken over by another sender', a
+    second process the operator then looked for. It says the version was deleted."""
+    caplog.set_level(logging.INFO, logger="selfie_lora.services.likeness")
+    endpoint = RecordingAlerter(crash=True)
+    rig = rig_for(endpoint)
+    v2 = held_version(rig, dies=True)
+    model = rig.repo.get_model(v2.model_id)
+    assert model is not None
+
+    def the_account_is_deleted() -> None:
+        rig.repo.delete_user_data(model.user_id, plan=ErasurePlan(),
+                                  held=rig.repo.user_holdings(model.user_id))
+
+    endpoint.meanwhile = the_account_is_deleted
+    clock.advance(seconds=CLAIM.total_seconds() + 1)
+    assert rig.training.reconcile().alerts_tried == 1
+    assert len(endpoint.sent) == 1
+    assert rig.repo.get_version(v2.id) is None
+    said = [r.getMessage() for r in caplog.records if "is not recorded" in r.getMessage()]
+    assert said == [f"the likeness alert for version {v2.id}: its version was deleted (with its "
+                    "account) while it was sent; its outcome (delivered) is not recorded"], said
+    assert not any("another sender" in r.getMessage() for r in caplog.records)
 
 
 def test_each_claim_of_a_round_runs_from_when_it_is_taken(rig_for: Any, clock: Clock) -> None:

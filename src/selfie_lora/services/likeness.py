@@ -566,11 +566,22 @@ class LikenessService:
                            claimed.claim.isoformat())
             return bool(delivery["delivered"])
         if not recorded:
-            # This send outlasted its claim and another sender has taken the alert over: its
-            # record (delivered, or a later attempt) stands, and this late one would undo it.
-            logger.info("the likeness alert for version %s was taken over by another sender "
-                        "while this one sent it; its outcome (%s) is not recorded", version_id,
-                        "delivered" if delivery["delivered"] else "failed")
+            outcome = "delivered" if delivery["delivered"] else "failed"
+            gone = self._version_gone(version_id)
+            if gone:
+                # Its account was deleted while it was sent (the only way a version goes): no
+                # row left to record on. Said as such: "taken over by another sender" sent an
+                # operator looking for a second process that never was.
+                why = "its version was deleted (with its account) while it was sent"
+            elif gone is None:
+                why = "another sender took it over or its version was deleted meanwhile"
+            else:
+                # This send outlasted its claim and another sender has taken the alert over:
+                # its record (delivered, or a later attempt) stands, and this late one would
+                # undo it.
+                why = "it was taken over by another sender while this one sent it"
+            logger.info("the likeness alert for version %s: %s; its outcome (%s) is not "
+                        "recorded", version_id, why, outcome)
         # What the round goes on from is how this endpoint answered, recorded or not.
         return bool(delivery["delivered"])
 
@@ -597,6 +608,13 @@ class LikenessService:
                                                           alert=claimed.alert, claim=until)):
                 break
         return tried
+
+    def _version_gone(self, version_id: str) -> bool | None:
+        """Whether the version no longer exists; None when the database cannot say now."""
+        try:
+            return self._repo.get_version(version_id) is None
+        except StorageError:
+            return None  # for a log line only: not worth more than saying both
 
     def score(self, version_id: str, *, force: bool = False,
               checkpoint: Callable[[], None] | None = None) -> VersionLikeness:
