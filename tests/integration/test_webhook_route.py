@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,13 +128,20 @@ def test_only_the_trainings_own_bar_moves_its_progress(
 
 
 def test_bad_signatures_are_401_and_change_nothing(
-    svc: Services, webhook_client: TestClient
+    svc: Services, webhook_client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     tid = running_remotely(svc, "r-1")
     other = "whsec_" + base64.b64encode(b"another-secret-another-secret!!!").decode()
     payload = {"id": "r-1", "status": "processing", "logs": "5/10"}
+    caplog.set_level("WARNING")
     assert post(webhook_client, payload, secret=other) == 401
     assert post(webhook_client, payload, timestamp=int(time.time()) - 3600) == 401
+    # Said, which it is (found in review: only the error counter showed either).
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+              and r.getMessage().startswith("Replicate webhook refused (401)")]
+    assert len(warned) == 2, warned
+    assert "signature mismatch" in warned[0]
+    assert re.search(r"this server's clock 360[01] s ahead of it", warned[1]), warned
     r = webhook_client.post("/api/webhooks/replicate", content=b"{}",
                             headers={"webhook-id": "x", "webhook-timestamp": "nope",
                                      "webhook-signature": "v1,garbage"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from pathlib import Path
 
@@ -119,6 +120,76 @@ def test_bad_webhooks_raise_auth_error(case: str) -> None:
     secret, headers, body = _bad_cases()[case]
     with pytest.raises(AuthError):
         verify_webhook(secret=secret, headers=headers, body=body)
+
+
+class Ticks:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    return [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "selfie_lora.adapters.replicate.webhooks"]
+
+
+def test_a_wrong_secret_or_a_clock_off_is_said_once_every_ten_minutes_each(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: a wrong (well-formed) secret, or this server's clock more than 5
+    minutes off, answered every delivery 401 with no line in the log. Each is said at WARNING,
+    which it is (the clock's with its skew), once every 10 minutes for each; the rest at DEBUG;
+    never the secret or the signature."""
+    caplog.set_level("DEBUG", logger="selfie_lora.adapters.replicate.webhooks")
+    ticks = Ticks()
+    verifier = ReplicateWebhooks(secret=SECRET, monotonic=ticks)
+    wrong = sign_webhook(secret=OTHER, body=BODY)
+    for _ in range(3):
+        with pytest.raises(AuthError):
+            verifier.verify(headers=wrong, body=BODY)
+    said = _refusals(caplog)
+    assert [level for level, _ in said] == ["WARNING", "DEBUG", "DEBUG"]
+    assert said[0][1].startswith("Replicate webhook refused (401): signature mismatch, no "
+                                 "signature matches SELFIE_LORA_WEBHOOK_SECRET")
+    # The clock's refusal is its own kind: said at once, though the mismatch was just said.
+    caplog.clear()
+    old = sign_webhook(secret=SECRET, body=BODY, timestamp=int(time.time()) - 3600)
+    ahead = sign_webhook(secret=SECRET, body=BODY, timestamp=int(time.time()) + 900)
+    for headers in (old, ahead):
+        with pytest.raises(AuthError):
+            verifier.verify(headers=headers, body=BODY)
+    said = _refusals(caplog)
+    assert [level for level, _ in said] == ["WARNING", "DEBUG"]
+    assert re.search(r"its signed timestamp is outside the 300 s window, this server's clock "
+                     r"360[01] s ahead of it \(check this machine's clock\)", said[0][1]), said
+    assert re.search(r"clock (899|900) s behind it", said[1][1]), said
+    # Ten minutes on, each is said again.
+    caplog.clear()
+    ticks.now += 600
+    for headers in (wrong, old):
+        with pytest.raises(AuthError):
+            verifier.verify(headers=headers, body=BODY)
+    said = _refusals(caplog)
+    assert [level for level, _ in said] == ["WARNING", "WARNING"]
+    assert "signature mismatch" in said[0][1]
+    assert "outside the 300 s window" in said[1][1]
+    # Anybody's POST with an old timestamp is a mismatch, not this clock being off; headers
+    # missing or garbled are not said at all.
+    caplog.clear()
+    forged = sign_webhook(secret=OTHER, body=BODY, timestamp=int(time.time()) - 3600)
+    for headers in (forged, {}, {**wrong, "webhook-timestamp": "yesterday"}):
+        with pytest.raises(AuthError):
+            verifier.verify(headers=headers, body=BODY)
+    said = _refusals(caplog)
+    assert [(level, "signature mismatch" in text) for level, text in said] == [("DEBUG", True)]
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    for secret_or_signature in (SECRET, OTHER, SECRET.removeprefix("whsec_"),
+                                OTHER.removeprefix("whsec_"), wrong["webhook-signature"],
+                                old["webhook-signature"].partition(",")[2]):
+        assert secret_or_signature not in logged
 
 
 LOGS = (

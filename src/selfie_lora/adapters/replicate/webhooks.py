@@ -12,8 +12,9 @@ import hmac
 import json
 import logging
 import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -28,9 +29,12 @@ from selfie_lora.services.ports import ProgressBar, RemoteTrainingEvent
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "REFUSALS_SAID_EVERY_SECONDS",
     "TOLERANCE_SECONDS",
     "LogProgress",
     "ReplicateWebhooks",
+    "WebhookSignatureMismatchError",
+    "WebhookTimestampError",
     "log_bars",
     "parse_log_progress",
     "parse_training_webhook",
@@ -38,6 +42,9 @@ __all__ = [
 ]
 
 TOLERANCE_SECONDS = 5 * 60
+# How often a refusal of one kind (no signature matches, the timestamp off) may be logged: a
+# wrong secret or a clock that is off refuses every delivery, and Replicate retries each.
+REFUSALS_SAID_EVERY_SECONDS = 10 * 60
 
 # A tqdm bar: "label:  40%|████      | 400/1000 [00:10<00:15, 39.5it/s, lr: 4e-04 loss: 0.32]".
 # The label keeps the spaces before the percentage: a ``\s*`` between them could match the same
@@ -53,14 +60,28 @@ _LOSS = re.compile(r"loss[:=]\s*(?P<loss>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+
 # --------------------------------------------------------------------------- signatures
 
 
+class WebhookSignatureMismatchError(AuthError):
+    """Well-formed signature headers, but no ``v1`` signature matches the secret."""
+
+
+class WebhookTimestampError(AuthError):
+    """The signed timestamp is more than ``TOLERANCE_SECONDS`` away from this server's clock;
+    ``skew``: this clock minus the timestamp, in seconds (positive: the webhook looks old)."""
+
+    def __init__(self, message: str, *, skew: int) -> None:
+        super().__init__(message)
+        self.skew = skew
+
+
 def verify_webhook(*, secret: str, headers: Mapping[str, str], body: bytes, now: float | None = None) -> None:
     """Check a Standard Webhooks signature; raise :class:`AuthError` on any problem.
 
-    The timestamp is checked here against ``now`` (default: the wall clock) because
-    ``Webhook.verify`` reads the clock itself; the signature is computed with the package's
-    ``Webhook.sign`` and compared in constant time against every ``v1`` entry (key rotation sends
-    several). Every exception, including the ``ValueError``/``UnicodeDecodeError`` the package
-    raises on garbage, becomes a 401.
+    The signature is computed with the package's ``Webhook.sign`` and compared in constant time
+    against every ``v1`` entry (key rotation sends several): none matching raises
+    :class:`WebhookSignatureMismatchError`. The timestamp is checked after it, against ``now``
+    (default: the wall clock; ``Webhook.verify`` reads the clock itself):
+    :class:`WebhookTimestampError` when more than 5 minutes off. Every exception, including the
+    ``ValueError``/``UnicodeDecodeError`` the package raises on garbage, becomes a 401.
     """
     try:
         lowered = {str(k).lower(): str(v) for k, v in headers.items()}
@@ -72,9 +93,6 @@ def verify_webhook(*, secret: str, headers: Mapping[str, str], body: bytes, now:
         if not stamp.isdigit():
             raise AuthError("webhook timestamp is not a number")
         sent_at = int(stamp)
-        clock = time.time() if now is None else now
-        if abs(clock - sent_at) > TOLERANCE_SECONDS:
-            raise AuthError("webhook timestamp is more than 5 minutes off")
         expected = Webhook(secret).sign(
             msg_id=msg_id,
             timestamp=datetime.fromtimestamp(sent_at, tz=UTC),
@@ -90,8 +108,15 @@ def verify_webhook(*, secret: str, headers: Mapping[str, str], body: bytes, now:
             except ValueError:
                 continue  # one garbled entry must not hide a good one after it
             if hmac.compare_digest(given, expected_sig):
-                return
-        raise AuthError("no webhook signature matches")
+                break
+        else:
+            raise WebhookSignatureMismatchError("no webhook signature matches")
+        # The time after the signature: a refusal for the time (logged as this clock being
+        # off) is then one of a delivery really signed with the secret, not anybody's POST.
+        clock = time.time() if now is None else now
+        if abs(clock - sent_at) > TOLERANCE_SECONDS:
+            raise WebhookTimestampError("webhook timestamp is more than 5 minutes off",
+                                        skew=round(clock - sent_at))
     except AuthError:
         raise
     except Exception as exc:  # the package raises several types on malformed input
@@ -210,7 +235,7 @@ class ReplicateWebhooks:
     """The ``WebhookVerifier`` port for Replicate: Standard Webhooks signatures with ``secret``,
     then the training object in the body (the signed body alone says which training it is)."""
 
-    def __init__(self, *, secret: str) -> None:
+    def __init__(self, *, secret: str, monotonic: Callable[[], float] = time.monotonic) -> None:
         # Checked once, here (the settings check it too, for the command line): a secret that
         # is not one answered every delivery 401 ("webhook verification failed"), which only
         # the logs of Replicate's retries showed. The package decodes leniently, dropping what
@@ -219,10 +244,45 @@ class ReplicateWebhooks:
         if problem is not None:
             raise ConfigError(f"SELFIE_LORA_WEBHOOK_SECRET {problem}")
         self._secret = secret
+        # When each kind of refusal was last logged (``_refused``).
+        self._monotonic = monotonic
+        self._said: dict[type[AuthError], float] = {}
+        self._said_lock = threading.Lock()
 
     def verify(self, *, headers: dict[str, str], body: bytes) -> RemoteTrainingEvent:
-        verify_webhook(secret=self._secret, headers=headers, body=body)
+        try:
+            verify_webhook(secret=self._secret, headers=headers, body=body)
+        except (WebhookSignatureMismatchError, WebhookTimestampError) as exc:
+            self._refused(exc)
+            raise
         event = parse_training_webhook(body)
         webhook_id = {k.lower(): v for k, v in headers.items()}["webhook-id"]
         return RemoteTrainingEvent(webhook_id=webhook_id, remote_id=str(event["id"]),
                                    status=str(event["status"]), bars=tuple(event["bars"]))
+
+    def _refused(self, exc: WebhookSignatureMismatchError | WebhookTimestampError) -> None:
+        """Say why a well-formed delivery was refused, once every ``REFUSALS_SAID_EVERY_SECONDS``
+        for each kind (the rest at DEBUG). A wrong secret or a clock more than 5 minutes off
+        answers every delivery 401, and only the error counter showed it. Neither the secret
+        nor the signature is ever in the line."""
+        now = self._monotonic()
+        with self._said_lock:
+            last = self._said.get(type(exc))
+            loud = last is None or now - last >= REFUSALS_SAID_EVERY_SECONDS
+            if loud:
+                self._said[type(exc)] = now
+        every = f"said at most once every {REFUSALS_SAID_EVERY_SECONDS // 60} minutes"
+        if isinstance(exc, WebhookTimestampError):
+            ahead = "ahead of" if exc.skew > 0 else "behind"
+            logger.log(logging.WARNING if loud else logging.DEBUG,
+                       "Replicate webhook refused (401): its signed timestamp is outside the "
+                       "%d s window, this server's clock %d s %s it (check this machine's "
+                       "clock); every delivery so far off is refused (%s)",
+                       TOLERANCE_SECONDS, abs(exc.skew), ahead, every)
+        else:
+            logger.log(logging.WARNING if loud else logging.DEBUG,
+                       "Replicate webhook refused (401): signature mismatch, no signature "
+                       "matches SELFIE_LORA_WEBHOOK_SECRET (a wrong secret, a body changed on "
+                       "the way, or not sent by Replicate; Replicate's secret is GET "
+                       "/v1/webhooks/default/secret); every "
+                       "delivery so signed is refused (%s)", every)
