@@ -20,6 +20,7 @@ import zipfile
 import zlib
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ from selfie_lora.errors import (
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import DEPLOYMENT_KEY, chart_key
 from selfie_lora.services.likeness import grid_text
-from selfie_lora.services.ports import BlobStream
+from selfie_lora.services.ports import BlobStream, ProgressSink, TrainingJob, TrainingResult
 from selfie_lora.services.users import UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.web.app import WEB_ROOT
@@ -3973,3 +3974,44 @@ def test_the_pages_work_under_a_root_path(web_settings: Settings, svc: Services)
         polled = c.get("/sl/train/status", headers={
             "HX-Request": "true", "HX-Current-URL": "http://testserver/sl/train"})
         assert polled.headers["hx-redirect"] == "/sl/signin?next=/train"
+
+
+@dataclass
+class LaterMismatchTrainer(FakeTrainer):
+    """Replicate publishing every training's LoRA after the first as another model's version
+    (replicate-python #419): such a version is stored, flagged ``version_mismatch``."""
+
+    trained: int = 0
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        result = super().train(job, sink=sink)
+        self.trained += 1
+        if self.trained == 1:
+            return result
+        return replace(result, version_mismatch=True,
+                      remote_version="someone/elses-model:" + "c" * 64)
+
+
+def test_the_versions_page_offers_no_use_for_a_version_published_to_another_model(
+        web_settings: Settings) -> None:
+    """Its activation is refused (409 version_mismatch), yet the Versions page offered "Use this
+    version" on it, a button to a refusal. The page offers none for it and says why there."""
+    services = fake_services(web_settings, trainer=LaterMismatchTrainer())
+    services.users.create(name="ann", password=PASSWORD)
+    try:
+        with browser(web_settings, services) as client:
+            sign_in(client, "ann")
+            two_versions(client)
+            user = services.users.get_by_name(name="ann")
+            v2, v1 = services.models.versions(user=user)
+            assert v2.version_mismatch
+            assert not v1.version_mismatch
+            assert services.models.get(user=user).active_version_id == v1.id
+            page = client.get("/versions").text
+            row = page[page.index('id="v2"'):page.index('id="v1"')]
+            assert "Use this version" not in row
+            assert f"/versions/{v2.id}/activate" not in row
+            assert "Replicate published it to another model" in row
+            assert _button_names(page, "Use this version") == []  # v1 is the active one
+    finally:
+        services.close()
