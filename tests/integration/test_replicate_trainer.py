@@ -18,10 +18,11 @@ import httpx
 import pytest
 from PIL import Image
 from replicate.client import Client
+from replicate.training import Training
 
 from selfie_lora.adapters.replicate.generator import ReplicateGenerator
 from selfie_lora.adapters.replicate.outputs import is_safetensors
-from selfie_lora.adapters.replicate.session import ReplicateConnection
+from selfie_lora.adapters.replicate.session import TRAINER_FAILURES, ReplicateConnection
 from selfie_lora.adapters.replicate.trainer import (
     MARKER_METADATA_KEY,
     ReplicateTrainer,
@@ -1175,3 +1176,30 @@ def test_generator_creates_no_prediction_once_the_client_has_gone(
     with pytest.raises(ClientGoneError):
         replicate_generator.generate(job(6))
     assert len(replicate_standin.predictions) == 4
+
+
+def test_weights_that_cannot_be_read_are_reported_without_the_url_s_signature(
+    replicate_trainer: ReplicateTrainer, replicate_job_factory: JobFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Output that was no LoRA put its whole URL, signed query included, in the
+    WeightsNotFoundError's message (logged, stored as the training's error): its host and path
+    say which file; the signature said nothing more and granted the download to any reader."""
+    signed = ("https://replicate.delivery/pbxt/x/trained_model.tar"
+              "?X-Amz-Expires=3600&X-Amz-Signature=5ec7e7deadbeef")
+    training = Training(id="t1", model="o/m", version="v", status="succeeded", input={},
+                        logs="", output={"version": None, "weights": signed}, urls={})
+
+    def not_a_lora(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"not a tar, a zip nor safetensors")
+
+    connection = ReplicateConnection(api_token="r8_test", base_url="https://api.test",
+                                     max_retries=0, sleep=lambda s: None,
+                                     transport=httpx.MockTransport(not_a_lora))
+    with connection.session(TRAINER_FAILURES) as session, \
+            pytest.raises(WeightsNotFoundError) as caught:
+        replicate_trainer._collect(session, replicate_job_factory(), training, "o/m",
+                                   stop=lambda: False)
+    assert "https://replicate.delivery/pbxt/x/trained_model.tar" in caught.value.message
+    assert "5ec7e7" not in caught.value.message
+    assert "5ec7e7" not in caplog.text

@@ -13,6 +13,7 @@ from selfie_lora.adapters.replicate.session import (
     TRAINER_FAILURES,
     ReplicateConnection,
     shorten,
+    shown_url,
 )
 from selfie_lora.errors import (
     ConfigError,
@@ -290,3 +291,37 @@ def test_a_connection_does_not_show_its_token() -> None:
     shown = repr(ReplicateConnection(api_token="r8_secret_token", base_url=API))
     assert "r8_secret_token" not in shown
     assert API in shown
+
+
+SIGNED = ("https://replicate.delivery/pbxt/x/trained_model.tar"
+          "?X-Amz-Expires=3600&X-Amz-Signature=5ec7e7deadbeef")
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    (SIGNED, "https://replicate.delivery/pbxt/x/trained_model.tar?(query hidden)"),
+    ("https://user:pw@replicate.delivery:8443/x.tar#frag",
+     "https://replicate.delivery:8443/x.tar"),
+    ("https://replicate.delivery/x.tar", "https://replicate.delivery/x.tar"),
+    ("data:application/x-tar;base64,bG9yYQ==", "a data: URL (application/x-tar, 38 characters)"),
+    ("https://[::1/x.tar?sig=5ec7e7", "an unreadable URL"),
+])
+def test_a_url_is_shown_without_its_query_or_credentials(url: str, shown: str) -> None:
+    assert shown_url(url) == shown
+
+
+def test_a_signed_output_url_s_signature_is_in_no_message() -> None:
+    """A download's messages (logged, and stored as the training's error) held the whole output
+    URL, its signed query included: they hold its host and path, the query masked."""
+    def too_large(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=b"x" * 200)
+
+    with connection(too_large, []).session(TRAINER_FAILURES) as session, \
+            pytest.raises(WeightsNotFoundError) as caught:
+        session.download(SIGNED, max_bytes=100, what="download the weights")
+    assert "replicate.delivery/pbxt/x/trained_model.tar" in caught.value.message
+    assert "5ec7e7" not in caught.value.message
+    bad = "https://[::1/x.tar?X-Amz-Signature=5ec7e7"
+    with connection(too_large, []).session(TRAINER_FAILURES) as session, \
+            pytest.raises(TrainingFailedError) as refused:
+        session.download(bad, max_bytes=100, what="download the weights")
+    assert "5ec7e7" not in refused.value.message

@@ -28,6 +28,7 @@ from selfie_lora.adapters.replicate.session import (
     ReplicateSession,
     parse_time,
     parse_version_ref,
+    shown_url,
 )
 from selfie_lora.adapters.replicate.statuses import ABORTED, ENDED, validated
 from selfie_lora.errors import (
@@ -187,7 +188,7 @@ class ReplicateGenerator:
             logger.info("prediction %s on %s: seed %d", prediction_id, job.remote_version, seed)
             return _as_png(
                 session.download(urls[0], max_bytes=_MAX_IMAGE_BYTES, what="download the image"),
-                urls[0],
+                shown_url(urls[0]),
             )
 
 

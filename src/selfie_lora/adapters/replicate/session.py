@@ -179,6 +179,25 @@ def same_origin(a: str, b: str) -> bool:
     return (x.scheme, x.hostname, x.port) == (y.scheme, y.hostname, y.port)
 
 
+def shown_url(url: str) -> str:
+    """``url`` as messages and logs may show it: scheme, host, port and path. An output URL is
+    signed (the files API's, the delivery hosts' X-Amz-Signature and expiry in its query), and a
+    message reaches the log, the training's stored error and its answers: the query is masked,
+    the fragment and any user:password dropped. A ``data:`` URL (the client's form of a small
+    output) is its media type and length, not its whole payload."""
+    if url.startswith("data:"):
+        media = url[5:].split(",", 1)[0].split(";", 1)[0] or "text/plain"
+        return f"a data: URL ({media}, {len(url)} characters)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # "https://[::1/x" and its kin: no part of it can be told apart
+        return "an unreadable URL"
+    origin = (f"{parts.scheme}://{parts.hostname or ''}{'' if port is None else f':{port}'}"
+              if parts.netloc else f"{parts.scheme}:" if parts.scheme else "")
+    return f"{origin}{parts.path}{'?(query hidden)' if parts.query else ''}"
+
+
 def may_download(url: str, *, base_url: str) -> bool:
     """Whether an output URL is one this service fetches: https on Replicate's delivery hosts,
     or the configured API's own origin, scheme and port included (the files API; and in tests
@@ -513,7 +532,7 @@ class ReplicateSession:
             httpx.URL(url)  # before any request: httpx.InvalidURL is no HTTPError
         except (ValueError, httpx.InvalidURL) as exc:
             raise self._failures.refused(
-                f"could not {what}: {url[:80]!r} is not a valid URL: {exc}",
+                f"could not {what}: {shown_url(url)[:80]!r} is not a valid URL: {exc}",
                 f"Could not {what}: Replicate's output names no valid URL.",
             ) from exc
         except _TooLargeError as exc:
@@ -530,13 +549,13 @@ class ReplicateSession:
                 response.raise_for_status()
                 declared = response.headers.get("Content-Length")
                 if declared and declared.isdigit() and int(declared) > max_bytes:
-                    raise _TooLargeError(url, max_bytes)
+                    raise _TooLargeError(shown_url(url), max_bytes)
                 chunks: list[bytes] = []
                 total = 0
                 for chunk in response.iter_bytes():
                     total += len(chunk)
                     if total > max_bytes:
-                        raise _TooLargeError(url, max_bytes)
+                        raise _TooLargeError(shown_url(url), max_bytes)
                     chunks.append(chunk)
                 return b"".join(chunks)
 
@@ -557,6 +576,8 @@ class ReplicateSession:
 
 
 class _TooLargeError(Exception):
+    """``url`` as shown (``shown_url``): its message is logged and stored."""
+
     def __init__(self, url: str, limit: int) -> None:
         super().__init__(f"{url} is larger than the {limit} byte cap")
 

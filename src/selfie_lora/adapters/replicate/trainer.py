@@ -54,6 +54,7 @@ from selfie_lora.adapters.replicate.session import (
     parse_version_ref,
     same_origin,
     shorten,
+    shown_url,
 )
 from selfie_lora.adapters.replicate.statuses import ABORTED, ENDED, validated
 from selfie_lora.adapters.replicate.webhooks import parse_log_progress
@@ -681,7 +682,8 @@ class ReplicateTrainer:
                     "from Replicate. Start the training again."
                 ),
             ) from exc
-        weights, detail = extract_safetensors(data, source_name=url, max_bytes=self._max_weights_bytes)
+        weights, detail = extract_safetensors(data, source_name=shown_url(url),
+                                              max_bytes=self._max_weights_bytes)
         weights = self._normalized(weights, training_id=job.training_id)
         path = job.work_dir / "lora.safetensors"
         try:
