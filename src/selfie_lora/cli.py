@@ -1232,7 +1232,13 @@ def _write(path: Path, data: bytes, *, also: str | None = None) -> None:
 def _writable_folder(folder: Path) -> None:
     """Makes ``folder`` (--out) if need be, or says in one line why it cannot hold the files, so a
     command fails before its work rather than after it."""
-    in_the_way = file_in_the_way(folder)
+    try:
+        # Looking is an OSError too where the name cannot be (a name over 255 bytes:
+        # ENAMETOOLONG; a folder this user may not look into: EACCES): it was a traceback from
+        # exists(), where a place that cannot be written is one line (as export's --out).
+        in_the_way = file_in_the_way(folder)
+    except OSError as exc:
+        _cannot_write(folder, exc)
     if in_the_way is not None:  # mkdir's own words were 'File exists' / 'Not a directory'
         _fail(f"cannot write {folder}: {_is_a_file(in_the_way, folder)} (--out names a folder)")
     try:

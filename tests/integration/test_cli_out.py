@@ -396,3 +396,29 @@ def test_compare_after_a_rollback_does_not_call_version_b_active(trained: Servic
     shown = {row["version"].number: row["gate_reason"] for row in rows}
     assert shown[2] == f"{stored} (when it was judged; version 1 is active now)"
     assert shown[1] == trained.models.version(user=ann, version_id="1").gate_reason
+
+
+@pytest.mark.parametrize("command", [["generate", "a hat"], ["compare"]])
+@pytest.mark.parametrize("name", ["folder", "folder/", "in a folder"])
+def test_an_out_whose_name_is_too_long_is_one_line(
+        trained: Services, fake_generator: FakeGenerator, tmp_path: Path, command: list[str],
+        name: str) -> None:
+    """Looking at --out was an OSError (ENAMETOOLONG) from file_in_the_way's exists(): a
+    traceback, where a place that cannot be written is one line and exit status 1 (as export's
+    --out since 8c67ad5), before anything is generated or scored."""
+    ann = trained.users.get_by_name(name="ann")
+    before = len(fake_generator.jobs)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    long = "x" * 300
+    out = {"folder": str(folder / long), "folder/": f"{folder / long}/",
+           "in a folder": str(folder / long / "images")}[name]
+    refused = CliRunner().invoke(cli.app, [*command, "--user", "ann", "--out", out])
+    assert refused.exit_code == 1, (refused.output, refused.exception)
+    assert isinstance(refused.exception, SystemExit), repr(refused.exception)
+    (line,) = refused.output.strip().splitlines()
+    assert line.startswith("error: cannot write ")
+    assert line.endswith(": File name too long")
+    assert list(folder.iterdir()) == []  # nothing written
+    assert len(fake_generator.jobs) == before
+    assert trained.generation.history(user=ann) == []
