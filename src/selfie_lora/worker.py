@@ -285,8 +285,10 @@ class Worker:
                 continue
             idle = _IDLE_MIN_S
             if self._stop.is_set():
-                # Taken just as the worker stops: ring again for whoever runs next.
-                self._training.reconcile()
+                # Taken just as the worker stops: ring again for whoever runs next. Watched as
+                # the reconciler's loop is: a database away then is one line, not a traceback
+                # that ends this thread (the message is handed back by the next reconcile).
+                self._reconcile()
                 return
             with self._busy_lock:
                 self._busy += 1

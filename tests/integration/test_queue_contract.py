@@ -17,6 +17,7 @@ import pytest
 
 from selfie_lora import worker as worker_module
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
+from selfie_lora.errors import DatabaseUnreachableError
 from selfie_lora.services.common import Outage
 from selfie_lora.services.training import ReconcileReport
 from selfie_lora.testing.fakes import InMemoryQueue
@@ -437,3 +438,47 @@ def test_a_process_that_runs_no_worker_does_not_say_a_worker_stops(
     said = [r.getMessage() for r in _worker_lines(caplog, logging.INFO)]
     assert "background upkeep (reconciler, garbage collection) stopping" in said
     assert not [line for line in said if "worker" in line]
+
+
+class _TakenAsItStops(InMemoryQueue):
+    """A queue whose one read answers a training only once the worker is stopping: the
+    moment the consumer rings the reconciler instead of running it."""
+
+    def __init__(self, stopping: threading.Event) -> None:
+        super().__init__()
+        self._stopping = stopping
+        self.answered = threading.Event()
+
+    def next_training(self) -> str | None:
+        if self.answered.is_set():
+            return None
+        assert self._stopping.wait(10)
+        self.answered.set()
+        return "t1"
+
+
+class _ReconcileDown(StubTraining):
+    def reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> ReconcileReport:
+        super().reconcile(dead_owners=dead_owners)
+        raise DatabaseUnreachableError("connection refused")
+
+
+def test_a_training_taken_as_the_worker_stops_meets_a_database_outage_in_one_line(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A training taken from the queue just as the worker stops is handed back by asking the
+    reconciler to queue it again; that call alone was made bare, so a database away then
+    killed the consumer thread with a traceback (pytest: an unhandled thread exception) where
+    the reconciler's own loop says one line. Now the same watched call as the loop's."""
+    training = _ReconcileDown()
+    worker = Worker(training=training, queue=InMemoryQueue(), identity=Identity(name="w"),  # type: ignore[arg-type]
+                    threads=1, reconcile_seconds=60)
+    queue = _TakenAsItStops(worker._stop)
+    worker._queue = queue
+    with caplog.at_level(logging.INFO, logger="selfie_lora"):
+        worker.start()
+        assert worker.stop()
+    assert queue.answered.is_set()
+    assert training.reconciled  # the training was handed back (or tried)
+    assert training.ran == []
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("the database cannot be reached" in line for line in said), said
