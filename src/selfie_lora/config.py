@@ -407,6 +407,20 @@ class Settings(BaseSettings):
                              "FLUX.1 diffusers folder")
         return value
 
+    @field_validator("home")
+    @classmethod
+    def _home_can_be_looked_at(cls, value: Path) -> Path:
+        # A name longer than the file system takes (or a folder above it this user may not
+        # read) made every command die with a traceback at its first look (OSError: File name
+        # too long, from missing_database's exists()). A file in the way is said later, by each
+        # command, more precisely.
+        try:
+            file_in_the_way(value)
+        except OSError as exc:
+            raise ValueError(f"cannot be checked ({exc.strerror or exc}); name a folder this "
+                             "user can write") from None
+        return value
+
     @field_validator("cache_dir")
     @classmethod
     def _cache_dir_can_be_a_folder(cls, value: Path | None) -> Path | None:

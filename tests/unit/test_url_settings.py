@@ -72,3 +72,17 @@ def test_a_cache_dir_that_cannot_be_checked_is_a_settings_error_not_a_traceback(
     assert settings_errors(caught.value) == [
         "SELFIE_LORA_CACHE_DIR: cannot be checked (File name too long); name a folder this "
         "user can write"]
+
+
+def test_a_home_that_cannot_be_checked_is_a_settings_error_not_a_traceback(
+        tmp_path: Path) -> None:
+    # As the cache folder's above: SELFIE_LORA_HOME with a name longer than the file system
+    # takes made every command (users list, serve) die with OSError: File name too long from
+    # its first look for the database.
+    for home in (tmp_path / ("x" * 300), tmp_path / ("x" * 300) / "home"):
+        with pytest.raises(ValidationError) as caught:
+            Settings(home=home)
+        assert settings_errors(caught.value) == [
+            "SELFIE_LORA_HOME: cannot be checked (File name too long); name a folder this "
+            "user can write"]
+    assert Settings(home=tmp_path / "new" / "home").home == tmp_path / "new" / "home"
