@@ -709,6 +709,41 @@ def test_a_repin_before_the_first_training_follows_the_configured_backend(
         assert started["model"]["destination"] == r.json()["destination"]
 
 
+def test_a_repinned_models_destination_follows_the_moved_owner_on_every_front(
+        tmp_path: Path) -> None:
+    """Re-pinned (PATCH trainer_version) under the Replicate owner acme and never trained, then
+    served with SELFIE_LORA_REPLICATE_OWNER=acme-studio: the model page and the first training
+    took acme-studio/selfie-lora-..., but GET /api/model and a write's answer still said
+    acme/selfie-lora-..., the row stored at the upload (the re-pin counted as a fixed pin)."""
+    acme = make_settings(tmp_path, trainer="replicate", replicate_owner="acme",
+                         replicate_api_token="r8_dummy")
+    with serving(acme) as (client, svc):
+        user, key = svc.users.create(name="ann")
+        h = {"Authorization": f"Bearer {key}"}
+        upload(client, h, photo_zip(4, size=1024), start=False)
+        r = client.patch("/api/model", headers=h, json={
+            "trainer_version": DEFAULT_REPLICATE_TRAINER_VERSION, "reason": "mine"})
+        assert r.status_code == 200, r.text
+        assert (r.json()["destination"].split("/")[0], r.json()["pin_fixed"]) == ("acme", True)
+    moved = make_settings(tmp_path, trainer="replicate", replicate_owner="acme-studio",
+                          replicate_api_token="r8_dummy")
+    with serving(moved) as (client, svc):
+        page = svc.training.next_pin(user=user)  # what the model page shows
+        assert page is not None
+        destination = page.model.destination
+        assert destination.startswith("acme-studio/selfie-lora-")
+        model = client.get("/api/model", headers=h).json()
+        assert (model["destination"], model["trainer_version"], model["pin_fixed"]) == (
+            destination, DEFAULT_REPLICATE_TRAINER_VERSION, True)
+        r = client.patch("/api/model", headers=h, json={"lora_scale": 0.7})  # a write's answer
+        assert r.status_code == 200, r.text
+        assert (r.json()["destination"], r.json()["pin_fixed"]) == (destination, True)
+        r = client.post("/api/training/start", headers=h, json={"dataset_id": None})
+        assert r.status_code == 202, r.text
+        assert r.json()["model"]["destination"] == destination
+        assert r.json()["training"]["trainer_version"] == DEFAULT_REPLICATE_TRAINER_VERSION
+
+
 def test_a_repin_without_a_reason_answers_reason_required_with_the_services_words(
         client: TestClient, services: Services) -> None:
     h = auth(services, "ann")

@@ -165,10 +165,15 @@ class ModelService:
             # Every version comes of a training, so the pin is fixed: the hot read of a
             # trained model (GET /api/model, the progress polls) stays one query.
             return ModelOverview(model=model, active=active, active_record=record)
-        fixed = pin_facts(repo or self._repo, model).fixed
-        if not fixed and self._defaults is not None:
-            model = pin_for_training(model, self._defaults(), trained_before=False)
-        return ModelOverview(model=model, active=active, active_record=record, pin_fixed=fixed)
+        facts = pin_facts(repo or self._repo, model)
+        # Also when the user re-pinned it (``fixed``): its trainer version is kept, but until
+        # the first training creates the destination that follows the configured Replicate
+        # owner, as the model page and that training have it.
+        if not facts.trained_before and self._defaults is not None:
+            model = pin_for_training(model, self._defaults(), trained_before=False,
+                                     repinned_by_user=facts.repinned_by_user)
+        return ModelOverview(model=model, active=active, active_record=record,
+                             pin_fixed=facts.fixed)
 
     def _written_overview(self, tx: Repository, user: User) -> ModelOverview:
         """A write's answer: the overview as the write's own transaction ``tx`` leaves it, read
