@@ -6,9 +6,14 @@ from __future__ import annotations
 import re
 from urllib.parse import quote
 
+import pytest
 from fastapi.testclient import TestClient
 
+from selfie_lora.domain.entities import Generation
+from selfie_lora.errors import ConflictError, ErrorCode
+from selfie_lora.services.common import new_id
 from selfie_lora.services.generation import GenerationRequest
+from selfie_lora.services.ports import GenerationJob
 from selfie_lora.testing.fakes import FakeGenerator
 from selfie_lora.wiring import Services
 from tests.integration.test_web import PASSWORD, csrf, sign_in
@@ -249,3 +254,55 @@ def test_the_next_page_comes_when_the_cursor_generation_was_deleted_in_between(
     page = client.get(r.headers["location"])
     assert re.findall(r'<img src="/generations/([^/]+)/0\.png"', page.text) == [made[0]]
     assert 'name="before"' in page.text
+
+
+def test_a_generation_id_already_stored_is_refused_before_anything_is_written(
+        client: TestClient, services: Services, fake_generator: FakeGenerator) -> None:
+    """``GenerationRequest.generation_id`` (the CLI's, named before it generates) was trusted:
+    the pictures were put under ``generations/<id>/`` before the row was inserted, so an id
+    already stored had another generation's (another user's) pictures overwritten, and only
+    then the insert failed. Refused now, before the generator is called, and again before the
+    first put (one stored under it while this one rendered)."""
+    own_model(client, services, "ann")
+    own_model(client, services, "bob")
+    ann = services.users.get_by_name(name="ann")
+    bob = services.users.get_by_name(name="bob")
+    anns = services.generation.generate(
+        user=ann, request=GenerationRequest(prompt="ann's", seed=1, num_outputs=2))
+    pictures = [services.generation.image(user=ann, generation_id=anns.id, index=i)
+                for i in range(2)]
+    jobs = len(fake_generator.jobs)
+    for user in (bob, ann):
+        with pytest.raises(ConflictError, match="already stored under the id") as refused:
+            services.generation.generate(user=user, request=GenerationRequest(
+                prompt="bob's", seed=7, num_outputs=2, generation_id=anns.id))
+        assert refused.value.code is ErrorCode.WRITE_CONFLICT
+        assert "nothing generated" in refused.value.message
+    assert len(fake_generator.jobs) == jobs  # nothing was paid for
+    assert [services.generation.image(user=ann, generation_id=anns.id, index=i)
+            for i in range(2)] == pictures
+    assert services.generation.find(user=bob, generation_id=anns.id) is None
+
+    # Stored under the same id while this one was being made: its pictures are dropped.
+    shared = new_id()
+    render = fake_generator.generate
+    nested: list[Generation] = []
+
+    def first_bob_then_render(job: GenerationJob) -> list[bytes | None]:
+        if fake_generator.generate is first_bob_then_render:  # ann's render, not bob's
+            fake_generator.generate = render  # type: ignore[method-assign]
+            nested.append(services.generation.generate(user=bob, request=GenerationRequest(
+                prompt="bob's", seed=3, generation_id=shared)))
+        return render(job)
+
+    fake_generator.generate = first_bob_then_render  # type: ignore[method-assign]
+    with pytest.raises(ConflictError, match="the pictures made are dropped"):
+        services.generation.generate(user=ann, request=GenerationRequest(
+            prompt="ann's", seed=9, generation_id=shared))
+    assert services.generation.find(user=bob, generation_id=shared) == nested[0]
+    assert services.generation.find(user=ann, generation_id=shared) is None
+    # bob's picture is bob's render's, not ann's.
+    again = services.generation.generate(user=bob, request=GenerationRequest(
+        prompt="bob's", seed=3))
+    assert services.generation.image(user=bob, generation_id=shared, index=0) == \
+        services.generation.image(user=bob, generation_id=again.id, index=0)

@@ -244,7 +244,8 @@ class GenerationRequest:
     lora_scale: float | None = None
     version_id: str | None = None
     # The id the generation is stored under (None: a new one). The CLI names it first, so that,
-    # interrupted, it can tell whether the pictures were stored (``find``).
+    # interrupted, it can tell whether the pictures were stored (``find``). It must be new (a
+    # fresh ``new_id()``): one already stored is refused before anything is made or written.
     generation_id: str | None = None
 
 
@@ -563,6 +564,8 @@ class GenerationService:
         if not 1 <= request.num_outputs <= MAX_OUTPUTS:
             raise InvalidInputError(f"num_outputs must be 1 to {MAX_OUTPUTS}",
                                     code=ErrorCode.INVALID_NUM_OUTPUTS)
+        # Before the generator is paid for.
+        self._refuse_stored_id(request.generation_id, made=False)
         model = self._repo.get_model_for_user(user.id)
         if model is None:
             raise NoModelError(user=user.name)
@@ -579,6 +582,9 @@ class GenerationService:
         rendered = self.render(model=model, version=version, prompt=request.prompt, seed=seed,
                                num_outputs=request.num_outputs, lora_scale=request.lora_scale,
                                client_gone=client_gone)
+        # Again before the first put: one stored under it during the render would have its
+        # pictures (keyed by the id) overwritten, the row insert failing only after.
+        self._refuse_stored_id(request.generation_id, made=True)
         generation_id = request.generation_id or new_id()
         places = [i for i in range(len(rendered.images) + len(rendered.withheld))
                   if i not in rendered.withheld]
@@ -602,6 +608,17 @@ class GenerationService:
                            generation_id, [i + 1 for i in rendered.withheld],
                            len(keys) + len(rendered.withheld))
         return generation
+
+    def _refuse_stored_id(self, generation_id: str | None, *, made: bool) -> None:
+        """Refuse a caller-chosen ``generation_id`` already stored (any user's): its pictures
+        are keyed by the id, so writing this generation's would replace that one's."""
+        if generation_id is None or self._repo.get_generation(generation_id) is None:
+            return
+        raise ConflictError(
+            f"a generation is already stored under the id {generation_id[:64]}: each "
+            f"generation needs a new one; nothing was stored"
+            f"{' (the pictures made are dropped)' if made else ', nothing generated'}",
+            code=ErrorCode.WRITE_CONFLICT)
 
     def find(self, *, user: User, generation_id: str) -> Generation | None:
         """One of the user's generations; None when none is stored under that id (or it is
