@@ -52,7 +52,7 @@ from selfie_lora.outputs import write_whole
 
 if TYPE_CHECKING:
     from selfie_lora.services.backup import BackupService
-    from selfie_lora.services.generation import NoVersionError
+    from selfie_lora.services.generation import GenerationRequest, NoVersionError
     from selfie_lora.services.likeness import Comparison
     from selfie_lora.wiring import Services
     from selfie_lora.worker import Worker
@@ -1031,12 +1031,9 @@ def generate(
     from selfie_lora.services.common import new_id
     from selfie_lora.services.generation import (
         GenerationRequest,
-        NoVersionError,
         num_outputs_from_text,
         seed_from_text,
-        withheld_pictures,
     )
-    from selfie_lora.services.ports import MAX_SEED
 
     try:
         seed_value = seed_from_text(seed)
@@ -1053,52 +1050,62 @@ def generate(
         # the pictures were stored, looked up by it. Both ended it with no word (SIGTERM killing
         # it outright), the pictures perhaps in the gallery and not in --out.
         generation_id = new_id()
+        # One signal handler from before the generation to the last picture written: a SIGTERM
+        # between the two (the version read, the seed printed) killed the command outright, and
+        # a Ctrl-C there ended it with no word, the generation stored. The pictures are stored
+        # under generation_id, so the words are the same wherever it stops.
         try:
             with _terminate_as_interrupt():
-                generation = services.generation.generate(user=owner, request=GenerationRequest(
+                _generate_and_write(services, owner=owner, out=out, request=GenerationRequest(
                     prompt=prompt, num_outputs=outputs, seed=seed_value,
                     lora_scale=scale,
                     # As the API's version_id: another version's pictures without activating
                     # it, which changed every client's default (and the model's log) to make one.
                     version_id=version_ref, generation_id=generation_id))
-        except NoVersionError as exc:
-            _fail(_no_version_words(exc))
         except KeyboardInterrupt as exc:
             _generate_interrupted(exc, services, owner=owner, generation_id=generation_id,
                                   out=out)
-        version = services.models.version(user=owner, version_id=generation.version_id)
-        # The seed drawn when none was given was only in a log line: it is what makes the
-        # pictures again.
-        pictures = generation.pictures()
-        # Numbered from 1, as the API and the web page number them.
-        count = len(pictures) + len(generation.withheld)
-        each = " (picture n: that + n - 1)" if count > 1 else ""
-        if count > 1 and generation.seed is not None and generation.seed + count - 1 > MAX_SEED:
-            # Seeds wrap (image_seed): "that + n - 1" alone named a seed past MAX_SEED, one
-            # --seed refuses, so the hint could not make that picture again.
-            each = f" (picture n: that + n - 1, wrapping to 0 after {MAX_SEED})"
-        console.print(f"generation {generation.id}: version {version.number}, LoRA scale "
-                      f"{lora_scale_text(generation.lora_scale)}, seed {generation.seed}{each}", markup=False,
-                      highlight=False, soft_wrap=True)
-        for picture in withheld_pictures(generation):
-            # The files are named by the place in the batch (from 0): the one it would have had.
-            console.print(f"picture {picture.number} (seed {picture.seed}; no "
-                          f"{generation.id}-{picture.number - 1}.png) was withheld by "
-                          "Replicate's safety checker", markup=False, highlight=False,
-                          soft_wrap=True)
-        # Named by the picture's place in the batch (its seed's offset), not its rank.
-        try:
-            with _terminate_as_interrupt():
-                for i, place in enumerate(pictures):
-                    target = out / f"{generation.id}-{place}.png"
-                    _write(target, services.generation.image(
-                        user=owner, generation_id=generation.id, index=i), also=(
-                        f"generation {generation.id} is stored: its images are at "
-                        f"GET /api/generations/{generation.id}/images/<n>"))
-                    console.print(f"wrote {target}", markup=False, highlight=False)
-        except KeyboardInterrupt as exc:
-            _generate_interrupted(exc, services, owner=owner, generation_id=generation.id,
-                                  out=out)
+
+
+def _generate_and_write(services: Services, *, owner: User, out: Path,
+                        request: GenerationRequest) -> None:
+    """``generate``'s work: the generation, what it says of it, its pictures written to
+    ``out``. Ctrl-C and SIGTERM are ``generate``'s to handle."""
+    from selfie_lora.services.generation import NoVersionError, withheld_pictures
+    from selfie_lora.services.ports import MAX_SEED
+
+    try:
+        generation = services.generation.generate(user=owner, request=request)
+    except NoVersionError as exc:
+        _fail(_no_version_words(exc))
+    version = services.models.version(user=owner, version_id=generation.version_id)
+    # The seed drawn when none was given was only in a log line: it is what makes the
+    # pictures again.
+    pictures = generation.pictures()
+    # Numbered from 1, as the API and the web page number them.
+    count = len(pictures) + len(generation.withheld)
+    each = " (picture n: that + n - 1)" if count > 1 else ""
+    if count > 1 and generation.seed is not None and generation.seed + count - 1 > MAX_SEED:
+        # Seeds wrap (image_seed): "that + n - 1" alone named a seed past MAX_SEED, one
+        # --seed refuses, so the hint could not make that picture again.
+        each = f" (picture n: that + n - 1, wrapping to 0 after {MAX_SEED})"
+    console.print(f"generation {generation.id}: version {version.number}, LoRA scale "
+                  f"{lora_scale_text(generation.lora_scale)}, seed {generation.seed}{each}", markup=False,
+                  highlight=False, soft_wrap=True)
+    for picture in withheld_pictures(generation):
+        # The files are named by the place in the batch (from 0): the one it would have had.
+        console.print(f"picture {picture.number} (seed {picture.seed}; no "
+                      f"{generation.id}-{picture.number - 1}.png) was withheld by "
+                      "Replicate's safety checker", markup=False, highlight=False,
+                      soft_wrap=True)
+    # Named by the picture's place in the batch (its seed's offset), not its rank.
+    for i, place in enumerate(pictures):
+        target = out / f"{generation.id}-{place}.png"
+        _write(target, services.generation.image(
+            user=owner, generation_id=generation.id, index=i), also=(
+            f"generation {generation.id} is stored: its images are at "
+            f"GET /api/generations/{generation.id}/images/<n>"))
+        console.print(f"wrote {target}", markup=False, highlight=False)
 
 
 def _generate_interrupted(exc: KeyboardInterrupt, services: Services, *, owner: User,

@@ -6,6 +6,11 @@ to be written); and what compare prints about the comparison it wrote."""
 from __future__ import annotations
 
 import hashlib
+import os
+import select
+import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +23,9 @@ import selfie_lora.wiring as wiring
 from selfie_lora import cli
 from selfie_lora import console as console_module
 from selfie_lora.config import Settings
+from selfie_lora.domain.entities import Version
 from selfie_lora.outputs import partial_path
+from selfie_lora.services.models import ModelService
 from selfie_lora.services.ports import GenerationJob
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, SimulatedCrash
 from selfie_lora.wiring import Services
@@ -422,3 +429,94 @@ def test_an_out_whose_name_is_too_long_is_one_line(
     assert list(folder.iterdir()) == []  # nothing written
     assert len(fake_generator.jobs) == before
     assert trained.generation.history(user=ann) == []
+
+
+def _generate_signalled(services: Services, folder: Path, tmp_path: Path, *,
+                        hold: Callable[[Callable[[], None]], None], sig: signal.Signals
+                        ) -> tuple[int, str]:
+    """``selfie-lora generate`` in a child process, which ``hold`` stops at a point of its own
+    (calling the function it is given there: the child says so and waits); this process then
+    sends the child ``sig``, as a shell's Ctrl-C or ``timeout`` does. The child's exit status
+    (-N: killed by signal N) and what the command printed."""
+    said = tmp_path / f"said-{sig.name}"
+    said.unlink(missing_ok=True)  # a call before this one's
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child, which never returns into pytest
+        code = 1
+        try:
+            os.close(ready_r)
+            services.engine.dispose(close=False)  # the parent's connections stay the parent's
+
+            def held() -> None:
+                os.write(ready_w, b"x")
+                time.sleep(60)  # the signal ends it
+
+            hold(held)
+            result = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann", "-n",
+                                                  "2", "--out", str(folder)])
+            said.write_text(result.output)
+            code = result.exit_code
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    try:
+        ready, _, _ = select.select([ready_r], [], [], 60)
+        assert ready, "the child never reached the point where it is signalled"
+        assert os.read(ready_r, 1) == b"x", "the child ended before it was signalled"
+        os.kill(pid, sig)
+    finally:
+        os.close(ready_r)
+        _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), said.read_text() if said.exists() else ""
+
+
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["ctrl_c", "sigterm"])
+def test_a_real_signal_anywhere_in_generate_says_whether_its_pictures_were_stored(
+        trained: Services, fake_generator: FakeGenerator, tmp_path: Path,
+        sig: signal.Signals, status: int) -> None:
+    """A real SIGTERM or SIGINT sent to the command (the test above raises the exception the
+    handler would): while the pictures are made, nothing stored; after the generation returned
+    and before its pictures were written (the version read, the seed printed), which no
+    handler covered: a SIGTERM killed the command outright (-15, no word) and a Ctrl-C ended it
+    with no word, the generation stored; and while they are written."""
+    ann = trained.users.get_by_name(name="ann")
+    folder = tmp_path / "images"
+
+    def rendering(held: Callable[[], None]) -> None:
+        def generate(job: GenerationJob) -> list[bytes | None]:
+            held()
+            raise AssertionError("not interrupted")
+        fake_generator.generate = generate  # type: ignore[method-assign]
+
+    code, said = _generate_signalled(trained, folder, tmp_path, hold=rendering, sig=sig)
+    assert (code, said.strip().splitlines()[-1:]) == (status, ["interrupted: nothing was stored"])
+    assert trained.generation.history(user=ann) == []
+
+    def between(held: Callable[[], None]) -> None:
+        real = ModelService.version
+
+        def version(self: ModelService, **kw: Any) -> Version:
+            held()
+            return real(self, **kw)
+        ModelService.version = version  # type: ignore[method-assign]
+
+    def writing(held: Callable[[], None]) -> None:
+        real = Path.write_bytes
+
+        def write_bytes(path: Path, data: Any) -> int:
+            if ".png" in path.name:
+                held()
+            return real(path, data)
+        Path.write_bytes = write_bytes  # type: ignore[method-assign]
+
+    for hold in (between, writing):
+        code, said = _generate_signalled(trained, folder, tmp_path, hold=hold, sig=sig)
+        stored = trained.generation.history(user=ann)[0]
+        assert (code, said.strip().splitlines()[-1:]) == (status, [
+            f"interrupted: generation {stored.id} is stored (2 pictures), but not all of them "
+            f"were written to {folder}: 'selfie-lora generations list --user ann' lists it, and "
+            f"GET /api/generations/{stored.id}/images/<n> gives them"]), (hold.__name__, said)
+    assert len(trained.generation.history(user=ann)) == 2
+    assert list(folder.glob("*.png")) == []
