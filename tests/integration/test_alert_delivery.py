@@ -818,8 +818,37 @@ def test_an_alert_whose_outcome_cannot_be_recorded_leaves_its_ended_training_alo
     assert len(said) == 1
     assert said[0].levelno == logging.WARNING
     assert said[0].exc_info is None
+    assert "it may be sent again after" in said[0].getMessage()
 
     clock.advance(seconds=CLAIM.total_seconds() + 1)
     assert rig.training.reconcile().alerts_tried == 1
     assert [a["alert_id"] for a in endpoint.sent] == [f"likeness_drop:{v2.id}"] * 2
     assert delivery(rig, v2)["delivered"] is True
+
+
+def test_an_alert_whose_record_was_stored_but_its_answer_lost_is_not_said_to_be_sent_again(
+        rig_for: Any, clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    """The database stored the outcome and only its answer was lost (a connection cut after
+    the commit): the alert is not sent again, yet the warning said "it is sent again after
+    ..." (old code). Now it says that it may be."""
+    caplog.set_level(logging.INFO)
+    endpoint = RecordingAlerter()
+    rig = rig_for(endpoint)
+    original = rig.repo.record_alert_delivery
+
+    def the_answer_is_lost() -> None:
+        def stored_then_lost(*args: Any, **kwargs: Any) -> bool:
+            rig.repo.record_alert_delivery = original  # once
+            original(*args, **kwargs)
+            raise DatabaseUnreachableError("the database could not be reached")
+        rig.repo.record_alert_delivery = stored_then_lost
+
+    endpoint.meanwhile = the_answer_is_lost
+    v2 = held_version(rig)
+    assert delivery(rig, v2)["delivered"] is True
+    [said] = [r.getMessage() for r in caplog.records if "could not be recorded" in r.getMessage()]
+    assert "it may be sent again after" in said
+    assert "it is sent again" not in said
+    clock.advance(seconds=CLAIM.total_seconds() + 1)
+    assert rig.training.reconcile().alerts_tried == 0
+    assert len(endpoint.sent) == 1

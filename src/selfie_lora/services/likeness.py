@@ -560,8 +560,11 @@ class LikenessService:
             # training would be continued (or logged a traceback) about one that was over. Left
             # as a dead sender leaves it: due again when this claim runs out, and sent again
             # with its alert_id (delivery is at least once).
+            # "May": the database may have stored the record and lost only its answer (a
+            # connection cut after the commit), and then the alert is not sent again.
             logger.warning("the outcome of the likeness alert for version %s (%s) could not be "
-                           "recorded (%s): it is sent again after %s", version_id,
+                           "recorded (%s): it may be sent again after %s (not if the record "
+                           "was stored and only the database's answer lost)", version_id,
                            "delivered" if delivery["delivered"] else "failed", exc.message,
                            claimed.claim.isoformat())
             return bool(delivery["delivered"])
