@@ -1465,6 +1465,60 @@ def test_the_grid_has_an_etag_and_a_browser_holding_it_gets_a_304(
     assert other.headers["etag"] != etag
 
 
+def test_a_grid_drawn_with_a_probe_image_missing_is_neither_stored_nor_tagged(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The grid's digest (its ETag, and the one stored in it) names the probe images' keys, not
+    whether each image was there: a grid drawn with one missing (a blank cell) was stored and
+    answered 304 for good, even after the image was written again under its key (found in
+    review). Now such a grid is drawn at each view, not stored, and sent with no ETag and
+    no-store; once the image is back, the whole grid is drawn, stored and tagged."""
+    import selfie_lora.services.likeness as likeness
+
+    two_versions(ann)
+    user = svc.users.get_by_name(name="ann")
+    _key, secret = svc.users.create_key(user=user, name="t")
+    api = {"Authorization": f"Bearer {secret}"}
+    comparison = svc.likeness.compare(user=user, a="1", b="2")
+    query = f"a={comparison.a.id}&b={comparison.b.id}"
+    stored = likeness.grid_key(comparison.a.id, comparison.b.id)
+    image_key = comparison.probes[0].a.image_key if comparison.probes[0].a else None
+    assert image_key is not None
+    image = svc.blobs.get(image_key)
+    svc.blobs.delete(image_key)
+    drawn: list[int] = []
+    real = likeness.render_grid
+
+    def counted(**kw: Any) -> bytes:
+        drawn.append(1)
+        return real(**kw)
+
+    monkeypatch.setattr(likeness, "render_grid", counted)
+    paths = ((f"/versions/compare/grid.png?{query}", {}),
+             (f"/api/model/compare/grid.png?{query}", api))
+    blank = b""
+    for path, headers in paths:
+        for _ in range(2):
+            got = ann.get(path, headers=headers)
+            assert got.status_code == 200, path
+            assert "etag" not in got.headers, path  # old code: W/"<digest>"
+            assert got.headers["cache-control"] == "private, no-store"
+            assert not svc.blobs.exists(stored), path  # old code: stored with its blank cell
+            blank = got.content
+    assert len(drawn) == 4  # drawn at each view
+    svc.blobs.put(image_key, image)  # written again under its key
+    for path, headers in paths:
+        got = ann.get(path, headers=headers)
+        assert got.status_code == 200, path
+        assert got.content != blank, path  # old code: the stored blank grid
+        etag = got.headers.get("etag")
+        assert etag is not None, path
+        assert etag.startswith('W/"'), etag
+        assert got.headers["cache-control"] == "private"
+        assert ann.get(path, headers={**headers, "If-None-Match": etag}).status_code == 304
+    assert svc.blobs.exists(stored)
+    assert len(drawn) == 5  # the whole grid drawn once, then sent as stored
+
+
 def test_the_grid_says_a_version_s_scoring_failed_not_that_it_is_not_scored(
         ann: TestClient, svc: Services, fake_generator: FakeGenerator) -> None:
     """v2's scoring failed (the generator down): the grid's column B, its alt and every probe's

@@ -58,11 +58,14 @@ async def grid_answer(request: Request, likeness: LikenessService, user: User, *
     """A comparison's grid (the API's and the Versions page's alike), as the chart: its ETag
     the digest of what it shows (``grid_inputs``), a 304 to a browser holding it, the grid
     neither read nor drawn; without one, each view of the Versions page fetched it whole. Both
-    in the pool: the first comparison on a photo set finds the faces of its photos."""
+    in the pool: the first comparison on a photo set finds the faces of its photos. A grid
+    drawn with a probe image missing (``Chart.whole``) has no ETag and is not to be kept: its
+    digest is the whole grid's, and the image may come back under its key."""
     held = held_tags(request.headers.get("if-none-match"))
     grid = await in_thread(lambda: likeness.grid(likeness.compare(user=user, a=a, b=b),
                                                  unless=held))
-    headers = {"Cache-Control": "private", "ETag": f'W/"{grid.inputs}"'}
+    headers = ({"Cache-Control": "private", "ETag": f'W/"{grid.inputs}"'} if grid.whole
+               else {"Cache-Control": "private, no-store"})
     if grid.inputs in held or "*" in held:
         return Response(status_code=304, headers=headers)
     response = picture(grid.png or b"", media_type="image/png")

@@ -46,7 +46,9 @@ class GridRow:
 
 
 # Part of every grid's inputs: a change to how the grid is drawn makes the stored ones old.
-_GRID_STYLE = "1"
+# "2": a grid drawn with a probe image missing is no longer stored nor tagged; one stored (or
+# cached by a browser) before, under the same digest as the whole one, is drawn again.
+_GRID_STYLE = "2"
 _INPUTS_KEY = "selfie-lora-grid-inputs"
 
 

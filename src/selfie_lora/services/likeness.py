@@ -116,10 +116,13 @@ class _PhotosGoneError(Exception):
 class Chart:
     """The likeness chart (``LikenessService.chart``) or a comparison's grid (``grid``):
     ``inputs``, the digest of what it shows (``chart_inputs``, ``grid_inputs``: equal digests,
-    the same picture), and the PNG (None: not drawn)."""
+    the same picture), and the PNG (None: not drawn). ``whole`` False: a grid drawn with a
+    probe image missing from the storage (a blank cell), which its digest does not tell from
+    the whole one (it names the images' keys): neither stored nor to be cached by a browser."""
 
     inputs: str
     png: bytes | None
+    whole: bool = True
 
 
 @dataclass(frozen=True)
@@ -897,9 +900,20 @@ class LikenessService:
             stored = None
         if stored is not None and grid_drawn_from(stored) == inputs:
             return Chart(inputs=inputs, png=stored)
+        missing: list[str] = []
         rows = [GridRow(label=[probe.label, probe.prompt, f"A: {probe.a}", f"B: {probe.b}"],
-                        left=self._image_or_none(row.a), right=self._image_or_none(row.b))
+                        left=self._image_or_none(row.a, missing=missing),
+                        right=self._image_or_none(row.b, missing=missing))
                 for probe, row in zip(text.probes, comparison.probes, strict=True)]
+        if missing:
+            # The image may be written again under the same key (``_probe`` makes a missing
+            # one again): a grid stored, or cached by a browser under this digest, would keep
+            # the blank cell for good. Drawn at each view until it is whole.
+            logger.info("grid of versions %s and %s drawn with %d probe image(s) missing from "
+                        "the storage (%s): not stored", comparison.a.number, comparison.b.number,
+                        len(missing), ", ".join(missing[:3]))
+            png = render_grid(left_title=text.a, right_title=text.b, rows=rows, corner=corner)
+            return Chart(inputs=inputs, png=png, whole=False)
         png = render_grid(left_title=text.a, right_title=text.b, rows=rows, corner=corner,
                           inputs=inputs)
         self._blobs.put(key, png)
@@ -1288,10 +1302,16 @@ class LikenessService:
             raise NotFoundError(f"no such version: {ref[:64]}")
         return version
 
-    def _image_or_none(self, probe: ProbeResult | None) -> bytes | None:
-        if probe is None or probe.image_key is None or not self._blobs.exists(probe.image_key):
+    def _image_or_none(self, probe: ProbeResult | None, *, missing: list[str]) -> bytes | None:
+        """The probe's image; None for a probe with none, or one whose image is not in the
+        storage, whose key is then added to ``missing``."""
+        if probe is None or probe.image_key is None:
             return None
-        return self._blobs.get(probe.image_key)
+        try:
+            return self._blobs.get(probe.image_key)
+        except BlobMissingError:
+            missing.append(probe.image_key)
+            return None
 
 
 def _lock_model_and_version(tx: Repository, model_id: str,
