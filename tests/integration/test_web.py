@@ -1519,6 +1519,61 @@ def test_a_grid_drawn_with_a_probe_image_missing_is_neither_stored_nor_tagged(
     assert len(drawn) == 5  # the whole grid drawn once, then sent as stored
 
 
+def test_a_head_of_the_grid_neither_draws_nor_stores_it(
+        ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HEAD /versions/compare/grid.png and HEAD /api/model/compare/grid.png ran as their GET
+    (api.head.HeadAsGet): a grid not stored yet, or stale, was read, drawn and written to the
+    storage (an upload on S3) to send headers alone, where the chart's HEAD draws nothing
+    (21c7303; found in review). Now a HEAD sends the GET's headers (its ETag, or none for a
+    grid a probe image is missing from) with nothing drawn or stored."""
+    import selfie_lora.services.likeness as likeness
+
+    two_versions(ann)
+    user = svc.users.get_by_name(name="ann")
+    _key, secret = svc.users.create_key(user=user, name="t")
+    api = {"Authorization": f"Bearer {secret}"}
+    comparison = svc.likeness.compare(user=user, a="1", b="2")
+    query = f"a={comparison.a.id}&b={comparison.b.id}"
+    stored = likeness.grid_key(comparison.a.id, comparison.b.id)
+    svc.blobs.delete(stored)  # drawn by nobody yet: the first view draws it
+    drawn: list[int] = []
+    real = likeness.render_grid
+
+    def counted(**kw: Any) -> bytes:
+        drawn.append(1)
+        return real(**kw)
+
+    monkeypatch.setattr(likeness, "render_grid", counted)
+    paths = ((f"/versions/compare/grid.png?{query}", {}),
+             (f"/api/model/compare/grid.png?{query}", api))
+    heads = []
+    for path, headers in paths:
+        head = ann.head(path, headers=headers)
+        assert head.status_code == 200, path
+        assert head.content == b""
+        assert head.headers["content-type"] == "image/png"
+        assert "content-length" not in head.headers
+        assert drawn == [], path  # old code: [1], drawn for the HEAD
+        assert not svc.blobs.exists(stored), path  # old code: stored by the HEAD
+        heads.append(head.headers)
+    got = ann.get(paths[0][0])
+    assert drawn == [1]
+    for head in heads:
+        assert (head["etag"], head["cache-control"]) == (got.headers["etag"], "private")
+    # A probe image missing, no whole grid stored: no ETag, as its GET.
+    svc.blobs.delete(stored)
+    image_key = comparison.probes[0].b.image_key if comparison.probes[0].b else None
+    assert image_key is not None
+    svc.blobs.delete(image_key)
+    for path, headers in paths:
+        head = ann.head(path, headers=headers)
+        assert head.status_code == 200, path
+        assert "etag" not in head.headers, path
+        assert head.headers["cache-control"] == "private, no-store"
+        assert ann.get(path, headers=headers).headers["cache-control"] == "private, no-store"
+    assert drawn == [1, 1, 1]  # by the GETs alone
+
+
 def test_the_grid_says_a_version_s_scoring_failed_not_that_it_is_not_scored(
         ann: TestClient, svc: Services, fake_generator: FakeGenerator) -> None:
     """v2's scoring failed (the generator down): the grid's column B, its alt and every probe's

@@ -60,16 +60,20 @@ async def grid_answer(request: Request, likeness: LikenessService, user: User, *
     neither read nor drawn; without one, each view of the Versions page fetched it whole. Both
     in the pool: the first comparison on a photo set finds the faces of its photos. A grid
     drawn with a probe image missing (``Chart.whole``) has no ETag and is not to be kept: its
-    digest is the whole grid's, and the image may come back under its key."""
+    digest is the whole grid's, and the image may come back under its key. A HEAD neither
+    draws nor stores it, and leaves out Content-Length, as the chart's."""
     held = held_tags(request.headers.get("if-none-match"))
+    draw = not ran_for_head(request.scope) and "*" not in held
     grid = await in_thread(lambda: likeness.grid(likeness.compare(user=user, a=a, b=b),
-                                                 unless=held))
+                                                 draw=draw, unless=held))
     headers = ({"Cache-Control": "private", "ETag": f'W/"{grid.inputs}"'} if grid.whole
                else {"Cache-Control": "private, no-store"})
     if grid.inputs in held or "*" in held:
         return Response(status_code=304, headers=headers)
     response = picture(grid.png or b"", media_type="image/png")
     response.headers.update(headers)
+    if grid.png is None:
+        del response.headers["content-length"]
     return response
 
 

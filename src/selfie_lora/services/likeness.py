@@ -873,12 +873,15 @@ class LikenessService:
         assert png is not None  # drawn unless told not to
         return png
 
-    def grid(self, comparison: Comparison, *, unless: Collection[str] = ()) -> Chart:
+    def grid(self, comparison: Comparison, *, draw: bool = True,
+             unless: Collection[str] = ()) -> Chart:
         """The side-by-side grid of a comparison (stored under ``quality/compare/``), drawn
         only when what it shows changed: every view of the Versions page drew it again (its
         probe images read, decoded and scaled) and wrote it back, an upload per view on S3.
         Its ``inputs`` among ``unless`` (the grids the caller holds already, ``*`` for any):
-        neither read, drawn nor stored (png None)."""
+        neither read, drawn nor stored (png None). ``draw`` False (a HEAD, which sends
+        headers only): neither drawn nor stored either; whether it would be ``whole`` is
+        told by the probe images being there (or, one missing, a whole grid stored)."""
         text = grid_text(comparison)
         if not comparison.probes:
             raise InvalidInputError("the model has no probes yet: wait for its first scoring",
@@ -894,12 +897,18 @@ class LikenessService:
         if inputs in unless or "*" in unless:  # "*": any grid the caller holds
             return Chart(inputs=inputs, png=None)
         key = grid_key(comparison.a.id, comparison.b.id)
+        if not draw and all(self._blobs.exists(probe.image_key)
+                            for row in comparison.probes for probe in (row.a, row.b)
+                            if probe is not None and probe.image_key is not None):
+            return Chart(inputs=inputs, png=None)  # what a GET sends: stored or drawn whole
         try:
             stored: bytes | None = self._blobs.get(key)
         except BlobMissingError:
             stored = None
         if stored is not None and grid_drawn_from(stored) == inputs:
-            return Chart(inputs=inputs, png=stored)
+            return Chart(inputs=inputs, png=stored if draw else None)
+        if not draw:
+            return Chart(inputs=inputs, png=None, whole=False)
         missing: list[str] = []
         rows = [GridRow(label=[probe.label, probe.prompt, f"A: {probe.a}", f"B: {probe.b}"],
                         left=self._image_or_none(row.a, missing=missing),
