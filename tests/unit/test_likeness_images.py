@@ -188,6 +188,35 @@ def test_the_chart_s_legend_fits_the_picture_when_versions_were_held(held: list[
     assert plot.width >= 0.8 * CHART_SIZE[0], plot
 
 
+@pytest.mark.parametrize("active", [False, True], ids=["none active", "active"])
+@pytest.mark.parametrize("held", [[], ["scored"], ["unscored"], ["scored", "unscored"]],
+                         ids=["none held", "held scored", "held unscored", "both held"])
+@pytest.mark.parametrize("tolerance", [0.02, 0.125])
+def test_the_chart_s_legend_fits_the_picture_whatever_its_entries(
+        held: list[str], active: bool, tolerance: float) -> None:
+    """The legend's columns were chosen by its number of entries: with no active version and
+    one kind of held version it had 5 entries, so 3 columns, and still ran off the 800 px
+    picture (x from -5.9 to 805.9; found in review). Every combination of entries fits, and
+    the plot keeps its width."""
+    points = [ChartPoint(1, 0.8, 0.85, 1.0, 1.0, "passed", False)]
+    if "unscored" in held:
+        points.append(ChartPoint(2, None, None, None, None, "held", False))
+    if "scored" in held:
+        points.append(ChartPoint(3, 0.3, 0.35, 1.0, 1.0, "held", False))
+    points.append(ChartPoint(4, 0.82, 0.86, 1.0, 1.0, "passed", active))
+    fig = chart_figure(points, title="likeness", tolerance=tolerance)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    assert legend is not None
+    assert len(legend.get_texts()) == 4 + len(held) + active
+    box, plot = legend.get_window_extent(), ax.get_window_extent()
+    assert box.x0 >= 0, box
+    assert box.x1 <= CHART_SIZE[0], box
+    assert box.y0 >= 0, box
+    assert plot.width >= 0.8 * CHART_SIZE[0], plot
+
+
 def _contrast_on_white(colour: tuple[float, float, float]) -> float:
     def linear(c: float) -> float:
         return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4

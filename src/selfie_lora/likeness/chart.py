@@ -68,7 +68,7 @@ def render_chart(points: Sequence[ChartPoint], *, title: str, tolerance: float) 
 
 
 # Part of every chart's inputs: a change to how the chart is drawn makes the stored ones old.
-_CHART_STYLE = "3"
+_CHART_STYLE = "4"
 _INPUTS_KEY = "selfie-lora-chart-inputs"
 
 
@@ -163,9 +163,9 @@ def chart_figure(points: Sequence[ChartPoint], *, title: str, tolerance: float) 
     # Three columns while the entries fit the picture's width; a held version adds one or two
     # long entries ("held by the gate (tolerance 0.02)", HELD_NOT_SCORED), and three columns of
     # those were wider than the 800 px picture: the legend ran off both its sides, cut, and the
-    # plot was squeezed to 60% of the width. Two columns then.
-    entries = len(ax.get_legend_handles_labels()[1])
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3 if entries <= 5 else 2,
+    # plot was squeezed to 60% of the width. Two columns whenever one is there: counting the
+    # entries (5 or fewer: three) let one held entry with no active version through.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2 if held else 3,
               fontsize=10)
     return fig
 
