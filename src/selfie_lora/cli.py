@@ -1340,10 +1340,13 @@ def compare(
 def probe_change(a: float | None, b: float | None) -> str:
     """compare's "B - A" for one probe, signed, 3 decimals as the scores beside it: it was
     "0.120" for a gain and "-0.000" for a change of 0.0002 (the similarities are stored with 4
-    decimals), a drop where the scores shown were equal."""
+    decimals), a drop where the scores shown were equal. The change of the scores as shown
+    (``_fmt``, 3 decimals), not the true change rounded: that gave "+0.000" beside 0.800 and
+    0.801 (0.8004 and 0.8006), where the column should add up with the two beside it."""
     if a is None or b is None:
         return "-"
-    return f"{round(b - a, 3) + 0.0:+.3f}"  # + 0.0: -0.0 is "+0.000"
+    shown_a, shown_b = float(f"{a:.3f}"), float(f"{b:.3f}")  # as _fmt rounds them
+    return f"{round(shown_b - shown_a, 3) + 0.0:+.3f}"  # + 0.0: -0.0 is "+0.000"
 
 
 def _being_scored_words(services: Services, *, owner: Any, version: Version) -> str:

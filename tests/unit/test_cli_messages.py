@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from selfie_lora.cli import _data_shown, being_scored_message, handed_back_message, probe_change
+from selfie_lora.cli import (
+    _data_shown,
+    _fmt,
+    being_scored_message,
+    handed_back_message,
+    probe_change,
+)
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.domain.recipes import get_recipe
@@ -172,3 +179,14 @@ def test_compare_s_change_per_probe_is_signed_and_never_minus_zero() -> None:
     assert probe_change(0.62, 0.5) == "-0.120"
     assert probe_change(None, 0.5) == "-"
     assert probe_change(0.5, None) == "-"
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.8004, 0.8006), (0.8006, 0.8004), (0.1235, 0.1244),
+                                      (0.9995, 0.9994), (0.0004, 0.0006), (0.5, 0.5)])
+def test_compare_s_change_per_probe_is_that_of_the_scores_shown(a: float, b: float) -> None:
+    """"B - A" rounded the true change: 0.8004 and 0.8006, shown "0.800" and "0.801", gave
+    "+0.000" beside them (found in review). It is the change of the scores as shown."""
+    shown_a, shown_b = _fmt(a), _fmt(b)
+    change = probe_change(a, b)
+    # old code: "+0.000" for (0.8004, 0.8006), "-0.000" for (0.8006, 0.8004)...
+    assert change == f"{Decimal(shown_b) - Decimal(shown_a):+.3f}".replace("-0.000", "+0.000")
