@@ -281,6 +281,7 @@ def test_a_version_published_to_another_model_never_replaces_the_active_one(
             again = upload(client, h, photo_zip(4, size=1024))
             done = wait_terminal(client, h, again["training"]["id"])
             versions = client.get("/api/model/versions", headers=h).json()["versions"]
+            stored = svc.repo.get_version(versions[0]["id"])
     finally:
         svc.close()
     assert done["training"]["status"] == "succeeded"
@@ -289,6 +290,17 @@ def test_a_version_published_to_another_model_never_replaces_the_active_one(
     assert (held["number"], held["gate"]["status"]) == (2, "held")
     assert "another model" in held["gate"]["reason"]
     assert "activate it yourself" not in held["gate"]["reason"]
+    # The operator's alert says why (review): it was kind not_scored and read "(likeness not
+    # scored against version 1's not scored, tolerance 0.02)", version 1 being scored.
+    assert stored is not None
+    assert stored.alert is not None
+    assert stored.alert["kind"] == "version_mismatch"
+    assert stored.alert["alert_id"] == f"version_mismatch:{stored.id}"
+    assert stored.alert["text"].startswith(
+        "selfie-lora held back ann's version 2 (not for its likeness: Replicate published it "
+        "to another model). Replicate published version 2 to another model than yours")
+    assert "tolerance" not in stored.alert["text"]
+    assert "not scored" not in stored.alert["text"]
 
 
 @dataclass

@@ -33,6 +33,7 @@ from selfie_lora.likeness.chart import (
     drawn_from,
 )
 from selfie_lora.likeness.grid import grid_size
+from selfie_lora.services import likeness as likeness_module
 from selfie_lora.services import training as training_module
 from selfie_lora.services.generation import GenerationRequest, GenerationService
 from selfie_lora.services.layout import chart_key, photo_key, probe_image_key
@@ -1095,6 +1096,36 @@ def test_with_the_gate_off_a_new_version_is_active_at_once_and_still_scored(
         assert alerts_of(rig) == []
     finally:
         rig.close()
+
+
+def test_with_the_gate_off_the_chart_does_not_say_held_by_the_gate(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version the gate held while it was on is still held once it is off (and a retraining
+    Replicate published to another model is held the gate on or off): the chart's legend still
+    named its ring "held by the gate (tolerance 0.02)", of a gate that is not there (found in
+    review). The gate off, it says "held, not activated (the gate is off)"."""
+    ann = rig.user()
+    rig.train(ann)
+    generator_of(rig).photos = other_person()
+    v2 = rig.train(ann)
+    assert v2.gate_status is GateStatus.HELD
+    drawn: list[list[str]] = []
+    real = likeness_module.render_chart
+
+    def recorded(points: Any, **kwargs: Any) -> bytes:
+        legend = chart_figure(points, **kwargs).axes[0].get_legend()
+        assert legend is not None
+        drawn.append([text.get_text() for text in legend.get_texts()])
+        return real(points, **kwargs)
+
+    monkeypatch.setattr(likeness_module, "render_chart", recorded)
+    rig.likeness.chart(user=ann)
+    assert "held by the gate (tolerance 0.02)" in drawn[-1]
+    rig.likeness.gate_enabled = False  # served again with SELFIE_LORA_QUALITY_GATE=false
+    rig.likeness.chart(user=ann)
+    assert len(drawn) == 2  # drawn again: what it says changed
+    assert not [label for label in drawn[-1] if "gate (" in label]  # old code: still there
+    assert "held, not activated (the gate is off)" in drawn[-1]
 
 
 def _flat_jpeg(rgb: tuple[int, int, int]) -> bytes:

@@ -192,8 +192,9 @@ def test_the_chart_s_legend_fits_the_picture_when_versions_were_held(held: list[
 @pytest.mark.parametrize("held", [[], ["scored"], ["unscored"], ["scored", "unscored"]],
                          ids=["none held", "held scored", "held unscored", "both held"])
 @pytest.mark.parametrize("tolerance", [0.02, 0.125])
+@pytest.mark.parametrize("gate", [True, False], ids=["gate on", "gate off"])
 def test_the_chart_s_legend_fits_the_picture_whatever_its_entries(
-        held: list[str], active: bool, tolerance: float) -> None:
+        held: list[str], active: bool, tolerance: float, gate: bool) -> None:
     """The legend's columns were chosen by its number of entries: with no active version and
     one kind of held version it had 5 entries, so 3 columns, and still ran off the 800 px
     picture (x from -5.9 to 805.9; found in review). Every combination of entries fits, and
@@ -204,7 +205,7 @@ def test_the_chart_s_legend_fits_the_picture_whatever_its_entries(
     if "scored" in held:
         points.append(ChartPoint(3, 0.3, 0.35, 1.0, 1.0, "held", False))
     points.append(ChartPoint(4, 0.82, 0.86, 1.0, 1.0, "passed", active))
-    fig = chart_figure(points, title="likeness", tolerance=tolerance)
+    fig = chart_figure(points, title="likeness", tolerance=tolerance, gate=gate)
     fig.canvas.draw()
     ax = fig.axes[0]
     legend = ax.get_legend()

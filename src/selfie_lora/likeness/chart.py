@@ -41,6 +41,7 @@ class ChartPoint:
 # run into each other (at 50 versions they made one black band); every point is still drawn.
 MAX_X_LABELS = 15
 HELD_NOT_SCORED = "held, not scored (no score to draw)"
+HELD_GATE_OFF = "held, not activated (the gate is off)"
 
 
 def held_at(point: ChartPoint) -> float | None:
@@ -55,15 +56,18 @@ def held_at(point: ChartPoint) -> float | None:
     return None
 
 
-def render_chart(points: Sequence[ChartPoint], *, title: str, tolerance: float) -> bytes:
+def render_chart(points: Sequence[ChartPoint], *, title: str, tolerance: float,
+                 gate: bool = True) -> bytes:
     """The chart as PNG bytes. Versions without scores show as gaps. The PNG carries
     ``chart_inputs(points, ...)`` (a text chunk, ``drawn_from`` reads it back), so a stored chart
-    tells whether it still shows what would be drawn now."""
-    fig = chart_figure(points, title=title, tolerance=tolerance)
+    tells whether it still shows what would be drawn now. ``gate``: whether the quality gate
+    is on (``SELFIE_LORA_QUALITY_GATE``), which the held versions' entry says."""
+    fig = chart_figure(points, title=title, tolerance=tolerance, gate=gate)
     out = io.BytesIO()
     # No bbox_inches="tight": it would change the size from CHART_SIZE.
     fig.savefig(out, format="png", dpi=DPI,
-                metadata={_INPUTS_KEY: chart_inputs(points, title=title, tolerance=tolerance)})
+                metadata={_INPUTS_KEY: chart_inputs(points, title=title, tolerance=tolerance,
+                                                    gate=gate)})
     return out.getvalue()
 
 
@@ -72,10 +76,11 @@ _CHART_STYLE = "4"
 _INPUTS_KEY = "selfie-lora-chart-inputs"
 
 
-def chart_inputs(points: Sequence[ChartPoint], *, title: str, tolerance: float) -> str:
+def chart_inputs(points: Sequence[ChartPoint], *, title: str, tolerance: float,
+                 gate: bool = True) -> str:
     """A digest of everything the chart shows: equal digests, the same picture."""
-    shown = json.dumps([_CHART_STYLE, title, tolerance, [dataclasses.astuple(p) for p in points]],
-                       sort_keys=True)
+    shown = json.dumps([_CHART_STYLE, title, tolerance, gate,
+                        [dataclasses.astuple(p) for p in points]], sort_keys=True)
     return hashlib.sha256(shown.encode()).hexdigest()
 
 
@@ -99,7 +104,15 @@ SERIES = ("identity (mean of the photos)", "identity (nearest photo)",
           "share of probes with a face", "share of sane images")
 
 
-def chart_figure(points: Sequence[ChartPoint], *, title: str, tolerance: float) -> Figure:
+def held_label(tolerance: float, *, gate: bool) -> str:
+    """The legend's entry for the held versions' rings. The gate off, none was held by it now
+    (a version Replicate published to another model is held all the same, and those held while
+    it was on stay held): "by the gate" and its tolerance would say what did not happen."""
+    return f"held by the gate (tolerance {tolerance:g})" if gate else HELD_GATE_OFF
+
+
+def chart_figure(points: Sequence[ChartPoint], *, title: str, tolerance: float,
+                 gate: bool = True) -> Figure:
     """The chart's matplotlib figure (``render_chart`` saves it), ``CHART_SIZE`` pixels."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -131,7 +144,7 @@ def chart_figure(points: Sequence[ChartPoint], *, title: str, tolerance: float) 
     if scored_held:
         ax.scatter([p.number for p in scored_held], [_nan(held_at(p)) for p in scored_held],
                    s=140, facecolors="none", edgecolors="tab:red", linewidths=2,
-                   label=f"held by the gate (tolerance {tolerance:g})", zorder=3)
+                   label=held_label(tolerance, gate=gate), zorder=3)
     unscored_held = [p for p in held if held_at(p) is None]
     if unscored_held:
         # No identity to ring: a ring at 0 would read as a total loss of likeness. A cross on

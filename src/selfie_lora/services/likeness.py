@@ -260,6 +260,15 @@ def alert_text(*, user_name: str, version_number: int, baseline_number: int | No
     return f"{line} Versions: {url}" if url else line
 
 
+def mismatch_alert_text(*, user_name: str, version_number: int, message: str,
+                        url: str | None) -> str:
+    """The alert of a version held because Replicate published it to another model
+    (``version_mismatch``): no likeness, baseline score or tolerance, which had no part in it."""
+    line = (f"selfie-lora held back {user_name}'s version {version_number} (not for its "
+            f"likeness: Replicate published it to another model). {message.rstrip('.')}.")
+    return f"{line} Versions: {url}" if url else line
+
+
 # The training log's page (GET /api/model/log) when no limit is asked for.
 LOG_PAGE = 50
 
@@ -996,7 +1005,8 @@ class LikenessService:
         title = f"likeness of {model.trigger_word} across versions"
         if yardstick is not None:
             title += f", on version {yardstick.number}'s training photos"
-        inputs = chart_inputs(points, title=title, tolerance=self.tolerance)
+        inputs = chart_inputs(points, title=title, tolerance=self.tolerance,
+                              gate=self.gate_enabled)
         if not draw or inputs in unless:
             return Chart(inputs=inputs, png=None)
         key = chart_key(model.id)
@@ -1006,7 +1016,8 @@ class LikenessService:
             stored = None
         if stored is not None and drawn_from(stored) == inputs:
             return Chart(inputs=inputs, png=stored)
-        png = render_chart(points, title=title, tolerance=self.tolerance)
+        png = render_chart(points, title=title, tolerance=self.tolerance,
+                           gate=self.gate_enabled)
         self._blobs.put(key, png)
         return Chart(inputs=inputs, png=png)
 
@@ -1087,13 +1098,23 @@ class LikenessService:
         decided = there if there is not None else verdict.details
         before, after = decided.get("before"), decided.get("after")
         photos_of = baseline.number if there is not None and baseline else version.number
-        # Scores on both sides: a drop; otherwise the version or its baseline was not scored.
-        kind = "likeness_drop" if after and before else "not_scored"
-        text = alert_text(
-            user_name=user_name or model.user_id, version_number=version.number,
-            baseline_number=baseline.number if baseline else None, before=before, after=after,
-            tolerance=self.tolerance, message=message, url=self._versions_url,
-            photos_of=photos_of)
+        if version.version_mismatch:
+            # Held for where Replicate published it, not for its likeness, and the gate on or
+            # off (``_judge``): "not scored against version 1's not scored, tolerance 0.02" said
+            # neither, and of a version 1 that may well be scored.
+            kind = "version_mismatch"
+            text = mismatch_alert_text(user_name=user_name or model.user_id,
+                                       version_number=version.number, message=message,
+                                       url=self._versions_url)
+        else:
+            # Scores on both sides: a drop; otherwise the version or its baseline was not
+            # scored.
+            kind = "likeness_drop" if after and before else "not_scored"
+            text = alert_text(
+                user_name=user_name or model.user_id, version_number=version.number,
+                baseline_number=baseline.number if baseline else None, before=before,
+                after=after, tolerance=self.tolerance, message=message,
+                url=self._versions_url, photos_of=photos_of)
         return {
             # The same in every delivery of this alert: a receiver drops what it has seen.
             "alert_id": f"{kind}:{version.id}",
