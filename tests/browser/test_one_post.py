@@ -39,6 +39,19 @@ def serving(path: str, html: str, posts: list[str]) -> Any:
     return answer
 
 
+def page_html(tmp_path: Path, path: str) -> str:
+    """The server's page at ``path``: signed in as ann, with photos (the Train button shows),
+    but for the sign-up page."""
+    settings = make_settings(tmp_path, signup=True)
+    services = fake_services(settings)
+    with closing(services), browser(settings, services) as client:
+        if path != "/signup":
+            services.users.create(name="ann", password=PASSWORD)
+            own_model(client, services, "ann", versions=0)
+            sign_in(client, "ann")
+        return client.get(path).text
+
+
 @pytest.mark.parametrize(("path", "button", "fields"), [
     ("/signup", "Create the account", {"Name": "cat", "Password (10 characters or more)": PASSWORD,
                                        "The same password again": PASSWORD}),
@@ -52,14 +65,7 @@ def test_a_double_clicked_form_sends_one_post(chromium: Any, tmp_path: Path, pat
     the first had made wrong: "that user name is taken" on the sign-up page for the account the
     first had just made (left signed out), the "That did not work" page of "a training of this
     model is already queued or running" for the training the first had just started."""
-    settings = make_settings(tmp_path, signup=True)
-    services = fake_services(settings)
-    with closing(services), browser(settings, services) as client:
-        if path != "/signup":
-            services.users.create(name="ann", password=PASSWORD)
-            own_model(client, services, "ann", versions=0)  # photos: the Train button shows
-            sign_in(client, "ann")
-        html = client.get(path).text
+    html = page_html(tmp_path, path)
     posts: list[str] = []
     page = chromium.new_context().new_page()
     page.route(f"{BASE}/**", serving(path, html, posts))
@@ -74,4 +80,26 @@ def test_a_double_clicked_form_sends_one_post(chromium: Any, tmp_path: Path, pat
     page.mouse.click(box["x"] + 5, box["y"] + 5)
     page.wait_for_timeout(1000)  # a second POST, had one been sent, has been seen by now
     assert len(posts) == 1, posts
+    page.close()
+
+
+def test_a_stopped_post_leaves_the_forms_working(chromium: Any, tmp_path: Path) -> None:
+    """A POST stopped with the browser's Stop (or whose answer never came) held every form of
+    the page until a reload, saying nothing: a click did nothing at all. A second click within
+    a few seconds is still swallowed (a double click); after them the form is sent again."""
+    posts: list[str] = []
+    page = chromium.new_context().new_page()
+    page.route(f"{BASE}/**", serving("/train", page_html(tmp_path, "/train"), posts))
+    page.goto(f"{BASE}/train")
+    # Clicks by position: Playwright's locators wait for the navigation the POST began.
+    box = page.get_by_role("button", name="Train", exact=True).bounding_box()
+    page.mouse.click(box["x"] + 5, box["y"] + 5)  # its answer never comes, as after Stop
+    page.wait_for_timeout(200)
+    page.mouse.click(box["x"] + 5, box["y"] + 5)  # a double click's second: swallowed
+    page.wait_for_timeout(500)
+    assert len(posts) == 1, posts
+    page.wait_for_timeout(5000)  # past the few seconds a double click is swallowed for
+    page.mouse.click(box["x"] + 5, box["y"] + 5)
+    page.wait_for_timeout(1000)
+    assert len(posts) == 2, posts
     page.close()

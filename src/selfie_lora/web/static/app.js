@@ -252,12 +252,28 @@
   // The buttons are marked aria-disabled, not disabled: a disabled button loses the focus to
   // <body>, where a screen reader loses its place, and nothing said a generation was running
   // (tens of seconds on a real model). The form's status says what is being made.
+  // A click (or Enter, which clicks the form's button) with Shift, Ctrl, Alt or ⌘ sends its
+  // form into a new tab or window (or a download), as does a form with a target: this page
+  // stays where it is, and its forms must still work. Noted for the submit that click makes
+  // (in the same task), forgotten after it.
+  let modifiedClick = false;
+  document.addEventListener("click", (e) => {
+    modifiedClick = e.shiftKey || e.ctrlKey || e.altKey || e.metaKey;
+    if (modifiedClick) setTimeout(() => { modifiedClick = false; }, 0);
+  }, true);
+  const opensElsewhere = (e) => {
+    const target = (e.submitter?.getAttribute("formtarget") ?? e.target.getAttribute("target") ?? "")
+      .toLowerCase();
+    return modifiedClick || (target !== "" && target !== "_self");
+  };
+
   const generateForm = document.querySelector("form.generate");
   if (generateForm) {
     const buttons = () => generateForm.querySelectorAll("button[type=submit]");
     const said = document.getElementById("generate-status");
     let submitted = false;
     generateForm.addEventListener("submit", (e) => {
+      if (opensElsewhere(e)) return;  // the pictures come in another tab: this form stays
       if (submitted) { e.preventDefault(); return; }
       submitted = true;
       for (const b of buttons()) b.setAttribute("aria-disabled", "true");
@@ -291,23 +307,47 @@
       if (!window.confirm(target.dataset.confirm)) e.preventDefault();
     }
   });
-  // One POST a page, for every form the browser sends itself (Create the account, Sign in,
+  // One POST at a time, for every form the browser sends itself (Create the account, Sign in,
   // Train, Use this version, Create a key, ...), as for the Generate form above: a double click
   // sent two, the browser cut the first off and showed the second's answer, which the first
   // had made wrong: "that user name is taken" for the account just made (and left signed out),
   // "a training of this model is already queued or running" for the one just started. After
   // the confirmation above (a form it kept back was not sent); the upload's own submit sends
   // nothing itself.
-  let posted = false;
+  // Not for good, though: held until the next page, a POST stopped with the browser's Stop (or
+  // whose answer never came) left every form of the page dead, saying nothing, until a reload.
+  // Another submit is let through AGAIN_AFTER_MS after the first (a double click or a double
+  // Enter is well within it), and none is held when the answer goes to another tab or window.
+  // Meanwhile the button pressed, and any pressed in vain, show they are busy (aria-busy).
+  const AGAIN_AFTER_MS = 5000;
+  let pending = null;  // {timer, marked: the elements this marked busy}
+  const markBusy = (el) => {
+    if (!el || !pending || el.getAttribute("aria-busy") === "true") return;  // marked already
+    el.setAttribute("aria-busy", "true");
+    pending.marked.push(el);
+  };
+  const release = () => {
+    if (!pending) return;
+    clearTimeout(pending.timer);
+    for (const el of pending.marked) el.removeAttribute("aria-busy");
+    pending = null;
+  };
   document.addEventListener("submit", (e) => {
     const target = e.target;
     if (e.defaultPrevented || !(target instanceof HTMLFormElement)) return;
     if ((target.getAttribute("method") ?? "get").toLowerCase() !== "post") return;
-    if (posted) { e.preventDefault(); return; }
-    posted = true;
+    if (opensElsewhere(e)) return;
+    if (pending) {
+      e.preventDefault();
+      markBusy(e.submitter);
+      return;
+    }
+    pending = { timer: setTimeout(release, AGAIN_AFTER_MS), marked: [] };
+    markBusy(target);
+    markBusy(e.submitter);
   });
-  // Back to this page from the browser's cache: its forms can be sent again.
-  window.addEventListener("pageshow", () => { posted = false; });
+  // Back to this page from the browser's cache: its forms can be sent again at once.
+  window.addEventListener("pageshow", release);
   // The presets and Copy buttons work only here: without scripts they are hidden, dead.
   document.querySelectorAll("[data-needs-script]").forEach((el) => { el.hidden = false; });
   document.addEventListener("click", (e) => {
