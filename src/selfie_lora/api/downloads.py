@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response, StreamingResponse
@@ -12,7 +12,7 @@ from selfie_lora.api.deps import in_thread
 from selfie_lora.api.head import ran_for_head
 from selfie_lora.api.schemas import picture
 from selfie_lora.domain.entities import User
-from selfie_lora.services.likeness import LikenessService
+from selfie_lora.services.likeness import Chart, LikenessService
 from selfie_lora.services.models import WeightsDownload
 from selfie_lora.services.ports import BlobStream
 
@@ -40,17 +40,8 @@ async def chart_answer(request: Request, likeness: LikenessService, user: User) 
     GET, api.head) neither draws the chart nor stores it, and leaves out Content-Length, which
     only the drawing would tell (RFC 9110 9.3.2 lets it; Starlette's ``Content-Length: 0``
     would say the picture is empty)."""
-    held = held_tags(request.headers.get("if-none-match"))
-    draw = not ran_for_head(request.scope) and "*" not in held
-    chart = await in_thread(lambda: likeness.chart(user=user, draw=draw, unless=held))
-    headers = {"Cache-Control": "private", "ETag": f'W/"{chart.inputs}"'}
-    if chart.inputs in held or "*" in held:
-        return Response(status_code=304, headers=headers)
-    response = picture(chart.png or b"", media_type="image/png")
-    response.headers.update(headers)
-    if chart.png is None:
-        del response.headers["content-length"]
-    return response
+    return await _drawn_answer(
+        request, lambda draw, held: likeness.chart(user=user, draw=draw, unless=held))
 
 
 async def grid_answer(request: Request, likeness: LikenessService, user: User, *,
@@ -62,17 +53,26 @@ async def grid_answer(request: Request, likeness: LikenessService, user: User, *
     drawn with a probe image missing (``Chart.whole``) has no ETag and is not to be kept: its
     digest is the whole grid's, and the image may come back under its key. A HEAD neither
     draws nor stores it, and leaves out Content-Length, as the chart's."""
+    return await _drawn_answer(
+        request, lambda draw, held: likeness.grid(likeness.compare(user=user, a=a, b=b),
+                                                  draw=draw, unless=held))
+
+
+async def _drawn_answer(request: Request,
+                        make: Callable[[bool, frozenset[str]], Chart]) -> Response:
+    """A picture drawn from stored scores (the chart, a grid): ``make(draw, held)`` in the
+    pool, then a 304 to a browser holding its tag, or the PNG (none drawn: no Content-Length,
+    which only the drawing would tell)."""
     held = held_tags(request.headers.get("if-none-match"))
     draw = not ran_for_head(request.scope) and "*" not in held
-    grid = await in_thread(lambda: likeness.grid(likeness.compare(user=user, a=a, b=b),
-                                                 draw=draw, unless=held))
-    headers = ({"Cache-Control": "private", "ETag": f'W/"{grid.inputs}"'} if grid.whole
+    drawn = await in_thread(lambda: make(draw, held))
+    headers = ({"Cache-Control": "private", "ETag": f'W/"{drawn.inputs}"'} if drawn.whole
                else {"Cache-Control": "private, no-store"})
-    if grid.inputs in held or "*" in held:
+    if drawn.inputs in held or "*" in held:
         return Response(status_code=304, headers=headers)
-    response = picture(grid.png or b"", media_type="image/png")
+    response = picture(drawn.png or b"", media_type="image/png")
     response.headers.update(headers)
-    if grid.png is None:
+    if drawn.png is None:
         del response.headers["content-length"]
     return response
 

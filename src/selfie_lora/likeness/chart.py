@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from selfie_lora.domain.likeness import GateMeasure, gate_measure
 from selfie_lora.errors import ConfigError
+from selfie_lora.likeness.images import png_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -86,17 +87,9 @@ def chart_inputs(points: Sequence[ChartPoint], *, title: str, tolerance: float,
 
 def drawn_from(png: bytes) -> str | None:
     """The ``chart_inputs`` a chart made by ``render_chart`` was drawn from (None for a PNG
-    without them: one stored by an older release, or not a chart)."""
-    from PIL import Image
-
-    try:
-        # Opening reads the text chunks before the image data (where matplotlib writes its
-        # own), without decoding the image.
-        with Image.open(io.BytesIO(png), formats=("PNG",)) as image:
-            value = image.info.get(_INPUTS_KEY)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    return value if isinstance(value, str) else None
+    without them: one stored by an older release, or not a chart). Matplotlib writes its own
+    text chunks beside it."""
+    return png_text(png, _INPUTS_KEY)
 
 
 # The chart's lines, as its legend names them (and the versions page's text for its alt).

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from selfie_lora.likeness.images import decode_rgb
+from selfie_lora.likeness.images import decode_rgb, png_text
 
 CELL = 256
 PAD = 8
@@ -61,13 +61,7 @@ def grid_inputs(shown: object) -> str:
 def grid_drawn_from(png: bytes) -> str | None:
     """The ``inputs`` a grid made by ``render_grid`` was drawn from (None for a PNG without
     them: one stored by an older release, or not a grid)."""
-    try:
-        # Opening reads the text chunks before the image data, without decoding the image.
-        with Image.open(io.BytesIO(png), formats=("PNG",)) as image:
-            value = image.info.get(_INPUTS_KEY)
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    return value if isinstance(value, str) else None
+    return png_text(png, _INPUTS_KEY)
 
 
 def render_grid(*, left_title: str, right_title: str, rows: Sequence[GridRow],

@@ -69,3 +69,15 @@ def image_sanity(data: bytes) -> ImageSanity:
         blank=std < BLANK_STD, saturated=clipped > SATURATED_SHARE,
         nan=bool(pixels.max() == 0),
     )
+
+
+def png_text(png: bytes, key: str) -> str | None:
+    """The text chunk ``key`` of a PNG (the chart's and the grid's record of what they were
+    drawn from): None for a PNG without it, or one that cannot be read. Opening reads the text
+    chunks before the image data, without decoding the image."""
+    try:
+        with Image.open(io.BytesIO(png), formats=("PNG",)) as image:
+            value = image.info.get(key)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return value if isinstance(value, str) else None
