@@ -414,11 +414,7 @@ class Settings(BaseSettings):
         # read) made every command die with a traceback at its first look (OSError: File name
         # too long, from missing_database's exists()). A file in the way is said later, by each
         # command, more precisely.
-        try:
-            file_in_the_way(value)
-        except OSError as exc:
-            raise ValueError(f"cannot be checked ({exc.strerror or exc}); name a folder this "
-                             "user can write") from None
+        _setting_in_the_way(value)
         return value
 
     @field_validator("cache_dir")
@@ -426,11 +422,7 @@ class Settings(BaseSettings):
     def _cache_dir_can_be_a_folder(cls, value: Path | None) -> Path | None:
         # A file there (or above) started serve, and each model and face-model download then
         # warned 'Not a directory' without naming this setting.
-        try:
-            in_the_way = file_in_the_way(value) if value is not None else None
-        except OSError as exc:  # a folder above it this user may not read, a name too long
-            raise ValueError(f"cannot be checked ({exc.strerror or exc}); name a folder this "
-                             "user can write") from None
+        in_the_way = _setting_in_the_way(value) if value is not None else None
         if in_the_way is not None:
             raise ValueError(f"{in_the_way} is a file, not a folder; name a folder")
         return value
@@ -789,6 +781,17 @@ def file_in_the_way(path: Path) -> Path | None:
         if candidate.exists() or candidate.is_symlink():
             return None if candidate.is_dir() else candidate
     return None
+
+
+def _setting_in_the_way(path: Path) -> Path | None:
+    """``file_in_the_way`` for a folder setting's validator: where looking fails (a folder above
+    it this user may not read, a name too long), a ValueError that names the cause, which the
+    settings error shows, instead of the OSError's traceback."""
+    try:
+        return file_in_the_way(path)
+    except OSError as exc:
+        raise ValueError(f"cannot be checked ({exc.strerror or exc}); name a folder this user "
+                         "can write") from None
 
 
 def _http_url(value: str, *, form: str) -> httpx.URL:
