@@ -203,10 +203,9 @@ def pin_for_training(model: Model, defaults: TrainingDefaults, *, trained_before
     re-pinned explicitly, keeps its pin (a re-pinned one never trained still takes the
     configured owner's destination on the configured backend); one never trained (an upload
     that started nothing made it) takes the configured ones, which may have changed since that
-    upload, and with another
-    backend that backend's destination, and the configured owner's (an operator who moved
-    SELFIE_LORA_REPLICATE_OWNER to another account since the upload). The same object when
-    nothing changes."""
+    upload: with another backend that backend's destination, and the configured owner's (an
+    operator who moved SELFIE_LORA_REPLICATE_OWNER to another account since the upload). The
+    same object when nothing changes."""
     if trained_before:
         return model
     # The destination derived at the upload names the owner of then (the local backend's is
