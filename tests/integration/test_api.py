@@ -9,7 +9,8 @@ import threading
 import time
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -223,41 +224,51 @@ class LaterMismatchTrainer(FakeTrainer):
                                    remote_version="someone/elses-model:" + "c" * 64)
 
 
-def test_a_version_published_to_another_model_is_not_activated_over_one_that_works(
-        tmp_path: Path) -> None:
-    """Activated, every generation with no version named failed (422 version_mismatch) where
-    version 1 made pictures: refused as a version whose weights are gone is, nothing changed."""
-    settings = make_settings(tmp_path, trainer="replicate", replicate_owner="acme")
+@contextmanager
+def _retrained_into_another_model(
+        tmp_path: Path, **settings: Any,
+) -> Iterator[tuple[TestClient, dict[str, str], Services, dict[str, Any]]]:
+    """A served Replicate model (owner acme) whose first training succeeded and whose
+    retraining Replicate published to another model: the client, ann's headers, the services
+    and the retraining's terminal answer."""
     trainer = LaterMismatchTrainer()
-    svc = build_services(settings, trainers={"replicate": trainer},
+    made = make_settings(tmp_path, trainer="replicate", replicate_owner="acme", **settings)
+    svc = build_services(made, trainers={"replicate": trainer},
                          face_analyzer=one_person_analyzer(),
                          generators={"replicate": FakeGenerator(backend="replicate")})
     try:
-        with TestClient(create_app(settings, services=svc, run_worker=True)) as client:
+        with TestClient(create_app(made, services=svc, run_worker=True)) as client:
             h = auth(svc, "ann")
             first = upload(client, h, photo_zip(4, size=1024))
             assert wait_terminal(client, h, first["training"]["id"])["training"]["status"] == (
                 "succeeded")
             trainer.mismatch = True
             again = upload(client, h, photo_zip(4, size=1024))
-            done = wait_terminal(client, h, again["training"]["id"])
-            # Its probes cannot be made: the gate held it, version 1 stays active.
-            assert done["model"]["active_version"]["number"] == 1
-            events = len(client.get("/api/model/log", headers=h).json()["events"])
-            r = client.post("/api/model/versions/2/activate", headers=h)
-            assert r.status_code == 409, r.text
-            error = r.json()["error"]
-            assert error["code"] == "version_mismatch"
-            assert "another model" in error["message"]
-            model = client.get("/api/model", headers=h).json()
-            assert model["active_version"]["number"] == 1  # nothing changed
-            assert len(client.get("/api/model/log", headers=h).json()["events"]) == events
-            generated = client.post("/api/generate", headers=h, json={"prompt": "x", "seed": 1})
-            assert generated.status_code == 200, generated.text
-            # Version 1 can be activated again (already active: the same answer).
-            assert client.post("/api/model/versions/1/activate", headers=h).status_code == 200
+            yield client, h, svc, wait_terminal(client, h, again["training"]["id"])
     finally:
         svc.close()
+
+
+def test_a_version_published_to_another_model_is_not_activated_over_one_that_works(
+        tmp_path: Path) -> None:
+    """Activated, every generation with no version named failed (422 version_mismatch) where
+    version 1 made pictures: refused as a version whose weights are gone is, nothing changed."""
+    with _retrained_into_another_model(tmp_path) as (client, h, _svc, done):
+        # Its probes cannot be made: the gate held it, version 1 stays active.
+        assert done["model"]["active_version"]["number"] == 1
+        events = len(client.get("/api/model/log", headers=h).json()["events"])
+        r = client.post("/api/model/versions/2/activate", headers=h)
+        assert r.status_code == 409, r.text
+        error = r.json()["error"]
+        assert error["code"] == "version_mismatch"
+        assert "another model" in error["message"]
+        model = client.get("/api/model", headers=h).json()
+        assert model["active_version"]["number"] == 1  # nothing changed
+        assert len(client.get("/api/model/log", headers=h).json()["events"]) == events
+        generated = client.post("/api/generate", headers=h, json={"prompt": "x", "seed": 1})
+        assert generated.status_code == 200, generated.text
+        # Version 1 can be activated again (already active: the same answer).
+        assert client.post("/api/model/versions/1/activate", headers=h).status_code == 200
 
 
 @pytest.mark.parametrize("gate", [True, False], ids=["gate on", "gate off"])
@@ -265,25 +276,9 @@ def test_a_version_published_to_another_model_never_replaces_the_active_one(
         tmp_path: Path, gate: bool) -> None:
     """Gate off, it passed and replaced version 1, which made pictures, with one that makes
     none; gate on, it was held with the hint to activate it yourself, which is refused."""
-    settings = make_settings(tmp_path, trainer="replicate", replicate_owner="acme",
-                             quality_gate=gate)
-    trainer = LaterMismatchTrainer()
-    svc = build_services(settings, trainers={"replicate": trainer},
-                         face_analyzer=one_person_analyzer(),
-                         generators={"replicate": FakeGenerator(backend="replicate")})
-    try:
-        with TestClient(create_app(settings, services=svc, run_worker=True)) as client:
-            h = auth(svc, "ann")
-            first = upload(client, h, photo_zip(4, size=1024))
-            assert wait_terminal(client, h, first["training"]["id"])["training"]["status"] == (
-                "succeeded")
-            trainer.mismatch = True
-            again = upload(client, h, photo_zip(4, size=1024))
-            done = wait_terminal(client, h, again["training"]["id"])
-            versions = client.get("/api/model/versions", headers=h).json()["versions"]
-            stored = svc.repo.get_version(versions[0]["id"])
-    finally:
-        svc.close()
+    with _retrained_into_another_model(tmp_path, quality_gate=gate) as (client, h, svc, done):
+        versions = client.get("/api/model/versions", headers=h).json()["versions"]
+        stored = svc.repo.get_version(versions[0]["id"])
     assert done["training"]["status"] == "succeeded"
     assert done["model"]["active_version"]["number"] == 1
     held = versions[0]
