@@ -1384,6 +1384,21 @@ def test_the_grid_says_whose_training_photos_its_identity_is_measured_on(
         "identity on v2's training photos")
 
 
+def _grid_draws(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gets a 1 each time the likeness service draws a grid (render_grid)."""
+    import selfie_lora.services.likeness as likeness
+
+    drawn: list[int] = []
+    real = likeness.render_grid
+
+    def counted(**kw: Any) -> bytes:
+        drawn.append(1)
+        return real(**kw)
+
+    monkeypatch.setattr(likeness, "render_grid", counted)
+    return drawn
+
+
 def test_the_grid_is_drawn_again_only_when_what_it_shows_changed(
         ann: TestClient, svc: Services, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every view of the Versions page drew the comparison grid again (its probe images read,
@@ -1392,16 +1407,10 @@ def test_the_grid_is_drawn_again_only_when_what_it_shows_changed(
     would be drawn now; one that does not (an older release's, or another comparison's
     words) is drawn again."""
     import selfie_lora.services.likeness as likeness
+    from selfie_lora.likeness.grid import render_grid
 
     two_versions(ann)
-    drawn: list[int] = []
-    real = likeness.render_grid
-
-    def counted(**kw: Any) -> bytes:
-        drawn.append(len(kw["rows"]))
-        return real(**kw)
-
-    monkeypatch.setattr(likeness, "render_grid", counted)
+    drawn = _grid_draws(monkeypatch)
     grid = re.search(r'id="grid" src="([^"]+)"', ann.get("/versions?a=1&b=2").text)
     assert grid
     url = grid.group(1).replace("&amp;", "&")
@@ -1415,7 +1424,7 @@ def test_the_grid_is_drawn_again_only_when_what_it_shows_changed(
     comparison = svc.likeness.compare(user=user, a="1", b="2")
     # A grid stored by an older release (no inputs in it) is drawn again, and stored.
     old = likeness.grid_key(comparison.a.id, comparison.b.id)
-    svc.blobs.put(old, real(left_title="A", right_title="B", rows=[
+    svc.blobs.put(old, render_grid(left_title="A", right_title="B", rows=[
         likeness.GridRow(label=["old"], left=None, right=None)]))
     assert ann.get(url).content == first.content
     assert len(drawn) == 2
@@ -1428,7 +1437,6 @@ def test_the_grid_has_an_etag_and_a_browser_holding_it_gets_a_304(
     with (found in review; the chart got one in 17b3514). Both grid routes send a weak ETag,
     the digest of what the grid shows, and answer an If-None-Match holding it with a 304,
     the grid neither read nor drawn."""
-    import selfie_lora.services.likeness as likeness
 
     two_versions(ann)
     user = svc.users.get_by_name(name="ann")
@@ -1436,14 +1444,7 @@ def test_the_grid_has_an_etag_and_a_browser_holding_it_gets_a_304(
     api = {"Authorization": f"Bearer {secret}"}
     comparison = svc.likeness.compare(user=user, a="1", b="2")
     query = f"a={comparison.a.id}&b={comparison.b.id}"
-    drawn: list[int] = []
-    real = likeness.render_grid
-
-    def counted(**kw: Any) -> bytes:
-        drawn.append(1)
-        return real(**kw)
-
-    monkeypatch.setattr(likeness, "render_grid", counted)
+    drawn = _grid_draws(monkeypatch)
     for path, headers in ((f"/versions/compare/grid.png?{query}", {}),
                           (f"/api/model/compare/grid.png?{query}", api)):
         first = ann.get(path, headers=headers)
@@ -1485,14 +1486,7 @@ def test_a_grid_drawn_with_a_probe_image_missing_is_neither_stored_nor_tagged(
     assert image_key is not None
     image = svc.blobs.get(image_key)
     svc.blobs.delete(image_key)
-    drawn: list[int] = []
-    real = likeness.render_grid
-
-    def counted(**kw: Any) -> bytes:
-        drawn.append(1)
-        return real(**kw)
-
-    monkeypatch.setattr(likeness, "render_grid", counted)
+    drawn = _grid_draws(monkeypatch)
     paths = ((f"/versions/compare/grid.png?{query}", {}),
              (f"/api/model/compare/grid.png?{query}", api))
     blank = b""
@@ -1536,14 +1530,7 @@ def test_a_head_of_the_grid_neither_draws_nor_stores_it(
     query = f"a={comparison.a.id}&b={comparison.b.id}"
     stored = likeness.grid_key(comparison.a.id, comparison.b.id)
     svc.blobs.delete(stored)  # drawn by nobody yet: the first view draws it
-    drawn: list[int] = []
-    real = likeness.render_grid
-
-    def counted(**kw: Any) -> bytes:
-        drawn.append(1)
-        return real(**kw)
-
-    monkeypatch.setattr(likeness, "render_grid", counted)
+    drawn = _grid_draws(monkeypatch)
     paths = ((f"/versions/compare/grid.png?{query}", {}),
              (f"/api/model/compare/grid.png?{query}", api))
     heads = []
