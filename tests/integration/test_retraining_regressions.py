@@ -11,9 +11,11 @@ the HTTP API, on both backends: ``local`` (real diffusers + peft training of the
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
+import shutil
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +44,16 @@ pytestmark = pytest.mark.slow
 OWNER = "acme"
 
 
+@dataclass(frozen=True)
+class FirstTraining:
+    """A HOME holding ann's first training, succeeded: her API key's headers and the
+    training's end as the progress route answered it."""
+
+    home: Path
+    headers: dict[str, str]
+    done: dict[str, Any]
+
+
 @dataclass
 class Backend:
     name: str
@@ -49,6 +61,17 @@ class Backend:
     services: Services
     settings: Settings
     standin: ReplicateStandIn | None
+    # The local backend's first training, run once for the module (its HOME copied into this
+    # one): the bug tests each start from one, and the real tiny FLUX trains for seconds.
+    first: FirstTraining | None = None
+
+    def first_training(self) -> tuple[dict[str, str], dict[str, Any]]:
+        """ann's headers and her first training (uploaded, trained and succeeded)."""
+        if self.first is not None:
+            # A copy: the module's other tests read the same one.
+            return dict(self.first.headers), copy.deepcopy(self.first.done)
+        h = auth(self.services, "ann")
+        return h, self.finish(h, self.upload(h))
 
     def upload(self, headers: dict[str, str], *, offset: int = 0) -> dict[str, Any]:
         r = self.client.post(
@@ -92,6 +115,33 @@ def replicate_backend(tmp_path: Path, cache: Path, **standin_knobs: Any) -> Iter
             services.close()
 
 
+@contextmanager
+def local_backend(tmp_path: Path, cache: Path, *,
+                  first: FirstTraining | None = None) -> Iterator[Backend]:
+    """The app on the local backend (the real tiny FLUX); with ``first``, on a copy of its HOME."""
+    settings = make_settings(tmp_path, cache_dir=cache)
+    if first is not None:
+        shutil.copytree(first.home, settings.home, dirs_exist_ok=True)
+    services = build_services(settings, face_analyzer=one_person_analyzer())
+    try:
+        app = create_app(settings, services=services, run_worker=True)
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield Backend("local", client, services, settings, None, first)
+    finally:
+        services.close()
+
+
+@pytest.fixture(scope="module")
+def local_first_training(tmp_path_factory: pytest.TempPathFactory,
+                         shared_model_cache: Path) -> FirstTraining:
+    """ann's first training on the local backend, through the upload route, once for the module;
+    closed before its HOME is copied, so every copy starts from the same stored state."""
+    with local_backend(tmp_path_factory.mktemp("first-local"), shared_model_cache) as b:
+        h = auth(b.services, "ann")
+        done = b.finish(h, b.upload(h))
+    return FirstTraining(home=b.settings.home, headers=h, done=done)
+
+
 @pytest.fixture(params=["local", "replicate"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path,
             shared_model_cache: Path) -> Iterator[Backend]:
@@ -99,14 +149,9 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path,
         with replicate_backend(tmp_path, shared_model_cache) as b:
             yield b
         return
-    settings = make_settings(tmp_path, cache_dir=shared_model_cache)
-    services = build_services(settings, face_analyzer=one_person_analyzer())
-    try:
-        app = create_app(settings, services=services, run_worker=True)
-        with TestClient(app, raise_server_exceptions=False) as client:
-            yield Backend("local", client, services, settings, None)
-    finally:
-        services.close()
+    first: FirstTraining = request.getfixturevalue("local_first_training")
+    with local_backend(tmp_path, shared_model_cache, first=first) as b:
+        yield b
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -127,8 +172,7 @@ def trained_captions(b: Backend, training: dict[str, Any]) -> list[str]:
 
 
 def test_bug1_trigger_word_is_generated_once_and_never_changes(backend: Backend) -> None:
-    h = auth(backend.services, "ann")
-    first = backend.finish(h, backend.upload(h))
+    h, first = backend.first_training()
     trigger = first["model"]["trigger_word"]
     assert trigger.isalnum()
     assert trigger == trigger.lower()
@@ -146,8 +190,7 @@ def test_bug1_trigger_word_is_generated_once_and_never_changes(backend: Backend)
 
 
 def test_bug2_every_route_uses_the_pinned_trainer_version(backend: Backend) -> None:
-    h = auth(backend.services, "ann")
-    first = backend.finish(h, backend.upload(h))
+    h, first = backend.first_training()
     pinned = first["model"]["trainer_version"]
     expected = (DEFAULT_REPLICATE_TRAINER_VERSION if backend.name == "replicate"
                 else default_local_trainer_version("tiny"))
@@ -178,8 +221,7 @@ def test_bug2_every_route_uses_the_pinned_trainer_version(backend: Backend) -> N
 
 
 def test_bug3_one_destination_gets_a_new_version_per_training(backend: Backend) -> None:
-    h = auth(backend.services, "ann")
-    first = backend.finish(h, backend.upload(h))
+    h, first = backend.first_training()
     destination = first["model"]["destination"]
     assert destination.startswith(f"{OWNER}/" if backend.name == "replicate" else "local/")
     for _ in range(2):
@@ -201,8 +243,7 @@ def test_bug3_one_destination_gets_a_new_version_per_training(backend: Backend) 
 
 
 def test_bug4_custom_lora_scale_survives_retraining_and_completion(backend: Backend) -> None:
-    h = auth(backend.services, "ann")
-    first = backend.finish(h, backend.upload(h))
+    h, first = backend.first_training()
     assert first["model"]["lora_scale"] == 1.0
     assert first["model"]["lora_scale_is_custom"] is False
     r = backend.client.patch("/api/model", headers=h, json={"lora_scale": 0.7})
@@ -266,8 +307,7 @@ def test_bug5_weights_found_in_every_output_shape_and_method_logged(
 
 
 def test_bug5_local_weights_are_stored_hashed_and_reload(backend: Backend) -> None:
-    h = auth(backend.services, "ann")
-    done = backend.finish(h, backend.upload(h))
+    h, done = backend.first_training()
     version = done["model"]["active_version"]
     served = backend.client.get(version["weights_url"], headers=h)
     assert served.status_code == 200
