@@ -118,8 +118,11 @@ def replicate_backend(tmp_path: Path, cache: Path, **standin_knobs: Any) -> Iter
 @contextmanager
 def local_backend(tmp_path: Path, cache: Path, *,
                   first: FirstTraining | None = None) -> Iterator[Backend]:
-    """The app on the local backend (the real tiny FLUX); with ``first``, on a copy of its HOME."""
-    settings = make_settings(tmp_path, cache_dir=cache)
+    """The app on the local backend (the real tiny FLUX); with ``first``, on a copy of its HOME.
+    One likeness probe a version, not four: each is a generation with the new LoRA loaded (half
+    a second on the tiny model), and none of these tests is about likeness (the gate is tested
+    in test_likeness_gate, on the tiny model in tests/e2e/test_likeness_tiny)."""
+    settings = make_settings(tmp_path, cache_dir=cache, probe_count=1)
     if first is not None:
         shutil.copytree(first.home, settings.home, dirs_exist_ok=True)
     services = build_services(settings, face_analyzer=one_person_analyzer())
