@@ -105,6 +105,23 @@ def test_a_malformed_model_index_is_a_configuration_error(tmp_path: Path, index:
         flux_loader.load_pipeline(str(base), cache_dir=tmp_path, device="cpu")
 
 
+def test_a_training_refuses_a_model_index_that_is_not_an_object_before_importing_torch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file check: a training child spent its first seconds importing torch and diffusers
+    only to read the folder's model_index.json and fail."""
+    from selfie_lora.adapters.flux import train_loop
+
+    def no_torch() -> None:
+        raise AssertionError("torch was asked for before the base folder was checked")
+
+    monkeypatch.setattr(train_loop, "require_torch", no_torch)
+    base = _base_with_index(tmp_path, MODEL_INDEXES["a-list"])
+    with pytest.raises(ConfigError, match="is not a diffusers model index"):
+        train_loop.train_flux_lora(pipeline_source=str(base), cache_dir=tmp_path,
+                                   photos=[(synthetic_photo(0), "TOK")],
+                                   recipe=get_recipe("local-tiny-v2"), out_path=tmp_path / "l")
+
+
 @pytest.mark.parametrize("isolation", ["inline", "process"])
 @pytest.mark.parametrize("index", MODEL_INDEXES.values(), ids=MODEL_INDEXES.keys())
 def test_a_malformed_model_index_tells_the_user_the_server_is_misconfigured(

@@ -96,10 +96,7 @@ def _load_pipeline(pipeline_class: Any, source: str, *, cache_dir: Path, device:
         path = tiny_pipeline_dir(cache_dir)
     else:
         path = Path(source).expanduser()
-        problem = base_model_problem(source)
-        if problem is not None:
-            raise ConfigError(problem)
-        _check_model_index(path / "model_index.json")
+        check_base_folder(source)
     torch_dtype = dtype if dtype is not None else default_dtype(device)
     try:
         with warnings.catch_warnings():
@@ -120,6 +117,19 @@ def _load_pipeline(pipeline_class: Any, source: str, *, cache_dir: Path, device:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def check_base_folder(source: str) -> None:
+    """Raise ``ConfigError`` when ``source`` is not "tiny" and its folder cannot be a diffusers
+    FLUX.1 pipeline (no model_index.json, or one that is not a JSON object). Files only, no
+    torch: a training checks this first, where a training child spent its first ~10 s of CPU
+    importing torch and diffusers only to fail on it."""
+    if source == TINY:
+        return
+    problem = base_model_problem(source)
+    if problem is not None:
+        raise ConfigError(problem)
+    _check_model_index(Path(source).expanduser() / "model_index.json")
 
 
 def _check_model_index(path: Path) -> None:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfie_lora.adapters.flux import checkpoints
 from selfie_lora.adapters.flux.loader import (
+    check_base_folder,
     default_dtype,
     refuse_untrainable_base,
     resolve_device,
@@ -888,6 +889,8 @@ def train_flux_lora(
             user_message="The training settings are invalid; contact the operator.",
         )
     refuse_untrainable_base(pipeline_source)
+    # A misconfigured base folder is told before torch and diffusers are imported (seconds).
+    check_base_folder(pipeline_source)
     # Before default_dtype, which imports torch: a server without it is told what to install.
     require_torch()
     started = time.perf_counter()
