@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import io
 import json
@@ -170,8 +171,11 @@ _SCALARS = st.one_of(st.none(), st.integers(), st.text(max_size=8), st.booleans(
 _KEYS = st.text(alphabet="abcdefgh_", min_size=1, max_size=6)
 
 
-def _nest(weights: object) -> st.SearchStrategy[object]:
-    """A random tree of dicts and lists with ``weights`` at one random leaf."""
+@functools.cache
+def _nest(url: str, *, wrapped: bool = False) -> st.SearchStrategy[object]:
+    """A random tree of dicts and lists with ``url`` (in a FileOutputLike when ``wrapped``) at
+    one random leaf. Made once per leaf: a strategy made anew for every example was checked and
+    measured anew by Hypothesis each time, most of what an example cost."""
 
     def wrap(inner: st.SearchStrategy[object]) -> st.SearchStrategy[object]:
         as_dict = st.tuples(inner, _KEYS, st.dictionaries(_KEYS, _SCALARS, max_size=3)).map(
@@ -182,7 +186,8 @@ def _nest(weights: object) -> st.SearchStrategy[object]:
         )
         return st.one_of(as_dict, as_list)
 
-    return st.recursive(st.just(weights), wrap, max_leaves=6)
+    leaf = st.builds(FileOutputLike, st.just(url)) if wrapped else st.just(url)
+    return st.recursive(leaf, wrap, max_leaves=6)
 
 
 @settings(max_examples=200, deadline=None)
@@ -192,8 +197,7 @@ def _nest(weights: object) -> st.SearchStrategy[object]:
     wrapped=st.booleans(),
 )
 def test_weights_nested_anywhere_are_found(data: st.DataObject, url: str, wrapped: bool) -> None:
-    leaf: object = FileOutputLike(url) if wrapped else url
-    output = data.draw(_nest(leaf))
+    output = data.draw(_nest(url, wrapped=wrapped))
     found, method = find_weights_url(output)
     assert found == url
     assert method.startswith("output")
