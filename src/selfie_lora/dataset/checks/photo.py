@@ -102,6 +102,8 @@ def analyze_photo(
                              main_face=None, findings=tuple(findings), whole_phash=whole_phash,
                              whole_dhash=whole_dhash, had_exif=decoded.had_exif, order=order)
 
+    # The face's regions below are cut from the detection copy when it is reduced enough.
+    image = _with_reduced(image, small, k_small)
     main = _refine(image, faces[0], analyzer=analyzer, policy=policy)
     # The other faces large enough to be a friend beside the user get an identity too: the set
     # check compares them with the other photos, as the largest face need not be the user's.
@@ -166,6 +168,67 @@ def _resized(image: Pixels, long_side: int) -> tuple[Image.Image, float]:
     big = image.resize((round(image.width * ratio), round(image.height * ratio)),
                        Image.Resampling.BILINEAR)
     return big, image.width / big.width
+
+
+class _Reduced:
+    """``image`` with ``copy``, all of it box-reduced by the integer ``factor`` (the detection
+    copy), at hand. A region resampled with a ``reducing_gap`` at which Pillow would itself
+    box-reduce it by ``factor`` or more first is resampled from ``copy`` instead: the same
+    reduction, already made. Without it a 12 MP photo's face region was reduced again for the
+    near-duplicate keypoints' window and the face patch (~7 ms of ~130 a photo, bench/ingest.py
+    --sources people --profile). Everything else is ``image``'s."""
+
+    def __init__(self, image: Pixels, copy: Image.Image, factor: int) -> None:
+        self._image = image
+        self._copy = copy
+        self._factor = factor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self._image.size
+
+    @property
+    def width(self) -> int:
+        return self._image.width
+
+    @property
+    def height(self) -> int:
+        return self._image.height
+
+    @property
+    def mode(self) -> str:
+        return self._image.mode
+
+    def reduce(self, factor: int | tuple[int, int],
+               box: tuple[int, int, int, int] | None = None) -> Image.Image:
+        return self._image.reduce(factor, box)
+
+    def crop(self, box: tuple[float, float, float, float] | None = None) -> Image.Image:
+        return self._image.crop(box)
+
+    def resize(self, size: tuple[int, int], resample: int | None = None,
+               box: tuple[float, float, float, float] | None = None,
+               reducing_gap: float | None = None) -> Image.Image:
+        if (box is not None and reducing_gap is not None and resample is not None
+                and resample != Image.Resampling.NEAREST):
+            # Pillow's rule: the box is first reduced by int(ratio / reducing_gap) on each axis.
+            ratio = min((box[2] - box[0]) / size[0], (box[3] - box[1]) / size[1])
+            if ratio >= reducing_gap * self._factor:
+                k = self._factor
+                return self._copy.resize(size, resample, box=(box[0] / k, box[1] / k,
+                                                              box[2] / k, box[3] / k),
+                                         reducing_gap=reducing_gap)
+        return self._image.resize(size, resample, box, reducing_gap)
+
+
+def _with_reduced(image: Pixels, small: Image.Image, k_small: float) -> Pixels:
+    """``image`` with the detection copy at hand (``_Reduced``) when that copy is ``image``
+    box-reduced by an integer factor (``_resized``: Pillow's ``reduce`` rounds the sides up)."""
+    factor = round(k_small)
+    width, height = image.size
+    if factor >= 2 and small.size == (-(-width // factor), -(-height // factor)):
+        return _Reduced(image, small, factor)
+    return image
 
 
 def _scale_face(face: Face, k: float, dx: float = 0.0, dy: float = 0.0) -> Face:
