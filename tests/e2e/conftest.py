@@ -42,6 +42,19 @@ def selfie_lora_exe() -> str:
     return found
 
 
+def ignores_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGTERM: a training child runs its own code (its signal
+    settings are made first thing), and has yet to load the model. Not "has torch loaded": the
+    child is forked from a fork server that imported torch already."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return False
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

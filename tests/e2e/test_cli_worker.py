@@ -19,6 +19,7 @@ from PIL import Image
 from selfie_lora.domain.entities import Training, TrainingStatus, User
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
+from tests.e2e.conftest import ignores_sigterm
 from tests.support.photos import copy_person_photos, synthetic_photo
 
 pytestmark = pytest.mark.slow
@@ -161,15 +162,6 @@ def test_users_keys_from_the_command_line(tmp_path: Path) -> None:
         services.close()
 
 
-def _loads_torch(pid: int) -> bool:
-    """Whether process ``pid`` has torch loaded: the training child runs its own code (its
-    signal settings are made), and has yet to load the model."""
-    try:
-        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
 def _alive(pid: int) -> bool:
     """Running or stopped, neither gone nor a zombie."""
     try:
@@ -204,9 +196,9 @@ def test_a_worker_stopped_as_systemd_stops_it_hands_its_training_back(tmp_path: 
 
         try:
             deadline = time.monotonic() + 180
-            # The child, once it runs its own code (torch is imported after its signals are
-            # set), is frozen before its first step: the tiny training is over in a second.
-            while not child or not _loads_torch(child):
+            # The child, once it runs its own code (its signals are set first thing), is frozen
+            # before its first step: the tiny training is over in a second.
+            while not child or not ignores_sigterm(child):
                 assert time.monotonic() < deadline, logged()[-3000:]
                 assert worker.poll() is None, logged()[-3000:]
                 found = re.search(r"runs in child process (\d+)", logged())

@@ -1,9 +1,10 @@
 """The local training backend: diffusers + peft on this machine (see ``flux_lora_train``).
 
-With ``isolation="process"`` the training loop runs in a spawned child process: a crash (or the
-kernel's OOM killer) takes down only the child, GPU memory is returned when it exits, and a cancel
-simply terminates it. The parent never imports torch. ``isolation="inline"`` runs the same loop in
-the calling thread (tests, and a worker that wants torch loaded once).
+With ``isolation="process"`` the training loop runs in a child process (forked from the training
+fork server, ``forkserver``): a crash (or the kernel's OOM killer) takes down only the child, GPU
+memory is returned when it exits, and a cancel simply terminates it. The parent never imports
+torch. ``isolation="inline"`` runs the same loop in the calling thread (tests, and a worker that
+wants torch loaded once).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from selfie_lora.adapters.flux.checkpoints import latest_checkpoint
+from selfie_lora.adapters.flux.forkserver import TrainingProcess
 from selfie_lora.adapters.flux.generator import release_device_pipelines
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.runtime import FAILED_MESSAGE, missing_module_error
@@ -514,12 +516,19 @@ class LocalTrainer:
     def _train_in_child(
         self, request: _TrainRequest, reporter: _Reporter, keep: _Keepers, *, job_id: str
     ) -> dict[str, Any]:
-        # spawn, not fork: forking a process that may hold threads (and, in a worker, a loaded
-        # torch or CUDA context) is unsafe; the child starts clean and imports torch itself.
-        context = multiprocessing.get_context("spawn")
+        # Not a fork of this process, which may hold threads (and, in a worker, a loaded torch
+        # or CUDA context): a fork of the clean single-threaded training fork server, torch and
+        # the rest imported there once (spawned where there is none, importing them itself).
+        context: Any
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            context = multiprocessing.get_context("forkserver")  # its queues and events
+            make: Any = TrainingProcess
+        else:
+            context = multiprocessing.get_context("spawn")
+            make = context.Process
         events: Any = context.Queue()
         stop: Any = context.Event()
-        process = context.Process(
+        process = make(
             target=_child_main,
             args=(request, events, stop, os.getpid()),
             name=f"selfie-lora-train-{job_id}",

@@ -1,0 +1,59 @@
+"""Imported by the training fork server (``forkserver``) before it forks a training child:
+what the training loop imports, so that each child starts with it loaded instead of importing
+torch, diffusers, peft and transformers itself (tens of seconds, at every training and retry).
+
+Nothing here may stop the fork server: a broken install is left to the child, which imports the
+same itself and reports what is wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import signal
+
+from selfie_lora.logs import setup_logging
+
+# Module, then the names the loop reads from it (diffusers and transformers import their
+# classes on first use).
+_NEEDED: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("diffusers", ("FluxPipeline", "FluxTransformer2DModel", "AutoencoderKL",
+                   "FlowMatchEulerDiscreteScheduler")),
+    ("transformers", ("CLIPTextModel", "CLIPTokenizer", "T5EncoderModel", "T5TokenizerFast")),
+    ("peft", ("LoraConfig",)),
+    ("peft.utils", ("get_peft_model_state_dict",)),
+    ("safetensors.torch", ()),
+    ("selfie_lora.adapters.flux.train_loop", ()),
+    ("selfie_lora.adapters.flux.samples", ()),
+)
+
+
+def _restore_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _load() -> None:
+    # What the imports log goes where the child's lines go (JSON lines when so set; settings
+    # are read from the environment, which the fork server shares), at the level of a one-shot
+    # command: the libraries' import-time notices are the noise setup_logging quietens.
+    log_format = os.environ.get("SELFIE_LORA_LOG_FORMAT", "text").strip().lower()
+    setup_logging(log_format="json" if log_format == "json" else "text", quiet=True)
+    from selfie_lora.adapters.flux.runtime import require_torch
+
+    require_torch()  # torch, then its loggers handed back, then diffusers, peft, transformers
+    for name, attributes in _NEEDED:
+        module = importlib.import_module(name)
+        for attribute in attributes:
+            getattr(module, attribute)
+
+
+# A SIGTERM to the service's process group (systemd's stop, ``kill`` of the group) reached the
+# fork server too, and with it gone multiprocessing reads every child it forked as exited (code
+# 255): a worker took its live training child for dead. The server ends by itself once the
+# service and its children are gone (as multiprocessing has it ignore SIGINT); the children it
+# forks get the default back.
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+os.register_at_fork(after_in_child=_restore_sigterm)
+with contextlib.suppress(Exception):  # the child meets it again and says what it is
+    _load()
