@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.wiring import build_services
+from tests.e2e.conftest import ignores_sigterm
 from tests.support.photos import copy_person_photos
 
 pytestmark = pytest.mark.slow
@@ -68,6 +70,16 @@ def test_ctrl_c_or_sigterm_mid_training_hands_it_back_with_its_checkpoints(
             reader.start()
         try:
             deadline = time.monotonic() + 240
+            # Unfrozen until the training child runs its own code (it ignores SIGTERM first
+            # thing): what comes before it, the imports of the training fork server (tens of
+            # seconds), cannot step, and what comes next, the model's load, takes seconds.
+            child = 0
+            while not child or not ignores_sigterm(child):
+                assert time.monotonic() < deadline, "".join(err_lines)
+                assert train.poll() is None, "".join(err_lines)
+                found = re.search(r"runs in child process (\d+)", "".join(err_lines))
+                child = int(found[1]) if found else 0
+                time.sleep(0.005)
             step = 0
             # The tiny training's 40 steps take half a second, and the command writes each step
             # the child sends to the database some time after: a poller once found the child done
