@@ -42,3 +42,17 @@ def test_training_children_are_forked_with_torch_loaded_by_a_server_that_outlive
     # The same server forked the second child: SIGTERM left it running.
     assert forkserver._server._forkserver_pid == server_pid  # type: ignore[attr-defined]
     os.kill(server_pid, 0)
+
+
+def test_only_cpu_trainings_under_linux_come_from_the_fork_server(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CUDA child forked from a process that imported torch is unchecked: it is spawned."""
+    from selfie_lora.adapters.flux.trainer import _fork_server_fits
+
+    assert not _fork_server_fits("cuda")
+    assert not _fork_server_fits("cuda:1")
+    assert not _fork_server_fits("mps")
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert _fork_server_fits("cpu")
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert not _fork_server_fits("cpu")

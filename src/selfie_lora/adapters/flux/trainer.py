@@ -17,6 +17,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -235,6 +236,21 @@ def _config_error(exc: ConfigError) -> TrainerUnavailableError:
         user_message="The local trainer is not set up correctly on this server; "
         "contact the operator.",
     )
+
+
+def _fork_server_fits(device: str) -> bool:
+    """Whether a training child comes from the training fork server: under Linux, training on
+    the CPU. Elsewhere it is spawned and imports torch itself: a CUDA child forked from a process
+    that imported torch is unchecked (a CUDA query there, ``torch.cuda.is_available()`` among
+    them, leaves forks that cannot initialize CUDA), and macOS forks badly."""
+    if not sys.platform.startswith("linux"):
+        return False
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    if device == "cpu":
+        return True
+    gpus = [*Path("/dev").glob("nvidia[0-9]*"), Path("/dev/kfd")]  # NVIDIA's, and ROCm's
+    return device == "auto" and not any(path.exists() for path in gpus)
 
 
 class _Reporter:
@@ -518,9 +534,9 @@ class LocalTrainer:
     ) -> dict[str, Any]:
         # Not a fork of this process, which may hold threads (and, in a worker, a loaded torch
         # or CUDA context): a fork of the clean single-threaded training fork server, torch and
-        # the rest imported there once (spawned where there is none, importing them itself).
+        # the rest imported there once; or spawned, importing them itself (_fork_server_fits).
         context: Any
-        if "forkserver" in multiprocessing.get_all_start_methods():
+        if _fork_server_fits(self.device):
             context = multiprocessing.get_context("forkserver")  # its queues and events
             make: Any = TrainingProcess
         else:
