@@ -1,13 +1,21 @@
 """The face's regions cut from the detection copy (``checks.photo._Reduced``): only where Pillow
-would make the same box reduction itself, and then with the same pixels, near enough."""
+would make the same box reduction itself, and then with the same pixels, near enough; and only the
+near-duplicate regions, never the landmarks', the identity's or the measurements' crops."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from selfie_lora.dataset.checks import CheckPolicy, FacePatch, analyze_photo
+from selfie_lora.dataset.checks import photo as photo_module
 from selfie_lora.dataset.checks.photo import _Reduced, _with_reduced
+from selfie_lora.dataset.decode import DecodedPhoto
+from selfie_lora.domain.faces import Face
 
 pytest.importorskip("imagehash", reason="the photo checks need the 'faces' extra")
 
@@ -67,3 +75,72 @@ def test_the_region_from_the_copy_has_the_photos_pixels() -> None:
         # The same box reduction, on a grid a pixel or two apart: the same picture.
         assert np.abs(ours - pillow).mean() < 1.0  # skipping the anti-aliasing: ~9
         assert np.abs(ours.mean() - pillow.mean()) < 0.5
+
+
+class _BoxFace:
+    """One face at a fixed box of the detection copy; ``describe`` (``BoxDescriber``, as dlib's
+    region analyzer) keeps the crop it was given and makes its mean colour the identity."""
+
+    model_name = "fake"
+
+    def __init__(self, box: tuple[int, int, int, int]) -> None:
+        self.box = box
+        self.described: list[np.ndarray] = []
+
+    def ready(self) -> None:
+        """Nothing to install."""
+
+    def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Face]:
+        return [Face(box=self.box, score=1.0)]
+
+    def describe(self, image: Any, box: tuple[int, int, int, int], *,
+                 embed: bool = True) -> Face:
+        self.described.append(np.array(image))
+        left, top, right, bottom = box
+        w, h = right - left, bottom - top
+        eyes_nose_mouth = ((0.3, 0.4), (0.7, 0.4), (0.5, 0.6), (0.35, 0.8), (0.65, 0.8))
+        return Face(box=box, score=1.0,
+                    landmarks=tuple((round(left + x * w), round(top + y * h))
+                                    for x, y in eyes_nose_mouth),
+                    embedding=tuple(float(c) for c in np.asarray(image).mean(axis=(0, 1))))
+
+
+def test_landmarks_identity_and_measurements_of_a_large_face_come_from_the_photo(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A close-up: 2400 x 2100 reduced by 3 to detect, the face 1650 px, so that Pillow would
+    # box-reduce the landmarks' crop (to a 150 px face) and the measured box (to 256 px) by 3 or
+    # more: the ratios at which the view would cut them from the copy.
+    photo = Image.fromarray(np.tile(np.asarray(_photo(800, 700)), (3, 3, 1)))  # cheaper to make
+    policy = CheckPolicy(resolution=256, min_photos=3, decode_min_side=256)
+    assert policy.detect_side * 3 <= max(photo.size) < policy.detect_side * 4
+    decoded = DecodedPhoto(name="a.jpg", image=photo, format="JPEG", original_size=photo.size,
+                           exif_software=None, had_exif=True, had_gps=False)
+
+    def analyse(copy: Callable[[Image.Image], Image.Image]) -> tuple[Any, _BoxFace]:
+        def with_copy(image: Any, small: Image.Image, k_small: float) -> Any:
+            assert round(k_small) == 3
+            return _Reduced(image, copy(small), 3)
+
+        monkeypatch.setattr(photo_module, "_with_reduced", with_copy)
+        analyzer = _BoxFace((100, 50, 650, 600))
+        return analyze_photo(decoded, analyzer=analyzer, policy=policy), analyzer
+
+    # A tinted copy tells which image a region came from.
+    plain, plain_analyzer = analyse(lambda small: small)
+    tinted, tinted_analyzer = analyse(lambda small: Image.eval(small, lambda v: min(255, v + 40)))
+    assert plain.main_face.height == 1650
+    assert len(plain_analyzer.described) == len(tinted_analyzer.described) == 1
+    assert np.array_equal(tinted_analyzer.described[0], plain_analyzer.described[0])
+    assert tinted.main_face == plain.main_face  # landmarks and embedding
+    assert tinted.metrics == plain.metrics  # blur, light, colour, skin
+    # The near-duplicate regions are the ones cut from the copy.
+    assert plain.face_patch is not None
+    assert tinted.face_patch is not None
+    assert tinted.face_patch.inside == plain.face_patch.inside
+
+    def inside(patch: FacePatch) -> np.ndarray:
+        x0, y0, x1, y1 = patch.inside
+        grey = np.frombuffer(patch.pixels, np.uint8).reshape(FacePatch.SIDE, FacePatch.SIDE)
+        return grey[y0:y1, x0:x1].astype(np.float64)
+
+    assert (inside(tinted.face_patch) - inside(plain.face_patch)).mean() > 20

@@ -102,8 +102,6 @@ def analyze_photo(
                              main_face=None, findings=tuple(findings), whole_phash=whole_phash,
                              whole_dhash=whole_dhash, had_exif=decoded.had_exif, order=order)
 
-    # The face's regions below are cut from the detection copy when it is reduced enough.
-    image = _with_reduced(image, small, k_small)
     main = _refine(image, faces[0], analyzer=analyzer, policy=policy)
     # The other faces large enough to be a friend beside the user get an identity too: the set
     # check compares them with the other photos, as the largest face need not be the user's.
@@ -113,8 +111,11 @@ def analyze_photo(
     findings.extend(_other_faces(name, main, others, policy=policy))
     metrics = measure(image, small, k_small, main, scale=scale, policy=policy)
     findings.extend(_judge(name, metrics, policy=policy))
-    patch = face_patch(image, main, policy=policy)
-    points = keypoints(image, main, policy=policy)
+    # Only the near-duplicate regions are cut from the detection copy when it is reduced enough:
+    # the landmarks, the identity and the measurements (above) keep the photo's own resampling.
+    regions = _with_reduced(image, small, k_small)
+    patch = face_patch(regions, main, policy=policy)
+    points = keypoints(regions, main, policy=policy)
     return PhotoAnalysis(
         name=name, image_size=(width, height), scale=scale, faces=(main, *others),
         main_face=main, findings=tuple(findings), metrics=metrics, whole_phash=whole_phash,
