@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import select
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -29,19 +30,45 @@ from selfie_lora.services.models import ModelService
 from selfie_lora.services.ports import GenerationJob
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, SimulatedCrash
 from selfie_lora.wiring import Services
-from tests.conftest import auth, one_person_analyzer, wait_terminal
+from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
 from tests.integration.test_api import upload
+
+
+def _train_ann_twice(client: TestClient, services: Services) -> None:
+    h = auth(services, "ann")
+    for _ in range(2):
+        done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+        assert done["training"]["status"] == "succeeded"
+
+
+@pytest.fixture(scope="module")
+def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home where ann has two versions, trained once per module on the fake backends that
+    ``trained`` wires (the two trainings were most of each test's second or more): each test
+    that takes ``trained`` starts from a copy of it (``settings`` below)."""
+    base = tmp_path_factory.mktemp("trained")
+    with serving(make_settings(base), run_worker=True) as (client, services):
+        _train_ann_twice(client, services)
+    return base / "home"
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """conftest's, on a copy of ``trained_home`` for a test that takes ``trained``."""
+    if "trained" in request.fixturenames:
+        shutil.copytree(request.getfixturevalue("trained_home"), tmp_path / "home")
+    return make_settings(tmp_path)
 
 
 @pytest.fixture
 def trained(client: TestClient, services: Services, settings: Settings,
             fake_trainer: FakeTrainer, fake_generator: FakeGenerator,
             monkeypatch: pytest.MonkeyPatch) -> Services:
-    """ann with two versions; the CLI on the same data and fake backends."""
-    h = auth(services, "ann")
-    for _ in range(2):
-        done = wait_terminal(client, h, upload(client, h)["training"]["id"])
-        assert done["training"]["status"] == "succeeded"
+    """ann with two versions; the CLI on the same data and fake backends. A module that takes
+    this fixture without this module's ``settings`` (and so starts from an empty home) has
+    ann's two trainings run here."""
+    if services.repo.get_user_by_name("ann") is None:
+        _train_ann_twice(client, services)
     real = wiring.build_services
 
     def build(s: Settings, **kw: Any) -> Services:
