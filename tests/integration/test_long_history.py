@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -53,15 +54,33 @@ class Statements:
             return list(self.seen)
 
 
+@pytest.fixture(scope="module")
+def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home where ann, with a password, has one version trained through the pages, made once
+    per module (its upload and training were most of each test's time): each test starts from
+    a copy of it (``web_settings``)."""
+    settings = make_settings(tmp_path_factory.mktemp("trained"))
+    services = fake_services(settings)
+    try:
+        services.users.create(name="ann", password=PASSWORD)
+        with browser(settings, services) as client:
+            sign_in(client, "ann")
+            assert upload(client)[0] == 200
+            assert 'data-status="succeeded"' in train(client)
+    finally:
+        services.close()
+    return settings.home
+
+
 @pytest.fixture
-def web_settings(tmp_path: Path) -> Settings:
+def web_settings(trained_home: Path, tmp_path: Path) -> Settings:
+    shutil.copytree(trained_home, tmp_path / "home")
     return make_settings(tmp_path)
 
 
 @pytest.fixture
 def svc(web_settings: Settings) -> Iterator[Services]:
     services = fake_services(web_settings)
-    services.users.create(name="ann", password=PASSWORD)
     yield services
     services.close()
 
@@ -76,11 +95,9 @@ def statements(svc: Services) -> Iterator[Statements]:
 
 @pytest.fixture
 def trained(web_settings: Settings, svc: Services) -> Iterator[TestClient]:
-    """ann, signed in, with one version trained through the pages."""
+    """ann, signed in, with one version trained through the pages (``trained_home``)."""
     with browser(web_settings, svc) as client:
         sign_in(client, "ann")
-        assert upload(client)[0] == 200
-        assert 'data-status="succeeded"' in train(client)
         yield client
 
 
