@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import zipfile
@@ -17,6 +18,10 @@ from selfie_lora.testing.fakes import FakeFaceAnalyzer
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "photos"
 
 
+# Kept for the worker's run (the same bytes each time: the drawing is seeded, the JPEG encoder
+# deterministic): the photos of 1400 px that test_repin_photos uploads again and again took a
+# quarter of a second of CPU each to draw and encode.
+@functools.lru_cache(maxsize=256)
 def synthetic_photo(seed: int, *, size: int = 128) -> bytes:
     """A drawing that differs by seed in its low frequencies (so near-duplicate checks tell
     them apart), with mid-tone, textured "skin" at the centre, where the fake face analyzer of
@@ -38,6 +43,7 @@ def synthetic_photo(seed: int, *, size: int = 128) -> bytes:
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=64)
 def photo_zip(count: int = 4, *, offset: int = 0, size: int = 128) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
