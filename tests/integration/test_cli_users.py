@@ -12,6 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from selfie_lora import console as console_module
+from selfie_lora import wiring
+from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.cli import app
 from selfie_lora.config import Settings
 from selfie_lora.wiring import build_services
@@ -25,6 +27,15 @@ def sign_in(home: Path, name: str, password: str) -> str:
         return services.users.sign_in(name=name, password=password, client="test").user.name
     finally:
         services.close()
+
+
+@pytest.fixture
+def fast_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Argon2 at a test cost for the commands and ``sign_in`` here: at the default cost each
+    hash and each check took up to a second on a loaded machine. The test of ``users create
+    --password`` keeps the default, the hasher the command line is wired with."""
+    monkeypatch.setattr(wiring, "default_password_hasher",
+                        lambda: Argon2Hasher(time_cost=1, memory_cost_kib=1024))
 
 
 def test_create_with_a_password_read_from_standard_input(home: Path) -> None:
@@ -54,7 +65,7 @@ def test_a_bad_password_creates_nobody(home: Path, lines: str, why: str) -> None
         services.close()
 
 
-def test_users_password_sets_and_changes_it(home: Path) -> None:
+def test_users_password_sets_and_changes_it(home: Path, fast_passwords: None) -> None:
     runner = CliRunner()
     assert runner.invoke(app, ["users", "create", "bob"]).exit_code == 0
     result = runner.invoke(app, ["users", "password", "bob"], input=f"{PASSWORD}\n{PASSWORD}\n")
@@ -111,7 +122,7 @@ def test_keys_list_shows_the_whole_id_that_revoke_takes(
 
 
 def test_users_password_names_itself_looks_the_user_up_first_and_says_the_account(
-        home: Path) -> None:
+        home: Path, fast_passwords: None) -> None:
     runner = CliRunner()
     assert runner.invoke(app, ["users", "create", "bob"]).exit_code == 0
     # Nothing on standard input: the error named '--password', an option this command lacks.
