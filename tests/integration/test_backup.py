@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -332,22 +333,40 @@ def test_a_refused_backup_says_the_files_in_home_are_to_be_copied_too(
     assert not (tmp_path / "bk").exists()
 
 
-_KILLED_AT = textwrap.dedent("""
-    import os, signal, sys
-    import selfie_lora.adapters.backup as backup
-    step, times, exchange, source = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    seen = []
-    def reached(name):
-        seen.append(name)
-        if name == step and seen.count(name) >= times:
-            os.kill(os.getpid(), signal.SIGKILL)
-    backup._reached = reached
-    if exchange == "no":  # a file system without renameat2's exchange: two renames
-        backup._exchange = lambda a, b: False
-    from selfie_lora.cli import main
-    sys.argv = ["selfie-lora", "restore", "--force", source]
-    main()
-""")
+def _restore_killed_at(settings: Settings, source: Path, *, step: str, times: int,
+                       exchange: str, log: Path) -> int:
+    """``restore --force source`` onto ``settings``' HOME in a child process (forked: this
+    one's imports, none of a fresh interpreter's start-up) that kills itself with SIGKILL the
+    ``times``-th time the restore reaches ``step``: no ``finally``, no lock let go, nothing
+    after it runs. ``exchange`` "no": a file system without renameat2's exchange (two renames).
+    Its output goes to ``log``; its exit status as a shell says it (-9: killed)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child, which never returns into pytest
+        code = 1
+        try:
+            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            from selfie_lora.adapters import backup
+
+            seen: list[str] = []
+
+            def reached(name: str) -> None:
+                seen.append(name)
+                if name == step and seen.count(name) >= times:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            backup._reached = reached
+            if exchange == "no":
+                backup._exchange = lambda a, b: False
+            cli._settings = lambda: settings
+            result = CliRunner().invoke(cli.app, ["restore", "--force", str(source)])
+            sys.stderr.write(result.output)
+            code = result.exit_code
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 @pytest.mark.parametrize(("step", "times", "exchange"), [
@@ -355,32 +374,36 @@ _KILLED_AT = textwrap.dedent("""
     ("set-aside", 1, "no"), ("swapped", 1, "no"),
 ])
 def test_a_restore_killed_at_any_point_leaves_the_old_home_or_the_new(
-        tmp_path: Path, step: str, times: int, exchange: str) -> None:
-    def home_with(name: str, blobs: int) -> tuple[Path, dict[str, str]]:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, times: int,
+        exchange: str) -> None:
+    def home_with(name: str, blobs: int) -> tuple[Settings, dict[str, str]]:
         s = make_settings(tmp_path / name)
         svc = build_services(s, face_analyzer=one_person_analyzer())
         svc.users.create(name=name)
         for i in range(blobs):
             svc.blobs.put(photo_key(f"{i:064x}"), f"{name} {i}".encode())
         svc.close()
-        return s.home, state(s.home)
+        return s, state(s.home)
 
-    new_home, _ = home_with("new", 4)
-    env = {**os.environ, "SELFIE_LORA_HOME": str(new_home)}
-    sl = [sys.executable, "-c", "from selfie_lora.cli import main; main()"]
-    subprocess.run([*sl, "backup", str(tmp_path / "bk")], env=env, check=True,
-                   capture_output=True)
-    old_home, old = home_with("old", 2)
-    env = {**os.environ, "SELFIE_LORA_HOME": str(old_home)}
-    subprocess.run([*sl, "restore", "--force", str(tmp_path / "bk")], env={
-        **env, "SELFIE_LORA_HOME": str(tmp_path / "reference")}, check=True,
-        capture_output=True)
+    def on(s: Settings) -> None:
+        monkeypatch.setattr(cli, "_settings", lambda: s)
+
+    new_settings, _ = home_with("new", 4)
+    on(new_settings)
+    code, said = run("backup", str(tmp_path / "bk"))
+    assert code == 0, said
+    old_settings, old = home_with("old", 2)
+    old_home = old_settings.home
+    on(old_settings.model_copy(update={"home": tmp_path / "reference"}))
+    code, said = run("restore", "--force", str(tmp_path / "bk"))
+    assert code == 0, said
     new = state(tmp_path / "reference")
     assert new != old
 
-    killed = subprocess.run([sys.executable, "-c", _KILLED_AT, step, str(times), exchange,
-                             str(tmp_path / "bk")], env=env, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr
+    log = tmp_path / "killed.log"
+    killed = _restore_killed_at(old_settings, tmp_path / "bk", step=step, times=times,
+                                exchange=exchange, log=log)
+    assert killed == -9, log.read_text()
     if old_home.exists():
         assert state(old_home) in (old, new)
         assert state(old_home) == (new if step == "swapped" else old)
@@ -388,9 +411,9 @@ def test_a_restore_killed_at_any_point_leaves_the_old_home_or_the_new(
         assert step == "set-aside"
         assert state(old_home.with_name(f".{old_home.name}.restore-old")) == old
 
-    again = subprocess.run([*sl, "restore", "--force", str(tmp_path / "bk")], env=env,
-                           capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
+    on(old_settings)
+    code, said = run("restore", "--force", str(tmp_path / "bk"))
+    assert code == 0, said
     assert state(old_home) == new
     # Nothing is deleted: each HOME a restore replaced is kept beside it, the old one among them.
     beside = sorted(p.name for p in old_home.parent.iterdir())
