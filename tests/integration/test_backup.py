@@ -497,17 +497,23 @@ def test_an_error_after_the_swap_is_a_warning_and_deletes_nothing(
 _SL = [sys.executable, "-c", "from selfie_lora.cli import main; main()"]
 
 
-def _a_home_backed_up(tmp_path: Path) -> tuple[Path, dict[str, str], list[str]]:
-    """A HOME with a user, backed up to ``bk.tar``: the HOME, its environment, the command."""
-    home = tmp_path / "home"
+def _a_home_backed_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                      ) -> tuple[Path, dict[str, str], list[str]]:
+    """A HOME with a user, backed up to ``bk.tar``: the HOME, the environment of the commands
+    run on it, the command. Made in this process (the CLI on its settings): only the server,
+    worker and restore that hold or are refused it need processes of their own."""
+    settings = make_settings(tmp_path)
+    made = build_services(settings, face_analyzer=one_person_analyzer())
+    made.users.create(name="ann")
+    made.close()
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    code, said = run("backup", str(tmp_path / "bk.tar"))
+    assert code == 0, said
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")},
-           "SELFIE_LORA_HOME": str(home), "SELFIE_LORA_TRAINER": "local",
+           "SELFIE_LORA_HOME": str(settings.home), "SELFIE_LORA_TRAINER": "local",
            "SELFIE_LORA_BASE_MODEL": "tiny", "SELFIE_LORA_LOCAL_ISOLATION": "inline",
            "PYTHONUNBUFFERED": "1"}
-    subprocess.run([*_SL, "users", "create", "ann"], env=env, check=True, capture_output=True)
-    subprocess.run([*_SL, "backup", str(tmp_path / "bk.tar")], env=env, check=True,
-                   capture_output=True)
-    return home, env, _SL
+    return settings.home, env, _SL
 
 
 def _started(command: list[str], env: dict[str, str], *, log: Path,
@@ -528,14 +534,14 @@ def _started(command: list[str], env: dict[str, str], *, log: Path,
 
 def test_a_restore_is_refused_while_a_server_runs_on_the_home(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    home, env, sl = _a_home_backed_up(tmp_path)
+    home, env, sl = _a_home_backed_up(tmp_path, monkeypatch)
     server = _started([*sl, "serve", "--port", "0", "--no-worker"], env,
                       log=tmp_path / "serve.log", said="http://")
     try:
         before = state(home)
-        refused = subprocess.run([*sl, "restore", "--force", str(tmp_path / "bk.tar")],
-                                 env=env, capture_output=True, text=True)
-        assert refused.returncode == 1, refused.stdout
+        # Run here (cli._settings is on the HOME): refused by the other process's hold.
+        refused = CliRunner().invoke(cli.app, ["restore", "--force", str(tmp_path / "bk.tar")])
+        assert refused.exit_code == 1, refused.stdout
         assert refused.stderr.strip() == (f"error: SELFIE_LORA_HOME ({home}) is in use by a "
                                           "running server or worker: stop it first")
         assert state(home) == before
@@ -554,13 +560,14 @@ def test_a_restore_is_refused_while_a_server_runs_on_the_home(
     assert code == 0, said
 
 
-def test_a_restore_is_refused_while_a_real_worker_runs_on_the_home(tmp_path: Path) -> None:
-    home, env, sl = _a_home_backed_up(tmp_path)
+def test_a_restore_is_refused_while_a_real_worker_runs_on_the_home(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home, env, sl = _a_home_backed_up(tmp_path, monkeypatch)
     worker = _started([*sl, "worker"], env, log=tmp_path / "worker.log", said=" started: ")
     try:
-        refused = subprocess.run([*sl, "restore", "--force", str(tmp_path / "bk.tar")],
-                                 env=env, capture_output=True, text=True)
-        assert refused.returncode == 1, refused.stdout
+        # Run here (cli._settings is on the HOME): refused by the other process's hold.
+        refused = CliRunner().invoke(cli.app, ["restore", "--force", str(tmp_path / "bk.tar")])
+        assert refused.exit_code == 1, refused.stdout
         assert refused.stderr.strip() == (f"error: SELFIE_LORA_HOME ({home}) is in use by a "
                                           "running server or worker: stop it first")
         assert not (home / "restored.json").exists()
