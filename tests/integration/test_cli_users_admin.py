@@ -16,8 +16,15 @@ from selfie_lora.config import Settings
 from selfie_lora.errors import ForbiddenError
 from selfie_lora.services.users import API_KEY_CACHE_TTL, DISABLED
 from selfie_lora.wiring import Services
+from tests.support.passwords import fast_password_hashing
 
 PASSWORD = "a long enough password"
+
+
+@pytest.fixture(autouse=True)
+def _fast_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accounts, not the hash's cost, are under test here (``tests.support.passwords``)."""
+    fast_password_hashing(monkeypatch)
 
 
 def run(*args: str) -> tuple[int, str]:

@@ -48,12 +48,19 @@ from selfie_lora.worker import Identity, Worker, start_embedded
 from tests.conftest import make_settings, one_person_analyzer, serving
 from tests.support.legacy import legacy_user
 from tests.support.owners import Owner, own_model
+from tests.support.passwords import fast_password_hashing
 from tests.support.photos import photo_zip
 from tests.support.s3 import S3Server
 
 ROW_TABLES = (tables.ApiKeyRow, tables.WebSessionRow, tables.ModelRow, tables.DatasetRow,
               tables.TrainingRow, tables.VersionRow, tables.VersionLikenessRow,
               tables.GenerationRow, tables.EventRow, tables.UploadClaimRow, tables.UserRow)
+
+
+@pytest.fixture(autouse=True)
+def _fast_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accounts, not the hash's cost, are under test here (``tests.support.passwords``)."""
+    fast_password_hashing(monkeypatch)
 
 
 def run(*args: str, stdin: str | None = None) -> tuple[int, str]:
