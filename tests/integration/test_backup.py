@@ -15,8 +15,9 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -185,20 +186,6 @@ def test_a_damaged_or_foreign_manifest_is_refused_in_one_line(
     assert [p.name for p in tmp_path.iterdir() if "restore" in p.name] == []
 
 
-_BACKUP_KILLED = textwrap.dedent("""
-    import os, signal, sys
-    from selfie_lora.adapters import backup
-    from selfie_lora.cli import main
-
-    def killed(*args, **kwargs):  # after the database's snapshot, before the blobs
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    backup._named_keys = killed
-    sys.argv = ["selfie-lora", "backup", sys.argv[1]]
-    main()
-""")
-
-
 def test_a_folder_backup_killed_midway_is_named_as_such_by_the_next_backup(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,9 +195,11 @@ def test_a_folder_backup_killed_midway_is_named_as_such_by_the_next_backup(
     services.users.create(name="ann")
     services.close()
     backup = tmp_path / "nightly"
-    killed = subprocess.run([sys.executable, "-c", _BACKUP_KILLED, str(backup)], env={
-        **os.environ, "SELFIE_LORA_HOME": str(settings.home)}, capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr
+    # Killed after the database's snapshot, before the blobs.
+    log = tmp_path / "killed.log"
+    killed = _cli_in_a_fork(settings, ["backup", str(backup)], log=log,
+                            arm=lambda b: setattr(b, "_named_keys", _kill_self))
+    assert killed == -9, log.read_text()
     assert (backup / "selfie-lora.db").is_file()
     monkeypatch.setattr(cli, "_settings", lambda: settings)
     code, said = run("backup", str(backup))
@@ -333,13 +322,13 @@ def test_a_refused_backup_says_the_files_in_home_are_to_be_copied_too(
     assert not (tmp_path / "bk").exists()
 
 
-def _restore_killed_at(settings: Settings, source: Path, *, step: str, times: int,
-                       exchange: str, log: Path) -> int:
-    """``restore --force source`` onto ``settings``' HOME in a child process (forked: this
-    one's imports, none of a fresh interpreter's start-up) that kills itself with SIGKILL the
-    ``times``-th time the restore reaches ``step``: no ``finally``, no lock let go, nothing
-    after it runs. ``exchange`` "no": a file system without renameat2's exchange (two renames).
-    Its output goes to ``log``; its exit status as a shell says it (-9: killed)."""
+def _cli_in_a_fork(settings: Settings, args: list[str], *, log: Path,
+                   arm: Callable[[ModuleType], None]) -> int:
+    """``selfie-lora ARGS`` on ``settings`` in a child process (forked: this one's imports, none
+    of a fresh interpreter's start-up), after ``arm`` has set its hooks on the child's
+    ``selfie_lora.adapters.backup`` (one that SIGKILLs the child where a test has it die: no
+    ``finally``, no lock let go, nothing after it runs). Its output goes to ``log``; its exit
+    status as a shell says it (-9: killed)."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child, which never returns into pytest
         code = 1
@@ -349,24 +338,39 @@ def _restore_killed_at(settings: Settings, source: Path, *, step: str, times: in
             os.dup2(out, 2)
             from selfie_lora.adapters import backup
 
-            seen: list[str] = []
-
-            def reached(name: str) -> None:
-                seen.append(name)
-                if name == step and seen.count(name) >= times:
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-            backup._reached = reached
-            if exchange == "no":
-                backup._exchange = lambda a, b: False
+            arm(backup)
             cli._settings = lambda: settings
-            result = CliRunner().invoke(cli.app, ["restore", "--force", str(source)])
+            result = CliRunner().invoke(cli.app, args)
             sys.stderr.write(result.output)
             code = result.exit_code
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status)
+
+
+def _kill_self(*_args: object, **_kwargs: object) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _restore_killed_at(settings: Settings, source: Path, *, step: str, times: int,
+                       exchange: str, log: Path) -> int:
+    """``restore --force source`` onto ``settings``' HOME, killed (SIGKILL) the ``times``-th
+    time it reaches ``step``; ``exchange`` "no": a file system without renameat2's exchange
+    (two renames)."""
+    def arm(backup: ModuleType) -> None:
+        seen: list[str] = []
+
+        def reached(name: str) -> None:
+            seen.append(name)
+            if name == step and seen.count(name) >= times:
+                _kill_self()
+
+        backup._reached = reached
+        if exchange == "no":
+            backup._exchange = lambda a, b: False
+
+    return _cli_in_a_fork(settings, ["restore", "--force", str(source)], log=log, arm=arm)
 
 
 @pytest.mark.parametrize(("step", "times", "exchange"), [
