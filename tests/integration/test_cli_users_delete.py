@@ -5,6 +5,7 @@ names them); a queued or running training refuses it unless ``--force``."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ from selfie_lora.services.layout import (
     photo_key,
     sample_key,
 )
-from selfie_lora.services.users import ERASURE_PENDING, UserService
+from selfie_lora.services.users import API_KEY_CACHE_TTL, ERASURE_PENDING, UserService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from selfie_lora.worker import Identity, Worker, start_embedded
@@ -61,6 +62,19 @@ ROW_TABLES = (tables.ApiKeyRow, tables.WebSessionRow, tables.ModelRow, tables.Da
 def _fast_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
     """Accounts, not the hash's cost, are under test here (``tests.support.passwords``)."""
     fast_password_hashing(monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def key_cache_waits(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The seconds each deletion built here (the ``services`` fixture's, the CLI commands' run
+    in this process) waited for other API servers' memory of her keys to run out: recorded,
+    not slept (a second a deletion, most of these tests' run); that the wait is asked for,
+    and how long, is checked in ``test_a_user_and_everything_theirs_is_deleted_and_no_one_elses``
+    (what the cache it outwaits does, in test_accounts and test_cli_users_admin)."""
+    waits: list[float] = []
+    monkeypatch.setattr(wiring, "AccountEraser", functools.partial(
+        wiring.AccountEraser, sleep=waits.append))
+    return waits
 
 
 def run(*args: str, stdin: str | None = None) -> tuple[int, str]:
@@ -118,7 +132,7 @@ def mine(keys: set[str], services: Services, owner: Owner) -> set[str]:
 
 
 def test_a_user_and_everything_theirs_is_deleted_and_no_one_elses(
-        on_services: Services, client: TestClient) -> None:
+        on_services: Services, client: TestClient, key_cache_waits: list[float]) -> None:
     services = on_services
     bob = furnish(client, services, "bob", photos=photo_zip(3, offset=10))
     bob_rows = rows_of(services)
@@ -132,6 +146,8 @@ def test_a_user_and_everything_theirs_is_deleted_and_no_one_elses(
 
     code, said = run("users", "delete", "ann", "--yes")
     assert code == 0, said
+    # Other API servers' memory of her keys waited out, once.
+    assert key_cache_waits == [API_KEY_CACHE_TTL.total_seconds()]
     assert "deleted user ann" in said
     assert "rows:" in said
     assert "generations" in said
