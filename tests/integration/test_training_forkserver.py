@@ -3,10 +3,12 @@ torch already imported, and a server that outlives a SIGTERM sent to the service
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -56,3 +58,32 @@ def test_only_cpu_trainings_under_linux_come_from_the_fork_server(
     assert _fork_server_fits("cpu")
     monkeypatch.setattr(sys, "platform", "darwin")
     assert not _fork_server_fits("cpu")
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` no longer runs (ended, or a zombie its new parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_training_child_dies_with_its_fork_server() -> None:
+    """A server killed mid-training (SIGKILL, the OOM killer) made multiprocessing read its live
+    child as exited (255): the worker never killed it, and a restart started a second child on
+    the same job beside it."""
+    child = forkserver.TrainingProcess(target=time.sleep, args=(600,), daemon=True)
+    child.start()
+    assert child.pid
+    server_pid = forkserver._server._forkserver_pid  # type: ignore[attr-defined]
+    os.kill(server_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not _gone(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert _gone(child.pid)
+        assert not child.is_alive()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)

@@ -9,6 +9,7 @@ same itself and reports what is wrong.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import os
 import signal
@@ -29,7 +30,20 @@ _NEEDED: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def _restore_sigterm() -> None:
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in every child
+_SERVER_PID = os.getpid()
+
+
+def _in_child() -> None:
+    # A server killed mid-training (SIGKILL, the OOM killer, a crash) made multiprocessing
+    # read its live child as exited (255): the worker never killed it, and a restart put a
+    # second child on the same job beside it. The child dies with the server instead, so
+    # "server gone" does mean "child gone"; a server already gone before this ran is seen in
+    # the parent pid.
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != _SERVER_PID:
+        os._exit(1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
@@ -54,6 +68,6 @@ def _load() -> None:
 # service and its children are gone (as multiprocessing has it ignore SIGINT); the children it
 # forks get the default back.
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-os.register_at_fork(after_in_child=_restore_sigterm)
+os.register_at_fork(after_in_child=_in_child)
 with contextlib.suppress(Exception):  # the child meets it again and says what it is
     _load()
