@@ -8,19 +8,26 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from selfie_lora.adapters.flux import forkserver
+from selfie_lora.adapters.flux.trainer import LocalTrainer, _Keeper, _Keepers, _Reporter
+from selfie_lora.errors import TrainingFailedError, TrainingInterruptedError
 
 pytest.importorskip("torch")
 
 
 def _report(results: Any) -> None:
     results.put(("torch" in sys.modules, "diffusers" in sys.modules,
-                 signal.getsignal(signal.SIGTERM) is signal.SIG_DFL))
+                 signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,
+                 signal.getsignal(signal.SIGINT) is signal.default_int_handler))
 
 
 def test_training_children_are_forked_with_torch_loaded_by_a_server_that_outlives_sigterm(
@@ -34,7 +41,7 @@ def test_training_children_are_forked_with_torch_loaded_by_a_server_that_outlive
         child.start()
         # Loaded before the child's own code ran; SIGTERM the default again in the child (the
         # training child ignores it on purpose, in its own code).
-        assert results.get(timeout=180) == (True, True, True), round_
+        assert results.get(timeout=180) == (True, True, True, True), round_
         child.join(timeout=60)
         assert child.exitcode == 0
         if round_ == 0:
@@ -87,3 +94,70 @@ def test_a_training_child_dies_with_its_fork_server() -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal.SIGKILL)
+
+
+def _ignores_sigint(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+    return False
+
+
+@pytest.fixture
+def own_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A training fork server of the test's own, stopped at the end (the module's server is
+    left to the other tests)."""
+    server: Any = forkserver.forkserver.ForkServer()
+    monkeypatch.setattr(forkserver, "_server", server)
+    yield server
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(server._forkserver_pid, signal.SIGKILL)
+    server._stop()
+
+
+def test_a_ctrl_c_during_the_fork_servers_preload_is_ignored(own_server: Any) -> None:
+    """A terminal's Ctrl-C reaches the server in the tens of seconds of its imports: it killed
+    the server, and the training failed as an internal error (EOFError from start())."""
+    own_server.set_forkserver_preload([forkserver._PRELOAD])
+    own_server.ensure_running()
+    pid = own_server._forkserver_pid
+    deadline = time.monotonic() + 5  # the server's python and its first imports, at most
+    while not _ignores_sigint(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGINT)  # the preload imports torch for tens of seconds yet
+    results: Any = multiprocessing.get_context("forkserver").Queue()
+    child = forkserver.TrainingProcess(target=_report, args=(results,))
+    child.start()
+    assert results.get(timeout=180) == (True, True, True, True)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_fork_server_killed_during_its_preload_is_a_dead_child(
+        own_server: Any, stopping: bool, tmp_path: Path) -> None:
+    """A server killed during its preload (the OOM killer, a native crash) made start() raise
+    a bare EOFError: the training failed as an internal error instead of as a child that died
+    (stopped unexpectedly; handed back while the worker stops)."""
+    own_server.set_forkserver_preload(["tests.integration.slow_preload"])
+    own_server.ensure_running()
+    threading.Timer(1.0, os.kill, (own_server._forkserver_pid, signal.SIGKILL)).start()
+    sink = _Sink(stopping=stopping)
+    trainer = LocalTrainer(base_model="tiny", cache_dir=tmp_path, isolation="process", device="cpu")
+    request: Any = SimpleNamespace(checkpoint_dir=None, resume_from=None)
+    keep = _Keepers(_Keeper(None), _Keeper(None))
+    expected = TrainingInterruptedError if stopping else TrainingFailedError
+    with pytest.raises(expected) as caught:
+        trainer._train_restarting(request, _Reporter(sink, interval=0.0), keep, job_id="tr_1")
+    assert str(-signal.SIGKILL) in str(caught.value)
+
+
+class _Sink:
+    def __init__(self, *, stopping: bool) -> None:
+        self.stopping = stopping
+
+    def interrupted(self) -> bool:
+        return self.stopping
+
+    def cancel_requested(self) -> bool:
+        return False

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import time
 from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
 from multiprocessing.context import ForkServerProcess, set_spawning_popen
 from typing import Any
@@ -49,9 +51,37 @@ class _TrainingPopen(popen_forkserver.Popen):
         self.pid = forkserver.read_signed(self.sentinel)
 
 
+def server_exit_code(*, wait_s: float = 1.0) -> int | None:
+    """How the training fork server ended, as a process's ``exitcode`` says it (``-N``: killed
+    by signal N), once a start read its end (EOF); None when that cannot be told within
+    ``wait_s``. The server is left unreaped: the next start sees it gone and starts another."""
+    pid = _server._forkserver_pid  # type: ignore[attr-defined]
+    if pid is None:
+        return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return None
+        if info is not None:
+            killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+            return -info.si_status if killed else info.si_status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
+
+
 class TrainingProcess(ForkServerProcess):
     """A ``multiprocessing`` process forked from the training fork server (its queues and
     events: the ``forkserver`` context's)."""
+
+    def _bootstrap(self, parent_sentinel: Any = None) -> int:
+        # The server ignores SIGINT from its start (``preload``), and multiprocessing gives the
+        # child the server's own handler back: the default instead, as a spawned child has it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        code: int = super()._bootstrap(parent_sentinel)  # type: ignore[misc]
+        return code
 
     @staticmethod
     def _Popen(process_obj: Any) -> _TrainingPopen:  # noqa: N802 - multiprocessing's name

@@ -65,9 +65,13 @@ def _load() -> None:
 # A SIGTERM to the service's process group (systemd's stop, ``kill`` of the group) reached the
 # fork server too, and with it gone multiprocessing reads every child it forked as exited (code
 # 255): a worker took its live training child for dead. The server ends by itself once the
-# service and its children are gone (as multiprocessing has it ignore SIGINT); the children it
-# forks get the default back.
+# service and its children are gone; the children it forks get the default back.
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
+# Likewise a terminal's Ctrl-C, which reaches the whole foreground group: multiprocessing has
+# the server ignore SIGINT only after its preload, and a Ctrl-C during these tens of seconds of
+# imports killed it (the training then failed as an internal error, where it was handed back).
+# The children get the default back (``forkserver.TrainingProcess``).
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 os.register_at_fork(after_in_child=_in_child)
 with contextlib.suppress(Exception):  # the child meets it again and says what it is
     _load()

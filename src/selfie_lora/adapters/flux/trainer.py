@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from selfie_lora.adapters.flux.checkpoints import latest_checkpoint
-from selfie_lora.adapters.flux.forkserver import TrainingProcess
+from selfie_lora.adapters.flux.forkserver import TrainingProcess, server_exit_code
 from selfie_lora.adapters.flux.generator import release_device_pipelines
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.runtime import FAILED_MESSAGE, missing_module_error
@@ -552,7 +552,17 @@ class LocalTrainer:
             # children, and there the finally clause below is what stops the child.
             daemon=not multiprocessing.current_process().daemon,
         )
-        process.start()
+        try:
+            process.start()
+        except (EOFError, OSError) as exc:
+            # The fork server died before it forked the child (during its preload: the OOM
+            # killer, a crash in a native import, a signal): the child died, as a spawned one
+            # that died in its imports did, and is handed back when the worker stops.
+            exitcode = server_exit_code() if make is TrainingProcess else None
+            logger.warning("training %s: its process could not start (%s: %s; fork server's "
+                           "exit code %s)", job_id, type(exc).__name__, exc, exitcode)
+            events.close()
+            raise _ChildDiedError(exitcode) from None
         logger.info("training %s runs in child process %s", job_id, process.pid)
         # The heartbeat renews the worker's lease for as long as this loop runs, so a child that
         # is alive but stuck would hold the training (and the worker) forever: what it last sent
