@@ -67,6 +67,23 @@ def test_only_cpu_trainings_under_linux_come_from_the_fork_server(
     assert not _fork_server_fits("cpu")
 
 
+@pytest.mark.parametrize("node", ["nvidia0", "nvidia3", "kfd", "dxg"])
+def test_device_auto_comes_from_the_fork_server_only_without_a_gpu(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, node: str) -> None:
+    """``auto`` trains on a GPU when there is one, and a forked child cannot use CUDA: NVIDIA's
+    /dev/nvidia<N>, ROCm's /dev/kfd, and WSL2's /dev/dxg (CUDA under WSL2) all mean a GPU."""
+    from selfie_lora.adapters.flux import trainer
+
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(trainer, "_DEV", tmp_path)
+    (tmp_path / "null").touch()
+    (tmp_path / "nvidiactl").touch()  # not a GPU: NVIDIA's control node
+    assert trainer._fork_server_fits("auto")
+    (tmp_path / node).touch()
+    assert not trainer._fork_server_fits("auto")
+    assert trainer._fork_server_fits("cpu")
+
+
 def _gone(pid: int) -> bool:
     """Whether ``pid`` no longer runs (ended, or a zombie its new parent has not reaped yet)."""
     try:

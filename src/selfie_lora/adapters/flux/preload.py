@@ -48,6 +48,11 @@ def _in_child() -> None:
 
 
 def _load() -> None:
+    # Imports query CUDA (torchao: ``torch.cuda.is_available()`` at import), which without
+    # this initialises the CUDA driver here and leaves every fork unable to use CUDA ("Cannot
+    # re-initialize CUDA in forked subprocess"): a device ``auto`` child on a GPU host whose
+    # device nodes were not seen. Through NVML instead, which a fork does not inherit.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     # What the imports log goes where the child's lines go (JSON lines when so set; settings
     # are read from the environment, which the fork server shares), at the level of a one-shot
     # command: the libraries' import-time notices are the noise setup_logging quietens.

@@ -238,6 +238,9 @@ def _config_error(exc: ConfigError) -> TrainerUnavailableError:
     )
 
 
+_DEV = Path("/dev")
+
+
 def _fork_server_fits(device: str) -> bool:
     """Whether a training child comes from the training fork server: under Linux, training on
     the CPU. Elsewhere it is spawned and imports torch itself: a CUDA child forked from a process
@@ -249,7 +252,10 @@ def _fork_server_fits(device: str) -> bool:
         return False
     if device == "cpu":
         return True
-    gpus = [*Path("/dev").glob("nvidia[0-9]*"), Path("/dev/kfd")]  # NVIDIA's, and ROCm's
+    # NVIDIA's, ROCm's, and WSL2's (CUDA under WSL2 has no /dev/nvidia<N>). Nodes that the
+    # driver makes only at a first CUDA use (no persistence daemon) are missed: the server's
+    # preload queries CUDA through NVML only (``preload``), which leaves its forks usable.
+    gpus = [*_DEV.glob("nvidia[0-9]*"), _DEV / "kfd", _DEV / "dxg"]
     return device == "auto" and not any(path.exists() for path in gpus)
 
 
