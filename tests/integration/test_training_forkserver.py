@@ -113,6 +113,29 @@ def test_a_training_child_dies_with_its_fork_server() -> None:
             os.kill(child.pid, signal.SIGKILL)
 
 
+def _environment(results: Any) -> None:
+    results.put((os.environ.get("SELFIE_LORA_FORKSERVER_PROBE"), os.environ.get("HOME")))
+
+
+def test_each_training_child_has_the_environment_of_its_start(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The server is started once, by a process's first training, and every child it forked
+    had the environment of that moment (a test's monkeypatched HOME and HF_*, for the whole
+    run), where a spawned child had the one of its own start."""
+    results: Any = multiprocessing.get_context("forkserver").Queue()
+    for value in ("first", "second", None):
+        if value is None:
+            monkeypatch.delenv("SELFIE_LORA_FORKSERVER_PROBE")
+        else:
+            monkeypatch.setenv("SELFIE_LORA_FORKSERVER_PROBE", value)
+        monkeypatch.setenv("HOME", str(tmp_path / str(value)))
+        child = forkserver.TrainingProcess(target=_environment, args=(results,))
+        child.start()
+        assert results.get(timeout=180) == (value, str(tmp_path / str(value)))
+        child.join(timeout=60)
+        assert child.exitcode == 0
+
+
 def _ignores_sigint(pid: int) -> bool:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigIgn:"):

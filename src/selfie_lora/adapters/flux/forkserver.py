@@ -76,7 +76,18 @@ class TrainingProcess(ForkServerProcess):
     """A ``multiprocessing`` process forked from the training fork server (its queues and
     events: the ``forkserver`` context's)."""
 
+    _environ: dict[str, str] | None = None
+
+    def start(self) -> None:
+        # The environment of this start, not the server's: it is started once, with the
+        # environment of the process's first training, and forks every later child.
+        self._environ = dict(os.environ)
+        super().start()
+
     def _bootstrap(self, parent_sentinel: Any = None) -> int:
+        if self._environ is not None:
+            os.environ.clear()
+            os.environ.update(self._environ)
         # The server ignores SIGINT from its start (``preload``), and multiprocessing gives the
         # child the server's own handler back: the default instead, as a spawned child has it.
         signal.signal(signal.SIGINT, signal.default_int_handler)
