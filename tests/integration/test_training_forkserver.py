@@ -19,7 +19,11 @@ import pytest
 
 from selfie_lora.adapters.flux import forkserver
 from selfie_lora.adapters.flux.trainer import LocalTrainer, _Keeper, _Keepers, _Reporter
-from selfie_lora.errors import TrainingFailedError, TrainingInterruptedError
+from selfie_lora.errors import (
+    TrainingCanceledError,
+    TrainingFailedError,
+    TrainingInterruptedError,
+)
 
 pytest.importorskip("torch")
 
@@ -82,35 +86,6 @@ def test_device_auto_comes_from_the_fork_server_only_without_a_gpu(
     (tmp_path / node).touch()
     assert not trainer._fork_server_fits("auto")
     assert trainer._fork_server_fits("cpu")
-
-
-def _gone(pid: int) -> bool:
-    """Whether ``pid`` no longer runs (ended, or a zombie its new parent has not reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-
-
-def test_a_training_child_dies_with_its_fork_server() -> None:
-    """A server killed mid-training (SIGKILL, the OOM killer) made multiprocessing read its live
-    child as exited (255): the worker never killed it, and a restart started a second child on
-    the same job beside it."""
-    child = forkserver.TrainingProcess(target=time.sleep, args=(600,), daemon=True)
-    child.start()
-    assert child.pid
-    server_pid = forkserver._server._forkserver_pid  # type: ignore[attr-defined]
-    os.kill(server_pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while not _gone(child.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    try:
-        assert _gone(child.pid)
-        assert not child.is_alive()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signal.SIGKILL)
 
 
 def _environment(results: Any) -> None:
@@ -181,23 +156,89 @@ def test_a_fork_server_killed_during_its_preload_is_a_dead_child(
     (stopped unexpectedly; handed back while the worker stops)."""
     own_server.set_forkserver_preload(["tests.integration.slow_preload"])
     own_server.ensure_running()
-    threading.Timer(1.0, os.kill, (own_server._forkserver_pid, signal.SIGKILL)).start()
-    sink = _Sink(stopping=stopping)
+    sink = _Sink(stopping=False)
+
+    def kill() -> None:
+        os.kill(own_server._forkserver_pid, signal.SIGKILL)
+        sink.stopping = stopping  # the worker's stop, once the server is dead
+
+    killer = threading.Timer(1.0, kill)
+    killer.start()
     trainer = LocalTrainer(base_model="tiny", cache_dir=tmp_path, isolation="process", device="cpu")
     request: Any = SimpleNamespace(checkpoint_dir=None, resume_from=None)
     keep = _Keepers(_Keeper(None), _Keeper(None))
     expected = TrainingInterruptedError if stopping else TrainingFailedError
     with pytest.raises(expected) as caught:
         trainer._train_restarting(request, _Reporter(sink, interval=0.0), keep, job_id="tr_1")
-    assert str(-signal.SIGKILL) in str(caught.value)
+    killer.join()
+    if not stopping:  # a stop is seen as it comes, whether before the server's death or after
+        assert str(-signal.SIGKILL) in str(caught.value)
+
+
+@pytest.mark.parametrize("what", ["stop", "cancel", "stall"])
+def test_a_start_waiting_for_the_fork_servers_preload_still_stops(
+        own_server: Any, tmp_path: Path, what: str) -> None:
+    """The fork server's first start waits for its preload (tens of seconds; for ever, should an
+    import hang): a worker's stop, a cancel or the stall timeout went unseen meanwhile."""
+    own_server.set_forkserver_preload(["tests.integration.slow_preload"])
+    own_server.ensure_running()
+    # Without the watch, the start ends only when this kills the server (EOF: a dead child).
+    backstop = threading.Timer(30.0, os.kill, (own_server._forkserver_pid, signal.SIGKILL))
+    backstop.start()
+    sink = _Sink(stopping=what == "stop", canceled=what == "cancel")
+    trainer = LocalTrainer(base_model="tiny", cache_dir=tmp_path, isolation="process",
+                           device="cpu", stall_timeout_s=2.0 if what == "stall" else 600.0)
+    request: Any = SimpleNamespace(checkpoint_dir=None, resume_from=None)
+    keep = _Keepers(_Keeper(None), _Keeper(None))
+    expected = {"stop": TrainingInterruptedError, "cancel": TrainingCanceledError,
+                "stall": TrainingFailedError}[what]
+    try:
+        with pytest.raises(expected) as caught:
+            trainer._train_restarting(request, _Reporter(sink, interval=0.0), keep,
+                                      job_id="tr_1")
+    finally:
+        backstop.cancel()
+    assert "exit code" not in str(caught.value)  # not the backstop's kill
+    if what == "stall":
+        assert "did not start within 2 s" in str(caught.value)
 
 
 class _Sink:
-    def __init__(self, *, stopping: bool) -> None:
+    def __init__(self, *, stopping: bool, canceled: bool = False) -> None:
         self.stopping = stopping
+        self.canceled = canceled
 
     def interrupted(self) -> bool:
         return self.stopping
 
     def cancel_requested(self) -> bool:
-        return False
+        return self.canceled
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` no longer runs (ended, or a zombie its new parent has not reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_training_child_dies_with_its_fork_server() -> None:
+    """A server killed mid-training (SIGKILL, the OOM killer) made multiprocessing read its live
+    child as exited (255): the worker never killed it, and a restart started a second child on
+    the same job beside it."""
+    child = forkserver.TrainingProcess(target=time.sleep, args=(600,), daemon=True)
+    child.start()
+    assert child.pid
+    server_pid = forkserver._server._forkserver_pid  # type: ignore[attr-defined]
+    os.kill(server_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not _gone(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert _gone(child.pid)
+        assert not child.is_alive()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)

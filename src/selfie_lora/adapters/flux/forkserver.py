@@ -14,6 +14,7 @@ The server is multiprocessing's (``multiprocessing.forkserver.ForkServer``), a s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -70,6 +71,15 @@ def server_exit_code(*, wait_s: float = 1.0) -> int | None:
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.02)
+
+
+def kill_server() -> None:
+    """Kill the training fork server (a start waiting for its preload then reads EOF); the
+    children it forked die with it (``preload``), and the next start starts another."""
+    pid = _server._forkserver_pid  # type: ignore[attr-defined]
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class TrainingProcess(ForkServerProcess):

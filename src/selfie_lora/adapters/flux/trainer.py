@@ -18,6 +18,7 @@ import pickle
 import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from selfie_lora.adapters.flux.checkpoints import latest_checkpoint
-from selfie_lora.adapters.flux.forkserver import TrainingProcess, server_exit_code
+from selfie_lora.adapters.flux.forkserver import TrainingProcess, kill_server, server_exit_code
 from selfie_lora.adapters.flux.generator import release_device_pipelines
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.runtime import FAILED_MESSAGE, missing_module_error
@@ -559,16 +560,10 @@ class LocalTrainer:
             daemon=not multiprocessing.current_process().daemon,
         )
         try:
-            process.start()
-        except (EOFError, OSError) as exc:
-            # The fork server died before it forked the child (during its preload: the OOM
-            # killer, a crash in a native import, a signal): the child died, as a spawned one
-            # that died in its imports did, and is handed back when the worker stops.
-            exitcode = server_exit_code() if make is TrainingProcess else None
-            logger.warning("training %s: its process could not start (%s: %s; fork server's "
-                           "exit code %s)", job_id, type(exc).__name__, exc, exitcode)
+            self._start(process, reporter, forked=make is TrainingProcess, job_id=job_id)
+        except BaseException:
             events.close()
-            raise _ChildDiedError(exitcode) from None
+            raise
         logger.info("training %s runs in child process %s", job_id, process.pid)
         # The heartbeat renews the worker's lease for as long as this loop runs, so a child that
         # is alive but stuck would hold the training (and the worker) forever: what it last sent
@@ -634,6 +629,59 @@ class LocalTrainer:
         finally:
             self._stop(process)
             events.close()
+
+    def _start(self, process: Any, reporter: _Reporter, *, forked: bool, job_id: str) -> None:
+        """Start the child. The fork server's first start waits for its preload (tens of
+        seconds; for ever, should an import hang), so the start runs in a thread of its own
+        while the worker's stop, a cancel and the stall timeout are watched as during the
+        training; any of them kills the server, which ends the start."""
+        failed: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                process.start()
+            except BaseException as exc:  # handed to the training's thread
+                failed.append(exc)
+
+        starter = threading.Thread(target=start, name=f"start-{job_id}", daemon=True)
+        began = time.monotonic()
+        starter.start()
+        error: SelfieLoraError | None = None
+        while starter.is_alive():
+            starter.join(timeout=self.poll_interval_s)
+            if error is not None or not starter.is_alive():
+                continue
+            if reporter.interrupted():
+                error = TrainingInterruptedError(
+                    f"training {job_id}: the worker stops while its process starts")
+            elif reporter.cancel_requested():
+                error = TrainingCanceledError(f"training {job_id} canceled",
+                                              user_message=_CANCELED_MESSAGE)
+            elif time.monotonic() - began > self.stall_timeout_s:
+                error = TrainingFailedError(
+                    f"training {job_id}: its process did not start within "
+                    f"{self.stall_timeout_s:.0f} s (SELFIE_LORA_LOCAL_STALL_SECONDS)",
+                    user_message="Training stopped responding on this server; try again.")
+            if error is not None and forked:
+                logger.warning("training %s: stopping the training fork server, still starting "
+                               "its process: %s", job_id, error)
+                kill_server()
+        if error is not None:
+            if not failed:
+                self._stop(process)  # forked just before the server was killed
+            raise error
+        if not failed:
+            return
+        exc = failed[0]
+        if not isinstance(exc, (EOFError, OSError)):
+            raise exc
+        # The fork server died before it forked the child (during its preload: the OOM
+        # killer, a crash in a native import, a signal): the child died, as a spawned one
+        # that died in its imports did, and is handed back when the worker stops.
+        exitcode = server_exit_code() if forked else None
+        logger.warning("training %s: its process could not start (%s: %s; fork server's "
+                       "exit code %s)", job_id, type(exc).__name__, exc, exitcode)
+        raise _ChildDiedError(exitcode) from None
 
     def _wind_down(self, events: Any, process: Any, stop: Any, keep: _Keepers,
                    reporter: _Reporter, *, stepped: bool = True) -> dict[str, Any] | None:
