@@ -7,6 +7,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -86,6 +87,19 @@ def test_device_auto_comes_from_the_fork_server_only_without_a_gpu(
     (tmp_path / node).touch()
     assert not trainer._fork_server_fits("auto")
     assert trainer._fork_server_fits("cpu")
+
+
+def test_importing_the_preload_elsewhere_changes_nothing() -> None:
+    """Importing ``preload`` anywhere (a REPL, a test importing every module) made that process
+    ignore SIGTERM for good, and imported torch and the rest."""
+    code = ("import signal, sys; import selfie_lora.adapters.flux.preload; "
+            "print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "
+            "signal.getsignal(signal.SIGINT) is signal.default_int_handler, "
+            "'torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300, check=True)
+    assert done.stdout.split() == ["True", "True", "False"], done.stderr
 
 
 def _environment(results: Any) -> None:

@@ -13,6 +13,7 @@ import ctypes
 import importlib
 import os
 import signal
+import sys
 
 from selfie_lora.logs import setup_logging
 
@@ -67,16 +68,29 @@ def _load() -> None:
             getattr(module, attribute)
 
 
-# A SIGTERM to the service's process group (systemd's stop, ``kill`` of the group) reached the
-# fork server too, and with it gone multiprocessing reads every child it forked as exited (code
-# 255): a worker took its live training child for dead. The server ends by itself once the
-# service and its children are gone; the children it forks get the default back.
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-# Likewise a terminal's Ctrl-C, which reaches the whole foreground group: multiprocessing has
-# the server ignore SIGINT only after its preload, and a Ctrl-C during these tens of seconds of
-# imports killed it (the training then failed as an internal error, where it was handed back).
-# The children get the default back (``forkserver.TrainingProcess``).
-signal.signal(signal.SIGINT, signal.SIG_IGN)
-os.register_at_fork(after_in_child=_in_child)
-with contextlib.suppress(Exception):  # the child meets it again and says what it is
-    _load()
+def _is_training_server() -> bool:
+    """Whether this process is the training fork server: multiprocessing's fork server started
+    with this module in its preload. Anywhere else (a REPL, a test importing every module,
+    coverage tooling) an import has no effect: it made that process ignore SIGTERM for good."""
+    command = " ".join(getattr(sys, "orig_argv", ()))
+    return "from multiprocessing.forkserver import main" in command and __name__ in command
+
+
+def _serve() -> None:
+    # A SIGTERM to the service's process group (systemd's stop, ``kill`` of the group) reached the
+    # fork server too, and with it gone multiprocessing reads every child it forked as exited (code
+    # 255): a worker took its live training child for dead. The server ends by itself once the
+    # service and its children are gone; the children it forks get the default back.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Likewise a terminal's Ctrl-C, which reaches the whole foreground group: multiprocessing has
+    # the server ignore SIGINT only after its preload, and a Ctrl-C during these tens of seconds of
+    # imports killed it (the training then failed as an internal error, where it was handed back).
+    # The children get the default back (``forkserver.TrainingProcess``).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.register_at_fork(after_in_child=_in_child)
+    with contextlib.suppress(Exception):  # the child meets it again and says what it is
+        _load()
+
+
+if _is_training_server():
+    _serve()
