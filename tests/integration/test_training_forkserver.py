@@ -125,6 +125,25 @@ def test_each_training_child_has_the_environment_of_its_start(
         assert child.exitcode == 0
 
 
+def _numpy_draw(results: Any) -> None:
+    import numpy
+
+    results.put(numpy.random.rand())
+
+
+def test_each_training_child_draws_its_own_numpy_numbers() -> None:
+    """numpy's global generator was seeded once, at its import in the server: every child drew
+    the same numbers."""
+    results: Any = multiprocessing.get_context("forkserver").Queue()
+    draws = []
+    for _ in range(2):
+        child = forkserver.TrainingProcess(target=_numpy_draw, args=(results,))
+        child.start()
+        draws.append(results.get(timeout=180))
+        child.join(timeout=60)
+    assert draws[0] != draws[1]
+
+
 def _ignores_sigint(pid: int) -> bool:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigIgn:"):

@@ -46,6 +46,11 @@ def _in_child() -> None:
     if os.getppid() != _SERVER_PID:
         os._exit(1)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # numpy's global generator was seeded once, in the server: every child drew the same
+    # numbers (Python's own ``random`` is reseeded at fork). Fresh entropy, as a spawned child.
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
 
 
 def _load() -> None:
