@@ -67,6 +67,7 @@ from selfie_lora.services.common import LoopOutages, Outage
 from selfie_lora.services.erasure import AccountEraser
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.operations import METRICS_TOKEN_REQUIRED, OperationsService
+from selfie_lora.services.ports import EnqueueBell
 from selfie_lora.services.training import TrainingService
 from selfie_lora.wiring import Services
 
@@ -169,6 +170,13 @@ class Worker:
         self._erasure = erasure
         self._erase_check_seconds = erase_check_seconds
         self._stop = threading.Event()
+        # Rung when this process enqueues (an ``EnqueueBell`` queue) and when the worker stops:
+        # an idle consumer waits on it, not out its backoff, so a training ``serve`` starts is
+        # taken at once (it waited up to _IDLE_MAX_S). Counted, so that a ring between a poll
+        # and the wait after it is not lost.
+        self._rings = 0
+        self._rung = threading.Condition()
+        self._unsubscribe: Callable[[], None] | None = None
         self._threads: list[threading.Thread] = []
         self._busy = 0
         self._busy_lock = threading.Lock()
@@ -194,6 +202,8 @@ class Worker:
 
     def start(self) -> None:
         self._stop.clear()
+        if isinstance(self._queue, EnqueueBell) and self._unsubscribe is None:
+            self._unsubscribe = self._queue.on_enqueue(self._ring)
         # Anything still held under this worker's name belongs to a dead predecessor (a process
         # that only reconciles holds nothing, and has no name to take over).
         self._reconcile(dead_owners=(self.identity.name,) if self._threads_wanted else ())
@@ -227,6 +237,10 @@ class Worker:
             # "worker stopping" line read as if one had been started against the operator's ask.
             logger.info("background upkeep (reconciler, garbage collection) stopping")
         self._stop.set()  # running trainings see it at their next safe point
+        self._ring()  # idle consumers see it now
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         deadline = time.monotonic() + grace
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -272,6 +286,7 @@ class Worker:
                 self._stop.wait(_IDLE_MAX_S)
                 continue
             ticket = self._queue_outage.attempt()
+            rings = self._rings  # before the poll: a message queued after it rings
             try:
                 training_id = self._queue.next_training()
             except Exception as exc:
@@ -280,7 +295,7 @@ class Worker:
                 continue
             self._queue_answers(ticket=ticket)
             if training_id is None:
-                self._stop.wait(idle)
+                self._wait_for_ring(after=rings, timeout=idle)
                 idle = min(idle * 1.5, _IDLE_MAX_S)
                 continue
             idle = _IDLE_MIN_S
@@ -315,6 +330,16 @@ class Worker:
             finally:
                 with self._busy_lock:
                     self._busy -= 1
+
+    def _ring(self) -> None:
+        with self._rung:
+            self._rings += 1
+            self._rung.notify_all()
+
+    def _wait_for_ring(self, *, after: int, timeout: float) -> None:
+        """Until the queue or ``stop`` rings after the ``after``-th ring, or ``timeout``."""
+        with self._rung:
+            self._rung.wait_for(lambda: self._rings != after or self._stop.is_set(), timeout)
 
     def _claim_failed(self, exc: StorageError, *, ticket: int) -> None:
         if self._claim_outage.begins(ticket=ticket):

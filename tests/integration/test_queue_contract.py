@@ -138,6 +138,42 @@ def test_stopping_a_worker_asks_running_trainings_to_hand_back_and_joins(queue: 
     assert time.monotonic() - started < 5  # it did not wait for the 30 s "training"
 
 
+class CountedPolls:
+    """``queue`` with its polls counted: a test waits for an idle worker's first empty poll."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+        self.polls = 0
+
+    def next_training(self) -> str | None:
+        self.polls += 1
+        return self.queue.next_training()
+
+    def on_enqueue(self, listener: Callable[[], None]) -> Callable[[], None]:
+        return self.queue.on_enqueue(listener)  # type: ignore[attr-defined, no-any-return]
+
+
+def test_an_idle_worker_takes_what_its_own_process_queues_at_once_and_stops_at_once(
+        queue: Queue, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The queue rings this process's worker when this process enqueues (a training ``serve``
+    starts waited out the worker's backoff, up to a second). With the backoff an hour here, the
+    training is taken only if the enqueue woke the worker, and ``stop`` within its grace only if
+    stopping woke it too."""
+    monkeypatch.setattr(worker_module, "_IDLE_MIN_S", 3600.0)
+    monkeypatch.setattr(worker_module, "_IDLE_MAX_S", 3600.0)
+    training = StubTraining()
+    polled = CountedPolls(queue)
+    worker = Worker(training=training, queue=polled, identity=Identity(name="w"),  # type: ignore[arg-type]
+                    threads=2, reconcile_seconds=3600)
+    worker.start()
+    try:
+        wait_until(lambda: polled.polls >= 2)  # both consumers found it empty: waiting now
+        queue.enqueue_training("t1")
+        wait_until(lambda: training.ran == [("t1", "w")])
+    finally:
+        assert worker.stop(grace=10)
+
+
 def test_worker_identities_are_exclusive_and_reused_after_their_holder_is_gone(
         tmp_path: Path) -> None:
     a = claim_identity(tmp_path)

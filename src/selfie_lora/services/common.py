@@ -146,6 +146,32 @@ class PerUserSlots:
             self.release(user_id)
 
 
+class EnqueueListeners:
+    """What an ``EnqueueBell`` queue calls after each of its enqueues: the waiting workers of
+    this process (``Worker``), each added with ``add`` and removed by the call it returns."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def add(self, listener: Callable[[], None]) -> Callable[[], None]:
+        with self._lock:
+            self._listeners.append(listener)
+
+        def remove() -> None:
+            with self._lock:
+                if listener in self._listeners:
+                    self._listeners.remove(listener)
+
+        return remove
+
+    def ring(self) -> None:
+        with self._lock:
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
+
+
 class Outage:
     """Whether a dependency (the queue) is in an outage that was already logged: a loop that
     retries it every second says its start once and its end once, instead of a line (or a

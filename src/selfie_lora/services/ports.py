@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from selfie_lora.domain.accounts import ErasurePlan, UserHoldings
 from selfie_lora.domain.backup import BackupSummary
@@ -814,6 +814,18 @@ class JobQueue(Protocol):
     def queued_training_ids(self) -> set[str]:
         """The ids of the messages waiting for a worker (the reconciler rings again for a
         training that has none and nobody running it)."""
+        ...
+
+
+@runtime_checkable
+class EnqueueBell(Protocol):
+    """A queue that tells this process's idle workers that this process has just enqueued, so a
+    training started by ``serve`` is taken at once, not at the worker's next poll (up to a second
+    later once it backs off). Messages from other processes are still found by polling."""
+
+    def on_enqueue(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Calls ``listener`` after each message this object enqueues (it must not block);
+        returns the call that stops that."""
         ...
 
 

@@ -25,6 +25,7 @@ from selfie_lora.errors import (
     TrainingFailedError,
     TrainingInterruptedError,
 )
+from selfie_lora.services.common import EnqueueListeners
 from selfie_lora.services.ports import (
     GenerationJob,
     ProgressSink,
@@ -268,10 +269,16 @@ class InMemoryQueue:
 
     pending: list[str] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _enqueued: EnqueueListeners = field(default_factory=EnqueueListeners)
 
     def enqueue_training(self, training_id: str) -> None:
         with self._lock:
             self.pending.append(training_id)
+        self._enqueued.ring()
+
+    def on_enqueue(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """``EnqueueBell``, as the real queue: a worker waiting on this queue takes at once."""
+        return self._enqueued.add(listener)
 
     def queued_training_ids(self) -> set[str]:
         with self._lock:

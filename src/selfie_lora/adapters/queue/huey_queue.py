@@ -11,6 +11,7 @@ any unfinished training that nobody holds and no message will reach (``queued_tr
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 from urllib.parse import urlparse
@@ -20,6 +21,7 @@ from huey.storage import RedisStorage
 
 from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.errors import ConfigError
+from selfie_lora.services.common import EnqueueListeners
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ def _decode(message: bytes | str) -> str | None:
 class HueyJobQueue:
     def __init__(self, huey: Huey) -> None:
         self.huey = huey
+        self._enqueued = EnqueueListeners()
 
     @classmethod
     def from_url(cls, url: str, *, name: str = DEFAULT_NAME) -> HueyJobQueue:
@@ -79,6 +82,13 @@ class HueyJobQueue:
 
     def enqueue_training(self, training_id: str) -> None:
         self.huey.storage.enqueue(_PREFIX + training_id.encode())
+        self._enqueued.ring()
+
+    def on_enqueue(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """``EnqueueBell``: this process's worker (``serve``'s) takes what this process queues
+        at once; another process's messages it finds at its next poll (SQLite), or at once
+        from its blocking read (Redis)."""
+        return self._enqueued.add(listener)
 
     def next_training(self) -> str | None:
         """The next training id, or None when the queue is empty (Redis waits up to a second
