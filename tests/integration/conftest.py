@@ -7,17 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.config import get_settings
-from tests.support.backends import DATABASES, database_url, fresh_engine
+from tests.support.backends import DATABASES, migrated_engine
 
 
 @pytest.fixture(params=DATABASES)
 def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlRepository]:
     """A migrated repository on each database the repository supports (the contract suites)."""
-    engine = fresh_engine(database_url(request.param, tmp_path))
-    upgrade(engine)
+    engine = migrated_engine(request.param, tmp_path)
     yield SqlRepository(engine)
     engine.dispose()
 
