@@ -911,8 +911,9 @@ def test_dataset_sizes_are_the_accepted_counts_of_those_that_exist_in_one_read(
         repo: SqlRepository) -> None:
     _user, _model, dataset = seed(repo)
     many = [dataclasses.replace(dataset, id=f"d{i}", images_accepted=i) for i in range(1000)]
-    for d in many:
-        repo.add_dataset(d)
+    with repo.atomic() as tx:  # one commit, not a thousand: 12-16 s of the test's run
+        for d in many:
+            tx.add_dataset(d)
     assert repo.dataset_sizes([]) == {}
     assert repo.dataset_sizes([dataset.id, "d7", "gone"]) == {dataset.id: 2, "d7": 7}
     # More ids than one IN (...) binds.
