@@ -320,7 +320,8 @@ def test_a_worker_facing_a_redis_that_never_answers_says_so_once(
     refuses connections (above), and no traceback above DEBUG."""
     from selfie_lora.adapters.queue import huey_queue
 
-    monkeypatch.setattr(huey_queue, "ANSWER_TIMEOUT_S", 2.0, raising=False)
+    # Half a second, not 2 s, and no fixed 6.5 s wait: the same two timeouts a thread.
+    monkeypatch.setattr(huey_queue, "ANSWER_TIMEOUT_S", 0.5, raising=False)
     silent = SilentServer()
     queue = HueyJobQueue.from_url(f"redis://127.0.0.1:{silent.port}/0")
     worker = Worker(training=StubTraining(), queue=queue, identity=Identity(name="w"),  # type: ignore[arg-type]
@@ -328,7 +329,15 @@ def test_a_worker_facing_a_redis_that_never_answers_says_so_once(
     with caplog.at_level(logging.DEBUG, logger="selfie_lora.worker"):
         worker.start()
         try:
-            time.sleep(6.5)  # each thread's read times out twice or more
+            # Each thread's read times out twice or more (its DEBUG line each time).
+            deadline = time.monotonic() + 30
+            while True:
+                failed = [r.threadName for r in caplog.records
+                          if r.getMessage() == "reading the queue failed"]
+                if len(set(failed)) == 2 and all(failed.count(t) >= 2 for t in failed):
+                    break
+                assert time.monotonic() < deadline, failed
+                time.sleep(0.05)
         finally:
             assert worker.stop()
             silent.close()
