@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.faces.dlib_faces import DlibFaceAnalyzer
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
@@ -42,7 +41,7 @@ from selfie_lora.testing.fakes import (
     RecordingAlerter,
     SimulatedCrash,
 )
-from tests.support.backends import copy_migrated_sqlite, database_url, fresh_engine
+from tests.support.backends import copy_migrated_sqlite, migrated_engine
 from tests.support.photos import FIXTURES
 
 # Big enough for dlib's HOG detector to find the faces in these portraits (80 px and up).
@@ -147,8 +146,7 @@ class Rig:
             copy_migrated_sqlite(self.root / "db.sqlite")
             self.engine = make_engine(f"sqlite:///{self.root / 'db.sqlite'}")
         else:
-            self.engine = fresh_engine(database_url(self.database, self.root))
-            upgrade(self.engine)
+            self.engine = migrated_engine(self.database, self.root)
         self.repo = SqlRepository(self.engine)
         self.blobs = FileSystemBlobStore(self.root / "blobs")
         self.queue = InMemoryQueue()
