@@ -4,6 +4,7 @@ missing; ``.ci/run`` installs the ``chromium`` package."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from collections.abc import Iterator
@@ -12,7 +13,13 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import serve  # noqa: F401 - the fixture, for these tests too
+from tests.browser.support import Account, create
+from tests.e2e.conftest import (  # serve: the fixture, for these tests too
+    ServeProcess,
+    clean_env,
+    serve,  # noqa: F401
+    servers,
+)
 
 CHROMIUM = os.environ.get("SELFIE_LORA_TEST_CHROMIUM", "/usr/bin/chromium")
 # Chromium's own background connections are refused on a machine without a network: off.
@@ -36,3 +43,28 @@ def chromium() -> Iterator[Any]:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+# Every user of a shared server has a name of its own: ann1, ann2, ...
+_NAMES = itertools.count(1)
+
+
+# One ``selfie-lora serve --no-worker`` per test file, not per test: its start (and its
+# face-analysis processes' start and first model load) and stop took seconds of CPU for each
+# test. Each test has a user of its own on it (``account``), so no test sees another's photos,
+# trainings, keys or versions.
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    folder = tmp_path_factory.mktemp("shared-serve")
+    env = clean_env(folder / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
+    with servers(folder) as start:
+        yield start(env, args=("--no-worker",))
+
+
+@pytest.fixture
+def account(shared_server: ServeProcess) -> Account:
+    """A new user, made as an operator makes them, on the test file's shared server."""
+    if shared_server.proc.poll() is not None:
+        pytest.fail(shared_server.why("the test file's server has exited"))
+    name = f"ann{next(_NAMES)}"
+    return Account(server=shared_server, name=name, key=create(shared_server.env, name))

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from selfie_lora.web.app import WEB_ROOT
-from tests.e2e.conftest import selfie_lora_exe
+from tests.e2e.conftest import ServeProcess, selfie_lora_exe
 from tests.support.photos import FIXTURES
 
 PASSWORD = "a long password for tests"
@@ -25,6 +27,20 @@ def create(env: dict[str, str], name: str) -> str:
     assert done.returncode == 0, done.stdout + done.stderr
     key: str = json.loads(done.stdout.strip().splitlines()[-1])["api_key"]
     return key
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user of its own on the test file's shared server (``serve --no-worker``: a training
+    stays queued): its name, its API key, and the server's data folder."""
+
+    server: ServeProcess
+    name: str
+    key: str
+
+    @property
+    def home(self) -> Path:
+        return Path(self.server.env["SELFIE_LORA_HOME"])
 
 
 def sign_in(page: Any, base: str, name: str, path: str = "/versions") -> None:

@@ -6,15 +6,13 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.wiring import Services
-from tests.browser.support import create, fulfil_static, sign_in, upload_photos
-from tests.e2e.conftest import ServeProcess, clean_env
+from tests.browser.support import Account, fulfil_static, sign_in, upload_photos
 from tests.integration import test_web
 from tests.support.owners import own_model
 from tests.support.photos import FIXTURES
@@ -45,28 +43,19 @@ def _rgb(css: str) -> tuple[int, int, int]:
     return int(found[1]), int(found[2]), int(found[3])
 
 
-def _server_of_ann(tmp_path: Path, serve: Callable[..., ServeProcess]) -> ServeProcess:
-    """A server with no worker, and ann's account on it."""
-    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
-    create(env, "ann")
-    return serve(env, args=("--no-worker",))
-
-
-def _ann_on(chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess],
-            path: str, *, javascript: bool = True) -> Any:
-    """A page of Chromium's, ann signed in and on ``path``."""
-    server = _server_of_ann(tmp_path, serve)
+def _ann_on(chromium: Any, account: Account, path: str, *, javascript: bool = True) -> Any:
+    """A page of Chromium's, the account signed in and on ``path``."""
     page = chromium.new_context(java_script_enabled=javascript).new_page()
-    sign_in(page, server.base_url, "ann", path)
+    sign_in(page, account.server.base_url, account.name, path)
     return page
 
 
 def test_the_focus_ring_stands_out_against_the_page_and_the_buttons(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """The ring was amber #f0b400, 1.87:1 against the white page (1.71:1 on the drop zone's
     grey): under the 3:1 a focus indicator needs (a11y review 2). Every Tab stop's ring is now
     3:1 or more against white, the drop zone's grey and the buttons' blue."""
-    page = _ann_on(chromium, tmp_path, serve, "/photos")
+    page = _ann_on(chromium, account, "/photos")
     seen: list[str] = []
     for _ in range(30):
         page.keyboard.press("Tab")
@@ -86,11 +75,11 @@ def test_the_focus_ring_stands_out_against_the_page_and_the_buttons(
 
 
 def test_without_scripts_revoke_asks_for_a_tick_before_it_revokes(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """Without JavaScript, one press of Revoke revoked the key at once: its window.confirm
     never ran (a11y review 4). The browser now refuses to send the form until its "Yes,
     revoke" box is ticked."""
-    page = _ann_on(chromium, tmp_path, serve, "/settings", javascript=False)
+    page = _ann_on(chromium, account, "/settings", javascript=False)
     revoke = page.get_by_role("button", name="Revoke")
     revoke.click()
     page.wait_for_timeout(500)  # a sent form has been answered by now
@@ -103,14 +92,13 @@ def test_without_scripts_revoke_asks_for_a_tick_before_it_revokes(
 
 
 def test_a_failed_sign_in_puts_the_focus_on_the_password_that_was_wrong(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """A failed sign-in put the focus in Name, which reads "Name, edit, ann": nothing said that
     it failed (a11y review 5). The focus is in the emptied password field, described by the
     message."""
-    server = _server_of_ann(tmp_path, serve)
     page = chromium.new_context().new_page()
-    page.goto(f"{server.base_url}/signin")
-    page.get_by_label("Name").fill("ann")
+    page.goto(f"{account.server.base_url}/signin")
+    page.get_by_label("Name").fill(account.name)
     page.get_by_label("Password").fill("not her password")
     page.get_by_role("button", name="Sign in").click()
     page.locator("p.error[role=alert]").wait_for()
@@ -120,10 +108,10 @@ def test_a_failed_sign_in_puts_the_focus_on_the_password_that_was_wrong(
 
 
 def test_an_upload_sent_from_the_keyboard_gives_the_focus_back_to_its_button(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """Enter on "Check and upload" disabled the focused button, which dropped the focus to
     <body> for good (a11y review 7). Once the answer is in, the focus is on the button again."""
-    page = _ann_on(chromium, tmp_path, serve, "/photos")
+    page = _ann_on(chromium, account, "/photos")
     page.set_input_files("#files", [str(FIXTURES / name)
                                     for name in ("obama.jpg", "obama2.jpg", "obama3.jpg")])
     page.locator("#send").focus()
@@ -137,13 +125,12 @@ def test_an_upload_sent_from_the_keyboard_gives_the_focus_back_to_its_button(
 
 @pytest.mark.parametrize("javascript", [True, False])
 def test_a_refused_upload_s_message_is_said_once(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess],
-        javascript: bool) -> None:
+        chromium: Any, account: Account, javascript: bool) -> None:
     """A refused upload's message was an alert in the report and, with scripts, written in the
     #upload-status live region too: a screen reader said it twice (a11y review). With
     scripts the live region alone says it; without, the page's message has the focus and is
     no alert."""
-    page = _ann_on(chromium, tmp_path, serve, "/photos", javascript=javascript)
+    page = _ann_on(chromium, account, "/photos", javascript=javascript)
     page.set_input_files("#files", [{"name": "a.jpg", "mimeType": "image/jpeg",
                                      "buffer": b"not a photo"}])
     page.get_by_role("button", name="Check and upload").click()
@@ -162,11 +149,11 @@ def test_a_refused_upload_s_message_is_said_once(
 
 
 def test_every_field_s_border_is_3_to_1_against_the_page(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """Text fields, textareas and selects had a #d9d9de border, 1.41:1 on white: the one thing
     that shows where a field is, under the 3:1 a control's edge needs (a11y review 5). It is
     3:1 or more against white and the grey of the drop zone now."""
-    page = _ann_on(chromium, tmp_path, serve, "/settings")
+    page = _ann_on(chromium, account, "/settings")
     borders = page.evaluate("""() => [...document.querySelectorAll('input, textarea, select')]
         .filter(e => !['hidden', 'checkbox', 'radio', 'file', 'range'].includes(e.type))
         .map(e => [e.id, getComputedStyle(e).borderTopColor,
@@ -179,12 +166,12 @@ def test_every_field_s_border_is_3_to_1_against_the_page(
 
 
 def test_the_first_tab_stop_skips_to_the_page_s_content(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """Eight Tab stops (the brand, six pages, Sign out) came before every page's content and
     nothing skipped them; the nav was named "main", read as "main navigation" next to the main
     landmark (a11y review 6). The first Tab stop is a "Skip to content" link, shown when
     focused, and the next Tab after it is in <main>; the nav is "Site"."""
-    page = _ann_on(chromium, tmp_path, serve, "/settings")
+    page = _ann_on(chromium, account, "/settings")
     assert page.get_by_role("navigation", name="Site", exact=True).count() == 1
     hidden = page.locator("a.skip").bounding_box()
     assert hidden["y"] + hidden["height"] <= 0, hidden  # out of sight until focused
@@ -323,20 +310,17 @@ def test_the_lora_scale_s_name_is_clean_and_its_value_said_once(
 
 @pytest.mark.parametrize("javascript", [True, False], ids=["js", "no-js"])
 def test_a_form_that_succeeded_says_what_it_did_and_that_takes_the_focus(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess],
-        javascript: bool) -> None:
+        chromium: Any, account: Account, javascript: bool) -> None:
     """Train, Cancel, Create a key, Revoke (and Generate, Save the scale, Use this version...)
     led back to their page with the focus on <body> and no word of what they did; the new key's
     secret sat in a role=status present at load, often not read out (a11y review 3, finding
     3). Each now says it in a notice that takes the focus, once, with or without scripts."""
     playwright_timeout = pytest.importorskip("playwright.sync_api").TimeoutError
-    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
-    key = create(env, "ann")
-    server = serve(env, args=("--no-worker",))
-    upload_photos(server.base_url, key)
+    server = account.server
+    upload_photos(server.base_url, account.key)
     page = chromium.new_context(java_script_enabled=javascript).new_page()
     page.on("dialog", lambda dialog: dialog.accept())
-    sign_in(page, server.base_url, "ann", "/train")
+    sign_in(page, server.base_url, account.name, "/train")
 
     def focused(expected: str = "done-notice") -> tuple[Any, ...]:
         # Autofocus is applied as the page is first rendered, which can come after "load".
@@ -375,13 +359,12 @@ def test_a_form_that_succeeded_says_what_it_did_and_that_takes_the_focus(
 
 @pytest.mark.parametrize("javascript", [True, False])
 def test_an_upload_that_left_photos_out_says_how_many_where_the_focus_is(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess],
-        javascript: bool) -> None:
+        chromium: Any, account: Account, javascript: bool) -> None:
     """An upload that left a photo out said only "Done." with scripts, and without them its page
     left the focus on <body> (a11y review 2, f01_upload_done.py): the report listing the photo
     left out was read only by one who went looking. The focus goes to a notice that says how
     many were kept and left out."""
-    page = _ann_on(chromium, tmp_path, serve, "/photos", javascript=javascript)
+    page = _ann_on(chromium, account, "/photos", javascript=javascript)
     page.set_input_files("#files", [str(FIXTURES / name) for name in
                                     ("obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg")])
     page.locator("#send").focus()

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.browser.support import create, sign_in, upload_photos
-from tests.e2e.conftest import ServeProcess, clean_env
+from tests.browser.support import Account, sign_in, upload_photos
 
 pytestmark = pytest.mark.slow
 
 
 def test_a_refused_trainer_version_form_comes_back_with_what_was_typed(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """The error page's Back led to /photos, and what was typed in the form was lost (found in
     review); then Back went back in the history, where a browser may show the form empty. Now
     the refusal is the Model page itself, the form open, both values kept and the field at
     fault focused (webhostile review 3)."""
-    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
-    key = create(env, "ann")
-    server = serve(env, args=("--no-worker",))
-    upload_photos(server.base_url, key)  # the model the form is about
+    server = account.server
+    upload_photos(server.base_url, account.key)  # the model the form is about
     page = chromium.new_context().new_page()
-    sign_in(page, server.base_url, "ann", "/model")
+    sign_in(page, server.base_url, account.name, "/model")
     page.get_by_text("Move to another trainer version").click()
     page.get_by_label("New trainer version").fill("garbage")
     page.get_by_label("Why").fill("a reason I took a while to write")
@@ -40,27 +35,26 @@ def test_a_refused_trainer_version_form_comes_back_with_what_was_typed(
 
 
 def test_a_wrong_name_on_the_delete_form_asks_nothing_and_puts_the_focus_back(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """A mistyped name got the "cannot be undone" question first, and the refusal left the
     focus on the page's body, 13 Tabs from the field (web3 review finding 5): now a name that is
     not the account's is sent without the question (it deletes nothing), and the answer puts
     the focus in the field."""
-    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
-    create(env, "erin")
-    server = serve(env, args=("--no-worker",))
+    server, erin = account.server, account.name
+    confirm = f"Type your name, {erin}, to confirm"
     page = chromium.new_context().new_page()
     asked: list[str] = []
     page.on("dialog", lambda d: (asked.append(d.message), d.dismiss()))
-    sign_in(page, server.base_url, "erin", "/settings")
-    page.get_by_label("Type your name, erin, to confirm").fill("erinx")
-    page.get_by_label("Type your name, erin, to confirm").press("Enter")
+    sign_in(page, server.base_url, erin, "/settings")
+    page.get_by_label(confirm).fill(f"{erin}x")
+    page.get_by_label(confirm).press("Enter")
     page.wait_for_load_state()
     page.get_by_text("type your name to confirm: nothing was deleted").wait_for()
     assert asked == []
     assert page.evaluate("document.activeElement.id") == "delete-confirm"
     # The right name still asks before anything is deleted.
-    page.get_by_label("Type your name, erin, to confirm").fill("erin")
-    page.get_by_label("Type your name, erin, to confirm").press("Enter")
+    page.get_by_label(confirm).fill(erin)
+    page.get_by_label(confirm).press("Enter")
     page.wait_for_timeout(300)
     assert len(asked) == 1
     assert "cannot be undone" in asked[0]

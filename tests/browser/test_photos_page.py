@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from tests.browser.support import PASSWORD, create, sign_in, upload_photos
-from tests.e2e.conftest import ServeProcess, clean_env
+from tests.browser.support import PASSWORD, Account, sign_in, upload_photos
+from tests.e2e.conftest import ServeProcess
 from tests.support.photos import FIXTURES
 
 pytestmark = pytest.mark.slow
@@ -22,17 +21,15 @@ PICTURE_SIZE = """(url) => new Promise((done) => { const image = new Image();
     image.onload = () => done([image.naturalWidth, image.naturalHeight]); image.src = url; })"""
 
 
-def photos_page(chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess], *,
+def photos_page(chromium: Any, account: Account, *,
                 before: Callable[[str, str], None] | None = None) -> tuple[Any, ServeProcess]:
-    """Ann's photos page, on a server without a worker (a training stays queued); ``before``
-    (base URL, API key) is done before the page is opened."""
-    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
-    key = create(env, "ann")
-    server = serve(env, args=("--no-worker",))
+    """The account's photos page, on a server without a worker (a training stays queued);
+    ``before`` (base URL, API key) is done before the page is opened."""
+    server = account.server
     if before is not None:
-        before(server.base_url, key)
+        before(server.base_url, account.key)
     page = chromium.new_context().new_page()
-    sign_in(page, server.base_url, "ann", "/photos")
+    sign_in(page, server.base_url, account.name, "/photos")
     return page, server
 
 
@@ -59,10 +56,10 @@ def send(page: Any) -> None:
 
 
 def test_a_file_chosen_again_under_the_same_name_shows_its_own_picture(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """The pictures were kept by file name: choosing another a.jpg showed the first one's
     picture, in the previews and beside the new report (found in review)."""
-    page, _server = photos_page(chromium, tmp_path, serve)
+    page, _server = photos_page(chromium, account)
     page.set_input_files("#files", [photo("a.jpg", "obama.jpg"), photo("b.jpg", "obama2.jpg"),
                                     photo("c.jpg", "obama3.jpg")])
     assert shown(page, page.locator("#previews img").first) == size_of("obama.jpg")
@@ -97,11 +94,11 @@ def dropped(name: str, fixture: str) -> list[str]:
 
 
 def test_a_photo_chosen_twice_is_sent_once_and_two_photos_of_one_name_both_are(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """A photo picked and then dropped again, or two cameras' IMG_0001.JPG, refused the whole
     upload ("two files are named ..."), and no chosen file could be taken out (found in
     review)."""
-    page, server = photos_page(chromium, tmp_path, serve)
+    page, server = photos_page(chromium, account)
     page.set_input_files("#files", [photo("obama.jpg", "obama.jpg"),
                                     photo("obama2.jpg", "obama2.jpg"),
                                     photo("IMG_0001.JPG", "obama3.jpg")])
@@ -126,11 +123,11 @@ def test_a_photo_chosen_twice_is_sent_once_and_two_photos_of_one_name_both_are(
 
 
 def test_after_an_upload_the_page_shows_the_new_set_and_no_stale_report(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """After an upload "Current set" still showed the old set; an upload that failed left the
     previous one's "can be trained on" report; and while a training ran the page said photos
     could be uploaded once it ended, though they were taken (found in review)."""
-    page, server = photos_page(chromium, tmp_path, serve,
+    page, server = photos_page(chromium, account,
                                before=lambda base, key: upload_photos(base, key, start=True))
     notice = page.locator(".notice").inner_text()
     assert "for the next training" in notice, notice
@@ -154,29 +151,29 @@ def test_after_an_upload_the_page_shows_the_new_set_and_no_stale_report(
 
 
 def test_an_upload_after_the_session_ended_says_so_with_a_way_to_sign_in(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """The page said only "sign in first" (the server's 401), with no link: its own "Your
     session has ended" never showed (found in review)."""
-    page, server = photos_page(chromium, tmp_path, serve)
+    page, server = photos_page(chromium, account)
     page.set_input_files("#files", [str(FIXTURES / "obama.jpg")])
     page.context.clear_cookies()  # signed out elsewhere, or the session's time is up
     send(page)
     assert page.locator("#upload-status").inner_text() == \
         "Your session has ended: sign in again, then send the photos."
     page.get_by_role("link", name="sign in again").click()
-    page.get_by_label("Name").fill("ann")
+    page.get_by_label("Name").fill(account.name)
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_url(f"{server.base_url}/photos")  # back on the page
 
 
 def test_a_photo_s_name_is_read_once_not_again_as_its_picture(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """The thumbnails of the files chosen, of the report and of the current set each had the
     photo's name as alt beside a caption or line saying the same name: a screen reader read
     every name twice (a11y review). The pictures are no images to the accessibility tree now;
     the names are still there, once each."""
-    page, _ = photos_page(chromium, tmp_path, serve)
+    page, _ = photos_page(chromium, account)
     page.set_input_files("#files", [photo("me.jpg", "obama.jpg"), photo("me2.jpg", "obama2.jpg")])
     previews = page.locator("#previews")
     assert previews.locator("img").count() == 2  # the pictures are shown
@@ -188,12 +185,12 @@ def test_a_photo_s_name_is_read_once_not_again_as_its_picture(
 
 
 def test_a_name_with_a_quote_or_a_backslash_is_shown_and_found_as_it_is(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """Chromium sends a '"' in a file's name as %22: the report named 'say %22cheese%22.jpg'
     and found no picture for it on the device; 'back\\slash.JPG', a whole name on Linux
     and macOS, was cut to 'slash.JPG'; and '100%22off.jpg' (its '%' sent as it is) was read
     back as '100"off.jpg', with no picture either."""
-    page, server = photos_page(chromium, tmp_path, serve)
+    page, server = photos_page(chromium, account)
     page.set_input_files("#files", [photo('say "cheese".jpg', "obama.jpg"),
                                     photo("back\\slash.JPG", "biden.jpg"),
                                     photo("100%22off.jpg", "obama2.jpg")])
@@ -209,16 +206,14 @@ def test_a_name_with_a_quote_or_a_backslash_is_shown_and_found_as_it_is(
 
 
 def test_a_long_photo_name_does_not_widen_the_page_at_phone_width(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """A name without spaces, as phones and apps make them, was not broken: at 375 px the
     report and the stored advice, which name each photo in bold and again in its findings,
     were as wide as the name, and the whole page scrolled sideways (822 px)."""
-    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
-    create(env, "ann")
-    server = serve(env, args=("--no-worker",))
+    server = account.server
     page = chromium.new_context(viewport={"width": 375, "height": 800}, is_mobile=True,
                                 has_touch=True).new_page()
-    sign_in(page, server.base_url, "ann", "/photos")
+    sign_in(page, server.base_url, account.name, "/photos")
     long_name = "Screenshot_20230812-153012_Instagram_edited_final_version.jpg"
     page.set_input_files("#files", [photo(long_name, "obama.jpg"),
                                     photo("obama2.jpg", "obama2.jpg"),

@@ -1,12 +1,11 @@
 """The training page in Chromium while a training runs. The server runs without a worker
 (``serve --no-worker``): a training stays queued, and the page polls it, for as long as a test
-needs, whatever the machine's speed."""
+needs, whatever the machine's speed. One server for the file, a user of its own for each test."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,22 +17,19 @@ from selfie_lora.config import Settings
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.domain.states import transition
 from selfie_lora.wiring import build_services
-from tests.browser.support import create, sign_in, upload_photos
-from tests.e2e.conftest import ServeProcess, clean_env
+from tests.browser.support import Account, sign_in, upload_photos
+from tests.e2e.conftest import ServeProcess
 
 pytestmark = pytest.mark.slow
 
 
-def watching(chromium: Any, tmp_path: Path,
-             serve: Callable[..., ServeProcess]) -> tuple[Any, ServeProcess, str]:
+def watching(chromium: Any, account: Account) -> tuple[Any, ServeProcess, str]:
     """A page on /train that has just started a training (queued: no worker takes it); the
     server; the user's API key."""
-    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
-    key = create(env, "ann")
-    server = serve(env, args=("--no-worker",))
+    server, key = account.server, account.key
     upload_photos(server.base_url, key)
     page = chromium.new_context().new_page()
-    sign_in(page, server.base_url, "ann", "/train")
+    sign_in(page, server.base_url, account.name, "/train")
     page.get_by_role("button", name="Train", exact=True).click()
     page.wait_for_load_state()
     page.get_by_role("button", name="Cancel the training").wait_for()
@@ -54,10 +50,10 @@ def cancel_elsewhere(page: Any, server: ServeProcess, key: str) -> None:
 
 
 def test_the_cancel_button_keeps_the_keyboard_focus_while_the_status_updates(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """The whole status section, the Cancel button in it, was swapped every second: a keyboard
     user's focus fell to the body, and Enter canceled nothing (found in review)."""
-    page, server, _key = watching(chromium, tmp_path, serve)
+    page, server, _key = watching(chromium, account)
     for _ in range(40):
         page.keyboard.press("Tab")
         if page.evaluate("() => document.activeElement.textContent.trim()") == \
@@ -85,14 +81,14 @@ def test_the_cancel_button_keeps_the_keyboard_focus_while_the_status_updates(
 
 
 def test_a_training_that_ends_while_the_page_watches_shows_how_it_ended_and_retrain(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """Only the figures are polled: the answer that finds the training ended swaps the page's
     whole panel, so the Cancel button goes, how it ended shows, and the start button is
     back, without a reload (it came only with one: found in review). This first training made
     no version, so the next is still a first training: "Train", not "Retrain" (browser review
     2: "Retrain" and "the version you use now stays active" beside "No version is active
     yet")."""
-    page, server, key = watching(chromium, tmp_path, serve)
+    page, server, key = watching(chromium, account)
     cancel_elsewhere(page, server, key)
     page.locator("#ended").wait_for(timeout=20_000)
     assert "was canceled" in page.locator("#ended").inner_text()
@@ -105,12 +101,12 @@ def test_a_training_that_ends_while_the_page_watches_shows_how_it_ended_and_retr
 
 
 def test_the_started_notice_goes_when_the_training_ends_while_the_page_watches(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """"Training started: its status is below." stood above the panel that the end swaps, so
     it went on saying so under "The training was canceled." (webflow review 2). It is in the
     panel now: the end takes it, and the focus goes to how the training ended. A reload never
     showed it again (a one-time notice)."""
-    page, server, key = watching(chromium, tmp_path, serve)
+    page, server, key = watching(chromium, account)
     notice = page.locator("#done-notice")
     assert notice.inner_text() == "Training started: its status is below."
     assert page.evaluate("() => document.activeElement.id") == "done-notice"
@@ -124,10 +120,10 @@ def test_the_started_notice_goes_when_the_training_ends_while_the_page_watches(
 
 
 def test_the_page_says_when_it_lost_contact_with_the_server_and_when_it_is_back(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """While the status polls failed (the server restarting, the network gone), the figures
     froze as they were, "about 0 s left" included, and nothing said so (found in review)."""
-    page, server, _key = watching(chromium, tmp_path, serve)
+    page, server, _key = watching(chromium, account)
     notice = page.locator("#poll-notice")
     assert notice.is_hidden()
     page.route("**/train/status", lambda route: route.abort())
@@ -139,11 +135,11 @@ def test_the_page_says_when_it_lost_contact_with_the_server_and_when_it_is_back(
 
 
 def test_one_stable_live_region_speaks_for_the_training_and_its_end(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """The polled figures sat in an aria-live region, read out every second; the end swap
     replaced that region itself (a region inserted with its text is often not announced), and
     focus fell to the body (found in review)."""
-    page, server, key = watching(chromium, tmp_path, serve)
+    page, server, key = watching(chromium, account)
     # The figures polled every second are in no live region.
     assert page.locator("#status-figures").evaluate("e => e.closest('[aria-live]')") is None
     live = page.locator("#training-live")
@@ -167,10 +163,10 @@ def test_one_stable_live_region_speaks_for_the_training_and_its_end(
     assert "was canceled" not in live.inner_text()
 
 
-def start_processing(page: Any, tmp_path: Path, *, step: int = 3) -> None:
+def start_processing(page: Any, home: Path, *, step: int = 3) -> None:
     """The training the page watches, running (as a worker's claim leaves it; none takes it
     here), at ``step``."""
-    services = build_services(Settings(home=tmp_path / "home"), trainers={}, generators={})
+    services = build_services(Settings(home=home), trainers={}, generators={})
     try:
         training_id = page.locator('input[name="training_id"]').get_attribute("value")
         queued = services.repo.get_training(training_id)
@@ -183,13 +179,13 @@ def start_processing(page: Any, tmp_path: Path, *, step: int = 3) -> None:
 
 
 def test_the_live_region_does_not_go_on_saying_the_progress_once_it_ended(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """The hidden live region said "Training processing, 0% done." and, the training ended
     with the focus moved to how it ended, went on saying it: a screen reader's reading cursor
     found the progress of a training that was over (a11y review). It is cleared then (the
     focus says the end)."""
-    page, server, key = watching(chromium, tmp_path, serve)
-    start_processing(page, tmp_path)
+    page, server, key = watching(chromium, account)
+    start_processing(page, account.home)
     page.wait_for_function("() => document.getElementById('training-live').textContent"
                            ".includes('Training processing')", timeout=20_000)
     cancel_elsewhere(page, server, key)
@@ -201,10 +197,10 @@ def test_the_live_region_does_not_go_on_saying_the_progress_once_it_ended(
 
 
 def test_the_end_is_said_by_the_live_region_when_the_focus_is_elsewhere(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """Focus on a control of the user's is left there; the live region says how the training
     ended, once (a11y review 3, finding 4: focus and the live region both said it)."""
-    page, server, key = watching(chromium, tmp_path, serve)
+    page, server, key = watching(chromium, account)
     page.locator("nav a[href='/versions']").focus()
     cancel_elsewhere(page, server, key)
     page.locator("#ended").wait_for(timeout=20_000)
@@ -215,13 +211,13 @@ def test_the_end_is_said_by_the_live_region_when_the_focus_is_elsewhere(
 
 
 def test_the_figures_are_redrawn_only_where_they_changed(
-        chromium: Any, tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:
+        chromium: Any, account: Account) -> None:
     """htmx swapped the whole figures every second, "Status: queued" unchanged too: a screen
     reader reading them had its place reset each second (a11y review 3, finding 8). A poll's
     answer now changes only the parts that differ; a change still shows. While the training
     runs too: the step line held the elapsed seconds, so it was replaced on every poll all
     the same (diff2 review finding 2); the times are a line of their own."""
-    page, server, _key = watching(chromium, tmp_path, serve)
+    page, server, _key = watching(chromium, account)
     page.evaluate("""() => { window.kept = document.querySelector('#status-figures p');
         window.figureChanges = 0;
         const figures = document.getElementById('status-figures');
@@ -247,7 +243,7 @@ def test_the_figures_are_redrawn_only_where_they_changed(
     page.unroute_all(behavior="wait")
 
     # Running, as a worker's claim leaves it (none takes it here: the page's figures only).
-    start_processing(page, tmp_path)
+    start_processing(page, account.home)
     page.wait_for_function("() => document.getElementById('status-figures').textContent"
                            ".includes('elapsed')", timeout=20_000)
     page.evaluate("""() => { window.stepLine = Array.from(document.querySelectorAll(

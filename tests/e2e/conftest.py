@@ -166,17 +166,17 @@ class ServeProcess:
         return graceful
 
 
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+@contextlib.contextmanager
+def servers(folder: Path) -> Iterator[Callable[..., ServeProcess]]:
     """``start(env, name="serve", args=()) -> ServeProcess``: a healthy server on a free port
-    (``args``: more options of ``serve``). Whatever a test leaves running is stopped at
-    teardown."""
+    (``args``: more options of ``serve``), its output in ``folder``. Whatever is left running is
+    stopped when the block ends."""
     started: list[ServeProcess] = []
 
     def start(env: dict[str, str], *, name: str = "serve", port: int | None = None,
               args: tuple[str, ...] = ()) -> ServeProcess:
         port = port or free_port()
-        log_path = tmp_path / f"{name}.log"
+        log_path = folder / f"{name}.log"
         log_file = log_path.open("wb")
         proc = subprocess.Popen(
             [selfie_lora_exe(), "serve", "--host", "127.0.0.1", "--port", str(port), *args],
@@ -187,10 +187,19 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
         server.wait_healthy()
         return server
 
-    yield start
-    for server in started:
-        with contextlib.suppress(Exception):
-            server.stop(deadline_s=10.0)
+    try:
+        yield start
+    finally:
+        for server in started:
+            with contextlib.suppress(Exception):
+                server.stop(deadline_s=10.0)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """``servers`` for one test, its output in the test's ``tmp_path``."""
+    with servers(tmp_path) as start:
+        yield start
 
 
 def wait_training(client: httpx.Client, headers: dict[str, str], training_id: str,
