@@ -275,3 +275,85 @@ def test_a_training_child_dies_with_its_fork_server() -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal.SIGKILL)
+
+
+def _train_in_thread(trainer: LocalTrainer, sink: _Sink, job_id: str) -> tuple[
+        threading.Thread, list[BaseException]]:
+    raised: list[BaseException] = []
+    request: Any = SimpleNamespace(checkpoint_dir=None, resume_from=None)
+    keep = _Keepers(_Keeper(None), _Keeper(None))
+
+    def train() -> None:
+        try:
+            trainer._train_restarting(request, _Reporter(sink, interval=0.0), keep,
+                                      job_id=job_id)
+        except BaseException as exc:  # checked by the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=train, daemon=True)
+    thread.start()
+    return thread, raised
+
+
+def test_canceling_one_start_leaves_the_other_trainings_shared_server_alone(
+        own_server: Any, tmp_path: Path) -> None:
+    """The fork server is shared by every CPU training of the process (two per worker by
+    default), and its children die with it: canceling one training while it waited for the
+    preload killed the server, and the other user's training failed ("exit code -9")."""
+    own_server.set_forkserver_preload(["tests.integration.slow_preload"])
+    own_server.ensure_running()
+    server_pid = own_server._forkserver_pid
+    backstop = threading.Timer(60.0, os.kill, (server_pid, signal.SIGKILL))
+    backstop.start()
+    trainer = LocalTrainer(base_model="tiny", cache_dir=tmp_path, isolation="process",
+                           device="cpu")
+    first, second = _Sink(stopping=False), _Sink(stopping=False)
+    try:
+        first_thread, first_raised = _train_in_thread(trainer, first, "tr_1")
+        second_thread, second_raised = _train_in_thread(trainer, second, "tr_2")
+        time.sleep(1.0)
+        second.canceled = True
+        second_thread.join(timeout=20)
+        assert not second_thread.is_alive()
+        assert len(second_raised) == 1
+        assert isinstance(second_raised[0], TrainingCanceledError)
+        time.sleep(1.0)
+        # The first is still waiting for the preload, on the same server.
+        assert first_thread.is_alive(), first_raised
+        os.kill(server_pid, 0)
+        # Alone now (the canceled one's start is left to end on its own): its cancel kills.
+        first.canceled = True
+        first_thread.join(timeout=20)
+        assert not first_thread.is_alive()
+        assert len(first_raised) == 1
+        assert isinstance(first_raised[0], TrainingCanceledError)
+        assert "exit code" not in str(first_raised[0])
+    finally:
+        backstop.cancel()
+
+
+def test_a_start_stalled_on_a_shared_hung_preload_tells_the_others_why(
+        own_server: Any, tmp_path: Path) -> None:
+    """A hung preload holds every start: the first to stall kills the server, and the others
+    failed as a dead child ("exit code -9") instead of as a start that made no progress."""
+    own_server.set_forkserver_preload(["tests.integration.slow_preload"])
+    own_server.ensure_running()
+    backstop = threading.Timer(60.0, os.kill, (own_server._forkserver_pid, signal.SIGKILL))
+    backstop.start()
+    stalling = LocalTrainer(base_model="tiny", cache_dir=tmp_path, isolation="process",
+                            device="cpu", stall_timeout_s=2.0)
+    patient = LocalTrainer(base_model="tiny", cache_dir=tmp_path, isolation="process",
+                           device="cpu")
+    try:
+        threads = [_train_in_thread(stalling, _Sink(stopping=False), "tr_1"),
+                   _train_in_thread(patient, _Sink(stopping=False), "tr_2")]
+        for thread, _ in threads:
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+    finally:
+        backstop.cancel()
+    for _, raised in threads:
+        assert len(raised) == 1
+        assert isinstance(raised[0], TrainingFailedError)
+        assert "exit code" not in str(raised[0])
+        assert "did not start within 2 s" in str(raised[0])

@@ -18,6 +18,7 @@ import contextlib
 import io
 import os
 import signal
+import threading
 import time
 from multiprocessing import forkserver, popen_forkserver, reduction, spawn, util
 from multiprocessing.context import ForkServerProcess, set_spawning_popen
@@ -73,13 +74,75 @@ def server_exit_code(*, wait_s: float = 1.0) -> int | None:
         time.sleep(0.02)
 
 
-def kill_server() -> None:
-    """Kill the training fork server (a start waiting for its preload then reads EOF); the
-    children it forked die with it (``preload``), and the next start starts another."""
-    pid = _server._forkserver_pid  # type: ignore[attr-defined]
-    if pid is not None:
+class ServerUse:
+    """One training's use of the training fork server, from before its start until its child
+    is stopped (``release``). The server is shared by every CPU training of the process (a
+    worker runs two at once by default) and its children die with it (``preload``): one
+    training's cancel or stop killed the other's start or running child with it."""
+
+    def __init__(self) -> None:
+        self.starting = True  # its start has not returned yet
+        self.killed_for: str | None = None  # why another training killed the server it waited on
+        self.abandoned = False  # its training ended: its start ends unwatched, its child killed
+        with _users_lock:
+            _users.add(self)
+
+    def started(self) -> None:
+        with _users_lock:
+            self.starting = False
+
+    def abandon(self) -> None:
+        with _users_lock:
+            self.abandoned = True
+
+    def release(self) -> None:
+        with _users_lock:
+            _users.discard(self)
+
+
+_users_lock = threading.Lock()
+_users: set[ServerUse] = set()
+
+
+def kill_server_for(use: ServerUse, *, stalled: str | None = None) -> bool:
+    """Kill the training fork server for ``use``'s start, which a cancel, a stop or its stall
+    ends (a start waiting for the preload then reads EOF), unless others need it: any other
+    training for a cancel or a stop; a running child for a stall (``stalled``, the reason), as
+    every start then waits on the same hung preload, and is told why (``killed_for``).
+
+    Returns whether it is killed. Safe to call again while the start goes on: a kill that
+    found no server yet (the start had not started it) or one being replaced is retried so."""
+    with _users_lock:
+        others = [other for other in _users if other is not use and not other.abandoned]
+        if stalled is None and others:
+            return False
+        if any(not other.starting for other in others):
+            return False
+        for other in others:
+            other.killed_for = stalled
+        _kill_server()
+        return True
+
+
+def _kill_server() -> None:
+    # Under the server's lock: ensure_running() replaces a dead server under it, so the pid read
+    # is the current server's, not one reaped (its pid free for reuse) or about to be replaced.
+    with _server._lock:  # type: ignore[attr-defined]
+        pid = _server._forkserver_pid  # type: ignore[attr-defined]
+        if pid is None:
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+        # Until it is a zombie (left unreaped, for ensure_running): a start that follows at once
+        # then starts a new server instead of connecting to the dying one (EOF: a dead child).
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            try:
+                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.01)
 
 
 class TrainingProcess(ForkServerProcess):

@@ -27,7 +27,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from selfie_lora.adapters.flux.checkpoints import latest_checkpoint
-from selfie_lora.adapters.flux.forkserver import TrainingProcess, kill_server, server_exit_code
+from selfie_lora.adapters.flux.forkserver import (
+    ServerUse,
+    TrainingProcess,
+    kill_server_for,
+    server_exit_code,
+)
 from selfie_lora.adapters.flux.generator import release_device_pipelines
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.runtime import FAILED_MESSAGE, missing_module_error
@@ -67,6 +72,7 @@ CHECKPOINT_DIR = "checkpoints"
 SAMPLE_DIR = "samples"
 
 _CANCELED_MESSAGE = "The training was canceled."
+_STALLED_MESSAGE = "Training stopped responding on this server; try again."
 # What reading a message half-written by a child that was killed can raise.
 _BROKEN_PIPE_ERRORS = (EOFError, OSError, pickle.UnpicklingError)
 
@@ -559,11 +565,14 @@ class LocalTrainer:
             # children, and there the finally clause below is what stops the child.
             daemon=not multiprocessing.current_process().daemon,
         )
-        try:
-            self._start(process, reporter, forked=make is TrainingProcess, job_id=job_id)
-        except BaseException:
+        use = ServerUse() if make is TrainingProcess else None
+
+        def release() -> None:
             events.close()
-            raise
+            if use is not None:
+                use.release()
+
+        self._start(process, reporter, use=use, job_id=job_id, release=release)
         logger.info("training %s runs in child process %s", job_id, process.pid)
         # The heartbeat renews the worker's lease for as long as this loop runs, so a child that
         # is alive but stuck would hold the training (and the worker) forever: what it last sent
@@ -608,7 +617,7 @@ class LocalTrainer:
                     raise TrainingFailedError(
                         f"training {job_id}: its process {process.pid} made no progress for "
                         f"{self.stall_timeout_s:.0f} s (SELFIE_LORA_LOCAL_STALL_SECONDS)",
-                        user_message="Training stopped responding on this server; try again.")
+                        user_message=_STALLED_MESSAGE)
                 if reporter.interrupted():
                     logger.info("training %s handed back: stopping child %s", job_id,
                                 process.pid)
@@ -628,57 +637,93 @@ class LocalTrainer:
                     )
         finally:
             self._stop(process)
-            events.close()
+            release()
 
-    def _start(self, process: Any, reporter: _Reporter, *, forked: bool, job_id: str) -> None:
+    def _start(self, process: Any, reporter: _Reporter, *, use: ServerUse | None, job_id: str,
+               release: Callable[[], None]) -> None:
         """Start the child. The fork server's first start waits for its preload (tens of
         seconds; for ever, should an import hang), so the start runs in a thread of its own
         while the worker's stop, a cancel and the stall timeout are watched as during the
-        training; any of them kills the server, which ends the start."""
+        training. Any of them kills the server, which ends the start, when no other training
+        uses it (``use``: forked from it; None: spawned); otherwise the start is left to end in
+        the background, where the child it forks is stopped. On an error ``release`` is called
+        (closing the child's queue, ending the ``use``), once the start has ended."""
         failed: list[BaseException] = []
+        lock = threading.Lock()
+        abandoned = ended = False
 
         def start() -> None:
+            nonlocal ended
             try:
                 process.start()
             except BaseException as exc:  # handed to the training's thread
                 failed.append(exc)
+            if use is not None and not failed:
+                use.started()
+            with lock:
+                ended = True
+                if not abandoned:
+                    return
+            if not failed:
+                self._stop(process)
+            release()
 
         starter = threading.Thread(target=start, name=f"start-{job_id}", daemon=True)
         began = time.monotonic()
         starter.start()
         error: SelfieLoraError | None = None
+        stalled: str | None = None
         while starter.is_alive():
             starter.join(timeout=self.poll_interval_s)
-            if error is not None or not starter.is_alive():
+            if not starter.is_alive():
+                break
+            if error is None:
+                if reporter.interrupted():
+                    error = TrainingInterruptedError(
+                        f"training {job_id}: the worker stops while its process starts")
+                elif reporter.cancel_requested():
+                    error = TrainingCanceledError(f"training {job_id} canceled",
+                                                  user_message=_CANCELED_MESSAGE)
+                elif time.monotonic() - began > self.stall_timeout_s:
+                    stalled = (f"training {job_id}: its process did not start within "
+                               f"{self.stall_timeout_s:.0f} s (SELFIE_LORA_LOCAL_STALL_SECONDS)")
+                    error = TrainingFailedError(stalled, user_message=_STALLED_MESSAGE)
+                if error is not None and use is not None:
+                    logger.warning("training %s: its process is still starting: %s", job_id,
+                                   error)
+            if error is None or use is None:
                 continue
-            if reporter.interrupted():
-                error = TrainingInterruptedError(
-                    f"training {job_id}: the worker stops while its process starts")
-            elif reporter.cancel_requested():
-                error = TrainingCanceledError(f"training {job_id} canceled",
-                                              user_message=_CANCELED_MESSAGE)
-            elif time.monotonic() - began > self.stall_timeout_s:
-                error = TrainingFailedError(
-                    f"training {job_id}: its process did not start within "
-                    f"{self.stall_timeout_s:.0f} s (SELFIE_LORA_LOCAL_STALL_SECONDS)",
-                    user_message="Training stopped responding on this server; try again.")
-            if error is not None and forked:
-                logger.warning("training %s: stopping the training fork server, still starting "
-                               "its process: %s", job_id, error)
-                kill_server()
+            # Again at every poll until the start ends: a kill before the start had started
+            # the server (or while it replaced a dead one) missed it, and waiting on without
+            # another left the worker's thread waiting for ever on a hung preload.
+            if kill_server_for(use, stalled=stalled):
+                continue
+            with lock:
+                abandoned = not ended
+            if abandoned:
+                use.abandon()
+                logger.warning("training %s: the training fork server is shared with other "
+                               "trainings: its start is left to end on its own", job_id)
+                raise error
         if error is not None:
             if not failed:
                 self._stop(process)  # forked just before the server was killed
+            release()
             raise error
         if not failed:
             return
+        release()
         exc = failed[0]
         if not isinstance(exc, (EOFError, OSError)):
             raise exc
+        if use is not None and use.killed_for is not None:
+            # Another training's start stalled on the same preload and killed the server.
+            raise TrainingFailedError(f"training {job_id}: its process did not start: "
+                                      f"{use.killed_for}", user_message=_STALLED_MESSAGE)
         # The fork server died before it forked the child (during its preload: the OOM
         # killer, a crash in a native import, a signal): the child died, as a spawned one
         # that died in its imports did, and is handed back when the worker stops.
-        exitcode = server_exit_code() if forked else None
+        exitcode = server_exit_code() if use is not None else None
         logger.warning("training %s: its process could not start (%s: %s; fork server's "
                        "exit code %s)", job_id, type(exc).__name__, exc, exitcode)
         raise _ChildDiedError(exitcode) from None
