@@ -144,6 +144,25 @@ def test_each_training_child_draws_its_own_numpy_numbers() -> None:
     assert draws[0] != draws[1]
 
 
+def _fork_and_wait(results: Any) -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    results.put(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+
+
+def test_a_training_child_can_fork_children_of_its_own() -> None:
+    """The server's at-fork hook, inherited by its children, also ran in every fork a training
+    child made (DataLoader workers, a multiprocessing "fork" Process): its parent was not the
+    server, and it exited with status 1 at birth."""
+    results: Any = multiprocessing.get_context("forkserver").Queue()
+    child = forkserver.TrainingProcess(target=_fork_and_wait, args=(results,))
+    child.start()
+    assert results.get(timeout=180) == 0
+    child.join(timeout=60)
+    assert child.exitcode == 0
+
+
 def _ignores_sigint(pid: int) -> bool:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("SigIgn:"):

@@ -34,9 +34,17 @@ _NEEDED: tuple[tuple[str, tuple[str, ...]], ...] = (
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in every child
 _SERVER_PID = os.getpid()
+# True in the server only (``_serve``). The hook below is registered in the server's interpreter
+# and a fork inherits it: it also ran in every fork a training child made (DataLoader workers, a
+# multiprocessing "fork" Process), whose parent is not the server: exit 1 at birth.
+_FORKED_BY_SERVER = False
 
 
 def _in_child() -> None:
+    global _FORKED_BY_SERVER
+    if not _FORKED_BY_SERVER:
+        return  # a training child's own fork: nothing of the server's to undo
+    _FORKED_BY_SERVER = False
     # A server killed mid-training (SIGKILL, the OOM killer, a crash) made multiprocessing
     # read its live child as exited (255): the worker never killed it, and a restart put a
     # second child on the same job beside it. The child dies with the server instead, so
@@ -92,6 +100,8 @@ def _serve() -> None:
     # imports killed it (the training then failed as an internal error, where it was handed back).
     # The children get the default back (``forkserver.TrainingProcess``).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    global _FORKED_BY_SERVER
+    _FORKED_BY_SERVER = True
     os.register_at_fork(after_in_child=_in_child)
     with contextlib.suppress(Exception):  # the child meets it again and says what it is
         _load()
