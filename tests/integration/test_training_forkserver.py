@@ -376,3 +376,37 @@ def test_a_start_stalled_on_a_shared_hung_preload_tells_the_others_why(
         assert isinstance(raised[0], TrainingFailedError)
         assert "exit code" not in str(raised[0])
         assert "did not start within 2 s" in str(raised[0])
+
+
+def test_a_cancel_before_the_start_started_the_server_still_ends_the_start(
+        own_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start's watch killed the server once: a cancel seen before the start had started it
+    (no server yet, or one being replaced) missed it, and the start then waited for the whole
+    preload (for ever, should an import hang)."""
+    own_server.set_forkserver_preload(["tests.integration.slow_preload"])
+    started = own_server.ensure_running
+    backstop_fired = threading.Event()
+
+    def backstop_kill() -> None:
+        backstop_fired.set()
+        os.kill(own_server._forkserver_pid, signal.SIGKILL)
+
+    backstop = threading.Timer(30.0, backstop_kill)
+
+    def slow_ensure_running() -> None:
+        time.sleep(1.0)  # the cancel is seen, and the server killed, before it is started
+        started()
+        backstop.start()
+
+    monkeypatch.setattr(own_server, "ensure_running", slow_ensure_running)
+    trainer = LocalTrainer(base_model="tiny", cache_dir=tmp_path, isolation="process",
+                           device="cpu")
+    request: Any = SimpleNamespace(checkpoint_dir=None, resume_from=None)
+    keep = _Keepers(_Keeper(None), _Keeper(None))
+    try:
+        with pytest.raises(TrainingCanceledError):
+            trainer._train_restarting(request, _Reporter(_Sink(stopping=False, canceled=True),
+                                                         interval=0.0), keep, job_id="tr_1")
+    finally:
+        backstop.cancel()
+    assert not backstop_fired.is_set()
