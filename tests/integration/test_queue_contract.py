@@ -174,6 +174,24 @@ def test_an_idle_worker_takes_what_its_own_process_queues_at_once_and_stops_at_o
         assert worker.stop(grace=10)
 
 
+def test_a_listener_that_raises_neither_fails_the_stored_enqueue_nor_silences_the_others(
+        queue: Queue, caplog: pytest.LogCaptureFixture) -> None:
+    """A listener's exception escaped ``enqueue_training`` after the message was stored: the
+    later listeners went unrung, and the caller warned that it "could not be queued"."""
+    rung: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("the listener broke")
+
+    queue.on_enqueue(broken)  # type: ignore[attr-defined]
+    queue.on_enqueue(lambda: rung.append("second"))  # type: ignore[attr-defined]
+    with caplog.at_level(logging.ERROR, logger="selfie_lora.services.common"):
+        queue.enqueue_training("t1")
+    assert rung == ["second"]
+    assert queue.queued_training_ids() == {"t1"}
+    assert "the listener broke" in caplog.text
+
+
 def test_worker_identities_are_exclusive_and_reused_after_their_holder_is_gone(
         tmp_path: Path) -> None:
     a = claim_identity(tmp_path)

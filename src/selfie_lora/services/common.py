@@ -168,8 +168,14 @@ class EnqueueListeners:
     def ring(self) -> None:
         with self._lock:
             listeners = list(self._listeners)
+        # After the message is stored: a listener's exception escaping here made the enqueue
+        # look failed ("could not be queued now") and left the later listeners unrung.
         for listener in listeners:
-            listener()
+            try:
+                listener()
+            except Exception:
+                logger.exception("a listener of the queue's enqueues failed; the message is "
+                                 "queued, and the workers find it at their next poll")
 
 
 class Outage:
