@@ -144,9 +144,11 @@ class CountedPolls:
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
         self.polls = 0
+        self._lock = threading.Lock()  # two consumer threads poll: an unlocked += lost one
 
     def next_training(self) -> str | None:
-        self.polls += 1
+        with self._lock:
+            self.polls += 1
         return self.queue.next_training()
 
     def on_enqueue(self, listener: Callable[[], None]) -> Callable[[], None]:
