@@ -410,3 +410,41 @@ def test_a_cancel_before_the_start_started_the_server_still_ends_the_start(
     finally:
         backstop.cancel()
     assert not backstop_fired.is_set()
+
+
+def test_canceling_a_start_leaves_the_other_trainings_running_child_alone(
+        own_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the server warm and another training's child running, a start slower than a poll (a
+    fork of a process of hundreds of MB on a loaded machine) that was canceled meanwhile killed
+    the server, and the running child died with it (PDEATHSIG)."""
+    own_server.set_forkserver_preload([forkserver._PRELOAD])
+    running = forkserver.ServerUse()  # the other training, as _train_in_child holds it
+    child = forkserver.TrainingProcess(target=time.sleep, args=(600,), daemon=True)
+    try:
+        child.start()
+        running.started()
+        launch = forkserver._TrainingPopen._launch
+        launched: list[Any] = []
+
+        def slow_launch(self: Any, process_obj: Any) -> None:
+            time.sleep(2.0)  # canceled meanwhile
+            launch(self, process_obj)
+            launched.append(self)
+
+        monkeypatch.setattr(forkserver._TrainingPopen, "_launch", slow_launch)
+        trainer = LocalTrainer(base_model="tiny", cache_dir=tmp_path, isolation="process",
+                               device="cpu")
+        request: Any = SimpleNamespace(checkpoint_dir=None, resume_from=None)
+        keep = _Keepers(_Keeper(None), _Keeper(None))
+        with pytest.raises(TrainingCanceledError):
+            trainer._train_restarting(request, _Reporter(_Sink(stopping=False, canceled=True),
+                                                         interval=0.0), keep, job_id="tr_2")
+        time.sleep(4.0)  # the canceled one's start ends in the background, its child stopped
+        assert not _gone(child.pid)
+        assert child.is_alive()
+        assert len(launched) == 1
+        assert _gone(launched[0].pid)  # the canceled one's
+    finally:
+        running.release()
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
