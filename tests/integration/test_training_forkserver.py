@@ -448,3 +448,28 @@ def test_canceling_a_start_leaves_the_other_trainings_running_child_alone(
         running.release()
         with contextlib.suppress(ProcessLookupError, TypeError):
             os.kill(child.pid, signal.SIGKILL)  # type: ignore[arg-type]
+
+
+class _BrokenSink(_Sink):
+    def cancel_requested(self) -> bool:
+        raise RuntimeError("the database is gone")
+
+
+def test_an_error_while_a_start_is_watched_leaves_no_use_of_the_server_behind(
+        own_server: Any, tmp_path: Path) -> None:
+    """An error raised while the start was watched (the cancel check's database read) left the
+    training's use of the server counted for ever: no later cancel could kill the server."""
+    own_server.set_forkserver_preload(["tests.integration.slow_preload"])
+    own_server.ensure_running()
+    trainer = LocalTrainer(base_model="tiny", cache_dir=tmp_path, isolation="process",
+                           device="cpu")
+    request: Any = SimpleNamespace(checkpoint_dir=None, resume_from=None)
+    keep = _Keepers(_Keeper(None), _Keeper(None))
+    with pytest.raises(RuntimeError, match="the database is gone"):
+        trainer._train_restarting(request, _Reporter(_BrokenSink(stopping=False),
+                                                     interval=0.0), keep, job_id="tr_1")
+    os.kill(own_server._forkserver_pid, signal.SIGKILL)  # the start left behind ends (EOF)
+    deadline = time.monotonic() + 30
+    while forkserver._users and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not forkserver._users

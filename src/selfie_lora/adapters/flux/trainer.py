@@ -673,38 +673,52 @@ class LocalTrainer:
         starter.start()
         error: SelfieLoraError | None = None
         stalled: str | None = None
-        while starter.is_alive():
-            starter.join(timeout=self.poll_interval_s)
-            if not starter.is_alive():
-                break
-            if error is None:
-                if reporter.interrupted():
-                    error = TrainingInterruptedError(
-                        f"training {job_id}: the worker stops while its process starts")
-                elif reporter.cancel_requested():
-                    error = TrainingCanceledError(f"training {job_id} canceled",
-                                                  user_message=_CANCELED_MESSAGE)
-                elif time.monotonic() - began > self.stall_timeout_s:
-                    stalled = (f"training {job_id}: its process did not start within "
-                               f"{self.stall_timeout_s:.0f} s (SELFIE_LORA_LOCAL_STALL_SECONDS)")
-                    error = TrainingFailedError(stalled, user_message=_STALLED_MESSAGE)
-                if error is not None and use is not None:
-                    logger.warning("training %s: its process is still starting: %s", job_id,
-                                   error)
-            if error is None or use is None:
-                continue
-            # Again at every poll until the start ends: a kill before the start had started
-            # the server (or while it replaced a dead one) missed it, and waiting on without
-            # another left the worker's thread waiting for ever on a hung preload.
-            if kill_server_for(use, stalled=stalled):
-                continue
+        try:
+            while starter.is_alive():
+                starter.join(timeout=self.poll_interval_s)
+                if not starter.is_alive():
+                    break
+                if error is None:
+                    if reporter.interrupted():
+                        error = TrainingInterruptedError(
+                            f"training {job_id}: the worker stops while its process starts")
+                    elif reporter.cancel_requested():
+                        error = TrainingCanceledError(f"training {job_id} canceled",
+                                                      user_message=_CANCELED_MESSAGE)
+                    elif time.monotonic() - began > self.stall_timeout_s:
+                        stalled = (f"training {job_id}: its process did not start within "
+                                   f"{self.stall_timeout_s:.0f} s "
+                                   "(SELFIE_LORA_LOCAL_STALL_SECONDS)")
+                        error = TrainingFailedError(stalled, user_message=_STALLED_MESSAGE)
+                    if error is not None and use is not None:
+                        logger.warning("training %s: its process is still starting: %s", job_id,
+                                       error)
+                if error is None or use is None:
+                    continue
+                # Again at every poll until the start ends: a kill before the start had started
+                # the server (or while it replaced a dead one) missed it, and waiting on without
+                # another left the worker's thread waiting for ever on a hung preload.
+                if kill_server_for(use, stalled=stalled):
+                    continue
+                with lock:
+                    abandoned = not ended
+                if abandoned:
+                    break
+        except BaseException:  # this thread's own (a KeyboardInterrupt): as an abandon
             with lock:
                 abandoned = not ended
-            if abandoned:
+            if abandoned and use is not None:
                 use.abandon()
-                logger.warning("training %s: the training fork server is shared with other "
-                               "trainings: its start is left to end on its own", job_id)
-                raise error
+            elif not abandoned:
+                if not failed:
+                    self._stop(process)
+                release()
+            raise
+        if abandoned and use is not None and error is not None:
+            use.abandon()
+            logger.warning("training %s: the training fork server is shared with other "
+                           "trainings: its start is left to end on its own", job_id)
+            raise error
         if error is not None:
             if not failed:
                 self._stop(process)  # forked just before the server was killed
