@@ -91,8 +91,10 @@ def source_photos(kind: str) -> tuple[list[Image.Image], tuple[float, float], st
         names = [line.split(",")[0] for line in labels.read_text().splitlines()[1:]][:COUNT]
         return ([Image.open(PEOPLE / n).convert("RGB") for n in names], (0.92, 1.0),
                 f"{len(names)} different photos of {PEOPLE}")
+    # Said only when the people photos were asked for: the fixtures are the default source.
+    missing = " (../shared/photos/people is not there)" if kind == "people" else ""
     return ([Image.open(FIXTURES / name).convert("RGB") for name in SOURCES], (0.6, 1.0),
-            "3 photos of tests/fixtures/photos (../shared/photos/people is not there)")
+            f"3 photos of tests/fixtures/photos{missing}")
 
 
 def wide_gamut_profile() -> bytes:
