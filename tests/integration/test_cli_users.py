@@ -12,11 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from selfie_lora import console as console_module
-from selfie_lora import wiring
-from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.cli import app
 from selfie_lora.config import Settings
 from selfie_lora.wiring import build_services
+from tests.support.passwords import fast_password_hashing
 
 PASSWORD = "a long password"
 
@@ -34,8 +33,7 @@ def fast_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
     """Argon2 at a test cost for the commands and ``sign_in`` here: at the default cost each
     hash and each check took up to a second on a loaded machine. The test of ``users create
     --password`` keeps the default, the hasher the command line is wired with."""
-    monkeypatch.setattr(wiring, "default_password_hasher",
-                        lambda: Argon2Hasher(time_cost=1, memory_cost_kib=1024))
+    fast_password_hashing(monkeypatch)
 
 
 def test_create_with_a_password_read_from_standard_input(home: Path) -> None:

@@ -65,10 +65,10 @@ from tests.support.generations import held_generations
 from tests.support.legacy import legacy_user
 from tests.support.likeness import count_charts_drawn
 from tests.support.owners import own_model
+from tests.support.passwords import FAST_HASHER
 from tests.support.photos import synthetic_photo
 
 PASSWORD = "a long password"
-FAST_HASHER = Argon2Hasher(time_cost=1, memory_cost_kib=1024)
 
 
 @pytest.fixture
