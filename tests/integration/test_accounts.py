@@ -33,6 +33,7 @@ from selfie_lora.errors import (
 )
 from selfie_lora.services.users import API_KEY_CACHE_TTL, KEY_ROTATION_GRACE, UserService
 from tests.support.clock import Clock
+from tests.support.passwords import FAST_HASHER
 
 PASSWORD = "correct horse battery"
 POLICY = SignInPolicy(max_failures=3, max_failures_per_client=5, max_failures_per_name=8,
@@ -54,7 +55,7 @@ def repo(tmp_path: Path) -> Iterator[SqlRepository]:
 
 
 def users(repo: SqlRepository, clock: Clock, *, signup: bool = False) -> UserService:
-    return UserService(repo=repo, hasher=Argon2Hasher(time_cost=1, memory_cost_kib=1024),
+    return UserService(repo=repo, hasher=FAST_HASHER,
                        policy=POLICY, signup_enabled=signup, clock=clock)
 
 
@@ -228,7 +229,7 @@ def test_one_ipv6_allocation_past_the_name_s_ceiling_does_not_keep_the_owner_out
     """20 /64s of one home /56 x 5 wrong passwords reached the name's ceiling of 100 (default
     policy), and the owner's right password from her own IPv4 address got 429 for the whole
     window, again every 15 minutes (found in review)."""
-    svc = UserService(repo=repo, hasher=Argon2Hasher(time_cost=1, memory_cost_kib=1024),
+    svc = UserService(repo=repo, hasher=FAST_HASHER,
                       policy=SignInPolicy(), clock=clock)
     svc.create(name="ann", password=PASSWORD)
     policy = SignInPolicy()
@@ -248,7 +249,7 @@ def test_one_ipv6_allocation_past_the_name_s_ceiling_does_not_keep_the_owner_out
 
 
 def _default_policy_users(repo: SqlRepository, clock: Clock) -> UserService:
-    svc = UserService(repo=repo, hasher=Argon2Hasher(time_cost=1, memory_cost_kib=1024),
+    svc = UserService(repo=repo, hasher=FAST_HASHER,
                       policy=SignInPolicy(), clock=clock)
     svc.create(name="ann", password=PASSWORD)
     return svc

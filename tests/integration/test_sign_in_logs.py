@@ -12,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from selfie_lora.adapters.db.repository import SqlRepository
-from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.domain.accounts import SignInPolicy, fold_name
 from selfie_lora.errors import AuthError, RateLimitedError
 from selfie_lora.services.users import UserService
 from tests.support.clock import Clock
+from tests.support.passwords import FAST_HASHER
 
 PASSWORD = "correct horse battery"
 POLICY = SignInPolicy(max_failures=3, max_failures_per_client=50, max_failures_per_name=50,
@@ -30,7 +30,7 @@ def lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
 
 def test_failed_sign_ins_and_refusals_are_logged_with_the_name_and_address(
         repo: SqlRepository, caplog: pytest.LogCaptureFixture) -> None:
-    svc = UserService(repo=repo, hasher=Argon2Hasher(time_cost=1, memory_cost_kib=1024),
+    svc = UserService(repo=repo, hasher=FAST_HASHER,
                       policy=POLICY, clock=Clock(datetime(2026, 1, 1, tzinfo=UTC)))
     svc.create(name="ann", password=PASSWORD)
     caplog.set_level(logging.INFO, logger="selfie_lora")

@@ -15,11 +15,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from selfie_lora.adapters.db.repository import SqlRepository
-from selfie_lora.adapters.passwords.argon2 import Argon2Hasher
 from selfie_lora.domain.accounts import SignInPolicy
 from selfie_lora.errors import AuthError, RateLimitedError
 from selfie_lora.services.users import PENDING, PENDING_RETRY_AFTER_S, UserService
 from tests.support.clock import Clock
+from tests.support.passwords import FAST_HASHER
 
 PASSWORD = "correct horse battery"
 POLICY = SignInPolicy(max_failures=3, max_failures_per_client=5, max_failures_per_name=6,
@@ -34,7 +34,7 @@ class CountingHasher:
     """A real hasher at a test cost whose checks are counted, and slow in a burst."""
 
     def __init__(self) -> None:
-        self._inner = Argon2Hasher(time_cost=1, memory_cost_kib=1024)
+        self._inner = FAST_HASHER
         self._lock = threading.Lock()
         self.verified = 0
 
