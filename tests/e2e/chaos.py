@@ -234,22 +234,23 @@ class Chaos:
 def check_outcome(chaos: Chaos, ended: dict[str, dict[str, Any]], *, seed: int) -> None:
     why = f"(seed {seed}; kills: {[(k.phase, k.signal, k.process) for k in chaos.kills]})"
     outcomes = sorted(t["status"] for t in ended.values())
-    took = [chaos.seen_ended[k.training_id] - k.restarted_at for k in chaos.kills]
-    print(f"seed {seed}: {len(chaos.kills)} kill points, {len(ended)} trainings "
-          f"({ {o: outcomes.count(o) for o in set(outcomes)} }), slowest end after its "
-          f"restart {max(took):.1f} s")
-    # Every phase was hit.
-    assert {k.phase for k in chaos.kills} == set(PHASES), why
     # Within two minutes of the restart that followed the last kill each training saw: the last
     # kill aimed at it, or a later kill of the same process while it was unfinished (with one
     # process, as in the embedded default, a kill aimed at another training restarts it too).
     last_kill = {k.training_id: k for k in chaos.kills}
+    took: dict[str, float] = {}
     for tid, aimed in last_kill.items():
         seen = [k for k in chaos.kills if k.process == aimed.process
                 and aimed.restarted_at <= k.restarted_at <= chaos.seen_ended[tid]]
-        restart = max(k.restarted_at for k in [aimed, *seen])
-        took = chaos.seen_ended[tid] - restart
-        assert took <= RECOVERY_DEADLINE_S, f"{tid} ended {took:.0f} s after its restart {why}"
+        took[tid] = chaos.seen_ended[tid] - max(k.restarted_at for k in [aimed, *seen])
+    # The printed figure is the one asserted below, so a passing run never prints one over it.
+    print(f"seed {seed}: {len(chaos.kills)} kill points, {len(ended)} trainings "
+          f"({ {o: outcomes.count(o) for o in set(outcomes)} }), slowest end after its "
+          f"last restart {max(took.values()):.1f} s (limit {RECOVERY_DEADLINE_S:.0f} s)")
+    # Every phase was hit.
+    assert {k.phase for k in chaos.kills} == set(PHASES), why
+    for tid, t in took.items():
+        assert t <= RECOVERY_DEADLINE_S, f"{tid} ended {t:.0f} s after its restart {why}"
     for user, headers in chaos.users.items():
         model = chaos.client.get("/api/model", headers=headers).json()
         versions = chaos.client.get("/api/model/versions", headers=headers).json()["versions"]
