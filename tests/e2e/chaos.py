@@ -250,7 +250,7 @@ def check_outcome(chaos: Chaos, ended: dict[str, dict[str, Any]], *, seed: int) 
     # Every phase was hit.
     assert {k.phase for k in chaos.kills} == set(PHASES), why
     for tid, t in took.items():
-        assert t <= RECOVERY_DEADLINE_S, f"{tid} ended {t:.0f} s after its restart {why}"
+        assert t <= RECOVERY_DEADLINE_S, f"{tid} ended {t:.1f} s after its last restart {why}"
     for user, headers in chaos.users.items():
         model = chaos.client.get("/api/model", headers=headers).json()
         versions = chaos.client.get("/api/model/versions", headers=headers).json()["versions"]
