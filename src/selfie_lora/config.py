@@ -11,10 +11,9 @@ import re
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 from urllib.parse import quote, urlsplit
 
-import httpx
 from pydantic import (
     AliasChoices,
     Field,
@@ -24,8 +23,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
 from selfie_lora.domain.accounts import SignInPolicy
 from selfie_lora.domain.alerts import CLAIM, MAX_SEND_SECONDS
@@ -54,6 +51,13 @@ from selfie_lora.domain.storage_url import parse_storage_url
 from selfie_lora.domain.webhook_secrets import webhook_secret_problem
 from selfie_lora.errors import ConfigError, InvalidInputError
 
+# httpx and sqlalchemy are imported by the validators that use them (a URL setting that is set):
+# at import they cost every command, `selfie-lora --help` included, a few tenths of a second.
+if TYPE_CHECKING:
+    import httpx
+
+# Replicate's API, SELFIE_LORA_REPLICATE_BASE_URL's default.
+REPLICATE_API_URL = "https://api.replicate.com"
 # The queue's name in its storage unless SELFIE_LORA_QUEUE_NAME says another.
 DEFAULT_QUEUE_NAME = "selfie-lora"
 # The SQLite database in HOME (the default deployment's).
@@ -171,7 +175,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("REPLICATE_API_TOKEN", "SELFIE_LORA_REPLICATE_API_TOKEN"),
     )
     replicate_owner: str | None = None
-    replicate_base_url: str = "https://api.replicate.com"
+    replicate_base_url: str = REPLICATE_API_URL
     replicate_recipe: str = DEFAULT_REPLICATE_RECIPE
     replicate_poll_interval: float = Field(default=5.0, gt=0, le=3600)
     replicate_max_retries: int = Field(default=5, ge=0, le=100)
@@ -323,6 +327,9 @@ class Settings(BaseSettings):
     @classmethod
     def _database_url_parses(cls, value: str | None) -> str | None:
         if value:
+            from sqlalchemy.engine import make_url
+            from sqlalchemy.exc import ArgumentError
+
             try:
                 make_url(value)
             except (ArgumentError, ValueError):  # ValueError: a port that is not a number
@@ -447,6 +454,8 @@ class Settings(BaseSettings):
     @field_validator("replicate_base_url")
     @classmethod
     def _replicate_base_url_is_http(cls, value: str) -> str:
+        if value == REPLICATE_API_URL:
+            return value  # the default (tests/unit/test_cli_imports.py): no httpx per start
         # Every Replicate call goes there: one without a scheme (api.replicate.com), of another
         # scheme or with a port out of range started serve and worker and failed each call.
         _http_url(value, form="must be Replicate's API address: https://api.replicate.com (or "
@@ -797,6 +806,8 @@ def _setting_in_the_way(path: Path) -> Path | None:
 def _http_url(value: str, *, form: str) -> httpx.URL:
     """``value`` as httpx reads it, when it is an http(s) URL that can be reached: ValueError
     saying ``form`` (and what is wrong, never the URL, which may hold a secret) otherwise."""
+    import httpx
+
     try:
         url = httpx.URL(value)
     except (httpx.InvalidURL, TypeError, ValueError):
