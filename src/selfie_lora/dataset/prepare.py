@@ -211,8 +211,10 @@ def encode_clean_jpeg(image: Image.Image, *, quality: int = 95) -> bytes:
     ``comment`` of an image's ``info`` on save (and resized copies inherit ``info``), so saving the
     image itself could leak a camera or app comment."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    clean = Image.new("RGB", rgb.size)
-    clean.paste(rgb)
+    # A new image on the same pixels, with no ``info`` and no EXIF: a copy of them (new() and
+    # paste(), which was here) cost ~1 ms of ~120 a photo, for the same bytes.
+    clean = rgb._new(rgb.im)
+    clean.info = {}
     buf = io.BytesIO()
     # No exif=, icc_profile= or comment=; 4:4:4 chroma keeps colour edges the trainer sees.
     clean.save(buf, format="JPEG", quality=quality, subsampling=0)
