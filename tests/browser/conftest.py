@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
-from tests.browser.support import Account, create
+from selfie_lora.services.users import UserService
+from tests.browser.support import PASSWORD, Account
 from tests.e2e.conftest import (  # serve: the fixture, for these tests too
     ServeProcess,
     clean_env,
+    operator,
     serve,  # noqa: F401
     servers,
 )
@@ -61,10 +63,24 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServePro
         yield start(env, args=("--no-worker",))
 
 
+# The users of the shared server are made by the service that ``selfie-lora users create``
+# calls, in this process, on the server's database (SQLite: the server sees each new user at
+# once, as it sees one the command makes while it runs): a ``users create`` process for each
+# test took ~2 s of CPU (its imports, mostly) for a user that is only the test's set-up. The
+# command itself, the password read from standard input, is run by the tests that start a
+# server of their own (``support.create``: test_journey, test_page_actions).
+@pytest.fixture(scope="module")
+def shared_users(shared_server: ServeProcess) -> Iterator[UserService]:
+    with operator(shared_server.env) as users:
+        yield users
+
+
 @pytest.fixture
-def account(shared_server: ServeProcess) -> Account:
-    """A new user, made as an operator makes them, on the test file's shared server."""
+def account(shared_server: ServeProcess, shared_users: UserService) -> Account:
+    """A new user with a password and an API key, on the test file's shared server."""
     if shared_server.proc.poll() is not None:
         pytest.fail(shared_server.why("the test file's server has exited"))
     name = f"ann{next(_NAMES)}"
-    return Account(server=shared_server, name=name, key=create(shared_server.env, name))
+    user, key = shared_users.create(name=name, password=PASSWORD)
+    assert user.name == name
+    return Account(server=shared_server, name=name, key=key)

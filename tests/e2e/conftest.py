@@ -23,6 +23,9 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, text
 
+from selfie_lora.config import Settings
+from selfie_lora.services.users import UserService
+from selfie_lora.wiring import build_services
 from tests.support.backends import POSTGRES_ENV, REDIS_ENV, _xdist_worker, redis_database
 
 HEALTH_DEADLINE_S = 60.0
@@ -95,6 +98,40 @@ def create_user(env: dict[str, str], name: str) -> dict[str, str]:
     assert isinstance(created["api_key"], str)
     assert len(created["api_key"]) >= 16
     return {"Authorization": f"Bearer {created['api_key']}"}
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    """The settings that a process started with ``env`` reads (none of this process's own
+    ``SELFIE_LORA_*``: ``SELFIE_LORA_CACHE_DIR`` is the run's, and ``clean_env`` leaves it out)."""
+    prefix = "SELFIE_LORA_"
+    values = {k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)}
+    return Settings(**{"cache_dir": None, **values})
+
+
+@contextlib.contextmanager
+def operator(env: dict[str, str]) -> Iterator[UserService]:
+    """The service that ``selfie-lora users create`` calls, in this process, on the database of
+    the processes started with ``env`` (made and migrated here first, as the command does): for
+    users that are a test's set-up only. A ``users create`` process took ~2 s of CPU each, its
+    imports mostly; the command itself is run by ``create_user``."""
+    services = build_services(settings_of(env), trainers={}, generators={})
+    try:
+        yield services.users
+    finally:
+        services.close()
+
+
+def make_users(env: dict[str, str], *names: str,
+               password: str | None = None) -> dict[str, dict[str, str]]:
+    """Each name's auth headers, for users made by ``operator`` (the set-up of tests that are
+    not about ``users create``), with ``password`` if given."""
+    made = {}
+    with operator(env) as users:
+        for name in names:
+            user, key = users.create(name=name, password=password)
+            assert user.name == name
+            made[name] = {"Authorization": f"Bearer {key}"}
+    return made
 
 
 @dataclass
