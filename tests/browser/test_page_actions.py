@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from selfie_lora.domain.plan import lora_scale_text
-from tests.browser.support import create, sign_in, upload_photos
+from tests.browser.support import Account, create, sign_in, upload_photos
 from tests.e2e.conftest import ServeProcess, clean_env, wait_training
 from tests.support.photos import FIXTURES
 
@@ -20,16 +20,15 @@ pytestmark = pytest.mark.slow
 PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg")
 
 
-def test_a_double_clicked_upload_is_sent_once(chromium: Any, tmp_path: Path,
-                                              serve: Callable[..., ServeProcess]) -> None:
+def test_a_double_clicked_upload_is_sent_once(chromium: Any, account: Account) -> None:
     """"Check and upload" stayed clickable while its upload ran: a double click sent two, and
     the server checked and stored the set twice (found in review). The button is disabled
     until the answer, and a second submit meanwhile sends nothing."""
-    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
-    create(env, "ann")
-    server = serve(env, args=("--no-worker",))
+    # The file's shared server (``serve --no-worker``, the local tiny model), as this test's own
+    # was, and a user made in this process: the next test runs ``users create`` itself.
+    server = account.server
     page = chromium.new_context().new_page()
-    sign_in(page, server.base_url, "ann", "/photos")
+    sign_in(page, server.base_url, account.name, "/photos")
     uploads: list[str] = []
     page.on("request", lambda request: uploads.append(request.url)
             if request.method == "POST" and request.url.endswith("/photos/upload") else None)
@@ -47,7 +46,10 @@ def test_generate_uses_the_scale_the_slider_shows_without_saving_it(
     """The slider was in a form of its own: dragged to 2.5, Generate still made the picture at
     the saved 1.0, and the slider snapped back (found in review). Generate sends the slider's
     scale now, for that request only: the saved scale is unchanged until "Save the scale"."""
-    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny")
+    # One probe for the likeness score of the version (four by default): the picture is what is
+    # tested here, and each probe is a generation and a face analysis after the training.
+    env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny",
+                    SELFIE_LORA_PROBE_COUNT="1")
     key = create(env, "ann")
     server = serve(env)
     upload_photos(server.base_url, key, start=True)
