@@ -32,7 +32,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import (
+    CancelledError,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+)
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -222,16 +228,28 @@ def shutdown_pools() -> None:
 atexit.register(shutdown_pools)
 
 
-def warm_up(factory: AnalyzerFactory | None, *, workers: int = 2) -> None:
+def warm_up(factory: AnalyzerFactory | None, *, workers: int = 2) -> bool:
     """Start the worker processes now (service start) so the first upload does not wait for
-    them. A no-op without a factory (analyzers that run in threads)."""
+    them. A no-op without a factory (analyzers that run in threads). False when
+    ``shutdown_pools`` stopped them meanwhile (the service is stopping)."""
     if factory is None or workers <= 1:
-        return
+        return True
     pool = _process_pool(workers, factory)
-    # One trivial task per worker makes each run its initializer.
-    futures = [pool.submit(time.sleep, 0) for _ in range(workers)]
-    for future in futures:
-        future.result()
+    try:
+        # One trivial task per worker makes each run its initializer.
+        futures = [pool.submit(time.sleep, 0) for _ in range(workers)]
+        for future in futures:
+            future.result()
+    except (RuntimeError, CancelledError):
+        # A stop (SIGTERM, Ctrl-C) during the warm-up shut the pool down: submit refuses
+        # ("cannot schedule new futures after shutdown") or the queued tasks are cancelled.
+        # Nothing is wrong then; a pool that is still this process's failed for real.
+        with _pools_lock:
+            stopped = _pools.get((workers, factory)) is not pool
+        if stopped:
+            return False
+        raise
+    return True
 
 
 # --------------------------------------------------------------------------- earlier outcomes

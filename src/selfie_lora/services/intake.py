@@ -207,7 +207,8 @@ class IntakeService:
     def warm_up(self) -> None:
         """Start the photo-analysis worker processes (a service start calls this)."""
         try:
-            warm_up(self._analyzer_factory, workers=self._workers)
+            if not warm_up(self._analyzer_factory, workers=self._workers):
+                logger.info("photo-check warm-up stopped: the service is stopping")
         except Exception:  # only a head start: the first upload starts them otherwise
             logger.warning("could not start the photo-analysis processes early", exc_info=True)
 

@@ -1,0 +1,106 @@
+"""The photo-check warm-up (``serve``'s start) when the service stops before it has finished."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ProcessPoolExecutor
+
+import pytest
+
+from selfie_lora.dataset import pipeline
+from selfie_lora.dataset.checks import CheckPolicy
+from selfie_lora.dataset.limits import UploadLimits
+from selfie_lora.domain.faces import AnalyzerFactory, FaceAnalyzer
+from selfie_lora.domain.plan import TrainingDefaults
+from selfie_lora.services.intake import IntakeService
+from selfie_lora.testing.fakes import FakeFaceAnalyzer
+
+
+class NeverBuilt:
+    """A factory the warm-up keys its pool by; no process is started here to call it."""
+
+    def __call__(self) -> FaceAnalyzer:  # pragma: no cover - no worker process runs
+        raise AssertionError("no worker process should start")
+
+
+def no_defaults() -> TrainingDefaults:  # pragma: no cover - the warm-up reads none
+    raise AssertionError("the warm-up reads no defaults")
+
+
+def intake(factory: AnalyzerFactory) -> IntakeService:
+    return IntakeService(repo=None, blobs=None, limits=UploadLimits(), policy=CheckPolicy(),
+                         analyzer=FakeFaceAnalyzer(lambda _image: None), defaults=no_defaults,
+                         analyzer_factory=factory, workers=2)
+
+
+def use_pool(monkeypatch: pytest.MonkeyPatch, pool: object) -> None:
+    """The warm-up gets ``pool``, registered as this process's, as a started one would be."""
+
+    def registered(workers: int, factory: AnalyzerFactory) -> object:
+        with pipeline._pools_lock:
+            pipeline._pools[(workers, factory)] = pool  # type: ignore[assignment]
+        return pool
+
+    monkeypatch.setattr(pipeline, "_process_pool", registered)
+
+
+def test_a_stop_during_the_warm_up_logs_no_traceback(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM or Ctrl-C while ``serve`` warmed up: the app's stop shut the pool down between
+    the pool's start and its first tasks, and the warm-up logged a WARNING with the traceback of
+    "RuntimeError: cannot schedule new futures after shutdown"."""
+    started = pipeline._process_pool
+
+    def stopped_at_once(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
+        pool = started(workers, factory)
+        pipeline.shutdown_pools()  # the service's stop, in another thread, at that moment
+        return pool
+
+    monkeypatch.setattr(pipeline, "_process_pool", stopped_at_once)
+    caplog.set_level(logging.DEBUG)
+    intake(NeverBuilt()).warm_up()
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert [r for r in caplog.records if r.exc_info] == []
+    assert "warm-up stopped" in caplog.text  # one INFO line says why it ended early
+
+
+def test_tasks_cancelled_by_the_stop_log_no_traceback(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The stop's ``cancel_futures`` cancels warm-up tasks still queued: CancelledError."""
+
+    class CancelledPool:
+        def submit(self, *_args: object) -> Future[None]:
+            pipeline.shutdown_pools()
+            future: Future[None] = Future()
+            future.cancel()
+            return future
+
+        def shutdown(self, **_options: object) -> None:
+            pass
+
+    use_pool(monkeypatch, CancelledPool())
+    caplog.set_level(logging.DEBUG)
+    intake(NeverBuilt()).warm_up()
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "warm-up stopped" in caplog.text
+
+
+def test_a_warm_up_that_fails_while_the_service_runs_still_warns(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Only a stop is quiet: a pool that refuses while it is still the service's is a fault."""
+
+    class RefusingPool:
+        def submit(self, *_args: object) -> Future[None]:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    use_pool(monkeypatch, RefusingPool())
+    factory = NeverBuilt()
+    try:
+        intake(factory).warm_up()
+    finally:
+        with pipeline._pools_lock:
+            pipeline._pools.pop((2, factory), None)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "could not start the photo-analysis processes early"]
+    assert warnings[0].exc_info is not None
