@@ -1479,3 +1479,33 @@ def test_the_apis_pictures_are_not_sniffed_nor_shared_by_caches(
     assert image.status_code == 200
     assert image.headers.get("x-content-type-options") == "nosniff"  # old code: None
     assert image.headers.get("cache-control") == "private"
+
+
+def test_a_replicate_model_on_a_server_without_replicate_access_is_a_502_that_says_so(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No REPLICATE_API_TOKEN (so no Replicate generator) on the server a Replicate-trained model
+    generates on: 500 config_error "this service is not set up for that yet", where the local backend's
+    misconfiguration (a device or base model that does not load) answers 502 generation_failed
+    "contact the operator". Now the same: 502, the same family, saying what to do; the log tells
+    the operator the setting."""
+    settings = make_settings(tmp_path, trainer="replicate", replicate_owner="acme",
+                             quality_gate=False)
+    svc = build_services(settings, trainers={"replicate": FakeTrainer(backend="replicate")},
+                         face_analyzer=one_person_analyzer(),
+                         generators={"local": FakeGenerator()})  # none for replicate
+    try:
+        with TestClient(create_app(settings, services=svc, run_worker=True)) as client:
+            h = auth(svc, "ann")
+            first = upload(client, h, photo_zip(4, size=1024))
+            done = wait_terminal(client, h, first["training"]["id"])
+            assert done["training"]["status"] == "succeeded", done["training"]
+            with caplog.at_level(logging.ERROR):
+                r = client.post("/api/generate", headers=h, json={"prompt": "x", "seed": 1})
+    finally:
+        svc.close()
+    assert r.status_code == 502, r.text  # old code: 500 config_error
+    error = r.json()["error"]
+    assert error["code"] == "generation_failed"
+    assert "contact the operator" in error["message"]
+    assert "Replicate" in error["message"]
+    assert "REPLICATE_API_TOKEN" in caplog.text  # the operator's line names the setting

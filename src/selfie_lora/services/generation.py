@@ -35,7 +35,6 @@ from selfie_lora.errors import (
     NO_MODEL,
     BlobMissingError,
     ClientGoneError,
-    ConfigError,
     ConflictError,
     ErrorCode,
     GenerationError,
@@ -61,6 +60,9 @@ from selfie_lora.services.ports import (
 from selfie_lora.services.telemetry import NullTelemetry
 
 logger = logging.getLogger(__name__)
+
+# A backend as a user knows it, in the sentence of a server that cannot generate with it.
+_BACKEND_NAMES = {"replicate": "Replicate"}
 
 MAX_OUTPUTS = 4
 # SELFIE_LORA_MAX_GENERATIONS_PER_USER and SELFIE_LORA_GENERATION_THREADS (config).
@@ -403,7 +405,17 @@ class GenerationService:
         scale = validate_lora_scale(lora_scale) if lora_scale is not None else model.lora_scale
         generator = self._generators.get(model.backend)
         if generator is None:
-            raise ConfigError(f"no '{model.backend}' generator is configured on this server")
+            # The operator's setting (a Replicate model on a server without REPLICATE_API_TOKEN),
+            # as the local generator's misconfiguration answers: a 502 that says whom to ask,
+            # not a 500 "not set up for that yet" the user cannot tell from a crash.
+            backend = _BACKEND_NAMES.get(model.backend, f"the '{model.backend}' backend")
+            raise GenerationError(
+                f"no '{model.backend}' generator is configured on this server"
+                + (": set REPLICATE_API_TOKEN (or SELFIE_LORA_REPLICATE_API_TOKEN)"
+                   if model.backend == "replicate" else ""),
+                user_message=f"This server cannot generate with your model: it is trained on "
+                             f"{backend}, which this server is not set up to use; contact the "
+                             "operator.")
         final_prompt = ensure_trigger_word(prompt, model.trigger_word)
         stored = generates_from_stored_weights(model.backend)
         # A copy found damaged (its hash, or the generator unable to read it) may be only this
