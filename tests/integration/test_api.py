@@ -838,6 +838,36 @@ def test_a_generation_picture_whose_file_is_gone_is_a_404_not_a_500(
     assert client.get(gen["images"][0], headers=h).status_code == 200
 
 
+def test_a_picture_read_while_its_generation_is_deleted_is_a_404_without_an_error_logged(
+        client: TestClient, services: Services, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A read of a picture racing a Delete of its generation (the gallery's image loading while
+    its Delete button is pressed in another tab): the read found the row, the Delete then took
+    the row and the file, and the read logged an ERROR "picture 0 is missing from the storage"
+    for the operator to hunt. Now the read finds the row gone and answers the same 404 as a
+    read after the Delete, with nothing logged at ERROR."""
+    h = auth(services, "ann")
+    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    gen = client.post("/api/generate", headers=h, json={"prompt": "x"}).json()["generation"]
+    ann = services.users.get_by_name(name="ann")
+    blobs = services.generation._blobs
+    read = blobs.get
+
+    def deleted_meanwhile(key: str) -> bytes:
+        services.generation.delete(user=ann, generation_id=gen["id"])  # the other tab's Delete
+        return read(key)
+
+    monkeypatch.setattr(blobs, "get", deleted_meanwhile)
+    with caplog.at_level(logging.INFO):
+        r = client.get(gen["images"][0], headers=h)
+    assert r.status_code == 404, r.text
+    assert r.json()["error"] == {"code": "not_found", "message": "no such image", "details": []}
+    assert [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR] == []
+    monkeypatch.undo()
+    after = client.get(gen["images"][0], headers=h)  # the answer of a read after the Delete
+    assert (after.status_code, after.json()) == (r.status_code, r.json())
+
+
 def test_a_version_named_by_a_json_number_generates_with_that_version(
         client: TestClient, services: Services) -> None:
     """The README names a version "by its number as `2` or `v2`": {"version_id": 1} answered

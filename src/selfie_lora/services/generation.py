@@ -648,6 +648,11 @@ class GenerationService:
         try:
             return self._blobs.get(key)
         except BlobMissingError as exc:
+            if self._repo.get_generation(generation_id) is None:
+                # Deleted between the row's read and the file's (a Delete in another tab while
+                # the gallery loads): the 404 of a read after the Delete, nothing for the
+                # operator to look for.
+                raise NotFoundError("no such image") from exc
             # Not the server failing (a 500 the user can only retry): the file is gone (a
             # restore without the blobs, a collection that removed it first) and stays gone.
             # The operator gets the key to look for.
