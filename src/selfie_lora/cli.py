@@ -1115,6 +1115,11 @@ def _generate_interrupted(exc: KeyboardInterrupt, services: Services, *, owner: 
     left to the garbage collection's orphan sweep), and exit status 130 or 143."""
     try:
         stored = services.generation.find(user=owner, generation_id=generation_id)
+    except KeyboardInterrupt as again:  # Ctrl-C pressed again while it looks: not waited for
+        err_console.print(f"interrupted: whether the pictures were stored is unknown; "
+                          f"'selfie-lora generations list --user {owner.name}' lists them if "
+                          "they were", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(_interrupted_status(again)) from None
     except SelfieLoraError as error:  # the database out of reach as it was interrupted
         err_console.print(f"interrupted: whether generation {generation_id} was stored is "
                           f"unknown ({error.message}); 'selfie-lora generations list --user "

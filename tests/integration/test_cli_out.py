@@ -189,6 +189,32 @@ def test_an_interrupted_generate_says_whether_its_pictures_were_stored(
     assert list(folder.glob("*.png")) == []
 
 
+def test_a_second_ctrl_c_during_the_lookup_of_an_interrupted_generate_is_one_line_and_130(
+        trained: Services, fake_generator: FakeGenerator, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C pressed again while the interrupted generate looked up whether its pictures were
+    stored (a slow database, an impatient user): the second KeyboardInterrupt escaped the
+    handler of the first, and the command ended (exit status 130 through typer) without a word
+    of whether anything was stored. Now one line, and exit status 130."""
+    from selfie_lora.services.generation import GenerationService
+
+    def rendering(job: GenerationJob) -> list[bytes | None]:
+        raise KeyboardInterrupt
+
+    def looking_up(*_args: Any, **_kwargs: Any) -> None:
+        raise KeyboardInterrupt  # the second Ctrl-C
+
+    monkeypatch.setattr(fake_generator, "generate", rendering)
+    monkeypatch.setattr(GenerationService, "find", looking_up)
+    result = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann",
+                                          "--out", str(tmp_path / "images")])
+    assert result.exit_code == 130, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert result.output.strip() == (
+        "interrupted: whether the pictures were stored is unknown; 'selfie-lora generations "
+        "list --user ann' lists them if they were")
+
+
 @pytest.mark.parametrize("command", [["generate", "a hat"], ["compare"]])
 def test_an_out_that_is_a_file_is_said_to_be_one(trained: Services, tmp_path: Path,
                                                   command: list[str]) -> None:
