@@ -278,6 +278,24 @@ def test_a_sign_in_form_can_be_sent_whichever_sign_in_page_was_shown_last(
         assert (r.status_code, r.headers.get("location")) == (303, "/generate"), r.text
 
 
+def test_a_head_of_the_sign_in_pages_sets_no_cookie(web_settings: Settings,
+                                                   svc: Services) -> None:
+    """HEAD /signin (a link checker, an uptime monitor, curl -I) ran as its GET and set the
+    sign-in form's cookie (Set-Cookie: sl_form=...), though no form was shown to anyone. Now a
+    HEAD answers the GET's status and other headers without it; the GET still sets it (the
+    forms' double-submit token needs it)."""
+    with browser(web_settings, svc) as client:
+        for path in ("/signin", "/signup"):
+            got = client.get(path)
+            client.cookies.clear()
+            head = client.head(path)
+            assert head.status_code == got.status_code
+            if got.status_code == 200:
+                assert "sl_form=" in got.headers.get("set-cookie", ""), path
+            assert "set-cookie" not in head.headers, (path, head.headers)  # old code: sl_form
+            assert client.cookies.get("sl_form") is None
+
+
 def test_an_expired_sign_in_form_is_shown_again_with_the_name_and_next_kept(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A form left open too long was a bare 403 page that lost the name and where to go."""

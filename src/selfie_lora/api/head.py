@@ -11,8 +11,8 @@ early leaves the file open until it is collected).
 
 A HEAD run as its GET has the GET's effects, but one: the pages' one-time cookies (a notice, the
 typed fields: ``Web.render``) are not cleared by it, so that a HEAD (a link checker's, ``curl
--I``) does not use up what the next GET of the page shows. The scope it runs with says so
-(``ran_for_head``).
+-I``) does not use up what the next GET of the page shows, and the sign-in forms' cookie is not
+set by it (no form is shown). The scope it runs with says so (``ran_for_head``).
 """
 
 from __future__ import annotations

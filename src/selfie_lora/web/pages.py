@@ -17,6 +17,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 
 from selfie_lora.api.deps import finished, in_intake, in_thread, upload_slot
 from selfie_lora.api.downloads import chart_answer, grid_answer, reads_a_part, weights_response
+from selfie_lora.api.head import ran_for_head
 from selfie_lora.api.paths import root_path, without_root
 from selfie_lora.api.server_errors import report_server_error
 from selfie_lora.dataset.archive import archive_kind
@@ -173,7 +174,10 @@ def _signin_form(request: Request, template: str, *, status_code: int = 200,
     token, cookie = web.signer.form_tokens(request.cookies.get(FORM_COOKIE))
     response = web.render(request, template, form_token=token, status_code=status_code,
                           **context)
-    web.set_form_cookie(response, request, cookie)
+    if not ran_for_head(request.scope):
+        # A HEAD (a link checker, curl -I) shows no form: no cookie for one, as a HEAD clears
+        # none of the one-time cookies either (api.head).
+        web.set_form_cookie(response, request, cookie)
     return response
 
 
