@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -31,4 +32,34 @@ def test_services_given_to_the_app_are_left_open(tmp_path: Path) -> None:
             assert client.get("/healthz").status_code == 200
         assert services.generation._executor.submit(lambda: 1).result() == 1
     finally:
+        services.close()
+
+
+def test_the_warm_up_is_given_the_stop_count_of_the_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop right after the start, before the warm-up thread ran: the thread read the count
+    only then, saw no stop, and started worker processes during the stop. It is given the
+    count the start read, so the stop that came meanwhile is seen."""
+    settings = make_settings(tmp_path)
+    services = build_services(settings, trainers={}, generators={})
+    let_run = threading.Event()
+    given: list[int | None] = []
+    ran = threading.Event()
+
+    def warm_up(*, since: int | None = None) -> None:
+        let_run.wait(10)  # the thread is slow to get going: the stop comes first
+        given.append(since)
+        ran.set()
+
+    monkeypatch.setattr(services.intake, "warm_up", warm_up)
+    try:
+        at_start = services.intake.stop_count()
+        with TestClient(create_app(settings, services=services, warm_up=True)) as client:
+            assert client.get("/healthz").status_code == 200
+        assert services.intake.stop_count() == at_start + 1  # the app's stop
+        let_run.set()
+        assert ran.wait(10)
+        assert given == [at_start]
+    finally:
+        let_run.set()
         services.close()

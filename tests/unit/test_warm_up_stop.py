@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import pytest
 
@@ -104,3 +105,52 @@ def test_a_warm_up_that_fails_while_the_service_runs_still_warns(
     assert [r.getMessage() for r in warnings] == [
         "could not start the photo-analysis processes early"]
     assert warnings[0].exc_info is not None
+
+
+def test_a_broken_pool_an_upload_dropped_still_warns(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Workers that cannot start (a face model missing): an upload during the warm-up met the
+    same BrokenProcessPool and dropped the pool (``_drop_pool``), and the warm-up took the
+    pool's absence for a stop: INFO "the service is stopping", the start-up failure unsaid."""
+    factory = NeverBuilt()
+
+    class BrokenPool:
+        def submit(self, *_args: object) -> Future[None]:
+            pipeline._drop_pool(2, factory, self)  # type: ignore[arg-type]  # the upload's
+            future: Future[None] = Future()
+            future.set_exception(BrokenProcessPool("a child process terminated abruptly"))
+            return future
+
+        def shutdown(self, **_options: object) -> None:
+            pass
+
+    use_pool(monkeypatch, BrokenPool())
+    caplog.set_level(logging.DEBUG)
+    intake(factory).warm_up()
+    assert "warm-up stopped" not in caplog.text
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "could not start the photo-analysis processes early"]
+    assert warnings[0].exc_info is not None
+    assert warnings[0].exc_info[0] is BrokenProcessPool
+
+
+def test_a_stop_before_the_warm_up_ran_starts_no_pool(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The service stopped right after its start, before the warm-up thread ran: the warm-up
+    started a pool after ``shutdown_pools``, its worker processes starting during the stop."""
+    made: list[int] = []
+
+    def new_pool(workers: int, _factory: AnalyzerFactory) -> object:
+        made.append(workers)
+        raise AssertionError("no pool should be made once the service stops")
+
+    monkeypatch.setattr(pipeline, "_new_pool", new_pool)
+    caplog.set_level(logging.DEBUG)
+    service = intake(NeverBuilt())
+    since = service.stop_count()  # read where the service starts (the app's lifespan)
+    pipeline.shutdown_pools()  # the stop, before the warm-up thread got going
+    service.warm_up(since=since)
+    assert made == []
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "warm-up stopped" in caplog.text

@@ -112,7 +112,10 @@ def create_app(
         if warm_up:
             # Start the photo-analysis processes now, off the event loop, so the first upload
             # does not wait ~1.5 s for them.
-            threading.Thread(target=svc.intake.warm_up, name="intake-warm-up", daemon=True).start()
+            # A stop before the thread runs (a shutdown right after the start) is seen by
+            # the count read here: the thread then starts no process during the stop.
+            threading.Thread(target=svc.intake.warm_up, name="intake-warm-up", daemon=True,
+                             kwargs={"since": svc.intake.stop_count()}).start()
         if run_worker or reconcile:
             from selfie_lora.worker import start_embedded
 

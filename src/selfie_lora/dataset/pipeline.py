@@ -216,9 +216,23 @@ def _drop_pool(workers: int, factory: AnalyzerFactory, pool: ProcessPoolExecutor
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+# How many times ``shutdown_pools`` ran: a warm-up is quiet about a refused or cancelled task
+# only when this moved. Whether its pool is still in ``_pools`` says nothing: an intake drops a
+# broken pool too (``_drop_pool``), and a pool that cannot start its workers is a fault to tell.
+_stops = 0
+
+
+def stop_count() -> int:
+    """How many times ``shutdown_pools`` ran in this process (``warm_up``'s ``since``)."""
+    with _pools_lock:
+        return _stops
+
+
 def shutdown_pools() -> None:
     """Stop the worker processes (they are otherwise kept for the next intake)."""
+    global _stops
     with _pools_lock:
+        _stops += 1
         pools = list(_pools.values())
         _pools.clear()
     for pool in pools:
@@ -228,13 +242,22 @@ def shutdown_pools() -> None:
 atexit.register(shutdown_pools)
 
 
-def warm_up(factory: AnalyzerFactory | None, *, workers: int = 2) -> bool:
+def warm_up(factory: AnalyzerFactory | None, *, workers: int = 2, since: int | None = None) -> bool:
     """Start the worker processes now (service start) so the first upload does not wait for
     them. A no-op without a factory (analyzers that run in threads). False when
-    ``shutdown_pools`` stopped them meanwhile (the service is stopping)."""
+    ``shutdown_pools`` ran after ``since`` (a ``stop_count()`` read at the service's start;
+    None: now), that is the service is stopping: then no worker process is started."""
     if factory is None or workers <= 1:
         return True
+    if since is None:
+        since = stop_count()
+    elif stop_count() != since:
+        return False  # stopped before this thread got here: start nothing during the stop
     pool = _process_pool(workers, factory)
+    if stop_count() != since:
+        # The stop came while the pool was made: no task submitted, so no process started;
+        # the pool, if still registered, goes with the process (atexit).
+        return False
     try:
         # One trivial task per worker makes each run its initializer.
         futures = [pool.submit(time.sleep, 0) for _ in range(workers)]
@@ -243,10 +266,9 @@ def warm_up(factory: AnalyzerFactory | None, *, workers: int = 2) -> bool:
     except (RuntimeError, CancelledError):
         # A stop (SIGTERM, Ctrl-C) during the warm-up shut the pool down: submit refuses
         # ("cannot schedule new futures after shutdown") or the queued tasks are cancelled.
-        # Nothing is wrong then; a pool that is still this process's failed for real.
-        with _pools_lock:
-            stopped = _pools.get((workers, factory)) is not pool
-        if stopped:
+        # Nothing is wrong then. Without a stop it is a fault (BrokenProcessPool is a
+        # RuntimeError: workers that cannot start), told as such.
+        if stop_count() != since:
             return False
         raise
     return True

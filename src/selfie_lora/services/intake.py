@@ -31,6 +31,7 @@ from selfie_lora.dataset.pipeline import (
     OutcomeCache,
     run_intake,
     shutdown_pools,
+    stop_count,
     warm_up,
 )
 from selfie_lora.dataset.prepare import PreparedPhoto, dataset_sha256
@@ -204,10 +205,15 @@ class IntakeService:
             raise ConfigError("these photo checks have no storage: they only judge photos")
         return self._blobs_or_none
 
-    def warm_up(self) -> None:
-        """Start the photo-analysis worker processes (a service start calls this)."""
+    def stop_count(self) -> int:
+        """How many times the photo-analysis processes were stopped (``warm_up``'s ``since``)."""
+        return stop_count()
+
+    def warm_up(self, *, since: int | None = None) -> None:
+        """Start the photo-analysis worker processes (a service start calls this). ``since``:
+        ``stop_count()`` when the service started; a stop after it makes this start nothing."""
         try:
-            if not warm_up(self._analyzer_factory, workers=self._workers):
+            if not warm_up(self._analyzer_factory, workers=self._workers, since=since):
                 logger.info("photo-check warm-up stopped: the service is stopping")
         except Exception:  # only a head start: the first upload starts them otherwise
             logger.warning("could not start the photo-analysis processes early", exc_info=True)
