@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 
 import pytest
@@ -50,14 +50,18 @@ def test_a_stop_during_the_warm_up_logs_no_traceback(
     """SIGTERM or Ctrl-C while ``serve`` warmed up: the app's stop shut the pool down between
     the pool's start and its first tasks, and the warm-up logged a WARNING with the traceback of
     "RuntimeError: cannot schedule new futures after shutdown"."""
-    started = pipeline._process_pool
 
-    def stopped_at_once(workers: int, factory: AnalyzerFactory) -> ProcessPoolExecutor:
-        pool = started(workers, factory)
-        pipeline.shutdown_pools()  # the service's stop, in another thread, at that moment
-        return pool
+    class StoppedPool:
+        """A pool the stop shut down before its first task (no process of its own)."""
 
-    monkeypatch.setattr(pipeline, "_process_pool", stopped_at_once)
+        def submit(self, *_args: object) -> Future[None]:
+            pipeline.shutdown_pools()  # the service's stop, in another thread, at that moment
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+        def shutdown(self, **_options: object) -> None:
+            pass
+
+    use_pool(monkeypatch, StoppedPool())
     caplog.set_level(logging.DEBUG)
     intake(NeverBuilt()).warm_up()
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
