@@ -1115,11 +1115,13 @@ def _generate_interrupted(exc: KeyboardInterrupt, services: Services, *, owner: 
     left to the garbage collection's orphan sweep), and exit status 130 or 143."""
     try:
         stored = services.generation.find(user=owner, generation_id=generation_id)
-    except KeyboardInterrupt as again:  # Ctrl-C pressed again while it looks: not waited for
-        err_console.print(f"interrupted: whether the pictures were stored is unknown; "
-                          f"'selfie-lora generations list --user {owner.name}' lists them if "
-                          "they were", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(_interrupted_status(again)) from None
+    except KeyboardInterrupt:  # Ctrl-C pressed again while it looks: not waited for
+        # The status of the first stop, as every other branch here: a SIGTERM (a time limit's)
+        # followed by an impatient Ctrl-C is still a SIGTERM's 143.
+        err_console.print(f"interrupted: whether generation {generation_id} was stored is "
+                          f"unknown; 'selfie-lora generations list --user {owner.name}' lists "
+                          "it if it was", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(_interrupted_status(exc)) from None
     except SelfieLoraError as error:  # the database out of reach as it was interrupted
         err_console.print(f"interrupted: whether generation {generation_id} was stored is "
                           f"unknown ({error.message}); 'selfie-lora generations list --user "

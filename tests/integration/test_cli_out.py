@@ -24,7 +24,7 @@ import selfie_lora.wiring as wiring
 from selfie_lora import cli
 from selfie_lora import console as console_module
 from selfie_lora.config import Settings
-from selfie_lora.domain.entities import Version
+from selfie_lora.domain.entities import User, Version
 from selfie_lora.outputs import partial_path
 from selfie_lora.services.models import ModelService
 from selfie_lora.services.ports import GenerationJob
@@ -189,30 +189,39 @@ def test_an_interrupted_generate_says_whether_its_pictures_were_stored(
     assert list(folder.glob("*.png")) == []
 
 
-def test_a_second_ctrl_c_during_the_lookup_of_an_interrupted_generate_is_one_line_and_130(
+@pytest.mark.parametrize(("interrupt", "status"), [(KeyboardInterrupt, 130),
+                                                   (cli._Terminated, 143)])
+def test_a_second_ctrl_c_during_the_lookup_of_an_interrupted_generate_is_one_line(
         trained: Services, fake_generator: FakeGenerator, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, interrupt: type[KeyboardInterrupt],
+        status: int) -> None:
     """Ctrl-C pressed again while the interrupted generate looked up whether its pictures were
     stored (a slow database, an impatient user): the second KeyboardInterrupt escaped the
     handler of the first, and the command ended (exit status 130 through typer) without a word
-    of whether anything was stored. Now one line, and exit status 130."""
+    of whether anything was stored. Now one line that names the generation (as the line of a
+    lookup the database failed does), and the first stop's status: a SIGTERM's 143 stays 143
+    (the second Ctrl-C's 130 before)."""
     from selfie_lora.services.generation import GenerationService
 
-    def rendering(job: GenerationJob) -> list[bytes | None]:
-        raise KeyboardInterrupt
+    looked_up: list[str] = []
 
-    def looking_up(*_args: Any, **_kwargs: Any) -> None:
+    def rendering(job: GenerationJob) -> list[bytes | None]:
+        raise interrupt
+
+    def looking_up(_service: GenerationService, *, user: User, generation_id: str) -> None:
+        looked_up.append(generation_id)
         raise KeyboardInterrupt  # the second Ctrl-C
 
     monkeypatch.setattr(fake_generator, "generate", rendering)
     monkeypatch.setattr(GenerationService, "find", looking_up)
     result = CliRunner().invoke(cli.app, ["generate", "a hat", "--user", "ann",
                                           "--out", str(tmp_path / "images")])
-    assert result.exit_code == 130, result.output
+    assert result.exit_code == status, result.output
     assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    [generation_id] = looked_up
     assert result.output.strip() == (
-        "interrupted: whether the pictures were stored is unknown; 'selfie-lora generations "
-        "list --user ann' lists them if they were")
+        f"interrupted: whether generation {generation_id} was stored is unknown; 'selfie-lora "
+        "generations list --user ann' lists it if it was")
 
 
 @pytest.mark.parametrize("command", [["generate", "a hat"], ["compare"]])
