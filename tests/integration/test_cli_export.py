@@ -15,7 +15,9 @@ from selfie_lora.errors import NotFoundError
 from selfie_lora.wiring import Services
 from tests.conftest import auth, wait_terminal
 from tests.integration.test_api import upload
-from tests.integration.test_cli_out import trained as trained  # the fixture, re-exported
+from tests.integration.test_cli_out import settings as settings  # the fixtures, re-exported:
+from tests.integration.test_cli_out import trained as trained  # ann's two trainings run once
+from tests.integration.test_cli_out import trained_home as trained_home  # for the module
 
 
 def export(*args: str) -> tuple[int, str]:
