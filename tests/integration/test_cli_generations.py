@@ -13,7 +13,9 @@ from selfie_lora import console as console_module
 from selfie_lora.wiring import Services
 from tests.conftest import auth
 from tests.integration.test_cli_model import ann_headers, as_json, run
-from tests.integration.test_cli_out import trained as trained  # the fixture, re-exported
+from tests.integration.test_cli_out import settings as settings  # the fixtures, re-exported:
+from tests.integration.test_cli_out import trained as trained  # ann's two trainings run once
+from tests.integration.test_cli_out import trained_home as trained_home  # for the module
 
 
 def generated(client: TestClient, headers: dict[str, str], prompt: str, *,
