@@ -28,7 +28,9 @@ from selfie_lora.config import Settings
 from selfie_lora.services.layout import photo_key
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
-from tests.integration.test_cli_out import trained as trained  # the fixture, re-exported
+from tests.integration.test_cli_out import settings as settings  # the fixtures, re-exported:
+from tests.integration.test_cli_out import trained as trained  # ann's two trainings run once
+from tests.integration.test_cli_out import trained_home as trained_home  # for the module
 
 
 def run(*args: str) -> tuple[int, str]:
