@@ -14,6 +14,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from selfie_lora.worker import Identity, Worker, start_embedded
 from tests.conftest import make_settings, one_person_analyzer, serving
+from tests.support.homes import MadeHome, made_once
 from tests.support.legacy import legacy_user
 from tests.support.owners import Owner, own_model
 from tests.support.passwords import fast_password_hashing
@@ -131,13 +133,73 @@ def mine(keys: set[str], services: Services, owner: Owner) -> set[str]:
     return {k for k in keys if any(i in k for i in ids)}
 
 
-def test_a_user_and_everything_theirs_is_deleted_and_no_one_elses(
-        on_services: Services, client: TestClient, key_cache_waits: list[float]) -> None:
-    services = on_services
+@dataclass(frozen=True)
+class BobThenAnn:
+    """bob furnished (his photos not hers), then ann: the owners, and bob's rows and blob keys
+    as they were before ann was furnished (what is left once she is deleted)."""
+
+    bob: Owner
+    ann: Owner
+    bob_rows: dict[str, list[tuple[Any, ...]]]
+    bob_blobs: set[str]
+
+
+def _furnish_bob_then_ann(client: TestClient, services: Services) -> BobThenAnn:
     bob = furnish(client, services, "bob", photos=photo_zip(3, offset=10))
-    bob_rows = rows_of(services)
-    bob_blobs = blob_keys(services)
+    bob_rows, bob_blobs = rows_of(services), blob_keys(services)
     ann = furnish(client, services, "ann", photos=photo_zip(4))
+    return BobThenAnn(bob=bob, ann=ann, bob_rows=bob_rows, bob_blobs=bob_blobs)
+
+
+def _furnish_ann(client: TestClient, services: Services) -> Owner:
+    return furnish(client, services, "ann", photos=photo_zip(4))
+
+
+@pytest.fixture(scope="module")
+def bob_then_ann_home(tmp_path_factory: pytest.TempPathFactory) -> MadeHome[BobThenAnn]:
+    """A HOME furnished once per module with bob then ann (two furnishings were most of each
+    test's time): each test that takes ``bob_then_ann`` starts from a copy (``settings``)."""
+    with pytest.MonkeyPatch.context() as m:
+        fast_password_hashing(m)
+        return made_once(tmp_path_factory, _furnish_bob_then_ann)
+
+
+@pytest.fixture(scope="module")
+def ann_home(tmp_path_factory: pytest.TempPathFactory) -> MadeHome[Owner]:
+    """A HOME furnished once per module with ann alone, for the tests that take ``ann``."""
+    with pytest.MonkeyPatch.context() as m:
+        fast_password_hashing(m)
+        return made_once(tmp_path_factory, _furnish_ann)
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """conftest's; on a copy of ``bob_then_ann_home`` or ``ann_home`` for a test that takes
+    ``bob_then_ann`` or ``ann`` (a copy each: what one test deletes the next still has)."""
+    for made in ("bob_then_ann", "ann"):
+        if made in request.fixturenames:
+            request.getfixturevalue(f"{made}_home").copy_to(tmp_path)
+    return make_settings(tmp_path)
+
+
+@pytest.fixture(name="bob_then_ann")  # named so: a test that forgets to take it fails lint
+def bob_then_ann_fixture(bob_then_ann_home: MadeHome[BobThenAnn]) -> BobThenAnn:
+    """bob and ann furnished (``furnish``), in this test's HOME (``settings``)."""
+    return bob_then_ann_home.made
+
+
+@pytest.fixture(name="ann")
+def ann_fixture(ann_home: MadeHome[Owner]) -> Owner:
+    """ann furnished (``furnish``), in this test's HOME (``settings``)."""
+    return ann_home.made
+
+
+def test_a_user_and_everything_theirs_is_deleted_and_no_one_elses(
+        on_services: Services, client: TestClient, key_cache_waits: list[float],
+        bob_then_ann: BobThenAnn) -> None:
+    services = on_services
+    bob, ann = bob_then_ann.bob, bob_then_ann.ann
+    bob_rows, bob_blobs = bob_then_ann.bob_rows, bob_then_ann.bob_blobs
     assert mine(blob_keys(services), services, ann)  # samples, checkpoints at least
     before = blob_keys(services) - bob_blobs
     assert any(k.startswith("photos/") for k in before)
@@ -177,13 +239,13 @@ def test_a_photo_another_user_uploaded_too_is_kept(
 
 
 def test_a_photo_uploaded_by_another_user_while_hers_are_deleted_is_written_back(
-        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+        ann: Owner) -> None:
     """Photos are keyed by their content: bob uploading the same photos while ann's are being
     deleted stores them "again" as blobs that exist (made fresh, not written), and the delete
     then removes the file his new row names. The erase holds young blobs aside (on disk: weights
     can be GBs) and writes back each one a row named meanwhile."""
     services = on_services
-    furnish(client, services, "ann", photos=photo_zip(4))
     real_delete = services.blobs.delete
     uploaded: list[Owner] = []
 
@@ -237,9 +299,8 @@ def test_the_deletion_answer_says_nothing_of_photos_another_account_holds_too(
 
 
 def test_no_confirmation_at_a_pipe_exits_2_and_an_unknown_name_deletes_nothing(
-        on_services: Services, client: TestClient) -> None:
+        on_services: Services, client: TestClient, ann: Owner) -> None:
     services = on_services
-    furnish(client, services, "ann", photos=photo_zip(4))
     rows, blobs = rows_of(services), blob_keys(services)
     code, said = run("users", "delete", "ann")
     assert code == 2
@@ -332,12 +393,10 @@ STEPS = ("disable", "delete_user_data", "erase", "delete_user")
 @pytest.mark.parametrize("step", STEPS)
 def test_a_delete_stopped_at_any_step_is_finished_by_running_it_again(
         on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
-        step: str) -> None:
+        step: str, bob_then_ann: BobThenAnn) -> None:
     services = on_services
-    furnish(client, services, "bob", photos=photo_zip(3, offset=10))
-    bob_rows = rows_of(services)
-    bob_blobs_before = blob_keys(services)
-    furnish(client, services, "ann", photos=photo_zip(4))
+    bob_rows = bob_then_ann.bob_rows
+    bob_blobs_before = bob_then_ann.bob_blobs
 
     def crash(*_args: object, **_kwargs: object) -> None:
         raise KeyboardInterrupt(f"killed at {step}")
@@ -382,14 +441,13 @@ class DiesMidway:
 
 
 def test_a_delete_killed_while_deleting_her_blobs_deletes_the_rest_when_run_again(
-        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+        bob_then_ann: BobThenAnn) -> None:
     """Her rows are gone, some of her blobs too: the run again deletes her photos, weights and
     the rest at once, from the plan stored with her rows' deletion (her rows no longer name
     them; a gc would wait out its 24 h grace), and then her user row."""
     services = on_services
-    furnish(client, services, "bob", photos=photo_zip(3, offset=10))
-    bob_rows, bob_blobs = rows_of(services), blob_keys(services)
-    furnish(client, services, "ann", photos=photo_zip(4))
+    bob_rows, bob_blobs = bob_then_ann.bob_rows, bob_then_ann.bob_blobs
     hers = blob_keys(services) - bob_blobs
     assert {k.split("/", 1)[0] for k in hers} >= {"photos", "weights", "generations"}
     with monkeypatch.context() as m:
@@ -470,15 +528,14 @@ def copies_of(contents: set[bytes], tmp_path: Path, store: Path) -> list[Path]:
             if p.is_file() and store not in p.parents and p.read_bytes() in contents]
 
 
-def bob_and_ann(services: Services, client: TestClient, tmp_path: Path,
+def bob_and_ann(services: Services, furnished: BobThenAnn, tmp_path: Path,
                 monkeypatch: pytest.MonkeyPatch) -> tuple[set[str], set[bytes]]:
-    """Bob's blob keys, then the bytes of ann's photos and weights, both furnished; the system's
-    temporary folder moved under ``tmp_path``, where ``copies_of`` looks."""
+    """Bob's blob keys, then the bytes of ann's photos and weights, both furnished
+    (``bob_then_ann``); the system's temporary folder moved under ``tmp_path``, where
+    ``copies_of`` looks."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
-    furnish(client, services, "bob", photos=photo_zip(3, offset=10))
-    bob_blobs = blob_keys(services)
-    furnish(client, services, "ann", photos=photo_zip(4))
+    bob_blobs = furnished.bob_blobs
     return bob_blobs, {services.blobs.get(k) for k in blob_keys(services) - bob_blobs
                        if k.startswith(("photos/", "weights/"))}
 
@@ -486,13 +543,14 @@ def bob_and_ann(services: Services, client: TestClient, tmp_path: Path,
 @pytest.mark.parametrize("settled_by", ["users delete", "gc"])
 def test_a_delete_killed_while_holding_her_photos_leaves_no_copy_once_settled(
         on_services: Services, client: TestClient, settings: Settings, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, settled_by: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, settled_by: str,
+        bob_then_ann: BobThenAnn) -> None:
     """Her young photos and weights are copied aside while deleted (an upload of the same bytes
     may name them meanwhile). Killed with ``kill -9`` while holding them, the copies stayed in
     the system's temporary folder for ever; they are in HOME/work now, where the command run
     again, or a collection, settles them: no copy of her face is left anywhere."""
     services = on_services
-    bob_blobs, hers = bob_and_ann(services, client, tmp_path, monkeypatch)
+    bob_blobs, hers = bob_and_ann(services, bob_then_ann, tmp_path, monkeypatch)
     erase_killed(services, dies_after=nth_photo(2))
     assert copies_of(hers, tmp_path, settings.blob_dir)  # held while she was being deleted
 
@@ -510,7 +568,8 @@ def test_a_delete_killed_while_holding_her_photos_leaves_no_copy_once_settled(
 @pytest.mark.parametrize("check", ["finish_erasures", "collect_garbage"])
 def test_an_api_server_settles_the_hold_its_killed_delete_left_though_it_claims_nothing(
         on_services: Services, client: TestClient, settings: Settings, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, check: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, check: str,
+        bob_then_ann: BobThenAnn) -> None:
     """``DELETE /api/me`` is answered by the API servers (``serve --no-worker``), so a killed
     one's hold lies on its machine. It was settled only by a deletion that server claimed
     itself (a worker usually claims it first, and finishes her rows and blobs without seeing
@@ -518,7 +577,7 @@ def test_an_api_server_settles_the_hold_its_killed_delete_left_though_it_claims_
     API server's every check settles its machine's holds, a deletion claimed or not, and its
     periodic pass over the machine (no collection: no lease, no listing) does too."""
     services = on_services
-    _bob_blobs, hers = bob_and_ann(services, client, tmp_path, monkeypatch)
+    _bob_blobs, hers = bob_and_ann(services, bob_then_ann, tmp_path, monkeypatch)
     erase_killed(services, dies_after=nth_photo(2))
     assert copies_of(hers, tmp_path, settings.blob_dir)
     worker = start_embedded(services, consume=False)  # as serve --no-worker starts it
@@ -533,14 +592,15 @@ def test_an_api_server_settles_the_hold_its_killed_delete_left_though_it_claims_
 
 def test_the_holds_folder_entries_are_on_disk_before_each_held_blob_is_deleted(
         on_services: Services, client: TestClient, settings: Settings, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch,
+        bob_then_ann: BobThenAnn) -> None:
     """The held copies and the manifest were fsynced, but not their folder: a power cut after
     the store's delete could leave a manifest naming a copy whose name never reached the disk
     (or the manifest before it, or the hold under its staging name). Now the work folder once
     the hold is in view, and the hold after each copy and manifest, are fsynced before the
     blob it holds is deleted."""
     services = on_services
-    bob_and_ann(services, client, tmp_path, monkeypatch)
+    bob_and_ann(services, bob_then_ann, tmp_path, monkeypatch)
     events: list[tuple[str, str]] = []
     # Recorded, not done: the order is what is checked (raising=False: old code had none).
     monkeypatch.setattr(gc_module, "fsync_dir",
@@ -568,12 +628,13 @@ def test_the_holds_folder_entries_are_on_disk_before_each_held_blob_is_deleted(
 
 def test_users_delete_stopped_by_sigterm_settles_what_it_held_and_exits_143(
         on_services: Services, client: TestClient, settings: Settings, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch,
+        bob_then_ann: BobThenAnn) -> None:
     """SIGTERM (``timeout``, systemd, ``docker stop``) ended the command on the spot, its
     copies of her photos left behind; it stops as Ctrl-C does now: the hold is settled on the
     way out, and the command run again finishes."""
     services = on_services
-    bob_blobs, hers = bob_and_ann(services, client, tmp_path, monkeypatch)
+    bob_blobs, hers = bob_and_ann(services, bob_then_ann, tmp_path, monkeypatch)
     pick = nth_photo(2)
 
     def terminate(key: str) -> None:
@@ -590,12 +651,11 @@ def test_users_delete_stopped_by_sigterm_settles_what_it_held_and_exits_143(
 
 
 def test_a_photo_uploaded_by_another_user_while_a_killed_delete_held_it_is_written_back(
-        on_services: Services, client: TestClient, settings: Settings) -> None:
+        on_services: Services, client: TestClient, settings: Settings, ann: Owner) -> None:
     """As above, with bob uploading the same photos while hers are deleted, and the delete
     killed before it wrote them back: the run again writes back each one his rows name from
     the copies held, and his dataset is whole."""
     services = on_services
-    furnish(client, services, "ann", photos=photo_zip(4))
     bob, _secret = services.users.create(name="bob")
     uploaded: list[str] = []
 
@@ -618,21 +678,19 @@ def test_a_photo_uploaded_by_another_user_while_a_killed_delete_held_it_is_writt
 
 
 def test_a_deleted_users_queued_training_is_not_left_in_the_count(
-        on_services: Services, client: TestClient) -> None:
+        on_services: Services, client: TestClient, ann: Owner) -> None:
     """The status counts the metrics read no longer hold hers."""
     services = on_services
-    furnish(client, services, "ann", photos=photo_zip(4))
     assert run("users", "delete", "ann", "--yes")[0] == 0
     counts = services.repo.count_trainings_by_status()
     assert counts.get(TrainingStatus.SUCCEEDED, 0) == 0
 
 
 def test_a_user_deletes_their_own_account_through_the_api(
-        on_services: Services, client: TestClient) -> None:
+        on_services: Services, client: TestClient, bob_then_ann: BobThenAnn) -> None:
     services = on_services
-    bob = furnish(client, services, "bob", photos=photo_zip(3, offset=10))
-    bob_rows, bob_blobs = rows_of(services), blob_keys(services)
-    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    bob, ann = bob_then_ann.bob, bob_then_ann.ann
+    bob_rows, bob_blobs = bob_then_ann.bob_rows, bob_then_ann.bob_blobs
     r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "bob"})
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] == "invalid_input"
@@ -669,12 +727,12 @@ class _TerminalStdin:
 
 
 def test_the_name_typed_to_confirm_a_deletion_is_taken_in_any_case_everywhere(
-        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+        ann: Owner) -> None:
     """A name is one whatever its case (signing in, the Settings page's Delete): DELETE /api/me
     refused {"confirm": "ANN"} for ann (422 invalid_input) and ``users delete`` at a terminal
     refused "ANN" typed, while the Settings page took it."""
     services = on_services
-    ann = furnish(client, services, "ann", photos=photo_zip(4))
     r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "ANN"})
     assert r.status_code == 200, r.text
     assert services.repo.get_user_by_name("ann") is None
@@ -708,11 +766,10 @@ def backdate_her_request(services: Services, user_id: str) -> None:
     assert services.repo.request_erasure(user_id, at=utcnow() - timedelta(hours=1))
 
 
-def her_deletion_due(services: Services, client: TestClient,
+def her_deletion_due(services: Services, client: TestClient, ann: Owner,
                      monkeypatch: pytest.MonkeyPatch) -> User:
-    """ann's account with its data, whose ``DELETE /api/me`` died before her rows went, asked
-    for an hour ago: due for ``finish_pending``. Her user row as it is then."""
-    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    """ann's account with its data (``ann``), whose ``DELETE /api/me`` died before her rows
+    went, asked for an hour ago: due for ``finish_pending``. Her user row as it is then."""
     ann_id = interrupt_her_api_delete(services, client, ann, monkeypatch,
                                       step="delete_user_data")
     backdate_her_request(services, ann_id)
@@ -732,14 +789,13 @@ def erasures_worker(services: Services) -> Worker:
 @pytest.mark.parametrize("step", ["delete_user_data", "erase"])
 def test_an_api_delete_whose_server_died_is_finished_by_the_workers_reconciler(
         on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
-        step: str) -> None:
+        step: str, bob_then_ann: BobThenAnn) -> None:
     """She cannot run it again (her account is disabled, her keys perhaps gone): she is told
     the deletion finishes on its own, the operator sees it pending, and ``serve --no-worker``'s
     reconciler-only worker (as every collecting worker) finishes it once it is overdue."""
     services = on_services
-    furnish(client, services, "bob", photos=photo_zip(3, offset=10))
-    bob_rows, bob_blobs = rows_of(services), blob_keys(services)
-    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    ann = bob_then_ann.ann
+    bob_rows, bob_blobs = bob_then_ann.bob_rows, bob_then_ann.bob_blobs
     ann_id = interrupt_her_api_delete(services, client, ann, monkeypatch, step=step)
 
     r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "ann"})
@@ -814,11 +870,10 @@ def test_a_worker_waiting_on_another_workers_training_to_finish_a_deletion_stops
 
 def test_a_deletion_finished_by_a_worker_logs_the_line_readme_quotes(
         on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, ann: Owner) -> None:
     """README: workers and gc "print and log `deleted user NAME`"; the log said `user NAME
     deleted: ...` (ops review 5)."""
     services = on_services
-    ann = furnish(client, services, "ann", photos=photo_zip(4))
     ann_id = interrupt_her_api_delete(services, client, ann, monkeypatch, step="erase")
     backdate_her_request(services, ann_id)
     caplog.set_level(logging.INFO, logger="selfie_lora.services.erasure")
@@ -827,14 +882,14 @@ def test_a_deletion_finished_by_a_worker_logs_the_line_readme_quotes(
 
 
 def test_an_account_being_deleted_gets_no_key_nor_password_and_is_not_said_kept(
-        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+        ann: Owner) -> None:
     """Its deletion under way (its process died), ``users disable`` said 'data kept' (an
     operator hoping to stop the deletion so was told it worked), and ``users keys create``,
     ``keys rotate`` and ``users password`` printed a key or set a password that every request
     refuses (403 'being deleted'). Each is refused now, as ``users enable`` is, in the service:
     the API's and the Settings page's routes too."""
     services = on_services
-    ann = furnish(client, services, "ann", photos=photo_zip(4))
     interrupt_her_api_delete(services, client, ann, monkeypatch, step="delete_user_data")
     her_keys = services.users.keys(user=services.users.get_by_name(name="ann"))
     her_key = her_keys[0].id
@@ -864,11 +919,11 @@ def test_an_account_being_deleted_gets_no_key_nor_password_and_is_not_said_kept(
 
 
 def test_gc_finishes_an_api_delete_whose_server_died(
-        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+        bob_then_ann: BobThenAnn) -> None:
     services = on_services
-    furnish(client, services, "bob", photos=photo_zip(3, offset=10))
-    bob_rows, bob_blobs = rows_of(services), blob_keys(services)
-    ann = furnish(client, services, "ann", photos=photo_zip(4))
+    ann = bob_then_ann.ann
+    bob_rows, bob_blobs = bob_then_ann.bob_rows, bob_then_ann.bob_blobs
     ann_id = interrupt_her_api_delete(services, client, ann, monkeypatch,
                                       step="delete_user_data")
     backdate_her_request(services, ann_id)
@@ -884,12 +939,13 @@ def test_gc_finishes_an_api_delete_whose_server_died(
 
 
 def test_gc_interrupted_while_finishing_a_deletion_lets_the_next_gc_go_on(
-        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
+        ann: Owner) -> None:
     """Interrupted, gc said "run gc again to go on", but its claim had moved the deletion's
     time to now: the next gc skipped it, silently, for 10 min 31 s (ops review 4). Now the
     claim is given back: the next gc finishes it."""
     services = on_services
-    asked = her_deletion_due(services, client, monkeypatch)
+    asked = her_deletion_due(services, client, ann, monkeypatch)
     ann_id = asked.id
 
     def interrupted(*_args: object, **_kwargs: object) -> None:
@@ -980,13 +1036,12 @@ def test_a_replicate_run_no_process_can_cancel_does_not_block_her_deletion_for_e
 
 def test_gc_given_another_deployments_storage_finishes_no_deletion_there(
         on_services: Services, settings: Settings, client: TestClient, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, ann: Owner) -> None:
     """gc finished the pending account deletions before its collection, whose guard refuses a
     storage bound to another database: given another deployment's storage (same photos, same
     keys) it deleted 14 of that deployment's blobs and only then refused (day review 1). The
     collection goes first now: refused, it deletes nothing anywhere, and her deletion waits."""
     services = on_services
-    ann = furnish(client, services, "ann", photos=photo_zip(4))
     ann_id = interrupt_her_api_delete(services, client, ann, monkeypatch,
                                       step="delete_user_data")
     backdate_her_request(services, ann_id)
@@ -1025,12 +1080,11 @@ def mark_as_another_deployments(services: Services) -> bytes:
 
 
 def test_a_deletion_on_another_deployments_storage_is_refused_and_changes_nothing(
-        on_services: Services, client: TestClient) -> None:
+        on_services: Services, client: TestClient, ann: Owner) -> None:
     """Account deletion deleted by key and prefix with no look at the store's marker, which
     ``gc`` refuses on: given another deployment's storage it deleted that deployment's blobs
     under her keys (day review). Now it refuses first, the account as it was."""
     services = on_services
-    furnish(client, services, "ann", photos=photo_zip(4))
     mark_as_another_deployments(services)
     rows, blobs = rows_of(services), blob_keys(services)
     with pytest.raises(DeploymentMismatchError) as refused:
@@ -1038,26 +1092,24 @@ def test_a_deletion_on_another_deployments_storage_is_refused_and_changes_nothin
     assert "refusing to delete user ann" in refused.value.message
     assert "SELFIE_LORA_STORAGE_URL" in refused.value.message
     assert (rows_of(services), blob_keys(services)) == (rows, blobs)
-    ann = services.users.get_by_name(name="ann")
-    assert ann.disabled_at is None
-    assert ann.erasure_requested_at is None
+    her = services.users.get_by_name(name="ann")
+    assert her.disabled_at is None
+    assert her.erasure_requested_at is None
 
 
 def test_a_storage_with_no_marker_yet_does_not_hold_up_a_deletion(
-        on_services: Services, client: TestClient) -> None:
+        on_services: Services, client: TestClient, ann: Owner) -> None:
     """Unbound (no server or worker of this release started on it): only this database's rows
     name her keys, and the store gets its marker at the first start (``check_deployment``)."""
     services = on_services
-    furnish(client, services, "ann", photos=photo_zip(4))
     services.blobs.delete(DEPLOYMENT_KEY)
     assert services.erasure.erase(name="ann").blobs.deleted
     assert services.repo.get_user_by_name("ann") is None
 
 
 def test_users_delete_on_another_deployments_storage_exits_1_and_deletes_nothing(
-        on_services: Services, client: TestClient) -> None:
+        on_services: Services, client: TestClient, ann: Owner) -> None:
     services = on_services
-    furnish(client, services, "ann", photos=photo_zip(4))
     mark_as_another_deployments(services)
     rows, blobs = rows_of(services), blob_keys(services)
     code, said = run("users", "delete", "ann", "--yes", "--force")
@@ -1069,9 +1121,8 @@ def test_users_delete_on_another_deployments_storage_exits_1_and_deletes_nothing
 
 
 def test_delete_me_on_another_deployments_storage_is_a_503_and_her_account_stays(
-        on_services: Services, client: TestClient) -> None:
+        on_services: Services, client: TestClient, ann: Owner) -> None:
     services = on_services
-    ann = furnish(client, services, "ann", photos=photo_zip(4))
     mark_as_another_deployments(services)
     rows, blobs = rows_of(services), blob_keys(services)
     r = client.request("DELETE", "/api/me", headers=ann.headers, json={"confirm": "ann"})
@@ -1086,12 +1137,12 @@ def test_delete_me_on_another_deployments_storage_is_a_503_and_her_account_stays
 
 def test_a_pending_deletion_on_another_deployments_storage_stays_pending(
         on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, ann: Owner) -> None:
     """``finish_pending`` (workers, ``serve``, ``gc``) refuses as the deletion itself does:
     nothing of hers goes, nothing is claimed, the refusal is logged; with the right storage
     back the deletion is finished."""
     services = on_services
-    asked = her_deletion_due(services, client, monkeypatch)
+    asked = her_deletion_due(services, client, ann, monkeypatch)
     ann_id = asked.id
     was = mark_as_another_deployments(services)
     rows, blobs = rows_of(services), blob_keys(services)
@@ -1127,13 +1178,13 @@ class MarkerUnreachable:
 
 def test_a_pending_deletion_whose_storage_cannot_be_read_stays_pending_and_gc_says_its_summary(
         on_services: Services, client: TestClient, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, ann: Owner) -> None:
     """``finish_pending`` caught only the marker naming another deployment: a StorageError
     reading it (the store unreachable) escaped, so ``gc``, which calls it after its
     collection, exited 1 with the storage's words alone, its summary never said. Now it is
     logged, nothing is claimed, and gc ends as it would with the deletion not yet due."""
     services = on_services
-    asked = her_deletion_due(services, client, monkeypatch)
+    asked = her_deletion_due(services, client, ann, monkeypatch)
     store = MarkerUnreachable(services.blobs)
     store.unreachable = True
     caplog.set_level(logging.WARNING, logger="selfie_lora.services.erasure")
