@@ -1,14 +1,18 @@
 """A user's generations past the gallery's first page: the Generate page's "Older pictures"
-link and ``GET /api/generations``, both paged by the last generation shown."""
+link and ``GET /api/generations``, both paged by the last generation shown.
+
+Every test starts on a copy of ``owners_home``: ann (with a password) and bob own a model."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
 
+from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Generation
 from selfie_lora.errors import ConflictError, ErrorCode
 from selfie_lora.services.common import new_id
@@ -16,8 +20,36 @@ from selfie_lora.services.generation import GenerationRequest
 from selfie_lora.services.ports import GenerationJob
 from selfie_lora.testing.fakes import FakeGenerator
 from selfie_lora.wiring import Services
+from tests.conftest import make_settings
 from tests.integration.test_web import PASSWORD, csrf, sign_in
-from tests.support.owners import own_model
+from tests.support.homes import MadeHome, made_once
+from tests.support.owners import Owner, own_model
+
+
+def _ann_and_bob(client: TestClient, services: Services) -> dict[str, Owner]:
+    services.users.create(name="ann", password=PASSWORD)  # for the pages' sign_in
+    return {name: own_model(client, services, name) for name in ("ann", "bob")}
+
+
+@pytest.fixture(scope="module")
+def owners_home(tmp_path_factory: pytest.TempPathFactory) -> MadeHome[dict[str, Owner]]:
+    """A HOME where ann (with a password) and bob each own a model with one version, made once
+    per module (their uploads and trainings were most of each test's time)."""
+    return made_once(tmp_path_factory, _ann_and_bob)
+
+
+@pytest.fixture
+def settings(owners_home: MadeHome[dict[str, Owner]], tmp_path: Path) -> Settings:
+    """conftest's, on a copy of ``owners_home`` (each test its own: what one generates or
+    deletes the next does not see)."""
+    owners_home.copy_to(tmp_path)
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def owners(owners_home: MadeHome[dict[str, Owner]]) -> dict[str, Owner]:
+    """ann's and bob's ``own_model``, in this test's HOME (``settings``)."""
+    return owners_home.made
 
 
 def _generations(services: Services, name: str, count: int) -> list[str]:
@@ -29,11 +61,10 @@ def _generations(services: Services, name: str, count: int) -> list[str]:
 
 
 def test_the_oldest_of_51_generations_is_reachable_on_the_page_and_through_the_api(
-        client: TestClient, services: Services) -> None:
+        client: TestClient, services: Services, owners: dict[str, Owner]) -> None:
     # Only the 50 newest were ever listed (the page had no paging, GET /api/generations was a
     # 404): the first generation's pictures were stored but could not be found.
-    services.users.create(name="ann", password=PASSWORD)
-    owner = own_model(client, services, "ann")
+    owner = owners["ann"]
     made = _generations(services, "ann", 51)
     sign_in(client, "ann")
 
@@ -61,10 +92,10 @@ def test_the_oldest_of_51_generations_is_reachable_on_the_page_and_through_the_a
 
 
 def test_an_empty_before_is_the_first_page_as_on_the_generate_page(
-        client: TestClient, services: Services) -> None:
+        client: TestClient, services: Services, owners: dict[str, Owner]) -> None:
     # A script passing the last page's "older" on (curl "...?before=$older", 'generations list
     # --before "$older"') starts with none: it was told "no such generation" (404, exit 1).
-    owner = own_model(client, services, "ann")
+    owner = owners["ann"]
     made = _generations(services, "ann", 2)
     r = client.get("/api/generations?limit=1&before=", headers=owner.headers)
     assert r.status_code == 200, r.text
@@ -75,9 +106,9 @@ def test_an_empty_before_is_the_first_page_as_on_the_generate_page(
 
 
 def test_generations_of_another_user_are_neither_listed_nor_a_cursor(
-        client: TestClient, services: Services) -> None:
-    ann = own_model(client, services, "ann")
-    bob = own_model(client, services, "bob")
+        client: TestClient, services: Services, owners: dict[str, Owner]) -> None:
+    ann = owners["ann"]
+    bob = owners["bob"]
     [anns] = _generations(services, "ann", 1)
     r = client.get("/api/generations", headers=bob.headers)
     assert r.json() == {"generations": [], "older": None}
@@ -93,8 +124,6 @@ def test_the_gallery_shows_each_picture_s_own_seed(client: TestClient, services:
                                                    fake_generator: FakeGenerator) -> None:
     # One "seed 10" stood under a whole batch: picture 3, made with seed 12, could not be made
     # again alone from the page. A withheld picture keeps its place's seed from the others.
-    services.users.create(name="ann", password=PASSWORD)
-    own_model(client, services, "ann")
     sign_in(client, "ann")
     r = client.post("/generate", data={"csrf_token": csrf(client, "/generate"),
                                        "prompt": "a hike", "num_outputs": "3", "seed": "10"},
@@ -113,11 +142,10 @@ def test_the_gallery_shows_each_picture_s_own_seed(client: TestClient, services:
 
 
 def test_a_1999_character_prompt_of_crlf_lines_is_accepted_and_stored_with_lf(
-        client: TestClient, services: Services) -> None:
+        client: TestClient, services: Services, owners: dict[str, Owner]) -> None:
     # The text area (maxlength 2000) counts a line break as 1; the browser sends it as CRLF, and
     # the server counted 2: five lines of 399 (1999 as typed) were refused as longer than 2000.
-    services.users.create(name="ann", password=PASSWORD)
-    owner = own_model(client, services, "ann")
+    owner = owners["ann"]
     sign_in(client, "ann")
     lines = [f"{i}" + "x" * 398 for i in range(5)]
     typed = "\n".join(lines)
@@ -139,11 +167,11 @@ def test_a_1999_character_prompt_of_crlf_lines_is_accepted_and_stored_with_lf(
 
 
 def test_an_empty_or_too_long_prompt_is_refused_by_the_api_with_the_service_s_codes(
-        client: TestClient, services: Services) -> None:
+        client: TestClient, services: Services, owners: dict[str, Owner]) -> None:
     # The body's own bounds answered "" and a 2001-character prompt invalid_request ("the
     # request is not valid"), where "   " was empty_prompt and the CLI and the Generate page
     # said "the prompt is empty" / "is longer than 2000 characters" (prompt_too_long).
-    owner = own_model(client, services, "ann")
+    owner = owners["ann"]
     for prompt, code, said in (("", "empty_prompt", "the prompt is empty"),
                                ("   ", "empty_prompt", "the prompt is empty"),
                                ("x" * 2001, "prompt_too_long",
@@ -161,12 +189,11 @@ def test_an_empty_or_too_long_prompt_is_refused_by_the_api_with_the_service_s_co
 
 
 def test_a_generation_is_deleted_with_its_pictures_by_its_owner_only(
-        client: TestClient, services: Services) -> None:
+        client: TestClient, services: Services, owners: dict[str, Owner]) -> None:
     # There was no way to delete one generation (API, page or CLI): only the operator's
     # retention or deleting the whole account.
-    services.users.create(name="ann", password=PASSWORD)
-    ann = own_model(client, services, "ann")
-    bob = own_model(client, services, "bob")
+    ann = owners["ann"]
+    bob = owners["bob"]
     first, second = _generations(services, "ann", 2)
     keys = services.repo.get_generation(first).image_keys
     assert all(services.blobs.exists(key) for key in keys)
@@ -198,8 +225,6 @@ def test_a_delete_sent_twice_comes_back_to_the_gallery_saying_it_was_deleted_alr
     # The Delete button sent twice (a double click without scripts, another tab's Delete of the
     # same generation): the second answered a "Not found" page, "no such generation", and the
     # user could not tell whether the first had deleted it.
-    services.users.create(name="ann", password=PASSWORD)
-    own_model(client, services, "ann")
     first, second = _generations(services, "ann", 2)
     sign_in(client, "ann")
     token = csrf(client, "/generate")
@@ -215,11 +240,10 @@ def test_a_delete_sent_twice_comes_back_to_the_gallery_saying_it_was_deleted_alr
 
 
 def test_the_next_page_comes_when_the_cursor_generation_was_deleted_in_between(
-        client: TestClient, services: Services) -> None:
+        client: TestClient, services: Services, owners: dict[str, Owner]) -> None:
     # The cursor was the last generation of the page before, looked up as a row: deleted in
     # between (this route, another tab, the retention), every older one was out of reach.
-    services.users.create(name="ann", password=PASSWORD)
-    owner = own_model(client, services, "ann")
+    owner = owners["ann"]
     made = _generations(services, "ann", 4)
     r = client.get("/api/generations", headers=owner.headers, params={"limit": 1})
     first = r.json()
@@ -263,8 +287,6 @@ def test_a_generation_id_already_stored_is_refused_before_anything_is_written(
     already stored had another generation's (another user's) pictures overwritten, and only
     then the insert failed. Refused now, before the generator is called, and again before the
     first put (one stored under it while this one rendered)."""
-    own_model(client, services, "ann")
-    own_model(client, services, "bob")
     ann = services.users.get_by_name(name="ann")
     bob = services.users.get_by_name(name="bob")
     anns = services.generation.generate(
