@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import os
 import select
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -30,8 +29,9 @@ from selfie_lora.services.models import ModelService
 from selfie_lora.services.ports import GenerationJob
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, SimulatedCrash
 from selfie_lora.wiring import Services
-from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
+from tests.conftest import auth, make_settings, one_person_analyzer, wait_terminal
 from tests.integration.test_api import upload
+from tests.support.homes import copy_home, made_once
 
 
 def _train_ann_twice(client: TestClient, services: Services) -> None:
@@ -46,17 +46,14 @@ def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A home where ann has two versions, trained once per module on the fake backends that
     ``trained`` wires (the two trainings were most of each test's second or more): each test
     that takes ``trained`` starts from a copy of it (``settings`` below)."""
-    base = tmp_path_factory.mktemp("trained")
-    with serving(make_settings(base), run_worker=True) as (client, services):
-        _train_ann_twice(client, services)
-    return base / "home"
+    return made_once(tmp_path_factory, _train_ann_twice).home
 
 
 @pytest.fixture
 def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     """conftest's, on a copy of ``trained_home`` for a test that takes ``trained``."""
     if "trained" in request.fixturenames:
-        shutil.copytree(request.getfixturevalue("trained_home"), tmp_path / "home")
+        copy_home(request.getfixturevalue("trained_home"), tmp_path)
     return make_settings(tmp_path)
 
 

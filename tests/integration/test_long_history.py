@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -30,6 +29,7 @@ from tests.integration.test_web import (
     train,
     upload,
 )
+from tests.support.homes import copy_home
 
 
 class Statements:
@@ -74,7 +74,7 @@ def trained_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def web_settings(trained_home: Path, tmp_path: Path) -> Settings:
-    shutil.copytree(trained_home, tmp_path / "home")
+    copy_home(trained_home, tmp_path)
     return make_settings(tmp_path)
 
 
