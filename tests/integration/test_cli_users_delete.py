@@ -206,6 +206,10 @@ def test_a_user_and_everything_theirs_is_deleted_and_no_one_elses(
     assert any(k.startswith("weights/") for k in before)
     assert any(k.startswith("generations/") for k in before)
 
+    # This app (another API server to the command) now remembers her key: the check after the
+    # wait below would pass without any wait on a cache that never saw it (ann is furnished
+    # once per module, on another app).
+    assert client.get("/api/model", headers=ann.headers).status_code == 200
     code, said = run("users", "delete", "ann", "--yes")
     assert code == 0, said
     # Other API servers' memory of her keys waited out, once.
