@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +44,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if (getattr(config.option, "loadscopereorder", None) is True
             and "--loadscope-reorder" not in config.invocation_params.args):
         config.option.loadscopereorder = False
+    # A run started as a background job of a shell without job control (``cmd &`` in a script)
+    # inherits SIGINT ignored, and Python keeps an ignored SIGINT: every test that sends a Ctrl-C
+    # to this process or a forked child would see it ignored (exit 1 after its wait, not 130).
+    # Handled, it is reset to the default across exec, so exec'd children and workers get it too.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
