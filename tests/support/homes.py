@@ -5,8 +5,9 @@ next. The HOME is made with the app closed after it and the job queue's SQLite c
 which ``Services.close`` leaves open, closed too: both databases are checkpointed (no ``-wal``
 file left, checked), and nothing is open that could checkpoint one in the middle of a copy. A
 copy carries everything the tests read from it: the database (which stores blob keys and ids,
-no absolute path), the blobs with their modification times (``copy2``: a blob made a moment
-ago is still young to the collection's grace), the deployment marker.
+no absolute path), the blobs with their modification times (``copy2``: the copy is the HOME as
+it was made, each blob as old as it was then, so what a test does by age, or after backdating a
+blob, starts from the maker's clock, not from the moment of the copy), the deployment marker.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ class MadeHome(Generic[T]):
 
 
 def copy_home(home: Path, tmp_path: Path) -> Path:
-    """``home`` copied to ``tmp_path / "home"`` (modification times kept)."""
+    """``home`` copied to ``tmp_path / "home"`` (modification times kept): for a fixture that
+    keeps its made HOME as a bare path (test_cli_out's ``trained_home``); ``MadeHome.copy_to``
+    is this same copy."""
     return Path(shutil.copytree(home, tmp_path / "home"))
 
 
