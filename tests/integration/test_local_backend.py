@@ -26,7 +26,13 @@ from selfie_lora.errors import (
     TrainingFailedError,
     TrainingInterruptedError,
 )
-from selfie_lora.services.ports import MAX_SEED, GenerationJob, TrainingJob, TrainingPhoto
+from selfie_lora.services.ports import (
+    MAX_SEED,
+    GenerationJob,
+    LoraHold,
+    TrainingJob,
+    TrainingPhoto,
+)
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
@@ -354,6 +360,29 @@ def test_generator_outputs_pngs_and_is_seeded(cache_dir: Path, trained: dict[str
     assert Image.open(io.BytesIO(generator.generate(unseeded)[0])).size == (64, 64)
     with pytest.raises(InvalidInputError):
         generator.generate(replace(job, num_outputs=0))
+
+
+def test_probes_of_one_hold_are_the_pictures_made_one_load_each(
+        cache_dir: Path, trained: dict[str, Any]) -> None:
+    """A likeness scoring loads its LoRA once for all its probes (``LoraHold``): the same
+    pictures, byte for byte, as when each probe loaded it again; the pipeline clean after."""
+    generator = LocalGenerator(base_model="tiny", cache_dir=cache_dir, device="cpu", num_threads=1)
+
+    def probe(index: int, hold: LoraHold | None) -> GenerationJob:
+        return GenerationJob(prompt=f"{PROMPT}, probe {index}", num_outputs=1, seed=40 + index,
+                             lora_scale=1.0, trainer_version="local-tiny-v1",
+                             weights_path=trained["path"], lora_hold=hold)
+
+    base = generator.generate(replace(probe(0, None), weights_path=None))
+    one_by_one = [generator.generate(probe(index, None))[0] for index in range(3)]
+    hold = LoraHold()
+    try:
+        held = [generator.generate(probe(index, hold))[0] for index in range(3)]
+    finally:
+        hold.close()
+    assert held == one_by_one
+    assert one_by_one[0] != base[0]  # the LoRA was applied
+    assert generator.generate(replace(probe(0, None), weights_path=None)) == base
 
 
 def test_a_batch_at_the_largest_seed_wraps_to_seeds_the_api_accepts(cache_dir: Path) -> None:

@@ -53,6 +53,7 @@ from selfie_lora.services.ports import (
     BlobStore,
     GenerationJob,
     Generator,
+    LoraHold,
     Repository,
     Telemetry,
     image_seed,
@@ -386,10 +387,13 @@ class GenerationService:
         size: int | None = None,
         client_gone: threading.Event | None = None,
         stop: Callable[[], None] | None = None,
+        lora_hold: LoraHold | None = None,
     ) -> Rendered:
         """Images of ``version`` through the model's generator, at the model's LoRA scale unless
         one is given. The one code path of user generations and likeness probes. ``stop``
-        (``GenerationJob.stop``) is called while they are made, and raises to stop them."""
+        (``GenerationJob.stop``) is called while they are made, and raises to stop them;
+        renders of one ``lora_hold`` (``GenerationJob.lora_hold``) may share one load of the
+        version's LoRA."""
         if version.version_mismatch:
             # The trainer published this training's LoRA as another destination's Replicate
             # version (replicate-python #419): generating with it would make that model's
@@ -438,6 +442,7 @@ class GenerationService:
                         lora_scale=scale, trainer_version=version.trainer_version,
                         weights_path=weights_path, remote_version=version.remote_version,
                         width=size, height=size, client_gone=client_gone, stop=stop,
+                        lora_hold=lora_hold,
                     )
                     try:
                         pictures = generator.generate(job)

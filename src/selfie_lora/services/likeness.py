@@ -87,7 +87,14 @@ from selfie_lora.likeness.images import analysis_array, image_sanity
 from selfie_lora.services.common import ModelHistory, page_limit, read_history, utcnow
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.layout import chart_key, grid_key, photo_key, probe_image_key, reference_key
-from selfie_lora.services.ports import Alerter, BlobStore, FaceAnalyzer, Repository, Telemetry
+from selfie_lora.services.ports import (
+    Alerter,
+    BlobStore,
+    FaceAnalyzer,
+    LoraHold,
+    Repository,
+    Telemetry,
+)
 from selfie_lora.services.telemetry import NullTelemetry
 
 logger = logging.getLogger(__name__)
@@ -651,10 +658,18 @@ class LikenessService:
             probes = self._probes(model)
             reference = self.reference(training.dataset_id)
             results = []
-            for probe in probes:
-                if checkpoint is not None:
-                    checkpoint()
-                results.append(self._probe(model, version, probe, checkpoint=checkpoint))
+            # Every probe renders with this version's LoRA at one scale: loaded once for them
+            # all (a local generator loaded and unloaded it for each probe), unloaded however
+            # the scoring ends.
+            hold = LoraHold()
+            try:
+                for probe in probes:
+                    if checkpoint is not None:
+                        checkpoint()
+                    results.append(self._probe(model, version, probe, checkpoint=checkpoint,
+                                               lora_hold=hold))
+            finally:
+                hold.close()
             scores = score_probes(tuple(results), reference.embeddings)
             record = dataclasses.replace(
                 base, status=LikenessStatus.SCORED, embedding_model=self._faces.model_name,
@@ -1169,7 +1184,8 @@ class LikenessService:
 
     # ------------------------------------------------------------------ internals
     def _probe(self, model: Model, version: Version, probe: Probe, *,
-               checkpoint: Callable[[], None] | None = None) -> ProbeResult:
+               checkpoint: Callable[[], None] | None = None,
+               lora_hold: LoraHold | None = None) -> ProbeResult:
         # Same weights, prompt, seed, scale and size: the same image. The size is in the key, so
         # an image of another size is never taken for this one, and a record scored at another
         # size is not current (``_is_current``): the gate scores the active version again.
@@ -1183,7 +1199,7 @@ class LikenessService:
             png = self._generation.render(model=model, version=version, prompt=probe.prompt,
                                           seed=probe.seed, size=self._probe_size,
                                           lora_scale=PROBE_LORA_SCALE,
-                                          stop=checkpoint).images[0]
+                                          stop=checkpoint, lora_hold=lora_hold).images[0]
             self._blobs.put(key, png)
             if checkpoint is not None:
                 checkpoint()  # stored first: the next attempt goes on from this image

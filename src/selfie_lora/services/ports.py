@@ -177,6 +177,45 @@ class Trainer(Protocol):
 # --------------------------------------------------------------------------- generator
 
 
+class LoraHold:
+    """Jobs that load one LoRA after another (a likeness scoring's probes: one version's
+    weights, one scale) let a generator that loads LoRAs into a shared pipeline keep it loaded
+    from one job to the next of the same hold, instead of loading it again for each (seconds a
+    probe). Whoever makes a hold closes it (``close``, in a ``finally``) when its last job has
+    ended: the LoRA is unloaded then, or by the next job of any other hold or of none, which
+    never sees it. A closed hold keeps nothing."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._release: Callable[[], None] | None = None
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def keep(self, release: Callable[[], None]) -> bool:
+        """Called by the generator that keeps the hold's LoRA loaded: ``release`` unloads it at
+        ``close``. False (nothing kept: unload it now) once the hold is closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._release = release
+            return True
+
+    def dropped(self) -> None:
+        """The generator unloaded the LoRA it kept: nothing to release at ``close``."""
+        with self._lock:
+            self._release = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
 @dataclass(frozen=True)
 class GenerationJob:
     prompt: str  # already holds the trigger word
@@ -199,6 +238,9 @@ class GenerationJob:
     # picture and, where the backend can, between diffusion steps (a FLUX.1 probe is 28 steps
     # of seconds each); its exception is raised as is, nothing returned. None: never.
     stop: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    # Jobs of one hold may leave their LoRA loaded for the next (``LoraHold``). None: the LoRA
+    # is unloaded as the job ends.
+    lora_hold: LoraHold | None = field(default=None, compare=False, repr=False)
 
     def abandoned(self) -> bool:
         """Whether the client this job is made for has gone (``client_gone`` is set)."""

@@ -13,6 +13,7 @@ prompt is encoded (T5-XXL alone is 8.9 GiB). A FLUX.1 pipeline wholly on the GPU
 
 from __future__ import annotations
 
+import functools
 import gc
 import io
 import logging
@@ -46,17 +47,34 @@ from selfie_lora.errors import (
     StorageError,
     WeightsDamagedError,
 )
-from selfie_lora.services.ports import GenerationJob, image_seed
+from selfie_lora.services.ports import GenerationJob, LoraHold, image_seed
 
 logger = logging.getLogger(__name__)
 
 MAX_OUTPUTS = 16
 
 
+# What tells one LoRA file from another: its path, and the file there (device, inode, size and
+# modification time), so that a copy fetched again (a damaged one replaced) is loaded again.
+_FileIdentity = tuple[str, int, int, int, int]
+
+
+@dataclass(frozen=True)
+class _KeptLora:
+    """A LoRA left loaded in a shared pipeline for the next job of ``hold`` (``LoraHold``)."""
+
+    adapter: str
+    weights: _FileIdentity
+    scale: float
+    hold: LoraHold
+
+
 @dataclass
 class _SharedPipeline:
     pipe: Any
     lock: threading.Lock
+    # Changed only under ``lock``: the LoRA a likeness scoring left loaded for its next probe.
+    kept: _KeptLora | None = None
 
 
 class _TransformerOnlyLoraFilter(logging.Filter):
@@ -191,7 +209,7 @@ class LocalGenerator:
                 try:
                     # None: released for a training meanwhile (release_device_pipelines); reload.
                     if shared.pipe is not None:
-                        return self._generate_locked(shared.pipe, job, seed=seed)
+                        return self._generate_locked(shared.pipe, job, seed=seed, shared=shared)
                 finally:
                     shared.lock.release()
 
@@ -237,21 +255,36 @@ class LocalGenerator:
             return 4
         return 28
 
-    def _generate_locked(self, pipe: Any, job: GenerationJob, *, seed: int) -> list[bytes]:
+    def _generate_locked(self, pipe: Any, job: GenerationJob, *, seed: int,
+                         shared: _SharedPipeline | None = None) -> list[bytes]:
+        """``job``'s pictures on ``pipe`` (``shared``'s, whose lock the caller holds: None, a
+        pipeline of the caller's own, keeps no LoRA between jobs)."""
         import torch
         from safetensors import SafetensorError
 
-        adapter = f"gen_{uuid.uuid4().hex[:12]}"
-        loaded = False
+        hold = job.lora_hold if shared is not None and not _closed(job.lora_hold) else None
+        weights = (_file_identity(job.weights_path)
+                   if hold is not None and job.weights_path is not None else None)
+        kept = shared.kept if shared is not None else None
+        reused = (kept is not None and kept.hold is hold and weights is not None
+                  and kept.weights == weights and kept.scale == job.lora_scale)
+        if kept is not None and not reused:
+            # Another job's LoRA (a scoring's, between two of its probes): out before this job
+            # runs, which sees the pipeline as it would without it.
+            assert shared is not None
+            _drop_kept(shared, pipe)
+        adapter = kept.adapter if reused and kept is not None else f"gen_{uuid.uuid4().hex[:12]}"
+        # From the load on, the pipeline may hold some of this LoRA's layers: unloaded in the
+        # end whether the job ends well or not, unless kept for its hold's next job.
+        loaded = reused
+        keep = False
         try:
-            if job.weights_path is not None:
+            if job.weights_path is not None and not reused:
                 misfit = _lora_misfit(pipe, job.weights_path)
                 if misfit is not None:
                     raise _does_not_fit(job.weights_path, misfit)
                 # Builds LoRA layers: not while another thread loads a model (runtime).
                 with loading_models():
-                    # From here the pipeline may hold some of this LoRA's layers: unloaded below
-                    # whether the load ends well or not.
                     loaded = True
                     try:
                         pipe.load_lora_weights(str(job.weights_path), adapter_name=adapter)
@@ -302,12 +335,32 @@ class LocalGenerator:
                         **steps,
                     )
                 images.append(_png(result.images[0], seed=each_seed, lora_scale=job.lora_scale))
+            keep = loaded and weights is not None
             return images
         except SelfieLoraError:
             raise
         except (RuntimeError, ValueError) as exc:
             raise GenerationError(f"local generation failed: {type(exc).__name__}: {exc}") from exc
         finally:
+            if keep and not reused:
+                # Only after a job that ended well: a failed one leaves nothing behind, as before.
+                assert shared is not None
+                assert hold is not None
+                assert weights is not None
+                now_kept = _KeptLora(adapter=adapter, weights=weights, scale=job.lora_scale,
+                                     hold=hold)
+                if hold.keep(functools.partial(_release_kept, shared, now_kept)):
+                    shared.kept = now_kept
+                    loaded = False
+                # else: closed meanwhile (from another thread), nobody would release it.
+            elif keep:
+                loaded = False  # kept already, released by its hold
+            elif reused:
+                # This job failed with the kept LoRA: unloaded below, its hold has none.
+                assert shared is not None
+                assert kept is not None
+                shared.kept = None
+                kept.hold.dropped()
             if loaded:
                 # Leave the shared pipeline as it was: no LoRA layers, no adapter names. A layer
                 # widened by a LoRA wider than it is not shrunk back by this (diffusers 0.42's
@@ -315,6 +368,41 @@ class LocalGenerator:
                 # FLUX's nested ones): _lora_misfit refuses such a LoRA before it loads.
                 with loading_models():
                     pipe.unload_lora_weights()
+
+
+def _closed(hold: LoraHold | None) -> bool:
+    return hold is None or hold.closed
+
+
+def _file_identity(path: Path) -> _FileIdentity | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None  # the load says what is wrong with it
+    return (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _drop_kept(shared: _SharedPipeline, pipe: Any) -> None:
+    """Unload the LoRA kept in ``shared`` (its lock held): the pipeline as it was before."""
+    kept, shared.kept = shared.kept, None
+    if kept is None:
+        return
+    kept.hold.dropped()
+    with loading_models():
+        pipe.unload_lora_weights()
+
+
+def _release_kept(shared: _SharedPipeline, kept: _KeptLora) -> None:
+    """A closed hold's LoRA unloaded, if the pipeline is free now; if a job has it, that job
+    unloads it (it is not that job's hold's), and a closing scoring does not wait minutes for
+    a generation to end."""
+    if not shared.lock.acquire(blocking=False):
+        return
+    try:
+        if shared.kept is kept and shared.pipe is not None:
+            _drop_kept(shared, shared.pipe)
+    finally:
+        shared.lock.release()
 
 
 def _damaged(weights_path: Path, exc: Exception) -> WeightsDamagedError:

@@ -1,0 +1,205 @@
+"""A likeness scoring loads its version's LoRA once for all its probes (``LoraHold``): the local
+generator loaded it into the shared pipeline and unloaded it again for every probe (a third of a
+tiny CPU scoring's CPU time, more for a FLUX.1 LoRA's hundreds of layers). What the hold keeps
+loaded is never seen by any other job, and a failed probe, a canceled scoring or a closed hold
+leave the pipeline without it, as before."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.torch import save_file
+
+from selfie_lora.adapters.flux.generator import LocalGenerator
+from selfie_lora.errors import GenerationError, TrainingInterruptedError
+from selfie_lora.services.ports import GenerationJob, LoraHold
+from tests.support.likeness import Rig, photo_generator, same_person
+from tests.support.pipes import GatedPipe, pipeline_of
+
+
+@dataclass
+class CountingPipe(GatedPipe):
+    """A pipeline that counts its LoRA loads and unloads, and records, for each picture, the
+    adapters loaded while it was made; ``fail_at`` (a picture's number, from 1) raises there."""
+
+    loads: list[str] = field(default_factory=list)
+    unloads: int = 0
+    loaded: list[str] = field(default_factory=list)
+    seen: list[tuple[str, ...]] = field(default_factory=list)
+    fail_at: int | None = None
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+    def __call__(self, **kwargs: Any) -> Any:
+        self.seen.append(tuple(self.loaded))
+        if self.fail_at == len(self.seen):
+            raise RuntimeError("a device error in the middle of a picture")
+        return super().__call__(**kwargs)
+
+    def load_lora_weights(self, path: str, *, adapter_name: str) -> None:
+        self.loads.append(Path(path).name)
+        self.loaded.append(adapter_name)
+
+    def unload_lora_weights(self) -> None:
+        self.unloads += 1
+        self.loaded.clear()
+
+
+@pytest.fixture
+def generator(tmp_path: Path) -> LocalGenerator:
+    return LocalGenerator(base_model="tiny", cache_dir=tmp_path, device="cpu",
+                          num_inference_steps=2)
+
+
+@pytest.fixture
+def pipe(generator: LocalGenerator, monkeypatch: pytest.MonkeyPatch) -> Iterator[CountingPipe]:
+    with pipeline_of(generator, CountingPipe(), monkeypatch) as counting:
+        yield counting
+
+
+def _weights(tmp_path: Path, name: str = "v1.safetensors") -> Path:
+    import torch
+
+    path = tmp_path / name
+    # No LoRA layer the fake transformer would be asked for (the generator's misfit check).
+    save_file({"transformer.x.alpha": torch.ones(())}, str(path))
+    return path
+
+
+def _job(weights: Path | None, hold: LoraHold | None, *, index: int = 0) -> GenerationJob:
+    return GenerationJob(prompt=f"probe {index}", num_outputs=1, seed=7 + index, lora_scale=1.0,
+                         trainer_version="local-tiny-v2", weights_path=weights, lora_hold=hold)
+
+
+def test_the_jobs_of_one_hold_load_their_lora_once(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path) -> None:
+    weights = _weights(tmp_path)
+    hold = LoraHold()
+    for index in range(4):
+        assert len(generator.generate(_job(weights, hold, index=index))) == 1
+    assert pipe.loads == ["v1.safetensors"]  # old code: one load per probe
+    assert pipe.unloads == 0
+    assert len(pipe.seen) == 4
+    assert all(len(adapters) == 1 for adapters in pipe.seen)
+    assert len(set(pipe.seen)) == 1  # the one adapter throughout
+    hold.close()
+    assert (pipe.unloads, pipe.loaded) == (1, [])  # closed: the pipeline as it was
+
+
+def test_jobs_without_a_hold_still_load_and_unload_each_time(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path) -> None:
+    weights = _weights(tmp_path)
+    for index in range(2):
+        generator.generate(_job(weights, None, index=index))
+    assert len(pipe.loads) == 2
+    assert (pipe.unloads, pipe.loaded) == (2, [])
+
+
+def test_another_job_between_two_of_a_hold_never_sees_its_lora(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path) -> None:
+    weights, other = _weights(tmp_path), _weights(tmp_path, "v2.safetensors")
+    hold = LoraHold()
+    generator.generate(_job(weights, hold))
+    generator.generate(_job(None, None, index=1))  # a user's picture without a LoRA
+    generator.generate(_job(other, None, index=2))  # and one with another version's
+    generator.generate(_job(weights, LoraHold(), index=3))  # another scoring of the same file
+    generator.generate(_job(weights, hold, index=4))
+    hold.close()
+    assert pipe.seen[1] == ()
+    assert len(pipe.seen[2]) == 1
+    assert pipe.seen[2] != pipe.seen[0]
+    assert pipe.loads == ["v1.safetensors", "v2.safetensors", "v1.safetensors",
+                          "v1.safetensors"]
+    assert pipe.loaded == []
+
+
+def test_a_weights_file_replaced_under_a_hold_is_loaded_again(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path) -> None:
+    """A local copy fetched again (a damaged one dropped) is another file at the same path."""
+    weights = _weights(tmp_path)
+    hold = LoraHold()
+    generator.generate(_job(weights, hold))
+    weights.unlink()
+    _weights(tmp_path)
+    generator.generate(_job(weights, hold, index=1))
+    hold.close()
+    assert pipe.loads == ["v1.safetensors", "v1.safetensors"]
+    assert pipe.loaded == []
+
+
+def test_a_failed_job_of_a_hold_leaves_no_lora_and_the_next_loads_it_again(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path) -> None:
+    weights = _weights(tmp_path)
+    hold = LoraHold()
+    pipe.fail_at = 2
+    generator.generate(_job(weights, hold))
+    with pytest.raises(GenerationError):
+        generator.generate(_job(weights, hold, index=1))
+    assert (pipe.unloads, pipe.loaded) == (1, [])
+    generator.generate(_job(weights, hold, index=2))
+    assert len(pipe.loads) == 2
+    hold.close()
+    assert (pipe.unloads, pipe.loaded) == (2, [])
+
+
+def test_a_closed_hold_keeps_nothing(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path) -> None:
+    weights = _weights(tmp_path)
+    hold = LoraHold()
+    hold.close()
+    generator.generate(_job(weights, hold))
+    assert (len(pipe.loads), pipe.unloads, pipe.loaded) == (1, 1, [])
+
+
+# --------------------------------------------------------------------------- the scoring
+
+
+@pytest.fixture
+def rig(tmp_path: Path, generator: LocalGenerator, pipe: CountingPipe) -> Iterator[Rig]:
+    r = Rig(root=tmp_path, generator=generator)
+    yield r
+    r.close()
+
+
+def test_a_scoring_loads_its_version_s_lora_once_for_all_its_probes(
+        rig: Rig, pipe: CountingPipe) -> None:
+    ann = rig.user()
+    version = rig.train(ann)
+    record = rig.likeness.score(version.id)
+    assert len(record.probes) == rig.probe_count == 4
+    assert len(pipe.seen) == 4
+    assert all(len(adapters) == 1 for adapters in pipe.seen)
+    assert len(pipe.loads) == 1  # old code: 4, one per probe
+    assert (pipe.unloads, pipe.loaded) == (1, [])  # nothing left once it is scored
+
+
+class CanceledError(TrainingInterruptedError):
+    pass
+
+
+def test_a_scoring_canceled_between_probes_leaves_no_lora_behind(
+        rig: Rig, pipe: CountingPipe) -> None:
+    ann = rig.user()
+    rig.dying.inner = photo_generator(same_person())  # the training's own scoring: not counted
+    version = rig.train(ann)
+    rig.dying.inner = rig.generator
+    scored = rig.repo.get_likeness(version.id)
+    assert scored is not None
+    for probe in scored.probes:  # made again by the scoring below
+        assert probe.image_key is not None
+        rig.blobs.delete(probe.image_key)
+
+    def checkpoint() -> None:
+        if len(pipe.seen) == 2:
+            raise CanceledError("canceled by its user")
+
+    with pytest.raises(CanceledError):
+        rig.likeness.score(version.id, force=True, checkpoint=checkpoint)
+    assert len(pipe.seen) == 2
+    assert len(pipe.loads) == 1
+    assert (pipe.unloads, pipe.loaded) == (1, [])
