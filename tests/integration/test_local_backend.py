@@ -371,7 +371,8 @@ def test_probes_of_one_hold_are_the_pictures_made_one_load_each(
     def probe(index: int, hold: LoraHold | None) -> GenerationJob:
         return GenerationJob(prompt=f"{PROMPT}, probe {index}", num_outputs=1, seed=40 + index,
                              lora_scale=1.0, trainer_version="local-tiny-v1",
-                             weights_path=trained["path"], lora_hold=hold)
+                             weights_path=trained["path"], weights_id="trained-v1",
+                             lora_hold=hold)
 
     base = generator.generate(replace(probe(0, None), weights_path=None))
     one_by_one = [generator.generate(probe(index, None))[0] for index in range(3)]

@@ -6,15 +6,18 @@ leave the pipeline without it, as before."""
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from selfie_lora.adapters.flux.generator import LocalGenerator
+from selfie_lora.adapters.storage.cache import BlobCache
 from selfie_lora.errors import GenerationError, TrainingInterruptedError
 from selfie_lora.services.ports import GenerationJob, LoraHold
 from tests.support.likeness import Rig, photo_generator, same_person
@@ -62,18 +65,25 @@ def pipe(generator: LocalGenerator, monkeypatch: pytest.MonkeyPatch) -> Iterator
         yield counting
 
 
-def _weights(tmp_path: Path, name: str = "v1.safetensors") -> Path:
+def _lora(alpha: float = 1.0) -> bytes:
     import torch
 
-    path = tmp_path / name
     # No LoRA layer the fake transformer would be asked for (the generator's misfit check).
-    save_file({"transformer.x.alpha": torch.ones(())}, str(path))
+    return save({"transformer.x.alpha": torch.full((), alpha)})
+
+
+def _weights(tmp_path: Path, name: str = "v1.safetensors", *, alpha: float = 1.0) -> Path:
+    path = tmp_path / name
+    path.write_bytes(_lora(alpha))
     return path
 
 
 def _job(weights: Path | None, hold: LoraHold | None, *, index: int = 0) -> GenerationJob:
+    # The content's id, as ``GenerationService.render`` passes the sha256 it checked.
+    weights_id = hashlib.sha256(weights.read_bytes()).hexdigest() if weights else None
     return GenerationJob(prompt=f"probe {index}", num_outputs=1, seed=7 + index, lora_scale=1.0,
-                         trainer_version="local-tiny-v2", weights_path=weights, lora_hold=hold)
+                         trainer_version="local-tiny-v2", weights_path=weights,
+                         weights_id=weights_id, lora_hold=hold)
 
 
 def test_the_jobs_of_one_hold_load_their_lora_once(
@@ -118,18 +128,47 @@ def test_another_job_between_two_of_a_hold_never_sees_its_lora(
     assert pipe.loaded == []
 
 
-def test_a_weights_file_replaced_under_a_hold_is_loaded_again(
+def test_a_weights_file_of_other_content_under_a_hold_is_loaded_again(
         generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path) -> None:
-    """A local copy fetched again (a damaged one dropped) is another file at the same path."""
+    """Another content at the same path (a copy fetched again) is another LoRA."""
     weights = _weights(tmp_path)
     hold = LoraHold()
     generator.generate(_job(weights, hold))
-    weights.unlink()
-    _weights(tmp_path)
+    _weights(tmp_path, alpha=2.0)
     generator.generate(_job(weights, hold, index=1))
     hold.close()
     assert pipe.loads == ["v1.safetensors", "v1.safetensors"]
     assert pipe.loaded == []
+
+
+def test_the_object_store_s_cached_copy_touched_at_each_use_is_loaded_once(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path) -> None:
+    """The S3 store hands out its copies through a ``BlobCache``, which marks a copy used (its
+    modification time) at every hit: the same content is the same LoRA all the same, and
+    another content under the key (the copy forgotten and fetched again) is loaded again."""
+    cache = BlobCache(tmp_path / "cache", max_bytes=1 << 30)
+    stored = {"content": _lora()}
+
+    def probe(hold: LoraHold, index: int) -> None:
+        with cache.copy("weights/v1.safetensors",
+                        lambda fh: fh.write(stored["content"])) as path:
+            generator.generate(_job(path, hold, index=index))
+
+    hold = LoraHold()
+    mtimes = []
+    for index in range(3):
+        probe(hold, index)
+        mtimes.append((tmp_path / "cache" / "weights" / "v1.safetensors").stat().st_mtime_ns)
+        time.sleep(0.01)
+    assert len(set(mtimes)) == 3  # the cache did touch it at each use
+    assert pipe.loads == ["v1.safetensors"]  # old code: 3, one per touched copy
+    stored["content"] = _lora(2.0)
+    assert cache.forget("weights/v1.safetensors")
+    probe(hold, 3)
+    assert pipe.loads == ["v1.safetensors", "v1.safetensors"]
+    assert pipe.unloads == 1  # the first content's, before the second was loaded
+    hold.close()
+    assert (pipe.unloads, pipe.loaded) == (2, [])
 
 
 def test_a_failed_job_of_a_hold_leaves_no_lora_and_the_next_loads_it_again(

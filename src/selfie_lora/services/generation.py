@@ -441,6 +441,8 @@ class GenerationService:
                         prompt=final_prompt, num_outputs=num_outputs, seed=seed,
                         lora_scale=scale, trainer_version=version.trainer_version,
                         weights_path=weights_path, remote_version=version.remote_version,
+                        weights_id=((version.weights_sha256 or version.weights_key)
+                                    if weights_path is not None else None),
                         width=size, height=size, client_gone=client_gone, stop=stop,
                         lora_hold=lora_hold,
                     )

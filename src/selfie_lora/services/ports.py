@@ -224,6 +224,12 @@ class GenerationJob:
     lora_scale: float
     trainer_version: str
     weights_path: Path | None = None  # the local backend loads this LoRA
+    # What the file at ``weights_path`` holds: its sha256 (``render`` checked the copy against
+    # it), or the version's weights key where no hash was recorded (a key is never written
+    # twice). Jobs of one ``lora_hold`` share a load only while it is the same; not the file's
+    # path or times, which the object store's blob cache touches at every use. None: the LoRA
+    # is never kept.
+    weights_id: str | None = None
     remote_version: str | None = None  # the Replicate backend runs a prediction on this
     width: int | None = None
     height: int | None = None

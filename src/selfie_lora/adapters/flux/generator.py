@@ -54,17 +54,12 @@ logger = logging.getLogger(__name__)
 MAX_OUTPUTS = 16
 
 
-# What tells one LoRA file from another: its path, and the file there (device, inode, size and
-# modification time), so that a copy fetched again (a damaged one replaced) is loaded again.
-_FileIdentity = tuple[str, int, int, int, int]
-
-
 @dataclass(frozen=True)
 class _KeptLora:
     """A LoRA left loaded in a shared pipeline for the next job of ``hold`` (``LoraHold``)."""
 
     adapter: str
-    weights: _FileIdentity
+    weights: str  # GenerationJob.weights_id
     scale: float
     hold: LoraHold
 
@@ -262,9 +257,11 @@ class LocalGenerator:
         import torch
         from safetensors import SafetensorError
 
-        hold = job.lora_hold if shared is not None and not _closed(job.lora_hold) else None
-        weights = (_file_identity(job.weights_path)
-                   if hold is not None and job.weights_path is not None else None)
+        # The LoRA is told by its content (``weights_id``), not by the file's path, inode or
+        # times: the object store's blob cache marks its copy used (its mtime) at every fetch.
+        hold = (job.lora_hold if shared is not None and not _closed(job.lora_hold)
+                and job.weights_path is not None else None)
+        weights = job.weights_id if hold is not None else None
         kept = shared.kept if shared is not None else None
         reused = (kept is not None and kept.hold is hold and weights is not None
                   and kept.weights == weights and kept.scale == job.lora_scale)
@@ -372,14 +369,6 @@ class LocalGenerator:
 
 def _closed(hold: LoraHold | None) -> bool:
     return hold is None or hold.closed
-
-
-def _file_identity(path: Path) -> _FileIdentity | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None  # the load says what is wrong with it
-    return (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
 
 
 def _drop_kept(shared: _SharedPipeline, pipe: Any) -> None:
