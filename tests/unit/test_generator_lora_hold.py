@@ -7,8 +7,9 @@ leave the pipeline without it, as before."""
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +35,15 @@ class CountingPipe(GatedPipe):
     loaded: list[str] = field(default_factory=list)
     seen: list[tuple[str, ...]] = field(default_factory=list)
     fail_at: int | None = None
+    during: Callable[[], None] | None = None  # called while a picture is made
 
     def __post_init__(self) -> None:
         self.gate.set()
 
     def __call__(self, **kwargs: Any) -> Any:
         self.seen.append(tuple(self.loaded))
+        if self.during is not None:
+            self.during()
         if self.fail_at == len(self.seen):
             raise RuntimeError("a device error in the middle of a picture")
         return super().__call__(**kwargs)
@@ -193,6 +197,46 @@ def test_a_closed_hold_keeps_nothing(
     hold.close()
     generator.generate(_job(weights, hold))
     assert (len(pipe.loads), pipe.unloads, pipe.loaded) == (1, 1, [])
+
+
+def _close_from_another_thread(hold: LoraHold) -> None:
+    closing = threading.Thread(target=hold.close)
+    closing.start()
+    closing.join(timeout=10)
+    assert not closing.is_alive()  # close() never waits for the pipeline
+
+
+def test_a_hold_closed_during_one_of_its_reused_jobs_leaves_no_lora(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path) -> None:
+    """close() finds the pipeline busy with the hold's own job, which reused the LoRA: that
+    job unloads it as it ends."""
+    weights = _weights(tmp_path)
+    hold = LoraHold()
+    generator.generate(_job(weights, hold))
+    pipe.during = lambda: _close_from_another_thread(hold)
+    generator.generate(_job(weights, hold, index=1))
+    assert len(pipe.seen) == 2
+    assert len(pipe.seen[1]) == 1  # made with the kept LoRA
+    assert pipe.loads == ["v1.safetensors"]
+    assert (pipe.unloads, pipe.loaded) == (1, [])  # old code: (0, ['gen_…'])
+
+
+class ClosedAsItKeeps(LoraHold):
+    """Closed from another thread just after the generator kept its LoRA, while the job still
+    has the pipeline."""
+
+    def keep(self, release: Callable[[], None]) -> bool:
+        kept = super().keep(release)
+        _close_from_another_thread(self)
+        return kept
+
+
+def test_a_hold_closed_as_its_first_job_keeps_the_lora_leaves_no_lora(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path) -> None:
+    weights = _weights(tmp_path)
+    generator.generate(_job(weights, ClosedAsItKeeps()))
+    assert pipe.loads == ["v1.safetensors"]
+    assert (pipe.unloads, pipe.loaded) == (1, [])  # old code: (0, ['gen_…'])
 
 
 # --------------------------------------------------------------------------- the scoring

@@ -207,6 +207,7 @@ class LocalGenerator:
                         return self._generate_locked(shared.pipe, job, seed=seed, shared=shared)
                 finally:
                     shared.lock.release()
+                    _release_closed(shared)
 
     def _torch_device(self) -> str:
         """The device, torch imported."""
@@ -339,19 +340,22 @@ class LocalGenerator:
         except (RuntimeError, ValueError) as exc:
             raise GenerationError(f"local generation failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            if keep and not reused:
+            if keep:
                 # Only after a job that ended well: a failed one leaves nothing behind, as before.
+                # Registered with the hold after every job, the reused LoRA's too: a close()
+                # meanwhile (from another thread) found the pipeline busy with this job and
+                # left the unload to it.
                 assert shared is not None
                 assert hold is not None
                 assert weights is not None
-                now_kept = _KeptLora(adapter=adapter, weights=weights, scale=job.lora_scale,
-                                     hold=hold)
+                now_kept = (kept if reused and kept is not None
+                            else _KeptLora(adapter=adapter, weights=weights,
+                                           scale=job.lora_scale, hold=hold))
                 if hold.keep(functools.partial(_release_kept, shared, now_kept)):
                     shared.kept = now_kept
                     loaded = False
-                # else: closed meanwhile (from another thread), nobody would release it.
-            elif keep:
-                loaded = False  # kept already, released by its hold
+                else:
+                    shared.kept = None  # closed meanwhile: unloaded below
             elif reused:
                 # This job failed with the kept LoRA: unloaded below, its hold has none.
                 assert shared is not None
@@ -381,10 +385,20 @@ def _drop_kept(shared: _SharedPipeline, pipe: Any) -> None:
         pipe.unload_lora_weights()
 
 
+def _release_closed(shared: _SharedPipeline) -> None:
+    """The LoRA of a hold closed while a job had the pipeline (its ``close`` could not take it)
+    unloaded once that job is done with it: the job registered it with its hold before the
+    close, and the close left it to the lock's holder."""
+    kept = shared.kept  # read without the lock: looked at again under it
+    if kept is not None and kept.hold.closed:
+        _release_kept(shared, kept)
+
+
 def _release_kept(shared: _SharedPipeline, kept: _KeptLora) -> None:
     """A closed hold's LoRA unloaded, if the pipeline is free now; if a job has it, that job
-    unloads it (it is not that job's hold's), and a closing scoring does not wait minutes for
-    a generation to end."""
+    unloads it (another hold's job, before it runs; the hold's own, as it ends or once it has
+    let the pipeline go), and a closing scoring does not wait minutes for a generation to
+    end."""
     if not shared.lock.acquire(blocking=False):
         return
     try:
