@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from safetensors.torch import save
 
+from selfie_lora.adapters.flux import generator as flux_generator
 from selfie_lora.adapters.flux.generator import LocalGenerator
 from selfie_lora.adapters.storage.cache import BlobCache
 from selfie_lora.errors import GenerationError, TrainingInterruptedError
@@ -36,6 +37,7 @@ class CountingPipe(GatedPipe):
     seen: list[tuple[str, ...]] = field(default_factory=list)
     fail_at: int | None = None
     during: Callable[[], None] | None = None  # called while a picture is made
+    unload_fails: bool = False
 
     def __post_init__(self) -> None:
         self.gate.set()
@@ -54,6 +56,8 @@ class CountingPipe(GatedPipe):
 
     def unload_lora_weights(self) -> None:
         self.unloads += 1
+        if self.unload_fails:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         self.loaded.clear()
 
 
@@ -237,6 +241,57 @@ def test_a_hold_closed_as_its_first_job_keeps_the_lora_leaves_no_lora(
     generator.generate(_job(weights, ClosedAsItKeeps()))
     assert pipe.loads == ["v1.safetensors"]
     assert (pipe.unloads, pipe.loaded) == (1, [])  # old code: (0, ['gen_…'])
+
+
+@pytest.fixture
+def fresh_pipes(monkeypatch: pytest.MonkeyPatch) -> list[CountingPipe]:
+    """The base pipelines loaded anew (a dropped one), each a new ``CountingPipe``."""
+    loaded: list[CountingPipe] = []
+
+    def load(*_args: Any, **_kwargs: Any) -> CountingPipe:
+        loaded.append(CountingPipe())
+        return loaded[-1]
+
+    monkeypatch.setattr(flux_generator, "_load_for_generation", load)
+    return loaded
+
+
+def test_a_kept_lora_that_cannot_be_unloaded_fails_the_next_job_as_a_generation_error(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path,
+        fresh_pipes: list[CountingPipe]) -> None:
+    """Another user's job that finds a scoring's LoRA and cannot unload it: a GenerationError
+    (the API's mapped answer, not a 500), and the pipeline, which may still hold the LoRA's
+    layers, is dropped: the next job runs on a clean one loaded anew."""
+    weights = _weights(tmp_path)
+    hold = LoraHold()
+    generator.generate(_job(weights, hold))
+    pipe.unload_fails = True
+    with pytest.raises(GenerationError, match="illegal memory access"):
+        generator.generate(_job(None, None, index=1))  # old code: a raw RuntimeError
+    assert len(pipe.seen) == 1  # nothing made on the polluted pipeline
+    assert generator.generate(_job(None, None, index=2))
+    assert len(fresh_pipes) == 1  # old code: the next job ran on the polluted pipeline
+    assert fresh_pipes[0].seen == [()]
+    hold.close()  # its LoRA went with the old pipeline: nothing to do, nothing raised
+    assert pipe.unloads == 1
+    assert len(pipe.seen) == 1  # the dropped pipeline never used again
+
+
+def test_a_hold_whose_lora_cannot_be_unloaded_closes_without_raising(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path,
+        fresh_pipes: list[CountingPipe]) -> None:
+    """close() runs in the scoring's ``finally``: it never replaces the scoring's result or
+    error, and the pipeline it could not clean is dropped."""
+    weights = _weights(tmp_path)
+    hold = LoraHold()
+    generator.generate(_job(weights, hold))
+    pipe.unload_fails = True
+    hold.close()  # old code: raised the RuntimeError
+    assert pipe.unloads == 1
+    generator.generate(_job(None, None, index=1))
+    assert len(fresh_pipes) == 1  # old code: the next job ran on the polluted pipeline
+    assert fresh_pipes[0].seen == [()]
+    assert len(pipe.seen) == 1
 
 
 # --------------------------------------------------------------------------- the scoring

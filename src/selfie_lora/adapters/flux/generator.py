@@ -266,17 +266,19 @@ class LocalGenerator:
         kept = shared.kept if shared is not None else None
         reused = (kept is not None and kept.hold is hold and weights is not None
                   and kept.weights == weights and kept.scale == job.lora_scale)
-        if kept is not None and not reused:
-            # Another job's LoRA (a scoring's, between two of its probes): out before this job
-            # runs, which sees the pipeline as it would without it.
-            assert shared is not None
-            _drop_kept(shared, pipe)
         adapter = kept.adapter if reused and kept is not None else f"gen_{uuid.uuid4().hex[:12]}"
         # From the load on, the pipeline may hold some of this LoRA's layers: unloaded in the
         # end whether the job ends well or not, unless kept for its hold's next job.
         loaded = reused
         keep = False
         try:
+            if kept is not None and not reused:
+                # Another job's LoRA (a scoring's, between two of its probes): out before this
+                # job runs, which sees the pipeline as it would without it. Its unload failing
+                # is this job's GenerationError (the pipeline is dropped: the next job loads it
+                # anew), not a 500.
+                assert shared is not None
+                _drop_kept(shared, pipe)
             if job.weights_path is not None and not reused:
                 misfit = _lora_misfit(pipe, job.weights_path)
                 if misfit is not None:
@@ -381,8 +383,23 @@ def _drop_kept(shared: _SharedPipeline, pipe: Any) -> None:
     if kept is None:
         return
     kept.hold.dropped()
-    with loading_models():
-        pipe.unload_lora_weights()
+    try:
+        with loading_models():
+            pipe.unload_lora_weights()
+    except BaseException:
+        # The pipeline may still hold some of the LoRA's layers, and records none: dropped
+        # whole, so that no job runs on it; the next one loads a clean base.
+        _discard(shared)
+        raise
+
+
+def _discard(shared: _SharedPipeline) -> None:
+    """``shared``'s pipeline (its lock held) forgotten: the next job loads the base again."""
+    with _pipelines_lock:
+        for key in [key for key, each in _pipelines.items() if each is shared]:
+            del _pipelines[key]
+    shared.pipe = None
+    logger.warning("generator pipeline dropped: a LoRA kept in it could not be unloaded")
 
 
 def _release_closed(shared: _SharedPipeline) -> None:
@@ -404,6 +421,10 @@ def _release_kept(shared: _SharedPipeline, kept: _KeptLora) -> None:
     try:
         if shared.kept is kept and shared.pipe is not None:
             _drop_kept(shared, shared.pipe)
+    except Exception:
+        # The pipeline is dropped (_drop_kept): a scoring's close() in its ``finally`` must
+        # not replace the scoring's own result or error with this.
+        logger.exception("unloading a likeness scoring's LoRA failed")
     finally:
         shared.lock.release()
 
