@@ -363,10 +363,20 @@ def test_generator_outputs_pngs_and_is_seeded(cache_dir: Path, trained: dict[str
 
 
 def test_probes_of_one_hold_are_the_pictures_made_one_load_each(
-        cache_dir: Path, trained: dict[str, Any]) -> None:
+        cache_dir: Path, trained: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """A likeness scoring loads its LoRA once for all its probes (``LoraHold``): the same
-    pictures, byte for byte, as when each probe loaded it again; the pipeline clean after."""
+    pictures, byte for byte, as when each probe loaded it again (and as after a user's picture
+    without it between two probes); the pipeline clean after."""
     generator = LocalGenerator(base_model="tiny", cache_dir=cache_dir, device="cpu", num_threads=1)
+    pipe = generator._pipeline("cpu").pipe
+    loads: list[str] = []
+    load_lora_weights = pipe.load_lora_weights
+
+    def counted(path: str, **kwargs: Any) -> None:
+        loads.append(path)
+        load_lora_weights(path, **kwargs)
+
+    monkeypatch.setattr(pipe, "load_lora_weights", counted)
 
     def probe(index: int, hold: LoraHold | None) -> GenerationJob:
         return GenerationJob(prompt=f"{PROMPT}, probe {index}", num_outputs=1, seed=40 + index,
@@ -376,12 +386,21 @@ def test_probes_of_one_hold_are_the_pictures_made_one_load_each(
 
     base = generator.generate(replace(probe(0, None), weights_path=None))
     one_by_one = [generator.generate(probe(index, None))[0] for index in range(3)]
+    assert len(loads) == 3
     hold = LoraHold()
     try:
         held = [generator.generate(probe(index, hold))[0] for index in range(3)]
+        assert len(loads) == 4  # one for the hold's three probes (without it: 6)
+        # A user's picture without the LoRA between two probes: made as on a clean pipeline,
+        # and the next probe, its LoRA loaded again, the same picture as before.
+        between = generator.generate(replace(probe(0, None), weights_path=None))
+        again = generator.generate(probe(1, hold))[0]
     finally:
         hold.close()
     assert held == one_by_one
+    assert between == base
+    assert again == one_by_one[1]
+    assert len(loads) == 5
     assert one_by_one[0] != base[0]  # the LoRA was applied
     assert generator.generate(replace(probe(0, None), weights_path=None)) == base
 

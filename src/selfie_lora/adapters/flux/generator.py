@@ -2,7 +2,9 @@
 
 The base pipeline is loaded once per (source, device, memory mode) and shared by every
 ``LocalGenerator`` in the process. A generation loads its LoRA into that shared pipeline, runs, and
-unloads it again, all under the pipeline's lock, so concurrent requests never see each other's LoRA.
+unloads it again, all under the pipeline's lock, so concurrent requests never see each other's LoRA;
+except between the probes of one likeness scoring (``LoraHold``), whose LoRA stays loaded until the
+scoring ends or any other job takes the pipeline, which unloads it first.
 
 On a GPU the pipeline is placed as the trainer places it (``flux.memory``), so a card that trains
 also generates: the transformer in its memory mode (bf16, int8 or nf4, ``auto`` choosing from the
