@@ -37,6 +37,7 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
 from tests.support.generations import held_generations
+from tests.support.homes import MadeHome, made_once
 from tests.support.owners import own_model
 from tests.support.photos import photo_zip, synthetic_photo
 
@@ -50,6 +51,61 @@ def upload(client: TestClient, headers: dict[str, str], data: bytes | None = Non
                     data={"start": "true" if start else "false"})
     assert r.status_code == 202, r.text
     return r.json()
+
+
+@dataclass(frozen=True)
+class Trained:
+    """ann, whose model is trained: her headers and her last training's terminal answer."""
+
+    headers: dict[str, str]
+    done: dict[str, Any]
+
+
+def _ann_trained(times: int) -> Callable[[TestClient, Services], Trained]:
+    def make(client: TestClient, services: Services) -> Trained:
+        h = auth(services, "ann")
+        done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+        for _ in range(times - 1):
+            done = wait_terminal(client, h, client.post("/api/training/start", headers=h,
+                                                        json={}).json()["training"]["id"])
+        return Trained(headers=h, done=done)
+    return make
+
+
+@pytest.fixture(scope="module")
+def ann_trained_home(tmp_path_factory: pytest.TempPathFactory) -> MadeHome[Trained]:
+    """ann trained once, made once per module: the training was most of the time of each test
+    that only starts from a trained model (``settings`` below copies it per test)."""
+    return made_once(tmp_path_factory, _ann_trained(1))
+
+
+@pytest.fixture(scope="module")
+def ann_retrained_home(tmp_path_factory: pytest.TempPathFactory) -> MadeHome[Trained]:
+    """ann trained, then trained again (versions 1 and 2), made once per module."""
+    return made_once(tmp_path_factory, _ann_trained(2))
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """conftest's, on a copy of ann's trained HOME for a test that takes ``ann_trained`` or
+    ``ann_retrained`` (a copy each: what one test generates or deletes the next does not see)."""
+    for name in ("ann_trained", "ann_retrained"):
+        if name in request.fixturenames:
+            made: MadeHome[Trained] = request.getfixturevalue(f"{name}_home")
+            made.copy_to(tmp_path)
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def ann_trained(ann_trained_home: MadeHome[Trained], client: TestClient) -> Trained:
+    """ann with one trained version, on this test's copy of ``ann_trained_home``."""
+    return ann_trained_home.made
+
+
+@pytest.fixture
+def ann_retrained(ann_retrained_home: MadeHome[Trained], client: TestClient) -> Trained:
+    """ann with versions 1 and 2 (2 active), on this test's copy of ``ann_retrained_home``."""
+    return ann_retrained_home.made
 
 
 def test_healthz(client: TestClient) -> None:
@@ -114,12 +170,12 @@ def test_whole_cycle(client: TestClient, services: Services, fake_generator: Fak
 
 
 def test_a_generation_without_a_seed_records_the_seed_that_made_it(
-    client: TestClient, services: Services, fake_generator: FakeGenerator
+    client: TestClient, services: Services, fake_generator: FakeGenerator,
+    ann_trained: Trained
 ) -> None:
     """The seed was left to the generator and recorded as none: the picture could not be made
     again. The service draws it, sends it and records it."""
-    h = auth(services, "ann")
-    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    h = ann_trained.headers
     r = client.post("/api/generate", headers=h, json={"prompt": "on a beach"})
     assert r.status_code == 200, r.text
     gen = r.json()["generation"]
@@ -136,13 +192,13 @@ def test_a_generation_without_a_seed_records_the_seed_that_made_it(
 
 
 def test_a_picture_the_safety_checker_withholds_leaves_the_others_and_is_named(
-    client: TestClient, services: Services, fake_generator: FakeGenerator
+    client: TestClient, services: Services, fake_generator: FakeGenerator,
+    ann_trained: Trained
 ) -> None:
     """A batch of 4 with one picture withheld by Replicate's safety checker failed whole: the 3
     good pictures (paid for) were lost. They are kept, in the batch's order, and the answer and
     the stored generation name the withheld picture and its seed."""
-    h = auth(services, "ann")
-    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    h = ann_trained.headers
     fake_generator.withhold = frozenset({1})
     r = client.post("/api/generate", headers=h,
                     json={"prompt": "on a beach", "num_outputs": 4, "seed": 40})
@@ -490,11 +546,9 @@ def test_cancel_a_running_training(
     assert done["model"]["active_version"] is None
 
 
-def test_patch_scale_validation_and_rollback(client: TestClient, services: Services) -> None:
-    h = auth(services, "ann")
-    wait_terminal(client, h, upload(client, h)["training"]["id"])
-    v2 = wait_terminal(client, h, client.post("/api/training/start", headers=h,
-                                              json={}).json()["training"]["id"])
+def test_patch_scale_validation_and_rollback(client: TestClient,
+                                             ann_retrained: Trained) -> None:
+    h, v2 = ann_retrained.headers, ann_retrained.done
     assert v2["model"]["active_version"]["number"] == 2
     for bad in ({"lora_scale": "x"}, {"lora_scale": 99}, {}):
         r = client.patch("/api/model", headers=h, json=bad)
@@ -523,12 +577,11 @@ def test_patch_scale_validation_and_rollback(client: TestClient, services: Servi
 
 
 def test_activating_the_active_version_changes_and_logs_nothing(
-        client: TestClient, services: Services) -> None:
+        client: TestClient, services: Services, ann_trained: Trained) -> None:
     """Each activation of the version already active wrote another version_activated event: a
     client retrying after a lost answer filled the model's log. As a re-pin to the same version,
     it now changes and logs nothing, and answers as before."""
-    h = auth(services, "ann")
-    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    h = ann_trained.headers
     v1 = client.get("/api/model", headers=h).json()["active_version"]
     before = client.get("/api/model/log", headers=h).json()["events"]
     answers = [client.post(f"/api/model/versions/{ref}/activate", headers=h)
@@ -767,12 +820,11 @@ def test_a_repin_without_a_reason_answers_reason_required_with_the_services_word
 
 
 def test_a_weights_download_resumes_with_a_range_and_answers_head(
-        client: TestClient, services: Services) -> None:
+        client: TestClient, services: Services, ann_trained: Trained) -> None:
     """curl -C - failed ('HTTP server doesn't seem to support byte ranges'): a Range got 200
     and the whole file, and HEAD got 405. One byte range is now a 206 of those bytes, HEAD the
     headers alone, and the ETag the file's SHA-256 (If-Range of another file: the whole one)."""
-    h = auth(services, "ann")
-    done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+    h, done = ann_trained.headers, ann_trained.done
     url = done["model"]["active_version"]["weights_url"]
     whole = client.get(url, headers=h)
     size, sha = len(whole.content), whole.headers["X-Weights-SHA256"]
@@ -795,13 +847,13 @@ def test_a_weights_download_resumes_with_a_range_and_answers_head(
 
 
 def test_a_weights_download_the_client_holds_is_a_304(client: TestClient,
-                                                       services: Services) -> None:
+                                                       services: Services,
+                                                       ann_trained: Trained) -> None:
     """The download sent an ETag but ignored If-None-Match: a client holding the file (a
     browser, a sync script) fetched the whole LoRA again (found in review). Now an
     If-None-Match naming it (weakly, in a list, or *) is a 304 with the ETag and no body,
     before any Range (RFC 9110 13.2.2); another tag: the file, or the range asked."""
-    h = auth(services, "ann")
-    done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+    h, done = ann_trained.headers, ann_trained.done
     url = done["model"]["active_version"]["weights_url"]
     whole = client.get(url, headers=h)
     etag = whole.headers["ETag"]
@@ -820,11 +872,10 @@ def test_a_weights_download_the_client_holds_is_a_304(client: TestClient,
 
 
 def test_a_generation_picture_whose_file_is_gone_is_a_404_not_a_500(
-        client: TestClient, services: Services) -> None:
+        client: TestClient, services: Services, ann_trained: Trained) -> None:
     """The picture's file is gone from the storage (a restore without the blobs): its URL
     answered 500 storage_error "please retry in a moment", and every retry the same."""
-    h = auth(services, "ann")
-    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    h = ann_trained.headers
     gen = client.post("/api/generate", headers=h, json={"prompt": "x", "num_outputs": 2}
                       ).json()["generation"]
     (stored,) = services.generation.history(user=services.users.get_by_name(name="ann"))
@@ -869,13 +920,10 @@ def test_a_picture_read_while_its_generation_is_deleted_is_a_404_without_an_erro
 
 
 def test_a_version_named_by_a_json_number_generates_with_that_version(
-        client: TestClient, services: Services) -> None:
+        client: TestClient, services: Services, ann_retrained: Trained) -> None:
     """The README names a version "by its number as `2` or `v2`": {"version_id": 1} answered
     422 invalid_request "Input should be a valid string". A JSON true is still no number."""
-    h = auth(services, "ann")
-    wait_terminal(client, h, upload(client, h)["training"]["id"])
-    wait_terminal(client, h, client.post("/api/training/start", headers=h,
-                                         json={}).json()["training"]["id"])
+    h = ann_retrained.headers
     v2, v1 = client.get("/api/model/versions", headers=h).json()["versions"]
     for named, version in ((1, v1), (2, v2), ("1", v1), ("v2", v2)):
         r = client.post("/api/generate", headers=h, json={"prompt": "x", "version_id": named})
@@ -887,14 +935,12 @@ def test_a_version_named_by_a_json_number_generates_with_that_version(
 
 
 def test_a_version_whose_weights_are_missing_is_refused_not_a_500(
-        client: TestClient, services: Services, fake_generator: FakeGenerator) -> None:
+        client: TestClient, services: Services, fake_generator: FakeGenerator,
+        ann_retrained: Trained) -> None:
     # The weights file of a version is gone from the storage (lost, restored from an older
     # backup). Generating with it was a 500 storage_error on every request, and activating
     # such a version was accepted and made every generation one.
-    h = auth(services, "ann")
-    wait_terminal(client, h, upload(client, h)["training"]["id"])
-    wait_terminal(client, h, client.post("/api/training/start", headers=h,
-                                         json={}).json()["training"]["id"])
+    h = ann_retrained.headers
     v2, v1 = client.get("/api/model/versions", headers=h).json()["versions"]
     assert client.get("/api/model", headers=h).json()["active_version"]["number"] == 2
     services.blobs.delete(services.repo.get_version(v2["id"]).weights_key)
@@ -945,12 +991,11 @@ LEAKY_WORDS = ("/srv/selfie/blobs/weights/0f.safetensors",
 def test_a_server_side_error_tells_the_client_a_sentence_and_the_log_the_detail(
         client: TestClient, services: Services, fake_generator: FakeGenerator,
         caplog: pytest.LogCaptureFixture, error: Exception, status: int, code: str,
-        sentence: str) -> None:
+        sentence: str, ann_trained: Trained) -> None:
     """A 5xx answered the error's own words: the server's paths and the S3 endpoint's request
     URL (found in review). The client gets the code, a fixed sentence and a reference; the log
     has the words at error level under that reference."""
-    h = auth(services, "ann")
-    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    h = ann_trained.headers
     fake_generator.fail_with = error
     with caplog.at_level(logging.ERROR):
         r = client.post("/api/generate", headers=h, json={"prompt": "x"})
@@ -985,11 +1030,10 @@ def test_a_server_side_error_tells_the_client_a_sentence_and_the_log_the_detail(
 ])
 def test_a_generation_failure_written_for_the_user_is_answered_as_it_is(
         client: TestClient, services: Services, fake_generator: FakeGenerator,
-        error: GenerationError) -> None:
+        error: GenerationError, ann_trained: Trained) -> None:
     """Every 5xx answered "please retry, or change the prompt": for an output off Replicate's
     hosts or over the size cap no retry ever helps, and the model's own reason was lost."""
-    h = auth(services, "ann")
-    wait_terminal(client, h, upload(client, h)["training"]["id"])
+    h = ann_trained.headers
     fake_generator.fail_with = error
     r = client.post("/api/generate", headers=h, json={"prompt": "x"})
     assert r.status_code == 502, r.text
@@ -1017,7 +1061,9 @@ def within(seconds: float, call: Callable[[], T]) -> T | None:
 
 
 def test_a_user_s_generations_are_limited_and_never_hold_other_routes_threads(
-        client: TestClient, services: Services, fake_generator: FakeGenerator) -> None:
+        client: TestClient, services: Services, fake_generator: FakeGenerator,
+    ann_trained: Trained
+) -> None:
     """Each queued generation held one of the threads every sync route shares (anyio's 40)
     while it waited for the one pipeline, with no limit per user: Ann's 45 made Carol's GET
     /api/model/versions take 11 s (found in review). A user now has at most
@@ -1026,8 +1072,7 @@ def test_a_user_s_generations_are_limited_and_never_hold_other_routes_threads(
     threads here: generations holding it would leave none for Carol."""
     import anyio.to_thread
 
-    ann = auth(services, "ann")
-    wait_terminal(client, ann, upload(client, ann)["training"]["id"])
+    ann = ann_trained.headers
     carol = auth(services, "carol")
     assert client.get("/api/model", headers=ann).json()["active_version"] is not None
 
