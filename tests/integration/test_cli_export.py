@@ -7,17 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from selfie_lora import cli
+from selfie_lora.config import Settings
 from selfie_lora.errors import NotFoundError
 from selfie_lora.wiring import Services
-from tests.conftest import auth, wait_terminal
+from tests.conftest import auth, make_settings, serving, wait_terminal
 from tests.integration.test_api import upload
-from tests.integration.test_cli_out import settings as settings  # the fixtures, re-exported:
-from tests.integration.test_cli_out import trained as trained  # ann's two trainings run once
-from tests.integration.test_cli_out import trained_home as trained_home  # for the module
+from tests.integration.test_cli_out import trained as trained  # the fixtures, re-exported:
+from tests.integration.test_cli_out import trained_home as trained_home  # ann's two trainings
+from tests.support.homes import copy_home
 
 
 def export(*args: str) -> tuple[int, str]:
@@ -38,11 +38,33 @@ def test_one_user_here_needs_no_user(trained: Services, tmp_path: Path) -> None:
     assert "version 2" in said
 
 
+@pytest.fixture(scope="module")
+def two_users_home(trained_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of ``trained_home`` where bob has a model of his own too, trained once per module
+    (bob's training was most of each ``two_users`` test's time); closed before it is used."""
+    base = tmp_path_factory.mktemp("two-users")
+    copy_home(trained_home, base)
+    with serving(make_settings(base), run_worker=True) as (client, services):
+        h = auth(services, "bob")
+        done = wait_terminal(client, h, upload(client, h)["training"]["id"])
+        assert done["training"]["status"] == "succeeded"
+    return base / "home"
+
+
 @pytest.fixture
-def two_users(trained: Services, client: TestClient) -> Services:
-    h = auth(trained, "bob")
-    done = wait_terminal(client, h, upload(client, h)["training"]["id"])
-    assert done["training"]["status"] == "succeeded"
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """conftest's, on a copy of ``two_users_home`` for a test that takes ``two_users``, or of
+    ``trained_home`` for one that takes ``trained`` (a copy each)."""
+    if "two_users" in request.fixturenames:
+        copy_home(request.getfixturevalue("two_users_home"), tmp_path)
+    elif "trained" in request.fixturenames:
+        copy_home(request.getfixturevalue("trained_home"), tmp_path)
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def two_users(trained: Services) -> Services:
+    """ann with two versions and bob with one, on this test's copy of ``two_users_home``."""
     return trained
 
 
