@@ -15,11 +15,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.api.app import create_app
+from selfie_lora.config import Settings
 from selfie_lora.domain.text import BIDI_CONTROLS
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import auth, make_settings, serving, wait_terminal
 from tests.support.backends import DATABASES, database_url, fresh_engine
+from tests.support.homes import MadeHome, made_once
 from tests.support.photos import photo_zip
 
 
@@ -33,6 +35,35 @@ def trained(client: TestClient, headers: dict[str, str]) -> dict[str, Any]:
     r = upload(client, headers)
     assert r.status_code == 202, r.text
     return wait_terminal(client, headers, r.json()["training"]["id"])
+
+
+def _ann_trained(client: TestClient, services: Services) -> tuple[dict[str, str], dict[str, Any]]:
+    h = auth(services, "ann")
+    return h, trained(client, h)
+
+
+@pytest.fixture(scope="module")
+def ann_trained_home(
+        tmp_path_factory: pytest.TempPathFactory) -> MadeHome[tuple[dict[str, str], dict[str, Any]]]:
+    """ann trained once, made once per module: the training was most of the time of each test
+    that only starts from a trained model (``settings`` below copies it per test)."""
+    return made_once(tmp_path_factory, _ann_trained)
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """conftest's, on a copy of ``ann_trained_home`` for a test that takes ``ann_trained`` (a
+    copy each: what one test writes the next does not see)."""
+    if "ann_trained" in request.fixturenames:
+        request.getfixturevalue("ann_trained_home").copy_to(tmp_path)
+    return make_settings(tmp_path)
+
+
+@pytest.fixture
+def ann_trained(ann_trained_home: MadeHome[tuple[dict[str, str], dict[str, Any]]],
+                client: TestClient) -> tuple[dict[str, str], dict[str, Any]]:
+    """ann's headers and her training's terminal answer, on this test's copy of the HOME."""
+    return ann_trained_home.made
 
 
 def test_a_json_body_over_the_cap_is_413_before_it_is_parsed(
@@ -239,12 +270,12 @@ def test_the_largest_seed_is_accepted(on_each_database: tuple[TestClient, Servic
 
 @pytest.mark.parametrize("bidi", sorted(BIDI_CONTROLS))
 def test_a_prompt_with_a_bidi_override_or_isolate_is_refused_naming_it(
-        client: TestClient, services: Services, bidi: str) -> None:
+        client: TestClient, bidi: str,
+        ann_trained: tuple[dict[str, str], dict[str, Any]]) -> None:
     """'in the alps \u202eevil' was taken: the Generate page showed it raw (text, alt text, the
     Delete button's label, whose date then read backwards) and so did 'generations list'.
     Refused as a key name refuses it, naming the character, before anything is generated."""
-    h = auth(services, "ann")
-    trained(client, h)
+    h, _done = ann_trained
     r = client.post("/api/generate", headers=h, json={"prompt": f"in the alps {bidi}evil"})
     assert (r.status_code, r.json()["error"]["code"]) == (422, "invalid_prompt"), r.text
     named = f"U+{ord(bidi):04X} ({unicodedata.name(bidi)})"
@@ -302,9 +333,9 @@ def test_a_nul_in_an_id_or_a_prompt_is_422_never_500(
     {"trainer_version": "local-flux-v1", "reason": ""},
 ])
 def test_a_repin_that_could_not_train_is_refused_and_training_goes_on(
-        client: TestClient, services: Services, patch: dict[str, Any]) -> None:
-    h = auth(services, "ann")
-    first = trained(client, h)
+        client: TestClient, patch: dict[str, Any],
+        ann_trained: tuple[dict[str, str], dict[str, Any]]) -> None:
+    h, first = ann_trained
     r = client.patch("/api/model", headers=h, json=patch)
     assert r.status_code == 422, r.text
     assert client.get("/api/model", headers=h).json()["trainer_version"] == (
@@ -317,9 +348,8 @@ def test_a_repin_that_could_not_train_is_refused_and_training_goes_on(
 
 
 def test_a_valid_repin_with_a_reason_is_applied_and_logged(
-        client: TestClient, services: Services) -> None:
-    h = auth(services, "ann")
-    trained(client, h)
+        client: TestClient, ann_trained: tuple[dict[str, str], dict[str, Any]]) -> None:
+    h, _done = ann_trained
     r = client.patch("/api/model", headers=h,
                      json={"trainer_version": "local-tiny-v1", "reason": "the v1 recipe"})
     assert r.status_code == 200, r.text
