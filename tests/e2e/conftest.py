@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+from unittest import mock
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -101,11 +102,13 @@ def create_user(env: dict[str, str], name: str) -> dict[str, str]:
 
 
 def settings_of(env: dict[str, str]) -> Settings:
-    """The settings that a process started with ``env`` reads (none of this process's own
-    ``SELFIE_LORA_*``: ``SELFIE_LORA_CACHE_DIR`` is the run's, and ``clean_env`` leaves it out)."""
-    prefix = "SELFIE_LORA_"
-    values = {k.removeprefix(prefix).lower(): v for k, v in env.items() if k.startswith(prefix)}
-    return Settings(**{"cache_dir": None, **values})
+    """The settings that a process started with ``env`` reads, read as it reads them: from
+    ``env`` alone. Not ``Settings(**values)``: the environment source would still fill every
+    setting ``env`` leaves out from this process's own ``SELFIE_LORA_*`` (a developer's
+    ``SELFIE_LORA_DATABASE_URL`` would get the test users, not the server's HOME), and an empty
+    value or an unprefixed alias (``AWS_*``) would not be read as the process reads it."""
+    with mock.patch.dict(os.environ, env, clear=True):
+        return Settings()
 
 
 @contextlib.contextmanager
