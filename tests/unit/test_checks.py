@@ -675,6 +675,22 @@ def test_clean_jpeg_drops_a_comment_that_pillow_would_keep() -> None:
     assert b"kept by a plain save" not in encode_clean_jpeg(img)
 
 
+def test_clean_jpeg_of_an_image_not_loaded_yet() -> None:
+    """An image straight from ``Image.open`` has no pixels until it is loaded: they are read
+    first, as the copy made with new() and paste() read them (it raised AssertionError)."""
+    source = io.BytesIO()
+    portrait(size=(300, 400), face=(100, 100, 200, 210)).save(
+        source, format="JPEG", comment=b"a camera comment")
+    with Image.open(source) as loaded:
+        loaded.load()
+        expected = encode_clean_jpeg(loaded)
+    with Image.open(source) as opened:
+        assert opened.mode == "RGB"
+        data = encode_clean_jpeg(opened)
+    assert data == expected
+    assert b"a camera comment" not in data
+
+
 def test_source_min_side_asks_for_more_pixels_only_when_they_exist() -> None:
     img = portrait(size=(500, 500), face=(200, 200, 300, 300))
     analysis = analyze_photo(decoded(img), analyzer=FakeAnalyzer(), policy=POLICY)

@@ -212,7 +212,9 @@ def encode_clean_jpeg(image: Image.Image, *, quality: int = 95) -> bytes:
     image itself could leak a camera or app comment."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     # A new image on the same pixels, with no ``info`` and no EXIF: a copy of them (new() and
-    # paste(), which was here) cost ~1 ms of ~120 a photo, for the same bytes.
+    # paste(), which was here) cost ~1 ms of ~120 a photo, for the same bytes. load() first: an
+    # image from Image.open has no pixels until then (paste() loaded it; ``im`` does not).
+    rgb.load()
     clean = rgb._new(rgb.im)
     clean.info = {}
     buf = io.BytesIO()
