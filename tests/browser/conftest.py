@@ -18,9 +18,9 @@ from tests.browser.support import PASSWORD, Account
 from tests.e2e.conftest import (  # serve: the fixture, for these tests too
     ServeProcess,
     clean_env,
-    operator,
     serve,  # noqa: F401
     servers,
+    user_service,
 )
 
 CHROMIUM = os.environ.get("SELFIE_LORA_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -71,7 +71,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServePro
 # server of their own (``support.create``: test_journey, test_page_actions).
 @pytest.fixture(scope="module")
 def shared_users(shared_server: ServeProcess) -> Iterator[UserService]:
-    with operator(shared_server.env) as users:
+    with user_service(shared_server.env) as users:
         yield users
 
 

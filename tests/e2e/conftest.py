@@ -112,7 +112,7 @@ def settings_of(env: dict[str, str]) -> Settings:
 
 
 @contextlib.contextmanager
-def operator(env: dict[str, str]) -> Iterator[UserService]:
+def user_service(env: dict[str, str]) -> Iterator[UserService]:
     """The service that ``selfie-lora users create`` calls, in this process, on the database of
     the processes started with ``env`` (made and migrated here first, as the command does): for
     users that are a test's set-up only. A ``users create`` process took ~2 s of CPU each, its
@@ -126,10 +126,10 @@ def operator(env: dict[str, str]) -> Iterator[UserService]:
 
 def make_users(env: dict[str, str], *names: str,
                password: str | None = None) -> dict[str, dict[str, str]]:
-    """Each name's auth headers, for users made by ``operator`` (the set-up of tests that are
+    """Each name's auth headers, for users made by ``user_service`` (the set-up of tests that are
     not about ``users create``), with ``password`` if given."""
     made = {}
-    with operator(env) as users:
+    with user_service(env) as users:
         for name in names:
             user, key = users.create(name=name, password=password)
             assert user.name == name
