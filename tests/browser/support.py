@@ -1,6 +1,7 @@
-"""What the browser tests share: users made as an operator makes them, signing in on the page,
-photos uploaded through the API (quicker to set up than the page, where the page is not what a
-test is about)."""
+"""What the browser tests share: users (``Account``: made in the test process by the users
+service, as ``users create`` makes them; ``create`` runs the command itself), signing in on the
+page, photos uploaded through the API (quicker to set up than the page, where the page is not
+what a test is about)."""
 
 from __future__ import annotations
 
