@@ -1,5 +1,6 @@
 """The face's regions cut from the detection copy (``checks.photo._Reduced``): only where Pillow
-would make the same box reduction itself, and then with the same pixels, near enough; and only the
+would box-reduce by the copy's factor or more itself, and then with the same pixels, near enough
+(at reducing_gap 2 Pillow's own; at 1 the exact resize's, as near as Pillow's own); and only the
 near-duplicate regions, never the landmarks', the identity's or the measurements' crops."""
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def test_a_region_pillow_would_reduce_as_much_comes_from_the_copy() -> None:
 
     assert mean_gap(far, direct_far) > 20  # from the copy
     assert mean_gap(near, direct_near) == 0  # Pillow reduces by 2 only: from the photo
+    # At reducing_gap 1 (the keypoints' window, _refine) Pillow reduces by 3 from a ratio of 3:
+    # the 4x region comes from the copy, a 2.9x one still from the photo.
+    near_gap1 = view.resize((150, 150), Image.Resampling.BILINEAR, box=box, reducing_gap=1.0)
+    assert mean_gap(near_gap1, photo.resize((150, 150), Image.Resampling.BILINEAR, box=box,
+                                            reducing_gap=1.0)) > 20
+    under = view.resize((207, 207), Image.Resampling.BILINEAR, box=box, reducing_gap=1.0)
+    assert mean_gap(under, photo.resize((207, 207), Image.Resampling.BILINEAR, box=box,
+                                        reducing_gap=1.0)) == 0
     assert np.array_equal(np.asarray(plain), np.asarray(photo.resize(
         (96, 96), Image.Resampling.BILINEAR, box=box)))
     assert view.size == photo.size
@@ -75,6 +84,35 @@ def test_the_region_from_the_copy_has_the_photos_pixels() -> None:
         # The same box reduction, on a grid a pixel or two apart: the same picture.
         assert np.abs(ours - pillow).mean() < 1.0  # skipping the anti-aliasing: ~9
         assert np.abs(ours.mean() - pillow.mean()) < 0.5
+
+
+@pytest.mark.parametrize(("box", "size"), [
+    ((0.0, 0.0, 1200.0, 900.0), (400, 300)),  # 3x: the first ratio served from the copy
+    ((120.0, 90.0, 720.0, 690.0), (194, 194)),  # 3.09x
+    ((301.5, 17.25, 1001.5, 717.25), (156, 156)),  # 4.49x
+    ((120.0, 90.0, 720.0, 690.0), (102, 102)),  # 5.88x
+])
+def test_the_region_from_the_copy_at_reducing_gap_1_has_the_photos_pixels(
+        box: tuple[float, float, float, float], size: tuple[int, int]) -> None:
+    """At reducing_gap 1 the copy's reduction is not Pillow's own: from 3x to 6x Pillow would
+    box-reduce the photo by 3, 4 or 5 and then resample by at most 1.33; the copy is reduced by
+    3 and then resampled by up to 2. So the region is held to the exact resize (no reducing_gap,
+    every photo pixel weighed), as Pillow's own gap-1 resize would be."""
+    photo = _photo()
+    view = _with_reduced(photo, photo.reduce(3), 3.0)
+    ours = np.asarray(view.resize(size, Image.Resampling.BILINEAR, box=box, reducing_gap=1.0),
+                      dtype=np.float64)
+    pillow = np.asarray(photo.resize(size, Image.Resampling.BILINEAR, box=box,
+                                     reducing_gap=1.0), dtype=np.float64)
+    exact = np.asarray(photo.resize(size, Image.Resampling.BILINEAR, box=box), dtype=np.float64)
+    # Measured on this photo, mean absolute difference from the exact resize (in the order
+    # above): the copy 1.59, 1.14, 0.60, 0.38; Pillow's own gap-1 resize of the photo 1.59 (the
+    # same pixels at 3x), 1.15, 0.78, 0.64; a resize skipping the anti-aliasing (NEAREST)
+    # 8.1-8.9. So 2.0 passes a copy as close as Pillow's own gap-1 result and fails one that is
+    # not anti-aliased, and the copy may be only a little (0.25) further from exact than that.
+    assert np.abs(ours - exact).mean() < 2.0
+    assert np.abs(ours - exact).mean() < np.abs(pillow - exact).mean() + 0.25
+    assert np.abs(ours.mean() - exact.mean()) < 0.5
 
 
 class _BoxFace:

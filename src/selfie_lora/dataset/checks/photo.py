@@ -174,10 +174,14 @@ def _resized(image: Pixels, long_side: int) -> tuple[Image.Image, float]:
 class _Reduced:
     """``image`` with ``copy``, all of it box-reduced by the integer ``factor`` (the detection
     copy), at hand. A region resampled with a ``reducing_gap`` at which Pillow would itself
-    box-reduce it by ``factor`` or more first is resampled from ``copy`` instead: the same
-    reduction, already made. Without it a 12 MP photo's face region was reduced again for the
-    near-duplicate keypoints' window and the face patch (~7 ms of ~130 a photo, bench/ingest.py
-    --sources people --profile). Everything else is ``image``'s."""
+    box-reduce it by ``factor`` or more first (a ratio of ``reducing_gap * factor`` or more) is
+    resampled from ``copy`` instead: the same or a smaller box reduction, already made, then a
+    longer bilinear step (at ``reducing_gap`` 1 and ``factor`` 3, from 3x to 6x Pillow would
+    reduce by 3-5 and then resample by at most 1.33, the copy resamples by up to 2; as near the
+    exact resize as Pillow's own, tests/unit/test_checks_reduced.py). Without it a 12 MP photo's
+    face region was reduced again for the near-duplicate keypoints' window and the face patch
+    (~7 ms of ~130 a photo, bench/ingest.py --sources people --profile). Everything else is
+    ``image``'s."""
 
     def __init__(self, image: Pixels, copy: Image.Image, factor: int) -> None:
         self._image = image
