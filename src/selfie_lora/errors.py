@@ -28,7 +28,8 @@ entry points never see them.
     ├── ServerShortOfMemoryError    the server ran out of memory reading an upload: nothing is
     │                               wrong with the upload, sending it again later works (HTTP 503)
     ├── ServerStoppingError         the server stopping answered the request before its work
-    │                               began: that work does not begin (HTTP 503)
+    │   │                           began: that work does not begin (HTTP 503)
+    │   └── QueueClosedError        the job queue was used after ``Services.close`` closed it
     ├── ClientGoneError             the client went away while its request waited: the work it
     │                               waited for was dropped (HTTP 499, which nobody receives)
     ├── StorageError                a blob or a record cannot be read or written (a refused
@@ -311,6 +312,14 @@ class ServerStoppingError(SelfieLoraError):
 
     code = ErrorCode.SERVER_STOPPING
     http_status = 503
+
+
+class QueueClosedError(ServerStoppingError):
+    """The job queue was used after it was closed (``JobQueue.close``, from ``Services.close``
+    once the process's worker has stopped): its connections are gone, and reopening them would
+    leave one that nothing closes. Only work still running as a process stops meets it (a
+    request past the server's graceful wait, a training thread that outlived its worker's
+    stop); a message it could not queue is rung again by the next reconciler."""
 
 
 class ClientGoneError(SelfieLoraError):

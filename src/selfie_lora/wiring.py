@@ -89,7 +89,12 @@ class Services:
     trainers: dict[str, Trainer] = field(default_factory=dict)
 
     def close(self) -> None:
+        """Lets go of what the services hold. The caller stops its worker first (the entry
+        points' worker, or ``embedded_worker``): a consumer still reading the queue would meet
+        it closed (``QueueClosedError``)."""
         self.generation.close()
+        # huey's SQLite connection (and its -wal file), or the Redis pool: left open before.
+        self.queue.close()
         self.engine.dispose()
 
 

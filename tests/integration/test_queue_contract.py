@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Protocol
 
 import pytest
+from huey.storage import RedisStorage
 
 from selfie_lora import worker as worker_module
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
-from selfie_lora.errors import DatabaseUnreachableError
+from selfie_lora.errors import DatabaseUnreachableError, QueueClosedError
 from selfie_lora.services.common import Outage
 from selfie_lora.services.training import ReconcileReport
 from selfie_lora.testing.fakes import InMemoryQueue
@@ -30,6 +32,7 @@ class Queue(Protocol):
     def enqueue_training(self, training_id: str) -> None: ...
     def next_training(self) -> str | None: ...
     def queued_training_ids(self) -> set[str]: ...
+    def close(self) -> None: ...
 
 
 @pytest.fixture(params=[*QUEUES, "memory"])
@@ -37,10 +40,15 @@ def queue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Queue]:
     if request.param == "memory":
         yield InMemoryQueue()
         return
-    q = HueyJobQueue.from_url(queue_url(request.param, tmp_path))
+    url = queue_url(request.param, tmp_path)
+    q = HueyJobQueue.from_url(url)
     q.flush()
     yield q
-    q.flush()
+    q.close()
+    # What the test left, flushed by a queue of its own: the test may have closed this one.
+    cleaner = HueyJobQueue.from_url(url)
+    cleaner.flush()
+    cleaner.close()
 
 
 def test_messages_wait_in_order_until_a_worker_takes_them(queue: Queue) -> None:
@@ -71,6 +79,135 @@ def test_a_message_of_unknown_shape_is_dropped(kind: str, tmp_path: Path) -> Non
     assert q.next_training() == "t1"
     assert q.next_training() is None
     q.flush()
+
+
+def holding(queue: Queue) -> Callable[[], bool]:
+    """Whether ``queue`` still holds what it opened, asked from outside it: for huey's SQLite
+    storage, a file descriptor of this process on the database (or its -wal file still there,
+    which the last connection's close checkpoints and removes); for Redis, the server still
+    listing the queue's connection as a client; for the fake, its flag. Call it while the
+    queue is open (the Redis one asks the server which client the queue is)."""
+    if isinstance(queue, InMemoryQueue):
+        return lambda: not queue.closed
+    assert isinstance(queue, HueyJobQueue)
+    storage = queue.huey.storage
+    if isinstance(storage, RedisStorage):
+        import redis
+
+        client_id = str(storage.conn.client_id())  # one connection: this thread's calls reuse it
+        own = storage.pool
+
+        def listed() -> bool:
+            # A connection of its own, to the queue's server and database, closed after.
+            pool = redis.ConnectionPool(connection_class=own.connection_class,
+                                        **own.connection_kwargs)
+            try:
+                clients = redis.Redis(connection_pool=pool).client_list()
+            finally:
+                pool.disconnect()
+            return client_id in {c["id"] for c in clients}
+        return listed
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd (Linux) to see the open files")
+    database = str(Path(storage.filename).resolve())
+
+    def open_here() -> bool:
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:  # closed since the listing
+                continue
+            if target.startswith(database):
+                return True
+        return Path(f"{database}-wal").exists()
+    return open_here
+
+
+# Old code: the queue had no close, and Services.close left huey's SQLite connection (and its
+# -wal file) and the Redis pool open; tests/support/homes.py closed the SQLite one itself.
+def test_close_lets_go_of_what_the_queue_holds_and_a_second_close_does_nothing(
+        queue: Queue) -> None:
+    queue.enqueue_training("t1")
+    assert queue.next_training() == "t1"
+    held = holding(queue)
+    assert held()
+    queue.close()
+    wait_until(lambda: not held())  # Redis drops a closed client as it reads the socket's end
+    queue.close()
+    assert not held()
+
+
+def test_a_closed_queue_refuses_every_call_rather_than_connecting_again(queue: Queue) -> None:
+    queue.enqueue_training("t1")
+    held = holding(queue)
+    queue.close()
+    calls: list[Callable[[], object]] = [
+        lambda: queue.enqueue_training("t2"), queue.next_training, queue.queued_training_ids]
+    if isinstance(queue, HueyJobQueue):
+        calls += [queue.pending, queue.ping, queue.flush]
+    for call in calls:
+        with pytest.raises(QueueClosedError, match="the job queue is closed"):
+            call()
+    wait_until(lambda: not held())  # nothing was opened again by the refused calls
+
+
+@pytest.mark.parametrize("kind", QUEUES)
+def test_a_call_under_way_as_the_queue_closes_ends_on_its_connection_and_then_lets_go(
+        kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A close while another thread's call uses the storage (a Redis read waits up to a second)
+    leaves the connection to that call, which lets go of it as it ends: closed under it, the
+    call failed; closed before it, SQLite opened a new connection that nothing closed."""
+    q = HueyJobQueue.from_url(queue_url(kind, tmp_path))
+    q.flush()
+    q.enqueue_training("t1")
+    held = holding(q)
+    storage = q.huey.storage
+    inside, go_on = threading.Event(), threading.Event()
+    size = storage.queue_size
+
+    def slow_size() -> int:
+        inside.set()
+        assert go_on.wait(10)
+        return int(size())
+
+    monkeypatch.setattr(storage, "queue_size", slow_size)
+    answers: list[int] = []
+    caller = threading.Thread(target=lambda: answers.append(q.pending()))
+    caller.start()
+    try:
+        assert inside.wait(10)
+        q.close()
+        assert held()  # still the call's
+        with pytest.raises(QueueClosedError):
+            q.queued_training_ids()  # no call begins after the close
+    finally:
+        go_on.set()
+        caller.join(10)
+    assert answers == [1]  # the call under way was answered on its connection
+    wait_until(lambda: not held())
+    cleaner = HueyJobQueue.from_url(queue_url(kind, tmp_path))
+    cleaner.flush()
+    cleaner.close()
+
+
+@pytest.mark.parametrize("kind", QUEUES)
+def test_closing_the_services_closes_their_queue(kind: str, tmp_path: Path) -> None:
+    """Old code: ``Services.close`` disposed of the database's engine only."""
+    from selfie_lora.config import Settings
+    from selfie_lora.wiring import build_services
+
+    services = build_services(Settings(home=tmp_path / "home", queue_url=queue_url(kind, tmp_path)),
+                              trainers={}, generators={})
+    services.queue.flush()
+    services.queue.enqueue_training("t1")
+    assert services.queue.next_training() == "t1"
+    held = holding(services.queue)
+    assert held()
+    services.close()
+    wait_until(lambda: not held())
+    with pytest.raises(QueueClosedError):
+        services.queue.enqueue_training("t2")
+    services.close()  # as an entry point's error path may close them again
 
 
 class StubTraining:

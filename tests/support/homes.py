@@ -1,8 +1,8 @@
 """A HOME made once per module (its trainings were most of each test's time) and copied per test.
 
 Each test starts from its own copy, so one that deletes or adds something is not seen by the
-next. The HOME is made with the app closed after it and the job queue's SQLite connection,
-which ``Services.close`` leaves open, closed too: both databases are checkpointed (no ``-wal``
+next. The HOME is made with the app closed after it (``Services.close`` closes the database's
+engine and the job queue's SQLite connection): both databases are checkpointed (no ``-wal``
 file left, checked), and nothing is open that could checkpoint one in the middle of a copy. A
 copy carries everything the tests read from it: the database (which stores blob keys and ids,
 no absolute path), the blobs with their modification times (``copy2``: the copy is the HOME as
@@ -21,7 +21,6 @@ from typing import Any, Generic, TypeVar
 import pytest
 from fastapi.testclient import TestClient
 
-from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 from selfie_lora.wiring import Services
 from tests.conftest import make_settings, serving
 
@@ -55,9 +54,6 @@ def made_once(tmp_path_factory: pytest.TempPathFactory,
     base = tmp_path_factory.mktemp("made-once")
     with serving(make_settings(base), run_worker=True, **build) as (client, services):
         made = make(client, services)
-    # Services.close disposes the database's engine but leaves the queue's connection open.
-    assert isinstance(services.queue, HueyJobQueue)
-    services.queue.huey.storage.close()
     home = base / "home"
     assert not list(home.glob("*-wal")), f"a database of the made HOME is still open: {home}"
     return MadeHome(home=home, made=made)

@@ -864,6 +864,13 @@ class JobQueue(Protocol):
         training that has none and nobody running it)."""
         ...
 
+    def close(self) -> None:
+        """Lets go of what the queue holds (a database connection, a connection pool), once
+        nothing reads it: ``Services.close`` calls it after the process's worker has stopped.
+        A second call does nothing; any other call after it raises ``QueueClosedError``
+        rather than connecting again."""
+        ...
+
 
 @runtime_checkable
 class EnqueueBell(Protocol):

@@ -21,6 +21,7 @@ from selfie_lora.domain.faces import Face
 from selfie_lora.errors import (
     AlertDeliveryError,
     ClientGoneError,
+    QueueClosedError,
     TrainingCanceledError,
     TrainingFailedError,
     TrainingInterruptedError,
@@ -268,11 +269,14 @@ class InMemoryQueue:
     """A ``JobQueue`` that only records; tests run the jobs when they choose (``drain``)."""
 
     pending: list[str] = field(default_factory=list)
+    # Set by ``close``: what a real queue lets go of then, this one only records.
+    closed: bool = field(default=False, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _enqueued: EnqueueListeners = field(default_factory=EnqueueListeners)
 
     def enqueue_training(self, training_id: str) -> None:
         with self._lock:
+            self._require_open()
             self.pending.append(training_id)
         self._enqueued.ring()
 
@@ -282,11 +286,23 @@ class InMemoryQueue:
 
     def queued_training_ids(self) -> set[str]:
         with self._lock:
+            self._require_open()
             return set(self.pending)
 
     def next_training(self) -> str | None:
         with self._lock:
+            self._require_open()
             return self.pending.pop(0) if self.pending else None
+
+    def close(self) -> None:
+        """``JobQueue.close``, as the real queue: calls after it raise, a second one does
+        nothing."""
+        with self._lock:
+            self.closed = True
+
+    def _require_open(self) -> None:
+        if self.closed:
+            raise QueueClosedError("the job queue is closed: this process is stopping")
 
     def drain(self, handler: Callable[[str], None]) -> int:
         count = 0

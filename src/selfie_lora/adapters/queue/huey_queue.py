@@ -11,16 +11,18 @@ any unfinished training that nobody holds and no message will reach (``queued_tr
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
 from urllib.parse import urlparse
 
 from huey import Huey, RedisHuey, SqliteHuey
-from huey.storage import RedisStorage
+from huey.storage import BaseStorage, RedisStorage
 
 from selfie_lora.adapters.sqlite_files import keep_private
-from selfie_lora.errors import ConfigError
+from selfie_lora.errors import ConfigError, QueueClosedError
 from selfie_lora.services.common import EnqueueListeners
 
 logger = logging.getLogger(__name__)
@@ -75,13 +77,20 @@ class HueyJobQueue:
     def __init__(self, huey: Huey) -> None:
         self.huey = huey
         self._enqueued = EnqueueListeners()
+        # ``close``: calls begun before it finish on the storage's connections, which the last
+        # of them lets go of; none begins after it. huey's SQLite storage would otherwise open a
+        # new connection at the next call, which nothing would close (its -wal file stays).
+        self._state = threading.Lock()
+        self._calls = 0
+        self._closed = False
 
     @classmethod
     def from_url(cls, url: str, *, name: str = DEFAULT_NAME) -> HueyJobQueue:
         return cls(make_huey(url, name=name))
 
     def enqueue_training(self, training_id: str) -> None:
-        self.huey.storage.enqueue(_PREFIX + training_id.encode())
+        with self._using() as storage:
+            storage.enqueue(_PREFIX + training_id.encode())
         self._enqueued.ring()
 
     def on_enqueue(self, listener: Callable[[], None]) -> Callable[[], None]:
@@ -110,27 +119,68 @@ class HueyJobQueue:
         and the reconciler said it). An empty queue is answered (nil) after the read's wait;
         only a server that said nothing for ANSWER_TIMEOUT_S times out: raised, the worker
         says the outage once, and its end once (``Worker._queue_unreachable``)."""
-        storage = self.huey.storage
-        if not (isinstance(storage, RedisStorage) and storage.blocking):
-            return cast("bytes | str | None", storage.dequeue())
-        answer_s = storage.conn.connection_pool.connection_kwargs.get("socket_timeout")
-        wait_s = storage.read_timeout
-        if answer_s:
-            # A URL's own shorter ?socket_timeout=: the wait stays within it, so that an empty
-            # queue's answer is never taken for silence.
-            wait_s = max(min(wait_s, answer_s / 2), 0.01)
-        reply = storage.conn.brpop(storage.queue_key, timeout=wait_s)
-        return None if reply is None else cast("bytes | str", reply[1])
+        with self._using() as storage:
+            if not (isinstance(storage, RedisStorage) and storage.blocking):
+                return cast("bytes | str | None", storage.dequeue())
+            answer_s = storage.conn.connection_pool.connection_kwargs.get("socket_timeout")
+            wait_s = storage.read_timeout
+            if answer_s:
+                # A URL's own shorter ?socket_timeout=: the wait stays within it, so that an
+                # empty queue's answer is never taken for silence.
+                wait_s = max(min(wait_s, answer_s / 2), 0.01)
+            reply = storage.conn.brpop(storage.queue_key, timeout=wait_s)
+            return None if reply is None else cast("bytes | str", reply[1])
 
     def queued_training_ids(self) -> set[str]:
-        return {tid for m in self.huey.storage.enqueued_items() if (tid := _decode(m))}
+        with self._using() as storage:
+            return {tid for m in storage.enqueued_items() if (tid := _decode(m))}
 
     def pending(self) -> int:
-        return int(self.huey.storage.queue_size())
+        with self._using() as storage:
+            return int(storage.queue_size())
 
     def ping(self) -> None:
         """Raises when the queue's storage cannot be reached."""
-        self.huey.storage.queue_size()
+        with self._using() as storage:
+            storage.queue_size()
 
     def flush(self) -> None:
-        self.huey.storage.flush_queue()
+        with self._using() as storage:
+            storage.flush_queue()
+
+    def close(self) -> None:
+        """``JobQueue.close``: lets go of the storage's connections (SQLite's connection, which
+        checkpoints and removes its -wal file; every connection of the Redis pool) at once, or,
+        while another thread's call is using them (a Redis read waits up to a second), as that
+        call ends. Every call after it raises ``QueueClosedError``; a second close does
+        nothing."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            idle = self._calls == 0
+        if idle:
+            self._release()
+
+    @contextmanager
+    def _using(self) -> Iterator[BaseStorage]:
+        with self._state:
+            if self._closed:
+                raise QueueClosedError("the job queue is closed: this process is stopping")
+            self._calls += 1
+        try:
+            yield self.huey.storage
+        finally:
+            with self._state:
+                self._calls -= 1
+                # The last call of a queue closed meanwhile: ``close`` left the release to it.
+                last = self._closed and self._calls == 0
+            if last:
+                self._release()
+
+    def _release(self) -> None:
+        storage = self.huey.storage
+        storage.close()  # SQLite: its connection; huey's Redis storage has nothing of its own
+        if isinstance(storage, RedisStorage):
+            # Every connection of the pool: make_huey's own, which no one else uses.
+            storage.pool.disconnect()
