@@ -428,7 +428,12 @@ def serve(
             # Here, not only in the app's start: a storage that is another deployment's is one
             # line and exit status 1, not uvicorn's traceback and its 3. The app's start asks
             # again (for library users) and gets this answer.
-            application.state.services.operations.bind_deployment()
+            try:
+                application.state.services.operations.bind_deployment()
+            except BaseException:
+                # The app never starts, so its end never closes the services it built.
+                application.state.services.close()
+                raise
         else:
             # Before any process starts: only the first would run the app's start that binds,
             # and the others would serve another deployment's storage, ready.

@@ -585,14 +585,16 @@ def run_worker(services: Services, *, threads: int | None = None) -> None:
     except BaseException:
         services.close()
         raise
-    identity = claim_identity(settings.home)
-    services.training.owner = identity.name
-    services.gc.owner = identity.name
-    worker = Worker(training=services.training, queue=services.queue, identity=identity,
-                    threads=threads or settings.worker_threads,
-                    reconcile_seconds=settings.reconcile_seconds, gc=services.gc,
-                    erasure=services.erasure, clock=services.clock)
     try:
+        # In the ``try``: no name left (MAX_SLOTS workers on this HOME) closes them too.
+        identity = claim_identity(settings.home)
+        services.training.owner = identity.name
+        services.gc.owner = identity.name
+        worker = Worker(training=services.training, queue=services.queue, identity=identity,
+                        threads=threads or settings.worker_threads,
+                        reconcile_seconds=settings.reconcile_seconds, gc=services.gc,
+                        erasure=services.erasure, clock=services.clock)
+        # Stops the worker before the ``finally`` closes the queue it reads.
         worker.run_until_signal()
     finally:
         if metrics is not None:

@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.api.app import create_app
+from selfie_lora.errors import DeploymentMismatchError, QueueClosedError
 from selfie_lora.wiring import build_services
 from tests.conftest import make_settings
 
@@ -22,6 +23,27 @@ def test_the_services_the_app_built_are_closed_when_it_stops(tmp_path: Path) -> 
         assert executor.submit(lambda: 1).result() == 1
     with pytest.raises(RuntimeError, match="shutdown"):
         executor.submit(lambda: 1)
+    with pytest.raises(QueueClosedError):  # and the job queue (huey's SQLite connection)
+        app.state.services.queue.pending()
+
+
+def test_the_services_the_app_built_are_closed_when_its_start_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its worker's start refused (the storage another deployment's): the lifespan ended before
+    its ``try``, so the services it had built stayed open, the queue's connection too."""
+    app = create_app(make_settings(tmp_path), run_worker=True, reconcile=True)
+    services = app.state.services
+
+    def refuse() -> None:
+        raise DeploymentMismatchError("the storage is another deployment's")
+
+    monkeypatch.setattr(services.operations, "bind_deployment", refuse)
+    with pytest.raises(DeploymentMismatchError), TestClient(app):
+        pass
+    with pytest.raises(RuntimeError, match="shutdown"):
+        services.generation._executor.submit(lambda: 1)
+    with pytest.raises(QueueClosedError):
+        services.queue.pending()
 
 
 def test_services_given_to_the_app_are_left_open(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import re
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -233,6 +234,8 @@ ANOTHERS = "error: refusing to start: the storage (deployment.json) belongs to d
          "resume"])
 def test_another_deployment_s_storage_stops_a_start_in_one_line_before_anything_is_written(
         tmp_path: Path, env: Callable[[dict[str, str]], None], command: list[str]) -> None:
+    from selfie_lora import wiring
+    from selfie_lora.api import app as api_app
     from tests.support.photos import copy_person_photos
 
     env({"SELFIE_LORA_MIN_PHOTOS": "3"})
@@ -243,8 +246,27 @@ def test_another_deployment_s_storage_stops_a_start_in_one_line_before_anything_
     photos = copy_person_photos(tmp_path / "photos")
     args = [arg.replace("{port}", str(free_port())).replace("{photos}", str(photos))
             for arg in command]
+    # The services the refused command builds, and their closes: 'serve' left the ones its
+    # app had built open (their job queue's connection too), the app never having started.
+    built: list[wiring.Services] = []
+    closed: list[int] = []
+    build, close = wiring.build_services, wiring.Services.close
 
-    result = CliRunner().invoke(app, args)
+    def recorded_build(*args: Any, **kwargs: Any) -> wiring.Services:
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    def recorded_close(services: wiring.Services) -> None:
+        closed.append(id(services))
+        close(services)
+
+    with pytest.MonkeyPatch.context() as patched:  # the env's own patches stay
+        patched.setattr(wiring, "build_services", recorded_build)
+        patched.setattr(api_app, "build_services", recorded_build)
+        patched.setattr(wiring.Services, "close", recorded_close)
+        result = CliRunner().invoke(app, args)
+    assert built, "the command built no services"
+    assert sorted(closed) == sorted(id(services) for services in built)  # each once
     assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
     assert result.exit_code == 1, result.output
     lines = result.output.strip().splitlines()

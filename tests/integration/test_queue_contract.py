@@ -210,6 +210,25 @@ def test_closing_the_services_closes_their_queue(kind: str, tmp_path: Path) -> N
     services.close()  # as an entry point's error path may close them again
 
 
+def test_a_worker_that_gets_no_name_closes_its_services(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Old code: ``run_worker`` claimed its name outside the ``try`` that closes the services,
+    so a HOME with every worker name taken left them open, the queue's connection too."""
+    from selfie_lora.config import Settings
+    from selfie_lora.wiring import build_services
+
+    services = build_services(Settings(home=tmp_path / "home"), trainers={}, generators={})
+
+    def no_name(home: Path) -> Identity:
+        raise RuntimeError(f"more than {worker_module.MAX_SLOTS} workers on {home}")
+
+    monkeypatch.setattr(worker_module, "claim_identity", no_name)
+    with pytest.raises(RuntimeError, match="workers on"):
+        worker_module.run_worker(services, threads=1)
+    with pytest.raises(QueueClosedError):
+        services.queue.pending()
+
+
 class StubTraining:
     """Stands for ``TrainingService`` at the worker's boundary: records what the worker asks."""
 

@@ -116,14 +116,15 @@ def create_app(
             # the count read here: the thread then starts no process during the stop.
             threading.Thread(target=svc.intake.warm_up, name="intake-warm-up", daemon=True,
                              kwargs={"since": svc.intake.stop_count()}).start()
-        if run_worker or reconcile:
-            from selfie_lora.worker import start_embedded
-
-            # Off the event loop: its first reconcile makes database round trips and sends the
-            # alerts due (which run their own event loop), all blocking.
-            worker = await in_thread(lambda: start_embedded(
-                svc, consume=run_worker, collect_garbage=collect_garbage))
+        # A start that fails (the storage is another deployment's) closes what it opened too.
         try:
+            if run_worker or reconcile:
+                from selfie_lora.worker import start_embedded
+
+                # Off the event loop: its first reconcile makes database round trips and sends
+                # the alerts due (which run their own event loop), all blocking.
+                worker = await in_thread(lambda: start_embedded(
+                    svc, consume=run_worker, collect_garbage=collect_garbage))
             yield
         finally:
             if worker is not None:
@@ -132,7 +133,8 @@ def create_app(
             if warm_up:
                 await in_thread(svc.intake.shut_down)
             if owns_services:
-                # Its generation threads (queued generations dropped) and database connections.
+                # Its generation threads (queued generations dropped), the job queue's
+                # connections and the database's; after the worker: it reads the queue.
                 await in_thread(svc.close)
 
     # fastapi_offline's files (no CDN), but its pages' routes are ours (api/docs.py): they sent
