@@ -25,3 +25,10 @@ def _floor(package: str) -> tuple[int, ...]:
 
 def test_torch_s_floor_has_out_of_memory_error() -> None:
     assert _floor("torch") >= (2, 5)  # torch.OutOfMemoryError
+
+
+def test_huey_s_floor_shares_one_sqlite_connection() -> None:
+    # HueyJobQueue.close closes huey's SQLite storage from one thread; huey 2.x kept one
+    # connection per thread (threading.local), so the others stayed open with their -wal file
+    # (review of fix-queueclose, B1). 3.0 shares one connection behind a lock.
+    assert _floor("huey") >= (3, 0)
