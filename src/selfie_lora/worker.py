@@ -58,6 +58,7 @@ from selfie_lora.errors import (
     ConfigError,
     DeploymentMismatchError,
     ErrorCode,
+    QueueClosedError,
     StorageError,
     describe,
 )
@@ -289,6 +290,13 @@ class Worker:
             rings = self._rings  # before the poll: a message queued after it rings
             try:
                 training_id = self._queue.next_training()
+            except QueueClosedError:
+                # Closed by ``Services.close`` while this thread outlived the worker's stop:
+                # it never opens again, and its messages wait in it for the next start.
+                logger.info("worker %s: the job queue is closed (this process is stopping); "
+                            "a consumer ends, the trainings queued are taken at the next "
+                            "start", self.identity.name)
+                return
             except Exception as exc:
                 self._queue_unreachable(exc, ticket=ticket)
                 self._stop.wait(_IDLE_MAX_S)

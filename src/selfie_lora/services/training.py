@@ -126,6 +126,7 @@ from selfie_lora.errors import (
     LeaseLostError,
     NoModelError,
     NotFoundError,
+    QueueClosedError,
     SelfieLoraError,
     StorageError,
     StorageFullError,
@@ -176,6 +177,11 @@ from selfie_lora.services.telemetry import NullTelemetry
 
 logger = logging.getLogger(__name__)
 
+# A reconcile that outlived its worker's stop met the queue closed (``Services.close``): not an
+# outage, so INFO and said once a pass; the trainings it would queue wait for the next one.
+_QUEUE_CLOSED_AT_RECONCILE = ("reconcile: the job queue is closed (this process is stopping); "
+                              "trainings nobody runs are queued by the next reconcile "
+                              "(another process's, or this one's next start)")
 CANCELED_MESSAGE = ("The training was canceled. Your active version is unchanged; start a new "
                     "training when you are ready.")
 INTERNAL_ERROR_MESSAGE = ("The training stopped because of an internal error. Your active "
@@ -487,6 +493,12 @@ class TrainingService:
         any training left queued without a message."""
         try:
             self._queue.enqueue_training(training_id)
+        except QueueClosedError:
+            # Not a fault: this process is stopping and closed its queue before this thread
+            # ended (a training handed back, or a request, past the worker's stop grace).
+            logger.info("training %s: not queued now, the job queue is closed (this process "
+                        "is stopping); the next reconcile queues it (another process's, or "
+                        "this server's next start)", training_id)
         except Exception as exc:
             logger.warning("training %s: could not be queued now (%s: %s); the reconciler "
                            "queues it", training_id, type(exc).__name__, exc)
@@ -992,8 +1004,16 @@ class TrainingService:
                 # out an outage whatever became of the worker that set it.
                 active[i] = self._update(t.id, lambda c: expire_lease(c, now, dead_owners))
         ticket = self._queue_outage.attempt()
+        closed = False  # the job queue closed: this process is stopping, not an outage
         try:
             queued: Collection[str] = self._queue.queued_training_ids()
+        except QueueClosedError:
+            # A reconcile that outlived its worker's stop: nothing is queued here now, and the
+            # next reconcile (another process's, or this one's next start) queues them. Its
+            # cancels below need only the database and go on.
+            logger.info(_QUEUE_CLOSED_AT_RECONCILE)
+            queued = ()
+            quiet = closed = True
         except Exception as exc:
             # The queue is down (Redis): what waits in it is unknown, so every training nobody
             # holds is rung again below (a duplicate message is claimed once, the other does
@@ -1016,8 +1036,15 @@ class TrainingService:
             action = recovery_action(t, now=now, queued_ids=queued, policy=self.lease)
             with training_context(t.id):  # the lines about it carry its id, like a worker's
                 if action is Recovery.ENQUEUE:
+                    if closed:
+                        continue  # said once above
                     try:
                         self._queue.enqueue_training(t.id)
+                    except QueueClosedError:
+                        # Closed since the read above: said once, as there.
+                        logger.info(_QUEUE_CLOSED_AT_RECONCILE)
+                        closed = True
+                        continue
                     except Exception as exc:
                         # Stays unqueued, and the next round tries again; the trainings after
                         # it (and their cancels) are not kept waiting.
