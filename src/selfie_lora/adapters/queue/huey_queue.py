@@ -38,6 +38,12 @@ REDIS_READ_TIMEOUT_S = 1
 # whose thread then stopped for good. A URL that names either (``?socket_timeout=...``) keeps it.
 CONNECT_TIMEOUT_S = 5.0
 ANSWER_TIMEOUT_S = 5.0
+# How long ``close`` waits for calls under way to end on their connections before it lets go of
+# them itself: a Redis call is answered within ANSWER_TIMEOUT_S (its blocking read within
+# REDIS_READ_TIMEOUT_S), a SQLite one as its statement ends. A call still under way after that is
+# stuck, and its thread may be a daemon that the interpreter's exit kills before it ends: a
+# release left to it might never come, while ``Services.close`` has returned as if done.
+CLOSE_WAIT_S = ANSWER_TIMEOUT_S + REDIS_READ_TIMEOUT_S
 
 
 # The name of every release before the queue's name became a setting.
@@ -77,12 +83,15 @@ class HueyJobQueue:
     def __init__(self, huey: Huey) -> None:
         self.huey = huey
         self._enqueued = EnqueueListeners()
-        # ``close``: calls begun before it finish on the storage's connections, which the last
-        # of them lets go of; none begins after it. huey's SQLite storage would otherwise open a
-        # new connection at the next call, which nothing would close (its -wal file stays).
-        self._state = threading.Lock()
+        # ``close``: calls begun before it finish on the storage's connections (it waits for
+        # them, CLOSE_WAIT_S at most), then it lets go of them; none begins after it. huey's
+        # SQLite storage would otherwise open a new connection at the next call, which nothing
+        # would close (its -wal file stays).
+        self._state = threading.Condition()
         self._calls = 0
         self._closed = False
+        # Set by ``close`` as it lets go: a call still under way then is late (it fails).
+        self._released = False
 
     @classmethod
     def from_url(cls, url: str, *, name: str = DEFAULT_NAME) -> HueyJobQueue:
@@ -150,17 +159,23 @@ class HueyJobQueue:
 
     def close(self) -> None:
         """``JobQueue.close``: lets go of the storage's connections (SQLite's connection, which
-        checkpoints and removes its -wal file; every connection of the Redis pool) at once, or,
-        while another thread's call is using them (a Redis read waits up to a second), as that
-        call ends. Every call after it raises ``QueueClosedError``; a second close does
-        nothing."""
+        checkpoints and removes its -wal file; every connection of the Redis pool) once the
+        calls under way on other threads have ended (a Redis read waits up to a second), or
+        after CLOSE_WAIT_S even if some have not: those then fail (``QueueClosedError``), and
+        the last of them lets go again of whatever it opened. Every call after it raises
+        ``QueueClosedError``; a second close does nothing."""
         with self._state:
             if self._closed:
                 return
             self._closed = True
-            idle = self._calls == 0
-        if idle:
-            self._release()
+            self._state.wait_for(lambda: self._calls == 0, timeout=CLOSE_WAIT_S)
+            stuck = self._calls
+            self._released = True
+        if stuck:
+            logger.warning("closing the job queue: %d call(s) still under way after %.0f s; "
+                           "their connections are let go of under them (they fail)", stuck,
+                           CLOSE_WAIT_S)
+        self._release()
 
     @contextmanager
     def _using(self) -> Iterator[BaseStorage]:
@@ -173,10 +188,19 @@ class HueyJobQueue:
         finally:
             with self._state:
                 self._calls -= 1
-                # The last call of a queue closed meanwhile: ``close`` left the release to it.
-                last = self._closed and self._calls == 0
+                if self._calls == 0:
+                    self._state.notify_all()  # a ``close`` waiting for the calls under way
+                late = self._released
+                last = late and self._calls == 0
             if last:
+                # Whatever a late call opened again (SQLite reconnects on use; so does Redis).
                 self._release()
+            if late:
+                # Its connection was let go of under it: whatever it got is not to be trusted
+                # (a message it enqueued is a duplicate doorbell at worst; one it took, the
+                # reconciler rings again).
+                raise QueueClosedError("the job queue was closed while this call was under way: "
+                                       "this process is stopping")
 
     def _release(self) -> None:
         storage = self.huey.storage
