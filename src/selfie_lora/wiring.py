@@ -92,10 +92,16 @@ class Services:
         """Lets go of what the services hold. The caller stops its worker first (the entry
         points' worker, or ``embedded_worker``): a consumer still reading the queue would meet
         it closed (``QueueClosedError``)."""
-        self.generation.close()
-        # huey's SQLite connection (and its -wal file), or the Redis pool: left open before.
-        self.queue.close()
-        self.engine.dispose()
+        # Each in its own ``finally``: one that fails (its error still raised) does not leave
+        # the others open.
+        try:
+            self.generation.close()
+        finally:
+            try:
+                # huey's SQLite connection (and its -wal file), or the Redis pool.
+                self.queue.close()
+            finally:
+                self.engine.dispose()
 
 
 def training_defaults(settings: Settings) -> TrainingDefaults:

@@ -173,6 +173,21 @@ def _queue_with_a_held_pending(kind: str, tmp_path: Path, monkeypatch: pytest.Mo
     return q, held, inside, go_on
 
 
+def _pending_in_a_thread(q: HueyJobQueue) -> tuple[threading.Thread, list[BaseException]]:
+    """``q.pending()`` on a thread of its own, started; what it raises lands in the list."""
+    failures: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            q.pending()
+        except BaseException as exc:
+            failures.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    return caller, failures
+
+
 @pytest.mark.parametrize("kind", QUEUES)
 def test_a_call_under_way_as_the_queue_closes_ends_on_its_connection_and_then_lets_go(
         kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -218,16 +233,7 @@ def test_a_call_stuck_past_the_close_s_wait_does_not_keep_the_queue_open(
 
     monkeypatch.setattr(huey_queue, "CLOSE_WAIT_S", 0.3, raising=False)
     q, held, inside, go_on = _queue_with_a_held_pending(kind, tmp_path, monkeypatch)
-    failures: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            q.pending()
-        except BaseException as exc:
-            failures.append(exc)
-
-    caller = threading.Thread(target=call)
-    caller.start()
+    caller, failures = _pending_in_a_thread(q)
     try:
         assert inside.wait(10)
         began = time.monotonic()
@@ -247,6 +253,94 @@ def test_a_call_stuck_past_the_close_s_wait_does_not_keep_the_queue_open(
     cleaner = HueyJobQueue.from_url(queue_url(kind, tmp_path))
     cleaner.flush()
     cleaner.close()
+
+
+def _failing_close() -> None:
+    raise OSError("disk I/O error")
+
+
+# Review read-report1 R3: the release's error came out of close (and out of Services.close, the
+# engine left undisposed) or replaced the result of the call whose end ran it; the queue stayed
+# marked closed, so nothing tried again.
+@pytest.mark.parametrize("kind", QUEUES)
+def test_a_release_that_fails_is_logged_and_the_queue_still_closed(
+        kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    q = HueyJobQueue.from_url(queue_url(kind, tmp_path))
+    q.flush()
+    q.enqueue_training("t1")
+    storage = q.huey.storage
+    close = storage.close
+    monkeypatch.setattr(storage, "close", _failing_close)
+    with caplog.at_level(logging.WARNING, logger="selfie_lora.adapters.queue.huey_queue"):
+        q.close()
+    [said] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "could not all be let go of" in said.getMessage()
+    assert said.exc_info is not None
+    with pytest.raises(QueueClosedError):
+        q.pending()
+    if isinstance(storage, RedisStorage):  # the pool's step still ran
+        assert all(c._sock is None for c in storage.pool._available_connections)  # type: ignore[attr-defined]
+    close()
+    cleaner = HueyJobQueue.from_url(queue_url(kind, tmp_path))
+    cleaner.flush()
+    cleaner.close()
+
+
+def test_a_late_call_whose_release_fails_still_fails_as_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfie_lora.adapters.queue import huey_queue
+
+    monkeypatch.setattr(huey_queue, "CLOSE_WAIT_S", 0.1, raising=False)
+    q, _held, inside, go_on = _queue_with_a_held_pending("sqlite", tmp_path, monkeypatch)
+    storage = q.huey.storage
+    close = storage.close
+    monkeypatch.setattr(storage, "close", _failing_close)
+    caller, failures = _pending_in_a_thread(q)
+    try:
+        assert inside.wait(10)
+        q.close()
+    finally:
+        go_on.set()
+        caller.join(10)
+    [failure] = failures
+    assert isinstance(failure, QueueClosedError)  # not the release's OSError
+    close()
+
+
+class _Recorded:
+    """Wraps a close-like callable: records that it ran, then runs it (or raises)."""
+
+    def __init__(self, call: Callable[[], None], *, fails: bool = False) -> None:
+        self.call, self.fails, self.ran = call, fails, False
+
+    def __call__(self) -> None:
+        self.ran = True
+        self.call()
+        if self.fails:
+            raise RuntimeError("closing failed")
+
+
+@pytest.mark.parametrize("failing", ["generation", "queue"])
+def test_a_resource_that_fails_to_close_does_not_leave_the_others_open(
+        failing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review read-report1 R3: ``Services.close`` closed the generations, the queue and the
+    engine one after the other, so an error of one left the ones after it open."""
+    from selfie_lora.config import Settings
+    from selfie_lora.wiring import build_services
+
+    services = build_services(Settings(home=tmp_path / "home"), trainers={}, generators={})
+    closes = {"generation": _Recorded(services.generation.close, fails=failing == "generation"),
+              "queue": _Recorded(services.queue.close, fails=failing == "queue"),
+              "engine": _Recorded(services.engine.dispose)}
+    monkeypatch.setattr(services.generation, "close", closes["generation"])
+    monkeypatch.setattr(services.queue, "close", closes["queue"])
+    monkeypatch.setattr(services.engine, "dispose", closes["engine"])
+    with pytest.raises(RuntimeError, match="closing failed"):
+        services.close()  # its error still said
+    assert all(c.ran for c in closes.values()), {k: c.ran for k, c in closes.items()}
+    with pytest.raises(QueueClosedError):
+        services.queue.pending()
 
 
 @pytest.mark.parametrize("kind", QUEUES)

@@ -203,8 +203,18 @@ class HueyJobQueue:
                                        "this process is stopping")
 
     def _release(self) -> None:
+        """Lets go of the storage's connections. An error of it is logged, not raised: raised
+        at a late call's end it would stand for that call's own outcome, and from ``close`` it
+        would cut ``Services.close`` short (the queue is closed whatever it says)."""
         storage = self.huey.storage
-        storage.close()  # SQLite: its connection; huey's Redis storage has nothing of its own
+        # SQLite: its connection; huey's Redis storage has nothing of its own. Then every
+        # connection of the Redis pool: make_huey's own, which no one else uses.
+        steps = [storage.close]
         if isinstance(storage, RedisStorage):
-            # Every connection of the pool: make_huey's own, which no one else uses.
-            storage.pool.disconnect()
+            steps.append(storage.pool.disconnect)
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                logger.warning("closing the job queue: its connections could not all be let go "
+                               "of cleanly", exc_info=True)
