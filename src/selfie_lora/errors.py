@@ -315,7 +315,7 @@ class ServerStoppingError(SelfieLoraError):
 
 
 class QueueClosedError(ServerStoppingError):
-    """The job queue was used after it was closed (``JobQueue.close``, from ``Services.close``
+    """The job queue was used after it was closed (``WorkQueue.close``, from ``Services.close``
     once the process's worker has stopped): its connections are gone, and reopening them would
     leave one that nothing closes. Only work still running as a process stops meets it (a
     request past the server's graceful wait, a training thread that outlived its worker's

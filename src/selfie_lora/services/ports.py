@@ -864,13 +864,6 @@ class JobQueue(Protocol):
         training that has none and nobody running it)."""
         ...
 
-    def close(self) -> None:
-        """Lets go of what the queue holds (a database connection, a connection pool), once
-        nothing reads it: ``Services.close`` calls it after the process's worker has stopped.
-        A second call does nothing; any other call after it raises ``QueueClosedError``
-        rather than connecting again."""
-        ...
-
 
 @runtime_checkable
 class EnqueueBell(Protocol):
@@ -895,6 +888,14 @@ class WorkQueue(JobQueue, Protocol):
 
     def ping(self) -> None:
         """Raises when the queue cannot be reached."""
+        ...
+
+    def close(self) -> None:
+        """Lets go of what the queue holds (a database connection, a connection pool), once
+        nothing reads it: ``Services.close`` calls it after the process's worker has stopped.
+        A second call does nothing; any other call after it raises ``QueueClosedError``
+        rather than connecting again. Here, not on ``JobQueue``: closing is its owner's (the
+        services'), never the training service's, which only rings."""
         ...
 
 

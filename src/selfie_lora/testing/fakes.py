@@ -295,7 +295,7 @@ class InMemoryQueue:
             return self.pending.pop(0) if self.pending else None
 
     def close(self) -> None:
-        """``JobQueue.close``, as the real queue: calls after it raise, a second one does
+        """``WorkQueue.close``, as the real queue: calls after it raise, a second one does
         nothing."""
         with self._lock:
             self.closed = True

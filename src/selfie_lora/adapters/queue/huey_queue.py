@@ -158,7 +158,7 @@ class HueyJobQueue:
             storage.flush_queue()
 
     def close(self) -> None:
-        """``JobQueue.close``: lets go of the storage's connections (SQLite's connection, which
+        """``WorkQueue.close``: lets go of the storage's connections (SQLite's connection, which
         checkpoints and removes its -wal file; every connection of the Redis pool) once the
         calls under way on other threads have ended (a Redis read waits up to a second), or
         after CLOSE_WAIT_S even if some have not: those then fail (``QueueClosedError``), and
