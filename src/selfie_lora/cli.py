@@ -8,7 +8,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -431,8 +431,11 @@ def serve(
             try:
                 application.state.services.operations.bind_deployment()
             except BaseException:
-                # The app never starts, so its end never closes the services it built.
-                application.state.services.close()
+                # The app never starts, so its end never closes the services it built. An error
+                # of that close must not replace the refusal's one line with a traceback (as in
+                # run_worker's refusals); the process exits and lets go of them anyway.
+                with suppress(Exception):
+                    application.state.services.close()
                 raise
         else:
             # Before any process starts: only the first would run the app's start that binds,

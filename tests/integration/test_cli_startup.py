@@ -285,6 +285,36 @@ def test_another_deployment_s_storage_stops_a_start_in_one_line_before_anything_
         services.close()
 
 
+# Review read-report1 N4: serve's close of the services its refused app had built was not
+# guarded, so an error of it turned the one-line refusal into a traceback.
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", [["serve"], ["serve", "--no-worker"]],
+                         ids=["serve", "serve-no-worker"])
+def test_a_refused_serve_whose_services_fail_to_close_still_says_one_line(
+        env: Callable[[dict[str, str]], None], command: list[str]) -> None:
+    from selfie_lora import wiring
+
+    env({})
+    assert CliRunner().invoke(app, ["users", "create", "bob"]).exit_code == 0
+    blobs = get_settings().home / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    (blobs / "deployment.json").write_text('{"deployment_id": "someone-else"}')
+    close = wiring.Services.close
+
+    def failing_close(services: wiring.Services) -> None:
+        close(services)
+        raise RuntimeError("closing failed")
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(wiring.Services, "close", failing_close)
+        result = CliRunner().invoke(app, [*command, "--port", str(free_port())])
+    assert isinstance(result.exception, SystemExit), result.exception  # not a traceback
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(ANOTHERS), result.output
+
+
 @pytest.mark.timeout(60)
 def test_a_storage_that_does_not_look_like_this_database_s_is_left_unbound_in_one_line(
         tmp_path: Path, env: Callable[[dict[str, str]], None]) -> None:
