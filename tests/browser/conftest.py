@@ -67,8 +67,8 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServePro
 # calls, in this process, on the server's database (SQLite: the server sees each new user at
 # once, as it sees one the command makes while it runs): a ``users create`` process for each
 # test took ~2 s of CPU (its imports, mostly) for a user that is only the test's set-up. The
-# command itself, the password read from standard input, is run by the tests that start a
-# server of their own (``support.create``: test_journey, test_page_actions).
+# command itself, the password read from standard input, is run by test_journey, on a server
+# of its own (``support.create``).
 @pytest.fixture(scope="module")
 def shared_users(shared_server: ServeProcess) -> Iterator[UserService]:
     with user_service(shared_server.env) as users:

@@ -11,8 +11,8 @@ import httpx
 import pytest
 
 from selfie_lora.domain.plan import lora_scale_text
-from tests.browser.support import Account, create, sign_in, upload_photos
-from tests.e2e.conftest import ServeProcess, clean_env, wait_training
+from tests.browser.support import PASSWORD, Account, sign_in, upload_photos
+from tests.e2e.conftest import ServeProcess, clean_env, make_users, wait_training
 from tests.support.photos import FIXTURES
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def test_a_double_clicked_upload_is_sent_once(chromium: Any, account: Account) -
     the server checked and stored the set twice (found in review). The button is disabled
     until the answer, and a second submit meanwhile sends nothing."""
     # The file's shared server (``serve --no-worker``, the local tiny model), as this test's own
-    # was, and a user made in this process: the next test runs ``users create`` itself.
+    # was, and a user made in this process.
     server = account.server
     page = chromium.new_context().new_page()
     sign_in(page, server.base_url, account.name, "/photos")
@@ -50,10 +50,14 @@ def test_generate_uses_the_scale_the_slider_shows_without_saving_it(
     # tested here, and each probe is a generation and a face analysis after the training.
     env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny",
                     SELFIE_LORA_PROBE_COUNT="1")
-    key = create(env, "ann")
+    # ann made in this process (make_users), not by a ``users create --password`` process
+    # (~2.5 s of CPU, its imports mostly): she is only this test's set-up. The command, its
+    # password read from standard input, is run by test_journey (support.create) and
+    # test_cli_users.
+    headers = make_users(env, "ann", password=PASSWORD)["ann"]
+    key = headers["Authorization"].removeprefix("Bearer ")
     server = serve(env)
     upload_photos(server.base_url, key, start=True)
-    headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=server.base_url, timeout=30) as api:
         training_id = api.get("/api/training/progress", headers=headers).json()["training"]["id"]
         body, _seen = wait_training(api, headers, training_id, server, deadline_s=300)
