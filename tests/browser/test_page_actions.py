@@ -47,9 +47,12 @@ def test_generate_uses_the_scale_the_slider_shows_without_saving_it(
     the saved 1.0, and the slider snapped back (found in review). Generate sends the slider's
     scale now, for that request only: the saved scale is unchanged until "Save the scale"."""
     # One probe for the likeness score of the version (four by default): the picture is what is
-    # tested here, and each probe is a generation and a face analysis after the training.
+    # tested here, and each probe is a generation and a face analysis after the training. For
+    # the same reason the training runs in the server's worker (inline), not in a child process
+    # of its own: its start, a second import of torch and diffusers, took 5-16 s on a loaded
+    # machine. Process isolation is tested by test_serve, test_journey and test_cli_worker.
     env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local", SELFIE_LORA_BASE_MODEL="tiny",
-                    SELFIE_LORA_PROBE_COUNT="1")
+                    SELFIE_LORA_PROBE_COUNT="1", SELFIE_LORA_LOCAL_ISOLATION="inline")
     # ann made in this process (make_users), not by a ``users create --password`` process
     # (~2.5 s of CPU, its imports mostly): she is only this test's set-up. The command, its
     # password read from standard input, is run by test_journey (support.create) and
