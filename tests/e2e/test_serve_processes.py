@@ -47,12 +47,15 @@ def spawned_children(pid: int) -> set[int]:
     return found
 
 
-def serve_two_processes(tmp_path: Path) -> tuple[ServeProcess, dict[str, str]]:
+def serve_two_processes(tmp_path: Path, *, by_command: bool = True,
+                        ) -> tuple[ServeProcess, dict[str, str]]:
     """``selfie-lora serve --processes 2`` on the local tiny model, HOME in ``tmp_path``, and a
-    user's headers."""
+    user's headers: a user made by ``users create`` (``by_command``), as for a new HOME, or
+    in this process (``make_users``: the same database, made and migrated as the command
+    makes it, without a process's ~2 s of CPU, its imports mostly)."""
     env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local",
                     SELFIE_LORA_BASE_MODEL="tiny", SELFIE_LORA_PROBE_COUNT="1")
-    ann = create_user(env, "ann")
+    ann = create_user(env, "ann") if by_command else make_users(env, "ann")["ann"]
     port = free_port()
     log_path = tmp_path / "serve.log"
     log_file = log_path.open("wb")
@@ -118,7 +121,8 @@ def test_a_process_killed_while_serving_is_started_again_with_the_worker(tmp_pat
     other went on answering /readyz 200 and taking uploads whose trainings stayed queued for
     good, nothing was logged, and Ctrl-C exited 0. Now api-0 is started again (logged), and a
     training uploaded afterwards runs."""
-    server, ann = serve_two_processes(tmp_path)
+    # ann is this test's set-up only: the test before it makes its user with the command.
+    server, ann = serve_two_processes(tmp_path, by_command=False)
     proc = server.proc
     try:
         serving = wait_for_line(server, r"2 API processes on \S+ \(api-0 pid (\d+), "
