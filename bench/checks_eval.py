@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -184,36 +185,71 @@ def side_by_side(a: Image.Image, b: Image.Image) -> bytes:
 # --------------------------------------------------------------------------- analysis
 
 
-_analyzer: Any = None
+class _SharedDetection:
+    """An analyzer whose face detection (boxes only) is looked up by the image's pixels first:
+    the detector is the same whatever the landmark model, so each photo's boxes are found once
+    for all the models measured (about half of a photo's analysis: cProfile, 58 of 116 s).
+    ``describe`` and the detection with landmarks (the refinement's fallback) stay each
+    model's own."""
+
+    def __init__(self, analyzer: Any, found: dict[tuple[Any, ...], list[Any]]) -> None:
+        self._analyzer = analyzer
+        self._found = found
+
+    def detect(self, image: Any, *, landmarks: bool = True, embed: bool = True) -> list[Any]:
+        if landmarks or embed:
+            return list(self._analyzer.detect(image, landmarks=landmarks, embed=embed))
+        array = np.ascontiguousarray(image, dtype=np.uint8)
+        key = (array.shape, hashlib.blake2b(array.data).digest())
+        if key not in self._found:
+            self._found[key] = self._analyzer.detect(array, landmarks=False, embed=False)
+        return list(self._found[key])
+
+    def describe(self, image: Any, box: tuple[int, int, int, int], *, embed: bool = True) -> Any:
+        return self._analyzer.describe(image, box, embed=embed)
 
 
-def _init(landmarks: int) -> None:
-    global _analyzer
+_analyzers: dict[int, Any] = {}
+_found: dict[tuple[Any, ...], list[Any]] = {}
+
+
+def _init(models: Sequence[int]) -> None:
     import cv2
 
     from selfie_lora.adapters.faces.dlib_regions import DlibRegionFaceAnalyzer
 
     cv2.setNumThreads(1)
-    _analyzer = DlibRegionFaceAnalyzer(landmarks=landmarks)
+    _analyzers.clear()
+    # One model alone has nothing to share: no hashing of its images.
+    _analyzers.update({m: DlibRegionFaceAnalyzer(landmarks=m) if len(models) == 1
+                       else _SharedDetection(DlibRegionFaceAnalyzer(landmarks=m), _found)
+                       for m in models})
 
 
-def _analyse(name: str, data: bytes, order: int) -> PhotoAnalysis | None:
-    # Decoded as the service's intake decodes (pipeline.process_photo): colours deferred.
-    decoded = decode_photo(UploadedFile(name=name, data=data), limits=LIMITS,
-                           min_side=decode_side(POLICY), defer_colour=True)
-    if not isinstance(decoded, DecodedPhoto):
-        return None
-    return analyze_photo(decoded, analyzer=_analyzer, policy=POLICY, order=order)
+def _analyse(name: str, data: bytes, order: int) -> dict[int, PhotoAnalysis | None]:
+    """One photo's analysis by each landmark model, the faces found once."""
+    _found.clear()
+    out: dict[int, PhotoAnalysis | None] = {}
+    for model, analyzer in _analyzers.items():
+        # Decoded as the service's intake decodes (pipeline.process_photo): colours deferred.
+        # Again for each model: each analysis has a photo of its own, as in the service.
+        decoded = decode_photo(UploadedFile(name=name, data=data), limits=LIMITS,
+                               min_side=decode_side(POLICY), defer_colour=True)
+        out[model] = (analyze_photo(decoded, analyzer=analyzer, policy=POLICY, order=order)
+                      if isinstance(decoded, DecodedPhoto) else None)
+    _found.clear()
+    return out
 
 
 def _edit_and_analyse(name: str, data: bytes, analysis: PhotoAnalysis, index: int,
                       other: bytes, order: int, pair_order: int
-                      ) -> list[tuple[str, PhotoAnalysis | None]]:
+                      ) -> list[tuple[str, dict[int, PhotoAnalysis | None]]]:
     """The edited copies of the ``index``-th photo with a face (``EDITS``, then two people: it
-    beside ``other``) as (kind, analysis), numbered from ``order`` (the two people
-    ``pair_order``). Made where they are analysed: in the workers, side by side, the edits
-    (a beauty filter's bilateral blur above all) took the main process ~40% of the run while
-    the workers waited."""
+    beside ``other``) as (kind, analysis by each model), numbered from ``order`` (the two people
+    ``pair_order``). Made where they are analysed: in the workers, side by side, the edits (a
+    beauty filter's bilateral blur above all) took the main process ~40% of the run while the
+    workers waited. Made once for all the models: they depend on the face's box, the
+    detector's, the same for each (``evaluate`` checks it)."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     edits = edits_of(image, analysis, index)
     assert tuple(edits) == EDITS, tuple(edits)
@@ -234,15 +270,15 @@ class _InProcess(Executor):
 
 
 @contextmanager
-def _workers(landmarks: int, workers: int) -> Iterator[Executor]:
+def _workers(models: Sequence[int], workers: int) -> Iterator[Executor]:
     """One pool for the originals and the edits: each worker loads the models once."""
     if workers <= 1:
-        _init(landmarks)
+        _init(models)
         yield _InProcess()
         return
     context = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
-                             initargs=(landmarks,)) as pool:
+                             initargs=(tuple(models),)) as pool:
         yield pool
 
 
@@ -276,7 +312,7 @@ class Result:
     rows: dict[str, Row] = field(default_factory=dict)
     identity: dict[str, float] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run's until this model was scored: the models share work
 
 
 def _flagged(a: PhotoAnalysis | None, code: str, *, severities: tuple[str, ...] = (
@@ -296,21 +332,31 @@ def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
 
 
-def evaluate(people: Path, *, landmarks: int, workers: int,
-             log: Callable[[str], None]) -> Result:
+def evaluate(people: Path, *, models: Sequence[int], workers: int,
+             log: Callable[[str], None]) -> list[Result]:
+    """Each landmark model's result (in ``models``' order). The photos, their edits and their
+    faces are made and found once: only the landmarks and what follows from them differ."""
     started = time.perf_counter()
-    result = Result(landmarks=landmarks)
     with (people / "labels.csv").open(newline="") as fh:
         labels = [(row["file"], row["person"]) for row in csv.DictReader(fh)]
     person = dict(labels)
     originals = {name: (people / name).read_bytes() for name, _ in labels}
-    with _workers(landmarks, workers) as pool:
+    with _workers(models, workers) as pool:
         futures = [pool.submit(_analyse, name, data, i)
                    for i, (name, data) in enumerate(originals.items())]
-        analyses = {name: f.result() for name, f in zip(originals, futures, strict=True)}
-        found = [n for n, a in analyses.items() if a is not None and a.main_face is not None]
-        result.extra["faces_found"] = f"{len(found)}/{len(originals)}"
-        log(f"  {landmarks}-point: faces found in {len(found)} of {len(originals)} originals")
+        by_model = {m: {name: f.result()[m] for name, f in zip(originals, futures, strict=True)}
+                    for m in models}
+        found_by = {m: [n for n, a in analyses.items() if a is not None and a.main_face is not None]
+                    for m, analyses in by_model.items()}
+        for m in models:
+            log(f"  {m}-point: faces found in {len(found_by[m])} of {len(originals)} originals")
+        first = by_model[models[0]]
+        found = found_by[models[0]]
+        # The edits are cut around the first model's box: the detector's, as the others'.
+        boxes = {m: [(a.image_size, a.main_face.box) for n in found if (a := by_model[m][n])
+                     and a.main_face] for m in models}
+        if any(found_by[m] != found or boxes[m] != boxes[models[0]] for m in models):
+            raise SystemExit("the landmark models found different faces: the edits would differ")
 
         # Edited copies of every photo with a face, and two-person photos (each photo with the
         # next person's first photo), numbered as one list (below).
@@ -321,7 +367,7 @@ def evaluate(people: Path, *, landmarks: int, workers: int,
         jobs = {}
         for index, name in enumerate(found):
             other = firsts[order[(order.index(person[name]) + 1) % len(order)]]
-            jobs[name] = (name, originals[name], analyses[name], index, originals[other],
+            jobs[name] = (name, originals[name], first[name], index, originals[other],
                           index * len(EDITS), len(found) * len(EDITS) + index)
         # The largest photos first (their edits take longest): no worker left with one at the
         # end while the other waits.
@@ -333,8 +379,27 @@ def evaluate(people: Path, *, landmarks: int, workers: int,
     keys = [(n, kind) for n in found for kind in EDITS] + [(n, "two_people") for n in found]
     kind_of = {f"{n}#{kind}": kind for n, kind in keys}
     source_of = {f"{n}#{kind}": n for n, kind in keys}
-    by_key = {f"{n}#{kind}": a for n in found for kind, a in made[n]}
-    edits = {key: by_key[key] for key in kind_of}
+    seconds = time.perf_counter() - started
+    results = []
+    for m in models:
+        by_key = {f"{n}#{kind}": a[m] for n in found for kind, a in made[n]}
+        edits = {key: by_key[key] for key in kind_of}
+        started = time.perf_counter()
+        result = _score(m, labels, by_model[m], edits, kind_of, source_of)
+        result.seconds = seconds + time.perf_counter() - started
+        results.append(result)
+    return results
+
+
+def _score(landmarks: int, labels: Sequence[tuple[str, str]],
+           analyses: dict[str, PhotoAnalysis | None], edits: dict[str, PhotoAnalysis | None],
+           kind_of: dict[str, str], source_of: dict[str, str]) -> Result:
+    """One model's rows and identity figures from its analyses of the originals and edits."""
+    result = Result(landmarks=landmarks)
+    person = dict(labels)
+    originals = list(dict.fromkeys(name for name, _ in labels))
+    found = [n for n, a in analyses.items() if a is not None and a.main_face is not None]
+    result.extra["faces_found"] = f"{len(found)}/{len(originals)}"
     everything = {**analyses, **edits}
 
     # Per-photo checks.
@@ -430,7 +495,6 @@ def evaluate(people: Path, *, landmarks: int, workers: int,
             row.fp += len(flagged - {stranger})
             row.false_alarms.extend(f"{n} (with {stranger})" for n in sorted(flagged - {stranger}))
     result.rows["different_person"] = row
-    result.seconds = time.perf_counter() - started
     result.extra["images"] = len(originals) + len(edits)
     return result
 
@@ -499,8 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [int(m) for m in args.models.split(",")]
     print(f"photos: {args.people}; policy thresholds: CheckPolicy(resolution="
           f"{POLICY.resolution}) defaults; workers: {args.workers}")
-    results = [evaluate(args.people, landmarks=m, workers=args.workers, log=print)
-               for m in models]
+    results = evaluate(args.people, models=models, workers=args.workers, log=print)
     print()
     print(table(results))
     print()
