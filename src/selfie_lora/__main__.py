@@ -20,6 +20,22 @@ def main() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C: the same line, once
         sys.stderr.write("interrupted before the command started: nothing was done\n")
         sys.exit(130)
+    finally:
+        _spare_the_last_collections()
+
+
+def _spare_the_last_collections() -> None:
+    """Called as the command ends, whatever its exit status. A process that loaded torch (train,
+    generate, serve, worker: diffusers, peft and transformers with it) spent ~1.3 s of CPU in
+    the interpreter's last garbage collections at exit, walking every one of those objects to
+    free them just before the process ends anyway (3 s of a loaded machine's wall time between
+    a stopped server's last line and its exit). Frozen, the collector skips them; atexit
+    handlers (logging's flush, multiprocessing's clean-up) run as before, and memory goes back
+    with the process."""
+    if "torch" in sys.modules:
+        import gc
+
+        gc.freeze()
 
 
 if __name__ == "__main__":
