@@ -496,3 +496,40 @@ def test_an_error_while_a_start_is_watched_leaves_no_use_of_the_server_behind(
     while forkserver._users and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not forkserver._users
+
+
+def test_a_fork_server_whose_service_dies_during_its_preload_ends_at_once() -> None:
+    """Multiprocessing's server sees its service gone only in its loop, after the preload: a
+    service killed during the tens of seconds of imports (SIGKILL, the OOM killer) left its
+    server importing torch on beside the restarted service's own server, then forking a child
+    for the dead service's start."""
+    service = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from selfie_lora.adapters.flux import forkserver\n"
+         "forkserver._server.ensure_running()\n"
+         "print(forkserver._server._forkserver_pid, flush=True)\n"
+         "time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    server_pid = 0
+    try:
+        assert service.stdout is not None
+        server_pid = int(service.stdout.readline())
+        deadline = time.monotonic() + 30  # the server's python and its first imports, at most
+        while not _ignores_sigint(server_pid):
+            assert time.monotonic() < deadline, "the server's preload did not begin"
+            time.sleep(0.02)
+        time.sleep(0.2)  # into the imports of torch, diffusers, peft (seconds, on any machine)
+        service.kill()
+        service.wait()
+        killed = time.monotonic()
+        while not _gone(server_pid) and time.monotonic() - killed < 10:
+            time.sleep(0.02)
+        assert _gone(server_pid)
+        assert time.monotonic() - killed < 1.5, "the server went on with its preload"
+    finally:
+        service.kill()
+        service.wait()
+        if service.stdout is not None:
+            service.stdout.close()
+        if server_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(server_pid, signal.SIGKILL)

@@ -16,6 +16,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 
 from selfie_lora.logs import setup_logging
 
@@ -36,6 +37,8 @@ _NEEDED: tuple[tuple[str, tuple[str, ...]], ...] = (
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in every child
 _SERVER_PID = os.getpid()
+# How often the server looks for its service during the preload (``_watch_service``).
+_SERVICE_CHECK_S = 0.1
 # True in the server only (``_serve``). The hook below is registered in the server's interpreter
 # and a fork inherits it: it also ran in every fork a training child made (DataLoader workers, a
 # multiprocessing "fork" Process), whose parent is not the server: exit 1 at birth.
@@ -83,6 +86,17 @@ def _load() -> None:
             getattr(module, attribute)
 
 
+def _watch_service(service: int, done: threading.Event) -> None:
+    """Exit once the service that started the server is gone (its parent changes), until the
+    preload is ``done``. Multiprocessing's server notices it only in its loop, after the
+    preload: a service killed (SIGKILL, the OOM killer) during these tens of seconds of imports
+    left its server importing torch on, beside the restarted service's own (6-8 s of CPU on a
+    2-core machine), to fork a child for the dead service's start at the end."""
+    while not done.wait(_SERVICE_CHECK_S):
+        if os.getppid() != service:
+            os._exit(1)
+
+
 def _is_training_server() -> bool:
     """Whether this process is the training fork server: multiprocessing's fork server started
     with this module in its preload. Anywhere else (a REPL, a test importing every module,
@@ -109,8 +123,17 @@ def _serve() -> None:
     # collections walked every torch object for ~1.3 s of CPU as the service stopped. Frozen at
     # exit, they skip them; its children leave through os._exit and never run this.
     atexit.register(gc.freeze)
-    with contextlib.suppress(Exception):  # the child meets it again and says what it is
-        _load()
+    # A thread during the imports only: ended before the server forks anything.
+    done = threading.Event()
+    watcher = threading.Thread(target=_watch_service, args=(os.getppid(), done),
+                               name="service-watch", daemon=True)
+    watcher.start()
+    try:
+        with contextlib.suppress(Exception):  # the child meets it again and says what it is
+            _load()
+    finally:
+        done.set()
+        watcher.join()
 
 
 if _is_training_server():
