@@ -47,14 +47,16 @@ def spawned_children(pid: int) -> set[int]:
     return found
 
 
-def serve_two_processes(tmp_path: Path, *, by_command: bool = True,
+def serve_two_processes(tmp_path: Path, *, by_command: bool = True, isolation: str = "process",
                         ) -> tuple[ServeProcess, dict[str, str]]:
     """``selfie-lora serve --processes 2`` on the local tiny model, HOME in ``tmp_path``, and a
     user's headers: a user made by ``users create`` (``by_command``), as for a new HOME, or
     in this process (``make_users``: the same database, made and migrated as the command
-    makes it, without a process's ~2 s of CPU, its imports mostly)."""
+    makes it, without a process's ~2 s of CPU, its imports mostly). ``isolation``: how the
+    local trainer runs (SELFIE_LORA_LOCAL_ISOLATION)."""
     env = clean_env(tmp_path / "home", SELFIE_LORA_TRAINER="local",
-                    SELFIE_LORA_BASE_MODEL="tiny", SELFIE_LORA_PROBE_COUNT="1")
+                    SELFIE_LORA_BASE_MODEL="tiny", SELFIE_LORA_PROBE_COUNT="1",
+                    SELFIE_LORA_LOCAL_ISOLATION=isolation)
     ann = create_user(env, "ann") if by_command else make_users(env, "ann")["ann"]
     port = free_port()
     log_path = tmp_path / "serve.log"
@@ -67,7 +69,9 @@ def serve_two_processes(tmp_path: Path, *, by_command: bool = True,
 
 
 def test_two_processes_share_the_port_the_worker_and_the_figures(tmp_path: Path) -> None:
-    server, ann = serve_two_processes(tmp_path)
+    # Inline: the training is only the figures' source here, and its own fork server's start (a
+    # second import of torch, 5-7 s of CPU) is tested by the next test (SIGINT during it).
+    server, ann = serve_two_processes(tmp_path, isolation="inline")
     proc = server.proc
     try:
         server.wait_healthy()
@@ -121,7 +125,8 @@ def test_a_process_killed_while_serving_is_started_again_with_the_worker(tmp_pat
     other went on answering /readyz 200 and taking uploads whose trainings stayed queued for
     good, nothing was logged, and Ctrl-C exited 0. Now api-0 is started again (logged), and a
     training uploaded afterwards runs."""
-    # ann is this test's set-up only: the test before it makes its user with the command.
+    # ann is this test's set-up only: the test before it makes its user with the command. The
+    # training stays in a child process (the default): the stop lands during its start.
     server, ann = serve_two_processes(tmp_path, by_command=False)
     proc = server.proc
     try:
