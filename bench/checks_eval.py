@@ -213,17 +213,21 @@ _analyzers: dict[int, Any] = {}
 _found: dict[tuple[Any, ...], list[Any]] = {}
 
 
-def _init(models: Sequence[int]) -> None:
-    import cv2
-
+def _dlib(landmarks: int) -> Any:
     from selfie_lora.adapters.faces.dlib_regions import DlibRegionFaceAnalyzer
+
+    return DlibRegionFaceAnalyzer(landmarks=landmarks)
+
+
+def _init(models: Sequence[int], analyzer_of: Callable[[int], Any] = _dlib) -> None:
+    """Each worker's analyzers (``analyzer_of(model)``: dlib's; a test's fake)."""
+    import cv2
 
     cv2.setNumThreads(1)
     _analyzers.clear()
     # One model alone has nothing to share: no hashing of its images.
-    _analyzers.update({m: DlibRegionFaceAnalyzer(landmarks=m) if len(models) == 1
-                       else _SharedDetection(DlibRegionFaceAnalyzer(landmarks=m), _found)
-                       for m in models})
+    _analyzers.update({m: analyzer_of(m) if len(models) == 1
+                       else _SharedDetection(analyzer_of(m), _found) for m in models})
 
 
 def _analyse(name: str, data: bytes, order: int) -> dict[int, PhotoAnalysis | None]:
