@@ -43,7 +43,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,9 +281,29 @@ def _workers(models: Sequence[int], workers: int) -> Iterator[Executor]:
         yield _InProcess()
         return
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
-                             initargs=(tuple(models),)) as pool:
+    with _cancelling(ProcessPoolExecutor(workers, mp_context=context, initializer=_init,
+                                         initargs=(tuple(models),))) as pool:
         yield pool
+
+
+@contextmanager
+def _cancelling(pool: Executor) -> Iterator[Executor]:
+    """``pool``, its queued jobs cancelled when the work with it fails: the error shows once the
+    jobs already running end (a photo's each), not after every queued one has run (minutes)."""
+    with pool:
+        try:
+            yield pool
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _gather(futures: Sequence[Future[Any]]) -> list[Any]:
+    """The jobs' results in ``futures``' order; the first to fail raises as soon as it fails,
+    not once the jobs before it in the list are done."""
+    for future in as_completed(futures):
+        future.result()
+    return [future.result() for future in futures]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -348,7 +368,8 @@ def evaluate(people: Path, *, models: Sequence[int], workers: int,
     with _workers(models, workers) as pool:
         futures = [pool.submit(_analyse, name, data, i)
                    for i, (name, data) in enumerate(originals.items())]
-        by_model = {m: {name: f.result()[m] for name, f in zip(originals, futures, strict=True)}
+        analysed = _gather(futures)
+        by_model = {m: {name: a[m] for name, a in zip(originals, analysed, strict=True)}
                     for m in models}
         found_by = {m: [n for n, a in analyses.items() if a is not None and a.main_face is not None]
                     for m, analyses in by_model.items()}
@@ -378,7 +399,7 @@ def evaluate(people: Path, *, models: Sequence[int], workers: int,
         pixels = {n: np.prod(Image.open(io.BytesIO(originals[n])).size) for n in found}
         submitted = {n: pool.submit(_edit_and_analyse, *jobs[n])
                      for n in sorted(found, key=lambda n: -pixels[n])}
-        made = {n: submitted[n].result() for n in found}
+        made = dict(zip(found, _gather([submitted[n] for n in found]), strict=True))
     # In the order of one list: each photo's edits in turn, then the two-person photos.
     keys = [(n, kind) for n in found for kind in EDITS] + [(n, "two_people") for n in found]
     kind_of = {f"{n}#{kind}": kind for n, kind in keys}
