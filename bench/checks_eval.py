@@ -256,7 +256,10 @@ def _edit_and_analyse(name: str, data: bytes, analysis: PhotoAnalysis, index: in
     detector's, the same for each (``evaluate`` checks it)."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     edits = edits_of(image, analysis, index)
-    assert tuple(edits) == EDITS, tuple(edits)
+    # The order numbers (order + i) and evaluate's list of keys follow EDITS.
+    if tuple(edits) != EDITS:
+        raise RuntimeError(f"edits_of made {tuple(edits)}, not EDITS {EDITS} in that order: the "
+                           "edits' order numbers and names would not match")
     out = [(kind, _analyse(f"{name}#{kind}", edit, order + i))
            for i, (kind, edit) in enumerate(edits.items())]
     pair = side_by_side(image, Image.open(io.BytesIO(other)).convert("RGB"))
@@ -377,11 +380,20 @@ def evaluate(people: Path, *, models: Sequence[int], workers: int,
             log(f"  {m}-point: faces found in {len(found_by[m])} of {len(originals)} originals")
         first = by_model[models[0]]
         found = found_by[models[0]]
-        # The edits are cut around the first model's box: the detector's, as the others'.
+        # The edits are cut around the first model's boxes, once for all the models. With
+        # several models the boxes are one shared detection's (_SharedDetection) and _refine
+        # keeps the detector's box, so they are equal by construction: this check does not
+        # compare the models' detectors, it stops the run if that construction breaks (a
+        # refinement that moves the box, a decode that differs by model). Sharing is sound as a
+        # boxes-only detect (dlib_faces' detect, landmarks=False, embed=False) runs only
+        # dlib's frontal face detector, the same whatever the landmark model, as long as the
+        # analysers share upsample and model_cache_dir, which the cache's key does not hold.
         boxes = {m: [(a.image_size, a.main_face.box) for n in found if (a := by_model[m][n])
                      and a.main_face] for m in models}
         if any(found_by[m] != found or boxes[m] != boxes[models[0]] for m in models):
-            raise SystemExit("the landmark models found different faces: the edits would differ")
+            raise SystemExit("the landmark models found different faces, so the edits cut "
+                             "around the first's would not be theirs: run each model on its "
+                             "own (--models 5, then --models 68)")
 
         # Edited copies of every photo with a face, and two-person photos (each photo with the
         # next person's first photo), numbered as one list (below).

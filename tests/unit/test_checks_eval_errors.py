@@ -3,6 +3,7 @@ jobs are cancelled, not run first (the edits of 45 photos take minutes)."""
 
 from __future__ import annotations
 
+import io
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,3 +50,21 @@ def test_a_failing_job_cancels_the_queued_ones_and_shows_at_once() -> None:
     assert raised_after[0] < 1.5
     assert ran == []
     assert all(f.cancelled() for f in futures[3:])
+
+
+def test_edits_out_of_order_stop_the_run_even_under_python_o(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The edits' order numbers follow EDITS: edits made in another order are an error (a raise,
+    not an assert, which ``python -O`` would drop)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import checks_eval
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    monkeypatch.setattr(checks_eval, "edits_of",
+                        lambda image, analysis, index: dict.fromkeys(reversed(checks_eval.EDITS),
+                                                                     b""))
+    photo = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(photo, format="JPEG")
+    with pytest.raises(RuntimeError, match="not EDITS"):
+        checks_eval._edit_and_analyse("p.jpg", photo.getvalue(), None, 0, photo.getvalue(), 0, 1)
