@@ -604,11 +604,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(results))
     print()
+    # With several models the images are analysed once for all: each model's time is the shared
+    # run's (up to its own scoring), not what measuring it alone would take.
+    shared = " (the models' shared run, to this model's scoring)" if len(results) > 1 else ""
     for r in results:
         row = r.rows["near_duplicate"]
         ident = r.identity
-        print(f"{r.landmarks}-point: {r.extra['images']} images in {r.seconds:.0f} s; faces "
-              f"{r.extra['faces_found']}; near_duplicate: {row.note}")
+        print(f"{r.landmarks}-point: {r.extra['images']} images in {r.seconds:.0f} s{shared}; "
+              f"faces {r.extra['faces_found']}; near_duplicate: {row.note}")
         print(f"  identity over {ident['pairs_same']} same / {ident['pairs_different']} "
               f"different pairs: ROC AUC {ident['roc_auc']:.4f}; at distance "
               f"{ident['threshold']}: false accept {ident['false_accept']:.3f}, false reject "
