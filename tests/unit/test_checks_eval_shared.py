@@ -25,12 +25,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def bench() -> Iterator[ModuleType]:
+    import cv2
+
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import checks_eval
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    threads = cv2.getNumThreads()
     yield checks_eval
+    # What _init set for a worker, undone for the tests that run after in this process.
+    cv2.setNumThreads(threads)
     checks_eval._analyzers.clear()
     checks_eval._found.clear()
 
