@@ -498,6 +498,26 @@ def test_an_error_while_a_start_is_watched_leaves_no_use_of_the_server_behind(
     assert not forkserver._users
 
 
+def _ends_before_the_end_of_its_preload(server_pid: int, trace: Path) -> None:
+    # A state, not a time: the watcher may wait a second or more for the GIL on a loaded
+    # machine (held through dlopen and extension init); a server that went on wrote ``trace``.
+    deadline = time.monotonic() + 120
+    while not _gone(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(server_pid)
+    assert not trace.exists(), "the server went on with its preload"
+
+
+def _end(service: subprocess.Popen[str], server_pid: int) -> None:
+    service.kill()
+    service.wait()
+    if service.stdout is not None:
+        service.stdout.close()
+    if server_pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server_pid, signal.SIGKILL)
+
+
 def test_a_fork_server_whose_service_dies_during_its_preload_ends_at_once(
         tmp_path: Path) -> None:
     """Multiprocessing's server sees its service gone only in its loop, after the preload: a
@@ -526,18 +546,32 @@ def test_a_fork_server_whose_service_dies_during_its_preload_ends_at_once(
         time.sleep(0.2)  # into the imports of torch, diffusers, peft (seconds, on any machine)
         service.kill()
         service.wait()
-        # Wide: the watcher may wait a second or more for the GIL on a loaded machine (held
-        # through dlopen and extension init); the old server ended only after its preload.
-        deadline = time.monotonic() + 120
-        while not _gone(server_pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _gone(server_pid)
-        assert not trace.exists(), "the server went on with its preload"
+        _ends_before_the_end_of_its_preload(server_pid, trace)
     finally:
-        service.kill()
-        service.wait()
-        if service.stdout is not None:
-            service.stdout.close()
-        if server_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(server_pid, signal.SIGKILL)
+        _end(service, server_pid)
+
+
+def test_a_fork_server_whose_service_died_before_its_preload_began_ends_at_once(
+        tmp_path: Path) -> None:
+    """Read when the preload began, the server's parent was already init's (or a subreaper's)
+    when the service died while the server's interpreter started: the server watched that, and
+    imported torch on to the end for a dead service. A module before the real one holds the
+    server until the service is gone."""
+    gate, trace = tmp_path / "gate", tmp_path / "preloaded"
+    service = subprocess.Popen(
+        [sys.executable, "-c", "from selfie_lora.adapters.flux import forkserver\n"
+         "forkserver._server.set_forkserver_preload(['tests.integration.preload_gate',\n"
+         "    forkserver._PRELOAD, 'tests.integration.preload_trace'])\n"
+         "forkserver._server.ensure_running()\n"
+         "print(forkserver._server._forkserver_pid, flush=True)\n"], stdout=subprocess.PIPE,
+        text=True, env={**os.environ, "PRELOAD_GATE": str(gate), "PRELOAD_TRACE": str(trace)})
+    server_pid = 0
+    try:
+        assert service.stdout is not None
+        server_pid = int(service.stdout.readline())
+        assert service.wait(timeout=60) == 0  # gone, the server still in the module before
+        assert not _ignores_sigint(server_pid)  # the real preload has not begun
+        gate.touch()
+        _ends_before_the_end_of_its_preload(server_pid, trace)
+    finally:
+        _end(service, server_pid)

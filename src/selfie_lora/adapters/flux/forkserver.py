@@ -25,7 +25,25 @@ from multiprocessing.context import ForkServerProcess, set_spawning_popen
 from typing import Any
 
 _PRELOAD = "selfie_lora.adapters.flux.preload"
-_server = forkserver.ForkServer()
+# A preload entry that names the service (``preload._service_pid``): the server reads it from
+# its command line; multiprocessing's import of it fails (``preload`` is no package), ignored.
+_SERVICE_MARK = f"{_PRELOAD}.service_"
+
+
+class _Server(forkserver.ForkServer):
+    def ensure_running(self) -> None:
+        # Spawned here, by this process: the server watches it during its preload. Read in the
+        # server, os.getppid() is already init's (or a subreaper's) when the service died while
+        # the server's interpreter started, and the server watched that for ever. Set at each
+        # call, not at import: a forked or spawned process is a service of its own. Every
+        # thread of a process writes the same list.
+        modules = [name for name in self._preload_modules  # type: ignore[attr-defined]
+                   if not name.startswith(_SERVICE_MARK)]
+        self.set_forkserver_preload([*modules, f"{_SERVICE_MARK}{os.getpid()}"])
+        super().ensure_running()
+
+
+_server = _Server()
 _server.set_forkserver_preload([_PRELOAD])
 
 

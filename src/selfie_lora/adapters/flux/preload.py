@@ -14,6 +14,7 @@ import ctypes
 import gc
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -86,15 +87,28 @@ def _load() -> None:
             getattr(module, attribute)
 
 
+def _service_pid() -> int:
+    """The pid of the service that started the server, as its preload list names it
+    (``forkserver._Server``); the server's parent now for a server started otherwise (a test's
+    own ``ForkServer``), which misses a service already gone."""
+    found = re.search(re.escape(__name__) + r"\.service_(\d+)",
+                      " ".join(getattr(sys, "orig_argv", ())))
+    return int(found.group(1)) if found else os.getppid()
+
+
 def _watch_service(service: int, done: threading.Event) -> None:
-    """Exit once the service that started the server is gone (its parent changes), until the
-    preload is ``done``. Multiprocessing's server notices it only in its loop, after the
-    preload: a service killed (SIGKILL, the OOM killer) during these tens of seconds of imports
+    """Exit once the service that started the server is gone (the server's parent is no longer
+    ``service``), at once if it is gone already, until the preload is ``done``. Multiprocessing's
+    server notices it only in its loop, after the preload: a service killed (SIGKILL, the OOM
+    killer) during these tens of seconds of imports, or while the server's interpreter started,
     left its server importing torch on, beside the restarted service's own (6-8 s of CPU on a
-    2-core machine), to fork a child for the dead service's start at the end."""
-    while not done.wait(_SERVICE_CHECK_S):
+    2-core machine), to fork a child for the dead service's start at the end. The parent, not
+    the pid: a live service is the server's parent, and a recycled pid is never the parent."""
+    while True:
         if os.getppid() != service:
             os._exit(1)
+        if done.wait(_SERVICE_CHECK_S):
+            return
 
 
 def _is_training_server() -> bool:
@@ -125,7 +139,7 @@ def _serve() -> None:
     atexit.register(gc.freeze)
     # A thread during the imports only: ended before the server forks anything.
     done = threading.Event()
-    watcher = threading.Thread(target=_watch_service, args=(os.getppid(), done),
+    watcher = threading.Thread(target=_watch_service, args=(_service_pid(), done),
                                name="service-watch", daemon=True)
     watcher.start()
     try:
