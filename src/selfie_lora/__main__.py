@@ -31,8 +31,11 @@ def _spare_the_last_collections() -> None:
     free them just before the process ends anyway (3 s of a loaded machine's wall time between
     a stopped server's last line and its exit). Frozen, the collector skips them; atexit
     handlers (logging's flush, multiprocessing's clean-up) run as before, and memory goes back
-    with the process."""
-    if "torch" in sys.modules:
+    with the process. Objects in reference cycles are not finalized any more: anything left
+    open in a cycle is not closed at exit, so close it explicitly. Not under ``python -X dev``
+    (``sys.flags.dev_mode``): a developer there wants the last ResourceWarnings (an unclosed
+    file or socket) and finalizers that exit's collections bring."""
+    if "torch" in sys.modules and not sys.flags.dev_mode:
         import gc
 
         gc.freeze()

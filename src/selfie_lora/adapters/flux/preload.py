@@ -135,8 +135,11 @@ def _serve() -> None:
     os.register_at_fork(after_in_child=_in_child)
     # The server ends with its service (multiprocessing's SystemExit): its last garbage
     # collections walked every torch object for ~1.3 s of CPU as the service stopped. Frozen at
-    # exit, they skip them; its children leave through os._exit and never run this.
-    atexit.register(gc.freeze)
+    # exit, they skip them (and the finalizers of objects in cycles: close what you open); its
+    # children leave through os._exit and never run this. Not under ``python -X dev``, which the
+    # server inherits: a developer there wants the last ResourceWarnings and finalizers.
+    if not sys.flags.dev_mode:
+        atexit.register(gc.freeze)
     # A thread during the imports only: ended before the server forks anything.
     done = threading.Event()
     watcher = threading.Thread(target=_watch_service, args=(_service_pid(), done),
