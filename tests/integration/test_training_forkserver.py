@@ -159,8 +159,8 @@ print(json.dumps([before, gc.get_freeze_count()]))
 @pytest.mark.parametrize("dev", [False, True])
 def test_the_server_skips_the_last_collections_of_its_exit(dev: bool) -> None:
     """The server ends with its service, and its last garbage collections walked every torch
-    object (~1.3 s of CPU) as the service stopped: it freezes them at exit. (Its children leave
-    through os._exit; multiprocessing clears the atexit handlers it forks them with.)"""
+    object (~1.3 s of CPU) as the service stopped: it freezes them at exit. (Its children never
+    run it: they inherit its atexit handlers, but end through os._exit.)"""
     flags = ["-X", "dev"] if dev else []  # not there: its last warnings and finalizers wanted
     done = subprocess.run([sys.executable, *flags, "-c", FREEZE_PROBE], capture_output=True,
                           text=True, timeout=120, check=True)
@@ -516,8 +516,9 @@ def _ends_before_the_end_of_its_preload(server_pid: int, trace: Path) -> None:
 def _end(service: subprocess.Popen[str], server_pid: int) -> None:
     service.kill()
     service.wait()
-    if service.stdout is not None:
-        service.stdout.close()
+    for stream in (service.stdout, service.stderr):
+        if stream is not None:
+            stream.close()
     if server_pid:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server_pid, signal.SIGKILL)
@@ -569,7 +570,8 @@ def test_a_fork_server_whose_service_died_before_its_preload_began_ends_at_once(
          "    forkserver._PRELOAD, 'tests.integration.preload_trace'])\n"
          "forkserver._server.ensure_running()\n"
          "print(forkserver._server._forkserver_pid, flush=True)\n"], stdout=subprocess.PIPE,
-        text=True, env={**os.environ, "PRELOAD_GATE": str(gate), "PRELOAD_TRACE": str(trace)})
+        stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PRELOAD_GATE": str(gate), "PRELOAD_TRACE": str(trace)})
     server_pid = 0
     try:
         assert service.stdout is not None
@@ -578,5 +580,11 @@ def test_a_fork_server_whose_service_died_before_its_preload_began_ends_at_once(
         assert not _ignores_sigint(server_pid)  # the real preload has not begun
         gate.touch()
         _ends_before_the_end_of_its_preload(server_pid, trace)
+        assert service.stderr is not None
+        os.set_blocking(service.stderr.fileno(), False)  # what the server wrote before its end
+        said = ""
+        with contextlib.suppress(BlockingIOError):  # nothing written, writers still open
+            said = os.read(service.stderr.fileno(), 1 << 16).decode(errors="replace")
+        assert f"service {service.pid} is gone" in said  # one line says why
     finally:
         _end(service, server_pid)

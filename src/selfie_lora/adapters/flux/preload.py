@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import gc
 import importlib
+import logging
 import os
 import re
 import signal
@@ -34,6 +35,8 @@ _NEEDED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("selfie_lora.adapters.flux.samples", ()),
 )
 
+
+logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here, not in every child
@@ -106,6 +109,9 @@ def _watch_service(service: int, done: threading.Event) -> None:
     the pid: a live service is the server's parent, and a recycled pid is never the parent."""
     while True:
         if os.getppid() != service:
+            # One line on the service's stderr (its journal or terminal): why no server is left.
+            logger.warning("service %d is gone; the training fork server exits before the end "
+                           "of its preload", service)
             os._exit(1)
         if done.wait(_SERVICE_CHECK_S):
             return
