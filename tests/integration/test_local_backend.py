@@ -9,6 +9,8 @@ from __future__ import annotations
 import io
 import math
 import multiprocessing
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -128,6 +130,35 @@ def test_tiny_pipeline_is_deterministic_and_cached(tmp_path: Path) -> None:
     assert (target / "model_index.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
     assert np.array_equal(_generate(again), _generate(loaded))
     assert [p.name for p in cache_dir.iterdir()] == [tiny_flux.TINY_CACHE_NAME]  # no temp leftovers
+
+
+class _RacedBuild:
+    """A build that another process (or another cache user) finishes first: while this one saves
+    its copy to its temporary folder, the other's complete copy is renamed into place."""
+
+    def __init__(self, built: Path, target: Path) -> None:
+        self.built, self.target = built, target
+
+    def save_pretrained(self, path: str) -> None:
+        shutil.copytree(self.built, path)
+        shutil.copytree(self.built, self.target.with_name(".winner"))
+        os.rename(self.target.with_name(".winner"), self.target)
+
+
+def test_the_loser_of_a_build_race_drops_its_copy_and_loads_the_winners(
+        tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes building the tiny model into one cache folder at once (two trainings of a
+    run on its shared cache): each writes its own temporary folder and renames it into place, so
+    no reader sees a half-written model; the second rename fails, and that is fine."""
+    built = tiny_flux.tiny_pipeline_dir(cache_dir)
+    cold = tmp_path / "cache"
+    target = cold / tiny_flux.TINY_CACHE_NAME
+    monkeypatch.setattr(tiny_flux, "build_tiny_pipeline", lambda: _RacedBuild(built, target))
+
+    assert tiny_flux.tiny_pipeline_dir(cold) == target
+    assert [p.name for p in cold.iterdir()] == [tiny_flux.TINY_CACHE_NAME]  # no temp leftovers
+    loaded = flux_loader.load_pipeline("tiny", cache_dir=cold, device="cpu")
+    assert loaded.transformer is not None
 
 
 def test_load_pipeline_rejects_a_folder_without_a_model(tmp_path: Path) -> None:
