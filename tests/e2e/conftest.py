@@ -66,10 +66,25 @@ def free_port() -> int:
         return port
 
 
-def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    """This process's environment without any selfie-lora or Replicate setting, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("SELFIE_LORA_") and k != "REPLICATE_API_TOKEN"}
+# The run's one folder of built base models (tests/conftest.py's shared_model_cache): the only
+# SELFIE_LORA_* setting a started process keeps, so it loads the tiny FLUX built once for the run
+# instead of building it (~1 s of CPU) into its own HOME.
+SHARED_CACHE_VAR = "SELFIE_LORA_CACHE_DIR"
+
+
+def outside_env(*, cold_cache: bool = False) -> dict[str, str]:
+    """This process's environment without any selfie-lora setting but the run's shared model
+    cache; ``cold_cache`` drops that too, for a test whose processes must build or keep their
+    models in their own HOME (a first run, a process that shares no disk)."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("SELFIE_LORA_") or (k == SHARED_CACHE_VAR and not cold_cache)}
+
+
+def clean_env(home: Path, *, cold_cache: bool = False, **extra: str) -> dict[str, str]:
+    """This process's environment without any selfie-lora or Replicate setting but the run's
+    shared model cache (none with ``cold_cache``: see ``outside_env``), plus ``extra``."""
+    env = {k: v for k, v in outside_env(cold_cache=cold_cache).items()
+           if k != "REPLICATE_API_TOKEN"}
     env.update({
         "SELFIE_LORA_HOME": str(home),
         "OMP_NUM_THREADS": "1",

@@ -20,7 +20,7 @@ import pytest
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.wiring import build_services
-from tests.e2e.conftest import ignores_sigterm
+from tests.e2e.conftest import ignores_sigterm, outside_env
 from tests.support.photos import copy_person_photos
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def test_ctrl_c_or_sigterm_mid_training_hands_it_back_with_its_checkpoints(
     alone and hands the training back as Ctrl-C does, with exit status 143; a second ``train``
     is then refused, saying that the training is queued and what trains it."""
     home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")}
+    env = outside_env()
     env.update({"SELFIE_LORA_HOME": str(home), "SELFIE_LORA_LOCAL_ISOLATION": "process",
                 "OMP_NUM_THREADS": "1", "SELFIE_LORA_MIN_PHOTOS": "3"})
     created = subprocess.run([CLI, "users", "create", "ann"], env=env, capture_output=True,

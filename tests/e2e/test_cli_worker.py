@@ -19,7 +19,7 @@ from PIL import Image
 from selfie_lora.domain.entities import Training, TrainingStatus, User
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
-from tests.e2e.conftest import ignores_sigterm
+from tests.e2e.conftest import ignores_sigterm, outside_env
 from tests.support.photos import copy_person_photos, synthetic_photo
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ CLI = str(Path(sys.executable).parent / "selfie-lora")
 
 
 def env_for(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")}
+    env = outside_env()
     env.update({"SELFIE_LORA_HOME": str(home), "SELFIE_LORA_LOCAL_ISOLATION": "inline",
                 "OMP_NUM_THREADS": "1", "SELFIE_LORA_MIN_PHOTOS": "3"})
     return env

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from selfie_lora.adapters.flux.tiny import TINY_CACHE_NAME
 from selfie_lora.config import Settings
 from selfie_lora.wiring import build_services
 from tests.e2e.conftest import clean_env, run_cli
@@ -37,6 +38,10 @@ def test_the_demo_trains_then_really_retrains_and_says_what_changed(tmp_path: Pa
     # Each written under a temporary name, then renamed (a kill leaves no truncated picture).
     assert list(out.rglob(".*.part")) == []
     assert sorted(p.name for p in (out / "photos").iterdir())[:1] == ["obama.jpg"]
+    # It reads no setting from the environment, the run's shared model cache (which ``env``
+    # keeps) included: a first run builds the tiny FLUX into its own HOME.
+    assert env["SELFIE_LORA_CACHE_DIR"]
+    assert (out / "home" / "cache" / TINY_CACHE_NAME / "model_index.json").is_file()
     # It ends by saying how to see it in a browser, and the account it prints signs in there.
     found = re.search(r"sign in as demo\s+password: (\S+)", text)
     assert found, text[-1500:]

@@ -4,7 +4,6 @@ from the tiny FLUX, dlib, the API's grid and chart, and ``selfie-lora compare`` 
 from __future__ import annotations
 
 import io
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from selfie_lora.likeness.chart import CHART_SIZE
 from selfie_lora.likeness.grid import grid_size
 from selfie_lora.wiring import build_services
 from tests.conftest import auth, make_settings, wait_terminal
+from tests.e2e.conftest import outside_env
 from tests.support.photos import real_photo_zip
 
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def test_two_tiny_trainings_give_two_scored_versions_a_grid_and_a_chart(tmp_path
         services.close()
 
     # The command line writes the same two pictures and prints the scores.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")}
+    env = outside_env()
     env.update({"SELFIE_LORA_HOME": str(settings.home), "OMP_NUM_THREADS": "1",
                 "COLUMNS": "200"})
     out = tmp_path / "compare"

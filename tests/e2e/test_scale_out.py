@@ -99,7 +99,9 @@ def the_whole_cycle(backend: str, tmp_path: Path, postgres_database: str, redis_
 
         def env(name: str) -> dict[str, str]:
             port = metrics_ports.get(name)
-            return clean_env(homes[name], **common,
+            # A cold cache: processes that share no disk keep their models in their own HOME
+            # (checked at the end), not in the run's shared folder.
+            return clean_env(homes[name], cold_cache=True, **common,
                              **({"SELFIE_LORA_METRICS_PORT": str(port)} if port else {}))
 
         # The first user by ``users create`` (on PostgreSQL and the bucket, its JSON checked),
