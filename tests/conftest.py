@@ -107,9 +107,11 @@ def _process_state_put_back() -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One folder of built base models for the whole run, in this process and in the servers and
-    workers that tests start (they inherit the environment): the tiny FLUX is built once, not
-    once per test home. Building it is tested on its own in ``test_local_backend``."""
+    """One folder of built base models (the tiny FLUX, the face models) for each pytest process
+    (each xdist worker has its own), in this process and in the servers and workers that tests
+    start (they keep this one setting: tests/e2e/conftest.py's ``outside_env``): the tiny FLUX is
+    built once, not once per test home. Building it is tested on its own in
+    ``test_local_backend``."""
     folder = tmp_path_factory.mktemp("model-cache")
     before = os.environ.get("SELFIE_LORA_CACHE_DIR")
     os.environ["SELFIE_LORA_CACHE_DIR"] = str(folder)

@@ -1,5 +1,6 @@
 """Helpers for end-to-end tests: the real ``selfie-lora`` executable in subprocesses (the CLI and
-``selfie-lora serve``), with a clean ``SELFIE_LORA_*`` environment and its own HOME."""
+``selfie-lora serve``), with a clean ``SELFIE_LORA_*`` environment (every setting stripped but
+the run's model cache, ``outside_env``) and its own HOME."""
 
 from __future__ import annotations
 

@@ -156,6 +156,9 @@ def test_a_process_killed_while_serving_is_started_again_with_the_worker(tmp_pat
     finally:
         code = server.stop()
     assert code == 0, server.why(f"exit code {code} after SIGINT")
+    # The only test of a training's fork server under --processes (the first trains inline): a
+    # Ctrl-C landing during its start is a clean stop, no stack trace.
+    assert "Traceback" not in server.log_path.read_text(errors="replace"), server.why("a stack trace")
 
 
 # The process runner alone, without the command's own check before it: what a process that

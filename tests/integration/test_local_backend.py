@@ -141,8 +141,10 @@ class _RacedBuild:
 
     def save_pretrained(self, path: str) -> None:
         shutil.copytree(self.built, path)
-        shutil.copytree(self.built, self.target.with_name(".winner"))
-        os.rename(self.target.with_name(".winner"), self.target)
+        winner = self.target.with_name(".winner")
+        shutil.copytree(self.built, winner)
+        (winner / "winner.marker").write_text("the first copy in place")
+        os.rename(winner, self.target)
 
 
 def test_the_loser_of_a_build_race_drops_its_copy_and_loads_the_winners(
@@ -157,6 +159,8 @@ def test_the_loser_of_a_build_race_drops_its_copy_and_loads_the_winners(
 
     assert tiny_flux.tiny_pipeline_dir(cold) == target
     assert [p.name for p in cold.iterdir()] == [tiny_flux.TINY_CACHE_NAME]  # no temp leftovers
+    # The winner's copy is kept, not replaced by the loser's (a reader may have it open).
+    assert (target / "winner.marker").is_file()
     loaded = flux_loader.load_pipeline("tiny", cache_dir=cold, device="cpu")
     assert loaded.transformer is not None
 
