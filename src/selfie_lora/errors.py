@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ErrorCode(enum.StrEnum):
@@ -320,6 +320,10 @@ class QueueClosedError(ServerStoppingError):
     leave one that nothing closes. Only work still running as a process stops meets it (a
     request past the server's graceful wait, a training thread that outlived its worker's
     stop); a message it could not queue is rung again by the next reconciler."""
+
+    # The message of a call made after the close, by every queue (the huey adapter and the
+    # in-memory fake say the same).
+    AFTER_CLOSE: ClassVar[str] = "the job queue is closed: this process is stopping"
 
 
 class ClientGoneError(SelfieLoraError):

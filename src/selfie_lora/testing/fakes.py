@@ -302,7 +302,7 @@ class InMemoryQueue:
 
     def _require_open(self) -> None:
         if self.closed:
-            raise QueueClosedError("the job queue is closed: this process is stopping")
+            raise QueueClosedError(QueueClosedError.AFTER_CLOSE)
 
     def drain(self, handler: Callable[[str], None]) -> int:
         count = 0

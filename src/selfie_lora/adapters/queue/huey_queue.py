@@ -181,7 +181,7 @@ class HueyJobQueue:
     def _using(self) -> Iterator[BaseStorage]:
         with self._state:
             if self._closed:
-                raise QueueClosedError("the job queue is closed: this process is stopping")
+                raise QueueClosedError(QueueClosedError.AFTER_CLOSE)
             self._calls += 1
         try:
             yield self.huey.storage
