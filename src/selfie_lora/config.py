@@ -48,7 +48,7 @@ from selfie_lora.domain.recipes import (
     validate_trainer_version,
 )
 from selfie_lora.domain.storage_url import parse_storage_url
-from selfie_lora.domain.webhook_secrets import webhook_secret_problem
+from selfie_lora.domain.webhook_secrets import ALERT_SECRET_SOURCE, webhook_secret_problem
 from selfie_lora.errors import ConfigError, InvalidInputError
 
 # httpx and sqlalchemy are imported by the validators that use them (a URL setting that is set):
@@ -221,6 +221,9 @@ class Settings(BaseSettings):
     # Slack or Discord hook's path is its credential (SecretStr keeps it out of reprs and logs).
     alert_url: SecretStr | None = None
     alert_timeout: float = Field(default=5.0, gt=0)
+    # Set (whsec_..., as WEBHOOK_SECRET): each alert is signed as a Standard Webhook, for a
+    # receiver to tell it from a forged one and drop a repeat by its webhook-id.
+    alert_secret: SecretStr | None = None
 
     # Logs: plain text, or JSON lines (one object a line, with the training id on every line
     # about a training) for a log collector.
@@ -587,6 +590,18 @@ class Settings(BaseSettings):
         # Here, not at the first delivery: a malformed one failed every signature (401s that
         # only Replicate's retry log showed).
         problem = webhook_secret_problem(value.get_secret_value()) if value is not None else None
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("alert_secret")
+    @classmethod
+    def _alert_secret_is_a_signing_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        # Here, as WEBHOOK_SECRET: standardwebhooks takes a malformed one leniently (what is not
+        # base64 dropped) as some other, shorter key, which a receiver in another language
+        # decodes otherwise or refuses: every alert then fails its signature there.
+        problem = (webhook_secret_problem(value.get_secret_value(), source=ALERT_SECRET_SOURCE)
+                   if value is not None else None)
         if problem is not None:
             raise ValueError(problem)
         return value

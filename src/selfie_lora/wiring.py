@@ -189,7 +189,9 @@ def default_alerter(settings: Settings) -> Alerter | None:
         return None
     from selfie_lora.adapters.alerts.http import HttpAlerter
 
-    return HttpAlerter(url, timeout=settings.alert_timeout)
+    secret = (settings.alert_secret.get_secret_value() if settings.alert_secret is not None
+              else None)
+    return HttpAlerter(url, timeout=settings.alert_timeout, secret=secret)
 
 
 def default_password_hasher() -> PasswordHasher | None:

@@ -5,9 +5,12 @@ time, sent again with backoff after a failure, and given up after ``MAX_ATTEMPTS
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -21,17 +24,20 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from selfie_lora.adapters.alerts.http import HttpAlerter
+from selfie_lora.adapters.alerts.http import HttpAlerter, webhook_id
 from selfie_lora.api.serializers import alert_json, likeness_json, version_json
-from selfie_lora.config import Settings
+from selfie_lora.config import Settings, settings_errors
 from selfie_lora.domain.accounts import ErasurePlan
 from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
-from selfie_lora.errors import AlertDeliveryError, DatabaseUnreachableError, StorageError
+from selfie_lora.domain.webhook_secrets import MAKE_SIGNING_SECRET
+from selfie_lora.errors import AlertDeliveryError, ConfigError, DatabaseUnreachableError, StorageError
 from selfie_lora.services.likeness import LikenessService, alert_text
 from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter, SimulatedCrash
+from selfie_lora.wiring import default_alerter
 from tests.support.alerts import alert_inbox
 from tests.support.clock import Clock
 from tests.support.likeness import Rig, other_person, photo_generator, same_person
@@ -472,6 +478,155 @@ def test_an_alert_sent_again_after_its_sender_died_carries_the_same_dedupe_id(
         assert delivery(rig, v2)["delivered"] is True
     finally:
         rig.close()
+
+
+# Standard Webhooks secrets (SELFIE_LORA_ALERT_SECRET): the operator's, and one a forger guesses.
+ALERT_SECRET = "whsec_" + base64.b64encode(b"the-alert-signing-secret-32bytes").decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(b"a-forger-s-guess-at-the-secret!!").decode()
+
+
+def verified(request: httpx.Request) -> dict[str, Any]:
+    """What a receiver does with a signed alert: checks it with the shared secret (raises
+    ``WebhookVerificationError`` when it does not match) and reads the body."""
+    body: dict[str, Any] = Webhook(ALERT_SECRET).verify(request.content, dict(request.headers))
+    return body
+
+
+@pytest.mark.parametrize("again", ["retry", "repeat"])
+def test_a_signed_alert_verifies_and_keeps_its_webhook_id_in_every_delivery(
+        tmp_path: Path, clock: Clock, again: str) -> None:
+    """With SELFIE_LORA_ALERT_SECRET every POST carries Standard Webhooks headers, which the
+    receiver checks with the same secret, and one ``webhook-id`` for the alert: a retry after a
+    failure ("retry") and a repeat after its sender died past the 2xx ("repeat") are dropped by
+    a receiver that dedupes on it (a random id per attempt would not be). Old code: no headers."""
+    requests: list[httpx.Request] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(500 if again == "retry" and len(requests) == 1 else 204)
+
+    signing = HttpAlerter("https://hooks.example.com" + SECRET_PATH, secret=ALERT_SECRET,
+                          transport=httpx.MockTransport(endpoint))
+    alerter = DiesAfterTheAnswer(signing) if again == "repeat" else signing
+    rig = Rig(root=tmp_path, generator=photo_generator(same_person()), clock=clock,
+              alerter=alerter)
+    try:
+        v2 = held_version(rig, dies=again == "repeat")
+        clock.advance(seconds=CLAIM.total_seconds() + 1)  # the retry and the claim both due
+        assert rig.training.reconcile().alerts_tried == 1
+        assert delivery(rig, v2)["delivered"] is True
+    finally:
+        rig.close()
+    assert len(requests) == 2
+    assert [verified(r)["alert_id"] for r in requests] == [f"likeness_drop:{v2.id}"] * 2
+    assert [r.headers["webhook-id"] for r in requests] == [f"likeness_drop:{v2.id}"] * 2
+    assert [r.headers["idempotency-key"] for r in requests] == [f"likeness_drop:{v2.id}"] * 2
+    signed = requests[-1]
+    headers = dict(signed.headers)
+    assert headers["webhook-signature"].startswith("v1,")
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60  # this attempt's time
+    # A forged or altered alert is refused: another body, another secret, another id.
+    tampered = signed.content.replace(b'"likeness_drop"', b'"version_mismatch"')
+    assert tampered != signed.content
+    with pytest.raises(WebhookVerificationError):
+        Webhook(ALERT_SECRET).verify(tampered, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(OTHER_SECRET).verify(signed.content, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(ALERT_SECRET).verify(signed.content, {**headers, "webhook-id": "likeness_drop:x"})
+
+
+def test_two_alerts_are_signed_under_two_webhook_ids(tmp_path: Path, clock: Clock) -> None:
+    requests: list[httpx.Request] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(204)
+
+    rig = Rig(root=tmp_path, generator=photo_generator(same_person()), clock=clock,
+              alerter=HttpAlerter("https://hooks.example.com" + SECRET_PATH, secret=ALERT_SECRET,
+                                  transport=httpx.MockTransport(endpoint)))
+    try:
+        ann, bob = held_version(rig, name="ann"), held_version(rig, name="bob")
+    finally:
+        rig.close()
+    assert [verified(r)["version_id"] for r in requests] == [ann.id, bob.id]
+    assert [r.headers["webhook-id"] for r in requests] == [f"likeness_drop:{ann.id}",
+                                                           f"likeness_drop:{bob.id}"]
+
+
+def test_an_alert_without_an_alert_id_keeps_one_webhook_id_for_its_content() -> None:
+    """None the service makes lacks ``alert_id``; a library user's alert is still named the
+    same on each delivery, and another alert otherwise."""
+    one = {"kind": "likeness_drop", "version_id": "v"}
+    assert webhook_id(one) == webhook_id(dict(reversed(one.items())))
+    assert webhook_id(one) != webhook_id({**one, "version_id": "w"})
+    assert webhook_id({"alert_id": "likeness_drop:v", **one}) == "likeness_drop:v"
+
+
+def test_the_alert_secret_setting_signs_what_the_service_posts(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """From the settings, as a deployment sets it: the alerter they build signs each POST, and
+    neither the settings' repr nor the logs say the secret."""
+    caplog.set_level(logging.DEBUG, logger="selfie_lora")
+    settings = Settings(home=tmp_path, alert_url="https://hooks.example.com" + SECRET_PATH,
+                        alert_secret=ALERT_SECRET)
+    assert ALERT_SECRET.removeprefix("whsec_") not in repr(settings)
+    with alert_inbox() as inbox:
+        alerter = default_alerter(settings.model_copy(
+            update={"alert_url": SecretStr(inbox.url + SECRET_PATH)}))
+        assert alerter is not None
+        alerter.send({"alert_id": "likeness_drop:v", "kind": "likeness_drop"})
+    [body], [headers] = inbox.bodies, inbox.headers
+    assert Webhook(ALERT_SECRET).verify(body, headers) == {"alert_id": "likeness_drop:v",
+                                                           "kind": "likeness_drop"}
+    assert headers["webhook-id"] == "likeness_drop:v"
+    assert not [r for r in caplog.records
+                if ALERT_SECRET.removeprefix("whsec_") in r.getMessage()]
+
+
+def test_without_an_alert_secret_no_signature_is_sent(tmp_path: Path) -> None:
+    """A Slack or Discord hook, as before: the body and the headers it always had, no more."""
+    settings = Settings(home=tmp_path)
+    assert settings.alert_secret is None
+    with alert_inbox() as inbox:
+        alerter = default_alerter(settings.model_copy(
+            update={"alert_url": SecretStr(inbox.url + SECRET_PATH)}))
+        assert alerter is not None
+        alerter.send({"alert_id": "likeness_drop:v", "kind": "likeness_drop"})
+    [headers] = inbox.headers
+    assert not [name for name in headers if name.startswith("webhook-")]
+    assert headers["idempotency-key"] == "likeness_drop:v"
+    assert inbox.received == [{"alert_id": "likeness_drop:v", "kind": "likeness_drop"}]
+
+
+@pytest.mark.parametrize(("secret", "why"), [
+    ("my-secret-string", "it does not start with whsec_"),
+    (base64.b64encode(b"the-alert-signing-secret-32bytes").decode(),
+     "it does not start with whsec_"),
+    ("whsec_my-secret_string", "what follows whsec_ is not base64"),
+    ("whsec_a b c", "what follows whsec_ is not base64"),
+    ("whsec_" + base64.b64encode(b"sixteen bytes!!!").decode(), "it holds 16 bytes, fewer than 24"),
+])
+def test_an_alert_secret_that_is_no_signing_secret_stops_the_settings(
+        tmp_path: Path, secret: str, why: str) -> None:
+    """Refused when the settings load, in one line that says how to make one and never the
+    value, as SELFIE_LORA_WEBHOOK_SECRET is (old code: the setting was ignored)."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path, alert_secret=secret)
+    [line] = settings_errors(caught.value)
+    assert line == (f"SELFIE_LORA_ALERT_SECRET: is not a webhook signing secret ({why}): "
+                    f"make one with {MAKE_SIGNING_SECRET} and give the alert receiver the same")
+    assert secret not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"SELFIE_LORA_ALERT_SECRET is not a webhook signing"):
+        HttpAlerter("https://hooks.example.com/a", secret=secret)  # built without the settings
+
+
+def test_a_made_alert_secret_is_taken() -> None:
+    made = subprocess.run([sys.executable, "-c", MAKE_SIGNING_SECRET.split("'")[1]],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    for secret in (made, ALERT_SECRET, ALERT_SECRET.rstrip("=")):
+        assert Settings(alert_secret=secret).alert_secret is not None
 
 
 def test_a_server_s_start_up_reconcile_runs_off_the_event_loop(

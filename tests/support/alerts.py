@@ -16,6 +16,8 @@ class AlertInbox:
     url: str
     received: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
+    # The bodies as sent, byte for byte: what a signature is checked against.
+    bodies: list[bytes] = field(default_factory=list)
 
 
 @contextmanager
@@ -26,7 +28,9 @@ def alert_inbox(*, status: int = 204) -> Iterator[AlertInbox]:
     class Receiver(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers["content-length"])
-            inbox.received.append(json.loads(self.rfile.read(length)))
+            body = self.rfile.read(length)
+            inbox.bodies.append(body)
+            inbox.received.append(json.loads(body))
             inbox.headers.append({k.lower(): v for k, v in self.headers.items()})
             self.send_response(status)
             self.end_headers()

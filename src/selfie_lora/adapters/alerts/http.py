@@ -4,30 +4,51 @@
 The URL is a secret: a Slack or Discord hook's path is its credential. It is only ever POSTed
 to; what this adapter says about the endpoint (its logs, its errors, which the service stores on
 the version and serves to its owner) names the host at most. httpx's own errors quote the whole
-URL, so none of them leaves here."""
+URL, so none of them leaves here.
+
+With a signing secret (``SELFIE_LORA_ALERT_SECRET``) each POST is signed as Standard Webhooks
+sign theirs: ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature`` headers, which a
+receiver checks with the same secret (``standardwebhooks.Webhook(secret).verify(body,
+headers)``) to tell a real alert from a forged one, and by whose id it drops a repeat."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+from standardwebhooks.webhooks import Webhook
 
-from selfie_lora.errors import AlertDeliveryError
+from selfie_lora.domain.webhook_secrets import ALERT_SECRET_SOURCE, webhook_secret_problem
+from selfie_lora.errors import AlertDeliveryError, ConfigError
 
 logger = logging.getLogger(__name__)
 
 
 class HttpAlerter:
-    def __init__(self, url: str, *, timeout: float = 5.0,
+    """``secret``: a Standard Webhooks signing secret (``whsec_...``, checked by the settings),
+    or None to send unsigned, as a Slack or Discord hook takes them."""
+
+    def __init__(self, url: str, *, timeout: float = 5.0, secret: str | None = None,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self._url = url
         self._host = _host_of(url)
         self._timeout = timeout
         self._transport = transport
+        # Checked here too, for a library user who builds this without the settings.
+        problem = (webhook_secret_problem(secret, source=ALERT_SECRET_SOURCE)
+                   if secret is not None else None)
+        if problem is not None:
+            raise ConfigError(f"SELFIE_LORA_ALERT_SECRET {problem}")
+        # Only the key is kept (the package's object holds the decoded bytes): nothing here
+        # says the secret, as nothing says the URL.
+        self._signer = Webhook(secret) if secret is not None else None
 
     def send(self, alert: dict[str, Any]) -> None:
         """POST ``alert`` as JSON, all of it (connecting, sending, the answer) within ``timeout``
@@ -86,8 +107,32 @@ class HttpAlerter:
                 if alert.get("alert_id"):
                     # Delivery is at least once: a receiver can drop a repeat by this key.
                     headers["idempotency-key"] = str(alert["alert_id"])
-                response = await client.post(self._url, json=alert, headers=headers)
+                # Built first, so that what is signed is the body as httpx encodes and sends it.
+                request = client.build_request("POST", self._url, json=alert, headers=headers)
+                if self._signer is not None:
+                    request.headers.update(_signed(self._signer, webhook_id(alert),
+                                                   datetime.now(UTC), request.content))
+                response = await client.send(request)
                 response.raise_for_status()
+
+
+def _signed(signer: Webhook, msg_id: str, at: datetime, body: bytes) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt to send ``body``, signed ``at`` (the time of
+    this attempt, not the alert's: a receiver refuses a timestamp more than 5 minutes off)."""
+    return {"webhook-id": msg_id, "webhook-timestamp": str(int(at.timestamp())),
+            "webhook-signature": signer.sign(msg_id=msg_id, timestamp=at, data=body)}
+
+
+def webhook_id(alert: dict[str, Any]) -> str:
+    """The ``webhook-id`` of ``alert``: the same on every delivery of it (a retry, a repeat
+    after a sender died), another for another alert, so a receiver drops what it has seen. A
+    random id per attempt would defeat that. It is the alert's ``alert_id`` (``KIND:VERSION_ID``,
+    also the ``idempotency-key``); an alert without one (none the service makes) is named by a
+    digest of its content, which its repeats share."""
+    if alert.get("alert_id"):
+        return str(alert["alert_id"])
+    content = json.dumps(alert, sort_keys=True, separators=(",", ":"), default=str)
+    return "alert_" + hashlib.sha256(content.encode()).hexdigest()[:32]
 
 
 def _run_on_own_loop(coro: Coroutine[Any, Any, None]) -> None:
