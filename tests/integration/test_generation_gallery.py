@@ -6,6 +6,7 @@ Every test starts on a copy of ``owners_home``: ann (with a password) and bob ow
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
 from urllib.parse import quote
 
@@ -328,3 +329,73 @@ def test_a_generation_id_already_stored_is_refused_before_anything_is_written(
         prompt="bob's", seed=3))
     assert services.generation.image(user=bob, generation_id=shared, index=0) == \
         services.generation.image(user=bob, generation_id=again.id, index=0)
+
+
+@pytest.mark.parametrize("withheld", [False, True], ids=["same pictures", "other pictures"])
+def test_two_generations_made_at_once_under_one_id_store_one_and_refuse_the_other(
+        services: Services, fake_generator: FakeGenerator, monkeypatch: pytest.MonkeyPatch,
+        withheld: bool) -> None:
+    """The id was checked (twice), then the pictures were put, then the row inserted: two
+    generations under one id that both passed the second check both wrote
+    ``generations/<id>/<n>.png``, so the one stored could show the other's pictures, and the
+    other was refused as a bare "conflicting write: UNIQUE constraint failed". Both are held
+    here at their first put, past every check. ``withheld``: their pictures have other places
+    (bob's first is withheld), so neither put meets the other's and the row insert decides."""
+    ann = services.users.get_by_name(name="ann")
+    bob = services.users.get_by_name(name="bob")
+    shared = new_id()
+    if withheld:
+        render = fake_generator.generate
+
+        def bob_withheld_first(job: GenerationJob) -> list[bytes | None]:
+            made = render(job)
+            return [None, *made[1:]] if job.seed == 2 else made
+
+        fake_generator.generate = bob_withheld_first  # type: ignore[method-assign]
+    both = threading.Barrier(2, timeout=20)
+    put = services.blobs.put
+    held: set[int] = set()
+
+    def put_together(key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        if key.startswith("generations/") and threading.get_ident() not in held:
+            held.add(threading.get_ident())
+            both.wait()  # each one's first picture: both are past the id's checks
+        return put(key, data, if_absent=if_absent)
+
+    monkeypatch.setattr(services.blobs, "put", put_together)
+    outcomes: dict[str, Generation | ConflictError] = {}
+
+    def make(name: str, user_seed: int) -> None:
+        user = ann if name == "ann" else bob
+        try:
+            outcomes[name] = services.generation.generate(user=user, request=GenerationRequest(
+                prompt=f"{name}'s", seed=user_seed, num_outputs=2, generation_id=shared))
+        except ConflictError as exc:
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=make, args=(name, seed))
+               for name, seed in (("ann", 1), ("bob", 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    monkeypatch.undo()
+    stored = [name for name, o in outcomes.items() if isinstance(o, Generation)]
+    refused = [o for o in outcomes.values() if isinstance(o, ConflictError)]
+    assert (len(stored), len(refused)) == (1, 1), outcomes
+    assert refused[0].code is ErrorCode.WRITE_CONFLICT
+    assert "already stored under the id" in refused[0].message
+    assert "the pictures made are dropped" in refused[0].message
+    winner = services.users.get_by_name(name=stored[0])
+    generation = services.generation.find(user=winner, generation_id=shared)
+    assert generation == outcomes[stored[0]]
+    # The stored pictures are the winner's render's, every one, and nothing else is left
+    # under the id (the garbage collection keeps whatever is under a stored generation's id).
+    again = services.generation.generate(user=winner, request=GenerationRequest(
+        prompt=f"{stored[0]}'s", seed=1 if stored[0] == "ann" else 2, num_outputs=2))
+    assert [services.generation.image(user=winner, generation_id=shared, index=i)
+            for i in range(len(generation.image_keys))] == \
+        [services.generation.image(user=winner, generation_id=again.id, index=i)
+         for i in range(len(again.image_keys))]
+    assert sorted(b.key for b in services.blobs.list(f"generations/{shared}")) == \
+        sorted(generation.image_keys)

@@ -607,18 +607,33 @@ class GenerationService:
         generation_id = request.generation_id or new_id()
         places = [i for i in range(len(rendered.images) + len(rendered.withheld))
                   if i not in rendered.withheld]
-        keys = []
+        keys: list[str] = []
         for place, png in zip(places, rendered.images, strict=True):
-            # Named by its place in the batch, the seed's offset.
+            # Named by its place in the batch, the seed's offset. Only if absent: two
+            # generations made at once under one caller-chosen id both pass the check above,
+            # and the second to write a place would replace the first's picture (the one
+            # stored could show the other's). Written in the places' order, so one of them
+            # always writes all its own.
             key = generation_image_key(generation_id, place)
-            self._blobs.put(key, png)
+            if not self._blobs.put(key, png, if_absent=True):
+                self._drop_pictures(generation_id, keys)
+                raise self._stored_id_error(generation_id, made=True)
             keys.append(key)
         generation = Generation(
             id=generation_id, user_id=user.id, model_id=model.id, version_id=version.id,
             prompt=rendered.prompt, lora_scale=rendered.lora_scale, seed=seed,
             image_keys=tuple(keys), created_at=utcnow(), withheld=rendered.withheld,
         )
-        self._repo.add_generation(generation)
+        try:
+            self._repo.add_generation(generation)
+        except ConflictError:
+            if self._repo.get_generation(generation_id) is None:
+                raise  # another conflict than the id's
+            # The other one's pictures had other places (withheld ones), so no put met: the
+            # row decides. These are this one's only, and the garbage collection would keep
+            # them (they are under a stored generation's id).
+            self._drop_pictures(generation_id, keys)
+            raise self._stored_id_error(generation_id, made=True) from None
         logger.info("generation %s: %d image(s) with version %d at scale %.2f, seed %d",
                     generation_id, len(keys), version.number, rendered.lora_scale, seed)
         if rendered.withheld:
@@ -633,11 +648,25 @@ class GenerationService:
         are keyed by the id, so writing this generation's would replace that one's."""
         if generation_id is None or self._repo.get_generation(generation_id) is None:
             return
-        raise ConflictError(
+        raise self._stored_id_error(generation_id, made=made)
+
+    @staticmethod
+    def _stored_id_error(generation_id: str, *, made: bool) -> ConflictError:
+        return ConflictError(
             f"a generation is already stored under the id {generation_id[:64]}: each "
             f"generation needs a new one; nothing was stored"
             f"{' (the pictures made are dropped)' if made else ', nothing generated'}",
             code=ErrorCode.WRITE_CONFLICT)
+
+    def _drop_pictures(self, generation_id: str, keys: Sequence[str]) -> None:
+        """Deletes the pictures this attempt wrote under an id another generation holds."""
+        for key in keys:
+            try:
+                self._blobs.delete(key)
+            except SelfieLoraError as exc:
+                logger.warning("generation %s: picture %s of a generation refused for its id "
+                               "not deleted: %s", generation_id, key, exc.message,
+                               exc_info=not isinstance(exc, StorageError))
 
     def find(self, *, user: User, generation_id: str) -> Generation | None:
         """One of the user's generations; None when none is stored under that id (or it is
