@@ -450,20 +450,32 @@ def start_embedded(services: Services, *, consume: bool = True, threads: int | N
     # bound to its database before any collection could run with another one.
     services.operations.bind_deployment()
     identity = claim_identity(services.settings.home) if consume else Identity(name="api")
-    if consume:
-        services.training.owner = identity.name
-        services.gc.owner = identity.name
-    queue: MessageSource = services.queue if only is None else OneTraining(only)
-    # Where collections run, and in ``serve --no-worker`` (which may be all that runs, and
-    # erases and caches weights on its machine: its part of the collection only); not in
-    # ``train``'s and the demo's short-lived ones.
-    periodic = collect_garbage or not consume
-    worker = Worker(training=services.training, queue=queue, identity=identity,
-                    threads=(threads or services.settings.worker_threads) if consume else 0,
-                    reconcile_seconds=services.settings.reconcile_seconds,
-                    gc=services.gc if periodic else None,
-                    erasure=services.erasure if periodic else None, clock=services.clock)
-    worker.start()
+    worker: Worker | None = None
+    try:
+        if consume:
+            services.training.owner = identity.name
+            services.gc.owner = identity.name
+        queue: MessageSource = services.queue if only is None else OneTraining(only)
+        # Where collections run, and in ``serve --no-worker`` (which may be all that runs, and
+        # erases and caches weights on its machine: its part of the collection only); not in
+        # ``train``'s and the demo's short-lived ones.
+        periodic = collect_garbage or not consume
+        worker = Worker(training=services.training, queue=queue, identity=identity,
+                        threads=(threads or services.settings.worker_threads) if consume else 0,
+                        reconcile_seconds=services.settings.reconcile_seconds,
+                        gc=services.gc if periodic else None,
+                        erasure=services.erasure if periodic else None, clock=services.clock)
+        worker.start()
+    except BaseException:
+        # The name is given back (its lock's file closed): the open file was left for the
+        # garbage collector to close (until then a retry in this process took the next name),
+        # and a start that failed midway left its threads running under it. ``stop`` joins
+        # what started and keeps the name only while some thread still runs.
+        if worker is not None:
+            worker.stop()
+        else:
+            identity.close()
+        raise
     return worker
 
 

@@ -405,6 +405,48 @@ def test_a_worker_that_gets_no_name_closes_its_services(
         services.queue.pending()
 
 
+class _StartsThenFails(Worker):
+    """A worker whose start fails after its threads are running (a thread that could not be
+    started, the queue's subscription refused)."""
+
+    def start(self) -> None:
+        super().start()
+        raise RuntimeError("can't start new thread")
+
+
+def _fails_to_build(**_kwargs: object) -> Worker:
+    raise RuntimeError("can't start new thread")
+
+
+@pytest.mark.parametrize("factory", [_fails_to_build, _StartsThenFails],
+                         ids=["fails to build", "fails to start"])
+def test_an_embedded_worker_that_fails_to_start_gives_its_name_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        factory: Callable[..., Worker]) -> None:
+    """Old code: ``start_embedded`` claimed the name (its lock, held by an open file) and let a
+    failure of the worker's build or start escape with it held: the file was left for the
+    garbage collector to close (a ResourceWarning; until then a retry in this process took the
+    next name), and a failed start left its threads running under the name."""
+    from selfie_lora.config import Settings
+    from selfie_lora.wiring import build_services
+
+    services = build_services(Settings(home=tmp_path / "home"), trainers={}, generators={})
+    try:
+        monkeypatch.setattr(worker_module, "Worker", factory)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            worker_module.start_embedded(services, threads=1)
+        monkeypatch.undo()
+        assert not [t for t in threading.enumerate()
+                    if t.name in ("worker-0", "reconciler") and t.is_alive()]
+        worker = worker_module.start_embedded(services, threads=1)
+        try:
+            assert worker.identity.name.endswith("/w0")
+        finally:
+            assert worker.stop()
+    finally:
+        services.close()
+
+
 class StubTraining:
     """Stands for ``TrainingService`` at the worker's boundary: records what the worker asks."""
 
