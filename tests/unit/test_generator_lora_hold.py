@@ -294,6 +294,43 @@ def test_a_hold_whose_lora_cannot_be_unloaded_closes_without_raising(
     assert len(pipe.seen) == 1
 
 
+@pytest.mark.parametrize("closed", [False, True], ids=["no hold", "a closed hold"])
+def test_a_job_whose_own_lora_cannot_be_unloaded_is_a_generation_error(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path,
+        fresh_pipes: list[CountingPipe], closed: bool) -> None:
+    """A job's own LoRA (nothing kept: no hold, or a closed one) is unloaded as the job ends,
+    outside the mapping of its body: the unload's RuntimeError escaped raw (a 500 with a
+    traceback), and the pipeline, which may still hold the LoRA's layers, stayed for the next
+    job, another user's. A GenerationError now, and the pipeline is dropped."""
+    hold = None
+    if closed:
+        hold = LoraHold()
+        hold.close()
+    pipe.unload_fails = True
+    with pytest.raises(GenerationError, match="illegal memory access"):
+        generator.generate(_job(_weights(tmp_path), hold))  # old code: a raw RuntimeError
+    assert pipe.unloads == 1
+    assert generator.generate(_job(None, None, index=1))
+    assert len(fresh_pipes) == 1  # old code: the next job ran on the polluted pipeline
+    assert fresh_pipes[0].seen == [()]
+    assert len(pipe.seen) == 1
+
+
+def test_a_failed_job_whose_lora_cannot_be_unloaded_keeps_its_own_error(
+        generator: LocalGenerator, pipe: CountingPipe, tmp_path: Path,
+        fresh_pipes: list[CountingPipe], caplog: pytest.LogCaptureFixture) -> None:
+    """The job's own failure is what its caller is told (the unload's replaced it, raw); the
+    unload's is logged and the pipeline dropped."""
+    pipe.fail_at = 1
+    pipe.unload_fails = True
+    with pytest.raises(GenerationError, match="in the middle of a picture"):
+        generator.generate(_job(_weights(tmp_path), None))
+    assert "illegal memory access" in caplog.text
+    generator.generate(_job(None, None, index=1))
+    assert len(fresh_pipes) == 1
+    assert fresh_pipes[0].seen == [()]
+
+
 # --------------------------------------------------------------------------- the scoring
 
 

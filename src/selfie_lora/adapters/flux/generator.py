@@ -273,6 +273,7 @@ class LocalGenerator:
         # end whether the job ends well or not, unless kept for its hold's next job.
         loaded = reused
         keep = False
+        made = False  # the pictures: an unload that fails after them is the job's error
         try:
             if kept is not None and not reused:
                 # Another job's LoRA (a scoring's, between two of its probes): out before this
@@ -338,6 +339,7 @@ class LocalGenerator:
                     )
                 images.append(_png(result.images[0], seed=each_seed, lora_scale=job.lora_scale))
             keep = loaded and weights is not None
+            made = True
             return images
         except SelfieLoraError:
             raise
@@ -371,8 +373,7 @@ class LocalGenerator:
                 # widened by a LoRA wider than it is not shrunk back by this (diffusers 0.42's
                 # reset_to_overwritten_params matches a layer by its last name only, so misses
                 # FLUX's nested ones): _lora_misfit refuses such a LoRA before it loads.
-                with loading_models():
-                    pipe.unload_lora_weights()
+                _unload_own(shared, pipe, job_failed=not made)
 
 
 def _closed(hold: LoraHold | None) -> bool:
@@ -395,13 +396,34 @@ def _drop_kept(shared: _SharedPipeline, pipe: Any) -> None:
         raise
 
 
+def _unload_own(shared: _SharedPipeline | None, pipe: Any, *, job_failed: bool) -> None:
+    """A job's own LoRA unloaded as the job ends (``shared``'s lock held). It ran after the
+    mapping of the job's errors: a failure escaped raw (a 500 with a traceback) and left the
+    pipeline, which may still hold some of the LoRA's layers, to the next job, another user's.
+    Now the pipeline is dropped (the next job loads a clean base) and the failure is the job's
+    GenerationError; a job that failed already keeps its own error, the unload's logged."""
+    try:
+        with loading_models():
+            pipe.unload_lora_weights()
+    except BaseException as exc:
+        if shared is not None:
+            _discard(shared)
+        if not isinstance(exc, Exception):
+            raise
+        if not job_failed:
+            raise GenerationError(f"unloading the LoRA after the generation failed: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        logger.warning("unloading the LoRA of a failed generation failed too: %s: %s",
+                       type(exc).__name__, exc)
+
+
 def _discard(shared: _SharedPipeline) -> None:
     """``shared``'s pipeline (its lock held) forgotten: the next job loads the base again."""
     with _pipelines_lock:
         for key in [key for key, each in _pipelines.items() if each is shared]:
             del _pipelines[key]
     shared.pipe = None
-    logger.warning("generator pipeline dropped: a LoRA kept in it could not be unloaded")
+    logger.warning("generator pipeline dropped: a LoRA loaded in it could not be unloaded")
 
 
 def _release_closed(shared: _SharedPipeline) -> None:
