@@ -1670,10 +1670,27 @@ def test_an_error_page_s_back_link_leads_to_the_refused_form_s_page(ann: TestCli
         back = re.search(r'<a href="([^"]+)" data-back>Back</a>', r.text)
         assert back, (path, r.text)
         assert back.group(1) == page, path
-    # A page that is not found: the photos.
+    # A page that is not found: its section's page (test_a_not_found_page_s_back_leads_...).
     r = ann.get("/versions/nope/weights")
     assert r.status_code == 404
-    assert '<a href="/photos" data-back>Back</a>' in r.text
+    assert '<a href="/versions" data-back>Back</a>' in r.text
+
+
+@pytest.mark.parametrize(("path", "back"), [
+    ("/versions/nope/weights", "/versions"),  # a version's download: the Versions page
+    ("/generations/nope/0.png", "/generate"),  # a picture: the Generate page's gallery
+    ("/generate?before=nope", "/generate"),  # a gallery page after no generation: the newest
+    ("/no-such-page", "/photos"),  # of no section: the default page
+])
+def test_a_not_found_page_s_back_leads_to_the_section_of_what_is_missing(
+        ann: TestClient, path: str, back: str) -> None:
+    """A Not found page's Back (without scripts, or opened from a bookmark or another site:
+    nothing of this site in the history to go back to) led to /photos whatever was missing: a
+    version's download, a picture of the gallery, a gallery page's stale link."""
+    r = ann.get(path)
+    assert r.status_code == 404, r.text
+    assert "<h1>Not found</h1>" in r.text
+    assert f'<a href="{back}" data-back>Back</a>' in r.text
 
 
 @contextmanager

@@ -447,13 +447,33 @@ def form_problem(errors: list[dict[str, Any]]) -> str:
     return f"{joined[0].upper()}{joined[1:]}: go back to the page, fill the form in and send it again"
 
 
+# The pages of the site's sections, as its navigation links them.
+SECTION_PAGES = ("/photos", "/train", "/versions", "/generate", "/model", "/settings")
+
+
+def section_page(path: str) -> str | None:
+    """The page of the section ``path`` belongs to (a picture's, ``/generations/...``, is the
+    Generate page's gallery), or None for a path of none."""
+    if path.startswith("/generations/"):
+        return "/generate"
+    return next((page for page in SECTION_PAGES
+                 if path == page or path.startswith(page + "/")), None)
+
+
 def _back_to(request: Request, status: int, *, signed_out: bool) -> str:
     """Where an error page's Back link leads without scripts (with them it goes back in the
     browser's history, which keeps what the form held): a refused form's own page (also for a
-    form's address opened as a page: 405), else the photos. Signed out, the sign-in page, which
-    leads there: to the page the error came from, its 405 or 404 came again."""
+    form's address opened as a page: 405); for a thing not found (404), the page of the section
+    it belongs to (a version's download: the Versions page; a gallery's page of a cursor naming
+    nothing: the gallery's newest), else the photos. Signed out, the sign-in page, which leads
+    there: to the page the error came from, its 405 or 404 came again."""
     if request.method in ("GET", "HEAD") and status != 405:
-        page = None  # the default page: /photos
+        path = app_path(request.scope)
+        # A 404's: where the user looked for the missing thing, rather than the photos
+        # whatever it was; never the address that was not found (the same 404 again).
+        page = section_page(path) if status == 404 else None
+        if page == path and not request.url.query:
+            page = None  # the section's page itself is what was not found
     else:
         # As for a form sent: its address is no page to go back to.
         page = after_sign_in("POST", app_path(request.scope), "")
