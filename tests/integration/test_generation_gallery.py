@@ -121,6 +121,26 @@ def test_generations_of_another_user_are_neither_listed_nor_a_cursor(
     assert client.get("/api/generations").status_code == 401
 
 
+def test_a_before_naming_no_generation_is_not_found_whatever_its_length(
+        client: TestClient, services: Services, owners: dict[str, Owner]) -> None:
+    # Over 64 characters, GET /api/generations answered FastAPI's 422 invalid_request ("the
+    # request is not valid"), a shorter one the 404, and the Generate page its Not found page.
+    _generations(services, "ann", 1)
+    sign_in(client, "ann")
+    for before in ("nope", "x" * 65, "x" * 5000):
+        r = client.get("/api/generations", headers=owners["ann"].headers,
+                       params={"before": before})
+        assert r.status_code == 404, r.text[:300]
+        assert r.json()["error"] == {"code": "not_found", "message": "no such generation",
+                                     "details": []}
+        page = client.get("/generate", params={"before": before})
+        assert page.status_code == 404
+        assert page.headers["content-type"].startswith("text/html")
+        assert '<p class="error" role="alert" data-code="not_found">no such generation</p>' \
+            in page.text
+        assert '<a href="/generate" data-back>Back</a>' in page.text  # the newest pictures
+
+
 def test_the_gallery_shows_each_picture_s_own_seed(client: TestClient, services: Services,
                                                    fake_generator: FakeGenerator) -> None:
     # One "seed 10" stood under a whole batch: picture 3, made with seed 12, could not be made

@@ -253,6 +253,35 @@ def test_a_before_past_any_version_number_is_the_newest_page(
         assert r.json()["error"]["code"] == "invalid_input", (bad, r.text)
 
 
+def test_a_before_over_64_characters_is_answered_as_a_shorter_one(
+        trained: TestClient, svc: Services, key: str) -> None:
+    # Capped at 64 characters, a longer one was FastAPI's 422 invalid_request ("the request is
+    # not valid") where a shorter one was the newest page, a 422 invalid_input or a 404, and
+    # where the Versions page showed its newest page.
+    grow_history(svc, "ann", 1)
+    auth = {"Authorization": key}
+    newest = trained.get("/api/model/versions", params={"limit": 5}, headers=auth).json()
+    for before in ("9" * 65, "v" + "9" * 5000):
+        r = trained.get("/api/model/versions", params={"limit": 5, "before": before},
+                        headers=auth)
+        assert r.status_code == 200, r.text[:300]
+        assert r.json() == newest
+        page = trained.get("/versions", params={"before": before})
+        assert page.status_code == 200
+        assert re.findall(r'<tr id="v(\d+)"', page.text) == ["2", "1"]
+    r = trained.get("/api/model/versions", params={"limit": 5, "before": "x" * 5000},
+                    headers=auth)
+    assert r.status_code == 422, r.text[:300]
+    assert r.json()["error"] == {  # its start only, not 5000 characters said back
+        "code": "invalid_input", "details": [],
+        "message": f"before must be a version number, not '{'x' * 64}...'"}
+    for before in ("nope", "x" * 65):
+        r = trained.get("/api/model/log", params={"before": before}, headers=auth)
+        assert r.status_code == 404, r.text[:300]
+        assert r.json()["error"] == {"code": "not_found", "message": "no such training",
+                                     "details": []}
+
+
 def test_the_log_walks_page_by_page_without_gaps_or_repeats(
         trained: TestClient, svc: Services, key: str) -> None:
     grow_history(svc, "ann", 11)

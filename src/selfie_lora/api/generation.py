@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.answers import Generated, GenerationsPage, answers
@@ -50,10 +50,13 @@ async def generate(user: UserDep, svc: ServicesDep, base: UrlBaseDep, body: Gene
 @router.get("/generations", responses=errors({
     404: (E.NOT_FOUND,), 422: (E.INVALID_REQUEST, E.INVALID_INPUT)}) | answers(GenerationsPage))
 def generations(user: UserDep, svc: ServicesDep, base: UrlBaseDep, limit: int = HISTORY_PAGE,
-                before: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+                before: str | None = None) -> dict[str, Any]:
     """The user's generations, newest first, a page at a time: ``older`` is the next page's
     ``before`` (a position, which holds when that generation is deleted between pages). The
     gallery was the only list and showed the 50 newest, whatever was stored."""
+    # A ``before`` of any length: one naming no generation is the 404 it is on the Generate
+    # page and in the CLI. Capped at 64 characters, a longer one was FastAPI's 422 ("the
+    # request is not valid") where a shorter one naming nothing was the 404.
     page = svc.generation.page(user=user, limit=limit, before=before)
     return {"generations": [generation_json(g, base=base) for g in page.generations],
             "older": page.older}

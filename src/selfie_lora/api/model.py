@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from selfie_lora.api.answers import ModelAnswer, PatchedModelAnswer, Versions, answers
@@ -66,9 +66,11 @@ def patch_model(user: UserDep, svc: ServicesDep, base: UrlBaseDep, body: ModelPa
 @router.get("/versions", responses=errors({422: (E.INVALID_REQUEST, E.INVALID_INPUT)})
             | answers(Versions))
 def versions(user: UserDep, svc: ServicesDep, base: UrlBaseDep, limit: int | None = None,
-             before: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+             before: str | None = None) -> dict[str, Any]:
     """Every version, newest first; ``limit`` (optional, 1 to 200): a page of them, those
     numbered below ``before`` (the ``older`` of the page before)."""
+    # A ``before`` of any length, as GET /api/generations' (and this route's CLI and page):
+    # a number of any size past every version's is the newest page, as README says.
     page = svc.models.versions_page(user=user, limit=limit, before=before)
     return {"versions": [version_json(v, record, base=base) for v, record in page.versions],
             "older": page.older}
@@ -105,11 +107,12 @@ def weights(user: UserDep, svc: ServicesDep, version_id: str, http: Request,
 
 @router.get("/log", responses=errors({**NOT_FOUND, 422: (E.INVALID_REQUEST, E.INVALID_INPUT)}))
 def model_log(user: UserDep, svc: ServicesDep, limit: int = LOG_PAGE,
-              before: Annotated[str | None, Query(max_length=64)] = None) -> dict[str, Any]:
+              before: str | None = None) -> dict[str, Any]:
     """The retraining log, a page at a time: the ``limit`` (1 to 200, default 50) newest
     trainings older than training ``before`` (the ``older`` of the page before), each with
     what it kept, the gate's decision and the likeness scores before and after, and the audit
     events of the same stretch of time, oldest first; ``older``: null on the page reaching back
     to the first upload."""
+    # A ``before`` of any length, as GET /api/generations': one naming no training, the 404.
     page = svc.likeness.log_page(user=user, limit=limit, before=before)
     return {"events": list(page.events), "trainings": page.trainings, "older": page.older}

@@ -514,6 +514,10 @@ class ModelService:
 VERSION_NUMBER_MAX = 2**31 - 1
 
 
+# How much of a ``before`` that is no number its refusal repeats.
+_REF_SHOWN = 64
+
+
 def _version_number(ref: str) -> int | None:
     """A page's ``before``: a version number (``12``, or ``v12`` as the pages write it); None
     for one past any version's (no version is older: the newest page, as ``before=9999``
@@ -521,7 +525,9 @@ def _version_number(ref: str) -> int | None:
     telling the client to retry) and a number past 2**63 SQLite's (an OverflowError)."""
     number = version_number_below(ref)
     if number is not None and number < 1:
-        raise InvalidInputError(f"before must be a version number, not {ref!r}")
+        # Its start only: a ``before`` is of any length, and the answer need not repeat it.
+        shown = ref if len(ref) <= _REF_SHOWN else f"{ref[:_REF_SHOWN]}..."
+        raise InvalidInputError(f"before must be a version number, not {shown!r}")
     return number
 
 
