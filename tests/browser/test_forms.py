@@ -59,3 +59,27 @@ def test_a_wrong_name_on_the_delete_form_asks_nothing_and_puts_the_focus_back(
     assert len(asked) == 1
     assert "cannot be undone" in asked[0]
     assert page.url.endswith("/settings/delete")  # dismissed: still the refused form's page
+
+
+def test_a_not_found_page_opened_from_outside_goes_back_to_the_section(
+        chromium: Any, account: Account) -> None:
+    """A Not found page opened from a bookmark or a typed address (no page of this site
+    before it to go back to in the history): its Back led to /photos whatever was missing;
+    now the section's page, here the Versions page for a version's download. From a page of
+    the site, Back still goes back in the history, to that page."""
+    server = account.server
+    page = chromium.new_context().new_page()
+    sign_in(page, server.base_url, account.name, "/generate")
+    page.goto(f"{server.base_url}/versions/v99/weights")  # typed: no referrer
+    assert page.locator("h1").inner_text() == "Not found"
+    page.get_by_role("link", name="Back").click()
+    page.wait_for_url(f"{server.base_url}/versions")
+    # Reached from a page of the site (its link), Back goes back there, not to its section.
+    page.goto(f"{server.base_url}/generate")
+    page.evaluate("""() => { const a = document.createElement("a");
+        a.href = "/versions/v99/weights"; a.id = "gone"; a.textContent = "gone";
+        document.body.append(a); }""")
+    page.click("#gone")
+    page.wait_for_url(f"{server.base_url}/versions/v99/weights")
+    page.get_by_role("link", name="Back").click()
+    page.wait_for_url(f"{server.base_url}/generate")
