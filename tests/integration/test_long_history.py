@@ -282,6 +282,21 @@ def test_a_before_over_64_characters_is_answered_as_a_shorter_one(
                                      "details": []}
 
 
+def test_an_empty_before_is_the_first_page_as_for_generations(
+        trained: TestClient, svc: Services, key: str) -> None:
+    # GET /api/generations?before= is its first page (a script passing the last page's older
+    # on starts with none), as the Versions page's ?before= is: the versions' was a 422
+    # "before must be a version number, not ''", the log's a 404 "no such training".
+    grow_history(svc, "ann", 6)
+    auth = {"Authorization": key}
+    for path in ("/api/model/versions", "/api/model/log"):
+        first = trained.get(path, params={"limit": 5}, headers=auth)
+        r = trained.get(f"{path}?limit=5&before=", headers=auth)
+        assert r.status_code == 200, (path, r.text[:300])
+        assert r.json() == first.json()
+        assert r.json()["older"] is not None
+
+
 def test_the_log_walks_page_by_page_without_gaps_or_repeats(
         trained: TestClient, svc: Services, key: str) -> None:
     grow_history(svc, "ann", 11)

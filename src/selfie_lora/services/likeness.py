@@ -1083,7 +1083,9 @@ class LikenessService:
         model = self._model(user)
         limit = page_limit(limit)
         after = None
-        if before is not None:
+        # An empty ``before`` is the first page, as ``GenerationService.page`` takes it: a script
+        # passing the last page's ``older`` on starts with none.
+        if before:
             after = self._repo.get_training(before)
             if after is None or after.model_id != model.id:
                 raise NotFoundError("no such training")

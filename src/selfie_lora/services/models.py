@@ -211,8 +211,9 @@ class ModelService:
         """``GET /api/model/versions``: every version, newest first (the contract's answer),
         or with ``limit`` (1 to ``PAGE_MAX``) a page of them: those numbered below ``before``
         (``older`` of the page before: a version number, ``12`` or ``v12``; it need not exist
-        any more). ``older`` is None on the page holding version 1."""
-        below = _version_number(before) if before is not None else None
+        any more; an empty one is the first page, as ``GenerationService.page`` takes it).
+        ``older`` is None on the page holding version 1."""
+        below = _version_number(before) if before else None
         model = self._repo.get_model_for_user(user.id)
         if model is None:
             return VersionsPage(versions=[], older=None)
