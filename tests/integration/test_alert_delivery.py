@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import json
 import logging
 import socket
@@ -17,6 +19,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from math import floor
 from pathlib import Path
 from typing import Any
 
@@ -534,6 +537,46 @@ def test_a_signed_alert_verifies_and_keeps_its_webhook_id_in_every_delivery(
         Webhook(OTHER_SECRET).verify(signed.content, headers)
     with pytest.raises(WebhookVerificationError):
         Webhook(ALERT_SECRET).verify(signed.content, {**headers, "webhook-id": "likeness_drop:x"})
+
+
+class Webhook10(Webhook):
+    """standardwebhooks 1.0.0's ``sign`` (pyproject allows 1.0), as published: ``data`` goes
+    into an f-string, so only a str is signed as its text (bytes became "b'...'")."""
+
+    def sign(self, msg_id: str, timestamp: datetime, data: bytes | str) -> str:
+        timestamp_str = str(floor(timestamp.replace(tzinfo=UTC).timestamp()))
+        to_sign = f"{msg_id}.{timestamp_str}.{data}".encode()
+        digest = hmac.new(base64.b64decode(ALERT_SECRET.removeprefix("whsec_")), to_sign,
+                          hashlib.sha256).digest()
+        return f"v1,{base64.b64encode(digest).decode()}"
+
+
+@pytest.mark.parametrize("library", ["installed", "1.0"])
+def test_an_alert_s_signature_is_the_standard_webhooks_one(
+        monkeypatch: pytest.MonkeyPatch, library: str) -> None:
+    """Checked by hand against the specification, not through the package that signed it (a
+    sender and a receiver sharing one package's mistake agree): ``v1,`` and the base64 of
+    HMAC-SHA256, keyed with the secret's base64-decoded bytes, of ``{id}.{timestamp}.{body}``,
+    the body as sent. Found in review: the body went to ``sign`` as bytes, which standardwebhooks
+    1.0 signed as the text "b'...'" ("1.0" failed), silently: every receiver refused every alert."""
+    if library == "1.0":
+        monkeypatch.setattr("selfie_lora.adapters.alerts.http.Webhook", Webhook10)
+    requests: list[httpx.Request] = []
+
+    def endpoint(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(204)
+
+    HttpAlerter("https://hooks.example.com" + SECRET_PATH, secret=ALERT_SECRET,
+                transport=httpx.MockTransport(endpoint)).send(
+        {"alert_id": "likeness_drop:v", "kind": "likeness_drop", "note": "Zoë's → model"})
+    [request] = requests
+    msg_id, stamp = request.headers["webhook-id"], request.headers["webhook-timestamp"]
+    key = base64.b64decode(ALERT_SECRET.removeprefix("whsec_"))
+    digest = hmac.new(key, f"{msg_id}.{stamp}.".encode() + request.content,
+                      hashlib.sha256).digest()
+    assert request.headers["webhook-signature"] == "v1," + base64.b64encode(digest).decode()
+    assert json.loads(request.content)["note"] == "Zoë's → model"
 
 
 def test_two_alerts_are_signed_under_two_webhook_ids(tmp_path: Path, clock: Clock) -> None:

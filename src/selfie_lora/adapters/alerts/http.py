@@ -119,8 +119,13 @@ class HttpAlerter:
 def _signed(signer: Webhook, msg_id: str, at: datetime, body: bytes) -> dict[str, str]:
     """The Standard Webhooks headers of one attempt to send ``body``, signed ``at`` (the time of
     this attempt, not the alert's: a receiver refuses a timestamp more than 5 minutes off)."""
+    # Signed as text, as the Replicate webhooks are: standardwebhooks 1.0 (which pyproject
+    # allows) formats ``data`` into an f-string, so bytes were signed as the text "b'{...}'", a
+    # signature no receiver matches. httpx's JSON body is UTF-8, so the text encodes back to
+    # the very bytes sent.
     return {"webhook-id": msg_id, "webhook-timestamp": str(int(at.timestamp())),
-            "webhook-signature": signer.sign(msg_id=msg_id, timestamp=at, data=body)}
+            "webhook-signature": signer.sign(msg_id=msg_id, timestamp=at,
+                                             data=body.decode("utf-8"))}
 
 
 def webhook_id(alert: dict[str, Any]) -> str:
