@@ -183,9 +183,26 @@ def default_webhook_url(settings: Settings, *, replicate_trainer: bool) -> str |
     return f"{settings.public_url_base}/api/webhooks/replicate"
 
 
-def default_alerter(settings: Settings) -> Alerter | None:
+_unsent_alerts_said = threading.Event()
+
+
+def default_alerter(settings: Settings, *, announce: bool = False) -> Alerter | None:
+    """The alerts' sender: POSTs to ``SELFIE_LORA_ALERT_URL`` (signed with
+    ``SELFIE_LORA_ALERT_SECRET`` when set), or None when the URL is unset (alerts are recorded
+    and logged only). ``announce``: this process built a trainer (serve, worker, train), where
+    versions are judged and alerts made; only such a process says once that the secret is set
+    without the URL, as ``default_webhook_url`` does, so that cron's commands (users, gc,
+    backup) do not have cron mail it each run."""
     url = settings.alert_url.get_secret_value() if settings.alert_url is not None else ""
     if not url:
+        # A secret without the URL is a setup half done that was silent: it signs nothing.
+        # (The URL without the secret is the usual Slack or Discord hook: nothing to say.)
+        if (settings.alert_secret is not None and announce
+                and not _unsent_alerts_said.is_set()):
+            _unsent_alerts_said.set()
+            logger.warning("SELFIE_LORA_ALERT_SECRET is set but SELFIE_LORA_ALERT_URL is not: "
+                           "alerts are recorded and logged only, nothing is signed; set the URL "
+                           "to send them")
         return None
     from selfie_lora.adapters.alerts.http import HttpAlerter
 
@@ -466,7 +483,8 @@ def build_services(
     likeness = LikenessService(
         repo=repo, blobs=blobs, generation=generation,
         faces=faces,
-        alerter=alerter if alerter is not None else default_alerter(settings),
+        alerter=(alerter if alerter is not None
+                 else default_alerter(settings, announce=bool(chosen_trainers))),
         tolerance=settings.gate_tolerance, probe_count=settings.probe_count,
         probe_size=settings.probe_size, gate_enabled=settings.quality_gate,
         telemetry=telemetry, public_url=settings.public_url,

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from selfie_lora import wiring
 from selfie_lora.adapters.alerts.http import HttpAlerter, webhook_id
 from selfie_lora.api.serializers import alert_json, likeness_json, version_json
 from selfie_lora.config import Settings, settings_errors
@@ -39,8 +40,15 @@ from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.webhook_secrets import MAKE_SIGNING_SECRET
 from selfie_lora.errors import AlertDeliveryError, ConfigError, DatabaseUnreachableError, StorageError
 from selfie_lora.services.likeness import LikenessService, alert_text
-from selfie_lora.testing.fakes import PhotoGenerator, RecordingAlerter, SimulatedCrash
+from selfie_lora.testing.fakes import (
+    FakeGenerator,
+    FakeTrainer,
+    PhotoGenerator,
+    RecordingAlerter,
+    SimulatedCrash,
+)
 from selfie_lora.wiring import default_alerter
+from tests.conftest import make_settings, one_person_analyzer
 from tests.support.alerts import alert_inbox
 from tests.support.clock import Clock
 from tests.support.likeness import Rig, other_person, photo_generator, same_person
@@ -626,6 +634,32 @@ def test_the_alert_secret_setting_signs_what_the_service_posts(
     assert headers["webhook-id"] == "likeness_drop:v"
     assert not [r for r in caplog.records
                 if ALERT_SECRET.removeprefix("whsec_") in r.getMessage()]
+
+
+@pytest.mark.parametrize(("secret", "url", "trainer", "warned"), [
+    (ALERT_SECRET, None, True, 1),
+    (ALERT_SECRET, None, False, 0),  # users, gc, backup: cron would mail it each run
+    (None, "https://hooks.example.com" + SECRET_PATH, True, 0),  # a Slack or Discord hook
+], ids=["secret-alone", "secret-alone-no-trainer", "url-alone"])
+def test_an_alert_secret_without_the_url_is_said_once_where_trainers_are_built(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        secret: str | None, url: str | None, trainer: bool, warned: int) -> None:
+    """Found in review: SELFIE_LORA_ALERT_SECRET without SELFIE_LORA_ALERT_URL signed nothing and
+    said nothing. A process that builds a trainer (serve, worker, train: where alerts are made)
+    says it once however often it builds the services, as a webhook secret without a public URL
+    is said; a command without one, and the URL without a secret (the usual setup), say nothing."""
+    # raising=False: the old code had no such flag (and said nothing).
+    monkeypatch.setattr(wiring, "_unsent_alerts_said", threading.Event(), raising=False)
+    caplog.set_level(logging.WARNING, logger="selfie_lora.wiring")
+    settings = make_settings(tmp_path, alert_secret=secret, alert_url=url)
+    for _ in range(2):
+        wiring.build_services(settings, face_analyzer=one_person_analyzer(),
+                              trainers={"local": FakeTrainer()} if trainer else {},
+                              generators={"local": FakeGenerator()}).close()
+    said = [r.getMessage() for r in caplog.records if "SELFIE_LORA_ALERT" in r.getMessage()]
+    assert said == ["SELFIE_LORA_ALERT_SECRET is set but SELFIE_LORA_ALERT_URL is not: alerts are "
+                    "recorded and logged only, nothing is signed; set the URL to send them"
+                    ] * warned
 
 
 def test_without_an_alert_secret_no_signature_is_sent(tmp_path: Path) -> None:
