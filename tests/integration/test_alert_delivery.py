@@ -33,7 +33,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from selfie_lora import wiring
 from selfie_lora.adapters.alerts.http import HttpAlerter, webhook_id
 from selfie_lora.api.serializers import alert_json, likeness_json, version_json
-from selfie_lora.config import Settings, settings_errors
+from selfie_lora.config import EmbeddedSettings, Settings, settings_errors
 from selfie_lora.domain.accounts import ErasurePlan
 from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
@@ -699,11 +699,13 @@ def test_an_alert_secret_that_is_no_signing_secret_stops_the_settings(
         HttpAlerter("https://hooks.example.com/a", secret=secret)  # built without the settings
 
 
-def test_a_made_alert_secret_is_taken() -> None:
+def test_a_made_alert_secret_is_taken(tmp_path: Path) -> None:
     made = subprocess.run([sys.executable, "-c", MAKE_SIGNING_SECRET.split("'")[1]],
                           capture_output=True, text=True, check=True).stdout.strip()
     for secret in (made, ALERT_SECRET, ALERT_SECRET.rstrip("=")):
-        assert Settings(alert_secret=secret).alert_secret is not None
+        # From these arguments alone, not the shell's SELFIE_LORA_* (a bad one there would fail
+        # this test for nothing it checks).
+        assert EmbeddedSettings(home=tmp_path, alert_secret=secret).alert_secret is not None
 
 
 def test_a_server_s_start_up_reconcile_runs_off_the_event_loop(
