@@ -85,6 +85,12 @@ CASES: list[tuple[str, Callable[[Path], dict[str, str]], str]] = [
         "SELFIE_LORA_WEBHOOK_SECRET": "whsec_my-secret-string"},
      "invalid setting: SELFIE_LORA_WEBHOOK_SECRET: is not a webhook signing secret (what "
      "follows whsec_ is not base64)"),
+    # The alerts' own signing secret, checked by the same rule (the value, PASSWORD in it,
+    # never shown): the README quotes this line.
+    ("an alert secret that is no signing secret", lambda _: {
+        "SELFIE_LORA_ALERT_SECRET": f"whsec_{PASSWORD}"},
+     "invalid setting: SELFIE_LORA_ALERT_SECRET: is not a webhook signing secret (what "
+     "follows whsec_ is not base64): make one with python -c"),
     ("a public URL without a scheme", lambda _: {"SELFIE_LORA_PUBLIC_URL": "example.com"},
      "invalid setting: SELFIE_LORA_PUBLIC_URL: must be the service's address"),
     ("an alert URL without a scheme", lambda _: {
