@@ -140,7 +140,7 @@ class _RacedBuild:
         self.built, self.target = built, target
 
     def save_pretrained(self, path: str) -> None:
-        shutil.copytree(self.built, path)
+        shutil.copytree(self.built, path, dirs_exist_ok=True)  # as save_pretrained: exist_ok
         winner = self.target.with_name(".winner")
         shutil.copytree(self.built, winner)
         (winner / "winner.marker").write_text("the first copy in place")

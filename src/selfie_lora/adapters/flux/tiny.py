@@ -12,10 +12,13 @@ and CLI import this package without needing them.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
+import stat
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +40,11 @@ TINY_SEED = 20240801
 TINY_CLIP_MAX_LENGTH = 77
 TINY_T5_MAX_LENGTH = 32
 TINY_RESOLUTION = 64
+# A build writes into ``.tiny-flux-v1.tmp-<pid>-<random>`` beside its final folder and renames it.
+_BUILDING_PREFIX = f".{TINY_CACHE_NAME}.tmp-"
+# A build's folder nothing in it changed for this long is a dead build's, whatever its pid says
+# (pids are reused: a container's process is PID 1 every time). A build takes seconds.
+STALE_BUILD_SECONDS = 60 * 60
 
 _build_lock = threading.Lock()
 
@@ -213,18 +221,23 @@ def tiny_pipeline_dir(cache_dir: Path) -> Path:
     """Where the tiny pipeline lives, building and saving it first if it is not there yet.
 
     Safe against concurrent builders (threads here, other worker processes): each builds into its
-    own temporary folder and renames it into place; the loser of the race drops its copy.
+    own temporary folder, locked while it writes, and renames it into place; the loser of the
+    race drops its copy. A dead build's folder is removed here (``sweep_dead_builds``).
     """
     target = cache_dir / TINY_CACHE_NAME
+    sweep_dead_builds(cache_dir)
     if (target / "model_index.json").is_file():
         return target
     with _build_lock:
         if (target / "model_index.json").is_file():
             return target
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{TINY_CACHE_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = cache_dir / f"{_BUILDING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         logger.info("building the tiny FLUX pipeline into %s", target)
+        lock: int | None = None
         try:
+            tmp.mkdir()
+            lock = _lock_while_building(tmp)
             pipe = build_tiny_pipeline()
             pipe.save_pretrained(str(tmp))
             try:
@@ -237,4 +250,91 @@ def tiny_pipeline_dir(cache_dir: Path) -> Path:
             raise ConfigError(f"cannot write the tiny pipeline cache under {cache_dir}: {exc}") from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            if lock is not None:
+                os.close(lock)
     return target
+
+
+def _lock_while_building(folder: Path) -> int | None:
+    """``folder`` locked (``flock``) until the descriptor returned is closed: the kernel drops
+    the lock with the process, so ``sweep_dead_builds`` knows a folder it can lock is no live
+    build's. None where the file system has no such locks (the age alone decides there)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        os.close(fd)
+        logger.debug("cannot lock %s while building (%s)", folder, exc)
+        return None
+    return fd
+
+
+def sweep_dead_builds(cache_dir: Path, *, now: float | None = None) -> int:
+    """Removes the temporary folders of tiny builds that died before their rename (SIGKILL, the
+    OOM killer, a machine that went down: tens of MB each, which nothing else ever removes);
+    how many. A folder goes only when no build holds its lock and its builder is certainly gone:
+    its pid is no process on this machine, or nothing in it changed for an hour (another
+    machine's build, on a cache they share, or a pid taken again since). A live build's is kept,
+    here or in any process. Another account's folders, and names not ours, are left alone."""
+    try:
+        found = [p for p in cache_dir.iterdir() if p.name.startswith(_BUILDING_PREFIX)]
+    except OSError:
+        return 0  # no cache yet, or one this process cannot read: nothing of ours to remove
+    moment = time.time() if now is None else now
+    removed = 0
+    for folder in found:
+        if _remove_if_dead(folder, now=moment):
+            logger.info("removed %s, left by a tiny FLUX build that died", folder)
+            removed += 1
+    return removed
+
+
+def _remove_if_dead(folder: Path, *, now: float) -> bool:
+    pid_text = folder.name.removeprefix(_BUILDING_PREFIX).partition("-")[0]
+    if not pid_text.isdigit() or int(pid_text) <= 0:
+        return False  # not a name this module makes
+    try:
+        found = folder.lstat()
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
+            return False  # a link, a file, or another account's: not ours to delete
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False  # gone meanwhile (renamed into place, or swept by another process)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a live build holds it
+        except OSError:
+            pass  # no locks on this file system: the pid and the age decide
+        # Held while it goes: a build that made its folder but has not locked it yet waits.
+        if _process_alive(int(pid_text)) and not _quiet_since(folder, now - STALE_BUILD_SECONDS):
+            return False
+        shutil.rmtree(folder, ignore_errors=True)
+        return not folder.exists()
+    finally:
+        os.close(fd)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (perhaps not the builder: pids are reused,
+    which the age settles)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another account's process (EPERM): alive
+    return True
+
+
+def _quiet_since(folder: Path, cutoff: float) -> bool:
+    """Whether nothing in ``folder`` (itself included) was modified after ``cutoff``."""
+    for parent, _dirs, files in os.walk(folder):
+        for path in (Path(parent), *(Path(parent) / name for name in files)):
+            try:
+                if path.lstat().st_mtime > cutoff:
+                    return False
+            except FileNotFoundError:
+                continue
+    return True

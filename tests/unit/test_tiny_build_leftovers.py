@@ -1,0 +1,170 @@
+"""The temporary folder of a tiny FLUX build killed before its rename is removed by the next build
+or load, and a live build's never is (``adapters.flux.tiny.sweep_dead_builds``).
+
+No torch here: the build is a fake that writes what ``save_pretrained`` writes first; the leftover
+is made by a real process that is killed while it writes it, as the OOM killer would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from selfie_lora.adapters.flux import tiny
+
+HOUR = 60 * 60
+# How ``tiny_pipeline_dir`` names a build's temporary folder: ``.tiny-flux-v1.tmp-<pid>-<random>``.
+PREFIX = f".{tiny.TINY_CACHE_NAME}.tmp-"
+# The tree this test imports, for the process it starts (not an installed copy of another tree).
+SRC = str(Path(tiny.__file__).resolve().parents[3])
+
+
+def _killed_build(cache_dir: Path) -> Path:
+    """The folder a build leaves when SIGKILLed while it saves: named as ``tiny_pipeline_dir``
+    names it, by a process now dead (reaped, so its pid is no process any more)."""
+    code = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        folder = Path({str(cache_dir)!r}) / f"{PREFIX}{{os.getpid()}}-0badf00d"
+        (folder / "vae").mkdir(parents=True)
+        (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"half" * 4096)
+        print(folder, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == -9, done.stderr
+    folder = Path(done.stdout.strip())
+    assert folder.is_dir()
+    return folder
+
+
+def _live_leftover(cache_dir: Path, *, pid: int) -> Path:
+    folder = cache_dir / f"{PREFIX}{pid}-12345678"
+    (folder / "vae").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+def _age(folder: Path, seconds: float) -> None:
+    when = time.time() - seconds
+    for parent, _dirs, files in os.walk(folder):
+        for path in (Path(parent), *(Path(parent) / name for name in files)):
+            os.utime(path, (when, when))
+
+
+def _built(cache_dir: Path) -> Path:
+    """The tiny model as a complete cache holds it (for the load path: nothing to build)."""
+    target = cache_dir / tiny.TINY_CACHE_NAME
+    target.mkdir(parents=True)
+    (target / "model_index.json").write_text("{}")
+    return target
+
+
+class _FakeBuild:
+    """Saves what a pipeline's ``save_pretrained`` saves first; ``during`` runs while it saves."""
+
+    def __init__(self, during: object = None) -> None:
+        self.during = during
+        self.saved_to: Path | None = None
+
+    def save_pretrained(self, path: str) -> None:
+        self.saved_to = Path(path)
+        self.saved_to.mkdir(parents=True, exist_ok=True)  # as diffusers does: exist_ok
+        (self.saved_to / "model_index.json").write_text("{}")
+        if callable(self.during):
+            self.during(self.saved_to)
+
+
+def test_a_killed_builds_folder_is_removed_at_the_next_load(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    left = _killed_build(cache_dir)
+    target = _built(cache_dir)
+
+    assert tiny.tiny_pipeline_dir(cache_dir) == target
+    assert not left.exists()
+    assert sorted(p.name for p in cache_dir.iterdir()) == [tiny.TINY_CACHE_NAME]
+
+
+def test_a_killed_builds_folder_is_removed_at_the_next_build(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache_dir = tmp_path / "cache"
+    left = _killed_build(cache_dir)
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", _FakeBuild)
+
+    target = tiny.tiny_pipeline_dir(cache_dir)
+    assert (target / "model_index.json").is_file()
+    assert not left.exists()
+    assert sorted(p.name for p in cache_dir.iterdir()) == [tiny.TINY_CACHE_NAME]
+
+
+def test_a_folder_whose_pid_runs_is_kept_until_an_hour_passed(tmp_path: Path) -> None:
+    """This process's pid (or one taken again since the build died): kept while young; once
+    nothing in it changed for an hour, no build of seconds can be writing it."""
+    cache_dir = tmp_path / "cache"
+    _built(cache_dir)
+    mine = _live_leftover(cache_dir, pid=os.getpid())
+
+    tiny.tiny_pipeline_dir(cache_dir)
+    assert mine.is_dir()
+    _age(mine, HOUR - 60)
+    assert tiny.sweep_dead_builds(cache_dir) == 0
+    assert mine.is_dir()
+
+    _age(mine, HOUR + 60)
+    tiny.tiny_pipeline_dir(cache_dir)
+    assert not mine.exists()
+
+
+def test_a_live_build_keeps_its_folder_through_any_sweep(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build in progress holds its folder locked: another process sweeping meanwhile, its clock
+    two hours ahead (so that the age says stale and only the lock can keep the folder), leaves
+    it, and the build renames it into place whole."""
+    cache_dir = tmp_path / "cache"
+    swept: list[str] = []
+
+    def sweep_from_another_process(folder: Path) -> None:
+        code = ("import sys; from pathlib import Path; from selfie_lora.adapters.flux import tiny;"
+                f"print(tiny.sweep_dead_builds(Path({str(cache_dir)!r}), now={time.time() + 2 * HOUR}))")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=60, check=False, env={**os.environ, "PYTHONPATH": SRC})
+        assert done.returncode == 0, done.stderr
+        swept.append(done.stdout.strip())
+        assert folder.is_dir()
+
+    build = _FakeBuild(during=sweep_from_another_process)
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda: build)
+
+    target = tiny.tiny_pipeline_dir(cache_dir)
+    assert swept == ["0"]
+    assert build.saved_to is not None
+    assert build.saved_to.name.startswith(PREFIX)
+    assert (target / "model_index.json").is_file()
+    assert sorted(p.name for p in cache_dir.iterdir()) == [tiny.TINY_CACHE_NAME]
+
+
+def test_what_is_not_a_builds_folder_is_left_alone(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    _built(cache_dir)
+    others = [cache_dir / f"{PREFIX}notapid-1", cache_dir / "models--x--y",
+              cache_dir / f"{PREFIX}0-1"]
+    for folder in others:
+        folder.mkdir()
+        _age(folder, 2 * HOUR)
+    link = cache_dir / f"{PREFIX}999999999-1"
+    link.symlink_to(others[1])
+
+    assert tiny.sweep_dead_builds(cache_dir) == 0
+    assert all(folder.is_dir() for folder in others)
+    assert link.is_symlink()
+
+
+def test_a_missing_cache_folder_sweeps_nothing(tmp_path: Path) -> None:
+    assert tiny.sweep_dead_builds(tmp_path / "none") == 0
