@@ -10,7 +10,9 @@ import logging
 import os
 import random
 import secrets
+import stat
 import threading
+import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from selfie_lora.adapters.db.repository import SqlRepository, make_engine, serve
 from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter, normalize_lora
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 from selfie_lora.adapters.sqlite_files import tighten
+from selfie_lora.adapters.storage.cache import remove_if_stale
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import DATABASE_FILE, Settings
 from selfie_lora.dataset.checks import CheckPolicy
@@ -230,6 +233,7 @@ def session_secret(settings: Settings) -> str:
             raise ConfigError("SELFIE_LORA_SECRET_KEY must be at least 32 characters")
         return value
     path = settings.home / "secret_key"
+    _remove_dead_key_candidates(settings.home)
     try:
         existing = path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
@@ -262,6 +266,22 @@ def session_secret(settings: Settings) -> str:
     finally:
         tmp.unlink(missing_ok=True)
     return path.read_text(encoding="ascii").strip()
+
+
+def _remove_dead_key_candidates(home: Path) -> None:
+    """A start killed between writing its candidate key and linking it (``session_secret``) left
+    ``.secret_key.<pid>.tmp``, which no later start looked at (the key is there by then, or is
+    made under another pid): removed once an hour old, as a live start's lives for microseconds
+    (the pid in its name may be taken again: a container's process is PID 1 every time)."""
+    now = time.time()
+    for leftover in home.glob(".secret_key.*.tmp"):
+        try:
+            found = leftover.lstat()
+            if stat.S_ISREG(found.st_mode):
+                remove_if_stale(leftover, found.st_mtime, now=now,
+                                left_by="a start that made the secret key")
+        except OSError as exc:  # gone meanwhile, or not ours: the key is what matters here
+            logger.debug("cannot remove %s: %s", leftover, exc)
 
 
 def default_blob_store(settings: Settings) -> BlobStore:

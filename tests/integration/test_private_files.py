@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 
+from selfie_lora import wiring
 from selfie_lora.config import Settings
 from selfie_lora.errors import ConfigError
 from selfie_lora.wiring import build_services, open_database, session_secret, using_home
@@ -163,3 +168,46 @@ def test_an_empty_secret_key_file_is_refused(tmp_path: Path) -> None:
     (settings.home / "secret_key").write_text("\n", encoding="ascii")
     with pytest.raises(ConfigError, match="secret_key"):
         session_secret(settings)
+
+
+def _start_killed_making_the_key(home: Path) -> Path:
+    """What a start SIGKILLed between writing its candidate key and linking it leaves in HOME:
+    a real process, killed at that point, its pid reaped (no process any more)."""
+    code = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from selfie_lora.config import Settings
+        from selfie_lora import wiring
+        os.link = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+        print(os.getpid(), flush=True)
+        wiring.session_secret(Settings(home=Path({str(home)!r}), database_url=None,
+                                       queue_url=None))
+    """)
+    src = str(Path(wiring.__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False, env={**os.environ, "PYTHONPATH": src})
+    assert done.returncode == -9, done.stderr
+    leftover = home / f".secret_key.{done.stdout.strip()}.tmp"
+    assert leftover.is_file()
+    assert not (home / "secret_key").exists()
+    return leftover
+
+
+def test_a_key_candidate_a_killed_start_left_is_removed_once_an_hour_old(tmp_path: Path) -> None:
+    """The candidate key of a start killed before it linked it stayed in HOME for good: every
+    later start has another pid, and finds the key made (found in review: task-sweep)."""
+    settings = Settings(home=tmp_path / "home", database_url=None, queue_url=None)
+    settings.home.mkdir(mode=0o700)
+    young = _start_killed_making_the_key(settings.home)
+    old = settings.home / ".secret_key.1.tmp"
+    old.write_text("x" * 64, encoding="ascii")
+    hour_ago = time.time() - 3600 - 60
+    os.utime(old, (hour_ago, hour_ago))
+
+    key = session_secret(settings)  # this start makes the key: each start sweeps, made or found
+    assert not old.exists()  # old code: still there
+    assert young.is_file()  # a minute old at most: kept (a live start's lives for microseconds)
+    os.utime(young, (hour_ago, hour_ago))
+    assert session_secret(settings) == key  # a later start, the key found
+    assert not young.exists()
+    assert sorted(p.name for p in settings.home.iterdir()) == ["secret_key"]
