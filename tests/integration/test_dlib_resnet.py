@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,23 +165,29 @@ def test_an_unwritable_cache_still_gives_the_model(tmp_path: Path) -> None:
         encoder.embed(np.zeros((1, 100, 100, 3), dtype=np.uint8))
 
 
+def _dying_at_a_rename(folder: Path, die: str) -> subprocess.CompletedProcess[bytes]:
+    """A process converting (or noting) the model into ``folder`` that runs ``die`` at its
+    first rename: after the bytes are written, before the name is theirs."""
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from selfie_lora.adapters.faces import dlib_resnet, model_cache\n"
+        "def die(src, dst):\n"
+        f"    {die}\n"
+        "model_cache.os.replace = die  # the same os as dlib_resnet's: every rename dies\n"
+        "dlib_resnet.cached_onnx_model(Path(sys.argv[1]), Path(sys.argv[2]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + str(ROOT)}
+    return subprocess.run([sys.executable, "-c", script, str(SOURCE), str(folder)],
+                          env=env, timeout=120, check=False)
+
+
 def test_a_conversion_killed_midway_leaves_nothing_that_is_used(tmp_path: Path) -> None:
     """The converting process dies while it writes the file (the worst line to die on): the
     next start finds no model file, only a stray temporary one, converts once more, and ends
     with a whole file that gives dlib's numbers."""
     folder = tmp_path / "cache"
-    script = (
-        "import os, sys\n"
-        "from pathlib import Path\n"
-        "from selfie_lora.adapters.faces import dlib_resnet, model_cache\n"
-        "def die(src, dst):\n"
-        "    os._exit(9)  # killed after the bytes are written, before the rename\n"
-        "model_cache.os.replace = die\n"
-        "dlib_resnet.cached_onnx_model(Path(sys.argv[1]), Path(sys.argv[2]))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + str(ROOT)}
-    died = subprocess.run([sys.executable, "-c", script, str(SOURCE), str(folder)],
-                          env=env, timeout=120, check=False)
+    died = _dying_at_a_rename(folder, "os._exit(9)")
     assert died.returncode == 9
     assert not list(folder.glob("*.onnx"))
     assert len(list(folder.glob(f".{EMBEDDING_MODEL}*"))) == 1  # the partial file
@@ -256,3 +263,30 @@ def test_a_damaged_model_file_is_converted_again(tmp_path: Path) -> None:
     assert reference.embedding is not None
     assert face_distance(face.embedding, reference.embedding) < 1e-5
     assert model.stat().st_size > 1_000_000  # a whole graph again
+
+
+def test_a_note_a_killed_process_left_is_removed_once_an_hour_old(tmp_path: Path) -> None:
+    """A process killed between writing the source's note and renaming it left
+    ``.<note>.<pid>`` in the cache for good: every later one writes under its own pid."""
+    folder = tmp_path / "cache"
+    converted = cached_onnx_model(SOURCE, folder)
+    assert isinstance(converted, Path)
+    note = folder / f"{EMBEDDING_MODEL}-v{dlib_resnet.CONVERTER_VERSION}.source.json"
+    note.unlink()  # so the next process writes it
+    # The conversion is there: the only rename left is the note's.
+    died = _dying_at_a_rename(folder, "os.kill(os.getpid(), signal.SIGKILL)")
+    assert died.returncode == -9
+    (left,) = folder.glob(f".{note.name}.*")
+
+    dlib_resnet._converted.clear()  # a new process, a minute later: the leftover may be live
+    assert cached_onnx_model(SOURCE, folder) == converted
+    assert left.is_file()
+    assert note.is_file()
+
+    hour_ago = time.time() - 3600 - 60
+    os.utime(left, (hour_ago, hour_ago))
+    dlib_resnet._converted.clear()  # one an hour later, the note found as it is
+    assert cached_onnx_model(SOURCE, folder) == converted
+    assert not left.exists()  # old code: still there
+    assert sorted(p.name for p in folder.iterdir()) == [".convert.lock", converted.name,
+                                                         note.name]

@@ -25,11 +25,14 @@ by three flags and three empty tensors (state dlib keeps for training).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
+import stat
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,8 @@ logger = logging.getLogger(__name__)
 CHIP_SIZE = 150
 # Bump when the graph written for the same weights changes, so cached files are rebuilt.
 CONVERTER_VERSION = 1
+# A note's temporary file this old is a dead process's: a live one renames it within microseconds.
+STALE_NOTE_SECONDS = 60 * 60
 
 
 class DlibModelFormatError(ConfigError):
@@ -414,6 +419,7 @@ def _note(folder: Path, key: tuple[str, int, int, str], converted: Path) -> None
     note = {"source": source, "size": size, "mtime_ns": mtime_ns, "file": converted.name}
     path = _note_path(folder, source)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    _remove_dead_notes(path)
     try:
         if json.loads(path.read_text()) == note:
             return
@@ -426,6 +432,21 @@ def _note(folder: Path, key: tuple[str, int, int, str], converted: Path) -> None
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         logger.debug("cannot note the face model's source in %s: %s", folder, exc)
+
+
+def _remove_dead_notes(path: Path) -> None:
+    """A process killed between writing its note and renaming it (``_note``) left
+    ``.<note>.<pid>`` beside it, which no later process looked at (each writes under its own
+    pid): removed once an hour old (the pid may be taken again: a container's is PID 1)."""
+    cutoff = time.time() - STALE_NOTE_SECONDS
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        try:
+            found = leftover.lstat()
+            if stat.S_ISREG(found.st_mode) and found.st_mtime < cutoff:
+                leftover.unlink()
+                logger.info("removed %s, left by a process that died", leftover)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: a note costs nothing to keep
 
 
 def forget_converted() -> None:
