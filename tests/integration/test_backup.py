@@ -1273,3 +1273,51 @@ def test_a_backup_onto_a_full_disk_names_that_disk_and_leaves_nothing_in_the_way
     # Space again: the same name takes the next backup.
     code, said = run("backup", str(dest))
     assert code == 0, said
+
+
+def test_a_killed_backups_leftovers_are_cleared_by_the_next_tar_backup_beside_them(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backups named by date (``backup /backups/$(date +%F).tar``) never write to one name twice:
+    the ``.NAME.tar.<pid>.part`` tar and ``.partial`` folder (a copy of the database and
+    secret_key) of one killed midway stayed for good, as only the next backup to that same name
+    cleared them (found in review: task-sweep). Another backup's that is running (its lock
+    held) and files no backup makes are left alone."""
+    import fcntl
+
+    services.users.create(name="ann")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def arm(backup: ModuleType) -> None:
+        write_tar = backup._write_tar
+
+        def killed_at_its_rename(*args: Any) -> None:
+            backup.os.replace = _kill_self  # the child's: the tar is whole, not yet its name
+            write_tar(*args)
+
+        backup._write_tar = killed_at_its_rename
+
+    code = _cli_in_a_fork(settings, ["backup", str(out / "monday.tar")], log=tmp_path / "log",
+                          arm=arm)
+    assert code == -9, (tmp_path / "log").read_text()
+    left = sorted(p.name for p in out.iterdir())
+    assert [name.rsplit(".", 1)[1] for name in left] == ["part", "partial"], left
+    assert all(name.startswith(".monday.tar.") for name in left), left
+    running = out / ".wednesday.tar.1.part"  # another backup's, being written now
+    running.write_bytes(b"being written")
+    others = [out / ".notes.txt.1.part", out / ".monday.tar.x.part", out / "monday.tar.1.part"]
+    for other in others:
+        other.write_bytes(b"not a backup's")
+
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    fd = os.open(running, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        code, said = run("backup", str(out / "tuesday.tar"))
+    finally:
+        os.close(fd)
+    assert code == 0, said
+    # Old code: the killed backup's .monday.tar.<pid>.part and .partial still there.
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [running.name, *(p.name for p in others), "tuesday.tar"])

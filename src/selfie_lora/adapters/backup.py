@@ -21,11 +21,11 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import glob
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -269,6 +269,10 @@ def _backup_needs(home: Path, *, as_tar: bool) -> int | None:
     return 2 * size if as_tar else size
 
 
+# What a tar backup writes beside its DEST until it is whole (``HomeBackups.backup``).
+_LEFTOVER = re.compile(r"\..+\.tar\.\d+\.(part|partial)")
+
+
 @contextmanager
 def _writing(path: Path) -> Iterator[None]:
     """``path`` (the ``.part`` tar or the ``.partial`` folder) locked while this backup writes
@@ -307,13 +311,14 @@ def _in_use(path: Path) -> bool:
 
 
 def _clear_leftovers(dest: Path) -> None:
-    """The ``.DEST.<pid>.part`` tar and ``.partial`` folder of a backup to DEST that was killed
-    (or hit a full disk): the database and secret_key sat there for good. Those of this account
-    that no running backup holds locked are deleted; another account's are left alone (and
-    refused by ``_scratch`` when this backup's own name is one of them)."""
-    for left in dest.parent.glob(f".{glob.escape(dest.name)}.*.part*"):
-        pid, _, kind = left.name[len(dest.name) + 2:].partition(".")
-        if kind not in ("part", "partial") or not pid.isdigit() or _in_use(left):
+    """The ``.NAME.tar.<pid>.part`` tar and ``.partial`` folder of a backup that was killed (or
+    hit a full disk) to DEST or to any other tar beside it: the database and secret_key sat
+    there for good, and backups named by date (``backup /backups/$(date +%F).tar``) never write
+    to one name twice. Those of this account that no running backup holds locked are deleted;
+    another account's are left alone (and refused by ``_scratch`` when this backup's own name is
+    one of them)."""
+    for left in dest.parent.glob(".*.tar.*.part*"):
+        if not _LEFTOVER.fullmatch(left.name) or _in_use(left):
             continue
         logger.warning("deleting %s, left by a backup that did not finish", left)
         if left.is_dir() and not left.is_symlink():
