@@ -13,8 +13,8 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -551,12 +551,17 @@ def build_services(
     )
 
 
-def using_home(settings: Settings) -> AbstractContextManager[None]:
+@contextmanager
+def using_home(settings: Settings) -> Iterator[None]:
     """Held by ``serve`` and ``worker`` while they run: ``restore`` refuses a HOME in use
-    (``adapters.home_lock``)."""
+    (``adapters.home_lock``). Once held, the copies of a backup that a restore killed midway
+    left beside HOME go (``clear_killed_restores``): no restore runs then."""
+    from selfie_lora.adapters.backup import clear_killed_restores
     from selfie_lora.adapters.home_lock import using_home as hold
 
-    return hold(settings.home)
+    with hold(settings.home):
+        clear_killed_restores(settings.home)
+        yield
 
 
 def clearing_home(home: Path, *, refused: str) -> AbstractContextManager[None]:

@@ -1023,6 +1023,40 @@ def _restore_scratch(path: Path) -> None:
                           f"(uid {found.st_uid}): move it away first")
 
 
+def clear_killed_restores(home: Path) -> list[Path]:
+    """The copies a restore of ``home`` killed before its swap left beside it: the tar it was
+    unpacking (``.NAME.restore-unpacked``) and the HOME it was filling (``.NAME.restore-new``,
+    still marked ``PENDING``), each a whole backup (its database, secret_key and every photo, a
+    user deleted since among them), which only the next restore removed, and a HOME whose
+    restore was not run again kept for good. Called by a server or worker once it holds HOME's
+    shared lock (``using_home``): no restore of HOME runs then, as one holds that lock exclusive
+    from before it makes either until it ends, and ``-new``'s own lock (``holding``) is taken
+    here too, for the moment a restore without an exchange renames HOME away. Left alone:
+    another account's, a link, a file, and a ``-new`` without the mark (the HOME a restore
+    replaced, which the next restore keeps aside and names). The folders removed."""
+    home = home.resolve()
+    removed: list[Path] = []
+    for folder in (home.with_name(f".{home.name}.restore-unpacked"),
+                   home.with_name(f".{home.name}.restore-new")):
+        try:
+            found = folder.lstat()
+            if (not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid()
+                    or (folder.name.endswith("-new") and not (folder / PENDING).is_file())):
+                continue
+            with holding(folder):
+                shutil.rmtree(folder)
+        except FileNotFoundError:
+            continue
+        except (OSError, ConfigError) as exc:  # held by a restore, or not ours to remove
+            logger.warning("left %s, which a restore killed midway may have left: %s", folder,
+                           exc.message if isinstance(exc, ConfigError) else exc)
+            continue
+        logger.warning("removed %s, a copy of a backup that a restore killed midway left",
+                       folder)
+        removed.append(folder)
+    return removed
+
+
 def _carry_cache(old: Path, home: Path) -> list[str]:
     """The downloaded base model (HOME/cache, many GB) is no data of the backup's, and the
     restored HOME keeps it rather than download it again. Where it cannot be moved (another
