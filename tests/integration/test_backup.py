@@ -749,6 +749,30 @@ def test_a_backup_is_never_readable_by_others_and_one_killed_is_cleared_next_tim
             for p in folders} == {p.relative_to(tmp_path).as_posix(): "0o700" for p in folders}
 
 
+def test_every_file_a_restore_writes_is_private_its_note_included(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """restored.json (which backup HOME holds, and where that backup lies) was written with
+    the umask's 0644 while every other file of the restored HOME is 0600."""
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    previous = os.umask(0o022)
+    request.addfinalizer(lambda: os.umask(previous))
+    code, said = run("backup", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    restored = tmp_path / "restored"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": restored}))
+    code, said = run("restore", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    assert json.loads((restored / "restored.json").read_text())["backup"] == str(
+        tmp_path / "bk.tar")
+    files = {p.relative_to(restored).as_posix(): oct(stat.S_IMODE(p.stat().st_mode))
+             for p in restored.rglob("*") if p.is_file()}
+    assert "restored.json" in files
+    assert files == dict.fromkeys(files, "0o600")
+
+
 def test_a_restore_says_which_blobs_the_backup_lacked(
         trained: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -774,9 +774,16 @@ class HomeBackups:
         for relative, _digest, _size in entries:
             _copy_private(backup / relative, new / relative)
             _reached("copied")
-        (new / RESTORED).write_text(json.dumps(
-            {"backup": str(source.absolute()), "created_at": manifest.created_at,
-             "restored_at": datetime.now(UTC).isoformat()}) + "\n", encoding="utf-8")
+        # 0600 as every other file the restore writes (write_text gave the umask's 0644): it
+        # names where a copy of the database and secret_key lies, and HOME may be 0755.
+        fd = _new_file(new / RESTORED)
+        try:
+            _write_all(fd, (json.dumps(
+                {"backup": str(source.absolute()), "created_at": manifest.created_at,
+                 "restored_at": datetime.now(UTC).isoformat()}) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         for folder, _dirs, _files in os.walk(new):
             fsync_dir(Path(folder))
         return BackupSummary(path=new, created_at=str(manifest.created_at),
