@@ -707,6 +707,97 @@ def test_a_home_that_is_a_link_is_restored_where_it_points_and_stays_a_link(
     assert len(kept_homes(settings.home.resolve())) == 2
 
 
+def _another_backup_to(home: Path, dest: Path, said: list[str]) -> Callable[[], None]:
+    """A second ``selfie-lora backup DEST``, in a process of its own (its own pid, as its
+    scratch names hold one), run once from inside the first; what it said, its lines joined,
+    in ``said``."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SELFIE_LORA_")},
+           "SELFIE_LORA_HOME": str(home), "SELFIE_LORA_TRAINER": "local",
+           "SELFIE_LORA_BASE_MODEL": "tiny"}
+
+    def run_it() -> None:
+        if not said:
+            done = subprocess.run([*_SL, "backup", str(dest)], env=env, capture_output=True,
+                                  text=True, timeout=120, check=False)
+            said.append(" ".join((done.stdout + done.stderr).split()))
+
+    return run_it
+
+
+def _restores(backup_of: Path, tmp_path: Path) -> bool:
+    from selfie_lora.adapters.backup import HomeBackups
+
+    home = tmp_path / f"check-{backup_of.name}"
+    HomeBackups(home=home).restore(source=backup_of, force=False)
+    return (home / "selfie-lora.db").is_file()
+
+
+@pytest.mark.parametrize("when", ["taken", "writing"])
+def test_two_backups_to_one_folder_at_once_make_one_whole_backup_and_one_clear_error(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """A second backup to the folder a first one writes: started once the first had made it
+    (empty still), it took it too, wrote a whole backup and said so, and the first then failed
+    on its files and deleted the folder, that backup with it; started later, it was told the
+    folder held a backup 'killed while it wrote' to delete."""
+    from selfie_lora.adapters import backup
+
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    dest = tmp_path / "bk"
+    second: list[str] = []
+    other = _another_backup_to(settings.home, dest, second)
+    real_take, real_snapshot = backup._make_dest_folder, backup._snapshot
+
+    def take(*args: Any, **kwargs: Any) -> Any:
+        taken = real_take(*args, **kwargs)
+        if when == "taken":
+            other()
+        return taken
+
+    def snapshot(*args: Any, **kwargs: Any) -> None:
+        if when == "writing":
+            other()
+        real_snapshot(*args, **kwargs)
+
+    monkeypatch.setattr(backup, "_make_dest_folder", take)
+    monkeypatch.setattr(backup, "_snapshot", snapshot)
+    first = backup.HomeBackups(home=settings.home).backup(dest=dest)
+    assert first.path == dest
+    assert second == [f"error: {dest} is being written by another backup, running now: wait "
+                      "for its end, or name another DEST"]
+    assert _restores(dest, tmp_path)
+
+
+def test_two_backups_to_one_tar_at_once_never_replace_each_other(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second of two backups to one .tar to end replaced the first's tar, which had said
+    'wrote DEST', and said so too."""
+    from selfie_lora.adapters import backup
+    from selfie_lora.errors import ConfigError
+
+    services.users.create(name="ann")
+    dest = tmp_path / "bk.tar"
+    second: list[str] = []
+    other = _another_backup_to(settings.home, dest, second)
+    real_write_tar = backup._write_tar
+
+    def write_tar(*args: Any, **kwargs: Any) -> None:
+        other()  # ends first, while this one writes its tar
+        real_write_tar(*args, **kwargs)
+
+    monkeypatch.setattr(backup, "_write_tar", write_tar)
+    with pytest.raises(ConfigError) as refused:
+        backup.HomeBackups(home=settings.home).backup(dest=dest)
+    assert len(second) == 1
+    assert second[0].startswith(f"wrote {dest} ")
+    assert refused.value.message == (f"{dest} was written by another backup meanwhile: this "
+                                     "one is not kept; name a new folder or .tar file")
+    assert sorted(p.name for p in tmp_path.iterdir() if "bk" in p.name) == ["bk.tar"]
+    assert _restores(dest, tmp_path)
+
+
 def test_a_backup_is_never_readable_by_others_and_one_killed_is_cleared_next_time(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:

@@ -204,30 +204,42 @@ def _refuse_unless_mine(path: Path, found: os.stat_result, *, instead: str) -> N
                           f"{stat.S_IMODE(found.st_mode):o}): {_ANOTHER_ACCOUNTS}; {instead}")
 
 
-def _make_dest_folder(dest: Path) -> bool:
+# What a second backup to the folder a running one writes is told.
+_BEING_WRITTEN = ("is being written by another backup, running now: wait for its end, or name "
+                  "another DEST")
+
+
+def _make_dest_folder(dest: Path, stack: ExitStack) -> bool:
     """The backup folder ``dest`` made new, 0700 (True); or an empty folder already there
     taken, made 0700 (False), only when it is this account's and no other can write to it
     (another's stayed its owner's after the chmod, who then planted files in it: security2
     review). Checked on the folder opened, so it cannot be swapped between the check and the
-    chmod."""
+    chmod. Locked (``flock``, exclusive) before it is found empty, until ``stack`` closes: a
+    second backup to it meanwhile is refused. Unlocked, one started just after the first made
+    it took it too (empty still) and wrote a whole backup there, and the first, failing on
+    that one's files, deleted the folder with it."""
     try:
         dest.mkdir(mode=0o700)
-        return True
+        made = True
     except FileExistsError:
-        pass
+        made = False
     try:
         fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
         raise ConfigError(f"{dest} already exists: name a new folder or .tar file") from None
+    stack.callback(os.close, fd)  # and the lock with it
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ConfigError(f"{dest} {_BEING_WRITTEN}") from None
+    if not made:
         _refuse_unless_mine(dest, os.fstat(fd), instead="name a new folder, or an empty one "
                             "of your own that no other account can write to")
-        if os.listdir(fd):
-            raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
-        os.fchmod(fd, 0o700)  # it holds secret_key
-    finally:
-        os.close(fd)
-    return False
+    if os.listdir(fd):
+        # Made here too: another backup may have taken it and ended before this one locked it.
+        raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
+    os.fchmod(fd, 0o700)  # it holds secret_key
+    return made
 
 
 def _empty(folder: Path) -> None:
@@ -285,6 +297,14 @@ def _writing(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _locked_folder(folder: Path) -> bool:
+    """Whether a running backup holds the folder ``folder`` locked (``_make_dest_folder``)."""
+    try:
+        return held(folder)
+    except OSError:
+        return False  # gone, or not ours to read: said as it was before
 
 
 def _in_use(path: Path) -> bool:
@@ -354,8 +374,25 @@ def _write_tar(folder: Path, part: Path, dest: Path, made: list[Path]) -> None:
             tar.add(folder, arcname=".")
         out.flush()
         os.fsync(out.fileno())  # else a power loss can leave DEST named but short
-    os.replace(part, dest)
+    try:
+        # Never over a DEST made since it was found free: another backup to the same name,
+        # run at once, ended first and said "wrote DEST"; os.replace put this tar in its place.
+        _rename_new(part, dest)
+    except FileExistsError:
+        raise ConfigError(f"{dest} was written by another backup meanwhile: this one is not "
+                          "kept; name a new folder or .tar file") from None
     fsync_dir(dest.parent)
+
+
+def _rename_new(source: Path, target: Path) -> None:
+    """``source`` renamed ``target``, ``FileExistsError`` where ``target`` is there: at once
+    (renameat2's RENAME_NOREPLACE), or, where the system or the file system cannot, checked
+    first (a backup made in the instant between is replaced)."""
+    if _renameat2(source, target, flags=_RENAME_NOREPLACE):
+        return
+    if target.exists() or target.is_symlink():
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
+    os.replace(source, target)
 
 
 def _snapshot(source: Path, target: Path) -> None:
@@ -460,6 +497,9 @@ class HomeBackups:
         as_tar = dest.name.endswith(".tar")
         if (not as_tar and dest.is_dir() and not dest.is_symlink()
                 and (dest / WRITING).is_file() and not (dest / MANIFEST_NAME).exists()):
+            if _locked_folder(dest):
+                # Not cut short: a backup writes it now (``_make_dest_folder``).
+                raise ConfigError(f"{dest} {_BEING_WRITTEN}")
             # A folder backup killed while it wrote (the tar's scratch is cleared instead: its
             # own name, locked): never deleted here, as DEST is the operator's, but said as
             # what it is rather than only "already exists".
@@ -474,30 +514,34 @@ class HomeBackups:
         made: list[Path] = []  # deleted if it fails: what this backup made, nothing else
         taken: list[Path] = []  # the empty DEST it was given: emptied again if it fails
         done = False
-        try:
-            with ExitStack() as stack:
+        # The locks on what this backup writes, held until what it made is cleared away too:
+        # else another backup could take DEST between the two.
+        with ExitStack() as stack:
+            try:
                 summary = self._backup(dest, folder, part, stack, made, taken, as_tar=as_tar)
-            done = True
-            return summary
-        except OSError as exc:
-            full = _no_space(exc, where=dest.parent, needs=_backup_needs(self._home,
-                                                                         as_tar=as_tar))
-            if full:
-                raise StorageError(f"cannot write the backup to {dest}: {full}; nothing of it "
-                                   "was left there: free some space and back up again") from exc
-            raise StorageError(f"cannot write the backup to {dest}: "
-                               f"{exc.strerror or exc}") from exc
-        finally:
-            if as_tar and folder in made:
-                shutil.rmtree(folder, ignore_errors=True)
-            if as_tar and part in made:
-                part.unlink(missing_ok=True)
-            # A folder cut short blocked the next backup to its name ("already exists") until
-            # deleted by hand: removed as the tar's scratch is, never a folder found there.
-            if not done and dest in made:
-                shutil.rmtree(dest, ignore_errors=True)
-            if not done and dest in taken:
-                _empty(dest)
+                done = True
+                return summary
+            except OSError as exc:
+                full = _no_space(exc, where=dest.parent, needs=_backup_needs(self._home,
+                                                                             as_tar=as_tar))
+                if full:
+                    raise StorageError(f"cannot write the backup to {dest}: {full}; nothing of "
+                                       "it was left there: free some space and back up "
+                                       "again") from exc
+                raise StorageError(f"cannot write the backup to {dest}: "
+                                   f"{exc.strerror or exc}") from exc
+            finally:
+                if as_tar and folder in made:
+                    shutil.rmtree(folder, ignore_errors=True)
+                if as_tar and part in made:
+                    part.unlink(missing_ok=True)
+                # A folder cut short blocked the next backup to its name ("already exists")
+                # until deleted by hand: removed as the tar's scratch is, never a folder found
+                # there.
+                if not done and dest in made:
+                    shutil.rmtree(dest, ignore_errors=True)
+                if not done and dest in taken:
+                    _empty(dest)
 
     def _backup(self, dest: Path, folder: Path, part: Path, stack: ExitStack,
                 made: list[Path], taken: list[Path], *, as_tar: bool) -> BackupSummary:
@@ -513,7 +557,7 @@ class HomeBackups:
             made.append(folder)
             stack.enter_context(_writing(folder))
         else:
-            (made if _make_dest_folder(dest) else taken).append(dest)
+            (made if _make_dest_folder(dest, stack) else taken).append(dest)
             os.close(_new_file(dest / WRITING))
             fsync_dir(dest)
         summary = self._write(folder)
@@ -1000,15 +1044,24 @@ def _links_in(backup: Path, relative: str) -> bool:
     return False
 
 
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swaps the names of the folders ``a`` and ``b`` at once (Linux's renameat2 with
     RENAME_EXCHANGE); False where the system or the file system cannot."""
+    return _renameat2(a, b, flags=_RENAME_EXCHANGE)
+
+
+def _renameat2(a: Path, b: Path, *, flags: int) -> bool:
+    """Linux's renameat2 of ``a`` to ``b`` with ``flags``: True once done, False where the
+    system or the file system cannot; any other error raised."""
     libc = ctypes.CDLL(None, use_errno=True)
     renameat2 = getattr(libc, "renameat2", None)
     if renameat2 is None:
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
