@@ -8,7 +8,7 @@ import os
 import sqlite3
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -317,7 +317,7 @@ def opened(*, label: str = "error", existing: str | None = None,
     ``serve`` from that folder would use; and it refuses a database whose schema is behind this
     release's instead of upgrading it (for good: the older release's processes would then
     refuse to start on it), as ``backup`` leaves it."""
-    from selfie_lora.wiring import build_services
+    from selfie_lora.wiring import build_services, sharing_home
 
     settings = _settings()
     missing = settings.missing_database()
@@ -327,21 +327,26 @@ def opened(*, label: str = "error", existing: str | None = None,
     fresh = missing is not None
     if existing is not None:
         build["migrate"] = "require"
-    with _starting(settings):
-        services = build_services(settings, **build)
-    if fresh:
-        _say_new_home(settings)
-    try:
-        yield services
-    except NoModelError as exc:
-        # The service's words are the user's ("upload photos", in the web app); here an operator
-        # reads them, and the command line's way to start a model is `train`.
-        _fail(f"{exc.user} has no model yet: run 'selfie-lora train PATH --user {exc.user}' "
-              "to start one", label=label)
-    except SelfieLoraError as exc:
-        _fail(exc.message, label=label, details=exc.details)
-    finally:
-        services.close()
+    with ExitStack() as hold:
+        with _starting(settings):
+            # HOME shared until the command ends, taken before its database is opened (made,
+            # migrated): refused untouched during a restore, and no restore meanwhile, which
+            # set HOME aside under the command (a user it created was in the kept HOME).
+            hold.enter_context(sharing_home(settings))
+            services = build_services(settings, **build)
+        if fresh:
+            _say_new_home(settings)
+        try:
+            yield services
+        except NoModelError as exc:
+            # The service's words are the user's ("upload photos", in the web app); here an
+            # operator reads them, and the command line's way to start a model is `train`.
+            _fail(f"{exc.user} has no model yet: run 'selfie-lora train PATH --user "
+                  f"{exc.user}' to start one", label=label)
+        except SelfieLoraError as exc:
+            _fail(exc.message, label=label, details=exc.details)
+        finally:
+            services.close()
 
 
 def _say_new_home(settings: Settings) -> None:

@@ -564,6 +564,15 @@ def using_home(settings: Settings) -> Iterator[None]:
         yield
 
 
+def sharing_home(settings: Settings) -> AbstractContextManager[None]:
+    """Held by a one-shot command while it opens and uses HOME's data: refused
+    (``ConfigError``) during a restore, and a restore is refused meanwhile
+    (``adapters.home_lock``)."""
+    from selfie_lora.adapters.home_lock import sharing_home as hold
+
+    return hold(settings.home)
+
+
 def clearing_home(home: Path, *, refused: str) -> AbstractContextManager[None]:
     """Held by ``demo`` while it deletes an earlier demo's HOME: refused (``ConfigError``)
     while a ``serve`` or ``worker`` runs on it (``adapters.home_lock``)."""

@@ -549,7 +549,9 @@ def test_a_restore_is_refused_while_a_server_runs_on_the_home(
         refused = CliRunner().invoke(cli.app, ["restore", "--force", str(tmp_path / "bk.tar")])
         assert refused.exit_code == 1, refused.stdout
         assert refused.stderr.strip() == (f"error: SELFIE_LORA_HOME ({home}) is in use by a "
-                                          "running server or worker: stop it first")
+                                          "running server, worker or other selfie-lora "
+                                          "command (such as a backup): stop it, or let it "
+                                          "end, first")
         assert state(home) == before
         assert not (home / "restored.json").exists()
     finally:
@@ -575,7 +577,9 @@ def test_a_restore_is_refused_while_a_real_worker_runs_on_the_home(
         refused = CliRunner().invoke(cli.app, ["restore", "--force", str(tmp_path / "bk.tar")])
         assert refused.exit_code == 1, refused.stdout
         assert refused.stderr.strip() == (f"error: SELFIE_LORA_HOME ({home}) is in use by a "
-                                          "running server or worker: stop it first")
+                                          "running server, worker or other selfie-lora "
+                                          "command (such as a backup): stop it, or let it "
+                                          "end, first")
         assert not (home / "restored.json").exists()
     finally:
         worker.terminate()
@@ -650,6 +654,86 @@ def test_a_serve_worker_or_training_started_during_a_restore_is_refused_untouche
                                           "start this once the restore ends")
         # Refused before the database was made or migrated.
         assert sorted(p.name for p in home.iterdir()) == [".in-use"]
+
+
+def _ann_with_a_photo(services: Services, settings: Settings,
+                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user and a blob in HOME, the CLI run here on ``settings``."""
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+
+
+IN_USE = ("error: SELFIE_LORA_HOME ({home}) is in use by a running server, worker or other "
+          "selfie-lora command (such as a backup): stop it, or let it end, first")
+
+
+@pytest.mark.parametrize("command", [
+    ["backup", "{tmp}/bk"], ["backup", "{tmp}/bk.tar"], ["users", "create", "bob"],
+    ["users", "list"], ["gc"],
+])
+def test_a_backup_or_other_command_started_during_a_restore_is_refused_untouched(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+    """They took no lock: a backup copied the old database and then, HOME swapped, the
+    restored one's blobs; a ``users create`` wrote its user into the HOME set aside."""
+    from selfie_lora.adapters.home_lock import restoring_home
+
+    _ann_with_a_photo(services, settings, monkeypatch)
+    before = state(settings.home)
+    with restoring_home(settings.home):
+        code, said = run(*(arg.format(tmp=tmp_path) for arg in command))
+    assert code == 1, said
+    assert " ".join(said.split()) == (f"error: SELFIE_LORA_HOME ({settings.home}) is being "
+                                      "restored: start this once the restore ends")
+    assert state(settings.home) == before
+    assert not any(p.name.startswith((".bk", "bk")) for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("during", ["backup", "users create"])
+def test_a_restore_is_refused_while_a_backup_or_other_command_runs_on_the_home(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, during: str) -> None:
+    from selfie_lora.adapters import backup
+    from selfie_lora.errors import ConfigError
+    from selfie_lora.services.users import UserService
+
+    _ann_with_a_photo(services, settings, monkeypatch)
+    code, said = run("backup", str(tmp_path / "earlier.tar"))
+    assert code == 0, said
+    restores: list[str] = []
+
+    def restore() -> None:
+        if not restores:
+            try:
+                backup.HomeBackups(home=settings.home).restore(
+                    source=tmp_path / "earlier.tar", force=True)
+                restores.append("restored")
+            except ConfigError as exc:
+                restores.append(f"error: {exc.message}")
+
+    if during == "backup":
+        real_snapshot = backup._snapshot
+
+        def snapshot(*args: Any, **kwargs: Any) -> None:
+            real_snapshot(*args, **kwargs)
+            restore()  # between the database's copy and the blobs'
+
+        monkeypatch.setattr(backup, "_snapshot", snapshot)
+        code, said = run("backup", str(tmp_path / "bk"))
+    else:
+        real_create = UserService.create
+
+        def create(self: UserService, **kwargs: Any) -> Any:
+            restore()  # the services open, the user not written yet
+            return real_create(self, **kwargs)
+
+        monkeypatch.setattr(UserService, "create", create)
+        code, said = run("users", "create", "bob")
+    assert code == 0, said
+    assert restores == [IN_USE.format(home=settings.home)]
+    assert kept_homes(settings.home) == []
+    assert not (settings.home / "restored.json").exists()
 
 
 def test_a_home_that_is_a_mount_point_is_refused_before_anything_is_written(
@@ -845,9 +929,7 @@ def test_every_file_a_restore_writes_is_private_its_note_included(
         monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     """restored.json (which backup HOME holds, and where that backup lies) was written with
     the umask's 0644 while every other file of the restored HOME is 0600."""
-    services.users.create(name="ann")
-    services.blobs.put(photo_key("a" * 64), b"a photo")
-    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    _ann_with_a_photo(services, settings, monkeypatch)
     previous = os.umask(0o022)
     request.addfinalizer(lambda: os.umask(previous))
     code, said = run("backup", str(tmp_path / "bk.tar"))

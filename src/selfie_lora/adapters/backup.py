@@ -38,7 +38,7 @@ from pathlib import Path, PurePosixPath
 
 from selfie_lora.adapters.db.migrate import head_revision, known_revisions
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
-from selfie_lora.adapters.home_lock import holding, only_the_lock, restoring_home
+from selfie_lora.adapters.home_lock import holding, only_the_lock, restoring_home, sharing_home
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, held
 from selfie_lora.config import DATABASE_FILE
@@ -490,6 +490,12 @@ class HomeBackups:
     # -- backup ------------------------------------------------------------------------------
 
     def backup(self, *, dest: Path) -> BackupSummary:
+        # Shared, as a server's: never during a restore, nor a restore during it, which swapped
+        # HOME between the database's snapshot and the blobs (the restored HOME's) it copied.
+        with sharing_home(self._home):
+            return self._backup_held(dest=dest)
+
+    def _backup_held(self, *, dest: Path) -> BackupSummary:
         database = self._home / DATABASE_FILE
         if not database.is_file():
             raise ConfigError(f"nothing to back up: no database in {self._home} "

@@ -7,7 +7,12 @@ with its process, so one killed (even with SIGKILL) never blocks a restore.
 
 A restore into a HOME that is no folder yet (a fresh machine, where systemd may already start
 serve and worker) makes it, empty but for ``.in-use``, and locks it: a serve or worker started
-meanwhile is refused rather than swapped out from under itself. Such a HOME counts as empty."""
+meanwhile is refused rather than swapped out from under itself. Such a HOME counts as empty.
+
+The one-shot commands that open HOME's data (``backup``, ``users``, ``keys``, ``gc``,
+``generate``...) hold the same shared lock while they run (``sharing_home``): a restore under
+one swapped HOME away mid-command, a ``users create`` then wrote its user into the HOME the
+restore set aside, and a ``backup`` took the old database with the restored HOME's blobs."""
 
 from __future__ import annotations
 
@@ -21,11 +26,18 @@ from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
 from selfie_lora.errors import ConfigError
 
 IN_USE = ".in-use"
+# What a serve, worker or command started during a restore is told.
+_BEING_RESTORED = "SELFIE_LORA_HOME ({home}) is being restored: start this once the restore ends"
 
 
 @contextmanager
 def _locked(home: Path, how: int, refused: str) -> Iterator[None]:
-    fd = os.open(home / IN_USE, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    try:
+        fd = os.open(home / IN_USE, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    except PermissionError:
+        # An account that may read HOME only (one that runs the backups): a lock needs no
+        # write, only the file, which any serve or restore made.
+        fd = os.open(home / IN_USE, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, how | fcntl.LOCK_NB)
@@ -40,8 +52,7 @@ def _locked(home: Path, how: int, refused: str) -> Iterator[None]:
 def using_home(home: Path) -> Iterator[None]:
     """Held by a server or worker for as long as it runs on ``home``."""
     home.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds every user's photos
-    with _locked(home, fcntl.LOCK_SH, f"SELFIE_LORA_HOME ({home}) is being restored: start "
-                                      "this once the restore ends"):
+    with _locked(home, fcntl.LOCK_SH, _BEING_RESTORED.format(home=home)):
         yield
 
 
@@ -57,7 +68,8 @@ def restoring_home(home: Path) -> Iterator[None]:
         yield
         return
     with _locked(home, fcntl.LOCK_EX, f"SELFIE_LORA_HOME ({home}) is in use by a running "
-                                      "server or worker: stop it first"):
+                                      "server, worker or other selfie-lora command (such as a "
+                                      "backup): stop it, or let it end, first"):
         try:
             yield
         finally:
@@ -66,6 +78,18 @@ def restoring_home(home: Path) -> Iterator[None]:
                 (home / IN_USE).unlink(missing_ok=True)
                 with suppress(OSError):
                     home.rmdir()
+
+
+@contextmanager
+def sharing_home(home: Path) -> Iterator[None]:
+    """Held by a one-shot command while it runs on ``home``, shared as ``using_home``: a
+    restore is refused meanwhile, and the command is refused during one. A HOME that is no
+    folder is left alone, not made for the lock (the command says what is missing)."""
+    if not home.is_dir():
+        yield
+        return
+    with _locked(home, fcntl.LOCK_SH, _BEING_RESTORED.format(home=home)):
+        yield
 
 
 @contextmanager
