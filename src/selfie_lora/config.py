@@ -118,6 +118,11 @@ class Settings(BaseSettings):
 
     home: Path = Path("./.selfie-lora")
     database_url: str | None = None
+    # The most connections each process holds to a PostgreSQL server (SQLite's pool is its
+    # own: a connection there costs a file handle, not a server process). Every process of the
+    # deployment holds up to this many, so their sum must stay under the server's
+    # max_connections; a thread that finds them all taken waits up to 30 s for one.
+    db_pool_size: int = Field(default=15, ge=1, le=1000)
     queue_url: str | None = None
     # Which queue in SELFIE_LORA_QUEUE_URL's storage: deployments that share one Redis database
     # need one each, or each one's workers take the other's messages. The default is the name

@@ -398,6 +398,11 @@ def default_generators(settings: Settings) -> dict[str, Generator]:
     return generators
 
 
+def database_engine(settings: Settings) -> Engine:
+    """The engine of SELFIE_LORA_DATABASE_URL, its PostgreSQL pool SELFIE_LORA_DB_POOL_SIZE."""
+    return make_engine(settings.effective_database_url, pool_size=settings.db_pool_size)
+
+
 def make_home(settings: Settings) -> None:
     """HOME, made when it is not there, as 0700: it holds the database, the queue, the secret
     key and the photos of every user (one that exists is left as it is: it may be the
@@ -409,7 +414,7 @@ def open_database(settings: Settings) -> None:
     """Connects to the database and brings its schema up to date, then lets go: a check that it
     can be reached before a server starts."""
     make_home(settings)
-    engine = make_engine(settings.effective_database_url)
+    engine = database_engine(settings)
     try:
         upgrade(engine)
     finally:
@@ -463,7 +468,7 @@ def build_services(
     first checks this machine's clock against the database's (``services.clock``), so that a
     refused start changes nothing. False touches neither."""
     make_home(settings)
-    engine = make_engine(settings.effective_database_url)
+    engine = database_engine(settings)
     # Before anything is written or compared, the migrations too: every shared time is this
     # machine's clock's. A process whose clock is too far from the database's refuses to start
     # (ClockSkewError) having written nothing: checked after them, a skewed machine's

@@ -119,13 +119,16 @@ READ_ONLY = "selfie_lora_read_only"
 # again for every checkout beyond them) requests queued for a connection under load, and paid
 # for a new one (its PRAGMAs included) while they held it: on SQLite, where a connection costs a
 # file handle, the pool holds one per thread. On PostgreSQL, where it costs a server process,
-# the most stays SQLAlchemy's 15, all of them kept instead of forked again and again.
+# the most stays SQLAlchemy's 15 unless SELFIE_LORA_DB_POOL_SIZE says otherwise (``pool_size``:
+# what a server's max_connections allows, divided among the deployment's processes), all of
+# them kept instead of forked again and again. No overflow: the size is the most it opens.
 SQLITE_POOL = {"pool_size": 48, "max_overflow": 16}
-POSTGRES_POOL = {"pool_size": 15, "max_overflow": 0}
+POSTGRES_POOL_SIZE = 15
 
 
 def make_engine(url: str, *, statement_timeout_s: float | None = None,
-                answer_timeout_s: float | None = None) -> Engine:
+                answer_timeout_s: float | None = None,
+                pool_size: int = POSTGRES_POOL_SIZE) -> Engine:
     """An engine for ``url``. SQLite gets WAL and a busy timeout so the API, the in-process worker
     and a CLI can share one file, and transactions that take the write lock when they begin,
     except those that only read.
@@ -146,7 +149,9 @@ def make_engine(url: str, *, statement_timeout_s: float | None = None,
 
     PostgreSQL connections time out (``adapters/db/postgres.py``): making one, a peer gone
     silent, a statement (``statement_timeout_s``, 300 s unless given), and the answer to one
-    (``answer_timeout_s``, 30 s more unless given).
+    (``answer_timeout_s``, 30 s more unless given). ``pool_size``: the most connections this
+    engine holds to a PostgreSQL server; SQLite's pool is its own (a connection there is a file
+    handle, not a server process).
     A database that does not answer is a ``StorageError`` then, never a wait for ever."""
     try:
         parsed = make_url(url)
@@ -159,7 +164,7 @@ def make_engine(url: str, *, statement_timeout_s: float | None = None,
                               "nothing else sees: use a file (sqlite:////path/selfie-lora.db) "
                               "or PostgreSQL")
         return _make_engine(url, statement_timeout_s=statement_timeout_s,
-                            answer_timeout_s=answer_timeout_s)
+                            answer_timeout_s=answer_timeout_s, pool_size=pool_size)
     except NoSuchModuleError:  # before ArgumentError: it is one
         raise ConfigError(f"SELFIE_LORA_DATABASE_URL ({database_url_shown(url)}) names a "
                           "database this cannot use: postgresql+psycopg://... or sqlite:///...") from None
@@ -187,7 +192,7 @@ def server_clock(engine: Engine) -> Callable[[], datetime] | None:
 
 
 def _make_engine(url: str, *, statement_timeout_s: float | None,
-                 answer_timeout_s: float | None) -> Engine:
+                 answer_timeout_s: float | None, pool_size: int) -> Engine:
     if url.startswith("sqlite"):
         keep_private(make_url(url).database)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
@@ -211,13 +216,13 @@ def _make_engine(url: str, *, statement_timeout_s: float | None,
         return engine
     parsed = make_url(url)
     if parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() != "psycopg":
-        return create_engine(url, pool_pre_ping=True, **POSTGRES_POOL)
+        return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0)
     from selfie_lora.adapters.db import postgres
 
     statement_s = (statement_timeout_s if statement_timeout_s is not None
                    else postgres.STATEMENT_TIMEOUT_S)
     # The pool's ping is ours (``_ping``): SQLAlchemy's would wait for the statement's bound.
-    engine = create_engine(url, **POSTGRES_POOL,
+    engine = create_engine(url, pool_size=pool_size, max_overflow=0,
                            connect_args=postgres.connect_args(
                                dict(parsed.query), statement_timeout_s=statement_s))
 
