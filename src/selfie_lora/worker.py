@@ -29,6 +29,11 @@ worker, settles every ``erase_check_seconds`` this machine's holds of erasures k
 finishes the account deletions whose process died (``AccountEraser.finish_pending``: a server
 killed while answering ``DELETE /api/me``).
 
+A worker that consumes the queue (not ``train``'s, which runs one training) also keeps its row
+of the ``workers`` table alive on a thread of its own, every heartbeat, and deletes it when it
+stops (``TrainingService.worker_alive``): every server's ``/metrics`` counts the live workers
+and those that died (``selfie_lora_workers{state}``).
+
 Stopping (SIGTERM or SIGINT for ``selfie-lora worker``; the server's shutdown for ``serve``):
 no new message is taken, every running training is handed back at its next safe point (lease
 released, message queued again: another worker, or this one restarted, resumes it) and the
@@ -149,9 +154,13 @@ class Worker:
         threads: int = 2, reconcile_seconds: float = 10.0,
         gc: GarbageCollector | None = None, gc_check_seconds: float = GC_CHECK_SECONDS,
         erasure: AccountEraser | None = None, erase_check_seconds: float = ERASE_CHECK_SECONDS,
-        clock: ClockGuard | None = None,
+        clock: ClockGuard | None = None, announce: bool = False,
     ) -> None:
         self._training = training
+        # A consuming worker that announces keeps a row alive in the database while it runs
+        # (``TrainingService.worker_alive``), so /metrics can count the live workers whichever
+        # server answers; off for the tests' stand-ins, which have no database.
+        self._announce = announce and threads > 0
         # Checked at each reconciler round: while this machine's clock is too far from the
         # database's, every lease it reads or writes means something else to the other
         # workers, so it takes no training from the queue and re-queues none (a clock ahead saw
@@ -192,6 +201,8 @@ class Worker:
         # logged a traceback while PostgreSQL was down.
         self._reconcile_outage = LoopOutages("reconciling trainings",
                                                  retried="retrying later")
+        self._presence_outage = LoopOutages("saying this worker is alive",
+                                            retried="tried again at the next heartbeat")
         self._gc_outage = LoopOutages("garbage collection",
                                           retried="it is tried again when next due")
         self._holds_outage = LoopOutages(
@@ -214,6 +225,9 @@ class Worker:
                                               daemon=True))
         if self._gc is not None:
             self._threads.append(threading.Thread(target=self._gc_loop, name="gc", daemon=True))
+        if self._announce:
+            self._threads.append(threading.Thread(target=self._presence_loop, name="presence",
+                                                  daemon=True))
         if self._erasure is not None:
             # Its own thread: a deletion waits for a training to stop and deletes GBs of blobs,
             # which must delay neither the recovery of a training nor a collection.
@@ -255,6 +269,11 @@ class Worker:
                            "held until they end or the process exits", self.identity.name,
                            len(self._threads), grace)
             return False
+        if self._announce:
+            # Not counted as a worker that died: its row goes (the presence thread has ended).
+            with self._presence_outage.watch(failed="removing this worker from the count "
+                                                    "failed"):
+                self._training.worker_gone(self.identity.name)
         self.identity.close()
         if self._threads_wanted:
             logger.info("worker %s stopped", self.identity.name)
@@ -373,6 +392,15 @@ class Worker:
         while not self._stop.wait(self._reconcile_seconds):
             self._reconcile()
 
+    def _presence_loop(self) -> None:
+        while True:
+            if not self.clock_skewed:
+                # Skewed, it takes no training: its row runs out and it counts as stale.
+                with self._presence_outage.watch(failed="saying this worker is alive failed"):
+                    self._training.worker_alive(self.identity.name)
+            if self._stop.wait(self._training.lease.heartbeat.total_seconds()):
+                return
+
     def _gc_loop(self) -> None:
         while not self._stop.wait(self._gc_check_seconds):
             self.collect_garbage()
@@ -464,7 +492,8 @@ def start_embedded(services: Services, *, consume: bool = True, threads: int | N
                         threads=(threads or services.settings.worker_threads) if consume else 0,
                         reconcile_seconds=services.settings.reconcile_seconds,
                         gc=services.gc if periodic else None,
-                        erasure=services.erasure if periodic else None, clock=services.clock)
+                        erasure=services.erasure if periodic else None, clock=services.clock,
+                        announce=only is None)
         worker.start()
     except BaseException:
         # The name is given back (its lock's file closed): the open file was left for the
@@ -613,7 +642,7 @@ def run_worker(services: Services, *, threads: int | None = None) -> None:
         worker = Worker(training=services.training, queue=services.queue, identity=identity,
                         threads=threads or settings.worker_threads,
                         reconcile_seconds=settings.reconcile_seconds, gc=services.gc,
-                        erasure=services.erasure, clock=services.clock)
+                        erasure=services.erasure, clock=services.clock, announce=True)
         # Stops the worker before the ``finally`` closes the queue it reads.
         worker.run_until_signal()
     finally:

@@ -358,6 +358,11 @@ def room_wait_over(metrics: dict[str, Any]) -> dict[str, Any]:
 # ``selfie_lora_trainings_waiting`` gauge, each one there from the start.
 OUTAGE_WAITS = ("full_disk", "object_storage")
 
+# The states of the ``selfie_lora_workers`` gauge: a consuming worker is live while the row it
+# renews every heartbeat has not expired (a lease's time), stale once it has (a worker that
+# died without stopping: killed, its machine lost; forgotten after a day).
+WORKER_STATES = ("live", "stale")
+
 
 def outage_waited(t: Training, now: datetime) -> str | None:
     """Which outage ``t`` waits out now, of ``OUTAGE_WAITS``: held back (a live lease nobody

@@ -171,7 +171,8 @@ class OperationsService:
         try:
             self._telemetry.set_service_gauges(
                 trainings=self._repo.count_trainings_by_status(),
-                queue_depth=self._queue.pending(), waiting=self._waiting())
+                queue_depth=self._queue.pending(), waiting=self._waiting(),
+                workers=self._repo.count_workers(now=self._now()))
         except Exception:
             logger.warning("could not read the service's gauges", exc_info=True)
         return self._telemetry.exposition()

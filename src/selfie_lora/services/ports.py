@@ -454,8 +454,9 @@ class Telemetry(Protocol):
     def api_error(self, *, code: str) -> None: ...
 
     def set_service_gauges(self, *, trainings: dict[str, int], queue_depth: int,
-                           waiting: dict[str, int]) -> None:
-        """``waiting``: trainings waiting out an outage, by reason (``lease.OUTAGE_WAITS``)."""
+                           waiting: dict[str, int], workers: dict[str, int]) -> None:
+        """``waiting``: trainings waiting out an outage, by reason (``lease.OUTAGE_WAITS``);
+        ``workers``: the consuming workers by state (``lease.WORKER_STATES``)."""
         ...
 
     def exposition(self) -> tuple[bytes, str]:
@@ -641,6 +642,22 @@ class Repository(Protocol):
     def held_trainings(self, *, now: datetime) -> Sequence[Training]:
         """Unfinished trainings held back at ``now``: a live lease with no heartbeat, which only
         a wait or a step-away leaves (``lease.is_held_back``)."""
+        ...
+
+    # workers: the ones that consume the queue, each as it last said it was alive
+    def worker_alive(self, name: str, *, now: datetime, expires_at: datetime,
+                     forget_before: datetime) -> None:
+        """Worker ``name`` is alive at ``now`` and counts as live until ``expires_at``; the
+        rows of workers whose expiry is before ``forget_before`` are deleted."""
+        ...
+
+    def worker_gone(self, name: str) -> None:
+        """Worker ``name`` stopped: it is counted no more."""
+        ...
+
+    def count_workers(self, *, now: datetime) -> dict[str, int]:
+        """``{"live": n, "stale": m}``: the workers whose expiry is after ``now``, and those
+        whose expiry passed (stopped without saying so: killed, their machine lost)."""
         ...
 
     # upload claims: one upload that starts a training per user at a time

@@ -30,7 +30,7 @@ class NullTelemetry:
         pass
 
     def set_service_gauges(self, *, trainings: dict[str, int], queue_depth: int,
-                           waiting: dict[str, int]) -> None:
+                           waiting: dict[str, int], workers: dict[str, int]) -> None:
         pass
 
     def exposition(self) -> tuple[bytes, str]:

@@ -182,6 +182,9 @@ logger = logging.getLogger(__name__)
 _QUEUE_CLOSED_AT_RECONCILE = ("reconcile: the job queue is closed (this process is stopping); "
                               "trainings nobody runs are queued by the next reconcile "
                               "(another process's, or this one's next start)")
+# A worker's row that expired this long ago is deleted by the next beat of any worker: a stale
+# worker (killed, its machine lost) is counted in /metrics for a day, then forgotten.
+WORKER_FORGOTTEN_AFTER = timedelta(days=1)
 CANCELED_MESSAGE = ("The training was canceled. Your active version is unchanged; start a new "
                     "training when you are ready.")
 INTERNAL_ERROR_MESSAGE = ("The training stopped because of an internal error. Your active "
@@ -949,6 +952,18 @@ class TrainingService:
                           else INTERRUPTED_BY_ERROR)
                 self._step_away(held, _UnreachableError(exc.message, remote_id=held.remote_id,
                                                         reason=reason))
+
+    def worker_alive(self, name: str) -> None:
+        """Worker ``name`` (one that consumes the queue) is alive now: it counts as live in
+        /metrics for a lease's time (``SELFIE_LORA_LEASE_SECONDS``), the rule by which its
+        trainings would be taken over, and says so again every heartbeat."""
+        now = self._clock()
+        self._repo.worker_alive(name, now=now, expires_at=now + self.lease.ttl,
+                                forget_before=now - WORKER_FORGOTTEN_AFTER)
+
+    def worker_gone(self, name: str) -> None:
+        """Worker ``name`` stopped: counted no more (not as a stale worker either)."""
+        self._repo.worker_gone(name)
 
     def reconcile(self, *, dead_owners: Sequence[str] = ()) -> ReconcileReport:
         """Queue again every unfinished training that nobody holds and no queued message will

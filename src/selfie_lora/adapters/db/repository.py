@@ -59,6 +59,7 @@ from selfie_lora.adapters.db.tables import (
     VersionRow,
     WebhookDeliveryRow,
     WebSessionRow,
+    WorkerRow,
 )
 from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.database_url import database_url_shown
@@ -1450,6 +1451,30 @@ class SqlRepository:
                     GenerationRow.created_at < created_before))
                 deleted += int(getattr(result, "rowcount", 0) or 0)
         return deleted
+
+    # workers ----------------------------------------------------------------------------
+    def worker_alive(self, name: str, *, now: datetime, expires_at: datetime,
+                     forget_before: datetime) -> None:
+        with self._tx() as s:
+            # One UPDATE every heartbeat; the INSERT only at a worker's first beat. The name is
+            # this worker's alone (a file lock: worker.claim_identity), so no other process
+            # inserts it meanwhile.
+            result = s.execute(update(WorkerRow).where(WorkerRow.name == name)
+                               .values(seen_at=now, expires_at=expires_at))
+            if not getattr(result, "rowcount", 0):
+                s.add(WorkerRow(name=name, seen_at=now, expires_at=expires_at))
+            s.execute(delete(WorkerRow).where(WorkerRow.expires_at < forget_before))
+
+    def worker_gone(self, name: str) -> None:
+        with self._tx() as s:
+            s.execute(delete(WorkerRow).where(WorkerRow.name == name))
+
+    def count_workers(self, *, now: datetime) -> dict[str, int]:
+        with self._read() as s:
+            live = WorkerRow.expires_at > now
+            row = s.execute(select(func.count().filter(live),
+                                   func.count().filter(~live))).one()
+            return {"live": int(row[0]), "stale": int(row[1])}
 
     # job leases -------------------------------------------------------------------------
     def claim_job(self, name: str, *, owner: str, now: datetime, expires_at: datetime,

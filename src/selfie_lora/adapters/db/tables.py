@@ -294,6 +294,17 @@ class JobLeaseRow(Base):
                                                               nullable=True)
 
 
+class WorkerRow(Base):
+    """A worker that consumes the queue, as it last said it was alive: it pushes ``expires_at``
+    every heartbeat while it runs and deletes its row when it stops, so /metrics (whichever
+    server answers) counts the live ones, and a row past its expiry is a worker that died."""
+
+    __tablename__ = "workers"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class DeploymentRow(Base):
     """The deployment this database belongs to: one row, whose id the blob store's marker names
     too (``services.deployment``), so that a collector never deletes another deployment's

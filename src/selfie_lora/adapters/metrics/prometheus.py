@@ -17,7 +17,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from selfie_lora.domain.entities import TrainingStatus
-from selfie_lora.domain.lease import OUTAGE_WAITS
+from selfie_lora.domain.lease import OUTAGE_WAITS, WORKER_STATES
 
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                 120.0, 300.0)
@@ -42,6 +42,11 @@ class PrometheusTelemetry:
             "selfie_lora_trainings_waiting",
             "Unfinished trainings waiting out an outage, by reason (whole service).",
             ["reason"], registry=r, multiprocess_mode="mostrecent")
+        self._workers = Gauge(
+            "selfie_lora_workers",
+            "Workers consuming the queue, by state: live (renewing their row) or stale (it "
+            "expired: died without stopping) (whole service).",
+            ["state"], registry=r, multiprocess_mode="mostrecent")
         self._queue_depth = Gauge("selfie_lora_queue_depth",
                                   "Messages waiting in the work queue (whole service).",
                                   registry=r, multiprocess_mode="mostrecent")
@@ -90,6 +95,8 @@ class PrometheusTelemetry:
             self._trainings.labels(status=str(status)).set(0)
         for reason in OUTAGE_WAITS:
             self._waiting.labels(reason=reason).set(0)
+        for state in WORKER_STATES:
+            self._workers.labels(state=state).set(0)
 
     def training_ended(self, *, backend: str, status: str, seconds: float | None,
                        error_code: str | None = None) -> None:
@@ -124,12 +131,14 @@ class PrometheusTelemetry:
         self._api_errors.labels(code=code).inc()
 
     def set_service_gauges(self, *, trainings: dict[str, int], queue_depth: int,
-                           waiting: dict[str, int]) -> None:
+                           waiting: dict[str, int], workers: dict[str, int]) -> None:
         with self._lock:  # two scrapes at once must not interleave their statuses
             for status in TrainingStatus:
                 self._trainings.labels(status=str(status)).set(trainings.get(str(status), 0))
             for reason in OUTAGE_WAITS:
                 self._waiting.labels(reason=reason).set(waiting.get(reason, 0))
+            for state in WORKER_STATES:
+                self._workers.labels(state=state).set(workers.get(state, 0))
             self._queue_depth.set(queue_depth)
 
     def exposition(self) -> tuple[bytes, str]:

@@ -1,0 +1,114 @@
+"""``selfie_lora_workers{state}``: the workers consuming the queue, read from the database at
+each scrape, so every API server reports the same. Found in review: /metrics had no figure of
+the live workers, so an operator could not alert on "no worker is consuming trainings" (the
+queue depth grows for other reasons too: a burst, slow trainings)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
+from selfie_lora.services.common import utcnow
+from selfie_lora.wiring import Services
+from selfie_lora.worker import start_embedded
+from tests.conftest import fake_services_on, make_settings, serving
+from tests.integration.test_operations import samples
+from tests.support.backends import DATABASES
+
+
+def workers_in(client: TestClient) -> dict[str, float]:
+    """The gauge's two series; a KeyError when one is missing (a dashboard needs both)."""
+    found = samples(client.get("/metrics").text)
+    return {state: found[("selfie_lora_workers", (("state", state),))]
+            for state in ("live", "stale")}
+
+
+def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_the_gauge_is_exported_from_the_start_and_set_at_each_scrape() -> None:
+    telemetry = PrometheusTelemetry()
+    text = telemetry.exposition()[0].decode()
+    assert "# TYPE selfie_lora_workers gauge" in text
+    assert 'selfie_lora_workers{state="live"} 0.0' in text
+    assert 'selfie_lora_workers{state="stale"} 0.0' in text
+    telemetry.set_service_gauges(trainings={}, queue_depth=0, waiting={},
+                                 workers={"live": 3, "stale": 1})
+    text = telemetry.exposition()[0].decode()
+    assert 'selfie_lora_workers{state="live"} 3.0' in text
+    assert 'selfie_lora_workers{state="stale"} 1.0' in text
+
+
+def test_the_app_s_own_worker_is_live(client: TestClient) -> None:
+    until(lambda: workers_in(client) == {"live": 1, "stale": 0},
+          "the embedded worker is never counted live")
+
+
+def test_a_worker_counts_while_it_runs_and_one_that_died_counts_as_stale(
+        tmp_path: Path) -> None:
+    with serving(make_settings(tmp_path)) as (client, svc):  # no worker in the app
+        assert workers_in(client) == {"live": 0, "stale": 0}
+        # A worker killed on another machine: its row stopped being renewed a minute ago.
+        now = utcnow()
+        svc.repo.worker_alive("other-host/abc/w0", now=now - timedelta(seconds=90),
+                              expires_at=now - timedelta(seconds=60),
+                              forget_before=now - timedelta(days=1))
+        assert workers_in(client) == {"live": 0, "stale": 1}
+        worker = start_embedded(svc, threads=1)
+        try:
+            until(lambda: workers_in(client) == {"live": 1, "stale": 1},
+                  "a started worker is never counted live")
+        finally:
+            assert worker.stop()
+        # Stopped, it is not one that died: it is counted no more.
+        assert workers_in(client) == {"live": 0, "stale": 1}
+
+
+def test_a_server_that_runs_no_worker_is_not_counted(tmp_path: Path) -> None:
+    with serving(make_settings(tmp_path)) as (client, svc):
+        upkeep = start_embedded(svc, consume=False)  # serve --no-worker's reconciler
+        try:
+            time.sleep(0.3)  # a presence thread would have said so by now
+            assert workers_in(client) == {"live": 0, "stale": 0}
+        finally:
+            assert upkeep.stop()
+
+
+def test_a_worker_past_its_lease_is_stale_and_forgotten_after_a_day(tmp_path: Path) -> None:
+    with serving(make_settings(tmp_path, heartbeat_seconds=1, lease_seconds=2)) as (_c, svc):
+        now = utcnow()
+        svc.repo.worker_alive("old-host/abc/w0", now=now - timedelta(days=2),
+                              expires_at=now - timedelta(days=2) + timedelta(seconds=30),
+                              forget_before=now - timedelta(days=3))
+        svc.training.worker_alive("this-host/abc/w0")  # expires in lease_seconds
+        assert svc.repo.count_workers(now=utcnow()) == {"live": 1, "stale": 0}  # old forgotten
+        assert svc.repo.count_workers(now=utcnow() + timedelta(seconds=3)) == {
+            "live": 0, "stale": 1}
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_the_repository_counts_live_and_stale_workers(database: str, tmp_path: Path) -> None:
+    svc: Services = fake_services_on(database, tmp_path)
+    try:
+        now = utcnow()
+        assert svc.repo.count_workers(now=now) == {"live": 0, "stale": 0}
+        for name, expires in (("a/x/w0", 30), ("a/x/w1", 30), ("b/y/w0", -30)):
+            svc.repo.worker_alive(name, now=now, expires_at=now + timedelta(seconds=expires),
+                                  forget_before=now - timedelta(days=1))
+        svc.repo.worker_alive("a/x/w0", now=now, expires_at=now + timedelta(seconds=60),
+                              forget_before=now - timedelta(days=1))  # a beat: no second row
+        assert svc.repo.count_workers(now=now) == {"live": 2, "stale": 1}
+        svc.repo.worker_gone("a/x/w1")
+        assert svc.repo.count_workers(now=now) == {"live": 1, "stale": 1}
+    finally:
+        svc.close()
