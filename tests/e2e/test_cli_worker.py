@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from selfie_lora.domain.entities import Training, TrainingStatus, User
+from selfie_lora.services.common import utcnow
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
 from tests.e2e.conftest import ignores_sigterm, outside_env
@@ -101,6 +102,8 @@ def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
                 time.sleep(0.2)
             assert current.status is TrainingStatus.SUCCEEDED, current.error
             assert current.version_id is not None
+            # Running, it is counted live by /metrics (selfie_lora_workers), whichever server.
+            assert services.repo.count_workers(now=utcnow()) == {"live": 1, "stale": 0}
         finally:
             worker.send_signal(signal.SIGINT)
             try:
@@ -110,6 +113,8 @@ def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
                 worker.wait()
             log.close()
         assert worker.returncode == 0  # SIGINT stops it cleanly
+        # Stopped cleanly, it is not counted, not even as a worker that died.
+        assert services.repo.count_workers(now=utcnow()) == {"live": 0, "stale": 0}
         # One INFO line per change of the training's state, no DEBUG noise (huey's polling).
         text = (tmp_path / "worker.log").read_text()
         about = [line for line in text.splitlines() if training.id in line]
