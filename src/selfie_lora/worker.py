@@ -219,22 +219,28 @@ class Worker:
         # Anything still held under this worker's name belongs to a dead predecessor (a process
         # that only reconciles holds nothing, and has no name to take over).
         self._reconcile(dead_owners=(self.identity.name,) if self._threads_wanted else ())
-        self._threads = [threading.Thread(target=self._consume, name=f"worker-{i}", daemon=True)
-                         for i in range(self._threads_wanted)]
-        self._threads.append(threading.Thread(target=self._reconcile_loop, name="reconciler",
-                                              daemon=True))
+        threads = [threading.Thread(target=self._consume, name=f"worker-{i}", daemon=True)
+                   for i in range(self._threads_wanted)]
+        threads.append(threading.Thread(target=self._reconcile_loop, name="reconciler",
+                                        daemon=True))
         if self._gc is not None:
-            self._threads.append(threading.Thread(target=self._gc_loop, name="gc", daemon=True))
+            threads.append(threading.Thread(target=self._gc_loop, name="gc", daemon=True))
         if self._announce:
-            self._threads.append(threading.Thread(target=self._presence_loop, name="presence",
-                                                  daemon=True))
+            threads.append(threading.Thread(target=self._presence_loop, name="presence",
+                                            daemon=True))
         if self._erasure is not None:
             # Its own thread: a deletion waits for a training to stop and deletes GBs of blobs,
             # which must delay neither the recovery of a training nor a collection.
-            self._threads.append(threading.Thread(target=self._erase_loop, name="erasures",
-                                                  daemon=True))
-        for thread in self._threads:
+            threads.append(threading.Thread(target=self._erase_loop, name="erasures",
+                                            daemon=True))
+        # Each thread is recorded once it runs: ``stop`` after a start that failed midway (a
+        # thread that could not be started) joins only those, where joining one never started
+        # raised "cannot join thread before it is started", hid the start's error and kept the
+        # name's lock open.
+        self._threads = []
+        for thread in threads:
             thread.start()
+            self._threads.append(thread)
         if self._threads_wanted:
             logger.info("worker %s (pid %d) started: %d thread(s)", self.identity.name,
                         os.getpid(), self._threads_wanted)

@@ -418,21 +418,36 @@ def _fails_to_build(**_kwargs: object) -> Worker:
     raise RuntimeError("can't start new thread")
 
 
-@pytest.mark.parametrize("factory", [_fails_to_build, _StartsThenFails],
-                         ids=["fails to build", "fails to start"])
+@pytest.mark.parametrize(("factory", "unstartable"),
+                         [(_fails_to_build, None), (_StartsThenFails, None),
+                          (Worker, "reconciler")],
+                         ids=["fails to build", "fails to start", "a thread fails to start"])
 def test_an_embedded_worker_that_fails_to_start_gives_its_name_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        factory: Callable[..., Worker]) -> None:
+        factory: Callable[..., Worker], unstartable: str | None) -> None:
     """Old code: ``start_embedded`` claimed the name (its lock, held by an open file) and let a
     failure of the worker's build or start escape with it held: the file was left for the
     garbage collector to close (a ResourceWarning; until then a retry in this process took the
-    next name), and a failed start left its threads running under the name."""
+    next name), and a failed start left its threads running under the name. ``unstartable``:
+    that thread's ``start`` raises (the process is out of threads) after the consumer's began;
+    ``start`` had recorded every thread before starting any, so ``stop`` joined the one never
+    started ("cannot join thread before it is started", which hid the start's error) and never
+    closed the name's lock."""
     from selfie_lora.config import Settings
     from selfie_lora.wiring import build_services
 
     services = build_services(Settings(home=tmp_path / "home"), trainers={}, generators={})
     try:
         monkeypatch.setattr(worker_module, "Worker", factory)
+        if unstartable is not None:
+            start_thread = threading.Thread.start
+
+            def start(thread: threading.Thread) -> None:
+                if thread.name == unstartable:
+                    raise RuntimeError("can't start new thread")
+                start_thread(thread)
+
+            monkeypatch.setattr(threading.Thread, "start", start)
         with pytest.raises(RuntimeError, match="can't start new thread"):
             worker_module.start_embedded(services, threads=1)
         monkeypatch.undo()
