@@ -188,6 +188,7 @@ class Worker:
         self._rung = threading.Condition()
         self._unsubscribe: Callable[[], None] | None = None
         self._threads: list[threading.Thread] = []
+        self._started = False  # a ``start`` ran to its end (and said so)
         self._busy = 0
         self._busy_lock = threading.Lock()
         # An outage of the queue is said once (a WARNING) and its end once (INFO), whichever
@@ -241,6 +242,7 @@ class Worker:
         for thread in threads:
             thread.start()
             self._threads.append(thread)
+        self._started = True
         if self._threads_wanted:
             logger.info("worker %s (pid %d) started: %d thread(s)", self.identity.name,
                         os.getpid(), self._threads_wanted)
@@ -250,10 +252,13 @@ class Worker:
         within ``grace`` seconds."""
         if self._stop.is_set() and not self._threads:
             return True
-        if self._threads_wanted:
+        # A start that failed is told by its error, raised to the caller: "stopping" and
+        # "stopped" lines after it read as the shutdown of a worker never said to have started.
+        started = self._started
+        if started and self._threads_wanted:
             logger.info("worker %s stopping (%d training(s) running)", self.identity.name,
                         self._busy)
-        else:
+        elif started:
             # serve --no-worker: no worker runs here, only the reconciler and the upkeep; a
             # "worker stopping" line read as if one had been started against the operator's ask.
             logger.info("background upkeep (reconciler, garbage collection) stopping")
@@ -281,7 +286,8 @@ class Worker:
                                                     "failed"):
                 self._training.worker_gone(self.identity.name)
         self.identity.close()
-        if self._threads_wanted:
+        self._started = False
+        if started and self._threads_wanted:
             logger.info("worker %s stopped", self.identity.name)
         return True
 

@@ -423,7 +423,7 @@ def _fails_to_build(**_kwargs: object) -> Worker:
                           (Worker, "reconciler")],
                          ids=["fails to build", "fails to start", "a thread fails to start"])
 def test_an_embedded_worker_that_fails_to_start_gives_its_name_back(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
         factory: Callable[..., Worker], unstartable: str | None) -> None:
     """Old code: ``start_embedded`` claimed the name (its lock, held by an open file) and let a
     failure of the worker's build or start escape with it held: the file was left for the
@@ -432,7 +432,8 @@ def test_an_embedded_worker_that_fails_to_start_gives_its_name_back(
     that thread's ``start`` raises (the process is out of threads) after the consumer's began;
     ``start`` had recorded every thread before starting any, so ``stop`` joined the one never
     started ("cannot join thread before it is started", which hid the start's error) and never
-    closed the name's lock."""
+    closed the name's lock. A start that failed (told by its error) was also followed by
+    "worker ... stopping" and "worker ... stopped" lines, never by a "started" one."""
     from selfie_lora.config import Settings
     from selfie_lora.wiring import build_services
 
@@ -448,9 +449,14 @@ def test_an_embedded_worker_that_fails_to_start_gives_its_name_back(
                 start_thread(thread)
 
             monkeypatch.setattr(threading.Thread, "start", start)
-        with pytest.raises(RuntimeError, match="can't start new thread"):
+        with (caplog.at_level(logging.INFO, logger="selfie_lora.worker"),
+              pytest.raises(RuntimeError, match="can't start new thread")):
             worker_module.start_embedded(services, threads=1)
         monkeypatch.undo()
+        said = [r.getMessage() for r in caplog.records if r.name == "selfie_lora.worker"]
+        # A shutdown is said only of a worker said to have started (_StartsThenFails).
+        said_started = any(" started: " in line for line in said)
+        assert bool([line for line in said if "stopp" in line]) == said_started, said
         assert not [t for t in threading.enumerate()
                     if t.name in ("worker-0", "reconciler") and t.is_alive()]
         worker = worker_module.start_embedded(services, threads=1)
