@@ -360,18 +360,20 @@ def test_two_generations_made_at_once_under_one_id_store_one_and_refuse_the_othe
     ``generations/<id>/<n>.png``, so the one stored could show the other's pictures, and the
     other was refused as a bare "conflicting write: UNIQUE constraint failed". Both are held
     here at their first put, past every check. ``withheld``: their pictures have other places
-    (bob's first is withheld), so neither put meets the other's and the row insert decides."""
+    (ann's second is withheld, bob's first: no place in common), so neither put meets the
+    other's and the row insert decides; the loser's refused insert is counted, as places that
+    overlapped (bob's first alone withheld) let a put decide and never reached it."""
     ann = services.users.get_by_name(name="ann")
     bob = services.users.get_by_name(name="bob")
     shared = new_id()
     if withheld:
         render = fake_generator.generate
 
-        def bob_withheld_first(job: GenerationJob) -> list[bytes | None]:
-            made = render(job)
-            return [None, *made[1:]] if job.seed == 2 else made
+        def other_places(job: GenerationJob) -> list[bytes | None]:
+            made = render(job)  # ann (seed 1) keeps place 0 alone, bob (seed 2) place 1
+            return [made[0], None] if job.seed == 1 else [None, *made[1:]]
 
-        fake_generator.generate = bob_withheld_first  # type: ignore[method-assign]
+        fake_generator.generate = other_places  # type: ignore[method-assign]
     both = threading.Barrier(2, timeout=20)
     put = services.blobs.put
     held: set[int] = set()
@@ -383,6 +385,17 @@ def test_two_generations_made_at_once_under_one_id_store_one_and_refuse_the_othe
         return put(key, data, if_absent=if_absent)
 
     monkeypatch.setattr(services.blobs, "put", put_together)
+    add_generation = services.repo.add_generation
+    inserts_refused: list[str] = []
+
+    def add_counted(generation: Generation) -> None:
+        try:
+            add_generation(generation)
+        except ConflictError:
+            inserts_refused.append(generation.prompt)
+            raise
+
+    monkeypatch.setattr(services.repo, "add_generation", add_counted)
     outcomes: dict[str, Generation | ConflictError] = {}
 
     def make(name: str, user_seed: int) -> None:
@@ -403,6 +416,9 @@ def test_two_generations_made_at_once_under_one_id_store_one_and_refuse_the_othe
     stored = [name for name, o in outcomes.items() if isinstance(o, Generation)]
     refused = [o for o in outcomes.values() if isinstance(o, ConflictError)]
     assert (len(stored), len(refused)) == (1, 1), outcomes
+    # Who decided: a put (the loser stops at its first taken place, before its insert) or,
+    # the places being other, the row's primary key.
+    assert len(inserts_refused) == (1 if withheld else 0), inserts_refused
     assert refused[0].code is ErrorCode.WRITE_CONFLICT
     assert "already stored under the id" in refused[0].message
     assert "the pictures made are dropped" in refused[0].message
