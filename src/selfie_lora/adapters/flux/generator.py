@@ -400,8 +400,10 @@ def _unload_own(shared: _SharedPipeline | None, pipe: Any, *, job_failed: bool) 
     """A job's own LoRA unloaded as the job ends (``shared``'s lock held). It ran after the
     mapping of the job's errors: a failure escaped raw (a 500 with a traceback) and left the
     pipeline, which may still hold some of the LoRA's layers, to the next job, another user's.
-    Now the pipeline is dropped (the next job loads a clean base) and the failure is the job's
-    GenerationError; a job that failed already keeps its own error, the unload's logged."""
+    Now the pipeline is dropped (the next job loads a clean base) and the failure logged, not
+    raised: the job's pictures, when made, are finished PNGs (their data copied off the device,
+    so a fault while they were made raised before they existed) and are returned, as "a
+    generation whose last picture is made is stored"; a job that failed keeps its own error."""
     try:
         with loading_models():
             pipe.unload_lora_weights()
@@ -410,11 +412,13 @@ def _unload_own(shared: _SharedPipeline | None, pipe: Any, *, job_failed: bool) 
             _discard(shared)
         if not isinstance(exc, Exception):
             raise
-        if not job_failed:
-            raise GenerationError(f"unloading the LoRA after the generation failed: "
-                                  f"{type(exc).__name__}: {exc}") from exc
-        logger.warning("unloading the LoRA of a failed generation failed too: %s: %s",
-                       type(exc).__name__, exc)
+        if job_failed:
+            logger.warning("unloading the LoRA of a failed generation failed too: %s: %s",
+                           type(exc).__name__, exc)
+        else:
+            # An ERROR: the device may be failing (the operator looks); the job itself is done.
+            logger.error("the LoRA of a generation could not be unloaded: %s: %s; its pictures "
+                         "are kept, the pipeline is dropped", type(exc).__name__, exc)
 
 
 def _discard(shared: _SharedPipeline) -> None:
