@@ -203,7 +203,8 @@ class Worker:
         self._reconcile_outage = LoopOutages("reconciling trainings",
                                                  retried="retrying later")
         self._presence_outage = LoopOutages("saying this worker is alive",
-                                            retried="tried again at the next heartbeat")
+                                            retried="tried again at the next heartbeat",
+                                            refusals_are_outages=True)
         self._gc_outage = LoopOutages("garbage collection",
                                           retried="it is tried again when next due")
         self._holds_outage = LoopOutages(

@@ -5,15 +5,18 @@ queue depth grows for other reasons too: a burst, slow trainings)."""
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
+from selfie_lora.errors import StorageError, StorageFullError
 from selfie_lora.services.common import utcnow
 from selfie_lora.wiring import Services
 from selfie_lora.worker import start_embedded
@@ -112,3 +115,45 @@ def test_the_repository_counts_live_and_stale_workers(database: str, tmp_path: P
         assert svc.repo.count_workers(now=now) == {"live": 1, "stale": 1}
     finally:
         svc.close()
+
+
+@pytest.mark.parametrize("refusal", [
+    StorageFullError("database error: /srv is full: database or disk is full"),
+    StorageError("database error: QueuePool limit of size 2 overflow 0 reached, connection "
+                 "timed out, timeout 30.00"),
+    StorageError("database error: cannot execute UPDATE in a read-only transaction")],
+    ids=["disk-full", "pool-exhausted", "read-only"])
+def test_a_beat_the_database_refuses_is_said_once_and_its_end_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        refusal: StorageError) -> None:
+    """Found in review: each refused beat (a full disk, the pool's connections all taken, a
+    standby read-only after a fail-over) logged a traceback at ERROR, one every heartbeat for as
+    long as it lasted (11 in a second at a 0.1 s heartbeat)."""
+    with serving(make_settings(tmp_path, heartbeat_seconds=0.1, lease_seconds=2)) as (_c, svc):
+        alive = svc.repo.worker_alive
+        beats: list[bool] = []
+        refusing = threading.Event()
+        refusing.set()
+
+        def worker_alive(name: str, *, now: datetime, expires_at: datetime,
+                         forget_before: datetime) -> None:
+            beats.append(refusing.is_set())
+            if refusing.is_set():
+                raise refusal
+            alive(name, now=now, expires_at=expires_at, forget_before=forget_before)
+
+        monkeypatch.setattr(svc.repo, "worker_alive", worker_alive)
+        caplog.set_level(logging.DEBUG, logger="selfie_lora")
+        worker = start_embedded(svc, threads=1)
+        try:
+            until(lambda: beats.count(True) >= 6, "the presence thread stopped beating")
+            refusing.clear()
+            until(lambda: svc.repo.count_workers(now=utcnow()) == {"live": 1, "stale": 0},
+                  "the worker is not live again once the database takes its beats")
+        finally:
+            assert worker.stop()
+    said = [r for r in caplog.records if "alive" in r.getMessage() and r.levelno > logging.DEBUG]
+    assert [(r.levelname, bool(r.exc_info)) for r in said] == [("WARNING", False),
+                                                               ("INFO", False)]
+    assert refusal.message in said[0].getMessage()
+    assert "goes through again" in said[1].getMessage()

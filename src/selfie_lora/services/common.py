@@ -17,6 +17,7 @@ from selfie_lora.errors import (
     DatabaseUnreachableError,
     InvalidInputError,
     SelfieLoraError,
+    StorageError,
 )
 
 if TYPE_CHECKING:
@@ -228,13 +229,17 @@ class LoopOutages:
     (``BlobStoreUnreachableError``) are each said once at WARNING when they begin (``Outage``),
     their own words and no traceback, at DEBUG at each retry, and their end once at INFO, where
     every round logged a traceback while PostgreSQL was down (and a WARNING while S3 was). Any
-    other error keeps its traceback (a defect to see)."""
+    other error keeps its traceback (a defect to see), except, with ``refusals_are_outages``,
+    any other ``StorageError`` (a full disk, the pool's connections all taken, a read-only
+    standby): said the same way, once while it lasts and its end once."""
 
-    def __init__(self, loop: str, *, retried: str) -> None:
+    def __init__(self, loop: str, *, retried: str, refusals_are_outages: bool = False) -> None:
         self._loop = loop  # "reconciling trainings", ...
         self._retried = retried  # "tried again in 10 s", ...
         self._outage = Outage()
         self._storage = Outage()
+        self._refusals_are_outages = refusals_are_outages
+        self._refused = Outage()
 
     @contextmanager
     def watch(self, *, failed: str) -> Iterator[None]:
@@ -242,6 +247,7 @@ class LoopOutages:
         outage) and not raised."""
         ticket = self._outage.attempt()
         storage_ticket = self._storage.attempt()
+        refused_ticket = self._refused.attempt()
         try:
             yield
         except DatabaseUnreachableError as exc:
@@ -257,9 +263,24 @@ class LoopOutages:
             logger.log(logging.WARNING if began else logging.DEBUG,
                        "%s: %s; %s (its end is logged)", failed, exc.message, self._retried)
             return
+        except StorageError as exc:
+            if not self._refusals_are_outages:
+                logger.exception("%s; %s", failed, self._retried)
+                return
+            # A loop whose whole round is one small write of its own (the presence's beat):
+            # what refuses it is the database's state, which lasts (a disk to free, a pool too
+            # small, a fail-over's read-only standby), and a traceback at every beat said
+            # nothing more. Its traceback stays at DEBUG for whoever debugs.
+            began = self._refused.begins(ticket=refused_ticket)
+            logger.log(logging.WARNING if began else logging.DEBUG,
+                       "%s: %s; %s (its end is logged)", failed, exc.message, self._retried,
+                       exc_info=not began)
+            return
         except Exception:
             logger.exception("%s; %s", failed, self._retried)
             return
+        if self._refused.ends(ticket=refused_ticket):
+            logger.info("%s: goes through again after the database refused it", self._loop)
         if self._outage.ends(ticket=ticket):
             logger.info("%s: the database answers again", self._loop)
         # A round that went through: the storage is back, or this round did not need it (one
