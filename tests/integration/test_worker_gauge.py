@@ -87,7 +87,7 @@ def test_a_server_that_runs_no_worker_is_not_counted(tmp_path: Path) -> None:
             assert upkeep.stop()
 
 
-def test_a_worker_past_its_lease_is_stale_and_forgotten_after_a_day(tmp_path: Path) -> None:
+def test_a_worker_past_its_lease_is_stale_and_forgotten_later(tmp_path: Path) -> None:
     with serving(make_settings(tmp_path, heartbeat_seconds=1, lease_seconds=2)) as (_c, svc):
         now = utcnow()
         svc.repo.worker_alive("old-host/abc/w0", now=now - timedelta(days=2),
@@ -112,6 +112,35 @@ def test_the_repository_counts_live_and_stale_workers(database: str, tmp_path: P
                               forget_before=now - timedelta(days=1))  # a beat: no second row
         assert svc.repo.count_workers(now=now) == {"live": 2, "stale": 1}
         svc.repo.worker_gone("a/x/w1")
+        assert svc.repo.count_workers(now=now) == {"live": 1, "stale": 1}
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_a_stale_worker_counts_for_an_hour_even_with_no_worker_beating(
+        database: str, tmp_path: Path) -> None:
+    """Found in review: a stale row counted until a beat deleted it a day after it expired, so
+    the README's ``stale > 0`` alert fired a day after every unclean stop of a worker that came
+    back under a new name (a container's new hostname), and for ever with every worker dead
+    (no beat deletes then)."""
+    svc: Services = fake_services_on(database, tmp_path)
+    try:
+        now = utcnow()
+        for name, expired in (("gone-long/x/w0", timedelta(hours=2)),
+                              ("gone-lately/y/w0", timedelta(minutes=30))):
+            svc.repo.worker_alive(name, now=now - expired - timedelta(seconds=30),
+                                  expires_at=now - expired,
+                                  forget_before=now - timedelta(days=30))  # nothing deleted
+        # No worker beats: the row that expired 2 h ago is not counted all the same.
+        assert svc.repo.count_workers(now=now) == {"live": 0, "stale": 1}
+        # Counted as an hour and a half ago, the older row is still there (stale then), the
+        # other one was live.
+        assert svc.repo.count_workers(now=now - timedelta(minutes=90)) == {
+            "live": 1, "stale": 1}
+        svc.training.worker_alive("this-host/abc/w0")  # a beat deletes rows past the hour
+        assert svc.repo.count_workers(now=now - timedelta(minutes=90)) == {
+            "live": 2, "stale": 0}  # the older row is gone
         assert svc.repo.count_workers(now=now) == {"live": 1, "stale": 1}
     finally:
         svc.close()

@@ -54,6 +54,15 @@ DEFAULT_STORAGE_WAIT_LIMIT = timedelta(hours=24)
 # A wait that begins this long after the last one ended begins a new outage: the training ran
 # in between (the storage answered, or an hour of training went by before its LoRA was stored).
 STORAGE_WAIT_BREAK = timedelta(hours=1)
+# How long a consuming worker's row counts as ``stale`` in /metrics after it expired (the worker
+# killed, its machine lost, its clock skewed): older rows are not counted, and the next beat of
+# any worker deletes them. Bounded because a worker recreated under a new name (a container's
+# new hostname, a pod) never takes its old row over: counted for a day, every unclean stop held a
+# ``stale > 0`` alert for a day, and with every worker dead (no beat deleting) for ever. An hour:
+# long enough for a dashboard and an alert held a few minutes (scrapes every 15-60 s) to see it
+# and someone on call to look, short enough that it clears itself within the same shift; the
+# lasting signal of no worker at all is ``live == 0``, which no window ends.
+WORKER_STALE_FOR = timedelta(hours=1)
 
 INTERRUPTED_MESSAGE = (
     "The training was interrupted {count} times because the worker running it stopped "

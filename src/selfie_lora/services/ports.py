@@ -657,7 +657,9 @@ class Repository(Protocol):
 
     def count_workers(self, *, now: datetime) -> dict[str, int]:
         """``{"live": n, "stale": m}``: the workers whose expiry is after ``now``, and those
-        whose expiry passed (stopped without saying so: killed, their machine lost)."""
+        whose expiry passed within ``WORKER_STALE_FOR`` before it (stopped without saying so:
+        killed, their machine lost, or their clock skewed); a row that expired earlier is not
+        counted."""
         ...
 
     # upload claims: one upload that starts a training per user at a time

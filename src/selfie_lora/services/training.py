@@ -77,6 +77,7 @@ from selfie_lora.domain.entities import (
     Version,
 )
 from selfie_lora.domain.lease import (
+    WORKER_STALE_FOR,
     ClaimOutcome,
     LeasePolicy,
     Recovery,
@@ -182,9 +183,6 @@ logger = logging.getLogger(__name__)
 _QUEUE_CLOSED_AT_RECONCILE = ("reconcile: the job queue is closed (this process is stopping); "
                               "trainings nobody runs are queued by the next reconcile "
                               "(another process's, or this one's next start)")
-# A worker's row that expired this long ago is deleted by the next beat of any worker: a stale
-# worker (killed, its machine lost) is counted in /metrics for a day, then forgotten.
-WORKER_FORGOTTEN_AFTER = timedelta(days=1)
 CANCELED_MESSAGE = ("The training was canceled. Your active version is unchanged; start a new "
                     "training when you are ready.")
 INTERNAL_ERROR_MESSAGE = ("The training stopped because of an internal error. Your active "
@@ -959,7 +957,7 @@ class TrainingService:
         trainings would be taken over, and says so again every heartbeat."""
         now = self._clock()
         self._repo.worker_alive(name, now=now, expires_at=now + self.lease.ttl,
-                                forget_before=now - WORKER_FORGOTTEN_AFTER)
+                                forget_before=now - WORKER_STALE_FOR)
 
     def worker_gone(self, name: str) -> None:
         """Worker ``name`` stopped: counted no more (not as a stale worker either)."""

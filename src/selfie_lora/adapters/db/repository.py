@@ -92,6 +92,7 @@ from selfie_lora.domain.entities import (
     face_box_from,
 )
 from selfie_lora.domain.gc import DatasetRef, GenerationRef, References, TrainingRef
+from selfie_lora.domain.lease import WORKER_STALE_FOR
 from selfie_lora.domain.likeness import (
     IdentityScores,
     LikenessStatus,
@@ -1472,8 +1473,11 @@ class SqlRepository:
     def count_workers(self, *, now: datetime) -> dict[str, int]:
         with self._read() as s:
             live = WorkerRow.expires_at > now
+            # Stale for WORKER_STALE_FOR only, whether or not a beat deleted the older rows
+            # yet: with every worker dead none does, and they were counted for ever.
+            stale = ~live & (WorkerRow.expires_at >= now - WORKER_STALE_FOR)
             row = s.execute(select(func.count().filter(live),
-                                   func.count().filter(~live))).one()
+                                   func.count().filter(stale))).one()
             return {"live": int(row[0]), "stale": int(row[1])}
 
     # job leases -------------------------------------------------------------------------
