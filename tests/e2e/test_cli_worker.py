@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from selfie_lora.domain.entities import Training, TrainingStatus, User
+from selfie_lora.domain.lease import WORKER_STALE_FOR
 from selfie_lora.services.common import utcnow
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
@@ -78,6 +79,16 @@ def _queued_training(services: Services) -> tuple[User, Training]:
     return user, services.training.start(user=user, dataset_id=dataset.id).training
 
 
+def _interrupt(worker: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C, as a user stops it (killed if it has not stopped within 30 s)."""
+    worker.send_signal(signal.SIGINT)
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
 def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
     home = tmp_path / "home"
     settings = make_settings(tmp_path)
@@ -105,12 +116,7 @@ def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
             # Running, it is counted live by /metrics (selfie_lora_workers), whichever server.
             assert services.repo.count_workers(now=utcnow()) == {"live": 1, "stale": 0}
         finally:
-            worker.send_signal(signal.SIGINT)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            _interrupt(worker)
             log.close()
         assert worker.returncode == 0  # SIGINT stops it cleanly
         # Stopped cleanly, it is not counted, not even as a worker that died.
@@ -126,6 +132,50 @@ def test_standalone_worker_runs_a_queued_training(tmp_path: Path) -> None:
         model = services.repo.get_model_for_user(user.id)
         assert model is not None
         assert model.active_version_id == current.version_id
+    finally:
+        services.close()
+
+
+def test_a_killed_worker_counts_as_stale_and_live_again_when_it_restarts(tmp_path: Path) -> None:
+    """A real worker killed with SIGKILL (no clean stop, its row left behind): counted stale once
+    its lease ran out, not counted past ``WORKER_STALE_FOR``, and live again, not stale, when it
+    restarts under its name. The "died" path was only tested with a hand-written row."""
+    home = tmp_path / "home"
+    services = build_services(make_settings(tmp_path), trainers={}, generators={},
+                              face_analyzer=one_person_analyzer())  # migrates the database
+    env = env_for(home)
+    env.update({"SELFIE_LORA_LEASE_SECONDS": "2", "SELFIE_LORA_HEARTBEAT_SECONDS": "0.5"})
+
+    def counted_live(worker: subprocess.Popen[bytes], log: Path) -> None:
+        deadline = time.monotonic() + 120
+        while services.repo.count_workers(now=utcnow()) != {"live": 1, "stale": 0}:
+            assert worker.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+
+    try:
+        with (tmp_path / "killed.log").open("w") as log:
+            killed = subprocess.Popen([CLI, "worker"], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT)
+            try:
+                counted_live(killed, tmp_path / "killed.log")
+            finally:
+                killed.kill()
+                killed.wait()
+        assert killed.returncode == -signal.SIGKILL
+        time.sleep(2.5)  # past its lease
+        assert services.repo.count_workers(now=utcnow()) == {"live": 0, "stale": 1}
+        assert services.repo.count_workers(now=utcnow() + WORKER_STALE_FOR) == {
+            "live": 0, "stale": 0}
+        with (tmp_path / "restarted.log").open("w") as log:
+            restarted = subprocess.Popen([CLI, "worker"], env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
+            try:
+                counted_live(restarted, tmp_path / "restarted.log")  # its old row, renewed
+            finally:
+                _interrupt(restarted)
+        assert restarted.returncode == 0
+        assert services.repo.count_workers(now=utcnow()) == {"live": 0, "stale": 0}
     finally:
         services.close()
 
