@@ -3632,6 +3632,20 @@ def test_the_form_and_the_cli_read_a_number_alike_by_the_api_s_rules(
     assert " ".join(done.output.split()) == f"error: {said}"
 
 
+def test_a_seed_and_a_count_with_thousands_of_zeros_in_front_are_read_as_without(
+        ann: TestClient, svc: Services) -> None:
+    """Zeros in front counted towards int()'s 4300 digits: a seed of 5000 zeros and a 7 was a
+    ValueError, a 500, where "007" is 7 (found in review)."""
+    assert upload(ann)[0] == 200
+    train(ann)
+    r = ann.post("/generate", data={"csrf_token": csrf(ann), "prompt": "p",
+                                    "num_outputs": "0" * 5000 + "1", "seed": "0" * 5000 + "7"},
+                 follow_redirects=False)
+    assert r.status_code == 303, r.text[:300]
+    made = svc.generation.history(user=svc.users.get_by_name(name="ann"))
+    assert [(g.seed, len(g.image_keys)) for g in made] == [(7, 1)]
+
+
 def test_buttons_only_a_script_works_are_hidden_without_scripts(ann: TestClient) -> None:
     """The presets and the Copy buttons were shown without JavaScript and did nothing (nojs
     review 3): they are hidden until app.js shows them."""

@@ -12,7 +12,8 @@ from selfie_lora.services.generation import num_outputs_from_text, seed_from_tex
 
 @pytest.mark.parametrize(("text", "seed"), [
     (None, None), ("", None), ("  ", None), ("0", 0), (" 7 ", 7), ("007", 7),
-    ("4294967295", 4294967295), ("4294967296", 4294967296)])  # the range is generate's
+    ("4294967295", 4294967295), ("4294967296", 4294967296),
+    ("0" * 5000 + "7", 7), ("0" * 5000, 0)])  # the range is generate's
 def test_a_seed_is_ascii_digits(text: str | None, seed: int | None) -> None:
     assert seed_from_text(text) == seed
 

@@ -123,9 +123,12 @@ def _whole_number(text: str | None, *, name: str, code: ErrorCode, low: int,
     if not _WHOLE_NUMBER.fullmatch(digits):
         raise InvalidInputError(f"{name} must be a whole number {low} to {high}, written with "
                                 f"the digits 0-9 only (not {text[:40]!r})", code=code)
-    if len(digits.lstrip("0")) > _MOST_DIGITS:
+    # Read without the zeros in front: they count towards int()'s limit too ("0" * 5000 + "7"
+    # was a ValueError, a 500, where "007" is 7).
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > _MOST_DIGITS:
         raise InvalidInputError(f"{name} must be {low} to {high}", code=code)
-    return int(digits)
+    return int(significant)
 
 
 # The request field each refusal of its values is about: a form marks that field, its

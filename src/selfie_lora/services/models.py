@@ -541,9 +541,12 @@ def version_number_below(ref: str) -> int | None:
     # Arabic-Indic 1), which activate and every other version reference refuse.
     if not (digits.isascii() and digits.isdecimal()):
         return 0
-    if len(digits.lstrip("0")) > len(str(VERSION_NUMBER_MAX)):
+    # Without the zeros in front: they count towards int()'s 4300 digits too (5000 zeros and a
+    # 5 was a ValueError, a 500), and make no number longer.
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(VERSION_NUMBER_MAX)):
         return None
-    number = int(digits)
+    number = int(significant)
     return number if number <= VERSION_NUMBER_MAX else None
 
 
