@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -432,6 +433,19 @@ class Version:
 
 
 
+# No id holds a control character (the API's Id refuses one in a path), and PostgreSQL cannot
+# even be asked about a NUL (psycopg refuses it in bound text, a 422 unstorable_text), where
+# SQLite answers that nothing has it.
+_ID_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def names_no_row(ref: str) -> bool:
+    """Whether ``ref`` (a page's ``before``) names nothing whatever is stored: it holds a
+    control character, which no id has. Answered so before any lookup, every database
+    answers it alike."""
+    return _ID_CONTROL.search(ref) is not None
+
+
 @dataclass(frozen=True)
 class GenerationPosition:
     """A place in a user's gallery (newest first, then by id, for those of the same instant):
@@ -458,7 +472,8 @@ class GenerationPosition:
         """The position a ``cursor`` names; None when it is not one (a bare generation id,
         the cursor of before positions, is looked up by the caller)."""
         micros, sep, generation_id = cursor.partition("~")
-        if not sep or not generation_id or not micros.isdigit() or len(micros) > 20:
+        if (not sep or not generation_id or not micros.isdigit() or len(micros) > 20
+                or names_no_row(generation_id)):
             return None
         try:
             created_at = _EPOCH + timedelta(microseconds=int(micros))

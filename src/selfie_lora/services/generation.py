@@ -23,6 +23,7 @@ from selfie_lora.domain.entities import (
     TrainingStatus,
     User,
     Version,
+    names_no_row,
 )
 from selfie_lora.domain.plan import (
     check_version_fits_base_model,
@@ -769,6 +770,8 @@ class GenerationService:
         # passing the last page's ``older`` on (``--before "$older"``, ``?before=$older``)
         # starts with none, and was told "no such generation".
         if before:
+            if names_no_row(before):  # before the lookup: PostgreSQL refuses a NUL in it
+                raise NotFoundError("no such generation")
             cursor = GenerationPosition.parse(before)
             if cursor is None:
                 found = self._repo.get_generation(before)

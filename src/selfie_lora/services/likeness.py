@@ -36,7 +36,15 @@ from datetime import datetime
 from typing import Any
 
 from selfie_lora.domain import alerts
-from selfie_lora.domain.entities import GateStatus, Model, Probe, Training, User, Version
+from selfie_lora.domain.entities import (
+    GateStatus,
+    Model,
+    Probe,
+    Training,
+    User,
+    Version,
+    names_no_row,
+)
 from selfie_lora.domain.likeness import (
     ACTIVATE_HINT,
     BASELINE_PHOTOS,
@@ -1086,7 +1094,8 @@ class LikenessService:
         # An empty ``before`` is the first page, as ``GenerationService.page`` takes it: a script
         # passing the last page's ``older`` on starts with none.
         if before:
-            after = self._repo.get_training(before)
+            # No lookup for one holding a control character: PostgreSQL refuses a NUL in it.
+            after = None if names_no_row(before) else self._repo.get_training(before)
             if after is None or after.model_id != model.id:
                 raise NotFoundError("no such training")
         # By time, then id: the order holds between requests for trainings of one instant.
