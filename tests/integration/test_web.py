@@ -1681,6 +1681,8 @@ def test_an_error_page_s_back_link_leads_to_the_refused_form_s_page(ann: TestCli
     ("/generations/nope/0.png", "/generate"),  # a picture: the Generate page's gallery
     ("/generate?before=nope", "/generate"),  # a gallery page after no generation: the newest
     ("/no-such-page", "/photos"),  # of no section: the default page
+    ("/versions/foo/bar", "/versions"),  # any other address under a section: its page
+    ("/settings/nope", "/settings"),
 ])
 def test_a_not_found_page_s_back_leads_to_the_section_of_what_is_missing(
         ann: TestClient, path: str, back: str) -> None:
