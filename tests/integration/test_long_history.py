@@ -277,13 +277,13 @@ def test_a_before_over_64_characters_is_answered_as_a_shorter_one(
                     headers=auth)
     assert r.status_code == 422, r.text[:300]
     assert r.json()["error"]["message"] == (
-        f"before must be a version number, not 'v{'0' * 63}...'")
+        f"before must be a version number, not 'v{'0' * 63}'... (5001 characters)")
     r = trained.get("/api/model/versions", params={"limit": 5, "before": "x" * 5000},
                     headers=auth)
     assert r.status_code == 422, r.text[:300]
     assert r.json()["error"] == {  # its start only, not 5000 characters said back
         "code": "invalid_input", "details": [],
-        "message": f"before must be a version number, not '{'x' * 64}...'"}
+        "message": f"before must be a version number, not '{'x' * 64}'... (5000 characters)"}
     for before in ("nope", "x" * 65):
         r = trained.get("/api/model/log", params={"before": before}, headers=auth)
         assert r.status_code == 404, r.text[:300]

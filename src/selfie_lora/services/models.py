@@ -527,8 +527,10 @@ def _version_number(ref: str) -> int | None:
     number = version_number_below(ref)
     if number is not None and number < 1:
         # Its start only: a ``before`` is of any length, and the answer need not repeat it.
-        shown = ref if len(ref) <= _REF_SHOWN else f"{ref[:_REF_SHOWN]}..."
-        raise InvalidInputError(f"before must be a version number, not {shown!r}")
+        # The dots outside the quotes: inside, they read as part of what was sent.
+        shown = (repr(ref) if len(ref) <= _REF_SHOWN
+                 else f"{ref[:_REF_SHOWN]!r}... ({len(ref)} characters)")
+        raise InvalidInputError(f"before must be a version number, not {shown}")
     return number
 
 
