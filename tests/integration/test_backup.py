@@ -1563,3 +1563,56 @@ def test_a_server_started_after_a_killed_restore_removes_the_copies_it_left(
     (new / "selfie-lora.db").write_bytes(b"the replaced HOME's")
     with using_home(settings):
         assert (new / "selfie-lora.db").is_file()
+
+
+def test_a_start_killed_while_it_removes_a_killed_restores_copy_leaves_nothing_kept_as_home(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start killed (systemd's stop, the OOM killer) while it deleted ``.NAME.restore-new``
+    left part of it without its pending mark (deleted early): nothing swept it again, and the
+    next restore kept that part of a backup as "the HOME a restore replaced", saying so in a
+    warning (found in review: read-report3). It is renamed to a name only deletes use before a
+    file of it goes, and what is left under that name is removed by the next start."""
+    from selfie_lora.wiring import using_home
+
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    code, said = run("backup", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    services.close()
+    home = settings.home.resolve()
+    new = home.with_name(f".{home.name}.restore-new")
+    new.mkdir()
+    for n in range(20):  # the photos of a killed restore's copy, in whatever order rmtree takes
+        (new / f"photo-{n}").write_bytes(b"a photo")
+    (new / ".restore-pending").touch()
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child, killed as its sweep unlinks the mark
+        try:
+            unlink = os.unlink
+
+            def dying_after_the_mark(path: Any, *args: Any, **kwargs: Any) -> None:
+                unlink(path, *args, **kwargs)
+                if os.fspath(path).endswith(".restore-pending"):
+                    _kill_self()
+
+            os.unlink = dying_after_the_mark  # type: ignore[assignment]
+            with using_home(settings):
+                pass
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == -9
+
+    with using_home(settings):
+        pass
+    # Old code: -new still there, its mark gone, kept from then on.
+    assert not new.exists()
+    assert sorted(p.name for p in home.parent.iterdir()) == ["bk.tar", home.name]
+    code, said = run("restore", "--force", str(tmp_path / "bk.tar"))
+    assert code == 0, said
+    assert "a restore killed midway replaced" not in said
+    # Only the HOME this restore replaced is kept aside, none of the killed restore's copy.
+    assert [sorted(q.name for q in p.iterdir() if q.name.startswith("photo-"))
+            for p in kept_homes(home)] == [[]]

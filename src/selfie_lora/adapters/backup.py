@@ -698,7 +698,7 @@ class HomeBackups:
             # Raises only while HOME is still the old folder; ``new`` is then ours to delete.
             previous = self._swap(home, new)
         except OSError as exc:
-            shutil.rmtree(new, ignore_errors=True)
+            _discard(new, home)
             full = _no_space(exc, where=home.parent, needs=_restore_needs(source))
             if full:
                 # Never "not a backup": a user told so may throw a good backup away.
@@ -707,7 +707,7 @@ class HomeBackups:
                                    "restore again") from exc
             raise StorageError(f"cannot restore into {home}: {exc.strerror or exc}") from exc
         except Exception:
-            shutil.rmtree(new, ignore_errors=True)
+            _discard(new, home)
             raise
         # HOME is the backup's now: nothing from here on fails the restore, nor deletes.
         warnings: list[str] = []
@@ -738,8 +738,14 @@ class HomeBackups:
         said: list[str] = []
         old = home.with_name(f".{home.name}.restore-old")
         new = home.with_name(f".{home.name}.restore-new")
+        deleting = _deleting(home)
         _restore_scratch(old)
         _restore_scratch(new)
+        _restore_scratch(deleting)
+        if deleting.is_symlink() or (deleting.exists() and not deleting.is_dir()):
+            raise ConfigError(f"{deleting} is in the way of a restore: move it away first")
+        if deleting.is_dir():
+            shutil.rmtree(deleting)  # a delete killed midway: what it had not deleted yet
         if old.is_dir() and (home / RESTORED).is_file():
             # Killed after the swap, before the old one was kept aside.
             _carry_cache(old, home)
@@ -750,7 +756,7 @@ class HomeBackups:
         if new.is_symlink() or (new.exists() and not new.is_dir()):
             raise ConfigError(f"{new} is in the way of a restore: move it away first")
         if new.is_dir() and (new / PENDING).exists():
-            shutil.rmtree(new)  # a restore killed before its swap: a copy of a backup
+            _delete(new, home)  # a restore killed before its swap: a copy of a backup
         elif new.is_dir():
             # Killed after its exchange: this is the HOME it replaced.
             _carry_cache(new, home)
@@ -1099,18 +1105,24 @@ def clear_killed_restores(home: Path) -> list[Path]:
     from before it makes either until it ends, and ``-new``'s own lock (``holding``) is taken
     here too, for the moment a restore without an exchange renames HOME away. Left alone:
     another account's, a link, a file, and a ``-new`` without the mark (the HOME a restore
-    replaced, which the next restore keeps aside and names). The folders removed."""
+    replaced, which the next restore keeps aside and names). Each goes by way of
+    ``.NAME.restore-deleting`` (``_delete``), and what a delete killed midway left under that
+    name is removed first, with no conditions. The folders removed."""
     home = home.resolve()
     removed: list[Path] = []
-    for folder in (home.with_name(f".{home.name}.restore-unpacked"),
+    deleting = _deleting(home)
+    for folder in (deleting, home.with_name(f".{home.name}.restore-unpacked"),
                    home.with_name(f".{home.name}.restore-new")):
         try:
             found = folder.lstat()
             if (not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid()
                     or (folder.name.endswith("-new") and not (folder / PENDING).is_file())):
                 continue
-            with holding(folder):
-                shutil.rmtree(folder)
+            if folder == deleting:
+                shutil.rmtree(folder)  # a delete killed midway: nothing else uses that name
+            else:
+                with holding(folder):
+                    _delete(folder, home)
         except FileNotFoundError:
             continue
         except (OSError, ConfigError) as exc:  # held by a restore, or not ours to remove
@@ -1121,6 +1133,33 @@ def clear_killed_restores(home: Path) -> list[Path]:
                        folder)
         removed.append(folder)
     return removed
+
+
+def _deleting(home: Path) -> Path:
+    """Where a restore's copy beside ``home`` goes to be deleted (``_delete``)."""
+    return home.with_name(f".{home.name}.restore-deleting")
+
+
+def _delete(folder: Path, home: Path) -> None:
+    """``folder`` (a killed restore's copy beside ``home``) deleted: renamed first to a name
+    that only deletes use, which the next sweep removes whatever is in it. Deleted where it
+    was, a delete killed midway (a start stopped by systemd, the OOM killer; a whole backup's
+    photos take a while) left part of a ``-new`` without its ``PENDING`` mark (removed early in
+    rmtree's order): kept from then on as the HOME a restore replaced, and named so by the next
+    restore."""
+    deleting = _deleting(home)
+    if deleting.is_dir() and not deleting.is_symlink():
+        shutil.rmtree(deleting)  # an earlier delete's, killed midway
+    os.rename(folder, deleting)
+    shutil.rmtree(deleting)
+
+
+def _discard(new: Path, home: Path) -> None:
+    """The ``-new`` of a restore that failed, deleted as far as it can be (``_delete``)."""
+    try:
+        _delete(new, home)
+    except OSError:
+        shutil.rmtree(new, ignore_errors=True)
 
 
 def _carry_cache(old: Path, home: Path) -> list[str]:
