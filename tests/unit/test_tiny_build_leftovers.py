@@ -16,37 +16,56 @@ from pathlib import Path
 import pytest
 
 from selfie_lora.adapters.flux import tiny
+from selfie_lora.services.owners import process_space
 
 HOUR = 60 * 60
-# How ``tiny_pipeline_dir`` names a build's temporary folder: ``.tiny-flux-v1.tmp-<pid>-<random>``.
+# How ``tiny_pipeline_dir`` names a build's temporary folder:
+# ``.tiny-flux-v1.tmp-<pid>-<process space>-<random>``.
 PREFIX = f".{tiny.TINY_CACHE_NAME}.tmp-"
 # The tree this test imports, for the process it starts (not an installed copy of another tree).
 SRC = str(Path(tiny.__file__).resolve().parents[3])
 
 
 def _killed_build(cache_dir: Path) -> Path:
-    """The folder a build leaves when SIGKILLed while it saves: named as ``tiny_pipeline_dir``
-    names it, by a process now dead (reaped, so its pid is no process any more)."""
+    """The folder a build leaves when SIGKILLed while it saves: ``tiny_pipeline_dir`` run in a
+    process (its name, its lock) whose fake build writes a file and is killed, as the OOM killer
+    would kill it in ``save_pretrained``; reaped, so its pid is no process any more."""
     code = textwrap.dedent(f"""
         import os, signal
         from pathlib import Path
-        folder = Path({str(cache_dir)!r}) / f"{PREFIX}{{os.getpid()}}-0badf00d"
-        (folder / "vae").mkdir(parents=True)
-        (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"half" * 4096)
-        print(folder, flush=True)
-        os.kill(os.getpid(), signal.SIGKILL)
+        from selfie_lora.adapters.flux import tiny
+
+        class Dying:
+            def save_pretrained(self, path):
+                (Path(path) / "vae").mkdir(parents=True, exist_ok=True)
+                (Path(path) / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(
+                    b"half" * 4096)
+                print(path, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        tiny.build_tiny_pipeline = Dying
+        tiny.tiny_pipeline_dir(Path({str(cache_dir)!r}))
     """)
     cache_dir.mkdir(parents=True, exist_ok=True)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, check=False)
+                          timeout=60, check=False, env={**os.environ, "PYTHONPATH": SRC})
     assert done.returncode == -9, done.stderr
     folder = Path(done.stdout.strip())
     assert folder.is_dir()
+    assert folder.parent == cache_dir
+    assert folder.name.startswith(PREFIX)
     return folder
 
 
+def _dead_pid() -> int:
+    """A pid no process has now (a reaped child's)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return int(done.stdout)
+
+
 def _live_leftover(cache_dir: Path, *, pid: int) -> Path:
-    folder = cache_dir / f"{PREFIX}{pid}-12345678"
+    folder = cache_dir / f"{PREFIX}{pid}-{process_space()}-12345678"  # this space's
     (folder / "vae").mkdir(parents=True)
     (folder / "model_index.json").write_text("{}")
     return folder
@@ -168,3 +187,37 @@ def test_what_is_not_a_builds_folder_is_left_alone(tmp_path: Path) -> None:
 
 def test_a_missing_cache_folder_sweeps_nothing(tmp_path: Path) -> None:
     assert tiny.sweep_dead_builds(tmp_path / "none") == 0
+
+
+@pytest.mark.parametrize("locks", ["work", "fail"])
+def test_a_build_of_another_machine_or_container_is_kept_until_an_hour_quiet(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locks: str) -> None:
+    """A cache shared with another machine (NFS: flock there locks only on each machine) or
+    another container (another pid namespace): the pid in a folder's name is the builder's
+    there, and a process of that pid here says nothing of it; the folder of a build running
+    there was removed here mid-save (found in review: read-report3). Named for another process
+    space, it goes only once nothing in it changed for an hour; "fail": a file system whose
+    flock answers an error (EBADF), where only the name and the age can decide."""
+    import errno
+    import fcntl
+
+    cache_dir = tmp_path / "cache"
+    _built(cache_dir)
+    theirs = cache_dir / f"{PREFIX}{_dead_pid()}-0fa5e1ce-12345678"  # another space's build
+    (theirs / "vae").mkdir(parents=True)
+    (theirs / "model_index.json").write_text("{}")
+    if locks == "fail":
+        def no_locks(_fd: int, _operation: int) -> None:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+        monkeypatch.setattr(fcntl, "flock", no_locks)
+
+    assert tiny.sweep_dead_builds(cache_dir) == 0  # old code: 1, removed mid-build
+    assert (theirs / "model_index.json").is_file()
+    _age(theirs, HOUR - 60)
+    assert tiny.sweep_dead_builds(cache_dir) == 0
+    assert theirs.is_dir()
+
+    _age(theirs, 2 * HOUR)
+    assert tiny.sweep_dead_builds(cache_dir) == 1
+    assert not theirs.exists()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfie_lora.adapters.flux.runtime import require_torch
 from selfie_lora.errors import ConfigError
+from selfie_lora.services.owners import process_space
 
 if TYPE_CHECKING:
     pass
@@ -232,7 +233,9 @@ def tiny_pipeline_dir(cache_dir: Path) -> Path:
         if (target / "model_index.json").is_file():
             return target
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f"{_BUILDING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # The pid is only this machine's and pid namespace's: the space says which.
+        tmp = cache_dir / (f"{_BUILDING_PREFIX}{os.getpid()}-{process_space() or 'unknown'}-"
+                           f"{uuid.uuid4().hex[:8]}")
         logger.info("building the tiny FLUX pipeline into %s", target)
         lock: int | None = None
         try:
@@ -273,9 +276,11 @@ def sweep_dead_builds(cache_dir: Path, *, now: float | None = None) -> int:
     """Removes the temporary folders of tiny builds that died before their rename (SIGKILL, the
     OOM killer, a machine that went down: tens of MB each, which nothing else ever removes);
     how many. A folder goes only when no build holds its lock and its builder is certainly gone:
-    its pid is no process on this machine, or nothing in it changed for an hour (another
-    machine's build, on a cache they share, or a pid taken again since). A live build's is kept,
-    here or in any process. Another account's folders, and names not ours, are left alone."""
+    it names this machine's and pid namespace's ``process_space`` and its pid is no process
+    here, or nothing in it changed for an hour. The pid of another space's build (another
+    machine on a shared cache, where flock locks only on each machine; another container on a
+    shared volume) says nothing here, nor does one taken again since, so the age alone decides
+    for those. Another account's folders, and names not ours, are left alone."""
     try:
         found = [p for p in cache_dir.iterdir() if p.name.startswith(_BUILDING_PREFIX)]
     except OSError:
@@ -290,9 +295,13 @@ def sweep_dead_builds(cache_dir: Path, *, now: float | None = None) -> int:
 
 
 def _remove_if_dead(folder: Path, *, now: float) -> bool:
-    pid_text = folder.name.removeprefix(_BUILDING_PREFIX).partition("-")[0]
+    pid_text, _, rest = folder.name.removeprefix(_BUILDING_PREFIX).partition("-")
     if not pid_text.isdigit() or int(pid_text) <= 0:
         return False  # not a name this module makes
+    # An older build's name (pid-hex) has no space: its pid is trusted no more than another's.
+    space, _, random = rest.partition("-")
+    here = process_space()
+    pid_tells = bool(here) and space == here and bool(random)
     try:
         found = folder.lstat()
         if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
@@ -308,7 +317,8 @@ def _remove_if_dead(folder: Path, *, now: float) -> bool:
         except OSError:
             pass  # no locks on this file system: the pid and the age decide
         # Held while it goes: a build that made its folder but has not locked it yet waits.
-        if _process_alive(int(pid_text)) and not _quiet_since(folder, now - STALE_BUILD_SECONDS):
+        if ((not pid_tells or _process_alive(int(pid_text)))
+                and not _quiet_since(folder, now - STALE_BUILD_SECONDS)):
             return False
         shutil.rmtree(folder, ignore_errors=True)
         return not folder.exists()
