@@ -30,6 +30,7 @@ import shutil
 import sqlite3
 import stat
 import tarfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -46,6 +47,7 @@ from selfie_lora.disk_space import free_bytes, is_full_error
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
 from selfie_lora.errors import ConfigError, InvalidInputError, StorageError, StorageFullError
 from selfie_lora.services.layout import manifest_key, photo_key
+from selfie_lora.services.owners import process_gone, process_space, quiet_since
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +283,13 @@ def _backup_needs(home: Path, *, as_tar: bool) -> int | None:
     return 2 * size if as_tar else size
 
 
-# What a tar backup writes beside its DEST until it is whole (``HomeBackups.backup``).
-_LEFTOVER = re.compile(r"\..+\.tar\.\d+\.(part|partial)")
+# What a tar backup writes beside its DEST until it is whole (``HomeBackups.backup``): named
+# for DEST, the backup's pid and its ``process_space`` (older backups' names have none).
+_LEFTOVER = re.compile(r"\.(?P<dest>.+\.tar)\.(?P<pid>\d+)(?:-(?P<space>[0-9a-f]+))?"
+                       r"\.(?:part|partial)")
+# Another name's leftover whose backup cannot be judged gone goes once untouched this long: a
+# running backup writes its scratch all along (each blob a new file), never still for an hour.
+_OTHERS_QUIET_SECONDS = 60 * 60
 
 
 @contextmanager
@@ -326,8 +333,11 @@ def _in_use(path: Path) -> bool:
         return held(path)
     except FileNotFoundError:
         return False
-    except PermissionError:
-        return True  # another account's: not ours to delete
+    except OSError as exc:
+        # Another account's (EACCES), or a lock this file system cannot be asked for (NFSv4's
+        # EBADF, ENOLCK): left alone, else that one error ended every tar backup into the folder.
+        logger.debug("left %s, whose lock cannot be asked for: %s", path, exc)
+        return True
 
 
 def _clear_leftovers(dest: Path) -> None:
@@ -336,9 +346,19 @@ def _clear_leftovers(dest: Path) -> None:
     there for good, and backups named by date (``backup /backups/$(date +%F).tar``) never write
     to one name twice. Those of this account that no running backup holds locked are deleted;
     another account's are left alone (and refused by ``_scratch`` when this backup's own name is
-    one of them)."""
+    one of them). Another name's may be a running backup's that cannot be seen holding it (on
+    another machine of a shared NFS folder, where flock locks only on each machine; or between
+    its mkdir and its flock), so it goes only when it names this machine's process space and a
+    pid gone, or once nothing in it changed for an hour."""
+    now = time.time()
     for left in dest.parent.glob(".*.tar.*.part*"):
-        if not _LEFTOVER.fullmatch(left.name) or _in_use(left):
+        named = _LEFTOVER.fullmatch(left.name)
+        if not named or _in_use(left):
+            continue
+        if (named["dest"] != dest.name
+                and not process_gone(int(named["pid"]), named["space"] or "")
+                and not quiet_since(left, now - _OTHERS_QUIET_SECONDS)):
+            logger.debug("left %s: another backup's, perhaps running", left)
             continue
         logger.warning("deleting %s, left by a backup that did not finish", left)
         if left.is_dir() and not left.is_symlink():
@@ -515,8 +535,10 @@ class HomeBackups:
         if dest.is_symlink() or (dest.exists() and (as_tar or not dest.is_dir()
                                                     or any(dest.iterdir()))):
             raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
-        folder = dest.with_name(f".{dest.name}.{os.getpid()}.partial") if as_tar else dest
-        part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+        # The pid with the process space it counts in: another backup judges it by that alone.
+        me = f"{os.getpid()}-{space}" if (space := process_space()) else str(os.getpid())
+        folder = dest.with_name(f".{dest.name}.{me}.partial") if as_tar else dest
+        part = dest.with_name(f".{dest.name}.{me}.part")
         made: list[Path] = []  # deleted if it fails: what this backup made, nothing else
         taken: list[Path] = []  # the empty DEST it was given: emptied again if it fails
         done = False

@@ -47,7 +47,17 @@ def owner_is_gone(owner: str | None) -> bool:
     if (len(parts) != 4 or not space or parts[3] != space
             or parts[0] != socket.gethostname() or not parts[1].isdigit()):
         return False
-    pid = int(parts[1])
+    return process_gone(int(parts[1]), parts[3])
+
+
+def process_gone(pid: int, space: str) -> bool:
+    """Whether ``pid``, counted in ``space`` (``process_space``), is no process now: False
+    whenever that cannot be told here (another space, or this one unknown; a pid that exists,
+    perhaps taken again by another process). Also for the leftovers a process names after
+    itself (a build's or a backup's scratch)."""
+    here = process_space()
+    if not here or space != here or pid <= 0:
+        return False
     if pid == os.getpid():
         return False  # this process: alive
     try:
@@ -57,3 +67,20 @@ def owner_is_gone(owner: str | None) -> bool:
     except OSError:  # EPERM: it exists, run by another user
         return False
     return False
+
+
+def quiet_since(path: Path, cutoff: float) -> bool:
+    """Whether nothing in ``path`` (itself included; a folder walked, links not followed) was
+    modified after ``cutoff``: a leftover whose process cannot be judged (another machine's or
+    container's) is its owner's no more once quiet for longer than that owner ever pauses."""
+    for parent, _dirs, files in os.walk(path):
+        for found in (Path(parent), *(Path(parent) / name for name in files)):
+            try:
+                if found.lstat().st_mtime > cutoff:
+                    return False
+            except FileNotFoundError:
+                continue
+    try:
+        return path.lstat().st_mtime <= cutoff  # a file (os.walk yields nothing for one)
+    except FileNotFoundError:
+        return True

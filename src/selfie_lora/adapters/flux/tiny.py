@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from selfie_lora.adapters.flux.runtime import require_torch
 from selfie_lora.errors import ConfigError
-from selfie_lora.services.owners import process_space
+from selfie_lora.services.owners import process_gone, process_space, quiet_since
 
 if TYPE_CHECKING:
     pass
@@ -300,8 +300,7 @@ def _remove_if_dead(folder: Path, *, now: float) -> bool:
         return False  # not a name this module makes
     # An older build's name (pid-hex) has no space: its pid is trusted no more than another's.
     space, _, random = rest.partition("-")
-    here = process_space()
-    pid_tells = bool(here) and space == here and bool(random)
+    gone = bool(random) and process_gone(int(pid_text), space)
     try:
         found = folder.lstat()
         if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
@@ -317,34 +316,9 @@ def _remove_if_dead(folder: Path, *, now: float) -> bool:
         except OSError:
             pass  # no locks on this file system: the pid and the age decide
         # Held while it goes: a build that made its folder but has not locked it yet waits.
-        if ((not pid_tells or _process_alive(int(pid_text)))
-                and not _quiet_since(folder, now - STALE_BUILD_SECONDS)):
+        if not gone and not quiet_since(folder, now - STALE_BUILD_SECONDS):
             return False
         shutil.rmtree(folder, ignore_errors=True)
         return not folder.exists()
     finally:
         os.close(fd)
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether a process ``pid`` runs on this machine (perhaps not the builder: pids are reused,
-    which the age settles)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another account's process (EPERM): alive
-    return True
-
-
-def _quiet_since(folder: Path, cutoff: float) -> bool:
-    """Whether nothing in ``folder`` (itself included) was modified after ``cutoff``."""
-    for parent, _dirs, files in os.walk(folder):
-        for path in (Path(parent), *(Path(parent) / name for name in files)):
-            try:
-                if path.lstat().st_mtime > cutoff:
-                    return False
-            except FileNotFoundError:
-                continue
-    return True
