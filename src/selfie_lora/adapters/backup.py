@@ -1147,9 +1147,15 @@ def clear_killed_restores(home: Path) -> list[Path]:
                     _delete(folder, home)
         except FileNotFoundError:
             continue
-        except (OSError, ConfigError) as exc:  # held by a restore, or not ours to remove
+        except ConfigError as exc:
+            # Held: by a restore between its two renames, or by a serve or worker started with
+            # this one (systemd starts both at once), which is deleting it now: nothing wrong.
+            logger.info("left %s, which a restore killed midway may have left: %s", folder,
+                        exc.message)
+            continue
+        except OSError as exc:  # not ours to remove, or the disk failing
             logger.warning("left %s, which a restore killed midway may have left: %s", folder,
-                           exc.message if isinstance(exc, ConfigError) else exc)
+                           exc)
             continue
         logger.warning("removed %s, a copy of a backup that a restore killed midway left",
                        folder)
