@@ -1122,8 +1122,9 @@ def clear_killed_restores(home: Path) -> list[Path]:
     unpacking (``.NAME.restore-unpacked``) and the HOME it was filling (``.NAME.restore-new``,
     still marked ``PENDING``), each a whole backup (its database, secret_key and every photo, a
     user deleted since among them), which only the next restore removed, and a HOME whose
-    restore was not run again kept for good. Called by a server or worker once it holds HOME's
-    shared lock (``using_home``): no restore of HOME runs then, as one holds that lock exclusive
+    restore was not run again kept for good. Called by a command that holds HOME (serve,
+    worker, train and resume waiting for their training) once it holds HOME's shared lock
+    (``wiring.using_home``): no restore of HOME runs then, as one holds that lock exclusive
     from before it makes either until it ends, and ``-new``'s own lock (``holding``) is taken
     here too, for the moment a restore without an exchange renames HOME away. Left alone:
     another account's, a link, a file, and a ``-new`` without the mark (the HOME a restore
