@@ -1493,7 +1493,7 @@ def test_a_killed_backups_leftovers_are_cleared_by_the_next_tar_backup_beside_th
         write_tar = backup._write_tar
 
         def killed_at_its_rename(*args: Any) -> None:
-            backup.os.replace = _kill_self  # the child's: the tar is whole, not yet its name
+            backup._rename_new = _kill_self  # the child's: the tar is whole, not yet its name
             write_tar(*args)
 
         backup._write_tar = killed_at_its_rename
