@@ -481,6 +481,34 @@ def evaluate(people: Path, *, models: Sequence[int], workers: int,
     return results
 
 
+@contextmanager
+def _pairs_judged_once() -> Iterator[None]:
+    """``check_set`` judging each pair of photos once while this lasts, not once per set: the
+    different-person loop checks each person's photos with every stranger in turn, so ~5,000
+    judgements of which ~3,400 were a person's own pairs again (2% of the run). The judgement,
+    ``duplicates.pair_duplicate``, depends only on the two analyses and the policy (its
+    ``cache`` only saves work); the memo keeps them, so their ids stay theirs. Swapped in
+    ``duplicates`` (where ``near_duplicate_pairs`` looks it up) for the bench alone: the
+    service checks a set once and has nothing to remember."""
+    from selfie_lora.dataset.checks import duplicates
+
+    judge = duplicates.pair_duplicate
+    memo: dict[tuple[int, int, int], tuple[Any, str | None]] = {}
+
+    def once(a: PhotoAnalysis, b: PhotoAnalysis, *, policy: CheckPolicy,
+             cache: Any = None) -> str | None:
+        key = (id(a), id(b), id(policy))
+        if key not in memo:
+            memo[key] = ((a, b, policy), judge(a, b, policy=policy, cache=cache))
+        return memo[key][1]
+
+    duplicates.pair_duplicate = once  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        duplicates.pair_duplicate = judge
+
+
 def _score(landmarks: int, labels: Sequence[tuple[str, str]],
            analyses: dict[str, PhotoAnalysis | None], edits: dict[str, PhotoAnalysis | None],
            kind_of: dict[str, str], source_of: dict[str, str]) -> Result:
@@ -557,33 +585,36 @@ def _score(landmarks: int, labels: Sequence[tuple[str, str]],
     groups: dict[str, list[str]] = {}
     for name in found:
         groups.setdefault(person[name], []).append(name)
-    for who, names in sorted(groups.items()):
-        if len(names) < 4:
-            continue
-        own = [everything[n] for n in names]
-        alone = check_set([a for a in own if a is not None], policy=POLICY)
-        row.negatives += len(names)
-        row.fp += sum(1 for f in alone.findings if f.code == "different_person"
-                      and f.severity in ("warn", "reject"))
-        row.rejected += sum(1 for f in alone.findings if f.code == "different_person"
-                            and f.severity == "reject")
-        for stranger in found:
-            if person[stranger] == who:
+    # Each set judges its pairs of photos (check_set's near-duplicates); a person's own pairs
+    # are the same in all of their sets: judged once (_pairs_judged_once).
+    with _pairs_judged_once():
+        for who, names in sorted(groups.items()):
+            if len(names) < 4:
                 continue
-            analysis = everything[stranger]
-            assert analysis is not None
-            report = check_set([*own, analysis], policy=POLICY)  # type: ignore[list-item]
-            flagged = {f.photo for f in report.findings if f.code == "different_person"
-                       and f.severity in ("warn", "reject")}
-            row.rejected += sum(1 for f in report.findings if f.code == "different_person"
-                                and f.severity == "reject" and f.photo != stranger)
-            row.positives += 1
-            row.tp += stranger in flagged
-            if stranger not in flagged:
-                row.misses.append(f"{stranger} among {who}")
+            own = [everything[n] for n in names]
+            alone = check_set([a for a in own if a is not None], policy=POLICY)
             row.negatives += len(names)
-            row.fp += len(flagged - {stranger})
-            row.false_alarms.extend(f"{n} (with {stranger})" for n in sorted(flagged - {stranger}))
+            row.fp += sum(1 for f in alone.findings if f.code == "different_person"
+                          and f.severity in ("warn", "reject"))
+            row.rejected += sum(1 for f in alone.findings if f.code == "different_person"
+                                and f.severity == "reject")
+            for stranger in found:
+                if person[stranger] == who:
+                    continue
+                analysis = everything[stranger]
+                assert analysis is not None
+                report = check_set([*own, analysis], policy=POLICY)  # type: ignore[list-item]
+                flagged = {f.photo for f in report.findings if f.code == "different_person"
+                           and f.severity in ("warn", "reject")}
+                row.rejected += sum(1 for f in report.findings if f.code == "different_person"
+                                    and f.severity == "reject" and f.photo != stranger)
+                row.positives += 1
+                row.tp += stranger in flagged
+                if stranger not in flagged:
+                    row.misses.append(f"{stranger} among {who}")
+                row.negatives += len(names)
+                row.fp += len(flagged - {stranger})
+                row.false_alarms.extend(f"{n} (with {stranger})" for n in sorted(flagged - {stranger}))
     result.rows["different_person"] = row
     result.extra["images"] = len(originals) + len(edits)
     return result
