@@ -11,6 +11,7 @@ both ways round.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Collection, Sequence
 from typing import Literal
@@ -179,14 +180,18 @@ def _hamming(a: str, b: str) -> int:
     return bin(int(a, 16) ^ int(b, 16)).count("1")
 
 
-_PatchHashes = dict[tuple[int, tuple[int, int, int, int]], tuple[str, str]]
+_PatchHashes = dict[tuple[bytes, tuple[int, int, int, int]], tuple[str, str]]
 
 
 def _patch_hashes(patch: FacePatch, rect: tuple[int, int, int, int],
                   cache: _PatchHashes) -> tuple[str, str]:
     if rect == patch.inside and patch.phash:
         return patch.phash, patch.dhash
-    key = (id(patch), rect)
+    # By the pixels' digest, not the patch object's id: the mirrored copy pair_duplicate makes
+    # for each pair is freed after it, and a later pair's copy could be given its id and so its
+    # hashes (another face's). A digest also lets one photo's mirror, made again for each pair
+    # it is in, hit the cache.
+    key = (hashlib.blake2b(patch.pixels, digest_size=16).digest(), rect)
     if key not in cache:
         x0, y0, x1, y1 = rect
         side = FacePatch.SIDE
