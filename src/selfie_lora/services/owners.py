@@ -66,6 +66,9 @@ def process_gone(pid: int, space: str) -> bool:
         return True
     except OSError:  # EPERM: it exists, run by another user
         return False
+    except OverflowError:
+        # A pid past C's int (a corrupt or planted name): not told here; its age decides.
+        return False
     return False
 
 
