@@ -853,6 +853,56 @@ def test_two_backups_to_one_folder_at_once_make_one_whole_backup_and_one_clear_e
     assert _restores(dest, tmp_path)
 
 
+def _flock_as_on_nfs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fcntl.flock`` as NFS (and CIFS since Linux 5.5) has it: emulated with POSIX locks, so
+    an exclusive lock needs an fd open for writing and a shared one an fd open for reading
+    (flock(2) NOTES), else EBADF. A folder can only be opened read-only."""
+    import fcntl
+
+    real = fcntl.flock
+
+    def flock(fd: int, how: int) -> None:
+        mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+        if (how & fcntl.LOCK_EX and mode == os.O_RDONLY) or (
+                how & fcntl.LOCK_SH and mode == os.O_WRONLY):
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        real(fd, how)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_a_folder_backup_to_nfs_or_smb_is_written_and_a_second_one_refused(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lock on DEST was taken on the folder, opened read-only: on NFS and SMB that fails
+    (EBADF), and every folder backup there ended 'cannot write the backup to DEST: Bad file
+    descriptor', an empty DEST left behind."""
+    from selfie_lora.adapters import backup
+    from selfie_lora.errors import ConfigError
+
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    dest = tmp_path / "bk"
+    _flock_as_on_nfs(monkeypatch)
+    second: list[str] = []
+    real_snapshot = backup._snapshot
+
+    def snapshot(*args: Any, **kwargs: Any) -> None:
+        if not second:  # another backup to DEST, while this one writes (its own open files)
+            try:
+                backup.HomeBackups(home=settings.home).backup(dest=dest)
+                second.append("wrote")
+            except ConfigError as exc:
+                second.append(exc.message)
+        real_snapshot(*args, **kwargs)
+
+    monkeypatch.setattr(backup, "_snapshot", snapshot)
+    assert backup.HomeBackups(home=settings.home).backup(dest=dest).path == dest
+    assert second == [f"{dest} is being written by another backup, running now: wait for its "
+                      "end, or name another DEST"]
+    assert _restores(dest, tmp_path)
+
+
 def test_two_backups_to_one_tar_at_once_never_replace_each_other(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,7 +32,7 @@ import stat
 import tarfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -216,10 +216,10 @@ def _make_dest_folder(dest: Path, stack: ExitStack) -> bool:
     taken, made 0700 (False), only when it is this account's and no other can write to it
     (another's stayed its owner's after the chmod, who then planted files in it: security2
     review). Checked on the folder opened, so it cannot be swapped between the check and the
-    chmod. Locked (``flock``, exclusive) before it is found empty, until ``stack`` closes: a
-    second backup to it meanwhile is refused. Unlocked, one started just after the first made
-    it took it too (empty still) and wrote a whole backup there, and the first, failing on
-    that one's files, deleted the folder with it."""
+    chmod. Claimed by making its ``WRITING`` file (``O_EXCL``) before it is found empty, which
+    stays locked until ``stack`` closes: a second backup to it meanwhile is refused. Unclaimed,
+    one started just after the first made it took it too (empty still) and wrote a whole
+    backup there, and the first, failing on that one's files, deleted the folder with it."""
     try:
         dest.mkdir(mode=0o700)
         made = True
@@ -229,19 +229,46 @@ def _make_dest_folder(dest: Path, stack: ExitStack) -> bool:
         fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
         raise ConfigError(f"{dest} already exists: name a new folder or .tar file") from None
-    stack.callback(os.close, fd)  # and the lock with it
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise ConfigError(f"{dest} {_BEING_WRITTEN}") from None
+    stack.callback(os.close, fd)
     if not made:
         _refuse_unless_mine(dest, os.fstat(fd), instead="name a new folder, or an empty one "
                             "of your own that no other account can write to")
-    if os.listdir(fd):
-        # Made here too: another backup may have taken it and ended before this one locked it.
-        raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
-    os.fchmod(fd, 0o700)  # it holds secret_key
+    try:
+        # The claim is the O_EXCL create (atomic on NFSv3 and later too), not a lock on the
+        # folder: NFS and SMB emulate flock with POSIX locks, and an exclusive one needs an fd
+        # open for writing, which a folder cannot be (EBADF: every folder backup there failed).
+        claim = os.open(WRITING, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                        PRIVATE_MODE, dir_fd=fd)
+    except FileExistsError:
+        raise ConfigError(f"{dest} {_BEING_WRITTEN}") from None
+    stack.callback(os.close, claim)  # and the lock with it
+    try:
+        _lock_claim(claim, dest)
+        if os.listdir(fd) != [WRITING]:
+            # Another backup may have taken it and ended before this one claimed it.
+            raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
+        os.fchmod(fd, 0o700)  # it holds secret_key
+    except BaseException:
+        os.unlink(WRITING, dir_fd=fd)
+        if made:
+            with suppress(OSError):
+                dest.rmdir()  # only if empty: never another backup's
+        raise
     return made
+
+
+def _lock_claim(fd: int, dest: Path) -> None:
+    """The ``WRITING`` file this backup made locked, so that another backup tells a running one
+    (``_locked_folder``) from one cut short. Blocking: only such a check, for an instant, can
+    hold it. Where the file system has no locks (NFSv3 without lockd: ENOLCK), the claim still
+    refuses a second backup; only that one's words differ ("cut short")."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        logger.warning("cannot lock %s (%s): a second backup to it is still refused",
+                       dest / WRITING, exc.strerror or exc)
 
 
 def _empty(folder: Path) -> None:
@@ -307,11 +334,22 @@ def _writing(path: Path) -> Iterator[None]:
 
 
 def _locked_folder(folder: Path) -> bool:
-    """Whether a running backup holds the folder ``folder`` locked (``_make_dest_folder``)."""
+    """Whether a running backup holds the folder ``folder``'s ``WRITING`` file locked
+    (``_make_dest_folder``). Asked with a shared lock, which a read-only fd may take on NFS and
+    SMB too (an exclusive one there needs an fd open for writing)."""
     try:
-        return held(folder)
+        fd = os.open(folder / WRITING, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return False  # gone, or not ours to read: said as it was before
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False  # no locks on this file system: said as cut short
+    finally:
+        os.close(fd)
+    return False
 
 
 def _in_use(path: Path) -> bool:
@@ -586,7 +624,6 @@ class HomeBackups:
             stack.enter_context(_writing(folder))
         else:
             (made if _make_dest_folder(dest, stack) else taken).append(dest)
-            os.close(_new_file(dest / WRITING))
             fsync_dir(dest)
         summary = self._write(folder)
         if not as_tar:
