@@ -331,8 +331,10 @@ def opened(*, label: str = "error", existing: str | None = None,
         with _starting(settings):
             # HOME shared until the command ends, taken before its database is opened (made,
             # migrated): refused untouched during a restore, and no restore meanwhile, which
-            # set HOME aside under the command (a user it created was in the kept HOME).
-            hold.enter_context(sharing_home(settings))
+            # set HOME aside under the command (a user it created was in the kept HOME). One
+            # that may make HOME makes it first, to lock it: unlocked until it made it, a
+            # restore could take it meanwhile.
+            hold.enter_context(sharing_home(settings, make=existing is None))
             services = build_services(settings, **build)
         if fresh:
             _say_new_home(settings)

@@ -569,13 +569,13 @@ def using_home(settings: Settings) -> Iterator[None]:
         yield
 
 
-def sharing_home(settings: Settings) -> AbstractContextManager[None]:
+def sharing_home(settings: Settings, *, make: bool = False) -> AbstractContextManager[None]:
     """Held by a one-shot command while it opens and uses HOME's data: refused
     (``ConfigError``) during a restore, and a restore is refused meanwhile
-    (``adapters.home_lock``)."""
+    (``adapters.home_lock``). ``make``: a missing HOME is made first, to be locked."""
     from selfie_lora.adapters.home_lock import sharing_home as hold
 
-    return hold(settings.home)
+    return hold(settings.home, make=make)
 
 
 def clearing_home(home: Path, *, refused: str) -> AbstractContextManager[None]:

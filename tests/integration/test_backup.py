@@ -736,6 +736,40 @@ def test_a_restore_is_refused_while_a_backup_or_other_command_runs_on_the_home(
     assert not (settings.home / "restored.json").exists()
 
 
+def test_a_restore_is_refused_while_a_command_makes_a_fresh_home(
+        settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command run while HOME did not exist took no lock (nothing to lock yet) and then made
+    HOME and its database: a restore started in between made HOME itself, locked it and went
+    on, and ``users create``'s user went into the HOME the restore then set aside."""
+    from selfie_lora import wiring
+    from selfie_lora.adapters.home_lock import restoring_home
+    from selfie_lora.errors import ConfigError
+
+    fresh = settings.model_copy(update={"home": tmp_path / "fresh" / "home"})
+    monkeypatch.setattr(cli, "_settings", lambda: fresh)
+    restores: list[str] = []
+    real_build = wiring.build_services
+
+    def build(*args: Any, **kwargs: Any) -> Services:
+        try:  # a restore starting right after the command's lock step
+            with restoring_home(fresh.home):
+                restores.append("locked HOME")
+        except ConfigError as exc:
+            restores.append(f"error: {exc.message}")
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(wiring, "build_services", build)
+    code, said = run("users", "create", "bob")
+    assert code == 0, said
+    assert restores == [IN_USE.format(home=fresh.home)]
+    assert stat.S_IMODE(fresh.home.stat().st_mode) == 0o700
+    db = sqlite3.connect(fresh.home / "selfie-lora.db")
+    try:
+        assert db.execute("SELECT name FROM users").fetchall() == [("bob",)]
+    finally:
+        db.close()
+
+
 def test_a_home_that_is_a_mount_point_is_refused_before_anything_is_written(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -81,10 +81,18 @@ def restoring_home(home: Path) -> Iterator[None]:
 
 
 @contextmanager
-def sharing_home(home: Path) -> Iterator[None]:
+def sharing_home(home: Path, *, make: bool = False) -> Iterator[None]:
     """Held by a one-shot command while it runs on ``home``, shared as ``using_home``: a
-    restore is refused meanwhile, and the command is refused during one. A HOME that is no
-    folder is left alone, not made for the lock (the command says what is missing)."""
+    restore is refused meanwhile, and the command is refused during one. ``make``: a command
+    that makes a missing HOME (``users create`` on a fresh machine) makes it first (0700), as
+    ``using_home`` does, then locks it; else a restore started between this and the command's
+    making HOME took it, and the command's user went into the HOME the restore set aside.
+    Otherwise a HOME that is no folder is left alone, not made for the lock (the command says
+    what is missing)."""
+    if make:
+        # Where it cannot be made (a file in the way), the command's own start says why.
+        with suppress(OSError):
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)  # every user's photos
     if not home.is_dir():
         yield
         return
