@@ -966,6 +966,53 @@ def test_two_backups_to_one_tar_at_once_never_replace_each_other(
     assert _restores(dest, tmp_path)
 
 
+@pytest.mark.parametrize("links", [True, False])
+def test_a_tar_never_replaces_another_where_the_file_system_cannot_rename_without_replacing(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, links: bool) -> None:
+    """Where renameat2's RENAME_NOREPLACE is missing (NFS, CIFS, many FUSE file systems: the
+    usual places of backups), the tar was checked free, then os.replace'd: a tar another
+    backup wrote in between was replaced. It is now hard-linked (EEXIST where the name is
+    taken); only where hard links are missing too is it checked, then replaced."""
+    from selfie_lora.adapters import backup
+    from selfie_lora.errors import ConfigError
+
+    services.users.create(name="ann")
+    dest = tmp_path / "bk.tar"
+    other = b"the tar another backup wrote"
+    monkeypatch.setattr(backup, "_renameat2", lambda *_args, **_kwargs: False)
+    real_replace, real_link = os.replace, os.link
+
+    def other_ends(target: Any) -> None:
+        if Path(target) == dest and links:  # the other backup ends in the window
+            dest.write_bytes(other)
+
+    def replace(source: Any, target: Any) -> None:
+        other_ends(target)
+        real_replace(source, target)
+
+    def link(source: Any, target: Any) -> None:
+        if not links:
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        other_ends(target)
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    if links:
+        with pytest.raises(ConfigError) as refused:
+            backup.HomeBackups(home=settings.home).backup(dest=dest)
+        assert refused.value.message == (f"{dest} was written by another backup meanwhile: "
+                                         "this one is not kept; name a new folder or .tar file")
+        assert dest.read_bytes() == other
+        assert sorted(p.name for p in tmp_path.iterdir() if "bk" in p.name) == ["bk.tar"]
+    else:
+        assert backup.HomeBackups(home=settings.home).backup(dest=dest).path == dest
+        assert sorted(p.name for p in tmp_path.iterdir() if "bk" in p.name) == ["bk.tar"]
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert _restores(dest, tmp_path)
+
+
 def test_a_backup_is_never_readable_by_others_and_one_killed_is_cleared_next_time(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:

@@ -442,11 +442,27 @@ def _write_tar(folder: Path, part: Path, dest: Path, made: list[Path]) -> None:
     fsync_dir(dest.parent)
 
 
+# What a file system without hard links says to os.link.
+_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK)
+
+
 def _rename_new(source: Path, target: Path) -> None:
     """``source`` renamed ``target``, ``FileExistsError`` where ``target`` is there: at once
-    (renameat2's RENAME_NOREPLACE), or, where the system or the file system cannot, checked
-    first (a backup made in the instant between is replaced)."""
+    (renameat2's RENAME_NOREPLACE; or, where the file system lacks it, as NFS, CIFS and many
+    FUSE ones do, a hard link, which fails at once on a taken name, then ``source`` unlinked).
+    Only where hard links are missing too (FAT) is it checked first, then replaced: a backup
+    made in the instant between is replaced there."""
     if _renameat2(source, target, flags=_RENAME_NOREPLACE):
+        return
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_LINKS:
+            raise
+    else:
+        source.unlink()
         return
     if target.exists() or target.is_symlink():
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target))
