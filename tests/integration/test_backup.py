@@ -770,6 +770,36 @@ def test_a_restore_is_refused_while_a_command_makes_a_fresh_home(
         db.close()
 
 
+@pytest.mark.parametrize("error", [errno.EACCES, errno.EROFS])
+@pytest.mark.parametrize("command", [["backup", "{tmp}/bk"], ["users", "list"]])
+def test_a_home_this_account_cannot_write_is_said_in_one_line(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, command: list[str], error: int) -> None:
+    """An account that may only read HOME (or HOME on a read-only disk) cannot run any command
+    (SQLite writes beside the database), and was told 'No such file or directory:
+    HOME/.in-use' or '[Errno 30] Read-only file system: HOME/.in-use' instead."""
+    _ann_with_a_photo(services, settings, monkeypatch)
+    services.close()
+    (settings.home / ".in-use").unlink(missing_ok=True)
+    before = state(settings.home)
+    real_open = os.open
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).endswith(".in-use"):
+            raise OSError(error, os.strerror(error), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    code, said = run(*(arg.format(tmp=tmp_path) for arg in command))
+    assert code == 1, said
+    assert " ".join(said.split()) == (
+        f"error: SELFIE_LORA_HOME ({settings.home}) cannot be written by this account "
+        f"({os.strerror(error)}): every selfie-lora command writes to it (its lock, the "
+        "database's journal); run it as the account that owns HOME, on a disk mounted "
+        "read-write")
+    assert state(settings.home) == before
+
+
 def test_a_home_that_is_a_mount_point_is_refused_before_anything_is_written(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,7 @@ restore set aside, and a ``backup`` took the old database with the restored HOME
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Iterator
@@ -34,10 +35,15 @@ _BEING_RESTORED = "SELFIE_LORA_HOME ({home}) is being restored: start this once 
 def _locked(home: Path, how: int, refused: str) -> Iterator[None]:
     try:
         fd = os.open(home / IN_USE, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
-    except PermissionError:
-        # An account that may read HOME only (one that runs the backups): a lock needs no
-        # write, only the file, which any serve or restore made.
-        fd = os.open(home / IN_USE, os.O_RDONLY)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # No command works on a HOME it may only read (SQLite writes beside the database even
+        # to read it, in WAL mode): said as that, not as the lock file's raw error.
+        raise ConfigError(f"SELFIE_LORA_HOME ({home}) cannot be written by this account "
+                          f"({exc.strerror}): every selfie-lora command writes to it (its "
+                          "lock, the database's journal); run it as the account that owns "
+                          "HOME, on a disk mounted read-write") from None
     try:
         try:
             fcntl.flock(fd, how | fcntl.LOCK_NB)
