@@ -139,6 +139,31 @@ def _first_blob(manifest: dict[str, Any]) -> dict[str, Any]:
     return dict(next(iter(manifest["blobs"].values())))
 
 
+@pytest.mark.parametrize("name", ["restored.json", ".restore-pending", ".in-use"])
+def test_a_backup_whose_manifest_names_a_file_a_restore_writes_is_not_a_backup(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """A hand-edited or crafted manifest naming restored.json (which the restore makes new,
+    O_EXCL) ended 'cannot restore into HOME: File exists'."""
+    services.users.create(name="ann")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    backup = tmp_path / "bk"
+    assert run("backup", str(backup))[0] == 0
+    (backup / name).write_text("{}")
+    manifest = json.loads((backup / "manifest.json").read_text())
+    manifest["files"][name] = hashlib.sha256(b"{}").hexdigest()
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    target = tmp_path / "other-home"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
+    code, said = run("restore", str(backup))
+    assert code == 1
+    assert " ".join(said.split()) == (f"error: {backup} is not a backup: its manifest.json "
+                                      f"cannot be read (files names {name}, which only a "
+                                      "restore writes)")
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir() if "restore" in p.name] == []
+
+
 @pytest.mark.parametrize(("damage", "said"), [
     (lambda m: m.update(blobs=[1, 2]), "blobs is not an object"),
     (lambda m: m["blobs"].update({k: 5 for k in m["blobs"]}), "is not a key with a size"),

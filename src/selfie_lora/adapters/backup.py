@@ -39,7 +39,13 @@ from pathlib import Path, PurePosixPath
 
 from selfie_lora.adapters.db.migrate import head_revision, known_revisions
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
-from selfie_lora.adapters.home_lock import holding, only_the_lock, restoring_home, sharing_home
+from selfie_lora.adapters.home_lock import (
+    IN_USE,
+    holding,
+    only_the_lock,
+    restoring_home,
+    sharing_home,
+)
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, held
 from selfie_lora.config import DATABASE_FILE
@@ -948,6 +954,10 @@ class HomeBackups:
         return old
 
 
+# What a restore writes into HOME itself, never a backup's file.
+_RESTORE_WRITES = frozenset({RESTORED, PENDING, IN_USE})
+
+
 @dataclass(frozen=True)
 class _Manifest:
     """A backup's manifest.json, its every field checked for its type: one that a damaged or
@@ -985,6 +995,9 @@ class _Manifest:
         if not isinstance(files, dict) or not all(
                 _is_name(n) and _is_sha256(d) for n, d in files.items()):
             raise cls._bad(where, "files is not an object of sha256 sums")
+        for name in sorted(files.keys() & _RESTORE_WRITES):
+            # Made new (O_EXCL) by the restore: named here, it ended 'File exists'.
+            raise cls._bad(where, f"files names {name}, which only a restore writes")
         if DATABASE_FILE not in files:
             raise InvalidInputError(f"{where} is not a backup: its manifest names no database")
         if not isinstance(blobs, dict):
