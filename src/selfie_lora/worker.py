@@ -228,6 +228,12 @@ class Worker:
         if self._gc is not None:
             threads.append(threading.Thread(target=self._gc_loop, name="gc", daemon=True))
         if self._announce:
+            # The first beat here, before any thread runs: the worker counts as live once
+            # started, and no beat of its own thread comes in the first HEARTBEAT_SECONDS (a
+            # test that forks right after the app starts met its first beat mid-transaction,
+            # and SQLite's per-process lock records, copied by the fork, left the child's
+            # database "locked").
+            self._beat()
             threads.append(threading.Thread(target=self._presence_loop, name="presence",
                                             daemon=True))
         if self._erasure is not None:
@@ -405,14 +411,16 @@ class Worker:
         while not self._stop.wait(self._reconcile_seconds):
             self._reconcile()
 
+    def _beat(self) -> None:
+        if not self.clock_skewed:
+            # Skewed, it takes no training: its row runs out and it counts as stale.
+            with self._presence_outage.watch(failed="saying this worker is alive failed"):
+                self._training.worker_alive(self.identity.name)
+
     def _presence_loop(self) -> None:
-        while True:
-            if not self.clock_skewed:
-                # Skewed, it takes no training: its row runs out and it counts as stale.
-                with self._presence_outage.watch(failed="saying this worker is alive failed"):
-                    self._training.worker_alive(self.identity.name)
-            if self._stop.wait(self._training.lease.heartbeat.total_seconds()):
-                return
+        # start() gave the first beat.
+        while not self._stop.wait(self._training.lease.heartbeat.total_seconds()):
+            self._beat()
 
     def _gc_loop(self) -> None:
         while not self._stop.wait(self._gc_check_seconds):
