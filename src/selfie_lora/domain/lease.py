@@ -369,7 +369,7 @@ OUTAGE_WAITS = ("full_disk", "object_storage")
 
 # The states of the ``selfie_lora_workers`` gauge: a consuming worker is live while the row it
 # renews every heartbeat has not expired (a lease's time), stale once it has (a worker that
-# died without stopping: killed, its machine lost; forgotten after a day).
+# died without stopping: killed, its machine lost; counted for WORKER_STALE_FOR after).
 WORKER_STATES = ("live", "stale")
 
 
