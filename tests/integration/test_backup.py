@@ -992,6 +992,40 @@ def test_a_folder_backup_to_nfs_or_smb_is_written_and_a_second_one_refused(
     assert _restores(dest, tmp_path)
 
 
+def test_a_tar_backup_to_nfs_or_smb_is_written_and_its_scratch_known_as_running(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .tar backup locked its .partial folder, opened read-only, exclusive: on NFS and SMB
+    that fails (EBADF), and every .tar backup there ended 'cannot write the backup to DEST: Bad
+    file descriptor'. It locks its .part, made first and open for writing, instead."""
+    from selfie_lora.adapters import backup
+    from selfie_lora.services.owners import process_space
+
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    dest = tmp_path / "bk.tar"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed = f".bk.tar.{dead.pid}-{process_space()}"
+    (tmp_path / f"{killed}.part").write_bytes(b"a tar cut short")
+    (tmp_path / f"{killed}.partial").mkdir()
+    _flock_as_on_nfs(monkeypatch)
+    running: list[bool] = []
+    real_snapshot = backup._snapshot
+
+    def snapshot(*args: Any, **kwargs: Any) -> None:
+        # What another backup's clean-up of leftovers sees of this one's scratch meanwhile.
+        if not running:
+            running.extend(backup._in_use(p) for p in sorted(tmp_path.glob(".bk.tar.*")))
+        real_snapshot(*args, **kwargs)
+
+    monkeypatch.setattr(backup, "_snapshot", snapshot)
+    assert backup.HomeBackups(home=settings.home).backup(dest=dest).path == dest
+    assert running == [True, True]
+    assert sorted(p.name for p in tmp_path.iterdir() if "bk" in p.name) == ["bk.tar"]
+    assert _restores(dest, tmp_path)
+
+
 def test_two_backups_to_one_tar_at_once_never_replace_each_other(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1874,7 +1908,8 @@ def test_a_backup_beside_another_running_one_does_not_delete_its_scratch(
     monkeypatch.setattr(cli, "_settings", lambda: settings)
     code, said = run("backup", str(out / "a.tar"))
     assert code == 0, said  # old code: "cannot write the backup ...: No such file or directory"
-    assert [p.name.rsplit(".", 1)[1] for p in swept] == ["partial"]
+    # Both kept: its .part is made (and locked) first, before its .partial.
+    assert sorted(p.name.rsplit(".", 1)[1] for p in swept) == ["part", "partial"]
     assert sorted(p.name for p in out.iterdir()) == ["a.tar"]
 
 

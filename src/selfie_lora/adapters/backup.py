@@ -249,7 +249,7 @@ def _make_dest_folder(dest: Path, stack: ExitStack) -> bool:
         raise ConfigError(f"{dest} {_BEING_WRITTEN}") from None
     stack.callback(os.close, claim)  # and the lock with it
     try:
-        _lock_claim(claim, dest)
+        _lock_claim(claim, dest / WRITING)
         if os.listdir(fd) != [WRITING]:
             # Another backup may have taken it and ended before this one claimed it.
             raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
@@ -263,18 +263,20 @@ def _make_dest_folder(dest: Path, stack: ExitStack) -> bool:
     return made
 
 
-def _lock_claim(fd: int, dest: Path) -> None:
-    """The ``WRITING`` file this backup made locked, so that another backup tells a running one
-    (``_locked_folder``) from one cut short. Blocking: only such a check, for an instant, can
-    hold it. Where the file system has no locks (NFSv3 without lockd: ENOLCK), the claim still
-    refuses a second backup; only that one's words differ ("cut short")."""
+def _lock_claim(fd: int, path: Path) -> None:
+    """The file ``path`` (open for writing as ``fd``) this backup made to claim its DEST
+    (``WRITING``) or its tar's scratch (the ``.part``, ``_claim_part``) locked, so that another
+    backup tells a running one from one that ended (``_locked_folder``, ``_in_use``). Blocking:
+    only such a check, for an instant, can hold it. Where the file system has no locks (NFSv3
+    without lockd: ENOLCK), the O_EXCL create still refuses a second backup to the name; only
+    what another backup can tell of it differs."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as exc:
         if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
             raise
-        logger.warning("cannot lock %s (%s): a second backup to it is still refused",
-                       dest / WRITING, exc.strerror or exc)
+        logger.warning("cannot lock %s (%s): another backup cannot tell this one is running",
+                       path, exc.strerror or exc)
 
 
 def _empty(folder: Path) -> None:
@@ -325,18 +327,32 @@ _LEFTOVER = re.compile(r"\.(?P<dest>.+\.tar)\.(?P<pid>\d+)(?:-(?P<space>[0-9a-f]
 _OTHERS_QUIET_SECONDS = 60 * 60
 
 
-@contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """``path`` (the ``.part`` tar or the ``.partial`` folder) locked while this backup writes
-    it: the kernel drops the lock with the process, so the next backup knows one it can lock
-    was left by a backup that ended. A pid in the name could not say so: pids are reused (a
-    container's backup is PID 1 every time), and a reused one kept the leftovers for good."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+def _partner(path: Path) -> Path:
+    """The other of a tar backup's scratch pair: ``.NAME.<pid>.part`` for its ``.partial``
+    folder, and the other way round."""
+    name = path.name
+    if name.endswith(".partial"):
+        return path.with_name(name.removesuffix("ial"))
+    return path.with_name(f"{name}ial")
+
+
+def _claim_part(part: Path, dest: Path, stack: ExitStack) -> int:
+    """This tar backup's ``.part`` made new (0600 from its first byte whatever the umask: it
+    will hold the database and secret_key), before its ``.partial`` folder, open for writing,
+    and locked until ``stack`` closes: the kernel drops the lock with the process, so the next
+    backup knows one it can lock (and the ``.partial`` beside it, ``_in_use``) was left by a
+    backup that ended. A pid in the name could not say so: pids are reused (a container's
+    backup is PID 1 every time), and a reused one kept the leftovers for good. A regular file
+    open for writing, not the folder: NFS and SMB refuse an exclusive lock on an fd open
+    read-only (EBADF), as a folder's must be, and every tar backup there failed."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE_MODE)
+    except FileExistsError:
+        _scratch(part, dest)
+        raise
+    stack.callback(os.close, fd)  # and the lock with it
+    _lock_claim(fd, part)
+    return fd
 
 
 def _locked_folder(folder: Path) -> bool:
@@ -359,7 +375,8 @@ def _locked_folder(folder: Path) -> bool:
 
 
 def _in_use(path: Path) -> bool:
-    """Whether a running backup holds ``path`` (``_writing``)."""
+    """Whether a running backup holds ``path``: its ``.part`` locked (``_claim_part``), which
+    holds the ``.partial`` folder beside it too."""
     try:
         found = path.lstat()
     except FileNotFoundError:
@@ -373,6 +390,12 @@ def _in_use(path: Path) -> bool:
     if found.st_uid != os.geteuid():
         # Another account's: not ours to delete (root could; nor is it a backup of ours).
         return True
+    if stat.S_ISDIR(kind):
+        if not path.name.endswith(".partial"):
+            return True  # no backup makes a folder ``.part``: left alone
+        # Its backup locks the .part beside it: a folder opens only read-only, and NFS and SMB
+        # refuse an exclusive lock on such an fd. Gone, it holds the folder no more.
+        return _in_use(_partner(path))
     try:
         return held(path)
     except FileNotFoundError:
@@ -392,7 +415,7 @@ def _clear_leftovers(dest: Path) -> None:
     another account's are left alone (and refused by ``_scratch`` when this backup's own name is
     one of them). Another name's may be a running backup's that cannot be seen holding it (on
     another machine of a shared NFS folder, where flock locks only on each machine; or between
-    its mkdir and its flock), so it goes only when it names this machine's process space and a
+    its create and its flock), so it goes only when it names this machine's process space and a
     pid gone, or once nothing in it changed for an hour."""
     now = time.time()
     for left in dest.parent.glob(".*.tar.*.part*"):
@@ -423,17 +446,12 @@ def _scratch(path: Path, dest: Path) -> None:
                       "try again, or name another DEST")
 
 
-def _write_tar(folder: Path, part: Path, dest: Path, made: list[Path]) -> None:
-    """``folder`` as the tar ``dest``: written to ``part``, 0600 from its first byte whatever
-    the umask (it holds the database and secret_key), synced, then renamed."""
-    try:
-        fd = _new_file(part)
-    except FileExistsError:
-        _scratch(part, dest)
-        raise
-    made.append(part)
-    with os.fdopen(fd, "wb") as out:
-        fcntl.flock(out.fileno(), fcntl.LOCK_EX)  # ours until it is DEST (``_writing``)
+def _write_tar(folder: Path, fd: int, part: Path, dest: Path) -> None:
+    """``folder`` as the tar ``dest``: written to ``part`` (open as ``fd``, ``_claim_part``),
+    synced, then renamed."""
+    # Left open here (``closefd``): ``fd`` keeps the lock until the scratch is cleared, and no
+    # other fd of the file is ever closed (NFS emulates flock with POSIX locks).
+    with os.fdopen(fd, "wb", closefd=False) as out:
         with tarfile.open(fileobj=out, mode="w") as tar:
             tar.add(folder, arcname=".")
         out.flush()
@@ -636,14 +654,17 @@ class HomeBackups:
         if as_tar:
             _clear_leftovers(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        part_fd = -1
         if as_tar:
+            # The .part first: locked, it says the .partial folder is in use from its start.
+            part_fd = _claim_part(part, dest, stack)
+            made.append(part)
             try:
                 folder.mkdir(mode=0o700)  # new, never one found there (a link neither)
             except FileExistsError:
                 _scratch(folder, dest)
                 raise
             made.append(folder)
-            stack.enter_context(_writing(folder))
         else:
             (made if _make_dest_folder(dest, stack) else taken).append(dest)
             fsync_dir(dest)
@@ -654,7 +675,7 @@ class HomeBackups:
             (dest / WRITING).unlink()
             fsync_dir(dest)
         if as_tar:
-            _write_tar(folder, part, dest, made)
+            _write_tar(folder, part_fd, part, dest)
         return replace(summary, path=dest)
 
     def _write(self, folder: Path) -> BackupSummary:
