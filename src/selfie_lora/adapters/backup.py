@@ -322,8 +322,11 @@ def _backup_needs(home: Path, *, as_tar: bool) -> int | None:
 # for DEST, the backup's pid and its ``process_space`` (older backups' names have none).
 _LEFTOVER = re.compile(r"\.(?P<dest>.+\.tar)\.(?P<pid>\d+)(?:-(?P<space>[0-9a-f]+))?"
                        r"\.(?:part|partial)")
-# Another name's leftover whose backup cannot be judged gone goes once untouched this long: a
-# running backup writes its scratch all along (each blob a new file), never still for an hour.
+# Another name's leftover whose backup cannot be judged gone goes once untouched this long,
+# judged with its partner (``_partner``): a running backup writes one of the two all along
+# (each blob a new file in the ``.partial``, then the tar into the ``.part``), so never are
+# both still for an hour; either alone may be (the ``.partial`` is only read while the tar is
+# written, for hours to a slow NFS folder; the ``.part`` is left empty while blobs are copied).
 _OTHERS_QUIET_SECONDS = 60 * 60
 
 
@@ -416,15 +419,15 @@ def _clear_leftovers(dest: Path) -> None:
     one of them). Another name's may be a running backup's that cannot be seen holding it (on
     another machine of a shared NFS folder, where flock locks only on each machine; or between
     its create and its flock), so it goes only when it names this machine's process space and a
-    pid gone, or once nothing in it changed for an hour."""
-    now = time.time()
+    pid gone, or once nothing in it nor in its partner (``_partner``) changed for an hour."""
+    cutoff = time.time() - _OTHERS_QUIET_SECONDS
     for left in dest.parent.glob(".*.tar.*.part*"):
         named = _LEFTOVER.fullmatch(left.name)
         if not named or _in_use(left):
             continue
         if (named["dest"] != dest.name
                 and not process_gone(int(named["pid"]), named["space"] or "")
-                and not quiet_since(left, now - _OTHERS_QUIET_SECONDS)):
+                and not (quiet_since(left, cutoff) and quiet_since(_partner(left), cutoff))):
             logger.debug("left %s: another backup's, perhaps running", left)
             continue
         logger.warning("deleting %s, left by a backup that did not finish", left)
