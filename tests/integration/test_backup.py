@@ -1026,6 +1026,32 @@ def test_a_tar_backup_to_nfs_or_smb_is_written_and_its_scratch_known_as_running(
     assert _restores(dest, tmp_path)
 
 
+def test_a_tar_backup_whose_scratch_cannot_be_locked_leaves_nothing_beside_dest(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The .part is made, then locked: a lock that failed (an I/O error of the mount) ended
+    the backup with the .part left there, not yet counted as this backup's to delete."""
+    import fcntl
+
+    from selfie_lora.adapters import backup
+    from selfie_lora.errors import StorageError
+
+    services.users.create(name="ann")
+    dest = tmp_path / "bk.tar"
+    real = fcntl.flock
+
+    def flock(fd: int, how: int) -> None:
+        if how == fcntl.LOCK_EX and os.readlink(f"/proc/self/fd/{fd}").endswith(".part"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd, how)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with pytest.raises(StorageError) as failed:
+        backup.HomeBackups(home=settings.home).backup(dest=dest)
+    assert failed.value.message == f"cannot write the backup to {dest}: Input/output error"
+    assert sorted(p.name for p in tmp_path.iterdir() if "bk" in p.name) == []
+
+
 def test_two_backups_to_one_tar_at_once_never_replace_each_other(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -354,7 +354,11 @@ def _claim_part(part: Path, dest: Path, stack: ExitStack) -> int:
         _scratch(part, dest)
         raise
     stack.callback(os.close, fd)  # and the lock with it
-    _lock_claim(fd, part)
+    try:
+        _lock_claim(fd, part)
+    except BaseException:
+        part.unlink(missing_ok=True)  # made here, not yet among what the backup deletes
+        raise
     return fd
 
 
