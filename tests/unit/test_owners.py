@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,22 @@ def test_a_pid_past_c_s_int_is_not_told_gone_nor_an_error() -> None:
     assert here  # this machine's space is known (Linux)
     assert process_gone(2**31, here) is False
     assert process_gone(2**70, here) is False
+
+
+def test_a_link_is_judged_quiet_by_itself_not_by_what_it_names(tmp_path: Path) -> None:
+    """``quiet_since`` walks a leftover folder; os.walk follows a link given as its top, so a
+    link planted under a leftover's name (to / say) had the whole tree it names walked, and
+    was judged by what lies there. The link's own time decides now."""
+    import time
+
+    from selfie_lora.services.owners import quiet_since
+
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "fresh").write_bytes(b"written now")
+    link = tmp_path / ".x.tar.1.partial"
+    link.symlink_to(target, target_is_directory=True)
+    long_ago = time.time() - 7200
+    os.utime(link, (long_ago, long_ago), follow_symlinks=False)
+    assert quiet_since(link, time.time() - 3600)
+    assert not quiet_since(target, time.time() - 3600)  # the folder itself is walked

@@ -76,6 +76,13 @@ def quiet_since(path: Path, cutoff: float) -> bool:
     """Whether nothing in ``path`` (itself included; a folder walked, links not followed) was
     modified after ``cutoff``: a leftover whose process cannot be judged (another machine's or
     container's) is its owner's no more once quiet for longer than that owner ever pauses."""
+    if path.is_symlink():
+        # Judged by the link itself: os.walk follows a link given as its top, so a link planted
+        # under a leftover's name (to / say) had the whole tree it names walked.
+        try:
+            return path.lstat().st_mtime <= cutoff
+        except FileNotFoundError:
+            return True
     for parent, _dirs, files in os.walk(path):
         for found in (Path(parent), *(Path(parent) / name for name in files)):
             try:
