@@ -10,9 +10,7 @@ import logging
 import os
 import random
 import secrets
-import stat
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +28,6 @@ from selfie_lora.adapters.db.repository import SqlRepository, make_engine, serve
 from selfie_lora.adapters.flux.lora_formats import FluxLoraConverter, normalize_lora
 from selfie_lora.adapters.queue.huey_queue import HueyJobQueue
 from selfie_lora.adapters.sqlite_files import tighten
-from selfie_lora.adapters.storage.cache import remove_if_stale
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import DATABASE_FILE, Settings
 from selfie_lora.dataset.checks import CheckPolicy
@@ -48,6 +45,7 @@ from selfie_lora.services.intake import IntakeService
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.models import ModelService
 from selfie_lora.services.operations import OperationsService
+from selfie_lora.services.owners import remove_stale_files
 from selfie_lora.services.ports import (
     Alerter,
     AnalyzerFactory,
@@ -271,17 +269,8 @@ def session_secret(settings: Settings) -> str:
 def _remove_dead_key_candidates(home: Path) -> None:
     """A start killed between writing its candidate key and linking it (``session_secret``) left
     ``.secret_key.<pid>.tmp``, which no later start looked at (the key is there by then, or is
-    made under another pid): removed once an hour old, as a live start's lives for microseconds
-    (the pid in its name may be taken again: a container's process is PID 1 every time)."""
-    now = time.time()
-    for leftover in home.glob(".secret_key.*.tmp"):
-        try:
-            found = leftover.lstat()
-            if stat.S_ISREG(found.st_mode):
-                remove_if_stale(leftover, found.st_mtime, now=now,
-                                left_by="a start that made the secret key")
-        except OSError as exc:  # gone meanwhile, or not ours: the key is what matters here
-            logger.debug("cannot remove %s: %s", leftover, exc)
+    made under another pid): removed once old (``remove_stale_files``)."""
+    remove_stale_files(home, ".secret_key.*.tmp", left_by="a start that made the secret key")
 
 
 def default_blob_store(settings: Settings) -> BlobStore:

@@ -10,11 +10,20 @@ process is only ever judged by one that sees the same pids.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
+import stat
+import time
 import uuid
 from functools import cache
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# A temporary file a process writes and renames at once (a note, a candidate key) is a dead
+# process's once this old: a live one renames it within microseconds.
+STALE_TEMP_SECONDS = 60 * 60
 
 
 @cache
@@ -94,3 +103,23 @@ def quiet_since(path: Path, cutoff: float) -> bool:
         return path.lstat().st_mtime <= cutoff  # a file (os.walk yields nothing for one)
     except FileNotFoundError:
         return True
+
+
+def remove_stale_files(folder: Path, pattern: str, *, left_by: str) -> int:
+    """Deletes the regular files of ``folder`` matching the glob ``pattern`` last written over
+    ``STALE_TEMP_SECONDS`` ago: temporary files that a process killed before its rename left
+    under its pid, which no later process looks at (each writes under its own; the pid may be
+    taken again: a container's process is PID 1 every time). ``left_by`` names that process, for
+    the log. How many went; one gone meanwhile, or not ours to remove, is skipped."""
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    removed = 0
+    for leftover in folder.glob(pattern):
+        try:
+            found = leftover.lstat()
+            if stat.S_ISREG(found.st_mode) and found.st_mtime < cutoff:
+                leftover.unlink()
+                logger.info("removed %s, left by %s that died", leftover, left_by)
+                removed += 1
+        except OSError as exc:
+            logger.debug("cannot remove %s: %s", leftover, exc)
+    return removed

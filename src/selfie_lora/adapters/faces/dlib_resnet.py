@@ -30,9 +30,7 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,14 +39,13 @@ import numpy as np
 
 from selfie_lora.adapters.faces.model_cache import cached_file, default_cache_dir
 from selfie_lora.errors import ConfigError
+from selfie_lora.services.owners import remove_stale_files
 
 logger = logging.getLogger(__name__)
 
 CHIP_SIZE = 150
 # Bump when the graph written for the same weights changes, so cached files are rebuilt.
 CONVERTER_VERSION = 1
-# A note's temporary file this old is a dead process's: a live one renames it within microseconds.
-STALE_NOTE_SECONDS = 60 * 60
 
 
 class DlibModelFormatError(ConfigError):
@@ -436,17 +433,8 @@ def _note(folder: Path, key: tuple[str, int, int, str], converted: Path) -> None
 
 def _remove_dead_notes(path: Path) -> None:
     """A process killed between writing its note and renaming it (``_note``) left
-    ``.<note>.<pid>`` beside it, which no later process looked at (each writes under its own
-    pid): removed once an hour old (the pid may be taken again: a container's is PID 1)."""
-    cutoff = time.time() - STALE_NOTE_SECONDS
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        try:
-            found = leftover.lstat()
-            if stat.S_ISREG(found.st_mode) and found.st_mtime < cutoff:
-                leftover.unlink()
-                logger.info("removed %s, left by a process that died", leftover)
-        except OSError:
-            continue  # gone meanwhile, or not ours to remove: a note costs nothing to keep
+    ``.<note>.<pid>`` beside it: removed once old (``remove_stale_files``)."""
+    remove_stale_files(path.parent, f".{glob.escape(path.name)}.*", left_by="a process")
 
 
 def forget_converted() -> None:
