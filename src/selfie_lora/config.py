@@ -80,6 +80,9 @@ GC_MAX_INTERVAL_HOURS = 8760
 MAX_WORKER_THREADS = 256
 # The most photos a photo-count limit may name (an upload holds at most 200 files).
 MAX_PHOTO_LIMIT = 1000
+# The longest SELFIE_LORA_DB_STATEMENT_TIMEOUT and _DB_ANSWER_TIMEOUT (a week): PostgreSQL takes
+# a statement_timeout of at most 2^31-1 ms (24.8 days), and refuses every connect that sets more.
+DB_MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 
 # How to make a SELFIE_LORA_SECRET_KEY, said where one is refused.
 MAKE_SECRET_KEY = ("set it to 32 or more random characters, the same on every API server "
@@ -121,8 +124,18 @@ class Settings(BaseSettings):
     # The most connections each process holds to a PostgreSQL server (SQLite's pool is its
     # own: a connection there costs a file handle, not a server process). Every process of the
     # deployment holds up to this many, so their sum must stay under the server's
-    # max_connections; a thread that finds them all taken waits up to 30 s for one.
+    # max_connections; a thread that finds them all taken waits up to DB_POOL_TIMEOUT seconds
+    # for one (SQLite's pool too), then its call fails.
     db_pool_size: int = Field(default=15, ge=1, le=1000)
+    db_pool_timeout: float = Field(default=30.0, gt=0, le=3600)
+    # PostgreSQL: the longest a statement runs before the server cancels it (its
+    # statement_timeout; migrations lift it), and how long the client waits for any answer
+    # before it drops the connection (unset: DB_STATEMENT_TIMEOUT + 30 s; more than it, or the
+    # client would stop waiting before the server's own cancel could answer). No 0 for "no
+    # bound": a hung server held every request and worker step for ever; at least a
+    # millisecond, PostgreSQL's unit (a shorter one would be rounded down to that 0).
+    db_statement_timeout: float = Field(default=300.0, ge=0.001, le=DB_MAX_TIMEOUT_SECONDS)
+    db_answer_timeout: float | None = Field(default=None, gt=0, le=DB_MAX_TIMEOUT_SECONDS)
     queue_url: str | None = None
     # Which queue in SELFIE_LORA_QUEUE_URL's storage: deployments that share one Redis database
     # need one each, or each one's workers take the other's messages. The default is the name
@@ -662,6 +675,18 @@ class Settings(BaseSettings):
             raise ValueError(f"SELFIE_LORA_MIN_PHOTOS ({self.min_photos}) is more than "
                              f"SELFIE_LORA_MAX_PHOTOS ({self.max_photos}): no set of photos "
                              "could be trained on")
+        return self
+
+    @model_validator(mode="after")
+    def _answer_outlasts_the_statement(self) -> Settings:
+        # An answer timeout within the statement's: every statement slower than it would lose
+        # its connection ("no answer from the server") instead of getting PostgreSQL's cancel.
+        if self.db_answer_timeout is not None and (
+                self.db_answer_timeout <= self.db_statement_timeout):
+            raise ValueError(f"SELFIE_LORA_DB_ANSWER_TIMEOUT ({self.db_answer_timeout:g}) must "
+                             "be more than SELFIE_LORA_DB_STATEMENT_TIMEOUT "
+                             f"({self.db_statement_timeout:g}): the client would stop waiting "
+                             "before the server cancels a statement that runs too long")
         return self
 
     @model_validator(mode="after")

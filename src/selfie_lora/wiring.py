@@ -388,8 +388,12 @@ def default_generators(settings: Settings) -> dict[str, Generator]:
 
 
 def database_engine(settings: Settings) -> Engine:
-    """The engine of SELFIE_LORA_DATABASE_URL, its PostgreSQL pool SELFIE_LORA_DB_POOL_SIZE."""
-    return make_engine(settings.effective_database_url, pool_size=settings.db_pool_size)
+    """The engine of SELFIE_LORA_DATABASE_URL, its PostgreSQL pool SELFIE_LORA_DB_POOL_SIZE, its
+    bounds SELFIE_LORA_DB_POOL_TIMEOUT, _DB_STATEMENT_TIMEOUT and _DB_ANSWER_TIMEOUT."""
+    return make_engine(settings.effective_database_url, pool_size=settings.db_pool_size,
+                       pool_timeout_s=settings.db_pool_timeout,
+                       statement_timeout_s=settings.db_statement_timeout,
+                       answer_timeout_s=settings.db_answer_timeout)
 
 
 def make_home(settings: Settings) -> None:

@@ -21,8 +21,9 @@ from selfie_lora.adapters.db import postgres
 from selfie_lora.adapters.db.migrate import alembic_config, upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.cli import app
-from selfie_lora.config import get_settings
+from selfie_lora.config import Settings, get_settings
 from selfie_lora.errors import DatabaseUnreachableError, StorageError
+from selfie_lora.wiring import database_engine
 from tests.support.backends import POSTGRES_ENV, database_url, fresh_engine
 from tests.support.silent import SilentServer
 
@@ -203,5 +204,24 @@ def test_a_migration_runs_without_the_statement_timeout(postgres_url: str) -> No
         with engine.connect() as conn:
             assert conn.execute(text("SELECT name_folded FROM users")).scalar() == "ann"
             assert conn.execute(text("SHOW statement_timeout")).scalar() == "500ms"
+    finally:
+        engine.dispose()
+
+
+# Old code: SELFIE_LORA_DB_STATEMENT_TIMEOUT and SELFIE_LORA_DB_ANSWER_TIMEOUT were no settings:
+# "5min" in effect, and the client waited 330 s.
+@pytest.mark.postgres
+def test_the_statement_timeout_set_is_the_one_in_effect(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "0.75")
+    monkeypatch.setenv("SELFIE_LORA_DB_ANSWER_TIMEOUT", "40")
+    engine = database_engine(Settings(home=tmp_path, database_url=postgres_url))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == "750ms"
+            assert conn.connection.dbapi_connection is not None
+            assert getattr(conn.connection.dbapi_connection, "answer_timeout", None) == 40
+            with pytest.raises(Exception, match="statement timeout"):
+                conn.execute(text("SELECT pg_sleep(3)"))
     finally:
         engine.dispose()

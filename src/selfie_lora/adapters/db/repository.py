@@ -126,11 +126,16 @@ READ_ONLY = "selfie_lora_read_only"
 # them kept instead of forked again and again. No overflow: the size is the most it opens.
 SQLITE_POOL = {"pool_size": 48, "max_overflow": 16}
 POSTGRES_POOL_SIZE = 15
+# How long a thread waits for a free connection of the pool before its call fails (SQLAlchemy's
+# own default; SELFIE_LORA_DB_POOL_TIMEOUT): a process whose connections are all held that long
+# is overloaded, and its callers get an error instead of queueing without end.
+POOL_TIMEOUT_S = 30.0
 
 
 def make_engine(url: str, *, statement_timeout_s: float | None = None,
                 answer_timeout_s: float | None = None,
-                pool_size: int = POSTGRES_POOL_SIZE) -> Engine:
+                pool_size: int = POSTGRES_POOL_SIZE,
+                pool_timeout_s: float = POOL_TIMEOUT_S) -> Engine:
     """An engine for ``url``. SQLite gets WAL and a busy timeout so the API, the in-process worker
     and a CLI can share one file, and transactions that take the write lock when they begin,
     except those that only read.
@@ -153,7 +158,8 @@ def make_engine(url: str, *, statement_timeout_s: float | None = None,
     silent, a statement (``statement_timeout_s``, 300 s unless given), and the answer to one
     (``answer_timeout_s``, 30 s more unless given). ``pool_size``: the most connections this
     engine holds to a PostgreSQL server; SQLite's pool is its own (a connection there is a file
-    handle, not a server process).
+    handle, not a server process). ``pool_timeout_s``: how long a checkout waits for a free
+    connection of either pool.
     A database that does not answer is a ``StorageError`` then, never a wait for ever."""
     try:
         parsed = make_url(url)
@@ -166,7 +172,8 @@ def make_engine(url: str, *, statement_timeout_s: float | None = None,
                               "nothing else sees: use a file (sqlite:////path/selfie-lora.db) "
                               "or PostgreSQL")
         return _make_engine(url, statement_timeout_s=statement_timeout_s,
-                            answer_timeout_s=answer_timeout_s, pool_size=pool_size)
+                            answer_timeout_s=answer_timeout_s, pool_size=pool_size,
+                            pool_timeout_s=pool_timeout_s)
     except NoSuchModuleError:  # before ArgumentError: it is one
         raise ConfigError(f"SELFIE_LORA_DATABASE_URL ({database_url_shown(url)}) names a "
                           "database this cannot use: postgresql+psycopg://... or sqlite:///...") from None
@@ -194,11 +201,12 @@ def server_clock(engine: Engine) -> Callable[[], datetime] | None:
 
 
 def _make_engine(url: str, *, statement_timeout_s: float | None,
-                 answer_timeout_s: float | None, pool_size: int) -> Engine:
+                 answer_timeout_s: float | None, pool_size: int,
+                 pool_timeout_s: float) -> Engine:
     if url.startswith("sqlite"):
         keep_private(make_url(url).database)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
-                               **SQLITE_POOL)
+                               pool_timeout=pool_timeout_s, **SQLITE_POOL)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -218,13 +226,14 @@ def _make_engine(url: str, *, statement_timeout_s: float | None,
         return engine
     parsed = make_url(url)
     if parsed.get_backend_name() != "postgresql" or parsed.get_driver_name() != "psycopg":
-        return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0)
+        return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=0,
+                             pool_timeout=pool_timeout_s)
     from selfie_lora.adapters.db import postgres
 
     statement_s = (statement_timeout_s if statement_timeout_s is not None
                    else postgres.STATEMENT_TIMEOUT_S)
     # The pool's ping is ours (``_ping``): SQLAlchemy's would wait for the statement's bound.
-    engine = create_engine(url, pool_size=pool_size, max_overflow=0,
+    engine = create_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout_s,
                            connect_args=postgres.connect_args(
                                dict(parsed.query), statement_timeout_s=statement_s))
 

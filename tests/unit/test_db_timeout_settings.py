@@ -1,0 +1,137 @@
+"""SELFIE_LORA_DB_POOL_TIMEOUT, SELFIE_LORA_DB_STATEMENT_TIMEOUT, SELFIE_LORA_DB_ANSWER_TIMEOUT:
+how long a thread waits for a free connection of its process's pool, how long PostgreSQL lets a
+statement run, and how long the client waits for an answer. Found in review: all three were
+constants of the database adapter (30 s, 300 s, the statement's + 30 s) while the pool's size
+was a setting, so an operator could not make a busy process fail fast nor let a long report
+run. These are the settings' checks and their way into the engine, without a server (the
+PostgreSQL tests show them in effect)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy.pool import QueuePool
+
+from selfie_lora.adapters.db import postgres
+from selfie_lora.adapters.db.repository import POOL_TIMEOUT_S
+from selfie_lora.config import Settings, settings_errors
+from selfie_lora.wiring import database_engine
+
+pytest.importorskip("psycopg")
+
+# Nothing listens there: building an engine connects to nothing.
+NOWHERE = "postgresql+psycopg://selfie@127.0.0.1:9/selfie"
+
+
+class ConnectCalledError(Exception):
+    """What the fake connect raises once it has seen the arguments: no server is asked."""
+
+
+def connect_arguments(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """What the engine of ``settings`` hands ``postgres.connect`` for a new connection."""
+    seen: dict[str, Any] = {}
+
+    def fake_connect(*_cargs: Any, answer_timeout: float | None, **cparams: Any) -> Any:
+        seen.update(cparams, answer_timeout=answer_timeout)
+        raise ConnectCalledError
+
+    monkeypatch.setattr(postgres, "connect", fake_connect)
+    engine = database_engine(settings)
+    try:
+        with pytest.raises(ConnectCalledError), engine.connect():
+            pass
+    finally:
+        engine.dispose()
+    return seen
+
+
+def test_the_defaults_are_the_bounds_of_before(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(home=tmp_path, database_url=NOWHERE)
+    assert settings.db_pool_timeout == POOL_TIMEOUT_S == 30
+    assert settings.db_statement_timeout == postgres.STATEMENT_TIMEOUT_S == 300
+    assert settings.db_answer_timeout is None  # the statement's bound + ANSWER_MARGIN_S
+    seen = connect_arguments(settings, monkeypatch)
+    assert "-c statement_timeout=300000" in seen["options"]
+    assert seen["answer_timeout"] == 300 + postgres.ANSWER_MARGIN_S
+
+
+# Old code: the variables were not settings (ignored): 30 s, 300000 ms and 330 s.
+def test_the_settings_reach_the_postgresql_engine(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SELFIE_LORA_DB_POOL_TIMEOUT", "2.5")
+    monkeypatch.setenv("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "12.5")
+    settings = Settings(home=tmp_path, database_url=NOWHERE)
+    engine = database_engine(settings)
+    try:
+        assert isinstance(engine.pool, QueuePool)
+        assert engine.pool.timeout() == 2.5
+    finally:
+        engine.dispose()
+    seen = connect_arguments(settings, monkeypatch)
+    assert "-c statement_timeout=12500" in seen["options"]
+    assert seen["answer_timeout"] == 12.5 + postgres.ANSWER_MARGIN_S  # follows the statement's
+    monkeypatch.setenv("SELFIE_LORA_DB_ANSWER_TIMEOUT", "20")
+    seen = connect_arguments(Settings(home=tmp_path, database_url=NOWHERE), monkeypatch)
+    assert seen["answer_timeout"] == 20
+
+
+def test_the_pool_wait_is_sqlite_s_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its pool is its own size, but a thread that finds it taken waits as long.
+    monkeypatch.setenv("SELFIE_LORA_DB_POOL_TIMEOUT", "4")
+    engine = database_engine(Settings(home=tmp_path,
+                                      database_url=f"sqlite:///{tmp_path / 'db.sqlite'}"))
+    try:
+        assert isinstance(engine.pool, QueuePool)
+        assert engine.pool.timeout() == 4
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(("variable", "value", "says"), [
+    ("SELFIE_LORA_DB_POOL_TIMEOUT", "0", "greater than 0"),
+    ("SELFIE_LORA_DB_POOL_TIMEOUT", "-1", "greater than 0"),
+    ("SELFIE_LORA_DB_POOL_TIMEOUT", "3601", "less than or equal to 3600"),
+    ("SELFIE_LORA_DB_POOL_TIMEOUT", "inf", "finite number"),
+    ("SELFIE_LORA_DB_POOL_TIMEOUT", "soon", "a valid number"),
+    # 0 is PostgreSQL's "no bound", and under a millisecond rounded to it.
+    ("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "0", "greater than or equal to 0.001"),
+    ("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "0.0004", "greater than or equal to 0.001"),
+    ("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "604801", "less than or equal to 604800"),
+    ("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "nan", "finite number"),
+    ("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "5m", "a valid number"),
+    ("SELFIE_LORA_DB_ANSWER_TIMEOUT", "0", "greater than 0"),
+    ("SELFIE_LORA_DB_ANSWER_TIMEOUT", "1e9", "less than or equal to"),
+    ("SELFIE_LORA_DB_ANSWER_TIMEOUT", "inf", "finite number"),
+])
+def test_a_bad_value_is_one_line_naming_the_variable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
+        says: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path)
+    [line] = settings_errors(caught.value)
+    assert line.startswith(f"{variable}: "), line
+    assert says in line, line
+    if value not in says:  # "0" is in "greater than 0"
+        assert value not in line.removeprefix(f"{variable}: ")  # values are never printed
+
+
+@pytest.mark.parametrize("answer", ["300", "60"])
+def test_an_answer_timeout_within_the_statement_s_is_refused_naming_both(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
+    # The client would give up (and drop the connection) before the server's own cancel of a
+    # slow statement could answer: every such statement would cost a connection, its error
+    # "no answer from the server" instead of PostgreSQL's.
+    monkeypatch.setenv("SELFIE_LORA_DB_ANSWER_TIMEOUT", answer)
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path)
+    [line] = settings_errors(caught.value)
+    assert line == (f"SELFIE_LORA_DB_ANSWER_TIMEOUT ({answer}) must be more than "
+                    "SELFIE_LORA_DB_STATEMENT_TIMEOUT (300): the client would stop waiting "
+                    "before the server cancels a statement that runs too long"), line
+    monkeypatch.setenv("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "30")
+    assert Settings(home=tmp_path).db_answer_timeout == float(answer)
