@@ -73,3 +73,37 @@ def test_a_link_is_judged_quiet_by_itself_not_by_what_it_names(tmp_path: Path) -
     os.utime(link, (long_ago, long_ago), follow_symlinks=False)
     assert quiet_since(link, time.time() - 3600)
     assert not quiet_since(target, time.time() - 3600)  # the folder itself is walked
+
+
+def test_a_scratch_mark_names_this_process_and_reads_back() -> None:
+    """The name a tiny build's folder and a tar backup's scratch carry (``scratch_mark``), read
+    back by the one reader both use: the pid with this space; the pid alone where the space is
+    unknown."""
+    from selfie_lora.services import owners
+
+    assert owners.scratch_mark() == f"{os.getpid()}-{process_space()}"
+    assert owners.read_scratch_mark(owners.scratch_mark()) == (os.getpid(), process_space())
+
+
+def test_a_scratch_mark_without_a_known_space_is_the_pid_alone(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfie_lora.services import owners
+
+    monkeypatch.setattr(owners, "process_space", lambda: "")
+    assert owners.scratch_mark() == str(os.getpid())
+    assert owners.read_scratch_mark(owners.scratch_mark()) == (os.getpid(), "")
+
+
+@pytest.mark.parametrize(("mark", "read"), [
+    ("123", (123, "")),  # an older backup's: the pid alone
+    ("123-0fa5e1ce", (123, "0fa5e1ce")),  # a space
+    ("123-unknown", (123, "")),  # an older tiny build's where its space was unknown
+    ("0", (0, "")),  # read as written: the caller says whether pid 0 is one of its names
+    ("x", None), ("", None), ("-0fa5e1ce", None), ("123-", None), ("123-XYZ", None),
+    ("123-0fa5e1ce-1", None), ("²", None), ("1²", None),
+])
+def test_a_scratch_mark_is_read_as_both_old_formats_wrote_it(
+        mark: str, read: tuple[int, str] | None) -> None:
+    from selfie_lora.services.owners import read_scratch_mark
+
+    assert read_scratch_mark(mark) == read

@@ -221,3 +221,50 @@ def test_a_build_of_another_machine_or_container_is_kept_until_an_hour_quiet(
     _age(theirs, 2 * HOUR)
     assert tiny.sweep_dead_builds(cache_dir) == 1
     assert not theirs.exists()
+
+
+@pytest.mark.parametrize("name", ["{pid}-12345678", "{pid}-unknown-12345678"])
+def test_an_older_builds_folder_is_judged_by_its_age_as_before(tmp_path: Path, name: str) -> None:
+    """The names earlier releases gave a build's folder, ``<pid>-<random>`` (before the process
+    space) and ``<pid>-unknown-<random>`` (the space unknown), still read as a build's (their
+    scratch mark without a space): a dead pid of this machine is not trusted in them, so such a
+    folder is kept while young and removed once quiet for an hour, as before."""
+    cache_dir = tmp_path / "cache"
+    _built(cache_dir)
+    older = cache_dir / (PREFIX + name.format(pid=_dead_pid()))
+    (older / "vae").mkdir(parents=True)
+
+    assert tiny.sweep_dead_builds(cache_dir) == 0
+    assert older.is_dir()
+    _age(older, 2 * HOUR)
+    assert tiny.sweep_dead_builds(cache_dir) == 1
+    assert not older.exists()
+
+
+def test_a_build_that_cannot_tell_its_space_names_its_folder_as_older_builds_did(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a process space (not Linux) the folder is ``<pid>-<random>``: the same mark as a
+    backup's scratch, which another process never judges by its pid."""
+    from selfie_lora.services import owners
+
+    monkeypatch.setattr(owners, "process_space", lambda: "")
+    build = _FakeBuild()
+    monkeypatch.setattr(tiny, "build_tiny_pipeline", lambda: build)
+    tiny.tiny_pipeline_dir(tmp_path / "cache")
+    assert build.saved_to is not None
+    pid, random = build.saved_to.name.removeprefix(PREFIX).split("-")
+    assert pid == str(os.getpid())
+    assert len(random) == 8
+
+
+def test_a_name_with_a_digit_int_cannot_read_is_left_alone_not_an_error(tmp_path: Path) -> None:
+    """"²" is a digit to str.isdigit but not to int(): a folder named so under the build prefix
+    (planted, or a foreign tool's) made every load of the tiny model fail with ValueError."""
+    cache_dir = tmp_path / "cache"
+    target = _built(cache_dir)
+    odd = cache_dir / f"{PREFIX}²-12345678"
+    odd.mkdir()
+    _age(odd, 2 * HOUR)
+
+    assert tiny.tiny_pipeline_dir(cache_dir) == target
+    assert odd.is_dir()

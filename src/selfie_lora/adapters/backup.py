@@ -53,7 +53,12 @@ from selfie_lora.disk_space import free_bytes, is_full_error
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
 from selfie_lora.errors import ConfigError, InvalidInputError, StorageError, StorageFullError
 from selfie_lora.services.layout import manifest_key, photo_key
-from selfie_lora.services.owners import process_gone, process_space, quiet_since
+from selfie_lora.services.owners import (
+    process_gone,
+    quiet_since,
+    read_scratch_mark,
+    scratch_mark,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -319,9 +324,9 @@ def _backup_needs(home: Path, *, as_tar: bool) -> int | None:
 
 
 # What a tar backup writes beside its DEST until it is whole (``HomeBackups.backup``): named
-# for DEST, the backup's pid and its ``process_space`` (older backups' names have none).
-_LEFTOVER = re.compile(r"\.(?P<dest>.+\.tar)\.(?P<pid>\d+)(?:-(?P<space>[0-9a-f]+))?"
-                       r"\.(?:part|partial)")
+# for DEST and the backup's ``scratch_mark`` (its pid and process space; read back by
+# ``read_scratch_mark``, which reads older backups' pid alone too).
+_LEFTOVER = re.compile(r"\.(?P<dest>.+\.tar)\.(?P<mark>[^.]+)\.(?:part|partial)")
 # Another name's leftover whose backup cannot be judged gone goes once untouched this long,
 # judged with its partner (``_partner``): a running backup writes one of the two all along
 # (each blob a new file in the ``.partial``, then the tar into the ``.part``), so never are
@@ -427,10 +432,11 @@ def _clear_leftovers(dest: Path) -> None:
     cutoff = time.time() - _OTHERS_QUIET_SECONDS
     for left in dest.parent.glob(".*.tar.*.part*"):
         named = _LEFTOVER.fullmatch(left.name)
-        if not named or _in_use(left):
+        owner = read_scratch_mark(named["mark"]) if named else None
+        if not named or owner is None or _in_use(left):
             continue
         if (named["dest"] != dest.name
-                and not process_gone(int(named["pid"]), named["space"] or "")
+                and not process_gone(*owner)
                 and not (quiet_since(left, cutoff) and quiet_since(_partner(left), cutoff))):
             logger.debug("left %s: another backup's, perhaps running", left)
             continue
@@ -621,7 +627,7 @@ class HomeBackups:
                                                     or any(dest.iterdir()))):
             raise ConfigError(f"{dest} already exists: name a new folder or .tar file")
         # The pid with the process space it counts in: another backup judges it by that alone.
-        me = f"{os.getpid()}-{space}" if (space := process_space()) else str(os.getpid())
+        me = scratch_mark()
         folder = dest.with_name(f".{dest.name}.{me}.partial") if as_tar else dest
         part = dest.with_name(f".{dest.name}.{me}.part")
         made: list[Path] = []  # deleted if it fails: what this backup made, nothing else

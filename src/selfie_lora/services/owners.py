@@ -81,6 +81,32 @@ def process_gone(pid: int, space: str) -> bool:
     return False
 
 
+def scratch_mark() -> str:
+    """This process as the scratch it leaves names it (a tiny build's folder, a tar backup's
+    ``.part`` and ``.partial``): ``<pid>-<space>`` (``process_space``), or the pid alone where
+    the space is unknown, so that another process reads it back (``read_scratch_mark``) and
+    judges the pid only where it counts pids as this one does (``process_gone``)."""
+    space = process_space()
+    return f"{os.getpid()}-{space}" if space else str(os.getpid())
+
+
+def read_scratch_mark(mark: str) -> tuple[int, str] | None:
+    """The pid and the space (``""``: none known) of a ``scratch_mark``, for ``process_gone``;
+    None for text no release wrote. Read too: the pid alone (older backups, and any process
+    that did not know its space) and ``<pid>-unknown`` (the tiny builds before this mark, which
+    said so where the space was unknown). The pid is as written (0 included): whether such a
+    pid is one of its names is the caller's to say."""
+    pid, dash, space = mark.partition("-")
+    # Decimal digits only, as int() reads them ("²" is a digit to str.isdigit, not to int).
+    if not pid.isdecimal():
+        return None
+    if not dash or space == "unknown":
+        return int(pid), ""
+    if not space or space.strip("0123456789abcdef"):
+        return None
+    return int(pid), space
+
+
 def quiet_since(path: Path, cutoff: float) -> bool:
     """Whether nothing in ``path`` (itself included; a folder walked, links not followed) was
     modified after ``cutoff``: a leftover whose process cannot be judged (another machine's or

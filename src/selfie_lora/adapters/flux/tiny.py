@@ -25,7 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from selfie_lora.adapters.flux.runtime import require_torch
 from selfie_lora.errors import ConfigError
-from selfie_lora.services.owners import process_gone, process_space, quiet_since
+from selfie_lora.services.owners import (
+    process_gone,
+    quiet_since,
+    read_scratch_mark,
+    scratch_mark,
+)
 
 if TYPE_CHECKING:
     pass
@@ -41,7 +46,8 @@ TINY_SEED = 20240801
 TINY_CLIP_MAX_LENGTH = 77
 TINY_T5_MAX_LENGTH = 32
 TINY_RESOLUTION = 64
-# A build writes into ``.tiny-flux-v1.tmp-<pid>-<random>`` beside its final folder and renames it.
+# A build writes into ``.tiny-flux-v1.tmp-<mark>-<random>`` beside its final folder and renames it:
+# ``<mark>`` is its ``scratch_mark`` (the pid, with its process space where that is known).
 _BUILDING_PREFIX = f".{TINY_CACHE_NAME}.tmp-"
 # A build's folder nothing in it changed for this long is a dead build's, whatever its pid says
 # (pids are reused: a container's process is PID 1 every time). A build takes seconds.
@@ -233,9 +239,8 @@ def tiny_pipeline_dir(cache_dir: Path) -> Path:
         if (target / "model_index.json").is_file():
             return target
         cache_dir.mkdir(parents=True, exist_ok=True)
-        # The pid is only this machine's and pid namespace's: the space says which.
-        tmp = cache_dir / (f"{_BUILDING_PREFIX}{os.getpid()}-{process_space() or 'unknown'}-"
-                           f"{uuid.uuid4().hex[:8]}")
+        # The pid is only this machine's and pid namespace's: the mark says which.
+        tmp = cache_dir / f"{_BUILDING_PREFIX}{scratch_mark()}-{uuid.uuid4().hex[:8]}"
         logger.info("building the tiny FLUX pipeline into %s", target)
         lock: int | None = None
         try:
@@ -295,12 +300,13 @@ def sweep_dead_builds(cache_dir: Path, *, now: float | None = None) -> int:
 
 
 def _remove_if_dead(folder: Path, *, now: float) -> bool:
-    pid_text, _, rest = folder.name.removeprefix(_BUILDING_PREFIX).partition("-")
-    if not pid_text.isdigit() or int(pid_text) <= 0:
+    # An older build's name (``<pid>-<random>``, ``<pid>-unknown-<random>``) reads as a mark
+    # without a space: its pid is trusted no more than another machine's.
+    mark, _, random = folder.name.removeprefix(_BUILDING_PREFIX).rpartition("-")
+    owner = read_scratch_mark(mark) if random else None
+    if owner is None or owner[0] <= 0:
         return False  # not a name this module makes
-    # An older build's name (pid-hex) has no space: its pid is trusted no more than another's.
-    space, _, random = rest.partition("-")
-    gone = bool(random) and process_gone(int(pid_text), space)
+    gone = process_gone(*owner)
     try:
         found = folder.lstat()
         if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.geteuid():
