@@ -244,6 +244,51 @@ def test_a_folder_backup_killed_midway_is_named_as_such_by_the_next_backup(
     assert "backup cut short" not in said
 
 
+@pytest.mark.parametrize("lock", ["held", "free", "none"])
+def test_a_folder_backup_found_without_its_manifest_is_said_running_only_while_its_lock_is_held(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, lock: str) -> None:
+    """DEST with its .backup-writing file and no manifest: a backup writing it now while that
+    file is locked ("held"), else one cut short: its lock free, or not to be asked for on a file
+    system without locks ("none": ENOLCK, NFSv3 without lockd), where no backup could have
+    said it runs. Refused either way; only the words differ."""
+    import fcntl
+
+    from selfie_lora.adapters import backup
+    from selfie_lora.errors import ConfigError
+
+    services.users.create(name="ann")
+    dest = tmp_path / "bk"
+    dest.mkdir(mode=0o700)
+    (dest / "selfie-lora.db").write_bytes(b"a database")
+    writing = dest / ".backup-writing"
+    writing.touch(mode=0o600)
+    fd = os.open(writing, os.O_RDWR)
+    try:
+        if lock == "held":
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        if lock == "none":
+            real = fcntl.flock
+
+            def no_locks(fd: int, operation: int) -> None:
+                # DEST's file system only: HOME's lock is another's.
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(str(dest)):
+                    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+                real(fd, operation)
+
+            monkeypatch.setattr(fcntl, "flock", no_locks)
+        with pytest.raises(ConfigError) as refused:
+            backup.HomeBackups(home=settings.home).backup(dest=dest)
+    finally:
+        os.close(fd)
+    if lock == "held":
+        assert refused.value.message == (f"{dest} is being written by another backup, running "
+                                         "now: wait for its end, or name another DEST")
+    else:
+        assert refused.value.message.startswith(f"{dest} holds a backup cut short")
+    assert sorted(p.name for p in dest.iterdir()) == [".backup-writing", "selfie-lora.db"]
+
+
 def test_a_home_with_data_is_replaced_only_with_force(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1986,27 +2031,29 @@ def test_a_leftover_whose_lock_cannot_be_asked_is_taken_as_in_use(
     """NFSv4 answers an exclusive flock on a file opened read-only with EBADF (and other file
     systems with other errors): that error ended every tar backup into the folder (found in
     review: read-report3); the leftover is left alone instead."""
+    import fcntl
+
     from selfie_lora.adapters import backup
 
     left = tmp_path / ".other.tar.1.part"
     left.write_bytes(b"a tar")
 
-    def cannot_ask(_path: Path) -> bool:
+    def cannot_ask(_fd: int, _operation: int) -> None:
         raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
 
-    monkeypatch.setattr(backup, "held", cannot_ask)
+    monkeypatch.setattr(fcntl, "flock", cannot_ask)
     assert backup._in_use(left)
     backup._clear_leftovers(tmp_path / "mine.tar")
     assert left.is_file()
 
 
-def test_a_killed_backups_leftover_on_nfs4_is_asked_for_its_lock_open_for_writing(
+def test_a_killed_backups_leftover_on_nfs4_is_asked_for_its_lock_as_nfs4_grants_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """NFSv4 emulates flock with a POSIX lock, and an exclusive one only on a file open for
-    writing (else EBADF): the lock check opened a killed backup's .part read-only, so it could
-    not tell a leftover from a running backup's (found in review: read-report3). A flock that
-    refuses as NFSv4 does: the leftover is told free and cleared; the .partial folder (opened
-    read-only, as a folder must be) is asked too."""
+    writing (else EBADF): the lock check opened a killed backup's .part read-only and asked for
+    an exclusive lock, so it could not tell a leftover from a running backup's (found in review:
+    read-report3). It now asks for a shared one on the file read-only, which NFSv4 grants. A
+    flock that refuses as NFSv4 does: the leftover is told free and cleared."""
     import fcntl
 
     from selfie_lora.adapters import backup

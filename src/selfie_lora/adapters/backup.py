@@ -47,7 +47,7 @@ from selfie_lora.adapters.home_lock import (
     sharing_home,
 )
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
-from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir, held
+from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir
 from selfie_lora.config import DATABASE_FILE
 from selfie_lora.disk_space import free_bytes, is_full_error
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
@@ -271,7 +271,7 @@ def _make_dest_folder(dest: Path, stack: ExitStack) -> bool:
 def _lock_claim(fd: int, path: Path) -> None:
     """The file ``path`` (open for writing as ``fd``) this backup made to claim its DEST
     (``WRITING``) or its tar's scratch (the ``.part``, ``_claim_part``) locked, so that another
-    backup tells a running one from one that ended (``_locked_folder``, ``_in_use``). Blocking:
+    backup tells a running one from one that ended (``_backup_holds``). Blocking:
     only such a check, for an instant, can hold it. Where the file system has no locks (NFSv3
     without lockd: ENOLCK), the O_EXCL create still refuses a second backup to the name; only
     what another backup can tell of it differs."""
@@ -367,22 +367,29 @@ def _claim_part(part: Path, dest: Path, stack: ExitStack) -> int:
     return fd
 
 
-def _locked_folder(folder: Path) -> bool:
-    """Whether a running backup holds the folder ``folder``'s ``WRITING`` file locked
-    (``_make_dest_folder``). Asked with a shared lock, which a read-only fd may take on NFS and
-    SMB too (an exclusive one there needs an fd open for writing)."""
+def _backup_holds(path: Path) -> bool | None:
+    """Whether a running backup holds the file ``path`` locked: its DEST folder's ``WRITING``
+    (``_make_dest_folder``) or its tar's ``.part`` (``_claim_part``). False once it is gone or
+    can be locked; None where that cannot be asked (a link, not ours to read, a lock this file
+    system refuses: NFSv4's EBADF, ENOLCK), which each caller answers on its own safe side.
+    Asked with a shared lock, which a read-only fd may take on NFS and SMB too (an exclusive
+    one there needs an fd open for writing): a backup holds its own exclusive, so a shared one
+    is refused while it runs. (The blob cache asks with an exclusive one, ``held``, because
+    its readers hold its copies shared.)"""
+    fd = -1
     try:
-        fd = os.open(folder / WRITING, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return False  # gone, or not ours to read: said as it was before
-    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
-    except OSError:
-        return False  # no locks on this file system: said as cut short
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        logger.debug("cannot ask for the lock of %s: %s", path, exc)
+        return None
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     return False
 
 
@@ -397,7 +404,7 @@ def _in_use(path: Path) -> bool:
     if stat.S_ISLNK(kind):
         return False  # no backup's
     if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
-        # No backup makes one; left alone, as held() would open a FIFO and wait for ever.
+        # No backup makes one (a FIFO, a device): left alone, never opened.
         return True
     if found.st_uid != os.geteuid():
         # Another account's: not ours to delete (root could; nor is it a backup of ours).
@@ -408,15 +415,9 @@ def _in_use(path: Path) -> bool:
         # Its backup locks the .part beside it: a folder opens only read-only, and NFS and SMB
         # refuse an exclusive lock on such an fd. Gone, it holds the folder no more.
         return _in_use(_partner(path))
-    try:
-        return held(path)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        # Another account's (EACCES), or a lock this file system cannot be asked for (NFSv4's
-        # EBADF, ENOLCK): left alone, else that one error ended every tar backup into the folder.
-        logger.debug("left %s, whose lock cannot be asked for: %s", path, exc)
-        return True
+    # One whose lock cannot be asked for is left alone: else that one error ended every tar
+    # backup into the folder.
+    return _backup_holds(path) is not False
 
 
 def _clear_leftovers(dest: Path) -> None:
@@ -614,7 +615,8 @@ class HomeBackups:
         as_tar = dest.name.endswith(".tar")
         if (not as_tar and dest.is_dir() and not dest.is_symlink()
                 and (dest / WRITING).is_file() and not (dest / MANIFEST_NAME).exists()):
-            if _locked_folder(dest):
+            # One whose lock cannot be asked for (no locks here) is said as cut short.
+            if _backup_holds(dest / WRITING):
                 # Not cut short: a backup writes it now (``_make_dest_folder``).
                 raise ConfigError(f"{dest} {_BEING_WRITTEN}")
             # A folder backup killed while it wrote (the tar's scratch is cleared instead: its

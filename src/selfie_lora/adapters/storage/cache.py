@@ -276,15 +276,14 @@ def _hold(path: Path) -> int | None:
 
 
 def held(path: Path) -> bool:
-    """Whether a process holds ``path`` locked (``BlobCache.copy``, or a running backup's
-    leftovers): asked under the exclusive folder lock, so no hit can take it between this
-    answer and the unlink that follows."""
+    """Whether a process holds ``path`` locked (``BlobCache.copy``): asked under the exclusive
+    folder lock, so no hit can take it between this answer and the unlink that follows."""
     try:
         # Open for writing where it can be: NFSv4 grants an exclusive flock (a POSIX lock
         # there) only on such a file, and answers EBADF on one open read-only.
         fd = os.open(path, os.O_RDWR)
     except (IsADirectoryError, PermissionError):
-        fd = os.open(path, os.O_RDONLY)  # a folder (a backup's .partial), or read-only to us
+        fd = os.open(path, os.O_RDONLY)  # a folder, or read-only to us
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
