@@ -356,6 +356,16 @@ class StorageFullError(StorageError):
     http_status = 507
 
 
+class DatabaseRefusedError(StorageError):
+    """The database answered, and refuses what it is asked for a state of its own that lasts
+    until it passes or the operator acts: its pool's connections all taken past the wait for
+    one (``SELFIE_LORA_DB_POOL_SIZE`` too small for the load), a read-only standby (after a
+    fail-over, until the application reaches the new primary), a read-only database file. Told
+    apart (as ``StorageFullError`` is) because a worker's loop that meets it at every round
+    says it once while it lasts, where another database error (a statement refused, a value
+    out of bounds) may be a defect, whose traceback is logged each time."""
+
+
 class BlobMissingError(StorageError):
     """The store answered, and the blob is not in it. Told apart from the store being away
     because a worker steps away from an outage (the next attempt reads it) but not from a

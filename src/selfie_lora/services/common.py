@@ -11,13 +11,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from selfie_lora.disk_space import is_full_error
 from selfie_lora.domain.plan import TrainingDefaults, pin_for_training
 from selfie_lora.errors import (
     BlobStoreUnreachableError,
+    DatabaseRefusedError,
     DatabaseUnreachableError,
     InvalidInputError,
     SelfieLoraError,
     StorageError,
+    StorageFullError,
+    describe,
 )
 
 if TYPE_CHECKING:
@@ -228,10 +232,11 @@ class LoopOutages:
     (``DatabaseUnreachableError``) and the object storage unreachable
     (``BlobStoreUnreachableError``) are each said once at WARNING when they begin (``Outage``),
     their own words and no traceback, at DEBUG at each retry, and their end once at INFO, where
-    every round logged a traceback while PostgreSQL was down (and a WARNING while S3 was). Any
-    other error keeps its traceback (a defect to see), except, with ``refusals_are_outages``,
-    any other ``StorageError`` (a full disk, the pool's connections all taken, a read-only
-    standby): said the same way, once while it lasts and its end once."""
+    every round logged a traceback while PostgreSQL was down (and a WARNING while S3 was). So is
+    a refusal that lasts (``refused``: a full disk, the database's or this machine's, the
+    pool's connections all taken, a read-only standby), its traceback at DEBUG at each retry.
+    Any other error keeps its traceback (a defect to see), except, with
+    ``refusals_are_outages``, any other ``StorageError``: said as a refusal."""
 
     def __init__(self, loop: str, *, retried: str, refusals_are_outages: bool = False) -> None:
         self._loop = loop  # "reconciling trainings", ...
@@ -263,27 +268,34 @@ class LoopOutages:
             logger.log(logging.WARNING if began else logging.DEBUG,
                        "%s: %s; %s (its end is logged)", failed, exc.message, self._retried)
             return
-        except StorageError as exc:
-            if not self._refusals_are_outages:
+        except Exception as exc:
+            if not (refused(exc) or (self._refusals_are_outages
+                                     and isinstance(exc, StorageError))):
                 logger.exception("%s; %s", failed, self._retried)
                 return
-            # A loop whose whole round is one small write of its own (the presence's beat):
-            # what refuses it is the database's state, which lasts (a disk to free, a pool too
-            # small, a fail-over's read-only standby), and a traceback at every beat said
-            # nothing more. Its traceback stays at DEBUG for whoever debugs.
+            # What refuses the round is a state that lasts (a disk to free, a pool too small, a
+            # fail-over's read-only standby): a traceback at every round (the reconciler's every
+            # 10 s) said nothing more. The presence loop, whose round is one small write of its
+            # own, takes any storage error so. The traceback stays at DEBUG for whoever debugs.
             began = self._refused.begins(ticket=refused_ticket)
+            words = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
             logger.log(logging.WARNING if began else logging.DEBUG,
-                       "%s: %s; %s (its end is logged)", failed, exc.message, self._retried,
+                       "%s: %s; %s (its end is logged)", failed, words, self._retried,
                        exc_info=not began)
             return
-        except Exception:
-            logger.exception("%s; %s", failed, self._retried)
-            return
         if self._refused.ends(ticket=refused_ticket):
-            logger.info("%s: goes through again after the database refused it", self._loop)
+            logger.info("%s: goes through again after the storage refused it", self._loop)
         if self._outage.ends(ticket=ticket):
             logger.info("%s: the database answers again", self._loop)
         # A round that went through: the storage is back, or this round did not need it (one
         # with nothing to do); either way the loop is no longer held up by it.
         if self._storage.ends(ticket=storage_ticket):
             logger.info("%s: goes through again after the object storage outage", self._loop)
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is a refusal that lasts until it passes or the operator acts, not a
+    defect: a full disk (``StorageFullError``, or an ``OSError`` ENOSPC or EDQUOT no adapter
+    mapped: a hold's copy, a work folder) or the database refusing for a state of its own
+    (``DatabaseRefusedError``: its pool exhausted, a read-only standby)."""
+    return isinstance(exc, (StorageFullError, DatabaseRefusedError)) or is_full_error(exc)

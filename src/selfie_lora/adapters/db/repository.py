@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +40,9 @@ from sqlalchemy.exc import (
     NoSuchModuleError,
     OperationalError,
     SQLAlchemyError,
+)
+from sqlalchemy.exc import (
+    TimeoutError as PoolTimeoutError,
 )
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
@@ -104,6 +108,7 @@ from selfie_lora.domain.likeness import (
 from selfie_lora.errors import (
     ConfigError,
     ConflictError,
+    DatabaseRefusedError,
     DatabaseUnreachableError,
     ErrorCode,
     InvalidInputError,
@@ -587,6 +592,10 @@ class SqlRepository:
                                        ) from exc
             if _unreachable(exc):
                 raise DatabaseUnreachableError(f"database error: {exc.orig}") from exc
+            if _read_only(exc.orig):
+                # A standby after a fail-over, a read-only file: every write refused until the
+                # operator acts, said once by a worker's loops, not a traceback each round.
+                raise DatabaseRefusedError(f"database error: {exc.orig}") from exc
             # Whatever else the driver raised ("database is locked", a refused login, a
             # statement refused): its own words, not the statement and parameters sqlalchemy
             # adds to them. A lost connection or a fail-over is an outage (above).
@@ -595,7 +604,10 @@ class SqlRepository:
             # sqlalchemy's own (a pool that stayed exhausted past its timeout, a connection
             # invalidated under a session): callers see one error for a database that failed.
             reason = exc.args[0] if exc.args else type(exc).__name__
-            raise StorageError(f"database error: {reason}") from exc
+            # A pool exhausted lasts as long as the load that took its connections: a refusal,
+            # said once by a worker's loops.
+            error = DatabaseRefusedError if isinstance(exc, PoolTimeoutError) else StorageError
+            raise error(f"database error: {reason}") from exc
 
     def _full_disk(self) -> str:
         """The disk a full-disk error of this database is about, as the operator finds it."""
@@ -1616,6 +1628,25 @@ _BUSY_SERVER_WORDS = (
     "the database system is not accepting", "terminating connection due to administrator",
     "sorry, too many clients already", "remaining connection slots are reserved",
 )
+
+
+# PostgreSQL's SQLSTATE read_only_sql_transaction (a hot standby, default_transaction_read_only),
+# and SQLite's SQLITE_READONLY (primary code; a read-only file, folder or mount).
+_PG_READ_ONLY = "25006"
+_SQLITE_READONLY = 8
+
+
+def _read_only(orig: BaseException | None) -> bool:
+    """Whether the driver's error says the database takes no writes (``DatabaseRefusedError``)."""
+    # psycopg names it ``sqlstate``, psycopg2 ``pgcode``.
+    if _PG_READ_ONLY in (getattr(orig, "sqlstate", None), getattr(orig, "pgcode", None)):
+        return True
+    if not isinstance(orig, sqlite3.Error):
+        return False
+    code: int | None = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == _SQLITE_READONLY
+    return "readonly database" in str(orig)
 
 
 def _unreachable(exc: DBAPIError) -> bool:

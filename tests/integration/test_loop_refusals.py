@@ -1,0 +1,205 @@
+"""A worker's periodic loops (the reconciler, garbage collection, the settling of erasure holds,
+the finishing of interrupted account deletions) on a database or disk that refuses them for a
+state that lasts: the database's disk full, its pool's connections all taken, a read-only
+standby after a fail-over, this machine's disk full while a blob is written. Found in review:
+each round logged an ERROR with a full traceback (the reconciler's every 10 s, for as long as
+it lasted), where the presence loop said the same refusal once; now every loop says it once at
+WARNING, each retry at DEBUG (with its traceback, for whoever debugs), and its end once at INFO,
+while any other error (a defect) keeps its ERROR and traceback at every round. No real full disk
+or standby: the drivers' and the file system's real errors are raised through fakes."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, event
+from sqlalchemy.pool import QueuePool
+
+from selfie_lora.adapters.db.migrate import upgrade
+from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+from selfie_lora.errors import DatabaseRefusedError, StorageError, StorageFullError
+from selfie_lora.services.training import ReconcileReport
+from selfie_lora.testing.fakes import InMemoryQueue
+from selfie_lora.worker import Identity, Worker
+
+
+class _PgReadOnly(sqlite3.OperationalError):
+    """A driver's error as psycopg raises it on a read-only standby: SQLSTATE 25006
+    (read_only_sql_transaction), carried as ``sqlstate``."""
+
+    sqlstate = "25006"
+
+
+def _refusing(tmp_path: Path, error: Exception) -> SqlRepository:
+    engine = make_engine(f"sqlite:///{tmp_path / 'selfie-lora.db'}")
+    upgrade(engine)
+
+    @event.listens_for(engine, "do_execute")
+    def _execute(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+        raise error
+
+    return SqlRepository(engine)
+
+
+@pytest.mark.parametrize("error", [
+    sqlite3.OperationalError("attempt to write a readonly database"),
+    _PgReadOnly("cannot execute UPDATE in a read-only transaction")],
+    ids=["sqlite", "postgresql"])
+def test_a_read_only_database_is_a_refusal(tmp_path: Path, error: Exception) -> None:
+    repo = _refusing(tmp_path, error)
+    with pytest.raises(DatabaseRefusedError) as caught:
+        repo.get_training("t1", for_update=True)
+    assert caught.value.message == f"database error: {error}"
+
+
+def test_a_pool_whose_connections_are_all_taken_is_a_refusal(tmp_path: Path) -> None:
+    path = tmp_path / "selfie-lora.db"
+    upgrade(make_engine(f"sqlite:///{path}"))
+    engine = create_engine(f"sqlite:///{path}", poolclass=QueuePool, pool_size=1,
+                           max_overflow=0, pool_timeout=0.05)
+    repo = SqlRepository(engine)
+    with engine.connect(), pytest.raises(DatabaseRefusedError) as caught:
+        repo.get_training("t1")
+    assert "QueuePool limit of size 1 overflow 0 reached" in caught.value.message
+
+
+def test_another_database_error_is_no_refusal(tmp_path: Path) -> None:
+    repo = _refusing(tmp_path, sqlite3.OperationalError("no such column: trainings.nope"))
+    with pytest.raises(StorageError) as caught:
+        repo.get_training("t1")
+    assert not isinstance(caught.value, DatabaseRefusedError)
+
+
+def _blob_disk_full(tmp_path: Path) -> Exception:
+    """What the local blob store raises when its disk is full under a write."""
+
+    def fill(_fh: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    try:
+        FileSystemBlobStore(tmp_path / "blobs")._write("weights/a.safetensors", fill,
+                                                         if_absent=False)
+    except StorageError as exc:
+        return exc
+    raise AssertionError("the write went through")
+
+
+REFUSALS: dict[str, Callable[[Path], Exception]] = {
+    "database-full": lambda _p: StorageFullError(
+        "database error: the disk holding /srv/selfie-lora.db is full (0 KB free): database or "
+        "disk is full"),
+    "pool-exhausted": lambda _p: DatabaseRefusedError(
+        "database error: QueuePool limit of size 2 overflow 0 reached, connection timed out, "
+        "timeout 30.00"),
+    "read-only": lambda _p: DatabaseRefusedError(
+        "database error: cannot execute UPDATE in a read-only transaction"),
+    "blob-disk-full": _blob_disk_full,
+    # A write of this machine's disk that no adapter mapped (a hold's copy, a work folder).
+    "local-disk-full": lambda _p: OSError(errno.ENOSPC, "No space left on device"),
+}
+
+LOOPS = {
+    "reconcile": "reconciling trainings",
+    "gc": "garbage collection",
+    "holds": "settling this machine's erasure holds",
+    "erasures": "finishing interrupted account deletions",
+}
+
+
+class _Failing:
+    """Each loop's service at the worker's boundary: the one named ``loop`` raises
+    ``error()`` while ``failing`` is set; the others go through."""
+
+    def __init__(self, loop: str, error: Callable[[], Exception]) -> None:
+        self.loop = loop
+        self.error = error
+        self.failing = True
+        self.rounds = 0
+
+    def _round(self, loop: str) -> None:
+        if loop == self.loop:
+            self.rounds += 1
+            if self.failing:
+                raise self.error()
+
+    # TrainingService
+    def reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> ReconcileReport:
+        self._round("reconcile")
+        return ReconcileReport()
+
+    # GarbageCollector
+    def run_due(self, *, stopping: threading.Event | None = None) -> None:
+        self._round("gc")
+
+    def settle_holds(self) -> int:
+        self._round("holds")
+        return 0
+
+    # AccountEraser
+    def finish_pending(self, *, stopping: threading.Event | None = None) -> list[Any]:
+        self._round("erasures")
+        return []
+
+
+def _rounds(worker: Worker, loop: str) -> None:
+    {"reconcile": worker._reconcile, "gc": worker.collect_garbage,
+     "holds": worker.finish_erasures, "erasures": worker.finish_erasures}[loop]()
+
+
+@pytest.fixture
+def logged(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    with caplog.at_level(logging.DEBUG, logger="selfie_lora"):
+        yield caplog
+
+
+def _worker(fake: _Failing) -> Worker:
+    return Worker(training=fake, queue=InMemoryQueue(),  # type: ignore[arg-type]
+                  identity=Identity(name="w"), threads=1, gc=fake,  # type: ignore[arg-type]
+                  erasure=fake)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+@pytest.mark.parametrize("refusal", list(REFUSALS))
+def test_a_lasting_refusal_is_said_once_per_loop_and_its_end_once(
+        tmp_path: Path, logged: pytest.LogCaptureFixture, loop: str, refusal: str) -> None:
+    error = REFUSALS[refusal](tmp_path)
+    fake = _Failing(loop, lambda: error)
+    worker = _worker(fake)
+    for _round in range(5):
+        _rounds(worker, loop)
+    fake.failing = False
+    for _round in range(2):
+        _rounds(worker, loop)
+    assert fake.rounds == 7
+    said = [r for r in logged.records if r.getMessage().startswith(LOOPS[loop])]
+    # Old code: five ERROR records, each with its traceback, and no end.
+    assert [(r.levelname, bool(r.exc_info)) for r in said] == [
+        ("WARNING", False), *[("DEBUG", True)] * 4, ("INFO", False)]
+    words = error.message if isinstance(error, StorageError) else str(error)
+    assert words in said[0].getMessage()
+    assert "(its end is logged)" in said[0].getMessage()
+    assert "\n" not in said[0].getMessage()
+    assert "goes through again" in said[-1].getMessage()
+    assert not [r for r in logged.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+@pytest.mark.parametrize("defect", [
+    RuntimeError("a bug"),
+    StorageError("database error: no such column: trainings.nope"),
+    OSError(errno.EACCES, "Permission denied")], ids=["bug", "statement", "not-full"])
+def test_any_other_error_keeps_its_traceback_every_round(
+        logged: pytest.LogCaptureFixture, loop: str, defect: Exception) -> None:
+    worker = _worker(_Failing(loop, lambda: defect))
+    for _round in range(3):
+        _rounds(worker, loop)
+    said = [r for r in logged.records if r.getMessage().startswith(LOOPS[loop])]
+    assert [(r.levelname, bool(r.exc_info)) for r in said] == [("ERROR", True)] * 3
