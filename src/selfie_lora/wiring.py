@@ -152,6 +152,22 @@ def default_webhooks(settings: Settings) -> WebhookVerifier | None:
     return ReplicateWebhooks(secret=settings.webhook_secret.get_secret_value())
 
 
+# Each setup warning below is said once a process: its flag is set by the first caller that
+# finds it unset, under this lock (``_first_time``).
+_said_lock = threading.Lock()
+
+
+def _first_time(said: threading.Event) -> bool:
+    """Sets ``said``; True for the one caller that set it. A compare-and-set: checked, then
+    set, as it was, two threads building services at once (an alerter, trainers) could both
+    find it unset and both warn."""
+    with _said_lock:
+        if said.is_set():
+            return False
+        said.set()
+        return True
+
+
 _unsigned_webhooks_said = threading.Event()
 
 
@@ -167,16 +183,14 @@ def default_webhook_url(settings: Settings, *, replicate_trainer: bool) -> str |
         # The reverse (a secret, no URL) is as sure a sign of a setup half done, and was silent:
         # no training is sent a webhook, so the secret verifies nothing.
         if (settings.webhook_secret is not None and replicate_trainer
-                and settings.trainer == "replicate" and not _unsigned_webhooks_said.is_set()):
-            _unsigned_webhooks_said.set()
+                and settings.trainer == "replicate" and _first_time(_unsigned_webhooks_said)):
             logger.warning("SELFIE_LORA_WEBHOOK_SECRET is set but SELFIE_LORA_PUBLIC_URL is "
                            "not: trainings are created without a webhook (Replicate has no "
                            "address to send it to) and followed by polling; set the URL to use "
                            "webhooks")
         return None
     if (settings.webhook_secret is None and replicate_trainer and settings.trainer == "replicate"
-            and not _unsigned_webhooks_said.is_set()):
-        _unsigned_webhooks_said.set()
+            and _first_time(_unsigned_webhooks_said)):
         logger.warning("SELFIE_LORA_PUBLIC_URL is set but SELFIE_LORA_WEBHOOK_SECRET is not: "
                        "Replicate's webhooks to this server are answered 401 (nothing to verify "
                        "them with) and trainings are followed by polling; set the secret to use "
@@ -198,9 +212,7 @@ def default_alerter(settings: Settings, *, announce: bool = False) -> Alerter | 
     if not url:
         # A secret without the URL is a setup half done that was silent: it signs nothing.
         # (The URL without the secret is the usual Slack or Discord hook: nothing to say.)
-        if (settings.alert_secret is not None and announce
-                and not _unsent_alerts_said.is_set()):
-            _unsent_alerts_said.set()
+        if settings.alert_secret is not None and announce and _first_time(_unsent_alerts_said):
             logger.warning("SELFIE_LORA_ALERT_SECRET is set but SELFIE_LORA_ALERT_URL is not: "
                            "alerts are recorded and logged only, nothing is signed; set the URL "
                            "to send them")
@@ -311,9 +323,8 @@ def _say_replicate_has_no_token(settings: Settings) -> None:
     the token. But left unsaid, such a process started in silence and each training of a new
     model (made with backend replicate) failed 'This server has no replicate trainer
     configured'."""
-    if settings.trainer != "replicate" or _no_token_said.is_set():
+    if settings.trainer != "replicate" or not _first_time(_no_token_said):
         return
-    _no_token_said.set()
     logger.warning("SELFIE_LORA_TRAINER is replicate but REPLICATE_API_TOKEN is not set: this "
                    "process has no Replicate trainer, so every training it takes fails and "
                    "Replicate versions cannot generate here; set REPLICATE_API_TOKEN (or "
@@ -333,9 +344,8 @@ def _say_the_base_model_is_missing(settings: Settings) -> None:
     if settings.trainer != "local" or _base_model_said.is_set():
         return  # the folder is not even looked at: a Replicate deployment need not have it
     problem = base_model_problem(settings.base_model)
-    if problem is None:
+    if problem is None or not _first_time(_base_model_said):
         return
-    _base_model_said.set()
     logger.warning("SELFIE_LORA_BASE_MODEL: %s: this process cannot train or generate locally, "
                    "and each model made meanwhile is pinned to a FLUX.1 recipe (%s)", problem,
                    settings.effective_trainer_version)
