@@ -63,6 +63,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import BinaryIO
 
+from selfie_lora.disk_space import full_disk_words, is_full_error
 from selfie_lora.domain.gc import (
     GC_JOB,
     GC_LEASE,
@@ -84,6 +85,7 @@ from selfie_lora.errors import (
     DeploymentMismatchError,
     ErrorCode,
     SelfieLoraError,
+    StorageFullError,
 )
 from selfie_lora.services.common import utcnow
 from selfie_lora.services.deployment import DeploymentBinding, unbound_doubt
@@ -138,6 +140,11 @@ class _Hold:
 
     @classmethod
     def create(cls, work_dir: Path) -> _Hold:
+        with _room_for_hold(work_dir):
+            return cls._create(work_dir)
+
+    @classmethod
+    def _create(cls, work_dir: Path) -> _Hold:
         private_folders(work_dir)
         # Made and locked under a name no settler looks at, then renamed into view: a settler
         # never finds it unlocked. One killed before the rename holds no copy: a stale work
@@ -190,15 +197,16 @@ class _Hold:
         except BlobMissingError:
             return False
         name = str(len(self.held))
-        fd = os.open(self.folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        with contextlib.closing(stream), os.fdopen(fd, "wb") as out:
-            for chunk in stream.chunks:
-                out.write(chunk)
-            _sync(out)
-        self.held[name] = key
-        with private_replacement(self.folder / _HOLD_MANIFEST) as fh:
-            fh.write(json.dumps(self.held).encode())
-            _sync(fh)
+        with _room_for_hold(self.folder), contextlib.closing(stream):
+            fd = os.open(self.folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                for chunk in stream.chunks:
+                    out.write(chunk)
+                _sync(out)
+            self.held[name] = key
+            with private_replacement(self.folder / _HOLD_MANIFEST) as fh:
+                fh.write(json.dumps(self.held).encode())
+                _sync(fh)
         # The copy's name and the manifest's rename, both entries of this folder, on disk
         # before the blob is deleted: the files' own fsync does not write them, and a power cut
         # could leave a manifest naming a copy that has no name, or the manifest before it.
@@ -718,6 +726,21 @@ def _settled_note(settled: int) -> tuple[str, ...]:
         return ()
     return (f"settled {settled} hold(s) of photos or weights left by a users delete killed "
             "midway (each copy a row names written back, the rest deleted)",)
+
+
+@contextlib.contextmanager
+def _room_for_hold(folder: Path) -> Iterator[None]:
+    """A full disk under a hold (its folder, a copy, its manifest) raised as
+    ``StorageFullError``, as the blob store says its own: an outage of this machine, over once
+    space is freed. A raw OSError ENOSPC was taken for what no wait mends: the check of
+    interrupted deletions parked the deletion for 24 h, and ``DELETE /api/me`` answered 500."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_full_error(exc):
+            raise
+        raise StorageFullError(f"a copy held aside while blobs are deleted cannot be written: "
+                               f"{full_disk_words(folder)}: {exc.strerror or exc}") from exc
 
 
 def _sync(out: BinaryIO) -> None:
