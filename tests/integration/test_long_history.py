@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from markupsafe import escape
 from sqlalchemy import event, insert
 
 from selfie_lora.adapters.db.tables import EventRow
@@ -304,6 +305,31 @@ def test_an_empty_before_is_the_first_page_as_for_generations(
         assert r.status_code == 200, (path, r.text[:300])
         assert r.json() == first.json()
         assert r.json()["older"] is not None
+
+
+def test_a_before_that_is_no_number_is_refused_on_the_versions_page_as_by_the_api(
+        trained: TestClient, svc: Services, key: str) -> None:
+    # The Versions page showed its newest page for a before that is no number, where
+    # GET /api/model/versions answers 422 invalid_input: the page now says the API's sentence,
+    # whatever the before's length or characters, its Back leading to the newest page.
+    grow_history(svc, "ann", 6)
+    newest = re.findall(r'<tr id="v(\d+)"', trained.get("/versions").text)
+    for before in ("newest", "x/../y", "x" * 5000, "\x00", "1\x00", "\x7f", "\uff11"):
+        api = trained.get("/api/model/versions", params={"limit": 5, "before": before},
+                          headers={"Authorization": key})
+        assert api.status_code == 422, (before[:30], api.text[:300])
+        said = api.json()["error"]["message"]
+        page = trained.get("/versions", params={"before": before})
+        assert page.status_code == 422, before[:30]
+        assert page.headers["content-type"].startswith("text/html")
+        assert (f'<p class="error" role="alert" data-code="invalid_input">{escape(said)}</p>'
+                in page.text), (before[:30], page.text[:2000])
+        assert '<a href="/versions" data-back>Back</a>' in page.text
+    # An empty one is the first page, as the API's (a number past every version's, and one
+    # with none below it, are the newest page: test_the_versions_page_shows_the_newest_...).
+    page = trained.get("/versions?before=")
+    assert page.status_code == 200
+    assert re.findall(r'<tr id="v(\d+)"', page.text) == newest
 
 
 def test_a_before_with_a_control_character_names_nothing_before_any_lookup(

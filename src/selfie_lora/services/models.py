@@ -526,22 +526,44 @@ def _version_number(ref: str) -> int | None:
     telling the client to retry) and a number past 2**63 SQLite's (an OverflowError)."""
     number = version_number_below(ref)
     if number is not None and number < 1:
-        # Its start only: a ``before`` is of any length, and the answer need not repeat it.
-        # The dots outside the quotes: inside, they read as part of what was sent.
-        shown = (repr(ref) if len(ref) <= _REF_SHOWN
-                 else f"{ref[:_REF_SHOWN]!r}... ({len(ref)} characters)")
-        raise InvalidInputError(f"before must be a version number, not {shown}")
+        raise _no_version_number(ref)
     return number
+
+
+def page_version_number(ref: str) -> int | None:
+    """The Versions page's ``?before=``: refused as the API refuses it (``_version_number``)
+    when it is no number, whatever its length or characters (the page showed its newest page,
+    where the API said 422); a number below 1, which the API refuses too, has no version below
+    it, as 1 has: 0, which the page shows as its newest page."""
+    if _version_digits(ref) is None:
+        raise _no_version_number(ref)
+    return version_number_below(ref)
+
+
+def _no_version_number(ref: str) -> InvalidInputError:
+    # Its start only: a ``before`` is of any length, and the answer need not repeat it.
+    # The dots outside the quotes: inside, they read as part of what was sent.
+    shown = (repr(ref) if len(ref) <= _REF_SHOWN
+             else f"{ref[:_REF_SHOWN]!r}... ({len(ref)} characters)")
+    return InvalidInputError(f"before must be a version number, not {shown}")
+
+
+def _version_digits(ref: str) -> str | None:
+    """The digits of ``ref`` (``12`` or ``v12``), or None when it is no number."""
+    digits = ref.strip().removeprefix("v")
+    # ASCII digits only: isdecimal() and int() take any script's (U+FF11, fullwidth 1; U+0661,
+    # Arabic-Indic 1), which activate and every other version reference refuse.
+    return digits if digits.isascii() and digits.isdecimal() else None
 
 
 def version_number_below(ref: str) -> int | None:
     """``ref`` (``12`` or ``v12``) as a number below which to list versions: 0 when it is not
     a number, None past any version's number (int() refuses over 4300 digits: those too).
-    The API refuses what is below 1; the Versions page shows its newest page for it."""
-    digits = ref.strip().removeprefix("v")
-    # ASCII digits only: isdecimal() and int() take any script's (U+FF11, fullwidth 1; U+0661,
-    # Arabic-Indic 1), which activate and every other version reference refuse.
-    if not (digits.isascii() and digits.isdecimal()):
+    The API refuses what is below 1; the Versions page shows its newest page for a number
+    below 1 (``page_version_number``), and its forms go back to it for a hidden ``before``
+    that is no number (an edited form: the form's work is done by then)."""
+    digits = _version_digits(ref)
+    if digits is None:
         return 0
     # Without the zeros in front: they count towards int()'s 4300 digits too (5000 zeros and a
     # 5 was a ValueError, a 500), and make no number longer.

@@ -69,7 +69,7 @@ from selfie_lora.services.generation import (
     withheld_pictures,
 )
 from selfie_lora.services.likeness import grid_text
-from selfie_lora.services.models import version_number_below
+from selfie_lora.services.models import page_version_number, version_number_below
 from selfie_lora.services.ports import MAX_SEED
 from selfie_lora.services.training import UploadResult
 from selfie_lora.web.app import (
@@ -752,9 +752,10 @@ VERSIONS_PAGE = 50
 
 
 def _page_before(before: str | None) -> int | None:
-    """The Versions page's ``?before=`` (or its forms' hidden ``before``) as a version number;
-    None (the newest page) for anything else, as the API's: a number past any version's too."""
-    # Below 1 (not a number, 0): the newest page, where the API refuses it.
+    """The Versions page's forms' hidden ``before`` as a version number; None (the newest page)
+    for anything else, as for a number past any version's. The page's own ``?before=`` refuses
+    one that is no number (``page_version_number``); a form's has done its work by then."""
+    # Below 1 (not a number, 0): the newest page.
     return (version_number_below(before) or None) if before else None
 
 
@@ -762,13 +763,11 @@ def _versions_url(before: int | None) -> str:
     return "/versions" if before is None else f"/versions?before={before}"
 
 
-def _page_of(rows: Sequence[Mapping[str, Any]], before: str | None
+def _page_of(rows: Sequence[Mapping[str, Any]], below: int | None
              ) -> tuple[list[Mapping[str, Any]], int | None]:
-    """The page's rows: the ``VERSIONS_PAGE`` newest numbered below ``before`` (a version
-    number; anything else, or one with none below it: the newest), and the number to ask the
-    next page before."""
-    limit = _page_before(before)
-    below_rows = [r for r in rows if limit is None or r["version"].number < limit]
+    """The page's rows: the ``VERSIONS_PAGE`` newest numbered below ``below`` (None, or one
+    with none below it: the newest), and the number to ask the next page before."""
+    below_rows = [r for r in rows if below is None or r["version"].number < below]
     # None older (?before=1, a hand-made link): the newest page, not an empty table captioned
     # "Versions v to v".
     below_rows = below_rows or list(rows)
@@ -801,6 +800,13 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
                   b: str | None = None, before: str | None = None) -> HTMLResponse:
     web = _web(request)
     svc = web.services
+    try:
+        below = (page_version_number(before) or None) if before else None
+    except InvalidInputError as exc:
+        # As the API's 422 says it, whatever its length or characters (the newest page was
+        # shown, where the API refused it); Back to the newest page, not the photos.
+        return web.error_page(request, exc.http_status, exc.message, str(exc.code),
+                              back="/versions")
     # Read once and shown four ways (table, photo counts, comparison, log): each of them
     # reading the versions, records and trainings again cost the same rows several times.
     history = svc.models.history(user=viewer.user)
@@ -826,7 +832,7 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
             if exc.code == ErrorCode.SAME_VERSION and same is not None:
                 compare_error = (f"you chose v{same.number} twice: choose two different "
                                  "versions to compare")
-    shown, older = _page_of(rows, before)
+    shown, older = _page_of(rows, below)
     first = not rows or (bool(shown) and shown[0] is rows[0])
     log = (svc.likeness.training_log(user=viewer.user, history=_history_of_page(
                history, shown, first=first, last=older is None))
@@ -840,7 +846,7 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
     # in which column, each probe's result, and what the chart plots besides the likeness.
     return web.render(request, "versions.html", viewer=viewer, model=model, rows=shown,
                       all_rows=rows, older=older, newest=not first,
-                      before=_page_before(before) if not first else None,
+                      before=below if not first else None,
                       comparison=comparison, compare_error=compare_error,
                       compare_invalid=compare_invalid, log=log,
                       chosen=chosen, chart_series=CHART_SERIES,
