@@ -1695,6 +1695,26 @@ def test_a_not_found_page_s_back_leads_to_the_section_of_what_is_missing(
     assert f'<a href="{back}" data-back>Back</a>' in r.text
 
 
+def test_a_not_found_page_s_back_and_the_nav_name_the_same_sections(ann: TestClient) -> None:
+    """The nav (base.html) and the Not found page's Back (``section_page``) each listed the
+    sections: one list now (``web.app.SECTIONS``). Each nav link's section, asked an address
+    that is no page under it, leads Back to that link, the one the nav marks current; an
+    address of no section leads to one of its links."""
+    def nav(html: str) -> str:
+        return html[html.index('<nav aria-label="Site">'):html.index("</nav>")]
+
+    links = re.findall(r'<a href="([^"]+)"', nav(ann.get("/photos").text))
+    assert links == ["/photos", "/train", "/versions", "/generate", "/model", "/settings"]
+    for href in links:
+        r = ann.get(f"{href}/no-such-page")
+        assert r.status_code == 404, href
+        assert f'<a href="{href}" data-back>Back</a>' in r.text, href
+        assert re.findall(r'<a href="([^"]+)" aria-current="page">', nav(r.text)) == [href]
+    back = re.search(r'<a href="([^"]+)" data-back>Back</a>', ann.get("/no-such-page").text)
+    assert back
+    assert back.group(1) in links
+
+
 @contextmanager
 def held_training(tmp_path: Path) -> Iterator[tuple[TestClient, FakeTrainer]]:
     """Ann signed in on the pages, her photos uploaded and a training started there, held in

@@ -121,6 +121,14 @@ FORM_PAGES = (
 )
 
 
+# The site's sections, in the order its navigation links them (base.html, given them as
+# ``sections``): each one's page and its link's label. One list: the nav and the Not found
+# page's Back (``section_page``) each kept their own, free to differ.
+SECTIONS = (("/photos", "Photos"), ("/train", "Train"), ("/versions", "Versions"),
+            ("/generate", "Generate"), ("/model", "Model"), ("/settings", "Settings"))
+SECTION_PAGES = tuple(page for page, _label in SECTIONS)
+
+
 def after_sign_in(method: str, path: str, query: str) -> str | None:
     """Where a request that found no session goes once the user has signed in: the page
     itself for a GET (or HEAD), the page its form is on for anything else, and nowhere in
@@ -153,6 +161,7 @@ class Web:
         # A LoRA scale in a page's text, form or address, exactly as stored and as every front
         # end writes it ("1", not Python's "1.0": see lora_scale_text).
         self.env.filters["lora_scale"] = lora_scale_text
+        self.env.globals["sections"] = SECTIONS
 
     # ------------------------------------------------------------------ sessions
     def viewer(self, request: Request) -> Viewer:
@@ -445,10 +454,6 @@ def form_problem(errors: list[dict[str, Any]]) -> str:
             said.append(sentence)
     joined = "; ".join(said) or "the form is not valid"
     return f"{joined[0].upper()}{joined[1:]}: go back to the page, fill the form in and send it again"
-
-
-# The pages of the site's sections, as its navigation links them.
-SECTION_PAGES = ("/photos", "/train", "/versions", "/generate", "/model", "/settings")
 
 
 def section_page(path: str) -> str | None:
