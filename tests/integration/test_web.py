@@ -1695,6 +1695,23 @@ def test_a_not_found_page_s_back_leads_to_the_section_of_what_is_missing(
     assert f'<a href="{back}" data-back>Back</a>' in r.text
 
 
+@pytest.mark.parametrize(("path", "said"), [
+    ("/photos/set/abc.jpg", "The picture's number must be a whole number"),
+    ("/photos/set/" + "9" * 5000 + ".jpg", "The picture's number is not valid"),
+    ("/generations/g/1.5.png", "The picture's number must be a whole number"),
+    ("/train/t/samples/x.jpg", "The sample's step must be a whole number"),
+])
+def test_a_picture_s_address_edited_to_no_number_is_refused_as_an_address_not_a_form(
+        ann: TestClient, path: str, said: str) -> None:
+    # The 422 of an address whose number FastAPI could not read (the API's is its 422 too) said
+    # the form's words: "The field index must be a whole number: go back to the page, fill the
+    # form in and send it again", for an address no form sends.
+    r = ann.get(path)
+    assert r.status_code == 422
+    assert (f'<p class="error" role="alert" data-code="invalid_request">{said} (in the '
+            "address): go back to the page and follow its link again</p>") in html.unescape(r.text)
+
+
 def test_a_not_found_page_s_back_and_the_nav_name_the_same_sections(ann: TestClient) -> None:
     """The nav (base.html) and the Not found page's Back (``section_page``) each listed the
     sections: one list now (``web.app.SECTIONS``). Each nav link's section, asked an address

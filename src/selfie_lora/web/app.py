@@ -429,6 +429,10 @@ _FIELD_LABELS = {
     "password_again": "Password again", "training_id": "the training",
     "form_token": "the form's token", "files": "the photos",
 }
+# The numbers of the pages' addresses (a picture's, a training sample's), for an address
+# FastAPI could not read (edited by hand): the form's words told the user to fill in a form
+# that is not there.
+_ADDRESS_LABELS = {"index": "the picture's number", "step": "the sample's step"}
 # What a value of the wrong kind must be, by FastAPI's error type.
 _KIND = {"float_parsing": "a number", "float_type": "a number", "finite_number": "a number",
          "int_parsing": "a whole number", "int_type": "a whole number",
@@ -437,12 +441,16 @@ _KIND = {"float_parsing": "a number", "float_type": "a number", "finite_number":
 
 def form_problem(errors: list[dict[str, Any]]) -> str:
     """A page's sentence for a form FastAPI refused before the page ran (a field missing, a
-    number that is not one): only a hand-made request or an old page sends one."""
+    number that is not one), or for an address of a page whose number it could not read: only
+    a hand-made request or an old page sends one."""
     said: list[str] = []
+    in_address = bool(errors) and all(
+        tuple(error.get("loc", ()))[:1] in (("path",), ("query",)) for error in errors)
     for error in errors:
         loc = [str(part) for part in error.get("loc", ())[1:]]
         field = loc[0] if loc else ""
-        label = _FIELD_LABELS.get(field, f"the field {field}" if field else "the form")
+        label = (_ADDRESS_LABELS if in_address else _FIELD_LABELS).get(
+            field, f"the field {field}" if field else "the form")
         kind = _KIND.get(str(error.get("type", "")))
         if error.get("type") == "missing":
             sentence = f"{label} is missing"
@@ -453,7 +461,10 @@ def form_problem(errors: list[dict[str, Any]]) -> str:
         if sentence not in said:
             said.append(sentence)
     joined = "; ".join(said) or "the form is not valid"
-    return f"{joined[0].upper()}{joined[1:]}: go back to the page, fill the form in and send it again"
+    said_up = f"{joined[0].upper()}{joined[1:]}"
+    if in_address:
+        return f"{said_up} (in the address): go back to the page and follow its link again"
+    return f"{said_up}: go back to the page, fill the form in and send it again"
 
 
 def section_page(path: str) -> str | None:
