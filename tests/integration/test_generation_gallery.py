@@ -121,6 +121,25 @@ def test_generations_of_another_user_are_neither_listed_nor_a_cursor(
     assert client.get("/api/generations").status_code == 401
 
 
+def test_a_cursor_whose_time_is_no_ascii_number_is_not_found(
+        client: TestClient, services: Services, owners: dict[str, Owner]) -> None:
+    # The cursor's microseconds were read with str.isdigit, which takes a superscript two or
+    # any script's digits: "²~x" passed it and int() refused it, a 500 on the API and the
+    # Generate page, and "٣~x" (Arabic-Indic 3) was a position, an empty page of none older.
+    _generations(services, "ann", 1)
+    sign_in(client, "ann")
+    for before in ("\u00b2~x", "1\u00b2~x", "\u0663~x", "\uff11~x", "\u2460~x"):
+        r = client.get("/api/generations", headers=owners["ann"].headers,
+                       params={"before": before})
+        assert r.status_code == 404, (before, r.text[:300])
+        assert r.json()["error"] == {"code": "not_found", "message": "no such generation",
+                                     "details": []}
+        page = client.get("/generate", params={"before": before})
+        assert page.status_code == 404, before
+        assert '<p class="error" role="alert" data-code="not_found">no such generation</p>' \
+            in page.text
+
+
 def test_a_before_naming_no_generation_is_not_found_whatever_its_length(
         client: TestClient, services: Services, owners: dict[str, Owner]) -> None:
     # Over 64 characters, GET /api/generations answered FastAPI's 422 invalid_request ("the

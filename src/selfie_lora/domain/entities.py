@@ -472,8 +472,10 @@ class GenerationPosition:
         """The position a ``cursor`` names; None when it is not one (a bare generation id,
         the cursor of before positions, is looked up by the caller)."""
         micros, sep, generation_id = cursor.partition("~")
-        if (not sep or not generation_id or not micros.isdigit() or len(micros) > 20
-                or names_no_row(generation_id)):
+        # ASCII digits only, as cursor() writes them: isdigit() takes a superscript two, which
+        # int() refuses (a 500), and any script's digits, which int() reads as a position.
+        if (not sep or not generation_id or not (micros.isascii() and micros.isdigit())
+                or len(micros) > 20 or names_no_row(generation_id)):
             return None
         try:
             created_at = _EPOCH + timedelta(microseconds=int(micros))
