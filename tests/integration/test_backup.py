@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 
 from selfie_lora import cli
 from selfie_lora.config import Settings
+from selfie_lora.services.common import utcnow
 from selfie_lora.services.layout import photo_key
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
@@ -520,6 +522,42 @@ def test_a_forced_restore_keeps_the_home_it_replaced_with_the_backup_kept_in_it(
         assert again.users.get_by_name(name="bob")
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("as_tar", [True, False], ids=["tar", "folder"])
+def test_a_restored_home_counts_no_worker_of_the_backed_up_one(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, as_tar: bool) -> None:
+    """Found in review: the ``workers`` rows (each consuming worker's presence, which /metrics
+    counts as ``selfie_lora_workers{state}``) were restored with the data, so the restored HOME
+    counted the workers of the machine and time of the backup: live ones while their expiry was
+    still ahead, then stale for an hour, none of them there."""
+    now = utcnow()
+    services.training.worker_alive("backed-up-host/abc/w0")  # live at the backup
+    services.repo.worker_alive("backed-up-host/abc/w1", now=now - timedelta(minutes=5),
+                               expires_at=now - timedelta(minutes=4),
+                               forget_before=now - timedelta(days=1))  # died lately: stale
+    assert services.repo.count_workers(now=now) == {"live": 1, "stale": 1}
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    backup = tmp_path / ("bk.tar" if as_tar else "bk")
+    code, said = run("backup", str(backup))
+    assert code == 0, said
+    restored_home = tmp_path / "restored"
+    monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(
+        update={"home": restored_home}))
+    code, said = run("restore", str(backup))
+    assert code == 0, said
+    again = build_services(settings.model_copy(update={"home": restored_home}),
+                           face_analyzer=one_person_analyzer())
+    try:
+        assert again.repo.count_workers(now=utcnow()) == {"live": 0, "stale": 0}
+        text = again.operations.metrics()[0].decode()
+        assert 'selfie_lora_workers{state="live"} 0.0' in text
+        assert 'selfie_lora_workers{state="stale"} 0.0' in text
+    finally:
+        again.close()
+    # The backed-up HOME's own rows are as they were: only the restored copy forgets them.
+    assert services.repo.count_workers(now=now) == {"live": 1, "stale": 1}
 
 
 def test_the_next_restore_says_where_it_kept_the_home_a_killed_restore_had_hidden(

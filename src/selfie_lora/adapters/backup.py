@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 
 from selfie_lora.adapters.db.migrate import head_revision, known_revisions
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
+from selfie_lora.adapters.db.tables import WorkerRow
 from selfie_lora.adapters.home_lock import (
     IN_USE,
     holding,
@@ -534,6 +535,23 @@ def _single_file(database: Path) -> None:
         db.close()
 
 
+def _forget_workers(database: Path) -> None:
+    """The restored copy ``database`` without the ``workers`` rows: they are the presence of the
+    processes that consumed the queue where and when the backup was taken, not data. Kept, the
+    restored HOME's /metrics counted them (``selfie_lora_workers``: live while their expiry was
+    ahead, then stale for an hour), none of them there. Done on the copy (the backup, summed,
+    stays as it was made), and on a backup of any age: one older than the table has none."""
+    table = WorkerRow.__tablename__
+    db = sqlite3.connect(database)
+    try:
+        with _sqlite_writing(database), db:
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                          (table,)).fetchone():
+                db.execute(f'DELETE FROM "{table}"')
+    finally:
+        db.close()
+
+
 def _counts_and_revision(database: Path) -> tuple[dict[str, int], str | None]:
     db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     try:
@@ -947,6 +965,7 @@ class HomeBackups:
         for relative, _digest, _size in entries:
             _copy_private(backup / relative, new / relative)
             _reached("copied")
+        _forget_workers(new / DATABASE_FILE)
         # 0600 as every other file the restore writes (write_text gave the umask's 0644): it
         # names where a copy of the database and secret_key lies, and HOME may be 0755.
         fd = _new_file(new / RESTORED)
