@@ -306,15 +306,21 @@ class Worker:
             logger.info("received %s", signal.Signals(signum).name)
             stop.set()
 
-        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        installed: list[signal.Signals] = []
         try:
+            # In the ``try``: a handler that cannot be set (not the main thread: ValueError)
+            # still gives the name back through ``stop``; it escaped with the name held.
+            for sig in previous:
+                signal.signal(sig, handle)
+                installed.append(sig)
             self.start()
             while not stop.wait(1.0):
                 pass
         finally:
             self.stop()
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+            for sig in installed:
+                signal.signal(sig, previous[sig])
 
     # ------------------------------------------------------------------ threads
     def _consume(self) -> None:
@@ -655,6 +661,8 @@ def run_worker(services: Services, *, threads: int | None = None) -> None:
     except BaseException:
         services.close()
         raise
+    identity: Identity | None = None
+    worker: Worker | None = None
     try:
         # In the ``try``: no name left (MAX_SLOTS workers on this HOME) closes them too.
         identity = claim_identity(settings.home)
@@ -664,9 +672,14 @@ def run_worker(services: Services, *, threads: int | None = None) -> None:
                         threads=threads or settings.worker_threads,
                         reconcile_seconds=settings.reconcile_seconds, gc=services.gc,
                         erasure=services.erasure, clock=services.clock, announce=True)
-        # Stops the worker before the ``finally`` closes the queue it reads.
+        # Stops the worker before the ``finally`` closes the queue it reads; its ``stop`` gives
+        # the name back.
         worker.run_until_signal()
     finally:
+        if worker is None and identity is not None:
+            # The worker was never built: the name is given back here, as ``start_embedded``
+            # does. Left to the garbage collector, it stayed taken in this process until then.
+            identity.close()
         if metrics is not None:
             metrics.shutdown()
             metrics.server_close()

@@ -405,6 +405,48 @@ def test_a_worker_that_gets_no_name_closes_its_services(
         services.queue.pending()
 
 
+@pytest.mark.parametrize("how", ["fails to build", "off the main thread"])
+def test_a_worker_that_fails_once_named_gives_its_name_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Found in review: ``run_worker`` claimed the worker's name (its lock, held by an open
+    file) and, when building the worker failed or its signal handlers could not be set (a
+    thread that is not the main one: ValueError), closed the services and let the error escape
+    with the name still held: the file was left for the garbage collector to close, and until
+    then the name was taken in this process (the next worker here got the next slot)."""
+    from selfie_lora.config import Settings
+    from selfie_lora.wiring import build_services
+
+    home = tmp_path / "home"
+    services = build_services(Settings(home=home), trainers={}, generators={})
+    failed: list[BaseException] = []
+    if how == "fails to build":
+        monkeypatch.setattr(worker_module, "Worker", _fails_to_build)
+        with pytest.raises(RuntimeError, match="can't start new thread") as raised:
+            worker_module.run_worker(services, threads=1)
+        failed.append(raised.value)
+        monkeypatch.undo()
+    else:
+        def run() -> None:
+            try:
+                worker_module.run_worker(services, threads=1)
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join(30)
+        assert [type(exc) for exc in failed] == [ValueError], failed
+    with pytest.raises(QueueClosedError):
+        services.queue.pending()  # the services are closed, as before
+    # The error is still held here, its traceback and so run_worker's frame with it: the name
+    # is free because run_worker gave it back, not because the collector closed its file.
+    identity = claim_identity(home)
+    try:
+        assert identity.name.endswith("/w0"), (identity.name, failed)
+    finally:
+        identity.close()
+
+
 class _StartsThenFails(Worker):
     """A worker whose start fails after its threads are running (a thread that could not be
     started, the queue's subscription refused)."""
