@@ -161,11 +161,11 @@ class Worker:
         # (``TrainingService.worker_alive``), so /metrics can count the live workers whichever
         # server answers; off for the tests' stand-ins, which have no database.
         self._announce = announce and threads > 0
-        # Checked at each reconciler round: while this machine's clock is too far from the
-        # database's, every lease it reads or writes means something else to the other
-        # workers, so it takes no training from the queue and re-queues none (a clock ahead saw
-        # every live training as abandoned and took them all over). What it runs goes on: its
-        # heartbeats are fenced by owner and attempt, not by the clock.
+        # Checked at each reconciler round (and each presence beat): while this machine's clock
+        # is too far from the database's, every lease it reads or writes means something else
+        # to the other workers, so it takes no training from the queue and re-queues none (a
+        # clock ahead saw every live training as abandoned and took them all over). What it
+        # runs goes on: its heartbeats are fenced by owner and attempt, not by the clock.
         self._clock = clock
         self._queue = queue
         self.identity = identity
@@ -418,10 +418,18 @@ class Worker:
             self._reconcile()
 
     def _beat(self) -> None:
-        if not self.clock_skewed:
-            # Skewed, it takes no training: its row runs out and it counts as stale.
-            with self._presence_outage.watch(failed="saying this worker is alive failed"):
+        if self._clock is not None and self._clock.enabled:
+            # Checked at every beat, not only at the reconciler's rounds: a beat between a jump
+            # of this machine's clock and the next round was written on the wrong clock (2 h
+            # behind: in neither state; ahead: live, and older rows deleted by its clock).
+            self._clock.check()
+        with self._presence_outage.watch(failed="saying this worker is alive failed"):
+            if not self.clock_skewed:
                 self._training.worker_alive(self.identity.name)
+            elif self._clock is not None and (now := self._clock.database_time()) is not None:
+                # Skewed, it takes no training: stale, on the database's clock, while it runs
+                # so. Left to run out, its row was in neither state an hour on.
+                self._training.worker_skewed(self.identity.name, database_now=now)
 
     def _presence_loop(self) -> None:
         # start() gave the first beat.

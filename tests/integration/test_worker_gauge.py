@@ -5,6 +5,7 @@ queue depth grows for other reasons too: a burst, slow trainings)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -18,7 +19,7 @@ from fastapi.testclient import TestClient
 from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
 from selfie_lora.errors import StorageError, StorageFullError
 from selfie_lora.services.common import utcnow
-from selfie_lora.wiring import Services
+from selfie_lora.wiring import Services, build_services
 from selfie_lora.worker import start_embedded
 from tests.conftest import fake_services_on, make_settings, serving
 from tests.integration.test_operations import samples
@@ -97,6 +98,64 @@ def test_a_worker_past_its_lease_is_stale_and_forgotten_later(tmp_path: Path) ->
         assert svc.repo.count_workers(now=utcnow()) == {"live": 1, "stale": 0}  # old forgotten
         assert svc.repo.count_workers(now=utcnow() + timedelta(seconds=3)) == {
             "live": 0, "stale": 1}
+
+
+@dataclasses.dataclass
+class Clocks:
+    """The database's clock (``later``: how much time went by) and this machine's, ``off`` it."""
+
+    later: timedelta = timedelta(0)
+    off: timedelta = timedelta(0)
+
+    def database(self) -> datetime:
+        return utcnow() + self.later
+
+    def machine(self) -> datetime:
+        return self.database() + self.off
+
+
+@pytest.mark.parametrize("rounds", [0.05, 600.0], ids=["rounds", "no-round"])
+@pytest.mark.parametrize("off", [timedelta(hours=-2), timedelta(hours=2)],
+                         ids=["behind", "ahead"])
+def test_a_worker_whose_clock_is_skewed_counts_as_stale_for_as_long_as_it_runs(
+        tmp_path: Path, off: timedelta, rounds: float) -> None:
+    """Found in review: a worker whose clock check failed (its clock past
+    SELFIE_LORA_MAX_CLOCK_SKEW_SECONDS from the database's) stopped renewing its row, so it was
+    stale for an hour and then counted in neither state though it still ran; and a beat
+    written on its own clock before the check saw the skew was off by as much for every server
+    (2 h behind: in neither state at once; ahead: live for 2 h). Each scrape, by a server whose
+    clock is the database's, counts it in exactly one state: live, stale while skewed (an hour
+    on too), live again once its clock is right. ``rounds``: the reconciler's (which checked
+    the clock, and alone did); with none due, each beat checks it first."""
+    clocks = Clocks()
+    settings = make_settings(tmp_path, heartbeat_seconds=0.1, lease_seconds=2,
+                             reconcile_seconds=rounds)
+    svc = build_services(settings, trainers={}, generators={}, clock=clocks.machine,
+                         database_clock=clocks.database)
+    try:
+        worker = start_embedded(svc, threads=1)
+        try:
+            def counted() -> dict[str, int]:
+                return svc.repo.count_workers(now=clocks.database())
+
+            until(lambda: counted() == {"live": 1, "stale": 0}, "never live")
+            clocks.off = off
+            until(lambda: counted() == {"live": 0, "stale": 1}, "a skewed worker is not stale")
+            assert worker.clock_skewed  # it takes no training
+            clocks.later += timedelta(minutes=61)  # an hour on, skewed all along
+            until(lambda: counted() == {"live": 0, "stale": 1},
+                  "a worker skewed for an hour is counted in neither state")
+            for _ in range(10):  # every beat keeps it there: never live, never forgotten
+                assert counted() == {"live": 0, "stale": 1}
+                time.sleep(0.05)
+            clocks.off = timedelta(0)
+            until(lambda: counted() == {"live": 1, "stale": 0},
+                  "a worker whose clock is right again is not live")
+        finally:
+            assert worker.stop()
+        assert counted() == {"live": 0, "stale": 0}
+    finally:
+        svc.close()
 
 
 @pytest.mark.parametrize("database", DATABASES)

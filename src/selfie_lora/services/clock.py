@@ -77,6 +77,10 @@ class ClockGuard:
         """What the last check found (False before any, and whenever the check is off)."""
         return self._skewed
 
+    def database_time(self) -> datetime | None:
+        """The database's clock now, None where there is none (SQLite). Its errors propagate."""
+        return None if self._database_clock is None else self._database_clock()
+
     def read(self) -> ClockReading | None:
         """One reading, None when the check is off. The database's errors propagate."""
         if self._database_clock is None or self._max_skew <= 0:

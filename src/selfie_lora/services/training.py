@@ -959,6 +959,18 @@ class TrainingService:
         self._repo.worker_alive(name, now=now, expires_at=now + self.lease.ttl,
                                 forget_before=now - WORKER_STALE_FOR)
 
+    def worker_skewed(self, name: str, *, database_now: datetime) -> None:
+        """Worker ``name`` runs, but its clock is past the skew limit, so it takes no training:
+        counted as stale for as long as it runs so, and live again at its first beat once its
+        clock is right. Its row is written on the database's clock (``database_now``), the one
+        every server's is within the limit of: on its own clock it was off by the skew for all
+        of them (2 h behind: in neither state; ahead: live). Expired a lease ago, so that a
+        server whose clock is within the limit (under the lease) never counts it live; renewed
+        every heartbeat, so never forgotten while it runs (it stopped renewing, and an hour
+        later was counted in neither state)."""
+        self._repo.worker_alive(name, now=database_now, expires_at=database_now - self.lease.ttl,
+                                forget_before=database_now - WORKER_STALE_FOR)
+
     def worker_gone(self, name: str) -> None:
         """Worker ``name`` stopped: counted no more (not as a stale worker either)."""
         self._repo.worker_gone(name)
