@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import io
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -33,6 +34,7 @@ from selfie_lora.wiring import build_services
 from selfie_lora.worker import Identity, Worker
 from tests.conftest import make_settings, one_person_analyzer, serving
 from tests.integration.test_operations import samples, value
+from tests.support.s3 import S3Server
 from tests.support.trainings import HoldClock, uploaded_training
 
 
@@ -609,3 +611,41 @@ def test_metrics_count_the_trainings_waiting_for_room(tmp_path: Path) -> None:
         clock.past(t)
         found = samples(client.get("/metrics").text)
         assert value(found, "selfie_lora_trainings_waiting", reason="full_disk") == 0
+
+
+# Old code: the blob cache turned both into a plain StorageError, 500 storage_error "please
+# retry in a moment"; and a quota (EDQUOT) did not even evict the copies nobody holds.
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_a_generation_whose_weights_cannot_be_copied_to_a_full_disk_is_507_storage_full(
+        code: int, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from selfie_lora.adapters.storage import cache as cache_module
+    from selfie_lora.api.server_errors import server_error_sentence
+    from selfie_lora.errors import ErrorCode
+    from tests.support.owners import own_model
+
+    settings = make_settings(tmp_path, **s3_server.settings(s3_server.new_location()))
+    with serving(settings, run_worker=True) as (client, services):
+        owner = own_model(client, services, "ann")
+        [version] = services.models.versions(user=services.users.get_by_name(name="ann"))
+        services.blobs.forget_local_copy(version.weights_key)  # this machine has no copy
+        fsync = os.fsync
+
+        def full(fd: int) -> None:
+            # The cache's copies only (a file system with delayed allocation, or NFS, says a
+            # full disk or quota at the fsync): the database and the queue write as before.
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(str(settings.blob_cache_dir)):
+                raise OSError(code, os.strerror(code))
+            fsync(fd)
+
+        monkeypatch.setattr(cache_module.os, "fsync", full)
+        r = client.post("/api/generate", headers=owner.headers, json={"prompt": "p"})
+        assert r.status_code == 507, r.text
+        error = r.json()["error"]
+        assert error["code"] == "storage_full"
+        assert error["message"] == server_error_sentence(ErrorCode.STORAGE_FULL)
+        assert f"the disk holding {settings.blob_cache_dir} is full" in caplog.text
+        assert "lower SELFIE_LORA_BLOB_CACHE_GB or free disk space" in caplog.text
+        monkeypatch.undo()  # space freed: it generates, with no restart
+        r = client.post("/api/generate", headers=owner.headers, json={"prompt": "p"})
+        assert r.status_code == 200, r.text

@@ -18,8 +18,8 @@ eviction exclude each other (a lock file), so a copy is either locked before the
 at it again, or gone before the hit, which then fetches it anew. A copy used in the last
 ``in_use`` seconds (15 minutes) is not evicted either, as a margin. The folder may therefore hold
 more than its bound while more than that is in use; the copy just fetched is kept even when it
-alone is larger than the bound. A fetch that meets a full disk (the bound does not see free
-space) evicts every copy no process holds, the margin ignored, and is tried once more.
+alone is larger than the bound. A fetch that meets a full disk or quota (the bound does not see
+free space) evicts every copy no process holds, the margin ignored, and is tried once more.
 
 A fetch writes a temporary file, syncs it to disk, and renames it into place (a rename may reach
 the disk before the data: after a crash of the host, the name would hold nothing and be served
@@ -29,7 +29,6 @@ eviction deletes once it is an hour old (a live fetch of a large blob may take m
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
@@ -40,7 +39,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from selfie_lora.errors import StorageError
+from selfie_lora.disk_space import full_disk_words, is_full_error
+from selfie_lora.errors import StorageError, StorageFullError
 from selfie_lora.services.layout import TEMPORARY_PREFIX
 from selfie_lora.services.private_files import fsync_dir
 
@@ -86,12 +86,17 @@ class BlobCache:
                 pin = self._fetch_making_room(target, fetch)
         except OSError as exc:
             # This machine's disk (full, read-only), not the store: a StorageError all the same,
-            # so a generation answers the storage error, not a 500 with a raw OSError.
-            advice = (": the disk is full even without the copies no process holds; lower "
-                      "SELFIE_LORA_BLOB_CACHE_GB or free disk space on this machine"
-                      if exc.errno == errno.ENOSPC else "")
+            # so a generation answers the storage error, not a 500 with a raw OSError. A full
+            # disk or quota is StorageFullError (507 storage_full), as every other full-disk
+            # write: no retry "in a moment" helps until the operator frees space.
+            if is_full_error(exc):
+                raise StorageFullError(
+                    f"the blob cache in {self.root} cannot hold {key!r}: "
+                    f"{full_disk_words(self.root)}: {exc.strerror or exc}: the disk is full "
+                    "even without the copies no process holds; lower SELFIE_LORA_BLOB_CACHE_GB "
+                    "or free disk space on this machine") from exc
             raise StorageError(f"the blob cache in {self.root} cannot hold {key!r}: "
-                               f"{exc.strerror or exc}{advice}") from exc
+                               f"{exc.strerror or exc}") from exc
         try:
             yield target
         finally:
@@ -154,7 +159,7 @@ class BlobCache:
         try:
             return self._fetch(target, fetch)
         except OSError as exc:
-            if exc.errno != errno.ENOSPC:
+            if not is_full_error(exc):  # a quota (EDQUOT) frees as a full disk does
                 raise
             removed = self.evict(keep=target, down_to=0)
             logger.warning("blob cache %s: the disk is full; %d copies no process holds removed "
