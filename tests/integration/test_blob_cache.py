@@ -22,7 +22,7 @@ from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.adapters.storage import cache as cache_module
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, BlobCache
 from selfie_lora.domain.entities import Model, Version
-from selfie_lora.errors import StorageError
+from selfie_lora.errors import StorageError, StorageFullError
 from selfie_lora.services.generation import GenerationService
 from selfie_lora.services.ports import BlobStream, GenerationJob
 from tests.support.backends import database_url, fresh_engine
@@ -142,17 +142,19 @@ class SmallDisk(Remote):
     """A remote whose fetches write to a disk of ``capacity`` bytes that the cache's copies
     share: a fetch that does not fit fails as a full disk does (ENOSPC)."""
 
-    def __init__(self, blobs: dict[str, bytes], *, root: Path, capacity: int) -> None:
+    def __init__(self, blobs: dict[str, bytes], *, root: Path, capacity: int,
+                 code: int = errno.ENOSPC) -> None:
         super().__init__(blobs)
         self.root = root
         self.capacity = capacity
+        self.code = code  # ENOSPC, or EDQUOT for a quota
 
     def fetch(self, key: str) -> Callable[[BinaryIO], None]:
         def write(fh: BinaryIO) -> None:
             self.fetches.append(key)
             used = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
             if used + len(self.blobs[key]) > self.capacity:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                raise OSError(self.code, os.strerror(self.code))
             fh.write(self.blobs[key])
         return write
 
@@ -179,6 +181,23 @@ def test_a_disk_full_before_the_bound_evicts_the_copies_nobody_holds_and_fetches
             cache.copy("weights/d", disk.fetch("weights/d")):
         pass
     assert copies(tmp_path) == {"weights/b", "weights/c"}
+
+
+def test_a_full_quota_evicts_as_a_full_disk_does_then_is_storage_full(tmp_path: Path) -> None:
+    # Old code: EDQUOT evicted nothing (the fetch failed with copies nobody held still there)
+    # and was a plain StorageError, answered 500 "please retry in a moment".
+    disk = SmallDisk({f"weights/{n}": n.encode() * 100 for n in "abc"}, root=tmp_path,
+                     capacity=150, code=errno.EDQUOT)
+    cache = BlobCache(tmp_path, max_bytes=10**9)
+    age(fetched(cache, disk, "weights/a"), 3 * 86400)
+    assert fetched(cache, disk, "weights/b").read_bytes() == b"b" * 100
+    assert copies(tmp_path) == {"weights/b"}
+    with cache.copy("weights/b", disk.fetch("weights/b")), \
+            pytest.raises(StorageFullError, match=f"the disk holding {tmp_path} is full") as caught, \
+            cache.copy("weights/c", disk.fetch("weights/c")):
+        pass
+    assert "Disk quota exceeded" in caught.value.message
+    assert "lower SELFIE_LORA_BLOB_CACHE_GB or free disk space" in caught.value.message
 
 
 def test_a_fetcher_killed_midway_leaves_a_temporary_file_that_goes_once_it_is_stale(
