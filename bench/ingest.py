@@ -3,9 +3,13 @@
 Builds 25 JPEGs of 12 MP (4000x3000 or 3000x4000, quality 90, with sensor-like noise so they
 weigh what phone photos weigh: 2.2-2.6 MB) from the three photos of tests/fixtures/photos (so
 they are near-duplicates of each other, which the set check spends time confirming), or with
-``--sources people`` from 25 different real photos of ``../shared/photos/people`` (smoother
-press photos blown up: lighter files, ~40 ms to decode instead of ~65, so the same intake is a
-larger multiple of their decode); with ``--icc`` tagged with a wide-gamut colour profile, as
+``--sources people`` from 25 different real photos of ``../shared/photos/people`` (of 5 people, no
+near-duplicates). The noise gives both sets the same weight and decode cost: measured on the
+2-core AMD EPYC host of 2026-12-07, 2.2-2.6 MB (people 2.0-2.8 MB) and the same CPU a full
+decode, ~30 ms a photo without page faults and ~46-50 ms with them. Whether a run's plain
+decodes take those faults (~290k for 25 photos, or none) depends on the state of the process's
+memory, not on the photos, and is what moves the baseline between runs and sets: (a') below
+takes them out. With ``--icc`` the photos are tagged with a wide-gamut colour profile, as
 iPhones and cameras tag theirs, whose colours the intake converts to sRGB and a plain decode
 does not. Then times, in the same run:
 
@@ -78,7 +82,7 @@ def _phone_photo(source: Image.Image, *, rng: random.Random, seed: int,
     img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.85, 1.15))
     img = ImageEnhance.Color(img).enhance(rng.uniform(0.8, 1.2))
     # Upscaled press photos are far smoother than a phone's output: noise restores a realistic
-    # amount of detail (and so the decode cost and the file size, ~3-5 MB).
+    # amount of detail (and so the decode cost and the file size, 2-3 MB at quality 90).
     noise = np.random.default_rng(seed).normal(0.0, 5.0, (out_size[1], out_size[0], 3))
     pixels = np.asarray(img, dtype=np.float32) + noise.astype(np.float32)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -162,17 +166,28 @@ STAGES = (
 
 def profile_stages(files: list, *, policy: object, analyzer: object, limits: object,
                    run_intake: object) -> list[tuple[str, float]]:
-    """CPU seconds per stage of one inline intake (1 worker: everything in this process)."""
+    """CPU seconds per stage of one inline intake (1 worker: everything in this process), with
+    OpenCV on one thread as in the service's worker processes (``pipeline._init_worker``)."""
     import cProfile
     import pstats
+
+    import cv2
 
     # Timed in this thread's CPU, not by the clock: on a loaded machine the clock charged each
     # native call the time it waited for a core (353 ms a photo at load 7-10, against 121 ms of
     # CPU), and unevenly, so the split misled. Inline, the whole intake runs in this thread.
     profiler = cProfile.Profile(time.thread_time)
-    profiler.enable()
-    run_intake(files, limits=limits, policy=policy, analyzer=analyzer, workers=1)  # type: ignore[operator]
-    profiler.disable()
+    # OpenCV's default pool may run parts of the keypoints and resizes on helper threads, whose
+    # CPU thread_time does not see: the split would undercount them against what a worker,
+    # which runs OpenCV on one thread, spends.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        profiler.enable()
+        run_intake(files, limits=limits, policy=policy, analyzer=analyzer, workers=1)  # type: ignore[operator]
+        profiler.disable()
+    finally:
+        cv2.setNumThreads(threads)
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in stats.values())
     out = []
