@@ -84,6 +84,82 @@ MAX_PHOTO_LIMIT = 1000
 # a statement_timeout of at most 2^31-1 ms (24.8 days), and refuses every connect that sets more.
 DB_MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 
+# PostgreSQL's time units for statement_timeout (in milliseconds; a bare number is milliseconds).
+_PG_MS_PER_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0, "min": 60_000.0, "h": 3_600_000.0,
+                   "d": 86_400_000.0}
+# A value as PostgreSQL reads it, where it reads it as we do: no leading zero (strtol reads 010
+# as octal), no exponent, a unit (case-sensitive) after optional blanks.
+_PG_TIME = re.compile(r"((?:0|[1-9][0-9]*)(?:\.[0-9]+)?)[ \t]*([a-z]*)")
+
+
+def _pg_split_options(options: str) -> list[str]:
+    # The server's pg_split_opts: words split at blanks, a backslash keeps the next character.
+    words, word, escaped = [], "", False
+    for char in options + " ":
+        if escaped:
+            word, escaped = word + char, False
+        elif char == "\\":
+            escaped = True
+        elif char.isspace():
+            if word:
+                words.append(word)
+            word = ""
+        else:
+            word += char
+    return words
+
+
+def url_statement_timeout(url: str | None) -> float | None:
+    """The statement_timeout, in seconds, that a PostgreSQL URL's own ``options`` set, or None
+    where they set none. libpq hands the server our options and then the URL's, so the URL's
+    is the one in effect; read as the server reads them (split at blanks, a backslash keeps the
+    next character; ``-c name=value``, ``-cname=value`` or ``--name=value``; names in any case,
+    ``-`` for ``_``; the last one wins). ValueError for one this cannot read as the server
+    would, or one that is no bound (0) or longer than DB_MAX_TIMEOUT_SECONDS."""
+    if not url:
+        return None
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    options = parsed.query.get("options")
+    if parsed.get_backend_name() != "postgresql" or not isinstance(options, str):
+        return None
+    unread = ValueError("its options' statement_timeout cannot be read here: set "
+                        "SELFIE_LORA_DB_STATEMENT_TIMEOUT instead")
+    words, value, index = _pg_split_options(options), None, 0
+    while index < len(words):
+        word = words[index]
+        if word == "-c" and index + 1 < len(words):
+            setting, index = words[index + 1], index + 2
+        elif word.startswith(("-c", "--")):
+            setting, index = word[2:], index + 1
+        else:  # another switch, or a form the server may read otherwise
+            if "statement" in word.lower():
+                raise unread
+            index += 1
+            continue
+        name, equals, found = setting.partition("=")
+        if name.lower().replace("-", "_") == "statement_timeout":
+            if not equals:
+                raise unread
+            value = found
+    if value is None:
+        return None
+    matched = _PG_TIME.fullmatch(value.strip(" \t"))
+    if matched is None or matched[2] not in ("", *_PG_MS_PER_UNIT):
+        raise unread
+    # Rounded as the server rounds (rint: half to even, as round is).
+    ms = round(float(matched[1]) * _PG_MS_PER_UNIT[matched[2] or "ms"])
+    if ms == 0:
+        raise ValueError("its options' statement_timeout is 0, PostgreSQL's no bound: set "
+                         "SELFIE_LORA_DB_STATEMENT_TIMEOUT instead (0.001 to "
+                         f"{DB_MAX_TIMEOUT_SECONDS} s), not the URL's")
+    if ms > DB_MAX_TIMEOUT_SECONDS * 1000:
+        raise ValueError("its options' statement_timeout is over a week, at most "
+                         f"{DB_MAX_TIMEOUT_SECONDS} s, as SELFIE_LORA_DB_STATEMENT_TIMEOUT")
+    return ms / 1000
+
+
 # How to make a SELFIE_LORA_SECRET_KEY, said where one is refused.
 MAKE_SECRET_KEY = ("set it to 32 or more random characters, the same on every API server "
                    "(python -c 'import secrets; print(secrets.token_urlsafe(48))'), or leave it "
@@ -361,6 +437,8 @@ class Settings(BaseSettings):
             if password is not None and is_placeholder(str(password)):
                 raise ValueError("its password is a placeholder: set one of your own (with "
                                  f"deploy/compose.yaml, before the first start: {MAKE_TOKEN})")
+            # Its own statement_timeout is the one in effect: the answer timeout follows it.
+            url_statement_timeout(value)
         return value
 
     @field_validator("queue_url")
@@ -681,11 +759,13 @@ class Settings(BaseSettings):
     def _answer_outlasts_the_statement(self) -> Settings:
         # An answer timeout within the statement's: every statement slower than it would lose
         # its connection ("no answer from the server") instead of getting PostgreSQL's cancel.
-        if self.db_answer_timeout is not None and (
-                self.db_answer_timeout <= self.db_statement_timeout):
+        statement = self.db_statement_timeout_in_effect
+        if self.db_answer_timeout is not None and self.db_answer_timeout <= statement:
+            named = ("SELFIE_LORA_DB_STATEMENT_TIMEOUT"
+                     if url_statement_timeout(self.database_url) is None
+                     else "the statement_timeout in SELFIE_LORA_DATABASE_URL's options")
             raise ValueError(f"SELFIE_LORA_DB_ANSWER_TIMEOUT ({self.db_answer_timeout:g}) must "
-                             "be more than SELFIE_LORA_DB_STATEMENT_TIMEOUT "
-                             f"({self.db_statement_timeout:g}): the client would stop waiting "
+                             f"be more than {named} ({statement:g}): the client would stop waiting "
                              "before the server cancels a statement that runs too long")
         return self
 
@@ -751,6 +831,14 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.home / DATABASE_FILE).resolve()}"
+
+    @property
+    def db_statement_timeout_in_effect(self) -> float:
+        """PostgreSQL's statement_timeout, in seconds: the URL's own options' (which libpq puts
+        after ours, so it wins) or SELFIE_LORA_DB_STATEMENT_TIMEOUT. The client's answer timeout
+        must outlast this one, not the setting."""
+        own = url_statement_timeout(self.database_url)
+        return own if own is not None else self.db_statement_timeout
 
     def missing_database(self) -> str | None:
         """Why there is no data here to read: the SQLite database in HOME is not there (a

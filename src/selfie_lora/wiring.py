@@ -402,7 +402,7 @@ def database_engine(settings: Settings) -> Engine:
     bounds SELFIE_LORA_DB_POOL_TIMEOUT, _DB_STATEMENT_TIMEOUT and _DB_ANSWER_TIMEOUT."""
     return make_engine(settings.effective_database_url, pool_size=settings.db_pool_size,
                        pool_timeout_s=settings.db_pool_timeout,
-                       statement_timeout_s=settings.db_statement_timeout,
+                       statement_timeout_s=settings.db_statement_timeout_in_effect,
                        answer_timeout_s=settings.db_answer_timeout)
 
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from alembic import command
-from sqlalchemy import text
+from sqlalchemy import make_url, text
 from typer.testing import CliRunner
 
 from selfie_lora.adapters.db import postgres
@@ -223,5 +223,22 @@ def test_the_statement_timeout_set_is_the_one_in_effect(
             assert getattr(conn.connection.dbapi_connection, "answer_timeout", None) == 40
             with pytest.raises(Exception, match="statement timeout"):
                 conn.execute(text("SELECT pg_sleep(3)"))
+    finally:
+        engine.dispose()
+
+
+# Old code: the client's answer timeout followed the setting (330 s) whatever the URL's own
+# options let a statement run; the server's options are the URL's (libpq lets the last win).
+@pytest.mark.postgres
+def test_a_url_s_own_statement_timeout_is_in_effect_and_the_answer_follows_it(
+        postgres_url: str, tmp_path: Path) -> None:
+    url = make_url(postgres_url).update_query_dict(
+        {"options": "-c statement_timeout=5000"}).render_as_string(hide_password=False)
+    engine = database_engine(Settings(home=tmp_path, database_url=url))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == "5s"
+            dbapi = conn.connection.dbapi_connection
+            assert getattr(dbapi, "answer_timeout", None) == 5 + postgres.ANSWER_MARGIN_S
     finally:
         engine.dispose()

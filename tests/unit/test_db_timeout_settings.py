@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from pydantic import ValidationError
@@ -135,3 +136,59 @@ def test_an_answer_timeout_within_the_statement_s_is_refused_naming_both(
                     "before the server cancels a statement that runs too long"), line
     monkeypatch.setenv("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "30")
     assert Settings(home=tmp_path).db_answer_timeout == float(answer)
+
+
+# A URL's own options come after ours in the connection's options, and libpq lets the last one
+# win. Old code: the answer timeout and its check followed the setting alone, so a URL that let a
+# statement run an hour still lost its connection at 330 s ("no answer from the server").
+@pytest.mark.parametrize(("options", "seconds"), [
+    ("-c statement_timeout=5000", 5.0),  # no unit: milliseconds
+    ("-c statement_timeout=1h", 3600.0),
+    ("-cstatement_timeout=90s", 90.0),
+    ("--statement-timeout=2min", 120.0),
+    ("-c Statement_Timeout=1.5s -c work_mem=64MB", 1.5),
+    ("-c statement_timeout=10s -c statement_timeout=20s", 20.0),  # the last one wins
+    ("-c statement_timeout=7\\ d", 604800.0),  # a backslash keeps the space in the value
+])
+def test_a_url_s_own_statement_timeout_is_the_one_the_answer_follows(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: str, seconds: float) -> None:
+    url = f"{NOWHERE}?options={quote(options)}"
+    settings = Settings(home=tmp_path, database_url=url)
+    assert settings.db_statement_timeout_in_effect == seconds
+    seen = connect_arguments(settings, monkeypatch)
+    assert seen["options"].endswith(options)  # the URL's after ours: it wins
+    assert seen["answer_timeout"] == seconds + postgres.ANSWER_MARGIN_S
+    # A set answer timeout is checked against it, not against the setting's 300 s.
+    monkeypatch.setenv("SELFIE_LORA_DB_ANSWER_TIMEOUT", str(seconds))
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path, database_url=url)
+    [line] = settings_errors(caught.value)
+    assert line.startswith(f"SELFIE_LORA_DB_ANSWER_TIMEOUT ({seconds:g}) must be more than "
+                           "the statement_timeout in SELFIE_LORA_DATABASE_URL's options "
+                           f"({seconds:g})"), line
+
+
+def test_a_url_without_its_own_statement_timeout_keeps_the_setting_s(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, database_url=f"{NOWHERE}?options={quote('-c work_mem=4MB')}",
+                        db_statement_timeout=12)
+    assert settings.db_statement_timeout_in_effect == 12
+    assert Settings(home=tmp_path).db_statement_timeout_in_effect == 300  # SQLite: the setting's
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    ("-c statement_timeout=0", "no bound"),
+    ("-c statement_timeout=0.4", "no bound"),  # rounded to 0 ms
+    ("-c statement_timeout=700000s", "604800 s"),
+    ("-c statement_timeout=5x", "cannot be read here"),
+    ("-c statement_timeout=010", "cannot be read here"),  # octal to PostgreSQL
+    ("-c statement_timeout", "cannot be read here"),
+    ("-X statement_timeout=5", "cannot be read here"),
+])
+def test_a_url_s_own_statement_timeout_out_of_bounds_or_unread_is_refused(
+        tmp_path: Path, options: str, says: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path, database_url=f"{NOWHERE}?options={quote(options)}")
+    [line] = settings_errors(caught.value)
+    assert line.startswith("SELFIE_LORA_DATABASE_URL: its options' statement_timeout "), line
+    assert says in line, line
+    assert "SELFIE_LORA_DB_STATEMENT_TIMEOUT" in line, line  # what to set instead
