@@ -34,6 +34,9 @@ entry points never see them.
     │                               waited for was dropped (HTTP 499, which nobody receives)
     ├── StorageError                a blob or a record cannot be read or written (a refused
     │   │                           write, a lost connection: HTTP 500 storage_error)
+    │   ├── DatabaseRefusedError    the database refuses for a state that lasts (read-only)
+    │   │   └── DatabaseBusyError   the pool's connections all taken past its wait: busy
+    │   │                           (HTTP 503 storage_unavailable, with Retry-After)
     │   ├── BlobMissingError        the blob is not there: retrying will not bring it back
     │   ├── StorageUnavailableError an outage of what stores the data, waited out, over once
     │   │   │                       it answers again (HTTP 503 storage_unavailable, with
@@ -364,6 +367,20 @@ class DatabaseRefusedError(StorageError):
     apart (as ``StorageFullError`` is) because a worker's loop that meets it at every round
     says it once while it lasts, where another database error (a statement refused, a value
     out of bounds) may be a defect, whose traceback is logged each time."""
+
+
+class DatabaseBusyError(DatabaseRefusedError):
+    """Every connection of this process's pool stayed taken past SELFIE_LORA_DB_POOL_TIMEOUT:
+    the load of the moment (requests, a worker's threads), not a fault of the request nor of the
+    database. A request that meets it is answered as an outage, 503 ``storage_unavailable``
+    with ``Retry-After`` ("busy, send it again"), not a 500 a client or load balancer takes for
+    a failure. Not a ``StorageUnavailableError``: the server is there, and what waits out an
+    outage of it (a training's uncounted step away, a deletion tried again soon) is not told
+    apart for this one; a worker's loops say it once, as the refusal it also is."""
+
+    code = ErrorCode.STORAGE_UNAVAILABLE
+    http_status = 503
+    retry_after = STORAGE_RETRY_AFTER
 
 
 class BlobMissingError(StorageError):

@@ -108,6 +108,7 @@ from selfie_lora.domain.likeness import (
 from selfie_lora.errors import (
     ConfigError,
     ConflictError,
+    DatabaseBusyError,
     DatabaseRefusedError,
     DatabaseUnreachableError,
     ErrorCode,
@@ -605,8 +606,8 @@ class SqlRepository:
             # invalidated under a session): callers see one error for a database that failed.
             reason = exc.args[0] if exc.args else type(exc).__name__
             # A pool exhausted lasts as long as the load that took its connections: a refusal,
-            # said once by a worker's loops.
-            error = DatabaseRefusedError if isinstance(exc, PoolTimeoutError) else StorageError
+            # said once by a worker's loops, and "busy, send it again" to a client.
+            error = DatabaseBusyError if isinstance(exc, PoolTimeoutError) else StorageError
             raise error(f"database error: {reason}") from exc
 
     def _full_disk(self) -> str:

@@ -1,0 +1,57 @@
+"""A database pool whose connections are all taken past SELFIE_LORA_DB_POOL_TIMEOUT: the load of
+the moment, not a fault of the request nor of the database. Old code: the API answered it as
+any database error, a 500 storage_error ("please retry in a moment") with no Retry-After, which
+load balancers and clients take for a failure, not for "busy, send it again"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from selfie_lora.errors import (
+    STORAGE_RETRY_AFTER,
+    DatabaseBusyError,
+    DatabaseRefusedError,
+    ErrorCode,
+    StorageUnavailableError,
+)
+from tests.conftest import auth, make_settings, serving
+
+# SQLite's pool (repository.SQLITE_POOL): 48 connections and 16 more.
+SQLITE_POOL_MOST = 64
+
+
+def test_a_request_that_finds_the_pool_taken_is_answered_503_with_retry_after(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    settings = make_settings(tmp_path, db_pool_timeout=0.2)
+    with serving(settings) as (client, services):
+        ann = auth(services, "ann")
+        assert client.get("/api/generations", headers=ann).status_code == 200
+        held = [services.engine.connect() for _ in range(SQLITE_POOL_MOST)]
+        try:
+            r = client.get("/api/generations", headers=ann)
+        finally:
+            for connection in held:
+                connection.close()
+        assert r.status_code == 503, r.text
+        assert r.headers["Retry-After"] == str(STORAGE_RETRY_AFTER)
+        error = r.json()["error"]
+        assert error["code"] == "storage_unavailable"
+        assert "QueuePool" not in r.text  # the pool's words stay in the log
+        assert any("QueuePool limit" in record.getMessage() for record in caplog.records)
+        assert client.get("/api/generations", headers=ann).status_code == 200  # over with it
+        held = [services.engine.connect() for _ in range(SQLITE_POOL_MOST)]
+        try:
+            with pytest.raises(DatabaseBusyError) as caught:
+                services.repo.get_user_by_name("ann")
+        finally:
+            for connection in held:
+                connection.close()
+    busy = caught.value
+    # Still a refusal a worker's loop says once; not an outage of the server (a training's
+    # attempt counting and the erasure's outage handling are unchanged).
+    assert isinstance(busy, DatabaseRefusedError)
+    assert not isinstance(busy, StorageUnavailableError)
+    assert (busy.http_status, busy.code, busy.retry_after) == (
+        503, ErrorCode.STORAGE_UNAVAILABLE, STORAGE_RETRY_AFTER)
