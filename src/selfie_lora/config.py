@@ -83,6 +83,10 @@ MAX_PHOTO_LIMIT = 1000
 # The longest SELFIE_LORA_DB_STATEMENT_TIMEOUT and _DB_ANSWER_TIMEOUT (a week): PostgreSQL takes
 # a statement_timeout of at most 2^31-1 ms (24.8 days), and refuses every connect that sets more.
 DB_MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+# The least a set SELFIE_LORA_DB_ANSWER_TIMEOUT outlasts the statement timeout by: the server's
+# cancel of a statement answers after its timer fires and the answer's way back (a round trip,
+# a busy server's scheduling), which no millisecond covers (300.001 s was taken).
+DB_ANSWER_MIN_MARGIN_S = 1.0
 
 # PostgreSQL's time units for statement_timeout (in milliseconds; a bare number is milliseconds).
 _PG_MS_PER_UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0, "min": 60_000.0, "h": 3_600_000.0,
@@ -206,10 +210,11 @@ class Settings(BaseSettings):
     db_pool_timeout: float = Field(default=30.0, gt=0, le=3600)
     # PostgreSQL: the longest a statement runs before the server cancels it (its
     # statement_timeout; migrations lift it), and how long the client waits for any answer
-    # before it drops the connection (unset: DB_STATEMENT_TIMEOUT + 30 s; more than it, or the
-    # client would stop waiting before the server's own cancel could answer). No 0 for "no
-    # bound": a hung server held every request and worker step for ever; at least a
-    # millisecond, PostgreSQL's unit (a shorter one would be rounded down to that 0).
+    # before it drops the connection (unset: DB_STATEMENT_TIMEOUT + 30 s; at least a second
+    # more than it, or the client would stop waiting before the server's cancel could
+    # answer). No 0 for "no bound": a hung server held every request and worker step for
+    # ever; at least a millisecond, PostgreSQL's unit (a shorter one would be rounded down to
+    # that 0).
     db_statement_timeout: float = Field(default=300.0, ge=0.001, le=DB_MAX_TIMEOUT_SECONDS)
     db_answer_timeout: float | None = Field(default=None, gt=0, le=DB_MAX_TIMEOUT_SECONDS)
     queue_url: str | None = None
@@ -760,13 +765,15 @@ class Settings(BaseSettings):
         # An answer timeout within the statement's: every statement slower than it would lose
         # its connection ("no answer from the server") instead of getting PostgreSQL's cancel.
         statement = self.db_statement_timeout_in_effect
-        if self.db_answer_timeout is not None and self.db_answer_timeout <= statement:
+        if (self.db_answer_timeout is not None
+                and self.db_answer_timeout < statement + DB_ANSWER_MIN_MARGIN_S):
             named = ("SELFIE_LORA_DB_STATEMENT_TIMEOUT"
                      if url_statement_timeout(self.database_url) is None
                      else "the statement_timeout in SELFIE_LORA_DATABASE_URL's options")
             raise ValueError(f"SELFIE_LORA_DB_ANSWER_TIMEOUT ({self.db_answer_timeout:g}) must "
-                             f"be more than {named} ({statement:g}): the client would stop waiting "
-                             "before the server cancels a statement that runs too long")
+                             f"be at least {DB_ANSWER_MIN_MARGIN_S:g} s more than {named} "
+                             f"({statement:g}): the client would stop waiting before the "
+                             "server cancels a statement that runs too long")
         return self
 
     @model_validator(mode="after")

@@ -121,7 +121,7 @@ def test_a_bad_value_is_one_line_naming_the_variable(
         assert value not in line.removeprefix(f"{variable}: ")  # values are never printed
 
 
-@pytest.mark.parametrize("answer", ["300", "60"])
+@pytest.mark.parametrize("answer", ["300", "60", "300.5", "300.999"])
 def test_an_answer_timeout_within_the_statement_s_is_refused_naming_both(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: str) -> None:
     # The client would give up (and drop the connection) before the server's own cancel of a
@@ -131,11 +131,16 @@ def test_an_answer_timeout_within_the_statement_s_is_refused_naming_both(
     with pytest.raises(ValidationError) as caught:
         Settings(home=tmp_path)
     [line] = settings_errors(caught.value)
-    assert line == (f"SELFIE_LORA_DB_ANSWER_TIMEOUT ({answer}) must be more than "
+    # Within a second of it too: the server's cancel (its timer, then the way back) cannot
+    # answer in a millisecond (old code took 300.001).
+    assert line == (f"SELFIE_LORA_DB_ANSWER_TIMEOUT ({answer}) must be at least 1 s more than "
                     "SELFIE_LORA_DB_STATEMENT_TIMEOUT (300): the client would stop waiting "
                     "before the server cancels a statement that runs too long"), line
     monkeypatch.setenv("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "30")
     assert Settings(home=tmp_path).db_answer_timeout == float(answer)
+    monkeypatch.setenv("SELFIE_LORA_DB_ANSWER_TIMEOUT", "301")
+    monkeypatch.setenv("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "300")
+    assert Settings(home=tmp_path).db_answer_timeout == 301  # a second more is enough
 
 
 # A URL's own options come after ours in the connection's options, and libpq lets the last one
@@ -163,7 +168,7 @@ def test_a_url_s_own_statement_timeout_is_the_one_the_answer_follows(
     with pytest.raises(ValidationError) as caught:
         Settings(home=tmp_path, database_url=url)
     [line] = settings_errors(caught.value)
-    assert line.startswith(f"SELFIE_LORA_DB_ANSWER_TIMEOUT ({seconds:g}) must be more than "
+    assert line.startswith(f"SELFIE_LORA_DB_ANSWER_TIMEOUT ({seconds:g}) must be at least 1 s more than "
                            "the statement_timeout in SELFIE_LORA_DATABASE_URL's options "
                            f"({seconds:g})"), line
 
