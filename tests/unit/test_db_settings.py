@@ -1,10 +1,16 @@
-"""SELFIE_LORA_DB_POOL_TIMEOUT, SELFIE_LORA_DB_STATEMENT_TIMEOUT, SELFIE_LORA_DB_ANSWER_TIMEOUT:
+"""The database's settings, their checks and their way into the engine, without a server (the
+PostgreSQL tests show them in effect).
+
+SELFIE_LORA_DB_POOL_SIZE: the most connections each process holds to a PostgreSQL server.
+Found in review: the pool was fixed at 15 a process, so a deployment of many processes could
+only fit a server's max_connections by running fewer of them. SQLite keeps its own pool.
+
+SELFIE_LORA_DB_POOL_TIMEOUT, SELFIE_LORA_DB_STATEMENT_TIMEOUT, SELFIE_LORA_DB_ANSWER_TIMEOUT:
 how long a thread waits for a free connection of its process's pool, how long PostgreSQL lets a
 statement run, and how long the client waits for an answer. Found in review: all three were
 constants of the database adapter (30 s, 300 s, the statement's + 30 s) while the pool's size
 was a setting, so an operator could not make a busy process fail fast nor let a long report
-run. These are the settings' checks and their way into the engine, without a server (the
-PostgreSQL tests show them in effect)."""
+run."""
 
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from pydantic import ValidationError
 from sqlalchemy.pool import QueuePool
 
 from selfie_lora.adapters.db import postgres
-from selfie_lora.adapters.db.repository import POOL_TIMEOUT_S
+from selfie_lora.adapters.db.repository import POOL_TIMEOUT_S, POSTGRES_POOL_SIZE
 from selfie_lora.config import Settings, settings_errors
 from selfie_lora.wiring import database_engine
 
@@ -25,6 +31,51 @@ pytest.importorskip("psycopg")
 
 # Nothing listens there: building an engine connects to nothing.
 NOWHERE = "postgresql+psycopg://selfie@127.0.0.1:9/selfie"
+
+
+def pool_of(settings: Settings) -> QueuePool:
+    """The pool of the engine ``settings`` build (disposed of: nothing was connected)."""
+    engine = database_engine(settings)
+    try:
+        assert isinstance(engine.pool, QueuePool)
+        return engine.pool
+    finally:
+        engine.dispose()
+
+
+def test_the_setting_sizes_the_postgresql_pool(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SELFIE_LORA_DB_POOL_SIZE", "4")
+    pool = pool_of(Settings(home=tmp_path, database_url=NOWHERE))
+    assert pool.size() == 4
+    assert pool._max_overflow == 0  # the size is the most it opens
+
+
+def test_the_default_is_the_pool_of_before(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, database_url=NOWHERE)
+    assert settings.db_pool_size == POSTGRES_POOL_SIZE == 15
+    assert pool_of(settings).size() == 15
+
+
+def test_sqlite_keeps_its_own_pool(tmp_path: Path) -> None:
+    # A SQLite connection is a file handle: its pool fits the threads whatever the setting says.
+    settings = Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                        db_pool_size=2)
+    assert pool_of(settings).size() == 48
+
+
+@pytest.mark.parametrize(("value", "bound"), [
+    ("0", "greater than or equal to 1"), ("1001", "less than or equal to 1000"),
+    ("many", "a valid integer")])
+def test_a_size_out_of_bounds_is_one_line_naming_the_variable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str, bound: str) -> None:
+    monkeypatch.setenv("SELFIE_LORA_DB_POOL_SIZE", value)
+    with pytest.raises(ValidationError) as caught:
+        Settings(home=tmp_path)
+    [line] = settings_errors(caught.value)
+    assert line.startswith("SELFIE_LORA_DB_POOL_SIZE: "), line
+    assert bound in line, line
+    assert value not in line.removeprefix("SELFIE_LORA_DB_POOL_SIZE: ")
 
 
 class ConnectCalledError(Exception):
@@ -66,12 +117,7 @@ def test_the_settings_reach_the_postgresql_engine(tmp_path: Path,
     monkeypatch.setenv("SELFIE_LORA_DB_POOL_TIMEOUT", "2.5")
     monkeypatch.setenv("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "12.5")
     settings = Settings(home=tmp_path, database_url=NOWHERE)
-    engine = database_engine(settings)
-    try:
-        assert isinstance(engine.pool, QueuePool)
-        assert engine.pool.timeout() == 2.5
-    finally:
-        engine.dispose()
+    assert pool_of(settings).timeout() == 2.5
     seen = connect_arguments(settings, monkeypatch)
     assert "-c statement_timeout=12500" in seen["options"]
     assert seen["answer_timeout"] == 12.5 + postgres.ANSWER_MARGIN_S  # follows the statement's
@@ -83,13 +129,8 @@ def test_the_settings_reach_the_postgresql_engine(tmp_path: Path,
 def test_the_pool_wait_is_sqlite_s_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Its pool is its own size, but a thread that finds it taken waits as long.
     monkeypatch.setenv("SELFIE_LORA_DB_POOL_TIMEOUT", "4")
-    engine = database_engine(Settings(home=tmp_path,
-                                      database_url=f"sqlite:///{tmp_path / 'db.sqlite'}"))
-    try:
-        assert isinstance(engine.pool, QueuePool)
-        assert engine.pool.timeout() == 4
-    finally:
-        engine.dispose()
+    sqlite = Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'db.sqlite'}")
+    assert pool_of(sqlite).timeout() == 4
 
 
 @pytest.mark.parametrize(("variable", "value", "says"), [
