@@ -242,3 +242,17 @@ def test_a_url_s_own_statement_timeout_is_in_effect_and_the_answer_follows_it(
             assert getattr(dbapi, "answer_timeout", None) == 5 + postgres.ANSWER_MARGIN_S
     finally:
         engine.dispose()
+
+
+# The longest statement timeout the setting takes is one PostgreSQL takes (it refuses a connect
+# that sets more than 2^31-1 ms).
+@pytest.mark.postgres
+def test_the_longest_statement_timeout_is_one_the_server_takes(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "604800")
+    engine = database_engine(Settings(home=tmp_path, database_url=postgres_url))
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW statement_timeout")).scalar() == "7d"
+    finally:
+        engine.dispose()

@@ -126,6 +126,28 @@ def test_the_settings_reach_the_postgresql_engine(tmp_path: Path,
     assert seen["answer_timeout"] == 20
 
 
+def test_the_largest_values_reach_the_postgresql_engine(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A week of statement is 604800000 ms, under PostgreSQL's 2^31-1 (the PostgreSQL test sees
+    # the server take it); the unset answer timeout past it is not bounded by its own maximum.
+    monkeypatch.setenv("SELFIE_LORA_DB_POOL_SIZE", "1000")
+    monkeypatch.setenv("SELFIE_LORA_DB_POOL_TIMEOUT", "3600")
+    monkeypatch.setenv("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "604800")
+    settings = Settings(home=tmp_path, database_url=NOWHERE)
+    pool = pool_of(settings)
+    assert (pool.size(), pool.timeout()) == (1000, 3600)
+    seen = connect_arguments(settings, monkeypatch)
+    assert "-c statement_timeout=604800000" in seen["options"]
+    assert 604800000 < 2**31 - 1
+    assert seen["answer_timeout"] == 604800 + postgres.ANSWER_MARGIN_S
+    # The longest answer timeout that can be set, with the longest statement it allows.
+    monkeypatch.setenv("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "604799")
+    monkeypatch.setenv("SELFIE_LORA_DB_ANSWER_TIMEOUT", "604800")
+    seen = connect_arguments(Settings(home=tmp_path, database_url=NOWHERE), monkeypatch)
+    assert "-c statement_timeout=604799000" in seen["options"]
+    assert seen["answer_timeout"] == 604800
+
+
 def test_the_pool_wait_is_sqlite_s_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Its pool is its own size, but a thread that finds it taken waits as long.
     monkeypatch.setenv("SELFIE_LORA_DB_POOL_TIMEOUT", "4")
@@ -143,11 +165,14 @@ def test_the_pool_wait_is_sqlite_s_too(tmp_path: Path, monkeypatch: pytest.Monke
     ("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "0", "greater than or equal to 0.001"),
     ("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "0.0004", "greater than or equal to 0.001"),
     ("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "604801", "less than or equal to 604800"),
+    ("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "-5", "greater than or equal to 0.001"),
     ("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "nan", "finite number"),
     ("SELFIE_LORA_DB_STATEMENT_TIMEOUT", "5m", "a valid number"),
     ("SELFIE_LORA_DB_ANSWER_TIMEOUT", "0", "greater than 0"),
     ("SELFIE_LORA_DB_ANSWER_TIMEOUT", "1e9", "less than or equal to"),
+    ("SELFIE_LORA_DB_ANSWER_TIMEOUT", "-5", "greater than 0"),
     ("SELFIE_LORA_DB_ANSWER_TIMEOUT", "inf", "finite number"),
+    ("SELFIE_LORA_DB_ANSWER_TIMEOUT", "nan", "finite number"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, value: str,
