@@ -1135,6 +1135,47 @@ def test_a_tar_backup_whose_scratch_cannot_be_locked_leaves_nothing_beside_dest(
     assert sorted(p.name for p in tmp_path.iterdir() if "bk" in p.name) == []
 
 
+def test_a_tar_backup_whose_part_another_backup_swept_before_its_lock_stops_at_once(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two backups to one .tar started at once: the second's sweep of leftovers ran between the
+    first's create of its .part and its lock, found it unlocked and named for its own DEST, and
+    deleted it; the first then copied the whole HOME and wrote the whole tar into a file no name
+    held, to fail only at its rename ('cannot write the backup to DEST: No such file or
+    directory'; found in review: read-report2 RISK-1). Once locked, it finds its .part gone and
+    is refused at once, before a byte of HOME is read."""
+    from selfie_lora.adapters import backup
+    from selfie_lora.errors import ConfigError
+
+    services.users.create(name="ann")
+    services.blobs.put(photo_key("a" * 64), b"a photo")
+    dest = tmp_path / "bk.tar"
+    lock_claim = backup._lock_claim
+    snapshot = backup._snapshot
+    read: list[Path] = []
+
+    def swept_before_locked(fd: int, path: Path) -> None:
+        if path.name.endswith(".part"):
+            backup._clear_leftovers(dest)  # the other backup to DEST, starting in this instant
+        lock_claim(fd, path)
+
+    def snapshot_read(source: Path, target: Path) -> None:
+        read.append(source)
+        snapshot(source, target)
+
+    monkeypatch.setattr(backup, "_lock_claim", swept_before_locked)
+    monkeypatch.setattr(backup, "_snapshot", snapshot_read)
+    with pytest.raises(ConfigError) as refused:
+        backup.HomeBackups(home=settings.home).backup(dest=dest)
+    # Old code: StorageError 'cannot write the backup to DEST: No such file or directory',
+    # after the database and every blob were copied and the tar written.
+    assert refused.value.message == (
+        f"{dest} is being written by another backup, running now: wait for its end, or name "
+        "another DEST (its start deleted this one's scratch as a leftover)")
+    assert read == []
+    assert sorted(p.name for p in tmp_path.iterdir() if "bk" in p.name) == []
+
+
 def test_two_backups_to_one_tar_at_once_never_replace_each_other(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

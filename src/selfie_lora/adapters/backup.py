@@ -365,7 +365,23 @@ def _claim_part(part: Path, dest: Path, stack: ExitStack) -> int:
     except BaseException:
         part.unlink(missing_ok=True)  # made here, not yet among what the backup deletes
         raise
+    if not _names(part, fd):
+        # Deleted before it was locked, by the sweep of another backup to DEST started at the
+        # same instant (``_clear_leftovers``: unlocked, named for its DEST): written on, it took
+        # the whole tar into a file no name held, and the backup failed only at its rename
+        # ("No such file or directory"). Refused at once; the name, if any, is not this file.
+        raise ConfigError(f"{dest} {_BEING_WRITTEN} (its start deleted this one's scratch as "
+                          "a leftover)")
     return fd
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` (not followed) is the file open as ``fd``."""
+    try:
+        named = path.lstat()
+    except FileNotFoundError:
+        return False
+    return os.path.samestat(named, os.fstat(fd))
 
 
 def _backup_holds(path: Path) -> bool | None:
