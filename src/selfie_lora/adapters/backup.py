@@ -326,7 +326,8 @@ def _backup_needs(home: Path, *, as_tar: bool) -> int | None:
 
 # What a tar backup writes beside its DEST until it is whole (``HomeBackups.backup``): named
 # for DEST and the backup's ``scratch_mark`` (its pid and process space; read back by
-# ``read_scratch_mark``, which reads older backups' pid alone too).
+# ``read_scratch_mark``, which reads older backups' pid alone too, and ``<pid>-unknown``, the
+# tiny builds' old mark no backup wrote, as that pid alone: one reader, judged the same way).
 _LEFTOVER = re.compile(r"\.(?P<dest>.+\.tar)\.(?P<mark>[^.]+)\.(?:part|partial)")
 # Another name's leftover whose backup cannot be judged gone goes once untouched this long,
 # judged with its partner (``_partner``): a running backup writes one of the two all along
