@@ -1996,9 +1996,10 @@ def test_another_names_young_backup_leftovers_are_kept_unless_their_process_is_g
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A tar backup clears the leftovers of backups to other names beside it: one running now
     could be caught between making its scratch and locking it, or run on another machine of a
-    shared NFS folder (where flock locks only on each machine), and its scratch was deleted under
-    it (found in review: read-report3). Another name's goes now only when it names this
-    machine's process space and a pid gone; else once nothing in it changed for an hour."""
+    shared NFS folder (mounted nolock or local_lock=flock, where flock locks only on each
+    machine), and its scratch was deleted under it (found in review: read-report3). Another
+    name's goes now only when it names this machine's process space and a pid gone; else once
+    nothing in it changed for an hour."""
     from selfie_lora.services.owners import process_space
 
     services.users.create(name="ann")

@@ -192,12 +192,13 @@ def test_a_missing_cache_folder_sweeps_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("locks", ["work", "fail"])
 def test_a_build_of_another_machine_or_container_is_kept_until_an_hour_quiet(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locks: str) -> None:
-    """A cache shared with another machine (NFS: flock there locks only on each machine) or
-    another container (another pid namespace): the pid in a folder's name is the builder's
-    there, and a process of that pid here says nothing of it; the folder of a build running
-    there was removed here mid-save (found in review: read-report3). Named for another process
-    space, it goes only once nothing in it changed for an hour; "fail": a file system whose
-    flock answers an error (EBADF), where only the name and the age can decide."""
+    """A cache shared with another machine (NFS mounted nolock or local_lock=flock: flock there
+    locks only on each machine) or another container (another pid namespace): the pid in a
+    folder's name is the builder's there, and a process of that pid here says nothing of it;
+    the folder of a build running there was removed here mid-save (found in review:
+    read-report3). Named for another process space, it goes only once nothing in it changed for
+    an hour; "fail": a file system whose flock answers an error (EBADF), where only the name and
+    the age can decide."""
     import errno
     import fcntl
 

@@ -389,11 +389,12 @@ def _backup_holds(path: Path) -> bool | None:
     """Whether a running backup holds the file ``path`` locked: its DEST folder's ``WRITING``
     (``_make_dest_folder``) or its tar's ``.part`` (``_claim_part``). False once it is gone or
     can be locked; None where that cannot be asked (a link, not ours to read, a lock this file
-    system refuses: NFSv4's EBADF, ENOLCK), which each caller answers on its own safe side.
+    system refuses: EBADF, ENOLCK, EIO), which each caller answers on its own safe side.
     Asked with a shared lock, which a read-only fd may take on NFS and SMB too (an exclusive
     one there needs an fd open for writing): a backup holds its own exclusive, so a shared one
-    is refused while it runs. (The blob cache asks with an exclusive one, ``held``, because
-    its readers hold its copies shared.)"""
+    is refused while it runs. An open refused at once by another's lease (EWOULDBLOCK: a
+    process has it open for writing) is taken as held too. (The blob cache asks with an
+    exclusive one, ``held``, because its readers hold its copies shared.)"""
     fd = -1
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -430,8 +431,8 @@ def _in_use(path: Path) -> bool:
     if stat.S_ISDIR(kind):
         if not path.name.endswith(".partial"):
             return True  # no backup makes a folder ``.part``: left alone
-        # Its backup locks the .part beside it: a folder opens only read-only, and NFS and SMB
-        # refuse an exclusive lock on such an fd. Gone, it holds the folder no more.
+        # No backup locks its folder: it locks the .part beside it, made (and locked) before
+        # the folder, and held until the folder is gone. Gone, it holds the folder no more.
         return _in_use(_partner(path))
     # One whose lock cannot be asked for is left alone: else that one error ended every tar
     # backup into the folder.
@@ -445,9 +446,11 @@ def _clear_leftovers(dest: Path) -> None:
     to one name twice. Those of this account that no running backup holds locked are deleted;
     another account's are left alone (and refused by ``_scratch`` when this backup's own name is
     one of them). Another name's may be a running backup's that cannot be seen holding it (on
-    another machine of a shared NFS folder, where flock locks only on each machine; or between
-    its create and its flock), so it goes only when it names this machine's process space and a
-    pid gone, or once nothing in it nor in its partner (``_partner``) changed for an hour."""
+    another machine sharing a folder whose locks hold only on each machine: NFS mounted
+    ``nolock`` or ``local_lock=flock``, while Linux's default NFS mounts lock at the server,
+    which holds across machines; or between its create and its flock), so it goes only when it
+    names this machine's process space and a pid gone, or once nothing in it nor in its partner
+    (``_partner``) changed for an hour."""
     cutoff = time.time() - _OTHERS_QUIET_SECONDS
     for left in dest.parent.glob(".*.tar.*.part*"):
         named = _LEFTOVER.fullmatch(left.name)

@@ -283,8 +283,9 @@ def sweep_dead_builds(cache_dir: Path, *, now: float | None = None) -> int:
     how many. A folder goes only when no build holds its lock and its builder is certainly gone:
     it names this machine's and pid namespace's ``process_space`` and its pid is no process
     here, or nothing in it changed for an hour. The pid of another space's build (another
-    machine on a shared cache, where flock locks only on each machine; another container on a
-    shared volume) says nothing here, nor does one taken again since, so the age alone decides
+    machine on a shared cache, whose lock is not seen here where locks hold only on each
+    machine: NFS mounted ``nolock`` or ``local_lock=flock``; another container on a shared
+    volume) says nothing here, nor does one taken again since, so the age alone decides
     for those. Another account's folders, and names not ours, are left alone."""
     try:
         found = [p for p in cache_dir.iterdir() if p.name.startswith(_BUILDING_PREFIX)]
