@@ -1176,6 +1176,43 @@ def test_a_tar_backup_whose_part_another_backup_swept_before_its_lock_stops_at_o
     assert sorted(p.name for p in tmp_path.iterdir() if "bk" in p.name) == []
 
 
+def test_a_part_its_backup_locks_after_the_sweep_found_it_free_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check a backup makes once its .part is locked (that its name is still that file)
+    leaves one instant: another backup's sweep that found the .part free before it was locked,
+    and deletes it only after the check, when its backup writes into it, failed that backup at
+    the end as before (review read-report2 RISK-1). The sweep now deletes a .part holding its
+    lock, only while no backup holds it: one locked since it was found free is kept (and one
+    whose backup locks it meanwhile waits for the delete, then finds its name gone)."""
+    import fcntl
+
+    from selfie_lora.adapters import backup
+
+    left = tmp_path / f".bk.tar.{os.getpid()}.part"
+    left.write_bytes(b"")
+    in_use = backup._in_use
+    locked: list[int] = []
+
+    def found_free_then_locked(path: Path) -> bool:
+        free = in_use(path)
+        if path == left and not locked:
+            # Its backup locks it now, and finds its name still its file (``_claim_part``).
+            locked.append(os.open(path, os.O_RDWR))
+            fcntl.flock(locked[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return free
+
+    monkeypatch.setattr(backup, "_in_use", found_free_then_locked)
+    try:
+        backup._clear_leftovers(tmp_path / "bk.tar")
+        assert locked
+        assert left.exists()  # old code: deleted under the backup that locked it
+    finally:
+        for fd in locked:
+            os.close(fd)
+    backup._clear_leftovers(tmp_path / "bk.tar")
+    assert not left.exists()
+
+
 def test_two_backups_to_one_tar_at_once_never_replace_each_other(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -2071,6 +2108,7 @@ def _swept_as_from_another_machine(backup: ModuleType, out: Path,
     one on another machine (or between a backup's create and its flock) does: blind to locks."""
     with monkeypatch.context() as blind:
         blind.setattr(backup, "_in_use", lambda _path: False)
+        blind.setattr(backup, "_unlink_unheld", Path.unlink)
         backup._clear_leftovers(out / "b.tar")
     return list(out.iterdir())
 

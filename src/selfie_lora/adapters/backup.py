@@ -462,11 +462,40 @@ def _clear_leftovers(dest: Path) -> None:
                 and not (quiet_since(left, cutoff) and quiet_since(_partner(left), cutoff))):
             logger.debug("left %s: another backup's, perhaps running", left)
             continue
-        logger.warning("deleting %s, left by a backup that did not finish", left)
-        if left.is_dir() and not left.is_symlink():
+        if left.is_symlink():
+            logger.warning("deleting %s, left by a backup that did not finish", left)
+            left.unlink(missing_ok=True)  # no backup makes one, nor locks it
+        elif left.is_dir():
+            # Only once its .part is locked does a backup make its .partial: found free, it is
+            # no running backup's.
+            logger.warning("deleting %s, left by a backup that did not finish", left)
             shutil.rmtree(left, ignore_errors=True)
         else:
-            left.unlink(missing_ok=True)
+            _unlink_unheld(left)
+
+
+def _unlink_unheld(path: Path) -> None:
+    """``path``, a ``.part`` found free (``_in_use``), deleted holding its lock (shared), and
+    only while it is still the file locked. Found free, it may be a backup's made an instant
+    before and not yet locked (``_claim_part``): deleted after that backup had locked it and
+    found it still named, it took the backup's whole tar for nothing. Held through the delete,
+    the lock makes that backup's wait for the delete (it then finds its name gone and is
+    refused at once), and one a backup locked since it was found free is kept."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        logger.debug("left %s: %s", path, exc)
+        return  # gone meanwhile, or no more ours to open: not deleted here
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        if not _names(path, fd):
+            return  # made again meanwhile: judged by the next sweep
+        logger.warning("deleting %s, left by a backup that did not finish", path)
+        path.unlink()
+    except OSError as exc:  # BlockingIOError: a backup holds it now
+        logger.debug("left %s: %s", path, exc)
+    finally:
+        os.close(fd)
 
 
 def _scratch(path: Path, dest: Path) -> None:
