@@ -846,6 +846,27 @@ def test_a_weights_download_resumes_with_a_range_and_answers_head(
     assert (head.headers["Content-Length"], head.headers["ETag"]) == (str(size), f'"{sha}"')
 
 
+def test_a_weights_range_with_a_very_long_number_is_read_as_past_the_end_not_a_500(
+        client: TestClient, services: Services, ann_trained: Trained) -> None:
+    """A Range whose number had over 4300 digits was a 500 internal_error: int() refuses such
+    a string (found in review; a request's headers may be 16 KiB). A number longer than the
+    file's size is past its end: a start there is 416, a last byte the file's end, a suffix
+    the whole file, as the same header with 30 nines was already answered."""
+    h = ann_trained.headers
+    url = ann_trained.done["model"]["active_version"]["weights_url"]
+    whole = client.get(url, headers=h).content
+    size = len(whole)
+    for nines in ("9" * 30, "9" * 5000, "0" * 5000 + "9" * 30):
+        beyond = client.get(url, headers={**h, "Range": f"bytes={nines}-"})
+        assert (beyond.status_code, beyond.headers.get("Content-Range")) == (
+            416, f"bytes */{size}"), beyond.text[:200]  # old code (5000 nines): 500
+        for asked in (f"bytes=-{nines}", f"bytes=0-{nines}"):
+            part = client.get(url, headers={**h, "Range": asked})
+            assert (part.status_code, part.headers.get("Content-Range")) == (
+                206, f"bytes 0-{size - 1}/{size}"), part.text[:200]
+            assert part.content == whole
+
+
 def test_a_weights_download_the_client_holds_is_a_304(client: TestClient,
                                                        services: Services,
                                                        ann_trained: Trained) -> None:

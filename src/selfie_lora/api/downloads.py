@@ -18,8 +18,8 @@ from selfie_lora.services.ports import BlobStream
 
 # One byte range (``bytes=0-99``, ``bytes=100-``, ``bytes=-500``): what a resuming download
 # (curl -C -, a browser, wget -c) sends. Several ranges at once are answered with the whole file,
-# as HTTP allows.
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# as HTTP allows. ASCII digits only (RFC 9110 14.1.1): ``\d`` takes any script's.
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 def held_tags(if_none_match: str | None) -> frozenset[str]:
@@ -145,17 +145,27 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | str | None:
         return None
     first, last = match.group(1), match.group(2)
     if first == "":  # the last N bytes
-        length = int(last)
+        length = _position(last, size)
         if length == 0:
             return "unsatisfiable"
         return max(0, size - length), size
-    start = int(first)
-    end = size if last == "" else min(size, int(last) + 1)
+    start = _position(first, size)
+    end = size if last == "" else min(size, _position(last, size) + 1)
     if start >= size:
         return "unsatisfiable"
     if end <= start:
         return None  # bytes=9-3: not a valid range, ignored
     return start, end
+
+
+def _position(digits: str, size: int) -> int:
+    """``digits`` as a number, or ``size + 1`` when it has more digits than ``size``: past the
+    end either way, and int() refuses over 4300 digits (a 5000-digit Range was a 500). The
+    zeros in front are dropped first: they count towards those 4300 too."""
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(size)):
+        return size + 1
+    return int(significant)
 
 
 def _between(stream: BlobStream, start: int, end: int) -> Iterator[bytes]:
