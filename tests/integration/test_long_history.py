@@ -314,7 +314,10 @@ def test_a_before_that_is_no_number_is_refused_on_the_versions_page_as_by_the_ap
     # whatever the before's length or characters, its Back leading to the newest page.
     grow_history(svc, "ann", 6)
     newest = re.findall(r'<tr id="v(\d+)"', trained.get("/versions").text)
-    for before in ("newest", "x/../y", "x" * 5000, "\x00", "1\x00", "\x7f", "\uff11"):
+    # Nor a number below 1 ('0', '00', 'v0'): the API refused it, the page showed its newest
+    # page (found in review).
+    for before in ("newest", "x/../y", "x" * 5000, "\x00", "1\x00", "\x7f", "\uff11",
+                   "0", "00", "v0", "v" + "0" * 5000):
         api = trained.get("/api/model/versions", params={"limit": 5, "before": before},
                           headers={"Authorization": key})
         assert api.status_code == 422, (before[:30], api.text[:300])
@@ -450,8 +453,9 @@ def test_the_versions_page_shows_the_newest_and_links_to_older_ones(
     assert re.findall(r'<tr id="v(\d+)"', older) == [str(n) for n in range(10, 0, -1)]
     assert "Older versions" not in older
     assert 'href="/versions" class="newest"' in older
-    # No version below: the newest page (it was an empty table, "Versions v to v").
-    for none_below in ("1", "0", "v0"):
+    # No version below: the newest page (it was an empty table, "Versions v to v"). A number
+    # below 1 is refused, as the API refuses it (test_a_before_that_is_no_number_is_...).
+    for none_below in ("1", "v1", "01"):
         page = trained.get("/versions", params={"before": none_below}).text
         assert re.findall(r'<tr id="v(\d+)"', page) == shown, none_below
         assert "Versions v60 to v11 of your model" in page

@@ -213,7 +213,7 @@ class ModelService:
         (``older`` of the page before: a version number, ``12`` or ``v12``; it need not exist
         any more; an empty one is the first page, as ``GenerationService.page`` takes it).
         ``older`` is None on the page holding version 1."""
-        below = _version_number(before) if before else None
+        below = before_version_number(before) if before else None
         model = self._repo.get_model_for_user(user.id)
         if model is None:
             return VersionsPage(versions=[], older=None)
@@ -519,25 +519,18 @@ VERSION_NUMBER_MAX = 2**31 - 1
 _REF_SHOWN = 64
 
 
-def _version_number(ref: str) -> int | None:
-    """A page's ``before``: a version number (``12``, or ``v12`` as the pages write it); None
-    for one past any version's (no version is older: the newest page, as ``before=9999``
-    gives). Bound as it was, ``2147483648`` was out of PostgreSQL's INTEGER range (a 500
-    telling the client to retry) and a number past 2**63 SQLite's (an OverflowError)."""
+def before_version_number(ref: str) -> int | None:
+    """A ``before`` of the API's versions list and of the Versions page alike: a version number
+    (``12``, or ``v12`` as the pages write it); None for one past any version's (no version is
+    older: the newest page, as ``before=9999`` gives). Refused (422) when it is no number,
+    whatever its length or characters, or a number below 1, which no version is (the page
+    showed its newest page for these, where the API said 422). Bound as it was,
+    ``2147483648`` was out of PostgreSQL's INTEGER range (a 500 telling the client to retry)
+    and a number past 2**63 SQLite's (an OverflowError)."""
     number = version_number_below(ref)
     if number is not None and number < 1:
         raise _no_version_number(ref)
     return number
-
-
-def page_version_number(ref: str) -> int | None:
-    """The Versions page's ``?before=``: refused as the API refuses it (``_version_number``)
-    when it is no number, whatever its length or characters (the page showed its newest page,
-    where the API said 422); a number below 1, which the API refuses too, has no version below
-    it, as 1 has: 0, which the page shows as its newest page."""
-    if _version_digits(ref) is None:
-        raise _no_version_number(ref)
-    return version_number_below(ref)
 
 
 def _no_version_number(ref: str) -> InvalidInputError:
@@ -559,9 +552,9 @@ def _version_digits(ref: str) -> str | None:
 def version_number_below(ref: str) -> int | None:
     """``ref`` (``12`` or ``v12``) as a number below which to list versions: 0 when it is not
     a number, None past any version's number (int() refuses over 4300 digits: those too).
-    The API refuses what is below 1; the Versions page shows its newest page for a number
-    below 1 (``page_version_number``), and its forms go back to it for a hidden ``before``
-    that is no number (an edited form: the form's work is done by then)."""
+    The API and the Versions page refuse what is below 1 (``before_version_number``); the
+    page's forms go back to its newest page for a hidden ``before`` that is no number (an
+    edited form: the form's work is done by then)."""
     digits = _version_digits(ref)
     if digits is None:
         return 0

@@ -69,7 +69,7 @@ from selfie_lora.services.generation import (
     withheld_pictures,
 )
 from selfie_lora.services.likeness import grid_text
-from selfie_lora.services.models import page_version_number, version_number_below
+from selfie_lora.services.models import before_version_number, version_number_below
 from selfie_lora.services.ports import MAX_SEED
 from selfie_lora.services.training import UploadResult
 from selfie_lora.web.app import (
@@ -754,7 +754,8 @@ VERSIONS_PAGE = 50
 def _page_before(before: str | None) -> int | None:
     """The Versions page's forms' hidden ``before`` as a version number; None (the newest page)
     for anything else, as for a number past any version's. The page's own ``?before=`` refuses
-    one that is no number (``page_version_number``); a form's has done its work by then."""
+    one that is no number or below 1 (``before_version_number``); a form's has done its work
+    by then."""
     # Below 1 (not a number, 0): the newest page.
     return (version_number_below(before) or None) if before else None
 
@@ -801,7 +802,7 @@ def versions_page(request: Request, viewer: PageViewer, a: str | None = None,
     web = _web(request)
     svc = web.services
     try:
-        below = (page_version_number(before) or None) if before else None
+        below = before_version_number(before) if before else None
     except InvalidInputError as exc:
         # As the API's 422 says it, whatever its length or characters (the newest page was
         # shown, where the API refused it); Back to the newest page, not the photos.
