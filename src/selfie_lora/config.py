@@ -476,6 +476,12 @@ class Settings(BaseSettings):
         if not parts.hostname:
             raise ValueError(f"{form}; it names no host")
         database = parts.path.removeprefix("/")
+        if database.isdecimal() and not database.isascii():
+            # isdecimal() takes any script's digits, and redis-py reads redis://h/\u0661
+            # (Arabic-Indic 1) as database 1: a form no one means, refused as the rest of
+            # the tree refuses such numbers.
+            raise ValueError(f"{form}; its database is not a number in ASCII digits "
+                             "(redis://host:6379/0)")
         if database and not database.isdecimal():
             raise ValueError(f"{form}; its database is not a number (redis://host:6379/0), and "
                              "Redis would use database 0 instead")

@@ -21,6 +21,11 @@ PASSWORD = "pw_SECRET_q"
     ("redis://127.0.0.1:6379/abc", "its database is not a number"),
     ("redis://127.0.0.1:6379/l5", "its database is not a number"),
     (f"redis://:{PASSWORD}@127.0.0.1:6379/x", "its database is not a number"),
+    # Another script's digits passed isdecimal() and redis-py read them as a database
+    # (redis://h/\u0661, Arabic-Indic 1: database 1) (found in review).
+    ("redis://127.0.0.1:6379/\u0661", "its database is not a number in ASCII digits"),
+    ("redis://127.0.0.1:6379/\uff11", "its database is not a number in ASCII digits"),
+    ("redis://127.0.0.1:6379/1\u0660", "its database is not a number in ASCII digits"),
     ("redis://", "names no host"),
     ("redis:///0", "names no host"),
     ("rediss://h:notaport/0", "its port is not a number"),
