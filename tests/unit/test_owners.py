@@ -56,6 +56,24 @@ def test_a_pid_past_c_s_int_is_not_told_gone_nor_an_error() -> None:
     assert process_gone(2**70, here) is False
 
 
+def test_a_pid_that_is_no_ascii_number_is_not_told_gone_nor_an_error() -> None:
+    """An owner's pid passed str.isdigit, which takes a superscript two ('²', that int()
+    refuses: a ValueError) and any script's digits ('\u0661', Arabic-Indic 1, read as pid 1);
+    5000 digits passed it too, past int()'s 4300 (found in review). Names we never write
+    (a tampered row, a planted file name): not judged, as any other name not ours."""
+    from selfie_lora.services.owners import read_scratch_mark
+
+    host, space = socket.gethostname(), process_space()
+    for pid in ("\u00b2", "1\u00b2", "\u0661", "\uff11", "9" * 5000):
+        assert not owner_is_gone(f"{host}:{pid}:0123abcd:{space}"), pid[:20]
+    # A leftover's mark (a file name, at most 255 bytes): another script's digits are no pid
+    # (they were read as one).
+    for pid in ("\u00b2", "\u0661", "\uff11", "1\u0660"):
+        assert read_scratch_mark(f"{pid}-{space}") is None, pid
+        assert read_scratch_mark(pid) is None, pid
+    assert read_scratch_mark(f"12-{space}") == (12, space)
+
+
 def test_a_link_is_judged_quiet_by_itself_not_by_what_it_names(tmp_path: Path) -> None:
     """``quiet_since`` walks a leftover folder; os.walk follows a link given as its top, so a
     link planted under a leftover's name (to / say) had the whole tree it names walked, and

@@ -53,8 +53,12 @@ def owner_is_gone(owner: str | None) -> bool:
         return False
     parts = owner.split(":")
     space = process_space()
+    # ASCII digits only, and few of them: isdigit() takes '²' (which int() refuses) and any
+    # script's digits, and int() refuses over 4300; names we never write (a tampered row).
+    # Past 20 digits a pid is past C's int, which process_gone would not judge either.
     if (len(parts) != 4 or not space or parts[3] != space
-            or parts[0] != socket.gethostname() or not parts[1].isdigit()):
+            or parts[0] != socket.gethostname()
+            or not (parts[1].isascii() and parts[1].isdigit()) or len(parts[1]) > 20):
         return False
     return process_gone(int(parts[1]), parts[3])
 
@@ -97,8 +101,10 @@ def read_scratch_mark(mark: str) -> tuple[int, str] | None:
     said so where the space was unknown). The pid is as written (0 included): whether such a
     pid is one of its names is the caller's to say."""
     pid, dash, space = mark.partition("-")
-    # Decimal digits only, as int() reads them ("²" is a digit to str.isdigit, not to int).
-    if not pid.isdecimal():
+    # ASCII digits only, as scratch_mark writes them ("²" is a digit to str.isdigit, not to
+    # int; int() reads any script's decimals, '\u0661' as 1). A file name is at most 255
+    # bytes, so int()'s 4300 digits are never reached.
+    if not (pid.isascii() and pid.isdecimal()):
         return None
     if not dash or space == "unknown":
         return int(pid), ""
