@@ -1732,6 +1732,30 @@ def test_a_not_found_page_s_back_and_the_nav_name_the_same_sections(ann: TestCli
     assert back.group(1) in links
 
 
+def test_the_nav_marks_the_section_a_not_found_page_s_back_leads_to(ann: TestClient) -> None:
+    """The nav marked a link current when the address began with it (base.html's
+    ``path.startswith(href)``), where the Not found page's Back goes to the section the address
+    is under (``section_page``): /photosx marked Photos while Back went to the photos as to any
+    address of no section, and a picture's /generations/... marked nothing while Back went to
+    Generate (found in review). The nav takes ``section_page``'s answer now: for every 404 the
+    link it marks is the Back's, or none where Back is the default."""
+    def marked(html: str) -> list[str]:
+        nav = html[html.index('<nav aria-label="Site">'):html.index("</nav>")]
+        return re.findall(r'<a href="([^"]+)" aria-current="page">', nav)
+
+    for path, section in (("/photosx", None), ("/photos/nope", "/photos"),
+                          ("/generations/nope/0.png", "/generate"), ("/generationsx", None),
+                          ("/versions/nope/weights", "/versions"), ("/settingsx/y", None),
+                          ("/trainx", None), ("/train/nope/samples/0.jpg", "/train"),
+                          ("/no-such-page", None)):
+        r = ann.get(path)
+        assert r.status_code == 404, path
+        back = re.search(r'<a href="([^"]+)" data-back>Back</a>', r.text)
+        assert back, path
+        assert (marked(r.text), back.group(1)) == (
+            [section] if section else [], section or "/photos"), path
+
+
 @contextmanager
 def held_training(tmp_path: Path) -> Iterator[tuple[TestClient, FakeTrainer]]:
     """Ann signed in on the pages, her photos uploaded and a training started there, held in

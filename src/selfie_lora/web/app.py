@@ -123,7 +123,8 @@ FORM_PAGES = (
 
 # The site's sections, in the order its navigation links them (base.html, given them as
 # ``sections``): each one's page and its link's label. One list: the nav and the Not found
-# page's Back (``section_page``) each kept their own, free to differ.
+# page's Back (``section_page``) each kept their own, free to differ. The link the nav marks
+# current is ``section_page``'s too (``Web.render``'s ``section``).
 SECTIONS = (("/photos", "Photos"), ("/train", "Train"), ("/versions", "Versions"),
             ("/generate", "Generate"), ("/model", "Model"), ("/settings", "Settings"))
 SECTION_PAGES = tuple(page for page, _label in SECTIONS)
@@ -308,8 +309,12 @@ class Web:
                 if hmac.compare_digest(session_id.encode(), viewer.session.id.encode()):
                     done = sentence
                     _shown_once(request, NOTICE_COOKIE)
+        path = app_path(request.scope)
         html = self.env.get_template(template).render(
-            request=request, viewer=viewer, path=app_path(request.scope),
+            # ``section``: the nav's link marked current, by the rule the Not found page's Back
+            # follows (``section_page``): a prefix of the address alone marked Photos on
+            # /photosx, and nothing on a picture's /generations/... whose Back is Generate.
+            request=request, viewer=viewer, path=path, section=section_page(path),
             root=root_path(request.scope),
             csrf_token=viewer.session.csrf_token if viewer else None,
             signup=self.services.users.signup_enabled, done_notice=done, **context)
