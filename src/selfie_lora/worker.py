@@ -418,18 +418,25 @@ class Worker:
             self._reconcile()
 
     def _beat(self) -> None:
+        reading = None
         if self._clock is not None and self._clock.enabled:
             # Checked at every beat, not only at the reconciler's rounds: a beat between a jump
             # of this machine's clock and the next round was written on the wrong clock (2 h
             # behind: in neither state; ahead: live, and older rows deleted by its clock).
-            self._clock.check()
+            reading = self._clock.observe()
+            if reading is None:
+                # The database did not answer: the write would wait on it as long again (on a
+                # hung PostgreSQL, two waits of ~20 s a beat outlasted stop's 30 s grace). Its
+                # outage is said by the reconciler; the row is renewed at the next beat.
+                return
         with self._presence_outage.watch(failed="saying this worker is alive failed"):
             if not self.clock_skewed:
                 self._training.worker_alive(self.identity.name)
-            elif self._clock is not None and (now := self._clock.database_time()) is not None:
-                # Skewed, it takes no training: stale, on the database's clock, while it runs
-                # so. Left to run out, its row was in neither state an hour on.
-                self._training.worker_skewed(self.identity.name, database_now=now)
+            elif reading is not None:
+                # Skewed, it takes no training: stale, on the database's clock (the reading's,
+                # no second question), while it runs so. Left to run out, its row was in
+                # neither state an hour on.
+                self._training.worker_skewed(self.identity.name, database_now=reading.database)
 
     def _presence_loop(self) -> None:
         # start() gave the first beat.

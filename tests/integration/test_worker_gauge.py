@@ -245,3 +245,51 @@ def test_a_beat_the_database_refuses_is_said_once_and_its_end_once(
                                                                ("INFO", False)]
     assert refusal.message in said[0].getMessage()
     assert "goes through again" in said[1].getMessage()
+
+
+def test_a_worker_stops_within_its_grace_while_the_database_hangs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a beat read the database's clock, then wrote its row, each call on
+    PostgreSQL hung (not refusing) waiting about 20 s (the pool's ping, then the connect), so a
+    beat took two of them (40 s) and ``stop`` overran its 30 s grace: the worker said its name
+    stayed held, and skipped removing its row. A beat whose clock read gets no answer writes
+    nothing: one hung call a beat, and ``stop`` (more than one, less than two) ends in time."""
+    hang = 1.5
+    hung = threading.Event()
+    calls: list[str] = []
+
+    def database() -> datetime:
+        if hung.is_set():
+            calls.append("clock")
+            time.sleep(hang)
+            raise OSError("timed out")
+        return utcnow()
+
+    settings = make_settings(tmp_path, heartbeat_seconds=0.2, lease_seconds=2,
+                             reconcile_seconds=600)
+    svc = build_services(settings, trainers={}, generators={}, database_clock=database)
+    try:
+        worker = start_embedded(svc, threads=1)
+        alive = svc.repo.worker_alive
+
+        def worker_alive(name: str, *, now: datetime, expires_at: datetime,
+                         forget_before: datetime) -> None:
+            if hung.is_set():
+                calls.append("write")
+                time.sleep(hang)
+                raise OSError("timed out")
+            alive(name, now=now, expires_at=expires_at, forget_before=forget_before)
+
+        monkeypatch.setattr(svc.repo, "worker_alive", worker_alive)
+        until(lambda: svc.repo.count_workers(now=utcnow()) == {"live": 1, "stale": 0},
+              "never live")
+        hung.set()
+        # A beat under way, in its clock read (one begun just before may be in its write).
+        until(lambda: "clock" in calls, "no beat met the hung database")
+        started = time.monotonic()
+        assert worker.stop(grace=2 * hang - 0.2), (
+            f"stop overran its grace ({time.monotonic() - started:.1f} s): {calls}")
+        # That beat wrote nothing on a database that did not answer its clock's read.
+        assert calls[calls.index("clock"):] == ["clock"]
+    finally:
+        svc.close()

@@ -77,10 +77,6 @@ class ClockGuard:
         """What the last check found (False before any, and whenever the check is off)."""
         return self._skewed
 
-    def database_time(self) -> datetime | None:
-        """The database's clock now, None where there is none (SQLite). Its errors propagate."""
-        return None if self._database_clock is None else self._database_clock()
-
     def read(self) -> ClockReading | None:
         """One reading, None when the check is off. The database's errors propagate."""
         if self._database_clock is None or self._max_skew <= 0:
@@ -108,14 +104,23 @@ class ClockGuard:
         False while skewed. The start and the end of a skewed episode are logged once each
         (a WARNING, then INFO). A database that does not answer keeps the last verdict: that
         is the database's outage, said by whoever meets it."""
+        return self._check()[0]
+
+    def observe(self) -> ClockReading | None:
+        """``check``, giving the reading it took: None when the check is off or the database
+        did not answer (the last verdict stands). A worker's beat writes its row from it, with
+        no second question to a database that may hang on each."""
+        return self._check()[1]
+
+    def _check(self) -> tuple[bool, ClockReading | None]:
         ticket = self._episode.attempt()  # before the read: see Outage
         try:
             reading = self.read()
         except Exception:
             logger.debug("the database's clock could not be read", exc_info=True)
-            return not self._skewed
+            return not self._skewed, None
         if reading is None:
-            return True
+            return True, None
         skewed = reading.beyond(self._max_skew)
         self._skewed = skewed
         if skewed and self._episode.begins(ticket=ticket):
@@ -126,4 +131,4 @@ class ClockGuard:
         elif not skewed and self._episode.ends(ticket=ticket):
             logger.info("this machine's clock is back within %s of the database's (%.1f s): "
                         "taking trainings again", SETTING, reading.skew)
-        return not skewed
+        return not skewed, reading
