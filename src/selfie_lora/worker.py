@@ -432,11 +432,12 @@ class Worker:
         with self._presence_outage.watch(failed="saying this worker is alive failed"):
             if not self.clock_skewed:
                 self._training.worker_alive(self.identity.name)
-            elif reading is not None:
+            elif self._clock is not None and reading is not None:
                 # Skewed, it takes no training: stale, on the database's clock (the reading's,
                 # no second question), while it runs so. Left to run out, its row was in
                 # neither state an hour on.
-                self._training.worker_skewed(self.identity.name, database_now=reading.database)
+                self._training.worker_skewed(self.identity.name, database_now=reading.database,
+                                             max_skew=self._clock.max_skew)
 
     def _presence_loop(self) -> None:
         # start() gave the first beat.

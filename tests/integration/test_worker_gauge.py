@@ -126,10 +126,14 @@ def test_a_worker_whose_clock_is_skewed_counts_as_stale_for_as_long_as_it_runs(
     (2 h behind: in neither state at once; ahead: live for 2 h). Each scrape, by a server whose
     clock is the database's, counts it in exactly one state: live, stale while skewed (an hour
     on too), live again once its clock is right. ``rounds``: the reconciler's (which checked
-    the clock, and alone did); with none due, each beat checks it first."""
+    the clock, and alone did); with none due, each beat checks it first.
+
+    So does a server whose clock is off the database's by up to the limit (10 s), behind or
+    ahead: found in review, a row expired only a lease (2 s) ago was live for a server 5 s
+    behind, which the limit allows."""
     clocks = Clocks()
     settings = make_settings(tmp_path, heartbeat_seconds=0.1, lease_seconds=2,
-                             reconcile_seconds=rounds)
+                             reconcile_seconds=rounds, max_clock_skew_seconds=10)
     svc = build_services(settings, trainers={}, generators={}, clock=clocks.machine,
                          database_clock=clocks.database)
     try:
@@ -138,15 +142,24 @@ def test_a_worker_whose_clock_is_skewed_counts_as_stale_for_as_long_as_it_runs(
             def counted() -> dict[str, int]:
                 return svc.repo.count_workers(now=clocks.database())
 
+            def by_servers_within_the_limit() -> set[tuple[tuple[str, int], ...]]:
+                return {tuple(sorted(svc.repo.count_workers(
+                    now=clocks.database() + timedelta(seconds=off_by)).items()))
+                    for off_by in (-9.9, -5, 0, 5, 9.9)}
+
+            skewed_for_all = {(("live", 0), ("stale", 1))}
+
             until(lambda: counted() == {"live": 1, "stale": 0}, "never live")
             clocks.off = off
             until(lambda: counted() == {"live": 0, "stale": 1}, "a skewed worker is not stale")
             assert worker.clock_skewed  # it takes no training
+            assert by_servers_within_the_limit() == skewed_for_all
             clocks.later += timedelta(minutes=61)  # an hour on, skewed all along
             until(lambda: counted() == {"live": 0, "stale": 1},
                   "a worker skewed for an hour is counted in neither state")
             for _ in range(10):  # every beat keeps it there: never live, never forgotten
                 assert counted() == {"live": 0, "stale": 1}
+                assert by_servers_within_the_limit() == skewed_for_all
                 time.sleep(0.05)
             clocks.off = timedelta(0)
             until(lambda: counted() == {"live": 1, "stale": 0},
@@ -291,5 +304,25 @@ def test_a_worker_stops_within_its_grace_while_the_database_hangs(
             f"stop overran its grace ({time.monotonic() - started:.1f} s): {calls}")
         # That beat wrote nothing on a database that did not answer its clock's read.
         assert calls[calls.index("clock"):] == ["clock"]
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize("max_skew", [10.0, 600.0, 1800.0, 3600.0])
+def test_a_skewed_worker_s_row_is_stale_for_every_server_the_limit_allows(
+        tmp_path: Path, max_skew: float) -> None:
+    """Found in review: the row of a worker whose clock is skewed was expired a lease ago only,
+    so with SELFIE_LORA_MAX_CLOCK_SKEW_SECONDS over the lease (allowed up to an hour) a server
+    behind the database, within the limit, counted it live. Every server up to the limit off
+    counts it stale; past half the stale window (an hour) no one margin holds for a server
+    behind and one ahead alike, so servers up to half an hour off do."""
+    svc: Services = fake_services_on("sqlite", tmp_path)
+    try:
+        now = utcnow()
+        svc.training.worker_skewed("skewed-host/abc/w0", database_now=now, max_skew=max_skew)
+        reach = min(max_skew, 1800.0) - 0.1
+        for off_by in (-reach, -reach / 2, 0.0, reach / 2, reach):
+            assert svc.repo.count_workers(now=now + timedelta(seconds=off_by)) == {
+                "live": 0, "stale": 1}, f"counted by a server {off_by:+.1f} s off"
     finally:
         svc.close()

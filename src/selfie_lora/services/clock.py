@@ -73,6 +73,11 @@ class ClockGuard:
         return self._database_clock is not None and self._max_skew > 0
 
     @property
+    def max_skew(self) -> float:
+        """The limit, seconds (0: the check is off)."""
+        return self._max_skew
+
+    @property
     def skewed(self) -> bool:
         """What the last check found (False before any, and whenever the check is off)."""
         return self._skewed

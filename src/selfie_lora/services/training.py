@@ -959,16 +959,22 @@ class TrainingService:
         self._repo.worker_alive(name, now=now, expires_at=now + self.lease.ttl,
                                 forget_before=now - WORKER_STALE_FOR)
 
-    def worker_skewed(self, name: str, *, database_now: datetime) -> None:
-        """Worker ``name`` runs, but its clock is past the skew limit, so it takes no training:
-        counted as stale for as long as it runs so, and live again at its first beat once its
-        clock is right. Its row is written on the database's clock (``database_now``), the one
-        every server's is within the limit of: on its own clock it was off by the skew for all
-        of them (2 h behind: in neither state; ahead: live). Expired a lease ago, so that a
-        server whose clock is within the limit (under the lease) never counts it live; renewed
+    def worker_skewed(self, name: str, *, database_now: datetime, max_skew: float) -> None:
+        """Worker ``name`` runs, but its clock is past the skew limit (``max_skew`` seconds), so
+        it takes no training: counted as stale for as long as it runs so, and live again at its
+        first beat once its clock is right. Its row is written on the database's clock
+        (``database_now``), the one every server's is within the limit of: on its own clock it
+        was off by the skew for all of them (2 h behind: in neither state; ahead: live). Renewed
         every heartbeat, so never forgotten while it runs (it stopped renewing, and an hour
         later was counted in neither state)."""
-        self._repo.worker_alive(name, now=database_now, expires_at=database_now - self.lease.ttl,
+        # Expired the limit and a lease ago (the lease: slack for the time since the database's
+        # reading, and for the check's own round trip): a server up to the limit behind the
+        # database still sees it expired, not live; a lease alone was not enough once the limit
+        # is over the lease (10 s against a 2 s lease; the setting allows an hour). At most
+        # half the stale window, so that a server as far ahead still counts it stale, not
+        # forgotten: past half an hour no margin holds for both sides, and the two share it.
+        margin = min(self.lease.ttl + timedelta(seconds=max_skew), WORKER_STALE_FOR / 2)
+        self._repo.worker_alive(name, now=database_now, expires_at=database_now - margin,
                                 forget_before=database_now - WORKER_STALE_FOR)
 
     def worker_gone(self, name: str) -> None:
