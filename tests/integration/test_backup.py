@@ -137,6 +137,49 @@ def test_a_backup_cut_short_or_damaged_is_refused_and_the_home_left_alone(
     assert [p.name for p in tmp_path.iterdir() if "restore" in p.name] == []
 
 
+def _backed_up_with_a_photo(services: Services, settings: Settings, tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> tuple[Path, str]:
+    """ann and a photo of hers backed up to the folder ``tmp_path/bk``; it and the photo's key."""
+    services.users.create(name="ann")
+    key = photo_key("a" * 64)
+    services.blobs.put(key, b"a photo")
+    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    backup = tmp_path / "bk"
+    assert run("backup", str(backup))[0] == 0
+    return backup, key
+
+
+def test_a_file_changed_between_its_check_and_its_copy_is_refused_and_the_home_left_alone(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: each file of a backup was checked against the manifest, then copied,
+    and the copy was never compared with it: a byte changed in between (a flaky disk or NFS, a
+    folder backup written over meanwhile) was restored unseen, and once the restore edits the
+    copied database nothing could compare it afterwards."""
+    from selfie_lora.adapters import backup as backups
+
+    backup, key = _backed_up_with_a_photo(services, settings, tmp_path, monkeypatch)
+    services.users.create(name="bob")  # newer than the backup
+    services.close()
+    before = state(settings.home)
+    blob = backup / "blobs" / key
+
+    def reached(step: str) -> None:
+        # After the first file's copy (the database), before the blob's: every file checked.
+        if step == "copied" and blob.read_bytes() == b"a photo":
+            blob.write_bytes(b"a phot0")  # the same size: only its sum tells
+
+    monkeypatch.setattr(backups, "_reached", reached)
+    code, said = run("restore", "--force", str(backup))
+    assert blob.read_bytes() == b"a phot0"  # changed after the checks, so the copy saw it
+    assert code == 1, said
+    assert said.strip() == (f"error: blobs/{key} in the backup is damaged: what was copied is "
+                            "not the manifest's sha256 (it changed after it was checked)")
+    assert state(settings.home) == before
+    assert kept_homes(settings.home) == []
+    assert [p.name for p in settings.home.parent.iterdir() if "restore" in p.name] == []
+
+
 def _first_blob(manifest: dict[str, Any]) -> dict[str, Any]:
     return dict(next(iter(manifest["blobs"].values())))
 
@@ -1469,12 +1512,7 @@ def test_a_tar_is_restored_without_extractall_s_filter_and_its_links_refused(
 def test_a_backup_folder_with_a_link_in_it_is_refused(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, linked: str) -> None:
-    services.users.create(name="ann")
-    key = photo_key("a" * 64)
-    services.blobs.put(key, b"a photo")
-    monkeypatch.setattr(cli, "_settings", lambda: settings)
-    backup = tmp_path / "bk"
-    assert run("backup", str(backup))[0] == 0
+    backup, key = _backed_up_with_a_photo(services, settings, tmp_path, monkeypatch)
     # Someone else's file with the same bytes (the manifest sums what the link points to).
     elsewhere = tmp_path / "not-yours"
     elsewhere.mkdir()

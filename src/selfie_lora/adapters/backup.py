@@ -1011,8 +1011,14 @@ class HomeBackups:
             if _sha256(path) != digest:
                 raise InvalidInputError(f"{relative} in the backup is damaged: its sha256 "
                                         "is not the manifest's")
-        for relative, _digest, _size in entries:
-            _copy_private(backup / relative, new / relative)
+        for relative, digest, _size in entries:
+            # What was written, not only what was checked: a byte changed in between (a flaky
+            # disk or NFS, a folder backup written over meanwhile) was restored unseen, and past
+            # ``_forget_workers`` the database's copy can no longer be compared.
+            if _copy_private(backup / relative, new / relative) != digest:
+                raise InvalidInputError(f"{relative} in the backup is damaged: what was copied "
+                                        "is not the manifest's sha256 (it changed after it was "
+                                        "checked)")
             _reached("copied")
         _forget_workers(new / DATABASE_FILE)
         # 0600 as every other file the restore writes (write_text gave the umask's 0644): it
