@@ -491,8 +491,8 @@ def _restore_killed_at(settings: Settings, source: Path, *, step: str, times: in
 
 
 @pytest.mark.parametrize(("step", "times", "exchange"), [
-    ("copied", 1, "yes"), ("copied", 3, "yes"), ("swap", 1, "yes"), ("swapped", 1, "yes"),
-    ("set-aside", 1, "no"), ("swapped", 1, "no"),
+    ("copied", 1, "yes"), ("copied", 3, "yes"), ("forgotten", 1, "yes"), ("swap", 1, "yes"),
+    ("swapped", 1, "yes"), ("set-aside", 1, "no"), ("swapped", 1, "no"),
 ])
 def test_a_restore_killed_at_any_point_leaves_the_old_home_or_the_new(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, times: int,

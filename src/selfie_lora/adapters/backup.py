@@ -1021,6 +1021,7 @@ class HomeBackups:
                                         "checked)")
             _reached("copied")
         _forget_workers(new / DATABASE_FILE)
+        _reached("forgotten")
         # 0600 as every other file the restore writes (write_text gave the umask's 0644): it
         # names where a copy of the database and secret_key lies, and HOME may be 0755.
         fd = _new_file(new / RESTORED)
