@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -177,10 +178,11 @@ def test_a_disk_full_before_the_bound_evicts_the_copies_nobody_holds_and_fetches
     # Still no room with every copy nobody holds gone: the operator is told what to do.
     with cache.copy("weights/b", disk.fetch("weights/b")), \
             cache.copy("weights/c", disk.fetch("weights/c")), \
-            pytest.raises(StorageError, match="lower SELFIE_LORA_BLOB_CACHE_GB or free disk"), \
+            pytest.raises(StorageFullError, match="lower SELFIE_LORA_BLOB_CACHE_GB or free disk"), \
             cache.copy("weights/d", disk.fetch("weights/d")):
         pass
     assert copies(tmp_path) == {"weights/b", "weights/c"}
+    assert not list(tmp_path.rglob(f"{TMP_PREFIX}*"))  # copies() skips dot-files
 
 
 def test_a_full_quota_evicts_as_a_full_disk_does_then_is_storage_full(tmp_path: Path) -> None:
@@ -193,11 +195,17 @@ def test_a_full_quota_evicts_as_a_full_disk_does_then_is_storage_full(tmp_path: 
     assert fetched(cache, disk, "weights/b").read_bytes() == b"b" * 100
     assert copies(tmp_path) == {"weights/b"}
     with cache.copy("weights/b", disk.fetch("weights/b")), \
-            pytest.raises(StorageFullError, match=f"the disk holding {tmp_path} is full") as caught, \
+            pytest.raises(StorageFullError,
+                          match=re.escape(f"the disk holding {tmp_path} is full")) as caught, \
             cache.copy("weights/c", disk.fetch("weights/c")):
         pass
     assert "Disk quota exceeded" in caught.value.message
     assert "lower SELFIE_LORA_BLOB_CACHE_GB or free disk space" in caught.value.message
+    # The held copy survives the failed retry, and its partial write is gone (copies() skips
+    # dot-files, so the temporary prefix is looked for on its own).
+    assert copies(tmp_path) == {"weights/b"}
+    assert (tmp_path / "weights" / "b").read_bytes() == b"b" * 100
+    assert not list(tmp_path.rglob(f"{TMP_PREFIX}*"))
 
 
 def test_a_fetcher_killed_midway_leaves_a_temporary_file_that_goes_once_it_is_stale(

@@ -646,6 +646,8 @@ def test_a_generation_whose_weights_cannot_be_copied_to_a_full_disk_is_507_stora
         assert error["message"] == server_error_sentence(ErrorCode.STORAGE_FULL)
         assert f"the disk holding {settings.blob_cache_dir} is full" in caplog.text
         assert "lower SELFIE_LORA_BLOB_CACHE_GB or free disk space" in caplog.text
+        # No partial copy left behind (the cache's temporary files are dot-files).
+        assert not list(settings.blob_cache_dir.rglob(f"{cache_module.TMP_PREFIX}*"))
         monkeypatch.undo()  # space freed: it generates, with no restart
         r = client.post("/api/generate", headers=owner.headers, json={"prompt": "p"})
         assert r.status_code == 200, r.text
