@@ -1,6 +1,7 @@
 """Whether an error means a full disk, and how much room the disk holding a path has left: what
 turns SQLite's "database or disk is full" (and its "disk I/O error" when it cannot even make its
-``-wal``/``-shm`` files), or an ``OSError`` ENOSPC, into a sentence that says the disk is full.
+``-wal``/``-shm`` files), or an ``OSError`` ENOSPC, into a sentence that says the disk is full
+(or, for EDQUOT, that a quota is used up).
 
 Shared by the adapters (which map such an error to ``StorageFullError``), the readiness check and
 the command line's start failures. It reads only the file system's figures (``statvfs``)."""
@@ -61,10 +62,22 @@ def free_bytes(path: Path | str) -> int | None:
         return None
 
 
-def full_disk_words(path: Path | str) -> str:
+def is_quota_error(exc: BaseException | None) -> bool:
+    """True for a quota used up (EDQUOT): the disk itself may have room, which ``statvfs`` (and
+    ``df``) show, since neither sees a user's, group's or project's quota."""
+    return isinstance(exc, OSError) and exc.errno == errno.EDQUOT
+
+
+def full_disk_words(path: Path | str, exc: BaseException | None = None) -> str:
     """"the disk holding PATH is full (N free)", the free space left out when it cannot be read:
-    how an adapter names the disk a full-disk error is about, for the operator."""
+    how an adapter names the disk a full-disk error ``exc`` is about, for the operator. For a
+    quota (EDQUOT) "the quota of this account on the disk holding PATH is used up (the disk
+    itself has N free)": an operator told the disk is full while ``df`` shows room would not
+    think of the quota."""
     free = free_bytes(path)
+    if is_quota_error(exc):
+        left = f" (the disk itself has {shown(free)} free)" if free is not None else ""
+        return f"the quota of this account on the disk holding {path} is used up{left}"
     left = f" ({shown(free)} free)" if free is not None else ""
     return f"the disk holding {path} is full{left}"
 

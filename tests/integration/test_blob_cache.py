@@ -185,22 +185,29 @@ def test_a_disk_full_before_the_bound_evicts_the_copies_nobody_holds_and_fetches
     assert not list(tmp_path.rglob(f"{TMP_PREFIX}*"))  # copies() skips dot-files
 
 
-def test_a_full_quota_evicts_as_a_full_disk_does_then_is_storage_full(tmp_path: Path) -> None:
+def test_a_full_quota_evicts_as_a_full_disk_does_then_is_storage_full(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Old code: EDQUOT evicted nothing (the fetch failed with copies nobody held still there)
-    # and was a plain StorageError, answered 500 "please retry in a moment".
+    # and was a plain StorageError, answered 500 "please retry in a moment". Then it said "the
+    # disk holding ... is full (23.1 GB free)": statvfs does not see a quota, so the operator
+    # found room with df and was not told to raise the quota.
     disk = SmallDisk({f"weights/{n}": n.encode() * 100 for n in "abc"}, root=tmp_path,
                      capacity=150, code=errno.EDQUOT)
     cache = BlobCache(tmp_path, max_bytes=10**9)
     age(fetched(cache, disk, "weights/a"), 3 * 86400)
     assert fetched(cache, disk, "weights/b").read_bytes() == b"b" * 100
     assert copies(tmp_path) == {"weights/b"}
-    with cache.copy("weights/b", disk.fetch("weights/b")), \
-            pytest.raises(StorageFullError,
-                          match=re.escape(f"the disk holding {tmp_path} is full")) as caught, \
+    quota = f"the quota of this account on the disk holding {tmp_path} is used up (the disk "
+    with caplog.at_level(logging.WARNING, logger="selfie_lora.adapters.storage.cache"), \
+            cache.copy("weights/b", disk.fetch("weights/b")), \
+            pytest.raises(StorageFullError, match=re.escape(quota)) as caught, \
             cache.copy("weights/c", disk.fetch("weights/c")):
         pass
     assert "Disk quota exceeded" in caught.value.message
-    assert "lower SELFIE_LORA_BLOB_CACHE_GB or free disk space" in caught.value.message
+    assert "is full" not in caught.value.message
+    assert "raise the quota, lower SELFIE_LORA_BLOB_CACHE_GB or delete" in caught.value.message
+    assert "the quota of this account is used up; 0 copies" in caplog.text
+    assert "the disk is full" not in caplog.text
     # The held copy survives the failed retry, and its partial write is gone (copies() skips
     # dot-files, so the temporary prefix is looked for on its own).
     assert copies(tmp_path) == {"weights/b"}

@@ -250,13 +250,14 @@ def test_a_disk_i_o_error_with_room_to_spare_is_not_called_a_full_disk(
 
 class FullDiskStore(FileSystemBlobStore):
     """The blob folder on a disk that fills up: while ``full``, every write fails as the file
-    system's does (ENOSPC)."""
+    system's does (ENOSPC, or EDQUOT for a quota)."""
 
     full = False
+    code = errno.ENOSPC
 
     def _write(self, key: str, fill: Any, *, if_absent: bool) -> bool:
         def no_room(fh: Any) -> None:
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(self.code, os.strerror(self.code))
 
         return super()._write(key, no_room if self.full else fill, if_absent=if_absent)
 
@@ -315,6 +316,23 @@ def test_a_blob_write_on_a_full_disk_is_storage_full_naming_the_folder(tmp_path:
     assert caught.value.http_status == 507
     assert f"the disk holding {tmp_path / 'blobs'} is full" in caught.value.message
     assert "No space left on device" in caught.value.message
+
+
+# Old code: "the disk holding BLOBS is full (20.0 MB free): Disk quota exceeded", where df shows
+# room (statvfs does not see a quota) and nothing says a quota is the limit.
+def test_a_blob_write_over_the_quota_says_the_quota_not_a_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfie_lora import disk_space
+
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(20 * 1024 * 1024))
+    store = FullDiskStore(tmp_path / "blobs")
+    store.full, store.code = True, errno.EDQUOT
+    with pytest.raises(StorageFullError) as caught:
+        store.put("photos/a.jpg", b"x")
+    assert caught.value.http_status == 507
+    assert caught.value.message == (
+        f"blob 'photos/a.jpg' cannot be written: the quota of this account on the disk holding "
+        f"{tmp_path / 'blobs'} is used up (the disk itself has 20.0 MB free): Disk quota exceeded")
 
 
 class _WeightsDisk(FullDiskStore):
@@ -644,8 +662,14 @@ def test_a_generation_whose_weights_cannot_be_copied_to_a_full_disk_is_507_stora
         error = r.json()["error"]
         assert error["code"] == "storage_full"
         assert error["message"] == server_error_sentence(ErrorCode.STORAGE_FULL)
-        assert f"the disk holding {settings.blob_cache_dir} is full" in caplog.text
-        assert "lower SELFIE_LORA_BLOB_CACHE_GB or free disk space" in caplog.text
+        if code == errno.ENOSPC:
+            assert f"the disk holding {settings.blob_cache_dir} is full" in caplog.text
+            assert "lower SELFIE_LORA_BLOB_CACHE_GB or free disk space" in caplog.text
+        else:  # statvfs does not see a quota: the disk may have room, the quota has none
+            assert (f"the quota of this account on the disk holding {settings.blob_cache_dir} "
+                    "is used up") in caplog.text
+            assert "raise the quota, lower SELFIE_LORA_BLOB_CACHE_GB" in caplog.text
+            assert "is full" not in caplog.text
         # No partial copy left behind (the cache's temporary files are dot-files).
         assert not list(settings.blob_cache_dir.rglob(f"{cache_module.TMP_PREFIX}*"))
         monkeypatch.undo()  # space freed: it generates, with no restart

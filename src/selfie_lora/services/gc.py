@@ -740,7 +740,7 @@ def _room_for_hold(folder: Path) -> Iterator[None]:
         if not is_full_error(exc):
             raise
         raise StorageFullError(f"a copy held aside while blobs are deleted cannot be written: "
-                               f"{full_disk_words(folder)}: {exc.strerror or exc}") from exc
+                               f"{full_disk_words(folder, exc)}: {exc.strerror or exc}") from exc
 
 
 def _sync(out: BinaryIO) -> None:

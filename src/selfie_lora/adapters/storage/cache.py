@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from selfie_lora.disk_space import full_disk_words, is_full_error
+from selfie_lora.disk_space import full_disk_words, is_full_error, is_quota_error
 from selfie_lora.errors import StorageError, StorageFullError
 from selfie_lora.services.layout import TEMPORARY_PREFIX
 from selfie_lora.services.private_files import fsync_dir
@@ -90,11 +90,11 @@ class BlobCache:
             # disk or quota is StorageFullError (507 storage_full), as every other full-disk
             # write: no retry "in a moment" helps until the operator frees space.
             if is_full_error(exc):
+                ran_out, advice = _out_of_room(exc)
                 raise StorageFullError(
                     f"the blob cache in {self.root} cannot hold {key!r}: "
-                    f"{full_disk_words(self.root)}: {exc.strerror or exc}: the disk is full "
-                    "even without the copies no process holds; lower SELFIE_LORA_BLOB_CACHE_GB "
-                    "or free disk space on this machine") from exc
+                    f"{full_disk_words(self.root, exc)}: {exc.strerror or exc}: {ran_out} "
+                    f"even without the copies no process holds; {advice}") from exc
             raise StorageError(f"the blob cache in {self.root} cannot hold {key!r}: "
                                f"{exc.strerror or exc}") from exc
         try:
@@ -162,8 +162,8 @@ class BlobCache:
             if not is_full_error(exc):  # a quota (EDQUOT) frees as a full disk does
                 raise
             removed = self.evict(keep=target, down_to=0)
-            logger.warning("blob cache %s: the disk is full; %d copies no process holds removed "
-                           "to make room for %s", self.root, removed, target.name)
+            logger.warning("blob cache %s: %s; %d copies no process holds removed to make room "
+                           "for %s", self.root, _out_of_room(exc)[0], removed, target.name)
             if not removed:
                 raise
         return self._fetch(target, fetch)
@@ -249,6 +249,17 @@ class BlobCache:
             logger.info("blob cache %s: %d least recently used copies removed", self.root,
                         removed)
         return removed
+
+
+def _out_of_room(exc: OSError) -> tuple[str, str]:
+    """What ran out, and what the operator can do: a quota (EDQUOT) is raised, or files it
+    counts deleted, where a full disk needs space freed (``df`` shows room under a quota)."""
+    if is_quota_error(exc):
+        return ("the quota of this account is used up",
+                "raise the quota, lower SELFIE_LORA_BLOB_CACHE_GB or delete files the quota "
+                "counts on this machine")
+    return ("the disk is full",
+            "lower SELFIE_LORA_BLOB_CACHE_GB or free disk space on this machine")
 
 
 def remove_if_stale(path: Path, mtime: float, *, now: float, left_by: str) -> bool:

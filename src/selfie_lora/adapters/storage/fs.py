@@ -44,7 +44,7 @@ def check_key(key: str) -> str:
 def _write_error(key: str, exc: OSError, *, root: Path) -> StorageError:
     if is_full_error(exc):
         # An outage the operator ends by freeing space: said as one, naming the disk.
-        return StorageFullError(f"blob {key!r} cannot be written: {full_disk_words(root)}: "
+        return StorageFullError(f"blob {key!r} cannot be written: {full_disk_words(root, exc)}: "
                                 f"{exc.strerror or exc}")
     return StorageError(f"blob {key!r} cannot be written: {exc.strerror or exc}")
 
