@@ -185,8 +185,10 @@ def profile_stages(files: list, *, policy: object, analyzer: object, limits: obj
     try:
         profiler.enable()
         run_intake(files, limits=limits, policy=policy, analyzer=analyzer, workers=1)  # type: ignore[operator]
-        profiler.disable()
     finally:
+        # Also when the intake raises: the profiler would stay set (sys.getprofile) and go on
+        # timing whatever runs after.
+        profiler.disable()
         cv2.setNumThreads(threads)
     stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in stats.values())
