@@ -1,14 +1,15 @@
 """The whole photo intake: decode -> analyze -> set checks -> prepare the accepted photos.
 
-Speed (CPU per 12 MP JPEG, ``bench/ingest.py --profile``, on the 2-core machine of 2026-12-04):
+Speed (CPU per 12 MP JPEG, ``bench/ingest.py --profile``, on the 2-core machine of 2026-12-04's
+second session, README's issue-11 table):
 decode at half size with JPEG draft mode ~47 ms (a full decode ~87 ms; ~1 photo in 6 is decoded
 again in full for its training crop), face detection at 640 px ~42 ms, the identity embedding
 ~15 ms (dlib's ResNet in ONNX Runtime; ~130 ms in dlib's own code), 5-point landmarks <1 ms,
 measurements ~10 ms, keypoints ~13 ms, the 1024 px training crop ~25 ms (Pillow's box filter
 ~15, JPEG ~10): ~190-210 ms a photo. These scale with the host: on the 2-core AMD EPYC host of
 2026-12-07 a full decode took ~30 ms (~46-50 with the page faults of fresh memory) and the box
-filter ~7-10 ms, each stage about half that day's or less; the profile gives a host's own
-split. dlib holds the GIL (measured: two threads with two
+filter ~7-10 ms, a third to two-thirds of those; the other stages were not timed one by one
+there, and the profile gives a host's own split. dlib holds the GIL (measured: two threads with two
 detectors take as long as one thread doing both, 0.46 s vs
 0.47 s; the same for embeddings, 1.33 s vs 1.33 s), and
 ``DlibFaceAnalyzer`` serialises its calls with a lock anyway, so threads cannot use a second core
