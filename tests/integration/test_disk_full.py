@@ -227,6 +227,26 @@ def test_a_full_disk_under_a_database_outside_home_says_to_move_the_database(
         "command again")
 
 
+# Old code: "the disk holding SELFIE_LORA_HOME (...) is full (20.0 MB free): free some space on
+# it, ...", where df shows room (statvfs does not see a quota) and nothing names the quota.
+def test_a_start_over_its_quota_says_the_quota_not_a_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfie_lora import disk_space
+    from selfie_lora.cli import _start_failure
+
+    settings = make_settings(tmp_path)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(20 * 1024 * 1024))
+    over = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(settings.home / "secret"))
+    assert _start_failure(settings, over) == (
+        f"the quota of this account on the disk holding SELFIE_LORA_HOME ({settings.home}) is "
+        "used up (the disk itself has 20.0 MB free): raise the quota or delete files it "
+        "counts, or move SELFIE_LORA_HOME to a disk with room, and run the command again")
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(settings.home / "secret"))
+    assert _start_failure(settings, full) == (
+        f"the disk holding SELFIE_LORA_HOME ({settings.home}) is full (20.0 MB free): free some "
+        "space on it, or move SELFIE_LORA_HOME to a disk with room, and run the command again")
+
+
 def test_a_disk_i_o_error_with_room_to_spare_is_not_called_a_full_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
