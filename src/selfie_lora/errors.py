@@ -366,7 +366,13 @@ class DatabaseRefusedError(StorageError):
     fail-over, until the application reaches the new primary), a read-only database file. Told
     apart (as ``StorageFullError`` is) because a worker's loop that meets it at every round
     says it once while it lasts, where another database error (a statement refused, a value
-    out of bounds) may be a defect, whose traceback is logged each time."""
+    out of bounds) may be a defect, whose traceback is logged each time. ``pool_exhausted``:
+    the pool's wait ran out (else the database takes no writes), which a loop says as another
+    refusal than a read-only one, since each asks the operator for something else."""
+
+    def __init__(self, message: str, *, pool_exhausted: bool = False) -> None:
+        super().__init__(message)
+        self.pool_exhausted = pool_exhausted
 
 
 class DatabaseBusyError(DatabaseRefusedError):

@@ -69,6 +69,7 @@ def test_a_pool_whose_connections_are_all_taken_is_a_refusal(tmp_path: Path) -> 
     with engine.connect(), pytest.raises(DatabaseRefusedError) as caught:
         repo.get_training("t1")
     assert "QueuePool limit of size 1 overflow 0 reached" in caught.value.message
+    assert caught.value.pool_exhausted
 
 
 def test_another_database_error_is_no_refusal(tmp_path: Path) -> None:
@@ -203,3 +204,69 @@ def test_any_other_error_keeps_its_traceback_every_round(
         _rounds(worker, loop)
     said = [r for r in logged.records if r.getMessage().startswith(LOOPS[loop])]
     assert [(r.levelname, bool(r.exc_info)) for r in said] == [("ERROR", True)] * 3
+
+
+def _pool_exhausted(tmp_path: Path) -> DatabaseRefusedError:
+    """The repository's error for a pool whose connections are all taken past the wait."""
+    path = tmp_path / "pool.db"
+    upgrade(make_engine(f"sqlite:///{path}"))
+    engine = create_engine(f"sqlite:///{path}", poolclass=QueuePool, pool_size=1,
+                           max_overflow=0, pool_timeout=0.05)
+    with engine.connect(), pytest.raises(DatabaseRefusedError) as caught:
+        SqlRepository(engine).get_training("t1")
+    return caught.value
+
+
+def _read_only(tmp_path: Path) -> DatabaseRefusedError:
+    """The repository's error for a database that takes no writes."""
+    repo = _refusing(tmp_path, sqlite3.OperationalError("attempt to write a readonly database"))
+    with pytest.raises(DatabaseRefusedError) as caught:
+        repo.get_training("t1", for_update=True)
+    return caught.value
+
+
+@pytest.mark.parametrize(("first", "then", "was"), [
+    (REFUSALS["database-full"], _read_only, "a full disk"),
+    (REFUSALS["local-disk-full"], _pool_exhausted, "a full disk"),
+    (_pool_exhausted, _read_only, "the database's connections all taken"),
+    (_read_only, REFUSALS["database-full"], "a read-only database")],
+    ids=["full-then-read-only", "local-full-then-pool", "pool-then-read-only",
+         "read-only-then-full"])
+def test_a_refusal_of_another_kind_while_one_lasts_is_said_too(
+        tmp_path: Path, logged: pytest.LogCaptureFixture, first: Callable[[Path], Exception],
+        then: Callable[[Path], Exception], was: str) -> None:
+    # Review: one refusal said at WARNING, then another kind of it (the disk freed, but a
+    # fail-over's read-only standby met before any round went through) was only at DEBUG, the
+    # operator still looking at the first one's words.
+    errors = iter([first(tmp_path), first(tmp_path), then(tmp_path), then(tmp_path)])
+    fake = _Failing("gc", lambda: next(errors))
+    worker = _worker(fake)
+    for _round in range(4):
+        _rounds(worker, "gc")
+    fake.failing = False
+    _rounds(worker, "gc")
+    said = [r for r in logged.records if r.getMessage().startswith(LOOPS["gc"])]
+    # Old code: WARNING, then DEBUG for all three others, the new kind's words never above DEBUG.
+    assert [(r.levelname, bool(r.exc_info)) for r in said] == [
+        ("WARNING", False), ("DEBUG", True), ("WARNING", False), ("DEBUG", True),
+        ("INFO", False)]
+    second = then(tmp_path)
+    words = second.message if isinstance(second, StorageError) else str(second)
+    assert words in said[2].getMessage()
+    assert f"it was refused for {was} until now" in said[2].getMessage()
+    assert "(its end is logged" in said[2].getMessage()
+    assert "until now" not in said[0].getMessage()
+    assert not [r for r in logged.records if r.levelno >= logging.ERROR]
+
+
+def test_a_refusal_of_the_same_kind_in_other_words_is_not_said_again(
+        logged: pytest.LogCaptureFixture) -> None:
+    # A read-only standby refuses each statement in its own words (UPDATE, INSERT): one refusal.
+    errors = iter([DatabaseRefusedError(f"database error: cannot execute {verb} in a read-only "
+                                        "transaction") for verb in ("UPDATE", "INSERT", "DELETE")])
+    fake = _Failing("gc", lambda: next(errors))
+    worker = _worker(fake)
+    for _round in range(3):
+        _rounds(worker, "gc")
+    said = [r for r in logged.records if r.getMessage().startswith(LOOPS["gc"])]
+    assert [r.levelname for r in said] == ["WARNING", "DEBUG", "DEBUG"]

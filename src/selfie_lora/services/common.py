@@ -196,7 +196,8 @@ class Outage:
 
     def __init__(self) -> None:
         self._down = False
-        self._changes = 0  # how many times an outage began or ended: a call's ticket
+        self._kind = ""  # what the outage was said as (``begins_as``)
+        self._changes = 0  # how many times an outage began, changed kind or ended: a ticket
         self._lock = threading.Lock()
 
     def attempt(self) -> int:
@@ -207,12 +208,21 @@ class Outage:
     def begins(self, *, ticket: int) -> bool:
         """A call failed: True when this starts the outage (say it), False while it lasts or
         when the call started before the last recovery (it says nothing of the queue since)."""
+        return self.begins_as("", ticket=ticket)[0]
+
+    def begins_as(self, kind: str, *, ticket: int) -> tuple[bool, str]:
+        """A call failed for ``kind`` (what keeps failing it, in words): whether to say it (True
+        when this starts the outage, or when the outage was said as another kind: what the
+        operator was told to mend is no longer what fails the calls), and the kind said before
+        ("" when this starts it). False as in ``begins`` for a call of a stale ticket."""
         with self._lock:
-            if self._down or ticket != self._changes:
-                return False
+            if ticket != self._changes or (self._down and kind == self._kind):
+                return False, self._kind
+            before = self._kind if self._down else ""
             self._down = True
+            self._kind = kind
             self._changes += 1
-            return True
+            return True, before
 
     def ends(self, *, ticket: int) -> bool:
         """A call succeeded: True when it ends an outage (say so); False when there is none, or
@@ -223,6 +233,7 @@ class Outage:
             if not self._down or ticket != self._changes:
                 return False
             self._down = False
+            self._kind = ""
             self._changes += 1
             return True
 
@@ -277,10 +288,14 @@ class LoopOutages:
             # fail-over's read-only standby): a traceback at every round (the reconciler's every
             # 10 s) said nothing more. The presence loop, whose round is one small write of its
             # own, takes any storage error so. The traceback stays at DEBUG for whoever debugs.
-            began = self._refused.begins(ticket=refused_ticket)
+            # A refusal of another kind than the one said (the disk freed, then a fail-over's
+            # read-only standby met before a round went through) is said too, naming the one
+            # it takes over from: at DEBUG only, the operator would still read the first one's.
+            began, before = self._refused.begins_as(refusal_kind(exc), ticket=refused_ticket)
             words = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
+            was = f"; it was refused for {before} until now" if began and before else ""
             logger.log(logging.WARNING if began else logging.DEBUG,
-                       "%s: %s; %s (its end is logged)", failed, words, self._retried,
+                       "%s: %s; %s (its end is logged%s)", failed, words, self._retried, was,
                        exc_info=not began)
             return
         if self._refused.ends(ticket=refused_ticket):
@@ -299,3 +314,15 @@ def refused(exc: BaseException) -> bool:
     mapped: a hold's copy, a work folder) or the database refusing for a state of its own
     (``DatabaseRefusedError``: its pool exhausted, a read-only standby)."""
     return isinstance(exc, (StorageFullError, DatabaseRefusedError)) or is_full_error(exc)
+
+
+def refusal_kind(exc: BaseException) -> str:
+    """What refuses, in words, as a loop tells one refusal from another (``LoopOutages``): each
+    asks the operator for something else. Not its message, which changes with the statement
+    refused (a read-only standby's UPDATE, then INSERT)."""
+    if isinstance(exc, StorageFullError) or is_full_error(exc):
+        return "a full disk"
+    if isinstance(exc, DatabaseRefusedError):
+        return ("the database's connections all taken" if exc.pool_exhausted
+                else "a read-only database")
+    return "a storage error"  # the presence loop's, any other StorageError

@@ -607,8 +607,10 @@ class SqlRepository:
             reason = exc.args[0] if exc.args else type(exc).__name__
             # A pool exhausted lasts as long as the load that took its connections: a refusal,
             # said once by a worker's loops, and "busy, send it again" to a client.
-            error = DatabaseBusyError if isinstance(exc, PoolTimeoutError) else StorageError
-            raise error(f"database error: {reason}") from exc
+            if isinstance(exc, PoolTimeoutError):
+                raise DatabaseBusyError(f"database error: {reason}",
+                                        pool_exhausted=True) from exc
+            raise StorageError(f"database error: {reason}") from exc
 
     def _full_disk(self) -> str:
         """The disk a full-disk error of this database is about, as the operator finds it."""
