@@ -20,6 +20,7 @@ from selfie_lora.domain.entities import GateStatus, Training, TrainingStatus
 from selfie_lora.domain.likeness import LikenessStatus
 from selfie_lora.errors import (
     BlobStoreUnreachableError,
+    DatabaseRefusedError,
     StorageError,
     StorageFullError,
     StorageSettingsError,
@@ -609,21 +610,51 @@ class _BrokenDeleteStore(FileSystemBlobStore):
         super().delete(key)
 
 
+@contextmanager
+def _ann_deletion_failing(tmp_path: Path, error: BaseException
+                          ) -> Iterator[tuple[AccountEraser, _BrokenDeleteStore]]:
+    """ann's deletion on a store whose deletes raise ``error`` once her account is disabled:
+    ``erase`` raised it; the eraser and the store (``broken = None`` mends it)."""
+    with _ann_deleting(tmp_path, _BrokenDeleteStore, then="broken_since") as (
+            _client, services, _ann, store):
+        store.broken = error
+        erasure = services.erasure
+        with pytest.raises(type(error)):
+            erasure.erase(name="ann")
+        yield erasure, store
+
+
 def test_an_account_deletion_on_a_full_disk_is_tried_again_soon_and_said_once(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A full disk is an outage of the machine, over once space is freed, as trainings, scoring
     and gc treat it. The check parked such a deletion for 24 h in an ERROR line: once the
     operator freed space, a person's data stayed up to a day longer. Now it is tried again at
     the short wait, said once (WARNING) while the disk stays full, and finishes once freed."""
-    with _ann_deleting(tmp_path, _BrokenDeleteStore, then="broken_since") as (
-            _client, services, _ann, store):
-        store.broken = StorageFullError(
-            "blob 'photos/x' cannot be deleted: the disk holding /srv/blobs is full")
-        erasure = services.erasure
-        with pytest.raises(StorageFullError):
-            erasure.erase(name="ann")
+    with _ann_deletion_failing(tmp_path, StorageFullError(
+            "blob 'photos/x' cannot be deleted: the disk holding /srv/blobs is full")) as (
+            erasure, store):
         due = _tried_again_soon_while_full(erasure, caplog)
         store.broken = None  # space is freed
+        _finished_once_due(erasure, due)
+
+
+@pytest.mark.parametrize("error", [
+    DatabaseRefusedError("database error: QueuePool limit of size 15 overflow 0 reached, "
+                         "connection timed out, timeout 30.00", pool_exhausted=True),
+    DatabaseRefusedError("database error: cannot execute DELETE in a read-only transaction"),
+    OSError(errno.ENOSPC, "No space left on device"),
+], ids=["pool-exhausted", "read-only", "raw-enospc"])
+def test_an_account_deletion_refused_for_a_state_that_lasts_is_tried_again_soon(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception) -> None:
+    """Found in review: the database's pool exhausted under a load, a read-only standby after a
+    fail-over, or a full disk no adapter said (a raw ENOSPC), met while an account's things
+    were deleted, parked the deletion for 24 h in an ERROR line 'this is not an outage', though
+    each passes (the load drops, the primary is reached, space is freed) and the worker's loops
+    say them as refusals that last; ``erase`` left it due only after the dead-process wait
+    (10 min 31 s). Now each is tried again in 30 s and said once, as a full disk is."""
+    with _ann_deletion_failing(tmp_path, error) as (erasure, store):
+        due = _tried_again_soon_while_full(erasure, caplog)
+        store.broken = None  # it passed
         _finished_once_due(erasure, due)
 
 
@@ -698,12 +729,7 @@ def test_an_account_deletion_failing_on_a_non_outage_is_parked_in_one_error_line
     # Old code: each check past the dead-process wait tried it again and logged "the deletion
     # could not be finished now; tried again in 10 min 31 s" with a full traceback, for ever,
     # as if it were an outage.
-    with _ann_deleting(tmp_path, _BrokenDeleteStore, then="broken_since") as (
-            _client, services, _ann, store):
-        store.broken = error
-        erasure = services.erasure
-        with pytest.raises(type(error)):
-            erasure.erase(name="ann")
+    with _ann_deletion_failing(tmp_path, error) as (erasure, store):
         now = _past_due(erasure)
         caplog.clear()
         with caplog.at_level(logging.DEBUG, logger="selfie_lora.services.erasure"):

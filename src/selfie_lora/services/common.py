@@ -316,12 +316,15 @@ def refused(exc: BaseException) -> bool:
     return isinstance(exc, (StorageFullError, DatabaseRefusedError)) or is_full_error(exc)
 
 
+FULL_DISK = "a full disk"  # ``refusal_kind``'s for StorageFullError or an OSError ENOSPC
+
+
 def refusal_kind(exc: BaseException) -> str:
     """What refuses, in words, as a loop tells one refusal from another (``LoopOutages``): each
     asks the operator for something else. Not its message, which changes with the statement
     refused (a read-only standby's UPDATE, then INSERT)."""
     if isinstance(exc, StorageFullError) or is_full_error(exc):
-        return "a full disk"
+        return FULL_DISK
     if isinstance(exc, DatabaseRefusedError):
         return ("the database's connections all taken" if exc.pool_exhausted
                 else "a read-only database")

@@ -63,11 +63,10 @@ from selfie_lora.errors import (
     ErrorCode,
     SelfieLoraError,
     StorageError,
-    StorageFullError,
     StorageUnavailableError,
     describe,
 )
-from selfie_lora.services.common import Outage, utcnow
+from selfie_lora.services.common import FULL_DISK, Outage, refusal_kind, refused, utcnow
 from selfie_lora.services.gc import GarbageCollector
 from selfie_lora.services.layout import (
     checkpoint_prefix,
@@ -192,9 +191,10 @@ class AccountEraser:
         self._clock = clock
         # A deletion asked for longer ago than this is one whose process stopped.
         self.resume_after = API_KEY_CACHE_TTL + stop_wait + RESUME_MARGIN
-        # A full disk met by ``finish_pending``: said once while it lasts, where each check
-        # (30 s apart, for hours until space is freed) said a WARNING.
-        self._full = Outage()
+        # A refusal that lasts met by ``finish_pending`` (a full disk, the database's pool
+        # exhausted, a read-only standby): said once while it lasts, where each check (30 s
+        # apart, for hours until space is freed) said a WARNING.
+        self._refusal = Outage()
 
     def confirmed(self, *, name: str, typed: str | None) -> bool:
         """Whether ``typed`` (the name typed again to confirm: the API's ``confirm``, the
@@ -250,10 +250,13 @@ class AccountEraser:
             raise ErasureContinuesError(
                 f"user {user.name}: the deletion was cut short ({exc.message}); the account is "
                 f"disabled, and the deletion is tried again in {wait_text(ERASURE_RETRY)}") from exc
-        except StorageFullError:
-            # Its 507 says what to do (free space), which no wait does; but once space is freed
-            # it finishes by itself as the checks' full disk does (``finish_pending``): due soon.
-            self._due_soon(user)
+        except Exception as exc:
+            if refused(exc):
+                # A refusal that lasts until it passes or the operator acts (a full disk, whose
+                # 507 says to free space, the pool's connections all taken, a read-only
+                # standby): no wait of ours mends it, but once it is over the deletion finishes
+                # by itself as the checks' refusals do (``finish_pending``): due soon.
+                self._due_soon(user)
             raise
 
     def finish_pending(self, *,
@@ -295,7 +298,7 @@ class AccountEraser:
                 break
             if not self._repo.request_erasure(user.id, at=now, requested_before=due):
                 continue  # another process claimed it meanwhile
-            ticket = self._full.attempt()
+            ticket = self._refusal.attempt()
             try:
                 # Forced: its owner asked for the deletion, and a training started since (the
                 # only one a disabled account can have) must not hold it up for ever.
@@ -311,25 +314,19 @@ class AccountEraser:
                 self._due_soon(user)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
                                "again in %s", user.name, exc.message, wait_text(ERASURE_RETRY))
-            except StorageFullError as exc:
-                # An outage of the machine, over once space is freed (as trainings, scoring and
-                # gc take it), not a fault to park for a day: parked, the person's data stayed
-                # up to 24 h past the freeing. Due again soon, said once while the disk is full.
-                self._due_soon(user)
-                logger.log(logging.WARNING if self._full.begins(ticket=ticket) else logging.DEBUG,
-                           "user %s: the deletion could not be finished now: %s; tried again in "
-                           "%s (said once while the disk stays full: free space and it finishes "
-                           "by itself)", user.name, exc.message, wait_text(ERASURE_RETRY))
             except ErasureBlockedError as exc:  # expected (a training that does not stop yet)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
                                "again in %s", user.name, exc.message, wait_text(self.resume_after))
-            except Exception as exc:  # not an outage: parked, said once (see ``_park``)
-                self._park(user, exc)
+            except Exception as exc:
+                if refused(exc):
+                    self._refused(user, exc, ticket=ticket)
+                else:  # not an outage: parked, said once (see ``_park``)
+                    self._park(user, exc)
             except BaseException:  # KeyboardInterrupt, SystemExit: the claim is let go
                 self._unclaim(user, claimed_at=now)
                 raise
             else:
-                self._full.ends(ticket=ticket)  # the disk takes writes: the next full one is said
+                self._refusal.ends(ticket=ticket)  # it goes through: the next refusal is said
                 # Said once it is done, not before: while an outage lasted each retry said
                 # "finishing" and then "could not be finished now", two lines where the second
                 # says it all. Not "whose process stopped": one cut short by an outage is due
@@ -337,6 +334,24 @@ class AccountEraser:
                 logger.warning("user %s: the pending deletion was finished (it was cut short by "
                                "an outage, or its process stopped)", user.name)
         return finished
+
+    def _refused(self, user: User, exc: Exception, *, ticket: int) -> None:
+        """The deletion refused for a state that lasts until it passes or the operator acts
+        (``services.common.refused``: a full disk, the database's pool exhausted, a read-only
+        standby), as trainings, scoring and gc take it, not a fault to park for a day: parked,
+        the person's data stayed up to 24 h past the freeing of space (or the load's drop, the
+        fail-over's end). Due again soon, said once while it lasts (``ticket``: ``_refusal``'s),
+        and again for a refusal of another kind."""
+        self._due_soon(user)
+        kind = refusal_kind(exc)
+        began, _before = self._refusal.begins_as(kind, ticket=ticket)
+        words = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
+        mend = ("free space and it finishes by itself" if kind == FULL_DISK
+                else "it finishes by itself once that is over")
+        logger.log(logging.WARNING if began else logging.DEBUG,
+                   "user %s: the deletion could not be finished now: %s; tried again in %s "
+                   "(said once while it is refused for %s: %s)", user.name, words,
+                   wait_text(ERASURE_RETRY), kind, mend)
 
     def _due_soon(self, user: User) -> None:
         """Make ``user``'s deletion due ``ERASURE_RETRY`` from now (best effort: the database
