@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine
@@ -26,6 +26,7 @@ from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.errors import (
+    DatabaseRefusedError,
     DatabaseUnreachableError,
     SelfieLoraError,
     StorageError,
@@ -43,6 +44,7 @@ from selfie_lora.services.training import (
     DATABASE_UNREACHABLE,
     STORAGE_UNREACHABLE,
     TrainingService,
+    _Held,
     _Sink,
 )
 from selfie_lora.testing.fakes import (
@@ -259,18 +261,29 @@ class FullDiskRenewals(SqlRepository):
         return kept
 
 
+_R = TypeVar("_R", bound=SqlRepository)
+
+
+def _held_by_a(beating: Machine, make_repo: Callable[[Engine], _R]
+               ) -> tuple[Services, _R, TrainingService, str, _Held]:
+    """A worker on ``make_repo``'s repository that has claimed ann's queued training as A: the
+    services, that repository, the worker, the training's id and its hold (beats not begun)."""
+    svc = beating.worker(FakeTrainer())
+    repo = make_repo(svc.engine)
+    worker = beating.training_service(svc, repo)
+    training_id = queued_for_ann(svc)
+    held = worker._claim(training_id, owner="A", stopping=threading.Event())
+    assert held is not None
+    return svc, repo, worker, training_id, held
+
+
 def test_a_heartbeat_on_a_full_database_disk_says_it_once_and_its_end_once(
         beating: Machine, caplog: pytest.LogCaptureFixture) -> None:
     """Every beat (every 5 s per running training) logged a WARNING "heartbeat failed: ...
     database or disk is full" while the database's disk stayed full. Now its start is said
     once (WARNING), the beats between at DEBUG, and its end once (INFO), as an outage of the
     database server is."""
-    svc = beating.worker(FakeTrainer())
-    repo = FullDiskRenewals(svc.engine)
-    worker = beating.training_service(svc, repo)
-    training_id = queued_for_ann(svc)
-    held = worker._claim(training_id, owner="A", stopping=threading.Event())
-    assert held is not None
+    _svc, repo, worker, _id, held = _held_by_a(beating, FullDiskRenewals)
     caplog.set_level(logging.DEBUG, logger="selfie_lora.services.training")
     with held.heartbeat():
         repo.full = True
@@ -307,12 +320,7 @@ def test_a_heartbeat_after_its_training_ended_warns_of_no_lost_lease(
         beating: Machine, caplog: pytest.LogCaptureFixture) -> None:
     """Review repro: "lease lost (attempt 1)" was logged as a WARNING right after "training ...
     succeeded": the training's end released the lease before its heartbeat stopped."""
-    svc = beating.worker(FakeTrainer())
-    repo = CountedRenewals(svc.engine)
-    worker = beating.training_service(svc, repo)
-    training_id = queued_for_ann(svc)
-    held = worker._claim(training_id, owner="A", stopping=threading.Event())
-    assert held is not None
+    svc, repo, worker, training_id, held = _held_by_a(beating, CountedRenewals)
     caplog.set_level("DEBUG", logger="selfie_lora.services.training")
     with held.heartbeat():
         _until(lambda: len(repo.answers) >= 2, timeout=5)
@@ -327,12 +335,7 @@ def test_a_heartbeat_after_its_training_ended_warns_of_no_lost_lease(
 
 def test_a_heartbeat_that_really_lost_its_lease_still_warns(
         beating: Machine, caplog: pytest.LogCaptureFixture) -> None:
-    svc = beating.worker(FakeTrainer())
-    repo = CountedRenewals(svc.engine)
-    worker = beating.training_service(svc, repo)
-    training_id = queued_for_ann(svc)
-    held = worker._claim(training_id, owner="A", stopping=threading.Event())
-    assert held is not None
+    svc, repo, _worker, training_id, held = _held_by_a(beating, CountedRenewals)
     with held.heartbeat():
         _until(lambda: len(repo.answers) >= 1, timeout=5)
         # another worker's attempt holds it now
@@ -499,22 +502,19 @@ def test_a_take_over_by_another_worker_after_a_database_outage_spends_no_attempt
         assert "takes it over from A, which stopped holding it" in caplog.text
 
 
-def test_a_take_over_after_a_full_database_disk_spends_no_attempt(
-        machine: Machine, caplog: pytest.LogCaptureFixture) -> None:
-    """A full database disk refuses every heartbeat's renewal, so the holder's lease runs out as
-    in an outage of the server (README: an outage of the machine). Only an unreachable database
-    was noted by the worker that took it over, so once space was freed its take-over counted an
-    attempt "from A, which stopped holding it". Now a full disk seen over the lease's expiry
-    counts none either."""
+def _taken_over_after(machine: Machine, caplog: pytest.LogCaptureFixture,
+                      refusal: SelfieLoraError) -> Training:
+    """A's training, its lease run out while B's reconciler met ``refusal`` (as A's beats did),
+    then run to its end by B once that passed: its row."""
     svc = machine.worker(FakeTrainer(steps=3))
     repo_b = FailingReconcile(svc.engine)
     worker_b = machine.training_service(svc, repo_b)
     training_id = queued_for_ann(svc)
     assert svc.training._claim(training_id, owner="A", stopping=threading.Event()) is not None
-    repo_b.failing = DISK_FULL  # B's reconciler meets the full disk while A's beats fail on it
-    with pytest.raises(StorageFullError):
+    repo_b.failing = refusal  # B's reconciler meets it while A's beats fail on it
+    with pytest.raises(type(refusal)):
         worker_b.reconcile()
-    repo_b.failing = None  # space is freed
+    repo_b.failing = None  # it passed: space freed, the primary reached
     with svc.repo.atomic() as tx:  # A's lease ran out meanwhile (its renewals refused)
         current = tx.get_training(training_id, for_update=True)
         assert current is not None
@@ -522,19 +522,86 @@ def test_a_take_over_after_a_full_database_disk_spends_no_attempt(
 
     caplog.set_level(logging.INFO, logger="selfie_lora.services.training")
     worker_b.run(training_id, owner="B")
-    final = row(svc, training_id)
+    return row(svc, training_id)
+
+
+def test_a_take_over_after_a_full_database_disk_spends_no_attempt(
+        machine: Machine, caplog: pytest.LogCaptureFixture) -> None:
+    """A full database disk refuses every heartbeat's renewal, so the holder's lease runs out as
+    in an outage of the server (README: an outage of the machine). Only an unreachable database
+    was noted by the worker that took it over, so once space was freed its take-over counted an
+    attempt "from A, which stopped holding it". Now a full disk seen over the lease's expiry
+    counts none either."""
+    final = _taken_over_after(machine, caplog, DISK_FULL)
     assert (final.status, final.attempt) == (TrainingStatus.SUCCEEDED, 2)
     assert final.recoveries == 0  # old code: 1
     assert "its disk was full (attempt 2, queued): not counted" in caplog.text
 
 
+READ_ONLY = DatabaseRefusedError("database error: cannot execute UPDATE in a read-only "
+                                 "transaction")
+POOL_EXHAUSTED = DatabaseRefusedError("database error: QueuePool limit of size 5 overflow 0 "
+                                      "reached, connection timed out, timeout 30.00",
+                                      pool_exhausted=True)
+
+
+@pytest.mark.parametrize(("refusal", "counted"), [(READ_ONLY, 0), (POOL_EXHAUSTED, 1)],
+                         ids=["read-only-standby", "pool-exhausted"])
+def test_a_take_over_after_a_read_only_standby_spends_no_attempt(
+        machine: Machine, caplog: pytest.LogCaptureFixture, refusal: DatabaseRefusedError,
+        counted: int) -> None:
+    """Review (read-report3 RISK 3): in a fail-over's read-only window every heartbeat's renewal
+    is refused as every worker's writes are, so the holder's lease runs out as in an outage of
+    the server; the worker that took it over once the primary answered counted an attempt (a
+    long enough window spent them all and failed the training). A read-only database seen over
+    the lease's expiry now counts none. This process's own pool exhausted is no sign that the
+    holder could not write (its pool is its own): that take-over still counts."""
+    final = _taken_over_after(machine, caplog, refusal)
+    assert (final.status, final.attempt) == (TrainingStatus.SUCCEEDED, 2)
+    assert final.recoveries == counted  # old code: 1 for both
+    assert ("took no writes or its disk was full (attempt 2, queued): not counted"
+            in caplog.text) == (counted == 0)
+
+
+class RefusedRenewals(SqlRepository):
+    """The database, but while ``refusing`` is set its renewals of a lease raise it."""
+
+    refusing: DatabaseRefusedError | None = None
+    refused = 0
+    renewed = 0
+
+    def renew_lease(self, training_id: str, **lease: Any) -> bool:
+        if self.refusing is not None:
+            self.refused += 1
+            raise self.refusing
+        kept = super().renew_lease(training_id, **lease)
+        self.renewed += 1
+        return kept
+
+
+@pytest.mark.parametrize(("refusal", "noted"), [(READ_ONLY, [True]), (POOL_EXHAUSTED, [])],
+                         ids=["read-only-standby", "pool-exhausted"])
+def test_a_heartbeat_refused_by_a_read_only_standby_is_noted_as_the_database_away(
+        beating: Machine, refusal: DatabaseRefusedError, noted: list[bool]) -> None:
+    # What decides a take-over of a lease that ran out meanwhile: this worker's spans of the
+    # database away, ended by the renewals after (old code: none for a read-only standby).
+    _svc, repo, worker, _id, held = _held_by_a(beating, RefusedRenewals)
+    with held.heartbeat():
+        repo.refusing = refusal
+        _until(lambda: repo.refused >= 3, timeout=5)
+        repo.refusing = None
+        _until(lambda: repo.renewed >= 3, timeout=5)
+    after = datetime.now(UTC)
+    assert [ended < after for _, ended in worker._database_away.spans(after)] == noted
+
+
 @pytest.mark.parametrize(("before", "said"), [
     ("B", "training {id}: B continues it after this worker's restart: its previous process's "
-          "lease ran out while the database could not be reached or its disk was full (attempt "
-          "2, queued): not counted as one of its attempts"),
+          "lease ran out while the database could not be reached, took no writes or its disk "
+          "was full (attempt 2, queued): not counted as one of its attempts"),
     ("A", "training {id}: B takes it over from A, whose lease ran out while the database could "
-          "not be reached or its disk was full (attempt 2, queued): not counted as one of its "
-          "attempts"),
+          "not be reached, took no writes or its disk was full (attempt 2, queued): not counted "
+          "as one of its attempts"),
 ], ids=["same-name", "another-worker"])
 def test_a_take_over_after_an_outage_from_this_worker_s_own_name_says_it_restarted(
         machine: Machine, caplog: pytest.LogCaptureFixture, before: str, said: str) -> None:

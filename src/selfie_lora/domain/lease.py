@@ -183,10 +183,10 @@ def lost_to_database_outage(t: Training, outages: Sequence[tuple[datetime, datet
                             policy: LeasePolicy) -> bool:
     """Whether ``t``'s lease, run out, was lost to a database outage rather than to its holder's
     death: a worker held it (a heartbeat set it: not a hold, ``step_away``) and the database was
-    seen away, unreachable or its disk full (``outages``: spans from the first failure seen to
-    the first success after, by the worker that claims it now) over its expiry: from two
-    heartbeats before it (a live holder renews once the database answers, so an outage that
-    ended sooner did not cost it the lease) to a lease's length after it (the claimer's
+    seen away, unreachable, its disk full or taking no writes (``outages``: spans from the first
+    failure seen to the first success after, by the worker that claims it now) over its expiry:
+    from two heartbeats before it (a live holder renews once the database answers, so an outage
+    that ended sooner did not cost it the lease) to a lease's length after it (the claimer's
     reconciler may meet the outage rounds late). Its take-over then counts no recovery, as the
     holder's own claim of it would not (``TrainingService._left_uncounted``): otherwise outages
     of a few minutes, each met by another worker, failed a healthy training as one "whose worker

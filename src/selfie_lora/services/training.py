@@ -121,6 +121,7 @@ from selfie_lora.errors import (
     BlobMissingError,
     BlobStoreUnreachableError,
     ConflictError,
+    DatabaseRefusedError,
     DatabaseUnreachableError,
     ErrorCode,
     InvalidInputError,
@@ -1183,7 +1184,7 @@ class TrainingService:
                 claimed = dataclasses.replace(current, lease_owner=None)
             elif (not lease_is_live(current, self._clock()) and lost_to_database_outage(
                     current, self._database_away.spans(self._clock()), policy=self.lease)):
-                # Its lease ran out while this worker saw the database away (or its disk full):
+                # Its lease ran out while this worker saw the database away (full, read-only):
                 # its holder could not renew it (nor write its step-away), whoever takes it over.
                 claimed = dataclasses.replace(current, lease_owner=None)
                 outage_lost = True
@@ -1228,8 +1229,8 @@ class TrainingService:
         if outage_lost:
             # Worded as the branch below: its own name is this worker restarted.
             logger.warning("training %s: %s %s lease ran out while the database could not be "
-                           "reached or its disk was full (attempt %d, %s): not counted as one "
-                           "of its attempts", training_id, owner,
+                           "reached, took no writes or its disk was full (attempt %d, %s): not "
+                           "counted as one of its attempts", training_id, owner,
                            f"takes it over from {current.lease_owner}, whose"
                            if current.lease_owner != owner else "continues it after this "
                            "worker's restart: its previous process's",
@@ -2043,14 +2044,18 @@ class _Waits:
         return True
 
 
-# What a heartbeat, a claim or a reconcile meets while the database is away for every worker:
-# the server unreachable, or its disk full (SQLite's "database or disk is full", PostgreSQL's
-# disk_full). Either way no holder renews its lease (a full disk refuses the renewal's write
-# beat after beat), so a lease that ran out meanwhile was lost to the outage
-# (``lost_to_database_outage``). In a reconcile a full disk may be the blob store's too: an
-# outage of the machine all the same, which its trainings wait out.
-_DATABASE_OUTAGES: tuple[type[SelfieLoraError], ...] = (DatabaseUnreachableError,
-                                                        StorageFullError)
+def _database_outage(exc: BaseException) -> bool:
+    """Whether ``exc``, met by a heartbeat, a claim or a reconcile, is the database away for
+    every worker: the server unreachable, its disk full (SQLite's "database or disk is full",
+    PostgreSQL's disk_full), or taking no writes (a fail-over's read-only standby, a read-only
+    file). Either way no holder renews its lease (the renewal's write is refused beat after
+    beat), so a lease that ran out meanwhile was lost to the outage
+    (``lost_to_database_outage``). In a reconcile a full disk may be the blob store's too: an
+    outage of the machine all the same, which its trainings wait out. Not this process's pool
+    exhausted (``pool_exhausted``): the holder's pool is its own, and its beats may go through."""
+    if isinstance(exc, DatabaseRefusedError):
+        return not exc.pool_exhausted
+    return isinstance(exc, DatabaseUnreachableError | StorageFullError)
 
 
 @contextmanager
@@ -2071,9 +2076,9 @@ def _reconcile_part(failures: list[Exception], what: str) -> Iterator[None]:
 
 
 class _SeenAway:
-    """When this process saw the database away (``_DATABASE_OUTAGES``: unreachable, or its disk
-    full): spans from the first failure to the first success after (an open span ends now), the
-    last few kept. Shared by threads."""
+    """When this process saw the database away (``_database_outage``: unreachable, its disk
+    full or taking no writes): spans from the first failure to the first success after (an
+    open span ends now), the last few kept. Shared by threads."""
 
     _KEPT = 16
 
@@ -2107,12 +2112,13 @@ class _SeenAway:
 
     @contextmanager
     def watch(self, clock: Callable[[], datetime]) -> Iterator[None]:
-        """Notes the block's ``_DATABASE_OUTAGES`` (raised on) or its success."""
+        """Notes the block's ``_database_outage`` (raised on) or its success."""
         began = clock()
         try:
             yield
-        except _DATABASE_OUTAGES:
-            self.away(clock())
+        except Exception as exc:
+            if _database_outage(exc):
+                self.away(clock())
             raise
         self.back(clock(), began=began)
 
@@ -2285,7 +2291,7 @@ class _Held:
                 # The database is unreachable: try again at the next beat. If it stays away the
                 # lease expires, another worker takes over and this one's writes are refused.
                 self.failed(exc, tickets, what="heartbeat failed")
-                if isinstance(exc, _DATABASE_OUTAGES):
+                if _database_outage(exc):
                     self._service._database_away.away(now)
                 continue
             except Exception:
