@@ -270,3 +270,19 @@ def test_a_refusal_of_the_same_kind_in_other_words_is_not_said_again(
         _rounds(worker, "gc")
     said = [r for r in logged.records if r.getMessage().startswith(LOOPS["gc"])]
     assert [r.levelname for r in said] == ["WARNING", "DEBUG", "DEBUG"]
+
+
+def test_a_pool_whose_connections_stay_taken_is_said_with_a_leak_as_a_cause_too(
+        tmp_path: Path, logged: pytest.LogCaptureFixture) -> None:
+    # Review: once an ERROR with its traceback each round, an exhausted pool became one WARNING
+    # in the pool's words, which point at SELFIE_LORA_DB_POOL_SIZE alone; a connection a defect
+    # never gives back exhausts it as well, and no bigger pool mends that.
+    error = _pool_exhausted(tmp_path)
+    worker = _worker(_Failing("gc", lambda: error))
+    for _round in range(2):
+        _rounds(worker, "gc")
+    said = [r for r in logged.records if r.getMessage().startswith(LOOPS["gc"])]
+    assert [r.levelname for r in said] == ["WARNING", "DEBUG"]
+    assert "SELFIE_LORA_DB_POOL_SIZE" in said[0].getMessage()
+    assert "a connection held by a defect" in said[0].getMessage()
+    assert "(its end is logged" in said[0].getMessage()

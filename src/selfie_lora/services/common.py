@@ -294,6 +294,11 @@ class LoopOutages:
             began, before = self._refused.begins_as(refusal_kind(exc), ticket=refused_ticket)
             words = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
             was = f"; it was refused for {before} until now" if began and before else ""
+            if began and isinstance(exc, DatabaseRefusedError) and exc.pool_exhausted:
+                # The pool's words point at its size alone; a connection a defect never gives
+                # back exhausts it too (once an ERROR with its traceback each round).
+                was += ("; SELFIE_LORA_DB_POOL_SIZE too small for the load, or, if raising it "
+                        "does not help, a connection held by a defect (a leak)")
             logger.log(logging.WARNING if began else logging.DEBUG,
                        "%s: %s; %s (its end is logged%s)", failed, words, self._retried, was,
                        exc_info=not began)
