@@ -6,9 +6,12 @@ entry points never see them.
 
     SelfieLoraError
     ├── ConfigError                 settings that cannot work (missing token, bad URL)
-    │   └── DeploymentMismatchError the storage is another deployment's (HTTP 503 where a
-    │                               request meets it: an account's deletion)
+    │   ├── DeploymentMismatchError the storage is another deployment's (HTTP 503 where a
+    │   │                           request meets it: an account's deletion)
+    │   └── ClockSkewError          this machine's clock is too far from the database's: a
+    │                               process refuses to start
     ├── NotFoundError               no such object for this user (HTTP 404)
+    │   └── NoModelError            the user has no model yet (before their first upload)
     ├── AuthError                   no key or a wrong key, a wrong password, no session (HTTP 401)
     ├── ForbiddenError              signed in, but not allowed: sign-up closed, a form without
     │                               its CSRF token, a re-pin to a trainer the operator has not
@@ -19,6 +22,7 @@ entry points never see them.
     │   │                           queued or running, the user exists, a webhook was received
     │   │                           before, a concurrent write won, a version's weights are gone
     │   │                           from the storage
+    │   ├── WeightsDamagedError     a version's LoRA file cannot be read or is not the one stored
     │   └── UploadInProgressError   an upload is starting one; ``retry_after`` seconds at most if
     │                               that upload's process died
     ├── InvalidInputError           bad request data (HTTP 422)
@@ -49,6 +53,9 @@ entry points never see them.
     │   │                           a host that does not resolve, http/https or the region
     │   │                           not the server's, not S3 (HTTP 500 config_error: tell
     │   │                           the operator)
+    │   ├── DatabaseRefusedError    the database refuses for a state of its own that lasts: its
+    │   │                           pool's connections all taken, a read-only standby or file
+    │   │                           (HTTP 500 storage_error; a worker's loops say it once)
     │   └── StorageFullError        the disk (of the blobs or the database) is full: an
     │                               expected outage, said in one line, over once space is
     │                               freed (HTTP 507)

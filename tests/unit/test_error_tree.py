@@ -1,0 +1,45 @@
+"""The exception tree drawn in ``selfie_lora.errors``' docstring, the one place a reader sees
+every error and its HTTP answer: a class added without its line there (DatabaseRefusedError,
+found in review; ClockSkewError, NoModelError and WeightsDamagedError before it) went unseen."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from selfie_lora import errors
+
+
+def _subclasses(cls: type[BaseException]) -> Iterator[type[BaseException]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_every_error_of_the_module_has_its_line_in_the_tree() -> None:
+    assert errors.__doc__ is not None
+    lines = errors.__doc__.splitlines()
+    missing = [cls.__name__ for cls in _subclasses(errors.SelfieLoraError)
+               if cls.__module__ == errors.__name__
+               and not any(f"── {cls.__name__} " in line or line.endswith(f"── {cls.__name__}")
+                           for line in lines)]
+    assert missing == []
+
+
+def test_each_line_of_the_tree_is_under_its_parent() -> None:
+    # A line's depth is where its "──" stands; the nearest line above, one level less deep, is
+    # its parent: the class must derive from it.
+    assert errors.__doc__ is not None
+    stack: list[tuple[int, type[BaseException]]] = []
+    for line in errors.__doc__.splitlines():
+        if "── " not in line and line.strip() != "SelfieLoraError":
+            continue
+        if line.strip() == "SelfieLoraError":
+            stack = [(-1, errors.SelfieLoraError)]
+            continue
+        depth = line.index("── ")
+        name = line[depth + 3:].split()[0]
+        cls = getattr(errors, name)
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        assert cls.__bases__[0] is stack[-1][1], name
+        stack.append((depth, cls))
