@@ -197,20 +197,23 @@ class _Hold:
         except BlobMissingError:
             return False
         name = str(len(self.held))
-        with _room_for_hold(self.folder), contextlib.closing(stream):
-            fd = os.open(self.folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                for chunk in stream.chunks:
-                    out.write(chunk)
-                _sync(out)
-            self.held[name] = key
-            with private_replacement(self.folder / _HOLD_MANIFEST) as fh:
-                fh.write(json.dumps(self.held).encode())
-                _sync(fh)
-        # The copy's name and the manifest's rename, both entries of this folder, on disk
-        # before the blob is deleted: the files' own fsync does not write them, and a power cut
-        # could leave a manifest naming a copy that has no name, or the manifest before it.
-        fsync_dir(self.folder)
+        with _room_for_hold(self.folder):
+            with contextlib.closing(stream):
+                fd = os.open(self.folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in stream.chunks:
+                        out.write(chunk)
+                    _sync(out)
+                self.held[name] = key
+                with private_replacement(self.folder / _HOLD_MANIFEST) as fh:
+                    fh.write(json.dumps(self.held).encode())
+                    _sync(fh)
+            # The copy's name and the manifest's rename, both entries of this folder, on disk
+            # before the blob is deleted: the files' own fsync does not write them, and a power
+            # cut could leave a manifest naming a copy that has no name, or the manifest before
+            # it. Inside the mapping: a folder's fsync may say ENOSPC too (NFS, thin
+            # provisioning), which is the same full disk.
+            fsync_dir(self.folder)
         return True
 
     def copies(self) -> dict[str, Path]:
