@@ -151,12 +151,18 @@ class _Hold:
         # folder, removed as one.
         staging = Path(tempfile.mkdtemp(prefix=f".{HOLD_PREFIX}", dir=work_dir))  # 0700
         lock = os.open(staging / _HOLD_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        folder = staging.with_name(staging.name.removeprefix("."))
-        staging.rename(folder)
-        # Its name on disk before any blob is deleted: after a power cut the settler finds the
-        # hold under it, not a staging folder it removes as a stale work folder.
-        fsync_dir(work_dir)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            folder = staging.with_name(staging.name.removeprefix("."))
+            staging.rename(folder)
+            # Its name on disk before any blob is deleted: after a power cut the settler finds
+            # the hold under it, not a staging folder it removes as a stale work folder.
+            fsync_dir(work_dir)
+        except BaseException:
+            # No hold is returned to release it: left open, this process's own lock kept its
+            # settler (``settle_holds``, ``found``) off a renamed hold for as long as it lived.
+            os.close(lock)
+            raise
         return cls(folder, lock, {})
 
     @classmethod
