@@ -15,11 +15,13 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import QueuePool
 
 from selfie_lora.adapters.db.migrate import upgrade
@@ -58,6 +60,25 @@ def test_a_read_only_database_is_a_refusal(tmp_path: Path, error: Exception) -> 
     with pytest.raises(DatabaseRefusedError) as caught:
         repo.get_training("t1", for_update=True)
     assert caught.value.message == f"database error: {error}"
+
+
+def test_a_read_only_sqlite_file_is_a_refusal_by_sqlite_s_own_code(tmp_path: Path) -> None:
+    # The case above raises hand-made errors, which carry no ``sqlite_errorcode``: only the
+    # words' fallback ran, and the code's test (the one real errors take) would have passed
+    # with any constant (review read-report3 nit 7). A database opened read-only gives the real
+    # one: SQLITE_READONLY (8), "attempt to write a readonly database".
+    path = tmp_path / "selfie-lora.db"
+    upgrade(make_engine(f"sqlite:///{path}"))
+    repo = SqlRepository(create_engine(f"sqlite:///file:{path}?mode=ro&uri=true"))
+    now = datetime.now(UTC)
+    with pytest.raises(DatabaseRefusedError) as caught:
+        repo.worker_alive("w", now=now, expires_at=now + timedelta(seconds=30),
+                          forget_before=now)
+    cause = caught.value.__cause__
+    assert isinstance(cause, DBAPIError)
+    assert isinstance(cause.orig, sqlite3.Error)
+    assert cause.orig.sqlite_errorcode & 0xFF == 8
+    assert "readonly database" in caught.value.message
 
 
 def test_a_pool_whose_connections_are_all_taken_is_a_refusal(tmp_path: Path) -> None:
