@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -67,7 +66,7 @@ from selfie_lora.adapters.db.tables import (
 )
 from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.database_url import database_url_shown
-from selfie_lora.disk_space import full_disk_words, is_full_error
+from selfie_lora.disk_space import driver_says, full_disk_words, is_full_error
 from selfie_lora.domain.accounts import (
     AccountErasingError,
     ErasurePlan,
@@ -1641,15 +1640,8 @@ _SQLITE_READONLY = 8
 
 def _read_only(orig: BaseException | None) -> bool:
     """Whether the driver's error says the database takes no writes (``DatabaseRefusedError``)."""
-    # psycopg names it ``sqlstate``, psycopg2 ``pgcode``.
-    if _PG_READ_ONLY in (getattr(orig, "sqlstate", None), getattr(orig, "pgcode", None)):
-        return True
-    if not isinstance(orig, sqlite3.Error):
-        return False
-    code: int | None = getattr(orig, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF == _SQLITE_READONLY
-    return "readonly database" in str(orig)
+    return driver_says(orig, sqlstate=_PG_READ_ONLY, sqlite_code=_SQLITE_READONLY,
+                       words="readonly database")
 
 
 def _unreachable(exc: DBAPIError) -> bool:
