@@ -421,7 +421,10 @@ def _in_use(path: Path) -> bool:
         return False
     kind = found.st_mode
     if stat.S_ISLNK(kind):
-        return False  # no backup's
+        # No backup's: this account's is deleted, never followed; another account's is not ours
+        # to delete (in a shared sticky folder that failed with EPERM, and every tar backup there
+        # with it).
+        return found.st_uid != os.geteuid()
     if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
         # No backup makes one (a FIFO, a device): left alone, never opened.
         return True
@@ -463,8 +466,12 @@ def _clear_leftovers(dest: Path) -> None:
             logger.debug("left %s: another backup's, perhaps running", left)
             continue
         if left.is_symlink():
-            logger.warning("deleting %s, left by a backup that did not finish", left)
-            left.unlink(missing_ok=True)  # no backup makes one, nor locks it
+            try:
+                left.unlink(missing_ok=True)  # no backup makes one, nor locks it
+            except OSError as exc:  # EPERM: made another account's meanwhile (sticky folder)
+                logger.debug("left %s: %s", left, exc)
+                continue
+            logger.warning("deleted %s, left by a backup that did not finish", left)
         elif left.is_dir():
             # Only once its .part is locked does a backup make its .partial: found free, it is
             # no running backup's.
