@@ -2345,3 +2345,65 @@ def test_a_leftover_named_link_that_cannot_be_deleted_is_left_and_the_backup_goe
     assert link.is_symlink()
     if owner == "this account":
         assert f"left {link}: [Errno 1] Operation not permitted: '{link}'" in caplog.messages
+
+
+def test_a_sweep_whose_warning_line_blocks_never_holds_a_starting_backup(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep deletes a .part holding its lock (shared), which a backup that made that .part
+    waits for (exclusive): it wrote its WARNING line between the two, so a stderr that blocked (a
+    full pipe, a terminal paused with Ctrl-S) or a Ctrl-Z there hung a backup to the same DEST
+    started in that instant, silently (found in review: read-report7 RISK-2). Only syscalls are
+    made holding the lock now: the line is written once it is let go, and that backup is
+    refused at once while the line still waits."""
+    import logging
+    import threading
+    from contextlib import ExitStack
+
+    from selfie_lora.adapters import backup
+    from selfie_lora.errors import ConfigError
+
+    dest = tmp_path / "bk.tar"
+    part = tmp_path / f".bk.tar.{os.getpid()}.part"
+    lock_claim = backup._lock_claim
+    made, warning, let_go = threading.Event(), threading.Event(), threading.Event()
+    refused: list[BaseException] = []
+
+    class Blocked(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno == logging.WARNING and str(part) in record.getMessage():
+                warning.set()
+                let_go.wait(30)  # stderr blocked until the test lets it go
+
+    def lock_once_the_sweep_warns(fd: int, path: Path) -> None:
+        made.set()
+        assert warning.wait(30)
+        lock_claim(fd, path)
+
+    def start_backup() -> None:
+        with ExitStack() as stack:
+            try:
+                backup._claim_part(part, dest, stack)
+            except ConfigError as exc:
+                refused.append(exc)
+
+    monkeypatch.setattr(backup, "_lock_claim", lock_once_the_sweep_warns)
+    handler = Blocked()
+    backup.logger.addHandler(handler)
+    starting = threading.Thread(target=start_backup, daemon=True)
+    sweep = threading.Thread(target=lambda: backup._unlink_unheld(part), daemon=True)
+    try:
+        starting.start()
+        assert made.wait(30)
+        sweep.start()  # found the .part free: made, not yet locked
+        starting.join(10)
+        # Old code: still waiting for the sweep's lock, held while its line waits.
+        assert not starting.is_alive(), "the backup waited for the sweep's warning line"
+        assert [str(exc) for exc in refused] == [
+            f"{dest} is being written by another backup, running now: wait for its end, or "
+            "name another DEST (its start deleted this one's scratch as a leftover)"]
+    finally:
+        let_go.set()
+        sweep.join(30)
+        starting.join(30)
+        backup.logger.removeHandler(handler)
+    assert not part.exists()

@@ -273,7 +273,8 @@ def _lock_claim(fd: int, path: Path) -> None:
     """The file ``path`` (open for writing as ``fd``) this backup made to claim its DEST
     (``WRITING``) or its tar's scratch (the ``.part``, ``_claim_part``) locked, so that another
     backup tells a running one from one that ended (``_backup_holds``). Blocking:
-    only such a check, for an instant, can hold it. Where the file system has no locks (NFSv3
+    only such a check, or a sweep's delete (``_unlink_unheld``), can hold it, each for a few
+    syscalls. Where the file system has no locks (NFSv3
     without lockd: ENOLCK), the O_EXCL create still refuses a second backup to the name; only
     what another backup can tell of it differs."""
     try:
@@ -493,16 +494,23 @@ def _unlink_unheld(path: Path) -> None:
     except OSError as exc:
         logger.debug("left %s: %s", path, exc)
         return  # gone meanwhile, or no more ours to open: not deleted here
+    # Only syscalls while the lock is held, the lines said once it is let go: a line written
+    # to a stderr that blocks (a full pipe, a paused terminal) or a Ctrl-Z there held the
+    # backup waiting for this delete as long.
+    kept: OSError | None = None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         if not _names(path, fd):
             return  # made again meanwhile: judged by the next sweep
-        logger.warning("deleting %s, left by a backup that did not finish", path)
         path.unlink()
     except OSError as exc:  # BlockingIOError: a backup holds it now
-        logger.debug("left %s: %s", path, exc)
+        kept = exc
     finally:
         os.close(fd)
+    if kept is not None:
+        logger.debug("left %s: %s", path, kept)
+    else:
+        logger.warning("deleted %s, left by a backup that did not finish", path)
 
 
 def _scratch(path: Path, dest: Path) -> None:
