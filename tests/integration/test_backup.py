@@ -2407,3 +2407,32 @@ def test_a_sweep_whose_warning_line_blocks_never_holds_a_starting_backup(
         starting.join(30)
         backup.logger.removeHandler(handler)
     assert not part.exists()
+
+
+def test_a_part_whose_name_nfs_calls_stale_once_locked_is_refused_as_one_deleted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On NFS, a .part another machine's sweep deleted while its backup waited for its lock may
+    answer the backup's check of its name with ESTALE ('Stale file handle') rather than
+    ENOENT: that error escaped as 'cannot write the backup to DEST: Stale file handle' (found
+    in review: read-report7 RISK-3). Its name is gone: refused as one deleted is. ESTALE
+    simulated on the .part's lstat."""
+    from contextlib import ExitStack
+
+    from selfie_lora.adapters import backup
+    from selfie_lora.errors import ConfigError
+
+    dest = tmp_path / "bk.tar"
+    part = tmp_path / f".bk.tar.{os.getpid()}.part"
+    lstat = Path.lstat
+
+    def stale(path: Path) -> os.stat_result:
+        if path == part:
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(path))
+        return lstat(path)
+
+    monkeypatch.setattr(Path, "lstat", stale)
+    with ExitStack() as stack, pytest.raises(ConfigError) as refused:
+        backup._claim_part(part, dest, stack)  # old code: OSError ESTALE
+    assert refused.value.message == (
+        f"{dest} is being written by another backup, running now: wait for its end, or name "
+        "another DEST (its start deleted this one's scratch as a leftover)")

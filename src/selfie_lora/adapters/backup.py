@@ -383,6 +383,10 @@ def _names(path: Path, fd: int) -> bool:
         named = path.lstat()
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        if exc.errno != errno.ESTALE:
+            raise
+        return False  # NFS: deleted by another machine, its handle stale here
     return os.path.samestat(named, os.fstat(fd))
 
 
