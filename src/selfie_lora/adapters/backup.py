@@ -501,12 +501,18 @@ def _unlink_unheld(path: Path) -> None:
     # Only syscalls while the lock is held, the lines said once it is let go: a line written
     # to a stderr that blocks (a full pipe, a paused terminal) or a Ctrl-Z there held the
     # backup waiting for this delete as long.
-    kept: OSError | None = None
+    kept: OSError | str | None = None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        if not _names(path, fd):
+        locked = os.fstat(fd)
+        if not (stat.S_ISREG(locked.st_mode) and locked.st_uid == os.geteuid()):
+            # Put under its name since it was found free (a FIFO, another account's file):
+            # no backup's of ours, left alone as ``_in_use`` leaves it.
+            kept = "no file of this account's"
+        elif not _names(path, fd):
             return  # made again meanwhile: judged by the next sweep
-        path.unlink()
+        else:
+            path.unlink()
     except OSError as exc:  # BlockingIOError: a backup holds it now
         kept = exc
     finally:
