@@ -397,8 +397,9 @@ def _backup_holds(path: Path) -> bool | None:
     system refuses: EBADF, ENOLCK, EIO), which each caller answers on its own safe side.
     Asked with a shared lock, which a read-only fd may take on NFS and SMB too (an exclusive
     one there needs an fd open for writing): a backup holds its own exclusive, so a shared one
-    is refused while it runs. An open refused at once by another's lease (EWOULDBLOCK: a
-    process has it open for writing) is taken as held too. (The blob cache asks with an
+    is refused while it runs. An open refused at once (EWOULDBLOCK, as ``O_NONBLOCK`` asks)
+    by a lease another process holds on the file (``F_SETLEASE``; a process that merely has it
+    open for writing never refuses one) is taken as held too. (The blob cache asks with an
     exclusive one, ``held``, because its readers hold its copies shared.)"""
     fd = -1
     try:
