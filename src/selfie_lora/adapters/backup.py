@@ -401,10 +401,8 @@ def _backup_holds(path: Path) -> bool | None:
     by a lease another process holds on the file (``F_SETLEASE``; a process that merely has it
     open for writing never refuses one) is taken as held too. (The blob cache asks with an
     exclusive one, ``held``, because its readers hold its copies shared.)"""
-    fd = -1
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        os.close(_open_shared(path))
     except BlockingIOError:
         return True
     except FileNotFoundError:
@@ -412,10 +410,20 @@ def _backup_holds(path: Path) -> bool | None:
     except OSError as exc:
         logger.debug("cannot ask for the lock of %s: %s", path, exc)
         return None
-    finally:
-        if fd >= 0:
-            os.close(fd)
     return False
+
+
+def _open_shared(path: Path) -> int:
+    """``path`` (not followed) opened read-only and locked shared, neither waited for (a FIFO
+    opened so never hangs): its fd, the caller's to close. BlockingIOError when a backup holds
+    it (``_lock_claim``: exclusive) or another's lease refuses the open (``_backup_holds``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _in_use(path: Path) -> bool:
@@ -495,16 +503,15 @@ def _unlink_unheld(path: Path) -> None:
     the lock makes that backup's wait for the delete (it then finds its name gone and is
     refused at once), and one a backup locked since it was found free is kept."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
+        fd = _open_shared(path)
+    except OSError as exc:  # BlockingIOError: a backup holds it now
         logger.debug("left %s: %s", path, exc)
-        return  # gone meanwhile, or no more ours to open: not deleted here
+        return  # gone meanwhile, no more ours to open, or held: not deleted here
     # Only syscalls while the lock is held, the lines said once it is let go: a line written
     # to a stderr that blocks (a full pipe, a paused terminal) or a Ctrl-Z there held the
     # backup waiting for this delete as long.
     kept: OSError | str | None = None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         locked = os.fstat(fd)
         if not (stat.S_ISREG(locked.st_mode) and locked.st_uid == os.geteuid()):
             # Put under its name since it was found free (a FIFO, another account's file):
@@ -514,7 +521,7 @@ def _unlink_unheld(path: Path) -> None:
             return  # made again meanwhile: judged by the next sweep
         else:
             path.unlink()
-    except OSError as exc:  # BlockingIOError: a backup holds it now
+    except OSError as exc:
         kept = exc
     finally:
         os.close(fd)
