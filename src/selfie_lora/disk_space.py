@@ -94,6 +94,17 @@ def full_disk_words(path: Path | str, exc: BaseException | None = None) -> str:
     return f"the disk holding {path} is full{left}"
 
 
+def machine_disk_words(exc: BaseException, folder: Path | str) -> str:
+    """How a training says this machine's full disk ``exc`` (met in its work, not by a store):
+    "this machine's disk is full", and for a quota (EDQUOT) ``full_disk_words`` of the file the
+    error names (else of ``folder``, the training's): the disk itself may have room, so "full"
+    sent the operator to ``df``, which does not see a quota."""
+    if not is_quota_error(exc):
+        return "this machine's disk is full"
+    named = getattr(exc, "filename", None)
+    return full_disk_words(named if isinstance(named, str) else folder, exc)
+
+
 def shown(size: int) -> str:
     """``size`` bytes as a person reads them: 0 KB, 40 KB, 3.2 MB, 1.5 GB."""
     if size < 1024 * 1024:

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import stat
@@ -1829,42 +1830,88 @@ def test_a_planted_restore_scratch_folder_of_another_account_is_refused_untouche
         planted.rmdir()
 
 
-def full_disk_under(monkeypatch: pytest.MonkeyPatch, prefix: Path) -> None:
+def full_disk_under(monkeypatch: pytest.MonkeyPatch, prefix: Path, *,
+                    code: int = errno.ENOSPC) -> None:
     """Each file made under ``prefix`` (a path's start) is opened on /dev/full instead: its
-    first write fails with the kernel's own ENOSPC, as on a disk with no space left."""
+    first write fails with the kernel's own ENOSPC, as on a disk with no space left. With
+    ``code`` EDQUOT it is refused instead, as by an account whose quota is used up on a disk
+    that may still have room."""
     real = os.open
 
     def open_(path: object, flags: int, *args: object, **kwargs: object) -> int:
         if flags & os.O_CREAT and str(path).startswith(str(prefix)):
+            if code != errno.ENOSPC:
+                raise OSError(code, os.strerror(code), str(path))
             return real("/dev/full", os.O_WRONLY)
         return real(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "open", open_)
 
 
-@pytest.mark.parametrize("kind", ["tar", "folder"])
-def test_a_restore_onto_a_full_disk_says_so_and_never_that_the_backup_is_bad(
-        services: Services, settings: Settings, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+def _backed_up(services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ann and one photo in ``settings``' HOME, which the commands run on."""
     services.users.create(name="ann")
     services.blobs.put(photo_key("a" * 64), b"a photo")
     monkeypatch.setattr(cli, "_settings", lambda: settings)
-    source = tmp_path / ("bk.tar" if kind == "tar" else "bk")
-    assert run("backup", str(source))[0] == 0
+
+
+def _refused(*args: str) -> str:
+    """The command's error (it exits 1), its wrapping undone."""
+    code, said = run(*args)
+    assert code == 1, said
+    return " ".join(said.split())
+
+
+def _restore_beside_a_full_disk(settings: Settings, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch, *, source: Path,
+                                code: int) -> tuple[Path, str]:
+    """Restore ``source`` into a new HOME (returned) while the disk beside it refuses new
+    files with ``code``: the tar's unpacking (or the folder's copy) cannot write. The error's
+    line, its wrapping undone."""
     target = tmp_path / "target"
     monkeypatch.setattr(cli, "_settings", lambda: settings.model_copy(update={"home": target}))
     with monkeypatch.context() as full:
-        # The disk beside HOME is full: the tar's unpacking (or the folder's copy) cannot write.
-        full_disk_under(full, tmp_path / ".target.restore-")
-        code, said = run("restore", str(source))
-    assert code == 1, said
-    line = " ".join(said.split())
+        full_disk_under(full, tmp_path / ".target.restore-", code=code)
+        line = _refused("restore", str(source))
     assert "not a backup" not in line, line
-    assert line.startswith(f"error: cannot restore into {target}: the disk of {tmp_path} is "
-                           "full ("), line
-    assert " MB free; it needs about " in line, line
-    assert line.endswith("the backup is not at fault and nothing was changed: free some space "
-                         "there and restore again"), line
+    return target, line
+
+
+def _says_no_room(line: str, *, said: str, where: Path, code: int, full: str,
+                  quota: str) -> bool:
+    """``line`` is ``said``, then that the disk of ``where`` is full, its free space and what
+    the work needs (whatever they are), then ``full``; for ``code`` EDQUOT, that the quota on
+    that disk is used up (the disk's free space, what the work needs), then ``quota``."""
+    if code == errno.EDQUOT:
+        pattern = (re.escape(f"{said}: the quota of this account on the disk holding {where} is "
+                             "used up (the disk itself has ") + r"[0-9.]+ [KMG]B"
+                   + re.escape(" free); it needs about ") + r"[0-9.]+ MB"
+                   + re.escape(f"; {quota}"))
+    else:
+        pattern = (re.escape(f"{said}: the disk of {where} is full (") + r"[0-9.]+ MB"
+                   + re.escape(" free; it needs about ") + r"[0-9.]+ MB"
+                   + re.escape(f"); {full}"))
+    return re.fullmatch(pattern, line) is not None
+
+
+# Old code (EDQUOT): "the disk of PARENT is over your quota (...); ...: free some space there
+# and restore again": its own words for the quota (df shows room there), a full disk's advice.
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+@pytest.mark.parametrize("kind", ["tar", "folder"])
+def test_a_restore_onto_a_full_disk_says_so_and_never_that_the_backup_is_bad(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, kind: str, code: int) -> None:
+    _backed_up(services, settings, monkeypatch)
+    source = tmp_path / ("bk.tar" if kind == "tar" else "bk")
+    assert run("backup", str(source))[0] == 0
+    target, line = _restore_beside_a_full_disk(settings, tmp_path, monkeypatch, source=source,
+                                               code=code)
+    assert _says_no_room(
+        line, said=f"error: cannot restore into {target}", where=tmp_path, code=code,
+        full="the backup is not at fault and nothing was changed: free some space there and "
+             "restore again",
+        quota="the backup is not at fault and nothing was changed: raise the quota or delete "
+              "files it counts, and restore again"), line
     assert not target.exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".target")]
     # With space again, the same backup restores.
@@ -1873,23 +1920,28 @@ def test_a_restore_onto_a_full_disk_says_so_and_never_that_the_backup_is_bad(
     assert (target / "blobs" / photo_key("a" * 64)).read_bytes() == b"a photo"
 
 
-@pytest.mark.parametrize("full", ["database", "blob", "database-in-an-empty-folder", "tar"])
+# Old code (over the quota): "the disk of OUT is over your quota (N MB free; ...): free some space
+# and back up again": its own words for the quota (df shows room there), a full disk's advice.
+@pytest.mark.parametrize("full", ["database", "blob", "database-in-an-empty-folder", "tar",
+                                  "blob over the quota", "tar over the quota"])
 def test_a_backup_onto_a_full_disk_names_that_disk_and_leaves_nothing_in_the_way(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, full: str) -> None:
-    services.users.create(name="ann")
-    services.blobs.put(photo_key("a" * 64), b"a photo")
-    monkeypatch.setattr(cli, "_settings", lambda: settings)
+    _backed_up(services, settings, monkeypatch)
     out = tmp_path / "out"
     out.mkdir()
     mine = out / "mine.txt"
     mine.write_text("there before")
-    dest = out / ("bk.tar" if full == "tar" else "bk")
+    dest = out / ("bk.tar" if full.startswith("tar") else "bk")
     if full == "database-in-an-empty-folder":
         dest.mkdir(mode=0o700)
     with monkeypatch.context() as disk:
         if full == "blob":
             full_disk_under(disk, dest / "blobs")
+        elif full == "blob over the quota":
+            full_disk_under(disk, dest, code=errno.EDQUOT)
+        elif full == "tar over the quota":
+            full_disk_under(disk, out / ".bk.tar.", code=errno.EDQUOT)
         else:
             # SQLite's online backup fills the disk of DEST: its own "database or disk is
             # full", from a copy that may grow to one page only.
@@ -1902,13 +1954,13 @@ def test_a_backup_onto_a_full_disk_names_that_disk_and_leaves_nothing_in_the_way
                 return db
 
             disk.setattr(sqlite3, "connect", connect)
-        code, said = run("backup", str(dest))
-    assert code == 1, said
-    line = " ".join(said.split())
-    assert line.startswith(f"error: cannot write the backup to {dest}: the disk of {out} is "
-                           "full ("), line
-    assert " MB free; it needs about " in line, line
-    assert line.endswith("nothing of it was left there: free some space and back up again"), line
+        line = _refused("backup", str(dest))
+    assert _says_no_room(
+        line, said=f"error: cannot write the backup to {dest}", where=out,
+        code=errno.EDQUOT if full.endswith("over the quota") else errno.ENOSPC,
+        full="nothing of it was left there: free some space and back up again",
+        quota="nothing of it was left there: raise the quota or delete files it counts, and "
+              "back up again"), line
     assert str(settings.home) not in line, line
     if full == "database-in-an-empty-folder":
         assert sorted(p.name for p in out.iterdir()) == ["bk", "mine.txt"]

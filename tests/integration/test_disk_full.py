@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -459,7 +460,8 @@ def test_the_training_child_says_a_full_disk_in_one_line(
     monkeypatch.setattr(local, "_run", run)
     events: queue.Queue[tuple[Any, ...]] = queue.Queue()
     with pytest.raises(SystemExit):
-        local._child_train(Any, events, threading.Event())  # type: ignore[arg-type]
+        local._child_train(SimpleNamespace(out_path=Path("/w/lora.safetensors")),  # type: ignore[arg-type]
+                           events, threading.Event())
     message = events.get_nowait()
     assert message[0] == "error"
     assert message[1] == "StorageFullError"
@@ -470,6 +472,110 @@ def test_the_training_child_says_a_full_disk_in_one_line(
     mapped = local.LocalTrainer._child_error(message)
     assert isinstance(mapped, StorageFullError)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _quota_words(path: Path) -> str:
+    """What a training over its quota at ``path`` says, with 20.0 MB free (``_disk_with``)."""
+    return (f"the quota of this account on the disk holding {path} is used up (the disk itself "
+            f"has 20.0 MB free): OSError: [Errno {errno.EDQUOT}] {os.strerror(errno.EDQUOT)}")
+
+
+# Old code: the row said "a disk of the server is full (this machine's disk is full: OSError:
+# [Errno 122] Disk quota exceeded: ...)", where df shows room and nothing names the quota.
+def test_a_training_over_its_quota_waits_saying_the_quota_not_a_full_disk(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from selfie_lora import disk_space
+
+    settings = make_settings(tmp_path)
+    written: list[Path] = []
+
+    def train(job: TrainingJob) -> None:
+        # A write of the worker's own (no adapter's), over the account's quota.
+        written.append(job.work_dir / "photo-0.png")
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(written[-1]))
+
+    services = build_services(settings, trainers={"local": FakeTrainer(on_train=train)},
+                              blobs=FileSystemBlobStore(settings.blob_dir),
+                              generators={"local": FakeGenerator()},
+                              face_analyzer=one_person_analyzer(), clock=HoldClock().now)
+    try:
+        training_id, training = uploaded_training(services)
+        monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(20 * 1024 * 1024))
+        caplog.set_level(logging.WARNING, logger="selfie_lora")
+        services.training.run(training_id)
+        t = training()
+        assert not t.status.is_terminal, t.error
+        assert t.recoveries == 0
+        assert t.error is not None
+        words = _quota_words(written[-1])
+        assert words in t.error, t.error
+        assert "this machine's disk is full" not in t.error
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1, said
+        assert words in said[0], said
+    finally:
+        services.close()
+
+
+# Old code: "this machine's disk is full: OSError: [Errno 122] Disk quota exceeded".
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_the_training_loop_says_a_scratch_write_over_its_quota_as_the_quota(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    from selfie_lora import disk_space
+    from selfie_lora.adapters.flux import train_loop
+    from selfie_lora.adapters.flux.tiny import TINY
+
+    def load(*_args: Any, **_kwargs: Any) -> Any:
+        # The photos' cache, written while the base loads, finds no room.
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(train_loop, "load_training_base", load)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(20 * 1024 * 1024))
+    out = tmp_path / "work" / "lora.safetensors"
+    with pytest.raises(StorageFullError) as caught:
+        train_loop.train_flux_lora(pipeline_source=TINY, cache_dir=tmp_path / "cache",
+                                   photos=[(b"x", "a photo")], recipe=get_recipe("local-tiny-v1"),
+                                   out_path=out, device="cpu", num_threads=1)
+    if code == errno.EDQUOT:
+        assert caught.value.message == _quota_words(out.parent)
+    else:
+        assert caught.value.message == (
+            f"this machine's disk is full: OSError: [Errno {code}] {os.strerror(code)}")
+
+
+# Old code: the child said "OSError: [Errno 122] Disk quota exceeded", inline isolation "this
+# machine's disk is full: OSError: [Errno 122] Disk quota exceeded".
+@pytest.mark.parametrize("isolation", ["child", "inline"])
+def test_the_local_trainer_says_a_write_over_its_quota_as_the_quota(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolation: str) -> None:
+    import queue
+
+    from selfie_lora import disk_space
+    from selfie_lora.adapters.flux import trainer as local
+
+    def run(*_args: Any, **_kwargs: Any) -> dict[str, Any]:
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(local, "_run", run)
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(20 * 1024 * 1024))
+    work = tmp_path / "work"
+    request = SimpleNamespace(out_path=work / "lora.safetensors")
+    if isolation == "child":
+        events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        with pytest.raises(SystemExit):
+            local._child_train(request, events, threading.Event())  # type: ignore[arg-type]
+        mapped = local.LocalTrainer._child_error(events.get_nowait())
+    else:
+        trainer = local.LocalTrainer(base_model="tiny", cache_dir=tmp_path / "cache",
+                                     isolation="inline", device="cpu")
+        keep = local._Keepers(checkpoints=local._Keeper(None),
+                              samples=local._Keeper(None, what="sample"))
+        with pytest.raises(StorageFullError) as caught:
+            trainer._train_inline(request, None, keep)  # type: ignore[arg-type]
+        mapped = caught.value
+    assert isinstance(mapped, StorageFullError)
+    assert mapped.message == _quota_words(work)
 
 
 def test_train_in_the_terminal_says_once_that_it_waits_for_room() -> None:

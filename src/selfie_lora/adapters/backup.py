@@ -50,7 +50,7 @@ from selfie_lora.adapters.home_lock import (
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir
 from selfie_lora.config import DATABASE_FILE
-from selfie_lora.disk_space import free_bytes, is_full_error
+from selfie_lora.disk_space import free_bytes, full_disk_words, is_full_error, is_quota_error
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
 from selfie_lora.errors import ConfigError, InvalidInputError, StorageError, StorageFullError
 from selfie_lora.services.layout import manifest_key, photo_key
@@ -153,15 +153,25 @@ def _megabytes(size: int) -> str:
 
 
 def _no_space(exc: OSError, *, where: Path, needs: int | None) -> str | None:
-    """A full disk (or quota) said as one: which folder's disk, how much is free there and
-    about how much the work needs. None for any other error."""
+    """A full disk said as one: which folder's disk, how much is free there and about how much
+    the work needs. A quota (EDQUOT) in the words every quota is said in (``full_disk_words``:
+    the disk itself may have room, which ``df`` shows). None for any other error."""
     if not is_full_error(exc):
         return None
+    need = f"; it needs about {_megabytes(needs)}" if needs else ""
+    if is_quota_error(exc):
+        return f"{full_disk_words(where, exc)}{need}"
     room = free_bytes(where)
     free = "free space unknown" if room is None else f"{_megabytes(room)} free"
-    need = f"; it needs about {_megabytes(needs)}" if needs else ""
-    what = "full" if exc.errno == errno.ENOSPC else "over your quota"
-    return f"the disk of {where} is {what} ({free}{need})"
+    return f"the disk of {where} is full ({free}{need})"
+
+
+def _make_room(exc: OSError, *, then: str, there: str = "") -> str:
+    """What to do about ``exc``, a full disk or a used-up quota (``_no_space``), then ``then``:
+    freeing space does not help a quota whose files are elsewhere on that disk."""
+    if is_quota_error(exc):
+        return f"raise the quota or delete files it counts, and {then}"
+    return f"free some space{there} and {then}"
 
 
 def _restore_needs(source: Path) -> int | None:
@@ -747,8 +757,8 @@ class HomeBackups:
                                                                              as_tar=as_tar))
                 if full:
                     raise StorageError(f"cannot write the backup to {dest}: {full}; nothing of "
-                                       "it was left there: free some space and back up "
-                                       "again") from exc
+                                       "it was left there: "
+                                       f"{_make_room(exc, then='back up again')}") from exc
                 raise StorageError(f"cannot write the backup to {dest}: "
                                    f"{exc.strerror or exc}") from exc
             finally:
@@ -920,8 +930,9 @@ class HomeBackups:
             if full:
                 # Never "not a backup": a user told so may throw a good backup away.
                 raise StorageError(f"cannot restore into {home}: {full}; the backup is not at "
-                                   "fault and nothing was changed: free some space there and "
-                                   "restore again") from exc
+                                   "fault and nothing was changed: "
+                                   f"{_make_room(exc, then='restore again', there=' there')}"
+                                   ) from exc
             raise StorageError(f"cannot restore into {home}: {exc.strerror or exc}") from exc
         except Exception:
             _discard(new, home)

@@ -64,7 +64,7 @@ from typing import Any
 
 from selfie_lora.dataset.limits import SentFile, UploadedFile
 from selfie_lora.dataset.prepare import prepared_square_side
-from selfie_lora.disk_space import is_full_error
+from selfie_lora.disk_space import is_full_error, machine_disk_words
 from selfie_lora.domain.entities import (
     Dataset,
     Finding,
@@ -1588,8 +1588,8 @@ class TrainingService:
         except Exception as exc:
             if is_full_error(exc):
                 # This machine's disk, met by the worker itself (the attempt's folder): waited
-                # out, as the same error of the trainer or the stores is.
-                raise _UnreachableError(f"this machine's disk is full: {describe(exc)}",
+                # out, as the same error of the trainer or the stores is. A quota is said as one.
+                raise _UnreachableError(f"{machine_disk_words(exc, work_dir)}: {describe(exc)}",
                                         remote_id=None, reason=LOCAL_DISK_FAILED,
                                         full=True) from exc
             logger.exception("training %s crashed", training.id)

@@ -36,7 +36,7 @@ from selfie_lora.adapters.flux.forkserver import (
 from selfie_lora.adapters.flux.generator import release_device_pipelines
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.runtime import FAILED_MESSAGE, missing_module_error
-from selfie_lora.disk_space import is_full_error
+from selfie_lora.disk_space import is_full_error, machine_disk_words
 from selfie_lora.domain.entities import Recipe, TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
@@ -208,9 +208,11 @@ def _child_train(request: _TrainRequest, events: Any, stop: Any) -> None:
     except BaseException as exc:
         if isinstance(exc, StorageFullError) or is_full_error(exc):
             # A full disk: the worker waits for room and says so once; a traceback of it at
-            # every try said nothing more, so one line, with no traceback.
-            text = exc.message if isinstance(exc, StorageFullError) else describe(exc)
-            events.put(("error", "StorageFullError", text, None, ""))
+            # every try said nothing more, so one line, with no traceback; a vendor's error in
+            # the words inline isolation gives it (a quota said as one).
+            full = exc if isinstance(exc, StorageFullError) else _full_disk_error(
+                exc, folder=request.out_path.parent)
+            events.put(("error", "StorageFullError", full.message, None, ""))
             raise SystemExit(1) from None
         user_message = exc.user_message if isinstance(exc, TrainerError) else None
         events.put(("error", type(exc).__name__, str(exc), user_message, traceback.format_exc()))
@@ -226,11 +228,17 @@ _ERRORS: dict[str, type[TrainerError]] = {
 }
 
 
-def _unmapped_error(exc: BaseException) -> TrainerError | StorageFullError:
+def _full_disk_error(exc: BaseException, *, folder: Path) -> StorageFullError:
+    """A vendor's full-disk error ``exc`` (a quota said as one, on the disk of the file it
+    names, else of ``folder``, the job's work folder)."""
+    return StorageFullError(f"{machine_disk_words(exc, folder)}: {describe(exc)}")
+
+
+def _unmapped_error(exc: BaseException, *, folder: Path) -> TrainerError | StorageFullError:
     """A vendor error that reached the trainer's boundary in inline isolation, mapped as
-    ``_child_error`` maps the one a child reports."""
+    ``_child_error`` maps the one a child reports; ``folder``: the job's work folder."""
     if is_full_error(exc):
-        return StorageFullError(f"this machine's disk is full: {describe(exc)}")
+        return _full_disk_error(exc, folder=folder)
     if isinstance(exc, ImportError):
         return _config_error(missing_module_error(describe(exc)))
     return TrainingFailedError(f"local training failed: {describe(exc)}",
@@ -486,7 +494,7 @@ class LocalTrainer:
             # The loop maps what torch, diffusers and peft raise; what escapes it (importing the
             # loop itself) is mapped here as the child's error is in process isolation, so that
             # the worker never sees a vendor error.
-            raise _unmapped_error(exc) from exc
+            raise _unmapped_error(exc, folder=request.out_path.parent) from exc
 
     # ------------------------------------------------------------------ child process
 
@@ -815,7 +823,7 @@ class LocalTrainer:
         _, name, text, user_message, child_traceback = message
         if name == "StorageFullError":
             # The worker says a full disk once an outage, not at every try: one line here.
-            logger.debug("training child stopped: the disk is full: %s", text)
+            logger.debug("training child stopped, its disk full (or its quota used up): %s", text)
             return StorageFullError(text)
         logger.warning("training child failed: %s: %s\n%s", name, text, child_traceback)
         if name == "StorageError":
