@@ -497,10 +497,15 @@ class Worker:
         return self._clock is not None and self._clock.skewed
 
     def _reconcile(self, *, dead_owners: tuple[str, ...] = ()) -> None:
-        if self._clock is not None and not self._clock.check():
-            return  # logged by the check, once per episode
         report = None
         with self._reconcile_outage.watch(failed="reconciling trainings failed"):
+            # In the watch, and raising when the database does not answer: a round went on to
+            # reconcile after a clock read that got no answer (``check`` swallowed it), so on a
+            # hung PostgreSQL it waited out two answer timeouts (~20 s each) and a stop overran
+            # its 30 s grace. Now one wait a round; the outage is said once, as the round's own
+            # (the presence beats, which skip their write alike, leave it to this loop).
+            if self._clock is not None and not self._clock.answered_check():
+                return  # skewed: logged by the check, once per episode
             report = self._training.reconcile(dead_owners=dead_owners)
         if report is None:
             return

@@ -12,15 +12,17 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
+from selfie_lora.domain.entities import Training
 from selfie_lora.errors import StorageError, StorageFullError
 from selfie_lora.services.common import utcnow
 from selfie_lora.wiring import Services, build_services
-from selfie_lora.worker import start_embedded
+from selfie_lora.worker import Worker, start_embedded
 from tests.conftest import fake_services_on, make_settings, serving
 from tests.integration.test_operations import samples
 from tests.support.backends import DATABASES
@@ -260,6 +262,39 @@ def test_a_beat_the_database_refuses_is_said_once_and_its_end_once(
     assert "goes through again" in said[1].getMessage()
 
 
+class HungDatabase:
+    """Calls that, once ``hung`` is set, wait ``hang`` seconds and then fail, as on a PostgreSQL
+    that hangs (not refusing) past each call's answer timeout; each such call named in
+    ``calls``."""
+
+    def __init__(self, hang: float = 1.5) -> None:
+        self.hang = hang
+        self.hung = threading.Event()
+        self.calls: list[str] = []
+
+    def meet(self, call: str) -> None:
+        if self.hung.is_set():
+            self.calls.append(call)
+            time.sleep(self.hang)
+            raise OSError("timed out")
+
+    def clock(self) -> datetime:
+        """The database's clock (``database_clock``)."""
+        self.meet("clock")
+        return utcnow()
+
+    def stops_in_time(self, worker: Worker, *, round_: str) -> None:
+        """Hangs, and once a ``round_`` of ``worker`` is in its clock read (one begun just
+        before may be in its next call), stops ``worker`` within a grace of more than one hung
+        call and less than two; that round made no call after its clock read got no answer."""
+        self.hung.set()
+        until(lambda: "clock" in self.calls, f"no {round_} met the hung database")
+        started = time.monotonic()
+        assert worker.stop(grace=2 * self.hang - 0.2), (
+            f"stop overran its grace ({time.monotonic() - started:.1f} s): {self.calls}")
+        assert self.calls[self.calls.index("clock"):] == ["clock"]
+
+
 def test_a_worker_stops_within_its_grace_while_the_database_hangs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Found in review: a beat read the database's clock, then wrote its row, each call on
@@ -267,43 +302,24 @@ def test_a_worker_stops_within_its_grace_while_the_database_hangs(
     beat took two of them (40 s) and ``stop`` overran its 30 s grace: the worker said its name
     stayed held, and skipped removing its row. A beat whose clock read gets no answer writes
     nothing: one hung call a beat, and ``stop`` (more than one, less than two) ends in time."""
-    hang = 1.5
-    hung = threading.Event()
-    calls: list[str] = []
-
-    def database() -> datetime:
-        if hung.is_set():
-            calls.append("clock")
-            time.sleep(hang)
-            raise OSError("timed out")
-        return utcnow()
-
+    database = HungDatabase()
     settings = make_settings(tmp_path, heartbeat_seconds=0.2, lease_seconds=2,
                              reconcile_seconds=600)
-    svc = build_services(settings, trainers={}, generators={}, database_clock=database)
+    svc = build_services(settings, trainers={}, generators={}, database_clock=database.clock)
     try:
         worker = start_embedded(svc, threads=1)
         alive = svc.repo.worker_alive
 
         def worker_alive(name: str, *, now: datetime, expires_at: datetime,
                          forget_before: datetime) -> None:
-            if hung.is_set():
-                calls.append("write")
-                time.sleep(hang)
-                raise OSError("timed out")
+            database.meet("write")
             alive(name, now=now, expires_at=expires_at, forget_before=forget_before)
 
         monkeypatch.setattr(svc.repo, "worker_alive", worker_alive)
         until(lambda: svc.repo.count_workers(now=utcnow()) == {"live": 1, "stale": 0},
               "never live")
-        hung.set()
-        # A beat under way, in its clock read (one begun just before may be in its write).
-        until(lambda: "clock" in calls, "no beat met the hung database")
-        started = time.monotonic()
-        assert worker.stop(grace=2 * hang - 0.2), (
-            f"stop overran its grace ({time.monotonic() - started:.1f} s): {calls}")
-        # That beat wrote nothing on a database that did not answer its clock's read.
-        assert calls[calls.index("clock"):] == ["clock"]
+        # That beat writes nothing on a database that did not answer its clock's read.
+        database.stops_in_time(worker, round_="beat")
     finally:
         svc.close()
 
@@ -326,3 +342,74 @@ def test_a_skewed_worker_s_row_is_stale_for_every_server_the_limit_allows(
                 "live": 0, "stale": 1}, f"counted by a server {off_by:+.1f} s off"
     finally:
         svc.close()
+
+
+def test_a_reconciler_stops_within_its_grace_while_the_database_hangs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review, as the beat's above: a reconciler round read the database's clock (its
+    failure swallowed), then reconciled anyway, each call on a hung PostgreSQL waiting its
+    answer timeout, so a round took two waits and ``stop`` overran its 30 s grace. A round whose
+    clock read gets no answer reconciles nothing: one hung call a round, and ``stop`` ends in
+    time."""
+    database = HungDatabase()
+    settings = make_settings(tmp_path, reconcile_seconds=0.2)
+    svc = build_services(settings, trainers={}, generators={}, database_clock=database.clock)
+    try:
+        upkeep = start_embedded(svc, consume=False)  # the reconciler alone (its round's calls)
+        active = svc.repo.active_trainings
+
+        def active_trainings() -> list[Training]:
+            database.meet("reconcile")
+            return list(active())
+
+        monkeypatch.setattr(svc.repo, "active_trainings", active_trainings)
+        # That round does not reconcile on a database that did not answer its clock's read.
+        database.stops_in_time(upkeep, round_="reconciler round")
+    finally:
+        svc.close()
+
+
+def test_a_reconciler_round_whose_clock_read_gets_no_answer_says_the_outage_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rounds that skip reconciling (above) say the database's outage once, at WARNING with
+    its words and no traceback, and its end once (the beats say nothing of it: they leave it to
+    the reconciler); none of them reconciles."""
+    away = threading.Event()
+    clock_reads: list[bool] = []
+    reconciled: list[bool] = []
+
+    def database() -> datetime:
+        clock_reads.append(away.is_set())
+        if away.is_set():
+            raise OSError("connection timeout expired")
+        return utcnow()
+
+    settings = make_settings(tmp_path, reconcile_seconds=0.05)
+    svc = build_services(settings, trainers={}, generators={}, database_clock=database)
+    try:
+        reconcile = svc.training.reconcile
+
+        def counted(**kwargs: Any) -> Any:
+            reconciled.append(away.is_set())
+            return reconcile(**kwargs)
+
+        monkeypatch.setattr(svc.training, "reconcile", counted)
+        caplog.set_level(logging.DEBUG, logger="selfie_lora")
+        away.set()
+        upkeep = start_embedded(svc, consume=False)
+        try:
+            until(lambda: clock_reads.count(True) >= 5, "the reconciler stopped its rounds")
+            away.clear()
+            until(lambda: reconciled.count(False) >= 2, "no round reconciled once it answered")
+        finally:
+            assert upkeep.stop()
+    finally:
+        svc.close()
+    assert True not in reconciled  # no round reconciled while its clock read got no answer
+    said = [r for r in caplog.records if r.getMessage().startswith("reconciling trainings")
+            and r.levelno > logging.DEBUG]
+    assert [(r.levelname, bool(r.exc_info)) for r in said] == [("WARNING", False),
+                                                               ("INFO", False)]
+    assert "connection timeout expired" in said[0].getMessage()
+    assert "answers again" in said[1].getMessage()

@@ -16,7 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from selfie_lora.errors import ClockSkewError
+from selfie_lora.errors import (
+    ClockSkewError,
+    DatabaseUnreachableError,
+    SelfieLoraError,
+    describe,
+)
 from selfie_lora.services.common import Outage, utcnow
 
 logger = logging.getLogger(__name__)
@@ -117,13 +122,27 @@ class ClockGuard:
         no second question to a database that may hang on each."""
         return self._check()[1]
 
-    def _check(self) -> tuple[bool, ClockReading | None]:
+    def answered_check(self) -> bool:
+        """``check`` for a loop that says the database's outage itself and would wait on it
+        again straight after (the reconciler's round, whose reconcile asks the same database):
+        a database that does not answer raises ``DatabaseUnreachableError`` with the read's
+        words (or the read's own ``SelfieLoraError``), instead of keeping the last verdict."""
+        return self._check(raising=True)[0]
+
+    def _check(self, *, raising: bool = False) -> tuple[bool, ClockReading | None]:
         ticket = self._episode.attempt()  # before the read: see Outage
         try:
             reading = self.read()
-        except Exception:
-            logger.debug("the database's clock could not be read", exc_info=True)
-            return not self._skewed, None
+        except Exception as exc:
+            if not raising:
+                logger.debug("the database's clock could not be read", exc_info=True)
+                return not self._skewed, None
+            if isinstance(exc, SelfieLoraError):
+                raise
+            # The driver's own error (the read is one bare statement, not one of the
+            # repository's translated calls): whatever it says, the database gave no answer.
+            raise DatabaseUnreachableError(
+                f"its clock could not be read: {describe(exc)}") from exc
         if reading is None:
             return True, None
         skewed = reading.beyond(self._max_skew)
