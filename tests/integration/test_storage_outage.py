@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -17,10 +18,12 @@ import pytest
 
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.domain.entities import GateStatus, Training, TrainingStatus
+from selfie_lora.domain.lease import wait_text
 from selfie_lora.domain.likeness import LikenessStatus
 from selfie_lora.errors import (
     BlobStoreUnreachableError,
     DatabaseRefusedError,
+    DatabaseUnreachableError,
     StorageError,
     StorageFullError,
     StorageSettingsError,
@@ -28,7 +31,7 @@ from selfie_lora.errors import (
 from selfie_lora.services import gc as gc_module
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import LoopOutages
-from selfie_lora.services.erasure import AccountEraser
+from selfie_lora.services.erasure import ERASURE_RETRY, AccountEraser
 from selfie_lora.services.ports import TrainingJob
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter
 from selfie_lora.wiring import Services, build_services
@@ -787,3 +790,54 @@ def test_metrics_count_the_trainings_waiting_out_a_storage_outage(tmp_path: Path
         clock.past(t)  # its hold is over: nobody claimed it yet, but it no longer waits
         found = samples(client.get("/metrics").text)
         assert value(found, "selfie_lora_trainings_waiting", reason="object_storage") == 0
+
+
+def test_a_deletion_the_database_cuts_as_the_worker_stops_asks_it_nothing_more(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review, as a worker's beats and reconciler rounds: a deletion the database cut
+    short (no answer: unreachable, or hung past its answer timeout) was made due soon by another
+    write to that database, which on a hung PostgreSQL waited its answer timeout again (~20-30 s
+    each), so a worker stopping meanwhile overran its 30 s grace. As the process stops, that
+    write is no longer made: the deletion stays due from its claim, and the line says so. Not
+    stopping, a deletion a database blip cut short is still due again in 30 s."""
+    with _ann_deleting(tmp_path, _DeletesAwayStore, then="away") as (client, services, ann,
+                                                                    store):
+        erasure = services.erasure
+        r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
+        assert r.json()["error"]["code"] == "deletion_pending"
+        store.away = False
+        calls: list[str] = []
+        away = DatabaseUnreachableError("database error: connection timeout expired")
+        stopping = threading.Event()
+        request_erasure = services.repo.request_erasure
+
+        def erasure_plan(_user_id: str) -> None:
+            calls.append("erasure_plan")
+            stopping.set()  # the worker's stop, while the call waited on the database
+            raise away
+
+        def requested(user_id: str, **kwargs: Any) -> bool:
+            if calls:  # a call made after the database did not answer
+                calls.append("request_erasure")
+            return request_erasure(user_id, **kwargs)
+
+        monkeypatch.setattr(services.repo, "erasure_plan", erasure_plan)
+        monkeypatch.setattr(services.repo, "request_erasure", requested)
+        for stops, retry in ((False, ERASURE_RETRY), (True, erasure.resume_after)):
+            now = _past_due(erasure)
+            calls.clear()
+            stopping.clear()
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="selfie_lora.services.erasure"):
+                assert erasure.finish_pending(stopping=stopping if stops else None) == []
+            # Stopping, nothing more is asked of the database that did not answer (old code:
+            # its due-soon write, which waited on it as long again).
+            assert calls == (["erasure_plan"] if stops else ["erasure_plan", "request_erasure"])
+            [line] = caplog.records
+            assert line.exc_info is None
+            assert line.getMessage() == (
+                "user ann: the deletion could not be finished now: database error: connection "
+                f"timeout expired; tried again in {wait_text(retry)}")
+            [(_name, due)] = erasure.pending()
+            assert due == now + retry

@@ -59,6 +59,7 @@ from selfie_lora.domain.gc import GcSummary, format_bytes
 from selfie_lora.domain.lease import wait_text
 from selfie_lora.errors import (
     ConflictError,
+    DatabaseUnreachableError,
     DeploymentMismatchError,
     ErrorCode,
     SelfieLoraError,
@@ -310,10 +311,19 @@ class AccountEraser:
                 break
             except StorageUnavailableError as exc:
                 # An outage, which passes: due again soon, as when it first cut the deletion
-                # short, and said in one line (no traceback) each time it is met.
-                self._due_soon(user)
+                # short, and said in one line (no traceback) each time it is met. Not when the
+                # database gave no answer as this process stops: the due-soon write would wait
+                # on it as long again (a hung PostgreSQL: ~20-30 s a call, and a worker's stop
+                # overran its 30 s grace). It then stays due from its claim, for whichever
+                # process checks next (the loop ends at its stop check).
+                retry = ERASURE_RETRY
+                if (isinstance(exc, DatabaseUnreachableError) and stopping is not None
+                        and stopping.is_set()):
+                    retry = self.resume_after
+                else:
+                    self._due_soon(user)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
-                               "again in %s", user.name, exc.message, wait_text(ERASURE_RETRY))
+                               "again in %s", user.name, exc.message, wait_text(retry))
             except ErasureBlockedError as exc:  # expected (a training that does not stop yet)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
                                "again in %s", user.name, exc.message, wait_text(self.resume_after))
