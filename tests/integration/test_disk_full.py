@@ -509,7 +509,10 @@ def test_a_training_over_its_quota_waits_saying_the_quota_not_a_full_disk(
         assert t.recoveries == 0
         assert t.error is not None
         words = _quota_words(written[-1])
-        assert words in t.error, t.error
+        # The quota's words (with the folder) are the operator's, in the WARNING; the row's
+        # error is the user's, with no path (test_a_training_waiting_for_room_shows_...).
+        assert words not in t.error, t.error
+        assert str(settings.home) not in t.error, t.error
         assert "this machine's disk is full" not in t.error
         said = [r.getMessage() for r in caplog.records]
         assert len(said) == 1, said
@@ -707,7 +710,7 @@ def test_a_replicate_training_on_a_full_disk_waits_and_names_the_disk_when_its_o
                 assert not t.status.is_terminal, t.error  # old code (LoRA write): counted
                 assert t.recoveries == 0
                 assert t.error is not None
-                assert t.error.startswith("a disk of the server is full (")
+                assert t.error.startswith("a disk of the server is full: ")
                 assert "checkpoint" not in t.error  # old code: "from its last checkpoint"
                 assert ("downloading its trained LoRA from Replicate again (Replicate keeps a "
                         "finished run's output about an hour, so free space before then)"
@@ -732,6 +735,49 @@ def test_a_replicate_training_on_a_full_disk_waits_and_names_the_disk_when_its_o
                     in t.error)
         finally:
             services.close()
+
+
+# Old code: the row's error (which GET /api/training/progress and `selfie-lora train` show the
+# user) said the operator's words: "a disk of the server is full (the quota of this account on the
+# disk holding HOME/work/ID/attempt-1 is used up (the disk itself has 20.0 MB free): ...)", and a
+# full blob store "(blob '...' cannot be written: the disk holding HOME/blobs is full (...))".
+@pytest.mark.parametrize("where", ["quota", "weights blob"])
+def test_a_training_waiting_for_room_shows_its_user_no_server_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        where: str) -> None:
+    from selfie_lora import disk_space
+
+    settings = make_settings(tmp_path)
+    blobs = _WeightsDisk(settings.blob_dir)
+    blobs.full = where == "weights blob"
+
+    def train(job: TrainingJob) -> None:
+        if where == "quota":  # a write on an open file: the error names no file
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(20 * 1024 * 1024))
+    with serving(settings, blobs=blobs, trainer=FakeTrainer(on_train=train),
+                 clock=HoldClock().now) as (client, services):
+        training_id, training = uploaded_training(services)
+        ann = services.users.get_by_name(name="ann")
+        _key, secret = services.users.create_key(user=ann)
+        caplog.set_level(logging.WARNING, logger="selfie_lora")
+        services.training.run(training_id)
+        assert not training().status.is_terminal, training().error
+        r = client.get("/api/training/progress", params={"training_id": training_id},
+                       headers={"Authorization": f"Bearer {secret}"})
+        assert r.status_code == 200, r.text
+        error = r.json()["training"]["error"]
+        assert error is not None
+        assert error.startswith("a disk of the server is "), error
+        assert str(settings.home) not in error, error
+        assert "free" not in error.split(":")[0], error  # nor the disk's free space
+        # The operator's WARNING keeps the folder and its free space.
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1, said
+        folder = settings.home / ("work" if where == "quota" else "blobs")
+        assert str(folder) in said[0], said
+        assert "20.0 MB free" in said[0], said
 
 
 # Old code: no such gauge: a training waiting for room was one more unfinished training in

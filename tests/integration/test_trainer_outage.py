@@ -273,7 +273,7 @@ def test_a_full_disk_while_the_weights_are_written_steps_away_and_the_next_attem
     assert not t.status.is_terminal, t.error  # old code: failed
     # A full disk waits for room, not counted (tests/integration/test_disk_full.py).
     assert t.error is not None
-    assert t.error.startswith("a disk of the server is full (")
+    assert t.error.startswith("a disk of the server is full: ")
     assert t.recoveries == 0
     assert t.remote_id is not None
     assert rig.standin.trainings[t.remote_id].cancel_requests == 0

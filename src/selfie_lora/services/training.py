@@ -199,9 +199,12 @@ STORAGE_UNREACHABLE = "the stored photos or checkpoint could not be fetched"
 WEIGHTS_NOT_STORED = "the trained LoRA could not be stored"
 SCORING_UNREACHABLE = "its version could not be scored"
 LOCAL_DISK_FAILED = "the trained LoRA could not be written on the worker's disk"
-# ... and one whose worker found a disk full: it waits for room, its attempts not spent.
-DISK_FULL = ("a disk of the server is full ({detail}): the training waits for space to be "
-             "freed and goes on by itself then")
+# ... and one whose worker found a disk full: it waits for room, its attempts not spent. No
+# detail: the row's error is the user's (GET /api/training/progress, `selfie-lora train`), and
+# the error's own words name the server's folders and free space, which the operator's WARNING
+# says (``_wait_for_room``).
+DISK_FULL = ("a disk of the server is full: the training waits for space to be freed and goes "
+             "on by itself then")
 # ... how, as its backend keeps what it made: a local training's checkpoints are stored; a remote
 # run's output only as long as its backend keeps it (Replicate: about an hour after the run ends).
 DISK_FULL_LOCAL = ", from its last checkpoint"
@@ -1336,8 +1339,7 @@ class TrainingService:
         counted as an attempt) and is tried again after a gap that grows to a minute. Said once
         an outage (its end too, ``_room_again``): its tries would repeat it every few seconds."""
         def leave(t: Training, gap: timedelta) -> Training:
-            return wait_for_room(t, self._clock(), reason=_disk_full_reason(t, exc.message),
-                                 hold=gap)
+            return wait_for_room(t, self._clock(), reason=_disk_full_reason(t), hold=gap)
 
         _, gap, began = self._wait(held, self._room, ticket=held.room_ticket, leave=leave,
                                    doing="leave it to wait for room", quiet_if_full=True)
@@ -2167,14 +2169,13 @@ def _attempt_folder(root: Path, attempt: int) -> Path:
     return private_folders(folder)  # a third race is no race: raise what it meets
 
 
-def _disk_full_reason(t: Training, detail: str) -> str:
+def _disk_full_reason(t: Training) -> str:
     """The row's sentence of ``t`` waiting for room: how it goes on depends on what is kept."""
     if t.backend == "local":
-        return DISK_FULL.format(detail=detail) + DISK_FULL_LOCAL
+        return DISK_FULL + DISK_FULL_LOCAL
     if t.remote_id is not None:
-        return DISK_FULL.format(detail=detail) + DISK_FULL_REMOTE.format(
-            backend=_backend_name(t.backend))
-    return DISK_FULL.format(detail=detail)  # nothing made yet: it starts when there is room
+        return DISK_FULL + DISK_FULL_REMOTE.format(backend=_backend_name(t.backend))
+    return DISK_FULL  # nothing made yet: it starts when there is room
 
 
 def _backend_name(backend: str) -> str:
