@@ -80,6 +80,11 @@ def is_quota_error(exc: BaseException | None) -> bool:
     return isinstance(exc, OSError) and exc.errno == errno.EDQUOT
 
 
+# What to do about a quota used up (EDQUOT), where a full disk's advice is to free space: the
+# files the quota counts may lie elsewhere on the disk, and ``df`` shows room it does not give.
+QUOTA_ADVICE = "raise the quota or delete files it counts"
+
+
 def full_disk_words(path: Path | str, exc: BaseException | None = None) -> str:
     """"the disk holding PATH is full (N free)", the free space left out when it cannot be read:
     how an adapter names the disk a full-disk error ``exc`` is about, for the operator. For a

@@ -360,10 +360,16 @@ class StorageFullError(StorageError):
     written, and no retry helps until the operator frees space: the worker says it once and
     waits, where another storage error of a training's claim would be a bug to trace. A request
     that meets it is answered 507 Insufficient Storage (``storage_full``): the server's fault, not
-    the request's, and a retry "in a moment" does not help."""
+    the request's, and a retry "in a moment" does not help. ``quota``: a quota used up (EDQUOT),
+    not a full disk: freeing space on the disk need not help, so a training's wait says the quota
+    (its error has no words of this one's for its user, which name the server's folders)."""
 
     code = ErrorCode.STORAGE_FULL
     http_status = 507
+
+    def __init__(self, message: str, *, quota: bool = False) -> None:
+        super().__init__(message)
+        self.quota = quota
 
 
 class DatabaseRefusedError(StorageError):

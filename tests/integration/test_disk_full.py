@@ -335,6 +335,7 @@ def test_a_blob_write_on_a_full_disk_is_storage_full_naming_the_folder(tmp_path:
     with pytest.raises(StorageFullError) as caught:
         store.put("photos/a.jpg", b"x")
     assert caught.value.http_status == 507
+    assert not caught.value.quota
     assert f"the disk holding {tmp_path / 'blobs'} is full" in caught.value.message
     assert "No space left on device" in caught.value.message
 
@@ -351,6 +352,7 @@ def test_a_blob_write_over_the_quota_says_the_quota_not_a_full_disk(
     with pytest.raises(StorageFullError) as caught:
         store.put("photos/a.jpg", b"x")
     assert caught.value.http_status == 507
+    assert caught.value.quota
     assert caught.value.message == (
         f"blob 'photos/a.jpg' cannot be written: the quota of this account on the disk holding "
         f"{tmp_path / 'blobs'} is used up (the disk itself has 20.0 MB free): Disk quota exceeded")
@@ -481,18 +483,23 @@ def _quota_words(path: Path) -> str:
 
 
 # Old code: the row said "a disk of the server is full (this machine's disk is full: OSError:
-# [Errno 122] Disk quota exceeded: ...)", where df shows room and nothing names the quota.
+# [Errno 122] Disk quota exceeded: ...)", where df shows room and nothing names the quota; then
+# (the row's detail dropped) "a disk of the server is full: the training waits for space to be
+# freed", and the WARNING still advised "free space on that disk".
+@pytest.mark.parametrize("where", ["worker's own write", "trainer"])
 def test_a_training_over_its_quota_waits_saying_the_quota_not_a_full_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, where: str) -> None:
     from selfie_lora import disk_space
 
     settings = make_settings(tmp_path)
     written: list[Path] = []
 
     def train(job: TrainingJob) -> None:
-        # A write of the worker's own (no adapter's), over the account's quota.
         written.append(job.work_dir / "photo-0.png")
+        if where == "trainer":  # what the local trainer raises for its child's EDQUOT
+            raise StorageFullError(_quota_words(written[-1]), quota=True)
+        # A write of the worker's own (no adapter's), over the account's quota.
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(written[-1]))
 
     services = build_services(settings, trainers={"local": FakeTrainer(on_train=train)},
@@ -514,9 +521,16 @@ def test_a_training_over_its_quota_waits_saying_the_quota_not_a_full_disk(
         assert words not in t.error, t.error
         assert str(settings.home) not in t.error, t.error
         assert "this machine's disk is full" not in t.error
+        assert t.error == ("a disk quota of the server is used up: the training waits for the "
+                           "quota to be raised or files it counts to be deleted and goes on by "
+                           "itself then, from its last checkpoint"), t.error
+        assert "is full" not in t.error
         said = [r.getMessage() for r in caplog.records]
         assert len(said) == 1, said
         assert words in said[0], said
+        assert "free space on that disk" not in said[0], said
+        assert ("raise the quota or delete files it counts and it goes on by itself"
+                in said[0]), said
     finally:
         services.close()
 
@@ -540,6 +554,7 @@ def test_the_training_loop_says_a_scratch_write_over_its_quota_as_the_quota(
         train_loop.train_flux_lora(pipeline_source=TINY, cache_dir=tmp_path / "cache",
                                    photos=[(b"x", "a photo")], recipe=get_recipe("local-tiny-v1"),
                                    out_path=out, device="cpu", num_threads=1)
+    assert caught.value.quota is (code == errno.EDQUOT)  # what the worker says it as
     if code == errno.EDQUOT:
         assert caught.value.message == _quota_words(out.parent)
     else:
@@ -579,6 +594,7 @@ def test_the_local_trainer_says_a_write_over_its_quota_as_the_quota(
         mapped = caught.value
     assert isinstance(mapped, StorageFullError)
     assert mapped.message == _quota_words(work)
+    assert mapped.quota  # through the child's message too: the worker says a quota
 
 
 def test_train_in_the_terminal_says_once_that_it_waits_for_room() -> None:
@@ -769,7 +785,8 @@ def test_a_training_waiting_for_room_shows_its_user_no_server_path(
         assert r.status_code == 200, r.text
         error = r.json()["training"]["error"]
         assert error is not None
-        assert error.startswith("a disk of the server is "), error
+        assert error.startswith("a disk quota of the server is used up: " if where == "quota"
+                                else "a disk of the server is full: "), error
         assert str(settings.home) not in error, error
         assert "free" not in error.split(":")[0], error  # nor the disk's free space
         # The operator's WARNING keeps the folder and its free space.

@@ -63,7 +63,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import BinaryIO
 
-from selfie_lora.disk_space import full_disk_words, is_full_error
+from selfie_lora.disk_space import full_disk_words, is_full_error, is_quota_error
 from selfie_lora.domain.gc import (
     GC_JOB,
     GC_LEASE,
@@ -749,7 +749,8 @@ def _room_for_hold(folder: Path) -> Iterator[None]:
         if not is_full_error(exc):
             raise
         raise StorageFullError(f"a copy held aside while blobs are deleted cannot be written: "
-                               f"{full_disk_words(folder, exc)}: {exc.strerror or exc}") from exc
+                               f"{full_disk_words(folder, exc)}: {exc.strerror or exc}",
+                               quota=is_quota_error(exc)) from exc
 
 
 def _sync(out: BinaryIO) -> None:

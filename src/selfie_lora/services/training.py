@@ -64,7 +64,7 @@ from typing import Any
 
 from selfie_lora.dataset.limits import SentFile, UploadedFile
 from selfie_lora.dataset.prepare import prepared_square_side
-from selfie_lora.disk_space import is_full_error, machine_disk_words
+from selfie_lora.disk_space import QUOTA_ADVICE, is_full_error, is_quota_error, machine_disk_words
 from selfie_lora.domain.entities import (
     Dataset,
     Finding,
@@ -205,11 +205,14 @@ LOCAL_DISK_FAILED = "the trained LoRA could not be written on the worker's disk"
 # says (``_wait_for_room``).
 DISK_FULL = ("a disk of the server is full: the training waits for space to be freed and goes "
              "on by itself then")
+# ... or a quota used up (EDQUOT): freeing space on the disk need not help it.
+DISK_QUOTA = ("a disk quota of the server is used up: the training waits for the quota to be "
+              "raised or files it counts to be deleted and goes on by itself then")
 # ... how, as its backend keeps what it made: a local training's checkpoints are stored; a remote
 # run's output only as long as its backend keeps it (Replicate: about an hour after the run ends).
 DISK_FULL_LOCAL = ", from its last checkpoint"
 DISK_FULL_REMOTE = (", downloading its trained LoRA from {backend} again ({backend} keeps a "
-                    "finished run's output about an hour, so free space before then)")
+                    "finished run's output about an hour, so {act} before then)")
 # How long a remote run's downloaded output, not stored for an object storage outage, waits
 # for the storage uncounted (``wait_out``): Replicate keeps a finished run's output about an
 # hour, so well inside that; then its attempts are spent as before (spaced 1 min, then 5), and
@@ -1339,15 +1342,17 @@ class TrainingService:
         counted as an attempt) and is tried again after a gap that grows to a minute. Said once
         an outage (its end too, ``_room_again``): its tries would repeat it every few seconds."""
         def leave(t: Training, gap: timedelta) -> Training:
-            return wait_for_room(t, self._clock(), reason=_disk_full_reason(t), hold=gap)
+            return wait_for_room(t, self._clock(), reason=_disk_full_reason(t, quota=exc.quota),
+                                 hold=gap)
 
         _, gap, began = self._wait(held, self._room, ticket=held.room_ticket, leave=leave,
                                    doing="leave it to wait for room", quiet_if_full=True)
         logger.log(logging.WARNING if began else logging.DEBUG,
                    "training %s: %s (attempt %d); it waits without spending its attempts, tried "
-                   "again every %.0f s or more (up to a minute): free space on that disk and it "
-                   "goes on by itself (the end of the outage is logged)", held.training_id,
-                   exc.message, held.attempt, gap.total_seconds())
+                   "again every %.0f s or more (up to a minute): %s and it goes on by itself "
+                   "(the end of the outage is logged)", held.training_id, exc.message,
+                   held.attempt, gap.total_seconds(),
+                   QUOTA_ADVICE if exc.quota else "free space on that disk")
 
     def _storage_again(self, held: _Held) -> None:
         """The object storage answered ``held``'s read or write: its outage, if there was one,
@@ -1593,7 +1598,7 @@ class TrainingService:
                 # out, as the same error of the trainer or the stores is. A quota is said as one.
                 raise _UnreachableError(f"{machine_disk_words(exc, work_dir)}: {describe(exc)}",
                                         remote_id=None, reason=LOCAL_DISK_FAILED,
-                                        full=True) from exc
+                                        full=True, quota=is_quota_error(exc)) from exc
             logger.exception("training %s crashed", training.id)
             self._finish_failed(held, user_message=INTERNAL_ERROR_MESSAGE,
                                 reason="internal error", code=ErrorCode.INTERNAL_ERROR)
@@ -2001,16 +2006,18 @@ class _UnreachableError(TrainingInterruptedError):
     ``reason``: a sentence for the training's row; ``cause``: the storage error met, which
     says which outage it is (each site passing its own flags, one read left them out and
     counted a database restart as a dead worker); ``full``: a full disk met as another error
-    (an ``OSError``)."""
+    (an ``OSError``), ``quota`` if that is a quota used up (EDQUOT)."""
 
     def __init__(self, message: str, *, remote_id: str | None, reason: str,
                  cause: BaseException | None = None, full: bool = False,
-                 scoring: bool = False) -> None:
+                 quota: bool = False, scoring: bool = False) -> None:
         super().__init__(message)
         self.remote_id = remote_id
         self.reason = reason
         # A full disk, not an outage of what the training needs: it waits, not counted.
         self.full = full or isinstance(cause, StorageFullError)
+        # ... said as a quota (the row, the WARNING's advice), where freeing space need not help.
+        self.quota = quota or (isinstance(cause, StorageFullError) and cause.quota)
         # The database server could not be reached: not counted either (``_leave_for_outage``).
         self.outage = isinstance(cause, DatabaseUnreachableError)
         # The object storage could not be reached: a local training waits, not counted
@@ -2169,13 +2176,16 @@ def _attempt_folder(root: Path, attempt: int) -> Path:
     return private_folders(folder)  # a third race is no race: raise what it meets
 
 
-def _disk_full_reason(t: Training) -> str:
-    """The row's sentence of ``t`` waiting for room: how it goes on depends on what is kept."""
+def _disk_full_reason(t: Training, *, quota: bool) -> str:
+    """The row's sentence of ``t`` waiting for room (``quota``: a quota used up): how it goes
+    on depends on what is kept."""
+    said = DISK_QUOTA if quota else DISK_FULL
     if t.backend == "local":
-        return DISK_FULL + DISK_FULL_LOCAL
+        return said + DISK_FULL_LOCAL
     if t.remote_id is not None:
-        return DISK_FULL + DISK_FULL_REMOTE.format(backend=_backend_name(t.backend))
-    return DISK_FULL  # nothing made yet: it starts when there is room
+        return said + DISK_FULL_REMOTE.format(backend=_backend_name(t.backend),
+                                              act=QUOTA_ADVICE if quota else "free space")
+    return said  # nothing made yet: it starts when there is room
 
 
 def _backend_name(backend: str) -> str:

@@ -60,7 +60,7 @@ from selfie_lora.adapters.flux.runtime import (
     require_torch,
 )
 from selfie_lora.adapters.flux.tiny import TINY
-from selfie_lora.disk_space import is_full_error, machine_disk_words
+from selfie_lora.disk_space import is_full_error, is_quota_error, machine_disk_words
 from selfie_lora.domain.buckets import FLUX_MULTIPLE, Bucket, bucket_sizes, nearest_bucket
 from selfie_lora.domain.entities import FaceBox, Recipe
 from selfie_lora.errors import (
@@ -970,7 +970,7 @@ def train_flux_lora(
                 # outage the worker waits out, not a fault of the training. A quota is said as
                 # one, on the disk of the file named (else the work folder's).
                 raise StorageFullError(f"{machine_disk_words(exc, out_path.parent)}: "
-                                       f"{describe(exc)}") from exc
+                                       f"{describe(exc)}", quota=is_quota_error(exc)) from exc
             # Reading the base model or the photos' cache, say: named as what it is.
             raise TrainingFailedError(
                 f"local training failed: {describe(exc)}", user_message=FAILED_MESSAGE,

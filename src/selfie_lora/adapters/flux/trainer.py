@@ -36,7 +36,7 @@ from selfie_lora.adapters.flux.forkserver import (
 from selfie_lora.adapters.flux.generator import release_device_pipelines
 from selfie_lora.adapters.flux.memory import MemoryModeSetting
 from selfie_lora.adapters.flux.runtime import FAILED_MESSAGE, missing_module_error
-from selfie_lora.disk_space import is_full_error, machine_disk_words
+from selfie_lora.disk_space import is_full_error, is_quota_error, machine_disk_words
 from selfie_lora.domain.entities import Recipe, TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
@@ -212,7 +212,9 @@ def _child_train(request: _TrainRequest, events: Any, stop: Any) -> None:
             # the words inline isolation gives it (a quota said as one).
             full = exc if isinstance(exc, StorageFullError) else _full_disk_error(
                 exc, folder=request.out_path.parent)
-            events.put(("error", "StorageFullError", full.message, None, ""))
+            # A quota under its own name: the worker says a quota, not a full disk.
+            events.put(("error", _QUOTA_USED_UP if full.quota else "StorageFullError",
+                        full.message, None, ""))
             raise SystemExit(1) from None
         user_message = exc.user_message if isinstance(exc, TrainerError) else None
         events.put(("error", type(exc).__name__, str(exc), user_message, traceback.format_exc()))
@@ -228,10 +230,16 @@ _ERRORS: dict[str, type[TrainerError]] = {
 }
 
 
+# The name a child's message gives a ``StorageFullError`` of a quota (``quota``), which its
+# text alone does not carry.
+_QUOTA_USED_UP = "StorageFullError(quota)"
+
+
 def _full_disk_error(exc: BaseException, *, folder: Path) -> StorageFullError:
     """A vendor's full-disk error ``exc`` (a quota said as one, on the disk of the file it
     names, else of ``folder``, the job's work folder)."""
-    return StorageFullError(f"{machine_disk_words(exc, folder)}: {describe(exc)}")
+    return StorageFullError(f"{machine_disk_words(exc, folder)}: {describe(exc)}",
+                            quota=is_quota_error(exc))
 
 
 def _unmapped_error(exc: BaseException, *, folder: Path) -> TrainerError | StorageFullError:
@@ -821,10 +829,10 @@ class LocalTrainer:
     @staticmethod
     def _child_error(message: tuple[Any, ...]) -> TrainerError | StorageError:
         _, name, text, user_message, child_traceback = message
-        if name == "StorageFullError":
+        if name in ("StorageFullError", _QUOTA_USED_UP):
             # The worker says a full disk once an outage, not at every try: one line here.
             logger.debug("training child stopped, its disk full (or its quota used up): %s", text)
-            return StorageFullError(text)
+            return StorageFullError(text, quota=name == _QUOTA_USED_UP)
         logger.warning("training child failed: %s: %s\n%s", name, text, child_traceback)
         if name == "StorageError":
             # This machine's disk (the LoRA could not be written): raised as it is inline, so

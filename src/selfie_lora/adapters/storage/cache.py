@@ -94,7 +94,8 @@ class BlobCache:
                 raise StorageFullError(
                     f"the blob cache in {self.root} cannot hold {key!r}: "
                     f"{full_disk_words(self.root, exc)}: {exc.strerror or exc}: {ran_out} "
-                    f"even without the copies no process holds; {advice}") from exc
+                    f"even without the copies no process holds; {advice}",
+                    quota=is_quota_error(exc)) from exc
             raise StorageError(f"the blob cache in {self.root} cannot hold {key!r}: "
                                f"{exc.strerror or exc}") from exc
         try:

@@ -19,6 +19,7 @@ from selfie_lora.disk_space import (
     free_bytes,
     full_disk_words,
     is_full_error,
+    is_quota_error,
     shown,
 )
 from selfie_lora.errors import BlobMissingError, StorageError, StorageFullError
@@ -45,7 +46,7 @@ def _write_error(key: str, exc: OSError, *, root: Path) -> StorageError:
     if is_full_error(exc):
         # An outage the operator ends by freeing space: said as one, naming the disk.
         return StorageFullError(f"blob {key!r} cannot be written: {full_disk_words(root, exc)}: "
-                                f"{exc.strerror or exc}")
+                                f"{exc.strerror or exc}", quota=is_quota_error(exc))
     return StorageError(f"blob {key!r} cannot be written: {exc.strerror or exc}")
 
 
