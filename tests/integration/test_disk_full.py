@@ -468,6 +468,11 @@ def test_the_training_child_says_a_full_disk_in_one_line(
     assert message[0] == "error"
     assert message[1] == "StorageFullError"
     assert "No space left on device" in message[2]
+    if isinstance(raised, OSError):  # said as inline isolation says it (``_full_disk_error``)
+        assert message[2] == (f"this machine's disk is full: OSError: [Errno {errno.ENOSPC}] "
+                              "No space left on device")
+    else:  # ours already says what is full: passed on as it is
+        assert message[2] == str(raised)
     assert "\n" not in message[2]
     assert message[4] == ""  # no traceback
     caplog.set_level(logging.DEBUG, logger="selfie_lora")
