@@ -281,6 +281,7 @@ def _full_disk(settings: Settings, exc: BaseException | None, *, database: bool)
 
     from selfie_lora.disk_space import (
         LOW_SPACE_BYTES,
+        QUOTA_ADVICE,
         free_bytes,
         is_full_error,
         is_io_error,
@@ -305,8 +306,7 @@ def _full_disk(settings: Settings, exc: BaseException | None, *, database: bool)
         # statvfs (and df) do not see a quota: the disk may well have room.
         left = f" (the disk itself has {shown(free)} free)" if free is not None else ""
         return (f"the quota of this account on the disk holding {named} is used up{left}: "
-                f"raise the quota or delete files it counts, or {move}, and run the command "
-                "again")
+                f"{QUOTA_ADVICE}, or {move}, and run the command again")
     if free is None or (not is_full_error(exc) and free >= LOW_SPACE_BYTES):
         return None  # an I/O error with room to spare is not a full disk
     return (f"the disk holding {named} is full ({shown(free)} free): free some space on it, "

@@ -205,7 +205,8 @@ def test_a_full_quota_evicts_as_a_full_disk_does_then_is_storage_full(
         pass
     assert "Disk quota exceeded" in caught.value.message
     assert "is full" not in caught.value.message
-    assert "raise the quota, lower SELFIE_LORA_BLOB_CACHE_GB or delete" in caught.value.message
+    assert ("raise the quota or delete files it counts on this machine, or lower "
+            "SELFIE_LORA_BLOB_CACHE_GB") in caught.value.message
     assert "the quota of this account is used up; 0 copies" in caplog.text
     assert "the disk is full" not in caplog.text
     # The held copy survives the failed retry, and its partial write is gone (copies() skips

@@ -50,7 +50,13 @@ from selfie_lora.adapters.home_lock import (
 from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir
 from selfie_lora.config import DATABASE_FILE
-from selfie_lora.disk_space import free_bytes, full_disk_words, is_full_error, is_quota_error
+from selfie_lora.disk_space import (
+    QUOTA_ADVICE,
+    free_bytes,
+    full_disk_words,
+    is_full_error,
+    is_quota_error,
+)
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
 from selfie_lora.errors import ConfigError, InvalidInputError, StorageError, StorageFullError
 from selfie_lora.services.layout import manifest_key, photo_key
@@ -170,7 +176,7 @@ def _make_room(exc: OSError, *, then: str, there: str = "") -> str:
     """What to do about ``exc``, a full disk or a used-up quota (``_no_space``), then ``then``:
     freeing space does not help a quota whose files are elsewhere on that disk."""
     if is_quota_error(exc):
-        return f"raise the quota or delete files it counts, and {then}"
+        return f"{QUOTA_ADVICE}, and {then}"
     return f"free some space{there} and {then}"
 
 

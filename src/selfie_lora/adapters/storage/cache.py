@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from selfie_lora.disk_space import full_disk_words, is_full_error, is_quota_error
+from selfie_lora.disk_space import QUOTA_ADVICE, full_disk_words, is_full_error, is_quota_error
 from selfie_lora.errors import StorageError, StorageFullError
 from selfie_lora.services.layout import TEMPORARY_PREFIX
 from selfie_lora.services.private_files import fsync_dir
@@ -257,8 +257,7 @@ def _out_of_room(exc: OSError) -> tuple[str, str]:
     counts deleted, where a full disk needs space freed (``df`` shows room under a quota)."""
     if is_quota_error(exc):
         return ("the quota of this account is used up",
-                "raise the quota, lower SELFIE_LORA_BLOB_CACHE_GB or delete files the quota "
-                "counts on this machine")
+                f"{QUOTA_ADVICE} on this machine, or lower SELFIE_LORA_BLOB_CACHE_GB")
     return ("the disk is full",
             "lower SELFIE_LORA_BLOB_CACHE_GB or free disk space on this machine")
 
