@@ -20,6 +20,7 @@ from selfie_lora.config import Settings
 from selfie_lora.testing.fakes import FakeFaceAnalyzer, FakeGenerator, FakeTrainer
 from selfie_lora.wiring import Services, build_services
 from tests.support.backends import copy_migrated_sqlite, database_url, fresh_engine
+from tests.support.environment import outside_settings
 from tests.support.s3 import S3Server, running_s3_server
 
 _plugins = Path(__file__).with_name("conftest_replicate.py")
@@ -34,6 +35,10 @@ hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The shell's selfie-lora settings, out of this process's environment while pytest runs.
+_SHELL_SETTINGS = pytest.StashKey[dict[str, str]]()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """``make test`` hands whole files to its two workers (``--dist loadfile``). pytest-xdist
     (3.6 and later) hands out the files with the most tests first, which leaves the end-to-end
@@ -41,6 +46,15 @@ def pytest_configure(config: pytest.Config) -> None:
     them while the other has nothing left. In the order they are collected (tests/browser and
     tests/e2e first) the long files start first and the many short ones fill in around them
     (``--loadscope-reorder`` on the command line asks for xdist's order)."""
+    # The developer's shell may hold settings of its own (SELFIE_LORA_DATABASE_URL naming a real
+    # database, SELFIE_LORA_STORAGE_URL a real bucket, REPLICATE_API_TOKEN, the AWS keys): every
+    # Settings() built in a test, every command run in this process and every process a test
+    # starts (they inherit this environment) read them, so that `make test` in such a shell
+    # failed by the hundred, or made its users and photos there. Removed before any test module
+    # is imported (tests.support.environment says which; the test knobs stay), put back at the
+    # end for a caller of pytest.main. The xdist workers inherit the cleaned environment.
+    config.stash[_SHELL_SETTINGS] = {name: os.environ.pop(name)
+                                     for name in outside_settings(os.environ)}
     if (getattr(config.option, "loadscopereorder", None) is True
             and "--loadscope-reorder" not in config.invocation_params.args):
         config.option.loadscopereorder = False
@@ -50,6 +64,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # Handled, it is reset to the default across exec, so exec'd children and workers get it too.
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    os.environ.update(config.stash.get(_SHELL_SETTINGS, {}))
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
