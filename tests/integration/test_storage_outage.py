@@ -22,6 +22,7 @@ from selfie_lora.domain.lease import wait_text
 from selfie_lora.domain.likeness import LikenessStatus
 from selfie_lora.errors import (
     BlobStoreUnreachableError,
+    DatabaseBusyError,
     DatabaseRefusedError,
     DatabaseUnreachableError,
     StorageError,
@@ -31,7 +32,7 @@ from selfie_lora.errors import (
 from selfie_lora.services import gc as gc_module
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import LoopOutages
-from selfie_lora.services.erasure import ERASURE_RETRY, AccountEraser
+from selfie_lora.services.erasure import ERASURE_RETRY, AccountEraser, ErasureContinuesError
 from selfie_lora.services.ports import TrainingJob
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, RecordingAlerter
 from selfie_lora.wiring import Services, build_services
@@ -513,6 +514,32 @@ def test_an_account_deletion_cut_by_the_storage_says_it_finishes_and_is_due_agai
         assert erasure.pending() == []
 
 
+@pytest.mark.parametrize("error", [
+    DatabaseRefusedError("database error: cannot execute DELETE in a read-only transaction"),
+    DatabaseBusyError("database error: QueuePool limit of size 15 overflow 0 reached, "
+                      "connection timed out, timeout 30.00", pool_exhausted=True),
+], ids=["read-only", "busy"])
+def test_an_account_deletion_cut_by_a_database_refusal_says_it_finishes(
+        tmp_path: Path, error: DatabaseRefusedError) -> None:
+    """Found in review: a read-only standby (500 "please retry in a moment") or the pool's
+    connections all taken (503 with Retry-After) met once the account was disabled told the
+    client to retry, and the retry was refused (401, 403): the account is disabled. The deletion
+    is due again soon and finishes by itself once the refusal passes, as after an outage: so it
+    is answered as one, 503 deletion_pending, no Retry-After."""
+    with _ann_deleting(tmp_path, _BrokenDeleteStore, then="broken_since") as (
+            client, services, ann, store):
+        store.broken = error
+        r = client.request("DELETE", "/api/me", headers=ann, json={"confirm": "ann"})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "deletion_pending"
+        assert "Retry-After" not in r.headers
+        [(name, due)] = services.erasure.pending()
+        assert name == "ann"
+        assert due - datetime.now(UTC) < timedelta(seconds=60)
+        store.broken = None  # it passed
+        _finished_once_due(services.erasure, due)
+
+
 class _NoDeleteStore(FileSystemBlobStore):
     """Keys that may put and get but not delete (a common IAM setup): S3's 403 AccessDenied."""
 
@@ -617,12 +644,14 @@ class _BrokenDeleteStore(FileSystemBlobStore):
 def _ann_deletion_failing(tmp_path: Path, error: BaseException
                           ) -> Iterator[tuple[AccountEraser, _BrokenDeleteStore]]:
     """ann's deletion on a store whose deletes raise ``error`` once her account is disabled:
-    ``erase`` raised it; the eraser and the store (``broken = None`` mends it)."""
+    ``erase`` raised it (a database refusal as the deletion continuing, as an outage); the
+    eraser and the store (``broken = None`` mends it)."""
     with _ann_deleting(tmp_path, _BrokenDeleteStore, then="broken_since") as (
             _client, services, _ann, store):
         store.broken = error
         erasure = services.erasure
-        with pytest.raises(type(error)):
+        with pytest.raises(ErasureContinuesError if isinstance(error, DatabaseRefusedError)
+                           else type(error)):
             erasure.erase(name="ann")
         yield erasure, store
 

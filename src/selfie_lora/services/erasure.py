@@ -59,6 +59,7 @@ from selfie_lora.domain.gc import GcSummary, format_bytes
 from selfie_lora.domain.lease import wait_text
 from selfie_lora.errors import (
     ConflictError,
+    DatabaseRefusedError,
     DatabaseUnreachableError,
     DeploymentMismatchError,
     ErrorCode,
@@ -114,8 +115,9 @@ ERASURE_PARKED = timedelta(hours=24)
 
 
 class ErasureContinuesError(StorageError):
-    """A storage error cut the deletion short after the account was disabled: it is finished
-    by the next check (``finish_pending``), soon. Answered 503 ``deletion_pending`` ("finishes
+    """An outage, or the database refusing for a state of its own (a read-only standby, the
+    pool's connections all taken), cut the deletion short after the account was disabled: it
+    is finished by the next check (``finish_pending``), soon. Answered 503 ``deletion_pending`` ("finishes
     on its own"), with no Retry-After: a retry is refused, the account being disabled."""
 
     code = ErrorCode.DELETION_PENDING
@@ -241,22 +243,24 @@ class AccountEraser:
         self._sleep(API_KEY_CACHE_TTL.total_seconds())
         try:
             return self._finish(user, force=force)
-        except StorageUnavailableError as exc:
+        except (StorageUnavailableError, DatabaseRefusedError) as exc:
             # The account is disabled: a retry is refused (403), so "retry in a moment" was
             # false, and the rest waited ``resume_after`` (10 min), meant for a dead process,
-            # though this one is alive. Due again soon instead, at the next check. Only an
-            # outage, which passes: another storage error (refused keys, a missing bucket)
-            # never finishes on its own, and its 500 says what is wrong.
+            # though this one is alive. Due again soon instead, at the next check. Only what
+            # passes by itself: an outage, or the database refusing for a state of its own (a
+            # read-only standby's 500 "retry in a moment", the busy pool's 503 with
+            # Retry-After, both a retry refused too). Another storage error (refused keys, a
+            # missing bucket) never finishes on its own, and its 500 says what is wrong; a
+            # full disk's 507 (below) tells the operator to free space.
             self._due_soon(user)
             raise ErasureContinuesError(
                 f"user {user.name}: the deletion was cut short ({exc.message}); the account is "
                 f"disabled, and the deletion is tried again in {wait_text(ERASURE_RETRY)}") from exc
         except Exception as exc:
             if refused(exc):
-                # A refusal that lasts until it passes or the operator acts (a full disk, whose
-                # 507 says to free space, the pool's connections all taken, a read-only
-                # standby): no wait of ours mends it, but once it is over the deletion finishes
-                # by itself as the checks' refusals do (``finish_pending``): due soon.
+                # A full disk (whose 507 says to free space), a refusal that lasts until the
+                # operator acts: no wait of ours mends it, but once space is freed the deletion
+                # finishes by itself as the checks' refusals do (``finish_pending``): due soon.
                 self._due_soon(user)
             raise
 
