@@ -246,6 +246,18 @@ def _read_only(tmp_path: Path) -> DatabaseRefusedError:
     return caught.value
 
 
+def _gc_said(logged: pytest.LogCaptureFixture,
+             rounds: list[Exception | None]) -> list[logging.LogRecord]:
+    """The gc loop's rounds, each raising its error (``None``: it goes through): what it said."""
+    errors = iter(rounds)
+    fake = _Failing("gc", lambda: error)
+    worker = _worker(fake)
+    for error in errors:
+        fake.failing = error is not None
+        _rounds(worker, "gc")
+    return [r for r in logged.records if r.getMessage().startswith(LOOPS["gc"])]
+
+
 @pytest.mark.parametrize(("first", "then", "was"), [
     (REFUSALS["database-full"], _read_only, "a full disk"),
     (REFUSALS["local-disk-full"], _pool_exhausted, "a full disk"),
@@ -259,14 +271,8 @@ def test_a_refusal_of_another_kind_while_one_lasts_is_said_too(
     # Review: one refusal said at WARNING, then another kind of it (the disk freed, but a
     # fail-over's read-only standby met before any round went through) was only at DEBUG, the
     # operator still looking at the first one's words.
-    errors = iter([first(tmp_path), first(tmp_path), then(tmp_path), then(tmp_path)])
-    fake = _Failing("gc", lambda: next(errors))
-    worker = _worker(fake)
-    for _round in range(4):
-        _rounds(worker, "gc")
-    fake.failing = False
-    _rounds(worker, "gc")
-    said = [r for r in logged.records if r.getMessage().startswith(LOOPS["gc"])]
+    said = _gc_said(logged, [first(tmp_path), first(tmp_path), then(tmp_path), then(tmp_path),
+                             None])
     # Old code: WARNING, then DEBUG for all three others, the new kind's words never above DEBUG.
     assert [(r.levelname, bool(r.exc_info)) for r in said] == [
         ("WARNING", False), ("DEBUG", True), ("WARNING", False), ("DEBUG", True),
@@ -278,6 +284,21 @@ def test_a_refusal_of_another_kind_while_one_lasts_is_said_too(
     assert "(its end is logged" in said[2].getMessage()
     assert "until now" not in said[0].getMessage()
     assert not [r for r in logged.records if r.levelno >= logging.ERROR]
+
+
+def test_two_refusals_that_alternate_are_each_said_once_until_a_round_goes_through(
+        tmp_path: Path, logged: pytest.LogCaptureFixture) -> None:
+    # Review: a fail-over whose rounds meet the pool's timeout and the read-only standby by
+    # turns (or a full disk and a read-only database, whichever a round meets first) said a
+    # WARNING every round, each a change of kind: the WARNING at each round the loops' change set
+    # out to remove. Each kind is said once while the outage lasts, and again after it ended.
+    said = _gc_said(logged, [REFUSALS["database-full"](tmp_path), _read_only(tmp_path)] * 3
+                    + [None, _read_only(tmp_path)])
+    # Old code: six WARNINGs.
+    assert [r.levelname for r in said] == [
+        "WARNING", "WARNING", "DEBUG", "DEBUG", "DEBUG", "DEBUG", "INFO", "WARNING"]
+    assert "it was refused for a full disk until now" in said[1].getMessage()
+    assert "until now" not in said[-1].getMessage()
 
 
 def test_a_refusal_of_the_same_kind_in_other_words_is_not_said_again(

@@ -197,6 +197,10 @@ class Outage:
     def __init__(self) -> None:
         self._down = False
         self._kind = ""  # what the outage was said as (``begins_as``)
+        # Every kind said since the outage began: one met again is not said again (two that
+        # alternate, a fail-over's pool timeouts and read-only standby by turns, said a WARNING
+        # at every call), until the outage ends.
+        self._said: set[str] = set()
         self._changes = 0  # how many times an outage began, changed kind or ended: a ticket
         self._lock = threading.Lock()
 
@@ -213,16 +217,21 @@ class Outage:
     def begins_as(self, kind: str, *, ticket: int) -> tuple[bool, str]:
         """A call failed for ``kind`` (what keeps failing it, in words): whether to say it (True
         when this starts the outage, or when the outage was said as another kind: what the
-        operator was told to mend is no longer what fails the calls), and the kind said before
-        ("" when this starts it). False as in ``begins`` for a call of a stale ticket."""
+        operator was told to mend is no longer what fails the calls, unless that kind was said
+        already since the outage began), and the kind said before ("" when this starts it).
+        False as in ``begins`` for a call of a stale ticket."""
         with self._lock:
             if ticket != self._changes or (self._down and kind == self._kind):
                 return False, self._kind
             before = self._kind if self._down else ""
+            if not self._down:
+                self._said.clear()
+            said = kind not in self._said
             self._down = True
             self._kind = kind
+            self._said.add(kind)
             self._changes += 1
-            return True, before
+            return said, before
 
     def ends(self, *, ticket: int) -> bool:
         """A call succeeded: True when it ends an outage (say so); False when there is none, or
@@ -234,6 +243,7 @@ class Outage:
                 return False
             self._down = False
             self._kind = ""
+            self._said.clear()
             self._changes += 1
             return True
 
@@ -291,6 +301,7 @@ class LoopOutages:
             # A refusal of another kind than the one said (the disk freed, then a fail-over's
             # read-only standby met before a round went through) is said too, naming the one
             # it takes over from: at DEBUG only, the operator would still read the first one's.
+            # Each kind once until a round goes through (``Outage.begins_as``).
             began, before = self._refused.begins_as(refusal_kind(exc), ticket=refused_ticket)
             words = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
             was = f"; it was refused for {before} until now" if began and before else ""

@@ -355,7 +355,7 @@ class AccountEraser:
         standby), as trainings, scoring and gc take it, not a fault to park for a day: parked,
         the person's data stayed up to 24 h past the freeing of space (or the load's drop, the
         fail-over's end). Due again soon, said once while it lasts (``ticket``: ``_refusal``'s),
-        and again for a refusal of another kind."""
+        and again for a refusal of another kind (each kind once while they last)."""
         self._due_soon(user)
         kind = refusal_kind(exc)
         began, _before = self._refusal.begins_as(kind, ticket=ticket)
