@@ -690,6 +690,38 @@ def test_an_account_deletion_refused_for_a_state_that_lasts_is_tried_again_soon(
         _finished_once_due(erasure, due)
 
 
+def test_a_refusal_said_for_a_deletion_finished_elsewhere_is_said_again_for_the_next(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: the check's "said once" state ended only when this process's check
+    finished a deletion. ann's, refused by a read-only standby and said, then finished by the
+    operator's ``users delete`` (or another process's check) left it for good: bob's deletion
+    refused the same way days later was said at DEBUG only. It ends once no deletion it was said
+    for is pending any more."""
+    refusal = DatabaseRefusedError("database error: cannot execute DELETE in a read-only "
+                                   "transaction")
+    with _ann_deleting(tmp_path, _BrokenDeleteStore, then="broken_since") as (
+            client, services, _ann, store):
+        bob = auth(services, "bob")
+        r = client.post("/api/training/upload", headers=bob, data={"start": "false"},
+                        files=[("files", ("b.jpg", synthetic_photo(2), "image/jpeg"))])
+        assert r.status_code == 202, r.text
+        erasure = services.erasure
+        said = []
+        for name in ("ann", "bob"):
+            store.broken = refusal
+            with pytest.raises(ErasureContinuesError):
+                erasure.erase(name=name)
+            _past_due(erasure)
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="selfie_lora.services.erasure"):
+                assert erasure.finish_pending() == []
+            said += [r.levelname for r in caplog.records if "could not be finished" in r.message]
+            store.broken = None  # it passed: the operator's users delete finishes it
+            erasure._clock = lambda: datetime.now(UTC)  # type: ignore[attr-defined]
+            assert erasure.erase(name=name).name == name
+        assert said == ["WARNING", "WARNING"]  # old code: WARNING, then DEBUG
+
+
 def _tried_again_soon_while_full(erasure: AccountEraser,
                                  caplog: pytest.LogCaptureFixture) -> datetime:
     """Three checks while the disk stays full: each says so below ERROR and makes the deletion

@@ -198,6 +198,11 @@ class AccountEraser:
         # exhausted, a read-only standby): said once while it lasts, where each check (30 s
         # apart, for hours until space is freed) said a WARNING.
         self._refusal = Outage()
+        # The users whose deletion ``_refusal`` met (said or not) while it lasts: it also ends
+        # once none of theirs is refused or pending any more, since another process's check or
+        # the operator's ``users delete`` may finish it, where only this check's success ended
+        # it, and a refusal of the same kind days later was said at DEBUG only.
+        self._refused_for: set[str] = set()
 
     def confirmed(self, *, name: str, typed: str | None) -> bool:
         """Whether ``typed`` (the name typed again to confirm: the API's ``confirm``, the
@@ -276,7 +281,15 @@ class AccountEraser:
         as ``gc``'s "run gc again" says. What was finished."""
         now = self._clock()
         due = now - self.resume_after
-        pending = self._repo.pending_erasures(requested_before=due)
+        if self._refused_for:
+            # Every pending deletion (as ``pending`` reads them), to see whether those the
+            # refusal was met for still are: only while one is said, so one read as before.
+            everyone = self._repo.pending_erasures(requested_before=now + timedelta(days=365))
+            self._not_refused(self._refused_for - {user.id for user in everyone})
+            pending = [user for user in everyone if user.erasure_requested_at is not None
+                       and user.erasure_requested_at <= due]
+        else:
+            pending = list(self._repo.pending_erasures(requested_before=due))
         if pending:
             try:
                 # Before any is claimed: refused, each stays pending, due as it was, and is
@@ -334,20 +347,32 @@ class AccountEraser:
             except Exception as exc:
                 if refused(exc):
                     self._refused(user, exc, ticket=ticket)
-                else:  # not an outage: parked, said once (see ``_park``)
-                    self._park(user, exc)
+                    continue
+                self._park(user, exc)  # not an outage: parked, said once (see ``_park``)
             except BaseException:  # KeyboardInterrupt, SystemExit: the claim is let go
                 self._unclaim(user, claimed_at=now)
                 raise
             else:
                 self._refusal.ends(ticket=ticket)  # it goes through: the next refusal is said
+                self._refused_for.clear()
                 # Said once it is done, not before: while an outage lasted each retry said
                 # "finishing" and then "could not be finished now", two lines where the second
                 # says it all. Not "whose process stopped": one cut short by an outage is due
                 # again on purpose.
                 logger.warning("user %s: the pending deletion was finished (it was cut short by "
                                "an outage, or its process stopped)", user.name)
+            self._not_refused({user.id})  # an outage, a training, parked: refused no more
         return finished
+
+    def _not_refused(self, user_ids: set[str]) -> None:
+        """The deletions of ``user_ids`` are no longer refused (finished elsewhere, or met
+        something else): once none that ``_refusal`` was met for is, it ends, and the next
+        refusal is said."""
+        if not user_ids & self._refused_for:
+            return
+        self._refused_for -= user_ids
+        if not self._refused_for:
+            self._refusal.ends(ticket=self._refusal.attempt())
 
     def _refused(self, user: User, exc: Exception, *, ticket: int) -> None:
         """The deletion refused for a state that lasts until it passes or the operator acts
@@ -359,6 +384,7 @@ class AccountEraser:
         self._due_soon(user)
         kind = refusal_kind(exc)
         began, _before = self._refusal.begins_as(kind, ticket=ticket)
+        self._refused_for.add(user.id)
         words = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
         mend = ("free space and it finishes by itself" if kind == FULL_DISK
                 else "it finishes by itself once that is over")
