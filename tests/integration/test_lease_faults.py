@@ -277,6 +277,20 @@ def _held_by_a(beating: Machine, make_repo: Callable[[Engine], _R]
     return svc, repo, worker, training_id, held
 
 
+def _beats_refused(held: _Held, caplog: pytest.LogCaptureFixture, *,
+                   refuse: Callable[[bool], None], refused: Callable[[], int],
+                   renewed: Callable[[], int]) -> list[logging.LogRecord]:
+    """``held``'s heartbeat with its renewals refused (``refuse(True)``) for six beats, then
+    three renewals once they go through again: what its failed beats said."""
+    caplog.set_level(logging.DEBUG, logger="selfie_lora.services.training")
+    with held.heartbeat():
+        refuse(True)
+        _until(lambda: refused() >= 6, timeout=5)
+        refuse(False)
+        _until(lambda: renewed() >= 3, timeout=5)
+    return [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
+
+
 def test_a_heartbeat_on_a_full_database_disk_says_it_once_and_its_end_once(
         beating: Machine, caplog: pytest.LogCaptureFixture) -> None:
     """Every beat (every 5 s per running training) logged a WARNING "heartbeat failed: ...
@@ -284,14 +298,9 @@ def test_a_heartbeat_on_a_full_database_disk_says_it_once_and_its_end_once(
     once (WARNING), the beats between at DEBUG, and its end once (INFO), as an outage of the
     database server is."""
     _svc, repo, worker, _id, held = _held_by_a(beating, FullDiskRenewals)
-    caplog.set_level(logging.DEBUG, logger="selfie_lora.services.training")
-    with held.heartbeat():
-        repo.full = True
-        _until(lambda: repo.failed >= 6, timeout=5)
-        repo.full = False
-        _until(lambda: repo.renewed >= 3, timeout=5)
+    beats = _beats_refused(held, caplog, refuse=lambda on: setattr(repo, "full", on),
+                           refused=lambda: repo.failed, renewed=lambda: repo.renewed)
     assert not held.lost.is_set()
-    beats = [r for r in caplog.records if "heartbeat failed" in r.getMessage()]
     assert len(beats) >= 6
     assert [r.levelno for r in beats if r.levelno >= logging.WARNING] == [logging.WARNING]
     assert all(r.exc_info is None for r in beats)
@@ -593,6 +602,26 @@ def test_a_heartbeat_refused_by_a_read_only_standby_is_noted_as_the_database_awa
         _until(lambda: repo.renewed >= 3, timeout=5)
     after = datetime.now(UTC)
     assert [ended < after for _, ended in worker._database_away.spans(after)] == noted
+
+
+@pytest.mark.parametrize("refusal", [READ_ONLY, POOL_EXHAUSTED],
+                         ids=["read-only-standby", "pool-exhausted"])
+def test_a_heartbeat_refused_by_the_database_says_it_once_and_its_end_once(
+        beating: Machine, caplog: pytest.LogCaptureFixture,
+        refusal: DatabaseRefusedError) -> None:
+    """Review (read-report8 RISK 4): a full disk and an unreachable server were said once, but a
+    read-only standby (or the pool's connections all taken) logged a WARNING at every beat (5 s)
+    of every running training for the whole fail-over window, or for good on a replica's URL."""
+    _svc, repo, _worker, _id, held = _held_by_a(beating, RefusedRenewals)
+    beats = _beats_refused(
+        held, caplog, refuse=lambda on: setattr(repo, "refusing", refusal if on else None),
+        refused=lambda: repo.refused, renewed=lambda: repo.renewed)
+    assert len(beats) >= 6
+    # Old code: a WARNING at each beat.
+    assert [r.levelno for r in beats if r.levelno >= logging.WARNING] == [logging.WARNING]
+    assert refusal.message in beats[0].getMessage()
+    ends = [r for r in caplog.records if "takes writes again" in r.getMessage()]
+    assert [r.levelno for r in ends] == [logging.INFO]
 
 
 @pytest.mark.parametrize(("before", "said"), [

@@ -145,11 +145,14 @@ from selfie_lora.errors import (
 from selfie_lora.logs import training_context
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import (
+    FULL_DISK,
     Outage,
     PinFacts,
     new_id,
     next_training_pin,
     pin_facts,
+    refusal_kind,
+    refused,
     utcnow,
 )
 from selfie_lora.services.intake import IntakeService, PreparedDataset
@@ -2246,22 +2249,30 @@ class _Held:
         # The database unreachable while it runs: its cancel checks (several a second) and
         # heartbeats say so once, and once when it answers again, not at every read.
         self.database_outage = Outage()
-        # Its disk full: said once likewise, where each beat (every 5 s) logged a WARNING.
-        self.database_full = Outage()
+        # Its disk full, or refusing writes for a state of its own (a read-only standby, the
+        # pool's connections all taken): said once likewise, each kind (``refusal_kind``),
+        # where each beat (every 5 s) logged a WARNING; ``refused_as`` the last said or met.
+        self.database_refused = Outage()
+        self.refused_as = FULL_DISK
 
     def tickets(self) -> tuple[int, int]:
         """Before a read or a beat: its tickets for ``failed`` or ``answered``."""
-        return self.database_outage.attempt(), self.database_full.attempt()
+        return self.database_outage.attempt(), self.database_refused.attempt()
 
     def failed(self, exc: SelfieLoraError, tickets: tuple[int, int], *, what: str) -> None:
         """Say that a beat or a read of the training failed (``what``): an outage of the
-        database, unreachable or its disk full, once when it begins (WARNING), at DEBUG while it
-        lasts; another error at WARNING each time."""
-        if isinstance(exc, StorageFullError):
-            began = self.database_full.begins(ticket=tickets[1])
+        database, unreachable, its disk full or refusing writes (read-only, its pool's
+        connections all taken), once when it begins (WARNING), at DEBUG while it lasts; another
+        error at WARNING each time."""
+        if refused(exc):
+            kind = refusal_kind(exc)
+            began, _before = self.database_refused.begins_as(kind, ticket=tickets[1])
+            self.refused_as = kind
+            lasts = ("the disk stays full" if kind == FULL_DISK
+                     else f"it is refused for {kind}")
             logger.log(logging.WARNING if began else logging.DEBUG,
-                       "training %s: %s: %s (said once while the disk stays full; its end is "
-                       "logged)", self.training_id, what, exc.message)
+                       "training %s: %s: %s (said once while %s; its end is logged)",
+                       self.training_id, what, exc.message, lasts)
             return
         logger.log(_failure_level(self.database_outage, tickets[0], exc),
                    "training %s: %s: %s", self.training_id, what, exc.message)
@@ -2269,8 +2280,9 @@ class _Held:
     def answered(self, tickets: tuple[int, int]) -> None:
         """A beat or a read went through: the outage it ends, if any, is said over (once)."""
         _database_back(self.database_outage, tickets[0], self.training_id)
-        if self.database_full.ends(ticket=tickets[1]):
-            logger.info("training %s: the database's disk takes writes again", self.training_id)
+        if self.database_refused.ends(ticket=tickets[1]):
+            logger.info("training %s: the database%s takes writes again", self.training_id,
+                        "'s disk" if self.refused_as == FULL_DISK else "")
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
