@@ -401,6 +401,11 @@ class DatabaseBusyError(DatabaseRefusedError):
     http_status = 503
     retry_after = STORAGE_RETRY_AFTER
 
+    def __init__(self, message: str, *, pool_exhausted: bool = True) -> None:
+        # The pool's wait ran out, whoever raises it: built without the keyword it looked like
+        # a read-only database (a loop's words, a take-over not counted).
+        super().__init__(message, pool_exhausted=pool_exhausted)
+
 
 class BlobMissingError(StorageError):
     """The store answered, and the blob is not in it. Told apart from the store being away

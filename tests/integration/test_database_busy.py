@@ -16,6 +16,8 @@ from selfie_lora.errors import (
     ErrorCode,
     StorageUnavailableError,
 )
+from selfie_lora.services.common import refusal_kind
+from selfie_lora.services.training import _database_outage
 from tests.conftest import auth, make_settings, serving
 
 # SQLite's pool (repository.SQLITE_POOL): 48 connections and 16 more.
@@ -55,3 +57,13 @@ def test_a_request_that_finds_the_pool_taken_is_answered_503_with_retry_after(
     assert not isinstance(busy, StorageUnavailableError)
     assert (busy.http_status, busy.code, busy.retry_after) == (
         503, ErrorCode.STORAGE_UNAVAILABLE, STORAGE_RETRY_AFTER)
+
+
+def test_a_busy_pool_is_said_as_the_pool_even_when_built_without_saying_so() -> None:
+    # Review: DatabaseBusyError inherited pool_exhausted=False, so one raised without the
+    # keyword (a test, a future adapter) was told as a read-only database, and a take-over after
+    # it went uncounted (``_database_outage``).
+    busy = DatabaseBusyError("database error: QueuePool limit of size 5 overflow 0 reached")
+    assert busy.pool_exhausted
+    assert refusal_kind(busy) == "the database's connections all taken"
+    assert not _database_outage(busy)
