@@ -38,7 +38,9 @@ entry points never see them.
     │                               waited for was dropped (HTTP 499, which nobody receives)
     ├── StorageError                a blob or a record cannot be read or written (a refused
     │   │                           write, a lost connection: HTTP 500 storage_error)
-    │   ├── DatabaseRefusedError    the database refuses for a state that lasts (read-only)
+    │   ├── DatabaseRefusedError    the database refuses for a state of its own that lasts: a
+    │   │   │                       read-only standby or file (HTTP 500 storage_error; a
+    │   │   │                       worker's loops say it once)
     │   │   └── DatabaseBusyError   the pool's connections all taken past its wait: busy
     │   │                           (HTTP 503 storage_unavailable, with Retry-After)
     │   ├── BlobMissingError        the blob is not there: retrying will not bring it back
@@ -53,9 +55,6 @@ entry points never see them.
     │   │                           a host that does not resolve, http/https or the region
     │   │                           not the server's, not S3 (HTTP 500 config_error: tell
     │   │                           the operator)
-    │   ├── DatabaseRefusedError    the database refuses for a state of its own that lasts: its
-    │   │                           pool's connections all taken, a read-only standby or file
-    │   │                           (HTTP 500 storage_error; a worker's loops say it once)
     │   └── StorageFullError        the disk (of the blobs or the database) is full: an
     │                               expected outage, said in one line, over once space is
     │                               freed (HTTP 507)

@@ -25,6 +25,15 @@ def test_every_error_of_the_module_has_its_line_in_the_tree() -> None:
     assert missing == []
 
 
+def test_each_error_has_one_line_in_the_tree() -> None:
+    # Review: a merge left DatabaseRefusedError twice, the second copy saying its old answer
+    # (HTTP 500) where the first said DatabaseBusyError's 503.
+    assert errors.__doc__ is not None
+    names = [line[line.index("── ") + 3:].split()[0]
+             for line in errors.__doc__.splitlines() if "── " in line]
+    assert sorted({name for name in names if names.count(name) > 1}) == []
+
+
 def test_each_line_of_the_tree_is_under_its_parent() -> None:
     # A line's depth is where its "──" stands; the nearest line above, one level less deep, is
     # its parent: the class must derive from it.
