@@ -19,6 +19,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.api.server import uvicorn_options
 from selfie_lora.errors import GenerationError
 from selfie_lora.logs import NOISY_IMPORT_LOGGERS, setup_logging, training_context
@@ -304,6 +305,35 @@ def test_readyz_asks_the_queue_at_every_probe_so_it_is_ready_again_once_the_queu
     assert down.json()["checks"]["queue"] == "unavailable"
     queue.down = False
     assert client.get("/readyz").status_code == 200  # no restart, no remembered failure
+
+
+class StandbyRepository(SqlRepository):
+    """The database as a PostgreSQL hot standby answers: its reads go through, and it says
+    ``transaction_read_only`` while ``standby``."""
+
+    standby = True
+
+    def takes_writes(self) -> bool:
+        return not self.standby
+
+
+def test_readyz_is_not_ready_on_a_database_that_takes_no_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Review (read-report8 RISK 5): its check was a read alone, which a fail-over's read-only
+    # standby or a replica's URL answers: "ready", and a load balancer kept sending writes that
+    # were all refused (500).
+    settings = make_settings(tmp_path, metrics_token=TOKEN)
+    with serving(settings) as (client, svc):
+        assert SqlRepository(svc.engine).takes_writes()  # SQLite: said by its first write
+        standby = StandbyRepository(svc.engine)
+        monkeypatch.setattr(svc.operations, "_repo", standby)
+        down = client.get("/readyz")
+        assert down.status_code == 503  # old code: 200 ready
+        assert down.json()["checks"]["database"] == "unavailable"
+        operator = client.get("/readyz", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert "takes no writes (read-only" in operator.json()["checks"]["database"]
+        standby.standby = False
+        assert client.get("/readyz").status_code == 200
 
 
 def test_readyz_tells_why_a_check_failed_only_to_the_operator(

@@ -12,6 +12,7 @@ from datetime import datetime
 from selfie_lora.domain.lease import OUTAGE_WAITS, outage_waited
 from selfie_lora.errors import (
     ConfigError,
+    DatabaseRefusedError,
     SelfieLoraError,
     StorageError,
     StorageFullError,
@@ -136,7 +137,7 @@ class OperationsService:
         SELFIE_LORA_MAX_CLOCK_SKEW_SECONDS, ``services.clock``)."""
         checks, full = {}, set()
         tickets = {name: outage.attempt() for name, outage in self._outages.items()}
-        for name, probe in (("database", self._repo.count_trainings_by_status),
+        for name, probe in (("database", self._database_ready),
                             ("queue", self._queue.pending),
                             ("storage", self._blobs.check)):
             try:
@@ -163,6 +164,16 @@ class OperationsService:
             elif outage.ends(ticket=tickets[name]):
                 logger.info("ready again: %s ok", name)
         return readiness
+
+    def _database_ready(self) -> None:
+        """The database answers a read, and takes writes: a read alone passed on a fail-over's
+        read-only standby or a replica's URL, and a load balancer kept sending a server whose
+        every write was refused (a 500) its requests."""
+        self._repo.count_trainings_by_status()
+        if not self._repo.takes_writes():
+            raise DatabaseRefusedError(
+                "the database takes no writes (read-only: a standby, a replica's URL, or "
+                "default_transaction_read_only)")
 
     def metrics(self) -> tuple[bytes, str]:
         """The figures in the Prometheus text format, with the service-wide gauges read now

@@ -639,6 +639,12 @@ class Repository(Protocol):
         """How many trainings have each status (statuses with none are left out)."""
         ...
 
+    def takes_writes(self) -> bool:
+        """Whether the database takes writes now, as far as a read can tell: False for a
+        PostgreSQL hot standby or a read-only default (``transaction_read_only``). True on
+        SQLite, whose read-only file is met by the first write alone."""
+        ...
+
     def held_trainings(self, *, now: datetime) -> Sequence[Training]:
         """Unfinished trainings held back at ``now``: a live lease with no heartbeat, which only
         a wait or a step-away leaves (``lease.is_held_back``)."""

@@ -1132,6 +1132,12 @@ class SqlRepository:
                              .group_by(TrainingRow.status)).all()
             return {str(status): int(count) for status, count in rows}
 
+    def takes_writes(self) -> bool:
+        if self._engine.dialect.name != "postgresql":
+            return True
+        with self._read() as s:
+            return s.execute(text("SHOW transaction_read_only")).scalar() != "on"
+
     def held_trainings(self, *, now: datetime) -> Sequence[Training]:
         with self._read() as s:
             rows = s.scalars(
