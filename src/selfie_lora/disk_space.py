@@ -13,6 +13,8 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from selfie_lora.driver_errors import driver_says
+
 # Below this much free space the disk holding SELFIE_LORA_HOME counts as full: ``/readyz`` says
 # its storage is not ok (README "Health"). An upload of photos, a training's checkpoint or a
 # generation's pictures take several MB each, so with less than this the next write fails.
@@ -33,23 +35,6 @@ def is_full_error(exc: BaseException | None) -> bool:
         return True
     return driver_says(exc, sqlstate=_PG_DISK_FULL, sqlite_code=_SQLITE_FULL,
                        words="database or disk is full")
-
-
-def driver_says(exc: BaseException | None, *, sqlstate: str, sqlite_code: int,
-                words: str) -> bool:
-    """Whether a database driver's error says what PostgreSQL names ``sqlstate`` (psycopg
-    carries it as ``sqlstate``, psycopg2 as ``pgcode``) or SQLite names by its primary result
-    code ``sqlite_code`` (the low byte of an extended one), by ``words`` where a SQLite error
-    carries no code. Here, beside the full disk's own test, for the repository's others (a
-    read-only database) to be told the same way."""
-    if sqlstate in (getattr(exc, "sqlstate", None), getattr(exc, "pgcode", None)):
-        return True
-    if not isinstance(exc, sqlite3.Error):
-        return False
-    code: int | None = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF == sqlite_code
-    return words in str(exc)
 
 
 def is_io_error(exc: BaseException | None) -> bool:

@@ -66,7 +66,7 @@ from selfie_lora.adapters.db.tables import (
 )
 from selfie_lora.adapters.sqlite_files import keep_private
 from selfie_lora.database_url import database_url_shown
-from selfie_lora.disk_space import driver_says, full_disk_words, is_full_error
+from selfie_lora.disk_space import full_disk_words, is_full_error
 from selfie_lora.domain.accounts import (
     AccountErasingError,
     ErasurePlan,
@@ -104,6 +104,7 @@ from selfie_lora.domain.likeness import (
     ProbeResult,
     VersionLikeness,
 )
+from selfie_lora.driver_errors import driver_says
 from selfie_lora.errors import (
     ConfigError,
     ConflictError,
