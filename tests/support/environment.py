@@ -33,7 +33,12 @@ def is_outside_setting(name: str) -> bool:
     checksum rule) besides the ones that ``Settings`` names."""
     if name.startswith("SELFIE_LORA_"):
         return not name.startswith(TEST_PREFIX) and name not in TEST_KNOBS
-    return name.startswith("AWS_") or name in UNPREFIXED
+    return name.startswith("AWS_") or name in UNPREFIXED or name in OTHER_READ
+
+
+# Read by selfie-lora though no setting: prometheus_client's multiprocess folder (the metrics
+# adapter and prometheus_client itself switch to files there when it is set).
+OTHER_READ = frozenset({"PROMETHEUS_MULTIPROC_DIR"})
 
 
 def outside_settings(names: Iterable[str]) -> list[str]:

@@ -32,6 +32,7 @@ SHELL = {
     "AWS_ACCESS_KEY_ID": "from-the-shell",
     "AWS_SESSION_TOKEN": "from-the-shell",
     "FORWARDED_ALLOW_IPS": "*",
+    "PROMETHEUS_MULTIPROC_DIR": "/nonexistent-metrics",
 }
 
 
