@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text, update
 
 from selfie_lora.adapters.db.migrate import upgrade
-from selfie_lora.adapters.db.repository import SqlRepository
+from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.db.tables import GenerationRow
 from selfie_lora.domain.accounts import (
     ERASURE_PENDING,
@@ -937,3 +937,18 @@ def test_trainings_page_newest_first_by_time_then_id_through_ties(repo: SqlRepos
         before = page[-1]
     assert pages == [["t5", "t4"], ["t3", "t2"], ["t1"]]
     assert repo.list_trainings_page("other", limit=2) == []
+
+
+def test_a_database_says_whether_it_takes_writes(repo: SqlRepository) -> None:
+    # /readyz's question (a hot standby after a fail-over, default_transaction_read_only set):
+    # asked of PostgreSQL itself, here as a connection its URL's options make read only.
+    assert repo.takes_writes()
+    if repo.engine.dialect.name != "postgresql":
+        return  # SQLite: a read-only file is said by its first write, not asked
+    url = repo.engine.url.update_query_dict(
+        {"options": "-c default_transaction_read_only=on"})
+    engine = make_engine(url.render_as_string(hide_password=False))
+    try:
+        assert not SqlRepository(engine).takes_writes()
+    finally:
+        engine.dispose()
