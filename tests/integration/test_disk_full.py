@@ -546,7 +546,6 @@ def test_the_training_loop_says_a_scratch_write_over_its_quota_as_the_quota(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
     from selfie_lora import disk_space
     from selfie_lora.adapters.flux import train_loop
-    from selfie_lora.adapters.flux.tiny import TINY
 
     def load(*_args: Any, **_kwargs: Any) -> Any:
         # The photos' cache, written while the base loads, finds no room.
@@ -555,16 +554,49 @@ def test_the_training_loop_says_a_scratch_write_over_its_quota_as_the_quota(
     monkeypatch.setattr(train_loop, "load_training_base", load)
     monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(20 * 1024 * 1024))
     out = tmp_path / "work" / "lora.safetensors"
+    full = _tiny_training_on_a_full_disk(tmp_path, photo=b"x")
+    assert full.quota is (code == errno.EDQUOT)  # what the worker says it as
+    if code == errno.EDQUOT:
+        assert full.message == _quota_words(out.parent)
+    else:
+        assert full.message == (
+            f"this machine's disk is full: OSError: [Errno {code}] {os.strerror(code)}")
+
+
+# Old code: the trained LoRA's write over the quota (the biggest file a local training writes)
+# was StorageFullError(quota=False): said as a full disk, "free space on that disk", where df
+# shows room.
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_the_training_loop_says_the_lora_write_over_its_quota_as_the_quota(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    from PIL import Image
+
+    from selfie_lora.adapters.flux import train_loop
+
+    def save(*_args: Any, **_kwargs: Any) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(train_loop, "save_lora", save)
+    photo = io.BytesIO()  # a real one, so the training gets to its end
+    Image.new("RGB", (256, 256), (120, 90, 60)).save(photo, "PNG")
+    full = _tiny_training_on_a_full_disk(tmp_path, photo=photo.getvalue())
+    assert full.quota is (code == errno.EDQUOT)  # what the worker says it as
+    out = tmp_path / "work" / "lora.safetensors"
+    assert full.message == f"the trained LoRA cannot be written to {out}: {os.strerror(code)}"
+
+
+def _tiny_training_on_a_full_disk(tmp_path: Path, *, photo: bytes) -> StorageFullError:
+    """What a tiny local training of ``photo`` into ``tmp_path/work`` raises, on a disk made
+    full by the caller."""
+    from selfie_lora.adapters.flux import train_loop
+    from selfie_lora.adapters.flux.tiny import TINY
+
     with pytest.raises(StorageFullError) as caught:
         train_loop.train_flux_lora(pipeline_source=TINY, cache_dir=tmp_path / "cache",
-                                   photos=[(b"x", "a photo")], recipe=get_recipe("local-tiny-v1"),
-                                   out_path=out, device="cpu", num_threads=1)
-    assert caught.value.quota is (code == errno.EDQUOT)  # what the worker says it as
-    if code == errno.EDQUOT:
-        assert caught.value.message == _quota_words(out.parent)
-    else:
-        assert caught.value.message == (
-            f"this machine's disk is full: OSError: [Errno {code}] {os.strerror(code)}")
+                                   photos=[(photo, "a photo")], recipe=get_recipe("local-tiny-v1"),
+                                   out_path=tmp_path / "work" / "lora.safetensors",
+                                   device="cpu", num_threads=1)
+    return caught.value
 
 
 # Old code: the child said "OSError: [Errno 122] Disk quota exceeded", inline isolation "this

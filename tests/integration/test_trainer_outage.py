@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import io
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -251,8 +252,11 @@ def test_a_storage_outage_while_the_weights_are_copied_is_survived(rig: Rig) -> 
     assert rig.services.blobs.get(version.weights_key) == rig.standin.weights_for(t.remote_id)
 
 
+# Over the account's quota (EDQUOT), old code said a full disk ("a disk of the server is full:
+# ... so free space before then)"), where df shows room: the quota flag was dropped there.
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
 def test_a_full_disk_while_the_weights_are_written_steps_away_and_the_next_attempt_stores_them(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch,
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, code: int,
 ) -> None:
     """The worker's disk refuses the downloaded LoRA (full): that machine's fault, not the
     training's, as for the local backend. The worker steps away, the run kept, and the next
@@ -263,7 +267,7 @@ def test_a_full_disk_while_the_weights_are_written_steps_away_and_the_next_attem
     def full_once(path: Path, data: bytes) -> None:
         if refusals[0] > 0:
             refusals[0] -= 1
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise OSError(code, os.strerror(code), str(path))
         real(path, data)
 
     monkeypatch.setattr(trainer_module, "_write_atomically", full_once)
@@ -273,7 +277,12 @@ def test_a_full_disk_while_the_weights_are_written_steps_away_and_the_next_attem
     assert not t.status.is_terminal, t.error  # old code: failed
     # A full disk waits for room, not counted (tests/integration/test_disk_full.py).
     assert t.error is not None
-    assert t.error.startswith("a disk of the server is full: ")
+    if code == errno.EDQUOT:
+        assert t.error.startswith("a disk quota of the server is used up: "), t.error
+        assert t.error.endswith("so raise the quota or delete files it counts before then)"), \
+            t.error
+    else:
+        assert t.error.startswith("a disk of the server is full: ")
     assert t.recoveries == 0
     assert t.remote_id is not None
     assert rig.standin.trainings[t.remote_id].cancel_requests == 0

@@ -959,9 +959,11 @@ def train_flux_lora(
                 # This machine's disk (full, read-only), not the training: a StorageError, so
                 # the worker steps away with the stored checkpoints kept (as for a full disk
                 # while fetching one), and the next attempt resumes from the newest.
-                error = StorageFullError if is_full_error(exc) else StorageError
-                raise error(f"the trained LoRA cannot be written to {out_path}: "
-                            f"{exc.strerror or exc}") from exc
+                said = f"the trained LoRA cannot be written to {out_path}: {exc.strerror or exc}"
+                if is_full_error(exc):
+                    # A quota (EDQUOT) said as one: the worker's advice is not "free space".
+                    raise StorageFullError(said, quota=is_quota_error(exc)) from exc
+                raise StorageError(said) from exc
         except SelfieLoraError:
             raise
         except OSError as exc:

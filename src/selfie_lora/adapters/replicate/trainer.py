@@ -58,7 +58,7 @@ from selfie_lora.adapters.replicate.session import (
 )
 from selfie_lora.adapters.replicate.statuses import ABORTED, ENDED, validated
 from selfie_lora.adapters.replicate.webhooks import parse_log_progress
-from selfie_lora.disk_space import is_full_error
+from selfie_lora.disk_space import is_full_error, is_quota_error
 from selfie_lora.domain.entities import TrainingStatus
 from selfie_lora.errors import (
     ConfigError,
@@ -695,10 +695,11 @@ class ReplicateTrainer:
             # on another machine) adopts the run by its id and downloads its output again
             # (Replicate keeps it about an hour). A bare OSError failed the paid training for
             # good, as an internal error. A full disk is StorageFullError, as the local one's
-            # and the blob store's are: waited out, not counted.
-            error = StorageFullError if is_full_error(exc) else StorageError
-            raise error(f"the trained LoRA cannot be written to {path}: "
-                        f"{exc.strerror or exc}") from exc
+            # and the blob store's are: waited out, not counted; a quota (EDQUOT) said as one.
+            said = f"the trained LoRA cannot be written to {path}: {exc.strerror or exc}"
+            if is_full_error(exc):
+                raise StorageFullError(said, quota=is_quota_error(exc)) from exc
+            raise StorageError(said) from exc
         method = f"replicate {where}: {detail}"
         logger.info(
             "training %s: LoRA weights found via %s (%d bytes)", job.training_id, method, len(weights)
