@@ -212,9 +212,12 @@ def _child_train(request: _TrainRequest, events: Any, stop: Any) -> None:
             # the words inline isolation gives it (a quota said as one).
             full = exc if isinstance(exc, StorageFullError) else _full_disk_error(
                 exc, folder=request.out_path.parent)
-            # A quota under its own name: the worker says a quota, not a full disk.
-            events.put(("error", _QUOTA_USED_UP if full.quota else "StorageFullError",
-                        full.message, None, ""))
+            # A quota in the user_message slot (the worker says a quota, not a full disk): the
+            # name stays "StorageFullError", which a parent of the previous release (the fork
+            # server runs new code under an old parent during an upgrade) maps to a full disk
+            # ignoring that slot; a name it did not know failed the training for good.
+            events.put(("error", "StorageFullError", full.message,
+                        _QUOTA_USED_UP if full.quota else None, ""))
             raise SystemExit(1) from None
         user_message = exc.user_message if isinstance(exc, TrainerError) else None
         events.put(("error", type(exc).__name__, str(exc), user_message, traceback.format_exc()))
@@ -230,9 +233,9 @@ _ERRORS: dict[str, type[TrainerError]] = {
 }
 
 
-# The name a child's message gives a ``StorageFullError`` of a quota (``quota``), which its
-# text alone does not carry.
-_QUOTA_USED_UP = "StorageFullError(quota)"
+# The user_message slot of a child's "StorageFullError" message for a quota (``quota``), which
+# its text alone does not carry.
+_QUOTA_USED_UP = "quota"
 
 
 def _full_disk_error(exc: BaseException, *, folder: Path) -> StorageFullError:
@@ -829,10 +832,10 @@ class LocalTrainer:
     @staticmethod
     def _child_error(message: tuple[Any, ...]) -> TrainerError | StorageError:
         _, name, text, user_message, child_traceback = message
-        if name in ("StorageFullError", _QUOTA_USED_UP):
+        if name == "StorageFullError":
             # The worker says a full disk once an outage, not at every try: one line here.
             logger.debug("training child stopped, its disk full (or its quota used up): %s", text)
-            return StorageFullError(text, quota=name == _QUOTA_USED_UP)
+            return StorageFullError(text, quota=user_message == _QUOTA_USED_UP)
         logger.warning("training child failed: %s: %s\n%s", name, text, child_traceback)
         if name == "StorageError":
             # This machine's disk (the LoRA could not be written): raised as it is inline, so
