@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
-from selfie_lora.errors import StorageError
+from selfie_lora.errors import StorageError, StorageFullError
 from selfie_lora.services import private_files
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.layout import checkpoint_key, checkpoint_prefix
@@ -130,6 +130,9 @@ def test_a_checkpoint_that_cannot_be_written_here_is_a_storage_error(
     assert not into.exists()
     assert [p.name for p in into.parent.iterdir()] == []  # the staged file went too
     assert raised.value.__traceback__ is not None  # still held, and the stream with it
+    # A full disk, waited out uncounted (old code: a plain StorageError, counted as an attempt)
+    assert isinstance(raised.value, StorageFullError)
+    assert not raised.value.quota
     assert watched.opened == [checkpoint_key("t1", 10)]
     assert watched.closed == watched.opened
 

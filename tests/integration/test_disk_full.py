@@ -25,18 +25,19 @@ from sqlalchemy import Engine, event
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
+from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.domain.recipes import get_recipe
 from selfie_lora.errors import StorageFullError
 from selfie_lora.services.ports import TrainingJob
 from selfie_lora.services.training import ReconcileReport
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, InMemoryQueue
-from selfie_lora.wiring import build_services
+from selfie_lora.wiring import Services, build_services
 from selfie_lora.worker import Identity, Worker
 from tests.conftest import make_settings, one_person_analyzer, serving
 from tests.integration.test_operations import samples, value
 from tests.support.s3 import S3Server
-from tests.support.trainings import HoldClock, uploaded_training
+from tests.support.trainings import HoldClock, store_a_checkpoint, uploaded_training
 
 
 def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -443,6 +444,61 @@ def test_a_local_training_on_a_full_disk_waits_without_spending_its_attempts_and
         services.close()
 
 
+def _local_services(settings: Settings, trainer: FakeTrainer, *, clock: HoldClock) -> Services:
+    """The services of a local ``trainer``'s trainings, on a blob store with room."""
+    return build_services(settings, trainers={"local": trainer},
+                          blobs=FileSystemBlobStore(settings.blob_dir),
+                          generators={"local": FakeGenerator()},
+                          face_analyzer=one_person_analyzer(), clock=clock.now)
+
+
+# Old code: the fetch of the checkpoint to resume from, on a full disk or over the quota, was a
+# plain StorageError, counted as an attempt: a training resuming there spent its attempts and
+# FAILED ("stopped after 3 interrupted attempts"), said as the storage being unreachable.
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_a_training_resuming_onto_a_full_disk_waits_without_spending_its_attempts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    from selfie_lora.services import checkpoints as checkpoint_service
+
+    settings = make_settings(tmp_path)
+
+    def train(job: TrainingJob) -> None:
+        if job.resume_from is None:  # the first attempt stores a checkpoint, then is stopped
+            store_a_checkpoint(job)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def refused(path: Path) -> Any:
+        raise OSError(code, os.strerror(code), str(path))
+
+    trainer = FakeTrainer(on_train=train)
+    clock = HoldClock()
+    services = _local_services(settings, trainer, clock=clock)
+    try:
+        training_id, training = uploaded_training(services)
+        services.training.run(training_id)
+        clock.past(training())
+        assert services.training.checkpoint_step(training_id=training_id) == 2
+        # Every later attempt's fetch of that checkpoint finds no room.
+        monkeypatch.setattr(checkpoint_service, "private_replacement", refused)
+        for _ in range(6):
+            services.training.run(training_id)
+            t = training()
+            assert not t.status.is_terminal, t.error  # old code: failed at the 4th
+            assert t.recoveries == 0
+            assert t.error is not None
+            assert t.error.startswith("a disk quota of the server is used up: "
+                                      if code == errno.EDQUOT else
+                                      "a disk of the server is full: "), t.error
+            clock.past(t)
+        monkeypatch.undo()
+        services.training.run(training_id)
+        t = training()
+        assert t.status is TrainingStatus.SUCCEEDED, t.error
+        assert trainer.jobs[-1].resume_from is not None  # from the checkpoint kept
+    finally:
+        services.close()
+
+
 # Old code: the child sent its traceback, logged as a WARNING at every try, and the worker got a
 # plain StorageError (counted) for the LoRA write, a failed training for any other ENOSPC.
 @pytest.mark.parametrize("raised", [
@@ -685,21 +741,15 @@ def test_claims_refused_by_a_still_full_database_disk_keep_the_wait_uncounted(
     full = {"now": False}
 
     def train(job: TrainingJob) -> None:
-        assert job.checkpoints is not None
         if job.resume_from is None:
-            ckpt = job.work_dir / "step-2.ckpt"
-            ckpt.write_bytes(b"checkpoint at step 2")
-            job.checkpoints.save(ckpt, step=2)
+            store_a_checkpoint(job)
         # The database's disk fills during the attempt: its next write (the progress) is
         # refused, and so is the write that would record the wait.
         database.full = full["now"]
 
     trainer = FakeTrainer(on_train=train)
     clock = HoldClock()
-    services = build_services(settings, trainers={"local": trainer},
-                              blobs=FileSystemBlobStore(settings.blob_dir),
-                              generators={"local": FakeGenerator()},
-                              face_analyzer=one_person_analyzer(), clock=clock.now)
+    services = _local_services(settings, trainer, clock=clock)
     database = _WritesRefused(services.repo._engine)  # type: ignore[attr-defined]
     try:
         training_id, training = uploaded_training(services)  # its reads go through: writes fail

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from selfie_lora.domain.entities import Training
+from selfie_lora.services.ports import TrainingJob
 from selfie_lora.wiring import Services
 from tests.support.photos import photo_zip
 
@@ -24,6 +25,14 @@ def uploaded_training(services: Services, *, name: str = "ann") -> tuple[str, Ca
         return t
 
     return training_id, training
+
+
+def store_a_checkpoint(job: TrainingJob) -> None:
+    """What a local training's attempt leaves to resume from: its checkpoint at step 2, stored."""
+    assert job.checkpoints is not None
+    ckpt = job.work_dir / "step-2.ckpt"
+    ckpt.write_bytes(b"checkpoint at step 2")
+    job.checkpoints.save(ckpt, step=2)
 
 
 class HoldClock:

@@ -15,7 +15,8 @@ from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfie_lora.errors import BlobMissingError, StorageError, describe
+from selfie_lora.disk_space import full_disk_words, is_full_error, is_quota_error
+from selfie_lora.errors import BlobMissingError, StorageError, StorageFullError, describe
 from selfie_lora.logs import training_context
 from selfie_lora.services.layout import checkpoint_key, checkpoint_prefix, checkpoint_step
 from selfie_lora.services.ports import BlobStore
@@ -100,8 +101,14 @@ class TrainingCheckpoints:
             # This machine's disk (full, read-only), not the store: a StorageError all the same,
             # so the worker steps away from the training instead of failing it as an internal
             # error, and the next attempt (on a machine with room, or once there is) resumes it.
-            raise StorageError(f"checkpoint {newest.key!r} cannot be written to {into}: "
-                               f"{exc.strerror or exc}") from exc
+            said = f"checkpoint {newest.key!r} cannot be written to {into}"
+            if is_full_error(exc):
+                # A full disk (or a quota, said as one) is waited out uncounted, as the other
+                # writes of a training are: a plain StorageError spent its attempts and failed it.
+                raise StorageFullError(f"{said}: {full_disk_words(into.parent, exc)}: "
+                                       f"{exc.strerror or exc}",
+                                       quota=is_quota_error(exc)) from exc
+            raise StorageError(f"{said}: {exc.strerror or exc}") from exc
         return newest
 
     def copy(self, source_id: str, target_id: str, *, scratch: Path) -> StoredCheckpoint | None:
