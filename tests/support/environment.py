@@ -30,7 +30,10 @@ UNPREFIXED = frozenset(
 def is_outside_setting(name: str) -> bool:
     """Whether the variable ``name`` configures selfie-lora (and so is no test's to read). Every
     ``AWS_*`` variable: obstore's S3 store reads any it knows (a session token, a profile, a
-    checksum rule) besides the ones that ``Settings`` names."""
+    checksum rule) besides the ones that ``Settings`` names. Whatever the case of ``name``:
+    pydantic-settings reads the environment case-insensitively (``selfie_lora_database_url``
+    configures ``Settings`` as the upper-case name does)."""
+    name = name.upper()
     if name.startswith("SELFIE_LORA_"):
         return not name.startswith(TEST_PREFIX) and name not in TEST_KNOBS
     return name.startswith("AWS_") or name in UNPREFIXED or name in OTHER_READ

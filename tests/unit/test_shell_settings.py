@@ -33,6 +33,11 @@ SHELL = {
     "AWS_SESSION_TOKEN": "from-the-shell",
     "FORWARDED_ALLOW_IPS": "*",
     "PROMETHEUS_MULTIPROC_DIR": "/nonexistent-metrics",
+    # pydantic-settings reads the environment whatever the case: lower-case names configure
+    # Settings as well (kept by old code, which compared the case).
+    "selfie_lora_database_url": "postgresql+psycopg://nobody@127.0.0.1:1/y",
+    "selfie_lora_min_photos": "41",
+    "replicate_api_token": "r8_lower_case_from_the_shell",
 }
 
 
