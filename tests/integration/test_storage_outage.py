@@ -722,6 +722,32 @@ def test_a_refusal_said_for_a_deletion_finished_elsewhere_is_said_again_for_the_
         assert said == ["WARNING", "WARNING"]  # old code: WARNING, then DEBUG
 
 
+def test_an_outage_between_two_refusals_of_a_deletion_does_not_say_the_refusal_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: a fail-over's checks met, for ann's deletion, a read-only standby and
+    the storage unreachable by turns, and each outage ended the refusal said "once" (an outage
+    says nothing about the refusal being over): the next read-only check said it at WARNING
+    again, each other check. Now the refusal is said once while it lasts, outages between."""
+    refusal = DatabaseRefusedError("database error: cannot execute DELETE in a read-only "
+                                   "transaction")
+    outage = BlobStoreUnreachableError("object storage could not delete 'photos/x': connection "
+                                       "refused")
+    with _ann_deletion_failing(tmp_path, refusal) as (erasure, store):
+        levels = []
+        for error in (refusal, outage, refusal, outage, refusal):
+            store.broken = error
+            _past_due(erasure)
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="selfie_lora.services.erasure"):
+                assert erasure.finish_pending() == []
+            levels += [r.levelname for r in caplog.records if "said once" in r.message]
+        # old code: WARNING at each refusal (the outage between ended it)
+        assert levels == ["WARNING", "DEBUG", "DEBUG"]
+        store.broken = None
+        [(_name, due)] = erasure.pending()
+        _finished_once_due(erasure, due)
+
+
 def _tried_again_soon_while_full(erasure: AccountEraser,
                                  caplog: pytest.LogCaptureFixture) -> datetime:
     """Three checks while the disk stays full: each says so below ERROR and makes the deletion

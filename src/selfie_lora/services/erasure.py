@@ -341,6 +341,10 @@ class AccountEraser:
                     self._due_soon(user)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
                                "again in %s", user.name, exc.message, wait_text(retry))
+                # Says nothing about a refusal met before being over: a fail-over's checks
+                # meet a read-only standby and the server unreachable by turns, and ending it
+                # here said the refusal "said once" at WARNING every other check.
+                continue
             except ErasureBlockedError as exc:  # expected (a training that does not stop yet)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
                                "again in %s", user.name, exc.message, wait_text(self.resume_after))
@@ -361,7 +365,7 @@ class AccountEraser:
                 # again on purpose.
                 logger.warning("user %s: the pending deletion was finished (it was cut short by "
                                "an outage, or its process stopped)", user.name)
-            self._not_refused({user.id})  # an outage, a training, parked: refused no more
+            self._not_refused({user.id})  # a training, parked: refused no more
         return finished
 
     def _not_refused(self, user_ids: set[str]) -> None:
