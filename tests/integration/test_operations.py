@@ -18,6 +18,7 @@ import pytest
 import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import event
 
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.api.server import uvicorn_options
@@ -28,6 +29,7 @@ from selfie_lora.wiring import Services
 from selfie_lora.worker import serve_operator_endpoints
 from tests.conftest import auth, make_settings, serving, wait_terminal
 from tests.integration.test_api import upload
+from tests.support.backends import DATABASES, database_url, migrated_engine
 from tests.support.s3 import S3Server
 
 TOKEN = "t" * 32
@@ -334,6 +336,21 @@ def test_readyz_is_not_ready_on_a_database_that_takes_no_writes(
         assert "takes no writes (read-only" in operator.json()["checks"]["database"]
         standby.standby = False
         assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("kind", DATABASES)
+def test_readyz_asks_the_database_on_one_connection(tmp_path: Path, kind: str) -> None:
+    # Review (read-report10 RISK 2): the database check read a table, then asked whether the
+    # database takes writes, in two sessions: on PostgreSQL two pool checkouts a probe, each with
+    # its ping, and a second wait on a pool the first left full.
+    url = database_url(kind, tmp_path)
+    migrated_engine(kind, tmp_path).dispose()
+    settings = make_settings(tmp_path, database_url=url, max_clock_skew_seconds=0)
+    with serving(settings) as (client, svc):
+        taken: list[object] = []
+        event.listen(svc.engine, "checkout", lambda *_args: taken.append(1))
+        assert client.get("/readyz").status_code == 200
+        assert len(taken) == 1  # old code: 2 on PostgreSQL
 
 
 def test_readyz_tells_why_a_check_failed_only_to_the_operator(

@@ -168,8 +168,8 @@ class OperationsService:
     def _database_ready(self) -> None:
         """The database answers a read, and takes writes: a read alone passed on a fail-over's
         read-only standby or a replica's URL, and a load balancer kept sending a server whose
-        every write was refused (a 500) its requests."""
-        self._repo.count_trainings_by_status()
+        every write was refused (a 500) its requests. Both asked at once: one pool connection
+        a probe, not two."""
         if not self._repo.takes_writes():
             raise DatabaseRefusedError(
                 "the database takes no writes (read-only: a standby, a replica's URL, or "

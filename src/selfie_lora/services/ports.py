@@ -640,9 +640,11 @@ class Repository(Protocol):
         ...
 
     def takes_writes(self) -> bool:
-        """Whether the database takes writes now, as far as a read can tell: False for a
+        """Whether the database answers a read of its tables and takes writes now, as far as a
+        read can tell, asked on one connection (``/readyz``'s database check): False for a
         PostgreSQL hot standby or a read-only default (``transaction_read_only``). True on
-        SQLite, whose read-only file is met by the first write alone."""
+        SQLite, whose read-only file is met by the first write alone. Raises as a read does
+        when the database does not answer."""
         ...
 
     def held_trainings(self, *, now: datetime) -> Sequence[Training]:
