@@ -400,10 +400,10 @@ class DatabaseBusyError(DatabaseRefusedError):
     http_status = 503
     retry_after = STORAGE_RETRY_AFTER
 
-    def __init__(self, message: str, *, pool_exhausted: bool = True) -> None:
-        # The pool's wait ran out, whoever raises it: built without the keyword it looked like
-        # a read-only database (a loop's words, a take-over not counted).
-        super().__init__(message, pool_exhausted=pool_exhausted)
+    def __init__(self, message: str) -> None:
+        # The pool's wait ran out, whoever raises it: no keyword to say otherwise, since a busy
+        # pool told as a read-only database had a loop's words wrong and a take-over uncounted.
+        super().__init__(message, pool_exhausted=True)
 
 
 class BlobMissingError(StorageError):

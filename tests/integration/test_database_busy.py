@@ -67,3 +67,7 @@ def test_a_busy_pool_is_said_as_the_pool_even_when_built_without_saying_so() -> 
     assert busy.pool_exhausted
     assert refusal_kind(busy) == "the database's connections all taken"
     assert not _database_outage(busy)
+    # Review (read-report10 nit 5): it still took pool_exhausted=False, a busy pool told as a
+    # read-only database. Always the pool now.
+    with pytest.raises(TypeError):
+        DatabaseBusyError("database error: busy", pool_exhausted=False)  # type: ignore[call-arg]

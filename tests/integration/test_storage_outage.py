@@ -517,7 +517,7 @@ def test_an_account_deletion_cut_by_the_storage_says_it_finishes_and_is_due_agai
 @pytest.mark.parametrize("error", [
     DatabaseRefusedError("database error: cannot execute DELETE in a read-only transaction"),
     DatabaseBusyError("database error: QueuePool limit of size 15 overflow 0 reached, "
-                      "connection timed out, timeout 30.00", pool_exhausted=True),
+                      "connection timed out, timeout 30.00"),
 ], ids=["read-only", "busy"])
 def test_an_account_deletion_cut_by_a_database_refusal_says_it_finishes(
         tmp_path: Path, error: DatabaseRefusedError) -> None:

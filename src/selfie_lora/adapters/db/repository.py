@@ -608,8 +608,7 @@ class SqlRepository:
             # A pool exhausted lasts as long as the load that took its connections: a refusal,
             # said once by a worker's loops, and "busy, send it again" to a client.
             if isinstance(exc, PoolTimeoutError):
-                raise DatabaseBusyError(f"database error: {reason}",
-                                        pool_exhausted=True) from exc
+                raise DatabaseBusyError(f"database error: {reason}") from exc
             raise StorageError(f"database error: {reason}") from exc
 
     def _full_disk(self) -> str:
