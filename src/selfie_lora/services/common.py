@@ -333,6 +333,7 @@ def refused(exc: BaseException) -> bool:
 
 
 FULL_DISK = "a full disk"  # ``refusal_kind``'s for StorageFullError or an OSError ENOSPC
+POOL_TAKEN = "the database's connections all taken"  # its for DatabaseBusyError's pool
 
 
 def refusal_kind(exc: BaseException) -> str:
@@ -342,6 +343,6 @@ def refusal_kind(exc: BaseException) -> str:
     if isinstance(exc, StorageFullError) or is_full_error(exc):
         return FULL_DISK
     if isinstance(exc, DatabaseRefusedError):
-        return ("the database's connections all taken" if exc.pool_exhausted
+        return (POOL_TAKEN if exc.pool_exhausted
                 else "a read-only database")
     return "a storage error"  # the presence loop's, any other StorageError

@@ -146,6 +146,7 @@ from selfie_lora.logs import training_context
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import (
     FULL_DISK,
+    POOL_TAKEN,
     Outage,
     PinFacts,
     new_id,
@@ -2281,8 +2282,12 @@ class _Held:
         """A beat or a read went through: the outage it ends, if any, is said over (once)."""
         _database_back(self.database_outage, tickets[0], self.training_id)
         if self.database_refused.ends(ticket=tickets[1]):
-            logger.info("training %s: the database%s takes writes again", self.training_id,
-                        "'s disk" if self.refused_as == FULL_DISK else "")
+            # In the words of what refused: a pool whose connections were all taken never
+            # stopped the database taking writes.
+            over = {FULL_DISK: "the database's disk takes writes again",
+                    POOL_TAKEN: "the database's connections are free again"}
+            logger.info("training %s: %s", self.training_id,
+                        over.get(self.refused_as, "the database takes writes again"))
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
