@@ -855,6 +855,29 @@ def test_an_account_deletion_cut_short_says_when_in_the_cli_s_words(tmp_path: Pa
         assert cut.value.message.endswith("the deletion is tried again in 30 s")
 
 
+def test_an_account_deletion_cut_short_says_the_wait_it_got(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: on a read-only standby the write that makes the deletion due soon is
+    refused too, and the answer said "tried again in 30 s" while the line beside it said the
+    deletion stays due in 10 min 31 s. The answer now says the wait it got."""
+    refusal = DatabaseRefusedError("database error: cannot execute UPDATE in a read-only "
+                                   "transaction")
+    with _ann_deleting(tmp_path, _BrokenDeleteStore, then="broken_since") as (
+            _client, services, _ann, store):
+        store.broken = refusal
+        erasure = services.erasure
+
+        def read_only(*_args: object, **_kwargs: object) -> bool:
+            raise refusal
+
+        monkeypatch.setattr(erasure._repo, "request_erasure", read_only)
+        with pytest.raises(ErasureContinuesError) as cut:
+            erasure.erase(name="ann")
+        # Old code: "... tried again in 30 s".
+        assert cut.value.message.endswith(
+            f"the deletion is tried again in {wait_text(erasure.resume_after)}")
+
+
 # Old code: no such gauge: a training waiting out the outage was one more `processing` in
 # selfie_lora_trainings, its wait only in its row's error sentence.
 def test_metrics_count_the_trainings_waiting_out_a_storage_outage(tmp_path: Path) -> None:

@@ -257,10 +257,10 @@ class AccountEraser:
             # Retry-After, both a retry refused too). Another storage error (refused keys, a
             # missing bucket) never finishes on its own, and its 500 says what is wrong; a
             # full disk's 507 (below) tells the operator to free space.
-            self._due_soon(user)
+            retry = self._due_soon(user)
             raise ErasureContinuesError(
                 f"user {user.name}: the deletion was cut short ({exc.message}); the account is "
-                f"disabled, and the deletion is tried again in {wait_text(ERASURE_RETRY)}") from exc
+                f"disabled, and the deletion is tried again in {wait_text(retry)}") from exc
         except Exception as exc:
             if refused(exc):
                 # A full disk (whose 507 says to free space), a refusal that lasts until the
@@ -333,12 +333,11 @@ class AccountEraser:
                 # on it as long again (a hung PostgreSQL: ~20-30 s a call, and a worker's stop
                 # overran its 30 s grace). It then stays due from its claim, for whichever
                 # process checks next (the loop ends at its stop check).
-                retry = ERASURE_RETRY
                 if (isinstance(exc, DatabaseUnreachableError) and stopping is not None
                         and stopping.is_set()):
                     retry = self.resume_after
                 else:
-                    self._due_soon(user)
+                    retry = self._due_soon(user)
                 logger.warning("user %s: the deletion could not be finished now: %s; tried "
                                "again in %s", user.name, exc.message, wait_text(retry))
                 # Says nothing about a refusal met before being over: a fail-over's checks
@@ -385,7 +384,7 @@ class AccountEraser:
         the person's data stayed up to 24 h past the freeing of space (or the load's drop, the
         fail-over's end). Due again soon, said once while it lasts (``ticket``: ``_refusal``'s),
         and again for a refusal of another kind (each kind once while they last)."""
-        self._due_soon(user)
+        retry = self._due_soon(user)
         kind = refusal_kind(exc)
         began, _before = self._refusal.begins_as(kind, ticket=ticket)
         self._refused_for.add(user.id)
@@ -395,17 +394,21 @@ class AccountEraser:
         logger.log(logging.WARNING if began else logging.DEBUG,
                    "user %s: the deletion could not be finished now: %s; tried again in %s "
                    "(said once while it is refused for %s: %s)", user.name, words,
-                   wait_text(ERASURE_RETRY), kind, mend)
+                   wait_text(retry), kind, mend)
 
-    def _due_soon(self, user: User) -> None:
+    def _due_soon(self, user: User) -> timedelta:
         """Make ``user``'s deletion due ``ERASURE_RETRY`` from now (best effort: the database
-        away too, it stays due ``resume_after`` later)."""
+        away too, it stays due ``resume_after`` later). The wait it got, for the lines that say
+        when it is tried again: a read-only standby refuses this write as it refused the
+        deletion, and "tried again in 30 s" was said beside "stays due in 10 min 31 s"."""
         try:
             self._repo.request_erasure(
                 user.id, at=self._clock() - self.resume_after + ERASURE_RETRY)
         except StorageError as exc:
             logger.warning("user %s: the deletion stays due in %s: %s", user.name,
                            wait_text(self.resume_after), exc.message)
+            return self.resume_after
+        return ERASURE_RETRY
 
     def _park(self, user: User, exc: Exception) -> None:
         """A deletion that failed on what is not an outage (refused keys, a blob file it may not
