@@ -427,7 +427,14 @@ class DatabaseUnreachableError(StorageUnavailableError):
     """The database server could not be reached, or dropped the connection (a restart, a
     fail-over): an outage, over once it answers again, not a statement it refused. Told apart
     because a worker waits such an outage out without spending a training's attempts, and says
-    it once, where another database error may be a defect that must still end a training."""
+    it once, where another database error may be a defect that must still end a training.
+    ``unanswered``: the server gave no answer at all within the driver's time (the answer
+    timeout, the connect timeout): a hung server, on which each further call waits as long
+    again, where a refused or dropped connection fails at once."""
+
+    def __init__(self, message: str, *, unanswered: bool = False) -> None:
+        super().__init__(message)
+        self.unanswered = unanswered
 
 
 class BlobStoreUnreachableError(StorageUnavailableError):

@@ -117,8 +117,22 @@ def test_a_server_that_refuses_connections_is_an_outage_not_a_refused_statement(
         port = closed.getsockname()[1]
     repo = SqlRepository(make_engine(f"postgresql+psycopg://u@127.0.0.1:{port}/x"
                                      "?connect_timeout=2"))
-    with pytest.raises(DatabaseUnreachableError, match="database error: "):
+    with pytest.raises(DatabaseUnreachableError, match="database error: ") as raised:
         repo.get_training("any")
+    assert not raised.value.unanswered  # refused at once: no wait to spare the next call
+
+
+def test_a_server_that_says_nothing_is_an_outage_that_got_no_answer(
+        silent: SilentServer) -> None:
+    """A hung server (here one that accepts and says nothing): the outage says it got no answer
+    (``unanswered``), so that a reconcile pass does not wait on it again in each part."""
+    engine = make_engine(f"postgresql+psycopg://u@127.0.0.1:{silent.port}/x?connect_timeout=1")
+    try:
+        with pytest.raises(DatabaseUnreachableError, match="timeout") as raised:
+            SqlRepository(engine).get_training("any")
+    finally:
+        engine.dispose()
+    assert raised.value.unanswered
 
 
 def test_a_url_s_own_connect_timeout_wins(silent: SilentServer) -> None:

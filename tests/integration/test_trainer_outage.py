@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import io
+import logging
 import os
 import threading
 import time
@@ -34,6 +35,7 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
+from tests.integration.test_worker_gauge import HungDatabase
 from tests.support.photos import photo_zip
 
 OWNER = "acme"
@@ -609,6 +611,51 @@ def test_a_database_away_for_every_part_of_a_reconcile_pass_is_raised_once_and_s
     warned = [r for r in caplog.records if "failed too" in r.getMessage()]
     assert [r.levelname for r in warned] == ["WARNING"]
     assert warned[0].exc_info is not None  # not an outage: a defect, its traceback kept
+
+
+def test_a_reconcile_pass_on_a_hung_database_waits_once_not_once_a_part(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: with the clock check off (SQLite here, SELFIE_LORA_MAX_CLOCK_SKEW_SECONDS
+    0 on PostgreSQL) nothing ends a pass before its parts, and each part's first call on a hung
+    PostgreSQL waited out the driver's answer timeout (~20 s): three waits a pass, past a
+    worker's 30 s stop grace. Once a part gets no answer the pass ends, that failure raised; the
+    owed cancel is asked at the next pass the database answers (a refused connection, which
+    answers at once, leaves the parts to run: the test above)."""
+    remote_id = _owing_a_remote_cancel(rig)
+    database = HungDatabase(hang=0.3)
+    active = SqlRepository.active_trainings
+    pending = SqlRepository.remote_cancels_pending
+    deliver = LikenessService.deliver_due_alerts
+
+    def active_trainings(self: SqlRepository) -> Any:
+        database.meet("trainings", repository=True)
+        return active(self)
+
+    def deliver_due_alerts(self: LikenessService, *, limit: int = 10) -> int:
+        database.meet("alerts", repository=True)
+        return deliver(self, limit=limit)
+
+    def remote_cancels_pending(self: SqlRepository) -> Any:
+        database.meet("cancels", repository=True)
+        return pending(self)
+
+    monkeypatch.setattr(SqlRepository, "active_trainings", active_trainings)
+    monkeypatch.setattr(LikenessService, "deliver_due_alerts", deliver_due_alerts)
+    monkeypatch.setattr(SqlRepository, "remote_cancels_pending", remote_cancels_pending)
+    assert not rig.services.clock.enabled  # nothing before the pass meets the hang
+    database.hung.set()
+    caplog.set_level("DEBUG", logger="selfie_lora.services.training")
+    with pytest.raises(DatabaseUnreachableError, match="no answer from the server"):
+        rig.services.training.reconcile()
+    assert database.calls == ["trainings"]  # one wait, not one a part
+    assert not [r for r in caplog.records if r.levelno > logging.DEBUG
+                and "failed too" in r.getMessage()]
+    assert rig.training().remote_cancel_pending  # owed still
+    database.hung.clear()
+    rig.services.training.reconcile()
+    assert rig.standin.trainings[remote_id].status == "canceled"
+    assert not rig.training().remote_cancel_pending
 
 
 CANCELS = "/v1/trainings/*/cancel"

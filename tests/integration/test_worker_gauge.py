@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
 from selfie_lora.domain.entities import Training
-from selfie_lora.errors import StorageError, StorageFullError
+from selfie_lora.errors import DatabaseUnreachableError, StorageError, StorageFullError
 from selfie_lora.services.common import utcnow
 from selfie_lora.wiring import Services, build_services
 from selfie_lora.worker import Worker, start_embedded
@@ -262,21 +262,28 @@ def test_a_beat_the_database_refuses_is_said_once_and_its_end_once(
     assert "goes through again" in said[1].getMessage()
 
 
+def no_answer(hang: float) -> Exception:
+    """What the repository raises for a call that got no answer (the driver's answer timeout)."""
+    return DatabaseUnreachableError(f"database error: no answer from the server in {hang:g} s "
+                                    "(the connection is closed)", unanswered=True)
+
+
 class HungDatabase:
     """Calls that, once ``hung`` is set, wait ``hang`` seconds and then fail, as on a PostgreSQL
     that hangs (not refusing) past each call's answer timeout; each such call named in
-    ``calls``."""
+    ``calls``. A bare driver call (the clock's read) fails with the driver's error, a
+    repository's call (``meet(..., repository=True)``) with the repository's (``no_answer``)."""
 
     def __init__(self, hang: float = 1.5) -> None:
         self.hang = hang
         self.hung = threading.Event()
         self.calls: list[str] = []
 
-    def meet(self, call: str) -> None:
+    def meet(self, call: str, *, repository: bool = False) -> None:
         if self.hung.is_set():
             self.calls.append(call)
             time.sleep(self.hang)
-            raise OSError("timed out")
+            raise no_answer(self.hang) if repository else OSError("timed out")
 
     def clock(self) -> datetime:
         """The database's clock (``database_clock``)."""

@@ -997,8 +997,9 @@ class TrainingService:
         reach, and cancel those whose user asked for it while nobody held them. ``dead_owners``:
         lease owners known to be gone (a worker restarting under its old name). A queue that
         cannot be reached stops only the queuing: cancels and alerts need the database alone.
-        Each part (trainings, due alerts, owed remote cancels) runs whatever the others met;
-        the first failure is raised after all have run."""
+        Each part (trainings, due alerts, owed remote cancels) runs whatever the others met,
+        but for a database that gave no answer (hung: each part would wait as long again); the
+        first failure is raised after all have run."""
         with self._database_away.watch(self._clock):
             return self._reconcile(dead_owners=dead_owners)
 
@@ -1019,13 +1020,15 @@ class TrainingService:
             self._recover_trainings(dead_owners=dead_owners, enqueued=enqueued,
                                     canceled=canceled, unreachable=unreachable)
         alerts_tried = 0
-        with _reconcile_part(failures, "sending the alerts that are due"):
-            # The alerts of held versions whose sender died, or whose delivery is due again.
-            alerts_tried = self._likeness.deliver_due_alerts()
+        if not _unanswered(failures, skipping="sending the alerts that are due"):
+            with _reconcile_part(failures, "sending the alerts that are due"):
+                # The alerts of held versions whose sender died, or whose delivery is due again.
+                alerts_tried = self._likeness.deliver_due_alerts()
         remote_cancels = 0
-        with _reconcile_part(failures, "asking again for the remote cancels owed"):
-            # The remote runs of ended trainings whose cancel did not get through.
-            remote_cancels = self._cancel_pending_remotes(unreachable=unreachable)
+        if not _unanswered(failures, skipping="asking again for the remote cancels owed"):
+            with _reconcile_part(failures, "asking again for the remote cancels owed"):
+                # The remote runs of ended trainings whose cancel did not get through.
+                remote_cancels = self._cancel_pending_remotes(unreachable=unreachable)
         if failures:
             raise failures[0]
         return ReconcileReport(enqueued=tuple(enqueued), canceled=tuple(canceled),
@@ -2069,6 +2072,23 @@ def _database_outage(exc: BaseException) -> bool:
     if isinstance(exc, DatabaseRefusedError):
         return not exc.pool_exhausted
     return isinstance(exc, DatabaseUnreachableError | StorageFullError)
+
+
+def _unanswered(failures: Sequence[Exception], *, skipping: str) -> bool:
+    """Whether a part of a reconcile pass got no answer from the database (a hung server:
+    ``DatabaseUnreachableError.unanswered``), so that the part ``skipping`` is not run: its
+    first call would wait out the driver's answer timeout again, up to three waits a pass (~20 s
+    each on PostgreSQL) where a worker's stop allows 30 s, with the clock check off (on, the
+    round's clock read meets the hung server first, and the pass is not run). A part whose
+    database refused or dropped the connection (at once, no wait) leaves the others to run: an
+    owed remote cancel may still be read and asked for."""
+    hung = next((f for f in failures
+                 if isinstance(f, DatabaseUnreachableError) and f.unanswered), None)
+    if hung is None:
+        return False
+    logger.debug("reconcile: %s skipped, the database did not answer (%s); the next round "
+                 "tries again", skipping, describe(hung))
+    return True
 
 
 @contextmanager

@@ -592,7 +592,8 @@ class SqlRepository:
                 raise StorageFullError(f"database error: {self._full_disk()}: {exc.orig}"
                                        ) from exc
             if _unreachable(exc):
-                raise DatabaseUnreachableError(f"database error: {exc.orig}") from exc
+                raise DatabaseUnreachableError(f"database error: {exc.orig}",
+                                               unanswered=_unanswered(exc)) from exc
             if _read_only(exc.orig):
                 # A standby after a fail-over, a read-only file: every write refused until the
                 # operator acts, said once by a worker's loops, not a traceback each round.
@@ -1636,6 +1637,10 @@ _NETWORK_WORDS = (
     "could not send data to server", "failed to resolve host", "could not translate host name",
     "no answer from the server", "the connection is lost", "the connection is closed",
 )
+# Of those, the words of a wait that ran out: the server said nothing (BoundedConnection's
+# answer timeout, libpq's connect timeout, the kernel's), where a refused or reset connection
+# fails at once.
+_NO_ANSWER_WORDS = ("no answer from the server", "timeout expired", "connection timed out")
 _BUSY_SERVER_WORDS = (
     "the database system is starting up", "the database system is shutting down",
     "the database system is in recovery mode", "the database system is not yet accepting",
@@ -1654,6 +1659,13 @@ def _read_only(orig: BaseException | None) -> bool:
     """Whether the driver's error says the database takes no writes (``DatabaseRefusedError``)."""
     return driver_says(orig, sqlstate=_PG_READ_ONLY, sqlite_code=_SQLITE_READONLY,
                        words="readonly database")
+
+
+def _unanswered(exc: DBAPIError) -> bool:
+    """Whether ``exc``, an outage (``_unreachable``), is a wait that ran out with no answer from
+    the server (``DatabaseUnreachableError.unanswered``): each further call waits as long."""
+    said = str(exc.orig).lower()
+    return any(word in said for word in _NO_ANSWER_WORDS)
 
 
 def _unreachable(exc: DBAPIError) -> bool:
