@@ -61,6 +61,7 @@ from typing import IO, Protocol
 
 from selfie_lora.errors import (
     ConfigError,
+    DatabaseUnreachableError,
     DeploymentMismatchError,
     ErrorCode,
     QueueClosedError,
@@ -202,6 +203,9 @@ class Worker:
         # logged a traceback while PostgreSQL was down.
         self._reconcile_outage = LoopOutages("reconciling trainings",
                                                  retried="retrying later")
+        # Whether the last beat's write got no answer (a hung database): ``stop`` then writes
+        # nothing more.
+        self._beat_unanswered = False
         self._presence_outage = LoopOutages("saying this worker is alive",
                                             retried="tried again at the next heartbeat",
                                             refusals_are_outages=True)
@@ -287,7 +291,14 @@ class Worker:
                            "held until they end or the process exits", self.identity.name,
                            len(self._threads), grace)
             return False
-        if self._announce:
+        if self._announce and self._database_unanswered():
+            # The database gave this worker's last call no answer (hung): removing the row
+            # would wait the driver's answer timeout again (~20 s on PostgreSQL) after the
+            # threads' joins, past the stop's grace. Left to run out as a dead worker's does.
+            logger.info("worker %s: not removed from the workers' count, the database did not "
+                        "answer its last call; its row runs out and counts as stale for an hour",
+                        self.identity.name)
+        elif self._announce:
             # Not counted as a worker that died: its row goes (the presence thread has ended).
             with self._presence_outage.watch(failed="removing this worker from the count "
                                                     "failed"):
@@ -430,14 +441,24 @@ class Worker:
                 # outage is said by the reconciler; the row is renewed at the next beat.
                 return
         with self._presence_outage.watch(failed="saying this worker is alive failed"):
-            if not self.clock_skewed:
-                self._training.worker_alive(self.identity.name)
-            elif self._clock is not None and reading is not None:
-                # Skewed, it takes no training: stale, on the database's clock (the reading's,
-                # no second question), while it runs so. Left to run out, its row was in
-                # neither state an hour on.
-                self._training.worker_skewed(self.identity.name, database_now=reading.database,
-                                             max_skew=self._clock.max_skew)
+            unanswered = False
+            try:
+                if not self.clock_skewed:
+                    self._training.worker_alive(self.identity.name)
+                elif self._clock is not None and reading is not None:
+                    # Skewed, it takes no training: stale, on the database's clock (the
+                    # reading's, no second question), while it runs so. Left to run out, its
+                    # row was in neither state an hour on.
+                    self._training.worker_skewed(self.identity.name,
+                                                 database_now=reading.database,
+                                                 max_skew=self._clock.max_skew)
+            except DatabaseUnreachableError as exc:
+                # With the clock check off no read before the write knows a hung database:
+                # the write's own wait does (``stop``).
+                unanswered = exc.unanswered
+                raise
+            finally:
+                self._beat_unanswered = unanswered
 
     def _presence_loop(self) -> None:
         # start() gave the first beat.
@@ -490,6 +511,11 @@ class Worker:
             except DeploymentMismatchError as exc:
                 # A refusal, not a failure: its message says what to check; no traceback.
                 logger.warning("garbage collection: %s", exc.message)
+
+    def _database_unanswered(self) -> bool:
+        """Whether the database gave this worker's last call no answer: its last beat's write,
+        or the last clock read (a beat's, a reconciler round's)."""
+        return self._beat_unanswered or (self._clock is not None and not self._clock.answered)
 
     @property
     def clock_skewed(self) -> bool:

@@ -290,16 +290,20 @@ class HungDatabase:
         self.meet("clock")
         return utcnow()
 
-    def stops_in_time(self, worker: Worker, *, round_: str) -> None:
-        """Hangs, and once a ``round_`` of ``worker`` is in its clock read (one begun just
-        before may be in its next call), stops ``worker`` within a grace of more than one hung
-        call and less than two; that round made no call after its clock read got no answer."""
+    def stops_in_time(self, worker: Worker, *, round_: str, first: str = "clock") -> None:
+        """Hangs, and once a ``round_`` of ``worker`` is in its ``first`` call, its clock read
+        (one begun just before may be in its next call), stops ``worker`` within a grace of
+        more than one hung call and less than two, the stop's own calls included; that round,
+        and the stop, made no call after the one that got no answer."""
         self.hung.set()
-        until(lambda: "clock" in self.calls, f"no {round_} met the hung database")
+        until(lambda: first in self.calls, f"no {round_} met the hung database")
         started = time.monotonic()
-        assert worker.stop(grace=2 * self.hang - 0.2), (
+        grace = 2 * self.hang - 0.2
+        assert worker.stop(grace=grace), (
             f"stop overran its grace ({time.monotonic() - started:.1f} s): {self.calls}")
-        assert self.calls[self.calls.index("clock"):] == ["clock"]
+        took = time.monotonic() - started
+        assert self.calls[self.calls.index(first):] == [first]
+        assert took < grace, f"stop took {took:.1f} s: {self.calls}"
 
 
 def test_a_worker_stops_within_its_grace_while_the_database_hangs(
@@ -327,6 +331,41 @@ def test_a_worker_stops_within_its_grace_while_the_database_hangs(
               "never live")
         # That beat writes nothing on a database that did not answer its clock's read.
         database.stops_in_time(worker, round_="beat")
+    finally:
+        svc.close()
+
+
+@pytest.mark.parametrize("clock_check", [True, False], ids=["clock-check", "no-clock-check"])
+def test_a_stopping_worker_does_not_wait_on_a_hung_database_to_leave_the_count(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock_check: bool) -> None:
+    """Found in review: once its threads were joined, ``stop`` removed the worker's row
+    (``worker_gone``), one call more on a database that had just given its beat none: on a hung
+    PostgreSQL a wait of the answer timeout (~20 s) past the 30 s grace. The database's last
+    answer is known (the clock check's last read; with the check off, the beat's write): none,
+    the row is left to run out, and ``stop`` ends within its grace."""
+    database = HungDatabase()
+    settings = make_settings(tmp_path, heartbeat_seconds=0.2, lease_seconds=2,
+                             reconcile_seconds=600)
+    svc = build_services(settings, trainers={}, generators={},
+                         database_clock=database.clock if clock_check else None)
+    assert svc.clock.enabled is clock_check
+    try:
+        worker = start_embedded(svc, threads=1)
+        alive = svc.repo.worker_alive
+
+        def worker_alive(name: str, *, now: datetime, expires_at: datetime,
+                         forget_before: datetime) -> None:
+            database.meet("write", repository=True)
+            alive(name, now=now, expires_at=expires_at, forget_before=forget_before)
+
+        def worker_gone(name: str) -> None:
+            database.meet("gone", repository=True)
+
+        monkeypatch.setattr(svc.repo, "worker_alive", worker_alive)
+        monkeypatch.setattr(svc.repo, "worker_gone", worker_gone)
+        until(lambda: svc.repo.count_workers(now=utcnow()) == {"live": 1, "stale": 0},
+              "never live")
+        database.stops_in_time(worker, round_="beat", first="clock" if clock_check else "write")
     finally:
         svc.close()
 

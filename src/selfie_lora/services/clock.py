@@ -69,6 +69,9 @@ class ClockGuard:
         self._max_skew = max_skew
         self._clock = clock
         self._skewed = False
+        # Whether the last read got an answer: a worker's stop skips its last write when it did
+        # not (``answered``).
+        self._answered = True
         # A skew lasts as long as nobody fixes the machine: said once when it starts and once
         # when it ends, not every round.
         self._episode = Outage()
@@ -86,6 +89,13 @@ class ClockGuard:
     def skewed(self) -> bool:
         """What the last check found (False before any, and whenever the check is off)."""
         return self._skewed
+
+    @property
+    def answered(self) -> bool:
+        """Whether the last check's read got an answer from the database (True before any, and
+        whenever the check is off): False while it hangs or is away, where a call more (a
+        worker's last write as it stops) would wait as long again."""
+        return self._answered
 
     def read(self) -> ClockReading | None:
         """One reading, None when the check is off. The database's errors propagate."""
@@ -134,6 +144,7 @@ class ClockGuard:
         try:
             reading = self.read()
         except Exception as exc:
+            self._answered = False
             if not raising:
                 logger.debug("the database's clock could not be read", exc_info=True)
                 return not self._skewed, None
@@ -143,6 +154,7 @@ class ClockGuard:
             # repository's translated calls): whatever it says, the database gave no answer.
             raise DatabaseUnreachableError(
                 f"its clock could not be read: {describe(exc)}") from exc
+        self._answered = True
         if reading is None:
             return True, None
         skewed = reading.beyond(self._max_skew)
