@@ -32,6 +32,7 @@ from selfie_lora.worker import Identity, Worker
 from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
 from tests.integration.test_api import upload
 from tests.integration.test_busy_refusal import add_training
+from tests.integration.test_worker_gauge import HungDatabase
 from tests.support.backends import database_url, fresh_engine
 from tests.support.photos import photo_zip
 
@@ -197,6 +198,39 @@ def test_within_the_limit_a_training_runs_and_the_server_is_ready(tmp_path: Path
         ready = client.get("/readyz")
         assert ready.status_code == 200, ready.text
         assert ready.json()["checks"]["clock"] == "ok"
+
+
+def test_readyz_waits_once_on_a_hung_database_not_again_for_its_clock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: /readyz's clock check read the database's clock on a connection of its
+    own after the readiness read, so on a hung PostgreSQL a probe waited twice (the readiness
+    read's answer timeout, then the clock read's). A readiness read that got no answer leaves
+    the clock's last verdict standing, unread: one wait a probe."""
+    database = HungDatabase(hang=0.3)
+    services = build_services(make_settings(tmp_path), trainers={}, generators={},
+                              database_clock=database.clock)
+    try:
+        takes_writes = services.repo.takes_writes
+
+        def readiness_read() -> bool:
+            database.meet("readiness", repository=True)
+            return takes_writes()
+
+        monkeypatch.setattr(services.repo, "takes_writes", readiness_read)
+        assert services.operations.readiness().checks["clock"] == "ok"
+        database.hung.set()
+        started = time.monotonic()
+        ready = services.operations.readiness()
+        took = time.monotonic() - started
+        assert database.calls == ["readiness"]  # not the clock's read after it
+        assert ready.checks["database"].startswith("database error: no answer from the server")
+        assert ready.checks["clock"] == "ok"  # the last verdict
+        assert took < 2 * database.hang, took
+        database.hung.clear()
+        assert services.operations.readiness().checks == {
+            "database": "ok", "queue": "ok", "storage": "ok", "clock": "ok"}
+    finally:
+        services.close()
 
 
 @pytest.mark.postgres

@@ -13,6 +13,7 @@ from selfie_lora.domain.lease import OUTAGE_WAITS, outage_waited
 from selfie_lora.errors import (
     ConfigError,
     DatabaseRefusedError,
+    DatabaseUnreachableError,
     SelfieLoraError,
     StorageError,
     StorageFullError,
@@ -137,6 +138,7 @@ class OperationsService:
         SELFIE_LORA_MAX_CLOCK_SKEW_SECONDS, ``services.clock``)."""
         checks, full = {}, set()
         tickets = {name: outage.attempt() for name, outage in self._outages.items()}
+        hung = False  # the database gave the readiness read no answer
         for name, probe in (("database", self._database_ready),
                             ("queue", self._queue.pending),
                             ("storage", self._blobs.check)):
@@ -148,12 +150,17 @@ class OperationsService:
                 full.add(name)
             except SelfieLoraError as exc:
                 checks[name] = exc.message
+                hung = hung or (isinstance(exc, DatabaseUnreachableError) and exc.unanswered)
             except Exception as exc:  # a driver's own error: the answer names it, never raises
                 checks[name] = describe(exc)
         if self._clock is not None and self._clock.enabled:
             # Asked again here: a load balancer takes a server whose clock drifted out of its
-            # pool (its sessions and key checks compare times other machines wrote).
-            checks["clock"] = "ok" if self._clock.check() else SKEWED
+            # pool (its sessions and key checks compare times other machines wrote). Not on a
+            # database that just gave the readiness read no answer: the clock's read, on a
+            # connection of its own, would wait as long again (a probe's two waits past a load
+            # balancer's timeout); the last verdict stands, as when its own read gets none.
+            checks["clock"] = ("ok" if (not self._clock.skewed if hung else self._clock.check())
+                               else SKEWED)
         readiness = Readiness(checks=checks, full=frozenset(full))
         for name, result in checks.items():
             outage = self._outages[name]
