@@ -4245,3 +4245,21 @@ def test_the_versions_page_offers_no_use_for_a_version_published_to_another_mode
             assert _button_names(page, "Use this version") == []  # v1 is the active one
     finally:
         services.close()
+
+
+@pytest.mark.parametrize("ref", ["\x00", "9\x00<b>", "\x1b[31mred", "v1\r\nX-Bad: 1", "\x7f"])
+def test_a_compare_reference_with_control_characters_is_said_back_escaped(
+        ann: TestClient, ref: str) -> None:
+    """/versions?a=%00... put the reference's NUL (or ESC, CR, DEL) raw into the page's error
+    ("no such version: \\x00"): a NUL in HTML is a parse error the browser shows as U+FFFD, an
+    ESC a terminal's colour in the API's message printed by the CLI (found in review). The
+    message escapes what is not printable, as the log lines do; a printable reference is said
+    back as it was."""
+    two_versions(ann)
+    r = ann.get("/versions", params={"a": ref, "b": "1"})
+    assert r.status_code == 200, r.text
+    assert not any(c in r.text for c in "\x00\x1b\x7f\r"), r.text  # old code: ref raw
+    escaped = ref.encode("unicode_escape").decode("ascii")
+    assert f"no such version: {escaped}" in html.unescape(r.text)
+    assert 'aria-invalid="true"' in select_tag(r.text, "a")
+    assert "no such version: 9" in ann.get("/versions?a=9&b=1").text

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from selfie_lora.domain.entities import Version
+from selfie_lora.errors import NotFoundError
 
 # The event a user's activation (rollback or roll forward) writes; the likeness gate counts them
 # to know whether the user chose a version while another was being scored.
@@ -13,6 +14,8 @@ VERSION_ACTIVATED = "version_activated"
 # A version's number is an INTEGER column (at most 2**31 - 1, ten digits): a longer number names
 # no version.
 _NUMBER_DIGITS_MAX = len(str(2**31 - 1))
+# How much of a reference that names no version its refusal repeats.
+_REF_SHOWN = 64
 
 
 def find_version(versions: Sequence[Version], ref: str) -> Version | None:
@@ -32,6 +35,16 @@ def find_version(versions: Sequence[Version], ref: str) -> Version | None:
         if version.id == wanted or (as_number is not None and version.number == as_number):
             return version
     return None
+
+
+def no_such_version(ref: str) -> NotFoundError:
+    """The refusal of ``ref``, which names no version: its start said back, its control and
+    other unprintable characters escaped (``\\x00``). Said raw, a NUL of an edited address
+    (``/versions?a=%00``) went into the page's HTML, where a browser shows it as U+FFFD, and an
+    ESC into a terminal through the CLI, which prints the API's message."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                    for c in ref[:_REF_SHOWN])
+    return NotFoundError(f"no such version: {shown}")
 
 
 def holder_of_remote_version(versions: Sequence[Version], remote_version: str | None) -> Version | None:

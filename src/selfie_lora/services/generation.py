@@ -31,7 +31,7 @@ from selfie_lora.domain.plan import (
     validate_lora_scale,
 )
 from selfie_lora.domain.text import bidi_control_in, character_name
-from selfie_lora.domain.versions import find_version
+from selfie_lora.domain.versions import find_version, no_such_version
 from selfie_lora.errors import (
     NO_MODEL,
     BlobMissingError,
@@ -597,7 +597,7 @@ class GenerationService:
             raise NoVersionError(self._no_version(model.id), user=user.name)
         version = find_version(self._repo.list_versions(model.id), ref)
         if version is None:
-            raise NotFoundError(f"no such version: {ref[:64]}")
+            raise no_such_version(ref)
         # A seed is drawn here, not by the generator, so that the generation records the seed
         # that made its pictures (the answer, the stored row, the gallery) and can be made again.
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)

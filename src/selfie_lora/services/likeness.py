@@ -76,7 +76,7 @@ from selfie_lora.domain.likeness import (
     training_figures,
     unscored_words,
 )
-from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
+from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version, no_such_version
 from selfie_lora.errors import (
     AlertDeliveryError,
     BlobMissingError,
@@ -1356,7 +1356,7 @@ class LikenessService:
     def _resolve(versions: Sequence[Version], ref: str) -> Version:
         version = find_version(versions, ref)
         if version is None:
-            raise NotFoundError(f"no such version: {ref[:64]}")
+            raise no_such_version(ref)
         return version
 
     def _image_or_none(self, probe: ProbeResult | None, *, missing: list[str]) -> bytes | None:

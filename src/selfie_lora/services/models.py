@@ -21,7 +21,7 @@ from selfie_lora.domain.plan import (
     with_trainer_version,
 )
 from selfie_lora.domain.recipes import RepinPolicy
-from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version
+from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version, no_such_version
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import (
     BlobMissingError,
@@ -588,6 +588,6 @@ def _models_version(repo: Repository, model: Model, version_id: str) -> Version:
     """``model``'s version ``version_id``: its id, or its number (``2`` or ``v2``)."""
     version = find_version(repo.list_versions(model.id), version_id)
     if version is None:
-        raise NotFoundError(f"no such version: {version_id[:64]}")
+        raise no_such_version(version_id)
     return version
 
