@@ -4263,3 +4263,19 @@ def test_a_compare_reference_with_control_characters_is_said_back_escaped(
     assert f"no such version: {escaped}" in html.unescape(r.text)
     assert 'aria-invalid="true"' in select_tag(r.text, "a")
     assert "no such version: 9" in ann.get("/versions?a=9&b=1").text
+
+
+@pytest.mark.parametrize(("path", "back"), [
+    ("/generations/g/1.5.png", "/generate"),  # a picture of the gallery: the Generate page
+    ("/train/t/samples/x.jpg", "/train"),  # a training's sample: the Train page
+    ("/photos/set/abc.jpg", "/photos"),
+])
+def test_a_picture_s_address_edited_to_no_number_leads_back_to_its_section(
+        ann: TestClient, path: str, back: str) -> None:
+    """The 422 of a picture's address edited by hand (its number no number) said "go back to
+    the page and follow its link again", and its Back (without scripts, or opened from a
+    bookmark) led to /photos whatever the picture was: a gallery's or a sample's page was
+    another section (found in review). It leads to the section of the address, as a 404's."""
+    r = ann.get(path)
+    assert r.status_code == 422, r.text
+    assert f'<a href="{back}" data-back>Back</a>' in r.text  # old code: /photos for each

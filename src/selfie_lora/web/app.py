@@ -484,15 +484,17 @@ def section_page(path: str) -> str | None:
 def _back_to(request: Request, status: int, *, signed_out: bool) -> str:
     """Where an error page's Back link leads without scripts (with them it goes back in the
     browser's history, which keeps what the form held): a refused form's own page (also for a
-    form's address opened as a page: 405); for a thing not found (404), the page of the section
-    it belongs to (a version's download: the Versions page; a gallery's page of a cursor naming
-    nothing: the gallery's newest), else the photos. Signed out, the sign-in page, which leads
-    there: to the page the error came from, its 405 or 404 came again."""
+    form's address opened as a page: 405); for a thing not found (404) or an address that is
+    not valid (422: a picture's, its number edited by hand), the page of the section it belongs
+    to (a version's download: the Versions page; a gallery's page of a cursor naming nothing:
+    the gallery's newest; a gallery's picture: the Generate page), else the photos. Signed out,
+    the sign-in page, which leads there: to the page the error came from, its 405 or 404 came
+    again."""
     if request.method in ("GET", "HEAD") and status != 405:
         path = app_path(request.scope)
-        # A 404's: where the user looked for the missing thing, rather than the photos
-        # whatever it was; never the address that was not found (the same 404 again).
-        page = section_page(path) if status == 404 else None
+        # A 404's or an address's 422: where the user looked for the thing, rather than the
+        # photos whatever it was; never the address that was refused (the same error again).
+        page = section_page(path) if status in (404, 422) else None
         if page == path and not request.url.query:
             page = None  # the section's page itself is what was not found
     else:
