@@ -139,7 +139,8 @@ def weights_response(download: WeightsDownload, *, range_header: str | None = No
 
 def _byte_range(header: str, size: int) -> tuple[int, int] | str | None:
     """[start, end) of the one range ``header`` asks of ``size`` bytes; "unsatisfiable" when
-    it starts past the end; None when it is no single byte range (the whole file is sent)."""
+    it starts past the end; None when it is no single byte range, or the last bytes of a file
+    of none (the whole file is sent)."""
     match = _RANGE.fullmatch(header.strip())
     if match is None or match.group(1) == match.group(2) == "":
         return None
@@ -148,6 +149,11 @@ def _byte_range(header: str, size: int) -> tuple[int, int] | str | None:
         length = _position(last, size)
         if length == 0:
             return "unsatisfiable"
+        if size == 0:
+            # Satisfiable (RFC 9110 14.1.1), yet no 206 can say it: its Content-Range names a
+            # first and a last byte (14.4), and was "bytes 0--1/0". Ignored, as a server may
+            # (14.2): the whole file, empty, as a 200.
+            return None
         return max(0, size - length), size
     start = _position(first, size)
     end = size if last == "" else min(size, _position(last, size) + 1)
