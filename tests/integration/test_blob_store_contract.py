@@ -312,19 +312,66 @@ def test_a_deleted_blob_leaves_no_copy_on_any_machine(
         pass
 
 
-def test_download_urls_serve_the_blob_where_the_store_has_them(store: Any, kind: str) -> None:
+@pytest.mark.parametrize("filename", [None, "lora-v2.safetensors"])
+def test_download_urls_serve_the_blob_where_the_store_has_them(
+        store: Any, kind: str, filename: str | None, caplog: pytest.LogCaptureFixture) -> None:
+    """With a ``filename``, the storage's answer names the file the browser saves: a presigned
+    download was saved under the object's name (``<sha256>.safetensors``), the API's 307's
+    Content-Disposition lost on the way (a browser names a file by the answer it saves)."""
     from datetime import timedelta
 
     store.put("weights/w.safetensors", b"signed bytes")
-    url = store.download_url("weights/w.safetensors", expires=timedelta(minutes=5))
+    url = store.download_url("weights/w.safetensors", expires=timedelta(minutes=5),
+                             filename=filename)
     if kind == "fs":
         assert url is None  # the service streams files itself
         return
     assert url is not None
     assert "X-Amz-Signature=" in url
+    # Signed again, with the name, only once the URL's own signature came out the same with the
+    # secret: the query canonicalised as obstore's signer does it.
+    assert ("response-content-disposition=" in url) == (filename is not None)
     answer = httpx.get(url, timeout=10)
     assert answer.status_code == 200
     assert answer.content == b"signed bytes"
+    assert answer.headers.get("content-disposition") == (
+        None if filename is None else f'attachment; filename="{filename}"')  # old code: none
+    assert "presigned downloads" not in caplog.text
+
+
+def test_a_download_url_is_signed_again_only_with_the_secret_it_was_signed_with(
+        s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The secret read from the environment, as obstore reads it, names the file too; a secret
+    that did not make the URL's signature (the credentials an instance role's) leaves the URL
+    as obstore signed it, its file unnamed, and says so once, never a URL the storage refuses."""
+    from selfie_lora.adapters.storage.s3 import S3BlobStore
+    from tests.support.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_ACCESS_KEY)
+    store = S3BlobStore(url=s3_server.new_location(), cache_dir=tmp_path / "cache",
+                        endpoint=s3_server.endpoint, region=REGION, access_key_id=ACCESS_KEY_ID)
+    store.put("weights/w.safetensors", b"bytes")
+    url = store.download_url("weights/w.safetensors", expires=timedelta(minutes=5),
+                             filename="lora-v1.safetensors")
+    assert url is not None
+    assert httpx.get(url, timeout=10).headers.get("content-disposition") == (
+        'attachment; filename="lora-v1.safetensors"')
+    plain = store.download_url("weights/w.safetensors", expires=timedelta(minutes=5))
+    assert plain is not None
+    extra = {"response-content-disposition": "attachment"}
+    assert s3_module._signed_with(plain, extra, secret=SECRET_ACCESS_KEY) is not None
+    for other in ("another-secret", None, ""):
+        assert s3_module._signed_with(plain, extra, secret=other) is None
+    # The keys obstore signs with are not the ones this process knows (an instance role's,
+    # which obstore fetches and keeps to itself): as if the environment's were another's.
+    store._signing_secret = "not-the-one"
+    for _ in range(2):
+        url = store.download_url("weights/w.safetensors", expires=timedelta(minutes=5),
+                                 filename="lora-v1.safetensors")
+        assert url is not None
+        assert "response-content-disposition" not in url
+    assert caplog.text.count("presigned downloads are saved under the stored object") == 1
 
 
 @contextmanager

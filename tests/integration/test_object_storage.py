@@ -43,7 +43,11 @@ def test_the_whole_cycle_keeps_every_blob_in_object_storage(
         assert answer.status_code == 307
         url = answer.headers["location"]
         assert "X-Amz-Signature=" in url
-        data = httpx.get(url, timeout=10).content  # the storage serves it, without a key
+        served = httpx.get(url, timeout=10)  # the storage serves it, without a key
+        data = served.content
+        # Saved under the version's name, as the 307 says, not the object's (<sha256>...).
+        assert served.headers.get("content-disposition") == (
+            answer.headers["content-disposition"]), url
     else:
         assert answer.status_code == 200
         assert int(answer.headers["content-length"]) == len(answer.content)

@@ -476,8 +476,9 @@ class ModelService:
                 digest=export.sha256)
         version = self.version(user=user, version_id=version_id)
         if self._download_url_expiry is not None:
-            url = self._blobs.download_url(version.weights_key,
-                                           expires=self._download_url_expiry)
+            url = self._blobs.download_url(
+                version.weights_key, expires=self._download_url_expiry,
+                filename=weights_filename(version, WeightsFormat.DIFFUSERS))
             if url is not None:
                 # A URL is signed whether the object is there or not: without this one look
                 # (a HEAD) a missing file was a 307 to a URL that answered 404, where the

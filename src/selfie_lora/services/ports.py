@@ -367,9 +367,12 @@ class BlobStore(Protocol):
         copy: the garbage collector asks it on every machine. The file system store: 0."""
         ...
 
-    def download_url(self, key: str, *, expires: timedelta) -> str | None:
+    def download_url(self, key: str, *, expires: timedelta,
+                     filename: str | None = None) -> str | None:
         """A short-lived URL that serves the blob without this service (presigned), or None
-        where the store has none (the local file system)."""
+        where the store has none (the local file system). ``filename``: the name its answer
+        gives the file to save (Content-Disposition), where the store can sign one in (S3
+        with static keys); else it is saved under the URL's own name."""
         ...
 
     def check(self) -> None:

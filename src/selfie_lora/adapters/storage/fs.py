@@ -277,7 +277,8 @@ class FileSystemBlobStore:
     def forget_deleted_local_copies(self) -> int:
         return 0  # no copies: a deleted blob's file is gone with it
 
-    def download_url(self, key: str, *, expires: timedelta) -> str | None:  # noqa: ARG002
+    def download_url(self, key: str, *, expires: timedelta,  # noqa: ARG002
+                     filename: str | None = None) -> str | None:  # noqa: ARG002
         # Files on this machine have no URL of their own: the service streams them.
         return None
 

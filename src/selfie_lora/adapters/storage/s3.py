@@ -21,6 +21,8 @@ identical to stored ones), and never a rewrite with other bytes.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
 import logging
 import os
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Literal
+from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, BlobCache
 from selfie_lora.adapters.storage.fs import check_key
@@ -218,6 +221,11 @@ class S3BlobStore:
             config["access_key_id"] = access_key_id
         if secret_access_key:
             config["secret_access_key"] = secret_access_key
+        # For a presigned download's file name (``download_url``): the secret obstore signs
+        # with, where it is a static one (its setting, else the environment's, as obstore reads
+        # it); obstore keeps it to itself.
+        self._signing_secret = secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
+        self._said_unnamed = False
         if allow_http is None:
             allow_http = bool(endpoint and endpoint.startswith("http://"))
         self._store: S3Store = S3Store(
@@ -515,14 +523,32 @@ class S3BlobStore:
         check_key(key)
         return self._cache.forget(key)
 
-    def download_url(self, key: str, *, expires: timedelta) -> str | None:
+    def download_url(self, key: str, *, expires: timedelta,
+                     filename: str | None = None) -> str | None:
         import obstore
 
         check_key(key)
         try:
-            return obstore.sign(self._store, "GET", key, expires)
+            url = obstore.sign(self._store, "GET", key, expires)
         except Exception as exc:
             raise self._error("sign a URL for", key, exc) from exc
+        if filename is None:
+            return url
+        # The storage's answer names the file (``response-content-disposition``, which S3 and
+        # its kin answer with as Content-Disposition): a browser saved it under the object's
+        # own name (``<sha256>.safetensors``), not the one the API's 307 said. obstore signs no
+        # query of ours, so the URL is signed again with it, by the same secret.
+        named = _signed_with(url, {"response-content-disposition":
+                                   f'attachment; filename="{filename}"'},
+                             secret=self._signing_secret)
+        if named is None:
+            if not self._said_unnamed:
+                self._said_unnamed = True
+                logger.warning("presigned downloads are saved under the stored object's name, "
+                               "not the version's: the storage's credentials are not static "
+                               "keys this process can sign with (an instance role, say)")
+            return url
+        return named
 
     def check(self) -> None:
         import obstore
@@ -533,3 +559,51 @@ class S3BlobStore:
             next(iter(obstore.list(self._store, chunk_size=1)), None)
         except Exception as exc:
             raise self._error("list", self.description, exc) from exc
+
+
+def _signed_with(url: str, extra: dict[str, str], *, secret: str | None) -> str | None:
+    """``url``, a GET presigned by obstore (AWS Signature V4 in the query), with the query
+    parameters ``extra`` added and signed again by ``secret``; None when ``secret`` is not the
+    one the URL was signed with (none given, or the signature does not come out the same: the
+    credentials were an instance role's, or the URL is not what this reads), as a URL with a
+    wrong signature would be refused by the storage."""
+    if not secret:
+        return None
+    parts = urlsplit(url)
+    params = parse_qsl(parts.query, keep_blank_values=True)
+    given = [value for name, value in params if name == "X-Amz-Signature"]
+    kept = [(name, value) for name, value in params if name != "X-Amz-Signature"]
+    fields = dict(kept)
+    if (len(given) != 1 or fields.get("X-Amz-Algorithm") != "AWS4-HMAC-SHA256"
+            or fields.get("X-Amz-SignedHeaders") != "host"):
+        return None
+    try:
+        _key_id, scope = fields["X-Amz-Credential"].split("/", 1)
+        day, region, service, _end = scope.split("/")
+        stamp = fields["X-Amz-Date"]
+    except (KeyError, ValueError):
+        return None
+
+    def signature(query: str) -> str:
+        # The canonical request as object_store builds it: the path as it is in the URL (S3
+        # encodes it once), the query sorted and encoded, the host alone signed, no payload.
+        request = "\n".join(("GET", parts.path or "/", query, f"host:{parts.netloc}\n",
+                             "host", "UNSIGNED-PAYLOAD"))
+        to_sign = "\n".join(("AWS4-HMAC-SHA256", stamp, scope,
+                             hashlib.sha256(request.encode()).hexdigest()))
+        key = f"AWS4{secret}".encode()
+        for part in (day, region, service, "aws4_request"):
+            key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+        return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
+
+    if not hmac.compare_digest(signature(_canonical_query(kept)), given[0]):
+        return None
+    query = _canonical_query([*kept, *extra.items()])
+    return urlunsplit(parts._replace(query=f"{query}&X-Amz-Signature={signature(query)}"))
+
+
+def _canonical_query(params: list[tuple[str, str]]) -> str:
+    """Signature V4's canonical query: each name and value encoded (all but ``A-Za-z0-9-_.~``),
+    sorted by name, then value."""
+    encoded = sorted((quote(name, safe="~"), quote(value, safe="~")) for name, value in params)
+    return "&".join(f"{name}={value}" for name, value in encoded)
