@@ -6,7 +6,7 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -134,5 +134,23 @@ def test_an_upload_saved_after_the_deletion_took_the_rows_is_refused_and_the_del
         assert refused.message == ERASURE_PENDING
         assert services.repo.get_user(ann.id) is None
         assert services.repo.user_holdings(ann.id).empty
+    finally:
+        services.close()
+
+
+@pytest.mark.parametrize("database", DATABASES)
+def test_a_deletion_dated_years_ahead_by_a_fast_clock_is_still_listed_pending(
+        tmp_path: Path, database: str) -> None:
+    """A deletion whose time a machine with its clock years ahead wrote (its claim, or its
+    ``DELETE /api/me``) is pending all the same: ``pending`` (what ``gc`` lists) read every
+    pending deletion as those asked for by a year from now, and left such a one out."""
+    services = fake_services_on(database, tmp_path)
+    try:
+        ann, _key = services.users.create(name="ann")
+        services.users.create(name="bob")
+        ahead = datetime.now(UTC) + timedelta(days=2 * 365)
+        assert services.repo.request_erasure(ann.id, at=ahead)
+        assert services.erasure.pending() == [
+            ("ann", ahead + services.erasure.resume_after)]  # old code: []
     finally:
         services.close()

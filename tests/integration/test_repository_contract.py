@@ -703,6 +703,23 @@ def test_a_deletion_asked_for_is_found_pending_once_due_and_claimed_by_one_alone
     assert [u.name for u in repo.pending_erasures(requested_before=later)] == ["ann"]
 
 
+def test_every_pending_deletion_is_read_without_a_bound_however_far_ahead_it_is_dated(
+        repo: SqlRepository) -> None:
+    """``pending_erasures()`` with no ``requested_before``: every deletion asked for, one
+    dated years ahead (a machine whose clock ran fast) too, and no account never asked for.
+    ``AccountEraser`` read them all with a bound a year ahead, which missed such a one."""
+    ann, _m, _d = seed(repo)
+    seed(repo, "bob")
+    cy, _m3, _d3 = seed(repo, "cy")
+    assert repo.pending_erasures() == []
+    ahead = NOW + timedelta(days=3 * 365)
+    assert repo.request_erasure(ann.id, at=ahead)
+    assert repo.request_erasure(cy.id, at=NOW)
+    assert [u.name for u in repo.pending_erasures()] == ["cy", "ann"]  # oldest first
+    assert [u.name for u in repo.pending_erasures(requested_before=NOW)] == ["cy"]
+    assert repo.pending_erasures(requested_before=None) == repo.pending_erasures()
+
+
 def test_a_users_rows_are_read_and_deleted_and_no_one_elses(repo: SqlRepository) -> None:
     """``users delete``: what a user owns, then every row of theirs in one transaction (the
     foreign keys never refuse: children first), then the user; another user's rows stay."""

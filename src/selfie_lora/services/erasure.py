@@ -284,7 +284,7 @@ class AccountEraser:
         if self._refused_for:
             # Every pending deletion (as ``pending`` reads them), to see whether those the
             # refusal was met for still are: only while one is said, so one read as before.
-            everyone = self._repo.pending_erasures(requested_before=now + timedelta(days=365))
+            everyone = self._repo.pending_erasures()
             self._not_refused(self._refused_for - {user.id for user in everyone})
             pending = [user for user in everyone if user.erasure_requested_at is not None
                        and user.erasure_requested_at <= due]
@@ -434,8 +434,7 @@ class AccountEraser:
         """Every deletion still pending (its account disabled): the user's name, and when the
         next check of a worker, ``serve`` or ``gc`` may finish it."""
         return [(user.name, user.erasure_requested_at + self.resume_after)
-                for user in self._repo.pending_erasures(
-                    requested_before=self._clock() + timedelta(days=365))
+                for user in self._repo.pending_erasures()
                 if user.erasure_requested_at is not None]
 
     def _unclaim(self, user: User, *, claimed_at: datetime) -> None:

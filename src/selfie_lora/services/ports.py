@@ -514,8 +514,10 @@ class Repository(Protocol):
         With ``requested_before``, only when it was asked for by then: a finisher's claim, which
         one process alone wins. False when nothing changed (no such user, or not due)."""
         ...
-    def pending_erasures(self, *, requested_before: datetime) -> Sequence[User]:
-        """The users whose deletion was asked for by ``requested_before``, oldest first."""
+    def pending_erasures(self, *, requested_before: datetime | None = None) -> Sequence[User]:
+        """The users whose deletion was asked for by ``requested_before``, oldest first; every
+        pending one without it (``None``: no bound), whenever it was asked for, one dated ahead
+        of this clock (another machine's running fast) included."""
         ...
     def user_holdings(self, user_id: str) -> UserHoldings:
         """The rows the user owns (``users delete``): ids and the blob keys they name."""

@@ -685,10 +685,11 @@ class SqlRepository:
             result = s.execute(update(UserRow).where(where).values(erasure_requested_at=at))
             return bool(getattr(result, "rowcount", 0))
 
-    def pending_erasures(self, *, requested_before: datetime) -> Sequence[User]:
+    def pending_erasures(self, *, requested_before: datetime | None = None) -> Sequence[User]:
+        where = (UserRow.erasure_requested_at.is_not(None) if requested_before is None
+                 else UserRow.erasure_requested_at <= requested_before)
         with self._read() as s:
-            rows = s.scalars(select(UserRow)
-                             .where(UserRow.erasure_requested_at <= requested_before)
+            rows = s.scalars(select(UserRow).where(where)
                              .order_by(UserRow.erasure_requested_at, UserRow.id)).all()
             return [_user(row) for row in rows]
 
