@@ -33,6 +33,7 @@ from selfie_lora.errors import (
     StorageFullError,
 )
 from selfie_lora.services.checkpoints import TrainingCheckpoints
+from selfie_lora.services.common import Outage
 from selfie_lora.services.layout import checkpoint_step, photo_key
 from selfie_lora.services.ports import (
     GenerationJob,
@@ -625,6 +626,31 @@ def test_a_heartbeat_refused_by_the_database_says_it_once_and_its_end_once(
     assert refusal.message in beats[0].getMessage()
     ends = [r for r in caplog.records if over in r.getMessage()]
     assert [r.levelno for r in ends] == [logging.INFO]
+
+
+def test_a_refusal_ended_by_another_thread_as_it_begins_is_said_over_in_its_own_words(
+        machine: Machine, caplog: pytest.LogCaptureFixture) -> None:
+    """A hold's refusal is met and ended by two threads, the training's (its cancel reads) and
+    its heartbeat's. The kind its end is said in was a field of its own (``refused_as``),
+    written unlocked after the refusal had begun: a beat that went through in between said the
+    end of the pool's connections all taken as "the database's disk takes writes again". The
+    kind is now the refusal's own, read and ended under its lock (``Outage.ends_as``)."""
+    _svc, _repo, _worker, training_id, held = _held_by_a(machine, RefusedRenewals)
+
+    class BeatBetween(Outage):
+        """The heartbeat's renewal going through just as the training's read was refused."""
+
+        def begins_as(self, kind: str, *, ticket: int) -> tuple[bool, str]:
+            said = super().begins_as(kind, ticket=ticket)
+            held.answered(held.tickets())
+            return said
+
+    held.database_refused = BeatBetween()
+    caplog.set_level(logging.INFO, logger="selfie_lora.services.training")
+    held.failed(POOL_EXHAUSTED, held.tickets(), what="could not read whether it was canceled")
+    # Old code: "the database's disk takes writes again".
+    assert [r.getMessage() for r in caplog.records if "again" in r.getMessage()] == [
+        f"training {training_id}: the database's connections are free again"]
 
 
 @pytest.mark.parametrize(("before", "said"), [

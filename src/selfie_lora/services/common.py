@@ -236,16 +236,24 @@ class Outage:
     def ends(self, *, ticket: int) -> bool:
         """A call succeeded: True when it ends an outage (say so); False when there is none, or
         the call started before the outage began (the next one, started since, ends it)."""
+        return self.ends_as(ticket=ticket) is not None
+
+    def ends_as(self, *, ticket: int) -> str | None:
+        """``ends``, saying the kind the outage it ends was met as last (``begins_as``; "" for
+        ``begins``), None where ``ends`` is False: read as it ends, under the lock, for the line
+        that says it over in the words of what failed. Kept apart by a caller, that kind was
+        written by one thread after the outage began and read by another as it ended."""
         if not self._down:  # read without the lock: the usual case, at every call
-            return False
+            return None
         with self._lock:
             if not self._down or ticket != self._changes:
-                return False
+                return None
+            kind = self._kind
             self._down = False
             self._kind = ""
             self._said.clear()
             self._changes += 1
-            return True
+            return kind
 
 
 class LoopOutages:

@@ -2272,9 +2272,10 @@ class _Held:
         self.database_outage = Outage()
         # Its disk full, or refusing writes for a state of its own (a read-only standby, the
         # pool's connections all taken): said once likewise, each kind (``refusal_kind``),
-        # where each beat (every 5 s) logged a WARNING; ``refused_as`` the last said or met.
+        # where each beat (every 5 s) logged a WARNING. Met and ended by two threads, the
+        # training's (its cancel reads, ``_Sink.cancel_requested``) and the heartbeat's: the
+        # kind its end is said in is the Outage's own (``ends_as``), under its lock.
         self.database_refused = Outage()
-        self.refused_as = FULL_DISK
 
     def tickets(self) -> tuple[int, int]:
         """Before a read or a beat: its tickets for ``failed`` or ``answered``."""
@@ -2288,7 +2289,6 @@ class _Held:
         if refused(exc):
             kind = refusal_kind(exc)
             began, _before = self.database_refused.begins_as(kind, ticket=tickets[1])
-            self.refused_as = kind
             lasts = ("the disk stays full" if kind == FULL_DISK
                      else f"it is refused for {kind}")
             logger.log(logging.WARNING if began else logging.DEBUG,
@@ -2301,13 +2301,14 @@ class _Held:
     def answered(self, tickets: tuple[int, int]) -> None:
         """A beat or a read went through: the outage it ends, if any, is said over (once)."""
         _database_back(self.database_outage, tickets[0], self.training_id)
-        if self.database_refused.ends(ticket=tickets[1]):
+        kind = self.database_refused.ends_as(ticket=tickets[1])
+        if kind is not None:
             # In the words of what refused: a pool whose connections were all taken never
             # stopped the database taking writes.
             over = {FULL_DISK: "the database's disk takes writes again",
                     POOL_TAKEN: "the database's connections are free again"}
             logger.info("training %s: %s", self.training_id,
-                        over.get(self.refused_as, "the database takes writes again"))
+                        over.get(kind, "the database takes writes again"))
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
