@@ -43,7 +43,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Sequence, Set
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -178,6 +178,57 @@ class ErasureSummary:
                 "blobs": self.blob_count, "bytes": self.blob_bytes}
 
 
+class _Refusal:
+    """A refusal that lasts met by ``AccountEraser.finish_pending`` (a full disk, the database's
+    pool exhausted, a read-only standby), and the users whose deletion it met (said or not) while
+    it lasts, as one: it is said once while it lasts (``Outage``), where each check (30 s apart,
+    for hours until space is freed) said a WARNING, and it ends when a deletion goes through or
+    once none of those users' deletions is refused or pending any more, since another process's
+    check or the operator's ``users delete`` may finish it (where only this check's success
+    ended it, and a refusal of the same kind days later was said at DEBUG only). Two fields of
+    the eraser before, each changed on its own.
+
+    Not locked: one thread alone uses it. ``finish_pending`` is all that touches it (``erase``
+    and ``erase_by_id``, run by the API's threads and ``users delete``, never do), and a process
+    runs it in one thread: the ``erasures`` thread of the one ``Worker`` of a ``serve`` or
+    ``worker`` (its loop calls it in turn, never two at once), or ``gc``'s main thread. The
+    ``Outage`` inside has its lock anyway."""
+
+    def __init__(self) -> None:
+        self._outage = Outage()
+        self._users: set[str] = set()
+
+    @property
+    def users(self) -> frozenset[str]:
+        """The users whose deletion the refusal met while it lasts (none: there is none)."""
+        return frozenset(self._users)
+
+    def attempt(self) -> int:
+        """Before a deletion is tried: its ticket (``Outage.attempt``)."""
+        return self._outage.attempt()
+
+    def met(self, user_id: str, kind: str, *, ticket: int) -> bool:
+        """``user_id``'s deletion was refused for ``kind`` (``refusal_kind``): whether to say it
+        (``Outage.begins_as``: once while it lasts, each kind)."""
+        began, _before = self._outage.begins_as(kind, ticket=ticket)
+        self._users.add(user_id)
+        return began
+
+    def went_through(self, *, ticket: int) -> None:
+        """A deletion went through: the refusal is over, and the next is said."""
+        self._outage.ends(ticket=ticket)
+        self._users.clear()
+
+    def not_refused(self, user_ids: Set[str]) -> None:
+        """The deletions of ``user_ids`` are no longer refused (finished elsewhere, or met
+        something else): once none it was met for is, it ends, and the next is said."""
+        if not self._users & user_ids:
+            return
+        self._users -= user_ids
+        if not self._users:
+            self._outage.ends(ticket=self._outage.attempt())
+
+
 class AccountEraser:
     def __init__(self, *, repo: Repository, blobs: BlobStore, users: UserService,
                  training: TrainingService, gc: GarbageCollector,
@@ -194,15 +245,8 @@ class AccountEraser:
         self._clock = clock
         # A deletion asked for longer ago than this is one whose process stopped.
         self.resume_after = API_KEY_CACHE_TTL + stop_wait + RESUME_MARGIN
-        # A refusal that lasts met by ``finish_pending`` (a full disk, the database's pool
-        # exhausted, a read-only standby): said once while it lasts, where each check (30 s
-        # apart, for hours until space is freed) said a WARNING.
-        self._refusal = Outage()
-        # The users whose deletion ``_refusal`` met (said or not) while it lasts: it also ends
-        # once none of theirs is refused or pending any more, since another process's check or
-        # the operator's ``users delete`` may finish it, where only this check's success ended
-        # it, and a refusal of the same kind days later was said at DEBUG only.
-        self._refused_for: set[str] = set()
+        # A refusal that lasts met by ``finish_pending``, and whose deletions it met.
+        self._refusal = _Refusal()
 
     def confirmed(self, *, name: str, typed: str | None) -> bool:
         """Whether ``typed`` (the name typed again to confirm: the API's ``confirm``, the
@@ -281,11 +325,11 @@ class AccountEraser:
         as ``gc``'s "run gc again" says. What was finished."""
         now = self._clock()
         due = now - self.resume_after
-        if self._refused_for:
+        if self._refusal.users:
             # Every pending deletion (as ``pending`` reads them), to see whether those the
             # refusal was met for still are: only while one is said, so one read as before.
             everyone = self._repo.pending_erasures()
-            self._not_refused(self._refused_for - {user.id for user in everyone})
+            self._refusal.not_refused(self._refusal.users - {user.id for user in everyone})
             pending = [user for user in everyone if user.erasure_requested_at is not None
                        and user.erasure_requested_at <= due]
         else:
@@ -356,26 +400,15 @@ class AccountEraser:
                 self._unclaim(user, claimed_at=now)
                 raise
             else:
-                self._refusal.ends(ticket=ticket)  # it goes through: the next refusal is said
-                self._refused_for.clear()
+                self._refusal.went_through(ticket=ticket)  # the next refusal is said
                 # Said once it is done, not before: while an outage lasted each retry said
                 # "finishing" and then "could not be finished now", two lines where the second
                 # says it all. Not "whose process stopped": one cut short by an outage is due
                 # again on purpose.
                 logger.warning("user %s: the pending deletion was finished (it was cut short by "
                                "an outage, or its process stopped)", user.name)
-            self._not_refused({user.id})  # a training, parked: refused no more
+            self._refusal.not_refused({user.id})  # a training, parked: refused no more
         return finished
-
-    def _not_refused(self, user_ids: set[str]) -> None:
-        """The deletions of ``user_ids`` are no longer refused (finished elsewhere, or met
-        something else): once none that ``_refusal`` was met for is, it ends, and the next
-        refusal is said."""
-        if not user_ids & self._refused_for:
-            return
-        self._refused_for -= user_ids
-        if not self._refused_for:
-            self._refusal.ends(ticket=self._refusal.attempt())
 
     def _refused(self, user: User, exc: Exception, *, ticket: int) -> None:
         """The deletion refused for a state that lasts until it passes or the operator acts
@@ -386,8 +419,7 @@ class AccountEraser:
         and again for a refusal of another kind (each kind once while they last)."""
         retry = self._due_soon(user)
         kind = refusal_kind(exc)
-        began, _before = self._refusal.begins_as(kind, ticket=ticket)
-        self._refused_for.add(user.id)
+        began = self._refusal.met(user.id, kind, ticket=ticket)
         words = exc.message if isinstance(exc, SelfieLoraError) else describe(exc)
         mend = ("free space and it finishes by itself" if kind == FULL_DISK
                 else "it finishes by itself once that is over")
