@@ -35,13 +35,14 @@ from selfie_lora.console import (
     print_report,
 )
 from selfie_lora.domain.entities import Finding, GateStatus, Training, User, Version
-from selfie_lora.domain.lease import lease_is_live
+from selfie_lora.domain.lease import lease_is_live, wait_text
 from selfie_lora.domain.likeness import gate_reason_now, unscored_words
 from selfie_lora.domain.plan import lora_scale_from_text, lora_scale_text
 from selfie_lora.domain.recipes import CheckTarget
 from selfie_lora.domain.weights import WeightsFormat
 from selfie_lora.errors import (
     ConflictError,
+    DatabaseRefusedError,
     ErrorCode,
     InvalidInputError,
     NoModelError,
@@ -1883,6 +1884,12 @@ _ERASURE_REMEDY = {
 }
 
 
+def _read_only_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database refusing writes for good (a read-only file or standby),
+    not its pool's connections all taken (``DatabaseRefusedError.pool_exhausted``)."""
+    return isinstance(exc, DatabaseRefusedError) and not exc.pool_exhausted
+
+
 @users_app.command("delete")
 def users_delete(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The user's name.")],
@@ -1897,7 +1904,7 @@ def users_delete(
     """Delete a user and everything they own, in the database and in storage: model, versions,
     trainings, photos, weights, checkpoints, generated pictures, likeness records, API keys,
     sessions. Cannot be undone; run it again to finish one that was stopped."""
-    from selfie_lora.services.erasure import ErasureBlockedError
+    from selfie_lora.services.erasure import ErasureBlockedError, ErasureContinuesError
 
     if not yes and not sys.stdin.isatty():
         _fail(f"users delete {name} deletes the account and all its data: confirm at a "
@@ -1920,6 +1927,23 @@ def users_delete(
                 summary = services.erasure.erase(name=name, force=force)
         except ErasureBlockedError as exc:
             _fail(exc.message + _ERASURE_REMEDY[exc.stage])
+        except ErasureContinuesError as exc:
+            # A read-only database (a fail-over to a standby) once the account was disabled:
+            # the refusal first, in its words, then what it left and what goes on. The
+            # service's line put the refusal in a parenthesis and said nothing to do.
+            if not _read_only_refusal(exc.cause):
+                raise
+            _fail(f"the database refused writes (read-only) partway: {exc.cause.message}; "
+                  f"{name}'s account is disabled, and the deletion is tried again in "
+                  f"{wait_text(exc.retry)} by a worker, serve or gc, or now by `selfie-lora "
+                  f"users delete {name} --yes` once the database takes writes")
+        except DatabaseRefusedError as exc:
+            # Raised as it is, it refused the disabling, the first write (``erase_by_id``):
+            # the driver's words alone did not say that nothing changed.
+            if not _read_only_refusal(exc):
+                raise
+            _fail(f"the database refuses writes (read-only): {exc.message}; nothing of "
+                  f"{name}'s was deleted or disabled: run this again once it takes writes")
         except KeyboardInterrupt as exc:
             # SIGTERM too: the erase's ``finally`` settles what it held aside (photos and
             # weights copied while deleted) rather than the process dying with them on disk.

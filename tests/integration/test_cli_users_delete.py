@@ -26,10 +26,12 @@ from typer.testing import CliRunner
 
 from selfie_lora import cli, wiring
 from selfie_lora.adapters.db import tables
+from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Recipe, Training, TrainingStatus, User
 from selfie_lora.errors import (
     ConflictError,
+    DatabaseRefusedError,
     DeploymentMismatchError,
     ForbiddenError,
     StorageError,
@@ -1255,3 +1257,48 @@ def test_deleting_ones_own_account_deletes_that_account_not_another_of_the_same_
     assert services.repo.get_user(erin.id) is not None
     assert client.get("/api/keys",
                       headers={"Authorization": f"Bearer {erin_secret}"}).status_code == 200
+
+
+def test_users_delete_on_a_read_only_database_says_so_and_that_nothing_was_deleted(
+        on_services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        ann: Owner) -> None:
+    """A read-only database file (a replica's copy, a read-only mount): the account's disabling,
+    the first write, is refused before anything changed. Old code: the driver's words alone
+    ("database error: attempt to write a readonly database"), not what they meant for her
+    account."""
+    services = on_services
+    read_only = settings.model_copy(update={
+        "database_url": f"sqlite:///file:{settings.home / 'selfie-lora.db'}?mode=ro&uri=true"})
+    monkeypatch.setattr(cli, "_settings", lambda: read_only)
+    rows, blobs = rows_of(services), blob_keys(services)
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 1, said
+    assert "the database refuses writes (read-only)" in said, said
+    assert "attempt to write a readonly database" in said  # its own words, kept
+    assert "nothing of ann's was deleted or disabled" in said
+    assert "cut short" not in said
+    assert (rows_of(services), blob_keys(services)) == (rows, blobs)
+    assert services.users.get_by_name(name="ann").disabled_at is None
+
+
+def test_users_delete_cut_short_by_a_read_only_database_says_so_and_when_it_goes_on(
+        on_services: Services, monkeypatch: pytest.MonkeyPatch, ann: Owner) -> None:
+    """The database turned read-only (a fail-over to a standby) once the account was disabled:
+    the rows' deletion is refused. Old code: "user ann: the deletion was cut short (database
+    error: ...)", the refusal a parenthesis in the middle of the line and what to do not said."""
+    services = on_services
+    refusal = DatabaseRefusedError("database error: cannot execute DELETE in a read-only "
+                                   "transaction")
+
+    def refused(*_args: object, **_kwargs: object) -> dict[str, int]:
+        raise refusal
+
+    monkeypatch.setattr(SqlRepository, "delete_user_data", refused)
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 1, said
+    assert "the database refused writes (read-only) partway" in said, said
+    assert refusal.message in said
+    assert "ann's account is disabled" in said
+    assert "tried again in 30 s by a worker, serve or gc" in said
+    assert "selfie-lora users delete ann --yes" in said
+    assert services.users.get_by_name(name="ann").disabled_at is not None

@@ -118,10 +118,17 @@ class ErasureContinuesError(StorageError):
     """An outage, or the database refusing for a state of its own (a read-only standby, the
     pool's connections all taken), cut the deletion short after the account was disabled: it
     is finished by the next check (``finish_pending``), soon. Answered 503 ``deletion_pending`` ("finishes
-    on its own"), with no Retry-After: a retry is refused, the account being disabled."""
+    on its own"), with no Retry-After: a retry is refused, the account being disabled.
+    ``cause``: what cut it short; ``retry``: when it is due again (``_due_soon``'s wait), for a
+    front end that says them in its own words (``users delete``)."""
 
     code = ErrorCode.DELETION_PENDING
     http_status = 503
+
+    def __init__(self, message: str, *, cause: StorageError, retry: timedelta) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.retry = retry
 
 
 class ErasureBlockedError(ConflictError):
@@ -272,7 +279,10 @@ class AccountEraser:
         (``migrate.fill_folded_names``), "Erin" deleted "erin". ``NotFound`` for no such user;
         ``ErasureBlockedError`` (nothing changed) while a training of theirs is queued or
         running, unless ``force``, which cancels it; ``DeploymentMismatchError`` (nothing
-        changed) when the store is another deployment's."""
+        changed) when the store is another deployment's. A ``DatabaseRefusedError`` raised as
+        it is (a read-only database, the pool's connections all taken) refused the account's
+        disabling, the first write and one transaction: nothing changed; met after it, the
+        deletion is cut short (``ErasureContinuesError``)."""
         user = self._users.get(user_id=user_id)
         held = self._repo.user_holdings(user.id)
         # Before anything changes: a store another deployment's marker names holds that
@@ -304,7 +314,8 @@ class AccountEraser:
             retry = self._due_soon(user)
             raise ErasureContinuesError(
                 f"user {user.name}: the deletion was cut short ({exc.message}); the account is "
-                f"disabled, and the deletion is tried again in {wait_text(retry)}") from exc
+                f"disabled, and the deletion is tried again in {wait_text(retry)}",
+                cause=exc, retry=retry) from exc
         except Exception as exc:
             if refused(exc):
                 # A full disk (whose 507 says to free space), a refusal that lasts until the
