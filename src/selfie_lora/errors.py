@@ -41,8 +41,11 @@ entry points never see them.
     │   ├── DatabaseRefusedError    the database refuses for a state of its own that lasts: a
     │   │   │                       read-only standby or file (HTTP 500 storage_error; a
     │   │   │                       worker's loops say it once)
-    │   │   └── DatabaseBusyError   the pool's connections all taken past its wait: busy
-    │   │                           (HTTP 503 storage_unavailable, with Retry-After)
+    │   │   ├── DatabaseBusyError   the pool's connections all taken past its wait: busy
+    │   │   │                       (HTTP 503 storage_unavailable, with Retry-After)
+    │   │   └── DatabaseLockedError a statement kept waiting past the database's own bound:
+    │   │                           a lock held elsewhere, a statement timeout (HTTP 503
+    │   │                           storage_unavailable, with Retry-After)
     │   ├── BlobMissingError        the blob is not there: retrying will not bring it back
     │   ├── StorageUnavailableError an outage of what stores the data, waited out, over once
     │   │   │                       it answers again (HTTP 503 storage_unavailable, with
@@ -404,6 +407,25 @@ class DatabaseBusyError(DatabaseRefusedError):
         # The pool's wait ran out, whoever raises it: no keyword to say otherwise, since a busy
         # pool told as a read-only database had a loop's words wrong and a take-over uncounted.
         super().__init__(message, pool_exhausted=True)
+
+
+class DatabaseLockedError(DatabaseRefusedError):
+    """The database kept a statement waiting past its own bound for it: SQLite's write lock held
+    by another connection past the busy timeout ("database is locked", SQLITE_BUSY), PostgreSQL's
+    lock_timeout (55P03, lock_not_available) or statement_timeout (57014, query_canceled; this
+    package's statements are short, so one that runs that long waits for a lock, or for a server
+    too loaded). Busy, as ``DatabaseBusyError`` is, and answered as it is (503
+    ``storage_unavailable`` with ``Retry-After``), where it was a 500 and a worker's loops
+    logged its traceback every round; but the database's state, shared by every process, not
+    this process's pool (``pool_exhausted`` False): a heartbeat it refused is the database away
+    for a take-over (``services.training._database_outage``), as a read-only standby's."""
+
+    code = ErrorCode.STORAGE_UNAVAILABLE
+    http_status = 503
+    retry_after = STORAGE_RETRY_AFTER
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
 
 
 class BlobMissingError(StorageError):

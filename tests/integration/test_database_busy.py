@@ -5,13 +5,17 @@ load balancers and clients take for a failure, not for "busy, send it again"."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 from selfie_lora.errors import (
     STORAGE_RETRY_AFTER,
     DatabaseBusyError,
+    DatabaseLockedError,
     DatabaseRefusedError,
     ErrorCode,
     StorageUnavailableError,
@@ -59,6 +63,34 @@ def test_a_request_that_finds_the_pool_taken_is_answered_503_with_retry_after(
         503, ErrorCode.STORAGE_UNAVAILABLE, STORAGE_RETRY_AFTER)
 
 
+def test_a_request_that_meets_a_lock_held_past_its_wait_is_answered_503_with_retry_after(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # SQLite's write lock held by another process (a CLI command, a backup) past the busy
+    # timeout: "database is locked". Old code: 500 storage_error with no Retry-After, where the
+    # pool's wait running out, the same database busy, is a 503.
+    with serving(make_settings(tmp_path)) as (client, services):
+        ann = auth(services, "ann")
+
+        @event.listens_for(services.engine, "connect")
+        def _short_busy_timeout(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.execute("PRAGMA busy_timeout=100")  # 30 s as served
+
+        services.engine.dispose()  # its connections made again, with the short wait
+        holder = sqlite3.connect(str(services.engine.url.database), isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            r = client.post("/api/keys", headers=ann, json={"name": "second"})
+        finally:
+            holder.close()
+        assert r.status_code == 503, r.text
+        assert r.headers["Retry-After"] == str(STORAGE_RETRY_AFTER)
+        assert r.json()["error"]["code"] == "storage_unavailable"
+        assert "locked" not in r.text  # the driver's words stay in the log
+        assert any("database is locked" in record.getMessage() for record in caplog.records)
+        assert client.post("/api/keys", headers=ann,
+                           json={"name": "second"}).status_code == 201  # over with it
+
+
 def test_a_busy_pool_is_said_as_the_pool_even_when_built_without_saying_so() -> None:
     # Review: DatabaseBusyError inherited pool_exhausted=False, so one raised without the
     # keyword (a test, a future adapter) was told as a read-only database, and a take-over after
@@ -71,3 +103,19 @@ def test_a_busy_pool_is_said_as_the_pool_even_when_built_without_saying_so() -> 
     # read-only database. Always the pool now.
     with pytest.raises(TypeError):
         DatabaseBusyError("database error: busy", pool_exhausted=False)  # type: ignore[call-arg]
+
+
+def test_a_lock_held_past_its_wait_is_busy_but_not_the_pool() -> None:
+    # SQLite's "database is locked", PostgreSQL's lock_timeout and statement_timeout
+    # (tests/integration/test_repository_contract.py raises them for real): answered as the pool
+    # is, but told apart from it in a loop's words and in a take-over. Mapped to
+    # DatabaseBusyError, a lease its holder could not renew for the lock (every worker's writes
+    # waited on it) was taken over as one whose worker died: an attempt spent.
+    locked = DatabaseLockedError("database error: database is locked")
+    assert isinstance(locked, DatabaseRefusedError)
+    assert not isinstance(locked, StorageUnavailableError)
+    assert (locked.http_status, locked.code, locked.retry_after) == (
+        503, ErrorCode.STORAGE_UNAVAILABLE, STORAGE_RETRY_AFTER)
+    assert not locked.pool_exhausted
+    assert refusal_kind(locked) == "statements kept waiting past the database's timeout"
+    assert _database_outage(locked)

@@ -26,6 +26,7 @@ from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.errors import (
+    DatabaseLockedError,
     DatabaseRefusedError,
     DatabaseUnreachableError,
     SelfieLoraError,
@@ -553,10 +554,14 @@ READ_ONLY = DatabaseRefusedError("database error: cannot execute UPDATE in a rea
 POOL_EXHAUSTED = DatabaseRefusedError("database error: QueuePool limit of size 5 overflow 0 "
                                       "reached, connection timed out, timeout 30.00",
                                       pool_exhausted=True)
+# SQLite's write lock held past the busy timeout (PostgreSQL's lock_timeout, statement_timeout):
+# every worker's writes wait on it, the holder's renewals among them.
+LOCKED = DatabaseLockedError("database error: database is locked")
 
 
-@pytest.mark.parametrize(("refusal", "counted"), [(READ_ONLY, 0), (POOL_EXHAUSTED, 1)],
-                         ids=["read-only-standby", "pool-exhausted"])
+@pytest.mark.parametrize(("refusal", "counted"),
+                         [(READ_ONLY, 0), (POOL_EXHAUSTED, 1), (LOCKED, 0)],
+                         ids=["read-only-standby", "pool-exhausted", "locked"])
 def test_a_take_over_after_a_read_only_standby_spends_no_attempt(
         machine: Machine, caplog: pytest.LogCaptureFixture, refusal: DatabaseRefusedError,
         counted: int) -> None:
@@ -589,8 +594,9 @@ class RefusedRenewals(SqlRepository):
         return kept
 
 
-@pytest.mark.parametrize(("refusal", "noted"), [(READ_ONLY, [True]), (POOL_EXHAUSTED, [])],
-                         ids=["read-only-standby", "pool-exhausted"])
+@pytest.mark.parametrize(("refusal", "noted"),
+                         [(READ_ONLY, [True]), (POOL_EXHAUSTED, []), (LOCKED, [True])],
+                         ids=["read-only-standby", "pool-exhausted", "locked"])
 def test_a_heartbeat_refused_by_a_read_only_standby_is_noted_as_the_database_away(
         beating: Machine, refusal: DatabaseRefusedError, noted: list[bool]) -> None:
     # What decides a take-over of a lease that ran out meanwhile: this worker's spans of the
@@ -609,7 +615,8 @@ def test_a_heartbeat_refused_by_a_read_only_standby_is_noted_as_the_database_awa
     (READ_ONLY, "the database takes writes again"),
     # Review (read-report10 nit 4): said "takes writes again", which it had never stopped.
     (POOL_EXHAUSTED, "the database's connections are free again"),
-], ids=["read-only-standby", "pool-exhausted"])
+    (LOCKED, "the database's statements go through in time again"),
+], ids=["read-only-standby", "pool-exhausted", "locked"])
 def test_a_heartbeat_refused_by_the_database_says_it_once_and_its_end_once(
         beating: Machine, caplog: pytest.LogCaptureFixture,
         refusal: DatabaseRefusedError, over: str) -> None:

@@ -27,7 +27,12 @@ from sqlalchemy.pool import QueuePool
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
-from selfie_lora.errors import DatabaseRefusedError, StorageError, StorageFullError
+from selfie_lora.errors import (
+    DatabaseLockedError,
+    DatabaseRefusedError,
+    StorageError,
+    StorageFullError,
+)
 from selfie_lora.services.training import ReconcileReport
 from selfie_lora.testing.fakes import InMemoryQueue
 from selfie_lora.worker import Identity, Worker
@@ -114,6 +119,31 @@ def _blob_disk_full(tmp_path: Path) -> Exception:
     raise AssertionError("the write went through")
 
 
+def _locked(tmp_path: Path) -> Exception:
+    """The repository's error for a write kept waiting past SQLite's busy timeout (100 ms here,
+    30 s as served) by another connection's write lock: "database is locked"."""
+    path = tmp_path / "locked.db"
+    upgrade(make_engine(f"sqlite:///{path}"))
+    engine = make_engine(f"sqlite:///{path}")
+
+    @event.listens_for(engine, "connect")
+    def _short_busy_timeout(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute("PRAGMA busy_timeout=100")
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        now = datetime.now(UTC)
+        SqlRepository(engine).worker_alive("w", now=now, expires_at=now + timedelta(seconds=30),
+                                           forget_before=now)
+    except StorageError as exc:
+        return exc
+    finally:
+        holder.close()
+        engine.dispose()
+    raise AssertionError("the write went through")
+
+
 REFUSALS: dict[str, Callable[[Path], Exception]] = {
     "database-full": lambda _p: StorageFullError(
         "database error: the disk holding /srv/selfie-lora.db is full (0 KB free): database or "
@@ -188,11 +218,9 @@ def _worker(fake: _Failing) -> Worker:
                   erasure=fake)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("loop", list(LOOPS))
-@pytest.mark.parametrize("refusal", list(REFUSALS))
-def test_a_lasting_refusal_is_said_once_per_loop_and_its_end_once(
-        tmp_path: Path, logged: pytest.LogCaptureFixture, loop: str, refusal: str) -> None:
-    error = REFUSALS[refusal](tmp_path)
+def _five_refused_then_two(logged: pytest.LogCaptureFixture, loop: str,
+                           error: Exception) -> list[logging.LogRecord]:
+    """What ``loop`` said over five rounds that ``error`` refused, then two that went through."""
     fake = _Failing(loop, lambda: error)
     worker = _worker(fake)
     for _round in range(5):
@@ -201,7 +229,15 @@ def test_a_lasting_refusal_is_said_once_per_loop_and_its_end_once(
     for _round in range(2):
         _rounds(worker, loop)
     assert fake.rounds == 7
-    said = [r for r in logged.records if r.getMessage().startswith(LOOPS[loop])]
+    return [r for r in logged.records if r.getMessage().startswith(LOOPS[loop])]
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+@pytest.mark.parametrize("refusal", list(REFUSALS))
+def test_a_lasting_refusal_is_said_once_per_loop_and_its_end_once(
+        tmp_path: Path, logged: pytest.LogCaptureFixture, loop: str, refusal: str) -> None:
+    error = REFUSALS[refusal](tmp_path)
+    said = _five_refused_then_two(logged, loop, error)
     # Old code: five ERROR records, each with its traceback, and no end.
     assert [(r.levelname, bool(r.exc_info)) for r in said] == [
         ("WARNING", False), *[("DEBUG", True)] * 4, ("INFO", False)]
@@ -262,9 +298,10 @@ def _gc_said(logged: pytest.LogCaptureFixture,
     (REFUSALS["database-full"], _read_only, "a full disk"),
     (REFUSALS["local-disk-full"], _pool_exhausted, "a full disk"),
     (_pool_exhausted, _read_only, "the database's connections all taken"),
-    (_read_only, REFUSALS["database-full"], "a read-only database")],
+    (_read_only, REFUSALS["database-full"], "a read-only database"),
+    (_locked, _pool_exhausted, "statements kept waiting past the database's timeout")],
     ids=["full-then-read-only", "local-full-then-pool", "pool-then-read-only",
-         "read-only-then-full"])
+         "read-only-then-full", "locked-then-pool"])
 def test_a_refusal_of_another_kind_while_one_lasts_is_said_too(
         tmp_path: Path, logged: pytest.LogCaptureFixture, first: Callable[[Path], Exception],
         then: Callable[[Path], Exception], was: str) -> None:
@@ -328,3 +365,22 @@ def test_a_pool_whose_connections_stay_taken_is_said_with_a_leak_as_a_cause_too(
     assert "SELFIE_LORA_DB_POOL_SIZE" in said[0].getMessage()
     assert "a connection held by a defect" in said[0].getMessage()
     assert "(its end is logged" in said[0].getMessage()
+
+
+@pytest.mark.parametrize("loop", list(LOOPS))
+def test_a_lock_held_past_the_database_s_wait_is_said_once_with_what_holds_it(
+        tmp_path: Path, logged: pytest.LogCaptureFixture, loop: str) -> None:
+    # SQLite's "database is locked" (PostgreSQL's lock_timeout, statement_timeout): old code, a
+    # plain StorageError, an ERROR with its traceback at every round. Not in the pool's words:
+    # nothing of this process's to resize, the lock is held elsewhere.
+    error = _locked(tmp_path)
+    assert isinstance(error, DatabaseLockedError)
+    said = _five_refused_then_two(logged, loop, error)
+    assert [(r.levelname, bool(r.exc_info)) for r in said] == [
+        ("WARNING", False), *[("DEBUG", True)] * 4, ("INFO", False)]
+    assert "database error: database is locked" in said[0].getMessage()
+    assert "(its end is logged; a transaction elsewhere holds a lock it needs" in (
+        said[0].getMessage())
+    assert "SELFIE_LORA_DB_POOL_SIZE" not in said[0].getMessage()
+    assert "goes through again" in said[-1].getMessage()
+    assert not [r for r in logged.records if r.levelno >= logging.ERROR]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, inspect, text, update
+from sqlalchemy import Engine, create_engine, event, inspect, text, update
 
 from selfie_lora.adapters.db.migrate import upgrade
 from selfie_lora.adapters.db.repository import SqlRepository, make_engine
@@ -33,7 +36,14 @@ from selfie_lora.domain.entities import (
     Version,
     WebSession,
 )
-from selfie_lora.errors import ConflictError, ErrorCode, InvalidInputError, StorageError
+from selfie_lora.errors import (
+    STORAGE_RETRY_AFTER,
+    ConflictError,
+    DatabaseLockedError,
+    ErrorCode,
+    InvalidInputError,
+    StorageError,
+)
 from selfie_lora.services.generation import MAX_SEED
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -969,3 +979,89 @@ def test_a_database_says_whether_it_takes_writes(repo: SqlRepository) -> None:
         assert not SqlRepository(engine).takes_writes()
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _user_row_locked(repo: SqlRepository, user_id: str) -> Iterator[None]:
+    """A write of ``user_id``'s row left open in a transaction of its own: its row lock held on
+    PostgreSQL, the database's one write lock on SQLite (taken by the engine's BEGIN IMMEDIATE)."""
+    with repo.engine.connect() as holder, holder.begin():
+        holder.execute(text("UPDATE users SET name = name WHERE id = :id"), {"id": user_id})
+        yield
+
+
+def _waiting_briefly(repo: SqlRepository, **timeouts: Any) -> Engine:
+    """Another engine on ``repo``'s database whose waits for a lock are short: SQLite's busy
+    timeout (30 s in ``make_engine``) or PostgreSQL's lock_timeout, 100 ms; ``timeouts`` go to
+    ``make_engine`` (a statement timeout)."""
+    url = repo.engine.url
+    if repo.engine.dialect.name == "postgresql":
+        if not timeouts:
+            url = url.update_query_dict({"options": "-c lock_timeout=100"})
+        return make_engine(url.render_as_string(hide_password=False), **timeouts)
+    engine = make_engine(url.render_as_string(hide_password=False))
+
+    @event.listens_for(engine, "connect")
+    def _short_busy_timeout(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.execute("PRAGMA busy_timeout=100")  # after make_engine's own 30 s
+
+    return engine
+
+
+def _kept_waiting(repo: SqlRepository, user_id: str, engine: Engine) -> DatabaseLockedError:
+    """The error of a locking read of ``user_id`` through ``engine`` while another transaction
+    holds the row (``_user_row_locked``); the same read goes through once that ends."""
+    waiting = SqlRepository(engine)
+    with _user_row_locked(repo, user_id), pytest.raises(DatabaseLockedError) as caught:
+        waiting.get_user(user_id, for_update=True)
+    assert waiting.get_user(user_id, for_update=True) is not None  # over with the lock
+    return caught.value
+
+
+def _busy(refused: DatabaseLockedError) -> None:
+    """``refused`` is answered as the database busy (503 with Retry-After), and a worker's loops
+    say it once as a refusal of its own, not this process's pool."""
+    assert refused.message.startswith("database error: ")
+    assert (refused.http_status, refused.code, refused.retry_after) == (
+        503, ErrorCode.STORAGE_UNAVAILABLE, STORAGE_RETRY_AFTER)
+    assert not refused.pool_exhausted
+
+
+def test_a_lock_held_past_the_database_s_wait_is_the_database_busy(repo: SqlRepository) -> None:
+    """SQLite's write lock held by another connection past the busy timeout ("database is
+    locked", SQLITE_BUSY) and PostgreSQL's row lock past lock_timeout (55P03,
+    lock_not_available) were a plain StorageError: a 500 storage_error to a client and a
+    traceback at every round of a worker's loops, where the pool's wait running out (the same
+    database busy) is a 503 with Retry-After, said once."""
+    ann, _model, _dataset = seed(repo)
+    engine = _waiting_briefly(repo)
+    try:
+        refused = _kept_waiting(repo, ann.id, engine)
+    finally:
+        engine.dispose()
+    _busy(refused)
+    cause = refused.__cause__
+    assert cause is not None
+    if repo.engine.dialect.name == "postgresql":
+        assert getattr(getattr(cause, "orig", None), "sqlstate", None) == "55P03"
+    else:
+        assert "database is locked" in refused.message
+        assert getattr(getattr(cause, "orig", None), "sqlite_errorcode", 0) & 0xFF == 5
+
+
+def test_a_statement_past_its_timeout_is_the_database_busy(repo: SqlRepository) -> None:
+    """PostgreSQL's statement_timeout (57014, query_canceled), here a statement that waits for
+    a row lock with no lock_timeout: the database busy, as a lock's wait above."""
+    if repo.engine.dialect.name != "postgresql":
+        return  # SQLite has no statement timeout: its busy timeout is the lock's test above
+    ann, _model, _dataset = seed(repo)
+    engine = _waiting_briefly(repo, statement_timeout_s=0.2)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SHOW lock_timeout")).scalar() == "0"
+        refused = _kept_waiting(repo, ann.id, engine)
+    finally:
+        engine.dispose()
+    _busy(refused)
+    assert getattr(getattr(refused.__cause__, "orig", None), "sqlstate", None) == "57014"
+    assert "statement timeout" in refused.message

@@ -15,6 +15,7 @@ from selfie_lora.disk_space import is_full_error
 from selfie_lora.domain.plan import TrainingDefaults, pin_for_training
 from selfie_lora.errors import (
     BlobStoreUnreachableError,
+    DatabaseLockedError,
     DatabaseRefusedError,
     DatabaseUnreachableError,
     InvalidInputError,
@@ -318,6 +319,11 @@ class LoopOutages:
                 # back exhausts it too (once an ERROR with its traceback each round).
                 was += ("; SELFIE_LORA_DB_POOL_SIZE too small for the load, or, if raising it "
                         "does not help, a connection held by a defect (a leak)")
+            elif began and isinstance(exc, DatabaseLockedError):
+                # Nothing of this process's to resize: what holds the lock is elsewhere.
+                was += ("; a transaction elsewhere holds a lock it needs (a long command, a "
+                        "backup, another process), or the server is too loaded for the "
+                        "statement timeout")
             logger.log(logging.WARNING if began else logging.DEBUG,
                        "%s: %s; %s (its end is logged%s)", failed, words, self._retried, was,
                        exc_info=not began)
@@ -336,12 +342,15 @@ def refused(exc: BaseException) -> bool:
     """Whether ``exc`` is a refusal that lasts until it passes or the operator acts, not a
     defect: a full disk (``StorageFullError``, or an ``OSError`` ENOSPC or EDQUOT no adapter
     mapped: a hold's copy, a work folder) or the database refusing for a state of its own
-    (``DatabaseRefusedError``: its pool exhausted, a read-only standby)."""
+    (``DatabaseRefusedError``: its pool exhausted, a read-only standby, a lock or a statement
+    kept waiting past its bound)."""
     return isinstance(exc, (StorageFullError, DatabaseRefusedError)) or is_full_error(exc)
 
 
 FULL_DISK = "a full disk"  # ``refusal_kind``'s for StorageFullError or an OSError ENOSPC
 POOL_TAKEN = "the database's connections all taken"  # its for DatabaseBusyError's pool
+# ... for DatabaseLockedError: a lock held elsewhere, a statement past its timeout.
+KEPT_WAITING = "statements kept waiting past the database's timeout"
 
 
 def refusal_kind(exc: BaseException) -> str:
@@ -350,6 +359,8 @@ def refusal_kind(exc: BaseException) -> str:
     refused (a read-only standby's UPDATE, then INSERT)."""
     if isinstance(exc, StorageFullError) or is_full_error(exc):
         return FULL_DISK
+    if isinstance(exc, DatabaseLockedError):
+        return KEPT_WAITING
     if isinstance(exc, DatabaseRefusedError):
         return (POOL_TAKEN if exc.pool_exhausted
                 else "a read-only database")

@@ -146,6 +146,7 @@ from selfie_lora.logs import training_context
 from selfie_lora.services.checkpoints import TrainingCheckpoints
 from selfie_lora.services.common import (
     FULL_DISK,
+    KEPT_WAITING,
     POOL_TAKEN,
     Outage,
     PinFacts,
@@ -2067,8 +2068,10 @@ def _database_outage(exc: BaseException) -> bool:
     file). Either way no holder renews its lease (the renewal's write is refused beat after
     beat), so a lease that ran out meanwhile was lost to the outage
     (``lost_to_database_outage``). In a reconcile a full disk may be the blob store's too: an
-    outage of the machine all the same, which its trainings wait out. Not this process's pool
-    exhausted (``pool_exhausted``): the holder's pool is its own, and its beats may go through."""
+    outage of the machine all the same, which its trainings wait out. A lock or a statement kept
+    waiting past its bound (``DatabaseLockedError``) is the database's state too, which the
+    holder's beats meet as this worker's statements did. Not this process's pool exhausted
+    (``pool_exhausted``): the holder's pool is its own, and its beats may go through."""
     if isinstance(exc, DatabaseRefusedError):
         return not exc.pool_exhausted
     return isinstance(exc, DatabaseUnreachableError | StorageFullError)
@@ -2271,10 +2274,11 @@ class _Held:
         # heartbeats say so once, and once when it answers again, not at every read.
         self.database_outage = Outage()
         # Its disk full, or refusing writes for a state of its own (a read-only standby, the
-        # pool's connections all taken): said once likewise, each kind (``refusal_kind``),
-        # where each beat (every 5 s) logged a WARNING. Met and ended by two threads, the
-        # training's (its cancel reads, ``_Sink.cancel_requested``) and the heartbeat's: the
-        # kind its end is said in is the Outage's own (``ends_as``), under its lock.
+        # pool's connections all taken, a lock held past its wait): said once likewise, each
+        # kind (``refusal_kind``), where each beat (every 5 s) logged a WARNING. Met and ended
+        # by two threads, the training's (its cancel reads, ``_Sink.cancel_requested``) and the
+        # heartbeat's: the kind its end is said in is the Outage's own (``ends_as``), under its
+        # lock.
         self.database_refused = Outage()
 
     def tickets(self) -> tuple[int, int]:
@@ -2306,7 +2310,8 @@ class _Held:
             # In the words of what refused: a pool whose connections were all taken never
             # stopped the database taking writes.
             over = {FULL_DISK: "the database's disk takes writes again",
-                    POOL_TAKEN: "the database's connections are free again"}
+                    POOL_TAKEN: "the database's connections are free again",
+                    KEPT_WAITING: "the database's statements go through in time again"}
             logger.info("training %s: %s", self.training_id,
                         over.get(kind, "the database takes writes again"))
 

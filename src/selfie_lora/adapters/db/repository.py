@@ -109,6 +109,7 @@ from selfie_lora.errors import (
     ConfigError,
     ConflictError,
     DatabaseBusyError,
+    DatabaseLockedError,
     DatabaseRefusedError,
     DatabaseUnreachableError,
     ErrorCode,
@@ -598,9 +599,15 @@ class SqlRepository:
                 # A standby after a fail-over, a read-only file: every write refused until the
                 # operator acts, said once by a worker's loops, not a traceback each round.
                 raise DatabaseRefusedError(f"database error: {exc.orig}") from exc
-            # Whatever else the driver raised ("database is locked", a refused login, a
-            # statement refused): its own words, not the statement and parameters sqlalchemy
-            # adds to them. A lost connection or a fail-over is an outage (above).
+            if _kept_waiting(exc.orig):
+                # A lock held elsewhere past the database's wait, a statement past its timeout:
+                # the database busy, as a pool taken is ("busy, send it again" to a client,
+                # said once by a worker's loops), where it was any database error's 500 and a
+                # traceback at every round.
+                raise DatabaseLockedError(f"database error: {exc.orig}") from exc
+            # Whatever else the driver raised (a refused login, a statement refused): its own
+            # words, not the statement and parameters sqlalchemy adds to them. A lost
+            # connection or a fail-over is an outage (above).
             raise StorageError(f"database error: {exc.orig}") from exc
         except SQLAlchemyError as exc:
             # sqlalchemy's own (a pool that stayed exhausted past its timeout, a connection
@@ -1669,6 +1676,23 @@ def _unanswered(exc: DBAPIError) -> bool:
     return any(word in said for word in _NO_ANSWER_WORDS)
 
 
+# PostgreSQL's SQLSTATEs of a statement the server stopped waiting: lock_not_available (its
+# lock_timeout, or NOWAIT) and query_canceled (its statement_timeout, or a cancel asked for);
+# SQLite's SQLITE_BUSY (primary code: "database is locked", its write lock held by another
+# connection past the busy timeout).
+_PG_LOCK_NOT_AVAILABLE = "55P03"
+_PG_QUERY_CANCELED = "57014"
+_SQLITE_BUSY = 5
+
+
+def _kept_waiting(orig: BaseException | None) -> bool:
+    """Whether the driver's error says the database kept the statement waiting past its bound
+    (``DatabaseLockedError``)."""
+    return any(driver_says(orig, sqlstate=state, sqlite_code=_SQLITE_BUSY,
+                           words="database is locked")
+               for state in (_PG_LOCK_NOT_AVAILABLE, _PG_QUERY_CANCELED))
+
+
 def _unreachable(exc: DBAPIError) -> bool:
     """Whether ``exc`` says the database server could not be reached or dropped the connection
     (PostgreSQL down or restarting: refused, reset, "terminating connection due to administrator
@@ -1676,8 +1700,8 @@ def _unreachable(exc: DBAPIError) -> bool:
     is one SQLAlchemy invalidated; psycopg's other errors carry a SQLSTATE (``_OUTAGE_STATES``)
     or, for the client's own (a failed connect among them, unless ``postgres.connect`` read the
     server's 57P03 or 53300 and gave it one), none: those are told by their words
-    (``_NETWORK_WORDS``, ``_BUSY_SERVER_WORDS``). SQLite's ("database is locked") are not
-    outages."""
+    (``_NETWORK_WORDS``, ``_BUSY_SERVER_WORDS``). SQLite's ("database is locked": busy,
+    ``_kept_waiting``) are not outages."""
     if exc.connection_invalidated:
         return True
     if not isinstance(exc, (OperationalError, InterfaceError)) or not hasattr(exc.orig,
