@@ -1003,6 +1003,14 @@ LEAKY_WORDS = ("/srv/selfie/blobs/weights/0f.safetensors",
      507, "storage_full", "the server's disk is full, so this could not be saved; nothing is "
      "wrong with your request: please tell the operator, and try again once they have freed "
      "space"),
+    # Old code: the same "the server's disk is full ... once they have freed space" for a quota
+    # used up (EDQUOT), where the disk may have room and freeing space need not help.
+    (StorageFullError(f"the blob cache cannot hold {LEAKY_WORDS[1]} at {LEAKY_WORDS[0]}: the "
+                      "quota of this account on the disk holding it is used up (the disk itself "
+                      "has 2.0 GB free): Disk quota exceeded", quota=True),
+     507, "storage_full", "a disk quota of the server is used up, so this could not be saved; "
+     "nothing is wrong with your request: please tell the operator, and try again once they "
+     "have raised the quota or deleted files it counts"),
     (GenerationError(f"local generation failed: RuntimeError: {LEAKY_WORDS[0]}",
                      details=[LEAKY_WORDS[1]]), 502, "generation_failed",
      "the pictures could not be made; please retry, or change the prompt"),

@@ -780,8 +780,10 @@ def test_claims_refused_by_a_still_full_database_disk_keep_the_wait_uncounted(
 # write's ENOSPC was a plain StorageError, counted (failed after 3 attempts, "could not be
 # written on the worker's disk"); and the blob write's wait ended, once Replicate's output had
 # expired, in Replicate's sentence ("could no longer be downloaded from Replicate"), the full
-# disk never named.
-@pytest.mark.parametrize("where", ["weights blob", "LoRA write"])
+# disk never named. Over a quota (EDQUOT) the row said the quota while it waited, but the expiry
+# still said "a disk of the server was full ... Free space on the server's disk".
+@pytest.mark.parametrize("where", ["weights blob", "LoRA write", "LoRA write over the quota",
+                                   "weights blob over the quota"])
 def test_a_replicate_training_on_a_full_disk_waits_and_names_the_disk_when_its_output_expired(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     from selfie_lora.adapters.replicate import trainer as replicate_trainer
@@ -791,10 +793,11 @@ def test_a_replicate_training_on_a_full_disk_waits_and_names_the_disk_when_its_o
     from tests.integration.test_trainer_outage import OWNER, FakeClock
 
     real_write = replicate_trainer._write_atomically
+    code = errno.EDQUOT if where.endswith("over the quota") else errno.ENOSPC
 
     def write(path: Path, data: bytes) -> None:
-        if where == "LoRA write":  # the worker's disk stays full
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        if where.startswith("LoRA write"):  # the worker's disk stays full
+            raise OSError(code, os.strerror(code), str(path))
         real_write(path, data)
 
     monkeypatch.setattr(replicate_trainer, "_write_atomically", write)
@@ -807,7 +810,8 @@ def test_a_replicate_training_on_a_full_disk_waits_and_names_the_disk_when_its_o
             api_token=standin.token, base_url=standin.base_url, max_retries=2,
             sleep=clock.sleep), owner=OWNER, poll_interval=0.0)
         blobs = _WeightsDisk(settings.blob_dir)
-        blobs.full = where == "weights blob"
+        blobs.full = where.startswith("weights blob")
+        blobs.code = code
         services = build_services(settings, trainers={"replicate": trainer}, blobs=blobs,
                                   generators={"replicate": FakeGenerator(backend="replicate")},
                                   face_analyzer=one_person_analyzer(), clock=clock.now)
@@ -821,10 +825,14 @@ def test_a_replicate_training_on_a_full_disk_waits_and_names_the_disk_when_its_o
                 assert not t.status.is_terminal, t.error  # old code (LoRA write): counted
                 assert t.recoveries == 0
                 assert t.error is not None
-                assert t.error.startswith("a disk of the server is full: ")
+                assert t.error.startswith("a disk quota of the server is used up: "
+                                          if code == errno.EDQUOT else
+                                          "a disk of the server is full: "), t.error
                 assert "checkpoint" not in t.error  # old code: "from its last checkpoint"
+                act = ("raise the quota or delete files it counts" if code == errno.EDQUOT
+                       else "free space")
                 assert ("downloading its trained LoRA from Replicate again (Replicate keeps a "
-                        "finished run's output about an hour, so free space before then)"
+                        f"finished run's output about an hour, so {act} before then)"
                         in t.error)
                 clock.past_the_hold(t)
             # Nobody freed space within the hour: Replicate has dropped the run's output.
@@ -838,12 +846,22 @@ def test_a_replicate_training_on_a_full_disk_waits_and_names_the_disk_when_its_o
             assert t.recoveries == 0
             assert t.error is not None
             assert "could no longer be downloaded from Replicate" not in t.error
-            assert t.error.startswith("The training finished, but a disk of the server was full "
-                                      "for 1 h")
-            assert ("so its LoRA file could not be stored, and meanwhile Replicate let the "
-                    "trained output expire (it keeps it about an hour). Free space on the "
-                    "server's disk (or ask its operator to) and start the training again."
-                    in t.error)
+            if code == errno.EDQUOT:
+                assert t.error.startswith("The training finished, but a disk quota of the server "
+                                          "was used up for 1 h"), t.error
+                assert ("so its LoRA file could not be stored, and meanwhile Replicate let the "
+                        "trained output expire (it keeps it about an hour). Raise the server's "
+                        "disk quota or delete files it counts (or ask its operator to) and start "
+                        "the training again." in t.error), t.error
+                assert "full" not in t.error, t.error
+                assert "Free space" not in t.error, t.error
+            else:
+                assert t.error.startswith("The training finished, but a disk of the server was "
+                                          "full for 1 h")
+                assert ("so its LoRA file could not be stored, and meanwhile Replicate let the "
+                        "trained output expire (it keeps it about an hour). Free space on the "
+                        "server's disk (or ask its operator to) and start the training again."
+                        in t.error)
         finally:
             services.close()
 
@@ -916,7 +934,8 @@ def test_metrics_count_the_trainings_waiting_for_room(tmp_path: Path) -> None:
 
 
 # Old code: the blob cache turned both into a plain StorageError, 500 storage_error "please
-# retry in a moment"; and a quota (EDQUOT) did not even evict the copies nobody holds.
+# retry in a moment"; and a quota (EDQUOT) did not even evict the copies nobody holds. Later,
+# the quota's 507 said "the server's disk is full ... once they have freed space".
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
 def test_a_generation_whose_weights_cannot_be_copied_to_a_full_disk_is_507_storage_full(
         code: int, s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -945,7 +964,11 @@ def test_a_generation_whose_weights_cannot_be_copied_to_a_full_disk_is_507_stora
         assert r.status_code == 507, r.text
         error = r.json()["error"]
         assert error["code"] == "storage_full"
-        assert error["message"] == server_error_sentence(ErrorCode.STORAGE_FULL)
+        # Said as the quota it is (old code: "the server's disk is full", for both).
+        assert error["message"] == server_error_sentence(ErrorCode.STORAGE_FULL,
+                                                         quota=code == errno.EDQUOT)
+        assert ("disk quota of the server is used up" in error["message"]) == (
+            code == errno.EDQUOT)
         if code == errno.ENOSPC:
             assert f"the disk holding {settings.blob_cache_dir} is full" in caplog.text
             assert "lower SELFIE_LORA_BLOB_CACHE_GB or free disk space" in caplog.text

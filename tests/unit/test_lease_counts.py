@@ -21,9 +21,11 @@ from selfie_lora.domain.lease import (
     lost_to_database_outage,
     outage_waited,
     release,
+    room_wait_was_quota,
     step_away,
     wait_for_room,
     wait_out,
+    waited_for_room_since,
 )
 from selfie_lora.domain.recipes import get_recipe
 
@@ -174,6 +176,24 @@ def test_the_waits_gauge_names_each_outage_wait_while_its_hold_lasts() -> None:
     # Neither a running training nor a step-away for a remote backend waits out an outage.
     assert outage_waited(t, NOW) is None
     assert outage_waited(step_away(t, NOW, reason="Replicate away", hold=hold), NOW) is None
+
+
+def test_a_wait_for_room_notes_its_start_once_and_whether_its_last_wait_was_a_quota() -> None:
+    """A remote run whose output expired while it waited is failed naming what it waited for
+    (``room_wait_was_quota``): the note keeps when the outage began, and says the quota of the
+    last wait (one noted "full" told a user over a quota to free space)."""
+    _, t = claim(_queued(), owner="w", now=NOW, policy=POLICY)
+    hold = timedelta(minutes=1)
+    assert not room_wait_was_quota(t)
+    first = wait_for_room(t, NOW, reason="quota", hold=hold, quota=True)
+    assert waited_for_room_since(first) == NOW
+    assert room_wait_was_quota(first)
+    _, again = claim(first, owner="w", now=NOW + hold, policy=POLICY)
+    later = wait_for_room(again, NOW + 2 * hold, reason="full", hold=hold)
+    assert waited_for_room_since(later) == NOW  # the same outage: its start kept
+    assert not room_wait_was_quota(later)
+    assert room_wait_was_quota(wait_for_room(later, NOW + 3 * hold, reason="quota", hold=hold,
+                                             quota=True))
 
 
 def test_a_lease_lost_to_a_database_outage_is_told_by_the_outage_over_its_expiry() -> None:

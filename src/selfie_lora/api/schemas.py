@@ -124,8 +124,9 @@ _WHY = {
     502: "the generator or the training backend failed",
     503: "the server cannot take it now; ask again after the Retry-After header's seconds when "
          "it sends one",
-    507: "the server's disk is full: nothing is wrong with the request, which works again once "
-         "the operator has freed space (a fixed sentence and a reference, as for a 500)",
+    507: "the server's disk is full (or a disk quota of it used up): nothing is wrong with the "
+         "request, which works again once the operator has freed space (or raised the quota) "
+         "(a fixed sentence and a reference, as for a 500)",
 }
 # What every /api route but the webhook can answer, whatever it does: the guard's answers
 # (before any route runs) and the server's own.

@@ -16,7 +16,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-from selfie_lora.errors import ErrorCode, GenerationError, SelfieLoraError
+from selfie_lora.errors import ErrorCode, GenerationError, SelfieLoraError, StorageFullError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,12 @@ _SENTENCES: dict[str, str] = {
                                    "nothing was changed; please tell the operator, and try "
                                    "again once it is fixed",
 }
+# The ``storage_full`` sentence of a quota used up (EDQUOT, ``StorageFullError.quota``): the disk
+# may have room, so "full" and "freed space" sent the operator the user tells to ``df``, which
+# does not see a quota.
+STORAGE_QUOTA_MESSAGE = ("a disk quota of the server is used up, so this could not be saved; "
+                         "nothing is wrong with your request: please tell the operator, and try "
+                         "again once they have raised the quota or deleted files it counts")
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,10 @@ def retry_after_header(exc: SelfieLoraError) -> dict[str, str]:
     return {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
 
 
-def server_error_sentence(code: str) -> str:
+def server_error_sentence(code: str, *, quota: bool = False) -> str:
+    """The sentence of a 5xx ``code``; ``quota``: a ``storage_full`` that is a quota used up."""
+    if quota and code == ErrorCode.STORAGE_FULL:
+        return STORAGE_QUOTA_MESSAGE
     return _SENTENCES.get(code, SERVER_ERROR_MESSAGE)
 
 
@@ -81,7 +90,8 @@ def report_server_error(exc: BaseException, *, method: str, path: str) -> Server
     if isinstance(exc, SelfieLoraError):
         logger.error("%s %s: %s (reference %s): %s%s", method, path, exc.code, reference,
                      exc.message, f" {exc.details}" if exc.details else "", extra=extra)
-        sentence = server_error_sentence(exc.code)
+        sentence = server_error_sentence(
+            exc.code, quota=isinstance(exc, StorageFullError) and exc.quota)
         if isinstance(exc, GenerationError) and exc.user_message:
             sentence = exc.user_message  # written for the user (the error's docstring)
     else:

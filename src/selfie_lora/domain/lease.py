@@ -16,7 +16,7 @@ wait for room (``wait_for_room``) without counting it, so a disk freed an hour l
 a local training waiting, its checkpoints kept. A remote run's output outlives the wait only as
 long as its backend keeps it (Replicate: about an hour); the row remembers when the wait began
 (``waited_for_room_since``), so a training whose output expired meanwhile is failed naming the
-full disk, not the backend.
+full disk (or the quota used up, ``room_wait_was_quota``), not the backend.
 
 Pure functions only: the service calls them inside its transactions.
 """
@@ -259,18 +259,20 @@ def step_away(t: Training, now: datetime, *, reason: str,
     return dataclasses.replace(t, lease_expires_at=now + hold, heartbeat_at=None, error=reason)
 
 
-def wait_for_room(t: Training, now: datetime, *, reason: str, hold: timedelta) -> Training:
+def wait_for_room(t: Training, now: datetime, *, reason: str, hold: timedelta,
+                  quota: bool = False) -> Training:
     """``t`` left by a worker whose disk is full (``reason``, a sentence, on ``error``): it
     waits out ``hold`` (nobody claims it before: the reconciler rings once it is over) and is
     claimed then with no recovery counted, as after ``release``: the owner goes, since the
     machine's disk, not the training nor its worker, failed. An attempt that made progress keeps
     that (``progressed``), so the count of the take-overs before it starts again as usual. With
     no heartbeat, a cancel meanwhile ends it at once (``holder_is_silent``). The first wait of
-    an outage is noted (``waited_for_room_since``)."""
-    metrics = t.metrics
-    if waited_for_room_since(t) is None:
-        metrics = {**t.metrics, ROOM_WAIT_KEY: {"since": now.isoformat(),
-                                                "remote_id": t.remote_id}}
+    an outage is noted (``waited_for_room_since``), and with each wait whether it was for a
+    quota used up (``quota``: EDQUOT) rather than a full disk (``room_wait_was_quota``)."""
+    note = t.metrics.get(ROOM_WAIT_KEY) if waited_for_room_since(t) is not None else None
+    if not isinstance(note, dict):
+        note = {"since": now.isoformat(), "remote_id": t.remote_id}
+    metrics = {**t.metrics, ROOM_WAIT_KEY: {**note, "quota": quota}}
     return _waiting(t, now, reason=reason, hold=hold, metrics=metrics)
 
 
@@ -340,7 +342,8 @@ def storage_waited_for_weights(t: Training, now: datetime) -> timedelta:
 
 
 # The key of ``Training.metrics`` that holds when the training's current wait for room began, and
-# for which remote run: a run created after it is not one whose output that wait outlasted.
+# for which remote run: a run created after it is not one whose output that wait outlasted; and
+# whether its last wait was for a quota used up.
 ROOM_WAIT_KEY = "waits_for_room"
 
 
@@ -354,6 +357,15 @@ def waited_for_room_since(t: Training) -> datetime | None:
         return datetime.fromisoformat(str(wait["since"]))
     except (KeyError, ValueError):
         return None
+
+
+def room_wait_was_quota(t: Training) -> bool:
+    """Whether the last wait for room of ``t``'s current one (``waited_for_room_since``) was for
+    a quota used up (EDQUOT), not a full disk: what its user is told to do differs, as freeing
+    space on the disk need not help a quota."""
+    wait = t.metrics.get(ROOM_WAIT_KEY)
+    return (waited_for_room_since(t) is not None and isinstance(wait, dict)
+            and wait.get("quota") is True)
 
 
 def room_wait_over(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -93,6 +93,7 @@ from selfie_lora.domain.lease import (
     recovery_action,
     release,
     room_wait_over,
+    room_wait_was_quota,
     scoring_exhausted,
     scoring_stops,
     step_away,
@@ -233,6 +234,13 @@ ROOM_EXPIRED_MESSAGE = (
     "could not be stored, and meanwhile {backend} let the trained output expire (it keeps it "
     "about an hour). Free space on the server's disk (or ask its operator to) and start the "
     "training again.")
+# ... and for a quota used up (EDQUOT) that it waited for: "full" and "free space" sent the
+# operator to ``df``, which shows the room a quota does not give.
+QUOTA_EXPIRED_MESSAGE = (
+    "The training finished, but a disk quota of the server was used up for {waited}, so its "
+    "LoRA file could not be stored, and meanwhile {backend} let the trained output expire (it "
+    "keeps it about an hour). Raise the server's disk quota or delete files it counts (or ask "
+    "its operator to) and start the training again.")
 # The same for an output that expired while the training waited for the object storage (its
 # LoRA downloaded but not stored, ``wait_out``): the outage is why, and running the training
 # again is what to do, where the backend's sentence named neither.
@@ -1355,7 +1363,7 @@ class TrainingService:
         an outage (its end too, ``_room_again``): its tries would repeat it every few seconds."""
         def leave(t: Training, gap: timedelta) -> Training:
             return wait_for_room(t, self._clock(), reason=_disk_full_reason(t, quota=exc.quota),
-                                 hold=gap)
+                                 hold=gap, quota=exc.quota)
 
         _, gap, began = self._wait(held, self._room, ticket=held.room_ticket, leave=leave,
                                    doing="leave it to wait for room", quiet_if_full=True)
@@ -1625,7 +1633,8 @@ class TrainingService:
     def _expired_while_waiting(self, held: _Held,
                                exc: WeightsNotFoundError) -> WeightsNotFoundError:
         """``exc`` (a remote run's output that can no longer be downloaded) said as what it is
-        when the training waited for room meanwhile: the full disk, for how long, and what to do.
+        when the training waited for room meanwhile: the full disk (or the quota used up), for
+        how long, and what to do.
         The backend's own sentence blamed the backend, and a user would just try again into the
         same full disk. Else when it waited for the object storage (``_expired_while_storage_
         away``)."""
@@ -1637,11 +1646,14 @@ class TrainingService:
         if since is None:
             return self._expired_while_storage_away(current, exc)
         waited = wait_text(self._clock() - since)
+        quota = room_wait_was_quota(current)
+        what = ("a disk quota of the server was used up" if quota
+                else "a disk of the server was full")
         return WeightsNotFoundError(
-            f"{exc.message} (a disk of the server was full for {waited}, since "
+            f"{exc.message} ({what} for {waited}, since "
             f"{since.isoformat(timespec='seconds')}: the output expired while the training "
             "waited for room)",
-            user_message=ROOM_EXPIRED_MESSAGE.format(
+            user_message=(QUOTA_EXPIRED_MESSAGE if quota else ROOM_EXPIRED_MESSAGE).format(
                 waited=waited, backend=_backend_name(current.backend)))
 
     def _expired_while_storage_away(self, current: Training,
