@@ -58,9 +58,9 @@ entry points never see them.
     │   │                           a host that does not resolve, http/https or the region
     │   │                           not the server's, not S3 (HTTP 500 config_error: tell
     │   │                           the operator)
-    │   └── StorageFullError        the disk (of the blobs or the database) is full: an
-    │                               expected outage, said in one line, over once space is
-    │                               freed (HTTP 507)
+    │   └── StorageFullError        the disk (of the blobs, the database, a backup) is full
+    │                               or a quota used up: an expected outage, said in one
+    │                               line, over once space is freed (HTTP 507)
     ├── GenerationError             the image generator failed
     ├── AlertDeliveryError          the operator's alert endpoint did not take an alert; says
     │                               the endpoint's host and HTTP status at most, never its URL

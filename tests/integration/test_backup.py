@@ -1920,6 +1920,55 @@ def test_a_restore_onto_a_full_disk_says_so_and_never_that_the_backup_is_bad(
     assert (target / "blobs" / photo_key("a" * 64)).read_bytes() == b"a photo"
 
 
+# Old code: a plain StorageError, the error tree's word for a fault to trace, where every other
+# full disk or used-up quota is a StorageFullError that says which (``quota``).
+@pytest.mark.parametrize(("work", "code"), [(w, c) for w in ("backup", "restore")
+                                             for c in (errno.ENOSPC, errno.EDQUOT)])
+def test_a_backup_or_restore_onto_a_full_disk_is_a_storage_full_error_saying_the_quota(
+        work: str, code: int, services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from selfie_lora import disk_space
+    from selfie_lora.adapters.backup import HomeBackups
+    from selfie_lora.errors import StorageFullError
+
+    _backed_up(services, settings, monkeypatch)
+    source = tmp_path / "bk.tar"
+    target = tmp_path / "target"
+    if work == "restore":
+        HomeBackups(home=settings.home).backup(dest=source)
+    out = tmp_path / "out"
+    out.mkdir()
+    with monkeypatch.context() as disk:
+        # The same free space for the error and the command's line (the test disk's moves).
+        disk.setattr(disk_space.shutil, "disk_usage",
+                     lambda _path: shutil._ntuple_diskusage(2 ** 31, 2 ** 30, 2 ** 30))  # type: ignore[attr-defined]
+        # The blobs' files of a folder backup (its database written first).
+        full_disk_under(disk, tmp_path / ".target.restore-" if work == "restore"
+                        else out / "bk" / "blobs", code=code)
+        backups = HomeBackups(home=target if work == "restore" else settings.home)
+        act: Callable[[], object] = (
+            (lambda: backups.restore(source=source, force=False)) if work == "restore"
+            else (lambda: backups.backup(dest=out / "bk")))
+        with pytest.raises(StorageFullError) as caught:
+            act()
+        # The command line says the error's words as they are (its exit status 1).
+        if work == "restore":
+            monkeypatch.setattr(cli, "_settings",
+                                lambda: settings.model_copy(update={"home": target}))
+        line = _refused(work, str(source if work == "restore" else out / "bk"))
+    assert caught.value.quota is (code == errno.EDQUOT)
+    assert caught.value.code == "storage_full"
+    said = " ".join(caught.value.message.split())
+    assert line == f"error: {said}", line
+    quota = "the quota of this account on the disk holding"
+    assert (quota in said) is (code == errno.EDQUOT), said
+    assert ("is full" in said) is (code == errno.ENOSPC), said
+    assert not target.exists()
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
 # Old code (over the quota): "the disk of OUT is over your quota (N MB free; ...): free some space
 # and back up again": its own words for the quota (df shows room there), a full disk's advice.
 @pytest.mark.parametrize("full", ["database", "blob", "database-in-an-empty-folder", "tar",

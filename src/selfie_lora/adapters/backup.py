@@ -762,9 +762,12 @@ class HomeBackups:
                 full = _no_space(exc, where=dest.parent, needs=_backup_needs(self._home,
                                                                              as_tar=as_tar))
                 if full:
-                    raise StorageError(f"cannot write the backup to {dest}: {full}; nothing of "
-                                       "it was left there: "
-                                       f"{_make_room(exc, then='back up again')}") from exc
+                    # StorageFullError as every full disk's (a quota said as one): the error
+                    # tree's word for it, not the plain StorageError of a fault to trace.
+                    raise StorageFullError(f"cannot write the backup to {dest}: {full}; nothing "
+                                           "of it was left there: "
+                                           f"{_make_room(exc, then='back up again')}",
+                                           quota=is_quota_error(exc)) from exc
                 raise StorageError(f"cannot write the backup to {dest}: "
                                    f"{exc.strerror or exc}") from exc
             finally:
@@ -935,10 +938,11 @@ class HomeBackups:
             full = _no_space(exc, where=home.parent, needs=_restore_needs(source))
             if full:
                 # Never "not a backup": a user told so may throw a good backup away.
-                raise StorageError(f"cannot restore into {home}: {full}; the backup is not at "
-                                   "fault and nothing was changed: "
-                                   f"{_make_room(exc, then='restore again', there=' there')}"
-                                   ) from exc
+                raise StorageFullError(
+                    f"cannot restore into {home}: {full}; the backup is not at fault and "
+                    "nothing was changed: "
+                    f"{_make_room(exc, then='restore again', there=' there')}",
+                    quota=is_quota_error(exc)) from exc
             raise StorageError(f"cannot restore into {home}: {exc.strerror or exc}") from exc
         except Exception:
             _discard(new, home)
