@@ -13,6 +13,7 @@ import io
 import math
 import os
 import random
+import re
 import shutil
 import signal
 from collections.abc import Callable
@@ -329,6 +330,41 @@ def test_a_checkpoint_write_the_disk_refuses_is_an_os_error_from_the_real_torch_
 
     with pytest.raises(OSError, match=r"No space left on device|write failed \(.*unexpected pos"):
         write_payload({"a": torch.zeros(1000)}, _FullAfter(room))
+
+
+class _RefusedAs(io.RawIOBase):
+    """A file whose writes are refused with a RuntimeError in a library's words (``said``), as
+    a wrapper (a FUSE or fsspec file, Rust's io::Error) may say the disk's error."""
+
+    def __init__(self, said: str) -> None:
+        self.said = said
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        raise RuntimeError(self.said)
+
+
+# Old code: a quota's words were not among the marks of a refused write, so the RuntimeError went
+# on past the training loop's handler of a checkpoint's OSError (which skips that checkpoint);
+# and a mark found was always said as ENOSPC, a quota (EDQUOT) as a full disk.
+@pytest.mark.parametrize(("said", "code"), [
+    ("I/O error: No space left on device (os error 28)", errno.ENOSPC),
+    ("write failed: [Errno 28] No space left on device", errno.ENOSPC),
+    ("I/O error: Disk quota exceeded (os error 122)", errno.EDQUOT),
+    ("write failed: [Errno 122] Disk quota exceeded", errno.EDQUOT),
+])
+def test_a_checkpoint_write_refused_in_a_library_s_words_is_the_disk_s_os_error(
+        said: str, code: int) -> None:
+    from selfie_lora.adapters.flux.checkpoints import write_payload
+    from selfie_lora.disk_space import is_full_error, is_quota_error
+
+    with pytest.raises(OSError, match=re.escape(f"the write failed ({said})")) as raised:
+        write_payload({"a": torch.zeros(1000)}, _RefusedAs(said))
+    assert raised.value.errno == code
+    assert is_full_error(raised.value)
+    assert is_quota_error(raised.value) is (code == errno.EDQUOT)
 
 
 def test_a_fault_of_the_payload_stays_a_runtime_error() -> None:

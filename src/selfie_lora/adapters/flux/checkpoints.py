@@ -142,6 +142,11 @@ def _differences(saved: Any, wanted: dict[str, Any]) -> str:
 # What torch's zip writer says when the file object under it refused a write: it swallows the
 # OSError of a write cut short (a disk filling mid-record) and checks the position it expected.
 _WRITE_FAILED = ("unexpected pos", "No space", "os error 28")
+# ... and a quota used up (EDQUOT) in a library's words (strerror's, Rust's io::Error's): said as
+# a quota, not a full disk (``disk_space.is_quota_error``), whose advice "free space" need not
+# help, and not left a RuntimeError, which went past the training loop's handler that skips a
+# checkpoint the disk refused.
+_QUOTA_EXCEEDED = ("Disk quota exceeded", "os error 122")
 
 
 def write_payload(payload: dict[str, Any], fh: Any) -> None:
@@ -153,9 +158,12 @@ def write_payload(payload: dict[str, Any], fh: Any) -> None:
         torch.save(payload, fh)
     except RuntimeError as exc:
         text = str(exc)
-        if not any(mark in text for mark in _WRITE_FAILED):
+        if any(mark in text for mark in _QUOTA_EXCEEDED):
+            code = errno.EDQUOT
+        elif any(mark in text for mark in _WRITE_FAILED):
+            code = errno.EIO if "unexpected pos" in text else errno.ENOSPC
+        else:
             raise
-        code = errno.EIO if "unexpected pos" in text else errno.ENOSPC
         raise OSError(code, f"the write failed ({text})") from exc
 
 
