@@ -11,6 +11,7 @@ The steps at which trainings stop are drawn from a seed; try others with
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import random
 import re
@@ -370,6 +371,48 @@ def test_the_resume_route_continues_a_canceled_training(
                       params={"training_id": body["id"]}).json()["training"]
     assert done["status"] == "succeeded"
     assert done["step"] == done["total_steps"] == trainer.steps
+
+
+# TrainingCheckpoints.copy, whose one caller is a resume (a request: nothing is claimed, so there
+# is no attempt to count nor a training to leave waiting), raises StorageFullError on a full
+# scratch disk (or over a quota): answered 507 storage_full saying which, nothing made, and the
+# canceled training resumable as it was once there is room.
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_a_resume_whose_scratch_disk_is_full_is_507_and_resumes_once_there_is_room(
+        fake_served: tuple[TestClient, Services, CheckpointingFake],
+        monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    from selfie_lora.api.server_errors import server_error_sentence
+    from selfie_lora.errors import ErrorCode
+    from selfie_lora.services import checkpoints as checkpoint_service
+
+    client, services, trainer = fake_served
+    headers = auth(services, "ann")
+    user = services.users.get_by_name(name="ann")
+    canceled = _canceled_at_step_3(services, trainer, user)
+    stored = _checkpoints(services, canceled.id)
+    before = {t.id for t in services.repo.list_trainings(canceled.model_id)}
+
+    def refused(path: Path) -> Any:
+        raise OSError(code, os.strerror(code), str(path))
+
+    with monkeypatch.context() as disk:
+        disk.setattr(checkpoint_service, "private_replacement", refused)
+        r = client.post("/api/training/resume", headers=headers,
+                        json={"training_id": canceled.id})
+    assert r.status_code == 507, r.text
+    error = r.json()["error"]
+    assert error["code"] == "storage_full"
+    assert error["message"] == server_error_sentence(ErrorCode.STORAGE_FULL,
+                                                     quota=code == errno.EDQUOT)
+    assert {t.id for t in services.repo.list_trainings(canceled.model_id)} == before
+    assert _checkpoints(services, canceled.id) == stored
+    assert sorted(info.key for info in services.blobs.list("checkpoints")) == stored
+    assert not [p for p in services.settings.work_dir.glob("resume-*")]
+
+    again = client.post("/api/training/resume", headers=headers,
+                        json={"training_id": canceled.id})
+    assert again.status_code == 202, again.text
+    assert again.json()["training"]["step"] == 2
 
 
 def test_a_training_resumed_already_names_the_training_it_was_resumed_as(
