@@ -284,10 +284,10 @@ def _full_disk(settings: Settings, exc: BaseException | None, *, database: bool)
         LOW_SPACE_BYTES,
         QUOTA_ADVICE,
         free_bytes,
+        full_disk_words,
         is_full_error,
         is_io_error,
         is_quota_error,
-        shown,
     )
 
     if not (is_full_error(exc) or is_io_error(exc)):
@@ -302,16 +302,15 @@ def _full_disk(settings: Settings, exc: BaseException | None, *, database: bool)
         named = f"the database {url.database}"
         # Moving HOME does not move a database that SELFIE_LORA_DATABASE_URL names elsewhere.
         move = "move the database to a disk with room (SELFIE_LORA_DATABASE_URL)"
-    free = free_bytes(where)
     if is_quota_error(exc):
         # statvfs (and df) do not see a quota: the disk may well have room.
-        left = f" (the disk itself has {shown(free)} free)" if free is not None else ""
-        return (f"the quota of this account on the disk holding {named} is used up{left}: "
-                f"{QUOTA_ADVICE}, or {move}, and run the command again")
+        return (f"{full_disk_words(where, exc, label=named)}: {QUOTA_ADVICE}, or {move}, and "
+                "run the command again")
+    free = free_bytes(where)
     if free is None or (not is_full_error(exc) and free >= LOW_SPACE_BYTES):
         return None  # an I/O error with room to spare is not a full disk
-    return (f"the disk holding {named} is full ({shown(free)} free): free some space on it, "
-            f"or {move}, and run the command again")
+    return (f"{full_disk_words(where, exc, label=named)}: free some space on it, or {move}, "
+            "and run the command again")
 
 
 @contextmanager

@@ -70,18 +70,21 @@ def is_quota_error(exc: BaseException | None) -> bool:
 QUOTA_ADVICE = "raise the quota or delete files it counts"
 
 
-def full_disk_words(path: Path | str, exc: BaseException | None = None) -> str:
+def full_disk_words(path: Path | str, exc: BaseException | None = None, *,
+                    label: str | None = None) -> str:
     """"the disk holding PATH is full (N free)", the free space left out when it cannot be read:
     how an adapter names the disk a full-disk error ``exc`` is about, for the operator. For a
     quota (EDQUOT) "the quota of this account on the disk holding PATH is used up (the disk
     itself has N free)": an operator told the disk is full while ``df`` shows room would not
-    think of the quota."""
+    think of the quota. ``label``: what the sentence calls PATH (the command line's
+    "SELFIE_LORA_HOME (PATH)"), its free space still PATH's disk's."""
     free = free_bytes(path)
+    named = path if label is None else label
     if is_quota_error(exc):
         left = f" (the disk itself has {shown(free)} free)" if free is not None else ""
-        return f"the quota of this account on the disk holding {path} is used up{left}"
+        return f"the quota of this account on the disk holding {named} is used up{left}"
     left = f" ({shown(free)} free)" if free is not None else ""
-    return f"the disk holding {path} is full{left}"
+    return f"the disk holding {named} is full{left}"
 
 
 def machine_disk_words(exc: BaseException, folder: Path | str) -> str:

@@ -249,6 +249,26 @@ def test_a_start_over_its_quota_says_the_quota_not_a_full_disk(
         "space on it, or move SELFIE_LORA_HOME to a disk with room, and run the command again")
 
 
+# Old code: full_disk_words named the disk by its path only, so the command line's start failure
+# wrote the quota's sentence again by hand to say "SELFIE_LORA_HOME (PATH)" (two copies of one
+# sentence to keep alike). ``label`` names it; the free space is still the path's disk's.
+def test_full_disk_words_names_the_disk_by_its_label_with_the_path_s_free_space(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from selfie_lora import disk_space
+
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", _disk_with(20 * 1024 * 1024))
+    over = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    label = f"SELFIE_LORA_HOME ({tmp_path})"
+    assert disk_space.full_disk_words(tmp_path, over, label=label) == (
+        f"the quota of this account on the disk holding {label} is used up (the disk itself "
+        "has 20.0 MB free)")
+    assert disk_space.full_disk_words(tmp_path, full, label=label) == (
+        f"the disk holding {label} is full (20.0 MB free)")
+    assert disk_space.full_disk_words(tmp_path, full) == (
+        f"the disk holding {tmp_path} is full (20.0 MB free)")
+
+
 def test_a_disk_i_o_error_with_room_to_spare_is_not_called_a_full_disk(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
