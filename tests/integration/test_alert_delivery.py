@@ -38,13 +38,7 @@ from selfie_lora.domain.accounts import ErasurePlan
 from selfie_lora.domain.alerts import CLAIM, MAX_ATTEMPTS, retry_after
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, Version
 from selfie_lora.domain.webhook_secrets import MAKE_SIGNING_SECRET
-from selfie_lora.errors import (
-    AlertDeliveryError,
-    ConfigError,
-    DatabaseLockedError,
-    DatabaseUnreachableError,
-    StorageError,
-)
+from selfie_lora.errors import AlertDeliveryError, ConfigError, DatabaseUnreachableError, StorageError
 from selfie_lora.services.likeness import LikenessService, alert_text
 from selfie_lora.testing.fakes import (
     FakeGenerator,
@@ -1024,10 +1018,8 @@ def test_an_alert_pings_nobody_on_discord_whatever_the_user_is_named(
 
 @pytest.mark.parametrize("failure", [
     DatabaseUnreachableError("the database could not be reached"),
-    # What the repository raises for SQLite's "database is locked" (a plain StorageError before).
-    DatabaseLockedError("database error: database is locked"),
-    StorageError("database error: no such column: alerts.nope"),
-], ids=["unreachable", "locked", "another"])
+    StorageError("database is locked"),
+], ids=["unreachable", "locked"])
 def test_an_alert_whose_outcome_cannot_be_recorded_leaves_its_ended_training_alone(
         rig_for: Any, clock: Clock, caplog: pytest.LogCaptureFixture,
         failure: StorageError) -> None:

@@ -32,13 +32,12 @@ the run nor the version it adds to the destination; one that outlasts ``max_atte
 training and cancels the remote run, as every real failure of a training with a remote run does.
 A database that fails one of the worker's fenced writes (``_holding``) makes it step away the
 same way, whatever the backend: a local training continues from its last checkpoint. When the
-database server itself could not be reached (``DatabaseUnreachableError``: down, restarting), or
-kept the write waiting past its bound (``DatabaseLockedError``: a lock held elsewhere, a
-statement timeout), that step-away spends none of its attempts: the owner is let go
-(``_leave_for_outage``), or, when the database cannot record even that, this worker's next claim
-counts nothing (``_left_uncounted``), and another worker's take-over counts nothing when that
-worker saw the database away itself (unreachable, its disk full, read-only or locked: a heartbeat
-fails each way) over the lease's expiry (``lost_to_database_outage``).
+database server itself could not be reached (``DatabaseUnreachableError``: down, restarting) that
+step-away spends none of its attempts: the owner is let go (``_leave_for_outage``), or, when the
+database cannot record even that, this worker's next claim counts nothing (``_left_uncounted``),
+and another worker's take-over counts nothing when that worker saw the database away itself
+(unreachable, or its disk full: a heartbeat fails either way) over the lease's expiry
+(``lost_to_database_outage``).
 A full disk (the worker's, the blob store's or the database's: ENOSPC, a quota,
 ``StorageFullError``) is an outage of the machine, not a fault of the training nor of its worker:
 the worker leaves the training to wait for room (``wait_for_room``) without spending one of its
@@ -123,7 +122,6 @@ from selfie_lora.errors import (
     BlobMissingError,
     BlobStoreUnreachableError,
     ConflictError,
-    DatabaseLockedError,
     DatabaseRefusedError,
     DatabaseUnreachableError,
     ErrorCode,
@@ -961,9 +959,7 @@ class TrainingService:
                 # What escaped the work after the claim (a read outside the fence, a bug): the
                 # worker steps away now, lease ended and message queued, where the lease was left
                 # to run out with no heartbeat and no message, for the reconciler to find.
-                if isinstance(exc, DatabaseUnreachableError | DatabaseLockedError):
-                    # An outage, or the database busy (a read past its statement timeout): no
-                    # traceback, and not counted (``_UnreachableError.outage``).
+                if isinstance(exc, DatabaseUnreachableError):  # an outage: no traceback
                     self._step_away(held, _UnreachableError(
                         exc.message, remote_id=held.remote_id, reason=DATABASE_UNREACHABLE,
                         cause=exc))
@@ -2042,11 +2038,8 @@ class _UnreachableError(TrainingInterruptedError):
         self.full = full or isinstance(cause, StorageFullError)
         # ... said as a quota (the row, the WARNING's advice), where freeing space need not help.
         self.quota = quota or (isinstance(cause, StorageFullError) and cause.quota)
-        # The database server could not be reached, or kept the write waiting past its bound (a
-        # lock held elsewhere, a statement timeout: every worker's writes wait on it, and the
-        # next one's claim waits until it is over): not counted either (``_leave_for_outage``).
-        # Counted, a lock held over four of a training's writes failed it as "interrupted".
-        self.outage = isinstance(cause, DatabaseUnreachableError | DatabaseLockedError)
+        # The database server could not be reached: not counted either (``_leave_for_outage``).
+        self.outage = isinstance(cause, DatabaseUnreachableError)
         # The object storage could not be reached: a local training waits, not counted
         # (``_wait_for_storage``).
         self.blob_outage = isinstance(cause, BlobStoreUnreachableError)
