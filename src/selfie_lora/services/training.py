@@ -121,6 +121,7 @@ from selfie_lora.errors import (
     AuthError,
     BlobMissingError,
     BlobStoreUnreachableError,
+    ConfigError,
     ConflictError,
     DatabaseRefusedError,
     DatabaseUnreachableError,
@@ -190,6 +191,22 @@ logger = logging.getLogger(__name__)
 _QUEUE_CLOSED_AT_RECONCILE = ("reconcile: the job queue is closed (this process is stopping); "
                               "trainings nobody runs are queued by the next reconcile "
                               "(another process's, or this one's next start)")
+# How the user's sentence of a training ended by an error of ours other than its trainer's begins.
+_COULD_NOT_RUN = "The training could not run"
+# ... and what follows, by the error's kind (the first that matches): never the error's own
+# words, which are the operator's: "conflicting write: UNIQUE constraint failed:
+# versions.training_id", "blob 'checkpoints/<id>/step-00000005.ckpt' is missing", a trainer's
+# "cannot load the FLUX pipeline from /srv/...". A kind not here says the last sentence.
+_AGAIN = "Start the training again; if it happens again, tell the operator."
+_COULD_NOT_RUN_BY_KIND: tuple[tuple[type[SelfieLoraError], str], ...] = (
+    (BlobMissingError, f"a file it continues from is gone from the server's storage. {_AGAIN}"),
+    (NotFoundError, f"something it needs is gone from the server's storage. {_AGAIN}"),
+    (ConflictError, "its result could not be saved, as a change made at the same moment "
+                    f"clashed with it. {_AGAIN}"),
+    (ConfigError, "training is not set up correctly on this server; please tell the "
+                  "operator."),
+    (SelfieLoraError, f"the server met an error. {_AGAIN}"),
+)
 CANCELED_MESSAGE = ("The training was canceled. Your active version is unchanged; start a new "
                     "training when you are ready.")
 INTERNAL_ERROR_MESSAGE = ("The training stopped because of an internal error. Your active "
@@ -1606,7 +1623,9 @@ class TrainingService:
             self._finish_failed(held, user_message=exc.user_message, reason=exc.message,
                                 code=exc.code)
         except SelfieLoraError as exc:
-            self._finish_failed(held, user_message=f"The training could not run: {exc.message}",
+            # Its message is the operator's (a database's constraint, a blob's key, a path): the
+            # row's reason and the WARNING keep it, the user reads a sentence of its kind.
+            self._finish_failed(held, user_message=_could_not_run(exc),
                                 reason=exc.message, code=exc.code)
         except Exception as exc:
             if is_full_error(exc):
@@ -1967,7 +1986,9 @@ class TrainingService:
             raise _UnreachableError(exc.message, remote_id=training.remote_id,
                                     reason=DATABASE_UNREACHABLE, cause=exc) from exc
         if dataset is None:
-            raise NotFoundError("the training's photos are gone")
+            raise _PhotosGoneError("the training's photos are gone",
+                                   user_message=f"{_COULD_NOT_RUN}: its photos are gone; upload "
+                                                "the photos again")
         caption = caption_for(training.trigger_word)
         try:
             photos = tuple(
@@ -1979,14 +2000,22 @@ class TrainingService:
             if not self._holds_any_of(dataset):
                 # Not one file of the upload here, its manifest neither: this process's storage
                 # is not the one the upload went to, which uploading again cannot change.
-                raise NotFoundError(
+                advice = ("nor any other file of its upload: the worker's storage is not the "
+                          "one the photos were uploaded to. Set SELFIE_LORA_STORAGE_URL to the "
+                          "same storage on every server and worker (the operator's setting), "
+                          "then train again; uploading the photos again does not help until "
+                          "then")
+                raise _PhotosGoneError(
                     f"a photo of this training is not in this worker's storage ({exc.message}), "
-                    "nor any other file of its upload: the worker's storage is not the one the "
-                    "photos were uploaded to. Set SELFIE_LORA_STORAGE_URL to the same storage on "
-                    "every server and worker (the operator's setting), then train again; "
-                    "uploading the photos again does not help until then") from exc
-            raise NotFoundError(f"a photo of this training is gone from storage ({exc.message}); "
-                                "upload the photos again") from exc
+                    f"{advice}",
+                    user_message=f"{_COULD_NOT_RUN}: a photo of this training is not in this "
+                                 f"worker's storage, {advice}") from exc
+            # The blob's key (the storage's layout) for the operator only.
+            raise _PhotosGoneError(
+                f"a photo of this training is gone from storage ({exc.message}); upload the "
+                "photos again",
+                user_message=f"{_COULD_NOT_RUN}: a photo of this training is gone from storage; "
+                             "upload the photos again") from exc
         return TrainingJob(
             training_id=training.id, trigger_word=training.trigger_word,
             destination=training.destination, trainer_version=training.trainer_version,
@@ -2017,6 +2046,15 @@ class TrainingService:
         if self._intake is None:
             raise RuntimeError("this training service was built without an intake service")
         return self._intake
+
+
+class _PhotosGoneError(NotFoundError):
+    """The training's photos are not there to read (``TrainingService._job``): the operator's
+    message names the blob's key; ``user_message`` says the same without it."""
+
+    def __init__(self, message: str, *, user_message: str) -> None:
+        super().__init__(message)
+        self.user_message = user_message
 
 
 class _UnreachableError(TrainingInterruptedError):
@@ -2490,6 +2528,17 @@ class _HeldStore:
             # One at or before it (a run that started over) is no progress.
             if self._resumed_at is not None and step > self._resumed_at:
                 self._service._progressed(self._held)
+
+
+def _could_not_run(exc: SelfieLoraError) -> str:
+    """The user's sentence for a training that ``exc``, an error of ours other than its
+    trainer's, ended: the error's ``user_message`` where it has one (written for the user), else
+    the sentence of its kind; never its message, which is the operator's."""
+    user_message = getattr(exc, "user_message", None)
+    if isinstance(user_message, str) and user_message:
+        return user_message
+    said = next(words for kind, words in _COULD_NOT_RUN_BY_KIND if isinstance(exc, kind))
+    return f"{_COULD_NOT_RUN}: {said}"
 
 
 def _has_version(repo: Repository, model: Model, *, trainings: Sequence[Training]) -> bool:
