@@ -318,6 +318,59 @@ def test_an_outage_reading_the_active_version_s_photos_is_tried_again_never_pass
     assert rig.model(ann).active_version_id == v1.id
 
 
+def test_the_active_version_s_photos_unread_for_good_are_said_without_the_storage_s_words(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate's reason (the owner's: the versions page, GET /api/model/versions) quoted the
+    storage's error, which names the object storage's endpoint and the blob's key."""
+    ann = rig.user()
+    v1 = rig.train(ann)
+    keys = set(forget_photos_of(rig, v1))
+    get = rig.blobs.get
+
+    def away(key: str) -> bytes:
+        if key in keys:
+            raise StorageError(f"object storage could not read {key!r} from "
+                               "http://minio.internal:9000/selfie-bucket: connection refused")
+        return get(key)
+
+    monkeypatch.setattr(rig.blobs, "get", away)
+    generator_of(rig).photos = other_person()
+    v2 = rig.train(ann, photos=other_person())
+    assert v2.gate_status is GateStatus.HELD, v2.gate_reason
+    reason = v2.gate_reason or ""
+    assert "its training photos could not be read" in reason
+    assert "minio" not in reason
+    assert "photos/" not in reason
+    assert rig.model(ann).active_version_id == v1.id
+
+
+def test_a_storage_error_of_the_probes_is_not_quoted_to_the_owner(tmp_path: Path) -> None:
+    """The local generator's own words for weights it cannot find (a path of the server) were
+    the version's likeness ``error`` and its gate reason, both served to its owner."""
+    weights = tmp_path / "work" / "lora.safetensors"
+    generator = FailingFor(photos=same_person(), error=lambda: StorageError(
+        f"LoRA weights not found at {weights}"))
+    rig = Rig(root=tmp_path, generator=generator, probe_count=1)
+    try:
+        ann = rig.user()
+        v1 = rig.train(ann)
+        generator.down = True
+        v2 = rig.train(ann)
+        q2 = rig.repo.get_likeness(v2.id)
+        active = rig.model(ann).active_version_id
+    finally:
+        rig.close()
+    assert q2 is not None
+    assert q2.status is LikenessStatus.FAILED
+    assert v2.gate_status is GateStatus.HELD
+    assert "could not be scored" in (v2.gate_reason or "")
+    for said in (q2.error or "", v2.gate_reason or ""):
+        assert str(tmp_path) not in said
+        assert "LoRA weights not found" not in said
+    assert "storage" in (q2.error or "")
+    assert active == v1.id
+
+
 def test_measured_on_is_null_where_nothing_was_compared_and_in_old_records(rig: Rig) -> None:
     """README's versions row said measured_on is new_photos or baseline_photos; it is null for a
     first version and for gate records written before it existed, which every reader takes."""

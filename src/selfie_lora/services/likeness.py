@@ -81,6 +81,7 @@ from selfie_lora.errors import (
     AlertDeliveryError,
     BlobMissingError,
     ErrorCode,
+    GenerationError,
     InvalidInputError,
     NoModelError,
     NotFoundError,
@@ -114,6 +115,25 @@ logger = logging.getLogger(__name__)
 
 CANCELED_REASON = ("version {number}'s training was canceled before the likeness gate decided, "
                    f"so {KEPT_NOT_ACTIVATED}{ACTIVATE_HINT}")
+
+
+# Why a version could not be scored, as its owner reads it (its record's ``error``, the gate's
+# reason "could not be scored (...)"), for an error of the server's side (a 5xx) other than the
+# generator's: its own words are the operator's (a path of the server, the object storage's
+# endpoint, the database's refusal), which the WARNING keeps.
+SCORING_SERVER_ERROR = "the server's storage or setup failed while its probes were made"
+# ... and why the active version's photos could not be read for that (the storage's words in the
+# WARNING the worker logs).
+BASELINE_PHOTOS_UNREAD = "its training photos could not be read"
+
+
+def _scoring_error(exc: SelfieLoraError) -> str:
+    """What a version's owner is told of ``exc``, which ended its scoring: a client's error's
+    message (4xx, written for the user, as the API answers it), a generator's user_message or
+    message, else ``SCORING_SERVER_ERROR``."""
+    if isinstance(exc, GenerationError):
+        return exc.user_message or exc.message
+    return exc.message if exc.http_status < 500 else SCORING_SERVER_ERROR
 
 
 class BaselinePhotosUnreadableError(StorageError):
@@ -425,8 +445,10 @@ class LikenessService:
                         f"({exc.message})") from exc
                 # Nothing is tried again any more: a drop cannot be ruled out, so it is held.
                 before = None
-                baseline_error = (f"its training photos could not be read ({exc.message}); "
-                                  f"they were not read again: {unscorable}")
+                logger.warning("version %s: the training photos of version %d could not be read "
+                               "and are not read again: %s", version.id, baseline.number,
+                               exc.message)
+                baseline_error = f"{BASELINE_PHOTOS_UNREAD}; they were not read again: {unscorable}"
         on_theirs = None
         if theirs is not None and reference is not None and not _same_photos(reference, theirs):
             cand_there = self._scores_against(record, theirs)
@@ -688,8 +710,8 @@ class LikenessService:
             raise
         except SelfieLoraError as exc:
             logger.warning("version %s could not be scored: %s", version.id, exc.message)
-            record = dataclasses.replace(base, status=LikenessStatus.FAILED, error=exc.message,
-                                          scored_at=utcnow())
+            record = dataclasses.replace(base, status=LikenessStatus.FAILED,
+                                          error=_scoring_error(exc), scored_at=utcnow())
         except Exception as exc:
             logger.exception("scoring version %s crashed", version.id)
             record = dataclasses.replace(
