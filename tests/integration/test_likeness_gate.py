@@ -283,6 +283,11 @@ def test_photos_of_the_active_version_that_are_gone_are_said_not_passed_silently
     assert "judged on version 2's own training photos alone" in (v2.gate_reason or "")
     assert "are gone" in gate_json(v2)["baseline_photos_unmeasured"]
     assert v2.gate_details.get("on_baseline_photos") is None
+    # Without the storage's words (the missing blob's key, its layout): the operator's, in the
+    # WARNING.
+    for said in (v2.gate_reason or "", gate_json(v2)["baseline_photos_unmeasured"]):
+        assert "blob" not in said
+        assert "photos/" not in said
 
 
 def test_an_outage_reading_the_active_version_s_photos_is_tried_again_never_passed(

@@ -142,9 +142,13 @@ class BaselinePhotosUnreadableError(StorageError):
 
 
 class _PhotosGoneError(Exception):
-    def __init__(self, why: str) -> None:
+    """``why``: the owner's words (the gate's reason); ``detail``: the error's own, which may
+    name the storage's keys, for the operator's WARNING only."""
+
+    def __init__(self, why: str, *, detail: str | None = None) -> None:
         super().__init__(why)
         self.why = why
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -435,7 +439,8 @@ class LikenessService:
                 # Deleted for good, not an outage: no attempt will read them. Judged on the new
                 # photos alone, and the reason says so (decide_gate): never silently.
                 unmeasured = exc.why
-                logger.warning("version %s: %s", version.id, exc.why)
+                logger.warning("version %s: %s%s", version.id, exc.why,
+                               f" ({exc.detail})" if exc.detail else "")
             except StorageError as exc:
                 if unscorable is None:
                     # An outage: the scoring is tried again (the training service steps away),
@@ -1283,14 +1288,16 @@ class LikenessService:
         try:
             return self.reference(training.dataset_id)
         except (BlobMissingError, NotFoundError) as exc:
-            raise _PhotosGoneError(f"the training photos of version {version.number} are gone "
-                                   f"({exc.message})") from exc
+            raise _PhotosGoneError(f"the training photos of version {version.number} are gone",
+                                   detail=exc.message) from exc
         except StorageError:
             raise
         except SelfieLoraError as exc:
             # Photos that cannot be analysed (a damaged file): no attempt will do better.
+            # A client's error's message is written for the user; a server's is the operator's.
+            said = f" ({exc.message})" if exc.http_status < 500 else ""
             raise _PhotosGoneError(f"the training photos of version {version.number} could "
-                                   f"not be analysed ({exc.message})") from exc
+                                   f"not be analysed{said}", detail=exc.message) from exc
 
     def _scores_against(self, record: LikenessFacts | None,
                         reference: Reference | None) -> IdentityScores | None:
