@@ -534,6 +534,25 @@ def test_api_keys_authenticate_until_revoked(repo: SqlRepository) -> None:
         repo.add_api_key(dataclasses.replace(second, id="k3"))
 
 
+def test_a_write_conflict_says_no_words_of_the_database(
+        repo: SqlRepository, caplog: pytest.LogCaptureFixture) -> None:
+    """The API answers a conflict's message as it is (409 ``write_conflict``): it was the
+    driver's text, "conflicting write: UNIQUE constraint failed: api_keys.key_hash" (on
+    PostgreSQL the constraint's name and a DETAIL with the other row's values)."""
+    ann, _model, _dataset = seed(repo)
+    with caplog.at_level("INFO", logger="selfie_lora.adapters.db.repository"), \
+            pytest.raises(ConflictError) as raised:
+        repo.add_api_key(ApiKey(id="k-same-hash", user_id=ann.id, name="ci", key_hash="h-ann",
+                                prefix="sl_z", created_at=NOW))
+    assert raised.value.code is ErrorCode.WRITE_CONFLICT
+    said = raised.value.message.lower()
+    assert [w for w in ("unique", "constraint", "duplicate", "api_keys", "key_hash", "h-ann")
+            if w in said] == [], said
+    assert "send the request again" in said
+    # The operator's words, in the log.
+    assert any("key_hash" in r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_a_replaced_api_key_works_until_its_end_and_a_revocation_cuts_it_short(
         repo: SqlRepository) -> None:
     ann, _model, _dataset = seed(repo)

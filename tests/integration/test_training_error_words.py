@@ -103,7 +103,7 @@ def test_a_conflicting_database_write_is_not_quoted_to_the_user(tmp_path: Path) 
         svc.close()
     assert stored is not None
     # The operator's words stay on the row's reason and in the worker's WARNING.
-    assert "conflicting write" in stored.history[-1]["reason"], stored.history
+    assert "clashed with another" in stored.history[-1]["reason"], stored.history
     _says_no_server_words(got.error)
     assert got.error.startswith("The training could not run")
     assert "Start the training again" in got.error
