@@ -1,0 +1,39 @@
+"""The presigned URL signed again with the file's name (adapters.storage.s3._signed_with),
+against answers worked out elsewhere: moto, the tests' storage, takes any signature, so a
+parameter signed wrongly would pass every test that follows the URL, and every presigned
+download from AWS, MinIO or R2 would be refused (403 SignatureDoesNotMatch)."""
+
+from __future__ import annotations
+
+from selfie_lora.adapters.storage.s3 import _signed_with
+
+# AWS's own example of a presigned GET (S3 API reference, "Authenticating Requests: Using
+# Query Parameters (AWS Signature Version 4)"): examplebucket/test.txt signed on 2013-05-24.
+AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+AWS_EXAMPLE = ("https://examplebucket.s3.amazonaws.com/test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+               "&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request"
+               "&X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host"
+               "&X-Amz-Signature="
+               "aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404")
+NAMED = {"response-content-disposition": 'attachment; filename="lora-v2.safetensors"'}
+
+
+def test_aws_s_published_example_is_signed_again_to_the_known_answer() -> None:
+    """The signature below was computed by botocore's presigner (S3SigV4QueryAuth) for the same
+    request with the parameter added, not by this code: a change to the canonical query (the
+    parameter's ';', '"' or space encoded otherwise, the old query signed) fails here."""
+    named = _signed_with(AWS_EXAMPLE, NAMED, secret=AWS_SECRET)
+    assert named == (
+        "https://examplebucket.s3.amazonaws.com/test.txt?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20130524%2Fus-east-1%2Fs3%2Faws4_request"
+        "&X-Amz-Date=20130524T000000Z&X-Amz-Expires=86400&X-Amz-SignedHeaders=host"
+        "&response-content-disposition="
+        "attachment%3B%20filename%3D%22lora-v2.safetensors%22"
+        "&X-Amz-Signature="
+        "c631650df6cfbec78d49fb94f6b857e6867630447027fb08f1f64b1ca2606259")
+
+
+def test_a_url_signed_by_another_secret_is_not_signed_again() -> None:
+    assert _signed_with(AWS_EXAMPLE, NAMED, secret=AWS_SECRET + "x") is None
+    assert _signed_with(AWS_EXAMPLE.replace("test.txt", "test2.txt"), NAMED,
+                        secret=AWS_SECRET) is None
