@@ -578,11 +578,13 @@ def _signed_with(url: str, extra: dict[str, str], *, secret: str | None) -> str 
             or fields.get("X-Amz-SignedHeaders") != "host"):
         return None
     try:
-        _key_id, scope = fields["X-Amz-Credential"].split("/", 1)
-        day, region, service, _end = scope.split("/")
+        # The scope is the credential's last four parts: the key id before it may hold a '/'
+        # (MinIO takes free-form access keys).
+        _key_id, day, region, service, end = fields["X-Amz-Credential"].rsplit("/", 4)
         stamp = fields["X-Amz-Date"]
     except (KeyError, ValueError):
         return None
+    scope = f"{day}/{region}/{service}/{end}"
 
     def signature(query: str) -> str:
         # The canonical request as object_store builds it: the path as it is in the URL (S3
