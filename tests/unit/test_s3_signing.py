@@ -5,7 +5,14 @@ download from AWS, MinIO or R2 would be refused (403 SignatureDoesNotMatch)."""
 
 from __future__ import annotations
 
-from selfie_lora.adapters.storage.s3 import _signed_with
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from selfie_lora.adapters.storage.s3 import S3BlobStore, _signed_with
+from selfie_lora.domain.disposition import content_disposition
 
 # AWS's own example of a presigned GET (S3 API reference, "Authenticating Requests: Using
 # Query Parameters (AWS Signature Version 4)"): examplebucket/test.txt signed on 2013-05-24.
@@ -49,3 +56,39 @@ def test_an_access_key_id_with_a_slash_is_signed_again() -> None:
     assert named is not None  # old code: None
     assert named.endswith(
         "&X-Amz-Signature=e94f967bb33505e52ffbe143b20f8c40dbfefd8f5ab8cb72a91d2191cbb175ff")
+
+
+def _offline_store(tmp_path: Path) -> S3BlobStore:
+    # Signing reads no network: the store is never asked anything here.
+    return S3BlobStore(url="s3://bucket/prefix", cache_dir=tmp_path / "cache",
+                       endpoint="http://127.0.0.1:9", region="us-east-1",
+                       access_key_id="AKIAIOSFODNN7EXAMPLE", secret_access_key=AWS_SECRET)
+
+
+def _disposition_of(url: str | None) -> str:
+    assert url is not None
+    return parse_qs(urlsplit(url).query)["response-content-disposition"][0]
+
+
+@pytest.mark.parametrize(("filename", "header"), [
+    ("lora-v2.safetensors", 'attachment; filename="lora-v2.safetensors"'),
+    # A quote, a backslash or a '%' in the quoted form is read apart by browsers (RFC 6266
+    # appendix D): the ASCII fallback drops them, the exact name goes in filename* (RFC 8187).
+    ('a"b.safetensors',
+     "attachment; filename=\"a_b.safetensors\"; filename*=UTF-8''a%22b.safetensors"),
+    ("a\\b 100%.safetensors",
+     "attachment; filename=\"a_b 100_.safetensors\"; filename*=UTF-8''a%5Cb%20100%25.safetensors"),
+    ("lora-é.safetensors",
+     "attachment; filename=\"lora-_.safetensors\"; filename*=UTF-8''lora-%C3%A9.safetensors"),
+    ("a\r\nb.safetensors",
+     "attachment; filename=\"a__b.safetensors\"; filename*=UTF-8''a%0D%0Ab.safetensors"),
+])
+def test_a_presigned_download_names_any_file_in_a_well_formed_header(
+        tmp_path: Path, filename: str, header: str) -> None:
+    """The port takes any name: one with a '"' made the storage's Content-Disposition
+    ``filename="a"b.safetensors"``, malformed, and a non-ASCII one a header no browser reads
+    alike. The API's 307 says the same header (content_disposition, one place)."""
+    url = _offline_store(tmp_path).download_url(
+        "weights/w.safetensors", expires=timedelta(minutes=5), filename=filename)
+    assert _disposition_of(url) == header  # old code: the name quoted as it is
+    assert content_disposition(filename) == header

@@ -11,6 +11,7 @@ from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from selfie_lora.api.deps import in_thread
 from selfie_lora.api.head import ran_for_head
 from selfie_lora.api.schemas import picture
+from selfie_lora.domain.disposition import content_disposition
 from selfie_lora.domain.entities import User
 from selfie_lora.services.likeness import Chart, LikenessService
 from selfie_lora.services.models import WeightsDownload
@@ -94,7 +95,7 @@ def weights_response(download: WeightsDownload, *, range_header: str | None = No
     naming it, or ``*``) gets a 304 without its bytes. That comes first, Range or not (RFC 9110
     13.2.2: a Range is only read once the preconditions hold)."""
     headers = {
-        "Content-Disposition": f'attachment; filename="{download.filename}"',
+        "Content-Disposition": content_disposition(download.filename),
         "X-Weights-SHA256": download.sha256,
         "Cache-Control": "private",
     }

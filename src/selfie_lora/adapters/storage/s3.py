@@ -38,6 +38,7 @@ from urllib.parse import parse_qsl, quote, urlsplit, urlunsplit
 
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, BlobCache
 from selfie_lora.adapters.storage.fs import check_key
+from selfie_lora.domain.disposition import content_disposition
 from selfie_lora.domain.storage_url import parse_storage_url
 from selfie_lora.errors import (
     BlobMissingError,
@@ -539,7 +540,7 @@ class S3BlobStore:
         # own name (``<sha256>.safetensors``), not the one the API's 307 said. obstore signs no
         # query of ours, so the URL is signed again with it, by the same secret.
         named = _signed_with(url, {"response-content-disposition":
-                                   f'attachment; filename="{filename}"'},
+                                   content_disposition(filename)},
                              secret=self._signing_secret)
         if named is None:
             if not self._said_unnamed:
