@@ -360,9 +360,9 @@ def test_a_download_url_is_signed_again_only_with_the_secret_it_was_signed_with(
     plain = store.download_url("weights/w.safetensors", expires=timedelta(minutes=5))
     assert plain is not None
     extra = {"response-content-disposition": "attachment"}
-    assert s3_module._signed_with(plain, extra, secret=SECRET_ACCESS_KEY) is not None
+    assert isinstance(s3_module._signed_with(plain, extra, secret=SECRET_ACCESS_KEY), str)
     for other in ("another-secret", None, ""):
-        assert s3_module._signed_with(plain, extra, secret=other) is None
+        assert isinstance(s3_module._signed_with(plain, extra, secret=other), s3_module._Unsigned)
     # The keys obstore signs with are not the ones this process knows (an instance role's,
     # which obstore fetches and keeps to itself): as if the environment's were another's.
     store._signing_secret = "not-the-one"

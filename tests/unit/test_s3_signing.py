@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from selfie_lora.adapters.storage.s3 import S3BlobStore, _signed_with
+from selfie_lora.adapters.storage.s3 import S3BlobStore, _signed_with, _Unsigned
 from selfie_lora.domain.disposition import content_disposition
 
 # AWS's own example of a presigned GET (S3 API reference, "Authenticating Requests: Using
@@ -41,9 +41,9 @@ def test_aws_s_published_example_is_signed_again_to_the_known_answer() -> None:
 
 
 def test_a_url_signed_by_another_secret_is_not_signed_again() -> None:
-    assert _signed_with(AWS_EXAMPLE, NAMED, secret=AWS_SECRET + "x") is None
-    assert _signed_with(AWS_EXAMPLE.replace("test.txt", "test2.txt"), NAMED,
-                        secret=AWS_SECRET) is None
+    assert isinstance(_signed_with(AWS_EXAMPLE, NAMED, secret=AWS_SECRET + "x"), _Unsigned)
+    assert isinstance(_signed_with(AWS_EXAMPLE.replace("test.txt", "test2.txt"), NAMED,
+                                   secret=AWS_SECRET), _Unsigned)
 
 
 def test_an_access_key_id_with_a_slash_is_signed_again() -> None:
@@ -53,7 +53,7 @@ def test_an_access_key_id_with_a_slash_is_signed_again() -> None:
                .replace("aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404",
                         "972b041dbb73ced7cdee08055f7dd3769880beb57c3baf16a1e9e691dc5ebb54"))
     named = _signed_with(slashed, NAMED, secret=AWS_SECRET)
-    assert named is not None  # old code: None
+    assert isinstance(named, str)  # old code: None
     assert named.endswith(
         "&X-Amz-Signature=e94f967bb33505e52ffbe143b20f8c40dbfefd8f5ab8cb72a91d2191cbb175ff")
 
@@ -92,3 +92,38 @@ def test_a_presigned_download_names_any_file_in_a_well_formed_header(
         "weights/w.safetensors", expires=timedelta(minutes=5), filename=filename)
     assert _disposition_of(url) == header  # old code: the name quoted as it is
     assert content_disposition(filename) == header
+
+
+@pytest.mark.parametrize(("signed", "secret", "said", "not_said"), [
+    # obstore's URL signs another header too (a newer obstore, say): the keys are not at fault.
+    (AWS_EXAMPLE.replace("X-Amz-SignedHeaders=host", "X-Amz-SignedHeaders=host%3Bx-amz-date"),
+     AWS_SECRET, "not in the form", "instance role"),
+    (AWS_EXAMPLE.replace("X-Amz-Algorithm=AWS4-HMAC-SHA256", "X-Amz-Algorithm=AWS4-ECDSA"),
+     AWS_SECRET, "not in the form", "instance role"),
+    # The secret known is not the one obstore signed with.
+    (AWS_EXAMPLE, "another-secret", "does not reproduce", "not in the form"),
+    # No secret known at all.
+    (AWS_EXAMPLE, None, "no secret key", "not in the form"),
+])
+def test_an_unnamed_download_is_said_once_with_its_cause(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        signed: str, secret: str | None, said: str, not_said: str) -> None:
+    """The WARNING said 'not static keys ... (an instance role, say)' whatever the cause: an
+    operator with static keys, after an obstore upgrade changed its URLs, was sent to IAM."""
+    import obstore
+
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    # Without a secret, no key id either: as with an instance role's credentials.
+    store = S3BlobStore(url="s3://bucket", cache_dir=tmp_path / "cache",
+                        endpoint="http://127.0.0.1:9", region="us-east-1",
+                        access_key_id="AKIAIOSFODNN7EXAMPLE" if secret else None,
+                        secret_access_key=secret)
+    # What obstore signed, whatever it was given: the URL forms this test is about.
+    monkeypatch.setattr(obstore, "sign", lambda *args, **kwargs: signed)
+    for _ in range(2):
+        assert store.download_url("weights/w.safetensors", expires=timedelta(minutes=5),
+                                  filename="lora-v1.safetensors") == signed
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert said in warnings[0]  # old code: 'not static keys ... (an instance role, say)'
+    assert not_said not in warnings[0]

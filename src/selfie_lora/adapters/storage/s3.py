@@ -542,12 +542,11 @@ class S3BlobStore:
         named = _signed_with(url, {"response-content-disposition":
                                    content_disposition(filename)},
                              secret=self._signing_secret)
-        if named is None:
+        if isinstance(named, _Unsigned):
             if not self._said_unnamed:
                 self._said_unnamed = True
                 logger.warning("presigned downloads are saved under the stored object's name, "
-                               "not the version's: the storage's credentials are not static "
-                               "keys this process can sign with (an instance role, say)")
+                               "not the version's: %s", named.why)
             return url
         return named
 
@@ -562,29 +561,47 @@ class S3BlobStore:
             raise self._error("list", self.description, exc) from exc
 
 
-def _signed_with(url: str, extra: dict[str, str], *, secret: str | None) -> str | None:
+@dataclass(frozen=True)
+class _Unsigned:
+    """Why a presigned URL was not signed again (said once, in a WARNING): the keys and the
+    URL's form are told apart, as each sends an operator to look at another thing."""
+
+    why: str
+
+
+def _unread(what: str) -> _Unsigned:
+    return _Unsigned(f"obstore's presigned URL is not in the form this process signs again "
+                     f"({what}; another obstore release, say)")
+
+
+def _signed_with(url: str, extra: dict[str, str], *, secret: str | None) -> str | _Unsigned:
     """``url``, a GET presigned by obstore (AWS Signature V4 in the query), with the query
-    parameters ``extra`` added and signed again by ``secret``; None when ``secret`` is not the
-    one the URL was signed with (none given, or the signature does not come out the same: the
-    credentials were an instance role's, or the URL is not what this reads), as a URL with a
-    wrong signature would be refused by the storage."""
+    parameters ``extra`` added and signed again by ``secret``; else why not (``_Unsigned``):
+    no secret given, a URL this does not read, or ``secret`` not the one the URL was signed
+    with (the signature does not come out the same), as a URL with a wrong signature would be
+    refused by the storage."""
     if not secret:
-        return None
+        return _Unsigned("no secret key is known to this process (the storage's credentials "
+                         "an instance role's, say), so obstore's URL cannot be signed again")
     parts = urlsplit(url)
     params = parse_qsl(parts.query, keep_blank_values=True)
     given = [value for name, value in params if name == "X-Amz-Signature"]
     kept = [(name, value) for name, value in params if name != "X-Amz-Signature"]
     fields = dict(kept)
-    if (len(given) != 1 or fields.get("X-Amz-Algorithm") != "AWS4-HMAC-SHA256"
-            or fields.get("X-Amz-SignedHeaders") != "host"):
-        return None
+    if len(given) != 1:
+        return _unread(f"{len(given)} X-Amz-Signature")
+    for name, value in (("X-Amz-Algorithm", "AWS4-HMAC-SHA256"), ("X-Amz-SignedHeaders", "host")):
+        if fields.get(name) != value:
+            return _unread(f"{name} {fields.get(name)!r}, not {value!r}")
     try:
         # The scope is the credential's last four parts: the key id before it may hold a '/'
         # (MinIO takes free-form access keys).
         _key_id, day, region, service, end = fields["X-Amz-Credential"].rsplit("/", 4)
         stamp = fields["X-Amz-Date"]
-    except (KeyError, ValueError):
-        return None
+    except KeyError as exc:
+        return _unread(f"no {exc.args[0]}")
+    except ValueError:
+        return _unread("an X-Amz-Credential without its scope")
     scope = f"{day}/{region}/{service}/{end}"
 
     def signature(query: str) -> str:
@@ -600,7 +617,10 @@ def _signed_with(url: str, extra: dict[str, str], *, secret: str | None) -> str 
         return hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
 
     if not hmac.compare_digest(signature(_canonical_query(kept)), given[0]):
-        return None
+        return _Unsigned(
+            "the secret key this process knows (SELFIE_LORA_STORAGE_SECRET_ACCESS_KEY, else "
+            "AWS_SECRET_ACCESS_KEY) does not reproduce obstore's signature: obstore signs with "
+            "other credentials (an instance role's, say), or its URLs changed form")
     query = _canonical_query([*kept, *extra.items()])
     return urlunsplit(parts._replace(query=f"{query}&X-Amz-Signature={signature(query)}"))
 
