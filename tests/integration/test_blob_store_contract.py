@@ -18,6 +18,7 @@ from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -372,6 +373,76 @@ def test_a_download_url_is_signed_again_only_with_the_secret_it_was_signed_with(
         assert url is not None
         assert "response-content-disposition" not in url
     assert caplog.text.count("presigned downloads are saved under the stored object") == 1
+
+
+def _botocore_signer() -> Callable[..., str]:
+    """What X-Amz-Signature botocore's presigner (S3SigV4QueryAuth) gives a URL's request: its
+    own canonical query, host and path rules, not this code's. botocore comes with moto, the
+    tests' storage (a dev dependency only; the service itself never imports it): skipped
+    where it is not installed."""
+    auth = pytest.importorskip("botocore.auth")
+    awsrequest = pytest.importorskip("botocore.awsrequest")
+    credentials = pytest.importorskip("botocore.credentials")
+
+    def signature(url: str, *, access_key_id: str, secret: str, token: str | None) -> str:
+        parts = urlsplit(url)
+        params = [(name, value) for name, value in parse_qsl(parts.query, keep_blank_values=True)
+                  if name != "X-Amz-Signature"]
+        fields = dict(params)
+        _key_id, _day, region, service, _end = fields["X-Amz-Credential"].rsplit("/", 4)
+        signer = auth.S3SigV4QueryAuth(
+            credentials.Credentials(access_key_id, secret, token), service, region)
+        request = awsrequest.AWSRequest(method="GET", url=urlunsplit(parts._replace(query="")),
+                                        params=params)
+        request.context["timestamp"] = fields["X-Amz-Date"]
+        return str(signer.signature(
+            signer.string_to_sign(request, signer.canonical_request(request)), request))
+
+    return signature
+
+
+@pytest.mark.parametrize("filename", ["lora-v2.safetensors", 'we"ird name;é.safetensors'])
+@pytest.mark.parametrize("style", ["path", "virtual-hosted", "session-token"])
+def test_a_named_download_url_is_signed_as_botocore_signs_it(
+        request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        style: str, filename: str) -> None:
+    """moto takes any signature: the name's parameter signed wrongly would still be served
+    here, and refused (403) by AWS, MinIO or R2. botocore, the reference signer, must come to
+    the same signature. Path-style on the tests' server (an IP, a port) is fetched too;
+    virtual-hosted (bucket.s3.us-east-1.amazonaws.com) and a session token are signed only."""
+    from selfie_lora.adapters.storage.s3 import S3BlobStore
+    from selfie_lora.domain.disposition import content_disposition
+    from tests.support.s3 import ACCESS_KEY_ID, BUCKET, REGION, SECRET_ACCESS_KEY
+
+    botocore_signature = _botocore_signer()
+    token = None
+    server: S3Server | None = None
+    location = f"s3://{BUCKET}/pre fix+x%25é~"
+    if style == "path":
+        server = request.getfixturevalue("s3_server")
+        location = f"{server.new_location()}/pre fix+x%25é~"
+    elif style == "virtual-hosted":
+        monkeypatch.setenv("AWS_VIRTUAL_HOSTED_STYLE_REQUEST", "true")
+    else:
+        token = "IQoJb3Jp+Z2luX2VjE/abc==x y%"
+        monkeypatch.setenv("AWS_SESSION_TOKEN", token)
+    store = S3BlobStore(url=location, cache_dir=tmp_path / "cache",
+                        endpoint=server.endpoint if server else None, region=REGION,
+                        access_key_id=ACCESS_KEY_ID, secret_access_key=SECRET_ACCESS_KEY)
+    if server is not None:
+        store.put("weights/w.safetensors", b"signed bytes")
+    url = store.download_url("weights/w.safetensors", expires=timedelta(minutes=5),
+                             filename=filename)
+    assert url is not None
+    assert "response-content-disposition=" in url
+    assert ("X-Amz-Security-Token=" in url) == (token is not None)
+    signed = dict(parse_qsl(urlsplit(url).query))["X-Amz-Signature"]
+    assert signed == botocore_signature(url, access_key_id=ACCESS_KEY_ID,
+                                        secret=SECRET_ACCESS_KEY, token=token)
+    if server is not None:
+        answer = httpx.get(url, timeout=10)
+        assert answer.content == b"signed bytes"
+        assert answer.headers["content-disposition"] == content_disposition(filename)
 
 
 @contextmanager
