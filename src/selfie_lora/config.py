@@ -268,6 +268,9 @@ class Settings(BaseSettings):
     # only), so gigabytes do not pass through the API servers.
     download_urls: bool = False
     download_url_seconds: int = Field(default=300, ge=10, le=7 * 24 * 3600)
+    # The presigned URL names the file to save (S3's response-content-disposition); false for a
+    # storage that refuses that parameter: the file is then saved under the object's name.
+    download_url_names: bool = True
 
     replicate_api_token: SecretStr | None = Field(
         default=None,

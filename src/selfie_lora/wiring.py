@@ -301,6 +301,7 @@ def default_blob_store(settings: Settings) -> BlobStore:
         cache_max_bytes=max(1, round(settings.blob_cache_gb * 1e9)),
         connect_timeout=settings.storage_connect_timeout, timeout=settings.storage_timeout,
         retry_timeout=settings.storage_retry_timeout, max_retries=settings.storage_max_retries,
+        name_downloads=settings.download_url_names,
     )
 
 

@@ -127,3 +127,26 @@ def test_an_unnamed_download_is_said_once_with_its_cause(
     assert len(warnings) == 1, warnings
     assert said in warnings[0]  # old code: 'not static keys ... (an instance role, say)'
     assert not_said not in warnings[0]
+
+
+def test_naming_turned_off_leaves_obstore_s_url_as_it_signed_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """SELFIE_LORA_DOWNLOAD_URL_NAMES=false, for an S3-compatible storage that refuses a
+    response-content-disposition it does not know: the presigned URL is obstore's, unchanged,
+    and nothing is said (the file saved under the object's name, as asked)."""
+    import obstore
+
+    from selfie_lora.config import Settings
+    from selfie_lora.wiring import default_blob_store
+
+    monkeypatch.setenv("SELFIE_LORA_DOWNLOAD_URL_NAMES", "false")
+    settings = Settings(home=tmp_path / "home", storage_url="s3://bucket/prefix",
+                        storage_endpoint="http://127.0.0.1:9", storage_region="us-east-1",
+                        storage_access_key_id="AKIAIOSFODNN7EXAMPLE",
+                        storage_secret_access_key=AWS_SECRET)
+    monkeypatch.setattr(obstore, "sign", lambda *args, **kwargs: AWS_EXAMPLE)
+    store = default_blob_store(settings)
+    assert store.download_url("weights/w.safetensors", expires=timedelta(minutes=5),
+                              filename="lora-v1.safetensors") == AWS_EXAMPLE  # old: named
+    assert "presigned downloads" not in caplog.text

@@ -207,6 +207,7 @@ class S3BlobStore:
         secret_access_key: str | None = None, allow_http: bool | None = None,
         cache_max_bytes: int = 20 * 10**9, connect_timeout: float = 5.0,
         timeout: float = 30.0, retry_timeout: float = 15.0, max_retries: int = 3,
+        name_downloads: bool = True,
     ) -> None:
         try:
             from obstore.store import S3Store
@@ -227,6 +228,8 @@ class S3BlobStore:
         # it); obstore keeps it to itself.
         self._signing_secret = secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY")
         self._said_unnamed = False
+        # Off (SELFIE_LORA_DOWNLOAD_URL_NAMES=false) for a storage that refuses the parameter.
+        self._name_downloads = name_downloads
         if allow_http is None:
             allow_http = bool(endpoint and endpoint.startswith("http://"))
         self._store: S3Store = S3Store(
@@ -533,7 +536,7 @@ class S3BlobStore:
             url = obstore.sign(self._store, "GET", key, expires)
         except Exception as exc:
             raise self._error("sign a URL for", key, exc) from exc
-        if filename is None:
+        if filename is None or not self._name_downloads:
             return url
         # The storage's answer names the file (``response-content-disposition``, which S3 and
         # its kin answer with as Content-Disposition): a browser saved it under the object's
