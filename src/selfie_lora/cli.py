@@ -1889,6 +1889,26 @@ def _read_only_refusal(exc: BaseException) -> bool:
     return isinstance(exc, DatabaseRefusedError) and not exc.pool_exhausted
 
 
+def _unchanged_by_refusal(services: Services, *, name: str) -> str:
+    """What a ``users delete`` whose disabling a read-only database refused left of ``name``'s
+    account, read back (such a database still answers reads): nothing changed, but the account
+    may be disabled already and its deletion pending (a run before cut short partway, whose
+    rows may be gone), and "nothing was deleted or disabled" said the opposite."""
+    with suppress(SelfieLoraError):
+        user = services.users.get_by_name(name=name)
+        if user.erasure_requested_at is not None:
+            return (f"{user.name}'s deletion stays pending (the account is disabled): a worker, "
+                    "serve or gc finishes it once the database takes writes, or run this "
+                    "again then")
+        if user.disabled_at is not None:
+            return (f"this run changed nothing ({user.name}'s account stays disabled, its "
+                    "deletion not asked for): run this again once it takes writes")
+        return (f"nothing of {user.name}'s was deleted or disabled: run this again once it "
+                "takes writes")
+    # Not read either: what the account was before is not known, only that this run did nothing.
+    return "this run changed nothing: run it again once the database takes writes"
+
+
 @users_app.command("delete")
 def users_delete(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The user's name.")],
@@ -1941,8 +1961,8 @@ def users_delete(
             # the driver's words alone did not say that nothing changed.
             if not _read_only_refusal(exc):
                 raise
-            _fail(f"the database refuses writes (read-only): {exc.message}; nothing of "
-                  f"{name}'s was deleted or disabled: run this again once it takes writes")
+            _fail(f"the database refuses writes (read-only): {exc.message}; "
+                  + _unchanged_by_refusal(services, name=name))
         except KeyboardInterrupt as exc:
             # SIGTERM too: the erase's ``finally`` settles what it held aside (photos and
             # weights copied while deleted) rather than the process dying with them on disk.

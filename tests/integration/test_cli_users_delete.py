@@ -1259,6 +1259,20 @@ def test_deleting_ones_own_account_deletes_that_account_not_another_of_the_same_
                       headers={"Authorization": f"Bearer {erin_secret}"}).status_code == 200
 
 
+def deleted_on_a_read_only_database(settings: Settings,
+                                     monkeypatch: pytest.MonkeyPatch) -> str:
+    """``users delete ann --yes`` on the test's database opened read-only (a replica's copy, a
+    fail-over's standby): exit 1, the refusal said in its own words. What it printed."""
+    read_only = settings.model_copy(update={
+        "database_url": f"sqlite:///file:{settings.home / 'selfie-lora.db'}?mode=ro&uri=true"})
+    monkeypatch.setattr(cli, "_settings", lambda: read_only)
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 1, said
+    assert "the database refuses writes (read-only)" in said, said
+    assert "attempt to write a readonly database" in said  # its own words, kept
+    return said
+
+
 def test_users_delete_on_a_read_only_database_says_so_and_that_nothing_was_deleted(
         on_services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch,
         ann: Owner) -> None:
@@ -1267,18 +1281,61 @@ def test_users_delete_on_a_read_only_database_says_so_and_that_nothing_was_delet
     ("database error: attempt to write a readonly database"), not what they meant for her
     account."""
     services = on_services
-    read_only = settings.model_copy(update={
-        "database_url": f"sqlite:///file:{settings.home / 'selfie-lora.db'}?mode=ro&uri=true"})
-    monkeypatch.setattr(cli, "_settings", lambda: read_only)
     rows, blobs = rows_of(services), blob_keys(services)
-    code, said = run("users", "delete", "ann", "--yes")
-    assert code == 1, said
-    assert "the database refuses writes (read-only)" in said, said
-    assert "attempt to write a readonly database" in said  # its own words, kept
+    said = deleted_on_a_read_only_database(settings, monkeypatch)
     assert "nothing of ann's was deleted or disabled" in said
     assert "cut short" not in said
     assert (rows_of(services), blob_keys(services)) == (rows, blobs)
     assert services.users.get_by_name(name="ann").disabled_at is None
+
+
+def test_users_delete_run_again_on_a_read_only_database_says_the_deletion_stays_pending(
+        on_services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        ann: Owner) -> None:
+    """Found in review: a fail-over left the database read-only once ann's account was
+    disabled (the partway line), and the operator ran the command again before it took writes:
+    the disabling, written again, was refused, and the line said "nothing of ann's was deleted
+    or disabled", though her account is disabled and her deletion pending (her rows perhaps
+    gone). It says what is true now: the user read back, as a read-only database still
+    answers reads."""
+    services = on_services
+    refusal = DatabaseRefusedError("database error: cannot execute DELETE in a read-only "
+                                   "transaction")
+
+    def refused(*_args: object, **_kwargs: object) -> dict[str, int]:
+        raise refusal
+
+    with monkeypatch.context() as m:
+        m.setattr(SqlRepository, "delete_user_data", refused)
+        code, said = run("users", "delete", "ann", "--yes")
+    assert code == 1, said
+    assert "partway" in said, said
+    rows, blobs = rows_of(services), blob_keys(services)
+    said = deleted_on_a_read_only_database(settings, monkeypatch)
+    assert "nothing of ann's was deleted or disabled" not in said  # old code: said so
+    assert ("ann's deletion stays pending (the account is disabled): a worker, serve or gc "
+            "finishes it once the database takes writes, or run this again then") in said, said
+    assert (rows_of(services), blob_keys(services)) == (rows, blobs)
+    user = services.users.get_by_name(name="ann")
+    assert user.disabled_at is not None
+    assert user.erasure_requested_at is not None
+
+
+def test_users_delete_on_a_read_only_database_of_a_disabled_user_says_it_stays_disabled(
+        on_services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        ann: Owner) -> None:
+    """Found in review: ann disabled earlier (``users disable``), then the command on a
+    read-only database said "nothing of ann's was deleted or disabled", as if her account
+    were not disabled. It says that nothing changed and that her account stays disabled."""
+    services = on_services
+    services.users.disable(name="ann")
+    said = deleted_on_a_read_only_database(settings, monkeypatch)
+    assert "nothing of ann's was deleted or disabled" not in said  # old code: said so
+    assert ("this run changed nothing (ann's account stays disabled, its deletion not "
+            "asked for): run this again once it takes writes") in said, said
+    user = services.users.get_by_name(name="ann")
+    assert user.disabled_at is not None
+    assert user.erasure_requested_at is None
 
 
 def test_users_delete_cut_short_by_a_read_only_database_says_so_and_when_it_goes_on(
