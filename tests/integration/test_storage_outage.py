@@ -690,6 +690,19 @@ def test_an_account_deletion_refused_for_a_state_that_lasts_is_tried_again_soon(
         _finished_once_due(erasure, due)
 
 
+@contextmanager
+def _ann_and_bob_deleting(tmp_path: Path) -> Iterator[tuple[Services, _BrokenDeleteStore]]:
+    """``_ann_deleting`` on a store whose deletes fail as told (``broken``), bob with a photo
+    of his own too: the services and the store."""
+    with _ann_deleting(tmp_path, _BrokenDeleteStore, then="broken_since") as (
+            client, services, _ann, store):
+        bob = auth(services, "bob")
+        r = client.post("/api/training/upload", headers=bob, data={"start": "false"},
+                        files=[("files", ("b.jpg", synthetic_photo(2), "image/jpeg"))])
+        assert r.status_code == 202, r.text
+        yield services, store
+
+
 def test_a_refusal_said_for_a_deletion_finished_elsewhere_is_said_again_for_the_next(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Found in review: the check's "said once" state ended only when this process's check
@@ -699,12 +712,7 @@ def test_a_refusal_said_for_a_deletion_finished_elsewhere_is_said_again_for_the_
     for is pending any more."""
     refusal = DatabaseRefusedError("database error: cannot execute DELETE in a read-only "
                                    "transaction")
-    with _ann_deleting(tmp_path, _BrokenDeleteStore, then="broken_since") as (
-            client, services, _ann, store):
-        bob = auth(services, "bob")
-        r = client.post("/api/training/upload", headers=bob, data={"start": "false"},
-                        files=[("files", ("b.jpg", synthetic_photo(2), "image/jpeg"))])
-        assert r.status_code == 202, r.text
+    with _ann_and_bob_deleting(tmp_path) as (services, store):
         erasure = services.erasure
         said = []
         for name in ("ann", "bob"):
@@ -720,6 +728,44 @@ def test_a_refusal_said_for_a_deletion_finished_elsewhere_is_said_again_for_the_
             erasure._clock = lambda: datetime.now(UTC)  # type: ignore[attr-defined]
             assert erasure.erase(name=name).name == name
         assert said == ["WARNING", "WARNING"]  # old code: WARNING, then DEBUG
+
+
+def test_a_refusal_said_for_a_deletion_re_dated_far_ahead_is_said_again_for_the_next(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found in review: ann's deletion refused by a read-only standby and said, then claimed by
+    a machine whose clock runs two years fast and cut short there (re-dated two years ahead):
+    each check still read her pending, all pending deletions being read without a bound, so the
+    refusal never ended (never due here, she is never tried), and bob's deletion refused the
+    same way days later was said at DEBUG only. A deletion dated beyond anything this code
+    writes (24 h ahead, a parked one) is another machine's now, no longer this refusal's."""
+    refusal = DatabaseRefusedError("database error: cannot execute DELETE in a read-only "
+                                   "transaction")
+    with _ann_and_bob_deleting(tmp_path) as (services, store):
+        erasure = services.erasure
+        store.broken = refusal
+        said = []
+        with pytest.raises(ErasureContinuesError):
+            erasure.erase(name="ann")
+        _past_due(erasure)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="selfie_lora.services.erasure"):
+            assert erasure.finish_pending() == []
+        said += [r.levelname for r in caplog.records if "could not be finished" in r.message]
+        ann_id = services.users.get_by_name(name="ann").id
+        assert services.repo.request_erasure(ann_id, at=datetime.now(UTC) + timedelta(days=730))
+        erasure._clock = lambda: datetime.now(UTC)  # type: ignore[attr-defined]
+        with pytest.raises(ErasureContinuesError):
+            erasure.erase(name="bob")
+        [bob_due] = [when for name, when in erasure.pending() if name == "bob"]
+        later = bob_due + timedelta(seconds=1)
+        erasure._clock = lambda: later  # type: ignore[attr-defined]
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="selfie_lora.services.erasure"):
+            assert erasure.finish_pending() == []
+        said += [r.levelname for r in caplog.records if "could not be finished" in r.message]
+        assert said == ["WARNING", "WARNING"]  # old code: WARNING, then DEBUG
+        # Still listed pending (gc's list reads every one, however far ahead).
+        assert {name for name, _when in erasure.pending()} == {"ann", "bob"}
 
 
 def test_an_outage_between_two_refusals_of_a_deletion_does_not_say_the_refusal_again(

@@ -192,7 +192,8 @@ class _Refusal:
     for hours until space is freed) said a WARNING, and it ends when a deletion goes through or
     once none of those users' deletions is refused or pending any more, since another process's
     check or the operator's ``users delete`` may finish it (where only this check's success
-    ended it, and a refusal of the same kind days later was said at DEBUG only). Two fields of
+    ended it, and a refusal of the same kind days later was said at DEBUG only), pending as
+    ``finish_pending`` reads it: dated no further ahead than ``ERASURE_PARKED``. Two fields of
     the eraser before, each changed on its own.
 
     Not locked: one thread alone uses it. ``finish_pending`` is all that touches it (``erase``
@@ -337,11 +338,16 @@ class AccountEraser:
         now = self._clock()
         due = now - self.resume_after
         if self._refusal.users:
-            # Every pending deletion (as ``pending`` reads them), to see whether those the
+            # The pending deletions dated as this code dates them, to see whether those the
             # refusal was met for still are: only while one is said, so one read as before.
-            everyone = self._repo.pending_erasures()
-            self._refusal.not_refused(self._refusal.users - {user.id for user in everyone})
-            pending = [user for user in everyone if user.erasure_requested_at is not None
+            # Not every one (``pending``): one dated further ahead than any of its writes (a
+            # park is the furthest, ``ERASURE_PARKED`` less ``resume_after``; the bound leaves
+            # that much for clocks apart) was claimed and re-dated by a machine whose clock
+            # runs fast. Never due here, it is never tried here, so it kept the refusal up for
+            # good and the next one, days later, was said at DEBUG only.
+            still = self._repo.pending_erasures(requested_before=now + ERASURE_PARKED)
+            self._refusal.not_refused(self._refusal.users - {user.id for user in still})
+            pending = [user for user in still if user.erasure_requested_at is not None
                        and user.erasure_requested_at <= due]
         else:
             pending = list(self._repo.pending_erasures(requested_before=due))
