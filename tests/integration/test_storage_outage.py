@@ -768,6 +768,36 @@ def test_a_refusal_said_for_a_deletion_re_dated_far_ahead_is_said_again_for_the_
         assert {name for name, _when in erasure.pending()} == {"ann", "bob"}
 
 
+def test_a_claim_left_as_the_check_is_interrupted_on_a_database_away_says_when_in_words(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a check interrupted (Ctrl-C of ``gc``) gives its claim back; the
+    database away then, the line said the wait as a raw timedelta ("tried again in 0:10:31")
+    with a traceback for an outage. Now in the words the other lines use, and the outage's own
+    words, no traceback."""
+    with _ann_deletion_failing(tmp_path, KeyboardInterrupt()) as (erasure, _store):
+        now = _past_due(erasure)
+        repo = erasure._repo  # type: ignore[attr-defined]
+        claim = repo.request_erasure
+
+        def away_for_the_give_back(user_id: str, *, at: datetime,
+                                   requested_before: datetime | None = None) -> bool:
+            if requested_before == now:  # the claim given back: its compare-and-set
+                raise DatabaseUnreachableError("database error: connection refused")
+            return claim(user_id, at=at, requested_before=requested_before)
+
+        monkeypatch.setattr(repo, "request_erasure", away_for_the_give_back)
+        caplog.clear()
+        with (caplog.at_level(logging.WARNING, logger="selfie_lora.services.erasure"),
+              pytest.raises(KeyboardInterrupt)):
+            erasure.finish_pending()
+        [line] = [r for r in caplog.records if "stays claimed" in r.getMessage()]
+        assert line.getMessage() == (  # old code: "...; tried again in 0:10:31", a traceback
+            f"user ann: the deletion stays claimed; tried again in "
+            f"{wait_text(erasure.resume_after)}: database error: connection refused")
+        assert line.exc_info is None
+
+
 def test_an_outage_between_two_refusals_of_a_deletion_does_not_say_the_refusal_again(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Found in review: a fail-over's checks met, for ann's deletion, a read-only standby and

@@ -495,9 +495,13 @@ class AccountEraser:
         try:
             self._repo.request_erasure(user.id, at=user.erasure_requested_at,
                                        requested_before=claimed_at)
-        except Exception:  # the database gone: what the claim did stays, and is said
-            logger.warning("user %s: the deletion stays claimed; tried again in %s",
-                           user.name, self.resume_after, exc_info=True)
+        except Exception as exc:  # the database gone: what the claim did stays, and is said
+            # In the words the other lines say a wait and an error in (a raw timedelta, and a
+            # traceback for an outage, before); a traceback only for what is no storage error.
+            logger.warning("user %s: the deletion stays claimed; tried again in %s: %s",
+                           user.name, wait_text(self.resume_after),
+                           exc.message if isinstance(exc, SelfieLoraError) else describe(exc),
+                           exc_info=None if isinstance(exc, SelfieLoraError) else exc)
 
     def _finish(self, user: User, *, force: bool,
                 stopping: threading.Event | None = None) -> ErasureSummary:
