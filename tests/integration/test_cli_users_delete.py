@@ -29,8 +29,10 @@ from selfie_lora.adapters.db import tables
 from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Recipe, Training, TrainingStatus, User
+from selfie_lora.domain.lease import wait_text
 from selfie_lora.errors import (
     ConflictError,
+    DatabaseBusyError,
     DatabaseRefusedError,
     DeploymentMismatchError,
     ForbiddenError,
@@ -1336,6 +1338,63 @@ def test_users_delete_on_a_read_only_database_of_a_disabled_user_says_it_stays_d
     user = services.users.get_by_name(name="ann")
     assert user.disabled_at is not None
     assert user.erasure_requested_at is None
+
+
+@pytest.mark.parametrize("where", ["disabling", "rows"])
+def test_users_delete_refused_by_a_busy_pool_is_not_said_read_only(
+        on_services: Services, monkeypatch: pytest.MonkeyPatch, ann: Owner, where: str) -> None:
+    """Review 3: the pool's connections all taken (``DatabaseBusyError``, ``pool_exhausted``) is
+    a ``DatabaseRefusedError`` too, but passes with the load: neither read-only line is said for
+    it, at the disabling nor partway; it keeps the line said before them. Nothing tested it."""
+    services = on_services
+    busy = DatabaseBusyError("database error: QueuePool limit of size 15 overflow 0 reached, "
+                             "connection timed out, timeout 30.00")
+
+    def refused(*_args: object, **_kwargs: object) -> object:
+        raise busy
+
+    if where == "disabling":
+        monkeypatch.setattr(UserService, "disable_by_id", refused)
+    else:
+        monkeypatch.setattr(SqlRepository, "delete_user_data", refused)
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 1, said
+    assert "read-only" not in said, said
+    assert "QueuePool limit of size 15" in said, said
+    assert ("the deletion was cut short" in said) == (where == "rows"), said
+    assert (services.users.get_by_name(name="ann").disabled_at is None) == (where == "disabling")
+
+
+def test_users_delete_cut_short_whose_retry_is_refused_too_says_the_wait_it_got(
+        on_services: Services, monkeypatch: pytest.MonkeyPatch, ann: Owner) -> None:
+    """Review 3: a standby refuses the write that makes the deletion due soon as it refused the
+    rows' deletion: the partway line says the wait the deletion got, the dead-process one
+    (README: 10 min 31 s), not 30 s. Nothing tested it."""
+    refusal = DatabaseRefusedError("database error: cannot execute DELETE in a read-only "
+                                   "transaction")
+    read_only = False  # from the rows' deletion on, every write is refused
+    request_erasure = SqlRepository.request_erasure
+
+    def rows_refused(*_args: object, **_kwargs: object) -> dict[str, int]:
+        nonlocal read_only
+        read_only = True
+        raise refusal
+
+    def due_soon_refused(self: SqlRepository, user_id: str, **kwargs: Any) -> bool:
+        if read_only:
+            raise refusal
+        return request_erasure(self, user_id, **kwargs)
+
+    monkeypatch.setattr(SqlRepository, "delete_user_data", rows_refused)
+    monkeypatch.setattr(SqlRepository, "request_erasure", due_soon_refused)
+    code, said = run("users", "delete", "ann", "--yes")
+    assert code == 1, said
+    assert "the database refused writes (read-only) partway" in said, said
+    # The dead-process wait (10 min 31 s; shorter here, the key cache's wait made none).
+    resume_after = wait_text(on_services.erasure.resume_after)
+    assert f"tried again in {resume_after} by a worker, serve or gc" in said, said
+    assert "tried again in 30 s" not in said  # the wait it did not get
+    assert on_services.users.get_by_name(name="ann").erasure_requested_at is not None
 
 
 def test_users_delete_cut_short_by_a_read_only_database_says_so_and_when_it_goes_on(
