@@ -1953,9 +1953,9 @@ def users_delete(
             if not _read_only_refusal(exc.cause):
                 raise
             _fail(f"the database refused writes (read-only) partway: {exc.cause.message}; "
-                  f"{name}'s account is disabled, and the deletion is tried again in "
+                  f"{exc.name}'s account is disabled, and the deletion is tried again in "
                   f"{wait_text(exc.retry)} by a worker, serve or gc, or now by `selfie-lora "
-                  f"users delete {name} --yes` once the database takes writes")
+                  f"users delete {exc.name} --yes` once the database takes writes")
         except DatabaseRefusedError as exc:
             # Raised as it is, it refused the disabling, the first write (``erase_by_id``):
             # the driver's words alone did not say that nothing changed.

@@ -119,16 +119,19 @@ class ErasureContinuesError(StorageError):
     pool's connections all taken), cut the deletion short after the account was disabled: it
     is finished by the next check (``finish_pending``), soon. Answered 503 ``deletion_pending`` ("finishes
     on its own"), with no Retry-After: a retry is refused, the account being disabled.
-    ``cause``: what cut it short; ``retry``: when it is due again (``_due_soon``'s wait), for a
-    front end that says them in its own words (``users delete``)."""
+    ``cause``: what cut it short; ``retry``: when it is due again (``_due_soon``'s wait);
+    ``name``: the account's, as it is (not as typed, in another case), for a front end that says
+    them in its own words (``users delete``)."""
 
     code = ErrorCode.DELETION_PENDING
     http_status = 503
 
-    def __init__(self, message: str, *, cause: StorageError, retry: timedelta) -> None:
+    def __init__(self, message: str, *, cause: StorageError, retry: timedelta,
+                 name: str) -> None:
         super().__init__(message)
         self.cause = cause
         self.retry = retry
+        self.name = name
 
 
 class ErasureBlockedError(ConflictError):
@@ -316,7 +319,7 @@ class AccountEraser:
             raise ErasureContinuesError(
                 f"user {user.name}: the deletion was cut short ({exc.message}); the account is "
                 f"disabled, and the deletion is tried again in {wait_text(retry)}",
-                cause=exc, retry=retry) from exc
+                cause=exc, retry=retry, name=user.name) from exc
         except Exception as exc:
             if refused(exc):
                 # A full disk (whose 507 says to free space), a refusal that lasts until the
