@@ -37,6 +37,7 @@ from selfie_lora.errors import (
     DeploymentMismatchError,
     ForbiddenError,
     StorageError,
+    StorageUnavailableError,
 )
 from selfie_lora.services import gc as gc_module
 from selfie_lora.services.common import utcnow
@@ -1338,6 +1339,29 @@ def test_users_delete_on_a_read_only_database_of_a_disabled_user_says_it_stays_d
     user = services.users.get_by_name(name="ann")
     assert user.disabled_at is not None
     assert user.erasure_requested_at is None
+
+
+def test_users_delete_on_a_read_only_database_it_cannot_read_again_says_only_this_run(
+        on_services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        ann: Owner) -> None:
+    """The disabling refused, and the account not read back either (the standby gone
+    meanwhile): what it was before is not known, so the line says this run changed nothing,
+    not that nothing of hers was disabled."""
+    get_by_name = UserService.get_by_name
+    reads: list[str] = []
+
+    def read_once(self: UserService, *, name: str) -> User:
+        reads.append(name)
+        if len(reads) > 1:  # the read back after the refusal
+            raise StorageUnavailableError("database error: connection refused")
+        return get_by_name(self, name=name)
+
+    monkeypatch.setattr(UserService, "get_by_name", read_once)
+    said = deleted_on_a_read_only_database(settings, monkeypatch)
+    assert reads == ["ann", "ann"]
+    assert "nothing of ann's was deleted or disabled" not in said
+    assert "this run changed nothing: run it again once the database takes writes" in said, said
+    assert get_by_name(on_services.users, name="ann").disabled_at is None
 
 
 @pytest.mark.parametrize("where", ["disabling", "rows"])
