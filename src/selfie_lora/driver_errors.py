@@ -22,3 +22,16 @@ def driver_says(exc: BaseException | None, *, sqlstate: str, sqlite_code: int,
     if code is not None:
         return code & 0xFF == sqlite_code
     return words in str(exc)
+
+
+# The words of a database call whose wait ran out with no answer from the server (a hung one, on
+# which each further call waits as long again), where a refused or reset connection fails at once:
+# BoundedConnection's answer timeout, libpq's and psycopg's connect timeout, the kernel's.
+NO_ANSWER_WORDS = ("no answer from the server", "timeout expired", "connection timed out")
+
+
+def gave_no_answer(exc: BaseException | None) -> bool:
+    """Whether a database driver's error (or SQLAlchemy's, which carries the driver's words)
+    says the server gave no answer within the driver's time (``NO_ANSWER_WORDS``)."""
+    said = str(exc).lower()
+    return any(word in said for word in NO_ANSWER_WORDS)

@@ -23,7 +23,7 @@ from selfie_lora import cli, wiring
 from selfie_lora.adapters.db.repository import server_clock
 from selfie_lora.api.app import create_app
 from selfie_lora.domain.entities import Training, TrainingStatus
-from selfie_lora.errors import ClockSkewError
+from selfie_lora.errors import ClockSkewError, DatabaseUnreachableError
 from selfie_lora.services.clock import ClockGuard
 from selfie_lora.services.common import utcnow
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
@@ -269,3 +269,23 @@ def test_sqlite_has_no_other_clock_to_check(tmp_path: Path) -> None:
                               generators={"local": FakeGenerator()},
                               clock=Drift(FIVE_MINUTES).now)
     services.close()
+
+
+@pytest.mark.parametrize(("said", "unanswered"), [
+    ("no answer from the server in 20 s (the connection is closed)", True),
+    ('connection to server at "db" (10.0.0.5), port 5432 failed: timeout expired', True),
+    ('connection to server at "127.0.0.1", port 5432 failed: Connection refused', False)],
+    ids=["no-answer", "connect-timeout", "refused"])
+def test_a_clock_read_that_got_no_answer_says_so_and_a_refused_one_does_not(
+        said: str, unanswered: bool) -> None:
+    """Found in review: a clock read that failed was always an error with ``unanswered`` False
+    (a hung server's told as one that refused), and ``answered`` turned False on any error (a
+    refused connection, an answer at once, taken for a hung server)."""
+    def clock() -> datetime:
+        raise OSError(said)
+
+    guard = ClockGuard(database_clock=clock, max_skew=10)
+    with pytest.raises(DatabaseUnreachableError) as raised:
+        guard.answered_check()
+    assert raised.value.unanswered is unanswered
+    assert guard.answered is not unanswered

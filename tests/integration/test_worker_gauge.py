@@ -283,7 +283,9 @@ class HungDatabase:
         if self.hung.is_set():
             self.calls.append(call)
             time.sleep(self.hang)
-            raise no_answer(self.hang) if repository else OSError("timed out")
+            # The driver's words for a read of a hung PostgreSQL (BoundedConnection's).
+            raise no_answer(self.hang) if repository else OSError(
+                f"no answer from the server in {self.hang:g} s (the connection is closed)")
 
     def clock(self) -> datetime:
         """The database's clock (``database_clock``)."""
@@ -366,6 +368,66 @@ def test_a_stopping_worker_does_not_wait_on_a_hung_database_to_leave_the_count(
         until(lambda: svc.repo.count_workers(now=utcnow()) == {"live": 1, "stale": 0},
               "never live")
         database.stops_in_time(worker, round_="beat", first="clock" if clock_check else "write")
+    finally:
+        svc.close()
+
+
+class RefusingClock:
+    """A database clock that, while ``refusing`` is set, fails at once with a refused
+    connection's words (PostgreSQL restarting: an answer, no wait)."""
+
+    def __init__(self) -> None:
+        self.refusing = threading.Event()
+        self.refused = 0
+
+    def clock(self) -> datetime:
+        if self.refusing.is_set():
+            self.refused += 1
+            raise OSError('connection to server at "127.0.0.1", port 5432 failed: '
+                          "Connection refused")
+        return utcnow()
+
+
+def test_a_refused_clock_read_then_a_database_back_still_removes_the_row(
+        tmp_path: Path) -> None:
+    """Found in review: any error of the clock's read counted as the database giving no answer,
+    a refused connection too (a restart; a refusal fails at once): a stop within a heartbeat
+    of it, the database back, left the row to count stale for an hour."""
+    database = RefusingClock()
+    settings = make_settings(tmp_path, heartbeat_seconds=0.2, lease_seconds=2,
+                             reconcile_seconds=600)
+    svc = build_services(settings, trainers={}, generators={}, database_clock=database.clock)
+    assert svc.clock.enabled
+    try:
+        worker = start_embedded(svc, threads=1)
+        until(lambda: svc.repo.count_workers(now=utcnow()) == {"live": 1, "stale": 0},
+              "never live")
+        database.refusing.set()
+        until(lambda: database.refused >= 1, "no beat read the clock")
+        database.refusing.clear()  # back: every call from now on is answered
+        assert worker.stop(grace=5)
+        assert svc.repo.count_workers(now=utcnow()) == {"live": 0, "stale": 0}
+    finally:
+        svc.close()
+
+
+def test_a_refused_readiness_clock_read_in_serve_leaves_the_worker_s_removal_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: the ClockGuard is shared with /readyz (serve), so a probe whose clock
+    read was refused made the embedded worker's stop skip removing its row."""
+    database = RefusingClock()
+    settings = make_settings(tmp_path, heartbeat_seconds=100, lease_seconds=600,
+                             reconcile_seconds=600)
+    svc = build_services(settings, trainers={}, generators={}, database_clock=database.clock)
+    gone: list[str] = []
+    monkeypatch.setattr(svc.repo, "worker_gone", gone.append)
+    try:
+        worker = start_embedded(svc, threads=1)
+        database.refusing.set()
+        svc.operations.readiness()  # a probe in a restart's refused second
+        database.refusing.clear()
+        assert worker.stop(grace=5)
+        assert gone == [worker.identity.name]
     finally:
         svc.close()
 

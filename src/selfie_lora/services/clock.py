@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from selfie_lora.driver_errors import gave_no_answer
 from selfie_lora.errors import (
     ClockSkewError,
     DatabaseUnreachableError,
@@ -93,8 +94,9 @@ class ClockGuard:
     @property
     def answered(self) -> bool:
         """Whether the last check's read got an answer from the database (True before any, and
-        whenever the check is off): False while it hangs or is away, where a call more (a
-        worker's last write as it stops) would wait as long again."""
+        whenever the check is off): False while it hangs (the read's wait ran out, its words
+        say: ``driver_errors.gave_no_answer``), where a call more (a worker's last write as it
+        stops) would wait as long again; a refused connection is an answer."""
         return self._answered
 
     def read(self) -> ClockReading | None:
@@ -144,7 +146,11 @@ class ClockGuard:
         try:
             reading = self.read()
         except Exception as exc:
-            self._answered = False
+            # Only a wait that ran out: a refused connection (a restart), a name that does not
+            # resolve, fail at once, and a worker's stop may still remove its row.
+            unanswered = (exc.unanswered if isinstance(exc, DatabaseUnreachableError)
+                          else gave_no_answer(exc))
+            self._answered = not unanswered
             if not raising:
                 logger.debug("the database's clock could not be read", exc_info=True)
                 return not self._skewed, None
@@ -153,7 +159,7 @@ class ClockGuard:
             # The driver's own error (the read is one bare statement, not one of the
             # repository's translated calls): whatever it says, the database gave no answer.
             raise DatabaseUnreachableError(
-                f"its clock could not be read: {describe(exc)}") from exc
+                f"its clock could not be read: {describe(exc)}", unanswered=unanswered) from exc
         self._answered = True
         if reading is None:
             return True, None

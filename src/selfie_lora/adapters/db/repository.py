@@ -104,7 +104,7 @@ from selfie_lora.domain.likeness import (
     ProbeResult,
     VersionLikeness,
 )
-from selfie_lora.driver_errors import driver_says
+from selfie_lora.driver_errors import driver_says, gave_no_answer
 from selfie_lora.errors import (
     ConfigError,
     ConflictError,
@@ -1655,10 +1655,6 @@ _NETWORK_WORDS = (
     "could not send data to server", "failed to resolve host", "could not translate host name",
     "no answer from the server", "the connection is lost", "the connection is closed",
 )
-# Of those, the words of a wait that ran out: the server said nothing (BoundedConnection's
-# answer timeout, libpq's connect timeout, the kernel's), where a refused or reset connection
-# fails at once.
-_NO_ANSWER_WORDS = ("no answer from the server", "timeout expired", "connection timed out")
 _BUSY_SERVER_WORDS = (
     "the database system is starting up", "the database system is shutting down",
     "the database system is in recovery mode", "the database system is not yet accepting",
@@ -1682,8 +1678,7 @@ def _read_only(orig: BaseException | None) -> bool:
 def _unanswered(exc: DBAPIError) -> bool:
     """Whether ``exc``, an outage (``_unreachable``), is a wait that ran out with no answer from
     the server (``DatabaseUnreachableError.unanswered``): each further call waits as long."""
-    said = str(exc.orig).lower()
-    return any(word in said for word in _NO_ANSWER_WORDS)
+    return gave_no_answer(exc.orig)
 
 
 # PostgreSQL's SQLSTATEs of a statement the server stopped waiting: lock_not_available (its
