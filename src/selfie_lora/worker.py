@@ -291,19 +291,24 @@ class Worker:
                            "held until they end or the process exits", self.identity.name,
                            len(self._threads), grace)
             return False
-        if self._announce and self._database_unanswered():
-            # The database gave this worker's last call no answer (hung): removing the row
-            # would wait the driver's answer timeout again (~20 s on PostgreSQL) after the
-            # threads' joins, past the stop's grace. Left to run out as a dead worker's does.
-            logger.info("worker %s: not removed from the workers' count, the database did not "
-                        "answer its last call; its row runs out and counts as stale for an hour",
-                        self.identity.name)
-        elif self._announce:
+        if self._announce and not self._database_unanswered():
             # Not counted as a worker that died: its row goes (the presence thread has ended).
-            with self._presence_outage.watch(failed="removing this worker from the count "
-                                                    "failed"):
-                self._training.worker_gone(self.identity.name)
-        self.identity.close()
+            # The name is given back once the removal ends.
+            if not self._leave_count(deadline=deadline):
+                logger.info("worker %s: its removal from the workers' count did not end within "
+                            "the stop's grace (the database slow to answer, or hung); its name "
+                            "is held until it does, and a row left runs out and counts as "
+                            "stale for an hour", self.identity.name)
+        else:
+            if self._announce:
+                # The database gave this worker's last call no answer (hung): removing the row
+                # would wait the driver's answer timeout again (~20 s on PostgreSQL) after the
+                # threads' joins, to the end of the stop's grace. Left to run out as a dead
+                # worker's does.
+                logger.info("worker %s: not removed from the workers' count, the database did "
+                            "not answer its last call; its row runs out and counts as stale for "
+                            "an hour", self.identity.name)
+            self.identity.close()
         self._started = False
         if started and self._threads_wanted:
             logger.info("worker %s stopped", self.identity.name)
@@ -511,6 +516,28 @@ class Worker:
             except DeploymentMismatchError as exc:
                 # A refusal, not a failure: its message says what to check; no traceback.
                 logger.warning("garbage collection: %s", exc.message)
+
+    def _leave_count(self, *, deadline: float) -> bool:
+        """Removes this worker's row (``worker_gone``) and then gives its name back, on a thread
+        of its own waited for until ``deadline`` (monotonic): True when it ended by then. A
+        database that hangs on a call that nothing before it met (a reconciler's, a consumer's,
+        with the clock check off) would keep the stop waiting the answer timeout (~20 s on
+        PostgreSQL) past its grace. The name is held until the removal ends: one taken
+        meanwhile could see its fresh row removed by this one's late answer."""
+        def leave() -> None:
+            try:
+                with self._presence_outage.watch(failed="removing this worker from the count "
+                                                        "failed"):
+                    self._training.worker_gone(self.identity.name)
+            finally:
+                self.identity.close()
+
+        # A daemon: a process that exits does not wait for it (a removal not yet committed is
+        # rolled back with the connection).
+        removal = threading.Thread(target=leave, name=f"{self.identity.name}-gone", daemon=True)
+        removal.start()
+        removal.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not removal.is_alive()
 
     def _database_unanswered(self) -> bool:
         """Whether the database gave this worker's last call no answer: its last beat's write,

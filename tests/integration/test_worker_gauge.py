@@ -372,6 +372,46 @@ def test_a_stopping_worker_does_not_wait_on_a_hung_database_to_leave_the_count(
         svc.close()
 
 
+@pytest.mark.parametrize("clock_check", [True, False], ids=["clock-check", "no-clock-check"])
+def test_a_stop_while_the_reconciler_waits_on_a_hung_database_ends_within_its_grace(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clock_check: bool) -> None:
+    """Found in review: a hang met first by a reconciler round's call (the clock check off, or
+    the hang begun after the round's clock read), neither the beat's write nor the clock's read
+    knew of it, so ``stop``, once it had joined the round, removed the worker's row: a wait of
+    the answer timeout again, past its grace. The removal is waited for until the grace ends."""
+    database = HungDatabase()
+    settings = make_settings(tmp_path, heartbeat_seconds=100, lease_seconds=600,
+                             reconcile_seconds=0.1)
+    svc = build_services(settings, trainers={}, generators={},
+                         database_clock=utcnow if clock_check else None)
+    try:
+        worker = start_embedded(svc, threads=1)
+        active = svc.repo.active_trainings
+
+        def active_trainings() -> list[Training]:
+            database.meet("trainings", repository=True)
+            return list(active())
+
+        def worker_gone(name: str) -> None:
+            database.meet("gone", repository=True)
+
+        monkeypatch.setattr(svc.repo, "active_trainings", active_trainings)
+        monkeypatch.setattr(svc.repo, "worker_gone", worker_gone)
+        database.hung.set()
+        until(lambda: "trainings" in database.calls, "no reconciler round met the hang")
+        started = time.monotonic()
+        grace = 1.5 * database.hang  # the round's wait, and part of one more
+        assert worker.stop(grace=grace)
+        took = time.monotonic() - started
+        assert took < grace + 0.4, f"stop took {took:.1f} s: {database.calls}"
+        assert database.calls == ["trainings", "gone"]
+        # The removal goes on, its name held, until its own wait ends.
+        until(lambda: not any(t.name.endswith("-gone") for t in threading.enumerate()),
+              "the removal never ended")
+    finally:
+        svc.close()
+
+
 class RefusingClock:
     """A database clock that, while ``refusing`` is set, fails at once with a refused
     connection's words (PostgreSQL restarting: an answer, no wait)."""
