@@ -658,6 +658,39 @@ def test_a_reconcile_pass_on_a_hung_database_waits_once_not_once_a_part(
     assert not rig.training().remote_cancel_pending
 
 
+def test_owed_cancels_on_a_database_that_hangs_mid_part_wait_once(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: the database hanging once the owed cancels were read, each cancel sent
+    was then recorded (``clear_remote_cancel``) on the hung database, its failure swallowed:
+    one wait an owed cancel (~20 s each on PostgreSQL), and a pass that ended as if it had gone
+    through. The first write that gets no answer ends the pass, raised; the cancels stay owed."""
+    remote_id = _owing_a_remote_cancel(rig)
+    database = HungDatabase(hang=0.2)
+    pending = SqlRepository.remote_cancels_pending
+    clear = SqlRepository.clear_remote_cancel
+
+    def remote_cancels_pending(self: SqlRepository) -> Any:
+        owed = list(pending(self))
+        if not database.calls:  # the first pass's: the hang begins right after this read
+            database.hung.set()
+        return owed * 3  # three owed cancels (the same one thrice: enough for the count)
+
+    def clear_remote_cancel(self: SqlRepository, training_id: str) -> None:
+        database.meet("clear", repository=True)
+        clear(self, training_id)
+
+    monkeypatch.setattr(SqlRepository, "remote_cancels_pending", remote_cancels_pending)
+    monkeypatch.setattr(SqlRepository, "clear_remote_cancel", clear_remote_cancel)
+    with pytest.raises(DatabaseUnreachableError, match="no answer from the server"):
+        rig.services.training.reconcile()
+    assert database.calls == ["clear"]  # one wait, not one an owed cancel
+    assert rig.training().remote_cancel_pending  # owed still
+    database.hung.clear()
+    rig.services.training.reconcile()
+    assert rig.standin.trainings[remote_id].status == "canceled"
+    assert not rig.training().remote_cancel_pending
+
+
 CANCELS = "/v1/trainings/*/cancel"
 
 

@@ -1949,6 +1949,7 @@ class TrainingService:
             self._repo.clear_remote_cancel(t.id)
         except SelfieLoraError as exc:  # asked once more later: a second cancel is harmless
             logger.warning("training %s: remote cancel sent, not recorded (%s)", t.id, exc)
+            _raise_if_hung(exc, unreachable=unreachable)
 
     def _find_lost_remote(self, trainer: Trainer, t: Training, *,
                           unreachable: set[str] | None) -> str | None:
@@ -1976,6 +1977,7 @@ class TrainingService:
             self._update(t.id, lambda c: dataclasses.replace(c, remote_id=c.remote_id or found))
         except SelfieLoraError as exc:  # looked for again next round
             logger.warning("training %s: remote run lookup not recorded (%s)", t.id, exc)
+            _raise_if_hung(exc, unreachable=unreachable)
         return found
 
     # ------------------------------------------------------------------ internals
@@ -2142,6 +2144,18 @@ def _unanswered(failures: Sequence[Exception], *, skipping: str) -> bool:
     logger.debug("reconcile: %s skipped, the database did not answer (%s); the next round "
                  "tries again", skipping, describe(hung))
     return True
+
+
+def _raise_if_hung(exc: SelfieLoraError, *, unreachable: set[str] | None) -> None:
+    """Raises ``exc``, a write about a remote run that failed (its cancel stays owed, asked
+    again later), when the database gave it no answer in a reconcile pass (``unreachable`` is
+    the pass's): the pass's next call, the next owed cancel's, would wait the answer timeout
+    again (~20 s on PostgreSQL), one wait an owed cancel, and the pass would end as if it had
+    gone through, its later parts run. Outside a pass (a user's cancel) it is kept swallowed:
+    the ending it follows is committed."""
+    if (unreachable is not None and isinstance(exc, DatabaseUnreachableError)
+            and exc.unanswered):
+        raise exc
 
 
 @contextmanager
