@@ -454,8 +454,9 @@ class DatabaseUnreachableError(StorageUnavailableError):
     timeout, the connect timeout): a hung server, on which each further call waits as long
     again, where a refused or dropped connection fails at once."""
 
-    def __init__(self, message: str, *, unanswered: bool = False) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, unanswered: bool = False, details: Sequence[Any] = (),
+                 code: ErrorCode | None = None) -> None:
+        super().__init__(message, details=details, code=code)
         self.unanswered = unanswered
 
 

@@ -52,3 +52,14 @@ def test_each_line_of_the_tree_is_under_its_parent() -> None:
             stack.pop()
         assert cls.__bases__[0] is stack[-1][1], name
         stack.append((depth, cls))
+
+
+def test_an_unreachable_database_s_error_takes_the_base_s_details_and_code() -> None:
+    """Found in review: ``unanswered`` came with an ``__init__`` of its own that took neither
+    ``details=`` nor ``code=`` (a TypeError where every other error takes them)."""
+    raised = errors.DatabaseUnreachableError("database error: x", unanswered=True,
+                                             details=[{"host": "db"}],
+                                             code=errors.ErrorCode.ERROR)
+    assert (raised.message, raised.details, raised.unanswered) == (
+        "database error: x", [{"host": "db"}], True)
+    assert raised.code is errors.ErrorCode.ERROR
