@@ -175,9 +175,12 @@ def test_a_server_gone_silent_mid_run_fails_the_call_with_a_database_error(
         # The pool's ping gets no answer, then neither does a new connection (or, without the
         # ping, the statement itself).
         with pytest.raises(StorageError, match=r"database error: (no answer from the server|"
-                                               r"connection timeout expired)"):
+                                               r"connection timeout expired)") as raised:
             repo.count_trainings_by_status()
         assert time.monotonic() - started < 10
+        # A wait that ran out, told as one (a reconcile pass, a stop, wait on it once).
+        assert isinstance(raised.value, DatabaseUnreachableError)
+        assert raised.value.unanswered
         # The connection that got no answer is gone: the next call, once the server answers
         # again, gets a fresh one.
         proxy.frozen.clear()
