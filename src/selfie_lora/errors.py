@@ -417,8 +417,9 @@ class DatabaseLockedError(DatabaseRefusedError):
     too loaded). Busy, as ``DatabaseBusyError`` is, and answered as it is (503
     ``storage_unavailable`` with ``Retry-After``), where it was a 500 and a worker's loops
     logged its traceback every round; but the database's state, shared by every process, not
-    this process's pool (``pool_exhausted`` False): a heartbeat it refused is the database away
-    for a take-over (``services.training._database_outage``), as a read-only standby's."""
+    this process's pool (``pool_exhausted`` False). Not the database away for a take-over
+    (``services.training._database_outage``) either: on PostgreSQL a row lock or a slow
+    statement is one worker's own, and one met at every round left every take-over uncounted."""
 
     code = ErrorCode.STORAGE_UNAVAILABLE
     http_status = 503

@@ -555,12 +555,13 @@ POOL_EXHAUSTED = DatabaseRefusedError("database error: QueuePool limit of size 5
                                       "reached, connection timed out, timeout 30.00",
                                       pool_exhausted=True)
 # SQLite's write lock held past the busy timeout (PostgreSQL's lock_timeout, statement_timeout):
-# every worker's writes wait on it, the holder's renewals among them.
+# said once as a refusal, but no sign that the holder could not renew (on PostgreSQL a row lock
+# or a slow statement is this worker's own), so a take-over after it counts (review 4).
 LOCKED = DatabaseLockedError("database error: database is locked")
 
 
 @pytest.mark.parametrize(("refusal", "counted"),
-                         [(READ_ONLY, 0), (POOL_EXHAUSTED, 1), (LOCKED, 0)],
+                         [(READ_ONLY, 0), (POOL_EXHAUSTED, 1), (LOCKED, 1)],
                          ids=["read-only-standby", "pool-exhausted", "locked"])
 def test_a_take_over_after_a_read_only_standby_spends_no_attempt(
         machine: Machine, caplog: pytest.LogCaptureFixture, refusal: DatabaseRefusedError,
@@ -570,12 +571,49 @@ def test_a_take_over_after_a_read_only_standby_spends_no_attempt(
     the server; the worker that took it over once the primary answered counted an attempt (a
     long enough window spent them all and failed the training). A read-only database seen over
     the lease's expiry now counts none. This process's own pool exhausted is no sign that the
-    holder could not write (its pool is its own): that take-over still counts."""
+    holder could not write (its pool is its own): that take-over still counts; nor, since
+    review 4, a lock held past its wait (on PostgreSQL this worker's own, a row lock or a slow
+    statement: uncounted, a poison training was taken over for ever)."""
     final = _taken_over_after(machine, caplog, refusal)
     assert (final.status, final.attempt) == (TrainingStatus.SUCCEEDED, 2)
     assert final.recoveries == counted  # old code: 1 for both
     assert ("took no writes or its disk was full (attempt 2, queued): not counted"
             in caplog.text) == (counted == 0)
+
+
+# PostgreSQL's 57014: a statement of this worker's own past statement_timeout (or cancelled).
+TIMED_OUT = DatabaseLockedError("database error: canceling statement due to statement timeout")
+
+
+def test_a_training_that_kills_its_worker_fails_though_each_take_over_follows_a_lock(
+        machine: Machine) -> None:
+    """Review 4 (point 4, RISK 1): a lock or a statement past its timeout met by this worker's
+    reconcile was taken as the database away, so a take-over of a lease that ran out near it
+    counted no attempt. On PostgreSQL a row lock or one slow statement is this worker's alone
+    (the holder's beats go through): with a reconcile statement always slower than a lowered
+    statement_timeout, a training that kills its worker at every attempt (out of memory) was
+    taken over uncounted for ever, never failed. Such a take-over counts again."""
+    svc = machine.worker(FakeTrainer(steps=3))
+    repo_b = FailingReconcile(svc.engine)
+    worker_b = machine.training_service(svc, repo_b)
+    training_id = queued_for_ann(svc)
+    max_attempts = worker_b.lease.max_attempts
+    for n in range(max_attempts + 3):
+        # Attempt n's worker takes it and dies; B's reconcile statement is cancelled meanwhile.
+        if worker_b._claim(training_id, owner=f"W{n}", stopping=threading.Event()) is None:
+            break  # failed by this take-over
+        repo_b.failing = TIMED_OUT
+        with pytest.raises(DatabaseLockedError):
+            worker_b.reconcile()
+        repo_b.failing = None
+        with svc.repo.atomic() as tx:  # W{n}'s lease runs out: it died
+            current = tx.get_training(training_id, for_update=True)
+            assert current is not None
+            tx.save_training(dataclasses.replace(current, lease_expires_at=datetime.now(UTC)))
+    # Old code: still queued after max_attempts + 3 take-overs, none counted.
+    final = row(svc, training_id)
+    assert n == max_attempts
+    assert (final.status, final.recoveries) == (TrainingStatus.FAILED, max_attempts)
 
 
 class RefusedRenewals(SqlRepository):
@@ -595,7 +633,7 @@ class RefusedRenewals(SqlRepository):
 
 
 @pytest.mark.parametrize(("refusal", "noted"),
-                         [(READ_ONLY, [True]), (POOL_EXHAUSTED, []), (LOCKED, [True])],
+                         [(READ_ONLY, [True]), (POOL_EXHAUSTED, []), (LOCKED, [])],
                          ids=["read-only-standby", "pool-exhausted", "locked"])
 def test_a_heartbeat_refused_by_a_read_only_standby_is_noted_as_the_database_away(
         beating: Machine, refusal: DatabaseRefusedError, noted: list[bool]) -> None:

@@ -123,6 +123,7 @@ from selfie_lora.errors import (
     BlobStoreUnreachableError,
     ConfigError,
     ConflictError,
+    DatabaseLockedError,
     DatabaseRefusedError,
     DatabaseUnreachableError,
     ErrorCode,
@@ -2120,10 +2121,17 @@ def _database_outage(exc: BaseException) -> bool:
     file). Either way no holder renews its lease (the renewal's write is refused beat after
     beat), so a lease that ran out meanwhile was lost to the outage
     (``lost_to_database_outage``). In a reconcile a full disk may be the blob store's too: an
-    outage of the machine all the same, which its trainings wait out. A lock or a statement kept
-    waiting past its bound (``DatabaseLockedError``) is the database's state too, which the
-    holder's beats meet as this worker's statements did. Not this process's pool exhausted
-    (``pool_exhausted``): the holder's pool is its own, and its beats may go through."""
+    outage of the machine all the same, which its trainings wait out. Not this process's pool
+    exhausted (``pool_exhausted``): the holder's pool is its own, and its beats may go through.
+    Nor a lock or a statement kept waiting past its bound (``DatabaseLockedError``): on
+    PostgreSQL a row lock, one slow statement or a cancel is this worker's own (the holder's
+    beats go through), and one met at every round (a reconcile statement slower than a lowered
+    statement_timeout) took every take-over for an outage's, so a training that kills its worker
+    (out of memory) was taken over uncounted for ever (review 4). Counted, it fails after
+    ``max_attempts``, as before locks were told apart; a SQLite lock that outlasts a lease costs
+    an attempt likewise."""
+    if isinstance(exc, DatabaseLockedError):
+        return False
     if isinstance(exc, DatabaseRefusedError):
         return not exc.pool_exhausted
     return isinstance(exc, DatabaseUnreachableError | StorageFullError)
