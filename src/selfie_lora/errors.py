@@ -412,10 +412,12 @@ class DatabaseBusyError(DatabaseRefusedError):
 class DatabaseLockedError(DatabaseRefusedError):
     """The database kept a statement waiting past its own bound for it: SQLite's write lock held
     by another connection past the busy timeout ("database is locked", SQLITE_BUSY), PostgreSQL's
-    lock_timeout (55P03, lock_not_available) or statement_timeout (57014, query_canceled; this
-    package's statements are short, so one that runs that long waits for a lock, or for a server
-    too loaded). Busy, as ``DatabaseBusyError`` is, and answered as it is (503
-    ``storage_unavailable`` with ``Retry-After``), where it was a 500 and a worker's loops
+    lock_timeout (55P03, lock_not_available) or statement_timeout (57014, query_canceled: a
+    statement that waits for a lock, or slower than the timeout on a server too loaded or a
+    large database; also a cancel from outside, pg_cancel_backend or a pooler's query_timeout,
+    not told apart, as only the words differ and lc_messages may translate them). Busy, as
+    ``DatabaseBusyError`` is, and answered as it is (503 ``storage_unavailable`` with
+    ``Retry-After``), where it was a 500 and a worker's loops
     logged its traceback every round; but the database's state, shared by every process, not
     this process's pool (``pool_exhausted`` False). Not the database away for a take-over
     (``services.training._database_outage``) either: on PostgreSQL a row lock or a slow

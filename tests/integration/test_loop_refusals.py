@@ -384,3 +384,18 @@ def test_a_lock_held_past_the_database_s_wait_is_said_once_with_what_holds_it(
     assert "SELFIE_LORA_DB_POOL_SIZE" not in said[0].getMessage()
     assert "goes through again" in said[-1].getMessage()
     assert not [r for r in logged.records if r.levelno >= logging.ERROR]
+
+
+def test_a_statement_cancelled_from_outside_is_said_with_a_cancel_among_its_causes(
+        logged: pytest.LogCaptureFixture) -> None:
+    # Review 4 (RISK 2): PostgreSQL's 57014 is also an outside cancel (pg_cancel_backend, a
+    # pooler's query_timeout), mapped to DatabaseLockedError as the statement_timeout is (told
+    # apart by words only, which lc_messages may translate). The advice named a lock or a server
+    # too loaded alone: an operator who cancelled a runaway statement was told a wrong cause.
+    error = DatabaseLockedError("database error: canceling statement due to user request")
+    said = _five_refused_then_two(logged, "gc", error)
+    words = said[0].getMessage()
+    assert "a transaction elsewhere holds a lock it needs" in words
+    assert "slower than the statement timeout" in words
+    assert "SELFIE_LORA_DB_STATEMENT_TIMEOUT" in words
+    assert "cancelled from outside (pg_cancel_backend, a pooler's query_timeout)" in words

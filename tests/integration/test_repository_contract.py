@@ -1085,3 +1085,47 @@ def test_a_statement_past_its_timeout_is_the_database_busy(repo: SqlRepository) 
     _busy(refused)
     assert getattr(getattr(refused.__cause__, "orig", None), "sqlstate", None) == "57014"
     assert "statement timeout" in refused.message
+
+
+def test_a_statement_cancelled_from_outside_is_the_database_busy_too(repo: SqlRepository) -> None:
+    """Review 4 (RISK 2): an operator's pg_cancel_backend (or a pooler's query_timeout) raises
+    the statement_timeout's own code, 57014, so it is a DatabaseLockedError as well (a 503, said
+    once by a loop, whose advice names a cancel among its causes: test_loop_refusals); the
+    words alone tell the two apart, and lc_messages may translate them."""
+    if repo.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no cancel of a statement by another session")
+    ann, _model, _dataset = seed(repo)
+    engine = make_engine(repo.engine.url.render_as_string(hide_password=False))
+    caught: list[BaseException] = []
+
+    def wait_for_the_row() -> None:
+        try:
+            SqlRepository(engine).get_user(ann.id, for_update=True)
+        except BaseException as exc:  # handed to the test's thread
+            caught.append(exc)
+
+    waiter = threading.Thread(target=wait_for_the_row)
+    try:
+        with _user_row_locked(repo, ann.id):
+            waiter.start()
+            pause = threading.Event()
+            for _poll in range(500):  # up to ~10 s for the read to queue on the row lock
+                with repo.engine.connect() as conn:
+                    pids = conn.execute(text(
+                        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND datname = current_database() AND pid <> pg_backend_pid()")).all()
+                    if pids:
+                        conn.execute(text("SELECT pg_cancel_backend(:pid)"),
+                                     {"pid": pids[0][0]})
+                        break
+                pause.wait(0.02)
+            else:
+                raise AssertionError("the read never waited on the row lock")
+            waiter.join(timeout=10)
+    finally:
+        engine.dispose()
+    assert not waiter.is_alive()
+    [refused] = caught
+    assert isinstance(refused, DatabaseLockedError), refused
+    _busy(refused)
+    assert getattr(getattr(refused.__cause__, "orig", None), "sqlstate", None) == "57014"

@@ -320,10 +320,14 @@ class LoopOutages:
                 was += ("; SELFIE_LORA_DB_POOL_SIZE too small for the load, or, if raising it "
                         "does not help, a connection held by a defect (a leak)")
             elif began and isinstance(exc, DatabaseLockedError):
-                # Nothing of this process's to resize: what holds the lock is elsewhere.
+                # Nothing of this process's to resize: what holds the lock is elsewhere. 57014
+                # is an outside cancel too (told apart by words only, which lc_messages may
+                # translate): one cause among three, not a timeout alone (review 4).
                 was += ("; a transaction elsewhere holds a lock it needs (a long command, a "
-                        "backup, another process), or the server is too loaded for the "
-                        "statement timeout")
+                        "backup, another process), the statement is slower than the statement "
+                        "timeout (a server too loaded, a large database: "
+                        "SELFIE_LORA_DB_STATEMENT_TIMEOUT), or it was cancelled from outside "
+                        "(pg_cancel_backend, a pooler's query_timeout)")
             logger.log(logging.WARNING if began else logging.DEBUG,
                        "%s: %s; %s (its end is logged%s)", failed, words, self._retried, was,
                        exc_info=not began)
@@ -349,7 +353,7 @@ def refused(exc: BaseException) -> bool:
 
 FULL_DISK = "a full disk"  # ``refusal_kind``'s for StorageFullError or an OSError ENOSPC
 POOL_TAKEN = "the database's connections all taken"  # its for DatabaseBusyError's pool
-# ... for DatabaseLockedError: a lock held elsewhere, a statement past its timeout.
+# ... for DatabaseLockedError: a lock held elsewhere, a statement past its timeout or cancelled.
 KEPT_WAITING = "statements kept waiting past the database's timeout"
 
 
