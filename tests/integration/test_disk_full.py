@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine, event
@@ -28,7 +28,7 @@ from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.config import Settings
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.domain.recipes import get_recipe
-from selfie_lora.errors import StorageFullError
+from selfie_lora.errors import BlobStoreUnreachableError, StorageFullError
 from selfie_lora.services.ports import TrainingJob
 from selfie_lora.services.training import ReconcileReport
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer, InMemoryQueue
@@ -796,6 +796,46 @@ def test_claims_refused_by_a_still_full_database_disk_keep_the_wait_uncounted(
         services.close()
 
 
+def _refuse_lora_writes(monkeypatch: pytest.MonkeyPatch, code: int,
+                        refused: Callable[[], bool]) -> None:
+    """The Replicate trainer's write of the downloaded LoRA refused with ``code`` while
+    ``refused()``."""
+    from selfie_lora.adapters.replicate import trainer as replicate_trainer
+
+    real_write = replicate_trainer._write_atomically
+
+    def write(path: Path, data: bytes) -> None:
+        if refused():
+            raise OSError(code, os.strerror(code), str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(replicate_trainer, "_write_atomically", write)
+
+
+_Blobs = TypeVar("_Blobs", bound=FileSystemBlobStore)
+
+
+def _replicate_services(
+        tmp_path: Path, standin: Any, clock: Any,
+        blobs_at: Callable[[Path], _Blobs]) -> tuple[Services, _Blobs]:
+    """Services training on the Replicate stand-in, on ``clock``, with the blob store
+    ``blobs_at(blob_dir)``."""
+    from selfie_lora.adapters.replicate.session import ReplicateConnection
+    from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
+    from tests.integration.test_trainer_outage import OWNER
+
+    settings = make_settings(tmp_path, trainer="replicate", replicate_owner=OWNER,
+                             replicate_api_token=standin.token,
+                             replicate_base_url=standin.base_url)
+    trainer = ReplicateTrainer(connection=ReplicateConnection(
+        api_token=standin.token, base_url=standin.base_url, max_retries=2,
+        sleep=clock.sleep), owner=OWNER, poll_interval=0.0)
+    blobs = blobs_at(settings.blob_dir)
+    return build_services(settings, trainers={"replicate": trainer}, blobs=blobs,
+                          generators={"replicate": FakeGenerator(backend="replicate")},
+                          face_analyzer=one_person_analyzer(), clock=clock.now), blobs
+
+
 # Old code: the row said it went on "from its last checkpoint" (a remote run has none); the LoRA
 # write's ENOSPC was a plain StorageError, counted (failed after 3 attempts, "could not be
 # written on the worker's disk"); and the blob write's wait ended, once Replicate's output had
@@ -806,35 +846,17 @@ def test_claims_refused_by_a_still_full_database_disk_keep_the_wait_uncounted(
                                    "weights blob over the quota"])
 def test_a_replicate_training_on_a_full_disk_waits_and_names_the_disk_when_its_output_expired(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
-    from selfie_lora.adapters.replicate import trainer as replicate_trainer
-    from selfie_lora.adapters.replicate.session import ReplicateConnection
-    from selfie_lora.adapters.replicate.trainer import ReplicateTrainer
     from selfie_lora.testing.replicate_standin import ReplicateStandIn
-    from tests.integration.test_trainer_outage import OWNER, FakeClock
+    from tests.integration.test_trainer_outage import FakeClock
 
-    real_write = replicate_trainer._write_atomically
     code = errno.EDQUOT if where.endswith("over the quota") else errno.ENOSPC
-
-    def write(path: Path, data: bytes) -> None:
-        if where.startswith("LoRA write"):  # the worker's disk stays full
-            raise OSError(code, os.strerror(code), str(path))
-        real_write(path, data)
-
-    monkeypatch.setattr(replicate_trainer, "_write_atomically", write)
+    # The worker's disk stays full.
+    _refuse_lora_writes(monkeypatch, code, lambda: where.startswith("LoRA write"))
     clock = FakeClock()
     with ReplicateStandIn() as standin:
-        settings = make_settings(tmp_path, trainer="replicate", replicate_owner=OWNER,
-                                 replicate_api_token=standin.token,
-                                 replicate_base_url=standin.base_url)
-        trainer = ReplicateTrainer(connection=ReplicateConnection(
-            api_token=standin.token, base_url=standin.base_url, max_retries=2,
-            sleep=clock.sleep), owner=OWNER, poll_interval=0.0)
-        blobs = _WeightsDisk(settings.blob_dir)
+        services, blobs = _replicate_services(tmp_path, standin, clock, _WeightsDisk)
         blobs.full = where.startswith("weights blob")
         blobs.code = code
-        services = build_services(settings, trainers={"replicate": trainer}, blobs=blobs,
-                                  generators={"replicate": FakeGenerator(backend="replicate")},
-                                  face_analyzer=one_person_analyzer(), clock=clock.now)
         try:
             training_id, training = uploaded_training(services)
 
@@ -882,6 +904,66 @@ def test_a_replicate_training_on_a_full_disk_waits_and_names_the_disk_when_its_o
                         "trained output expire (it keeps it about an hour). Free space on the "
                         "server's disk (or ask its operator to) and start the training again."
                         in t.error)
+        finally:
+            services.close()
+
+
+class _WeightsAway(FileSystemBlobStore):
+    """The object storage away for the weights' writes only, while ``away``."""
+
+    away = False
+
+    def _write(self, key: str, fill: Any, *, if_absent: bool) -> bool:
+        if self.away and key.startswith("weights/"):
+            raise BlobStoreUnreachableError("the object storage could not be reached")
+        return super()._write(key, fill, if_absent=if_absent)
+
+
+# Old code: the wait for room was noted until the run's step moved, which a finished run's never
+# does: the disk freed (the quota raised) and the output written, its expiry while the object
+# storage was away was still told as the disk ("The training finished, but a disk quota of the
+# server was used up for 1 h 2 min ... Raise the server's disk quota ..."), not the storage.
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_a_replicate_output_expiring_after_the_disk_had_room_again_names_the_storage(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    from selfie_lora.testing.replicate_standin import ReplicateStandIn
+    from tests.integration.test_trainer_outage import FakeClock
+
+    full = {"now": True}
+    _refuse_lora_writes(monkeypatch, code, lambda: full["now"])
+    clock = FakeClock()
+    with ReplicateStandIn() as standin:
+        services, blobs = _replicate_services(tmp_path, standin, clock, _WeightsAway)
+        try:
+            training_id, training = uploaded_training(services)
+            began = clock.now()
+            services.training.run(training_id)
+            t = training()
+            assert t.error is not None
+            assert t.error.startswith("a disk"), t.error
+            clock.past_the_hold(t)
+            # 50 minutes later the disk has room (the quota raised); the object storage is away.
+            clock.sleep(50 * 60)
+            full["now"] = False
+            blobs.away = True
+            services.training.run(training_id)
+            t = training()
+            assert not t.status.is_terminal, t.error
+            assert t.error is not None
+            assert "object storage" in t.error, t.error
+            clock.past_the_hold(t)
+            expired_at = began + timedelta(hours=1)
+            standin.fail_while("GET", "/files/trainings/*", lambda: clock.now() > expired_at,
+                               status=404)
+            clock.sleep(11 * 60)
+            services.training.run(training_id)
+            t = training()
+            assert t.status is TrainingStatus.FAILED, t.error
+            assert t.error == ("The training finished, but the server's storage could not be "
+                               "reached to store its LoRA file, and while the training waited "
+                               "for it Replicate let the trained output expire (it keeps it "
+                               "about an hour). Nothing is wrong with your photos: start the "
+                               "training again."), t.error
         finally:
             services.close()
 

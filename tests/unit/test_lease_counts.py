@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from selfie_lora.domain.entities import Training, TrainingStatus
 from selfie_lora.domain.lease import (
+    ROOM_WAIT_KEY,
     ClaimOutcome,
     LeasePolicy,
     claim,
@@ -194,6 +195,45 @@ def test_a_wait_for_room_notes_its_start_once_and_whether_its_last_wait_was_a_qu
     assert not room_wait_was_quota(later)
     assert room_wait_was_quota(wait_for_room(later, NOW + 3 * hold, reason="quota", hold=hold,
                                              quota=True))
+
+
+# Old code: the note of a wait for room stayed until the run's step moved, which a finished run's
+# never does: its output written once the quota was raised, an expiry while the object storage
+# was away was told as the quota ("a disk quota ... was used up for 1 h"), long gone by then.
+def test_a_wait_for_room_is_over_once_the_run_s_output_waits_for_the_object_storage() -> None:
+    """``waited_for_room_since`` (and ``room_wait_was_quota``): a wait for the object storage to
+    store the run's output (``wait_out(weights_of=)``) after its wait for room ends that one, the
+    output having been written on the disk; also when a worker of an older release wrote that
+    wait, leaving the room's note in the row (the holds' ``until`` tell which came last)."""
+    hold, limit = timedelta(minutes=1), timedelta(minutes=20)
+    _, t = claim(dataclasses.replace(_queued(), backend="replicate", remote_id="r1"),
+                 owner="w", now=NOW, policy=POLICY)
+    waited = wait_for_room(t, NOW, reason="quota", hold=hold, quota=True)
+    assert waited_for_room_since(waited) == NOW
+    _, again = claim(waited, owner="w", now=NOW + hold, policy=POLICY)
+    away = wait_out(again, NOW + 2 * hold, reason="storage away", hold=hold, limit=limit,
+                    weights_of="r1")
+    assert waited_for_room_since(away) is None
+    assert not room_wait_was_quota(away)
+    # An older release's wait_out: the same storage note, the room's kept as it was.
+    old_away = dataclasses.replace(away, metrics={**away.metrics,
+                                                  ROOM_WAIT_KEY: waited.metrics[ROOM_WAIT_KEY]})
+    assert waited_for_room_since(old_away) is None
+    assert not room_wait_was_quota(old_away)
+    # A wait for room after it is the last one again: a new outage, from its own start.
+    _, third = claim(away, owner="w", now=NOW + 3 * hold, policy=POLICY)
+    _, third_old = claim(old_away, owner="w", now=NOW + 3 * hold, policy=POLICY)
+    for before in (third, third_old):
+        full = wait_for_room(before, NOW + 3 * hold, reason="full", hold=hold)
+        assert waited_for_room_since(full) == NOW + 3 * hold
+        assert not room_wait_was_quota(full)
+    # A wait for the photos (no output yet) says nothing of the disk's room; nor does a note of
+    # an older release's wait for room (no until), taken as the last wait, as that release did.
+    photos = wait_out(again, NOW + 2 * hold, reason="storage away", hold=hold, limit=limit)
+    assert waited_for_room_since(photos) == NOW
+    legacy = {"since": NOW.isoformat(), "remote_id": "r1", "quota": True}
+    assert waited_for_room_since(dataclasses.replace(
+        old_away, metrics={**old_away.metrics, ROOM_WAIT_KEY: legacy})) == NOW
 
 
 def test_a_lease_lost_to_a_database_outage_is_told_by_the_outage_over_its_expiry() -> None:

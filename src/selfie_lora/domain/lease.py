@@ -268,11 +268,13 @@ def wait_for_room(t: Training, now: datetime, *, reason: str, hold: timedelta,
     that (``progressed``), so the count of the take-overs before it starts again as usual. With
     no heartbeat, a cancel meanwhile ends it at once (``holder_is_silent``). The first wait of
     an outage is noted (``waited_for_room_since``), and with each wait whether it was for a
-    quota used up (``quota``: EDQUOT) rather than a full disk (``room_wait_was_quota``)."""
+    quota used up (``quota``: EDQUOT) rather than a full disk (``room_wait_was_quota``), and
+    when its hold ends (``until``), which tells it from a later wait for the object storage."""
     note = t.metrics.get(ROOM_WAIT_KEY) if waited_for_room_since(t) is not None else None
     if not isinstance(note, dict):
         note = {"since": now.isoformat(), "remote_id": t.remote_id}
-    metrics = {**t.metrics, ROOM_WAIT_KEY: {**note, "quota": quota}}
+    metrics = {**t.metrics, ROOM_WAIT_KEY: {**note, "quota": quota,
+                                            "until": (now + hold).isoformat()}}
     return _waiting(t, now, reason=reason, hold=hold, metrics=metrics)
 
 
@@ -300,16 +302,21 @@ def wait_out(t: Training, now: datetime, *, reason: str, hold: timedelta,
     ``step_away`` instead, counted, so an outage that never ends still fails the training
     (``exhausted_error``, naming it) after ``max_attempts``. ``weights_of``: the remote run
     whose downloaded output this wait could not store; noted, and kept for the rest of the
-    outage (a later wait of it may be the photos' read at the run's adoption)."""
+    outage (a later wait of it may be the photos' read at the run's adoption). Its output
+    written on this machine's disk, any wait for room of that run is over (``room_wait_over``):
+    an expiry now is the storage's, not a disk full or a quota used up that is long gone."""
     waited = storage_waited(t, now)
     since = now - waited
     note: dict[str, Any] = {"since": since.isoformat(), "until": (now + hold).isoformat()}
     earlier = t.metrics.get(STORAGE_WAIT_KEY)
+    metrics = t.metrics
+    if weights_of is not None and weights_of == t.remote_id:
+        metrics = room_wait_over(metrics)
     if weights_of is None and waited > timedelta(0) and isinstance(earlier, dict):
         weights_of = earlier.get("weights_of")
     if weights_of is not None:
         note["weights_of"] = weights_of
-    metrics = {**t.metrics, STORAGE_WAIT_KEY: note}
+    metrics = {**metrics, STORAGE_WAIT_KEY: note}
     if now - since >= limit:
         return dataclasses.replace(step_away(t, now, reason=reason, hold=hold), metrics=metrics)
     return _waiting(t, now, reason=reason, hold=hold, metrics=metrics)
@@ -349,14 +356,34 @@ ROOM_WAIT_KEY = "waits_for_room"
 
 def waited_for_room_since(t: Training) -> datetime | None:
     """When ``t``'s wait for room (``wait_for_room``) began, if its current run (``remote_id``)
-    waited and has not moved since (``room_wait_over``)."""
+    waited and has not moved since (``room_wait_over``), nor had its output written and waited
+    for the object storage to store it after its last wait for room (``_room_wait_outlived``)."""
     wait = t.metrics.get(ROOM_WAIT_KEY)
-    if not isinstance(wait, dict) or wait.get("remote_id") != t.remote_id:
+    if (not isinstance(wait, dict) or wait.get("remote_id") != t.remote_id
+            or _room_wait_outlived(t, wait)):
         return None
     try:
         return datetime.fromisoformat(str(wait["since"]))
     except (KeyError, ValueError):
         return None
+
+
+def _room_wait_outlived(t: Training, wait: dict[str, Any]) -> bool:
+    """Whether a wait of ``t``'s current run for the object storage to store its output
+    (``wait_out(weights_of=)``) came after its last wait for room (``wait`` its note): the disk
+    had room for the output then. ``wait_out`` drops the note itself; this reads it from the
+    holds' ends as well, since a worker of an older release (a rolling upgrade) writes the
+    storage's note, ``until`` included, without dropping the room's. A note with no ``until``
+    (an older release's) is taken as the last wait, as that release did."""
+    storage = t.metrics.get(STORAGE_WAIT_KEY)
+    if (t.remote_id is None or not isinstance(storage, dict)
+            or storage.get("weights_of") != t.remote_id):
+        return False
+    try:
+        return (datetime.fromisoformat(str(storage["until"]))
+                > datetime.fromisoformat(str(wait["until"])))
+    except (KeyError, ValueError):
+        return False
 
 
 def room_wait_was_quota(t: Training) -> bool:
