@@ -376,11 +376,14 @@ def test_the_resume_route_continues_a_canceled_training(
 # TrainingCheckpoints.copy, whose one caller is a resume (a request: nothing is claimed, so there
 # is no attempt to count nor a training to leave waiting), raises StorageFullError on a full
 # scratch disk (or over a quota): answered 507 storage_full saying which, nothing made, and the
-# canceled training resumable as it was once there is room.
+# canceled training resumable as it was once there is room. Old code ("folder"): the resume made
+# its scratch folder before the copy, so a full disk or a quota (of inodes, typically) refusing
+# that mkdir was a raw OSError, answered 500 internal_error "please retry".
+@pytest.mark.parametrize("where", ["file", "folder"])
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
 def test_a_resume_whose_scratch_disk_is_full_is_507_and_resumes_once_there_is_room(
         fake_served: tuple[TestClient, Services, CheckpointingFake],
-        monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+        monkeypatch: pytest.MonkeyPatch, code: int, where: str) -> None:
     from selfie_lora.api.server_errors import server_error_sentence
     from selfie_lora.errors import ErrorCode
     from selfie_lora.services import checkpoints as checkpoint_service
@@ -395,8 +398,18 @@ def test_a_resume_whose_scratch_disk_is_full_is_507_and_resumes_once_there_is_ro
     def refused(path: Path) -> Any:
         raise OSError(code, os.strerror(code), str(path))
 
+    real_mkdir = Path.mkdir
+
+    def mkdir(path: Path, *args: Any, **kwargs: Any) -> None:
+        if path.name.startswith("resume-"):
+            refused(path)
+        real_mkdir(path, *args, **kwargs)
+
     with monkeypatch.context() as disk:
-        disk.setattr(checkpoint_service, "private_replacement", refused)
+        if where == "file":
+            disk.setattr(checkpoint_service, "private_replacement", refused)
+        else:
+            disk.setattr(Path, "mkdir", mkdir)
         r = client.post("/api/training/resume", headers=headers,
                         json={"training_id": canceled.id})
     assert r.status_code == 507, r.text

@@ -113,7 +113,9 @@ class TrainingCheckpoints:
 
     def copy(self, source_id: str, target_id: str, *, scratch: Path) -> StoredCheckpoint | None:
         """The newest checkpoint of ``source_id`` stored as ``target_id``'s (through a file in
-        ``scratch``: a checkpoint of a real FLUX LoRA with its optimizer state is ~0.3 GB)."""
+        ``scratch``: a checkpoint of a real FLUX LoRA with its optimizer state is ~0.3 GB),
+        ``scratch`` made if missing: a full disk or a used-up quota refusing it or the file is a
+        ``StorageFullError`` saying which (``fetch``)."""
         staged = scratch / f"{target_id}.ckpt"
         try:
             newest = self.fetch(source_id, staged)

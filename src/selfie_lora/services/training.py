@@ -883,8 +883,10 @@ class TrainingService:
             raise ConflictError(self._no_checkpoint_message(origin),
                                 code=ErrorCode.NOT_RESUMABLE)
         new_training_id = new_id()
+        # Made by the copy's fetch, where a full disk or a used-up quota refusing it is a
+        # StorageFullError (507), as its write's is: made here first, that refusal was a raw
+        # OSError, a 500 "please retry".
         scratch = self._work_dir / f"resume-{new_training_id}"
-        private_folders(scratch)
         try:
             # Copied before the training exists: a queued resumed training always finds it.
             copied = self._checkpoints.copy(origin.id, new_training_id, scratch=scratch)
