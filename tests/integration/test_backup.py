@@ -1969,6 +1969,68 @@ def test_a_backup_or_restore_onto_a_full_disk_is_a_storage_full_error_saying_the
     assert sorted(p.name for p in out.iterdir()) == []
 
 
+class _IOErrorOnBackup(sqlite3.Connection):
+    """A connection whose online backup meets SQLite's "disk I/O error" (SQLITE_IOERR_WRITE):
+    what its unix VFS says for any refused write but ENOSPC, a quota's EDQUOT included."""
+
+    def backup(self, *args: Any, **kwargs: Any) -> None:
+        exc = sqlite3.OperationalError("disk I/O error")
+        exc.sqlite_errorcode = 778  # SQLITE_IOERR_WRITE
+        raise exc
+
+
+# Old code: SQLite's "disk I/O error" while the backup's database was written over a quota went
+# past the full-disk handling (not SQLITE_FULL, not an OSError): the command said `error: cannot
+# back up HOME: disk I/O error`, neither the quota nor a StorageFullError.
+@pytest.mark.parametrize("disk", ["over the quota", "full", "low on space", "with room"])
+def test_a_backup_whose_database_write_is_an_i_o_error_reads_the_disk(
+        services: Services, settings: Settings, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, disk: str) -> None:
+    import shutil
+
+    from selfie_lora import disk_space
+    from selfie_lora.adapters.backup import HomeBackups
+    from selfie_lora.config import DATABASE_FILE
+    from selfie_lora.errors import StorageFullError
+
+    dest = tmp_path / "out" / "bk"
+    out = dest.parent
+    out.mkdir()
+    _backed_up(services, settings, monkeypatch)
+    real = sqlite3.connect
+
+    def connect(database: object, *args: object, **kwargs: object) -> sqlite3.Connection:
+        if Path(str(database)) == settings.home / DATABASE_FILE:
+            kwargs["factory"] = _IOErrorOnBackup  # the copy's source: its backup() writes DEST
+        return real(database, *args, **kwargs)  # type: ignore[arg-type]
+
+    free = 2 ** 20 if disk == "low on space" else 2 ** 30
+    with monkeypatch.context() as patched:
+        patched.setattr(disk_space.shutil, "disk_usage",
+                        lambda _path: shutil._ntuple_diskusage(2 ** 31, 2 ** 31 - free, free))  # type: ignore[attr-defined]
+        patched.setattr(sqlite3, "connect", connect)
+        if disk in ("over the quota", "full"):
+            # The database file itself was made; a new file beside it (a write of a block) is
+            # refused as its pages were.
+            full_disk_under(patched, Path(f"{dest / DATABASE_FILE}."),
+                            code=errno.EDQUOT if disk == "over the quota" else errno.ENOSPC)
+        backups = HomeBackups(home=settings.home)
+        if disk == "with room":
+            # An I/O error with room to spare is not a full disk: SQLite's error as it is.
+            with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
+                backups.backup(dest=dest)
+            return
+        with pytest.raises(StorageFullError) as caught:
+            backups.backup(dest=dest)
+    assert caught.value.quota is (disk == "over the quota")
+    said = " ".join(caught.value.message.split())
+    assert said.startswith(f"cannot write the backup to {dest}: "), said
+    assert ("the quota of this account on the disk holding" in said) is (
+        disk == "over the quota"), said
+    assert ("is full" in said) is (disk != "over the quota"), said
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
 # Old code (over the quota): "the disk of OUT is over your quota (N MB free; ...): free some space
 # and back up again": its own words for the quota (df shows room there), a full disk's advice.
 @pytest.mark.parametrize("full", ["database", "blob", "database-in-an-empty-folder", "tar",

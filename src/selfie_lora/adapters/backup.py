@@ -30,6 +30,7 @@ import shutil
 import sqlite3
 import stat
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -51,10 +52,12 @@ from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir
 from selfie_lora.config import DATABASE_FILE
 from selfie_lora.disk_space import (
+    LOW_SPACE_BYTES,
     QUOTA_ADVICE,
     free_bytes,
     full_disk_words,
     is_full_error,
+    is_io_error,
     is_quota_error,
 )
 from selfie_lora.domain.backup import BACKUP_FORMAT, MANIFEST_NAME, BackupSummary
@@ -320,13 +323,38 @@ def _empty(folder: Path) -> None:
 def _sqlite_writing(target: Path) -> Iterator[None]:
     """SQLite's "database or disk is full" while it writes ``target`` in the backup: the
     disk of the backup is full, said as the OSError a file's write gives (it is no error of
-    HOME's database, which is only read)."""
+    HOME's database, which is only read). Its "disk I/O error" too when ``target``'s disk has
+    no room (``_no_room_beside``): SQLite says that for every refused write but ENOSPC, a
+    quota's EDQUOT included, which went past the full disk's handling as a fault."""
     try:
         yield
     except sqlite3.Error as exc:
-        if is_full_error(exc):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from exc
+        code = errno.ENOSPC if is_full_error(exc) else (
+            _no_room_beside(target) if is_io_error(exc) else None)
+        if code is not None:
+            raise OSError(code, os.strerror(code), str(target)) from exc
         raise
+
+
+def _no_room_beside(target: Path) -> int | None:
+    """ENOSPC or EDQUOT when ``target``'s disk has no room for this account: a block written
+    to a new file beside it is refused so (a quota, which ``statvfs`` cannot see), or the disk
+    has under ``LOW_SPACE_BYTES`` free (as the command line reads SQLite's I/O error on a start,
+    ``cli._full_disk``). None when it has room: the I/O error is something else."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f"{target.name}.room-", dir=target.parent)
+    except OSError as exc:
+        return exc.errno if is_full_error(exc) else None
+    try:
+        os.write(fd, bytes(4096))  # a block: an empty file may need none
+    except OSError as exc:
+        if is_full_error(exc):
+            return exc.errno
+    finally:
+        os.close(fd)
+        Path(probe).unlink(missing_ok=True)
+    free = free_bytes(target.parent)
+    return errno.ENOSPC if free is not None and free < LOW_SPACE_BYTES else None
 
 
 def _backup_needs(home: Path, *, as_tar: bool) -> int | None:
