@@ -349,22 +349,37 @@ def test_the_active_version_s_photos_unread_for_good_are_said_without_the_storag
     assert rig.model(ann).active_version_id == v1.id
 
 
-def test_a_storage_error_of_the_probes_is_not_quoted_to_the_owner(tmp_path: Path) -> None:
-    """The local generator's own words for weights it cannot find (a path of the server) were
-    the version's likeness ``error`` and its gate reason, both served to its owner."""
-    weights = tmp_path / "work" / "lora.safetensors"
-    generator = FailingFor(photos=same_person(), error=lambda: StorageError(
-        f"LoRA weights not found at {weights}"))
-    rig = Rig(root=tmp_path, generator=generator, probe_count=1)
+@dataclass(frozen=True)
+class Unscorable:
+    """A second version whose every probe failed with one error, and what was stored of it."""
+
+    v1: Version
+    v2: Version
+    record: VersionLikeness | None
+    active: str | None
+
+
+def second_version_unscorable(root: Path, error: Callable[[], BaseException]) -> Unscorable:
+    generator = FailingFor(photos=same_person(), error=error)
+    rig = Rig(root=root, generator=generator, probe_count=1)
     try:
         ann = rig.user()
         v1 = rig.train(ann)
         generator.down = True
         v2 = rig.train(ann)
-        q2 = rig.repo.get_likeness(v2.id)
-        active = rig.model(ann).active_version_id
+        return Unscorable(v1=v1, v2=v2, record=rig.repo.get_likeness(v2.id),
+                          active=rig.model(ann).active_version_id)
     finally:
         rig.close()
+
+
+def test_a_storage_error_of_the_probes_is_not_quoted_to_the_owner(tmp_path: Path) -> None:
+    """The local generator's own words for weights it cannot find (a path of the server) were
+    the version's likeness ``error`` and its gate reason, both served to its owner."""
+    weights = tmp_path / "work" / "lora.safetensors"
+    held = second_version_unscorable(tmp_path, lambda: StorageError(
+        f"LoRA weights not found at {weights}"))
+    q2, v2 = held.record, held.v2
     assert q2 is not None
     assert q2.status is LikenessStatus.FAILED
     assert v2.gate_status is GateStatus.HELD
@@ -373,7 +388,47 @@ def test_a_storage_error_of_the_probes_is_not_quoted_to_the_owner(tmp_path: Path
         assert str(tmp_path) not in said
         assert "LoRA weights not found" not in said
     assert "storage" in (q2.error or "")
-    assert active == v1.id
+    assert held.active == held.v1.id
+
+
+def test_a_local_generator_error_naming_a_path_is_not_quoted_to_the_owner(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The local generator's GenerationErrors without a user_message (adapters/flux/generator.py:
+    a device error loading the LoRA names the weights cache's path; the base pipeline's folder;
+    torch's own text) were the version's likeness ``error``, its gate reason and the alert, all
+    served to its owner; the API's generation endpoint answers the same errors with its fixed
+    sentence. Their words are the operator's, in the WARNING."""
+    weights = tmp_path / "cache" / "weights" / ("ab" * 32 + ".safetensors")
+    with caplog.at_level("WARNING", logger="selfie_lora.services.likeness"):
+        held = second_version_unscorable(tmp_path, lambda: GenerationError(
+            f"loading LoRA weights {weights} failed: RuntimeError: CUDA error: an illegal memory "
+            "access was encountered"))
+    q2, v2 = held.record, held.v2
+    assert q2 is not None
+    assert q2.status is LikenessStatus.FAILED
+    assert q2.error == likeness_module.SCORING_GENERATOR_ERROR
+    assert v2.gate_status is GateStatus.HELD
+    assert f"could not be scored ({likeness_module.SCORING_GENERATOR_ERROR})" in (
+        v2.gate_reason or "")
+    assert v2.alert is not None
+    for said in (q2.error or "", v2.gate_reason or "", v2.alert["message"]):
+        assert str(tmp_path) not in said
+        assert "CUDA error" not in said
+    assert "tell the operator" in (q2.error or "")
+    assert any(f"could not be scored: loading LoRA weights {weights} failed: RuntimeError: CUDA"
+               in r.getMessage() for r in caplog.records)
+    assert held.active == held.v1.id
+
+
+def test_a_generator_error_s_user_message_is_the_owner_s_words(tmp_path: Path) -> None:
+    """A GenerationError that carries a sentence written for the user (Replicate's output off
+    its file hosts, a safety checker) is said as it is, as the API's generation endpoint does."""
+    held = second_version_unscorable(tmp_path, lambda: GenerationError(
+        "replicate prediction abc failed: NSFW content detected at https://api.replicate.com/x",
+        user_message="Every picture was withheld by the safety checker."))
+    assert held.record is not None
+    assert held.record.error == "Every picture was withheld by the safety checker."
+    assert "could not be scored (Every picture was withheld" in (held.v2.gate_reason or "")
 
 
 def test_measured_on_is_null_where_nothing_was_compared_and_in_old_records(rig: Rig) -> None:
@@ -658,7 +713,8 @@ def test_a_failed_alert_delivery_is_recorded_and_never_fatal(tmp_path: Path) -> 
         rig.close()
 
 
-def test_a_version_that_cannot_be_scored_is_held_with_the_reason(tmp_path: Path) -> None:
+def test_a_version_that_cannot_be_scored_is_held_with_the_reason(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     class Broken(PhotoGenerator):
         def generate(self, job: Any) -> list[bytes]:
             from selfie_lora.errors import GenerationError
@@ -671,11 +727,16 @@ def test_a_version_that_cannot_be_scored_is_held_with_the_reason(tmp_path: Path)
     try:
         ann = rig.user()
         v1 = rig.train(ann)
-        v2 = rig.train(ann)
+        with caplog.at_level("WARNING", logger="selfie_lora.services.likeness"):
+            v2 = rig.train(ann)
         q2 = rig.repo.get_likeness(v2.id)
         assert q2 is not None
         assert q2.status is LikenessStatus.FAILED
-        assert "out of memory" in (q2.error or "")
+        # The generator's own words are the operator's (the WARNING); the owner reads the fixed
+        # sentence, as the API's generation endpoint answers.
+        assert q2.error == likeness_module.SCORING_GENERATOR_ERROR
+        assert any("could not be scored: the generator is out of memory" in r.getMessage()
+                   for r in caplog.records)
         assert v2.gate_status is GateStatus.HELD
         assert "could not be scored" in (v2.gate_reason or "")
         assert rig.model(ann).active_version_id == v1.id
@@ -685,7 +746,8 @@ def test_a_version_that_cannot_be_scored_is_held_with_the_reason(tmp_path: Path)
         rig.close()
 
 
-def test_an_active_version_that_cannot_be_scored_holds_the_new_one(tmp_path: Path) -> None:
+def test_an_active_version_that_cannot_be_scored_holds_the_new_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # v1 could not be scored (the generator was down) and passed: nothing to beat. v2 has lost
     # the likeness, and v1's probes fail again when the gate needs them: v2 cannot be compared
     # with v1, so it is held (the user can still activate it), not activated unjudged.
@@ -701,13 +763,16 @@ def test_an_active_version_that_cannot_be_scored_holds_the_new_one(tmp_path: Pat
         generator.down = False
         generator.photos = other_person()
         generator.weights = {v1.weights_sha256}
-        v2 = rig.train(ann)
+        with caplog.at_level("WARNING", logger="selfie_lora.services.likeness"):
+            v2 = rig.train(ann)
         q2 = rig.repo.get_likeness(v2.id)
         assert q2 is not None
         assert q2.status is LikenessStatus.SCORED  # v2 itself was scored
         assert v2.gate_status is GateStatus.HELD, v2.gate_reason
-        assert "the active version 1 could not be scored" in (v2.gate_reason or "")
-        assert "503" in (v2.gate_reason or "")
+        assert ("the active version 1 could not be scored "
+                f"({likeness_module.SCORING_GENERATOR_ERROR})") in (v2.gate_reason or "")
+        assert any(f"{v1.id} could not be scored: the generator answered 503" in r.getMessage()
+                   for r in caplog.records)
         assert v2.gate_details["before"] is None
         assert v2.gate_details["baseline_version_id"] == v1.id
         assert rig.model(ann).active_version_id == v1.id
@@ -1362,7 +1427,8 @@ def test_probes_made_at_another_size_are_made_again(tmp_path: Path) -> None:
         r.close()
 
 
-def test_a_failed_rescore_keeps_the_last_good_score(tmp_path: Path) -> None:
+def test_a_failed_rescore_keeps_the_last_good_score(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The active version, scored, is scored again at a new probe size while the generator is
     down: its stored record was overwritten with the failure, its scores lost (the chart's point,
     the gate's baseline after the outage). Now the failure is logged and returned, the record
@@ -1378,9 +1444,12 @@ def test_a_failed_rescore_keeps_the_last_good_score(tmp_path: Path) -> None:
         resized = LikenessService(repo=r.repo, blobs=r.blobs, generation=r.generation,
                                   faces=r.faces, probe_count=r.probe_count, probe_size=96)
         generator.down = True
-        failed = resized.score(v1.id)
+        with caplog.at_level("WARNING", logger="selfie_lora.services.likeness"):
+            failed = resized.score(v1.id)
         assert failed.status is LikenessStatus.FAILED
-        assert "503" in (failed.error or "")
+        assert failed.error == likeness_module.SCORING_GENERATOR_ERROR
+        assert any("could not be scored: the generator answered 503" in r.getMessage()
+                   for r in caplog.records)
         assert r.repo.get_likeness(v1.id) == good
         logged = [e["kind"] for e in r.repo.list_events(v1.model_id)
                   if e["kind"].startswith("quality_") and e["data"]["version_id"] == v1.id]

@@ -122,6 +122,12 @@ CANCELED_REASON = ("version {number}'s training was canceled before the likeness
 # generator's: its own words are the operator's (a path of the server, the object storage's
 # endpoint, the database's refusal), which the WARNING keeps.
 SCORING_SERVER_ERROR = "the server's storage or setup failed while its probes were made"
+# ... and for a generator's error that carries no sentence written for the user
+# (``GenerationError.user_message``): the local generator's words name the weights cache's path,
+# the base pipeline's folder or torch's own text, so the owner reads this, as the API's generation
+# endpoint answers a fixed sentence; the words are in the WARNING.
+SCORING_GENERATOR_ERROR = ("the image generator failed while its probes were made; tell the "
+                           "operator if it lasts")
 # ... and why the active version's photos could not be read for that (the storage's words in the
 # WARNING the worker logs).
 BASELINE_PHOTOS_UNREAD = "its training photos could not be read"
@@ -129,10 +135,11 @@ BASELINE_PHOTOS_UNREAD = "its training photos could not be read"
 
 def _scoring_error(exc: SelfieLoraError) -> str:
     """What a version's owner is told of ``exc``, which ended its scoring: a client's error's
-    message (4xx, written for the user, as the API answers it), a generator's user_message or
-    message, else ``SCORING_SERVER_ERROR``."""
+    message (4xx, written for the user, as the API answers it), a generator's user_message, else
+    ``SCORING_GENERATOR_ERROR`` for a generator's error and ``SCORING_SERVER_ERROR`` for any
+    other."""
     if isinstance(exc, GenerationError):
-        return exc.user_message or exc.message
+        return exc.user_message or SCORING_GENERATOR_ERROR
     return exc.message if exc.http_status < 500 else SCORING_SERVER_ERROR
 
 
