@@ -388,6 +388,7 @@ def test_a_storage_error_of_the_probes_is_not_quoted_to_the_owner(tmp_path: Path
         assert str(tmp_path) not in said
         assert "LoRA weights not found" not in said
     assert "storage" in (q2.error or "")
+    assert "tell the operator" in (q2.error or "")  # the owner's one step: a server's fault
     assert held.active == held.v1.id
 
 

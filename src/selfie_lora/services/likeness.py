@@ -120,8 +120,11 @@ CANCELED_REASON = ("version {number}'s training was canceled before the likeness
 # Why a version could not be scored, as its owner reads it (its record's ``error``, the gate's
 # reason "could not be scored (...)"), for an error of the server's side (a 5xx) other than the
 # generator's: its own words are the operator's (a path of the server, the object storage's
-# endpoint, the database's refusal), which the WARNING keeps.
-SCORING_SERVER_ERROR = "the server's storage or setup failed while its probes were made"
+# endpoint, the database's refusal, a face tool not installed), which the WARNING keeps. Raised
+# while the probes are made or while the training photos are analysed, hence "scored"; the owner's
+# step is to tell the operator (the gate reason adds "activate it yourself").
+SCORING_SERVER_ERROR = ("the server's storage or setup failed while it was scored; tell the "
+                        "operator if it lasts")
 # ... and for a generator's error that carries no sentence written for the user
 # (``GenerationError.user_message``): the local generator's words name the weights cache's path,
 # the base pipeline's folder or torch's own text, so the owner reads this, as the API's generation
