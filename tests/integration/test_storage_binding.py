@@ -194,7 +194,9 @@ def test_a_deployment_bound_before_adopts_its_marker_and_then_refuses_another_fo
 def test_a_training_that_finds_none_of_its_upload_names_the_storage_setting(
         tmp_path: Path) -> None:
     # A worker whose storage is not the one the photos went to (an unbound one, as before this
-    # release): "upload the photos again" never helps; the setting does.
+    # release): "upload the photos again" never helps; the setting does, which is the
+    # operator's: its name is in the row's reason (the worker's log line), the user is told to
+    # tell the operator.
     svc = build_services(make_settings(tmp_path, intake_workers=1),
                          trainers={"local": FakeTrainer()}, face_analyzer=one_person_analyzer(),
                          generators={"local": FakeGenerator()})
@@ -211,7 +213,8 @@ def test_a_training_that_finds_none_of_its_upload_names_the_storage_setting(
         assert final is not None
         assert final.status is TrainingStatus.FAILED
         assert final.error is not None
-        assert "SELFIE_LORA_STORAGE_URL" in final.error  # old code: "upload the photos again"
+        assert "SELFIE_LORA_STORAGE_URL" in final.history[-1]["reason"]
+        assert "tell the operator" in final.error  # old code: "upload the photos again"
         assert "uploading the photos again does not help" in final.error
     finally:
         svc.close()

@@ -142,16 +142,44 @@ class _ListsAGhost(FileSystemBlobStore):
             yield BlobInfo(key=self.ghost, size=1, modified=datetime.now(UTC))
 
 
+def _worker_on(tmp_path: Path, svc: Services, blobs: FileSystemBlobStore) -> TrainingService:
+    """A worker sharing ``svc``'s database and queue, on the storage ``blobs``."""
+    settings = make_settings(tmp_path, quality_gate=False)
+    return TrainingService(repo=svc.repo, blobs=blobs, queue=svc.queue, trainers=svc.trainers,
+                           defaults=lambda: training_defaults(settings),
+                           work_dir=settings.work_dir, likeness=svc.likeness,
+                           lease=settings.lease_policy)
+
+
+def test_a_worker_on_another_storage_tells_the_user_to_tell_the_operator(tmp_path: Path) -> None:
+    """Not one file of the upload in the worker's storage (its SELFIE_LORA_STORAGE_URL is not the
+    server's): the user was told to set that operator's setting, which is not theirs to set."""
+    svc = _services(tmp_path, FakeTrainer(steps=1))
+    worker = _worker_on(tmp_path, svc, FileSystemBlobStore(tmp_path / "another-storage"))
+    try:
+        got = _failed(tmp_path, svc, worker=worker)
+        stored = svc.repo.get_training(got.training["id"])
+    finally:
+        svc.close()
+    _says_no_server_words(got.error)
+    assert got.error.startswith("The training could not run: a photo of this training is not "
+                                "in this worker's storage"), got.error
+    assert "SELFIE_LORA_STORAGE_URL" not in got.error
+    assert "tell the operator" in got.error
+    assert "uploading the photos again does not help" in got.error
+    # The operator's words (the setting to fix, the blob's key) stay on the row's reason.
+    assert stored is not None
+    reason = stored.history[-1]["reason"]
+    assert "SELFIE_LORA_STORAGE_URL" in reason
+    assert "photos/" in reason
+
+
 def test_a_checkpoint_gone_while_fetched_is_not_quoted_to_the_user(tmp_path: Path) -> None:
     """The checkpoint to continue from listed, then gone at every look: the blob's key (the
     storage's layout) was the user's sentence."""
     svc = _services(tmp_path, FakeTrainer(steps=1))
-    settings = make_settings(tmp_path, quality_gate=False)
     blobs = _ListsAGhost(svc.blobs.root)  # type: ignore[attr-defined]
-    worker = TrainingService(repo=svc.repo, blobs=blobs, queue=svc.queue, trainers=svc.trainers,
-                             defaults=lambda: training_defaults(settings),
-                             work_dir=settings.work_dir, likeness=svc.likeness,
-                             lease=settings.lease_policy)
+    worker = _worker_on(tmp_path, svc, blobs)
 
     def ghost_checkpoint(training_id: str) -> None:
         blobs.ghost = checkpoint_key(training_id, 5)

@@ -2004,17 +2004,20 @@ class TrainingService:
         except BlobMissingError as exc:
             if not self._holds_any_of(dataset):
                 # Not one file of the upload here, its manifest neither: this process's storage
-                # is not the one the upload went to, which uploading again cannot change.
-                advice = ("nor any other file of its upload: the worker's storage is not the "
-                          "one the photos were uploaded to. Set SELFIE_LORA_STORAGE_URL to the "
-                          "same storage on every server and worker (the operator's setting), "
-                          "then train again; uploading the photos again does not help until "
-                          "then")
+                # is not the one the upload went to, which uploading again cannot change. The
+                # setting to fix is the operator's; the user's step is to tell them.
+                mismatch = ("nor any other file of its upload: the worker's storage is not the "
+                            "one the photos were uploaded to")
                 raise _PhotosGoneError(
                     f"a photo of this training is not in this worker's storage ({exc.message}), "
-                    f"{advice}",
+                    f"{mismatch}. Set SELFIE_LORA_STORAGE_URL to the same storage on every "
+                    "server and worker, then train again; uploading the photos again does not "
+                    "help until then",
                     user_message=f"{_COULD_NOT_RUN}: a photo of this training is not in this "
-                                 f"worker's storage, {advice}") from exc
+                                 f"worker's storage, {mismatch}. Please tell the operator (the "
+                                 "workers' storage setting differs from the server's), and "
+                                 "train again once they have fixed it; uploading the photos "
+                                 "again does not help until then") from exc
             # The blob's key (the storage's layout) for the operator only.
             raise _PhotosGoneError(
                 f"a photo of this training is gone from storage ({exc.message}); upload the "
