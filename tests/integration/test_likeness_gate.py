@@ -24,7 +24,14 @@ from selfie_lora.adapters.db.repository import SqlRepository
 from selfie_lora.api.serializers import comparison_json, gate_json
 from selfie_lora.domain.entities import GateStatus, TrainingStatus, User, Version
 from selfie_lora.domain.likeness import PROBE_LORA_SCALE, LikenessStatus, VersionLikeness
-from selfie_lora.errors import AlertDeliveryError, GenerationError, StorageError
+from selfie_lora.errors import (
+    AlertDeliveryError,
+    ConfigError,
+    GenerationError,
+    InvalidInputError,
+    SelfieLoraError,
+    StorageError,
+)
 from selfie_lora.likeness.chart import (
     CHART_SIZE,
     HELD_NOT_SCORED,
@@ -347,6 +354,40 @@ def test_the_active_version_s_photos_unread_for_good_are_said_without_the_storag
     assert "minio" not in reason
     assert "photos/" not in reason
     assert rig.model(ann).active_version_id == v1.id
+
+
+@pytest.mark.parametrize(("error", "said"), [
+    # A client's error: its words are written for the user, and kept.
+    (InvalidInputError("photo 2 of the upload is not a picture"),
+     " (photo 2 of the upload is not a picture)"),
+    # A server's: its words (a path of the server, what to install) are the operator's.
+    (ConfigError("face tools missing: pip install 'selfie-lora[faces]' into /srv/selfie/venv"),
+     ""),
+])
+def test_the_active_version_s_photos_that_cannot_be_analysed_are_said_by_whose_error(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        error: SelfieLoraError, said: str) -> None:
+    ann = rig.user()
+    v1 = rig.train(ann)
+    training = rig.repo.get_training(v1.training_id)
+    assert training is not None
+    forget_photos_of(rig, v1)
+    reference = rig.likeness.reference
+
+    def unanalysable(dataset_id: str) -> Any:
+        if dataset_id == training.dataset_id:
+            raise error
+        return reference(dataset_id)
+
+    monkeypatch.setattr(rig.likeness, "reference", unanalysable)
+    generator_of(rig).photos = other_person()
+    with caplog.at_level("WARNING", logger="selfie_lora.services.likeness"):
+        v2 = rig.train(ann, photos=other_person())
+    reason = v2.gate_reason or ""
+    assert f"the training photos of version 1 could not be analysed{said}" in reason, reason
+    assert "/srv/" not in reason
+    assert "pip install" not in reason
+    assert any(error.message in r.getMessage() for r in caplog.records)
 
 
 @dataclass(frozen=True)

@@ -7,17 +7,18 @@ in the server's storage."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from selfie_lora.adapters.storage.fs import FileSystemBlobStore
 from selfie_lora.api.app import create_app
 from selfie_lora.domain.entities import GateStatus, Version
-from selfie_lora.errors import ConfigError
+from selfie_lora.errors import ConfigError, NotFoundError, SelfieLoraError
 from selfie_lora.services.common import new_id
 from selfie_lora.services.layout import checkpoint_key, photo_key
 from selfie_lora.services.ports import BlobInfo, ProgressSink, TrainingJob, TrainingResult
@@ -189,7 +190,8 @@ def test_a_checkpoint_gone_while_fetched_is_not_quoted_to_the_user(tmp_path: Pat
     finally:
         svc.close()
     _says_no_server_words(got.error)
-    assert got.error.startswith("The training could not run")
+    assert got.error.startswith("The training could not run: a file it continues from is gone "
+                                "from the server's storage"), got.error
 
 
 class _MisconfiguredTrainer(FakeTrainer):
@@ -208,3 +210,34 @@ def test_another_error_of_a_trainer_is_said_by_its_kind(tmp_path: Path) -> None:
         svc.close()
     _says_no_server_words(got.error)
     assert "operator" in got.error
+
+
+@dataclass
+class _RaisingTrainer(FakeTrainer):
+    """A backend that breaks the ``Trainer`` protocol with ``error`` (not a TrainerError)."""
+
+    error: SelfieLoraError = field(default_factory=lambda: SelfieLoraError("unset"))
+
+    def train(self, job: TrainingJob, *, sink: ProgressSink) -> TrainingResult:
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "sentence"), [
+    (NotFoundError("base model folder /srv/models/flux-dev not found"),
+     "something it needs is gone from the server's storage."),
+    (SelfieLoraError("the trainer's lock file /srv/run/trainer.lock is held"),
+     "the server met an error."),
+])
+def test_an_error_of_no_kind_told_apart_is_said_by_its_sentence(
+        tmp_path: Path, error: SelfieLoraError, sentence: str) -> None:
+    svc = _services(tmp_path, _RaisingTrainer(steps=1, error=error))
+    try:
+        got = _failed(tmp_path, svc)
+        stored = svc.repo.get_training(got.training["id"])
+    finally:
+        svc.close()
+    _says_no_server_words(got.error)
+    assert got.error == (f"The training could not run: {sentence} Start the training again; if "
+                         "it happens again, tell the operator.")
+    assert stored is not None
+    assert stored.history[-1]["reason"] == error.message  # the operator's words
