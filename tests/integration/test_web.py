@@ -43,6 +43,7 @@ from selfie_lora.domain.plan import (
     lora_scale_text,
 )
 from selfie_lora.errors import (
+    ConflictError,
     DatabaseUnreachableError,
     ErrorCode,
     GenerationError,
@@ -4279,3 +4280,34 @@ def test_a_picture_s_address_edited_to_no_number_leads_back_to_its_section(
     r = ann.get(path)
     assert r.status_code == 422, r.text
     assert f'<a href="{back}" data-back>Back</a>' in r.text  # old code: /photos for each
+
+
+def _clashes(*_args: Any, **_kwargs: Any) -> Any:
+    # The repository's words of a write that clashed with another made at the same moment.
+    raise ConflictError("the change clashed with another one made at the same moment, so "
+                        "nothing was changed; send the request again",
+                        code=ErrorCode.WRITE_CONFLICT)
+
+
+def test_a_form_whose_write_clashed_says_to_try_again_not_to_send_a_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write_conflict's message is the API's ("send the request again"), which the pages
+    showed as it is: the sign-up form's refusal and the error page of another form."""
+    settings = make_settings(tmp_path, signup=True)
+    services = fake_services(settings)
+    services.users.create(name="ann", password=PASSWORD)
+    monkeypatch.setattr(services.users, "sign_up", _clashes)
+    monkeypatch.setattr(services.users, "create_key", _clashes)
+    try:
+        with browser(settings, services) as client:
+            refused = sign_up(client, "carl")
+            assert refused.status_code == 409
+            sign_in(client, "ann")
+            page = client.post("/settings/keys", data=key_form(client, "laptop"))
+            assert page.status_code == 409
+    finally:
+        services.close()
+    for text in (refused.text, page.text):
+        assert "clashed with another one made at the same moment" in text
+        assert "please try again" in text
+        assert "send the request again" not in text

@@ -599,7 +599,7 @@ def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
             web.set_notice_cookie(response, request, FORM_NOT_DONE)
         return response
     if isinstance(exc, SelfieLoraError) and exc.http_status < 500:
-        page = web.error_page(request, exc.http_status, exc.message, str(exc.code))
+        page = web.error_page(request, exc.http_status, page_message(exc), str(exc.code))
         page.headers.update(retry_after_header(exc))
         return page
     # A server-side error's words name the server's paths or the storage's endpoint: the log
@@ -613,6 +613,19 @@ def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
         return page
     return web.error_page(request, 500, server.message, ErrorCode.INTERNAL_ERROR,
                           reference=server.reference)
+
+
+# A write that clashed with another made at the same moment (``write_conflict``), as a page says
+# it: the repository's sentence is the API's ("send the request again"), a page's reader sends
+# a form.
+PAGE_WRITE_CONFLICT = ("the change clashed with another one made at the same moment, so nothing "
+                       "was changed; please try again")
+
+
+def page_message(exc: SelfieLoraError) -> str:
+    """A client's error (4xx) as a page shows it: its message, in a form's words where the
+    API's are a request's."""
+    return PAGE_WRITE_CONFLICT if exc.code == ErrorCode.WRITE_CONFLICT else exc.message
 
 
 def _page_sentence(exc: SelfieLoraError, sentence: str) -> str:

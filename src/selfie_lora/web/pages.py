@@ -79,6 +79,7 @@ from selfie_lora.web.app import (
     SignInRequired,
     Viewer,
     Web,
+    page_message,
 )
 from selfie_lora.web.cookies import (
     FORM_COOKIE,
@@ -272,7 +273,7 @@ async def signup(request: Request, name: FormStr, password: FormStr, password_ag
             name=name, password=password, client=_client(request)))
     except (InvalidInputError, ConflictError, RateLimitedError) as exc:
         failed = _signin_form(request, "signup.html", status_code=exc.http_status, name=name,
-                              message=exc.message, field=_signup_field(exc))
+                              message=page_message(exc), field=_signup_field(exc))
         if exc.retry_after is not None:  # as every error answer does (api.app, web.app)
             failed.headers["Retry-After"] = str(exc.retry_after)
         return failed
@@ -482,7 +483,7 @@ async def _upload_refused(web: Web, request: Request, viewer: Viewer,
     S3 GET), which on the loop stalled every request of the server."""
     response = await in_thread(lambda: _upload_answer(
         web, request, viewer, "_report.html", status_code=exc.http_status, trainable=False,
-        message=exc.message, report=[], set_findings=[]))
+        message=page_message(exc), report=[], set_findings=[]))
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)
     return response
@@ -1197,7 +1198,7 @@ def model_trainer_version(request: Request, viewer: FormViewer,
         field = ("reason" if error.code in (ErrorCode.REASON_REQUIRED, ErrorCode.INVALID_REQUEST)
                  else None if isinstance(error, ConflictError) else "trainer_version")
         return _model(request, viewer, status_code=error.http_status, repin_field=field,
-                      repin_error=error.message, repin_code=str(error.code), **typed)
+                      repin_error=page_message(error), repin_code=str(error.code), **typed)
     return _done(request, "/model", f"Trainer version {changed.model.trainer_version} pinned: "
                  "the next training uses it.")
 
