@@ -30,8 +30,17 @@ def driver_says(exc: BaseException | None, *, sqlstate: str, sqlite_code: int,
 NO_ANSWER_WORDS = ("no answer from the server", "timeout expired", "connection timed out")
 
 
+# SQLAlchemy's pool exhausted ("QueuePool limit of size N overflow M reached, connection timed
+# out, timeout 30.00"): this process's own connections all in use, not the server's silence,
+# though its words hold "connection timed out" (the repository says it DatabaseBusyError).
+POOL_TAKEN_WORDS = "queuepool limit"
+
+
 def gave_no_answer(exc: BaseException | None) -> bool:
     """Whether a database driver's error (or SQLAlchemy's, which carries the driver's words)
-    says the server gave no answer within the driver's time (``NO_ANSWER_WORDS``)."""
+    says the server gave no answer within the driver's time (``NO_ANSWER_WORDS``); an
+    exhausted pool's wait (``POOL_TAKEN_WORDS``) is not the server's."""
     said = str(exc).lower()
+    if POOL_TAKEN_WORDS in said:
+        return False
     return any(word in said for word in NO_ANSWER_WORDS)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, create_engine, inspect
+from sqlalchemy import Engine, create_engine, inspect, pool
 from typer.testing import CliRunner
 
 from selfie_lora import cli, wiring
@@ -289,3 +289,29 @@ def test_a_clock_read_that_got_no_answer_says_so_and_a_refused_one_does_not(
         guard.answered_check()
     assert raised.value.unanswered is unanswered
     assert guard.answered is not unanswered
+
+
+def test_a_clock_read_on_an_exhausted_pool_is_not_a_hung_server() -> None:
+    """Found in review: the clock read (a bare ``engine.connect()``, not one of the repository's
+    translated calls) that met this process's own pool exhausted (SQLAlchemy's QueuePool
+    TimeoutError, whose words say "connection timed out") was taken for a hung server, so a
+    stop under load left its worker's row: the server answered, only the pool was taken (the
+    repository says ``DatabaseBusyError``, answered)."""
+    engine = create_engine("sqlite://", poolclass=pool.QueuePool, pool_size=1, max_overflow=0,
+                           pool_timeout=0.05)
+    held = engine.connect()
+
+    def clock() -> datetime:
+        with engine.connect():
+            raise AssertionError("the pool's one connection is held")
+
+    guard = ClockGuard(database_clock=clock, max_skew=10)
+    try:
+        with pytest.raises(DatabaseUnreachableError) as raised:
+            guard.answered_check()
+        assert "QueuePool limit" in raised.value.message
+        assert raised.value.unanswered is False
+        assert guard.answered is True
+    finally:
+        held.close()
+        engine.dispose()
