@@ -82,6 +82,11 @@ logger = logging.getLogger(__name__)
 
 MAX_SLOTS = 256
 STOP_GRACE_S = 30.0
+# Under this much of the grace left for the removal of a stopping worker's row, a removal that
+# did not end is said as the threads' spending it, not the database's slowness: a healthy
+# database's DELETE takes milliseconds. Not a wait of its own: the stop's bound is its grace
+# (serve's unit stops it at TimeoutStopSec=30, the grace itself).
+_REMOVAL_SHORT_S = 1.0
 _IDLE_MIN_S = 0.05
 _IDLE_MAX_S = 1.0
 # How often a worker asks whether a garbage collection is due (collections are hours apart).
@@ -294,11 +299,17 @@ class Worker:
         if self._announce and not self._database_unanswered():
             # Not counted as a worker that died: its row goes (the presence thread has ended).
             # The name is given back once the removal ends.
+            left = max(0.0, deadline - time.monotonic())
             if not self._leave_count(deadline=deadline):
-                logger.info("worker %s: its removal from the workers' count did not end within "
-                            "the stop's grace (the database slow to answer, or hung); its name "
-                            "is held until it does, and a row left runs out and counts as "
-                            "stale for an hour", self.identity.name)
+                # Which of the two spent the grace: a training that reached its safe point late
+                # leaves a healthy database's removal (milliseconds) no time, and "the database
+                # slow" would send the operator to look at a database that answered.
+                cause = ("the worker's threads spent the rest" if left < _REMOVAL_SHORT_S
+                         else "the database slow to answer, or hung")
+                logger.info("worker %s: its removal from the workers' count did not end in the "
+                            "%.2f s left of the stop's %.0f s grace (%s); its name is held "
+                            "until it does, and a row left runs out and counts as stale for an "
+                            "hour", self.identity.name, left, grace, cause)
         else:
             if self._announce:
                 # The database gave this worker's last call no answer (hung): removing the row

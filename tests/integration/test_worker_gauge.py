@@ -563,3 +563,43 @@ def test_a_reconciler_round_whose_clock_read_gets_no_answer_says_the_outage_once
                                                                ("INFO", False)]
     assert "connection timeout expired" in said[0].getMessage()
     assert "answers again" in said[1].getMessage()
+
+
+@pytest.mark.parametrize(("threads_take", "cause"), [
+    (3.5, "the worker's threads spent the rest"),
+    (0.0, "the database slow to answer, or hung")], ids=["threads-spent-it", "database-slow"])
+def test_a_removal_cut_short_by_the_grace_says_what_spent_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        threads_take: float, cause: str) -> None:
+    """Found in review: a removal cut short was always said as "the database slow to answer, or
+    hung", also when a training reached its safe point just before the grace ended and left a
+    database that answers in milliseconds no time (the stop's bound is its grace: no wait of its
+    own). The removal here waits until released, so the stop never sees it end; a thread that
+    ends 0.5 s before a 4 s grace leaves it under a second on a loaded machine too."""
+    settings = make_settings(tmp_path, heartbeat_seconds=100, lease_seconds=600,
+                             reconcile_seconds=600)
+    svc = build_services(settings, trainers={}, generators={})
+    released = threading.Event()
+    try:
+        worker = start_embedded(svc, threads=1)
+        gone = svc.repo.worker_gone
+
+        def held_gone(name: str) -> None:
+            released.wait(timeout=60)
+            gone(name)
+
+        monkeypatch.setattr(svc.repo, "worker_gone", held_gone)
+        late = threading.Thread(target=time.sleep, args=(threads_take,), daemon=True)
+        late.start()
+        worker._threads.append(late)
+        with caplog.at_level(logging.INFO, logger="selfie_lora.worker"):
+            assert worker.stop(grace=4.0)
+        said = [r.getMessage() for r in caplog.records
+                if "removal from the workers'" in r.getMessage()]
+        assert len(said) == 1, said
+        assert cause in said[0]
+    finally:
+        released.set()
+        until(lambda: not any(t.name.endswith("-gone") for t in threading.enumerate()),
+              "the removal never ended")
+        svc.close()
