@@ -6,6 +6,7 @@ attempts and cancels the remote run. On the Replicate stand-in, with the real ad
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import logging
@@ -30,7 +31,7 @@ from selfie_lora.domain.entities import Training, TrainingStatus, User
 from selfie_lora.errors import BlobStoreUnreachableError, DatabaseUnreachableError, StorageError
 from selfie_lora.services.likeness import LikenessService
 from selfie_lora.services.ports import BlobStream, ProgressSink, TrainingJob, TrainingResult
-from selfie_lora.services.training import REMOTE_STORAGE_WAIT_LIMIT
+from selfie_lora.services.training import REMOTE_STORAGE_WAIT_LIMIT, TrainingService
 from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
 from selfie_lora.wiring import Services, build_services
@@ -689,6 +690,35 @@ def test_owed_cancels_on_a_database_that_hangs_mid_part_wait_once(
     rig.services.training.reconcile()
     assert rig.standin.trainings[remote_id].status == "canceled"
     assert not rig.training().remote_cancel_pending
+
+
+def test_a_found_lost_run_is_canceled_though_its_record_gets_no_answer(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a lost create's run found in a pass (``find_remote``, Replicate's, not
+    the database's) whose id then got no answer from the database was not sent its cancel (the
+    hang raised first), so it ran and billed on until a pass the database answered, its id
+    stored nowhere. The cancel is sent, then the hang ends the pass, the cancel still owed."""
+    remote_id = _owing_a_remote_cancel(rig)
+    # As a create whose answer was lost: no remote id stored, the cancel owed.
+    with rig.services.repo.atomic() as tx:
+        t = tx.get_training(rig.training_id, for_update=True)
+        tx.save_training(dataclasses.replace(t, remote_id=None))
+    trainer = rig.services.training._trainers["replicate"]
+    monkeypatch.setattr(trainer, "find_remote", lambda **kwargs: remote_id)
+    database = HungDatabase(hang=0.05)
+    update = TrainingService._update
+
+    def hung_update(self: TrainingService, training_id: str, fn: Any) -> Any:
+        database.meet("update", repository=True)
+        return update(self, training_id, fn)
+
+    monkeypatch.setattr(TrainingService, "_update", hung_update)
+    database.hung.set()
+    with pytest.raises(DatabaseUnreachableError, match="no answer from the server"):
+        rig.services.training.reconcile()
+    assert database.calls == ["update"]  # one wait: no clear_remote_cancel after it
+    assert rig.standin.trainings[remote_id].status == "canceled"
+    assert rig.training().remote_cancel_pending  # owed still: the next pass cancels again
 
 
 CANCELS = "/v1/trainings/*/cancel"

@@ -1139,6 +1139,8 @@ class TrainingService:
                                                 policy=self.lease) is Recovery.CANCEL
                                 else None)
                     if done is not None:
+                        # A hang raised here skips the append: the pass's report is dropped when
+                        # it raises, so the cancel, committed above, goes unreported only.
                         self._cancel_remote(done, unreachable=unreachable)
                         canceled.append(t.id)
 
@@ -1936,8 +1938,9 @@ class TrainingService:
         if _asked_later(t, unreachable):
             return
         remote_id = t.remote_id
+        hung: SelfieLoraError | None = None
         if remote_id is None:
-            remote_id = self._find_lost_remote(trainer, t, unreachable=unreachable)
+            remote_id, hung = self._find_lost_remote(trainer, t, unreachable=unreachable)
             if remote_id is None:
                 return
         try:
@@ -1947,19 +1950,30 @@ class TrainingService:
                            remote_id, t.id, exc_info=True)
             if unreachable is not None:
                 unreachable.add(t.backend)
+            if hung is not None:
+                raise hung from None
             return
+        if hung is not None:
+            # The found run's id got no answer from the database: its cancel is sent all the
+            # same (it needs the trainer alone; kept for a pass the database answers, the run
+            # billed on meanwhile, its id stored nowhere), the cancel left owed (the next pass
+            # finds the run, canceled, and cancels it again: harmless), and the hang ends the
+            # pass before its next call waits on it again.
+            raise hung
         try:
             self._repo.clear_remote_cancel(t.id)
         except SelfieLoraError as exc:  # asked once more later: a second cancel is harmless
             logger.warning("training %s: remote cancel sent, not recorded (%s)", t.id, exc)
             _raise_if_hung(exc, unreachable=unreachable)
 
-    def _find_lost_remote(self, trainer: Trainer, t: Training, *,
-                          unreachable: set[str] | None) -> str | None:
+    def _find_lost_remote(self, trainer: Trainer, t: Training, *, unreachable: set[str] | None
+                          ) -> tuple[str | None, SelfieLoraError | None]:
         """The remote run of ``t``, ended with a create begun and no remote id stored (its
         worker died with the create's answer), looked for by the create's marker. Found, its id is
         stored (the next round cancels it by id, never looks again); not found, there is nothing to
-        cancel and the cancel is no longer owed. None: nothing to cancel now."""
+        cancel and the cancel is no longer owed. None: nothing to cancel now. With it, the error
+        of a record the database gave no answer in a reconcile pass (``_hung``), for the caller
+        to raise once the found run's cancel is sent."""
         try:
             found = trainer.find_remote(training_id=t.id, destination=t.destination,
                                         marker=t.remote_marker)
@@ -1969,19 +1983,22 @@ class TrainingService:
                            type(exc).__name__, exc)
             if unreachable is not None:
                 unreachable.add(t.backend)
-            return None
+            return None, None
         try:
             if found is None:
                 logger.info("training %s: its create left no remote run: nothing to cancel", t.id)
                 self._repo.clear_remote_cancel(t.id)
-                return None
+                return None, None
             logger.warning("training %s: found remote run %s, whose create's answer was lost; "
                            "canceling it", t.id, found)
             self._update(t.id, lambda c: dataclasses.replace(c, remote_id=c.remote_id or found))
         except SelfieLoraError as exc:  # looked for again next round
             logger.warning("training %s: remote run lookup not recorded (%s)", t.id, exc)
-            _raise_if_hung(exc, unreachable=unreachable)
-        return found
+            if found is None:
+                _raise_if_hung(exc, unreachable=unreachable)
+            elif _hung(exc, unreachable=unreachable):
+                return found, exc
+        return found, None
 
     # ------------------------------------------------------------------ internals
     def _job(self, training: Training, *, work_dir: Path) -> TrainingJob:
@@ -2166,9 +2183,14 @@ def _raise_if_hung(exc: SelfieLoraError, *, unreachable: set[str] | None) -> Non
     again (~20 s on PostgreSQL), one wait an owed cancel, and the pass would end as if it had
     gone through, its later parts run. Outside a pass (a user's cancel) it is kept swallowed:
     the ending it follows is committed."""
-    if (unreachable is not None and isinstance(exc, DatabaseUnreachableError)
-            and exc.unanswered):
+    if _hung(exc, unreachable=unreachable):
         raise exc
+
+
+def _hung(exc: SelfieLoraError, *, unreachable: set[str] | None) -> bool:
+    """Whether ``exc`` is a database's no answer in a reconcile pass (``_raise_if_hung``)."""
+    return (unreachable is not None and isinstance(exc, DatabaseUnreachableError)
+            and exc.unanswered)
 
 
 @contextmanager
