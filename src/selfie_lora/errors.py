@@ -421,14 +421,18 @@ class DatabaseLockedError(DatabaseRefusedError):
     logged its traceback every round; but the database's state, shared by every process, not
     this process's pool (``pool_exhausted`` False). Not the database away for a take-over
     (``services.training._database_outage``) either: on PostgreSQL a row lock or a slow
-    statement is one worker's own, and one met at every round left every take-over uncounted."""
+    statement is one worker's own, and one met at every round left every take-over uncounted.
+    ``lock``: the database said a lock ran out alone (SQLITE_BUSY, 55P03), not 57014's timeout
+    or cancel, so a loop's advice names the lock alone (not PostgreSQL's statement timeout to
+    an operator of SQLite, which has none); False where not known."""
 
     code = ErrorCode.STORAGE_UNAVAILABLE
     http_status = 503
     retry_after = STORAGE_RETRY_AFTER
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, lock: bool = False) -> None:
         super().__init__(message)
+        self.lock = lock
 
 
 class BlobMissingError(StorageError):

@@ -399,3 +399,16 @@ def test_a_statement_cancelled_from_outside_is_said_with_a_cancel_among_its_caus
     assert "slower than the statement timeout" in words
     assert "SELFIE_LORA_DB_STATEMENT_TIMEOUT" in words
     assert "cancelled from outside (pg_cancel_backend, a pooler's query_timeout)" in words
+
+
+def test_sqlite_s_lock_is_advised_with_the_lock_alone(
+        tmp_path: Path, logged: pytest.LogCaptureFixture) -> None:
+    # Review 7 (RISK 4): SQLite's "database is locked" (and PostgreSQL's 55P03, a lock's wait
+    # known as such) was advised with 57014's causes too: PostgreSQL's statement timeout, which
+    # README says SQLite has not, and a backend to cancel.
+    said = _five_refused_then_two(logged, "gc", _locked(tmp_path))
+    words = said[0].getMessage()
+    assert "database is locked" in words
+    assert "a transaction elsewhere holds a lock it needs" in words
+    assert "pg_cancel_backend" not in words
+    assert "SELFIE_LORA_DB_STATEMENT_TIMEOUT" not in words

@@ -1059,6 +1059,7 @@ def test_a_lock_held_past_the_database_s_wait_is_the_database_busy(repo: SqlRepo
     finally:
         engine.dispose()
     _busy(refused)
+    assert refused.lock  # the loops' advice names the lock alone (review 7)
     cause = refused.__cause__
     assert cause is not None
     if repo.engine.dialect.name == "postgresql":
@@ -1083,6 +1084,7 @@ def test_a_statement_past_its_timeout_is_the_database_busy(repo: SqlRepository) 
     finally:
         engine.dispose()
     _busy(refused)
+    assert not refused.lock  # a timeout or a cancel: the three causes (review 7)
     assert getattr(getattr(refused.__cause__, "orig", None), "sqlstate", None) == "57014"
     assert "statement timeout" in refused.message
 
@@ -1128,4 +1130,5 @@ def test_a_statement_cancelled_from_outside_is_the_database_busy_too(repo: SqlRe
     [refused] = caught
     assert isinstance(refused, DatabaseLockedError), refused
     _busy(refused)
+    assert not refused.lock
     assert getattr(getattr(refused.__cause__, "orig", None), "sqlstate", None) == "57014"

@@ -319,6 +319,11 @@ class LoopOutages:
                 # back exhausts it too (once an ERROR with its traceback each round).
                 was += ("; SELFIE_LORA_DB_POOL_SIZE too small for the load, or, if raising it "
                         "does not help, a connection held by a defect (a leak)")
+            elif began and isinstance(exc, DatabaseLockedError) and exc.lock:
+                # SQLite's busy timeout, PostgreSQL's lock_timeout: the lock alone (SQLite has
+                # no statement timeout nor a backend to cancel, review 7).
+                was += ("; a transaction elsewhere holds a lock it needs (a long command, a "
+                        "backup, another process)")
             elif began and isinstance(exc, DatabaseLockedError):
                 # Nothing of this process's to resize: what holds the lock is elsewhere. 57014
                 # is an outside cancel too (told apart by words only, which lc_messages may

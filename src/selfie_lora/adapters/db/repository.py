@@ -614,7 +614,8 @@ class SqlRepository:
                 # the database busy, as a pool taken is ("busy, send it again" to a client,
                 # said once by a worker's loops), where it was any database error's 500 and a
                 # traceback at every round.
-                raise DatabaseLockedError(f"database error: {exc.orig}") from exc
+                raise DatabaseLockedError(f"database error: {exc.orig}",
+                                          lock=_lock_ran_out(exc.orig)) from exc
             # Whatever else the driver raised (a refused login, a statement refused): its own
             # words, not the statement and parameters sqlalchemy adds to them. A lost
             # connection or a fail-over is an outage (above).
@@ -1696,6 +1697,13 @@ def _kept_waiting(orig: BaseException | None) -> bool:
     return any(driver_says(orig, sqlstate=state, sqlite_code=_SQLITE_BUSY,
                            words="database is locked")
                for state in (_PG_LOCK_NOT_AVAILABLE, _PG_QUERY_CANCELED))
+
+
+def _lock_ran_out(orig: BaseException | None) -> bool:
+    """Whether a ``_kept_waiting`` error says a lock's wait alone (SQLite's busy timeout,
+    PostgreSQL's lock_timeout), not 57014 (a statement timeout, or a cancel from outside)."""
+    return driver_says(orig, sqlstate=_PG_LOCK_NOT_AVAILABLE, sqlite_code=_SQLITE_BUSY,
+                       words="database is locked")
 
 
 def _unreachable(exc: DBAPIError) -> bool:
