@@ -1894,8 +1894,21 @@ def _unchanged_by_refusal(services: Services, *, name: str) -> str:
     account, read back (such a database still answers reads): nothing changed, but the account
     may be disabled already and its deletion pending (a run before cut short partway, whose
     rows may be gone), and "nothing was deleted or disabled" said the opposite."""
+    from selfie_lora.services.common import utcnow
+
     with suppress(SelfieLoraError):
         user = services.users.get_by_name(name=name)
+        resume_after = services.erasure.resume_after
+        if (user.erasure_requested_at is not None
+                and user.erasure_requested_at > utcnow() + resume_after):
+            # Parked (a failure that no wait mends, dated ERASURE_PARKED ahead): not finished
+            # once writes come back, but at its date, or by this command once the cause is
+            # fixed (review 7).
+            return (f"{user.name}'s deletion stays pending (the account is disabled), parked "
+                    "after a failure that is not an outage: it is tried again at "
+                    f"{_minute(user.erasure_requested_at + resume_after)} UTC by a worker, "
+                    "serve or gc, or run this again once the database takes writes and the "
+                    "cause is fixed")
         if user.erasure_requested_at is not None:
             return (f"{user.name}'s deletion stays pending (the account is disabled): a worker, "
                     "serve or gc finishes it once the database takes writes, or run this "

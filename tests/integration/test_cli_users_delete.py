@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from selfie_lora.errors import (
 )
 from selfie_lora.services import gc as gc_module
 from selfie_lora.services.common import utcnow
+from selfie_lora.services.erasure import ERASURE_PARKED
 from selfie_lora.services.layout import (
     DEPLOYMENT_KEY,
     PREFIXES,
@@ -1292,16 +1293,9 @@ def test_users_delete_on_a_read_only_database_says_so_and_that_nothing_was_delet
     assert services.users.get_by_name(name="ann").disabled_at is None
 
 
-def test_users_delete_run_again_on_a_read_only_database_says_the_deletion_stays_pending(
-        on_services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch,
-        ann: Owner) -> None:
-    """Found in review: a fail-over left the database read-only once ann's account was
-    disabled (the partway line), and the operator ran the command again before it took writes:
-    the disabling, written again, was refused, and the line said "nothing of ann's was deleted
-    or disabled", though her account is disabled and her deletion pending (her rows perhaps
-    gone). It says what is true now: the user read back, as a read-only database still
-    answers reads."""
-    services = on_services
+def disabled_then_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``users delete ann --yes`` on a database that turned read-only once her account was
+    disabled (a fail-over): exit 1, the partway line."""
     refusal = DatabaseRefusedError("database error: cannot execute DELETE in a read-only "
                                    "transaction")
 
@@ -1313,6 +1307,19 @@ def test_users_delete_run_again_on_a_read_only_database_says_the_deletion_stays_
         code, said = run("users", "delete", "ann", "--yes")
     assert code == 1, said
     assert "partway" in said, said
+
+
+def test_users_delete_run_again_on_a_read_only_database_says_the_deletion_stays_pending(
+        on_services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        ann: Owner) -> None:
+    """Found in review: a fail-over left the database read-only once ann's account was
+    disabled (the partway line), and the operator ran the command again before it took writes:
+    the disabling, written again, was refused, and the line said "nothing of ann's was deleted
+    or disabled", though her account is disabled and her deletion pending (her rows perhaps
+    gone). It says what is true now: the user read back, as a read-only database still
+    answers reads."""
+    services = on_services
+    disabled_then_read_only(monkeypatch)
     rows, blobs = rows_of(services), blob_keys(services)
     said = deleted_on_a_read_only_database(settings, monkeypatch)
     assert "nothing of ann's was deleted or disabled" not in said  # old code: said so
@@ -1322,6 +1329,29 @@ def test_users_delete_run_again_on_a_read_only_database_says_the_deletion_stays_
     user = services.users.get_by_name(name="ann")
     assert user.disabled_at is not None
     assert user.erasure_requested_at is not None
+
+
+def test_users_delete_on_a_read_only_database_of_a_parked_deletion_says_when_it_is_tried(
+        on_services: Services, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+        ann: Owner) -> None:
+    """Found in review: a parked deletion (an earlier failure that was not an outage, dated
+    ``ERASURE_PARKED`` ahead) was said as finished by "a worker, serve or gc ... once the
+    database takes writes", though it is tried again only at its date (up to 24 h later), or
+    by this command once the cause is fixed."""
+    services = on_services
+    disabled_then_read_only(monkeypatch)
+    resume_after = services.erasure.resume_after
+    user = services.users.get_by_name(name="ann")
+    # Parked as AccountEraser._park dates it.
+    assert services.repo.request_erasure(user.id, at=utcnow() - resume_after + ERASURE_PARKED)
+    due = services.users.get_by_name(name="ann").erasure_requested_at
+    assert due is not None
+    said = deleted_on_a_read_only_database(settings, monkeypatch)
+    assert "finishes it once the database takes writes" not in said, said  # old code: said so
+    assert ("ann's deletion stays pending (the account is disabled), parked after a failure "
+            "that is not an outage: it is tried again at "
+            f"{(due + resume_after).astimezone(UTC):%Y-%m-%d %H:%M} UTC") in said, said
+    assert "run this again once the database takes writes and the cause is fixed" in said
 
 
 def test_users_delete_on_a_read_only_database_of_a_disabled_user_says_it_stays_disabled(
