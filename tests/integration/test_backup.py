@@ -1973,6 +1973,16 @@ def test_a_backup_or_restore_onto_a_full_disk_is_a_storage_full_error_saying_the
         assert sorted(p.name for p in out.iterdir()) == []
 
 
+class _ReadErrorOnBackup(sqlite3.Connection):
+    """A connection whose online backup meets SQLite's "disk I/O error" while it reads
+    (SQLITE_IOERR_READ): HOME's disk failing, not the backup's full."""
+
+    def backup(self, *args: Any, **kwargs: Any) -> None:
+        exc = sqlite3.OperationalError("disk I/O error")
+        exc.sqlite_errorcode = 266  # SQLITE_IOERR_READ
+        raise exc
+
+
 class _IOErrorOnBackup(sqlite3.Connection):
     """A connection whose online backup meets SQLite's "disk I/O error" (SQLITE_IOERR_WRITE):
     what its unix VFS says for any refused write but ENOSPC, a quota's EDQUOT included."""
@@ -1986,7 +1996,10 @@ class _IOErrorOnBackup(sqlite3.Connection):
 # Old code: SQLite's "disk I/O error" while the backup's database was written over a quota went
 # past the full-disk handling (not SQLITE_FULL, not an OSError): the command said `error: cannot
 # back up HOME: disk I/O error`, neither the quota nor a StorageFullError.
-@pytest.mark.parametrize("disk", ["over the quota", "full", "low on space", "with room"])
+# Review 8: a fixed 16 MB bar said a disk with 10 MB free full for a backup of 0.3 MB, and an
+# error while SQLite read HOME's database was taken for the backup's disk.
+@pytest.mark.parametrize("disk", ["over the quota", "full", "low on space", "with room",
+                                  "with 10 MB for a smaller backup", "a read of HOME's"])
 def test_a_backup_whose_database_write_is_an_i_o_error_reads_the_disk(
         services: Services, settings: Settings, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch, disk: str) -> None:
@@ -2005,10 +2018,14 @@ def test_a_backup_whose_database_write_is_an_i_o_error_reads_the_disk(
 
     def connect(database: object, *args: object, **kwargs: object) -> sqlite3.Connection:
         if Path(str(database)) == settings.home / DATABASE_FILE:
-            kwargs["factory"] = _IOErrorOnBackup  # the copy's source: its backup() writes DEST
+            # The copy's source: its backup() writes DEST (reads HOME, for a read error).
+            kwargs["factory"] = (_ReadErrorOnBackup if disk == "a read of HOME's"
+                                 else _IOErrorOnBackup)
         return real(database, *args, **kwargs)  # type: ignore[arg-type]
 
-    free = 2 ** 20 if disk == "low on space" else 2 ** 30
+    # Low on space: less free than the database the copy writes (its pages, over 16 KiB).
+    free = {"low on space": 2 ** 12, "a read of HOME's": 2 ** 12,
+            "with 10 MB for a smaller backup": 10 * 2 ** 20}.get(disk, 2 ** 30)
     with monkeypatch.context() as patched:
         patched.setattr(disk_space.shutil, "disk_usage",
                         lambda _path: shutil._ntuple_diskusage(2 ** 31, 2 ** 31 - free, free))  # type: ignore[attr-defined]
@@ -2019,8 +2036,9 @@ def test_a_backup_whose_database_write_is_an_i_o_error_reads_the_disk(
             full_disk_under(patched, Path(f"{dest / DATABASE_FILE}."),
                             code=errno.EDQUOT if disk == "over the quota" else errno.ENOSPC)
         backups = HomeBackups(home=settings.home)
-        if disk == "with room":
-            # An I/O error with room to spare is not a full disk: SQLite's error as it is.
+        if disk in ("with room", "with 10 MB for a smaller backup", "a read of HOME's"):
+            # An I/O error with room to spare, or one of HOME's disk under a read (the backup's
+            # disk low all the same), is not a full disk: SQLite's error as it is.
             with pytest.raises(sqlite3.OperationalError, match="disk I/O error"):
                 backups.backup(dest=dest)
             return

@@ -52,7 +52,6 @@ from selfie_lora.adapters.sqlite_files import PRIVATE_MODE
 from selfie_lora.adapters.storage.cache import TMP_PREFIX, fsync_dir
 from selfie_lora.config import DATABASE_FILE
 from selfie_lora.disk_space import (
-    LOW_SPACE_BYTES,
     QUOTA_ADVICE,
     free_bytes,
     full_disk_words,
@@ -319,28 +318,50 @@ def _empty(folder: Path) -> None:
             child.unlink(missing_ok=True)
 
 
+# SQLite's extended codes of an I/O error while it read (SQLITE_IOERR_READ, _SHORT_READ): HOME's
+# disk failing under the copy's source, which no room on the backup's disk explains.
+_SQLITE_IOERR_READS = frozenset({266, 522})
+
+
+def _read_error(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in _SQLITE_IOERR_READS
+
+
+def _database_bytes(database: Path) -> int:
+    """The bytes of ``database`` and its -wal: about what SQLite writes copying or rewriting it."""
+    total = 0
+    for path in (database, database.with_name(f"{database.name}-wal")):
+        with suppress(OSError):
+            total += path.stat().st_size
+    return total
+
+
 @contextmanager
-def _sqlite_writing(target: Path) -> Iterator[None]:
+def _sqlite_writing(target: Path, *, needs: int | None = None) -> Iterator[None]:
     """SQLite's "database or disk is full" while it writes ``target`` in the backup: the
     disk of the backup is full, said as the OSError a file's write gives (it is no error of
     HOME's database, which is only read). Its "disk I/O error" too when ``target``'s disk has
     no room (``_no_room_beside``): SQLite says that for every refused write but ENOSPC, a
-    quota's EDQUOT included, which went past the full disk's handling as a fault."""
+    quota's EDQUOT included, which went past the full disk's handling as a fault. ``needs``:
+    the bytes the write may take (unset: ``target``'s own, as a rewrite of it); an error while
+    SQLite read (HOME's disk failing) is never read as the backup's disk."""
     try:
         yield
     except sqlite3.Error as exc:
         code = errno.ENOSPC if is_full_error(exc) else (
-            _no_room_beside(target) if is_io_error(exc) else None)
+            _no_room_beside(target, needs=_database_bytes(target) if needs is None else needs)
+            if is_io_error(exc) and not _read_error(exc) else None)
         if code is not None:
             raise OSError(code, os.strerror(code), str(target)) from exc
         raise
 
 
-def _no_room_beside(target: Path) -> int | None:
+def _no_room_beside(target: Path, *, needs: int) -> int | None:
     """ENOSPC or EDQUOT when ``target``'s disk has no room for this account: a block written
     to a new file beside it is refused so (a quota, which ``statvfs`` cannot see), or the disk
-    has under ``LOW_SPACE_BYTES`` free (as the command line reads SQLite's I/O error on a start,
-    ``cli._full_disk``). None when it has room: the I/O error is something else."""
+    has less free than the write ``needs`` (a fixed 16 MB, here before, called a disk with room
+    for a backup of 0.3 MB full, "10.5 MB free; it needs about 0.3 MB"). None when it has room:
+    the I/O error is something else."""
     try:
         fd, probe = tempfile.mkstemp(prefix=f"{target.name}.room-", dir=target.parent)
     except OSError as exc:
@@ -354,7 +375,7 @@ def _no_room_beside(target: Path) -> int | None:
         os.close(fd)
         Path(probe).unlink(missing_ok=True)
     free = free_bytes(target.parent)
-    return errno.ENOSPC if free is not None and free < LOW_SPACE_BYTES else None
+    return errno.ENOSPC if free is not None and free < needs else None
 
 
 def _backup_needs(home: Path, *, as_tar: bool) -> int | None:
@@ -642,7 +663,7 @@ def _snapshot(source: Path, target: Path) -> None:
     try:
         dst = sqlite3.connect(target)
         try:
-            with _sqlite_writing(target):
+            with _sqlite_writing(target, needs=_database_bytes(source)):
                 src.backup(dst)
         finally:
             dst.close()

@@ -616,7 +616,7 @@ def page_error_response(web: Web, request: Request, exc: Exception) -> Response:
 
 
 # A write that clashed with another made at the same moment (``write_conflict``), as a page says
-# it: the repository's sentence is the API's ("send the request again"), a page's reader sends
+# it: the sentence of the data layer is the API's ("send the request again"), a page's reader sends
 # a form.
 PAGE_WRITE_CONFLICT = ("the change clashed with another one made at the same moment, so nothing "
                        "was changed; please try again")
