@@ -28,3 +28,11 @@ def character_name(ch: str) -> str:
     and name say which to take out."""
     fallback = _UNNAMED.get(unicodedata.category(ch), "no name")
     return f"U+{ord(ch):04X} ({unicodedata.name(ch, fallback)})"
+
+
+def escaped(text: str) -> str:
+    """``text`` with its control and other unprintable characters escaped (``\\x00``, ``\\x1b``)
+    as Python writes them: said back in a log line, a page or a terminal, a typed NUL, line
+    break or escape sequence cannot forge a line or drive the terminal."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)

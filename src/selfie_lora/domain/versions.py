@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from selfie_lora.domain.entities import Version
+from selfie_lora.domain.text import escaped
 from selfie_lora.errors import NotFoundError
 
 # The event a user's activation (rollback or roll forward) writes; the likeness gate counts them
@@ -42,9 +43,7 @@ def no_such_version(ref: str) -> NotFoundError:
     other unprintable characters escaped (``\\x00``). Said raw, a NUL of an edited address
     (``/versions?a=%00``) went into the page's HTML, where a browser shows it as U+FFFD, and an
     ESC into a terminal through the CLI, which prints the API's message."""
-    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                    for c in ref[:_REF_SHOWN])
-    return NotFoundError(f"no such version: {shown}")
+    return NotFoundError(f"no such version: {escaped(ref[:_REF_SHOWN])}")
 
 
 def holder_of_remote_version(versions: Sequence[Version], remote_version: str | None) -> Version | None:

@@ -38,7 +38,7 @@ from selfie_lora.domain.accounts import (
     wait_before_next_attempt,
 )
 from selfie_lora.domain.entities import ApiKey, User, UserSummary, WebSession
-from selfie_lora.domain.text import character_name
+from selfie_lora.domain.text import character_name, escaped
 from selfie_lora.errors import (
     AuthError,
     ConfigError,
@@ -166,10 +166,7 @@ def _printable(text: str) -> str:
     """``text`` as a log line may show it: control and other unprintable characters escaped
     (a typed name cannot forge a line break nor a terminal escape), at most
     ``_LOGGED_TEXT_MAX`` characters (and ``...``)."""
-    cut = text[:_LOGGED_TEXT_MAX]
-    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                    for c in cut)
-    return shown + ("..." if len(text) > _LOGGED_TEXT_MAX else "")
+    return escaped(text[:_LOGGED_TEXT_MAX]) + ("..." if len(text) > _LOGGED_TEXT_MAX else "")
 
 
 # The key of the tags that stand for unknown sign-in names in this process's log: random and
