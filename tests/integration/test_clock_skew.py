@@ -32,8 +32,8 @@ from selfie_lora.worker import Identity, Worker
 from tests.conftest import auth, make_settings, one_person_analyzer, serving, wait_terminal
 from tests.integration.test_api import upload
 from tests.integration.test_busy_refusal import add_training
-from tests.integration.test_worker_gauge import HungDatabase
 from tests.support.backends import database_url, fresh_engine
+from tests.support.hung import HungDatabase
 from tests.support.photos import photo_zip
 
 FIVE_MINUTES = timedelta(minutes=5)

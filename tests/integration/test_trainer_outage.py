@@ -36,7 +36,7 @@ from selfie_lora.testing.fakes import FakeGenerator, FakeTrainer
 from selfie_lora.testing.replicate_standin import ReplicateStandIn
 from selfie_lora.wiring import Services, build_services
 from tests.conftest import make_settings, one_person_analyzer
-from tests.integration.test_worker_gauge import HungDatabase
+from tests.support.hung import HungDatabase
 from tests.support.photos import photo_zip
 
 OWNER = "acme"

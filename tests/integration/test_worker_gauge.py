@@ -9,7 +9,6 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,13 +18,14 @@ from fastapi.testclient import TestClient
 
 from selfie_lora.adapters.metrics.prometheus import PrometheusTelemetry
 from selfie_lora.domain.entities import Training
-from selfie_lora.errors import DatabaseUnreachableError, StorageError, StorageFullError
+from selfie_lora.errors import StorageError, StorageFullError
 from selfie_lora.services.common import utcnow
 from selfie_lora.wiring import Services, build_services
-from selfie_lora.worker import Worker, start_embedded
+from selfie_lora.worker import start_embedded
 from tests.conftest import fake_services_on, make_settings, serving
 from tests.integration.test_operations import samples
 from tests.support.backends import DATABASES
+from tests.support.hung import HungDatabase, until
 
 
 def workers_in(client: TestClient) -> dict[str, float]:
@@ -33,13 +33,6 @@ def workers_in(client: TestClient) -> dict[str, float]:
     found = samples(client.get("/metrics").text)
     return {state: found[("selfie_lora_workers", (("state", state),))]
             for state in ("live", "stale")}
-
-
-def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.05)
 
 
 def test_the_gauge_is_exported_from_the_start_and_set_at_each_scrape() -> None:
@@ -260,52 +253,6 @@ def test_a_beat_the_database_refuses_is_said_once_and_its_end_once(
                                                                ("INFO", False)]
     assert refusal.message in said[0].getMessage()
     assert "goes through again" in said[1].getMessage()
-
-
-def no_answer(hang: float) -> Exception:
-    """What the repository raises for a call that got no answer (the driver's answer timeout)."""
-    return DatabaseUnreachableError(f"database error: no answer from the server in {hang:g} s "
-                                    "(the connection is closed)", unanswered=True)
-
-
-class HungDatabase:
-    """Calls that, once ``hung`` is set, wait ``hang`` seconds and then fail, as on a PostgreSQL
-    that hangs (not refusing) past each call's answer timeout; each such call named in
-    ``calls``. A bare driver call (the clock's read) fails with the driver's error, a
-    repository's call (``meet(..., repository=True)``) with the repository's (``no_answer``)."""
-
-    def __init__(self, hang: float = 1.5) -> None:
-        self.hang = hang
-        self.hung = threading.Event()
-        self.calls: list[str] = []
-
-    def meet(self, call: str, *, repository: bool = False) -> None:
-        if self.hung.is_set():
-            self.calls.append(call)
-            time.sleep(self.hang)
-            # The driver's words for a read of a hung PostgreSQL (BoundedConnection's).
-            raise no_answer(self.hang) if repository else OSError(
-                f"no answer from the server in {self.hang:g} s (the connection is closed)")
-
-    def clock(self) -> datetime:
-        """The database's clock (``database_clock``)."""
-        self.meet("clock")
-        return utcnow()
-
-    def stops_in_time(self, worker: Worker, *, round_: str, first: str = "clock") -> None:
-        """Hangs, and once a ``round_`` of ``worker`` is in its ``first`` call, its clock read
-        (one begun just before may be in its next call), stops ``worker`` within a grace of
-        more than one hung call and less than two, the stop's own calls included; that round,
-        and the stop, made no call after the one that got no answer."""
-        self.hung.set()
-        until(lambda: first in self.calls, f"no {round_} met the hung database")
-        started = time.monotonic()
-        grace = 2 * self.hang - 0.2
-        assert worker.stop(grace=grace), (
-            f"stop overran its grace ({time.monotonic() - started:.1f} s): {self.calls}")
-        took = time.monotonic() - started
-        assert self.calls[self.calls.index(first):] == [first]
-        assert took < grace, f"stop took {took:.1f} s: {self.calls}"
 
 
 def test_a_worker_stops_within_its_grace_while_the_database_hangs(
