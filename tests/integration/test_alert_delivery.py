@@ -51,6 +51,7 @@ from selfie_lora.wiring import default_alerter
 from tests.conftest import make_settings, one_person_analyzer
 from tests.support.alerts import alert_inbox
 from tests.support.clock import Clock
+from tests.support.hung import HungDatabase
 from tests.support.likeness import Rig, other_person, photo_generator, same_person
 from tests.support.loops import noting_the_loop
 from tests.support.processes import run_killed
@@ -1086,3 +1087,46 @@ def test_an_alert_whose_record_was_stored_but_its_answer_lost_is_not_said_to_be_
     clock.advance(seconds=CLAIM.total_seconds() + 1)
     assert rig.training.reconcile().alerts_tried == 0
     assert len(endpoint.sent) == 1
+
+
+def test_a_round_on_a_database_that_hangs_while_an_alert_is_sent_waits_once(
+        rig_for: Any, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: the database hanging while a round's alert was sent, its record
+    (``record_alert_delivery``) waited out the answer timeout and was swallowed (the send is
+    over: due again when the claim runs out), and the round went on to claim the next alert on
+    the same hung database, a second wait (~20 s each on PostgreSQL) where a worker's stop
+    allows 30 s. The first call that gets no answer ends the round, raised (as a reconcile
+    pass's part ends it: its later parts are skipped)."""
+    endpoint = RecordingAlerter()
+    rig = rig_for(endpoint)
+    for name in ("ann", "bob"):
+        endpoint.crash = True
+        held_version(rig, dies=True, name=name)
+    clock.advance(seconds=CLAIM.total_seconds() + 1)
+    database = HungDatabase(hang=0.3)
+    record, claim = rig.repo.record_alert_delivery, rig.repo.claim_alert
+
+    def record_alert_delivery(*args: Any, **kwargs: Any) -> Any:
+        database.meet("record", repository=True)
+        return record(*args, **kwargs)
+
+    def claim_alert(*args: Any, **kwargs: Any) -> Any:
+        database.meet("claim", repository=True)
+        return claim(*args, **kwargs)
+
+    monkeypatch.setattr(rig.repo, "record_alert_delivery", record_alert_delivery)
+    monkeypatch.setattr(rig.repo, "claim_alert", claim_alert)
+    endpoint.meanwhile = database.hung.set  # the database hangs while the first alert is sent
+    started = time.monotonic()
+    with pytest.raises(DatabaseUnreachableError, match="no answer from the server") as raised:
+        rig.likeness.deliver_due_alerts()
+    took = time.monotonic() - started
+    assert raised.value.unanswered
+    assert database.calls == ["record"]  # old code: ["record", "claim"], two waits
+    assert took < 2 * database.hang, took
+    assert len(endpoint.sent) == 1
+    database.hung.clear()
+    # The first alert's record was lost: due again when its claim runs out, with the second.
+    clock.advance(seconds=CLAIM.total_seconds() + 1)
+    assert rig.likeness.deliver_due_alerts() == 2
+    assert len(endpoint.sent) == 3

@@ -80,6 +80,7 @@ from selfie_lora.domain.versions import VERSION_ACTIVATED, find_version, no_such
 from selfie_lora.errors import (
     AlertDeliveryError,
     BlobMissingError,
+    DatabaseUnreachableError,
     ErrorCode,
     GenerationError,
     InvalidInputError,
@@ -584,6 +585,11 @@ class LikenessService:
         """Send a held version's alert to the operator (this process claimed it) and record how
         it went, while the claim still holds: delivered (True), due again after a failure
         (``domain.alerts``), or given up."""
+        return self._deliver(claimed, in_round=False)
+
+    def _deliver(self, claimed: alerts.ClaimedAlert, *, in_round: bool) -> bool:
+        """``deliver_alert``; ``in_round`` (a reconciler's round of due alerts): a record that
+        got no answer from the database is raised, not only logged, to end the round."""
         if self._alerter is None:
             return False
         version_id, alert = claimed.version_id, claimed.alert
@@ -631,6 +637,11 @@ class LikenessService:
                            "was stored and only the database's answer lost)", version_id,
                            "delivered" if delivery["delivered"] else "failed", exc.message,
                            claimed.claim.isoformat())
+            if in_round and isinstance(exc, DatabaseUnreachableError) and exc.unanswered:
+                # A hung database (its answer timeout waited out): the round's next claim would
+                # wait as long again, one wait an alert due (~20 s each on PostgreSQL) where a
+                # worker's stop allows 30 s, and the pass's later parts after it.
+                raise
             return bool(delivery["delivered"])
         if not recorded:
             outcome = "delivered" if delivery["delivered"] else "failed"
@@ -657,7 +668,8 @@ class LikenessService:
         deliveries whose next attempt has come; how many were tried. Called by every
         reconciler: each alert is claimed first, so one process sends it. A failure ends the
         round (the endpoint is likely down: the rest wait for the next round rather than each
-        costing the reconciler a timeout)."""
+        costing the reconciler a timeout), and so does a database that gives a call no answer,
+        raised (``DatabaseUnreachableError.unanswered``: each further call would wait as long)."""
         if self._alerter is None:
             return 0
         now = self._clock()
@@ -671,8 +683,9 @@ class LikenessService:
             if claimed is None or claimed.alert is None:
                 continue  # another process took it
             tried += 1
-            if not self.deliver_alert(alerts.ClaimedAlert(version_id=version_id,
-                                                          alert=claimed.alert, claim=until)):
+            if not self._deliver(alerts.ClaimedAlert(version_id=version_id,
+                                                     alert=claimed.alert, claim=until),
+                                 in_round=True):
                 break
         return tried
 
